@@ -1,0 +1,64 @@
+"""Model configurations: the GPT-2 family by name, plus small presets that train on a CPU."""
+from dataclasses import asdict, dataclass, fields, replace
+
+from tritongpt.errors import UserError
+
+
+@dataclass
+class GPTConfig:
+    vocab_size: int = 50257
+    context_length: int = 1024
+    n_embd: int = 768
+    n_layer: int = 12
+    n_head: int = 12
+    dropout: float = 0.0
+    bias: bool = True          # biases in Linear layers (GPT-2 has them)
+    tie_weights: bool = True   # LM head shares the token-embedding matrix (GPT-2 does)
+    kernels: str = "reference"  # "reference" | "triton" | "auto" | comma list of layernorm,mlp,attention
+
+    def __post_init__(self):
+        for name in ("vocab_size", "context_length", "n_embd", "n_layer", "n_head"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise UserError(f"GPTConfig.{name} must be a positive integer, got {value!r}")
+        if self.n_embd % self.n_head:
+            raise UserError(f"GPTConfig.n_embd={self.n_embd} is not divisible by n_head={self.n_head}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise UserError(f"GPTConfig.dropout must be in [0, 1), got {self.dropout}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "GPTConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise UserError(f"unknown GPTConfig field(s): {', '.join(unknown)}")
+        return cls(**d)
+
+
+PRESETS = {
+    # The published GPT-2 sizes (124M / 355M / 774M / 1558M with tied head).
+    "gpt2-small": dict(n_embd=768, n_layer=12, n_head=12),
+    "gpt2-medium": dict(n_embd=1024, n_layer=24, n_head=16),
+    "gpt2-large": dict(n_embd=1280, n_layer=36, n_head=20),
+    "gpt2-xl": dict(n_embd=1600, n_layer=48, n_head=25),
+    # Small presets for CPU training with the embedded corpus's 4096-token BPE.
+    "tiny": dict(vocab_size=4096, context_length=128, n_embd=128, n_layer=4, n_head=4),
+    "mini": dict(vocab_size=4096, context_length=256, n_embd=256, n_layer=6, n_head=8),
+}
+# Hugging Face names the same models without the "-small" suffix.
+ALIASES = {"gpt2": "gpt2-small"}
+
+
+def get_config(name: str, **overrides) -> GPTConfig:
+    """Config for a preset name, with any fields overridden (e.g. vocab_size, dropout)."""
+    key = ALIASES.get(name, name)
+    if key not in PRESETS:
+        raise UserError(f"unknown model {name!r}; choose one of: {', '.join(PRESETS)}")
+    return replace(GPTConfig(**PRESETS[key]), **{k: v for k, v in overrides.items() if v is not None})

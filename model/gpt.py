@@ -1,0 +1,162 @@
+"""GPTModel: token + position embeddings, a stack of TransformerBlocks, final LayerNorm, LM head."""
+import json
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from tritongpt.errors import UserError
+from tritongpt.model.config import GPTConfig
+from tritongpt.model.layers import FeedForward, LayerNorm, MultiHeadAttention, TransformerBlock
+from tritongpt.model.toggle import resolve_kernels, spec_string
+
+
+class KVCache:
+    """Preallocated keys and values of every layer, [n_layer, B, n_head, max_len, head_dim].
+
+    `pos` is how many positions are filled. A layer writes its new keys at [pos, pos+T) and
+    attends over [0, pos+T); the model advances `pos` once all layers have run.
+    """
+
+    def __init__(self, cfg: GPTConfig, batch_size: int, max_len: int | None = None,
+                 device="cpu", dtype=torch.float32):
+        self.max_len = max_len or cfg.context_length
+        if self.max_len > cfg.context_length:
+            raise UserError(f"KV cache length {self.max_len} exceeds context_length {cfg.context_length}")
+        shape = (cfg.n_layer, batch_size, cfg.n_head, self.max_len, cfg.head_dim)
+        self.k = torch.empty(shape, device=device, dtype=dtype)
+        self.v = torch.empty(shape, device=device, dtype=dtype)
+        self.pos = 0
+
+    def update(self, layer: int, k, v):
+        end = self.pos + k.size(2)
+        if end > self.max_len:
+            raise UserError(f"KV cache overflow: {end} positions > capacity {self.max_len}")
+        self.k[layer, :, :, self.pos:end] = k
+        self.v[layer, :, :, self.pos:end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+    def reset(self):
+        self.pos = 0
+
+
+class GPTModel(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.config = cfg
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        self.pos_emb = nn.Embedding(cfg.context_length, cfg.n_embd)
+        self.drop_emb = nn.Dropout(cfg.dropout)
+        self.trf_blocks = nn.ModuleList(TransformerBlock(cfg, i) for i in range(cfg.n_layer))
+        self.final_norm = LayerNorm(cfg.n_embd)
+        self.out_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        if cfg.tie_weights:
+            self.out_head.weight = self.tok_emb.weight
+        self.apply(self._init_weights)
+        # GPT-2: the projections that write into the residual stream get std 0.02/sqrt(2 n_layer),
+        # so the stream's variance does not grow with depth.
+        for name, p in self.named_parameters():
+            if name.endswith("out_proj.weight") or name.endswith("fc2.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
+        self.kernels = frozenset()
+        self.set_kernels(cfg.kernels)
+
+    @staticmethod
+    def _init_weights(module):
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    # -- the toggle -------------------------------------------------------------------------
+    def set_kernels(self, spec):
+        """Pick the path: "reference", "triton", "auto", or a subset of {"layernorm","mlp","attention"}.
+
+        Only flags change; the parameters (and so the state_dict) stay exactly as they are.
+        """
+        names = resolve_kernels(spec, self.tok_emb.weight.device)
+        for m in self.modules():
+            if isinstance(m, LayerNorm):
+                m.use_triton = "layernorm" in names
+            elif isinstance(m, FeedForward):
+                m.use_triton = "mlp" in names
+            elif isinstance(m, MultiHeadAttention):
+                m.use_triton = "attention" in names
+        self.kernels = names
+        self.config.kernels = spec_string(names)
+        return self
+
+    # -- forward ----------------------------------------------------------------------------
+    def hidden(self, idx, cache: KVCache | None = None):
+        """Final-LayerNorm hidden states [B, T, C] (what the LM, value and reward heads read)."""
+        if idx.dim() != 2:
+            raise UserError(f"idx must be [batch, time] token ids, got shape {tuple(idx.shape)}")
+        if idx.dtype not in (torch.int64, torch.int32):
+            raise UserError(f"idx must hold integer token ids, got dtype {idx.dtype}")
+        B, T = idx.shape
+        start = cache.pos if cache is not None else 0
+        if start + T > self.config.context_length:
+            raise UserError(f"sequence of {start + T} tokens exceeds the context length "
+                            f"{self.config.context_length}")
+        pos = torch.arange(start, start + T, device=idx.device)
+        x = self.drop_emb(self.tok_emb(idx) + self.pos_emb(pos))
+        for block in self.trf_blocks:
+            x = block(x, cache)
+        if cache is not None:
+            cache.pos += T
+        return self.final_norm(x)
+
+    def forward(self, idx, cache: KVCache | None = None):
+        """Logits [B, T, vocab_size] for every position."""
+        return self.out_head(self.hidden(idx, cache))
+
+    def new_cache(self, batch_size: int, max_len: int | None = None, dtype=None) -> KVCache:
+        w = self.tok_emb.weight
+        return KVCache(self.config, batch_size, max_len, w.device, dtype or w.dtype)
+
+    def num_params(self, non_embedding: bool = False) -> int:
+        """Unique parameters (a tied head counts once); optionally without position embeddings."""
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            n -= self.pos_emb.weight.numel()
+        return n
+
+    # -- weights on disk --------------------------------------------------------------------
+    def save(self, path, extra_metadata: dict | None = None):
+        """Weights as safetensors, with the config (and any extra strings) in its metadata."""
+        from safetensors.torch import save_model
+
+        meta = {"config": json.dumps(self.config.to_dict()), "format": "tritongpt"}
+        meta.update({k: str(v) for k, v in (extra_metadata or {}).items()})
+        save_model(self, str(path), metadata=meta)
+
+    @classmethod
+    def load(cls, path, map_location="cpu", kernels=None) -> "GPTModel":
+        from pathlib import Path
+
+        from safetensors import safe_open
+        from safetensors.torch import load_model
+
+        if not Path(path).is_file():
+            raise UserError(f"weights file not found: {path}")
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+        if "config" not in meta:
+            raise UserError(f"{path} has no tritongpt config in its metadata "
+                            "(for Hugging Face GPT-2 files use tritongpt.train.gpt2_weights)")
+        cfg = GPTConfig.from_dict(json.loads(meta["config"]))
+        cfg.kernels = "reference"
+        model = cls(cfg)
+        load_model(model, str(path), device=str(map_location))
+        model.to(map_location)
+        if kernels is not None:
+            model.set_kernels(kernels)
+        return model
+
+
+def lm_loss(logits, targets, ignore_index: int = -100):
+    """Mean next-token cross-entropy over positions whose target is not ignore_index (in fp32)."""
+    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=ignore_index)

@@ -1,0 +1,143 @@
+"""Reference building blocks of GPT-2, written to be read.
+
+Each module is the textbook version. The modules that have a Triton twin carry a flag,
+`use_triton`, that GPTModel.set_kernels() flips; the parameters are the same either way, so
+a state_dict moves freely between the two paths.
+
+    LayerNorm           <->  kernels/layernorm.py   (layer_norm)
+    FeedForward         <->  kernels/mlp.py         (gelu_mlp: Linear+bias+GELU fused, GELU recomputed in backward)
+    MultiHeadAttention  <->  kernels/attention.py   (flash_attention: only the attention core is swapped)
+"""
+import math
+
+import torch
+import torch.nn as nn
+
+
+class LayerNorm(nn.Module):
+    """y = (x - mean) / sqrt(var + eps) * scale + shift, over the last dimension.
+
+    The variance is the biased one (divide by N), as in GPT-2. Triton twin: kernels/layernorm.py.
+    """
+
+    def __init__(self, n_embd: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(n_embd))
+        self.bias = nn.Parameter(torch.zeros(n_embd))
+        self.use_triton = False
+
+    def forward(self, x):
+        if self.use_triton:
+            from tritongpt.kernels.layernorm import layer_norm
+
+            return layer_norm(x, self.weight, self.bias, self.eps)
+        mean = x.mean(dim=-1, keepdim=True)
+        var = x.var(dim=-1, keepdim=True, unbiased=False)
+        x_hat = (x - mean) / torch.sqrt(var + self.eps)
+        return x_hat * self.weight + self.bias
+
+
+class GELU(nn.Module):
+    """GELU with GPT-2's tanh approximation: 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))."""
+
+    def forward(self, x):
+        return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x.pow(3))))
+
+
+class FeedForward(nn.Module):
+    """Position-wise MLP: Linear(C -> 4C), GELU, Linear(4C -> C), dropout.
+
+    Triton twin: kernels/mlp.py, which fuses the first Linear's bias and the GELU into the
+    matmul and keeps only the pre-activation for backward (GELU is recomputed there).
+    """
+
+    def __init__(self, n_embd: int, dropout: float = 0.0, bias: bool = True):
+        super().__init__()
+        self.fc1 = nn.Linear(n_embd, 4 * n_embd, bias=bias)
+        self.act = GELU()
+        self.fc2 = nn.Linear(4 * n_embd, n_embd, bias=bias)
+        self.drop = nn.Dropout(dropout)
+        self.use_triton = False
+
+    def forward(self, x):
+        if self.use_triton:
+            from tritongpt.kernels.mlp import gelu_mlp
+
+            return self.drop(gelu_mlp(x, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias))
+        return self.drop(self.fc2(self.act(self.fc1(x))))
+
+
+class MultiHeadAttention(nn.Module):
+    """Causal multi-head self-attention.
+
+    Project x to queries, keys and values; split them into heads; each query attends to the
+    keys at or before its own position; softmax; dropout on the attention weights; weighted
+    sum of values; merge heads; output projection; dropout.
+
+    With a KV cache the queries are only the new tokens while the keys cover the whole prefix,
+    so the causal mask is aligned to the bottom-right corner: query i sits at position
+    Tk - Tq + i. Triton twin of the attention core: kernels/attention.py (flash_attention),
+    which never builds the Tq x Tk score matrix.
+    """
+
+    def __init__(self, n_embd: int, n_head: int, context_length: int, dropout: float = 0.0,
+                 bias: bool = True, layer_idx: int = 0):
+        super().__init__()
+        assert n_embd % n_head == 0, "n_embd must be divisible by n_head"
+        self.n_head, self.head_dim, self.layer_idx = n_head, n_embd // n_head, layer_idx
+        self.W_query = nn.Linear(n_embd, n_embd, bias=bias)
+        self.W_key = nn.Linear(n_embd, n_embd, bias=bias)
+        self.W_value = nn.Linear(n_embd, n_embd, bias=bias)
+        self.out_proj = nn.Linear(n_embd, n_embd, bias=bias)
+        self.dropout = dropout
+        self.attn_drop = nn.Dropout(dropout)
+        self.resid_drop = nn.Dropout(dropout)
+        # True above the diagonal = "in the future". Not saved: it is not a weight.
+        mask = torch.triu(torch.ones(context_length, context_length, dtype=torch.bool), diagonal=1)
+        self.register_buffer("mask", mask, persistent=False)
+        self.use_triton = False
+
+    def attend(self, q, k, v):
+        """Textbook attention core: softmax(q k^T / sqrt(d) + causal mask) v."""
+        Tq, Tk = q.size(-2), k.size(-2)
+        scores = q @ k.transpose(-2, -1) / math.sqrt(self.head_dim)
+        scores = scores.masked_fill(self.mask[Tk - Tq:Tk, :Tk], float("-inf"))
+        weights = torch.softmax(scores, dim=-1)
+        weights = self.attn_drop(weights)
+        return weights @ v
+
+    def forward(self, x, cache=None):
+        B, T, C = x.shape
+        # (B, T, C) -> (B, n_head, T, head_dim)
+        q = self.W_query(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
+        k = self.W_key(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
+        v = self.W_value(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
+        if cache is not None:
+            k, v = cache.update(self.layer_idx, k, v)  # keys/values of the whole prefix
+        if self.use_triton:
+            from tritongpt.kernels.attention import flash_attention
+
+            p = self.dropout if self.training else 0.0
+            ctx = flash_attention(q, k, v, causal=True, dropout_p=p)
+        else:
+            ctx = self.attend(q, k, v)
+        ctx = ctx.transpose(1, 2).reshape(B, T, C)
+        return self.resid_drop(self.out_proj(ctx))
+
+
+class TransformerBlock(nn.Module):
+    """Pre-LN block: x + attention(LN(x)), then x + MLP(LN(x)). Dropout lives in the sublayers."""
+
+    def __init__(self, cfg, layer_idx: int = 0):
+        super().__init__()
+        self.norm1 = LayerNorm(cfg.n_embd)
+        self.att = MultiHeadAttention(cfg.n_embd, cfg.n_head, cfg.context_length, cfg.dropout,
+                                      cfg.bias, layer_idx)
+        self.norm2 = LayerNorm(cfg.n_embd)
+        self.ff = FeedForward(cfg.n_embd, cfg.dropout, cfg.bias)
+
+    def forward(self, x, cache=None):
+        x = x + self.att(self.norm1(x), cache)
+        x = x + self.ff(self.norm2(x))
+        return x

@@ -1,0 +1,27 @@
+import os
+import sys
+
+# Triton reads TRITON_INTERPRET once, at import: set it before anything imports triton.
+import tritongpt  # noqa: F401  (sets TRITON_INTERPRET=1 when there is no GPU)
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture
+def device():
+    """Where kernel tests run: the GPU when there is one, else the CPU through Triton's interpreter."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -1,0 +1,54 @@
+"""Generation: cached == uncached, overflow of the context window, stopping, sampling filters."""
+import pytest
+import torch
+
+from tritongpt.errors import UserError
+from tritongpt.model.config import GPTConfig
+from tritongpt.model.gpt import GPTModel
+from tritongpt.train.generate import generate, sample_next
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return GPTModel(GPTConfig(vocab_size=61, context_length=12, n_embd=32, n_layer=2, n_head=2)).eval()
+
+
+@pytest.mark.parametrize("temperature,top_k,top_p", [(0.0, None, None), (1.0, 5, None), (0.9, None, 0.8)])
+def test_cached_equals_uncached_including_overflow(model, temperature, top_k, top_p):
+    idx = torch.randint(0, 61, (3, 5))
+    outs = []
+    for use_cache in (True, False):
+        g = torch.Generator().manual_seed(7)
+        # 5 prompt + 20 new tokens > context 12: the window must crop
+        outs.append(generate(model, idx, 20, temperature, top_k, top_p, use_cache=use_cache, generator=g))
+    assert outs[0].shape == (3, 25)
+    assert torch.equal(outs[0], outs[1])
+    assert torch.equal(outs[0][:, :5], idx)
+
+
+def test_stops_at_end_of_text(model):
+    idx = torch.randint(0, 61, (1, 4))
+    first = generate(model, idx, 1)[0, -1].item()
+    out = generate(model, idx, 10, eos_id=first)
+    assert out.shape == (1, 5) and out[0, -1].item() == first
+
+
+def test_sampling_filters():
+    logits = torch.tensor([[0.0, 3.0, 2.0, 1.0, -1.0]])
+    assert sample_next(logits).item() == 1
+    g = torch.Generator().manual_seed(0)
+    picks = {sample_next(logits, 1.0, top_k=2, generator=g).item() for _ in range(200)}
+    assert picks == {1, 2}
+    # probabilities ~ [.03,.64,.24,.09,.01]: top_p=0.7 keeps the two most likely
+    picks = {sample_next(logits, 1.0, top_p=0.7, generator=g).item() for _ in range(200)}
+    assert picks == {1, 2}
+
+
+def test_bad_arguments(model):
+    with pytest.raises(UserError, match="non-empty"):
+        generate(model, torch.zeros(1, 0, dtype=torch.long), 3)
+    with pytest.raises(UserError, match="temperature"):
+        generate(model, torch.zeros(1, 2, dtype=torch.long), 3, temperature=-1.0)
+    with pytest.raises(UserError, match="top_p"):
+        generate(model, torch.zeros(1, 2, dtype=torch.long), 3, temperature=1.0, top_p=1.5)

@@ -1,0 +1,68 @@
+"""Hugging Face GPT-2 weights load into GPTModel and give the same logits and greedy tokens."""
+import pytest
+import torch
+
+from parity import report
+from tritongpt.errors import UserError
+from tritongpt.train.generate import generate
+from tritongpt.train.gpt2_weights import load_gpt2_pretrained, load_gpt2_safetensors
+
+transformers = pytest.importorskip("transformers")
+
+
+def _hf_model(tmp_path, n_embd=48, n_layer=3, n_head=4, vocab=101, ctx=40, save_config=True):
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(vocab_size=vocab, n_positions=ctx, n_embd=n_embd, n_layer=n_layer,
+                                  n_head=n_head, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+                                  activation_function="gelu_new")
+    hf = transformers.GPT2LMHeadModel(cfg).eval()
+    with torch.no_grad():  # random init has zero biases and unit LayerNorms: make them random too
+        for p in hf.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    hf.save_pretrained(tmp_path, safe_serialization=True)
+    if not save_config:
+        (tmp_path / "config.json").unlink()
+    return hf, tmp_path / "model.safetensors"
+
+
+def test_logits_and_greedy_tokens_match_transformers(tmp_path):
+    hf, path = _hf_model(tmp_path)
+    model = load_gpt2_safetensors(path).eval()
+    idx = torch.randint(0, 101, (2, 23))
+    with torch.no_grad():
+        ref = hf(idx).logits
+        out = model(idx)
+    max_abs, rel = report(out, ref)
+    print(f"logits max_abs={max_abs:.2e} rel={rel:.2e}")
+    assert rel <= 1e-5
+    prompt = idx[:1, :5]
+    ours = generate(model, prompt, 12)
+    theirs = hf.generate(prompt, max_new_tokens=12, do_sample=False, pad_token_id=0)
+    assert torch.equal(ours, theirs)
+
+
+def test_heads_inferred_from_name_when_config_missing(tmp_path):
+    hf, path = _hf_model(tmp_path, n_embd=768, n_layer=1, n_head=12, vocab=64, ctx=8, save_config=False)
+    with pytest.raises(UserError, match="heads"):
+        load_gpt2_safetensors(path)
+    model = load_gpt2_safetensors(path, model_name="gpt2-small")
+    assert model.config.n_head == 12
+
+
+def test_bad_files(tmp_path):
+    with pytest.raises(UserError, match="not found"):
+        load_gpt2_safetensors(tmp_path / "nope.safetensors")
+    from safetensors.torch import save_file
+
+    save_file({"x": torch.randn(2)}, str(tmp_path / "other.safetensors"))
+    with pytest.raises(UserError, match="missing tensor"):
+        load_gpt2_safetensors(tmp_path / "other.safetensors")
+    with pytest.raises(UserError, match="unknown GPT-2 model"):
+        load_gpt2_pretrained("gpt3")
+
+
+def test_offline_download_is_a_clear_error(tmp_path, monkeypatch):
+    pytest.importorskip("huggingface_hub")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(UserError, match="could not fetch"):
+        load_gpt2_pretrained("gpt2-small", cache_dir=tmp_path)

@@ -1,0 +1,139 @@
+"""Reference model: configs, initialisation, causality, KV cache, save/load, the toggle's bookkeeping."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tritongpt.errors import UserError
+from tritongpt.model.config import GPTConfig, get_config
+from tritongpt.model.gpt import GPTModel, lm_loss
+from tritongpt.model.layers import GELU, FeedForward, LayerNorm, MultiHeadAttention
+from tritongpt.model.toggle import resolve_kernels
+
+SMALL = dict(vocab_size=97, context_length=24, n_embd=32, n_layer=2, n_head=4)
+
+
+def test_gpt2_parameter_counts():
+    with torch.device("meta"):
+        assert GPTModel(get_config("gpt2-small")).num_params() == 124_439_808
+        assert GPTModel(get_config("gpt2-small", tie_weights=False)).num_params() == 163_037_184
+        assert GPTModel(get_config("gpt2-medium")).num_params() == 354_823_168
+
+
+def test_unknown_model_and_bad_config():
+    with pytest.raises(UserError, match="unknown model 'gpt5'"):
+        get_config("gpt5")
+    with pytest.raises(UserError, match="not divisible"):
+        GPTConfig(n_embd=100, n_head=3)
+    with pytest.raises(UserError, match="dropout"):
+        GPTConfig(dropout=1.5)
+
+
+def test_gpt2_initialisation():
+    torch.manual_seed(0)
+    cfg = GPTConfig(vocab_size=500, context_length=64, n_embd=256, n_layer=8, n_head=4)
+    m = GPTModel(cfg)
+    assert m.out_head.weight is m.tok_emb.weight
+    assert abs(m.trf_blocks[0].att.W_query.weight.std().item() - 0.02) < 2e-3
+    resid = 0.02 / math.sqrt(2 * cfg.n_layer)
+    assert abs(m.trf_blocks[3].att.out_proj.weight.std().item() - resid) < 1e-3
+    assert abs(m.trf_blocks[3].ff.fc2.weight.std().item() - resid) < 1e-3
+    assert torch.count_nonzero(m.trf_blocks[0].ff.fc1.bias) == 0
+    assert torch.equal(m.final_norm.weight, torch.ones(256))
+
+
+def test_reference_layers_against_float64_formulas():
+    torch.manual_seed(1)
+    x = torch.randn(3, 5, 40, dtype=torch.float64)
+    ln = LayerNorm(40).double()
+    with torch.no_grad():
+        ln.weight.uniform_(0.5, 1.5), ln.bias.uniform_(-0.5, 0.5)
+    ref = F.layer_norm(x, (40,), ln.weight, ln.bias, 1e-5)
+    assert torch.allclose(ln(x), ref, atol=1e-12)
+    assert torch.allclose(GELU()(x), F.gelu(x, approximate="tanh"), atol=1e-12)
+    ff = FeedForward(40).double()
+    assert ff.fc1.out_features == 160
+    att = MultiHeadAttention(40, 4, 16).double()
+    q = torch.randn(2, 4, 7, 10, dtype=torch.float64)
+    k, v = torch.randn(2, 4, 11, 10, dtype=torch.float64), torch.randn(2, 4, 11, 10, dtype=torch.float64)
+    # bottom-right aligned causal mask, as SDPA builds it from an explicit boolean mask
+    allowed = torch.ones(7, 11, dtype=torch.bool).tril(diagonal=11 - 7)
+    ref = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
+    assert torch.allclose(att.attend(q, k, v), ref, atol=1e-12)
+
+
+def test_causal_future_tokens_do_not_change_past_logits():
+    torch.manual_seed(2)
+    m = GPTModel(GPTConfig(**SMALL)).eval()
+    idx = torch.randint(0, 97, (2, 20))
+    idx2 = idx.clone()
+    idx2[:, 12:] = torch.randint(0, 97, (2, 8))
+    a, b = m(idx), m(idx2)
+    assert torch.allclose(a[:, :12], b[:, :12], atol=1e-6)
+    assert not torch.allclose(a[:, 12:], b[:, 12:])
+
+
+def test_kv_cache_chunks_match_full_forward():
+    torch.manual_seed(3)
+    m = GPTModel(GPTConfig(**SMALL)).eval()
+    idx = torch.randint(0, 97, (3, 19))
+    full = m(idx)
+    cache = m.new_cache(3)
+    parts = [m(idx[:, s:e], cache) for s, e in ((0, 7), (7, 8), (8, 19))]
+    assert cache.pos == 19
+    assert torch.allclose(torch.cat(parts, 1), full, atol=1e-5)
+    with pytest.raises(UserError, match="exceeds the context length"):
+        m(torch.randint(0, 97, (1, 6)), cache)
+
+
+def test_bad_inputs():
+    m = GPTModel(GPTConfig(**SMALL))
+    with pytest.raises(UserError, match="exceeds the context length 24"):
+        m(torch.zeros(1, 25, dtype=torch.long))
+    with pytest.raises(UserError, match="dtype"):
+        m(torch.zeros(1, 5))
+    with pytest.raises(UserError, match="shape"):
+        m(torch.zeros(5, dtype=torch.long))
+
+
+def test_save_load_roundtrip_with_tied_weights(tmp_path):
+    torch.manual_seed(4)
+    m = GPTModel(GPTConfig(**SMALL, dropout=0.1)).eval()
+    m.save(tmp_path / "w.safetensors")
+    m2 = GPTModel.load(tmp_path / "w.safetensors").eval()
+    assert m2.config.dropout == 0.1 and m2.out_head.weight is m2.tok_emb.weight
+    idx = torch.randint(0, 97, (2, 9))
+    assert torch.equal(m(idx), m2(idx))
+    with pytest.raises(UserError, match="not found"):
+        GPTModel.load(tmp_path / "missing.safetensors")
+
+
+def test_lm_loss_ignores_masked_targets():
+    torch.manual_seed(5)
+    logits = torch.randn(2, 4, 10)
+    targets = torch.randint(0, 10, (2, 4))
+    masked = targets.clone()
+    masked[:, :2] = -100
+    expect = F.cross_entropy(logits[:, 2:].reshape(-1, 10), targets[:, 2:].reshape(-1))
+    assert torch.allclose(lm_loss(logits, masked), expect)
+
+
+def test_toggle_resolution_and_state_dict_unchanged():
+    assert resolve_kernels("reference", "cpu") == frozenset()
+    assert resolve_kernels("auto", "cpu") == frozenset()
+    assert resolve_kernels("auto", "cuda") == {"layernorm", "mlp", "attention"}
+    assert resolve_kernels("layernorm,mlp", "cpu") == {"layernorm", "mlp"}
+    assert resolve_kernels({"attention"}, "cpu") == {"attention"}
+    with pytest.raises(UserError, match="unknown kernel"):
+        resolve_kernels("layernorm,softmax", "cpu")
+    m = GPTModel(GPTConfig(**SMALL))
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    m.set_kernels("triton")
+    assert m.config.kernels == "triton"
+    assert all(b.norm1.use_triton and b.ff.use_triton and b.att.use_triton for b in m.trf_blocks)
+    assert m.final_norm.use_triton
+    after = m.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    m.set_kernels(["mlp"])
+    assert m.config.kernels == "mlp" and not m.final_norm.use_triton and m.trf_blocks[0].ff.use_triton

@@ -1,0 +1,211 @@
+"""Pieces every trainer shares (pretraining, SFT, reward model, RLHF, DPO).
+
+Device and precision, the AdamW parameter groups, the learning-rate schedule, crash-safe
+checkpoints, RNG state capture for exact resume, per-step JSONL metrics and the loss plot.
+"""
+import contextlib
+import json
+import math
+import os
+import random
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from tritongpt.errors import UserError
+
+
+# -- device and precision ---------------------------------------------------------------------
+def pick_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"device {name!r} requested but CUDA is not available")
+    return dev
+
+
+def pick_dtype(name: str, device: torch.device) -> torch.dtype:
+    """"auto" is bf16 autocast on CUDA and fp32 on CPU."""
+    table = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
+             "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if name not in table:
+        raise UserError(f"unknown dtype {name!r}; use auto, fp32, bf16 or fp16")
+    return table[name]
+
+
+def autocast(device: torch.device, dtype: torch.dtype):
+    """Mixed precision for the forward pass; a no-op for fp32. Weights stay fp32."""
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def set_seed(seed: int):
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict):
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# -- optimizer and schedule -------------------------------------------------------------------
+def param_groups(model: nn.Module, weight_decay: float):
+    """Decay the matrices of Linear layers; never biases, LayerNorm parameters or embeddings."""
+    no_decay_ids = set()
+    for module in model.modules():
+        if isinstance(module, nn.Embedding) or type(module).__name__ == "LayerNorm":
+            no_decay_ids.update(id(p) for p in module.parameters(recurse=False))
+    decay, no_decay, seen = [], [], set()
+    for name, p in model.named_parameters():
+        if not p.requires_grad or id(p) in seen:
+            continue
+        seen.add(id(p))
+        (no_decay if id(p) in no_decay_ids or p.dim() < 2 else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay},
+            {"params": no_decay, "weight_decay": 0.0}]
+
+
+def build_optimizer(model: nn.Module, lr: float, weight_decay: float = 0.1,
+                    betas=(0.9, 0.95), device: torch.device | None = None) -> torch.optim.AdamW:
+    """AdamW with decay/no-decay groups; the fused implementation on CUDA."""
+    device = device or next(model.parameters()).device
+    fused = device.type == "cuda"
+    return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=betas, fused=fused)
+
+
+def lr_at(step: int, max_lr: float, warmup: int, total: int, min_lr: float) -> float:
+    """Linear warmup for `warmup` steps, then cosine decay to min_lr at `total`, flat after."""
+    if warmup > 0 and step < warmup:
+        return max_lr * (step + 1) / warmup
+    if step >= total:
+        return min_lr
+    progress = (step - warmup) / max(1, total - warmup)
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (max_lr - min_lr)
+
+
+def set_lr(optimizer, lr: float):
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+# -- checkpoints --------------------------------------------------------------------------------
+class Checkpointer:
+    """Checkpoints as folders ckpt-0000123/ holding model.safetensors and state.pt.
+
+    A checkpoint is written into a temporary folder and renamed into place, so a crash
+    mid-write never leaves a half checkpoint under a real name; only the newest `keep` stay.
+    """
+
+    def __init__(self, out_dir, keep: int = 3):
+        self.dir = Path(out_dir)
+        self.keep = keep
+
+    def save(self, step: int, model, state: dict) -> Path:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        final = self.dir / f"ckpt-{step:07d}"
+        tmp = self.dir / f".tmp-ckpt-{step:07d}-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        model.save(tmp / "model.safetensors", extra_metadata={"step": step})
+        torch.save(state, tmp / "state.pt")
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        for old in self.list()[:-self.keep] if self.keep > 0 else []:
+            shutil.rmtree(old, ignore_errors=True)
+        return final
+
+    def list(self):
+        if not self.dir.is_dir():
+            return []
+        return sorted(p for p in self.dir.glob("ckpt-*") if (p / "state.pt").is_file())
+
+    def latest(self):
+        found = self.list()
+        return found[-1] if found else None
+
+
+def resolve_checkpoint(path) -> Path:
+    """A checkpoint folder, a run folder (its newest checkpoint), or a .safetensors file."""
+    p = Path(path)
+    if p.is_file():
+        return p
+    if (p / "model.safetensors").is_file():
+        return p / "model.safetensors"
+    latest = Checkpointer(p).latest()
+    if latest is None:
+        raise UserError(f"no checkpoint found at {path}")
+    return latest / "model.safetensors"
+
+
+def load_state(ckpt_dir) -> dict:
+    path = Path(ckpt_dir) / "state.pt"
+    if not path.is_file():
+        raise UserError(f"checkpoint state not found: {path}")
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+# -- metrics --------------------------------------------------------------------------------------
+class MetricsLog:
+    """Appends one JSON object per line; `rows()` reads them back."""
+
+    def __init__(self, path, enabled: bool = True):
+        self.path = Path(path)
+        self.enabled = enabled
+        if enabled:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def log(self, **row):
+        if not self.enabled:
+            return
+        row.setdefault("time", time.time())
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+    def rows(self):
+        if not self.path.is_file():
+            return []
+        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+
+
+def plot_curves(rows, png_path, keys=("loss", "val_loss"), title="training"):
+    """One PNG with a line per key (x = step), skipping rows that lack the key."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for key in keys:
+        pts = [(r["step"], r[key]) for r in rows if key in r and r[key] is not None]
+        if pts:
+            xs, ys = zip(*pts)
+            ax.plot(xs, ys, label=key, marker="o" if len(pts) < 30 else None)
+    ax.set_xlabel("step")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    Path(png_path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(png_path, dpi=110)
+    plt.close(fig)

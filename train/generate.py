@@ -1,0 +1,80 @@
+"""Text generation: greedy, temperature, top-k and top-p sampling, with a preallocated KV cache.
+
+With the cache, the prompt is run once (prefill) and each new token costs one position.
+Positions are absolute (learned embeddings), so when the window is full it cannot slide:
+we crop to the last context_length - 1 tokens and prefill again, which gives exactly what
+the uncached model computes on the cropped window.
+"""
+import torch
+
+from tritongpt.errors import UserError
+
+
+def sample_next(logits, temperature: float = 0.0, top_k: int | None = None,
+                top_p: float | None = None, generator: torch.Generator | None = None):
+    """Pick one token per row from logits [B, V]. temperature 0 means greedy (argmax)."""
+    if temperature < 0:
+        raise UserError(f"temperature must be >= 0, got {temperature}")
+    if temperature == 0.0:
+        return logits.argmax(dim=-1, keepdim=True)
+    logits = logits.float() / temperature
+    if top_k is not None:
+        if top_k <= 0:
+            raise UserError(f"top_k must be positive, got {top_k}")
+        kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None:
+        if not 0.0 < top_p <= 1.0:
+            raise UserError(f"top_p must be in (0, 1], got {top_p}")
+        sorted_logits, order = torch.sort(logits, descending=True)
+        probs = torch.softmax(sorted_logits, dim=-1)
+        # drop a token when the tokens ranked above it already cover top_p
+        drop = probs.cumsum(dim=-1) - probs > top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    probs = torch.softmax(logits, dim=-1)
+    return torch.multinomial(probs, num_samples=1, generator=generator)
+
+
+@torch.no_grad()
+def generate(model, idx, max_new_tokens: int, temperature: float = 0.0, top_k: int | None = None,
+             top_p: float | None = None, eos_id: int | None = None, use_cache: bool = True,
+             generator: torch.Generator | None = None):
+    """Extend idx [B, T] by up to max_new_tokens tokens; rows stop after emitting eos_id.
+
+    Returns [B, T + n]. Rows that finished early are padded with eos_id.
+    """
+    if idx.dim() != 2 or idx.size(1) == 0:
+        raise UserError(f"prompt must be a non-empty [batch, time] tensor, got shape {tuple(idx.shape)}")
+    if max_new_tokens < 0:
+        raise UserError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    ctx = model.config.context_length
+    was_training = model.training
+    model.eval()
+    cache = model.new_cache(idx.size(0)) if use_cache else None
+    done = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
+    fed = 0  # how many tokens of idx the cache already holds
+    for _ in range(max_new_tokens):
+        if cache is None:
+            logits = model(idx[:, -ctx:])
+        else:
+            if cache.pos == 0 or idx.size(1) > ctx:
+                # (re)prefill: first step, or the window is full and positions must shift
+                cache.reset()
+                window = idx[:, -ctx:]
+                logits = model(window, cache)
+                fed = idx.size(1)
+                if idx.size(1) >= ctx:
+                    cache.reset()  # the next step must prefill the shifted window again
+            else:
+                logits = model(idx[:, fed:], cache)
+                fed = idx.size(1)
+        nxt = sample_next(logits[:, -1, :], temperature, top_k, top_p, generator)
+        if eos_id is not None:
+            nxt = torch.where(done.unsqueeze(1), torch.full_like(nxt, eos_id), nxt)
+            done |= nxt.squeeze(1) == eos_id
+        idx = torch.cat([idx, nxt], dim=1)
+        if eos_id is not None and bool(done.all()):
+            break
+    model.train(was_training)
+    return idx

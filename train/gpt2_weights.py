@@ -1,0 +1,118 @@
+"""Load OpenAI's GPT-2 weights, in Hugging Face's safetensors layout, into GPTModel.
+
+Hugging Face's GPT-2 uses Conv1D layers, whose weights are stored [in, out], the transpose of
+nn.Linear's [out, in]; and one fused c_attn projection that makes q, k and v together, which
+we split into W_query, W_key and W_value. The LM head is tied to the token embedding.
+"""
+import json
+import re
+from pathlib import Path
+
+import torch
+
+from tritongpt.errors import UserError
+from tritongpt.model.config import PRESETS, GPTConfig, get_config
+from tritongpt.model.gpt import GPTModel
+
+HUB_REPOS = {
+    "gpt2-small": "openai-community/gpt2",
+    "gpt2": "openai-community/gpt2",
+    "gpt2-medium": "openai-community/gpt2-medium",
+    "gpt2-large": "openai-community/gpt2-large",
+    "gpt2-xl": "openai-community/gpt2-xl",
+}
+
+
+def _read_tensors(path) -> dict:
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(path))
+    # Hub files name keys "h.0...", a saved GPT2LMHeadModel "transformer.h.0..."
+    return {k.removeprefix("transformer."): v for k, v in tensors.items()}
+
+
+def _infer_config(sd: dict, path: Path, model_name: str | None) -> GPTConfig:
+    for key in ("wte.weight", "wpe.weight", "ln_f.weight"):
+        if key not in sd:
+            raise UserError(f"{path} is not a GPT-2 safetensors file: missing tensor {key!r}")
+    vocab, n_embd = sd["wte.weight"].shape
+    ctx = sd["wpe.weight"].shape[0]
+    n_layer = 1 + max(int(m.group(1)) for k in sd if (m := re.match(r"h\.(\d+)\.", k)))
+    n_head = None
+    cfg_json = path.parent / "config.json"
+    if cfg_json.is_file():
+        n_head = json.loads(cfg_json.read_text()).get("n_head")
+    if n_head is None and model_name is not None:
+        n_head = get_config(model_name).n_head
+    if n_head is None:  # the published sizes identify themselves by width and depth
+        for preset in PRESETS.values():
+            if preset.get("n_embd") == n_embd and preset.get("n_layer") == n_layer:
+                n_head = preset["n_head"]
+    if n_head is None:
+        raise UserError(f"cannot tell the number of heads of {path}: put its config.json beside it "
+                        "or pass --model")
+    return GPTConfig(vocab_size=vocab, context_length=ctx, n_embd=n_embd, n_layer=n_layer,
+                     n_head=n_head, bias=True, tie_weights="lm_head.weight" not in sd
+                     or torch.equal(sd["lm_head.weight"], sd["wte.weight"]))
+
+
+def load_gpt2_safetensors(path, model_name: str | None = None) -> GPTModel:
+    """GPTModel with the weights of a Hugging Face GPT-2 model.safetensors."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"GPT-2 weights file not found: {path}")
+    sd = _read_tensors(path)
+    cfg = _infer_config(sd, path, model_name)
+    model = GPTModel(cfg)
+    C = cfg.n_embd
+    ours = {"tok_emb.weight": sd["wte.weight"], "pos_emb.weight": sd["wpe.weight"],
+            "final_norm.weight": sd["ln_f.weight"], "final_norm.bias": sd["ln_f.bias"]}
+    if not cfg.tie_weights:
+        ours["out_head.weight"] = sd["lm_head.weight"]
+    for i in range(cfg.n_layer):
+        h, b = f"h.{i}.", f"trf_blocks.{i}."
+        qkv_w, qkv_b = sd[h + "attn.c_attn.weight"], sd[h + "attn.c_attn.bias"]  # [C, 3C], [3C]
+        for j, name in enumerate(("W_query", "W_key", "W_value")):
+            ours[b + f"att.{name}.weight"] = qkv_w[:, j * C:(j + 1) * C].t()
+            ours[b + f"att.{name}.bias"] = qkv_b[j * C:(j + 1) * C]
+        ours[b + "att.out_proj.weight"] = sd[h + "attn.c_proj.weight"].t()
+        ours[b + "att.out_proj.bias"] = sd[h + "attn.c_proj.bias"]
+        ours[b + "ff.fc1.weight"] = sd[h + "mlp.c_fc.weight"].t()
+        ours[b + "ff.fc1.bias"] = sd[h + "mlp.c_fc.bias"]
+        ours[b + "ff.fc2.weight"] = sd[h + "mlp.c_proj.weight"].t()
+        ours[b + "ff.fc2.bias"] = sd[h + "mlp.c_proj.bias"]
+        for ln_hf, ln_ours in (("ln_1", "norm1"), ("ln_2", "norm2")):
+            ours[b + f"{ln_ours}.weight"] = sd[h + f"{ln_hf}.weight"]
+            ours[b + f"{ln_ours}.bias"] = sd[h + f"{ln_hf}.bias"]
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, value in ours.items():
+            if params[name].shape != value.shape:
+                raise UserError(f"{path}: tensor for {name} has shape {tuple(value.shape)}, "
+                                f"expected {tuple(params[name].shape)}")
+            params[name].copy_(value)
+    missing = set(params) - set(ours) - ({"out_head.weight"} if cfg.tie_weights else set())
+    if missing:
+        raise UserError(f"{path}: no weights for {sorted(missing)[:3]}")
+    return model
+
+
+def load_gpt2_pretrained(name: str = "gpt2-small", cache_dir=None) -> GPTModel:
+    """Download (or take from the local Hub cache) OpenAI's GPT-2 weights by name."""
+    if name not in HUB_REPOS:
+        raise UserError(f"unknown GPT-2 model {name!r}; choose one of: {', '.join(HUB_REPOS)}")
+    try:
+        from huggingface_hub import hf_hub_download
+    except ImportError:
+        raise UserError("downloading GPT-2 weights needs huggingface_hub (pip install huggingface_hub); "
+                        "or pass --weights PATH/model.safetensors") from None
+    try:
+        path = hf_hub_download(HUB_REPOS[name], "model.safetensors", cache_dir=cache_dir)
+        try:
+            hf_hub_download(HUB_REPOS[name], "config.json", cache_dir=cache_dir)
+        except Exception:
+            pass
+    except Exception as e:
+        raise UserError(f"could not fetch {HUB_REPOS[name]} from the Hugging Face Hub (offline?): "
+                        f"{type(e).__name__}; download model.safetensors elsewhere and pass --weights") from None
+    return load_gpt2_safetensors(path, name)

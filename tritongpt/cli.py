@@ -1,0 +1,41 @@
+"""`tritongpt` command line: one subcommand per job, each defined next to the code it runs."""
+import argparse
+import importlib
+import sys
+
+from tritongpt.errors import UserError
+
+# Each module defines add_cli(subparsers), which adds its subcommand(s).
+COMMAND_MODULES = [
+    "tritongpt.commands",
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tritongpt",
+        description="GPT-2 from scratch: reference PyTorch modules and Triton kernels behind one toggle.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).add_cli(sub)
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 0
+    try:
+        return args.func(args) or 0
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

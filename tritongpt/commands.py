@@ -1,0 +1,118 @@
+"""The `info` and `generate` subcommands."""
+import os
+import sys
+
+from tritongpt.errors import UserError
+
+
+def add_model_args(p, default_model="tiny"):
+    """Arguments shared by every command that builds a model."""
+    p.add_argument("--model", default=default_model,
+                   help="preset: gpt2-small|gpt2-medium|gpt2-large|gpt2-xl|tiny|mini (default %(default)s)")
+    p.add_argument("--kernels", default="auto",
+                   help="reference | triton | auto (Triton on CUDA, reference on CPU) | "
+                        "comma list of layernorm,mlp,attention (default %(default)s)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda (default %(default)s)")
+
+
+def cmd_info(args):
+    import torch
+
+    from tritongpt._env import triton_interpreting
+    from tritongpt.model.config import get_config
+    from tritongpt.model.gpt import GPTModel
+
+    cfg = get_config(args.model, tie_weights=not args.untied)
+    with torch.device("meta"):
+        n = GPTModel(cfg).num_params()
+    print(f"model        {args.model}")
+    for key, value in cfg.to_dict().items():
+        if key != "kernels":
+            print(f"  {key:<14}{value}")
+    print(f"parameters   {n:,} ({n / 1e6:.1f}M, {'untied' if args.untied else 'tied'} LM head)")
+    print(f"torch        {torch.__version__}")
+    try:
+        import triton
+
+        triton_msg = f"{triton.__version__}" + (" (interpreter: CPU tensors)" if triton_interpreting() else "")
+    except ImportError:
+        triton_msg = "not installed (reference path only)"
+    print(f"triton       {triton_msg}")
+    if torch.cuda.is_available():
+        print(f"cuda         yes: {torch.cuda.get_device_name(0)}")
+    else:
+        print("cuda         no (Triton path runs through the interpreter, slowly)")
+    return 0
+
+
+def cmd_generate(args):
+    import torch
+
+    from tritongpt.model.config import get_config
+    from tritongpt.model.gpt import GPTModel
+    from tritongpt.train.common import pick_device, resolve_checkpoint
+    from tritongpt.train.generate import generate
+    from tritongpt.train.tokenizer import get_tokenizer
+
+    device = pick_device(args.device)
+    torch.manual_seed(args.seed)
+    if args.weights:
+        path = resolve_checkpoint(args.weights)
+        if str(path).endswith(".safetensors") and _is_hf_file(path):
+            from tritongpt.train.gpt2_weights import load_gpt2_safetensors
+
+            model = load_gpt2_safetensors(path, args.model)
+        else:
+            model = GPTModel.load(path)
+    elif args.model.startswith("gpt2") and args.pretrained:
+        from tritongpt.train.gpt2_weights import load_gpt2_pretrained
+
+        model = load_gpt2_pretrained(args.model)
+    else:
+        print(f"note: {args.model} has random weights (pass --weights for a trained model)", file=sys.stderr)
+        model = GPTModel(get_config(args.model))
+    model.to(device).eval()
+    model.set_kernels(args.kernels)
+    tok_name = args.tokenizer or ("gpt2" if model.config.vocab_size == 50257 else "default")
+    tok = get_tokenizer(tok_name)
+    if tok.vocab_size > model.config.vocab_size:
+        raise UserError(f"tokenizer has {tok.vocab_size} tokens but the model only {model.config.vocab_size}")
+    ids = tok.encode(args.prompt)
+    if not ids:
+        raise UserError("the prompt is empty: pass --prompt with some text")
+    if len(ids) >= model.config.context_length:
+        raise UserError(f"prompt is {len(ids)} tokens; the model's context is {model.config.context_length}")
+    idx = torch.tensor([ids], dtype=torch.long, device=device)
+    gen = torch.Generator(device=device).manual_seed(args.seed)
+    out = generate(model, idx, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                   top_p=args.top_p, eos_id=tok.eot_id, generator=gen)
+    print(tok.decode(out[0].tolist()))
+    return 0
+
+
+def _is_hf_file(path) -> bool:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+    return meta.get("format") != "tritongpt" or "config" not in meta
+
+
+def add_cli(sub):
+    p = sub.add_parser("info", help="config, parameter count, and whether Triton and CUDA are usable")
+    p.add_argument("--model", default="gpt2-small", help="preset name (default %(default)s)")
+    p.add_argument("--untied", action="store_true", help="count a separate LM head")
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("generate", help="generate text from a prompt")
+    add_model_args(p)
+    p.add_argument("--weights", help="tritongpt checkpoint (file or run folder) or Hugging Face GPT-2 model.safetensors")
+    p.add_argument("--pretrained", action="store_true", help="download GPT-2 weights from the Hub by --model name")
+    p.add_argument("--tokenizer", help="default | gpt2 | path to a tokenizer JSON (default: by vocab size)")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--max-new-tokens", type=int, default=50)
+    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--seed", type=int, default=1337)
+    p.set_defaults(func=cmd_generate)
