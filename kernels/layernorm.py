@@ -1,0 +1,232 @@
+"""LayerNorm in Triton: forward (y, mean, rstd) and backward (dx, dweight, dbias).
+
+Reference module: `tritongpt.model.layers.LayerNorm` (y = (x - mean) / sqrt(var + eps) * w + b,
+biased variance over the last dimension). Same algorithm as Triton's 05-layer-norm tutorial,
+except that each program owns a contiguous group of rows and walks through it:
+
+  * Tiling: the input is viewed as [M rows, N features]. The grid has a few programs per SM
+    (tens under the interpreter); program p takes rows [p*R, (p+1)*R) and loops over them
+    BLOCK_M rows at a time. A whole row fits in one tile (BLOCK_N = next_pow2(N) <= 8192), so
+    mean and variance are a single in-SRAM reduction, with no second pass over memory.
+  * Forward: x tile loaded once, math in fp32, y written in x's dtype. mean and rstd (fp32,
+    4+4 bytes per row) are saved for backward; x_hat is not saved, it is recomputed.
+  * Backward: recompute x_hat = (x - mean) * rstd, then
+        dx = rstd * (w*dy - (x_hat * mean(x_hat*w*dy) + mean(w*dy)))
+    The weight/bias gradients need a sum over all rows. Each program accumulates its own
+    rows' dy*x_hat and dy in fp32 registers and writes one partial row to a [n_programs, N]
+    fp32 buffer; a torch .sum(0) over those few rows finishes the job. No atomics, so the
+    result is deterministic and there is no lock contention.
+
+Public API: `layer_norm(x, weight, bias, eps=1e-5)`. It is built from torch.library custom ops
+(`tritongpt::layer_norm_fwd` / `tritongpt::layer_norm_bwd`, with fake impls) inside an
+autograd.Function, so it runs under torch.compile (the ops stay opaque calls in the graph).
+"""
+import functools
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from tritongpt.kernels._common import (cdiv, check_runnable, check_same_device,
+                                       check_tensor, fix_bf16_rounding, is_interpreting,
+                                       next_power_of_2, round_for_bf16)
+
+MAX_WIDTH = 8192  # one row must fit in one tile (registers/SRAM); wider rows are rejected
+
+
+@triton.jit
+def _layer_norm_fwd_kernel(X, Y, W, B, Mean, Rstd, stride_x, stride_y, M, N, rows_per_prog, eps,
+                           HAS_BIAS: tl.constexpr, ROUND: tl.constexpr,
+                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """One program normalizes rows [pid*rows_per_prog, ...), BLOCK_M rows per step."""
+    pid = tl.program_id(0)
+    row_start = pid * rows_per_prog
+    row_end = tl.minimum(row_start + rows_per_prog, M)
+    cols = tl.arange(0, BLOCK_N)
+    col_ok = cols < N
+    # weight/bias are reused by every row of the group: load them once.
+    w = tl.load(W + cols, mask=col_ok, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        b = tl.load(B + cols, mask=col_ok, other=0.0).to(tl.float32)
+    for r0 in range(row_start, row_end, BLOCK_M):
+        rows = r0 + tl.arange(0, BLOCK_M)
+        row_ok = rows < row_end
+        mask = row_ok[:, None] & col_ok[None, :]
+        rows64 = rows.to(tl.int64)  # row * stride can pass 2^31 on big batches
+        x = tl.load(X + rows64[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        mean = tl.sum(x, axis=1) / N
+        xc = tl.where(mask, x - mean[:, None], 0.0)
+        var = tl.sum(xc * xc, axis=1) / N  # biased variance, as in GPT-2
+        rstd = 1.0 / tl.sqrt(var + eps)
+        y = xc * rstd[:, None] * w[None, :]
+        if HAS_BIAS:
+            y = y + b[None, :]
+        y = round_for_bf16(y, ROUND)  # no-op on GPU; see _common.fix_bf16_rounding
+        tl.store(Y + rows64[:, None] * stride_y + cols[None, :], y.to(Y.dtype.element_ty), mask=mask)
+        tl.store(Mean + rows, mean, mask=row_ok)
+        tl.store(Rstd + rows, rstd, mask=row_ok)
+
+
+@triton.jit
+def _layer_norm_bwd_kernel(X, DY, W, Mean, Rstd, DX, DW_part, DB_part,
+                           stride_x, stride_dy, stride_dx, M, N, rows_per_prog, ROUND: tl.constexpr,
+                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """dx for rows [pid*rows_per_prog, ...), plus this program's partial sums of dW and dB."""
+    pid = tl.program_id(0)
+    row_start = pid * rows_per_prog
+    row_end = tl.minimum(row_start + rows_per_prog, M)
+    cols = tl.arange(0, BLOCK_N)
+    col_ok = cols < N
+    w = tl.load(W + cols, mask=col_ok, other=0.0).to(tl.float32)
+    dw_acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    db_acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for r0 in range(row_start, row_end, BLOCK_M):
+        rows = r0 + tl.arange(0, BLOCK_M)
+        row_ok = rows < row_end
+        mask = row_ok[:, None] & col_ok[None, :]
+        rows64 = rows.to(tl.int64)
+        x = tl.load(X + rows64[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        dy = tl.load(DY + rows64[:, None] * stride_dy + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        mean = tl.load(Mean + rows, mask=row_ok, other=0.0)
+        rstd = tl.load(Rstd + rows, mask=row_ok, other=0.0)
+        # x_hat is recomputed rather than saved: one fp32 load of x is cheaper than a stored copy.
+        xhat = tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0)
+        wdy = w[None, :] * dy
+        c1 = tl.sum(xhat * wdy, axis=1) / N
+        c2 = tl.sum(wdy, axis=1) / N
+        dx = (wdy - (xhat * c1[:, None] + c2[:, None])) * rstd[:, None]
+        dx = round_for_bf16(dx, ROUND)
+        tl.store(DX + rows64[:, None] * stride_dx + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
+        dw_acc += dy * xhat
+        db_acc += dy
+    tl.store(DW_part + pid * N + cols, tl.sum(dw_acc, axis=0), mask=col_ok)
+    tl.store(DB_part + pid * N + cols, tl.sum(db_acc, axis=0), mask=col_ok)
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _launch_shape(M: int, N: int, backward: bool, device: torch.device):
+    """(n_programs, rows_per_prog, BLOCK_M, BLOCK_N, num_warps) for an [M, N] problem."""
+    BLOCK_N = next_power_of_2(N)
+    if is_interpreting():
+        # The interpreter pays per program and per op, not per element: few programs, big tiles.
+        BLOCK_M = max(1, min(64, 16384 // BLOCK_N))
+        n_prog = min(cdiv(M, BLOCK_M), 16)
+        num_warps = 1
+    else:
+        # ~4K elements per step keeps each thread at <= 16-32 fp32 values per tensor at 8 warps.
+        BLOCK_M = max(1, min(16, 4096 // BLOCK_N))
+        sms = _sm_count(device)
+        # backward: fewer programs = fewer partial dW/dB rows to reduce; forward: more, to hide latency.
+        n_prog = min(cdiv(M, BLOCK_M), sms * (2 if backward else 8))
+        num_warps = min(max(BLOCK_M * BLOCK_N // 512, 1), 8)
+    n_prog = max(n_prog, 1)
+    rows_per_prog = cdiv(cdiv(M, n_prog), BLOCK_M) * BLOCK_M
+    n_prog = max(cdiv(M, rows_per_prog), 1)
+    return n_prog, rows_per_prog, BLOCK_M, BLOCK_N, num_warps
+
+
+@torch.library.custom_op("tritongpt::layer_norm_fwd", mutates_args=())
+def _layer_norm_fwd(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                    eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x [M, N] with unit stride on the last dim -> (y [M, N] x.dtype, mean [M] fp32, rstd [M] fp32)."""
+    check_runnable(x, "x")
+    M, N = x.shape
+    y = torch.empty_like(x)
+    mean = torch.empty(M, device=x.device, dtype=torch.float32)
+    rstd = torch.empty(M, device=x.device, dtype=torch.float32)
+    if M == 0:
+        return y, mean, rstd
+    n_prog, rows_per_prog, BLOCK_M, BLOCK_N, num_warps = _launch_shape(M, N, False, x.device)
+    _layer_norm_fwd_kernel[(n_prog,)](
+        x, y, weight, bias if bias is not None else weight, mean, rstd,
+        x.stride(0), y.stride(0), M, N, rows_per_prog, float(eps),  # a Python float: fp32 in Triton
+        HAS_BIAS=bias is not None, ROUND=fix_bf16_rounding(y.dtype),
+        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, num_warps=num_warps)
+    return y, mean, rstd
+
+
+@_layer_norm_fwd.register_fake
+def _(x, weight, bias, eps):
+    M = x.shape[0]
+    return (torch.empty_like(x), x.new_empty(M, dtype=torch.float32), x.new_empty(M, dtype=torch.float32))
+
+
+@torch.library.custom_op("tritongpt::layer_norm_bwd", mutates_args=())
+def _layer_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, mean: torch.Tensor,
+                    rstd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """-> (dx [M, N] in x.dtype, dweight [N] and dbias [N] in weight.dtype)."""
+    check_runnable(dy, "dy")
+    M, N = x.shape
+    dy = dy if dy.stride(-1) == 1 else dy.contiguous()
+    dx = torch.empty_like(x)
+    if M == 0:
+        return dx, torch.zeros_like(weight), torch.zeros_like(weight)
+    n_prog, rows_per_prog, BLOCK_M, BLOCK_N, num_warps = _launch_shape(M, N, True, x.device)
+    dw_part = torch.empty((n_prog, N), device=x.device, dtype=torch.float32)
+    db_part = torch.empty((n_prog, N), device=x.device, dtype=torch.float32)
+    _layer_norm_bwd_kernel[(n_prog,)](
+        x, dy, weight, mean, rstd, dx, dw_part, db_part,
+        x.stride(0), dy.stride(0), dx.stride(0), M, N, rows_per_prog, fix_bf16_rounding(dx.dtype),
+        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, num_warps=num_warps)
+    return dx, dw_part.sum(0).to(weight.dtype), db_part.sum(0).to(weight.dtype)
+
+
+@_layer_norm_bwd.register_fake
+def _(dy, x, weight, mean, rstd):
+    return torch.empty_like(x), torch.empty_like(weight), torch.empty_like(weight)
+
+
+class LayerNormFunction(torch.autograd.Function):
+    """Saves x (the caller keeps it alive anyway), weight, and the fp32 per-row mean and rstd."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, eps):
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])
+        if x2.stride(-1) != 1:  # the kernel reads rows with unit stride; copy rather than misread
+            x2 = x2.contiguous()
+        y, mean, rstd = torch.ops.tritongpt.layer_norm_fwd(x2, weight, bias, eps)
+        ctx.save_for_backward(x2, weight, mean, rstd)
+        ctx.has_bias = bias is not None
+        return y.view(shape)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x2, weight, mean, rstd = ctx.saved_tensors
+        dx, dw, db = torch.ops.tritongpt.layer_norm_bwd(dy.reshape(x2.shape), x2, weight, mean, rstd)
+        return dx.view(dy.shape), dw, (db if ctx.has_bias else None), None
+
+
+def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], eps: float = 1e-5):
+    """LayerNorm over the last dim of x (any leading dims); output has x's dtype. Differentiable.
+
+    x, weight, bias: fp32/bf16/fp16 (weight/bias may differ from x, e.g. fp32 params under
+    autocast; the math is fp32 either way). bias may be None.
+    """
+    check_tensor(x, "x")
+    if x.dim() == 0:
+        raise ValueError("x must have at least 1 dim (the normalized one), got a scalar")
+    N = x.shape[-1]
+    check_tensor(weight, "weight", shape=(N,))
+    if bias is not None:
+        check_tensor(bias, "bias", shape=(N,))
+        if bias.dtype != weight.dtype:
+            raise TypeError(f"bias dtype {bias.dtype} differs from weight dtype {weight.dtype}")
+    check_same_device(x=x, weight=weight, bias=bias)
+    if N == 0 or N > MAX_WIDTH:
+        raise ValueError(f"layer_norm: last dim of x is {N}; the Triton kernel supports 1..{MAX_WIDTH}")
+    if not isinstance(eps, (int, float)) or not eps >= 0:
+        raise ValueError(f"eps must be a non-negative float, got {eps!r}")
+    # weight/bias are read with unit stride by the kernel
+    weight = weight if weight.stride(0) == 1 else weight.contiguous()
+    if bias is not None and bias.stride(0) != 1:
+        bias = bias.contiguous()
+    return LayerNormFunction.apply(x, weight, bias, float(eps))
+
+
+__all__ = ["layer_norm", "LayerNormFunction", "MAX_WIDTH"]

@@ -1,0 +1,279 @@
+"""GELU-MLP in Triton: y = gelu_tanh(x @ w1.T + b1) @ w2.T + b2, forward and backward.
+
+Reference module: `tritongpt.model.layers.FeedForward` (fc1, GELU(tanh), fc2; dropout stays in
+the module). Every product below is one tiled matmul kernel (as in Triton's 03-matrix-
+multiplication tutorial): each program computes a BLOCK_M x BLOCK_N tile of the output,
+walking K in BLOCK_K steps; the A and B tiles of one step and the fp32 accumulator live in
+SRAM/registers; programs are grouped (GROUP_M) so neighbouring tiles reuse B from L2. Operands
+are passed by strides, so transposes (w.T, dy.T) cost nothing. What changes per product is a
+small fused prologue/epilogue:
+
+  forward   h = x @ w1.T + b1, a = gelu(h)    bias + GELU in the epilogue; writes h (saved for
+                                              backward) and a (read once by the next matmul)
+            y = a @ w2.T + b2                 bias in the epilogue
+  backward  dh = (dy @ w2) * gelu'(h)         GELU's derivative in the epilogue: da never exists
+            dW2 = dy.T @ gelu(h)              GELU recomputed on the B tiles as they are loaded
+            dW1 = dh.T @ x,  dx = dh @ w1,  db1 = sum(dh),  db2 = sum(dy)
+
+So only x and h are saved for backward: x plus ONE [M, H] tensor, where the eager reference
+keeps x plus FIVE (h, tanh(z), 0.5 h, 1 + tanh(z), a) -- measured with saved_activation_bytes()
+in tests/test_mlp.py.
+Math is fp32 (accumulator and GELU); fp32 inputs use IEEE products (no TF32) so fp32 parity
+holds; bf16/fp16 use tensor cores with fp32 accumulation.
+
+gelu_tanh(h) = 0.5 h (1 + tanh(z)), z = sqrt(2/pi) (h + 0.044715 h^3). Since 1 + tanh(z) =
+2 sigmoid(2z), we evaluate gelu = h * s with s = sigmoid(2z): no tanh, no cancellation.
+gelu'(h) = s + h * 2 s (1 - s) * dz/dh.
+
+Public API: `gelu_mlp(x, w1, b1, w2, b2)`. It is built from torch.library custom ops
+(`tritongpt::gelu_mlp_fwd` / `tritongpt::gelu_mlp_bwd`, with fake impls) inside an
+autograd.Function, so it runs under torch.compile (the ops stay opaque calls in the graph).
+"""
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from tritongpt.kernels._common import (cdiv, check_runnable, check_same_device,
+                                       check_same_dtype, check_tensor, fix_bf16_rounding,
+                                       is_interpreting, round_for_bf16, saved_tensor_bytes)
+
+# Epilogue modes of the matmul kernel.
+EPI_NONE = 0       # C = A @ B (+ bias)
+EPI_GELU = 1       # H = A @ B + bias; C = gelu(H)       (stores both)
+EPI_GELU_GRAD = 2  # C = (A @ B) * gelu'(AUX)             (AUX = saved pre-activation h)
+
+
+@triton.jit
+def _gelu_s(h):
+    """s = sigmoid(2z) for z = sqrt(2/pi)(h + 0.044715 h^3); gelu(h) = h * s. h is fp32.
+
+    Constants are literals so they compile as fp32 (0.7978845608028654 = sqrt(2/pi)).
+    """
+    z = 0.7978845608028654 * (h + 0.044715 * h * h * h)
+    e = tl.exp(-2.0 * tl.abs(z))  # in (0, 1]: never overflows, unlike exp(-2z) for very negative h
+    return tl.where(z >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
+
+
+@triton.jit
+def _gelu(h):
+    return h * _gelu_s(h)
+
+
+@triton.jit
+def _gelu_grad(h):
+    s = _gelu_s(h)
+    dz = 0.7978845608028654 * (1.0 + 3.0 * 0.044715 * h * h)
+    return s + 2.0 * h * s * (1.0 - s) * dz
+
+
+def _matmul_configs():
+    if is_interpreting():
+        # The interpreter costs per program and per tl.dot: one fixed, mid-sized tile (autotune
+        # would run every config).
+        return [triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 4},
+                              num_warps=4, num_stages=1)]
+    cfg = triton.Config
+    return [  # the Triton tutorial's H100-friendly shapes; OutOfResources ones are skipped by autotune
+        cfg({"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8, num_stages=3),
+        cfg({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8, num_stages=4),
+        cfg({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 8}, num_warps=4, num_stages=4),
+        cfg({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 32, "GROUP_M": 8}, num_warps=4, num_stages=4),
+        cfg({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 8}, num_warps=4, num_stages=5),
+    ]
+
+
+@triton.autotune(configs=_matmul_configs(), key=["M", "N", "K", "EPILOGUE", "B_GELU", "HAS_BIAS"])
+@triton.jit
+def _matmul_kernel(A, B, C, Bias, Aux, Hout, M, N, K,
+                   stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn,
+                   stride_xm, stride_xn,
+                   HAS_BIAS: tl.constexpr, B_GELU: tl.constexpr, EPILOGUE: tl.constexpr,
+                   IEEE: tl.constexpr, UPCAST: tl.constexpr, ROUND: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                   GROUP_M: tl.constexpr):
+    """C[M, N] = A[M, K] @ B[K, N] with the fused prologue (B_GELU) / epilogue (EPILOGUE) above.
+
+    Aux/Hout share strides (stride_xm, stride_xn): Aux is read in EPI_GELU_GRAD, Hout written in EPI_GELU.
+    """
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    # Grouped ordering: GROUP_M row-tiles sweep the column-tiles together, so B tiles stay in L2.
+    group = pid // (GROUP_M * num_n)
+    first_m = group * GROUP_M
+    group_size = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % (GROUP_M * num_n)) % group_size
+    pid_n = (pid % (GROUP_M * num_n)) // group_size
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    m_ok = offs_m < M
+    n_ok = offs_n < N
+    a_ptrs = A + offs_m.to(tl.int64)[:, None] * stride_am + offs_k[None, :] * stride_ak
+    b_ptrs = B + offs_k.to(tl.int64)[:, None] * stride_bk + offs_n[None, :] * stride_bn
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k in range(0, tl.cdiv(K, BLOCK_K)):
+        k_ok = offs_k < K - k * BLOCK_K
+        a = tl.load(a_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+        b = tl.load(b_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+        if B_GELU:  # recompute a = gelu(h) on the fly instead of reading a saved copy
+            b = round_for_bf16(_gelu(b.to(tl.float32)), ROUND).to(A.dtype.element_ty)
+        if UPCAST:  # interpreter only, see _matmul
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        if IEEE:
+            acc = tl.dot(a, b, acc, input_precision="ieee")
+        else:
+            acc = tl.dot(a, b, acc)
+        a_ptrs += BLOCK_K * stride_ak
+        b_ptrs += BLOCK_K * stride_bk
+
+    mask = m_ok[:, None] & n_ok[None, :]
+    if HAS_BIAS:
+        acc += tl.load(Bias + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    x_off = offs_m.to(tl.int64)[:, None] * stride_xm + offs_n[None, :] * stride_xn
+    if EPILOGUE == 1:
+        h = round_for_bf16(acc, ROUND).to(Hout.dtype.element_ty)
+        tl.store(Hout + x_off, h, mask=mask)
+        # gelu of the *rounded* h, so the backward's recomputation sees exactly the same value
+        acc = _gelu(h.to(tl.float32))
+    elif EPILOGUE == 2:
+        h = tl.load(Aux + x_off, mask=mask, other=0.0).to(tl.float32)
+        acc = acc * _gelu_grad(h)
+    c_ptrs = C + offs_m.to(tl.int64)[:, None] * stride_cm + offs_n[None, :] * stride_cn
+    tl.store(c_ptrs, round_for_bf16(acc, ROUND).to(C.dtype.element_ty), mask=mask)
+
+
+def _matmul(a, b, bias=None, epilogue=EPI_NONE, aux=None, b_gelu=False):
+    """a [M, K] @ b [K, N] (any strides) -> new [M, N] tensor in a's dtype (+ h when EPI_GELU)."""
+    M, K = a.shape
+    N = b.shape[1]
+    c = torch.empty((M, N), device=a.device, dtype=a.dtype)
+    h = torch.empty((M, N), device=a.device, dtype=a.dtype) if epilogue == EPI_GELU else None
+    if M == 0 or N == 0:
+        return c, h
+    if K == 0:  # empty reduction: the kernel's k-loop would not run; keep the semantics explicit
+        c.zero_()
+        if bias is not None:
+            c += bias
+        if epilogue == EPI_GELU:
+            h.copy_(c)
+            c = torch.nn.functional.gelu(c.float(), approximate="tanh").to(c.dtype)
+        elif epilogue == EPI_GELU_GRAD:
+            c.zero_()
+        return c, h
+    # Triton 3.8's interpreter multiplies bf16 tiles as their raw uint16 bits (numpy has no
+    # bf16), so there we widen bf16 tiles to fp32 before tl.dot. That is exact: the GPU's bf16
+    # tensor-core products are exact in fp32 too, and both accumulate in fp32.
+    upcast = is_interpreting() and a.dtype == torch.bfloat16
+    x = h if h is not None else (aux if aux is not None else c)  # Hout / Aux share a layout
+    grid = lambda meta: (cdiv(M, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"]),)
+    _matmul_kernel[grid](
+        a, b, c, bias if bias is not None else c, x, x, M, N, K,
+        a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0), c.stride(1),
+        x.stride(0), x.stride(1),
+        HAS_BIAS=bias is not None, B_GELU=b_gelu, EPILOGUE=epilogue,
+        IEEE=a.dtype == torch.float32 or upcast, UPCAST=upcast,
+        ROUND=fix_bf16_rounding(a.dtype))
+    return c, h
+
+
+# The second Linear also goes through the Triton kernel rather than torch.addmm: the bias is
+# fused the same way, fp32 uses the same IEEE products on every device (addmm on GPU may take
+# TF32 depending on global flags), and the whole op stays one code path to read and test.
+@torch.library.custom_op("tritongpt::gelu_mlp_fwd", mutates_args=())
+def _gelu_mlp_fwd(x: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.Tensor], w2: torch.Tensor,
+                  b2: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [M, C] -> (y [M, C], h [M, H]); the activation a = gelu(h) is freed on return."""
+    check_runnable(x, "x")
+    h_act, h = _matmul(x, w1.t(), b1, EPI_GELU)  # h_act is a = gelu(h)
+    y, _ = _matmul(h_act, w2.t(), b2)
+    return y, h
+
+
+@_gelu_mlp_fwd.register_fake
+def _(x, w1, b1, w2, b2):
+    return x.new_empty((x.shape[0], w2.shape[0])), x.new_empty((x.shape[0], w1.shape[0]))
+
+
+@torch.library.custom_op("tritongpt::gelu_mlp_bwd", mutates_args=())
+def _gelu_mlp_bwd(dy: torch.Tensor, x: torch.Tensor, h: torch.Tensor, w1: torch.Tensor,
+                  w2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """-> (dx, dw1, db1, dw2, db2); db1/db2 are returned even when the module has no bias."""
+    check_runnable(dy, "dy")
+    dh, _ = _matmul(dy, w2, epilogue=EPI_GELU_GRAD, aux=h)   # [M, H]
+    dw2, _ = _matmul(dy.t(), h, b_gelu=True)                # [C, H] = dy^T gelu(h)
+    dw1, _ = _matmul(dh.t(), x)                             # [H, C]
+    dx, _ = _matmul(dh, w1)                                 # [M, C]
+    db1 = dh.sum(0, dtype=torch.float32).to(w1.dtype)
+    db2 = dy.sum(0, dtype=torch.float32).to(w2.dtype)
+    return dx, dw1, db1, dw2, db2
+
+
+@_gelu_mlp_bwd.register_fake
+def _(dy, x, h, w1, w2):
+    return (torch.empty_like(x), torch.empty_like(w1), w1.new_empty(w1.shape[0]),
+            torch.empty_like(w2), w2.new_empty(w2.shape[0]))
+
+
+class GeluMLPFunction(torch.autograd.Function):
+    """Saves x and the pre-activation h only (plus the weights, which live anyway)."""
+
+    @staticmethod
+    def forward(ctx, x, w1, b1, w2, b2):
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])
+        y, h = torch.ops.tritongpt.gelu_mlp_fwd(x2, w1, b1, w2, b2)
+        ctx.save_for_backward(x2, h, w1, w2)
+        ctx.has_b1, ctx.has_b2 = b1 is not None, b2 is not None
+        return y.view(*shape[:-1], w2.shape[0])
+
+    @staticmethod
+    def backward(ctx, dy):
+        x2, h, w1, w2 = ctx.saved_tensors
+        dy2 = dy.reshape(-1, dy.shape[-1])
+        dx, dw1, db1, dw2, db2 = torch.ops.tritongpt.gelu_mlp_bwd(dy2, x2, h, w1, w2)
+        return (dx.view(*dy.shape[:-1], x2.shape[-1]), dw1, db1 if ctx.has_b1 else None,
+                dw2, db2 if ctx.has_b2 else None)
+
+
+def gelu_mlp(x: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.Tensor], w2: torch.Tensor,
+             b2: Optional[torch.Tensor]) -> torch.Tensor:
+    """gelu_tanh(x @ w1.T + b1) @ w2.T + b2 over the last dim of x (any leading dims). Differentiable.
+
+    w1 [H, C], w2 [C, H] (nn.Linear layout; H is usually 4C), b1 [H] / b2 [C] or None.
+    All tensors share one dtype (fp32/bf16/fp16) and device. Under torch.autocast the inputs
+    are cast to the autocast dtype first, as nn.Linear would be.
+    """
+    check_tensor(x, "x")
+    if x.dim() == 0:
+        raise ValueError("x must have at least 1 dim (the feature one), got a scalar")
+    C = x.shape[-1]
+    check_tensor(w1, "w1", ndim=2)
+    H = w1.shape[0]
+    check_tensor(w1, "w1", shape=(H, C))
+    check_tensor(w2, "w2", shape=(C, H))
+    if b1 is not None:
+        check_tensor(b1, "b1", shape=(H,))
+    if b2 is not None:
+        check_tensor(b2, "b2", shape=(C,))
+    check_same_device(x=x, w1=w1, b1=b1, w2=w2, b2=b2)
+    if torch.is_autocast_enabled(x.device.type):
+        dt = torch.get_autocast_dtype(x.device.type)
+        x, w1, w2 = x.to(dt), w1.to(dt), w2.to(dt)
+        b1 = b1.to(dt) if b1 is not None else None
+        b2 = b2.to(dt) if b2 is not None else None
+    check_same_dtype(x=x, w1=w1, b1=b1, w2=w2, b2=b2)
+    return GeluMLPFunction.apply(x, w1, b1, w2, b2)
+
+
+def saved_activation_bytes(fn, *args, exclude=()) -> int:
+    """Bytes autograd saves for backward when running fn(*args), not counting `exclude` tensors
+    (pass the weights: both the reference and the kernel keep them, and they live anyway)."""
+    return saved_tensor_bytes(fn, *args, exclude=exclude)
+
+
+__all__ = ["gelu_mlp", "GeluMLPFunction", "saved_activation_bytes"]

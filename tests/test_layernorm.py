@@ -1,0 +1,215 @@
+"""Triton LayerNorm (kernels/layernorm.py) vs float64 formula and vs tritongpt.model.layers.LayerNorm.
+
+On CPU the kernels run through Triton's interpreter, so shapes are small; the CUDA-marked tests
+repeat the check at GPT-2 sizes when a GPU is present.
+"""
+import pytest
+import torch
+from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import strategies as st
+
+from parity import assert_close_rel
+from tritongpt.kernels.layernorm import MAX_WIDTH, layer_norm
+from tritongpt.model.layers import LayerNorm
+
+TOL = {torch.float32: 1e-4, torch.bfloat16: 1e-2, torch.float16: 1e-2}
+
+
+def ref64(x, w, b, eps=1e-5):
+    """The textbook formula in float64 (biased variance)."""
+    x, w = x.double(), w.double()
+    mean = x.mean(-1, keepdim=True)
+    var = ((x - mean) ** 2).mean(-1, keepdim=True)
+    y = (x - mean) / torch.sqrt(var + eps) * w
+    return y + b.double() if b is not None else y
+
+
+def make(shape, dtype, device, gen, pdtype=None, bias=True):
+    N = shape[-1]
+    pdtype = pdtype or dtype
+    # an offset and a scale so that mean/variance matter; params away from the 1/0 init
+    x = (torch.randn(shape, generator=gen) * 2.0 + 0.5).to(device, dtype).requires_grad_()
+    w = (1.0 + 0.5 * torch.randn(N, generator=gen)).to(device, pdtype).requires_grad_()
+    b = (0.5 * torch.randn(N, generator=gen)).to(device, pdtype).requires_grad_() if bias else None
+    return x, w, b
+
+
+def check_parity(shape, dtype, device, seed, pdtype=None, bias=True, eps=1e-5):
+    gen = torch.Generator().manual_seed(seed)
+    x, w, b = make(shape, dtype, device, gen, pdtype, bias)
+    y = layer_norm(x, w, b, eps)
+    assert y.dtype == dtype and y.shape == x.shape
+    dy = torch.randn(shape, generator=gen).to(device, dtype)
+    y.backward(dy)
+    leaves = [t.detach().double().requires_grad_() for t in (x, w) + ((b,) if bias else ())]
+    y64 = ref64(leaves[0], leaves[1], leaves[2] if bias else None, eps)
+    y64.backward(dy.double())
+    tol = max(TOL[dtype], TOL[pdtype or dtype])
+    assert_close_rel(y, y64, tol, f"y {dtype} {shape}")
+    assert_close_rel(x.grad, leaves[0].grad, tol, "dx")
+    assert_close_rel(w.grad, leaves[1].grad, tol, "dweight")
+    assert w.grad.dtype == w.dtype
+    if bias:
+        assert_close_rel(b.grad, leaves[2].grad, tol, "dbias")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(1, 64), (7, 100), (37, 768), (3, 1600), (2, 5, 1024)])
+def test_parity_fp64(shape, dtype, device):
+    check_parity(shape, dtype, device, seed=sum(shape) + (dtype == torch.bfloat16))
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (2, 8192), (4, 1280)])
+def test_edge_widths(shape, device):
+    check_parity(shape, torch.float32, device, seed=3)
+
+
+def test_fp16_and_mixed_dtypes(device):
+    check_parity((9, 100), torch.float16, device, seed=4)
+    # bf16 activations with fp32 parameters (what autocast produces): output stays bf16
+    check_parity((9, 100), torch.bfloat16, device, seed=5, pdtype=torch.float32)
+
+
+def test_no_bias_and_eps(device):
+    check_parity((5, 96), torch.float32, device, seed=6, bias=False, eps=1e-3)
+
+
+def test_matches_reference_module(device):
+    """Same LayerNorm module, both paths (use_triton False/True), plus the float64 module."""
+    torch.manual_seed(11)
+    ln = LayerNorm(200).to(device)
+    with torch.no_grad():
+        ln.weight.copy_(1 + 0.3 * torch.randn(200))
+        ln.bias.copy_(0.3 * torch.randn(200))
+    x = (torch.randn(3, 11, 200) * 3 + 1).to(device)
+    dy = torch.randn(3, 11, 200).to(device)
+    outs = {}
+    for use_triton in (False, True):
+        ln.use_triton = use_triton
+        ln.zero_grad()
+        xi = x.clone().requires_grad_()
+        y = ln(xi)
+        y.backward(dy)
+        outs[use_triton] = (y, xi.grad, ln.weight.grad.clone(), ln.bias.grad.clone())
+    ln64 = LayerNorm(200).double().to(device)
+    ln64.load_state_dict(ln.state_dict())
+    x64 = x.double().requires_grad_()
+    y64 = ln64(x64)
+    y64.backward(dy.double())
+    ref64_ = (y64, x64.grad, ln64.weight.grad, ln64.bias.grad)
+    for name, tri, ref, r64 in zip(("y", "dx", "dweight", "dbias"), outs[True], outs[False], ref64_):
+        assert_close_rel(tri, r64, 1e-4, f"{name} vs fp64 module")
+        assert_close_rel(tri, ref, 1e-4, f"{name} vs fp32 module")
+
+
+def test_non_contiguous_inputs(device):
+    gen = torch.Generator().manual_seed(7)
+    base = torch.randn(6, 200, generator=gen).to(device)
+    w = (1 + 0.2 * torch.randn(100, generator=gen)).to(device)
+    b = (0.2 * torch.randn(100, generator=gen)).to(device)
+    strided = base[:, ::2]  # last-dim stride 2
+    transposed = torch.randn(100, 6, generator=gen).to(device).t()  # row stride 1
+    for x in (strided, transposed):
+        assert not x.is_contiguous()
+        xg = x.clone().requires_grad_()  # clone keeps the strides
+        y = layer_norm(xg, w, b)
+        y.backward(torch.ones_like(y) + x)
+        x64 = x.double().requires_grad_()
+        y64 = ref64(x64, w, b)
+        y64.backward((torch.ones_like(y) + x).double())
+        assert_close_rel(y, y64, 1e-4, "y non-contiguous")
+        assert_close_rel(xg.grad, x64.grad, 1e-4, "dx non-contiguous")
+
+
+def test_weight_grads_deterministic(device):
+    """Partial sums + a fixed-order reduction (no atomics): two backward passes agree bit for bit."""
+    gen = torch.Generator().manual_seed(8)
+    x, w, b = make((70, 64), torch.float32, device, gen)
+    dy = torch.randn(70, 64, generator=gen).to(device)
+    grads = []
+    for _ in range(2):
+        w.grad = b.grad = None
+        layer_norm(x, w, b).backward(dy)
+        grads.append((w.grad.clone(), b.grad.clone()))
+    assert torch.equal(grads[0][0], grads[1][0]) and torch.equal(grads[0][1], grads[1][1])
+
+
+@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.too_slow],
+          phases=[Phase.explicit, Phase.reuse, Phase.generate])  # no shrinking: minutes under the interpreter
+@given(rows=st.integers(1, 80), width=st.integers(1, 2100),
+       dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]),
+       seed=st.integers(0, 2**31 - 1))
+def test_shape_fuzz(rows, width, dtype, seed):
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    check_parity((rows, width), dtype, device, seed)
+
+
+# -- bad input: one clear error, never a wrong answer ------------------------------------------
+
+def test_rejects_too_wide():
+    x = torch.randn(2, MAX_WIDTH + 1)
+    w, b = torch.ones(MAX_WIDTH + 1), torch.zeros(MAX_WIDTH + 1)
+    with pytest.raises(ValueError, match="8192"):
+        layer_norm(x, w, b)
+
+
+def test_rejects_integer_dtype():
+    with pytest.raises(TypeError, match="x has dtype int64"):
+        layer_norm(torch.ones(2, 8, dtype=torch.int64), torch.ones(8), torch.zeros(8))
+    with pytest.raises(TypeError, match="weight has dtype int32"):
+        layer_norm(torch.ones(2, 8), torch.ones(8, dtype=torch.int32), torch.zeros(8))
+
+
+def test_rejects_shape_mismatch():
+    x = torch.randn(2, 8)
+    with pytest.raises(ValueError, match=r"weight has shape \(7,\), expected \(8,\)"):
+        layer_norm(x, torch.ones(7), torch.zeros(8))
+    with pytest.raises(ValueError, match=r"bias has shape \(8, 1\), expected \(8,\)"):
+        layer_norm(x, torch.ones(8), torch.zeros(8, 1))
+    with pytest.raises(TypeError, match="torch.Tensor"):
+        layer_norm(x.tolist(), torch.ones(8), torch.zeros(8))
+
+
+def test_rejects_mixed_devices():
+    x = torch.randn(2, 8)
+    with pytest.raises(ValueError, match="different devices.*x is on cpu.*weight is on meta"):
+        layer_norm(x, torch.ones(8, device="meta"), torch.zeros(8))
+
+
+def test_cpu_without_interpreter_says_how_to_fix(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(RuntimeError, match=r"set TRITON_INTERPRET=1 before importing triton \(or `import tritongpt` first\)"):
+        layer_norm(torch.randn(2, 8), torch.ones(8), torch.zeros(8))
+
+
+# -- torch.compile ---------------------------------------------------------------------------
+
+def test_torch_compile_fullgraph(device):
+    """The custom ops (with fake impls) + autograd.Function trace into one graph, no breaks."""
+    gen = torch.Generator().manual_seed(9)
+    x, w, b = make((2, 3, 48), torch.float32, device, gen)
+    fn = lambda x, w, b: layer_norm(x, w, b) * 2.0
+    compiled = torch.compile(fn, backend="aot_eager", fullgraph=True)
+    y = compiled(x, w, b)
+    y.square().sum().backward()
+    got = (y.detach(), x.grad.clone(), w.grad.clone(), b.grad.clone())
+    x.grad = w.grad = b.grad = None
+    y = fn(x, w, b)
+    y.square().sum().backward()
+    for name, g, e in zip(("y", "dx", "dw", "db"), got, (y, x.grad, w.grad, b.grad)):
+        assert_close_rel(g, e, 1e-6, f"compiled {name}")
+
+
+# -- GPT-2 sizes on a GPU ----------------------------------------------------------------------
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("width", [768, 1024, 1280, 1600])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_gpt2_sizes_cuda(width, dtype):
+    check_parity((4096, width), dtype, torch.device("cuda"), seed=width)
+
+
+@pytest.mark.cuda
+def test_odd_rows_max_width_cuda():
+    check_parity((4099, MAX_WIDTH), torch.bfloat16, torch.device("cuda"), seed=1)
+    check_parity((37, 100), torch.float16, torch.device("cuda"), seed=2)

@@ -1,0 +1,233 @@
+"""Triton GELU-MLP (kernels/mlp.py) vs float64 formula and vs tritongpt.model.layers.FeedForward.
+
+On CPU the kernels run through Triton's interpreter (slow per tl.dot), so matrices stay small
+(M <= 70, C <= 100); the CUDA-marked tests repeat the check at GPT-2 sizes when a GPU is present.
+"""
+import math
+
+import pytest
+import torch
+from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import strategies as st
+
+from parity import assert_close_rel
+from tritongpt.kernels.layernorm import layer_norm
+from tritongpt.kernels.mlp import gelu_mlp, saved_activation_bytes
+from tritongpt.model.layers import FeedForward
+
+TOL = {torch.float32: 1e-4, torch.bfloat16: 1e-2, torch.float16: 1e-2}
+
+
+def gelu64(x):
+    return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x ** 3)))
+
+
+def ref_mlp(x, w1, b1, w2, b2):
+    """The formula, written out (run it on float64 leaves for the reference)."""
+    h = x @ w1.t()
+    h = h + b1 if b1 is not None else h
+    y = gelu64(h) @ w2.t()
+    return y + b2 if b2 is not None else y
+
+
+def make(M, C, H, dtype, device, gen, bias=True, lead=None):
+    shape = (*lead, C) if lead else (M, C)
+    # weights scaled like nn.Linear's init, so h spans GELU's curved region (|h| ~ 1-3)
+    x = torch.randn(shape, generator=gen)
+    w1 = torch.randn(H, C, generator=gen) * (1.5 / math.sqrt(C))
+    b1 = 0.5 * torch.randn(H, generator=gen) if bias else None
+    w2 = torch.randn(C, H, generator=gen) / math.sqrt(H)
+    b2 = 0.5 * torch.randn(C, generator=gen) if bias else None
+    return [t.to(device, dtype).requires_grad_() if t is not None else None for t in (x, w1, b1, w2, b2)]
+
+
+NAMES = ("dx", "dw1", "db1", "dw2", "db2")
+
+
+def check_parity(M, C, H, dtype, device, seed, bias=True, lead=None):
+    gen = torch.Generator().manual_seed(seed)
+    params = make(M, C, H, dtype, device, gen, bias, lead)
+    y = gelu_mlp(*params)
+    assert y.dtype == dtype and y.shape == params[0].shape
+    dy = torch.randn(y.shape, generator=gen).to(device, dtype)
+    y.backward(dy)
+    leaves = [p.detach().double().requires_grad_() if p is not None else None for p in params]
+    y64 = ref_mlp(*leaves)
+    y64.backward(dy.double())
+    tol = TOL[dtype]
+    figures = {"y": assert_close_rel(y, y64, tol, f"y {dtype} M={M} C={C} H={H}")}
+    for name, p, p64 in zip(NAMES, params, leaves):
+        if p is not None:
+            assert p.grad is not None and p.grad.dtype == p.dtype, name
+            figures[name] = assert_close_rel(p.grad, p64.grad, tol, name)
+    return figures
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("M,C,H", [(1, 64, 256), (37, 100, 400), (7, 48, 72)])
+def test_parity_fp64(M, C, H, dtype, device):
+    check_parity(M, C, H, dtype, device, seed=M + C + H + (dtype == torch.bfloat16))
+
+
+def test_fp16_leading_dims(device):
+    check_parity(None, 40, 160, torch.float16, device, seed=2, lead=(2, 3))
+
+
+def test_no_bias(device):
+    check_parity(7, 32, 128, torch.float32, device, seed=3, bias=False)
+
+
+def test_matches_reference_module(device):
+    """Same FeedForward (dropout 0), both paths (use_triton False/True), plus the float64 module."""
+    torch.manual_seed(12)
+    ff = FeedForward(40, dropout=0.0).to(device)
+    x = torch.randn(2, 9, 40).to(device)
+    dy = torch.randn(2, 9, 40).to(device)
+    outs = {}
+    for use_triton in (False, True):
+        ff.use_triton = use_triton
+        ff.zero_grad()
+        xi = x.clone().requires_grad_()
+        y = ff(xi)
+        y.backward(dy)
+        outs[use_triton] = [y, xi.grad] + [p.grad.clone() for p in
+                                           (ff.fc1.weight, ff.fc1.bias, ff.fc2.weight, ff.fc2.bias)]
+    ff64 = FeedForward(40, dropout=0.0).double().to(device)
+    ff64.load_state_dict(ff.state_dict())
+    x64 = x.double().requires_grad_()
+    y64 = ff64(x64)
+    y64.backward(dy.double())
+    refs64 = [y64, x64.grad] + [p.grad for p in (ff64.fc1.weight, ff64.fc1.bias, ff64.fc2.weight, ff64.fc2.bias)]
+    for name, tri, ref, r64 in zip(("y",) + NAMES, outs[True], outs[False], refs64):
+        assert_close_rel(tri, r64, 1e-4, f"{name} vs fp64 module")
+        assert_close_rel(tri, ref, 1e-4, f"{name} vs fp32 module")
+
+
+def test_autocast_casts_like_linear(device):
+    """Under autocast, fp32 params are used in the autocast dtype; their grads come back fp32."""
+    gen = torch.Generator().manual_seed(4)
+    params = make(9, 32, 96, torch.float32, device, gen)
+    with torch.autocast(device.type, dtype=torch.bfloat16):
+        y = gelu_mlp(*params)
+    assert y.dtype == torch.bfloat16
+    y.float().sum().backward()
+    assert all(p.grad.dtype == torch.float32 for p in params)
+    leaves = [p.detach().to(torch.bfloat16).double().requires_grad_() for p in params]
+    y64 = ref_mlp(*leaves)
+    y64.sum().backward()
+    assert_close_rel(y, y64, 1e-2, "y autocast")
+    for name, p, p64 in zip(NAMES, params, leaves):
+        assert_close_rel(p.grad, p64.grad, 1e-2, f"{name} autocast")
+
+
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow],
+          phases=[Phase.explicit, Phase.reuse, Phase.generate])  # no shrinking: minutes under the interpreter
+@given(M=st.integers(1, 40), C=st.integers(1, 64), H=st.integers(1, 130),
+       dtype=st.sampled_from([torch.float32, torch.bfloat16]), seed=st.integers(0, 2**31 - 1))
+def test_shape_fuzz(M, C, H, dtype, seed):
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    check_parity(M, C, H, dtype, device, seed)
+
+
+def test_saves_less_activation_memory(device):
+    """Only x and h are kept for backward; the reference also keeps a = gelu(h) and GELU's insides."""
+    gen = torch.Generator().manual_seed(5)
+    M, C, H = 16, 32, 128
+    x, w1, b1, w2, b2 = make(M, C, H, torch.float32, device, gen)
+    weights = (w1, b1, w2, b2)
+    ref_bytes = saved_activation_bytes(ref_mlp, x, *weights, exclude=weights)
+    ours = saved_activation_bytes(gelu_mlp, x, *weights, exclude=weights)
+    expected = (M * C + M * H) * 4  # x and h, fp32
+    print(f"saved activations: reference {ref_bytes} B, gelu_mlp {ours} B")
+    assert ours == expected
+    assert ref_bytes >= expected + 3 * M * H * 4  # reference keeps >= 3 more [M, H] tensors
+    ff = FeedForward(C, dropout=0.0).to(device)
+    ff_bytes = saved_activation_bytes(ff, x, exclude=tuple(ff.parameters()))
+    ff.use_triton = True
+    assert saved_activation_bytes(ff, x, exclude=tuple(ff.parameters())) == expected < ff_bytes
+
+
+# -- bad input: one clear error, never a wrong answer ------------------------------------------
+
+def _good(C=8, H=32, dtype=torch.float32):
+    return [torch.randn(3, C, dtype=dtype), torch.randn(H, C, dtype=dtype), torch.randn(H, dtype=dtype),
+            torch.randn(C, H, dtype=dtype), torch.randn(C, dtype=dtype)]
+
+
+@pytest.mark.parametrize("index,bad,match", [
+    (1, torch.randn(32, 9), r"w1 has shape \(32, 9\), expected \(32, 8\)"),
+    (1, torch.randn(32), r"w1 must have 2 dims"),
+    (2, torch.randn(31), r"b1 has shape \(31,\), expected \(32,\)"),
+    (3, torch.randn(32, 8), r"w2 has shape \(32, 8\), expected \(8, 32\)"),
+    (4, torch.randn(9), r"b2 has shape \(9,\), expected \(8,\)"),
+])
+def test_rejects_shape_mismatch(index, bad, match):
+    args = _good()
+    args[index] = bad
+    with pytest.raises(ValueError, match=match):
+        gelu_mlp(*args)
+
+
+def test_rejects_bad_dtypes():
+    args = _good()
+    args[0] = args[0].to(torch.int32)
+    with pytest.raises(TypeError, match="x has dtype int32"):
+        gelu_mlp(*args)
+    args = _good()
+    args[3] = args[3].to(torch.bfloat16)
+    with pytest.raises(TypeError, match="dtype mismatch: x is float32, w2 is bfloat16"):
+        gelu_mlp(*args)
+
+
+def test_rejects_mixed_devices():
+    args = _good()
+    args[1] = args[1].to("meta")
+    with pytest.raises(ValueError, match="different devices.*w1 is on meta"):
+        gelu_mlp(*args)
+
+
+def test_cpu_without_interpreter_says_how_to_fix(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(RuntimeError, match="set TRITON_INTERPRET=1 before importing triton"):
+        gelu_mlp(*_good())
+
+
+# -- torch.compile ---------------------------------------------------------------------------
+
+def test_torch_compile_block_fullgraph(device):
+    """A pre-LN MLP sublayer (both custom ops) compiles as one graph and matches eager."""
+    gen = torch.Generator().manual_seed(6)
+    x, w1, b1, w2, b2 = make(None, 24, 96, torch.float32, device, gen, lead=(2, 5))
+    lw = (1 + 0.1 * torch.randn(24, generator=gen)).to(device).requires_grad_()
+    lb = (0.1 * torch.randn(24, generator=gen)).to(device).requires_grad_()
+    params = (x, lw, lb, w1, b1, w2, b2)
+
+    def block(x, lw, lb, w1, b1, w2, b2):
+        return x + gelu_mlp(layer_norm(x, lw, lb), w1, b1, w2, b2)
+
+    compiled = torch.compile(block, backend="aot_eager", fullgraph=True)
+    y = compiled(*params)
+    y.square().sum().backward()
+    got = [y.detach()] + [p.grad.clone() for p in params]
+    for p in params:
+        p.grad = None
+    y = block(*params)
+    y.square().sum().backward()
+    for i, (g, e) in enumerate(zip(got, [y] + [p.grad for p in params])):
+        assert_close_rel(g, e, 1e-6, f"compiled output/grad #{i}")
+
+
+# -- GPT-2 sizes on a GPU ----------------------------------------------------------------------
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("C", [768, 1024, 1280, 1600])
+def test_gpt2_sizes_cuda_bf16(C):
+    check_parity(4096, C, 4 * C, torch.bfloat16, torch.device("cuda"), seed=C)
+
+
+@pytest.mark.cuda
+def test_odd_sizes_cuda():
+    dev = torch.device("cuda")
+    check_parity(4099, 768, 3072, torch.float32, dev, seed=1)
+    check_parity(1000, 100, 300, torch.float16, dev, seed=2, lead=None)
+    check_parity(None, 1600, 6400, torch.bfloat16, dev, seed=3, lead=(3, 333))
