@@ -8,6 +8,9 @@ from tritongpt.errors import UserError
 # Each module defines add_cli(subparsers), which adds its subcommand(s).
 COMMAND_MODULES = [
     "tritongpt.commands",
+    "tritongpt.bench.cli",
+    "tritongpt.train.tokenizer",
+    "tritongpt.train.pretrain",
 ]
 
 

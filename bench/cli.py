@@ -1,0 +1,226 @@
+"""`tritongpt bench kernels|train|all|cpu`: the benchmark suite's command line.
+
+On a CUDA machine `tritongpt bench all` is the one command: ceilings, kernel sweeps, training
+steps, targets, files under bench/results/<device-slug>/ and a short table at the end, within
+--max-minutes (default 8; work left when the time is up is recorded as skipped, not run).
+Without CUDA it says so, runs the CPU-side timings and writes files only when --out is given.
+"""
+import sys
+import time
+
+from tritongpt.errors import UserError
+
+WHATS = ("kernels", "train", "all", "cpu")
+
+
+def _ints(text, name):
+    try:
+        vals = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise UserError(f"--{name} must be comma-separated integers, got {text!r}") from None
+    if not vals or any(v <= 0 for v in vals):
+        raise UserError(f"--{name} must list positive integers, got {text!r}")
+    return vals
+
+
+def _names(text, allowed, name):
+    vals = tuple(v.strip() for v in text.split(",") if v.strip())
+    bad = [v for v in vals if v not in allowed]
+    if bad or not vals:
+        raise UserError(f"--{name}: unknown {bad or text!r}; choose from {', '.join(allowed)}")
+    return vals
+
+
+def _batches(text, models):
+    """'16' (every model) or 'gpt2-small=16,gpt2-medium=8'."""
+    if text is None:
+        return None
+    if "=" not in text:
+        b = _ints(text, "batch")[0]
+        return {m: b for m in models}
+    out = {}
+    for part in text.split(","):
+        key, _, val = part.partition("=")
+        out[key.strip()] = _ints(val, "batch")[0]
+    return out
+
+
+def add_cli(sub):
+    from tritongpt.bench.kernels import FULL_SIZES, PROVIDERS
+    from tritongpt.bench.train_step import TRAIN_PROVIDERS
+
+    p = sub.add_parser("bench", help="benchmarks: kernels, training step, CPU-side timings",
+                       description=__doc__.split("\n\n")[1])
+    p.add_argument("what", choices=WHATS, help="kernels | train | all (both) | cpu (CPU-side timings)")
+    p.add_argument("--quick", action="store_true", help="small sizes, few steps (a smoke run)")
+    p.add_argument("--out", default=None,
+                   help="results folder (default bench/results on a GPU; on CPU nothing is written unless given)")
+    p.add_argument("--dtype", default="bf16", help="bf16 | fp16 | fp32 (default %(default)s)")
+    p.add_argument("--max-minutes", type=float, default=8.0,
+                   help="time budget for the whole run; later work is recorded as skipped (default %(default)s)")
+    p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    p.add_argument("--strict", action="store_true", help="exit 1 when a target FAILs")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads for the CPU-side timings (default: torch's choice)")
+    k = p.add_argument_group("kernels")
+    all_kernel_providers = sorted({x for v in PROVIDERS.values() for x in v})
+    k.add_argument("--ops", default="layernorm,mlp,attention")
+    k.add_argument("--modes", default="fwd,bwd,fwd+bwd")
+    k.add_argument("--providers", default=None, help=f"subset of {','.join(all_kernel_providers)}")
+    k.add_argument("--ln-rows", type=int, default=None, help=f"(default {FULL_SIZES['ln_rows']})")
+    k.add_argument("--ln-widths", default=None, help="e.g. 768,1024,1280,1600")
+    k.add_argument("--mlp-rows", type=int, default=None, help=f"(default {FULL_SIZES['mlp_rows']})")
+    k.add_argument("--mlp-widths", default=None, help="e.g. 768,1024,1280,1600")
+    k.add_argument("--attn-seqlens", default=None, help="e.g. 256,512,1024,2048,4096,8192")
+    k.add_argument("--attn-head-dims", default=None, help="e.g. 64,128")
+    k.add_argument("--attn-tokens", type=int, default=None,
+                   help=f"batch*seq_len per attention config (default {FULL_SIZES['attn_tokens']})")
+    k.add_argument("--attn-width", type=int, default=None,
+                   help=f"heads*head_dim (default {FULL_SIZES['attn_width']})")
+    k.add_argument("--warmup-ms", type=int, default=25, help="do_bench warmup (default %(default)s)")
+    k.add_argument("--rep-ms", type=int, default=100, help="do_bench rep (default %(default)s)")
+    t = p.add_argument_group("training step")
+    t.add_argument("--models", default=None, help="default gpt2-small,gpt2-medium (--quick: gpt2-small)")
+    t.add_argument("--train-providers", default=",".join(TRAIN_PROVIDERS))
+    t.add_argument("--batch", default=None, help="16 or gpt2-small=16,gpt2-medium=8 (the default)")
+    t.add_argument("--seq-len", type=int, default=1024)
+    t.add_argument("--steps", type=int, default=None, help="timed steps (default 10, --quick 4)")
+    t.add_argument("--warmup-steps", type=int, default=None, help="untimed steps (default 3, --quick 2)")
+    t.add_argument("--peak-tflops", type=float, default=None,
+                   help="MFU denominator (e.g. a datasheet figure); default: the bf16 matmul measured in this run")
+    p.set_defaults(func=cmd_bench)
+
+
+def cmd_bench(args):
+    import torch
+
+    if args.what == "cpu" or not torch.cuda.is_available():
+        return _run_cpu(args, cuda=torch.cuda.is_available())
+    return _run_gpu(args)
+
+
+def _run_cpu(args, cuda):
+    from tritongpt.bench.common import environment
+    from tritongpt.bench.cpu import run_cpu
+    from tritongpt.bench.report import make_result, rows_table, saved_table, write_result
+
+    note = None
+    if args.what != "cpu" and not cuda:
+        note = ("GPU benchmarks need CUDA: no CUDA device is available here, so no kernel or "
+                "training-step numbers were measured. Running the CPU-side timings only.")
+        print(note)
+    if args.threads is not None:
+        if args.threads <= 0:
+            raise UserError(f"--threads must be a positive integer, got {args.threads}")
+        import torch
+
+        torch.set_num_threads(args.threads)
+    env = environment()  # before the run: the load average is the machine's, not ours
+    t0 = time.perf_counter()
+    rows = run_cpu(quick=args.quick, log=lambda s: print(s, file=sys.stderr))
+    result = make_result("cpu", env, rows, settings=_settings(args), elapsed_s=time.perf_counter() - t0,
+                         notes=[note] if note else [])
+    print()
+    n = env["cpu_threads"]
+    print(f"CPU-side timings on {env['device']} ({n} torch thread{'s' if n != 1 else ''}, "
+          f"load average {env.get('load_avg_1m')}); "
+          "the Triton kernels run through the interpreter here and are not timed")
+    print(rows_table(rows))
+    st = saved_table(rows)
+    if st:
+        print()
+        print(st)
+    if args.out:
+        paths = write_result(result, args.out, plots=not args.no_plots)
+        print(f"\nwrote {paths[0].parent}/ ({', '.join(p.name for p in paths)})")
+    else:
+        print("\n(results not written: pass --out DIR to save them)")
+    if note:
+        print("\n" + note.split(":")[0] + ": run `tritongpt bench all` on a CUDA machine for GPU numbers.")
+    return 0
+
+
+def _settings(args):
+    return {k: v for k, v in vars(args).items() if k != "func"}
+
+
+def _run_gpu(args):
+    import torch
+
+    from tritongpt.bench.common import Budget, GpuTimer, dtype_from_name, environment
+    from tritongpt.bench.kernels import (FULL_SIZES, PROVIDERS, QUICK_SIZES, ceiling_value,
+                                         kernel_targets, measure_ceilings, run_kernels)
+    from tritongpt.bench.report import console_summary, make_result, write_result, write_summary
+    from tritongpt.bench.train_step import TRAIN_PROVIDERS, parse_provider, run_train, train_targets
+
+    dtype = dtype_from_name(args.dtype)
+    out_root = args.out or "bench/results"
+    log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
+    env = environment()
+    print(f"benchmarking on {env['device']} (driver {env['driver']}, CUDA {env['cuda_version']}, "
+          f"torch {env['torch']}, triton {env['triton']}), budget {args.max_minutes:g} min")
+    budget = Budget(args.max_minutes * 60)
+    timer = GpuTimer(args.warmup_ms, args.rep_ms)
+    results, ceilings = [], None
+    settings = _settings(args)
+
+    if args.what in ("kernels", "all"):
+        ops = _names(args.ops, tuple(PROVIDERS), "ops")
+        modes = _names(args.modes, ("fwd", "bwd", "fwd+bwd"), "modes")
+        allp = sorted({x for v in PROVIDERS.values() for x in v})
+        providers = _names(args.providers, allp, "providers") if args.providers else None
+        sizes = dict(QUICK_SIZES if args.quick else FULL_SIZES)
+        for key in ("ln_rows", "mlp_rows", "attn_tokens", "attn_width"):
+            if getattr(args, key) is not None:
+                sizes[key] = getattr(args, key)
+        for key in ("ln_widths", "mlp_widths", "attn_seqlens", "attn_head_dims"):
+            if getattr(args, key) is not None:
+                sizes[key] = _ints(getattr(args, key), key.replace("_", "-"))
+        kb = budget.sub(0.5) if args.what == "all" else budget
+        t0 = time.perf_counter()
+        ceil_sizes = {"copy_bytes": 1 << 28, "matmul_n": 4096} if args.quick else None
+        rows, ceilings = run_kernels(timer, kb, dtype, ops, modes, providers, sizes, ceil_sizes, log=log)
+        res = make_result("kernels", env, rows, kernel_targets(rows, ceilings), ceilings, settings,
+                          time.perf_counter() - t0)
+        results.append(res)
+        paths = write_result(res, out_root, plots=not args.no_plots)
+        log(f"wrote {paths[0].parent}/ ({', '.join(p.name for p in paths)})")
+
+    if args.what in ("train", "all"):
+        models = _names(args.models or ("gpt2-small" if args.quick else "gpt2-small,gpt2-medium"),
+                        ("gpt2-small", "gpt2-medium", "gpt2-large", "gpt2-xl", "tiny", "mini"), "models")
+        provs = tuple(v.strip() for v in args.train_providers.split(",") if v.strip())
+        for pname in provs:
+            try:
+                parse_provider(pname)
+            except ValueError as e:
+                raise UserError(str(e)) from None
+        t0 = time.perf_counter()
+        if args.peak_tflops:
+            peak, source = args.peak_tflops * 1e12, "--peak-tflops"
+        else:
+            if ceilings is None:
+                log("measuring the bf16 matmul ceiling for MFU ...")
+                ceilings = measure_ceilings(timer, copy_bytes=1 << 28, matmul_n=8192, dtype=torch.bfloat16)
+            tf = ceiling_value(ceilings, "matmul")
+            mm = ceilings.get("matmul", {})
+            peak, source = ((tf * 1e12, f"{mm.get('dtype')} matmul {mm.get('n')}^3 measured in this run")
+                            if tf else (None, f"unavailable ({mm.get('status')})"))
+        rows = run_train(torch.device("cuda"), budget, dtype, models, provs or TRAIN_PROVIDERS,
+                         _batches(args.batch, models), args.seq_len,
+                         args.warmup_steps or (2 if args.quick else 3),
+                         args.steps or (4 if args.quick else 10), peak, log=log)
+        targets = train_targets(rows) if "gpt2-small" in models else []
+        res = make_result("train", env, rows, targets, ceilings, settings, time.perf_counter() - t0,
+                          peak_flops=peak, peak_flops_source=source)
+        results.append(res)
+        paths = write_result(res, out_root, plots=not args.no_plots)
+        log(f"wrote {paths[0].parent}/ ({', '.join(p.name for p in paths)})")
+
+    summary = write_summary(results, out_root)
+    print()
+    print(console_summary(results))
+    print(f"\nresults: {summary.parent}/  ({budget.elapsed():.0f} s)")
+    if args.strict and any(t["status"] == "FAIL" for r in results for t in r["targets"]):
+        return 1
+    return 0

@@ -1,0 +1,399 @@
+"""What every benchmark shares: timers, FLOP/byte formulas, result rows, targets, environment.
+
+Rules this module enforces so that a number in a results file means one thing:
+- GPU time is `triton.testing.do_bench(fn, warmup=25, rep=100, quantiles=[0.5, 0.2, 0.8])`
+  (median ms, then the 20th and 80th percentiles), after the function ran a few times so
+  that compilation and autotuning are not timed. CPU time is the median of time.perf_counter.
+- Throughput is computed from formulas here, never typed in: bytes for memory-bound ops
+  (LayerNorm), FLOPs for matmul-bound ops (MLP, attention, a training step).
+- A row whose provider could not run says why: status "skipped: ..." or "failed: ...".
+"""
+import datetime as _dt
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+SCHEMA = "tritongpt-bench/1"
+MODES = ("fwd", "bwd", "fwd+bwd")
+QUANTILES = [0.5, 0.2, 0.8]
+
+
+# -- FLOP and byte formulas ---------------------------------------------------------------------
+def matmul_flops(m: int, n: int, k: int) -> int:
+    """An [m, k] @ [k, n] product: m*n dot products of length k, a multiply and an add each."""
+    return 2 * m * n * k
+
+
+def mlp_flops(m: int, c: int, mode: str, hidden: int | None = None) -> int:
+    """GELU-MLP on m rows: x @ W1^T ([c] -> [4c]) then @ W2^T ([4c] -> [c]).
+
+    Backward does two matmuls per forward matmul (grad of the input, grad of the weight), so
+    it is 2x the forward. Bias adds and the GELU are elementwise and left out.
+    """
+    h = hidden or 4 * c
+    fwd = matmul_flops(m, h, c) + matmul_flops(m, c, h)
+    return {"fwd": fwd, "bwd": 2 * fwd, "fwd+bwd": 3 * fwd}[_check_mode(mode)]
+
+
+def attention_flops(b: int, h: int, tq: int, tk: int, d: int, causal: bool, mode: str) -> float:
+    """Attention core: S = Q K^T and O = P V, 2*Tq*Tk*D FLOPs each, per (batch, head).
+
+    Causal masking skips half the score matrix (FlashAttention's convention), and backward is
+    counted as 2.5x forward (five matmuls against two), as FlashAttention's benchmarks do.
+    """
+    fwd = 4 * b * h * tq * tk * d
+    if causal:
+        fwd = fwd / 2
+    return {"fwd": fwd, "bwd": 2.5 * fwd, "fwd+bwd": 3.5 * fwd}[_check_mode(mode)]
+
+
+def layernorm_bytes(m: int, n: int, elem: int, mode: str, param_elem: int | None = None) -> int:
+    """The least memory traffic a LayerNorm over [m, n] can do (statistics not counted).
+
+    forward reads x, weight, bias and writes y; backward reads x, dy, weight and writes dx,
+    dweight, dbias.
+    """
+    pe = elem if param_elem is None else param_elem
+    fwd = 2 * m * n * elem + 2 * n * pe
+    bwd = 3 * m * n * elem + 3 * n * pe
+    return {"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd + bwd}[_check_mode(mode)]
+
+
+def gpt_flops_per_token(n_params_non_embedding: int, n_layer: int, n_embd: int, seq_len: int) -> int:
+    """Training FLOPs per token (PaLM appendix B, as nanoGPT's estimate_mfu): 6N + 12 L C T.
+
+    6N covers forward (2N) and backward (4N) through every weight matrix (the tied LM head is
+    part of N); 12 L C T is the attention core's Q K^T and P V, not halved for causality.
+    """
+    return 6 * n_params_non_embedding + 12 * n_layer * n_embd * seq_len
+
+
+def _check_mode(mode: str) -> str:
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    return mode
+
+
+def gbps(nbytes: float, ms: float) -> float:
+    return nbytes / (ms * 1e-3) / 1e9
+
+
+def tflops(flops: float, ms: float) -> float:
+    return flops / (ms * 1e-3) / 1e12
+
+
+# -- timers ---------------------------------------------------------------------------------------
+class GpuTimer:
+    """triton.testing.do_bench with the team's settings; peak memory from the CUDA allocator."""
+
+    device = torch.device("cuda")
+
+    def __init__(self, warmup_ms: int = 25, rep_ms: int = 100, warm_calls: int = 3):
+        self.warmup_ms, self.rep_ms, self.warm_calls = warmup_ms, rep_ms, warm_calls
+
+    def sync(self):
+        torch.cuda.synchronize()
+
+    def bench(self, fn, grad_to_none=None):
+        """(median, p20, p80) in ms."""
+        from triton.testing import do_bench
+
+        for _ in range(self.warm_calls):  # compile, autotune and allocate outside the timing
+            fn()
+        self.sync()
+        med, p20, p80 = do_bench(fn, warmup=self.warmup_ms, rep=self.rep_ms,
+                                 grad_to_none=grad_to_none, quantiles=QUANTILES)
+        return float(med), float(p20), float(p80)
+
+    def peak_bytes(self, fn):
+        """Peak allocation while fn runs, above what was allocated before (inputs, weights)."""
+        self.sync()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        fn()
+        self.sync()
+        return int(torch.cuda.max_memory_allocated() - base)
+
+    def cleanup(self, full: bool = False):
+        """Give cached blocks back; `full` also runs the cycle collector (0.1-0.3 s a call, so
+        only after compiled providers and failures, which leave reference cycles)."""
+        if full:
+            import gc
+
+            gc.collect()
+        torch.cuda.empty_cache()
+
+
+class CpuTimer:
+    """Median of time.perf_counter over `reps` calls after `warm_calls` untimed ones."""
+
+    device = torch.device("cpu")
+
+    def __init__(self, reps: int = 5, warm_calls: int = 1):
+        self.reps, self.warm_calls = reps, warm_calls
+
+    def sync(self):
+        pass
+
+    def bench(self, fn, grad_to_none=None):
+        for _ in range(self.warm_calls):
+            fn()
+        times = []
+        for _ in range(self.reps):
+            for t in grad_to_none or ():
+                t.grad = None
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+        return median_quantiles(times)
+
+    def peak_bytes(self, fn):
+        return None  # the CPU allocator keeps no peak statistics
+
+    def cleanup(self, full: bool = False):
+        if full:
+            import gc
+
+            gc.collect()
+
+
+def median_quantiles(times_ms):
+    """(median, p20, p80) of a list of timings, in the order do_bench returns them."""
+    if not times_ms:
+        raise ValueError("no timings")
+    xs = sorted(times_ms)
+    if len(xs) == 1:
+        return xs[0], xs[0], xs[0]
+    q = statistics.quantiles(xs, n=10, method="inclusive")  # deciles: q[1] = p20, q[7] = p80
+    return statistics.median(xs), q[1], q[7]
+
+
+def time_cpu(fn, reps: int = 5, warm_calls: int = 1):
+    return CpuTimer(reps, warm_calls).bench(fn)
+
+
+# -- time budget ----------------------------------------------------------------------------------
+class Budget:
+    """A wall-clock deadline. Work that would start after it is recorded as skipped, not run."""
+
+    def __init__(self, seconds: float | None):
+        self.start = time.monotonic()
+        self.deadline = None if seconds is None else self.start + seconds
+
+    def expired(self) -> bool:
+        return self.deadline is not None and time.monotonic() >= self.deadline
+
+    def remaining(self) -> float:
+        return float("inf") if self.deadline is None else max(0.0, self.deadline - time.monotonic())
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self.start
+
+    def sub(self, fraction: float) -> "Budget":
+        """A budget ending `fraction` of the remaining time from now."""
+        if self.deadline is None:
+            return Budget(None)
+        return Budget(max(0.0, self.deadline - time.monotonic()) * fraction)
+
+
+# -- result rows -----------------------------------------------------------------------------------
+def make_row(section: str, op: str, provider: str, config: dict, mode: str | None = None,
+             status: str = "ok", **metrics) -> dict:
+    row = {"section": section, "op": op, "mode": mode, "provider": provider,
+           "config": dict(config), "status": status}
+    row.update(metrics)
+    return row
+
+
+def is_ok(row: dict) -> bool:
+    return row.get("status") == "ok"
+
+
+def reason_of(exc: BaseException, limit: int = 160) -> str:
+    """One line naming the exception: the kind, then the first line of its message."""
+    lines = str(exc).strip().splitlines()
+    first = lines[0] if lines else ""
+    text = f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def find_row(rows, **match):
+    """The first row whose fields (and config fields, given as config={...}) equal `match`."""
+    config = match.pop("config", {})
+    for row in rows:
+        if all(row.get(k) == v for k, v in match.items()) and \
+                all(row.get("config", {}).get(k) == v for k, v in config.items()):
+            return row
+    return None
+
+
+# -- targets ------------------------------------------------------------------------------------------
+def target(name: str, config: str, value, threshold: float, op: str = ">=", unit: str = "",
+           note: str = "") -> dict:
+    """A PASS/FAIL line. value None (an input row was missing, skipped or failed) gives "N/A"."""
+    if op not in (">=", "<="):
+        raise ValueError(f"target op must be '>=' or '<=', got {op!r}")
+    if value is None or (isinstance(value, float) and value != value):  # None or NaN
+        status = "N/A"
+        value = None
+    else:
+        status = "PASS" if (value >= threshold if op == ">=" else value <= threshold) else "FAIL"
+    return {"target": name, "config": config, "value": value, "op": op, "threshold": threshold,
+            "unit": unit, "status": status, "note": note}
+
+
+def ratio(a, b):
+    """a / b, or None when either is missing or b is zero."""
+    if a is None or b is None or b == 0:
+        return None
+    return a / b
+
+
+# -- environment --------------------------------------------------------------------------------------
+def slugify(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "unknown"
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "cpu"
+
+
+def device_slug(cuda: bool | None = None) -> str:
+    """Folder name for a machine's results: the GPU's name, or cpu-<processor name>."""
+    cuda = torch.cuda.is_available() if cuda is None else cuda
+    if cuda:
+        return slugify(torch.cuda.get_device_name(0))
+    return "cpu-" + slugify(cpu_name())
+
+
+def git_commit(repo_dir=None) -> str:
+    repo_dir = repo_dir or Path(__file__).resolve().parent.parent
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo_dir, capture_output=True,
+                             text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return out.stdout.strip() if out.returncode == 0 and out.stdout.strip() else "unknown"
+
+
+def nvidia_driver() -> str:
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=20)
+        if out.returncode == 0 and out.stdout.strip():
+            return out.stdout.strip().splitlines()[0]
+    except (OSError, subprocess.SubprocessError):
+        pass
+    try:  # the kernel module's version file names the driver too
+        text = Path("/proc/driver/nvidia/version").read_text()
+        m = re.search(r"Kernel Module\s+([\d.]+)", text)
+        if m:
+            return m.group(1)
+    except OSError:
+        pass
+    return "unknown"
+
+
+def environment() -> dict:
+    """Who measured: device, driver, CUDA, library versions, commit, time."""
+    cuda = torch.cuda.is_available()
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = "not installed"
+    env = {
+        "device": torch.cuda.get_device_name(0) if cuda else cpu_name(),
+        "device_slug": device_slug(cuda),
+        "cuda_available": cuda,
+        "driver": nvidia_driver() if cuda else None,
+        "cuda_version": torch.version.cuda,
+        "torch": torch.__version__,
+        "triton": triton_version,
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "cpu": cpu_name(),
+        "cpu_threads": torch.get_num_threads(),
+        "git_commit": git_commit(),
+        "timestamp": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "triton_interpret": os.environ.get("TRITON_INTERPRET", ""),
+        # Other work on the machine slows CPU timings; the 1-minute load average tells readers.
+        "load_avg_1m": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
+    }
+    if cuda:
+        props = torch.cuda.get_device_properties(0)
+        env["gpu_memory_bytes"] = int(props.total_memory)
+        env["gpu_sm_count"] = int(props.multi_processor_count)
+        env["compute_capability"] = f"{props.major}.{props.minor}"
+    try:
+        import liger_kernel  # noqa: F401
+
+        from importlib.metadata import version
+
+        env["liger_kernel"] = version("liger-kernel")
+    except Exception:
+        env["liger_kernel"] = None
+    return env
+
+
+# -- optional imports -----------------------------------------------------------------------------------
+def try_import(dotted: str, attr: str | None = None):
+    """(object, None) or (None, reason). Other engineers' modules may not exist yet."""
+    import importlib
+
+    try:
+        mod = importlib.import_module(dotted)
+        return (getattr(mod, attr) if attr else mod), None
+    except Exception as e:  # ImportError, or a half-written module raising anything
+        return None, f"{dotted}{'.' + attr if attr else ''} not importable ({reason_of(e, 120)})"
+
+
+def dtype_from_name(name: str) -> torch.dtype:
+    table = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16,
+             "float16": torch.float16, "fp32": torch.float32, "float32": torch.float32}
+    if name not in table:
+        from tritongpt.errors import UserError
+
+        raise UserError(f"unknown --dtype {name!r}; use bf16, fp16 or fp32")
+    return table[name]
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}.get(dtype, str(dtype))
+
+
+# -- saved activations -----------------------------------------------------------------------------------
+def saved_activation_bytes(fn, exclude=()):
+    """Bytes of the tensors autograd saves for backward while fn() runs, each storage once.
+
+    Tensors sharing storage with anything in `exclude` (the parameters) do not count: they
+    live anyway. Works on any device, with custom autograd Functions too, because
+    save_for_backward goes through the same saved-tensor hooks.
+    """
+    skip = {t.untyped_storage().data_ptr() for t in exclude}
+    seen = {}
+
+    def pack(t):
+        st = t.untyped_storage()
+        ptr = st.data_ptr()
+        if ptr not in skip and ptr not in seen:
+            seen[ptr] = st.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return int(sum(seen.values())), out

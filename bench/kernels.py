@@ -1,0 +1,489 @@
+"""Kernel benchmarks: LayerNorm, GELU-MLP and attention, every provider on the same random data.
+
+Providers per op (a provider that cannot run gives a "skipped: why" row, never a crash):
+    reference   the textbook module from model/layers.py, eager
+    torch       PyTorch's own op: F.layer_norm | addmm + F.gelu(tanh) + addmm |
+                F.scaled_dot_product_attention pinned to one backend with sdpa_kernel
+                (sdpa-flash, sdpa-cudnn, sdpa-efficient)
+    compile     torch.compile of the reference module
+    triton      ours: tritongpt.kernels.* (imported lazily)
+    liger       Liger-Kernel's LayerNorm, when liger_kernel is installed
+Modes: fwd (inputs require grad, as in training), bwd (backward of a kept graph,
+retain_graph=True), fwd+bwd. Gradients are reset to None before each timed call.
+"""
+import torch
+import torch.nn.functional as F
+
+from tritongpt.bench.common import (MODES, attention_flops, gbps, is_ok, layernorm_bytes,
+                                    make_row, matmul_flops, mlp_flops, reason_of,
+                                    saved_activation_bytes, tflops, try_import)
+
+
+class Unavailable(Exception):
+    """The provider cannot run here (library missing, kernel not written yet, ...)."""
+
+
+SDPA_BACKENDS = {"sdpa-flash": "FLASH_ATTENTION", "sdpa-cudnn": "CUDNN_ATTENTION",
+                 "sdpa-efficient": "EFFICIENT_ATTENTION"}
+PROVIDERS = {
+    "layernorm": ("reference", "torch", "compile", "triton", "liger"),
+    "mlp": ("reference", "torch", "compile", "triton"),
+    "attention": ("reference", *SDPA_BACKENDS, "compile", "triton"),
+}
+
+# Sweeps. Full: what `tritongpt bench kernels` runs on a GPU. Quick: a smoke-sized subset that
+# still contains every configuration a target is judged on.
+FULL_SIZES = dict(ln_rows=16384, ln_widths=(768, 1024, 1280, 1600),
+                  mlp_rows=16384, mlp_widths=(768, 1024, 1280, 1600),
+                  attn_seqlens=(256, 512, 1024, 2048, 4096, 8192), attn_head_dims=(64, 128),
+                  attn_tokens=16384, attn_width=2048)
+QUICK_SIZES = dict(ln_rows=4096, ln_widths=(768, 1600),
+                   mlp_rows=4096, mlp_widths=(768,),
+                   attn_seqlens=(1024,), attn_head_dims=(64,),
+                   attn_tokens=8192, attn_width=2048)
+
+
+def randn(*shape, device, dtype, scale=1.0, requires_grad=True):
+    t = torch.randn(*shape, device=device, dtype=torch.float32) * scale
+    return t.to(dtype).requires_grad_(requires_grad)
+
+
+def _fresh_compile(fn):
+    # One fresh dynamo cache per configuration: many module instances share a forward code
+    # object, and hitting the recompile limit would silently fall back to eager.
+    torch._dynamo.reset()
+    return torch.compile(fn)
+
+
+# -- providers: each builder returns (forward callable, leaf tensors whose grads to reset) ------------
+def layernorm_providers(x, w, b, eps=1e-5):
+    from tritongpt.model.layers import LayerNorm
+
+    def module():
+        m = LayerNorm(x.shape[-1], eps).to(x.device, x.dtype)
+        with torch.no_grad():
+            m.weight.copy_(w)
+            m.bias.copy_(b)
+        return m
+
+    def reference():
+        m = module()
+        return (lambda: m(x)), [x, *m.parameters()]
+
+    def torch_op():
+        return (lambda: F.layer_norm(x, (x.shape[-1],), w, b, eps)), [x, w, b]
+
+    def compiled():
+        m = module()
+        cm = _fresh_compile(m)
+        return (lambda: cm(x)), [x, *m.parameters()]
+
+    def triton_op():
+        fn, why = try_import("tritongpt.kernels.layernorm", "layer_norm")
+        if fn is None:
+            raise Unavailable(why)
+        return (lambda: fn(x, w, b, eps)), [x, w, b]
+
+    def liger():
+        fn, why = try_import("liger_kernel.ops.layer_norm", "LigerLayerNormFunction")
+        if fn is None:
+            raise Unavailable(why)
+        return (lambda: fn.apply(x, w, b, eps)), [x, w, b]
+
+    return {"reference": reference, "torch": torch_op, "compile": compiled,
+            "triton": triton_op, "liger": liger}
+
+
+def mlp_providers(x, w1, b1, w2, b2):
+    from tritongpt.model.layers import FeedForward
+
+    def module():
+        m = FeedForward(x.shape[-1]).to(x.device, x.dtype)
+        with torch.no_grad():
+            m.fc1.weight.copy_(w1)
+            m.fc1.bias.copy_(b1)
+            m.fc2.weight.copy_(w2)
+            m.fc2.bias.copy_(b2)
+        return m
+
+    def reference():
+        m = module()
+        return (lambda: m(x)), [x, *m.parameters()]
+
+    def torch_op():
+        def f():
+            h = torch.addmm(b1, x, w1.t())
+            return torch.addmm(b2, F.gelu(h, approximate="tanh"), w2.t())
+        return f, [x, w1, b1, w2, b2]
+
+    def compiled():
+        m = module()
+        cm = _fresh_compile(m)
+        return (lambda: cm(x)), [x, *m.parameters()]
+
+    def triton_op():
+        fn, why = try_import("tritongpt.kernels.mlp", "gelu_mlp")
+        if fn is None:
+            raise Unavailable(why)
+        return (lambda: fn(x, w1, b1, w2, b2)), [x, w1, b1, w2, b2]
+
+    return {"reference": reference, "torch": torch_op, "compile": compiled, "triton": triton_op}
+
+
+def attention_providers(q, k, v, causal=True):
+    from tritongpt.model.layers import MultiHeadAttention
+
+    B, H, T, D = q.shape
+
+    def module():
+        # Only the attention core (attend) is timed; the projections are not used.
+        return MultiHeadAttention(H * D, H, T).to(q.device).eval()
+
+    def reference():
+        m = module()
+        return (lambda: m.attend(q, k, v)), [q, k, v]
+
+    def sdpa(backend_name):
+        def build():
+            from torch.nn.attention import SDPBackend, sdpa_kernel
+
+            backend = getattr(SDPBackend, backend_name, None)
+            if backend is None:
+                raise Unavailable(f"this torch has no SDPBackend.{backend_name}")
+
+            def f():
+                with sdpa_kernel(backend):
+                    return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+            return f, [q, k, v]
+        return build
+
+    def compiled():
+        m = module()
+        cf = _fresh_compile(m.attend)
+        return (lambda: cf(q, k, v)), [q, k, v]
+
+    def triton_op():
+        fn, why = try_import("tritongpt.kernels.attention", "flash_attention")
+        if fn is None:
+            raise Unavailable(why)
+        return (lambda: fn(q, k, v, causal=causal)), [q, k, v]
+
+    out = {"reference": reference}
+    out.update({name: sdpa(backend) for name, backend in SDPA_BACKENDS.items()})
+    out.update({"compile": compiled, "triton": triton_op})
+    return out
+
+
+# -- the driver -----------------------------------------------------------------------------------------
+def _mode_fn(forward, mode, leaves):
+    """The callable to time for a mode, built on a forward callable."""
+    if mode == "fwd":
+        return forward
+    y = forward()
+    dy = torch.randn_like(y)
+    if mode == "bwd":
+        return lambda: y.backward(dy, retain_graph=True)
+    return lambda: forward().backward(dy)
+
+
+def _oom(e) -> bool:
+    return isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e).lower()
+
+
+def bench_providers(op, config, builders, modes, timer, budget, work, providers=None,
+                    skip=None):
+    """Time every provider in every mode; one row each.
+
+    work(mode) -> dict with "bytes" or "flops" for that mode. skip: {provider: reason} for
+    providers known not to fit (memory) before they are tried.
+    """
+    rows = []
+    for name, build in builders.items():
+        if providers is not None and name not in providers:
+            continue
+        if skip and name in skip:
+            rows += [make_row("kernels", op, name, config, m, f"skipped: {skip[name]}") for m in modes]
+            continue
+        if budget.expired():
+            rows += [make_row("kernels", op, name, config, m, "skipped: time budget (--max-minutes)")
+                     for m in modes]
+            continue
+        try:
+            forward, leaves = build()
+        except Unavailable as e:
+            rows += [make_row("kernels", op, name, config, m, f"skipped: {e}") for m in modes]
+            continue
+        except Exception as e:
+            rows += [make_row("kernels", op, name, config, m, f"failed: {reason_of(e)}") for m in modes]
+            timer.cleanup(full=True)
+            continue
+        for mode in modes:
+            if budget.expired():
+                rows.append(make_row("kernels", op, name, config, mode,
+                                     "skipped: time budget (--max-minutes)"))
+                continue
+            rows.append(_bench_one(op, name, config, mode, forward, leaves, timer, work(mode)))
+            timer.cleanup(full=not is_ok(rows[-1]))
+        del forward, leaves
+        timer.cleanup(full=name == "compile")
+    return rows
+
+
+def _bench_one(op, name, config, mode, forward, leaves, timer, work):
+    fn = None
+    try:
+        fn = _mode_fn(forward, mode, leaves)
+        med, p20, p80 = timer.bench(fn, grad_to_none=leaves)
+        for t in leaves:
+            t.grad = None
+        peak = timer.peak_bytes(fn)
+    except Exception as e:
+        status = "failed: out of memory" if _oom(e) else f"failed: {reason_of(e)}"
+        return make_row("kernels", op, name, config, mode, status)
+    finally:
+        for t in leaves:
+            t.grad = None
+        del fn
+    metrics = {"ms": med, "ms_p20": p20, "ms_p80": p80, "peak_mem_bytes": peak}
+    if "bytes" in work:
+        metrics.update(bytes=work["bytes"], gbps=gbps(work["bytes"], med))
+    if "flops" in work:
+        metrics.update(flops=work["flops"], tflops=tflops(work["flops"], med))
+    return make_row("kernels", op, name, config, mode, **metrics)
+
+
+# -- ceilings ---------------------------------------------------------------------------------------------
+def measure_ceilings(timer, copy_bytes=1 << 30, matmul_n=8192, dtype=torch.bfloat16):
+    """The machine's own ceilings, measured in this run.
+
+    Bandwidth: a device-to-device copy of `copy_bytes` (it reads and writes them: 2x bytes).
+    FLOPs: an n x n x n matmul in `dtype`.
+    """
+    dev = timer.device
+    out = {}
+    try:
+        n = copy_bytes // torch.tensor([], dtype=dtype).element_size()
+        src = torch.randn(n, device=dev, dtype=torch.float32).to(dtype)
+        dst = torch.empty_like(src)
+        ms, p20, p80 = timer.bench(lambda: dst.copy_(src))
+        moved = 2 * src.numel() * src.element_size()
+        out["copy"] = {"bytes": moved, "ms": ms, "ms_p20": p20, "ms_p80": p80, "gbps": gbps(moved, ms)}
+        del src, dst
+    except Exception as e:
+        out["copy"] = {"status": f"failed: {reason_of(e)}"}
+    timer.cleanup()
+    try:
+        a = torch.randn(matmul_n, matmul_n, device=dev, dtype=torch.float32).to(dtype)
+        b = torch.randn(matmul_n, matmul_n, device=dev, dtype=torch.float32).to(dtype)
+        ms, p20, p80 = timer.bench(lambda: a @ b)
+        fl = matmul_flops(matmul_n, matmul_n, matmul_n)
+        out["matmul"] = {"n": matmul_n, "dtype": str(dtype).replace("torch.", ""), "flops": fl,
+                         "ms": ms, "ms_p20": p20, "ms_p80": p80, "tflops": tflops(fl, ms)}
+        del a, b
+    except Exception as e:
+        out["matmul"] = {"status": f"failed: {reason_of(e)}"}
+    timer.cleanup()
+    return out
+
+
+def ceiling_value(ceilings, key):
+    c = (ceilings or {}).get(key, {})
+    return c.get("gbps" if key == "copy" else "tflops")
+
+
+def add_ceiling_percent(rows, ceilings):
+    """Percent of the measured copy bandwidth (GB/s rows) or matmul FLOPs (TFLOPS rows)."""
+    bw, fl = ceiling_value(ceilings, "copy"), ceiling_value(ceilings, "matmul")
+    for r in rows:
+        if not is_ok(r):
+            continue
+        if r.get("gbps") is not None and bw:
+            r["pct_of_copy_bw"] = 100.0 * r["gbps"] / bw
+        if r.get("tflops") is not None and fl:
+            r["pct_of_matmul"] = 100.0 * r["tflops"] / fl
+    return rows
+
+
+# -- sweeps -------------------------------------------------------------------------------------------------
+def sweep_layernorm(timer, budget, rows_m, widths, dtype, modes=MODES, providers=None):
+    out = []
+    dev = timer.device
+    for n in widths:
+        cfg = {"rows": rows_m, "width": n, "dtype": _dn(dtype)}
+        x = randn(rows_m, n, device=dev, dtype=dtype)
+        w = randn(n, device=dev, dtype=dtype)
+        b = randn(n, device=dev, dtype=dtype)
+        elem = x.element_size()
+        out += bench_providers("layernorm", cfg, layernorm_providers(x, w, b), modes, timer, budget,
+                               lambda m: {"bytes": layernorm_bytes(rows_m, n, elem, m)}, providers)
+        del x, w, b
+        timer.cleanup()
+    return out
+
+
+def sweep_mlp(timer, budget, rows_m, widths, dtype, modes=MODES, providers=None):
+    out = []
+    dev = timer.device
+    for c in widths:
+        cfg = {"rows": rows_m, "width": c, "hidden": 4 * c, "dtype": _dn(dtype)}
+        x = randn(rows_m, c, device=dev, dtype=dtype)
+        # nn.Linear-like scale keeps bf16 activations in a normal range; random, never zeros.
+        w1 = randn(4 * c, c, device=dev, dtype=dtype, scale=c ** -0.5)
+        b1 = randn(4 * c, device=dev, dtype=dtype, scale=0.02)
+        w2 = randn(c, 4 * c, device=dev, dtype=dtype, scale=(4 * c) ** -0.5)
+        b2 = randn(c, device=dev, dtype=dtype, scale=0.02)
+        builders = mlp_providers(x, w1, b1, w2, b2)
+        out += bench_providers("mlp", cfg, builders, modes, timer, budget,
+                               lambda m: {"flops": mlp_flops(rows_m, c, m)}, providers)
+        out += mlp_saved_rows(cfg, builders, providers)
+        del x, w1, b1, w2, b2, builders
+        timer.cleanup()
+    return out
+
+
+def mlp_saved_rows(cfg, builders, providers=None):
+    """Activation memory: bytes autograd keeps for backward (parameters not counted)."""
+    rows = []
+    for name in ("reference", "torch", "triton"):
+        if providers is not None and name not in providers:
+            continue
+        try:
+            forward, leaves = builders[name]()
+            params = leaves[1:]  # leaves[0] is the input x, which does count
+            nbytes, y = saved_activation_bytes(forward, exclude=params)
+            rows.append(make_row("kernels", "mlp", name, cfg, "saved", saved_bytes=nbytes,
+                                 output_bytes=y.numel() * y.element_size()))
+            del forward, leaves, y
+        except Unavailable as e:
+            rows.append(make_row("kernels", "mlp", name, cfg, "saved", f"skipped: {e}"))
+        except Exception as e:
+            rows.append(make_row("kernels", "mlp", name, cfg, "saved", f"failed: {reason_of(e)}"))
+    return rows
+
+
+def attention_shape(seq_len, head_dim, tokens=16384, width=2048):
+    """FlashAttention's benchmark sizing: batch*seq_len = tokens, heads*head_dim = width."""
+    return max(1, tokens // seq_len), max(1, width // head_dim)
+
+
+def reference_attention_bytes(b, h, t, elem):
+    """Rough memory of the textbook attention's fwd+bwd: a handful of T x T score tensors."""
+    return b * h * t * t * (5 * elem + 1)
+
+
+def sweep_attention(timer, budget, seqlens, head_dims, dtype, tokens=16384, width=2048,
+                    modes=MODES, providers=None, causal=True):
+    out = []
+    dev = timer.device
+    for d in head_dims:
+        for t in seqlens:
+            b, h = attention_shape(t, d, tokens, width)
+            cfg = {"batch": b, "heads": h, "seq_len": t, "head_dim": d, "causal": causal,
+                   "dtype": _dn(dtype)}
+            q, k, v = (randn(b, h, t, d, device=dev, dtype=dtype) for _ in range(3))
+            skip = {}
+            if dev.type == "cuda":
+                free, _ = torch.cuda.mem_get_info()
+                need = reference_attention_bytes(b, h, t, q.element_size())
+                if need > 0.8 * free:
+                    why = f"needs ~{need / 2**30:.0f} GiB for T x T scores, {free / 2**30:.0f} GiB free"
+                    skip = {"reference": why, "compile": why}
+            out += bench_providers("attention", cfg, attention_providers(q, k, v, causal), modes,
+                                   timer, budget, lambda m: {"flops": attention_flops(b, h, t, t, d, causal, m)},
+                                   providers, skip)
+            del q, k, v
+            timer.cleanup()
+    return out
+
+
+def run_kernels(timer, budget, dtype=torch.bfloat16, ops=("layernorm", "mlp", "attention"),
+                modes=MODES, providers=None, sizes=None, ceiling_sizes=None, log=print):
+    """All sweeps plus the ceilings; returns (rows, ceilings)."""
+    sizes = dict(FULL_SIZES, **(sizes or {}))
+    log("measuring ceilings (device copy bandwidth, bf16 matmul) ...")
+    ceilings = measure_ceilings(timer, **(ceiling_sizes or {}))
+    everyone = sorted({p for v in PROVIDERS.values() for p in v})
+    wanted = set(providers) if providers is not None else set(everyone)
+    # torch.compile costs seconds per shape: it runs in a second pass, so that when the time
+    # budget runs out it is compiled baselines that go missing, not our kernels or PyTorch's.
+    passes = [(wanted - {"compile"}, "")] + ([({"compile"}, " (torch.compile pass)")] if "compile" in wanted else [])
+    rows = []
+    for provs, label in passes:
+        if "layernorm" in ops:
+            log(f"layernorm{label}: widths {list(sizes['ln_widths'])} x {sizes['ln_rows']} rows ...")
+            rows += sweep_layernorm(timer, budget, sizes["ln_rows"], sizes["ln_widths"], dtype, modes, provs)
+        if "mlp" in ops:
+            log(f"gelu-mlp{label}: widths {list(sizes['mlp_widths'])} x {sizes['mlp_rows']} rows ...")
+            rows += sweep_mlp(timer, budget, sizes["mlp_rows"], sizes["mlp_widths"], dtype, modes, provs)
+        if "attention" in ops:
+            log(f"attention{label}: T {list(sizes['attn_seqlens'])}, head_dim {list(sizes['attn_head_dims'])} ...")
+            rows += sweep_attention(timer, budget, sizes["attn_seqlens"], sizes["attn_head_dims"], dtype,
+                                    sizes["attn_tokens"], sizes["attn_width"], modes, provs)
+    add_ceiling_percent(rows, ceilings)
+    return sort_rows(rows), ceilings
+
+
+def sort_rows(rows):
+    """Op, then configuration, then provider (in PROVIDERS order), then mode."""
+    ops = list(PROVIDERS)
+    mode_order = {m: i for i, m in enumerate((*MODES, "saved"))}
+
+    def key(r):
+        order = PROVIDERS.get(r["op"], ())
+        prov = order.index(r["provider"]) if r["provider"] in order else len(order)
+        c = r["config"]
+        cfg = (c.get("head_dim", 0), c.get("seq_len", 0), c.get("width", 0), c.get("rows", 0))
+        return (ops.index(r["op"]) if r["op"] in ops else len(ops), r.get("mode") == "saved", cfg, prov,
+                mode_order.get(r.get("mode"), 9))
+
+    return sorted(rows, key=key)
+
+
+def _dn(dtype):
+    from tritongpt.bench.common import dtype_name
+
+    return dtype_name(dtype)
+
+
+# -- targets ----------------------------------------------------------------------------------------------------
+def kernel_targets(rows, ceilings):
+    """The issue's kernel targets as PASS/FAIL/N-A lines, judged on this run's rows only."""
+    from tritongpt.bench.common import find_row, ratio, target
+
+    def ms(op, prov, mode, **cfg):
+        r = find_row(rows, op=op, provider=prov, mode=mode, config=cfg)
+        return r["ms"] if r and is_ok(r) else None
+
+    out = []
+    bw = ceiling_value(ceilings, "copy")
+    for n in sorted({r["config"]["width"] for r in rows if r["op"] == "layernorm"}):
+        cfg = f"width={n} fwd+bwd"
+        r = find_row(rows, op="layernorm", provider="triton", mode="fwd+bwd", config={"width": n})
+        ours = r.get("gbps") if r and is_ok(r) else None
+        out.append(target("layernorm bandwidth / copy bandwidth", cfg, ratio(ours, bw), 0.85,
+                          note="copy = device-to-device copy measured in this run"))
+        out.append(target("layernorm speed vs torch.compile", cfg,
+                          ratio(ms("layernorm", "compile", "fwd+bwd", width=n),
+                                ms("layernorm", "triton", "fwd+bwd", width=n)), 1.0, unit="x"))
+    for c in sorted({r["config"]["width"] for r in rows if r["op"] == "mlp"}):
+        cfg = f"width={c} fwd+bwd"
+        out.append(target("gelu-mlp speedup vs reference eager", cfg,
+                          ratio(ms("mlp", "reference", "fwd+bwd", width=c),
+                                ms("mlp", "triton", "fwd+bwd", width=c)), 1.15, unit="x"))
+        saved = {p: find_row(rows, op="mlp", provider=p, mode="saved", config={"width": c})
+                 for p in ("reference", "triton")}
+        vals = {p: (r["saved_bytes"] if r and is_ok(r) else None) for p, r in saved.items()}
+        out.append(target("gelu-mlp saved activations / reference", f"width={c}",
+                          ratio(vals["triton"], vals["reference"]), 0.70, op="<=", unit="x",
+                          note="<= 0.70 means at least 30% less"))
+    att = {"seq_len": 1024, "head_dim": 64, "causal": True}
+    r = find_row(rows, op="attention", provider="triton", mode="fwd", config=att)
+    out.append(target("attention forward TFLOPS", "causal D=64 T=1024 fwd",
+                      r.get("tflops") if r and is_ok(r) else None, 300.0, unit="TFLOPS"))
+    sdpa = [ms("attention", p, "fwd+bwd", **att) for p in SDPA_BACKENDS]
+    sdpa = [m for m in sdpa if m is not None]
+    out.append(target("attention speedup vs best SDPA backend", "causal D=64 T=1024 fwd+bwd",
+                      ratio(min(sdpa) if sdpa else None, ms("attention", "triton", "fwd+bwd", **att)),
+                      1.10, unit="x"))
+    return out
+

@@ -1,0 +1,331 @@
+"""Results on disk: one JSON per section, a markdown table, PNG plots; and the console summary.
+
+Layout: <out>/<device-slug>/{kernels,train,cpu}.json|.md, *.png, and summary.md (targets).
+"""
+import json
+from pathlib import Path
+
+from tritongpt.bench.common import SCHEMA, is_ok
+
+SECTIONS = ("kernels", "train", "cpu")
+REQUIRED_ENV = ("device", "device_slug", "driver", "cuda_version", "torch", "triton", "git_commit",
+                "timestamp")
+TARGET_STATUSES = ("PASS", "FAIL", "N/A")
+
+
+def make_result(section, env, rows, targets=(), ceilings=None, settings=None, elapsed_s=None,
+                peak_flops=None, peak_flops_source=None, notes=()):
+    return {"schema": SCHEMA, "section": section, "env": env, "settings": settings or {},
+            "ceilings": ceilings or {}, "peak_flops": peak_flops,
+            "peak_flops_source": peak_flops_source, "rows": list(rows), "targets": list(targets),
+            "elapsed_s": elapsed_s, "notes": list(notes)}
+
+
+def validate_result(d: dict) -> dict:
+    """Raise ValueError naming the first field that breaks the schema; return d."""
+    if not isinstance(d, dict):
+        raise ValueError("result must be a JSON object")
+    if d.get("schema") != SCHEMA:
+        raise ValueError(f"result.schema must be {SCHEMA!r}, got {d.get('schema')!r}")
+    if d.get("section") not in SECTIONS:
+        raise ValueError(f"result.section must be one of {SECTIONS}, got {d.get('section')!r}")
+    env = d.get("env")
+    if not isinstance(env, dict):
+        raise ValueError("result.env must be an object")
+    for key in REQUIRED_ENV:
+        if key not in env:
+            raise ValueError(f"result.env.{key} is missing")
+    for i, r in enumerate(d.get("rows", None) or []):
+        for key in ("section", "op", "provider", "config", "status"):
+            if key not in r:
+                raise ValueError(f"result.rows[{i}].{key} is missing")
+        st = r["status"]
+        if st != "ok" and not (st.startswith("skipped: ") or st.startswith("failed: ")):
+            raise ValueError(f"result.rows[{i}].status must be 'ok', 'skipped: ...' or 'failed: ...', got {st!r}")
+        if st == "ok" and r.get("mode") != "saved":
+            ms = r.get("ms")
+            if not isinstance(ms, (int, float)) or not ms > 0:
+                raise ValueError(f"result.rows[{i}].ms must be a positive number for an ok row, got {ms!r}")
+    if not isinstance(d.get("rows"), list):
+        raise ValueError("result.rows must be a list")
+    for i, t in enumerate(d.get("targets") or []):
+        if t.get("status") not in TARGET_STATUSES:
+            raise ValueError(f"result.targets[{i}].status must be one of {TARGET_STATUSES}")
+    return d
+
+
+# -- formatting ------------------------------------------------------------------------------------------
+def fmt(x, digits=3):
+    if x is None:
+        return "-"
+    if isinstance(x, bool):
+        return str(x)
+    if isinstance(x, int):
+        return f"{x:,}"
+    if isinstance(x, float):
+        if x != x:
+            return "nan"
+        if abs(x) >= 1000:
+            return f"{x:,.0f}"
+        return f"{x:.{digits}g}"
+    return str(x)
+
+
+def fmt_bytes(n):
+    if n is None:
+        return "-"
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if abs(n) >= scale:
+            return f"{n / scale:,.1f} {unit}"
+    return f"{n} B"
+
+
+def config_text(cfg: dict) -> str:
+    short = {"rows": "M", "width": "N", "hidden": "H4", "batch": "B", "heads": "H", "seq_len": "T",
+             "head_dim": "D"}
+    skip = {"dtype", "causal", "hidden", "steps", "warmup_steps", "n_params_non_embedding", "threads"}
+    return " ".join(f"{short.get(k, k)}={v}" for k, v in cfg.items() if k not in skip)
+
+
+def markdown_table(headers, rows) -> str:
+    """A GitHub markdown table; cells are str()-ed and '|' escaped."""
+    def cell(v):
+        return str(v).replace("|", "\\|").replace("\n", " ")
+
+    lines = ["| " + " | ".join(cell(h) for h in headers) + " |",
+             "|" + "|".join("---" for _ in headers) + "|"]
+    lines += ["| " + " | ".join(cell(v) for v in r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def collapse_unmeasured(rows):
+    """Rows in order, but a provider skipped/failed the same way in several modes of a config
+    shows once, its modes joined ("fwd,bwd,fwd+bwd")."""
+    out, index = [], {}
+    for r in rows:
+        if is_ok(r) or r.get("mode") == "saved":
+            out.append(r)
+            continue
+        key = (r["op"], repr(sorted(r["config"].items())), r["provider"], r["status"])
+        if key in index:
+            first = out[index[key]]
+            out[index[key]] = dict(first, mode=f"{first.get('mode')},{r.get('mode')}")
+            continue
+        index[key] = len(out)
+        out.append(r)
+    return out
+
+
+def rows_table(rows) -> str:
+    headers = ["op", "config", "mode", "provider", "median ms [p20, p80]", "throughput",
+               "% ceiling", "peak mem", "status"]
+    body = []
+    for r in collapse_unmeasured(rows):
+        if r.get("mode") == "saved":
+            continue
+        ok = is_ok(r)
+        timing = f"{fmt(r['ms'])} [{fmt(r.get('ms_p20'))}, {fmt(r.get('ms_p80'))}]" if ok else "-"
+        if not ok:
+            thr = "-"
+        elif r.get("gbps") is not None:
+            thr = f"{fmt(r['gbps'])} GB/s"
+        elif r.get("tokens_per_s") is not None:
+            thr = f"{fmt(r['tokens_per_s'])} tok/s"
+        elif r.get("tflops") is not None:
+            thr = f"{fmt(r['tflops'])} TFLOPS"
+        else:
+            thr = "-"
+        pct = r.get("pct_of_copy_bw", r.get("pct_of_matmul"))
+        if r.get("mfu") is not None:
+            pct = 100 * r["mfu"]
+        body.append([r["op"], config_text(r["config"]), r.get("mode") or "-", r["provider"], timing, thr,
+                     f"{pct:.1f}%" if pct is not None else "-", fmt_bytes(r.get("peak_mem_bytes")),
+                     r["status"]])
+    return markdown_table(headers, body)
+
+
+def saved_table(rows) -> str:
+    saved = [r for r in rows if r.get("mode") == "saved"]
+    if not saved:
+        return ""
+    body = [[config_text(r["config"]), r["config"].get("dtype", "-"), r["provider"],
+             fmt_bytes(r.get("saved_bytes")) if is_ok(r) else "-",
+             fmt(r.get("saved_bytes")) if is_ok(r) else "-", r["status"]] for r in saved]
+    return markdown_table(["config", "dtype", "provider", "saved for backward", "bytes", "status"], body)
+
+
+def targets_table(targets) -> str:
+    body = []
+    for t in targets:
+        unit = t.get("unit", "")
+        val = "-" if t["value"] is None else f"{fmt(t['value'])}{(' ' + unit) if unit else ''}"
+        body.append([t["target"], t["config"], val, f"{t['op']} {fmt(t['threshold'])}", t["status"],
+                     t.get("note", "")])
+    return markdown_table(["target", "config", "value", "needed", "result", "note"], body)
+
+
+def env_lines(env) -> str:
+    keys = ("device", "driver", "cuda_version", "torch", "triton", "liger_kernel", "git_commit",
+            "timestamp", "cpu", "cpu_threads", "load_avg_1m")
+    return "\n".join(f"- {k}: {env.get(k)}" for k in keys if k in env)
+
+
+def render_markdown(result) -> str:
+    out = [f"# tritongpt bench: {result['section']}", "", env_lines(result["env"]), ""]
+    for note in result.get("notes") or []:
+        out += [f"> {note}", ""]
+    c = result.get("ceilings") or {}
+    if c:
+        out.append("## Ceilings measured in this run")
+        cp, mm = c.get("copy", {}), c.get("matmul", {})
+        if "gbps" in cp:
+            out.append(f"- device copy: {fmt(cp['gbps'])} GB/s ({fmt_bytes(cp['bytes'])} moved, "
+                       f"{fmt(cp['ms'])} ms)")
+        elif cp:
+            out.append(f"- device copy: {cp.get('status')}")
+        if "tflops" in mm:
+            out.append(f"- {mm['dtype']} matmul {mm['n']}^3: {fmt(mm['tflops'])} TFLOPS ({fmt(mm['ms'])} ms)")
+        elif mm:
+            out.append(f"- matmul: {mm.get('status')}")
+        out.append("")
+    if result.get("peak_flops"):
+        out += [f"MFU denominator: {fmt(result['peak_flops'] / 1e12)} TFLOPS "
+                f"({result.get('peak_flops_source')})", ""]
+    if result.get("targets"):
+        out += ["## Targets", "", targets_table(result["targets"]), ""]
+    if result["rows"]:
+        out += ["## Results", "", rows_table(result["rows"]), ""]
+        st = saved_table(result["rows"])
+        if st:
+            out += ["## GELU-MLP activations saved for backward (parameters excluded)", "", st, ""]
+    if result.get("elapsed_s") is not None:
+        out.append(f"_elapsed: {result['elapsed_s']:.1f} s_")
+    return "\n".join(out) + "\n"
+
+
+# -- plots ----------------------------------------------------------------------------------------------
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_kernels(rows, ceilings, out_dir) -> list:
+    """One PNG per op: throughput against size, a line per provider, a panel per mode."""
+    plt = _plt()
+    paths = []
+    specs = {"layernorm": ("width", "gbps", "GB/s", "copy"),
+             "mlp": ("width", "tflops", "TFLOPS", "matmul"),
+             "attention": ("seq_len", "tflops", "TFLOPS", "matmul")}
+    for op, (xkey, ykey, ylabel, ceil_key) in specs.items():
+        op_rows = [r for r in rows if r["op"] == op and is_ok(r) and r.get(ykey) is not None]
+        if not op_rows:
+            continue
+        modes = [m for m in ("fwd", "bwd", "fwd+bwd") if any(r["mode"] == m for r in op_rows)]
+        groups = sorted({r["config"].get("head_dim") for r in op_rows}, key=lambda v: (v is None, v))
+        fig, axes = plt.subplots(len(groups), len(modes), figsize=(4.5 * len(modes), 3.6 * len(groups)),
+                                 squeeze=False)
+        ceil = (ceilings or {}).get(ceil_key, {}).get(ykey)
+        for gi, g in enumerate(groups):
+            for mi, mode in enumerate(modes):
+                ax = axes[gi][mi]
+                sel = [r for r in op_rows if r["mode"] == mode and r["config"].get("head_dim") == g]
+                for prov in sorted({r["provider"] for r in sel}):
+                    pts = sorted((r["config"][xkey], r[ykey]) for r in sel if r["provider"] == prov)
+                    ax.plot(*zip(*pts), marker="o", label=prov)
+                if ceil:
+                    ax.axhline(ceil, color="gray", ls="--", lw=1, label=f"{ceil_key} ceiling")
+                title = f"{op} {mode}" + (f" D={g}" if g is not None else "")
+                ax.set_title(title)
+                ax.set_xlabel(xkey)
+                ax.set_ylabel(ylabel)
+                if xkey == "seq_len":
+                    ax.set_xscale("log", base=2)
+                ax.set_ylim(bottom=0)
+                ax.grid(alpha=0.3)
+                ax.legend(fontsize=7)
+        fig.tight_layout()
+        path = Path(out_dir) / f"{op}.png"
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def plot_bars(rows, out_path, value_key="tokens_per_s", title="tokens/s") -> Path | None:
+    """Horizontal bars, one per ok row that has value_key."""
+    sel = [r for r in rows if is_ok(r) and r.get(value_key) is not None]
+    if not sel:
+        return None
+    plt = _plt()
+    labels = [f"{r['op']} {config_text(r['config'])} {r['provider']}" for r in sel]
+    fig, ax = plt.subplots(figsize=(9, 0.45 * len(sel) + 1.2))
+    vals = [r[value_key] for r in sel]
+    ax.barh(range(len(sel)), vals)
+    if max(vals) > 100 * min(vals) > 0:  # tokenizer and model tokens/s differ by orders
+        ax.set_xscale("log")
+    ax.set_yticks(range(len(sel)))
+    ax.set_yticklabels(labels, fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xlabel(title)
+    ax.grid(alpha=0.3, axis="x")
+    fig.tight_layout()
+    fig.savefig(out_path, dpi=100)
+    plt.close(fig)
+    return Path(out_path)
+
+
+def write_result(result, out_root, plots=True) -> list:
+    """Write <out_root>/<slug>/<section>.json and .md (+ PNGs). Returns the paths written."""
+    validate_result(result)
+    folder = Path(out_root) / result["env"]["device_slug"]
+    folder.mkdir(parents=True, exist_ok=True)
+    section = result["section"]
+    paths = [folder / f"{section}.json", folder / f"{section}.md"]
+    paths[0].write_text(json.dumps(result, indent=1, default=str) + "\n")
+    paths[1].write_text(render_markdown(result))
+    if plots:
+        if section == "kernels":
+            paths += plot_kernels(result["rows"], result.get("ceilings"), folder)
+        else:
+            p = plot_bars(result["rows"], folder / f"{section}.png")
+            if p:
+                paths.append(p)
+    return paths
+
+
+def write_summary(results, out_root) -> Path:
+    """summary.md: every section's targets in one table."""
+    env = results[0]["env"]
+    folder = Path(out_root) / env["device_slug"]
+    folder.mkdir(parents=True, exist_ok=True)
+    targets = [t for r in results for t in r.get("targets", [])]
+    text = ["# tritongpt bench summary", "", env_lines(env), "", targets_table(targets) if targets
+            else "(no targets in these sections)", ""]
+    path = folder / "summary.md"
+    path.write_text("\n".join(text))
+    return path
+
+
+def console_summary(results) -> str:
+    """The short table printed at the end of a run: targets, then what was skipped or failed."""
+    out = []
+    targets = [t for r in results for t in r.get("targets", [])]
+    if targets:
+        out += [targets_table(targets), ""]
+    bad = [r for res in results for r in res["rows"] if not is_ok(r)]
+    if bad:
+        out.append(f"{len(bad)} row(s) not measured (skipped/failed); first ones:")
+        seen = set()
+        for r in bad:
+            key = (r["op"], r["provider"], r["status"])
+            if key in seen:
+                continue
+            seen.add(key)
+            out.append(f"  {r['op']:<16} {r['provider']:<24} {r['status']}")
+            if len(seen) >= 8:
+                break
+    return "\n".join(out)

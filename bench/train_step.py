@@ -1,0 +1,270 @@
+"""Training-step benchmark: one GPT-2 optimizer step (forward, loss, backward, clip, fused AdamW).
+
+Providers (same weights, same batch, same optimizer for all of them):
+    reference               the textbook modules, eager
+    reference+compile+sdpa  torch.compile of the reference model with its attention core swapped
+                            for F.scaled_dot_product_attention by use_sdpa_attention() below:
+                            the strongest "plain PyTorch" baseline
+    triton                  model.set_kernels("triton"): our LayerNorm, GELU-MLP, attention
+    triton+compile          the Triton path under torch.compile (a failure becomes a
+                            "failed: reason" row)
+Other combinations parse too ("reference+sdpa", "reference+compile").
+
+Reported per provider: step time (median of CUDA-event timings, 20/80 quantiles), tokens/s,
+MFU, peak memory. MFU = model FLOPs per second / a peak: by default the bf16 matmul ceiling
+measured in the same run (so it reads higher than datasheet MFU); `--peak-tflops` sets a
+datasheet figure instead, and the JSON says which was used.
+"""
+import math
+import sys
+import time
+import types
+
+import torch
+import torch.nn.functional as F
+
+from tritongpt.bench.common import (gpt_flops_per_token, is_ok, make_row, median_quantiles,
+                                    reason_of, try_import)
+
+TRAIN_PROVIDERS = ("reference", "reference+compile+sdpa", "triton", "triton+compile")
+DEFAULT_BATCH = {"gpt2-small": 16, "gpt2-medium": 8}
+
+
+# -- the SDPA swap (bench-only; model/ stays textbook) ---------------------------------------------------
+def sdpa_attend(self, q, k, v):
+    """MultiHeadAttention.attend with F.scaled_dot_product_attention; same causal alignment.
+
+    Equal lengths use is_causal=True (top-left = bottom-right then); with a KV cache (Tq < Tk)
+    the module's own bottom-right mask is passed, inverted (SDPA's True means "attend").
+    """
+    Tq, Tk = q.size(-2), k.size(-2)
+    p = self.dropout if self.training else 0.0
+    if Tq == Tk:
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)
+    allowed = ~self.mask[Tk - Tq:Tk, :Tk]
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=p)
+
+
+def use_sdpa_attention(model):
+    """Swap the attention core of every MultiHeadAttention in `model` for SDPA, in place.
+
+    Only the instances' `attend` is rebound: weights, projections, the KV cache and the
+    use_triton flag are untouched (with use_triton set, forward never calls attend). This is
+    how the benchmark builds its "reference + torch.compile + SDPA" baseline without editing
+    model/layers.py. Returns the model.
+    """
+    from tritongpt.model.layers import MultiHeadAttention
+
+    n = 0
+    for m in model.modules():
+        if isinstance(m, MultiHeadAttention):
+            m.attend = types.MethodType(sdpa_attend, m)
+            n += 1
+    if n == 0:
+        raise ValueError("use_sdpa_attention: the model has no MultiHeadAttention module")
+    return model
+
+
+# -- providers -------------------------------------------------------------------------------------------
+def parse_provider(name: str):
+    """'triton+compile' -> ('triton', {'compile'}). Raises ValueError on an unknown name."""
+    parts = name.split("+")
+    base, flags = parts[0], set(parts[1:])
+    if base not in ("reference", "triton") or not flags <= {"compile", "sdpa"} or \
+            len(flags) != len(parts) - 1:
+        raise ValueError(f"unknown training provider {name!r}; e.g. {', '.join(TRAIN_PROVIDERS)}")
+    if base == "triton" and "sdpa" in flags:
+        raise ValueError(f"{name!r}: the Triton path already has its own attention kernel")
+    return base, flags
+
+
+class Unavailable(Exception):
+    pass
+
+
+def build(name, cfg, device, seed=0):
+    """(model, the callable the step runs, optimizer) for a provider."""
+    from tritongpt.model.gpt import GPTModel
+    from tritongpt.train.common import build_optimizer
+
+    base, flags = parse_provider(name)
+    if base == "triton":
+        for mod, fn in (("layernorm", "layer_norm"), ("mlp", "gelu_mlp"), ("attention", "flash_attention")):
+            obj, why = try_import(f"tritongpt.kernels.{mod}", fn)
+            if obj is None:
+                raise Unavailable(why)
+    torch.manual_seed(seed)
+    model = GPTModel(cfg).to(device)
+    model.train()
+    model.set_kernels("triton" if base == "triton" else "reference")
+    if "sdpa" in flags:
+        use_sdpa_attention(model)
+    opt = build_optimizer(model, lr=1e-4, weight_decay=0.1, device=device)  # fused AdamW on CUDA
+    run = model
+    if "compile" in flags:
+        torch._dynamo.reset()
+        run = torch.compile(model)
+    return model, run, opt
+
+
+def train_step(run, model, opt, x, y, device, dtype, grad_clip=1.0):
+    from tritongpt.model.gpt import lm_loss
+    from tritongpt.train.common import autocast
+
+    with autocast(device, dtype):
+        logits = run(x)
+    loss = lm_loss(logits, y)
+    loss.backward()
+    if grad_clip:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return loss.detach()
+
+
+def time_steps(step, n, device):
+    """Per-step milliseconds: CUDA events on a GPU (no host sync inside), perf_counter on CPU."""
+    if device.type == "cuda":
+        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+                  for _ in range(n)]
+        for start, end in events:
+            start.record()
+            step()
+            end.record()
+        torch.cuda.synchronize()
+        return [s.elapsed_time(e) for s, e in events]
+    times = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        step()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return times
+
+
+def bench_train_provider(name, model_name, batch, seq_len, device, dtype, warmup_steps, steps,
+                         peak_flops=None, vocab_size=None, seed=0):
+    """One row: step time, tokens/s, MFU and memory of `name` on `model_name`."""
+    from tritongpt.bench.common import dtype_name
+    from tritongpt.model.config import get_config
+
+    cfg = get_config(model_name, vocab_size=vocab_size, context_length=max(seq_len, 1))
+    cfg_row = {"model": model_name, "batch": batch, "seq_len": seq_len, "dtype": dtype_name(dtype),
+               "steps": steps, "warmup_steps": warmup_steps}
+    g = torch.Generator().manual_seed(seed)  # the same batch for every provider
+    tokens = torch.randint(0, cfg.vocab_size, (batch, seq_len + 1), generator=g).to(device)
+    x, y = tokens[:, :-1], tokens[:, 1:]
+    model = run = opt = None
+    try:
+        model, run, opt = build(name, cfg, device, seed)
+        n_params = model.num_params(non_embedding=True)
+        fpt = gpt_flops_per_token(n_params, cfg.n_layer, cfg.n_embd, seq_len)
+        cfg_row["n_params_non_embedding"] = n_params
+        losses = []
+
+        def step():
+            losses.append(train_step(run, model, opt, x, y, device, dtype))
+
+        t0 = time.perf_counter()
+        for _ in range(warmup_steps):  # compilation, autotuning, optimizer state allocation
+            step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        warm_s = time.perf_counter() - t0
+        static = torch.cuda.memory_allocated() if device.type == "cuda" else None
+        times = time_steps(step, steps, device)
+        peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else None
+        last = float(losses[-1])
+        if not math.isfinite(last):
+            return make_row("train", "step", name, cfg_row, "fwd+bwd", f"failed: loss is {last}")
+    except Unavailable as e:
+        return make_row("train", "step", name, cfg_row, "fwd+bwd", f"skipped: {e}")
+    except Exception as e:
+        oom = isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e).lower()
+        return make_row("train", "step", name, cfg_row, "fwd+bwd",
+                        "failed: out of memory" if oom else f"failed: {reason_of(e)}")
+    finally:
+        del model, run, opt
+        import gc
+
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        if "torch._dynamo" in sys.modules:  # importing dynamo just to reset it costs seconds
+            torch._dynamo.reset()
+    med, p20, p80 = median_quantiles(times)
+    tok_s = batch * seq_len / (med * 1e-3)
+    row = make_row("train", "step", name, cfg_row, "fwd+bwd", ms=med, ms_p20=p20, ms_p80=p80,
+                   tokens_per_s=tok_s, flops_per_token=fpt, tflops=fpt * tok_s / 1e12,
+                   peak_mem_bytes=peak, static_mem_bytes=static, warmup_s=warm_s, final_loss=last)
+    row["mfu"] = fpt * tok_s / peak_flops if peak_flops else None
+    return row
+
+
+def run_train(device, budget, dtype=torch.bfloat16, models=("gpt2-small", "gpt2-medium"),
+              providers=TRAIN_PROVIDERS, batch=None, seq_len=1024, warmup_steps=3, steps=10,
+              peak_flops=None, vocab_size=None, log=print):
+    """Every provider on every model; rows in model-major order (124M first: the targets)."""
+    from tritongpt.model.config import get_config
+
+    rows = []
+    for p in providers:
+        parse_provider(p)
+    cost = {}  # provider -> (seconds it took, n_layer) on the previous model
+    for model_name in models:
+        b = (batch or {}).get(model_name) or DEFAULT_BATCH.get(model_name, 8)
+        n_layer = get_config(model_name).n_layer
+        for p in providers:
+            cfg = {"model": model_name, "batch": b, "seq_len": seq_len}
+            if budget.expired():
+                rows.append(make_row("train", "step", p, cfg, "fwd+bwd", "skipped: time budget (--max-minutes)"))
+                continue
+            if p in cost:
+                # Compilation time grows with depth (dynamo traces every layer): estimate this
+                # model's cost from the previous model's measured one, and do not start what
+                # would overrun the budget.
+                need = cost[p][0] * n_layer / cost[p][1]
+                if need > budget.remaining():
+                    rows.append(make_row("train", "step", p, cfg, "fwd+bwd",
+                                         f"skipped: time budget (~{need:.0f} s expected from the previous "
+                                         f"model, {budget.remaining():.0f} s left)"))
+                    continue
+            log(f"train step: {model_name} B={b} T={seq_len} {p} ...")
+            t0 = time.perf_counter()
+            row = bench_train_provider(p, model_name, b, seq_len, device, dtype, warmup_steps, steps,
+                                       peak_flops, vocab_size)
+            cost[p] = (time.perf_counter() - t0, n_layer)
+            rows.append(row)
+            if is_ok(row):
+                log(f"  {row['tokens_per_s']:,.0f} tok/s, {row['ms']:.1f} ms/step")
+            else:
+                log(f"  {row['status']}")
+    return rows
+
+
+def train_targets(rows, model_name="gpt2-small"):
+    """GPT-2 124M: >= 1.25x reference+compile+SDPA, MFU >= 55%, peak memory <= 0.7x reference.
+
+    "Ours" is the faster of the Triton providers that ran (named in the note).
+    """
+    from tritongpt.bench.common import find_row, ratio, target
+
+    mine = [r for r in rows if r["op"] == "step" and r["config"].get("model") == model_name
+            and r["provider"].startswith("triton") and is_ok(r)]
+    best = max(mine, key=lambda r: r["tokens_per_s"]) if mine else None
+    note = f"ours = {best['provider']}" if best else "no Triton provider ran"
+    base = find_row(rows, op="step", provider="reference+compile+sdpa", config={"model": model_name})
+    ref = find_row(rows, op="step", provider="reference", config={"model": model_name})
+    base_tok = base["tokens_per_s"] if base and is_ok(base) else None
+    ref_mem = ref.get("peak_mem_bytes") if ref and is_ok(ref) else None
+    some = best or base or ref
+    where = model_name + (f" B={some['config'].get('batch')} T={some['config'].get('seq_len')}" if some else "")
+    return [
+        target("train step speedup vs reference+compile+sdpa", where,
+               ratio(best["tokens_per_s"] if best else None, base_tok), 1.25, unit="x", note=note),
+        target("train MFU", where, best.get("mfu") if best else None, 0.55,
+               note=note + "; MFU denominator: see peak_flops_source"),
+        target("train peak memory / reference eager", where,
+               ratio(best.get("peak_mem_bytes") if best else None, ref_mem), 0.70, op="<=", unit="x",
+               note=note),
+    ]
