@@ -1,0 +1,218 @@
+"""Corpus loading, the token memmap cache (reuse vs rebuild), and batch sampling."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from tritongpt.errors import UserError
+from tritongpt.train import data
+from tritongpt.train.data import EOT, get_batch, load_text, prepare_tokens, token_dtype
+from tritongpt.train.tokenizer import BPETokenizer
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return BPETokenizer.train(load_text("pydoc")[:40_000], 400, name="tiny")
+
+
+class CharTokenizer:
+    """A stand-in with more than 65,536 ids, to exercise the uint32 file layout."""
+    name, hash, vocab_size, eot_id = "chars", "c" * 64, 70_000, 69_999
+
+    def encode_batch(self, texts, allowed_special="none_raise"):
+        return [[60_000 + ord(c) for c in t] for t in texts]
+
+
+# -- load_text ---------------------------------------------------------------------------------
+def test_pydoc_corpus():
+    from pydoc_data.topics import topics
+
+    text = load_text()
+    assert text == load_text("pydoc") == "\n\n".join(topics[k] for k in sorted(topics))
+    assert len(text) > 100_000 and "assert" in text
+
+
+def test_stdlib_corpus(monkeypatch):
+    monkeypatch.setattr(data, "STDLIB_MAX_BYTES", 30_000)
+    text = load_text("stdlib")
+    assert "def " in text and EOT in text
+    docs = text.split(EOT)
+    assert sum(map(len, docs[:-1])) < 30_000 <= sum(map(len, docs))    # stops at the cap
+
+
+def test_text_file_folder_and_jsonl(tmp_path):
+    f = tmp_path / "one.txt"
+    f.write_text("héllo\nworld\n", encoding="utf-8")
+    assert load_text(str(f)) == "héllo\nworld\n"
+
+    folder = tmp_path / "docs"
+    (folder / "sub").mkdir(parents=True)
+    (folder / "b.txt").write_text("bee", encoding="utf-8")
+    (folder / "a.txt").write_text("ay", encoding="utf-8")
+    (folder / "sub" / "c.txt").write_text("sea", encoding="utf-8")
+    (folder / "skip.md").write_text("not text", encoding="utf-8")
+    assert load_text(folder) == EOT.join(["ay", "bee", "sea"])
+
+    j = tmp_path / "rows.jsonl"
+    j.write_text('{"text": "first", "id": 1}\n\n{"text": "second"}\n', encoding="utf-8")
+    assert load_text(j) == f"first{EOT}second"
+    j.write_text('{"body": "x"}\n', encoding="utf-8")
+    assert load_text(j, text_field="body") == "x"
+
+
+def test_load_text_errors(tmp_path):
+    with pytest.raises(UserError, match="not found"):
+        load_text(tmp_path / "missing.txt")
+    (tmp_path / "empty.txt").write_text("  \n", encoding="utf-8")
+    with pytest.raises(UserError, match="empty"):
+        load_text(tmp_path / "empty.txt")
+    (tmp_path / "nodocs").mkdir()
+    with pytest.raises(UserError, match="no .txt files"):
+        load_text(tmp_path / "nodocs")
+    (tmp_path / "bin.txt").write_bytes(b"ok \xff\xfe")
+    with pytest.raises(UserError, match="bin.txt: not UTF-8"):
+        load_text(tmp_path / "bin.txt")
+    j = tmp_path / "bad.jsonl"
+    j.write_text('{"text": "a"}\n{"text": oops}\n', encoding="utf-8")
+    with pytest.raises(UserError, match=r"bad.jsonl:2: not valid JSON"):
+        load_text(j)
+    j.write_text('{"text": "a"}\n\n{"body": "b"}\n', encoding="utf-8")
+    with pytest.raises(UserError, match=r"bad.jsonl:3: no field 'text'.*body"):
+        load_text(j)
+    j.write_text('{"text": 5}\n', encoding="utf-8")
+    with pytest.raises(UserError, match=r"bad.jsonl:1: field 'text' is a int"):
+        load_text(j)
+    j.write_text(f'{{"text": "{EOT}"}}\n', encoding="utf-8")
+    with pytest.raises(UserError, match="empty"):
+        load_text(j)
+
+
+# -- prepare_tokens -------------------------------------------------------------------------------
+def test_dtype_choice():
+    assert token_dtype(4096) == token_dtype(50257) == token_dtype(65536) == np.uint16
+    assert token_dtype(65537) == np.uint32
+
+
+def test_prepare_tokens_layout_and_split(tmp_path, tok):
+    src = tmp_path / "docs"
+    src.mkdir()
+    (src / "a.txt").write_text("The first document. " * 30, encoding="utf-8")
+    (src / "b.txt").write_text(f"Second one, with a literal {EOT} inside? No: a separator.", encoding="utf-8")
+    td = prepare_tokens(str(src), tok, tmp_path / "cache", val_fraction=0.25)
+    assert isinstance(td.train, np.memmap) and td.train.dtype == np.uint16
+    all_ids = np.concatenate([td.train, td.val])
+    docs = load_text(str(src)).split(EOT)
+    want = tok.encode(docs[0]) + [tok.eot_id] + tok.encode(docs[1]) + [tok.eot_id] + tok.encode(docs[2])
+    assert all_ids.tolist() == want
+    n = len(want)
+    assert len(td.val) == round(n * 0.25) and td.meta["split"] == len(td.train)
+    meta = json.loads((tmp_path / "cache" / "tokens.json").read_text())
+    assert meta["n_tokens"] == n and meta["dtype"] == "uint16" and meta["vocab_size"] == 400
+    assert meta["tokenizer_hash"] == tok.hash and meta["eot_id"] == tok.eot_id
+    assert (tmp_path / "cache" / "tokens.bin").stat().st_size == 2 * n
+
+
+def test_prepare_tokens_uint32(tmp_path):
+    (tmp_path / "t.txt").write_text("abc", encoding="utf-8")
+    td = prepare_tokens(str(tmp_path / "t.txt"), CharTokenizer(), tmp_path / "c", val_fraction=0.0)
+    assert td.train.dtype == np.uint32 and td.train.tolist() == [60_097, 60_098, 60_099] and len(td.val) == 0
+    assert td.meta["dtype"] == "uint32"
+
+
+def test_cache_reuse_and_rebuild(tmp_path, tok, monkeypatch):
+    src, cache = tmp_path / "corpus.txt", tmp_path / "cache"
+    src.write_text("alpha beta gamma delta " * 50, encoding="utf-8")
+    writes = []
+    real_write = data._write_tokens
+    monkeypatch.setattr(data, "_write_tokens", lambda *a: writes.append(1) or real_write(*a))
+
+    first = prepare_tokens(str(src), tok, cache).train.tolist()
+    assert len(writes) == 1
+    assert prepare_tokens(str(src), tok, cache).train.tolist() == first and len(writes) == 1     # reused
+    again = prepare_tokens(str(src), tok, cache, val_fraction=0.5)      # a new split needs no re-tokenising
+    n = again.meta["n_tokens"]
+    assert len(writes) == 1 and len(again.val) == round(n * 0.5) and len(again.train) == n - round(n * 0.5)
+    assert len(first) == n - round(n * 0.1)
+
+    src.write_text("alpha beta gamma delta " * 49 + "epsilon", encoding="utf-8")
+    changed = prepare_tokens(str(src), tok, cache)                       # source changed
+    assert len(writes) == 2 and changed.meta["source_hash"] != again.meta["source_hash"]
+    assert np.concatenate([changed.train, changed.val]).tolist() == tok.encode(src.read_text())
+
+    other = BPETokenizer.train(load_text("pydoc")[:20_000], 300)          # different tokenizer
+    assert prepare_tokens(str(src), other, cache).meta["vocab_size"] == 300 and len(writes) == 3
+    prepare_tokens(str(src), tok, cache)
+    assert len(writes) == 4
+
+    with open(cache / "tokens.bin", "r+b") as f:                          # truncated file
+        f.truncate(10)
+    assert np.concatenate([(td := prepare_tokens(str(src), tok, cache)).train, td.val]).tolist() == \
+        tok.encode(src.read_text())
+    assert len(writes) == 5
+    (cache / "tokens.json").write_text("{broken")                         # damaged meta
+    prepare_tokens(str(src), tok, cache)
+    assert len(writes) == 6
+    prepare_tokens(str(src), tok, cache)
+    assert len(writes) == 6
+
+
+def test_prepare_tokens_errors(tmp_path, tok):
+    with pytest.raises(UserError, match="val_fraction"):
+        prepare_tokens("pydoc", tok, tmp_path, val_fraction=1.0)
+    with pytest.raises(UserError, match="not found"):
+        prepare_tokens(str(tmp_path / "nope.txt"), tok, tmp_path)
+
+
+# -- get_batch ----------------------------------------------------------------------------------------
+def test_batches_are_shifted_windows():
+    tokens = (np.arange(1000) * 7 % 65_521).astype(np.uint16)     # distinct values: a position is known
+    x, y = get_batch(tokens, 8, 33, torch.Generator().manual_seed(0))
+    assert x.shape == y.shape == (8, 33) and x.dtype == y.dtype == torch.int64
+    assert torch.equal(x[:, 1:], y[:, :-1])
+    for row_x, row_y in zip(x.tolist(), y.tolist()):
+        start = tokens.tolist().index(row_x[0])
+        assert row_x == tokens[start:start + 33].tolist() and row_y == tokens[start + 1:start + 34].tolist()
+    xt, yt = get_batch(torch.from_numpy(tokens.astype(np.int64)), 8, 33, torch.Generator().manual_seed(0))
+    assert torch.equal(xt, x) and torch.equal(yt, y)                # tensors and memmaps sample alike
+
+
+def test_batches_are_deterministic_and_resumable():
+    tokens = np.arange(5000, dtype=np.uint16)
+    g1, g2 = torch.Generator().manual_seed(42), torch.Generator().manual_seed(42)
+    a = [get_batch(tokens, 4, 16, g1)[0] for _ in range(3)]
+    b = [get_batch(tokens, 4, 16, g2)[0] for _ in range(3)]
+    assert all(torch.equal(p, q) for p, q in zip(a, b))
+    assert not torch.equal(a[0], get_batch(tokens, 4, 16, torch.Generator().manual_seed(43))[0])
+    state = g1.get_state()
+    nxt = get_batch(tokens, 4, 16, g1)[0]
+    g1.set_state(state)
+    assert torch.equal(get_batch(tokens, 4, 16, g1)[0], nxt)
+
+
+def test_every_start_position_is_reachable():
+    tokens = np.arange(6, dtype=np.uint16)                          # block 4: starts 0 and 1 only
+    x, _ = get_batch(tokens, 64, 4, torch.Generator().manual_seed(1))
+    assert set(x[:, 0].tolist()) == {0, 1}
+
+
+def test_get_batch_errors():
+    tokens = np.arange(10, dtype=np.uint16)
+    with pytest.raises(UserError, match="context longer than the data"):
+        get_batch(tokens, 2, 10, torch.Generator())
+    x, y = get_batch(tokens, 2, 9, torch.Generator())                # exactly block_size + 1 fits
+    assert x[0].tolist() == list(range(9)) and y[0].tolist() == list(range(1, 10))
+    with pytest.raises(UserError, match="context longer than the data"):
+        get_batch(np.zeros(0, dtype=np.uint16), 1, 4, torch.Generator())
+    with pytest.raises(UserError, match="batch_size"):
+        get_batch(tokens, 0, 4, torch.Generator())
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_get_batch_to_cuda():
+    tokens = np.arange(500, dtype=np.uint16)
+    x, y = get_batch(tokens, 4, 32, torch.Generator().manual_seed(3), device="cuda")
+    xc, yc = get_batch(tokens, 4, 32, torch.Generator().manual_seed(3))
+    assert x.device.type == "cuda" and x.dtype == torch.int64
+    assert torch.equal(x.cpu(), xc) and torch.equal(y.cpu(), yc)

@@ -1,0 +1,270 @@
+"""Byte-level BPE: training, the from-scratch encoder vs tiktoken, files, special tokens, GPT-2 parity."""
+import json
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from tritongpt.errors import UserError
+from tritongpt.train import tokenizer as tkz
+from tritongpt.train.data import load_text
+from tritongpt.train.tokenizer import EOT, BPETokenizer, bytes_to_unicode, get_tokenizer
+
+GPT2_DIR = Path(__file__).resolve().parent.parent.parent / "shared" / "gpt2"
+HAVE_GPT2 = (GPT2_DIR / "encoder.json").is_file() and (GPT2_DIR / "vocab.bpe").is_file()
+
+# Fragments that stress the pre-tokeniser: contractions, digit runs, whitespace runs, CRLF,
+# code, combining marks, emoji (multi-byte, ZWJ sequences), CJK, RTL, control characters.
+FRAGMENTS = ["don't", "I'll", "we've", "they're", "'s", "'S", " 12345", "3.14159", "   ", "\t\t", "\r\n",
+             "\n\n\n", " \n ", "def f(x):\n    return x**2", "if (a<=b) { c++; }", "naïve café", "e\u0301",
+             "👩‍👩‍👧", "🙂🙃", "日本語のテキスト", "עברית", "\x00\x1f\x7f", "\u00a0\u2003", "  leading", "trailing  ",
+             "x" * 40, "__init__", "0x1F", "¡¿", "\ufeff"]
+fuzz_text = st.lists(st.one_of(st.sampled_from(FRAGMENTS), st.text(max_size=12)), max_size=8).map("".join)
+
+
+@pytest.fixture(scope="module")
+def corpus():
+    return load_text("pydoc")
+
+
+@pytest.fixture(scope="module")
+def small_tok(corpus):
+    return BPETokenizer.train(corpus[:80_000], 600, name="small")
+
+
+def test_bytes_to_unicode_is_a_printable_bijection():
+    m = bytes_to_unicode()
+    assert sorted(m) == list(range(256))
+    assert len(set(m.values())) == 256
+    assert all(c.isprintable() and not c.isspace() for c in m.values())
+    assert m[ord(" ")] == "Ġ" and m[ord("\n")] == "Ċ" and m[ord("A")] == "A"
+
+
+def test_training_hand_checked_example():
+    # Wikipedia's BPE example: "aaabdaaabac" -> aa=Z, then ab=Y (ties go to the smaller ids:
+    # (a, b) beats (Z, a)), then ZY=X, leaving "X d X a c".
+    tok = BPETokenizer.train("aaabdaaabac", 256 + 3 + 1)
+    assert tok.ranks[b"aa"] == 256 and tok.ranks[b"ab"] == 257 and tok.ranks[b"aaab"] == 258
+    assert tok.vocab_size == 260 and tok.eot_id == 259
+    want = [258, ord("d"), 258, ord("a"), ord("c")]
+    assert tok.encode("aaabdaaabac") == want
+    assert tok.encode_reference("aaabdaaabac") == want
+    assert tok.decode(want) == "aaabdaaabac"
+
+
+def test_a_word_that_is_a_token_is_emitted_whole():
+    # Merging by rank alone gets stuck at a|bc|d here (no "abc" or "bcd" token); tiktoken, and so
+    # the reference encoder, first looks the whole word up.
+    ranks = {bytes([i]): i for i in range(256)} | {b"bc": 256, b"ab": 257, b"cd": 258, b"abcd": 259}
+    tok = BPETokenizer(ranks)
+    assert tok.encode("abcd") == tok.encode_reference("abcd") == [259]
+    assert tok.encode(" abcd") == tok.encode_reference(" abcd") == [32, 97, 256, 100]
+
+
+def test_training_reaches_the_vocab_size_and_is_deterministic(corpus, small_tok):
+    assert small_tok.vocab_size == 600 and small_tok.eot_id == 599
+    assert len(small_tok.ranks) == 599 and sorted(small_tok.ranks.values()) == list(range(599))
+    assert all(len(t) >= 2 for t, i in small_tok.ranks.items() if i >= 256)
+    assert small_tok.ranks[b" the"] < 600         # the most common English word is learned
+    assert BPETokenizer.train(corpus[:80_000], 600).hash == small_tok.hash
+    # Merges never cross a pre-tokeniser boundary or learn the separator's spelling.
+    tok = BPETokenizer.train(("hello world" + EOT) * 20, 264)
+    assert not any(b"<|" in t or b"o w" in t for t in tok.ranks)
+
+
+def test_training_errors():
+    with pytest.raises(UserError, match="too small"):
+        BPETokenizer.train("abc", 200)
+    with pytest.raises(UserError, match="too small for vocab_size"):
+        BPETokenizer.train("ab ab", 1000)
+
+
+@settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(text=fuzz_text)
+def test_reference_encoder_matches_tiktoken(small_tok, text):
+    fast = small_tok.encode(text)
+    assert small_tok.encode_reference(text) == fast
+    assert small_tok.decode(fast) == text
+    assert small_tok.encode_batch([text, text[::-1]]) == [fast, small_tok.encode(text[::-1])]
+
+
+def test_whole_corpus_round_trip(corpus, small_tok):
+    ids = small_tok.encode(corpus[80_000:140_000])
+    assert ids == small_tok.encode_reference(corpus[80_000:140_000])
+    assert small_tok.decode(ids) == corpus[80_000:140_000]
+    assert len(ids) < 60_000 / 2                  # it compresses English (bytes alone: 60k ids)
+
+
+def test_special_tokens(small_tok):
+    text = f"one{EOT}two"
+    with pytest.raises(ValueError, match="disallowed special token.*allowed_special"):
+        small_tok.encode(text)
+    with pytest.raises(UserError, match="disallowed special token"):
+        small_tok.encode_reference(text)
+    with pytest.raises(UserError, match="disallowed"):
+        small_tok.encode_batch(["fine", text])
+    ids = small_tok.encode(text, allowed_special="all")
+    assert ids.count(small_tok.eot_id) == 1
+    assert ids == small_tok.encode_reference(text, allowed_special={EOT})
+    assert small_tok.decode(ids) == text
+    plain = small_tok.encode(text, allowed_special="none")      # the spelling as ordinary text
+    assert small_tok.eot_id not in plain and small_tok.decode(plain) == text
+    assert plain == small_tok.encode_reference(text, allowed_special="none")
+    with pytest.raises(UserError, match="unknown special"):
+        small_tok.encode("x", allowed_special={"<|pad|>"})
+
+
+def test_decode_errors_and_partial_utf8(small_tok):
+    with pytest.raises(UserError, match="out of range"):
+        small_tok.decode([1, small_tok.vocab_size])
+    with pytest.raises(UserError, match="out of range"):
+        small_tok.decode([-1])
+    first_byte = small_tok.ranks["é".encode()[:1]]  # half a character decodes to U+FFFD
+    assert small_tok.decode([first_byte]) == "\ufffd"
+    assert small_tok.decode_bytes([first_byte]) == b"\xc3"
+    assert small_tok.decode([]) == ""
+
+
+def test_save_load_round_trip(tmp_path, small_tok):
+    path = small_tok.save(tmp_path / "tok.json")
+    tok = BPETokenizer.load(path)
+    assert tok.hash == small_tok.hash and tok.ranks == small_tok.ranks
+    assert tok.special_tokens == small_tok.special_tokens and tok.vocab_size == 600
+    text = "Some text, with 123 numbers and  spaces.\r\n"
+    assert tok.encode(text) == small_tok.encode(text)
+    assert get_tokenizer(str(path)).hash == small_tok.hash
+    d = json.loads(path.read_text(encoding="utf-8"))
+    assert "Ġthe" in d["tokens"]                    # readable, GPT-2 spelling
+
+    d["tokens"][300], d["tokens"][301] = d["tokens"][301], d["tokens"][300]
+    path.write_text(json.dumps(d), encoding="utf-8")
+    with pytest.raises(UserError, match="hash"):
+        BPETokenizer.load(path)
+    path.write_text("{not json", encoding="utf-8")
+    with pytest.raises(UserError, match="not a tokenizer JSON"):
+        BPETokenizer.load(path)
+    with pytest.raises(UserError, match="not found"):
+        BPETokenizer.load(tmp_path / "missing.json")
+
+
+def test_from_gpt2_files_tiny(tmp_path):
+    """The GPT-2 file format on the hand-checked example, with and without a damaged merge."""
+    tok = BPETokenizer.train("aaabdaaabac", 260)
+    encoder = {tok.token_str(i): i for i in range(259)} | {EOT: 259}
+    (tmp_path / "encoder.json").write_text(json.dumps(encoder), encoding="utf-8")
+    (tmp_path / "vocab.bpe").write_text("#version: 0.2\na a\na b\naa ab\n", encoding="utf-8")
+    loaded = get_tokenizer(str(tmp_path))
+    assert loaded.hash == tok.hash and loaded.eot_id == 259
+    (tmp_path / "vocab.bpe").write_text("#version: 0.2\na a\naa ab\na b\n", encoding="utf-8")
+    with pytest.raises(UserError, match="vocab.bpe:3"):
+        get_tokenizer(str(tmp_path))
+    (tmp_path / "vocab.bpe").unlink()
+    with pytest.raises(UserError, match="encoder.json and vocab.bpe"):
+        get_tokenizer(str(tmp_path))
+
+
+def test_get_tokenizer_errors(monkeypatch):
+    import requests
+    import tiktoken
+
+    def offline(name):
+        raise requests.exceptions.ConnectionError("Failed to resolve 'openaipublic.blob.core.windows.net'")
+
+    monkeypatch.setattr(tiktoken, "get_encoding", offline)
+    with pytest.raises(UserError, match="could not download.*encoder.json and vocab.bpe") as e:
+        get_tokenizer("gpt2")
+    assert "\n" not in str(e.value)
+    with pytest.raises(UserError, match="unknown tokenizer"):
+        get_tokenizer("no/such/tokenizer.json")
+
+
+def test_default_tokenizer_is_cached_and_retrained_when_stale(tmp_path, monkeypatch):
+    monkeypatch.setenv("TRITONGPT_CACHE", str(tmp_path))
+    monkeypatch.setattr(tkz, "_DEFAULT", {})
+    tok = tkz.default_tokenizer()                   # the one full-size training in the suite
+    path = tmp_path / "bpe-pydoc-4096.json"
+    assert path.is_file() and tok.vocab_size == 4096 and tok.eot_id == 4095
+    assert tok.info["corpus_hash"] == tkz.text_hash(load_text("pydoc"))
+
+    calls = []
+    real_train = BPETokenizer.train.__func__
+
+    def spy(cls, text, vocab_size, **kw):
+        calls.append(vocab_size)
+        return real_train(cls, text, 300, **kw)    # a cheaper stand-in for the 4096 training
+
+    monkeypatch.setattr(BPETokenizer, "train", classmethod(spy))
+    monkeypatch.setattr(tkz, "_DEFAULT", {})
+    assert get_tokenizer("default").hash == tok.hash and calls == []   # loaded, not retrained
+
+    d = json.loads(path.read_text(encoding="utf-8"))
+    d["info"]["corpus_hash"] = "0" * 64             # as if trained on another Python's docs
+    path.write_text(json.dumps(d), encoding="utf-8")
+    monkeypatch.setattr(tkz, "_DEFAULT", {})
+    retrained = tkz.default_tokenizer()
+    assert calls == [4096] and retrained.info["corpus_hash"] == tok.info["corpus_hash"]
+    assert BPETokenizer.load(path).info["corpus_hash"] == tok.info["corpus_hash"]
+
+    path.write_text("garbage", encoding="utf-8")    # a damaged cache file is rebuilt too
+    monkeypatch.setattr(tkz, "_DEFAULT", {})
+    tkz.default_tokenizer()
+    assert calls == [4096, 4096]
+
+
+@pytest.mark.skipif(not HAVE_GPT2, reason="needs ../shared/gpt2/encoder.json and vocab.bpe")
+class TestGPT2Files:
+    @pytest.fixture(scope="class")
+    def pair(self):
+        import tiktoken
+        from tiktoken.load import data_gym_to_mergeable_bpe_ranks
+
+        ours = BPETokenizer.from_gpt2_files(GPT2_DIR / "encoder.json", GPT2_DIR / "vocab.bpe")
+        ranks = data_gym_to_mergeable_bpe_ranks(str(GPT2_DIR / "vocab.bpe"), str(GPT2_DIR / "encoder.json"))
+        # tiktoken's own spelling of GPT-2's regex, not ours: the pre-tokenisers must agree too.
+        pat = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+        ref = tiktoken.Encoding("gpt2-offline", pat_str=pat, mergeable_ranks=ranks,
+                                special_tokens={EOT: 50256}, explicit_n_vocab=50257)
+        return ours, ref
+
+    def test_same_vocabulary(self, pair):
+        ours, ref = pair
+        assert ours.vocab_size == ref.n_vocab == 50257 and ours.eot_id == ref.eot_token == 50256
+        assert ours.ranks == ref._mergeable_ranks
+        assert ours.encode("Hello world") == [15496, 995]
+
+    @settings(max_examples=50, deadline=None)
+    @given(text=fuzz_text)
+    def test_fuzzed_text_encodes_like_tiktoken(self, pair, text):
+        ours, ref = pair
+        want = ref.encode(text, disallowed_special=())
+        assert ours.encode(text) == want
+        assert ours.encode_reference(text[:60]) == ref.encode(text[:60], disallowed_special=())
+        assert ours.decode(want) == text
+
+    def test_special_and_long_text(self, pair, corpus):
+        ours, ref = pair
+        text = corpus[:20_000] + EOT + corpus[-5_000:]
+        want = ref.encode(text, allowed_special="all")
+        assert ours.encode(text, allowed_special="all") == want
+        assert ours.encode_reference(text, allowed_special="all") == want
+
+
+def test_cli_train_encode_decode(tmp_path, capsys, corpus):
+    from tritongpt.cli import main
+
+    src, out = tmp_path / "corpus.txt", tmp_path / "tok.json"
+    src.write_text(corpus[:30_000], encoding="utf-8")
+    assert main(["bpe", "train", "--input", str(src), "--vocab-size", "300", "--out", str(out)]) == 0
+    tok = BPETokenizer.load(out)
+    assert tok.vocab_size == 300 and tok.info["corpus_hash"] == tkz.text_hash(corpus[:30_000])
+    capsys.readouterr()
+    assert main(["bpe", "encode", "--tokenizer", str(out), "--text", "the cat sat"]) == 0
+    ids = [int(i) for i in capsys.readouterr().out.split()]
+    assert ids == tok.encode("the cat sat")
+    assert main(["bpe", "decode", "--tokenizer", str(out), "--ids", *map(str, ids)]) == 0
+    assert capsys.readouterr().out == "the cat sat\n"
+    assert main(["bpe", "encode", "--tokenizer", str(out), "--text", f"a{EOT}"]) == 2
+    assert "--allow-special" in capsys.readouterr().err
+    assert main(["bpe", "decode", "--tokenizer", str(out), "--ids", "300"]) == 2
+    assert "out of range" in capsys.readouterr().err

@@ -1,0 +1,233 @@
+"""Pretraining data: read a corpus, tokenise it once into a memmapped file, sample batches.
+
+nanoGPT's recipe: the whole corpus becomes one flat array of token ids on disk (uint16 while
+the vocabulary fits, else uint32), documents separated by <|endoftext|>; the last
+`val_fraction` of it is the validation split. A batch is `batch_size` random windows of
+`block_size + 1` tokens: x is the window minus its last token, y minus its first, so
+y[t] is the token that follows x[..t].
+
+Sources (`load_text`):
+  None / "pydoc"  Python's own reference docs (pydoc_data.topics, ~465 KB of English),
+                  shipped with every CPython: a corpus that needs no download.
+  "stdlib"        the standard library's .py files (first STDLIB_MAX_BYTES, in sorted walk order).
+  a path          a text file, a folder of .txt files, or a .jsonl file with a text field.
+"""
+import hashlib
+import json
+import os
+import sysconfig
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from tritongpt.errors import UserError
+
+EOT = "<|endoftext|>"
+STDLIB_MAX_BYTES = 8 * 2**20
+META_FORMAT = "tritongpt-tokens"
+
+
+# -- reading a corpus ------------------------------------------------------------------------
+def _pydoc_text() -> str:
+    from pydoc_data.topics import topics
+
+    return "\n\n".join(topics[k] for k in sorted(topics))
+
+
+def _stdlib_text(max_bytes: int = None) -> str:
+    max_bytes = STDLIB_MAX_BYTES if max_bytes is None else max_bytes
+    skip = {"site-packages", "dist-packages", "__pycache__"}
+    docs, total = [], 0
+    # Walk in sorted order, pruning installed packages, and stop at the cap (no full scan).
+    for folder, dirs, files in os.walk(sysconfig.get_paths()["stdlib"]):
+        dirs[:] = sorted(d for d in dirs if d not in skip)
+        for name in sorted(f for f in files if f.endswith(".py")):
+            try:
+                text = Path(folder, name).read_text(encoding="utf-8")
+            except (UnicodeDecodeError, OSError):  # a few test fixtures are deliberately not UTF-8
+                continue
+            docs.append(text)
+            total += len(text)
+            if total >= max_bytes:
+                return EOT.join(docs)
+    return EOT.join(docs)
+
+
+def _read_utf8(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason})") from None
+
+
+def _jsonl_text(path: Path, text_field: str) -> str:
+    docs = []
+    with open(path, encoding="utf-8") as f:
+        try:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise UserError(f"{path}:{lineno}: not valid JSON ({e.msg}, column {e.colno})") from None
+                if not isinstance(row, dict) or text_field not in row:
+                    keys = sorted(row) if isinstance(row, dict) else type(row).__name__
+                    raise UserError(f"{path}:{lineno}: no field {text_field!r} (found {keys}); "
+                                    f"name the right one with the text field option")
+                if not isinstance(row[text_field], str):
+                    raise UserError(f"{path}:{lineno}: field {text_field!r} is a "
+                                    f"{type(row[text_field]).__name__}, expected a string")
+                docs.append(row[text_field])
+        except UnicodeDecodeError as e:
+            raise UserError(f"{path}: not UTF-8 text ({e.reason})") from None
+    return EOT.join(docs)
+
+
+def load_text(source=None, text_field: str = "text") -> str:
+    """The corpus as one string; separate documents are joined with <|endoftext|>."""
+    if source is None or source == "pydoc":
+        text, what = _pydoc_text(), "the pydoc corpus"
+    elif source == "stdlib":
+        text, what = _stdlib_text(), "the standard library"
+    else:
+        path = Path(source).expanduser()
+        what = str(path)
+        if path.is_dir():
+            files = sorted(path.rglob("*.txt"))
+            if not files:
+                raise UserError(f"folder {path} has no .txt files")
+            text = EOT.join(_read_utf8(p) for p in files)
+        elif path.is_file():
+            text = _jsonl_text(path, text_field) if path.suffix == ".jsonl" else _read_utf8(path)
+        else:
+            raise UserError(f"data source not found: {source} (use 'pydoc', 'stdlib', a text file, "
+                            f"a folder of .txt files or a .jsonl file)")
+    if not text.replace(EOT, "").strip():
+        raise UserError(f"{what}: the corpus is empty")
+    return text
+
+
+# -- tokenising once, to a memmap ----------------------------------------------------------------
+@dataclass
+class TokenData:
+    train: np.ndarray       # memmap views: nothing is read until a batch touches it
+    val: np.ndarray
+    meta: dict
+    path: Path
+
+
+def token_dtype(vocab_size: int):
+    return np.uint16 if vocab_size <= 2**16 else np.uint32
+
+
+def _sha256(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def _meta_matches(meta: dict, want: dict, bin_path: Path) -> bool:
+    keys = ("format", "source_hash", "tokenizer_hash", "vocab_size", "dtype")
+    if any(meta.get(k) != want[k] for k in keys):
+        return False
+    n = meta.get("n_tokens")
+    return (isinstance(n, int) and bin_path.is_file()
+            and bin_path.stat().st_size == n * np.dtype(meta["dtype"]).itemsize)
+
+
+def _write_tokens(text: str, tokenizer, bin_path: Path, dtype) -> int:
+    """Tokenise document by document, appending to a temporary file; returns the token count."""
+    docs = text.split(EOT)
+    eot = np.array([tokenizer.eot_id], dtype=dtype)
+    tmp = bin_path.with_name(f".{bin_path.name}.{os.getpid()}.tmp")
+    n = 0
+    with open(tmp, "wb") as f:
+        for start in range(0, len(docs), 256):
+            group = docs[start:start + 256]
+            # Everything between separators is ordinary text: a stray special spelling is not a token.
+            for i, ids in enumerate(tokenizer.encode_batch(group, allowed_special="none")):
+                if start + i > 0:
+                    f.write(eot.tobytes())
+                    n += 1
+                f.write(np.asarray(ids, dtype=dtype).tobytes())
+                n += len(ids)
+    os.replace(tmp, bin_path)
+    return n
+
+
+def prepare_tokens(source, tokenizer, cache_dir=None, val_fraction: float = 0.1, verbose: bool = False) -> TokenData:
+    """Tokenise `source` into cache_dir/tokens.bin (+ tokens.json meta) unless a matching copy exists.
+
+    The cache is reused only when the source text, the tokenizer and the file size all match
+    what the meta file records; anything else is rebuilt. cache_dir=None picks a folder under
+    the tritongpt cache named by those hashes.
+    """
+    if not 0.0 <= val_fraction < 1.0:
+        raise UserError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    text = load_text(source) if not isinstance(source, dict) else load_text(**source)
+    dtype = token_dtype(tokenizer.vocab_size)
+    want = {"format": META_FORMAT, "source_hash": _sha256(text), "tokenizer_hash": tokenizer.hash,
+            "vocab_size": tokenizer.vocab_size, "dtype": np.dtype(dtype).name}
+    if cache_dir is None:
+        from tritongpt.train.tokenizer import default_cache_dir
+
+        cache_dir = default_cache_dir() / "tokens" / f"{want['source_hash'][:16]}-{want['tokenizer_hash'][:16]}"
+    cache_dir = Path(cache_dir)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    bin_path, meta_path = cache_dir / "tokens.bin", cache_dir / "tokens.json"
+
+    meta = None
+    if meta_path.is_file():
+        try:
+            meta = json.loads(meta_path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            meta = None
+    if meta is None or not _meta_matches(meta, want, bin_path):
+        if verbose:
+            print(f"tokenising {source or 'pydoc'} with {tokenizer.name} -> {bin_path}")
+        meta_path.unlink(missing_ok=True)           # no meta while the .bin is being rewritten
+        n = _write_tokens(text, tokenizer, bin_path, dtype)
+        meta = dict(want, n_tokens=n, source=str(source or "pydoc"), tokenizer=tokenizer.name,
+                    eot_id=tokenizer.eot_id, chars=len(text))
+    n = meta["n_tokens"]
+    split = n - int(round(n * val_fraction))
+    if meta.get("split") != split or meta.get("val_fraction") != val_fraction or not meta_path.is_file():
+        meta.update(split=split, val_fraction=val_fraction)
+        tmp = meta_path.with_name(f".{meta_path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(meta, indent=1))
+        os.replace(tmp, meta_path)
+    if n == 0:
+        raise UserError(f"{source}: tokenised to zero tokens")
+    tokens = np.memmap(bin_path, dtype=dtype, mode="r", shape=(n,))
+    return TokenData(train=tokens[:split], val=tokens[split:], meta=meta, path=bin_path)
+
+
+# -- batches --------------------------------------------------------------------------------------
+def get_batch(tokens, batch_size: int, block_size: int, generator: torch.Generator = None, device="cpu"):
+    """`batch_size` random windows of `tokens`: x [B, T] and y = x shifted left by one, int64.
+
+    Start positions come from `torch.randint(..., generator=generator)`, so a seeded generator
+    gives the same batches and saving its state resumes the exact sequence.
+    """
+    if batch_size < 1 or block_size < 1:
+        raise UserError(f"batch_size and block_size must be >= 1, got {batch_size} and {block_size}")
+    n = len(tokens)
+    if n < block_size + 1:
+        raise UserError(f"context longer than the data: a block of {block_size} tokens needs at least "
+                        f"{block_size + 1} tokens but this split has {n}; use a smaller context or more data")
+    gen_device = generator.device if generator is not None else "cpu"
+    starts = torch.randint(n - block_size, (batch_size,), generator=generator, device=gen_device).cpu()
+    if isinstance(tokens, torch.Tensor):
+        idx = starts[:, None] + torch.arange(block_size + 1)
+        windows = tokens.cpu()[idx].long()
+    else:
+        idx = starts.numpy()[:, None] + np.arange(block_size + 1)
+        windows = torch.from_numpy(np.asarray(tokens[idx]).astype(np.int64))
+    x, y = windows[:, :-1], windows[:, 1:]
+    device = torch.device(device)
+    if device.type == "cuda":
+        x, y = x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
+    else:
+        x, y = x.contiguous().to(device), y.contiguous().to(device)
+    return x, y

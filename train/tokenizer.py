@@ -1,0 +1,570 @@
+"""Byte-level BPE, the GPT-2 tokenizer, written from scratch.
+
+How GPT-2 turns text into ids, in four steps:
+
+1. Pre-tokenise: a regex splits the text into "words" (letters with one leading space,
+   digit runs, punctuation runs, whitespace). Merges never cross a word boundary, so
+   " dog." becomes " dog" + "." and never "g.".
+2. Bytes: each word is UTF-8 encoded; the 256 byte values are the first 256 tokens, so any
+   text -- emoji, Chinese, binary junk -- can be encoded without an "unknown" token.
+3. Merges: training repeatedly finds the most frequent adjacent pair of tokens in the corpus
+   and makes it a new token. A token's *rank* is the order in which it was created.
+4. Encoding a word replays the merges: repeatedly join the adjacent pair whose joined bytes
+   have the lowest rank, until no adjacent pair joins into a known token.
+
+`BPETokenizer.encode_reference` does exactly that in plain Python. `BPETokenizer.encode` hands
+the same ranks and regex to `tiktoken` (Rust) for speed; tests check the two agree.
+Special tokens (`<|endoftext|>`, the document separator) get the ids after the merges.
+
+`bytes_to_unicode` is only needed to read and write files: OpenAI's `encoder.json` spells
+each token's bytes as printable characters (a space is "Ġ"), and our JSON does the same.
+"""
+import hashlib
+import heapq
+import json
+import os
+from collections import Counter, defaultdict
+from pathlib import Path
+
+import regex
+
+from tritongpt.errors import UserError
+
+# GPT-2's pre-tokeniser: contractions, letters, digits, other symbols (each may take one
+# leading space), then whitespace. `\s+(?!\S)` leaves the last space of a run to start the
+# next word, so "a   b" splits as "a", "  ", " b".
+GPT2_PAT = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+EOT = "<|endoftext|>"
+DEFAULT_VOCAB_SIZE = 4096
+FORMAT = "tritongpt-bpe"
+
+
+class DisallowedSpecialToken(UserError, ValueError):
+    """Text contains a special token's spelling but the caller did not allow special tokens."""
+
+
+def bytes_to_unicode() -> dict:
+    """byte value -> a printable character standing for it (GPT-2's encoder.json spelling).
+
+    Printable Latin-1 bytes stand for themselves; the rest (control bytes, space, ...) are
+    shifted to 256 and up, so every token is a readable string with no whitespace in it.
+    """
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, map(chr, cs)))
+
+
+BYTE_ENCODER = bytes_to_unicode()
+BYTE_DECODER = {c: b for b, c in BYTE_ENCODER.items()}
+
+
+def token_to_str(token: bytes) -> str:
+    return "".join(BYTE_ENCODER[b] for b in token)
+
+
+def str_to_token(s: str, where: str = "tokenizer file") -> bytes:
+    try:
+        return bytes(BYTE_DECODER[c] for c in s)
+    except KeyError as e:
+        raise UserError(f"{where}: token {s!r} has a character {e.args[0]!r} outside GPT-2's byte alphabet") from None
+
+
+def _alternation(specials):
+    """A regex matching any of the special tokens (longest first, so no prefix wins), captured."""
+    return regex.compile("(" + "|".join(regex.escape(s) for s in sorted(specials, key=len, reverse=True)) + ")")
+
+
+# -- training -----------------------------------------------------------------------------------
+def _merge_word(word: list, a: int, b: int, new: int) -> list:
+    """Replace every non-overlapping (a, b) in `word`, left to right, by `new`."""
+    out, i, n = [], 0, len(word)
+    while i < n:
+        if i + 1 < n and word[i] == a and word[i + 1] == b:
+            out.append(new)
+            i += 2
+        else:
+            out.append(word[i])
+            i += 1
+    return out
+
+
+def train_ranks(text: str, vocab_size: int, special_tokens=(EOT,), pat_str: str = GPT2_PAT,
+                verbose: bool = False) -> dict:
+    """Learn byte-level BPE ranks (token bytes -> id) for `vocab_size` ids including specials.
+
+    Counts are kept per unique pre-tokenised word with its frequency, so the corpus is
+    visited once. After each merge only the words containing the merged pair are updated
+    (`where` maps a pair to those words), and a heap keyed by (-count, pair) finds the next
+    best pair; ties go to the pair of smallest ids, which makes training deterministic.
+    """
+    n_merges = vocab_size - 256 - len(special_tokens)
+    if n_merges < 0:
+        raise UserError(f"vocab_size {vocab_size} is too small: byte-level BPE needs 256 byte tokens "
+                        f"+ {len(special_tokens)} special token(s)")
+    # Special tokens separate documents; no merge may learn their spelling or cross them.
+    pieces = regex.split("|".join(regex.escape(s) for s in special_tokens), text) if special_tokens else [text]
+    pat = regex.compile(pat_str)
+    word_freq = Counter()
+    for piece in pieces:
+        word_freq.update(pat.findall(piece))
+
+    words = [list(w.encode("utf-8")) for w in word_freq]
+    freqs = list(word_freq.values())
+    pair_count = defaultdict(int)
+    where = defaultdict(set)                       # pair -> indices of words that contain it
+    for i, (w, f) in enumerate(zip(words, freqs)):
+        for pair in zip(w, w[1:]):
+            pair_count[pair] += f
+            where[pair].add(i)
+    heap = [(-c, pair) for pair, c in pair_count.items()]
+    heapq.heapify(heap)
+
+    vocab = [bytes([b]) for b in range(256)]       # id -> bytes
+    ranks = {tok: i for i, tok in enumerate(vocab)}
+    while len(vocab) < 256 + n_merges:
+        if not heap:
+            raise UserError(f"the training text is too small for vocab_size {vocab_size}: it ran out of "
+                            f"pairs to merge after {len(vocab) - 256} merges")
+        neg, pair = heapq.heappop(heap)
+        if pair_count.get(pair) != -neg:           # stale heap entry: the count changed since
+            continue
+        a, b = pair
+        joined = vocab[a] + vocab[b]
+        # Different pairs can spell the same bytes ("ab"+"c", "a"+"bc"): reuse that token.
+        new = ranks.get(joined)
+        if new is None:
+            new = len(vocab)
+            vocab.append(joined)
+            ranks[joined] = new
+        changed = set()
+        for i in where.pop(pair):
+            w, f = words[i], freqs[i]
+            merged = _merge_word(w, a, b, new)
+            if len(merged) == len(w):              # stale index: an earlier merge consumed the pair
+                continue
+            for p in zip(w, w[1:]):
+                pair_count[p] -= f
+                changed.add(p)
+            for p in zip(merged, merged[1:]):
+                pair_count[p] += f
+                where[p].add(i)
+                changed.add(p)
+            words[i] = merged
+        for p in changed:
+            c = pair_count[p]
+            if c > 0:
+                heapq.heappush(heap, (-c, p))
+            else:
+                del pair_count[p]
+        if verbose and (len(vocab) - 256) % 500 == 0:
+            print(f"merge {len(vocab) - 256}/{n_merges}: {joined!r} (count {-neg})")
+    return ranks
+
+
+# -- the tokenizer -------------------------------------------------------------------------------
+class BPETokenizer:
+    """Byte-level BPE: `ranks` maps token bytes to ids 0..n-1; special tokens follow.
+
+    encode (tiktoken) and encode_reference (plain Python) give the same ids; decode inverts both.
+    """
+
+    def __init__(self, ranks: dict, special_tokens=None, pat_str: str = GPT2_PAT, name: str = "bpe",
+                 info: dict = None, encoding=None):
+        n = len(ranks)
+        if sorted(ranks.values()) != list(range(n)):
+            raise UserError(f"tokenizer {name!r}: token ids must be 0..{n - 1} without gaps")
+        if any(bytes([b]) not in ranks for b in range(256)):
+            raise UserError(f"tokenizer {name!r}: byte-level BPE needs all 256 single bytes as tokens")
+        if special_tokens is None:
+            special_tokens = {EOT: n}
+        if sorted(special_tokens.values()) != list(range(n, n + len(special_tokens))):
+            raise UserError(f"tokenizer {name!r}: special token ids must follow the {n} ordinary tokens")
+        self.ranks = dict(ranks)
+        self.special_tokens = dict(special_tokens)
+        self.pat_str = pat_str
+        self.name = name
+        self.info = dict(info or {})                 # free-form provenance (e.g. corpus hash)
+        self._pat = regex.compile(pat_str)
+        self._special_pat = _alternation(self.special_tokens) if self.special_tokens else None
+        self._id_to_bytes = [b""] * self.vocab_size
+        for tok, i in self.ranks.items():
+            self._id_to_bytes[i] = tok
+        for s, i in self.special_tokens.items():
+            self._id_to_bytes[i] = s.encode("utf-8")
+        self._enc = encoding
+        self._hash = None
+
+    # -- construction --------------------------------------------------------------------------
+    @classmethod
+    def train(cls, text: str, vocab_size: int, special_tokens=(EOT,), pat_str: str = GPT2_PAT,
+              name: str = "bpe", verbose: bool = False) -> "BPETokenizer":
+        """Learn merges on `text` until there are `vocab_size` ids; specials take the last ids."""
+        ranks = train_ranks(text, vocab_size, special_tokens, pat_str, verbose)
+        specials = {s: len(ranks) + i for i, s in enumerate(special_tokens)}
+        return cls(ranks, specials, pat_str, name=name)
+
+    @classmethod
+    def from_gpt2_files(cls, encoder_json, vocab_bpe) -> "BPETokenizer":
+        """OpenAI's GPT-2 files: encoder.json (token spelling -> id) and vocab.bpe (the merges).
+
+        The ids come from encoder.json; vocab.bpe is checked against them: merge i must create
+        token 256 + i from two existing tokens, which is what makes id == rank.
+        """
+        for p in (encoder_json, vocab_bpe):
+            if not os.path.isfile(p):
+                raise UserError(f"GPT-2 tokenizer file not found: {p}")
+        try:
+            with open(encoder_json, encoding="utf-8") as f:
+                encoder = json.load(f)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{encoder_json}: not valid JSON ({e.msg} at line {e.lineno})") from None
+        specials = {s: i for s, i in encoder.items() if s == EOT}
+        ranks = {str_to_token(s, str(encoder_json)): i for s, i in encoder.items() if s != EOT}
+        with open(vocab_bpe, encoding="utf-8") as f:
+            lines = f.read().split("\n")
+        merges = [ln for ln in lines[1:] if ln]     # first line is a "#version" header
+        for i, line in enumerate(merges):
+            parts = line.split(" ")
+            if len(parts) != 2:
+                raise UserError(f"{vocab_bpe}:{i + 2}: expected two tokens separated by a space, got {line!r}")
+            a, b = (str_to_token(p, str(vocab_bpe)) for p in parts)
+            if a not in ranks or b not in ranks or ranks.get(a + b) != 256 + i:
+                raise UserError(f"{vocab_bpe}:{i + 2}: merge {line!r} does not match {encoder_json}")
+        if len(merges) + 256 != len(ranks):
+            raise UserError(f"{vocab_bpe} has {len(merges)} merges but {encoder_json} has {len(ranks)} tokens "
+                            f"(expected 256 + merges)")
+        return cls(ranks, specials, GPT2_PAT, name="gpt2")
+
+    @classmethod
+    def from_tiktoken(cls, enc, name: str = None) -> "BPETokenizer":
+        """Wrap an existing tiktoken.Encoding (e.g. tiktoken.get_encoding("gpt2"))."""
+        return cls(enc._mergeable_ranks, enc._special_tokens, enc._pat_str, name=name or enc.name, encoding=enc)
+
+    # -- sizes and identity --------------------------------------------------------------------
+    @property
+    def vocab_size(self) -> int:
+        return len(self.ranks) + len(self.special_tokens)
+
+    @property
+    def eot_id(self) -> int:
+        if EOT not in self.special_tokens:
+            raise UserError(f"tokenizer {self.name!r} has no {EOT} token")
+        return self.special_tokens[EOT]
+
+    @property
+    def hash(self) -> str:
+        """sha256 of what decides the ids (regex, tokens, specials): equal hash, equal encoding."""
+        if self._hash is None:
+            h = hashlib.sha256()
+            h.update(json.dumps({"pat_str": self.pat_str, "special_tokens": sorted(self.special_tokens.items())}).encode())
+            for tok in self._id_to_bytes[:len(self.ranks)]:
+                h.update(len(tok).to_bytes(4, "little") + tok)
+            self._hash = h.hexdigest()
+        return self._hash
+
+    def __repr__(self):
+        return f"BPETokenizer(name={self.name!r}, vocab_size={self.vocab_size})"
+
+    # -- special tokens ------------------------------------------------------------------------
+    def _allowed(self, allowed_special) -> set:
+        """allowed_special -> the set of special tokens to encode as their ids.
+
+        "none_raise" (default): none, and text spelling one is an error; "none": none, their
+        spellings are ordinary text; "all"; or a set of names.
+        """
+        if allowed_special == "all":
+            return set(self.special_tokens)
+        if allowed_special in ("none_raise", None):
+            return set()
+        if allowed_special == "none":               # encode special spellings as ordinary text
+            return set()
+        allowed = {allowed_special} if isinstance(allowed_special, str) else set(allowed_special)
+        unknown = allowed - set(self.special_tokens)
+        if unknown:
+            raise UserError(f"unknown special token(s) {sorted(unknown)}; this tokenizer has {sorted(self.special_tokens)}")
+        return allowed
+
+    def _check_special(self, text: str, allowed: set, allowed_special):
+        if allowed_special == "none" or not self._special_pat:
+            return
+        for m in self._special_pat.finditer(text):
+            if m.group() not in allowed:
+                raise DisallowedSpecialToken(
+                    f"text contains the disallowed special token {m.group()!r} at character {m.start()}; "
+                    f"pass allowed_special='all' (or {{{m.group()!r}}}) to encode it as one special token")
+
+    # -- encoding: reference (plain Python) ----------------------------------------------------
+    def _bpe(self, piece: bytes) -> list:
+        """Merge one pre-tokenised word, lowest rank first (tiktoken's formulation of BPE)."""
+        ranks = self.ranks
+        if piece in ranks:                          # a whole-word token, as tiktoken does
+            return [ranks[piece]]
+        parts = [bytes([b]) for b in piece]
+        while len(parts) > 1:
+            best, best_i = None, -1
+            for i in range(len(parts) - 1):
+                r = ranks.get(parts[i] + parts[i + 1])
+                if r is not None and (best is None or r < best):
+                    best, best_i = r, i
+            if best is None:
+                break
+            parts[best_i:best_i + 2] = [parts[best_i] + parts[best_i + 1]]
+        return [ranks[p] for p in parts]
+
+    def encode_ordinary_reference(self, text: str) -> list:
+        ids = []
+        for word in self._pat.findall(text):
+            ids.extend(self._bpe(word.encode("utf-8")))
+        return ids
+
+    def encode_reference(self, text: str, allowed_special="none_raise") -> list:
+        """The from-scratch encoder: regex split, then `_bpe` on each word's bytes."""
+        allowed = self._allowed(allowed_special)
+        self._check_special(text, allowed, allowed_special)
+        if not allowed:
+            return self.encode_ordinary_reference(text)
+        ids = []
+        for i, chunk in enumerate(_alternation(allowed).split(text)):
+            if i % 2:                               # odd chunks are the separators themselves
+                ids.append(self.special_tokens[chunk])
+            elif chunk:
+                ids.extend(self.encode_ordinary_reference(chunk))
+        return ids
+
+    # -- encoding: fast path (tiktoken) --------------------------------------------------------
+    @property
+    def encoding(self):
+        """The same ranks as a tiktoken.Encoding (built on first use)."""
+        if self._enc is None:
+            import tiktoken
+
+            self._enc = tiktoken.Encoding(name=f"tritongpt-{self.name}-{self.hash[:12]}", pat_str=self.pat_str,
+                                          mergeable_ranks=self.ranks, special_tokens=self.special_tokens)
+        return self._enc
+
+    def encode(self, text: str, allowed_special="none_raise") -> list:
+        if not isinstance(text, str):
+            raise TypeError(f"encode expects a str, got {type(text).__name__}")
+        allowed = self._allowed(allowed_special)
+        self._check_special(text, allowed, allowed_special)
+        return self.encoding.encode(text, allowed_special=allowed, disallowed_special=())
+
+    def encode_batch(self, texts, allowed_special="none_raise", num_threads: int = 4) -> list:
+        allowed = self._allowed(allowed_special)
+        for t in texts:
+            self._check_special(t, allowed, allowed_special)
+        return self.encoding.encode_batch(list(texts), num_threads=num_threads, allowed_special=allowed,
+                                          disallowed_special=())
+
+    # -- decoding ------------------------------------------------------------------------------
+    def decode_bytes(self, ids) -> bytes:
+        ids, n = [int(i) for i in ids], self.vocab_size
+        if ids and not 0 <= min(ids) <= max(ids) < n:
+            bad = next(i for i in ids if not 0 <= i < n)
+            raise UserError(f"token id {bad} is out of range for tokenizer {self.name!r} (vocab size {n})")
+        table = self._id_to_bytes
+        return b"".join([table[i] for i in ids])
+
+    def decode(self, ids) -> str:
+        """ids -> text. Bytes that are not valid UTF-8 (a cut-off character) become U+FFFD."""
+        return self.decode_bytes(ids).decode("utf-8", errors="replace")
+
+    def token_str(self, i: int) -> str:
+        """A token's bytes in GPT-2's printable spelling (for looking at the vocabulary)."""
+        return token_to_str(self._id_to_bytes[i])
+
+    # -- files ---------------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        return {"format": FORMAT, "version": 1, "name": self.name, "pat_str": self.pat_str,
+                "vocab_size": self.vocab_size, "special_tokens": self.special_tokens, "info": self.info,
+                "hash": self.hash,
+                # id -> token, spelled like GPT-2's encoder.json ("Ġthe" is " the")
+                "tokens": [token_to_str(t) for t in self._id_to_bytes[:len(self.ranks)]]}
+
+    def save(self, path):
+        """Write JSON atomically (a reader never sees half a file)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(self.to_dict(), f, ensure_ascii=False, indent=0)
+        os.replace(tmp, path)
+        return path
+
+    @classmethod
+    def load(cls, path) -> "BPETokenizer":
+        path = Path(path)
+        if not path.is_file():
+            raise UserError(f"tokenizer file not found: {path}")
+        try:
+            with open(path, encoding="utf-8") as f:
+                d = json.load(f)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise UserError(f"{path}: not a tokenizer JSON file ({e})") from None
+        if not isinstance(d, dict) or d.get("format") != FORMAT:
+            raise UserError(f"{path}: not a tritongpt tokenizer file (expected format {FORMAT!r})")
+        for key in ("pat_str", "tokens", "special_tokens"):
+            if key not in d:
+                raise UserError(f"{path}: missing field {key!r}")
+        ranks = {str_to_token(s, str(path)): i for i, s in enumerate(d["tokens"])}
+        if len(ranks) != len(d["tokens"]):
+            raise UserError(f"{path}: the same token appears twice in 'tokens'")
+        tok = cls(ranks, d["special_tokens"], d["pat_str"], name=d.get("name", path.stem), info=d.get("info"))
+        if d.get("hash") not in (None, tok.hash):
+            raise UserError(f"{path}: content does not match its recorded hash (file edited or damaged)")
+        return tok
+
+
+# -- named tokenizers ------------------------------------------------------------------------------
+def default_cache_dir(override=None) -> Path:
+    """Where derived files live: `override`, else $TRITONGPT_CACHE, else ~/.cache/tritongpt."""
+    return Path(override or os.environ.get("TRITONGPT_CACHE") or Path.home() / ".cache" / "tritongpt")
+
+
+def text_hash(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def cached_tokenizer(path, text: str, vocab_size: int, name: str, verbose: bool = False) -> BPETokenizer:
+    """Load the tokenizer at `path` if it was trained on this exact text and size, else train and save."""
+    path, h = Path(path), text_hash(text)
+    if path.is_file():
+        try:
+            tok = BPETokenizer.load(path)
+            if tok.info.get("corpus_hash") == h and tok.vocab_size == vocab_size:
+                return tok
+        except UserError:
+            pass                                    # a damaged cache file is simply rebuilt
+    if verbose:
+        print(f"training the {name!r} tokenizer (vocab {vocab_size}) -> {path}")
+    tok = BPETokenizer.train(text, vocab_size, name=name)
+    tok.info.update(corpus_hash=h, corpus_chars=len(text))
+    try:
+        tok.save(path)
+    except OSError as e:                            # read-only home: still usable, just not cached
+        print(f"warning: could not cache the tokenizer at {path}: {e}")
+    return tok
+
+
+_DEFAULT = {}
+
+
+def default_tokenizer(cache_dir=None, vocab_size: int = DEFAULT_VOCAB_SIZE, verbose: bool = False) -> BPETokenizer:
+    """BPE with `vocab_size` ids trained on the embedded corpus (Python's pydoc topics).
+
+    Trained once (a few seconds) and cached as JSON; retrained when the corpus changes (a
+    different Python version ships different docs).
+    """
+    from tritongpt.train.data import load_text
+
+    path = default_cache_dir(cache_dir) / f"bpe-pydoc-{vocab_size}.json"
+    key = (str(path), vocab_size)
+    if key not in _DEFAULT:
+        _DEFAULT[key] = cached_tokenizer(path, load_text("pydoc"), vocab_size, name="default", verbose=verbose)
+    return _DEFAULT[key]
+
+
+def gpt2_tokenizer() -> BPETokenizer:
+    """tiktoken's "gpt2" encoding (downloaded once by tiktoken, then cached by it)."""
+    import tiktoken
+
+    try:
+        enc = tiktoken.get_encoding("gpt2")
+    except Exception as e:
+        msg = (str(e).splitlines() or [""])[0]
+        msg = f"{type(e).__name__}: {msg[:80]}..." if len(msg) > 80 else f"{type(e).__name__}: {msg}"
+        raise UserError(f"could not download the GPT-2 tokenizer files ({msg}); "
+                        f"offline, pass a folder holding OpenAI's encoder.json and vocab.bpe instead "
+                        f"(e.g. --tokenizer path/to/gpt2/)") from None
+    return BPETokenizer.from_tiktoken(enc, name="gpt2")
+
+
+def get_tokenizer(spec="default") -> BPETokenizer:
+    """"default" | "gpt2" | a saved tokenizer JSON | a folder with encoder.json + vocab.bpe."""
+    if isinstance(spec, BPETokenizer):
+        return spec
+    spec = "default" if spec is None else str(spec)
+    if spec == "default":
+        return default_tokenizer()
+    if spec == "gpt2":
+        return gpt2_tokenizer()
+    p = Path(spec).expanduser()
+    if p.is_dir():
+        enc, bpe = p / "encoder.json", p / "vocab.bpe"
+        if not (enc.is_file() and bpe.is_file()):
+            raise UserError(f"tokenizer folder {p} must hold encoder.json and vocab.bpe")
+        return BPETokenizer.from_gpt2_files(enc, bpe)
+    if p.is_file():
+        return BPETokenizer.load(p)
+    raise UserError(f"unknown tokenizer {spec!r}: use 'default', 'gpt2', a tokenizer .json file, "
+                    f"or a folder with encoder.json and vocab.bpe")
+
+
+# -- command line: `tritongpt bpe train|encode|decode` -----------------------------------------------
+def cmd_train(args):
+    import time
+
+    from tritongpt.train.data import load_text
+
+    text = load_text(args.input, text_field=args.text_field)
+    t0 = time.perf_counter()
+    tok = BPETokenizer.train(text, args.vocab_size, name=Path(args.out).stem, verbose=args.verbose)
+    tok.info.update(corpus_hash=text_hash(text), corpus_chars=len(text), source=str(args.input))
+    tok.save(args.out)
+    print(f"trained {tok.vocab_size} tokens on {len(text):,} characters in {time.perf_counter() - t0:.1f}s "
+          f"-> {args.out}")
+    return 0
+
+
+def cmd_encode(args):
+    tok = get_tokenizer(args.tokenizer)
+    if args.text is not None:
+        text = args.text
+    else:
+        from tritongpt.train.data import load_text
+
+        text = load_text(args.file)
+    try:
+        ids = tok.encode(text, allowed_special="all" if args.allow_special else "none_raise")
+    except DisallowedSpecialToken:
+        raise UserError(f"the text contains {EOT}: pass --allow-special to encode it as the special token") from None
+    print(" ".join(map(str, ids)))
+    return 0
+
+
+def cmd_decode(args):
+    print(get_tokenizer(args.tokenizer).decode(args.ids))
+    return 0
+
+
+def add_cli(sub):
+    p = sub.add_parser("bpe", help="train, apply or invert a byte-level BPE tokenizer")
+    bsub = p.add_subparsers(dest="bpe_command", metavar="ACTION", required=True)
+
+    t = bsub.add_parser("train", help="learn BPE merges on a corpus and save them as JSON")
+    t.add_argument("--input", default="pydoc",
+                   help="pydoc (built-in corpus) | stdlib | a text file | a folder of .txt | a .jsonl (default %(default)s)")
+    t.add_argument("--text-field", default="text", help="field holding the text in a .jsonl (default %(default)s)")
+    t.add_argument("--vocab-size", type=int, default=DEFAULT_VOCAB_SIZE, help="ids incl. <|endoftext|> (default %(default)s)")
+    t.add_argument("--out", required=True, help="where to write the tokenizer JSON")
+    t.add_argument("--verbose", action="store_true", help="print progress every 500 merges")
+    t.set_defaults(func=cmd_train)
+
+    e = bsub.add_parser("encode", help="print the token ids of some text")
+    e.add_argument("--tokenizer", default="default", help="default | gpt2 | tokenizer .json | folder with encoder.json + vocab.bpe")
+    src = e.add_mutually_exclusive_group(required=True)
+    src.add_argument("--text", help="the text to encode")
+    src.add_argument("--file", help="read the text from this file")
+    e.add_argument("--allow-special", action="store_true", help=f"encode {EOT} in the text as the special token")
+    e.set_defaults(func=cmd_encode)
+
+    d = bsub.add_parser("decode", help="print the text of some token ids")
+    d.add_argument("--tokenizer", default="default", help="default | gpt2 | tokenizer .json | folder with encoder.json + vocab.bpe")
+    d.add_argument("--ids", type=int, nargs="+", required=True)
+    d.set_defaults(func=cmd_decode)
