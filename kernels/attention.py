@@ -1,0 +1,592 @@
+"""FlashAttention-2 style attention in Triton: forward, backward, dropout, bottom-right causal mask.
+
+Reference module: `tritongpt.model.layers.MultiHeadAttention` -- this file replaces its textbook
+attention core (`MultiHeadAttention.attend`: scores, causal mask, softmax, dropout, @ v).
+
+Algorithm (Dao, "FlashAttention-2", 2023). Per (batch, head), with S = scale * Q K^T:
+  forward   One program owns a BLOCK_M tile of query rows; Q tile, the running row max m,
+            the running row sum l and the fp32 output accumulator stay in SRAM/registers while
+            the program streams BLOCK_N tiles of K and V past them (online softmax: when the max
+            grows, rescale l and the accumulator by exp(m_old - m_new)). Only O and the
+            logsumexp L = m + log(l) (one float per row) go back to HBM. The Tq x Tk matrix
+            never exists in memory. Causal: KV tiles wholly above the diagonal are never
+            visited, and only tiles that straddle the diagonal or the ragged end pay for a mask.
+  backward  (1) preprocess: Delta = rowsum(O * dO), one float per query row.
+            (2) dK/dV pass: one program owns a BLOCK_N tile of keys (K, V, dK, dV in SRAM) and
+                streams the query tiles that can see it, recomputing P = exp(S - L) from the
+                saved logsumexp: dV += P'^T dO, dS = P * (dP - Delta), dK += dS^T Q.
+            (3) dQ pass: one program owns a BLOCK_M tile of queries and streams K, V again:
+                dQ += dS K. Recomputing P twice is cheaper than storing it, and no atomics.
+  causal    bottom-right aligned, as in the reference with a KV cache: query i (of Tq) sits at
+            absolute position Tk - Tq + i and sees keys j <= Tk - Tq + i. So decode (Tq = 1)
+            and chunked prefill (Tq < Tk) use the same kernel.
+  dropout   P' = dropout(P) / (1 - p), O = P' V, as nn.Dropout on the attention weights. The
+            keep-mask is never stored: entry (bh, i, j) keeps iff tl.rand(seed, (bh*Tq + i)*Tk + j)
+            >= p, a counter-based RNG, so the backward regenerates exactly the same mask, and
+            `dropout_mask` rebuilds it for tests. Delta = rowsum(O*dO) is still rowsum(P*dP).
+  head dim  32, 64, 80, 96, 128; 80 and 96 are padded to 128 inside the kernel with masks.
+
+Public API: `flash_attention(q, k, v, causal=True, softmax_scale=None, dropout_p=0.0, seed=None)`
+and `dropout_mask(seed, B, H, Tq, Tk, p, device)`. The kernels are registered as the custom
+ops `tritongpt::flash_attn_fwd` / `tritongpt::flash_attn_bwd` (fake impls + register_autograd,
+which plays the role of the autograd.Function), so torch.compile treats the attention as one
+opaque differentiable op instead of tracing into Triton.
+"""
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from tritongpt.kernels._common import (check_runnable, check_same_device, check_same_dtype,
+                                       check_tensor, is_interpreting)
+
+SUPPORTED_HEAD_DIMS = (32, 64, 80, 96, 128)
+LOG2E = 1.4426950408889634  # kernels work in base 2: exp(x) = exp2(x * log2(e)), exp2 is one MUFU op
+
+INTERPRET = is_interpreting()
+# The interpreter costs ~5 ms per program instance and would time every autotune config, so
+# on CPU use one small fixed tile: enough tiles per head that block skipping and ragged edges
+# are exercised by tests at lengths of a few dozen.
+INTERPRET_BLOCK = 16
+
+
+# ----------------------------------------------------------------------------- shared helpers
+@triton.jit
+def _load_rows(base, rows, n_rows, stride_row, offs_d, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Load a [rows, BLOCK_D] tile; rows past n_rows and padded head-dim columns read as 0."""
+    ptrs = base + rows[:, None] * stride_row + offs_d[None, :]
+    mask = rows[:, None] < n_rows
+    if BLOCK_D != HEAD_DIM:
+        mask = mask & (offs_d[None, :] < HEAD_DIM)
+    return tl.load(ptrs, mask=mask, other=0.0)
+
+
+@triton.jit
+def _store_rows(base, val, rows, n_rows, stride_row, offs_d, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
+    ptrs = base + rows[:, None] * stride_row + offs_d[None, :]
+    mask = rows[:, None] < n_rows
+    if BLOCK_D != HEAD_DIM:
+        mask = mask & (offs_d[None, :] < HEAD_DIM)
+    tl.store(ptrs, _cast(val, base.dtype.element_ty), mask=mask)
+
+
+# Two Triton 3.8 interpreter bugs with bf16 (which numpy lacks; it is kept as raw uint16):
+# tl.dot multiplies the bit patterns as integers, and fp32 -> bf16 casts truncate instead of
+# rounding to nearest even. Under the interpreter, _dot upcasts bf16 operands to fp32 (exact:
+# tensor cores also accumulate bf16 products in fp32) and _cast rounds by hand. Compiled GPU
+# code never takes these branches.
+_INTERPRETER_BF16_FIX = tl.constexpr(INTERPRET)
+
+
+@triton.jit
+def _dot(a, b, acc, PRECISION: tl.constexpr):
+    if _INTERPRETER_BF16_FIX and a.dtype == tl.bfloat16:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    return tl.dot(a, b, acc, input_precision=PRECISION)
+
+
+@triton.jit
+def _cast(x, dtype: tl.constexpr):
+    if _INTERPRETER_BF16_FIX and dtype == tl.bfloat16:
+        bits = x.to(tl.float32).to(tl.uint32, bitcast=True)
+        bits = bits + (0x7FFF + ((bits >> 16) & 1))  # round half to even on the 16 dropped bits
+        y = (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    else:
+        y = x.to(dtype)
+    return y
+
+
+@triton.jit
+def _dropout_keep(seed, rng_base, rows, cols, Tk, dropout_p):
+    """Keep-mask for attention entries (rows, cols) of one head; rng_base = bh * Tq * Tk.
+
+    One counter per (bh, row, col), so every kernel (forward, both backward passes,
+    dropout_mask) draws the same number for the same entry, whatever its tiling.
+    """
+    offsets = rng_base + rows.to(tl.int64) * Tk + cols
+    return tl.rand(seed, offsets) >= dropout_p
+
+
+# ----------------------------------------------------------------------------- forward
+@triton.jit
+def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, offs_m, offs_d,
+               lo, hi, Tq, Tk, qk_scale, seed, rng_base, dropout_p, keep_scale,
+               HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+               MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+               PRECISION: tl.constexpr):
+    """Stream KV tiles [lo, hi) past one query tile (online softmax, base-2 logits)."""
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        k = _load_rows(k_base, offs_n, Tk, stride_kn, offs_d, HEAD_DIM, BLOCK_D)
+        s = _dot(q, tl.trans(k), None, PRECISION) * qk_scale
+        if MASKED:  # only tiles on the diagonal or the ragged end of K pay for this
+            valid = offs_n[None, :] < Tk
+            if IS_CAUSAL:
+                valid = valid & (offs_n[None, :] <= offs_m[:, None] + (Tk - Tq))
+            s = tl.where(valid, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)  # the softmax denominator counts dropped entries too
+        acc = acc * alpha[:, None]
+        if HAS_DROPOUT:
+            keep = _dropout_keep(seed, rng_base, offs_m[:, None], offs_n[None, :], Tk, dropout_p)
+            p = tl.where(keep, p * keep_scale, 0.0)
+        v = _load_rows(v_base, offs_n, Tk, stride_vn, offs_d, HEAD_DIM, BLOCK_D)
+        acc = _dot(_cast(p, v.dtype), v, acc, PRECISION)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _attn_fwd(Q, K, V, O, LSE, seed, qk_scale, dropout_p, keep_scale,
+              stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
+              stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_om,
+              H, Tq, Tk, Q_BUCKET,
+              HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+              IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr, PRECISION: tl.constexpr):
+    """Grid (cdiv(Tq, BLOCK_M), B*H). Writes O and the base-2 logsumexp of the scaled scores."""
+    start_m = tl.program_id(0) * BLOCK_M
+    bh = tl.program_id(1)
+    b, h = (bh // H).to(tl.int64), (bh % H).to(tl.int64)
+    q_base = Q + b * stride_qb + h * stride_qh
+    k_base = K + b * stride_kb + h * stride_kh
+    v_base = V + b * stride_vb + h * stride_vh
+    o_base = O + b * stride_ob + h * stride_oh
+    rng_base = bh.to(tl.int64) * Tq * Tk
+
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    q = _load_rows(q_base, offs_m, Tq, stride_qm, offs_d, HEAD_DIM, BLOCK_D)
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+
+    # KV tiles [0, full_hi) are fully visible to every row of this tile: no mask at all.
+    # Tiles [full_hi, hi) straddle the diagonal or the end of K. Tiles >= hi are skipped.
+    # Column 0 is visible to every row, so each row's max is finite after the first tile.
+    if IS_CAUSAL:
+        hi = tl.minimum(Tk, start_m + BLOCK_M + (Tk - Tq))
+        full_hi = tl.minimum((start_m + (Tk - Tq) + 1) // BLOCK_N * BLOCK_N, Tk // BLOCK_N * BLOCK_N)
+    else:
+        hi = Tk
+        full_hi = Tk // BLOCK_N * BLOCK_N
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, offs_m, offs_d,
+                               0, full_hi, Tq, Tk, qk_scale, seed, rng_base, dropout_p, keep_scale,
+                               HEAD_DIM, BLOCK_D, BLOCK_N, False, IS_CAUSAL, HAS_DROPOUT, PRECISION)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, offs_m, offs_d,
+                               full_hi, hi, Tq, Tk, qk_scale, seed, rng_base, dropout_p, keep_scale,
+                               HEAD_DIM, BLOCK_D, BLOCK_N, True, IS_CAUSAL, HAS_DROPOUT, PRECISION)
+
+    acc = acc / l_i[:, None]
+    _store_rows(o_base, acc, offs_m, Tq, stride_om, offs_d, HEAD_DIM, BLOCK_D)
+    tl.store(LSE + bh.to(tl.int64) * Tq + offs_m, m_i + tl.log2(l_i), mask=offs_m < Tq)
+
+
+# ----------------------------------------------------------------------------- backward
+@triton.jit
+def _attn_bwd_preprocess(O, DO, Delta, stride_ob, stride_oh, stride_om, stride_dob, stride_doh, stride_dom,
+                         H, Tq, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Grid (cdiv(Tq, BLOCK_M), B*H). Delta_i = sum_d O_id * dO_id (= rowsum(P * dP)), in fp32."""
+    start_m = tl.program_id(0) * BLOCK_M
+    bh = tl.program_id(1)
+    b, h = (bh // H).to(tl.int64), (bh % H).to(tl.int64)
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    o = _load_rows(O + b * stride_ob + h * stride_oh, offs_m, Tq, stride_om, offs_d, HEAD_DIM, BLOCK_D)
+    do = _load_rows(DO + b * stride_dob + h * stride_doh, offs_m, Tq, stride_dom, offs_d, HEAD_DIM, BLOCK_D)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    tl.store(Delta + bh.to(tl.int64) * Tq + offs_m, delta, mask=offs_m < Tq)
+
+
+@triton.jit
+def _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_ptr, delta_ptr, stride_qm, stride_dom,
+                    offs_n, offs_d, lo, hi, Tq, Tk, qk_scale, seed, rng_base, dropout_p, keep_scale,
+                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+                    MASKED: tl.constexpr, HAS_DROPOUT: tl.constexpr, PRECISION: tl.constexpr):
+    """Stream query tiles [lo, hi) past one key tile; work in the transposed [BLOCK_N, BLOCK_M] frame."""
+    for start_m in range(lo, hi, BLOCK_M):
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        q = _load_rows(q_base, offs_m, Tq, stride_qm, offs_d, HEAD_DIM, BLOCK_D)
+        do = _load_rows(do_base, offs_m, Tq, stride_dom, offs_d, HEAD_DIM, BLOCK_D)
+        # Rows past Tq load q = dO = 0, L = Delta = 0: their P is finite and their dS is 0.
+        lse = tl.load(lse_ptr + offs_m, mask=offs_m < Tq, other=0.0)
+        delta = tl.load(delta_ptr + offs_m, mask=offs_m < Tq, other=0.0)
+        s_t = _dot(k, tl.trans(q), None, PRECISION) * qk_scale
+        p_t = tl.exp2(s_t - lse[None, :])
+        if MASKED:  # causal diagonal tiles only (loop bounds guarantee IS_CAUSAL here)
+            p_t = tl.where(offs_n[:, None] <= offs_m[None, :] + (Tk - Tq), p_t, 0.0)
+        dp_t = _dot(v, tl.trans(do), None, PRECISION)
+        if HAS_DROPOUT:
+            keep = _dropout_keep(seed, rng_base, offs_m[None, :], offs_n[:, None], Tk, dropout_p)
+            pd_t = tl.where(keep, p_t * keep_scale, 0.0)
+            dp_t = tl.where(keep, dp_t * keep_scale, 0.0)
+        else:
+            pd_t = p_t
+        dv = _dot(_cast(pd_t, do.dtype), do, dv, PRECISION)
+        ds_t = p_t * (dp_t - delta[None, :])
+        dk = _dot(_cast(ds_t, q.dtype), q, dk, PRECISION)
+    return dk, dv
+
+
+@triton.jit
+def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, Delta, seed, qk_scale, sm_scale, dropout_p, keep_scale,
+                   stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
+                   stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_dom,
+                   stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh, stride_dvn,
+                   H, Tq, Tk, Q_BUCKET,
+                   HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                   IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr, PRECISION: tl.constexpr):
+    """Grid (cdiv(Tk, BLOCK_N), B*H). dV = P'^T dO, dK = scale * dS^T Q for one key tile."""
+    start_n = tl.program_id(0) * BLOCK_N
+    bh = tl.program_id(1)
+    b, h = (bh // H).to(tl.int64), (bh % H).to(tl.int64)
+    q_base = Q + b * stride_qb + h * stride_qh
+    do_base = DO + b * stride_dob + h * stride_doh
+    lse_ptr = LSE + bh.to(tl.int64) * Tq
+    delta_ptr = Delta + bh.to(tl.int64) * Tq
+    rng_base = bh.to(tl.int64) * Tq * Tk
+
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    k = _load_rows(K + b * stride_kb + h * stride_kh, offs_n, Tk, stride_kn, offs_d, HEAD_DIM, BLOCK_D)
+    v = _load_rows(V + b * stride_vb + h * stride_vh, offs_n, Tk, stride_vn, offs_d, HEAD_DIM, BLOCK_D)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+
+    # Causal: query rows before start_n - (Tk - Tq) never see this tile (skipped); rows from
+    # full_lo on see all of it (no mask); the tiles between straddle the diagonal.
+    # Keys past Tk load as 0 and their dK/dV rows are never stored, so they need no mask.
+    if IS_CAUSAL:
+        lo = tl.maximum(start_n - (Tk - Tq), 0) // BLOCK_M * BLOCK_M
+        full_lo = tl.minimum(tl.cdiv(tl.maximum(start_n + BLOCK_N - 1 - (Tk - Tq), 0), BLOCK_M) * BLOCK_M,
+                             tl.cdiv(Tq, BLOCK_M) * BLOCK_M)
+    else:
+        lo = 0
+        full_lo = 0
+    dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_ptr, delta_ptr, stride_qm, stride_dom,
+                             offs_n, offs_d, lo, full_lo, Tq, Tk, qk_scale, seed, rng_base, dropout_p,
+                             keep_scale, HEAD_DIM, BLOCK_D, BLOCK_M, True, HAS_DROPOUT, PRECISION)
+    dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_ptr, delta_ptr, stride_qm, stride_dom,
+                             offs_n, offs_d, full_lo, Tq, Tq, Tk, qk_scale, seed, rng_base, dropout_p,
+                             keep_scale, HEAD_DIM, BLOCK_D, BLOCK_M, False, HAS_DROPOUT, PRECISION)
+
+    _store_rows(DK + b * stride_dkb + h * stride_dkh, dk * sm_scale, offs_n, Tk, stride_dkn, offs_d,
+                HEAD_DIM, BLOCK_D)
+    _store_rows(DV + b * stride_dvb + h * stride_dvh, dv, offs_n, Tk, stride_dvn, offs_d, HEAD_DIM, BLOCK_D)
+
+
+@triton.jit
+def _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn, offs_m, offs_d,
+                  lo, hi, Tq, Tk, qk_scale, seed, rng_base, dropout_p, keep_scale,
+                  HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+                  MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+                  PRECISION: tl.constexpr):
+    """Stream KV tiles [lo, hi) past one query tile, accumulating dS K."""
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        k = _load_rows(k_base, offs_n, Tk, stride_kn, offs_d, HEAD_DIM, BLOCK_D)
+        v = _load_rows(v_base, offs_n, Tk, stride_vn, offs_d, HEAD_DIM, BLOCK_D)
+        s = _dot(q, tl.trans(k), None, PRECISION) * qk_scale
+        p = tl.exp2(s - lse[:, None])
+        if MASKED:
+            valid = offs_n[None, :] < Tk
+            if IS_CAUSAL:
+                valid = valid & (offs_n[None, :] <= offs_m[:, None] + (Tk - Tq))
+            p = tl.where(valid, p, 0.0)
+        dp = _dot(do, tl.trans(v), None, PRECISION)
+        if HAS_DROPOUT:
+            keep = _dropout_keep(seed, rng_base, offs_m[:, None], offs_n[None, :], Tk, dropout_p)
+            dp = tl.where(keep, dp * keep_scale, 0.0)
+        ds = p * (dp - delta[:, None])
+        dq = _dot(_cast(ds, k.dtype), k, dq, PRECISION)
+    return dq
+
+
+@triton.jit
+def _attn_bwd_dq(Q, K, V, DO, DQ, LSE, Delta, seed, qk_scale, sm_scale, dropout_p, keep_scale,
+                 stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
+                 stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_dom,
+                 stride_dqb, stride_dqh, stride_dqm,
+                 H, Tq, Tk, Q_BUCKET,
+                 HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                 IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr, PRECISION: tl.constexpr):
+    """Grid (cdiv(Tq, BLOCK_M), B*H). dQ = scale * dS K for one query tile; same KV skipping as forward."""
+    start_m = tl.program_id(0) * BLOCK_M
+    bh = tl.program_id(1)
+    b, h = (bh // H).to(tl.int64), (bh % H).to(tl.int64)
+    k_base = K + b * stride_kb + h * stride_kh
+    v_base = V + b * stride_vb + h * stride_vh
+    rng_base = bh.to(tl.int64) * Tq * Tk
+
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    q = _load_rows(Q + b * stride_qb + h * stride_qh, offs_m, Tq, stride_qm, offs_d, HEAD_DIM, BLOCK_D)
+    do = _load_rows(DO + b * stride_dob + h * stride_doh, offs_m, Tq, stride_dom, offs_d, HEAD_DIM, BLOCK_D)
+    lse = tl.load(LSE + bh.to(tl.int64) * Tq + offs_m, mask=offs_m < Tq, other=0.0)
+    delta = tl.load(Delta + bh.to(tl.int64) * Tq + offs_m, mask=offs_m < Tq, other=0.0)
+    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+
+    if IS_CAUSAL:
+        hi = tl.minimum(Tk, start_m + BLOCK_M + (Tk - Tq))
+        full_hi = tl.minimum((start_m + (Tk - Tq) + 1) // BLOCK_N * BLOCK_N, Tk // BLOCK_N * BLOCK_N)
+    else:
+        hi = Tk
+        full_hi = Tk // BLOCK_N * BLOCK_N
+    dq = _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn, offs_m, offs_d,
+                       0, full_hi, Tq, Tk, qk_scale, seed, rng_base, dropout_p, keep_scale,
+                       HEAD_DIM, BLOCK_D, BLOCK_N, False, IS_CAUSAL, HAS_DROPOUT, PRECISION)
+    dq = _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn, offs_m, offs_d,
+                       full_hi, hi, Tq, Tk, qk_scale, seed, rng_base, dropout_p, keep_scale,
+                       HEAD_DIM, BLOCK_D, BLOCK_N, True, IS_CAUSAL, HAS_DROPOUT, PRECISION)
+    _store_rows(DQ + b * stride_dqb + h * stride_dqh, dq * sm_scale, offs_m, Tq, stride_dqm, offs_d,
+                HEAD_DIM, BLOCK_D)
+
+
+@triton.jit
+def _dropout_mask_kernel(Out, seed, Tq, Tk, dropout_p, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Grid (cdiv(Tq, BLOCK_M), cdiv(Tk, BLOCK_N), B*H): materialise the keep-mask (tests only)."""
+    bh = tl.program_id(2)
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rng_base = bh.to(tl.int64) * Tq * Tk
+    keep = _dropout_keep(seed, rng_base, offs_m[:, None], offs_n[None, :], Tk, dropout_p)
+    ptrs = Out + rng_base + offs_m[:, None].to(tl.int64) * Tk + offs_n[None, :]
+    tl.store(ptrs, keep.to(tl.int8), mask=(offs_m[:, None] < Tq) & (offs_n[None, :] < Tk))
+
+
+# ----------------------------------------------------------------------------- tuning (GPU only)
+def _prune_query_tile(configs, named_args, **kwargs):
+    """Forward and dQ own a BLOCK_M tile of queries: a tile much taller than Tq (decode: Tq = 1)
+    wastes the tensor cores, and a 16-row tile is only worth timing for short query chunks."""
+    rows = named_args["Q_BUCKET"]
+    kept = [c for c in configs if c.kwargs["BLOCK_M"] <= max(16, rows) and (c.kwargs["BLOCK_M"] > 16 or rows <= 64)]
+    return kept or configs[-1:]
+
+
+def _prune_streamed_rows(configs, named_args, **kwargs):
+    """dK/dV streams BLOCK_M query rows at a time: no point in a step taller than Tq."""
+    kept = [c for c in configs if c.kwargs["BLOCK_M"] <= max(16, named_args["Q_BUCKET"])]
+    return kept or configs[-1:]
+
+
+def _tuned(configs, prune):
+    """Autotune on a GPU; under the interpreter, launch with the fixed small tile instead."""
+    if INTERPRET:
+        return lambda fn: fn
+    cfgs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in configs]
+    # Q_BUCKET (next power of two of Tq, capped) instead of Tq/Tk: decode grows Tk by one per
+    # token and must not re-tune every step. Tensor dtypes join the key automatically.
+    return triton.autotune(cfgs, key=["HEAD_DIM", "IS_CAUSAL", "HAS_DROPOUT", "Q_BUCKET"],
+                           prune_configs_by={"early_config_prune": prune})
+
+
+# (BLOCK_M, BLOCK_N, num_warps, num_stages): H100 starting points from the Triton fused-attention
+# tutorial and FlashAttention-2, each compiled for sm_90 (ptxas, no GPU) at head dims 32-128:
+# every key (dtype bf16, head dim, causal, dropout) keeps at least one config without register
+# spills. The 8-warp variants matter at head_dim 96/128 and with dropout (Philox needs
+# registers); BLOCK_M = 16 is for decode and short chunks. The last entry of each list is the
+# fallback when pruning leaves nothing.
+_attn_fwd_run = _tuned([(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3),
+                        (16, 128, 4, 3), (16, 64, 4, 3)], _prune_query_tile)(_attn_fwd)
+_attn_bwd_dkdv_run = _tuned([(32, 128, 8, 3), (64, 128, 8, 3), (64, 64, 8, 3), (32, 64, 8, 3),
+                             (32, 64, 4, 4), (16, 64, 4, 3)], _prune_streamed_rows)(_attn_bwd_dkdv)
+_attn_bwd_dq_run = _tuned([(128, 32, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3), (64, 64, 8, 3),
+                           (16, 64, 4, 3)], _prune_query_tile)(_attn_bwd_dq)
+
+
+def _fixed_blocks():
+    return dict(BLOCK_M=INTERPRET_BLOCK, BLOCK_N=INTERPRET_BLOCK) if INTERPRET else {}
+
+
+def _kernel_flags(q, causal, dropout_p):
+    D = q.shape[-1]
+    return dict(HEAD_DIM=D, BLOCK_D=triton.next_power_of_2(D), IS_CAUSAL=bool(causal),
+                HAS_DROPOUT=dropout_p > 0.0, PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
+
+
+def _q_bucket(Tq):
+    return min(triton.next_power_of_2(Tq), 1024)
+
+
+def _last_dim_contiguous(t):
+    # The kernels assume unit stride along the head dim (vectorised loads); every other stride
+    # is passed in, so KV-cache slices and transposed views are used in place.
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _seed_value(seed: torch.Tensor) -> int:
+    # 31 bits keep the kernel argument an int32, so one compiled variant serves every seed.
+    return int(seed.item()) & 0x7FFFFFFF
+
+
+# ----------------------------------------------------------------------------- launchers
+def _fwd_launch(q, k, v, causal, softmax_scale, dropout_p, seed):
+    q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
+    B, H, Tq, D = q.shape
+    Tk = k.shape[2]
+    # O is written as [B, Tq, H, D] and returned as a [B, H, Tq, D] view: merging the heads
+    # afterwards (transpose(1, 2).reshape) is then free.
+    o = torch.empty((B, Tq, H, D), dtype=q.dtype, device=q.device).transpose(1, 2)
+    lse = torch.empty((B, H, Tq), dtype=torch.float32, device=q.device)
+    if B * H * Tq == 0:
+        return o, lse
+    grid = lambda meta: (triton.cdiv(Tq, meta["BLOCK_M"]), B * H)  # noqa: E731
+    _attn_fwd_run[grid](
+        q, k, v, o, lse, _seed_value(seed), softmax_scale * LOG2E, dropout_p, 1.0 / (1.0 - dropout_p),
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1), o.stride(2),
+        H, Tq, Tk, _q_bucket(Tq), **_kernel_flags(q, causal, dropout_p), **_fixed_blocks())
+    return o, lse
+
+
+def _bwd_launch(do, q, k, v, o, lse, causal, softmax_scale, dropout_p, seed):
+    do, q, k, v = (_last_dim_contiguous(t) for t in (do, q, k, v))
+    B, H, Tq, D = q.shape
+    Tk = k.shape[2]
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    if B * H * Tq * Tk == 0:
+        return dq.zero_(), dk.zero_(), dv.zero_()
+    flags = _kernel_flags(q, causal, dropout_p)
+    delta = torch.empty((B, H, Tq), dtype=torch.float32, device=q.device)
+    pre_block = INTERPRET_BLOCK if INTERPRET else 64
+    _attn_bwd_preprocess[(triton.cdiv(Tq, pre_block), B * H)](
+        o, do, delta, o.stride(0), o.stride(1), o.stride(2), do.stride(0), do.stride(1), do.stride(2),
+        H, Tq, HEAD_DIM=D, BLOCK_D=flags["BLOCK_D"], BLOCK_M=pre_block)
+    common = (_seed_value(seed), softmax_scale * LOG2E, softmax_scale, dropout_p, 1.0 / (1.0 - dropout_p),
+              q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+              v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2))
+    _attn_bwd_dkdv_run[lambda meta: (triton.cdiv(Tk, meta["BLOCK_N"]), B * H)](
+        q, k, v, do, dk, dv, lse, delta, *common,
+        dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
+        H, Tq, Tk, _q_bucket(Tq), **flags, **_fixed_blocks())
+    _attn_bwd_dq_run[lambda meta: (triton.cdiv(Tq, meta["BLOCK_M"]), B * H)](
+        q, k, v, do, dq, lse, delta, *common,
+        dq.stride(0), dq.stride(1), dq.stride(2),
+        H, Tq, Tk, _q_bucket(Tq), **flags, **_fixed_blocks())
+    return dq, dk, dv
+
+
+# ----------------------------------------------------------------------------- custom ops
+# Registered ops let torch.compile (Dynamo/AOTAutograd/Inductor) keep attention as one opaque
+# node with known output shapes (the fake impls) and a known backward (register_autograd),
+# instead of trying to trace Python that launches Triton. The seed travels as a CPU int64
+# tensor so a fresh seed per step does not force a recompile.
+@torch.library.custom_op("tritongpt::flash_attn_fwd", mutates_args=())
+def _flash_attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, softmax_scale: float,
+                    dropout_p: float, seed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return _fwd_launch(q, k, v, causal, softmax_scale, dropout_p, seed)
+
+
+@_flash_attn_fwd.register_fake
+def _(q, k, v, causal, softmax_scale, dropout_p, seed):
+    B, H, Tq, D = q.shape
+    o = q.new_empty((B, Tq, H, D)).transpose(1, 2)
+    return o, q.new_empty((B, H, Tq), dtype=torch.float32)
+
+
+@torch.library.custom_op("tritongpt::flash_attn_bwd", mutates_args=())
+def _flash_attn_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
+                    lse: torch.Tensor, causal: bool, softmax_scale: float, dropout_p: float,
+                    seed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _bwd_launch(do, q, k, v, o, lse, causal, softmax_scale, dropout_p, seed)
+
+
+@_flash_attn_bwd.register_fake
+def _(do, q, k, v, o, lse, causal, softmax_scale, dropout_p, seed):
+    # Same allocation calls as _bwd_launch, so fake and real strides agree.
+    return torch.empty_like(_last_dim_contiguous(q)), torch.empty_like(_last_dim_contiguous(k)), \
+        torch.empty_like(_last_dim_contiguous(v))
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, causal, softmax_scale, dropout_p, seed = inputs
+    o, lse = output
+    ctx.save_for_backward(q, k, v, o, lse, seed)
+    ctx.causal, ctx.softmax_scale, ctx.dropout_p = causal, softmax_scale, dropout_p
+
+
+def _backward(ctx, grad_o, grad_lse):
+    q, k, v, o, lse, seed = ctx.saved_tensors
+    dq, dk, dv = _flash_attn_bwd(grad_o, q, k, v, o, lse, ctx.causal, ctx.softmax_scale, ctx.dropout_p, seed)
+    return dq, dk, dv, None, None, None, None
+
+
+_flash_attn_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ----------------------------------------------------------------------------- public API
+def _check_inputs(q, k, v, causal, dropout_p):
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        check_tensor(t, name, ndim=4)
+    check_same_dtype(q=q, k=k, v=v)
+    check_same_device(q=q, k=k, v=v)
+    check_runnable(q, "q")
+    (B, H, Tq, D), (Bk, Hk, Tk, Dk) = q.shape, k.shape
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape, got k {tuple(k.shape)} and v {tuple(v.shape)}")
+    if (Bk, Hk, Dk) != (B, H, D):
+        raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} must agree on batch, heads and head_dim "
+                         "(layout [B, H, T, D])")
+    if D not in SUPPORTED_HEAD_DIMS:
+        raise ValueError(f"head_dim {D} is not supported; flash_attention supports {SUPPORTED_HEAD_DIMS}")
+    if causal and Tq > Tk:
+        raise ValueError(f"causal attention needs Tq <= Tk (queries are the last Tq of the Tk positions), "
+                         f"got Tq={Tq} > Tk={Tk}")
+    if Tk == 0 and Tq > 0:
+        raise ValueError("k and v have no positions (Tk=0): every query would attend to nothing")
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+
+
+def _as_seed(seed):
+    if isinstance(seed, torch.Tensor):
+        if seed.numel() != 1 or seed.dtype.is_floating_point or seed.dtype.is_complex or seed.dtype == torch.bool:
+            raise TypeError(f"seed tensor must hold one integer, got dtype {seed.dtype} shape {tuple(seed.shape)}")
+        return seed.detach().reshape(()).to(device="cpu", dtype=torch.int64)
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise TypeError(f"seed must be an int or an integer tensor, got {type(seed).__name__}")
+    return torch.tensor(seed, dtype=torch.int64)
+
+
+def _seed_tensor(seed, dropout_p):
+    if dropout_p == 0.0:
+        return torch.zeros((), dtype=torch.int64)
+    if seed is None:
+        # From torch's default generator, so torch.manual_seed makes the dropout reproducible.
+        return torch.randint(0, 2**31 - 1, (), dtype=torch.int64)
+    return _as_seed(seed)
+
+
+def flash_attention(q, k, v, causal=True, softmax_scale=None, dropout_p=0.0, seed=None):
+    """softmax(q k^T * scale + mask) with dropout, @ v, without the Tq x Tk matrix. Differentiable.
+
+    q: [B, H, Tq, D]; k, v: [B, H, Tk, D], any strides (unit stride on D is fastest), bf16/fp16/fp32.
+    causal: bottom-right aligned (query i is position Tk - Tq + i), needs Tq <= Tk.
+    softmax_scale: default 1/sqrt(D). dropout_p: on the attention weights, scaled by 1/(1-p);
+    seed: int for a reproducible mask (see dropout_mask), else drawn from torch's RNG.
+    Returns [B, H, Tq, D] (a view of a [B, Tq, H, D] buffer, so merging heads is free).
+    """
+    _check_inputs(q, k, v, causal, dropout_p)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else float(softmax_scale)
+    dropout_p = float(dropout_p)
+    out, _ = _flash_attn_fwd(q, k, v, bool(causal), scale, dropout_p, _seed_tensor(seed, dropout_p))
+    return out
+
+
+def dropout_mask(seed, B, H, Tq, Tk, p, device):
+    """The keep-mask (bool [B, H, Tq, Tk], True = kept) that flash_attention(..., dropout_p=p, seed=seed) uses."""
+    device = torch.device(device)
+    check_runnable(torch.empty(0, device=device), "device")
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"p must be in [0, 1), got {p}")
+    out = torch.empty((B, H, Tq, Tk), dtype=torch.int8, device=device)
+    if out.numel() == 0:
+        return out.bool()
+    block = 64  # a plain elementwise kernel: big tiles keep the interpreter's grid small too
+    grid = (triton.cdiv(Tq, block), triton.cdiv(Tk, block), B * H)
+    _dropout_mask_kernel[grid](out, _seed_value(_as_seed(seed)),
+                               Tq, Tk, float(p), BLOCK_M=block, BLOCK_N=block)
+    return out.bool()

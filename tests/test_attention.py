@@ -1,0 +1,287 @@
+"""Parity tests for kernels/attention.py (flash_attention) against a float64 textbook reference.
+
+The reference is the attention core of tritongpt.model.layers.MultiHeadAttention written out in
+plain torch: scores, bottom-right causal mask, softmax, dropout (with the kernel's own keep-mask,
+rebuilt by dropout_mask), @ v. On CPU the kernels run in Triton's interpreter (~5 ms per
+program), so shapes are small: B*H <= 2 and 16x16 tiles give grids of tens of programs.
+
+bf16 rule (FlashAttention's): the kernel's relative error against float64 must be at most 2x the
+error of PyTorch's own bf16 attention (the same formula evaluated in bf16: CPU bf16 matmul and
+softmax accumulate in fp32 but round scores and weights to bf16) against float64. Measured on CPU:
+torch bf16 2.7e-3..4.4e-3, kernel 1.7e-3..2.7e-3 (P is rounded to bf16 once, scores never are),
+so no absolute floor is needed (BF16_FLOOR = 0).
+"""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from parity import assert_close_rel, report
+from tritongpt.kernels.attention import dropout_mask, flash_attention
+
+BF16_FLOOR = 0.0
+
+
+def reference_attention(q, k, v, causal=True, softmax_scale=None, keep=None, dropout_p=0.0):
+    """softmax(q k^T * scale + bottom-right causal mask), dropout with a given keep-mask, @ v."""
+    Tq, Tk = q.shape[-2], k.shape[-2]
+    scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else softmax_scale
+    scores = (q @ k.transpose(-2, -1)) * scale
+    if causal:
+        future = torch.arange(Tk)[None, :] > torch.arange(Tq)[:, None] + (Tk - Tq)
+        scores = scores.masked_fill(future.to(scores.device), float("-inf"))
+    weights = torch.softmax(scores, dim=-1)
+    if keep is not None:
+        weights = weights * keep.to(weights.dtype) / (1.0 - dropout_p)
+    return weights @ v
+
+
+def make_qkv(B, H, Tq, Tk, D, dtype, device, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(B, H, T, D, generator=g).to(device=device, dtype=dtype) for T in (Tq, Tk, Tk))
+    return q, k, v
+
+
+def run_grads(fn, q, k, v, do):
+    """Output and (dq, dk, dv) of fn on leaf copies of q, k, v (same dtype and layout)."""
+    leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    out = fn(*leaves)
+    out.backward(do.to(out.dtype))
+    return [out.detach()] + [t.grad for t in leaves]
+
+
+def reference_grads(q, k, v, do, dtype=torch.float64, **kw):
+    return run_grads(lambda a, b, c: reference_attention(a, b, c, **kw),
+                     q.to(dtype), k.to(dtype), v.to(dtype), do)
+
+
+NAMES = ("out", "dq", "dk", "dv")
+
+
+def check_fp32(q, k, v, causal=True, softmax_scale=None, tag=""):
+    do = torch.randn(q.shape[:-1] + (v.shape[-1],), generator=torch.Generator().manual_seed(1)).to(q)
+    got = run_grads(lambda a, b, c: flash_attention(a, b, c, causal=causal, softmax_scale=softmax_scale),
+                    q, k, v, do)
+    ref = reference_grads(q, k, v, do, causal=causal, softmax_scale=softmax_scale)
+    for name, g, r in zip(NAMES, got, ref):
+        if not r.any():  # T=1: one key, softmax is constant, dq = dk = 0 exactly; rel is undefined
+            assert torch.isfinite(g).all() and g.abs().max() < 1e-5, f"{tag} {name} should be ~0"
+            continue
+        assert_close_rel(g, r, 1e-4, f"{tag} fp32 {name}")
+
+
+# ----------------------------------------------------------------------------- fp32 parity
+@pytest.mark.parametrize("T,D", [(1, 32), (17, 64), (64, 80), (100, 128), (40, 96)])
+def test_fp32_causal_fwd_bwd(T, D, device):
+    q, k, v = make_qkv(1, 2, T, T, D, torch.float32, device, seed=T * D)
+    check_fp32(q, k, v, tag=f"T={T} D={D}")
+
+
+def test_fp32_long_257(device):
+    q, k, v = make_qkv(1, 1, 257, 257, 64, torch.float32, device, seed=257)
+    check_fp32(q, k, v, tag="T=257")
+
+
+@pytest.mark.parametrize("Tq,Tk", [(33, 20), (16, 48)])
+def test_fp32_not_causal(Tq, Tk, device):
+    q, k, v = make_qkv(2, 1, Tq, Tk, 32, torch.float32, device, seed=Tq + Tk)
+    check_fp32(q, k, v, causal=False, softmax_scale=0.3, tag=f"noncausal {Tq}x{Tk}")
+
+
+@pytest.mark.parametrize("Tq,Tk", [(1, 37), (5, 37), (20, 37)])
+def test_fp32_kv_cache_slices(Tq, Tk, device):
+    """Decode (Tq=1) and chunked prefill with bottom-right causal alignment; k/v are slices of a
+    preallocated [B, H, Tmax, D] cache (the leaves here, so the kernel sees the strided views)
+    and q is a head-split view of [B, T, H, D]."""
+    B, H, Tmax, D = 1, 2, 64, 64
+    g = torch.Generator().manual_seed(Tq)
+    cache_k, cache_v = (torch.randn(B, H, Tmax, D, generator=g).to(device) for _ in range(2))
+    q_bthd = torch.randn(B, Tq, H, D, generator=g).to(device)
+    do = torch.randn(B, H, Tq, D, generator=g).to(device)
+
+    def attend(fn, q_bthd, cache_k, cache_v):
+        q, k, v = q_bthd.transpose(1, 2), cache_k[:, :, :Tk], cache_v[:, :, :Tk]
+        assert not k.is_contiguous() and not v.is_contiguous() and (Tq == 1 or not q.is_contiguous())
+        return fn(q, k, v)
+
+    def grads(fn, dtype):
+        leaves = [t.to(dtype, copy=True).requires_grad_() for t in (q_bthd, cache_k, cache_v)]
+        out = attend(fn, *leaves)
+        out.backward(do.to(dtype))
+        return [out.detach()] + [t.grad for t in leaves]
+
+    got = grads(flash_attention, torch.float32)
+    ref = grads(reference_attention, torch.float64)
+    for name, g_, r in zip(("out", "dq", "dcache_k", "dcache_v"), got, ref):
+        if name.startswith("dcache"):
+            assert not g_[:, :, Tk:].any(), f"{name}: gradient leaked past Tk"
+            g_, r = g_[:, :, :Tk], r[:, :, :Tk]
+        if name == "dq":
+            g_, r = g_.transpose(1, 2), r.transpose(1, 2)
+        assert_close_rel(g_, r, 1e-4, f"cache Tq={Tq} Tk={Tk} {name}")
+
+
+def test_matches_reference_module_core(device):
+    """Same numbers as MultiHeadAttention.attend, the textbook core this kernel replaces."""
+    from tritongpt.model.layers import MultiHeadAttention
+
+    mha = MultiHeadAttention(n_embd=64, n_head=2, context_length=64).double()
+    q, k, v = make_qkv(1, 2, 9, 30, 32, torch.float32, device, seed=3)
+    ref = mha.attend(q.double().cpu(), k.double().cpu(), v.double().cpu())
+    assert_close_rel(flash_attention(q, k, v), ref, 1e-4, "vs MultiHeadAttention.attend")
+
+
+def test_backward_of_sum_zero_stride_grad(device):
+    """out.sum().backward() hands the kernel an expanded dO with all strides 0."""
+    q, k, v = make_qkv(1, 2, 20, 20, 32, torch.float32, device, seed=4)
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    flash_attention(*leaves).sum().backward()
+    ref = reference_grads(q, k, v, torch.ones(1, 2, 20, 32))
+    for name, g, r in zip(NAMES[1:], [t.grad for t in leaves], ref[1:]):
+        assert_close_rel(g, r, 1e-4, f"sum-backward {name}")
+
+
+# ----------------------------------------------------------------------------- bf16 / fp16 parity
+@pytest.mark.parametrize("B,H,Tq,Tk,D", [(1, 2, 64, 64, 64), (2, 1, 17, 17, 80), (1, 2, 5, 37, 128)])
+def test_bf16_within_2x_of_torch_bf16(B, H, Tq, Tk, D, device):
+    q, k, v = make_qkv(B, H, Tq, Tk, D, torch.bfloat16, device, seed=Tq * D)
+    do = torch.randn(B, H, Tq, D, generator=torch.Generator().manual_seed(2)).to(device, torch.bfloat16)
+    got = run_grads(flash_attention, q, k, v, do)
+    ref64 = reference_grads(q, k, v, do)
+    torch_bf16 = reference_grads(q, k, v, do, dtype=torch.bfloat16)
+    for name, g, r, t in zip(NAMES, got, ref64, torch_bf16):
+        _, torch_rel = report(t, r)
+        _, rel = assert_close_rel(g, r, 2e-2, f"bf16 {name}")  # NaN/inf guard and figures
+        print(f"  torch bf16 {name}: rel={torch_rel:.3e}")
+        assert rel <= 2 * torch_rel + BF16_FLOOR, f"bf16 {name}: {rel:.3e} > 2 x torch's {torch_rel:.3e} + floor"
+
+
+def test_fp16_fwd_bwd(device):
+    q, k, v = make_qkv(1, 2, 30, 30, 64, torch.float16, device, seed=16)
+    do = torch.randn(1, 2, 30, 64, generator=torch.Generator().manual_seed(2)).to(device, torch.float16)
+    got = run_grads(flash_attention, q, k, v, do)
+    ref = reference_grads(q, k, v, do)
+    for name, g, r in zip(NAMES, got, ref):
+        assert_close_rel(g, r, 3e-3, f"fp16 {name}")
+
+
+# ----------------------------------------------------------------------------- dropout
+def test_dropout_matches_reference_with_rebuilt_mask(device):
+    B, H, Tq, Tk, D, p, seed = 1, 2, 24, 40, 32, 0.3, 1234
+    q, k, v = make_qkv(B, H, Tq, Tk, D, torch.float32, device, seed=5)
+    do = torch.randn(B, H, Tq, D, generator=torch.Generator().manual_seed(6)).to(device)
+    got = run_grads(lambda a, b, c: flash_attention(a, b, c, dropout_p=p, seed=seed), q, k, v, do)
+    keep = dropout_mask(seed, B, H, Tq, Tk, p, device)
+    assert keep.dtype == torch.bool and keep.shape == (B, H, Tq, Tk)
+    ref = reference_grads(q, k, v, do, keep=keep.cpu(), dropout_p=p)
+    for name, g, r in zip(NAMES, got, ref):
+        assert_close_rel(g, r, 1e-4, f"dropout {name}")
+    # The mask really bites: without it the output is far from the kernel's.
+    no_drop = reference_attention(q.double(), k.double(), v.double())
+    assert report(got[0], no_drop)[1] > 0.1
+
+
+def test_dropout_mask_statistics(device):
+    B, H, Tq, Tk, p = 2, 3, 128, 128, 0.3
+    keep = dropout_mask(7, B, H, Tq, Tk, p, device).cpu()
+    n = keep.numel()
+    frac = keep.float().mean().item()
+    sigma = math.sqrt(p * (1 - p) / n)
+    print(f"kept fraction {frac:.4f}, expected {1 - p:.4f} +- {sigma:.4f}")
+    assert abs(frac - (1 - p)) < 4 * sigma
+    assert torch.equal(keep, dropout_mask(7, B, H, Tq, Tk, p, device).cpu())  # reproducible
+    assert not torch.equal(keep, dropout_mask(8, B, H, Tq, Tk, p, device).cpu())  # seed matters
+    assert not torch.equal(keep[0, 0], keep[0, 1]) and not torch.equal(keep[0, 0], keep[1, 0])
+    assert not torch.equal(keep[0, 0, 0], keep[0, 0, 1])
+
+
+def test_dropout_seed_from_torch_rng(device):
+    q, k, v = make_qkv(1, 1, 16, 16, 32, torch.float32, device, seed=9)
+    torch.manual_seed(42)
+    a = flash_attention(q, k, v, dropout_p=0.5)
+    torch.manual_seed(42)
+    b = flash_attention(q, k, v, dropout_p=0.5)
+    c = flash_attention(q, k, v, dropout_p=0.5)
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)
+
+
+# ----------------------------------------------------------------------------- torch.compile
+def test_torch_compile_aot_eager(device):
+    q, k, v = make_qkv(1, 2, 16, 20, 32, torch.float32, device, seed=11)
+
+    def loss(a, b, c):
+        return (flash_attention(a, b, c, dropout_p=0.2, seed=3) * 2).square().sum()
+
+    compiled = torch.compile(loss, backend="aot_eager", fullgraph=True)
+    eager = run_grads(lambda a, b, c: loss(a, b, c).reshape(1), q, k, v, torch.ones(1))
+    comp = run_grads(lambda a, b, c: compiled(a, b, c).reshape(1), q, k, v, torch.ones(1))
+    for name, e, c in zip(("loss", "dq", "dk", "dv"), eager, comp):
+        assert torch.equal(e, c), f"compiled {name} differs"
+
+
+def test_custom_op_opcheck(device):
+    q, k, v = make_qkv(1, 1, 16, 16, 32, torch.float32, device, seed=12)
+    k = torch.cat([k, k], dim=2)[:, :, :16]  # a strided KV-cache slice
+    args = (q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), True, 0.25, 0.1, torch.tensor(5))
+    torch.library.opcheck(torch.ops.tritongpt.flash_attn_fwd.default, args)
+
+
+# ----------------------------------------------------------------------------- bad input
+def test_bad_inputs(device, monkeypatch):
+    q, k, v = make_qkv(1, 1, 8, 8, 32, torch.float32, device)
+    with pytest.raises(ValueError, match="head_dim 48"):
+        flash_attention(*make_qkv(1, 1, 8, 8, 48, torch.float32, device))
+    with pytest.raises(TypeError, match="float64"):
+        flash_attention(q.double(), k.double(), v.double())
+    with pytest.raises(TypeError, match="dtype mismatch"):
+        flash_attention(q, k.half(), v)
+    with pytest.raises(TypeError, match="q must be a torch.Tensor"):
+        flash_attention(q.tolist(), k, v)
+    with pytest.raises(ValueError, match="4 dims"):
+        flash_attention(q[0], k[0], v[0])
+    with pytest.raises(ValueError, match="same shape"):
+        flash_attention(q, k, v[:, :, :5])
+    with pytest.raises(ValueError, match="must agree on batch, heads and head_dim"):
+        flash_attention(q, torch.cat([k, k], 1), torch.cat([v, v], 1))
+    with pytest.raises(ValueError, match="Tq <= Tk"):
+        flash_attention(q, k[:, :, :5], v[:, :, :5])
+    with pytest.raises(ValueError, match="dropout_p"):
+        flash_attention(q, k, v, dropout_p=1.0)
+    with pytest.raises(TypeError, match="seed"):
+        flash_attention(q, k, v, dropout_p=0.1, seed=1.5)
+    with pytest.raises(ValueError, match="meta"):
+        flash_attention(q.to("meta"), k.to("meta"), v.to("meta"))
+    if device.type == "cpu":
+        monkeypatch.setenv("TRITON_INTERPRET", "0")
+        with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+            flash_attention(q, k, v)
+
+
+# ----------------------------------------------------------------------------- GPU (GPT-2 sizes)
+@pytest.mark.cuda
+@pytest.mark.parametrize("D", [64, 128])
+def test_cuda_gpt2_sizes_bf16(D):
+    B, H, T = 4, 12, 1024
+    q, k, v = make_qkv(B, H, T, T, D, torch.bfloat16, torch.device("cuda"), seed=D)
+    do = torch.randn(B, H, T, D, device="cuda", dtype=torch.bfloat16)
+    got = run_grads(flash_attention, q, k, v, do)
+    ref64 = reference_grads(q, k, v, do)
+    torch_bf16 = run_grads(lambda a, b, c: F.scaled_dot_product_attention(a, b, c, is_causal=True), q, k, v, do)
+    for name, g, r, t in zip(NAMES, got, ref64, torch_bf16):
+        _, torch_rel = report(t, r)
+        _, rel = assert_close_rel(g, r, 2e-2, f"cuda D={D} bf16 {name}")
+        assert rel <= 2 * torch_rel + BF16_FLOOR, f"{name}: {rel:.3e} > 2 x sdpa's {torch_rel:.3e} + floor"
+
+
+@pytest.mark.cuda
+def test_cuda_fp32_and_dropout_gpt2_size():
+    B, H, T, D, p = 2, 12, 1024, 64, 0.1
+    q, k, v = make_qkv(B, H, T, T, D, torch.float32, torch.device("cuda"), seed=1)
+    do = torch.randn(B, H, T, D, device="cuda")
+    got = run_grads(lambda a, b, c: flash_attention(a, b, c, dropout_p=p, seed=99), q, k, v, do)
+    keep = dropout_mask(99, B, H, T, T, p, "cuda")
+    ref = reference_grads(q, k, v, do, keep=keep, dropout_p=p)
+    for name, g, r in zip(NAMES, got, ref):
+        assert_close_rel(g, r, 1e-4, f"cuda fp32 dropout {name}")
