@@ -41,7 +41,7 @@ import triton.language as tl
 from tritongpt.kernels._common import (check_runnable, check_same_device, check_same_dtype,
                                        check_tensor, is_interpreting)
 
-SUPPORTED_HEAD_DIMS = (32, 64, 80, 96, 128)
+SUPPORTED_HEAD_DIMS = (16, 32, 64, 80, 96, 128)  # 16: tiny models; tl.dot needs K >= 16
 LOG2E = 1.4426950408889634  # kernels work in base 2: exp(x) = exp2(x * log2(e)), exp2 is one MUFU op
 
 INTERPRET = is_interpreting()

@@ -72,7 +72,7 @@ def check_fp32(q, k, v, causal=True, softmax_scale=None, tag=""):
 
 
 # ----------------------------------------------------------------------------- fp32 parity
-@pytest.mark.parametrize("T,D", [(1, 32), (17, 64), (64, 80), (100, 128), (40, 96)])
+@pytest.mark.parametrize("T,D", [(1, 32), (17, 64), (64, 80), (100, 128), (40, 96), (23, 16)])
 def test_fp32_causal_fwd_bwd(T, D, device):
     q, k, v = make_qkv(1, 2, T, T, D, torch.float32, device, seed=T * D)
     check_fp32(q, k, v, tag=f"T={T} D={D}")

@@ -40,6 +40,11 @@ def _compare_paths(model, idx, targets, rel_tol):
     assert_close_rel(logits, ref_logits, rel_tol, "logits")
     assert_close_rel(loss, ref_loss, rel_tol, "loss")
     for name in ref_grads:
+        if name.endswith("W_key.bias"):
+            # softmax ignores a shift shared by a whole row of scores, and q.b_k is such a shift:
+            # this gradient is zero in exact arithmetic, so only its size can be checked
+            assert ref_grads[name].abs().max() < 1e-6 and grads[name].abs().max() < 1e-6
+            continue
         assert_close_rel(grads[name], ref_grads[name], rel_tol, f"grad {name}")
 
 

@@ -1,0 +1,65 @@
+"""The command line: help, info, generate, and one-line errors for bad input."""
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from tritongpt.cli import main
+from tritongpt.model.config import GPTConfig
+from tritongpt.model.gpt import GPTModel
+from tritongpt.train.tokenizer import BPETokenizer
+from tritongpt.train.data import load_text
+
+
+def test_help_lists_every_command():
+    out = subprocess.run([sys.executable, "-m", "tritongpt.cli", "--help"], capture_output=True, text=True)
+    assert out.returncode == 0
+    for cmd in ("info", "generate", "bpe", "pretrain", "sft", "reward", "rlhf", "dpo", "bench"):
+        assert cmd in out.stdout, cmd
+
+
+def test_info_counts_parameters(capsys):
+    assert main(["info", "--model", "gpt2-small"]) == 0
+    assert "124,439,808" in capsys.readouterr().out
+    assert main(["info", "--model", "gpt2-small", "--untied"]) == 0
+    assert "163,037,184" in capsys.readouterr().out
+
+
+def test_unknown_model_is_a_one_line_error(capsys):
+    assert main(["info", "--model", "gpt9"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: unknown model 'gpt9'") and "\n" not in err
+
+
+@pytest.fixture(scope="module")
+def saved_model(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("cli")
+    tok = BPETokenizer.train(load_text("pydoc")[:20000], 300)
+    tok.save(tmp / "tok.json")
+    torch.manual_seed(0)
+    model = GPTModel(GPTConfig(vocab_size=tok.vocab_size, context_length=32, n_embd=32, n_layer=2, n_head=2))
+    model.save(tmp / "w.safetensors")
+    return tmp
+
+
+def test_generate_from_saved_weights(saved_model, capsys):
+    args = ["generate", "--weights", str(saved_model / "w.safetensors"), "--tokenizer",
+            str(saved_model / "tok.json"), "--prompt", "The def statement", "--max-new-tokens", "8",
+            "--temperature", "0"]
+    assert main(args) == 0
+    first = capsys.readouterr().out
+    assert first.startswith("The def statement") and len(first) > len("The def statement")
+    assert main(args) == 0
+    assert capsys.readouterr().out == first  # greedy is deterministic
+
+
+def test_generate_errors(saved_model, capsys):
+    base = ["generate", "--tokenizer", str(saved_model / "tok.json")]
+    assert main(base + ["--weights", str(saved_model / "missing.safetensors"), "--prompt", "x"]) == 2
+    assert "no checkpoint found" in capsys.readouterr().err
+    long_prompt = "word " * 200
+    assert main(base + ["--weights", str(saved_model / "w.safetensors"), "--prompt", long_prompt]) == 2
+    assert "context is 32" in capsys.readouterr().err
+    assert main(base + ["--weights", str(saved_model / "w.safetensors"), "--prompt", ""]) == 2
+    assert "prompt is empty" in capsys.readouterr().err
