@@ -25,3 +25,13 @@ def pytest_collection_modifyitems(config, items):
 def device():
     """Where kernel tests run: the GPU when there is one, else the CPU through Triton's interpreter."""
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models on a shared 2-core machine: two OpenMP threads spin against each other and
+    make a step several times slower than one thread does."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

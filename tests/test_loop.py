@@ -1,0 +1,374 @@
+"""The shared Trainer (train/loop.py): accumulation, exact resume, schedule, decay groups,
+NaN stop, checkpoints, both kernel paths through one loop, and DDP with two CPU processes."""
+import argparse
+import copy
+import math
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from tritongpt.errors import UserError
+from tritongpt.model.config import GPTConfig
+from tritongpt.model.gpt import GPTModel, lm_loss
+from tritongpt.train import common
+from tritongpt.train.loop import TrainArgs, Trainer, add_train_args, loss_eval_fn
+
+VOCAB, CTX = 61, 16
+TINY = dict(vocab_size=VOCAB, context_length=CTX, n_embd=32, n_layer=2, n_head=2)
+
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def tiny_model(seed=0, **over):
+    torch.manual_seed(seed)
+    return GPTModel(GPTConfig(**{**TINY, **over}))
+
+
+def synthetic_tokens(n=4000, seed=0):
+    """Mostly a repeating pattern with some noise, so the loss has something to learn."""
+    g = torch.Generator().manual_seed(seed)
+    base = torch.arange(n) * 7 % VOCAB
+    noise = torch.randint(0, VOCAB, (n,), generator=g)
+    return torch.where(torch.rand(n, generator=g) < 0.2, noise, base)
+
+
+def make_get_batch(tokens, batch_size, block=CTX, record=None):
+    def get_batch(split, gen):
+        ix = torch.randint(len(tokens) - block - 1, (batch_size,), generator=gen)
+        x = torch.stack([tokens[i:i + block] for i in ix])
+        y = torch.stack([tokens[i + 1:i + block + 1] for i in ix])
+        if record is not None:
+            record.append((x, y))
+        return x, y
+    return get_batch
+
+
+def loss_fn(model, batch):
+    x, y = batch
+    return lm_loss(model(x), y)
+
+
+def args_for(tmp_path, **kw):
+    base = dict(out_dir=str(tmp_path), max_steps=6, batch_size=4, lr=3e-3, min_lr=3e-4, warmup_steps=2,
+                eval_every=0, ckpt_every=0, log_every=0, sample_every=0, device="cpu", dtype="fp32",
+                kernels="reference", seed=7)
+    base.update(kw)
+    return TrainArgs(**base)
+
+
+def rows(out_dir):
+    return common.MetricsLog(Path(out_dir) / "metrics.jsonl").rows()
+
+
+# -- gradient accumulation ------------------------------------------------------------------------------------
+def test_grad_accum_two_halves_equal_one_double_batch(tmp_path):
+    torch.manual_seed(3)
+    x = torch.randint(0, VOCAB, (8, CTX))
+    y = torch.randint(0, VOCAB, (8, CTX))
+    halves = iter([(x[:4], y[:4]), (x[4:], y[4:])])
+
+    def run(model, get_batch, out, **kw):
+        t = Trainer(model, args_for(out, max_steps=1, warmup_steps=0, min_lr=3e-3, **kw), loss_fn, get_batch)
+        grads = {}
+        step = t.optimizer.step
+
+        def snapshot_then_step(*a, **k):  # the gradients the optimizer sees (after clipping)
+            grads.update({n: p.grad.clone() for n, p in t.raw_model.named_parameters()})
+            return step(*a, **k)
+
+        t.optimizer.step = snapshot_then_step
+        out = t.fit()
+        return out, grads, t.raw_model
+
+    base = tiny_model()
+    r1, g1, m1 = run(copy.deepcopy(base), lambda s, g: next(halves), tmp_path / "accum", grad_accum=2, batch_size=4)
+    r2, g2, m2 = run(copy.deepcopy(base), lambda s, g: (x, y), tmp_path / "full", grad_accum=1, batch_size=8)
+    assert abs(r1["loss"] - r2["loss"]) < 1e-6 * abs(r2["loss"])
+    gn1, gn2 = rows(tmp_path / "accum")[0]["grad_norm"], rows(tmp_path / "full")[0]["grad_norm"]
+    # Adam's first step is nearly scale-free, so the norm is what catches a wrong 1/grad_accum
+    assert abs(gn1 - gn2) < 1e-5 * gn2, (gn1, gn2)
+    for n in g2:
+        torch.testing.assert_close(g1[n], g2[n], rtol=1e-5, atol=1e-7, msg=n)
+    for (n, p1), p2 in zip(m1.named_parameters(), m2.parameters()):
+        torch.testing.assert_close(p1, p2, rtol=1e-5, atol=1e-6, msg=n)
+
+
+# -- exact resume ----------------------------------------------------------------------------------------------
+def test_resume_after_crash_is_bitwise_identical(tmp_path):
+    tokens = synthetic_tokens()
+    common_kw = dict(max_steps=8, grad_accum=2, ckpt_every=4, eval_every=4, eval_batches=2)
+
+    def trainer(out, model, **kw):
+        gb = make_get_batch(tokens, 3)
+        return Trainer(model, args_for(out, **{**common_kw, **kw}), loss_fn, gb,
+                       eval_fn=loss_eval_fn(loss_fn, gb, 2))
+
+    straight = trainer(tmp_path / "a", tiny_model(0, dropout=0.1))  # dropout: the RNG must resume too
+    straight.fit()
+
+    # the same run, killed while taking step 6 (after step 5 was logged; last checkpoint: 4)
+    crashing = trainer(tmp_path / "b", tiny_model(0, dropout=0.1))
+    calls = {"n": 0}
+    gb = crashing.get_batch
+
+    def dying_get_batch(split, gen):
+        calls["n"] += 1
+        if calls["n"] > 2 * 5:
+            raise KeyboardInterrupt
+        return gb(split, gen)
+
+    crashing.get_batch = dying_get_batch
+    with pytest.raises(KeyboardInterrupt):
+        crashing.fit()
+    assert [r["step"] for r in rows(tmp_path / "b") if "loss" in r][-1] == 5
+
+    # a fresh process would build the model from another seed: the checkpoint must win
+    resumed = trainer(tmp_path / "b", tiny_model(99, dropout=0.1), resume="latest")
+    out = resumed.fit()
+    assert out["step"] == 8
+    for (n, p), q in zip(straight.raw_model.named_parameters(), resumed.raw_model.parameters()):
+        assert torch.equal(p, q), f"{n} differs after resume"
+    a_rows, b_rows = rows(tmp_path / "a"), rows(tmp_path / "b")
+    # steps 6..8 logged once (the crashed run's step-5 row was dropped and redone), same losses
+    assert [r["step"] for r in b_rows if "loss" in r] == list(range(1, 9))
+    la = [r["loss"] for r in a_rows if "loss" in r]
+    lb = [r["loss"] for r in b_rows if "loss" in r]
+    assert la == lb
+    assert [r["val_loss"] for r in a_rows if "val_loss" in r] == [r["val_loss"] for r in b_rows if "val_loss" in r]
+
+
+def test_resume_without_checkpoint_is_a_user_error(tmp_path):
+    t = Trainer(tiny_model(), args_for(tmp_path, resume="latest"), loss_fn, make_get_batch(synthetic_tokens(), 2))
+    with pytest.raises(UserError, match="no checkpoint"):
+        t.fit()
+
+
+# -- schedule and decay groups -------------------------------------------------------------------------------
+def test_lr_warmup_then_cosine_to_floor(tmp_path):
+    a = args_for(tmp_path, max_steps=12, warmup_steps=3, lr=1e-3, min_lr=1e-4, batch_size=2)
+    Trainer(tiny_model(), a, loss_fn, make_get_batch(synthetic_tokens(), 2)).fit()
+    lrs = [r["lr"] for r in rows(tmp_path) if "lr" in r]
+    assert len(lrs) == 12
+    assert lrs[:3] == pytest.approx([1e-3 / 3, 2e-3 / 3, 1e-3])          # linear warmup to the peak
+    assert all(x >= y for x, y in zip(lrs[2:], lrs[3:]))                  # then never increases
+    # cosine from the peak (step index 3) towards the floor, reached at max_steps
+    cosine = [1e-4 + 0.5 * (1 + math.cos(math.pi * (s - 3) / 9)) * 9e-4 for s in range(3, 12)]
+    assert lrs[3:] == pytest.approx(cosine, rel=1e-12)
+    assert 1e-4 < lrs[-1] < 1.3e-4
+    assert common.lr_at(12, 1e-3, 3, 12, 1e-4) == 1e-4 and common.lr_at(500, 1e-3, 3, 12, 1e-4) == 1e-4
+
+
+def test_weight_decay_only_on_matrices(tmp_path):
+    model = tiny_model()
+    t = Trainer(model, args_for(tmp_path, weight_decay=0.1), loss_fn, make_get_batch(synthetic_tokens(), 2))
+    decay, no_decay = t.optimizer.param_groups
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    names = {id(p): n for n, p in model.named_parameters()}
+    decayed = {names[id(p)] for p in decay["params"]}
+    kept = {names[id(p)] for p in no_decay["params"]}
+    assert decayed and all(n.endswith(".weight") and ("W_" in n or "out_proj" in n or ".fc" in n) for n in decayed)
+    assert "tok_emb.weight" in kept and "pos_emb.weight" in kept  # the tied LM head is the embedding
+    assert all(n.endswith("bias") or "norm" in n or "emb" in n for n in kept)
+    n_unique = len({id(p) for p in model.parameters()})
+    assert len(decayed) + len(kept) == n_unique
+
+
+# -- NaN stop and checkpoints ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_nonfinite_loss_stops_naming_the_step_and_keeps_last_checkpoint(tmp_path, bad):
+    calls = {"n": 0}
+
+    def poisoned_loss(model, batch):
+        calls["n"] += 1
+        loss = loss_fn(model, batch)
+        return loss * bad if calls["n"] == 5 else loss
+
+    t = Trainer(tiny_model(), args_for(tmp_path, max_steps=10, ckpt_every=2), poisoned_loss,
+                make_get_batch(synthetic_tokens(), 2))
+    with pytest.raises(UserError, match=r"at step 5\b") as err:
+        t.fit()
+    assert "ckpt-0000004" in str(err.value)
+    assert [p.name for p in t.checkpointer.list()] == ["ckpt-0000002", "ckpt-0000004"]
+    assert not list(tmp_path.glob(".tmp*"))
+    state = common.load_state(tmp_path / "ckpt-0000004")
+    assert state["step"] == 4
+    saved = GPTModel.load(tmp_path / "ckpt-0000004" / "model.safetensors")
+    for (n, p), q in zip(saved.named_parameters(), t.raw_model.parameters()):
+        assert torch.isfinite(p).all()
+        assert torch.equal(p, q), f"{n}: the bad step must not update the weights"
+
+
+def test_keep_last_k_and_a_crash_mid_save_leaves_no_half_checkpoint(tmp_path, monkeypatch):
+    a = args_for(tmp_path, max_steps=5, ckpt_every=1, keep_ckpts=2)
+    t = Trainer(tiny_model(), a, loss_fn, make_get_batch(synthetic_tokens(), 2))
+    t.fit()
+    assert [p.name for p in t.checkpointer.list()] == ["ckpt-0000004", "ckpt-0000005"]
+    for d in t.checkpointer.list():
+        assert (d / "model.safetensors").is_file() and (d / "state.pt").is_file()
+    assert (tmp_path / "loss.png").stat().st_size > 1000
+
+    # die while writing the step-7 checkpoint: no ckpt-0000007 appears, step 6's stays newest
+    a2 = args_for(tmp_path, max_steps=7, ckpt_every=1, keep_ckpts=2, resume="latest")
+    t2 = Trainer(tiny_model(), a2, loss_fn, make_get_batch(synthetic_tokens(), 2))
+    real_save = torch.save
+
+    def failing_save(obj, path, *args, **kw):
+        if "0000007" in str(path):
+            raise OSError("disk full")
+        return real_save(obj, path, *args, **kw)
+
+    monkeypatch.setattr(torch, "save", failing_save)
+    with pytest.raises(OSError):
+        t2.fit()
+    monkeypatch.undo()
+    assert [p.name for p in t2.checkpointer.list()] == ["ckpt-0000005", "ckpt-0000006"]
+    assert common.load_state(t2.checkpointer.latest())["step"] == 6
+
+
+# -- arguments -----------------------------------------------------------------------------------------------
+def test_add_train_args_defaults_and_namespace():
+    from tritongpt.commands import add_model_args
+
+    p = argparse.ArgumentParser()
+    add_model_args(p)  # also defines --kernels and --device: add_train_args must not clash
+    add_train_args(p, out_dir="runs/x", max_steps=42, lr=1e-4)
+    a = TrainArgs.from_namespace(p.parse_args([]))
+    assert (a.out_dir, a.max_steps, a.lr, a.kernels, a.device, a.resume, a.compile) == \
+        ("runs/x", 42, 1e-4, "auto", "auto", None, False)
+    a = TrainArgs.from_namespace(p.parse_args(["--resume", "--grad-accum", "3", "--compile", "--dtype", "bf16"]))
+    assert (a.resume, a.grad_accum, a.compile, a.dtype) == ("latest", 3, True, "bf16")
+    assert TrainArgs.from_namespace(p.parse_args(["--resume", "runs/old"])).resume == "runs/old"
+    with pytest.raises(TypeError):
+        add_train_args(argparse.ArgumentParser(), max_stepz=3)
+
+
+@pytest.mark.parametrize("field,value,msg", [("batch_size", 0, "batch-size"), ("grad_accum", -1, "grad-accum"),
+                                             ("max_steps", 0, "max-steps"), ("lr", 0.0, "--lr"),
+                                             ("min_lr", 1.0, "min-lr"), ("dtype", "fp8", "dtype")])
+def test_bad_train_args_are_user_errors(tmp_path, field, value, msg):
+    with pytest.raises(UserError, match=msg):
+        Trainer(tiny_model(), args_for(tmp_path, **{field: value}), loss_fn, make_get_batch(synthetic_tokens(), 2))
+
+
+# -- throughput figures -------------------------------------------------------------------------------------
+def test_mfu_pieces(monkeypatch):
+    from tritongpt.train.loop import flops_per_token, peak_flops
+
+    cfg = GPTConfig(**TINY)
+    assert flops_per_token(cfg, 1000, 16) == 6 * 1000 + 12 * 2 * 2 * 16 * 16
+    assert peak_flops(torch.device("cpu")) is None  # CPU: MFU is reported as null
+    for name, peak in [("NVIDIA H100 80GB HBM3", 989.5e12), ("NVIDIA H100 PCIe", 756e12),
+                       ("NVIDIA A100-SXM4-80GB", 312e12), ("Some Future GPU", None)]:
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda d=None, n=name: n)
+        assert peak_flops(torch.device("cuda")) == peak, name
+
+
+# -- one loop, both paths -----------------------------------------------------------------------------------
+def test_triton_path_tracks_reference_losses_through_the_loop(tmp_path):
+    pytest.importorskip("tritongpt.kernels.attention")
+    pytest.importorskip("tritongpt.kernels.mlp")
+    pytest.importorskip("tritongpt.kernels.layernorm")
+    tokens = synthetic_tokens()
+    base = tiny_model(5, n_layer=1, n_head=1)  # head_dim 32; one layer: the interpreter is slow
+    out = {}
+    for path in ("reference", "triton"):
+        a = args_for(tmp_path / path, max_steps=20, batch_size=2, kernels=path, lr=1e-2, min_lr=1e-3)
+        t = Trainer(copy.deepcopy(base), a, loss_fn, make_get_batch(tokens, 2))
+        assert t.raw_model.kernels == (frozenset() if path == "reference" else {"layernorm", "mlp", "attention"})
+        out[path] = t.fit()["losses"]
+    ref, tri = torch.tensor(out["reference"]), torch.tensor(out["triton"])
+    rel = ((tri - ref).abs() / ref.abs()).max().item()
+    print(f"20 steps: reference {ref[0]:.4f} -> {ref[-1]:.4f}, triton {tri[0]:.4f} -> {tri[-1]:.4f}, "
+          f"max rel diff {rel:.2e}")
+    assert ref[-1] < ref[0] - 0.3  # it learned something, so the comparison means something
+    assert rel < 1e-3
+
+
+# -- DDP on CPU --------------------------------------------------------------------------------------------
+def _ddp_worker(rank, out, rec, port, kw):
+    """One of two DDP processes, set up the way torchrun would (env vars), then the plain Trainer."""
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    seen = []
+    t = Trainer(tiny_model(rank), args_for(out, grad_accum=2, **kw),  # rank 0's init is broadcast
+                loss_fn, make_get_batch(synthetic_tokens(), 2, record=seen))
+    res = t.fit()
+    params = torch.cat([p.detach().flatten() for p in t.raw_model.parameters()])
+    torch.save({"seen": seen, "params": params, "world": t.world_size, "ckpt": res["checkpoint"],
+                "group_left": torch.distributed.is_initialized()}, Path(rec) / f"rank{rank}.pt")
+
+
+def _run_ddp(out, rec, **kw):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    rec.mkdir(exist_ok=True)
+    # fork: the children inherit the imported torch instead of paying for it again
+    method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
+    mp.start_processes(_ddp_worker, args=(str(out), str(rec), port, kw), nprocs=2, join=True,
+                       start_method=method)
+    return [torch.load(rec / f"rank{i}.pt") for i in (0, 1)]
+
+
+def test_ddp_two_cpu_processes_gloo(tmp_path):
+    out = tmp_path / "run"
+    r0, r1 = _run_ddp(out, tmp_path / "rec", max_steps=4, ckpt_every=2)
+    assert r0["world"] == r1["world"] == 2
+    assert not r0["group_left"] and not r1["group_left"]  # the Trainer tore its process group down
+    assert len(r0["seen"]) == len(r1["seen"]) == 8  # 4 steps x 2 micro-batches each
+    assert all(not torch.equal(a[0], b[0]) for a, b in zip(r0["seen"], r1["seen"]))  # data split by rank
+    assert torch.equal(r0["params"], r1["params"])  # gradients were averaged: replicas agree
+    # only rank 0 wrote: one row per step (not two), one set of checkpoints
+    assert [r["step"] for r in rows(out) if "loss" in r] == [1, 2, 3, 4]
+    assert r0["ckpt"] and r1["ckpt"] is None
+    assert sorted(p.name for p in out.iterdir()) == ["ckpt-0000002", "ckpt-0000004", "loss.png", "metrics.jsonl"]
+    # the logged loss is the mean over both ranks: recompute step 1 from the initial weights
+    model = tiny_model(0)
+    with torch.no_grad():
+        first = [loss_fn(model, b).item() for b in r0["seen"][:2] + r1["seen"][:2]]
+    assert rows(out)[0]["step"] == 1 and rows(out)[0]["loss"] == pytest.approx(sum(first) / 4, rel=1e-5)
+
+    # resume both ranks from step 2: each gets its own batch generator back; same end, bitwise
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    shutil.copytree(out / "ckpt-0000002", resumed / "ckpt-0000002")
+    q0, q1 = _run_ddp(resumed, tmp_path / "rec2", max_steps=4, ckpt_every=2, resume="latest")
+    assert [torch.equal(a[0], b[0]) for a, b in zip(q0["seen"] + q1["seen"], r0["seen"][4:] + r1["seen"][4:])] \
+        == [True] * 8
+    assert torch.equal(q0["params"], r0["params"]) and torch.equal(q1["params"], r1["params"])
+
+
+# -- GPU: bf16 autocast, fused AdamW, Triton kernels, MFU, torch.compile -----------------------------------
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("compile_", [False, True])
+def test_cuda_bf16_triton_and_reference_agree_and_report_mfu(tmp_path, compile_):
+    from tritongpt.train.loop import peak_flops
+
+    tokens = synthetic_tokens(20000)
+    base = tiny_model(5, n_embd=128, n_head=2, context_length=64)
+    out = {}
+    for path in ("reference", "triton"):
+        a = args_for(tmp_path / path, max_steps=10, batch_size=8, kernels=path, device="cuda", dtype="bf16",
+                     compile=compile_)
+        t = Trainer(copy.deepcopy(base), a, loss_fn, make_get_batch(tokens, 8, block=64))
+        assert t.optimizer.defaults.get("fused")  # fused AdamW on CUDA
+        res = t.fit()
+        out[path] = torch.tensor(res["losses"])
+        r = rows(tmp_path / path)[-1]
+        assert r["mem_gb"] > 0
+        if peak_flops(t.device) is not None:
+            assert 0 < r["mfu"] < 1
+    ref, tri = out["reference"], out["triton"]
+    assert torch.isfinite(tri).all() and tri[-1] < tri[0]
+    rel = ((tri[:3] - ref[:3]).abs() / ref[:3]).max().item()
+    assert rel < 1e-2, rel

@@ -1,0 +1,124 @@
+"""`tritongpt pretrain` end to end (shortened), its Python API, and its one-line input errors."""
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from tritongpt.cli import main
+from tritongpt.model.gpt import GPTModel
+from tritongpt.train import common
+from tritongpt.train.pretrain import model_vocab, parse_args, pretrain
+
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """A slice of the embedded corpus as a text file, and a small BPE trained on it."""
+    from tritongpt.train.data import load_text
+    from tritongpt.train.tokenizer import BPETokenizer
+
+    d = tmp_path_factory.mktemp("corpus")
+    text = load_text("pydoc")[:16000]
+    (d / "small.txt").write_text(text)
+    BPETokenizer.train(text, 300, name="small").save(d / "tok.json")
+    return SimpleNamespace(text=d / "small.txt", tok=d / "tok.json", cache=d / "cache")
+
+
+def argv(corpus, out, *extra):
+    return ["--data", str(corpus.text), "--tokenizer", str(corpus.tok), "--cache-dir", str(corpus.cache),
+            "--out-dir", str(out), "--device", "cpu", "--kernels", "reference", "--block-size", "32",
+            "--batch-size", "4", *extra]
+
+
+def test_cli_short_job_learns_and_writes_metrics_plot_checkpoint_then_resumes(corpus, tmp_path, capsys):
+    out = tmp_path / "run"
+    rc = main(["pretrain", *argv(corpus, out, "--max-steps", "30", "--warmup-steps", "5", "--lr", "3e-3",
+                                 "--eval-every", "10", "--eval-batches", "2", "--ckpt-every", "15",
+                                 "--sample-every", "15", "--sample-tokens", "8", "--log-every", "10")])
+    printed = capsys.readouterr()
+    assert rc == 0, printed.err
+    assert "--- sample at step 15 ---" in printed.err + printed.out
+    assert "done: 30 steps" in printed.out
+
+    rows = common.MetricsLog(out / "metrics.jsonl").rows()
+    train_rows = [r for r in rows if "loss" in r]
+    assert [r["step"] for r in train_rows] == list(range(1, 31))
+    for r in train_rows:
+        assert {"step", "loss", "lr", "grad_norm", "tok_per_s", "mfu", "mem_gb"} <= set(r)
+        assert r["mfu"] is None and r["tok_per_s"] > 0  # CPU: no MFU
+    vals = [r["val_loss"] for r in rows if "val_loss" in r]
+    assert len(vals) == 4  # steps 0, 10, 20, 30
+    first, last = train_rows[0]["loss"], train_rows[-1]["loss"]
+    assert abs(first - torch.log(torch.tensor(300.0)).item()) < 0.5  # starts near ln(vocab)
+    assert last < first - 1.0 and vals[-1] < vals[0] - 0.8, (first, last, vals)
+    assert (out / "loss.png").stat().st_size > 1000
+    assert [p.name for p in common.Checkpointer(out).list()] == ["ckpt-0000015", "ckpt-0000030"]
+    model = GPTModel.load(out / "ckpt-0000030" / "model.safetensors")
+    assert model.config.vocab_size == 300  # the tokenizer's, not the preset's 4096
+    assert (out / "tokenizer.json").is_file()
+
+    # --resume continues from step 30 to 34 and appends to the same log
+    rc = main(["pretrain", *argv(corpus, out, "--max-steps", "34", "--resume", "--eval-every", "0",
+                                 "--sample-tokens", "0")])
+    assert rc == 0
+    rows = common.MetricsLog(out / "metrics.jsonl").rows()
+    assert [r["step"] for r in rows if "loss" in r] == list(range(1, 35))
+    assert common.Checkpointer(out).latest().name == "ckpt-0000034"
+
+
+def test_python_api_on_jsonl_with_a_text_field(corpus, tmp_path):
+    docs = corpus.text.read_text().split("\n\n")
+    jsonl = tmp_path / "docs.jsonl"
+    jsonl.write_text("".join(json.dumps({"id": i, "body": d}) + "\n" for i, d in enumerate(docs)))
+    a = parse_args(argv(corpus, tmp_path, "--max-steps", "3", "--eval-every", "0", "--sample-tokens", "0")
+                   + ["--data", str(jsonl), "--text-field", "body"])
+    r = pretrain(a)
+    assert r["step"] == 3 and len(r["losses"]) == 3 and r["n_params"] > 0
+    assert r["train_tokens"] > r["val_tokens"] > 0
+    assert r["val_loss"] is not None and Path(r["checkpoint"]).name == "ckpt-0000003"
+    assert json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])["step"] == 3
+
+
+def test_defaults_are_the_readme_main_job():
+    a = parse_args([])
+    assert (a.model, a.data, a.tokenizer, a.kernels, a.device, a.dtype, a.out_dir) == \
+        ("tiny", None, "default", "auto", "auto", "auto", "runs/pretrain")
+    assert a.max_steps > 0 and a.resume is None and not a.compile
+
+
+def test_model_vocab_follows_the_tokenizer_except_gpt2_with_gpt2():
+    small = SimpleNamespace(name="default", vocab_size=4096)
+    gpt2 = SimpleNamespace(name="gpt2", vocab_size=50257)
+    assert model_vocab("tiny", SimpleNamespace(name="x", vocab_size=300), 4096) == 300
+    assert model_vocab("gpt2-small", gpt2, 50257) == 50257
+    assert model_vocab("gpt2-small", small, 50257) == 4096
+    assert model_vocab("mini", gpt2, 4096) == 50257
+
+
+@pytest.mark.parametrize("extra,expect", [
+    (["--data", "/no/such/file.txt"], "not found"),
+    (["--data", "EMPTY"], "empty"),
+    (["--data", "SHORT"], "context longer than the data"),
+    (["--batch-size", "600"], "larger than the training data"),
+    (["--grad-accum", "0"], "grad-accum"),
+    (["--batch-size", "0"], "batch-size"),
+    (["--model", "gpt5"], "unknown model"),
+    (["--block-size", "4096"], "longer than tiny's context length"),
+    (["--tokenizer", "/no/such/tok.json"], "tokenizer"),
+    (["--text-field", "title", "--data", "JSONL"], "no field 'title'"),
+])
+def test_bad_input_is_one_line_user_error(corpus, tmp_path, capsys, extra, expect):
+    (tmp_path / "empty.txt").write_text("   \n")
+    (tmp_path / "short.txt").write_text("a few words only.")
+    (tmp_path / "docs.jsonl").write_text('{"text": "a document"}\n')
+    files = {"EMPTY": "empty.txt", "SHORT": "short.txt", "JSONL": "docs.jsonl"}
+    extra = [str(tmp_path / files[x]) if x in files else x for x in extra]
+    rc = main(["pretrain", *argv(corpus, tmp_path / "run", "--max-steps", "2"), *extra])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2, err
+    assert err.startswith("error: ") and "\n" not in err and expect in err, err
+    assert not common.Checkpointer(tmp_path / "run").list()

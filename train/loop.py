@@ -1,0 +1,548 @@
+"""The one training loop every trainer shares (pretraining, SFT, reward model, DPO).
+
+A trainer supplies the model and three small functions; the Trainer owns everything else:
+
+    loss_fn(model, batch) -> scalar loss   (mean over the micro-batch's counted tokens)
+    get_batch(split, generator) -> tuple of tensors (moved to the Trainer's device if needed)
+    eval_fn(model) -> dict                 e.g. {"val_loss": 3.2}, every eval_every steps
+    sample_fn(model) -> str                printed every sample_every steps
+
+One optimizer step, as in nanoGPT's train.py:
+
+    lr = warmup-then-cosine(step)
+    for each of grad_accum micro-batches:       (DDP: gradients sync on the last one only)
+        loss = loss_fn(model, batch) under autocast      (bf16 on CUDA, fp32 on CPU)
+        (loss / grad_accum).backward()          so the sum of micro-gradients is the mean
+    stop if the loss is NaN/inf                 before the step, so no bad weights are saved
+    clip the gradient norm, AdamW step, zero the gradients
+
+Around it: a tqdm bar, one JSONL row per step (loss, lr, grad_norm, tok_per_s, mfu, mem_gb),
+a loss plot, checkpoints that resume exactly (weights, optimizer, every RNG, the batch
+generator, the step and the data position), and DDP when launched by torchrun.
+"""
+import argparse
+import contextlib
+import inspect
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from tritongpt.errors import UserError
+from tritongpt.train import common
+
+
+@dataclass
+class TrainArgs:
+    out_dir: str = "runs/train"
+    max_steps: int = 1000
+    batch_size: int = 8          # sequences per micro-batch, per process
+    grad_accum: int = 1          # micro-batches per optimizer step, per process
+    lr: float = 6e-4             # peak learning rate, reached after warmup
+    min_lr: float = 6e-5         # floor of the cosine decay
+    warmup_steps: int = 100
+    weight_decay: float = 0.1    # matrices only; biases, LayerNorm and embeddings get 0
+    grad_clip: float = 1.0       # max global gradient norm; 0 = no clipping (norm still logged)
+    eval_every: int = 100        # 0 = never (besides the end)
+    eval_batches: int = 10
+    ckpt_every: int = 500        # 0 = only at the end
+    keep_ckpts: int = 3
+    log_every: int = 10          # printed log lines; the JSONL gets every step
+    sample_every: int = 200      # 0 = only at the end
+    dtype: str = "auto"          # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16
+    device: str = "auto"
+    seed: int = 1337
+    resume: str | None = None    # None, "latest" (newest checkpoint in out_dir), or a path
+    kernels: str | None = "auto"  # reference | triton | auto | comma list; None = leave the model's
+    compile: bool = False
+
+    @classmethod
+    def from_namespace(cls, ns) -> "TrainArgs":
+        """Pick the fields out of an argparse Namespace (or any object); missing ones keep defaults."""
+        return cls(**{f.name: getattr(ns, f.name) for f in fields(cls) if hasattr(ns, f.name)})
+
+    def validate(self):
+        for name in ("max_steps", "batch_size", "grad_accum", "eval_batches"):
+            if getattr(self, name) <= 0:
+                raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        for name in ("warmup_steps", "eval_every", "ckpt_every", "keep_ckpts", "log_every",
+                     "sample_every", "weight_decay", "grad_clip"):
+            if getattr(self, name) < 0:
+                raise UserError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
+        if not self.lr > 0 or not math.isfinite(self.lr):
+            raise UserError(f"--lr must be a positive number, got {self.lr}")
+        if not 0 <= self.min_lr <= self.lr:
+            raise UserError(f"--min-lr must be in [0, lr={self.lr}], got {self.min_lr}")
+        if self.dtype not in ("auto", "fp32", "bf16"):
+            raise UserError(f"--dtype must be auto, fp32 or bf16, got {self.dtype!r}")
+
+
+_HELP = {
+    "out_dir": "folder for metrics.jsonl, loss.png and checkpoints",
+    "max_steps": "optimizer steps in total (a resumed run continues up to this)",
+    "batch_size": "sequences per micro-batch, per process",
+    "grad_accum": "micro-batches per optimizer step (gradient accumulation)",
+    "lr": "peak learning rate (after linear warmup)",
+    "min_lr": "learning-rate floor of the cosine decay",
+    "warmup_steps": "linear warmup steps",
+    "weight_decay": "AdamW weight decay (matrices only)",
+    "grad_clip": "clip the global gradient norm to this (0 = off)",
+    "eval_every": "evaluate every N steps (0 = only at the end)",
+    "eval_batches": "batches per evaluation",
+    "ckpt_every": "checkpoint every N steps (0 = only at the end)",
+    "keep_ckpts": "keep the newest K checkpoints",
+    "log_every": "print a log line every N steps",
+    "sample_every": "print a sample every N steps (0 = only at the end)",
+    "seed": "random seed (DDP rank r draws batches with seed + r)",
+}
+
+
+def add_train_args(parser: argparse.ArgumentParser, **defaults):
+    """Add the TrainArgs options (--out-dir, --max-steps, ...) with per-trainer defaults.
+
+    --kernels and --device are added only if the parser lacks them (commands.add_model_args
+    adds them too; call it first). Unknown keys in `defaults` are a programming error.
+    """
+    base = {f.name: f.default for f in fields(TrainArgs)}
+    unknown = sorted(set(defaults) - set(base))
+    if unknown:
+        raise TypeError(f"add_train_args: unknown TrainArgs field(s) {unknown}")
+    base.update(defaults)
+    have = set(parser._option_string_actions)
+    g = parser.add_argument_group("training")
+    for f in fields(TrainArgs):
+        flag = "--" + f.name.replace("_", "-")
+        if flag in have:
+            if f.name in defaults:
+                parser.set_defaults(**{f.name: defaults[f.name]})
+            continue
+        d = base[f.name]
+        if f.name == "compile":
+            g.add_argument(flag, action="store_true", default=d, help="torch.compile the model")
+        elif f.name == "resume":
+            g.add_argument(flag, nargs="?", const="latest", default=d, metavar="CKPT",
+                           help="continue exactly from a checkpoint: the newest in --out-dir, "
+                                "or a checkpoint/run folder")
+        elif f.name == "dtype":
+            g.add_argument(flag, default=d, choices=["auto", "fp32", "bf16"],
+                           help="auto = bf16 autocast on CUDA, fp32 on CPU (default %(default)s)")
+        elif f.name == "device":
+            g.add_argument(flag, default=d, help="auto | cpu | cuda (default %(default)s)")
+        elif f.name == "kernels":
+            g.add_argument(flag, default=d, help="reference | triton | auto | comma list of "
+                                                 "layernorm,mlp,attention (default %(default)s)")
+        else:
+            g.add_argument(flag, type=type(d), default=d,
+                           help=f"{_HELP.get(f.name, f.name)} (default %(default)s)")
+    return g
+
+
+# -- throughput ------------------------------------------------------------------------------
+# Dense bf16 tensor-core peaks (FLOP/s) by GPU name, most specific first. MFU is null elsewhere.
+PEAK_FLOPS = [
+    ("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989.5e12), ("H200", 989.5e12),
+    ("GH200", 989.5e12), ("A100", 312e12), ("L40S", 362e12), ("L4", 121e12),
+    ("RTX 4090", 165.2e12), ("V100", 125e12), ("T4", 65e12),
+]
+
+
+def peak_flops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, value in PEAK_FLOPS:
+        if key in name:
+            return value
+    return None
+
+
+def flops_per_token(cfg, n_params: int, seq_len: int) -> float:
+    """nanoGPT's estimate (PaLM appendix B): 6N for the matmuls, 12*L*H*Q*T for attention."""
+    return 6 * n_params + 12 * cfg.n_layer * cfg.n_head * cfg.head_dim * seq_len
+
+
+def _mem_gb(device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 1e9
+    import resource
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return peak / (1e9 if sys.platform == "darwin" else 1e6)
+
+
+def _gpt_models(model):
+    from tritongpt.model.gpt import GPTModel
+
+    return [m for m in model.modules() if isinstance(m, GPTModel)]
+
+
+class _SafetensorsSaver:
+    """Gives Checkpointer a .save() for models that are not GPTModel (e.g. a reward head wrapper)."""
+
+    def __init__(self, module):
+        self.module = module
+
+    def save(self, path, extra_metadata=None):
+        from safetensors.torch import save_model
+
+        save_model(self.module, str(path), metadata={k: str(v) for k, v in (extra_metadata or {}).items()})
+
+
+def _data_hooks(data_state):
+    """data_state: None, an object with state_dict()/load_state_dict(d), or a (get, set) pair."""
+    if data_state is None:
+        return None, None
+    if isinstance(data_state, (tuple, list)) and len(data_state) == 2:
+        return data_state[0], data_state[1]
+    if hasattr(data_state, "state_dict") and hasattr(data_state, "load_state_dict"):
+        return data_state.state_dict, data_state.load_state_dict
+    raise TypeError("data_state must have state_dict()/load_state_dict(d) or be a (get, set) pair")
+
+
+class Trainer:
+    """Runs `args.max_steps` optimizer steps of `loss_fn` on batches from `get_batch`.
+
+    - loss_fn gets the model as trained (compiled and/or DDP-wrapped): call it, i.e. its
+      forward, so DDP sees the step. Batches are per process: the global batch is
+      batch_size * grad_accum * world_size.
+    - eval_fn and sample_fn get the unwrapped model, on rank 0 only, under no_grad, eval()
+      and autocast, with the training RNG forked (they never change the training run).
+    - data_state: None, an object with state_dict()/load_state_dict(d), or a (get, set) pair;
+      saved per rank in every checkpoint and handed back on --resume.
+    - fit() returns: step, loss (last), first_loss, losses (this call's), the last eval dict's
+      keys, tok_per_s (mean after the first step), mfu, time_s, checkpoint, metrics_path, plot_path.
+
+    Attributes set at construction: device, dtype, rank, world_size, is_main, raw_model
+    (the unwrapped model, on device), optimizer, checkpointer, metrics.
+    """
+
+    def __init__(self, model, args: TrainArgs, loss_fn, get_batch, eval_fn=None, sample_fn=None,
+                 name: str = "pretrain", data_state=None):
+        args.validate()
+        self.args, self.name = args, name
+        self.loss_fn, self.get_batch, self.eval_fn, self.sample_fn = loss_fn, get_batch, eval_fn, sample_fn
+        self.get_data_state, self.set_data_state = _data_hooks(data_state)
+
+        # DDP: torchrun sets RANK / WORLD_SIZE / LOCAL_RANK for every process it starts
+        self.rank = int(os.environ.get("RANK", 0))
+        self.local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        self.world_size = int(os.environ.get("WORLD_SIZE", 1))
+        self.ddp = self.world_size > 1
+        self.is_main = self.rank == 0
+        if self.ddp and args.device == "auto" and torch.cuda.is_available():
+            self.device = torch.device(f"cuda:{self.local_rank}")
+        else:
+            self.device = common.pick_device(args.device)
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        self._owns_group = False
+        if self.ddp and not dist.is_initialized():
+            dist.init_process_group(backend="nccl" if self.device.type == "cuda" else "gloo")
+            self._owns_group = True
+        self.dtype = common.pick_dtype(args.dtype, self.device)
+
+        self.raw_model = model.to(self.device)
+        if args.kernels is not None:
+            for m in _gpt_models(self.raw_model):
+                m.set_kernels(args.kernels)
+        self.optimizer = common.build_optimizer(self.raw_model, args.lr, args.weight_decay,
+                                                device=self.device)
+        self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        self.out_dir = Path(args.out_dir)
+        self.checkpointer = common.Checkpointer(self.out_dir, keep=args.keep_ckpts)
+        self.metrics = common.MetricsLog(self.out_dir / "metrics.jsonl", enabled=self.is_main)
+        self.plot_path = self.out_dir / "loss.png"
+        self.generator = torch.Generator().manual_seed(args.seed + self.rank)
+        self.step = 0
+        self.last_ckpt = None
+        self._seq_len = None
+        self._saved_step = None
+        gpts = _gpt_models(self.raw_model)
+        self._cfg = gpts[0].config if gpts else None
+        self._n_params = gpts[0].num_params(non_embedding=True) if gpts else \
+            sum(p.numel() for p in self.raw_model.parameters())
+        self._peak = peak_flops(self.device)
+
+    # -- checkpoints ---------------------------------------------------------------------
+    def _gather(self, obj) -> list:
+        """obj from every rank, in rank order (a collective: every rank must call it)."""
+        if not self.ddp:
+            return [obj]
+        out = [None] * self.world_size
+        dist.all_gather_object(out, obj)
+        return out
+
+    def state_dict(self) -> dict:
+        """Everything but the weights. RNGs, batch generator and data position are per rank."""
+        data = self.get_data_state() if self.get_data_state else None
+        return {"step": self.step, "optimizer": self.optimizer.state_dict(),
+                "rng": self._gather(common.rng_state()), "generator": self._gather(self.generator.get_state()),
+                "data": self._gather(data), "args": vars(self.args).copy(), "name": self.name,
+                "world_size": self.world_size}
+
+    def save_checkpoint(self) -> Path | None:
+        """Every rank calls this at the same step (it gathers their states); rank 0 writes."""
+        state = self.state_dict()
+        self._saved_step = self.step
+        if self.is_main:
+            model = self.raw_model if hasattr(self.raw_model, "save") else _SafetensorsSaver(self.raw_model)
+            self.last_ckpt = self.checkpointer.save(self.step, model, state)
+            common.plot_curves(self.metrics.rows(), self.plot_path, keys=self._plot_keys(), title=self.name)
+        return self.last_ckpt
+
+    def resume(self, where) -> int:
+        """Load weights, optimizer, RNGs, batch generator, data position and step."""
+        from safetensors.torch import load_model
+
+        if where in (True, "latest", "auto"):
+            ckpt = self.checkpointer.latest()
+            if ckpt is None:
+                raise UserError(f"--resume: no checkpoint in {self.out_dir}")
+        else:
+            p = Path(where)
+            p = p.parent if p.is_file() else p  # model.safetensors or state.pt of a checkpoint
+            ckpt = p if (p / "state.pt").is_file() else common.Checkpointer(p).latest()
+            if ckpt is None:
+                raise UserError(f"--resume: no checkpoint found at {where}")
+        state = common.load_state(ckpt)
+        try:
+            load_model(self.raw_model, str(ckpt / "model.safetensors"), device=str(self.device))
+        except RuntimeError as e:
+            raise UserError(f"checkpoint {ckpt} does not fit this model: {str(e).splitlines()[0]}") from None
+        self.optimizer.load_state_dict(state["optimizer"])
+        saved_world = len(state["generator"])
+        if saved_world != self.world_size and self.is_main:
+            print(f"note: checkpoint was written by {saved_world} process(es), resuming with "
+                  f"{self.world_size}: batches will differ from an uninterrupted run", file=sys.stderr)
+        if self.rank < saved_world:  # a new rank keeps its fresh seed + rank generator
+            common.set_rng_state(state["rng"][self.rank])
+            self.generator.set_state(state["generator"][self.rank])
+        data = state.get("data") or [None]
+        if self.set_data_state and data[min(self.rank, len(data) - 1)] is not None:
+            self.set_data_state(data[min(self.rank, len(data) - 1)])
+        self.step = state["step"]
+        self._saved_step = self.step
+        self.last_ckpt = ckpt
+        if self.is_main:  # drop rows a crashed run logged after this checkpoint
+            rows = [r for r in self.metrics.rows() if r.get("step", 0) <= self.step]
+            if self.metrics.path.is_file():
+                self.metrics.path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        return self.step
+
+    # -- helpers -----------------------------------------------------------------------------
+    def _to_device(self, batch):
+        if isinstance(batch, torch.Tensor):
+            batch = (batch,)
+        return tuple(t.to(self.device, non_blocking=True) if isinstance(t, torch.Tensor) else t
+                     for t in batch)
+
+    def _side_run(self, fn):
+        """eval/sample on the raw model: no grad, eval mode, autocast, and the training RNG untouched."""
+        was = self.raw_model.training
+        self.raw_model.eval()
+        devices = [self.device.index or 0] if self.device.type == "cuda" else []
+        try:
+            with torch.random.fork_rng(devices=devices), torch.no_grad(), \
+                    common.autocast(self.device, self.dtype):
+                return fn(self.raw_model)
+        finally:
+            self.raw_model.train(was)
+
+    def _plot_keys(self):
+        keys = ["loss"]
+        for r in self.metrics.rows():
+            keys += [k for k in r if k.endswith("loss") and k not in keys]
+        return tuple(keys)
+
+    def _log(self, msg):
+        if self.is_main:
+            from tqdm import tqdm
+
+            tqdm.write(msg)
+
+    # -- the loop ------------------------------------------------------------------------------
+    def fit(self) -> dict:
+        try:
+            return self._fit()
+        finally:
+            self.close()
+
+    def close(self):
+        """Tear down the process group this Trainer started (fit() does it; call it if fit never runs)."""
+        if self._owns_group and dist.is_initialized():
+            dist.destroy_process_group()
+        self._owns_group = False
+
+    def _fit(self) -> dict:
+        from tqdm import tqdm
+
+        a = self.args
+        common.set_seed(a.seed + self.rank)  # dropout differs by rank; resume overwrites all RNGs
+        if a.resume:
+            self.resume(a.resume)
+            self._log(f"resumed from {self.last_ckpt} at step {self.step}")
+        model = self.raw_model
+        model.train()
+        if a.compile:
+            model = torch.compile(model)
+        if self.ddp:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            # buffers are constant (the causal mask): no need to sync them every forward
+            DDP = torch.nn.parallel.DistributedDataParallel
+            no_sync_kw = ("forward_sync_buffers" if "forward_sync_buffers" in
+                          inspect.signature(DDP.__init__).parameters else "broadcast_buffers")
+            model = DDP(model, device_ids=ids, **{no_sync_kw: False})
+        self.model = model
+
+        last_eval = {}
+        if self.is_main and self.eval_fn and a.eval_every and self.step == 0:
+            last_eval = self._evaluate()
+        bar = tqdm(total=a.max_steps, initial=self.step, desc=self.name, disable=not self.is_main,
+                   dynamic_ncols=True, mininterval=0.5)
+        losses, seen_tokens, seen_time, t_start = [], 0.0, 0.0, time.time()
+        loss_value = float("nan")
+        try:
+            while self.step < a.max_steps:
+                row = self._train_step(model)
+                loss_value = row["loss"]
+                losses.append(loss_value)
+                if len(losses) > 1:  # the first step pays for warmup/compilation
+                    seen_tokens += row["tok_per_s"] * row["dt"]
+                    seen_time += row["dt"]
+                avg_tok_s = seen_tokens / seen_time if seen_time else row["tok_per_s"]
+                if self.is_main and self.eval_fn and a.eval_every and self.step % a.eval_every == 0:
+                    last_eval = self._evaluate(log=False)
+                    row.update(last_eval)
+                self.metrics.log(**row)
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss_value:.3f}", lr=f"{row['lr']:.2e}",
+                                tok_s=f"{avg_tok_s:.0f}", mfu=self._mfu_text(self._mfu(avg_tok_s, self._seq_len)))
+                if a.log_every and (self.step % a.log_every == 0 or self.step == a.max_steps):
+                    self._log(self._format(row))
+                if self.is_main and self.sample_fn and a.sample_every and self.step % a.sample_every == 0 \
+                        and self.step < a.max_steps:
+                    self._sample()
+                if a.ckpt_every and self.step % a.ckpt_every == 0:
+                    self.save_checkpoint()
+        finally:
+            bar.close()
+        # the final checkpoint first: the RNG state it captures is the one a longer run continues from
+        if self._saved_step != self.step:
+            self.save_checkpoint()
+        if self.is_main and self.eval_fn and (not a.eval_every or self.step % a.eval_every):
+            last_eval = self._evaluate()
+        if self.is_main and self.sample_fn:
+            self._sample()
+        if self.is_main:
+            common.plot_curves(self.metrics.rows(), self.plot_path, keys=self._plot_keys(), title=self.name)
+        if self.ddp:
+            dist.barrier()  # the others wait while rank 0 writes the last checkpoint
+        tok_s = seen_tokens / seen_time if seen_time else None
+        return {"name": self.name, "step": self.step, "loss": loss_value,
+                "first_loss": losses[0] if losses else None, "losses": losses,
+                **last_eval, "tok_per_s": tok_s,
+                "mfu": self._mfu(tok_s, self._seq_len) if tok_s and losses else None,
+                "time_s": time.time() - t_start,
+                "checkpoint": str(self.last_ckpt) if self.last_ckpt else None,
+                "metrics_path": str(self.metrics.path), "plot_path": str(self.plot_path)}
+
+    def _train_step(self, model) -> dict:
+        a = self.args
+        t0 = time.perf_counter()
+        lr = common.lr_at(self.step, a.lr, a.warmup_steps, a.max_steps, a.min_lr)
+        common.set_lr(self.optimizer, lr)
+        loss_sum = torch.zeros((), device=self.device)
+        tokens = 0
+        for micro in range(a.grad_accum):
+            batch = self._to_device(self.get_batch("train", self.generator))
+            tokens += batch[0].numel()
+            self._seq_len = batch[0].shape[-1]
+            sync = not self.ddp or micro == a.grad_accum - 1
+            with (contextlib.nullcontext() if sync else model.no_sync()):
+                with common.autocast(self.device, self.dtype):
+                    loss = self.loss_fn(model, batch)
+                # each micro-batch loss / grad_accum: the summed gradients are the mean's
+                (loss / a.grad_accum).backward()
+            loss_sum += loss.detach().float()
+        loss_t = loss_sum / a.grad_accum
+        if self.ddp:
+            dist.all_reduce(loss_t, op=dist.ReduceOp.SUM)
+            loss_t /= self.world_size
+            tokens *= self.world_size
+        loss_value = loss_t.item()
+        step = self.step + 1  # the step being taken, 1-based as logged
+        if not math.isfinite(loss_value):
+            self.optimizer.zero_grad(set_to_none=True)
+            raise UserError(f"{self.name}: loss is {loss_value} at step {step}; stopped without "
+                            f"saving (last good checkpoint: {self.last_ckpt or 'none'})")
+        max_norm = a.grad_clip if a.grad_clip > 0 else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm).item()
+        if not math.isfinite(grad_norm):
+            self.optimizer.zero_grad(set_to_none=True)
+            raise UserError(f"{self.name}: gradient norm is {grad_norm} at step {step}; stopped "
+                            f"without saving (last good checkpoint: {self.last_ckpt or 'none'})")
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        dt = max(time.perf_counter() - t0, 1e-9)
+        self.step = step
+        tok_s = tokens / dt
+        return {"step": step, "loss": loss_value, "lr": lr, "grad_norm": grad_norm,
+                "tok_per_s": tok_s, "mfu": self._mfu(tok_s, self._seq_len),
+                "mem_gb": round(_mem_gb(self.device), 3), "dt": dt}
+
+    def _mfu(self, tok_s, seq_len):
+        if self._peak is None or self._cfg is None:
+            return None
+        return flops_per_token(self._cfg, self._n_params, seq_len) * tok_s / (self._peak * self.world_size)
+
+    def _evaluate(self, log=True) -> dict:
+        result = self._side_run(self.eval_fn) or {}
+        result = {k: (float(v) if isinstance(v, (int, float, torch.Tensor)) else v) for k, v in result.items()}
+        if log:
+            self.metrics.log(step=self.step, **result)
+        self._log(f"step {self.step:>6} | " + " | ".join(
+            f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in result.items()))
+        return result
+
+    def _sample(self):
+        text = self._side_run(self.sample_fn)
+        self._log(f"--- sample at step {self.step} ---\n{text}\n---")
+
+    @staticmethod
+    def _mfu_text(mfu) -> str:
+        return "-" if mfu is None else f"{100 * mfu:.1f}%"
+
+    def _format(self, row) -> str:
+        mfu = self._mfu_text(row["mfu"])
+        return (f"step {row['step']:>6} | loss {row['loss']:.4f} | lr {row['lr']:.2e} | "
+                f"grad_norm {row['grad_norm']:.3f} | {row['tok_per_s']:,.0f} tok/s | mfu {mfu} | "
+                f"mem {row['mem_gb']:.2f} GB")
+
+
+def loss_eval_fn(loss_fn, get_batch, batches: int, seed: int = 0, split: str = "val",
+                 key: str = "val_loss"):
+    """An eval_fn: mean of loss_fn over the same `batches` batches of `split` every time.
+
+    The batches come from a generator reseeded on every call, so evaluations are comparable
+    and do not move the training generator.
+    """
+    def eval_fn(model):
+        device = next(model.parameters()).device
+        gen = torch.Generator().manual_seed(seed)
+        total = 0.0
+        for _ in range(batches):
+            batch = get_batch(split, gen)
+            batch = tuple(t.to(device) if isinstance(t, torch.Tensor) else t
+                          for t in (batch if isinstance(batch, (tuple, list)) else (batch,)))
+            total += float(loss_fn(model, batch))
+        return {key: total / batches}
+
+    return eval_fn

@@ -1,0 +1,201 @@
+"""`tritongpt pretrain`: next-token prediction on a text corpus, through the shared Trainer.
+
+With no arguments it trains the `tiny` preset on the embedded corpus (Python's pydoc topics)
+with the default 4096-token BPE, on whatever device there is, in a few minutes on a laptop
+CPU; it prints samples as it goes and writes metrics.jsonl, loss.png, checkpoints and the
+tokenizer to --out-dir. On a GPU:
+
+    tritongpt pretrain --model gpt2-small --kernels triton --dtype bf16
+
+The pieces: train.data tokenises the corpus once into a memmap and draws random windows;
+the model is a GPTModel whose vocabulary is the tokenizer's; the loss is lm_loss; the
+Trainer (train/loop.py) does the rest.
+"""
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+from tritongpt.errors import UserError
+
+DEFAULTS = dict(out_dir="runs/pretrain", max_steps=300, batch_size=16, grad_accum=1, lr=2e-3, min_lr=2e-4,
+                warmup_steps=30, weight_decay=0.1, eval_every=50, eval_batches=8, ckpt_every=100,
+                log_every=25, sample_every=100)
+
+
+def add_args(p: argparse.ArgumentParser):
+    from tritongpt.commands import add_model_args
+    from tritongpt.train.loop import add_train_args
+
+    add_model_args(p, default_model="tiny")
+    d = p.add_argument_group("data")
+    d.add_argument("--data", default=None,
+                   help="training text: a file, a folder of .txt files, a .jsonl file, or 'pydoc' / "
+                        "'stdlib' (default: the embedded pydoc corpus)")
+    d.add_argument("--text-field", default="text",
+                   help="field holding the text in .jsonl rows (default %(default)s)")
+    d.add_argument("--tokenizer", default="default",
+                   help="default (BPE-4096 on the embedded corpus) | gpt2 | path to a tokenizer JSON")
+    d.add_argument("--block-size", type=int, default=None,
+                   help="tokens per training sequence (default: the model's context length)")
+    d.add_argument("--val-fraction", type=float, default=0.1,
+                   help="held-out tail of the corpus (default %(default)s)")
+    d.add_argument("--cache-dir", default=None, help="where the tokenised corpus is cached "
+                                                     "(default: ~/.cache/tritongpt or $TRITONGPT_CACHE)")
+    d.add_argument("--dropout", type=float, default=None, help="override the preset's dropout")
+    s = p.add_argument_group("samples")
+    s.add_argument("--prompt", default="The ", help="prompt for the samples printed while training")
+    s.add_argument("--sample-tokens", type=int, default=60, help="tokens per sample (default %(default)s)")
+    s.add_argument("--temperature", type=float, default=0.8)
+    s.add_argument("--top-k", type=int, default=40)
+    add_train_args(p, **DEFAULTS)
+    return p
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    """The pretrain options on their own (for the Python API and tests): parse_args(["--max-steps", "5"])."""
+    return add_args(argparse.ArgumentParser(prog="tritongpt pretrain")).parse_args(argv)
+
+
+def model_vocab(model_name: str, tokenizer, preset_vocab: int) -> int:
+    """The tokenizer's vocabulary, except that GPT-2 presets keep 50257 with the GPT-2 tokenizer."""
+    if model_name.startswith("gpt2") and tokenizer.name == "gpt2" and tokenizer.vocab_size <= preset_vocab:
+        return preset_vocab
+    return tokenizer.vocab_size
+
+
+def pretrain(args) -> dict:
+    """Run the pretraining job described by `args` (a Namespace from parse_args / the CLI).
+
+    Returns the Trainer's final dict plus first_val_loss, n_params, train_tokens, val_tokens.
+    """
+    from tritongpt.model.config import get_config
+    from tritongpt.model.gpt import GPTModel, lm_loss
+    from tritongpt.train import common, data
+    from tritongpt.train.generate import generate
+    from tritongpt.train.loop import TrainArgs, Trainer, loss_eval_fn
+    from tritongpt.train.tokenizer import get_tokenizer
+
+    targs = TrainArgs.from_namespace(args)
+    targs.validate()
+    cfg = get_config(args.model)  # unknown model: a UserError before any slow work
+    if args.dropout is not None and not 0.0 <= args.dropout < 1.0:
+        raise UserError(f"--dropout must be in [0, 1), got {args.dropout}")
+    tok = get_tokenizer(args.tokenizer)
+    cfg = get_config(args.model, vocab_size=model_vocab(args.model, tok, cfg.vocab_size), dropout=args.dropout)
+    block = args.block_size or cfg.context_length
+    if block <= 0:
+        raise UserError(f"--block-size must be positive, got {block}")
+    if block > cfg.context_length:
+        raise UserError(f"--block-size {block} is longer than {args.model}'s context length {cfg.context_length}")
+
+    prompt_ids = tok.encode(args.prompt, allowed_special="all") or [tok.eot_id]
+    if len(prompt_ids) >= cfg.context_length:
+        raise UserError(f"--prompt is {len(prompt_ids)} tokens; the context is {cfg.context_length}")
+
+    common.set_seed(targs.seed)
+    model = GPTModel(cfg)
+    splits = {}
+
+    def get_batch(split, generator):
+        return data.get_batch(splits[split], targs.batch_size, block, generator, trainer.device)
+
+    def get_eval_batch(split, generator):
+        return get_batch(splits["eval"], generator)
+
+    def loss_fn(m, batch):
+        x, y = batch
+        return lm_loss(m(x), y)
+
+    def sample_fn(m):
+        idx = torch.tensor([prompt_ids], dtype=torch.long, device=trainer.device)
+        gen = torch.Generator(device=trainer.device).manual_seed(targs.seed)
+        out = generate(m, idx, args.sample_tokens, temperature=args.temperature, top_k=args.top_k,
+                       generator=gen)  # KV cache on
+        return tok.decode(out[0].tolist())
+
+    class DataPosition:
+        """Windows are random, so the position is the batch generator (saved by the Trainer);
+        this records which token stream it indexes, to warn when a resume uses other data."""
+
+        def state_dict(self):
+            return {"source": str(args.data or "pydoc"), "train_tokens": len(splits["train"]),
+                    "block_size": block, "tokenizer_hash": tok.hash}
+
+        def load_state_dict(self, d):
+            if (d.get("train_tokens"), d.get("tokenizer_hash")) != (len(splits["train"]), tok.hash):
+                print(f"note: resuming on different data than the checkpoint's ({d.get('source')}, "
+                      f"{d.get('train_tokens')} tokens): batches will differ", file=sys.stderr)
+
+    eval_fn = loss_eval_fn(loss_fn, get_eval_batch, targs.eval_batches, seed=targs.seed + 10_000)
+    trainer = Trainer(model, targs, loss_fn, get_batch, eval_fn=eval_fn,
+                      sample_fn=sample_fn if args.sample_tokens > 0 else None,
+                      name="pretrain", data_state=DataPosition())
+    try:
+        # under torchrun, rank 0 tokenises (and caches) first; the others then read its cache
+        if trainer.ddp and not trainer.is_main:
+            torch.distributed.barrier()
+        source = args.data if args.text_field == "text" else {"source": args.data, "text_field": args.text_field}
+        tokens = data.prepare_tokens(source, tok, args.cache_dir, val_fraction=args.val_fraction)
+        if trainer.ddp and trainer.is_main:
+            torch.distributed.barrier()
+        n_train, n_val = len(tokens.train), len(tokens.val)
+        where = args.data or "the pydoc corpus"
+        if n_train < block + 1:
+            raise UserError(f"context longer than the data: --block-size {block} needs at least {block + 1} "
+                            f"training tokens but {where} has {n_train}; use a smaller --block-size or more text")
+        if targs.batch_size * block > n_train:
+            raise UserError(f"a batch of {targs.batch_size} x {block} tokens is larger than the training data "
+                            f"({n_train} tokens in {where}); lower --batch-size or --block-size")
+        splits.update(train=tokens.train, val=tokens.val, eval="val" if n_val >= block + 1 else "train")
+        if splits["eval"] == "train" and trainer.is_main:
+            print(f"note: the validation split ({n_val} tokens) is shorter than one block of {block}: "
+                  "evaluating on training windows", file=sys.stderr)
+    except BaseException:
+        trainer.close()
+        raise
+
+    n_params = model.num_params()
+    if trainer.is_main:
+        out = Path(targs.out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        tok.save(out / "tokenizer.json")
+        kernels = model.config.kernels
+        print(f"pretrain: {args.model} ({n_params / 1e6:.2f}M params, vocab {cfg.vocab_size}, context {block}) "
+              f"on {trainer.device} ({str(trainer.dtype).replace('torch.', '')}, kernels {kernels}"
+              f"{', ' + str(trainer.world_size) + ' processes' if trainer.ddp else ''})")
+        per_step = targs.batch_size * targs.grad_accum * trainer.world_size
+        print(f"data: {where}: {n_train:,} training + {n_val:,} validation tokens ({tok.name} tokenizer); "
+              f"{targs.max_steps} steps x {per_step} x {block} tokens")
+    result = trainer.fit()
+    vals = [r["val_loss"] for r in trainer.metrics.rows() if "val_loss" in r]
+    result.update(first_val_loss=vals[0] if vals else None, n_params=n_params, train_tokens=n_train,
+                  val_tokens=n_val, tokenizer_path=str(Path(targs.out_dir) / "tokenizer.json"))
+    return result
+
+
+def cmd_pretrain(args):
+    r = pretrain(args)
+    if r.get("checkpoint") is None:  # a DDP rank other than 0
+        return 0
+
+    def fmt(x):
+        return "-" if x is None else f"{x:.3f}"
+
+    print(f"done: {r['step']} steps in {r['time_s']:.0f} s; "
+          f"train loss {fmt(r['first_loss'])} -> {fmt(r['loss'])}, "
+          f"val loss {fmt(r['first_val_loss'])} -> {fmt(r.get('val_loss'))}; "
+          f"{'-' if r['tok_per_s'] is None else format(r['tok_per_s'], ',.0f')} tok/s")
+    print(f"wrote {r['metrics_path']}, {r['plot_path']}, {r['checkpoint']}")
+    print(f"try: tritongpt generate --weights {Path(r['checkpoint']).parent} "
+          f"--tokenizer {r['tokenizer_path']} --prompt \"The \"")
+    return 0
+
+
+def add_cli(sub):
+    p = sub.add_parser("pretrain", help="pretrain a GPT on a text corpus (default: tiny model, embedded corpus)",
+                       description="Pretrain a GPT on a text corpus (default: the tiny preset on the "
+                                   "embedded pydoc corpus).")
+    add_args(p)
+    p.set_defaults(func=cmd_pretrain)
