@@ -11,6 +11,7 @@ COMMAND_MODULES = [
     "tritongpt.bench.cli",
     "tritongpt.train.tokenizer",
     "tritongpt.train.pretrain",
+    "tritongpt.train.sft",
 ]
 
 

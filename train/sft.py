@@ -1,0 +1,523 @@
+"""Supervised fine-tuning (instruction tuning) on Alpaca-style records, as in Raschka's chapter 7.
+
+A record is {"instruction", "input" (optional), "output"}. It becomes one token sequence
+
+    ids = encode(format_prompt(record)) + encode(output) + [eot]
+
+(prompt and response encoded separately, so a response generated after the prompt tokenizes
+the same way; RLHF and DPO use the same layout). A batch is padded with eot and shifted:
+inputs = seq[:-1], targets = seq[1:]. Targets at padding are -100 (ignored by the loss) except
+the first eot, which the model must learn to emit to stop; by default the prompt's targets are
+-100 too, so only the response is learned (--no-mask-prompt learns the prompt as well).
+
+Batches are grouped by length (sort within large random pools, cut into batches, shuffle the
+batches with the Trainer's generator), so little compute goes to padding. Training is the
+shared Trainer (checkpoints, exact resume, plots, DDP, --kernels). Evaluation: the held-out
+loss, and greedy responses (KV cache, stop at eot) checked by exact match; the final responses
+are saved as JSON.
+
+    tritongpt sft --init runs/pretrain            # embedded verifiable tasks (train/tasks.py)
+    tritongpt sft --init gpt2-small --data alpaca.json --tokenizer gpt2
+"""
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from tritongpt.errors import UserError
+from tritongpt.train import common, tasks
+
+IGNORE_INDEX = -100
+
+PROMPT_PREAMBLE = ("Below is an instruction that describes a task. "
+                   "Write a response that appropriately completes the request.")
+
+
+def format_prompt(record) -> str:
+    """The one prompt template (Alpaca, as in Raschka's book); the text ends where the response starts."""
+    text = f"{PROMPT_PREAMBLE}\n\n### Instruction:\n{record['instruction']}"
+    if record.get("input"):
+        text += f"\n\n### Input:\n{record['input']}"
+    return text + "\n\n### Response:\n"
+
+
+# -- records ----------------------------------------------------------------------------------------
+def validate_record(rec, where: str) -> dict:
+    """A clean {"instruction", "input", "output"} (plus "task" if any), or a UserError naming `where`."""
+    if not isinstance(rec, dict):
+        raise UserError(f"{where}: expected a JSON object with instruction/input/output, got {type(rec).__name__}")
+    for key in ("instruction", "output"):
+        if key not in rec:
+            raise UserError(f"{where}: missing field '{key}'")
+        if not isinstance(rec[key], str):
+            raise UserError(f"{where}: field '{key}' must be a string, got {type(rec[key]).__name__}")
+        if not rec[key].strip():
+            raise UserError(f"{where}: field '{key}' is empty")
+    inp = rec.get("input")
+    if inp is None:
+        inp = ""
+    if not isinstance(inp, str):
+        raise UserError(f"{where}: field 'input' must be a string, got {type(inp).__name__}")
+    out = {"instruction": rec["instruction"], "input": inp, "output": rec["output"]}
+    if isinstance(rec.get("task"), str):
+        out["task"] = rec["task"]
+    return out
+
+
+def read_json_records(path, what: str = "data file") -> list:
+    """(where, record) pairs from a .json list or a .jsonl file; `where` names the file and index.
+
+    Shared with the preference data (train/preference.py) so every trainer reports a bad
+    record the same way: "<file>: record 3 (line 4): ...".
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{what} not found: {path}")
+    if path.suffix not in (".json", ".jsonl"):
+        raise UserError(f"{path}: expected a .json (list of records) or .jsonl (one record a line) file")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    raw = []
+    if path.suffix == ".jsonl":
+        for line_no, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            where = f"{path}: record {len(raw)} (line {line_no})"
+            try:
+                raw.append((where, json.loads(line)))
+            except json.JSONDecodeError as e:
+                raise UserError(f"{where} is not valid JSON ({e.msg})") from None
+    else:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+        if not isinstance(data, list):
+            raise UserError(f"{path}: expected a JSON list of records, got {type(data).__name__}")
+        raw = [(f"{path}: record {i}", rec) for i, rec in enumerate(data)]
+    if not raw:
+        raise UserError(f"{path}: no records")
+    return raw
+
+
+def read_records(path) -> list:
+    """SFT records from a .json file (a list of objects) or a .jsonl file (one object a line)."""
+    return [validate_record(rec, where) for where, rec in read_json_records(path)]
+
+
+def split_records(records, val_fraction: float):
+    """(train, val) by the hash of each prompt: deterministic, and a prompt never lands in both."""
+    if not 0.0 <= val_fraction < 1.0:
+        raise UserError(f"--val-fraction must be in [0, 1), got {val_fraction}")
+    u = [tasks.prompt_hash(r) for r in records]
+    val_idx = {i for i, x in enumerate(u) if x < val_fraction}
+    if val_fraction > 0 and not val_idx and len(records) > 1:
+        val_idx = {min(range(len(records)), key=u.__getitem__)}
+    keys = {(records[i]["instruction"], records[i]["input"]) for i in val_idx}
+    train = [r for r in records if (r["instruction"], r["input"]) not in keys]
+    val = [r for i, r in enumerate(records) if i in val_idx]
+    return train, val
+
+
+def task_splits(n_train: int, n_eval: int, seed: int = 0, families=None):
+    """The embedded verifiable tasks: (train, val, test) records, disjoint by prompt."""
+    return (tasks.generate_tasks(n_train, seed, "train", families),
+            tasks.generate_tasks(n_eval, seed, "val", families),
+            tasks.generate_tasks(n_eval, seed, "test", families))
+
+
+# -- tokens ------------------------------------------------------------------------------------------
+def encode_text(tokenizer, text: str) -> list:
+    # a special token's spelling inside user text is just text, never a control token
+    return tokenizer.encode(text, allowed_special="none")
+
+
+@dataclass
+class Example:
+    ids: list         # prompt + response + eot
+    prompt_len: int   # how many of ids are the prompt
+
+
+def encode_records(records, tokenizer, max_len: int, overlong: str = "drop", what: str = "records",
+                   template=format_prompt):
+    """Tokenize records into Examples of at most max_len + 1 tokens (max_len inputs after the shift).
+
+    overlong="drop" skips longer records; "truncate" cuts them at the end (the eot goes with
+    it). Records with no response token left are dropped either way. Returns (examples, kept
+    records), and prints how many were dropped or truncated. `template` is format_prompt except
+    in tests that need sequences shorter than its ~20-token preamble.
+    """
+    if overlong not in ("drop", "truncate"):
+        raise UserError(f"--overlong must be drop or truncate, got {overlong!r}")
+    eot = tokenizer.eot_id
+    examples, kept, n_dropped, n_cut = [], [], 0, 0
+    for rec in records:
+        prompt = encode_text(tokenizer, template(rec))
+        ids = prompt + encode_text(tokenizer, rec["output"]) + [eot]
+        if len(ids) > max_len + 1:
+            if overlong == "drop" or len(prompt) >= max_len + 1:
+                n_dropped += 1
+                continue
+            ids, n_cut = ids[:max_len + 1], n_cut + 1
+        examples.append(Example(ids, len(prompt)))
+        kept.append(rec)
+    if n_dropped or n_cut:
+        print(f"sft: {what}: {n_dropped + n_cut} of {len(records)} records are longer than {max_len} "
+              f"tokens: {n_dropped} dropped, {n_cut} truncated", file=sys.stderr)
+    return examples, kept
+
+
+def collate(examples, pad_id: int, mask_prompt: bool = True, ignore_index: int = IGNORE_INDEX):
+    """Pad and shift: inputs [B, T] = seq[:-1], targets [B, T] = seq[1:], T = longest seq - 1.
+
+    Inputs are padded with pad_id (after the sequence: causal attention never looks there).
+    Target positions past each sequence's end are ignore_index, so the first eot (the last
+    real token) stays a target; with mask_prompt the targets that are prompt tokens are too.
+    """
+    T = max(len(e.ids) for e in examples) - 1
+    inputs = torch.full((len(examples), T), pad_id, dtype=torch.long)
+    targets = torch.full((len(examples), T), ignore_index, dtype=torch.long)
+    for i, e in enumerate(examples):
+        seq = torch.tensor(e.ids, dtype=torch.long)
+        n = len(e.ids) - 1
+        inputs[i, :n] = seq[:-1]
+        targets[i, :n] = seq[1:]
+        if mask_prompt:
+            # target t is token t+1: tokens 1..prompt_len-1 belong to the prompt
+            targets[i, :e.prompt_len - 1] = ignore_index
+    return inputs, targets
+
+
+def length_grouped_batches(lengths, batch_size: int, generator: torch.Generator, pool_batches: int = 50):
+    """One epoch of batches (lists of indices), each of similar lengths, in a random order.
+
+    Shuffle everything, sort each pool of pool_batches * batch_size by length, cut it into
+    batches, then shuffle the batches: padding stays small and the order still varies.
+    """
+    n = len(lengths)
+    perm = torch.randperm(n, generator=generator).tolist()
+    pool = batch_size * pool_batches
+    batches = []
+    for s in range(0, n, pool):
+        chunk = sorted(perm[s:s + pool], key=lambda i: lengths[i])
+        batches += [chunk[j:j + batch_size] for j in range(0, len(chunk), batch_size)]
+    order = torch.randperm(len(batches), generator=generator).tolist()
+    return [batches[i] for i in order]
+
+
+class SFTData:
+    """Training batches for the Trainer, epoch after epoch, and fixed held-out batches.
+
+    Each epoch's order comes from a seed drawn from the Trainer's generator; the state
+    (epoch, position, that seed) goes into checkpoints, so a resumed run sees the same batches.
+    """
+
+    def __init__(self, train, val, pad_id: int, batch_size: int, mask_prompt: bool = True):
+        if not train:
+            raise UserError("no training examples left (all were dropped: see the note above)")
+        self.train, self.val = train, val
+        self.pad_id, self.batch_size, self.mask_prompt = pad_id, batch_size, mask_prompt
+        self.lengths = [len(e.ids) for e in train]
+        self.epoch, self.pos, self.epoch_seed, self._order = 0, 0, None, None
+
+    def _collate(self, examples):
+        return collate(examples, self.pad_id, self.mask_prompt)
+
+    def get_batch(self, split: str, generator: torch.Generator):
+        if split != "train":
+            raise ValueError(f"SFTData.get_batch draws training batches only, not {split!r}")
+        if self._order is None or self.pos >= len(self._order):
+            if self._order is not None:
+                self.epoch += 1
+            self.epoch_seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+            self._order, self.pos = self._epoch_order(self.epoch_seed), 0
+        rows = self._order[self.pos]
+        self.pos += 1
+        return self._collate([self.train[i] for i in rows])
+
+    def _epoch_order(self, seed):
+        return length_grouped_batches(self.lengths, self.batch_size, torch.Generator().manual_seed(seed))
+
+    def val_batches(self, max_batches: int | None = None):
+        """Held-out batches in a fixed order (sorted by length)."""
+        order = sorted(range(len(self.val)), key=lambda i: len(self.val[i].ids))
+        chunks = [order[j:j + self.batch_size] for j in range(0, len(order), self.batch_size)]
+        for rows in chunks[:max_batches]:
+            yield self._collate([self.val[i] for i in rows])
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "pos": self.pos, "epoch_seed": self.epoch_seed}
+
+    def load_state_dict(self, d: dict):
+        self.epoch, self.pos, self.epoch_seed = d["epoch"], d["pos"], d["epoch_seed"]
+        self._order = None if self.epoch_seed is None else self._epoch_order(self.epoch_seed)
+
+
+# -- loss and evaluation -----------------------------------------------------------------------------
+def sft_loss(model, batch):
+    """Mean cross-entropy over the batch's counted (response) targets."""
+    from tritongpt.model.gpt import lm_loss
+
+    inputs, targets = batch[0], batch[1]
+    return lm_loss(model(inputs), targets, ignore_index=IGNORE_INDEX)
+
+
+@torch.no_grad()
+def heldout_loss(model, data: SFTData, max_batches: int | None = None) -> float:
+    """Token-weighted mean loss over the held-out batches (nan when there are none)."""
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    for inputs, targets in data.val_batches(max_batches):
+        inputs, targets = inputs.to(device), targets.to(device)
+        logits = model(inputs)
+        total += F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(),
+                                 ignore_index=IGNORE_INDEX, reduction="sum").item()
+        count += int((targets != IGNORE_INDEX).sum())
+    return total / count if count else float("nan")
+
+
+@torch.no_grad()
+def greedy_responses(model, tokenizer, records, max_new_tokens: int = 32, batch_size: int = 32,
+                     template=format_prompt):
+    """Greedy responses (KV cache, stop at eot) to each record's prompt: [(text, stopped)].
+
+    Prompts of equal token length are batched together, so no padding is needed and every
+    row is computed exactly as it would be alone.
+    """
+    from tritongpt.train.generate import generate
+
+    device = next(model.parameters()).device
+    ctx, eot = model.config.context_length, tokenizer.eot_id
+    prompts = [encode_text(tokenizer, template(r)) for r in records]
+    by_len = {}
+    for i, p in enumerate(prompts):
+        by_len.setdefault(len(p), []).append(i)
+    out = [("", False)] * len(records)
+    for length, rows in sorted(by_len.items()):
+        budget = min(max_new_tokens, ctx - length)
+        if budget <= 0:
+            continue  # the prompt fills the context: nothing can be generated
+        for s in range(0, len(rows), batch_size):
+            chunk = rows[s:s + batch_size]
+            idx = torch.tensor([prompts[i] for i in chunk], dtype=torch.long, device=device)
+            new = generate(model, idx, budget, temperature=0.0, eos_id=eot)[:, length:].tolist()
+            for i, ids in zip(chunk, new):
+                stopped = eot in ids
+                out[i] = (tokenizer.decode(ids[:ids.index(eot)] if stopped else ids), stopped)
+    return out
+
+
+def evaluate_responses(model, tokenizer, records, max_new_tokens: int = 32, batch_size: int = 32,
+                       template=format_prompt):
+    """(rows, exact-match accuracy): rows hold instruction, input, gold, prediction, correct."""
+    rows = []
+    preds = greedy_responses(model, tokenizer, records, max_new_tokens, batch_size, template)
+    for rec, (pred, stopped) in zip(records, preds):
+        row = {"instruction": rec["instruction"], "input": rec["input"], "gold": rec["output"],
+               "prediction": pred, "correct": tasks.exact_match(pred, rec["output"]), "stopped": stopped}
+        if "task" in rec:
+            row["task"] = rec["task"]
+        rows.append(row)
+    acc = sum(r["correct"] for r in rows) / len(rows) if rows else float("nan")
+    return rows, acc
+
+
+def per_task_accuracy(rows) -> dict:
+    counts = {}
+    for r in rows:
+        c = counts.setdefault(r.get("task", "all"), [0, 0])
+        c[0] += r["correct"]
+        c[1] += 1
+    return {k: c / n for k, (c, n) in sorted(counts.items())}
+
+
+# -- model and tokenizer ------------------------------------------------------------------------------
+def load_init_model(init: str):
+    """--init: a tritongpt checkpoint (file, ckpt folder or run folder), a Hugging Face GPT-2
+    safetensors file, a GPT-2 name (pretrained weights), or tiny/mini (random weights)."""
+    from tritongpt.model.config import PRESETS, get_config
+    from tritongpt.model.gpt import GPTModel
+
+    p = Path(init).expanduser()
+    if p.exists():
+        path = common.resolve_checkpoint(p)
+        from tritongpt.commands import _is_hf_file
+
+        if _is_hf_file(path):
+            from tritongpt.train.gpt2_weights import load_gpt2_safetensors
+
+            return load_gpt2_safetensors(path)
+        return GPTModel.load(path)
+    from tritongpt.train.gpt2_weights import HUB_REPOS, load_gpt2_pretrained
+
+    if init in HUB_REPOS:
+        return load_gpt2_pretrained(init)
+    if init in PRESETS:
+        print(f"note: --init {init}: random weights (no pretraining)", file=sys.stderr)
+        return GPTModel(get_config(init))
+    raise UserError(f"--init {init!r}: no checkpoint there, and not a GPT-2 name "
+                    f"({', '.join(HUB_REPOS)}) or a preset ({', '.join(PRESETS)})")
+
+
+def saved_tokenizer_path(init: str):
+    """tokenizer.json saved next to the checkpoint by the run that wrote it, if any."""
+    p = Path(init).expanduser()
+    if not p.exists():
+        return None
+    base = p if p.is_dir() else p.parent
+    for d in (base, base.parent):
+        if (d / "tokenizer.json").is_file():
+            return d / "tokenizer.json"
+    return None
+
+
+def pick_tokenizer(spec, init: str, vocab_size: int):
+    """--tokenizer if given, else the run's saved one, else "gpt2" for a 50257 vocab, else "default"."""
+    from tritongpt.train.tokenizer import get_tokenizer
+
+    if spec is None:
+        spec = saved_tokenizer_path(init) or ("gpt2" if vocab_size == 50257 else "default")
+    tok = get_tokenizer(spec)
+    if tok.vocab_size > vocab_size:
+        raise UserError(f"tokenizer {spec} has {tok.vocab_size} tokens but the model only {vocab_size}; "
+                        f"pass the tokenizer the model was trained with (--tokenizer)")
+    return tok
+
+
+# -- the run --------------------------------------------------------------------------------------------
+def run_sft(model, tokenizer, train_records, val_records, test_records, args, *, mask_prompt: bool = True,
+            overlong: str = "drop", max_length: int | None = None, max_new_tokens: int = 32,
+            eval_gen: int = 32, eval_before: bool = False, sample: bool = True,
+            template=format_prompt) -> dict:
+    """Fine-tune `model` with the shared Trainer; evaluate; save responses.json in args.out_dir.
+
+    val_records give the held-out loss (and a quick exact match on the first eval_gen of them
+    at each evaluation); test_records are answered greedily at the end (and before, with
+    eval_before). Returns the Trainer's result plus exact_match (and exact_match_before).
+    """
+    from tritongpt.train.loop import Trainer
+
+    ctx = model.config.context_length
+    max_len = ctx if max_length is None else min(ctx, max_length)
+    if max_len < 2:
+        raise UserError(f"--max-length must be at least 2, got {max_len}")
+    train, _ = encode_records(train_records, tokenizer, max_len, overlong, "train", template)
+    val, val_kept = encode_records(val_records, tokenizer, max_len, overlong, "val", template)
+    _, test_kept = encode_records(test_records, tokenizer, max_len, overlong, "test", template)
+    data = SFTData(train, val, tokenizer.eot_id, args.batch_size, mask_prompt)
+    quick = val_kept[:eval_gen]
+
+    def eval_fn(m):
+        out = {"val_loss": heldout_loss(m, data, args.eval_batches)}
+        if quick:
+            out["val_exact_match"] = evaluate_responses(m, tokenizer, quick, max_new_tokens,
+                                                        template=template)[1]
+        return out
+
+    def sample_fn(m):
+        rec = val_kept[0]
+        pred, _ = greedy_responses(m, tokenizer, [rec], max_new_tokens, template=template)[0]
+        return f"{rec['instruction']} | {rec['input']} -> {pred!r} (gold {rec['output']!r})"
+
+    trainer = Trainer(model, args, sft_loss, data.get_batch, eval_fn=eval_fn if val else None,
+                      sample_fn=sample_fn if sample and val_kept else None, name="sft", data_state=data)
+    out_dir = Path(args.out_dir)
+    if trainer.is_main and hasattr(tokenizer, "save"):
+        tokenizer.save(out_dir / "tokenizer.json")   # later stages (reward, RLHF) find it here
+    if trainer.is_main:
+        print(f"sft: {len(train)} train / {len(val)} val / {len(test_kept)} test examples, context {max_len}, "
+              f"prompt {'masked' if mask_prompt else 'learned too'}", file=sys.stderr)
+
+    def run_eval(tag):
+        m = trainer.raw_model
+        with common.autocast(trainer.device, trainer.dtype):
+            rows, acc = evaluate_responses(m, tokenizer, test_kept, max_new_tokens, template=template)
+        print(f"sft: exact match {tag}: {acc:.3f} on {len(rows)} held-out records", file=sys.stderr)
+        return rows, acc
+
+    before = None
+    if eval_before and test_kept and trainer.is_main and not args.resume:
+        _, before = run_eval("before")
+        trainer.metrics.log(step=0, test_exact_match=before)
+    result = trainer.fit()
+    result["exact_match_before"] = before
+    if trainer.is_main and test_kept:
+        rows, acc = run_eval("after")
+        by_task = per_task_accuracy(rows)
+        if len(by_task) > 1:
+            print("sft: by task: " + ", ".join(f"{k} {v:.2f}" for k, v in by_task.items()), file=sys.stderr)
+        path = out_dir / "responses.json"
+        path.write_text(json.dumps(rows, indent=1))
+        trainer.metrics.log(step=trainer.step, test_exact_match=acc)
+        result.update(exact_match=acc, exact_match_by_task=by_task, responses_path=str(path),
+                      n_test=len(rows))
+    return result
+
+
+# -- command line -------------------------------------------------------------------------------------
+def cmd_sft(args):
+    from tritongpt.train.loop import TrainArgs
+
+    targs = TrainArgs.from_namespace(args)
+    targs.validate()
+    for name in ("max_new_tokens", "n_train"):
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    for name in ("eval_gen", "n_eval"):
+        if getattr(args, name) < 0:
+            raise UserError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
+    model = load_init_model(args.init)
+    tok = pick_tokenizer(args.tokenizer, args.init, model.config.vocab_size)
+    if args.data:
+        records = read_records(args.data)
+        train, val = split_records(records, args.val_fraction)
+        test = val
+        print(f"sft: {args.data}: {len(records)} records -> {len(train)} train, {len(val)} held out",
+              file=sys.stderr)
+    else:
+        train, val, test = task_splits(args.n_train, args.n_eval, args.seed, args.tasks)
+    result = run_sft(model, tok, train, val, test, targs, mask_prompt=not args.no_mask_prompt,
+                     overlong=args.overlong, max_length=args.max_length, max_new_tokens=args.max_new_tokens,
+                     eval_gen=args.eval_gen, eval_before=args.eval_before)
+    if result.get("exact_match") is not None:
+        before = result.get("exact_match_before")
+        print(f"exact match: {'' if before is None else f'{before:.3f} before -> '}{result['exact_match']:.3f} "
+              f"after SFT ({result['n_test']} held-out records; responses in {result['responses_path']})")
+    print(f"checkpoint: {result['checkpoint']}")
+    return 0
+
+
+def add_cli(sub):
+    from tritongpt.train.loop import add_train_args
+
+    p = sub.add_parser("sft", help="supervised fine-tuning on instruction records (default: embedded verifiable tasks)")
+    p.add_argument("--init", required=True,
+                   help="tritongpt checkpoint (run folder, ckpt folder or .safetensors), a GPT-2 name "
+                        "(gpt2-small ...: pretrained weights) or tiny/mini (random weights)")
+    p.add_argument("--data", help=".json list or .jsonl of {instruction, input, output} records "
+                                  "(default: the embedded verifiable tasks)")
+    p.add_argument("--tokenizer", help="default | gpt2 | tokenizer .json (default: the run's saved tokenizer, "
+                                       "else gpt2 for a 50257 vocab, else default)")
+    p.add_argument("--tasks", default="all", help=f"embedded task families, comma list or 'all' "
+                                                  f"({', '.join(tasks.FAMILIES)})")
+    p.add_argument("--n-train", type=int, default=5000, help="embedded training records (default %(default)s)")
+    p.add_argument("--n-eval", type=int, default=200,
+                   help="embedded held-out records, each of val and test (default %(default)s)")
+    p.add_argument("--val-fraction", type=float, default=0.1,
+                   help="share of a --data file held out, by prompt hash (default %(default)s)")
+    p.add_argument("--no-mask-prompt", action="store_true", help="learn the prompt tokens too")
+    p.add_argument("--overlong", choices=["drop", "truncate"], default="drop",
+                   help="records longer than the context (default %(default)s)")
+    p.add_argument("--max-length", type=int, default=None, help="cap on tokens per example (default: the context)")
+    p.add_argument("--max-new-tokens", type=int, default=32, help="response budget when evaluating (default %(default)s)")
+    p.add_argument("--eval-gen", type=int, default=32,
+                   help="held-out records answered at each evaluation (default %(default)s)")
+    p.add_argument("--eval-before", action="store_true", help="also answer the held-out set before training")
+    add_train_args(p, out_dir="runs/sft", max_steps=500, batch_size=16, lr=1e-4, min_lr=1e-5, warmup_steps=20,
+                   eval_every=100, ckpt_every=500, sample_every=100, log_every=50)
+    p.set_defaults(func=cmd_sft)
