@@ -12,6 +12,9 @@ COMMAND_MODULES = [
     "tritongpt.train.tokenizer",
     "tritongpt.train.pretrain",
     "tritongpt.train.sft",
+    "tritongpt.train.reward",
+    "tritongpt.train.rlhf",
+    "tritongpt.train.dpo",
 ]
 
 

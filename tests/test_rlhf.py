@@ -1,0 +1,357 @@
+"""Preference data, reward model, PPO, GRPO and DPO on tiny models.
+
+Everything here measures a real change: the reward model's accuracy on held-out pairs, the
+reward a fixed reward model gives the policy on fixed eval prompts before and after RL, the
+DPO margin on pairs before and after. The Triton test runs one whole PPO iteration
+(rollouts with the KV cache, scoring, several minibatch updates) on both kernel paths.
+"""
+import copy
+import json
+import re
+from collections import Counter
+
+import pytest
+import torch
+
+from parity import assert_close_rel
+from tritongpt.errors import UserError
+from tritongpt.model.config import GPTConfig
+from tritongpt.model.gpt import GPTModel
+from tritongpt.train.common import MetricsLog
+from tritongpt.train.loop import TrainArgs
+from tritongpt.train.preference import (PreferencePair, encode_pairs, load_preferences, pair_batch,
+                                        read_preference_file, split_pairs, task_preferences)
+from tritongpt.train.reward import RewardModel, pairwise_metrics, train_reward_model
+from tritongpt.train.rlhf import RLArgs, RLHFTrainer, gae, group_advantages
+
+
+def compact_template(rec):
+    """A short prompt so a 48-token context holds prompt + answer (SFT's template is longer)."""
+    text = rec["instruction"] + (" " + rec["input"] if rec.get("input") else "")
+    return text + "\n="
+
+
+class WordTokenizer:
+    """A test tokenizer over a fixed alphabet: frequent words are one token, anything else one
+    token per character (digit, space, punctuation, letter), plus <|endoftext|>. A task prompt
+    is ~20 tokens and the vocab ~100, which keeps the models tiny; decode(encode(t)) == t."""
+
+    PATTERN = re.compile(r"[A-Za-z]+|.", re.S)
+
+    def __init__(self, texts, min_count=5):
+        counts = Counter(t for text in texts for t in self.PATTERN.findall(text))
+        words = {t for t, c in counts.items() if c >= min_count}
+        chars = {ch for t in counts for ch in t}
+        self.tokens = sorted(words | chars)
+        self.ids = {t: i for i, t in enumerate(self.tokens)}
+        self.eot_id = len(self.tokens)
+        self.vocab_size = len(self.tokens) + 1
+
+    def encode(self, text, allowed_special="none_raise"):
+        ids = []
+        for t in self.PATTERN.findall(text):
+            ids += [self.ids[t]] if t in self.ids else [self.ids[ch] for ch in t]
+        return ids
+
+    def decode(self, ids):
+        return "".join(self.tokens[i] for i in ids if i < self.eot_id)
+
+
+CTX = 48
+
+
+def tiny_config(vocab_size, **kw):
+    # head_dim 32: a size the Triton attention kernel supports
+    return GPTConfig(vocab_size=vocab_size, context_length=CTX, n_embd=32, n_layer=2, n_head=1, **kw)
+
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+# The embedded task families whose wrong answers a 2-layer, 32-wide model learns to spot from
+# scratch in ~150 steps (the others need arithmetic or word positions, and many more steps).
+FAMILIES = "commas_to_spaces,spaces_to_commas,uppercase,lowercase,count_words"
+
+
+@pytest.fixture(scope="module")
+def data():
+    train = task_preferences(2000, seed=0, template=compact_template, split="train", families=FAMILIES)
+    val = task_preferences(300, seed=0, template=compact_template, split="val", families=FAMILIES)
+    tok = WordTokenizer([p.prompt + p.chosen + p.rejected for p in train + val])
+
+    def fits(p):
+        return len(tok.encode(p.prompt)) + max(len(tok.encode(p.chosen)), len(tok.encode(p.rejected))) + 1 <= CTX
+
+    return tok, [p for p in train if fits(p)], [p for p in val if fits(p)]
+
+
+@pytest.fixture(scope="module")
+def reward(data, tmp_path_factory):
+    """A tiny reward model trained on the embedded task pairs (once for the module)."""
+    tok, train, val = data
+    torch.manual_seed(0)
+    rm = RewardModel(GPTModel(tiny_config(tok.vocab_size)))
+    out = tmp_path_factory.mktemp("reward")
+    args = TrainArgs(out_dir=str(out), max_steps=150, batch_size=16, lr=3e-3, min_lr=3e-4, warmup_steps=10,
+                     eval_every=0, ckpt_every=0, log_every=0, weight_decay=0.0, device="cpu",
+                     kernels="reference", seed=0)
+    result = train_reward_model(rm, tok, train, val, args)
+    return rm.eval(), result
+
+
+@pytest.fixture(scope="module")
+def easy_reward(data, tmp_path_factory):
+    """A reward model with an easy target for the RL tests: it prefers UPPERCASE answers to the
+    same answers in lowercase. Trained through the same Trainer and scored through the same
+    RewardModel as the CLI's; what PPO/GRPO then optimize is its learned score, nothing else."""
+    tok, train, val = data
+
+    def pairs(ps):
+        return [PreferencePair(p.prompt, p.chosen.upper(), p.chosen.lower()) for p in ps
+                if p.chosen.upper() != p.chosen.lower()]
+
+    torch.manual_seed(0)
+    rm = RewardModel(GPTModel(tiny_config(tok.vocab_size)))
+    args = TrainArgs(out_dir=str(tmp_path_factory.mktemp("easy_reward")), max_steps=20, batch_size=16, lr=3e-3,
+                     min_lr=3e-4, warmup_steps=5, eval_every=0, ckpt_every=0, log_every=0, weight_decay=0.0,
+                     device="cpu", kernels="reference", seed=0)
+    result = train_reward_model(rm, tok, pairs(train), pairs(val)[:64], args)
+    assert result["val_acc"] > 0.9
+    return rm.eval(), result
+
+
+# -- preference data ----------------------------------------------------------------------------
+def test_preference_files_and_errors(tmp_path):
+    good = [{"prompt": "2+2=", "chosen": "4", "rejected": "5"},
+            {"instruction": "Add", "input": "2 2", "chosen": "4", "rejected": "22"}]
+    (tmp_path / "p.jsonl").write_text("\n".join(json.dumps(r) for r in good) + "\n")
+    (tmp_path / "p.json").write_text(json.dumps(good))
+    for name in ("p.jsonl", "p.json"):
+        pairs = read_preference_file(tmp_path / name, template=compact_template)
+        assert pairs == [PreferencePair("2+2=", "4", "5"), PreferencePair("Add 2 2\n=", "4", "22")]
+    assert load_preferences(str(tmp_path / "p.json"), template=compact_template) == pairs
+    train, val = split_pairs(pairs * 5, 0.2, seed=1)
+    assert (len(train), len(val)) == (8, 2) and split_pairs(pairs * 5, 0.2, seed=1) == (train, val)
+
+    bad = tmp_path / "bad.jsonl"
+    cases = [({"prompt": "x", "chosen": "a"}, r"bad.jsonl: record 1 .*missing field 'rejected'"),
+             ({"prompt": "x", "chosen": "a", "rejected": 3}, r"record 1 .*'rejected' must be a non-empty string"),
+             ({"chosen": "a", "rejected": "b"}, r"record 1 .*needs a 'prompt' or an 'instruction'"),
+             ({"prompt": "x", "chosen": "a", "rejected": "a"}, r"record 1 .*identical"),
+             (["not", "an", "object"], r"record 1 .*expected a JSON object")]
+    for rec, msg in cases:
+        bad.write_text(json.dumps(good[0]) + "\n" + json.dumps(rec) + "\n")
+        with pytest.raises(UserError, match=msg):
+            read_preference_file(bad, template=compact_template)
+    bad.write_text(json.dumps(good[0]) + "\n{oops\n")
+    with pytest.raises(UserError, match=r"bad.jsonl: record 1 \(line 2\) is not valid JSON"):
+        read_preference_file(bad)
+    (tmp_path / "obj.json").write_text(json.dumps({"prompt": "x"}))
+    with pytest.raises(UserError, match=r"obj.json: expected a JSON list"):
+        read_preference_file(tmp_path / "obj.json")
+    with pytest.raises(UserError, match="not found"):
+        read_preference_file(tmp_path / "missing.jsonl")
+
+
+def test_embedded_pairs_use_the_sft_template_and_are_wrong_where_they_should_be():
+    from tritongpt.train import tasks
+    from tritongpt.train.sft import format_prompt
+
+    recs = tasks.generate_tasks(20, seed=3)
+    pairs = task_preferences(20, seed=3)
+    assert len(pairs) >= 18
+    by_prompt = {format_prompt(r): r for r in recs}
+    for p in pairs:
+        rec = by_prompt[p.prompt]  # the prompt is SFT's formatting of a task record
+        assert p.chosen == rec["output"]
+        assert tasks.exact_match(p.chosen, rec["output"]) and not tasks.exact_match(p.rejected, rec["output"])
+    assert task_preferences(20, seed=3) == pairs  # deterministic
+
+
+# -- reward model -----------------------------------------------------------------------------------
+def test_reward_model_beats_chance_on_held_out_pairs(reward, data, tmp_path):
+    tok, train, val = data
+    rm, result = reward
+    enc = encode_pairs(val, tok, CTX)
+    acc = pairwise_metrics(rm, enc, tok.eot_id)["acc"]
+    print(f"reward model: {len(val)} held-out pairs, accuracy {acc:.3f} (train {result['train_acc']:.3f})")
+    assert acc == pytest.approx(result["val_acc"])
+    assert acc >= 0.7, f"held-out pairwise accuracy {acc:.3f} is not clearly above chance"
+    # the checkpoint the Trainer wrote reads back to the same scores
+    loaded = RewardModel.load(result["checkpoint"])
+    idx, lengths, _ = pair_batch(enc[:8], tok.eot_id)
+    assert torch.allclose(loaded(idx, lengths), rm(idx, lengths), atol=1e-6)
+    with pytest.raises(UserError, match="not a reward model"):
+        p = tmp_path / "gpt.safetensors"
+        GPTModel(tiny_config(tok.vocab_size)).save(p)
+        RewardModel.load(p)
+
+
+def test_reward_is_read_at_the_last_non_pad_token():
+    torch.manual_seed(1)
+    rm = RewardModel(GPTModel(tiny_config(50))).eval()
+    a, b = torch.randint(0, 50, (1, 7)), torch.randint(0, 50, (1, 12))
+    alone = rm(a, torch.tensor([7]))
+    idx = torch.cat([torch.cat([a, torch.randint(0, 50, (1, 5))], 1), b])  # a padded with junk
+    both = rm(idx, torch.tensor([7, 12]))
+    assert torch.allclose(both[0], alone[0], atol=1e-6)
+    assert not torch.allclose(rm(idx, torch.tensor([8, 12]))[0], alone[0])
+
+
+# -- RL pieces ------------------------------------------------------------------------------------
+def test_gae_and_group_advantages_against_direct_formulas():
+    torch.manual_seed(2)
+    N, T = 3, 9
+    rewards, values = torch.randn(N, T, dtype=torch.float64), torch.randn(N, T, dtype=torch.float64)
+    starts, ends = [2, 0, 5], [6, 9, 6]  # the response targets of each row: [start, end)
+    mask = torch.zeros(N, T, dtype=torch.bool)
+    for i in range(N):
+        mask[i, starts[i]:ends[i]] = True
+    gamma, lam = 0.9, 0.8
+    adv, ret = gae(rewards * mask, values, mask, gamma, lam)
+    for i in range(N):
+        for t in range(starts[i], ends[i]):
+            # A_t = sum_k (gamma lam)^k delta_{t+k}, delta_j = r_j + gamma V_{j+1} - V_j, V_end = 0
+            want = 0.0
+            for k, j in enumerate(range(t, ends[i])):
+                v_next = values[i, j + 1] if j + 1 < ends[i] else 0.0
+                want += (gamma * lam) ** k * (rewards[i, j] + gamma * v_next - values[i, j])
+            assert adv[i, t].item() == pytest.approx(float(want), abs=1e-12)
+            assert ret[i, t].item() == pytest.approx(float(want + values[i, t]), abs=1e-12)
+    assert adv[~mask].abs().max() == 0 and ret[~mask].abs().max() == 0
+
+    scores = torch.tensor([1.0, 2.0, 3.0, 10.0, 10.0, 4.0])
+    group = torch.tensor([0, 0, 0, 1, 1, 1])
+    adv = group_advantages(scores, group)
+    g0 = torch.tensor([1.0, 2.0, 3.0])
+    assert torch.allclose(adv[:3], (g0 - 2.0) / (g0.std(unbiased=False) + 1e-4))
+    assert adv[3] == adv[4] > 0 > adv[5]
+
+
+def _rl_setup(data, easy_reward, tmp_path, algo, **overrides):
+    tok, train, val = data
+    rm, _ = easy_reward
+    torch.manual_seed(3)
+    policy = GPTModel(tiny_config(tok.vocab_size))
+    ref = copy.deepcopy(policy)
+    room = CTX - 8
+    prompts = [tok.encode(p.prompt) for p in train if len(tok.encode(p.prompt)) <= room]
+    evals = [tok.encode(p.prompt) for p in val if len(tok.encode(p.prompt)) <= room][:16]
+    kw = dict(algo=algo, out_dir=str(tmp_path), iterations=8, prompts_per_iter=16, max_new_tokens=8,
+              epochs=4, minibatch_size=8, lr=3e-3, kl_coef=0.05, eval_every=0, eval_prompts=16,
+              eval_samples=8, ckpt_every=0, device="cpu", kernels="reference", seed=0)
+    kw.update(overrides)
+    return RLHFTrainer(policy, ref, copy.deepcopy(rm), prompts, evals, tok.eot_id, RLArgs(**kw))
+
+
+@pytest.mark.parametrize("algo", ["ppo", "grpo"])
+def test_rl_raises_the_reward_models_score_with_bounded_kl(data, easy_reward, tmp_path, algo):
+    trainer = _rl_setup(data, easy_reward, tmp_path, algo, group_size=4 if algo == "grpo" else 0,
+                        prompts_per_iter=16 if algo == "ppo" else 4)
+    result = trainer.fit()
+    # the same 16 held-out prompts x 8 samples, the same sampling seed, before and after
+    before, after = result["first_eval_reward"], result["eval_reward"]
+    print(f"{algo}: eval reward {before:.3f} -> {after:.3f}, eval KL {result['eval_kl']:.3f} "
+          f"(nats per response)")
+    assert after > before + 0.3, f"{algo} did not raise the reward: {before:.3f} -> {after:.3f}"
+    assert 0.0 < result["eval_kl"] < 5.0
+    rows = [r for r in trainer.history if "reward" in r]
+    keys = {"reward", "kl", "entropy", "clip_frac", "policy_loss"} | ({"value_loss"} if algo == "ppo" else {"kl_k3"})
+    assert keys <= set(rows[-1])
+    assert (tmp_path / "metrics.jsonl").is_file() and (tmp_path / "rlhf.png").is_file()
+    reloaded = GPTModel.load(tmp_path / f"ckpt-{8:07d}" / "model.safetensors")
+    for p, q in zip(reloaded.parameters(), trainer.policy.parameters()):
+        assert torch.equal(p, q)
+
+
+# -- DPO --------------------------------------------------------------------------------------------
+def test_dpo_raises_the_chosen_over_rejected_margin(data, tmp_path):
+    from tritongpt.train.dpo import train_dpo
+
+    tok, train, val = data
+    torch.manual_seed(4)
+    policy = GPTModel(tiny_config(tok.vocab_size))
+    ref = copy.deepcopy(policy)
+    args = TrainArgs(out_dir=str(tmp_path), max_steps=50, batch_size=16, lr=3e-3, min_lr=3e-4,
+                     warmup_steps=5, eval_every=50, ckpt_every=0, log_every=0, weight_decay=0.0,
+                     device="cpu", kernels="reference", seed=0)
+    result = train_dpo(policy, ref, tok, train, val, args, beta=0.1)
+    rows = [r for r in MetricsLog(tmp_path / "metrics.jsonl").rows() if "val_margin" in r]
+    first, last = rows[0], rows[-1]
+    print(f"dpo: train margin {first['train_margin']:.3f} -> {last['train_margin']:.3f}, held-out "
+          f"{first['val_margin']:.3f} -> {last['val_margin']:.3f} (acc {last['val_acc']:.3f})")
+    assert first["step"] == 0 and first["val_margin"] == 0.0  # policy == reference
+    # margin = beta * (log-ratio of chosen - log-ratio of rejected); 0.1 = one nat of log-ratio
+    assert last["train_margin"] > 0.15
+    assert last["val_margin"] > 0.1 and last["val_acc"] >= 0.65
+    assert result["val_margin"] == last["val_margin"]
+
+
+# -- the Triton path ------------------------------------------------------------------------------
+def _ppo_iteration_on_both_paths(cfg, prompts, eot_id, device, **rl):
+    """One PPO iteration (rollouts, scoring, 2 epochs of minibatch updates) per kernel path,
+    from the same weights and seeds; every figure of the Triton run is compared in fp32."""
+    torch.manual_seed(5)
+    policy = GPTModel(cfg).to(device)
+    with torch.no_grad():  # random biases and norms exercise every kernel gradient
+        for p in policy.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    rm = RewardModel(GPTModel(cfg)).to(device)
+    value_w = torch.randn(1, cfg.n_embd, device=device) * 0.3
+    runs = {}
+    for kernels in ("reference", "triton"):
+        args = RLArgs(algo="ppo", iterations=1, epochs=2, lr=1e-3, device=str(device), kernels=kernels,
+                      seed=0, dtype="fp32", **rl)
+        trainer = RLHFTrainer(copy.deepcopy(policy), copy.deepcopy(policy), copy.deepcopy(rm), prompts,
+                              prompts[:1], eot_id, args, log=False)
+        with torch.no_grad():  # a value head that is not all zeros, the same on both paths
+            trainer.model.value_head.weight.copy_(value_w)
+        torch.manual_seed(0)
+        ro = trainer.rollout()
+        trainer.update(ro)
+        runs[kernels] = (ro, trainer.update_log, dict(trainer.model.named_parameters()))
+    (ro_r, log_r, par_r), (ro_t, log_t, par_t) = runs["reference"], runs["triton"]
+    assert torch.equal(ro_t.idx, ro_r.idx), "the two paths sampled different rollouts"
+    for name in ("scores", "logp", "ref_logp", "values", "advantages", "returns"):
+        assert_close_rel(getattr(ro_t, name), getattr(ro_r, name), 1e-4, name)
+    for key in ("loss", "policy_loss", "value_loss"):
+        assert_close_rel(torch.tensor([s[key] for s in log_t]), torch.tensor([s[key] for s in log_r]), 1e-4, key)
+    # all updated weights as one vector: Adam turns the rounding-noise gradient of W_key's bias
+    # (exactly 0 in exact arithmetic: softmax ignores a shift shared by all keys) into a full
+    # lr-sized step of either sign, so that one tensor alone is not comparable
+    flat = {k: torch.cat([p.detach().flatten() for p in par.values()]) for k, par in (("r", par_r), ("t", par_t))}
+    assert_close_rel(flat["t"], flat["r"], 1e-4, "updated weights")
+
+
+def test_one_ppo_iteration_triton_path_matches_reference(data):
+    tok, train, _ = data
+    prompts = [tok.encode(p.prompt) for p in train[:8]]
+    _ppo_iteration_on_both_paths(tiny_config(tok.vocab_size), prompts, tok.eot_id, torch.device("cpu"),
+                                 prompts_per_iter=2, group_size=2, max_new_tokens=4, minibatch_size=2)
+
+
+@pytest.mark.cuda
+def test_one_ppo_iteration_triton_path_matches_reference_on_gpu(data):
+    tok, train, _ = data
+    torch.backends.cuda.matmul.allow_tf32 = False  # fp32 on both paths (the kernels use ieee dots)
+    cfg = GPTConfig(vocab_size=tok.vocab_size, context_length=256, n_embd=256, n_layer=4, n_head=8)
+    prompts = [tok.encode(p.prompt) for p in train[:64]]
+    _ppo_iteration_on_both_paths(cfg, prompts, tok.eot_id, torch.device("cuda"),
+                                 prompts_per_iter=16, group_size=4, max_new_tokens=40, minibatch_size=16)
+
+
+# -- command line ---------------------------------------------------------------------------------
+def test_cli_reports_bad_input_in_one_line(tmp_path, capsys):
+    from tritongpt.cli import main
+
+    bad = tmp_path / "prefs.jsonl"
+    bad.write_text(json.dumps({"prompt": "a", "chosen": "b", "rejected": "c"}) + "\n" + json.dumps({"prompt": "a"}) + "\n")
+    for cmd in (["reward"], ["dpo"], ["rlhf", "--reward", str(tmp_path)]):
+        assert main(cmd + ["--data", str(bad), "--out-dir", str(tmp_path / "run")]) == 2
+        assert f"error: {bad}: record 1 (line 2): missing field 'chosen'" in capsys.readouterr().err
+    assert main(["rlhf", "--out-dir", str(tmp_path / "run")]) == 2
+    assert "--reward is required" in capsys.readouterr().err
+    assert main(["rlhf", "--reward", str(tmp_path), "--algo", "grpo", "--group-size", "1"]) == 2
+    assert "--group-size must be >= 2 for GRPO" in capsys.readouterr().err
+    assert main(["dpo", "--beta", "0"]) == 2
+    assert "--beta must be positive" in capsys.readouterr().err

@@ -1,0 +1,166 @@
+"""DPO: Direct Preference Optimization (Rafailov et al. 2023) on preference pairs.
+
+No reward model and no sampling: the policy itself is the reward model, implicitly,
+
+    r(x, y) = beta * (log pi(y|x) - log pi_ref(y|x))
+
+where log pi(y|x) is the SUM of the response tokens' log-probs (eot included) and pi_ref is
+the frozen SFT model the policy starts from. The loss is Bradley-Terry on those rewards:
+
+    loss = -log sigmoid(r(x, chosen) - r(x, rejected))
+
+The reference never changes, so its log-probs are computed once for every pair before
+training (one forward each) and travel with the batches.
+
+Reported (eval_fn, on held-out pairs, and on training pairs): the reward margin
+beta * (logratio_chosen - logratio_rejected), the accuracy (margin > 0) and the implicit
+rewards of chosen and rejected. Both are exactly 0 / undefined at step 0 (policy == ref).
+"""
+import copy
+
+import torch
+import torch.nn.functional as F
+
+from tritongpt.errors import UserError
+from tritongpt.train import common
+from tritongpt.train.preference import encode_pairs, pair_batch, sequence_logprobs
+
+
+def dpo_loss(policy_logp, ref_logp, beta: float):
+    """policy_logp, ref_logp: [2B] (chosen rows, then rejected). Returns (loss, margins [B])."""
+    pc, pr = policy_logp.chunk(2)
+    rc, rr = ref_logp.chunk(2)
+    margins = beta * ((pc - rc) - (pr - rr))
+    return -F.logsigmoid(margins).mean(), margins
+
+
+@torch.no_grad()
+def reference_logprobs(ref, encoded, pad_id: int, device, dtype=torch.float32, batch_size: int = 32):
+    """[N, 2]: summed response log-probs of (chosen, rejected) under the frozen reference."""
+    ref.eval()
+    out = []
+    for i in range(0, len(encoded), batch_size):
+        chunk = encoded[i:i + batch_size]
+        idx, _, mask = pair_batch(chunk, pad_id, device)
+        with common.autocast(device, dtype):
+            lp = sequence_logprobs(ref, idx, mask)
+        out.append(torch.stack(lp.float().chunk(2), dim=1))
+    return torch.cat(out)
+
+
+class DPOData:
+    """Encoded pairs with their reference log-probs; batches for the Trainer."""
+
+    def __init__(self, encoded, ref_logp, pad_id: int):
+        self.encoded, self.ref_logp, self.pad_id = encoded, ref_logp.cpu(), pad_id
+
+    def __len__(self):
+        return len(self.encoded)
+
+    def batch(self, rows, device="cpu"):
+        idx, lengths, mask = pair_batch([self.encoded[i] for i in rows], self.pad_id, device)
+        ref = self.ref_logp[rows]
+        return idx, mask, torch.cat([ref[:, 0], ref[:, 1]]).to(device)
+
+
+def make_loss_fn(beta: float):
+    def loss_fn(model, batch):
+        idx, mask, ref = batch
+        return dpo_loss(sequence_logprobs(model, idx, mask), ref, beta)[0]
+
+    return loss_fn
+
+
+@torch.no_grad()
+def dpo_metrics(model, data: DPOData, beta: float, limit: int | None = None, batch_size: int = 32) -> dict:
+    """Mean loss, margin, accuracy and chosen/rejected implicit rewards over (the first limit) pairs."""
+    device = next(model.parameters()).device
+    n = min(len(data), limit or len(data))
+    loss = margin = acc = rc = rr = 0.0
+    for i in range(0, n, batch_size):
+        rows = list(range(i, min(n, i + batch_size)))
+        idx, mask, ref = data.batch(rows, device)
+        lp = sequence_logprobs(model, idx, mask).float()
+        l, m = dpo_loss(lp, ref, beta)
+        pc, pr = lp.chunk(2)
+        c, r = ref.chunk(2)
+        loss += l.item() * len(rows)
+        margin += m.sum().item()
+        acc += (m > 0).float().sum().item()
+        rc += (beta * (pc - c)).sum().item()
+        rr += (beta * (pr - r)).sum().item()
+    return {"loss": loss / n, "margin": margin / n, "acc": acc / n, "chosen_reward": rc / n,
+            "rejected_reward": rr / n}
+
+
+def train_dpo(policy, ref, tokenizer, train_pairs, val_pairs, args, beta: float = 0.1):
+    """Fit the policy with the shared Trainer (ref frozen). Returns the Trainer's final dict.
+
+    Eval keys: val_loss, val_margin, val_acc, val_chosen_reward, val_rejected_reward,
+    train_margin, train_acc (first 256 training pairs).
+    """
+    from tritongpt.train.loop import Trainer
+
+    if not beta > 0:
+        raise UserError(f"--beta must be positive, got {beta}")
+    device = common.pick_device(args.device)
+    dtype = common.pick_dtype(args.dtype, device)
+    ctx = policy.config.context_length
+    pad = tokenizer.eot_id
+    ref = ref.to(device).eval().requires_grad_(False)
+    if args.kernels is not None:
+        ref.set_kernels(args.kernels)
+    train_enc = encode_pairs(train_pairs, tokenizer, ctx, "training pairs")
+    train = DPOData(train_enc, reference_logprobs(ref, train_enc, pad, device, dtype), pad)
+    val = None
+    if val_pairs:
+        val_enc = encode_pairs(val_pairs, tokenizer, ctx, "held-out pairs")
+        val = DPOData(val_enc, reference_logprobs(ref, val_enc, pad, device, dtype), pad)
+
+    def get_batch(split, generator):
+        data = train if split == "train" or val is None else val
+        rows = torch.randint(len(data), (args.batch_size,), generator=generator).tolist()
+        return data.batch(rows)
+
+    def eval_fn(model):
+        out = {}
+        if val is not None:
+            out.update({f"val_{k}": v for k, v in dpo_metrics(model, val, beta).items()})
+        t = dpo_metrics(model, train, beta, limit=256)
+        out.update(train_margin=t["margin"], train_acc=t["acc"])
+        return out
+
+    trainer = Trainer(policy, args, make_loss_fn(beta), get_batch, eval_fn=eval_fn, name="dpo")
+    result = trainer.fit()
+    if trainer.is_main:  # loss.png has the losses; margins and accuracy get their own plot
+        common.plot_curves(trainer.metrics.rows(), trainer.out_dir / "margin.png",
+                           keys=("val_margin", "train_margin", "val_acc", "train_acc"), title="dpo: reward margin")
+    return result
+
+
+def cmd_dpo(args):
+    from tritongpt.train.reward import setup_preference_run
+
+    if not args.beta > 0:
+        raise UserError(f"--beta must be positive, got {args.beta}")
+    targs, train, val, policy, tok = setup_preference_run(args)
+    ref = copy.deepcopy(policy)
+    result = train_dpo(policy, ref, tok, train, val, targs, beta=args.beta)
+    if "val_margin" in result:
+        print(f"dpo: held-out reward margin {result['val_margin']:.4f}, accuracy {result['val_acc']:.3f}; "
+              f"checkpoint {result['checkpoint']}")
+    return 0
+
+
+def add_cli(sub):
+    from tritongpt.commands import add_model_args
+    from tritongpt.train.loop import add_train_args
+    from tritongpt.train.reward import add_data_args
+
+    p = sub.add_parser("dpo", help="Direct Preference Optimization against a frozen SFT reference")
+    add_model_args(p)
+    add_data_args(p)
+    p.add_argument("--beta", type=float, default=0.1, help="DPO temperature beta (default %(default)s)")
+    add_train_args(p, out_dir="runs/dpo", max_steps=300, batch_size=16, lr=1e-5, min_lr=1e-6,
+                   warmup_steps=20, eval_every=50, ckpt_every=100, sample_every=0, weight_decay=0.0)
+    p.set_defaults(func=cmd_dpo)

@@ -1,0 +1,206 @@
+"""Preference data: (prompt, chosen, rejected) triples for the reward model, DPO and RLHF prompts.
+
+A preference file is JSON (a list of records) or JSONL (one record a line). A record is
+
+    {"prompt": "...", "chosen": "...", "rejected": "..."}
+or  {"instruction": "...", "input": "...", "chosen": "...", "rejected": "..."}
+
+The second form is formatted with SFT's prompt template (train/sft.py: format_prompt), so a
+reward model or a DPO run sees prompts exactly as the SFT model was trained on them.
+
+Without a file we build pairs from the verifiable task set (train/tasks.py): chosen is the
+correct answer, rejected a plausible wrong one (tasks.wrong_answer). Such pairs need no human
+labels and their "truth" can be checked by exact match.
+
+Token layout of one response (shared by every trainer here):
+    ids = encode(prompt) + encode(response) + [eot]
+The prompt and the response are encoded separately, as SFT does, so a response generated
+after a prompt during RLHF tokenizes the same way. The reward is read at the last token (eot).
+"""
+import random
+from dataclasses import dataclass
+
+import torch
+
+from tritongpt.errors import UserError
+from tritongpt.train.sft import encode_text, format_prompt, read_json_records
+
+
+@dataclass
+class PreferencePair:
+    prompt: str    # already formatted (template applied)
+    chosen: str
+    rejected: str
+
+
+# -- the prompt template and the task set (owned by the SFT engineer) ------------------------
+def default_template():
+    """SFT's prompt template: format_prompt(record) -> text that ends where the response starts."""
+    return format_prompt
+
+
+def _task_module():
+    from tritongpt.train import tasks
+
+    return tasks
+
+
+def task_records(n: int, seed: int = 0, split: str = "train", families=None) -> list[dict]:
+    """n records {"instruction", "input", "output", "task"} of a split of the verifiable tasks."""
+    return list(_task_module().generate_tasks(n, seed=seed, split=split, families=families))
+
+
+# -- reading records -----------------------------------------------------------------------------
+def _record_to_pair(rec, where: str, template) -> PreferencePair:
+    if not isinstance(rec, dict):
+        raise UserError(f"{where}: expected a JSON object, got {type(rec).__name__}")
+    for key in ("chosen", "rejected"):
+        if key not in rec:
+            raise UserError(f"{where}: missing field '{key}'")
+        if not isinstance(rec[key], str) or not rec[key].strip():
+            raise UserError(f"{where}: field '{key}' must be a non-empty string")
+    if rec["chosen"] == rec["rejected"]:
+        raise UserError(f"{where}: 'chosen' and 'rejected' are identical")
+    if "prompt" in rec:
+        if not isinstance(rec["prompt"], str) or not rec["prompt"]:
+            raise UserError(f"{where}: field 'prompt' must be a non-empty string")
+        prompt = rec["prompt"]
+    elif "instruction" in rec:
+        if not isinstance(rec["instruction"], str) or not rec["instruction"].strip():
+            raise UserError(f"{where}: field 'instruction' must be a non-empty string")
+        if not isinstance(rec.get("input", ""), str):
+            raise UserError(f"{where}: field 'input' must be a string")
+        prompt = (template or default_template())(rec)
+    else:
+        raise UserError(f"{where}: needs a 'prompt' or an 'instruction' field")
+    return PreferencePair(prompt, rec["chosen"], rec["rejected"])
+
+
+def read_preference_file(path, template=None) -> list[PreferencePair]:
+    """Pairs from a .json (list of records) or .jsonl file; errors name the file and record."""
+    return [_record_to_pair(rec, where, template)
+            for where, rec in read_json_records(path, what="preference file")]
+
+
+def task_preferences(n: int = 2000, seed: int = 0, template=None, split: str = "train",
+                     families=None) -> list[PreferencePair]:
+    """The embedded default: task prompts, correct answer chosen, a plausible wrong one rejected.
+
+    The task set assigns every prompt to train, val or test by its hash, so pairs of
+    different splits never share a prompt (nor do they with SFT's training split).
+    """
+    tasks = _task_module()
+    template = template or default_template()
+    rng = random.Random(f"preference:{seed}:{split}")
+    pairs = []
+    for rec in task_records(n, seed, split, families):
+        wrong = tasks.wrong_answer(rec, rng)
+        if tasks.exact_match(wrong, rec["output"]):
+            continue  # the generator could not find a wrong answer for this record
+        pairs.append(PreferencePair(template(rec), rec["output"], wrong))
+    return pairs
+
+
+def is_embedded(source) -> bool:
+    return source in (None, "", "tasks", "default")
+
+
+def load_preferences(source=None, n: int = 2000, seed: int = 0, template=None) -> list[PreferencePair]:
+    """None / "tasks" -> the embedded task pairs (train split); otherwise a JSON/JSONL file path."""
+    if is_embedded(source):
+        return task_preferences(n, seed, template)
+    return read_preference_file(source, template)
+
+
+def train_val_pairs(source=None, n: int = 2000, val_fraction: float = 0.1, seed: int = 0, template=None):
+    """(train, held-out) pairs. Embedded: n pairs from the task's train split and
+    round(n * val_fraction) from its val split (disjoint prompts); a file: a seeded random split."""
+    if is_embedded(source):
+        n_val = round(n * val_fraction)
+        return (task_preferences(n, seed, template, "train"),
+                task_preferences(n_val, seed, template, "val") if n_val else [])
+    return split_pairs(read_preference_file(source, template), val_fraction, seed)
+
+
+def split_pairs(pairs: list, val_fraction: float, seed: int = 0):
+    """Shuffle once with a fixed seed, hold out val_fraction (at least one item when possible)."""
+    if not 0.0 <= val_fraction < 1.0:
+        raise UserError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    order = list(range(len(pairs)))
+    random.Random(seed).shuffle(order)
+    n_val = min(len(pairs) - 1, max(1, round(len(pairs) * val_fraction))) if val_fraction > 0 else 0
+    val = [pairs[i] for i in order[:n_val]]
+    train = [pairs[i] for i in order[n_val:]]
+    return train, val
+
+
+# -- tokens ---------------------------------------------------------------------------------------
+@dataclass
+class EncodedPair:
+    prompt: list      # prompt token ids
+    chosen: list      # response ids, eot included
+    rejected: list
+
+
+def encode_pairs(pairs, tokenizer, max_len: int, what: str = "preference pairs") -> list[EncodedPair]:
+    """Tokenize; pairs whose prompt + longer response exceed max_len are dropped (and counted)."""
+    out, dropped = [], 0
+    for p in pairs:
+        prompt = encode_text(tokenizer, p.prompt)
+        chosen = encode_text(tokenizer, p.chosen) + [tokenizer.eot_id]
+        rejected = encode_text(tokenizer, p.rejected) + [tokenizer.eot_id]
+        if not prompt or len(prompt) + max(len(chosen), len(rejected)) > max_len:
+            dropped += 1
+            continue
+        out.append(EncodedPair(prompt, chosen, rejected))
+    if not out:
+        raise UserError(f"none of the {len(pairs)} {what} fit in {max_len} tokens")
+    if dropped:
+        print(f"note: dropped {dropped} of {len(pairs)} {what} longer than {max_len} tokens")
+    return out
+
+
+def pad_sequences(seqs, pad_id: int, device="cpu"):
+    """Right-pad token lists into idx [B, T]; also return their lengths [B].
+
+    Right padding is harmless under causal attention with absolute positions: a token never
+    sees what comes after it, and every sequence starts at position 0.
+    """
+    T = max(len(s) for s in seqs)
+    idx = torch.full((len(seqs), T), pad_id, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        idx[i, :len(s)] = torch.tensor(s, dtype=torch.long)
+    lengths = torch.tensor([len(s) for s in seqs], dtype=torch.long)
+    return idx.to(device), lengths.to(device)
+
+
+def response_mask(prompt_lens, lengths, T: int):
+    """Mask [B, T-1] over next-token targets: True where target t+1 is a response token.
+
+    Target position t+1 is predicted from logits at t, so the response tokens at
+    [prompt_len, length) are the targets at [prompt_len - 1, length - 1).
+    """
+    t = torch.arange(T - 1, device=lengths.device)
+    return (t >= (prompt_lens - 1).unsqueeze(1)) & (t < (lengths - 1).unsqueeze(1))
+
+
+def pair_batch(encoded: list, pad_id: int, device="cpu"):
+    """Chosen rows then rejected rows in one batch [2B, T], so one forward scores both.
+
+    Returns idx [2B, T], lengths [2B], mask [2B, T-1] (response targets).
+    """
+    seqs = [e.prompt + e.chosen for e in encoded] + [e.prompt + e.rejected for e in encoded]
+    prompt_lens = torch.tensor([len(e.prompt) for e in encoded] * 2, dtype=torch.long, device=device)
+    idx, lengths = pad_sequences(seqs, pad_id, device)
+    return idx, lengths, response_mask(prompt_lens, lengths, idx.size(1))
+
+
+def token_logprobs(logits, idx):
+    """log p(idx[:, t+1] | idx[:, :t+1]) for t < T-1, in fp32: [B, T-1]."""
+    logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+    return logp.gather(-1, idx[:, 1:].unsqueeze(-1)).squeeze(-1)
+
+
+def sequence_logprobs(model, idx, mask):
+    """Sum of the response tokens' log-probs under model: [B]."""
+    return (token_logprobs(model(idx), idx) * mask).sum(-1)

@@ -1,0 +1,263 @@
+"""Reward model: a GPT backbone plus one scalar head, trained on preference pairs.
+
+    r(prompt, response) = head(final-normed hidden state at the last non-pad token)
+
+The backbone starts from an SFT checkpoint, so it already reads the prompt format. The head
+is a Linear(n_embd, 1). The last token of every sequence is the end-of-text token that
+closes the response, so the score is read where the whole response has been seen.
+
+Training minimizes the Bradley-Terry loss (Christiano et al. 2017; Ouyang et al. 2022):
+    loss = -log sigmoid(r(chosen) - r(rejected))
+i.e. the model's probability that the chosen response is preferred. The figure that matters
+is the held-out pairwise accuracy: how often r(chosen) > r(rejected) on pairs never trained on.
+
+The checkpoint is a safetensors file (backbone + head, config and kind="reward_model" in its
+metadata) written by the shared Trainer; RewardModel.load reads it back for RLHF.
+"""
+import json
+import math
+import sys
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from tritongpt.errors import UserError
+from tritongpt.model.config import GPTConfig
+from tritongpt.model.gpt import GPTModel
+from tritongpt.train.preference import encode_pairs, pair_batch
+
+KIND = "reward_model"
+
+
+class RewardModel(nn.Module):
+    def __init__(self, backbone: GPTModel):
+        super().__init__()
+        self.backbone = backbone
+        C = backbone.config.n_embd
+        self.head = nn.Linear(C, 1)
+        # unit-variance scores at the start (LayerNorm'd features, weights ~ 1/sqrt(C))
+        nn.init.normal_(self.head.weight, std=1.0 / math.sqrt(C + 1))
+        nn.init.zeros_(self.head.bias)
+
+    @property
+    def config(self) -> GPTConfig:
+        return self.backbone.config
+
+    def set_kernels(self, spec):
+        self.backbone.set_kernels(spec)
+        return self
+
+    def forward(self, idx, lengths):
+        """Scores [B] of right-padded sequences idx [B, T] with true lengths [B]."""
+        if lengths.min() < 1 or lengths.max() > idx.size(1):
+            raise UserError(f"lengths must be in [1, {idx.size(1)}], got {lengths.tolist()}")
+        h = self.backbone.hidden(idx)
+        last = h[torch.arange(idx.size(0), device=idx.device), lengths - 1]
+        return self.head(last).squeeze(-1).float()
+
+    def save(self, path, extra_metadata: dict | None = None):
+        from safetensors.torch import save_model
+
+        meta = {"config": json.dumps(self.config.to_dict()), "format": "tritongpt", "kind": KIND}
+        meta.update({k: str(v) for k, v in (extra_metadata or {}).items()})
+        save_model(self, str(path), metadata=meta)
+
+    @classmethod
+    def load(cls, path, map_location="cpu", kernels=None) -> "RewardModel":
+        """A reward model from a .safetensors file, a checkpoint folder or a run folder."""
+        from safetensors import safe_open
+        from safetensors.torch import load_model
+
+        from tritongpt.train.common import resolve_checkpoint
+
+        path = resolve_checkpoint(path)
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+        if meta.get("kind") != KIND or "config" not in meta:
+            raise UserError(f"{path} is not a reward model checkpoint (train one with `tritongpt reward`)")
+        cfg = GPTConfig.from_dict(json.loads(meta["config"]))
+        cfg.kernels = "reference"
+        model = cls(GPTModel(cfg))
+        load_model(model, str(path), device=str(map_location))
+        model.to(map_location)
+        if kernels is not None:
+            model.set_kernels(kernels)
+        return model
+
+    @classmethod
+    def from_sft(cls, path, map_location="cpu") -> "RewardModel":
+        """Backbone from an SFT (or pretrain) checkpoint, fresh head."""
+        from tritongpt.train.common import resolve_checkpoint
+
+        return cls(GPTModel.load(resolve_checkpoint(path), map_location))
+
+
+def bradley_terry_loss(r_chosen, r_rejected):
+    """-log sigmoid(r_chosen - r_rejected), averaged over pairs."""
+    return -F.logsigmoid(r_chosen - r_rejected).mean()
+
+
+def pair_rewards(model, batch):
+    """(r_chosen [B], r_rejected [B]) for a batch from preference.pair_batch."""
+    idx, lengths = batch[0], batch[1]
+    r = model(idx, lengths)
+    return r.chunk(2)
+
+
+def reward_loss_fn(model, batch):
+    return bradley_terry_loss(*pair_rewards(model, batch))
+
+
+@torch.no_grad()
+def pairwise_metrics(model, encoded, pad_id: int, batch_size: int = 32) -> dict:
+    """Accuracy (r_chosen > r_rejected), mean loss and mean margin over all given pairs."""
+    device = next(model.parameters()).device
+    correct, loss, margin, n = 0, 0.0, 0.0, 0
+    for i in range(0, len(encoded), batch_size):
+        chunk = encoded[i:i + batch_size]
+        rc, rr = pair_rewards(model, pair_batch(chunk, pad_id, device))
+        correct += (rc > rr).sum().item()
+        loss += -F.logsigmoid(rc - rr).sum().item()
+        margin += (rc - rr).sum().item()
+        n += len(chunk)
+    return {"acc": correct / n, "loss": loss / n, "margin": margin / n}
+
+
+def make_get_batch(train, val, batch_size: int, pad_id: int):
+    """get_batch(split, generator) for the Trainer: batch_size random pairs, chosen rows first."""
+    def get_batch(split, generator):
+        data = train if split == "train" else val
+        pick = torch.randint(len(data), (batch_size,), generator=generator).tolist()
+        idx, lengths, _ = pair_batch([data[i] for i in pick], pad_id)
+        return idx, lengths
+
+    return get_batch
+
+
+def train_reward_model(model: RewardModel, tokenizer, train_pairs, val_pairs, args):
+    """Fit with the shared Trainer; returns its final metrics dict (with val_acc, val_loss, val_margin).
+
+    `args` is a loop.TrainArgs. Held-out pairwise accuracy is evaluated on every val pair at
+    each eval and at the end (keys val_acc, val_loss, val_margin).
+    """
+    from tritongpt.train.loop import Trainer
+
+    ctx = model.config.context_length
+    train = encode_pairs(train_pairs, tokenizer, ctx, "training pairs")
+    val = encode_pairs(val_pairs, tokenizer, ctx, "held-out pairs") if val_pairs else []
+    pad = tokenizer.eot_id
+
+    def eval_fn(m):
+        out = {}
+        if val:
+            v = pairwise_metrics(m, val, pad)
+            out.update(val_loss=v["loss"], val_acc=v["acc"], val_margin=v["margin"])
+        t = pairwise_metrics(m, train[:256], pad)
+        out.update(train_acc=t["acc"])
+        return out
+
+    trainer = Trainer(model, args, reward_loss_fn, make_get_batch(train, val or train, args.batch_size, pad),
+                      eval_fn=eval_fn, name="reward")
+    result = trainer.fit()
+    if trainer.is_main:  # loss.png has the losses; accuracy gets its own plot
+        from tritongpt.train.common import plot_curves
+
+        plot_curves(trainer.metrics.rows(), trainer.out_dir / "accuracy.png", keys=("val_acc", "train_acc"),
+                    title="reward model: pairwise accuracy")
+    return result
+
+
+# -- CLI ----------------------------------------------------------------------------------------
+def build_backbone(args):
+    """The reward/policy backbone: an SFT checkpoint (--init; anything `tritongpt sft --init` takes)
+    or, for trying things out, a randomly initialised --model preset."""
+    from tritongpt.model.config import get_config
+
+    if args.init:
+        from tritongpt.train.sft import load_init_model
+
+        return load_init_model(args.init)
+    print(f"note: no --init checkpoint: the backbone is a randomly initialised {args.model} "
+          "(pass --init with an SFT run for a useful model)", file=sys.stderr)
+    return GPTModel(get_config(args.model, vocab_size=args.vocab_size))
+
+
+def load_tokenizer(args, model_cfg):
+    """--tokenizer, else the one saved with the --init run (as SFT picks it), else by vocab size."""
+    if args.init:
+        from tritongpt.train.sft import pick_tokenizer
+
+        return pick_tokenizer(args.tokenizer, args.init, model_cfg.vocab_size)
+    from tritongpt.train.tokenizer import get_tokenizer
+
+    tok = get_tokenizer(args.tokenizer or ("gpt2" if model_cfg.vocab_size == 50257 else "default"))
+    if tok.vocab_size > model_cfg.vocab_size:
+        raise UserError(f"tokenizer has {tok.vocab_size} tokens but the model only {model_cfg.vocab_size}")
+    return tok
+
+
+def save_tokenizer(tok, out_dir):
+    """tokenizer.json in the run folder, where later stages (rlhf/dpo --init, generate) look for it."""
+    from pathlib import Path
+
+    if hasattr(tok, "save"):
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        tok.save(Path(out_dir) / "tokenizer.json")
+
+
+def add_data_args(p):
+    p.add_argument("--data", default=None,
+                   help="preference pairs: JSON/JSONL file of {prompt|instruction[,input], chosen, rejected} "
+                        "(default: pairs built from the embedded verifiable tasks)")
+    p.add_argument("--num-pairs", type=int, default=2000,
+                   help="embedded training pairs (train split of the tasks) (default %(default)s)")
+    p.add_argument("--val-fraction", type=float, default=0.1,
+                   help="held-out pairs: this share of --num-pairs from the tasks' val split, or of a "
+                        "--data file (default %(default)s)")
+    p.add_argument("--init", default=None,
+                   help="SFT checkpoint to start from: run folder, ckpt folder or .safetensors "
+                        "(default: a random --model, for trying things out)")
+    p.add_argument("--tokenizer", default=None,
+                   help="default | gpt2 | tokenizer .json (default: the --init run's saved tokenizer, "
+                        "else by vocab size)")
+    p.add_argument("--vocab-size", type=int, default=None, help="with no --init: the fresh model's vocab")
+
+
+def setup_preference_run(args):
+    """What `reward` and `dpo` share: validated TrainArgs, the pairs (bad data fails before any
+    slow work), the backbone from --init, and its tokenizer (saved beside the run)."""
+    from tritongpt.train.common import set_seed
+    from tritongpt.train.loop import TrainArgs
+    from tritongpt.train.preference import train_val_pairs
+
+    set_seed(args.seed)
+    targs = TrainArgs.from_namespace(args)
+    targs.validate()
+    train, val = train_val_pairs(args.data, args.num_pairs, args.val_fraction, args.seed)
+    backbone = build_backbone(args)
+    tok = load_tokenizer(args, backbone.config)
+    save_tokenizer(tok, args.out_dir)
+    return targs, train, val, backbone, tok
+
+
+def cmd_reward(args):
+    targs, train, val, backbone, tok = setup_preference_run(args)
+    model = RewardModel(backbone)
+    result = train_reward_model(model, tok, train, val, targs)
+    acc = result.get("val_acc")
+    print(f"reward model: {len(train)} training pairs, {len(val)} held out; held-out pairwise "
+          f"accuracy {acc if acc is None else f'{acc:.3f}'}; checkpoint {result['checkpoint']}")
+    return 0
+
+
+def add_cli(sub):
+    from tritongpt.commands import add_model_args
+    from tritongpt.train.loop import add_train_args
+
+    p = sub.add_parser("reward", help="train a reward model (Bradley-Terry) on preference pairs")
+    add_model_args(p)
+    add_data_args(p)
+    add_train_args(p, out_dir="runs/reward", max_steps=300, batch_size=16, lr=1e-4, min_lr=1e-5,
+                   warmup_steps=20, eval_every=50, ckpt_every=100, sample_every=0, weight_decay=0.0)
+    p.set_defaults(func=cmd_reward)

@@ -1,0 +1,630 @@
+"""RLHF against a reward model: PPO (with a value head) and GRPO (group-relative, no critic).
+
+One iteration, both algorithms:
+
+  1. rollouts   sample responses to a batch of prompts from the current policy
+                (train.generate with its KV cache; on the Triton path that is the fused
+                attention kernel), stopping at end-of-text; tokens after it are masked out.
+  2. score      the reward model scores every prompt + response at its last token; the frozen
+                SFT reference gives log pi_ref for every response token.
+  3. update     several epochs of minibatch gradient steps on the clipped surrogate, with the
+                log-probs of step 2 as the "old" policy.
+
+PPO (Schulman et al. 2017, as applied to language models by Ziegler et al. 2019 / Ouyang et
+al. 2022): every response token is an action. Its reward is
+        r_t = -kl_coef * (log pi(a_t) - log pi_ref(a_t))  (+ the reward model's score at the last token)
+so the KL penalty is per token, in the reward. A value head (Linear(C, 1) on the policy's own
+hidden states) predicts the return; GAE(gamma, lambda) gives advantages, whitened over the
+batch. Loss = clipped policy loss + vf_coef * clipped value loss - ent_coef * entropy.
+
+GRPO (Shao et al. 2024, DeepSeekMath): G responses per prompt; each response's advantage is
+its reward standardized within its group, (r - mean_G) / (std_G + eps), given to every one of
+its tokens; no value head. The KL to the reference is NOT in the reward: it is a loss term,
+kl_coef * k3 per token, with the unbiased, always-positive estimator
+        k3 = pi_ref/pi - log(pi_ref/pi) - 1
+averaged over each response's tokens and then over responses, as in the paper.
+
+Logged per iteration (metrics.jsonl + rlhf.png): reward (mean score of the rollouts), kl
+(mean over responses of sum_t log pi - log pi_ref, measured at rollout time, the same for
+both algorithms), entropy, clip_frac, value_loss (PPO), policy_loss, response_len, and every
+eval_every iterations eval_reward: the mean score on fixed held-out prompts, sampled with a
+fixed seed, so the numbers are comparable across iterations.
+"""
+import copy
+import json
+import math
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from tritongpt.errors import UserError
+from tritongpt.model.gpt import GPTModel
+from tritongpt.train import common
+from tritongpt.train.generate import generate
+from tritongpt.train.preference import encode_text, pad_sequences, response_mask, token_logprobs
+
+
+@dataclass
+class RLArgs:
+    algo: str = "ppo"            # ppo | grpo
+    out_dir: str = "runs/rlhf"
+    iterations: int = 50
+    prompts_per_iter: int = 16   # prompts per rollout batch
+    group_size: int = 0          # responses per prompt; 0 = 1 for PPO, 4 for GRPO
+    max_new_tokens: int = 24
+    temperature: float = 1.0
+    top_k: int | None = None
+    epochs: int = 4              # passes over each rollout batch
+    minibatch_size: int = 8      # responses per gradient step
+    lr: float = 1e-5
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    kl_coef: float = 0.05        # PPO: per-token KL in the reward; GRPO: k3 KL in the loss
+    clip_eps: float = 0.2
+    value_clip: float = 0.2
+    vf_coef: float = 0.5
+    ent_coef: float = 0.0
+    gamma: float = 1.0
+    lam: float = 0.95
+    eval_every: int = 5          # 0 = only before and after
+    eval_prompts: int = 16
+    eval_samples: int = 2        # sampled responses per eval prompt
+    ckpt_every: int = 10         # 0 = only at the end
+    keep_ckpts: int = 3
+    dtype: str = "auto"
+    device: str = "auto"
+    seed: int = 1337
+    kernels: str | None = "auto"
+    resume: str | None = None
+
+    @classmethod
+    def from_namespace(cls, ns) -> "RLArgs":
+        return cls(**{f.name: getattr(ns, f.name) for f in fields(cls) if hasattr(ns, f.name)})
+
+    @property
+    def samples_per_prompt(self) -> int:
+        return self.group_size or (4 if self.algo == "grpo" else 1)
+
+    def validate(self):
+        if self.algo not in ("ppo", "grpo"):
+            raise UserError(f"--algo must be ppo or grpo, got {self.algo!r}")
+        for name in ("iterations", "prompts_per_iter", "max_new_tokens", "epochs", "minibatch_size",
+                     "eval_prompts", "eval_samples"):
+            if getattr(self, name) <= 0:
+                raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        if self.group_size < 0 or (self.algo == "grpo" and self.samples_per_prompt < 2):
+            raise UserError(f"--group-size must be >= 2 for GRPO (a group needs a spread), got {self.group_size}")
+        for name in ("kl_coef", "clip_eps", "value_clip", "vf_coef", "ent_coef", "weight_decay",
+                     "grad_clip", "eval_every", "ckpt_every", "keep_ckpts"):
+            if getattr(self, name) < 0:
+                raise UserError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
+        if not 0.0 <= self.gamma <= 1.0 or not 0.0 <= self.lam <= 1.0:
+            raise UserError(f"--gamma and --lam must be in [0, 1], got {self.gamma}, {self.lam}")
+        if not self.temperature > 0:
+            raise UserError(f"--temperature must be > 0 for sampling rollouts, got {self.temperature}")
+        if not self.lr > 0:
+            raise UserError(f"--lr must be positive, got {self.lr}")
+
+
+class PolicyWithValue(nn.Module):
+    """The policy (a GPTModel) and, for PPO, a value head reading the same hidden states."""
+
+    def __init__(self, policy: GPTModel, value_head: bool = True):
+        super().__init__()
+        self.policy = policy
+        self.value_head = nn.Linear(policy.config.n_embd, 1) if value_head else None
+        if self.value_head is not None:
+            nn.init.zeros_(self.value_head.weight)  # V = 0 at the start: no made-up baseline
+            nn.init.zeros_(self.value_head.bias)
+
+    def forward(self, idx):
+        """Logits [B, T, V] and values [B, T-1] (value of the state before each target), or None."""
+        h = self.policy.hidden(idx)
+        logits = self.policy.out_head(h)
+        values = None if self.value_head is None else self.value_head(h[:, :-1]).squeeze(-1).float()
+        return logits, values
+
+
+# -- rollouts ------------------------------------------------------------------------------------
+@dataclass
+class Rollout:
+    idx: torch.Tensor          # [N, T] prompt + response, right-padded with eot
+    prompt_lens: torch.Tensor  # [N]
+    lengths: torch.Tensor      # [N] prompt + response (through the first eot, if any)
+    mask: torch.Tensor         # [N, T-1] bool: targets that are response tokens
+    group: torch.Tensor        # [N] index of the prompt each response answers
+    scores: torch.Tensor = None     # [N] reward model
+    logp: torch.Tensor = None       # [N, T-1] log pi_old of each target
+    ref_logp: torch.Tensor = None   # [N, T-1] log pi_ref
+    values: torch.Tensor = None     # [N, T-1] PPO
+    advantages: torch.Tensor = None  # [N, T-1]
+    returns: torch.Tensor = None    # [N, T-1] PPO
+
+    def __len__(self):
+        return self.idx.size(0)
+
+
+@torch.no_grad()
+def sample_responses(policy: GPTModel, prompts: list, n_samples: int, max_new_tokens: int, eot_id: int,
+                     temperature: float = 1.0, top_k=None, generator=None) -> Rollout:
+    """n_samples responses per prompt (token lists), generated with the KV cache.
+
+    The model has no attention mask, so prompts of equal length are batched together and
+    each batch is generated at once; responses end at their first eot (kept, it is an
+    action) or after max_new_tokens.
+    """
+    device = policy.tok_emb.weight.device
+    by_len = {}
+    for i, p in enumerate(prompts):
+        by_len.setdefault(len(p), []).append(i)
+    seqs, prompt_lens, groups = [], [], []
+    for P in sorted(by_len):
+        ids = by_len[P]
+        rows = [prompts[i] for i in ids for _ in range(n_samples)]
+        idx = torch.tensor(rows, dtype=torch.long, device=device)
+        out = generate(policy, idx, max_new_tokens, temperature=temperature, top_k=top_k,
+                       eos_id=eot_id, generator=generator).tolist()
+        for r, row in enumerate(out):
+            resp = row[P:]
+            if eot_id in resp:
+                resp = resp[:resp.index(eot_id) + 1]
+            seqs.append(row[:P] + resp)
+            prompt_lens.append(P)
+            groups.append(ids[r // n_samples])
+    order = sorted(range(len(seqs)), key=lambda k: groups[k])  # back to prompt order
+    seqs = [seqs[k] for k in order]
+    idx, lengths = pad_sequences(seqs, eot_id, device)
+    prompt_lens = torch.tensor([prompt_lens[k] for k in order], device=device)
+    group = torch.tensor([groups[k] for k in order], device=device)
+    return Rollout(idx, prompt_lens, lengths, response_mask(prompt_lens, lengths, idx.size(1)), group)
+
+
+def masked_mean(x, mask, dim=None):
+    mask = mask.to(x.dtype)
+    if dim is None:
+        return (x * mask).sum() / mask.sum().clamp_min(1)
+    return (x * mask).sum(dim) / mask.sum(dim).clamp_min(1)
+
+
+def masked_whiten(x, mask, eps=1e-8):
+    mean = masked_mean(x, mask)
+    var = masked_mean((x - mean) ** 2, mask)
+    return (x - mean) * torch.rsqrt(var + eps) * mask
+
+
+def entropy_from_logits(logits):
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    return -(logp.exp() * logp).sum(-1)
+
+
+def gae(rewards, values, mask, gamma: float, lam: float):
+    """Generalized advantage estimation over the response tokens of each row.
+
+    rewards, values, mask: [N, T-1]; the response is one contiguous run of mask. The value
+    after the last response token is 0 (the episode ends). Returns (advantages, returns).
+    """
+    m = mask.to(values.dtype)
+    values = values * m
+    adv = torch.zeros_like(values)
+    last = torch.zeros_like(values[:, 0])
+    for t in reversed(range(values.size(1))):
+        nxt_m = m[:, t + 1] if t + 1 < values.size(1) else torch.zeros_like(last)
+        nxt_v = values[:, t + 1] if t + 1 < values.size(1) else torch.zeros_like(last)
+        delta = rewards[:, t] + gamma * nxt_v * nxt_m - values[:, t]
+        last = delta + gamma * lam * nxt_m * last
+        adv[:, t] = last * m[:, t]
+    return adv, (adv + values) * m
+
+
+def group_advantages(scores, group, eps: float = 1e-4):
+    """(r - mean) / (std + eps) within each prompt's group of responses: [N]."""
+    adv = torch.zeros_like(scores)
+    for g in group.unique():
+        sel = group == g
+        r = scores[sel]
+        std = r.std(unbiased=False) if r.numel() > 1 else torch.zeros((), device=r.device)
+        adv[sel] = (r - r.mean()) / (std + eps)
+    return adv
+
+
+@torch.no_grad()
+def score_rollout(ro: Rollout, model: PolicyWithValue, ref: GPTModel, reward_model, chunk: int = 32) -> Rollout:
+    """Fill in the reward model's scores, old and reference log-probs, and values (PPO)."""
+    logp, ref_logp, values, scores = [], [], [], []
+    for i in range(0, len(ro), chunk):
+        idx, lengths = ro.idx[i:i + chunk], ro.lengths[i:i + chunk]
+        logits, v = model(idx)
+        logp.append(token_logprobs(logits, idx))
+        ref_logp.append(token_logprobs(ref(idx), idx))
+        if v is not None:
+            values.append(v)
+        scores.append(reward_model(idx, lengths).float())
+    ro.logp, ro.ref_logp, ro.scores = torch.cat(logp), torch.cat(ref_logp), torch.cat(scores)
+    ro.values = torch.cat(values) if values else None
+    return ro
+
+
+def compute_advantages(ro: Rollout, args: RLArgs, score_norm=(0.0, 1.0)) -> Rollout:
+    """PPO: per-token rewards, GAE, whitening; GRPO: group-standardized scores on every token.
+
+    PPO's score enters the reward as (score - shift) / scale with score_norm = (shift, scale),
+    fixed from the first batch of the initial policy (Ziegler et al. 2019 normalize the reward
+    model the same way), so the value head starts near its targets whatever the reward
+    model's offset. Logged rewards are always the raw scores.
+    """
+    m = ro.mask.float()
+    if args.algo == "ppo":
+        rewards = -args.kl_coef * (ro.logp - ro.ref_logp) * m
+        last = ro.lengths - 2  # target index of the final response token
+        shift, scale = score_norm
+        rewards[torch.arange(len(ro), device=rewards.device), last] += (ro.scores - shift) / scale
+        adv, ro.returns = gae(rewards, ro.values, ro.mask, args.gamma, args.lam)
+        ro.advantages = masked_whiten(adv, ro.mask)
+    else:
+        ro.advantages = group_advantages(ro.scores, ro.group).unsqueeze(1) * m
+    return ro
+
+
+def minibatch_loss(model: PolicyWithValue, ro: Rollout, sel, args: RLArgs):
+    """The loss of one minibatch (indices sel into the rollout) and its statistics."""
+    idx, mask = ro.idx[sel], ro.mask[sel]
+    logits, values = model(idx)
+    logp = token_logprobs(logits, idx)
+    old_logp, adv = ro.logp[sel], ro.advantages[sel]
+    log_ratio = (logp - old_logp) * mask
+    ratio = torch.exp(log_ratio)
+    pg = torch.maximum(-adv * ratio, -adv * ratio.clamp(1 - args.clip_eps, 1 + args.clip_eps))
+    with torch.set_grad_enabled(bool(args.ent_coef) and torch.is_grad_enabled()):
+        entropy = masked_mean(entropy_from_logits(logits[:, :-1]), mask)
+    with torch.no_grad():
+        stats = {"entropy": entropy.item(),
+                 "clip_frac": masked_mean(((ratio - 1).abs() > args.clip_eps).float(), mask).item(),
+                 "approx_kl": masked_mean((ratio - 1) - log_ratio, mask).item()}
+    if args.algo == "ppo":
+        policy_loss = masked_mean(pg, mask)
+        old_v, ret = ro.values[sel], ro.returns[sel]
+        v_clipped = old_v + (values - old_v).clamp(-args.value_clip, args.value_clip)
+        value_loss = 0.5 * masked_mean(torch.maximum((values - ret) ** 2, (v_clipped - ret) ** 2), mask)
+        loss = policy_loss + args.vf_coef * value_loss
+        stats["value_loss"] = value_loss.item()
+    else:
+        # k3 = exp(ref - logp) - (ref - logp) - 1 >= 0, unbiased for KL(pi || pi_ref)
+        d = ro.ref_logp[sel] - logp
+        k3 = torch.exp(d) - d - 1
+        per_token = pg + args.kl_coef * k3
+        policy_loss = masked_mean(pg, mask)
+        loss = masked_mean(per_token, mask, dim=1).mean()  # token mean per response, then mean
+        stats["kl_k3"] = masked_mean(k3, mask).item()
+    if args.ent_coef:
+        loss = loss - args.ent_coef * entropy
+    stats["policy_loss"] = policy_loss.item()
+    stats["loss"] = loss.item()
+    return loss, stats
+
+
+# -- the trainer ---------------------------------------------------------------------------------
+class RLHFTrainer:
+    """PPO or GRPO on `policy`, with `ref` frozen and `reward_model` as the only judge.
+
+    prompts / eval_prompts: lists of token-id lists (each leaves room for max_new_tokens).
+    `history` keeps every logged row; `fit()` returns a summary with the first and last eval.
+    """
+
+    def __init__(self, policy: GPTModel, ref: GPTModel, reward_model, prompts, eval_prompts, eot_id: int,
+                 args: RLArgs, log: bool = True):
+        args.validate()
+        self.args, self.eot_id, self.log_enabled = args, eot_id, log
+        self.device = common.pick_device(args.device)
+        self.dtype = common.pick_dtype(args.dtype, self.device)
+        ctx = policy.config.context_length
+        for name, ps in (("prompts", prompts), ("eval prompts", eval_prompts)):
+            if not ps:
+                raise UserError(f"no {name} fit in the context ({ctx} tokens) with "
+                                f"--max-new-tokens {args.max_new_tokens}")
+            too_long = [len(p) for p in ps if len(p) + args.max_new_tokens > ctx or not p]
+            if too_long:
+                raise UserError(f"{len(too_long)} {name} do not leave room for {args.max_new_tokens} "
+                                f"new tokens in the context of {ctx}")
+        self.prompts, self.eval_prompts = prompts, eval_prompts
+        self.model = PolicyWithValue(policy, value_head=args.algo == "ppo").to(self.device)
+        self.ref = ref.to(self.device).eval().requires_grad_(False)
+        self.reward_model = reward_model.to(self.device).eval().requires_grad_(False)
+        if args.kernels is not None:
+            for m in (policy, self.ref, self.reward_model):
+                m.set_kernels(args.kernels)
+        # dropout would make log pi at update time differ from log pi at rollout time
+        self.model.eval()
+        self.optimizer = common.build_optimizer(self.model, args.lr, args.weight_decay, device=self.device)
+        self.generator = torch.Generator(device=self.device).manual_seed(args.seed)
+        self.shuffle_gen = torch.Generator().manual_seed(args.seed + 1)
+        self.out_dir = Path(args.out_dir)
+        self.checkpointer = common.Checkpointer(self.out_dir, keep=args.keep_ckpts)
+        self.metrics = common.MetricsLog(self.out_dir / "metrics.jsonl", enabled=log)
+        self.plot_path = self.out_dir / "rlhf.png"
+        self.iteration = 0
+        self.history = []
+        self.score_norm = None  # (shift, scale) of PPO's scores, from the first rollout
+
+    @property
+    def policy(self) -> GPTModel:
+        return self.model.policy
+
+    def _autocast(self):
+        return common.autocast(self.device, self.dtype)
+
+    # -- one iteration -------------------------------------------------------------------------
+    def rollout(self) -> Rollout:
+        a = self.args
+        pick = torch.randint(len(self.prompts), (a.prompts_per_iter,), generator=self.shuffle_gen).tolist()
+        with self._autocast():
+            ro = sample_responses(self.policy, [self.prompts[i] for i in pick], a.samples_per_prompt,
+                                  a.max_new_tokens, self.eot_id, a.temperature, a.top_k, self.generator)
+            score_rollout(ro, self.model, self.ref, self.reward_model)
+        if self.score_norm is None:
+            std = ro.scores.std().item() if len(ro) > 1 else 1.0
+            self.score_norm = (ro.scores.mean().item(), max(std, 1e-3))
+        return compute_advantages(ro, a, self.score_norm)
+
+    def update(self, ro: Rollout) -> dict:
+        """a.epochs passes of minibatch steps over the rollout; the mean of each statistic."""
+        a = self.args
+        totals, n = {}, 0
+        self.update_log = []  # every minibatch's statistics, in order
+        for _ in range(a.epochs):
+            order = torch.randperm(len(ro), generator=self.shuffle_gen).to(ro.idx.device)
+            for i in range(0, len(ro), a.minibatch_size):
+                sel = order[i:i + a.minibatch_size]
+                with self._autocast():
+                    loss, stats = minibatch_loss(self.model, ro, sel, a)
+                if not math.isfinite(stats["loss"]):
+                    raise UserError(f"rlhf: loss is {stats['loss']} at iteration {self.iteration + 1}; "
+                                    "stopped (try a lower --lr)")
+                self.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(),
+                                                      a.grad_clip if a.grad_clip > 0 else float("inf"))
+                stats["grad_norm"] = norm.item()
+                self.optimizer.step()
+                self.update_log.append(stats)
+                for k, v in stats.items():
+                    totals[k] = totals.get(k, 0.0) + v
+                n += 1
+        self.optimizer.zero_grad(set_to_none=True)
+        return {k: v / n for k, v in totals.items()}
+
+    def step(self) -> dict:
+        """One iteration: rollouts, scoring, updates. Returns the logged row."""
+        ro = self.rollout()
+        stats = self.update(ro)
+        self.iteration += 1
+        kl = ((ro.logp - ro.ref_logp) * ro.mask).sum(1)
+        row = {"step": self.iteration, "reward": ro.scores.mean().item(),
+               "reward_std": ro.scores.std().item() if len(ro) > 1 else 0.0,
+               "kl": kl.mean().item(), "response_len": (ro.lengths - ro.prompt_lens).float().mean().item(),
+               **stats}
+        self.last_rollout = ro
+        return row
+
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        """Mean reward and KL on the fixed eval prompts, sampled with a fixed seed."""
+        a = self.args
+        gen = torch.Generator(device=self.device).manual_seed(a.seed + 12345)
+        with self._autocast():
+            ro = sample_responses(self.policy, self.eval_prompts, a.eval_samples, a.max_new_tokens,
+                                  self.eot_id, a.temperature, a.top_k, gen)
+            scores, kls = [], []
+            for i in range(0, len(ro), 32):
+                idx, mask = ro.idx[i:i + 32], ro.mask[i:i + 32]
+                scores.append(self.reward_model(idx, ro.lengths[i:i + 32]).float())
+                kls.append(((token_logprobs(self.policy(idx), idx) - token_logprobs(self.ref(idx), idx))
+                            * mask).sum(1))
+        return {"eval_reward": torch.cat(scores).mean().item(), "eval_kl": torch.cat(kls).mean().item()}
+
+    # -- checkpoints ------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {"iteration": self.iteration, "optimizer": self.optimizer.state_dict(),
+                "value_head": None if self.model.value_head is None else self.model.value_head.state_dict(),
+                "rng": common.rng_state(), "generator": self.generator.get_state(),
+                "shuffle_gen": self.shuffle_gen.get_state(), "score_norm": self.score_norm,
+                "args": vars(self.args).copy(),
+                "name": f"rlhf-{self.args.algo}"}
+
+    def save_checkpoint(self):
+        """The policy as a plain GPT checkpoint (usable by generate/dpo/rlhf --init); the rest in state.pt."""
+        path = self.checkpointer.save(self.iteration, self.policy, self.state_dict())
+        self.plot()
+        return path
+
+    def resume(self, where):
+        from safetensors.torch import load_model
+
+        p = Path(where) if where not in (True, "latest", "auto") else self.out_dir
+        ckpt = p if (p / "state.pt").is_file() else common.Checkpointer(p).latest()
+        if ckpt is None:
+            raise UserError(f"--resume: no checkpoint found at {p}")
+        state = common.load_state(ckpt)
+        if state.get("name") != f"rlhf-{self.args.algo}":
+            raise UserError(f"--resume: {ckpt} is not an rlhf --algo {self.args.algo} checkpoint")
+        load_model(self.policy, str(ckpt / "model.safetensors"), device=str(self.device))
+        if self.model.value_head is not None:
+            self.model.value_head.load_state_dict(state["value_head"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        common.set_rng_state(state["rng"])
+        self.generator.set_state(state["generator"])
+        self.shuffle_gen.set_state(state["shuffle_gen"])
+        self.iteration = state["iteration"]
+        self.score_norm = state.get("score_norm")
+        rows = [r for r in self.metrics.rows() if r.get("step", 0) <= self.iteration]
+        if self.log_enabled and self.metrics.path.is_file():
+            self.metrics.path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        self.history = rows
+        return ckpt
+
+    def plot(self):
+        if self.log_enabled:
+            common.plot_curves(self.metrics.rows(), self.plot_path,
+                               keys=("reward", "eval_reward", "kl", "value_loss", "entropy"),
+                               title=f"rlhf ({self.args.algo})")
+
+    def _log_row(self, row):
+        self.history.append(row)
+        self.metrics.log(**row)
+
+    # -- the loop -----------------------------------------------------------------------------------
+    def fit(self) -> dict:
+        from tqdm import tqdm
+
+        a = self.args
+        if a.resume:
+            ckpt = self.resume(a.resume)
+            self._say(f"resumed from {ckpt} at iteration {self.iteration}")
+        else:
+            common.set_seed(a.seed)
+        first_eval = None
+        if self.iteration == 0:
+            first_eval = self.evaluate()
+            self._log_row({"step": 0, **first_eval})
+            self._say(f"iter      0 | eval_reward {first_eval['eval_reward']:.4f} | eval_kl {first_eval['eval_kl']:.4f}")
+        bar = tqdm(total=a.iterations, initial=self.iteration, desc=f"rlhf-{a.algo}",
+                   dynamic_ncols=True, mininterval=0.5, disable=not self.log_enabled)
+        last_eval = first_eval
+        try:
+            while self.iteration < a.iterations:
+                row = self.step()
+                if (a.eval_every and self.iteration % a.eval_every == 0) or self.iteration == a.iterations:
+                    last_eval = self.evaluate()
+                    row.update(last_eval)
+                self._log_row(row)
+                bar.update(1)
+                bar.set_postfix(reward=f"{row['reward']:.3f}", kl=f"{row['kl']:.3f}")
+                self._say(" | ".join([f"iter {row['step']:>6}"] + [
+                    f"{k} {row[k]:.4f}" for k in ("reward", "kl", "entropy", "clip_frac", "value_loss",
+                                                   "eval_reward") if k in row]))
+                if a.ckpt_every and self.iteration % a.ckpt_every == 0 and self.log_enabled:
+                    self.save_checkpoint()
+        finally:
+            bar.close()
+        ckpt = None
+        if self.log_enabled:
+            latest = self.checkpointer.latest()
+            ckpt = latest if latest is not None and latest.name == f"ckpt-{self.iteration:07d}" \
+                else self.save_checkpoint()
+            self.plot()
+        rows = [r for r in self.history if "reward" in r]
+        return {"algo": a.algo, "iterations": self.iteration,
+                "first_eval_reward": first_eval["eval_reward"] if first_eval else None,
+                "eval_reward": last_eval["eval_reward"] if last_eval else None,
+                "eval_kl": last_eval["eval_kl"] if last_eval else None,
+                "reward": rows[-1]["reward"] if rows else None, "kl": rows[-1]["kl"] if rows else None,
+                "checkpoint": str(ckpt) if ckpt else None,
+                "metrics_path": str(self.metrics.path), "plot_path": str(self.plot_path)}
+
+    def _say(self, msg):
+        if self.log_enabled:
+            from tqdm import tqdm
+
+            tqdm.write(msg)
+
+
+# -- CLI ----------------------------------------------------------------------------------------
+def prompt_ids(pairs, tokenizer, room: int) -> list:
+    """Unique prompts of preference pairs as token lists that leave `room` tokens of context."""
+    seen, out = set(), []
+    for p in pairs:
+        if p.prompt in seen:
+            continue
+        seen.add(p.prompt)
+        ids = encode_text(tokenizer, p.prompt)
+        if ids and len(ids) <= room:
+            out.append(ids)
+    return out
+
+
+def cmd_rlhf(args):
+    from tritongpt.train.preference import train_val_pairs
+    from tritongpt.train.reward import RewardModel, build_backbone, load_tokenizer, save_tokenizer
+
+    a = RLArgs.from_namespace(args)
+    a.validate()
+    common.set_seed(a.seed)
+    device = common.pick_device(a.device)
+    if not args.reward:
+        raise UserError("--reward is required: a reward model checkpoint from `tritongpt reward`")
+    train_pairs, val_pairs = train_val_pairs(args.data, args.num_pairs, args.val_fraction, a.seed)
+    reward_model = RewardModel.load(args.reward, map_location=device)
+    policy = build_backbone(args)
+    ref = copy.deepcopy(policy)
+    if reward_model.config.vocab_size != policy.config.vocab_size:
+        raise UserError(f"reward model vocab ({reward_model.config.vocab_size}) differs from the "
+                        f"policy's ({policy.config.vocab_size}): they must share a tokenizer")
+    tok = load_tokenizer(args, policy.config)
+    save_tokenizer(tok, a.out_dir)
+    room = min(policy.config.context_length, reward_model.config.context_length) - a.max_new_tokens
+    prompts = prompt_ids(train_pairs, tok, room)
+    eval_prompts = prompt_ids(val_pairs or train_pairs, tok, room)[:a.eval_prompts]
+    trainer = RLHFTrainer(policy, ref, reward_model, prompts, eval_prompts, tok.eot_id, a)
+    result = trainer.fit()
+    before = result["first_eval_reward"]
+    before = "(resumed)" if before is None else f"{before:.4f}"
+    print(f"rlhf ({a.algo}): eval reward {before} -> {result['eval_reward']:.4f}, "
+          f"KL to reference {result['eval_kl']:.4f} nats/response; checkpoint {result['checkpoint']}")
+    return 0
+
+
+_HELP = {
+    "out_dir": "folder for metrics.jsonl, rlhf.png and checkpoints",
+    "iterations": "rollout + update rounds",
+    "prompts_per_iter": "prompts sampled per rollout batch",
+    "group_size": "responses per prompt (GRPO's G); 0 = 1 for PPO, 4 for GRPO",
+    "max_new_tokens": "longest response; responses end at end-of-text",
+    "temperature": "sampling temperature of the rollouts (> 0)",
+    "epochs": "passes over each rollout batch",
+    "minibatch_size": "responses per gradient step",
+    "lr": "AdamW learning rate (constant)",
+    "weight_decay": "AdamW weight decay (matrices only)",
+    "grad_clip": "clip the global gradient norm (0 = off)",
+    "kl_coef": "KL weight: PPO per-token penalty in the reward, GRPO k3 term in the loss",
+    "clip_eps": "PPO/GRPO ratio clip",
+    "value_clip": "PPO value clip around the rollout-time values",
+    "vf_coef": "PPO value-loss weight",
+    "ent_coef": "entropy bonus weight",
+    "gamma": "PPO discount",
+    "lam": "PPO GAE lambda",
+    "eval_every": "score the fixed eval prompts every N iterations (0 = first and last only)",
+    "eval_prompts": "held-out prompts in the fixed eval set",
+    "eval_samples": "sampled responses per eval prompt",
+    "ckpt_every": "checkpoint every N iterations (0 = at the end only)",
+    "keep_ckpts": "keep the newest K checkpoints",
+    "dtype": "auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16",
+    "seed": "random seed",
+}
+
+
+def add_cli(sub):
+    from tritongpt.commands import add_model_args
+    from tritongpt.train.reward import add_data_args
+
+    p = sub.add_parser("rlhf", help="RLHF against a reward model: PPO or GRPO",
+                       description="PPO (value head, GAE, per-token KL penalty in the reward) or GRPO "
+                                   "(group-relative advantages, k3 KL in the loss) on an SFT policy, "
+                                   "scored by a reward model from `tritongpt reward`.")
+    add_model_args(p)
+    add_data_args(p)  # prompts come from the preference data (embedded tasks by default)
+    p.add_argument("--reward", help="reward model checkpoint (from `tritongpt reward`): file, checkpoint or run folder")
+    d = RLArgs()
+    g = p.add_argument_group("rl")
+    g.add_argument("--algo", choices=["ppo", "grpo"], default=d.algo, help="(default %(default)s)")
+    for f in fields(RLArgs):
+        if f.name in ("algo", "device", "kernels", "top_k", "resume"):
+            continue
+        kw = {"choices": ["auto", "fp32", "bf16"]} if f.name == "dtype" else {}
+        g.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default,
+                       help=f"{_HELP.get(f.name, f.name)} (default %(default)s)", **kw)
+    g.add_argument("--top-k", type=int, default=None, help="sample the rollouts from the top k tokens only")
+    g.add_argument("--resume", nargs="?", const="latest", default=None, metavar="CKPT",
+                   help="continue from the newest checkpoint in --out-dir, or a checkpoint folder "
+                        "(pass the same --init: it is the frozen reference)")
+    p.set_defaults(func=cmd_rlhf)
