@@ -122,3 +122,26 @@ def test_bad_input_is_one_line_user_error(corpus, tmp_path, capsys, extra, expec
     assert rc == 2, err
     assert err.startswith("error: ") and "\n" not in err and expect in err, err
     assert not common.Checkpointer(tmp_path / "run").list()
+
+
+def test_torchrun_two_cpu_processes_runs_the_real_cli(corpus, tmp_path):
+    """The launcher is torchrun itself (not a home-made one): 2 gloo processes, rank 0 writes."""
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "ddp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # `python -m torch.distributed.run` is the torchrun console script, pinned to this Python
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           "-m", "tritongpt.cli", "pretrain",
+           *argv(corpus, out, "--max-steps", "6", "--ckpt-every", "3", "--eval-every", "3",
+                 "--eval-batches", "1", "--sample-tokens", "0", "--log-every", "3")]
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "2 processes" in done.stdout and "done: 6 steps" in done.stdout
+    rows = common.MetricsLog(out / "metrics.jsonl").rows()
+    assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3, 4, 5, 6]  # one writer, not two
+    assert [p.name for p in common.Checkpointer(out).list()] == ["ckpt-0000003", "ckpt-0000006"]
+    state = common.load_state(out / "ckpt-0000006")
+    assert state["world_size"] == 2 and len(state["generator"]) == 2  # every rank's batch generator
