@@ -270,15 +270,30 @@ def compact_template(rec):
 
 
 def test_end_to_end_sft_raises_exact_match(tmp_path):
-    """A tiny model from scratch, fine-tuned on one easy task family (count the words), is
-    measured by greedy exact match on held-out prompts before and after SFT."""
+    """A tiny model pretrained briefly on the embedded corpus, saved, reloaded through --init's
+    loader, then fine-tuned on one easy task family (count the words); measured by greedy
+    exact match on held-out prompts before and after SFT."""
+    from tritongpt.train import data
+
     fams = "count_words"
     train, val, test = sft.task_splits(2000, 100, seed=0, families=fams)
     tok = small_bpe(tasks.generate_tasks(600, seed=1, families=fams), vocab_size=440)
     assert all(len(tok.encode(" " + w)) == 1 for w in tasks.WORDS)  # one token a word
+
+    # brief pretraining: next-token prediction on a slice of the pydoc corpus
     torch.manual_seed(0)
     model = GPTModel(GPTConfig(vocab_size=tok.vocab_size, context_length=64, n_embd=64, n_layer=1, n_head=1))
-    args = train_args(tmp_path, max_steps=150, batch_size=16, lr=3e-3, min_lr=3e-4, warmup_steps=10,
+    text = torch.tensor(tok.encode(data.load_text("pydoc")[:20000]), dtype=torch.long)
+    starts = lambda g: torch.randint(len(text) - 65, (8,), generator=g)  # noqa: E731
+    pre = Trainer(model, train_args(tmp_path / "pre", max_steps=40, lr=3e-3, ckpt_every=0),
+                  lambda m, b: lm_loss(m(b[0]), b[1]),
+                  lambda split, g: (lambda s: (torch.stack([text[i:i + 64] for i in s]),
+                                               torch.stack([text[i + 1:i + 65] for i in s])))(starts(g)))
+    pre_result = pre.fit()
+    assert pre_result["loss"] < pre_result["first_loss"] - 0.5, pre_result
+    model = sft.load_init_model(pre_result["checkpoint"])  # what `tritongpt sft --init CKPT` does
+
+    args = train_args(tmp_path, max_steps=250, batch_size=16, lr=3e-3, min_lr=3e-4, warmup_steps=10,
                       eval_batches=2)
     result = sft.run_sft(model, tok, train, val, test, args, eval_before=True, eval_gen=16, max_new_tokens=8,
                          sample=False)
