@@ -7,10 +7,10 @@ import math
 
 import pytest
 import torch
-from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import HealthCheck, Phase, example, given, settings
 from hypothesis import strategies as st
 
-from parity import assert_close_rel
+from parity import assert_close_rel, report
 from tritongpt.kernels.layernorm import layer_norm
 from tritongpt.kernels.mlp import gelu_mlp, saved_activation_bytes
 from tritongpt.model.layers import FeedForward
@@ -44,6 +44,23 @@ def make(M, C, H, dtype, device, gen, bias=True, lead=None):
 NAMES = ("dx", "dw1", "db1", "dw2", "db2")
 
 
+def torch_lowp_errors(params, dy, y64, leaves):
+    """Relative errors of PyTorch's own low-precision MLP (F.linear + F.gelu in the same dtype)
+    against float64: output and each gradient. Used as FlashAttention's rule for bf16/fp16: our
+    error may be at most twice PyTorch's, which matters on tiny shapes where rounding y to 16 bits
+    alone costs more than 1e-2 relative (e.g. 10 outputs that are sums with cancellation)."""
+    lp = [p.detach().clone().requires_grad_() if p is not None else None for p in params]
+    x, w1, b1, w2, b2 = lp
+    y = torch.nn.functional.linear(torch.nn.functional.gelu(torch.nn.functional.linear(x, w1, b1),
+                                                            approximate="tanh"), w2, b2)
+    y.backward(dy)
+    errs = {"y": report(y, y64)[1]}
+    for name, p, p64 in zip(NAMES, lp, leaves):
+        if p is not None:
+            errs[name] = report(p.grad, p64.grad)[1]
+    return errs
+
+
 def check_parity(M, C, H, dtype, device, seed, bias=True, lead=None):
     gen = torch.Generator().manual_seed(seed)
     params = make(M, C, H, dtype, device, gen, bias, lead)
@@ -54,12 +71,14 @@ def check_parity(M, C, H, dtype, device, seed, bias=True, lead=None):
     leaves = [p.detach().double().requires_grad_() if p is not None else None for p in params]
     y64 = ref_mlp(*leaves)
     y64.backward(dy.double())
-    tol = TOL[dtype]
-    figures = {"y": assert_close_rel(y, y64, tol, f"y {dtype} M={M} C={C} H={H}")}
+    tol = dict.fromkeys(("y",) + NAMES, TOL[dtype])
+    if dtype != torch.float32:
+        tol.update({k: max(TOL[dtype], 2 * e) for k, e in torch_lowp_errors(params, dy, y64, leaves).items()})
+    figures = {"y": assert_close_rel(y, y64, tol["y"], f"y {dtype} M={M} C={C} H={H}")}
     for name, p, p64 in zip(NAMES, params, leaves):
         if p is not None:
             assert p.grad is not None and p.grad.dtype == p.dtype, name
-            figures[name] = assert_close_rel(p.grad, p64.grad, tol, name)
+            figures[name] = assert_close_rel(p.grad, p64.grad, tol[name], name)
     return figures
 
 
@@ -124,6 +143,7 @@ def test_autocast_casts_like_linear(device):
           phases=[Phase.explicit, Phase.reuse, Phase.generate])  # no shrinking: minutes under the interpreter
 @given(M=st.integers(1, 40), C=st.integers(1, 64), H=st.integers(1, 130),
        dtype=st.sampled_from([torch.float32, torch.bfloat16]), seed=st.integers(0, 2**31 - 1))
+@example(M=10, C=1, H=91, dtype=torch.bfloat16, seed=243741529)  # once failed a flat 1e-2 bound
 def test_shape_fuzz(M, C, H, dtype, seed):
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     check_parity(M, C, H, dtype, device, seed)
