@@ -55,8 +55,8 @@ def bench_tokenizer(text: str, reps: int = 3, reference_chars: int = 20_000, tok
     return rows
 
 
-def bench_model_forward(model_name="tiny", batch=8, seq_len=None, reps=5):
-    """Reference GPTModel forward (eval, no grad, fp32) on random token ids."""
+def _cpu_model(model_name, batch, seq_len, train: bool):
+    """A freshly seeded reference GPTModel, its row config, and random token ids [B, T+1]."""
     from tritongpt.model.config import get_config
     from tritongpt.model.gpt import GPTModel
 
@@ -64,42 +64,44 @@ def bench_model_forward(model_name="tiny", batch=8, seq_len=None, reps=5):
     T = seq_len or cfg.context_length
     conf = {"model": model_name, "batch": batch, "seq_len": T, "dtype": "fp32",
             "threads": torch.get_num_threads()}
+    torch.manual_seed(0)
+    model = GPTModel(cfg).train(train)
+    return model, conf, torch.randint(0, cfg.vocab_size, (batch, T + 1))
+
+
+def _timed_row(op, mode, conf, fn, reps, **extra):
+    """Time fn on the CPU into a row; a failure becomes a `failed: ...` row, never a crash."""
     try:
-        torch.manual_seed(0)
-        model = GPTModel(cfg).eval()
-        idx = torch.randint(0, cfg.vocab_size, (batch, T))
-        with torch.no_grad():
-            med, p20, p80 = time_cpu(lambda: model(idx), reps=reps)
+        med, p20, p80 = time_cpu(fn, reps=reps)
     except Exception as e:
-        return make_row("cpu", "model-forward", "reference", conf, "fwd", f"failed: {reason_of(e)}")
-    return make_row("cpu", "model-forward", "reference", conf, "fwd", ms=med, ms_p20=p20, ms_p80=p80,
-                    tokens_per_s=batch * T / (med * 1e-3), n_params=model.num_params())
+        return make_row("cpu", op, "reference", conf, mode, f"failed: {reason_of(e)}")
+    tokens = conf["batch"] * conf["seq_len"]
+    return make_row("cpu", op, "reference", conf, mode, ms=med, ms_p20=p20, ms_p80=p80,
+                    tokens_per_s=tokens / (med * 1e-3), **extra)
+
+
+def bench_model_forward(model_name="tiny", batch=8, seq_len=None, reps=5):
+    """Reference GPTModel forward (eval, no grad, fp32) on random token ids."""
+    model, conf, tokens = _cpu_model(model_name, batch, seq_len, train=False)
+    idx = tokens[:, :-1]
+
+    def forward():
+        with torch.no_grad():
+            return model(idx)
+
+    return _timed_row("model-forward", "fwd", conf, forward, reps, n_params=model.num_params())
 
 
 def bench_model_train_step(model_name="tiny", batch=8, seq_len=None, reps=3):
     """Reference forward + loss + backward + AdamW step, fp32 on the CPU."""
     from tritongpt.bench.train_step import train_step
-    from tritongpt.model.config import get_config
-    from tritongpt.model.gpt import GPTModel
     from tritongpt.train.common import build_optimizer
 
-    cfg = get_config(model_name)
-    T = seq_len or cfg.context_length
-    conf = {"model": model_name, "batch": batch, "seq_len": T, "dtype": "fp32",
-            "threads": torch.get_num_threads()}
-    try:
-        torch.manual_seed(0)
-        model = GPTModel(cfg).train()
-        opt = build_optimizer(model, lr=1e-4, device=torch.device("cpu"))
-        tokens = torch.randint(0, cfg.vocab_size, (batch, T + 1))
-        x, y = tokens[:, :-1], tokens[:, 1:]
-        dev = torch.device("cpu")
-        med, p20, p80 = time_cpu(lambda: train_step(model, model, opt, x, y, dev, torch.float32),
-                                 reps=reps)
-    except Exception as e:
-        return make_row("cpu", "train-step", "reference", conf, "fwd+bwd", f"failed: {reason_of(e)}")
-    return make_row("cpu", "train-step", "reference", conf, "fwd+bwd", ms=med, ms_p20=p20, ms_p80=p80,
-                    tokens_per_s=batch * T / (med * 1e-3))
+    model, conf, tokens = _cpu_model(model_name, batch, seq_len, train=True)
+    opt = build_optimizer(model, lr=1e-4, device=torch.device("cpu"))
+    x, y = tokens[:, :-1], tokens[:, 1:]
+    return _timed_row("train-step", "fwd+bwd", conf,
+                      lambda: train_step(model, model, opt, x, y, torch.device("cpu"), torch.float32), reps)
 
 
 def mlp_saved_cpu(rows_m=64, width=48, providers=("reference", "torch", "triton")):

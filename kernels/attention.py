@@ -141,6 +141,23 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, offs_m, o
 
 
 @triton.jit
+def _kv_tile_range(start_m, Tq, Tk, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IS_CAUSAL: tl.constexpr):
+    """Which KV tiles a query tile starting at start_m visits (forward and dQ alike).
+
+    Tiles [0, full_hi) are fully visible to every row of the query tile: no mask at all.
+    Tiles [full_hi, hi) straddle the causal diagonal (bottom-right aligned: row i sees keys
+    <= i + Tk - Tq) or the ragged end of K. Tiles from hi on are never visited.
+    """
+    if IS_CAUSAL:
+        hi = tl.minimum(Tk, start_m + BLOCK_M + (Tk - Tq))
+        full_hi = tl.minimum((start_m + (Tk - Tq) + 1) // BLOCK_N * BLOCK_N, Tk // BLOCK_N * BLOCK_N)
+    else:
+        hi = Tk
+        full_hi = Tk // BLOCK_N * BLOCK_N
+    return full_hi, hi
+
+
+@triton.jit
 def _attn_fwd(Q, K, V, O, LSE, seed, qk_scale, dropout_p, keep_scale,
               stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
               stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_om,
@@ -164,15 +181,8 @@ def _attn_fwd(Q, K, V, O, LSE, seed, qk_scale, dropout_p, keep_scale,
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
 
-    # KV tiles [0, full_hi) are fully visible to every row of this tile: no mask at all.
-    # Tiles [full_hi, hi) straddle the diagonal or the end of K. Tiles >= hi are skipped.
     # Column 0 is visible to every row, so each row's max is finite after the first tile.
-    if IS_CAUSAL:
-        hi = tl.minimum(Tk, start_m + BLOCK_M + (Tk - Tq))
-        full_hi = tl.minimum((start_m + (Tk - Tq) + 1) // BLOCK_N * BLOCK_N, Tk // BLOCK_N * BLOCK_N)
-    else:
-        hi = Tk
-        full_hi = Tk // BLOCK_N * BLOCK_N
+    full_hi, hi = _kv_tile_range(start_m, Tq, Tk, BLOCK_M, BLOCK_N, IS_CAUSAL)
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, offs_m, offs_d,
                                0, full_hi, Tq, Tk, qk_scale, seed, rng_base, dropout_p, keep_scale,
                                HEAD_DIM, BLOCK_D, BLOCK_N, False, IS_CAUSAL, HAS_DROPOUT, PRECISION)
@@ -329,12 +339,7 @@ def _attn_bwd_dq(Q, K, V, DO, DQ, LSE, Delta, seed, qk_scale, sm_scale, dropout_
     delta = tl.load(Delta + bh.to(tl.int64) * Tq + offs_m, mask=offs_m < Tq, other=0.0)
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
 
-    if IS_CAUSAL:
-        hi = tl.minimum(Tk, start_m + BLOCK_M + (Tk - Tq))
-        full_hi = tl.minimum((start_m + (Tk - Tq) + 1) // BLOCK_N * BLOCK_N, Tk // BLOCK_N * BLOCK_N)
-    else:
-        hi = Tk
-        full_hi = Tk // BLOCK_N * BLOCK_N
+    full_hi, hi = _kv_tile_range(start_m, Tq, Tk, BLOCK_M, BLOCK_N, IS_CAUSAL)
     dq = _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn, offs_m, offs_d,
                        0, full_hi, Tq, Tk, qk_scale, seed, rng_base, dropout_p, keep_scale,
                        HEAD_DIM, BLOCK_D, BLOCK_N, False, IS_CAUSAL, HAS_DROPOUT, PRECISION)

@@ -13,12 +13,7 @@ from tritongpt.bench.cpu import corpus_text
 ROUNDS = dict(rounds=3, iterations=1, warmup_rounds=1)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_bench_tiny_model_forward(benchmark):

@@ -13,13 +13,7 @@ from tritongpt.bench.common import CpuTimer, Budget, make_row, target
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # These CPU runs are tiny; on a shared 2-core machine a second thread mostly waits.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # -- formulas against hand computations ------------------------------------------------------------
