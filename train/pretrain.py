@@ -45,7 +45,8 @@ def add_args(p: argparse.ArgumentParser):
                                                      "(default: ~/.cache/tritongpt or $TRITONGPT_CACHE)")
     d.add_argument("--dropout", type=float, default=None, help="override the preset's dropout")
     s = p.add_argument_group("samples")
-    s.add_argument("--prompt", default="The ", help="prompt for the samples printed while training")
+    s.add_argument("--prompt", default="The", help="prompt for the samples printed while training "
+                   "(no trailing space: BPE tokens carry their leading space)")
     s.add_argument("--sample-tokens", type=int, default=60, help="tokens per sample (default %(default)s)")
     s.add_argument("--temperature", type=float, default=0.8)
     s.add_argument("--top-k", type=int, default=40)
@@ -189,7 +190,7 @@ def cmd_pretrain(args):
           f"{'-' if r['tok_per_s'] is None else format(r['tok_per_s'], ',.0f')} tok/s")
     print(f"wrote {r['metrics_path']}, {r['plot_path']}, {r['checkpoint']}")
     print(f"try: tritongpt generate --weights {Path(r['checkpoint']).parent} "
-          f"--tokenizer {r['tokenizer_path']} --prompt \"The \"")
+          f"--tokenizer {r['tokenizer_path']} --prompt \"The\"")
     return 0
 
 
