@@ -202,6 +202,33 @@ def test_nonfinite_loss_stops_naming_the_step_and_keeps_last_checkpoint(tmp_path
         assert torch.equal(p, q), f"{n}: the bad step must not update the weights"
 
 
+@pytest.mark.parametrize("error", [torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+                                   RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried 9 GB")])
+def test_a_batch_that_does_not_fit_is_a_one_line_error(tmp_path, error):
+    calls = {"n": 0}
+
+    def hungry_loss(model, batch):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise error
+        return loss_fn(model, batch)
+
+    t = Trainer(tiny_model(), args_for(tmp_path, max_steps=5), hungry_loss, make_get_batch(synthetic_tokens(), 2))
+    with pytest.raises(UserError, match=r"micro-batch of \(2, \d+\) tokens does not fit in cpu memory at step 3; "
+                                        r"lower --batch-size") as err:
+        t.fit()
+    assert "\n" not in str(err.value)
+
+
+def test_other_runtime_errors_are_not_disguised(tmp_path):
+    def broken_loss(model, batch):
+        raise RuntimeError("mat1 and mat2 shapes cannot be multiplied")
+
+    t = Trainer(tiny_model(), args_for(tmp_path, max_steps=2), broken_loss, make_get_batch(synthetic_tokens(), 2))
+    with pytest.raises(RuntimeError, match="shapes cannot be multiplied"):
+        t.fit()
+
+
 def test_keep_last_k_and_a_crash_mid_save_leaves_no_half_checkpoint(tmp_path, monkeypatch):
     a = args_for(tmp_path, max_steps=5, ckpt_every=1, keep_ckpts=2)
     t = Trainer(tiny_model(), a, loss_fn, make_get_batch(synthetic_tokens(), 2))

@@ -176,6 +176,12 @@ def _mem_gb(device) -> float:
     return peak / (1e9 if sys.platform == "darwin" else 1e6)
 
 
+def _is_oom(e: BaseException) -> bool:
+    """CUDA raises torch.OutOfMemoryError; the CPU allocator a RuntimeError that says so."""
+    msg = str(e).lower()
+    return isinstance(e, torch.OutOfMemoryError) or "out of memory" in msg or "can't allocate memory" in msg
+
+
 def _gpt_models(model):
     from tritongpt.model.gpt import GPTModel
 
@@ -464,11 +470,19 @@ class Trainer:
             tokens += batch[0].numel()
             self._seq_len = batch[0].shape[-1]
             sync = not self.ddp or micro == a.grad_accum - 1
-            with (contextlib.nullcontext() if sync else model.no_sync()):
-                with common.autocast(self.device, self.dtype):
-                    loss = self.loss_fn(model, batch)
-                # each micro-batch loss / grad_accum: the summed gradients are the mean's
-                (loss / a.grad_accum).backward()
+            try:
+                with (contextlib.nullcontext() if sync else model.no_sync()):
+                    with common.autocast(self.device, self.dtype):
+                        loss = self.loss_fn(model, batch)
+                    # each micro-batch loss / grad_accum: the summed gradients are the mean's
+                    (loss / a.grad_accum).backward()
+            except RuntimeError as e:
+                if not _is_oom(e):
+                    raise
+                self.optimizer.zero_grad(set_to_none=True)
+                raise UserError(f"{self.name}: a micro-batch of {tuple(batch[0].shape)} tokens does not fit "
+                                f"in {self.device.type} memory at step {self.step + 1}; lower --batch-size "
+                                f"(and raise --grad-accum to keep the same global batch)") from None
             loss_sum += loss.detach().float()
         loss_t = loss_sum / a.grad_accum
         if self.ddp:
