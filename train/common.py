@@ -9,6 +9,7 @@ import math
 import os
 import random
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -209,3 +210,11 @@ def plot_curves(rows, png_path, keys=("loss", "val_loss"), title="training"):
     Path(png_path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(png_path, dpi=110)
     plt.close(fig)
+
+
+def note_if_interpreted(models, device):
+    """Say so when a model on the CPU uses Triton kernels: they run through the interpreter."""
+    if torch.device(device).type == "cpu" and any(m.config.kernels != "reference" for m in models):
+        print("note: Triton kernels on the CPU run through Triton's interpreter, which checks "
+              "parity but is orders of magnitude slower; --kernels reference is the fast CPU path",
+              file=sys.stderr)

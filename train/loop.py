@@ -257,6 +257,8 @@ class Trainer:
         if args.kernels is not None:
             for m in _gpt_models(self.raw_model):
                 m.set_kernels(args.kernels)
+        if self.is_main:
+            common.note_if_interpreted(_gpt_models(self.raw_model), self.device)
         self.optimizer = common.build_optimizer(self.raw_model, args.lr, args.weight_decay,
                                                 device=self.device)
         self.params = [p for g in self.optimizer.param_groups for p in g["params"]]

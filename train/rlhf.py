@@ -334,6 +334,8 @@ class RLHFTrainer:
         if args.kernels is not None:
             for m in (policy, self.ref, self.reward_model):
                 m.set_kernels(args.kernels)
+        if log:
+            common.note_if_interpreted([policy, self.ref, self.reward_model], self.device)
         # dropout would make log pi at update time differ from log pi at rollout time
         self.model.eval()
         self.optimizer = common.build_optimizer(self.model, args.lr, args.weight_decay, device=self.device)
