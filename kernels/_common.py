@@ -33,30 +33,36 @@ def check_tensor(t, name: str, dtypes=FLOAT_DTYPES, device=None, ndim=None, shap
     return t
 
 
-def check_same_device(**tensors):
-    """All named tensors (None entries skipped) must live on one device; returns that device."""
+def _same(attr: str, tensors: dict):
+    """(value, None) if every named tensor (None skipped) has the same `attr`, else the first
+    name and tensor and the first one that differs: (None, (name0, t0, name, t))."""
     items = [(n, t) for n, t in tensors.items() if t is not None]
     if not items:
-        return None
+        return None, None
     first_name, first = items[0]
     for name, t in items[1:]:
-        if t.device != first.device:
-            raise ValueError(f"tensors on different devices: {first_name} is on {first.device}, "
-                             f"{name} is on {t.device}")
-    return first.device
+        if getattr(t, attr) != getattr(first, attr):
+            return None, (first_name, first, name, t)
+    return getattr(first, attr), None
+
+
+def check_same_device(**tensors):
+    """All named tensors (None entries skipped) must live on one device; returns that device."""
+    device, bad = _same("device", tensors)
+    if bad:
+        n0, t0, n, t = bad
+        raise ValueError(f"tensors on different devices: {n0} is on {t0.device}, {n} is on {t.device}")
+    return device
 
 
 def check_same_dtype(**tensors):
     """All named tensors (None entries skipped) must share one dtype; returns it."""
-    items = [(n, t) for n, t in tensors.items() if t is not None]
-    if not items:
-        return None
-    first_name, first = items[0]
-    for name, t in items[1:]:
-        if t.dtype != first.dtype:
-            raise TypeError(f"dtype mismatch: {first_name} is {str(first.dtype).replace('torch.', '')}, "
-                            f"{name} is {str(t.dtype).replace('torch.', '')}")
-    return first.dtype
+    dtype, bad = _same("dtype", tensors)
+    if bad:
+        n0, t0, n, t = bad
+        raise TypeError(f"dtype mismatch: {n0} is {str(t0.dtype).replace('torch.', '')}, "
+                        f"{n} is {str(t.dtype).replace('torch.', '')}")
+    return dtype
 
 
 def check_runnable(t, name: str = "input"):

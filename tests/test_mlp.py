@@ -61,7 +61,10 @@ def torch_lowp_errors(params, dy, y64, leaves):
     return errs
 
 
-def check_parity(M, C, H, dtype, device, seed, bias=True, lead=None):
+def check_parity(M, C, H, dtype, device, seed, bias=True, lead=None, torch_rule=False):
+    """Kernel vs float64, forward and every gradient. 16-bit tolerance is the flat TOL, or with
+    torch_rule (the shape fuzz, which draws degenerate shapes such as C=1) max(TOL, 2x the error
+    of PyTorch's own low-precision MLP on the same inputs)."""
     gen = torch.Generator().manual_seed(seed)
     params = make(M, C, H, dtype, device, gen, bias, lead)
     y = gelu_mlp(*params)
@@ -72,8 +75,10 @@ def check_parity(M, C, H, dtype, device, seed, bias=True, lead=None):
     y64 = ref_mlp(*leaves)
     y64.backward(dy.double())
     tol = dict.fromkeys(("y",) + NAMES, TOL[dtype])
-    if dtype != torch.float32:
-        tol.update({k: max(TOL[dtype], 2 * e) for k, e in torch_lowp_errors(params, dy, y64, leaves).items()})
+    if torch_rule and dtype != torch.float32:
+        torch_errs = torch_lowp_errors(params, dy, y64, leaves)
+        assert max(torch_errs.values()) < 0.05, f"PyTorch's own {dtype} MLP is off: {torch_errs}"
+        tol.update({k: max(TOL[dtype], 2 * e) for k, e in torch_errs.items()})
     figures = {"y": assert_close_rel(y, y64, tol["y"], f"y {dtype} M={M} C={C} H={H}")}
     for name, p, p64 in zip(NAMES, params, leaves):
         if p is not None:
@@ -146,7 +151,7 @@ def test_autocast_casts_like_linear(device):
 @example(M=10, C=1, H=91, dtype=torch.bfloat16, seed=243741529)  # once failed a flat 1e-2 bound
 def test_shape_fuzz(M, C, H, dtype, seed):
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    check_parity(M, C, H, dtype, device, seed)
+    check_parity(M, C, H, dtype, device, seed, torch_rule=True)
 
 
 def test_saves_less_activation_memory(device):
