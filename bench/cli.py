@@ -46,7 +46,7 @@ def _batches(text, models):
 
 
 def add_cli(sub):
-    from tritongpt.bench.kernels import FULL_SIZES, PROVIDERS
+    from tritongpt.bench.kernels import ALL_PROVIDERS, FULL_SIZES
     from tritongpt.bench.train_step import TRAIN_PROVIDERS
 
     p = sub.add_parser("bench", help="benchmarks: kernels, training step, CPU-side timings",
@@ -63,10 +63,9 @@ def add_cli(sub):
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads for the CPU-side timings (default: torch's choice)")
     k = p.add_argument_group("kernels")
-    all_kernel_providers = sorted({x for v in PROVIDERS.values() for x in v})
     k.add_argument("--ops", default="layernorm,mlp,attention")
     k.add_argument("--modes", default="fwd,bwd,fwd+bwd")
-    k.add_argument("--providers", default=None, help=f"subset of {','.join(all_kernel_providers)}")
+    k.add_argument("--providers", default=None, help=f"subset of {','.join(ALL_PROVIDERS)}")
     k.add_argument("--ln-rows", type=int, default=None, help=f"(default {FULL_SIZES['ln_rows']})")
     k.add_argument("--ln-widths", default=None, help="e.g. 768,1024,1280,1600")
     k.add_argument("--mlp-rows", type=int, default=None, help=f"(default {FULL_SIZES['mlp_rows']})")
@@ -87,13 +86,18 @@ def add_cli(sub):
     t.add_argument("--steps", type=int, default=None, help="timed steps (default 10, --quick 4)")
     t.add_argument("--warmup-steps", type=int, default=None, help="untimed steps (default 3, --quick 2)")
     t.add_argument("--peak-tflops", type=float, default=None,
-                   help="MFU denominator (e.g. a datasheet figure); default: the bf16 matmul measured in this run")
+                   help="MFU denominator; default: the GPU's dense bf16 datasheet peak (as the trainers use), "
+                        "else the bf16 matmul measured in this run")
     p.set_defaults(func=cmd_bench)
 
 
 def cmd_bench(args):
     import torch
 
+    if args.steps is not None and args.steps < 1:
+        raise UserError(f"--steps must be at least 1, got {args.steps}")
+    if args.warmup_steps is not None and args.warmup_steps < 0:
+        raise UserError(f"--warmup-steps must be >= 0, got {args.warmup_steps}")
     if args.what == "cpu" or not torch.cuda.is_available():
         return _run_cpu(args, cuda=torch.cuda.is_available())
     return _run_gpu(args)
@@ -140,6 +144,11 @@ def _run_cpu(args, cuda):
     return 0
 
 
+def _or(value, default):
+    """An option left unset takes its default; 0 stays 0."""
+    return default if value is None else value
+
+
 def _settings(args):
     return {k: v for k, v in vars(args).items() if k != "func"}
 
@@ -147,11 +156,12 @@ def _settings(args):
 def _run_gpu(args):
     import torch
 
-    from tritongpt.bench.common import Budget, GpuTimer, dtype_from_name, environment
-    from tritongpt.bench.kernels import (FULL_SIZES, PROVIDERS, QUICK_SIZES, ceiling_value,
-                                         kernel_targets, measure_ceilings, run_kernels)
+    from tritongpt.bench.common import MODES, Budget, GpuTimer, dtype_from_name, environment
+    from tritongpt.bench.kernels import (ALL_PROVIDERS, FULL_SIZES, PROVIDERS, QUICK_SIZES,
+                                         ceiling_value, kernel_targets, measure_ceilings, run_kernels)
     from tritongpt.bench.report import console_summary, make_result, write_result, write_summary
     from tritongpt.bench.train_step import TRAIN_PROVIDERS, parse_provider, run_train, train_targets
+    from tritongpt.train.loop import peak_flops
 
     dtype = dtype_from_name(args.dtype)
     out_root = args.out or "bench/results"
@@ -166,9 +176,8 @@ def _run_gpu(args):
 
     if args.what in ("kernels", "all"):
         ops = _names(args.ops, tuple(PROVIDERS), "ops")
-        modes = _names(args.modes, ("fwd", "bwd", "fwd+bwd"), "modes")
-        allp = sorted({x for v in PROVIDERS.values() for x in v})
-        providers = _names(args.providers, allp, "providers") if args.providers else None
+        modes = _names(args.modes, MODES, "modes")
+        providers = _names(args.providers, ALL_PROVIDERS, "providers") if args.providers else None
         sizes = dict(QUICK_SIZES if args.quick else FULL_SIZES)
         for key in ("ln_rows", "mlp_rows", "attn_tokens", "attn_width"):
             if getattr(args, key) is not None:
@@ -196,8 +205,12 @@ def _run_gpu(args):
             except ValueError as e:
                 raise UserError(str(e)) from None
         t0 = time.perf_counter()
+        # the trainer's MFU denominator (train/loop.py PEAK_FLOPS), so the two report the same MFU
+        datasheet = peak_flops(torch.device("cuda")) if torch.cuda.is_available() else None
         if args.peak_tflops:
             peak, source = args.peak_tflops * 1e12, "--peak-tflops"
+        elif datasheet:
+            peak, source = datasheet, f"dense bf16 datasheet peak of {torch.cuda.get_device_name()}"
         else:
             if ceilings is None:
                 log("measuring the bf16 matmul ceiling for MFU ...")
@@ -208,8 +221,8 @@ def _run_gpu(args):
                             if tf else (None, f"unavailable ({mm.get('status')})"))
         rows = run_train(torch.device("cuda"), budget, dtype, models, provs or TRAIN_PROVIDERS,
                          _batches(args.batch, models), args.seq_len,
-                         args.warmup_steps or (2 if args.quick else 3),
-                         args.steps or (4 if args.quick else 10), peak, log=log)
+                         _or(args.warmup_steps, 2 if args.quick else 3),
+                         _or(args.steps, 4 if args.quick else 10), peak, log=log)
         targets = train_targets(rows) if "gpt2-small" in models else []
         res = make_result("train", env, rows, targets, ceilings, settings, time.perf_counter() - t0,
                           peak_flops=peak, peak_flops_source=source)

@@ -66,15 +66,6 @@ def layernorm_bytes(m: int, n: int, elem: int, mode: str, param_elem: int | None
     return {"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd + bwd}[_check_mode(mode)]
 
 
-def gpt_flops_per_token(n_params_non_embedding: int, n_layer: int, n_embd: int, seq_len: int) -> int:
-    """Training FLOPs per token (PaLM appendix B, as nanoGPT's estimate_mfu): 6N + 12 L C T.
-
-    6N covers forward (2N) and backward (4N) through every weight matrix (the tied LM head is
-    part of N); 12 L C T is the attention core's Q K^T and P V, not halved for causality.
-    """
-    return 6 * n_params_non_embedding + 12 * n_layer * n_embd * seq_len
-
-
 def _check_mode(mode: str) -> str:
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")

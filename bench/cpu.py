@@ -123,7 +123,7 @@ def mlp_saved_cpu(rows_m=64, width=48, providers=("reference", "torch", "triton"
     return rows
 
 
-def run_cpu(quick=False, log=print, include_triton_saved=True):
+def run_cpu(quick=False, log=print):
     rows = []
     log("cpu: tokenizer encode throughput ...")
     text = corpus_text()
@@ -137,6 +137,6 @@ def run_cpu(quick=False, log=print, include_triton_saved=True):
     log("cpu: reference train step (tiny) ...")
     rows.append(bench_model_train_step("tiny", batch=8 if not quick else 4, reps=3 if not quick else 2))
     log("cpu: GELU-MLP saved activation bytes ...")
-    provs = ("reference", "torch", "triton") if include_triton_saved else ("reference", "torch")
+    provs = ("reference", "torch", "triton")
     rows += mlp_saved_cpu(providers=provs)
     return rows

@@ -14,9 +14,10 @@ retain_graph=True), fwd+bwd. Gradients are reset to None before each timed call.
 import torch
 import torch.nn.functional as F
 
-from tritongpt.bench.common import (MODES, attention_flops, gbps, is_ok, layernorm_bytes,
+from tritongpt.bench.common import (MODES, attention_flops, dtype_name, gbps, is_ok, layernorm_bytes,
                                     make_row, matmul_flops, mlp_flops, reason_of,
                                     saved_activation_bytes, tflops, try_import)
+from tritongpt.train.common import is_oom
 
 
 class Unavailable(Exception):
@@ -30,6 +31,7 @@ PROVIDERS = {
     "mlp": ("reference", "torch", "compile", "triton"),
     "attention": ("reference", *SDPA_BACKENDS, "compile", "triton"),
 }
+ALL_PROVIDERS = tuple(sorted({p for v in PROVIDERS.values() for p in v}))
 
 # Sweeps. Full: what `tritongpt bench kernels` runs on a GPU. Quick: a smoke-sized subset that
 # still contains every configuration a target is judged on.
@@ -175,7 +177,7 @@ def attention_providers(q, k, v, causal=True):
 
 
 # -- the driver -----------------------------------------------------------------------------------------
-def _mode_fn(forward, mode, leaves):
+def _mode_fn(forward, mode):
     """The callable to time for a mode, built on a forward callable."""
     if mode == "fwd":
         return forward
@@ -184,10 +186,6 @@ def _mode_fn(forward, mode, leaves):
     if mode == "bwd":
         return lambda: y.backward(dy, retain_graph=True)
     return lambda: forward().backward(dy)
-
-
-def _oom(e) -> bool:
-    return isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e).lower()
 
 
 def bench_providers(op, config, builders, modes, timer, budget, work, providers=None,
@@ -232,13 +230,13 @@ def bench_providers(op, config, builders, modes, timer, budget, work, providers=
 def _bench_one(op, name, config, mode, forward, leaves, timer, work):
     fn = None
     try:
-        fn = _mode_fn(forward, mode, leaves)
+        fn = _mode_fn(forward, mode)
         med, p20, p80 = timer.bench(fn, grad_to_none=leaves)
         for t in leaves:
             t.grad = None
         peak = timer.peak_bytes(fn)
     except Exception as e:
-        status = "failed: out of memory" if _oom(e) else f"failed: {reason_of(e)}"
+        status = "failed: out of memory" if is_oom(e) else f"failed: {reason_of(e)}"
         return make_row("kernels", op, name, config, mode, status)
     finally:
         for t in leaves:
@@ -309,7 +307,7 @@ def sweep_layernorm(timer, budget, rows_m, widths, dtype, modes=MODES, providers
     out = []
     dev = timer.device
     for n in widths:
-        cfg = {"rows": rows_m, "width": n, "dtype": _dn(dtype)}
+        cfg = {"rows": rows_m, "width": n, "dtype": dtype_name(dtype)}
         x = randn(rows_m, n, device=dev, dtype=dtype)
         w = randn(n, device=dev, dtype=dtype)
         b = randn(n, device=dev, dtype=dtype)
@@ -325,7 +323,7 @@ def sweep_mlp(timer, budget, rows_m, widths, dtype, modes=MODES, providers=None)
     out = []
     dev = timer.device
     for c in widths:
-        cfg = {"rows": rows_m, "width": c, "hidden": 4 * c, "dtype": _dn(dtype)}
+        cfg = {"rows": rows_m, "width": c, "hidden": 4 * c, "dtype": dtype_name(dtype)}
         x = randn(rows_m, c, device=dev, dtype=dtype)
         # nn.Linear-like scale keeps bf16 activations in a normal range; random, never zeros.
         w1 = randn(4 * c, c, device=dev, dtype=dtype, scale=c ** -0.5)
@@ -379,7 +377,7 @@ def sweep_attention(timer, budget, seqlens, head_dims, dtype, tokens=16384, widt
         for t in seqlens:
             b, h = attention_shape(t, d, tokens, width)
             cfg = {"batch": b, "heads": h, "seq_len": t, "head_dim": d, "causal": causal,
-                   "dtype": _dn(dtype)}
+                   "dtype": dtype_name(dtype)}
             q, k, v = (randn(b, h, t, d, device=dev, dtype=dtype) for _ in range(3))
             skip = {}
             if dev.type == "cuda":
@@ -402,8 +400,7 @@ def run_kernels(timer, budget, dtype=torch.bfloat16, ops=("layernorm", "mlp", "a
     sizes = dict(FULL_SIZES, **(sizes or {}))
     log("measuring ceilings (device copy bandwidth, bf16 matmul) ...")
     ceilings = measure_ceilings(timer, **(ceiling_sizes or {}))
-    everyone = sorted({p for v in PROVIDERS.values() for p in v})
-    wanted = set(providers) if providers is not None else set(everyone)
+    wanted = set(providers) if providers is not None else set(ALL_PROVIDERS)
     # torch.compile costs seconds per shape: it runs in a second pass, so that when the time
     # budget runs out it is compiled baselines that go missing, not our kernels or PyTorch's.
     passes = [(wanted - {"compile"}, "")] + ([({"compile"}, " (torch.compile pass)")] if "compile" in wanted else [])
@@ -439,10 +436,6 @@ def sort_rows(rows):
     return sorted(rows, key=key)
 
 
-def _dn(dtype):
-    from tritongpt.bench.common import dtype_name
-
-    return dtype_name(dtype)
 
 
 # -- targets ----------------------------------------------------------------------------------------------------
@@ -486,4 +479,3 @@ def kernel_targets(rows, ceilings):
                       ratio(min(sdpa) if sdpa else None, ms("attention", "triton", "fwd+bwd", **att)),
                       1.10, unit="x"))
     return out
-

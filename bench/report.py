@@ -5,7 +5,7 @@ Layout: <out>/<device-slug>/{kernels,train,cpu}.json|.md, *.png, and summary.md 
 import json
 from pathlib import Path
 
-from tritongpt.bench.common import SCHEMA, is_ok
+from tritongpt.bench.common import MODES, SCHEMA, is_ok
 
 SECTIONS = ("kernels", "train", "cpu")
 REQUIRED_ENV = ("device", "device_slug", "driver", "cuda_version", "torch", "triton", "git_commit",
@@ -35,7 +35,9 @@ def validate_result(d: dict) -> dict:
     for key in REQUIRED_ENV:
         if key not in env:
             raise ValueError(f"result.env.{key} is missing")
-    for i, r in enumerate(d.get("rows", None) or []):
+    if not isinstance(d.get("rows"), list):
+        raise ValueError("result.rows must be a list")
+    for i, r in enumerate(d["rows"]):
         for key in ("section", "op", "provider", "config", "status"):
             if key not in r:
                 raise ValueError(f"result.rows[{i}].{key} is missing")
@@ -46,8 +48,6 @@ def validate_result(d: dict) -> dict:
             ms = r.get("ms")
             if not isinstance(ms, (int, float)) or not ms > 0:
                 raise ValueError(f"result.rows[{i}].ms must be a positive number for an ok row, got {ms!r}")
-    if not isinstance(d.get("rows"), list):
-        raise ValueError("result.rows must be a list")
     for i, t in enumerate(d.get("targets") or []):
         if t.get("status") not in TARGET_STATUSES:
             raise ValueError(f"result.targets[{i}].status must be one of {TARGET_STATUSES}")
@@ -224,7 +224,7 @@ def plot_kernels(rows, ceilings, out_dir) -> list:
         op_rows = [r for r in rows if r["op"] == op and is_ok(r) and r.get(ykey) is not None]
         if not op_rows:
             continue
-        modes = [m for m in ("fwd", "bwd", "fwd+bwd") if any(r["mode"] == m for r in op_rows)]
+        modes = [m for m in MODES if any(r["mode"] == m for r in op_rows)]
         groups = sorted({r["config"].get("head_dim") for r in op_rows}, key=lambda v: (v is None, v))
         fig, axes = plt.subplots(len(groups), len(modes), figsize=(4.5 * len(modes), 3.6 * len(groups)),
                                  squeeze=False)
@@ -298,13 +298,25 @@ def write_result(result, out_root, plots=True) -> list:
 
 
 def write_summary(results, out_root) -> Path:
-    """summary.md: every section's targets in one table."""
+    """summary.md: every section's targets in one table. A GPU section this run did not
+    measure keeps the targets of its last saved results (<section>.json), marked as such."""
     env = results[0]["env"]
     folder = Path(out_root) / env["device_slug"]
     folder.mkdir(parents=True, exist_ok=True)
-    targets = [t for r in results for t in r.get("targets", [])]
+    ran = {r["section"] for r in results}
+    earlier = []
+    for section in ("kernels", "train"):
+        path = folder / f"{section}.json"
+        if section not in ran and path.is_file():
+            try:
+                earlier.append(json.loads(path.read_text()))
+            except (OSError, ValueError):
+                pass  # an unreadable old file: summarise this run only
+    targets = [t for r in results + earlier for t in r.get("targets", [])]
     text = ["# tritongpt bench summary", "", env_lines(env), "", targets_table(targets) if targets
             else "(no targets in these sections)", ""]
+    text += [f"{r['section']} targets are from the earlier run of {r['env'].get('timestamp')} "
+             f"(git {r['env'].get('git_commit')}), saved in {r['section']}.json." for r in earlier]
     path = folder / "summary.md"
     path.write_text("\n".join(text))
     return path

@@ -11,9 +11,9 @@ Providers (same weights, same batch, same optimizer for all of them):
 Other combinations parse too ("reference+sdpa", "reference+compile").
 
 Reported per provider: step time (median of CUDA-event timings, 20/80 quantiles), tokens/s,
-MFU, peak memory. MFU = model FLOPs per second / a peak: by default the bf16 matmul ceiling
-measured in the same run (so it reads higher than datasheet MFU); `--peak-tflops` sets a
-datasheet figure instead, and the JSON says which was used.
+MFU, peak memory. MFU = model FLOPs per second / a peak: by default the GPU's dense bf16
+datasheet peak (train/loop.py's PEAK_FLOPS, what the trainers log), else the bf16 matmul
+ceiling measured in the same run; `--peak-tflops` sets it by hand. The JSON says which.
 """
 import math
 import sys
@@ -23,8 +23,9 @@ import types
 import torch
 import torch.nn.functional as F
 
-from tritongpt.bench.common import (gpt_flops_per_token, is_ok, make_row, median_quantiles,
-                                    reason_of, try_import)
+from tritongpt.bench.common import is_ok, make_row, median_quantiles, reason_of, try_import
+from tritongpt.train.common import is_oom
+from tritongpt.train.loop import flops_per_token
 
 TRAIN_PROVIDERS = ("reference", "reference+compile+sdpa", "triton", "triton+compile")
 DEFAULT_BATCH = {"gpt2-small": 16, "gpt2-medium": 8}
@@ -157,7 +158,7 @@ def bench_train_provider(name, model_name, batch, seq_len, device, dtype, warmup
     try:
         model, run, opt = build(name, cfg, device, seed)
         n_params = model.num_params(non_embedding=True)
-        fpt = gpt_flops_per_token(n_params, cfg.n_layer, cfg.n_embd, seq_len)
+        fpt = flops_per_token(cfg, n_params, seq_len)
         cfg_row["n_params_non_embedding"] = n_params
         losses = []
 
@@ -173,6 +174,7 @@ def bench_train_provider(name, model_name, batch, seq_len, device, dtype, warmup
         warm_s = time.perf_counter() - t0
         static = torch.cuda.memory_allocated() if device.type == "cuda" else None
         times = time_steps(step, steps, device)
+        med, p20, p80 = median_quantiles(times)
         peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else None
         last = float(losses[-1])
         if not math.isfinite(last):
@@ -180,9 +182,8 @@ def bench_train_provider(name, model_name, batch, seq_len, device, dtype, warmup
     except Unavailable as e:
         return make_row("train", "step", name, cfg_row, "fwd+bwd", f"skipped: {e}")
     except Exception as e:
-        oom = isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e).lower()
         return make_row("train", "step", name, cfg_row, "fwd+bwd",
-                        "failed: out of memory" if oom else f"failed: {reason_of(e)}")
+                        "failed: out of memory" if is_oom(e) else f"failed: {reason_of(e)}")
     finally:
         del model, run, opt
         import gc
@@ -192,7 +193,6 @@ def bench_train_provider(name, model_name, batch, seq_len, device, dtype, warmup
             torch.cuda.empty_cache()
         if "torch._dynamo" in sys.modules:  # importing dynamo just to reset it costs seconds
             torch._dynamo.reset()
-    med, p20, p80 = median_quantiles(times)
     tok_s = batch * seq_len / (med * 1e-3)
     row = make_row("train", "step", name, cfg_row, "fwd+bwd", ms=med, ms_p20=p20, ms_p80=p80,
                    tokens_per_s=tok_s, flops_per_token=fpt, tflops=fpt * tok_s / 1e12,

@@ -218,3 +218,9 @@ def note_if_interpreted(models, device):
         print("note: Triton kernels on the CPU run through Triton's interpreter, which checks "
               "parity but is orders of magnitude slower; --kernels reference is the fast CPU path",
               file=sys.stderr)
+
+
+def is_oom(e: BaseException) -> bool:
+    """Out of memory: CUDA raises torch.OutOfMemoryError; the CPU allocator a RuntimeError saying so."""
+    msg = str(e).lower()
+    return isinstance(e, torch.OutOfMemoryError) or "out of memory" in msg or "can't allocate memory" in msg

@@ -176,12 +176,6 @@ def _mem_gb(device) -> float:
     return peak / (1e9 if sys.platform == "darwin" else 1e6)
 
 
-def _is_oom(e: BaseException) -> bool:
-    """CUDA raises torch.OutOfMemoryError; the CPU allocator a RuntimeError that says so."""
-    msg = str(e).lower()
-    return isinstance(e, torch.OutOfMemoryError) or "out of memory" in msg or "can't allocate memory" in msg
-
-
 def _gpt_models(model):
     from tritongpt.model.gpt import GPTModel
 
@@ -479,7 +473,7 @@ class Trainer:
                     # each micro-batch loss / grad_accum: the summed gradients are the mean's
                     (loss / a.grad_accum).backward()
             except RuntimeError as e:
-                if not _is_oom(e):
+                if not common.is_oom(e):
                     raise
                 self.optimizer.zero_grad(set_to_none=True)
                 raise UserError(f"{self.name}: a micro-batch of {tuple(batch[0].shape)} tokens does not fit "
