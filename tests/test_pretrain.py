@@ -108,6 +108,7 @@ def test_model_vocab_follows_the_tokenizer_except_gpt2_with_gpt2():
     (["--batch-size", "0"], "batch-size"),
     (["--model", "gpt5"], "unknown model"),
     (["--block-size", "4096"], "longer than tiny's context length"),
+    (["--block-size", "0"], "--block-size must be positive"),
     (["--tokenizer", "/no/such/tok.json"], "tokenizer"),
     (["--text-field", "title", "--data", "JSONL"], "no field 'title'"),
 ])
@@ -145,3 +146,11 @@ def test_torchrun_two_cpu_processes_runs_the_real_cli(corpus, tmp_path):
     assert [p.name for p in common.Checkpointer(out).list()] == ["ckpt-0000003", "ckpt-0000006"]
     state = common.load_state(out / "ckpt-0000006")
     assert state["world_size"] == 2 and len(state["generator"]) == 2  # every rank's batch generator
+
+    # resumed under torchrun: still one report (rank 1 also knows the checkpoint it resumed from)
+    i = cmd.index("--max-steps")
+    cmd[i + 1] = "8"
+    done = subprocess.run(cmd + ["--resume"], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("done: 8 steps") == 1, done.stdout
+    assert [r["step"] for r in common.MetricsLog(out / "metrics.jsonl").rows() if "loss" in r] == list(range(1, 9))

@@ -12,7 +12,6 @@ Sources (`load_text`):
   "stdlib"        the standard library's .py files (first STDLIB_MAX_BYTES, in sorted walk order).
   a path          a text file, a folder of .txt files, or a .jsonl file with a text field.
 """
-import hashlib
 import json
 import os
 import sysconfig
@@ -23,6 +22,7 @@ import numpy as np
 import torch
 
 from tritongpt.errors import UserError
+from tritongpt.train.tokenizer import text_hash
 
 EOT = "<|endoftext|>"
 STDLIB_MAX_BYTES = 8 * 2**20
@@ -123,10 +123,6 @@ def token_dtype(vocab_size: int):
     return np.uint16 if vocab_size <= 2**16 else np.uint32
 
 
-def _sha256(text: str) -> str:
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()
-
-
 def _meta_matches(meta: dict, want: dict, bin_path: Path) -> bool:
     keys = ("format", "source_hash", "tokenizer_hash", "vocab_size", "dtype")
     if any(meta.get(k) != want[k] for k in keys):
@@ -167,7 +163,7 @@ def prepare_tokens(source, tokenizer, cache_dir=None, val_fraction: float = 0.1,
         raise UserError(f"val_fraction must be in [0, 1), got {val_fraction}")
     text = load_text(source) if not isinstance(source, dict) else load_text(**source)
     dtype = token_dtype(tokenizer.vocab_size)
-    want = {"format": META_FORMAT, "source_hash": _sha256(text), "tokenizer_hash": tokenizer.hash,
+    want = {"format": META_FORMAT, "source_hash": text_hash(text), "tokenizer_hash": tokenizer.hash,
             "vocab_size": tokenizer.vocab_size, "dtype": np.dtype(dtype).name}
     if cache_dir is None:
         from tritongpt.train.tokenizer import default_cache_dir

@@ -195,14 +195,12 @@ class _SafetensorsSaver:
 
 
 def _data_hooks(data_state):
-    """data_state: None, an object with state_dict()/load_state_dict(d), or a (get, set) pair."""
+    """data_state: None, or an object with state_dict()/load_state_dict(d)."""
     if data_state is None:
         return None, None
-    if isinstance(data_state, (tuple, list)) and len(data_state) == 2:
-        return data_state[0], data_state[1]
     if hasattr(data_state, "state_dict") and hasattr(data_state, "load_state_dict"):
         return data_state.state_dict, data_state.load_state_dict
-    raise TypeError("data_state must have state_dict()/load_state_dict(d) or be a (get, set) pair")
+    raise TypeError("data_state must have state_dict() and load_state_dict(d)")
 
 
 class Trainer:
@@ -213,9 +211,9 @@ class Trainer:
       batch_size * grad_accum * world_size.
     - eval_fn and sample_fn get the unwrapped model, on rank 0 only, under no_grad, eval()
       and autocast, with the training RNG forked (they never change the training run).
-    - data_state: None, an object with state_dict()/load_state_dict(d), or a (get, set) pair;
+    - data_state: None, or an object with state_dict()/load_state_dict(d);
       saved per rank in every checkpoint and handed back on --resume.
-    - fit() returns: step, loss (last), first_loss, losses (this call's), the last eval dict's
+    - fit() returns: is_main, step, loss (last), first_loss, losses (this call's), the last eval dict's
       keys, tok_per_s (mean after the first step), mfu, time_s, checkpoint, metrics_path, plot_path.
 
     Attributes set at construction: device, dtype, rank, world_size, is_main, raw_model
@@ -295,23 +293,15 @@ class Trainer:
         if self.is_main:
             model = self.raw_model if hasattr(self.raw_model, "save") else _SafetensorsSaver(self.raw_model)
             self.last_ckpt = self.checkpointer.save(self.step, model, state)
-            common.plot_curves(self.metrics.rows(), self.plot_path, keys=self._plot_keys(), title=self.name)
+            self._plot()
         return self.last_ckpt
 
     def resume(self, where) -> int:
         """Load weights, optimizer, RNGs, batch generator, data position and step."""
         from safetensors.torch import load_model
 
-        if where in (True, "latest", "auto"):
-            ckpt = self.checkpointer.latest()
-            if ckpt is None:
-                raise UserError(f"--resume: no checkpoint in {self.out_dir}")
-        else:
-            p = Path(where)
-            p = p.parent if p.is_file() else p  # model.safetensors or state.pt of a checkpoint
-            ckpt = p if (p / "state.pt").is_file() else common.Checkpointer(p).latest()
-            if ckpt is None:
-                raise UserError(f"--resume: no checkpoint found at {where}")
+        # a run folder (its newest checkpoint), a checkpoint folder, or a file inside one
+        ckpt = common.resolve_checkpoint(self.out_dir if where in (True, "latest", "auto") else where).parent
         state = common.load_state(ckpt)
         try:
             load_model(self.raw_model, str(ckpt / "model.safetensors"), device=str(self.device))
@@ -356,11 +346,13 @@ class Trainer:
         finally:
             self.raw_model.train(was)
 
-    def _plot_keys(self):
+    def _plot(self):
+        """loss.png: the training loss and every *loss column eval_fn logged (val_loss, ...)."""
+        rows = self.metrics.rows()
         keys = ["loss"]
-        for r in self.metrics.rows():
+        for r in rows:
             keys += [k for k in r if k.endswith("loss") and k not in keys]
-        return tuple(keys)
+        common.plot_curves(rows, self.plot_path, keys=tuple(keys), title=self.name)
 
     def _log(self, msg):
         if self.is_main:
@@ -422,9 +414,10 @@ class Trainer:
                     last_eval = self._evaluate(log=False)
                     row.update(last_eval)
                 self.metrics.log(**row)
+                # refresh=False: update() redraws, at most every mininterval, not every step
+                bar.set_postfix(loss=f"{loss_value:.3f}", lr=f"{row['lr']:.2e}", tok_s=f"{avg_tok_s:.0f}",
+                                mfu=self._mfu_text(self._mfu(avg_tok_s, self._seq_len)), refresh=False)
                 bar.update(1)
-                bar.set_postfix(loss=f"{loss_value:.3f}", lr=f"{row['lr']:.2e}",
-                                tok_s=f"{avg_tok_s:.0f}", mfu=self._mfu_text(self._mfu(avg_tok_s, self._seq_len)))
                 if a.log_every and (self.step % a.log_every == 0 or self.step == a.max_steps):
                     self._log(self._format(row))
                 if self.is_main and self.sample_fn and a.sample_every and self.step % a.sample_every == 0 \
@@ -442,11 +435,11 @@ class Trainer:
         if self.is_main and self.sample_fn:
             self._sample()
         if self.is_main:
-            common.plot_curves(self.metrics.rows(), self.plot_path, keys=self._plot_keys(), title=self.name)
+            self._plot()
         if self.ddp:
             dist.barrier()  # the others wait while rank 0 writes the last checkpoint
         tok_s = seen_tokens / seen_time if seen_time else None
-        return {"name": self.name, "step": self.step, "loss": loss_value,
+        return {"name": self.name, "is_main": self.is_main, "step": self.step, "loss": loss_value,
                 "first_loss": losses[0] if losses else None, "losses": losses,
                 **last_eval, "tok_per_s": tok_s,
                 "mfu": self._mfu(tok_s, self._seq_len) if tok_s and losses else None,
@@ -485,14 +478,15 @@ class Trainer:
             dist.all_reduce(loss_t, op=dist.ReduceOp.SUM)
             loss_t /= self.world_size
             tokens *= self.world_size
-        loss_value = loss_t.item()
+        max_norm = a.grad_clip if a.grad_clip > 0 else float("inf")
+        norm_t = torch.nn.utils.clip_grad_norm_(self.params, max_norm)
+        # one device-to-host sync for both numbers; nothing has touched the weights yet
+        loss_value, grad_norm = torch.stack([loss_t.float(), norm_t.float().to(loss_t.device)]).tolist()
         step = self.step + 1  # the step being taken, 1-based as logged
         if not math.isfinite(loss_value):
             self.optimizer.zero_grad(set_to_none=True)
             raise UserError(f"{self.name}: loss is {loss_value} at step {step}; stopped without "
                             f"saving (last good checkpoint: {self.last_ckpt or 'none'})")
-        max_norm = a.grad_clip if a.grad_clip > 0 else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm).item()
         if not math.isfinite(grad_norm):
             self.optimizer.zero_grad(set_to_none=True)
             raise UserError(f"{self.name}: gradient norm is {grad_norm} at step {step}; stopped "

@@ -85,7 +85,7 @@ def pretrain(args) -> dict:
         raise UserError(f"--dropout must be in [0, 1), got {args.dropout}")
     tok = get_tokenizer(args.tokenizer)
     cfg = get_config(args.model, vocab_size=model_vocab(args.model, tok, cfg.vocab_size), dropout=args.dropout)
-    block = args.block_size or cfg.context_length
+    block = cfg.context_length if args.block_size is None else args.block_size
     if block <= 0:
         raise UserError(f"--block-size must be positive, got {block}")
     if block > cfg.context_length:
@@ -125,9 +125,11 @@ def pretrain(args) -> dict:
                     "block_size": block, "tokenizer_hash": tok.hash}
 
         def load_state_dict(self, d):
-            if (d.get("train_tokens"), d.get("tokenizer_hash")) != (len(splits["train"]), tok.hash):
+            if (d.get("train_tokens"), d.get("tokenizer_hash"), d.get("block_size")) != \
+                    (len(splits["train"]), tok.hash, block):
                 print(f"note: resuming on different data than the checkpoint's ({d.get('source')}, "
-                      f"{d.get('train_tokens')} tokens): batches will differ", file=sys.stderr)
+                      f"{d.get('train_tokens')} tokens, block {d.get('block_size')}): batches will differ",
+                      file=sys.stderr)
 
     eval_fn = loss_eval_fn(loss_fn, get_eval_batch, targs.eval_batches, seed=targs.seed + 10_000)
     trainer = Trainer(model, targs, loss_fn, get_batch, eval_fn=eval_fn,
@@ -178,7 +180,7 @@ def pretrain(args) -> dict:
 
 def cmd_pretrain(args):
     r = pretrain(args)
-    if r.get("checkpoint") is None:  # a DDP rank other than 0
+    if not r["is_main"]:  # DDP: rank 0 reports
         return 0
 
     def fmt(x):

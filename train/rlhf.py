@@ -443,10 +443,7 @@ class RLHFTrainer:
     def resume(self, where):
         from safetensors.torch import load_model
 
-        p = Path(where) if where not in (True, "latest", "auto") else self.out_dir
-        ckpt = p if (p / "state.pt").is_file() else common.Checkpointer(p).latest()
-        if ckpt is None:
-            raise UserError(f"--resume: no checkpoint found at {p}")
+        ckpt = common.resolve_checkpoint(self.out_dir if where in (True, "latest", "auto") else where).parent
         state = common.load_state(ckpt)
         if state.get("name") != f"rlhf-{self.args.algo}":
             raise UserError(f"--resume: {ckpt} is not an rlhf --algo {self.args.algo} checkpoint")
@@ -500,8 +497,8 @@ class RLHFTrainer:
                     last_eval = self.evaluate()
                     row.update(last_eval)
                 self._log_row(row)
+                bar.set_postfix(reward=f"{row['reward']:.3f}", kl=f"{row['kl']:.3f}", refresh=False)
                 bar.update(1)
-                bar.set_postfix(reward=f"{row['reward']:.3f}", kl=f"{row['kl']:.3f}")
                 self._say(" | ".join([f"iter {row['step']:>6}"] + [
                     f"{k} {row[k]:.4f}" for k in ("reward", "kl", "entropy", "clip_frac", "value_loss",
                                                    "eval_reward") if k in row]))
