@@ -365,26 +365,3 @@ def dtype_from_name(name: str) -> torch.dtype:
 
 def dtype_name(dtype: torch.dtype) -> str:
     return {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}.get(dtype, str(dtype))
-
-
-# -- saved activations -----------------------------------------------------------------------------------
-def saved_activation_bytes(fn, exclude=()):
-    """Bytes of the tensors autograd saves for backward while fn() runs, each storage once.
-
-    Tensors sharing storage with anything in `exclude` (the parameters) do not count: they
-    live anyway. Works on any device, with custom autograd Functions too, because
-    save_for_backward goes through the same saved-tensor hooks.
-    """
-    skip = {t.untyped_storage().data_ptr() for t in exclude}
-    seen = {}
-
-    def pack(t):
-        st = t.untyped_storage()
-        ptr = st.data_ptr()
-        if ptr not in skip and ptr not in seen:
-            seen[ptr] = st.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = fn()
-    return int(sum(seen.values())), out

@@ -16,7 +16,8 @@ import torch.nn.functional as F
 
 from tritongpt.bench.common import (MODES, attention_flops, dtype_name, gbps, is_ok, layernorm_bytes,
                                     make_row, matmul_flops, mlp_flops, reason_of,
-                                    saved_activation_bytes, tflops, try_import)
+                                    tflops, try_import)
+from tritongpt.kernels._common import saved_tensor_bytes
 from tritongpt.train.common import is_oom
 
 
@@ -348,7 +349,7 @@ def mlp_saved_rows(cfg, builders, providers=None):
         try:
             forward, leaves = builders[name]()
             params = leaves[1:]  # leaves[0] is the input x, which does count
-            nbytes, y = saved_activation_bytes(forward, exclude=params)
+            nbytes, y = saved_tensor_bytes(forward, exclude=params)
             rows.append(make_row("kernels", "mlp", name, cfg, "saved", saved_bytes=nbytes,
                                  output_bytes=y.numel() * y.element_size()))
             del forward, leaves, y

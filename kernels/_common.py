@@ -3,18 +3,13 @@
 Kernels call these before launching, so that bad input gives a one-line ValueError /
 TypeError / RuntimeError naming the tensor, instead of a Triton crash or a wrong answer.
 """
-import os
-
 import torch
 import triton
 import triton.language as tl
 
+from tritongpt._env import triton_interpreting
+
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-
-
-def is_interpreting() -> bool:
-    """True when Triton runs kernels on the CPU through its interpreter (TRITON_INTERPRET=1)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def check_tensor(t, name: str, dtypes=FLOAT_DTYPES, device=None, ndim=None, shape=None):
@@ -33,36 +28,30 @@ def check_tensor(t, name: str, dtypes=FLOAT_DTYPES, device=None, ndim=None, shap
     return t
 
 
-def _same(attr: str, tensors: dict):
-    """(value, None) if every named tensor (None skipped) has the same `attr`, else the first
-    name and tensor and the first one that differs: (None, (name0, t0, name, t))."""
+def _first_mismatch(attr: str, tensors: dict):
+    """The first named tensor (None skipped) and the first other one whose `attr` differs, or None."""
     items = [(n, t) for n, t in tensors.items() if t is not None]
-    if not items:
-        return None, None
-    first_name, first = items[0]
     for name, t in items[1:]:
-        if getattr(t, attr) != getattr(first, attr):
-            return None, (first_name, first, name, t)
-    return getattr(first, attr), None
+        if getattr(t, attr) != getattr(items[0][1], attr):
+            return items[0], (name, t)
+    return None
 
 
 def check_same_device(**tensors):
-    """All named tensors (None entries skipped) must live on one device; returns that device."""
-    device, bad = _same("device", tensors)
+    """All named tensors (None entries skipped) must live on one device."""
+    bad = _first_mismatch("device", tensors)
     if bad:
-        n0, t0, n, t = bad
+        (n0, t0), (n, t) = bad
         raise ValueError(f"tensors on different devices: {n0} is on {t0.device}, {n} is on {t.device}")
-    return device
 
 
 def check_same_dtype(**tensors):
-    """All named tensors (None entries skipped) must share one dtype; returns it."""
-    dtype, bad = _same("dtype", tensors)
+    """All named tensors (None entries skipped) must share one dtype."""
+    bad = _first_mismatch("dtype", tensors)
     if bad:
-        n0, t0, n, t = bad
+        (n0, t0), (n, t) = bad
         raise TypeError(f"dtype mismatch: {n0} is {str(t0.dtype).replace('torch.', '')}, "
                         f"{n} is {str(t.dtype).replace('torch.', '')}")
-    return dtype
 
 
 def check_runnable(t, name: str = "input"):
@@ -70,7 +59,7 @@ def check_runnable(t, name: str = "input"):
     if t.device.type == "cuda":
         return
     if t.device.type == "cpu":
-        if not is_interpreting():
+        if not triton_interpreting():
             raise RuntimeError(
                 f"{name} is a CPU tensor but Triton's interpreter is off: set TRITON_INTERPRET=1 "
                 "before importing triton (or `import tritongpt` first)")
@@ -85,7 +74,7 @@ def fix_bf16_rounding(dtype) -> bool:
     zero), not round-to-nearest-even as the GPU does. Truncation doubles the error and biases it,
     which a 1e-2 bf16 parity bound notices; so under the interpreter we round first.
     """
-    return is_interpreting() and dtype == torch.bfloat16
+    return triton_interpreting() and dtype == torch.bfloat16
 
 
 @triton.jit
@@ -102,29 +91,22 @@ def round_for_bf16(x, ROUND: tl.constexpr):
     return x
 
 
-def cdiv(a: int, b: int) -> int:
-    return (a + b - 1) // b
-
-
-def next_power_of_2(n: int) -> int:
-    return 1 if n <= 1 else 1 << (n - 1).bit_length()
-
-
-def saved_tensor_bytes(fn, *args, exclude=()) -> int:
-    """Bytes of the tensors autograd saves for backward while running fn(*args).
+def saved_tensor_bytes(fn, *args, exclude=()):
+    """(bytes autograd saves for backward while running fn(*args), fn's output).
 
     Tensors sharing storage with one in `exclude` (e.g. weights, which live anyway) are not
     counted; each other storage is counted once, so views of one buffer are not double-counted.
+    Custom autograd Functions count too: save_for_backward goes through the same hooks.
     """
     skip = {t.untyped_storage().data_ptr() for t in exclude if t is not None}
     seen = {}
 
     def pack(t):
-        ptr = t.untyped_storage().data_ptr()
-        if ptr not in skip:
-            seen[ptr] = max(seen.get(ptr, 0), t.untyped_storage().nbytes())
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in skip:
+            seen[storage.data_ptr()] = storage.nbytes()
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn(*args)
-    return sum(seen.values())
+        out = fn(*args)
+    return int(sum(seen.values())), out

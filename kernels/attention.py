@@ -38,13 +38,13 @@ import torch
 import triton
 import triton.language as tl
 
-from tritongpt.kernels._common import (check_runnable, check_same_device, check_same_dtype,
-                                       check_tensor, is_interpreting)
+from tritongpt._env import triton_interpreting
+from tritongpt.kernels._common import check_runnable, check_same_device, check_same_dtype, check_tensor
 
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 80, 96, 128)  # 16: tiny models; tl.dot needs K >= 16
 LOG2E = 1.4426950408889634  # kernels work in base 2: exp(x) = exp2(x * log2(e)), exp2 is one MUFU op
 
-INTERPRET = is_interpreting()
+INTERPRET = triton_interpreting()
 # The interpreter costs ~5 ms per program instance and would time every autotune config, so
 # on CPU use one small fixed tile: enough tiles per head that block skipping and ragged edges
 # are exercised by tests at lengths of a few dozen.

@@ -28,9 +28,9 @@ import torch
 import triton
 import triton.language as tl
 
-from tritongpt.kernels._common import (cdiv, check_runnable, check_same_device,
-                                       check_tensor, fix_bf16_rounding, is_interpreting,
-                                       next_power_of_2, round_for_bf16)
+from tritongpt._env import triton_interpreting
+from tritongpt.kernels._common import (check_runnable, check_same_device, check_same_dtype, check_tensor,
+                                       fix_bf16_rounding, round_for_bf16)
 
 MAX_WIDTH = 8192  # one row must fit in one tile (registers/SRAM); wider rows are rejected
 
@@ -111,22 +111,22 @@ def _sm_count(device: torch.device) -> int:
 
 def _launch_shape(M: int, N: int, backward: bool, device: torch.device):
     """(n_programs, rows_per_prog, BLOCK_M, BLOCK_N, num_warps) for an [M, N] problem."""
-    BLOCK_N = next_power_of_2(N)
-    if is_interpreting():
+    BLOCK_N = triton.next_power_of_2(N)
+    if triton_interpreting():
         # The interpreter pays per program and per op, not per element: few programs, big tiles.
         BLOCK_M = max(1, min(64, 16384 // BLOCK_N))
-        n_prog = min(cdiv(M, BLOCK_M), 16)
+        n_prog = min(triton.cdiv(M, BLOCK_M), 16)
         num_warps = 1
     else:
         # ~4K elements per step keeps each thread at <= 16-32 fp32 values per tensor at 8 warps.
         BLOCK_M = max(1, min(16, 4096 // BLOCK_N))
         sms = _sm_count(device)
         # backward: fewer programs = fewer partial dW/dB rows to reduce; forward: more, to hide latency.
-        n_prog = min(cdiv(M, BLOCK_M), sms * (2 if backward else 8))
+        n_prog = min(triton.cdiv(M, BLOCK_M), sms * (2 if backward else 8))
         num_warps = min(max(BLOCK_M * BLOCK_N // 512, 1), 8)
     n_prog = max(n_prog, 1)
-    rows_per_prog = cdiv(cdiv(M, n_prog), BLOCK_M) * BLOCK_M
-    n_prog = max(cdiv(M, rows_per_prog), 1)
+    rows_per_prog = triton.cdiv(triton.cdiv(M, n_prog), BLOCK_M) * BLOCK_M
+    n_prog = max(triton.cdiv(M, rows_per_prog), 1)
     return n_prog, rows_per_prog, BLOCK_M, BLOCK_N, num_warps
 
 
@@ -215,8 +215,7 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
     check_tensor(weight, "weight", shape=(N,))
     if bias is not None:
         check_tensor(bias, "bias", shape=(N,))
-        if bias.dtype != weight.dtype:
-            raise TypeError(f"bias dtype {bias.dtype} differs from weight dtype {weight.dtype}")
+    check_same_dtype(weight=weight, bias=bias)
     check_same_device(x=x, weight=weight, bias=bias)
     if N == 0 or N > MAX_WIDTH:
         raise ValueError(f"layer_norm: last dim of x is {N}; the Triton kernel supports 1..{MAX_WIDTH}")

@@ -16,7 +16,7 @@ small fused prologue/epilogue:
             dW1 = dh.T @ x,  dx = dh @ w1,  db1 = sum(dh),  db2 = sum(dy)
 
 So only x and h are saved for backward: x plus ONE [M, H] tensor, where the eager reference
-keeps x plus FIVE (h, tanh(z), 0.5 h, 1 + tanh(z), a) -- measured with saved_activation_bytes()
+keeps x plus FIVE (h, tanh(z), 0.5 h, 1 + tanh(z), a) -- measured with _common.saved_tensor_bytes()
 in tests/test_mlp.py.
 Math is fp32 (accumulator and GELU); fp32 inputs use IEEE products (no TF32) so fp32 parity
 holds; bf16/fp16 use tensor cores with fp32 accumulation.
@@ -35,9 +35,9 @@ import torch
 import triton
 import triton.language as tl
 
-from tritongpt.kernels._common import (cdiv, check_runnable, check_same_device,
-                                       check_same_dtype, check_tensor, fix_bf16_rounding,
-                                       is_interpreting, round_for_bf16, saved_tensor_bytes)
+from tritongpt._env import triton_interpreting
+from tritongpt.kernels._common import (check_runnable, check_same_device, check_same_dtype, check_tensor,
+                                       fix_bf16_rounding, round_for_bf16)
 
 # Epilogue modes of the matmul kernel.
 EPI_NONE = 0       # C = A @ B (+ bias)
@@ -69,7 +69,7 @@ def _gelu_grad(h):
 
 
 def _matmul_configs():
-    if is_interpreting():
+    if triton_interpreting():
         # The interpreter costs per program and per tl.dot: one fixed, mid-sized tile (autotune
         # would run every config).
         return [triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 4},
@@ -168,9 +168,9 @@ def _matmul(a, b, bias=None, epilogue=EPI_NONE, aux=None, b_gelu=False):
     # Triton 3.8's interpreter multiplies bf16 tiles as their raw uint16 bits (numpy has no
     # bf16), so there we widen bf16 tiles to fp32 before tl.dot. That is exact: the GPU's bf16
     # tensor-core products are exact in fp32 too, and both accumulate in fp32.
-    upcast = is_interpreting() and a.dtype == torch.bfloat16
+    upcast = triton_interpreting() and a.dtype == torch.bfloat16
     x = h if h is not None else (aux if aux is not None else c)  # Hout / Aux share a layout
-    grid = lambda meta: (cdiv(M, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"]),)
+    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
     _matmul_kernel[grid](
         a, b, c, bias if bias is not None else c, x, x, M, N, K,
         a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0), c.stride(1),
@@ -215,8 +215,9 @@ def _gelu_mlp_bwd(dy: torch.Tensor, x: torch.Tensor, h: torch.Tensor, w1: torch.
 
 @_gelu_mlp_bwd.register_fake
 def _(dy, x, h, w1, w2):
-    return (torch.empty_like(x), torch.empty_like(w1), w1.new_empty(w1.shape[0]),
-            torch.empty_like(w2), w2.new_empty(w2.shape[0]))
+    # new_empty, not empty_like: the real op returns fresh contiguous tensors whatever x's strides
+    return (x.new_empty(x.shape), w1.new_empty(w1.shape), w1.new_empty(w1.shape[0]),
+            w2.new_empty(w2.shape), w2.new_empty(w2.shape[0]))
 
 
 class GeluMLPFunction(torch.autograd.Function):
@@ -270,10 +271,4 @@ def gelu_mlp(x: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.Tensor], w2: 
     return GeluMLPFunction.apply(x, w1, b1, w2, b2)
 
 
-def saved_activation_bytes(fn, *args, exclude=()) -> int:
-    """Bytes autograd saves for backward when running fn(*args), not counting `exclude` tensors
-    (pass the weights: both the reference and the kernel keep them, and they live anyway)."""
-    return saved_tensor_bytes(fn, *args, exclude=exclude)
-
-
-__all__ = ["gelu_mlp", "GeluMLPFunction", "saved_activation_bytes"]
+__all__ = ["gelu_mlp", "GeluMLPFunction"]

@@ -114,8 +114,7 @@ def test_fp32_kv_cache_slices(Tq, Tk, device):
     got = grads(flash_attention, torch.float32)
     ref = grads(reference_attention, torch.float64)
     for name, g_, r in zip(("out", "dq", "dcache_k", "dcache_v"), got, ref):
-        if name.startswith("dcache"):
-            assert not g_[:, :, Tk:].any(), f"{name}: gradient leaked past Tk"
+        if name.startswith("dcache"):  # past Tk autograd's slice backward fills zeros, not the kernel
             g_, r = g_[:, :, :Tk], r[:, :, :Tk]
         if name == "dq":
             g_, r = g_.transpose(1, 2), r.transpose(1, 2)
@@ -137,7 +136,7 @@ def test_backward_of_sum_zero_stride_grad(device):
     q, k, v = make_qkv(1, 2, 20, 20, 32, torch.float32, device, seed=4)
     leaves = [t.clone().requires_grad_() for t in (q, k, v)]
     flash_attention(*leaves).sum().backward()
-    ref = reference_grads(q, k, v, torch.ones(1, 2, 20, 32))
+    ref = reference_grads(q, k, v, torch.ones(1, 2, 20, 32, device=q.device))
     for name, g, r in zip(NAMES[1:], [t.grad for t in leaves], ref[1:]):
         assert_close_rel(g, r, 1e-4, f"sum-backward {name}")
 
@@ -174,7 +173,7 @@ def test_dropout_matches_reference_with_rebuilt_mask(device):
     got = run_grads(lambda a, b, c: flash_attention(a, b, c, dropout_p=p, seed=seed), q, k, v, do)
     keep = dropout_mask(seed, B, H, Tq, Tk, p, device)
     assert keep.dtype == torch.bool and keep.shape == (B, H, Tq, Tk)
-    ref = reference_grads(q, k, v, do, keep=keep.cpu(), dropout_p=p)
+    ref = reference_grads(q, k, v, do, keep=keep, dropout_p=p)
     for name, g, r in zip(NAMES, got, ref):
         assert_close_rel(g, r, 1e-4, f"dropout {name}")
     # The mask really bites: without it the output is far from the kernel's.

@@ -12,7 +12,8 @@ from hypothesis import strategies as st
 
 from parity import assert_close_rel, report
 from tritongpt.kernels.layernorm import layer_norm
-from tritongpt.kernels.mlp import gelu_mlp, saved_activation_bytes
+from tritongpt.kernels._common import saved_tensor_bytes
+from tritongpt.kernels.mlp import gelu_mlp
 from tritongpt.model.layers import FeedForward
 
 TOL = {torch.float32: 1e-4, torch.bfloat16: 1e-2, torch.float16: 1e-2}
@@ -160,16 +161,16 @@ def test_saves_less_activation_memory(device):
     M, C, H = 16, 32, 128
     x, w1, b1, w2, b2 = make(M, C, H, torch.float32, device, gen)
     weights = (w1, b1, w2, b2)
-    ref_bytes = saved_activation_bytes(ref_mlp, x, *weights, exclude=weights)
-    ours = saved_activation_bytes(gelu_mlp, x, *weights, exclude=weights)
+    ref_bytes, _ = saved_tensor_bytes(ref_mlp, x, *weights, exclude=weights)
+    ours, _ = saved_tensor_bytes(gelu_mlp, x, *weights, exclude=weights)
     expected = (M * C + M * H) * 4  # x and h, fp32
     print(f"saved activations: reference {ref_bytes} B, gelu_mlp {ours} B")
     assert ours == expected
     assert ref_bytes >= expected + 3 * M * H * 4  # reference keeps >= 3 more [M, H] tensors
     ff = FeedForward(C, dropout=0.0).to(device)
-    ff_bytes = saved_activation_bytes(ff, x, exclude=tuple(ff.parameters()))
+    ff_bytes, _ = saved_tensor_bytes(ff, x, exclude=tuple(ff.parameters()))
     ff.use_triton = True
-    assert saved_activation_bytes(ff, x, exclude=tuple(ff.parameters())) == expected < ff_bytes
+    assert saved_tensor_bytes(ff, x, exclude=tuple(ff.parameters()))[0] == expected < ff_bytes
 
 
 # -- bad input: one clear error, never a wrong answer ------------------------------------------

@@ -66,12 +66,12 @@ def test_greedy_decode_with_kv_cache_same_tokens_on_both_paths(device):
 
 
 @pytest.mark.cuda
-def test_gpt2_shaped_stack_triton_matches_reference_on_gpu():
+def test_gpt2_shaped_stack_triton_matches_reference_on_gpu(monkeypatch):
     torch.manual_seed(2)
     cfg = GPTConfig(vocab_size=50257, context_length=1024, n_embd=768, n_layer=2, n_head=12)
     model = _randomize(GPTModel(cfg)).cuda()
     idx = torch.randint(0, 50257, (2, 1000), device="cuda")
     targets = torch.randint(0, 50257, (2, 1000), device="cuda")
-    # fp32 weights; the Triton matmuls use ieee fp32 dots, cuBLAS may use TF32: loosen a little
-    torch.backends.cuda.matmul.allow_tf32 = False
+    # fp32 weights: the Triton matmuls use ieee fp32 dots, so the reference must not use TF32
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     _compare_paths(model, idx, targets, 1e-4)
