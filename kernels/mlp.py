@@ -84,9 +84,17 @@ def _matmul_configs():
     ]
 
 
-@triton.autotune(configs=_matmul_configs(), key=["M", "N", "K", "EPILOGUE", "B_GELU", "HAS_BIAS"])
+def _bucket(n: int) -> int:
+    """Autotune key for a size that follows the token count (M forward, K in dW = dy^T h):
+    the next power of two, capped, so a new batch or prompt length does not re-run the search."""
+    return min(triton.next_power_of_2(n), 16384)
+
+
+# M_BUCKET / K_BUCKET stand in for M and K in the key (the token count varies step to step);
+# N is a model width and stays exact.
+@triton.autotune(configs=_matmul_configs(), key=["M_BUCKET", "N", "K_BUCKET", "EPILOGUE", "B_GELU", "HAS_BIAS"])
 @triton.jit
-def _matmul_kernel(A, B, C, Bias, Aux, Hout, M, N, K,
+def _matmul_kernel(A, B, C, Bias, Aux, Hout, M, N, K, M_BUCKET, K_BUCKET,
                    stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn,
                    stride_xm, stride_xn,
                    HAS_BIAS: tl.constexpr, B_GELU: tl.constexpr, EPILOGUE: tl.constexpr,
@@ -172,7 +180,7 @@ def _matmul(a, b, bias=None, epilogue=EPI_NONE, aux=None, b_gelu=False):
     x = h if h is not None else (aux if aux is not None else c)  # Hout / Aux share a layout
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
     _matmul_kernel[grid](
-        a, b, c, bias if bias is not None else c, x, x, M, N, K,
+        a, b, c, bias if bias is not None else c, x, x, M, N, K, _bucket(M), _bucket(K),
         a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0), c.stride(1),
         x.stride(0), x.stride(1),
         HAS_BIAS=bias is not None, B_GELU=b_gelu, EPILOGUE=epilogue,
