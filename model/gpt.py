@@ -89,6 +89,16 @@ class GPTModel(nn.Module):
         self.config.kernels = spec_string(names)
         return self
 
+    def set_dropout(self, p: float):
+        """Change every dropout rate (embeddings, attention weights, residual, MLP) and the config's."""
+        for m in self.modules():
+            if isinstance(m, nn.Dropout):
+                m.p = p
+            elif isinstance(m, MultiHeadAttention):
+                m.dropout = p  # the Triton path's in-kernel attention dropout
+        self.config.dropout = p
+        return self
+
     # -- forward ----------------------------------------------------------------------------
     def hidden(self, idx, cache: KVCache | None = None):
         """Final-LayerNorm hidden states [B, T, C] (what the LM, value and reward heads read)."""

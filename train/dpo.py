@@ -110,17 +110,20 @@ def train_dpo(policy, ref, tokenizer, train_pairs, val_pairs, args, beta: float 
     ref = ref.to(device).eval().requires_grad_(False)
     if args.kernels is not None:
         ref.set_kernels(args.kernels)
+    # The reference log-probs are cached dropout-free (eval); the policy's must match, or the
+    # margins start biased away from 0. (RLHF does the same by keeping its policy in eval.)
+    policy.set_dropout(0.0)
     train_enc = encode_pairs(train_pairs, tokenizer, ctx, "training pairs")
     train = DPOData(train_enc, reference_logprobs(ref, train_enc, pad, device, dtype), pad)
     val = None
     if val_pairs:
         val_enc = encode_pairs(val_pairs, tokenizer, ctx, "held-out pairs")
         val = DPOData(val_enc, reference_logprobs(ref, val_enc, pad, device, dtype), pad)
+    ref.cpu()  # its log-probs are cached: free the accelerator's memory for the policy
 
-    def get_batch(split, generator):
-        data = train if split == "train" or val is None else val
-        rows = torch.randint(len(data), (args.batch_size,), generator=generator).tolist()
-        return data.batch(rows)
+    def get_batch(split, generator):  # the Trainer draws training batches only
+        rows = torch.randint(len(train), (args.batch_size,), generator=generator).tolist()
+        return train.batch(rows)
 
     def eval_fn(model):
         out = {}

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from tritongpt.errors import UserError
-from tritongpt.train.sft import encode_text, format_prompt, read_json_records
+from tritongpt.train.sft import encode_text, format_prompt, read_json_records, split_by_prompt
 
 
 @dataclass
@@ -114,24 +114,18 @@ def load_preferences(source=None, n: int = 2000, seed: int = 0, template=None) -
 
 def train_val_pairs(source=None, n: int = 2000, val_fraction: float = 0.1, seed: int = 0, template=None):
     """(train, held-out) pairs. Embedded: n pairs from the task's train split and
-    round(n * val_fraction) from its val split (disjoint prompts); a file: a seeded random split."""
+    round(n * val_fraction) from its val split (disjoint prompts); a file: split by prompt hash."""
     if is_embedded(source):
         n_val = round(n * val_fraction)
         return (task_preferences(n, seed, template, "train"),
                 task_preferences(n_val, seed, template, "val") if n_val else [])
-    return split_pairs(read_preference_file(source, template), val_fraction, seed)
+    return split_pairs(read_preference_file(source, template), val_fraction)
 
 
-def split_pairs(pairs: list, val_fraction: float, seed: int = 0):
-    """Shuffle once with a fixed seed, hold out val_fraction (at least one item when possible)."""
-    if not 0.0 <= val_fraction < 1.0:
-        raise UserError(f"val_fraction must be in [0, 1), got {val_fraction}")
-    order = list(range(len(pairs)))
-    random.Random(seed).shuffle(order)
-    n_val = min(len(pairs) - 1, max(1, round(len(pairs) * val_fraction))) if val_fraction > 0 else 0
-    val = [pairs[i] for i in order[:n_val]]
-    train = [pairs[i] for i in order[n_val:]]
-    return train, val
+def split_pairs(pairs: list, val_fraction: float):
+    """Held-out pairs by the hash of their prompt, as SFT splits records: a prompt with
+    several pairs never has some in training and others held out."""
+    return split_by_prompt(pairs, val_fraction, lambda p: p.prompt)
 
 
 # -- tokens ---------------------------------------------------------------------------------------

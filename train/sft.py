@@ -110,18 +110,24 @@ def read_records(path) -> list:
     return [validate_record(rec, where) for where, rec in read_json_records(path)]
 
 
-def split_records(records, val_fraction: float):
-    """(train, val) by the hash of each prompt: deterministic, and a prompt never lands in both."""
+def split_by_prompt(items, val_fraction: float, prompt_of):
+    """(train, val) by the hash of each item's prompt: deterministic, and a prompt never lands
+    in both (several records or preference pairs may share one). A small file with more than
+    one prompt still holds one prompt out."""
     if not 0.0 <= val_fraction < 1.0:
         raise UserError(f"--val-fraction must be in [0, 1), got {val_fraction}")
-    u = [tasks.prompt_hash(r) for r in records]
-    val_idx = {i for i, x in enumerate(u) if x < val_fraction}
-    if val_fraction > 0 and not val_idx and len(records) > 1:
-        val_idx = {min(range(len(records)), key=u.__getitem__)}
-    keys = {(records[i]["instruction"], records[i]["input"]) for i in val_idx}
-    train = [r for r in records if (r["instruction"], r["input"]) not in keys]
-    val = [r for i, r in enumerate(records) if i in val_idx]
-    return train, val
+    keys = [prompt_of(x) for x in items]
+    u = {k: tasks.unit_hash(k) for k in keys}
+    held = {k for k, x in u.items() if x < val_fraction}
+    if val_fraction > 0 and not held and len(u) > 1:
+        held = {min(u, key=u.get)}
+    return ([x for x, k in zip(items, keys) if k not in held],
+            [x for x, k in zip(items, keys) if k in held])
+
+
+def split_records(records, val_fraction: float):
+    """SFT records split by prompt (instruction + input)."""
+    return split_by_prompt(records, val_fraction, tasks.prompt_key)
 
 
 def task_splits(n_train: int, n_eval: int, seed: int = 0, families=None):

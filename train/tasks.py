@@ -142,10 +142,18 @@ def parse_families(spec) -> tuple:
 
 
 # -- splits, generation, checking ------------------------------------------------------------------
+def unit_hash(text: str) -> float:
+    """A number in [0, 1) fixed by the text: same text, same number, on every machine."""
+    return int.from_bytes(hashlib.sha256(text.encode("utf-8")).digest()[:8], "big") / 2**64
+
+
+def prompt_key(record) -> str:
+    return f"{record['instruction']}\n{record.get('input', '')}"
+
+
 def prompt_hash(record) -> float:
     """A number in [0, 1) fixed by the prompt (instruction + input): same prompt, same number."""
-    key = f"{record['instruction']}\n{record.get('input', '')}".encode("utf-8")
-    return int.from_bytes(hashlib.sha256(key).digest()[:8], "big") / 2**64
+    return unit_hash(prompt_key(record))
 
 
 def split_of(record) -> str:
