@@ -20,8 +20,8 @@ from tritongpt.model.config import GPTConfig
 from tritongpt.model.gpt import GPTModel
 from tritongpt.train.common import MetricsLog
 from tritongpt.train.loop import TrainArgs
-from tritongpt.train.preference import (PreferencePair, encode_pairs, load_preferences, pair_batch,
-                                        read_preference_file, split_pairs, task_preferences)
+from tritongpt.train.preference import (PreferencePair, encode_pairs, pair_batch,
+                                        read_preference_file, split_pairs, task_preferences, train_val_pairs)
 from tritongpt.train.reward import RewardModel, pairwise_metrics, train_reward_model
 from tritongpt.train.rlhf import RLArgs, RLHFTrainer, gae, group_advantages
 
@@ -130,7 +130,7 @@ def test_preference_files_and_errors(tmp_path):
     for name in ("p.jsonl", "p.json"):
         pairs = read_preference_file(tmp_path / name, template=compact_template)
         assert pairs == [PreferencePair("2+2=", "4", "5"), PreferencePair("Add 2 2\n=", "4", "22")]
-    assert load_preferences(str(tmp_path / "p.json"), template=compact_template) == pairs
+    assert train_val_pairs(str(tmp_path / "p.json"), val_fraction=0.0, template=compact_template) == (pairs, [])
     # several pairs per prompt: a prompt is wholly in training or wholly held out
     many = [PreferencePair(f"q{i % 7}", f"good {i}", f"bad {i}") for i in range(40)]
     train, val = split_pairs(many, 0.3)

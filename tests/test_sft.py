@@ -13,6 +13,7 @@ from tritongpt.model.gpt import GPTModel, lm_loss
 from tritongpt.train import sft, tasks
 from tritongpt.train.loop import TrainArgs, Trainer
 from tritongpt.train.sft import Example, collate, format_prompt
+from tritongpt.train.tokenizer import saved_tokenizer_path
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -367,7 +368,7 @@ def test_cli_runs_on_a_data_file(tmp_path, capsys):
     assert any("test_exact_match" in m for m in metrics)
     assert (out / "tokenizer.json").is_file() and (out / "ckpt-0000002" / "model.safetensors").is_file()
     # the fine-tuned run is itself a valid --init (its tokenizer is found next to it)
-    assert sft.saved_tokenizer_path(str(out)) == out / "tokenizer.json"
+    assert saved_tokenizer_path(str(out)) == out / "tokenizer.json"
 
     assert main(["sft", "--init", str(tmp_path / "nowhere"), "--out-dir", str(out)]) == 2
     assert "no checkpoint there" in capsys.readouterr().err

@@ -56,6 +56,26 @@ def _infer_config(sd: dict, path: Path, model_name: str | None) -> GPTConfig:
                      or torch.equal(sd["lm_head.weight"], sd["wte.weight"]))
 
 
+def is_hf_file(path) -> bool:
+    """A .safetensors file not written by tritongpt (ours carry format=tritongpt and the config)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+    return meta.get("format") != "tritongpt" or "config" not in meta
+
+
+def load_checkpoint(path, model_name: str | None = None) -> GPTModel:
+    """A tritongpt checkpoint (file, checkpoint folder or run folder: its newest) or a Hugging
+    Face GPT-2 model.safetensors (model_name picks the preset when the shapes do not)."""
+    from tritongpt.train.common import resolve_checkpoint
+
+    path = resolve_checkpoint(path)
+    if str(path).endswith(".safetensors") and is_hf_file(path):
+        return load_gpt2_safetensors(path, model_name)
+    return GPTModel.load(path)
+
+
 def load_gpt2_safetensors(path, model_name: str | None = None) -> GPTModel:
     """GPTModel with the weights of a Hugging Face GPT-2 model.safetensors."""
     path = Path(path)

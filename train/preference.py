@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from tritongpt.errors import UserError
+from tritongpt.train import tasks
 from tritongpt.train.sft import encode_text, format_prompt, read_json_records, split_by_prompt
 
 
@@ -31,23 +32,6 @@ class PreferencePair:
     prompt: str    # already formatted (template applied)
     chosen: str
     rejected: str
-
-
-# -- the prompt template and the task set (owned by the SFT engineer) ------------------------
-def default_template():
-    """SFT's prompt template: format_prompt(record) -> text that ends where the response starts."""
-    return format_prompt
-
-
-def _task_module():
-    from tritongpt.train import tasks
-
-    return tasks
-
-
-def task_records(n: int, seed: int = 0, split: str = "train", families=None) -> list[dict]:
-    """n records {"instruction", "input", "output", "task"} of a split of the verifiable tasks."""
-    return list(_task_module().generate_tasks(n, seed=seed, split=split, families=families))
 
 
 # -- reading records -----------------------------------------------------------------------------
@@ -70,7 +54,7 @@ def _record_to_pair(rec, where: str, template) -> PreferencePair:
             raise UserError(f"{where}: field 'instruction' must be a non-empty string")
         if not isinstance(rec.get("input", ""), str):
             raise UserError(f"{where}: field 'input' must be a string")
-        prompt = (template or default_template())(rec)
+        prompt = (template or format_prompt)(rec)
     else:
         raise UserError(f"{where}: needs a 'prompt' or an 'instruction' field")
     return PreferencePair(prompt, rec["chosen"], rec["rejected"])
@@ -89,11 +73,10 @@ def task_preferences(n: int = 2000, seed: int = 0, template=None, split: str = "
     The task set assigns every prompt to train, val or test by its hash, so pairs of
     different splits never share a prompt (nor do they with SFT's training split).
     """
-    tasks = _task_module()
-    template = template or default_template()
+    template = template or format_prompt
     rng = random.Random(f"preference:{seed}:{split}")
     pairs = []
-    for rec in task_records(n, seed, split, families):
+    for rec in tasks.generate_tasks(n, seed=seed, split=split, families=families):
         wrong = tasks.wrong_answer(rec, rng)
         if tasks.exact_match(wrong, rec["output"]):
             continue  # the generator could not find a wrong answer for this record
@@ -103,13 +86,6 @@ def task_preferences(n: int = 2000, seed: int = 0, template=None, split: str = "
 
 def is_embedded(source) -> bool:
     return source in (None, "", "tasks", "default")
-
-
-def load_preferences(source=None, n: int = 2000, seed: int = 0, template=None) -> list[PreferencePair]:
-    """None / "tasks" -> the embedded task pairs (train split); otherwise a JSON/JSONL file path."""
-    if is_embedded(source):
-        return task_preferences(n, seed, template)
-    return read_preference_file(source, template)
 
 
 def train_val_pairs(source=None, n: int = 2000, val_fraction: float = 0.1, seed: int = 0, template=None):

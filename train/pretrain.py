@@ -76,7 +76,7 @@ def pretrain(args) -> dict:
     from tritongpt.train import common, data
     from tritongpt.train.generate import generate
     from tritongpt.train.loop import TrainArgs, Trainer, loss_eval_fn
-    from tritongpt.train.tokenizer import get_tokenizer
+    from tritongpt.train.tokenizer import RUN_TOKENIZER, get_tokenizer, save_run_tokenizer
 
     targs = TrainArgs.from_namespace(args)
     targs.validate()
@@ -163,7 +163,7 @@ def pretrain(args) -> dict:
     if trainer.is_main:
         out = Path(targs.out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        tok.save(out / "tokenizer.json")
+        save_run_tokenizer(tok, out)
         kernels = model.config.kernels
         print(f"pretrain: {args.model} ({n_params / 1e6:.2f}M params, vocab {cfg.vocab_size}, context {block}) "
               f"on {trainer.device} ({str(trainer.dtype).replace('torch.', '')}, kernels {kernels}"
@@ -174,7 +174,7 @@ def pretrain(args) -> dict:
     result = trainer.fit()
     vals = [r["val_loss"] for r in trainer.metrics.rows() if "val_loss" in r]
     result.update(first_val_loss=vals[0] if vals else None, n_params=n_params, train_tokens=n_train,
-                  val_tokens=n_val, tokenizer_path=str(Path(targs.out_dir) / "tokenizer.json"))
+                  val_tokens=n_val, tokenizer_path=str(Path(targs.out_dir) / RUN_TOKENIZER))
     return result
 
 
@@ -191,8 +191,7 @@ def cmd_pretrain(args):
           f"val loss {fmt(r['first_val_loss'])} -> {fmt(r.get('val_loss'))}; "
           f"{'-' if r['tok_per_s'] is None else format(r['tok_per_s'], ',.0f')} tok/s")
     print(f"wrote {r['metrics_path']}, {r['plot_path']}, {r['checkpoint']}")
-    print(f"try: tritongpt generate --weights {Path(r['checkpoint']).parent} "
-          f"--tokenizer {r['tokenizer_path']} --prompt \"The\"")
+    print(f"try: tritongpt generate --weights {Path(r['checkpoint']).parent} --prompt \"The\"")
     return 0
 
 

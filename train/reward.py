@@ -85,13 +85,6 @@ class RewardModel(nn.Module):
             model.set_kernels(kernels)
         return model
 
-    @classmethod
-    def from_sft(cls, path, map_location="cpu") -> "RewardModel":
-        """Backbone from an SFT (or pretrain) checkpoint, fresh head."""
-        from tritongpt.train.common import resolve_checkpoint
-
-        return cls(GPTModel.load(resolve_checkpoint(path), map_location))
-
 
 def bradley_terry_loss(r_chosen, r_rejected):
     """-log sigmoid(r_chosen - r_rejected), averaged over pairs."""
@@ -124,12 +117,12 @@ def pairwise_metrics(model, encoded, pad_id: int, batch_size: int = 32) -> dict:
     return {"acc": correct / n, "loss": loss / n, "margin": margin / n}
 
 
-def make_get_batch(train, val, batch_size: int, pad_id: int):
-    """get_batch(split, generator) for the Trainer: batch_size random pairs, chosen rows first."""
+def make_get_batch(train, batch_size: int, pad_id: int):
+    """get_batch(split, generator) for the Trainer (which draws training batches only):
+    batch_size random pairs, chosen rows first."""
     def get_batch(split, generator):
-        data = train if split == "train" else val
-        pick = torch.randint(len(data), (batch_size,), generator=generator).tolist()
-        idx, lengths, _ = pair_batch([data[i] for i in pick], pad_id)
+        pick = torch.randint(len(train), (batch_size,), generator=generator).tolist()
+        idx, lengths, _ = pair_batch([train[i] for i in pick], pad_id)
         return idx, lengths
 
     return get_batch
@@ -157,7 +150,7 @@ def train_reward_model(model: RewardModel, tokenizer, train_pairs, val_pairs, ar
         out.update(train_acc=t["acc"])
         return out
 
-    trainer = Trainer(model, args, reward_loss_fn, make_get_batch(train, val or train, args.batch_size, pad),
+    trainer = Trainer(model, args, reward_loss_fn, make_get_batch(train, args.batch_size, pad),
                       eval_fn=eval_fn, name="reward")
     result = trainer.fit()
     if trainer.is_main:  # loss.png has the losses; accuracy gets its own plot
@@ -181,29 +174,6 @@ def build_backbone(args):
     print(f"note: no --init checkpoint: the backbone is a randomly initialised {args.model} "
           "(pass --init with an SFT run for a useful model)", file=sys.stderr)
     return GPTModel(get_config(args.model, vocab_size=args.vocab_size))
-
-
-def load_tokenizer(args, model_cfg):
-    """--tokenizer, else the one saved with the --init run (as SFT picks it), else by vocab size."""
-    if args.init:
-        from tritongpt.train.sft import pick_tokenizer
-
-        return pick_tokenizer(args.tokenizer, args.init, model_cfg.vocab_size)
-    from tritongpt.train.tokenizer import get_tokenizer
-
-    tok = get_tokenizer(args.tokenizer or ("gpt2" if model_cfg.vocab_size == 50257 else "default"))
-    if tok.vocab_size > model_cfg.vocab_size:
-        raise UserError(f"tokenizer has {tok.vocab_size} tokens but the model only {model_cfg.vocab_size}")
-    return tok
-
-
-def save_tokenizer(tok, out_dir):
-    """tokenizer.json in the run folder, where later stages (rlhf/dpo --init, generate) look for it."""
-    from pathlib import Path
-
-    if hasattr(tok, "save"):
-        Path(out_dir).mkdir(parents=True, exist_ok=True)
-        tok.save(Path(out_dir) / "tokenizer.json")
 
 
 def add_data_args(p):
@@ -230,14 +200,16 @@ def setup_preference_run(args):
     from tritongpt.train.common import set_seed
     from tritongpt.train.loop import TrainArgs
     from tritongpt.train.preference import train_val_pairs
+    from tritongpt.train.sft import pick_tokenizer
+    from tritongpt.train.tokenizer import save_run_tokenizer
 
     set_seed(args.seed)
     targs = TrainArgs.from_namespace(args)
     targs.validate()
     train, val = train_val_pairs(args.data, args.num_pairs, args.val_fraction, args.seed)
     backbone = build_backbone(args)
-    tok = load_tokenizer(args, backbone.config)
-    save_tokenizer(tok, args.out_dir)
+    tok = pick_tokenizer(args.tokenizer, args.init, backbone.config.vocab_size)
+    save_run_tokenizer(tok, args.out_dir)
     return targs, train, val, backbone, tok
 
 

@@ -544,7 +544,9 @@ def prompt_ids(pairs, tokenizer, room: int) -> list:
 
 def cmd_rlhf(args):
     from tritongpt.train.preference import train_val_pairs
-    from tritongpt.train.reward import RewardModel, build_backbone, load_tokenizer, save_tokenizer
+    from tritongpt.train.reward import RewardModel, build_backbone
+    from tritongpt.train.sft import pick_tokenizer
+    from tritongpt.train.tokenizer import save_run_tokenizer
 
     a = RLArgs.from_namespace(args)
     a.validate()
@@ -559,8 +561,8 @@ def cmd_rlhf(args):
     if reward_model.config.vocab_size != policy.config.vocab_size:
         raise UserError(f"reward model vocab ({reward_model.config.vocab_size}) differs from the "
                         f"policy's ({policy.config.vocab_size}): they must share a tokenizer")
-    tok = load_tokenizer(args, policy.config)
-    save_tokenizer(tok, a.out_dir)
+    tok = pick_tokenizer(args.tokenizer, args.init, policy.config.vocab_size)
+    save_run_tokenizer(tok, a.out_dir)
     room = min(policy.config.context_length, reward_model.config.context_length) - a.max_new_tokens
     prompts = prompt_ids(train_pairs, tok, room)
     eval_prompts = prompt_ids(val_pairs or train_pairs, tok, room)[:a.eval_prompts]

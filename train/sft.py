@@ -349,17 +349,11 @@ def load_init_model(init: str):
     from tritongpt.model.config import PRESETS, get_config
     from tritongpt.model.gpt import GPTModel
 
+    from tritongpt.train.gpt2_weights import HUB_REPOS, load_checkpoint, load_gpt2_pretrained
+
     p = Path(init).expanduser()
     if p.exists():
-        path = common.resolve_checkpoint(p)
-        from tritongpt.commands import _is_hf_file
-
-        if _is_hf_file(path):
-            from tritongpt.train.gpt2_weights import load_gpt2_safetensors
-
-            return load_gpt2_safetensors(path)
-        return GPTModel.load(path)
-    from tritongpt.train.gpt2_weights import HUB_REPOS, load_gpt2_pretrained
+        return load_checkpoint(p)
 
     if init in HUB_REPOS:
         return load_gpt2_pretrained(init)
@@ -370,21 +364,10 @@ def load_init_model(init: str):
                     f"({', '.join(HUB_REPOS)}) or a preset ({', '.join(PRESETS)})")
 
 
-def saved_tokenizer_path(init: str):
-    """tokenizer.json saved next to the checkpoint by the run that wrote it, if any."""
-    p = Path(init).expanduser()
-    if not p.exists():
-        return None
-    base = p if p.is_dir() else p.parent
-    for d in (base, base.parent):
-        if (d / "tokenizer.json").is_file():
-            return d / "tokenizer.json"
-    return None
-
-
-def pick_tokenizer(spec, init: str, vocab_size: int):
-    """--tokenizer if given, else the run's saved one, else "gpt2" for a 50257 vocab, else "default"."""
-    from tritongpt.train.tokenizer import get_tokenizer
+def pick_tokenizer(spec, init, vocab_size: int):
+    """--tokenizer if given, else the one saved with the --init run, else "gpt2" for a 50257
+    vocab, else "default"; it must not have more tokens than the model."""
+    from tritongpt.train.tokenizer import get_tokenizer, saved_tokenizer_path
 
     if spec is None:
         spec = saved_tokenizer_path(init) or ("gpt2" if vocab_size == 50257 else "default")
@@ -433,8 +416,10 @@ def run_sft(model, tokenizer, train_records, val_records, test_records, args, *,
     trainer = Trainer(model, args, sft_loss, data.get_batch, eval_fn=eval_fn if val else None,
                       sample_fn=sample_fn if sample and val_kept else None, name="sft", data_state=data)
     out_dir = Path(args.out_dir)
-    if trainer.is_main and hasattr(tokenizer, "save"):
-        tokenizer.save(out_dir / "tokenizer.json")   # later stages (reward, RLHF) find it here
+    if trainer.is_main:
+        from tritongpt.train.tokenizer import save_run_tokenizer
+
+        save_run_tokenizer(tokenizer, out_dir)
     if trainer.is_main:
         print(f"sft: {len(train)} train / {len(val)} val / {len(test_kept)} test examples, context {max_len}, "
               f"prompt {'masked' if mask_prompt else 'learned too'}", file=sys.stderr)

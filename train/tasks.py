@@ -125,9 +125,6 @@ FAMILIES = {
     "first_word": _first_word, "last_word": _last_word,
 }
 # Copying one word needs no arithmetic: the easiest families for a tiny model.
-EASY_FAMILIES = ("first_word", "last_word")
-
-
 def parse_families(spec) -> tuple:
     """None / "all" -> every family; a comma string or a list -> those, checked."""
     if spec is None or spec == "all" or spec == "":
@@ -195,12 +192,6 @@ def exact_match(pred, gold) -> bool:
     if not isinstance(pred, str) or not isinstance(gold, str):
         return False
     return pred.strip() == gold.strip()
-
-
-def accuracy(preds, records) -> float:
-    if not records:
-        return float("nan")
-    return sum(exact_match(p, r["output"]) for p, r in zip(preds, records)) / len(records)
 
 
 # -- plausible wrong answers (for preference pairs) ------------------------------------------------

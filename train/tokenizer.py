@@ -422,6 +422,32 @@ class BPETokenizer:
 
 
 # -- named tokenizers ------------------------------------------------------------------------------
+RUN_TOKENIZER = "tokenizer.json"  # a run folder's tokenizer, read back by every later stage
+
+
+def save_run_tokenizer(tok, out_dir):
+    """Write tok as out_dir/tokenizer.json, where sft/reward/rlhf/dpo --init and generate find it."""
+    if not hasattr(tok, "save"):
+        return None
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tok.save(out / RUN_TOKENIZER)
+    return out / RUN_TOKENIZER
+
+
+def saved_tokenizer_path(init):
+    """The tokenizer.json saved by the run that wrote the checkpoint `init` (a file, checkpoint
+    folder or run folder), or None."""
+    p = Path(init).expanduser() if init else None
+    if p is None or not p.exists():
+        return None
+    base = p if p.is_dir() else p.parent
+    for d in (base, base.parent):
+        if (d / RUN_TOKENIZER).is_file():
+            return d / RUN_TOKENIZER
+    return None
+
+
 def default_cache_dir(override=None) -> Path:
     """Where derived files live: `override`, else $TRITONGPT_CACHE, else ~/.cache/tritongpt."""
     return Path(override or os.environ.get("TRITONGPT_CACHE") or Path.home() / ".cache" / "tritongpt")

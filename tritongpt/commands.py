@@ -50,20 +50,16 @@ def cmd_generate(args):
 
     from tritongpt.model.config import get_config
     from tritongpt.model.gpt import GPTModel
-    from tritongpt.train.common import pick_device, resolve_checkpoint
+    from tritongpt.train.common import pick_device
     from tritongpt.train.generate import generate
-    from tritongpt.train.tokenizer import get_tokenizer
+    from tritongpt.train.sft import pick_tokenizer
 
     device = pick_device(args.device)
     torch.manual_seed(args.seed)
     if args.weights:
-        path = resolve_checkpoint(args.weights)
-        if str(path).endswith(".safetensors") and _is_hf_file(path):
-            from tritongpt.train.gpt2_weights import load_gpt2_safetensors
+        from tritongpt.train.gpt2_weights import load_checkpoint
 
-            model = load_gpt2_safetensors(path, args.model)
-        else:
-            model = GPTModel.load(path)
+        model = load_checkpoint(args.weights, args.model)
     elif args.model.startswith("gpt2") and args.pretrained:
         from tritongpt.train.gpt2_weights import load_gpt2_pretrained
 
@@ -73,10 +69,7 @@ def cmd_generate(args):
         model = GPTModel(get_config(args.model))
     model.to(device).eval()
     model.set_kernels(args.kernels)
-    tok_name = args.tokenizer or ("gpt2" if model.config.vocab_size == 50257 else "default")
-    tok = get_tokenizer(tok_name)
-    if tok.vocab_size > model.config.vocab_size:
-        raise UserError(f"tokenizer has {tok.vocab_size} tokens but the model only {model.config.vocab_size}")
+    tok = pick_tokenizer(args.tokenizer, args.weights, model.config.vocab_size)
     ids = tok.encode(args.prompt)
     if not ids:
         raise UserError("the prompt is empty: pass --prompt with some text")
@@ -90,14 +83,6 @@ def cmd_generate(args):
     return 0
 
 
-def _is_hf_file(path) -> bool:
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
-    return meta.get("format") != "tritongpt" or "config" not in meta
-
-
 def add_cli(sub):
     p = sub.add_parser("info", help="config, parameter count, and whether Triton and CUDA are usable")
     p.add_argument("--model", default="gpt2-small", help="preset name (default %(default)s)")
@@ -108,7 +93,8 @@ def add_cli(sub):
     add_model_args(p)
     p.add_argument("--weights", help="tritongpt checkpoint (file or run folder) or Hugging Face GPT-2 model.safetensors")
     p.add_argument("--pretrained", action="store_true", help="download GPT-2 weights from the Hub by --model name")
-    p.add_argument("--tokenizer", help="default | gpt2 | path to a tokenizer JSON (default: by vocab size)")
+    p.add_argument("--tokenizer", help="default | gpt2 | path to a tokenizer JSON (default: the one saved with --weights' run, "
+                        "else by vocab size)")
     p.add_argument("--prompt", required=True)
     p.add_argument("--max-new-tokens", type=int, default=50)
     p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
