@@ -188,6 +188,13 @@ class MetricsLog:
             return []
         return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
 
+    def truncate(self, step: int) -> list:
+        """On resume: drop the rows a crashed run logged after `step`; returns the rows kept."""
+        rows = [r for r in self.rows() if r.get("step", 0) <= step]
+        if self.enabled and self.path.is_file():
+            self.path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        return rows
+
 
 def plot_curves(rows, png_path, keys=("loss", "val_loss"), title="training"):
     """One PNG with a line per key (x = step), skipping rows that lack the key."""

@@ -23,7 +23,6 @@ generator, the step and the data position), and DDP when launched by torchrun.
 import argparse
 import contextlib
 import inspect
-import json
 import math
 import os
 import sys
@@ -321,10 +320,7 @@ class Trainer:
         self.step = state["step"]
         self._saved_step = self.step
         self.last_ckpt = ckpt
-        if self.is_main:  # drop rows a crashed run logged after this checkpoint
-            rows = [r for r in self.metrics.rows() if r.get("step", 0) <= self.step]
-            if self.metrics.path.is_file():
-                self.metrics.path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        self.metrics.truncate(self.step)  # a no-op except on rank 0
         return self.step
 
     # -- helpers -----------------------------------------------------------------------------

@@ -31,7 +31,6 @@ eval_every iterations eval_reward: the mean score on fixed held-out prompts, sam
 fixed seed, so the numbers are comparable across iterations.
 """
 import copy
-import json
 import math
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -456,10 +455,7 @@ class RLHFTrainer:
         self.shuffle_gen.set_state(state["shuffle_gen"])
         self.iteration = state["iteration"]
         self.score_norm = state.get("score_norm")
-        rows = [r for r in self.metrics.rows() if r.get("step", 0) <= self.iteration]
-        if self.log_enabled and self.metrics.path.is_file():
-            self.metrics.path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-        self.history = rows
+        self.history = self.metrics.truncate(self.iteration)
         return ckpt
 
     def plot(self):
