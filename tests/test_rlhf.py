@@ -9,6 +9,7 @@ import copy
 import json
 import math
 import re
+import shutil
 from collections import Counter
 
 import pytest
@@ -266,6 +267,24 @@ def test_rl_raises_the_reward_models_score_with_bounded_kl(data, easy_reward, tm
     reloaded = GPTModel.load(tmp_path / f"ckpt-{8:07d}" / "model.safetensors")
     for p, q in zip(reloaded.parameters(), trainer.policy.parameters()):
         assert torch.equal(p, q)
+
+
+def test_ppo_resume_is_exact_and_drops_rows_logged_after_the_checkpoint(data, easy_reward, tmp_path):
+    small = dict(iterations=3, prompts_per_iter=4, eval_prompts=4, eval_samples=1, epochs=1, minibatch_size=4,
+                 ckpt_every=1, max_new_tokens=4)
+    straight = _rl_setup(data, easy_reward, tmp_path / "a", "ppo", **small)
+    straight.fit()
+    # a crashed run: checkpoint 1 survives, the metrics of iterations 2-3 are still in the file
+    resumed_dir = tmp_path / "b"
+    resumed_dir.mkdir()
+    shutil.copytree(tmp_path / "a" / "ckpt-0000001", resumed_dir / "ckpt-0000001")
+    shutil.copy(tmp_path / "a" / "metrics.jsonl", resumed_dir / "metrics.jsonl")
+    again = _rl_setup(data, easy_reward, resumed_dir, "ppo", resume="latest", **small)
+    again.fit()
+    for (name, p), q in zip(straight.model.named_parameters(), again.model.parameters()):
+        assert torch.equal(p, q), f"{name} differs after resume"
+    steps = [r["step"] for r in MetricsLog(resumed_dir / "metrics.jsonl").rows() if "reward" in r]
+    assert steps == [1, 2, 3]
 
 
 # -- DPO --------------------------------------------------------------------------------------------
