@@ -93,8 +93,17 @@ def test_grad_accum_two_halves_equal_one_double_batch(tmp_path):
     assert abs(gn1 - gn2) < 1e-5 * gn2, (gn1, gn2)
     for n in g2:
         torch.testing.assert_close(g1[n], g2[n], rtol=1e-5, atol=1e-7, msg=n)
+    # Adam's first step is lr * g / (|g| + eps): on entries with |g| near eps (1e-8) a gradient
+    # difference far inside the tolerance above moves the update by a visible fraction of lr,
+    # and which entries those are depends on the CPU's summation order. Compare the rest.
+    # (The key bias's gradient is exactly 0 in theory -- softmax ignores a per-query constant --
+    # so it is all noise and skipped entirely.)
+    compared = 0
     for (n, p1), p2 in zip(m1.named_parameters(), m2.parameters()):
-        torch.testing.assert_close(p1, p2, rtol=1e-5, atol=1e-6, msg=n)
+        well_above_eps = g2[n].abs() > 1e-7
+        compared += int(well_above_eps.sum())
+        torch.testing.assert_close(p1[well_above_eps], p2[well_above_eps], rtol=1e-5, atol=1e-6, msg=n)
+    assert compared > 0.9 * sum(p.numel() for p in m2.parameters())
 
 
 # -- exact resume ----------------------------------------------------------------------------------------------
