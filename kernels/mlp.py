@@ -189,6 +189,24 @@ def _matmul(a, b, bias=None, epilogue=EPI_NONE, aux=None, b_gelu=False):
     return c, h
 
 
+# Launchers: the products of the table at the top; the custom ops below check the device first.
+# (bench/compile_check.py calls these on meta tensors to compile the exact launches for sm_90.)
+def _fwd_launch(x, w1, b1, w2, b2):
+    h_act, h = _matmul(x, w1.t(), b1, EPI_GELU)  # h_act is a = gelu(h)
+    y, _ = _matmul(h_act, w2.t(), b2)
+    return y, h
+
+
+def _bwd_launch(dy, x, h, w1, w2):
+    dh, _ = _matmul(dy, w2, epilogue=EPI_GELU_GRAD, aux=h)   # [M, H]
+    dw2, _ = _matmul(dy.t(), h, b_gelu=True)                # [C, H] = dy^T gelu(h)
+    dw1, _ = _matmul(dh.t(), x)                             # [H, C]
+    dx, _ = _matmul(dh, w1)                                 # [M, C]
+    db1 = dh.sum(0, dtype=torch.float32).to(w1.dtype)
+    db2 = dy.sum(0, dtype=torch.float32).to(w2.dtype)
+    return dx, dw1, db1, dw2, db2
+
+
 # The second Linear also goes through the Triton kernel rather than torch.addmm: the bias is
 # fused the same way, fp32 uses the same IEEE products on every device (addmm on GPU may take
 # TF32 depending on global flags), and the whole op stays one code path to read and test.
@@ -197,9 +215,7 @@ def _gelu_mlp_fwd(x: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.Tensor],
                   b2: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """x [M, C] -> (y [M, C], h [M, H]); the activation a = gelu(h) is freed on return."""
     check_runnable(x, "x")
-    h_act, h = _matmul(x, w1.t(), b1, EPI_GELU)  # h_act is a = gelu(h)
-    y, _ = _matmul(h_act, w2.t(), b2)
-    return y, h
+    return _fwd_launch(x, w1, b1, w2, b2)
 
 
 @_gelu_mlp_fwd.register_fake
@@ -212,13 +228,7 @@ def _gelu_mlp_bwd(dy: torch.Tensor, x: torch.Tensor, h: torch.Tensor, w1: torch.
                   w2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """-> (dx, dw1, db1, dw2, db2); db1/db2 are returned even when the module has no bias."""
     check_runnable(dy, "dy")
-    dh, _ = _matmul(dy, w2, epilogue=EPI_GELU_GRAD, aux=h)   # [M, H]
-    dw2, _ = _matmul(dy.t(), h, b_gelu=True)                # [C, H] = dy^T gelu(h)
-    dw1, _ = _matmul(dh.t(), x)                             # [H, C]
-    dx, _ = _matmul(dh, w1)                                 # [M, C]
-    db1 = dh.sum(0, dtype=torch.float32).to(w1.dtype)
-    db2 = dy.sum(0, dtype=torch.float32).to(w2.dtype)
-    return dx, dw1, db1, dw2, db2
+    return _bwd_launch(dy, x, h, w1, w2)
 
 
 @_gelu_mlp_bwd.register_fake
