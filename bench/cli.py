@@ -1,16 +1,18 @@
-"""`tritongpt bench kernels|train|all|cpu`: the benchmark suite's command line.
+"""`tritongpt bench kernels|train|all|cpu|compile`: the benchmark suite's command line.
 
 On a CUDA machine `tritongpt bench all` is the one command: ceilings, kernel sweeps, training
 steps, targets, files under bench/results/<device-slug>/ and a short table at the end, within
 --max-minutes (default 8; work left when the time is up is recorded as skipped, not run).
 Without CUDA it says so, runs the CPU-side timings and writes files only when --out is given.
+`tritongpt bench compile` needs no GPU: it builds every kernel launch for sm_90 and reports
+registers, spills and shared memory (bench/compile_check.py).
 """
 import sys
 import time
 
 from tritongpt.errors import UserError
 
-WHATS = ("kernels", "train", "all", "cpu")
+WHATS = ("kernels", "train", "all", "cpu", "compile")
 
 
 def _ints(text, name):
@@ -51,7 +53,8 @@ def add_cli(sub):
 
     p = sub.add_parser("bench", help="benchmarks: kernels, training step, CPU-side timings",
                        description=__doc__.split("\n\n")[1])
-    p.add_argument("what", choices=WHATS, help="kernels | train | all (both) | cpu (CPU-side timings)")
+    p.add_argument("what", choices=WHATS, help="kernels | train | all (both) | cpu (CPU-side timings) | "
+                   "compile (build every kernel launch for sm_90 offline: registers, spills, shared memory)")
     p.add_argument("--quick", action="store_true", help="small sizes, few steps (a smoke run)")
     p.add_argument("--out", default=None,
                    help="results folder (default bench/results on a GPU; on CPU nothing is written unless given)")
@@ -98,6 +101,8 @@ def cmd_bench(args):
         raise UserError(f"--steps must be at least 1, got {args.steps}")
     if args.warmup_steps is not None and args.warmup_steps < 0:
         raise UserError(f"--warmup-steps must be >= 0, got {args.warmup_steps}")
+    if args.what == "compile":
+        return _run_compile(args)
     if args.what == "cpu" or not torch.cuda.is_available():
         return _run_cpu(args, cuda=torch.cuda.is_available())
     return _run_gpu(args)
@@ -142,6 +147,17 @@ def _run_cpu(args, cuda):
     if note:
         print("\n" + note.split(":")[0] + ": run `tritongpt bench all` on a CUDA machine for GPU numbers.")
     return 0
+
+
+def _run_compile(args):
+    """bench/compile_check.py in a subprocess: it needs Triton's compiled mode, and this process
+    may already have imported triton with the interpreter on."""
+    import os
+    import subprocess
+
+    cmd = [sys.executable, "-m", "tritongpt.bench.compile_check"]
+    cmd += ["--quick"] * args.quick + ["--strict"] * args.strict + (["--out", args.out] if args.out else [])
+    return subprocess.run(cmd, env={**os.environ, "TRITON_INTERPRET": "0"}).returncode
 
 
 def _or(value, default):

@@ -1,0 +1,296 @@
+"""Offline compile check: every Triton launch of the GPU path, built for Hopper without a GPU.
+
+Why: the CPU interpreter proves the kernels' arithmetic but compiles nothing, so a change can
+pass every test on a CPU machine and still fail to build for a GPU, spill registers to local
+memory, or ask for more shared memory than an SM has. This check catches those on any machine:
+
+  1. capture  The real launchers (`_fwd_launch` / `_bwd_launch` in kernels/layernorm.py,
+              mlp.py and attention.py) run on meta tensors (shapes, dtypes and strides, no
+              data) at GPT-2 sizes. Each `kernel[grid](...)` is recorded instead of launched,
+              with exactly the arguments a GPU run would pass.
+  2. configs  For an autotuned kernel, the configs its autotuner would time for that launch
+              (after its early prune); for a plain kernel, the one launch as made.
+  3. compile  Triton's own compiler and the ptxas it ships build each (launch, config) for the
+              target (default sm_90: H100/H200); cuobjdump then reads registers per thread,
+              local memory (spills) and shared memory from the binary.
+
+A launch passes when at least one config it may run builds, fits the SM (shared memory <= 227
+KB, registers x threads <= 64K: else autotune skips it as OutOfResources) and spills nothing.
+Spilling configs that still fit are listed as warnings: autotune may pick one if it is fastest.
+
+Needs Triton's compiled mode, so `tritongpt bench compile` runs this module in a subprocess with
+TRITON_INTERPRET=0; `python -m tritongpt.bench.compile_check --help` runs it directly.
+"""
+import argparse
+import concurrent.futures as cf
+import multiprocessing
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+# Sizes of the launches to compile: GPT-2 small/XL widths, 16k tokens, T = 1024 (decode: 1 query).
+TOKENS = 16384
+LN_WIDTHS = (768, 1600, 8192)
+MLP_WIDTH = 768
+ATTN_SEQ = 1024
+ATTN_HEAD_DIMS = (16, 32, 64, 80, 96, 128)
+# Per-block limits of sm_90 (H100/H200): the numbers Triton checks before launching a kernel.
+MAX_SHARED_BYTES = 232448  # 227 KB opt-in dynamic shared memory
+MAX_REGS_PER_BLOCK = 65536
+
+
+def _require_compiled_mode():
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        raise SystemExit("compile_check needs TRITON_INTERPRET=0 (set before triton is imported); "
+                         "run it as `tritongpt bench compile`")
+    os.environ["TRITON_INTERPRET"] = "0"  # also stops `import tritongpt` from turning it on
+
+
+# ----------------------------------------------------------------------------- 1. capture
+class Launch:
+    """One recorded kernel launch: the kernel (JITFunction or Autotuner), its args and kwargs."""
+
+    def __init__(self, case, kernel, args, kwargs):
+        self.case, self.kernel, self.args, self.kwargs = case, kernel, args, kwargs
+
+    @property
+    def name(self):
+        return getattr(self.kernel, "base_fn", getattr(self.kernel, "fn", self.kernel)).__name__
+
+    def configs(self):
+        """[(config label, kwargs to compile with)]: what the GPU run could launch."""
+        from triton.runtime.autotuner import Autotuner
+
+        if not isinstance(self.kernel, Autotuner):
+            opts = {k: self.kwargs[k] for k in ("num_warps", "num_stages") if k in self.kwargs}
+            return [(_config_label(self.kwargs, opts), dict(self.kwargs))]
+        tuner = self.kernel
+        tuner.nargs = dict(zip(tuner.arg_names, self.args))
+        try:
+            kept = tuner.prune_configs(self.kwargs)
+        finally:
+            tuner.nargs = None
+        return [(_config_label(c.kwargs, c.all_kwargs()), {**self.kwargs, **c.all_kwargs()}) for c in kept]
+
+    def jit_fn(self):
+        from triton.runtime.autotuner import Autotuner
+
+        return self.kernel.fn if isinstance(self.kernel, Autotuner) else self.kernel
+
+
+def _config_label(kwargs, opts):
+    blocks = ",".join(f"{k}={v}" for k, v in kwargs.items() if k.startswith("BLOCK_") or k == "GROUP_M")
+    return f"{blocks} w{opts.get('num_warps', 4)} s{opts.get('num_stages', 3)}"
+
+
+def capture(quick=False):
+    """Run every launcher on meta tensors and return the Launches they would make."""
+    import torch
+    from triton.runtime.autotuner import Autotuner
+    from triton.runtime.jit import JITFunction
+
+    from tritongpt.kernels import attention, layernorm, mlp
+
+    launches, case = [], [""]
+
+    def record(self, *args, grid=None, warmup=False, **kwargs):
+        launches.append(Launch(case[0], self, args, kwargs))
+
+    saved = JITFunction.run, Autotuner.run, layernorm._sm_count
+    JITFunction.run, Autotuner.run = record, record
+    layernorm._sm_count = lambda device: 132  # H100 SXM; only sizes the LayerNorm grid
+    try:
+        meta = dict(device="meta")
+        dtypes = (torch.bfloat16,) if quick else (torch.bfloat16, torch.float32)
+        for dt in dtypes:
+            name = str(dt).replace("torch.", "")
+            for n in (LN_WIDTHS[:1] if quick else LN_WIDTHS):
+                case[0] = f"layernorm {name} {TOKENS}x{n}"
+                x = torch.empty(TOKENS, n, dtype=dt, **meta)
+                w = torch.empty(n, dtype=torch.float32, **meta)
+                _, mean, rstd = layernorm._fwd_launch(x, w, w, 1e-5)
+                layernorm._bwd_launch(torch.empty_like(x), x, w, mean, rstd)
+
+            c = MLP_WIDTH
+            case[0] = f"mlp {name} {TOKENS}x{c}->{4 * c}"
+            x = torch.empty(TOKENS, c, dtype=dt, **meta)
+            w1, b1 = torch.empty(4 * c, c, dtype=dt, **meta), torch.empty(4 * c, dtype=dt, **meta)
+            w2, b2 = torch.empty(c, 4 * c, dtype=dt, **meta), torch.empty(c, dtype=dt, **meta)
+            _, h = mlp._fwd_launch(x, w1, b1, w2, b2)
+            mlp._bwd_launch(torch.empty_like(x), x, h, w1, w2)
+
+            head_dims = (64, 128) if quick else (ATTN_HEAD_DIMS if dt == torch.bfloat16 else (64,))
+            for d in head_dims:
+                for p in ((0.0,) if quick else (0.0, 0.1)):
+                    for tq in ((ATTN_SEQ,) if quick else (ATTN_SEQ, 1)):
+                        case[0] = f"attention {name} hd{d} Tq={tq} Tk={ATTN_SEQ}" + (f" dropout={p}" if p else "")
+                        heads, batch = max(768 // d, 1), TOKENS // ATTN_SEQ
+                        # [B, T, H, D] buffers seen as [B, H, T, D], as the model passes them
+                        q = torch.empty(batch, tq, heads, d, dtype=dt, **meta).transpose(1, 2)
+                        k = torch.empty(batch, ATTN_SEQ, heads, d, dtype=dt, **meta).transpose(1, 2)
+                        seed = torch.tensor(1234)
+                        o, lse = attention._fwd_launch(q, k, k, True, d ** -0.5, p, seed)
+                        if tq > 1:  # decode runs forward only
+                            attention._bwd_launch(torch.empty_like(o), q, k, k, o, lse, True, d ** -0.5, p, seed)
+    finally:
+        JITFunction.run, Autotuner.run, layernorm._sm_count = saved
+    return launches
+
+
+# ----------------------------------------------------------------------------- 3. compile
+_JOBS = []  # (launch index, config label, kwargs); read by forked workers
+
+
+def _compile(job_index, arch):
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource, make_backend
+    from triton.runtime.jit import create_function_from_signature
+
+    launch, label, kwargs = _JOBS[job_index]
+    fn = launch.jit_fn()
+    out = {"kernel": launch.name, "case": launch.case, "config": label}
+    t0 = time.perf_counter()
+    try:
+        target = GPUTarget("cuda", arch, 32)
+        backend = make_backend(target)
+        # The same binder a GPU launch uses: it specializes ints (== 1, divisible by 16) and
+        # pointer alignment exactly as at run time, so the binary is the one the GPU would run.
+        binder = create_function_from_signature(fn.signature, fn.params, backend)
+        bound, spec, opts = binder(*launch.args, **kwargs)
+        options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound, spec, opts)
+        kernel = triton.compile(ASTSource(fn, signature, constexprs, attrs), target=target,
+                                options=options.__dict__)
+        out.update(_resources(kernel.asm["cubin"]))
+        out["shared"] = int(kernel.metadata.shared)
+        out["num_warps"] = int(kernel.metadata.num_warps)
+        out["tensor_core_ops"] = len(re.findall(r"\b(?:wgmma\.mma_async|mma\.sync)", kernel.asm["ptx"]))
+        out["status"] = _status(out)
+    except Exception as exc:  # a compile error is a result to report, not a crash of the check
+        out["status"] = "error"
+        out["error"] = f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1][:300] if str(exc).strip() else ''}"
+    out["compile_s"] = round(time.perf_counter() - t0, 2)
+    return out
+
+
+def _resources(cubin: bytes) -> dict:
+    import triton
+
+    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        text = subprocess.run([str(tool), "--dump-resource-usage", f.name], capture_output=True, text=True,
+                              check=True).stdout
+    m = re.search(r"REG:(\d+).*?LOCAL:(\d+)", text, re.S)
+    if not m:
+        raise RuntimeError(f"cannot read cuobjdump's resource usage: {text[:200]!r}")
+    return {"registers": int(m.group(1)), "local_bytes": int(m.group(2))}
+
+
+def _status(r) -> str:
+    if r["shared"] > MAX_SHARED_BYTES:
+        return "too much shared memory"
+    if r["registers"] * r["num_warps"] * 32 > MAX_REGS_PER_BLOCK:
+        return "too many registers"
+    return "spills" if r["local_bytes"] else "ok"
+
+
+def run_check(arch=90, quick=False, workers=None, log=print):
+    """Compile every captured (launch, config); returns (rows, per-launch verdicts)."""
+    launches = capture(quick)
+    _JOBS.clear()
+    seen = set()
+    for i, launch in enumerate(launches):
+        for label, kwargs in launch.configs():
+            # The same kernel with the same arguments (e.g. a bf16 hd64 forward captured
+            # twice) compiles once; different cases differ in shapes or constexprs.
+            key = (launch.case, launch.name, label, repr(launch.args), repr(sorted(kwargs.items())))
+            if key not in seen:
+                seen.add(key)
+                _JOBS.append((launch, label, kwargs))
+    workers = workers or max(1, min(os.cpu_count() or 1, 8))
+    log(f"compiling {len(_JOBS)} (launch, config) pairs from {len(launches)} launches for sm_{arch} "
+        f"with {workers} processes")
+    t0 = time.perf_counter()
+    # fork: workers inherit _JOBS (meta tensors and kernels do not need pickling)
+    with cf.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as pool:
+        rows = list(pool.map(_compile, range(len(_JOBS)), [arch] * len(_JOBS)))
+    log(f"compiled in {time.perf_counter() - t0:.0f} s")
+    verdicts = {}
+    for r in rows:
+        key = (r["case"], r["kernel"])
+        verdicts[key] = verdicts.get(key, False) or r["status"] == "ok"
+    return rows, verdicts
+
+
+# ----------------------------------------------------------------------------- report
+def environment(arch) -> dict:
+    import triton
+
+    from tritongpt.bench.common import cpu_name, git_commit
+
+    ptxas = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
+    version = subprocess.run([str(ptxas), "--version"], capture_output=True, text=True).stdout.strip()
+    return {"target": f"sm_{arch}", "triton": triton.__version__, "ptxas": version.splitlines()[-1] if version else "",
+            "git_commit": git_commit(), "compiled_on": cpu_name(),
+            "timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+
+
+def markdown(env, rows, verdicts) -> str:
+    from tritongpt.bench.report import markdown_table
+
+    lines = [f"# Offline compile check for {env['target']}", "",
+             f"Triton {env['triton']}, {env['ptxas']}; commit {env['git_commit']}; built on {env['compiled_on']} "
+             f"(no GPU), {env['timestamp']}. Generated by `tritongpt bench compile`; these are compiler figures, "
+             "not timings.", "",
+             f"Launches: {sum(verdicts.values())} of {len(verdicts)} have a config that builds, fits and does not "
+             "spill.", ""]
+    bad = [f"{case} / {kernel}" for (case, kernel), ok in verdicts.items() if not ok]
+    if bad:
+        lines += ["**Launches with no clean config:**", ""] + [f"- {b}" for b in bad] + [""]
+    table = [[r["case"], r["kernel"], r["config"], r.get("registers", "-"), r.get("local_bytes", "-"),
+              r.get("shared", "-"), r.get("tensor_core_ops", "-"), r["status"] + (f": {r['error']}" if "error" in r else "")]
+             for r in rows]
+    lines.append(markdown_table(["case", "kernel", "config", "regs/thread", "spill bytes", "shared bytes",
+                                 "MMA instrs", "status"], table))
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--arch", type=int, default=90, help="compute capability x10 (default %(default)s: H100/H200)")
+    p.add_argument("--quick", action="store_true", help="bf16, a few sizes and the shapes GPT-2 small uses")
+    p.add_argument("--out", default=None, help="write compile.json and compile.md under OUT/sm<arch>-offline/")
+    p.add_argument("--workers", type=int, default=None, help="compile processes (default: CPU count, at most 8)")
+    p.add_argument("--strict", action="store_true", help="exit 1 when a launch has no clean config")
+    args = p.parse_args(argv)
+    _require_compiled_mode()
+    import json
+
+    env = environment(args.arch)
+    rows, verdicts = run_check(args.arch, args.quick, args.workers)
+    text = markdown(env, rows, verdicts)
+    n_warn = sum(r["status"] != "ok" for r in rows)
+    print(f"{sum(verdicts.values())}/{len(verdicts)} launches have a clean config; "
+          f"{n_warn} of {len(rows)} configs are not clean (errors, spills or over the SM's limits)")
+    for (case, kernel), ok in verdicts.items():
+        if not ok:
+            print(f"  NO CLEAN CONFIG: {case} / {kernel}")
+    if args.out:
+        folder = Path(args.out) / f"sm{args.arch}-offline"
+        folder.mkdir(parents=True, exist_ok=True)
+        data = {"schema": "tritongpt-compile/1", "env": env, "rows": rows,
+                "launches": [{"case": c, "kernel": k, "clean_config": ok} for (c, k), ok in verdicts.items()]}
+        (folder / "compile.json").write_text(json.dumps(data, indent=1) + "\n")
+        (folder / "compile.md").write_text(text)
+        print(f"wrote {folder / 'compile.json'} and {folder / 'compile.md'}")
+    return 1 if args.strict and not all(verdicts.values()) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
