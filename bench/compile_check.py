@@ -82,6 +82,13 @@ class Launch:
         return self.kernel.fn if isinstance(self.kernel, Autotuner) else self.kernel
 
 
+    def variant(self):
+        """The launch's compile-time flags (epilogue, causal, dropout...), minus tile sizes."""
+        skip = ("num_warps", "num_stages", "HEAD_DIM", "BLOCK_D")
+        return " ".join(f"{k}={v}" for k, v in self.kwargs.items()
+                        if k not in skip and not k.startswith("BLOCK_") and k != "GROUP_M")
+
+
 def _config_label(kwargs, opts):
     blocks = ",".join(f"{k}={v}" for k, v in kwargs.items() if k.startswith("BLOCK_") or k == "GROUP_M")
     return f"{blocks} w{opts.get('num_warps', 4)} s{opts.get('num_stages', 3)}"
@@ -153,7 +160,7 @@ def _compile(job_index, arch):
 
     launch, label, kwargs = _JOBS[job_index]
     fn = launch.jit_fn()
-    out = {"kernel": launch.name, "case": launch.case, "config": label}
+    out = {"kernel": launch.name, "case": launch.case, "variant": launch.variant(), "config": label}
     t0 = time.perf_counter()
     try:
         target = GPUTarget("cuda", arch, 32)
@@ -169,12 +176,25 @@ def _compile(job_index, arch):
         out["shared"] = int(kernel.metadata.shared)
         out["num_warps"] = int(kernel.metadata.num_warps)
         out["tensor_core_ops"] = len(re.findall(r"\b(?:wgmma\.mma_async|mma\.sync)", kernel.asm["ptx"]))
+        out["ptx_sha1"] = ptx_fingerprint(kernel.asm["ptx"])
         out["status"] = _status(out)
     except Exception as exc:  # a compile error is a result to report, not a crash of the check
         out["status"] = "error"
         out["error"] = f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1][:300] if str(exc).strip() else ''}"
     out["compile_s"] = round(time.perf_counter() - t0, 2)
     return out
+
+
+def ptx_fingerprint(ptx: str) -> str:
+    """sha1 of the PTX's code without line info and debug sections: a refactor that claims not
+    to change the GPU path (e.g. of an interpreter-only branch) can be checked to keep it."""
+    import hashlib
+
+    code = ptx.split(".section\t.debug")[0]
+    # .loc/.file: source positions; $L__tmpN: labels that only mark inlined calls for debug info
+    keep = [ln for ln in code.splitlines()
+            if not ln.lstrip().startswith((".loc", ".file", "//")) and not re.fullmatch(r"\$L__tmp\d+:", ln.strip())]
+    return hashlib.sha1("\n".join(keep).encode()).hexdigest()[:16]
 
 
 def _resources(cubin: bytes) -> dict:
@@ -253,10 +273,10 @@ def markdown(env, rows, verdicts) -> str:
     bad = [f"{case} / {kernel}" for (case, kernel), ok in verdicts.items() if not ok]
     if bad:
         lines += ["**Launches with no clean config:**", ""] + [f"- {b}" for b in bad] + [""]
-    table = [[r["case"], r["kernel"], r["config"], r.get("registers", "-"), r.get("local_bytes", "-"),
+    table = [[r["case"], r["kernel"], r["variant"], r["config"], r.get("registers", "-"), r.get("local_bytes", "-"),
               r.get("shared", "-"), r.get("tensor_core_ops", "-"), r["status"] + (f": {r['error']}" if "error" in r else "")]
              for r in rows]
-    lines.append(markdown_table(["case", "kernel", "config", "regs/thread", "spill bytes", "shared bytes",
+    lines.append(markdown_table(["case", "kernel", "flags", "config", "regs/thread", "spill bytes", "shared bytes",
                                  "MMA instrs", "status"], table))
     return "\n".join(lines) + "\n"
 
