@@ -39,7 +39,7 @@ import triton
 import triton.language as tl
 
 from tritongpt._env import triton_interpreting
-from tritongpt.kernels._common import check_runnable, check_same_device, check_same_dtype, check_tensor
+from tritongpt.kernels._common import cast, check_runnable, check_same_device, check_same_dtype, check_tensor, dot
 
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 80, 96, 128)  # 16: tiny models; tl.dot needs K >= 16
 LOG2E = 1.4426950408889634  # kernels work in base 2: exp(x) = exp2(x * log2(e)), exp2 is one MUFU op
@@ -68,34 +68,7 @@ def _store_rows(base, val, rows, n_rows, stride_row, offs_d, HEAD_DIM: tl.conste
     mask = rows[:, None] < n_rows
     if BLOCK_D != HEAD_DIM:
         mask = mask & (offs_d[None, :] < HEAD_DIM)
-    tl.store(ptrs, _cast(val, base.dtype.element_ty), mask=mask)
-
-
-# Two Triton 3.8 interpreter bugs with bf16 (which numpy lacks; it is kept as raw uint16):
-# tl.dot multiplies the bit patterns as integers, and fp32 -> bf16 casts truncate instead of
-# rounding to nearest even. Under the interpreter, _dot upcasts bf16 operands to fp32 (exact:
-# tensor cores also accumulate bf16 products in fp32) and _cast rounds by hand. Compiled GPU
-# code never takes these branches.
-_INTERPRETER_BF16_FIX = tl.constexpr(INTERPRET)
-
-
-@triton.jit
-def _dot(a, b, acc, PRECISION: tl.constexpr):
-    if _INTERPRETER_BF16_FIX and a.dtype == tl.bfloat16:
-        a = a.to(tl.float32)
-        b = b.to(tl.float32)
-    return tl.dot(a, b, acc, input_precision=PRECISION)
-
-
-@triton.jit
-def _cast(x, dtype: tl.constexpr):
-    if _INTERPRETER_BF16_FIX and dtype == tl.bfloat16:
-        bits = x.to(tl.float32).to(tl.uint32, bitcast=True)
-        bits = bits + (0x7FFF + ((bits >> 16) & 1))  # round half to even on the 16 dropped bits
-        y = (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
-    else:
-        y = x.to(dtype)
-    return y
+    tl.store(ptrs, cast(val, base.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -120,7 +93,7 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, offs_m, o
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         k = _load_rows(k_base, offs_n, Tk, stride_kn, offs_d, HEAD_DIM, BLOCK_D)
-        s = _dot(q, tl.trans(k), None, PRECISION) * qk_scale
+        s = dot(q, tl.trans(k), None, PRECISION) * qk_scale
         if MASKED:  # only tiles on the diagonal or the ragged end of K pay for this
             valid = offs_n[None, :] < Tk
             if IS_CAUSAL:
@@ -135,7 +108,7 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, offs_m, o
             keep = _dropout_keep(seed, rng_base, offs_m[:, None], offs_n[None, :], Tk, dropout_p)
             p = tl.where(keep, p * keep_scale, 0.0)
         v = _load_rows(v_base, offs_n, Tk, stride_vn, offs_d, HEAD_DIM, BLOCK_D)
-        acc = _dot(_cast(p, v.dtype), v, acc, PRECISION)
+        acc = dot(cast(p, v.dtype), v, acc, PRECISION)
         m_i = m_new
     return acc, l_i, m_i
 
@@ -224,20 +197,20 @@ def _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_ptr, delta_ptr, stride_qm
         # Rows past Tq load q = dO = 0, L = Delta = 0: their P is finite and their dS is 0.
         lse = tl.load(lse_ptr + offs_m, mask=offs_m < Tq, other=0.0)
         delta = tl.load(delta_ptr + offs_m, mask=offs_m < Tq, other=0.0)
-        s_t = _dot(k, tl.trans(q), None, PRECISION) * qk_scale
+        s_t = dot(k, tl.trans(q), None, PRECISION) * qk_scale
         p_t = tl.exp2(s_t - lse[None, :])
         if MASKED:  # causal diagonal tiles only (loop bounds guarantee IS_CAUSAL here)
             p_t = tl.where(offs_n[:, None] <= offs_m[None, :] + (Tk - Tq), p_t, 0.0)
-        dp_t = _dot(v, tl.trans(do), None, PRECISION)
+        dp_t = dot(v, tl.trans(do), None, PRECISION)
         if HAS_DROPOUT:
             keep = _dropout_keep(seed, rng_base, offs_m[None, :], offs_n[:, None], Tk, dropout_p)
             pd_t = tl.where(keep, p_t * keep_scale, 0.0)
             dp_t = tl.where(keep, dp_t * keep_scale, 0.0)
         else:
             pd_t = p_t
-        dv = _dot(_cast(pd_t, do.dtype), do, dv, PRECISION)
+        dv = dot(cast(pd_t, do.dtype), do, dv, PRECISION)
         ds_t = p_t * (dp_t - delta[None, :])
-        dk = _dot(_cast(ds_t, q.dtype), q, dk, PRECISION)
+        dk = dot(cast(ds_t, q.dtype), q, dk, PRECISION)
     return dk, dv
 
 
@@ -299,19 +272,19 @@ def _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn, o
         offs_n = start_n + tl.arange(0, BLOCK_N)
         k = _load_rows(k_base, offs_n, Tk, stride_kn, offs_d, HEAD_DIM, BLOCK_D)
         v = _load_rows(v_base, offs_n, Tk, stride_vn, offs_d, HEAD_DIM, BLOCK_D)
-        s = _dot(q, tl.trans(k), None, PRECISION) * qk_scale
+        s = dot(q, tl.trans(k), None, PRECISION) * qk_scale
         p = tl.exp2(s - lse[:, None])
         if MASKED:
             valid = offs_n[None, :] < Tk
             if IS_CAUSAL:
                 valid = valid & (offs_n[None, :] <= offs_m[:, None] + (Tk - Tq))
             p = tl.where(valid, p, 0.0)
-        dp = _dot(do, tl.trans(v), None, PRECISION)
+        dp = dot(do, tl.trans(v), None, PRECISION)
         if HAS_DROPOUT:
             keep = _dropout_keep(seed, rng_base, offs_m[:, None], offs_n[None, :], Tk, dropout_p)
             dp = tl.where(keep, dp * keep_scale, 0.0)
         ds = p * (dp - delta[:, None])
-        dq = _dot(_cast(ds, k.dtype), k, dq, PRECISION)
+        dq = dot(cast(ds, k.dtype), k, dq, PRECISION)
     return dq
 
 

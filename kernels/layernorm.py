@@ -29,15 +29,14 @@ import triton
 import triton.language as tl
 
 from tritongpt._env import triton_interpreting
-from tritongpt.kernels._common import (check_runnable, check_same_device, check_same_dtype, check_tensor,
-                                       fix_bf16_rounding, round_for_bf16)
+from tritongpt.kernels._common import cast, check_runnable, check_same_device, check_same_dtype, check_tensor
 
 MAX_WIDTH = 8192  # one row must fit in one tile (registers/SRAM); wider rows are rejected
 
 
 @triton.jit
 def _layer_norm_fwd_kernel(X, Y, W, B, Mean, Rstd, stride_x, stride_y, M, N, rows_per_prog, eps,
-                           HAS_BIAS: tl.constexpr, ROUND: tl.constexpr,
+                           HAS_BIAS: tl.constexpr,
                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """One program normalizes rows [pid*rows_per_prog, ...), BLOCK_M rows per step."""
     pid = tl.program_id(0)
@@ -62,15 +61,14 @@ def _layer_norm_fwd_kernel(X, Y, W, B, Mean, Rstd, stride_x, stride_y, M, N, row
         y = xc * rstd[:, None] * w[None, :]
         if HAS_BIAS:
             y = y + b[None, :]
-        y = round_for_bf16(y, ROUND)  # no-op on GPU; see _common.fix_bf16_rounding
-        tl.store(Y + rows64[:, None] * stride_y + cols[None, :], y.to(Y.dtype.element_ty), mask=mask)
+        tl.store(Y + rows64[:, None] * stride_y + cols[None, :], cast(y, Y.dtype.element_ty), mask=mask)
         tl.store(Mean + rows, mean, mask=row_ok)
         tl.store(Rstd + rows, rstd, mask=row_ok)
 
 
 @triton.jit
 def _layer_norm_bwd_kernel(X, DY, W, Mean, Rstd, DX, DW_part, DB_part,
-                           stride_x, stride_dy, stride_dx, M, N, rows_per_prog, ROUND: tl.constexpr,
+                           stride_x, stride_dy, stride_dx, M, N, rows_per_prog,
                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """dx for rows [pid*rows_per_prog, ...), plus this program's partial sums of dW and dB."""
     pid = tl.program_id(0)
@@ -96,8 +94,7 @@ def _layer_norm_bwd_kernel(X, DY, W, Mean, Rstd, DX, DW_part, DB_part,
         c1 = tl.sum(xhat * wdy, axis=1) / N
         c2 = tl.sum(wdy, axis=1) / N
         dx = (wdy - (xhat * c1[:, None] + c2[:, None])) * rstd[:, None]
-        dx = round_for_bf16(dx, ROUND)
-        tl.store(DX + rows64[:, None] * stride_dx + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
+        tl.store(DX + rows64[:, None] * stride_dx + cols[None, :], cast(dx, DX.dtype.element_ty), mask=mask)
         dw_acc += dy * xhat
         db_acc += dy
     tl.store(DW_part + pid * N + cols, tl.sum(dw_acc, axis=0), mask=col_ok)
@@ -143,7 +140,7 @@ def _fwd_launch(x, weight, bias, eps):
     _layer_norm_fwd_kernel[(n_prog,)](
         x, y, weight, bias if bias is not None else weight, mean, rstd,
         x.stride(0), y.stride(0), M, N, rows_per_prog, float(eps),  # a Python float: fp32 in Triton
-        HAS_BIAS=bias is not None, ROUND=fix_bf16_rounding(y.dtype),
+        HAS_BIAS=bias is not None,
         BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, num_warps=num_warps)
     return y, mean, rstd
 
@@ -159,7 +156,7 @@ def _bwd_launch(dy, x, weight, mean, rstd):
     db_part = torch.empty((n_prog, N), device=x.device, dtype=torch.float32)
     _layer_norm_bwd_kernel[(n_prog,)](
         x, dy, weight, mean, rstd, dx, dw_part, db_part,
-        x.stride(0), dy.stride(0), dx.stride(0), M, N, rows_per_prog, fix_bf16_rounding(dx.dtype),
+        x.stride(0), dy.stride(0), dx.stride(0), M, N, rows_per_prog,
         BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, num_warps=num_warps)
     return dx, dw_part.sum(0).to(weight.dtype), db_part.sum(0).to(weight.dtype)
 

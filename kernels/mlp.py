@@ -36,8 +36,7 @@ import triton
 import triton.language as tl
 
 from tritongpt._env import triton_interpreting
-from tritongpt.kernels._common import (check_runnable, check_same_device, check_same_dtype, check_tensor,
-                                       fix_bf16_rounding, round_for_bf16)
+from tritongpt.kernels._common import cast, check_runnable, check_same_device, check_same_dtype, check_tensor, dot
 
 # Epilogue modes of the matmul kernel.
 EPI_NONE = 0       # C = A @ B (+ bias)
@@ -98,7 +97,7 @@ def _matmul_kernel(A, B, C, Bias, Aux, Hout, M, N, K, M_BUCKET, K_BUCKET,
                    stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn,
                    stride_xm, stride_xn,
                    HAS_BIAS: tl.constexpr, B_GELU: tl.constexpr, EPILOGUE: tl.constexpr,
-                   IEEE: tl.constexpr, UPCAST: tl.constexpr, ROUND: tl.constexpr,
+                   PRECISION: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                    GROUP_M: tl.constexpr):
     """C[M, N] = A[M, K] @ B[K, N] with the fused prologue (B_GELU) / epilogue (EPILOGUE) above.
@@ -128,14 +127,8 @@ def _matmul_kernel(A, B, C, Bias, Aux, Hout, M, N, K, M_BUCKET, K_BUCKET,
         a = tl.load(a_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
         b = tl.load(b_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
         if B_GELU:  # recompute a = gelu(h) on the fly instead of reading a saved copy
-            b = round_for_bf16(_gelu(b.to(tl.float32)), ROUND).to(A.dtype.element_ty)
-        if UPCAST:  # interpreter only, see _matmul
-            a = a.to(tl.float32)
-            b = b.to(tl.float32)
-        if IEEE:
-            acc = tl.dot(a, b, acc, input_precision="ieee")
-        else:
-            acc = tl.dot(a, b, acc)
+            b = cast(_gelu(b.to(tl.float32)), A.dtype.element_ty)
+        acc = dot(a, b, acc, PRECISION)
         a_ptrs += BLOCK_K * stride_ak
         b_ptrs += BLOCK_K * stride_bk
 
@@ -144,7 +137,7 @@ def _matmul_kernel(A, B, C, Bias, Aux, Hout, M, N, K, M_BUCKET, K_BUCKET,
         acc += tl.load(Bias + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     x_off = offs_m.to(tl.int64)[:, None] * stride_xm + offs_n[None, :] * stride_xn
     if EPILOGUE == 1:
-        h = round_for_bf16(acc, ROUND).to(Hout.dtype.element_ty)
+        h = cast(acc, Hout.dtype.element_ty)
         tl.store(Hout + x_off, h, mask=mask)
         # gelu of the *rounded* h, so the backward's recomputation sees exactly the same value
         acc = _gelu(h.to(tl.float32))
@@ -152,7 +145,7 @@ def _matmul_kernel(A, B, C, Bias, Aux, Hout, M, N, K, M_BUCKET, K_BUCKET,
         h = tl.load(Aux + x_off, mask=mask, other=0.0).to(tl.float32)
         acc = acc * _gelu_grad(h)
     c_ptrs = C + offs_m.to(tl.int64)[:, None] * stride_cm + offs_n[None, :] * stride_cn
-    tl.store(c_ptrs, round_for_bf16(acc, ROUND).to(C.dtype.element_ty), mask=mask)
+    tl.store(c_ptrs, cast(acc, C.dtype.element_ty), mask=mask)
 
 
 def _matmul(a, b, bias=None, epilogue=EPI_NONE, aux=None, b_gelu=False):
@@ -173,10 +166,6 @@ def _matmul(a, b, bias=None, epilogue=EPI_NONE, aux=None, b_gelu=False):
         elif epilogue == EPI_GELU_GRAD:
             c.zero_()
         return c, h
-    # Triton 3.8's interpreter multiplies bf16 tiles as their raw uint16 bits (numpy has no
-    # bf16), so there we widen bf16 tiles to fp32 before tl.dot. That is exact: the GPU's bf16
-    # tensor-core products are exact in fp32 too, and both accumulate in fp32.
-    upcast = triton_interpreting() and a.dtype == torch.bfloat16
     x = h if h is not None else (aux if aux is not None else c)  # Hout / Aux share a layout
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
     _matmul_kernel[grid](
@@ -184,8 +173,7 @@ def _matmul(a, b, bias=None, epilogue=EPI_NONE, aux=None, b_gelu=False):
         a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0), c.stride(1),
         x.stride(0), x.stride(1),
         HAS_BIAS=bias is not None, B_GELU=b_gelu, EPILOGUE=epilogue,
-        IEEE=a.dtype == torch.float32 or upcast, UPCAST=upcast,
-        ROUND=fix_bf16_rounding(a.dtype))
+        PRECISION="ieee" if a.dtype == torch.float32 else "tf32")  # tf32 only affects fp32 inputs
     return c, h
 
 
