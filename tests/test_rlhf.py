@@ -21,10 +21,10 @@ from tritongpt.model.config import GPTConfig
 from tritongpt.model.gpt import GPTModel
 from tritongpt.train.common import MetricsLog
 from tritongpt.train.loop import TrainArgs
-from tritongpt.train.preference import (PreferencePair, encode_pairs, pair_batch,
-                                        read_preference_file, split_pairs, task_preferences, train_val_pairs)
+from tritongpt.train.preference import (PreferencePair, encode_pairs, pair_batch, read_preference_file,
+                                        split_pairs, task_preferences, token_logprobs, train_val_pairs)
 from tritongpt.train.reward import RewardModel, pairwise_metrics, train_reward_model
-from tritongpt.train.rlhf import RLArgs, RLHFTrainer, gae, group_advantages
+from tritongpt.train.rlhf import RLArgs, RLHFTrainer, gae, group_advantages, logprobs_and_entropy
 
 
 def compact_template(rec):
@@ -231,6 +231,20 @@ def test_gae_and_group_advantages_against_direct_formulas():
     g0 = torch.tensor([1.0, 2.0, 3.0])
     assert torch.allclose(adv[:3], (g0 - 2.0) / (g0.std(unbiased=False) + 1e-4))
     assert adv[3] == adv[4] > 0 > adv[5]
+    # groups need not be contiguous or numbered from 0; a lone response has advantage 0
+    perm = torch.tensor([5, 0, 3, 1, 4, 2])
+    adv_p = group_advantages(torch.cat([scores[perm], torch.tensor([7.0])]),
+                             torch.cat([group[perm] + 5, torch.tensor([2])]))
+    assert torch.allclose(adv_p[:6], adv[perm]) and adv_p[6] == 0
+
+
+def test_logprobs_and_entropy_match_their_definitions():
+    torch.manual_seed(0)
+    logits, idx = torch.randn(3, 9, 17, dtype=torch.float64), torch.randint(0, 17, (3, 9))
+    logp, ent = logprobs_and_entropy(logits, idx, entropy_grad=False)
+    probs = torch.softmax(logits[:, :-1], -1)
+    torch.testing.assert_close(logp, token_logprobs(logits, idx).to(logp.dtype))
+    torch.testing.assert_close(ent, -(probs * probs.log()).sum(-1).float())
 
 
 def _rl_setup(data, easy_reward, tmp_path, algo, **overrides):

@@ -193,9 +193,14 @@ def masked_whiten(x, mask, eps=1e-8):
     return (x - mean) * torch.rsqrt(var + eps) * mask
 
 
-def entropy_from_logits(logits):
-    logp = torch.log_softmax(logits.float(), dim=-1)
-    return -(logp.exp() * logp).sum(-1)
+def logprobs_and_entropy(logits, idx, entropy_grad: bool):
+    """token_logprobs(logits, idx) and each position's entropy [B, T-1], from ONE log_softmax:
+    its [B, T-1, vocab] fp32 output is the biggest tensor of an update step."""
+    logp_all = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+    logp = logp_all.gather(-1, idx[:, 1:].unsqueeze(-1)).squeeze(-1)
+    with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
+        entropy = -(logp_all.exp() * logp_all).sum(-1)
+    return logp, entropy
 
 
 def gae(rewards, values, mask, gamma: float, lam: float):
@@ -219,13 +224,12 @@ def gae(rewards, values, mask, gamma: float, lam: float):
 
 def group_advantages(scores, group, eps: float = 1e-4):
     """(r - mean) / (std + eps) within each prompt's group of responses: [N]."""
-    adv = torch.zeros_like(scores)
-    for g in group.unique():
-        sel = group == g
-        r = scores[sel]
-        std = r.std(unbiased=False) if r.numel() > 1 else torch.zeros((), device=r.device)
-        adv[sel] = (r - r.mean()) / (std + eps)
-    return adv
+    _, member, counts = group.unique(return_inverse=True, return_counts=True)  # member: row -> group
+    n = counts.to(scores.dtype)
+    mean = torch.zeros_like(n).index_add_(0, member, scores) / n
+    centered = scores - mean[member]
+    std = (torch.zeros_like(n).index_add_(0, member, centered ** 2) / n).sqrt()  # biased, as GRPO
+    return centered / (std[member] + eps)
 
 
 @torch.no_grad()
@@ -270,13 +274,12 @@ def minibatch_loss(model: PolicyWithValue, ro: Rollout, sel, args: RLArgs):
     """The loss of one minibatch (indices sel into the rollout) and its statistics."""
     idx, mask = ro.idx[sel], ro.mask[sel]
     logits, values = model(idx)
-    logp = token_logprobs(logits, idx)
+    logp, entropy = logprobs_and_entropy(logits, idx, entropy_grad=bool(args.ent_coef))
+    entropy = masked_mean(entropy, mask)
     old_logp, adv = ro.logp[sel], ro.advantages[sel]
     log_ratio = (logp - old_logp) * mask
     ratio = torch.exp(log_ratio)
     pg = torch.maximum(-adv * ratio, -adv * ratio.clamp(1 - args.clip_eps, 1 + args.clip_eps))
-    with torch.set_grad_enabled(bool(args.ent_coef) and torch.is_grad_enabled()):
-        entropy = masked_mean(entropy_from_logits(logits[:, :-1]), mask)
     with torch.no_grad():
         stats = {"entropy": entropy.item(),
                  "clip_frac": masked_mean(((ratio - 1).abs() > args.clip_eps).float(), mask).item(),
@@ -416,13 +419,9 @@ class RLHFTrainer:
         with self._autocast():
             ro = sample_responses(self.policy, self.eval_prompts, a.eval_samples, a.max_new_tokens,
                                   self.eot_id, a.temperature, a.top_k, gen)
-            scores, kls = [], []
-            for i in range(0, len(ro), 32):
-                idx, mask = ro.idx[i:i + 32], ro.mask[i:i + 32]
-                scores.append(self.reward_model(idx, ro.lengths[i:i + 32]).float())
-                kls.append(((token_logprobs(self.policy(idx), idx) - token_logprobs(self.ref(idx), idx))
-                            * mask).sum(1))
-        return {"eval_reward": torch.cat(scores).mean().item(), "eval_kl": torch.cat(kls).mean().item()}
+            score_rollout(ro, self.model, self.ref, self.reward_model)
+        kl = ((ro.logp - ro.ref_logp) * ro.mask).sum(1)
+        return {"eval_reward": ro.scores.mean().item(), "eval_kl": kl.mean().item()}
 
     # -- checkpoints ------------------------------------------------------------------------------
     def state_dict(self) -> dict:
