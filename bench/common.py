@@ -271,13 +271,16 @@ def device_slug(cuda: bool | None = None) -> str:
 
 
 def git_commit(repo_dir=None) -> str:
+    """HEAD of the checkout; where there is no .git (a copied tree on a device machine), the
+    commit the caller names in TRITONGPT_GIT_COMMIT (bench/gpu_session.sh passes it on)."""
     repo_dir = repo_dir or Path(__file__).resolve().parent.parent
+    fallback = os.environ.get("TRITONGPT_GIT_COMMIT", "").strip() or "unknown"
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo_dir, capture_output=True,
                              text=True, timeout=10)
     except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    return out.stdout.strip() if out.returncode == 0 and out.stdout.strip() else "unknown"
+        return fallback
+    return out.stdout.strip() if out.returncode == 0 and out.stdout.strip() else fallback
 
 
 def nvidia_driver() -> str:

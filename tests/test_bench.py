@@ -3,6 +3,7 @@
 import json
 import math
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -358,6 +359,17 @@ def test_slug_and_environment():
     for key in report.REQUIRED_ENV:
         assert key in env
     assert env["torch"] == torch.__version__
+
+
+def test_git_commit_outside_a_checkout_takes_the_named_one(tmp_path, monkeypatch):
+    monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(tmp_path.parent))  # git must not find /work's repo
+    monkeypatch.delenv("TRITONGPT_GIT_COMMIT", raising=False)
+    assert common.git_commit(tmp_path) == "unknown"
+    monkeypatch.setenv("TRITONGPT_GIT_COMMIT", "0123abc")
+    assert common.git_commit(tmp_path) == "0123abc"
+    if (Path(common.__file__).resolve().parent.parent / ".git").exists():
+        head = common.git_commit()  # a git checkout: git's answer wins over the named one
+        assert head != "0123abc" and len(head) == 40
 
 
 # -- the CLI without CUDA -------------------------------------------------------------------------------------

@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# A GPU session's device work in one call: install this checkout, run the CUDA-marked tests,
+# then `tritongpt bench all`. Device time is scarce (a lent H100/H200 for ~15 minutes a
+# session, at most 10 a call), so everything is time-boxed and every result lands under $OUT.
+#
+#   TRITONGPT_GIT_COMMIT=<hash of HEAD> bash bench/gpu_session.sh [all|tests|bench]   (default: all)
+#   env: OUT (default ./gpu-out), TEST_SECONDS (150), BENCH_MINUTES (5.5), PYTHON (python3)
+# The device gets a copy of the working tree without .git, so name the commit: results record it.
+#
+# Afterwards, on the development machine: copy $OUT/results/<device>/ to bench/results/ and
+# commit it with the test log; bench/results/README.md says what each file holds.
+set -uo pipefail
+what=${1:-all}
+OUT=${OUT:-$PWD/gpu-out}
+PY=${PYTHON:-python3}
+mkdir -p "$OUT"
+cd "$(dirname "$0")/.."
+
+# The device machine has torch and triton but no network: install without dependencies. If
+# pip cannot (read-only environment), lay the package out by symlinks and use PYTHONPATH.
+if ! $PY -m pip install -q --no-deps --no-build-isolation -e . >"$OUT/install.log" 2>&1; then
+    echo "pip install failed (see install.log); using a symlinked tritongpt on PYTHONPATH"
+    farm=$(mktemp -d)/tritongpt
+    mkdir -p "$farm"
+    for f in tritongpt/*.py; do ln -s "$PWD/$f" "$farm/"; done
+    for d in kernels model train bench; do ln -s "$PWD/$d" "$farm/$d"; done
+    export PYTHONPATH="$(dirname "$farm")${PYTHONPATH:+:$PYTHONPATH}"
+fi
+
+{
+    nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,temperature.gpu --format=csv
+    $PY -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, \
+'cuda', torch.version.cuda, torch.cuda.get_device_name(0))"
+} 2>&1 | tee "$OUT/machine.txt"
+
+if ! git rev-parse HEAD >/dev/null 2>&1 && [ -z "${TRITONGPT_GIT_COMMIT:-}" ]; then
+    echo "note: no .git here and TRITONGPT_GIT_COMMIT unset: results will say git_commit 'unknown'"
+fi
+
+rc=0
+if [ "$what" = all ] || [ "$what" = tests ]; then
+    echo "== CUDA tests (at most ${TEST_SECONDS:-150} s)"
+    timeout "${TEST_SECONDS:-150}" $PY -m pytest -m cuda -q -p no:cacheprovider \
+        --junitxml="$OUT/cuda-tests.xml" >"$OUT/cuda-tests.log" 2>&1
+    trc=$?
+    [ $trc -eq 124 ] && echo "CUDA tests TIMED OUT after ${TEST_SECONDS:-150} s"
+    tail -n 25 "$OUT/cuda-tests.log"
+    rc=$((rc | trc))
+fi
+if [ "$what" = all ] || [ "$what" = bench ]; then
+    echo "== tritongpt bench all (budget ${BENCH_MINUTES:-5.5} min)"
+    $PY -m tritongpt.cli bench all --max-minutes "${BENCH_MINUTES:-5.5}" --out "$OUT/results" \
+        >"$OUT/bench.log" 2>&1
+    brc=$?
+    tail -n 40 "$OUT/bench.log"
+    rc=$((rc | brc))
+fi
+exit $rc
