@@ -172,14 +172,15 @@ def _settings(args):
 def _run_gpu(args):
     import torch
 
-    from tritongpt.bench.common import MODES, Budget, GpuTimer, dtype_from_name, environment
+    from tritongpt.bench.common import MODES, Budget, GpuTimer, environment
     from tritongpt.bench.kernels import (ALL_PROVIDERS, FULL_SIZES, PROVIDERS, QUICK_SIZES,
                                          ceiling_value, kernel_targets, measure_ceilings, run_kernels)
     from tritongpt.bench.report import console_summary, make_result, write_result, write_summary
     from tritongpt.bench.train_step import TRAIN_PROVIDERS, parse_provider, run_train, train_targets
+    from tritongpt.train.common import pick_dtype
     from tritongpt.train.loop import peak_flops
 
-    dtype = dtype_from_name(args.dtype)
+    dtype = pick_dtype(args.dtype, torch.device("cuda"))  # the trainers' names, and auto = bf16
     out_root = args.out or "bench/results"
     log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
     env = environment()

@@ -356,15 +356,5 @@ def try_import(dotted: str, attr: str | None = None):
         return None, f"{dotted}{'.' + attr if attr else ''} not importable ({reason_of(e, 120)})"
 
 
-def dtype_from_name(name: str) -> torch.dtype:
-    table = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16,
-             "float16": torch.float16, "fp32": torch.float32, "float32": torch.float32}
-    if name not in table:
-        from tritongpt.errors import UserError
-
-        raise UserError(f"unknown --dtype {name!r}; use bf16, fp16 or fp32")
-    return table[name]
-
-
 def dtype_name(dtype: torch.dtype) -> str:
     return {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}.get(dtype, str(dtype))
