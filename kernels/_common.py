@@ -3,6 +3,10 @@
 Kernels call these before launching, so that bad input gives a one-line ValueError /
 TypeError / RuntimeError naming the tensor, instead of a Triton crash or a wrong answer.
 """
+import functools
+import re
+
+import numpy as np
 import torch
 import triton
 import triton.language as tl
@@ -63,8 +67,29 @@ def check_runnable(t, name: str = "input"):
             raise RuntimeError(
                 f"{name} is a CPU tensor but Triton's interpreter is off: set TRITON_INTERPRET=1 "
                 "before importing triton (or `import tritongpt` first)")
+        problem = interpreter_problem(triton.__version__, np.__version__)
+        if problem:
+            raise RuntimeError(problem)
         return
     raise ValueError(f"{name} is on {t.device}; Triton kernels run on CUDA, or on CPU with TRITON_INTERPRET=1")
+
+
+def _version(text: str) -> tuple:
+    return tuple(int(p) for p in re.findall(r"\d+", text)[:2])
+
+
+@functools.lru_cache(maxsize=None)
+def interpreter_problem(triton_version: str, numpy_version: str):
+    """Why this Triton's interpreter cannot run the kernels with this NumPy, or None.
+
+    Measured: Triton 3.6's interpreter turns 1-element arrays into Python ints (loop bounds),
+    which NumPy 2.4 refuses ("only 0-dimensional arrays can be converted"); 3.6 with NumPy 2.3
+    and 3.7 / 3.8 with NumPy 2.4 run the whole kernel suite.
+    """
+    if _version(triton_version) < (3, 7) and _version(numpy_version) >= (2, 4):
+        return (f"Triton {triton_version}'s CPU interpreter fails with NumPy {numpy_version}: "
+                "install triton>=3.7 or numpy<2.4 to run the Triton kernels on the CPU")
+    return None
 
 
 # Two Triton 3.8 interpreter bugs with bf16, which numpy lacks (the interpreter keeps it as raw

@@ -29,6 +29,15 @@ def resolve_kernels(spec, device) -> frozenset:
     if device.type == "cpu" and not triton_interpreting():
         raise UserError("the Triton path on CPU runs through Triton's interpreter: set "
                         "TRITON_INTERPRET=1 before triton is imported (or import tritongpt first)")
+    if device.type == "cpu":
+        import numpy
+        import triton
+
+        from tritongpt.kernels._common import interpreter_problem
+
+        problem = interpreter_problem(triton.__version__, numpy.__version__)
+        if problem:
+            raise UserError(problem)
     if device.type not in ("cpu", "cuda"):
         raise UserError(f"the Triton path needs a CUDA or CPU device, not {device.type}")
     return frozenset(names)
