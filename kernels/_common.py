@@ -3,7 +3,6 @@
 Kernels call these before launching, so that bad input gives a one-line ValueError /
 TypeError / RuntimeError naming the tensor, instead of a Triton crash or a wrong answer.
 """
-import functools
 import re
 
 import numpy as np
@@ -67,9 +66,8 @@ def check_runnable(t, name: str = "input"):
             raise RuntimeError(
                 f"{name} is a CPU tensor but Triton's interpreter is off: set TRITON_INTERPRET=1 "
                 "before importing triton (or `import tritongpt` first)")
-        problem = interpreter_problem(triton.__version__, np.__version__)
-        if problem:
-            raise RuntimeError(problem)
+        if INTERPRETER_PROBLEM:
+            raise RuntimeError(INTERPRETER_PROBLEM)
         return
     raise ValueError(f"{name} is on {t.device}; Triton kernels run on CUDA, or on CPU with TRITON_INTERPRET=1")
 
@@ -78,7 +76,6 @@ def _version(text: str) -> tuple:
     return tuple(int(p) for p in re.findall(r"\d+", text)[:2])
 
 
-@functools.lru_cache(maxsize=None)
 def interpreter_problem(triton_version: str, numpy_version: str):
     """Why this Triton's interpreter cannot run the kernels with this NumPy, or None.
 
@@ -90,6 +87,10 @@ def interpreter_problem(triton_version: str, numpy_version: str):
         return (f"Triton {triton_version}'s CPU interpreter fails with NumPy {numpy_version}: "
                 "install triton>=3.7 or numpy<2.4 to run the Triton kernels on the CPU")
     return None
+
+
+# Decided once: check_runnable runs on every kernel call, also inside torch.compile's tracing.
+INTERPRETER_PROBLEM = interpreter_problem(triton.__version__, np.__version__)
 
 
 # Two Triton 3.8 interpreter bugs with bf16, which numpy lacks (the interpreter keeps it as raw

@@ -30,14 +30,10 @@ def resolve_kernels(spec, device) -> frozenset:
         raise UserError("the Triton path on CPU runs through Triton's interpreter: set "
                         "TRITON_INTERPRET=1 before triton is imported (or import tritongpt first)")
     if device.type == "cpu":
-        import numpy
-        import triton
+        from tritongpt.kernels._common import INTERPRETER_PROBLEM
 
-        from tritongpt.kernels._common import interpreter_problem
-
-        problem = interpreter_problem(triton.__version__, numpy.__version__)
-        if problem:
-            raise UserError(problem)
+        if INTERPRETER_PROBLEM:
+            raise UserError(INTERPRETER_PROBLEM)
     if device.type not in ("cpu", "cuda"):
         raise UserError(f"the Triton path needs a CUDA or CPU device, not {device.type}")
     return frozenset(names)

@@ -190,8 +190,7 @@ def test_interpreter_too_old_for_numpy_says_what_to_install(monkeypatch):
     assert _common.interpreter_problem("3.6.0", "2.3.5") is None
     assert "install triton>=3.7 or numpy<2.4" in _common.interpreter_problem("3.6.0", "2.4.1")
     # and the kernels say it before launching, instead of the interpreter's TypeError
-    monkeypatch.setattr(_common.triton, "__version__", "3.6.0")
-    monkeypatch.setattr(_common.np, "__version__", "2.4.6")
+    monkeypatch.setattr(_common, "INTERPRETER_PROBLEM", _common.interpreter_problem("3.6.0", "2.4.6"))
     if _common.triton_interpreting():
         with pytest.raises(RuntimeError, match=r"Triton 3.6.0's CPU interpreter fails with NumPy 2.4.6"):
             layer_norm(torch.randn(2, 8), torch.ones(8), torch.zeros(8))
