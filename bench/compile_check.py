@@ -38,8 +38,9 @@ LN_WIDTHS = (768, 1600, 8192)
 MLP_WIDTH = 768
 ATTN_SEQ = 1024
 ATTN_HEAD_DIMS = (16, 32, 64, 80, 96, 128)
-# Per-block limits of sm_90 (H100/H200): the numbers Triton checks before launching a kernel.
-MAX_SHARED_BYTES = 232448  # 227 KB opt-in dynamic shared memory
+# Per-block limits Triton checks before launching a kernel: opt-in dynamic shared memory by
+# compute capability (CUDA programming guide, "compute capabilities" table) and registers.
+MAX_SHARED_BYTES = {90: 232448, 80: 166912, 86: 101376, 89: 101376}  # H100/H200, A100, RTX 30xx, L4/RTX 40xx
 MAX_REGS_PER_BLOCK = 65536
 
 
@@ -177,7 +178,7 @@ def _compile(job_index, arch):
         out["num_warps"] = int(kernel.metadata.num_warps)
         out["tensor_core_ops"] = len(re.findall(r"\b(?:wgmma\.mma_async|mma\.sync)", kernel.asm["ptx"]))
         out["ptx_sha1"] = ptx_fingerprint(kernel.asm["ptx"])
-        out["status"] = _status(out)
+        out["status"] = _status(out, arch)
     except Exception as exc:  # a compile error is a result to report, not a crash of the check
         out["status"] = "error"
         out["error"] = f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1][:300] if str(exc).strip() else ''}"
@@ -212,8 +213,8 @@ def _resources(cubin: bytes) -> dict:
     return {"registers": int(m.group(1)), "local_bytes": int(m.group(2))}
 
 
-def _status(r) -> str:
-    if r["shared"] > MAX_SHARED_BYTES:
+def _status(r, arch=90) -> str:
+    if r["shared"] > MAX_SHARED_BYTES[arch]:
         return "too much shared memory"
     if r["registers"] * r["num_warps"] * 32 > MAX_REGS_PER_BLOCK:
         return "too many registers"
@@ -283,7 +284,8 @@ def markdown(env, rows, verdicts) -> str:
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--arch", type=int, default=90, help="compute capability x10 (default %(default)s: H100/H200)")
+    p.add_argument("--arch", type=int, default=90, choices=sorted(MAX_SHARED_BYTES),
+                   help="compute capability x10 (default %(default)s: H100/H200; 80: A100; 86/89: RTX 30xx/40xx, L4)")
     p.add_argument("--quick", action="store_true", help="bf16, a few sizes and the shapes GPT-2 small uses")
     p.add_argument("--out", default=None, help="write compile.json and compile.md under OUT/sm<arch>-offline/")
     p.add_argument("--workers", type=int, default=None, help="compile processes (default: CPU count, at most 8)")

@@ -41,7 +41,8 @@ def test_every_kernel_launch_builds_for_sm90(tmp_path):
 def test_status_flags_what_autotune_would_skip_or_regret():
     ok = dict(shared=65536, registers=200, num_warps=4, local_bytes=0)
     assert compile_check._status(ok) == "ok"
-    assert compile_check._status({**ok, "shared": compile_check.MAX_SHARED_BYTES + 1}) == "too much shared memory"
+    assert compile_check._status({**ok, "shared": compile_check.MAX_SHARED_BYTES[90] + 1}) == "too much shared memory"
+    assert compile_check._status({**ok, "shared": 120_000}, arch=89) == "too much shared memory"  # 99 KB there
     assert compile_check._status({**ok, "registers": 255, "num_warps": 16}) == "too many registers"
     assert compile_check._status({**ok, "local_bytes": 64}) == "spills"
 
