@@ -63,6 +63,8 @@ def add_cli(sub):
                    help="time budget for the whole run; later work is recorded as skipped (default %(default)s)")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     p.add_argument("--strict", action="store_true", help="exit 1 when a target FAILs")
+    p.add_argument("--arch", type=int, default=90,
+                   help="compile: compute capability x10 to build for (90 H100/H200, 80 A100, 86/89 RTX/L4)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads for the CPU-side timings (default: torch's choice)")
     k = p.add_argument_group("kernels")
@@ -156,7 +158,8 @@ def _run_compile(args):
     import subprocess
 
     cmd = [sys.executable, "-m", "tritongpt.bench.compile_check"]
-    cmd += ["--quick"] * args.quick + ["--strict"] * args.strict + (["--out", args.out] if args.out else [])
+    cmd += ["--arch", str(args.arch)] + ["--quick"] * args.quick + ["--strict"] * args.strict
+    cmd += ["--out", args.out] if args.out else []
     return subprocess.run(cmd, env={**os.environ, "TRITON_INTERPRET": "0"}).returncode
 
 
