@@ -362,17 +362,19 @@ def _tuned(configs, prune):
 
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages): H100 starting points from the Triton fused-attention
-# tutorial and FlashAttention-2, each compiled for sm_90 (ptxas, no GPU) at head dims 32-128:
-# every key (dtype bf16, head dim, causal, dropout) keeps at least one config without register
-# spills. The 8-warp variants matter at head_dim 96/128 and with dropout (Philox needs
-# registers); BLOCK_M = 16 is for decode and short chunks. The last entry of each list is the
-# fallback when pruning leaves nothing.
-_attn_fwd_run = _tuned([(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3),
-                        (16, 128, 4, 3), (16, 64, 4, 3)], _prune_query_tile)(_attn_fwd)
+# tutorial and FlashAttention-2. The 8-warp variants matter at head_dim 96/128 and with dropout
+# (Philox needs registers); BLOCK_M = 16 is for decode and short chunks. The small 2-stage tiles
+# are there for GPUs with 99 KB of shared memory per block (sm_86/89: RTX 30xx/40xx, L4), where
+# in fp32 every bigger tile is OutOfResources and autotune would have nothing left to launch.
+# `tritongpt bench compile --arch 90|80|89` builds every entry for every launch: on each of those
+# architectures every launch keeps a config that fits and does not spill. The last entry of each
+# list is the fallback when pruning leaves nothing.
+_attn_fwd_run = _tuned([(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3), (32, 32, 4, 2),
+                        (16, 128, 4, 3), (16, 64, 4, 3), (16, 32, 4, 2)], _prune_query_tile)(_attn_fwd)
 _attn_bwd_dkdv_run = _tuned([(32, 128, 8, 3), (64, 128, 8, 3), (64, 64, 8, 3), (32, 64, 8, 3),
-                             (32, 64, 4, 4), (16, 64, 4, 3)], _prune_streamed_rows)(_attn_bwd_dkdv)
-_attn_bwd_dq_run = _tuned([(128, 32, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3), (64, 64, 8, 3),
-                           (16, 64, 4, 3)], _prune_query_tile)(_attn_bwd_dq)
+                             (32, 64, 4, 4), (16, 64, 4, 3), (16, 32, 4, 2)], _prune_streamed_rows)(_attn_bwd_dkdv)
+_attn_bwd_dq_run = _tuned([(128, 32, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3), (64, 64, 8, 3), (32, 32, 4, 2),
+                           (16, 64, 4, 3), (16, 32, 4, 2)], _prune_query_tile)(_attn_bwd_dq)
 
 
 def _fixed_blocks():
