@@ -132,7 +132,9 @@ def test_torchrun_two_cpu_processes_runs_the_real_cli(corpus, tmp_path):
     import sys
 
     out = tmp_path / "ddp"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # unbuffered: rank 0's report reaches the pipe when printed, not at its exit-time flush (a
+    # guess at the one unexplained failure below, where stdout lacked the report with exit code 0)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     # `python -m torch.distributed.run` is the torchrun console script, pinned to this Python
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
            "-m", "tritongpt.cli", "pretrain",
