@@ -1,4 +1,4 @@
-"""Offline compile check: every Triton launch of the GPU path, built for Hopper without a GPU.
+"""Offline compile check: every Triton launch of the GPU path, built for a GPU without one.
 
 Why: the CPU interpreter proves the kernels' arithmetic but compiles nothing, so a change can
 pass every test on a CPU machine and still fail to build for a GPU, spill registers to local
@@ -11,11 +11,13 @@ memory, or ask for more shared memory than an SM has. This check catches those o
   2. configs  For an autotuned kernel, the configs its autotuner would time for that launch
               (after its early prune); for a plain kernel, the one launch as made.
   3. compile  Triton's own compiler and the ptxas it ships build each (launch, config) for the
-              target (default sm_90: H100/H200); cuobjdump then reads registers per thread,
+              target (--arch: 90 H100/H200, the default; 80 A100; 86/89 RTX 30xx/40xx, L4);
+              cuobjdump then reads registers per thread,
               local memory (spills) and shared memory from the binary.
 
-A launch passes when at least one config it may run builds, fits the SM (shared memory <= 227
-KB, registers x threads <= 64K: else autotune skips it as OutOfResources) and spills nothing.
+A launch passes when at least one config it may run builds, fits the SM (shared memory within
+the architecture's per-block limit, 227 KB on sm_90 and 99 KB on sm_89; registers x threads
+<= 64K: else autotune skips it as OutOfResources) and spills nothing.
 Spilling configs that still fit are listed as warnings: autotune may pick one if it is fastest.
 
 Needs Triton's compiled mode, so `tritongpt bench compile` runs this module in a subprocess with
