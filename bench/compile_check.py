@@ -183,7 +183,9 @@ def _compile(job_index, arch):
         out["status"] = _status(out, arch)
     except Exception as exc:  # a compile error is a result to report, not a crash of the check
         out["status"] = "error"
-        out["error"] = f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1][:300] if str(exc).strip() else ''}"
+        # the last line: Triton's CompilationError puts the source excerpt first, the cause last
+        lines = str(exc).strip().splitlines() or [""]
+        out["error"] = f"{type(exc).__name__}: {lines[-1][:300]}"
     out["compile_s"] = round(time.perf_counter() - t0, 2)
     return out
 

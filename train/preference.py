@@ -165,10 +165,19 @@ def pair_batch(encoded: list, pad_id: int, device="cpu"):
     return idx, lengths, response_mask(prompt_lens, lengths, idx.size(1))
 
 
+def next_token_logprobs(logits):
+    """log p(. | idx[:, :t+1]) for t < T-1 over the whole vocabulary, in fp32: [B, T-1, V]."""
+    return torch.log_softmax(logits[:, :-1].float(), dim=-1)
+
+
+def pick_next_tokens(logp_all, idx):
+    """From next_token_logprobs, the entries of the tokens that did come next: [B, T-1]."""
+    return logp_all.gather(-1, idx[:, 1:].unsqueeze(-1)).squeeze(-1)
+
+
 def token_logprobs(logits, idx):
     """log p(idx[:, t+1] | idx[:, :t+1]) for t < T-1, in fp32: [B, T-1]."""
-    logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
-    return logp.gather(-1, idx[:, 1:].unsqueeze(-1)).squeeze(-1)
+    return pick_next_tokens(next_token_logprobs(logits), idx)
 
 
 def sequence_logprobs(model, idx, mask):

@@ -42,7 +42,8 @@ from tritongpt.errors import UserError
 from tritongpt.model.gpt import GPTModel
 from tritongpt.train import common
 from tritongpt.train.generate import generate
-from tritongpt.train.preference import encode_text, pad_sequences, response_mask, token_logprobs
+from tritongpt.train.preference import (encode_text, next_token_logprobs, pad_sequences, pick_next_tokens,
+                                        response_mask, token_logprobs)
 
 
 @dataclass
@@ -196,8 +197,8 @@ def masked_whiten(x, mask, eps=1e-8):
 def logprobs_and_entropy(logits, idx, entropy_grad: bool):
     """token_logprobs(logits, idx) and each position's entropy [B, T-1], from ONE log_softmax:
     its [B, T-1, vocab] fp32 output is the biggest tensor of an update step."""
-    logp_all = torch.log_softmax(logits[:, :-1].float(), dim=-1)
-    logp = logp_all.gather(-1, idx[:, 1:].unsqueeze(-1)).squeeze(-1)
+    logp_all = next_token_logprobs(logits)
+    logp = pick_next_tokens(logp_all, idx)
     with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
         entropy = -(logp_all.exp() * logp_all).sum(-1)
     return logp, entropy
