@@ -65,6 +65,8 @@ def add_cli(sub):
     p.add_argument("--strict", action="store_true", help="exit 1 when a target FAILs")
     p.add_argument("--arch", type=int, default=90,
                    help="compile: compute capability x10 to build for (90 H100/H200, 80 A100, 86/89 RTX/L4)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="compile: build processes (default: CPU count, at most 8)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads for the CPU-side timings (default: torch's choice)")
     k = p.add_argument_group("kernels")
@@ -160,6 +162,7 @@ def _run_compile(args):
     cmd = [sys.executable, "-m", "tritongpt.bench.compile_check"]
     cmd += ["--arch", str(args.arch)] + ["--quick"] * args.quick + ["--strict"] * args.strict
     cmd += ["--out", args.out] if args.out else []
+    cmd += ["--workers", str(args.workers)] if args.workers else []
     return subprocess.run(cmd, env={**os.environ, "TRITON_INTERPRET": "0"}).returncode
 
 

@@ -51,3 +51,52 @@ def test_refuses_to_run_under_the_interpreter(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     with pytest.raises(SystemExit, match="TRITON_INTERPRET=0"):
         compile_check.main(["--quick"])
+
+
+# Run with the interpreter off in a fresh process. A stand-in CUDA driver lets the JIT's own
+# launch path (binder, cache key, triton.compile) run up to the launch without a GPU.
+_JIT_PROBE = r"""
+import json, os, sys
+from tritongpt.bench import compile_check as cc
+from triton.backends.compiler import GPUTarget
+from triton.runtime.driver import driver
+
+launches = cc.capture(quick=True)
+jobs = {}
+for launch in launches:
+    if launch.name in ("_layer_norm_fwd_kernel", "_layer_norm_bwd_kernel") and launch.name not in jobs:
+        jobs[launch.name] = (launch, *launch.configs()[0])
+cc._JOBS[:] = [jobs["_layer_norm_fwd_kernel"]]
+row = cc._compile(0, 90)                       # what the check (and gpu_session.sh) writes
+cache = os.environ["TRITON_CACHE_DIR"]
+n_check = len(os.listdir(cache))
+
+class StandInDriver:  # what JITFunction.run asks of the driver before it launches
+    def get_current_device(self): return 0
+    def get_current_stream(self, device=None): return 0
+    def get_current_target(self): return GPUTarget("cuda", 90, 32)
+
+driver.set_active(StandInDriver())
+for name in ("_layer_norm_fwd_kernel", "_layer_norm_bwd_kernel"):  # checked, then not checked
+    launch, _, kwargs = jobs[name]
+    kernel = launch.jit_fn().warmup(*launch.args, grid=(1,), **kwargs)
+    n_after = len(os.listdir(cache))
+    print(json.dumps({"kernel": name, "entries": n_after, "hash": kernel.hash}))
+print(json.dumps({"check_status": row["status"], "check_entries": n_check}))
+"""
+
+
+@pytest.mark.skipif(not PTXAS.exists(), reason="this Triton build ships no ptxas")
+def test_check_fills_the_cache_a_jit_launch_reads(tmp_path):
+    """gpu_session.sh runs the check on all cores before the tests and the bench, so autotune
+    loads binaries instead of compiling them one by one on the clock. That only helps if the
+    check writes the very cache entry the JIT's launch looks up: same binder, same key."""
+    env = {**os.environ, "TRITON_INTERPRET": "0", "TRITON_CACHE_DIR": str(tmp_path / "cache")}
+    proc = subprocess.run([sys.executable, "-c", _JIT_PROBE], capture_output=True, text=True,
+                          timeout=600, env=env)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    fwd, bwd, check = (json.loads(line) for line in proc.stdout.strip().splitlines()[-3:])
+    assert check["check_status"] == "ok" and check["check_entries"] == 1
+    assert fwd["entries"] == 1, "the JIT compiled again: the check's entry has another key"
+    assert bwd["entries"] == 2, "the stand-in driver path did not compile a kernel it had not seen"
+    assert fwd["hash"] != bwd["hash"]
