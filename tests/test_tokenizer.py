@@ -212,21 +212,23 @@ def test_default_tokenizer_is_cached_and_retrained_when_stale(tmp_path, monkeypa
     assert calls == [4096, 4096]
 
 
+@pytest.fixture(scope="module")
+def pair():
+    """Our tokenizer and tiktoken's, both built from GPT-2's published files (built once)."""
+    import tiktoken
+    from tiktoken.load import data_gym_to_mergeable_bpe_ranks
+
+    ours = BPETokenizer.from_gpt2_files(GPT2_DIR / "encoder.json", GPT2_DIR / "vocab.bpe")
+    ranks = data_gym_to_mergeable_bpe_ranks(str(GPT2_DIR / "vocab.bpe"), str(GPT2_DIR / "encoder.json"))
+    # tiktoken's own spelling of GPT-2's regex, not ours: the pre-tokenisers must agree too.
+    pat = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+    ref = tiktoken.Encoding("gpt2-offline", pat_str=pat, mergeable_ranks=ranks,
+                            special_tokens={EOT: 50256}, explicit_n_vocab=50257)
+    return ours, ref
+
+
 @pytest.mark.skipif(not HAVE_GPT2, reason="needs ../shared/gpt2/encoder.json and vocab.bpe")
 class TestGPT2Files:
-    @pytest.fixture(scope="class")
-    def pair(self):
-        import tiktoken
-        from tiktoken.load import data_gym_to_mergeable_bpe_ranks
-
-        ours = BPETokenizer.from_gpt2_files(GPT2_DIR / "encoder.json", GPT2_DIR / "vocab.bpe")
-        ranks = data_gym_to_mergeable_bpe_ranks(str(GPT2_DIR / "vocab.bpe"), str(GPT2_DIR / "encoder.json"))
-        # tiktoken's own spelling of GPT-2's regex, not ours: the pre-tokenisers must agree too.
-        pat = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
-        ref = tiktoken.Encoding("gpt2-offline", pat_str=pat, mergeable_ranks=ranks,
-                                special_tokens={EOT: 50256}, explicit_n_vocab=50257)
-        return ours, ref
-
     def test_same_vocabulary(self, pair):
         ours, ref = pair
         assert ours.vocab_size == ref.n_vocab == 50257 and ours.eot_id == ref.eot_token == 50256
