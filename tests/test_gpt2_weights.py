@@ -62,7 +62,10 @@ def test_bad_files(tmp_path):
 
 
 def test_offline_download_is_a_clear_error(tmp_path, monkeypatch):
-    pytest.importorskip("huggingface_hub")
+    hub = pytest.importorskip("huggingface_hub")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    # The hub reads the variable once, at import: if another test imported it first (transformers
+    # does), only the constant stops the real network attempt (~23 s of timeouts here).
+    monkeypatch.setattr(hub.constants, "HF_HUB_OFFLINE", True, raising=False)
     with pytest.raises(UserError, match="could not fetch"):
         load_gpt2_pretrained("gpt2-small", cache_dir=tmp_path)
