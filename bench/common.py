@@ -66,6 +66,17 @@ def layernorm_bytes(m: int, n: int, elem: int, mode: str, param_elem: int | None
     return {"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd + bwd}[_check_mode(mode)]
 
 
+def cross_entropy_bytes(n: int, v: int, elem: int, mode: str) -> int:
+    """Memory traffic of a loss over [n, v] logits that saves one float per row for backward.
+
+    forward reads the logits; backward reads them again and writes the gradient. (Per-row
+    targets, losses and lse are not counted.)
+    """
+    fwd = n * v * elem
+    bwd = 2 * n * v * elem
+    return {"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd + bwd}[_check_mode(mode)]
+
+
 def _check_mode(mode: str) -> str:
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")

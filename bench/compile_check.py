@@ -5,7 +5,7 @@ pass every test on a CPU machine and still fail to build for a GPU, spill regist
 memory, or ask for more shared memory than an SM has. This check catches those on any machine:
 
   1. capture  The real launchers (`_fwd_launch` / `_bwd_launch` in kernels/layernorm.py,
-              mlp.py and attention.py) run on meta tensors (shapes, dtypes and strides, no
+              mlp.py, attention.py and cross_entropy.py) run on meta tensors (shapes, dtypes and strides, no
               data) at GPT-2 sizes. Each `kernel[grid](...)` is recorded instead of launched,
               with exactly the arguments a GPU run would pass.
   2. configs  For an autotuned kernel, the configs its autotuner would time for that launch
@@ -34,8 +34,10 @@ import tempfile
 import time
 from pathlib import Path
 
-# Sizes of the launches to compile: GPT-2 small/XL widths, 16k tokens, T = 1024 (decode: 1 query).
+# Sizes of the launches to compile: GPT-2 small/XL widths, 16k tokens, T = 1024 (decode: 1 query),
+# GPT-2's vocabulary for the loss.
 TOKENS = 16384
+VOCAB = 50257
 LN_WIDTHS = (768, 1600, 8192)
 MLP_WIDTH = 768
 ATTN_SEQ = 1024
@@ -103,7 +105,7 @@ def capture(quick=False):
     from triton.runtime.autotuner import Autotuner
     from triton.runtime.jit import JITFunction
 
-    from tritongpt.kernels import attention, layernorm, mlp
+    from tritongpt.kernels import attention, cross_entropy, layernorm, mlp
 
     launches, case = [], [""]
 
@@ -132,6 +134,12 @@ def capture(quick=False):
             w2, b2 = torch.empty(c, 4 * c, dtype=dt, **meta), torch.empty(c, dtype=dt, **meta)
             _, h = mlp._fwd_launch(x, w1, b1, w2, b2)
             mlp._bwd_launch(torch.empty_like(x), x, h, w1, w2)
+
+            case[0] = f"cross_entropy {name} {TOKENS}x{VOCAB}"
+            logits = torch.empty(TOKENS, VOCAB, dtype=dt, **meta)
+            targets = torch.empty(TOKENS, dtype=torch.int64, **meta)
+            _, lse = cross_entropy._fwd_launch(logits, targets, -100)
+            cross_entropy._bwd_launch(lse, logits, targets, lse, -100)
 
             head_dims = (64, 128) if quick else (ATTN_HEAD_DIMS if dt == torch.bfloat16 else (64,))
             for d in head_dims:

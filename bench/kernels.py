@@ -1,20 +1,21 @@
-"""Kernel benchmarks: LayerNorm, GELU-MLP and attention, every provider on the same random data.
+"""Kernel benchmarks: LayerNorm, GELU-MLP, attention and the LM loss, every provider on the same random data.
 
 Providers per op (a provider that cannot run gives a "skipped: why" row, never a crash):
-    reference   the textbook module from model/layers.py, eager
+    reference   the textbook module from model/layers.py (the loss: model/gpt.py lm_loss), eager
     torch       PyTorch's own op: F.layer_norm | addmm + F.gelu(tanh) + addmm |
                 F.scaled_dot_product_attention pinned to one backend with sdpa_kernel
-                (sdpa-flash, sdpa-cudnn, sdpa-efficient)
+                (sdpa-flash, sdpa-cudnn, sdpa-efficient) | F.cross_entropy on the bf16 logits
     compile     torch.compile of the reference module
     triton      ours: tritongpt.kernels.* (imported lazily)
-    liger       Liger-Kernel's LayerNorm, when liger_kernel is installed
+    liger       Liger-Kernel's LayerNorm and cross-entropy, when liger_kernel is installed
 Modes: fwd (inputs require grad, as in training), bwd (backward of a kept graph,
 retain_graph=True), fwd+bwd. Gradients are reset to None before each timed call.
 """
 import torch
 import torch.nn.functional as F
 
-from tritongpt.bench.common import (MODES, attention_flops, dtype_name, gbps, is_ok, layernorm_bytes,
+from tritongpt.bench.common import (MODES, attention_flops, cross_entropy_bytes, dtype_name, gbps, is_ok,
+                                    layernorm_bytes,
                                     make_row, matmul_flops, mlp_flops, reason_of,
                                     tflops, try_import)
 from tritongpt.kernels._common import saved_tensor_bytes
@@ -31,6 +32,7 @@ PROVIDERS = {
     "layernorm": ("reference", "torch", "compile", "triton", "liger"),
     "mlp": ("reference", "torch", "compile", "triton"),
     "attention": ("reference", *SDPA_BACKENDS, "compile", "triton"),
+    "cross_entropy": ("reference", "torch", "compile", "triton", "liger"),
 }
 ALL_PROVIDERS = tuple(sorted({p for v in PROVIDERS.values() for p in v}))
 
@@ -39,11 +41,13 @@ ALL_PROVIDERS = tuple(sorted({p for v in PROVIDERS.values() for p in v}))
 FULL_SIZES = dict(ln_rows=16384, ln_widths=(768, 1024, 1280, 1600),
                   mlp_rows=16384, mlp_widths=(768, 1024, 1280, 1600),
                   attn_seqlens=(256, 512, 1024, 2048, 4096, 8192), attn_head_dims=(64, 128),
-                  attn_tokens=16384, attn_width=2048)
+                  attn_tokens=16384, attn_width=2048,
+                  ce_rows=16384, ce_vocabs=(50257,))
 QUICK_SIZES = dict(ln_rows=4096, ln_widths=(768, 1600),
                    mlp_rows=4096, mlp_widths=(768,),
                    attn_seqlens=(1024,), attn_head_dims=(64,),
-                   attn_tokens=8192, attn_width=2048)
+                   attn_tokens=8192, attn_width=2048,
+                   ce_rows=4096, ce_vocabs=(50257,))
 
 
 def randn(*shape, device, dtype, scale=1.0, requires_grad=True):
@@ -175,6 +179,39 @@ def attention_providers(q, k, v, causal=True):
     out.update({name: sdpa(backend) for name, backend in SDPA_BACKENDS.items()})
     out.update({"compile": compiled, "triton": triton_op})
     return out
+
+
+def cross_entropy_providers(x, t):
+    """x: [N, V] logits (what the LM head gives), t: [N] targets; each provider returns the mean loss."""
+    from tritongpt.model.gpt import lm_loss
+
+    def reference():
+        return (lambda: lm_loss(x[None], t[None])), [x]
+
+    def torch_op():
+        return (lambda: F.cross_entropy(x, t)), [x]
+
+    def compiled():
+        fn = _fresh_compile(lm_loss)
+        return (lambda: fn(x[None], t[None])), [x]
+
+    def triton_op():
+        fn, why = try_import("tritongpt.kernels.cross_entropy", "cross_entropy")
+        if fn is None:
+            raise Unavailable(why)
+        return (lambda: fn(x, t)), [x]
+
+    def liger():
+        fn, why = try_import("liger_kernel.ops.cross_entropy", "LigerCrossEntropyFunction")
+        if fn is None:
+            raise Unavailable(why)
+        # Liger writes the gradient into the logits' buffer during forward: give it its own
+        # copy, so the other providers still read the same logits.
+        xl = x.detach().clone().requires_grad_()
+        return (lambda: fn.apply(xl, t, None)[0]), [xl]
+
+    return {"reference": reference, "torch": torch_op, "compile": compiled,
+            "triton": triton_op, "liger": liger}
 
 
 # -- the driver -----------------------------------------------------------------------------------------
@@ -395,7 +432,22 @@ def sweep_attention(timer, budget, seqlens, head_dims, dtype, tokens=16384, widt
     return out
 
 
-def run_kernels(timer, budget, dtype=torch.bfloat16, ops=("layernorm", "mlp", "attention"),
+def sweep_cross_entropy(timer, budget, rows_n, vocabs, dtype, modes=MODES, providers=None):
+    out = []
+    dev = timer.device
+    for v in vocabs:
+        cfg = {"rows": rows_n, "vocab": v, "dtype": dtype_name(dtype)}
+        x = randn(rows_n, v, device=dev, dtype=dtype, scale=3.0)  # logits of a trained LM's spread
+        t = torch.randint(0, v, (rows_n,), device=dev)
+        elem = x.element_size()
+        out += bench_providers("cross_entropy", cfg, cross_entropy_providers(x, t), modes, timer, budget,
+                               lambda m: {"bytes": cross_entropy_bytes(rows_n, v, elem, m)}, providers)
+        del x, t
+        timer.cleanup()
+    return out
+
+
+def run_kernels(timer, budget, dtype=torch.bfloat16, ops=("layernorm", "mlp", "attention", "cross_entropy"),
                 modes=MODES, providers=None, sizes=None, ceiling_sizes=None, log=print):
     """All sweeps plus the ceilings; returns (rows, ceilings)."""
     sizes = dict(FULL_SIZES, **(sizes or {}))
@@ -417,6 +469,9 @@ def run_kernels(timer, budget, dtype=torch.bfloat16, ops=("layernorm", "mlp", "a
             log(f"attention{label}: T {list(sizes['attn_seqlens'])}, head_dim {list(sizes['attn_head_dims'])} ...")
             rows += sweep_attention(timer, budget, sizes["attn_seqlens"], sizes["attn_head_dims"], dtype,
                                     sizes["attn_tokens"], sizes["attn_width"], modes, provs)
+        if "cross_entropy" in ops:
+            log(f"cross-entropy{label}: vocab {list(sizes['ce_vocabs'])} x {sizes['ce_rows']} rows ...")
+            rows += sweep_cross_entropy(timer, budget, sizes["ce_rows"], sizes["ce_vocabs"], dtype, modes, provs)
     add_ceiling_percent(rows, ceilings)
     return sort_rows(rows), ceilings
 
@@ -430,7 +485,7 @@ def sort_rows(rows):
         order = PROVIDERS.get(r["op"], ())
         prov = order.index(r["provider"]) if r["provider"] in order else len(order)
         c = r["config"]
-        cfg = (c.get("head_dim", 0), c.get("seq_len", 0), c.get("width", 0), c.get("rows", 0))
+        cfg = (c.get("head_dim", 0), c.get("seq_len", 0), c.get("width", 0), c.get("vocab", 0), c.get("rows", 0))
         return (ops.index(r["op"]) if r["op"] in ops else len(ops), r.get("mode") == "saved", cfg, prov,
                 mode_order.get(r.get("mode"), 9))
 

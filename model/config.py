@@ -14,7 +14,7 @@ class GPTConfig:
     dropout: float = 0.0
     bias: bool = True          # biases in Linear layers (GPT-2 has them)
     tie_weights: bool = True   # LM head shares the token-embedding matrix (GPT-2 does)
-    kernels: str = "reference"  # "reference" | "triton" | "auto" | comma list of layernorm,mlp,attention
+    kernels: str = "reference"  # "reference" | "triton" | "auto" | comma list of layernorm,mlp,attention,cross_entropy
 
     def __post_init__(self):
         for name in ("vocab_size", "context_length", "n_embd", "n_layer", "n_head"):

@@ -73,7 +73,8 @@ class GPTModel(nn.Module):
 
     # -- the toggle -------------------------------------------------------------------------
     def set_kernels(self, spec):
-        """Pick the path: "reference", "triton", "auto", or a subset of {"layernorm","mlp","attention"}.
+        """Pick the path: "reference", "triton", "auto", or a subset of
+        {"layernorm", "mlp", "attention", "cross_entropy"} (the last is the loss in forward(targets=)).
 
         Only flags change; the parameters (and so the state_dict) stay exactly as they are.
         """
@@ -119,9 +120,21 @@ class GPTModel(nn.Module):
             cache.pos += T
         return self.final_norm(x)
 
-    def forward(self, idx, cache: KVCache | None = None):
-        """Logits [B, T, vocab_size] for every position."""
-        return self.out_head(self.hidden(idx, cache))
+    def forward(self, idx, cache: KVCache | None = None, targets=None, ignore_index: int = -100):
+        """Logits [B, T, vocab_size] for every position; with targets [B, T], the mean LM loss instead.
+
+        The loss is computed here, not by the caller, so that the toggle reaches it (and DDP and
+        torch.compile see it as part of the model): reference lm_loss, or the fused Triton
+        cross-entropy (kernels/cross_entropy.py), which never makes an fp32 copy of the logits.
+        """
+        logits = self.out_head(self.hidden(idx, cache))
+        if targets is None:
+            return logits
+        if "cross_entropy" in self.kernels:
+            from tritongpt.kernels.cross_entropy import cross_entropy
+
+            return cross_entropy(logits, targets, ignore_index)
+        return lm_loss(logits, targets, ignore_index)
 
     def new_cache(self, batch_size: int, max_len: int | None = None, dtype=None) -> KVCache:
         w = self.tok_emb.weight
@@ -168,5 +181,8 @@ class GPTModel(nn.Module):
 
 
 def lm_loss(logits, targets, ignore_index: int = -100):
-    """Mean next-token cross-entropy over positions whose target is not ignore_index (in fp32)."""
+    """Mean next-token cross-entropy over positions whose target is not ignore_index (in fp32).
+
+    The reference loss. Triton twin: kernels/cross_entropy.py (cross_entropy), used by
+    GPTModel.forward(idx, targets=...) when the toggle includes "cross_entropy"."""
     return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=ignore_index)

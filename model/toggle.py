@@ -8,7 +8,7 @@ import torch
 from tritongpt._env import triton_interpreting
 from tritongpt.errors import UserError
 
-KERNEL_NAMES = ("layernorm", "mlp", "attention")
+KERNEL_NAMES = ("layernorm", "mlp", "attention", "cross_entropy")
 
 
 def resolve_kernels(spec, device) -> frozenset:

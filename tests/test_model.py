@@ -122,7 +122,7 @@ def test_lm_loss_ignores_masked_targets():
 def test_toggle_resolution_and_state_dict_unchanged():
     assert resolve_kernels("reference", "cpu") == frozenset()
     assert resolve_kernels("auto", "cpu") == frozenset()
-    assert resolve_kernels("auto", "cuda") == {"layernorm", "mlp", "attention"}
+    assert resolve_kernels("auto", "cuda") == {"layernorm", "mlp", "attention", "cross_entropy"}
     assert resolve_kernels("layernorm,mlp", "cpu") == {"layernorm", "mlp"}
     assert resolve_kernels({"attention"}, "cpu") == {"attention"}
     with pytest.raises(UserError, match="unknown kernel"):

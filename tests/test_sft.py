@@ -287,7 +287,7 @@ def test_end_to_end_sft_raises_exact_match(tmp_path):
     text = torch.tensor(tok.encode(data.load_text("pydoc")[:20000]), dtype=torch.long)
     starts = lambda g: torch.randint(len(text) - 65, (8,), generator=g)  # noqa: E731
     pre = Trainer(model, train_args(tmp_path / "pre", max_steps=40, lr=3e-3, ckpt_every=0),
-                  lambda m, b: lm_loss(m(b[0]), b[1]),
+                  lambda m, b: m(b[0], targets=b[1]),
                   lambda split, g: (lambda s: (torch.stack([text[i:i + 64] for i in s]),
                                                torch.stack([text[i + 1:i + 65] for i in s])))(starts(g)))
     pre_result = pre.fit()
@@ -332,7 +332,7 @@ def test_triton_path_runs_the_same_sft_steps(tmp_path):
                           name="sft")
         losses[path] = torch.tensor(trainer.fit()["losses"], dtype=torch.float64)
         weights[path] = model.state_dict()
-        assert model.kernels == (frozenset({"layernorm", "mlp", "attention"}) if path == "triton" else frozenset())
+        assert model.kernels == (frozenset({"layernorm", "mlp", "attention", "cross_entropy"}) if path == "triton" else frozenset())
     assert len(losses["reference"]) == 3 and torch.isfinite(losses["reference"]).all()
     assert_close_rel(losses["triton"], losses["reference"], 1e-4, "sft losses (triton vs reference)")
     for name, ref in weights["reference"].items():

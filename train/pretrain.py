@@ -8,8 +8,8 @@ tokenizer to --out-dir. On a GPU:
     tritongpt pretrain --model gpt2-small --kernels triton --dtype bf16
 
 The pieces: train.data tokenises the corpus once into a memmap and draws random windows;
-the model is a GPTModel whose vocabulary is the tokenizer's; the loss is lm_loss; the
-Trainer (train/loop.py) does the rest.
+the model is a GPTModel whose vocabulary is the tokenizer's and which computes its own loss
+(lm_loss, or the Triton cross-entropy on that path); the Trainer (train/loop.py) does the rest.
 """
 import argparse
 import sys
@@ -72,7 +72,7 @@ def pretrain(args) -> dict:
     Returns the Trainer's final dict plus first_val_loss, n_params, train_tokens, val_tokens.
     """
     from tritongpt.model.config import get_config
-    from tritongpt.model.gpt import GPTModel, lm_loss
+    from tritongpt.model.gpt import GPTModel
     from tritongpt.train import common, data
     from tritongpt.train.generate import generate
     from tritongpt.train.loop import TrainArgs, Trainer, loss_eval_fn
@@ -107,7 +107,7 @@ def pretrain(args) -> dict:
 
     def loss_fn(m, batch):
         x, y = batch
-        return lm_loss(m(x), y)
+        return m(x, targets=y)  # the model computes its loss: the toggle covers the loss kernel too
 
     def sample_fn(m):
         idx = torch.tensor([prompt_ids], dtype=torch.long, device=trainer.device)

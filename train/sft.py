@@ -267,10 +267,8 @@ class SFTData:
 # -- loss and evaluation -----------------------------------------------------------------------------
 def sft_loss(model, batch):
     """Mean cross-entropy over the batch's counted (response) targets."""
-    from tritongpt.model.gpt import lm_loss
-
     inputs, targets = batch[0], batch[1]
-    return lm_loss(model(inputs), targets, ignore_index=IGNORE_INDEX)
+    return model(inputs, targets=targets, ignore_index=IGNORE_INDEX)
 
 
 @torch.no_grad()

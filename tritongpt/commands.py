@@ -11,7 +11,7 @@ def add_model_args(p, default_model="tiny"):
                    help="preset: gpt2-small|gpt2-medium|gpt2-large|gpt2-xl|tiny|mini (default %(default)s)")
     p.add_argument("--kernels", default="auto",
                    help="reference | triton | auto (Triton on CUDA, reference on CPU) | "
-                        "comma list of layernorm,mlp,attention (default %(default)s)")
+                        "comma list of layernorm,mlp,attention,cross_entropy (default %(default)s)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda (default %(default)s)")
 
 

@@ -1,0 +1,204 @@
+"""Cross-entropy over the vocabulary in Triton: the loss without an fp32 copy of the logits.
+
+Reference: `tritongpt.model.gpt.lm_loss` (F.cross_entropy on the logits upcast to fp32).
+
+Why: the language-model loss reads a [tokens, vocab] matrix (16k x 50257 for a GPT-2 step:
+1.6 GB in bf16). The reference upcasts it to fp32, keeps the fp32 log-softmax for backward and
+builds an fp32 gradient before casting it back: about a dozen passes over 1.6-3.3 GB buffers
+and several GB of extra memory. Here the logits are read twice and the gradient written once,
+in the logits' own dtype, and backward keeps one fp32 number per row.
+
+Algorithm (one program per row on a GPU, BLOCK_R rows per program under the interpreter; a
+row is too wide for one tile, so it is streamed in BLOCK_V column tiles, and nothing but two
+BLOCK_V vectors per row lives in registers):
+  forward   online logsumexp: each lane keeps a running max m and a running sum
+            s = sum exp(x - m), rescaled by exp(m_old - m_new) when m grows (flash attention's
+            softmax, per lane); after the last tile the lanes are merged into the row's
+            lse = log sum_j exp(x_j). loss_i = lse_i - x[i, target_i]; lse is saved.
+  backward  recompute the softmax from the saved logits and lse:
+            dx_ij = g_i * (exp(x_ij - lse_i) - [j == target_i]), written in the logits' dtype,
+            where g_i is the upstream gradient of row i's loss (1/n for the mean).
+  ignore    rows whose target is ignore_index get loss 0, gradient 0, and do not count in n.
+"""
+import torch
+import triton
+import triton.language as tl
+
+from tritongpt._env import triton_interpreting
+from tritongpt.kernels._common import cast, check_runnable, check_same_device, check_tensor
+
+INTERPRET = triton_interpreting()
+
+
+@triton.jit
+def _ce_fwd_kernel(X, T, Loss, Lse, stride_x, N, V, ignore_index,
+                   BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr):
+    """Grid (cdiv(N, BLOCK_R),). Loss[i] = lse_i - X[i, T[i]] (0 where T[i] == ignore_index)."""
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_ok = rows < N
+    # rows past N re-read row N-1 (their results are never stored): no all--inf rows, no nan
+    x_rows = X + tl.minimum(rows, N - 1).to(tl.int64)[:, None] * stride_x
+    cols = tl.arange(0, BLOCK_V)[None, :]
+    m = tl.full([BLOCK_R, BLOCK_V], float("-inf"), tl.float32)
+    s = tl.zeros([BLOCK_R, BLOCK_V], tl.float32)
+    for start in range(0, V, BLOCK_V):
+        x = tl.load(x_rows + start + cols, mask=start + cols < V, other=float("-inf")).to(tl.float32)
+        m_new = tl.maximum(m, x)
+        # exp(x) = exp2(x * log2(e)): exp2 is one MUFU instruction. A lane that has seen only
+        # -inf (past V, or -inf logits) rescales by a finite stand-in, not -inf - -inf = nan.
+        m_ref = tl.where(m_new > float("-inf"), m_new, 0.0)
+        s = s * tl.exp2((m - m_ref) * 1.4426950408889634) + tl.exp2((x - m_ref) * 1.4426950408889634)
+        m = m_new
+    m_row = tl.max(m, 1)
+    lse = m_row + tl.log(tl.sum(s * tl.exp2((m - m_row[:, None]) * 1.4426950408889634), 1))
+    target = tl.load(T + rows, mask=row_ok, other=ignore_index)
+    counted = target != ignore_index
+    x_t = tl.load(X + rows.to(tl.int64) * stride_x + target, mask=counted, other=0.0).to(tl.float32)
+    tl.store(Loss + rows, tl.where(counted, lse - x_t, 0.0), mask=row_ok)
+    tl.store(Lse + rows, lse, mask=row_ok)
+
+
+@triton.jit
+def _ce_bwd_kernel(X, T, Lse, G, DX, stride_x, stride_dx, N, V, ignore_index,
+                   BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr):
+    """Grid (cdiv(N, BLOCK_R),). DX[i, j] = G[i] * (softmax(X[i])_j - [j == T[i]]), 0 for ignored rows."""
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_ok = rows < N
+    rows64 = rows.to(tl.int64)[:, None]
+    cols = tl.arange(0, BLOCK_V)[None, :]
+    target = tl.load(T + rows, mask=row_ok, other=ignore_index)
+    lse = tl.load(Lse + rows, mask=row_ok, other=0.0)
+    g = tl.where(target != ignore_index, tl.load(G + rows, mask=row_ok, other=0.0).to(tl.float32), 0.0)
+    for start in range(0, V, BLOCK_V):
+        mask = row_ok[:, None] & (start + cols < V)
+        x = tl.load(X + rows64 * stride_x + start + cols, mask=mask, other=0.0).to(tl.float32)
+        p = tl.exp2((x - lse[:, None]) * 1.4426950408889634)
+        p = tl.where(start + cols == target[:, None], p - 1.0, p)
+        tl.store(DX + rows64 * stride_dx + start + cols, cast(p * g[:, None], DX.dtype.element_ty), mask=mask)
+
+
+def _check_targets_in_range(targets, V, ignore_index):
+    # One small reduction and a host sync: an out-of-range id would otherwise read past the row
+    # (F.cross_entropy raises here too).
+    if targets.is_meta:  # shapes only (the offline compile check): nothing to check
+        return
+    bad = (targets != ignore_index) & ((targets < 0) | (targets >= V))
+    if bool(bad.any()):
+        i = int(bad.nonzero()[0, 0])
+        raise ValueError(f"target {int(targets[i])} at position {i} is outside the vocabulary [0, {V}) "
+                         f"and is not ignore_index ({ignore_index})")
+
+
+def _launch_shape(N, V):
+    """(BLOCK_R rows per program, BLOCK_V columns per tile, num_warps)."""
+    if INTERPRET:
+        # ~5 ms per program: many rows per program, and about four tiles per row, so tests at
+        # V of a few hundred still cross tiles and a ragged last one.
+        return 32, max(64, triton.next_power_of_2(triton.cdiv(V, 4))), 1
+    # One row per program (16k programs for a GPT-2 step); 4096-wide tiles, 16 fp32 lanes per
+    # thread at 8 warps, 13 tiles for GPT-2's vocabulary.
+    return 1, min(4096, triton.next_power_of_2(V)), 8
+
+
+def _fwd_launch(logits, targets, ignore_index):
+    N, V = logits.shape
+    _check_targets_in_range(targets, V, ignore_index)  # here, inside the op: torch.compile never traces it
+    loss = torch.empty(N, device=logits.device, dtype=torch.float32)
+    lse = torch.empty(N, device=logits.device, dtype=torch.float32)
+    if N == 0:
+        return loss, lse
+    rows, block, warps = _launch_shape(N, V)
+    _ce_fwd_kernel[(triton.cdiv(N, rows),)](logits, targets, loss, lse, logits.stride(0), N, V, ignore_index,
+                                            BLOCK_R=rows, BLOCK_V=block, num_warps=warps)
+    return loss, lse
+
+
+def _bwd_launch(grad_loss, logits, targets, lse, ignore_index):
+    N, V = logits.shape
+    dx = torch.empty_like(logits)
+    if N == 0:
+        return dx
+    grad_loss = grad_loss.contiguous()
+    rows, block, warps = _launch_shape(N, V)
+    _ce_bwd_kernel[(triton.cdiv(N, rows),)](logits, targets, lse, grad_loss, dx, logits.stride(0), dx.stride(0),
+                                            N, V, ignore_index, BLOCK_R=rows, BLOCK_V=block, num_warps=warps)
+    return dx
+
+
+# ----------------------------------------------------------------------------- custom ops
+# As for the other kernels: registered ops stay opaque nodes under torch.compile.
+@torch.library.custom_op("tritongpt::cross_entropy_fwd", mutates_args=())
+def _cross_entropy_fwd(logits: torch.Tensor, targets: torch.Tensor,
+                       ignore_index: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return _fwd_launch(logits, targets, ignore_index)
+
+
+@_cross_entropy_fwd.register_fake
+def _(logits, targets, ignore_index):
+    n = logits.shape[0]
+    return logits.new_empty(n, dtype=torch.float32), logits.new_empty(n, dtype=torch.float32)
+
+
+@torch.library.custom_op("tritongpt::cross_entropy_bwd", mutates_args=())
+def _cross_entropy_bwd(grad_loss: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor,
+                       ignore_index: int) -> torch.Tensor:
+    return _bwd_launch(grad_loss, logits, targets, lse, ignore_index)
+
+
+@_cross_entropy_bwd.register_fake
+def _(grad_loss, logits, targets, lse, ignore_index):
+    return torch.empty_like(logits)
+
+
+class CrossEntropyFunction(torch.autograd.Function):
+    """Per-row losses [N] from logits [N, V]; saves the logits (alive anyway) and lse (fp32 [N])."""
+
+    @staticmethod
+    def forward(ctx, logits, targets, ignore_index):
+        loss, lse = torch.ops.tritongpt.cross_entropy_fwd(logits, targets, ignore_index)
+        ctx.save_for_backward(logits, targets, lse)
+        ctx.ignore_index = ignore_index
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        logits, targets, lse = ctx.saved_tensors
+        dx = torch.ops.tritongpt.cross_entropy_bwd(grad_loss, logits, targets, lse, ctx.ignore_index)
+        return dx, None, None
+
+
+def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100,
+                  reduction: str = "mean") -> torch.Tensor:
+    """F.cross_entropy(logits.float(), targets, ignore_index=..., reduction=...), fused. Differentiable.
+
+    logits: [..., V] fp32/bf16/fp16 (math in fp32; the gradient comes back in the logits' dtype);
+    targets: integer ids with logits' leading shape. reduction: "mean" (over counted targets:
+    nan when every target is ignored, as in PyTorch), "sum", or "none" (per-position losses, fp32).
+    """
+    check_tensor(logits, "logits")
+    check_tensor(targets, "targets", dtypes=(torch.int64, torch.int32))
+    check_same_device(logits=logits, targets=targets)
+    check_runnable(logits, "logits")
+    if logits.dim() < 1 or logits.shape[-1] == 0:
+        raise ValueError(f"logits must be [..., V] with V >= 1 classes, got shape {tuple(logits.shape)}")
+    if tuple(targets.shape) != tuple(logits.shape[:-1]):
+        raise ValueError(f"targets has shape {tuple(targets.shape)}; expected logits' leading shape "
+                         f"{tuple(logits.shape[:-1])}")
+    if reduction not in ("mean", "sum", "none"):
+        raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    V = logits.shape[-1]
+    x2 = logits.reshape(-1, V)
+    if x2.stride(-1) != 1:  # rows are streamed with unit stride
+        x2 = x2.contiguous()
+    t1 = targets.reshape(-1).contiguous()
+    loss = CrossEntropyFunction.apply(x2, t1, int(ignore_index))
+    if reduction == "none":
+        return loss.view(targets.shape)
+    if reduction == "sum":
+        return loss.sum()
+    return loss.sum() / (t1 != ignore_index).sum()
+
+
+__all__ = ["cross_entropy", "CrossEntropyFunction"]
