@@ -120,8 +120,10 @@ class GPTModel(nn.Module):
             cache.pos += T
         return self.final_norm(x)
 
-    def forward(self, idx, cache: KVCache | None = None, targets=None, ignore_index: int = -100):
-        """Logits [B, T, vocab_size] for every position; with targets [B, T], the mean LM loss instead.
+    def forward(self, idx, cache: KVCache | None = None, targets=None, ignore_index: int = -100,
+                reduction: str = "mean"):
+        """Logits [B, T, vocab_size] for every position; with targets [B, T], the LM loss instead:
+        its mean over counted targets, or with reduction="none" each position's -log p (fp32 [B, T]).
 
         The loss is computed here, not by the caller, so that the toggle reaches it (and DDP and
         torch.compile see it as part of the model): reference lm_loss, or the fused Triton
@@ -133,8 +135,8 @@ class GPTModel(nn.Module):
         if "cross_entropy" in self.kernels:
             from tritongpt.kernels.cross_entropy import cross_entropy
 
-            return cross_entropy(logits, targets, ignore_index)
-        return lm_loss(logits, targets, ignore_index)
+            return cross_entropy(logits, targets, ignore_index, reduction)
+        return lm_loss(logits, targets, ignore_index, reduction)
 
     def new_cache(self, batch_size: int, max_len: int | None = None, dtype=None) -> KVCache:
         w = self.tok_emb.weight
@@ -180,9 +182,12 @@ class GPTModel(nn.Module):
         return model
 
 
-def lm_loss(logits, targets, ignore_index: int = -100):
-    """Mean next-token cross-entropy over positions whose target is not ignore_index (in fp32).
+def lm_loss(logits, targets, ignore_index: int = -100, reduction: str = "mean"):
+    """Mean next-token cross-entropy over positions whose target is not ignore_index (in fp32);
+    reduction "sum" or "none" (per position, shaped like targets; ignored positions are 0).
 
     The reference loss. Triton twin: kernels/cross_entropy.py (cross_entropy), used by
     GPTModel.forward(idx, targets=...) when the toggle includes "cross_entropy"."""
-    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=ignore_index)
+    loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=ignore_index,
+                           reduction=reduction)
+    return loss.view(targets.shape) if reduction == "none" else loss

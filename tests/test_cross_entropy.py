@@ -146,3 +146,31 @@ def test_model_loss_uses_the_kernel_only_on_its_path(monkeypatch):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_gpt2_vocab_cuda(dtype):
     check_parity((4099,), 50257, dtype, torch.device("cuda"), seed=3, reduction="mean")
+
+
+def test_per_token_logprobs_through_the_model_on_both_paths():
+    """DPO and RLHF's reference log-probs go through the model's loss path (reduction="none"):
+    the same numbers and gradients as log_softmax + gather, on either path."""
+    from tritongpt.model.config import GPTConfig
+    from tritongpt.model.gpt import GPTModel
+    from tritongpt.train.preference import model_token_logprobs, token_logprobs
+
+    torch.manual_seed(3)
+    model = GPTModel(GPTConfig(vocab_size=70, context_length=12, n_embd=16, n_layer=1, n_head=2))
+    idx = torch.randint(0, 70, (3, 11))
+    w = torch.rand(3, 10)  # fresh weights per position, so every gradient entry is exercised
+
+    def run(fn):
+        model.zero_grad(set_to_none=True)
+        lp = fn()
+        (lp * w).sum().backward()
+        return lp.detach(), model.out_head.weight.grad.clone()
+
+    want, want_grad = run(lambda: token_logprobs(model(idx), idx))
+    for path in ("reference", {"cross_entropy"}):
+        model.set_kernels(path)
+        got, got_grad = run(lambda: model_token_logprobs(model, idx))
+        assert got.shape == (3, 10) and got.dtype == torch.float32
+        assert_close_rel(got, want, 1e-5, f"log-probs {path}")
+        assert_close_rel(got_grad, want_grad, 1e-5, f"lm head grad {path}")
+    model.set_kernels("reference")

@@ -180,6 +180,17 @@ def token_logprobs(logits, idx):
     return pick_next_tokens(next_token_logprobs(logits), idx)
 
 
+def model_token_logprobs(model, idx):
+    """token_logprobs(model(idx), idx), computed by the model's own loss path: [B, T-1] fp32.
+
+    On the Triton path that is the fused cross-entropy, which never builds the fp32
+    [B, T, vocab] log-softmax that token_logprobs needs (the last position has no next token:
+    its target is ignored).
+    """
+    targets = torch.cat([idx[:, 1:], torch.full_like(idx[:, :1], -100)], dim=1)
+    return -model(idx, targets=targets, ignore_index=-100, reduction="none")[:, :-1]
+
+
 def sequence_logprobs(model, idx, mask):
     """Sum of the response tokens' log-probs under model: [B]."""
-    return (token_logprobs(model(idx), idx) * mask).sum(-1)
+    return (model_token_logprobs(model, idx) * mask).sum(-1)

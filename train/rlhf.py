@@ -42,8 +42,8 @@ from tritongpt.errors import UserError
 from tritongpt.model.gpt import GPTModel
 from tritongpt.train import common
 from tritongpt.train.generate import generate
-from tritongpt.train.preference import (encode_text, next_token_logprobs, pad_sequences, pick_next_tokens,
-                                        response_mask, token_logprobs)
+from tritongpt.train.preference import (encode_text, model_token_logprobs, next_token_logprobs, pad_sequences,
+                                        pick_next_tokens, response_mask, token_logprobs)
 
 
 @dataclass
@@ -241,7 +241,7 @@ def score_rollout(ro: Rollout, model: PolicyWithValue, ref: GPTModel, reward_mod
         idx, lengths = ro.idx[i:i + chunk], ro.lengths[i:i + chunk]
         logits, v = model(idx)
         logp.append(token_logprobs(logits, idx))
-        ref_logp.append(token_logprobs(ref(idx), idx))
+        ref_logp.append(model_token_logprobs(ref, idx))
         if v is not None:
             values.append(v)
         scores.append(reward_model(idx, lengths).float())
