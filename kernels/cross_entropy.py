@@ -82,6 +82,8 @@ def _check_targets_in_range(targets, V, ignore_index):
     # (F.cross_entropy raises here too).
     if targets.is_meta:  # shapes only (the offline compile check): nothing to check
         return
+    if targets.is_cuda and torch.cuda.is_current_stream_capturing():
+        return  # a CUDA-graph capture cannot sync; the eager warm-up runs before capture checked
     bad = (targets != ignore_index) & ((targets < 0) | (targets >= V))
     if bool(bad.any()):
         i = int(bad.nonzero()[0, 0])
