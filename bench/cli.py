@@ -70,7 +70,7 @@ def add_cli(sub):
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads for the CPU-side timings (default: torch's choice)")
     k = p.add_argument_group("kernels")
-    k.add_argument("--ops", default="layernorm,mlp,attention,cross_entropy")
+    k.add_argument("--ops", default="layernorm,mlp,attention,cross_entropy,lm_head_loss")
     k.add_argument("--modes", default="fwd,bwd,fwd+bwd")
     k.add_argument("--providers", default=None, help=f"subset of {','.join(ALL_PROVIDERS)}")
     k.add_argument("--ln-rows", type=int, default=None, help=f"(default {FULL_SIZES['ln_rows']})")
@@ -86,6 +86,7 @@ def add_cli(sub):
     k.add_argument("--ce-rows", type=int, default=None,
                    help=f"tokens per cross-entropy config (default {FULL_SIZES['ce_rows']})")
     k.add_argument("--ce-vocabs", default=None, help="e.g. 50257,50304")
+    k.add_argument("--head-widths", default=None, help="LM head + loss: hidden widths, e.g. 768,1024")
     k.add_argument("--warmup-ms", type=int, default=25, help="do_bench warmup (default %(default)s)")
     k.add_argument("--rep-ms", type=int, default=100, help="do_bench rep (default %(default)s)")
     t = p.add_argument_group("training step")
@@ -208,7 +209,7 @@ def _run_gpu(args):
         for key in ("ln_rows", "mlp_rows", "attn_tokens", "attn_width", "ce_rows"):
             if getattr(args, key) is not None:
                 sizes[key] = getattr(args, key)
-        for key in ("ln_widths", "mlp_widths", "attn_seqlens", "attn_head_dims", "ce_vocabs"):
+        for key in ("ln_widths", "mlp_widths", "attn_seqlens", "attn_head_dims", "ce_vocabs", "head_widths"):
             if getattr(args, key) is not None:
                 sizes[key] = _ints(getattr(args, key), key.replace("_", "-"))
         kb = budget.sub(0.5) if args.what == "all" else budget

@@ -66,6 +66,13 @@ def layernorm_bytes(m: int, n: int, elem: int, mode: str, param_elem: int | None
     return {"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd + bwd}[_check_mode(mode)]
 
 
+def lm_head_flops(n: int, c: int, v: int, mode: str) -> int:
+    """LM head on n rows: [n, c] @ [c, v] forward; backward two such products (dhidden, dweight).
+    The softmax is elementwise and left out."""
+    fwd = matmul_flops(n, v, c)
+    return {"fwd": fwd, "bwd": 2 * fwd, "fwd+bwd": 3 * fwd}[_check_mode(mode)]
+
+
 def cross_entropy_bytes(n: int, v: int, elem: int, mode: str) -> int:
     """Memory traffic of a loss over [n, v] logits that saves one float per row for backward.
 

@@ -1,13 +1,18 @@
-"""Kernel benchmarks: LayerNorm, GELU-MLP, attention and the LM loss, every provider on the same random data.
+"""Kernel benchmarks: LayerNorm, GELU-MLP, attention, the LM loss and the LM head + loss, every
+provider on the same random data.
 
 Providers per op (a provider that cannot run gives a "skipped: why" row, never a crash):
     reference   the textbook module from model/layers.py (the loss: model/gpt.py lm_loss), eager
     torch       PyTorch's own op: F.layer_norm | addmm + F.gelu(tanh) + addmm |
                 F.scaled_dot_product_attention pinned to one backend with sdpa_kernel
                 (sdpa-flash, sdpa-cudnn, sdpa-efficient) | F.cross_entropy on the bf16 logits
+                (lm_head_loss: F.linear then F.cross_entropy)
     compile     torch.compile of the reference module
     triton      ours: tritongpt.kernels.* (imported lazily)
-    liger       Liger-Kernel's LayerNorm and cross-entropy, when liger_kernel is installed
+    liger       Liger-Kernel's LayerNorm, cross-entropy and fused linear cross-entropy, when
+                liger_kernel is installed
+lm_head_loss is hidden [N, C] -> logits [N, V] -> mean loss; ours and Liger's make the gradients
+during forward (so their "fwd" includes backward's matmuls): compare fwd+bwd and peak memory.
 Modes: fwd (inputs require grad, as in training), bwd (backward of a kept graph,
 retain_graph=True), fwd+bwd. Gradients are reset to None before each timed call.
 """
@@ -15,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from tritongpt.bench.common import (MODES, attention_flops, cross_entropy_bytes, dtype_name, gbps, is_ok,
-                                    layernorm_bytes,
+                                    layernorm_bytes, lm_head_flops,
                                     make_row, matmul_flops, mlp_flops, reason_of,
                                     tflops, try_import)
 from tritongpt.kernels._common import saved_tensor_bytes
@@ -33,6 +38,7 @@ PROVIDERS = {
     "mlp": ("reference", "torch", "compile", "triton"),
     "attention": ("reference", *SDPA_BACKENDS, "compile", "triton"),
     "cross_entropy": ("reference", "torch", "compile", "triton", "liger"),
+    "lm_head_loss": ("reference", "torch", "compile", "triton", "liger"),
 }
 ALL_PROVIDERS = tuple(sorted({p for v in PROVIDERS.values() for p in v}))
 
@@ -42,12 +48,12 @@ FULL_SIZES = dict(ln_rows=16384, ln_widths=(768, 1024, 1280, 1600),
                   mlp_rows=16384, mlp_widths=(768, 1024, 1280, 1600),
                   attn_seqlens=(256, 512, 1024, 2048, 4096, 8192), attn_head_dims=(64, 128),
                   attn_tokens=16384, attn_width=2048,
-                  ce_rows=16384, ce_vocabs=(50257,))
+                  ce_rows=16384, ce_vocabs=(50257,), head_widths=(768,))
 QUICK_SIZES = dict(ln_rows=4096, ln_widths=(768, 1600),
                    mlp_rows=4096, mlp_widths=(768,),
                    attn_seqlens=(1024,), attn_head_dims=(64,),
                    attn_tokens=8192, attn_width=2048,
-                   ce_rows=4096, ce_vocabs=(50257,))
+                   ce_rows=4096, ce_vocabs=(50257,), head_widths=(768,))
 
 
 def randn(*shape, device, dtype, scale=1.0, requires_grad=True):
@@ -209,6 +215,36 @@ def cross_entropy_providers(x, t):
         # copy, so the other providers still read the same logits.
         xl = x.detach().clone().requires_grad_()
         return (lambda: fn.apply(xl, t, None)[0]), [xl]
+
+    return {"reference": reference, "torch": torch_op, "compile": compiled,
+            "triton": triton_op, "liger": liger}
+
+
+def lm_head_loss_providers(h, w, t):
+    """h: [N, C] final hidden states, w: [V, C] LM head (bias-free), t: [N] targets -> mean loss."""
+    from tritongpt.model.gpt import lm_loss
+
+    def reference():
+        return (lambda: lm_loss(F.linear(h, w)[None], t[None])), [h, w]
+
+    def torch_op():
+        return (lambda: F.cross_entropy(F.linear(h, w), t)), [h, w]
+
+    def compiled():
+        fn = _fresh_compile(lambda h, w, t: lm_loss(F.linear(h, w)[None], t[None]))
+        return (lambda: fn(h, w, t)), [h, w]
+
+    def triton_op():
+        fn, why = try_import("tritongpt.kernels.cross_entropy", "linear_cross_entropy")
+        if fn is None:
+            raise Unavailable(why)
+        return (lambda: fn(h, w, t)), [h, w]
+
+    def liger():
+        fn, why = try_import("liger_kernel.ops.fused_linear_cross_entropy", "LigerFusedLinearCrossEntropyFunction")
+        if fn is None:
+            raise Unavailable(why)
+        return (lambda: fn.apply(h, w, t)[0]), [h, w]
 
     return {"reference": reference, "torch": torch_op, "compile": compiled,
             "triton": triton_op, "liger": liger}
@@ -447,7 +483,24 @@ def sweep_cross_entropy(timer, budget, rows_n, vocabs, dtype, modes=MODES, provi
     return out
 
 
-def run_kernels(timer, budget, dtype=torch.bfloat16, ops=("layernorm", "mlp", "attention", "cross_entropy"),
+def sweep_lm_head_loss(timer, budget, rows_n, widths, vocabs, dtype, modes=MODES, providers=None):
+    out = []
+    dev = timer.device
+    for c in widths:
+        for v in vocabs:
+            cfg = {"rows": rows_n, "width": c, "vocab": v, "dtype": dtype_name(dtype)}
+            h = randn(rows_n, c, device=dev, dtype=dtype)
+            w = randn(v, c, device=dev, dtype=dtype, scale=c ** -0.5 * 3.0)
+            t = torch.randint(0, v, (rows_n,), device=dev)
+            out += bench_providers("lm_head_loss", cfg, lm_head_loss_providers(h, w, t), modes, timer, budget,
+                                   lambda m: {"flops": lm_head_flops(rows_n, c, v, m)}, providers)
+            del h, w, t
+            timer.cleanup()
+    return out
+
+
+def run_kernels(timer, budget, dtype=torch.bfloat16,
+                ops=("layernorm", "mlp", "attention", "cross_entropy", "lm_head_loss"),
                 modes=MODES, providers=None, sizes=None, ceiling_sizes=None, log=print):
     """All sweeps plus the ceilings; returns (rows, ceilings)."""
     sizes = dict(FULL_SIZES, **(sizes or {}))
@@ -472,6 +525,10 @@ def run_kernels(timer, budget, dtype=torch.bfloat16, ops=("layernorm", "mlp", "a
         if "cross_entropy" in ops:
             log(f"cross-entropy{label}: vocab {list(sizes['ce_vocabs'])} x {sizes['ce_rows']} rows ...")
             rows += sweep_cross_entropy(timer, budget, sizes["ce_rows"], sizes["ce_vocabs"], dtype, modes, provs)
+        if "lm_head_loss" in ops:
+            log(f"lm-head + loss{label}: width {list(sizes['head_widths'])}, vocab {list(sizes['ce_vocabs'])} ...")
+            rows += sweep_lm_head_loss(timer, budget, sizes["ce_rows"], sizes["head_widths"], sizes["ce_vocabs"],
+                                       dtype, modes, provs)
     add_ceiling_percent(rows, ceilings)
     return sort_rows(rows), ceilings
 

@@ -1,6 +1,9 @@
-"""Cross-entropy over the vocabulary in Triton: the loss without an fp32 copy of the logits.
+"""Cross-entropy over the vocabulary in Triton: the loss without an fp32 copy of the logits,
+and (linear_cross_entropy, at the end of this file) the LM head fused with it, so that the
+logits never exist whole.
 
-Reference: `tritongpt.model.gpt.lm_loss` (F.cross_entropy on the logits upcast to fp32).
+Reference: `tritongpt.model.gpt.lm_loss` (F.cross_entropy on the logits upcast to fp32), after
+`GPTModel.out_head` for the fused version.
 
 Why: the language-model loss reads a [tokens, vocab] matrix (16k x 50257 for a GPT-2 step:
 1.6 GB in bf16). The reference upcasts it to fp32, keeps the fp32 log-softmax for backward and
@@ -25,7 +28,7 @@ import triton
 import triton.language as tl
 
 from tritongpt._env import triton_interpreting
-from tritongpt.kernels._common import cast, check_runnable, check_same_device, check_tensor
+from tritongpt.kernels._common import cast, check_runnable, check_same_device, check_same_dtype, check_tensor
 
 INTERPRET = triton_interpreting()
 
@@ -203,4 +206,94 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int
     return loss.sum() / (t1 != ignore_index).sum()
 
 
-__all__ = ["cross_entropy", "CrossEntropyFunction"]
+# ----------------------------------------------------------------------------- LM head + loss
+# The logits themselves are the big tensor: [tokens, vocab] (1.6 GB in bf16 for a 16k-token
+# GPT-2 step, and as much again for their gradient). When only the mean or summed loss is
+# wanted, its gradient with respect to each row's logits is known during the forward pass
+# (grad_output is a scalar that can be applied afterwards), so the forward can walk the rows in
+# chunks: logits of one chunk -> loss and lse -> dlogits -> that chunk's dhidden rows and its
+# share of dweight, then drop the chunk. Backward only scales the two stored gradients.
+# (The same plan as Liger-Kernel's fused linear cross-entropy; the matmuls are cuBLAS's.)
+CHUNK_ELEMENTS = 1 << 27  # logits per chunk: 256 MB in bf16, about 2.7k rows of GPT-2's vocabulary
+
+
+class LinearCrossEntropyFunction(torch.autograd.Function):
+    """Mean or summed CE(hidden @ weight.T, targets) from hidden [N, C] and weight [V, C]."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, ignore_index, reduction, chunk_rows):
+        N, V = hidden.shape[0], weight.shape[0]
+        device = hidden.device.type
+        # the matmul dtype nn.Linear would use: the autocast dtype, else the inputs' own
+        dt = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
+        h, w = hidden.to(dt), weight.to(dt)
+        want_dh, want_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        # d(loss)/d(row loss): 1/n for the mean (n = counted targets, kept on the device), 1 for the sum
+        n = (targets != ignore_index).sum()
+        g = (1.0 / n).float() if reduction == "mean" else torch.ones((), device=hidden.device)
+        loss_rows = torch.empty(N, device=hidden.device, dtype=torch.float32)
+        dh = torch.empty_like(h) if want_dh else None
+        dw = torch.zeros(weight.shape, device=weight.device, dtype=torch.float32) if want_dw else None
+        with torch.autocast(device, enabled=False):  # the dtypes are chosen above
+            for s in range(0, N, chunk_rows):
+                e = min(N, s + chunk_rows)
+                logits = h[s:e] @ w.t()
+                loss_rows[s:e], lse = torch.ops.tritongpt.cross_entropy_fwd(logits, targets[s:e], ignore_index)
+                if want_dh or want_dw:
+                    dlogits = torch.ops.tritongpt.cross_entropy_bwd(g.expand(e - s).contiguous(), logits,
+                                                                    targets[s:e], lse, ignore_index)
+                    if want_dh:
+                        dh[s:e] = dlogits @ w
+                    if want_dw:
+                        dw += (dlogits.t() @ h[s:e]).float()
+                del logits
+        ctx.save_for_backward(dh, dw)
+        ctx.dtypes = hidden.dtype, weight.dtype
+        return loss_rows.sum() * g
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        dh, dw = ctx.saved_tensors
+        h_dtype, w_dtype = ctx.dtypes
+        return (None if dh is None else (dh * grad_loss).to(h_dtype),
+                None if dw is None else (dw * grad_loss).to(w_dtype), None, None, None, None)
+
+
+def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                         ignore_index: int = -100, reduction: str = "mean", chunk_rows: int | None = None):
+    """cross_entropy(hidden @ weight.T, targets) for reduction "mean" or "sum", never holding all
+    the logits: at most chunk_rows rows of them (default: 2^27 logits) at a time. Differentiable
+    in hidden and weight. Reference: lm_loss(out_head(hidden), targets).
+
+    hidden: [..., C] (e.g. the final LayerNorm's output), weight: [V, C] (the LM head, bias-free
+    as in GPT-2), targets: hidden's leading shape. Under autocast the matmuls run in the autocast
+    dtype, as nn.Linear's would.
+    """
+    check_tensor(hidden, "hidden")
+    check_tensor(weight, "weight", ndim=2)
+    check_tensor(targets, "targets", dtypes=(torch.int64, torch.int32))
+    check_same_device(hidden=hidden, weight=weight, targets=targets)
+    check_runnable(hidden, "hidden")
+    V, C = weight.shape
+    if hidden.dim() < 1 or hidden.shape[-1] != C or V == 0:
+        raise ValueError(f"hidden {tuple(hidden.shape)} and weight {tuple(weight.shape)} do not make logits: "
+                         "need hidden [..., C] and weight [V, C] with V >= 1")
+    if tuple(targets.shape) != tuple(hidden.shape[:-1]):
+        raise ValueError(f"targets has shape {tuple(targets.shape)}; expected hidden's leading shape "
+                         f"{tuple(hidden.shape[:-1])}")
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"linear_cross_entropy supports reduction 'mean' or 'sum' (the gradient is made in "
+                         f"forward), got {reduction!r}; for per-token losses use cross_entropy on the logits")
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    if not torch.is_autocast_enabled(hidden.device.type):
+        check_same_dtype(hidden=hidden, weight=weight)
+    chunk = chunk_rows if chunk_rows is not None else max(1, CHUNK_ELEMENTS // V)
+    if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
+        raise ValueError(f"chunk_rows must be a positive int, got {chunk_rows!r}")
+    h2 = hidden.reshape(-1, C)
+    t1 = targets.reshape(-1).contiguous()
+    return LinearCrossEntropyFunction.apply(h2, weight, t1, int(ignore_index), reduction, chunk)
+
+
+__all__ = ["cross_entropy", "CrossEntropyFunction", "linear_cross_entropy", "LinearCrossEntropyFunction"]

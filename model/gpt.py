@@ -126,16 +126,21 @@ class GPTModel(nn.Module):
         its mean over counted targets, or with reduction="none" each position's -log p (fp32 [B, T]).
 
         The loss is computed here, not by the caller, so that the toggle reaches it (and DDP and
-        torch.compile see it as part of the model): reference lm_loss, or the fused Triton
-        cross-entropy (kernels/cross_entropy.py), which never makes an fp32 copy of the logits.
+        torch.compile see it as part of the model): reference lm_loss on the LM head's logits, or
+        on the Triton path (kernels/cross_entropy.py) the LM head and the loss fused, the logits
+        made a chunk of rows at a time and never whole (per-token losses: the fused
+        cross-entropy on the logits, which never makes an fp32 copy of them).
         """
+        if targets is not None and "cross_entropy" in self.kernels:
+            from tritongpt.kernels.cross_entropy import cross_entropy, linear_cross_entropy
+
+            if reduction in ("mean", "sum"):
+                return linear_cross_entropy(self.hidden(idx, cache), self.out_head.weight, targets,
+                                            ignore_index, reduction)
+            return cross_entropy(self.out_head(self.hidden(idx, cache)), targets, ignore_index, reduction)
         logits = self.out_head(self.hidden(idx, cache))
         if targets is None:
             return logits
-        if "cross_entropy" in self.kernels:
-            from tritongpt.kernels.cross_entropy import cross_entropy
-
-            return cross_entropy(logits, targets, ignore_index, reduction)
         return lm_loss(logits, targets, ignore_index, reduction)
 
     def new_cache(self, batch_size: int, max_len: int | None = None, dtype=None) -> KVCache:
@@ -186,7 +191,8 @@ def lm_loss(logits, targets, ignore_index: int = -100, reduction: str = "mean"):
     """Mean next-token cross-entropy over positions whose target is not ignore_index (in fp32);
     reduction "sum" or "none" (per position, shaped like targets; ignored positions are 0).
 
-    The reference loss. Triton twin: kernels/cross_entropy.py (cross_entropy), used by
+    The reference loss. Triton twins: kernels/cross_entropy.py, cross_entropy (on logits) and
+    linear_cross_entropy (the LM head and the loss together), used by
     GPTModel.forward(idx, targets=...) when the toggle includes "cross_entropy"."""
     loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=ignore_index,
                            reduction=reduction)

@@ -7,7 +7,7 @@ a state_dict moves freely between the two paths.
     LayerNorm           <->  kernels/layernorm.py   (layer_norm)
     FeedForward         <->  kernels/mlp.py         (gelu_mlp: Linear+bias+GELU fused, GELU recomputed in backward)
     MultiHeadAttention  <->  kernels/attention.py   (flash_attention: only the attention core is swapped)
-    lm_loss (model/gpt.py) <->  kernels/cross_entropy.py (cross_entropy: the LM loss without an fp32 copy of the logits)
+    out_head + lm_loss (model/gpt.py) <->  kernels/cross_entropy.py (linear_cross_entropy: never all the logits at once)
 """
 import math
 

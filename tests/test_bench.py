@@ -196,12 +196,13 @@ def test_run_kernels_end_to_end_on_cpu():
     rows, ceil = kernels.run_kernels(
         CpuTimer(reps=1), Budget(None), torch.float32, providers=("reference", "torch", "sdpa-flash"),
         sizes=dict(ln_rows=8, ln_widths=(40, 24), mlp_rows=8, mlp_widths=(8,), attn_seqlens=(32, 16),
-                   attn_head_dims=(8,), attn_tokens=32, attn_width=16, ce_rows=8, ce_vocabs=(30,)),
+                   attn_head_dims=(8,), attn_tokens=32, attn_width=16, ce_rows=8, ce_vocabs=(30,),
+                   head_widths=(12,)),
         ceiling_sizes=dict(copy_bytes=1 << 16, matmul_n=32, dtype=torch.float32), log=lambda s: None)
     assert ceil["copy"]["gbps"] > 0 and ceil["matmul"]["tflops"] > 0
     assert all(r["status"] == "ok" for r in rows), [r["status"] for r in rows if r["status"] != "ok"]
     timed = [r for r in rows if r["mode"] != "saved"]
-    assert len(timed) == 2 * 2 * 3 + 1 * 2 * 3 + 2 * 2 * 3 + 1 * 2 * 3
+    assert len(timed) == 2 * 2 * 3 + 1 * 2 * 3 + 2 * 2 * 3 + 1 * 2 * 3 + 1 * 2 * 3
     assert [r["config"]["width"] for r in timed[:6]] == [24] * 6  # sorted by size
     att = [r for r in timed if r["op"] == "attention"]
     assert [r["config"]["seq_len"] for r in att][:6] == [16] * 6
@@ -419,14 +420,14 @@ def test_gpu_command_flow_with_cpu_stand_ins(tmp_path, monkeypatch, capsys):
         "bench", "all", "--quick", "--out", str(tmp_path), "--dtype", "fp32", "--no-plots",
         "--providers", "reference,torch,sdpa-flash", "--ln-rows", "8", "--ln-widths", "16",
         "--mlp-rows", "8", "--mlp-widths", "8", "--attn-seqlens", "16", "--attn-head-dims", "8",
-        "--attn-tokens", "32", "--attn-width", "16", "--ce-rows", "8", "--ce-vocabs", "20"])
+        "--attn-tokens", "32", "--attn-width", "16", "--ce-rows", "8", "--ce-vocabs", "20", "--head-widths", "8"])
     assert bcli._run_gpu(args) == 0
     assert seen["models"] == ("gpt2-small",) and seen["steps"] == 4 and seen["peak"] > 0
     assert seen["providers"] == train_step.TRAIN_PROVIDERS
     (folder,) = tmp_path.iterdir()
     k = report.validate_result(json.loads((folder / "kernels.json").read_text()))
     t = report.validate_result(json.loads((folder / "train.json").read_text()))
-    assert {r["op"] for r in k["rows"]} == {"layernorm", "mlp", "attention", "cross_entropy"}
+    assert {r["op"] for r in k["rows"]} == {"layernorm", "mlp", "attention", "cross_entropy", "lm_head_loss"}
     ce = [r for r in k["rows"] if r["op"] == "cross_entropy" and r["provider"] == "torch"]
     assert len(ce) == 3 and all(r["status"] == "ok" and r["gbps"] > 0 for r in ce), ce
     assert t["peak_flops_source"] == "float32 matmul 32^3 measured in this run"
@@ -487,7 +488,7 @@ def test_quick_kernel_bench_on_gpu(tmp_path):
     assert bw > 0 and fl > 0
     ok = [r for r in d["rows"] if r["status"] == "ok" and r["mode"] != "saved"]
     torch_rows = [r for r in ok if r["provider"] in ("torch", "sdpa-flash")]
-    assert {r["op"] for r in torch_rows} == {"layernorm", "mlp", "attention", "cross_entropy"}
+    assert {r["op"] for r in torch_rows} == {"layernorm", "mlp", "attention", "cross_entropy", "lm_head_loss"}
     for r in ok:  # units sanity: nothing beats the ceilings measured in the same run by far
         assert r["ms_p20"] <= r["ms"] <= r["ms_p80"]
         if r.get("gbps"):

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from parity import assert_close_rel
 from tritongpt.kernels._common import saved_tensor_bytes
-from tritongpt.kernels.cross_entropy import cross_entropy
+from tritongpt.kernels.cross_entropy import cross_entropy, linear_cross_entropy
 from tritongpt.model.gpt import lm_loss
 
 TOL = {torch.float32: 1e-4, torch.bfloat16: 1e-2, torch.float16: 1e-2}
@@ -74,7 +74,10 @@ def test_ignored_and_infinite_entries_behave_like_pytorch(device):
     x[0, 9] = 2.0           # a one-hot row: loss exactly 0
     x[1, 65] = float("-inf")  # the target's logit is -inf: loss inf
     t = torch.tensor([9, 65, IGNORE, 3], device=device)
-    assert torch.equal(cross_entropy(x, t, IGNORE, "none"), F.cross_entropy(x, t, ignore_index=IGNORE, reduction="none"))
+    got = cross_entropy(x, t, IGNORE, "none")
+    want = F.cross_entropy(x, t, ignore_index=IGNORE, reduction="none")
+    assert got[0] == 0 and got[1] == float("inf") and got[2] == 0  # exactly, as PyTorch
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=0)
     everything_ignored = torch.full((4,), IGNORE, device=device)
     assert torch.isnan(cross_entropy(x, everything_ignored)) and torch.isnan(F.cross_entropy(x, everything_ignored))
     assert cross_entropy(x, everything_ignored, reduction="sum").item() == 0.0
@@ -123,23 +126,120 @@ def test_bad_input_says_what(call, err, match):
         call(x, t)
 
 
-def test_model_loss_uses_the_kernel_only_on_its_path(monkeypatch):
+def test_model_loss_uses_the_kernels_only_on_their_path(monkeypatch):
     from tritongpt.kernels import cross_entropy as ce
     from tritongpt.model.config import GPTConfig
     from tritongpt.model.gpt import GPTModel
 
     calls = []
-    real = ce.CrossEntropyFunction.apply
-    monkeypatch.setattr(ce.CrossEntropyFunction, "apply", lambda *a: calls.append(1) or real(*a))
+    for cls in (ce.CrossEntropyFunction, ce.LinearCrossEntropyFunction):
+        monkeypatch.setattr(cls, "apply", (lambda real, name: lambda *a: calls.append(name) or real(*a))(
+            cls.apply, cls.__name__))
     model = GPTModel(GPTConfig(vocab_size=50, context_length=8, n_embd=16, n_layer=1, n_head=2))
     idx = torch.randint(0, 50, (2, 8))
-    ref = model(idx, targets=idx)
+    ref, ref_rows = model(idx, targets=idx), model(idx, targets=idx, reduction="none")
     assert calls == []
     model.set_kernels({"cross_entropy"})
     assert model.config.kernels == "cross_entropy"
-    ours = model(idx, targets=idx)
-    assert calls == [1]
+    ours = model(idx, targets=idx)  # the mean: LM head and loss fused
+    ours_rows = model(idx, targets=idx, reduction="none")  # per token: the loss on the logits
+    assert calls == ["LinearCrossEntropyFunction", "CrossEntropyFunction"]
     assert_close_rel(ours, ref, 1e-5, "model loss")
+    assert_close_rel(ours_rows, ref_rows, 1e-5, "model per-token losses")
+
+
+# -- the LM head and the loss fused (linear_cross_entropy) --------------------------------------
+def check_linear_parity(shape, C, V, dtype, device, seed, reduction="mean", chunk_rows=10):
+    gen = torch.Generator().manual_seed(seed)
+    h = (torch.randn(*shape, C, generator=gen) * 2.0).to(device, dtype).requires_grad_()
+    w = (torch.randn(V, C, generator=gen) * C ** -0.5 * 2.0).to(device, dtype).requires_grad_()
+    t = torch.randint(0, V, shape, generator=gen)
+    t.view(-1)[::4] = IGNORE
+    t = t.to(device)
+    g = torch.rand((), generator=gen).item() + 0.5  # a fresh upstream gradient
+    loss = linear_cross_entropy(h, w, t, IGNORE, reduction, chunk_rows=chunk_rows)
+    (loss * g).backward()
+    h64, w64 = (a.detach().double().requires_grad_() for a in (h, w))
+    ref = F.cross_entropy((h64 @ w64.t()).flatten(0, -2), t.flatten(), ignore_index=IGNORE, reduction=reduction)
+    (ref * g).backward()
+    tol = TOL[dtype]
+    assert loss.dtype == torch.float32 and h.grad.dtype == w.grad.dtype == dtype
+    assert_close_rel(loss, ref, tol, f"fused loss {reduction}")
+    assert_close_rel(h.grad, h64.grad, tol, "dhidden")
+    assert_close_rel(w.grad, w64.grad, tol, "dweight")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_linear_parity_fp64_across_chunks(dtype, reduction, device):
+    # 37 rows in chunks of 10: three full chunks and a ragged one; V = 300 crosses vocab tiles
+    check_linear_parity((37,), 24, 300, dtype, device, seed=7, reduction=reduction)
+
+
+def test_linear_parity_3d_hidden_one_chunk(device):
+    check_linear_parity((2, 9), 16, 130, torch.float32, device, seed=8, chunk_rows=None)
+
+
+def test_linear_under_autocast_matches_the_linear_layer_path(device):
+    """fp32 weights and hidden under bf16 autocast (training): the matmuls run in bf16 as
+    nn.Linear's would, the gradients come back in fp32."""
+    from tritongpt.model.gpt import lm_loss
+
+    gen = torch.Generator().manual_seed(9)
+    h = torch.randn(2, 11, 32, generator=gen).to(device).requires_grad_()
+    head = torch.nn.Linear(32, 200, bias=False).to(device)
+    t = torch.randint(0, 200, (2, 11), generator=gen).to(device)
+    with torch.autocast(device.type, dtype=torch.bfloat16):
+        ours = linear_cross_entropy(h, head.weight, t, chunk_rows=8)
+    ours.backward()
+    got = (ours.detach(), h.grad.clone(), head.weight.grad.clone())
+    h.grad = head.weight.grad = None
+    with torch.autocast(device.type, dtype=torch.bfloat16):
+        ref = lm_loss(head(h), t)
+    ref.backward()
+    assert got[1].dtype == got[2].dtype == torch.float32
+    for name, a, b in zip(("loss", "dhidden", "dweight"), got, (ref.detach(), h.grad, head.weight.grad)):
+        assert_close_rel(a, b, 1e-2, f"autocast {name}")
+
+
+def test_linear_without_grad_computes_only_the_loss(device):
+    gen = torch.Generator().manual_seed(10)
+    h, w = torch.randn(20, 16, generator=gen).to(device), torch.randn(90, 16, generator=gen).to(device)
+    t = torch.randint(0, 90, (20,), generator=gen).to(device)
+    with torch.no_grad():
+        loss = linear_cross_entropy(h, w, t, chunk_rows=7)
+    assert not loss.requires_grad
+    assert_close_rel(loss, F.cross_entropy(h.double() @ w.double().t(), t), 1e-5, "no-grad loss")
+
+
+def test_linear_torch_compile_fullgraph(device):
+    """Dynamo traces the chunk loop (unrolled) with the custom ops inside: no graph breaks."""
+    gen = torch.Generator().manual_seed(11)
+    h = torch.randn(12, 16, generator=gen).to(device).requires_grad_()
+    w = torch.randn(70, 16, generator=gen).to(device).requires_grad_()
+    t = torch.randint(0, 70, (12,), generator=gen).to(device)
+    fn = lambda h, w, t: linear_cross_entropy(h, w, t, chunk_rows=5) * 3.0  # noqa: E731
+    y = torch.compile(fn, backend="aot_eager", fullgraph=True)(h, w, t)
+    y.backward()
+    got = (y.detach(), h.grad.clone(), w.grad.clone())
+    h.grad = w.grad = None
+    y = fn(h, w, t)
+    y.backward()
+    for name, a, b in zip(("loss", "dhidden", "dweight"), got, (y.detach(), h.grad, w.grad)):
+        assert_close_rel(a, b, 1e-6, f"compiled {name}")
+
+
+@pytest.mark.parametrize("call,err,match", [
+    (lambda h, w, t: linear_cross_entropy(h, w, t, reduction="none"), ValueError, "per-token losses use cross_entropy"),
+    (lambda h, w, t: linear_cross_entropy(h, w[:, :5], t), ValueError, r"hidden \(6, 8\) and weight \(40, 5\)"),
+    (lambda h, w, t: linear_cross_entropy(h, w.bfloat16(), t), TypeError, "dtype mismatch: hidden is float32, weight is bfloat16"),
+    (lambda h, w, t: linear_cross_entropy(h, w, t[:3]), ValueError, "targets has shape"),
+    (lambda h, w, t: linear_cross_entropy(h, w, t, chunk_rows=0), ValueError, "chunk_rows must be a positive int"),
+])
+def test_linear_bad_input_says_what(call, err, match):
+    h, w, t = torch.randn(6, 8), torch.randn(40, 8), torch.randint(0, 40, (6,))
+    with pytest.raises(err, match=match):
+        call(h, w, t)
 
 
 @pytest.mark.cuda
@@ -174,3 +274,8 @@ def test_per_token_logprobs_through_the_model_on_both_paths():
         assert_close_rel(got, want, 1e-5, f"log-probs {path}")
         assert_close_rel(got_grad, want_grad, 1e-5, f"lm head grad {path}")
     model.set_kernels("reference")
+
+
+@pytest.mark.cuda
+def test_linear_gpt2_sizes_cuda():
+    check_linear_parity((4099,), 768, 50257, torch.bfloat16, torch.device("cuda"), seed=4, chunk_rows=None)

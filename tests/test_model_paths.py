@@ -77,3 +77,24 @@ def test_gpt2_shaped_stack_triton_matches_reference_on_gpu(monkeypatch):
     # fp32 weights: the Triton matmuls use ieee fp32 dots, so the reference must not use TF32
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     _compare_paths(model, idx, targets, 1e-4)
+
+
+def test_whole_model_on_triton_path_compiles_in_one_graph(device):
+    """torch.compile of the model on the Triton path (the loss included): the kernels are custom
+    ops with fake impls, so Dynamo captures forward and loss without a graph break."""
+    torch.manual_seed(4)
+    model = _randomize(GPTModel(GPTConfig(**TINY))).to(device).set_kernels("triton")
+    idx = torch.randint(0, 67, (2, 19), device=device)
+    targets = torch.randint(0, 67, (2, 19), device=device)
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    loss = compiled(idx, targets=targets)
+    loss.backward()
+    got = loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    loss = model(idx, targets=targets)
+    loss.backward()
+    assert_close_rel(got[0], loss.detach(), 1e-6, "compiled loss")
+    for n, p in model.named_parameters():
+        if n.endswith("W_key.bias"):  # zero in exact arithmetic (see _compare_paths)
+            continue
+        assert_close_rel(got[1][n], p.grad, 1e-5, f"compiled grad {n}")
