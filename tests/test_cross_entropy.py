@@ -180,6 +180,36 @@ def test_linear_parity_3d_hidden_one_chunk(device):
     check_linear_parity((2, 9), 16, 130, torch.float32, device, seed=8, chunk_rows=None)
 
 
+def test_linear_never_makes_all_the_logits(device):
+    """Every tensor an op returns during forward and backward, counted: the fused path's largest
+    is a chunk of logits or the weight's gradient, never the [N, V] logits the reference makes."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_flatten
+
+    from tritongpt.model.gpt import lm_loss
+
+    class Largest(TorchDispatchMode):
+        numel = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            sizes = [t.numel() for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
+            self.numel = max([self.numel, *sizes])
+            return out
+
+    N, C, V, chunk = 40, 16, 300, 8
+    gen = torch.Generator().manual_seed(12)
+    h = torch.randn(N, C, generator=gen).to(device).requires_grad_()
+    w = torch.randn(V, C, generator=gen).to(device).requires_grad_()
+    t = torch.randint(0, V, (N,), generator=gen).to(device)
+    with Largest() as ours:
+        linear_cross_entropy(h, w, t, chunk_rows=chunk).backward()
+    with Largest() as ref:
+        lm_loss(torch.nn.functional.linear(h, w)[None], t[None]).backward()
+    print(f"largest tensor: fused {ours.numel} elements, reference {ref.numel} (N*V = {N * V})")
+    assert ours.numel <= max(chunk * V, V * C) < N * V <= ref.numel
+
+
 def test_linear_under_autocast_matches_the_linear_layer_path(device):
     """fp32 weights and hidden under bf16 autocast (training): the matmuls run in bf16 as
     nn.Linear's would, the gradients come back in fp32."""
