@@ -5,7 +5,7 @@ repeat the check at GPT-2 sizes when a GPU is present.
 """
 import pytest
 import torch
-from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import HealthCheck, Phase, example, given, settings
 from hypothesis import strategies as st
 
 from parity import assert_close_rel
@@ -46,7 +46,12 @@ def check_parity(shape, dtype, device, seed, pdtype=None, bias=True, eps=1e-5):
     y64.backward(dy.double())
     tol = max(TOL[dtype], TOL[pdtype or dtype])
     assert_close_rel(y, y64, tol, f"y {dtype} {shape}")
-    assert_close_rel(x.grad, leaves[0].grad, tol, "dx")
+    # At width 2, x_hat is +-1 up to eps and dx = rstd * (w*dy)_diff / 2 * eps / (d^2 + eps): its
+    # terms cancel to a few millionths, so fp32 rounding of them shows. Any fp32 LayerNorm has
+    # this: over 300 seeds of 43 x 2 rows, ours was at worst 3.6e-3 (median 0.36x PyTorch's own
+    # fp32 error on the same inputs); width 3 already stays under 5e-6. Hypothesis found it.
+    dx_tol = max(tol, 1e-2) if shape[-1] == 2 else tol
+    assert_close_rel(x.grad, leaves[0].grad, dx_tol, "dx")
     assert_close_rel(w.grad, leaves[1].grad, tol, "dweight")
     assert w.grad.dtype == w.dtype
     if bias:
@@ -140,6 +145,7 @@ def test_weight_grads_deterministic(device):
 @given(rows=st.integers(1, 80), width=st.integers(1, 2100),
        dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]),
        seed=st.integers(0, 2**31 - 1))
+@example(rows=43, width=2, dtype=torch.float32, seed=5103322)  # found by this test: dx at width 2
 def test_shape_fuzz(rows, width, dtype, seed):
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     check_parity((rows, width), dtype, device, seed)
