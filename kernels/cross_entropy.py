@@ -16,8 +16,9 @@ row is too wide for one tile, so it is streamed in BLOCK_V column tiles, and not
 BLOCK_V vectors per row lives in registers):
   forward   online logsumexp: each lane keeps a running max m and a running sum
             s = sum exp(x - m), rescaled by exp(m_old - m_new) when m grows (flash attention's
-            softmax, per lane); after the last tile the lanes are merged into the row's
-            lse = log sum_j exp(x_j). loss_i = lse_i - x[i, target_i]; lse is saved.
+            softmax, per lane); after the last tile the lanes are merged into the row's max m
+            and S = sum_j exp(x_j - m). loss_i = (m - x[i, target_i]) + log S; lse = m + log S
+            is saved.
   backward  recompute the softmax from the saved logits and lse:
             dx_ij = g_i * (exp(x_ij - lse_i) - [j == target_i]), written in the logits' dtype,
             where g_i is the upstream gradient of row i's loss (1/n for the mean).
@@ -53,12 +54,14 @@ def _ce_fwd_kernel(X, T, Loss, Lse, stride_x, N, V, ignore_index,
         s = s * tl.exp2((m - m_ref) * 1.4426950408889634) + tl.exp2((x - m_ref) * 1.4426950408889634)
         m = m_new
     m_row = tl.max(m, 1)
-    lse = m_row + tl.log(tl.sum(s * tl.exp2((m - m_row[:, None]) * 1.4426950408889634), 1))
+    log_s = tl.log(tl.sum(s * tl.exp2((m - m_row[:, None]) * 1.4426950408889634), 1))
     target = tl.load(T + rows, mask=row_ok, other=ignore_index)
     counted = target != ignore_index
     x_t = tl.load(X + rows.to(tl.int64) * stride_x + target, mask=counted, other=0.0).to(tl.float32)
-    tl.store(Loss + rows, tl.where(counted, lse - x_t, 0.0), mask=row_ok)
-    tl.store(Lse + rows, lse, mask=row_ok)
+    # (m - x_t) + log S, not (m + log S) - x_t: a confident right answer (x_t = m, S just above
+    # 1) then keeps its small loss to fp32 precision instead of losing it to the size of m.
+    tl.store(Loss + rows, tl.where(counted, (m_row - x_t) + log_s, 0.0), mask=row_ok)
+    tl.store(Lse + rows, m_row + log_s, mask=row_ok)
 
 
 @triton.jit

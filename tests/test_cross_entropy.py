@@ -7,10 +7,10 @@ repeats the check at GPT-2's vocabulary when a GPU is present.
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import HealthCheck, Phase, example, given, settings
 from hypothesis import strategies as st
 
-from parity import assert_close_rel
+from parity import assert_close_mixed, assert_close_rel
 from tritongpt.kernels._common import saved_tensor_bytes
 from tritongpt.kernels.cross_entropy import cross_entropy, linear_cross_entropy
 from tritongpt.model.gpt import lm_loss
@@ -42,9 +42,18 @@ def check_parity(shape, V, dtype, device, seed, reduction="none"):
     (out * g.to(device, torch.float32)).sum().backward()
     (ref * g.to(device)).sum().backward()
     tol = TOL[dtype]
-    assert_close_rel(out, ref, tol, f"loss {reduction}")
+    # Rounding no fp32 implementation avoids (PyTorch's neither): a confident right answer has a
+    # tiny loss log(1 + e^-margin), and its gradient p - 1 with p near 1, each off by a few fp32
+    # epsilons: allow 4 per row of loss and per gradient entry (scaled by the row's upstream grad).
+    eps = torch.finfo(torch.float32).eps
+    counted = (t != IGNORE).double().cpu()
+    g_rows = (g.cpu() * counted).expand(t.shape) if reduction == "none" else g.cpu() * counted / (
+        counted.sum() if reduction == "mean" else 1.0)
+    loss_floor = 4 * eps * (counted.sum().sqrt().item() if reduction == "none" else 1.0)
+    grad_floor = 4 * eps * (g_rows.square().sum().item() * V) ** 0.5
+    assert_close_mixed(out, ref, tol, loss_floor, f"loss {reduction}")
     assert x.grad.dtype == dtype  # the gradient comes back in the logits' dtype
-    assert_close_rel(x.grad, x64.grad, tol, "dlogits")
+    assert_close_mixed(x.grad, x64.grad, tol, grad_floor, "dlogits")
     # the reference module (what the model calls on the reference path) agrees too
     if reduction == "mean":
         assert_close_rel(out, lm_loss(x.detach().float().view(-1, 1, V), t.view(-1, 1), IGNORE), tol, "vs lm_loss")
@@ -64,6 +73,7 @@ def test_reductions(reduction, device):
 @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture],
           phases=[Phase.explicit, Phase.generate, Phase.target, Phase.shrink])
 @given(n=st.integers(1, 12), V=st.integers(1, 300), seed=st.integers(0, 2**16))
+@example(n=2, V=2, seed=0)  # one counted row, a confident right answer: loss ~1e-4, p - 1 ~ -1e-4
 def test_shape_fuzz(n, V, seed, device):
     check_parity((n,), V, torch.float32, device, seed)
 
