@@ -83,20 +83,6 @@ def _ce_bwd_kernel(X, T, Lse, G, DX, stride_x, stride_dx, N, V, ignore_index,
         tl.store(DX + rows64 * stride_dx + start + cols, cast(p * g[:, None], DX.dtype.element_ty), mask=mask)
 
 
-def _check_targets_in_range(targets, V, ignore_index):
-    # One small reduction and a host sync: an out-of-range id would otherwise read past the row
-    # (F.cross_entropy raises here too).
-    if targets.is_meta:  # shapes only (the offline compile check): nothing to check
-        return
-    if targets.is_cuda and torch.cuda.is_current_stream_capturing():
-        return  # a CUDA-graph capture cannot sync; the eager warm-up runs before capture checked
-    bad = (targets != ignore_index) & ((targets < 0) | (targets >= V))
-    if bool(bad.any()):
-        i = int(bad.nonzero()[0, 0])
-        raise ValueError(f"target {int(targets[i])} at position {i} is outside the vocabulary [0, {V}) "
-                         f"and is not ignore_index ({ignore_index})")
-
-
 def _launch_shape(N, V):
     """(BLOCK_R rows per program, BLOCK_V columns per tile, num_warps)."""
     if INTERPRET:
@@ -110,7 +96,6 @@ def _launch_shape(N, V):
 
 def _fwd_launch(logits, targets, ignore_index):
     N, V = logits.shape
-    _check_targets_in_range(targets, V, ignore_index)  # here, inside the op: torch.compile never traces it
     loss = torch.empty(N, device=logits.device, dtype=torch.float32)
     lse = torch.empty(N, device=logits.device, dtype=torch.float32)
     if N == 0:
@@ -135,6 +120,30 @@ def _bwd_launch(grad_loss, logits, targets, lse, ignore_index):
 
 # ----------------------------------------------------------------------------- custom ops
 # As for the other kernels: registered ops stay opaque nodes under torch.compile.
+@torch.library.custom_op("tritongpt::checked_targets", mutates_args=())
+def _checked_targets(targets: torch.Tensor, vocab: int, ignore_index: int) -> torch.Tensor:
+    """targets as a flat contiguous copy, once every id is in [0, vocab) or is ignore_index.
+
+    An out-of-range id would make the kernels read past the row (F.cross_entropy raises too).
+    The check costs a small reduction and one host sync, so it is an op of its own: torch.compile
+    keeps it out of its graph, and the fused LM head runs it once per call, not once per chunk.
+    """
+    flat = targets.reshape(-1).clone()
+    if flat.is_cuda and torch.cuda.is_current_stream_capturing():
+        return flat  # a CUDA-graph capture cannot sync; the eager warm-up runs before capture checked
+    bad = (flat != ignore_index) & ((flat < 0) | (flat >= vocab))
+    if bool(bad.any()):
+        i = int(bad.nonzero()[0, 0])
+        raise ValueError(f"target {int(flat[i])} at position {i} is outside the vocabulary [0, {vocab}) "
+                         f"and is not ignore_index ({ignore_index})")
+    return flat
+
+
+@_checked_targets.register_fake
+def _(targets, vocab, ignore_index):
+    return targets.new_empty(targets.numel())
+
+
 @torch.library.custom_op("tritongpt::cross_entropy_fwd", mutates_args=())
 def _cross_entropy_fwd(logits: torch.Tensor, targets: torch.Tensor,
                        ignore_index: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -200,7 +209,7 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int
     x2 = logits.reshape(-1, V)
     if x2.stride(-1) != 1:  # rows are streamed with unit stride
         x2 = x2.contiguous()
-    t1 = targets.reshape(-1).contiguous()
+    t1 = torch.ops.tritongpt.checked_targets(targets, V, int(ignore_index))
     loss = CrossEntropyFunction.apply(x2, t1, int(ignore_index))
     if reduction == "none":
         return loss.view(targets.shape)
@@ -225,7 +234,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, targets, ignore_index, reduction, chunk_rows):
-        N, V = hidden.shape[0], weight.shape[0]
+        N = hidden.shape[0]
         device = hidden.device.type
         # the matmul dtype nn.Linear would use: the autocast dtype, else the inputs' own
         dt = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
@@ -249,7 +258,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
                         dh[s:e] = dlogits @ w
                     if want_dw:
                         dw += (dlogits.t() @ h[s:e]).float()
-                del logits
+                del logits  # before the next chunk's logits are allocated: one chunk alive at a time
         ctx.save_for_backward(dh, dw)
         ctx.dtypes = hidden.dtype, weight.dtype
         return loss_rows.sum() * g
@@ -295,7 +304,7 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
     if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
         raise ValueError(f"chunk_rows must be a positive int, got {chunk_rows!r}")
     h2 = hidden.reshape(-1, C)
-    t1 = targets.reshape(-1).contiguous()
+    t1 = torch.ops.tritongpt.checked_targets(targets, V, int(ignore_index))
     return LinearCrossEntropyFunction.apply(h2, weight, t1, int(ignore_index), reduction, chunk)
 
 

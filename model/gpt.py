@@ -131,16 +131,19 @@ class GPTModel(nn.Module):
         made a chunk of rows at a time and never whole (per-token losses: the fused
         cross-entropy on the logits, which never makes an fp32 copy of them).
         """
-        if targets is not None and "cross_entropy" in self.kernels:
-            from tritongpt.kernels.cross_entropy import cross_entropy, linear_cross_entropy
+        triton_loss = targets is not None and "cross_entropy" in self.kernels
+        if triton_loss and reduction != "none":
+            from tritongpt.kernels.cross_entropy import linear_cross_entropy
 
-            if reduction in ("mean", "sum"):
-                return linear_cross_entropy(self.hidden(idx, cache), self.out_head.weight, targets,
-                                            ignore_index, reduction)
-            return cross_entropy(self.out_head(self.hidden(idx, cache)), targets, ignore_index, reduction)
+            return linear_cross_entropy(self.hidden(idx, cache), self.out_head.weight, targets,
+                                        ignore_index, reduction)
         logits = self.out_head(self.hidden(idx, cache))
         if targets is None:
             return logits
+        if triton_loss:
+            from tritongpt.kernels.cross_entropy import cross_entropy
+
+            return cross_entropy(logits, targets, ignore_index, reduction)
         return lm_loss(logits, targets, ignore_index, reduction)
 
     def new_cache(self, batch_size: int, max_len: int | None = None, dtype=None) -> KVCache:
