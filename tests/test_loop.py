@@ -330,13 +330,33 @@ def _ddp_worker(rank, out, rec, port, kw):
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    seen = []
+    seen, threads_in_step = [], []
+
+    def loss_and_threads(model, batch):
+        threads_in_step.append(_comm_threads())
+        return loss_fn(model, batch)
+
     t = Trainer(tiny_model(rank), args_for(out, grad_accum=2, **kw),  # rank 0's init is broadcast
-                loss_fn, make_get_batch(synthetic_tokens(), 2, record=seen))
+                loss_and_threads, make_get_batch(synthetic_tokens(), 2, record=seen))
     res = t.fit()
     params = torch.cat([p.detach().flatten() for p in t.raw_model.parameters()])
     torch.save({"seen": seen, "params": params, "world": t.world_size, "ckpt": res["checkpoint"],
-                "group_left": torch.distributed.is_initialized()}, Path(rec) / f"rank{rank}.pt")
+                "group_left": torch.distributed.is_initialized(), "threads_in_step": threads_in_step[0],
+                "threads_left": _comm_threads()}, Path(rec) / f"rank{rank}.pt")
+
+
+def _comm_threads():
+    """Names of this process's gloo threads (Linux names its threads in /proc), or None elsewhere."""
+    tasks = Path("/proc/self/task")
+    if not tasks.is_dir():
+        return None
+    names = []
+    for t in tasks.iterdir():
+        try:
+            names.append((t / "comm").read_text().strip())
+        except OSError:  # a thread that ended while we looked
+            pass
+    return sorted(n for n in names if "gloo" in n)
 
 
 def _run_ddp(out, rec, **kw):
@@ -360,6 +380,13 @@ def test_ddp_two_cpu_processes_gloo(tmp_path):
     r0, r1 = _run_ddp(out, tmp_path / "rec", max_steps=4, ckpt_every=2)
     assert r0["world"] == r1["world"] == 2
     assert not r0["group_left"] and not r1["group_left"]  # the Trainer tore its process group down
+    # ... and its threads with it: a group kept alive past destroy_process_group (by the DDP wrapper,
+    # or by torch.distributed.nn.functional imported while it existed) keeps gloo threads running
+    # into interpreter exit, where they made torchrun workers abort now and then
+    for r in (r0, r1):
+        if r["threads_in_step"] is not None:
+            assert r["threads_in_step"], "no gloo threads seen while training: the probe is blind"
+            assert r["threads_left"] == [], r["threads_left"]
     assert len(r0["seen"]) == len(r1["seen"]) == 8  # 4 steps x 2 micro-batches each
     assert all(not torch.equal(a[0], b[0]) for a, b in zip(r0["seen"], r1["seen"]))  # data split by rank
     assert torch.equal(r0["params"], r1["params"])  # gradients were averaged: replicas agree

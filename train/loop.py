@@ -22,6 +22,7 @@ generator, the step and the data position), and DDP when launched by torchrun.
 """
 import argparse
 import contextlib
+import importlib
 import inspect
 import math
 import os
@@ -240,6 +241,13 @@ class Trainer:
             torch.cuda.set_device(self.device)
         self._owns_group = False
         if self.ddp and not dist.is_initialized():
+            # DDP's first construction imports torch.distributed.nn.functional, whose functions take
+            # `group=group.WORLD` as a default argument: imported while a group exists, they keep it
+            # alive for good, so destroy_process_group cannot stop its threads and the process exits
+            # with gloo threads running (an occasional SIGABRT, "terminate called without an active
+            # exception"). Imported before the group exists, the default is None.
+            importlib.import_module("torch.distributed.nn.functional")
+
             dist.init_process_group(backend="nccl" if self.device.type == "cuda" else "gloo")
             self._owns_group = True
         self.dtype = common.pick_dtype(args.dtype, self.device)
@@ -364,7 +372,12 @@ class Trainer:
             self.close()
 
     def close(self):
-        """Tear down the process group this Trainer started (fit() does it; call it if fit never runs)."""
+        """Tear down the process group this Trainer started (fit() does it; call it if fit never runs).
+
+        The DDP wrapper goes first: it holds the group, and a group still held after
+        destroy_process_group keeps its communication threads until the interpreter exits.
+        """
+        self.model = self.raw_model
         if self._owns_group and dist.is_initialized():
             dist.destroy_process_group()
         self._owns_group = False
