@@ -96,6 +96,9 @@ def add_cli(sub):
     t.add_argument("--seq-len", type=int, default=1024)
     t.add_argument("--steps", type=int, default=None, help="timed steps (default 10, --quick 4)")
     t.add_argument("--warmup-steps", type=int, default=None, help="untimed steps (default 3, --quick 2)")
+    t.add_argument("--vocab-multiple", type=int, default=1,
+                   help="pad the vocabulary to a multiple of this, for every provider alike (64: 50257 -> "
+                        "50304, as nanoGPT does; default %(default)s: GPT-2 as published)")
     t.add_argument("--peak-tflops", type=float, default=None,
                    help="MFU denominator; default: the GPU's dense bf16 datasheet peak (as the trainers use), "
                         "else the bf16 matmul measured in this run")
@@ -249,7 +252,8 @@ def _run_gpu(args):
         rows = run_train(torch.device("cuda"), budget, dtype, models, provs or TRAIN_PROVIDERS,
                          _batches(args.batch, models), args.seq_len,
                          _or(args.warmup_steps, 2 if args.quick else 3),
-                         _or(args.steps, 4 if args.quick else 10), peak, log=log)
+                         _or(args.steps, 4 if args.quick else 10), peak, log=log,
+                         vocab_multiple=args.vocab_multiple)
         targets = train_targets(rows) if "gpt2-small" in models else []
         res = make_result("train", env, rows, targets, ceilings, settings, time.perf_counter() - t0,
                           peak_flops=peak, peak_flops_source=source)

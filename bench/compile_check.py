@@ -38,6 +38,7 @@ from pathlib import Path
 # GPT-2's vocabulary for the loss.
 TOKENS = 16384
 VOCAB = 50257
+PADDED_VOCAB = 50304  # GPTConfig(vocab_multiple=64), as nanoGPT pads it
 LN_WIDTHS = (768, 1600, 8192)
 MLP_WIDTH = 768
 ATTN_SEQ = 1024
@@ -135,11 +136,12 @@ def capture(quick=False):
             _, h = mlp._fwd_launch(x, w1, b1, w2, b2)
             mlp._bwd_launch(torch.empty_like(x), x, h, w1, w2)
 
-            case[0] = f"cross_entropy {name} {TOKENS}x{VOCAB}"
-            logits = torch.empty(TOKENS, VOCAB, dtype=dt, **meta)
-            targets = torch.empty(TOKENS, dtype=torch.int64, **meta)
-            _, lse = cross_entropy._fwd_launch(logits, targets, -100)
-            cross_entropy._bwd_launch(lse, logits, targets, lse, -100)
+            for width in (VOCAB, PADDED_VOCAB):  # GPT-2's rows, and rows padded to a multiple of 64
+                case[0] = f"cross_entropy {name} {TOKENS}x{width} ({VOCAB} classes)"
+                logits = torch.empty(TOKENS, width, dtype=dt, **meta)
+                targets = torch.empty(TOKENS, dtype=torch.int64, **meta)
+                _, lse = cross_entropy._fwd_launch(logits, targets, -100, VOCAB)
+                cross_entropy._bwd_launch(lse, logits, targets, lse, -100, VOCAB)
 
             head_dims = (64, 128) if quick else (ATTN_HEAD_DIMS if dt == torch.bfloat16 else (64,))
             for d in head_dims:

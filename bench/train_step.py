@@ -141,14 +141,17 @@ def time_steps(step, n, device):
 
 
 def bench_train_provider(name, model_name, batch, seq_len, device, dtype, warmup_steps, steps,
-                         peak_flops=None, vocab_size=None, seed=0):
+                         peak_flops=None, vocab_size=None, seed=0, vocab_multiple=1):
     """One row: step time, tokens/s, MFU and memory of `name` on `model_name`."""
     from tritongpt.bench.common import dtype_name
     from tritongpt.model.config import get_config
 
-    cfg = get_config(model_name, vocab_size=vocab_size, context_length=max(seq_len, 1))
+    cfg = get_config(model_name, vocab_size=vocab_size, context_length=max(seq_len, 1),
+                     vocab_multiple=vocab_multiple)
     cfg_row = {"model": model_name, "batch": batch, "seq_len": seq_len, "dtype": dtype_name(dtype),
                "steps": steps, "warmup_steps": warmup_steps}
+    if cfg.padded_vocab_size != cfg.vocab_size:
+        cfg_row["padded_vocab"] = cfg.padded_vocab_size
     g = torch.Generator().manual_seed(seed)  # the same batch for every provider
     tokens = torch.randint(0, cfg.vocab_size, (batch, seq_len + 1), generator=g).to(device)
     x, y = tokens[:, :-1], tokens[:, 1:]
@@ -201,7 +204,7 @@ def bench_train_provider(name, model_name, batch, seq_len, device, dtype, warmup
 
 def run_train(device, budget, dtype=torch.bfloat16, models=("gpt2-small", "gpt2-medium"),
               providers=TRAIN_PROVIDERS, batch=None, seq_len=1024, warmup_steps=3, steps=10,
-              peak_flops=None, vocab_size=None, log=print):
+              peak_flops=None, vocab_size=None, log=print, vocab_multiple=1):
     """Every provider on every model; rows in model-major order (124M first: the targets)."""
     from tritongpt.model.config import get_config
 
@@ -230,7 +233,7 @@ def run_train(device, budget, dtype=torch.bfloat16, models=("gpt2-small", "gpt2-
             log(f"train step: {model_name} B={b} T={seq_len} {p} ...")
             t0 = time.perf_counter()
             row = bench_train_provider(p, model_name, b, seq_len, device, dtype, warmup_steps, steps,
-                                       peak_flops, vocab_size)
+                                       peak_flops, vocab_size, vocab_multiple=vocab_multiple)
             cost[p] = (time.perf_counter() - t0, n_layer)
             rows.append(row)
             if is_ok(row):

@@ -35,9 +35,11 @@ INTERPRET = triton_interpreting()
 
 
 @triton.jit
-def _ce_fwd_kernel(X, T, Loss, Lse, stride_x, N, V, ignore_index,
+def _ce_fwd_kernel(X, T, Loss, Lse, stride_x, N, V, W, ignore_index,
                    BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr):
-    """Grid (cdiv(N, BLOCK_R),). Loss[i] = lse_i - X[i, T[i]] (0 where T[i] == ignore_index)."""
+    """Grid (cdiv(N, BLOCK_R),). Loss[i] = lse_i - X[i, T[i]] (0 where T[i] == ignore_index).
+
+    Rows hold W >= V values; only the first V are classes (the rest: a padded vocabulary)."""
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     row_ok = rows < N
     # rows past N re-read row N-1 (their results are never stored): no all--inf rows, no nan
@@ -45,8 +47,11 @@ def _ce_fwd_kernel(X, T, Loss, Lse, stride_x, N, V, ignore_index,
     cols = tl.arange(0, BLOCK_V)[None, :]
     m = tl.full([BLOCK_R, BLOCK_V], float("-inf"), tl.float32)
     s = tl.zeros([BLOCK_R, BLOCK_V], tl.float32)
-    for start in range(0, V, BLOCK_V):
-        x = tl.load(x_rows + start + cols, mask=start + cols < V, other=float("-inf")).to(tl.float32)
+    for start in range(0, W, BLOCK_V):
+        # masked at the row's width W, not at V: with a padded vocabulary W is a multiple of 16
+        # and the loads are 16-byte vectors; the padding columns are then set to -inf
+        x = tl.load(x_rows + start + cols, mask=start + cols < W, other=float("-inf")).to(tl.float32)
+        x = tl.where(start + cols < V, x, float("-inf"))
         m_new = tl.maximum(m, x)
         # exp(x) = exp2(x * log2(e)): exp2 is one MUFU instruction. A lane that has seen only
         # -inf (past V, or -inf logits) rescales by a finite stand-in, not -inf - -inf = nan.
@@ -65,9 +70,10 @@ def _ce_fwd_kernel(X, T, Loss, Lse, stride_x, N, V, ignore_index,
 
 
 @triton.jit
-def _ce_bwd_kernel(X, T, Lse, G, DX, stride_x, stride_dx, N, V, ignore_index,
+def _ce_bwd_kernel(X, T, Lse, G, DX, stride_x, stride_dx, N, V, W, ignore_index,
                    BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr):
-    """Grid (cdiv(N, BLOCK_R),). DX[i, j] = G[i] * (softmax(X[i])_j - [j == T[i]]), 0 for ignored rows."""
+    """Grid (cdiv(N, BLOCK_R),). DX[i, j] = G[i] * (softmax(X[i])_j - [j == T[i]]), 0 for ignored
+    rows; all W columns are written, the padding ones (j >= V) with 0."""
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     row_ok = rows < N
     rows64 = rows.to(tl.int64)[:, None]
@@ -75,10 +81,10 @@ def _ce_bwd_kernel(X, T, Lse, G, DX, stride_x, stride_dx, N, V, ignore_index,
     target = tl.load(T + rows, mask=row_ok, other=ignore_index)
     lse = tl.load(Lse + rows, mask=row_ok, other=0.0)
     g = tl.where(target != ignore_index, tl.load(G + rows, mask=row_ok, other=0.0).to(tl.float32), 0.0)
-    for start in range(0, V, BLOCK_V):
-        mask = row_ok[:, None] & (start + cols < V)
+    for start in range(0, W, BLOCK_V):
+        mask = row_ok[:, None] & (start + cols < W)
         x = tl.load(X + rows64 * stride_x + start + cols, mask=mask, other=0.0).to(tl.float32)
-        p = tl.exp2((x - lse[:, None]) * 1.4426950408889634)
+        p = tl.where(start + cols < V, tl.exp2((x - lse[:, None]) * 1.4426950408889634), 0.0)
         p = tl.where(start + cols == target[:, None], p - 1.0, p)
         tl.store(DX + rows64 * stride_dx + start + cols, cast(p * g[:, None], DX.dtype.element_ty), mask=mask)
 
@@ -94,27 +100,28 @@ def _launch_shape(N, V):
     return 1, min(4096, triton.next_power_of_2(V)), 8
 
 
-def _fwd_launch(logits, targets, ignore_index):
-    N, V = logits.shape
+def _fwd_launch(logits, targets, ignore_index, n_classes):
+    N, W = logits.shape
     loss = torch.empty(N, device=logits.device, dtype=torch.float32)
     lse = torch.empty(N, device=logits.device, dtype=torch.float32)
     if N == 0:
         return loss, lse
-    rows, block, warps = _launch_shape(N, V)
-    _ce_fwd_kernel[(triton.cdiv(N, rows),)](logits, targets, loss, lse, logits.stride(0), N, V, ignore_index,
-                                            BLOCK_R=rows, BLOCK_V=block, num_warps=warps)
+    rows, block, warps = _launch_shape(N, W)
+    _ce_fwd_kernel[(triton.cdiv(N, rows),)](logits, targets, loss, lse, logits.stride(0), N, n_classes, W,
+                                            ignore_index, BLOCK_R=rows, BLOCK_V=block, num_warps=warps)
     return loss, lse
 
 
-def _bwd_launch(grad_loss, logits, targets, lse, ignore_index):
-    N, V = logits.shape
-    dx = torch.empty_like(logits)
+def _bwd_launch(grad_loss, logits, targets, lse, ignore_index, n_classes):
+    N, W = logits.shape
+    dx = torch.empty((N, W), device=logits.device, dtype=logits.dtype)
     if N == 0:
         return dx
     grad_loss = grad_loss.contiguous()
-    rows, block, warps = _launch_shape(N, V)
+    rows, block, warps = _launch_shape(N, W)
     _ce_bwd_kernel[(triton.cdiv(N, rows),)](logits, targets, lse, grad_loss, dx, logits.stride(0), dx.stride(0),
-                                            N, V, ignore_index, BLOCK_R=rows, BLOCK_V=block, num_warps=warps)
+                                            N, n_classes, W, ignore_index, BLOCK_R=rows, BLOCK_V=block,
+                                            num_warps=warps)
     return dx
 
 
@@ -145,26 +152,26 @@ def _(targets, vocab, ignore_index):
 
 
 @torch.library.custom_op("tritongpt::cross_entropy_fwd", mutates_args=())
-def _cross_entropy_fwd(logits: torch.Tensor, targets: torch.Tensor,
-                       ignore_index: int) -> tuple[torch.Tensor, torch.Tensor]:
-    return _fwd_launch(logits, targets, ignore_index)
+def _cross_entropy_fwd(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int,
+                       n_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return _fwd_launch(logits, targets, ignore_index, n_classes)
 
 
 @_cross_entropy_fwd.register_fake
-def _(logits, targets, ignore_index):
+def _(logits, targets, ignore_index, n_classes):
     n = logits.shape[0]
     return logits.new_empty(n, dtype=torch.float32), logits.new_empty(n, dtype=torch.float32)
 
 
 @torch.library.custom_op("tritongpt::cross_entropy_bwd", mutates_args=())
 def _cross_entropy_bwd(grad_loss: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor,
-                       ignore_index: int) -> torch.Tensor:
-    return _bwd_launch(grad_loss, logits, targets, lse, ignore_index)
+                       ignore_index: int, n_classes: int) -> torch.Tensor:
+    return _bwd_launch(grad_loss, logits, targets, lse, ignore_index, n_classes)
 
 
 @_cross_entropy_bwd.register_fake
-def _(grad_loss, logits, targets, lse, ignore_index):
-    return torch.empty_like(logits)
+def _(grad_loss, logits, targets, lse, ignore_index, n_classes):
+    return logits.new_empty(logits.shape)
 
 
 class CrossEntropyFunction(torch.autograd.Function):
@@ -172,7 +179,7 @@ class CrossEntropyFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits, targets, ignore_index):
-        loss, lse = torch.ops.tritongpt.cross_entropy_fwd(logits, targets, ignore_index)
+        loss, lse = torch.ops.tritongpt.cross_entropy_fwd(logits, targets, ignore_index, logits.shape[1])
         ctx.save_for_backward(logits, targets, lse)
         ctx.ignore_index = ignore_index
         return loss
@@ -180,7 +187,8 @@ class CrossEntropyFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss):
         logits, targets, lse = ctx.saved_tensors
-        dx = torch.ops.tritongpt.cross_entropy_bwd(grad_loss, logits, targets, lse, ctx.ignore_index)
+        dx = torch.ops.tritongpt.cross_entropy_bwd(grad_loss, logits, targets, lse, ctx.ignore_index,
+                                                   logits.shape[1])
         return dx, None, None
 
 
@@ -230,10 +238,11 @@ CHUNK_ELEMENTS = 1 << 27  # logits per chunk: 256 MB in bf16, about 2.7k rows of
 
 
 class LinearCrossEntropyFunction(torch.autograd.Function):
-    """Mean or summed CE(hidden @ weight.T, targets) from hidden [N, C] and weight [V, C]."""
+    """Mean or summed CE(hidden @ weight.T, targets) from hidden [N, C] and weight [W, C], whose
+    first n_classes rows are the classes (the others pad the vocabulary: no logit, no gradient)."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, ignore_index, reduction, chunk_rows):
+    def forward(ctx, hidden, weight, targets, ignore_index, reduction, chunk_rows, n_classes):
         N = hidden.shape[0]
         device = hidden.device.type
         # the matmul dtype nn.Linear would use: the autocast dtype, else the inputs' own
@@ -249,11 +258,14 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         with torch.autocast(device, enabled=False):  # the dtypes are chosen above
             for s in range(0, N, chunk_rows):
                 e = min(N, s + chunk_rows)
+                # all W columns: a padded W keeps the matmuls on multiples of 64; the CE kernels
+                # treat columns past n_classes as absent and give them a zero gradient
                 logits = h[s:e] @ w.t()
-                loss_rows[s:e], lse = torch.ops.tritongpt.cross_entropy_fwd(logits, targets[s:e], ignore_index)
+                loss_rows[s:e], lse = torch.ops.tritongpt.cross_entropy_fwd(logits, targets[s:e], ignore_index,
+                                                                            n_classes)
                 if want_dh or want_dw:
                     dlogits = torch.ops.tritongpt.cross_entropy_bwd(g.expand(e - s).contiguous(), logits,
-                                                                    targets[s:e], lse, ignore_index)
+                                                                    targets[s:e], lse, ignore_index, n_classes)
                     if want_dh:
                         dh[s:e] = dlogits @ w
                     if want_dw:
@@ -268,18 +280,21 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         dh, dw = ctx.saved_tensors
         h_dtype, w_dtype = ctx.dtypes
         return (None if dh is None else (dh * grad_loss).to(h_dtype),
-                None if dw is None else (dw * grad_loss).to(w_dtype), None, None, None, None)
+                None if dw is None else (dw * grad_loss).to(w_dtype), None, None, None, None, None)
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                         ignore_index: int = -100, reduction: str = "mean", chunk_rows: int | None = None):
+                         ignore_index: int = -100, reduction: str = "mean", chunk_rows: int | None = None,
+                         vocab_size: int | None = None):
     """cross_entropy(hidden @ weight.T, targets) for reduction "mean" or "sum", never holding all
     the logits: at most chunk_rows rows of them (default: 2^27 logits) at a time. Differentiable
     in hidden and weight. Reference: lm_loss(out_head(hidden), targets).
 
-    hidden: [..., C] (e.g. the final LayerNorm's output), weight: [V, C] (the LM head, bias-free
+    hidden: [..., C] (e.g. the final LayerNorm's output), weight: [W, C] (the LM head, bias-free
     as in GPT-2), targets: hidden's leading shape. Under autocast the matmuls run in the autocast
-    dtype, as nn.Linear's would.
+    dtype, as nn.Linear's would. vocab_size: the classes, when weight's rows past it pad the
+    vocabulary (GPTConfig.vocab_multiple): the loss is then that of the logits [..., :vocab_size]
+    and the padding rows get a zero gradient (default: all W rows are classes).
     """
     check_tensor(hidden, "hidden")
     check_tensor(weight, "weight", ndim=2)
@@ -300,12 +315,15 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
         raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
     if not torch.is_autocast_enabled(hidden.device.type):
         check_same_dtype(hidden=hidden, weight=weight)
+    n_classes = V if vocab_size is None else vocab_size
+    if isinstance(n_classes, bool) or not isinstance(n_classes, int) or not 1 <= n_classes <= V:
+        raise ValueError(f"vocab_size must be an int in [1, {V}] (weight has {V} rows), got {vocab_size!r}")
     chunk = chunk_rows if chunk_rows is not None else max(1, CHUNK_ELEMENTS // V)
     if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
         raise ValueError(f"chunk_rows must be a positive int, got {chunk_rows!r}")
     h2 = hidden.reshape(-1, C)
-    t1 = torch.ops.tritongpt.checked_targets(targets, V, int(ignore_index))
-    return LinearCrossEntropyFunction.apply(h2, weight, t1, int(ignore_index), reduction, chunk)
+    t1 = torch.ops.tritongpt.checked_targets(targets, n_classes, int(ignore_index))
+    return LinearCrossEntropyFunction.apply(h2, weight, t1, int(ignore_index), reduction, chunk, n_classes)
 
 
 __all__ = ["cross_entropy", "CrossEntropyFunction", "linear_cross_entropy", "LinearCrossEntropyFunction"]

@@ -14,10 +14,14 @@ class GPTConfig:
     dropout: float = 0.0
     bias: bool = True          # biases in Linear layers (GPT-2 has them)
     tie_weights: bool = True   # LM head shares the token-embedding matrix (GPT-2 does)
+    # Embedding and LM-head rows are padded to a multiple of this (64: GPT-2's 50257 -> 50304, as
+    # nanoGPT and llm.c do) so the head's matmuls run on aligned shapes. The padding rows are
+    # never a token: logits stop at vocab_size, and the loss and sampling never see them.
+    vocab_multiple: int = 1
     kernels: str = "reference"  # "reference" | "triton" | "auto" | comma list of layernorm,mlp,attention,cross_entropy
 
     def __post_init__(self):
-        for name in ("vocab_size", "context_length", "n_embd", "n_layer", "n_head"):
+        for name in ("vocab_size", "context_length", "n_embd", "n_layer", "n_head", "vocab_multiple"):
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
                 raise UserError(f"GPTConfig.{name} must be a positive integer, got {value!r}")
@@ -29,6 +33,11 @@ class GPTConfig:
     @property
     def head_dim(self) -> int:
         return self.n_embd // self.n_head
+
+    @property
+    def padded_vocab_size(self) -> int:
+        """Rows of the embedding and the LM head: vocab_size rounded up to vocab_multiple."""
+        return -(-self.vocab_size // self.vocab_multiple) * self.vocab_multiple
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -45,12 +45,12 @@ class GPTModel(nn.Module):
     def __init__(self, cfg: GPTConfig):
         super().__init__()
         self.config = cfg
-        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        self.tok_emb = nn.Embedding(cfg.padded_vocab_size, cfg.n_embd)
         self.pos_emb = nn.Embedding(cfg.context_length, cfg.n_embd)
         self.drop_emb = nn.Dropout(cfg.dropout)
         self.trf_blocks = nn.ModuleList(TransformerBlock(cfg, i) for i in range(cfg.n_layer))
         self.final_norm = LayerNorm(cfg.n_embd)
-        self.out_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        self.out_head = nn.Linear(cfg.n_embd, cfg.padded_vocab_size, bias=False)
         if cfg.tie_weights:
             self.out_head.weight = self.tok_emb.weight
         self.apply(self._init_weights)
@@ -59,6 +59,9 @@ class GPTModel(nn.Module):
         for name, p in self.named_parameters():
             if name.endswith("out_proj.weight") or name.endswith("fc2.weight"):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
+        with torch.no_grad():  # padding rows (cfg.vocab_multiple) are no token: zero, and never trained
+            self.tok_emb.weight[cfg.vocab_size:].zero_()
+            self.out_head.weight[cfg.vocab_size:].zero_()
         self.kernels = frozenset()
         self.set_kernels(cfg.kernels)
 
@@ -122,7 +125,8 @@ class GPTModel(nn.Module):
 
     def forward(self, idx, cache: KVCache | None = None, targets=None, ignore_index: int = -100,
                 reduction: str = "mean"):
-        """Logits [B, T, vocab_size] for every position; with targets [B, T], the LM loss instead:
+        """Logits [B, T, vocab_size] for every position (a view into the padded head's output when
+        the vocabulary is padded); with targets [B, T], the LM loss instead:
         its mean over counted targets, or with reduction="none" each position's -log p (fp32 [B, T]).
 
         The loss is computed here, not by the caller, so that the toggle reaches it (and DDP and
@@ -136,8 +140,10 @@ class GPTModel(nn.Module):
             from tritongpt.kernels.cross_entropy import linear_cross_entropy
 
             return linear_cross_entropy(self.hidden(idx, cache), self.out_head.weight, targets,
-                                        ignore_index, reduction)
+                                        ignore_index, reduction, vocab_size=self.config.vocab_size)
         logits = self.out_head(self.hidden(idx, cache))
+        if logits.shape[-1] != self.config.vocab_size:
+            logits = logits[..., :self.config.vocab_size]  # drop the padding columns
         if targets is None:
             return logits
         if triton_loss:

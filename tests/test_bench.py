@@ -409,8 +409,9 @@ def test_gpu_command_flow_with_cpu_stand_ins(tmp_path, monkeypatch, capsys):
         timer, copy_bytes=1 << 16, matmul_n=32, dtype=torch.float32))
     seen = {}
 
-    def fake_train(device, budget, dtype, models, providers, batch, seq_len, warmup, steps, peak, log):
-        seen.update(models=models, providers=providers, peak=peak, steps=steps)
+    def fake_train(device, budget, dtype, models, providers, batch, seq_len, warmup, steps, peak, log,
+                   vocab_multiple):
+        seen.update(models=models, providers=providers, peak=peak, steps=steps, vocab_multiple=vocab_multiple)
         return [make_row("train", "step", p, {"model": m, "batch": 1, "seq_len": seq_len}, "fwd+bwd",
                          ms=10.0, tokens_per_s=100.0, mfu=0.1, peak_mem_bytes=1 << 20)
                 for m in models for p in providers]
@@ -424,6 +425,7 @@ def test_gpu_command_flow_with_cpu_stand_ins(tmp_path, monkeypatch, capsys):
     assert bcli._run_gpu(args) == 0
     assert seen["models"] == ("gpt2-small",) and seen["steps"] == 4 and seen["peak"] > 0
     assert seen["providers"] == train_step.TRAIN_PROVIDERS
+    assert seen["vocab_multiple"] == 1  # GPT-2 as published unless --vocab-multiple says otherwise
     (folder,) = tmp_path.iterdir()
     k = report.validate_result(json.loads((folder / "kernels.json").read_text()))
     t = report.validate_result(json.loads((folder / "train.json").read_text()))

@@ -159,24 +159,27 @@ def test_model_loss_uses_the_kernels_only_on_their_path(monkeypatch):
 
 
 # -- the LM head and the loss fused (linear_cross_entropy) --------------------------------------
-def check_linear_parity(shape, C, V, dtype, device, seed, reduction="mean", chunk_rows=10):
+def check_linear_parity(shape, C, V, dtype, device, seed, reduction="mean", chunk_rows=10, pad=0):
+    """pad: extra weight rows past the V classes (a padded vocabulary): no logit, zero gradient."""
     gen = torch.Generator().manual_seed(seed)
     h = (torch.randn(*shape, C, generator=gen) * 2.0).to(device, dtype).requires_grad_()
-    w = (torch.randn(V, C, generator=gen) * C ** -0.5 * 2.0).to(device, dtype).requires_grad_()
+    w = (torch.randn(V + pad, C, generator=gen) * C ** -0.5 * 2.0).to(device, dtype).requires_grad_()
     t = torch.randint(0, V, shape, generator=gen)
     t.view(-1)[::4] = IGNORE
     t = t.to(device)
     g = torch.rand((), generator=gen).item() + 0.5  # a fresh upstream gradient
-    loss = linear_cross_entropy(h, w, t, IGNORE, reduction, chunk_rows=chunk_rows)
+    loss = linear_cross_entropy(h, w, t, IGNORE, reduction, chunk_rows=chunk_rows, vocab_size=V if pad else None)
     (loss * g).backward()
     h64, w64 = (a.detach().double().requires_grad_() for a in (h, w))
-    ref = F.cross_entropy((h64 @ w64.t()).flatten(0, -2), t.flatten(), ignore_index=IGNORE, reduction=reduction)
+    logits64 = (h64 @ w64.t())[..., :V]
+    ref = F.cross_entropy(logits64.flatten(0, -2), t.flatten(), ignore_index=IGNORE, reduction=reduction)
     (ref * g).backward()
     tol = TOL[dtype]
     assert loss.dtype == torch.float32 and h.grad.dtype == w.grad.dtype == dtype
     assert_close_rel(loss, ref, tol, f"fused loss {reduction}")
     assert_close_rel(h.grad, h64.grad, tol, "dhidden")
     assert_close_rel(w.grad, w64.grad, tol, "dweight")
+    assert torch.count_nonzero(w.grad[V:]) == 0  # padding rows: exactly no gradient
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -188,6 +191,14 @@ def test_linear_parity_fp64_across_chunks(dtype, reduction, device):
 
 def test_linear_parity_3d_hidden_one_chunk(device):
     check_linear_parity((2, 9), 16, 130, torch.float32, device, seed=8, chunk_rows=None)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("V,pad", [(277, 35), (100, 200)])
+def test_linear_padded_vocabulary(V, pad, dtype, device):
+    # GPTConfig.vocab_multiple: the weight has V + pad rows, the classes are the first V. 277 + 35:
+    # V and the row end fall in the same last tile; 100 + 200: whole tiles of padding after V
+    check_linear_parity((37,), 24, V, dtype, device, seed=9, pad=pad)
 
 
 def test_linear_never_makes_all_the_logits(device):
@@ -283,6 +294,9 @@ def test_linear_torch_compile_fullgraph(device):
     (lambda h, w, t: linear_cross_entropy(h, w.bfloat16(), t), TypeError, "dtype mismatch: hidden is float32, weight is bfloat16"),
     (lambda h, w, t: linear_cross_entropy(h, w, t[:3]), ValueError, "targets has shape"),
     (lambda h, w, t: linear_cross_entropy(h, w, t, chunk_rows=0), ValueError, "chunk_rows must be a positive int"),
+    (lambda h, w, t: linear_cross_entropy(h, w, t, vocab_size=41), ValueError, r"vocab_size must be an int in \[1, 40\]"),
+    (lambda h, w, t: linear_cross_entropy(h, w, t.clamp(min=35), vocab_size=30), ValueError,
+     r"target 3\d at position 0 is outside the vocabulary \[0, 30\)"),
 ])
 def test_linear_bad_input_says_what(call, err, match):
     h, w, t = torch.randn(6, 8), torch.randn(40, 8), torch.randint(0, 40, (6,))

@@ -137,3 +137,47 @@ def test_toggle_resolution_and_state_dict_unchanged():
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
     m.set_kernels(["mlp"])
     assert m.config.kernels == "mlp" and not m.final_norm.use_triton and m.trf_blocks[0].ff.use_triton
+
+
+# -- a padded vocabulary (GPTConfig.vocab_multiple) ------------------------------------------------
+def test_padded_vocabulary_config():
+    assert get_config("gpt2-small", vocab_multiple=64).padded_vocab_size == 50304
+    assert get_config("gpt2-small").padded_vocab_size == 50257
+    assert GPTConfig(vocab_size=128, vocab_multiple=64).padded_vocab_size == 128
+    with pytest.raises(UserError, match="vocab_multiple must be a positive integer"):
+        GPTConfig(vocab_multiple=0)
+    saved = get_config("tiny").to_dict()
+    del saved["vocab_multiple"]  # a checkpoint written before the field existed
+    assert GPTConfig.from_dict(saved).padded_vocab_size == 4096
+    with torch.device("meta"):  # 47 more embedding rows, counted once (the head is tied)
+        assert GPTModel(get_config("gpt2-small", vocab_multiple=64)).num_params() == 124_439_808 + 47 * 768
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_padded_vocabulary_is_the_same_model(tmp_path, tied):
+    """With the same weights, a padded model gives the unpadded one's logits, loss and gradients;
+    its padding rows start at zero and get no gradient, so they are never trained."""
+    torch.manual_seed(5)
+    plain = GPTModel(GPTConfig(**SMALL, tie_weights=tied))  # vocab 97
+    padded = GPTModel(GPTConfig(**SMALL, tie_weights=tied, vocab_multiple=16))  # 112 rows
+    assert padded.tok_emb.weight.shape == padded.out_head.weight.shape == (112, 32)
+    assert torch.count_nonzero(padded.tok_emb.weight[97:]) == torch.count_nonzero(padded.out_head.weight[97:]) == 0
+    with torch.no_grad():
+        for (name, p), (_, q) in zip(plain.named_parameters(), padded.named_parameters()):
+            q[:p.shape[0]].copy_(p)
+    idx, y = torch.randint(0, 97, (2, 11)), torch.randint(0, 97, (2, 11))
+    y[0, :3] = -100
+    logits = padded(idx)
+    assert logits.shape == (2, 11, 97)  # no padding column reaches a caller (sampling, log-probs)
+    torch.testing.assert_close(logits, plain(idx))
+    for m in (plain, padded):
+        m(idx, targets=y).backward()
+    torch.testing.assert_close(padded(idx, targets=y), plain(idx, targets=y))
+    torch.testing.assert_close(padded(idx, targets=y, reduction="none"), plain(idx, targets=y, reduction="none"))
+    for (name, p), (_, q) in zip(plain.named_parameters(), padded.named_parameters()):
+        torch.testing.assert_close(q.grad[:p.shape[0]], p.grad, msg=name)
+        assert torch.count_nonzero(q.grad[p.shape[0]:]) == 0, name
+
+    padded.save(tmp_path / "w.safetensors")
+    back = GPTModel.load(tmp_path / "w.safetensors")
+    assert back.config.vocab_multiple == 16 and torch.equal(back(idx), logits.detach())

@@ -75,12 +75,14 @@ def test_python_api_on_jsonl_with_a_text_field(corpus, tmp_path):
     jsonl = tmp_path / "docs.jsonl"
     jsonl.write_text("".join(json.dumps({"id": i, "body": d}) + "\n" for i, d in enumerate(docs)))
     a = parse_args(argv(corpus, tmp_path, "--max-steps", "3", "--eval-every", "0", "--sample-tokens", "0")
-                   + ["--data", str(jsonl), "--text-field", "body"])
+                   + ["--data", str(jsonl), "--text-field", "body", "--vocab-multiple", "64"])
     r = pretrain(a)
     assert r["step"] == 3 and len(r["losses"]) == 3 and r["n_params"] > 0
     assert r["train_tokens"] > r["val_tokens"] > 0
     assert r["val_loss"] is not None and Path(r["checkpoint"]).name == "ckpt-0000003"
     assert json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])["step"] == 3
+    cfg = GPTModel.load(Path(r["checkpoint"]) / "model.safetensors").config
+    assert (cfg.vocab_size, cfg.padded_vocab_size) == (300, 320)  # the tokenizer's 300 ids in 5 x 64 rows
 
 
 def test_defaults_are_the_readme_main_job():
@@ -109,6 +111,7 @@ def test_model_vocab_follows_the_tokenizer_except_gpt2_with_gpt2():
     (["--model", "gpt5"], "unknown model"),
     (["--block-size", "4096"], "longer than tiny's context length"),
     (["--block-size", "0"], "--block-size must be positive"),
+    (["--vocab-multiple", "0"], "--vocab-multiple must be a positive integer"),
     (["--tokenizer", "/no/such/tok.json"], "tokenizer"),
     (["--text-field", "title", "--data", "JSONL"], "no field 'title'"),
 ])

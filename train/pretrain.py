@@ -29,6 +29,9 @@ def add_args(p: argparse.ArgumentParser):
     from tritongpt.train.loop import add_train_args
 
     add_model_args(p, default_model="tiny")
+    p.add_argument("--vocab-multiple", type=int, default=1,
+                   help="pad the embedding and LM head to a multiple of this many rows (64 for GPT-2: "
+                        "50257 -> 50304, faster head matmuls on a GPU; default %(default)s: no padding)")
     d = p.add_argument_group("data")
     d.add_argument("--data", default=None,
                    help="training text: a file, a folder of .txt files, a .jsonl file, or 'pydoc' / "
@@ -84,7 +87,10 @@ def pretrain(args) -> dict:
     if args.dropout is not None and not 0.0 <= args.dropout < 1.0:
         raise UserError(f"--dropout must be in [0, 1), got {args.dropout}")
     tok = get_tokenizer(args.tokenizer)
-    cfg = get_config(args.model, vocab_size=model_vocab(args.model, tok, cfg.vocab_size), dropout=args.dropout)
+    if args.vocab_multiple < 1:
+        raise UserError(f"--vocab-multiple must be a positive integer, got {args.vocab_multiple}")
+    cfg = get_config(args.model, vocab_size=model_vocab(args.model, tok, cfg.vocab_size), dropout=args.dropout,
+                     vocab_multiple=args.vocab_multiple)
     block = cfg.context_length if args.block_size is None else args.block_size
     if block <= 0:
         raise UserError(f"--block-size must be positive, got {block}")
@@ -165,7 +171,9 @@ def pretrain(args) -> dict:
         out.mkdir(parents=True, exist_ok=True)
         save_run_tokenizer(tok, out)
         kernels = model.config.kernels
-        print(f"pretrain: {args.model} ({n_params / 1e6:.2f}M params, vocab {cfg.vocab_size}, context {block}) "
+        print(f"pretrain: {args.model} ({n_params / 1e6:.2f}M params, vocab {cfg.vocab_size}"
+              f"{f' padded to {cfg.padded_vocab_size}' if cfg.padded_vocab_size != cfg.vocab_size else ''}, "
+              f"context {block}) "
               f"on {trainer.device} ({str(trainer.dtype).replace('torch.', '')}, kernels {kernels}"
               f"{', ' + str(trainer.world_size) + ' processes' if trainer.ddp else ''})")
         per_step = targs.batch_size * targs.grad_accum * trainer.world_size

@@ -28,7 +28,7 @@ def cmd_info(args):
     print(f"model        {args.model}")
     for key, value in cfg.to_dict().items():
         if key != "kernels":
-            print(f"  {key:<14}{value}")
+            print(f"  {key:<16}{value}")
     print(f"parameters   {n:,} ({n / 1e6:.1f}M, {'untied' if args.untied else 'tied'} LM head)")
     print(f"torch        {torch.__version__}")
     try:
