@@ -23,6 +23,9 @@ BLOCK_V vectors per row lives in registers):
             dx_ij = g_i * (exp(x_ij - lse_i) - [j == target_i]), written in the logits' dtype,
             where g_i is the upstream gradient of row i's loss (1/n for the mean).
   ignore    rows whose target is ignore_index get loss 0, gradient 0, and do not count in n.
+  padding   a row may hold W >= V values (GPTConfig.vocab_multiple pads GPT-2's 50257 to 50304):
+            all W are read, so a 16-byte aligned row is loaded in 16-byte vectors, but columns
+            past V count as -inf, and their gradient is written as 0.
 """
 import torch
 import triton
