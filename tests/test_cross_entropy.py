@@ -339,5 +339,7 @@ def test_per_token_logprobs_through_the_model_on_both_paths():
 
 
 @pytest.mark.cuda
-def test_linear_gpt2_sizes_cuda():
-    check_linear_parity((4099,), 768, 50257, torch.bfloat16, torch.device("cuda"), seed=4, chunk_rows=None)
+@pytest.mark.parametrize("pad", [0, 47])  # 47: GPT-2's vocabulary padded to 50304 (16-byte vector loads)
+def test_linear_gpt2_sizes_cuda(pad):
+    check_linear_parity((4099,), 768, 50257, torch.bfloat16, torch.device("cuda"), seed=4, chunk_rows=None,
+                        pad=pad)
