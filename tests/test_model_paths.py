@@ -79,11 +79,12 @@ def test_gpt2_shaped_stack_triton_matches_reference_on_gpu(monkeypatch):
     _compare_paths(model, idx, targets, 1e-4)
 
 
-def test_whole_model_on_triton_path_compiles_in_one_graph(device):
+@pytest.mark.parametrize("vocab_multiple", [1, 16])
+def test_whole_model_on_triton_path_compiles_in_one_graph(device, vocab_multiple):
     """torch.compile of the model on the Triton path (the loss included): the kernels are custom
     ops with fake impls, so Dynamo captures forward and loss without a graph break."""
     torch.manual_seed(4)
-    model = _randomize(GPTModel(GPTConfig(**TINY))).to(device).set_kernels("triton")
+    model = _randomize(GPTModel(GPTConfig(**TINY, vocab_multiple=vocab_multiple))).to(device).set_kernels("triton")
     idx = torch.randint(0, 67, (2, 19), device=device)
     targets = torch.randint(0, 67, (2, 19), device=device)
     compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
