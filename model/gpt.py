@@ -110,6 +110,7 @@ class GPTModel(nn.Module):
             raise UserError(f"idx must be [batch, time] token ids, got shape {tuple(idx.shape)}")
         if idx.dtype not in (torch.int64, torch.int32):
             raise UserError(f"idx must hold integer token ids, got dtype {idx.dtype}")
+        self._check_token_ids(idx)
         B, T = idx.shape
         start = cache.pos if cache is not None else 0
         if start + T > self.config.context_length:
@@ -122,6 +123,19 @@ class GPTModel(nn.Module):
         if cache is not None:
             cache.pos += T
         return self.final_norm(x)
+
+    def _check_token_ids(self, idx):
+        """Ids must be in [0, vocab_size). nn.Embedding catches ids past its rows, but with a padded
+        vocabulary the padding rows would be looked up silently. On the CPU a clear error (the
+        check is cheap there); on a GPU or under torch.compile an asynchronous assert, so no step
+        waits for it and the graph has no data-dependent branch."""
+        V = self.config.vocab_size
+        if idx.device.type == "cpu" and not torch.compiler.is_compiling():
+            if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= V):
+                bad = idx[(idx < 0) | (idx >= V)][0]
+                raise UserError(f"token id {int(bad)} is outside the model's vocabulary [0, {V})")
+        elif self.config.padded_vocab_size != V:
+            torch._assert_async(((idx >= 0) & (idx < V)).all(), f"token ids must be in [0, {V})")
 
     def forward(self, idx, cache: KVCache | None = None, targets=None, ignore_index: int = -100,
                 reduction: str = "mean"):

@@ -95,6 +95,12 @@ def test_bad_inputs():
         m(torch.zeros(1, 5))
     with pytest.raises(UserError, match="shape"):
         m(torch.zeros(5, dtype=torch.long))
+    # ids past the vocabulary, also those a padded vocabulary has rows for (97 ids in 112 rows)
+    padded = GPTModel(GPTConfig(**SMALL, vocab_multiple=16))
+    for model in (m, padded):
+        for bad in (97, 100, -1):
+            with pytest.raises(UserError, match=rf"token id {bad} is outside the model's vocabulary \[0, 97\)"):
+                model(torch.tensor([[3, bad, 5]]))
 
 
 def test_save_load_roundtrip_with_tied_weights(tmp_path):
