@@ -112,6 +112,8 @@ def cmd_bench(args):
         raise UserError(f"--steps must be at least 1, got {args.steps}")
     if args.warmup_steps is not None and args.warmup_steps < 0:
         raise UserError(f"--warmup-steps must be >= 0, got {args.warmup_steps}")
+    if args.vocab_multiple < 1:
+        raise UserError(f"--vocab-multiple must be a positive integer, got {args.vocab_multiple}")
     if args.what == "compile":
         return _run_compile(args)
     if args.what == "cpu" or not torch.cuda.is_available():

@@ -452,7 +452,8 @@ def test_cli_argument_parsing():
         bcli._names("layernorm,softmax", ("layernorm", "mlp"), "ops")
     parser = __import__("tritongpt.cli", fromlist=["build_parser"]).build_parser()
     for argv, msg in ((["--steps", "0"], "--steps must be at least 1"),
-                      (["--warmup-steps", "-1"], "--warmup-steps must be >= 0")):
+                      (["--warmup-steps", "-1"], "--warmup-steps must be >= 0"),
+                      (["--vocab-multiple", "0"], "--vocab-multiple must be a positive integer")):
         with pytest.raises(UserError, match=msg):
             bcli.cmd_bench(parser.parse_args(["bench", "train", *argv]))
     assert bcli._or(0, 3) == 0 and bcli._or(None, 3) == 3  # an explicit 0 warm-up steps stays 0
