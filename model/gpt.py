@@ -166,6 +166,24 @@ class GPTModel(nn.Module):
             return cross_entropy(logits, targets, ignore_index, reduction)
         return lm_loss(logits, targets, ignore_index, reduction)
 
+    def pad_vocab(self, multiple: int) -> "GPTModel":
+        """This model with its embedding and LM head rows padded to a multiple of `multiple`
+        (GPTConfig.vocab_multiple; 1 removes the padding): a new model with the same outputs, for
+        fine-tuning published GPT-2 weights with the aligned head (`tritongpt sft --vocab-multiple`)."""
+        from dataclasses import replace
+
+        cfg = replace(self.config, vocab_multiple=multiple)  # checks multiple
+        V, Vp = cfg.vocab_size, cfg.padded_vocab_size
+        state = self.state_dict()
+        for key in ("tok_emb.weight", "out_head.weight"):  # the tied head's key too: same tensor
+            rows = state[key][:V]
+            state[key] = torch.cat([rows, rows.new_zeros(Vp - V, rows.shape[1])])
+        with torch.random.fork_rng(devices=[]):  # the throwaway init must not shift the caller's RNG
+            new = GPTModel(cfg)
+        new.load_state_dict(state)
+        w = self.tok_emb.weight
+        return new.to(w.device, w.dtype).set_kernels(self.config.kernels).train(self.training)
+
     def new_cache(self, batch_size: int, max_len: int | None = None, dtype=None) -> KVCache:
         w = self.tok_emb.weight
         return KVCache(self.config, batch_size, max_len, w.device, dtype or w.dtype)

@@ -357,7 +357,7 @@ def test_cli_runs_on_a_data_file(tmp_path, capsys):
     rc = main(["sft", "--init", str(tmp_path / "run"), "--data", str(tmp_path / "d.jsonl"), "--out-dir", str(out),
                "--max-steps", "2", "--batch-size", "4", "--eval-every", "1", "--eval-gen", "2",
                "--max-new-tokens", "4", "--device", "cpu", "--kernels", "reference", "--sample-every", "0",
-               "--val-fraction", "0.2"])
+               "--val-fraction", "0.2", "--vocab-multiple", "64"])
     assert rc == 0
     stdout = capsys.readouterr().out
     assert "exact match:" in stdout and "after SFT" in stdout
@@ -367,8 +367,13 @@ def test_cli_runs_on_a_data_file(tmp_path, capsys):
     assert any("val_loss" in m and "val_exact_match" in m for m in metrics)
     assert any("test_exact_match" in m for m in metrics)
     assert (out / "tokenizer.json").is_file() and (out / "ckpt-0000002" / "model.safetensors").is_file()
+    tuned = GPTModel.load(out / "ckpt-0000002" / "model.safetensors")  # fine-tuned with a padded head
+    assert tuned.config.vocab_size == tok.vocab_size and tuned.config.padded_vocab_size % 64 == 0
+    assert torch.count_nonzero(tuned.tok_emb.weight[tok.vocab_size:]) == 0  # padding rows never trained
     # the fine-tuned run is itself a valid --init (its tokenizer is found next to it)
     assert saved_tokenizer_path(str(out)) == out / "tokenizer.json"
 
     assert main(["sft", "--init", str(tmp_path / "nowhere"), "--out-dir", str(out)]) == 2
     assert "no checkpoint there" in capsys.readouterr().err
+    assert main(["sft", "--init", str(tmp_path / "run"), "--out-dir", str(out), "--vocab-multiple", "0"]) == 2
+    assert "--vocab-multiple must be a positive integer" in capsys.readouterr().err
