@@ -4,7 +4,9 @@
 # lent H100/H200 for ~15 minutes a session, at most 10 a call), so everything is time-boxed
 # and every result lands under $OUT.
 #
-#   TRITONGPT_GIT_COMMIT=<hash of HEAD> bash bench/gpu_session.sh [all|tests|bench]   (default: all)
+#   TRITONGPT_GIT_COMMIT=<hash of HEAD> bash bench/gpu_session.sh [all|tests|bench|padded]   (default: all)
+#   padded (not part of all): the GPT-2 124M training step again with the vocabulary padded to
+#   50304 (--vocab-multiple 64, every provider alike), into $OUT/results-vocab64/
 #   env: OUT (default ./gpu-out), WARM_SECONDS (90), TEST_SECONDS (120), BENCH_MINUTES (5),
 #        PYTHON (python3)
 # The device gets a copy of the working tree without .git, so name the commit: results record it.
@@ -81,5 +83,13 @@ if [ "$what" = all ] || [ "$what" = bench ]; then
     brc=$?
     tail -n 40 "$OUT/bench.log"
     rc=$((rc | brc))
+fi
+if [ "$what" = padded ]; then
+    echo "== tritongpt bench train --vocab-multiple 64 (budget ${BENCH_MINUTES:-5} min)"
+    $PY -m tritongpt.cli bench train --models gpt2-small --vocab-multiple 64 --max-minutes "${BENCH_MINUTES:-5}" \
+        --out "$OUT/results-vocab64" >"$OUT/bench-vocab64.log" 2>&1
+    prc=$?
+    tail -n 20 "$OUT/bench-vocab64.log"
+    rc=$((rc | prc))
 fi
 exit $rc
