@@ -178,30 +178,34 @@ def _(grad_loss, logits, targets, lse, ignore_index, n_classes):
 
 
 class CrossEntropyFunction(torch.autograd.Function):
-    """Per-row losses [N] from logits [N, V]; saves the logits (alive anyway) and lse (fp32 [N])."""
+    """Per-row losses [N] from logits [N, W] whose first n_classes columns are the classes; saves
+    the logits (alive anyway) and lse (fp32 [N])."""
 
     @staticmethod
-    def forward(ctx, logits, targets, ignore_index):
-        loss, lse = torch.ops.tritongpt.cross_entropy_fwd(logits, targets, ignore_index, logits.shape[1])
+    def forward(ctx, logits, targets, ignore_index, n_classes):
+        loss, lse = torch.ops.tritongpt.cross_entropy_fwd(logits, targets, ignore_index, n_classes)
         ctx.save_for_backward(logits, targets, lse)
-        ctx.ignore_index = ignore_index
+        ctx.ignore_index, ctx.n_classes = ignore_index, n_classes
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss):
         logits, targets, lse = ctx.saved_tensors
         dx = torch.ops.tritongpt.cross_entropy_bwd(grad_loss, logits, targets, lse, ctx.ignore_index,
-                                                   logits.shape[1])
-        return dx, None, None
+                                                   ctx.n_classes)
+        return dx, None, None, None
 
 
 def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100,
-                  reduction: str = "mean") -> torch.Tensor:
+                  reduction: str = "mean", vocab_size: int | None = None) -> torch.Tensor:
     """F.cross_entropy(logits.float(), targets, ignore_index=..., reduction=...), fused. Differentiable.
 
     logits: [..., V] fp32/bf16/fp16 (math in fp32; the gradient comes back in the logits' dtype);
     targets: integer ids with logits' leading shape. reduction: "mean" (over counted targets:
     nan when every target is ignored, as in PyTorch), "sum", or "none" (per-position losses, fp32).
+    vocab_size: the classes, when the logits' columns past it pad the vocabulary (the output of a
+    padded LM head): the loss of logits[..., :vocab_size], read in aligned rows, and a zero
+    gradient for the padding columns (default: every column is a class).
     """
     check_tensor(logits, "logits")
     check_tensor(targets, "targets", dtypes=(torch.int64, torch.int32))
@@ -217,11 +221,14 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
         raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
     V = logits.shape[-1]
+    n_classes = V if vocab_size is None else vocab_size
+    if isinstance(n_classes, bool) or not isinstance(n_classes, int) or not 1 <= n_classes <= V:
+        raise ValueError(f"vocab_size must be an int in [1, {V}] (logits have {V} columns), got {vocab_size!r}")
     x2 = logits.reshape(-1, V)
     if x2.stride(-1) != 1:  # rows are streamed with unit stride
         x2 = x2.contiguous()
-    t1 = torch.ops.tritongpt.checked_targets(targets, V, int(ignore_index))
-    loss = CrossEntropyFunction.apply(x2, t1, int(ignore_index))
+    t1 = torch.ops.tritongpt.checked_targets(targets, n_classes, int(ignore_index))
+    loss = CrossEntropyFunction.apply(x2, t1, int(ignore_index), n_classes)
     if reduction == "none":
         return loss.view(targets.shape)
     if reduction == "sum":

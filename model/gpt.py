@@ -156,14 +156,14 @@ class GPTModel(nn.Module):
             return linear_cross_entropy(self.hidden(idx, cache), self.out_head.weight, targets,
                                         ignore_index, reduction, vocab_size=self.config.vocab_size)
         logits = self.out_head(self.hidden(idx, cache))
+        if triton_loss:  # per-token losses: the kernel reads the padded rows whole, aligned
+            from tritongpt.kernels.cross_entropy import cross_entropy
+
+            return cross_entropy(logits, targets, ignore_index, reduction, vocab_size=self.config.vocab_size)
         if logits.shape[-1] != self.config.vocab_size:
             logits = logits[..., :self.config.vocab_size]  # drop the padding columns
         if targets is None:
             return logits
-        if triton_loss:
-            from tritongpt.kernels.cross_entropy import cross_entropy
-
-            return cross_entropy(logits, targets, ignore_index, reduction)
         return lm_loss(logits, targets, ignore_index, reduction)
 
     def pad_vocab(self, multiple: int) -> "GPTModel":

@@ -78,6 +78,28 @@ def test_shape_fuzz(n, V, seed, device):
     check_parity((n,), V, torch.float32, device, seed)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_padded_logits_count_only_the_classes(dtype, device):
+    # a padded LM head's output (GPTConfig.vocab_multiple): 300 columns, the first 277 are classes
+    gen = torch.Generator().manual_seed(11)
+    x, t = make((37,), 300, dtype, device, gen)
+    V = 277
+    t = torch.where(t == IGNORE, t, t % V)
+    out = cross_entropy(x, t, IGNORE, "none", vocab_size=V)
+    x64 = x.detach().double().requires_grad_()
+    ref = F.cross_entropy(x64[:, :V], t, ignore_index=IGNORE, reduction="none")
+    g = torch.rand(37, generator=gen, dtype=torch.float64).to(device) + 0.5
+    (out * g.float()).sum().backward()
+    (ref * g).sum().backward()
+    assert_close_rel(out, ref, TOL[dtype], "loss")
+    assert_close_rel(x.grad, x64.grad, TOL[dtype], "dlogits")
+    assert x.grad.shape == (37, 300) and torch.count_nonzero(x.grad[:, V:]) == 0
+    with pytest.raises(ValueError, match=r"vocab_size must be an int in \[1, 300\]"):
+        cross_entropy(x, t, vocab_size=301)
+    with pytest.raises(ValueError, match=r"outside the vocabulary \[0, 277\)"):
+        cross_entropy(x, torch.full_like(t, 280), vocab_size=V)
+
+
 def test_ignored_and_infinite_entries_behave_like_pytorch(device):
     x = torch.randn(4, 70, device=device)
     x[0] = float("-inf")
