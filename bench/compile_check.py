@@ -189,6 +189,11 @@ def _compile(job_index, arch):
         out["shared"] = int(kernel.metadata.shared)
         out["num_warps"] = int(kernel.metadata.num_warps)
         out["tensor_core_ops"] = len(re.findall(r"\b(?:wgmma\.mma_async|mma\.sync)", kernel.asm["ptx"]))
+        # global loads as 2/4-wide vectors vs one element at a time (alignment decides: e.g. the
+        # cross-entropy's rows of 50257 bf16 load one by one, padded to 50304 as 16-byte vectors)
+        loads = re.findall(r"\bld\.global\S*", kernel.asm["ptx"])
+        out["vector_loads"] = sum(1 for ld in loads if re.search(r"\.v[248]\.", ld))
+        out["scalar_loads"] = len(loads) - out["vector_loads"]
         out["ptx_sha1"] = ptx_fingerprint(kernel.asm["ptx"])
         out["status"] = _status(out, arch)
     except Exception as exc:  # a compile error is a result to report, not a crash of the check
