@@ -359,7 +359,33 @@ def _comm_threads():
     return sorted(n for n in names if "gloo" in n)
 
 
-def _run_ddp(out, rec, **kw):
+def _ddp_failing_worker(rank, out, rec, port, kw):
+    """As _ddp_worker, but the loss raises inside the model's forward at the third call: the
+    traceback's frames then hold the DDP wrapper, which must not keep the group alive."""
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    calls = []
+
+    def failing_loss(model, batch):
+        calls.append(1)
+        if len(calls) == 3:
+            model.module.register_forward_pre_hook(lambda *_: 1 / 0)  # raise inside DDP's forward
+        return loss_fn(model, batch)
+
+    t = Trainer(tiny_model(rank), args_for(out, **kw), failing_loss, make_get_batch(synthetic_tokens(), 2))
+    raised, threads = None, None
+    try:
+        t.fit()
+    except ZeroDivisionError as e:
+        # measured while the exception (and so its traceback) is alive, as it is when an error
+        # reaches the top of a script: Python keeps it in sys.last_traceback into interpreter exit
+        raised, threads = type(e).__name__, _comm_threads()
+    torch.save({"raised": raised, "group_left": torch.distributed.is_initialized(),
+                "threads_left": threads}, Path(rec) / f"rank{rank}.pt")
+
+
+def _run_ddp(out, rec, worker=None, **kw):
     import socket
 
     import torch.multiprocessing as mp
@@ -370,7 +396,7 @@ def _run_ddp(out, rec, **kw):
     rec.mkdir(exist_ok=True)
     # fork: the children inherit the imported torch instead of paying for it again
     method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
-    mp.start_processes(_ddp_worker, args=(str(out), str(rec), port, kw), nprocs=2, join=True,
+    mp.start_processes(worker or _ddp_worker, args=(str(out), str(rec), port, kw), nprocs=2, join=True,
                        start_method=method)
     return [torch.load(rec / f"rank{i}.pt") for i in (0, 1)]
 
@@ -408,6 +434,14 @@ def test_ddp_two_cpu_processes_gloo(tmp_path):
     assert [torch.equal(a[0], b[0]) for a, b in zip(q0["seen"] + q1["seen"], r0["seen"][4:] + r1["seen"][4:])] \
         == [True] * 8
     assert torch.equal(q0["params"], r0["params"]) and torch.equal(q1["params"], r1["params"])
+
+
+def test_ddp_error_still_tears_the_group_down(tmp_path):
+    r0, r1 = _run_ddp(tmp_path / "run", tmp_path / "rec", worker=_ddp_failing_worker, max_steps=4)
+    for r in (r0, r1):
+        assert r["raised"] == "ZeroDivisionError" and not r["group_left"]
+        if r["threads_left"] is not None:
+            assert r["threads_left"] == [], r["threads_left"]
 
 
 # -- GPU: bf16 autocast, fused AdamW, Triton kernels, MFU, torch.compile -----------------------------------

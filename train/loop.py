@@ -28,6 +28,7 @@ import math
 import os
 import sys
 import time
+import traceback
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -368,6 +369,13 @@ class Trainer:
     def fit(self) -> dict:
         try:
             return self._fit()
+        except BaseException as e:
+            if self.ddp:
+                # The traceback's frames hold the DDP wrapper (and so the process group) for as
+                # long as the error lives; one that reaches the top of a script lives into
+                # interpreter exit, and the group's threads with it. Their locals go, their lines stay.
+                traceback.clear_frames(e.__traceback__)
+            raise
         finally:
             self.close()
 
