@@ -10,6 +10,7 @@ registers, spills and shared memory (bench/compile_check.py).
 import sys
 import time
 
+from tritongpt.commands import add_vocab_multiple_arg, vocab_multiple
 from tritongpt.errors import UserError
 
 WHATS = ("kernels", "train", "all", "cpu", "compile")
@@ -96,9 +97,7 @@ def add_cli(sub):
     t.add_argument("--seq-len", type=int, default=1024)
     t.add_argument("--steps", type=int, default=None, help="timed steps (default 10, --quick 4)")
     t.add_argument("--warmup-steps", type=int, default=None, help="untimed steps (default 3, --quick 2)")
-    t.add_argument("--vocab-multiple", type=int, default=1,
-                   help="pad the vocabulary to a multiple of this, for every provider alike (64: 50257 -> "
-                        "50304, as nanoGPT does; default %(default)s: GPT-2 as published)")
+    add_vocab_multiple_arg(t, 1, "1, GPT-2 as published; the same for every provider")
     t.add_argument("--peak-tflops", type=float, default=None,
                    help="MFU denominator; default: the GPU's dense bf16 datasheet peak (as the trainers use), "
                         "else the bf16 matmul measured in this run")
@@ -112,8 +111,7 @@ def cmd_bench(args):
         raise UserError(f"--steps must be at least 1, got {args.steps}")
     if args.warmup_steps is not None and args.warmup_steps < 0:
         raise UserError(f"--warmup-steps must be >= 0, got {args.warmup_steps}")
-    if args.vocab_multiple < 1:
-        raise UserError(f"--vocab-multiple must be a positive integer, got {args.vocab_multiple}")
+    vocab_multiple(args)
     if args.what == "compile":
         return _run_compile(args)
     if args.what == "cpu" or not torch.cuda.is_available():

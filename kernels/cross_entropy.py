@@ -196,6 +196,14 @@ class CrossEntropyFunction(torch.autograd.Function):
         return dx, None, None, None
 
 
+def _n_classes(vocab_size, width: int, what: str) -> int:
+    """The class count: vocab_size (a padded vocabulary's first columns) or, if None, all `width`."""
+    n = width if vocab_size is None else vocab_size
+    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= width:
+        raise ValueError(f"vocab_size must be an int in [1, {width}] ({what.format(V=width)}), got {vocab_size!r}")
+    return n
+
+
 def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100,
                   reduction: str = "mean", vocab_size: int | None = None) -> torch.Tensor:
     """F.cross_entropy(logits.float(), targets, ignore_index=..., reduction=...), fused. Differentiable.
@@ -221,9 +229,7 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
         raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
     V = logits.shape[-1]
-    n_classes = V if vocab_size is None else vocab_size
-    if isinstance(n_classes, bool) or not isinstance(n_classes, int) or not 1 <= n_classes <= V:
-        raise ValueError(f"vocab_size must be an int in [1, {V}] (logits have {V} columns), got {vocab_size!r}")
+    n_classes = _n_classes(vocab_size, V, "logits have {V} columns")
     x2 = logits.reshape(-1, V)
     if x2.stride(-1) != 1:  # rows are streamed with unit stride
         x2 = x2.contiguous()
@@ -262,6 +268,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         # d(loss)/d(row loss): 1/n for the mean (n = counted targets, kept on the device), 1 for the sum
         n = (targets != ignore_index).sum()
         g = (1.0 / n).float() if reduction == "mean" else torch.ones((), device=hidden.device)
+        g_rows = g.expand(min(N, chunk_rows)).contiguous()  # each row's upstream gradient, made once
         loss_rows = torch.empty(N, device=hidden.device, dtype=torch.float32)
         dh = torch.empty_like(h) if want_dh else None
         dw = torch.zeros(weight.shape, device=weight.device, dtype=torch.float32) if want_dw else None
@@ -274,8 +281,8 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
                 loss_rows[s:e], lse = torch.ops.tritongpt.cross_entropy_fwd(logits, targets[s:e], ignore_index,
                                                                             n_classes)
                 if want_dh or want_dw:
-                    dlogits = torch.ops.tritongpt.cross_entropy_bwd(g.expand(e - s).contiguous(), logits,
-                                                                    targets[s:e], lse, ignore_index, n_classes)
+                    dlogits = torch.ops.tritongpt.cross_entropy_bwd(g_rows[:e - s], logits, targets[s:e], lse,
+                                                                    ignore_index, n_classes)
                     if want_dh:
                         dh[s:e] = dlogits @ w
                     if want_dw:
@@ -325,9 +332,7 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
         raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
     if not torch.is_autocast_enabled(hidden.device.type):
         check_same_dtype(hidden=hidden, weight=weight)
-    n_classes = V if vocab_size is None else vocab_size
-    if isinstance(n_classes, bool) or not isinstance(n_classes, int) or not 1 <= n_classes <= V:
-        raise ValueError(f"vocab_size must be an int in [1, {V}] (weight has {V} rows), got {vocab_size!r}")
+    n_classes = _n_classes(vocab_size, V, "weight has {V} rows")
     chunk = chunk_rows if chunk_rows is not None else max(1, CHUNK_ELEMENTS // V)
     if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
         raise ValueError(f"chunk_rows must be a positive int, got {chunk_rows!r}")

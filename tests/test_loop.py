@@ -325,11 +325,16 @@ def test_triton_path_tracks_reference_losses_through_the_loop(tmp_path):
 
 
 # -- DDP on CPU --------------------------------------------------------------------------------------------
-def _ddp_worker(rank, out, rec, port, kw):
-    """One of two DDP processes, set up the way torchrun would (env vars), then the plain Trainer."""
+def _as_torchrun_rank(rank, port):
+    """The environment torchrun gives process `rank` of 2."""
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
     torch.set_num_threads(1)
+
+
+def _ddp_worker(rank, out, rec, port, kw):
+    """One of two DDP processes, set up the way torchrun would (env vars), then the plain Trainer."""
+    _as_torchrun_rank(rank, port)
     seen, threads_in_step = [], []
 
     def loss_and_threads(model, batch):
@@ -362,9 +367,7 @@ def _comm_threads():
 def _ddp_failing_worker(rank, out, rec, port, kw):
     """As _ddp_worker, but the loss raises inside the model's forward at the third call: the
     traceback's frames then hold the DDP wrapper, which must not keep the group alive."""
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
-    torch.set_num_threads(1)
+    _as_torchrun_rank(rank, port)
     calls = []
 
     def failing_loss(model, batch):

@@ -25,13 +25,11 @@ DEFAULTS = dict(out_dir="runs/pretrain", max_steps=300, batch_size=16, grad_accu
 
 
 def add_args(p: argparse.ArgumentParser):
-    from tritongpt.commands import add_model_args
+    from tritongpt.commands import add_model_args, add_vocab_multiple_arg
     from tritongpt.train.loop import add_train_args
 
     add_model_args(p, default_model="tiny")
-    p.add_argument("--vocab-multiple", type=int, default=1,
-                   help="pad the embedding and LM head to a multiple of this many rows (64 for GPT-2: "
-                        "50257 -> 50304, faster head matmuls on a GPU; default %(default)s: no padding)")
+    add_vocab_multiple_arg(p, 1, "1, no padding")
     d = p.add_argument_group("data")
     d.add_argument("--data", default=None,
                    help="training text: a file, a folder of .txt files, a .jsonl file, or 'pydoc' / "
@@ -75,6 +73,7 @@ def pretrain(args) -> dict:
     Returns the Trainer's final dict plus first_val_loss, n_params, train_tokens, val_tokens.
     """
     from tritongpt.model.config import get_config
+    from tritongpt.commands import vocab_multiple
     from tritongpt.model.gpt import GPTModel
     from tritongpt.train import common, data
     from tritongpt.train.generate import generate
@@ -87,10 +86,8 @@ def pretrain(args) -> dict:
     if args.dropout is not None and not 0.0 <= args.dropout < 1.0:
         raise UserError(f"--dropout must be in [0, 1), got {args.dropout}")
     tok = get_tokenizer(args.tokenizer)
-    if args.vocab_multiple < 1:
-        raise UserError(f"--vocab-multiple must be a positive integer, got {args.vocab_multiple}")
     cfg = get_config(args.model, vocab_size=model_vocab(args.model, tok, cfg.vocab_size), dropout=args.dropout,
-                     vocab_multiple=args.vocab_multiple)
+                     vocab_multiple=vocab_multiple(args))
     block = cfg.context_length if args.block_size is None else args.block_size
     if block <= 0:
         raise UserError(f"--block-size must be positive, got {block}")

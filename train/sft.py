@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from tritongpt.commands import add_vocab_multiple_arg, vocab_multiple
 from tritongpt.errors import UserError
 from tritongpt.train import common, tasks
 
@@ -461,9 +462,7 @@ def cmd_sft(args):
         if getattr(args, name) < 0:
             raise UserError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
     model = load_init_model(args.init)
-    if args.vocab_multiple is not None:
-        if args.vocab_multiple < 1:
-            raise UserError(f"--vocab-multiple must be a positive integer, got {args.vocab_multiple}")
+    if vocab_multiple(args) is not None:
         model = model.pad_vocab(args.vocab_multiple)
     tok = pick_tokenizer(args.tokenizer, args.init, model.config.vocab_size)
     if args.data:
@@ -496,9 +495,7 @@ def add_cli(sub):
                                   "(default: the embedded verifiable tasks)")
     p.add_argument("--tokenizer", help="default | gpt2 | tokenizer .json (default: the run's saved tokenizer, "
                                        "else gpt2 for a 50257 vocab, else default)")
-    p.add_argument("--vocab-multiple", type=int, default=None,
-                   help="pad the embedding and LM head rows to a multiple of this (64 for GPT-2: 50257 -> "
-                        "50304, faster head matmuls on a GPU; default: as the --init model has them)")
+    add_vocab_multiple_arg(p, None, "as the --init model has them")
     p.add_argument("--tasks", default="all", help=f"embedded task families, comma list or 'all' "
                                                   f"({', '.join(tasks.FAMILIES)})")
     p.add_argument("--n-train", type=int, default=5000, help="embedded training records (default %(default)s)")

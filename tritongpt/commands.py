@@ -1,5 +1,4 @@
 """The `info` and `generate` subcommands."""
-import os
 import sys
 
 from tritongpt.errors import UserError
@@ -13,6 +12,20 @@ def add_model_args(p, default_model="tiny"):
                    help="reference | triton | auto (Triton on CUDA, reference on CPU) | "
                         "comma list of layernorm,mlp,attention,cross_entropy (default %(default)s)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda (default %(default)s)")
+
+
+def add_vocab_multiple_arg(p, default, default_text):
+    """--vocab-multiple (GPTConfig.vocab_multiple), shared by pretrain, sft and bench train."""
+    p.add_argument("--vocab-multiple", type=int, default=default,
+                   help="pad the embedding and LM head rows to a multiple of this (64 for GPT-2: 50257 -> "
+                        f"50304, faster head matmuls on a GPU; default: {default_text})")
+
+
+def vocab_multiple(args):
+    """args.vocab_multiple, checked here so a bad value is a one-line error naming the flag."""
+    if args.vocab_multiple is not None and args.vocab_multiple < 1:
+        raise UserError(f"--vocab-multiple must be a positive integer, got {args.vocab_multiple}")
+    return args.vocab_multiple
 
 
 def cmd_info(args):
