@@ -185,8 +185,14 @@ class GPTModel(nn.Module):
         return new.to(w.device, w.dtype).set_kernels(self.config.kernels).train(self.training)
 
     def new_cache(self, batch_size: int, max_len: int | None = None, dtype=None) -> KVCache:
+        """A preallocated KV cache in the dtype the keys will have: under autocast (bf16 on a
+        GPU) the projections run in the autocast dtype, so an fp32 cache would double its memory
+        and hand the attention mixed dtypes."""
         w = self.tok_emb.weight
-        return KVCache(self.config, batch_size, max_len, w.device, dtype or w.dtype)
+        if dtype is None:
+            autocast = torch.is_autocast_enabled(w.device.type)
+            dtype = torch.get_autocast_dtype(w.device.type) if autocast else w.dtype
+        return KVCache(self.config, batch_size, max_len, w.device, dtype)
 
     def num_params(self, non_embedding: bool = False) -> int:
         """Unique parameters (a tied head counts once); optionally without position embeddings."""

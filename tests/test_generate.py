@@ -52,3 +52,25 @@ def test_bad_arguments(model):
         generate(model, torch.zeros(1, 2, dtype=torch.long), 3, temperature=-1.0)
     with pytest.raises(UserError, match="top_p"):
         generate(model, torch.zeros(1, 2, dtype=torch.long), 3, temperature=1.0, top_p=1.5)
+
+
+def test_kv_cache_under_bf16_autocast_on_both_attention_paths(model):
+    """The GPU default (bf16 autocast) projects keys in bf16: the cache must hold bf16, and the
+    Triton attention must run with it (it refused the fp32 cache's keys as a dtype mismatch)."""
+    idx = torch.randint(0, 61, (2, 5))
+    outs = {}
+    try:
+        for kernels in ("reference", "attention"):
+            model.set_kernels(kernels)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                assert model.new_cache(2).k.dtype == torch.bfloat16
+                outs[kernels] = generate(model, idx, 6)
+                # a cache made before autocast (fp32) still works: keys are cast as autocast would
+                logits = {}
+                for name, cache in (("fp32", None), ("bf16", model.new_cache(2))):
+                    cache = cache if cache is not None else model.new_cache(2, dtype=torch.float32)
+                    logits[name] = model(idx, cache).float()
+                torch.testing.assert_close(logits["fp32"], logits["bf16"], atol=3e-2, rtol=0)
+    finally:
+        model.set_kernels("reference")
+    assert torch.equal(outs["reference"], outs["attention"])
