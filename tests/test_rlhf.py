@@ -21,10 +21,11 @@ from tritongpt.model.config import GPTConfig
 from tritongpt.model.gpt import GPTModel
 from tritongpt.train.common import MetricsLog
 from tritongpt.train.loop import TrainArgs
-from tritongpt.train.preference import (PreferencePair, encode_pairs, pair_batch, read_preference_file,
-                                        split_pairs, task_preferences, token_logprobs, train_val_pairs)
+from tritongpt.train.preference import (PreferencePair, encode_pairs, model_token_logprobs, pair_batch,
+                                        read_preference_file, split_pairs, task_preferences, token_logprobs,
+                                        train_val_pairs)
 from tritongpt.train.reward import RewardModel, pairwise_metrics, train_reward_model
-from tritongpt.train.rlhf import RLArgs, RLHFTrainer, gae, group_advantages, logprobs_and_entropy
+from tritongpt.train.rlhf import RLArgs, PolicyWithValue, RLHFTrainer, gae, group_advantages, logprobs_and_entropy
 
 
 def compact_template(rec):
@@ -246,6 +247,21 @@ def test_logprobs_and_entropy_match_their_definitions():
     torch.testing.assert_close(logp, token_logprobs(logits, idx).to(logp.dtype))
     torch.testing.assert_close(ent, -(probs * probs.log()).sum(-1).float())
 
+
+
+def test_policy_logprobs_leave_a_padded_vocabulary_out():
+    """The RL policy's log-probs and entropy must see the same vocabulary as the reference
+    log-probs (the model's loss path): a padded head's extra columns are no token."""
+    torch.manual_seed(0)
+    policy = GPTModel(GPTConfig(vocab_size=37, context_length=16, n_embd=32, n_layer=1, n_head=2,
+                                vocab_multiple=16))
+    with torch.no_grad():  # nonzero padding rows: a softmax that counts them would differ
+        policy.out_head.weight[37:].normal_()
+    idx = torch.randint(0, 37, (2, 9))
+    logits, _ = PolicyWithValue(policy)(idx)
+    assert logits.shape == (2, 9, 37)
+    logp, _ = logprobs_and_entropy(logits, idx, entropy_grad=False)
+    assert_close_rel(logp, model_token_logprobs(policy, idx), 1e-5)
 
 def _rl_setup(data, easy_reward, tmp_path, algo, **overrides):
     tok, train, val = data
