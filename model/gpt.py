@@ -221,6 +221,9 @@ class GPTModel(nn.Module):
             raise UserError(f"weights file not found: {path}")
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
+        if meta.get("kind") == "reward_model":
+            raise UserError(f"{path} is a reward model (a scalar head, not an LM head): "
+                            "pass it as --reward, or load it with tritongpt.train.reward.RewardModel.load")
         if "config" not in meta:
             raise UserError(f"{path} has no tritongpt config in its metadata "
                             "(for Hugging Face GPT-2 files use tritongpt.train.gpt2_weights)")

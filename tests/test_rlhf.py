@@ -138,6 +138,17 @@ def test_preference_files_and_errors(tmp_path):
     train, val = split_pairs(many, 0.3)
     assert val and train and len(train) + len(val) == 40 and split_pairs(many, 0.3) == (train, val)
     assert not {p.prompt for p in train} & {p.prompt for p in val}
+    # one prompt whose hash falls in the held-out share: it trains rather than leave nothing
+    from tritongpt.train.tasks import unit_hash
+    prompt = next(f"Q{i}: " for i in range(100) if unit_hash(f"Q{i}: ") < 0.1)
+    one = [PreferencePair(prompt, "yes", "no"), PreferencePair(prompt, "sure", "nah")]
+    assert split_pairs(one, 0.1) == (one, [])
+    for frac in (-0.1, 1.5):
+        for source in (None, str(tmp_path / "p.json")):
+            with pytest.raises(UserError, match=r"--val-fraction must be in \[0, 1\)"):
+                train_val_pairs(source, val_fraction=frac)
+    with pytest.raises(UserError, match="--num-pairs must be at least 1, got 0"):
+        train_val_pairs(None, n=0)
 
     bad = tmp_path / "bad.jsonl"
     cases = [({"prompt": "x", "chosen": "a"}, r"bad.jsonl: record 1 .*missing field 'rejected'"),
@@ -191,6 +202,11 @@ def test_reward_model_beats_chance_on_held_out_pairs(reward, data, tmp_path):
         p = tmp_path / "gpt.safetensors"
         GPTModel(tiny_config(tok.vocab_size)).save(p)
         RewardModel.load(p)
+    from tritongpt.train.gpt2_weights import load_checkpoint
+
+    # and the other way round: a reward model is no policy (not ~100 missing/unexpected keys)
+    with pytest.raises(UserError, match="is a reward model .*--reward"):
+        load_checkpoint(result["checkpoint"])  # what --init / --weights use
 
 
 def test_reward_is_read_at_the_last_non_pad_token():
@@ -315,6 +331,10 @@ def test_ppo_resume_is_exact_and_drops_rows_logged_after_the_checkpoint(data, ea
         assert torch.equal(p, q), f"{name} differs after resume"
     steps = [r["step"] for r in MetricsLog(resumed_dir / "metrics.jsonl").rows() if "reward" in r]
     assert steps == [1, 2, 3]
+    # resuming a finished run trains nothing and still reports the loaded policy's eval reward
+    done = _rl_setup(data, easy_reward, resumed_dir, "ppo", resume="latest", **small).fit()
+    assert done["iterations"] == 3 and done["first_eval_reward"] is None
+    assert math.isfinite(done["eval_reward"]) and math.isfinite(done["eval_kl"])
 
 
 # -- DPO --------------------------------------------------------------------------------------------

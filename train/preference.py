@@ -91,7 +91,11 @@ def is_embedded(source) -> bool:
 def train_val_pairs(source=None, n: int = 2000, val_fraction: float = 0.1, seed: int = 0, template=None):
     """(train, held-out) pairs. Embedded: n pairs from the task's train split and
     round(n * val_fraction) from its val split (disjoint prompts); a file: split by prompt hash."""
+    if not 0.0 <= val_fraction < 1.0:
+        raise UserError(f"--val-fraction must be in [0, 1), got {val_fraction}")
     if is_embedded(source):
+        if n < 1:
+            raise UserError(f"--num-pairs must be at least 1, got {n}")
         n_val = round(n * val_fraction)
         return (task_preferences(n, seed, template, "train"),
                 task_preferences(n_val, seed, template, "val") if n_val else [])

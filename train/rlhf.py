@@ -504,6 +504,8 @@ class RLHFTrainer:
                     self.save_checkpoint()
         finally:
             bar.close()
+        if last_eval is None:  # resumed at the last iteration: nothing ran, evaluate what was loaded
+            last_eval = self.evaluate()
         ckpt = None
         if self.log_enabled:
             latest = self.checkpointer.latest()

@@ -114,7 +114,7 @@ def read_records(path) -> list:
 def split_by_prompt(items, val_fraction: float, prompt_of):
     """(train, val) by the hash of each item's prompt: deterministic, and a prompt never lands
     in both (several records or preference pairs may share one). A small file with more than
-    one prompt still holds one prompt out."""
+    one prompt still holds one prompt out, and training always keeps at least one prompt."""
     if not 0.0 <= val_fraction < 1.0:
         raise UserError(f"--val-fraction must be in [0, 1), got {val_fraction}")
     keys = [prompt_of(x) for x in items]
@@ -122,6 +122,8 @@ def split_by_prompt(items, val_fraction: float, prompt_of):
     held = {k for k, x in u.items() if x < val_fraction}
     if val_fraction > 0 and not held and len(u) > 1:
         held = {min(u, key=u.get)}
+    if held and len(held) == len(u):  # every prompt hashed into the held-out share: train on one
+        held.discard(max(u, key=u.get))
     return ([x for x, k in zip(items, keys) if k not in held],
             [x for x, k in zip(items, keys) if k in held])
 
