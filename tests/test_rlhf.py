@@ -25,7 +25,8 @@ from tritongpt.train.preference import (PreferencePair, encode_pairs, model_toke
                                         read_preference_file, split_pairs, task_preferences, token_logprobs,
                                         train_val_pairs)
 from tritongpt.train.reward import RewardModel, pairwise_metrics, train_reward_model
-from tritongpt.train.rlhf import RLArgs, PolicyWithValue, RLHFTrainer, gae, group_advantages, logprobs_and_entropy
+from tritongpt.train.rlhf import (RLArgs, PolicyWithValue, RLHFTrainer, Rollout, gae, group_advantages,
+                                 logprobs_and_entropy, minibatch_loss)
 
 
 def compact_template(rec):
@@ -278,6 +279,29 @@ def test_policy_logprobs_leave_a_padded_vocabulary_out():
     assert logits.shape == (2, 9, 37)
     logp, _ = logprobs_and_entropy(logits, idx, entropy_grad=False)
     assert_close_rel(logp, model_token_logprobs(policy, idx), 1e-5)
+
+
+def test_grpo_loss_ignores_what_lies_outside_the_response():
+    """The k3 term at a prompt or padding position must not reach the loss: a huge log-prob gap
+    there (exp overflows to inf) once made the loss and its gradients NaN."""
+    torch.manual_seed(0)
+    policy = PolicyWithValue(GPTModel(GPTConfig(vocab_size=23, context_length=16, n_embd=32, n_layer=1,
+                                                n_head=2)), value_head=False)
+    idx = torch.randint(0, 23, (2, 10))
+    mask = torch.zeros(2, 9, dtype=torch.bool)
+    mask[:, 4:7] = True
+    with torch.no_grad():
+        logp = logprobs_and_entropy(policy(idx)[0], idx, entropy_grad=False)[0]
+    ro = Rollout(idx, torch.tensor([5, 5]), torch.tensor([8, 8]), mask, torch.tensor([0, 0]),
+                 logp=logp, ref_logp=logp + 0.1, advantages=torch.randn(2, 1) * mask)
+    args = RLArgs(algo="grpo")
+    clean, stats = minibatch_loss(policy, ro, torch.arange(2), args)
+    ro.ref_logp = torch.where(mask, ro.ref_logp, 200.0)  # outside the response only
+    loss, stats2 = minibatch_loss(policy, ro, torch.arange(2), args)
+    loss.backward()
+    assert torch.isfinite(loss) and loss.item() == pytest.approx(clean.item())
+    assert stats2["kl_k3"] == pytest.approx(stats["kl_k3"]) and stats["kl_k3"] > 0
+    assert all(torch.isfinite(p.grad).all() for p in policy.parameters() if p.grad is not None)
 
 def _rl_setup(data, easy_reward, tmp_path, algo, **overrides):
     tok, train, val = data

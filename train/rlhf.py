@@ -296,7 +296,9 @@ def minibatch_loss(model: PolicyWithValue, ro: Rollout, sel, args: RLArgs):
         stats["value_loss"] = value_loss.item()
     else:
         # k3 = exp(ref - logp) - (ref - logp) - 1 >= 0, unbiased for KL(pi || pi_ref)
-        d = ro.ref_logp[sel] - logp
+        # zero outside the response first: exp of a prompt or padding position's difference
+        # could overflow, and inf * 0 in the masked mean (or its gradient) is NaN
+        d = torch.where(mask, ro.ref_logp[sel] - logp, 0.0)
         k3 = torch.exp(d) - d - 1
         per_token = pg + args.kl_coef * k3
         policy_loss = masked_mean(pg, mask)
