@@ -209,6 +209,20 @@ def test_sft_data_epochs_and_exact_resume():
         sft.SFTData([], [], 0, 8)
 
 
+def test_held_out_batches_are_fixed_and_not_just_the_shortest():
+    rng = random.Random(1)
+    val = [Example(list(range(n)), 1) for n in rng.sample(range(3, 60), 40)]
+    data = sft.SFTData(val[:1], val, pad_id=0, batch_size=4)
+    lengths = lambda batches: sorted(int((x != 0).sum(1).max()) for x, _ in batches)  # noqa: E731
+    everything = list(data.val_batches())
+    assert sum(x.shape[0] for x, _ in everything) == 40
+    some = list(data.val_batches(3))
+    assert sum(x.shape[0] for x, _ in some) == 12
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(some, data.val_batches(3)))  # the same each time
+    # a sample across the lengths, not the 12 shortest of 40 (which all have < 20 tokens here)
+    assert max(lengths(some)) > sorted(len(e.ids) for e in val)[11]
+
+
 # -- the task generator --------------------------------------------------------------------------------
 def test_tasks_are_deterministic_disjoint_and_verifiable():
     a = tasks.generate_tasks(300, seed=1)

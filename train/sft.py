@@ -253,11 +253,16 @@ class SFTData:
         return length_grouped_batches(self.lengths, self.batch_size, torch.Generator().manual_seed(seed))
 
     def val_batches(self, max_batches: int | None = None):
-        """Held-out batches in a fixed order (sorted by length)."""
-        order = sorted(range(len(self.val)), key=lambda i: len(self.val[i].ids))
-        chunks = [order[j:j + self.batch_size] for j in range(0, len(order), self.batch_size)]
-        for rows in chunks[:max_batches]:
-            yield self._collate([self.val[i] for i in rows])
+        """Held-out batches, the same at every evaluation. When max_batches leaves examples
+        out, the ones kept are a fixed random sample (the shortest would bias the loss low);
+        they are batched by length so little is padding."""
+        rows = list(range(len(self.val)))
+        if max_batches is not None and max_batches * self.batch_size < len(rows):
+            sample = torch.randperm(len(rows), generator=torch.Generator().manual_seed(0))
+            rows = sample[:max_batches * self.batch_size].tolist()
+        rows.sort(key=lambda i: len(self.val[i].ids))
+        for j in range(0, len(rows), self.batch_size):
+            yield self._collate([self.val[i] for i in rows[j:j + self.batch_size]])
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "pos": self.pos, "epoch_seed": self.epoch_seed}
