@@ -167,6 +167,7 @@ def _matmul(a, b, bias=None, epilogue=EPI_NONE, aux=None, b_gelu=False):
             c.zero_()
         return c, h
     x = h if h is not None else (aux if aux is not None else c)  # Hout / Aux share a layout
+    bias = bias.contiguous() if bias is not None else None  # the kernel reads it at unit stride
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
     _matmul_kernel[grid](
         a, b, c, bias if bias is not None else c, x, x, M, N, K, _bucket(M), _bucket(K),

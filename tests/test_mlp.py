@@ -128,6 +128,27 @@ def test_no_bias(device):
     check_parity(7, 32, 128, torch.float32, device, seed=3, bias=False)
 
 
+def test_strided_views(device):
+    """Views as callers hand them over (every-other-element biases, transposed weights, a slice
+    of a wider activation) give the contiguous copies' answer; the biases once read as if
+    contiguous and gave errors of order 10."""
+    gen = torch.Generator().manual_seed(4)
+    M, C, H = 9, 24, 40
+    wide = torch.randn(M, 2 * C, generator=gen)
+    views = (wide[:, 1::2], torch.randn(C, H, generator=gen).t(), torch.randn(2 * H, generator=gen)[::2],
+             torch.randn(H, C, generator=gen).t(), torch.randn(3 * C, generator=gen)[::3])
+    views = [t.to(device).requires_grad_() for t in views]
+    y = gelu_mlp(*views)
+    dy = torch.randn(y.shape, generator=gen).to(device)
+    y.backward(dy)
+    leaves = [t.detach().double().contiguous().requires_grad_() for t in views]
+    y64 = ref_mlp(*leaves)
+    y64.backward(dy.double())
+    assert_close_rel(y, y64, 1e-4, "y")
+    for name, t, t64 in zip(NAMES, views, leaves):
+        assert_close_rel(t.grad, t64.grad, 1e-4, name)
+
+
 def test_matches_reference_module(device):
     """Same FeedForward (dropout 0), both paths (use_triton False/True), plus the float64 module."""
     torch.manual_seed(12)
