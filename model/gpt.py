@@ -172,7 +172,9 @@ class GPTModel(nn.Module):
         fine-tuning published GPT-2 weights with the aligned head (`tritongpt sft --vocab-multiple`)."""
         from dataclasses import replace
 
-        cfg = replace(self.config, vocab_multiple=multiple)  # checks multiple
+        # built on the CPU first: with the reference path, since Triton there needs the
+        # interpreter (off on a GPU machine); the caller's kernels are set once it has moved
+        cfg = replace(self.config, vocab_multiple=multiple, kernels="reference")  # checks multiple
         V, Vp = cfg.vocab_size, cfg.padded_vocab_size
         state = self.state_dict()
         for key in ("tok_emb.weight", "out_head.weight"):  # the tied head's key too: same tensor

@@ -208,3 +208,16 @@ def test_pad_vocab_gives_the_same_model_with_aligned_rows():
     assert all(torch.equal(a, b) for a, b in zip(back.state_dict().values(), m.state_dict().values()))
     with pytest.raises(UserError, match="vocab_multiple must be a positive integer"):
         m.pad_vocab(0)
+
+
+def test_pad_vocab_builds_its_new_model_on_the_reference_path(monkeypatch):
+    """pad_vocab builds the new model on the CPU before moving it; asking for Triton there
+    fails on a GPU machine (no interpreter), so only the moved model gets the caller's kernels."""
+    import tritongpt.model.gpt as gpt
+
+    m = GPTModel(GPTConfig(**SMALL)).set_kernels("triton")
+    asked = []
+    real = gpt.resolve_kernels
+    monkeypatch.setattr(gpt, "resolve_kernels", lambda spec, device: asked.append(spec) or real(spec, device))
+    p = m.pad_vocab(16)
+    assert asked == ["reference", "triton"] and p.kernels == m.kernels
