@@ -258,13 +258,15 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
     first n_classes rows are the classes (the others pad the vocabulary: no logit, no gradient)."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, ignore_index, reduction, chunk_rows, n_classes):
+    def forward(ctx, hidden, weight, targets, ignore_index, reduction, chunk_rows, n_classes, grad_enabled):
         N = hidden.shape[0]
         device = hidden.device.type
         # the matmul dtype nn.Linear would use: the autocast dtype, else the inputs' own
         dt = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
         h, w = hidden.to(dt), weight.to(dt)
-        want_dh, want_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        # needs_input_grad only says requires_grad: under no_grad (evaluation) a head weight still
+        # requires grad, and the gradient work would double the head's cost for nothing
+        want_dh, want_dw = grad_enabled and ctx.needs_input_grad[0], grad_enabled and ctx.needs_input_grad[1]
         # d(loss)/d(row loss): 1/n for the mean (n = counted targets, kept on the device), 1 for the sum
         n = (targets != ignore_index).sum()
         g = (1.0 / n).float() if reduction == "mean" else torch.ones((), device=hidden.device)
@@ -297,7 +299,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         dh, dw = ctx.saved_tensors
         h_dtype, w_dtype = ctx.dtypes
         return (None if dh is None else (dh * grad_loss).to(h_dtype),
-                None if dw is None else (dw * grad_loss).to(w_dtype), None, None, None, None, None)
+                None if dw is None else (dw * grad_loss).to(w_dtype), None, None, None, None, None, None)
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
@@ -338,7 +340,8 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
         raise ValueError(f"chunk_rows must be a positive int, got {chunk_rows!r}")
     h2 = hidden.reshape(-1, C)
     t1 = torch.ops.tritongpt.checked_targets(targets, n_classes, int(ignore_index))
-    return LinearCrossEntropyFunction.apply(h2, weight, t1, int(ignore_index), reduction, chunk, n_classes)
+    return LinearCrossEntropyFunction.apply(h2, weight, t1, int(ignore_index), reduction, chunk, n_classes,
+                                            torch.is_grad_enabled())
 
 
 __all__ = ["cross_entropy", "CrossEntropyFunction", "linear_cross_entropy", "LinearCrossEntropyFunction"]

@@ -259,6 +259,13 @@ def test_linear_never_makes_all_the_logits(device):
     # one loss kernel per chunk, but the targets are checked (a host sync) once per call
     assert ours.ops.count("tritongpt.cross_entropy_fwd") == N // chunk
     assert ours.ops.count("tritongpt.checked_targets") == 1
+    # evaluation (no_grad, the weight still requires grad): the loss alone, no gradient work
+    with Largest() as evaluation, torch.no_grad():
+        loss = linear_cross_entropy(h, w, t, chunk_rows=chunk)
+    assert evaluation.ops.count("tritongpt.cross_entropy_fwd") == N // chunk
+    assert evaluation.ops.count("tritongpt.cross_entropy_bwd") == 0
+    assert evaluation.ops.count("aten.mm") == N // chunk  # the logits' matmuls only
+    torch.testing.assert_close(loss, lm_loss(torch.nn.functional.linear(h, w)[None], t[None]))
 
 
 def test_linear_under_autocast_matches_the_linear_layer_path(device):
