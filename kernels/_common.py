@@ -3,6 +3,7 @@
 Kernels call these before launching, so that bad input gives a one-line ValueError /
 TypeError / RuntimeError naming the tensor, instead of a Triton crash or a wrong answer.
 """
+import functools
 import re
 
 import numpy as np
@@ -70,6 +71,24 @@ def check_runnable(t, name: str = "input"):
             raise RuntimeError(INTERPRETER_PROBLEM)
         return
     raise ValueError(f"{name} is on {t.device}; Triton kernels run on CUDA, or on CPU with TRITON_INTERPRET=1")
+
+
+def on_tensor_device(launch):
+    """Decorate a launcher so its kernels run on its first tensor argument's GPU.
+
+    Triton launches on the *current* CUDA device, not on the tensors' one: inputs on cuda:1
+    while cuda:0 is current would run on the wrong GPU. DDP sets each rank's device, but a
+    caller using several GPUs in one process need not.
+    """
+    @functools.wraps(launch)
+    def run(*args, **kwargs):
+        t = next((a for a in args if isinstance(a, torch.Tensor)), None)
+        if t is not None and t.device.type == "cuda" and t.device.index != torch.cuda.current_device():
+            with torch.cuda.device(t.device):
+                return launch(*args, **kwargs)
+        return launch(*args, **kwargs)
+
+    return run
 
 
 def _version(text: str) -> tuple:

@@ -39,8 +39,10 @@ import triton
 import triton.language as tl
 
 from tritongpt._env import triton_interpreting
-from tritongpt.kernels._common import cast, check_runnable, check_same_device, check_same_dtype, check_tensor, dot
+from tritongpt.kernels._common import (cast, check_runnable, check_same_device, check_same_dtype,
+                                       check_tensor, dot, on_tensor_device)
 
+MAX_GRID_YZ = 65535  # CUDA's limit on a grid's y and z sizes, where the heads and sequences go
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 80, 96, 128)  # 16: tiny models; tl.dot needs K >= 16
 LOG2E = 1.4426950408889634  # kernels work in base 2: exp(x) = exp2(x * log2(e)), exp2 is one MUFU op
 
@@ -130,17 +132,17 @@ def _kv_tile_range(start_m, Tq, Tk, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr
     return full_hi, hi
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed"])
 def _attn_fwd(Q, K, V, O, LSE, seed, qk_scale, dropout_p, keep_scale,
               stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
               stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_om,
               H, Tq, Tk, Q_BUCKET,
               HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
               IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr, PRECISION: tl.constexpr):
-    """Grid (cdiv(Tq, BLOCK_M), B*H). Writes O and the base-2 logsumexp of the scaled scores."""
+    """Grid (cdiv(Tq, BLOCK_M), H, B). Writes O and the base-2 logsumexp of the scaled scores."""
     start_m = tl.program_id(0) * BLOCK_M
-    bh = tl.program_id(1)
-    b, h = (bh // H).to(tl.int64), (bh % H).to(tl.int64)
+    h, b = tl.program_id(1).to(tl.int64), tl.program_id(2).to(tl.int64)
+    bh = b * H + h
     q_base = Q + b * stride_qb + h * stride_qh
     k_base = K + b * stride_kb + h * stride_kh
     v_base = V + b * stride_vb + h * stride_vh
@@ -172,10 +174,10 @@ def _attn_fwd(Q, K, V, O, LSE, seed, qk_scale, dropout_p, keep_scale,
 @triton.jit
 def _attn_bwd_preprocess(O, DO, Delta, stride_ob, stride_oh, stride_om, stride_dob, stride_doh, stride_dom,
                          H, Tq, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr):
-    """Grid (cdiv(Tq, BLOCK_M), B*H). Delta_i = sum_d O_id * dO_id (= rowsum(P * dP)), in fp32."""
+    """Grid (cdiv(Tq, BLOCK_M), H, B). Delta_i = sum_d O_id * dO_id (= rowsum(P * dP)), in fp32."""
     start_m = tl.program_id(0) * BLOCK_M
-    bh = tl.program_id(1)
-    b, h = (bh // H).to(tl.int64), (bh % H).to(tl.int64)
+    h, b = tl.program_id(1).to(tl.int64), tl.program_id(2).to(tl.int64)
+    bh = b * H + h
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     o = _load_rows(O + b * stride_ob + h * stride_oh, offs_m, Tq, stride_om, offs_d, HEAD_DIM, BLOCK_D)
@@ -214,7 +216,7 @@ def _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_ptr, delta_ptr, stride_qm
     return dk, dv
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed"])
 def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, Delta, seed, qk_scale, sm_scale, dropout_p, keep_scale,
                    stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
                    stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_dom,
@@ -222,10 +224,10 @@ def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, Delta, seed, qk_scale, sm_scale, dr
                    H, Tq, Tk, Q_BUCKET,
                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                    IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr, PRECISION: tl.constexpr):
-    """Grid (cdiv(Tk, BLOCK_N), B*H). dV = P'^T dO, dK = scale * dS^T Q for one key tile."""
+    """Grid (cdiv(Tk, BLOCK_N), H, B). dV = P'^T dO, dK = scale * dS^T Q for one key tile."""
     start_n = tl.program_id(0) * BLOCK_N
-    bh = tl.program_id(1)
-    b, h = (bh // H).to(tl.int64), (bh % H).to(tl.int64)
+    h, b = tl.program_id(1).to(tl.int64), tl.program_id(2).to(tl.int64)
+    bh = b * H + h
     q_base = Q + b * stride_qb + h * stride_qh
     do_base = DO + b * stride_dob + h * stride_doh
     lse_ptr = LSE + bh.to(tl.int64) * Tq
@@ -288,7 +290,7 @@ def _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn, o
     return dq
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed"])
 def _attn_bwd_dq(Q, K, V, DO, DQ, LSE, Delta, seed, qk_scale, sm_scale, dropout_p, keep_scale,
                  stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
                  stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_dom,
@@ -296,10 +298,10 @@ def _attn_bwd_dq(Q, K, V, DO, DQ, LSE, Delta, seed, qk_scale, sm_scale, dropout_
                  H, Tq, Tk, Q_BUCKET,
                  HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                  IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr, PRECISION: tl.constexpr):
-    """Grid (cdiv(Tq, BLOCK_M), B*H). dQ = scale * dS K for one query tile; same KV skipping as forward."""
+    """Grid (cdiv(Tq, BLOCK_M), H, B). dQ = scale * dS K for one query tile; same KV skipping as forward."""
     start_m = tl.program_id(0) * BLOCK_M
-    bh = tl.program_id(1)
-    b, h = (bh // H).to(tl.int64), (bh % H).to(tl.int64)
+    h, b = tl.program_id(1).to(tl.int64), tl.program_id(2).to(tl.int64)
+    bh = b * H + h
     k_base = K + b * stride_kb + h * stride_kh
     v_base = V + b * stride_vb + h * stride_vh
     rng_base = bh.to(tl.int64) * Tq * Tk
@@ -323,7 +325,7 @@ def _attn_bwd_dq(Q, K, V, DO, DQ, LSE, Delta, seed, qk_scale, sm_scale, dropout_
                 HEAD_DIM, BLOCK_D)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed"])
 def _dropout_mask_kernel(Out, seed, Tq, Tk, dropout_p, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """Grid (cdiv(Tq, BLOCK_M), cdiv(Tk, BLOCK_N), B*H): materialise the keep-mask (tests only)."""
     bh = tl.program_id(2)
@@ -398,11 +400,13 @@ def _last_dim_contiguous(t):
 
 
 def _seed_value(seed: torch.Tensor) -> int:
-    # 31 bits keep the kernel argument an int32, so one compiled variant serves every seed.
+    # 31 bits keep the kernel argument an int32, and the kernels do not specialize on it (as
+    # they would on 1 or a multiple of 16), so one compiled variant serves every seed.
     return int(seed.item()) & 0x7FFFFFFF
 
 
 # ----------------------------------------------------------------------------- launchers
+@on_tensor_device
 def _fwd_launch(q, k, v, causal, softmax_scale, dropout_p, seed):
     q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
     B, H, Tq, D = q.shape
@@ -411,9 +415,10 @@ def _fwd_launch(q, k, v, causal, softmax_scale, dropout_p, seed):
     # afterwards (transpose(1, 2).reshape) is then free.
     o = torch.empty((B, Tq, H, D), dtype=q.dtype, device=q.device).transpose(1, 2)
     lse = torch.empty((B, H, Tq), dtype=torch.float32, device=q.device)
+    _check_head_span(q=q, k=k, v=v, o=o)
     if B * H * Tq == 0:
         return o, lse
-    grid = lambda meta: (triton.cdiv(Tq, meta["BLOCK_M"]), B * H)  # noqa: E731
+    grid = lambda meta: (triton.cdiv(Tq, meta["BLOCK_M"]), H, B)  # noqa: E731
     _attn_fwd_run[grid](
         q, k, v, o, lse, _seed_value(seed), softmax_scale * LOG2E, dropout_p, 1.0 / (1.0 - dropout_p),
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
@@ -422,27 +427,29 @@ def _fwd_launch(q, k, v, causal, softmax_scale, dropout_p, seed):
     return o, lse
 
 
+@on_tensor_device
 def _bwd_launch(do, q, k, v, o, lse, causal, softmax_scale, dropout_p, seed):
     do, q, k, v = (_last_dim_contiguous(t) for t in (do, q, k, v))
     B, H, Tq, D = q.shape
     Tk = k.shape[2]
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    _check_head_span(do=do, q=q, k=k, v=v, o=o, dq=dq, dk=dk, dv=dv)
     if B * H * Tq * Tk == 0:
         return dq.zero_(), dk.zero_(), dv.zero_()
     flags = _kernel_flags(q, causal, dropout_p)
     delta = torch.empty((B, H, Tq), dtype=torch.float32, device=q.device)
     pre_block = INTERPRET_BLOCK if INTERPRET else 64
-    _attn_bwd_preprocess[(triton.cdiv(Tq, pre_block), B * H)](
+    _attn_bwd_preprocess[(triton.cdiv(Tq, pre_block), H, B)](
         o, do, delta, o.stride(0), o.stride(1), o.stride(2), do.stride(0), do.stride(1), do.stride(2),
         H, Tq, HEAD_DIM=D, BLOCK_D=flags["BLOCK_D"], BLOCK_M=pre_block)
     common = (_seed_value(seed), softmax_scale * LOG2E, softmax_scale, dropout_p, 1.0 / (1.0 - dropout_p),
               q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
               v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2))
-    _attn_bwd_dkdv_run[lambda meta: (triton.cdiv(Tk, meta["BLOCK_N"]), B * H)](
+    _attn_bwd_dkdv_run[lambda meta: (triton.cdiv(Tk, meta["BLOCK_N"]), H, B)](
         q, k, v, do, dk, dv, lse, delta, *common,
         dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
         H, Tq, Tk, _q_bucket(Tq), **flags, **_fixed_blocks())
-    _attn_bwd_dq_run[lambda meta: (triton.cdiv(Tq, meta["BLOCK_M"]), B * H)](
+    _attn_bwd_dq_run[lambda meta: (triton.cdiv(Tq, meta["BLOCK_M"]), H, B)](
         q, k, v, do, dq, lse, delta, *common,
         dq.stride(0), dq.stride(1), dq.stride(2),
         H, Tq, Tk, _q_bucket(Tq), **flags, **_fixed_blocks())
@@ -519,6 +526,19 @@ def _check_inputs(q, k, v, causal, dropout_p):
         raise ValueError("k and v have no positions (Tk=0): every query would attend to nothing")
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+    if max(B, H) > MAX_GRID_YZ:
+        raise ValueError(f"flash_attention launches one row of programs per head and per sequence, and a "
+                         f"CUDA grid allows at most {MAX_GRID_YZ} of each: got batch {B}, heads {H} (split the batch)")
+
+
+def _check_head_span(**tensors):
+    """The kernels address one (batch, head) slice with 32-bit offsets (the batch and head
+    offsets themselves are 64-bit): refuse a slice spanning 2^31 elements or more."""
+    for name, t in tensors.items():
+        span = 1 + sum((n - 1) * st for n, st in zip(t.shape[2:], t.stride()[2:]) if n > 0)
+        if span >= 2 ** 31:
+            raise ValueError(f"one head of {name} {tuple(t.shape)} (strides {t.stride()}) spans {span} elements; "
+                             "flash_attention addresses within a head with 32-bit offsets (< 2^31)")
 
 
 def _as_seed(seed):
@@ -562,11 +582,19 @@ def dropout_mask(seed, B, H, Tq, Tk, p, device):
     check_runnable(torch.empty(0, device=device), "device")
     if not 0.0 <= p < 1.0:
         raise ValueError(f"p must be in [0, 1), got {p}")
+    if B * H > MAX_GRID_YZ:
+        raise ValueError(f"dropout_mask: batch x heads = {B * H} > {MAX_GRID_YZ} (CUDA's grid z limit); "
+                         "rebuild the mask a few sequences at a time")
     out = torch.empty((B, H, Tq, Tk), dtype=torch.int8, device=device)
     if out.numel() == 0:
         return out.bool()
+    return _mask_launch(out, _seed_value(_as_seed(seed)), float(p)).bool()
+
+
+@on_tensor_device
+def _mask_launch(out, seed, p):
+    B, H, Tq, Tk = out.shape
     block = 64  # a plain elementwise kernel: big tiles keep the interpreter's grid small too
     grid = (triton.cdiv(Tq, block), triton.cdiv(Tk, block), B * H)
-    _dropout_mask_kernel[grid](out, _seed_value(_as_seed(seed)),
-                               Tq, Tk, float(p), BLOCK_M=block, BLOCK_N=block)
-    return out.bool()
+    _dropout_mask_kernel[grid](out, seed, Tq, Tk, p, BLOCK_M=block, BLOCK_N=block)
+    return out

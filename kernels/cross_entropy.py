@@ -32,7 +32,8 @@ import triton
 import triton.language as tl
 
 from tritongpt._env import triton_interpreting
-from tritongpt.kernels._common import cast, check_runnable, check_same_device, check_same_dtype, check_tensor
+from tritongpt.kernels._common import (cast, check_runnable, check_same_device, check_same_dtype,
+                                       check_tensor, on_tensor_device)
 
 INTERPRET = triton_interpreting()
 
@@ -103,6 +104,7 @@ def _launch_shape(N, V):
     return 1, min(4096, triton.next_power_of_2(V)), 8
 
 
+@on_tensor_device
 def _fwd_launch(logits, targets, ignore_index, n_classes):
     N, W = logits.shape
     loss = torch.empty(N, device=logits.device, dtype=torch.float32)
@@ -115,6 +117,7 @@ def _fwd_launch(logits, targets, ignore_index, n_classes):
     return loss, lse
 
 
+@on_tensor_device
 def _bwd_launch(grad_loss, logits, targets, lse, ignore_index, n_classes):
     N, W = logits.shape
     dx = torch.empty((N, W), device=logits.device, dtype=logits.dtype)

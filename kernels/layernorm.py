@@ -29,7 +29,8 @@ import triton
 import triton.language as tl
 
 from tritongpt._env import triton_interpreting
-from tritongpt.kernels._common import cast, check_runnable, check_same_device, check_same_dtype, check_tensor
+from tritongpt.kernels._common import (cast, check_runnable, check_same_device, check_same_dtype,
+                                       check_tensor, on_tensor_device)
 
 MAX_WIDTH = 8192  # one row must fit in one tile (registers/SRAM); wider rows are rejected
 
@@ -129,6 +130,7 @@ def _launch_shape(M: int, N: int, backward: bool, device: torch.device):
 
 # Launchers: allocate outputs and launch; the custom ops below check the device first.
 # (bench/compile_check.py calls these on meta tensors to compile the exact launches for sm_90.)
+@on_tensor_device
 def _fwd_launch(x, weight, bias, eps):
     M, N = x.shape
     y = torch.empty_like(x)
@@ -145,6 +147,7 @@ def _fwd_launch(x, weight, bias, eps):
     return y, mean, rstd
 
 
+@on_tensor_device
 def _bwd_launch(dy, x, weight, mean, rstd):
     M, N = x.shape
     dy = dy if dy.stride(-1) == 1 else dy.contiguous()

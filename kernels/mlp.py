@@ -36,7 +36,8 @@ import triton
 import triton.language as tl
 
 from tritongpt._env import triton_interpreting
-from tritongpt.kernels._common import cast, check_runnable, check_same_device, check_same_dtype, check_tensor, dot
+from tritongpt.kernels._common import (cast, check_runnable, check_same_device, check_same_dtype,
+                                       check_tensor, dot, on_tensor_device)
 
 # Epilogue modes of the matmul kernel.
 EPI_NONE = 0       # C = A @ B (+ bias)
@@ -148,6 +149,7 @@ def _matmul_kernel(A, B, C, Bias, Aux, Hout, M, N, K, M_BUCKET, K_BUCKET,
     tl.store(c_ptrs, cast(acc, C.dtype.element_ty), mask=mask)
 
 
+@on_tensor_device
 def _matmul(a, b, bias=None, epilogue=EPI_NONE, aux=None, b_gelu=False):
     """a [M, K] @ b [K, N] (any strides) -> new [M, N] tensor in a's dtype (+ h when EPI_GELU)."""
     M, K = a.shape

@@ -252,10 +252,28 @@ def test_bad_inputs(device, monkeypatch):
         flash_attention(q, k, v, dropout_p=0.1, seed=1.5)
     with pytest.raises(ValueError, match="meta"):
         flash_attention(q.to("meta"), k.to("meta"), v.to("meta"))
+    # a CUDA grid holds at most 65535 heads and sequences (expanded views: no memory)
+    many = q[:, :, :2].expand(65536, 1, 2, 32)
+    with pytest.raises(ValueError, match="at most 65535 of each: got batch 65536"):
+        flash_attention(many, many, many)
+    with pytest.raises(ValueError, match="batch x heads = 65536"):
+        dropout_mask(1, 4096, 16, 2, 2, 0.1, device)
     if device.type == "cpu":
         monkeypatch.setenv("TRITON_INTERPRET", "0")
         with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
             flash_attention(q, k, v)
+
+
+def test_refuses_a_head_too_long_for_32_bit_offsets():
+    """Within one (batch, head) the kernels use 32-bit offsets: a slice spanning 2^31 elements
+    (here rows 2^30 apart, as views into a fused projection of a huge sequence would be) is
+    refused before any launch. Meta tensors: shapes and strides without memory."""
+    from tritongpt.kernels.attention import _fwd_launch
+
+    big = torch.empty(2 ** 31 + 64, device="meta").as_strided((1, 1, 3, 64), (0, 0, 2 ** 30, 1))
+    ok = torch.empty(1, 1, 3, 64, device="meta")
+    with pytest.raises(ValueError, match=r"one head of k .* spans 2147483712 elements"):
+        _fwd_launch(ok, big, ok, True, 0.125, 0.0, torch.tensor(0))
 
 
 # ----------------------------------------------------------------------------- GPU (GPT-2 sizes)

@@ -58,6 +58,18 @@ def test_tiny_model_triton_path_matches_reference_fp32(device):
     _compare_paths(model, idx, targets, 1e-4)
 
 
+@pytest.mark.cuda
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
+def test_triton_path_on_a_gpu_that_is_not_the_current_one():
+    """Triton launches on the current device: the kernels must switch to their tensors' GPU
+    (a model on cuda:1 while cuda:0 is current, as in one process driving several GPUs)."""
+    torch.manual_seed(0)
+    model = _randomize(GPTModel(GPTConfig(**TINY))).to("cuda:1")
+    idx = torch.randint(0, 67, (2, 19), device="cuda:1")
+    with torch.cuda.device(0):
+        _compare_paths(model, idx, torch.roll(idx, -1, 1), 1e-4)
+
+
 def test_greedy_decode_with_kv_cache_same_tokens_on_both_paths(device):
     torch.manual_seed(1)
     model = _randomize(GPTModel(GPTConfig(**TINY))).to(device).eval()
