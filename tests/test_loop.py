@@ -154,6 +154,12 @@ def test_resume_without_checkpoint_is_a_user_error(tmp_path):
     t = Trainer(tiny_model(), args_for(tmp_path, resume="latest"), loss_fn, make_get_batch(synthetic_tokens(), 2))
     with pytest.raises(UserError, match="no checkpoint"):
         t.fit()
+    # another trainer's checkpoint (same model, so the weights would load) is refused by name
+    gb = make_get_batch(synthetic_tokens(), 2)
+    Trainer(tiny_model(), args_for(tmp_path, max_steps=1), loss_fn, gb, name="pretrain").fit()
+    t = Trainer(tiny_model(), args_for(tmp_path, resume="latest"), loss_fn, gb, name="sft")
+    with pytest.raises(UserError, match=r"written by `tritongpt pretrain`, not `tritongpt sft` \(to start from its weights, use --init\)"):
+        t.fit()
 
 
 # -- schedule and decay groups -------------------------------------------------------------------------------
