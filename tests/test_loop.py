@@ -478,3 +478,19 @@ def test_cuda_bf16_triton_and_reference_agree_and_report_mfu(tmp_path, compile_)
     assert torch.isfinite(tri).all() and tri[-1] < tri[0]
     rel = ((tri[:3] - ref[:3]).abs() / ref[:3]).max().item()
     assert rel < 1e-2, rel
+
+
+def test_auto_device_under_torchrun_is_the_local_rank_gpu(monkeypatch):
+    """Every command (the Trainer, and DPO's reference log-probs before it) picks the device
+    with pick_device: under torchrun "auto" must be this rank's GPU, not cuda:0 for all."""
+    from tritongpt.train.common import pick_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert pick_device("auto") == torch.device("cuda")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert pick_device("auto") == torch.device("cuda", 1)
+    assert pick_device("cpu") == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert pick_device("auto") == torch.device("cpu")

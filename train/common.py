@@ -22,8 +22,13 @@ from tritongpt.errors import UserError
 
 # -- device and precision ---------------------------------------------------------------------
 def pick_device(name: str = "auto") -> torch.device:
+    """"auto": CUDA when present (under torchrun, this process's GPU: cuda:LOCAL_RANK), else CPU."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if not torch.cuda.is_available():
+            return torch.device("cpu")
+        if int(os.environ.get("WORLD_SIZE", 1)) > 1:
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        return torch.device("cuda")
     dev = torch.device(name)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"device {name!r} requested but CUDA is not available")

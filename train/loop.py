@@ -234,10 +234,7 @@ class Trainer:
         self.world_size = int(os.environ.get("WORLD_SIZE", 1))
         self.ddp = self.world_size > 1
         self.is_main = self.rank == 0
-        if self.ddp and args.device == "auto" and torch.cuda.is_available():
-            self.device = torch.device(f"cuda:{self.local_rank}")
-        else:
-            self.device = common.pick_device(args.device)
+        self.device = common.pick_device(args.device)  # under torchrun, "auto" is cuda:LOCAL_RANK
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
         self._owns_group = False
