@@ -209,6 +209,29 @@ def test_sft_data_epochs_and_exact_resume():
         sft.SFTData([], [], 0, 8)
 
 
+def test_sft_data_ranks_share_each_epoch_between_them():
+    """Under torchrun each rank takes its own batches of one common epoch order: no example is
+    seen twice in an epoch, and every rank takes the same number of steps per epoch."""
+    rng = random.Random(2)
+    examples = [Example(list(range(rng.randint(3, 30))), 2) for _ in range(70)]  # 9 batches of 8
+    ranks = [sft.SFTData(examples, [], pad_id=-1, batch_size=8, seed=5, rank=r, world_size=3) for r in range(3)]
+
+    def epoch_rows(data):
+        data.get_batch("train")
+        rows = [data._order[i] for i in range(len(data._order))]
+        return [i for batch in rows for i in batch]
+
+    for epoch in range(2):
+        seen = [epoch_rows(d) for d in ranks]
+        assert len({len(d._order) for d in ranks}) == 1  # lockstep: the same steps per epoch
+        flat = [i for rows in seen for i in rows]
+        assert len(flat) == len(set(flat)) >= 70 - 2 * 8  # disjoint; at most W-1 batches skipped
+        for d in ranks:
+            d.pos = len(d._order)  # finish the epoch
+    single = sft.SFTData(examples, [], pad_id=-1, batch_size=8, seed=5, rank=0, world_size=1)
+    single.get_batch("train")
+    assert sorted(i for b in single._order for i in b) == list(range(70))
+
 def test_held_out_batches_are_fixed_and_not_just_the_shortest():
     rng = random.Random(1)
     val = [Example(list(range(n)), 1) for n in rng.sample(range(3, 60), 40)]

@@ -20,6 +20,7 @@ are saved as JSON.
     tritongpt sft --init gpt2-small --data alpaca.json --tokenizer gpt2
 """
 import json
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -222,35 +223,47 @@ def length_grouped_batches(lengths, batch_size: int, generator: torch.Generator,
 class SFTData:
     """Training batches for the Trainer, epoch after epoch, and fixed held-out batches.
 
-    Each epoch's order comes from a seed drawn from the Trainer's generator; the state
-    (epoch, position, that seed) goes into checkpoints, so a resumed run sees the same batches.
+    An epoch's order comes from (seed, epoch) alone, so under torchrun every rank computes the
+    same order and takes its own share of the batches (rank r: batches r, r + W, ...; the few
+    left over after a multiple of W are skipped that epoch): one epoch covers the data once
+    across all ranks, not once per rank. The state (epoch, position, that epoch's seed) goes
+    into checkpoints, so a resumed run sees the same batches.
     """
 
-    def __init__(self, train, val, pad_id: int, batch_size: int, mask_prompt: bool = True):
+    def __init__(self, train, val, pad_id: int, batch_size: int, mask_prompt: bool = True, seed: int = 0,
+                 rank: int | None = None, world_size: int | None = None):
         if not train:
             raise UserError("no training examples left (all were dropped: see the note above)")
         self.train, self.val = train, val
         self.pad_id, self.batch_size, self.mask_prompt = pad_id, batch_size, mask_prompt
+        self.seed = seed
+        self.rank = int(os.environ.get("RANK", 0)) if rank is None else rank
+        self.world_size = int(os.environ.get("WORLD_SIZE", 1)) if world_size is None else world_size
         self.lengths = [len(e.ids) for e in train]
         self.epoch, self.pos, self.epoch_seed, self._order = 0, 0, None, None
 
     def _collate(self, examples):
         return collate(examples, self.pad_id, self.mask_prompt)
 
-    def get_batch(self, split: str, generator: torch.Generator):
+    def get_batch(self, split: str, generator: torch.Generator = None):
+        """The next training batch. generator (the Trainer's, one per rank) is not used: the
+        ranks must agree on each epoch's order."""
         if split != "train":
             raise ValueError(f"SFTData.get_batch draws training batches only, not {split!r}")
         if self._order is None or self.pos >= len(self._order):
             if self._order is not None:
                 self.epoch += 1
-            self.epoch_seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+            self.epoch_seed = (self.seed * 1_000_003 + self.epoch) % 2 ** 62
             self._order, self.pos = self._epoch_order(self.epoch_seed), 0
         rows = self._order[self.pos]
         self.pos += 1
         return self._collate([self.train[i] for i in rows])
 
     def _epoch_order(self, seed):
-        return length_grouped_batches(self.lengths, self.batch_size, torch.Generator().manual_seed(seed))
+        batches = length_grouped_batches(self.lengths, self.batch_size, torch.Generator().manual_seed(seed))
+        if self.world_size > 1 and len(batches) >= self.world_size:
+            batches = batches[:len(batches) - len(batches) % self.world_size][self.rank::self.world_size]
+        return batches
 
     def val_batches(self, max_batches: int | None = None):
         """Held-out batches, the same at every evaluation. When max_batches leaves examples
@@ -404,7 +417,7 @@ def run_sft(model, tokenizer, train_records, val_records, test_records, args, *,
     train, _ = encode_records(train_records, tokenizer, max_len, overlong, "train", template)
     val, val_kept = encode_records(val_records, tokenizer, max_len, overlong, "val", template)
     _, test_kept = encode_records(test_records, tokenizer, max_len, overlong, "test", template)
-    data = SFTData(train, val, tokenizer.eot_id, args.batch_size, mask_prompt)
+    data = SFTData(train, val, tokenizer.eot_id, args.batch_size, mask_prompt, seed=args.seed)
     quick = val_kept[:eval_gen]
 
     def eval_fn(m):
