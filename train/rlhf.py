@@ -106,6 +106,8 @@ class RLArgs:
             raise UserError(f"--temperature must be > 0 for sampling rollouts, got {self.temperature}")
         if not self.lr > 0:
             raise UserError(f"--lr must be positive, got {self.lr}")
+        if self.dtype not in ("auto", "fp32", "bf16"):  # fp16 would need loss scaling
+            raise UserError(f"--dtype must be auto, fp32 or bf16, got {self.dtype!r}")
 
 
 class PolicyWithValue(nn.Module):
