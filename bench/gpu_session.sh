@@ -2,33 +2,42 @@
 # A GPU session's device work in one call: install this checkout, fill Triton's cache in
 # parallel, run the CUDA-marked tests, then `tritongpt bench all`. Device time is scarce (a
 # lent H100/H200 for ~15 minutes a session, at most 10 a call), so everything is time-boxed
-# and every result lands under $OUT.
+# and every result lands in $OUT/session.tgz.
 #
 #   TRITONGPT_GIT_COMMIT=<hash of HEAD> bash bench/gpu_session.sh [all|tests|bench|padded]   (default: all)
 #   padded (not part of all): the GPT-2 124M training step again with the vocabulary padded to
-#   50304 (--vocab-multiple 64, every provider alike), into $OUT/results-vocab64/
-#   env: OUT (default ./gpu-out), WARM_SECONDS (90), TEST_SECONDS (120), BENCH_MINUTES (5),
-#        PYTHON (python3)
+#   50304 (--vocab-multiple 64, every provider alike), into results-vocab64/ in the archive
+#   env: OUT (default ./gpu-out), WORK (default /tmp/tritongpt-gpu), WARM_SECONDS (90),
+#        TEST_SECONDS (120), BENCH_MINUTES (4), PYTHON (python3)
 # The device gets a copy of the working tree without .git, so name the commit: results record it.
+#
+# Everything is written under $WORK and packed into ONE file, $OUT/session.tgz, after every stage
+# (the device returns at most 8 files from $OUT; a run cut short still returns what it had).
+# Worst case: 90 + 120 + (4 min + 60 s) + install and imports ~ 8.5 min, inside one call's 10.
 #
 # Optional packages the device image lacks (Liger-Kernel, a bench provider) travel as wheels in
 # .whl/ (git-ignored; name it in the run's `carry`). Fetch them on the development machine with
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
 #       --implementation cp --platform manylinux2014_x86_64 -d .whl liger-kernel
 #
-# Afterwards, on the development machine: copy $OUT/results/<device>/ to bench/results/ and
-# commit it with the test log; bench/results/README.md says what each file holds.
+# Afterwards, on the development machine: unpack session.tgz, copy its results/<device>/ to
+# bench/results/ and commit it with the test log; bench/results/README.md says what each file holds.
 set -uo pipefail
 what=${1:-all}
 OUT=${OUT:-$PWD/gpu-out}
+WORK=${WORK:-/tmp/tritongpt-gpu}
 PY=${PYTHON:-python3}
-mkdir -p "$OUT"
+mkdir -p "$OUT" "$WORK"
 cd "$(dirname "$0")/.."
+pack() { tar czf "$OUT/session.tgz" -C "$WORK" . 2>/dev/null; }
 
 # The device machine has torch and triton but no network: install without dependencies. If
 # pip cannot (read-only environment), lay the package out by symlinks and use PYTHONPATH.
-if ! $PY -m pip install -q --no-deps --no-build-isolation -e . >"$OUT/install.log" 2>&1; then
+if ! $PY -m pip install -q --no-deps --no-build-isolation -e . >"$WORK/install.log" 2>&1; then
     echo "pip install failed (see install.log); using a symlinked tritongpt on PYTHONPATH"
+    # the repo root (the current directory) holds a tritongpt/ without the subpackages: keep it
+    # off sys.path, or it would hide the symlinked one (Python >= 3.11)
+    export PYTHONSAFEPATH=1
     farm=$(mktemp -d)/tritongpt
     mkdir -p "$farm"
     for f in tritongpt/*.py; do ln -s "$PWD/$f" "$farm/"; done
@@ -38,14 +47,15 @@ fi
 
 if ls .whl/*.whl >/dev/null 2>&1; then
     $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/tritongpt-site \
-        .whl/*.whl >>"$OUT/install.log" 2>&1 && export PYTHONPATH="/tmp/tritongpt-site${PYTHONPATH:+:$PYTHONPATH}"
+        .whl/*.whl >>"$WORK/install.log" 2>&1 && export PYTHONPATH="/tmp/tritongpt-site${PYTHONPATH:+:$PYTHONPATH}"
 fi
 
 {
     nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,temperature.gpu --format=csv
     $PY -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, \
 'cuda', torch.version.cuda, torch.cuda.get_device_name(0))"
-} 2>&1 | tee "$OUT/machine.txt"
+} 2>&1 | tee "$WORK/machine.txt"
+pack
 
 if ! git rev-parse HEAD >/dev/null 2>&1 && [ -z "${TRITONGPT_GIT_COMMIT:-}" ]; then
     echo "note: no .git here and TRITONGPT_GIT_COMMIT unset: results will say git_commit 'unknown'"
@@ -61,35 +71,43 @@ if [[ " 80 86 89 90 " == *" $arch "* ]]; then
     echo "== fill Triton's cache for sm_$arch on $(nproc) cores (at most ${WARM_SECONDS:-90} s)"
     # the module itself, not `tritongpt bench compile` (which would leave it running past a timeout)
     TRITON_INTERPRET=0 timeout "${WARM_SECONDS:-90}" $PY -m tritongpt.bench.compile_check --arch "$arch" \
-        --workers "$(nproc)" --out "$OUT/compile" >"$OUT/compile.log" 2>&1
-    tail -n 3 "$OUT/compile.log"
+        --workers "$(nproc)" --out "$WORK/compile" >"$WORK/compile.log" 2>&1
+    tail -n 3 "$WORK/compile.log"
+    pack
 fi
 
 rc=0
 if [ "$what" = all ] || [ "$what" = tests ]; then
     echo "== CUDA tests (at most ${TEST_SECONDS:-120} s)"
-    # parallel workers: the time goes to compiling (CPU), and no CUDA test asserts a timing
-    timeout "${TEST_SECONDS:-120}" $PY -m pytest -m cuda -q -p no:cacheprovider -n 8 \
-        --junitxml="$OUT/cuda-tests.xml" >"$OUT/cuda-tests.log" 2>&1
+    # parallel workers: the time goes to compiling (CPU), and no CUDA test asserts a timing.
+    # SIGINT at the limit: pytest then still writes the XML and names what failed so far.
+    timeout -s INT -k 15 "${TEST_SECONDS:-120}" $PY -m pytest -m cuda -q -p no:cacheprovider -n 8 \
+        --junitxml="$WORK/cuda-tests.xml" >"$WORK/cuda-tests.log" 2>&1
     trc=$?
     [ $trc -eq 124 ] && echo "CUDA tests TIMED OUT after ${TEST_SECONDS:-120} s"
-    tail -n 25 "$OUT/cuda-tests.log"
+    tail -n 25 "$WORK/cuda-tests.log"
+    pack
     rc=$((rc | trc))
 fi
 if [ "$what" = all ] || [ "$what" = bench ]; then
-    echo "== tritongpt bench all (budget ${BENCH_MINUTES:-5} min)"
-    $PY -m tritongpt.cli bench all --max-minutes "${BENCH_MINUTES:-5}" --out "$OUT/results" \
-        >"$OUT/bench.log" 2>&1
+    echo "== tritongpt bench all (budget ${BENCH_MINUTES:-4} min)"
+    # the budget stops new work; the hard limit only catches one that overruns it badly
+    timeout -s INT -k 15 $(( ${BENCH_MINUTES:-4} * 60 + 60 )) \
+        $PY -m tritongpt.cli bench all --max-minutes "${BENCH_MINUTES:-4}" --out "$WORK/results" \
+        >"$WORK/bench.log" 2>&1
     brc=$?
-    tail -n 40 "$OUT/bench.log"
+    tail -n 40 "$WORK/bench.log"
+    pack
     rc=$((rc | brc))
 fi
 if [ "$what" = padded ]; then
-    echo "== tritongpt bench train --vocab-multiple 64 (budget ${BENCH_MINUTES:-5} min)"
-    $PY -m tritongpt.cli bench train --models gpt2-small --vocab-multiple 64 --max-minutes "${BENCH_MINUTES:-5}" \
-        --out "$OUT/results-vocab64" >"$OUT/bench-vocab64.log" 2>&1
+    echo "== tritongpt bench train --vocab-multiple 64 (budget ${BENCH_MINUTES:-4} min)"
+    timeout -s INT -k 15 $(( ${BENCH_MINUTES:-4} * 60 + 60 )) \
+        $PY -m tritongpt.cli bench train --models gpt2-small --vocab-multiple 64 --max-minutes "${BENCH_MINUTES:-4}" \
+        --out "$WORK/results-vocab64" >"$WORK/bench-vocab64.log" 2>&1
     prc=$?
-    tail -n 20 "$OUT/bench-vocab64.log"
+    tail -n 20 "$WORK/bench-vocab64.log"
+    pack
     rc=$((rc | prc))
 fi
 exit $rc

@@ -263,11 +263,13 @@ def _mode_fn(forward, mode):
 
 
 def bench_providers(op, config, builders, modes, timer, budget, work, providers=None,
-                    skip=None):
+                    skip=None, grads_in_forward=()):
     """Time every provider in every mode; one row each.
 
     work(mode) -> dict with "bytes" or "flops" for that mode. skip: {provider: reason} for
-    providers known not to fit (memory) before they are tried.
+    providers known not to fit (memory) before they are tried. grads_in_forward: providers whose
+    forward also makes the gradients (a fused LM head + loss): their fwd rows count the work of
+    fwd+bwd, and their bwd rows (scaling the saved gradients) count none, so no rate is made up.
     """
     rows = []
     for name, build in builders.items():
@@ -294,7 +296,12 @@ def bench_providers(op, config, builders, modes, timer, budget, work, providers=
                 rows.append(make_row("kernels", op, name, config, mode,
                                      "skipped: time budget (--max-minutes)"))
                 continue
-            rows.append(_bench_one(op, name, config, mode, forward, leaves, timer, work(mode)))
+            w = work(mode)
+            if name in grads_in_forward:
+                w = {"fwd": work("fwd+bwd"), "bwd": {}}.get(mode, w)
+            rows.append(_bench_one(op, name, config, mode, forward, leaves, timer, w))
+            if name in grads_in_forward:
+                rows[-1]["note"] = "gradients made in forward"
             timer.cleanup(full=not is_ok(rows[-1]))
         del forward, leaves
         timer.cleanup(full=name == "compile")
@@ -493,42 +500,74 @@ def sweep_lm_head_loss(timer, budget, rows_n, widths, vocabs, dtype, modes=MODES
             w = randn(v, c, device=dev, dtype=dtype, scale=c ** -0.5 * 3.0)
             t = torch.randint(0, v, (rows_n,), device=dev)
             out += bench_providers("lm_head_loss", cfg, lm_head_loss_providers(h, w, t), modes, timer, budget,
-                                   lambda m: {"flops": lm_head_flops(rows_n, c, v, m)}, providers)
+                                   lambda m: {"flops": lm_head_flops(rows_n, c, v, m)}, providers,
+                                   grads_in_forward=("triton", "liger"))
             del h, w, t
             timer.cleanup()
     return out
 
 
+# The configurations the issue's targets are judged on (kernel_targets): measured first, by every
+# provider torch.compile included, so a time budget that runs out leaves the wider sweep short,
+# not the targets.
+TARGET_SIZES = dict(ln_widths=(768,), mlp_widths=(768,), attn_seqlens=(1024,), attn_head_dims=(64,))
+
+
+def _split(values, target):
+    """(values judged by a target, the others), order kept."""
+    return tuple(v for v in values if v in target), tuple(v for v in values if v not in target)
+
+
+def _sweep_plan(sizes, part):
+    """The sweeps of one part ("targets" or "rest"): {op: [size arguments, ...]}."""
+    t = 0 if part == "targets" else 1
+    ln = _split(sizes["ln_widths"], TARGET_SIZES["ln_widths"])[t]
+    mlp = _split(sizes["mlp_widths"], TARGET_SIZES["mlp_widths"])[t]
+    seq_t, seq_o = _split(sizes["attn_seqlens"], TARGET_SIZES["attn_seqlens"])
+    hd_t, hd_o = _split(sizes["attn_head_dims"], TARGET_SIZES["attn_head_dims"])
+    attn = [(seq_t, hd_t)] if part == "targets" else [(seq_o, sizes["attn_head_dims"]), (seq_t, hd_o)]
+    plan = {"layernorm": [ln], "mlp": [mlp], "attention": [a for a in attn if a[0] and a[1]],
+            "cross_entropy": [sizes["ce_vocabs"]] if part == "rest" else [],
+            "lm_head_loss": [sizes["head_widths"]] if part == "rest" else []}
+    return {op: [a for a in args if a] for op, args in plan.items()}
+
+
 def run_kernels(timer, budget, dtype=torch.bfloat16,
                 ops=("layernorm", "mlp", "attention", "cross_entropy", "lm_head_loss"),
                 modes=MODES, providers=None, sizes=None, ceiling_sizes=None, log=print):
-    """All sweeps plus the ceilings; returns (rows, ceilings)."""
+    """All sweeps plus the ceilings; returns (rows, ceilings).
+
+    Order: the targets' configurations (TARGET_SIZES) first, then the rest; within each, torch.compile
+    (seconds of compiling per shape) after the other providers, so that when the time budget
+    runs out it is the wider sweep's compiled baselines that go missing.
+    """
     sizes = dict(FULL_SIZES, **(sizes or {}))
     log("measuring ceilings (device copy bandwidth, bf16 matmul) ...")
     ceilings = measure_ceilings(timer, **(ceiling_sizes or {}))
     wanted = set(providers) if providers is not None else set(ALL_PROVIDERS)
-    # torch.compile costs seconds per shape: it runs in a second pass, so that when the time
-    # budget runs out it is compiled baselines that go missing, not our kernels or PyTorch's.
-    passes = [(wanted - {"compile"}, "")] + ([({"compile"}, " (torch.compile pass)")] if "compile" in wanted else [])
+    groups = [(wanted - {"compile"}, "")] + ([({"compile"}, ", torch.compile")] if "compile" in wanted else [])
     rows = []
-    for provs, label in passes:
-        if "layernorm" in ops:
-            log(f"layernorm{label}: widths {list(sizes['ln_widths'])} x {sizes['ln_rows']} rows ...")
-            rows += sweep_layernorm(timer, budget, sizes["ln_rows"], sizes["ln_widths"], dtype, modes, provs)
-        if "mlp" in ops:
-            log(f"gelu-mlp{label}: widths {list(sizes['mlp_widths'])} x {sizes['mlp_rows']} rows ...")
-            rows += sweep_mlp(timer, budget, sizes["mlp_rows"], sizes["mlp_widths"], dtype, modes, provs)
-        if "attention" in ops:
-            log(f"attention{label}: T {list(sizes['attn_seqlens'])}, head_dim {list(sizes['attn_head_dims'])} ...")
-            rows += sweep_attention(timer, budget, sizes["attn_seqlens"], sizes["attn_head_dims"], dtype,
-                                    sizes["attn_tokens"], sizes["attn_width"], modes, provs)
-        if "cross_entropy" in ops:
-            log(f"cross-entropy{label}: vocab {list(sizes['ce_vocabs'])} x {sizes['ce_rows']} rows ...")
-            rows += sweep_cross_entropy(timer, budget, sizes["ce_rows"], sizes["ce_vocabs"], dtype, modes, provs)
-        if "lm_head_loss" in ops:
-            log(f"lm-head + loss{label}: width {list(sizes['head_widths'])}, vocab {list(sizes['ce_vocabs'])} ...")
-            rows += sweep_lm_head_loss(timer, budget, sizes["ce_rows"], sizes["head_widths"], sizes["ce_vocabs"],
-                                       dtype, modes, provs)
+    for part in ("targets", "rest"):
+        plan = _sweep_plan(sizes, part)
+        for provs, label in groups:
+            label = f" ({part}{label})"
+            for widths in plan["layernorm"] if "layernorm" in ops else ():
+                log(f"layernorm{label}: widths {list(widths)} x {sizes['ln_rows']} rows ...")
+                rows += sweep_layernorm(timer, budget, sizes["ln_rows"], widths, dtype, modes, provs)
+            for widths in plan["mlp"] if "mlp" in ops else ():
+                log(f"gelu-mlp{label}: widths {list(widths)} x {sizes['mlp_rows']} rows ...")
+                rows += sweep_mlp(timer, budget, sizes["mlp_rows"], widths, dtype, modes, provs)
+            for seqlens, head_dims in plan["attention"] if "attention" in ops else ():
+                log(f"attention{label}: T {list(seqlens)}, head_dim {list(head_dims)} ...")
+                rows += sweep_attention(timer, budget, seqlens, head_dims, dtype, sizes["attn_tokens"],
+                                        sizes["attn_width"], modes, provs)
+            for vocabs in plan["cross_entropy"] if "cross_entropy" in ops else ():
+                log(f"cross-entropy{label}: vocab {list(vocabs)} x {sizes['ce_rows']} rows ...")
+                rows += sweep_cross_entropy(timer, budget, sizes["ce_rows"], vocabs, dtype, modes, provs)
+            for widths in plan["lm_head_loss"] if "lm_head_loss" in ops else ():
+                log(f"lm-head + loss{label}: width {list(widths)}, vocab {list(sizes['ce_vocabs'])} ...")
+                rows += sweep_lm_head_loss(timer, budget, sizes["ce_rows"], widths, sizes["ce_vocabs"],
+                                           dtype, modes, provs)
     add_ceiling_percent(rows, ceilings)
     return sort_rows(rows), ceilings
 

@@ -140,7 +140,7 @@ def rows_table(rows) -> str:
             pct = 100 * r["mfu"]
         body.append([r["op"], config_text(r["config"]), r.get("mode") or "-", r["provider"], timing, thr,
                      f"{pct:.1f}%" if pct is not None else "-", fmt_bytes(r.get("peak_mem_bytes")),
-                     r["status"]])
+                     r["status"] + (f" ({r['note']})" if r.get("note") else "")])
     return markdown_table(headers, body)
 
 

@@ -28,6 +28,9 @@ from tritongpt.train.common import is_oom
 from tritongpt.train.loop import flops_per_token
 
 TRAIN_PROVIDERS = ("reference", "reference+compile+sdpa", "triton", "triton+compile")
+# What a first torch.compile'd GPT-2 step (dynamo + inductor, then warm-up) is given at least:
+# one started with less left would run past the budget (later models use the measured cost).
+COMPILE_MIN_S = 60.0
 DEFAULT_BATCH = {"gpt2-small": 16, "gpt2-medium": 8}
 
 
@@ -219,6 +222,11 @@ def run_train(device, budget, dtype=torch.bfloat16, models=("gpt2-small", "gpt2-
             cfg = {"model": model_name, "batch": b, "seq_len": seq_len}
             if budget.expired():
                 rows.append(make_row("train", "step", p, cfg, "fwd+bwd", "skipped: time budget (--max-minutes)"))
+                continue
+            if p not in cost and "compile" in p and budget.remaining() < COMPILE_MIN_S:
+                rows.append(make_row("train", "step", p, cfg, "fwd+bwd",
+                                     f"skipped: time budget (a first compiled run needs ~{COMPILE_MIN_S:.0f} s, "
+                                     f"{budget.remaining():.0f} s left)"))
                 continue
             if p in cost:
                 # Compilation time grows with depth (dynamo traces every layer): estimate this

@@ -174,6 +174,28 @@ def test_missing_providers_skip_cleanly(monkeypatch):
     assert x.grad is None and w.grad is None  # gradients reset after timing
 
 
+def test_fused_lm_head_rates_count_the_work_each_mode_does():
+    """The fused LM head + loss makes its gradients in forward: its fwd row counts the three
+    matmuls, and its bwd row (scaling saved gradients) claims no TFLOPS (it once claimed the
+    two backward matmuls it never runs, thousands of TFLOPS)."""
+    torch.manual_seed(0)
+    N, C, V = 16, 12, 40
+    h, w = (kernels.randn(*s, device="cpu", dtype=torch.float32) for s in ((N, C), (V, C)))
+    t = torch.randint(0, V, (N,))
+    rows = kernels.bench_providers(
+        "lm_head_loss", {"rows": N}, kernels.lm_head_loss_providers(h, w, t), kernels.MODES, CpuTimer(reps=1),
+        Budget(None), lambda m: {"flops": common.lm_head_flops(N, C, V, m)}, providers=("torch", "triton"),
+        grads_in_forward=("triton",))
+    by = {(r["provider"], r["mode"]): r for r in rows}
+    assert all(r["status"] == "ok" for r in rows), [r["status"] for r in rows]
+    three = common.lm_head_flops(N, C, V, "fwd+bwd")
+    assert by[("triton", "fwd")]["flops"] == three and by[("triton", "fwd+bwd")]["flops"] == three
+    assert "flops" not in by[("triton", "bwd")] and "tflops" not in by[("triton", "bwd")]
+    assert by[("triton", "bwd")]["note"] == "gradients made in forward"
+    assert by[("torch", "fwd")]["flops"] == common.lm_head_flops(N, C, V, "fwd") and "note" not in by[("torch", "bwd")]
+    assert "gradients made in forward" in report.rows_table(rows)
+
+
 def test_failing_provider_and_time_budget_give_rows():
     torch.manual_seed(0)
     q, k, v = (kernels.randn(1, 2, 8, 16, device="cpu", dtype=torch.float32) for _ in range(3))
@@ -211,6 +233,29 @@ def test_run_kernels_end_to_end_on_cpu():
         key = "pct_of_copy_bw" if r["op"] in ("layernorm", "cross_entropy") else "pct_of_matmul"
         assert r[key] > 0
     assert {r["provider"] for r in rows if r["mode"] == "saved"} == {"reference", "torch"}
+
+
+def test_target_configurations_are_measured_first_and_exactly_once():
+    """A time budget that runs out must leave the wider sweep short, not the issue's targets:
+    the targets' configurations (every provider, torch.compile too) come first, the rest after,
+    and together they are the whole sweep with nothing twice."""
+    import itertools
+
+    full = kernels.FULL_SIZES
+    first, rest = kernels._sweep_plan(full, "targets"), kernels._sweep_plan(full, "rest")
+    assert first["layernorm"] == [(768,)] and first["attention"] == [((1024,), (64,))]
+    assert first["cross_entropy"] == [] and rest["cross_entropy"] == [full["ce_vocabs"]]
+    for op, key in (("layernorm", "ln_widths"), ("mlp", "mlp_widths")):
+        done = [w for plan in (first, rest) for args in plan[op] for w in args]
+        assert sorted(done) == sorted(full[key])
+    attn = [c for plan in (first, rest) for seqs, dims in plan["attention"] for c in itertools.product(seqs, dims)]
+    assert sorted(attn) == sorted(itertools.product(full["attn_seqlens"], full["attn_head_dims"]))
+    lines = []
+    kernels.run_kernels(CpuTimer(reps=1), Budget(None), torch.float32, ops=("layernorm",), providers=("torch",),
+                        sizes=dict(ln_rows=4, ln_widths=(24, 768)),
+                        ceiling_sizes=dict(copy_bytes=1 << 12, matmul_n=16, dtype=torch.float32), log=lines.append)
+    assert [ln.split(":")[0] for ln in lines[1:]] == ["layernorm (targets)", "layernorm (rest)"]
+    assert "[768]" in lines[1] and "[24]" in lines[2]
 
 
 def test_saved_activation_bytes_match_hand_count():
@@ -288,6 +333,12 @@ def test_run_train_respects_the_time_budget(monkeypatch):
     rows = train_step.run_train(torch.device("cpu"), Budget(0), models=("tiny",), providers=("reference",),
                                 log=lambda s: None)
     assert rows[0]["status"] == "skipped: time budget (--max-minutes)"
+    # a compiled provider never measured is not started with less than its minimum left
+    monkeypatch.setattr(train_step, "COMPILE_MIN_S", 0.3)
+    rows = train_step.run_train(torch.device("cpu"), Budget(0.35), models=("tiny",),
+                                providers=("reference", "triton+compile", "triton"), log=lambda s: None)
+    assert [r["status"][:40] for r in rows] == [
+        "ok", "skipped: time budget (a first compiled r", "ok"]
 
 
 # -- results on disk ------------------------------------------------------------------------------------
@@ -482,8 +533,10 @@ def test_cpu_timings_run():
 def test_quick_kernel_bench_on_gpu(tmp_path):
     from tritongpt import cli
 
-    assert cli.main(["bench", "kernels", "--quick", "--out", str(tmp_path), "--max-minutes", "5",
-                     "--no-plots"]) == 0
+    # no torch.compile provider: its inductor builds would not fit the session's test time
+    # (`bench all` times it)
+    assert cli.main(["bench", "kernels", "--quick", "--out", str(tmp_path), "--max-minutes", "1.5",
+                     "--providers", "reference,torch,sdpa-flash,triton", "--no-plots"]) == 0
     (folder,) = tmp_path.iterdir()
     d = report.validate_result(json.loads((folder / "kernels.json").read_text()))
     assert d["env"]["device"] == torch.cuda.get_device_name(0)
