@@ -268,7 +268,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         dt = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
         h, w = hidden.to(dt), weight.to(dt)
         # needs_input_grad only says requires_grad: under no_grad (evaluation) a head weight still
-        # requires grad, and the gradient work would double the head's cost for nothing
+        # requires grad, and the gradient work would triple the head's cost for nothing
         want_dh, want_dw = grad_enabled and ctx.needs_input_grad[0], grad_enabled and ctx.needs_input_grad[1]
         # d(loss)/d(row loss): 1/n for the mean (n = counted targets, kept on the device), 1 for the sum
         n = (targets != ignore_index).sum()
