@@ -63,3 +63,12 @@ def test_generate_errors(saved_model, capsys):
     assert "context is 32" in capsys.readouterr().err
     assert main(base + ["--weights", str(saved_model / "w.safetensors"), "--prompt", ""]) == 2
     assert "prompt is empty" in capsys.readouterr().err
+    w = ["--weights", str(saved_model / "w.safetensors")]
+    assert main(base + w + ["--prompt", "a<|endoftext|>b"]) == 2
+    assert "pass --allow-special" in capsys.readouterr().err
+    assert main(base + w + ["--prompt", "a<|endoftext|>b", "--allow-special", "--max-new-tokens", "2"]) == 0
+    capsys.readouterr()
+    # --pretrained downloads by a GPT-2 name: with another preset or with --weights it was ignored
+    for extra in (["--model", "tiny"], w):
+        assert main(base + extra + ["--pretrained", "--prompt", "x"]) == 2
+        assert "--pretrained downloads GPT-2 by --model name" in capsys.readouterr().err

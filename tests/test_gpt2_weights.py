@@ -41,12 +41,22 @@ def test_logits_and_greedy_tokens_match_transformers(tmp_path):
     assert torch.equal(ours, theirs)
 
 
-def test_heads_inferred_from_name_when_config_missing(tmp_path):
-    hf, path = _hf_model(tmp_path, n_embd=768, n_layer=1, n_head=12, vocab=64, ctx=8, save_config=False)
-    with pytest.raises(UserError, match="heads"):
+def test_heads_without_config_json_come_from_a_name_that_fits_or_not_at_all(tmp_path):
+    """The heads are not in the tensors' shapes: a wrong count would load and compute something
+    else, silently. Without config.json: a --model whose width and depth are the file's, else
+    OpenAI's size of that shape; our own presets' shapes are no evidence (mini is 256 x 6 with
+    8 heads; this file has 4)."""
+    hf, path = _hf_model(tmp_path, n_embd=256, n_layer=6, n_head=4, vocab=64, ctx=8, save_config=False)
+    with pytest.raises(UserError, match="cannot tell the number of heads"):
         load_gpt2_safetensors(path)
-    model = load_gpt2_safetensors(path, model_name="gpt2-small")
-    assert model.config.n_head == 12
+    with pytest.raises(UserError, match="width 256 and 6 layers, but --model tiny has 128 and 4"):
+        load_gpt2_safetensors(path, model_name="tiny")
+    assert load_gpt2_safetensors(path, model_name="mini").config.n_head == 8  # what the user named
+    (tmp_path / "config.json").write_text('{"n_head": 4}')
+    model = load_gpt2_safetensors(path, model_name="tiny")  # config.json decides; the name is moot
+    idx = torch.randint(0, 64, (1, 8))
+    with torch.no_grad():
+        assert report(model.eval()(idx), hf(idx).logits)[1] < 1e-5
 
 
 def test_bad_files(tmp_path):
@@ -59,6 +69,25 @@ def test_bad_files(tmp_path):
         load_gpt2_safetensors(tmp_path / "other.safetensors")
     with pytest.raises(UserError, match="unknown GPT-2 model"):
         load_gpt2_pretrained("gpt3")
+    (tmp_path / "junk.safetensors").write_bytes(b"\xff" * 64)
+    with pytest.raises(UserError, match="junk.safetensors is not a readable safetensors file"):
+        load_gpt2_safetensors(tmp_path / "junk.safetensors")
+    base = {"wte.weight": torch.randn(10, 8), "wpe.weight": torch.randn(4, 8), "ln_f.weight": torch.ones(8)}
+    save_file(base, str(tmp_path / "noblocks.safetensors"))
+    with pytest.raises(UserError, match="no transformer blocks"):
+        load_gpt2_safetensors(tmp_path / "noblocks.safetensors")
+
+
+def test_a_missing_layer_tensor_is_named(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    _, path = _hf_model(tmp_path)
+    sd = load_file(str(path))
+    (key,) = [k for k in sd if k.endswith("h.1.mlp.c_fc.bias")]  # "transformer." prefix or not
+    del sd[key]
+    save_file(sd, str(path))
+    with pytest.raises(UserError, match=r"missing tensor\(s\) \['h.1.mlp.c_fc.bias'\]"):
+        load_gpt2_safetensors(path)
 
 
 def test_offline_download_is_a_clear_error(tmp_path, monkeypatch):

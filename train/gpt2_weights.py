@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from tritongpt.errors import UserError
-from tritongpt.model.config import PRESETS, GPTConfig, get_config
+from tritongpt.model.config import GPTConfig, get_config
 from tritongpt.model.gpt import GPTModel
 
 HUB_REPOS = {
@@ -26,7 +26,11 @@ HUB_REPOS = {
 def _read_tensors(path) -> dict:
     from safetensors.torch import load_file
 
-    tensors = load_file(str(path))
+    try:
+        tensors = load_file(str(path))
+    except Exception as e:  # a truncated or foreign file: safetensors' own error, in one line
+        raise UserError(f"{path} is not a readable safetensors file ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0] if str(e) else ''})") from None
     # Hub files name keys "h.0...", a saved GPT2LMHeadModel "transformer.h.0..."
     return {k.removeprefix("transformer."): v for k, v in tensors.items()}
 
@@ -37,17 +41,28 @@ def _infer_config(sd: dict, path: Path, model_name: str | None) -> GPTConfig:
             raise UserError(f"{path} is not a GPT-2 safetensors file: missing tensor {key!r}")
     vocab, n_embd = sd["wte.weight"].shape
     ctx = sd["wpe.weight"].shape[0]
-    n_layer = 1 + max(int(m.group(1)) for k in sd if (m := re.match(r"h\.(\d+)\.", k)))
+    layers = [int(m.group(1)) for k in sd if (m := re.match(r"h\.(\d+)\.", k))]
+    if not layers:
+        raise UserError(f"{path} is not a GPT-2 safetensors file: no transformer blocks (h.0..., h.1...)")
+    n_layer = 1 + max(layers)
+    # The heads are not in the tensors' shapes. In order: config.json beside the file, then
+    # model_name -- only if its width and depth are the file's (a wrong head count loads
+    # without error but computes something else) -- then the GPT-2 size of this width and depth.
     n_head = None
     cfg_json = path.parent / "config.json"
     if cfg_json.is_file():
         n_head = json.loads(cfg_json.read_text()).get("n_head")
     if n_head is None and model_name is not None:
-        n_head = get_config(model_name).n_head
-    if n_head is None:  # the published sizes identify themselves by width and depth
-        for preset in PRESETS.values():
-            if preset.get("n_embd") == n_embd and preset.get("n_layer") == n_layer:
-                n_head = preset["n_head"]
+        named = get_config(model_name)
+        if (named.n_embd, named.n_layer) != (n_embd, n_layer):
+            raise UserError(f"{path} has width {n_embd} and {n_layer} layers, but --model {model_name} has "
+                            f"{named.n_embd} and {named.n_layer}: put the file's config.json beside it")
+        n_head = named.n_head
+    if n_head is None:  # OpenAI's published sizes (not our small presets: a file of their shape
+        for name in HUB_REPOS:  # may well have other heads, and a guess would fail silently)
+            preset = get_config(name)
+            if (preset.n_embd, preset.n_layer) == (n_embd, n_layer):
+                n_head = preset.n_head
     if n_head is None:
         raise UserError(f"cannot tell the number of heads of {path}: put its config.json beside it "
                         "or pass --model")
@@ -89,6 +104,13 @@ def load_gpt2_safetensors(path, model_name: str | None = None) -> GPTModel:
             "final_norm.weight": sd["ln_f.weight"], "final_norm.bias": sd["ln_f.bias"]}
     if not cfg.tie_weights:
         ours["out_head.weight"] = sd["lm_head.weight"]
+    needed = [f"h.{i}.{n}" for i in range(cfg.n_layer) for n in (
+        "attn.c_attn.weight", "attn.c_attn.bias", "attn.c_proj.weight", "attn.c_proj.bias", "mlp.c_fc.weight",
+        "mlp.c_fc.bias", "mlp.c_proj.weight", "mlp.c_proj.bias", "ln_1.weight", "ln_1.bias", "ln_2.weight",
+        "ln_2.bias")] + ["ln_f.bias"]
+    absent = [k for k in needed if k not in sd]
+    if absent:
+        raise UserError(f"{path}: missing tensor(s) {absent[:3]}{' ...' if len(absent) > 3 else ''}")
     for i in range(cfg.n_layer):
         h, b = f"h.{i}.", f"trf_blocks.{i}."
         qkv_w, qkv_b = sd[h + "attn.c_attn.weight"], sd[h + "attn.c_attn.bias"]  # [C, 3C], [3C]

@@ -7,7 +7,8 @@ from tritongpt.errors import UserError
 def add_model_args(p, default_model="tiny"):
     """Arguments shared by every command that builds a model."""
     p.add_argument("--model", default=default_model,
-                   help="preset: gpt2-small|gpt2-medium|gpt2-large|gpt2-xl|tiny|mini (default %(default)s)")
+                   help="preset: gpt2-small|gpt2-medium|gpt2-large|gpt2-xl|tiny|mini (default "
+                        + (f"{default_model})" if default_model else "tiny, or what --weights holds)"))
     p.add_argument("--kernels", default="auto",
                    help="reference | triton | auto (Triton on CUDA, reference on CPU) | "
                         "comma list of layernorm,mlp,attention,cross_entropy (default %(default)s)")
@@ -67,23 +68,35 @@ def cmd_generate(args):
     from tritongpt.train.generate import generate
     from tritongpt.train.sft import pick_tokenizer
 
+    from tritongpt.train.tokenizer import DisallowedSpecialToken
+
+    if args.pretrained and (args.weights or not (args.model or "").startswith("gpt2")):
+        raise UserError("--pretrained downloads GPT-2 by --model name (gpt2-small|gpt2-medium|gpt2-large|gpt2-xl) "
+                        f"and does not go with --weights; got --model {args.model}"
+                        + (f" --weights {args.weights}" if args.weights else ""))
     device = pick_device(args.device)
     torch.manual_seed(args.seed)
     if args.weights:
         from tritongpt.train.gpt2_weights import load_checkpoint
 
+        # --model only when given: it names the heads of a GPT-2 file without its config.json
         model = load_checkpoint(args.weights, args.model)
-    elif args.model.startswith("gpt2") and args.pretrained:
+    elif args.pretrained:
         from tritongpt.train.gpt2_weights import load_gpt2_pretrained
 
         model = load_gpt2_pretrained(args.model)
     else:
-        print(f"note: {args.model} has random weights (pass --weights for a trained model)", file=sys.stderr)
-        model = GPTModel(get_config(args.model))
+        name = args.model or "tiny"
+        print(f"note: {name} has random weights (pass --weights for a trained model)", file=sys.stderr)
+        model = GPTModel(get_config(name))
     model.to(device).eval()
     model.set_kernels(args.kernels)
     tok = pick_tokenizer(args.tokenizer, args.weights, model.config.vocab_size)
-    ids = tok.encode(args.prompt)
+    try:
+        ids = tok.encode(args.prompt, allowed_special="all" if args.allow_special else "none_raise")
+    except DisallowedSpecialToken:
+        raise UserError("the prompt contains <|endoftext|>: pass --allow-special to encode it as the "
+                        "special token") from None
     if not ids:
         raise UserError("the prompt is empty: pass --prompt with some text")
     if len(ids) >= model.config.context_length:
@@ -103,12 +116,13 @@ def add_cli(sub):
     p.set_defaults(func=cmd_info)
 
     p = sub.add_parser("generate", help="generate text from a prompt")
-    add_model_args(p)
+    add_model_args(p, default_model=None)
     p.add_argument("--weights", help="tritongpt checkpoint (file or run folder) or Hugging Face GPT-2 model.safetensors")
     p.add_argument("--pretrained", action="store_true", help="download GPT-2 weights from the Hub by --model name")
     p.add_argument("--tokenizer", help="default | gpt2 | path to a tokenizer JSON (default: the one saved with --weights' run, "
                         "else by vocab size)")
     p.add_argument("--prompt", required=True)
+    p.add_argument("--allow-special", action="store_true", help="encode <|endoftext|> in the prompt as the special token")
     p.add_argument("--max-new-tokens", type=int, default=50)
     p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
     p.add_argument("--top-k", type=int, default=None)
