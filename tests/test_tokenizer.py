@@ -146,6 +146,37 @@ def test_save_load_round_trip(tmp_path, small_tok):
         BPETokenizer.load(path)
     with pytest.raises(UserError, match="not found"):
         BPETokenizer.load(tmp_path / "missing.json")
+    good = small_tok.to_dict()
+    for field, value, msg in (("special_tokens", ["<|endoftext|>"], "field 'special_tokens' must be a JSON object"),
+                              ("tokens", "abc", "field 'tokens' must be a JSON list"),
+                              ("tokens", good["tokens"][:5] + [7], "field 'tokens' must hold strings only")):
+        path.write_text(json.dumps(dict(good, **{field: value})), encoding="utf-8")
+        with pytest.raises(UserError, match=msg):
+            BPETokenizer.load(path)
+    with pytest.raises(UserError, match="is a folder: name the tokenizer file"):
+        small_tok.save(tmp_path)
+    # a Hugging Face tokenizer.json beside a Hub snapshot's weights is not ours: not picked up
+    snap = tmp_path / "snap"
+    snap.mkdir()
+    (snap / "model.safetensors").write_bytes(b"")
+    (snap / "tokenizer.json").write_text(json.dumps({"version": "1.0", "model": {"type": "BPE"}}))
+    assert tkz.saved_tokenizer_path(snap / "model.safetensors") is None
+    small_tok.save(snap / "tokenizer.json")
+    assert tkz.saved_tokenizer_path(snap / "model.safetensors") == snap / "tokenizer.json"
+
+
+def test_lone_surrogates_are_refused_by_both_encoders(small_tok, tmp_path):
+    """A broken JSON escape leaves a lone surrogate, which has no UTF-8 bytes: the fast path
+    turned it into U+FFFD and the reference path raised; both now refuse it, and a corpus file
+    holding one is named with its line."""
+    for encode in (small_tok.encode, small_tok.encode_reference, lambda t: small_tok.encode_batch([t])):
+        with pytest.raises(UserError, match="invalid Unicode at character 2"):
+            encode("ab\ud83dc")
+    from tritongpt.train.data import load_text
+
+    (tmp_path / "c.jsonl").write_text('{"text": "fine"}\n{"text": "bad \\ud83d"}\n', encoding="utf-8")
+    with pytest.raises(UserError, match=r"c.jsonl:2: field 'text' holds invalid Unicode"):
+        load_text(str(tmp_path / "c.jsonl"))
 
 
 def test_from_gpt2_files_tiny(tmp_path):
@@ -158,6 +189,9 @@ def test_from_gpt2_files_tiny(tmp_path):
     assert loaded.hash == tok.hash and loaded.eot_id == 259
     (tmp_path / "vocab.bpe").write_text("#version: 0.2\na a\naa ab\na b\n", encoding="utf-8")
     with pytest.raises(UserError, match="vocab.bpe:3"):
+        get_tokenizer(str(tmp_path))
+    (tmp_path / "encoder.json").write_text(json.dumps(list(encoder)), encoding="utf-8")
+    with pytest.raises(UserError, match="encoder.json: expected a JSON object mapping token spellings to ids"):
         get_tokenizer(str(tmp_path))
     (tmp_path / "vocab.bpe").unlink()
     with pytest.raises(UserError, match="encoder.json and vocab.bpe"):
@@ -268,5 +302,11 @@ def test_cli_train_encode_decode(tmp_path, capsys, corpus):
     assert capsys.readouterr().out == "the cat sat\n"
     assert main(["bpe", "encode", "--tokenizer", str(out), "--text", f"a{EOT}"]) == 2
     assert "--allow-special" in capsys.readouterr().err
+    # --file encodes the file as it is (a .jsonl is not read as a corpus of documents)
+    (tmp_path / "rows.jsonl").write_text('{"text": "the cat"}\n', encoding="utf-8")
+    assert main(["bpe", "encode", "--tokenizer", str(out), "--file", str(tmp_path / "rows.jsonl")]) == 0
+    assert [int(i) for i in capsys.readouterr().out.split()] == tok.encode('{"text": "the cat"}\n')
+    assert main(["bpe", "encode", "--tokenizer", str(out), "--file", str(tmp_path / "nope.txt")]) == 2
+    assert "file not found" in capsys.readouterr().err
     assert main(["bpe", "decode", "--tokenizer", str(out), "--ids", "300"]) == 2
     assert "out of range" in capsys.readouterr().err

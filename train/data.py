@@ -80,6 +80,11 @@ def _jsonl_text(path: Path, text_field: str) -> str:
                 if not isinstance(row[text_field], str):
                     raise UserError(f"{path}:{lineno}: field {text_field!r} is a "
                                     f"{type(row[text_field]).__name__}, expected a string")
+                try:
+                    row[text_field].encode("utf-8")
+                except UnicodeEncodeError as e:  # a lone surrogate: a JSON escape like "\ud83d" alone
+                    raise UserError(f"{path}:{lineno}: field {text_field!r} holds invalid Unicode at character "
+                                    f"{e.start} (a lone surrogate)") from None
                 docs.append(row[text_field])
         except UnicodeDecodeError as e:
             raise UserError(f"{path}: not UTF-8 text ({e.reason})") from None

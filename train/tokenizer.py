@@ -224,6 +224,8 @@ class BPETokenizer:
                 encoder = json.load(f)
         except json.JSONDecodeError as e:
             raise UserError(f"{encoder_json}: not valid JSON ({e.msg} at line {e.lineno})") from None
+        if not isinstance(encoder, dict) or not all(isinstance(i, int) for i in encoder.values()):
+            raise UserError(f"{encoder_json}: expected a JSON object mapping token spellings to ids")
         specials = {s: i for s, i in encoder.items() if s == EOT}
         ranks = {str_to_token(s, str(encoder_json)): i for s, i in encoder.items() if s != EOT}
         with open(vocab_bpe, encoding="utf-8") as f:
@@ -290,6 +292,16 @@ class BPETokenizer:
             raise UserError(f"unknown special token(s) {sorted(unknown)}; this tokenizer has {sorted(self.special_tokens)}")
         return allowed
 
+    @staticmethod
+    def _check_unicode(text: str):
+        """A lone surrogate (from a broken JSON escape such as "\\ud83d") has no UTF-8 bytes: the
+        fast path would turn it into U+FFFD and the reference path fail, so both refuse it."""
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise UserError(f"the text holds invalid Unicode at character {e.start} ({text[e.start]!r}, a lone "
+                            "surrogate: a broken JSON escape?)") from None
+
     def _check_special(self, text: str, allowed: set, allowed_special):
         if allowed_special == "none" or not self._special_pat:
             return
@@ -326,6 +338,7 @@ class BPETokenizer:
     def encode_reference(self, text: str, allowed_special="none_raise") -> list:
         """The from-scratch encoder: regex split, then `_bpe` on each word's bytes."""
         allowed = self._allowed(allowed_special)
+        self._check_unicode(text)
         self._check_special(text, allowed, allowed_special)
         if not allowed:
             return self.encode_ordinary_reference(text)
@@ -352,12 +365,14 @@ class BPETokenizer:
         if not isinstance(text, str):
             raise TypeError(f"encode expects a str, got {type(text).__name__}")
         allowed = self._allowed(allowed_special)
+        self._check_unicode(text)
         self._check_special(text, allowed, allowed_special)
         return self.encoding.encode(text, allowed_special=allowed, disallowed_special=())
 
     def encode_batch(self, texts, allowed_special="none_raise", num_threads: int = 4) -> list:
         allowed = self._allowed(allowed_special)
         for t in texts:
+            self._check_unicode(t)
             self._check_special(t, allowed, allowed_special)
         return self.encoding.encode_batch(list(texts), num_threads=num_threads, allowed_special=allowed,
                                           disallowed_special=())
@@ -390,6 +405,8 @@ class BPETokenizer:
     def save(self, path):
         """Write JSON atomically (a reader never sees half a file)."""
         path = Path(path)
+        if path.is_dir():
+            raise UserError(f"{path} is a folder: name the tokenizer file to write (e.g. {path / 'tokenizer.json'})")
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         with open(tmp, "w", encoding="utf-8") as f:
@@ -409,9 +426,16 @@ class BPETokenizer:
             raise UserError(f"{path}: not a tokenizer JSON file ({e})") from None
         if not isinstance(d, dict) or d.get("format") != FORMAT:
             raise UserError(f"{path}: not a tritongpt tokenizer file (expected format {FORMAT!r})")
-        for key in ("pat_str", "tokens", "special_tokens"):
+        for key, kind in (("pat_str", str), ("tokens", list), ("special_tokens", dict)):
             if key not in d:
                 raise UserError(f"{path}: missing field {key!r}")
+            if not isinstance(d[key], kind):
+                raise UserError(f"{path}: field {key!r} must be a JSON {_JSON_KIND[kind]}, "
+                                f"got {type(d[key]).__name__}")
+        if not all(isinstance(t, str) for t in d["tokens"]):
+            raise UserError(f"{path}: field 'tokens' must hold strings only")
+        if not all(isinstance(k, str) and isinstance(v, int) for k, v in d["special_tokens"].items()):
+            raise UserError(f"{path}: field 'special_tokens' must map strings to ids")
         ranks = {str_to_token(s, str(path)): i for i, s in enumerate(d["tokens"])}
         if len(ranks) != len(d["tokens"]):
             raise UserError(f"{path}: the same token appears twice in 'tokens'")
@@ -419,6 +443,9 @@ class BPETokenizer:
         if d.get("hash") not in (None, tok.hash):
             raise UserError(f"{path}: content does not match its recorded hash (file edited or damaged)")
         return tok
+
+
+_JSON_KIND = {str: "string", list: "list", dict: "object"}
 
 
 # -- named tokenizers ------------------------------------------------------------------------------
@@ -443,9 +470,19 @@ def saved_tokenizer_path(init):
         return None
     base = p if p.is_dir() else p.parent
     for d in (base, base.parent):
-        if (d / RUN_TOKENIZER).is_file():
+        if (d / RUN_TOKENIZER).is_file() and _is_ours(d / RUN_TOKENIZER):
             return d / RUN_TOKENIZER
     return None
+
+
+def _is_ours(path) -> bool:
+    """A tokenizer.json written by tritongpt, not Hugging Face's file of the same name (which sits
+    beside model.safetensors in a Hub snapshot)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f).get("format") == FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def default_cache_dir(override=None) -> Path:
@@ -552,10 +589,12 @@ def cmd_encode(args):
     tok = get_tokenizer(args.tokenizer)
     if args.text is not None:
         text = args.text
-    else:
-        from tritongpt.train.data import load_text
+    else:  # the file's own text (not load_text, which reads a corpus: .jsonl documents, 'pydoc')
+        from tritongpt.train.data import _read_utf8
 
-        text = load_text(args.file)
+        if not Path(args.file).is_file():
+            raise UserError(f"file not found: {args.file}")
+        text = _read_utf8(Path(args.file))
     try:
         ids = tok.encode(text, allowed_special="all" if args.allow_special else "none_raise")
     except DisallowedSpecialToken:
