@@ -263,6 +263,18 @@ def pair():
 
 @pytest.mark.skipif(not HAVE_GPT2, reason="needs ../shared/gpt2/encoder.json and vocab.bpe")
 class TestGPT2Files:
+    def test_one_identity_for_both_spellings_of_the_pattern(self, pair):
+        ours, ref = pair  # tiktoken's spelling of GPT-2's regex vs ours: the same encoding, one hash
+        assert BPETokenizer.from_tiktoken(ref).hash == ours.hash
+
+    def test_a_file_with_the_older_hash_still_loads(self, pair, tmp_path):
+        ours, ref = pair
+        tok = BPETokenizer.from_tiktoken(ref)
+        d = tok.to_dict()
+        d["hash"] = tok._hash_with(tok.pat_str)  # as written before the shared identity
+        (tmp_path / "t.json").write_text(json.dumps(d), encoding="utf-8")
+        assert BPETokenizer.load(tmp_path / "t.json").hash == ours.hash
+
     def test_same_vocabulary(self, pair):
         ours, ref = pair
         assert ours.vocab_size == ref.n_vocab == 50257 and ours.eot_id == ref.eot_token == 50256

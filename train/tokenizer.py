@@ -34,6 +34,9 @@ from tritongpt.errors import UserError
 # leading space), then whitespace. `\s+(?!\S)` leaves the last space of a run to start the
 # next word, so "a   b" splits as "a", "  ", " b".
 GPT2_PAT = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+# tiktoken's spelling of the same pattern ("gpt2" encoding): one identity for both, so GPT-2 read
+# from OpenAI's files and from tiktoken share a hash, token caches and resume checks
+_SAME_PATTERN = {r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+""": GPT2_PAT}
 EOT = "<|endoftext|>"
 DEFAULT_VOCAB_SIZE = 4096
 FORMAT = "tritongpt-bpe"
@@ -263,12 +266,15 @@ class BPETokenizer:
     def hash(self) -> str:
         """sha256 of what decides the ids (regex, tokens, specials): equal hash, equal encoding."""
         if self._hash is None:
-            h = hashlib.sha256()
-            h.update(json.dumps({"pat_str": self.pat_str, "special_tokens": sorted(self.special_tokens.items())}).encode())
-            for tok in self._id_to_bytes[:len(self.ranks)]:
-                h.update(len(tok).to_bytes(4, "little") + tok)
-            self._hash = h.hexdigest()
+            self._hash = self._hash_with(_SAME_PATTERN.get(self.pat_str, self.pat_str))
         return self._hash
+
+    def _hash_with(self, pat_str: str) -> str:
+        h = hashlib.sha256()
+        h.update(json.dumps({"pat_str": pat_str, "special_tokens": sorted(self.special_tokens.items())}).encode())
+        for tok in self._id_to_bytes[:len(self.ranks)]:
+            h.update(len(tok).to_bytes(4, "little") + tok)
+        return h.hexdigest()
 
     def __repr__(self):
         return f"BPETokenizer(name={self.name!r}, vocab_size={self.vocab_size})"
@@ -440,7 +446,8 @@ class BPETokenizer:
         if len(ranks) != len(d["tokens"]):
             raise UserError(f"{path}: the same token appears twice in 'tokens'")
         tok = cls(ranks, d["special_tokens"], d["pat_str"], name=d.get("name", path.stem), info=d.get("info"))
-        if d.get("hash") not in (None, tok.hash):
+        # files written before the two GPT-2 spellings shared one hash recorded the spelling's own
+        if d.get("hash") not in (None, tok.hash, tok._hash_with(tok.pat_str)):
             raise UserError(f"{path}: content does not match its recorded hash (file edited or damaged)")
         return tok
 
