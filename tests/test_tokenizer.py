@@ -20,7 +20,11 @@ FRAGMENTS = ["don't", "I'll", "we've", "they're", "'s", "'S", " 12345", "3.14159
              "\n\n\n", " \n ", "def f(x):\n    return x**2", "if (a<=b) { c++; }", "naïve café", "e\u0301",
              "👩‍👩‍👧", "🙂🙃", "日本語のテキスト", "עברית", "\x00\x1f\x7f", "\u00a0\u2003", "  leading", "trailing  ",
              "x" * 40, "__init__", "0x1F", "¡¿", "\ufeff"]
-fuzz_text = st.lists(st.one_of(st.sampled_from(FRAGMENTS), st.text(max_size=12)), max_size=8).map("".join)
+# Random text leaves out code points unassigned in Python's own Unicode table (and surrogates):
+# regex engines classify those by their own Unicode version (the `regex` module 2026.11 calls
+# U+3D000 a letter, tiktoken's engine does not), so the two encoders may split them differently.
+assigned = st.characters(exclude_categories=("Cn", "Cs"))
+fuzz_text = st.lists(st.one_of(st.sampled_from(FRAGMENTS), st.text(assigned, max_size=12)), max_size=8).map("".join)
 
 
 @pytest.fixture(scope="module")
