@@ -30,6 +30,8 @@ PY=${PYTHON:-python3}
 mkdir -p "$OUT" "$WORK"
 cd "$(dirname "$0")/.."
 pack() { tar czf "$OUT/session.tgz" -C "$WORK" . 2>/dev/null; }
+# the bench's hard limit: its budget plus a minute (awk: BENCH_MINUTES may be fractional)
+bench_limit=$(awk -v m="${BENCH_MINUTES:-4}" 'BEGIN { printf "%d", m * 60 + 60 }')
 
 # The device machine has torch and triton but no network: install without dependencies. If
 # pip cannot (read-only environment), lay the package out by symlinks and use PYTHONPATH.
@@ -92,7 +94,7 @@ fi
 if [ "$what" = all ] || [ "$what" = bench ]; then
     echo "== tritongpt bench all (budget ${BENCH_MINUTES:-4} min)"
     # the budget stops new work; the hard limit only catches one that overruns it badly
-    timeout -s INT -k 15 $(( ${BENCH_MINUTES:-4} * 60 + 60 )) \
+    timeout -s INT -k 15 "$bench_limit" \
         $PY -m tritongpt.cli bench all --max-minutes "${BENCH_MINUTES:-4}" --out "$WORK/results" \
         >"$WORK/bench.log" 2>&1
     brc=$?
@@ -102,7 +104,7 @@ if [ "$what" = all ] || [ "$what" = bench ]; then
 fi
 if [ "$what" = padded ]; then
     echo "== tritongpt bench train --vocab-multiple 64 (budget ${BENCH_MINUTES:-4} min)"
-    timeout -s INT -k 15 $(( ${BENCH_MINUTES:-4} * 60 + 60 )) \
+    timeout -s INT -k 15 "$bench_limit" \
         $PY -m tritongpt.cli bench train --models gpt2-small --vocab-multiple 64 --max-minutes "${BENCH_MINUTES:-4}" \
         --out "$WORK/results-vocab64" >"$WORK/bench-vocab64.log" 2>&1
     prc=$?

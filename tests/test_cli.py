@@ -69,6 +69,7 @@ def test_generate_errors(saved_model, capsys):
     assert main(base + w + ["--prompt", "a<|endoftext|>b", "--allow-special", "--max-new-tokens", "2"]) == 0
     capsys.readouterr()
     # --pretrained downloads by a GPT-2 name: with another preset or with --weights it was ignored
-    for extra in (["--model", "tiny"], w):
-        assert main(base + extra + ["--pretrained", "--prompt", "x"]) == 2
-        assert "--pretrained downloads GPT-2 by --model name" in capsys.readouterr().err
+    assert main(base + ["--model", "tiny", "--pretrained", "--prompt", "x"]) == 2
+    assert "--pretrained downloads GPT-2 by --model name (gpt2-small|" in capsys.readouterr().err
+    assert main(base + w + ["--pretrained", "--prompt", "x"]) == 2
+    assert "pass one of them" in capsys.readouterr().err

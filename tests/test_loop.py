@@ -158,7 +158,7 @@ def test_resume_without_checkpoint_is_a_user_error(tmp_path):
     gb = make_get_batch(synthetic_tokens(), 2)
     Trainer(tiny_model(), args_for(tmp_path, max_steps=1), loss_fn, gb, name="pretrain").fit()
     t = Trainer(tiny_model(), args_for(tmp_path, resume="latest"), loss_fn, gb, name="sft")
-    with pytest.raises(UserError, match=r"written by `tritongpt pretrain`, not `tritongpt sft` \(to start from its weights, use --init\)"):
+    with pytest.raises(UserError, match=r"is a checkpoint of a pretrain run, not of sft \(to start from its weights, use --init\)"):
         t.fit()
 
 

@@ -167,6 +167,9 @@ def test_save_load_round_trip(tmp_path, small_tok):
     assert tkz.saved_tokenizer_path(snap / "model.safetensors") is None
     small_tok.save(snap / "tokenizer.json")
     assert tkz.saved_tokenizer_path(snap / "model.safetensors") == snap / "tokenizer.json"
+    # ours but damaged: still found, so that loading it says so (not replaced by another tokenizer)
+    (snap / "tokenizer.json").write_text('{"format": "tritongpt-bpe", "tok', encoding="utf-8")
+    assert tkz.saved_tokenizer_path(snap / "model.safetensors") == snap / "tokenizer.json"
 
 
 def test_lone_surrogates_are_refused_by_both_encoders(small_tok, tmp_path):
@@ -258,8 +261,11 @@ def pair():
 
     ours = BPETokenizer.from_gpt2_files(GPT2_DIR / "encoder.json", GPT2_DIR / "vocab.bpe")
     ranks = data_gym_to_mergeable_bpe_ranks(str(GPT2_DIR / "vocab.bpe"), str(GPT2_DIR / "encoder.json"))
-    # tiktoken's own spelling of GPT-2's regex, not ours: the pre-tokenisers must agree too.
-    pat = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+    from tiktoken_ext.openai_public import r50k_pat_str
+
+    # tiktoken's own spelling of GPT-2's regex (what get_encoding("gpt2") uses), not ours: the
+    # pre-tokenisers must agree too
+    pat = r50k_pat_str
     ref = tiktoken.Encoding("gpt2-offline", pat_str=pat, mergeable_ranks=ranks,
                             special_tokens={EOT: 50256}, explicit_n_vocab=50257)
     return ours, ref
@@ -270,6 +276,11 @@ class TestGPT2Files:
     def test_one_identity_for_both_spellings_of_the_pattern(self, pair):
         ours, ref = pair  # tiktoken's spelling of GPT-2's regex vs ours: the same encoding, one hash
         assert BPETokenizer.from_tiktoken(ref).hash == ours.hash
+
+    def test_tiktokens_older_spelling_has_the_same_identity(self, pair):
+        ours, ref = pair
+        older = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+        assert BPETokenizer(ours.ranks, ours.special_tokens, older).hash == ours.hash
 
     def test_a_file_with_the_older_hash_still_loads(self, pair, tmp_path):
         ours, ref = pair
@@ -322,6 +333,9 @@ def test_cli_train_encode_decode(tmp_path, capsys, corpus):
     (tmp_path / "rows.jsonl").write_text('{"text": "the cat"}\n', encoding="utf-8")
     assert main(["bpe", "encode", "--tokenizer", str(out), "--file", str(tmp_path / "rows.jsonl")]) == 0
     assert [int(i) for i in capsys.readouterr().out.split()] == tok.encode('{"text": "the cat"}\n')
+    (tmp_path / "crlf.txt").write_bytes(b"a\r\nb")  # no newline translation either
+    assert main(["bpe", "encode", "--tokenizer", str(out), "--file", str(tmp_path / "crlf.txt")]) == 0
+    assert [int(i) for i in capsys.readouterr().out.split()] == tok.encode("a\r\nb")
     assert main(["bpe", "encode", "--tokenizer", str(out), "--file", str(tmp_path / "nope.txt")]) == 2
     assert "file not found" in capsys.readouterr().err
     assert main(["bpe", "decode", "--tokenizer", str(out), "--ids", "300"]) == 2

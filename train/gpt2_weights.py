@@ -82,7 +82,7 @@ def is_hf_file(path) -> bool:
 
 def load_checkpoint(path, model_name: str | None = None) -> GPTModel:
     """A tritongpt checkpoint (file, checkpoint folder or run folder: its newest) or a Hugging
-    Face GPT-2 model.safetensors (model_name picks the preset when the shapes do not)."""
+    Face GPT-2 model.safetensors (model_name: the preset, when no config.json says the heads)."""
     from tritongpt.train.common import resolve_checkpoint
 
     path = resolve_checkpoint(path)
@@ -98,12 +98,6 @@ def load_gpt2_safetensors(path, model_name: str | None = None) -> GPTModel:
         raise UserError(f"GPT-2 weights file not found: {path}")
     sd = _read_tensors(path)
     cfg = _infer_config(sd, path, model_name)
-    model = GPTModel(cfg)
-    C = cfg.n_embd
-    ours = {"tok_emb.weight": sd["wte.weight"], "pos_emb.weight": sd["wpe.weight"],
-            "final_norm.weight": sd["ln_f.weight"], "final_norm.bias": sd["ln_f.bias"]}
-    if not cfg.tie_weights:
-        ours["out_head.weight"] = sd["lm_head.weight"]
     needed = [f"h.{i}.{n}" for i in range(cfg.n_layer) for n in (
         "attn.c_attn.weight", "attn.c_attn.bias", "attn.c_proj.weight", "attn.c_proj.bias", "mlp.c_fc.weight",
         "mlp.c_fc.bias", "mlp.c_proj.weight", "mlp.c_proj.bias", "ln_1.weight", "ln_1.bias", "ln_2.weight",
@@ -111,6 +105,12 @@ def load_gpt2_safetensors(path, model_name: str | None = None) -> GPTModel:
     absent = [k for k in needed if k not in sd]
     if absent:
         raise UserError(f"{path}: missing tensor(s) {absent[:3]}{' ...' if len(absent) > 3 else ''}")
+    model = GPTModel(cfg)
+    C = cfg.n_embd
+    ours = {"tok_emb.weight": sd["wte.weight"], "pos_emb.weight": sd["wpe.weight"],
+            "final_norm.weight": sd["ln_f.weight"], "final_norm.bias": sd["ln_f.bias"]}
+    if not cfg.tie_weights:
+        ours["out_head.weight"] = sd["lm_head.weight"]
     for i in range(cfg.n_layer):
         h, b = f"h.{i}.", f"trf_blocks.{i}."
         qkv_w, qkv_b = sd[h + "attn.c_attn.weight"], sd[h + "attn.c_attn.bias"]  # [C, 3C], [3C]

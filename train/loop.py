@@ -309,8 +309,8 @@ class Trainer:
         ckpt = common.resolve_checkpoint(self.out_dir if where in (True, "latest", "auto") else where).parent
         state = common.load_state(ckpt)
         if state.get("name", self.name) != self.name:  # e.g. sft --resume pointed at a pretrain run
-            raise UserError(f"--resume: {ckpt} was written by `tritongpt {state['name']}`, not "
-                            f"`tritongpt {self.name}` (to start from its weights, use --init)")
+            raise UserError(f"--resume: {ckpt} is a checkpoint of a {state['name']} run, not of {self.name} "
+                            "(to start from its weights, use --init)")
         try:
             load_model(self.raw_model, str(ckpt / "model.safetensors"), device=str(self.device))
         except RuntimeError as e:

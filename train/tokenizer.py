@@ -36,7 +36,12 @@ from tritongpt.errors import UserError
 GPT2_PAT = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 # tiktoken's spelling of the same pattern ("gpt2" encoding): one identity for both, so GPT-2 read
 # from OpenAI's files and from tiktoken share a hash, token caches and resume checks
-_SAME_PATTERN = {r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+""": GPT2_PAT}
+# (tiktoken's older spelling, and since tiktoken 0.8 its possessive one, which is
+# tiktoken_ext.openai_public.r50k_pat_str)
+_SAME_PATTERN = {
+    r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+""": GPT2_PAT,
+    r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s""": GPT2_PAT,
+}
 EOT = "<|endoftext|>"
 DEFAULT_VOCAB_SIZE = 4096
 FORMAT = "tritongpt-bpe"
@@ -483,13 +488,15 @@ def saved_tokenizer_path(init):
 
 
 def _is_ours(path) -> bool:
-    """A tokenizer.json written by tritongpt, not Hugging Face's file of the same name (which sits
-    beside model.safetensors in a Hub snapshot)."""
+    """Not Hugging Face's tokenizer.json (which sits beside model.safetensors in a Hub snapshot):
+    JSON without our format is skipped; ours, or a file that does not parse, is taken (a damaged
+    one is then reported by load rather than silently replaced by another tokenizer)."""
     try:
         with open(path, encoding="utf-8") as f:
-            return json.load(f).get("format") == FORMAT
-    except (OSError, ValueError, AttributeError):
-        return False
+            d = json.load(f)
+    except (OSError, ValueError):
+        return True  # unreadable: let BPETokenizer.load say what is wrong with it
+    return isinstance(d, dict) and d.get("format") == FORMAT
 
 
 def default_cache_dir(override=None) -> Path:
@@ -596,12 +603,13 @@ def cmd_encode(args):
     tok = get_tokenizer(args.tokenizer)
     if args.text is not None:
         text = args.text
-    else:  # the file's own text (not load_text, which reads a corpus: .jsonl documents, 'pydoc')
-        from tritongpt.train.data import _read_utf8
-
+    else:  # the file's own bytes as text (not load_text, which reads a corpus; no newline translation)
         if not Path(args.file).is_file():
             raise UserError(f"file not found: {args.file}")
-        text = _read_utf8(Path(args.file))
+        try:
+            text = Path(args.file).read_bytes().decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise UserError(f"{args.file}: not UTF-8 text (byte {e.start}: {e.reason})") from None
     try:
         ids = tok.encode(text, allowed_special="all" if args.allow_special else "none_raise")
     except DisallowedSpecialToken:

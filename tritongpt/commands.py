@@ -70,10 +70,13 @@ def cmd_generate(args):
 
     from tritongpt.train.tokenizer import DisallowedSpecialToken
 
-    if args.pretrained and (args.weights or not (args.model or "").startswith("gpt2")):
-        raise UserError("--pretrained downloads GPT-2 by --model name (gpt2-small|gpt2-medium|gpt2-large|gpt2-xl) "
-                        f"and does not go with --weights; got --model {args.model}"
-                        + (f" --weights {args.weights}" if args.weights else ""))
+    if args.pretrained:
+        if args.weights:
+            raise UserError("--pretrained downloads GPT-2 weights and --weights loads a file: pass one of them")
+        args.model = args.model or "gpt2-small"
+        if not args.model.startswith("gpt2"):
+            raise UserError(f"--pretrained downloads GPT-2 by --model name (gpt2-small|gpt2-medium|gpt2-large|"
+                            f"gpt2-xl), not {args.model!r}")
     device = pick_device(args.device)
     torch.manual_seed(args.seed)
     if args.weights:
