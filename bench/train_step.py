@@ -223,21 +223,19 @@ def run_train(device, budget, dtype=torch.bfloat16, models=("gpt2-small", "gpt2-
             if budget.expired():
                 rows.append(make_row("train", "step", p, cfg, "fwd+bwd", "skipped: time budget (--max-minutes)"))
                 continue
-            if p not in cost and "compile" in p and budget.remaining() < COMPILE_MIN_S:
-                rows.append(make_row("train", "step", p, cfg, "fwd+bwd",
-                                     f"skipped: time budget (a first compiled run needs ~{COMPILE_MIN_S:.0f} s, "
-                                     f"{budget.remaining():.0f} s left)"))
-                continue
+            # Do not start what would overrun the budget. Compilation time grows with depth (dynamo
+            # traces every layer): a provider's cost on this model is estimated from the previous
+            # model's measured one; a compiled provider never measured gets COMPILE_MIN_S.
+            need, basis = 0.0, ""
             if p in cost:
-                # Compilation time grows with depth (dynamo traces every layer): estimate this
-                # model's cost from the previous model's measured one, and do not start what
-                # would overrun the budget.
                 need = cost[p][0] * n_layer / cost[p][1]
-                if need > budget.remaining():
-                    rows.append(make_row("train", "step", p, cfg, "fwd+bwd",
-                                         f"skipped: time budget (~{need:.0f} s expected from the previous "
-                                         f"model, {budget.remaining():.0f} s left)"))
-                    continue
+                basis = f"~{need:.0f} s expected from the previous model"
+            elif "compile" in p:
+                need, basis = COMPILE_MIN_S, f"a first compiled run needs ~{COMPILE_MIN_S:.0f} s"
+            if need > budget.remaining():
+                rows.append(make_row("train", "step", p, cfg, "fwd+bwd",
+                                     f"skipped: time budget ({basis}, {budget.remaining():.0f} s left)"))
+                continue
             log(f"train step: {model_name} B={b} T={seq_len} {p} ...")
             t0 = time.perf_counter()
             row = bench_train_provider(p, model_name, b, seq_len, device, dtype, warmup_steps, steps,

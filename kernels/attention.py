@@ -506,12 +506,17 @@ _flash_attn_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
 # ----------------------------------------------------------------------------- public API
-def _check_inputs(q, k, v, causal, dropout_p):
+def _checked_inputs(q, k, v, causal, dropout_p):
+    """(q, k, v) once valid; under autocast cast to its dtype first, as SDPA's inputs are (a KV
+    cache made outside autocast holds fp32 keys while the projections give bf16 queries)."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         check_tensor(t, name, ndim=4)
-    check_same_dtype(q=q, k=k, v=v)
     check_same_device(q=q, k=k, v=v)
     check_runnable(q, "q")
+    if torch.is_autocast_enabled(q.device.type):
+        dt = torch.get_autocast_dtype(q.device.type)
+        q, k, v = q.to(dt), k.to(dt), v.to(dt)
+    check_same_dtype(q=q, k=k, v=v)
     (B, H, Tq, D), (Bk, Hk, Tk, Dk) = q.shape, k.shape
     if k.shape != v.shape:
         raise ValueError(f"k and v must have the same shape, got k {tuple(k.shape)} and v {tuple(v.shape)}")
@@ -530,6 +535,7 @@ def _check_inputs(q, k, v, causal, dropout_p):
     if max(B, H) > MAX_GRID_YZ:
         raise ValueError(f"flash_attention launches one row of programs per head and per sequence, and a "
                          f"CUDA grid allows at most {MAX_GRID_YZ} of each: got batch {B}, heads {H} (split the batch)")
+    return q, k, v
 
 
 def _check_head_span(**tensors):
@@ -564,13 +570,14 @@ def _seed_tensor(seed, dropout_p):
 def flash_attention(q, k, v, causal=True, softmax_scale=None, dropout_p=0.0, seed=None):
     """softmax(q k^T * scale + mask) with dropout, @ v, without the Tq x Tk matrix. Differentiable.
 
-    q: [B, H, Tq, D]; k, v: [B, H, Tk, D], any strides (unit stride on D is fastest), bf16/fp16/fp32.
+    q: [B, H, Tq, D]; k, v: [B, H, Tk, D], any strides (unit stride on D is fastest), bf16/fp16/fp32
+    (under torch.autocast, cast to the autocast dtype first, as for SDPA).
     causal: bottom-right aligned (query i is position Tk - Tq + i), needs Tq <= Tk.
     softmax_scale: default 1/sqrt(D). dropout_p: on the attention weights, scaled by 1/(1-p);
     seed: int for a reproducible mask (see dropout_mask), else drawn from torch's RNG.
     Returns [B, H, Tq, D] (a view of a [B, Tq, H, D] buffer, so merging heads is free).
     """
-    _check_inputs(q, k, v, causal, dropout_p)
+    q, k, v = _checked_inputs(q, k, v, causal, dropout_p)
     scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else float(softmax_scale)
     dropout_p = float(dropout_p)
     out, _ = _flash_attn_fwd(q, k, v, bool(causal), scale, dropout_p, _seed_tensor(seed, dropout_p))

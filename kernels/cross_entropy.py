@@ -36,6 +36,8 @@ from tritongpt.kernels._common import (cast, check_runnable, check_same_device, 
                                        check_tensor, on_tensor_device)
 
 INTERPRET = triton_interpreting()
+# exp(x) = exp2(x * log2(e)): exp2 is one MUFU instruction
+LOG2E = tl.constexpr(1.4426950408889634)
 
 
 @triton.jit
@@ -57,13 +59,13 @@ def _ce_fwd_kernel(X, T, Loss, Lse, stride_x, N, V, W, ignore_index,
         x = tl.load(x_rows + start + cols, mask=start + cols < W, other=float("-inf")).to(tl.float32)
         x = tl.where(start + cols < V, x, float("-inf"))
         m_new = tl.maximum(m, x)
-        # exp(x) = exp2(x * log2(e)): exp2 is one MUFU instruction. A lane that has seen only
-        # -inf (past V, or -inf logits) rescales by a finite stand-in, not -inf - -inf = nan.
+        # A lane that has seen only -inf (past V, or -inf logits) rescales by a finite stand-in,
+        # not -inf - -inf = nan.
         m_ref = tl.where(m_new > float("-inf"), m_new, 0.0)
-        s = s * tl.exp2((m - m_ref) * 1.4426950408889634) + tl.exp2((x - m_ref) * 1.4426950408889634)
+        s = s * tl.exp2((m - m_ref) * LOG2E) + tl.exp2((x - m_ref) * LOG2E)
         m = m_new
     m_row = tl.max(m, 1)
-    log_s = tl.log(tl.sum(s * tl.exp2((m - m_row[:, None]) * 1.4426950408889634), 1))
+    log_s = tl.log(tl.sum(s * tl.exp2((m - m_row[:, None]) * LOG2E), 1))
     target = tl.load(T + rows, mask=row_ok, other=ignore_index)
     counted = target != ignore_index
     x_t = tl.load(X + rows.to(tl.int64) * stride_x + target, mask=counted, other=0.0).to(tl.float32)
@@ -88,7 +90,7 @@ def _ce_bwd_kernel(X, T, Lse, G, DX, stride_x, stride_dx, N, V, W, ignore_index,
     for start in range(0, W, BLOCK_V):
         mask = row_ok[:, None] & (start + cols < W)
         x = tl.load(X + rows64 * stride_x + start + cols, mask=mask, other=0.0).to(tl.float32)
-        p = tl.where(start + cols < V, tl.exp2((x - lse[:, None]) * 1.4426950408889634), 0.0)
+        p = tl.where(start + cols < V, tl.exp2((x - lse[:, None]) * LOG2E), 0.0)
         p = tl.where(start + cols == target[:, None], p - 1.0, p)
         tl.store(DX + rows64 * stride_dx + start + cols, cast(p * g[:, None], DX.dtype.element_ty), mask=mask)
 

@@ -155,16 +155,23 @@ class GPTModel(nn.Module):
 
             return linear_cross_entropy(self.hidden(idx, cache), self.out_head.weight, targets,
                                         ignore_index, reduction, vocab_size=self.config.vocab_size)
-        logits = self.out_head(self.hidden(idx, cache))
+        h = self.hidden(idx, cache)
         if triton_loss:  # per-token losses: the kernel reads the padded rows whole, aligned
             from tritongpt.kernels.cross_entropy import cross_entropy
 
-            return cross_entropy(logits, targets, ignore_index, reduction, vocab_size=self.config.vocab_size)
-        if logits.shape[-1] != self.config.vocab_size:
-            logits = logits[..., :self.config.vocab_size]  # drop the padding columns
+            return cross_entropy(self.out_head(h), targets, ignore_index, reduction,
+                                 vocab_size=self.config.vocab_size)
+        logits = self.logits(h)
         if targets is None:
             return logits
         return lm_loss(logits, targets, ignore_index, reduction)
+
+    def logits(self, h):
+        """The LM head on hidden states (from hidden()): logits [..., vocab_size], a view that leaves
+        a padded head's extra columns out (they are no token), for every caller alike."""
+        logits = self.out_head(h)
+        V = self.config.vocab_size
+        return logits if logits.shape[-1] == V else logits[..., :V]
 
     def pad_vocab(self, multiple: int) -> "GPTModel":
         """This model with its embedding and LM head rows padded to a multiple of `multiple`

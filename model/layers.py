@@ -119,10 +119,6 @@ class MultiHeadAttention(nn.Module):
         if self.use_triton:
             from tritongpt.kernels.attention import flash_attention
 
-            if k.dtype != q.dtype and torch.is_autocast_enabled(q.device.type):
-                # a cache made outside autocast holds fp32 keys; autocast's matmuls cast them
-                # on the reference path, so do the same here rather than refuse mixed dtypes
-                k, v = k.to(q.dtype), v.to(q.dtype)
             p = self.dropout if self.training else 0.0
             ctx = flash_attention(q, k, v, causal=True, dropout_p=p)
         else:

@@ -264,6 +264,16 @@ def test_bad_inputs(device, monkeypatch):
             flash_attention(q, k, v)
 
 
+def test_autocast_casts_the_inputs_like_sdpa(device):
+    """Under autocast the inputs go to the autocast dtype first, mixed ones included (an fp32 KV
+    cache beside bf16 queries): the same answer as the inputs cast by hand."""
+    q, k, v = make_qkv(1, 2, 5, 9, 32, torch.float32, device)
+    want = flash_attention(q.bfloat16(), k.bfloat16(), v.bfloat16())
+    with torch.autocast(device.type, dtype=torch.bfloat16):
+        got = flash_attention(q.bfloat16(), k, v)
+    assert got.dtype == torch.bfloat16 and torch.equal(got, want)
+
+
 def test_refuses_a_head_too_long_for_32_bit_offsets():
     """Within one (batch, head) the kernels use 32-bit offsets: a slice spanning 2^31 elements
     (here rows 2^30 apart, as views into a fused projection of a huge sequence would be) is

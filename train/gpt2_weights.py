@@ -91,21 +91,8 @@ def load_checkpoint(path, model_name: str | None = None) -> GPTModel:
     return GPTModel.load(path)
 
 
-def load_gpt2_safetensors(path, model_name: str | None = None) -> GPTModel:
-    """GPTModel with the weights of a Hugging Face GPT-2 model.safetensors."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"GPT-2 weights file not found: {path}")
-    sd = _read_tensors(path)
-    cfg = _infer_config(sd, path, model_name)
-    needed = [f"h.{i}.{n}" for i in range(cfg.n_layer) for n in (
-        "attn.c_attn.weight", "attn.c_attn.bias", "attn.c_proj.weight", "attn.c_proj.bias", "mlp.c_fc.weight",
-        "mlp.c_fc.bias", "mlp.c_proj.weight", "mlp.c_proj.bias", "ln_1.weight", "ln_1.bias", "ln_2.weight",
-        "ln_2.bias")] + ["ln_f.bias"]
-    absent = [k for k in needed if k not in sd]
-    if absent:
-        raise UserError(f"{path}: missing tensor(s) {absent[:3]}{' ...' if len(absent) > 3 else ''}")
-    model = GPTModel(cfg)
+def _our_tensors(sd: dict, cfg: GPTConfig) -> dict:
+    """Hugging Face GPT-2 tensors under our parameter names (KeyError: a tensor the file lacks)."""
     C = cfg.n_embd
     ours = {"tok_emb.weight": sd["wte.weight"], "pos_emb.weight": sd["wpe.weight"],
             "final_norm.weight": sd["ln_f.weight"], "final_norm.bias": sd["ln_f.bias"]}
@@ -126,6 +113,21 @@ def load_gpt2_safetensors(path, model_name: str | None = None) -> GPTModel:
         for ln_hf, ln_ours in (("ln_1", "norm1"), ("ln_2", "norm2")):
             ours[b + f"{ln_ours}.weight"] = sd[h + f"{ln_hf}.weight"]
             ours[b + f"{ln_ours}.bias"] = sd[h + f"{ln_hf}.bias"]
+    return ours
+
+
+def load_gpt2_safetensors(path, model_name: str | None = None) -> GPTModel:
+    """GPTModel with the weights of a Hugging Face GPT-2 model.safetensors."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"GPT-2 weights file not found: {path}")
+    sd = _read_tensors(path)
+    cfg = _infer_config(sd, path, model_name)
+    model = GPTModel(cfg)
+    try:
+        ours = _our_tensors(sd, cfg)
+    except KeyError as e:  # the first tensor the mapping asked for and the file lacks
+        raise UserError(f"{path}: missing tensor(s) {[e.args[0]]}") from None
     params = dict(model.named_parameters())
     with torch.no_grad():
         for name, value in ours.items():

@@ -124,9 +124,7 @@ class PolicyWithValue(nn.Module):
     def forward(self, idx):
         """Logits [B, T, V] and values [B, T-1] (value of the state before each target), or None."""
         h = self.policy.hidden(idx)
-        # a padded head's extra columns are no token: leave them out of the softmax, as the
-        # reference log-probs (the model's own loss path) do
-        logits = self.policy.out_head(h)[..., :self.policy.config.vocab_size]
+        logits = self.policy.logits(h)
         values = None if self.value_head is None else self.value_head(h[:, :-1]).squeeze(-1).float()
         return logits, values
 

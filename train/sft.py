@@ -226,8 +226,9 @@ class SFTData:
     An epoch's order comes from (seed, epoch) alone, so under torchrun every rank computes the
     same order and takes its own share of the batches (rank r: batches r, r + W, ...; the few
     left over after a multiple of W are skipped that epoch): one epoch covers the data once
-    across all ranks, not once per rank. (With fewer batches than ranks, every rank takes them all.) The state (epoch, position, that epoch's seed) goes
-    into checkpoints, so a resumed run sees the same batches.
+    across all ranks, not once per rank (with fewer batches than ranks, every rank takes them
+    all). The state (epoch, position, that epoch's seed) goes into checkpoints, so a resumed run
+    sees the same batches.
     """
 
     def __init__(self, train, val, pad_id: int, batch_size: int, mask_prompt: bool = True, seed: int = 0,

@@ -67,7 +67,6 @@ def cmd_generate(args):
     from tritongpt.train.common import pick_device
     from tritongpt.train.generate import generate
     from tritongpt.train.sft import pick_tokenizer
-
     from tritongpt.train.tokenizer import DisallowedSpecialToken
 
     if args.pretrained:
