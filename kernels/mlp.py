@@ -91,8 +91,11 @@ def _bucket(n: int) -> int:
 
 
 # M_BUCKET / K_BUCKET stand in for M and K in the key (the token count varies step to step);
-# N is a model width and stays exact.
-@triton.autotune(configs=_matmul_configs(), key=["M_BUCKET", "N", "K_BUCKET", "EPILOGUE", "B_GELU", "HAS_BIAS"])
+# N is a model width and stays exact. stride_ak / stride_bn tell the operands' layouts apart
+# (1 when row-major, else a model width): the second Linear's forward (B = w2^T) and dx = dh @ w1
+# have the same sizes and, without biases, the same flags, but not the same best tile.
+@triton.autotune(configs=_matmul_configs(),
+                 key=["M_BUCKET", "N", "K_BUCKET", "EPILOGUE", "B_GELU", "HAS_BIAS", "stride_ak", "stride_bn"])
 @triton.jit
 def _matmul_kernel(A, B, C, Bias, Aux, Hout, M, N, K, M_BUCKET, K_BUCKET,
                    stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn,

@@ -305,3 +305,28 @@ def test_odd_sizes_cuda():
     check_parity(4099, 768, 3072, torch.float32, dev, seed=1)
     check_parity(1000, 100, 300, torch.float16, dev, seed=2, lead=None)
     check_parity(None, 1600, 6400, torch.bfloat16, dev, seed=3, lead=(3, 333))
+
+
+def test_autotune_key_tells_operand_layouts_apart(monkeypatch):
+    """Without biases, the second Linear's forward (h_act @ w2^T) and dx = dh @ w1 have the same
+    sizes and flags; their B operands are laid out differently, so on a GPU they must not share
+    a tuned tile. The interpreter runs one config, so read the key the autotuner would build."""
+    from tritongpt.kernels import mlp
+
+    kernel = mlp._matmul_kernel
+    keys = {}
+
+    def capture(*args, grid, warmup, **kwargs):
+        named = {**dict(zip(kernel.arg_names, args)), **kwargs}
+        b = named["B"]
+        keys[(tuple(b.shape), b.stride())] = tuple(named[k] for k in kernel.keys)
+
+    monkeypatch.setattr(kernel, "run", capture)
+    gen = torch.Generator().manual_seed(0)
+    x, w1, _, w2, _ = make(24, 16, 64, torch.float32, "cpu", gen, bias=False)
+    h = torch.randn(24, 64, generator=gen)
+    mlp._fwd_launch(x, w1, None, w2, None)
+    mlp._bwd_launch(torch.randn(24, 16, generator=gen), x, h, w1, w2)
+    w2_t = keys[((64, 16), w2.t().stride())]   # second Linear forward
+    w1_b = keys[((64, 16), w1.stride())]       # dx = dh @ w1
+    assert w2_t != w1_b
