@@ -65,9 +65,19 @@ def test_cli_short_job_learns_and_writes_metrics_plot_checkpoint_then_resumes(co
     rc = main(["pretrain", *argv(corpus, out, "--max-steps", "34", "--resume", "--eval-every", "0",
                                  "--sample-tokens", "0")])
     assert rc == 0
+    assert "different data" not in capsys.readouterr().err
     rows = common.MetricsLog(out / "metrics.jsonl").rows()
     assert [r["step"] for r in rows if "loss" in r] == list(range(1, 35))
     assert common.Checkpointer(out).latest().name == "ckpt-0000034"
+
+    # the same text with its paragraphs reordered: as many tokens, other windows; the resume says so
+    paras = corpus.text.read_text().split("\n\n")
+    other = tmp_path / "reordered.txt"
+    other.write_text("\n\n".join(paras[len(paras) // 2:] + paras[:len(paras) // 2]))
+    rc = main(["pretrain", *argv(corpus, out, "--max-steps", "35", "--resume", "--eval-every", "0",
+                                 "--sample-tokens", "0"), "--data", str(other)])
+    assert rc == 0
+    assert "resuming on different data" in capsys.readouterr().err
 
 
 def test_python_api_on_jsonl_with_a_text_field(corpus, tmp_path):
