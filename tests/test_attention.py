@@ -121,6 +121,22 @@ def test_fp32_kv_cache_slices(Tq, Tk, device):
         assert_close_rel(g_, r, 1e-4, f"cache Tq={Tq} Tk={Tk} {name}")
 
 
+@pytest.mark.parametrize("Tq,Tk", [(20, 34), (40, 57)])
+def test_fp32_causal_diagonal_not_on_a_tile_edge(Tq, Tk, device):
+    """Tk - Tq of 14 and 17: the causal diagonal crosses tiles at offsets no other test uses, so
+    a forward/dQ "fully visible" tile bound or a dK/dV first-tile bound one off shows here."""
+    q, k, v = make_qkv(1, 1, Tq, Tk, 32, torch.float32, device, seed=Tq * Tk)
+    check_fp32(q, k, v, tag=f"causal {Tq}x{Tk}")
+
+
+def test_fp32_k_and_v_with_different_layouts(device):
+    """k contiguous, v a head-split view of [B, T, H, D]: each is read with its own strides."""
+    q, k, _ = make_qkv(1, 2, 16, 16, 32, torch.float32, device, seed=21)
+    v = torch.randn(1, 16, 2, 32, generator=torch.Generator().manual_seed(22)).to(device).transpose(1, 2)
+    assert k.stride() != v.stride()
+    check_fp32(q, k, v, tag="k/v layouts")
+
+
 def test_matches_reference_module_core(device):
     """Same numbers as MultiHeadAttention.attend, the textbook core this kernel replaces."""
     from tritongpt.model.layers import MultiHeadAttention
@@ -195,6 +211,31 @@ def test_dropout_mask_statistics(device):
     assert not torch.equal(keep[0, 0, 0], keep[0, 0, 1])
 
 
+def test_dropout_counters_never_overlap(device):
+    """Each (sequence, head, row, col) entry has its own RNG counter: no plane is another's (or
+    its own) copy at any shift. Read as +-1 sequences of Tq*Tk counters, two independent planes
+    agree at a shift s on about half of their overlap (|correlation| ~ 1/sqrt(overlap) < 0.05);
+    planes sharing counters shifted by s would correlate fully there."""
+    B, H, T, p = 2, 3, 32, 0.3
+    keep = dropout_mask(11, B, H, T, T, p, device).cpu().reshape(B * H, -1)
+    x = keep.double() * 2 - 1
+    x = x - x.mean(1, keepdim=True)   # P(keep) = 0.7 makes the raw +-1 product biased
+    N = x.shape[1]
+    fx = torch.fft.rfft(x, n=2 * N)
+    shifts = torch.arange(-(N // 2), N // 2 + 1)
+    overlap = (N - shifts.abs()).double()
+    worst = 0.0
+    for i in range(B * H):
+        for j in range(i, B * H):
+            corr = torch.fft.irfft(fx[i].conj() * fx[j], n=2 * N)[shifts % (2 * N)]  # sum x_i[t] x_j[t+s]
+            corr = corr / (overlap * x[i].std() * x[j].std())
+            if i == j:
+                corr[shifts == 0] = 0
+            worst = max(worst, corr.abs().max().item())
+    print(f"largest |correlation| between shifted planes: {worst:.3f}")
+    assert worst < 0.3
+
+
 def test_dropout_seed_from_torch_rng(device):
     q, k, v = make_qkv(1, 1, 16, 16, 32, torch.float32, device, seed=9)
     torch.manual_seed(42)
@@ -246,6 +287,8 @@ def test_bad_inputs(device, monkeypatch):
         flash_attention(q, torch.cat([k, k], 1), torch.cat([v, v], 1))
     with pytest.raises(ValueError, match="Tq <= Tk"):
         flash_attention(q, k[:, :, :5], v[:, :, :5])
+    with pytest.raises(ValueError, match="no positions"):
+        flash_attention(q, k[:, :, :0], v[:, :, :0], causal=False)
     with pytest.raises(ValueError, match="dropout_p"):
         flash_attention(q, k, v, dropout_p=1.0)
     with pytest.raises(TypeError, match="seed"):

@@ -100,6 +100,39 @@ def test_padded_logits_count_only_the_classes(dtype, device):
         cross_entropy(x, torch.full_like(t, 280), vocab_size=V)
 
 
+def test_any_ignore_index_and_logits_row_stride(device):
+    """ignore_index 7 (a real class id, as a pad token is) and logits that are a column slice of
+    a wider buffer (row stride 80, not V = 67): loss and gradient against float64, both kernels."""
+    gen = torch.Generator().manual_seed(14)
+    big = (torch.randn(12, 80, generator=gen) * 3).to(device)
+    t = torch.randint(0, 67, (12,), generator=gen)
+    t[::3] = 7
+    t[1] = 7 if t[1] != 7 else 8
+    t = t.to(device)
+    x = big[:, :67].detach().requires_grad_()
+    assert x.stride(0) == 80
+    x64 = x.detach().double().requires_grad_()
+    g = (torch.rand(12, generator=gen) + 0.5).to(device)
+    got = cross_entropy(x, t, 7, "none")
+    want = F.cross_entropy(x64, t, ignore_index=7, reduction="none")
+    (got * g).sum().backward()
+    (want * g.double()).sum().backward()
+    assert (got[t == 7] == 0).all() and (got[t != 7] > 0).all()
+    assert_close_rel(got, want, 1e-4, "loss, ignore_index 7")
+    assert_close_rel(x.grad, x64.grad, 1e-4, "dlogits, ignore_index 7")
+
+    h = torch.randn(12, 16, generator=gen).to(device).requires_grad_()
+    w = torch.randn(67, 16, generator=gen).to(device).requires_grad_()
+    h64, w64 = (a.detach().double().requires_grad_() for a in (h, w))
+    got = linear_cross_entropy(h, w, t, 7, "sum", chunk_rows=5)
+    want = F.cross_entropy(h64 @ w64.t(), t, ignore_index=7, reduction="sum")
+    got.backward()
+    want.backward()
+    assert_close_rel(got, want, 1e-4, "fused loss, ignore_index 7")
+    assert_close_rel(h.grad, h64.grad, 1e-4, "dhidden, ignore_index 7")
+    assert_close_rel(w.grad, w64.grad, 1e-4, "dweight, ignore_index 7")
+
+
 def test_ignored_and_infinite_entries_behave_like_pytorch(device):
     x = torch.randn(4, 70, device=device)
     x[0] = float("-inf")

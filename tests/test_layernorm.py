@@ -143,6 +143,42 @@ def test_non_contiguous_inputs(device):
         assert_close_rel(xg.grad, x64.grad, 1e-4, "dx non-contiguous")
 
 
+def test_strided_params_and_broadcast_output_grads(device):
+    """Weight/bias views with stride 2, and output gradients that autograd hands over as expanded
+    views (row stride 0 from y.sum(0) * c, last-dim stride 0 from a per-row weight): dx, dweight
+    and dbias against float64, each case."""
+    gen = torch.Generator().manual_seed(12)
+    x = (torch.randn(9, 64, generator=gen) * 2 + 0.5).to(device)
+    wb = (1 + 0.3 * torch.randn(128, generator=gen)).to(device)
+    bb = (0.3 * torch.randn(128, generator=gen)).to(device)
+    c = torch.randn(64, generator=gen).to(device)
+    r = torch.randn(9, 1, generator=gen).to(device)
+    losses = {"row-broadcast dy": lambda y: (y.sum(0) * c).sum(),     # dy strides (0, 1)
+              "column-broadcast dy": lambda y: (y.sum(1, keepdim=True) * r).sum()}  # (1, 0)
+    for name, loss in losses.items():
+        w, b = wb[::2].detach().requires_grad_(), bb[1::2].detach().requires_grad_()
+        assert w.stride() == (2,)
+        xg = x.clone().requires_grad_()
+        loss(layer_norm(xg, w, b)).backward()
+        leaves = [t.detach().double().requires_grad_() for t in (x, w, b)]
+        loss(ref64(*leaves)).backward()
+        for what, got, want in zip(("dx", "dweight", "dbias"), (xg.grad, w.grad, b.grad), leaves):
+            assert_close_rel(got, want.grad, 1e-4, f"{what} {name}")
+
+
+def test_saves_fp32_statistics_for_bf16_input(device):
+    """mean and rstd are kept in fp32 whatever x's dtype: bf16 statistics would cost dx precision
+    that the bf16 tolerance alone is too loose to notice."""
+    gen = torch.Generator().manual_seed(13)
+    x, w, b = make((5, 96), torch.bfloat16, device, gen)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        layer_norm(x, w, b)
+    stats = [t for t in saved if t.shape[0] == 5 and t.numel() == 5]
+    assert len(stats) == 2 and all(t.dtype == torch.float32 for t in stats), \
+        [(tuple(t.shape), t.dtype) for t in saved]
+
+
 def test_weight_grads_deterministic(device):
     """Partial sums + a fixed-order reduction (no atomics): two backward passes agree bit for bit."""
     gen = torch.Generator().manual_seed(8)

@@ -7,13 +7,15 @@ import math
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 from hypothesis import HealthCheck, Phase, example, given, settings
 from hypothesis import strategies as st
 
 from parity import assert_close_mixed, assert_close_rel, report
 from tritongpt.kernels.layernorm import layer_norm
-from tritongpt.kernels._common import saved_tensor_bytes
-from tritongpt.kernels.mlp import gelu_mlp
+from tritongpt.kernels._common import cast, saved_tensor_bytes
+from tritongpt.kernels.mlp import _gelu, _gelu_grad, gelu_mlp
 from tritongpt.model.layers import FeedForward
 
 TOL = {torch.float32: 1e-4, torch.bfloat16: 1e-2, torch.float16: 1e-2}
@@ -305,6 +307,49 @@ def test_odd_sizes_cuda():
     check_parity(4099, 768, 3072, torch.float32, dev, seed=1)
     check_parity(1000, 100, 300, torch.float16, dev, seed=2, lead=None)
     check_parity(None, 1600, 6400, torch.bfloat16, dev, seed=3, lead=(3, 333))
+
+
+@triton.jit
+def gelu_pair(H, A, G, n, BLOCK: tl.constexpr):
+    """mlp's GELU and GELU' (the epilogue's and the backward's) of H, on their own."""
+    offs = tl.arange(0, BLOCK)
+    h = tl.load(H + offs, mask=offs < n, other=0.0)
+    tl.store(A + offs, _gelu(h), mask=offs < n)
+    tl.store(G + offs, _gelu_grad(h), mask=offs < n)
+
+
+@triton.jit
+def to_bf16(X, Y, n, BLOCK: tl.constexpr):
+    offs = tl.arange(0, BLOCK)
+    x = tl.load(X + offs, mask=offs < n, other=0.0)
+    tl.store(Y + offs, cast(x, tl.bfloat16), mask=offs < n)
+
+
+def test_gelu_and_its_derivative_in_triton_match_float64(device):
+    """The epilogue's GELU and the backward's GELU' on their own, over h in [-6, 6], against
+    autograd of the float64 formula: fp32 math keeps them to a few 1e-7, far tighter than a
+    whole MLP's gradients can show (a constant off in its fourth digit moves GELU' by ~1e-5)."""
+    h = torch.linspace(-6, 6, 1001, device=device)
+    a, g = torch.empty_like(h), torch.empty_like(h)
+    gelu_pair[(1,)](h, a, g, h.numel(), BLOCK=1024)
+    h64 = h.double().cpu().requires_grad_()
+    a64 = gelu64(h64)
+    (g64,) = torch.autograd.grad(a64.sum(), h64)
+    assert (a.cpu().double() - a64.detach()).abs().max() < 2e-6
+    assert (g.cpu().double() - g64).abs().max() < 2e-6
+
+
+def test_bf16_cast_rounds_to_nearest_even(device):
+    """The kernels' fp32 -> bf16 store (kernels/_common.cast) rounds as torch does, bit for bit
+    (truncation would double the rounding error, which bf16 parity tolerances cannot see)."""
+    gen = torch.Generator().manual_seed(15)
+    x = torch.randn(1000, generator=gen) * torch.logspace(-3, 3, 1000)
+    # ties: halfway between two bf16 values, with an even and an odd lower neighbour
+    ties = torch.tensor([1.0 + 2 ** -8, 1.0 + 3 * 2 ** -8, -(1.0 + 2 ** -8), 3.0 + 2 ** -7])
+    x = torch.cat([x, ties]).to(device)
+    y = torch.empty(x.shape, device=device, dtype=torch.bfloat16)
+    to_bf16[(1,)](x, y, x.numel(), BLOCK=1024)
+    assert torch.equal(y.cpu(), x.cpu().to(torch.bfloat16))
 
 
 def test_autotune_key_tells_operand_layouts_apart(monkeypatch):

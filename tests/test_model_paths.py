@@ -58,6 +58,67 @@ def test_tiny_model_triton_path_matches_reference_fp32(device):
     _compare_paths(model, idx, targets, 1e-4)
 
 
+def test_triton_path_runs_every_kernel_and_the_reference_path_none(device):
+    """Numbers alone cannot show that a module took the kernel (the reference gives the same
+    ones): count the custom ops one training step dispatches on each path."""
+    from collections import Counter
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class CountOps(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = Counter()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.namespace == "tritongpt":
+                self.ops[func.__name__.split(".")[0]] += 1
+            return func(*args, **(kwargs or {}))
+
+    torch.manual_seed(3)
+    model = _randomize(GPTModel(GPTConfig(**TINY))).to(device)
+    idx = torch.randint(0, 67, (2, 9), device=device)
+    counts = {}
+    for path in ("reference", "triton"):
+        model.set_kernels(path)
+        with CountOps() as mode:
+            model(idx, targets=idx).backward()
+        counts[path] = mode.ops
+    model.set_kernels("reference")
+    assert counts["reference"] == Counter()
+    n = TINY["n_layer"]
+    want = {"layer_norm_fwd": 2 * n + 1, "layer_norm_bwd": 2 * n + 1, "gelu_mlp_fwd": n, "gelu_mlp_bwd": n,
+            "flash_attn_fwd": n, "flash_attn_bwd": n}
+    got = counts["triton"]
+    assert {k: got[k] for k in want} == want, dict(got)
+    assert got["cross_entropy_fwd"] >= 1  # the fused LM head + loss
+
+
+def test_attention_dropout_on_the_triton_path_follows_train_eval_and_set_dropout(device):
+    """The in-kernel attention dropout is the model's: on in train mode, off in eval mode, and
+    set_dropout (which DPO and RLHF call) reaches it. Only attention dropout is on here, so any
+    change between forwards is the kernel's."""
+    torch.manual_seed(4)
+    model = _randomize(GPTModel(GPTConfig(**TINY, dropout=0.3))).to(device)
+    idx = torch.randint(0, 67, (2, 11), device=device)
+    model.eval()
+    with torch.no_grad():
+        ref = model(idx)
+        model.set_kernels("triton")
+        assert_close_rel(model(idx), ref, 1e-4, "eval logits, dropout 0.3")  # eval: no dropout
+        for m in model.modules():
+            if isinstance(m, torch.nn.Dropout):
+                m.p = 0.0
+        model.train()
+        a, b = model(idx), model(idx)
+        assert (a - ref).abs().max() > 1e-3 and (a - b).abs().max() > 1e-3  # attention dropout bites
+        model.set_dropout(0.0)
+        a, b = model(idx), model(idx)
+        assert torch.equal(a, b)
+        assert_close_rel(a, ref, 1e-4, "train logits after set_dropout(0)")
+    model.set_kernels("reference")
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
 def test_triton_path_on_a_gpu_that_is_not_the_current_one():
