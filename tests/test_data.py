@@ -120,6 +120,20 @@ def test_prepare_tokens_uint32(tmp_path):
     assert td.meta["dtype"] == "uint32"
 
 
+def test_documents_past_a_tokenising_group_are_still_separated(tmp_path):
+    """Documents are tokenised 256 at a time: 300 documents need 299 separators, including the
+    one between the first group's last document and the second group's first."""
+    tok = CharTokenizer()
+    docs = [f"d{i}" for i in range(300)]
+    (tmp_path / "docs.txt").write_text(EOT.join(docs), encoding="utf-8")
+    td = prepare_tokens(str(tmp_path / "docs.txt"), tok, tmp_path / "c", val_fraction=0.0)
+    ids = td.train.tolist()
+    assert ids.count(tok.eot_id) == 299, f"{ids.count(tok.eot_id)} separators for 300 documents"
+    want = []
+    for i, d in enumerate(docs):
+        want += ([tok.eot_id] if i else []) + [60_000 + ord(c) for c in d]
+    assert ids == want
+
 def test_cache_reuse_and_rebuild(tmp_path, tok, monkeypatch):
     src, cache = tmp_path / "corpus.txt", tmp_path / "cache"
     src.write_text("alpha beta gamma delta " * 50, encoding="utf-8")

@@ -34,6 +34,40 @@ def test_stops_at_end_of_text(model):
     assert out.shape == (1, 5) and out[0, -1].item() == first
 
 
+class CountingModel(torch.nn.Module):
+    """A stand-in model whose greedy next token is always (last token + 1) % vocab."""
+
+    def __init__(self, vocab=10):
+        super().__init__()
+        self.vocab = vocab
+        self.config = GPTConfig(vocab_size=vocab, context_length=32, n_embd=32, n_layer=1, n_head=1)
+
+    def forward(self, idx, cache=None):
+        return torch.nn.functional.one_hot((idx + 1) % self.vocab, self.vocab).float() * 10.0
+
+
+def test_rows_that_finished_are_padded_with_eos():
+    """A row that emitted eos keeps eos to the end while the other rows go on generating."""
+    out = generate(CountingModel(), torch.tensor([[4, 5], [0, 1]]), 4, eos_id=7, use_cache=False)
+    assert out.tolist() == [[4, 5, 6, 7, 7, 7], [0, 1, 2, 3, 4, 5]]
+    assert generate(CountingModel(), torch.tensor([[4, 5]]), 4, eos_id=7, use_cache=False).tolist() == \
+        [[4, 5, 6, 7]]  # every row done: stop early
+
+
+@pytest.mark.parametrize("temperature", [0.25, 4.0])
+def test_temperature_divides_the_logits(temperature):
+    """Sampled frequencies follow softmax(logits / T), within 5 standard errors."""
+    n = 20_000
+    logits = torch.tensor([0.0, 1.0, 2.0, -1.0, 0.5])
+    g = torch.Generator().manual_seed(0)
+    picks = sample_next(logits.expand(n, 5), temperature, generator=g).flatten()
+    freq = torch.bincount(picks, minlength=5).double() / n
+    p = torch.softmax(logits.double() / temperature, -1)
+    sigma = (p * (1 - p) / n).sqrt()
+    assert ((freq - p).abs() <= 5 * sigma + 1e-4).all(), \
+        f"T={temperature}: frequencies {freq.tolist()} vs softmax(logits / T) {p.tolist()}"
+
+
 def test_sampling_filters():
     logits = torch.tensor([[0.0, 3.0, 2.0, 1.0, -1.0]])
     assert sample_next(logits).item() == 1

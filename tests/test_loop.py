@@ -150,6 +150,69 @@ def test_resume_after_crash_is_bitwise_identical(tmp_path):
     assert [r["val_loss"] for r in a_rows if "val_loss" in r] == [r["val_loss"] for r in b_rows if "val_loss" in r]
 
 
+class SequentialData:
+    """Batches in a fixed order that ignores the batch generator: only the position it saves
+    through data_state can make a resume continue where the run stopped."""
+
+    def __init__(self, tokens, batch_size):
+        self.tokens, self.batch_size, self.pos, self.loaded = tokens, batch_size, 0, []
+
+    def get_batch(self, split, gen):
+        starts = [(self.pos + i) * 37 % (len(self.tokens) - CTX - 1) for i in range(self.batch_size)]
+        self.pos += self.batch_size
+        return (torch.stack([self.tokens[s:s + CTX] for s in starts]),
+                torch.stack([self.tokens[s + 1:s + CTX + 1] for s in starts]))
+
+    def state_dict(self):
+        return {"pos": self.pos}
+
+    def load_state_dict(self, d):
+        self.loaded.append(dict(d))
+        self.pos = d["pos"]
+
+
+def test_resume_hands_the_saved_data_state_back(tmp_path):
+    """A data_state's position is saved in the checkpoint and restored on resume: the resumed
+    run sees the batches an uninterrupted one would, and ends with the same weights."""
+    tokens = synthetic_tokens()
+
+    def run(out, **kw):
+        d = SequentialData(tokens, 3)
+        t = Trainer(tiny_model(0), args_for(out, max_steps=4, ckpt_every=2, **kw), loss_fn, d.get_batch,
+                    data_state=d)
+        t.fit()
+        return t, d
+
+    straight, _ = run(tmp_path / "a")
+    (tmp_path / "b").mkdir()
+    shutil.copytree(tmp_path / "a" / "ckpt-0000002", tmp_path / "b" / "ckpt-0000002")
+    resumed, d = run(tmp_path / "b", resume="latest")
+    assert d.loaded == [{"pos": 6}], f"load_state_dict got {d.loaded}"
+    for (n, p), q in zip(straight.raw_model.named_parameters(), resumed.raw_model.parameters()):
+        assert torch.equal(p, q), f"{n} differs after resume"
+
+
+def test_eval_and_sample_do_not_move_the_training_rng(tmp_path):
+    """eval_fn and sample_fn that draw from torch's global RNG must not change dropout masks of
+    the training steps: the weights equal a run without them, bitwise."""
+    gb = make_get_batch(synthetic_tokens(), 2)
+
+    def eval_fn(model):
+        return {"noise": torch.rand(()).item()}
+
+    def sample_fn(model):
+        return str(torch.randint(0, VOCAB, (5,)).tolist())
+
+    with_side = Trainer(tiny_model(0, dropout=0.2), args_for(tmp_path / "a", max_steps=3, eval_every=1,
+                                                             sample_every=1), loss_fn, gb,
+                        eval_fn=eval_fn, sample_fn=sample_fn)
+    with_side.fit()
+    plain = Trainer(tiny_model(0, dropout=0.2), args_for(tmp_path / "b", max_steps=3), loss_fn, gb)
+    plain.fit()
+    assert "noise" in rows(tmp_path / "a")[0]  # the eval did run (at step 0, then every step)
+    for (n, p), q in zip(with_side.raw_model.named_parameters(), plain.raw_model.parameters()):
+        assert torch.equal(p, q), f"{n}: eval/sample changed the training run"
+
 def test_resume_without_checkpoint_is_a_user_error(tmp_path):
     t = Trainer(tiny_model(), args_for(tmp_path, resume="latest"), loss_fn, make_get_batch(synthetic_tokens(), 2))
     with pytest.raises(UserError, match="no checkpoint"):

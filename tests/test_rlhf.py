@@ -186,6 +186,27 @@ def test_embedded_pairs_use_the_sft_template_and_are_wrong_where_they_should_be(
     assert task_preferences(20, seed=3) == pairs  # deterministic
 
 
+def test_response_mask_and_overlong_pairs_by_hand(capsys):
+    """The mask marks exactly the targets that are response tokens (positions prompt_len..len-1,
+    predicted at prompt_len-1..len-2); a pair is dropped when prompt + its LONGER response does not fit."""
+    from tritongpt.train.preference import response_mask
+
+    got = response_mask(torch.tensor([2, 3]), torch.tensor([5, 4]), 6).tolist()
+    assert got == [[False, True, True, True, False], [False, False, True, False, False]]
+
+    class Chars:
+        eot_id = 99
+
+        def encode(self, text, allowed_special="none_raise"):
+            return [ord(c) - ord("a") for c in text]
+
+    pairs = [PreferencePair("ab", "cd", "efghij"),   # 2 + 7 > 8: only rejected is too long
+             PreferencePair("ab", "cdefghi", "j"),   # only chosen is too long
+             PreferencePair("ab", "cd", "efghi")]    # 2 + 6 fits exactly
+    enc = encode_pairs(pairs, Chars(), 8)
+    assert [(e.prompt, e.chosen, e.rejected) for e in enc] == [([0, 1], [2, 3, 99], [4, 5, 6, 7, 8, 99])]
+    assert "dropped 2 of 3" in capsys.readouterr().out
+
 # -- reward model -----------------------------------------------------------------------------------
 def test_reward_model_beats_chance_on_held_out_pairs(reward, data, tmp_path):
     tok, train, val = data
@@ -303,6 +324,151 @@ def test_grpo_loss_ignores_what_lies_outside_the_response():
     assert stats2["kl_k3"] == pytest.approx(stats["kl_k3"]) and stats["kl_k3"] > 0
     assert all(torch.isfinite(p.grad).all() for p in policy.parameters() if p.grad is not None)
 
+
+def test_ppo_rewards_returns_and_whitening_against_hand_formulas():
+    """gamma = lam = 1, values 0: the return at a response token is the sum of the per-token KL
+    penalties -kl_coef * (logp - ref) from there on plus the normalized score at the LAST response
+    token; the advantages are those returns whitened over the response tokens."""
+    from tritongpt.train.preference import response_mask
+    from tritongpt.train.rlhf import compute_advantages
+
+    torch.manual_seed(11)
+    N, T = 3, 10
+    prompt_lens, lengths = torch.tensor([2, 3, 4]), torch.tensor([7, 10, 5])
+    mask = response_mask(prompt_lens, lengths, T)
+    logp, ref_logp = -torch.rand(N, T - 1) * 3, -torch.rand(N, T - 1) * 3
+    scores = torch.tensor([1.5, -0.7, 3.0])
+    ro = Rollout(torch.zeros(N, T, dtype=torch.long), prompt_lens, lengths, mask, torch.arange(N),
+                 scores=scores, logp=logp, ref_logp=ref_logp, values=torch.zeros(N, T - 1))
+    kl_coef, shift, scale = 0.3, 0.5, 2.0
+    ro = compute_advantages(ro, RLArgs(algo="ppo", kl_coef=kl_coef, gamma=1.0, lam=1.0), score_norm=(shift, scale))
+    for i in range(N):
+        first, last = prompt_lens[i].item() - 1, lengths[i].item() - 2  # the response's targets
+        for t in range(first, last + 1):
+            want = sum(-kl_coef * (logp[i, u] - ref_logp[i, u]).item() for u in range(t, last + 1))
+            want += (scores[i].item() - shift) / scale
+            assert ro.returns[i, t].item() == pytest.approx(want, abs=1e-5), f"return of row {i} at target {t}"
+    assert ro.returns[~mask].abs().max() == 0
+    # whitened over the batch's response tokens: mean 0, variance 1 (values are 0, so adv = returns)
+    adv = ro.advantages[mask].double()
+    assert abs(adv.mean().item()) < 1e-5, f"advantages not centered: mean {adv.mean().item()}"
+    assert adv.var(unbiased=False).item() == pytest.approx(1.0, abs=1e-4), "advantages not whitened"
+    r = ro.returns[mask].double()
+    torch.testing.assert_close(adv, (r - r.mean()) / r.std(unbiased=False), atol=1e-4, rtol=0)
+    assert ro.advantages[~mask].abs().max() == 0
+
+
+def test_clipped_surrogate_and_grpo_loss_against_hand_formulas():
+    """Per token: pg = max(-A r, -A clip(r, 1-eps, 1+eps)); GRPO adds kl_coef * k3 with
+    k3 = exp(ref - logp) - (ref - logp) - 1 and averages tokens within each response, then
+    responses (a 1-token and a 4-token response weigh the same). Ratios 0.5 and 1.5 hit both
+    clip bounds with advantages of both signs."""
+    torch.manual_seed(12)
+    model = PolicyWithValue(GPTModel(GPTConfig(vocab_size=23, context_length=16, n_embd=32, n_layer=1,
+                                               n_head=2)), value_head=True).eval()
+    idx = torch.randint(0, 23, (2, 8))
+    mask = torch.zeros(2, 7, dtype=torch.bool)
+    mask[0, 6:7] = True   # a response of one token
+    mask[1, 3:7] = True   # and one of four
+    ratios = torch.ones(2, 7, dtype=torch.float64)
+    ratios[0, 6] = 0.5
+    ratios[1, 3:7] = torch.tensor([0.5, 1.5, 1.1, 0.7], dtype=torch.float64)
+    adv_row = [-1.3, 0.8]
+    with torch.no_grad():
+        logp = logprobs_and_entropy(model(idx)[0], idx, entropy_grad=False)[0]
+    old = (logp.double() - ratios.log()).float()           # so that exp(logp - old) == ratios
+    delta = torch.tensor([[0.0] * 6 + [0.9], [0.0] * 3 + [-1.2, 0.4, 2.0, -0.3]])
+    ro = Rollout(idx, torch.tensor([7, 4]), torch.tensor([8, 8]), mask, torch.tensor([0, 0]),
+                 logp=old, ref_logp=logp + delta, values=torch.zeros(2, 7), returns=torch.zeros(2, 7),
+                 advantages=torch.tensor(adv_row).unsqueeze(1) * mask)
+    eps, kl_coef = 0.2, 0.1
+    pg, k3 = {}, {}
+    for i in range(2):
+        for t in mask[i].nonzero().flatten().tolist():
+            r, a, d = ratios[i, t].item(), adv_row[i], delta[i, t].item()
+            pg[i, t] = max(-a * r, -a * min(max(r, 1 - eps), 1 + eps))
+            k3[i, t] = math.exp(d) - d - 1
+    for algo in ("ppo", "grpo"):
+        _, stats = minibatch_loss(model, ro, torch.arange(2), RLArgs(algo=algo, clip_eps=eps, kl_coef=kl_coef))
+        assert stats["policy_loss"] == pytest.approx(sum(pg.values()) / len(pg), rel=1e-5), \
+            f"{algo}: clipped surrogate differs from max(-A r, -A clip(r))"
+        assert stats["clip_frac"] == pytest.approx(4 / 5)
+    assert stats["kl_k3"] == pytest.approx(sum(k3.values()) / len(k3), rel=1e-5), \
+        "k3 is not exp(ref - logp) - (ref - logp) - 1"
+    per_response = [sum(pg[k] + kl_coef * k3[k] for k in pg if k[0] == i) / int(mask[i].sum()) for i in range(2)]
+    assert stats["loss"] == pytest.approx(sum(per_response) / 2, rel=1e-5), \
+        "GRPO loss is not the mean over responses of each response's token mean"
+    # the lower bound binds: at ratio 0.5 with A < 0 the clipped term is constant, no gradient
+    loss, _ = minibatch_loss(model, ro, torch.tensor([0]), RLArgs(algo="grpo", clip_eps=eps, kl_coef=0.0))
+    loss.backward()
+    assert loss.item() == pytest.approx(-adv_row[0] * (1 - eps), rel=1e-5)
+    assert all(p.grad is None or p.grad.abs().max() == 0 for p in model.parameters()), \
+        "a ratio clipped at 1 - eps must not pass a policy gradient"
+
+
+def test_sample_responses_keep_prompt_order_groups_and_the_eot():
+    """Prompts of mixed lengths are generated in length batches and put back in prompt order:
+    row r holds a response to prompts[group[r]]; a response ends with its eot, which is an
+    action (kept, and a target of the mask)."""
+    from tritongpt.train.generate import generate
+    from tritongpt.train.rlhf import sample_responses
+
+    torch.manual_seed(14)
+    policy = GPTModel(GPTConfig(vocab_size=23, context_length=16, n_embd=32, n_layer=1, n_head=2)).eval()
+    prompts = [[5, 6, 7, 8, 9], [1, 2], [3, 4, 5, 6, 7], [9, 9], [2, 4, 6]]
+    ro = sample_responses(policy, prompts, 3, 4, eot_id=22, generator=torch.Generator().manual_seed(0))
+    assert ro.group.tolist() == [g for g in range(5) for _ in range(3)]
+    for r in range(len(ro)):
+        p = prompts[ro.group[r]]
+        assert ro.idx[r, :len(p)].tolist() == p and ro.prompt_lens[r] == len(p), f"row {r} answers another prompt"
+    # the eot: the token greedy decoding emits third after prompt 3 stands in for it
+    greedy = generate(policy, torch.tensor([prompts[3]]), 3)[0, 2:].tolist()
+    assert greedy[2] not in greedy[:2]
+    ro = sample_responses(policy, prompts[3:4], 1, 6, eot_id=greedy[2], temperature=1e-4)
+    assert ro.idx[0, :ro.lengths[0]].tolist() == prompts[3] + greedy, "the response must end with its eot"
+    assert ro.lengths[0] == 5 and ro.mask[0].nonzero().flatten().tolist() == [1, 2, 3]
+
+def _tiny_rl_trainer(tmp_path, dropout=0.0, **kw):
+    """An RLHFTrainer on random tiny models (no fixtures): vocab 23, prompts of 3 and 5 tokens."""
+    cfg = GPTConfig(vocab_size=23, context_length=16, n_embd=32, n_layer=1, n_head=2, dropout=dropout)
+    torch.manual_seed(13)
+    policy, rm = GPTModel(cfg), RewardModel(GPTModel(cfg))
+    prompts = [torch.randint(0, 22, (3 + 2 * (i % 2),)).tolist() for i in range(6)]
+    base = dict(algo="ppo", out_dir=str(tmp_path), iterations=1, prompts_per_iter=4, max_new_tokens=4, epochs=1,
+                minibatch_size=4, lr=1e-2, eval_prompts=2, eval_samples=1, device="cpu", kernels="reference",
+                seed=0, dtype="fp32")
+    base.update(kw)
+    return RLHFTrainer(policy, copy.deepcopy(policy), rm, prompts, prompts[:2], 22, RLArgs(**base), log=False)
+
+
+def test_rl_update_clips_the_gradient_norm(tmp_path):
+    """The gradients the optimizer steps with must have norm <= grad_clip (the logged grad_norm is
+    the norm before clipping, which is far above it here)."""
+    trainer = _tiny_rl_trainer(tmp_path, grad_clip=1e-3, epochs=2, minibatch_size=2)
+    norms, step = [], trainer.optimizer.step
+
+    def record_then_step(*a, **k):
+        grads = [p.grad.flatten() for p in trainer.model.parameters() if p.grad is not None]
+        norms.append(torch.cat(grads).norm().item())
+        return step(*a, **k)
+
+    trainer.optimizer.step = record_then_step
+    trainer.update(trainer.rollout())
+    assert len(norms) == 4
+    assert max(s["grad_norm"] for s in trainer.update_log) > 1e-2  # clipping has something to do
+    assert max(norms) <= 1e-3 * (1 + 1e-4), f"gradients stepped with norms {norms} > grad_clip 1e-3"
+
+
+def test_rl_policy_with_dropout_sees_no_change_before_its_first_step(tmp_path):
+    """With dropout 0.3 in the config, the first minibatch's log-probs must equal the rollout's
+    (both dropout-free): ratio exactly 1, approx_kl and clip_frac 0."""
+    trainer = _tiny_rl_trainer(tmp_path, dropout=0.3, algo="grpo", group_size=2, prompts_per_iter=2)
+    trainer.update(trainer.rollout())
+    stats = trainer.update_log[0]
+    assert stats["clip_frac"] == 0.0 and abs(stats["approx_kl"]) < 1e-9, \
+        f"log-probs moved before any step: {stats}"
+
+
 def _rl_setup(data, easy_reward, tmp_path, algo, **overrides):
     tok, train, val = data
     rm, _ = easy_reward
@@ -383,6 +549,29 @@ def test_dpo_raises_the_chosen_over_rejected_margin(data, tmp_path):
     assert last["val_margin"] > 0.1 and last["val_acc"] >= 0.65
     assert result["val_margin"] == last["val_margin"]
 
+
+def test_dpo_loss_and_accuracy_against_the_formula():
+    """loss = -log sigmoid(beta * ((pc - rc) - (pr - rr))), beta on both sides; a zero margin is
+    not a correct ranking (policy == reference: accuracy 0, not 1)."""
+    import torch.nn.functional as F
+
+    from tritongpt.train.dpo import DPOData, dpo_loss, dpo_metrics, reference_logprobs
+    from tritongpt.train.preference import EncodedPair
+
+    pc, pr = torch.tensor([-3.0, -7.5, -1.0]), torch.tensor([-4.0, -2.0, -6.0])
+    rc, rr = torch.tensor([-3.5, -6.0, -2.5]), torch.tensor([-1.0, -2.5, -5.0])
+    beta = 0.7
+    loss, margins = dpo_loss(torch.cat([pc, pr]), torch.cat([rc, rr]), beta)
+    want = beta * ((pc - rc) - (pr - rr))
+    torch.testing.assert_close(margins, want)
+    assert loss.item() == pytest.approx(-F.logsigmoid(want).mean().item(), rel=1e-6)
+
+    torch.manual_seed(15)
+    policy = GPTModel(GPTConfig(vocab_size=23, context_length=16, n_embd=32, n_layer=1, n_head=2)).eval()
+    enc = [EncodedPair([1, 2, 3], [4, 5, 22], [6, 22]), EncodedPair([7, 8], [9, 22], [10, 11, 12, 22])]
+    data = DPOData(enc, reference_logprobs(policy, enc, 22, torch.device("cpu")), 22)
+    m = dpo_metrics(policy, data, beta)
+    assert m["margin"] == 0.0 and m["acc"] == 0.0, f"policy == reference must rank nothing correctly: {m}"
 
 def test_dpo_policy_runs_without_dropout_like_its_cached_reference(data, tmp_path):
     """With dropout in the config, the first training loss must still be exactly -log sigmoid(0):

@@ -77,6 +77,67 @@ def test_training_reaches_the_vocab_size_and_is_deterministic(corpus, small_tok)
     assert not any(b"<|" in t or b"o w" in t for t in tok.ranks)
 
 
+def naive_bpe_ranks(text, n_merges):
+    """Textbook BPE, recounting every adjacent pair of every pre-tokenised word before each merge:
+    the most frequent pair wins, ties to the smallest (id, id); a merge spelling existing bytes
+    reuses that token. None when the pairs run out first."""
+    from collections import Counter
+
+    import regex
+
+    words = Counter()
+    for piece in text.split(EOT):
+        words.update(regex.findall(tkz.GPT2_PAT, piece))
+    seqs = [(list(w.encode("utf-8")), f) for w, f in words.items()]
+    vocab = [bytes([b]) for b in range(256)]
+    ranks = {t: i for i, t in enumerate(vocab)}
+    while len(vocab) < 256 + n_merges:
+        counts = Counter()
+        for w, f in seqs:
+            for p in zip(w, w[1:]):
+                counts[p] += f
+        if not counts:
+            return None
+        a, b = min(counts, key=lambda p: (-counts[p], p))
+        joined = vocab[a] + vocab[b]
+        if joined not in ranks:
+            ranks[joined] = len(vocab)
+            vocab.append(joined)
+        new = ranks[joined]
+        for k, (w, f) in enumerate(seqs):
+            out, i = [], 0
+            while i < len(w):
+                if i + 1 < len(w) and (w[i], w[i + 1]) == (a, b):
+                    out.append(new)
+                    i += 2
+                else:
+                    out.append(w[i])
+                    i += 1
+            seqs[k] = (out, f)
+    return ranks
+
+
+def test_training_matches_a_naive_bpe_down_to_pairs_seen_once():
+    """The incremental trainer (heap, stale entries, per-word updates) must learn the same ranks as
+    recounting from scratch before every merge, through to the last merges of pairs seen once --
+    pairs whose count fell and came back must be counted in full."""
+    import random
+
+    rng = random.Random(0)
+    texts = ["the cat sat on the mat with a hat" + EOT + "that bat", "aaabdaaabac abcabd bcab",
+             " ".join("".join(rng.choice("abc") for _ in range(rng.randint(1, 9))) for _ in range(25))]
+    for text in texts:
+        n = 0
+        while naive_bpe_ranks(text, n + 1) is not None:  # every merge there is, the last ones of count 1
+            n += 1
+        want = naive_bpe_ranks(text, n)
+        assert n > 10 and len(want) == 256 + n
+        got = tkz.train_ranks(text, 256 + n + 1)
+        by_id = sorted(got, key=got.get), sorted(want, key=want.get)
+        assert got == want, f"{text[:30]!r}: merges {by_id[0][256:]} != naive {by_id[1][256:]}"
+        with pytest.raises(UserError, match="ran out of pairs"):
+            tkz.train_ranks(text, 256 + n + 2)
+
 def test_training_errors():
     with pytest.raises(UserError, match="too small"):
         BPETokenizer.train("abc", 200)
