@@ -223,13 +223,11 @@ class GPTModel(nn.Module):
     def load(cls, path, map_location="cpu", kernels=None) -> "GPTModel":
         from pathlib import Path
 
-        from safetensors import safe_open
         from safetensors.torch import load_model
 
         if not Path(path).is_file():
             raise UserError(f"weights file not found: {path}")
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
+        meta = safetensors_metadata(path)
         if meta.get("kind") == "reward_model":
             raise UserError(f"{path} is a reward model (a scalar head, not an LM head): "
                             "pass it as --reward, or load it with tritongpt.train.reward.RewardModel.load")
@@ -244,6 +242,19 @@ class GPTModel(nn.Module):
         if kernels is not None:
             model.set_kernels(kernels)
         return model
+
+
+def safetensors_metadata(path) -> dict:
+    """The metadata of a .safetensors file; a file that is not one (a state.pt, a truncated
+    download) is a one-line UserError, not safetensors' own exception."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return f.metadata() or {}
+    except Exception as e:
+        first = str(e).splitlines()[0] if str(e) else ""
+        raise UserError(f"{path} is not a readable safetensors file ({type(e).__name__}: {first})") from None
 
 
 def lm_loss(logits, targets, ignore_index: int = -100, reduction: str = "mean"):

@@ -73,3 +73,33 @@ def test_generate_errors(saved_model, capsys):
     assert "--pretrained downloads GPT-2 by --model name (gpt2-small|" in capsys.readouterr().err
     assert main(base + w + ["--pretrained", "--prompt", "x"]) == 2
     assert "pass one of them" in capsys.readouterr().err
+    # a file that is not safetensors (a checkpoint's state.pt, say) as weights, for generate and sft
+    (saved_model / "state.pt").write_bytes(b"PK\x03\x04" + bytes(range(256)) * 4)
+    assert main(base + ["--weights", str(saved_model / "state.pt"), "--prompt", "x"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "state.pt is not a readable safetensors file" in err and "\n" not in err, err
+    assert main(["sft", "--init", str(saved_model / "state.pt"), "--out-dir", str(saved_model / "sft")]) == 2
+    assert "state.pt is not a readable safetensors file" in capsys.readouterr().err
+
+
+def test_a_tokenizer_other_than_the_runs_gets_a_note(saved_model, tmp_path, capsys):
+    """A run folder keeps the tokenizer the model was trained with; another --tokenizer (here a
+    smaller BPE whose ids mean other strings) still runs, with a note saying so."""
+    import shutil
+
+    run = tmp_path / "run"
+    run.mkdir()
+    shutil.copy(saved_model / "w.safetensors", run / "model.safetensors")
+    shutil.copy(saved_model / "tok.json", run / "tokenizer.json")
+    BPETokenizer.train(load_text("pydoc")[:20000], 280).save(tmp_path / "other.json")
+    args = ["generate", "--weights", str(run), "--prompt", "The", "--max-new-tokens", "2", "--temperature", "0"]
+    assert main(args) == 0
+    assert "note: --tokenizer" not in capsys.readouterr().err
+    assert main(args + ["--tokenizer", str(run / "tokenizer.json")]) == 0
+    assert "note: --tokenizer" not in capsys.readouterr().err
+    assert main(args + ["--model", "gpt2-small"]) == 0  # the file's own config is used, and said so
+    assert "holds a model of n_layer 2, n_head 2, n_embd 32 (its saved config, used), not gpt2-small's" \
+        in capsys.readouterr().err
+    main(args + ["--tokenizer", str(tmp_path / "other.json")])  # may fail later on an id it lacks
+    assert f"note: --tokenizer {tmp_path / 'other.json'} is not the tokenizer saved with the run" \
+        in capsys.readouterr().err

@@ -124,6 +124,7 @@ def test_model_vocab_follows_the_tokenizer_except_gpt2_with_gpt2():
     (["--vocab-multiple", "0"], "--vocab-multiple must be a positive integer"),
     (["--tokenizer", "/no/such/tok.json"], "tokenizer"),
     (["--text-field", "title", "--data", "JSONL"], "no field 'title'"),
+    (["--text-field", "body"], "--text-field applies to .jsonl data"),
 ])
 def test_bad_input_is_one_line_user_error(corpus, tmp_path, capsys, extra, expect):
     (tmp_path / "empty.txt").write_text("   \n")
@@ -136,6 +137,44 @@ def test_bad_input_is_one_line_user_error(corpus, tmp_path, capsys, extra, expec
     assert rc == 2, err
     assert err.startswith("error: ") and "\n" not in err and expect in err, err
     assert not common.Checkpointer(tmp_path / "run").list()
+
+
+def test_a_run_folder_is_not_reused_by_accident(corpus, tmp_path, capsys):
+    """A new run into a folder holding one is refused (its checkpoints would outrank the new ones
+    and its metrics mix with them); --overwrite replaces it. A resume says which flags changed,
+    refuses a checkpoint past --max-steps, and names a model that does not fit."""
+    out = tmp_path / "run"
+    short = ("--eval-every", "0", "--sample-tokens", "0", "--log-every", "0")
+    assert main(["pretrain", *argv(corpus, out, "--max-steps", "4", "--ckpt-every", "2", *short)]) == 0
+    capsys.readouterr()
+
+    assert main(["pretrain", *argv(corpus, out, "--max-steps", "2", *short)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: --out-dir") and "already holds a run (ckpt-0000002, ckpt-0000004, " \
+        "metrics.jsonl)" in err and "--resume" in err and "--overwrite" in err, err
+
+    assert main(["pretrain", *argv(corpus, out, "--max-steps", "3", "--overwrite", *short)]) == 0
+    capsys.readouterr()
+    assert [p.name for p in common.Checkpointer(out).list()] == ["ckpt-0000003"]
+    assert [r["step"] for r in common.MetricsLog(out / "metrics.jsonl").rows() if "loss" in r] == [1, 2, 3]
+
+    assert main(["pretrain", *argv(corpus, out, "--max-steps", "2", "--resume", *short)]) == 2
+    assert "at step 3, past --max-steps 2" in capsys.readouterr().err
+
+    assert main(["pretrain", *argv(corpus, out, "--max-steps", "3", "--resume", *short)]) == 0
+    printed = capsys.readouterr()
+    assert "already at --max-steps 3: nothing to train" in printed.err
+    assert "train loss - -> -" in printed.out, printed.out
+
+    assert main(["pretrain", *argv(corpus, out, "--max-steps", "4", "--resume", "--lr", "1e-2",
+                                   "--batch-size", "2", *short)]) == 0
+    err = capsys.readouterr().err
+    assert "note: resuming with --batch-size 2 (the run had 4), --lr 0.01 (0.002)" in err, err
+
+    assert main(["pretrain", *argv(corpus, out, "--max-steps", "5", "--resume", "--model", "mini", *short)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "does not fit this model: the checkpoint's model has" in err and "n_layer" in err \
+        and "\n" not in err, err
 
 
 def test_torchrun_two_cpu_processes_runs_the_real_cli(corpus, tmp_path):

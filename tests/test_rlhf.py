@@ -19,7 +19,7 @@ from parity import assert_close_rel
 from tritongpt.errors import UserError
 from tritongpt.model.config import GPTConfig
 from tritongpt.model.gpt import GPTModel
-from tritongpt.train.common import MetricsLog
+from tritongpt.train.common import Checkpointer, MetricsLog
 from tritongpt.train.loop import TrainArgs
 from tritongpt.train.preference import (PreferencePair, encode_pairs, model_token_logprobs, pair_batch,
                                         read_preference_file, split_pairs, task_preferences, token_logprobs,
@@ -156,6 +156,7 @@ def test_preference_files_and_errors(tmp_path):
              ({"prompt": "x", "chosen": "a", "rejected": 3}, r"record 1 .*'rejected' must be a non-empty string"),
              ({"chosen": "a", "rejected": "b"}, r"record 1 .*needs a 'prompt' or an 'instruction'"),
              ({"prompt": "x", "chosen": "a", "rejected": "a"}, r"record 1 .*identical"),
+             ({"prompt": "  \n", "chosen": "a", "rejected": "b"}, r"record 1 .*'prompt' must be a non-empty string"),
              (["not", "an", "object"], r"record 1 .*expected a JSON object")]
     for rec, msg in cases:
         bad.write_text(json.dumps(good[0]) + "\n" + json.dumps(rec) + "\n")
@@ -525,6 +526,31 @@ def test_ppo_resume_is_exact_and_drops_rows_logged_after_the_checkpoint(data, ea
     done = _rl_setup(data, easy_reward, resumed_dir, "ppo", resume="latest", **small).fit()
     assert done["iterations"] == 3 and done["first_eval_reward"] is None
     assert math.isfinite(done["eval_reward"]) and math.isfinite(done["eval_kl"])
+
+
+def test_rl_run_folder_rules(data, easy_reward, tmp_path, capsys):
+    """A new run into a folder holding one is refused, --overwrite replaces it; a resume refuses
+    other frozen models (--init is the KL reference, --reward the objective) and a checkpoint
+    past --iterations, and names the flags that changed."""
+    small = dict(iterations=2, prompts_per_iter=4, eval_prompts=4, eval_samples=1, epochs=1, minibatch_size=4,
+                 ckpt_every=1, max_new_tokens=4)
+    _rl_setup(data, easy_reward, tmp_path, "ppo", **small).fit()
+    with pytest.raises(UserError, match="already holds a run .*--resume.*--overwrite"):
+        _rl_setup(data, easy_reward, tmp_path, "ppo", **small)
+    for frozen, flag in (("ref", "--init"), ("reward_model", "--reward")):
+        trainer = _rl_setup(data, easy_reward, tmp_path, "ppo", resume="latest", **{**small, "iterations": 3})
+        with torch.no_grad():
+            next(getattr(trainer, frozen).parameters()).add_(1e-3)
+        with pytest.raises(UserError, match=f"{flag} is not the model .* started from"):
+            trainer.fit()
+    with pytest.raises(UserError, match="at iteration 2, past --iterations 1"):
+        _rl_setup(data, easy_reward, tmp_path, "ppo", resume="latest", **{**small, "iterations": 1}).fit()
+    capsys.readouterr()
+    _rl_setup(data, easy_reward, tmp_path, "ppo", resume="latest", **{**small, "iterations": 3, "lr": 1e-3}).fit()
+    assert "note: resuming with --lr 0.001 (the run had 0.003)" in capsys.readouterr().err
+    _rl_setup(data, easy_reward, tmp_path, "ppo", overwrite=True, **{**small, "iterations": 1}).fit()
+    assert [p.name for p in Checkpointer(tmp_path).list()] == ["ckpt-0000001"]
+    assert [r["step"] for r in MetricsLog(tmp_path / "metrics.jsonl").rows()] == [0, 1]
 
 
 # -- DPO --------------------------------------------------------------------------------------------

@@ -399,5 +399,15 @@ def test_cli_train_encode_decode(tmp_path, capsys, corpus):
     assert [int(i) for i in capsys.readouterr().out.split()] == tok.encode("a\r\nb")
     assert main(["bpe", "encode", "--tokenizer", str(out), "--file", str(tmp_path / "nope.txt")]) == 2
     assert "file not found" in capsys.readouterr().err
+    assert main(["bpe", "encode", "--tokenizer", str(out), "--file", str(tmp_path)]) == 2
+    assert "is a folder, not a file" in capsys.readouterr().err
+    # a run folder's tokenizer.json is the tokenizer of that folder
+    run = tmp_path / "run"
+    run.mkdir()
+    tok.save(run / "tokenizer.json")
+    assert main(["bpe", "encode", "--tokenizer", str(run), "--text", "the cat sat"]) == 0
+    assert [int(i) for i in capsys.readouterr().out.split()] == ids
+    assert main(["bpe", "encode", "--tokenizer", str(tmp_path / "run" / ".."), "--text", "x"]) == 2
+    assert "must hold our tokenizer.json (a run folder) or GPT-2's encoder.json" in capsys.readouterr().err
     assert main(["bpe", "decode", "--tokenizer", str(out), "--ids", "300"]) == 2
     assert "out of range" in capsys.readouterr().err

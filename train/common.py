@@ -164,6 +164,42 @@ def resolve_checkpoint(path) -> Path:
     return latest / "model.safetensors"
 
 
+def check_out_dir(out_dir, resume, overwrite: bool) -> None:
+    """A new run (no --resume) must not land on another run: its checkpoints would outrank the
+    new ones (only the newest few are kept, by step) and its metrics would mix with them.
+    Refused unless --overwrite, which clears them when training starts (clear_run)."""
+    if resume:
+        return
+    out = Path(out_dir)
+    found = [p.name for p in Checkpointer(out).list()]
+    metrics = out / "metrics.jsonl"
+    if metrics.is_file() and metrics.stat().st_size:
+        found.append(metrics.name)
+    if found and not overwrite:
+        shown = ", ".join(found[-3:]) + (f" and {len(found) - 3} more" if len(found) > 3 else "")
+        raise UserError(f"--out-dir {out} already holds a run ({shown}): pass --resume to continue it, "
+                        "--overwrite to replace it, or another --out-dir")
+
+
+def clear_run(out_dir) -> None:
+    """What check_out_dir looks for: the checkpoints (and half-written ones) and metrics.jsonl."""
+    out = Path(out_dir)
+    if not out.is_dir():
+        return
+    for p in list(out.glob("ckpt-*")) + list(out.glob(".tmp-ckpt-*")):
+        if p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+    (out / "metrics.jsonl").unlink(missing_ok=True)
+
+
+def changed_args(saved: dict, now: dict, names) -> str:
+    """The flags among `names` whose value differs from the checkpoint's run, as one phrase
+    ("--lr 0.01 (the run had 0.002), --dtype fp32 (bf16)"); "" when none do."""
+    diffs = [f"--{k.replace('_', '-')} {now[k]} ({'the run had ' if not i else ''}{saved[k]})"
+             for i, k in enumerate(k for k in names if k in saved and k in now and saved[k] != now[k])]
+    return ", ".join(diffs)
+
+
 def load_state(ckpt_dir) -> dict:
     path = Path(ckpt_dir) / "state.pt"
     if not path.is_file():

@@ -6,6 +6,7 @@ we split into W_query, W_key and W_value. The LM head is tied to the token embed
 """
 import json
 import re
+import sys
 from pathlib import Path
 
 import torch
@@ -73,10 +74,9 @@ def _infer_config(sd: dict, path: Path, model_name: str | None) -> GPTConfig:
 
 def is_hf_file(path) -> bool:
     """A .safetensors file not written by tritongpt (ours carry format=tritongpt and the config)."""
-    from safetensors import safe_open
+    from tritongpt.model.gpt import safetensors_metadata
 
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
+    meta = safetensors_metadata(path)
     return meta.get("format") != "tritongpt" or "config" not in meta
 
 
@@ -88,7 +88,14 @@ def load_checkpoint(path, model_name: str | None = None) -> GPTModel:
     path = resolve_checkpoint(path)
     if str(path).endswith(".safetensors") and is_hf_file(path):
         return load_gpt2_safetensors(path, model_name)
-    return GPTModel.load(path)
+    model = GPTModel.load(path)
+    if model_name is not None:  # ours carry their config: a --model that differs is only noted
+        named, cfg = get_config(model_name), model.config
+        shape = ("n_layer", "n_head", "n_embd")
+        if any(getattr(named, k) != getattr(cfg, k) for k in shape):
+            print(f"note: {path} holds a model of " + ", ".join(f"{k} {getattr(cfg, k)}" for k in shape) +
+                  f" (its saved config, used), not {model_name}'s", file=sys.stderr)
+    return model
 
 
 def _our_tensors(sd: dict, cfg: GPTConfig) -> dict:
@@ -149,7 +156,7 @@ def load_gpt2_pretrained(name: str = "gpt2-small", cache_dir=None) -> GPTModel:
         from huggingface_hub import hf_hub_download
     except ImportError:
         raise UserError("downloading GPT-2 weights needs huggingface_hub (pip install huggingface_hub); "
-                        "or pass --weights PATH/model.safetensors") from None
+                        "or pass the path of a model.safetensors (--weights for generate, --init for the trainers)") from None
     try:
         path = hf_hub_download(HUB_REPOS[name], "model.safetensors", cache_dir=cache_dir)
         try:
@@ -158,5 +165,6 @@ def load_gpt2_pretrained(name: str = "gpt2-small", cache_dir=None) -> GPTModel:
             pass
     except Exception as e:
         raise UserError(f"could not fetch {HUB_REPOS[name]} from the Hugging Face Hub (offline?): "
-                        f"{type(e).__name__}; download model.safetensors elsewhere and pass --weights") from None
+                        f"{type(e).__name__}; download model.safetensors elsewhere and pass its path "
+                        "(--weights for generate, --init for the trainers)") from None
     return load_gpt2_safetensors(path, name)

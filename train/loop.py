@@ -24,6 +24,7 @@ import argparse
 import contextlib
 import importlib
 import inspect
+import json
 import math
 import os
 import sys
@@ -62,6 +63,7 @@ class TrainArgs:
     resume: str | None = None    # None, "latest" (newest checkpoint in out_dir), or a path
     kernels: str | None = "auto"  # reference | triton | auto | comma list; None = leave the model's
     compile: bool = False
+    overwrite: bool = False      # a new run may replace the checkpoints and metrics in out_dir
 
     @classmethod
     def from_namespace(cls, ns) -> "TrainArgs":
@@ -126,6 +128,10 @@ def add_train_args(parser: argparse.ArgumentParser, **defaults):
         d = base[f.name]
         if f.name == "compile":
             g.add_argument(flag, action="store_true", default=d, help="torch.compile the model")
+        elif f.name == "overwrite":
+            g.add_argument(flag, action="store_true", default=d,
+                           help="start a new run in an --out-dir that holds one (its checkpoints and "
+                                "metrics are deleted when training starts)")
         elif f.name == "resume":
             g.add_argument(flag, nargs="?", const="latest", default=d, metavar="CKPT",
                            help="continue exactly from a checkpoint: the newest in --out-dir, "
@@ -195,6 +201,31 @@ class _SafetensorsSaver:
         save_model(self.module, str(path), metadata={k: str(v) for k, v in (extra_metadata or {}).items()})
 
 
+# Flags that change what a resumed run computes (others, like --max-steps or --log-every, are
+# expected to change between the start and a resume).
+TRAJECTORY_ARGS = ("batch_size", "grad_accum", "lr", "min_lr", "warmup_steps", "weight_decay", "grad_clip",
+                   "dtype", "seed")
+
+
+def _config_difference(weights_file, model) -> str:
+    """How the model config saved with a checkpoint differs from `model`'s ("" if unknown)."""
+    from safetensors import safe_open
+
+    gpts = _gpt_models(model)
+    try:
+        with safe_open(str(weights_file), framework="pt") as f:
+            saved = json.loads((f.metadata() or {})["config"])
+    except Exception:  # no config in the file, or not readable: the caller falls back to torch's message
+        return ""
+    if not gpts:
+        return ""
+    now = gpts[0].config.to_dict()
+    diffs = [f"{k} {saved[k]} (this run: {now[k]})" for k in saved
+             if k in now and saved[k] != now[k] and k not in ("kernels", "dropout")]
+    return ("the checkpoint's model has " + ", ".join(diffs) +
+            "; pass the --model (and --vocab-multiple) it was trained with") if diffs else ""
+
+
 def _data_hooks(data_state):
     """data_state: None, or an object with state_dict()/load_state_dict(d)."""
     if data_state is None:
@@ -260,6 +291,7 @@ class Trainer:
                                                 device=self.device)
         self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
         self.out_dir = Path(args.out_dir)
+        common.check_out_dir(self.out_dir, args.resume, args.overwrite)
         self.checkpointer = common.Checkpointer(self.out_dir, keep=args.keep_ckpts)
         self.metrics = common.MetricsLog(self.out_dir / "metrics.jsonl", enabled=self.is_main)
         self.plot_path = self.out_dir / "loss.png"
@@ -311,10 +343,21 @@ class Trainer:
         if state.get("name", self.name) != self.name:  # e.g. sft --resume pointed at a pretrain run
             raise UserError(f"--resume: {ckpt} is a checkpoint of a {state['name']} run, not of {self.name} "
                             "(to start from its weights, use --init)")
+        if state["step"] > self.args.max_steps:
+            raise UserError(f"--resume: {ckpt} is at step {state['step']}, past --max-steps "
+                            f"{self.args.max_steps}: raise --max-steps to train further")
         try:
             load_model(self.raw_model, str(ckpt / "model.safetensors"), device=str(self.device))
         except RuntimeError as e:
-            raise UserError(f"checkpoint {ckpt} does not fit this model: {str(e).splitlines()[0]}") from None
+            why = _config_difference(ckpt / "model.safetensors", self.raw_model) or str(e).splitlines()[0]
+            raise UserError(f"checkpoint {ckpt} does not fit this model: {why}") from None
+        changed = common.changed_args(state.get("args", {}), vars(self.args), TRAJECTORY_ARGS)
+        if changed and self.is_main:
+            print(f"note: resuming with {changed}: the run goes on differently from the one it "
+                  "was started as", file=sys.stderr)
+        if state["step"] == self.args.max_steps and self.is_main:
+            print(f"note: {ckpt} is already at --max-steps {self.args.max_steps}: nothing to train, "
+                  "evaluating it", file=sys.stderr)
         self.optimizer.load_state_dict(state["optimizer"])
         saved_world = len(state["generator"])
         if saved_world != self.world_size and self.is_main:
@@ -398,6 +441,8 @@ class Trainer:
         if a.resume:
             self.resume(a.resume)
             self._log(f"resumed from {self.last_ckpt} at step {self.step}")
+        elif a.overwrite and self.is_main:
+            common.clear_run(self.out_dir)
         model = self.raw_model
         model.train()
         if a.compile:
@@ -417,7 +462,7 @@ class Trainer:
         bar = tqdm(total=a.max_steps, initial=self.step, desc=self.name, disable=not self.is_main,
                    dynamic_ncols=True, mininterval=0.5)
         losses, seen_tokens, seen_time, t_start = [], 0.0, 0.0, time.time()
-        loss_value = float("nan")
+        loss_value = None  # stays None when a resume is already at --max-steps
         try:
             while self.step < a.max_steps:
                 row = self._train_step(model)

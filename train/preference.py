@@ -46,7 +46,7 @@ def _record_to_pair(rec, where: str, template) -> PreferencePair:
     if rec["chosen"] == rec["rejected"]:
         raise UserError(f"{where}: 'chosen' and 'rejected' are identical")
     if "prompt" in rec:
-        if not isinstance(rec["prompt"], str) or not rec["prompt"]:
+        if not isinstance(rec["prompt"], str) or not rec["prompt"].strip():
             raise UserError(f"{where}: field 'prompt' must be a non-empty string")
         prompt = rec["prompt"]
     elif "instruction" in rec:

@@ -66,14 +66,13 @@ class RewardModel(nn.Module):
     @classmethod
     def load(cls, path, map_location="cpu", kernels=None) -> "RewardModel":
         """A reward model from a .safetensors file, a checkpoint folder or a run folder."""
-        from safetensors import safe_open
         from safetensors.torch import load_model
 
+        from tritongpt.model.gpt import safetensors_metadata
         from tritongpt.train.common import resolve_checkpoint
 
         path = resolve_checkpoint(path)
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
+        meta = safetensors_metadata(path)
         if meta.get("kind") != KIND or "config" not in meta:
             raise UserError(f"{path} is not a reward model checkpoint (train one with `tritongpt reward`)")
         cfg = GPTConfig.from_dict(json.loads(meta["config"]))

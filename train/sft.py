@@ -389,9 +389,13 @@ def pick_tokenizer(spec, init, vocab_size: int):
     vocab, else "default"; it must not have more tokens than the model."""
     from tritongpt.train.tokenizer import get_tokenizer, saved_tokenizer_path
 
+    saved = saved_tokenizer_path(init)
     if spec is None:
-        spec = saved_tokenizer_path(init) or ("gpt2" if vocab_size == 50257 else "default")
+        spec = saved or ("gpt2" if vocab_size == 50257 else "default")
     tok = get_tokenizer(spec)
+    if saved is not None and spec != saved and get_tokenizer(saved).hash != tok.hash:
+        print(f"note: --tokenizer {spec} is not the tokenizer saved with the run of {init} ({saved}); "
+              "the model was trained on that one's token ids", file=sys.stderr)
     if tok.vocab_size > vocab_size:
         raise UserError(f"tokenizer {spec} has {tok.vocab_size} tokens but the model only {vocab_size}; "
                         f"pass the tokenizer the model was trained with (--tokenizer)")

@@ -563,7 +563,8 @@ def gpt2_tokenizer() -> BPETokenizer:
 
 
 def get_tokenizer(spec="default") -> BPETokenizer:
-    """"default" | "gpt2" | a saved tokenizer JSON | a folder with encoder.json + vocab.bpe."""
+    """"default" | "gpt2" | a saved tokenizer JSON | a run folder (its tokenizer.json) | a folder
+    with encoder.json + vocab.bpe."""
     if isinstance(spec, BPETokenizer):
         return spec
     spec = "default" if spec is None else str(spec)
@@ -574,8 +575,11 @@ def get_tokenizer(spec="default") -> BPETokenizer:
     p = Path(spec).expanduser()
     if p.is_dir():
         enc, bpe = p / "encoder.json", p / "vocab.bpe"
+        if (p / RUN_TOKENIZER).is_file() and _is_ours(p / RUN_TOKENIZER) and not enc.is_file():
+            return BPETokenizer.load(p / RUN_TOKENIZER)
         if not (enc.is_file() and bpe.is_file()):
-            raise UserError(f"tokenizer folder {p} must hold encoder.json and vocab.bpe")
+            raise UserError(f"tokenizer folder {p} must hold our {RUN_TOKENIZER} (a run folder) or "
+                            "GPT-2's encoder.json and vocab.bpe")
         return BPETokenizer.from_gpt2_files(enc, bpe)
     if p.is_file():
         return BPETokenizer.load(p)
@@ -605,7 +609,8 @@ def cmd_encode(args):
         text = args.text
     else:  # the file's own bytes as text (not load_text, which reads a corpus; no newline translation)
         if not Path(args.file).is_file():
-            raise UserError(f"file not found: {args.file}")
+            raise UserError(f"{args.file} is a folder, not a file" if Path(args.file).is_dir()
+                            else f"file not found: {args.file}")
         try:
             text = Path(args.file).read_bytes().decode("utf-8")
         except UnicodeDecodeError as e:
