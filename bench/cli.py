@@ -48,6 +48,33 @@ def _batches(text, models):
     return out
 
 
+MODELS = ("gpt2-small", "gpt2-medium", "gpt2-large", "gpt2-xl", "tiny", "mini")
+
+
+def kernel_names(args):
+    """(ops, modes, providers or None) from the flags, checked (on any machine: a typo in a GPU
+    command shows up in a dry run on the CPU too)."""
+    from tritongpt.bench.common import MODES
+    from tritongpt.bench.kernels import ALL_PROVIDERS, PROVIDERS
+
+    return (_names(args.ops, tuple(PROVIDERS), "ops"), _names(args.modes, MODES, "modes"),
+            _names(args.providers, ALL_PROVIDERS, "providers") if args.providers else None)
+
+
+def train_names(args):
+    """(models, training providers) from the flags, checked."""
+    from tritongpt.bench.train_step import parse_provider
+
+    models = _names(args.models or ("gpt2-small" if args.quick else "gpt2-small,gpt2-medium"), MODELS, "models")
+    provs = tuple(v.strip() for v in args.train_providers.split(",") if v.strip())
+    for pname in provs:
+        try:
+            parse_provider(pname)
+        except ValueError as e:
+            raise UserError(str(e)) from None
+    return models, provs
+
+
 def add_cli(sub):
     from tritongpt.bench.kernels import ALL_PROVIDERS, FULL_SIZES
     from tritongpt.bench.train_step import TRAIN_PROVIDERS
@@ -71,8 +98,9 @@ def add_cli(sub):
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads for the CPU-side timings (default: torch's choice)")
     k = p.add_argument_group("kernels")
-    k.add_argument("--ops", default="layernorm,mlp,attention,cross_entropy,lm_head_loss")
-    k.add_argument("--modes", default="fwd,bwd,fwd+bwd")
+    k.add_argument("--ops", default="layernorm,mlp,attention,cross_entropy,lm_head_loss",
+                   help="comma list (default: all of %(default)s)")
+    k.add_argument("--modes", default="fwd,bwd,fwd+bwd", help="comma list (default: all of %(default)s)")
     k.add_argument("--providers", default=None, help=f"subset of {','.join(ALL_PROVIDERS)}")
     k.add_argument("--ln-rows", type=int, default=None, help=f"(default {FULL_SIZES['ln_rows']})")
     k.add_argument("--ln-widths", default=None, help="e.g. 768,1024,1280,1600")
@@ -112,6 +140,10 @@ def cmd_bench(args):
     if args.warmup_steps is not None and args.warmup_steps < 0:
         raise UserError(f"--warmup-steps must be >= 0, got {args.warmup_steps}")
     vocab_multiple(args)
+    if args.what in ("kernels", "all"):
+        kernel_names(args)
+    if args.what in ("train", "all"):
+        train_names(args)
     if args.what == "compile":
         return _run_compile(args)
     if args.what == "cpu" or not torch.cuda.is_available():
@@ -185,11 +217,11 @@ def _settings(args):
 def _run_gpu(args):
     import torch
 
-    from tritongpt.bench.common import MODES, Budget, GpuTimer, environment
-    from tritongpt.bench.kernels import (ALL_PROVIDERS, FULL_SIZES, PROVIDERS, QUICK_SIZES,
-                                         ceiling_value, kernel_targets, measure_ceilings, run_kernels)
+    from tritongpt.bench.common import Budget, GpuTimer, environment
+    from tritongpt.bench.kernels import (FULL_SIZES, QUICK_SIZES, ceiling_value, kernel_targets, measure_ceilings,
+                                         run_kernels)
     from tritongpt.bench.report import console_summary, make_result, write_result, write_summary
-    from tritongpt.bench.train_step import TRAIN_PROVIDERS, parse_provider, run_train, train_targets
+    from tritongpt.bench.train_step import TRAIN_PROVIDERS, run_train, train_targets
     from tritongpt.train.common import pick_dtype
     from tritongpt.train.loop import peak_flops
 
@@ -205,9 +237,7 @@ def _run_gpu(args):
     settings = _settings(args)
 
     if args.what in ("kernels", "all"):
-        ops = _names(args.ops, tuple(PROVIDERS), "ops")
-        modes = _names(args.modes, MODES, "modes")
-        providers = _names(args.providers, ALL_PROVIDERS, "providers") if args.providers else None
+        ops, modes, providers = kernel_names(args)
         sizes = dict(QUICK_SIZES if args.quick else FULL_SIZES)
         for key in ("ln_rows", "mlp_rows", "attn_tokens", "attn_width", "ce_rows"):
             if getattr(args, key) is not None:
@@ -226,14 +256,7 @@ def _run_gpu(args):
         log(f"wrote {paths[0].parent}/ ({', '.join(p.name for p in paths)})")
 
     if args.what in ("train", "all"):
-        models = _names(args.models or ("gpt2-small" if args.quick else "gpt2-small,gpt2-medium"),
-                        ("gpt2-small", "gpt2-medium", "gpt2-large", "gpt2-xl", "tiny", "mini"), "models")
-        provs = tuple(v.strip() for v in args.train_providers.split(",") if v.strip())
-        for pname in provs:
-            try:
-                parse_provider(pname)
-            except ValueError as e:
-                raise UserError(str(e)) from None
+        models, provs = train_names(args)
         t0 = time.perf_counter()
         # the trainer's MFU denominator (train/loop.py PEAK_FLOPS), so the two report the same MFU
         datasheet = peak_flops(torch.device("cuda")) if torch.cuda.is_available() else None

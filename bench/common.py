@@ -141,19 +141,24 @@ class GpuTimer:
 
 
 class CpuTimer:
-    """Median of time.perf_counter over `reps` calls after `warm_calls` untimed ones."""
+    """Median of time.perf_counter over `reps` calls after untimed ones: at least `warm_calls`,
+    and (when warm_calls > 0) more until `warm_s` has passed, at most 50. A training step's first
+    calls allocate the optimizer state and the allocator's pools, and wake the OpenMP threads:
+    several times slower than the rest, which one warm-up call did not absorb."""
 
     device = torch.device("cpu")
 
-    def __init__(self, reps: int = 5, warm_calls: int = 1):
-        self.reps, self.warm_calls = reps, warm_calls
+    def __init__(self, reps: int = 5, warm_calls: int = 1, warm_s: float = 0.5):
+        self.reps, self.warm_calls, self.warm_s = reps, warm_calls, warm_s
 
     def sync(self):
         pass
 
     def bench(self, fn, grad_to_none=None):
-        for _ in range(self.warm_calls):
+        end, n = time.perf_counter() + self.warm_s, 0
+        while n < self.warm_calls or (self.warm_calls and n < 50 and time.perf_counter() < end):
             fn()
+            n += 1
         times = []
         for _ in range(self.reps):
             for t in grad_to_none or ():

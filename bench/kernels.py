@@ -150,6 +150,8 @@ def attention_providers(q, k, v, causal=True):
 
     def module():
         # Only the attention core (attend) is timed; the projections are not used.
+        if not causal:  # else these rows would time other maths than SDPA's and ours
+            raise Unavailable("the reference module's attention (MultiHeadAttention.attend) is causal only")
         return MultiHeadAttention(H * D, H, T).to(q.device).eval()
 
     def reference():

@@ -24,7 +24,10 @@ Algorithm (Dao, "FlashAttention-2", 2023). Per (batch, head), with S = scale * Q
             keep-mask is never stored: entry (bh, i, j) keeps iff tl.rand(seed, (bh*Tq + i)*Tk + j)
             >= p, a counter-based RNG, so the backward regenerates exactly the same mask, and
             `dropout_mask` rebuilds it for tests. Delta = rowsum(O*dO) is still rowsum(P*dP).
-  head dim  32, 64, 80, 96, 128; 80 and 96 are padded to 128 inside the kernel with masks.
+  head dim  16, 32, 64, 80, 96, 128; 80 and 96 are padded to 128 inside the kernel with masks.
+  NaN/inf   in q or k behave as in PyTorch; a NaN in v reaches the rows whose visited KV tiles
+            hold it (PyTorch's P @ V spreads it to every row, 0 * NaN; exact math, to the rows
+            that attend to it).
 
 Public API: `flash_attention(q, k, v, causal=True, softmax_scale=None, dropout_p=0.0, seed=None)`
 and `dropout_mask(seed, B, H, Tq, Tk, p, device)`. The kernels are registered as the custom
@@ -555,6 +558,8 @@ def _as_seed(seed):
         return seed.detach().reshape(()).to(device="cpu", dtype=torch.int64)
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise TypeError(f"seed must be an int or an integer tensor, got {type(seed).__name__}")
+    if not 0 <= seed < 2 ** 31:  # the kernels take 31 bits (see _seed_value): others would alias
+        raise ValueError(f"seed must be in [0, 2^31), got {seed}")
     return torch.tensor(seed, dtype=torch.int64)
 
 
@@ -574,9 +579,12 @@ def flash_attention(q, k, v, causal=True, softmax_scale=None, dropout_p=0.0, see
     (under torch.autocast, cast to the autocast dtype first, as for SDPA).
     causal: bottom-right aligned (query i is position Tk - Tq + i), needs Tq <= Tk.
     softmax_scale: default 1/sqrt(D). dropout_p: on the attention weights, scaled by 1/(1-p);
-    seed: int for a reproducible mask (see dropout_mask), else drawn from torch's RNG.
+    seed: int in [0, 2^31) for a reproducible mask (see dropout_mask), else drawn from torch's RNG
+    (a seed tensor is taken modulo 2^31).
     Returns [B, H, Tq, D] (a view of a [B, Tq, H, D] buffer, so merging heads is free).
     """
+    if causal not in (True, False):  # bool("False") would be True
+        raise TypeError(f"causal must be a bool, got {causal!r}")
     q, k, v = _checked_inputs(q, k, v, causal, dropout_p)
     scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else float(softmax_scale)
     dropout_p = float(dropout_p)

@@ -27,9 +27,13 @@ BLOCK_V vectors per row lives in registers):
             all W are read, so a 16-byte aligned row is loaded in 16-byte vectors, but columns
             past V count as -inf, and their gradient is written as 0.
 """
+import math
+import numbers
+
 import torch
 import triton
 import triton.language as tl
+from torch.autograd.function import once_differentiable
 
 from tritongpt._env import triton_interpreting
 from tritongpt.kernels._common import (cast, check_runnable, check_same_device, check_same_dtype,
@@ -209,6 +213,13 @@ def _n_classes(vocab_size, width: int, what: str) -> int:
     return n
 
 
+def _as_int(value, name: str) -> int:
+    """An integer of any kind PyTorch takes (int, numpy integers), not a bool or a float."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    return int(value)
+
+
 def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100,
                   reduction: str = "mean", vocab_size: int | None = None) -> torch.Tensor:
     """F.cross_entropy(logits.float(), targets, ignore_index=..., reduction=...), fused. Differentiable.
@@ -231,8 +242,7 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int
                          f"{tuple(logits.shape[:-1])}")
     if reduction not in ("mean", "sum", "none"):
         raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    ignore_index = _as_int(ignore_index, "ignore_index")
     V = logits.shape[-1]
     n_classes = _n_classes(vocab_size, V, "logits have {V} columns")
     x2 = logits.reshape(-1, V)
@@ -300,6 +310,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         return loss_rows.sum() * g
 
     @staticmethod
+    @once_differentiable  # dh, dw were made in forward: constants here, so no second derivative
     def backward(ctx, grad_loss):
         dh, dw = ctx.saved_tensors
         h_dtype, w_dtype = ctx.dtypes
@@ -335,15 +346,14 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
     if reduction not in ("mean", "sum"):
         raise ValueError(f"linear_cross_entropy supports reduction 'mean' or 'sum' (the gradient is made in "
                          f"forward), got {reduction!r}; for per-token losses use cross_entropy on the logits")
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    ignore_index = _as_int(ignore_index, "ignore_index")
     if not torch.is_autocast_enabled(hidden.device.type):
         check_same_dtype(hidden=hidden, weight=weight)
     n_classes = _n_classes(vocab_size, V, "weight has {V} rows")
     chunk = chunk_rows if chunk_rows is not None else max(1, CHUNK_ELEMENTS // V)
     if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
         raise ValueError(f"chunk_rows must be a positive int, got {chunk_rows!r}")
-    h2 = hidden.reshape(-1, C)
+    h2 = hidden.reshape(math.prod(hidden.shape[:-1]), C)  # not -1: C may be 0
     t1 = torch.ops.tritongpt.checked_targets(targets, n_classes, int(ignore_index))
     return LinearCrossEntropyFunction.apply(h2, weight, t1, int(ignore_index), reduction, chunk, n_classes,
                                             torch.is_grad_enabled())

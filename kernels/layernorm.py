@@ -22,6 +22,7 @@ Public API: `layer_norm(x, weight, bias, eps=1e-5)`. It is built from torch.libr
 autograd.Function, so it runs under torch.compile (the ops stay opaque calls in the graph).
 """
 import functools
+import numbers
 from typing import Optional
 
 import torch
@@ -229,7 +230,7 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
     check_same_device(x=x, weight=weight, bias=bias)
     if N == 0 or N > MAX_WIDTH:
         raise ValueError(f"layer_norm: last dim of x is {N}; the Triton kernel supports 1..{MAX_WIDTH}")
-    if not isinstance(eps, (int, float)) or not eps >= 0:
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not eps >= 0:
         raise ValueError(f"eps must be a non-negative float, got {eps!r}")
     # weight/bias are read with unit stride by the kernel
     weight = weight if weight.stride(0) == 1 else weight.contiguous()

@@ -29,6 +29,7 @@ Public API: `gelu_mlp(x, w1, b1, w2, b2)`. It is built from torch.library custom
 (`tritongpt::gelu_mlp_fwd` / `tritongpt::gelu_mlp_bwd`, with fake impls) inside an
 autograd.Function, so it runs under torch.compile (the ops stay opaque calls in the graph).
 """
+import math
 from typing import Optional
 
 import torch
@@ -238,7 +239,7 @@ class GeluMLPFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, w1, b1, w2, b2):
         shape = x.shape
-        x2 = x.reshape(-1, shape[-1])
+        x2 = x.reshape(math.prod(shape[:-1]), shape[-1])  # not -1: C may be 0
         y, h = torch.ops.tritongpt.gelu_mlp_fwd(x2, w1, b1, w2, b2)
         ctx.save_for_backward(x2, h, w1, w2)
         ctx.has_b1, ctx.has_b2 = b1 is not None, b2 is not None
@@ -247,7 +248,7 @@ class GeluMLPFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         x2, h, w1, w2 = ctx.saved_tensors
-        dy2 = dy.reshape(-1, dy.shape[-1])
+        dy2 = dy.reshape(x2.shape[0], dy.shape[-1])
         dx, dw1, db1, dw2, db2 = torch.ops.tritongpt.gelu_mlp_bwd(dy2, x2, h, w1, w2)
         return (dx.view(*dy.shape[:-1], x2.shape[-1]), dw1, db1 if ctx.has_b1 else None,
                 dw2, db2 if ctx.has_b2 else None)
@@ -274,7 +275,7 @@ def gelu_mlp(x: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.Tensor], w2: 
     if b2 is not None:
         check_tensor(b2, "b2", shape=(C,))
     check_same_device(x=x, w1=w1, b1=b1, w2=w2, b2=b2)
-    if torch.is_autocast_enabled(x.device.type):
+    if x.device.type != "meta" and torch.is_autocast_enabled(x.device.type):  # meta: shapes only
         dt = torch.get_autocast_dtype(x.device.type)
         x, w1, w2 = x.to(dt), w1.to(dt), w2.to(dt)
         b1 = b1.to(dt) if b1 is not None else None

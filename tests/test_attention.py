@@ -293,6 +293,11 @@ def test_bad_inputs(device, monkeypatch):
         flash_attention(q, k, v, dropout_p=1.0)
     with pytest.raises(TypeError, match="seed"):
         flash_attention(q, k, v, dropout_p=0.1, seed=1.5)
+    for seed in (-1, 2 ** 31):  # the kernels take 31 bits: 2^31 would be seed 0's mask
+        with pytest.raises(ValueError, match=r"seed must be in \[0, 2\^31\)"):
+            flash_attention(q, k, v, dropout_p=0.1, seed=seed)
+    with pytest.raises(TypeError, match="causal must be a bool, got 'False'"):
+        flash_attention(q, k, v, causal="False")
     with pytest.raises(ValueError, match="meta"):
         flash_attention(q.to("meta"), k.to("meta"), v.to("meta"))
     # a CUDA grid holds at most 65535 heads and sequences (expanded views: no memory)

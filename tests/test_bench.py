@@ -508,6 +508,24 @@ def test_cli_argument_parsing():
         with pytest.raises(UserError, match=msg):
             bcli.cmd_bench(parser.parse_args(["bench", "train", *argv]))
     assert bcli._or(0, 3) == 0 and bcli._or(None, 3) == 3  # an explicit 0 warm-up steps stays 0
+    # the GPU flags are checked on any machine, before the CPU timings run (a dry run catches typos)
+    for argv, msg in ((["kernels", "--ops", "nonsense"], "--ops: unknown"),
+                      (["all", "--modes", "fwd,xyz"], "--modes: unknown"),
+                      (["kernels", "--providers", "bogus"], "--providers: unknown"),
+                      (["train", "--train-providers", "triton+sdpa"], "already has its own attention"),
+                      (["all", "--models", "gpt5"], "--models: unknown")):
+        with pytest.raises(UserError, match=msg):
+            bcli.cmd_bench(parser.parse_args(["bench", *argv]))
+
+
+def test_non_causal_attention_rows_skip_the_causal_only_reference():
+    args = [torch.randn(1, 2, 8, 16) for _ in range(3)]
+    builders = kernels.attention_providers(*args, causal=False)
+    for name in ("reference", "compile"):
+        with pytest.raises(kernels.Unavailable, match="causal only"):
+            builders[name]()
+    fn, _ = builders["triton"]()  # ours (and SDPA's) take causal=False
+    assert fn().shape == (1, 2, 8, 16)
 
 
 def test_cpu_timings_run():

@@ -333,6 +333,38 @@ def test_linear_without_grad_computes_only_the_loss(device):
     assert_close_rel(loss, F.cross_entropy(h.double() @ w.double().t(), t), 1e-5, "no-grad loss")
 
 
+def test_linear_with_no_features_and_numpy_ints(device):
+    """C = 0: every logit is 0, the loss is log V and the gradients are empty; ignore_index may
+    be any integer type PyTorch takes (a numpy int64 from a dataset's pad id)."""
+    import math
+
+    import numpy as np
+
+    h = torch.empty(6, 0, device=device, requires_grad=True)
+    w = torch.empty(50, 0, device=device, requires_grad=True)
+    t = torch.tensor([1, 2, 3, -100, 4, 5], device=device)
+    loss = linear_cross_entropy(h, w, t, np.int64(-100))
+    loss.backward()
+    assert loss.item() == pytest.approx(math.log(50), rel=1e-6)
+    assert h.grad.shape == (6, 0) and w.grad.shape == (50, 0)
+    x = torch.randn(6, 9, device=device)
+    t = torch.tensor([1, 2, 3, 7, 4, 5], device=device)
+    assert cross_entropy(x, t, np.int32(7)).item() == pytest.approx(F.cross_entropy(x, t, ignore_index=7).item())
+
+
+def test_linear_refuses_a_second_derivative(device):
+    """The gradients are made in forward, so they are constants to autograd: a gradient penalty
+    through the fused head must raise, not come out without its hidden/weight terms."""
+    gen = torch.Generator().manual_seed(16)
+    h = torch.randn(6, 16, generator=gen).to(device).requires_grad_()
+    w = torch.randn(50, 16, generator=gen).to(device).requires_grad_()
+    t = torch.randint(0, 50, (6,), generator=gen).to(device)
+    scale = torch.ones((), device=device, requires_grad=True)
+    (g,) = torch.autograd.grad(linear_cross_entropy(h, w, t) * scale, h, create_graph=True)
+    with pytest.raises(RuntimeError, match="differentiate twice"):
+        g.square().sum().backward()
+
+
 def test_linear_torch_compile_fullgraph(device):
     """Dynamo traces the chunk loop (unrolled) with the custom ops inside: no graph breaks."""
     gen = torch.Generator().manual_seed(11)

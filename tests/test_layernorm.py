@@ -92,7 +92,11 @@ def test_fp16_and_mixed_dtypes(device):
 
 
 def test_no_bias_and_eps(device):
+    import numpy as np
+
     check_parity((5, 96), torch.float32, device, seed=6, bias=False, eps=1e-3)
+    x, w = torch.randn(3, 10).to(device), torch.ones(10).to(device)
+    assert torch.equal(layer_norm(x, w, None, np.float32(1e-3)), layer_norm(x, w, None, 1e-3))  # as F.layer_norm
 
 
 def test_matches_reference_module(device):

@@ -352,6 +352,29 @@ def test_bf16_cast_rounds_to_nearest_even(device):
     assert torch.equal(y.cpu(), x.cpu().to(torch.bfloat16))
 
 
+@pytest.mark.parametrize("C,H", [(0, 8), (5, 0)])
+def test_empty_feature_or_hidden_dims_match_pytorch(C, H, device):
+    """No input features (y = GELU(b1) @ w2^T + b2) or no hidden units (y = b2): PyTorch's
+    answers and gradients, not a reshape error."""
+    gen = torch.Generator().manual_seed(17)
+    params = [torch.randn(*shape, generator=gen).to(device).requires_grad_()
+              for shape in ((4, C), (H, C), (H,), (C, H), (C,))]
+    leaves = [p.detach().double().requires_grad_() for p in params]
+    y, y64 = gelu_mlp(*params), ref_mlp(*leaves)
+    dy = torch.randn(y.shape, generator=gen).to(device)
+    y.backward(dy)
+    y64.backward(dy.double())
+    assert y.shape == (4, C)
+    for name, got, want in zip(("y",) + NAMES, [y] + [p.grad for p in params], [y64] + [p.grad for p in leaves]):
+        assert got.shape == want.shape and torch.allclose(got.double(), want, atol=1e-5), name
+
+
+def test_meta_tensors_give_shapes():
+    m = [torch.empty(*shape, device="meta") for shape in ((2, 3, 8), (16, 8), (16,), (8, 16), (8,))]
+    y = gelu_mlp(*m)
+    assert y.device.type == "meta" and y.shape == (2, 3, 8)
+
+
 def test_autotune_key_tells_operand_layouts_apart(monkeypatch):
     """Without biases, the second Linear's forward (h_act @ w2^T) and dx = dh @ w1 have the same
     sizes and flags; their B operands are laid out differently, so on a GPU they must not share
