@@ -600,3 +600,142 @@ def test_gpu_timer_peak_memory():
     assert timer.peak_bytes(lambda: torch.empty(n, device="cuda", dtype=torch.uint8)) >= n
     med, p20, p80 = timer.bench(lambda: torch.ones(n, device="cuda", dtype=torch.uint8))
     assert 0 < p20 <= med <= p80
+
+
+# -- formulas and figures by hand (a mutation pass found them checked only against themselves) --
+def test_lm_head_and_cross_entropy_formulas():
+    f = 2 * 4096 * 768 * 50257
+    assert common.lm_head_flops(4096, 768, 50257, "fwd") == f == 316_189_704_192
+    assert common.lm_head_flops(4096, 768, 50257, "bwd") == 2 * f
+    assert common.lm_head_flops(4096, 768, 50257, "fwd+bwd") == 3 * f
+    assert common.cross_entropy_bytes(4096, 50257, 2, "fwd") == 411_705_344
+    assert common.cross_entropy_bytes(4096, 50257, 2, "bwd") == 823_410_688
+    assert common.cross_entropy_bytes(4096, 50257, 2, "fwd+bwd") == 1_235_116_032
+
+
+def test_hidden_and_rectangular_attention():
+    assert common.mlp_flops(16384, 768, "fwd", hidden=2048) == 4 * 16384 * 768 * 2048
+    assert common.attention_flops(1, 1, 128, 1024, 64, False, "fwd") == 4 * 128 * 1024 * 64
+
+
+def test_cpu_timer_reports_milliseconds(monkeypatch):
+    clock = [0.0]
+    monkeypatch.setattr(common.time, "perf_counter", lambda: clock[0])
+    med, p20, p80 = CpuTimer(reps=3, warm_calls=0).bench(lambda: clock.__setitem__(0, clock[0] + 0.25))
+    assert (med, p20, p80) == pytest.approx((250.0, 250.0, 250.0))
+
+def test_ceilings_count_read_plus_write_and_2n3():
+    c = kernels.measure_ceilings(CpuTimer(reps=1), copy_bytes=1 << 16, matmul_n=32, dtype=torch.float32)
+    assert c["copy"]["bytes"] == 2 * (1 << 16)
+    assert c["copy"]["gbps"] == pytest.approx(c["copy"]["bytes"] / (c["copy"]["ms"] * 1e-3) / 1e9)
+    assert c["matmul"]["flops"] == 2 * 32 ** 3 == 65536
+
+
+def test_percent_of_matmul_ceiling():
+    rows = [make_row("kernels", "mlp", "torch", {}, "fwd", ms=1.0, tflops=50.0),
+            make_row("kernels", "layernorm", "torch", {}, "fwd", ms=1.0, gbps=500.0)]
+    kernels.add_ceiling_percent(rows, {"copy": {"gbps": 2000.0}, "matmul": {"tflops": 500.0}})
+    assert rows[0]["pct_of_matmul"] == pytest.approx(10.0) and rows[1]["pct_of_copy_bw"] == pytest.approx(25.0)
+
+
+def test_kernel_target_thresholds_and_saved_ratio():
+    ln = {"rows": 16384, "width": 768, "dtype": "bf16"}
+    mlp = {"rows": 16384, "width": 768, "hidden": 3072, "dtype": "bf16"}
+    att = {"batch": 16, "heads": 32, "seq_len": 1024, "head_dim": 64, "causal": True, "dtype": "bf16"}
+    rows = [make_row("kernels", "layernorm", "triton", ln, "fwd+bwd", ms=1.0, gbps=840.0),
+            make_row("kernels", "mlp", "reference", mlp, "saved", saved_bytes=100),
+            make_row("kernels", "mlp", "triton", mlp, "saved", saved_bytes=60),
+            make_row("kernels", "attention", "triton", att, "fwd", ms=0.1, tflops=299.0)]
+    got = {t["target"]: t for t in kernels.kernel_targets(rows, {"copy": {"gbps": 1000.0}})}
+    assert got["layernorm bandwidth / copy bandwidth"]["status"] == "FAIL"  # 0.84 < 0.85
+    s = got["gelu-mlp saved activations / reference"]
+    assert s["value"] == pytest.approx(0.6) and s["status"] == "PASS"
+    assert got["attention forward TFLOPS"]["status"] == "FAIL"  # 299 < 300
+
+
+def test_sweeps_count_each_modes_work():
+    t, b = CpuTimer(reps=1), Budget(None)
+    for r in kernels.sweep_mlp(CpuTimer(reps=5), b, 8, (8,), torch.float32, providers=("torch",)):
+        if r["mode"] != "saved":
+            assert r["flops"] == common.mlp_flops(8, 8, r["mode"])
+            assert r["tflops"] == pytest.approx(r["flops"] / (r["ms"] * 1e-3) / 1e12)
+    rows = kernels.sweep_attention(t, b, (16,), (8,), torch.float32, tokens=32, width=16, providers=("reference",))
+    by = {r["mode"]: r["flops"] for r in rows}
+    assert by == {"fwd": 16384, "bwd": 2.5 * 16384, "fwd+bwd": 3.5 * 16384}  # 4*B2*H2*16*16*8 / 2
+    rows = kernels.sweep_cross_entropy(t, b, 8, (30,), torch.bfloat16, providers=("torch",))
+    assert {r["mode"]: r["bytes"] for r in rows} == {"fwd": 480, "bwd": 960, "fwd+bwd": 1440}
+
+def test_train_row_flops_per_token_by_hand():
+    row = train_step.bench_train_provider("reference", "tiny", 2, 16, torch.device("cpu"), torch.float32,
+                                          warmup_steps=0, steps=3, peak_flops=1e12)
+    assert row["config"]["n_params_non_embedding"] == 1_317_632
+    assert row["flops_per_token"] == 6 * 1_317_632 + 12 * 4 * 4 * 32 * 16 == 8_004_096
+    assert row["tflops"] == pytest.approx(8_004_096 * row["tokens_per_s"] / 1e12)
+    assert row["ms_p20"] <= row["ms"] <= row["ms_p80"]
+
+
+def test_train_peak_memory_threshold():
+    cfg = {"model": "gpt2-small", "batch": 16, "seq_len": 1024}
+    rows = [make_row("train", "step", "reference", cfg, "fwd+bwd", ms=9, tokens_per_s=80.0, peak_mem_bytes=100),
+            make_row("train", "step", "triton", cfg, "fwd+bwd", ms=4, tokens_per_s=130.0, peak_mem_bytes=72)]
+    got = {t["target"]: t for t in train_step.train_targets(rows)}
+    assert got["train peak memory / reference eager"]["status"] == "FAIL"
+
+@pytest.mark.parametrize("peak_arg", [None, "400"])
+def test_mfu_denominator_units(tmp_path, monkeypatch, peak_arg):
+    import json
+
+    from tritongpt import cli
+    from tritongpt.bench import cli as bcli
+
+    real = kernels.measure_ceilings
+    monkeypatch.setattr(common, "GpuTimer", lambda *a: CpuTimer(reps=1))
+    monkeypatch.setattr(kernels, "measure_ceilings", lambda timer, **k: real(
+        timer, copy_bytes=1 << 12, matmul_n=16, dtype=torch.float32))
+    seen = {}
+    monkeypatch.setattr(train_step, "run_train", lambda *a, **k: seen.update(peak=a[9]) or [])
+    argv = ["bench", "train", "--out", str(tmp_path), "--no-plots"] + (["--peak-tflops", peak_arg] if peak_arg else [])
+    assert bcli._run_gpu(cli.build_parser().parse_args(argv)) == 0
+    (folder,) = tmp_path.iterdir()
+    t = json.loads((folder / "train.json").read_text())
+    if peak_arg:
+        assert seen["peak"] == 400e12
+    else:
+        assert seen["peak"] == pytest.approx(t["ceilings"]["matmul"]["tflops"] * 1e12)
+
+def test_rows_table_train_row_and_collapse():
+    cfg = {"model": "gpt2-small", "batch": 16, "seq_len": 1024}
+    r = make_row("train", "step", "triton", cfg, "fwd+bwd", ms=100.0, tokens_per_s=163840.0, tflops=150.0, mfu=0.42)
+    text = report.rows_table([r])
+    assert "163,840 tok/s" in text and "42.0%" in text
+    c = {"rows": 8, "width": 16}
+    bad = [make_row("kernels", "layernorm", "triton", c, "fwd", "skipped: x"),
+           make_row("kernels", "layernorm", "triton", c, "bwd", "failed: y")]
+    assert len(report.collapse_unmeasured(bad)) == 2
+    res = report.make_result("train", common.environment(), [r], peak_flops=989.5e12, peak_flops_source="datasheet")
+    assert "MFU denominator: 990 TFLOPS (datasheet)" in report.render_markdown(res)
+
+
+def test_summary_does_not_call_this_runs_targets_earlier(tmp_path):
+    env = common.environment()
+    res = report.make_result("kernels", env, [], [common.target("t", "c", 1.0, 1.0)])
+    report.write_result(res, tmp_path, plots=False)
+    text = report.write_summary([res], tmp_path).read_text()
+    assert "earlier run" not in text and text.count("| t | c |") == 1
+
+def test_cpu_rates_use_batch_bytes_and_tokens():
+    from tritongpt.bench import cpu
+
+    row = cpu.bench_model_forward("tiny", batch=2, seq_len=16, reps=1)
+    assert row["tokens_per_s"] == pytest.approx(32 / (row["ms"] * 1e-3))
+
+    class Tok:
+        vocab_size = 300
+
+        def encode(self, text):
+            return list(range(len(text) // 2))
+
+    text = "héllo " * 50  # 300 chars, 350 UTF-8 bytes, 150 tokens
+    r = cpu.bench_tokenizer(text, reps=1, tokenizer=Tok())[0]
+    assert r["tokens"] == 150 and r["tokens_per_s"] == pytest.approx(150 / (r["ms"] * 1e-3))
+    assert r["mb_per_s"] == pytest.approx(350 / (r["ms"] * 1e-3) / 1e6)

@@ -221,3 +221,19 @@ def test_pad_vocab_builds_its_new_model_on_the_reference_path(monkeypatch):
     monkeypatch.setattr(gpt, "resolve_kernels", lambda spec, device: asked.append(spec) or real(spec, device))
     p = m.pad_vocab(16)
     assert asked == ["reference", "triton"] and p.kernels == m.kernels
+
+
+# -- large presets, config parsing, the toggle's spec strings, pad_vocab keeps the dtype --
+def test_large_presets_and_config_parsing():
+    from tritongpt.model.toggle import spec_string
+
+    with torch.device("meta"):
+        assert GPTModel(get_config("gpt2-large")).num_params() == 774_030_080
+        assert GPTModel(get_config("gpt2-xl")).num_params() == 1_557_611_200
+    assert get_config("gpt2-large").head_dim == 64 and get_config("gpt2-xl").n_layer == 48
+    with pytest.raises(UserError, match="unknown GPTConfig field"):
+        GPTConfig.from_dict({"vocab_size": 10, "n_embdd": 8})
+    assert resolve_kernels("layernorm, mlp", "cpu") == {"layernorm", "mlp"}
+    assert spec_string(frozenset({"mlp", "attention"})) == "mlp,attention"
+    m = GPTModel(GPTConfig(vocab_size=97, context_length=8, n_embd=16, n_layer=1, n_head=2)).to(torch.bfloat16)
+    assert m.pad_vocab(16).tok_emb.weight.dtype == torch.bfloat16

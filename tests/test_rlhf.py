@@ -14,6 +14,7 @@ from collections import Counter
 
 import pytest
 import torch
+import torch.nn as nn
 
 from parity import assert_close_rel
 from tritongpt.errors import UserError
@@ -691,3 +692,31 @@ def test_cli_reports_bad_input_in_one_line(tmp_path, capsys):
         RLArgs(dtype="fp16").validate()  # the API, which the CLI's choices do not guard
     assert main(["dpo", "--beta", "0"]) == 2
     assert "--beta must be positive" in capsys.readouterr().err
+
+
+# -- reward-model metrics by hand (from a mutation pass) --
+def test_pairwise_metrics_and_bt_loss_by_hand(monkeypatch):
+    from tritongpt.train import reward
+
+    class Stub(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.p = nn.Parameter(torch.zeros(()))
+
+        def forward(self, idx, lengths):
+            return torch.tensor([c for c, _ in idx] + [r for _, r in idx])
+
+    monkeypatch.setattr(reward, "pair_batch", lambda chunk, pad, device=None: (chunk, None, None))
+    m = reward.pairwise_metrics(Stub(), [(1.0, 0.0), (0.0, 2.0), (0.5, 0.5)], 0, batch_size=2)
+    sp1, sp2 = math.log1p(math.exp(-1)), math.log1p(math.exp(2))
+    assert m["acc"] == pytest.approx(1 / 3)          # a tie is not a win
+    assert m["margin"] == pytest.approx(-1 / 3)
+    assert m["loss"] == pytest.approx((sp1 + sp2 + math.log(2)) / 3)  # 1.04445
+    loss = reward.bradley_terry_loss(torch.tensor([1.0, 0.0]), torch.tensor([0.0, 2.0]))
+    assert loss.item() == pytest.approx((sp1 + sp2) / 2)  # 1.22010
+
+
+def test_reward_rejects_zero_length():
+    rm = RewardModel(GPTModel(GPTConfig(vocab_size=50, context_length=16, n_embd=16, n_layer=1, n_head=2)))
+    with pytest.raises(UserError, match="lengths"):
+        rm(torch.randint(0, 50, (1, 5)), torch.tensor([0]))

@@ -1,10 +1,12 @@
 """SFT: the prompt template, collate masking, record checking, length grouping, the verifiable
 task generator, a real before/after exact-match measurement, and Triton-path parity."""
 import json
+import math
 import random
 
 import pytest
 import torch
+import torch.nn as nn
 
 from parity import assert_close_rel
 from tritongpt.errors import UserError
@@ -414,3 +416,76 @@ def test_cli_runs_on_a_data_file(tmp_path, capsys):
     assert "no checkpoint there" in capsys.readouterr().err
     assert main(["sft", "--init", str(tmp_path / "run"), "--out-dir", str(out), "--vocab-multiple", "0"]) == 2
     assert "--vocab-multiple must be a positive integer" in capsys.readouterr().err
+
+
+# -- boundaries and sums by hand (from a mutation pass) --
+class Chars:
+    eot_id = 128
+    vocab_size = 129
+
+    def encode(self, text, allowed_special="none_raise"):
+        return [ord(c) for c in text]
+
+    def decode(self, ids):
+        return "".join(chr(i) for i in ids if i < 128)
+
+
+def test_encode_records_boundaries():
+    tok, rec = Chars(), {"instruction": "i", "input": "", "output": "xy"}
+    # ids = "ab" + "xy" + eot: 5 tokens = max_len + 1 with max_len 4: fits exactly, kept even with "drop"
+    ex, _ = sft.encode_records([rec], tok, 4, "drop", template=lambda r: "ab")
+    assert len(ex) == 1 and len(ex[0].ids) == 5
+    # prompt of max_len tokens: truncation keeps one response token
+    ex, _ = sft.encode_records([rec], tok, 3, "truncate", template=lambda r: "abc")
+    assert [e.ids for e in ex] == [[97, 98, 99, ord("x")]]
+    # prompt of max_len + 1 tokens: no response token left -> dropped
+    ex, _ = sft.encode_records([rec], tok, 3, "truncate", template=lambda r: "abcd")
+    assert ex == []
+
+
+def test_heldout_loss_is_token_weighted():
+    class Stub(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.p = nn.Parameter(torch.zeros(()))
+
+        def forward(self, x):
+            return 3.0 * torch.nn.functional.one_hot(x, 8).float()
+
+    data = sft.SFTData([sft.Example([1, 1], 1)], [sft.Example([1, 2, 3, 4, 5, 6, 7], 1), sft.Example([1, 1], 1)],
+                       pad_id=0, batch_size=1)
+    hit, miss = math.log1p(7 * math.exp(-3)), math.log(math.exp(3) + 7)
+    assert sft.heldout_loss(Stub(), data) == pytest.approx((6 * miss + hit) / 7)  # 2.6226...
+
+
+def test_greedy_responses_stop_flag_and_budget(monkeypatch):
+    from tritongpt.train import generate as gen
+
+    model = GPTModel(GPTConfig(vocab_size=129, context_length=32, n_embd=16, n_layer=1, n_head=2))
+    asked = []
+
+    def fake(model, idx, n, temperature=1.0, eos_id=None, **k):
+        asked.append(n)
+        return torch.cat([idx, torch.tensor([[52, 50]] * idx.size(0))], 1)  # "42", no eot
+
+    monkeypatch.setattr(gen, "generate", fake)
+    rec = {"instruction": "i", "input": "", "output": "42"}
+    out = sft.greedy_responses(model, Chars(), [rec], max_new_tokens=8, template=lambda r: "p" * 30)
+    assert out == [("42", False)] and asked == [2]  # 32 - 30 positions left
+    rows, acc = sft.evaluate_responses(model, Chars(), [rec], 8, template=lambda r: "p" * 30)
+    assert acc == 1.0 and rows[0]["stopped"] is False
+
+
+def test_run_sft_caps_max_length_at_the_context(monkeypatch):
+
+    seen = []
+
+    def stop(records, tok, max_len, *a, **k):
+        seen.append(max_len)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(sft, "encode_records", stop)
+    model = GPTModel(GPTConfig(vocab_size=129, context_length=32, n_embd=16, n_layer=1, n_head=2))
+    with pytest.raises(KeyboardInterrupt):
+        sft.run_sft(model, Chars(), [], [], [], None, max_length=1000)
+    assert seen == [32]
