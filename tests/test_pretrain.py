@@ -150,7 +150,7 @@ def test_a_run_folder_is_not_reused_by_accident(corpus, tmp_path, capsys):
 
     assert main(["pretrain", *argv(corpus, out, "--max-steps", "2", *short)]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("error: --out-dir") and "already holds a run (ckpt-0000002, ckpt-0000004, " \
+    assert err.startswith("error: --out-dir") and "already holds a run (2 checkpoints up to ckpt-0000004, " \
         "metrics.jsonl)" in err and "--resume" in err and "--overwrite" in err, err
 
     assert main(["pretrain", *argv(corpus, out, "--max-steps", "3", "--overwrite", *short)]) == 0

@@ -171,14 +171,14 @@ def check_out_dir(out_dir, resume, overwrite: bool) -> None:
     if resume:
         return
     out = Path(out_dir)
-    found = [p.name for p in Checkpointer(out).list()]
+    ckpts = Checkpointer(out).list()
+    found = [f"{len(ckpts)} checkpoint{'s' * (len(ckpts) > 1)} up to {ckpts[-1].name}"] if ckpts else []
     metrics = out / "metrics.jsonl"
     if metrics.is_file() and metrics.stat().st_size:
         found.append(metrics.name)
     if found and not overwrite:
-        shown = ", ".join(found[-3:]) + (f" and {len(found) - 3} more" if len(found) > 3 else "")
-        raise UserError(f"--out-dir {out} already holds a run ({shown}): pass --resume to continue it, "
-                        "--overwrite to replace it, or another --out-dir")
+        raise UserError(f"--out-dir {out} already holds a run ({', '.join(found)}): pass --resume to continue "
+                        "it, --overwrite to replace it, or another --out-dir")
 
 
 def clear_run(out_dir) -> None:
