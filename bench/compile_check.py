@@ -87,7 +87,6 @@ class Launch:
 
         return self.kernel.fn if isinstance(self.kernel, Autotuner) else self.kernel
 
-
     def variant(self):
         """The launch's compile-time flags (epilogue, causal, dropout...), minus tile sizes."""
         skip = ("num_warps", "num_stages", "HEAD_DIM", "BLOCK_D")

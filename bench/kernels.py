@@ -590,8 +590,6 @@ def sort_rows(rows):
     return sorted(rows, key=key)
 
 
-
-
 # -- targets ----------------------------------------------------------------------------------------------------
 def kernel_targets(rows, ceilings):
     """The issue's kernel targets as PASS/FAIL/N-A lines, judged on this run's rows only."""

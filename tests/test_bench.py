@@ -448,16 +448,21 @@ def test_cli_without_cuda_says_so_and_exits_0(tmp_path, monkeypatch, capsys):
     assert d["section"] == "cpu" and "need CUDA" in d["notes"][0]
 
 
+def _cpu_stand_ins(monkeypatch):
+    """The GPU command's timer and ceilings, swapped for the CPU timer and tiny fp32 ceilings."""
+    real_ceilings = kernels.measure_ceilings
+    monkeypatch.setattr(common, "GpuTimer", lambda *a: CpuTimer(reps=1))
+    monkeypatch.setattr(kernels, "measure_ceilings", lambda timer, **k: real_ceilings(
+        timer, copy_bytes=1 << 16, matmul_n=32, dtype=torch.float32))
+
+
 def test_gpu_command_flow_with_cpu_stand_ins(tmp_path, monkeypatch, capsys):
     # `bench all` as it runs on a GPU, with the GPU parts swapped for CPU stand-ins: argument
     # plumbing, the two sections, files, summary and the final table.
     from tritongpt import cli
     from tritongpt.bench import cli as bcli
 
-    real_ceilings = kernels.measure_ceilings
-    monkeypatch.setattr(common, "GpuTimer", lambda *a: CpuTimer(reps=1))
-    monkeypatch.setattr(kernels, "measure_ceilings", lambda timer, **k: real_ceilings(
-        timer, copy_bytes=1 << 16, matmul_n=32, dtype=torch.float32))
+    _cpu_stand_ins(monkeypatch)
     seen = {}
 
     def fake_train(device, budget, dtype, models, providers, batch, seq_len, warmup, steps, peak, log,
@@ -626,6 +631,7 @@ def test_cpu_timer_reports_milliseconds(monkeypatch):
     med, p20, p80 = CpuTimer(reps=3, warm_calls=0).bench(lambda: clock.__setitem__(0, clock[0] + 0.25))
     assert (med, p20, p80) == pytest.approx((250.0, 250.0, 250.0))
 
+
 def test_ceilings_count_read_plus_write_and_2n3():
     c = kernels.measure_ceilings(CpuTimer(reps=1), copy_bytes=1 << 16, matmul_n=32, dtype=torch.float32)
     assert c["copy"]["bytes"] == 2 * (1 << 16)
@@ -667,6 +673,7 @@ def test_sweeps_count_each_modes_work():
     rows = kernels.sweep_cross_entropy(t, b, 8, (30,), torch.bfloat16, providers=("torch",))
     assert {r["mode"]: r["bytes"] for r in rows} == {"fwd": 480, "bwd": 960, "fwd+bwd": 1440}
 
+
 def test_train_row_flops_per_token_by_hand():
     row = train_step.bench_train_provider("reference", "tiny", 2, 16, torch.device("cpu"), torch.float32,
                                           warmup_steps=0, steps=3, peak_flops=1e12)
@@ -683,6 +690,7 @@ def test_train_peak_memory_threshold():
     got = {t["target"]: t for t in train_step.train_targets(rows)}
     assert got["train peak memory / reference eager"]["status"] == "FAIL"
 
+
 @pytest.mark.parametrize("peak_arg", [None, "400"])
 def test_mfu_denominator_units(tmp_path, monkeypatch, peak_arg):
     import json
@@ -690,10 +698,7 @@ def test_mfu_denominator_units(tmp_path, monkeypatch, peak_arg):
     from tritongpt import cli
     from tritongpt.bench import cli as bcli
 
-    real = kernels.measure_ceilings
-    monkeypatch.setattr(common, "GpuTimer", lambda *a: CpuTimer(reps=1))
-    monkeypatch.setattr(kernels, "measure_ceilings", lambda timer, **k: real(
-        timer, copy_bytes=1 << 12, matmul_n=16, dtype=torch.float32))
+    _cpu_stand_ins(monkeypatch)
     seen = {}
     monkeypatch.setattr(train_step, "run_train", lambda *a, **k: seen.update(peak=a[9]) or [])
     argv = ["bench", "train", "--out", str(tmp_path), "--no-plots"] + (["--peak-tflops", peak_arg] if peak_arg else [])
@@ -704,6 +709,7 @@ def test_mfu_denominator_units(tmp_path, monkeypatch, peak_arg):
         assert seen["peak"] == 400e12
     else:
         assert seen["peak"] == pytest.approx(t["ceilings"]["matmul"]["tflops"] * 1e12)
+
 
 def test_rows_table_train_row_and_collapse():
     cfg = {"model": "gpt2-small", "batch": 16, "seq_len": 1024}
@@ -724,6 +730,7 @@ def test_summary_does_not_call_this_runs_targets_earlier(tmp_path):
     report.write_result(res, tmp_path, plots=False)
     text = report.write_summary([res], tmp_path).read_text()
     assert "earlier run" not in text and text.count("| t | c |") == 1
+
 
 def test_cpu_rates_use_batch_bytes_and_tokens():
     from tritongpt.bench import cpu

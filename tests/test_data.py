@@ -134,6 +134,7 @@ def test_documents_past_a_tokenising_group_are_still_separated(tmp_path):
         want += ([tok.eot_id] if i else []) + [60_000 + ord(c) for c in d]
     assert ids == want
 
+
 def test_cache_reuse_and_rebuild(tmp_path, tok, monkeypatch):
     src, cache = tmp_path / "corpus.txt", tmp_path / "cache"
     src.write_text("alpha beta gamma delta " * 50, encoding="utf-8")

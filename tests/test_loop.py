@@ -213,6 +213,7 @@ def test_eval_and_sample_do_not_move_the_training_rng(tmp_path):
     for (n, p), q in zip(with_side.raw_model.named_parameters(), plain.raw_model.parameters()):
         assert torch.equal(p, q), f"{n}: eval/sample changed the training run"
 
+
 def test_resume_without_checkpoint_is_a_user_error(tmp_path):
     t = Trainer(tiny_model(), args_for(tmp_path, resume="latest"), loss_fn, make_get_batch(synthetic_tokens(), 2))
     with pytest.raises(UserError, match="no checkpoint"):

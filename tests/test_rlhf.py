@@ -210,6 +210,8 @@ def test_response_mask_and_overlong_pairs_by_hand(capsys):
     assert "dropped 2 of 3" in capsys.readouterr().out
 
 # -- reward model -----------------------------------------------------------------------------------
+
+
 def test_reward_model_beats_chance_on_held_out_pairs(reward, data, tmp_path):
     tok, train, val = data
     rm, result = reward
@@ -286,7 +288,6 @@ def test_logprobs_and_entropy_match_their_definitions():
     probs = torch.softmax(logits[:, :-1], -1)
     torch.testing.assert_close(logp, token_logprobs(logits, idx).to(logp.dtype))
     torch.testing.assert_close(ent, -(probs * probs.log()).sum(-1).float())
-
 
 
 def test_policy_logprobs_leave_a_padded_vocabulary_out():
@@ -429,6 +430,7 @@ def test_sample_responses_keep_prompt_order_groups_and_the_eot():
     ro = sample_responses(policy, prompts[3:4], 1, 6, eot_id=greedy[2], temperature=1e-4)
     assert ro.idx[0, :ro.lengths[0]].tolist() == prompts[3] + greedy, "the response must end with its eot"
     assert ro.lengths[0] == 5 and ro.mask[0].nonzero().flatten().tolist() == [1, 2, 3]
+
 
 def _tiny_rl_trainer(tmp_path, dropout=0.0, **kw):
     """An RLHFTrainer on random tiny models (no fixtures): vocab 23, prompts of 3 and 5 tokens."""
@@ -599,6 +601,7 @@ def test_dpo_loss_and_accuracy_against_the_formula():
     data = DPOData(enc, reference_logprobs(policy, enc, 22, torch.device("cpu")), 22)
     m = dpo_metrics(policy, data, beta)
     assert m["margin"] == 0.0 and m["acc"] == 0.0, f"policy == reference must rank nothing correctly: {m}"
+
 
 def test_dpo_policy_runs_without_dropout_like_its_cached_reference(data, tmp_path):
     """With dropout in the config, the first training loss must still be exactly -log sigmoid(0):

@@ -234,6 +234,7 @@ def test_sft_data_ranks_share_each_epoch_between_them():
     single.get_batch("train")
     assert sorted(i for b in single._order for i in b) == list(range(70))
 
+
 def test_held_out_batches_are_fixed_and_not_just_the_shortest():
     rng = random.Random(1)
     val = [Example(list(range(n)), 1) for n in rng.sample(range(3, 60), 40)]
@@ -419,19 +420,8 @@ def test_cli_runs_on_a_data_file(tmp_path, capsys):
 
 
 # -- boundaries and sums by hand (from a mutation pass) --
-class Chars:
-    eot_id = 128
-    vocab_size = 129
-
-    def encode(self, text, allowed_special="none_raise"):
-        return [ord(c) for c in text]
-
-    def decode(self, ids):
-        return "".join(chr(i) for i in ids if i < 128)
-
-
 def test_encode_records_boundaries():
-    tok, rec = Chars(), {"instruction": "i", "input": "", "output": "xy"}
+    tok, rec = CharTokenizer(), {"instruction": "i", "input": "", "output": "xy"}
     # ids = "ab" + "xy" + eot: 5 tokens = max_len + 1 with max_len 4: fits exactly, kept even with "drop"
     ex, _ = sft.encode_records([rec], tok, 4, "drop", template=lambda r: "ab")
     assert len(ex) == 1 and len(ex[0].ids) == 5
@@ -470,9 +460,9 @@ def test_greedy_responses_stop_flag_and_budget(monkeypatch):
 
     monkeypatch.setattr(gen, "generate", fake)
     rec = {"instruction": "i", "input": "", "output": "42"}
-    out = sft.greedy_responses(model, Chars(), [rec], max_new_tokens=8, template=lambda r: "p" * 30)
+    out = sft.greedy_responses(model, CharTokenizer(), [rec], max_new_tokens=8, template=lambda r: "p" * 30)
     assert out == [("42", False)] and asked == [2]  # 32 - 30 positions left
-    rows, acc = sft.evaluate_responses(model, Chars(), [rec], 8, template=lambda r: "p" * 30)
+    rows, acc = sft.evaluate_responses(model, CharTokenizer(), [rec], 8, template=lambda r: "p" * 30)
     assert acc == 1.0 and rows[0]["stopped"] is False
 
 
@@ -487,5 +477,5 @@ def test_run_sft_caps_max_length_at_the_context(monkeypatch):
     monkeypatch.setattr(sft, "encode_records", stop)
     model = GPTModel(GPTConfig(vocab_size=129, context_length=32, n_embd=16, n_layer=1, n_head=2))
     with pytest.raises(KeyboardInterrupt):
-        sft.run_sft(model, Chars(), [], [], [], None, max_length=1000)
+        sft.run_sft(model, CharTokenizer(), [], [], [], None, max_length=1000)
     assert seen == [32]

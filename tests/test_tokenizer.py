@@ -138,6 +138,7 @@ def test_training_matches_a_naive_bpe_down_to_pairs_seen_once():
         with pytest.raises(UserError, match="ran out of pairs"):
             tkz.train_ranks(text, 256 + n + 2)
 
+
 def test_training_errors():
     with pytest.raises(UserError, match="too small"):
         BPETokenizer.train("abc", 200)

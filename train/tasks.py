@@ -124,7 +124,8 @@ FAMILIES = {
     "commas_to_spaces": _commas_to_spaces, "spaces_to_commas": _spaces_to_commas,
     "first_word": _first_word, "last_word": _last_word,
 }
-# Copying one word needs no arithmetic: the easiest families for a tiny model.
+
+
 def parse_families(spec) -> tuple:
     """None / "all" -> every family; a comma string or a list -> those, checked."""
     if spec is None or spec == "all" or spec == "":
