@@ -625,6 +625,25 @@ def test_hidden_and_rectangular_attention():
     assert common.attention_flops(1, 1, 128, 1024, 64, False, "fwd") == 4 * 128 * 1024 * 64
 
 
+def test_cpu_timer_warms_up_for_its_time_then_times_reps(monkeypatch):
+    """Untimed calls until warm_s has passed (at least warm_calls, at most 50), then reps timed."""
+    clock, calls = [0.0], []
+
+    def call(cost):
+        calls.append(cost)
+        clock[0] += cost
+
+    monkeypatch.setattr(common.time, "perf_counter", lambda: clock[0])
+    CpuTimer(reps=2, warm_calls=1, warm_s=0.5).bench(lambda: call(0.2))
+    assert len(calls) == 3 + 2  # warm-up at t = 0, 0.2, 0.4; then two timed calls
+    calls.clear()
+    CpuTimer(reps=2, warm_calls=1, warm_s=0.5).bench(lambda: call(1e-6))
+    assert len(calls) == 50 + 2  # a cheap call: capped
+    calls.clear()
+    CpuTimer(reps=2, warm_calls=0, warm_s=0.5).bench(lambda: call(0.2))
+    assert len(calls) == 2  # warm_calls=0: no warm-up at all (the slow reference tokenizer)
+
+
 def test_cpu_timer_reports_milliseconds(monkeypatch):
     clock = [0.0]
     monkeypatch.setattr(common.time, "perf_counter", lambda: clock[0])

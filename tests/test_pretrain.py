@@ -1,5 +1,6 @@
 """`tritongpt pretrain` end to end (shortened), its Python API, and its one-line input errors."""
 import json
+import re
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -161,15 +162,36 @@ def test_a_run_folder_is_not_reused_by_accident(corpus, tmp_path, capsys):
     assert main(["pretrain", *argv(corpus, out, "--max-steps", "2", "--resume", *short)]) == 2
     assert "at step 3, past --max-steps 2" in capsys.readouterr().err
 
-    assert main(["pretrain", *argv(corpus, out, "--max-steps", "3", "--resume", *short)]) == 0
+    # nothing to train: the checkpoint is evaluated (also when --eval-every divides its step)
+    assert main(["pretrain", *argv(corpus, out, "--max-steps", "3", "--resume", *short, "--eval-every", "3")]) == 0
     printed = capsys.readouterr()
     assert "already at --max-steps 3: nothing to train" in printed.err
-    assert "train loss - -> -" in printed.out, printed.out
+    assert re.search(r"train loss - -> -, val loss \S+ -> \d", printed.out), printed.out
+    assert "note: resuming" not in printed.err  # --dtype fp32 here and auto then: the same on a CPU
 
     assert main(["pretrain", *argv(corpus, out, "--max-steps", "4", "--resume", "--lr", "1e-2",
                                    "--batch-size", "2", *short)]) == 0
     err = capsys.readouterr().err
-    assert "note: resuming with --batch-size 2 (the run had 4), --lr 0.01 (0.002)" in err, err
+    assert "note: resuming with --max-steps 4 (the run had 3), --batch-size 2 (4), --lr 0.01 (0.002)" in err, err
+
+    assert main(["pretrain", *argv(corpus, out, "--max-steps", "5", "--resume", "--overwrite", *short)]) == 2
+    assert "--overwrite would delete the run" in capsys.readouterr().err
+    # a checkpoint from elsewhere, resumed into a folder holding another run: refused as a new run is
+    other = tmp_path / "other"
+    assert main(["pretrain", *argv(corpus, other, "--max-steps", "1", *short)]) == 0
+    assert main(["pretrain", *argv(corpus, other, "--max-steps", "5", "--resume", str(out), *short)]) == 2
+    assert "already holds a run (1 checkpoint up to ckpt-0000001" in capsys.readouterr().err
+    assert main(["pretrain", *argv(corpus, other, "--max-steps", "5", "--resume", str(out), "--overwrite",
+                                   *short)]) == 0  # its run replaced by the resumed one
+    assert [p.name for p in common.Checkpointer(other).list()] == ["ckpt-0000005"]
+    assert [r["step"] for r in common.MetricsLog(other / "metrics.jsonl").rows() if "loss" in r] == [5]
+    capsys.readouterr()
+    # metrics without a checkpoint (stopped before the first save): --resume would not help
+    (tmp_path / "stopped").mkdir()
+    (tmp_path / "stopped" / "metrics.jsonl").write_text('{"step": 1, "loss": 5.0}\n')
+    assert main(["pretrain", *argv(corpus, tmp_path / "stopped", "--max-steps", "2", *short)]) == 2
+    err = capsys.readouterr().err
+    assert "holds the metrics of a run that wrote no checkpoint: --overwrite" in err and "--resume" not in err
 
     assert main(["pretrain", *argv(corpus, out, "--max-steps", "5", "--resume", "--model", "mini", *short)]) == 2
     err = capsys.readouterr().err.strip()

@@ -473,12 +473,17 @@ def test_rl_policy_with_dropout_sees_no_change_before_its_first_step(tmp_path):
         f"log-probs moved before any step: {stats}"
 
 
-def _rl_setup(data, easy_reward, tmp_path, algo, **overrides):
+def _rl_setup(data, easy_reward, tmp_path, algo, frozen_shift=None, **overrides):
+    """frozen_shift: "ref" or "reward_model", whose first weight is then moved by 1e-3 (another model)."""
     tok, train, val = data
     rm, _ = easy_reward
+    rm = copy.deepcopy(rm)
     torch.manual_seed(3)
     policy = GPTModel(tiny_config(tok.vocab_size))
     ref = copy.deepcopy(policy)
+    if frozen_shift:
+        with torch.no_grad():
+            next({"ref": ref, "reward_model": rm}[frozen_shift].parameters()).add_(1e-3)
     room = CTX - 8
     prompts = [tok.encode(p.prompt) for p in train if len(tok.encode(p.prompt)) <= room]
     evals = [tok.encode(p.prompt) for p in val if len(tok.encode(p.prompt)) <= room][:16]
@@ -486,7 +491,7 @@ def _rl_setup(data, easy_reward, tmp_path, algo, **overrides):
               epochs=4, minibatch_size=8, lr=3e-3, kl_coef=0.05, eval_every=0, eval_prompts=16,
               eval_samples=8, ckpt_every=0, device="cpu", kernels="reference", seed=0)
     kw.update(overrides)
-    return RLHFTrainer(policy, ref, copy.deepcopy(rm), prompts, evals, tok.eot_id, RLArgs(**kw))
+    return RLHFTrainer(policy, ref, rm, prompts, evals, tok.eot_id, RLArgs(**kw))
 
 
 @pytest.mark.parametrize("algo", ["ppo", "grpo"])
@@ -541,9 +546,8 @@ def test_rl_run_folder_rules(data, easy_reward, tmp_path, capsys):
     with pytest.raises(UserError, match="already holds a run .*--resume.*--overwrite"):
         _rl_setup(data, easy_reward, tmp_path, "ppo", **small)
     for frozen, flag in (("ref", "--init"), ("reward_model", "--reward")):
-        trainer = _rl_setup(data, easy_reward, tmp_path, "ppo", resume="latest", **{**small, "iterations": 3})
-        with torch.no_grad():
-            next(getattr(trainer, frozen).parameters()).add_(1e-3)
+        trainer = _rl_setup(data, easy_reward, tmp_path, "ppo", frozen_shift=frozen, resume="latest",
+                            **{**small, "iterations": 3})
         with pytest.raises(UserError, match=f"{flag} is not the model .* started from"):
             trainer.fit()
     with pytest.raises(UserError, match="at iteration 2, past --iterations 1"):

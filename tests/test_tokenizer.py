@@ -406,9 +406,12 @@ def test_cli_train_encode_decode(tmp_path, capsys, corpus):
     run = tmp_path / "run"
     run.mkdir()
     tok.save(run / "tokenizer.json")
-    assert main(["bpe", "encode", "--tokenizer", str(run), "--text", "the cat sat"]) == 0
-    assert [int(i) for i in capsys.readouterr().out.split()] == ids
-    assert main(["bpe", "encode", "--tokenizer", str(tmp_path / "run" / ".."), "--text", "x"]) == 2
+    (run / "ckpt-0000001").mkdir()
+    for where in (run, run / "ckpt-0000001"):  # a run folder, or one of its checkpoints
+        assert main(["bpe", "encode", "--tokenizer", str(where), "--text", "the cat sat"]) == 0
+        assert [int(i) for i in capsys.readouterr().out.split()] == ids
+    (tmp_path / "empty").mkdir()
+    assert main(["bpe", "encode", "--tokenizer", str(tmp_path / "empty"), "--text", "x"]) == 2
     assert "must hold our tokenizer.json (a run folder) or GPT-2's encoder.json" in capsys.readouterr().err
     assert main(["bpe", "decode", "--tokenizer", str(out), "--ids", "300"]) == 2
     assert "out of range" in capsys.readouterr().err

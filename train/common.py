@@ -164,21 +164,39 @@ def resolve_checkpoint(path) -> Path:
     return latest / "model.safetensors"
 
 
-def check_out_dir(out_dir, resume, overwrite: bool) -> None:
-    """A new run (no --resume) must not land on another run: its checkpoints would outrank the
-    new ones (only the newest few are kept, by step) and its metrics would mix with them.
-    Refused unless --overwrite, which clears them when training starts (clear_run)."""
-    if resume:
-        return
+OVERWRITE_HELP = ("start a new run in an --out-dir that holds one (its checkpoints and metrics are "
+                  "deleted when training starts)")
+
+
+def _resumes_in(out: Path, resume) -> bool:
+    """--resume continues the run in `out` (its newest checkpoint, or a checkpoint inside it)."""
+    if resume in (True, "latest", "auto"):
+        return True
+    where, here = Path(resume).expanduser().resolve(), out.expanduser().resolve()
+    return where == here or here in where.parents
+
+
+def check_out_dir(out_dir, resume, overwrite: bool) -> bool:
+    """May this run write into out_dir? A new run must not land on another: its checkpoints
+    would outrank the new ones (only the newest few are kept, by step) and its metrics would
+    mix with them. Refused unless --overwrite; a resume of the run in out_dir is always fine.
+    Returns whether the old run is to be cleared (clear_run) when training starts."""
     out = Path(out_dir)
+    if resume and _resumes_in(out, resume):
+        if overwrite:
+            raise UserError(f"--overwrite would delete the run in {out} that --resume continues: pass one of them")
+        return False
     ckpts = Checkpointer(out).list()
     found = [f"{len(ckpts)} checkpoint{'s' * (len(ckpts) > 1)} up to {ckpts[-1].name}"] if ckpts else []
     metrics = out / "metrics.jsonl"
     if metrics.is_file() and metrics.stat().st_size:
         found.append(metrics.name)
     if found and not overwrite:
-        raise UserError(f"--out-dir {out} already holds a run ({', '.join(found)}): pass --resume to continue "
-                        "it, --overwrite to replace it, or another --out-dir")
+        what = f"already holds a run ({', '.join(found)})" if ckpts else \
+            "holds the metrics of a run that wrote no checkpoint"
+        keep = "pass --resume to continue it, " if ckpts and not resume else ""
+        raise UserError(f"--out-dir {out} {what}: {keep}--overwrite to replace it, or another --out-dir")
+    return bool(found)
 
 
 def clear_run(out_dir) -> None:
@@ -192,12 +210,40 @@ def clear_run(out_dir) -> None:
     (out / "metrics.jsonl").unlink(missing_ok=True)
 
 
-def changed_args(saved: dict, now: dict, names) -> str:
-    """The flags among `names` whose value differs from the checkpoint's run, as one phrase
-    ("--lr 0.01 (the run had 0.002), --dtype fp32 (bf16)"); "" when none do."""
-    diffs = [f"--{k.replace('_', '-')} {now[k]} ({'the run had ' if not i else ''}{saved[k]})"
-             for i, k in enumerate(k for k in names if k in saved and k in now and saved[k] != now[k])]
-    return ", ".join(diffs)
+def check_resume(ckpt, state: dict, now_args: dict, names, step_key: str, limit_flag: str, precision: str,
+                 say: bool) -> None:
+    """The checks every trainer's --resume makes: the checkpoint is not past the run's end
+    (state[step_key] vs now_args[limit]); a note naming the flags among `names` that differ from
+    the checkpoint's run, and a different precision (bf16/fp32 as resolved, not as spelled)."""
+    limit = now_args[limit_flag.removeprefix("--").replace("-", "_")]
+    if state[step_key] > limit:
+        raise UserError(f"--resume: {ckpt} is at {step_key} {state[step_key]}, past {limit_flag} {limit}: "
+                        f"raise {limit_flag} to train further")
+    saved = state.get("args", {})
+    parts = [(f"--{k.replace('_', '-')} {now_args[k]}", saved[k]) for k in names
+             if k in saved and k in now_args and saved[k] != now_args[k]]
+    if state.get("precision", precision) != precision:  # checkpoints from before it was saved: unknown
+        parts.append((f"precision {precision.removeprefix('torch.')}", state["precision"].removeprefix("torch.")))
+    if parts and say:
+        text = ", ".join(f"{now} ({'the run had ' if i == 0 else ''}{was})" for i, (now, was) in enumerate(parts))
+        print(f"note: resuming with {text}: the run goes on differently from the one it was started as",
+              file=sys.stderr)
+
+
+def config_difference(weights_file, config) -> str:
+    """How the model config saved with a checkpoint differs from `config` ("" if unknown), for
+    the error a checkpoint of another model size gets."""
+    from tritongpt.model.gpt import safetensors_metadata
+
+    try:
+        saved = json.loads(safetensors_metadata(weights_file)["config"])
+    except (UserError, KeyError, ValueError):  # no config, or not readable: the caller says what torch said
+        return ""
+    now = config.to_dict()
+    diffs = [f"{k} {saved[k]} (this run: {now[k]})" for k in saved
+             if k in now and saved[k] != now[k] and k not in ("kernels", "dropout")]
+    return ("the checkpoint's model has " + ", ".join(diffs) +
+            "; pass the --model (and --vocab-multiple) it was trained with") if diffs else ""
 
 
 def load_state(ckpt_dir) -> dict:

@@ -24,7 +24,6 @@ import argparse
 import contextlib
 import importlib
 import inspect
-import json
 import math
 import os
 import sys
@@ -129,9 +128,7 @@ def add_train_args(parser: argparse.ArgumentParser, **defaults):
         if f.name == "compile":
             g.add_argument(flag, action="store_true", default=d, help="torch.compile the model")
         elif f.name == "overwrite":
-            g.add_argument(flag, action="store_true", default=d,
-                           help="start a new run in an --out-dir that holds one (its checkpoints and "
-                                "metrics are deleted when training starts)")
+            g.add_argument(flag, action="store_true", default=d, help=common.OVERWRITE_HELP)
         elif f.name == "resume":
             g.add_argument(flag, nargs="?", const="latest", default=d, metavar="CKPT",
                            help="continue exactly from a checkpoint: the newest in --out-dir, "
@@ -201,29 +198,10 @@ class _SafetensorsSaver:
         save_model(self.module, str(path), metadata={k: str(v) for k, v in (extra_metadata or {}).items()})
 
 
-# Flags that change what a resumed run computes (others, like --max-steps or --log-every, are
-# expected to change between the start and a resume).
-TRAJECTORY_ARGS = ("batch_size", "grad_accum", "lr", "min_lr", "warmup_steps", "weight_decay", "grad_clip",
-                   "dtype", "seed")
-
-
-def _config_difference(weights_file, model) -> str:
-    """How the model config saved with a checkpoint differs from `model`'s ("" if unknown)."""
-    from safetensors import safe_open
-
-    gpts = _gpt_models(model)
-    try:
-        with safe_open(str(weights_file), framework="pt") as f:
-            saved = json.loads((f.metadata() or {})["config"])
-    except Exception:  # no config in the file, or not readable: the caller falls back to torch's message
-        return ""
-    if not gpts:
-        return ""
-    now = gpts[0].config.to_dict()
-    diffs = [f"{k} {saved[k]} (this run: {now[k]})" for k in saved
-             if k in now and saved[k] != now[k] and k not in ("kernels", "dropout")]
-    return ("the checkpoint's model has " + ", ".join(diffs) +
-            "; pass the --model (and --vocab-multiple) it was trained with") if diffs else ""
+# Flags that change what a resumed run computes (--max-steps too: it stretches the cosine schedule),
+# named in a note when a resume changes them; the precision is compared as resolved (auto = fp32 on CPU).
+TRAJECTORY_ARGS = ("max_steps", "batch_size", "grad_accum", "lr", "min_lr", "warmup_steps", "weight_decay",
+                   "grad_clip", "seed")
 
 
 def _data_hooks(data_state):
@@ -255,6 +233,8 @@ class Trainer:
     def __init__(self, model, args: TrainArgs, loss_fn, get_batch, eval_fn=None, sample_fn=None,
                  name: str = "pretrain", data_state=None):
         args.validate()
+        # before the process group exists: a refusal then leaves no threads behind
+        self._clear_first = common.check_out_dir(args.out_dir, args.resume, args.overwrite)
         self.args, self.name = args, name
         self.loss_fn, self.get_batch, self.eval_fn, self.sample_fn = loss_fn, get_batch, eval_fn, sample_fn
         self.get_data_state, self.set_data_state = _data_hooks(data_state)
@@ -291,7 +271,6 @@ class Trainer:
                                                 device=self.device)
         self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
         self.out_dir = Path(args.out_dir)
-        common.check_out_dir(self.out_dir, args.resume, args.overwrite)
         self.checkpointer = common.Checkpointer(self.out_dir, keep=args.keep_ckpts)
         self.metrics = common.MetricsLog(self.out_dir / "metrics.jsonl", enabled=self.is_main)
         self.plot_path = self.out_dir / "loss.png"
@@ -321,7 +300,7 @@ class Trainer:
         return {"step": self.step, "optimizer": self.optimizer.state_dict(),
                 "rng": self._gather(common.rng_state()), "generator": self._gather(self.generator.get_state()),
                 "data": self._gather(data), "args": vars(self.args).copy(), "name": self.name,
-                "world_size": self.world_size}
+                "world_size": self.world_size, "precision": str(self.dtype)}
 
     def save_checkpoint(self) -> Path | None:
         """Every rank calls this at the same step (it gathers their states); rank 0 writes."""
@@ -343,18 +322,15 @@ class Trainer:
         if state.get("name", self.name) != self.name:  # e.g. sft --resume pointed at a pretrain run
             raise UserError(f"--resume: {ckpt} is a checkpoint of a {state['name']} run, not of {self.name} "
                             "(to start from its weights, use --init)")
-        if state["step"] > self.args.max_steps:
-            raise UserError(f"--resume: {ckpt} is at step {state['step']}, past --max-steps "
-                            f"{self.args.max_steps}: raise --max-steps to train further")
         try:
             load_model(self.raw_model, str(ckpt / "model.safetensors"), device=str(self.device))
         except RuntimeError as e:
-            why = _config_difference(ckpt / "model.safetensors", self.raw_model) or str(e).splitlines()[0]
+            gpts = _gpt_models(self.raw_model)
+            why = (common.config_difference(ckpt / "model.safetensors", gpts[0].config) if gpts else "") \
+                or str(e).splitlines()[0]
             raise UserError(f"checkpoint {ckpt} does not fit this model: {why}") from None
-        changed = common.changed_args(state.get("args", {}), vars(self.args), TRAJECTORY_ARGS)
-        if changed and self.is_main:
-            print(f"note: resuming with {changed}: the run goes on differently from the one it "
-                  "was started as", file=sys.stderr)
+        common.check_resume(ckpt, state, vars(self.args), TRAJECTORY_ARGS, "step", "--max-steps", str(self.dtype),
+                            say=self.is_main)
         if state["step"] == self.args.max_steps and self.is_main:
             print(f"note: {ckpt} is already at --max-steps {self.args.max_steps}: nothing to train, "
                   "evaluating it", file=sys.stderr)
@@ -438,11 +414,11 @@ class Trainer:
 
         a = self.args
         common.set_seed(a.seed + self.rank)  # dropout differs by rank; resume overwrites all RNGs
+        if self._clear_first and self.is_main:  # --overwrite (a resume from elsewhere may come next)
+            common.clear_run(self.out_dir)
         if a.resume:
             self.resume(a.resume)
             self._log(f"resumed from {self.last_ckpt} at step {self.step}")
-        elif a.overwrite and self.is_main:
-            common.clear_run(self.out_dir)
         model = self.raw_model
         model.train()
         if a.compile:
@@ -492,8 +468,9 @@ class Trainer:
         # the final checkpoint first: the RNG state it captures is the one a longer run continues from
         if self._saved_step != self.step:
             self.save_checkpoint()
-        if self.is_main and self.eval_fn and (not a.eval_every or self.step % a.eval_every):
-            last_eval = self._evaluate()
+        # (and when nothing trained: a resume at --max-steps reports the checkpoint's evaluation)
+        if self.is_main and self.eval_fn and (not a.eval_every or self.step % a.eval_every or not losses):
+            last_eval = self._evaluate(log=bool(losses))  # the checkpoint's own row is logged already
         if self.is_main and self.sample_fn:
             self._sample()
         if self.is_main:

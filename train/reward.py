@@ -196,7 +196,7 @@ def add_data_args(p):
 def setup_preference_run(args):
     """What `reward` and `dpo` share: validated TrainArgs, the pairs (bad data fails before any
     slow work), the backbone from --init, and its tokenizer (saved beside the run)."""
-    from tritongpt.train.common import set_seed
+    from tritongpt.train.common import check_out_dir, set_seed
     from tritongpt.train.loop import TrainArgs
     from tritongpt.train.preference import train_val_pairs
     from tritongpt.train.sft import pick_tokenizer
@@ -205,6 +205,7 @@ def setup_preference_run(args):
     set_seed(args.seed)
     targs = TrainArgs.from_namespace(args)
     targs.validate()
+    check_out_dir(targs.out_dir, targs.resume, targs.overwrite)  # before the tokenizer is written there
     train, val = train_val_pairs(args.data, args.num_pairs, args.val_fraction, args.seed)
     backbone = build_backbone(args)
     tok = pick_tokenizer(args.tokenizer, args.init, backbone.config.vocab_size)

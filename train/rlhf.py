@@ -32,7 +32,6 @@ fixed seed, so the numbers are comparable across iterations.
 """
 import copy
 import math
-import sys
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -47,17 +46,19 @@ from tritongpt.train.preference import (encode_text, model_token_logprobs, next_
                                         pick_next_tokens, response_mask, token_logprobs)
 
 
-# Flags that change what a resumed run computes (--iterations is expected to change).
+# Flags that change what a resumed run computes (--iterations does not: the learning rate is
+# constant), named in a note when a resume changes them; the precision is compared as resolved.
 TRAJECTORY_ARGS = ("algo", "prompts_per_iter", "group_size", "max_new_tokens", "temperature", "top_k", "epochs",
                    "minibatch_size", "lr", "weight_decay", "grad_clip", "kl_coef", "clip_eps", "value_clip",
-                   "vf_coef", "ent_coef", "gamma", "lam", "dtype", "seed")
+                   "vf_coef", "ent_coef", "gamma", "lam", "seed")
 
 
 def _fingerprint(model) -> tuple:
-    """(sum, sum of squares) of every weight in float64: tells another model's weights apart."""
+    """(sum, sum of squares) of every weight in float64, without float64 copies: tells another
+    model's weights apart."""
     with torch.no_grad():
         total = sum(p.sum(dtype=torch.float64) for p in model.parameters())
-        squares = sum(p.double().square().sum() for p in model.parameters())
+        squares = sum(torch.linalg.vector_norm(p, dtype=torch.float64) ** 2 for p in model.parameters())
     return float(total), float(squares)
 
 
@@ -370,7 +371,10 @@ class RLHFTrainer:
         self.generator = torch.Generator(device=self.device).manual_seed(args.seed)
         self.shuffle_gen = torch.Generator().manual_seed(args.seed + 1)
         self.out_dir = Path(args.out_dir)
-        common.check_out_dir(self.out_dir, args.resume, args.overwrite)
+        self._clear_first = common.check_out_dir(self.out_dir, args.resume, args.overwrite)
+        # frozen: fingerprinted once, saved with every checkpoint, compared on --resume
+        self.frozen_fingerprints = {"ref_fingerprint": _fingerprint(self.ref),
+                                    "reward_fingerprint": _fingerprint(self.reward_model)}
         self.checkpointer = common.Checkpointer(self.out_dir, keep=args.keep_ckpts)
         self.metrics = common.MetricsLog(self.out_dir / "metrics.jsonl", enabled=log)
         self.plot_path = self.out_dir / "rlhf.png"
@@ -456,8 +460,7 @@ class RLHFTrainer:
                 "value_head": None if self.model.value_head is None else self.model.value_head.state_dict(),
                 "rng": common.rng_state(), "generator": self.generator.get_state(),
                 "shuffle_gen": self.shuffle_gen.get_state(), "score_norm": self.score_norm,
-                "args": vars(self.args).copy(), "ref_fingerprint": _fingerprint(self.ref),
-                "reward_fingerprint": _fingerprint(self.reward_model),
+                "args": vars(self.args).copy(), **self.frozen_fingerprints, "precision": str(self.dtype),
                 "name": f"rlhf-{self.args.algo}"}
 
     def save_checkpoint(self):
@@ -473,27 +476,19 @@ class RLHFTrainer:
         state = common.load_state(ckpt)
         if state.get("name") != f"rlhf-{self.args.algo}":
             raise UserError(f"--resume: {ckpt} is not an rlhf --algo {self.args.algo} checkpoint")
-        if state["iteration"] > self.args.iterations:
-            raise UserError(f"--resume: {ckpt} is at iteration {state['iteration']}, past --iterations "
-                            f"{self.args.iterations}: raise --iterations to train further")
         # The frozen models are rebuilt from --init and --reward: other ones would change the KL
         # and the rewards the run optimises, silently.
-        for key, model, flag in (("ref_fingerprint", self.ref, "--init"),
-                                 ("reward_fingerprint", self.reward_model, "--reward")):
-            if key in state and not _same_fingerprint(state[key], _fingerprint(model)):
+        for key, flag in (("ref_fingerprint", "--init"), ("reward_fingerprint", "--reward")):
+            if key in state and not _same_fingerprint(state[key], self.frozen_fingerprints[key]):
                 raise UserError(f"--resume: {flag} is not the model {ckpt}'s run started from (its "
                                 f"weights differ): pass the same {flag} as that run")
-        changed = common.changed_args(state.get("args", {}), vars(self.args), TRAJECTORY_ARGS)
-        if changed and self.log_enabled:
-            print(f"note: resuming with {changed}: the run goes on differently from the one it "
-                  "was started as", file=sys.stderr)
         try:
             load_model(self.policy, str(ckpt / "model.safetensors"), device=str(self.device))
         except RuntimeError as e:
-            from tritongpt.train.loop import _config_difference
-
-            why = _config_difference(ckpt / "model.safetensors", self.policy) or str(e).splitlines()[0]
+            why = common.config_difference(ckpt / "model.safetensors", self.policy.config) or str(e).splitlines()[0]
             raise UserError(f"checkpoint {ckpt} does not fit this policy: {why}") from None
+        common.check_resume(ckpt, state, vars(self.args), TRAJECTORY_ARGS, "iteration", "--iterations",
+                            str(self.dtype), say=self.log_enabled)
         if self.model.value_head is not None:
             self.model.value_head.load_state_dict(state["value_head"])
         self.optimizer.load_state_dict(state["optimizer"])
@@ -520,12 +515,12 @@ class RLHFTrainer:
         from tqdm import tqdm
 
         a = self.args
+        if self._clear_first and self.log_enabled:  # --overwrite
+            common.clear_run(self.out_dir)
         if a.resume:
             ckpt = self.resume(a.resume)
             self._say(f"resumed from {ckpt} at iteration {self.iteration}")
         else:
-            if a.overwrite and self.log_enabled:
-                common.clear_run(self.out_dir)
             common.set_seed(a.seed)
         first_eval = None
         if self.iteration == 0:
@@ -597,6 +592,7 @@ def cmd_rlhf(args):
 
     a = RLArgs.from_namespace(args)
     a.validate()
+    common.check_out_dir(a.out_dir, a.resume, a.overwrite)  # before the tokenizer is written there
     common.set_seed(a.seed)
     device = common.pick_device(a.device)
     if not args.reward:
@@ -672,9 +668,7 @@ def add_cli(sub):
         g.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default,
                        help=f"{_HELP.get(f.name, f.name)} (default %(default)s)", **kw)
     g.add_argument("--top-k", type=int, default=None, help="sample the rollouts from the top k tokens only")
-    g.add_argument("--overwrite", action="store_true",
-                   help="start a new run in an --out-dir that holds one (its checkpoints and metrics "
-                        "are deleted when training starts)")
+    g.add_argument("--overwrite", action="store_true", help=common.OVERWRITE_HELP)
     g.add_argument("--resume", nargs="?", const="latest", default=None, metavar="CKPT",
                    help="continue from the newest checkpoint in --out-dir, or a checkpoint folder "
                         "(pass the same --init: it is the frozen reference)")

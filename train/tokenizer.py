@@ -575,12 +575,13 @@ def get_tokenizer(spec="default") -> BPETokenizer:
     p = Path(spec).expanduser()
     if p.is_dir():
         enc, bpe = p / "encoder.json", p / "vocab.bpe"
-        if (p / RUN_TOKENIZER).is_file() and _is_ours(p / RUN_TOKENIZER) and not enc.is_file():
-            return BPETokenizer.load(p / RUN_TOKENIZER)
-        if not (enc.is_file() and bpe.is_file()):
+        if enc.is_file() and bpe.is_file():
+            return BPETokenizer.from_gpt2_files(enc, bpe)
+        saved = saved_tokenizer_path(p)  # a run folder or one of its checkpoints
+        if saved is None:
             raise UserError(f"tokenizer folder {p} must hold our {RUN_TOKENIZER} (a run folder) or "
                             "GPT-2's encoder.json and vocab.bpe")
-        return BPETokenizer.from_gpt2_files(enc, bpe)
+        return BPETokenizer.load(saved)
     if p.is_file():
         return BPETokenizer.load(p)
     raise UserError(f"unknown tokenizer {spec!r}: use 'default', 'gpt2', a tokenizer .json file, "
