@@ -536,6 +536,22 @@ def test_ppo_resume_is_exact_and_drops_rows_logged_after_the_checkpoint(data, ea
     assert math.isfinite(done["eval_reward"]) and math.isfinite(done["eval_kl"])
 
 
+@pytest.mark.parametrize("command", ["reward", "dpo", "rlhf"])
+def test_a_refused_run_writes_nothing_into_the_folder(command, tmp_path, capsys):
+    """The folder check comes before the run's tokenizer is written beside the old run's
+    checkpoints (a refused run used to replace it)."""
+    from tritongpt.cli import main
+
+    old = tmp_path / "run"
+    (old / "ckpt-0000001").mkdir(parents=True)
+    (old / "ckpt-0000001" / "state.pt").write_bytes(b"old")
+    (old / "tokenizer.json").write_text("the old run's")
+    extra = ["--reward", str(old)] if command == "rlhf" else []
+    assert main([command, "--out-dir", str(old), "--model", "tiny", *extra]) == 2
+    assert "already holds a run" in capsys.readouterr().err
+    assert (old / "tokenizer.json").read_text() == "the old run's"
+
+
 def test_rl_run_folder_rules(data, easy_reward, tmp_path, capsys):
     """A new run into a folder holding one is refused, --overwrite replaces it; a resume refuses
     other frozen models (--init is the KL reference, --reward the objective) and a checkpoint
