@@ -248,8 +248,8 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int
     x2 = logits.reshape(-1, V)
     if x2.stride(-1) != 1:  # rows are streamed with unit stride
         x2 = x2.contiguous()
-    t1 = torch.ops.tritongpt.checked_targets(targets, n_classes, int(ignore_index))
-    loss = CrossEntropyFunction.apply(x2, t1, int(ignore_index), n_classes)
+    t1 = torch.ops.tritongpt.checked_targets(targets, n_classes, ignore_index)
+    loss = CrossEntropyFunction.apply(x2, t1, ignore_index, n_classes)
     if reduction == "none":
         return loss.view(targets.shape)
     if reduction == "sum":
@@ -354,8 +354,8 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
     if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
         raise ValueError(f"chunk_rows must be a positive int, got {chunk_rows!r}")
     h2 = hidden.reshape(math.prod(hidden.shape[:-1]), C)  # not -1: C may be 0
-    t1 = torch.ops.tritongpt.checked_targets(targets, n_classes, int(ignore_index))
-    return LinearCrossEntropyFunction.apply(h2, weight, t1, int(ignore_index), reduction, chunk, n_classes,
+    t1 = torch.ops.tritongpt.checked_targets(targets, n_classes, ignore_index)
+    return LinearCrossEntropyFunction.apply(h2, weight, t1, ignore_index, reduction, chunk, n_classes,
                                             torch.is_grad_enabled())
 
 

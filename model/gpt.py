@@ -253,8 +253,13 @@ def safetensors_metadata(path) -> dict:
         with safe_open(str(path), framework="pt") as f:
             return f.metadata() or {}
     except Exception as e:
-        first = str(e).splitlines()[0] if str(e) else ""
-        raise UserError(f"{path} is not a readable safetensors file ({type(e).__name__}: {first})") from None
+        raise unreadable_safetensors(path, e) from None
+
+
+def unreadable_safetensors(path, e: Exception) -> UserError:
+    """safetensors' own error about a file (truncated, foreign), as one line naming the file."""
+    first = str(e).splitlines()[0] if str(e) else ""
+    return UserError(f"{path} is not a readable safetensors file ({type(e).__name__}: {first})")
 
 
 def lm_loss(logits, targets, ignore_index: int = -100, reduction: str = "mean"):

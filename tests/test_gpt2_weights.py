@@ -96,5 +96,5 @@ def test_offline_download_is_a_clear_error(tmp_path, monkeypatch):
     # The hub reads the variable once, at import: if another test imported it first (transformers
     # does), only the constant stops the real network attempt (~23 s of timeouts here).
     monkeypatch.setattr(hub.constants, "HF_HUB_OFFLINE", True, raising=False)
-    with pytest.raises(UserError, match=r"could not fetch .*pass its path \(--weights for generate, --init"):
+    with pytest.raises(UserError, match=r"could not fetch .*pass the file's path \(--weights for generate, --init"):
         load_gpt2_pretrained("gpt2-small", cache_dir=tmp_path)

@@ -21,13 +21,20 @@ from tritongpt.errors import UserError
 
 
 # -- device and precision ---------------------------------------------------------------------
+def dist_env() -> tuple[int, int, int]:
+    """(rank, local_rank, world_size) as torchrun sets them for every process it starts; (0, 0, 1) alone."""
+    env = os.environ
+    return int(env.get("RANK", 0)), int(env.get("LOCAL_RANK", 0)), int(env.get("WORLD_SIZE", 1))
+
+
 def pick_device(name: str = "auto") -> torch.device:
     """"auto": CUDA when present (under torchrun, this process's GPU: cuda:LOCAL_RANK), else CPU."""
     if name == "auto":
         if not torch.cuda.is_available():
             return torch.device("cpu")
-        if int(os.environ.get("WORLD_SIZE", 1)) > 1:
-            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        _, local_rank, world_size = dist_env()
+        if world_size > 1:
+            return torch.device("cuda", local_rank)
         return torch.device("cuda")
     dev = torch.device(name)
     if dev.type == "cuda" and not torch.cuda.is_available():
@@ -168,9 +175,17 @@ OVERWRITE_HELP = ("start a new run in an --out-dir that holds one (its checkpoin
                   "deleted when training starts)")
 
 
+_LATEST = (True, "latest", "auto")  # what a bare --resume means: the newest checkpoint in --out-dir
+
+
+def resume_checkpoint(out_dir, resume) -> Path:
+    """The checkpoint folder --resume names: the newest in out_dir, or a checkpoint/run folder or file."""
+    return resolve_checkpoint(out_dir if resume in _LATEST else resume).parent
+
+
 def _resumes_in(out: Path, resume) -> bool:
     """--resume continues the run in `out` (its newest checkpoint, or a checkpoint inside it)."""
-    if resume in (True, "latest", "auto"):
+    if resume in _LATEST:
         return True
     where, here = Path(resume).expanduser().resolve(), out.expanduser().resolve()
     return where == here or here in where.parents

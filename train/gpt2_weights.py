@@ -13,7 +13,7 @@ import torch
 
 from tritongpt.errors import UserError
 from tritongpt.model.config import GPTConfig, get_config
-from tritongpt.model.gpt import GPTModel
+from tritongpt.model.gpt import GPTModel, unreadable_safetensors
 
 HUB_REPOS = {
     "gpt2-small": "openai-community/gpt2",
@@ -30,8 +30,7 @@ def _read_tensors(path) -> dict:
     try:
         tensors = load_file(str(path))
     except Exception as e:  # a truncated or foreign file: safetensors' own error, in one line
-        raise UserError(f"{path} is not a readable safetensors file ({type(e).__name__}: "
-                        f"{str(e).splitlines()[0] if str(e) else ''})") from None
+        raise unreadable_safetensors(path, e) from None
     # Hub files name keys "h.0...", a saved GPT2LMHeadModel "transformer.h.0..."
     return {k.removeprefix("transformer."): v for k, v in tensors.items()}
 
@@ -148,6 +147,10 @@ def load_gpt2_safetensors(path, model_name: str | None = None) -> GPTModel:
     return model
 
 
+_PASS_A_FILE = "download model.safetensors elsewhere and pass the file's path (--weights for generate, --init " \
+               "for the trainers)"
+
+
 def load_gpt2_pretrained(name: str = "gpt2-small", cache_dir=None) -> GPTModel:
     """Download (or take from the local Hub cache) OpenAI's GPT-2 weights by name."""
     if name not in HUB_REPOS:
@@ -156,7 +159,7 @@ def load_gpt2_pretrained(name: str = "gpt2-small", cache_dir=None) -> GPTModel:
         from huggingface_hub import hf_hub_download
     except ImportError:
         raise UserError("downloading GPT-2 weights needs huggingface_hub (pip install huggingface_hub); "
-                        "or pass the path of a model.safetensors (--weights for generate, --init for the trainers)") from None
+                        f"or {_PASS_A_FILE}") from None
     try:
         path = hf_hub_download(HUB_REPOS[name], "model.safetensors", cache_dir=cache_dir)
         try:
@@ -165,6 +168,5 @@ def load_gpt2_pretrained(name: str = "gpt2-small", cache_dir=None) -> GPTModel:
             pass
     except Exception as e:
         raise UserError(f"could not fetch {HUB_REPOS[name]} from the Hugging Face Hub (offline?): "
-                        f"{type(e).__name__}; download model.safetensors elsewhere and pass its path "
-                        "(--weights for generate, --init for the trainers)") from None
+                        f"{type(e).__name__}; {_PASS_A_FILE}") from None
     return load_gpt2_safetensors(path, name)

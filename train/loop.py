@@ -25,7 +25,6 @@ import contextlib
 import importlib
 import inspect
 import math
-import os
 import sys
 import time
 import traceback
@@ -239,10 +238,7 @@ class Trainer:
         self.loss_fn, self.get_batch, self.eval_fn, self.sample_fn = loss_fn, get_batch, eval_fn, sample_fn
         self.get_data_state, self.set_data_state = _data_hooks(data_state)
 
-        # DDP: torchrun sets RANK / WORLD_SIZE / LOCAL_RANK for every process it starts
-        self.rank = int(os.environ.get("RANK", 0))
-        self.local_rank = int(os.environ.get("LOCAL_RANK", 0))
-        self.world_size = int(os.environ.get("WORLD_SIZE", 1))
+        self.rank, _, self.world_size = common.dist_env()  # DDP when launched by torchrun
         self.ddp = self.world_size > 1
         self.is_main = self.rank == 0
         self.device = common.pick_device(args.device)  # under torchrun, "auto" is cuda:LOCAL_RANK
@@ -317,7 +313,7 @@ class Trainer:
         from safetensors.torch import load_model
 
         # a run folder (its newest checkpoint), a checkpoint folder, or a file inside one
-        ckpt = common.resolve_checkpoint(self.out_dir if where in (True, "latest", "auto") else where).parent
+        ckpt = common.resume_checkpoint(self.out_dir, where)
         state = common.load_state(ckpt)
         if state.get("name", self.name) != self.name:  # e.g. sft --resume pointed at a pretrain run
             raise UserError(f"--resume: {ckpt} is a checkpoint of a {state['name']} run, not of {self.name} "
@@ -325,8 +321,7 @@ class Trainer:
         try:
             load_model(self.raw_model, str(ckpt / "model.safetensors"), device=str(self.device))
         except RuntimeError as e:
-            gpts = _gpt_models(self.raw_model)
-            why = (common.config_difference(ckpt / "model.safetensors", gpts[0].config) if gpts else "") \
+            why = (common.config_difference(ckpt / "model.safetensors", self._cfg) if self._cfg else "") \
                 or str(e).splitlines()[0]
             raise UserError(f"checkpoint {ckpt} does not fit this model: {why}") from None
         common.check_resume(ckpt, state, vars(self.args), TRAJECTORY_ARGS, "step", "--max-steps", str(self.dtype),

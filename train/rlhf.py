@@ -472,7 +472,7 @@ class RLHFTrainer:
     def resume(self, where):
         from safetensors.torch import load_model
 
-        ckpt = common.resolve_checkpoint(self.out_dir if where in (True, "latest", "auto") else where).parent
+        ckpt = common.resume_checkpoint(self.out_dir, where)
         state = common.load_state(ckpt)
         if state.get("name") != f"rlhf-{self.args.algo}":
             raise UserError(f"--resume: {ckpt} is not an rlhf --algo {self.args.algo} checkpoint")

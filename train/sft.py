@@ -20,7 +20,6 @@ are saved as JSON.
     tritongpt sft --init gpt2-small --data alpaca.json --tokenizer gpt2
 """
 import json
-import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -238,8 +237,9 @@ class SFTData:
         self.train, self.val = train, val
         self.pad_id, self.batch_size, self.mask_prompt = pad_id, batch_size, mask_prompt
         self.seed = seed
-        self.rank = int(os.environ.get("RANK", 0)) if rank is None else rank
-        self.world_size = int(os.environ.get("WORLD_SIZE", 1)) if world_size is None else world_size
+        env_rank, _, env_world = common.dist_env()
+        self.rank = env_rank if rank is None else rank
+        self.world_size = env_world if world_size is None else world_size
         self.lengths = [len(e.ids) for e in train]
         self.epoch, self.pos, self.epoch_seed, self._order = 0, 0, None, None
 
