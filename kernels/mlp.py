@@ -14,6 +14,7 @@ small fused prologue/epilogue:
   backward  dh = (dy @ w2) * gelu'(h)         GELU's derivative in the epilogue: da never exists
             dW2 = dy.T @ gelu(h)              GELU recomputed on the B tiles as they are loaded
             dW1 = dh.T @ x,  dx = dh @ w1,  db1 = sum(dh),  db2 = sum(dy)
+            (only the gradients autograd asks for: a frozen weight skips its product)
 
 So only x and h are saved for backward: x plus ONE [M, H] tensor, where the eager reference
 keeps x plus FIVE (h, tanh(z), 0.5 h, 1 + tanh(z), a) -- measured with _common.saved_tensor_bytes()
@@ -192,13 +193,23 @@ def _fwd_launch(x, w1, b1, w2, b2):
     return y, h
 
 
-def _bwd_launch(dy, x, h, w1, w2):
-    dh, _ = _matmul(dy, w2, epilogue=EPI_GELU_GRAD, aux=h)   # [M, H]
-    dw2, _ = _matmul(dy.t(), h, b_gelu=True)                # [C, H] = dy^T gelu(h)
-    dw1, _ = _matmul(dh.t(), x)                             # [H, C]
-    dx, _ = _matmul(dh, w1)                                 # [M, C]
-    db1 = dh.sum(0, dtype=torch.float32).to(w1.dtype)
-    db2 = dy.sum(0, dtype=torch.float32).to(w2.dtype)
+def _bwd_launch(dy, x, h, w1, w2, needs=(True,) * 5):
+    """-> (dx, dw1, db1, dw2, db2). needs: which of the five to make (autograd's
+    needs_input_grad): with frozen weights their products are skipped (dW1 and dW2 are half of
+    backward's FLOPs); a gradient not made comes back as an empty tensor."""
+    need_dx, need_dw1, need_db1, need_dw2, need_db2 = needs
+
+    def skipped():
+        return dy.new_empty(0)  # one per output: a custom op's outputs may not alias each other
+
+    dh = None
+    if need_dx or need_dw1 or need_db1:
+        dh, _ = _matmul(dy, w2, epilogue=EPI_GELU_GRAD, aux=h)           # [M, H]
+    dw2 = _matmul(dy.t(), h, b_gelu=True)[0] if need_dw2 else skipped()  # [C, H] = dy^T gelu(h)
+    dw1 = _matmul(dh.t(), x)[0] if need_dw1 else skipped()             # [H, C]
+    dx = _matmul(dh, w1)[0] if need_dx else skipped()                  # [M, C]
+    db1 = dh.sum(0, dtype=torch.float32).to(w1.dtype) if need_db1 else skipped()
+    db2 = dy.sum(0, dtype=torch.float32).to(w2.dtype) if need_db2 else skipped()
     return dx, dw1, db1, dw2, db2
 
 
@@ -219,18 +230,19 @@ def _(x, w1, b1, w2, b2):
 
 
 @torch.library.custom_op("tritongpt::gelu_mlp_bwd", mutates_args=())
-def _gelu_mlp_bwd(dy: torch.Tensor, x: torch.Tensor, h: torch.Tensor, w1: torch.Tensor,
-                  w2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """-> (dx, dw1, db1, dw2, db2); db1/db2 are returned even when the module has no bias."""
+def _gelu_mlp_bwd(dy: torch.Tensor, x: torch.Tensor, h: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor,
+                  needs: list[bool]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """-> (dx, dw1, db1, dw2, db2); those not in needs come back empty."""
     check_runnable(dy, "dy")
-    return _bwd_launch(dy, x, h, w1, w2)
+    return _bwd_launch(dy, x, h, w1, w2, needs)
 
 
 @_gelu_mlp_bwd.register_fake
-def _(dy, x, h, w1, w2):
+def _(dy, x, h, w1, w2, needs):
     # new_empty, not empty_like: the real op returns fresh contiguous tensors whatever x's strides
-    return (x.new_empty(x.shape), w1.new_empty(w1.shape), w1.new_empty(w1.shape[0]),
-            w2.new_empty(w2.shape), w2.new_empty(w2.shape[0]))
+    shapes = (x.shape, w1.shape, w1.shape[:1], w2.shape, w2.shape[:1])
+    return tuple(t.new_empty(shape if need else (0,))
+                 for t, shape, need in zip((x, w1, w1, w2, w2), shapes, needs))
 
 
 class GeluMLPFunction(torch.autograd.Function):
@@ -242,16 +254,16 @@ class GeluMLPFunction(torch.autograd.Function):
         x2 = x.reshape(math.prod(shape[:-1]), shape[-1])  # not -1: C may be 0
         y, h = torch.ops.tritongpt.gelu_mlp_fwd(x2, w1, b1, w2, b2)
         ctx.save_for_backward(x2, h, w1, w2)
-        ctx.has_b1, ctx.has_b2 = b1 is not None, b2 is not None
         return y.view(*shape[:-1], w2.shape[0])
 
     @staticmethod
     def backward(ctx, dy):
         x2, h, w1, w2 = ctx.saved_tensors
         dy2 = dy.reshape(x2.shape[0], dy.shape[-1])
-        dx, dw1, db1, dw2, db2 = torch.ops.tritongpt.gelu_mlp_bwd(dy2, x2, h, w1, w2)
-        return (dx.view(*dy.shape[:-1], x2.shape[-1]), dw1, db1 if ctx.has_b1 else None,
-                dw2, db2 if ctx.has_b2 else None)
+        needs = list(ctx.needs_input_grad)  # False for a frozen weight and for a bias that is None
+        dx, dw1, db1, dw2, db2 = torch.ops.tritongpt.gelu_mlp_bwd(dy2, x2, h, w1, w2, needs)
+        grads = (dx.view(*dy.shape[:-1], x2.shape[-1]) if needs[0] else None, dw1, db1, dw2, db2)
+        return tuple(g if need else None for g, need in zip(grads, needs))
 
 
 def gelu_mlp(x: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.Tensor], w2: torch.Tensor,

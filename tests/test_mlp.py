@@ -151,6 +151,41 @@ def test_strided_views(device):
         assert_close_rel(t.grad, t64.grad, 1e-4, name)
 
 
+@pytest.mark.parametrize("trainable", [
+    (True, False, False, False, False),   # every weight frozen: only dx
+    (True, False, False, True, True),     # first Linear frozen
+    (False, True, True, False, False),    # input needs no gradient, second Linear frozen
+    (True, True, False, True, False),     # biases frozen
+])
+def test_frozen_weights_skip_their_products(trainable, device, monkeypatch):
+    """Backward makes only the gradients autograd asks for: the trainable ones match float64,
+    the frozen ones stay None, and the products of frozen weights are not launched (dW1 and
+    dW2 are half of backward's FLOPs; they used to be made and dropped)."""
+    from tritongpt.kernels import mlp
+
+    gen = torch.Generator().manual_seed(13)
+    params = make(11, 24, 40, torch.float32, device, gen)
+    for p, train in zip(params, trainable):
+        p.requires_grad_(train)
+    y = gelu_mlp(*params)
+    dy = torch.randn(y.shape, generator=gen).to(device)
+    launched = []
+    matmul = mlp._matmul
+    monkeypatch.setattr(mlp, "_matmul", lambda *a, **k: launched.append(k.get("epilogue", 0)) or matmul(*a, **k))
+    y.backward(dy)
+    need_dx, need_dw1, need_db1, need_dw2, _ = trainable
+    # dh (the GELU' epilogue) feeds dx, dW1 and db1; then one product per wanted weight/input
+    assert launched.count(mlp.EPI_GELU_GRAD) == int(need_dx or need_dw1 or need_db1)
+    assert len(launched) == int(need_dx or need_dw1 or need_db1) + need_dx + need_dw1 + need_dw2
+    leaves = [p.detach().double().requires_grad_(train) for p, train in zip(params, trainable)]
+    ref_mlp(*leaves).backward(dy.double())
+    for name, p, p64, train in zip(NAMES, params, leaves, trainable):
+        if train:
+            assert_close_rel(p.grad, p64.grad, 1e-4, name)
+        else:
+            assert p.grad is None, name
+
+
 def test_matches_reference_module(device):
     """Same FeedForward (dropout 0), both paths (use_triton False/True), plus the float64 module."""
     torch.manual_seed(12)
