@@ -74,10 +74,10 @@ def lm_head_flops(n: int, c: int, v: int, mode: str) -> int:
 
 
 def cross_entropy_bytes(n: int, v: int, elem: int, mode: str) -> int:
-    """Memory traffic of a loss over [n, v] logits that saves one float per row for backward.
+    """Memory traffic of a loss over [n, v] logits that saves a few floats per row for backward.
 
     forward reads the logits; backward reads them again and writes the gradient. (Per-row
-    targets, losses and lse are not counted.)
+    targets, losses, maxima and log-sums are not counted.)
     """
     fwd = n * v * elem
     bwd = 2 * n * v * elem

@@ -139,8 +139,8 @@ def capture(quick=False):
                 case[0] = f"cross_entropy {name} {TOKENS}x{width} ({VOCAB} classes)"
                 logits = torch.empty(TOKENS, width, dtype=dt, **meta)
                 targets = torch.empty(TOKENS, dtype=torch.int64, **meta)
-                _, lse = cross_entropy._fwd_launch(logits, targets, -100, VOCAB)
-                cross_entropy._bwd_launch(lse, logits, targets, lse, -100, VOCAB)
+                loss, row_max, log_sum = cross_entropy._fwd_launch(logits, targets, -100, VOCAB)
+                cross_entropy._bwd_launch(loss, logits, targets, row_max, log_sum, -100, VOCAB)
 
             head_dims = (64, 128) if quick else (ATTN_HEAD_DIMS if dt == torch.bfloat16 else (64,))
             for d in head_dims:

@@ -17,12 +17,15 @@ BLOCK_V vectors per row lives in registers):
   forward   online logsumexp: each lane keeps a running max m and a running sum
             s = sum exp(x - m), rescaled by exp(m_old - m_new) when m grows (flash attention's
             softmax, per lane); after the last tile the lanes are merged into the row's max m
-            and S = sum_j exp(x_j - m). loss_i = (m - x[i, target_i]) + log S; lse = m + log S
-            is saved.
-  backward  recompute the softmax from the saved logits and lse:
-            dx_ij = g_i * (exp(x_ij - lse_i) - [j == target_i]), written in the logits' dtype,
-            where g_i is the upstream gradient of row i's loss (1/n for the mean).
-  ignore    rows whose target is ignore_index get loss 0, gradient 0, and do not count in n.
+            and S = sum_j exp(x_j - m). loss_i = (m - x[i, target_i]) + log S; m and log S
+            are saved (two fp32 numbers per row).
+  backward  recompute the softmax from the saved logits, m and log S:
+            dx_ij = g_i * (exp((x_ij - m_i) - log S_i) - [j == target_i]), written in the
+            logits' dtype, where g_i is the upstream gradient of row i's loss (1/n for the
+            mean). Not exp(x - lse) with lse = m + log S saved as one float: lse is rounded to
+            the size of m (2.4e-4 at logits near 5000), and that error would land in every p.
+  ignore    rows whose target is ignore_index get loss 0, gradient 0 (even where their logits
+            are all -inf, e.g. masked padding), and do not count in n.
   padding   a row may hold W >= V values (GPTConfig.vocab_multiple pads GPT-2's 50257 to 50304):
             all W are read, so a 16-byte aligned row is loaded in 16-byte vectors, but columns
             past V count as -inf, and their gradient is written as 0.
@@ -45,9 +48,9 @@ LOG2E = tl.constexpr(1.4426950408889634)
 
 
 @triton.jit
-def _ce_fwd_kernel(X, T, Loss, Lse, stride_x, N, V, W, ignore_index,
+def _ce_fwd_kernel(X, T, Loss, RowMax, LogSum, stride_x, N, V, W, ignore_index,
                    BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr):
-    """Grid (cdiv(N, BLOCK_R),). Loss[i] = lse_i - X[i, T[i]] (0 where T[i] == ignore_index).
+    """Grid (cdiv(N, BLOCK_R),). Loss[i] = logsumexp(X[i]) - X[i, T[i]] (0 where T[i] == ignore_index).
 
     Rows hold W >= V values; only the first V are classes (the rest: a padded vocabulary)."""
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -76,11 +79,12 @@ def _ce_fwd_kernel(X, T, Loss, Lse, stride_x, N, V, W, ignore_index,
     # (m - x_t) + log S, not (m + log S) - x_t: a confident right answer (x_t = m, S just above
     # 1) then keeps its small loss to fp32 precision instead of losing it to the size of m.
     tl.store(Loss + rows, tl.where(counted, (m_row - x_t) + log_s, 0.0), mask=row_ok)
-    tl.store(Lse + rows, m_row + log_s, mask=row_ok)
+    tl.store(RowMax + rows, m_row, mask=row_ok)
+    tl.store(LogSum + rows, log_s, mask=row_ok)
 
 
 @triton.jit
-def _ce_bwd_kernel(X, T, Lse, G, DX, stride_x, stride_dx, N, V, W, ignore_index,
+def _ce_bwd_kernel(X, T, RowMax, LogSum, G, DX, stride_x, stride_dx, N, V, W, ignore_index,
                    BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr):
     """Grid (cdiv(N, BLOCK_R),). DX[i, j] = G[i] * (softmax(X[i])_j - [j == T[i]]), 0 for ignored
     rows; all W columns are written, the padding ones (j >= V) with 0."""
@@ -89,14 +93,18 @@ def _ce_bwd_kernel(X, T, Lse, G, DX, stride_x, stride_dx, N, V, W, ignore_index,
     rows64 = rows.to(tl.int64)[:, None]
     cols = tl.arange(0, BLOCK_V)[None, :]
     target = tl.load(T + rows, mask=row_ok, other=ignore_index)
-    lse = tl.load(Lse + rows, mask=row_ok, other=0.0)
-    g = tl.where(target != ignore_index, tl.load(G + rows, mask=row_ok, other=0.0).to(tl.float32), 0.0)
+    m = tl.load(RowMax + rows, mask=row_ok, other=0.0)
+    log_s = tl.load(LogSum + rows, mask=row_ok, other=0.0)
+    counted = (target != ignore_index)[:, None]
+    g = tl.load(G + rows, mask=row_ok, other=0.0).to(tl.float32)
     for start in range(0, W, BLOCK_V):
         mask = row_ok[:, None] & (start + cols < W)
         x = tl.load(X + rows64 * stride_x + start + cols, mask=mask, other=0.0).to(tl.float32)
-        p = tl.where(start + cols < V, tl.exp2((x - lse[:, None]) * LOG2E), 0.0)
+        p = tl.where(start + cols < V, tl.exp2(((x - m[:, None]) - log_s[:, None]) * LOG2E), 0.0)
         p = tl.where(start + cols == target[:, None], p - 1.0, p)
-        tl.store(DX + rows64 * stride_dx + start + cols, cast(p * g[:, None], DX.dtype.element_ty), mask=mask)
+        # where, not a zero g: an ignored row of -inf logits has p = nan, and nan * 0 is nan
+        dx = tl.where(counted, p * g[:, None], 0.0)
+        tl.store(DX + rows64 * stride_dx + start + cols, cast(dx, DX.dtype.element_ty), mask=mask)
 
 
 def _launch_shape(N, V):
@@ -113,27 +121,27 @@ def _launch_shape(N, V):
 @on_tensor_device
 def _fwd_launch(logits, targets, ignore_index, n_classes):
     N, W = logits.shape
-    loss = torch.empty(N, device=logits.device, dtype=torch.float32)
-    lse = torch.empty(N, device=logits.device, dtype=torch.float32)
+    loss, row_max, log_sum = (torch.empty(N, device=logits.device, dtype=torch.float32) for _ in range(3))
     if N == 0:
-        return loss, lse
+        return loss, row_max, log_sum
     rows, block, warps = _launch_shape(N, W)
-    _ce_fwd_kernel[(triton.cdiv(N, rows),)](logits, targets, loss, lse, logits.stride(0), N, n_classes, W,
-                                            ignore_index, BLOCK_R=rows, BLOCK_V=block, num_warps=warps)
-    return loss, lse
+    _ce_fwd_kernel[(triton.cdiv(N, rows),)](logits, targets, loss, row_max, log_sum, logits.stride(0), N,
+                                            n_classes, W, ignore_index, BLOCK_R=rows, BLOCK_V=block,
+                                            num_warps=warps)
+    return loss, row_max, log_sum
 
 
 @on_tensor_device
-def _bwd_launch(grad_loss, logits, targets, lse, ignore_index, n_classes):
+def _bwd_launch(grad_loss, logits, targets, row_max, log_sum, ignore_index, n_classes):
     N, W = logits.shape
     dx = torch.empty((N, W), device=logits.device, dtype=logits.dtype)
     if N == 0:
         return dx
     grad_loss = grad_loss.contiguous()
     rows, block, warps = _launch_shape(N, W)
-    _ce_bwd_kernel[(triton.cdiv(N, rows),)](logits, targets, lse, grad_loss, dx, logits.stride(0), dx.stride(0),
-                                            N, n_classes, W, ignore_index, BLOCK_R=rows, BLOCK_V=block,
-                                            num_warps=warps)
+    _ce_bwd_kernel[(triton.cdiv(N, rows),)](logits, targets, row_max, log_sum, grad_loss, dx, logits.stride(0),
+                                            dx.stride(0), N, n_classes, W, ignore_index, BLOCK_R=rows,
+                                            BLOCK_V=block, num_warps=warps)
     return dx
 
 
@@ -141,13 +149,15 @@ def _bwd_launch(grad_loss, logits, targets, lse, ignore_index, n_classes):
 # As for the other kernels: registered ops stay opaque nodes under torch.compile.
 @torch.library.custom_op("tritongpt::checked_targets", mutates_args=())
 def _checked_targets(targets: torch.Tensor, vocab: int, ignore_index: int) -> torch.Tensor:
-    """targets as a flat contiguous copy, once every id is in [0, vocab) or is ignore_index.
+    """targets as a flat contiguous int64 copy, once every id is in [0, vocab) or is ignore_index.
 
     An out-of-range id would make the kernels read past the row (F.cross_entropy raises too).
+    int64 whatever the ids' dtype, so the check and the kernels compare ids with ignore_index
+    alike (int32 ids compared in int32 would wrap an ignore_index of 2^32 - 100 to -100).
     The check costs a small reduction and one host sync, so it is an op of its own: torch.compile
     keeps it out of its graph, and the fused LM head runs it once per call, not once per chunk.
     """
-    flat = targets.reshape(-1).clone()
+    flat = targets.reshape(-1).to(torch.int64, copy=True)
     if flat.is_cuda and torch.cuda.is_current_stream_capturing():
         return flat  # a CUDA-graph capture cannot sync; the eager warm-up runs before capture checked
     bad = (flat != ignore_index) & ((flat < 0) | (flat >= vocab))
@@ -160,48 +170,49 @@ def _checked_targets(targets: torch.Tensor, vocab: int, ignore_index: int) -> to
 
 @_checked_targets.register_fake
 def _(targets, vocab, ignore_index):
-    return targets.new_empty(targets.numel())
+    return targets.new_empty(targets.numel(), dtype=torch.int64)
 
 
 @torch.library.custom_op("tritongpt::cross_entropy_fwd", mutates_args=())
 def _cross_entropy_fwd(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int,
-                       n_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
+                       n_classes: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """-> (per-row loss, row max m, log S): fp32 [N] each; m and log S are for backward."""
     return _fwd_launch(logits, targets, ignore_index, n_classes)
 
 
 @_cross_entropy_fwd.register_fake
 def _(logits, targets, ignore_index, n_classes):
-    n = logits.shape[0]
-    return logits.new_empty(n, dtype=torch.float32), logits.new_empty(n, dtype=torch.float32)
+    return tuple(logits.new_empty(logits.shape[0], dtype=torch.float32) for _ in range(3))
 
 
 @torch.library.custom_op("tritongpt::cross_entropy_bwd", mutates_args=())
-def _cross_entropy_bwd(grad_loss: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor,
-                       ignore_index: int, n_classes: int) -> torch.Tensor:
-    return _bwd_launch(grad_loss, logits, targets, lse, ignore_index, n_classes)
+def _cross_entropy_bwd(grad_loss: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor,
+                       row_max: torch.Tensor, log_sum: torch.Tensor, ignore_index: int,
+                       n_classes: int) -> torch.Tensor:
+    return _bwd_launch(grad_loss, logits, targets, row_max, log_sum, ignore_index, n_classes)
 
 
 @_cross_entropy_bwd.register_fake
-def _(grad_loss, logits, targets, lse, ignore_index, n_classes):
+def _(grad_loss, logits, targets, row_max, log_sum, ignore_index, n_classes):
     return logits.new_empty(logits.shape)
 
 
 class CrossEntropyFunction(torch.autograd.Function):
     """Per-row losses [N] from logits [N, W] whose first n_classes columns are the classes; saves
-    the logits (alive anyway) and lse (fp32 [N])."""
+    the logits (alive anyway), the row max and the log-sum (fp32 [N] each)."""
 
     @staticmethod
     def forward(ctx, logits, targets, ignore_index, n_classes):
-        loss, lse = torch.ops.tritongpt.cross_entropy_fwd(logits, targets, ignore_index, n_classes)
-        ctx.save_for_backward(logits, targets, lse)
+        loss, row_max, log_sum = torch.ops.tritongpt.cross_entropy_fwd(logits, targets, ignore_index, n_classes)
+        ctx.save_for_backward(logits, targets, row_max, log_sum)
         ctx.ignore_index, ctx.n_classes = ignore_index, n_classes
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss):
-        logits, targets, lse = ctx.saved_tensors
-        dx = torch.ops.tritongpt.cross_entropy_bwd(grad_loss, logits, targets, lse, ctx.ignore_index,
-                                                   ctx.n_classes)
+        logits, targets, row_max, log_sum = ctx.saved_tensors
+        dx = torch.ops.tritongpt.cross_entropy_bwd(grad_loss, logits, targets, row_max, log_sum,
+                                                   ctx.ignore_index, ctx.n_classes)
         return dx, None, None, None
 
 
@@ -214,9 +225,11 @@ def _n_classes(vocab_size, width: int, what: str) -> int:
 
 
 def _as_int(value, name: str) -> int:
-    """An integer of any kind PyTorch takes (int, numpy integers), not a bool or a float."""
+    """An int64 of any kind PyTorch takes (int, numpy integers), not a bool or a float."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if not -2 ** 63 <= int(value) < 2 ** 63:
+        raise ValueError(f"{name} must fit in int64, got {value}")
     return int(value)
 
 
@@ -262,7 +275,7 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int
 # GPT-2 step, and as much again for their gradient). When only the mean or summed loss is
 # wanted, its gradient with respect to each row's logits is known during the forward pass
 # (grad_output is a scalar that can be applied afterwards), so the forward can walk the rows in
-# chunks: logits of one chunk -> loss and lse -> dlogits -> that chunk's dhidden rows and its
+# chunks: logits of one chunk -> loss (and row max, log-sum) -> dlogits -> that chunk's dhidden rows and its
 # share of dweight, then drop the chunk. Backward only scales the two stored gradients.
 # (The same plan as Liger-Kernel's fused linear cross-entropy; the matmuls are cuBLAS's.)
 CHUNK_ELEMENTS = 1 << 27  # logits per chunk: 256 MB in bf16, about 2.7k rows of GPT-2's vocabulary
@@ -295,11 +308,11 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
                 # all W columns: a padded W keeps the matmuls on multiples of 64; the CE kernels
                 # treat columns past n_classes as absent and give them a zero gradient
                 logits = h[s:e] @ w.t()
-                loss_rows[s:e], lse = torch.ops.tritongpt.cross_entropy_fwd(logits, targets[s:e], ignore_index,
-                                                                            n_classes)
+                loss_rows[s:e], row_max, log_sum = torch.ops.tritongpt.cross_entropy_fwd(
+                    logits, targets[s:e], ignore_index, n_classes)
                 if want_dh or want_dw:
-                    dlogits = torch.ops.tritongpt.cross_entropy_bwd(g_rows[:e - s], logits, targets[s:e], lse,
-                                                                    ignore_index, n_classes)
+                    dlogits = torch.ops.tritongpt.cross_entropy_bwd(g_rows[:e - s], logits, targets[s:e], row_max,
+                                                                    log_sum, ignore_index, n_classes)
                     if want_dh:
                         dh[s:e] = dlogits @ w
                     if want_dw:

@@ -148,14 +148,71 @@ def test_ignored_and_infinite_entries_behave_like_pytorch(device):
     assert cross_entropy(x, everything_ignored, reduction="sum").item() == 0.0
 
 
-def test_keeps_one_float_per_row_for_backward(device):
-    """The reference saves an fp32 log-softmax of the whole [N, V] matrix; ours saves lse [N]."""
+def test_gradient_keeps_fp32_precision_at_large_logits(device):
+    """Softmax does not change when every logit moves by the same amount, and PyTorch's fp32
+    gradient does not either. Backward once recomputed p = exp(x - lse) from lse = m + log S
+    saved as one fp32 number, rounded to the size of m: at logits near 5000 that cost 2.4e-4
+    relative in every p (over the 1e-4 bound). It now keeps m and log S apart."""
+    gen = torch.Generator().manual_seed(21)
+    base = torch.randn(40, 300, generator=gen) * 3
+    t = torch.randint(0, 300, (40,), generator=gen)
+    for shift in (1000.0, 5000.0, 20000.0):
+        x = (base + shift).to(device).requires_grad_()
+        x64 = x.detach().cpu().double().requires_grad_()  # the fp32 logits exactly
+        loss = cross_entropy(x, t.to(device))
+        want = F.cross_entropy(x64, t)
+        loss.backward()
+        want.backward()
+        assert_close_rel(loss, want, 1e-4, f"loss, logits near {shift}")
+        assert_close_rel(x.grad, x64.grad, 1e-4, f"dlogits, logits near {shift}")
+
+
+def test_ignored_rows_of_minus_infinity_get_zero_gradient(device):
+    """Padding positions are often masked with -inf logits and ignore_index targets. Their
+    gradient is 0, as the docstring says (it was nan: exp(-inf - -inf) * 0; PyTorch's is nan
+    too), so an additive -inf mask cannot poison the LM head's weight gradient; both kernels."""
+    gen = torch.Generator().manual_seed(22)
+    h = torch.randn(6, 8, generator=gen).to(device)
+    w = torch.randn(50, 8, generator=gen).to(device).requires_grad_()
+    t = torch.randint(0, 50, (6,), generator=gen).to(device)
+    masked = torch.tensor([False, True, False, False, True, False], device=device)
+    t[masked] = IGNORE
+    minus_inf = torch.zeros(6, 1, device=device).masked_fill(masked[:, None], float("-inf"))
+    logits = h @ w.t() + minus_inf  # the addition passes the gradient through unchanged
+    logits.retain_grad()
+    cross_entropy(logits, t, ignore_index=IGNORE).backward()
+    assert (logits.grad[masked] == 0).all() and torch.isfinite(w.grad).all()
+    w64 = w.detach().double().requires_grad_()
+    F.cross_entropy(h[~masked].double() @ w64.t(), t[~masked]).backward()  # the counted rows alone
+    assert_close_rel(w.grad, w64.grad, 1e-4, "dweight with masked rows")
+
+
+def test_targets_compare_with_ignore_index_as_int64(device):
+    """int32 ids and an ignore_index past int32: the id -100 is not ignore_index 2^32 - 100, so it
+    is refused (the check once compared them in int32, where they are equal, and the kernel then
+    read the logit at column -100, another row's); ignore_index must fit in int64."""
+    x = torch.randn(4, 50, device=device)
+    t = torch.tensor([1, 2, -100, 3], dtype=torch.int32, device=device)
+    with pytest.raises(ValueError, match="target -100 at position 2 is outside"):
+        cross_entropy(x, t, ignore_index=2 ** 32 - 100)
+    with pytest.raises(ValueError, match="target -100 at position 2 is outside"):
+        linear_cross_entropy(torch.randn(4, 8, device=device), torch.randn(50, 8, device=device), t,
+                             ignore_index=2 ** 32 - 100)
+    with pytest.raises(ValueError, match="ignore_index must fit in int64"):
+        cross_entropy(x, t, ignore_index=2 ** 64)
+    torch.testing.assert_close(cross_entropy(x, t, ignore_index=-100),
+                               F.cross_entropy(x, t.long(), ignore_index=-100), rtol=1e-6, atol=0)
+
+
+def test_keeps_two_floats_per_row_for_backward(device):
+    """The reference saves an fp32 log-softmax of the whole [N, V] matrix; ours saves the row
+    max and log-sum, [N] each."""
     gen = torch.Generator().manual_seed(5)
     x, t = make((24,), 200, torch.bfloat16, device, gen)
     ours, _ = saved_tensor_bytes(lambda: cross_entropy(x, t, IGNORE), exclude=(x, t))
     ref, _ = saved_tensor_bytes(lambda: lm_loss(x.view(24, 1, 200), t.view(24, 1), IGNORE), exclude=(x, t))
     print(f"saved for backward: reference {ref} bytes, triton {ours} bytes")
-    assert ours <= 24 * (4 + 8) + 64   # per row: lse (fp32) and the checked copy of its target (int64)
+    assert ours <= 24 * (4 + 4 + 8) + 64  # per row: max and log-sum (fp32), the checked target copy (int64)
     assert ref >= 24 * 200 * 4          # at least one fp32 [N, V] tensor
 
 
