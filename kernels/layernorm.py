@@ -8,8 +8,9 @@ except that each program owns a contiguous group of rows and walks through it:
     (tens under the interpreter); program p takes rows [p*R, (p+1)*R) and loops over them
     BLOCK_M rows at a time. A whole row fits in one tile (BLOCK_N = next_pow2(N) <= 8192), so
     mean and variance are a single in-SRAM reduction, with no second pass over memory.
-  * Forward: x tile loaded once, math in fp32, y written in x's dtype. mean and rstd (fp32,
-    4+4 bytes per row) are saved for backward; x_hat is not saved, it is recomputed.
+  * Forward: x tile loaded once, math in fp32, y written in x's dtype. The statistics are
+    those of x - x[0] (shifted data: exact for constant rows, precise for large means). mean
+    and rstd (fp32, 4+4 bytes per row) are saved for backward; x_hat is recomputed.
   * Backward: recompute x_hat = (x - mean) * rstd, then
         dx = rstd * (w*dy - (x_hat * mean(x_hat*w*dy) + mean(w*dy)))
     The weight/bias gradients need a sum over all rows. Each program accumulates its own
@@ -56,8 +57,14 @@ def _layer_norm_fwd_kernel(X, Y, W, B, Mean, Rstd, stride_x, stride_y, M, N, row
         mask = row_ok[:, None] & col_ok[None, :]
         rows64 = rows.to(tl.int64)  # row * stride can pass 2^31 on big batches
         x = tl.load(X + rows64[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        mean = tl.sum(x, axis=1) / N
-        xc = tl.where(mask, x - mean[:, None], 0.0)
+        # Statistics of x - x0, x0 = the row's first value (shifted data): a constant row gives
+        # exactly 0 (sum(x)/N is off by an ulp, which rstd = 1/sqrt(eps) magnified to 0.2 at
+        # eps 1e-12), and a row whose mean is large next to its spread keeps its precision.
+        x0 = tl.load(X + rows64 * stride_x, mask=row_ok, other=0.0).to(tl.float32)
+        xs = tl.where(mask, x - x0[:, None], 0.0)
+        mean_s = tl.sum(xs, axis=1) / N
+        xc = tl.where(mask, xs - mean_s[:, None], 0.0)
+        mean = x0 + mean_s
         var = tl.sum(xc * xc, axis=1) / N  # biased variance, as in GPT-2
         rstd = 1.0 / tl.sqrt(var + eps)
         y = xc * rstd[:, None] * w[None, :]

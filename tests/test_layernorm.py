@@ -170,6 +170,37 @@ def test_strided_params_and_broadcast_output_grads(device):
             assert_close_rel(got, want.grad, 1e-4, f"{what} {name}")
 
 
+@pytest.mark.parametrize("eps", [1e-5, 1e-12])
+def test_constant_rows_normalize_to_exactly_zero(eps, device):
+    """A constant row is exactly its mean: y = bias, as PyTorch gives. sum(x)/N was off by an ulp,
+    and rstd = 1/sqrt(eps) made that |y - b| = 7.5e-5 at eps 1e-5 and 0.23 at 1e-12; the kernel
+    now takes its statistics of x - x[0]. The gradient still matches float64."""
+    gen = torch.Generator().manual_seed(23)
+    N = 100
+    x = torch.full((5, N), 1.7).to(device).requires_grad_()
+    w = (1.0 + 0.5 * torch.randn(N, generator=gen)).to(device).requires_grad_()
+    b = (0.5 * torch.randn(N, generator=gen)).to(device).requires_grad_()
+    y = layer_norm(x, w, b, eps)
+    assert torch.equal(y, b.detach().expand(5, N))
+    dy = torch.randn(5, N, generator=gen).to(device)
+    y.backward(dy)
+    leaves = [t.detach().double().requires_grad_() for t in (x, w, b)]
+    ref64(*leaves, eps=eps).backward(dy.double())
+    for name, t, t64 in zip(("dx", "dw", "db"), (x, w, b), leaves):
+        assert_close_rel(t.grad, t64.grad, 1e-4, f"{name}, constant rows, eps {eps}")
+
+
+def test_large_mean_keeps_forward_precision(device):
+    """Rows of 1000 + 0.1 randn: the mean is 10^4 times the spread, so sum(x)/N lost digits that
+    the normalized output needs (2.5e-4 relative, over the 1e-4 bound; PyTorch's fp32 CPU
+    LayerNorm: 4.2e-4). Shifted data keeps y to fp32 precision (about 1e-7)."""
+    gen = torch.Generator().manual_seed(24)
+    x = (1000.0 + 0.1 * torch.randn(16, 96, generator=gen)).to(device)
+    w = (1.0 + 0.5 * torch.randn(96, generator=gen)).to(device)
+    b = (0.5 * torch.randn(96, generator=gen)).to(device)
+    assert_close_rel(layer_norm(x, w, b), ref64(x, w, b), 1e-5, "y, rows of 1000 + 0.1 randn")
+
+
 def test_saves_fp32_statistics_for_bf16_input(device):
     """mean and rstd are kept in fp32 whatever x's dtype: bf16 statistics would cost dx precision
     that the bf16 tolerance alone is too loose to notice."""
