@@ -213,11 +213,8 @@ class GPTModel(nn.Module):
     # -- weights on disk --------------------------------------------------------------------
     def save(self, path, extra_metadata: dict | None = None):
         """Weights as safetensors, with the config (and any extra strings) in its metadata."""
-        from safetensors.torch import save_model
-
         meta = {"config": json.dumps(self.config.to_dict()), "format": "tritongpt"}
-        meta.update({k: str(v) for k, v in (extra_metadata or {}).items()})
-        save_model(self, str(path), metadata=meta)
+        save_safetensors(self, path, {**meta, **(extra_metadata or {})})
 
     @classmethod
     def load(cls, path, map_location="cpu", kernels=None) -> "GPTModel":
@@ -242,6 +239,19 @@ class GPTModel(nn.Module):
         if kernels is not None:
             model.set_kernels(kernels)
         return model
+
+
+def save_safetensors(module: nn.Module, path, metadata: dict):
+    """module's weights (shared tensors once) to path as safetensors, readable like any other
+    file the run writes: safetensors creates its files owner-only (0600), whatever the umask."""
+    import os
+
+    from safetensors.torch import save_model
+
+    save_model(module, str(path), metadata={k: str(v) for k, v in metadata.items()})
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
 
 
 def safetensors_metadata(path) -> dict:

@@ -115,6 +115,30 @@ def test_save_load_roundtrip_with_tied_weights(tmp_path):
         GPTModel.load(tmp_path / "missing.safetensors")
 
 
+@pytest.mark.parametrize("umask", [0o022, 0o007])
+def test_weight_files_follow_the_umask(umask, tmp_path):
+    """Weights are readable like the run's other files (state.pt, tokenizer.json): safetensors
+    creates its files 0600, so every checkpoint was unreadable to the group (a shared GPU box,
+    a serving user) whatever the umask. All three writers: GPTModel, RewardModel, the Trainer's."""
+    import os
+
+    from tritongpt.train.loop import _SafetensorsSaver
+    from tritongpt.train.reward import RewardModel
+
+    m = GPTModel(GPTConfig(**SMALL))
+    old = os.umask(umask)
+    try:
+        m.save(tmp_path / "gpt.safetensors")
+        RewardModel(m).save(tmp_path / "reward.safetensors")
+        _SafetensorsSaver(torch.nn.Linear(3, 2)).save(tmp_path / "saver.safetensors", {"step": 1})
+        torch.save({}, tmp_path / "state.pt")
+    finally:
+        os.umask(old)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in tmp_path.iterdir()}
+    assert modes == dict.fromkeys(modes, 0o666 & ~umask), modes
+    assert GPTModel.load(tmp_path / "gpt.safetensors").config == m.config
+
+
 def test_lm_loss_ignores_masked_targets():
     torch.manual_seed(5)
     logits = torch.randn(2, 4, 10)

@@ -192,9 +192,9 @@ class _SafetensorsSaver:
         self.module = module
 
     def save(self, path, extra_metadata=None):
-        from safetensors.torch import save_model
+        from tritongpt.model.gpt import save_safetensors
 
-        save_model(self.module, str(path), metadata={k: str(v) for k, v in (extra_metadata or {}).items()})
+        save_safetensors(self.module, path, extra_metadata or {})
 
 
 # Flags that change what a resumed run computes (--max-steps too: it stretches the cosine schedule),

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from tritongpt.errors import UserError
 from tritongpt.model.config import GPTConfig
-from tritongpt.model.gpt import GPTModel
+from tritongpt.model.gpt import GPTModel, save_safetensors
 from tritongpt.train.preference import encode_pairs, pair_batch
 
 KIND = "reward_model"
@@ -57,11 +57,8 @@ class RewardModel(nn.Module):
         return self.head(last).squeeze(-1).float()
 
     def save(self, path, extra_metadata: dict | None = None):
-        from safetensors.torch import save_model
-
         meta = {"config": json.dumps(self.config.to_dict()), "format": "tritongpt", "kind": KIND}
-        meta.update({k: str(v) for k, v in (extra_metadata or {}).items()})
-        save_model(self, str(path), metadata=meta)
+        save_safetensors(self, path, {**meta, **(extra_metadata or {})})
 
     @classmethod
     def load(cls, path, map_location="cpu", kernels=None) -> "RewardModel":
