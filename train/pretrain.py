@@ -179,7 +179,8 @@ def pretrain(args) -> dict:
         kernels = model.config.kernels
         print(f"pretrain: {args.model} ({n_params / 1e6:.2f}M params, vocab {cfg.vocab_size}"
               f"{f' padded to {cfg.padded_vocab_size}' if cfg.padded_vocab_size != cfg.vocab_size else ''}, "
-              f"context {block}) "
+              f"context {cfg.context_length}"
+              f"{f', trained on {block}-token blocks' if block != cfg.context_length else ''}) "
               f"on {trainer.device} ({str(trainer.dtype).replace('torch.', '')}, kernels {kernels}"
               f"{', ' + str(trainer.world_size) + ' processes' if trainer.ddp else ''})")
         per_step = targs.batch_size * targs.grad_accum * trainer.world_size

@@ -614,7 +614,8 @@ def cmd_rlhf(args):
     before = result["first_eval_reward"]
     before = "(resumed)" if before is None else f"{before:.4f}"
     print(f"rlhf ({a.algo}): eval reward {before} -> {result['eval_reward']:.4f}, "
-          f"KL to reference {result['eval_kl']:.4f} nats/response; checkpoint {result['checkpoint']}")
+          f"KL to reference {result['eval_kl']:.4f} nats/response (a sampled estimate: "
+          f"near 0 it can come out negative); checkpoint {result['checkpoint']}")
     return 0
 
 

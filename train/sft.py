@@ -525,7 +525,8 @@ def add_cli(sub):
                                                   f"({', '.join(tasks.FAMILIES)})")
     p.add_argument("--n-train", type=int, default=5000, help="embedded training records (default %(default)s)")
     p.add_argument("--n-eval", type=int, default=200,
-                   help="embedded held-out records, each of val and test (default %(default)s)")
+                   help="embedded held-out records, each of val and test; the whole test split is "
+                        "answered once at the end (default %(default)s)")
     p.add_argument("--val-fraction", type=float, default=0.1,
                    help="share of a --data file held out, by prompt hash (default %(default)s)")
     p.add_argument("--no-mask-prompt", action="store_true", help="learn the prompt tokens too")
