@@ -36,6 +36,7 @@ which plays the role of the autograd.Function), so torch.compile treats the atte
 opaque differentiable op instead of tracing into Triton.
 """
 import math
+import numbers
 
 import torch
 import triton
@@ -558,8 +559,9 @@ def _as_seed(seed):
         if seed.numel() != 1 or seed.dtype.is_floating_point or seed.dtype.is_complex or seed.dtype == torch.bool:
             raise TypeError(f"seed tensor must hold one integer, got dtype {seed.dtype} shape {tuple(seed.shape)}")
         return seed.detach().reshape(()).to(device="cpu", dtype=torch.int64)
-    if isinstance(seed, bool) or not isinstance(seed, int):
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):  # numpy ints too
         raise TypeError(f"seed must be an int or an integer tensor, got {type(seed).__name__}")
+    seed = int(seed)
     if not 0 <= seed < 2 ** 31:  # the kernels take 31 bits (see _seed_value): others would alias
         raise ValueError(f"seed must be in [0, 2^31), got {seed}")
     return torch.tensor(seed, dtype=torch.int64)

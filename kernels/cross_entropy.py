@@ -219,9 +219,9 @@ class CrossEntropyFunction(torch.autograd.Function):
 def _n_classes(vocab_size, width: int, what: str) -> int:
     """The class count: vocab_size (a padded vocabulary's first columns) or, if None, all `width`."""
     n = width if vocab_size is None else vocab_size
-    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= width:
+    if isinstance(n, bool) or not isinstance(n, numbers.Integral) or not 1 <= n <= width:  # numpy ints too
         raise ValueError(f"vocab_size must be an int in [1, {width}] ({what.format(V=width)}), got {vocab_size!r}")
-    return n
+    return int(n)
 
 
 def _as_int(value, name: str) -> int:
@@ -364,8 +364,9 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
         check_same_dtype(hidden=hidden, weight=weight)
     n_classes = _n_classes(vocab_size, V, "weight has {V} rows")
     chunk = chunk_rows if chunk_rows is not None else max(1, CHUNK_ELEMENTS // V)
-    if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
+    if isinstance(chunk, bool) or not isinstance(chunk, numbers.Integral) or chunk < 1:
         raise ValueError(f"chunk_rows must be a positive int, got {chunk_rows!r}")
+    chunk = int(chunk)
     h2 = hidden.reshape(math.prod(hidden.shape[:-1]), C)  # not -1: C may be 0
     t1 = torch.ops.tritongpt.checked_targets(targets, n_classes, ignore_index)
     return LinearCrossEntropyFunction.apply(h2, weight, t1, ignore_index, reduction, chunk, n_classes,

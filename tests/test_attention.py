@@ -296,6 +296,10 @@ def test_bad_inputs(device, monkeypatch):
     for seed in (-1, 2 ** 31):  # the kernels take 31 bits: 2^31 would be seed 0's mask
         with pytest.raises(ValueError, match=r"seed must be in \[0, 2\^31\)"):
             flash_attention(q, k, v, dropout_p=0.1, seed=seed)
+    import numpy as np  # a numpy seed is the int it holds
+
+    assert torch.equal(flash_attention(q, k, v, dropout_p=0.1, seed=np.int64(5)),
+                       flash_attention(q, k, v, dropout_p=0.1, seed=5))
     with pytest.raises(TypeError, match="causal must be a bool, got 'False'"):
         flash_attention(q, k, v, causal="False")
     with pytest.raises(ValueError, match="meta"):

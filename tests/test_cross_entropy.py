@@ -407,6 +407,12 @@ def test_linear_with_no_features_and_numpy_ints(device):
     x = torch.randn(6, 9, device=device)
     t = torch.tensor([1, 2, 3, 7, 4, 5], device=device)
     assert cross_entropy(x, t, np.int32(7)).item() == pytest.approx(F.cross_entropy(x, t, ignore_index=7).item())
+    # vocab_size and chunk_rows too (they refused numpy ints that ignore_index took)
+    assert cross_entropy(x, t, vocab_size=np.int64(8)).item() == pytest.approx(F.cross_entropy(x[:, :8], t).item())
+    w = torch.randn(9, 4, device=device)
+    h = torch.randn(6, 4, device=device)
+    assert linear_cross_entropy(h, w, t, chunk_rows=np.int64(4)).item() == pytest.approx(
+        linear_cross_entropy(h, w, t, chunk_rows=4).item())
 
 
 def test_linear_refuses_a_second_derivative(device):
