@@ -36,7 +36,6 @@ which plays the role of the autograd.Function), so torch.compile treats the atte
 opaque differentiable op instead of tracing into Triton.
 """
 import math
-import numbers
 
 import torch
 import triton
@@ -44,7 +43,7 @@ import triton.language as tl
 
 from tritongpt._env import triton_interpreting
 from tritongpt.kernels._common import (cast, check_runnable, check_same_device, check_same_dtype,
-                                       check_tensor, dot, on_tensor_device)
+                                       check_tensor, dot, is_int, on_tensor_device)
 
 MAX_GRID_YZ = 65535  # CUDA's limit on a grid's y and z sizes, where the heads and sequences go
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 80, 96, 128)  # 16: tiny models; tl.dot needs K >= 16
@@ -559,7 +558,7 @@ def _as_seed(seed):
         if seed.numel() != 1 or seed.dtype.is_floating_point or seed.dtype.is_complex or seed.dtype == torch.bool:
             raise TypeError(f"seed tensor must hold one integer, got dtype {seed.dtype} shape {tuple(seed.shape)}")
         return seed.detach().reshape(()).to(device="cpu", dtype=torch.int64)
-    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):  # numpy ints too
+    if not is_int(seed):
         raise TypeError(f"seed must be an int or an integer tensor, got {type(seed).__name__}")
     seed = int(seed)
     if not 0 <= seed < 2 ** 31:  # the kernels take 31 bits (see _seed_value): others would alias

@@ -31,7 +31,6 @@ BLOCK_V vectors per row lives in registers):
             past V count as -inf, and their gradient is written as 0.
 """
 import math
-import numbers
 
 import torch
 import triton
@@ -40,7 +39,7 @@ from torch.autograd.function import once_differentiable
 
 from tritongpt._env import triton_interpreting
 from tritongpt.kernels._common import (cast, check_runnable, check_same_device, check_same_dtype,
-                                       check_tensor, on_tensor_device)
+                                       check_tensor, is_int, on_tensor_device)
 
 INTERPRET = triton_interpreting()
 # exp(x) = exp2(x * log2(e)): exp2 is one MUFU instruction
@@ -219,14 +218,14 @@ class CrossEntropyFunction(torch.autograd.Function):
 def _n_classes(vocab_size, width: int, what: str) -> int:
     """The class count: vocab_size (a padded vocabulary's first columns) or, if None, all `width`."""
     n = width if vocab_size is None else vocab_size
-    if isinstance(n, bool) or not isinstance(n, numbers.Integral) or not 1 <= n <= width:  # numpy ints too
+    if not is_int(n) or not 1 <= n <= width:
         raise ValueError(f"vocab_size must be an int in [1, {width}] ({what.format(V=width)}), got {vocab_size!r}")
     return int(n)
 
 
 def _as_int(value, name: str) -> int:
     """An int64 of any kind PyTorch takes (int, numpy integers), not a bool or a float."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+    if not is_int(value):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
     if not -2 ** 63 <= int(value) < 2 ** 63:
         raise ValueError(f"{name} must fit in int64, got {value}")
@@ -275,8 +274,8 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int
 # GPT-2 step, and as much again for their gradient). When only the mean or summed loss is
 # wanted, its gradient with respect to each row's logits is known during the forward pass
 # (grad_output is a scalar that can be applied afterwards), so the forward can walk the rows in
-# chunks: logits of one chunk -> loss (and row max, log-sum) -> dlogits -> that chunk's dhidden rows and its
-# share of dweight, then drop the chunk. Backward only scales the two stored gradients.
+# chunks: logits of one chunk -> loss (and row max, log-sum) -> dlogits -> that chunk's dhidden
+# rows and its share of dweight, then drop the chunk. Backward only scales the two stored gradients.
 # (The same plan as Liger-Kernel's fused linear cross-entropy; the matmuls are cuBLAS's.)
 CHUNK_ELEMENTS = 1 << 27  # logits per chunk: 256 MB in bf16, about 2.7k rows of GPT-2's vocabulary
 
@@ -364,7 +363,7 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
         check_same_dtype(hidden=hidden, weight=weight)
     n_classes = _n_classes(vocab_size, V, "weight has {V} rows")
     chunk = chunk_rows if chunk_rows is not None else max(1, CHUNK_ELEMENTS // V)
-    if isinstance(chunk, bool) or not isinstance(chunk, numbers.Integral) or chunk < 1:
+    if not is_int(chunk) or chunk < 1:
         raise ValueError(f"chunk_rows must be a positive int, got {chunk_rows!r}")
     chunk = int(chunk)
     h2 = hidden.reshape(math.prod(hidden.shape[:-1]), C)  # not -1: C may be 0

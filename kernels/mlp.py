@@ -262,8 +262,8 @@ class GeluMLPFunction(torch.autograd.Function):
         dy2 = dy.reshape(x2.shape[0], dy.shape[-1])
         needs = list(ctx.needs_input_grad)  # False for a frozen weight and for a bias that is None
         dx, dw1, db1, dw2, db2 = torch.ops.tritongpt.gelu_mlp_bwd(dy2, x2, h, w1, w2, needs)
-        grads = (dx.view(*dy.shape[:-1], x2.shape[-1]) if needs[0] else None, dw1, db1, dw2, db2)
-        return tuple(g if need else None for g, need in zip(grads, needs))
+        dx = dx.view(*dy.shape[:-1], x2.shape[-1]) if needs[0] else dx
+        return tuple(g if need else None for g, need in zip((dx, dw1, db1, dw2, db2), needs))
 
 
 def gelu_mlp(x: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.Tensor], w2: torch.Tensor,

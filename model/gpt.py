@@ -1,6 +1,7 @@
 """GPTModel: token + position embeddings, a stack of TransformerBlocks, final LayerNorm, LM head."""
 import json
 import math
+import os
 
 import torch
 import torch.nn as nn
@@ -244,12 +245,10 @@ class GPTModel(nn.Module):
 def save_safetensors(module: nn.Module, path, metadata: dict):
     """module's weights (shared tensors once) to path as safetensors, readable like any other
     file the run writes: safetensors creates its files owner-only (0600), whatever the umask."""
-    import os
-
     from safetensors.torch import save_model
 
     save_model(module, str(path), metadata={k: str(v) for k, v in metadata.items()})
-    umask = os.umask(0)
+    umask = os.umask(0)  # the only portable way to read the umask is to set it, then put it back
     os.umask(umask)
     os.chmod(path, 0o666 & ~umask)
 

@@ -172,7 +172,7 @@ def test_gradient_keeps_fp32_precision_at_large_logits(device):
 def test_ignored_rows_of_minus_infinity_get_zero_gradient(device):
     """Padding positions are often masked with -inf logits and ignore_index targets. Their
     gradient is 0, as the docstring says (it was nan: exp(-inf - -inf) * 0; PyTorch's is nan
-    too), so an additive -inf mask cannot poison the LM head's weight gradient; both kernels."""
+    too), so an additive -inf mask cannot poison the LM head's weight gradient."""
     gen = torch.Generator().manual_seed(22)
     h = torch.randn(6, 8, generator=gen).to(device)
     w = torch.randn(50, 8, generator=gen).to(device).requires_grad_()
