@@ -48,9 +48,6 @@ def _batches(text, models):
     return out
 
 
-MODELS = ("gpt2-small", "gpt2-medium", "gpt2-large", "gpt2-xl", "tiny", "mini")
-
-
 def kernel_names(args):
     """(ops, modes, providers or None) from the flags, checked (on any machine: a typo in a GPU
     command shows up in a dry run on the CPU too)."""
@@ -64,8 +61,10 @@ def kernel_names(args):
 def train_names(args):
     """(models, training providers) from the flags, checked."""
     from tritongpt.bench.train_step import parse_provider
+    from tritongpt.model.config import PRESETS
 
-    models = _names(args.models or ("gpt2-small" if args.quick else "gpt2-small,gpt2-medium"), MODELS, "models")
+    models = _names(args.models or ("gpt2-small" if args.quick else "gpt2-small,gpt2-medium"), tuple(PRESETS),
+                    "models")
     provs = tuple(v.strip() for v in args.train_providers.split(",") if v.strip())
     for pname in provs:
         try:

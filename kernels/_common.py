@@ -22,6 +22,14 @@ def is_int(value) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
+def autocast_dtype(device: torch.device):
+    """The dtype autocast gives matmul inputs on device, or None where it is off (and on meta
+    tensors, which autocast does not know: torch.is_autocast_enabled("meta") raises)."""
+    if device.type == "meta" or not torch.is_autocast_enabled(device.type):
+        return None
+    return torch.get_autocast_dtype(device.type)
+
+
 def check_tensor(t, name: str, dtypes=FLOAT_DTYPES, device=None, ndim=None, shape=None):
     """Check one kernel input: a torch.Tensor of an allowed dtype (and device/ndim/shape if given)."""
     if not isinstance(t, torch.Tensor):

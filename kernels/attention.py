@@ -42,8 +42,8 @@ import triton
 import triton.language as tl
 
 from tritongpt._env import triton_interpreting
-from tritongpt.kernels._common import (cast, check_runnable, check_same_device, check_same_dtype,
-                                       check_tensor, dot, is_int, on_tensor_device)
+from tritongpt.kernels._common import (autocast_dtype, cast, check_runnable, check_same_device,
+                                       check_same_dtype, check_tensor, dot, is_int, on_tensor_device)
 
 MAX_GRID_YZ = 65535  # CUDA's limit on a grid's y and z sizes, where the heads and sequences go
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 80, 96, 128)  # 16: tiny models; tl.dot needs K >= 16
@@ -518,8 +518,8 @@ def _checked_inputs(q, k, v, causal, dropout_p):
         check_tensor(t, name, ndim=4)
     check_same_device(q=q, k=k, v=v)
     check_runnable(q, "q")
-    if torch.is_autocast_enabled(q.device.type):
-        dt = torch.get_autocast_dtype(q.device.type)
+    dt = autocast_dtype(q.device)
+    if dt is not None:
         q, k, v = q.to(dt), k.to(dt), v.to(dt)
     check_same_dtype(q=q, k=k, v=v)
     (B, H, Tq, D), (Bk, Hk, Tk, Dk) = q.shape, k.shape

@@ -38,8 +38,8 @@ import triton.language as tl
 from torch.autograd.function import once_differentiable
 
 from tritongpt._env import triton_interpreting
-from tritongpt.kernels._common import (cast, check_runnable, check_same_device, check_same_dtype,
-                                       check_tensor, is_int, on_tensor_device)
+from tritongpt.kernels._common import (autocast_dtype, cast, check_runnable, check_same_device,
+                                       check_same_dtype, check_tensor, is_int, on_tensor_device)
 
 INTERPRET = triton_interpreting()
 # exp(x) = exp2(x * log2(e)): exp2 is one MUFU instruction
@@ -289,7 +289,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         N = hidden.shape[0]
         device = hidden.device.type
         # the matmul dtype nn.Linear would use: the autocast dtype, else the inputs' own
-        dt = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
+        dt = autocast_dtype(hidden.device) or hidden.dtype
         h, w = hidden.to(dt), weight.to(dt)
         # needs_input_grad only says requires_grad: under no_grad (evaluation) a head weight still
         # requires grad, and the gradient work would triple the head's cost for nothing
@@ -359,7 +359,7 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
         raise ValueError(f"linear_cross_entropy supports reduction 'mean' or 'sum' (the gradient is made in "
                          f"forward), got {reduction!r}; for per-token losses use cross_entropy on the logits")
     ignore_index = _as_int(ignore_index, "ignore_index")
-    if not torch.is_autocast_enabled(hidden.device.type):
+    if autocast_dtype(hidden.device) is None:
         check_same_dtype(hidden=hidden, weight=weight)
     n_classes = _n_classes(vocab_size, V, "weight has {V} rows")
     chunk = chunk_rows if chunk_rows is not None else max(1, CHUNK_ELEMENTS // V)

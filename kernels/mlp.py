@@ -38,8 +38,8 @@ import triton
 import triton.language as tl
 
 from tritongpt._env import triton_interpreting
-from tritongpt.kernels._common import (cast, check_runnable, check_same_device, check_same_dtype,
-                                       check_tensor, dot, on_tensor_device)
+from tritongpt.kernels._common import (autocast_dtype, cast, check_runnable, check_same_device,
+                                       check_same_dtype, check_tensor, dot, on_tensor_device)
 
 # Epilogue modes of the matmul kernel.
 EPI_NONE = 0       # C = A @ B (+ bias)
@@ -287,8 +287,8 @@ def gelu_mlp(x: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.Tensor], w2: 
     if b2 is not None:
         check_tensor(b2, "b2", shape=(C,))
     check_same_device(x=x, w1=w1, b1=b1, w2=w2, b2=b2)
-    if x.device.type != "meta" and torch.is_autocast_enabled(x.device.type):  # meta: shapes only
-        dt = torch.get_autocast_dtype(x.device.type)
+    dt = autocast_dtype(x.device)
+    if dt is not None:
         x, w1, w2 = x.to(dt), w1.to(dt), w2.to(dt)
         b1 = b1.to(dt) if b1 is not None else None
         b2 = b2.to(dt) if b2 is not None else None

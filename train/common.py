@@ -245,6 +245,19 @@ def check_resume(ckpt, state: dict, now_args: dict, names, step_key: str, limit_
               file=sys.stderr)
 
 
+def load_checkpoint_weights(module, ckpt: Path, device, config, what: str):
+    """ckpt's model.safetensors into module. Weights of another shape are a UserError naming how
+    the checkpoint's model config differs from `config` (None: not known), else torch's reason."""
+    from safetensors.torch import load_model
+
+    weights = ckpt / "model.safetensors"
+    try:
+        load_model(module, str(weights), device=str(device))
+    except RuntimeError as e:
+        why = (config_difference(weights, config) if config is not None else "") or str(e).splitlines()[0]
+        raise UserError(f"checkpoint {ckpt} does not fit this {what}: {why}") from None
+
+
 def config_difference(weights_file, config) -> str:
     """How the model config saved with a checkpoint differs from `config` ("" if unknown), for
     the error a checkpoint of another model size gets."""

@@ -310,20 +310,13 @@ class Trainer:
 
     def resume(self, where) -> int:
         """Load weights, optimizer, RNGs, batch generator, data position and step."""
-        from safetensors.torch import load_model
-
         # a run folder (its newest checkpoint), a checkpoint folder, or a file inside one
         ckpt = common.resume_checkpoint(self.out_dir, where)
         state = common.load_state(ckpt)
         if state.get("name", self.name) != self.name:  # e.g. sft --resume pointed at a pretrain run
             raise UserError(f"--resume: {ckpt} is a checkpoint of a {state['name']} run, not of {self.name} "
                             "(to start from its weights, use --init)")
-        try:
-            load_model(self.raw_model, str(ckpt / "model.safetensors"), device=str(self.device))
-        except RuntimeError as e:
-            why = (common.config_difference(ckpt / "model.safetensors", self._cfg) if self._cfg else "") \
-                or str(e).splitlines()[0]
-            raise UserError(f"checkpoint {ckpt} does not fit this model: {why}") from None
+        common.load_checkpoint_weights(self.raw_model, ckpt, self.device, self._cfg, "model")
         common.check_resume(ckpt, state, vars(self.args), TRAJECTORY_ARGS, "step", "--max-steps", str(self.dtype),
                             say=self.is_main)
         if state["step"] == self.args.max_steps and self.is_main:

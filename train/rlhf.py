@@ -470,8 +470,6 @@ class RLHFTrainer:
         return path
 
     def resume(self, where):
-        from safetensors.torch import load_model
-
         ckpt = common.resume_checkpoint(self.out_dir, where)
         state = common.load_state(ckpt)
         if state.get("name") != f"rlhf-{self.args.algo}":
@@ -482,11 +480,7 @@ class RLHFTrainer:
             if key in state and not _same_fingerprint(state[key], self.frozen_fingerprints[key]):
                 raise UserError(f"--resume: {flag} is not the model {ckpt}'s run started from (its "
                                 f"weights differ): pass the same {flag} as that run")
-        try:
-            load_model(self.policy, str(ckpt / "model.safetensors"), device=str(self.device))
-        except RuntimeError as e:
-            why = common.config_difference(ckpt / "model.safetensors", self.policy.config) or str(e).splitlines()[0]
-            raise UserError(f"checkpoint {ckpt} does not fit this policy: {why}") from None
+        common.load_checkpoint_weights(self.policy, ckpt, self.device, self.policy.config, "policy")
         common.check_resume(ckpt, state, vars(self.args), TRAJECTORY_ARGS, "iteration", "--iterations",
                             str(self.dtype), say=self.log_enabled)
         if self.model.value_head is not None:
