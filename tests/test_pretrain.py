@@ -173,6 +173,12 @@ def test_a_run_folder_is_not_reused_by_accident(corpus, tmp_path, capsys):
                                    "--batch-size", "2", *short)]) == 0
     err = capsys.readouterr().err
     assert "note: resuming with --max-steps 4 (the run had 3), --batch-size 2 (4), --lr 0.01 (0.002)" in err, err
+    assert "kernels" not in err, err
+    # another path: the same model, named as resolved (auto on a CPU is the reference path)
+    assert main(["pretrain", *argv(corpus, out, "--max-steps", "4", "--resume", *short, "--kernels", "layernorm")]) == 0
+    assert "note: resuming on the kernels layernorm (the run had reference)" in capsys.readouterr().err
+    assert main(["pretrain", *argv(corpus, out, "--max-steps", "4", "--resume", *short, "--kernels", "auto")]) == 0
+    assert "kernels" not in capsys.readouterr().err
 
     assert main(["pretrain", *argv(corpus, out, "--max-steps", "5", "--resume", "--overwrite", *short)]) == 2
     assert "--overwrite would delete the run" in capsys.readouterr().err

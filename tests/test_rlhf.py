@@ -570,7 +570,11 @@ def test_rl_run_folder_rules(data, easy_reward, tmp_path, capsys):
         _rl_setup(data, easy_reward, tmp_path, "ppo", resume="latest", **{**small, "iterations": 1}).fit()
     capsys.readouterr()
     _rl_setup(data, easy_reward, tmp_path, "ppo", resume="latest", **{**small, "iterations": 3, "lr": 1e-3}).fit()
-    assert "note: resuming with --lr 0.001 (the run had 0.003)" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "note: resuming with --lr 0.001 (the run had 0.003)" in err and "kernels" not in err, err
+    _rl_setup(data, easy_reward, tmp_path, "ppo", resume="latest",
+              **{**small, "iterations": 3, "lr": 1e-3, "kernels": "layernorm"}).fit()
+    assert "note: resuming on the kernels layernorm (the run had reference)" in capsys.readouterr().err
     _rl_setup(data, easy_reward, tmp_path, "ppo", overwrite=True, **{**small, "iterations": 1}).fit()
     assert [p.name for p in Checkpointer(tmp_path).list()] == ["ckpt-0000001"]
     assert [r["step"] for r in MetricsLog(tmp_path / "metrics.jsonl").rows()] == [0, 1]

@@ -226,10 +226,11 @@ def clear_run(out_dir) -> None:
 
 
 def check_resume(ckpt, state: dict, now_args: dict, names, step_key: str, limit_flag: str, precision: str,
-                 say: bool) -> None:
+                 say: bool, kernels: str | None = None) -> None:
     """The checks every trainer's --resume makes: the checkpoint is not past the run's end
     (state[step_key] vs now_args[limit]); a note naming the flags among `names` that differ from
-    the checkpoint's run, and a different precision (bf16/fp32 as resolved, not as spelled)."""
+    the checkpoint's run, and a different precision (bf16/fp32 as resolved, not as spelled); a
+    note when the kernels (as resolved: `auto` is one or the other) are not the run's."""
     limit = now_args[limit_flag.removeprefix("--").replace("-", "_")]
     if state[step_key] > limit:
         raise UserError(f"--resume: {ckpt} is at {step_key} {state[step_key]}, past {limit_flag} {limit}: "
@@ -243,6 +244,11 @@ def check_resume(ckpt, state: dict, now_args: dict, names, step_key: str, limit_
         text = ", ".join(f"{now} ({'the run had ' if i == 0 else ''}{was})" for i, (now, was) in enumerate(parts))
         print(f"note: resuming with {text}: the run goes on differently from the one it was started as",
               file=sys.stderr)
+    if say and kernels is not None and state.get("kernels", kernels) != kernels:
+        # Same weights and math on either path, but not the same rounding: a rerun of the run
+        # would not give its numbers bit for bit.
+        print(f"note: resuming on the kernels {kernels} (the run had {state['kernels']}): the same model, "
+              "its numbers agree with the run's path to rounding, not bit for bit", file=sys.stderr)
 
 
 def load_checkpoint_weights(module, ckpt: Path, device, config, what: str):

@@ -296,7 +296,11 @@ class Trainer:
         return {"step": self.step, "optimizer": self.optimizer.state_dict(),
                 "rng": self._gather(common.rng_state()), "generator": self._gather(self.generator.get_state()),
                 "data": self._gather(data), "args": vars(self.args).copy(), "name": self.name,
-                "world_size": self.world_size, "precision": str(self.dtype)}
+                "world_size": self.world_size, "precision": str(self.dtype), "kernels": self._kernels()}
+
+    def _kernels(self) -> str:
+        """The path the model runs on, as resolved (e.g. "triton"; "auto" is one or the other)."""
+        return "+".join(sorted({m.config.kernels for m in _gpt_models(self.raw_model)})) or "reference"
 
     def save_checkpoint(self) -> Path | None:
         """Every rank calls this at the same step (it gathers their states); rank 0 writes."""
@@ -318,7 +322,7 @@ class Trainer:
                             "(to start from its weights, use --init)")
         common.load_checkpoint_weights(self.raw_model, ckpt, self.device, self._cfg, "model")
         common.check_resume(ckpt, state, vars(self.args), TRAJECTORY_ARGS, "step", "--max-steps", str(self.dtype),
-                            say=self.is_main)
+                            say=self.is_main, kernels=self._kernels())
         if state["step"] == self.args.max_steps and self.is_main:
             print(f"note: {ckpt} is already at --max-steps {self.args.max_steps}: nothing to train, "
                   "evaluating it", file=sys.stderr)

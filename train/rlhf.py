@@ -461,7 +461,7 @@ class RLHFTrainer:
                 "rng": common.rng_state(), "generator": self.generator.get_state(),
                 "shuffle_gen": self.shuffle_gen.get_state(), "score_norm": self.score_norm,
                 "args": vars(self.args).copy(), **self.frozen_fingerprints, "precision": str(self.dtype),
-                "name": f"rlhf-{self.args.algo}"}
+                "kernels": self.policy.config.kernels, "name": f"rlhf-{self.args.algo}"}
 
     def save_checkpoint(self):
         """The policy as a plain GPT checkpoint (usable by generate/dpo/rlhf --init); the rest in state.pt."""
@@ -482,7 +482,7 @@ class RLHFTrainer:
                                 f"weights differ): pass the same {flag} as that run")
         common.load_checkpoint_weights(self.policy, ckpt, self.device, self.policy.config, "policy")
         common.check_resume(ckpt, state, vars(self.args), TRAJECTORY_ARGS, "iteration", "--iterations",
-                            str(self.dtype), say=self.log_enabled)
+                            str(self.dtype), say=self.log_enabled, kernels=self.policy.config.kernels)
         if self.model.value_head is not None:
             self.model.value_head.load_state_dict(state["value_head"])
         self.optimizer.load_state_dict(state["optimizer"])
