@@ -69,6 +69,8 @@ def test_cli_short_job_learns_and_writes_metrics_plot_checkpoint_then_resumes(co
     assert "different data" not in capsys.readouterr().err
     rows = common.MetricsLog(out / "metrics.jsonl").rows()
     assert [r["step"] for r in rows if "loss" in r] == list(range(1, 35))
+    # the final evaluation (--eval-every 0: the only one) is in step 34's row, not a row of its own
+    assert [r["step"] for r in rows] == [0, *range(1, 35)] and "val_loss" in rows[-1], rows[-1]
     assert common.Checkpointer(out).latest().name == "ckpt-0000034"
 
     # the same text with its paragraphs reordered: as many tokens, other windows; the resume says so

@@ -4,7 +4,7 @@ A trainer supplies the model and three small functions; the Trainer owns everyth
 
     loss_fn(model, batch) -> scalar loss   (mean over the micro-batch's counted tokens)
     get_batch(split, generator) -> tuple of tensors (moved to the Trainer's device if needed)
-    eval_fn(model) -> dict                 e.g. {"val_loss": 3.2}, every eval_every steps
+    eval_fn(model) -> dict                 e.g. {"val_loss": 3.2}, every eval_every steps and the last
     sample_fn(model) -> str                printed every sample_every steps
 
 One optimizer step, as in nanoGPT's train.py:
@@ -16,7 +16,8 @@ One optimizer step, as in nanoGPT's train.py:
     stop if the loss is NaN/inf                 before the step, so no bad weights are saved
     clip the gradient norm, AdamW step, zero the gradients
 
-Around it: a tqdm bar, one JSONL row per step (loss, lr, grad_norm, tok_per_s, mfu, mem_gb),
+Around it: a tqdm bar, one JSONL row per step (loss, lr, grad_norm, tok_per_s, mfu, mem_gb, and
+eval_fn's keys on evaluated steps),
 a loss plot, checkpoints that resume exactly (weights, optimizer, every RNG, the batch
 generator, the step and the data position), and DDP when launched by torchrun.
 """
@@ -440,7 +441,9 @@ class Trainer:
                     seen_tokens += row["tok_per_s"] * row["dt"]
                     seen_time += row["dt"]
                 avg_tok_s = seen_tokens / seen_time if seen_time else row["tok_per_s"]
-                if self.is_main and self.eval_fn and a.eval_every and self.step % a.eval_every == 0:
+                # the last step is always evaluated, in its own row: readers keyed by step see one row
+                if self.is_main and self.eval_fn and (self.step == a.max_steps or
+                                                      a.eval_every and self.step % a.eval_every == 0):
                     last_eval = self._evaluate(log=False)
                     row.update(last_eval)
                 self.metrics.log(**row)
@@ -460,9 +463,9 @@ class Trainer:
         # the final checkpoint first: the RNG state it captures is the one a longer run continues from
         if self._saved_step != self.step:
             self.save_checkpoint()
-        # (and when nothing trained: a resume at --max-steps reports the checkpoint's evaluation)
-        if self.is_main and self.eval_fn and (not a.eval_every or self.step % a.eval_every or not losses):
-            last_eval = self._evaluate(log=bool(losses))  # the checkpoint's own row is logged already
+        # nothing trained (a resume at --max-steps): the checkpoint's evaluation, whose row is logged
+        if self.is_main and self.eval_fn and not losses:
+            last_eval = self._evaluate(log=False)
         if self.is_main and self.sample_fn:
             self._sample()
         if self.is_main:
