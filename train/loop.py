@@ -17,9 +17,9 @@ One optimizer step, as in nanoGPT's train.py:
     clip the gradient norm, AdamW step, zero the gradients
 
 Around it: a tqdm bar, one JSONL row per step (loss, lr, grad_norm, tok_per_s, mfu, mem_gb, and
-eval_fn's keys on evaluated steps),
-a loss plot, checkpoints that resume exactly (weights, optimizer, every RNG, the batch
-generator, the step and the data position), and DDP when launched by torchrun.
+eval_fn's keys on evaluated steps), a loss plot, checkpoints that resume exactly (weights,
+optimizer, every RNG, the batch generator, the step and the data position), and DDP when
+launched by torchrun.
 """
 import argparse
 import contextlib
