@@ -45,12 +45,16 @@ def mlp_flops(m: int, c: int, mode: str, hidden: int | None = None) -> int:
 def attention_flops(b: int, h: int, tq: int, tk: int, d: int, causal: bool, mode: str) -> float:
     """Attention core: S = Q K^T and O = P V, 2*Tq*Tk*D FLOPs each, per (batch, head).
 
-    Causal masking skips half the score matrix (FlashAttention's convention), and backward is
-    counted as 2.5x forward (five matmuls against two), as FlashAttention's benchmarks do.
+    Causal masking (bottom-right aligned, as the model's KV-cache decode; Tq <= Tk) counts only
+    the visible pairs, Tq*Tk - Tq^2/2: for Tq = Tk half the score matrix, FlashAttention's
+    convention. Backward is counted as 2.5x forward (five matmuls against two), as FlashAttention's
+    benchmarks do.
     """
-    fwd = 4 * b * h * tq * tk * d
-    if causal:
-        fwd = fwd / 2
+    if causal and tq > tk:
+        raise ValueError(f"causal attention needs tq <= tk (queries are the last tq of tk positions), "
+                         f"got tq={tq}, tk={tk}")
+    pairs = tq * tk - tq * tq / 2 if causal else tq * tk
+    fwd = 4 * b * h * pairs * d
     return {"fwd": fwd, "bwd": 2.5 * fwd, "fwd+bwd": 3.5 * fwd}[_check_mode(mode)]
 
 

@@ -339,6 +339,12 @@ def test_run_train_respects_the_time_budget(monkeypatch):
                                 providers=("reference", "triton+compile", "triton"), log=lambda s: None)
     assert [r["status"][:40] for r in rows] == [
         "ok", "skipped: time budget (a first compiled r", "ok"]
+    # ... and one measured compiled provider sets what the next is expected to cost
+    monkeypatch.setattr(train_step, "COMPILE_MIN_S", 0.05)
+    rows = train_step.run_train(torch.device("cpu"), Budget(0.3), models=("tiny",),
+                                providers=("reference+compile+sdpa", "triton+compile"), log=lambda s: None)
+    assert rows[0]["status"] == "ok" and rows[1]["status"].startswith(
+        "skipped: time budget (~0 s expected from the other compiled provider"), rows[1]["status"]
 
 
 # -- results on disk ------------------------------------------------------------------------------------
@@ -623,6 +629,17 @@ def test_lm_head_and_cross_entropy_formulas():
 def test_hidden_and_rectangular_attention():
     assert common.mlp_flops(16384, 768, "fwd", hidden=2048) == 4 * 16384 * 768 * 2048
     assert common.attention_flops(1, 1, 128, 1024, 64, False, "fwd") == 4 * 128 * 1024 * 64
+    # causal, bottom-right aligned: the pairs the model's mask keeps, counted here by the mask
+    # (Tq = Tk stays FlashAttention's half, which counts the diagonal as half too)
+    from tritongpt.model.layers import MultiHeadAttention
+
+    mask = MultiHeadAttention(64, 1, 1024).mask  # True where a key is hidden
+    for tq, tk in ((128, 1024), (1, 1024), (512, 1024), (300, 301)):
+        seen = (~mask[tk - tq:tk, :tk]).sum().item()
+        diag = tq / 2  # the half of the diagonal FlashAttention's convention leaves out
+        assert common.attention_flops(1, 1, tq, tk, 64, True, "fwd") == 4 * 64 * (seen - diag), (tq, tk)
+    with pytest.raises(ValueError, match="tq <= tk"):
+        common.attention_flops(1, 1, 300, 100, 64, True, "fwd")
 
 
 def test_cpu_timer_warms_up_for_its_time_then_times_reps(monkeypatch):

@@ -368,6 +368,8 @@ def test_mfu_pieces(monkeypatch):
     assert flops_per_token(cfg, 1000, 16) == 6 * 1000 + 12 * 2 * 2 * 16 * 16
     assert peak_flops(torch.device("cpu")) is None  # CPU: MFU is reported as null
     for name, peak in [("NVIDIA H100 80GB HBM3", 989.5e12), ("NVIDIA H100 PCIe", 756e12),
+                       ("NVIDIA H200", 989.5e12), ("NVIDIA H200 NVL", 835.5e12), ("NVIDIA L40", 181e12),
+                       ("NVIDIA L40S", 362e12), ("NVIDIA L4", 121e12),
                        ("NVIDIA A100-SXM4-80GB", 312e12), ("Some Future GPU", None)]:
         monkeypatch.setattr(torch.cuda, "get_device_name", lambda d=None, n=name: n)
         assert peak_flops(torch.device("cuda")) == peak, name

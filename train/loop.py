@@ -148,11 +148,13 @@ def add_train_args(parser: argparse.ArgumentParser, **defaults):
 
 
 # -- throughput ------------------------------------------------------------------------------
-# Dense bf16 tensor-core peaks (FLOP/s) by GPU name, most specific first. MFU is null elsewhere.
+# Dense bf16 tensor-core peaks (FLOP/s) by GPU name (datasheets halve their sparse figures),
+# most specific first: the first key found in the name wins ("H200 NVL" before "H200", "L40"
+# before "L4"). MFU is null elsewhere.
 PEAK_FLOPS = [
-    ("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989.5e12), ("H200", 989.5e12),
-    ("GH200", 989.5e12), ("A100", 312e12), ("L40S", 362e12), ("L4", 121e12),
-    ("RTX 4090", 165.2e12), ("V100", 125e12), ("T4", 65e12),
+    ("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989.5e12), ("GH200", 989.5e12),
+    ("H200 NVL", 835.5e12), ("H200", 989.5e12), ("A100", 312e12), ("L40S", 362e12), ("L40", 181e12),
+    ("L4", 121e12), ("RTX 4090", 165.2e12), ("V100", 125e12), ("T4", 65e12),
 ]
 
 
