@@ -287,6 +287,10 @@ def _run_gpu(args):
     print()
     print(console_summary(results))
     print(f"\nresults: {summary.parent}/  ({budget.elapsed():.0f} s)")
+    if budget.interrupted:
+        print("interrupted: the rows measured before it are written, the rest are marked skipped",
+              file=sys.stderr)
+        return 130
     if args.strict and any(t["status"] == "FAIL" for r in results for t in r["targets"]):
         return 1
     return 0

@@ -199,14 +199,33 @@ def time_cpu(fn, reps: int = 5, warm_calls: int = 1):
 
 # -- time budget ----------------------------------------------------------------------------------
 class Budget:
-    """A wall-clock deadline. Work that would start after it is recorded as skipped, not run."""
+    """A wall-clock deadline. Work that would start after it is recorded as skipped, not run.
 
-    def __init__(self, seconds: float | None):
+    interrupt() (Ctrl-C, or SIGINT from a session's hard time limit) expires it, and the budget
+    it was cut from, at once: the rows measured so far are still written, the rest skipped.
+    """
+
+    def __init__(self, seconds: float | None, parent: "Budget | None" = None):
         self.start = time.monotonic()
         self.deadline = None if seconds is None else self.start + seconds
+        self.parent = parent
+        self.interrupted = False
+
+    def interrupt(self) -> None:
+        b = self
+        while b is not None:
+            b.interrupted = True
+            b = b.parent
 
     def expired(self) -> bool:
-        return self.deadline is not None and time.monotonic() >= self.deadline
+        return self.interrupted or (self.parent is not None and self.parent.interrupted) or \
+            (self.deadline is not None and time.monotonic() >= self.deadline)
+
+    def skip_reason(self) -> str:
+        """The status of work not started because the budget expired."""
+        interrupted = self.interrupted or (self.parent is not None and self.parent.interrupted)
+        return "skipped: interrupted (Ctrl-C or a hard time limit)" if interrupted else \
+            "skipped: time budget (--max-minutes)"
 
     def remaining(self) -> float:
         return float("inf") if self.deadline is None else max(0.0, self.deadline - time.monotonic())
@@ -217,8 +236,8 @@ class Budget:
     def sub(self, fraction: float) -> "Budget":
         """A budget ending `fraction` of the remaining time from now."""
         if self.deadline is None:
-            return Budget(None)
-        return Budget(max(0.0, self.deadline - time.monotonic()) * fraction)
+            return Budget(None, parent=self)
+        return Budget(max(0.0, self.deadline - time.monotonic()) * fraction, parent=self)
 
 
 # -- result rows -----------------------------------------------------------------------------------

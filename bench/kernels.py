@@ -281,11 +281,14 @@ def bench_providers(op, config, builders, modes, timer, budget, work, providers=
             rows += [make_row("kernels", op, name, config, m, f"skipped: {skip[name]}") for m in modes]
             continue
         if budget.expired():
-            rows += [make_row("kernels", op, name, config, m, "skipped: time budget (--max-minutes)")
-                     for m in modes]
+            rows += [make_row("kernels", op, name, config, m, budget.skip_reason()) for m in modes]
             continue
         try:
             forward, leaves = build()
+        except KeyboardInterrupt:
+            budget.interrupt()
+            rows += [make_row("kernels", op, name, config, m, budget.skip_reason()) for m in modes]
+            continue
         except Unavailable as e:
             rows += [make_row("kernels", op, name, config, m, f"skipped: {e}") for m in modes]
             continue
@@ -295,13 +298,17 @@ def bench_providers(op, config, builders, modes, timer, budget, work, providers=
             continue
         for mode in modes:
             if budget.expired():
-                rows.append(make_row("kernels", op, name, config, mode,
-                                     "skipped: time budget (--max-minutes)"))
+                rows.append(make_row("kernels", op, name, config, mode, budget.skip_reason()))
                 continue
             w = work(mode)
             if name in grads_in_forward:
                 w = {"fwd": work("fwd+bwd"), "bwd": {}}.get(mode, w)
-            rows.append(_bench_one(op, name, config, mode, forward, leaves, timer, w))
+            try:
+                rows.append(_bench_one(op, name, config, mode, forward, leaves, timer, w))
+            except KeyboardInterrupt:
+                budget.interrupt()
+                rows.append(make_row("kernels", op, name, config, mode, budget.skip_reason()))
+                continue
             if name in grads_in_forward:
                 rows[-1]["note"] = "gradients made in forward"
             timer.cleanup(full=not is_ok(rows[-1]))
@@ -545,10 +552,26 @@ def run_kernels(timer, budget, dtype=torch.bfloat16,
     """
     sizes = dict(FULL_SIZES, **(sizes or {}))
     log("measuring ceilings (device copy bandwidth, bf16 matmul) ...")
-    ceilings = measure_ceilings(timer, **(ceiling_sizes or {}))
+    try:
+        ceilings = measure_ceilings(timer, **(ceiling_sizes or {}))
+    except KeyboardInterrupt:
+        budget.interrupt()
+        ceilings = {}
     wanted = set(providers) if providers is not None else set(ALL_PROVIDERS)
     groups = [(wanted - {"compile"}, "")] + ([({"compile"}, ", torch.compile")] if "compile" in wanted else [])
     rows = []
+    try:
+        _run_plan(rows, timer, budget, dtype, ops, modes, sizes, groups, log)
+    except KeyboardInterrupt:  # between timings (bench_providers catches those): keep what was measured
+        budget.interrupt()
+    if budget.interrupted:
+        log("interrupted: writing the rows measured so far")
+    add_ceiling_percent(rows, ceilings)
+    return sort_rows(rows), ceilings
+
+
+def _run_plan(rows, timer, budget, dtype, ops, modes, sizes, groups, log):
+    """run_kernels' sweeps, in its order, appending to rows."""
     for part in ("targets", "rest"):
         plan = _sweep_plan(sizes, part)
         for provs, label in groups:
@@ -570,8 +593,6 @@ def run_kernels(timer, budget, dtype=torch.bfloat16,
                 log(f"lm-head + loss{label}: width {list(widths)}, vocab {list(sizes['ce_vocabs'])} ...")
                 rows += sweep_lm_head_loss(timer, budget, sizes["ce_rows"], widths, sizes["ce_vocabs"],
                                            dtype, modes, provs)
-    add_ceiling_percent(rows, ceilings)
-    return sort_rows(rows), ceilings
 
 
 def sort_rows(rows):

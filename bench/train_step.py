@@ -223,7 +223,7 @@ def run_train(device, budget, dtype=torch.bfloat16, models=("gpt2-small", "gpt2-
         for p in providers:
             cfg = {"model": model_name, "batch": b, "seq_len": seq_len}
             if budget.expired():
-                rows.append(make_row("train", "step", p, cfg, "fwd+bwd", "skipped: time budget (--max-minutes)"))
+                rows.append(make_row("train", "step", p, cfg, "fwd+bwd", budget.skip_reason()))
                 continue
             # Do not start what would overrun the budget. Compilation time grows with depth (dynamo
             # traces every layer): a provider's cost on this model is estimated from the previous
@@ -245,8 +245,12 @@ def run_train(device, budget, dtype=torch.bfloat16, models=("gpt2-small", "gpt2-
                 continue
             log(f"train step: {model_name} B={b} T={seq_len} {p} ...")
             t0 = time.perf_counter()
-            row = bench_train_provider(p, model_name, b, seq_len, device, dtype, warmup_steps, steps,
-                                       peak_flops, vocab_size, vocab_multiple=vocab_multiple)
+            try:
+                row = bench_train_provider(p, model_name, b, seq_len, device, dtype, warmup_steps, steps,
+                                           peak_flops, vocab_size, vocab_multiple=vocab_multiple)
+            except KeyboardInterrupt:  # the rows so far are still written; nothing new starts
+                budget.interrupt()
+                row = make_row("train", "step", p, cfg, "fwd+bwd", budget.skip_reason())
             cost[p] = (time.perf_counter() - t0, n_layer)
             rows.append(row)
             if is_ok(row):

@@ -462,6 +462,38 @@ def _cpu_stand_ins(monkeypatch):
         timer, copy_bytes=1 << 16, matmul_n=32, dtype=torch.float32))
 
 
+def test_an_interrupt_writes_the_rows_measured_so_far(tmp_path, monkeypatch, capsys):
+    """SIGINT (Ctrl-C, or a GPU session's hard time limit) in the middle of `bench all`: the rows
+    measured before it are written, everything after is marked skipped, and the exit code is 130."""
+    from tritongpt import cli
+    from tritongpt.bench import cli as bcli
+
+    _cpu_stand_ins(monkeypatch)
+    real_one, calls = kernels._bench_one, []
+
+    def one(*a, **k):
+        calls.append(a[1])
+        if len(calls) == 4:
+            raise KeyboardInterrupt
+        return real_one(*a, **k)
+
+    monkeypatch.setattr(kernels, "_bench_one", one)
+    monkeypatch.setattr(train_step, "bench_train_provider", lambda *a, **k: pytest.fail("started after Ctrl-C"))
+    args = cli.build_parser().parse_args([
+        "bench", "all", "--quick", "--out", str(tmp_path), "--dtype", "fp32", "--no-plots",
+        "--providers", "reference,torch", "--ops", "layernorm,mlp", "--ln-rows", "8", "--ln-widths", "16",
+        "--mlp-rows", "8", "--mlp-widths", "8"])
+    assert bcli._run_gpu(args) == 130
+    (folder,) = tmp_path.iterdir()
+    k = report.validate_result(json.loads((folder / "kernels.json").read_text()))
+    t = report.validate_result(json.loads((folder / "train.json").read_text()))
+    status = [r["status"] for r in k["rows"] if r["mode"] != "saved"]
+    assert status.count("ok") == 3 and len(calls) == 4, (status, calls)
+    assert set(status) == {"ok", "skipped: interrupted (Ctrl-C or a hard time limit)"}, status
+    assert {r["status"] for r in t["rows"]} == {"skipped: interrupted (Ctrl-C or a hard time limit)"}
+    assert "interrupted" in capsys.readouterr().err
+
+
 def test_gpu_command_flow_with_cpu_stand_ins(tmp_path, monkeypatch, capsys):
     # `bench all` as it runs on a GPU, with the GPU parts swapped for CPU stand-ins: argument
     # plumbing, the two sections, files, summary and the final table.
