@@ -101,7 +101,9 @@ def add_cli(sub):
                    help="comma list (default: all of %(default)s)")
     k.add_argument("--modes", default="fwd,bwd,fwd+bwd", help="comma list (default: all of %(default)s)")
     k.add_argument("--providers", default=None, help=f"subset of {','.join(ALL_PROVIDERS)}")
-    k.add_argument("--ln-rows", type=int, default=None, help=f"(default {FULL_SIZES['ln_rows']})")
+    k.add_argument("--ln-rows", type=int, default=None,
+                   help=f"at least this many; on a GPU enough that x is twice the L2 cache "
+                        f"(default {FULL_SIZES['ln_rows']})")
     k.add_argument("--ln-widths", default=None, help="e.g. 768,1024,1280,1600")
     k.add_argument("--mlp-rows", type=int, default=None, help=f"(default {FULL_SIZES['mlp_rows']})")
     k.add_argument("--mlp-widths", default=None, help="e.g. 768,1024,1280,1600")

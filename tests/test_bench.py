@@ -3,6 +3,7 @@
 import json
 import math
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -656,6 +657,18 @@ def test_lm_head_and_cross_entropy_formulas():
     assert common.cross_entropy_bytes(4096, 50257, 2, "fwd") == 411_705_344
     assert common.cross_entropy_bytes(4096, 50257, 2, "bwd") == 823_410_688
     assert common.cross_entropy_bytes(4096, 50257, 2, "fwd+bwd") == 1_235_116_032
+
+
+def test_layernorm_rows_keep_x_out_of_l2(monkeypatch):
+    """On a GPU, x is at least twice the L2 cache (else fwd+bwd reads it back from L2 and the
+    GB/s judged against the DRAM copy ceiling is inflated); on the CPU the rows are as asked."""
+    assert kernels.layernorm_rows(16384, 768, 2, "cpu") == 16384
+    props = types.SimpleNamespace(L2_cache_size=50 * 2**20)  # an H100's
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d=None: props)
+    rows = kernels.layernorm_rows(16384, 768, 2, "cuda")
+    assert rows == 68608 and rows * 768 * 2 >= 2 * props.L2_cache_size and rows % 1024 == 0
+    assert kernels.layernorm_rows(16384, 1600, 4, "cuda") == 16384  # 105 MB already
+    assert kernels.layernorm_rows(100_000, 768, 2, "cuda") == 100_000
 
 
 def test_hidden_and_rectangular_attention():
