@@ -83,9 +83,46 @@ def test_load_text_errors(tmp_path):
     j.write_text('{"text": 5}\n', encoding="utf-8")
     with pytest.raises(UserError, match=r"bad.jsonl:1: field 'text' is a int"):
         load_text(j)
-    j.write_text(f'{{"text": "{EOT}"}}\n', encoding="utf-8")
+    j.write_text('{"text": " "}\n{"text": "\\n"}\n', encoding="utf-8")
     with pytest.raises(UserError, match="empty"):
         load_text(j)
+    (tmp_path / "only-eot.txt").write_text(f"{EOT}\n{EOT}", encoding="utf-8")
+    with pytest.raises(UserError, match="empty"):
+        load_text(tmp_path / "only-eot.txt")
+    # a folder named like a text file, and a link to nothing: named, not a traceback
+    (tmp_path / "odd" / "sub.txt").mkdir(parents=True)
+    (tmp_path / "odd" / "a.txt").write_text("text", encoding="utf-8")
+    assert load_text(tmp_path / "odd") == "text"
+    (tmp_path / "odd" / "gone.txt").symlink_to(tmp_path / "nowhere.txt")
+    with pytest.raises(UserError, match="gone.txt: a broken link"):
+        load_text(tmp_path / "odd")
+
+
+def test_what_a_document_is(tmp_path, tok):
+    """Records and files are documents; within a .txt file, literal <|endoftext|> separates them
+    (GPT-2-style dumps); inside a .jsonl record that spelling is text, not a separator."""
+    j = tmp_path / "rows.jsonl"
+    j.write_text(json.dumps({"text": f"the token {EOT} ends a doc"}) + "\n" + json.dumps({"text": "second"}) + "\n",
+                 encoding="utf-8")
+    assert data.load_documents(j) == [f"the token {EOT} ends a doc", "second"]
+    t = tmp_path / "dump.txt"
+    t.write_text(f"one{EOT}two", encoding="utf-8")
+    assert data.load_documents(t) == ["one", "two"]
+    ids = np.asarray(prepare_tokens(str(j), tok, cache_dir=tmp_path / "c1", val_fraction=0.0).train).tolist()
+    assert ids.count(tok.eot_id) == 1, "two records, one separator"
+    assert tok.decode(ids) == f"the token {EOT} ends a doc{EOT}second"
+    # the same characters, other documents: another corpus, not the cached tokens
+    a = prepare_tokens(str(t), tok, cache_dir=tmp_path / "c2", val_fraction=0.0)
+    j.write_text(json.dumps({"text": f"one{EOT}two"}) + "\n", encoding="utf-8")
+    b = prepare_tokens(str(j), tok, cache_dir=tmp_path / "c2", val_fraction=0.0)
+    assert a.meta["source_hash"] != b.meta["source_hash"] and b.meta["documents"] == 1
+    assert np.asarray(b.train).tolist().count(tok.eot_id) == 0
+    # a byte-order mark (Windows editors write one) is not text
+    bom = tmp_path / "bom.txt"
+    bom.write_bytes("\ufeffhello".encode("utf-8"))
+    assert load_text(bom) == "hello"
+    bom.write_bytes(("\ufeff" + json.dumps({"text": "hi"})).encode("utf-8"))
+    assert data.load_documents(bom.rename(tmp_path / "bom.jsonl")) == ["hi"]
 
 
 # -- prepare_tokens -------------------------------------------------------------------------------

@@ -6,12 +6,16 @@ the vocabulary fits, else uint32), documents separated by <|endoftext|>; the las
 `block_size + 1` tokens: x is the window minus its last token, y minus its first, so
 y[t] is the token that follows x[..t].
 
-Sources (`load_text`):
+Sources (`load_documents`, `load_text`):
   None / "pydoc"  Python's own reference docs (pydoc_data.topics, ~465 KB of English),
                   shipped with every CPython: a corpus that needs no download.
   "stdlib"        the standard library's .py files (first STDLIB_MAX_BYTES, in sorted walk order).
   a path          a text file, a folder of .txt files, or a .jsonl file with a text field.
+Documents: each .py file, each .jsonl record, each .txt file, and within a .txt file the parts
+between literal <|endoftext|> lines (how GPT-2-style text dumps mark them). Anywhere else that
+spelling is text, tokenised as ordinary characters, never as the separator.
 """
+import hashlib
 import json
 import os
 import sysconfig
@@ -22,7 +26,6 @@ import numpy as np
 import torch
 
 from tritongpt.errors import UserError
-from tritongpt.train.tokenizer import text_hash
 
 EOT = "<|endoftext|>"
 STDLIB_MAX_BYTES = 8 * 2**20
@@ -36,7 +39,7 @@ def _pydoc_text() -> str:
     return "\n\n".join(topics[k] for k in sorted(topics))
 
 
-def _stdlib_text(max_bytes: int = None) -> str:
+def _stdlib_docs(max_bytes: int = None) -> list:
     max_bytes = STDLIB_MAX_BYTES if max_bytes is None else max_bytes
     skip = {"site-packages", "dist-packages", "__pycache__"}
     docs, total = [], 0
@@ -51,20 +54,21 @@ def _stdlib_text(max_bytes: int = None) -> str:
             docs.append(text)
             total += len(text)
             if total >= max_bytes:
-                return EOT.join(docs)
-    return EOT.join(docs)
+                return docs
+    return docs
 
 
 def _read_utf8(path: Path) -> str:
+    """The file's text; a UTF-8 byte-order mark (Windows editors write one) is not part of it."""
     try:
-        return path.read_text(encoding="utf-8")
+        return path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as e:
         raise UserError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason})") from None
 
 
-def _jsonl_text(path: Path, text_field: str) -> str:
+def _jsonl_docs(path: Path, text_field: str) -> list:
     docs = []
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8-sig") as f:
         try:
             for lineno, line in enumerate(f, 1):
                 if not line.strip():
@@ -88,31 +92,56 @@ def _jsonl_text(path: Path, text_field: str) -> str:
                 docs.append(row[text_field])
         except UnicodeDecodeError as e:
             raise UserError(f"{path}: not UTF-8 text ({e.reason})") from None
-    return EOT.join(docs)
+    return docs
 
 
-def load_text(source=None, text_field: str = "text") -> str:
-    """The corpus as one string; separate documents are joined with <|endoftext|>."""
+def _txt_files(folder: Path) -> list:
+    files = []
+    for p in sorted(folder.rglob("*.txt")):
+        if p.is_symlink() and not p.exists():
+            raise UserError(f"{p}: a broken link (its target does not exist)")
+        if p.is_file():  # not a folder that happens to be named *.txt
+            files.append(p)
+    if not files:
+        raise UserError(f"folder {folder} has no .txt files")
+    return files
+
+
+def load_documents(source=None, text_field: str = "text") -> list:
+    """The corpus as a list of documents (see the module docstring for what one is)."""
     if source is None or source == "pydoc":
-        text, what = _pydoc_text(), "the pydoc corpus"
+        docs, what = [_pydoc_text()], "the pydoc corpus"
     elif source == "stdlib":
-        text, what = _stdlib_text(), "the standard library"
+        docs, what = _stdlib_docs(), "the standard library"
     else:
         path = Path(source).expanduser()
         what = str(path)
         if path.is_dir():
-            files = sorted(path.rglob("*.txt"))
-            if not files:
-                raise UserError(f"folder {path} has no .txt files")
-            text = EOT.join(_read_utf8(p) for p in files)
+            docs = [d for p in _txt_files(path) for d in _read_utf8(p).split(EOT)]
         elif path.is_file():
-            text = _jsonl_text(path, text_field) if path.suffix == ".jsonl" else _read_utf8(path)
+            docs = _jsonl_docs(path, text_field) if path.suffix == ".jsonl" else _read_utf8(path).split(EOT)
         else:
             raise UserError(f"data source not found: {source} (use 'pydoc', 'stdlib', a text file, "
                             f"a folder of .txt files or a .jsonl file)")
-    if not text.replace(EOT, "").strip():
+    if not any(d.strip() for d in docs):
         raise UserError(f"{what}: the corpus is empty")
-    return text
+    return docs
+
+
+def load_text(source=None, text_field: str = "text") -> str:
+    """The corpus as one string, its documents joined with <|endoftext|> (to train a tokenizer
+    on, or to read; prepare_tokens keeps the documents apart)."""
+    return EOT.join(load_documents(source, text_field))
+
+
+def documents_hash(docs) -> str:
+    """Names the documents exactly: ["a<|endoftext|>b"] and ["a", "b"] are other corpora."""
+    h = hashlib.sha256()
+    for d in docs:
+        b = d.encode("utf-8")
+        h.update(len(b).to_bytes(8, "little"))
+        h.update(b)
+    return h.hexdigest()
 
 
 # -- tokenising once, to a memmap ----------------------------------------------------------------
@@ -137,9 +166,8 @@ def _meta_matches(meta: dict, want: dict, bin_path: Path) -> bool:
             and bin_path.stat().st_size == n * np.dtype(meta["dtype"]).itemsize)
 
 
-def _write_tokens(text: str, tokenizer, bin_path: Path, dtype) -> int:
+def _write_tokens(docs, tokenizer, bin_path: Path, dtype) -> int:
     """Tokenise document by document, appending to a temporary file; returns the token count."""
-    docs = text.split(EOT)
     eot = np.array([tokenizer.eot_id], dtype=dtype)
     tmp = bin_path.with_name(f".{bin_path.name}.{os.getpid()}.tmp")
     n = 0
@@ -166,9 +194,9 @@ def prepare_tokens(source, tokenizer, cache_dir=None, val_fraction: float = 0.1,
     """
     if not 0.0 <= val_fraction < 1.0:
         raise UserError(f"val_fraction must be in [0, 1), got {val_fraction}")
-    text = load_text(source) if not isinstance(source, dict) else load_text(**source)
+    docs = load_documents(source) if not isinstance(source, dict) else load_documents(**source)
     dtype = token_dtype(tokenizer.vocab_size)
-    want = {"format": META_FORMAT, "source_hash": text_hash(text), "tokenizer_hash": tokenizer.hash,
+    want = {"format": META_FORMAT, "source_hash": documents_hash(docs), "tokenizer_hash": tokenizer.hash,
             "vocab_size": tokenizer.vocab_size, "dtype": np.dtype(dtype).name}
     if cache_dir is None:
         from tritongpt.train.tokenizer import default_cache_dir
@@ -188,9 +216,9 @@ def prepare_tokens(source, tokenizer, cache_dir=None, val_fraction: float = 0.1,
         if verbose:
             print(f"tokenising {source or 'pydoc'} with {tokenizer.name} -> {bin_path}")
         meta_path.unlink(missing_ok=True)           # no meta while the .bin is being rewritten
-        n = _write_tokens(text, tokenizer, bin_path, dtype)
+        n = _write_tokens(docs, tokenizer, bin_path, dtype)
         meta = dict(want, n_tokens=n, source=str(source or "pydoc"), tokenizer=tokenizer.name,
-                    eot_id=tokenizer.eot_id, chars=len(text))
+                    eot_id=tokenizer.eot_id, chars=sum(map(len, docs)), documents=len(docs))
     n = meta["n_tokens"]
     split = n - int(round(n * val_fraction))
     if meta.get("split") != split or meta.get("val_fraction") != val_fraction or not meta_path.is_file():
