@@ -63,6 +63,18 @@ def test_generate_errors(saved_model, capsys):
     assert "context is 32" in capsys.readouterr().err
     assert main(base + ["--weights", str(saved_model / "w.safetensors"), "--prompt", ""]) == 2
     assert "prompt is empty" in capsys.readouterr().err
+    # a prompt of exactly the context predicts from a full window
+    tok = BPETokenizer.load(saved_model / "tok.json")
+    full = tok.decode(tok.encode("The def statement is " * 12)[:32])
+    assert len(tok.encode(full)) == 32
+    assert main(base + ["--weights", str(saved_model / "w.safetensors"), "--prompt", full,
+                        "--max-new-tokens", "3", "--temperature", "0"]) == 0
+    assert capsys.readouterr().out.startswith(full)
+    for flags, said in ((["--temperature", "nan"], "--temperature must be a finite number"),
+                        (["--top-k", "0", "--temperature", "0"], "--top-k must be a positive integer"),
+                        (["--top-p", "1.5"], "--top-p must be in (0, 1]")):
+        assert main(base + ["--weights", str(saved_model / "w.safetensors"), "--prompt", "x", *flags]) == 2
+        assert said in capsys.readouterr().err, flags
     w = ["--weights", str(saved_model / "w.safetensors")]
     assert main(base + w + ["--prompt", "a<|endoftext|>b"]) == 2
     assert "pass --allow-special" in capsys.readouterr().err

@@ -1,4 +1,5 @@
 """Generation: cached == uncached, overflow of the context window, stopping, sampling filters."""
+import numpy as np
 import pytest
 import torch
 
@@ -79,6 +80,21 @@ def test_sampling_filters():
     assert picks == {1, 2}
 
 
+def test_top_p_boundary_and_tiny_temperatures():
+    """top_p keeps a token only while the tokens ranked above it cover less than top_p (so mass
+    exactly top_p above it drops it, as Hugging Face's filter does); a tiny temperature is
+    greedy in the limit, not a nan from inf - inf."""
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.2]]))
+    p = torch.softmax(logits, dim=-1)[0]
+    g = torch.Generator().manual_seed(0)
+    kept = {sample_next(logits, 1.0, top_p=(p[0] + p[1]).item(), generator=g).item() for _ in range(300)}
+    assert kept == {0, 1}, kept
+    kept = {sample_next(logits, 1.0, top_p=p[0].item(), generator=g).item() for _ in range(100)}
+    assert kept == {0}, kept
+    for t in (1e-40, 1e-300, 5e-324):
+        assert sample_next(torch.tensor([[1.0, 3.0, 2.0], [-1e4, 0.0, 50.0]]), t, generator=g).flatten().tolist() == [1, 2]
+
+
 def test_bad_arguments(model):
     with pytest.raises(UserError, match="non-empty"):
         generate(model, torch.zeros(1, 0, dtype=torch.long), 3)
@@ -86,6 +102,26 @@ def test_bad_arguments(model):
         generate(model, torch.zeros(1, 2, dtype=torch.long), 3, temperature=-1.0)
     with pytest.raises(UserError, match="top_p"):
         generate(model, torch.zeros(1, 2, dtype=torch.long), 3, temperature=1.0, top_p=1.5)
+    idx = torch.zeros(1, 2, dtype=torch.long)
+    model.train()
+    bad = [(dict(temperature=float("nan")), "temperature must be a finite number"),
+           (dict(temperature=float("inf")), "temperature"),
+           (dict(temperature=1.0, top_k=0), "top_k must be a positive integer"),
+           (dict(temperature=1.0, top_k=2.5), "top_k must be a positive integer, got 2.5"),
+           (dict(temperature=1.0, top_k=True), "top_k"),
+           (dict(temperature=1.0, top_p=float("nan")), "top_p must be in"),
+           # greedy ignores them, but a typo is still a typo: said before any work
+           (dict(temperature=0.0, top_p=1.5), "top_p"), (dict(temperature=0.0, top_k=0), "top_k")]
+    for kw, match in bad:
+        with pytest.raises(UserError, match=match):
+            generate(model, idx, 0, **kw)
+        assert model.training, f"{kw}: generate left the model in eval mode"
+    with pytest.raises(UserError, match="tensor of token ids, got list"):
+        generate(model, [[1, 2]], 3)
+    with pytest.raises(UserError, match="tensor of token ids, got a torch.float32 tensor"):
+        generate(model, idx.float(), 3)
+    model.eval()
+    assert sample_next(torch.tensor([[0.0, 1.0]]), 1.0, top_k=np.int64(1)).item() == 1  # numpy ints are ints
 
 
 def test_kv_cache_under_bf16_autocast_on_both_attention_paths(model):

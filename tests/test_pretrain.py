@@ -128,6 +128,9 @@ def test_model_vocab_follows_the_tokenizer_except_gpt2_with_gpt2():
     (["--tokenizer", "/no/such/tok.json"], "tokenizer"),
     (["--text-field", "title", "--data", "JSONL"], "no field 'title'"),
     (["--text-field", "body"], "--text-field applies to .jsonl data"),
+    # the sample settings, before any training (they were first used at step --sample-every)
+    (["--top-k", "0"], "--top-k must be a positive integer"),
+    (["--temperature", "nan"], "--temperature must be a finite number"),
 ])
 def test_bad_input_is_one_line_user_error(corpus, tmp_path, capsys, extra, expect):
     (tmp_path / "empty.txt").write_text("   \n")

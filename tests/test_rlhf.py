@@ -715,6 +715,8 @@ def test_cli_reports_bad_input_in_one_line(tmp_path, capsys):
     assert "--reward is required" in capsys.readouterr().err
     assert main(["rlhf", "--reward", str(tmp_path), "--algo", "grpo", "--group-size", "1"]) == 2
     assert "--group-size must be >= 2 for GRPO" in capsys.readouterr().err
+    with pytest.raises(UserError, match="--top-k must be a positive integer, got 0"):
+        RLArgs(top_k=0).validate()
     with pytest.raises(UserError, match="--dtype must be auto, fp32 or bf16, got 'fp16'"):
         RLArgs(dtype="fp16").validate()  # the API, which the CLI's choices do not guard
     assert main(["dpo", "--beta", "0"]) == 2

@@ -5,32 +5,49 @@ Positions are absolute (learned embeddings), so when the window is full it canno
 we crop to the last context_length - 1 tokens and prefill again, which gives exactly what
 the uncached model computes on the cropped window.
 """
+import math
+import numbers
+
 import torch
 
 from tritongpt.errors import UserError
 
 
+def check_sampling(temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
+                   flags: bool = False) -> None:
+    """The sampling settings, checked before any work (also those greedy decoding ignores: a
+    typo should not wait for the first sample). flags: name them as command-line flags."""
+    name = (lambda n: "--" + n.replace("_", "-")) if flags else (lambda n: n)
+    real = lambda v: isinstance(v, numbers.Real) and not isinstance(v, bool)  # noqa: E731
+    if not real(temperature) or not (math.isfinite(temperature) and temperature >= 0):
+        raise UserError(f"{name('temperature')} must be a finite number >= 0 (0 = greedy), got {temperature!r}")
+    if top_k is not None and (not isinstance(top_k, numbers.Integral) or isinstance(top_k, bool) or top_k <= 0):
+        raise UserError(f"{name('top_k')} must be a positive integer, got {top_k!r}")
+    if top_p is not None and (not real(top_p) or not 0.0 < top_p <= 1.0):
+        raise UserError(f"{name('top_p')} must be in (0, 1], got {top_p!r}")
+
+
 def sample_next(logits, temperature: float = 0.0, top_k: int | None = None,
                 top_p: float | None = None, generator: torch.Generator | None = None):
     """Pick one token per row from logits [B, V]. temperature 0 means greedy (argmax)."""
-    if temperature < 0:
-        raise UserError(f"temperature must be >= 0, got {temperature}")
-    if temperature == 0.0:
+    check_sampling(temperature, top_k, top_p)
+    # below fp32's smallest normal number the division rounds the temperature to 0: greedy is
+    # the limit it tends to anyway
+    if temperature < torch.finfo(torch.float32).tiny:
         return logits.argmax(dim=-1, keepdim=True)
-    logits = logits.float() / temperature
+    logits = logits.float()
+    # from the row's max down: a tiny temperature then gives -inf, never inf - inf = nan
+    logits = (logits - logits.amax(dim=-1, keepdim=True)) / temperature
     if top_k is not None:
-        if top_k <= 0:
-            raise UserError(f"top_k must be positive, got {top_k}")
-        kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]
+        kth = torch.topk(logits, min(int(top_k), logits.size(-1))).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None:
-        if not 0.0 < top_p <= 1.0:
-            raise UserError(f"top_p must be in (0, 1], got {top_p}")
+    if top_p is not None and top_p < 1.0:
         sorted_logits, order = torch.sort(logits, descending=True)
         probs = torch.softmax(sorted_logits, dim=-1)
-        # drop a token when the tokens ranked above it already cover top_p
-        drop = probs.cumsum(dim=-1) - probs > top_p
-        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        # drop a token when the tokens ranked above it already cover top_p (the sum of those
+        # above, made directly, not as cumsum - p, which rounds across the boundary)
+        above = torch.cat([torch.zeros_like(probs[:, :1]), probs.cumsum(dim=-1)[:, :-1]], dim=-1)
+        sorted_logits = sorted_logits.masked_fill(above >= top_p, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
     probs = torch.softmax(logits, dim=-1)
     return torch.multinomial(probs, num_samples=1, generator=generator)
@@ -44,13 +61,24 @@ def generate(model, idx, max_new_tokens: int, temperature: float = 0.0, top_k: i
 
     Returns [B, T + n]. Rows that finished early are padded with eos_id.
     """
+    if not isinstance(idx, torch.Tensor) or idx.is_floating_point() or idx.is_complex():
+        what = f"a {idx.dtype} tensor" if isinstance(idx, torch.Tensor) else type(idx).__name__
+        raise UserError(f"prompt must be a [batch, time] tensor of token ids, got {what}")
     if idx.dim() != 2 or idx.size(1) == 0:
         raise UserError(f"prompt must be a non-empty [batch, time] tensor, got shape {tuple(idx.shape)}")
     if max_new_tokens < 0:
         raise UserError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-    ctx = model.config.context_length
+    check_sampling(temperature, top_k, top_p)
     was_training = model.training
     model.eval()
+    try:
+        return _generate(model, idx, max_new_tokens, temperature, top_k, top_p, eos_id, use_cache, generator)
+    finally:
+        model.train(was_training)
+
+
+def _generate(model, idx, max_new_tokens, temperature, top_k, top_p, eos_id, use_cache, generator):
+    ctx = model.config.context_length
     cache = model.new_cache(idx.size(0)) if use_cache else None
     done = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
     fed = 0  # how many tokens of idx the cache already holds
@@ -76,5 +104,4 @@ def generate(model, idx, max_new_tokens: int, temperature: float = 0.0, top_k: i
         idx = torch.cat([idx, nxt], dim=1)
         if eos_id is not None and bool(done.all()):
             break
-    model.train(was_training)
     return idx

@@ -76,7 +76,7 @@ def pretrain(args) -> dict:
     from tritongpt.commands import vocab_multiple
     from tritongpt.model.gpt import GPTModel
     from tritongpt.train import common, data
-    from tritongpt.train.generate import generate
+    from tritongpt.train.generate import check_sampling, generate
     from tritongpt.train.loop import TrainArgs, Trainer, loss_eval_fn
     from tritongpt.train.tokenizer import RUN_TOKENIZER, get_tokenizer, save_run_tokenizer
 
@@ -100,8 +100,9 @@ def pretrain(args) -> dict:
     if block > cfg.context_length:
         raise UserError(f"--block-size {block} is longer than {args.model}'s context length {cfg.context_length}")
 
+    check_sampling(args.temperature, args.top_k, flags=True)  # not at the first sample, steps later
     prompt_ids = tok.encode(args.prompt, allowed_special="all") or [tok.eot_id]
-    if len(prompt_ids) >= cfg.context_length:
+    if len(prompt_ids) > cfg.context_length:
         raise UserError(f"--prompt is {len(prompt_ids)} tokens; the context is {cfg.context_length}")
 
     common.set_seed(targs.seed)

@@ -126,6 +126,9 @@ class RLArgs:
             raise UserError(f"--gamma and --lam must be in [0, 1], got {self.gamma}, {self.lam}")
         if not self.temperature > 0:
             raise UserError(f"--temperature must be > 0 for sampling rollouts, got {self.temperature}")
+        from tritongpt.train.generate import check_sampling
+
+        check_sampling(self.temperature, self.top_k, flags=True)
         if not self.lr > 0:
             raise UserError(f"--lr must be positive, got {self.lr}")
         if self.dtype not in ("auto", "fp32", "bf16"):  # fp16 would need loss scaling

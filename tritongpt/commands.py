@@ -65,7 +65,7 @@ def cmd_generate(args):
     from tritongpt.model.config import get_config
     from tritongpt.model.gpt import GPTModel
     from tritongpt.train.common import pick_device
-    from tritongpt.train.generate import generate
+    from tritongpt.train.generate import check_sampling, generate
     from tritongpt.train.sft import pick_tokenizer
     from tritongpt.train.tokenizer import DisallowedSpecialToken
 
@@ -76,6 +76,7 @@ def cmd_generate(args):
         if not args.model.startswith("gpt2"):
             raise UserError(f"--pretrained downloads GPT-2 by --model name (gpt2-small|gpt2-medium|gpt2-large|"
                             f"gpt2-xl), not {args.model!r}")
+    check_sampling(args.temperature, args.top_k, args.top_p, flags=True)
     device = pick_device(args.device)
     torch.manual_seed(args.seed)
     if args.weights:
@@ -101,7 +102,7 @@ def cmd_generate(args):
                         "special token") from None
     if not ids:
         raise UserError("the prompt is empty: pass --prompt with some text")
-    if len(ids) >= model.config.context_length:
+    if len(ids) > model.config.context_length:  # a full window is fine: it predicts the next token
         raise UserError(f"prompt is {len(ids)} tokens; the model's context is {model.config.context_length}")
     idx = torch.tensor([ids], dtype=torch.long, device=device)
     gen = torch.Generator(device=device).manual_seed(args.seed)
