@@ -54,6 +54,35 @@ def test_generate_from_saved_weights(saved_model, capsys):
     assert capsys.readouterr().out == first  # greedy is deterministic
 
 
+def test_paths_the_system_refuses_are_one_line_errors(tmp_path, capsys):
+    """An OSError (a folder that cannot be made, a file that cannot be written) is the user's
+    path, named in one line with the system's reason, not a traceback."""
+    corpus = tmp_path / "c.txt"
+    corpus.write_text(load_text("pydoc")[:3000])
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    assert main(["bpe", "train", "--input", str(corpus), "--vocab-size", "300",
+                 "--out", str(blocker / "tok.json")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: [Errno") and str(blocker) in err and "\n" not in err, err
+
+
+def test_generate_with_a_tokenizer_smaller_than_the_model(saved_model, tmp_path, capsys):
+    """Ids past the tokenizer cannot be decoded: they are not drawn (the whole generation used to
+    run, then fail at decode), and the note says so."""
+    torch.manual_seed(1)
+    big = GPTModel(GPTConfig(vocab_size=400, context_length=32, n_embd=32, n_layer=2, n_head=2))
+    with torch.no_grad():
+        big.tok_emb.weight[300:] += 5.0  # tied LM head: the extra ids are the likeliest
+    big.save(tmp_path / "big.safetensors")
+    assert main(["generate", "--weights", str(tmp_path / "big.safetensors"), "--tokenizer",
+                 str(saved_model / "tok.json"), "--prompt", "The", "--max-new-tokens", "12",
+                 "--temperature", "1.0"]) == 0
+    out = capsys.readouterr()
+    assert "the tokenizer has 300 tokens, the model 400: only the tokenizer's ids are drawn" in out.err
+    assert out.out.startswith("The") and len(out.out) > 4
+
+
 def test_generate_errors(saved_model, capsys):
     base = ["generate", "--tokenizer", str(saved_model / "tok.json")]
     assert main(base + ["--weights", str(saved_model / "missing.safetensors"), "--prompt", "x"]) == 2

@@ -558,5 +558,11 @@ def test_auto_device_under_torchrun_is_the_local_rank_gpu(monkeypatch):
     monkeypatch.setenv("LOCAL_RANK", "1")
     assert pick_device("auto") == torch.device("cuda", 1)
     assert pick_device("cpu") == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert pick_device("cuda:1") == torch.device("cuda", 1)
+    with pytest.raises(UserError, match="'cuda:2': this machine has 2 GPU"):
+        pick_device("cuda:2")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert pick_device("auto") == torch.device("cpu")
+    with pytest.raises(UserError, match="unknown device 'tpu'; use auto, cpu, cuda or cuda:N"):
+        pick_device("tpu")

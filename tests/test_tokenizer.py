@@ -215,10 +215,17 @@ def test_save_load_round_trip(tmp_path, small_tok):
     good = small_tok.to_dict()
     for field, value, msg in (("special_tokens", ["<|endoftext|>"], "field 'special_tokens' must be a JSON object"),
                               ("tokens", "abc", "field 'tokens' must be a JSON list"),
-                              ("tokens", good["tokens"][:5] + [7], "field 'tokens' must hold strings only")):
+                              ("tokens", good["tokens"][:5] + [7], "field 'tokens' must hold strings only"),
+                              # a pattern that is no regex, or one that drops text (encode would lose
+                              # the characters between its matches; a capturing group returns groups)
+                              ("pat_str", "(unclosed", "pat_str is not a valid regular expression"),
+                              ("pat_str", r"\w+", "does not split text without loss"),
+                              ("pat_str", r"( ?\p{L}+)|\s+|.", "does not split text without loss")):
         path.write_text(json.dumps(dict(good, **{field: value})), encoding="utf-8")
         with pytest.raises(UserError, match=msg):
             BPETokenizer.load(path)
+    with pytest.raises(UserError, match="does not split text without loss"):
+        BPETokenizer.train("some text " * 50, 300, pat_str=r"[a-z]+")
     with pytest.raises(UserError, match="is a folder: name the tokenizer file"):
         small_tok.save(tmp_path)
     # a Hugging Face tokenizer.json beside a Hub snapshot's weights is not ours: not picked up

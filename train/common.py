@@ -36,9 +36,14 @@ def pick_device(name: str = "auto") -> torch.device:
         if world_size > 1:
             return torch.device("cuda", local_rank)
         return torch.device("cuda")
-    dev = torch.device(name)
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"device {name!r} requested but CUDA is not available")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise UserError(f"device {name!r}: this machine has {torch.cuda.device_count()} GPU(s)")
     return dev
 
 

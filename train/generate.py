@@ -56,10 +56,11 @@ def sample_next(logits, temperature: float = 0.0, top_k: int | None = None,
 @torch.no_grad()
 def generate(model, idx, max_new_tokens: int, temperature: float = 0.0, top_k: int | None = None,
              top_p: float | None = None, eos_id: int | None = None, use_cache: bool = True,
-             generator: torch.Generator | None = None):
+             generator: torch.Generator | None = None, vocab_limit: int | None = None):
     """Extend idx [B, T] by up to max_new_tokens tokens; rows stop after emitting eos_id.
 
-    Returns [B, T + n]. Rows that finished early are padded with eos_id.
+    Returns [B, T + n]. Rows that finished early are padded with eos_id. vocab_limit: only ids
+    below it are drawn (a tokenizer smaller than the model's vocabulary cannot decode the rest).
     """
     if not isinstance(idx, torch.Tensor) or idx.is_floating_point() or idx.is_complex():
         what = f"a {idx.dtype} tensor" if isinstance(idx, torch.Tensor) else type(idx).__name__
@@ -69,15 +70,18 @@ def generate(model, idx, max_new_tokens: int, temperature: float = 0.0, top_k: i
     if max_new_tokens < 0:
         raise UserError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
     check_sampling(temperature, top_k, top_p)
+    if vocab_limit is not None and not 0 < vocab_limit:
+        raise UserError(f"vocab_limit must be positive, got {vocab_limit}")
     was_training = model.training
     model.eval()
     try:
-        return _generate(model, idx, max_new_tokens, temperature, top_k, top_p, eos_id, use_cache, generator)
+        return _generate(model, idx, max_new_tokens, temperature, top_k, top_p, eos_id, use_cache, generator,
+                         vocab_limit)
     finally:
         model.train(was_training)
 
 
-def _generate(model, idx, max_new_tokens, temperature, top_k, top_p, eos_id, use_cache, generator):
+def _generate(model, idx, max_new_tokens, temperature, top_k, top_p, eos_id, use_cache, generator, vocab_limit):
     ctx = model.config.context_length
     cache = model.new_cache(idx.size(0)) if use_cache else None
     done = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
@@ -97,7 +101,7 @@ def _generate(model, idx, max_new_tokens, temperature, top_k, top_p, eos_id, use
             else:
                 logits = model(idx[:, fed:], cache)
                 fed = idx.size(1)
-        nxt = sample_next(logits[:, -1, :], temperature, top_k, top_p, generator)
+        nxt = sample_next(logits[:, -1, :vocab_limit], temperature, top_k, top_p, generator)
         if eos_id is not None:
             nxt = torch.where(done.unsqueeze(1), torch.full_like(nxt, eos_id), nxt)
             done |= nxt.squeeze(1) == eos_id

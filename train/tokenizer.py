@@ -47,6 +47,29 @@ DEFAULT_VOCAB_SIZE = 4096
 FORMAT = "tritongpt-bpe"
 
 
+# Text the pre-tokenising pattern must split without loss: letters of several scripts, digits,
+# contractions, punctuation, symbols, emoji, combining marks, controls and whitespace runs.
+_PATTERN_PROBE = ("It's 2024: naïve café, 東京 and Ελλάδα! x=3.14*r**2 #tag @user \t\n\n  end"
+                  " \u00a0\u200b\u0301e\u0000\u007f 🙂👍🏽 'll \r\n$%^&~`|\\{}[]<>")
+
+
+def compile_pattern(pat_str, name: str = "bpe"):
+    """pat_str compiled, or a UserError: not a regular expression, or one that drops characters
+    (text between its matches would vanish from encode; checked on _PATTERN_PROBE)."""
+    if not isinstance(pat_str, str):
+        raise UserError(f"tokenizer {name!r}: pat_str must be a string, got {type(pat_str).__name__}")
+    try:
+        pat = regex.compile(pat_str)
+    except regex.error as e:
+        raise UserError(f"tokenizer {name!r}: pat_str is not a valid regular expression ({e})") from None
+    covered = "".join(pat.findall(_PATTERN_PROBE)) if pat.groups == 0 else None
+    if covered != _PATTERN_PROBE:
+        raise UserError(f"tokenizer {name!r}: pat_str {pat_str!r} does not split text without loss "
+                        "(its matches must cover every character, with no capturing groups), so "
+                        "encode would drop text")
+    return pat
+
+
 class DisallowedSpecialToken(UserError, ValueError):
     """Text contains a special token's spelling but the caller did not allow special tokens."""
 
@@ -117,7 +140,7 @@ def train_ranks(text: str, vocab_size: int, special_tokens=(EOT,), pat_str: str 
                         f"+ {len(special_tokens)} special token(s)")
     # Special tokens separate documents; no merge may learn their spelling or cross them.
     pieces = regex.split("|".join(regex.escape(s) for s in special_tokens), text) if special_tokens else [text]
-    pat = regex.compile(pat_str)
+    pat = compile_pattern(pat_str)
     word_freq = Counter()
     for piece in pieces:
         word_freq.update(pat.findall(piece))
@@ -198,7 +221,7 @@ class BPETokenizer:
         self.pat_str = pat_str
         self.name = name
         self.info = dict(info or {})                 # free-form provenance (e.g. corpus hash)
-        self._pat = regex.compile(pat_str)
+        self._pat = compile_pattern(pat_str, name)
         self._special_pat = _alternation(self.special_tokens) if self.special_tokens else None
         self._id_to_bytes = [b""] * self.vocab_size
         for tok, i in self.ranks.items():
@@ -311,7 +334,8 @@ class BPETokenizer:
             text.encode("utf-8")
         except UnicodeEncodeError as e:
             raise UserError(f"the text holds invalid Unicode at character {e.start} ({text[e.start]!r}, a lone "
-                            "surrogate: a broken JSON escape?)") from None
+                            "surrogate: a broken JSON escape, or bytes that are not UTF-8 in a "
+                            "command-line argument)") from None
 
     def _check_special(self, text: str, allowed: set, allowed_special):
         if allowed_special == "none" or not self._special_pat:

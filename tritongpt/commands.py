@@ -67,7 +67,7 @@ def cmd_generate(args):
     from tritongpt.train.common import pick_device
     from tritongpt.train.generate import check_sampling, generate
     from tritongpt.train.sft import pick_tokenizer
-    from tritongpt.train.tokenizer import DisallowedSpecialToken
+    from tritongpt.train.tokenizer import EOT, DisallowedSpecialToken
 
     if args.pretrained:
         if args.weights:
@@ -104,10 +104,15 @@ def cmd_generate(args):
         raise UserError("the prompt is empty: pass --prompt with some text")
     if len(ids) > model.config.context_length:  # a full window is fine: it predicts the next token
         raise UserError(f"prompt is {len(ids)} tokens; the model's context is {model.config.context_length}")
+    limit = None
+    if tok.vocab_size < model.config.vocab_size:
+        limit = tok.vocab_size
+        print(f"note: the tokenizer has {tok.vocab_size} tokens, the model {model.config.vocab_size}: "
+              f"only the tokenizer's ids are drawn", file=sys.stderr)
     idx = torch.tensor([ids], dtype=torch.long, device=device)
     gen = torch.Generator(device=device).manual_seed(args.seed)
     out = generate(model, idx, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                   top_p=args.top_p, eos_id=tok.eot_id, generator=gen)
+                   top_p=args.top_p, eos_id=tok.special_tokens.get(EOT), generator=gen, vocab_limit=limit)
     print(tok.decode(out[0].tolist()))
     return 0
 
