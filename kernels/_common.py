@@ -55,6 +55,16 @@ def _first_mismatch(attr: str, tensors: dict):
     return None
 
 
+def first_order_only(kernel: str) -> None:
+    """Called first in each kernel's backward. Grad mode is on there only for a double backward
+    (create_graph=True: a Hessian, a gradient penalty), which the kernels do not give: their
+    backward ops have no derivative of their own, and a gradient made in forward (the fused LM
+    head's) is a constant there, so the second derivative would come out silently 0."""
+    if torch.is_grad_enabled():
+        raise RuntimeError(f"{kernel}: the Triton kernel has no second derivative (double backward, "
+                           "create_graph=True); use the reference path (model.set_kernels('reference'))")
+
+
 def check_same_device(**tensors):
     """All named tensors (None entries skipped) must live on one device."""
     bad = _first_mismatch("device", tensors)

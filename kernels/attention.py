@@ -42,7 +42,7 @@ import triton
 import triton.language as tl
 
 from tritongpt._env import triton_interpreting
-from tritongpt.kernels._common import (autocast_dtype, cast, check_runnable, check_same_device,
+from tritongpt.kernels._common import (first_order_only, autocast_dtype, cast, check_runnable, check_same_device,
                                        check_same_dtype, check_tensor, dot, is_int, on_tensor_device)
 
 MAX_GRID_YZ = 65535  # CUDA's limit on a grid's y and z sizes, where the heads and sequences go
@@ -502,6 +502,7 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, grad_o, grad_lse):
+    first_order_only("flash_attention")
     q, k, v, o, lse, seed = ctx.saved_tensors
     dq, dk, dv = _flash_attn_bwd(grad_o, q, k, v, o, lse, ctx.causal, ctx.softmax_scale, ctx.dropout_p, seed)
     return dq, dk, dv, None, None, None, None

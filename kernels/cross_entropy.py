@@ -35,10 +35,9 @@ import math
 import torch
 import triton
 import triton.language as tl
-from torch.autograd.function import once_differentiable
 
 from tritongpt._env import triton_interpreting
-from tritongpt.kernels._common import (autocast_dtype, cast, check_runnable, check_same_device,
+from tritongpt.kernels._common import (first_order_only, autocast_dtype, cast, check_runnable, check_same_device,
                                        check_same_dtype, check_tensor, is_int, on_tensor_device)
 
 INTERPRET = triton_interpreting()
@@ -209,6 +208,7 @@ class CrossEntropyFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss):
+        first_order_only("cross_entropy")
         logits, targets, row_max, log_sum = ctx.saved_tensors
         dx = torch.ops.tritongpt.cross_entropy_bwd(grad_loss, logits, targets, row_max, log_sum,
                                                    ctx.ignore_index, ctx.n_classes)
@@ -322,8 +322,8 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         return loss_rows.sum() * g
 
     @staticmethod
-    @once_differentiable  # dh, dw were made in forward: constants here, so no second derivative
     def backward(ctx, grad_loss):
+        first_order_only("linear_cross_entropy")  # dh, dw were made in forward: constants here
         dh, dw = ctx.saved_tensors
         h_dtype, w_dtype = ctx.dtypes
         return (None if dh is None else (dh * grad_loss).to(h_dtype),

@@ -31,7 +31,7 @@ import triton
 import triton.language as tl
 
 from tritongpt._env import triton_interpreting
-from tritongpt.kernels._common import (cast, check_runnable, check_same_device, check_same_dtype,
+from tritongpt.kernels._common import (first_order_only, cast, check_runnable, check_same_device, check_same_dtype,
                                        check_tensor, on_tensor_device)
 
 MAX_WIDTH = 8192  # one row must fit in one tile (registers/SRAM); wider rows are rejected
@@ -215,6 +215,7 @@ class LayerNormFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):
+        first_order_only("layer_norm")
         x2, weight, mean, rstd = ctx.saved_tensors
         dx, dw, db = torch.ops.tritongpt.layer_norm_bwd(dy.reshape(x2.shape), x2, weight, mean, rstd)
         return dx.view(dy.shape), dw, (db if ctx.has_bias else None), None

@@ -38,7 +38,7 @@ import triton
 import triton.language as tl
 
 from tritongpt._env import triton_interpreting
-from tritongpt.kernels._common import (autocast_dtype, cast, check_runnable, check_same_device,
+from tritongpt.kernels._common import (first_order_only, autocast_dtype, cast, check_runnable, check_same_device,
                                        check_same_dtype, check_tensor, dot, on_tensor_device)
 
 # Epilogue modes of the matmul kernel.
@@ -258,6 +258,7 @@ class GeluMLPFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):
+        first_order_only("gelu_mlp")
         x2, h, w1, w2 = ctx.saved_tensors
         dy2 = dy.reshape(x2.shape[0], dy.shape[-1])
         needs = list(ctx.needs_input_grad)  # False for a frozen weight and for a bias that is None
