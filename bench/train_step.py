@@ -44,7 +44,7 @@ def sdpa_attend(self, q, k, v):
     the module's own bottom-right mask is passed, inverted (SDPA's True means "attend").
     """
     Tq, Tk = q.size(-2), k.size(-2)
-    p = self.dropout if self.training else 0.0
+    p = self.attn_drop.p if self.training else 0.0
     if Tq == Tk:
         return F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)
     allowed = ~self.mask[Tk - Tq:Tk, :Tk]

@@ -1,4 +1,5 @@
 """Model configurations: the GPT-2 family by name, plus small presets that train on a CPU."""
+import numbers
 from dataclasses import asdict, dataclass, fields, replace
 
 from tritongpt.errors import UserError
@@ -23,12 +24,22 @@ class GPTConfig:
     def __post_init__(self):
         for name in ("vocab_size", "context_length", "n_embd", "n_layer", "n_head", "vocab_multiple"):
             value = getattr(self, name)
-            if not isinstance(value, int) or value <= 0:
+            # numpy integers are integers (stored as int: the config is saved as JSON); bools are not
+            if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value <= 0:
                 raise UserError(f"GPTConfig.{name} must be a positive integer, got {value!r}")
+            setattr(self, name, int(value))
         if self.n_embd % self.n_head:
             raise UserError(f"GPTConfig.n_embd={self.n_embd} is not divisible by n_head={self.n_head}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise UserError(f"GPTConfig.dropout must be in [0, 1), got {self.dropout}")
+        if not isinstance(self.dropout, numbers.Real) or isinstance(self.dropout, bool) \
+                or not 0.0 <= self.dropout < 1.0:
+            raise UserError(f"GPTConfig.dropout must be in [0, 1), got {self.dropout!r}")
+        self.dropout = float(self.dropout)
+        for name in ("bias", "tie_weights"):
+            if not isinstance(getattr(self, name), bool):  # "False" would read as true
+                raise UserError(f"GPTConfig.{name} must be True or False, got {getattr(self, name)!r}")
+        from tritongpt.model.toggle import resolve_kernels
+
+        resolve_kernels(self.kernels, "cpu", check_device=False)  # the names only: a typo now, not later
 
     @property
     def head_dim(self) -> int:
@@ -70,4 +81,7 @@ def get_config(name: str, **overrides) -> GPTConfig:
     key = ALIASES.get(name, name)
     if key not in PRESETS:
         raise UserError(f"unknown model {name!r}; choose one of: {', '.join(PRESETS)}")
+    unknown = sorted(set(overrides) - {f.name for f in fields(GPTConfig)})
+    if unknown:
+        raise UserError(f"unknown GPTConfig field(s): {', '.join(unknown)}")
     return replace(GPTConfig(**PRESETS[key]), **{k: v for k, v in overrides.items() if v is not None})

@@ -1,6 +1,8 @@
 """GPTModel: token + position embeddings, a stack of TransformerBlocks, final LayerNorm, LM head."""
+import copy
 import json
 import math
+import numbers
 import os
 
 import torch
@@ -13,6 +15,10 @@ from tritongpt.model.layers import FeedForward, LayerNorm, MultiHeadAttention, T
 from tritongpt.model.toggle import resolve_kernels, spec_string
 
 
+def _is_int(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
 class KVCache:
     """Preallocated keys and values of every layer, [n_layer, B, n_head, max_len, head_dim].
 
@@ -22,18 +28,31 @@ class KVCache:
 
     def __init__(self, cfg: GPTConfig, batch_size: int, max_len: int | None = None,
                  device="cpu", dtype=torch.float32):
-        self.max_len = max_len or cfg.context_length
-        if self.max_len > cfg.context_length:
-            raise UserError(f"KV cache length {self.max_len} exceeds context_length {cfg.context_length}")
+        self.max_len = cfg.context_length if max_len is None else max_len
+        if not _is_int(self.max_len) or not 1 <= self.max_len <= cfg.context_length:
+            raise UserError(f"KV cache length must be an int in [1, context_length {cfg.context_length}], "
+                            f"got {max_len!r}")
+        if not _is_int(batch_size) or batch_size < 1:
+            raise UserError(f"KV cache batch_size must be a positive int, got {batch_size!r}")
         shape = (cfg.n_layer, batch_size, cfg.n_head, self.max_len, cfg.head_dim)
         self.k = torch.empty(shape, device=device, dtype=dtype)
         self.v = torch.empty(shape, device=device, dtype=dtype)
         self.pos = 0
 
+    @property
+    def batch_size(self) -> int:
+        return self.k.size(1)
+
     def update(self, layer: int, k, v):
         end = self.pos + k.size(2)
         if end > self.max_len:
             raise UserError(f"KV cache overflow: {end} positions > capacity {self.max_len}")
+        if torch.is_grad_enabled() and (k.requires_grad or v.requires_grad):
+            # Written in place, one layer after another: autograd's saved keys would be changed
+            # under it (a backward fails as soon as the model has two layers).
+            raise UserError("the KV cache is for inference (generation, chunked prefill): run the model "
+                            "under torch.no_grad(); a loss to differentiate needs the whole sequence in "
+                            "one forward without a cache")
         self.k[layer, :, :, self.pos:end] = k
         self.v[layer, :, :, self.pos:end] = v
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
@@ -45,7 +64,9 @@ class KVCache:
 class GPTModel(nn.Module):
     def __init__(self, cfg: GPTConfig):
         super().__init__()
-        self.config = cfg
+        # its own copy: set_kernels and set_dropout write to it, and another model built from
+        # the same config object must not change with them
+        cfg = self.config = copy.copy(cfg)
         self.tok_emb = nn.Embedding(cfg.padded_vocab_size, cfg.n_embd)
         self.pos_emb = nn.Embedding(cfg.context_length, cfg.n_embd)
         self.drop_emb = nn.Dropout(cfg.dropout)
@@ -64,7 +85,16 @@ class GPTModel(nn.Module):
             self.tok_emb.weight[cfg.vocab_size:].zero_()
             self.out_head.weight[cfg.vocab_size:].zero_()
         self.kernels = frozenset()
-        self.set_kernels(cfg.kernels)
+        # names only: a model is built on the CPU and may be moved to a GPU before it runs
+        self.set_kernels(cfg.kernels, check_device=False)
+
+    def _apply(self, fn, *args, **kwargs):
+        # A move that makes new tensors (to_empty() after building on the meta device) gives
+        # each module its own parameter: tie the head to the embedding again.
+        out = super()._apply(fn, *args, **kwargs)
+        if self.config.tie_weights and self.out_head.weight is not self.tok_emb.weight:
+            self.out_head.weight = self.tok_emb.weight
+        return out
 
     @staticmethod
     def _init_weights(module):
@@ -76,13 +106,22 @@ class GPTModel(nn.Module):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
     # -- the toggle -------------------------------------------------------------------------
-    def set_kernels(self, spec):
+    def set_kernels(self, spec, check_device: bool = True):
         """Pick the path: "reference", "triton", "auto", or a subset of
         {"layernorm", "mlp", "attention", "cross_entropy"} (the last is the loss in forward(targets=)).
 
         Only flags change; the parameters (and so the state_dict) stay exactly as they are.
+        check_device=False skips the check that the weights' device can run Triton (CUDA, or
+        the CPU with the interpreter on), for a model about to be moved.
         """
-        names = resolve_kernels(spec, self.tok_emb.weight.device)
+        names = resolve_kernels(spec, self.tok_emb.weight.device, check_device)
+        if "attention" in names:
+            from tritongpt.kernels.attention import SUPPORTED_HEAD_DIMS
+
+            if self.config.head_dim not in SUPPORTED_HEAD_DIMS:
+                raise UserError(f"the Triton attention supports head dims {SUPPORTED_HEAD_DIMS}, and this "
+                                f"model's is {self.config.head_dim} (n_embd {self.config.n_embd} / n_head "
+                                f"{self.config.n_head}): leave 'attention' out of the kernels")
         for m in self.modules():
             if isinstance(m, LayerNorm):
                 m.use_triton = "layernorm" in names
@@ -96,23 +135,31 @@ class GPTModel(nn.Module):
 
     def set_dropout(self, p: float):
         """Change every dropout rate (embeddings, attention weights, residual, MLP) and the config's."""
+        if isinstance(p, bool) or not isinstance(p, numbers.Real) or not 0.0 <= p < 1.0:
+            raise UserError(f"dropout must be in [0, 1), got {p!r}")
         for m in self.modules():
-            if isinstance(m, nn.Dropout):
-                m.p = p
-            elif isinstance(m, MultiHeadAttention):
-                m.dropout = p  # the Triton path's in-kernel attention dropout
-        self.config.dropout = p
+            if isinstance(m, nn.Dropout):  # attention's too: the Triton path reads its p
+                m.p = float(p)
+        self.config.dropout = float(p)
         return self
 
     # -- forward ----------------------------------------------------------------------------
     def hidden(self, idx, cache: KVCache | None = None):
         """Final-LayerNorm hidden states [B, T, C] (what the LM, value and reward heads read)."""
+        if not isinstance(idx, torch.Tensor):
+            raise UserError(f"idx must be a [batch, time] tensor of token ids, got {type(idx).__name__}")
+        if cache is not None and not isinstance(cache, KVCache):
+            raise UserError(f"the second argument is the KV cache, got {type(cache).__name__}: "
+                            "pass targets by name, model(idx, targets=targets)")
         if idx.dim() != 2:
             raise UserError(f"idx must be [batch, time] token ids, got shape {tuple(idx.shape)}")
         if idx.dtype not in (torch.int64, torch.int32):
             raise UserError(f"idx must hold integer token ids, got dtype {idx.dtype}")
         self._check_token_ids(idx)
         B, T = idx.shape
+        if cache is not None and cache.batch_size != B:
+            raise UserError(f"the KV cache holds {cache.batch_size} sequences, idx {B}: "
+                            f"make it with model.new_cache({B})")
         start = cache.pos if cache is not None else 0
         if start + T > self.config.context_length:
             raise UserError(f"sequence of {start + T} tokens exceeds the context length "
@@ -150,6 +197,8 @@ class GPTModel(nn.Module):
         made a chunk of rows at a time and never whole (per-token losses: the fused
         cross-entropy on the logits, which never makes an fp32 copy of them).
         """
+        if targets is not None:
+            targets = self._checked_targets(idx, targets)
         triton_loss = targets is not None and "cross_entropy" in self.kernels
         if triton_loss and reduction != "none":
             from tritongpt.kernels.cross_entropy import linear_cross_entropy
@@ -166,6 +215,19 @@ class GPTModel(nn.Module):
         if targets is None:
             return logits
         return lm_loss(logits, targets, ignore_index, reduction)
+
+    @staticmethod
+    def _checked_targets(idx, targets):
+        """targets as both loss paths take them: shaped like idx, integer ids (as int64: the
+        reference's F.cross_entropy takes no other integer dtype)."""
+        if not isinstance(targets, torch.Tensor):
+            raise UserError(f"targets must be a tensor of token ids, got {type(targets).__name__}")
+        if targets.is_floating_point() or targets.is_complex() or targets.dtype == torch.bool:
+            raise UserError(f"targets must hold integer token ids, got dtype {targets.dtype}")
+        if isinstance(idx, torch.Tensor) and targets.shape != idx.shape:
+            raise UserError(f"targets must have idx's shape {tuple(idx.shape)} (one next token per "
+                            f"position), got {tuple(targets.shape)}")
+        return targets.long()
 
     def logits(self, h):
         """The LM head on hidden states (from hidden()): logits [..., vocab_size], a view that leaves

@@ -91,13 +91,24 @@ class MultiHeadAttention(nn.Module):
         self.W_key = nn.Linear(n_embd, n_embd, bias=bias)
         self.W_value = nn.Linear(n_embd, n_embd, bias=bias)
         self.out_proj = nn.Linear(n_embd, n_embd, bias=bias)
-        self.dropout = dropout
-        self.attn_drop = nn.Dropout(dropout)
+        self.attn_drop = nn.Dropout(dropout)  # both paths read its p (the Triton one in-kernel)
         self.resid_drop = nn.Dropout(dropout)
         # True above the diagonal = "in the future". Not saved: it is not a weight.
-        mask = torch.triu(torch.ones(context_length, context_length, dtype=torch.bool), diagonal=1)
-        self.register_buffer("mask", mask, persistent=False)
+        self.register_buffer("mask", self._causal_mask(context_length), persistent=False)
         self.use_triton = False
+
+    @staticmethod
+    def _causal_mask(n, device=None):
+        return torch.triu(torch.ones(n, n, dtype=torch.bool, device=device), diagonal=1)
+
+    def _apply(self, fn, *args, **kwargs):
+        # Moves keep the mask, but one made on the meta device and moved with to_empty() is
+        # uninitialised memory: rebuild it wherever it lands (it is not a weight, nothing is lost).
+        was_meta = self.mask.is_meta
+        out = super()._apply(fn, *args, **kwargs)
+        if was_meta and not self.mask.is_meta:
+            self.mask = self._causal_mask(self.mask.size(0), self.mask.device)
+        return out
 
     def attend(self, q, k, v):
         """Textbook attention core: softmax(q k^T / sqrt(d) + causal mask) v."""
@@ -119,7 +130,7 @@ class MultiHeadAttention(nn.Module):
         if self.use_triton:
             from tritongpt.kernels.attention import flash_attention
 
-            p = self.dropout if self.training else 0.0
+            p = self.attn_drop.p if self.training else 0.0
             ctx = flash_attention(q, k, v, causal=True, dropout_p=p)
         else:
             ctx = self.attend(q, k, v)

@@ -11,7 +11,9 @@ from tritongpt.errors import UserError
 KERNEL_NAMES = ("layernorm", "mlp", "attention", "cross_entropy")
 
 
-def resolve_kernels(spec, device) -> frozenset:
+def resolve_kernels(spec, device, check_device: bool = True) -> frozenset:
+    """check_device=False: names only (a model built on the CPU, to be moved to a GPU; the
+    kernels check their tensors' device when they run)."""
     device = torch.device(device)
     if spec is None or spec == "reference" or spec == "":
         return frozenset()
@@ -20,15 +22,25 @@ def resolve_kernels(spec, device) -> frozenset:
     elif spec == "auto":
         return frozenset(KERNEL_NAMES) if device.type == "cuda" else frozenset()
     else:
+        # a set, list or tuple of names; not a dict ({"mlp": False} would read as "mlp" on)
+        if not isinstance(spec, (str, set, frozenset, list, tuple)) or \
+                not all(isinstance(p, str) for p in (spec if not isinstance(spec, str) else [spec])):
+            raise UserError(f"kernels must be 'reference', 'triton', 'auto', a comma list or a set of "
+                            f"names from {list(KERNEL_NAMES)}, got {spec!r}")
         parts = spec.split(",") if isinstance(spec, str) else list(spec)
-        names = {str(p).strip() for p in parts if str(p).strip()}
+        names = {p.strip() for p in parts if p.strip()}
         unknown = sorted(names - set(KERNEL_NAMES))
         if unknown:
             raise UserError(f"unknown kernel(s) {unknown}; use 'reference', 'triton', 'auto' "
                             f"or a subset of {list(KERNEL_NAMES)}")
+    if not check_device or not names:
+        return frozenset(names)
     if device.type == "cpu" and not triton_interpreting():
-        raise UserError("the Triton path on CPU runs through Triton's interpreter: set "
-                        "TRITON_INTERPRET=1 before triton is imported (or import tritongpt first)")
+        gpu = " (this machine has a GPU: move the model there first, model.to('cuda'))" \
+            if torch.cuda.is_available() else ""
+        raise UserError(f"the model is on the CPU, where the Triton kernels run only through Triton's "
+                        f"interpreter{gpu}; for the interpreter, set TRITON_INTERPRET=1 before triton "
+                        "is imported (or import tritongpt first)")
     if device.type == "cpu":
         from tritongpt.kernels._common import INTERPRETER_PROBLEM
 

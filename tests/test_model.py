@@ -1,6 +1,7 @@
 """Reference model: configs, initialisation, causality, KV cache, save/load, the toggle's bookkeeping."""
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -28,6 +29,14 @@ def test_unknown_model_and_bad_config():
         GPTConfig(n_embd=100, n_head=3)
     with pytest.raises(UserError, match="dropout"):
         GPTConfig(dropout=1.5)
+    with pytest.raises(UserError, match="unknown GPTConfig field.*n_heads"):
+        get_config("tiny", n_heads=3)
+    for field, bad in (("n_head", True), ("n_layer", 2.0), ("bias", "no"), ("tie_weights", "False"),
+                       ("dropout", True), ("kernels", "bogus")):
+        with pytest.raises(UserError, match=field if field != "kernels" else "unknown kernel"):
+            GPTConfig(**{field: bad})
+    cfg = GPTConfig(n_layer=np.int64(2), vocab_size=np.int32(100))  # numpy integers are integers
+    assert type(cfg.n_layer) is int and cfg.to_dict()["vocab_size"] == 100
 
 
 def test_gpt2_initialisation():
@@ -80,11 +89,23 @@ def test_kv_cache_chunks_match_full_forward():
     idx = torch.randint(0, 97, (3, 19))
     full = m(idx)
     cache = m.new_cache(3)
-    parts = [m(idx[:, s:e], cache) for s, e in ((0, 7), (7, 8), (8, 19))]
-    assert cache.pos == 19
-    assert torch.allclose(torch.cat(parts, 1), full, atol=1e-5)
-    with pytest.raises(UserError, match="exceeds the context length"):
-        m(torch.randint(0, 97, (1, 6)), cache)
+    with torch.no_grad():
+        parts = [m(idx[:, s:e], cache) for s, e in ((0, 7), (7, 8), (8, 19))]
+        assert cache.pos == 19
+        assert torch.allclose(torch.cat(parts, 1), full, atol=1e-5)
+        with pytest.raises(UserError, match="exceeds the context length"):
+            m(torch.randint(0, 97, (3, 6)), cache)
+        # a cache made for another batch, or passed where targets were meant: named
+        with pytest.raises(UserError, match=r"the KV cache holds 3 sequences, idx 1: make it with model.new_cache\(1\)"):
+            m(torch.randint(0, 97, (1, 2)), m.new_cache(3))
+        with pytest.raises(UserError, match="pass targets by name"):
+            m(idx, idx)
+    for bad in (0, -1, 25, 2.0, True):
+        with pytest.raises(UserError, match="KV cache length must be an int in"):
+            m.new_cache(3, max_len=bad)
+    # in place, layer after layer: autograd would find its saved keys changed; said up front
+    with pytest.raises(UserError, match="the KV cache is for inference"):
+        m(idx[:, :5], m.new_cache(3), targets=idx[:, 1:6])
 
 
 def test_bad_inputs():
@@ -101,6 +122,52 @@ def test_bad_inputs():
         for bad in (97, 100, -1):
             with pytest.raises(UserError, match=rf"token id {bad} is outside the model's vocabulary \[0, 97\)"):
                 model(torch.tensor([[3, bad, 5]]))
+
+
+def test_targets_are_checked_alike_on_both_paths():
+    """int32 and uint8 targets are ids like int64 ones (the reference's F.cross_entropy took
+    only int64); targets not shaped like idx, or not integers, are named on both paths."""
+    torch.manual_seed(5)
+    m = GPTModel(GPTConfig(**SMALL))
+    idx = torch.randint(0, 97, (2, 9))
+    t = torch.randint(0, 97, (2, 9))
+    want = m(idx, targets=t)
+    for dtype in (torch.int32, torch.uint8, torch.int16):
+        assert torch.equal(m(idx, targets=t.to(dtype)), want), dtype
+    for kernels in ("reference", "cross_entropy"):
+        m.set_kernels(kernels)
+        with pytest.raises(UserError, match=r"targets must have idx's shape \(2, 9\)"):
+            m(idx, targets=t.flatten())
+        with pytest.raises(UserError, match="targets must hold integer token ids, got dtype torch.float32"):
+            m(idx, targets=t.float())
+
+
+def test_models_do_not_share_a_config_and_meta_init_works():
+    """Each model has its own config (set_kernels/set_dropout on one left another built from
+    the same object on the Triton path, dropout 0.3); a model built on the meta device and moved
+    with to_empty() gets a real causal mask and its tied head back."""
+    cfg = GPTConfig(**SMALL)
+    a, b = GPTModel(cfg), GPTModel(cfg)
+    a.set_kernels("layernorm").set_dropout(0.3)
+    assert cfg.kernels == "reference" and cfg.dropout == 0.0
+    assert b.config.kernels == "reference" and b.config.dropout == 0.0
+    assert b.pad_vocab(8).kernels == frozenset()
+    for bad in (1.5, -0.1, True, "0.1"):
+        with pytest.raises(UserError, match="dropout must be in"):
+            a.set_dropout(bad)
+
+    torch.manual_seed(6)
+    real = GPTModel(GPTConfig(**SMALL)).eval()
+    with torch.device("meta"):
+        m = GPTModel(GPTConfig(**SMALL))
+    m = m.to_empty(device="cpu")
+    assert m.out_head.weight is m.tok_emb.weight
+    m.load_state_dict(real.state_dict())
+    m.eval()
+    for block in m.trf_blocks:
+        assert torch.equal(block.att.mask, real.trf_blocks[0].att.mask)
+    idx = torch.randint(0, 97, (2, 11))
+    assert torch.equal(m(idx), real(idx))
 
 
 def test_save_load_roundtrip_with_tied_weights(tmp_path):
@@ -157,7 +224,16 @@ def test_toggle_resolution_and_state_dict_unchanged():
     assert resolve_kernels({"attention"}, "cpu") == {"attention"}
     with pytest.raises(UserError, match="unknown kernel"):
         resolve_kernels("layernorm,softmax", "cpu")
-    m = GPTModel(GPTConfig(**SMALL))
+    for bad in ({"mlp": False}, 1, ["mlp", 2]):  # a dict read as its keys turned mlp on
+        with pytest.raises(UserError, match="kernels must be"):
+            resolve_kernels(bad, "cpu")
+    # a head dim the Triton attention lacks: said when the kernels are picked, not at forward
+    with pytest.raises(UserError, match="supports head dims .* this model's is 8"):
+        GPTModel(GPTConfig(vocab_size=50, context_length=16, n_embd=32, n_head=4, kernels="triton"))
+    odd = GPTModel(GPTConfig(vocab_size=50, context_length=16, n_embd=32, n_head=4, kernels="layernorm,mlp"))
+    with pytest.raises(UserError, match="supports head dims"):
+        odd.set_kernels("attention")
+    m = GPTModel(GPTConfig(**dict(SMALL, n_head=2)))  # head dim 16: one the Triton attention has
     before = {k: v.clone() for k, v in m.state_dict().items()}
     m.set_kernels("triton")
     assert m.config.kernels == "triton"
@@ -239,12 +315,13 @@ def test_pad_vocab_builds_its_new_model_on_the_reference_path(monkeypatch):
     fails on a GPU machine (no interpreter), so only the moved model gets the caller's kernels."""
     import tritongpt.model.gpt as gpt
 
-    m = GPTModel(GPTConfig(**SMALL)).set_kernels("triton")
+    m = GPTModel(GPTConfig(**dict(SMALL, n_head=2))).set_kernels("triton")
     asked = []
     real = gpt.resolve_kernels
-    monkeypatch.setattr(gpt, "resolve_kernels", lambda spec, device: asked.append(spec) or real(spec, device))
+    monkeypatch.setattr(gpt, "resolve_kernels", lambda spec, device, check=True:
+                        asked.append((spec, check)) or real(spec, device, check))
     p = m.pad_vocab(16)
-    assert asked == ["reference", "triton"] and p.kernels == m.kernels
+    assert asked == [("reference", False), ("triton", True)] and p.kernels == m.kernels
 
 
 # -- large presets, config parsing, the toggle's spec strings, pad_vocab keeps the dtype --

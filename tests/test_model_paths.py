@@ -95,9 +95,10 @@ def test_triton_path_runs_every_kernel_and_the_reference_path_none(device):
 
 
 def test_attention_dropout_on_the_triton_path_follows_train_eval_and_set_dropout(device):
-    """The in-kernel attention dropout is the model's: on in train mode, off in eval mode, and
-    set_dropout (which DPO and RLHF call) reaches it. Only attention dropout is on here, so any
-    change between forwards is the kernel's."""
+    """The in-kernel attention dropout is the model's: on in train mode, off in eval mode, at
+    the rate of the module's attn_drop (as on the reference path: setting every nn.Dropout's p
+    to 0 turns it off too), and set_dropout (which DPO and RLHF call) reaches it. Only attention
+    dropout is on here, so any change between forwards is the kernel's."""
     torch.manual_seed(4)
     model = _randomize(GPTModel(GPTConfig(**TINY, dropout=0.3))).to(device)
     idx = torch.randint(0, 67, (2, 11), device=device)
@@ -106,12 +107,19 @@ def test_attention_dropout_on_the_triton_path_follows_train_eval_and_set_dropout
         ref = model(idx)
         model.set_kernels("triton")
         assert_close_rel(model(idx), ref, 1e-4, "eval logits, dropout 0.3")  # eval: no dropout
-        for m in model.modules():
-            if isinstance(m, torch.nn.Dropout):
+        for name, m in model.named_modules():
+            if isinstance(m, torch.nn.Dropout) and not name.endswith("attn_drop"):
                 m.p = 0.0
         model.train()
         a, b = model(idx), model(idx)
         assert (a - ref).abs().max() > 1e-3 and (a - b).abs().max() > 1e-3  # attention dropout bites
+        for m in model.modules():
+            if isinstance(m, torch.nn.Dropout):
+                m.p = 0.0
+        assert torch.equal(model(idx), model(idx)), "attn_drop.p = 0 must turn the kernel's dropout off"
+        for m in model.modules():
+            if isinstance(m, torch.nn.Dropout):
+                m.p = 0.3
         model.set_dropout(0.0)
         a, b = model(idx), model(idx)
         assert torch.equal(a, b)
@@ -190,3 +198,33 @@ def test_padded_vocabulary_triton_path_matches_reference(device):
             per_token[path] = model.set_kernels(path)(idx, targets=targets, reduction="none")
     model.set_kernels("reference")
     assert_close_rel(per_token["triton"], per_token["reference"], 1e-4, "per-token losses")
+
+
+def test_double_backward_is_refused_by_every_kernel(device):
+    """A Hessian or a gradient penalty (create_graph=True) through a Triton kernel raises: the
+    backward ops have no derivative of their own (a Hessian came out all zeros through the MLP,
+    LayerNorm and fused LM head), and the reference path is the one that has it."""
+    from tritongpt.kernels.attention import flash_attention
+    from tritongpt.kernels.cross_entropy import cross_entropy, linear_cross_entropy
+    from tritongpt.kernels.layernorm import layer_norm
+    from tritongpt.kernels.mlp import gelu_mlp
+
+    torch.manual_seed(7)
+    r = lambda *s: torch.randn(*s, device=device, requires_grad=True)  # noqa: E731
+    t = torch.randint(0, 20, (6,), device=device)
+    x, w, b = r(6, 16), r(16), r(16)
+    q, k, v = r(1, 2, 5, 16), r(1, 2, 5, 16), r(1, 2, 5, 16)
+    logits = r(6, 20)
+    cases = {"layer_norm": (lambda: layer_norm(x, w, b), x),
+             "gelu_mlp": (lambda: gelu_mlp(x, r(24, 16), None, r(16, 24), None), x),
+             "flash_attention": (lambda: flash_attention(q, k, v, causal=True), q),
+             "cross_entropy": (lambda: cross_entropy(logits, t), logits),
+             "linear_cross_entropy": (lambda: linear_cross_entropy(x, r(20, 16), t), x)}
+    for name, (f, wrt) in cases.items():
+        out = f()
+        with pytest.raises(RuntimeError, match=f"{name}: the Triton kernel has no second derivative"):
+            torch.autograd.grad(out.sum(), wrt, create_graph=True)
+    model = _randomize(GPTModel(GPTConfig(**TINY))).to(device).set_kernels("triton")
+    idx = torch.randint(0, 67, (2, 7), device=device)
+    with pytest.raises(RuntimeError, match="no second derivative"):
+        torch.autograd.grad(model(idx, targets=idx), list(model.parameters()), create_graph=True)
