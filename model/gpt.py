@@ -176,13 +176,14 @@ class GPTModel(nn.Module):
         """Ids must be in [0, vocab_size). nn.Embedding catches ids past its rows, but with a padded
         vocabulary the padding rows would be looked up silently. On the CPU a clear error (the
         check is cheap there); on a GPU or under torch.compile an asynchronous assert, so no step
-        waits for it and the graph has no data-dependent branch."""
+        waits for it and the graph has no data-dependent branch (unpadded too: inductor's own
+        bounds check in a compiled CPU kernel aborts the whole process, a notebook's kernel with it)."""
         V = self.config.vocab_size
         if idx.device.type == "cpu" and not torch.compiler.is_compiling():
             if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= V):
                 bad = idx[(idx < 0) | (idx >= V)][0]
                 raise UserError(f"token id {int(bad)} is outside the model's vocabulary [0, {V})")
-        elif self.config.padded_vocab_size != V:
+        else:  # (unpadded too: inductor's own bounds check on the CPU aborts the whole process)
             torch._assert_async(((idx >= 0) & (idx < V)).all(), f"token ids must be in [0, {V})")
 
     def forward(self, idx, cache: KVCache | None = None, targets=None, ignore_index: int = -100,

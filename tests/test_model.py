@@ -338,3 +338,30 @@ def test_large_presets_and_config_parsing():
     assert spec_string(frozenset({"mlp", "attention"})) == "mlp,attention"
     m = GPTModel(GPTConfig(vocab_size=97, context_length=8, n_embd=16, n_layer=1, n_head=2)).to(torch.bfloat16)
     assert m.pad_vocab(16).tok_emb.weight.dtype == torch.bfloat16
+
+
+def test_ids_outside_the_vocabulary_under_torch_compile_raise_not_abort(tmp_path):
+    """Compiled with inductor on the CPU, an id past the vocabulary hit inductor's own bounds
+    check, which aborts the process (std::runtime_error in a compiled kernel): in a subprocess,
+    so the test itself survives the old behaviour."""
+    import shutil
+    import subprocess
+    import sys
+
+    if shutil.which("g++") is None and shutil.which("c++") is None:
+        pytest.skip("inductor on the CPU needs a C++ compiler")
+    script = tmp_path / "oov.py"
+    script.write_text(
+        "import tritongpt, torch\n"
+        "from tritongpt.model.config import GPTConfig\n"
+        "from tritongpt.model.gpt import GPTModel\n"
+        "m = torch.compile(GPTModel(GPTConfig(vocab_size=64, context_length=16, n_embd=32, n_layer=1, n_head=2)))\n"
+        "m(torch.randint(0, 64, (1, 8)))\n"
+        "for bad in (70, -1):\n"
+        "    try:\n"
+        "        m(torch.full((1, 8), bad))\n"
+        "    except RuntimeError as e:\n"
+        "        print('raised:', str(e).splitlines()[0])\n")
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.count("raised: token ids must be in [0, 64)") == 2, done.stdout + done.stderr[-2000:]
