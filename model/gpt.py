@@ -243,6 +243,8 @@ class GPTModel(nn.Module):
         fine-tuning published GPT-2 weights with the aligned head (`tritongpt sft --vocab-multiple`)."""
         from dataclasses import replace
 
+        if not _is_int(multiple):
+            raise UserError(f"pad_vocab needs an int multiple, got {multiple!r}")
         # built on the CPU first: with the reference path, since Triton there needs the
         # interpreter (off on a GPU machine); the caller's kernels are set once it has moved
         cfg = replace(self.config, vocab_multiple=multiple, kernels="reference")  # checks multiple
@@ -254,6 +256,9 @@ class GPTModel(nn.Module):
         with torch.random.fork_rng(devices=[]):  # the throwaway init must not shift the caller's RNG
             new = GPTModel(cfg)
         new.load_state_dict(state)
+        frozen = {name for name, p in self.named_parameters() if not p.requires_grad}
+        for name, p in new.named_parameters():
+            p.requires_grad_(name not in frozen)
         w = self.tok_emb.weight
         return new.to(w.device, w.dtype).set_kernels(self.config.kernels).train(self.training)
 
@@ -278,10 +283,15 @@ class GPTModel(nn.Module):
     def save(self, path, extra_metadata: dict | None = None):
         """Weights as safetensors, with the config (and any extra strings) in its metadata."""
         meta = {"config": json.dumps(self.config.to_dict()), "format": "tritongpt"}
+        taken = sorted(set(extra_metadata or {}) & set(meta))
+        if taken:  # they say how to read the file: another value would make it unloadable
+            raise UserError(f"extra_metadata may not set {', '.join(taken)}: save() writes them")
         save_safetensors(self, path, {**meta, **(extra_metadata or {})})
 
     @classmethod
     def load(cls, path, map_location="cpu", kernels=None) -> "GPTModel":
+        """A model saved by save(): its config, its weights as fp32 parameters (what training
+        keeps; autocast makes the bf16 copies), in train mode like any new module."""
         from pathlib import Path
 
         from safetensors.torch import load_model

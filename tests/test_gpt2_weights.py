@@ -98,3 +98,27 @@ def test_offline_download_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setattr(hub.constants, "HF_HUB_OFFLINE", True, raising=False)
     with pytest.raises(UserError, match=r"could not fetch .*pass the file's path \(--weights for generate, --init"):
         load_gpt2_pretrained("gpt2-small", cache_dir=tmp_path)
+
+
+def test_config_json_that_disagrees_or_names_another_variant_is_refused(tmp_path):
+    """config.json is read for the heads; what else it says must fit this model: an activation
+    or eps it does not compute, or sizes other than the tensors', would load silently and give
+    other numbers. Broken JSON is named."""
+    import json
+
+    _, path = _hf_model(tmp_path)
+    good = json.loads((tmp_path / "config.json").read_text())
+    for change, said in (({"activation_function": "relu"}, "activation_function 'relu'; this model computes 'gelu_new'"),
+                         ({"layer_norm_epsilon": 1e-2}, "layer_norm_epsilon 0.01"),
+                         ({"scale_attn_by_inverse_layer_idx": True}, "scale_attn_by_inverse_layer_idx True"),
+                         ({"n_embd": 64}, "says n_embd 64, but the weights have 48"),
+                         ({"n_positions": 1024}, "says n_positions 1024, but the weights have 40")):
+        (tmp_path / "config.json").write_text(json.dumps({**good, **change}))
+        with pytest.raises(UserError, match=said):
+            load_gpt2_safetensors(path)
+    (tmp_path / "config.json").write_text(json.dumps({**good, "activation_function": "gelu_pytorch_tanh"}))
+    assert load_gpt2_safetensors(path).config.n_head == 4  # the same GELU, spelled by PyTorch
+    for text, said in (("{not json", "not valid JSON"), ("[1, 2]", "expected a JSON object, got list")):
+        (tmp_path / "config.json").write_text(text)
+        with pytest.raises(UserError, match=said):
+            load_gpt2_safetensors(path)

@@ -170,6 +170,20 @@ def test_models_do_not_share_a_config_and_meta_init_works():
     assert torch.equal(m(idx), real(idx))
 
 
+def test_save_keeps_its_own_metadata_and_pad_vocab_keeps_frozen_weights(tmp_path):
+    m = GPTModel(GPTConfig(**SMALL))
+    for key in ("config", "format"):
+        with pytest.raises(UserError, match=f"extra_metadata may not set {key}"):
+            m.save(tmp_path / "w.safetensors", extra_metadata={key: "x"})
+    m.save(tmp_path / "w.safetensors", extra_metadata={"note": "mine"})
+    assert GPTModel.load(tmp_path / "w.safetensors").config == m.config
+    m.pos_emb.weight.requires_grad_(False)
+    p = m.pad_vocab(16)
+    assert not p.pos_emb.weight.requires_grad and p.tok_emb.weight.requires_grad
+    with pytest.raises(UserError, match="int multiple, got True"):
+        m.pad_vocab(True)
+
+
 def test_save_load_roundtrip_with_tied_weights(tmp_path):
     torch.manual_seed(4)
     m = GPTModel(GPTConfig(**SMALL, dropout=0.1)).eval()

@@ -51,7 +51,7 @@ def _infer_config(sd: dict, path: Path, model_name: str | None) -> GPTConfig:
     n_head = None
     cfg_json = path.parent / "config.json"
     if cfg_json.is_file():
-        n_head = json.loads(cfg_json.read_text()).get("n_head")
+        n_head = _check_hf_config(cfg_json, vocab, ctx, n_embd, n_layer).get("n_head")
     if n_head is None and model_name is not None:
         named = get_config(model_name)
         if (named.n_embd, named.n_layer) != (n_embd, n_layer):
@@ -69,6 +69,32 @@ def _infer_config(sd: dict, path: Path, model_name: str | None) -> GPTConfig:
     return GPTConfig(vocab_size=vocab, context_length=ctx, n_embd=n_embd, n_layer=n_layer,
                      n_head=n_head, bias=True, tie_weights="lm_head.weight" not in sd
                      or torch.equal(sd["lm_head.weight"], sd["wte.weight"]))
+
+
+# What this model computes, as Hugging Face's GPT2Config spells it (its defaults when absent):
+# GELU with the tanh approximation, LayerNorm eps 1e-5, scores scaled by 1/sqrt(head_dim) only.
+_HF_MUST = {"activation_function": ({"gelu_new", "gelu_pytorch_tanh", "gelu_fast"}, "gelu_new"),
+            "layer_norm_epsilon": ({1e-5}, 1e-5), "scale_attn_weights": ({True}, True),
+            "scale_attn_by_inverse_layer_idx": ({False}, False)}
+
+
+def _check_hf_config(cfg_json: Path, vocab: int, ctx: int, n_embd: int, n_layer: int) -> dict:
+    """config.json beside a GPT-2 file: readable, agreeing with the tensors' shapes, and naming
+    no variant this model does not compute (another activation or eps would load silently and
+    give other numbers)."""
+    try:
+        d = json.loads(cfg_json.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{cfg_json}: not valid JSON ({e})") from None
+    if not isinstance(d, dict):
+        raise UserError(f"{cfg_json}: expected a JSON object, got {type(d).__name__}")
+    for key, have in (("vocab_size", vocab), ("n_positions", ctx), ("n_embd", n_embd), ("n_layer", n_layer)):
+        if key in d and d[key] != have:
+            raise UserError(f"{cfg_json} says {key} {d[key]!r}, but the weights have {have}")
+    for key, (allowed, default) in _HF_MUST.items():
+        if d.get(key, default) not in allowed:
+            raise UserError(f"{cfg_json} has {key} {d[key]!r}; this model computes {default!r} only")
+    return d
 
 
 def is_hf_file(path) -> bool:
