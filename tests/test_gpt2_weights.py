@@ -108,7 +108,8 @@ def test_config_json_that_disagrees_or_names_another_variant_is_refused(tmp_path
 
     _, path = _hf_model(tmp_path)
     good = json.loads((tmp_path / "config.json").read_text())
-    for change, said in (({"activation_function": "relu"}, "activation_function 'relu'; this model computes 'gelu_new'"),
+    for change, said in (({"activation_function": "relu"},
+                          "activation_function 'relu'; this model computes 'gelu_new'"),
                          ({"layer_norm_epsilon": 1e-2}, "layer_norm_epsilon 0.01"),
                          ({"scale_attn_by_inverse_layer_idx": True}, "scale_attn_by_inverse_layer_idx True"),
                          ({"n_embd": 64}, "says n_embd 64, but the weights have 48"),

@@ -96,7 +96,8 @@ def test_kv_cache_chunks_match_full_forward():
         with pytest.raises(UserError, match="exceeds the context length"):
             m(torch.randint(0, 97, (3, 6)), cache)
         # a cache made for another batch, or passed where targets were meant: named
-        with pytest.raises(UserError, match=r"the KV cache holds 3 sequences, idx 1: make it with model.new_cache\(1\)"):
+        with pytest.raises(UserError, match=r"the KV cache holds 3 sequences, idx 1: make it with "
+                                            r"model.new_cache\(1\)"):
             m(torch.randint(0, 97, (1, 2)), m.new_cache(3))
         with pytest.raises(UserError, match="pass targets by name"):
             m(idx, idx)
