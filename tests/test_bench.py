@@ -602,9 +602,10 @@ def test_cpu_timings_run():
 def test_quick_kernel_bench_on_gpu(tmp_path):
     from tritongpt import cli
 
-    # no torch.compile provider: its inductor builds would not fit the session's test time
-    # (`bench all` times it)
-    assert cli.main(["bench", "kernels", "--quick", "--out", str(tmp_path), "--max-minutes", "1.5",
+    # no torch.compile provider (inductor builds take minutes; `bench all` times it); a budget
+    # with room for the Triton kernels' first autotuning (22 attention configs), so that every op
+    # is measured (bench/gpu_session.sh leaves this test to `bench all`)
+    assert cli.main(["bench", "kernels", "--quick", "--out", str(tmp_path), "--max-minutes", "4",
                      "--providers", "reference,torch,sdpa-flash,triton", "--no-plots"]) == 0
     (folder,) = tmp_path.iterdir()
     d = report.validate_result(json.loads((folder / "kernels.json").read_text()))

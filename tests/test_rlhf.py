@@ -661,16 +661,35 @@ def _ppo_iteration_on_both_paths(cfg, prompts, eot_id, device, **rl):
                               prompts[:1], eot_id, args, log=False)
         with torch.no_grad():  # a value head that is not all zeros, the same on both paths
             trainer.model.value_head.weight.copy_(value_w)
+        # Adam steps by g / (|g| + eps): a gradient entry near eps (1e-8; a few appear at GPT-2-like
+        # widths) turns fp32 noise of 1e-9 into a tenth of lr. With eps 1e-6 the step is a smooth
+        # function of the gradient, so the updates below compare the kernels, not that noise.
+        for group in trainer.optimizer.param_groups:
+            group["eps"] = 1e-6
+        grads, step = [], trainer.optimizer.step
+
+        def step_and_keep_grads(*a, _step=step, _grads=grads, _model=trainer.model, **k):
+            _grads.append({n: p.grad.detach().clone() for n, p in _model.named_parameters() if p.grad is not None})
+            return _step(*a, **k)
+
+        trainer.optimizer.step = step_and_keep_grads
         torch.manual_seed(0)
         ro = trainer.rollout()
         trainer.update(ro)
-        runs[kernels] = (ro, trainer.update_log, dict(trainer.model.named_parameters()))
-    (ro_r, log_r, par_r), (ro_t, log_t, par_t) = runs["reference"], runs["triton"]
+        runs[kernels] = (ro, trainer.update_log, dict(trainer.model.named_parameters()), grads)
+    (ro_r, log_r, par_r, g_r), (ro_t, log_t, par_t, g_t) = runs["reference"], runs["triton"]
     assert torch.equal(ro_t.idx, ro_r.idx), "the two paths sampled different rollouts"
     for name in ("scores", "logp", "ref_logp", "values", "advantages", "returns"):
         assert_close_rel(getattr(ro_t, name), getattr(ro_r, name), 1e-4, name)
     for key in ("loss", "policy_loss", "value_loss"):
         assert_close_rel(torch.tensor([s[key] for s in log_t]), torch.tensor([s[key] for s in log_r]), 1e-4, key)
+    # every minibatch's gradients, tensor by tensor (W_key's bias: see below)
+    assert len(g_t) == len(g_r) > 1
+    for i, (a, b) in enumerate(zip(g_t, g_r)):
+        assert a.keys() == b.keys()
+        for name in b:
+            if not name.endswith("W_key.bias"):
+                assert_close_rel(a[name], b[name], 1e-4, f"step {i} gradient of {name}")
     # Each tensor's update (new - initial), not the weights themselves: a wrong step of a few
     # percent in one small tensor must not hide under the norm of everything else (worst
     # measured on the CPU: 4.4e-5, W_query). W_key's bias is skipped: its gradient is exactly 0 in
@@ -693,9 +712,9 @@ def test_one_ppo_iteration_triton_path_matches_reference(data):
 
 
 @pytest.mark.cuda
-def test_one_ppo_iteration_triton_path_matches_reference_on_gpu(data):
+def test_one_ppo_iteration_triton_path_matches_reference_on_gpu(data, monkeypatch):
     tok, train, _ = data
-    torch.backends.cuda.matmul.allow_tf32 = False  # fp32 on both paths (the kernels use ieee dots)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)  # fp32 on both paths (ieee dots)
     cfg = GPTConfig(vocab_size=tok.vocab_size, context_length=256, n_embd=256, n_layer=4, n_head=8)
     prompts = [tok.encode(p.prompt) for p in train[:64]]
     _ppo_iteration_on_both_paths(cfg, prompts, tok.eot_id, torch.device("cuda"),
