@@ -2,6 +2,8 @@
 import numbers
 from dataclasses import asdict, dataclass, fields, replace
 
+import numpy as np
+
 from tritongpt.errors import UserError
 
 
@@ -35,8 +37,11 @@ class GPTConfig:
             raise UserError(f"GPTConfig.dropout must be in [0, 1), got {self.dropout!r}")
         self.dropout = float(self.dropout)
         for name in ("bias", "tie_weights"):
-            if not isinstance(getattr(self, name), bool):  # "False" would read as true
-                raise UserError(f"GPTConfig.{name} must be True or False, got {getattr(self, name)!r}")
+            value = getattr(self, name)
+            # a bool or numpy's; not a string ("False" would read as true) or a number
+            if not isinstance(value, (bool, np.bool_)):
+                raise UserError(f"GPTConfig.{name} must be True or False, got {value!r}")
+            setattr(self, name, bool(value))
         from tritongpt.model.toggle import resolve_kernels
 
         resolve_kernels(self.kernels, "cpu", check_device=False)  # the names only: a typo now, not later

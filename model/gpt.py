@@ -189,7 +189,7 @@ class GPTModel(nn.Module):
     def forward(self, idx, cache: KVCache | None = None, targets=None, ignore_index: int = -100,
                 reduction: str = "mean"):
         """Logits [B, T, vocab_size] for every position (a view into the padded head's output when
-        the vocabulary is padded); with targets [B, T], the LM loss instead:
+        the vocabulary is padded); with targets [B, T] (idx's shape, integer ids), the LM loss instead:
         its mean over counted targets, or with reduction="none" each position's -log p (fp32 [B, T]).
 
         The loss is computed here, not by the caller, so that the toggle reaches it (and DDP and

@@ -35,8 +35,8 @@ def test_unknown_model_and_bad_config():
                        ("dropout", True), ("kernels", "bogus")):
         with pytest.raises(UserError, match=field if field != "kernels" else "unknown kernel"):
             GPTConfig(**{field: bad})
-    cfg = GPTConfig(n_layer=np.int64(2), vocab_size=np.int32(100))  # numpy integers are integers
-    assert type(cfg.n_layer) is int and cfg.to_dict()["vocab_size"] == 100
+    cfg = GPTConfig(n_layer=np.int64(2), vocab_size=np.int32(100), bias=np.bool_(False))  # numpy's are fine
+    assert type(cfg.n_layer) is int and cfg.to_dict()["vocab_size"] == 100 and cfg.bias is False
 
 
 def test_gpt2_initialisation():

@@ -73,11 +73,25 @@ def test_cli_short_job_learns_and_writes_metrics_plot_checkpoint_then_resumes(co
     assert [r["step"] for r in rows] == [0, *range(1, 35)] and "val_loss" in rows[-1], rows[-1]
     assert common.Checkpointer(out).latest().name == "ckpt-0000034"
 
+    # a checkpoint from before documents were hashed apart names its data by the joined text's
+    # hash: the same data, so no note
+    from tritongpt.train.data import load_text
+    from tritongpt.train.tokenizer import text_hash
+
+    ck = common.Checkpointer(out).latest()
+    state = common.load_state(ck)
+    assert state["data"][0]["source_hash"] != text_hash(load_text(str(corpus.text)))
+    state["data"][0]["source_hash"] = text_hash(load_text(str(corpus.text)))
+    torch.save(state, ck / "state.pt")
+    rc = main(["pretrain", *argv(corpus, out, "--max-steps", "35", "--resume", "--eval-every", "0",
+                                 "--sample-tokens", "0")])
+    assert rc == 0 and "different data" not in capsys.readouterr().err
+
     # the same text with its paragraphs reordered: as many tokens, other windows; the resume says so
     paras = corpus.text.read_text().split("\n\n")
     other = tmp_path / "reordered.txt"
     other.write_text("\n\n".join(paras[len(paras) // 2:] + paras[:len(paras) // 2]))
-    rc = main(["pretrain", *argv(corpus, out, "--max-steps", "35", "--resume", "--eval-every", "0",
+    rc = main(["pretrain", *argv(corpus, out, "--max-steps", "36", "--resume", "--eval-every", "0",
                                  "--sample-tokens", "0"), "--data", str(other)])
     assert rc == 0
     assert "resuming on different data" in capsys.readouterr().err

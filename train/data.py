@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from tritongpt.errors import UserError
+from tritongpt.train.tokenizer import text_hash
 
 EOT = "<|endoftext|>"
 STDLIB_MAX_BYTES = 8 * 2**20
@@ -217,8 +218,11 @@ def prepare_tokens(source, tokenizer, cache_dir=None, val_fraction: float = 0.1,
             print(f"tokenising {source or 'pydoc'} with {tokenizer.name} -> {bin_path}")
         meta_path.unlink(missing_ok=True)           # no meta while the .bin is being rewritten
         n = _write_tokens(docs, tokenizer, bin_path, dtype)
+        # joined_hash: how the source was named before documents were hashed apart (the text
+        # joined with <|endoftext|>), so that a resume of an older checkpoint knows its data
         meta = dict(want, n_tokens=n, source=str(source or "pydoc"), tokenizer=tokenizer.name,
-                    eot_id=tokenizer.eot_id, chars=sum(map(len, docs)), documents=len(docs))
+                    eot_id=tokenizer.eot_id, chars=sum(map(len, docs)), documents=len(docs),
+                    joined_hash=text_hash(EOT.join(docs)))
     n = meta["n_tokens"]
     split = n - int(round(n * val_fraction))
     if meta.get("split") != split or meta.get("val_fraction") != val_fraction or not meta_path.is_file():

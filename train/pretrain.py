@@ -135,10 +135,12 @@ def pretrain(args) -> dict:
                     "block_size": block, "tokenizer_hash": tok.hash, "source_hash": splits["source_hash"]}
 
         def load_state_dict(self, d):
-            # checkpoints from before source_hash was recorded are compared without it
-            theirs = (d.get("train_tokens"), d.get("tokenizer_hash"), d.get("block_size"),
-                      d.get("source_hash", splits["source_hash"]))
-            if theirs != (len(splits["train"]), tok.hash, block, splits["source_hash"]):
+            # checkpoints from before source_hash was recorded are compared without it, and
+            # those from before documents were hashed apart by the joined text's hash
+            same_source = d.get("source_hash", splits["source_hash"]) in (splits["source_hash"],
+                                                                           splits["joined_hash"])
+            theirs = (d.get("train_tokens"), d.get("tokenizer_hash"), d.get("block_size"))
+            if theirs != (len(splits["train"]), tok.hash, block) or not same_source:
                 print(f"note: resuming on different data than the checkpoint's ({d.get('source')}, "
                       f"{d.get('train_tokens')} tokens, block {d.get('block_size')}): batches will differ",
                       file=sys.stderr)
@@ -164,7 +166,7 @@ def pretrain(args) -> dict:
             raise UserError(f"a batch of {targs.batch_size} x {block} tokens is larger than the training data "
                             f"({n_train} tokens in {where}); lower --batch-size or --block-size")
         splits.update(train=tokens.train, val=tokens.val, eval="val" if n_val >= block + 1 else "train",
-                      source_hash=tokens.meta["source_hash"])
+                      source_hash=tokens.meta["source_hash"], joined_hash=tokens.meta.get("joined_hash"))
         if splits["eval"] == "train" and trainer.is_main:
             print(f"note: the validation split ({n_val} tokens) is shorter than one block of {block}: "
                   "evaluating on training windows", file=sys.stderr)
