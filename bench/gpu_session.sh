@@ -33,7 +33,11 @@ PY=${PYTHON:-python3}
 mkdir -p "$OUT" "$WORK"
 cd "$(dirname "$0")/.."
 # write beside, then rename: a call killed mid-pack still returns the previous whole archive
-pack() { tar czf "$OUT/session.tgz.part" -C "$WORK" . 2>/dev/null && mv -f "$OUT/session.tgz.part" "$OUT/session.tgz"; }
+# (GNU tar exits 1 when a file grew while read, e.g. bench.log mid-run: that archive is still good)
+pack() {
+    tar czf "$OUT/session.tgz.part" -C "$WORK" . 2>/dev/null
+    [ $? -le 1 ] && mv -f "$OUT/session.tgz.part" "$OUT/session.tgz"
+}
 # the bench's hard limit: its budget plus 45 s for imports and the last timing (awk: BENCH_MINUTES
 # may be fractional)
 bench_limit=$(awk -v m="${BENCH_MINUTES:-4}" 'BEGIN { printf "%d", m * 60 + 45 }')
