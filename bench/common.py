@@ -212,19 +212,20 @@ class Budget:
         self.interrupted = False
 
     def interrupt(self) -> None:
-        b = self
-        while b is not None:
-            b.interrupted = True
-            b = b.parent
+        self.interrupted = True
+        if self.parent is not None:
+            self.parent.interrupt()
+
+    def _interrupted(self) -> bool:
+        """Here or in the budget it was cut from (interrupt() marks upwards only)."""
+        return self.interrupted or (self.parent is not None and self.parent._interrupted())
 
     def expired(self) -> bool:
-        return self.interrupted or (self.parent is not None and self.parent.interrupted) or \
-            (self.deadline is not None and time.monotonic() >= self.deadline)
+        return self._interrupted() or (self.deadline is not None and time.monotonic() >= self.deadline)
 
     def skip_reason(self) -> str:
         """The status of work not started because the budget expired."""
-        interrupted = self.interrupted or (self.parent is not None and self.parent.interrupted)
-        return "skipped: interrupted (Ctrl-C or a hard time limit)" if interrupted else \
+        return "skipped: interrupted (Ctrl-C or a hard time limit)" if self._interrupted() else \
             "skipped: time budget (--max-minutes)"
 
     def remaining(self) -> float:

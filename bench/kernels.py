@@ -409,13 +409,13 @@ def layernorm_rows(rows_m, n, elem, device) -> int:
 def sweep_layernorm(timer, budget, rows_m, widths, dtype, modes=MODES, providers=None):
     out = []
     dev = timer.device
+    elem = torch.empty((), dtype=dtype).element_size()
     for n in widths:
-        m = layernorm_rows(rows_m, n, torch.empty((), dtype=dtype).element_size(), dev)
+        m = layernorm_rows(rows_m, n, elem, dev)
         cfg = {"rows": m, "width": n, "dtype": dtype_name(dtype)}
         x = randn(m, n, device=dev, dtype=dtype)
         w = randn(n, device=dev, dtype=dtype)
         b = randn(n, device=dev, dtype=dtype)
-        elem = x.element_size()
         out += bench_providers("layernorm", cfg, layernorm_providers(x, w, b), modes, timer, budget,
                                lambda mode: {"bytes": layernorm_bytes(m, n, elem, mode)}, providers)
         del x, w, b

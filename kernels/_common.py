@@ -4,7 +4,6 @@ Kernels call these before launching, so that bad input gives a one-line ValueErr
 TypeError / RuntimeError naming the tensor, instead of a Triton crash or a wrong answer.
 """
 import functools
-import numbers
 import re
 
 import numpy as np
@@ -15,11 +14,6 @@ import triton.language as tl
 from tritongpt._env import triton_interpreting
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-
-
-def is_int(value) -> bool:
-    """An integer of any kind PyTorch takes as one (int, numpy integers), not a bool."""
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def autocast_dtype(device: torch.device):

@@ -42,8 +42,9 @@ import triton
 import triton.language as tl
 
 from tritongpt._env import triton_interpreting
-from tritongpt.kernels._common import (first_order_only, autocast_dtype, cast, check_runnable, check_same_device,
-                                       check_same_dtype, check_tensor, dot, is_int, on_tensor_device)
+from tritongpt._types import is_int
+from tritongpt.kernels._common import (autocast_dtype, cast, check_runnable, check_same_device, check_same_dtype,
+                                       check_tensor, dot, first_order_only, on_tensor_device)
 
 MAX_GRID_YZ = 65535  # CUDA's limit on a grid's y and z sizes, where the heads and sequences go
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 80, 96, 128)  # 16: tiny models; tl.dot needs K >= 16

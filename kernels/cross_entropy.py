@@ -37,8 +37,9 @@ import triton
 import triton.language as tl
 
 from tritongpt._env import triton_interpreting
-from tritongpt.kernels._common import (first_order_only, autocast_dtype, cast, check_runnable, check_same_device,
-                                       check_same_dtype, check_tensor, is_int, on_tensor_device)
+from tritongpt._types import is_int
+from tritongpt.kernels._common import (autocast_dtype, cast, check_runnable, check_same_device, check_same_dtype,
+                                       check_tensor, first_order_only, on_tensor_device)
 
 INTERPRET = triton_interpreting()
 # exp(x) = exp2(x * log2(e)): exp2 is one MUFU instruction

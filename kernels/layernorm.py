@@ -23,7 +23,6 @@ Public API: `layer_norm(x, weight, bias, eps=1e-5)`. It is built from torch.libr
 autograd.Function, so it runs under torch.compile (the ops stay opaque calls in the graph).
 """
 import functools
-import numbers
 from typing import Optional
 
 import torch
@@ -31,8 +30,9 @@ import triton
 import triton.language as tl
 
 from tritongpt._env import triton_interpreting
-from tritongpt.kernels._common import (first_order_only, cast, check_runnable, check_same_device, check_same_dtype,
-                                       check_tensor, on_tensor_device)
+from tritongpt._types import is_real
+from tritongpt.kernels._common import (cast, check_runnable, check_same_device, check_same_dtype, check_tensor,
+                                       first_order_only, on_tensor_device)
 
 MAX_WIDTH = 8192  # one row must fit in one tile (registers/SRAM); wider rows are rejected
 
@@ -238,7 +238,7 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
     check_same_device(x=x, weight=weight, bias=bias)
     if N == 0 or N > MAX_WIDTH:
         raise ValueError(f"layer_norm: last dim of x is {N}; the Triton kernel supports 1..{MAX_WIDTH}")
-    if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not eps >= 0:
+    if not is_real(eps) or not eps >= 0:
         raise ValueError(f"eps must be a non-negative float, got {eps!r}")
     # weight/bias are read with unit stride by the kernel
     weight = weight if weight.stride(0) == 1 else weight.contiguous()

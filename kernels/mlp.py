@@ -38,8 +38,8 @@ import triton
 import triton.language as tl
 
 from tritongpt._env import triton_interpreting
-from tritongpt.kernels._common import (first_order_only, autocast_dtype, cast, check_runnable, check_same_device,
-                                       check_same_dtype, check_tensor, dot, on_tensor_device)
+from tritongpt.kernels._common import (autocast_dtype, cast, check_runnable, check_same_device, check_same_dtype,
+                                       check_tensor, dot, first_order_only, on_tensor_device)
 
 # Epilogue modes of the matmul kernel.
 EPI_NONE = 0       # C = A @ B (+ bias)

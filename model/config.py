@@ -1,9 +1,9 @@
 """Model configurations: the GPT-2 family by name, plus small presets that train on a CPU."""
-import numbers
 from dataclasses import asdict, dataclass, fields, replace
 
 import numpy as np
 
+from tritongpt._types import is_int, is_real
 from tritongpt.errors import UserError
 
 
@@ -27,13 +27,12 @@ class GPTConfig:
         for name in ("vocab_size", "context_length", "n_embd", "n_layer", "n_head", "vocab_multiple"):
             value = getattr(self, name)
             # numpy integers are integers (stored as int: the config is saved as JSON); bools are not
-            if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value <= 0:
+            if not is_int(value) or value <= 0:
                 raise UserError(f"GPTConfig.{name} must be a positive integer, got {value!r}")
             setattr(self, name, int(value))
         if self.n_embd % self.n_head:
             raise UserError(f"GPTConfig.n_embd={self.n_embd} is not divisible by n_head={self.n_head}")
-        if not isinstance(self.dropout, numbers.Real) or isinstance(self.dropout, bool) \
-                or not 0.0 <= self.dropout < 1.0:
+        if not is_real(self.dropout) or not 0.0 <= self.dropout < 1.0:
             raise UserError(f"GPTConfig.dropout must be in [0, 1), got {self.dropout!r}")
         self.dropout = float(self.dropout)
         for name in ("bias", "tie_weights"):

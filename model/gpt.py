@@ -2,21 +2,17 @@
 import copy
 import json
 import math
-import numbers
 import os
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from tritongpt._types import is_int, is_real
 from tritongpt.errors import UserError
 from tritongpt.model.config import GPTConfig
 from tritongpt.model.layers import FeedForward, LayerNorm, MultiHeadAttention, TransformerBlock
 from tritongpt.model.toggle import resolve_kernels, spec_string
-
-
-def _is_int(value) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 class KVCache:
@@ -29,10 +25,10 @@ class KVCache:
     def __init__(self, cfg: GPTConfig, batch_size: int, max_len: int | None = None,
                  device="cpu", dtype=torch.float32):
         self.max_len = cfg.context_length if max_len is None else max_len
-        if not _is_int(self.max_len) or not 1 <= self.max_len <= cfg.context_length:
+        if not is_int(self.max_len) or not 1 <= self.max_len <= cfg.context_length:
             raise UserError(f"KV cache length must be an int in [1, context_length {cfg.context_length}], "
                             f"got {max_len!r}")
-        if not _is_int(batch_size) or batch_size < 1:
+        if not is_int(batch_size) or batch_size < 1:
             raise UserError(f"KV cache batch_size must be a positive int, got {batch_size!r}")
         shape = (cfg.n_layer, batch_size, cfg.n_head, self.max_len, cfg.head_dim)
         self.k = torch.empty(shape, device=device, dtype=dtype)
@@ -135,7 +131,7 @@ class GPTModel(nn.Module):
 
     def set_dropout(self, p: float):
         """Change every dropout rate (embeddings, attention weights, residual, MLP) and the config's."""
-        if isinstance(p, bool) or not isinstance(p, numbers.Real) or not 0.0 <= p < 1.0:
+        if not is_real(p) or not 0.0 <= p < 1.0:
             raise UserError(f"dropout must be in [0, 1), got {p!r}")
         for m in self.modules():
             if isinstance(m, nn.Dropout):  # attention's too: the Triton path reads its p
@@ -175,15 +171,17 @@ class GPTModel(nn.Module):
     def _check_token_ids(self, idx):
         """Ids must be in [0, vocab_size). nn.Embedding catches ids past its rows, but with a padded
         vocabulary the padding rows would be looked up silently. On the CPU a clear error (the
-        check is cheap there); on a GPU or under torch.compile an asynchronous assert, so no step
-        waits for it and the graph has no data-dependent branch (unpadded too: inductor's own
-        bounds check in a compiled CPU kernel aborts the whole process, a notebook's kernel with it)."""
+        check is cheap there); compiled on the CPU, or padded on a GPU, an asynchronous assert, so
+        no step waits for it and the graph has no data-dependent branch. (Compiled on the CPU even
+        unpadded: inductor's own bounds check there aborts the whole process. Unpadded on a GPU,
+        the embedding's own device-side check suffices and a training step gains no launches.)"""
         V = self.config.vocab_size
-        if idx.device.type == "cpu" and not torch.compiler.is_compiling():
+        on_cpu = idx.device.type == "cpu"
+        if on_cpu and not torch.compiler.is_compiling():
             if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= V):
                 bad = idx[(idx < 0) | (idx >= V)][0]
                 raise UserError(f"token id {int(bad)} is outside the model's vocabulary [0, {V})")
-        else:  # (unpadded too: inductor's own bounds check on the CPU aborts the whole process)
+        elif on_cpu or self.config.padded_vocab_size != V:
             torch._assert_async(((idx >= 0) & (idx < V)).all(), f"token ids must be in [0, {V})")
 
     def forward(self, idx, cache: KVCache | None = None, targets=None, ignore_index: int = -100,
@@ -243,7 +241,7 @@ class GPTModel(nn.Module):
         fine-tuning published GPT-2 weights with the aligned head (`tritongpt sft --vocab-multiple`)."""
         from dataclasses import replace
 
-        if not _is_int(multiple):
+        if not is_int(multiple):
             raise UserError(f"pad_vocab needs an int multiple, got {multiple!r}")
         # built on the CPU first: with the reference path, since Triton there needs the
         # interpreter (off on a GPU machine); the caller's kernels are set once it has moved

@@ -22,12 +22,13 @@ def resolve_kernels(spec, device, check_device: bool = True) -> frozenset:
     elif spec == "auto":
         return frozenset(KERNEL_NAMES) if device.type == "cuda" else frozenset()
     else:
-        # a set, list or tuple of names; not a dict ({"mlp": False} would read as "mlp" on)
-        if not isinstance(spec, (str, set, frozenset, list, tuple)) or \
-                not all(isinstance(p, str) for p in (spec if not isinstance(spec, str) else [spec])):
+        if isinstance(spec, str):
+            parts = spec.split(",")
+        elif isinstance(spec, (set, frozenset, list, tuple)) and all(isinstance(p, str) for p in spec):
+            parts = list(spec)  # not a dict: {"mlp": False} would read as "mlp" on
+        else:
             raise UserError(f"kernels must be 'reference', 'triton', 'auto', a comma list or a set of "
                             f"names from {list(KERNEL_NAMES)}, got {spec!r}")
-        parts = spec.split(",") if isinstance(spec, str) else list(spec)
         names = {p.strip() for p in parts if p.strip()}
         unknown = sorted(names - set(KERNEL_NAMES))
         if unknown:

@@ -6,10 +6,10 @@ we crop to the last context_length - 1 tokens and prefill again, which gives exa
 the uncached model computes on the cropped window.
 """
 import math
-import numbers
 
 import torch
 
+from tritongpt._types import is_int, is_real
 from tritongpt.errors import UserError
 
 
@@ -18,12 +18,11 @@ def check_sampling(temperature: float = 0.0, top_k: int | None = None, top_p: fl
     """The sampling settings, checked before any work (also those greedy decoding ignores: a
     typo should not wait for the first sample). flags: name them as command-line flags."""
     name = (lambda n: "--" + n.replace("_", "-")) if flags else (lambda n: n)
-    real = lambda v: isinstance(v, numbers.Real) and not isinstance(v, bool)  # noqa: E731
-    if not real(temperature) or not (math.isfinite(temperature) and temperature >= 0):
+    if not is_real(temperature) or not (math.isfinite(temperature) and temperature >= 0):
         raise UserError(f"{name('temperature')} must be a finite number >= 0 (0 = greedy), got {temperature!r}")
-    if top_k is not None and (not isinstance(top_k, numbers.Integral) or isinstance(top_k, bool) or top_k <= 0):
+    if top_k is not None and (not is_int(top_k) or top_k <= 0):
         raise UserError(f"{name('top_k')} must be a positive integer, got {top_k!r}")
-    if top_p is not None and (not real(top_p) or not 0.0 < top_p <= 1.0):
+    if top_p is not None and (not is_real(top_p) or not 0.0 < top_p <= 1.0):
         raise UserError(f"{name('top_p')} must be in (0, 1], got {top_p!r}")
 
 
