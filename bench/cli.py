@@ -223,6 +223,7 @@ def _run_gpu(args):
                                          run_kernels)
     from tritongpt.bench.report import console_summary, make_result, write_result, write_summary
     from tritongpt.bench.train_step import TRAIN_PROVIDERS, run_train, train_targets
+    from tritongpt.kernels._common import autotune_choices
     from tritongpt.train.common import pick_dtype
     from tritongpt.train.loop import peak_flops
 
@@ -236,6 +237,12 @@ def _run_gpu(args):
     timer = GpuTimer(args.warmup_ms, args.rep_ms)
     results, ceilings = [], None
     settings = _settings(args)
+    tuned = []  # autotune's picks already reported: each section lists the ones it added
+
+    def new_choices():
+        fresh = [a for a in autotune_choices() if a not in tuned]
+        tuned.extend(fresh)
+        return fresh
 
     if args.what in ("kernels", "all"):
         ops, modes, providers = kernel_names(args)
@@ -251,7 +258,7 @@ def _run_gpu(args):
         ceil_sizes = {"copy_bytes": 1 << 28, "matmul_n": 4096} if args.quick else None
         rows, ceilings = run_kernels(timer, kb, dtype, ops, modes, providers, sizes, ceil_sizes, log=log)
         res = make_result("kernels", env, rows, kernel_targets(rows, ceilings), ceilings, settings,
-                          time.perf_counter() - t0)
+                          time.perf_counter() - t0, autotune=new_choices())
         results.append(res)
         paths = write_result(res, out_root, plots=not args.no_plots)
         log(f"wrote {paths[0].parent}/ ({', '.join(p.name for p in paths)})")
@@ -280,7 +287,7 @@ def _run_gpu(args):
                          vocab_multiple=args.vocab_multiple)
         targets = train_targets(rows) if "gpt2-small" in models else []
         res = make_result("train", env, rows, targets, ceilings, settings, time.perf_counter() - t0,
-                          peak_flops=peak, peak_flops_source=source)
+                          peak_flops=peak, peak_flops_source=source, autotune=new_choices())
         results.append(res)
         paths = write_result(res, out_root, plots=not args.no_plots)
         log(f"wrote {paths[0].parent}/ ({', '.join(p.name for p in paths)})")

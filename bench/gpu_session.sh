@@ -24,7 +24,8 @@
 #       --implementation cp --platform manylinux2014_x86_64 -d .whl liger-kernel
 #
 # Afterwards, on the development machine: unpack session.tgz, copy its results/<device>/ to
-# bench/results/ and commit it with the test log; bench/results/README.md says what each file holds.
+# bench/results/ (with autotune-timings.json into that folder) and commit it with the test log;
+# bench/results/README.md says what each file holds.
 set -uo pipefail
 what=${1:-all}
 OUT=${OUT:-$PWD/gpu-out}
@@ -109,28 +110,38 @@ if [ "$what" = all ] || [ "$what" = tests ]; then
     pack
     rc=$((rc | trc))
 fi
+# Autotune's searches during the bench are saved in Triton's cache (TRITON_CACHE_AUTOTUNING=1),
+# then gathered into autotune-timings.json: every config's time, not only the pick that
+# <section>.json records, to tune the config lists without device time. Not during the tests:
+# eight workers share the GPU there, and their timings would be reused by the bench.
+save_timings() {
+    $PY -c "from tritongpt.bench.report import save_autotune_timings as s; \
+print(s('$WORK/$1'), 'autotune searches saved in $1')" 2>&1 | tail -n 1
+}
 if [ "$what" = all ] || [ "$what" = bench ]; then
     echo "== tritongpt bench all (budget ${BENCH_MINUTES:-4} min)"
     # the budget stops new work; the hard limit only catches one that overruns it badly
     packing & packer=$!
-    timeout -s INT -k 15 "$bench_limit" \
+    TRITON_CACHE_AUTOTUNING=1 timeout -s INT -k 15 "$bench_limit" \
         $PY -m tritongpt.cli bench all --max-minutes "${BENCH_MINUTES:-4}" --out "$WORK/results" \
         >"$WORK/bench.log" 2>&1
     brc=$?
     stop_packing "$packer"
     tail -n 40 "$WORK/bench.log"
+    save_timings autotune-timings.json
     pack
     rc=$((rc | brc))
 fi
 if [ "$what" = padded ]; then
     echo "== tritongpt bench train --vocab-multiple 64 (budget ${BENCH_MINUTES:-4} min)"
     packing & packer=$!
-    timeout -s INT -k 15 "$bench_limit" \
+    TRITON_CACHE_AUTOTUNING=1 timeout -s INT -k 15 "$bench_limit" \
         $PY -m tritongpt.cli bench train --models gpt2-small --vocab-multiple 64 --max-minutes "${BENCH_MINUTES:-4}" \
         --out "$WORK/results-vocab64" >"$WORK/bench-vocab64.log" 2>&1
     prc=$?
     stop_packing "$packer"
     tail -n 20 "$WORK/bench-vocab64.log"
+    save_timings autotune-timings-vocab64.json
     pack
     rc=$((rc | prc))
 fi

@@ -14,11 +14,13 @@ TARGET_STATUSES = ("PASS", "FAIL", "N/A")
 
 
 def make_result(section, env, rows, targets=(), ceilings=None, settings=None, elapsed_s=None,
-                peak_flops=None, peak_flops_source=None, notes=()):
+                peak_flops=None, peak_flops_source=None, notes=(), autotune=()):
+    """autotune: the configurations Triton's autotuner picked while this section ran
+    (tritongpt.kernels._common.autotune_choices), so a reader knows which tiles were timed."""
     return {"schema": SCHEMA, "section": section, "env": env, "settings": settings or {},
             "ceilings": ceilings or {}, "peak_flops": peak_flops,
             "peak_flops_source": peak_flops_source, "rows": list(rows), "targets": list(targets),
-            "elapsed_s": elapsed_s, "notes": list(notes)}
+            "elapsed_s": elapsed_s, "notes": list(notes), "autotune": list(autotune)}
 
 
 def validate_result(d: dict) -> dict:
@@ -48,10 +50,46 @@ def validate_result(d: dict) -> dict:
             ms = r.get("ms")
             if not isinstance(ms, (int, float)) or not ms > 0:
                 raise ValueError(f"result.rows[{i}].ms must be a positive number for an ok row, got {ms!r}")
+    for i, a in enumerate(d.get("autotune") or []):
+        if not isinstance(a, dict) or not all(isinstance(a.get(k), dict) for k in ("key", "config")):
+            raise ValueError(f"result.autotune[{i}] must be an object with 'key' and 'config' objects")
     for i, t in enumerate(d.get("targets") or []):
         if t.get("status") not in TARGET_STATUSES:
             raise ValueError(f"result.targets[{i}].status must be one of {TARGET_STATUSES}")
     return d
+
+
+def autotune_timings(cache_dir) -> list:
+    """Every search Triton's autotuner saved under cache_dir (it does with TRITON_CACHE_AUTOTUNING=1,
+    as bench/gpu_session.sh sets for the bench): per kernel and key, each config's
+    [median, p20, p80] ms, fastest first; None where the config could not run (out of resources).
+    The bench's own JSON keeps only the pick; these timings say how close the others came."""
+    out = []
+    for path in sorted(Path(cache_dir).glob("*/*.autotune.json")):
+        try:
+            saved = json.loads(path.read_text())
+            timings = []
+            for cfg, ms in saved["configs_timings"]:
+                ms = ms if isinstance(ms, list) else [ms]
+                ok = all(isinstance(t, (int, float)) and t == t and t != float("inf") for t in ms)
+                timings.append({"config": dict(cfg.get("kwargs", {}), num_warps=cfg.get("num_warps"),
+                                               num_stages=cfg.get("num_stages")),
+                                "ms": ms if ok else None})
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            continue  # not one of autotune's files, or another Triton's layout: leave it out
+        timings.sort(key=lambda t: t["ms"][0] if t["ms"] else float("inf"))
+        out.append({"kernel": path.name[:-len(".autotune.json")], "key": saved.get("key"), "timings": timings})
+    return out
+
+
+def save_autotune_timings(path, cache_dir=None) -> int:
+    """Write autotune_timings(cache_dir or Triton's cache) to path as JSON; returns how many searches."""
+    if cache_dir is None:
+        import triton
+        cache_dir = triton.knobs.cache.dir
+    found = autotune_timings(cache_dir)
+    Path(path).write_text(json.dumps(found, indent=1) + "\n")
+    return len(found)
 
 
 # -- formatting ------------------------------------------------------------------------------------------
@@ -154,6 +192,15 @@ def saved_table(rows) -> str:
     return markdown_table(["config", "dtype", "provider", "saved for backward", "bytes", "status"], body)
 
 
+def autotune_table(choices) -> str:
+    def pairs(d):
+        return " ".join(f"{k}={v}" for k, v in d.items())
+
+    body = [[a.get("kernel"), pairs(a["key"]), ", ".join(a.get("dtypes") or []), pairs(a["config"])]
+            for a in choices]
+    return markdown_table(["kernel", "autotune key", "dtypes", "chosen config"], body)
+
+
 def targets_table(targets) -> str:
     body = []
     for t in targets:
@@ -198,6 +245,8 @@ def render_markdown(result) -> str:
         st = saved_table(result["rows"])
         if st:
             out += ["## GELU-MLP activations saved for backward (parameters excluded)", "", st, ""]
+    if result.get("autotune"):
+        out += ["## Configs autotune chose in this section", "", autotune_table(result["autotune"]), ""]
     if result.get("elapsed_s") is not None:
         out.append(f"_elapsed: {result['elapsed_s']:.1f} s_")
     return "\n".join(out) + "\n"

@@ -181,3 +181,33 @@ def saved_tensor_bytes(fn, *args, exclude=()):
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         out = fn(*args)
     return int(sum(seen.values())), out
+
+
+# Autotuned launchers by a reader's name ("attention.forward"), so a benchmark can say which
+# tile each configuration ran with. Under the interpreter nothing here is tuned.
+AUTOTUNED = {}
+
+
+def autotuned(name: str, tuner):
+    """Register a triton.autotune-wrapped kernel under name; returns it unchanged."""
+    AUTOTUNED[name] = tuner
+    return tuner
+
+
+def autotune_choices() -> list:
+    """Every configuration autotune has picked in this process, one dict per (kernel, key):
+    {"kernel", "key": {key name: value}, "dtypes": [...], "config": {meta-parameters,
+    num_warps, num_stages}}. Triton keys its cache by the `key` arguments' values followed by
+    the dtype of every tensor argument; those dtypes are listed once each, in order."""
+    out = []
+    for name, tuner in AUTOTUNED.items():
+        cache = getattr(tuner, "cache", None)
+        if not isinstance(cache, dict):
+            continue  # a plain JITFunction (interpreter): no search ran
+        names = list(tuner.keys)
+        for key, cfg in cache.items():
+            values, dtypes = list(key[:len(names)]), list(dict.fromkeys(str(v) for v in key[len(names):]))
+            config = dict(cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+            out.append({"kernel": name, "key": dict(zip(names, values)),
+                        "dtypes": [d.replace("torch.", "") for d in dtypes], "config": config})
+    return out

@@ -43,8 +43,8 @@ import triton.language as tl
 
 from tritongpt._env import triton_interpreting
 from tritongpt._types import is_int
-from tritongpt.kernels._common import (autocast_dtype, cast, check_runnable, check_same_device, check_same_dtype,
-                                       check_tensor, dot, first_order_only, on_tensor_device)
+from tritongpt.kernels._common import (autocast_dtype, autotuned, cast, check_runnable, check_same_device,
+                                       check_same_dtype, check_tensor, dot, first_order_only, on_tensor_device)
 
 MAX_GRID_YZ = 65535  # CUDA's limit on a grid's y and z sizes, where the heads and sequences go
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 80, 96, 128)  # 16: tiny models; tl.dot needs K >= 16
@@ -375,12 +375,15 @@ def _tuned(configs, prune):
 # `tritongpt bench compile --arch 90|80|89` builds every entry for every launch: on each of those
 # architectures every launch keeps a config that fits and does not spill. The last entry of each
 # list is the fallback when pruning leaves nothing.
-_attn_fwd_run = _tuned([(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3), (32, 32, 4, 2),
-                        (16, 128, 4, 3), (16, 64, 4, 3), (16, 32, 4, 2)], _prune_query_tile)(_attn_fwd)
-_attn_bwd_dkdv_run = _tuned([(32, 128, 8, 3), (64, 128, 8, 3), (64, 64, 8, 3), (32, 64, 8, 3),
-                             (32, 64, 4, 4), (16, 64, 4, 3), (16, 32, 4, 2)], _prune_streamed_rows)(_attn_bwd_dkdv)
-_attn_bwd_dq_run = _tuned([(128, 32, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3), (64, 64, 8, 3), (32, 32, 4, 2),
-                           (16, 64, 4, 3), (16, 32, 4, 2)], _prune_query_tile)(_attn_bwd_dq)
+_attn_fwd_run = autotuned("attention.forward", _tuned(
+    [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3), (32, 32, 4, 2),
+     (16, 128, 4, 3), (16, 64, 4, 3), (16, 32, 4, 2)], _prune_query_tile)(_attn_fwd))
+_attn_bwd_dkdv_run = autotuned("attention.backward_dkdv", _tuned(
+    [(32, 128, 8, 3), (64, 128, 8, 3), (64, 64, 8, 3), (32, 64, 8, 3),
+     (32, 64, 4, 4), (16, 64, 4, 3), (16, 32, 4, 2)], _prune_streamed_rows)(_attn_bwd_dkdv))
+_attn_bwd_dq_run = autotuned("attention.backward_dq", _tuned(
+    [(128, 32, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3), (64, 64, 8, 3), (32, 32, 4, 2),
+     (16, 64, 4, 3), (16, 32, 4, 2)], _prune_query_tile)(_attn_bwd_dq))
 
 
 def _fixed_blocks():

@@ -38,8 +38,8 @@ import triton
 import triton.language as tl
 
 from tritongpt._env import triton_interpreting
-from tritongpt.kernels._common import (autocast_dtype, cast, check_runnable, check_same_device, check_same_dtype,
-                                       check_tensor, dot, first_order_only, on_tensor_device)
+from tritongpt.kernels._common import (autocast_dtype, autotuned, cast, check_runnable, check_same_device,
+                                       check_same_dtype, check_tensor, dot, first_order_only, on_tensor_device)
 
 # Epilogue modes of the matmul kernel.
 EPI_NONE = 0       # C = A @ B (+ bias)
@@ -152,6 +152,9 @@ def _matmul_kernel(A, B, C, Bias, Aux, Hout, M, N, K, M_BUCKET, K_BUCKET,
         acc = acc * _gelu_grad(h)
     c_ptrs = C + offs_m.to(tl.int64)[:, None] * stride_cm + offs_n[None, :] * stride_cn
     tl.store(c_ptrs, cast(acc, C.dtype.element_ty), mask=mask)
+
+
+autotuned("mlp.matmul", _matmul_kernel)
 
 
 @on_tensor_device

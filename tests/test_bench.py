@@ -11,6 +11,7 @@ import torch
 
 from tritongpt.bench import common, kernels, report, train_step
 from tritongpt.bench.common import CpuTimer, Budget, make_row, target
+from tritongpt.kernels import _common as kernel_common
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -519,6 +520,12 @@ def test_gpu_command_flow_with_cpu_stand_ins(tmp_path, monkeypatch, capsys):
                 for m in models for p in providers]
 
     monkeypatch.setattr(train_step, "run_train", fake_train)
+    # autotune's picks so far, as the kernels then the train section leave them: each section
+    # reports the ones it added
+    pick = lambda n: {"kernel": "mlp.matmul", "key": {"N": n}, "dtypes": ["bfloat16"],  # noqa: E731
+                      "config": {"BLOCK_M": 64, "num_warps": 4, "num_stages": 3}}
+    so_far = iter([[pick(8)], [pick(8), pick(16)]])
+    monkeypatch.setattr(kernel_common, "autotune_choices", lambda: next(so_far))
     args = cli.build_parser().parse_args([
         "bench", "all", "--quick", "--out", str(tmp_path), "--dtype", "fp32", "--no-plots",
         "--providers", "reference,torch,sdpa-flash", "--ln-rows", "8", "--ln-widths", "16",
@@ -536,6 +543,8 @@ def test_gpu_command_flow_with_cpu_stand_ins(tmp_path, monkeypatch, capsys):
     assert len(ce) == 3 and all(r["status"] == "ok" and r["gbps"] > 0 for r in ce), ce
     assert t["peak_flops_source"] == "float32 matmul 32^3 measured in this run"
     assert len(t["targets"]) == 3
+    assert k["autotune"] == [pick(8)] and t["autotune"] == [pick(16)]
+    assert "| mlp.matmul | N=16 | bfloat16 | BLOCK_M=64 num_warps=4 num_stages=3 |" in (folder / "train.md").read_text()
     out = capsys.readouterr().out
     assert "| train step speedup vs reference+compile+sdpa |" in out and "results:" in out
     assert (folder / "summary.md").is_file()
@@ -623,6 +632,8 @@ def test_quick_kernel_bench_on_gpu(tmp_path):
             assert r["tflops"] < 1.5 * fl, r
         assert r["peak_mem_bytes"] is not None and r["peak_mem_bytes"] >= 0
     assert len(d["targets"]) >= 6 and (folder / "summary.md").is_file()
+    tuned = {a["kernel"] for a in d["autotune"]}
+    assert {"attention.forward", "attention.backward_dkdv", "attention.backward_dq", "mlp.matmul"} <= tuned
 
 
 @pytest.mark.cuda
@@ -837,3 +848,78 @@ def test_cpu_rates_use_batch_bytes_and_tokens():
     r = cpu.bench_tokenizer(text, reps=1, tokenizer=Tok())[0]
     assert r["tokens"] == 150 and r["tokens_per_s"] == pytest.approx(150 / (r["ms"] * 1e-3))
     assert r["mb_per_s"] == pytest.approx(350 / (r["ms"] * 1e-3) / 1e6)
+
+
+def test_autotune_choices_name_the_config_triton_picked(monkeypatch):
+    # a real triton.autotune run (under the interpreter, with a stand-in timer that makes the
+    # second config faster): the record follows Triton's own cache key, values then dtypes
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def double(X, Y, N, BLOCK: tl.constexpr):
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        tl.store(Y + offs, tl.load(X + offs, mask=offs < N) * 2, mask=offs < N)
+
+    times = [[2.0, 2.0, 2.0], [1.0, 1.0, 1.0]]
+    configs = [triton.Config({"BLOCK": 16}, num_warps=4, num_stages=2),
+               triton.Config({"BLOCK": 32}, num_warps=2, num_stages=1)]
+    tuner = triton.autotune(configs, key=["N"], do_bench=lambda fn, quantiles: (fn(), times.pop(0))[1])(double)
+    monkeypatch.setattr(kernel_common, "AUTOTUNED", {})
+    kernel_common.autotuned("double", tuner)
+    kernel_common.autotuned("untuned", double)  # a plain kernel (the interpreter's attention): no record
+    assert kernel_common.autotune_choices() == []
+    x = torch.randn(37)
+    y = torch.empty_like(x)
+    tuner[lambda meta: (triton.cdiv(37, meta["BLOCK"]),)](x, y, 37)
+    torch.testing.assert_close(y, 2 * x)
+    assert kernel_common.autotune_choices() == [
+        {"kernel": "double", "key": {"N": 37}, "dtypes": ["float32"],
+         "config": {"BLOCK": 32, "num_warps": 2, "num_stages": 1}}]
+
+
+def test_every_autotuned_kernel_is_registered():
+    import importlib
+
+    for module in ("attention", "mlp"):  # each registers its launchers on import
+        importlib.import_module(f"tritongpt.kernels.{module}")
+
+    assert {"attention.forward", "attention.backward_dkdv", "attention.backward_dq",
+            "mlp.matmul"} <= set(kernel_common.AUTOTUNED)
+
+
+def test_result_autotune_field_is_checked_and_rendered():
+    d = _fake_kernel_result()
+    d["autotune"] = [{"kernel": "attention.forward", "key": {"HEAD_DIM": 64, "Q_BUCKET": 1024},
+                      "dtypes": ["bfloat16", "float32"], "config": {"BLOCK_M": 128, "num_warps": 4}}]
+    md = report.render_markdown(report.validate_result(d))
+    assert ("| attention.forward | HEAD_DIM=64 Q_BUCKET=1024 | bfloat16, float32 | BLOCK_M=128 num_warps=4 |"
+            in md)
+    d["autotune"][0].pop("config")
+    with pytest.raises(ValueError, match=r"autotune\[0\]"):
+        report.validate_result(d)
+
+
+def test_autotune_timings_read_tritons_saved_searches(tmp_path):
+    # files as Triton's Autotuner.check_disk_cache writes them (config.__dict__, [median, p20,
+    # p80]), one folder per search; a config that did not fit is timed inf
+    import triton
+
+    fast, slow, too_big = (triton.Config({"BLOCK_M": m}, num_warps=w, num_stages=3)
+                           for m, w in ((64, 4), (32, 4), (256, 8)))
+    search = {"key": [64, True, 1024, "torch.bfloat16"],
+              "configs_timings": [(c.__dict__, t) for c, t in ((slow, [0.3, 0.29, 0.31]),
+                                                               (too_big, [float("inf")] * 3),
+                                                               (fast, [0.2, 0.19, 0.21]))]}
+    (tmp_path / "ab12").mkdir()
+    (tmp_path / "ab12" / "_attn_fwd.autotune.json").write_text(json.dumps(search))
+    (tmp_path / "cd34").mkdir()
+    (tmp_path / "cd34" / "_matmul_kernel.autotune.json").write_text("{not json")
+    (tmp_path / "cd34" / "_matmul_kernel.json").write_text("{}")  # a compiled kernel's metadata
+    out = tmp_path / "timings.json"
+    assert report.save_autotune_timings(out, tmp_path) == 1
+    (got,) = json.loads(out.read_text())
+    assert got["kernel"] == "_attn_fwd" and got["key"] == [64, True, 1024, "torch.bfloat16"]
+    assert [t["config"]["BLOCK_M"] for t in got["timings"]] == [64, 32, 256]
+    assert got["timings"][0] == {"config": {"BLOCK_M": 64, "num_warps": 4, "num_stages": 3}, "ms": [0.2, 0.19, 0.21]}
+    assert got["timings"][2]["ms"] is None
