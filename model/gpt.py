@@ -319,6 +319,11 @@ def save_safetensors(module: nn.Module, path, metadata: dict):
     from safetensors.torch import save_model
 
     save_model(module, str(path), metadata={k: str(v) for k, v in metadata.items()})
+    readable_like_other_files(path)
+
+
+def readable_like_other_files(path):
+    """Give a file safetensors wrote owner-only (0600) the umask's usual permissions."""
     umask = os.umask(0)  # the only portable way to read the umask is to set it, then put it back
     os.umask(umask)
     os.chmod(path, 0o666 & ~umask)

@@ -123,3 +123,74 @@ def test_config_json_that_disagrees_or_names_another_variant_is_refused(tmp_path
         (tmp_path / "config.json").write_text(text)
         with pytest.raises(UserError, match=said):
             load_gpt2_safetensors(path)
+
+
+# -- export: a tritongpt model as a Hugging Face GPT-2 folder ---------------------------------------------
+def _random_model(**overrides):
+    from tritongpt.model.config import GPTConfig
+    from tritongpt.model.gpt import GPTModel
+
+    torch.manual_seed(0)
+    cfg = dict(vocab_size=101, context_length=40, n_embd=48, n_layer=3, n_head=4)
+    model = GPTModel(GPTConfig(**{**cfg, **overrides})).eval()
+    with torch.no_grad():  # new models have zero biases and unit LayerNorms: make every tensor count
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+        if model.config.padded_vocab_size > model.config.vocab_size:  # padding rows stay zero
+            model.tok_emb.weight[model.config.vocab_size:] = 0
+    return model
+
+
+@pytest.mark.parametrize("overrides", [{}, {"bias": False, "tie_weights": False, "vocab_multiple": 64}],
+                         ids=["gpt2-layout", "no-bias-untied-padded"])
+def test_export_loads_in_transformers_with_the_same_logits(tmp_path, overrides):
+    """GPT2LMHeadModel.from_pretrained(folder) computes our logits; a model without biases gets
+    zero ones, an untied head its own lm_head, a padded vocabulary loses its padding rows; our
+    loader reads the folder back to the same function."""
+    import json
+
+    from tritongpt.train.gpt2_weights import export_gpt2, load_checkpoint
+
+    model = _random_model(**overrides)
+    paths = export_gpt2(model, tmp_path, eos_token_id=100)
+    assert [p.name for p in paths] == ["model.safetensors", "config.json"]
+    hf = transformers.GPT2LMHeadModel.from_pretrained(tmp_path).eval()
+    assert hf.config.tie_word_embeddings == model.config.tie_weights and hf.config.eos_token_id == 100
+    idx = torch.randint(0, 101, (2, 23))
+    with torch.no_grad():
+        ours = model(idx)
+        max_abs, rel = report(hf(idx).logits, ours)
+        print(f"exported logits max_abs={max_abs:.2e} rel={rel:.2e}")
+        assert rel <= 1e-5
+        assert report(load_checkpoint(paths[0]).eval()(idx), ours)[1] <= 1e-6
+    assert json.loads(paths[1].read_text())["vocab_size"] == 101
+    with pytest.raises(UserError, match="already holds a model"):
+        export_gpt2(model, tmp_path)
+    export_gpt2(model, tmp_path, overwrite=True)
+
+
+def test_export_command_then_generate_from_the_folder(tmp_path, capsys):
+    """`tritongpt export RUN --out DIR` writes weights, config and the run's tokenizer; generate
+    on the exported file finds that tokenizer and gives the run's own greedy text; a second
+    export into the same folder is refused unless --overwrite."""
+    from tritongpt import cli
+    from tritongpt.train.tokenizer import BPETokenizer, save_run_tokenizer
+
+    run = tmp_path / "run"
+    text = " ".join(f"the cat number {i} sat on mat {i * 7}, then the dog ran {i % 13} laps." for i in range(200))
+    tok = BPETokenizer.train(text, 280, name="tiny")
+    save_run_tokenizer(tok, run)
+    _random_model(vocab_size=280).save(run / "model.safetensors")
+    out = tmp_path / "hf"
+    assert cli.main(["export", str(run / "model.safetensors"), "--out", str(out)]) == 0
+    written = {"model.safetensors", "config.json", "vocab.json", "merges.txt", "tokenizer_config.json"}
+    assert {p.name for p in out.iterdir()} == written
+    assert transformers.AutoTokenizer.from_pretrained(out)("the cat")["input_ids"] == tok.encode("the cat")
+    assert cli.main(["export", str(run), "--out", str(out)]) == 2
+    assert "already holds model.safetensors" in capsys.readouterr().err
+    texts = []
+    for weights in (run / "model.safetensors", out / "model.safetensors"):
+        assert cli.main(["generate", "--weights", str(weights), "--prompt", "the cat", "--temperature", "0",
+                         "--max-new-tokens", "8", "--device", "cpu", "--kernels", "reference"]) == 0
+        texts.append(capsys.readouterr().out)
+    assert texts[0] == texts[1] and texts[0].startswith("the cat")

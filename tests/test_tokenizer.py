@@ -419,6 +419,49 @@ def test_cli_train_encode_decode(tmp_path, capsys, corpus):
         assert [int(i) for i in capsys.readouterr().out.split()] == ids
     (tmp_path / "empty").mkdir()
     assert main(["bpe", "encode", "--tokenizer", str(tmp_path / "empty"), "--text", "x"]) == 2
-    assert "must hold our tokenizer.json (a run folder) or GPT-2's encoder.json" in capsys.readouterr().err
+    assert "must hold our tokenizer.json (a run folder), GPT-2's encoder.json and vocab.bpe, or Hugging Face's vocab.json" in capsys.readouterr().err
     assert main(["bpe", "decode", "--tokenizer", str(out), "--ids", "300"]) == 2
     assert "out of range" in capsys.readouterr().err
+
+
+# -- Hugging Face's GPT-2 tokenizer files (tritongpt export) -------------------------------------------
+def test_hugging_face_files_give_the_same_ids_both_ways(corpus, tmp_path):
+    """save_hf writes vocab.json / merges.txt / tokenizer_config.json; transformers' GPT-2
+    tokenizer reading them encodes every stress fragment (and the special tokens) as we do, and
+    from_hf_folder reads them back to the same tokenizer."""
+    transformers = pytest.importorskip("transformers")
+    tok = BPETokenizer.train(corpus[:60_000], 500, special_tokens=(EOT, "<|sep|>"), name="hf")
+    tok.save_hf(tmp_path, model_max_length=128)
+    hf = transformers.GPT2TokenizerFast.from_pretrained(tmp_path)
+    for text in FRAGMENTS + ["".join(FRAGMENTS), corpus[60_000:63_000], f"a<|sep|>b{EOT}c"]:
+        assert hf(text)["input_ids"] == tok.encode(text, allowed_special="all"), text
+    assert hf.eos_token_id == tok.eot_id and hf.model_max_length == 128
+    back = BPETokenizer.from_hf_folder(tmp_path)
+    assert back.hash == tok.hash and back.special_tokens == tok.special_tokens
+    assert get_tokenizer(tmp_path).hash == tok.hash  # a folder of these files is a tokenizer spec
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    assert tkz.saved_tokenizer_path(tmp_path / "model.safetensors") == tmp_path  # found beside weights
+
+
+def test_only_gpt2s_pattern_has_hugging_face_files(tmp_path):
+    tok = BPETokenizer.train("some text, more text " * 40, 270, pat_str=r"\s*\S+|\s+")
+    with pytest.raises(UserError, match="another pattern than GPT-2's"):
+        tok.save_hf(tmp_path)
+    assert not list(tmp_path.iterdir())
+
+
+def test_a_token_that_is_no_merge_of_earlier_ones_has_no_merges_spelling():
+    ranks = {bytes([b]): b for b in range(256)}
+    ranks[b"abc"] = 256  # three bytes in one step: no pair of earlier tokens makes it
+    with pytest.raises(UserError, match=r"token 'abc' \(id 256\) is not one merge of two earlier tokens"):
+        BPETokenizer(ranks).merges()
+
+
+@pytest.mark.skipif(not HAVE_GPT2, reason="needs ../shared/gpt2/encoder.json and vocab.bpe")
+def test_merges_from_ranks_are_gpt2s_published_merges(pair):
+    """GPT-2's 50,000 merges, recovered from the ranks alone, are vocab.bpe line for line."""
+    from tritongpt.train.tokenizer import token_to_str
+
+    ours, _ = pair
+    lines = [ln for ln in (GPT2_DIR / "vocab.bpe").read_text(encoding="utf-8").split("\n")[1:] if ln]
+    assert [f"{token_to_str(a)} {token_to_str(b)}" for a, b in ours.merges()] == lines

@@ -1,8 +1,9 @@
-"""Load OpenAI's GPT-2 weights, in Hugging Face's safetensors layout, into GPTModel.
+"""OpenAI's GPT-2 weights, in Hugging Face's safetensors layout, into GPTModel, and back out.
 
 Hugging Face's GPT-2 uses Conv1D layers, whose weights are stored [in, out], the transpose of
 nn.Linear's [out, in]; and one fused c_attn projection that makes q, k and v together, which
 we split into W_query, W_key and W_value. The LM head is tied to the token embedding.
+`export_gpt2` writes the inverse: a folder transformers' GPT2LMHeadModel.from_pretrained loads.
 """
 import json
 import re
@@ -13,7 +14,7 @@ import torch
 
 from tritongpt.errors import UserError
 from tritongpt.model.config import GPTConfig, get_config
-from tritongpt.model.gpt import GPTModel, unreadable_safetensors
+from tritongpt.model.gpt import GPTModel, readable_like_other_files, unreadable_safetensors
 
 HUB_REPOS = {
     "gpt2-small": "openai-community/gpt2",
@@ -196,3 +197,72 @@ def load_gpt2_pretrained(name: str = "gpt2-small", cache_dir=None) -> GPTModel:
         raise UserError(f"could not fetch {HUB_REPOS[name]} from the Hugging Face Hub (offline?): "
                         f"{type(e).__name__}; {_PASS_A_FILE}") from None
     return load_gpt2_safetensors(path, name)
+
+
+# -- export: the inverse of _our_tensors ---------------------------------------------------------
+def _hf_tensors(model: GPTModel) -> dict:
+    """Our parameters under Hugging Face GPT-2 names (GPT2LMHeadModel.save_pretrained's:
+    "transformer." prefix). A model without biases gets zero biases (the same function, in
+    the one layout GPT-2 has); padding rows of the vocabulary are dropped (never a token)."""
+    cfg = model.config
+    sd = {k: v.detach() for k, v in model.state_dict().items()}
+    V = cfg.vocab_size
+
+    emb = sd["tok_emb.weight"]
+
+    def bias(name, n):
+        b = sd.get(name)
+        return b if b is not None else torch.zeros(n, dtype=emb.dtype, device=emb.device)
+
+    hf = {"wte.weight": emb[:V], "wpe.weight": sd["pos_emb.weight"],
+          "ln_f.weight": sd["final_norm.weight"], "ln_f.bias": sd["final_norm.bias"]}
+    C = cfg.n_embd
+    for i in range(cfg.n_layer):
+        b, h = f"trf_blocks.{i}.", f"h.{i}."
+        att = [b + f"att.{n}" for n in ("W_query", "W_key", "W_value")]
+        hf[h + "attn.c_attn.weight"] = torch.cat([sd[a + ".weight"].t() for a in att], dim=1)  # [C, 3C]
+        hf[h + "attn.c_attn.bias"] = torch.cat([bias(a + ".bias", C) for a in att])
+        for ours, theirs, n_out in (("att.out_proj", "attn.c_proj", C), ("ff.fc1", "mlp.c_fc", 4 * C),
+                                    ("ff.fc2", "mlp.c_proj", C)):
+            hf[h + theirs + ".weight"] = sd[b + ours + ".weight"].t()
+            hf[h + theirs + ".bias"] = bias(b + ours + ".bias", n_out)
+        for ln_ours, ln_hf in (("norm1", "ln_1"), ("norm2", "ln_2")):
+            hf[h + ln_hf + ".weight"] = sd[b + ln_ours + ".weight"]
+            hf[h + ln_hf + ".bias"] = sd[b + ln_ours + ".bias"]
+    out = {"transformer." + k: v for k, v in hf.items()}
+    if not cfg.tie_weights:
+        out["lm_head.weight"] = sd["out_head.weight"][:V]
+    # safetensors stores each tensor whole and alone: no views of one another, no strides
+    return {k: v.contiguous().clone() for k, v in out.items()}
+
+
+def hf_config(cfg: GPTConfig, eos_token_id: int | None = None) -> dict:
+    """GPT2Config fields (config.json) for this model; what _HF_MUST checks on the way in."""
+    d = {"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], "vocab_size": cfg.vocab_size,
+         "n_positions": cfg.context_length, "n_ctx": cfg.context_length, "n_embd": cfg.n_embd,
+         "n_layer": cfg.n_layer, "n_head": cfg.n_head, "n_inner": None,
+         "resid_pdrop": cfg.dropout, "embd_pdrop": cfg.dropout, "attn_pdrop": cfg.dropout,
+         "tie_word_embeddings": cfg.tie_weights}
+    d.update({k: default for k, (_, default) in _HF_MUST.items()})
+    # GPT2Config would otherwise say 50256, GPT-2's <|endoftext|>, whatever the tokenizer
+    d.update(bos_token_id=eos_token_id, eos_token_id=eos_token_id)
+    return d
+
+
+def export_gpt2(model: GPTModel, out_dir, eos_token_id: int | None = None, overwrite: bool = False) -> list:
+    """Write model as a Hugging Face GPT-2 folder: model.safetensors and config.json, which
+    transformers.GPT2LMHeadModel.from_pretrained(out_dir) and load_checkpoint both read.
+    Returns the paths written; refuses to replace them unless overwrite."""
+    from safetensors.torch import save_file
+
+    out = Path(out_dir)
+    paths = [out / "model.safetensors", out / "config.json"]
+    if not overwrite and any(p.exists() for p in paths):
+        raise UserError(f"{out} already holds a model (model.safetensors / config.json): pass --overwrite "
+                        "or another folder")
+    out.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.cpu() for k, v in _hf_tensors(model).items()}
+    save_file(tensors, str(paths[0]), metadata={"format": "pt"})  # transformers requires format=pt
+    readable_like_other_files(paths[0])
+    paths[1].write_text(json.dumps(hf_config(model.config, eos_token_id), indent=2) + "\n", encoding="utf-8")
+    return paths

@@ -241,8 +241,10 @@ class BPETokenizer:
         return cls(ranks, specials, pat_str, name=name)
 
     @classmethod
-    def from_gpt2_files(cls, encoder_json, vocab_bpe) -> "BPETokenizer":
-        """OpenAI's GPT-2 files: encoder.json (token spelling -> id) and vocab.bpe (the merges).
+    def from_gpt2_files(cls, encoder_json, vocab_bpe, specials=(EOT,), name: str = "gpt2") -> "BPETokenizer":
+        """OpenAI's GPT-2 files: encoder.json (token spelling -> id) and vocab.bpe (the merges);
+        Hugging Face names them vocab.json and merges.txt. `specials`: the entries of
+        encoder.json that are special tokens, not byte spellings.
 
         The ids come from encoder.json; vocab.bpe is checked against them: merge i must create
         token 256 + i from two existing tokens, which is what makes id == rank.
@@ -257,8 +259,8 @@ class BPETokenizer:
             raise UserError(f"{encoder_json}: not valid JSON ({e.msg} at line {e.lineno})") from None
         if not isinstance(encoder, dict) or not all(isinstance(i, int) for i in encoder.values()):
             raise UserError(f"{encoder_json}: expected a JSON object mapping token spellings to ids")
-        specials = {s: i for s, i in encoder.items() if s == EOT}
-        ranks = {str_to_token(s, str(encoder_json)): i for s, i in encoder.items() if s != EOT}
+        specials = {s: i for s, i in encoder.items() if s in specials}
+        ranks = {str_to_token(s, str(encoder_json)): i for s, i in encoder.items() if s not in specials}
         with open(vocab_bpe, encoding="utf-8") as f:
             lines = f.read().split("\n")
         merges = [ln for ln in lines[1:] if ln]     # first line is a "#version" header
@@ -272,7 +274,29 @@ class BPETokenizer:
         if len(merges) + 256 != len(ranks):
             raise UserError(f"{vocab_bpe} has {len(merges)} merges but {encoder_json} has {len(ranks)} tokens "
                             f"(expected 256 + merges)")
-        return cls(ranks, specials, GPT2_PAT, name="gpt2")
+        return cls(ranks, specials, GPT2_PAT, name=name)
+
+    @classmethod
+    def from_hf_folder(cls, folder) -> "BPETokenizer":
+        """A Hugging Face GPT-2 tokenizer folder (vocab.json, merges.txt, and tokenizer_config.json
+        naming any special tokens besides <|endoftext|>), as save_hf writes or the Hub holds."""
+        folder = Path(folder)
+        specials = [EOT]
+        cfg = folder / "tokenizer_config.json"
+        if cfg.is_file():
+            try:
+                d = json.loads(cfg.read_text(encoding="utf-8"))
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise UserError(f"{cfg}: not valid JSON ({e})") from None
+            if not isinstance(d, dict):
+                raise UserError(f"{cfg}: expected a JSON object, got {type(d).__name__}")
+            named = list(d.get("additional_special_tokens") or [])
+            named += [d.get(k) for k in ("bos_token", "eos_token", "unk_token")]
+            for t in named:  # a plain string, or an AddedToken written as {"content": ...}
+                t = t.get("content") if isinstance(t, dict) else t
+                if isinstance(t, str) and t not in specials:
+                    specials.append(t)
+        return cls.from_gpt2_files(folder / "vocab.json", folder / "merges.txt", specials, name=folder.name)
 
     @classmethod
     def from_tiktoken(cls, enc, name: str = None) -> "BPETokenizer":
@@ -480,6 +504,52 @@ class BPETokenizer:
             raise UserError(f"{path}: content does not match its recorded hash (file edited or damaged)")
         return tok
 
+    # -- Hugging Face's GPT-2 tokenizer files -------------------------------------------------------
+    def merges(self) -> list:
+        """The merge list a merges.txt holds, as (a, b) byte pairs, in rank order: token t of
+        rank r is the pair BPE reaches on t's bytes with the merges below r, which is how
+        tiktoken's ranks and GPT-2's merges describe the same encoder."""
+        out = []
+        for tok, rank in sorted(self.ranks.items(), key=lambda kv: kv[1]):
+            if len(tok) < 2:
+                continue
+            parts = [bytes([b]) for b in tok]
+            while len(parts) > 2:
+                pairs = [(self.ranks.get(parts[i] + parts[i + 1], rank), i) for i in range(len(parts) - 1)]
+                best, i = min(pairs)
+                if best >= rank:
+                    break
+                parts[i:i + 2] = [parts[i] + parts[i + 1]]
+            if len(parts) != 2 or max(self.ranks[p] for p in parts) >= rank:
+                raise UserError(f"tokenizer {self.name!r}: token {token_to_str(tok)!r} (id {rank}) is not one "
+                                "merge of two earlier tokens, so it has no merges.txt spelling")
+            out.append((parts[0], parts[1]))
+        return out
+
+    def save_hf(self, out_dir, model_max_length: int | None = None) -> list:
+        """vocab.json, merges.txt and tokenizer_config.json as Hugging Face's GPT-2 tokenizer reads
+        them (transformers.AutoTokenizer.from_pretrained(out_dir) with config.json beside them):
+        the same ids for the same text. Its pre-tokenizer regex is GPT-2's, so only a tokenizer
+        with that pattern can be written. Returns the paths written."""
+        if _SAME_PATTERN.get(self.pat_str, self.pat_str) != GPT2_PAT:
+            raise UserError(f"tokenizer {self.name!r} splits text with another pattern than GPT-2's; Hugging "
+                            "Face's GPT-2 tokenizer would give other ids, so it is not written")
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        vocab = {token_to_str(t): i for t, i in self.ranks.items()}
+        vocab.update(self.special_tokens)
+        merges = [f"{token_to_str(a)} {token_to_str(b)}" for a, b in self.merges()]
+        eot = EOT if EOT in self.special_tokens else None
+        others = [s for s in self.special_tokens if s != EOT]
+        config = {"add_prefix_space": False, "bos_token": eot,
+                  "eos_token": eot, "unk_token": eot, "additional_special_tokens": others,
+                  "model_max_length": model_max_length or 1_000_000_000_000}
+        paths = [out / "vocab.json", out / "merges.txt", out / "tokenizer_config.json"]
+        paths[0].write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
+        paths[1].write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
+        paths[2].write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+        return paths
+
 
 _JSON_KIND = {str: "string", list: "list", dict: "object"}
 
@@ -508,7 +578,15 @@ def saved_tokenizer_path(init):
     for d in (base, base.parent):
         if (d / RUN_TOKENIZER).is_file() and _is_ours(d / RUN_TOKENIZER):
             return d / RUN_TOKENIZER
+    if is_hf_tokenizer_folder(base):  # a Hub snapshot, or `tritongpt export`'s folder
+        return base
     return None
+
+
+def is_hf_tokenizer_folder(path) -> bool:
+    """A folder holding Hugging Face's GPT-2 tokenizer files (vocab.json and merges.txt)."""
+    p = Path(path)
+    return p.is_dir() and (p / "vocab.json").is_file() and (p / "merges.txt").is_file()
 
 
 def _is_ours(path) -> bool:
@@ -588,7 +666,7 @@ def gpt2_tokenizer() -> BPETokenizer:
 
 def get_tokenizer(spec="default") -> BPETokenizer:
     """"default" | "gpt2" | a saved tokenizer JSON | a run folder (its tokenizer.json) | a folder
-    with encoder.json + vocab.bpe."""
+    with encoder.json + vocab.bpe (OpenAI's) or vocab.json + merges.txt (Hugging Face's)."""
     if isinstance(spec, BPETokenizer):
         return spec
     spec = "default" if spec is None else str(spec)
@@ -603,9 +681,9 @@ def get_tokenizer(spec="default") -> BPETokenizer:
             return BPETokenizer.from_gpt2_files(enc, bpe)
         saved = saved_tokenizer_path(p)  # a run folder or one of its checkpoints
         if saved is None:
-            raise UserError(f"tokenizer folder {p} must hold our {RUN_TOKENIZER} (a run folder) or "
-                            "GPT-2's encoder.json and vocab.bpe")
-        return BPETokenizer.load(saved)
+            raise UserError(f"tokenizer folder {p} must hold our {RUN_TOKENIZER} (a run folder), "
+                            "GPT-2's encoder.json and vocab.bpe, or Hugging Face's vocab.json and merges.txt")
+        return BPETokenizer.from_hf_folder(saved) if saved.is_dir() else BPETokenizer.load(saved)
     if p.is_file():
         return BPETokenizer.load(p)
     raise UserError(f"unknown tokenizer {spec!r}: use 'default', 'gpt2', a tokenizer .json file, "

@@ -1,4 +1,4 @@
-"""The `info` and `generate` subcommands."""
+"""The `info`, `generate` and `export` subcommands."""
 import sys
 
 from tritongpt.errors import UserError
@@ -117,6 +117,35 @@ def cmd_generate(args):
     return 0
 
 
+def cmd_export(args):
+    from pathlib import Path
+
+    from tritongpt.train.gpt2_weights import export_gpt2, load_checkpoint
+    from tritongpt.train.sft import pick_tokenizer
+    from tritongpt.train.tokenizer import EOT
+
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file: name a folder")
+    names = ("model.safetensors", "config.json", "vocab.json", "merges.txt", "tokenizer_config.json")
+    taken = [n for n in names if (out / n).exists()]
+    if taken and not args.overwrite:
+        raise UserError(f"{out} already holds {', '.join(taken)}: pass --overwrite or another --out")
+    model = load_checkpoint(args.checkpoint)
+    cfg = model.config
+    tok = pick_tokenizer(args.tokenizer, args.checkpoint, cfg.vocab_size)
+    paths = export_gpt2(model, out, tok.special_tokens.get(EOT), overwrite=True)
+    try:
+        paths += tok.save_hf(out, cfg.context_length)
+    except UserError as e:
+        print(f"note: the tokenizer is not exported: {e}", file=sys.stderr)
+    print(f"wrote {out}/ ({', '.join(p.name for p in paths)}): GPT-2 with {cfg.n_layer} layers, {cfg.n_head} heads, "
+          f"width {cfg.n_embd}, vocabulary {cfg.vocab_size}, context {cfg.context_length}")
+    print(f"load it with transformers.AutoModelForCausalLM.from_pretrained({str(out)!r}) "
+          "(and AutoTokenizer), or `tritongpt generate --weights` on its model.safetensors")
+    return 0
+
+
 def add_cli(sub):
     p = sub.add_parser("info", help="config, parameter count, and whether Triton and CUDA are usable")
     p.add_argument("--model", default="gpt2-small", help="preset name (default %(default)s)")
@@ -137,3 +166,14 @@ def add_cli(sub):
     p.add_argument("--top-p", type=float, default=None)
     p.add_argument("--seed", type=int, default=1337)
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("export", help="write a checkpoint as a Hugging Face GPT-2 folder (transformers loads it)")
+    p.add_argument("checkpoint",
+                   help="tritongpt checkpoint: a model.safetensors, a checkpoint folder or a run folder (its newest)")
+    p.add_argument("--out", required=True,
+                   help="folder to write: model.safetensors, config.json and the tokenizer's vocab.json, merges.txt "
+                        "and tokenizer_config.json")
+    p.add_argument("--tokenizer", help="default | gpt2 | path to a tokenizer JSON (default: the one saved with the "
+                                       "checkpoint's run, else by vocab size)")
+    p.add_argument("--overwrite", action="store_true", help="replace those files if --out holds them")
+    p.set_defaults(func=cmd_export)
