@@ -5,7 +5,8 @@ Rules this module enforces so that a number in a results file means one thing:
   (median ms, then the 20th and 80th percentiles), after the function ran a few times so
   that compilation and autotuning are not timed. CPU time is the median of time.perf_counter.
 - Throughput is computed from formulas here, never typed in: bytes for memory-bound ops
-  (LayerNorm), FLOPs for matmul-bound ops (MLP, attention, a training step).
+  (LayerNorm, the cross-entropy on given logits), FLOPs for matmul-bound ops (MLP, attention,
+  the LM head + loss, a training step).
 - A row whose provider could not run says why: status "skipped: ..." or "failed: ...".
 """
 import datetime as _dt

@@ -5,7 +5,8 @@ Providers (same weights, same batch, same optimizer for all of them):
     reference+compile+sdpa  torch.compile of the reference model with its attention core swapped
                             for F.scaled_dot_product_attention by use_sdpa_attention() below:
                             the strongest "plain PyTorch" baseline
-    triton                  model.set_kernels("triton"): our LayerNorm, GELU-MLP, attention
+    triton                  model.set_kernels("triton"): our LayerNorm, GELU-MLP, attention and
+                            the fused LM head + cross-entropy (the step passes targets)
     triton+compile          the Triton path under torch.compile (a failure becomes a
                             "failed: reason" row)
 Other combinations parse too ("reference+sdpa", "reference+compile").

@@ -17,6 +17,9 @@ Algorithm (Dao, "FlashAttention-2", 2023). Per (batch, head), with S = scale * Q
                 saved logsumexp: dV += P'^T dO, dS = P * (dP - Delta), dK += dS^T Q.
             (3) dQ pass: one program owns a BLOCK_M tile of queries and streams K, V again:
                 dQ += dS K. Recomputing P twice is cheaper than storing it, and no atomics.
+  base 2    the kernels compute in base 2 (exp2 is one MUFU instruction): scores are scaled by
+            scale * log2(e), and the saved L is log2 of the row sum of 2^(scores), i.e. the
+            natural logsumexp times log2(e); P = exp2(S' - L) is the same P as above.
   causal    bottom-right aligned, as in the reference with a KV cache: query i (of Tq) sits at
             absolute position Tk - Tq + i and sees keys j <= Tk - Tq + i. So decode (Tq = 1)
             and chunked prefill (Tq < Tk) use the same kernel.

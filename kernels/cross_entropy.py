@@ -9,7 +9,7 @@ Why: the language-model loss reads a [tokens, vocab] matrix (16k x 50257 for a G
 1.6 GB in bf16). The reference upcasts it to fp32, keeps the fp32 log-softmax for backward and
 builds an fp32 gradient before casting it back: about a dozen passes over 1.6-3.3 GB buffers
 and several GB of extra memory. Here the logits are read twice and the gradient written once,
-in the logits' own dtype, and backward keeps one fp32 number per row.
+in the logits' own dtype, and backward keeps two fp32 numbers per row.
 
 Algorithm (one program per row on a GPU, BLOCK_R rows per program under the interpreter; a
 row is too wide for one tile, so it is streamed in BLOCK_V column tiles, and nothing but two

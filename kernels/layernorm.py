@@ -5,7 +5,7 @@ biased variance over the last dimension). Same algorithm as Triton's 05-layer-no
 except that each program owns a contiguous group of rows and walks through it:
 
   * Tiling: the input is viewed as [M rows, N features]. The grid has a few programs per SM
-    (tens under the interpreter); program p takes rows [p*R, (p+1)*R) and loops over them
+    (at most 16 under the interpreter); program p takes rows [p*R, (p+1)*R) and loops over them
     BLOCK_M rows at a time. A whole row fits in one tile (BLOCK_N = next_pow2(N) <= 8192), so
     mean and variance are a single in-SRAM reduction, with no second pass over memory.
   * Forward: x tile loaded once, math in fp32, y written in x's dtype. The statistics are

@@ -2,8 +2,8 @@
 
 With the cache, the prompt is run once (prefill) and each new token costs one position.
 Positions are absolute (learned embeddings), so when the window is full it cannot slide:
-we crop to the last context_length - 1 tokens and prefill again, which gives exactly what
-the uncached model computes on the cropped window.
+we crop to the last context_length tokens and prefill again, which gives exactly what the
+uncached model computes on the cropped window.
 """
 import math
 
