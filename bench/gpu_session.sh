@@ -115,8 +115,8 @@ fi
 # <section>.json records, to tune the config lists without device time. Not during the tests:
 # eight workers share the GPU there, and their timings would be reused by the bench.
 save_timings() {
-    $PY -c "from tritongpt.bench.report import save_autotune_timings as s; \
-print(s('$WORK/$1'), 'autotune searches saved in $1')" 2>&1 | tail -n 1
+    $PY -c "import sys; from tritongpt.bench.report import save_autotune_timings as s; \
+print(s(sys.argv[1]), 'autotune searches saved in', sys.argv[1])" "$WORK/$1" 2>&1 | tail -n 1
 }
 if [ "$what" = all ] || [ "$what" = bench ]; then
     echo "== tritongpt bench all (budget ${BENCH_MINUTES:-4} min)"

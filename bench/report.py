@@ -59,11 +59,29 @@ def validate_result(d: dict) -> dict:
     return d
 
 
-def autotune_timings(cache_dir) -> list:
+def _tuned_kernel_names() -> dict:
+    """Triton function name -> (our name for it, its autotune key names), e.g. "_attn_fwd" ->
+    ("attention.forward", ["HEAD_DIM", ...]), from the kernels' registry."""
+    import importlib
+
+    from tritongpt.kernels import _common
+
+    for module in ("attention", "mlp"):  # each registers its launchers on import
+        importlib.import_module(f"tritongpt.kernels.{module}")
+    names = {}
+    for name, tuner in _common.AUTOTUNED.items():
+        fn = getattr(tuner, "base_fn", tuner)
+        names[getattr(fn, "__name__", name)] = (name, list(getattr(tuner, "keys", None) or []))
+    return names
+
+
+def autotune_timings(cache_dir, kernels=None) -> list:
     """Every search Triton's autotuner saved under cache_dir (it does with TRITON_CACHE_AUTOTUNING=1,
     as bench/gpu_session.sh sets for the bench): per kernel and key, each config's
     [median, p20, p80] ms, fastest first; None where the config could not run (out of resources).
-    The bench's own JSON keeps only the pick; these timings say how close the others came."""
+    The bench's own JSON keeps only the pick; these timings say how close the others came.
+    Kernels and keys are named as in the results' "autotune" list (kernels: _tuned_kernel_names())."""
+    kernels = _tuned_kernel_names() if kernels is None else kernels
     out = []
     for path in sorted(Path(cache_dir).glob("*/*.autotune.json")):
         try:
@@ -78,7 +96,15 @@ def autotune_timings(cache_dir) -> list:
         except (OSError, ValueError, KeyError, TypeError, AttributeError):
             continue  # not one of autotune's files, or another Triton's layout: leave it out
         timings.sort(key=lambda t: t["ms"][0] if t["ms"] else float("inf"))
-        out.append({"kernel": path.name[:-len(".autotune.json")], "key": saved.get("key"), "timings": timings})
+        function = path.name[:-len(".autotune.json")]
+        name, key_names = kernels.get(function, (function, []))
+        key = list(saved.get("key") or [])
+        entry = {"kernel": name, "function": function, "key": dict(zip(key_names, key)),
+                 "dtypes": list(dict.fromkeys(str(v).replace("torch.", "") for v in key[len(key_names):])),
+                 "timings": timings}
+        if not key_names:
+            entry.update(key=key, dtypes=[])  # not one of ours: the key as Triton wrote it
+        out.append(entry)
     return out
 
 

@@ -879,13 +879,30 @@ def test_autotune_choices_name_the_config_triton_picked(monkeypatch):
 
 
 def test_every_autotuned_kernel_is_registered():
+    # every autotuned launcher the kernel modules define is in the registry the results are
+    # named from (the MLP's matmul here; attention's are autotuned on a GPU only), and the
+    # attention launchers are registered under their names either way
     import importlib
+    import pkgutil
 
-    for module in ("attention", "mlp"):  # each registers its launchers on import
-        importlib.import_module(f"tritongpt.kernels.{module}")
+    import triton
 
-    assert {"attention.forward", "attention.backward_dkdv", "attention.backward_dq",
-            "mlp.matmul"} <= set(kernel_common.AUTOTUNED)
+    import tritongpt.kernels as package
+
+    modules = {info.name: importlib.import_module(f"tritongpt.kernels.{info.name}")
+               for info in pkgutil.iter_modules(package.__path__)}
+    registered = {id(t) for t in kernel_common.AUTOTUNED.values()}
+    tuned = 0
+    for module_name, module in modules.items():
+        for name, value in vars(module).items():
+            if isinstance(value, triton.runtime.Autotuner):
+                tuned += 1
+                assert id(value) in registered, f"{module_name}.{name} is autotuned but not registered"
+    assert tuned >= 1
+    attention = modules["attention"]
+    assert kernel_common.AUTOTUNED["attention.forward"] is attention._attn_fwd_run
+    assert kernel_common.AUTOTUNED["attention.backward_dkdv"] is attention._attn_bwd_dkdv_run
+    assert kernel_common.AUTOTUNED["attention.backward_dq"] is attention._attn_bwd_dq_run
 
 
 def test_result_autotune_field_is_checked_and_rendered():
@@ -919,7 +936,15 @@ def test_autotune_timings_read_tritons_saved_searches(tmp_path):
     out = tmp_path / "timings.json"
     assert report.save_autotune_timings(out, tmp_path) == 1
     (got,) = json.loads(out.read_text())
-    assert got["kernel"] == "_attn_fwd" and got["key"] == [64, True, 1024, "torch.bfloat16"]
+    # named as the results' "autotune" picks are (the attention kernels are autotuned on a GPU only,
+    # so their key names are given here; the MLP's matmul is registered with its keys everywhere)
+    named = {"_attn_fwd": ("attention.forward", ["HEAD_DIM", "IS_CAUSAL", "Q_BUCKET"])}
+    (entry,) = report.autotune_timings(tmp_path, kernels=named)
+    assert entry["kernel"] == "attention.forward" and entry["function"] == "_attn_fwd"
+    assert entry["key"] == {"HEAD_DIM": 64, "IS_CAUSAL": True, "Q_BUCKET": 1024} and entry["dtypes"] == ["bfloat16"]
+    assert got["kernel"] == "attention.forward" or got["key"] == [64, True, 1024, "torch.bfloat16"]
+    assert report._tuned_kernel_names()["_matmul_kernel"] == ("mlp.matmul", [
+        "M_BUCKET", "N", "K_BUCKET", "EPILOGUE", "B_GELU", "HAS_BIAS", "stride_ak", "stride_bn"])
     assert [t["config"]["BLOCK_M"] for t in got["timings"]] == [64, 32, 256]
     assert got["timings"][0] == {"config": {"BLOCK_M": 64, "num_warps": 4, "num_stages": 3}, "ms": [0.2, 0.19, 0.21]}
     assert got["timings"][2]["ms"] is None

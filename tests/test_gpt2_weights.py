@@ -194,3 +194,23 @@ def test_export_command_then_generate_from_the_folder(tmp_path, capsys):
                          "--max-new-tokens", "8", "--device", "cpu", "--kernels", "reference"]) == 0
         texts.append(capsys.readouterr().out)
     assert texts[0] == texts[1] and texts[0].startswith("the cat")
+
+
+def test_export_over_an_earlier_one_leaves_no_tokenizer_of_another_model(tmp_path, capsys):
+    """--overwrite with a tokenizer Hugging Face cannot read (another pattern than GPT-2's): the
+    weights are replaced and the earlier export's vocab.json / merges.txt removed, so neither
+    transformers nor generate pairs the new model with the old tokenizer."""
+    from tritongpt import cli
+    from tritongpt.train.tokenizer import BPETokenizer, save_run_tokenizer
+
+    text = " ".join(f"a cat {i} sat on mat {i * 7}; a dog ran {i % 13} laps." for i in range(200))
+    out = tmp_path / "hf"
+    for name, pat in (("gpt2-pattern", None), ("words", r"\s*\S+|\s+")):
+        run = tmp_path / name
+        kw = {"pat_str": pat} if pat else {}
+        save_run_tokenizer(BPETokenizer.train(text, 280, name=name, **kw), run)
+        _random_model(vocab_size=280).save(run / "model.safetensors")
+        assert cli.main(["export", str(run), "--out", str(out), "--overwrite"]) == 0
+    err = capsys.readouterr().err
+    assert "note: the tokenizer is not exported: tokenizer 'words' splits text with another pattern" in err
+    assert {p.name for p in out.iterdir()} == {"model.safetensors", "config.json"}

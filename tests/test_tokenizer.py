@@ -465,3 +465,49 @@ def test_merges_from_ranks_are_gpt2s_published_merges(pair):
     ours, _ = pair
     lines = [ln for ln in (GPT2_DIR / "vocab.bpe").read_text(encoding="utf-8").split("\n")[1:] if ln]
     assert [f"{token_to_str(a)} {token_to_str(b)}" for a, b in ours.merges()] == lines
+
+
+def test_hugging_face_folders_name_their_extra_tokens_and_options(corpus, tmp_path):
+    """A pad token added after <|endoftext|> (named by tokenizer_config.json or added_tokens.json)
+    is a special token, not a merge; a folder asking for a prefix space or an added BOS is
+    refused, since this encoder would give other ids."""
+    tok = BPETokenizer.train(corpus[:60_000], 400, special_tokens=(EOT, "<|pad|>"), name="hf")
+    tok.save_hf(tmp_path)
+    cfg = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    for how in ({"pad_token": "<|pad|>"}, {"added_tokens_decoder": {"399": {"content": "<|pad|>", "special": True}}},
+                {"extra_special_tokens": {"pad": "<|pad|>"}}, "added_tokens.json"):
+        (tmp_path / "added_tokens.json").unlink(missing_ok=True)
+        if how == "added_tokens.json":
+            (tmp_path / "added_tokens.json").write_text(json.dumps({"<|pad|>": 399}))
+            how = {}
+        (tmp_path / "tokenizer_config.json").write_text(json.dumps({**cfg, "additional_special_tokens": [], **how}))
+        assert BPETokenizer.from_hf_folder(tmp_path).hash == tok.hash, how
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({**cfg, "additional_special_tokens": []}))
+    (tmp_path / "added_tokens.json").unlink()
+    # unnamed, <|pad|> reads as a byte spelling without a merge
+    with pytest.raises(UserError, match=r"merges.txt has 142 merges but .*vocab.json has 399 tokens"):
+        BPETokenizer.from_hf_folder(tmp_path)
+    for option in ("add_prefix_space", "add_bos_token"):
+        (tmp_path / "tokenizer_config.json").write_text(json.dumps({**cfg, option: True}))
+        with pytest.raises(UserError, match=f"sets {option}"):
+            BPETokenizer.from_hf_folder(tmp_path)
+
+
+def test_the_tokenizer_nearest_the_weights_is_theirs(small_tok, corpus, tmp_path):
+    """Weights exported into a folder inside another run: the Hugging Face files beside them,
+    not the enclosing run's tokenizer.json; a folder beside them that does not load stops a
+    run that would have used it (naming --tokenizer), but not one that names --tokenizer."""
+    from tritongpt.train.sft import pick_tokenizer
+
+    run, hf = tmp_path / "run", tmp_path / "run" / "hf"
+    small_tok.save(tmp_path / "run" / "tokenizer.json")
+    other = BPETokenizer.train(corpus[:30_000], 300, name="other")
+    other.save_hf(hf)
+    (hf / "model.safetensors").write_bytes(b"")
+    assert tkz.saved_tokenizer_path(hf / "model.safetensors") == hf
+    assert pick_tokenizer(None, hf / "model.safetensors", 600).hash == other.hash
+    assert tkz.saved_tokenizer_path(run / "model.safetensors") is None  # no such file
+    (hf / "merges.txt").write_text("#version: 0.2\na b\n")
+    with pytest.raises(UserError, match="pass --tokenizer to use another"):
+        pick_tokenizer(None, hf / "model.safetensors", 600)
+    assert pick_tokenizer(str(run / "tokenizer.json"), hf / "model.safetensors", 600).hash == small_tok.hash

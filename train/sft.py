@@ -384,18 +384,34 @@ def load_init_model(init: str):
                     f"({', '.join(HUB_REPOS)}) or a preset ({', '.join(PRESETS)})")
 
 
+def _hash_of(spec):
+    """The tokenizer's hash, or None where it does not load (it only decides a note)."""
+    from tritongpt.train.tokenizer import get_tokenizer
+
+    try:
+        return get_tokenizer(spec).hash
+    except UserError:
+        return None
+
+
 def pick_tokenizer(spec, init, vocab_size: int):
     """--tokenizer if given, else the one saved with the --init run, else "gpt2" for a 50257
     vocab, else "default"; it must not have more tokens than the model."""
     from tritongpt.train.tokenizer import get_tokenizer, saved_tokenizer_path
 
     saved = saved_tokenizer_path(init)
-    if spec is None:
-        spec = saved or ("gpt2" if vocab_size == 50257 else "default")
-    tok = get_tokenizer(spec)
-    if saved is not None and spec != saved and get_tokenizer(saved).hash != tok.hash:
-        print(f"note: --tokenizer {spec} is not the tokenizer saved with the run of {init} ({saved}); "
-              "the model was trained on that one's token ids", file=sys.stderr)
+    if spec is None and saved is not None:
+        spec = saved
+        try:
+            tok = get_tokenizer(saved)
+        except UserError as e:
+            raise UserError(f"{e} (the tokenizer found with {init}; pass --tokenizer to use another)") from None
+    else:
+        spec = spec or ("gpt2" if vocab_size == 50257 else "default")
+        tok = get_tokenizer(spec)
+        if saved is not None and spec != saved and _hash_of(saved) != tok.hash:
+            print(f"note: --tokenizer {spec} is not the tokenizer saved with the run of {init} ({saved}); "
+                  "the model was trained on that one's token ids", file=sys.stderr)
     if tok.vocab_size > vocab_size:
         raise UserError(f"tokenizer {spec} has {tok.vocab_size} tokens but the model only {vocab_size}; "
                         f"pass the tokenizer the model was trained with (--tokenizer)")

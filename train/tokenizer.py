@@ -279,23 +279,38 @@ class BPETokenizer:
     @classmethod
     def from_hf_folder(cls, folder) -> "BPETokenizer":
         """A Hugging Face GPT-2 tokenizer folder (vocab.json, merges.txt, and tokenizer_config.json
-        naming any special tokens besides <|endoftext|>), as save_hf writes or the Hub holds."""
+        / added_tokens.json naming the tokens that are no merge: <|endoftext|>, a pad token...), as
+        save_hf writes or a Hub snapshot holds. Options that change the ids (a prefix space, an
+        added BOS/EOS) are refused: this encoder does neither."""
         folder = Path(folder)
-        specials = [EOT]
-        cfg = folder / "tokenizer_config.json"
-        if cfg.is_file():
+        named = [EOT]
+        for name in ("tokenizer_config.json", "added_tokens.json"):
+            path = folder / name
+            if not path.is_file():
+                continue
             try:
-                d = json.loads(cfg.read_text(encoding="utf-8"))
+                d = json.loads(path.read_text(encoding="utf-8"))
             except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                raise UserError(f"{cfg}: not valid JSON ({e})") from None
+                raise UserError(f"{path}: not valid JSON ({e})") from None
             if not isinstance(d, dict):
-                raise UserError(f"{cfg}: expected a JSON object, got {type(d).__name__}")
-            named = list(d.get("additional_special_tokens") or [])
-            named += [d.get(k) for k in ("bos_token", "eos_token", "unk_token")]
-            for t in named:  # a plain string, or an AddedToken written as {"content": ...}
-                t = t.get("content") if isinstance(t, dict) else t
-                if isinstance(t, str) and t not in specials:
-                    specials.append(t)
+                raise UserError(f"{path}: expected a JSON object, got {type(d).__name__}")
+            if name == "added_tokens.json":
+                named += list(d)
+                continue
+            for option in ("add_prefix_space", "add_bos_token", "add_eos_token"):
+                if d.get(option):
+                    raise UserError(f"{path} sets {option}: tritongpt's encoder does not, so its ids would differ")
+            extra = d.get("extra_special_tokens") or []
+            named += list(d.get("additional_special_tokens") or []) + list(
+                extra.values() if isinstance(extra, dict) else extra)
+            named += [d.get(k) for k in ("bos_token", "eos_token", "unk_token", "pad_token")]
+            added = d.get("added_tokens_decoder")
+            named += list(added.values()) if isinstance(added, dict) else []
+        specials = []
+        for t in named:  # a plain string, or an AddedToken written as {"content": ...}
+            t = t.get("content") if isinstance(t, dict) else t
+            if isinstance(t, str) and t not in specials:
+                specials.append(t)
         return cls.from_gpt2_files(folder / "vocab.json", folder / "merges.txt", specials, name=folder.name)
 
     @classmethod
@@ -526,16 +541,15 @@ class BPETokenizer:
             out.append((parts[0], parts[1]))
         return out
 
-    def save_hf(self, out_dir, model_max_length: int | None = None) -> list:
-        """vocab.json, merges.txt and tokenizer_config.json as Hugging Face's GPT-2 tokenizer reads
-        them (transformers.AutoTokenizer.from_pretrained(out_dir) with config.json beside them):
-        the same ids for the same text. Its pre-tokenizer regex is GPT-2's, so only a tokenizer
-        with that pattern can be written. Returns the paths written."""
+    def hf_files(self, model_max_length: int | None = None) -> dict:
+        """{file name: text} of vocab.json, merges.txt and tokenizer_config.json as Hugging Face's
+        GPT-2 tokenizer reads them (transformers.AutoTokenizer.from_pretrained on the folder, with
+        config.json beside them): the same ids for the same text. Its pre-tokenizer regex is
+        GPT-2's, so only a tokenizer with that pattern has them (UserError otherwise, before any
+        file is written)."""
         if _SAME_PATTERN.get(self.pat_str, self.pat_str) != GPT2_PAT:
             raise UserError(f"tokenizer {self.name!r} splits text with another pattern than GPT-2's; Hugging "
-                            "Face's GPT-2 tokenizer would give other ids, so it is not written")
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
+                            "Face's GPT-2 tokenizer would give other ids")
         vocab = {token_to_str(t): i for t, i in self.ranks.items()}
         vocab.update(self.special_tokens)
         merges = [f"{token_to_str(a)} {token_to_str(b)}" for a, b in self.merges()]
@@ -544,11 +558,18 @@ class BPETokenizer:
         config = {"add_prefix_space": False, "bos_token": eot,
                   "eos_token": eot, "unk_token": eot, "additional_special_tokens": others,
                   "model_max_length": model_max_length or 1_000_000_000_000}
-        paths = [out / "vocab.json", out / "merges.txt", out / "tokenizer_config.json"]
-        paths[0].write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
-        paths[1].write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
-        paths[2].write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
-        return paths
+        return {"vocab.json": json.dumps(vocab, ensure_ascii=False),
+                "merges.txt": "#version: 0.2\n" + "\n".join(merges) + "\n",
+                "tokenizer_config.json": json.dumps(config, indent=2) + "\n"}
+
+    def save_hf(self, out_dir, model_max_length: int | None = None) -> list:
+        """Write hf_files() into out_dir; returns the paths written."""
+        files = self.hf_files(model_max_length)
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        for name, text in files.items():
+            (out / name).write_text(text, encoding="utf-8")
+        return [out / name for name in files]
 
 
 _JSON_KIND = {str: "string", list: "list", dict: "object"}
@@ -575,11 +596,15 @@ def saved_tokenizer_path(init):
     if p is None or not p.exists():
         return None
     base = p if p.is_dir() else p.parent
-    for d in (base, base.parent):
-        if (d / RUN_TOKENIZER).is_file() and _is_ours(d / RUN_TOKENIZER):
-            return d / RUN_TOKENIZER
-    if is_hf_tokenizer_folder(base):  # a Hub snapshot, or `tritongpt export`'s folder
-        return base
+    ours = [d / RUN_TOKENIZER for d in (base, base.parent)]
+    # nearest first: the weights' own folder (ours, then Hugging Face's files: a Hub snapshot,
+    # or `tritongpt export`'s folder), then the run folder above a checkpoint
+    for candidate in (ours[0], base, ours[1]):
+        if candidate == base:
+            if is_hf_tokenizer_folder(base):
+                return base
+        elif candidate.is_file() and _is_ours(candidate):
+            return candidate
     return None
 
 

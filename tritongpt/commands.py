@@ -134,15 +134,23 @@ def cmd_export(args):
     model = load_checkpoint(args.checkpoint)
     cfg = model.config
     tok = pick_tokenizer(args.tokenizer, args.checkpoint, cfg.vocab_size)
-    paths = export_gpt2(model, out, tok.special_tokens.get(EOT), overwrite=True)
-    try:
-        paths += tok.save_hf(out, cfg.context_length)
+    try:  # made before anything is written: a refusal must not leave a half export
+        tok_files = tok.hf_files(cfg.context_length)
     except UserError as e:
+        tok_files = {}
         print(f"note: the tokenizer is not exported: {e}", file=sys.stderr)
+    paths = export_gpt2(model, out, tok.special_tokens.get(EOT), overwrite=True)
+    for name in names[2:]:
+        if name in tok_files:
+            (out / name).write_text(tok_files[name], encoding="utf-8")
+            paths.append(out / name)
+        else:  # an earlier export's tokenizer (--overwrite) would be read as this model's
+            (out / name).unlink(missing_ok=True)
     print(f"wrote {out}/ ({', '.join(p.name for p in paths)}): GPT-2 with {cfg.n_layer} layers, {cfg.n_head} heads, "
           f"width {cfg.n_embd}, vocabulary {cfg.vocab_size}, context {cfg.context_length}")
-    print(f"load it with transformers.AutoModelForCausalLM.from_pretrained({str(out)!r}) "
-          "(and AutoTokenizer), or `tritongpt generate --weights` on its model.safetensors")
+    how, which = (" (and AutoTokenizer)", "") if tok_files else ("", " with the run's --tokenizer")
+    print(f"load it with transformers.AutoModelForCausalLM.from_pretrained({str(out)!r}){how}, or "
+          f"`tritongpt generate --weights` on its model.safetensors{which}")
     return 0
 
 
