@@ -1,4 +1,6 @@
 """Hugging Face GPT-2 weights load into GPTModel and give the same logits and greedy tokens."""
+import json
+
 import pytest
 import torch
 
@@ -104,8 +106,6 @@ def test_config_json_that_disagrees_or_names_another_variant_is_refused(tmp_path
     """config.json is read for the heads; what else it says must fit this model: an activation
     or eps it does not compute, or sizes other than the tensors', would load silently and give
     other numbers. Broken JSON is named."""
-    import json
-
     _, path = _hf_model(tmp_path)
     good = json.loads((tmp_path / "config.json").read_text())
     for change, said in (({"activation_function": "relu"},
@@ -147,8 +147,6 @@ def test_export_loads_in_transformers_with_the_same_logits(tmp_path, overrides):
     """GPT2LMHeadModel.from_pretrained(folder) computes our logits; a model without biases gets
     zero ones, an untied head its own lm_head, a padded vocabulary loses its padding rows; our
     loader reads the folder back to the same function."""
-    import json
-
     from tritongpt.train.gpt2_weights import export_gpt2, load_checkpoint
 
     model = _random_model(**overrides)
@@ -183,7 +181,8 @@ def test_export_command_then_generate_from_the_folder(tmp_path, capsys):
     _random_model(vocab_size=280).save(run / "model.safetensors")
     out = tmp_path / "hf"
     assert cli.main(["export", str(run / "model.safetensors"), "--out", str(out)]) == 0
-    written = {"model.safetensors", "config.json", "vocab.json", "merges.txt", "tokenizer_config.json"}
+    written = {"model.safetensors", "config.json", "vocab.json", "merges.txt", "tokenizer_config.json",
+               "tritongpt_tokenizer.json"}
     assert {p.name for p in out.iterdir()} == written
     assert transformers.AutoTokenizer.from_pretrained(out)("the cat")["input_ids"] == tok.encode("the cat")
     assert cli.main(["export", str(run), "--out", str(out)]) == 2
@@ -213,4 +212,36 @@ def test_export_over_an_earlier_one_leaves_no_tokenizer_of_another_model(tmp_pat
         assert cli.main(["export", str(run), "--out", str(out), "--overwrite"]) == 0
     err = capsys.readouterr().err
     assert "note: the tokenizer is not exported: tokenizer 'words' splits text with another pattern" in err
-    assert {p.name for p in out.iterdir()} == {"model.safetensors", "config.json"}
+    assert {p.name for p in out.iterdir()} == {"model.safetensors", "config.json", "tritongpt_tokenizer.json"}
+    # tritongpt still finds the run's own tokenizer beside the weights (not one guessed by size)
+    from tritongpt.train.sft import pick_tokenizer
+
+    assert pick_tokenizer(None, out / "model.safetensors", 280).name == "words"
+
+
+def test_export_keeps_out_of_run_folders_and_replaces_a_whole_model_folder(tmp_path, capsys):
+    """--out may not be a run or checkpoint folder (its checkpoints would be shadowed or
+    overwritten), even with --overwrite; over another model's folder, --overwrite removes every
+    file transformers would read from before (a tokenizer.json, a generation_config.json)."""
+    from tritongpt import cli
+    from tritongpt.train.tokenizer import BPETokenizer, save_run_tokenizer
+
+    text = " ".join(f"a cat {i} sat on mat {i * 7}; a dog ran {i % 13} laps." for i in range(200))
+    run = tmp_path / "run"
+    save_run_tokenizer(BPETokenizer.train(text, 280, name="t"), run)
+    _random_model(vocab_size=280).save(run / "model.safetensors")
+    for out in (run, tmp_path / "other-run"):
+        if out != run:
+            (out / "ckpt-0000010").mkdir(parents=True)
+        assert cli.main(["export", str(run), "--out", str(out), "--overwrite"]) == 2
+        assert "is a tritongpt run or checkpoint folder" in capsys.readouterr().err
+    old = tmp_path / "hf"
+    old.mkdir()
+    (old / "tokenizer.json").write_text(json.dumps({"version": "1.0", "model": {"type": "BPE"}}))
+    (old / "generation_config.json").write_text(json.dumps({"eos_token_id": 4095}))
+    assert cli.main(["export", str(run), "--out", str(old)]) == 2
+    assert "already holds tokenizer.json, generation_config.json" in capsys.readouterr().err
+    assert cli.main(["export", str(run), "--out", str(old), "--overwrite"]) == 0
+    assert not (old / "tokenizer.json").exists() and not (old / "generation_config.json").exists()
+    assert transformers.AutoTokenizer.from_pretrained(old)("a cat")["input_ids"] == \
+        BPETokenizer.load(run / "tokenizer.json").encode("a cat")

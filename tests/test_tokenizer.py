@@ -228,12 +228,15 @@ def test_save_load_round_trip(tmp_path, small_tok):
         BPETokenizer.train("some text " * 50, 300, pat_str=r"[a-z]+")
     with pytest.raises(UserError, match="is a folder: name the tokenizer file"):
         small_tok.save(tmp_path)
-    # a Hugging Face tokenizer.json beside a Hub snapshot's weights is not ours: not picked up
+    # a Hugging Face tokenizer.json beside a Hub snapshot's weights is not ours: the folder is
+    # read as Hugging Face's (and says what it lacks), not as our file
     snap = tmp_path / "snap"
     snap.mkdir()
     (snap / "model.safetensors").write_bytes(b"")
     (snap / "tokenizer.json").write_text(json.dumps({"version": "1.0", "model": {"type": "BPE"}}))
-    assert tkz.saved_tokenizer_path(snap / "model.safetensors") is None
+    assert tkz.saved_tokenizer_path(snap / "model.safetensors") == snap
+    with pytest.raises(UserError, match="not a byte-level BPE tokenizer"):
+        get_tokenizer(snap)
     small_tok.save(snap / "tokenizer.json")
     assert tkz.saved_tokenizer_path(snap / "model.safetensors") == snap / "tokenizer.json"
     # ours but damaged: still found, so that loading it says so (not replaced by another tokenizer)
@@ -511,3 +514,25 @@ def test_the_tokenizer_nearest_the_weights_is_theirs(small_tok, corpus, tmp_path
     with pytest.raises(UserError, match="pass --tokenizer to use another"):
         pick_tokenizer(None, hf / "model.safetensors", 600)
     assert pick_tokenizer(str(run / "tokenizer.json"), hf / "model.safetensors", 600).hash == small_tok.hash
+
+
+def test_a_tokenizers_library_file_reads_back_as_the_same_tokenizer(corpus, tmp_path):
+    """transformers 5 saves a tokenizer as tokenizer.json alone (the tokenizers library's file,
+    which shares our run file's name): read as Hugging Face's, it is the tokenizer saved; one
+    whose pre-tokenizer adds a prefix space is refused."""
+    transformers = pytest.importorskip("transformers")
+    tok = BPETokenizer.train(corpus[:60_000], 400, special_tokens=(EOT, "<|sep|>"), name="hf")
+    tok.save_hf(tmp_path / "slow")
+    transformers.GPT2TokenizerFast.from_pretrained(tmp_path / "slow").save_pretrained(tmp_path / "fast")
+    fast = tmp_path / "fast"
+    if (fast / "vocab.json").is_file():  # an older transformers also writes the two files: use the JSON
+        (fast / "vocab.json").unlink()
+        (fast / "merges.txt").unlink()
+    assert tkz.is_hf_tokenizer_folder(fast) and not tkz._is_ours(fast / "tokenizer.json")
+    back = get_tokenizer(fast)
+    assert back.hash == tok.hash and back.special_tokens == tok.special_tokens
+    d = json.loads((fast / "tokenizer.json").read_text(encoding="utf-8"))
+    d["pre_tokenizer"]["add_prefix_space"] = True
+    (fast / "tokenizer.json").write_text(json.dumps(d), encoding="utf-8")
+    with pytest.raises(UserError, match="not GPT-2's pre-tokenizer"):
+        get_tokenizer(fast)

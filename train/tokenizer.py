@@ -257,31 +257,38 @@ class BPETokenizer:
                 encoder = json.load(f)
         except json.JSONDecodeError as e:
             raise UserError(f"{encoder_json}: not valid JSON ({e.msg} at line {e.lineno})") from None
-        if not isinstance(encoder, dict) or not all(isinstance(i, int) for i in encoder.values()):
-            raise UserError(f"{encoder_json}: expected a JSON object mapping token spellings to ids")
-        specials = {s: i for s, i in encoder.items() if s in specials}
-        ranks = {str_to_token(s, str(encoder_json)): i for s, i in encoder.items() if s not in specials}
         with open(vocab_bpe, encoding="utf-8") as f:
             lines = f.read().split("\n")
-        merges = [ln for ln in lines[1:] if ln]     # first line is a "#version" header
-        for i, line in enumerate(merges):
-            parts = line.split(" ")
-            if len(parts) != 2:
-                raise UserError(f"{vocab_bpe}:{i + 2}: expected two tokens separated by a space, got {line!r}")
-            a, b = (str_to_token(p, str(vocab_bpe)) for p in parts)
+        # the first line is a "#version" header
+        merges = [(f"{vocab_bpe}:{n}", ln) for n, ln in enumerate(lines[1:], start=2) if ln]
+        return cls._from_encoder_and_merges(encoder, merges, specials, str(encoder_json), str(vocab_bpe), name)
+
+    @classmethod
+    def _from_encoder_and_merges(cls, encoder, merges, specials, encoder_where, merges_where, name):
+        """encoder: spelling -> id; merges: [(where, "a b")] in rank order."""
+        if not isinstance(encoder, dict) or not all(isinstance(i, int) for i in encoder.values()):
+            raise UserError(f"{encoder_where}: expected a JSON object mapping token spellings to ids")
+        specials = {s: i for s, i in encoder.items() if s in specials}
+        ranks = {str_to_token(s, encoder_where): i for s, i in encoder.items() if s not in specials}
+        for i, (where, line) in enumerate(merges):
+            parts = line.split(" ") if isinstance(line, str) else line
+            if not isinstance(parts, list) or len(parts) != 2 or not all(isinstance(p, str) for p in parts):
+                raise UserError(f"{where}: expected two tokens separated by a space, got {line!r}")
+            a, b = (str_to_token(p, merges_where) for p in parts)
             if a not in ranks or b not in ranks or ranks.get(a + b) != 256 + i:
-                raise UserError(f"{vocab_bpe}:{i + 2}: merge {line!r} does not match {encoder_json}")
+                raise UserError(f"{where}: merge {line!r} does not match {encoder_where}")
         if len(merges) + 256 != len(ranks):
-            raise UserError(f"{vocab_bpe} has {len(merges)} merges but {encoder_json} has {len(ranks)} tokens "
+            raise UserError(f"{merges_where} has {len(merges)} merges but {encoder_where} has {len(ranks)} tokens "
                             f"(expected 256 + merges)")
         return cls(ranks, specials, GPT2_PAT, name=name)
 
     @classmethod
     def from_hf_folder(cls, folder) -> "BPETokenizer":
-        """A Hugging Face GPT-2 tokenizer folder (vocab.json, merges.txt, and tokenizer_config.json
-        / added_tokens.json naming the tokens that are no merge: <|endoftext|>, a pad token...), as
-        save_hf writes or a Hub snapshot holds. Options that change the ids (a prefix space, an
-        added BOS/EOS) are refused: this encoder does neither."""
+        """A Hugging Face GPT-2 tokenizer folder: vocab.json and merges.txt (as save_hf writes or a
+        Hub snapshot holds), else the tokenizers library's tokenizer.json (what transformers 5's
+        save_pretrained writes alone); tokenizer_config.json / added_tokens.json name the tokens
+        that are no merge (<|endoftext|>, a pad token...). Options that change the ids (a prefix
+        space, an added BOS/EOS, a normalizer) are refused: this encoder does none of them."""
         folder = Path(folder)
         named = [EOT]
         for name in ("tokenizer_config.json", "added_tokens.json"):
@@ -300,9 +307,10 @@ class BPETokenizer:
             for option in ("add_prefix_space", "add_bos_token", "add_eos_token"):
                 if d.get(option):
                     raise UserError(f"{path} sets {option}: tritongpt's encoder does not, so its ids would differ")
-            extra = d.get("extra_special_tokens") or []
-            named += list(d.get("additional_special_tokens") or []) + list(
-                extra.values() if isinstance(extra, dict) else extra)
+            for key in ("additional_special_tokens", "extra_special_tokens"):
+                value = d.get(key) or []
+                named += [value] if isinstance(value, str) else list(
+                    value.values() if isinstance(value, dict) else value)
             named += [d.get(k) for k in ("bos_token", "eos_token", "unk_token", "pad_token")]
             added = d.get("added_tokens_decoder")
             named += list(added.values()) if isinstance(added, dict) else []
@@ -311,7 +319,38 @@ class BPETokenizer:
             t = t.get("content") if isinstance(t, dict) else t
             if isinstance(t, str) and t not in specials:
                 specials.append(t)
-        return cls.from_gpt2_files(folder / "vocab.json", folder / "merges.txt", specials, name=folder.name)
+        if (folder / "vocab.json").is_file() or not (folder / RUN_TOKENIZER).is_file():
+            return cls.from_gpt2_files(folder / "vocab.json", folder / "merges.txt", specials, name=folder.name)
+        return cls._from_tokenizers_json(folder / RUN_TOKENIZER, specials, folder.name)
+
+    @classmethod
+    def _from_tokenizers_json(cls, path, specials, name) -> "BPETokenizer":
+        """The tokenizers library's tokenizer.json of a byte-level BPE with GPT-2's pre-tokenizer."""
+        try:
+            d = json.loads(Path(path).read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise UserError(f"{path}: not valid JSON ({e})") from None
+        model = d.get("model") if isinstance(d, dict) else None
+        if not isinstance(model, dict) or model.get("type") != "BPE" or not isinstance(model.get("vocab"), dict) \
+                or not isinstance(model.get("merges"), list):
+            raise UserError(f"{path}: not a byte-level BPE tokenizer (model.type BPE with vocab and merges)")
+        pre, post = d.get("pre_tokenizer") or {}, d.get("post_processor") or {}
+        adds = [p for p in post.get("single", []) if "SpecialToken" in p] if post.get("type") == "TemplateProcessing" \
+            else []
+        why = ("a normalizer" if d.get("normalizer") else
+               "not GPT-2's pre-tokenizer (ByteLevel with its regex, no prefix space)"
+               if (pre.get("type"), pre.get("add_prefix_space"), pre.get("use_regex", True)) != ("ByteLevel", False, True)
+               else "a post-processor that adds tokens" if adds or post.get("type") not in (None, "ByteLevel",
+                                                                                           "TemplateProcessing")
+               else "BPE options (dropout, ignore_merges, byte_fallback)"
+               if model.get("dropout") or model.get("ignore_merges") or model.get("byte_fallback") else None)
+        if why:
+            raise UserError(f"{path} has {why}: tritongpt's encoder would give other ids")
+        added = [t for t in d.get("added_tokens") or [] if isinstance(t, dict)]
+        encoder = {**model["vocab"], **{t.get("content"): t.get("id") for t in added}}
+        specials = list(specials) + [t.get("content") for t in added]
+        merges = [(f"{path} model.merges[{i}]", m) for i, m in enumerate(model["merges"])]
+        return cls._from_encoder_and_merges(encoder, merges, specials, str(path), str(path), name)
 
     @classmethod
     def from_tiktoken(cls, enc, name: str = None) -> "BPETokenizer":
@@ -577,6 +616,8 @@ _JSON_KIND = {str: "string", list: "list", dict: "object"}
 
 # -- named tokenizers ------------------------------------------------------------------------------
 RUN_TOKENIZER = "tokenizer.json"  # a run folder's tokenizer, read back by every later stage
+# ours again in `tritongpt export`'s folder, where tokenizer.json would be read by Hugging Face
+EXPORT_TOKENIZER = "tritongpt_tokenizer.json"
 
 
 def save_run_tokenizer(tok, out_dir):
@@ -596,10 +637,9 @@ def saved_tokenizer_path(init):
     if p is None or not p.exists():
         return None
     base = p if p.is_dir() else p.parent
-    ours = [d / RUN_TOKENIZER for d in (base, base.parent)]
     # nearest first: the weights' own folder (ours, then Hugging Face's files: a Hub snapshot,
     # or `tritongpt export`'s folder), then the run folder above a checkpoint
-    for candidate in (ours[0], base, ours[1]):
+    for candidate in (base / RUN_TOKENIZER, base / EXPORT_TOKENIZER, base, base.parent / RUN_TOKENIZER):
         if candidate == base:
             if is_hf_tokenizer_folder(base):
                 return base
@@ -609,9 +649,13 @@ def saved_tokenizer_path(init):
 
 
 def is_hf_tokenizer_folder(path) -> bool:
-    """A folder holding Hugging Face's GPT-2 tokenizer files (vocab.json and merges.txt)."""
+    """A folder holding Hugging Face's GPT-2 tokenizer files: vocab.json and merges.txt, or the
+    tokenizers library's tokenizer.json (not ours, which shares the name)."""
     p = Path(path)
-    return p.is_dir() and (p / "vocab.json").is_file() and (p / "merges.txt").is_file()
+    if not p.is_dir():
+        return False
+    return ((p / "vocab.json").is_file() and (p / "merges.txt").is_file()) or \
+        ((p / RUN_TOKENIZER).is_file() and not _is_ours(p / RUN_TOKENIZER))
 
 
 def _is_ours(path) -> bool:

@@ -120,18 +120,29 @@ def cmd_generate(args):
 def cmd_export(args):
     from pathlib import Path
 
+    from tritongpt.train.common import resolve_checkpoint
     from tritongpt.train.gpt2_weights import export_gpt2, load_checkpoint
     from tritongpt.train.sft import pick_tokenizer
-    from tritongpt.train.tokenizer import EOT
+    from tritongpt.train.tokenizer import EOT, EXPORT_TOKENIZER, RUN_TOKENIZER, _is_ours
 
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file: name a folder")
-    names = ("model.safetensors", "config.json", "vocab.json", "merges.txt", "tokenizer_config.json")
-    taken = [n for n in names if (out / n).exists()]
+    source = resolve_checkpoint(args.checkpoint)
+    run_files = [n for n in ("state.pt", "metrics.jsonl", RUN_TOKENIZER) if (out / n).is_file()
+                 and (n != RUN_TOKENIZER or _is_ours(out / n))] + [p.name for p in out.glob("ckpt-*")][:1]
+    if run_files or (out.is_dir() and out.resolve() == source.parent.resolve()):
+        raise UserError(f"--out {out} is a tritongpt run or checkpoint folder ({', '.join(run_files) or source.name}): "
+                        "export into a folder of its own")
+    # what transformers reads in a model folder: all of it replaced, none of it left from before
+    hf_files = ("model.safetensors", "config.json", "vocab.json", "merges.txt", "tokenizer_config.json",
+                EXPORT_TOKENIZER, RUN_TOKENIZER, "special_tokens_map.json", "added_tokens.json",
+                "generation_config.json", "model.safetensors.index.json", "pytorch_model.bin",
+                "pytorch_model.bin.index.json")
+    taken = [n for n in hf_files if (out / n).exists()]
     if taken and not args.overwrite:
         raise UserError(f"{out} already holds {', '.join(taken)}: pass --overwrite or another --out")
-    model = load_checkpoint(args.checkpoint)
+    model = load_checkpoint(source)
     cfg = model.config
     tok = pick_tokenizer(args.tokenizer, args.checkpoint, cfg.vocab_size)
     try:  # made before anything is written: a refusal must not leave a half export
@@ -139,18 +150,19 @@ def cmd_export(args):
     except UserError as e:
         tok_files = {}
         print(f"note: the tokenizer is not exported: {e}", file=sys.stderr)
-    paths = export_gpt2(model, out, tok.special_tokens.get(EOT), overwrite=True)
-    for name in names[2:]:
-        if name in tok_files:
-            (out / name).write_text(tok_files[name], encoding="utf-8")
-            paths.append(out / name)
-        else:  # an earlier export's tokenizer (--overwrite) would be read as this model's
-            (out / name).unlink(missing_ok=True)
+    for name in taken:  # an earlier export's (or model's) files would be read as this one's
+        (out / name).unlink()
+    paths = export_gpt2(model, out, tok.special_tokens.get(EOT))
+    for name, text in tok_files.items():
+        (out / name).write_text(text, encoding="utf-8")
+        paths.append(out / name)
+    if hasattr(tok, "save"):  # ours too, for tritongpt: exact even where Hugging Face has no spelling for it
+        paths.append(tok.save(out / EXPORT_TOKENIZER))
     print(f"wrote {out}/ ({', '.join(p.name for p in paths)}): GPT-2 with {cfg.n_layer} layers, {cfg.n_head} heads, "
           f"width {cfg.n_embd}, vocabulary {cfg.vocab_size}, context {cfg.context_length}")
-    how, which = (" (and AutoTokenizer)", "") if tok_files else ("", " with the run's --tokenizer")
+    how = " (and AutoTokenizer)" if tok_files else ""
     print(f"load it with transformers.AutoModelForCausalLM.from_pretrained({str(out)!r}){how}, or "
-          f"`tritongpt generate --weights` on its model.safetensors{which}")
+          "`tritongpt generate --weights` on its model.safetensors")
     return 0
 
 
