@@ -335,17 +335,16 @@ class BPETokenizer:
                 or not isinstance(model.get("merges"), list):
             raise UserError(f"{path}: not a byte-level BPE tokenizer (model.type BPE with vocab and merges)")
         pre, post = d.get("pre_tokenizer") or {}, d.get("post_processor") or {}
-        adds = [p for p in post.get("single", []) if "SpecialToken" in p] if post.get("type") == "TemplateProcessing" \
-            else []
-        why = ("a normalizer" if d.get("normalizer") else
-               "not GPT-2's pre-tokenizer (ByteLevel with its regex, no prefix space)"
-               if (pre.get("type"), pre.get("add_prefix_space"), pre.get("use_regex", True)) != ("ByteLevel", False, True)
-               else "a post-processor that adds tokens" if adds or post.get("type") not in (None, "ByteLevel",
-                                                                                           "TemplateProcessing")
-               else "BPE options (dropout, ignore_merges, byte_fallback)"
-               if model.get("dropout") or model.get("ignore_merges") or model.get("byte_fallback") else None)
-        if why:
-            raise UserError(f"{path} has {why}: tritongpt's encoder would give other ids")
+        gpt2_pre = (pre.get("type"), pre.get("add_prefix_space"), pre.get("use_regex", True)) == ("ByteLevel", False, True)
+        adds = post.get("type") not in (None, "ByteLevel", "TemplateProcessing") or any(
+            "SpecialToken" in piece for piece in post.get("single", []))
+        for differs, what in ((d.get("normalizer"), "a normalizer"),
+                              (not gpt2_pre, "not GPT-2's pre-tokenizer (ByteLevel with its regex, no prefix space)"),
+                              (adds, "a post-processor that adds tokens"),
+                              (any(model.get(k) for k in ("dropout", "ignore_merges", "byte_fallback")),
+                               "BPE options (dropout, ignore_merges, byte_fallback)")):
+            if differs:
+                raise UserError(f"{path} has {what}: tritongpt's encoder would give other ids")
         added = [t for t in d.get("added_tokens") or [] if isinstance(t, dict)]
         encoder = {**model["vocab"], **{t.get("content"): t.get("id") for t in added}}
         specials = list(specials) + [t.get("content") for t in added]
