@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from tritongpt.errors import UserError
+from tritongpt.errors import UserError, read_json_object
 from tritongpt.model.config import GPTConfig, get_config
 from tritongpt.model.gpt import GPTModel, readable_like_other_files, unreadable_safetensors
 
@@ -83,12 +83,7 @@ def _check_hf_config(cfg_json: Path, vocab: int, ctx: int, n_embd: int, n_layer:
     """config.json beside a GPT-2 file: readable, agreeing with the tensors' shapes, and naming
     no variant this model does not compute (another activation or eps would load silently and
     give other numbers)."""
-    try:
-        d = json.loads(cfg_json.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"{cfg_json}: not valid JSON ({e})") from None
-    if not isinstance(d, dict):
-        raise UserError(f"{cfg_json}: expected a JSON object, got {type(d).__name__}")
+    d = read_json_object(cfg_json)
     for key, have in (("vocab_size", vocab), ("n_positions", ctx), ("n_embd", n_embd), ("n_layer", n_layer)):
         if key in d and d[key] != have:
             raise UserError(f"{cfg_json} says {key} {d[key]!r}, but the weights have {have}")

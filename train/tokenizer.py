@@ -28,7 +28,7 @@ from pathlib import Path
 
 import regex
 
-from tritongpt.errors import UserError
+from tritongpt.errors import UserError, read_json_object
 
 # GPT-2's pre-tokeniser: contractions, letters, digits, other symbols (each may take one
 # leading space), then whitespace. `\s+(?!\S)` leaves the last space of a run to start the
@@ -295,12 +295,7 @@ class BPETokenizer:
             path = folder / name
             if not path.is_file():
                 continue
-            try:
-                d = json.loads(path.read_text(encoding="utf-8"))
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                raise UserError(f"{path}: not valid JSON ({e})") from None
-            if not isinstance(d, dict):
-                raise UserError(f"{path}: expected a JSON object, got {type(d).__name__}")
+            d = read_json_object(path)
             if name == "added_tokens.json":
                 named += list(d)
                 continue
@@ -326,11 +321,8 @@ class BPETokenizer:
     @classmethod
     def _from_tokenizers_json(cls, path, specials, name) -> "BPETokenizer":
         """The tokenizers library's tokenizer.json of a byte-level BPE with GPT-2's pre-tokenizer."""
-        try:
-            d = json.loads(Path(path).read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise UserError(f"{path}: not valid JSON ({e})") from None
-        model = d.get("model") if isinstance(d, dict) else None
+        d = read_json_object(path)
+        model = d.get("model")
         if not isinstance(model, dict) or model.get("type") != "BPE" or not isinstance(model.get("vocab"), dict) \
                 or not isinstance(model.get("merges"), list):
             raise UserError(f"{path}: not a byte-level BPE tokenizer (model.type BPE with vocab and merges)")

@@ -3,3 +3,17 @@
 
 class UserError(Exception):
     """Bad input from the user (file, field, shape, option): printed as `error: ...`, exit 2."""
+
+
+def read_json_object(path) -> dict:
+    """A JSON file holding an object, or a UserError naming the file and what is wrong with it."""
+    import json
+    from pathlib import Path
+
+    try:
+        d = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(d, dict):
+        raise UserError(f"{path}: expected a JSON object, got {type(d).__name__}")
+    return d
