@@ -15,7 +15,7 @@ from tritongpt.train.data import load_text
 def test_help_lists_every_command():
     out = subprocess.run([sys.executable, "-m", "tritongpt.cli", "--help"], capture_output=True, text=True)
     assert out.returncode == 0
-    for cmd in ("info", "generate", "bpe", "pretrain", "sft", "reward", "rlhf", "dpo", "bench"):
+    for cmd in ("info", "generate", "bpe", "pretrain", "sft", "reward", "rlhf", "dpo", "bench", "export", "eval"):
         assert cmd in out.stdout, cmd
 
 

@@ -59,8 +59,9 @@ def pick_dtype(name: str, device: torch.device) -> torch.dtype:
 
 
 def autocast(device: torch.device, dtype: torch.dtype):
-    """Mixed precision for the forward pass; a no-op for fp32. Weights stay fp32."""
-    if dtype == torch.float32:
+    """Mixed precision for the forward pass; a no-op for fp32 (or None: torch.autocast's own
+    default would be bf16 on a CPU). Weights stay fp32."""
+    if dtype is None or dtype == torch.float32:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=dtype)
 

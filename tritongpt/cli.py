@@ -15,6 +15,7 @@ COMMAND_MODULES = [
     "tritongpt.train.reward",
     "tritongpt.train.rlhf",
     "tritongpt.train.dpo",
+    "tritongpt.train.evaluate",
 ]
 
 

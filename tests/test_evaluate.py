@@ -1,0 +1,109 @@
+"""`tritongpt eval`: windows that score every token once, losses equal to a hand computation,
+the same figures on both kernel paths, and bits per byte from the text's bytes."""
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from tritongpt.cli import main
+from tritongpt.errors import UserError
+from tritongpt.model.config import GPTConfig
+from tritongpt.model.gpt import GPTModel
+from tritongpt.train.evaluate import evaluate_tokens, windows
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@settings(max_examples=200, deadline=None)
+@given(n=st.integers(2, 300), context=st.integers(1, 40), data=st.data())
+def test_windows_score_every_target_once_with_enough_context(n, context, data):
+    stride = data.draw(st.integers(1, context))
+    spans = windows(n, context, stride)
+    scored = [p for b, e, first in spans for p in range(max(first, b + 1), e + 1)]
+    assert scored == list(range(1, n))  # every target position, once, in order
+    for b, e, first in spans:
+        assert 0 <= b < e <= n - 1 and e - b <= context and b + 1 <= first <= e
+    for p in range(1, n):  # the window scoring p sees at least min(p, context - stride + 1) tokens before it
+        b = next(b for b, e, first in spans if first <= p <= e)
+        assert p - b >= min(p, context - stride + 1)
+
+
+def test_bad_stride_is_named():
+    with pytest.raises(UserError, match="--stride must be between 1 and the context"):
+        windows(100, 16, 17)
+
+
+def _model(context=16, vocab=50):
+    torch.manual_seed(0)
+    return GPTModel(GPTConfig(vocab_size=vocab, context_length=context, n_embd=32, n_layer=2, n_head=2)).eval()
+
+
+def _hand_nll(model, tokens, spans):
+    """-ln p of each scored target, from the logits in float64: an independent sum."""
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for b, e, first in spans:
+            logp = F.log_softmax(model(tokens[b:e][None]).double()[0], dim=-1)
+            for p in range(first, e + 1):
+                total -= float(logp[p - b - 1, tokens[p]])
+                count += 1
+    return total, count
+
+
+@pytest.mark.parametrize("stride", [None, 5, 1])
+def test_loss_is_the_mean_nll_of_the_scored_tokens(stride):
+    model = _model()
+    tokens = torch.randint(0, 50, (61,))
+    got = evaluate_tokens(model, tokens, stride=stride, batch_size=3, token_bytes=lambda ids: 2 * len(ids))
+    total, count = _hand_nll(model, tokens, windows(61, 16, stride or 16))
+    assert got["tokens"] == count == 60
+    # fp32 losses summed per forward against a float64 sum: within the brief's fp32 bound
+    assert got["loss"] == pytest.approx(total / count, rel=1e-6)
+    assert got["perplexity"] == pytest.approx(math.exp(total / count), rel=1e-5)
+    assert got["bits_per_byte"] == pytest.approx(total / math.log(2) / 120, rel=1e-6)
+
+
+def test_one_window_when_the_context_holds_the_text():
+    model = _model(context=64)
+    tokens = torch.randint(0, 50, (40,))
+    whole = evaluate_tokens(model, tokens)
+    with torch.no_grad():
+        ref = F.cross_entropy(model(tokens[:-1][None]).double()[0], tokens[1:])
+    assert whole["windows"] == 1 and whole["loss"] == pytest.approx(float(ref), rel=1e-6)
+    assert evaluate_tokens(model, tokens, stride=7)["loss"] == pytest.approx(whole["loss"], rel=1e-9)
+
+
+def test_eval_command_on_both_paths(tmp_path, capsys):
+    """The command on a checkpoint and a text file the test writes: the figures printed, the
+    same on the Triton path (interpreter: LayerNorm, MLP, attention, fused LM head + loss) as on
+    the reference; the model's train mode is left as it was."""
+    from tritongpt.train.tokenizer import BPETokenizer, save_run_tokenizer
+
+    text = " ".join(f"the cat number {i} sat on mat {i * 7}, then the dog ran {i % 13} laps." for i in range(60))
+    (tmp_path / "corpus.txt").write_text(text)
+    run = tmp_path / "run"
+    tok = BPETokenizer.train(text, 280, name="t")
+    save_run_tokenizer(tok, run)
+    torch.manual_seed(0)
+    cfg = GPTConfig(vocab_size=280, context_length=32, n_embd=32, n_layer=1, n_head=2)
+    GPTModel(cfg).save(run / "model.safetensors")
+    results = []
+    for kernels in ("reference", "triton"):
+        argv = ["eval", "--weights", str(run), "--data", str(tmp_path / "corpus.txt"), "--kernels", kernels,
+                "--device", "cpu", "--max-tokens", "150", "--json", "--cache-dir", str(tmp_path / "cache")]
+        assert main(argv) == 0
+        results.append(json.loads(capsys.readouterr().out))
+    ref, tri = results
+    assert ref["tokens"] == 149 and ref["split"] == "val" and ref["tokenizer"] == "t"
+    assert tri["kernels"] == ["attention", "cross_entropy", "layernorm", "mlp"]
+    assert tri["loss"] == pytest.approx(ref["loss"], rel=1e-5)
+    ids = tok.encode(text)
+    n_val = len(ids) - (len(ids) - round(len(ids) * 0.1))
+    assert ref["bytes"] == len(tok.decode_bytes(ids[-n_val:][1:150]))  # the scored targets' text
+    assert main(["eval", "--weights", str(run), "--data", str(tmp_path / "corpus.txt"), "--stride", "0",
+                 "--cache-dir", str(tmp_path / "cache")]) == 2
+    assert "--stride must be between 1 and the context (32)" in capsys.readouterr().err

@@ -1,0 +1,169 @@
+"""`tritongpt eval`: a model's loss, perplexity and bits per byte on a corpus.
+
+The text is tokenised once (the same cache pretraining uses) and scored in windows of the
+model's context. With stride = context (the default) the windows do not overlap: each token is
+predicted from the tokens before it in its own window, so the first tokens of a window see little
+context. A smaller stride slides the window and scores only the tokens the previous window did
+not (Hugging Face's "perplexity of fixed-length models"): every token but the first window's
+sees at least context - stride tokens, at context / stride times the cost.
+
+    loss        mean -ln p(token) over the scored tokens (nats)
+    perplexity  exp(loss)
+    bits/byte   the summed -log2 p over the UTF-8 bytes the scored tokens spell (special
+                tokens, e.g. document separators, spell none): comparable across
+                tokenizers, which perplexity per token is not
+"""
+import json
+import math
+import sys
+import time
+
+import torch
+
+from tritongpt.errors import UserError
+
+
+def windows(n_tokens: int, context: int, stride: int):
+    """(begin, end, first_scored) per window over tokens [0, n_tokens): inputs are
+    tokens[begin:end], targets tokens[begin + 1:end + 1], of which those at positions
+    >= first_scored (absolute, for the target) are scored. Every target position in
+    [1, n_tokens) is scored exactly once."""
+    if not 1 <= stride <= context:
+        raise UserError(f"--stride must be between 1 and the context ({context}), got {stride}")
+    out, scored_to = [], 1  # the next target position not yet scored
+    begin = 0
+    while scored_to < n_tokens:
+        end = min(begin + context, n_tokens - 1)
+        out.append((begin, end, scored_to))
+        scored_to = end + 1
+        begin += stride  # stride <= context: the next window still reaches past scored_to
+    return out
+
+
+@torch.no_grad()
+def evaluate_tokens(model, tokens, stride=None, batch_size: int = 8, dtype=None, token_bytes=None,
+                    progress: bool = False) -> dict:
+    """Score tokens (a 1-D integer array or tensor) with model; see the module docstring.
+    dtype: the autocast dtype (bf16, fp16), or fp32 / None for none.
+
+    token_bytes(ids) -> how many UTF-8 bytes those ids spell (bits per byte needs it). The
+    model's own loss is used (model(idx, targets=..., reduction="sum")), so the toggle's path
+    (the fused LM head + loss on Triton) is what is measured.
+    """
+    from tritongpt.train.common import autocast
+
+    tokens = torch.as_tensor(tokens).long()
+    if tokens.dim() != 1 or tokens.numel() < 2:
+        raise UserError(f"evaluation needs at least 2 tokens in one sequence, got shape {tuple(tokens.shape)}")
+    ctx = model.config.context_length
+    device = next(model.parameters()).device
+    spans = windows(tokens.numel(), ctx, ctx if stride is None else stride)
+    was_training = model.training
+    model.eval()
+    total_nats, scored, n_bytes = 0.0, 0, 0
+    start = time.perf_counter()
+    try:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(spans), desc="eval", unit="window", disable=not progress, file=sys.stderr)
+        i = 0
+        while i < len(spans):
+            length = spans[i][1] - spans[i][0]
+            group = [spans[i]]  # windows of one length batch together (only the last is shorter)
+            while len(group) < batch_size and i + len(group) < len(spans) and \
+                    spans[i + len(group)][1] - spans[i + len(group)][0] == length:
+                group.append(spans[i + len(group)])
+            idx = torch.stack([tokens[b:e] for b, e, _ in group])
+            targets = torch.stack([tokens[b + 1:e + 1] for b, e, _ in group])
+            for row, (b, _, first) in enumerate(group):
+                targets[row, :first - (b + 1)] = -100  # scored by an earlier window
+                if token_bytes is not None:
+                    n_bytes += token_bytes(targets[row, first - (b + 1):].tolist())
+            scored += int((targets != -100).sum())
+            with autocast(device, dtype):
+                loss = model(idx.to(device), targets=targets.to(device), reduction="sum")
+            total_nats += float(loss.double())
+            i += len(group)
+            bar.update(len(group))
+        bar.close()
+    finally:
+        model.train(was_training)
+    loss = total_nats / scored
+    out = {"tokens": scored, "windows": len(spans), "loss": loss, "perplexity": math.exp(min(loss, 700.0)),
+           "seconds": time.perf_counter() - start}
+    if token_bytes is not None:
+        out.update(bytes=n_bytes, bits_per_byte=total_nats / math.log(2) / n_bytes if n_bytes else None)
+    return out
+
+
+def cmd_eval(args):
+    from tritongpt.train import data
+    from tritongpt.train.common import pick_device, pick_dtype
+    from tritongpt.train.gpt2_weights import load_checkpoint
+    from tritongpt.train.sft import pick_tokenizer
+
+    device = pick_device(args.device)
+    model = load_checkpoint(args.weights, args.model).to(device)
+    model.set_kernels(args.kernels)
+    tok = pick_tokenizer(args.tokenizer, args.weights, model.config.vocab_size)
+    if args.split == "val" and not 0.0 < args.val_fraction < 1.0:
+        raise UserError(f"--val-fraction must be in (0, 1) with --split val, got {args.val_fraction}")
+    source = {"source": args.data, "text_field": args.text_field}
+    td = data.prepare_tokens(source, tok, cache_dir=args.cache_dir,
+                             val_fraction=args.val_fraction if args.split == "val" else 0.0)
+    tokens = td.val if args.split == "val" else td.train
+    if args.max_tokens is not None:
+        if args.max_tokens < 2:
+            raise UserError(f"--max-tokens must be at least 2, got {args.max_tokens}")
+        tokens = tokens[:args.max_tokens]
+    if len(tokens) < 2:
+        raise UserError(f"the {args.split} split of {args.data or 'pydoc'} has {len(tokens)} tokens: "
+                        "too few to score (a smaller --val-fraction, or --split all)")
+    specials = set(tok.special_tokens.values())  # document separators: no text, no bytes
+
+    def text_bytes(ids):
+        return len(tok.decode_bytes([i for i in ids if i not in specials]))
+
+    result = evaluate_tokens(model, torch.from_numpy(tokens.astype("int64")), args.stride, args.batch_size,
+                             pick_dtype(args.dtype, device), text_bytes, progress=not args.json)
+    result.update(weights=str(args.weights), data=str(args.data or "pydoc"), split=args.split,
+                  tokenizer=tok.name, context=model.config.context_length,
+                  stride=args.stride or model.config.context_length, kernels=sorted(model.kernels) or ["reference"],
+                  device=str(device))
+    if args.json:
+        print(json.dumps(result, indent=1))
+    else:
+        bpb = result.get("bits_per_byte")
+        print(f"{result['tokens']:,} tokens of {result['data']} ({args.split}) in {result['windows']} windows of "
+              f"{result['context']} (stride {result['stride']}): loss {result['loss']:.4f}, perplexity "
+              f"{result['perplexity']:.2f}, {'-' if bpb is None else f'{bpb:.4f}'} bits/byte "
+              f"({result['seconds']:.1f} s)")
+    return 0
+
+
+def add_cli(sub):
+    from tritongpt.commands import add_model_args
+
+    p = sub.add_parser("eval", help="loss, perplexity and bits per byte of a model on a corpus",
+                       description=__doc__.split("\n\n")[0])
+    add_model_args(p, default_model=None)
+    p.add_argument("--weights", required=True,
+                   help="tritongpt checkpoint (file, checkpoint or run folder) or Hugging Face GPT-2 model.safetensors")
+    p.add_argument("--data", default=None, help="a file, a folder of .txt files, a .jsonl file, or 'pydoc' / "
+                                                "'stdlib' (default: the embedded pydoc corpus)")
+    p.add_argument("--text-field", default="text", help="field holding the text in .jsonl rows (default %(default)s)")
+    p.add_argument("--split", choices=("val", "all"), default="val",
+                   help="val: the held-out tail pretraining keeps out (--val-fraction); all: every token "
+                        "(default %(default)s)")
+    p.add_argument("--val-fraction", type=float, default=0.1, help="as pretrain's (default %(default)s)")
+    p.add_argument("--tokenizer", help="default | gpt2 | a tokenizer file or folder (default: the one saved with "
+                                       "--weights, else by vocab size)")
+    p.add_argument("--stride", type=int, default=None,
+                   help="tokens between window starts; smaller scores each token with more context "
+                        "(default: the context, no overlap)")
+    p.add_argument("--batch-size", type=int, default=8, help="windows per forward (default %(default)s)")
+    p.add_argument("--max-tokens", type=int, default=None, help="score only the first N tokens of the split")
+    p.add_argument("--dtype", default="auto", help="auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16")
+    p.add_argument("--cache-dir", default=None, help="where the tokenised corpus is cached (as pretrain's)")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.set_defaults(func=cmd_eval)
