@@ -107,3 +107,17 @@ def test_eval_command_on_both_paths(tmp_path, capsys):
     assert main(["eval", "--weights", str(run), "--data", str(tmp_path / "corpus.txt"), "--stride", "0",
                  "--cache-dir", str(tmp_path / "cache")]) == 2
     assert "--stride must be between 1 and the context (32)" in capsys.readouterr().err
+
+
+@pytest.mark.cuda
+def test_eval_on_a_gpu_in_bf16_agrees_across_paths():
+    """The GPU default (bf16 autocast): the Triton path's figures within bf16's reach of the
+    reference's, both near the fp32 figure, at GPT-2 small's width."""
+    torch.manual_seed(0)
+    model = GPTModel(GPTConfig(vocab_size=50257, context_length=256, n_embd=768, n_layer=2, n_head=12)).cuda()
+    tokens = torch.randint(0, 50257, (2000,))
+    fp32 = evaluate_tokens(model, tokens)["loss"]
+    ref = evaluate_tokens(model, tokens, dtype=torch.bfloat16)["loss"]
+    model.set_kernels("triton")
+    tri = evaluate_tokens(model, tokens, dtype=torch.bfloat16)["loss"]
+    assert math.isfinite(tri) and abs(tri - ref) / ref < 1e-2 and abs(tri - fp32) / fp32 < 1e-2
