@@ -536,3 +536,31 @@ def test_a_tokenizers_library_file_reads_back_as_the_same_tokenizer(corpus, tmp_
     (fast / "tokenizer.json").write_text(json.dumps(d), encoding="utf-8")
     with pytest.raises(UserError, match="not GPT-2's pre-tokenizer"):
         get_tokenizer(fast)
+
+
+def test_added_tokens_keep_their_ids_or_are_refused(corpus, tmp_path):
+    """A token added beyond vocab.json (transformers 4: added_tokens.json, or
+    added_tokens_decoder) keeps its id as a special token; added tokens Hugging Face treats in
+    ways this encoder cannot (not special, stripping spaces) are refused, as is a malformed
+    tokenizer.json (a named error, not a traceback)."""
+    tok = BPETokenizer.train(corpus[:60_000], 300, name="hf")
+    tok.save_hf(tmp_path)
+    pad = tok.vocab_size
+    (tmp_path / "added_tokens.json").write_text(json.dumps({"<pad>": pad}))
+    back = BPETokenizer.from_hf_folder(tmp_path)
+    assert back.vocab_size == tok.vocab_size + 1 and back.special_tokens["<pad>"] == pad
+    ids = back.encode("a<pad>b", allowed_special="all")
+    assert ids == tok.encode("a") + [pad] + tok.encode("b")
+    (tmp_path / "added_tokens.json").unlink()
+    cfg = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    for token, said in (({"content": "<pad>", "special": True, "lstrip": True}, "sets lstrip"),
+                        ({"content": "foobar", "special": False}, "is not special")):
+        (tmp_path / "tokenizer_config.json").write_text(json.dumps({**cfg, "added_tokens_decoder": {str(pad): token}}))
+        with pytest.raises(UserError, match=said):
+            BPETokenizer.from_hf_folder(tmp_path)
+    hf = tmp_path / "fast"
+    hf.mkdir()
+    (hf / "tokenizer.json").write_text(json.dumps({"model": {"type": "BPE", "vocab": {}, "merges": []},
+                                                  "pre_tokenizer": "ByteLevel"}))
+    with pytest.raises(UserError, match="pre_tokenizer and post_processor must be JSON objects"):
+        get_tokenizer(hf)

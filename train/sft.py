@@ -390,7 +390,7 @@ def _hash_of(spec):
 
     try:
         return get_tokenizer(spec).hash
-    except UserError:
+    except (UserError, ValueError, TypeError, KeyError, AttributeError, OSError):
         return None
 
 

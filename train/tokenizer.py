@@ -199,6 +199,51 @@ def train_ranks(text: str, vocab_size: int, special_tokens=(EOT,), pat_str: str 
 
 
 # -- the tokenizer -------------------------------------------------------------------------------
+def _added_tokens(tokens, path) -> dict:
+    """{spelling: id} of Hugging Face added tokens ({"id", "content", "special", "lstrip", ...}),
+    refusing the ones this encoder cannot reproduce: Hugging Face cuts a non-special added token
+    out of any text (ours would be disallowed special text), and lstrip/rstrip/single_word
+    change what surrounds it."""
+    out = {}
+    for t in tokens:
+        content, i = t.get("content"), t.get("id")
+        if not isinstance(content, str) or not isinstance(i, int):
+            raise UserError(f"{path}: an added token needs a string content and an integer id, got {t!r}")
+        if not t.get("special", True):
+            raise UserError(f"{path}: added token {content!r} is not special; tritongpt's encoder has no such tokens")
+        for option in ("lstrip", "rstrip", "single_word"):
+            if t.get(option):
+                raise UserError(f"{path}: added token {content!r} sets {option}; tritongpt's encoder would give "
+                                "other ids")
+        out[content] = i
+    return out
+
+
+def _tokenizers_json_bpe(path):
+    """(vocab, merges as [(where, pair)], added tokens {spelling: id}) of the tokenizers library's
+    tokenizer.json, if it is a byte-level BPE this encoder reproduces (GPT-2's pre-tokenizer)."""
+    d = read_json_object(path)
+    model, pre, post = d.get("model"), d.get("pre_tokenizer") or {}, d.get("post_processor") or {}
+    if not isinstance(model, dict) or model.get("type") != "BPE" or not isinstance(model.get("vocab"), dict) \
+            or not isinstance(model.get("merges"), list):
+        raise UserError(f"{path}: not a byte-level BPE tokenizer (model.type BPE with vocab and merges)")
+    if not isinstance(pre, dict) or not isinstance(post, dict):
+        raise UserError(f"{path}: pre_tokenizer and post_processor must be JSON objects")
+    gpt2_pre = (pre.get("type"), pre.get("add_prefix_space"), pre.get("use_regex", True)) == ("ByteLevel", False, True)
+    adds = post.get("type") not in (None, "ByteLevel", "TemplateProcessing") or any(
+        isinstance(piece, dict) and "SpecialToken" in piece for piece in post.get("single") or [])
+    for differs, what in ((d.get("normalizer"), "a normalizer"),
+                          (not gpt2_pre, "not GPT-2's pre-tokenizer (ByteLevel with its regex, no prefix space)"),
+                          (adds, "a post-processor that adds tokens"),
+                          (any(model.get(k) for k in ("dropout", "ignore_merges", "byte_fallback")),
+                           "BPE options (dropout, ignore_merges, byte_fallback)")):
+        if differs:
+            raise UserError(f"{path} has {what}: tritongpt's encoder would give other ids")
+    added = _added_tokens([t for t in d.get("added_tokens") or [] if isinstance(t, dict)], path)
+    merges = [(f"{path} model.merges[{i}]", m) for i, m in enumerate(model["merges"])]
+    return model["vocab"], merges, added
+
+
 class BPETokenizer:
     """Byte-level BPE: `ranks` maps token bytes to ids 0..n-1; special tokens follow.
 
@@ -286,18 +331,20 @@ class BPETokenizer:
     def from_hf_folder(cls, folder) -> "BPETokenizer":
         """A Hugging Face GPT-2 tokenizer folder: vocab.json and merges.txt (as save_hf writes or a
         Hub snapshot holds), else the tokenizers library's tokenizer.json (what transformers 5's
-        save_pretrained writes alone); tokenizer_config.json / added_tokens.json name the tokens
-        that are no merge (<|endoftext|>, a pad token...). Options that change the ids (a prefix
-        space, an added BOS/EOS, a normalizer) are refused: this encoder does none of them."""
+        save_pretrained writes alone). Tokens that are no merge (<|endoftext|>, a pad token...)
+        are named by tokenizer_config.json / special_tokens_map.json, and added with their ids by
+        added_tokens.json, tokenizer_config's added_tokens_decoder or tokenizer.json. Whatever
+        would give other ids than this encoder's is refused: a prefix space, an added BOS/EOS, a
+        normalizer, an added token that strips spaces or is not special."""
         folder = Path(folder)
-        named = [EOT]
-        for name in ("tokenizer_config.json", "added_tokens.json"):
+        named, added = [EOT], {}  # added: spelling -> id, beyond vocab.json
+        for name in ("tokenizer_config.json", "special_tokens_map.json", "added_tokens.json"):
             path = folder / name
             if not path.is_file():
                 continue
             d = read_json_object(path)
             if name == "added_tokens.json":
-                named += list(d)
+                added.update(d)
                 continue
             for option in ("add_prefix_space", "add_bos_token", "add_eos_token"):
                 if d.get(option):
@@ -307,41 +354,27 @@ class BPETokenizer:
                 named += [value] if isinstance(value, str) else list(
                     value.values() if isinstance(value, dict) else value)
             named += [d.get(k) for k in ("bos_token", "eos_token", "unk_token", "pad_token")]
-            added = d.get("added_tokens_decoder")
-            named += list(added.values()) if isinstance(added, dict) else []
-        specials = []
-        for t in named:  # a plain string, or an AddedToken written as {"content": ...}
-            t = t.get("content") if isinstance(t, dict) else t
-            if isinstance(t, str) and t not in specials:
-                specials.append(t)
+            decoder = d.get("added_tokens_decoder")
+            if isinstance(decoder, dict):
+                tokens = [dict(t, id=int(i)) for i, t in decoder.items() if isinstance(t, dict)]
+                added.update(_added_tokens(tokens, path))
         if (folder / "vocab.json").is_file() or not (folder / RUN_TOKENIZER).is_file():
-            return cls.from_gpt2_files(folder / "vocab.json", folder / "merges.txt", specials, name=folder.name)
-        return cls._from_tokenizers_json(folder / RUN_TOKENIZER, specials, folder.name)
-
-    @classmethod
-    def _from_tokenizers_json(cls, path, specials, name) -> "BPETokenizer":
-        """The tokenizers library's tokenizer.json of a byte-level BPE with GPT-2's pre-tokenizer."""
-        d = read_json_object(path)
-        model = d.get("model")
-        if not isinstance(model, dict) or model.get("type") != "BPE" or not isinstance(model.get("vocab"), dict) \
-                or not isinstance(model.get("merges"), list):
-            raise UserError(f"{path}: not a byte-level BPE tokenizer (model.type BPE with vocab and merges)")
-        pre, post = d.get("pre_tokenizer") or {}, d.get("post_processor") or {}
-        gpt2_pre = (pre.get("type"), pre.get("add_prefix_space"), pre.get("use_regex", True)) == ("ByteLevel", False, True)
-        adds = post.get("type") not in (None, "ByteLevel", "TemplateProcessing") or any(
-            "SpecialToken" in piece for piece in post.get("single", []))
-        for differs, what in ((d.get("normalizer"), "a normalizer"),
-                              (not gpt2_pre, "not GPT-2's pre-tokenizer (ByteLevel with its regex, no prefix space)"),
-                              (adds, "a post-processor that adds tokens"),
-                              (any(model.get(k) for k in ("dropout", "ignore_merges", "byte_fallback")),
-                               "BPE options (dropout, ignore_merges, byte_fallback)")):
-            if differs:
-                raise UserError(f"{path} has {what}: tritongpt's encoder would give other ids")
-        added = [t for t in d.get("added_tokens") or [] if isinstance(t, dict)]
-        encoder = {**model["vocab"], **{t.get("content"): t.get("id") for t in added}}
-        specials = list(specials) + [t.get("content") for t in added]
-        merges = [(f"{path} model.merges[{i}]", m) for i, m in enumerate(model["merges"])]
-        return cls._from_encoder_and_merges(encoder, merges, specials, str(path), str(path), name)
+            vocab_json, merges_txt = folder / "vocab.json", folder / "merges.txt"
+            for p in (vocab_json, merges_txt):
+                if not p.is_file():
+                    raise UserError(f"GPT-2 tokenizer file not found: {p}")
+            encoder = read_json_object(vocab_json)
+            lines = merges_txt.read_text(encoding="utf-8").split("\n")
+            merges = [(f"{merges_txt}:{n}", ln) for n, ln in enumerate(lines[1:], start=2) if ln]
+            where = (str(vocab_json), str(merges_txt))
+        else:
+            encoder, merges, more = _tokenizers_json_bpe(folder / RUN_TOKENIZER)
+            added.update(more)
+            where = (str(folder / RUN_TOKENIZER),) * 2
+        encoder = {**encoder, **added}
+        specials = [t.get("content") if isinstance(t, dict) else t for t in named + list(added)]
+        return cls._from_encoder_and_merges(encoder, merges, [t for t in specials if isinstance(t, str)],
+                                            *where, folder.name)
 
     @classmethod
     def from_tiktoken(cls, enc, name: str = None) -> "BPETokenizer":

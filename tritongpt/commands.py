@@ -131,14 +131,14 @@ def cmd_export(args):
     source = resolve_checkpoint(args.checkpoint)
     run_files = [n for n in ("state.pt", "metrics.jsonl", RUN_TOKENIZER) if (out / n).is_file()
                  and (n != RUN_TOKENIZER or _is_ours(out / n))] + [p.name for p in out.glob("ckpt-*")][:1]
-    if run_files or (out.is_dir() and out.resolve() == source.parent.resolve()):
+    if run_files or (out.is_dir() and out.resolve() in (source.parent.resolve(), source.resolve().parent)):
         raise UserError(f"--out {out} is a tritongpt run or checkpoint folder ({', '.join(run_files) or source.name}): "
                         "export into a folder of its own")
     # what transformers reads in a model folder: all of it replaced, none of it left from before
     hf_files = ("model.safetensors", "config.json", "vocab.json", "merges.txt", "tokenizer_config.json",
                 EXPORT_TOKENIZER, RUN_TOKENIZER, "special_tokens_map.json", "added_tokens.json",
                 "generation_config.json", "model.safetensors.index.json", "pytorch_model.bin",
-                "pytorch_model.bin.index.json")
+                "pytorch_model.bin.index.json", "chat_template.jinja", "chat_template.json")
     taken = [n for n in hf_files if (out / n).exists()]
     if taken and not args.overwrite:
         raise UserError(f"{out} already holds {', '.join(taken)}: pass --overwrite or another --out")
