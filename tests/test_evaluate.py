@@ -121,3 +121,37 @@ def test_eval_on_a_gpu_in_bf16_agrees_across_paths():
     model.set_kernels("triton")
     tri = evaluate_tokens(model, tokens, dtype=torch.bfloat16)["loss"]
     assert math.isfinite(tri) and abs(tri - ref) / ref < 1e-2 and abs(tri - fp32) / fp32 < 1e-2
+
+
+def test_a_pretraining_run_is_scored_on_its_own_held_out_tail(tmp_path, capsys):
+    """Without --data / --val-fraction, eval scores exactly the tokens the run held out (its
+    data and its split, recorded in the checkpoint), not a default tail that may overlap what the
+    model trained on; asking for an overlapping split is noted. Bad sizes are one-line errors."""
+    from tritongpt.train.data import load_text
+    from tritongpt.train.tokenizer import BPETokenizer
+
+    text = load_text("pydoc")[:12000]
+    (tmp_path / "small.txt").write_text(text)
+    BPETokenizer.train(text, 300, name="small").save(tmp_path / "tok.json")
+    run, cache = tmp_path / "run", str(tmp_path / "cache")
+    assert main(["pretrain", "--data", str(tmp_path / "small.txt"), "--tokenizer", str(tmp_path / "tok.json"),
+                 "--cache-dir", cache, "--out-dir", str(run), "--device", "cpu", "--kernels", "reference",
+                 "--block-size", "32", "--batch-size", "2", "--max-steps", "2", "--val-fraction", "0.03",
+                 "--eval-every", "0", "--sample-tokens", "0"]) == 0
+    capsys.readouterr()
+    meta = json.loads((tmp_path / "cache" / "tokens.json").read_text())
+    n, train = meta["n_tokens"], meta["split"]
+    assert main(["eval", "--weights", str(run), "--cache-dir", cache, "--json"]) == 0
+    got = json.loads(capsys.readouterr().out)
+    assert got["data"] == str(tmp_path / "small.txt") and got["tokens"] == n - train - 1
+    assert main(["eval", "--weights", str(run), "--cache-dir", cache, "--val-fraction", "0.5", "--json"]) == 0
+    out = capsys.readouterr()
+    assert json.loads(out.out)["tokens"] == n - (n - round(n * 0.5)) - 1
+    assert "inside the" in out.err and "tokens the model was trained on" in out.err
+    for bad, said in ((["--batch-size", "0"], "--batch-size must be at least 1"),
+                      (["--max-tokens", "1"], "--max-tokens must be at least 2"),
+                      (["--val-fraction", "1"], "--val-fraction must be in (0, 1)"),
+                      (["--data", str(tmp_path / "tok.json"), "--val-fraction", "0.99999999"],
+                       "leaves no tokens before the val split")):
+        assert main(["eval", "--weights", str(run), "--cache-dir", cache, *bad]) == 2, bad
+        assert said in capsys.readouterr().err

@@ -1,9 +1,10 @@
 """`tritongpt eval`: a model's loss, perplexity and bits per byte on a corpus.
 
-The text is tokenised once (the same cache pretraining uses) and scored in windows of the
-model's context. With stride = context (the default) the windows do not overlap: each token is
-predicted from the tokens before it in its own window, so the first tokens of a window see little
-context. A smaller stride slides the window and scores only the tokens the previous window did
+Default text: a pretraining run's own held-out tail (the checkpoint records its data and how
+many tokens it trained on), else the embedded corpus's last 10%. The text is tokenised once
+(the same cache pretraining uses) and scored in windows of the model's context. With stride =
+context (the default) the windows do not overlap: each token is predicted from the tokens before
+it in its own window, so the first tokens of a window see little context. A smaller stride slides the window and scores only the tokens the previous window did
 not (Hugging Face's "perplexity of fixed-length models"): every token but the first window's
 sees at least context - stride tokens, at context / stride times the cost.
 
@@ -96,29 +97,68 @@ def evaluate_tokens(model, tokens, stride=None, batch_size: int = 8, dtype=None,
     return out
 
 
+def pretrain_data(weights) -> dict | None:
+    """What a pretraining checkpoint records of its data (source, source_hash, train_tokens: the
+    tokens before its held-out tail), or None for other checkpoints and bare weight files."""
+    from tritongpt.train.common import load_state, resolve_checkpoint
+
+    state_dir = resolve_checkpoint(weights).parent
+    if not (state_dir / "state.pt").is_file():
+        return None
+    data = load_state(state_dir).get("data")
+    data = data[0] if isinstance(data, list) and data else data
+    keys = ("source", "source_hash", "train_tokens")
+    return data if isinstance(data, dict) and all(k in data for k in keys) else None
+
+
 def cmd_eval(args):
+    import numpy as np
+
     from tritongpt.train import data
     from tritongpt.train.common import pick_device, pick_dtype
     from tritongpt.train.gpt2_weights import load_checkpoint
     from tritongpt.train.sft import pick_tokenizer
 
+    if args.batch_size < 1:
+        raise UserError(f"--batch-size must be at least 1, got {args.batch_size}")
+    if args.max_tokens is not None and args.max_tokens < 2:
+        raise UserError(f"--max-tokens must be at least 2, got {args.max_tokens}")
+    fraction = 0.1 if args.val_fraction is None else args.val_fraction
+    if args.split == "val" and not 0.0 < fraction < 1.0:
+        raise UserError(f"--val-fraction must be in (0, 1) with --split val, got {args.val_fraction}")
     device = pick_device(args.device)
     model = load_checkpoint(args.weights, args.model).to(device)
     model.set_kernels(args.kernels)
     tok = pick_tokenizer(args.tokenizer, args.weights, model.config.vocab_size)
-    if args.split == "val" and not 0.0 < args.val_fraction < 1.0:
-        raise UserError(f"--val-fraction must be in (0, 1) with --split val, got {args.val_fraction}")
-    source = {"source": args.data, "text_field": args.text_field}
-    td = data.prepare_tokens(source, tok, cache_dir=args.cache_dir,
-                             val_fraction=args.val_fraction if args.split == "val" else 0.0)
-    tokens = td.val if args.split == "val" else td.train
+    run = pretrain_data(args.weights)
+    source = args.data if args.data is not None else (run["source"] if run else None)
+    try:
+        td = data.prepare_tokens({"source": source, "text_field": args.text_field}, tok, cache_dir=args.cache_dir,
+                                 val_fraction=fraction if args.split == "val" else 0.0)
+    except UserError as e:
+        if args.data is not None or not run:
+            raise
+        raise UserError(f"{e}; it is the data the run of {args.weights} trained on: pass --data") from None
+    if args.split == "all":
+        tokens = td.train
+    elif run and td.meta["source_hash"] == run["source_hash"] and td.meta["tokenizer_hash"] == tok.hash:
+        # the run's own data: its own split, unless --val-fraction asks for another
+        everything = np.concatenate([td.train, td.val])
+        start = run["train_tokens"] if args.val_fraction is None else len(td.train)
+        tokens = everything[start:]
+        if start < run["train_tokens"]:
+            print(f"note: this val split starts at token {start:,}, inside the {run['train_tokens']:,} tokens "
+                  "the model was trained on; without --val-fraction eval scores the run's own held-out tail",
+                  file=sys.stderr)
+    else:
+        tokens = td.val
+        if not len(td.train):
+            raise UserError(f"--val-fraction {fraction} leaves no tokens before the val split: use --split all")
     if args.max_tokens is not None:
-        if args.max_tokens < 2:
-            raise UserError(f"--max-tokens must be at least 2, got {args.max_tokens}")
         tokens = tokens[:args.max_tokens]
     if len(tokens) < 2:
-        raise UserError(f"the {args.split} split of {args.data or 'pydoc'} has {len(tokens)} tokens: "
-                        "too few to score (a smaller --val-fraction, or --split all)")
+        raise UserError(f"the {args.split} split of {source or 'pydoc'} has {len(tokens)} tokens: "
+                        "too few to score (a larger --val-fraction, or --split all)")
     specials = set(tok.special_tokens.values())  # document separators: no text, no bytes
 
     def text_bytes(ids):
@@ -126,7 +166,7 @@ def cmd_eval(args):
 
     result = evaluate_tokens(model, torch.from_numpy(tokens.astype("int64")), args.stride, args.batch_size,
                              pick_dtype(args.dtype, device), text_bytes, progress=not args.json)
-    result.update(weights=str(args.weights), data=str(args.data or "pydoc"), split=args.split,
+    result.update(weights=str(args.weights), data=str(source or "pydoc"), split=args.split,
                   tokenizer=tok.name, context=model.config.context_length,
                   stride=args.stride or model.config.context_length, kernels=sorted(model.kernels) or ["reference"],
                   device=str(device))
@@ -150,12 +190,14 @@ def add_cli(sub):
     p.add_argument("--weights", required=True,
                    help="tritongpt checkpoint (file, checkpoint or run folder) or Hugging Face GPT-2 model.safetensors")
     p.add_argument("--data", default=None, help="a file, a folder of .txt files, a .jsonl file, or 'pydoc' / "
-                                                "'stdlib' (default: the embedded pydoc corpus)")
+                                                "'stdlib' (default: a pretraining run's own data, else the "
+                                                "embedded pydoc corpus)")
     p.add_argument("--text-field", default="text", help="field holding the text in .jsonl rows (default %(default)s)")
     p.add_argument("--split", choices=("val", "all"), default="val",
-                   help="val: the held-out tail pretraining keeps out (--val-fraction); all: every token "
-                        "(default %(default)s)")
-    p.add_argument("--val-fraction", type=float, default=0.1, help="as pretrain's (default %(default)s)")
+                   help="val: the held-out tail (a pretraining run's own, on its data; else --val-fraction); "
+                        "all: every token (default %(default)s)")
+    p.add_argument("--val-fraction", type=float, default=None,
+                   help="the held-out tail's share, as pretrain's (default: the run's split, else 0.1)")
     p.add_argument("--tokenizer", help="default | gpt2 | a tokenizer file or folder (default: the one saved with "
                                        "--weights, else by vocab size)")
     p.add_argument("--stride", type=int, default=None,
