@@ -81,6 +81,8 @@ def autotune_timings(cache_dir, kernels=None) -> list:
     [median, p20, p80] ms, fastest first; None where the config could not run (out of resources).
     The bench's own JSON keeps only the pick; these timings say how close the others came.
     Kernels and keys are named as in the results' "autotune" list (kernels: _tuned_kernel_names())."""
+    from tritongpt.kernels._common import named_key
+
     kernels = _tuned_kernel_names() if kernels is None else kernels
     out = []
     for path in sorted(Path(cache_dir).glob("*/*.autotune.json")):
@@ -99,12 +101,8 @@ def autotune_timings(cache_dir, kernels=None) -> list:
         function = path.name[:-len(".autotune.json")]
         name, key_names = kernels.get(function, (function, []))
         key = list(saved.get("key") or [])
-        entry = {"kernel": name, "function": function, "key": dict(zip(key_names, key)),
-                 "dtypes": list(dict.fromkeys(str(v).replace("torch.", "") for v in key[len(key_names):])),
-                 "timings": timings}
-        if not key_names:
-            entry.update(key=key, dtypes=[])  # not one of ours: the key as Triton wrote it
-        out.append(entry)
+        values, dtypes = named_key(key_names, key) if key_names else (key, [])  # not ours: Triton's key
+        out.append({"kernel": name, "function": function, "key": values, "dtypes": dtypes, "timings": timings})
     return out
 
 

@@ -194,20 +194,25 @@ def autotuned(name: str, tuner):
     return tuner
 
 
+def named_key(names, key) -> tuple:
+    """Triton's autotune cache key (the `key` arguments' values, then the dtype of every tensor
+    argument) as ({key name: value}, [dtype, ...]), each dtype once, in order."""
+    key = list(key)
+    dtypes = dict.fromkeys(str(v).replace("torch.", "") for v in key[len(names):])
+    return dict(zip(names, key)), list(dtypes)
+
+
 def autotune_choices() -> list:
     """Every configuration autotune has picked in this process, one dict per (kernel, key):
     {"kernel", "key": {key name: value}, "dtypes": [...], "config": {meta-parameters,
-    num_warps, num_stages}}. Triton keys its cache by the `key` arguments' values followed by
-    the dtype of every tensor argument; those dtypes are listed once each, in order."""
+    num_warps, num_stages}}."""
     out = []
     for name, tuner in AUTOTUNED.items():
         cache = getattr(tuner, "cache", None)
         if not isinstance(cache, dict):
             continue  # a plain JITFunction (interpreter): no search ran
-        names = list(tuner.keys)
         for key, cfg in cache.items():
-            values, dtypes = list(key[:len(names)]), list(dict.fromkeys(str(v) for v in key[len(names):]))
+            values, dtypes = named_key(list(tuner.keys), key)
             config = dict(cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-            out.append({"kernel": name, "key": dict(zip(names, values)),
-                        "dtypes": [d.replace("torch.", "") for d in dtypes], "config": config})
+            out.append({"kernel": name, "key": values, "dtypes": dtypes, "config": config})
     return out

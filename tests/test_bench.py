@@ -942,7 +942,9 @@ def test_autotune_timings_read_tritons_saved_searches(tmp_path):
     (entry,) = report.autotune_timings(tmp_path, kernels=named)
     assert entry["kernel"] == "attention.forward" and entry["function"] == "_attn_fwd"
     assert entry["key"] == {"HEAD_DIM": 64, "IS_CAUSAL": True, "Q_BUCKET": 1024} and entry["dtypes"] == ["bfloat16"]
-    assert got["kernel"] == "attention.forward" or got["key"] == [64, True, 1024, "torch.bfloat16"]
+    # the saved file names it from the registry too (its key names are the GPU autotuner's, so the
+    # key's shape differs between a GPU and the interpreter: only the names are compared here)
+    assert got["kernel"] == "attention.forward" and got["function"] == "_attn_fwd"
     assert report._tuned_kernel_names()["_matmul_kernel"] == ("mlp.matmul", [
         "M_BUCKET", "N", "K_BUCKET", "EPILOGUE", "B_GELU", "HAS_BIAS", "stride_ak", "stride_bn"])
     assert [t["config"]["BLOCK_M"] for t in got["timings"]] == [64, 32, 256]

@@ -528,7 +528,7 @@ def test_a_tokenizers_library_file_reads_back_as_the_same_tokenizer(corpus, tmp_
     if (fast / "vocab.json").is_file():  # an older transformers also writes the two files: use the JSON
         (fast / "vocab.json").unlink()
         (fast / "merges.txt").unlink()
-    assert tkz.is_hf_tokenizer_folder(fast) and not tkz._is_ours(fast / "tokenizer.json")
+    assert tkz.is_hf_tokenizer_folder(fast) and not tkz.is_ours(fast / "tokenizer.json")
     back = get_tokenizer(fast)
     assert back.hash == tok.hash and back.special_tokens == tok.special_tokens
     d = json.loads((fast / "tokenizer.json").read_text(encoding="utf-8"))

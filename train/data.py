@@ -152,6 +152,7 @@ class TokenData:
     val: np.ndarray
     meta: dict
     path: Path
+    tokens: np.ndarray = None  # all of them, train then val (the same memmap)
 
 
 def token_dtype(vocab_size: int):
@@ -233,7 +234,7 @@ def prepare_tokens(source, tokenizer, cache_dir=None, val_fraction: float = 0.1,
     if n == 0:
         raise UserError(f"{source}: tokenised to zero tokens")
     tokens = np.memmap(bin_path, dtype=dtype, mode="r", shape=(n,))
-    return TokenData(train=tokens[:split], val=tokens[split:], meta=meta, path=bin_path)
+    return TokenData(train=tokens[:split], val=tokens[split:], meta=meta, path=bin_path, tokens=tokens)
 
 
 # -- batches --------------------------------------------------------------------------------------

@@ -14,12 +14,14 @@ sees at least context - stride tokens, at context / stride times the cost.
                 tokens, e.g. document separators, spell none): comparable across
                 tokenizers, which perplexity per token is not
 """
+import itertools
 import json
 import math
 import sys
 import time
 
 import torch
+from tqdm import tqdm
 
 from tritongpt.errors import UserError
 
@@ -61,19 +63,15 @@ def evaluate_tokens(model, tokens, stride=None, batch_size: int = 8, dtype=None,
     spans = windows(tokens.numel(), ctx, ctx if stride is None else stride)
     was_training = model.training
     model.eval()
-    total_nats, scored, n_bytes = 0.0, 0, 0
+    # windows of one length batch together (only the ones at the end are shorter)
+    batches = []
+    for _, same in itertools.groupby(spans, lambda s: s[1] - s[0]):
+        same = list(same)
+        batches += [same[k:k + batch_size] for k in range(0, len(same), batch_size)]
+    total, scored, n_bytes = torch.zeros((), dtype=torch.float64, device=device), 0, 0
     start = time.perf_counter()
     try:
-        from tqdm import tqdm
-
-        bar = tqdm(total=len(spans), desc="eval", unit="window", disable=not progress, file=sys.stderr)
-        i = 0
-        while i < len(spans):
-            length = spans[i][1] - spans[i][0]
-            group = [spans[i]]  # windows of one length batch together (only the last is shorter)
-            while len(group) < batch_size and i + len(group) < len(spans) and \
-                    spans[i + len(group)][1] - spans[i + len(group)][0] == length:
-                group.append(spans[i + len(group)])
+        for group in tqdm(batches, desc="eval", unit="batch", disable=not progress, file=sys.stderr):
             idx = torch.stack([tokens[b:e] for b, e, _ in group])
             targets = torch.stack([tokens[b + 1:e + 1] for b, e, _ in group])
             for row, (b, _, first) in enumerate(group):
@@ -82,13 +80,10 @@ def evaluate_tokens(model, tokens, stride=None, batch_size: int = 8, dtype=None,
                     n_bytes += token_bytes(targets[row, first - (b + 1):].tolist())
             scored += int((targets != -100).sum())
             with autocast(device, dtype):
-                loss = model(idx.to(device), targets=targets.to(device), reduction="sum")
-            total_nats += float(loss.double())
-            i += len(group)
-            bar.update(len(group))
-        bar.close()
+                total += model(idx.to(device), targets=targets.to(device), reduction="sum").double()
     finally:
         model.train(was_training)
+    total_nats = float(total)  # one host sync, at the end
     loss = total_nats / scored
     out = {"tokens": scored, "windows": len(spans), "loss": loss, "perplexity": math.exp(min(loss, 700.0)),
            "seconds": time.perf_counter() - start}
@@ -112,8 +107,6 @@ def pretrain_data(weights) -> dict | None:
 
 
 def cmd_eval(args):
-    import numpy as np
-
     from tritongpt.train import data
     from tritongpt.train.common import pick_device, pick_dtype
     from tritongpt.train.gpt2_weights import load_checkpoint
@@ -140,12 +133,11 @@ def cmd_eval(args):
             raise
         raise UserError(f"{e}; it is the data the run of {args.weights} trained on: pass --data") from None
     if args.split == "all":
-        tokens = td.train
+        tokens = td.tokens
     elif run and td.meta["source_hash"] == run["source_hash"] and td.meta["tokenizer_hash"] == tok.hash:
         # the run's own data: its own split, unless --val-fraction asks for another
-        everything = np.concatenate([td.train, td.val])
         start = run["train_tokens"] if args.val_fraction is None else len(td.train)
-        tokens = everything[start:]
+        tokens = td.tokens[start:]
         if start < run["train_tokens"]:
             print(f"note: this val split starts at token {start:,}, inside the {run['train_tokens']:,} tokens "
                   "the model was trained on; without --val-fraction eval scores the run's own held-out tail",

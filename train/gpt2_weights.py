@@ -202,7 +202,6 @@ def _hf_tensors(model: GPTModel) -> dict:
     cfg = model.config
     sd = {k: v.detach() for k, v in model.state_dict().items()}
     V = cfg.vocab_size
-
     emb = sd["tok_emb.weight"]
 
     def bias(name, n):
@@ -227,8 +226,8 @@ def _hf_tensors(model: GPTModel) -> dict:
     out = {"transformer." + k: v for k, v in hf.items()}
     if not cfg.tie_weights:
         out["lm_head.weight"] = sd["out_head.weight"][:V]
-    # safetensors stores each tensor whole and alone: no views of one another, no strides
-    return {k: v.contiguous().clone() for k, v in out.items()}
+    # safetensors stores each tensor whole and alone, on the CPU: no views of one another, no strides
+    return {k: v.to("cpu", memory_format=torch.contiguous_format, copy=True) for k, v in out.items()}
 
 
 def hf_config(cfg: GPTConfig, eos_token_id: int | None = None) -> dict:
@@ -256,8 +255,7 @@ def export_gpt2(model: GPTModel, out_dir, eos_token_id: int | None = None, overw
         raise UserError(f"{out} already holds a model (model.safetensors / config.json): pass --overwrite "
                         "or another folder")
     out.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.cpu() for k, v in _hf_tensors(model).items()}
-    save_file(tensors, str(paths[0]), metadata={"format": "pt"})  # transformers requires format=pt
+    save_file(_hf_tensors(model), str(paths[0]), metadata={"format": "pt"})  # transformers requires format=pt
     readable_like_other_files(paths[0])
     paths[1].write_text(json.dumps(hf_config(model.config, eos_token_id), indent=2) + "\n", encoding="utf-8")
     return paths

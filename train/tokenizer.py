@@ -199,6 +199,22 @@ def train_ranks(text: str, vocab_size: int, special_tokens=(EOT,), pat_str: str 
 
 
 # -- the tokenizer -------------------------------------------------------------------------------
+def _read_gpt2_files(encoder_json, vocab_bpe):
+    """(encoder.json as read, merges as [(where, "a b")]) of OpenAI's / Hugging Face's files."""
+    for p in (encoder_json, vocab_bpe):
+        if not os.path.isfile(p):
+            raise UserError(f"GPT-2 tokenizer file not found: {p}")
+    try:
+        with open(encoder_json, encoding="utf-8") as f:
+            encoder = json.load(f)
+    except json.JSONDecodeError as e:
+        raise UserError(f"{encoder_json}: not valid JSON ({e.msg} at line {e.lineno})") from None
+    with open(vocab_bpe, encoding="utf-8") as f:
+        lines = f.read().split("\n")
+    # the first line is a "#version" header
+    return encoder, [(f"{vocab_bpe}:{n}", ln) for n, ln in enumerate(lines[1:], start=2) if ln]
+
+
 def _added_tokens(tokens, path) -> dict:
     """{spelling: id} of Hugging Face added tokens ({"id", "content", "special", "lstrip", ...}),
     refusing the ones this encoder cannot reproduce: Hugging Face cuts a non-special added token
@@ -294,18 +310,7 @@ class BPETokenizer:
         The ids come from encoder.json; vocab.bpe is checked against them: merge i must create
         token 256 + i from two existing tokens, which is what makes id == rank.
         """
-        for p in (encoder_json, vocab_bpe):
-            if not os.path.isfile(p):
-                raise UserError(f"GPT-2 tokenizer file not found: {p}")
-        try:
-            with open(encoder_json, encoding="utf-8") as f:
-                encoder = json.load(f)
-        except json.JSONDecodeError as e:
-            raise UserError(f"{encoder_json}: not valid JSON ({e.msg} at line {e.lineno})") from None
-        with open(vocab_bpe, encoding="utf-8") as f:
-            lines = f.read().split("\n")
-        # the first line is a "#version" header
-        merges = [(f"{vocab_bpe}:{n}", ln) for n, ln in enumerate(lines[1:], start=2) if ln]
+        encoder, merges = _read_gpt2_files(encoder_json, vocab_bpe)
         return cls._from_encoder_and_merges(encoder, merges, specials, str(encoder_json), str(vocab_bpe), name)
 
     @classmethod
@@ -359,19 +364,13 @@ class BPETokenizer:
                 tokens = [dict(t, id=int(i)) for i, t in decoder.items() if isinstance(t, dict)]
                 added.update(_added_tokens(tokens, path))
         if (folder / "vocab.json").is_file() or not (folder / RUN_TOKENIZER).is_file():
-            vocab_json, merges_txt = folder / "vocab.json", folder / "merges.txt"
-            for p in (vocab_json, merges_txt):
-                if not p.is_file():
-                    raise UserError(f"GPT-2 tokenizer file not found: {p}")
-            encoder = read_json_object(vocab_json)
-            lines = merges_txt.read_text(encoding="utf-8").split("\n")
-            merges = [(f"{merges_txt}:{n}", ln) for n, ln in enumerate(lines[1:], start=2) if ln]
-            where = (str(vocab_json), str(merges_txt))
+            encoder, merges = _read_gpt2_files(folder / "vocab.json", folder / "merges.txt")
+            where = (str(folder / "vocab.json"), str(folder / "merges.txt"))
         else:
             encoder, merges, more = _tokenizers_json_bpe(folder / RUN_TOKENIZER)
             added.update(more)
             where = (str(folder / RUN_TOKENIZER),) * 2
-        encoder = {**encoder, **added}
+        encoder = {**encoder, **added} if isinstance(encoder, dict) else encoder  # (a non-object is named below)
         specials = [t.get("content") if isinstance(t, dict) else t for t in named + list(added)]
         return cls._from_encoder_and_merges(encoder, merges, [t for t in specials if isinstance(t, str)],
                                             *where, folder.name)
@@ -663,13 +662,13 @@ def saved_tokenizer_path(init):
     base = p if p.is_dir() else p.parent
     # nearest first: the weights' own folder (ours, then Hugging Face's files: a Hub snapshot,
     # or `tritongpt export`'s folder), then the run folder above a checkpoint
-    for candidate in (base / RUN_TOKENIZER, base / EXPORT_TOKENIZER, base, base.parent / RUN_TOKENIZER):
-        if candidate == base:
-            if is_hf_tokenizer_folder(base):
-                return base
-        elif candidate.is_file() and _is_ours(candidate):
-            return candidate
-    return None
+    for ours in (base / RUN_TOKENIZER, base / EXPORT_TOKENIZER):
+        if ours.is_file() and is_ours(ours):
+            return ours
+    if is_hf_tokenizer_folder(base):
+        return base
+    run = base.parent / RUN_TOKENIZER
+    return run if run.is_file() and is_ours(run) else None
 
 
 def is_hf_tokenizer_folder(path) -> bool:
@@ -679,10 +678,10 @@ def is_hf_tokenizer_folder(path) -> bool:
     if not p.is_dir():
         return False
     return ((p / "vocab.json").is_file() and (p / "merges.txt").is_file()) or \
-        ((p / RUN_TOKENIZER).is_file() and not _is_ours(p / RUN_TOKENIZER))
+        ((p / RUN_TOKENIZER).is_file() and not is_ours(p / RUN_TOKENIZER))
 
 
-def _is_ours(path) -> bool:
+def is_ours(path) -> bool:
     """Not Hugging Face's tokenizer.json (which sits beside model.safetensors in a Hub snapshot):
     JSON without our format is skipped; ours, or a file that does not parse, is taken (a damaged
     one is then reported by load rather than silently replaced by another tokenizer)."""

@@ -123,14 +123,14 @@ def cmd_export(args):
     from tritongpt.train.common import resolve_checkpoint
     from tritongpt.train.gpt2_weights import export_gpt2, load_checkpoint
     from tritongpt.train.sft import pick_tokenizer
-    from tritongpt.train.tokenizer import EOT, EXPORT_TOKENIZER, RUN_TOKENIZER, _is_ours
+    from tritongpt.train.tokenizer import EOT, EXPORT_TOKENIZER, RUN_TOKENIZER, is_ours
 
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file: name a folder")
     source = resolve_checkpoint(args.checkpoint)
     run_files = [n for n in ("state.pt", "metrics.jsonl", RUN_TOKENIZER) if (out / n).is_file()
-                 and (n != RUN_TOKENIZER or _is_ours(out / n))] + [p.name for p in out.glob("ckpt-*")][:1]
+                 and (n != RUN_TOKENIZER or is_ours(out / n))] + [p.name for p in out.glob("ckpt-*")][:1]
     if run_files or (out.is_dir() and out.resolve() in (source.parent.resolve(), source.resolve().parent)):
         raise UserError(f"--out {out} is a tritongpt run or checkpoint folder ({', '.join(run_files) or source.name}): "
                         "export into a folder of its own")
