@@ -222,7 +222,8 @@ def test_export_over_an_earlier_one_leaves_no_tokenizer_of_another_model(tmp_pat
 def test_export_keeps_out_of_run_folders_and_replaces_a_whole_model_folder(tmp_path, capsys):
     """--out may not be a run or checkpoint folder (its checkpoints would be shadowed or
     overwritten), even with --overwrite; over another model's folder, --overwrite removes every
-    file transformers would read from before (a tokenizer.json, a generation_config.json)."""
+    file transformers would read from before (a tokenizer.json, a generation_config.json, a peft
+    adapter, with which from_pretrained would load the adapter's base model instead)."""
     from tritongpt import cli
     from tritongpt.train.tokenizer import BPETokenizer, save_run_tokenizer
 
@@ -239,9 +240,10 @@ def test_export_keeps_out_of_run_folders_and_replaces_a_whole_model_folder(tmp_p
     old.mkdir()
     (old / "tokenizer.json").write_text(json.dumps({"version": "1.0", "model": {"type": "BPE"}}))
     (old / "generation_config.json").write_text(json.dumps({"eos_token_id": 4095}))
+    (old / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": "gpt2", "peft_type": "LORA"}))
     assert cli.main(["export", str(run), "--out", str(old)]) == 2
-    assert "already holds tokenizer.json, generation_config.json" in capsys.readouterr().err
+    assert "already holds tokenizer.json, generation_config.json, adapter_config.json" in capsys.readouterr().err
     assert cli.main(["export", str(run), "--out", str(old), "--overwrite"]) == 0
-    assert not (old / "tokenizer.json").exists() and not (old / "generation_config.json").exists()
+    assert {p.name for p in old.iterdir()}.isdisjoint({"tokenizer.json", "generation_config.json", "adapter_config.json"})
     assert transformers.AutoTokenizer.from_pretrained(old)("a cat")["input_ids"] == \
         BPETokenizer.load(run / "tokenizer.json").encode("a cat")
