@@ -247,3 +247,28 @@ def test_export_keeps_out_of_run_folders_and_replaces_a_whole_model_folder(tmp_p
     assert {p.name for p in old.iterdir()}.isdisjoint({"tokenizer.json", "generation_config.json", "adapter_config.json"})
     assert transformers.AutoTokenizer.from_pretrained(old)("a cat")["input_ids"] == \
         BPETokenizer.load(run / "tokenizer.json").encode("a cat")
+
+
+def test_an_export_folder_saved_again_by_transformers_uses_its_files(tmp_path, capsys):
+    """export writes Hugging Face's tokenizer files and ours from one tokenizer, and tritongpt
+    reads ours; once transformers saves the folder with a token added, its files win (ours
+    would encode the new token as plain bytes), with a note."""
+    from tritongpt import cli
+    from tritongpt.train.sft import pick_tokenizer
+    from tritongpt.train.tokenizer import BPETokenizer, save_run_tokenizer, saved_tokenizer_path
+
+    run, out = tmp_path / "run", tmp_path / "hf"
+    text = " ".join(f"the cat number {i} sat on mat {i * 7}, then the dog ran {i % 13} laps." for i in range(200))
+    save_run_tokenizer(BPETokenizer.train(text, 280, name="tiny"), run)
+    _random_model(vocab_size=288).save(run / "model.safetensors")
+    assert cli.main(["export", str(run), "--out", str(out)]) == 0
+    assert saved_tokenizer_path(out / "model.safetensors") == out / "tritongpt_tokenizer.json"
+    hf_tok = transformers.AutoTokenizer.from_pretrained(out)
+    hf_tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>"]})
+    hf_tok.save_pretrained(out)
+    capsys.readouterr()
+    assert saved_tokenizer_path(out / "model.safetensors") == out
+    assert "differ from tritongpt_tokenizer.json" in capsys.readouterr().err
+    tok = pick_tokenizer(None, out / "model.safetensors", 288)
+    text = "<|im_start|>the cat"
+    assert tok.vocab_size == 281 and tok.encode(text, allowed_special="all") == hf_tok(text)["input_ids"]

@@ -538,6 +538,23 @@ def test_a_tokenizers_library_file_reads_back_as_the_same_tokenizer(corpus, tmp_
         get_tokenizer(fast)
 
 
+def test_a_token_added_in_transformers_is_read_from_tokenizer_json(corpus, tmp_path):
+    """transformers 5 keeps a token added with add_special_tokens only in tokenizer.json (and its
+    name in tokenizer_config.json), also when vocab.json and merges.txt are there from before:
+    tokenizer.json is read first, as transformers does, so the token keeps its id."""
+    transformers = pytest.importorskip("transformers")
+    tok = BPETokenizer.train(corpus[:60_000], 300, name="hf")
+    tok.save_hf(tmp_path)
+    hf = transformers.GPT2TokenizerFast.from_pretrained(tmp_path)
+    hf.add_special_tokens({"additional_special_tokens": ["<|im_start|>"]})
+    hf.save_pretrained(tmp_path)
+    assert (tmp_path / "vocab.json").is_file() and "<|im_start|>" not in (tmp_path / "vocab.json").read_text()
+    back = BPETokenizer.from_hf_folder(tmp_path)
+    text = f"<|im_start|>a b{EOT}"
+    assert back.vocab_size == tok.vocab_size + 1
+    assert back.encode(text, allowed_special="all") == hf(text)["input_ids"]
+
+
 def test_added_tokens_keep_their_ids_or_are_refused(corpus, tmp_path):
     """A token added beyond vocab.json (transformers 4: added_tokens.json, or
     added_tokens_decoder) keeps its id as a special token; added tokens Hugging Face treats in

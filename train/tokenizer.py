@@ -23,6 +23,7 @@ import hashlib
 import heapq
 import json
 import os
+import sys
 from collections import Counter, defaultdict
 from pathlib import Path
 
@@ -334,9 +335,8 @@ class BPETokenizer:
 
     @classmethod
     def from_hf_folder(cls, folder) -> "BPETokenizer":
-        """A Hugging Face GPT-2 tokenizer folder: vocab.json and merges.txt (as save_hf writes or a
-        Hub snapshot holds), else the tokenizers library's tokenizer.json (what transformers 5's
-        save_pretrained writes alone). Tokens that are no merge (<|endoftext|>, a pad token...)
+        """A Hugging Face GPT-2 tokenizer folder: the tokenizers library's tokenizer.json (what
+        transformers' save_pretrained writes), else vocab.json and merges.txt (as save_hf writes). Tokens that are no merge (<|endoftext|>, a pad token...)
         are named by tokenizer_config.json / special_tokens_map.json, and added with their ids by
         added_tokens.json, tokenizer_config's added_tokens_decoder or tokenizer.json. Whatever
         would give other ids than this encoder's is refused: a prefix space, an added BOS/EOS, a
@@ -363,13 +363,16 @@ class BPETokenizer:
             if isinstance(decoder, dict):
                 tokens = [dict(t, id=int(i)) for i, t in decoder.items() if isinstance(t, dict)]
                 added.update(_added_tokens(tokens, path))
-        if (folder / "vocab.json").is_file() or not (folder / RUN_TOKENIZER).is_file():
+        # tokenizer.json first, as transformers reads it: beside vocab.json it is the newer
+        # serialization (transformers 5 keeps tokens added since only there)
+        hf_json = folder / RUN_TOKENIZER
+        if hf_json.is_file() and (not is_ours(hf_json) or not (folder / "vocab.json").is_file()):
+            encoder, merges, more = _tokenizers_json_bpe(hf_json)
+            added.update(more)
+            where = (str(hf_json),) * 2
+        else:
             encoder, merges = _read_gpt2_files(folder / "vocab.json", folder / "merges.txt")
             where = (str(folder / "vocab.json"), str(folder / "merges.txt"))
-        else:
-            encoder, merges, more = _tokenizers_json_bpe(folder / RUN_TOKENIZER)
-            added.update(more)
-            where = (str(folder / RUN_TOKENIZER),) * 2
         encoder = {**encoder, **added} if isinstance(encoder, dict) else encoder  # (a non-object is named below)
         specials = [t.get("content") if isinstance(t, dict) else t for t in named + list(added)]
         return cls._from_encoder_and_merges(encoder, merges, [t for t in specials if isinstance(t, str)],
@@ -664,11 +667,29 @@ def saved_tokenizer_path(init):
     # or `tritongpt export`'s folder), then the run folder above a checkpoint
     for ours in (base / RUN_TOKENIZER, base / EXPORT_TOKENIZER):
         if ours.is_file() and is_ours(ours):
+            if ours.name == EXPORT_TOKENIZER and is_hf_tokenizer_folder(base) and _hf_changed_since_export(base, ours):
+                return base
             return ours
     if is_hf_tokenizer_folder(base):
         return base
     run = base.parent / RUN_TOKENIZER
     return run if run.is_file() and is_ours(run) else None
+
+
+def _hf_changed_since_export(folder: Path, ours: Path) -> bool:
+    """`tritongpt export` writes the Hugging Face files and ours from one tokenizer. If they now
+    differ, transformers saved the folder since (tokens added, say), and its files are the ones
+    the weights go with: ours would encode the added tokens as plain bytes."""
+    try:
+        theirs = BPETokenizer.from_hf_folder(folder)
+    except UserError as e:
+        raise UserError(f"{folder} holds {ours.name} and Hugging Face tokenizer files that tritongpt cannot "
+                        f"read ({e}): remove one of them, or pass --tokenizer") from None
+    if theirs.hash == BPETokenizer.load(ours).hash:
+        return False
+    print(f"note: {folder}'s Hugging Face tokenizer files ({theirs.vocab_size} tokens) differ from {ours.name} "
+          f"(written by tritongpt export): using the Hugging Face files, saved since", file=sys.stderr)
+    return True
 
 
 def is_hf_tokenizer_folder(path) -> bool:
