@@ -768,3 +768,36 @@ def test_reward_rejects_zero_length():
     rm = RewardModel(GPTModel(GPTConfig(vocab_size=50, context_length=16, n_embd=16, n_layer=1, n_head=2)))
     with pytest.raises(UserError, match="lengths"):
         rm(torch.randint(0, 50, (1, 5)), torch.tensor([0]))
+
+
+@pytest.mark.parametrize("command", ["dpo", "rlhf"])
+def test_dpo_and_rlhf_pad_the_vocabulary_of_their_init(command, tmp_path):
+    """--vocab-multiple pads the --init model's embedding and LM head, as sft's does: the run is
+    the unpadded one (same losses, same gradient norms) and its checkpoints keep the padding."""
+    from tritongpt.cli import main
+    from tritongpt.model.config import get_config
+
+    torch.manual_seed(0)
+    init = tmp_path / "init" / "model.safetensors"
+    init.parent.mkdir()
+    GPTModel(get_config("tiny", vocab_size=4100)).save(init)
+    extra = ["--max-steps", "2", "--batch-size", "4", "--eval-every", "0"]
+    if command == "rlhf":
+        RewardModel(GPTModel(get_config("tiny", vocab_size=4100))).save(tmp_path / "rm.safetensors")
+        extra = ["--reward", str(tmp_path / "rm.safetensors"), "--iterations", "1", "--prompts-per-iter", "4",
+                 "--minibatch-size", "2", "--epochs", "1", "--max-new-tokens", "4", "--eval-prompts", "2",
+                 "--eval-samples", "1"]
+    rows = {}
+    for multiple in (None, 64):
+        out = tmp_path / f"run-{multiple}"
+        flag = ["--vocab-multiple", str(multiple)] if multiple else []
+        assert main([command, "--init", str(init), "--num-pairs", "32", "--out-dir", str(out), "--device", "cpu",
+                     "--seed", "0", *extra, *flag]) == 0
+        rows[multiple] = [r for r in MetricsLog(out / "metrics.jsonl").rows() if "grad_norm" in r]
+        saved = GPTModel.load(sorted(out.glob("ckpt-*"))[-1] / "model.safetensors")
+        assert saved.config.vocab_size == 4100 and saved.tok_emb.weight.shape[0] == (4160 if multiple else 4100)
+    assert rows[None] and len(rows[None]) == len(rows[64])
+    for plain, padded in zip(rows[None], rows[64]):
+        for key in ("loss", "policy_loss", "grad_norm", "reward", "entropy"):
+            if key in plain:
+                assert padded[key] == pytest.approx(plain[key], rel=1e-4, abs=1e-6), (key, plain, padded)

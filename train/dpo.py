@@ -156,13 +156,14 @@ def cmd_dpo(args):
 
 
 def add_cli(sub):
-    from tritongpt.commands import add_model_args
+    from tritongpt.commands import add_model_args, add_vocab_multiple_arg
     from tritongpt.train.loop import add_train_args
     from tritongpt.train.reward import add_data_args
 
     p = sub.add_parser("dpo", help="Direct Preference Optimization against a frozen SFT reference")
     add_model_args(p)
     add_data_args(p)
+    add_vocab_multiple_arg(p, None, "as the --init model has them")
     p.add_argument("--beta", type=float, default=0.1, help="DPO temperature beta (default %(default)s)")
     add_train_args(p, out_dir="runs/dpo", max_steps=300, batch_size=16, lr=1e-5, min_lr=1e-6,
                    warmup_steps=20, eval_every=50, ckpt_every=100, sample_every=0, weight_decay=0.0)

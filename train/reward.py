@@ -161,15 +161,18 @@ def train_reward_model(model: RewardModel, tokenizer, train_pairs, val_pairs, ar
 def build_backbone(args):
     """The reward/policy backbone: an SFT checkpoint (--init; anything `tritongpt sft --init` takes)
     or, for trying things out, a randomly initialised --model preset."""
+    from tritongpt.commands import vocab_multiple
     from tritongpt.model.config import get_config
 
+    multiple = vocab_multiple(args) if hasattr(args, "vocab_multiple") else None  # dpo and rlhf: an LM head
     if args.init:
         from tritongpt.train.sft import load_init_model
 
-        return load_init_model(args.init)
+        model = load_init_model(args.init)
+        return model if multiple is None else model.pad_vocab(multiple)
     print(f"note: no --init checkpoint: the backbone is a randomly initialised {args.model} "
           "(pass --init with an SFT run for a useful model)", file=sys.stderr)
-    return GPTModel(get_config(args.model, vocab_size=args.vocab_size))
+    return GPTModel(get_config(args.model, vocab_size=args.vocab_size, vocab_multiple=multiple or 1))
 
 
 def add_data_args(p):

@@ -646,7 +646,7 @@ _HELP = {
 
 
 def add_cli(sub):
-    from tritongpt.commands import add_model_args
+    from tritongpt.commands import add_model_args, add_vocab_multiple_arg
     from tritongpt.train.reward import add_data_args
 
     p = sub.add_parser("rlhf", help="RLHF against a reward model: PPO or GRPO",
@@ -655,6 +655,7 @@ def add_cli(sub):
                                    "scored by a reward model from `tritongpt reward`.")
     add_model_args(p)
     add_data_args(p)  # prompts come from the preference data (embedded tasks by default)
+    add_vocab_multiple_arg(p, None, "as the --init model has them")
     p.add_argument("--reward", help="reward model checkpoint (from `tritongpt reward`): file, checkpoint or run folder")
     d = RLArgs()
     g = p.add_argument_group("rl")

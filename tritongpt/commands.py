@@ -16,7 +16,7 @@ def add_model_args(p, default_model="tiny"):
 
 
 def add_vocab_multiple_arg(p, default, default_text):
-    """--vocab-multiple (GPTConfig.vocab_multiple), shared by pretrain, sft and bench train."""
+    """--vocab-multiple (GPTConfig.vocab_multiple), shared by pretrain, sft, dpo, rlhf and bench train."""
     p.add_argument("--vocab-multiple", type=int, default=default,
                    help="pad the embedding and LM head rows to a multiple of this (64 for GPT-2: 50257 -> "
                         f"50304, faster head matmuls on a GPU; default: {default_text})")
