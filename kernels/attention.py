@@ -14,9 +14,11 @@ Algorithm (Dao, "FlashAttention-2", 2023). Per (batch, head), with S = scale * Q
   backward  (1) preprocess: Delta = rowsum(O * dO), one float per query row.
             (2) dK/dV pass: one program owns a BLOCK_N tile of keys (K, V, dK, dV in SRAM) and
                 streams the query tiles that can see it, recomputing P = exp(S - L) from the
-                saved logsumexp: dV += P'^T dO, dS = P * (dP - Delta), dK += dS^T Q.
+                saved logsumexp: dV += P'^T dO, dP = dO V^T (with dropout: masked and scaled
+                by 1/(1-p), i.e. the gradient of the pre-dropout P), dS = P * (dP - Delta),
+                dK += scale * dS^T Q (the scale is applied once, when dK is stored).
             (3) dQ pass: one program owns a BLOCK_M tile of queries and streams K, V again:
-                dQ += dS K. Recomputing P twice is cheaper than storing it, and no atomics.
+                dQ += scale * dS K. Recomputing P twice is cheaper than storing it, and no atomics.
   base 2    the kernels compute in base 2 (exp2 is one MUFU instruction): scores are scaled by
             scale * log2(e), and the saved L is log2 of the row sum of 2^(scores), i.e. the
             natural logsumexp times log2(e); P = exp2(S' - L) is the same P as above.

@@ -60,8 +60,9 @@ def _ce_fwd_kernel(X, T, Loss, RowMax, LogSum, stride_x, N, V, W, ignore_index,
     m = tl.full([BLOCK_R, BLOCK_V], float("-inf"), tl.float32)
     s = tl.zeros([BLOCK_R, BLOCK_V], tl.float32)
     for start in range(0, W, BLOCK_V):
-        # masked at the row's width W, not at V: with a padded vocabulary W is a multiple of 16
-        # and the loads are 16-byte vectors; the padding columns are then set to -inf
+        # masked at the row's width W, not at V: with a vocabulary padded to a multiple of 16
+        # (vocab_multiple 64: 50304) the rows stay 16-byte aligned and the loads are 16-byte
+        # vectors; the padding columns are then set to -inf
         x = tl.load(x_rows + start + cols, mask=start + cols < W, other=float("-inf")).to(tl.float32)
         x = tl.where(start + cols < V, x, float("-inf"))
         m_new = tl.maximum(m, x)
@@ -154,7 +155,8 @@ def _checked_targets(targets: torch.Tensor, vocab: int, ignore_index: int) -> to
     int64 whatever the ids' dtype, so the check and the kernels compare ids with ignore_index
     alike (int32 ids compared in int32 would wrap an ignore_index of 2^32 - 100 to -100).
     The check costs a small reduction and one host sync, so it is an op of its own: torch.compile
-    keeps it out of its graph, and the fused LM head runs it once per call, not once per chunk.
+    keeps it as one opaque call (its data-dependent raise would otherwise break the graph), and
+    the fused LM head runs it once per call, not once per chunk.
     """
     flat = targets.reshape(-1).to(torch.int64, copy=True)
     if flat.is_cuda and torch.cuda.is_current_stream_capturing():

@@ -16,7 +16,7 @@ import torch.nn as nn
 
 
 class LayerNorm(nn.Module):
-    """y = (x - mean) / sqrt(var + eps) * scale + shift, over the last dimension.
+    """y = (x - mean) / sqrt(var + eps) * weight + bias, over the last dimension.
 
     The variance is the biased one (divide by N), as in GPT-2. Triton twin: kernels/layernorm.py.
     """
@@ -111,7 +111,7 @@ class MultiHeadAttention(nn.Module):
         return out
 
     def attend(self, q, k, v):
-        """Textbook attention core: softmax(q k^T / sqrt(d) + causal mask) v."""
+        """Textbook attention core: dropout(softmax(q k^T / sqrt(d) + causal mask)) v."""
         Tq, Tk = q.size(-2), k.size(-2)
         scores = q @ k.transpose(-2, -1) / math.sqrt(self.head_dim)
         scores = scores.masked_fill(self.mask[Tk - Tq:Tk, :Tk], float("-inf"))
