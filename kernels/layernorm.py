@@ -1,8 +1,10 @@
 """LayerNorm in Triton: forward (y, mean, rstd) and backward (dx, dweight, dbias).
 
 Reference module: `tritongpt.model.layers.LayerNorm` (y = (x - mean) / sqrt(var + eps) * w + b,
-biased variance over the last dimension). Same algorithm as Triton's 05-layer-norm tutorial,
-except that each program owns a contiguous group of rows and walks through it:
+biased variance over the last dimension). Triton's 05-layer-norm tutorial with three changes:
+each program owns a contiguous group of rows and walks through it, a row is one tile (one pass
+over x, not a loop over column blocks), and dweight/dbias are per-program partial sums (the
+tutorial reduces them through lock-protected buffers):
 
   * Tiling: the input is viewed as [M rows, N features]. The grid has a few programs per SM
     (at most 16 under the interpreter); program p takes rows [p*R, (p+1)*R) and loops over them
