@@ -47,7 +47,7 @@ import triton
 import triton.language as tl
 
 from tritongpt._env import triton_interpreting
-from tritongpt._types import is_int
+from tritongpt._types import is_int, is_real
 from tritongpt.kernels._common import (autocast_dtype, autotuned, cast, check_runnable, check_same_device,
                                        check_same_dtype, check_tensor, dot, first_order_only, on_tensor_device)
 
@@ -585,13 +585,30 @@ def _seed_tensor(seed, dropout_p):
     return _as_seed(seed)
 
 
+def _checked_scale(softmax_scale) -> float:
+    """softmax_scale as a float: a finite real number (numpy's too), not a bool, a string or a tensor.
+
+    A tensor would be read once by float(), silently cut from autograd (a learnable temperature
+    would get no gradient) and, under torch.compile, reach the op as a SymFloat it cannot take;
+    SDPA's scale refuses one too.
+    """
+    if isinstance(softmax_scale, torch.Tensor):
+        raise TypeError("softmax_scale must be a Python float, got a tensor; the kernel takes a constant scale "
+                        "(for a learnable temperature, scale q by it before the call: its gradient then flows)")
+    if not is_real(softmax_scale):
+        raise TypeError(f"softmax_scale must be a float, got {type(softmax_scale).__name__} {softmax_scale!r}")
+    if not math.isfinite(softmax_scale):
+        raise ValueError(f"softmax_scale must be finite, got {softmax_scale}")
+    return float(softmax_scale)
+
+
 def flash_attention(q, k, v, causal=True, softmax_scale=None, dropout_p=0.0, seed=None):
     """softmax(q k^T * scale + mask) with dropout, @ v, without the Tq x Tk matrix. Differentiable.
 
     q: [B, H, Tq, D]; k, v: [B, H, Tk, D], any strides (unit stride on D is fastest), bf16/fp16/fp32
     (under torch.autocast, cast to the autocast dtype first, as for SDPA).
     causal: bottom-right aligned (query i is position Tk - Tq + i), needs Tq <= Tk.
-    softmax_scale: default 1/sqrt(D). dropout_p: on the attention weights, scaled by 1/(1-p);
+    softmax_scale: a finite float, default 1/sqrt(D) (not a tensor: scale q for a learnable one). dropout_p: on the attention weights, scaled by 1/(1-p);
     seed: int in [0, 2^31) for a reproducible mask (see dropout_mask), else drawn from torch's RNG
     (a seed tensor is taken modulo 2^31).
     Returns [B, H, Tq, D] (a view of a [B, Tq, H, D] buffer, so merging heads is free).
@@ -599,7 +616,7 @@ def flash_attention(q, k, v, causal=True, softmax_scale=None, dropout_p=0.0, see
     if causal not in (True, False):  # bool("False") would be True
         raise TypeError(f"causal must be a bool, got {causal!r}")
     q, k, v = _checked_inputs(q, k, v, causal, dropout_p)
-    scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else float(softmax_scale)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else _checked_scale(softmax_scale)
     dropout_p = float(dropout_p)
     out, _ = _flash_attn_fwd(q, k, v, bool(causal), scale, dropout_p, _seed_tensor(seed, dropout_p))
     return out

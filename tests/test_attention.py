@@ -269,6 +269,26 @@ def test_custom_op_opcheck(device):
 
 
 # ----------------------------------------------------------------------------- bad input
+def test_softmax_scale_must_be_a_finite_float(device):
+    """A tensor scale (a learnable temperature) was read by float(): no gradient reached it, and
+    torch.compile failed inside the op on a SymFloat; "0.3", True, nan and inf were taken too."""
+    q, k, v = make_qkv(1, 1, 8, 8, 16, torch.float32, device)
+    temperature = torch.nn.Parameter(torch.tensor(0.25))
+    with pytest.raises(TypeError, match="softmax_scale must be a Python float, got a tensor"):
+        flash_attention(q, k, v, softmax_scale=temperature)
+    for bad in ("0.3", True):
+        with pytest.raises(TypeError, match="softmax_scale must be a float"):
+            flash_attention(q, k, v, softmax_scale=bad)
+    for bad in (float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="softmax_scale must be finite"):
+            flash_attention(q, k, v, softmax_scale=bad)
+    import numpy as np  # numbers of any kind are fine, 0 and negative scales too
+
+    for scale in (np.float32(0.25), 0, -0.5):
+        want = reference_attention(q.double(), k.double(), v.double(), softmax_scale=float(scale))
+        assert_close_rel(flash_attention(q, k, v, softmax_scale=scale), want, 1e-5, f"scale {scale}")
+
+
 def test_bad_inputs(device, monkeypatch):
     q, k, v = make_qkv(1, 1, 8, 8, 32, torch.float32, device)
     with pytest.raises(ValueError, match="head_dim 48"):
