@@ -479,6 +479,11 @@ def _bwd_launch(do, q, k, v, o, lse, causal, softmax_scale, dropout_p, seed):
 @torch.library.custom_op("tritongpt::flash_attn_fwd", mutates_args=())
 def _flash_attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, softmax_scale: float,
                     dropout_p: float, seed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """-> (o [B, H, Tq, D], lse [B, H, Tq] fp32: the base-2 logsumexp of the scaled scores)."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        check_tensor(t, name, ndim=4)
+    check_same_dtype(q=q, k=k, v=v)
+    _check_shapes(q, k, v, causal, dropout_p)
     return _fwd_launch(q, k, v, causal, softmax_scale, dropout_p, seed)
 
 
@@ -532,6 +537,14 @@ def _checked_inputs(q, k, v, causal, dropout_p):
     if dt is not None:
         q, k, v = q.to(dt), k.to(dt), v.to(dt)
     check_same_dtype(q=q, k=k, v=v)
+    _check_shapes(q, k, v, causal, dropout_p)
+    return q, k, v
+
+
+def _check_shapes(q, k, v, causal, dropout_p):
+    """What the kernels need of the [B, H, T, D] shapes and of dropout_p; run by flash_attention
+    and again by the custom op itself, which a caller may call directly (it also returns the
+    logsumexp), where a head dim the kernels lack or Tq > Tk with causal gave garbage."""
     (B, H, Tq, D), (Bk, Hk, Tk, Dk) = q.shape, k.shape
     if k.shape != v.shape:
         raise ValueError(f"k and v must have the same shape, got k {tuple(k.shape)} and v {tuple(v.shape)}")
@@ -550,7 +563,6 @@ def _checked_inputs(q, k, v, causal, dropout_p):
     if max(B, H) > MAX_GRID_YZ:
         raise ValueError(f"flash_attention launches one row of programs per head and per sequence, and a "
                          f"CUDA grid allows at most {MAX_GRID_YZ} of each: got batch {B}, heads {H} (split the batch)")
-    return q, k, v
 
 
 def _check_head_span(**tensors):

@@ -174,11 +174,26 @@ def _bwd_launch(dy, x, weight, mean, rstd):
     return dx, dw_part.sum(0).to(weight.dtype), db_part.sum(0).to(weight.dtype)
 
 
+def _check_op_layout(x, weight, bias=None):
+    """What the kernels assume of their inputs; layer_norm() arranges it, a direct call of the
+    op must too (a transposed x was read as if row-major: garbage, no error)."""
+    check_tensor(x, "x", ndim=2)
+    N = x.shape[1]
+    check_tensor(weight, "weight", shape=(N,))
+    if bias is not None:
+        check_tensor(bias, "bias", shape=(N,))
+    for name, t in (("x", x), ("weight", weight), ("bias", bias)):
+        if t is not None and t.shape[-1] > 1 and t.stride(-1) != 1:
+            raise ValueError(f"tritongpt::layer_norm ops read {name} with unit stride on its last dim, got strides "
+                             f"{t.stride()} (call layer_norm(), which copies, or pass .contiguous())")
+
+
 @torch.library.custom_op("tritongpt::layer_norm_fwd", mutates_args=())
 def _layer_norm_fwd(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                     eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """x [M, N] with unit stride on the last dim -> (y [M, N] x.dtype, mean [M] fp32, rstd [M] fp32)."""
     check_runnable(x, "x")
+    _check_op_layout(x, weight, bias)
     return _fwd_launch(x, weight, bias, eps)
 
 
@@ -193,6 +208,8 @@ def _layer_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, mea
                     rstd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """-> (dx [M, N] in x.dtype, dweight [N] and dbias [N] in weight.dtype)."""
     check_runnable(dy, "dy")
+    _check_op_layout(x, weight)
+    check_tensor(dy, "dy", shape=x.shape)
     return _bwd_launch(dy, x, weight, mean, rstd)
 
 

@@ -268,6 +268,22 @@ def test_custom_op_opcheck(device):
     torch.library.opcheck(torch.ops.tritongpt.flash_attn_fwd.default, args)
 
 
+def test_custom_op_called_directly_checks_shapes(device):
+    """The op also gives the logsumexp, so a caller may use it directly; it took a head dim the
+    kernels lack and causal Tq > Tk, and gave garbage (NaN rows)."""
+    op = torch.ops.tritongpt.flash_attn_fwd
+    seed = torch.tensor(0)
+    with pytest.raises(ValueError, match="head_dim 24"):
+        op(*make_qkv(1, 1, 8, 8, 24, torch.float32, device), True, 0.25, 0.0, seed)
+    q, k, v = make_qkv(1, 1, 8, 4, 16, torch.float32, device)
+    with pytest.raises(ValueError, match="Tq <= Tk"):
+        op(q, k, v, True, 0.25, 0.0, seed)
+    out, lse = op(q, k, v, False, 0.25, 0.0, seed)  # what it returns: o and the base-2 logsumexp
+    scores = (q.double() @ k.double().transpose(-2, -1)) * 0.25
+    assert_close_rel(out, torch.softmax(scores, -1) @ v.double(), 1e-5, "op out")
+    assert_close_rel(lse, torch.logsumexp(scores, -1) / math.log(2), 1e-5, "op lse (base 2)")
+
+
 # ----------------------------------------------------------------------------- bad input
 def test_softmax_scale_must_be_a_finite_float(device):
     """A tensor scale (a learnable temperature) was read by float(): no gradient reached it, and

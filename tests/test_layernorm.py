@@ -254,6 +254,21 @@ def test_rejects_integer_dtype():
         layer_norm(torch.ones(2, 8), torch.ones(8, dtype=torch.int32), torch.zeros(8))
 
 
+def test_custom_ops_called_directly_refuse_a_strided_last_dim(device):
+    """layer_norm() hands the ops rows of unit stride; a direct call with a transposed x was
+    read as if row-major (errors of 1e31, no message)."""
+    x = torch.randn(16, 8, device=device).t()  # [8, 16], strides (1, 8)
+    w, b = torch.randn(16, device=device), torch.randn(16, device=device)
+    with pytest.raises(ValueError, match=r"unit stride on its last dim, got strides \(1, 8\)"):
+        torch.ops.tritongpt.layer_norm_fwd(x, w, b, 1e-5)
+    with pytest.raises(ValueError, match="weight has shape"):
+        torch.ops.tritongpt.layer_norm_fwd(x.contiguous(), w[:8], b, 1e-5)
+    y, mean, rstd = torch.ops.tritongpt.layer_norm_fwd(x.contiguous(), w, b, 1e-5)
+    assert_close_rel(y, torch.nn.functional.layer_norm(x.double(), (16,), w.double(), b.double()), 1e-5, "y")
+    with pytest.raises(ValueError, match="unit stride"):
+        torch.ops.tritongpt.layer_norm_bwd(torch.ones_like(y), x, w, mean, rstd)
+
+
 def test_rejects_shape_mismatch():
     x = torch.randn(2, 8)
     with pytest.raises(ValueError, match=r"weight has shape \(7,\), expected \(8,\)"):
