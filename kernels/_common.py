@@ -59,6 +59,26 @@ def first_order_only(kernel: str) -> None:
                            "create_graph=True); use the reference path (model.set_kernels('reference'))")
 
 
+def no_func_transform(kernel: str, vmap_ok: bool = False) -> None:
+    """Called first by each public kernel function: refuse torch.func's grad / jvp / vmap (jacrev,
+    hessian, ...) with a message naming the kernel. Their autograd functions are not written for
+    torch.func, whose own error ("must override the setup_context staticmethod") asks the caller
+    to change the library. vmap_ok: the kernel is a plain custom op under vmap, which PyTorch
+    runs once per batch element (flash_attention's forward: correct, with a warning)."""
+    if torch.compiler.is_compiling():  # Dynamo cannot trace the check; compile reports its own
+        return
+    stack = getattr(torch._C._functorch, "get_interpreter_stack", lambda: None)()
+    if not stack:
+        return
+    from torch._C._functorch import TransformType
+
+    refused = {TransformType.Grad, TransformType.Jvp} | (set() if vmap_ok else {TransformType.Vmap})
+    if any(level.key() in refused for level in stack):
+        raise RuntimeError(f"{kernel}: the Triton kernel does not support torch.func transforms (grad, jvp, "
+                           f"vmap, jacrev, ...); use torch.autograd (loss.backward(), torch.autograd.grad) "
+                           "or the reference path (model.set_kernels('reference'))")
+
+
 def check_same_device(**tensors):
     """All named tensors (None entries skipped) must live on one device."""
     bad = _first_mismatch("device", tensors)

@@ -49,7 +49,8 @@ import triton.language as tl
 from tritongpt._env import triton_interpreting
 from tritongpt._types import is_int, is_real
 from tritongpt.kernels._common import (autocast_dtype, autotuned, cast, check_runnable, check_same_device,
-                                       check_same_dtype, check_tensor, dot, first_order_only, on_tensor_device)
+                                       check_same_dtype, check_tensor, dot, first_order_only, no_func_transform,
+                                       on_tensor_device)
 
 MAX_GRID_YZ = 65535  # CUDA's limit on a grid's y and z sizes, where the heads and sequences go
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 80, 96, 128)  # 16: tiny models; tl.dot needs K >= 16
@@ -625,6 +626,7 @@ def flash_attention(q, k, v, causal=True, softmax_scale=None, dropout_p=0.0, see
     (a seed tensor is taken modulo 2^31).
     Returns [B, H, Tq, D] (a view of a [B, Tq, H, D] buffer, so merging heads is free).
     """
+    no_func_transform("flash_attention", vmap_ok=True)
     if causal not in (True, False):  # bool("False") would be True
         raise TypeError(f"causal must be a bool, got {causal!r}")
     q, k, v = _checked_inputs(q, k, v, causal, dropout_p)

@@ -39,7 +39,8 @@ import triton.language as tl
 from tritongpt._env import triton_interpreting
 from tritongpt._types import is_int
 from tritongpt.kernels._common import (autocast_dtype, cast, check_runnable, check_same_device, check_same_dtype,
-                                       check_tensor, first_order_only, on_tensor_device)
+                                       check_tensor, first_order_only, no_func_transform,
+                                       on_tensor_device)
 
 INTERPRET = triton_interpreting()
 # exp(x) = exp2(x * log2(e)): exp2 is one MUFU instruction
@@ -246,6 +247,7 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int
     padded LM head): the loss of logits[..., :vocab_size], read in aligned rows, and a zero
     gradient for the padding columns (default: every column is a class).
     """
+    no_func_transform("cross_entropy")
     check_tensor(logits, "logits")
     check_tensor(targets, "targets", dtypes=(torch.int64, torch.int32))
     check_same_device(logits=logits, targets=targets)
@@ -346,6 +348,7 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
     vocabulary (GPTConfig.vocab_multiple): the loss is then that of the logits [..., :vocab_size]
     and the padding rows get a zero gradient (default: all W rows are classes).
     """
+    no_func_transform("linear_cross_entropy")
     check_tensor(hidden, "hidden")
     check_tensor(weight, "weight", ndim=2)
     check_tensor(targets, "targets", dtypes=(torch.int64, torch.int32))

@@ -34,7 +34,8 @@ import triton.language as tl
 from tritongpt._env import triton_interpreting
 from tritongpt._types import is_real
 from tritongpt.kernels._common import (cast, check_runnable, check_same_device, check_same_dtype, check_tensor,
-                                       first_order_only, on_tensor_device)
+                                       first_order_only, no_func_transform,
+                                       on_tensor_device)
 
 MAX_WIDTH = 8192  # one row must fit in one tile (registers/SRAM); wider rows are rejected
 
@@ -246,6 +247,7 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
     x, weight, bias: fp32/bf16/fp16 (weight/bias may differ from x, e.g. fp32 params under
     autocast; the math is fp32 either way). bias may be None.
     """
+    no_func_transform("layer_norm")
     check_tensor(x, "x")
     if x.dim() == 0:
         raise ValueError("x must have at least 1 dim (the normalized one), got a scalar")

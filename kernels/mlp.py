@@ -39,7 +39,8 @@ import triton.language as tl
 
 from tritongpt._env import triton_interpreting
 from tritongpt.kernels._common import (autocast_dtype, autotuned, cast, check_runnable, check_same_device,
-                                       check_same_dtype, check_tensor, dot, first_order_only, on_tensor_device)
+                                       check_same_dtype, check_tensor, dot, first_order_only, no_func_transform,
+                                       on_tensor_device)
 
 # Epilogue modes of the matmul kernel.
 EPI_NONE = 0       # C = A @ B (+ bias)
@@ -278,6 +279,7 @@ def gelu_mlp(x: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.Tensor], w2: 
     All tensors share one dtype (fp32/bf16/fp16) and device. Under torch.autocast the inputs
     are cast to the autocast dtype first, as nn.Linear would be.
     """
+    no_func_transform("gelu_mlp")
     check_tensor(x, "x")
     if x.dim() == 0:
         raise ValueError("x must have at least 1 dim (the feature one), got a scalar")
