@@ -527,7 +527,7 @@ _flash_attn_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
 # ----------------------------------------------------------------------------- public API
-def _checked_inputs(q, k, v, causal, dropout_p):
+def _checked_inputs(q, k, v):
     """(q, k, v) once valid; under autocast cast to its dtype first, as SDPA's inputs are (a KV
     cache made outside autocast holds fp32 keys while the projections give bf16 queries)."""
     for name, t in (("q", q), ("k", k), ("v", v)):
@@ -537,15 +537,13 @@ def _checked_inputs(q, k, v, causal, dropout_p):
     dt = autocast_dtype(q.device)
     if dt is not None:
         q, k, v = q.to(dt), k.to(dt), v.to(dt)
-    check_same_dtype(q=q, k=k, v=v)
-    _check_shapes(q, k, v, causal, dropout_p)
-    return q, k, v
+    return q, k, v  # dtypes and shapes: checked by the op itself (_check_shapes)
 
 
 def _check_shapes(q, k, v, causal, dropout_p):
-    """What the kernels need of the [B, H, T, D] shapes and of dropout_p; run by flash_attention
-    and again by the custom op itself, which a caller may call directly (it also returns the
-    logsumexp), where a head dim the kernels lack or Tq > Tk with causal gave garbage."""
+    """What the kernels need of the [B, H, T, D] shapes and of dropout_p, checked in the custom
+    op, so also for a caller who calls it directly (it returns the logsumexp too), where a head
+    dim the kernels lack or Tq > Tk with causal gave garbage."""
     (B, H, Tq, D), (Bk, Hk, Tk, Dk) = q.shape, k.shape
     if k.shape != v.shape:
         raise ValueError(f"k and v must have the same shape, got k {tuple(k.shape)} and v {tuple(v.shape)}")
@@ -621,7 +619,8 @@ def flash_attention(q, k, v, causal=True, softmax_scale=None, dropout_p=0.0, see
     q: [B, H, Tq, D]; k, v: [B, H, Tk, D], any strides (unit stride on D is fastest), bf16/fp16/fp32
     (under torch.autocast, cast to the autocast dtype first, as for SDPA).
     causal: bottom-right aligned (query i is position Tk - Tq + i), needs Tq <= Tk.
-    softmax_scale: a finite float, default 1/sqrt(D) (not a tensor: scale q for a learnable one). dropout_p: on the attention weights, scaled by 1/(1-p);
+    softmax_scale: a finite float, default 1/sqrt(D) (not a tensor: scale q for a learnable one).
+    dropout_p: on the attention weights, scaled by 1/(1-p);
     seed: int in [0, 2^31) for a reproducible mask (see dropout_mask), else drawn from torch's RNG
     (a seed tensor is taken modulo 2^31).
     Returns [B, H, Tq, D] (a view of a [B, Tq, H, D] buffer, so merging heads is free).
@@ -629,7 +628,9 @@ def flash_attention(q, k, v, causal=True, softmax_scale=None, dropout_p=0.0, see
     no_func_transform("flash_attention", vmap_ok=True)
     if causal not in (True, False):  # bool("False") would be True
         raise TypeError(f"causal must be a bool, got {causal!r}")
-    q, k, v = _checked_inputs(q, k, v, causal, dropout_p)
+    if not is_real(dropout_p):  # the op takes a float: "0.1" would be read as 0.1
+        raise TypeError(f"dropout_p must be a float, got {type(dropout_p).__name__} {dropout_p!r}")
+    q, k, v = _checked_inputs(q, k, v)
     scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else _checked_scale(softmax_scale)
     dropout_p = float(dropout_p)
     out, _ = _flash_attn_fwd(q, k, v, bool(causal), scale, dropout_p, _seed_tensor(seed, dropout_p))

@@ -327,6 +327,8 @@ def test_bad_inputs(device, monkeypatch):
         flash_attention(q, k[:, :, :0], v[:, :, :0], causal=False)
     with pytest.raises(ValueError, match="dropout_p"):
         flash_attention(q, k, v, dropout_p=1.0)
+    with pytest.raises(TypeError, match="dropout_p must be a float"):
+        flash_attention(q, k, v, dropout_p="0.1")
     with pytest.raises(TypeError, match="seed"):
         flash_attention(q, k, v, dropout_p=0.1, seed=1.5)
     for seed in (-1, 2 ** 31):  # the kernels take 31 bits: 2^31 would be seed 0's mask

@@ -336,8 +336,8 @@ class BPETokenizer:
     @classmethod
     def from_hf_folder(cls, folder) -> "BPETokenizer":
         """A Hugging Face GPT-2 tokenizer folder: the tokenizers library's tokenizer.json (what
-        transformers' save_pretrained writes), else vocab.json and merges.txt (as save_hf writes). Tokens that are no merge (<|endoftext|>, a pad token...)
-        are named by tokenizer_config.json / special_tokens_map.json, and added with their ids by
+        transformers' save_pretrained writes), else vocab.json and merges.txt (as save_hf writes).
+        Tokens that are no merge (<|endoftext|>, a pad token...) are named by tokenizer_config.json / special_tokens_map.json, and added with their ids by
         added_tokens.json, tokenizer_config's added_tokens_decoder or tokenizer.json. Whatever
         would give other ids than this encoder's is refused: a prefix space, an added BOS/EOS, a
         normalizer, an added token that strips spaces or is not special."""
