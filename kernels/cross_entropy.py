@@ -76,10 +76,15 @@ def _ce_fwd_kernel(X, T, Loss, RowMax, LogSum, stride_x, N, V, W, ignore_index,
     log_s = tl.log(tl.sum(s * tl.exp2((m - m_row[:, None]) * LOG2E), 1))
     target = tl.load(T + rows, mask=row_ok, other=ignore_index)
     counted = target != ignore_index
-    x_t = tl.load(X + rows.to(tl.int64) * stride_x + target, mask=counted, other=0.0).to(tl.float32)
+    # A counted target outside [0, V) gets loss nan instead of a read past the row: the
+    # checked_targets op refuses such ids before launch, but a CUDA-graph capture skips that
+    # check (it cannot sync) and a direct call of this op never ran it.
+    known = (target >= 0) & (target < V)
+    x_t = tl.load(X + rows.to(tl.int64) * stride_x + target, mask=counted & known, other=0.0).to(tl.float32)
     # (m - x_t) + log S, not (m + log S) - x_t: a confident right answer (x_t = m, S just above
     # 1) then keeps its small loss to fp32 precision instead of losing it to the size of m.
-    tl.store(Loss + rows, tl.where(counted, (m_row - x_t) + log_s, 0.0), mask=row_ok)
+    loss = tl.where(known, (m_row - x_t) + log_s, float("nan"))
+    tl.store(Loss + rows, tl.where(counted, loss, 0.0), mask=row_ok)
     tl.store(RowMax + rows, m_row, mask=row_ok)
     tl.store(LogSum + rows, log_s, mask=row_ok)
 
@@ -97,6 +102,7 @@ def _ce_bwd_kernel(X, T, RowMax, LogSum, G, DX, stride_x, stride_dx, N, V, W, ig
     m = tl.load(RowMax + rows, mask=row_ok, other=0.0)
     log_s = tl.load(LogSum + rows, mask=row_ok, other=0.0)
     counted = (target != ignore_index)[:, None]
+    unknown = counted & ((target < 0) | (target >= V))[:, None]  # nan gradient, as forward's loss
     g = tl.load(G + rows, mask=row_ok, other=0.0).to(tl.float32)
     for start in range(0, W, BLOCK_V):
         mask = row_ok[:, None] & (start + cols < W)
@@ -105,6 +111,7 @@ def _ce_bwd_kernel(X, T, RowMax, LogSum, G, DX, stride_x, stride_dx, N, V, W, ig
         p = tl.where(start + cols == target[:, None], p - 1.0, p)
         # where, not a zero g: an ignored row of -inf logits has p = nan, and nan * 0 is nan
         dx = tl.where(counted, p * g[:, None], 0.0)
+        dx = tl.where(unknown, float("nan"), dx)
         tl.store(DX + rows64 * stride_dx + start + cols, cast(dx, DX.dtype.element_ty), mask=mask)
 
 
@@ -175,15 +182,39 @@ def _(targets, vocab, ignore_index):
     return targets.new_empty(targets.numel(), dtype=torch.int64)
 
 
+def _check_op_layout(logits, targets, n_classes, **row_values):
+    """What the kernels assume of their inputs. cross_entropy() arranges it; a direct call of the
+    ops must too (short targets, a transposed logits or n_classes past the row were read as
+    they lay: garbage, no error). row_values: other [N] per-row tensors (row_max, grad_loss...)."""
+    check_tensor(logits, "logits", ndim=2)
+    N, W = logits.shape
+    check_tensor(targets, "targets", dtypes=(torch.int64, torch.int32), shape=(N,))
+    for name, t in row_values.items():
+        check_tensor(t, name, shape=(N,))
+    check_same_device(logits=logits, targets=targets, **row_values)
+    for name, t in (("logits", logits), ("targets", targets), *row_values.items()):
+        if name != "grad_loss" and t.shape[-1] > 1 and t.stride(-1) != 1:  # grad_loss: copied at launch
+            raise ValueError(f"tritongpt::cross_entropy ops read {name} with unit stride on its last dim, got "
+                             f"strides {t.stride()} (call cross_entropy(), which copies, or pass .contiguous())")
+    if not 1 <= n_classes <= W:
+        raise ValueError(f"n_classes must be in [1, {W}] (logits have {W} columns), got {n_classes}")
+
+
 @torch.library.custom_op("tritongpt::cross_entropy_fwd", mutates_args=())
 def _cross_entropy_fwd(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int,
                        n_classes: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """-> (per-row loss, row max m, log S): fp32 [N] each; m and log S are for backward."""
+    """-> (per-row loss, row max m, log S): fp32 [N] each; m and log S are for backward.
+
+    Called directly, a target outside [0, n_classes) that is not ignore_index gives a nan loss
+    (cross_entropy() refuses it with a message, at the cost of a host sync)."""
+    check_runnable(logits, "logits")
+    _check_op_layout(logits, targets, n_classes)
     return _fwd_launch(logits, targets, ignore_index, n_classes)
 
 
 @_cross_entropy_fwd.register_fake
 def _(logits, targets, ignore_index, n_classes):
+    _check_op_layout(logits, targets, n_classes)
     return tuple(logits.new_empty(logits.shape[0], dtype=torch.float32) for _ in range(3))
 
 
@@ -191,11 +222,15 @@ def _(logits, targets, ignore_index, n_classes):
 def _cross_entropy_bwd(grad_loss: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor,
                        row_max: torch.Tensor, log_sum: torch.Tensor, ignore_index: int,
                        n_classes: int) -> torch.Tensor:
+    """-> dlogits [N, W] in logits' dtype, from the forward op's row max and log S."""
+    check_runnable(logits, "logits")
+    _check_op_layout(logits, targets, n_classes, grad_loss=grad_loss, row_max=row_max, log_sum=log_sum)
     return _bwd_launch(grad_loss, logits, targets, row_max, log_sum, ignore_index, n_classes)
 
 
 @_cross_entropy_bwd.register_fake
 def _(grad_loss, logits, targets, row_max, log_sum, ignore_index, n_classes):
+    _check_op_layout(logits, targets, n_classes, grad_loss=grad_loss, row_max=row_max, log_sum=log_sum)
     return logits.new_empty(logits.shape)
 
 

@@ -220,16 +220,39 @@ def _bwd_launch(dy, x, h, w1, w2, needs=(True,) * 5):
 # The second Linear also goes through the Triton kernel rather than torch.addmm: the bias is
 # fused the same way, fp32 uses the same IEEE products on every device (addmm on GPU may take
 # TF32 depending on global flags), and the whole op stays one code path to read and test.
+def _check_op_shapes(x, w1, b1, w2, b2, **grads):
+    """The shapes, dtype and device the products need: checked in the ops (and their fake impls,
+    so torch.compile reports them while tracing), so also for a direct call of an op, where a w1
+    of another width was multiplied as it lay: garbage, no error. grads: backward's dy and h."""
+    check_tensor(x, "x", ndim=2)
+    M, C = x.shape
+    check_tensor(w1, "w1", ndim=2)
+    H = w1.shape[0]
+    check_tensor(w1, "w1", shape=(H, C))
+    check_tensor(w2, "w2", shape=(C, H))
+    if b1 is not None:
+        check_tensor(b1, "b1", shape=(H,))
+    if b2 is not None:
+        check_tensor(b2, "b2", shape=(C,))
+    for name, shape in (("dy", (M, C)), ("h", (M, H))):
+        if name in grads:
+            check_tensor(grads[name], name, shape=shape)
+    check_same_device(x=x, w1=w1, b1=b1, w2=w2, b2=b2, **grads)
+    check_same_dtype(x=x, w1=w1, b1=b1, w2=w2, b2=b2, **grads)
+
+
 @torch.library.custom_op("tritongpt::gelu_mlp_fwd", mutates_args=())
 def _gelu_mlp_fwd(x: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.Tensor], w2: torch.Tensor,
                   b2: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """x [M, C] -> (y [M, C], h [M, H]); the activation a = gelu(h) is freed on return."""
     check_runnable(x, "x")
+    _check_op_shapes(x, w1, b1, w2, b2)
     return _fwd_launch(x, w1, b1, w2, b2)
 
 
 @_gelu_mlp_fwd.register_fake
 def _(x, w1, b1, w2, b2):
+    _check_op_shapes(x, w1, b1, w2, b2)
     return x.new_empty((x.shape[0], w2.shape[0])), x.new_empty((x.shape[0], w1.shape[0]))
 
 
@@ -238,11 +261,15 @@ def _gelu_mlp_bwd(dy: torch.Tensor, x: torch.Tensor, h: torch.Tensor, w1: torch.
                   needs: list[bool]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """-> (dx, dw1, db1, dw2, db2); those not in needs come back empty."""
     check_runnable(dy, "dy")
+    _check_op_shapes(x, w1, None, w2, None, dy=dy, h=h)
+    if len(needs) != 5:
+        raise ValueError(f"needs must hold 5 flags (dx, dw1, db1, dw2, db2), got {len(needs)}")
     return _bwd_launch(dy, x, h, w1, w2, needs)
 
 
 @_gelu_mlp_bwd.register_fake
 def _(dy, x, h, w1, w2, needs):
+    _check_op_shapes(x, w1, None, w2, None, dy=dy, h=h)
     # new_empty, not empty_like: the real op returns fresh contiguous tensors whatever x's strides
     shapes = (x.shape, w1.shape, w1.shape[:1], w2.shape, w2.shape[:1])
     return tuple(t.new_empty(shape if need else (0,))
@@ -280,26 +307,18 @@ def gelu_mlp(x: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.Tensor], w2: 
     are cast to the autocast dtype first, as nn.Linear would be.
     """
     no_func_transform("gelu_mlp")
-    check_tensor(x, "x")
+    for name, t in (("x", x), ("w1", w1), ("b1", b1), ("w2", w2), ("b2", b2)):
+        if t is not None or name in ("x", "w1", "w2"):
+            check_tensor(t, name)
     if x.dim() == 0:
         raise ValueError("x must have at least 1 dim (the feature one), got a scalar")
-    C = x.shape[-1]
-    check_tensor(w1, "w1", ndim=2)
-    H = w1.shape[0]
-    check_tensor(w1, "w1", shape=(H, C))
-    check_tensor(w2, "w2", shape=(C, H))
-    if b1 is not None:
-        check_tensor(b1, "b1", shape=(H,))
-    if b2 is not None:
-        check_tensor(b2, "b2", shape=(C,))
     check_same_device(x=x, w1=w1, b1=b1, w2=w2, b2=b2)
     dt = autocast_dtype(x.device)
     if dt is not None:
         x, w1, w2 = x.to(dt), w1.to(dt), w2.to(dt)
         b1 = b1.to(dt) if b1 is not None else None
         b2 = b2.to(dt) if b2 is not None else None
-    check_same_dtype(x=x, w1=w1, b1=b1, w2=w2, b2=b2)
-    return GeluMLPFunction.apply(x, w1, b1, w2, b2)
+    return GeluMLPFunction.apply(x, w1, b1, w2, b2)  # shapes and dtypes: checked by the op
 
 
 __all__ = ["gelu_mlp", "GeluMLPFunction"]

@@ -233,6 +233,38 @@ def test_torch_compile_fullgraph(device):
     assert_close_rel(got[1], x.grad, 1e-6, "compiled dlogits")
 
 
+def test_custom_ops_called_directly_check_their_inputs(device):
+    """cross_entropy() arranges the ops' inputs; called directly, short targets, a transposed
+    logits or n_classes past the row were read as they lay (no error, wrong losses), and a target
+    past the vocabulary read past the row. Now: named errors, and nan for an unknown target (no
+    host sync: the same holds under a CUDA-graph capture, which skips checked_targets)."""
+    fwd, bwd = torch.ops.tritongpt.cross_entropy_fwd, torch.ops.tritongpt.cross_entropy_bwd
+    gen = torch.Generator().manual_seed(21)
+    x = torch.randn(6, 40, generator=gen).to(device)
+    t = torch.randint(0, 40, (6,), generator=gen).to(device)
+    with pytest.raises(ValueError, match=r"targets has shape \(5,\), expected \(6,\)"):
+        fwd(x, t[:5], IGNORE, 40)
+    with pytest.raises(ValueError, match=r"unit stride on its last dim, got strides \(1, 6\)"):
+        fwd(x.t().contiguous().t(), t, IGNORE, 40)
+    with pytest.raises(ValueError, match=r"n_classes must be in \[1, 40\]"):
+        fwd(x, t, IGNORE, 41)
+    with pytest.raises(TypeError, match="targets has dtype float32"):
+        fwd(x, t.float(), IGNORE, 40)
+    loss, row_max, log_sum = fwd(x, t, IGNORE, 40)
+    with pytest.raises(ValueError, match=r"grad_loss has shape \(3,\)"):
+        bwd(torch.ones(3, device=device), x, t, row_max, log_sum, IGNORE, 40)
+
+    t_bad = t.clone()
+    t_bad[2], t_bad[4] = 40, -1  # neither a class nor ignore_index
+    loss, row_max, log_sum = fwd(x, t_bad, IGNORE, 40)
+    dx = bwd(torch.ones(6, device=device), x, t_bad, row_max, log_sum, IGNORE, 40)
+    bad = torch.tensor([False, False, True, False, True, False])
+    assert loss[bad.to(device)].isnan().all() and dx[bad.to(device)].isnan().all()
+    ref = F.cross_entropy(x.double(), t.double().long(), reduction="none")
+    assert_close_rel(loss[~bad.to(device)], ref[~bad.to(device)], 1e-5, "the other rows' losses")
+    assert not dx[~bad.to(device)].isnan().any()
+
+
 @pytest.mark.parametrize("call,err,match", [
     (lambda x, t: cross_entropy(x.long(), t), TypeError, "logits has dtype int64"),
     (lambda x, t: cross_entropy(x, t.float()), TypeError, "targets has dtype float32"),

@@ -303,6 +303,32 @@ def test_cpu_without_interpreter_says_how_to_fix(monkeypatch):
         gelu_mlp(*_good())
 
 
+def test_custom_ops_called_directly_check_shapes(device):
+    """gelu_mlp() checked the shapes before calling its op; a direct call of the op with a w1 of
+    another width, a short bias or a w2 of another hidden size multiplied what lay in memory
+    (garbage, no error). The checks now live in the ops and their fake impls."""
+    fwd, bwd = torch.ops.tritongpt.gelu_mlp_fwd, torch.ops.tritongpt.gelu_mlp_bwd
+    gen = torch.Generator().manual_seed(31)
+    x, w1, w2 = (torch.randn(*s, generator=gen).to(device) for s in ((5, 12), (20, 12), (12, 20)))
+    with pytest.raises(ValueError, match=r"w1 has shape \(20, 10\), expected \(20, 12\)"):
+        fwd(x, w1[:, :10], None, w2, None)
+    with pytest.raises(ValueError, match=r"w2 has shape \(12, 16\), expected \(12, 20\)"):
+        fwd(x, w1, None, w2[:, :16], None)
+    with pytest.raises(ValueError, match=r"b1 has shape \(3,\), expected \(20,\)"):
+        fwd(x, w1, torch.randn(3, device=device), w2, None)
+    with pytest.raises(TypeError, match="dtype mismatch: x is float32, w2 is bfloat16"):
+        fwd(x, w1, None, w2.bfloat16(), None)
+    y, h = fwd(x, w1, None, w2, None)
+    with pytest.raises(ValueError, match=r"h has shape \(5, 12\), expected \(5, 20\)"):
+        bwd(torch.ones_like(y), x, h[:, :12], w1, w2, [True] * 5)
+    with pytest.raises(ValueError, match="needs must hold 5 flags"):
+        bwd(torch.ones_like(y), x, h, w1, w2, [True] * 4)
+    # and under torch.compile the fake impl reports the same while tracing
+    with pytest.raises(Exception, match=r"w1 has shape \(20, 10\)"):
+        torch.compile(lambda x, w1, w2: fwd(x, w1, None, w2, None), backend="eager", fullgraph=True)(
+            x, w1[:, :10], w2)
+
+
 # -- torch.compile ---------------------------------------------------------------------------
 
 def test_torch_compile_block_fullgraph(device):

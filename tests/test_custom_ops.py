@@ -1,0 +1,68 @@
+"""Every registered op (torch.ops.tritongpt.*) against torch.library.opcheck: its schema, its
+fake impl's shapes, strides and dtypes against the real run, and AOT dispatch with dynamic shapes
+-- what torch.compile relies on. The public functions' parity tests live beside each kernel."""
+import pytest
+import torch
+
+import tritongpt.kernels.attention  # noqa: F401  (registers the ops)
+import tritongpt.kernels.cross_entropy  # noqa: F401
+import tritongpt.kernels.layernorm  # noqa: F401
+import tritongpt.kernels.mlp  # noqa: F401
+
+ops = torch.ops.tritongpt
+
+
+def _randn(*shape, device, gen, dtype=torch.float32):
+    return torch.randn(*shape, generator=gen, dtype=dtype).to(device)
+
+
+def _layer_norm_args(device, gen):
+    x, w, b = (_randn(*shape, device=device, gen=gen) for shape in ((7, 24), (24,), (24,)))
+    y, mean, rstd = ops.layer_norm_fwd(x, w, b, 1e-5)
+    return {"layer_norm_fwd": (x, w, b, 1e-5), "layer_norm_bwd": (torch.randn_like(y), x, w, mean, rstd)}
+
+
+def _mlp_args(device, gen):
+    shapes = ((5, 12), (20, 12), (20,), (12, 20), (12,))
+    x, w1, b1, w2, b2 = (_randn(*shape, device=device, gen=gen) for shape in shapes)
+    y, h = ops.gelu_mlp_fwd(x, w1, b1, w2, b2)
+    return {"gelu_mlp_fwd": (x, w1, b1, w2, b2),
+            "gelu_mlp_bwd": (torch.randn_like(y), x, h, w1, w2, [True, True, True, False, True])}
+
+
+def _cross_entropy_args(device, gen):
+    logits = _randn(6, 40, device=device, gen=gen)
+    t = torch.randint(0, 37, (6,), generator=gen).to(device)
+    t[3] = -100
+    loss, row_max, log_sum = ops.cross_entropy_fwd(logits, t, -100, 37)  # 3 padding columns
+    return {"checked_targets": (t.int(), 37, -100), "cross_entropy_fwd": (logits, t, -100, 37),
+            "cross_entropy_bwd": (_randn(6, device=device, gen=gen), logits, t, row_max, log_sum, -100, 37)}
+
+
+def _attention_args(device, gen):
+    q, k, v = (_randn(1, 2, 9, 16, device=device, gen=gen) for _ in range(3))
+    seed = torch.tensor(3)
+    o, lse = ops.flash_attn_fwd(q, k, v, True, 0.25, 0.1, seed)
+    return {"flash_attn_fwd": (q, k, v, True, 0.25, 0.1, seed),
+            "flash_attn_bwd": (torch.randn_like(o), q, k, v, o, lse, True, 0.25, 0.1, seed)}
+
+
+MAKERS = {"layer_norm": _layer_norm_args, "mlp": _mlp_args, "cross_entropy": _cross_entropy_args,
+          "attention": _attention_args}
+OPS = [(kernel, op) for kernel, names in (("layer_norm", ("layer_norm_fwd", "layer_norm_bwd")),
+                                          ("mlp", ("gelu_mlp_fwd", "gelu_mlp_bwd")),
+                                          ("cross_entropy", ("checked_targets", "cross_entropy_fwd",
+                                                             "cross_entropy_bwd")),
+                                          ("attention", ("flash_attn_fwd", "flash_attn_bwd")))
+       for op in names]
+
+
+def test_every_registered_op_is_listed():
+    registered = {n for n in dir(ops) if not n.startswith("_") and n != "name"}
+    assert registered == {op for _, op in OPS}
+
+
+@pytest.mark.parametrize("kernel,op", OPS, ids=[op for _, op in OPS])
+def test_opcheck(kernel, op, device):
+    args = MAKERS[kernel](device, torch.Generator().manual_seed(len(op)))[op]
+    torch.library.opcheck(getattr(ops, op).default, args)
