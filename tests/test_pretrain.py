@@ -174,7 +174,8 @@ def test_a_run_folder_is_not_reused_by_accident(corpus, tmp_path, capsys):
         "metrics.jsonl)" in err and "--resume" in err and "--overwrite" in err, err
 
     assert main(["pretrain", *argv(corpus, out, "--max-steps", "3", "--overwrite", *short)]) == 0
-    capsys.readouterr()
+    # --eval-every 0: one evaluation, at the end; it used to print as "val loss X -> X"
+    assert re.search(r"train loss \d\S* -> \d\S*, val loss \d\S*; ", capsys.readouterr().out)
     assert [p.name for p in common.Checkpointer(out).list()] == ["ckpt-0000003"]
     assert [r["step"] for r in common.MetricsLog(out / "metrics.jsonl").rows() if "loss" in r] == [1, 2, 3]
 
@@ -185,7 +186,7 @@ def test_a_run_folder_is_not_reused_by_accident(corpus, tmp_path, capsys):
     assert main(["pretrain", *argv(corpus, out, "--max-steps", "3", "--resume", *short, "--eval-every", "3")]) == 0
     printed = capsys.readouterr()
     assert "already at --max-steps 3: nothing to train" in printed.err
-    assert re.search(r"train loss - -> -, val loss \S+ -> \d", printed.out), printed.out
+    assert re.search(r"train loss - -> -, val loss \d\S*; ", printed.out), printed.out
     assert "note: resuming" not in printed.err  # --dtype fp32 here and auto then: the same on a CPU
 
     assert main(["pretrain", *argv(corpus, out, "--max-steps", "4", "--resume", "--lr", "1e-2",

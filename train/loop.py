@@ -450,8 +450,9 @@ class Trainer:
                     row.update(last_eval)
                 self.metrics.log(**row)
                 # refresh=False: update() redraws, at most every mininterval, not every step
-                bar.set_postfix(loss=f"{loss_value:.3f}", lr=f"{row['lr']:.2e}", tok_s=f"{avg_tok_s:.0f}",
-                                mfu=self._mfu_text(self._mfu(avg_tok_s, self._seq_len)), refresh=False)
+                # the bar shows the run's average speed (the first step left out); the step lines, each step's
+                bar.set_postfix(loss=f"{loss_value:.3f}", lr=f"{row['lr']:.2e}", avg_tok_s=f"{avg_tok_s:.0f}",
+                                avg_mfu=self._mfu_text(self._mfu(avg_tok_s, self._seq_len)), refresh=False)
                 bar.update(1)
                 if a.log_every and (self.step % a.log_every == 0 or self.step == a.max_steps):
                     self._log(self._format(row))
