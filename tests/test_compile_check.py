@@ -103,3 +103,22 @@ def test_check_fills_the_cache_a_jit_launch_reads(tmp_path):
     assert fwd["entries"] == 1, "the JIT compiled again: the check's entry has another key"
     assert bwd["entries"] == 2, "the stand-in driver path did not compile a kernel it had not seen"
     assert fwd["hash"] != bwd["hash"]
+
+
+def test_a_launch_group_passes_only_when_each_of_its_launches_has_a_clean_config():
+    """The MLP's matmul kernel runs several products in one case; one product with no clean config
+    used to pass because another product's config was clean."""
+    class FakeLaunch:
+        def __init__(self, case, name, flags):
+            self.case, self.name, self._flags = case, name, flags
+
+        def variant(self):
+            return self._flags
+
+    launches = [FakeLaunch("mlp", "_matmul_kernel", "EPILOGUE=1"), FakeLaunch("mlp", "_matmul_kernel", "EPILOGUE=0"),
+                FakeLaunch("mlp", "_matmul_kernel", "EPILOGUE=0"), FakeLaunch("ln", "_ln", "")]
+    rows = [{"status": s} for s in ("ok", "spills", "ok", "error", "spills", "ok")]
+    jobs = [[0, 1], [2], [3, 4], [2, 5]]  # the third launch: an error and a spill, nothing clean
+    assert compile_check.verdicts(launches, jobs, rows) == {
+        ("mlp", "_matmul_kernel", "EPILOGUE=1"): True, ("mlp", "_matmul_kernel", "EPILOGUE=0"): False,
+        ("ln", "_ln", ""): True}
