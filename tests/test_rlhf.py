@@ -473,6 +473,34 @@ def test_rl_policy_with_dropout_sees_no_change_before_its_first_step(tmp_path):
         f"log-probs moved before any step: {stats}"
 
 
+def test_rl_log_probs_are_those_of_the_sampling_temperature(tmp_path):
+    """Rollouts at temperature 0.5 are draws from softmax(logits / 0.5): the old and reference
+    log-probs, the ratios and the entropy must be of that distribution (they were of
+    softmax(logits), so the per-token KL penalty could even come out as a bonus)."""
+    from tritongpt.train.rlhf import compute_advantages
+
+    trainer = _tiny_rl_trainer(tmp_path, temperature=0.5)
+    with torch.no_grad():  # a reference that differs from the policy
+        for q in trainer.ref.parameters():
+            q.add_(0.1 * torch.randn_like(q))
+    ro = trainer.rollout()
+    with torch.no_grad():
+        logp = token_logprobs(trainer.policy(ro.idx) / 0.5, ro.idx)
+        ref_logp = token_logprobs(trainer.ref(ro.idx) / 0.5, ro.idx)
+    m = ro.mask
+    assert (ro.logp - logp)[m].abs().max() < 1e-5, "old log-probs are not of the sampling distribution"
+    assert (ro.ref_logp - ref_logp)[m].abs().max() < 1e-5, "reference log-probs are not at the temperature"
+    assert (ro.logp - ro.ref_logp)[m].abs().max() > 1e-2  # the check above compares something
+    # nothing has moved yet: the update's log-probs are the rollout's (ratio exactly 1)
+    _, stats = minibatch_loss(trainer.model, compute_advantages(ro, trainer.args, trainer.score_norm),
+                              torch.arange(len(ro)), trainer.args)
+    assert abs(stats["approx_kl"]) < 1e-9 and stats["clip_frac"] == 0.0
+    with torch.no_grad():
+        logits = trainer.policy(ro.idx)[:, :-1].float() / 0.5
+        ent = -(torch.softmax(logits, -1) * torch.log_softmax(logits, -1)).sum(-1)
+    assert stats["entropy"] == pytest.approx(ent[m].mean().item(), rel=1e-5)
+
+
 def _rl_setup(data, easy_reward, tmp_path, algo, frozen_shift=None, **overrides):
     """frozen_shift: "ref" or "reward_model", whose first weight is then moved by 1e-3 (another model)."""
     tok, train, val = data

@@ -169,9 +169,11 @@ def pair_batch(encoded: list, pad_id: int, device="cpu"):
     return idx, lengths, response_mask(prompt_lens, lengths, idx.size(1))
 
 
-def next_token_logprobs(logits):
-    """log p(. | idx[:, :t+1]) for t < T-1 over the whole vocabulary, in fp32: [B, T-1, V]."""
-    return torch.log_softmax(logits[:, :-1].float(), dim=-1)
+def next_token_logprobs(logits, temperature: float = 1.0):
+    """log p(. | idx[:, :t+1]) for t < T-1 over the whole vocabulary, in fp32: [B, T-1, V].
+    With a temperature, of softmax(logits / temperature): the distribution sampling draws from."""
+    logits = logits[:, :-1].float()
+    return torch.log_softmax(logits if temperature == 1.0 else logits / temperature, dim=-1)
 
 
 def pick_next_tokens(logp_all, idx):
@@ -179,9 +181,9 @@ def pick_next_tokens(logp_all, idx):
     return logp_all.gather(-1, idx[:, 1:].unsqueeze(-1)).squeeze(-1)
 
 
-def token_logprobs(logits, idx):
+def token_logprobs(logits, idx, temperature: float = 1.0):
     """log p(idx[:, t+1] | idx[:, :t+1]) for t < T-1, in fp32: [B, T-1]."""
-    return pick_next_tokens(next_token_logprobs(logits), idx)
+    return pick_next_tokens(next_token_logprobs(logits, temperature), idx)
 
 
 def model_token_logprobs(model, idx):

@@ -10,6 +10,12 @@ One iteration, both algorithms:
   3. update     several epochs of minibatch gradient steps on the clipped surrogate, with the
                 log-probs of step 2 as the "old" policy.
 
+pi is the policy at the sampling temperature, softmax(logits / temperature), and pi_ref the
+reference at the same temperature, as in Ziegler et al.'s code and TRL: the rollouts are drawn
+from pi, and the ratios, the KL penalty and k3 below estimate what they claim only under the
+distribution that drew the samples. (Temperature-1 log-probs with rollouts at 0.5 can turn the
+penalty into a bonus: pi = (0.7, 0.3), pi_ref = (0.9, 0.1) give E[log pi - log pi_ref] = -0.042.)
+
 PPO (Schulman et al. 2017, as applied to language models by Ziegler et al. 2019 / Ouyang et
 al. 2022): every response token is an action. Its reward is
         r_t = -kl_coef * (log pi(a_t) - log pi_ref(a_t))  (+ the reward model's score at the last token)
@@ -221,10 +227,10 @@ def masked_whiten(x, mask, eps=1e-8):
     return (x - mean) * torch.rsqrt(var + eps) * mask
 
 
-def logprobs_and_entropy(logits, idx, entropy_grad: bool):
-    """token_logprobs(logits, idx) and each position's entropy [B, T-1], from ONE log_softmax:
-    its [B, T-1, vocab] fp32 output is the biggest tensor of an update step."""
-    logp_all = next_token_logprobs(logits)
+def logprobs_and_entropy(logits, idx, entropy_grad: bool, temperature: float = 1.0):
+    """token_logprobs(logits, idx, temperature) and each position's entropy [B, T-1], from ONE
+    log_softmax: its [B, T-1, vocab] fp32 output is the biggest tensor of an update step."""
+    logp_all = next_token_logprobs(logits, temperature)
     logp = pick_next_tokens(logp_all, idx)
     with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
         entropy = -(logp_all.exp() * logp_all).sum(-1)
@@ -261,14 +267,18 @@ def group_advantages(scores, group, eps: float = 1e-4):
 
 
 @torch.no_grad()
-def score_rollout(ro: Rollout, model: PolicyWithValue, ref: GPTModel, reward_model, chunk: int = 32) -> Rollout:
-    """Fill in the reward model's scores, old and reference log-probs, and values (PPO)."""
+def score_rollout(ro: Rollout, model: PolicyWithValue, ref: GPTModel, reward_model, temperature: float = 1.0,
+                  chunk: int = 32) -> Rollout:
+    """Fill in the reward model's scores, old and reference log-probs (both at the sampling
+    temperature), and values (PPO)."""
     logp, ref_logp, values, scores = [], [], [], []
     for i in range(0, len(ro), chunk):
         idx, lengths = ro.idx[i:i + chunk], ro.lengths[i:i + chunk]
         logits, v = model(idx)
-        logp.append(token_logprobs(logits, idx))
-        ref_logp.append(model_token_logprobs(ref, idx))
+        logp.append(token_logprobs(logits, idx, temperature))
+        # at temperature 1 the reference's own loss path (fused on the Triton path, no logits kept)
+        ref_logp.append(model_token_logprobs(ref, idx) if temperature == 1.0
+                        else token_logprobs(ref(idx), idx, temperature))
         if v is not None:
             values.append(v)
         scores.append(reward_model(idx, lengths).float())
@@ -302,7 +312,8 @@ def minibatch_loss(model: PolicyWithValue, ro: Rollout, sel, args: RLArgs):
     """The loss of one minibatch (indices sel into the rollout) and its statistics."""
     idx, mask = ro.idx[sel], ro.mask[sel]
     logits, values = model(idx)
-    logp, entropy = logprobs_and_entropy(logits, idx, entropy_grad=bool(args.ent_coef))
+    logp, entropy = logprobs_and_entropy(logits, idx, entropy_grad=bool(args.ent_coef),
+                                         temperature=args.temperature)
     entropy = masked_mean(entropy, mask)
     old_logp, adv = ro.logp[sel], ro.advantages[sel]
     log_ratio = (logp - old_logp) * mask
@@ -399,7 +410,7 @@ class RLHFTrainer:
         with self._autocast():
             ro = sample_responses(self.policy, [self.prompts[i] for i in pick], a.samples_per_prompt,
                                   a.max_new_tokens, self.eot_id, a.temperature, a.top_k, self.generator)
-            score_rollout(ro, self.model, self.ref, self.reward_model)
+            score_rollout(ro, self.model, self.ref, self.reward_model, a.temperature)
         if self.score_norm is None:
             std = ro.scores.std().item() if len(ro) > 1 else 1.0
             self.score_norm = (ro.scores.mean().item(), max(std, 1e-3))
@@ -453,7 +464,7 @@ class RLHFTrainer:
         with self._autocast():
             ro = sample_responses(self.policy, self.eval_prompts, a.eval_samples, a.max_new_tokens,
                                   self.eot_id, a.temperature, a.top_k, gen)
-            score_rollout(ro, self.model, self.ref, self.reward_model)
+            score_rollout(ro, self.model, self.ref, self.reward_model, a.temperature)
         kl = ((ro.logp - ro.ref_logp) * ro.mask).sum(1)
         return {"eval_reward": ro.scores.mean().item(), "eval_kl": kl.mean().item()}
 
@@ -622,7 +633,8 @@ _HELP = {
     "prompts_per_iter": "prompts sampled per rollout batch",
     "group_size": "responses per prompt (GRPO's G); 0 = 1 for PPO, 4 for GRPO",
     "max_new_tokens": "longest response; responses end at end-of-text",
-    "temperature": "sampling temperature of the rollouts (> 0)",
+    "temperature": "sampling temperature of the rollouts (> 0); the log-probs, KL and entropy are those of the "
+                   "policy and reference at this temperature",
     "epochs": "passes over each rollout batch",
     "minibatch_size": "responses per gradient step",
     "lr": "AdamW learning rate (constant)",
