@@ -83,6 +83,14 @@ def test_collate_pads_shifts_and_masks_exactly():
     assert torch.allclose(lm_loss(logits, targets_m), manual)
 
 
+def test_collate_with_an_empty_prompt_masks_nothing():
+    """prompt_len 0 (a template that gives no text): every target is a response token. The
+    prompt's slice [:prompt_len - 1] was [:-1] then, and masked all but the last target."""
+    inputs, targets = collate([Example([21, 22, 23, 99], prompt_len=0)], pad_id=99, mask_prompt=True)
+    assert targets.tolist() == [[22, 23, 99]]
+    assert collate([Example([21, 22, 23, 99], prompt_len=1)], pad_id=99)[1].tolist() == [[22, 23, 99]]
+
+
 def test_encode_records_layout_and_overlong(capsys):
     tok = CharTokenizer()
     recs = [{"instruction": "Echo.", "input": "ab", "output": "ab"},

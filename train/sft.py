@@ -197,8 +197,9 @@ def collate(examples, pad_id: int, mask_prompt: bool = True, ignore_index: int =
         inputs[i, :n] = seq[:-1]
         targets[i, :n] = seq[1:]
         if mask_prompt:
-            # target t is token t+1: tokens 1..prompt_len-1 belong to the prompt
-            targets[i, :e.prompt_len - 1] = ignore_index
+            # target t is token t+1: tokens 1..prompt_len-1 belong to the prompt (none when the
+            # prompt is empty: a slice to -1 would mask all but the last target)
+            targets[i, :max(e.prompt_len - 1, 0)] = ignore_index
     return inputs, targets
 
 
