@@ -678,7 +678,9 @@ def add_cli(sub):
         kw = {"choices": ["auto", "fp32", "bf16"]} if f.name == "dtype" else {}
         g.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default,
                        help=f"{_HELP.get(f.name, f.name)} (default %(default)s)", **kw)
-    g.add_argument("--top-k", type=int, default=None, help="sample the rollouts from the top k tokens only")
+    g.add_argument("--top-k", type=int, default=None,
+                   help="sample the rollouts from the top k tokens only (the log-probs, ratios and KL stay "
+                        "those of the whole vocabulary at --temperature, an approximation)")
     g.add_argument("--overwrite", action="store_true", help=common.OVERWRITE_HELP)
     g.add_argument("--resume", nargs="?", const="latest", default=None, metavar="CKPT",
                    help="continue from the newest checkpoint in --out-dir, or a checkpoint folder "
