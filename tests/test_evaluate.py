@@ -155,3 +155,22 @@ def test_a_pretraining_run_is_scored_on_its_own_held_out_tail(tmp_path, capsys):
                        "leaves no tokens before the val split")):
         assert main(["eval", "--weights", str(run), "--cache-dir", cache, *bad]) == 2, bad
         assert said in capsys.readouterr().err
+
+
+def test_a_run_on_a_jsonl_field_is_scored_from_that_field(tmp_path, capsys):
+    """A run trained on .jsonl rows' `body` field: eval without --data reads the same field (it
+    looked for `text` and refused the run's own data)."""
+    from tritongpt.train.tokenizer import BPETokenizer
+
+    rows = [f"the cat number {i} sat on mat {i * 7}, then the dog ran {i % 13} laps." for i in range(80)]
+    (tmp_path / "rows.jsonl").write_text("".join(json.dumps({"body": r}) + "\n" for r in rows))
+    BPETokenizer.train(" ".join(rows), 280, name="t").save(tmp_path / "tok.json")
+    run, cache = tmp_path / "run", str(tmp_path / "cache")
+    assert main(["pretrain", "--data", str(tmp_path / "rows.jsonl"), "--text-field", "body",
+                 "--tokenizer", str(tmp_path / "tok.json"), "--cache-dir", cache, "--out-dir", str(run),
+                 "--device", "cpu", "--kernels", "reference", "--block-size", "32", "--batch-size", "2",
+                 "--max-steps", "1", "--eval-every", "0", "--sample-tokens", "0"]) == 0
+    capsys.readouterr()
+    n, train = (json.loads((tmp_path / "cache" / "tokens.json").read_text())[k] for k in ("n_tokens", "split"))
+    assert main(["eval", "--weights", str(run), "--cache-dir", cache, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["tokens"] == n - train - 1

@@ -125,8 +125,12 @@ def cmd_eval(args):
     tok = pick_tokenizer(args.tokenizer, args.weights, model.config.vocab_size)
     run = pretrain_data(args.weights)
     source = args.data if args.data is not None else (run["source"] if run else None)
+    # the run's own .jsonl data is read from the field it trained on (checkpoints from before
+    # the field was recorded: "text")
+    own_field = run.get("text_field") if run and args.data is None else None
+    text_field = args.text_field or own_field or "text"
     try:
-        td = data.prepare_tokens({"source": source, "text_field": args.text_field}, tok, cache_dir=args.cache_dir,
+        td = data.prepare_tokens({"source": source, "text_field": text_field}, tok, cache_dir=args.cache_dir,
                                  val_fraction=fraction if args.split == "val" else 0.0)
     except UserError as e:
         if args.data is not None or not run:
@@ -184,7 +188,8 @@ def add_cli(sub):
     p.add_argument("--data", default=None, help="a file, a folder of .txt files, a .jsonl file, or 'pydoc' / "
                                                 "'stdlib' (default: a pretraining run's own data, else the "
                                                 "embedded pydoc corpus)")
-    p.add_argument("--text-field", default="text", help="field holding the text in .jsonl rows (default %(default)s)")
+    p.add_argument("--text-field", default=None, help="field holding the text in .jsonl rows (default: the "
+                                                      "one a pretraining run's own data was read from, else text)")
     p.add_argument("--split", choices=("val", "all"), default="val",
                    help="val: the held-out tail (a pretraining run's own, on its data; else --val-fraction); "
                         "all: every token (default %(default)s)")

@@ -131,7 +131,8 @@ def pretrain(args) -> dict:
         this records which token stream it indexes, to warn when a resume uses other data."""
 
         def state_dict(self):
-            return {"source": str(args.data or "pydoc"), "train_tokens": len(splits["train"]),
+            return {"source": str(args.data or "pydoc"), "text_field": args.text_field,
+                    "train_tokens": len(splits["train"]),
                     "block_size": block, "tokenizer_hash": tok.hash, "source_hash": splits["source_hash"]}
 
         def load_state_dict(self, d):
