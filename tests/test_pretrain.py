@@ -225,6 +225,19 @@ def test_a_run_folder_is_not_reused_by_accident(corpus, tmp_path, capsys):
         and "\n" not in err, err
 
 
+def test_a_resume_names_another_dropout(corpus, tmp_path, capsys):
+    """--dropout is the model's, not the loop's: a resume that drops it (the preset's 0.0) or
+    changes it trains another run, and says so as for the loop's flags."""
+    out = tmp_path / "run"
+    short = ("--eval-every", "0", "--sample-tokens", "0", "--log-every", "0")
+    assert main(["pretrain", *argv(corpus, out, "--max-steps", "1", "--dropout", "0.1", *short)]) == 0
+    capsys.readouterr()
+    assert main(["pretrain", *argv(corpus, out, "--max-steps", "1", "--resume", *short)]) == 0
+    assert "note: resuming with --dropout 0.0 (the run had 0.1)" in capsys.readouterr().err
+    assert main(["pretrain", *argv(corpus, out, "--max-steps", "1", "--resume", "--dropout", "0.1", *short)]) == 0
+    assert "note: resuming" not in capsys.readouterr().err
+
+
 def test_torchrun_two_cpu_processes_runs_the_real_cli(corpus, tmp_path):
     """The launcher is torchrun itself (not a home-made one): 2 gloo processes, rank 0 writes."""
     import os

@@ -273,17 +273,25 @@ def load_checkpoint_weights(module, ckpt: Path, device, config, what: str):
 def config_difference(weights_file, config) -> str:
     """How the model config saved with a checkpoint differs from `config` ("" if unknown), for
     the error a checkpoint of another model size gets."""
-    from tritongpt.model.gpt import safetensors_metadata
-
-    try:
-        saved = json.loads(safetensors_metadata(weights_file)["config"])
-    except (UserError, KeyError, ValueError):  # no config, or not readable: the caller says what torch said
+    saved = saved_model_config(weights_file)
+    if not saved:  # no config, or not readable: the caller says what torch said
         return ""
     now = config.to_dict()
     diffs = [f"{k} {saved[k]} (this run: {now[k]})" for k in saved
              if k in now and saved[k] != now[k] and k not in ("kernels", "dropout")]
     return ("the checkpoint's model has " + ", ".join(diffs) +
             "; pass the --model (and --vocab-multiple) it was trained with") if diffs else ""
+
+
+def saved_model_config(weights_file) -> dict:
+    """The model config saved with a checkpoint's weights, or {} when it has none or is unreadable."""
+    from tritongpt.model.gpt import safetensors_metadata
+
+    try:
+        saved = json.loads(safetensors_metadata(weights_file)["config"])
+    except (UserError, KeyError, ValueError):
+        return {}
+    return saved if isinstance(saved, dict) else {}
 
 
 def load_state(ckpt_dir) -> dict:

@@ -324,7 +324,15 @@ class Trainer:
             raise UserError(f"--resume: {ckpt} is a checkpoint of a {state['name']} run, not of {self.name} "
                             "(to start from its weights, use --init)")
         common.load_checkpoint_weights(self.raw_model, ckpt, self.device, self._cfg, "model")
-        common.check_resume(ckpt, state, vars(self.args), TRAJECTORY_ARGS, "step", "--max-steps", str(self.dtype),
+        # dropout changes the run too but is the model's (pretrain --dropout), not a TrainArgs field:
+        # compared with the model config saved beside the weights (a resume without --dropout
+        # silently trained on at the preset's rate)
+        now_args, names = vars(self.args), TRAJECTORY_ARGS
+        saved_dropout = common.saved_model_config(ckpt / "model.safetensors").get("dropout")
+        if self._cfg is not None and saved_dropout is not None:
+            now_args, names = {**now_args, "dropout": self._cfg.dropout}, names + ("dropout",)
+            state = {**state, "args": {**state.get("args", {}), "dropout": saved_dropout}}
+        common.check_resume(ckpt, state, now_args, names, "step", "--max-steps", str(self.dtype),
                             say=self.is_main, kernels=self._kernels())
         if state["step"] == self.args.max_steps and self.is_main:
             print(f"note: {ckpt} is already at --max-steps {self.args.max_steps}: nothing to train, "
