@@ -174,8 +174,7 @@ def test_a_run_folder_is_not_reused_by_accident(corpus, tmp_path, capsys):
         "metrics.jsonl)" in err and "--resume" in err and "--overwrite" in err, err
 
     assert main(["pretrain", *argv(corpus, out, "--max-steps", "3", "--overwrite", *short)]) == 0
-    # --eval-every 0: one evaluation, at the end; it used to print as "val loss X -> X"
-    assert re.search(r"train loss \d\S* -> \d\S*, val loss \d\S*; ", capsys.readouterr().out)
+    capsys.readouterr()
     assert [p.name for p in common.Checkpointer(out).list()] == ["ckpt-0000003"]
     assert [r["step"] for r in common.MetricsLog(out / "metrics.jsonl").rows() if "loss" in r] == [1, 2, 3]
 
@@ -186,7 +185,7 @@ def test_a_run_folder_is_not_reused_by_accident(corpus, tmp_path, capsys):
     assert main(["pretrain", *argv(corpus, out, "--max-steps", "3", "--resume", *short, "--eval-every", "3")]) == 0
     printed = capsys.readouterr()
     assert "already at --max-steps 3: nothing to train" in printed.err
-    assert re.search(r"train loss - -> -, val loss \d\S*; ", printed.out), printed.out
+    assert re.search(r"train loss - -> -, val loss \S+ -> \d", printed.out), printed.out
     assert "note: resuming" not in printed.err  # --dtype fp32 here and auto then: the same on a CPU
 
     assert main(["pretrain", *argv(corpus, out, "--max-steps", "4", "--resume", "--lr", "1e-2",
@@ -236,6 +235,20 @@ def test_a_resume_names_another_dropout(corpus, tmp_path, capsys):
     assert "note: resuming with --dropout 0.0 (the run had 0.1)" in capsys.readouterr().err
     assert main(["pretrain", *argv(corpus, out, "--max-steps", "1", "--resume", "--dropout", "0.1", *short)]) == 0
     assert "note: resuming" not in capsys.readouterr().err
+
+
+def test_the_summary_compares_val_losses_of_this_run_only(corpus, tmp_path, capsys):
+    """The done line's val loss goes from this call's first evaluation to its last: with
+    --eval-every 0 there is one, the last step's, and it printed "val loss 5.1 -> 5.1" as if
+    validation had not moved; on a resume the first is the checkpoint's, not step 0's."""
+    out = tmp_path / "run"
+    short = ("--sample-tokens", "0", "--log-every", "0")
+    assert main(["pretrain", *argv(corpus, out, "--max-steps", "2", "--eval-every", "0", *short)]) == 0
+    last = common.MetricsLog(out / "metrics.jsonl").rows()[-1]["val_loss"]
+    assert f"val loss - -> {last:.3f};" in capsys.readouterr().out
+    assert main(["pretrain", *argv(corpus, out, "--max-steps", "3", "--eval-every", "1", "--resume", *short)]) == 0
+    vals = [r["val_loss"] for r in common.MetricsLog(out / "metrics.jsonl").rows() if "val_loss" in r]
+    assert f"val loss {vals[0]:.3f} -> {vals[-1]:.3f};" in capsys.readouterr().out  # steps 2 and 3
 
 
 def test_torchrun_two_cpu_processes_runs_the_real_cli(corpus, tmp_path):

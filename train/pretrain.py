@@ -191,10 +191,12 @@ def pretrain(args) -> dict:
         print(f"data: {where}: {n_train:,} training + {n_val:,} validation tokens ({tok.name} tokenizer); "
               f"{targs.max_steps} steps x {per_step} x {block} tokens")
     result = trainer.fit()
-    vals = [(r["step"], r["val_loss"]) for r in trainer.metrics.rows() if "val_loss" in r]
-    # with --eval-every 0 the only evaluation is the last one: no "first" to compare it with
-    first_val = vals[0][1] if len(vals) > 1 and vals[0][0] != vals[-1][0] else None
-    result.update(first_val_loss=first_val, n_params=n_params, train_tokens=n_train,
+    # this call's evaluations, as first_loss is this call's first step (a resume's first is the
+    # checkpoint's, not step 0's); one evaluation (--eval-every 0: the last step's) has no first
+    # to compare with, and printed as both ends it read "val loss 7.77 -> 7.77"
+    start = result["step"] - len(result["losses"])
+    vals = [r["val_loss"] for r in trainer.metrics.rows() if "val_loss" in r and r.get("step", 0) >= start]
+    result.update(first_val_loss=vals[0] if len(vals) > 1 else None, n_params=n_params, train_tokens=n_train,
                   val_tokens=n_val, tokenizer_path=str(Path(targs.out_dir) / RUN_TOKENIZER))
     return result
 
@@ -209,8 +211,7 @@ def cmd_pretrain(args):
 
     print(f"done: {r['step']} steps in {r['time_s']:.0f} s; "
           f"train loss {fmt(r['first_loss'])} -> {fmt(r['loss'])}, "
-          f"val loss {'' if r['first_val_loss'] is None else fmt(r['first_val_loss']) + ' -> '}"
-          f"{fmt(r.get('val_loss'))}; "
+          f"val loss {fmt(r['first_val_loss'])} -> {fmt(r.get('val_loss'))}; "
           f"{'-' if r['tok_per_s'] is None else format(r['tok_per_s'], ',.0f')} tok/s")
     print(f"wrote {r['metrics_path']}, {r['plot_path']}, {r['checkpoint']}")
     print(f"try: tritongpt generate --weights {Path(r['checkpoint']).parent} --prompt \"The\"")
