@@ -174,3 +174,23 @@ def test_a_run_on_a_jsonl_field_is_scored_from_that_field(tmp_path, capsys):
     n, train = (json.loads((tmp_path / "cache" / "tokens.json").read_text())[k] for k in ("n_tokens", "split"))
     assert main(["eval", "--weights", str(run), "--cache-dir", cache, "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["tokens"] == n - train - 1
+
+
+def test_a_run_on_a_relative_path_is_scored_from_another_folder(tmp_path, capsys, monkeypatch):
+    """The run records its data's absolute path: eval run from another folder finds it (the
+    path as given, relative to the folder pretrain ran in, was not found there)."""
+    from tritongpt.train.tokenizer import BPETokenizer
+
+    text = " ".join(f"the cat number {i} sat on mat {i * 7}, then the dog ran {i % 13} laps." for i in range(80))
+    (tmp_path / "corpus.txt").write_text(text)
+    BPETokenizer.train(text, 280, name="t").save(tmp_path / "tok.json")
+    cache = str(tmp_path / "cache")
+    monkeypatch.chdir(tmp_path)
+    assert main(["pretrain", "--data", "corpus.txt", "--tokenizer", "tok.json", "--cache-dir", cache,
+                 "--out-dir", "run", "--device", "cpu", "--kernels", "reference", "--block-size", "32",
+                 "--batch-size", "2", "--max-steps", "1", "--eval-every", "0", "--sample-tokens", "0"]) == 0
+    capsys.readouterr()
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    assert main(["eval", "--weights", str(tmp_path / "run"), "--cache-dir", cache, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["data"] == str(tmp_path / "corpus.txt")

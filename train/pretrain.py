@@ -126,12 +126,18 @@ def pretrain(args) -> dict:
                        generator=gen)  # KV cache on
         return tok.decode(out[0].tolist())
 
+    # a path as an absolute one: eval finds the run's data from any folder (as given, it
+    # was looked for relative to wherever eval ran)
+    recorded_source = str(args.data or "pydoc")
+    if args.data not in (None, "pydoc", "stdlib") and Path(args.data).expanduser().exists():
+        recorded_source = str(Path(args.data).expanduser().resolve())
+
     class DataPosition:
         """Windows are random, so the position is the batch generator (saved by the Trainer);
         this records which token stream it indexes, to warn when a resume uses other data."""
 
         def state_dict(self):
-            return {"source": str(args.data or "pydoc"), "text_field": args.text_field,
+            return {"source": recorded_source, "text_field": args.text_field,
                     "train_tokens": len(splits["train"]),
                     "block_size": block, "tokenizer_hash": tok.hash, "source_hash": splits["source_hash"]}
 
