@@ -241,6 +241,18 @@ def test_lr_warmup_then_cosine_to_floor(tmp_path):
     assert common.lr_at(12, 1e-3, 3, 12, 1e-4) == 1e-4 and common.lr_at(500, 1e-3, 3, 12, 1e-4) == 1e-4
 
 
+def test_a_warmup_as_long_as_the_run_is_named(tmp_path, capsys):
+    """The default --warmup-steps with a short --max-steps: the schedule never reaches --lr nor
+    decays, which the loss curve alone does not show."""
+    a = args_for(tmp_path, max_steps=3, warmup_steps=4, lr=1e-3, batch_size=2)
+    Trainer(tiny_model(), a, loss_fn, make_get_batch(synthetic_tokens(), 2)).fit()
+    assert "note: --warmup-steps 4 >= --max-steps 3: the learning rate stops at 7.50e-04 on the way up to " \
+        "--lr 0.001 and never decays" in capsys.readouterr().err
+    Trainer(tiny_model(), args_for(tmp_path / "b", max_steps=3, warmup_steps=2), loss_fn,
+            make_get_batch(synthetic_tokens(), 4)).fit()
+    assert "warmup" not in capsys.readouterr().err
+
+
 def test_weight_decay_only_on_matrices(tmp_path):
     model = tiny_model()
     t = Trainer(model, args_for(tmp_path, weight_decay=0.1), loss_fn, make_get_batch(synthetic_tokens(), 2))

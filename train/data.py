@@ -12,8 +12,9 @@ Sources (`load_documents`, `load_text`):
   "stdlib"        the standard library's .py files (first STDLIB_MAX_BYTES, in sorted walk order).
   a path          a text file, a folder of .txt files, or a .jsonl file with a text field.
 Documents: each .py file, each .jsonl record, each .txt file, and within a .txt file the parts
-between literal <|endoftext|> lines (how GPT-2-style text dumps mark them). Anywhere else that
-spelling is text, tokenised as ordinary characters, never as the separator.
+between literal <|endoftext|> markers, wherever on a line they stand (how GPT-2-style text dumps
+mark them). In a .jsonl record or a .py file that spelling is text, tokenised as ordinary
+characters, never as the separator.
 """
 import hashlib
 import json

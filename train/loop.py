@@ -98,7 +98,7 @@ _HELP = {
     "eval_every": "evaluate every N steps (0 = only at the end)",
     "eval_batches": "batches per evaluation",
     "ckpt_every": "checkpoint every N steps (0 = only at the end)",
-    "keep_ckpts": "keep the newest K checkpoints",
+    "keep_ckpts": "keep the newest K checkpoints (0 = keep all)",
     "log_every": "print a log line every N steps",
     "sample_every": "print a sample every N steps (0 = only at the end)",
     "seed": "random seed (DDP rank r draws batches with seed + r)",
@@ -422,6 +422,10 @@ class Trainer:
         if a.resume:
             self.resume(a.resume)
             self._log(f"resumed from {self.last_ckpt} at step {self.step}")
+        if self.is_main and a.warmup_steps >= a.max_steps > self.step:
+            print(f"note: --warmup-steps {a.warmup_steps} >= --max-steps {a.max_steps}: the learning rate "
+                  f"stops at {common.lr_at(a.max_steps - 1, a.lr, a.warmup_steps, a.max_steps, a.min_lr):.2e} "
+                  f"on the way up to --lr {a.lr:g} and never decays", file=sys.stderr)
         model = self.raw_model
         model.train()
         if a.compile:
