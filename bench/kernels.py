@@ -14,7 +14,8 @@ Providers per op (a provider that cannot run gives a "skipped: why" row, never a
 lm_head_loss is hidden [N, C] -> logits [N, V] -> mean loss; ours and Liger's make the gradients
 during forward (so their "fwd" includes backward's matmuls): compare fwd+bwd and peak memory.
 Modes: fwd (inputs require grad, as in training), bwd (backward of a kept graph,
-retain_graph=True), fwd+bwd. Gradients are reset to None before each timed call.
+retain_graph=True), fwd+bwd. Backward starts from a random gradient, or from 1 for a loss (as
+loss.backward() does). Gradients are reset to None before each timed call.
 """
 import torch
 import torch.nn.functional as F
@@ -259,7 +260,11 @@ def _mode_fn(forward, mode):
     if mode == "fwd":
         return forward
     y = forward()
-    dy = torch.randn_like(y)
+    # A loss (a scalar) starts backward from 1, as loss.backward() does in training: Liger's
+    # losses skip scaling their saved gradients then, and a random scalar would time an extra
+    # pass over the [N, V] logits' gradient that training never makes. Other outputs get a
+    # random gradient.
+    dy = torch.ones_like(y) if y.dim() == 0 else torch.randn_like(y)
     if mode == "bwd":
         return lambda: y.backward(dy, retain_graph=True)
     return lambda: forward().backward(dy)

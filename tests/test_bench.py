@@ -950,3 +950,29 @@ def test_autotune_timings_read_tritons_saved_searches(tmp_path):
     assert [t["config"]["BLOCK_M"] for t in got["timings"]] == [64, 32, 256]
     assert got["timings"][0] == {"config": {"BLOCK_M": 64, "num_warps": 4, "num_stages": 3}, "ms": [0.2, 0.19, 0.21]}
     assert got["timings"][2]["ms"] is None
+
+
+def test_backward_of_a_loss_starts_from_one():
+    """A loss's backward starts from 1, as loss.backward() in training: Liger's losses skip
+    scaling their saved [N, V] gradient then. A random scalar (as for other outputs) timed an
+    extra pass over the logits' gradient that training never makes."""
+    seen = []
+
+    class Record(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return x.clone()
+
+        @staticmethod
+        def backward(ctx, g):
+            seen.append(g.clone())
+            return g
+
+    x = kernels.randn(4, 5, device="cpu", dtype=torch.float32)
+    for mode in ("bwd", "fwd+bwd"):
+        seen.clear()
+        kernels._mode_fn(lambda: Record.apply(x.sum()), mode)()
+        assert seen and torch.equal(seen[-1], torch.ones(())), (mode, seen)
+        seen.clear()
+        kernels._mode_fn(lambda: Record.apply(x), mode)()  # not a loss: a random gradient
+        assert seen[-1].shape == (4, 5) and not torch.equal(seen[-1], torch.ones(4, 5))
