@@ -13,6 +13,7 @@ Providers per op (a provider that cannot run gives a "skipped: why" row, never a
                 liger_kernel is installed
 lm_head_loss is hidden [N, C] -> logits [N, V] -> mean loss; ours and Liger's make the gradients
 during forward (so their "fwd" includes backward's matmuls): compare fwd+bwd and peak memory.
+So does Liger's cross_entropy (it writes the gradient over the logits in forward).
 Modes: fwd (inputs require grad, as in training), bwd (backward of a kept graph,
 retain_graph=True), fwd+bwd. Backward starts from a random gradient, or from 1 for a loss (as
 loss.backward() does). Gradients are reset to None before each timed call.
@@ -511,8 +512,11 @@ def sweep_cross_entropy(timer, budget, rows_n, vocabs, dtype, modes=MODES, provi
         x = randn(rows_n, v, device=dev, dtype=dtype, scale=3.0)  # logits of a trained LM's spread
         t = torch.randint(0, v, (rows_n,), device=dev)
         elem = x.element_size()
+        # Liger's loss writes the logits' gradient during forward (its backward only scales it):
+        # its fwd row counts the fwd+bwd traffic and its bwd row none, as for the fused LM head.
         out += bench_providers("cross_entropy", cfg, cross_entropy_providers(x, t), modes, timer, budget,
-                               lambda m: {"bytes": cross_entropy_bytes(rows_n, v, elem, m)}, providers)
+                               lambda m: {"bytes": cross_entropy_bytes(rows_n, v, elem, m)}, providers,
+                               grads_in_forward=("liger",))
         del x, t
         timer.cleanup()
     return out

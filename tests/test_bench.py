@@ -976,3 +976,44 @@ def test_backward_of_a_loss_starts_from_one():
         seen.clear()
         kernels._mode_fn(lambda: Record.apply(x), mode)()  # not a loss: a random gradient
         assert seen[-1].shape == (4, 5) and not torch.equal(seen[-1], torch.ones(4, 5))
+
+
+def test_liger_cross_entropy_rates_count_the_work_each_mode_does(monkeypatch):
+    """Liger's cross-entropy writes the logits' gradient during forward and its backward only
+    scales it (nothing when the gradient is 1): its fwd row counts the fwd+bwd bytes and its bwd
+    row claims no GB/s (a no-op backward once claimed to move 2*N*V*elem bytes)."""
+    from torch.nn.functional import cross_entropy as F_cross_entropy
+
+    made = {}
+
+    class FakeLiger(torch.autograd.Function):  # Liger's plan: gradient in forward, backward scales it
+        @staticmethod
+        def forward(ctx, x, t):
+            g = torch.softmax(x.float(), -1)
+            g[torch.arange(len(t)), t] -= 1
+            ctx.save_for_backward((g / len(t)).to(x.dtype))
+            made["fwd"] = True
+            return F_cross_entropy(x.float(), t)
+
+        @staticmethod
+        def backward(ctx, grad):
+            (g,) = ctx.saved_tensors
+            return (g if torch.equal(grad, torch.ones_like(grad)) else g * grad), None
+
+    real = kernels.cross_entropy_providers
+
+    def with_liger(x, t):
+        b = real(x, t)
+        b["liger"] = lambda: ((lambda: FakeLiger.apply(x, t)), [x])
+        return b
+
+    monkeypatch.setattr(kernels, "cross_entropy_providers", with_liger)
+    rows = kernels.sweep_cross_entropy(CpuTimer(reps=1), Budget(None), 8, (30,), torch.bfloat16,
+                                       providers=("torch", "liger"))
+    by = {(r["provider"], r["mode"]): r for r in rows}
+    assert made and all(r["status"] == "ok" for r in rows), [r["status"] for r in rows]
+    nv2 = 8 * 30 * 2
+    assert by[("torch", "fwd")]["bytes"] == nv2 and by[("torch", "bwd")]["bytes"] == 2 * nv2
+    assert by[("liger", "fwd")]["bytes"] == 3 * nv2 and by[("liger", "fwd+bwd")]["bytes"] == 3 * nv2
+    assert "bytes" not in by[("liger", "bwd")] and "gbps" not in by[("liger", "bwd")]
+    assert by[("liger", "bwd")]["note"] == "gradients made in forward"
