@@ -319,16 +319,24 @@ def device_slug(cuda: bool | None = None) -> str:
 
 
 def git_commit(repo_dir=None) -> str:
-    """HEAD of the checkout; where there is no .git (a copied tree on a device machine), the
-    commit the caller names in TRITONGPT_GIT_COMMIT (bench/gpu_session.sh passes it on)."""
+    """HEAD of the checkout, with "+dirty" when tracked files outside bench/results differ from
+    it (the figures then come from code no commit holds); where there is no .git (a copied tree
+    on a device machine), the commit the caller names in TRITONGPT_GIT_COMMIT
+    (bench/gpu_session.sh passes it on)."""
     repo_dir = repo_dir or Path(__file__).resolve().parent.parent
     fallback = os.environ.get("TRITONGPT_GIT_COMMIT", "").strip() or "unknown"
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo_dir, capture_output=True,
                              text=True, timeout=10)
+        if out.returncode != 0 or not out.stdout.strip():
+            return fallback
+        # results written by an earlier run are not code: they do not make the tree dirty
+        status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".",
+                                 ":(exclude)bench/results"], cwd=repo_dir, capture_output=True, text=True,
+                                timeout=10)
     except (OSError, subprocess.SubprocessError):
         return fallback
-    return out.stdout.strip() if out.returncode == 0 and out.stdout.strip() else fallback
+    return out.stdout.strip() + ("+dirty" if status.returncode == 0 and status.stdout.strip() else "")
 
 
 def nvidia_driver() -> str:

@@ -376,6 +376,7 @@ def test_result_json_markdown_and_plots(tmp_path, monkeypatch):
     res = _fake_kernel_result()
     assert res["env"]["device_slug"].startswith("cpu-")
     commit = res["env"]["git_commit"]
+    commit = commit.removesuffix("+dirty")  # run from a tree with uncommitted changes
     assert commit == "unknown" or (len(commit) == 40 and int(commit, 16) >= 0)
     paths = report.write_result(res, tmp_path)
     folder = tmp_path / res["env"]["device_slug"]
@@ -436,7 +437,33 @@ def test_git_commit_outside_a_checkout_takes_the_named_one(tmp_path, monkeypatch
     assert common.git_commit(tmp_path) == "0123abc"
     if (Path(common.__file__).resolve().parent.parent / ".git").exists():
         head = common.git_commit()  # a git checkout: git's answer wins over the named one
-        assert head != "0123abc" and len(head) == 40
+        assert head != "0123abc" and len(head.removesuffix("+dirty")) == 40
+
+
+def test_git_commit_says_when_the_code_differs_from_it(tmp_path, monkeypatch):
+    """A benchmark run from a tree with uncommitted code names HEAD "+dirty": those figures come
+    from code no commit holds. Results already in bench/results and untracked files do not count."""
+    import subprocess
+
+    monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(tmp_path.parent))
+
+    def git(*args):
+        subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=tmp_path, check=True,
+                       capture_output=True)
+
+    (tmp_path / "bench" / "results").mkdir(parents=True)
+    (tmp_path / "kernel.py").write_text("x = 1\n")
+    (tmp_path / "bench" / "results" / "r.json").write_text("{}\n")
+    git("init", "-q")
+    git("add", ".")
+    git("commit", "-qm", "one")
+    head = common.git_commit(tmp_path)
+    assert len(head) == 40 and "+" not in head
+    (tmp_path / "bench" / "results" / "r.json").write_text('{"new": 1}\n')
+    (tmp_path / "notes.txt").write_text("untracked\n")
+    assert common.git_commit(tmp_path) == head
+    (tmp_path / "kernel.py").write_text("x = 2\n")
+    assert common.git_commit(tmp_path) == head + "+dirty"
 
 
 # -- the CLI without CUDA -------------------------------------------------------------------------------------
