@@ -445,6 +445,29 @@ def _tiny_rl_trainer(tmp_path, dropout=0.0, **kw):
     return RLHFTrainer(policy, copy.deepcopy(policy), rm, prompts, prompts[:2], 22, RLArgs(**base), log=False)
 
 
+def test_missing_eot_penalty_comes_off_the_scores_of_cut_responses(tmp_path):
+    """A response cut at max_new_tokens loses the penalty from its training score (and so from
+    the first batch's normalization); eval_reward stays the reward model's own score."""
+    runs = {}
+    for penalty in (0.0, 3.0):
+        trainer = _tiny_rl_trainer(tmp_path / str(penalty), max_new_tokens=3, missing_eot_penalty=penalty,
+                                   prompts_per_iter=6)
+        ro = trainer.rollout()
+        runs[penalty] = (ro, trainer.score_norm, trainer.evaluate())
+    (ro0, norm0, eval0), (ro3, norm3, eval3) = runs[0.0], runs[3.0]
+    assert torch.equal(ro0.idx, ro3.idx)  # the same samples: only the scores differ
+    ended = ro0.ended(22)
+    # brute force: a response ended when its last token, after the prompt, is end-of-text
+    by_hand = [row[n - 1] == 22 and n > p for row, n, p in
+               zip(ro0.idx.tolist(), ro0.lengths.tolist(), ro0.prompt_lens.tolist())]
+    assert ended.tolist() == by_hand and 0 < sum(by_hand) < len(by_hand), by_hand
+    assert torch.allclose(ro3.scores, ro0.scores - 3.0 * (~ended).float())
+    assert norm3[0] == pytest.approx(ro3.scores.mean().item()) and norm3 != norm0
+    assert eval3 == eval0 and 0.0 <= eval0["eval_ended"] <= 1.0
+    with pytest.raises(UserError, match="--missing-eot-penalty must be >= 0"):
+        RLArgs(missing_eot_penalty=-1.0).validate()
+
+
 def test_rl_update_clips_the_gradient_norm(tmp_path):
     """The gradients the optimizer steps with must have norm <= grad_clip (the logged grad_norm is
     the norm before clipping, which is far above it here)."""

@@ -30,11 +30,15 @@ kl_coef * k3 per token, with the unbiased, always-positive estimator
         k3 = pi_ref/pi - log(pi_ref/pi) - 1
 averaged over each response's tokens and then over responses, as in the paper.
 
-Logged per iteration (metrics.jsonl + rlhf.png): reward (mean score of the rollouts), kl
-(mean over responses of sum_t log pi - log pi_ref, measured at rollout time, the same for
-both algorithms), entropy, clip_frac, value_loss (PPO), policy_loss, response_len, and every
-eval_every iterations eval_reward: the mean score on fixed held-out prompts, sampled with a
-fixed seed, so the numbers are comparable across iterations.
+Both: --missing-eot-penalty takes a constant off the score of each response that max_new_tokens
+cut before its end-of-text (the reward model never saw an answer end there).
+
+Logged per iteration (metrics.jsonl + rlhf.png): reward (mean score of the rollouts, penalty
+included), kl (mean over responses of sum_t log pi - log pi_ref, measured at rollout time, the
+same for both algorithms), entropy, clip_frac, value_loss (PPO), policy_loss, response_len,
+ended (the fraction of responses that reached end-of-text), and every eval_every iterations
+eval_reward and eval_ended: the reward model's mean score (no penalty) on fixed held-out
+prompts, sampled with a fixed seed, so the numbers are comparable across iterations and runs.
 """
 import copy
 import math
@@ -54,9 +58,9 @@ from tritongpt.train.preference import (encode_text, model_token_logprobs, next_
 
 # Flags that change what a resumed run computes (--iterations does not: the learning rate is
 # constant), named in a note when a resume changes them; the precision is compared as resolved.
-TRAJECTORY_ARGS = ("algo", "prompts_per_iter", "group_size", "max_new_tokens", "temperature", "top_k", "epochs",
-                   "minibatch_size", "lr", "weight_decay", "grad_clip", "kl_coef", "clip_eps", "value_clip",
-                   "vf_coef", "ent_coef", "gamma", "lam", "seed")
+TRAJECTORY_ARGS = ("algo", "prompts_per_iter", "group_size", "max_new_tokens", "missing_eot_penalty", "temperature",
+                   "top_k", "epochs", "minibatch_size", "lr", "weight_decay", "grad_clip", "kl_coef", "clip_eps",
+                   "value_clip", "vf_coef", "ent_coef", "gamma", "lam", "seed")
 
 
 def _fingerprint(model) -> tuple:
@@ -81,6 +85,7 @@ class RLArgs:
     prompts_per_iter: int = 16   # prompts per rollout batch
     group_size: int = 0          # responses per prompt; 0 = 1 for PPO, 4 for GRPO
     max_new_tokens: int = 24
+    missing_eot_penalty: float = 0.0  # taken off the score of a response cut at max_new_tokens
     temperature: float = 1.0
     top_k: int | None = None
     epochs: int = 4              # passes over each rollout batch
@@ -125,7 +130,7 @@ class RLArgs:
         if self.group_size < 0 or (self.algo == "grpo" and self.samples_per_prompt < 2):
             raise UserError(f"--group-size must be >= 2 for GRPO (a group needs a spread), got {self.group_size}")
         for name in ("kl_coef", "clip_eps", "value_clip", "vf_coef", "ent_coef", "weight_decay",
-                     "grad_clip", "eval_every", "ckpt_every", "keep_ckpts"):
+                     "grad_clip", "eval_every", "ckpt_every", "keep_ckpts", "missing_eot_penalty"):
             if getattr(self, name) < 0:
                 raise UserError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
         if not 0.0 <= self.gamma <= 1.0 or not 0.0 <= self.lam <= 1.0:
@@ -177,6 +182,11 @@ class Rollout:
 
     def __len__(self):
         return self.idx.size(0)
+
+    def ended(self, eot_id: int) -> torch.Tensor:
+        """[N] bool: the response ends with end-of-text (else max_new_tokens cut it)."""
+        last = self.idx[torch.arange(len(self), device=self.idx.device), self.lengths - 1]
+        return (last == eot_id) & (self.lengths > self.prompt_lens)
 
 
 @torch.no_grad()
@@ -411,6 +421,12 @@ class RLHFTrainer:
             ro = sample_responses(self.policy, [self.prompts[i] for i in pick], a.samples_per_prompt,
                                   a.max_new_tokens, self.eot_id, a.temperature, a.top_k, self.generator)
             score_rollout(ro, self.model, self.ref, self.reward_model, a.temperature)
+        if a.missing_eot_penalty:
+            # A cut response is scored by the reward model at a token where no answer it was
+            # trained on ends; the penalty teaches the policy to finish ("The N implementation
+            # details of RLHF with PPO", Huang et al. 2022; TRL's missing_eos_penalty). It is part
+            # of the training score, from the first batch's normalization on.
+            ro.scores = ro.scores - a.missing_eot_penalty * (~ro.ended(self.eot_id)).float()
         if self.score_norm is None:
             std = ro.scores.std().item() if len(ro) > 1 else 1.0
             self.score_norm = (ro.scores.mean().item(), max(std, 1e-3))
@@ -452,7 +468,7 @@ class RLHFTrainer:
         row = {"step": self.iteration, "reward": ro.scores.mean().item(),
                "reward_std": ro.scores.std().item() if len(ro) > 1 else 0.0,
                "kl": kl.mean().item(), "response_len": (ro.lengths - ro.prompt_lens).float().mean().item(),
-               **stats}
+               "ended": ro.ended(self.eot_id).float().mean().item(), **stats}
         self.last_rollout = ro
         return row
 
@@ -466,7 +482,9 @@ class RLHFTrainer:
                                   self.eot_id, a.temperature, a.top_k, gen)
             score_rollout(ro, self.model, self.ref, self.reward_model, a.temperature)
         kl = ((ro.logp - ro.ref_logp) * ro.mask).sum(1)
-        return {"eval_reward": ro.scores.mean().item(), "eval_kl": kl.mean().item()}
+        # the reward model's own score, without --missing-eot-penalty: comparable across runs
+        return {"eval_reward": ro.scores.mean().item(), "eval_kl": kl.mean().item(),
+                "eval_ended": ro.ended(self.eot_id).float().mean().item()}
 
     # -- checkpoints ------------------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -633,6 +651,8 @@ _HELP = {
     "prompts_per_iter": "prompts sampled per rollout batch",
     "group_size": "responses per prompt (GRPO's G); 0 = 1 for PPO, 4 for GRPO",
     "max_new_tokens": "longest response; responses end at end-of-text",
+    "missing_eot_penalty": "taken off the training score of a response that max-new-tokens cut before its "
+                           "end-of-text (0 = off; the logged reward includes it, eval_reward does not)",
     "temperature": "sampling temperature of the rollouts (> 0); the log-probs, KL and entropy are those of the "
                    "policy and reference at this temperature",
     "epochs": "passes over each rollout batch",
