@@ -157,6 +157,18 @@ def test_read_records_and_malformed_errors(tmp_path):
         sft.read_records(tmp_path / "d.txt")
 
 
+def test_read_jsonl_keeps_unicode_line_separators_inside_records(tmp_path):
+    # U+2028, U+2029 and U+0085 may stand unescaped in a JSON string: they do not end a JSONL record
+    recs = [{"instruction": "Copy.", "input": "one\u2028two\u2029three", "output": "a\x85b"},
+            {"instruction": "Say hi.", "input": "", "output": "hi"}]
+    path = tmp_path / "d.jsonl"
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\r\n" for r in recs), encoding="utf-8")
+    assert sft.read_records(path) == recs
+    path.write_text(json.dumps(recs[0], ensure_ascii=False) + "\n{oops\n", encoding="utf-8")
+    with pytest.raises(UserError, match=r"record 1 \(line 2\) is not valid JSON"):
+        sft.read_records(path)
+
+
 def test_split_records_is_deterministic_and_disjoint():
     recs = tasks.generate_tasks(300, seed=5, split=None)
     train, val = sft.split_records(recs, 0.2)

@@ -85,7 +85,10 @@ def read_json_records(path, what: str = "data file") -> list:
         raise UserError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     raw = []
     if path.suffix == ".jsonl":
-        for line_no, line in enumerate(text.splitlines(), 1):
+        # records end at "\n" only (a "\r" before it is JSON whitespace): str.splitlines() also
+        # breaks at U+2028, U+2029 and U+0085, which JSON strings may hold unescaped (json.dumps
+        # with ensure_ascii=False writes them so), cutting such a record in two
+        for line_no, line in enumerate(text.split("\n"), 1):
             if not line.strip():
                 continue
             where = f"{path}: record {len(raw)} (line {line_no})"
