@@ -169,6 +169,14 @@ def test_read_jsonl_keeps_unicode_line_separators_inside_records(tmp_path):
         sft.read_records(path)
 
 
+def test_read_records_with_a_byte_order_mark(tmp_path):
+    recs = [{"instruction": "Say hi.", "input": "", "output": "hi"}]
+    (tmp_path / "d.json").write_text(json.dumps(recs), encoding="utf-8-sig")
+    (tmp_path / "d.jsonl").write_text(json.dumps(recs[0]) + "\n", encoding="utf-8-sig")
+    assert sft.read_records(tmp_path / "d.json") == recs
+    assert sft.read_records(tmp_path / "d.jsonl") == recs
+
+
 def test_split_records_is_deterministic_and_disjoint():
     recs = tasks.generate_tasks(300, seed=5, split=None)
     train, val = sft.split_records(recs, 0.2)

@@ -80,7 +80,9 @@ def read_json_records(path, what: str = "data file") -> list:
     if path.suffix not in (".json", ".jsonl"):
         raise UserError(f"{path}: expected a .json (list of records) or .jsonl (one record a line) file")
     try:
-        text = path.read_text(encoding="utf-8")
+        # utf-8-sig: a byte-order mark (as Windows editors write) is dropped, as pretrain's
+        # readers do; json.loads refuses one ("Unexpected UTF-8 BOM")
+        text = path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as e:
         raise UserError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     raw = []
