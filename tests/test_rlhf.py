@@ -693,6 +693,25 @@ def test_dpo_policy_runs_without_dropout_like_its_cached_reference(data, tmp_pat
     assert policy.config.dropout == 0.0
 
 
+def test_dpo_resume_names_a_changed_beta_and_data(data, tmp_path, capsys):
+    """beta and the data flags are DPO's, not TrainArgs': a resume that changes them is named too."""
+    from tritongpt.train.dpo import train_dpo
+
+    tok, train, val = data
+    torch.manual_seed(4)
+    policy = GPTModel(tiny_config(tok.vocab_size))
+    args = TrainArgs(out_dir=str(tmp_path), max_steps=1, batch_size=4, lr=1e-3, warmup_steps=0, eval_every=0,
+                     ckpt_every=0, log_every=0, weight_decay=0.0, device="cpu", kernels="reference", seed=0)
+    train_dpo(copy.deepcopy(policy), copy.deepcopy(policy), tok, train[:8], None, args, beta=0.1,
+              run_args={"data": "a.json"})
+    capsys.readouterr()
+    args.resume, args.max_steps = "latest", 2
+    train_dpo(copy.deepcopy(policy), copy.deepcopy(policy), tok, train[:8], None, args, beta=0.5,
+              run_args={"data": "b.json"})
+    err = capsys.readouterr().err
+    assert "note: resuming with --max-steps 2 (the run had 1), --data b.json (a.json), --beta 0.5 (0.1)" in err, err
+
+
 # -- the Triton path ------------------------------------------------------------------------------
 def _ppo_iteration_on_both_paths(cfg, prompts, eot_id, device, **rl):
     """One PPO iteration (rollouts, scoring, 2 epochs of minibatch updates) per kernel path,

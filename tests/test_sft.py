@@ -177,6 +177,26 @@ def test_read_records_with_a_byte_order_mark(tmp_path):
     assert sft.read_records(tmp_path / "d.jsonl") == recs
 
 
+def test_sft_resume_names_changed_data_flags(tmp_path, capsys):
+    """--data, --no-mask-prompt, --overlong, --max-length change what SFT trains on: a resume that
+    changes them says so, as it does for TrainArgs' flags."""
+    from tritongpt.cli import main
+
+    recs = [{"instruction": f"Say {w}.", "input": "", "output": w} for w in ("hi", "yes", "no", "ok", "up", "go")]
+    for name in ("a.json", "b.json"):
+        (tmp_path / name).write_text(json.dumps(recs))
+    common_flags = ["sft", "--init", "tiny", "--tokenizer", "default", "--out-dir", str(tmp_path / "run"),
+                    "--batch-size", "2", "--eval-every", "0", "--eval-gen", "0", "--sample-every", "0",
+                    "--device", "cpu", "--kernels", "reference"]
+    assert main(common_flags + ["--data", str(tmp_path / "a.json"), "--max-steps", "1"]) == 0
+    capsys.readouterr()
+    assert main(common_flags + ["--data", str(tmp_path / "b.json"), "--max-steps", "1", "--resume",
+                                "--no-mask-prompt", "--overlong", "truncate", "--max-length", "64"]) == 0
+    err = capsys.readouterr().err
+    assert (f"note: resuming with --data {tmp_path / 'b.json'} (the run had {tmp_path / 'a.json'}), "
+            "--no-mask-prompt True (False), --overlong truncate (drop), --max-length 64 (None)") in err, err
+
+
 def test_split_records_is_deterministic_and_disjoint():
     recs = tasks.generate_tasks(300, seed=5, split=None)
     train, val = sft.split_records(recs, 0.2)

@@ -231,6 +231,15 @@ def clear_run(out_dir) -> None:
     (out / "metrics.jsonl").unlink(missing_ok=True)
 
 
+def data_path(data):
+    """--data as a resume compares it: absolute (the same file named from another folder is the
+    same data), None for the embedded data."""
+    if not data:
+        return None
+    p = Path(data).expanduser()
+    return str(p.resolve()) if p.exists() else str(data)
+
+
 def check_resume(ckpt, state: dict, now_args: dict, names, step_key: str, limit_flag: str, precision: str,
                  say: bool, kernels: str | None = None) -> None:
     """The checks every trainer's --resume makes: the checkpoint is not past the run's end

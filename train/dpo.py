@@ -93,11 +93,13 @@ def dpo_metrics(model, data: DPOData, beta: float, limit: int | None = None, bat
             "rejected_reward": rr / n}
 
 
-def train_dpo(policy, ref, tokenizer, train_pairs, val_pairs, args, beta: float = 0.1):
+def train_dpo(policy, ref, tokenizer, train_pairs, val_pairs, args, beta: float = 0.1,
+              run_args: dict | None = None):
     """Fit the policy with the shared Trainer (ref frozen). Returns the Trainer's final dict.
 
     Eval keys: val_loss, val_margin, val_acc, val_chosen_reward, val_rejected_reward,
-    train_margin, train_acc (first 256 training pairs).
+    train_margin, train_acc (first 256 training pairs). run_args: the data flags; they and beta
+    are named by a resume that changes them.
     """
     from tritongpt.train.loop import Trainer
 
@@ -133,7 +135,8 @@ def train_dpo(policy, ref, tokenizer, train_pairs, val_pairs, args, beta: float 
         out.update(train_margin=t["margin"], train_acc=t["acc"])
         return out
 
-    trainer = Trainer(policy, args, make_loss_fn(beta), get_batch, eval_fn=eval_fn, name="dpo")
+    trainer = Trainer(policy, args, make_loss_fn(beta), get_batch, eval_fn=eval_fn, name="dpo",
+                      run_args={**(run_args or {}), "beta": beta})
     result = trainer.fit()
     if trainer.is_main:  # loss.png has the losses; margins and accuracy get their own plot
         common.plot_curves(trainer.metrics.rows(), trainer.out_dir / "margin.png",
@@ -142,13 +145,13 @@ def train_dpo(policy, ref, tokenizer, train_pairs, val_pairs, args, beta: float 
 
 
 def cmd_dpo(args):
-    from tritongpt.train.reward import setup_preference_run
+    from tritongpt.train.reward import data_run_args, setup_preference_run
 
     if not args.beta > 0:
         raise UserError(f"--beta must be positive, got {args.beta}")
     targs, train, val, policy, tok = setup_preference_run(args)
     ref = copy.deepcopy(policy)
-    result = train_dpo(policy, ref, tok, train, val, targs, beta=args.beta)
+    result = train_dpo(policy, ref, tok, train, val, targs, beta=args.beta, run_args=data_run_args(args))
     if "val_margin" in result:
         print(f"dpo: held-out reward margin {result['val_margin']:.4f}, accuracy {result['val_acc']:.3f}; "
               f"checkpoint {result['checkpoint']}")

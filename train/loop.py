@@ -225,6 +225,9 @@ class Trainer:
       and autocast, with the training RNG forked (they never change the training run).
     - data_state: None, or an object with state_dict()/load_state_dict(d);
       saved per rank in every checkpoint and handed back on --resume.
+    - run_args: {flag name: value} of the trainer's own flags that change what it computes (DPO's
+      beta, SFT's data and prompt masking): saved with TrainArgs' and named on a resume that
+      changes them, as TrainArgs' are.
     - fit() returns: is_main, step, loss (last), first_loss, losses (this call's), the last eval dict's
       keys, tok_per_s (mean after the first step), mfu, time_s, checkpoint, metrics_path, plot_path.
 
@@ -233,11 +236,12 @@ class Trainer:
     """
 
     def __init__(self, model, args: TrainArgs, loss_fn, get_batch, eval_fn=None, sample_fn=None,
-                 name: str = "pretrain", data_state=None):
+                 name: str = "pretrain", data_state=None, run_args: dict | None = None):
         args.validate()
         # before the process group exists: a refusal then leaves no threads behind
         self._clear_first = common.check_out_dir(args.out_dir, args.resume, args.overwrite)
         self.args, self.name = args, name
+        self.run_args = dict(run_args or {})
         self.loss_fn, self.get_batch, self.eval_fn, self.sample_fn = loss_fn, get_batch, eval_fn, sample_fn
         self.get_data_state, self.set_data_state = _data_hooks(data_state)
 
@@ -298,7 +302,7 @@ class Trainer:
         data = self.get_data_state() if self.get_data_state else None
         return {"step": self.step, "optimizer": self.optimizer.state_dict(),
                 "rng": self._gather(common.rng_state()), "generator": self._gather(self.generator.get_state()),
-                "data": self._gather(data), "args": vars(self.args).copy(), "name": self.name,
+                "data": self._gather(data), "args": {**vars(self.args), **self.run_args}, "name": self.name,
                 "world_size": self.world_size, "precision": str(self.dtype), "kernels": self._kernels()}
 
     def _kernels(self) -> str:
@@ -327,7 +331,7 @@ class Trainer:
         # dropout changes the run too but is the model's (pretrain --dropout), not a TrainArgs field:
         # compared with the model config saved beside the weights (a resume without --dropout
         # silently trained on at the preset's rate)
-        now_args, names = vars(self.args), TRAJECTORY_ARGS
+        now_args, names = {**vars(self.args), **self.run_args}, TRAJECTORY_ARGS + tuple(self.run_args)
         saved_dropout = common.saved_model_config(ckpt / "model.safetensors").get("dropout")
         if self._cfg is not None and saved_dropout is not None:
             now_args, names = {**now_args, "dropout": self._cfg.dropout}, names + ("dropout",)

@@ -124,11 +124,12 @@ def make_get_batch(train, batch_size: int, pad_id: int):
     return get_batch
 
 
-def train_reward_model(model: RewardModel, tokenizer, train_pairs, val_pairs, args):
+def train_reward_model(model: RewardModel, tokenizer, train_pairs, val_pairs, args, run_args: dict | None = None):
     """Fit with the shared Trainer; returns its final metrics dict (with val_acc, val_loss, val_margin).
 
     `args` is a loop.TrainArgs. Held-out pairwise accuracy is evaluated on every val pair at
-    each eval and at the end (keys val_acc, val_loss, val_margin).
+    each eval and at the end (keys val_acc, val_loss, val_margin). run_args: the data flags, for
+    the Trainer to name when a resume changes them.
     """
     from tritongpt.train.loop import Trainer
 
@@ -147,7 +148,7 @@ def train_reward_model(model: RewardModel, tokenizer, train_pairs, val_pairs, ar
         return out
 
     trainer = Trainer(model, args, reward_loss_fn, make_get_batch(train, args.batch_size, pad),
-                      eval_fn=eval_fn, name="reward")
+                      eval_fn=eval_fn, name="reward", run_args=run_args)
     result = trainer.fit()
     if trainer.is_main:  # loss.png has the losses; accuracy gets its own plot
         from tritongpt.train.common import plot_curves
@@ -193,6 +194,13 @@ def add_data_args(p):
     p.add_argument("--vocab-size", type=int, default=None, help="with no --init: the fresh model's vocab")
 
 
+def data_run_args(args) -> dict:
+    """The data flags of `reward` and `dpo` that a resume names when they change."""
+    from tritongpt.train.common import data_path
+
+    return {"data": data_path(args.data), "num_pairs": args.num_pairs, "val_fraction": args.val_fraction}
+
+
 def setup_preference_run(args):
     """What `reward` and `dpo` share: validated TrainArgs, the pairs (bad data fails before any
     slow work), the backbone from --init, and its tokenizer (saved beside the run)."""
@@ -216,7 +224,7 @@ def setup_preference_run(args):
 def cmd_reward(args):
     targs, train, val, backbone, tok = setup_preference_run(args)
     model = RewardModel(backbone)
-    result = train_reward_model(model, tok, train, val, targs)
+    result = train_reward_model(model, tok, train, val, targs, run_args=data_run_args(args))
     acc = result.get("val_acc")
     print(f"reward model: {len(train)} training pairs, {len(val)} held out; held-out pairwise "
           f"accuracy {acc if acc is None else f'{acc:.3f}'}; checkpoint {result['checkpoint']}")

@@ -428,12 +428,13 @@ def pick_tokenizer(spec, init, vocab_size: int):
 def run_sft(model, tokenizer, train_records, val_records, test_records, args, *, mask_prompt: bool = True,
             overlong: str = "drop", max_length: int | None = None, max_new_tokens: int = 32,
             eval_gen: int = 32, eval_before: bool = False, sample: bool = True,
-            template=format_prompt) -> dict:
+            template=format_prompt, run_args: dict | None = None) -> dict:
     """Fine-tune `model` with the shared Trainer; evaluate; save responses.json in args.out_dir.
 
     val_records give the held-out loss (and a quick exact match on the first eval_gen of them
     at each evaluation); test_records are answered greedily at the end (and before, with
     eval_before). Returns the Trainer's result plus exact_match (and exact_match_before).
+    run_args: the data flags (--data, ...) for the Trainer to name when a resume changes them.
     """
     from tritongpt.train.loop import Trainer
 
@@ -460,7 +461,9 @@ def run_sft(model, tokenizer, train_records, val_records, test_records, args, *,
         return f"{rec['instruction']} | {rec['input']} -> {pred!r} (gold {rec['output']!r})"
 
     trainer = Trainer(model, args, sft_loss, data.get_batch, eval_fn=eval_fn if val else None,
-                      sample_fn=sample_fn if sample and val_kept else None, name="sft", data_state=data)
+                      sample_fn=sample_fn if sample and val_kept else None, name="sft", data_state=data,
+                      run_args={**(run_args or {}), "no_mask_prompt": not mask_prompt, "overlong": overlong,
+                                "max_length": max_length})
     out_dir = Path(args.out_dir)
     if trainer.is_main:
         from tritongpt.train.tokenizer import save_run_tokenizer
@@ -522,7 +525,9 @@ def cmd_sft(args):
         train, val, test = task_splits(args.n_train, args.n_eval, args.seed, args.tasks)
     result = run_sft(model, tok, train, val, test, targs, mask_prompt=not args.no_mask_prompt,
                      overlong=args.overlong, max_length=args.max_length, max_new_tokens=args.max_new_tokens,
-                     eval_gen=args.eval_gen, eval_before=args.eval_before)
+                     eval_gen=args.eval_gen, eval_before=args.eval_before,
+                     run_args={"data": common.data_path(args.data), "tasks": args.tasks, "n_train": args.n_train,
+                               "val_fraction": args.val_fraction})
     if result.get("exact_match") is not None:
         before = result.get("exact_match_before")
         print(f"exact match: {'' if before is None else f'{before:.3f} before -> '}{result['exact_match']:.3f} "
