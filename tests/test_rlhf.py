@@ -524,7 +524,7 @@ def test_rl_log_probs_are_those_of_the_sampling_temperature(tmp_path):
     assert stats["entropy"] == pytest.approx(ent[m].mean().item(), rel=1e-5)
 
 
-def _rl_setup(data, easy_reward, tmp_path, algo, frozen_shift=None, **overrides):
+def _rl_setup(data, easy_reward, tmp_path, algo, frozen_shift=None, run_args=None, **overrides):
     """frozen_shift: "ref" or "reward_model", whose first weight is then moved by 1e-3 (another model)."""
     tok, train, val = data
     rm, _ = easy_reward
@@ -542,7 +542,7 @@ def _rl_setup(data, easy_reward, tmp_path, algo, frozen_shift=None, **overrides)
               epochs=4, minibatch_size=8, lr=3e-3, kl_coef=0.05, eval_every=0, eval_prompts=16,
               eval_samples=8, ckpt_every=0, device="cpu", kernels="reference", seed=0)
     kw.update(overrides)
-    return RLHFTrainer(policy, ref, rm, prompts, evals, tok.eot_id, RLArgs(**kw))
+    return RLHFTrainer(policy, ref, rm, prompts, evals, tok.eot_id, RLArgs(**kw), run_args=run_args)
 
 
 @pytest.mark.parametrize("algo", ["ppo", "grpo"])
@@ -626,6 +626,13 @@ def test_rl_run_folder_rules(data, easy_reward, tmp_path, capsys):
     _rl_setup(data, easy_reward, tmp_path, "ppo", resume="latest",
               **{**small, "iterations": 3, "lr": 1e-3, "kernels": "layernorm"}).fit()
     assert "note: resuming on the kernels layernorm (the run had reference)" in capsys.readouterr().err
+    # the data flags are cmd_rlhf's, not RLArgs': named too (a checkpoint without them: not compared)
+    _rl_setup(data, easy_reward, tmp_path, "ppo", resume="latest", run_args={"data": "a.json"},
+              **{**small, "iterations": 4, "lr": 1e-3, "kernels": "layernorm"}).fit()
+    assert "resuming with" not in capsys.readouterr().err
+    _rl_setup(data, easy_reward, tmp_path, "ppo", resume="latest", run_args={"data": "b.json"},
+              **{**small, "iterations": 5, "lr": 1e-3, "kernels": "layernorm"}).fit()
+    assert "note: resuming with --data b.json (the run had a.json)" in capsys.readouterr().err
     _rl_setup(data, easy_reward, tmp_path, "ppo", overwrite=True, **{**small, "iterations": 1}).fit()
     assert [p.name for p in Checkpointer(tmp_path).list()] == ["ckpt-0000001"]
     assert [r["step"] for r in MetricsLog(tmp_path / "metrics.jsonl").rows()] == [0, 1]

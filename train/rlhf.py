@@ -363,12 +363,14 @@ class RLHFTrainer:
 
     prompts / eval_prompts: lists of token-id lists (each leaves room for max_new_tokens).
     `history` keeps every logged row; `fit()` returns a summary with the first and last eval.
+    run_args: the data flags (--data, ...), saved with the RLArgs and named by a resume that changes them.
     """
 
     def __init__(self, policy: GPTModel, ref: GPTModel, reward_model, prompts, eval_prompts, eot_id: int,
-                 args: RLArgs, log: bool = True):
+                 args: RLArgs, log: bool = True, run_args: dict | None = None):
         args.validate()
         self.args, self.eot_id, self.log_enabled = args, eot_id, log
+        self.run_args = dict(run_args or {})
         self.device = common.pick_device(args.device)
         self.dtype = common.pick_dtype(args.dtype, self.device)
         ctx = policy.config.context_length
@@ -492,7 +494,7 @@ class RLHFTrainer:
                 "value_head": None if self.model.value_head is None else self.model.value_head.state_dict(),
                 "rng": common.rng_state(), "generator": self.generator.get_state(),
                 "shuffle_gen": self.shuffle_gen.get_state(), "score_norm": self.score_norm,
-                "args": vars(self.args).copy(), **self.frozen_fingerprints, "precision": str(self.dtype),
+                "args": {**vars(self.args), **self.run_args}, **self.frozen_fingerprints, "precision": str(self.dtype),
                 "kernels": self.policy.config.kernels, "name": f"rlhf-{self.args.algo}"}
 
     def save_checkpoint(self):
@@ -513,7 +515,8 @@ class RLHFTrainer:
                 raise UserError(f"--resume: {flag} is not the model {ckpt}'s run started from (its "
                                 f"weights differ): pass the same {flag} as that run")
         common.load_checkpoint_weights(self.policy, ckpt, self.device, self.policy.config, "policy")
-        common.check_resume(ckpt, state, vars(self.args), TRAJECTORY_ARGS, "iteration", "--iterations",
+        common.check_resume(ckpt, state, {**vars(self.args), **self.run_args}, TRAJECTORY_ARGS + tuple(self.run_args),
+                            "iteration", "--iterations",
                             str(self.dtype), say=self.log_enabled, kernels=self.policy.config.kernels)
         if self.model.value_head is not None:
             self.model.value_head.load_state_dict(state["value_head"])
@@ -612,7 +615,7 @@ def prompt_ids(pairs, tokenizer, room: int) -> list:
 
 def cmd_rlhf(args):
     from tritongpt.train.preference import train_val_pairs
-    from tritongpt.train.reward import RewardModel, build_backbone
+    from tritongpt.train.reward import RewardModel, build_backbone, data_run_args
     from tritongpt.train.sft import pick_tokenizer
     from tritongpt.train.tokenizer import save_run_tokenizer
 
@@ -635,7 +638,8 @@ def cmd_rlhf(args):
     room = min(policy.config.context_length, reward_model.config.context_length) - a.max_new_tokens
     prompts = prompt_ids(train_pairs, tok, room)
     eval_prompts = prompt_ids(val_pairs or train_pairs, tok, room)[:a.eval_prompts]
-    trainer = RLHFTrainer(policy, ref, reward_model, prompts, eval_prompts, tok.eot_id, a)
+    trainer = RLHFTrainer(policy, ref, reward_model, prompts, eval_prompts, tok.eot_id, a,
+                          run_args=data_run_args(args))
     result = trainer.fit()
     before = result["first_eval_reward"]
     before = "(resumed)" if before is None else f"{before:.4f}"
