@@ -207,7 +207,7 @@ def test_response_mask_and_overlong_pairs_by_hand(capsys):
              PreferencePair("ab", "cd", "efghi")]    # 2 + 6 fits exactly
     enc = encode_pairs(pairs, Chars(), 8)
     assert [(e.prompt, e.chosen, e.rejected) for e in enc] == [([0, 1], [2, 3, 99], [4, 5, 6, 7, 8, 99])]
-    assert "dropped 2 of 3" in capsys.readouterr().out
+    assert "dropped 2 of 3" in capsys.readouterr().err
 
 # -- reward model -----------------------------------------------------------------------------------
 

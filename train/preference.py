@@ -18,6 +18,7 @@ The prompt and the response are encoded separately, as SFT does, so a response g
 after a prompt during RLHF tokenizes the same way. The reward is read at the last token (eot).
 """
 import random
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -130,7 +131,7 @@ def encode_pairs(pairs, tokenizer, max_len: int, what: str = "preference pairs")
     if not out:
         raise UserError(f"none of the {len(pairs)} {what} fit in {max_len} tokens")
     if dropped:
-        print(f"note: dropped {dropped} of {len(pairs)} {what} longer than {max_len} tokens")
+        print(f"note: dropped {dropped} of {len(pairs)} {what} longer than {max_len} tokens", file=sys.stderr)
     return out
 
 
