@@ -181,6 +181,29 @@ def test_special_tokens(small_tok):
         small_tok.encode("x", allowed_special={"<|pad|>"})
 
 
+@pytest.mark.parametrize("order", [0, 1])
+def test_a_special_token_that_begins_another_loses_to_the_longer(order):
+    # tiktoken matches specials in its hash map's order: "<|a|>b" could come out as "<|a|>" + "b".
+    names = ["<|a|>", "<|a|>b"][::1 - 2 * order]
+    tok = BPETokenizer({bytes([b]): b for b in range(256)}, {s: 256 + i for i, s in enumerate(names)})
+    long_id, short_id = tok.special_tokens["<|a|>b"], tok.special_tokens["<|a|>"]
+    text = "x<|a|>by<|a|>"
+    want = [ord("x"), long_id, ord("y"), short_id]
+    assert tok.encode_reference(text, "all") == want
+    assert tok.encode(text, "all") == want
+    assert tok.encode_batch([text, "z"], "all") == [want, [ord("z")]]
+    with pytest.raises(UserError, match="disallowed special token '<\\|a\\|>b'"):
+        tok.encode(text, {"<|a|>"})             # the text spells the longer one, not allowed
+    assert tok.encode(text, "none") == tok.encode_reference(text, "none") == list(text.encode())
+
+
+def test_encode_batch_takes_any_iterable(small_tok):
+    texts = ["one", "two three"]
+    assert small_tok.encode_batch(t for t in texts) == [small_tok.encode(t) for t in texts]
+    with pytest.raises(TypeError, match="strs, got int"):
+        small_tok.encode_batch(["a", 3])
+
+
 def test_decode_errors_and_partial_utf8(small_tok):
     with pytest.raises(UserError, match="out of range"):
         small_tok.decode([1, small_tok.vocab_size])

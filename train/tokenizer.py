@@ -264,7 +264,9 @@ def _tokenizers_json_bpe(path):
 class BPETokenizer:
     """Byte-level BPE: `ranks` maps token bytes to ids 0..n-1; special tokens follow.
 
-    encode (tiktoken) and encode_reference (plain Python) give the same ids; decode inverts both.
+    encode (tiktoken) and encode_reference (plain Python) give the same ids, save on code points
+    that Unicode has not assigned yet (the two regex engines may class them differently);
+    decode inverts both.
     """
 
     def __init__(self, ranks: dict, special_tokens=None, pat_str: str = GPT2_PAT, name: str = "bpe",
@@ -506,15 +508,38 @@ class BPETokenizer:
         allowed = self._allowed(allowed_special)
         self._check_unicode(text)
         self._check_special(text, allowed, allowed_special)
+        if self._nested(allowed):
+            return self._encode_split(text, allowed)
         return self.encoding.encode(text, allowed_special=allowed, disallowed_special=())
 
     def encode_batch(self, texts, allowed_special="none_raise", num_threads: int = 4) -> list:
+        texts = list(texts)                         # checked, then encoded: a generator would be spent
         allowed = self._allowed(allowed_special)
         for t in texts:
+            if not isinstance(t, str):
+                raise TypeError(f"encode_batch expects strs, got {type(t).__name__}")
             self._check_unicode(t)
             self._check_special(t, allowed, allowed_special)
-        return self.encoding.encode_batch(list(texts), num_threads=num_threads, allowed_special=allowed,
+        if self._nested(allowed):
+            return [self._encode_split(t, allowed) for t in texts]
+        return self.encoding.encode_batch(texts, num_threads=num_threads, allowed_special=allowed,
                                           disallowed_special=())
+
+    @staticmethod
+    def _nested(allowed) -> bool:
+        """Is one allowed special token a prefix of another? tiktoken then matches whichever its
+        hash map lists first, so `encode` splits the text itself, longest first, as
+        encode_reference and Hugging Face's tokenizers do."""
+        return any(a != b and b.startswith(a) for a in allowed for b in allowed)
+
+    def _encode_split(self, text: str, allowed: set) -> list:
+        ids = []
+        for i, chunk in enumerate(_alternation(allowed).split(text)):
+            if i % 2:                               # odd chunks are the separators themselves
+                ids.append(self.special_tokens[chunk])
+            elif chunk:
+                ids.extend(self.encoding.encode_ordinary(chunk))
+        return ids
 
     # -- decoding ------------------------------------------------------------------------------
     def decode_bytes(self, ids) -> bytes:
