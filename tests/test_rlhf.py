@@ -603,6 +603,21 @@ def test_a_refused_run_writes_nothing_into_the_folder(command, tmp_path, capsys)
     assert (old / "tokenizer.json").read_text() == "the old run's"
 
 
+def test_rlhf_refuses_torchrun(tmp_path, capsys, monkeypatch):
+    """RLHF has no DDP: under torchrun each process trained a copy of its own, every one writing
+    the same metrics.jsonl (each row twice) and checkpoints. Refused, before anything is written."""
+    from tritongpt.cli import main
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    out = tmp_path / "run"
+    assert main(["rlhf", "--out-dir", str(out), "--model", "tiny", "--reward", str(tmp_path)]) == 2
+    assert "rlhf runs in one process, not under torchrun" in capsys.readouterr().err
+    assert not out.exists()
+    with pytest.raises(UserError, match="not under torchrun"):
+        _tiny_rl_trainer(tmp_path)
+
+
 def test_rl_run_folder_rules(data, easy_reward, tmp_path, capsys):
     """A new run into a folder holding one is refused, --overwrite replaces it; a resume refuses
     other frozen models (--init is the KL reference, --reward the objective) and a checkpoint

@@ -146,6 +146,14 @@ class RLArgs:
             raise UserError(f"--dtype must be auto, fp32 or bf16, got {self.dtype!r}")
 
 
+def check_one_process():
+    """RLHF has no DDP: under torchrun every process would train its own copy and write the same --out-dir."""
+    world = common.dist_env()[2]
+    if world > 1:
+        raise UserError(f"rlhf runs in one process, not under torchrun (WORLD_SIZE={world}): each process "
+                        "would train a copy of its own and write the same --out-dir; run it without torchrun")
+
+
 class PolicyWithValue(nn.Module):
     """The policy (a GPTModel) and, for PPO, a value head reading the same hidden states."""
 
@@ -369,6 +377,7 @@ class RLHFTrainer:
     def __init__(self, policy: GPTModel, ref: GPTModel, reward_model, prompts, eval_prompts, eot_id: int,
                  args: RLArgs, log: bool = True, run_args: dict | None = None):
         args.validate()
+        check_one_process()
         self.args, self.eot_id, self.log_enabled = args, eot_id, log
         self.run_args = dict(run_args or {})
         self.device = common.pick_device(args.device)
@@ -621,6 +630,7 @@ def cmd_rlhf(args):
 
     a = RLArgs.from_namespace(args)
     a.validate()
+    check_one_process()
     common.check_out_dir(a.out_dir, a.resume, a.overwrite)  # before the tokenizer is written there
     common.set_seed(a.seed)
     device = common.pick_device(a.device)
