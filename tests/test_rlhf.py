@@ -603,6 +603,18 @@ def test_a_refused_run_writes_nothing_into_the_folder(command, tmp_path, capsys)
     assert (old / "tokenizer.json").read_text() == "the old run's"
 
 
+def test_reward_cli_reports_on_rank_0_only(tmp_path, capsys, monkeypatch):
+    """Under torchrun every rank runs cmd_reward; the others printed "accuracy None; checkpoint
+    None" beside rank 0's report. A rank that is not the main one now prints no report."""
+    import tritongpt.train.reward as reward_mod
+    from tritongpt.cli import main
+
+    monkeypatch.setattr(reward_mod, "train_reward_model",
+                        lambda *a, **k: {"is_main": False, "checkpoint": None, "step": 2})
+    assert main(["reward", "--model", "tiny", "--num-pairs", "4", "--out-dir", str(tmp_path / "rw")]) == 0
+    assert capsys.readouterr().out == ""
+
+
 def test_rlhf_refuses_torchrun(tmp_path, capsys, monkeypatch):
     """RLHF has no DDP: under torchrun each process trained a copy of its own, every one writing
     the same metrics.jsonl (each row twice) and checkpoints. Refused, before anything is written."""

@@ -467,6 +467,22 @@ def test_cli_runs_on_a_data_file(tmp_path, capsys):
     assert "--vocab-multiple must be a positive integer" in capsys.readouterr().err
 
 
+def test_cli_reports_on_rank_0_only(tmp_path, capsys, monkeypatch):
+    """Under torchrun every rank runs cmd_sft; the others printed "checkpoint: None" (they write
+    none) beside rank 0's report. A rank that is not the main one now prints no report."""
+    from tritongpt.cli import main
+
+    tok = small_bpe(tasks.generate_tasks(300, seed=1, families="first_word,last_word"))
+    tok.save(tmp_path / "run" / "tokenizer.json")
+    GPTModel(GPTConfig(vocab_size=tok.vocab_size, context_length=64, n_embd=32, n_layer=1, n_head=1)).save(
+        tmp_path / "run" / "model.safetensors")
+    # what run_sft returns on rank 1: the Trainer's dict, no checkpoint, no test evaluation
+    monkeypatch.setattr(sft, "run_sft", lambda *a, **k: {"is_main": False, "checkpoint": None, "step": 2})
+    assert main(["sft", "--init", str(tmp_path / "run"), "--n-train", "4", "--n-eval", "2",
+                 "--out-dir", str(tmp_path / "sft"), "--tasks", "first_word"]) == 0
+    assert capsys.readouterr().out == ""
+
+
 # -- boundaries and sums by hand (from a mutation pass) --
 def test_encode_records_boundaries():
     tok, rec = CharTokenizer(), {"instruction": "i", "input": "", "output": "xy"}

@@ -225,6 +225,8 @@ def cmd_reward(args):
     targs, train, val, backbone, tok = setup_preference_run(args)
     model = RewardModel(backbone)
     result = train_reward_model(model, tok, train, val, targs, run_args=data_run_args(args))
+    if not result["is_main"]:  # DDP: rank 0 reports
+        return 0
     acc = result.get("val_acc")
     print(f"reward model: {len(train)} training pairs, {len(val)} held out; held-out pairwise "
           f"accuracy {acc if acc is None else f'{acc:.3f}'}; checkpoint {result['checkpoint']}")

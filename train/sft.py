@@ -528,6 +528,8 @@ def cmd_sft(args):
                      eval_gen=args.eval_gen, eval_before=args.eval_before,
                      run_args={"data": common.data_path(args.data), "tasks": args.tasks, "n_train": args.n_train,
                                "val_fraction": args.val_fraction})
+    if not result["is_main"]:  # DDP: rank 0 reports
+        return 0
     if result.get("exact_match") is not None:
         before = result.get("exact_match_before")
         print(f"exact match: {'' if before is None else f'{before:.3f} before -> '}{result['exact_match']:.3f} "
