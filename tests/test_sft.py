@@ -283,6 +283,35 @@ def test_sft_data_ranks_share_each_epoch_between_them():
     assert sorted(i for b in single._order for i in b) == list(range(70))
 
 
+def test_sft_data_resumed_on_another_number_of_ranks_goes_on_where_they_stopped():
+    """A checkpoint of 2 ranks resumed in 1 process (and the reverse): the epoch goes on after the
+    batches taken between them. The position was taken as it was, counted in the new share, so
+    2 -> 1 read again what rank 1 had taken (8 of 16 examples) and 1 -> 2 skipped batches."""
+    examples = [Example(list(range(3 + i % 7)) + [1000 + i], 1) for i in range(40)]  # 10 batches of 4
+
+    def data(rank, world):
+        return sft.SFTData(examples, [], pad_id=-1, batch_size=4, seed=5, rank=rank, world_size=world)
+
+    def take(d, n):  # the examples of n batches (each one's last target is its marker)
+        return [int(t) - 1000 for _ in range(n) for t in d.get_batch("train")[1].flatten() if t >= 1000]
+
+    two = [data(r, 2) for r in (0, 1)]
+    before = take(two[0], 2) + take(two[1], 2)
+    one = data(0, 1)
+    one.load_state_dict(two[0].state_dict())  # the Trainer hands a new rank the state of rank 0
+    after = take(one, len(one._order) - one.pos)
+    assert sorted(before + after) == list(range(40))  # the epoch once: nothing read twice, nothing skipped
+
+    one = data(0, 1)
+    before = take(one, 3)
+    two = [data(r, 2) for r in (0, 1)]
+    for d in two:
+        d.load_state_dict(one.state_dict())
+    after = take(two[0], len(two[0]._order) - two[0].pos) + take(two[1], len(two[1]._order) - two[1].pos)
+    assert set(before + after) == set(range(40))  # none skipped
+    assert len(before + after) - 40 <= 4  # at most one batch (W - 1) again
+
+
 def test_held_out_batches_are_fixed_and_not_just_the_shortest():
     rng = random.Random(1)
     val = [Example(list(range(n)), 1) for n in rng.sample(range(3, 60), 40)]

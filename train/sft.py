@@ -232,8 +232,9 @@ class SFTData:
     same order and takes its own share of the batches (rank r: batches r, r + W, ...; the few
     left over after a multiple of W are skipped that epoch): one epoch covers the data once
     across all ranks, not once per rank (with fewer batches than ranks, every rank takes them
-    all). The state (epoch, position, that epoch's seed) goes into checkpoints, so a resumed run
-    sees the same batches.
+    all). The state (epoch, position, that epoch's seed, the number of ranks) goes into
+    checkpoints, so a resumed run sees the same batches; one resumed on another number of ranks
+    goes on after the batches the ranks took between them (repeating at most W - 1, skipping none).
     """
 
     def __init__(self, train, val, pad_id: int, batch_size: int, mask_prompt: bool = True, seed: int = 0,
@@ -285,11 +286,16 @@ class SFTData:
             yield self._collate([self.val[i] for i in rows[j:j + self.batch_size]])
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "pos": self.pos, "epoch_seed": self.epoch_seed}
+        return {"epoch": self.epoch, "pos": self.pos, "epoch_seed": self.epoch_seed, "world_size": self.world_size}
 
     def load_state_dict(self, d: dict):
         self.epoch, self.pos, self.epoch_seed = d["epoch"], d["pos"], d["epoch_seed"]
         self._order = None if self.epoch_seed is None else self._epoch_order(self.epoch_seed)
+        saved_world = d.get("world_size", self.world_size)
+        if saved_world != self.world_size:
+            # the saved ranks took the first pos * saved_world batches of the epoch's order between
+            # them (rank r: r, r + W, ...); pos counted in this run's share of it goes on after those
+            self.pos = self.pos * saved_world // self.world_size
 
 
 # -- loss and evaluation -----------------------------------------------------------------------------
