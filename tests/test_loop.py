@@ -558,6 +558,27 @@ def test_cuda_bf16_triton_and_reference_agree_and_report_mfu(tmp_path, compile_)
     assert rel < 1e-2, rel
 
 
+def test_rng_state_of_a_machine_with_more_gpus_restores_on_fewer(monkeypatch):
+    """Every process saves the RNG state of every GPU it sees: a checkpoint of a run on 8 GPUs,
+    resumed on a machine with 1, handed torch 8 states for 1 device (IndexError: tuple index out
+    of range in torch.cuda.set_rng_state_all). Those of the devices there are restored."""
+    restored = []
+
+    def set_rng_state_all(states):  # as torch's: device i for the i-th state
+        for i, s in enumerate(states):
+            if i >= torch.cuda.device_count():
+                raise IndexError("tuple index out of range")
+            restored.append(s)
+
+    state = common.rng_state()
+    state["cuda"] = [torch.full((16,), i, dtype=torch.uint8) for i in range(8)]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", set_rng_state_all)
+    common.set_rng_state(state)
+    assert len(restored) == 1 and torch.equal(restored[0], state["cuda"][0])
+
+
 def test_auto_device_under_torchrun_is_the_local_rank_gpu(monkeypatch):
     """Every command (the Trainer, and DPO's reference log-probs before it) picks the device
     with pick_device: under torchrun "auto" must be this rank's GPU, not cuda:0 for all."""

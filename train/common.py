@@ -84,7 +84,9 @@ def set_rng_state(state: dict):
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        # one state per GPU of the machine that saved it (every rank saves them all): on one with
+        # fewer (a run on 8 GPUs resumed on 1) the others have no device to go to
+        torch.cuda.set_rng_state_all(state["cuda"][:torch.cuda.device_count()])
 
 
 # -- optimizer and schedule -------------------------------------------------------------------
