@@ -1,4 +1,6 @@
 """Generation: cached == uncached, overflow of the context window, stopping, sampling filters."""
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -85,7 +87,7 @@ def test_top_p_boundary_and_tiny_temperatures():
     exactly top_p above it drops it, as Hugging Face's filter does); a tiny temperature is
     greedy in the limit, not a nan from inf - inf."""
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.2]]))
-    p = torch.softmax(logits, dim=-1)[0]
+    p = torch.softmax((logits - logits.max()).double(), dim=-1)[0]  # the masses as sample_next sums them
     g = torch.Generator().manual_seed(0)
     kept = {sample_next(logits, 1.0, top_p=(p[0] + p[1]).item(), generator=g).item() for _ in range(300)}
     assert kept == {0, 1}, kept
@@ -94,6 +96,28 @@ def test_top_p_boundary_and_tiny_temperatures():
     for t in (1e-40, 1e-300, 5e-324):
         picks = sample_next(torch.tensor([[1.0, 3.0, 2.0], [-1e4, 0.0, 50.0]]), t, generator=g)
         assert picks.flatten().tolist() == [1, 2], t
+
+
+def test_top_p_cut_is_exact_over_thousands_of_tokens(monkeypatch):
+    """The mass above a token is summed in float64: in fp32 the cut moved by a token or two when
+    the boundary fell within fp32's rounding of a sum of thousands of probabilities (a row in
+    five at GPT-2's vocabulary, random logits). One token of logit L and N of logit 0, top_p
+    1e-10 either side of the mass of the first m + 1 of them: exactly m + 2 or m + 1 are kept."""
+    kept, real = [], torch.multinomial
+    # the distribution sample_next draws from: what it hands to multinomial
+    monkeypatch.setattr(torch, "multinomial", lambda probs, **kw: kept.append(int((probs > 0).sum()))
+                        or real(probs, **kw))
+    for N, L, m, side in ((1000, 2.0, 500, -1), (4000, 0.0, 3000, 1), (4000, 0.0, 3000, -1)):
+        logits = torch.zeros(1, N + 1)
+        logits[0, 0] = L
+        Z = math.exp(L) + N
+        top_p = (math.exp(L) + m) / Z + side * 1e-10
+        kept.clear()
+        sample_next(logits, 1.0, top_p=top_p, generator=torch.Generator().manual_seed(0))
+        assert kept == [m + 2 if side > 0 else m + 1], (N, L, m, side, kept)
+    # a top_p below fp32's smallest number was 0 there: every token dropped, and multinomial failed on nan
+    for top_p in (1e-46, 5e-324):
+        assert sample_next(torch.tensor([[0.0, 2.0, 1.0]]), 1.0, top_p=top_p).item() == 1
 
 
 def test_bad_arguments(model):

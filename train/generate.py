@@ -42,7 +42,11 @@ def sample_next(logits, temperature: float = 0.0, top_k: int | None = None,
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if top_p is not None and top_p < 1.0:
         sorted_logits, order = torch.sort(logits, descending=True)
-        probs = torch.softmax(sorted_logits, dim=-1)
+        # in float64: the mass above a token near the boundary is a sum of tens of thousands of
+        # probabilities, and fp32's rounding of it (and of softmax's normaliser) moved the cut
+        # by a token or more in about one row in five at GPT-2's vocabulary; and a top_p below
+        # fp32's smallest number, compared in fp32, was 0 and dropped every token
+        probs = torch.softmax(sorted_logits.double(), dim=-1)
         # drop a token when the tokens ranked above it already cover top_p (the sum of those
         # above, made directly, not as cumsum - p, which rounds across the boundary)
         above = torch.cat([torch.zeros_like(probs[:, :1]), probs.cumsum(dim=-1)[:, :-1]], dim=-1)
