@@ -136,11 +136,16 @@ def test_bad_arguments(model):
            (dict(temperature=1.0, top_k=True), "top_k"),
            (dict(temperature=1.0, top_p=float("nan")), "top_p must be in"),
            # greedy ignores them, but a typo is still a typo: said before any work
-           (dict(temperature=0.0, top_p=1.5), "top_p"), (dict(temperature=0.0, top_k=0), "top_k")]
+           (dict(temperature=0.0, top_p=1.5), "top_p"), (dict(temperature=0.0, top_k=0), "top_k"),
+           (dict(vocab_limit=2.5), "vocab_limit must be a positive integer, got 2.5")]
     for kw, match in bad:
         with pytest.raises(UserError, match=match):
             generate(model, idx, 0, **kw)
         assert model.training, f"{kw}: generate left the model in eval mode"
+    for n in (2.5, None, "3", -1):  # range() and < raised bare TypeErrors on the first three
+        with pytest.raises(UserError, match=r"max_new_tokens must be an integer >= 0, got"):
+            generate(model, idx, n)
+    assert generate(model, idx, np.int64(2)).shape == (1, 4)
     with pytest.raises(UserError, match="tensor of token ids, got list"):
         generate(model, [[1, 2]], 3)
     with pytest.raises(UserError, match="tensor of token ids, got a torch.float32 tensor"):

@@ -70,11 +70,12 @@ def generate(model, idx, max_new_tokens: int, temperature: float = 0.0, top_k: i
         raise UserError(f"prompt must be a [batch, time] tensor of token ids, got {what}")
     if idx.dim() != 2 or idx.size(1) == 0:
         raise UserError(f"prompt must be a non-empty [batch, time] tensor, got shape {tuple(idx.shape)}")
-    if max_new_tokens < 0:
-        raise UserError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    # an int (numpy's too): a float or None failed in range() or a comparison with a bare TypeError
+    if not is_int(max_new_tokens) or max_new_tokens < 0:
+        raise UserError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
     check_sampling(temperature, top_k, top_p)
-    if vocab_limit is not None and not 0 < vocab_limit:
-        raise UserError(f"vocab_limit must be positive, got {vocab_limit}")
+    if vocab_limit is not None and (not is_int(vocab_limit) or vocab_limit <= 0):  # it slices the logits
+        raise UserError(f"vocab_limit must be a positive integer, got {vocab_limit!r}")
     was_training = model.training
     model.eval()
     try:
