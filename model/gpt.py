@@ -292,8 +292,6 @@ class GPTModel(nn.Module):
         keeps; autocast makes the bf16 copies), in train mode like any new module."""
         from pathlib import Path
 
-        from safetensors.torch import load_model
-
         if not Path(path).is_file():
             raise UserError(f"weights file not found: {path}")
         meta = safetensors_metadata(path)
@@ -303,10 +301,10 @@ class GPTModel(nn.Module):
         if "config" not in meta:
             raise UserError(f"{path} has no tritongpt config in its metadata "
                             "(for Hugging Face GPT-2 files use tritongpt.train.gpt2_weights)")
-        cfg = GPTConfig.from_dict(json.loads(meta["config"]))
+        cfg = saved_config(path, meta)
         cfg.kernels = "reference"
         model = cls(cfg)
-        load_model(model, str(path), device=str(map_location))
+        load_saved_weights(model, path, map_location)
         model.to(map_location)
         if kernels is not None:
             model.set_kernels(kernels)
@@ -339,6 +337,44 @@ def safetensors_metadata(path) -> dict:
             return f.metadata() or {}
     except Exception as e:
         raise unreadable_safetensors(path, e) from None
+
+
+def saved_config(path, meta: dict) -> GPTConfig:
+    """The GPTConfig in a tritongpt file's metadata; damaged JSON is a UserError naming the file."""
+    try:
+        d = json.loads(meta["config"])
+    except ValueError as e:
+        raise UserError(f"{path}: its saved model config is not valid JSON ({e})") from None
+    if not isinstance(d, dict):
+        raise UserError(f"{path}: its saved model config is a JSON {type(d).__name__}, not an object")
+    try:
+        return GPTConfig.from_dict(d)
+    except UserError as e:
+        raise UserError(f"{path}: its saved model config: {e}") from None
+
+
+def load_saved_weights(module: nn.Module, path, map_location="cpu"):
+    """path's tensors into module (built from the config saved with them): a tensor missing,
+    extra or of another shape (a damaged file, or its config edited) is a UserError naming the
+    file and the tensors, not torch's traceback; so is a weight that is NaN or inf."""
+    from safetensors.torch import load_model
+
+    try:
+        load_model(module, str(path), device=str(map_location))
+    except RuntimeError as e:
+        why = " ".join(line.strip() for line in str(e).splitlines()[1:]) or str(e)
+        why = why if len(why) <= 300 else why[:300] + "..."
+        raise UserError(f"{path}: its tensors do not fit its saved model config ({why})") from None
+    check_finite_weights(module, path)
+
+
+def check_finite_weights(module: nn.Module, path):
+    """A UserError naming the first tensor of module's that holds NaN or inf: such a file (damaged,
+    or saved from a diverged run) would give NaN losses or crash sampling, far from the cause."""
+    with torch.no_grad():
+        for name, t in module.state_dict().items():
+            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                raise UserError(f"{path}: tensor {name} holds NaN or inf values (a damaged checkpoint)")
 
 
 def unreadable_safetensors(path, e: Exception) -> UserError:

@@ -92,6 +92,19 @@ def test_a_missing_layer_tensor_is_named(tmp_path):
             load_gpt2_safetensors(path)
 
 
+def test_nan_weights_are_named(tmp_path):
+    """A NaN weight loaded silently: eval printed loss nan, generate crashed in torch.multinomial."""
+    from safetensors.torch import load_file, save_file
+
+    _, path = _hf_model(tmp_path)
+    sd = load_file(str(path))
+    (key,) = [k for k in sd if k.endswith("h.0.ln_1.weight")]
+    sd[key][0] = float("inf")
+    save_file(sd, str(path))
+    with pytest.raises(UserError, match="tensor trf_blocks.0.norm1.weight holds NaN or inf"):
+        load_gpt2_safetensors(path)
+
+
 def test_offline_download_is_a_clear_error(tmp_path, monkeypatch):
     hub = pytest.importorskip("huggingface_hub")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")

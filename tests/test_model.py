@@ -197,6 +197,44 @@ def test_save_load_roundtrip_with_tied_weights(tmp_path):
         GPTModel.load(tmp_path / "missing.safetensors")
 
 
+def test_a_damaged_weights_file_is_a_one_line_error(tmp_path):
+    """A file whose saved config and tensors disagree, whose config is not JSON, or whose weights
+    hold NaN: a UserError naming the file (was torch's RuntimeError, json's error, or a load that
+    went through and gave NaN losses or a crash in sampling)."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    from tritongpt.model.gpt import safetensors_metadata
+    from tritongpt.train.reward import RewardModel
+
+    path = tmp_path / "w.safetensors"
+    GPTModel(GPTConfig(**SMALL)).save(path)
+    meta, sd = safetensors_metadata(path), load_file(str(path))
+
+    def damaged(tensors=sd, **config):
+        out = tmp_path / f"damaged{len(list(tmp_path.glob('damaged*')))}.safetensors"
+        save_file(tensors, str(out), metadata={**meta, **config} if "config" in config else
+                  {**meta, "config": json.dumps({**json.loads(meta["config"]), **config})})
+        return out
+
+    for bad, match in ((damaged(n_layer=1), r"do not fit its saved model config \(Unexpected key"),
+                       (damaged(context_length=12), "do not fit its saved model config.*pos_emb.weight"),
+                       (damaged(config='{"n_layer": '), "saved model config is not valid JSON"),
+                       (damaged(config="[1]"), "saved model config is a JSON list"),
+                       (damaged(dropout=2.0), "saved model config: GPTConfig.dropout"),
+                       (damaged({**sd, "pos_emb.weight": torch.full_like(sd["pos_emb.weight"], float("nan"))}),
+                        "tensor pos_emb.weight holds NaN or inf")):
+        with pytest.raises(UserError, match=r"damaged\d.safetensors: .*" + match):
+            GPTModel.load(bad)
+    path = tmp_path / "r.safetensors"
+    RewardModel(GPTModel(GPTConfig(**SMALL))).save(path)
+    sd = load_file(str(path))
+    save_file({k: v for k, v in sd.items() if "trf_blocks.1." not in k}, str(path), safetensors_metadata(path))
+    with pytest.raises(UserError, match=r"r.safetensors: its tensors do not fit .*Missing key"):
+        RewardModel.load(path)
+
+
 @pytest.mark.parametrize("umask", [0o022, 0o007])
 def test_weight_files_follow_the_umask(umask, tmp_path):
     """Weights are readable like the run's other files (state.pt, tokenizer.json): safetensors

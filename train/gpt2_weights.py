@@ -14,7 +14,7 @@ import torch
 
 from tritongpt.errors import UserError, read_json_object
 from tritongpt.model.config import GPTConfig, get_config
-from tritongpt.model.gpt import GPTModel, readable_like_other_files, unreadable_safetensors
+from tritongpt.model.gpt import GPTModel, check_finite_weights, readable_like_other_files, unreadable_safetensors
 
 HUB_REPOS = {
     "gpt2-small": "openai-community/gpt2",
@@ -166,6 +166,7 @@ def load_gpt2_safetensors(path, model_name: str | None = None) -> GPTModel:
     missing = set(params) - set(ours) - ({"out_head.weight"} if cfg.tie_weights else set())
     if missing:
         raise UserError(f"{path}: no weights for {sorted(missing)[:3]}")
+    check_finite_weights(model, path)
     return model
 
 

@@ -63,19 +63,17 @@ class RewardModel(nn.Module):
     @classmethod
     def load(cls, path, map_location="cpu", kernels=None) -> "RewardModel":
         """A reward model from a .safetensors file, a checkpoint folder or a run folder."""
-        from safetensors.torch import load_model
-
-        from tritongpt.model.gpt import safetensors_metadata
+        from tritongpt.model.gpt import load_saved_weights, safetensors_metadata, saved_config
         from tritongpt.train.common import resolve_checkpoint
 
         path = resolve_checkpoint(path)
         meta = safetensors_metadata(path)
         if meta.get("kind") != KIND or "config" not in meta:
             raise UserError(f"{path} is not a reward model checkpoint (train one with `tritongpt reward`)")
-        cfg = GPTConfig.from_dict(json.loads(meta["config"]))
+        cfg = saved_config(path, meta)
         cfg.kernels = "reference"
         model = cls(GPTModel(cfg))
-        load_model(model, str(path), device=str(map_location))
+        load_saved_weights(model, path, map_location)
         model.to(map_location)
         if kernels is not None:
             model.set_kernels(kernels)
