@@ -224,6 +224,18 @@ def test_resume_without_checkpoint_is_a_user_error(tmp_path):
     t = Trainer(tiny_model(), args_for(tmp_path, resume="latest"), loss_fn, gb, name="sft")
     with pytest.raises(UserError, match=r"is a checkpoint of a pretrain run, not of sft \(to start from its weights, use --init\)"):
         t.fit()
+    # a damaged state.pt (a copy cut short, a file of something else) is named, not torch's traceback
+    state = tmp_path / "ckpt-0000001" / "state.pt"
+    for content, match in ((state.read_bytes()[:1000], "is not a readable checkpoint state"),
+                           (b"", r"is not a readable checkpoint state \(EOFError"),
+                           (None, "is not a checkpoint state .it holds a list")):
+        if content is None:
+            torch.save([1], state)
+        else:
+            state.write_bytes(content)
+        t = Trainer(tiny_model(), args_for(tmp_path, resume="latest"), loss_fn, gb, name="pretrain")
+        with pytest.raises(UserError, match="ckpt-0000001/state.pt " + match):
+            t.fit()
 
 
 # -- schedule and decay groups -------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ import contextlib
 import json
 import math
 import os
+import pickle
 import random
 import shutil
 import sys
@@ -309,7 +310,14 @@ def load_state(ckpt_dir) -> dict:
     path = Path(ckpt_dir) / "state.pt"
     if not path.is_file():
         raise UserError(f"checkpoint state not found: {path}")
-    return torch.load(path, map_location="cpu", weights_only=False)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except (RuntimeError, EOFError, pickle.UnpicklingError) as e:  # truncated, or not a torch.save file
+        first = str(e).splitlines()[0].split(". ")[0] if str(e) else type(e).__name__
+        raise UserError(f"{path} is not a readable checkpoint state ({type(e).__name__}: {first})") from None
+    if not isinstance(state, dict):
+        raise UserError(f"{path} is not a checkpoint state (it holds a {type(state).__name__}, not a dict)")
+    return state
 
 
 # -- metrics --------------------------------------------------------------------------------------
