@@ -145,6 +145,10 @@ def test_model_vocab_follows_the_tokenizer_except_gpt2_with_gpt2():
     # the sample settings, before any training (they were first used at step --sample-every)
     (["--top-k", "0"], "--top-k must be a positive integer"),
     (["--temperature", "nan"], "--temperature must be a finite number"),
+    # nan passed the `< 0` check: --grad-clip nan trained without clipping, --weight-decay nan stopped
+    # at step 1 with "loss is nan"
+    (["--grad-clip", "nan"], "--grad-clip must be a finite number, got nan"),
+    (["--weight-decay", "inf"], "--weight-decay must be a finite number, got inf"),
 ])
 def test_bad_input_is_one_line_user_error(corpus, tmp_path, capsys, extra, expect):
     (tmp_path / "empty.txt").write_text("   \n")

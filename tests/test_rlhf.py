@@ -844,6 +844,13 @@ def test_cli_reports_bad_input_in_one_line(tmp_path, capsys):
         RLArgs(dtype="fp16").validate()  # the API, which the CLI's choices do not guard
     assert main(["dpo", "--beta", "0"]) == 2
     assert "--beta must be positive" in capsys.readouterr().err
+    assert main(["dpo", "--beta", "inf"]) == 2  # was "dpo: loss is nan at step 1"
+    assert "--beta must be positive and finite, got inf" in capsys.readouterr().err
+    for name in ("kl_coef", "clip_eps", "value_clip", "vf_coef", "ent_coef", "weight_decay", "grad_clip",
+                 "missing_eot_penalty", "lr"):  # nan went through to "loss is nan" (grad_clip: no clipping)
+        for bad in (float("nan"), float("inf")):
+            with pytest.raises(UserError, match=f"--{name.replace('_', '-')} must be a finite number, got {bad}"):
+                RLArgs(**{name: bad}).validate()
 
 
 # -- reward-model metrics by hand (from a mutation pass) --

@@ -17,6 +17,7 @@ beta * (logratio_chosen - logratio_rejected), the accuracy (margin > 0) and the 
 rewards of chosen and rejected. Both are exactly 0 / undefined at step 0 (policy == ref).
 """
 import copy
+import math
 
 import torch
 import torch.nn.functional as F
@@ -103,8 +104,8 @@ def train_dpo(policy, ref, tokenizer, train_pairs, val_pairs, args, beta: float 
     """
     from tritongpt.train.loop import Trainer
 
-    if not beta > 0:
-        raise UserError(f"--beta must be positive, got {beta}")
+    if not 0 < beta < math.inf:
+        raise UserError(f"--beta must be positive and finite, got {beta}")
     device = common.pick_device(args.device)
     dtype = common.pick_dtype(args.dtype, device)
     ctx = policy.config.context_length
@@ -147,8 +148,8 @@ def train_dpo(policy, ref, tokenizer, train_pairs, val_pairs, args, beta: float 
 def cmd_dpo(args):
     from tritongpt.train.reward import data_run_args, setup_preference_run
 
-    if not args.beta > 0:
-        raise UserError(f"--beta must be positive, got {args.beta}")
+    if not 0 < args.beta < math.inf:
+        raise UserError(f"--beta must be positive and finite, got {args.beta}")
     targs, train, val, policy, tok = setup_preference_run(args)
     ref = copy.deepcopy(policy)
     result = train_dpo(policy, ref, tok, train, val, targs, beta=args.beta, run_args=data_run_args(args))

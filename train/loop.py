@@ -77,6 +77,9 @@ class TrainArgs:
                      "sample_every", "weight_decay", "grad_clip"):
             if getattr(self, name) < 0:
                 raise UserError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
+        for name in ("weight_decay", "grad_clip"):  # nan passes `< 0`: --grad-clip nan turned clipping off
+            if not math.isfinite(getattr(self, name)):
+                raise UserError(f"--{name.replace('_', '-')} must be a finite number, got {getattr(self, name)}")
         if not self.lr > 0 or not math.isfinite(self.lr):
             raise UserError(f"--lr must be a positive number, got {self.lr}")
         if not 0 <= self.min_lr <= self.lr:

@@ -133,6 +133,10 @@ class RLArgs:
                      "grad_clip", "eval_every", "ckpt_every", "keep_ckpts", "missing_eot_penalty"):
             if getattr(self, name) < 0:
                 raise UserError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
+        for name in ("kl_coef", "clip_eps", "value_clip", "vf_coef", "ent_coef", "weight_decay", "grad_clip",
+                     "missing_eot_penalty", "lr"):  # nan passes `< 0`, and nan or inf makes the loss nan
+            if not math.isfinite(getattr(self, name)):
+                raise UserError(f"--{name.replace('_', '-')} must be a finite number, got {getattr(self, name)}")
         if not 0.0 <= self.gamma <= 1.0 or not 0.0 <= self.lam <= 1.0:
             raise UserError(f"--gamma and --lam must be in [0, 1], got {self.gamma}, {self.lam}")
         if not self.temperature > 0:
