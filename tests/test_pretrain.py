@@ -149,6 +149,7 @@ def test_model_vocab_follows_the_tokenizer_except_gpt2_with_gpt2():
     # at step 1 with "loss is nan"
     (["--grad-clip", "nan"], "--grad-clip must be a finite number, got nan"),
     (["--weight-decay", "inf"], "--weight-decay must be a finite number, got inf"),
+    (["--seed", str(10**20)], "--seed must be a 64-bit integer"),  # was torch's "Overflow when unpacking"
 ])
 def test_bad_input_is_one_line_user_error(corpus, tmp_path, capsys, extra, expect):
     (tmp_path / "empty.txt").write_text("   \n")

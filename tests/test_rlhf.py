@@ -846,6 +846,9 @@ def test_cli_reports_bad_input_in_one_line(tmp_path, capsys):
     assert "--beta must be positive" in capsys.readouterr().err
     assert main(["dpo", "--beta", "inf"]) == 2  # was "dpo: loss is nan at step 1"
     assert "--beta must be positive and finite, got inf" in capsys.readouterr().err
+    for cmd in ("reward", "dpo", "rlhf"):  # torch's "Overflow when unpacking long long", as a traceback
+        assert main([cmd, "--seed", str(2**64)] + ["--reward", str(tmp_path)] * (cmd == "rlhf")) == 2
+        assert "--seed must be a 64-bit integer" in capsys.readouterr().err, cmd
     for name in ("kl_coef", "clip_eps", "value_clip", "vf_coef", "ent_coef", "weight_decay", "grad_clip",
                  "missing_eot_penalty", "lr"):  # nan went through to "loss is nan" (grad_clip: no clipping)
         for bad in (float("nan"), float("inf")):

@@ -67,7 +67,15 @@ def autocast(device: torch.device, dtype: torch.dtype):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
+def check_seed(seed) -> None:
+    """--seed as torch's generators take it (a 64-bit integer), checked before any work: torch
+    raised 'Overflow when unpacking long long' from deep inside a run."""
+    if not -2**63 <= seed < 2**63:
+        raise UserError(f"--seed must be a 64-bit integer (between -2**63 and 2**63 - 1), got {seed}")
+
+
 def set_seed(seed: int):
+    check_seed(seed)
     random.seed(seed)
     np.random.seed(seed % (2**32))
     torch.manual_seed(seed)

@@ -84,6 +84,7 @@ class TrainArgs:
             raise UserError(f"--lr must be a positive number, got {self.lr}")
         if not 0 <= self.min_lr <= self.lr:
             raise UserError(f"--min-lr must be in [0, lr={self.lr}], got {self.min_lr}")
+        common.check_seed(self.seed)
         if self.dtype not in ("auto", "fp32", "bf16"):
             raise UserError(f"--dtype must be auto, fp32 or bf16, got {self.dtype!r}")
 

@@ -146,6 +146,7 @@ class RLArgs:
         check_sampling(self.temperature, self.top_k, flags=True)
         if not self.lr > 0:
             raise UserError(f"--lr must be positive, got {self.lr}")
+        common.check_seed(self.seed)
         if self.dtype not in ("auto", "fp32", "bf16"):  # fp16 would need loss scaling
             raise UserError(f"--dtype must be auto, fp32 or bf16, got {self.dtype!r}")
 

@@ -64,7 +64,7 @@ def cmd_generate(args):
 
     from tritongpt.model.config import get_config
     from tritongpt.model.gpt import GPTModel
-    from tritongpt.train.common import pick_device
+    from tritongpt.train.common import check_seed, pick_device
     from tritongpt.train.generate import check_sampling, generate
     from tritongpt.train.sft import pick_tokenizer
     from tritongpt.train.tokenizer import EOT, DisallowedSpecialToken
@@ -77,6 +77,7 @@ def cmd_generate(args):
             raise UserError(f"--pretrained downloads GPT-2 by --model name (gpt2-small|gpt2-medium|gpt2-large|"
                             f"gpt2-xl), not {args.model!r}")
     check_sampling(args.temperature, args.top_k, args.top_p, flags=True)
+    check_seed(args.seed)
     device = pick_device(args.device)
     torch.manual_seed(args.seed)
     if args.weights:
