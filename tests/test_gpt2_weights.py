@@ -78,6 +78,9 @@ def test_bad_files(tmp_path):
     save_file(base, str(tmp_path / "noblocks.safetensors"))
     with pytest.raises(UserError, match="no transformer blocks"):
         load_gpt2_safetensors(tmp_path / "noblocks.safetensors")
+    save_file({**base, "wte.weight": torch.randn(80)}, str(tmp_path / "flat.safetensors"))
+    with pytest.raises(UserError, match=r"tensor wte.weight has shape \(80,\), expected \[rows, width\]"):
+        load_gpt2_safetensors(tmp_path / "flat.safetensors")  # was "ValueError: not enough values to unpack"
 
 
 def test_a_missing_layer_tensor_is_named(tmp_path):

@@ -40,6 +40,9 @@ def _infer_config(sd: dict, path: Path, model_name: str | None) -> GPTConfig:
     for key in ("wte.weight", "wpe.weight", "ln_f.weight"):
         if key not in sd:
             raise UserError(f"{path} is not a GPT-2 safetensors file: missing tensor {key!r}")
+    for key in ("wte.weight", "wpe.weight"):
+        if sd[key].dim() != 2:
+            raise UserError(f"{path}: tensor {key} has shape {tuple(sd[key].shape)}, expected [rows, width]")
     vocab, n_embd = sd["wte.weight"].shape
     ctx = sd["wpe.weight"].shape[0]
     layers = [int(m.group(1)) for k in sd if (m := re.match(r"h\.(\d+)\.", k))]
