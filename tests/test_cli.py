@@ -65,6 +65,10 @@ def test_paths_the_system_refuses_are_one_line_errors(tmp_path, capsys):
                  "--out", str(blocker / "tok.json")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: [Errno") and str(blocker) in err and "\n" not in err, err
+    # --text-field on plain text is refused before the training, as pretrain refuses it (it was ignored)
+    assert main(["bpe", "train", "--input", str(corpus), "--text-field", "body", "--vocab-size", "300",
+                 "--out", str(tmp_path / "tok.json")]) == 2
+    assert "--text-field applies to .jsonl data" in capsys.readouterr().err
 
 
 def test_generate_with_a_tokenizer_smaller_than_the_model(saved_model, tmp_path, capsys):

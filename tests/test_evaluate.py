@@ -174,6 +174,10 @@ def test_a_run_on_a_jsonl_field_is_scored_from_that_field(tmp_path, capsys):
     n, train = (json.loads((tmp_path / "cache" / "tokens.json").read_text())[k] for k in ("n_tokens", "split"))
     assert main(["eval", "--weights", str(run), "--cache-dir", cache, "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["tokens"] == n - train - 1
+    # --text-field on plain text is refused, as pretrain refuses it (it was ignored: the whole file scored)
+    (tmp_path / "plain.txt").write_text(" ".join(rows))
+    assert main(["eval", "--weights", str(run), "--data", str(tmp_path / "plain.txt"), "--text-field", "body"]) == 2
+    assert "--text-field applies to .jsonl data" in capsys.readouterr().err
 
 
 def test_a_run_on_a_relative_path_is_scored_from_another_folder(tmp_path, capsys, monkeypatch):

@@ -834,6 +834,9 @@ def cmd_train(args):
 
     from tritongpt.train.data import load_text
 
+    if args.text_field != "text" and Path(str(args.input or "")).suffix != ".jsonl":  # as pretrain refuses it
+        raise UserError(f"--text-field applies to .jsonl data (one JSON object per line); "
+                        f"{args.input or 'the pydoc corpus'} is read as plain text")
     text = load_text(args.input, text_field=args.text_field)
     t0 = time.perf_counter()
     tok = BPETokenizer.train(text, args.vocab_size, name=Path(args.out).stem, verbose=args.verbose)
