@@ -5,6 +5,7 @@ reward a fixed reward model gives the policy on fixed eval prompts before and af
 DPO margin on pairs before and after. The Triton test runs one whole PPO iteration
 (rollouts with the KV cache, scoring, several minibatch updates) on both kernel paths.
 """
+import argparse
 import copy
 import json
 import math
@@ -601,6 +602,25 @@ def test_a_refused_run_writes_nothing_into_the_folder(command, tmp_path, capsys)
     assert main([command, "--out-dir", str(old), "--model", "tiny", *extra]) == 2
     assert "already holds a run" in capsys.readouterr().err
     assert (old / "tokenizer.json").read_text() == "the old run's"
+
+
+@pytest.mark.parametrize("command", ["reward", "dpo", "rlhf"])
+@pytest.mark.parametrize("flag", [["--model", "gpt2-small"], ["--vocab-size", "300"]])
+def test_init_refuses_the_flags_of_a_fresh_model(command, flag, tmp_path, capsys):
+    """--model and --vocab-size shape the random backbone made with no --init; with --init they were
+    dropped without a word (a user asking for gpt2-small trained the checkpoint's tiny model)."""
+    from tritongpt.cli import main
+    from tritongpt.model.config import get_config
+    from tritongpt.train.reward import build_backbone
+
+    init = tmp_path / "sft.safetensors"
+    GPTModel(get_config("tiny", vocab_size=400)).save(init)
+    extra = ["--reward", str(init)] if command == "rlhf" else []  # refused before it is read
+    assert main([command, "--init", str(init), *flag, "--num-pairs", "4", "--out-dir", str(tmp_path / "r"),
+                 *extra]) == 2
+    assert f"{' '.join(flag)} with --init" in capsys.readouterr().err
+    args = argparse.Namespace(init=str(init), model=None, vocab_size=None)
+    assert build_backbone(args).config.vocab_size == 400  # without them: the checkpoint's model
 
 
 def test_reward_cli_reports_on_rank_0_only(tmp_path, capsys, monkeypatch):

@@ -165,7 +165,7 @@ def add_cli(sub):
     from tritongpt.train.reward import add_data_args
 
     p = sub.add_parser("dpo", help="Direct Preference Optimization against a frozen SFT reference")
-    add_model_args(p)
+    add_model_args(p, default_model=None, default_text="tiny, with no --init")
     add_data_args(p)
     add_vocab_multiple_arg(p, None, "as the --init model has them")
     p.add_argument("--beta", type=float, default=0.1, help="DPO temperature beta (default %(default)s)")

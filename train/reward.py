@@ -167,11 +167,18 @@ def build_backbone(args):
     if args.init:
         from tritongpt.train.sft import load_init_model
 
+        # the --init model has its own size and vocabulary: these would be dropped without a word
+        given = [f"--{k.replace('_', '-')} {v}" for k, v in (("model", args.model), ("vocab_size", args.vocab_size))
+                 if v is not None]
+        if given:
+            raise UserError(f"{' and '.join(given)} with --init: the model is the --init checkpoint's, of its own "
+                            "size and vocabulary; leave them out (they shape a fresh model, with no --init)")
         model = load_init_model(args.init)
         return model if multiple is None else model.pad_vocab(multiple)
-    print(f"note: no --init checkpoint: the backbone is a randomly initialised {args.model} "
+    preset = args.model or "tiny"
+    print(f"note: no --init checkpoint: the backbone is a randomly initialised {preset} "
           "(pass --init with an SFT run for a useful model)", file=sys.stderr)
-    return GPTModel(get_config(args.model, vocab_size=args.vocab_size, vocab_multiple=multiple or 1))
+    return GPTModel(get_config(preset, vocab_size=args.vocab_size, vocab_multiple=multiple or 1))
 
 
 def add_data_args(p):
@@ -236,7 +243,7 @@ def add_cli(sub):
     from tritongpt.train.loop import add_train_args
 
     p = sub.add_parser("reward", help="train a reward model (Bradley-Terry) on preference pairs")
-    add_model_args(p)
+    add_model_args(p, default_model=None, default_text="tiny, with no --init")
     add_data_args(p)
     add_train_args(p, out_dir="runs/reward", max_steps=300, batch_size=16, lr=1e-4, min_lr=1e-5,
                    warmup_steps=20, eval_every=50, ckpt_every=100, sample_every=0, weight_decay=0.0)

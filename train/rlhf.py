@@ -642,8 +642,8 @@ def cmd_rlhf(args):
     if not args.reward:
         raise UserError("--reward is required: a reward model checkpoint from `tritongpt reward`")
     train_pairs, val_pairs = train_val_pairs(args.data, args.num_pairs, args.val_fraction, a.seed)
-    reward_model = RewardModel.load(args.reward, map_location=device)
     policy = build_backbone(args)
+    reward_model = RewardModel.load(args.reward, map_location=device)
     ref = copy.deepcopy(policy)
     if reward_model.config.vocab_size != policy.config.vocab_size:
         raise UserError(f"reward model vocab ({reward_model.config.vocab_size}) differs from the "
@@ -704,7 +704,7 @@ def add_cli(sub):
                        description="PPO (value head, GAE, per-token KL penalty in the reward) or GRPO "
                                    "(group-relative advantages, k3 KL in the loss) on an SFT policy, "
                                    "scored by a reward model from `tritongpt reward`.")
-    add_model_args(p)
+    add_model_args(p, default_model=None, default_text="tiny, with no --init")
     add_data_args(p)  # prompts come from the preference data (embedded tasks by default)
     add_vocab_multiple_arg(p, None, "as the --init model has them")
     p.add_argument("--reward", help="reward model checkpoint (from `tritongpt reward`): file, checkpoint or run folder")

@@ -4,11 +4,11 @@ import sys
 from tritongpt.errors import UserError
 
 
-def add_model_args(p, default_model="tiny"):
+def add_model_args(p, default_model="tiny", default_text=None):
     """Arguments shared by every command that builds a model."""
     p.add_argument("--model", default=default_model,
                    help="preset: gpt2-small|gpt2-medium|gpt2-large|gpt2-xl|tiny|mini (default "
-                        + (f"{default_model})" if default_model else "tiny, or what --weights holds)"))
+                        + (default_text or default_model or "tiny, or what --weights holds") + ")")
     p.add_argument("--kernels", default="auto",
                    help="reference | triton | auto (Triton on CUDA, reference on CPU) | "
                         "comma list of layernorm,mlp,attention,cross_entropy (default %(default)s)")
