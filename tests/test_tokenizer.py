@@ -213,6 +213,14 @@ def test_decode_errors_and_partial_utf8(small_tok):
     assert small_tok.decode([first_byte]) == "\ufffd"
     assert small_tok.decode_bytes([first_byte]) == b"\xc3"
     assert small_tok.decode([]) == ""
+    import numpy as np
+    import torch
+    ids = small_tok.encode("hello there")
+    for form in (torch.tensor(ids), np.array(ids), [np.int64(i) for i in ids], list(torch.tensor(ids))):
+        assert small_tok.decode(form) == "hello there"
+    for bad in ([1, 2.7], torch.tensor([1.0, 2.0]), np.array([1.5]), ["5"], [None], list(torch.tensor([1.0]))):
+        with pytest.raises(UserError, match="token ids must be integers"):
+            small_tok.decode(bad)           # int() read 2.7 as token 2
 
 
 def test_save_load_round_trip(tmp_path, small_tok):

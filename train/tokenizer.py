@@ -22,6 +22,7 @@ each token's bytes as printable characters (a space is "Ġ"), and our JSON does 
 import hashlib
 import heapq
 import json
+import operator
 import os
 import sys
 from collections import Counter, defaultdict
@@ -543,7 +544,13 @@ class BPETokenizer:
 
     # -- decoding ------------------------------------------------------------------------------
     def decode_bytes(self, ids) -> bytes:
-        ids, n = [int(i) for i in ids], self.vocab_size
+        if hasattr(ids, "tolist"):                  # a tensor or numpy array: Python numbers at once
+            ids = ids.tolist()
+        try:                                        # int() made 2.7 token 2 and "5" token 5
+            ids = [operator.index(i) for i in ids]
+        except TypeError as e:
+            raise UserError(f"token ids must be integers ({e})") from None
+        n = self.vocab_size
         if ids and not 0 <= min(ids) <= max(ids) < n:
             bad = next(i for i in ids if not 0 <= i < n)
             raise UserError(f"token id {bad} is out of range for tokenizer {self.name!r} (vocab size {n})")
