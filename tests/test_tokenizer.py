@@ -80,7 +80,7 @@ def test_training_reaches_the_vocab_size_and_is_deterministic(corpus, small_tok)
 def naive_bpe_ranks(text, n_merges):
     """Textbook BPE, recounting every adjacent pair of every pre-tokenised word before each merge:
     the most frequent pair wins, ties to the smallest (id, id); a merge spelling existing bytes
-    reuses that token. None when the pairs run out first."""
+    reuses that token. None when the pairs run out first; n_merges None: merge until they do."""
     from collections import Counter
 
     import regex
@@ -91,13 +91,13 @@ def naive_bpe_ranks(text, n_merges):
     seqs = [(list(w.encode("utf-8")), f) for w, f in words.items()]
     vocab = [bytes([b]) for b in range(256)]
     ranks = {t: i for i, t in enumerate(vocab)}
-    while len(vocab) < 256 + n_merges:
+    while n_merges is None or len(vocab) < 256 + n_merges:
         counts = Counter()
         for w, f in seqs:
             for p in zip(w, w[1:]):
                 counts[p] += f
         if not counts:
-            return None
+            return ranks if n_merges is None else None
         a, b = min(counts, key=lambda p: (-counts[p], p))
         joined = vocab[a] + vocab[b]
         if joined not in ranks:
@@ -118,7 +118,7 @@ def naive_bpe_ranks(text, n_merges):
 
 
 def test_training_matches_a_naive_bpe_down_to_pairs_seen_once():
-    """The incremental trainer (heap, stale entries, per-word updates) must learn the same ranks as
+    """The incremental trainer (heap, stale entries, updates beside each merge) must learn the same ranks as
     recounting from scratch before every merge, through to the last merges of pairs seen once --
     pairs whose count fell and came back must be counted in full."""
     import random
@@ -137,6 +137,26 @@ def test_training_matches_a_naive_bpe_down_to_pairs_seen_once():
         assert got == want, f"{text[:30]!r}: merges {by_id[0][256:]} != naive {by_id[1][256:]}"
         with pytest.raises(UserError, match="ran out of pairs"):
             tkz.train_ranks(text, 256 + n + 2)
+
+
+def test_training_on_long_words_and_runs_matches_a_naive_bpe():
+    """Long words (no spaces: runs, a CJK sentence) and overlapping runs ("aaaa", "abab"), where the
+    trainer updates only the pairs beside each merge: in "aaa" only the first two join, and
+    "abab" -> "X X" turns (X, a), counted a moment before, into (X, X)."""
+    import random
+
+    rng = random.Random(1)
+    texts = ["\n".join("a" * k for k in range(1, 41)),             # runs of every length, one word each
+             "".join(rng.choice("ab") * rng.randint(1, 5) for _ in range(80)) + "\n" + "ab" * 30 + "\n" + "aba" * 20,
+             "".join(rng.choice("=-") * rng.randint(1, 6) for _ in range(60)),
+             "".join(rng.choice("日本日本語") for _ in range(120)) + "。" + "本日" * 20]  # 3-byte letters
+    for text in texts:
+        want = naive_bpe_ranks(text, None)            # every merge there is, down to pairs seen once
+        got = tkz.train_ranks(text, len(want) + 1)
+        by_id = sorted(got, key=got.get), sorted(want, key=want.get)
+        assert got == want, f"{text[:30]!r}: merges {by_id[0][256:]} != naive {by_id[1][256:]}"
+        with pytest.raises(UserError, match="ran out of pairs"):
+            tkz.train_ranks(text, len(want) + 2)
 
 
 def test_training_errors():

@@ -114,27 +114,22 @@ def _alternation(specials):
 
 
 # -- training -----------------------------------------------------------------------------------
-def _merge_word(word: list, a: int, b: int, new: int) -> list:
-    """Replace every non-overlapping (a, b) in `word`, left to right, by `new`."""
-    out, i, n = [], 0, len(word)
-    while i < n:
-        if i + 1 < n and word[i] == a and word[i + 1] == b:
-            out.append(new)
-            i += 2
-        else:
-            out.append(word[i])
-            i += 1
-    return out
-
-
 def train_ranks(text: str, vocab_size: int, special_tokens=(EOT,), pat_str: str = GPT2_PAT,
                 verbose: bool = False) -> dict:
     """Learn byte-level BPE ranks (token bytes -> id) for `vocab_size` ids including specials.
 
     Counts are kept per unique pre-tokenised word with its frequency, so the corpus is
-    visited once. After each merge only the words containing the merged pair are updated
-    (`where` maps a pair to those words), and a heap keyed by (-count, pair) finds the next
-    best pair; ties go to the pair of smallest ids, which makes training deterministic.
+    visited once. A heap keyed by (-count, pair) finds the best pair; ties go to the pair of
+    smallest ids, which makes training deterministic. Merging it is the textbook step -- in
+    each word, left to right, replace every (a, b) by the new token -- done in place:
+
+    * every word's tokens sit in one flat list, linked to their neighbours (`prv`, `nxt`); a
+      merge writes the new token at a's position and unlinks b's, so no word is copied;
+    * `where` maps a pair to the positions where it starts, so a merge visits only its own
+      occurrences, however long the words (a Chinese sentence is one pre-tokenised word);
+    * an occurrence x a b y changes just three pairs: (x, a), (a, b), (b, y) become
+      (x, new), (new, y). Reading x and y as they are now makes runs work: in "a b a b" the
+      second merge sees x = new, so (new, a), counted by the first, becomes (new, new).
     """
     n_merges = vocab_size - 256 - len(special_tokens)
     if n_merges < 0:
@@ -147,19 +142,27 @@ def train_ranks(text: str, vocab_size: int, special_tokens=(EOT,), pat_str: str 
     for piece in pieces:
         word_freq.update(pat.findall(piece))
 
-    words = [list(w.encode("utf-8")) for w in word_freq]
-    freqs = list(word_freq.values())
+    tok, prv, nxt, freq = [], [], [], []           # per position: token (-1: merged away), links, word count
     pair_count = defaultdict(int)
-    where = defaultdict(set)                       # pair -> indices of words that contain it
-    for i, (w, f) in enumerate(zip(words, freqs)):
-        for pair in zip(w, w[1:]):
+    where = defaultdict(set)                       # pair -> positions where it starts (some stale)
+    for w, f in word_freq.items():
+        w = w.encode("utf-8")
+        if len(w) < 2:                             # no pairs, nothing to learn
+            continue
+        start, end = len(tok), len(tok) + len(w)
+        for i, pair in enumerate(zip(w, w[1:]), start):
             pair_count[pair] += f
             where[pair].add(i)
+        tok += w
+        prv += range(start - 1, end - 1)
+        nxt += range(start + 1, end + 1)
+        prv[start] = nxt[end - 1] = -1             # -1: the word ends here
+        freq += [f] * len(w)
     heap = [(-c, pair) for pair, c in pair_count.items()]
     heapq.heapify(heap)
 
     vocab = [bytes([b]) for b in range(256)]       # id -> bytes
-    ranks = {tok: i for i, tok in enumerate(vocab)}
+    ranks = {t: i for i, t in enumerate(vocab)}
     while len(vocab) < 256 + n_merges:
         if not heap:
             raise UserError(f"the training text is too small for vocab_size {vocab_size}: it ran out of "
@@ -175,20 +178,27 @@ def train_ranks(text: str, vocab_size: int, special_tokens=(EOT,), pat_str: str 
             new = len(vocab)
             vocab.append(joined)
             ranks[joined] = new
-        changed = set()
-        for i in where.pop(pair):
-            w, f = words[i], freqs[i]
-            merged = _merge_word(w, a, b, new)
-            if len(merged) == len(w):              # stale index: an earlier merge consumed the pair
+        changed = {pair}
+        for i in sorted(where.pop(pair)):          # left to right: in "a a a" the first two join
+            j = nxt[i]
+            if tok[i] != a or j == -1 or tok[j] != b:  # stale: an earlier merge took a or b
                 continue
-            for p in zip(w, w[1:]):
-                pair_count[p] -= f
-                changed.add(p)
-            for p in zip(merged, merged[1:]):
-                pair_count[p] += f
-                where[p].add(i)
-                changed.add(p)
-            words[i] = merged
+            f, x, y = freq[i], prv[i], nxt[j]
+            pair_count[pair] -= f
+            if x != -1:                            # (x, a) becomes (x, new)
+                gone, made = (tok[x], a), (tok[x], new)
+                pair_count[gone] -= f
+                pair_count[made] += f
+                where[made].add(x)
+                changed.update((gone, made))
+            if y != -1:                            # (b, y) becomes (new, y)
+                gone, made = (b, tok[y]), (new, tok[y])
+                pair_count[gone] -= f
+                pair_count[made] += f
+                where[made].add(i)
+                changed.update((gone, made))
+                prv[y] = i
+            tok[i], tok[j], nxt[i] = new, -1, y
         for p in changed:
             c = pair_count[p]
             if c > 0:
