@@ -559,6 +559,23 @@ def test_greedy_responses_stop_flag_and_budget(monkeypatch):
     assert acc == 1.0 and rows[0]["stopped"] is False
 
 
+
+def test_greedy_responses_draw_only_the_tokenizers_ids():
+    """A model with more ids than its tokenizer (pick_tokenizer allows it): the greedy answer
+    is the best id the tokenizer has. Unlimited, the model's favourite id 200 was drawn: the
+    project's tokenizers refuse to decode it (scoring the held-out set ended the run with an
+    error), this test's drops it (an empty answer, scored wrong)."""
+    model = GPTModel(GPTConfig(vocab_size=256, context_length=32, n_embd=16, n_layer=1, n_head=2))
+    with torch.no_grad():  # every hidden state is all ones: logits are the head's row sums
+        model.final_norm.weight.zero_()
+        model.final_norm.bias.fill_(1.0)
+        model.out_head.weight.zero_()
+        model.out_head.weight[200] = 2.0  # no token of CharTokenizer (129 ids)
+        model.out_head.weight[ord("7")] = 1.0
+    rec = {"instruction": "i", "input": "", "output": "777"}
+    out = sft.greedy_responses(model, CharTokenizer(), [rec], max_new_tokens=3, template=lambda r: "p")
+    assert out == [("777", False)]
+
 def test_run_sft_caps_max_length_at_the_context(monkeypatch):
 
     seen = []

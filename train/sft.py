@@ -331,6 +331,9 @@ def greedy_responses(model, tokenizer, records, max_new_tokens: int = 32, batch_
 
     device = next(model.parameters()).device
     ctx, eot = model.config.context_length, tokenizer.eot_id
+    # a tokenizer smaller than the model's vocabulary (pick_tokenizer allows one) cannot decode
+    # the rest: only its ids are drawn, as `tritongpt generate` does
+    limit = tokenizer.vocab_size if tokenizer.vocab_size < model.config.vocab_size else None
     prompts = [encode_text(tokenizer, template(r)) for r in records]
     by_len = {}
     for i, p in enumerate(prompts):
@@ -343,7 +346,7 @@ def greedy_responses(model, tokenizer, records, max_new_tokens: int = 32, batch_
         for s in range(0, len(rows), batch_size):
             chunk = rows[s:s + batch_size]
             idx = torch.tensor([prompts[i] for i in chunk], dtype=torch.long, device=device)
-            new = generate(model, idx, budget, temperature=0.0, eos_id=eot)[:, length:].tolist()
+            new = generate(model, idx, budget, temperature=0.0, eos_id=eot, vocab_limit=limit)[:, length:].tolist()
             for i, ids in zip(chunk, new):
                 stopped = eot in ids
                 out[i] = (tokenizer.decode(ids[:ids.index(eot)] if stopped else ids), stopped)
