@@ -58,6 +58,24 @@ def kernel_names(args):
             _names(args.providers, ALL_PROVIDERS, "providers") if args.providers else None)
 
 
+def kernel_sizes(args, quick=False):
+    """The kernel sweep's sizes: the defaults, with the size flags given (checked: positive)."""
+    from tritongpt.bench.kernels import FULL_SIZES, QUICK_SIZES
+
+    sizes = dict(QUICK_SIZES if quick else FULL_SIZES)
+    for key in ("ln_rows", "mlp_rows", "attn_tokens", "attn_width", "ce_rows"):
+        if getattr(args, key) is not None:
+            if getattr(args, key) <= 0:
+                raise UserError(f"--{key.replace('_', '-')} must be a positive integer, got {getattr(args, key)}")
+            sizes[key] = getattr(args, key)
+    for key in ("ln_widths", "mlp_widths", "attn_seqlens", "attn_head_dims", "ce_vocabs", "head_widths"):
+        if getattr(args, key) is not None:
+            sizes[key] = _ints(getattr(args, key), key.replace("_", "-"))
+    if args.warmup_ms < 0 or args.rep_ms <= 0:
+        raise UserError(f"--warmup-ms must be >= 0 and --rep-ms positive, got {args.warmup_ms} and {args.rep_ms}")
+    return sizes
+
+
 def train_names(args):
     """(models, training providers) from the flags, checked."""
     from tritongpt.bench.train_step import parse_provider
@@ -141,8 +159,15 @@ def cmd_bench(args):
     if args.warmup_steps is not None and args.warmup_steps < 0:
         raise UserError(f"--warmup-steps must be >= 0, got {args.warmup_steps}")
     vocab_multiple(args)
+    if args.what in ("kernels", "train", "all"):
+        from tritongpt.train.common import pick_dtype
+
+        pick_dtype(args.dtype, torch.device("cuda"))  # a table look-up: no GPU needed to check the name
+        if not args.max_minutes > 0:
+            raise UserError(f"--max-minutes must be a positive number, got {args.max_minutes}")
     if args.what in ("kernels", "all"):
         kernel_names(args)
+        kernel_sizes(args, args.quick)
     if args.what in ("train", "all"):
         train_names(args)
     if args.what == "compile":
@@ -219,8 +244,7 @@ def _run_gpu(args):
     import torch
 
     from tritongpt.bench.common import Budget, GpuTimer, environment
-    from tritongpt.bench.kernels import (FULL_SIZES, QUICK_SIZES, ceiling_value, kernel_targets, measure_ceilings,
-                                         run_kernels)
+    from tritongpt.bench.kernels import ceiling_value, kernel_targets, measure_ceilings, run_kernels
     from tritongpt.bench.report import console_summary, make_result, write_result, write_summary
     from tritongpt.bench.train_step import TRAIN_PROVIDERS, run_train, train_targets
     from tritongpt.kernels._common import autotune_choices
@@ -246,13 +270,7 @@ def _run_gpu(args):
 
     if args.what in ("kernels", "all"):
         ops, modes, providers = kernel_names(args)
-        sizes = dict(QUICK_SIZES if args.quick else FULL_SIZES)
-        for key in ("ln_rows", "mlp_rows", "attn_tokens", "attn_width", "ce_rows"):
-            if getattr(args, key) is not None:
-                sizes[key] = getattr(args, key)
-        for key in ("ln_widths", "mlp_widths", "attn_seqlens", "attn_head_dims", "ce_vocabs", "head_widths"):
-            if getattr(args, key) is not None:
-                sizes[key] = _ints(getattr(args, key), key.replace("_", "-"))
+        sizes = kernel_sizes(args, args.quick)
         kb = budget.sub(0.5) if args.what == "all" else budget
         t0 = time.perf_counter()
         ceil_sizes = {"copy_bytes": 1 << 28, "matmul_n": 4096} if args.quick else None

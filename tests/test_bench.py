@@ -605,6 +605,32 @@ def test_cli_argument_parsing():
             bcli.cmd_bench(parser.parse_args(["bench", *argv]))
 
 
+def test_kernel_sizes_dtype_and_budget_are_checked_before_the_cpu_timings(monkeypatch):
+    """A dry run on a CPU catches them: before, they were read only on a GPU, so here the CPU
+    timings ran and the command exited 0 (and --max-minutes nan never expired on a GPU)."""
+    from tritongpt.bench import cli as bcli
+    from tritongpt.bench import cpu
+    from tritongpt.errors import UserError
+
+    monkeypatch.setattr(cpu, "run_cpu", lambda **k: pytest.fail("the CPU timings ran"))
+    parser = __import__("tritongpt.cli", fromlist=["build_parser"]).build_parser()
+    for argv, msg in ((["kernels", "--ln-widths", "768,wide"], "--ln-widths must be comma-separated"),
+                      (["all", "--ce-vocabs", "0"], "--ce-vocabs must list positive"),
+                      (["kernels", "--ln-rows", "0"], "--ln-rows must be a positive integer"),
+                      (["kernels", "--attn-width", "-1"], "--attn-width must be a positive integer"),
+                      (["kernels", "--rep-ms", "0"], "--rep-ms positive"),
+                      (["kernels", "--warmup-ms", "-1"], "--warmup-ms must be >= 0"),
+                      (["kernels", "--dtype", "fp64"], "unknown dtype 'fp64'"),
+                      (["train", "--dtype", "int8"], "unknown dtype 'int8'"),
+                      (["all", "--max-minutes", "nan"], "--max-minutes must be a positive number"),
+                      (["kernels", "--max-minutes", "0"], "--max-minutes must be a positive number")):
+        with pytest.raises(UserError, match=msg):
+            bcli.cmd_bench(parser.parse_args(["bench", *argv]))
+    sizes = bcli.kernel_sizes(parser.parse_args(["bench", "kernels", "--ln-rows", "8", "--head-widths", "8,16"]))
+    assert sizes["ln_rows"] == 8 and sizes["head_widths"] == (8, 16)
+    assert sizes["mlp_rows"] == kernels.FULL_SIZES["mlp_rows"]
+
+
 def test_non_causal_attention_rows_skip_the_causal_only_reference():
     args = [torch.randn(1, 2, 8, 16) for _ in range(3)]
     builders = kernels.attention_providers(*args, causal=False)
