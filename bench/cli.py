@@ -84,11 +84,20 @@ def train_names(args):
     models = _names(args.models or ("gpt2-small" if args.quick else "gpt2-small,gpt2-medium"), tuple(PRESETS),
                     "models")
     provs = tuple(v.strip() for v in args.train_providers.split(",") if v.strip())
+    if args.train_providers.strip(", ") == "":
+        raise UserError(f"--train-providers lists no provider, got {args.train_providers!r}")
     for pname in provs:
         try:
             parse_provider(pname)
         except ValueError as e:
             raise UserError(str(e)) from None
+    if args.seq_len < 1:
+        raise UserError(f"--seq-len must be a positive integer, got {args.seq_len}")
+    if args.peak_tflops is not None and not 0 < args.peak_tflops < float("inf"):
+        raise UserError(f"--peak-tflops must be a positive number, got {args.peak_tflops}")
+    other = sorted(set(_batches(args.batch, models) or {}) - set(models))
+    if other:
+        raise UserError(f"--batch names {', '.join(other)}, not among the models benchmarked ({', '.join(models)})")
     return models, provs
 
 
@@ -286,7 +295,7 @@ def _run_gpu(args):
         t0 = time.perf_counter()
         # the trainer's MFU denominator (train/loop.py PEAK_FLOPS), so the two report the same MFU
         datasheet = peak_flops(torch.device("cuda")) if torch.cuda.is_available() else None
-        if args.peak_tflops:
+        if args.peak_tflops is not None:
             peak, source = args.peak_tflops * 1e12, "--peak-tflops"
         elif datasheet:
             peak, source = datasheet, f"dense bf16 datasheet peak of {torch.cuda.get_device_name()}"

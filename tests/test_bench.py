@@ -631,6 +631,29 @@ def test_kernel_sizes_dtype_and_budget_are_checked_before_the_cpu_timings(monkey
     assert sizes["mlp_rows"] == kernels.FULL_SIZES["mlp_rows"]
 
 
+def test_training_flags_are_checked_before_the_cpu_timings(monkeypatch):
+    """Before, on a CPU these ran the CPU timings and exited 0; on a GPU --peak-tflops 0 took the
+    datasheet peak instead, a --batch for a model not benchmarked was ignored, and an empty
+    --train-providers ran every provider."""
+    from tritongpt.bench import cli as bcli
+    from tritongpt.bench import cpu
+    from tritongpt.errors import UserError
+
+    monkeypatch.setattr(cpu, "run_cpu", lambda **k: pytest.fail("the CPU timings ran"))
+    parser = __import__("tritongpt.cli", fromlist=["build_parser"]).build_parser()
+    for argv, msg in ((["train", "--seq-len", "0"], "--seq-len must be a positive integer"),
+                      (["all", "--peak-tflops", "0"], "--peak-tflops must be a positive number"),
+                      (["train", "--peak-tflops", "nan"], "--peak-tflops must be a positive number"),
+                      (["train", "--batch", "x"], "--batch must be comma-separated"),
+                      (["train", "--batch", "0"], "--batch must list positive"),
+                      (["train", "--quick", "--batch", "gpt2-xl=4"], "--batch names gpt2-xl, not among"),
+                      (["train", "--train-providers", ","], "--train-providers lists no provider")):
+        with pytest.raises(UserError, match=msg):
+            bcli.cmd_bench(parser.parse_args(["bench", *argv]))
+    args = parser.parse_args(["bench", "train", "--batch", "gpt2-small=4", "--peak-tflops", "1.5"])
+    assert bcli.train_names(args) == (("gpt2-small", "gpt2-medium"), train_step.TRAIN_PROVIDERS)
+
+
 def test_non_causal_attention_rows_skip_the_causal_only_reference():
     args = [torch.randn(1, 2, 8, 16) for _ in range(3)]
     builders = kernels.attention_providers(*args, causal=False)
