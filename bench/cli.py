@@ -179,6 +179,10 @@ def cmd_bench(args):
         kernel_sizes(args, args.quick)
     if args.what in ("train", "all"):
         train_names(args)
+    if args.out:
+        from tritongpt.bench.common import check_out_dir
+
+        check_out_dir(args.out)
     if args.what == "compile":
         return _run_compile(args)
     if args.what == "cpu" or not torch.cuda.is_available():

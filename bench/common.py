@@ -199,6 +199,21 @@ def time_cpu(fn, reps: int = 5, warm_calls: int = 1):
 
 
 # -- time budget ----------------------------------------------------------------------------------
+def check_out_dir(path) -> None:
+    """--out before any work, so a run does not measure for minutes and then fail to write:
+    the folder is made now (a file of that name, or a place it cannot be made, is a UserError)."""
+    from tritongpt.errors import UserError
+
+    if Path(path).exists() and not Path(path).is_dir():
+        raise UserError(f"--out {path} is a file, not a folder")
+    try:
+        Path(path).mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"--out {path}: cannot make the folder ({e.strerror or e})") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise UserError(f"--out {path}: the folder is not writable")
+
+
 class Budget:
     """A wall-clock deadline. Work that would start after it is recorded as skipped, not run.
 

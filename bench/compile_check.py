@@ -321,6 +321,14 @@ def main(argv=None):
     p.add_argument("--workers", type=int, default=None, help="compile processes (default: CPU count, at most 8)")
     p.add_argument("--strict", action="store_true", help="exit 1 when a launch has no clean config")
     args = p.parse_args(argv)
+    if args.out:
+        from tritongpt.bench.common import check_out_dir
+        from tritongpt.errors import UserError
+
+        try:
+            check_out_dir(args.out)
+        except UserError as e:
+            p.error(str(e))
     _require_compiled_mode()
     import json
 

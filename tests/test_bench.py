@@ -654,6 +654,29 @@ def test_training_flags_are_checked_before_the_cpu_timings(monkeypatch):
     assert bcli.train_names(args) == (("gpt2-small", "gpt2-medium"), train_step.TRAIN_PROVIDERS)
 
 
+def test_out_that_cannot_be_a_folder_is_refused_before_any_work(tmp_path, monkeypatch, capsys):
+    """Before, a file given as --out was found only when the results were written: after the CPU
+    timings here, after minutes of measuring on a GPU (and compile's subprocess raised a traceback)."""
+    from tritongpt import cli
+    from tritongpt.bench import compile_check, cpu
+
+    monkeypatch.setattr(cpu, "run_cpu", lambda **k: pytest.fail("the CPU timings ran"))
+    (tmp_path / "file").write_text("x")
+    for what in ("cpu", "kernels", "compile"):
+        assert cli.main(["bench", what, "--out", str(tmp_path / "file")]) == 2
+        assert capsys.readouterr().err == f"error: --out {tmp_path / 'file'} is a file, not a folder\n"
+    assert cli.main(["bench", "cpu", "--out", str(tmp_path / "file" / "sub")]) == 2
+    assert "cannot make the folder" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        compile_check.main(["--out", str(tmp_path / "file")])
+    assert "is a file, not a folder" in capsys.readouterr().err
+    monkeypatch.setattr(cpu, "run_cpu", _fast_cpu_rows)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert cli.main(["bench", "cpu", "--out", str(tmp_path / "new" / "res"), "--no-plots"]) == 0
+    (folder,) = (tmp_path / "new" / "res").iterdir()
+    assert (folder / "cpu.json").is_file()
+
+
 def test_non_causal_attention_rows_skip_the_causal_only_reference():
     args = [torch.randn(1, 2, 8, 16) for _ in range(3)]
     builders = kernels.attention_providers(*args, causal=False)
