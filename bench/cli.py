@@ -179,6 +179,8 @@ def cmd_bench(args):
         kernel_sizes(args, args.quick)
     if args.what in ("train", "all"):
         train_names(args)
+    if args.workers is not None and args.workers < 1:
+        raise UserError(f"--workers must be a positive integer, got {args.workers}")
     if args.out:
         from tritongpt.bench.common import check_out_dir
 
@@ -240,7 +242,7 @@ def _run_compile(args):
     cmd = [sys.executable, "-m", "tritongpt.bench.compile_check"]
     cmd += ["--arch", str(args.arch)] + ["--quick"] * args.quick + ["--strict"] * args.strict
     cmd += ["--out", args.out] if args.out else []
-    cmd += ["--workers", str(args.workers)] if args.workers else []
+    cmd += ["--workers", str(args.workers)] if args.workers is not None else []
     return subprocess.run(cmd, env={**os.environ, "TRITON_INTERPRET": "0"}).returncode
 
 

@@ -321,6 +321,8 @@ def main(argv=None):
     p.add_argument("--workers", type=int, default=None, help="compile processes (default: CPU count, at most 8)")
     p.add_argument("--strict", action="store_true", help="exit 1 when a launch has no clean config")
     args = p.parse_args(argv)
+    if args.workers is not None and args.workers < 1:
+        p.error(f"--workers must be a positive integer, got {args.workers}")
     if args.out:
         from tritongpt.bench.common import check_out_dir
         from tritongpt.errors import UserError

@@ -677,6 +677,23 @@ def test_out_that_cannot_be_a_folder_is_refused_before_any_work(tmp_path, monkey
     assert (folder / "cpu.json").is_file()
 
 
+def test_compile_workers_must_be_positive(monkeypatch, capsys):
+    """Before, --workers 0 was dropped (the default count ran) and -1 reached the process pool,
+    which raised a traceback after the capture."""
+    import subprocess
+
+    from tritongpt import cli
+    from tritongpt.bench import compile_check
+
+    monkeypatch.setattr(subprocess, "run", lambda *a, **k: pytest.fail("compile_check started"))
+    for n in ("0", "-1"):
+        assert cli.main(["bench", "compile", "--workers", n]) == 2
+        assert capsys.readouterr().err == f"error: --workers must be a positive integer, got {n}\n"
+        with pytest.raises(SystemExit):
+            compile_check.main(["--workers", n])
+        assert f"--workers must be a positive integer, got {n}" in capsys.readouterr().err
+
+
 def test_non_causal_attention_rows_skip_the_causal_only_reference():
     args = [torch.randn(1, 2, 8, 16) for _ in range(3)]
     builders = kernels.attention_providers(*args, causal=False)
