@@ -53,7 +53,14 @@ def validate_result(d: dict) -> dict:
     for i, a in enumerate(d.get("autotune") or []):
         if not isinstance(a, dict) or not all(isinstance(a.get(k), dict) for k in ("key", "config")):
             raise ValueError(f"result.autotune[{i}] must be an object with 'key' and 'config' objects")
+    if not isinstance(d.get("targets", []), list):
+        raise ValueError("result.targets must be a list")
     for i, t in enumerate(d.get("targets") or []):
+        if not isinstance(t, dict):
+            raise ValueError(f"result.targets[{i}] must be an object")
+        for key in ("target", "config", "value", "op", "threshold"):
+            if key not in t:
+                raise ValueError(f"result.targets[{i}].{key} is missing")
         if t.get("status") not in TARGET_STATUSES:
             raise ValueError(f"result.targets[{i}].status must be one of {TARGET_STATUSES}")
     return d
@@ -384,9 +391,9 @@ def write_summary(results, out_root) -> Path:
         path = folder / f"{section}.json"
         if section not in ran and path.is_file():
             try:
-                earlier.append(json.loads(path.read_text()))
+                earlier.append(validate_result(json.loads(path.read_text())))
             except (OSError, ValueError):
-                pass  # an unreadable old file: summarise this run only
+                pass  # an unreadable, truncated or older-format file: summarise this run only
     targets = [t for r in results + earlier for t in r.get("targets", [])]
     text = ["# tritongpt bench summary", "", env_lines(env), "", targets_table(targets) if targets
             else "(no targets in these sections)", ""]

@@ -402,6 +402,8 @@ def test_result_json_markdown_and_plots(tmp_path, monkeypatch):
     (lambda d: d["rows"][0].pop("ms"), "rows[0].ms"),
     (lambda d: d.update(schema="other"), "schema"),
     (lambda d: d["targets"][0].update(status="OK"), "targets[0].status"),
+    (lambda d: d["targets"][0].pop("threshold"), "targets[0].threshold"),
+    (lambda d: d.update(targets="PASS"), "targets must be a list"),
 ])
 def test_validate_result_names_the_bad_field(breakage, field):
     d = _fake_kernel_result()
@@ -946,6 +948,26 @@ def test_summary_does_not_call_this_runs_targets_earlier(tmp_path):
     report.write_result(res, tmp_path, plots=False)
     text = report.write_summary([res], tmp_path).read_text()
     assert "earlier run" not in text and text.count("| t | c |") == 1
+
+
+@pytest.mark.parametrize("saved", ["[]", '"x"', '{"schema": "', json.dumps({"schema": "old", "targets": [{}]}),
+                                   "SCHEMA_NO_VALUE", "SCHEMA_TARGETS_5"])
+def test_summary_leaves_out_an_earlier_file_it_cannot_read(tmp_path, saved):
+    """Before, an earlier kernels.json that was a list, of another schema or with a target missing
+    a field stopped `bench train` with a traceback (AttributeError, KeyError, TypeError) after the
+    run, at the summary; now that file is left out and this run is summarised."""
+    env = common.environment()
+    good = report.make_result("kernels", env, [], [common.target("t", "c", 1.0, 1.0)])
+    if saved == "SCHEMA_NO_VALUE":
+        good["targets"][0].pop("value")
+        saved = json.dumps(good)
+    elif saved == "SCHEMA_TARGETS_5":
+        saved = json.dumps(dict(good, targets=5))
+    (tmp_path / env["device_slug"]).mkdir()
+    (tmp_path / env["device_slug"] / "kernels.json").write_text(saved)
+    train = report.make_result("train", env, [], [common.target("train MFU", "gpt2-small", 0.6, 0.55)])
+    text = report.write_summary([train], tmp_path).read_text()
+    assert "| train MFU |" in text and "earlier run" not in text
 
 
 def test_cpu_rates_use_batch_bytes_and_tokens():
