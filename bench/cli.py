@@ -216,7 +216,7 @@ def _run_cpu(args, cuda):
     print()
     n = env["cpu_threads"]
     print(f"CPU-side timings on {env['device']} ({n} torch thread{'s' if n != 1 else ''}, "
-          f"load average {env.get('load_avg_1m')}); "
+          f"load average {env.get('load_avg_1m')}; torch {env['torch']}, triton {env['triton']}); "
           "the Triton kernels run through the interpreter here and are not timed")
     print(rows_table(rows))
     st = saved_table(rows)

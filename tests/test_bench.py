@@ -484,6 +484,7 @@ def test_cli_without_cuda_says_so_and_exits_0(tmp_path, monkeypatch, capsys):
     assert cli.main(["bench", "all", "--quick"]) == 0
     out = capsys.readouterr().out
     assert "GPU benchmarks need CUDA" in out and "results not written" in out
+    assert f"torch {torch.__version__}, triton " in out  # the CPU line names the versions, as the GPU one does
     assert list(tmp_path.iterdir()) == []  # nothing written without --out
     assert cli.main(["bench", "kernels", "--out", str(tmp_path / "res")]) == 0
     (folder,) = (tmp_path / "res").iterdir()
