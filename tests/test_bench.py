@@ -608,27 +608,38 @@ def test_cli_argument_parsing():
             bcli.cmd_bench(parser.parse_args(["bench", *argv]))
 
 
+def refused_before_the_cpu_timings(monkeypatch, cases):
+    """Each `bench` argv of cases is a UserError matching its message, and the CPU timings never
+    start; returns the parser."""
+    from tritongpt.bench import cli as bcli
+    from tritongpt.bench import cpu
+    from tritongpt.cli import build_parser
+    from tritongpt.errors import UserError
+
+    monkeypatch.setattr(cpu, "run_cpu", lambda **k: pytest.fail("the CPU timings ran"))
+    parser = build_parser()
+    for argv, msg in cases:
+        with pytest.raises(UserError, match=msg):
+            bcli.cmd_bench(parser.parse_args(["bench", *argv]))
+    return parser
+
+
 def test_kernel_sizes_dtype_and_budget_are_checked_before_the_cpu_timings(monkeypatch):
     """A dry run on a CPU catches them: before, they were read only on a GPU, so here the CPU
     timings ran and the command exited 0 (and --max-minutes nan never expired on a GPU)."""
     from tritongpt.bench import cli as bcli
-    from tritongpt.bench import cpu
-    from tritongpt.errors import UserError
 
-    monkeypatch.setattr(cpu, "run_cpu", lambda **k: pytest.fail("the CPU timings ran"))
-    parser = __import__("tritongpt.cli", fromlist=["build_parser"]).build_parser()
-    for argv, msg in ((["kernels", "--ln-widths", "768,wide"], "--ln-widths must be comma-separated"),
-                      (["all", "--ce-vocabs", "0"], "--ce-vocabs must list positive"),
-                      (["kernels", "--ln-rows", "0"], "--ln-rows must be a positive integer"),
-                      (["kernels", "--attn-width", "-1"], "--attn-width must be a positive integer"),
-                      (["kernels", "--rep-ms", "0"], "--rep-ms positive"),
-                      (["kernels", "--warmup-ms", "-1"], "--warmup-ms must be >= 0"),
-                      (["kernels", "--dtype", "fp64"], "unknown dtype 'fp64'"),
-                      (["train", "--dtype", "int8"], "unknown dtype 'int8'"),
-                      (["all", "--max-minutes", "nan"], "--max-minutes must be a positive number"),
-                      (["kernels", "--max-minutes", "0"], "--max-minutes must be a positive number")):
-        with pytest.raises(UserError, match=msg):
-            bcli.cmd_bench(parser.parse_args(["bench", *argv]))
+    parser = refused_before_the_cpu_timings(monkeypatch, (
+        (["kernels", "--ln-widths", "768,wide"], "--ln-widths must be comma-separated"),
+        (["all", "--ce-vocabs", "0"], "--ce-vocabs must list positive"),
+        (["kernels", "--ln-rows", "0"], "--ln-rows must be a positive integer"),
+        (["kernels", "--attn-width", "-1"], "--attn-width must be a positive integer"),
+        (["kernels", "--rep-ms", "0"], "--rep-ms positive"),
+        (["kernels", "--warmup-ms", "-1"], "--warmup-ms must be >= 0"),
+        (["kernels", "--dtype", "fp64"], "unknown dtype 'fp64'"),
+        (["train", "--dtype", "int8"], "unknown dtype 'int8'"),
+        (["all", "--max-minutes", "nan"], "--max-minutes must be a positive number"),
+        (["kernels", "--max-minutes", "0"], "--max-minutes must be a positive number")))
     sizes = bcli.kernel_sizes(parser.parse_args(["bench", "kernels", "--ln-rows", "8", "--head-widths", "8,16"]))
     assert sizes["ln_rows"] == 8 and sizes["head_widths"] == (8, 16)
     assert sizes["mlp_rows"] == kernels.FULL_SIZES["mlp_rows"]
@@ -639,20 +650,15 @@ def test_training_flags_are_checked_before_the_cpu_timings(monkeypatch):
     datasheet peak instead, a --batch for a model not benchmarked was ignored, and an empty
     --train-providers ran every provider."""
     from tritongpt.bench import cli as bcli
-    from tritongpt.bench import cpu
-    from tritongpt.errors import UserError
 
-    monkeypatch.setattr(cpu, "run_cpu", lambda **k: pytest.fail("the CPU timings ran"))
-    parser = __import__("tritongpt.cli", fromlist=["build_parser"]).build_parser()
-    for argv, msg in ((["train", "--seq-len", "0"], "--seq-len must be a positive integer"),
-                      (["all", "--peak-tflops", "0"], "--peak-tflops must be a positive number"),
-                      (["train", "--peak-tflops", "nan"], "--peak-tflops must be a positive number"),
-                      (["train", "--batch", "x"], "--batch must be comma-separated"),
-                      (["train", "--batch", "0"], "--batch must list positive"),
-                      (["train", "--quick", "--batch", "gpt2-xl=4"], "--batch names gpt2-xl, not among"),
-                      (["train", "--train-providers", ","], "--train-providers lists no provider")):
-        with pytest.raises(UserError, match=msg):
-            bcli.cmd_bench(parser.parse_args(["bench", *argv]))
+    parser = refused_before_the_cpu_timings(monkeypatch, (
+        (["train", "--seq-len", "0"], "--seq-len must be a positive integer"),
+        (["all", "--peak-tflops", "0"], "--peak-tflops must be a positive number"),
+        (["train", "--peak-tflops", "nan"], "--peak-tflops must be a positive number"),
+        (["train", "--batch", "x"], "--batch must be comma-separated"),
+        (["train", "--batch", "0"], "--batch must list positive"),
+        (["train", "--quick", "--batch", "gpt2-xl=4"], "--batch names gpt2-xl, not among"),
+        (["train", "--train-providers", ","], "--train-providers lists no provider")))
     args = parser.parse_args(["bench", "train", "--batch", "gpt2-small=4", "--peak-tflops", "1.5"])
     assert bcli.train_names(args) == (("gpt2-small", "gpt2-medium"), train_step.TRAIN_PROVIDERS)
 

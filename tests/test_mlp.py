@@ -64,6 +64,17 @@ def torch_lowp_errors(params, dy, y64, leaves):
     return errs
 
 
+def operands64(leaves, dy64):
+    """The float64 operands of the MLP's last products, as 2-D matrices: x, w1, w2, dy, a = gelu(h)
+    and dh = (dy @ w2) * gelu'(h)."""
+    x, w1, b1, w2, _ = (t.detach() if t is not None else None for t in leaves)
+    x, dy64 = x.reshape(-1, x.shape[-1]), dy64.reshape(-1, dy64.shape[-1])
+    h = (x @ w1.t() + (b1 if b1 is not None else 0)).requires_grad_()
+    a = gelu64(h)
+    (gelu_grad,) = torch.autograd.grad(a, h, torch.ones_like(a))
+    return x, w1, w2, dy64, a.detach(), (dy64 @ w2) * gelu_grad
+
+
 def fp32_sum_floors(leaves, dy64):
     """What fp32 accumulation may cost each output, whatever the kernel: every output entry is a
     sum of K products, and its rounding error grows like sqrt(K) * 2^-24 times the sum of the
@@ -71,13 +82,8 @@ def fp32_sum_floors(leaves, dy64):
     products cancel (the fuzz draws C = 1, H = 1: dw1 is then one sum of M signed terms; it once
     failed at 1.3e-4). Returns {name: 2 sqrt(K) u * ||(|A| @ |B|)||} for the last product of
     each output, from the float64 operands: a few 1e-6 of the result when nothing cancels."""
-    x, w1, b1, w2, b2 = (t.detach() if t is not None else None for t in leaves)
-    x, dy64 = x.reshape(-1, x.shape[-1]), dy64.reshape(-1, dy64.shape[-1])
+    x, w1, w2, dy64, a, dh = operands64(leaves, dy64)
     M, H = x.shape[0], w1.shape[0]
-    h = (x @ w1.t() + (b1 if b1 is not None else 0)).requires_grad_()
-    a = gelu64(h)
-    (gelu_grad,) = torch.autograd.grad(a, h, torch.ones_like(a))
-    a, dh = a.detach(), (dy64 @ w2) * gelu_grad
     u = 2.0 ** -24
 
     def floor(A, B, k):
@@ -96,12 +102,7 @@ def rounding_floors(leaves, dy64, dtype):
     those. It matters only when a sum cancels: db1 of H = 1 is one sum of M signed terms
     (M=18, C=29, H=1: -0.5703 from dh in bf16, -0.5237 exact), and PyTorch's error on the same
     draw, one sample of the same spread, may by chance be under half ours."""
-    x, w1, b1, w2, _ = (t.detach() if t is not None else None for t in leaves)
-    x, dy64 = x.reshape(-1, x.shape[-1]), dy64.reshape(-1, dy64.shape[-1])
-    h = (x @ w1.t() + (b1 if b1 is not None else 0)).requires_grad_()
-    a = gelu64(h)
-    (gelu_grad,) = torch.autograd.grad(a, h, torch.ones_like(a))
-    a, dh = a.detach(), (dy64 @ w2) * gelu_grad
+    x, w1, w2, dy64, a, dh = operands64(leaves, dy64)
     sigma = (2.0 ** -8 if dtype == torch.bfloat16 else 2.0 ** -11) / 3 ** 0.5
 
     def floor(A, B):  # for A @ B with A's entries rounded: 3 sigma * sqrt(sum over outputs of sum_k (A B)^2)

@@ -109,6 +109,14 @@ def _txt_files(folder: Path) -> list:
     return files
 
 
+def check_text_field(source, text_field):
+    """A text field other than the default names a .jsonl field: on any other source it would be
+    ignored and the whole file read as text, so it is refused (before any slow work)."""
+    if text_field not in (None, "text") and Path(str(source or "")).suffix != ".jsonl":
+        raise UserError(f"--text-field applies to .jsonl data (one JSON object per line); "
+                        f"{source or 'the pydoc corpus'} is read as plain text")
+
+
 def load_documents(source=None, text_field: str = "text") -> list:
     """The corpus as a list of documents (see the module docstring for what one is)."""
     if source is None or source == "pydoc":

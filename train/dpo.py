@@ -94,6 +94,11 @@ def dpo_metrics(model, data: DPOData, beta: float, limit: int | None = None, bat
             "rejected_reward": rr / n}
 
 
+def check_beta(beta):
+    if not 0 < beta < math.inf:
+        raise UserError(f"--beta must be positive and finite, got {beta}")
+
+
 def train_dpo(policy, ref, tokenizer, train_pairs, val_pairs, args, beta: float = 0.1,
               run_args: dict | None = None):
     """Fit the policy with the shared Trainer (ref frozen). Returns the Trainer's final dict.
@@ -104,8 +109,7 @@ def train_dpo(policy, ref, tokenizer, train_pairs, val_pairs, args, beta: float 
     """
     from tritongpt.train.loop import Trainer
 
-    if not 0 < beta < math.inf:
-        raise UserError(f"--beta must be positive and finite, got {beta}")
+    check_beta(beta)
     device = common.pick_device(args.device)
     dtype = common.pick_dtype(args.dtype, device)
     ctx = policy.config.context_length
@@ -148,8 +152,7 @@ def train_dpo(policy, ref, tokenizer, train_pairs, val_pairs, args, beta: float 
 def cmd_dpo(args):
     from tritongpt.train.reward import data_run_args, setup_preference_run
 
-    if not 0 < args.beta < math.inf:
-        raise UserError(f"--beta must be positive and finite, got {args.beta}")
+    check_beta(args.beta)  # before the slow set-up
     targs, train, val, policy, tok = setup_preference_run(args)
     ref = copy.deepcopy(policy)
     result = train_dpo(policy, ref, tok, train, val, targs, beta=args.beta, run_args=data_run_args(args))

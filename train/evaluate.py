@@ -19,7 +19,6 @@ import json
 import math
 import sys
 import time
-from pathlib import Path
 
 import torch
 from tqdm import tqdm
@@ -126,9 +125,7 @@ def cmd_eval(args):
     tok = pick_tokenizer(args.tokenizer, args.weights, model.config.vocab_size)
     run = pretrain_data(args.weights)
     source = args.data if args.data is not None else (run["source"] if run else None)
-    if args.text_field is not None and Path(str(source or "")).suffix != ".jsonl":  # as pretrain refuses it
-        raise UserError(f"--text-field applies to .jsonl data (one JSON object per line); "
-                        f"{source or 'the pydoc corpus'} is read as plain text")
+    data.check_text_field(source, args.text_field)
     # the run's own .jsonl data is read from the field it trained on (checkpoints from before
     # the field was recorded: "text")
     own_field = run.get("text_field") if run and args.data is None else None

@@ -85,9 +85,7 @@ def pretrain(args) -> dict:
     cfg = get_config(args.model)  # unknown model: a UserError before any slow work
     if args.dropout is not None and not 0.0 <= args.dropout < 1.0:
         raise UserError(f"--dropout must be in [0, 1), got {args.dropout}")
-    if args.text_field != "text" and Path(str(args.data or "")).suffix != ".jsonl":
-        raise UserError(f"--text-field applies to .jsonl data (one JSON object per line); "
-                        f"{args.data or 'the pydoc corpus'} is read as plain text")
+    data.check_text_field(args.data, args.text_field)
     if Path(str(args.data or "")).suffix == ".json":
         print(f"note: {args.data} is read as plain text, brackets and keys included (JSON records "
               "are read from .jsonl files, one object per line)", file=sys.stderr)

@@ -298,6 +298,8 @@ class BPETokenizer:
         self.info = dict(info or {})                 # free-form provenance (e.g. corpus hash)
         self._pat = compile_pattern(pat_str, name)
         self._special_pat = _alternation(self.special_tokens) if self.special_tokens else None
+        self._prefix_pairs = [(a, b) for a in self.special_tokens for b in self.special_tokens
+                              if a != b and b.startswith(a)]  # usually none (see _nested)
         self._id_to_bytes = [b""] * self.vocab_size
         for tok, i in self.ranks.items():
             self._id_to_bytes[i] = tok
@@ -494,13 +496,7 @@ class BPETokenizer:
         self._check_special(text, allowed, allowed_special)
         if not allowed:
             return self.encode_ordinary_reference(text)
-        ids = []
-        for i, chunk in enumerate(_alternation(allowed).split(text)):
-            if i % 2:                               # odd chunks are the separators themselves
-                ids.append(self.special_tokens[chunk])
-            elif chunk:
-                ids.extend(self.encode_ordinary_reference(chunk))
-        return ids
+        return self._encode_split(text, allowed, self.encode_ordinary_reference)
 
     # -- encoding: fast path (tiktoken) --------------------------------------------------------
     @property
@@ -520,7 +516,7 @@ class BPETokenizer:
         self._check_unicode(text)
         self._check_special(text, allowed, allowed_special)
         if self._nested(allowed):
-            return self._encode_split(text, allowed)
+            return self._encode_split(text, allowed, self.encoding.encode_ordinary)
         return self.encoding.encode(text, allowed_special=allowed, disallowed_special=())
 
     def encode_batch(self, texts, allowed_special="none_raise", num_threads: int = 4) -> list:
@@ -532,24 +528,24 @@ class BPETokenizer:
             self._check_unicode(t)
             self._check_special(t, allowed, allowed_special)
         if self._nested(allowed):
-            return [self._encode_split(t, allowed) for t in texts]
+            return [self._encode_split(t, allowed, self.encoding.encode_ordinary) for t in texts]
         return self.encoding.encode_batch(texts, num_threads=num_threads, allowed_special=allowed,
                                           disallowed_special=())
 
-    @staticmethod
-    def _nested(allowed) -> bool:
+    def _nested(self, allowed) -> bool:
         """Is one allowed special token a prefix of another? tiktoken then matches whichever its
         hash map lists first, so `encode` splits the text itself, longest first, as
         encode_reference and Hugging Face's tokenizers do."""
-        return any(a != b and b.startswith(a) for a in allowed for b in allowed)
+        return any(a in allowed and b in allowed for a, b in self._prefix_pairs)
 
-    def _encode_split(self, text: str, allowed: set) -> list:
+    def _encode_split(self, text: str, allowed: set, encode_ordinary) -> list:
+        """The allowed special tokens (longest first) as their ids, the text between them by encode_ordinary."""
         ids = []
         for i, chunk in enumerate(_alternation(allowed).split(text)):
             if i % 2:                               # odd chunks are the separators themselves
                 ids.append(self.special_tokens[chunk])
             elif chunk:
-                ids.extend(self.encoding.encode_ordinary(chunk))
+                ids.extend(encode_ordinary(chunk))
         return ids
 
     # -- decoding ------------------------------------------------------------------------------
@@ -849,11 +845,9 @@ def get_tokenizer(spec="default") -> BPETokenizer:
 def cmd_train(args):
     import time
 
-    from tritongpt.train.data import load_text
+    from tritongpt.train.data import check_text_field, load_text
 
-    if args.text_field != "text" and Path(str(args.input or "")).suffix != ".jsonl":  # as pretrain refuses it
-        raise UserError(f"--text-field applies to .jsonl data (one JSON object per line); "
-                        f"{args.input or 'the pydoc corpus'} is read as plain text")
+    check_text_field(args.input, args.text_field)
     text = load_text(args.input, text_field=args.text_field)
     t0 = time.perf_counter()
     tok = BPETokenizer.train(text, args.vocab_size, name=Path(args.out).stem, verbose=args.verbose)
