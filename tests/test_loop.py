@@ -106,6 +106,80 @@ def test_grad_accum_two_halves_equal_one_double_batch(tmp_path):
     assert compared > 0.9 * sum(p.numel() for p in m2.parameters())
 
 
+def weighted_loss_fn(model, batch):
+    """SFT's shape of loss: (sum over counted targets, their count); here every target divisible
+    by 3 is ignored, so micro-batches count different numbers of them."""
+    x, y = batch
+    y = torch.where(y % 3 == 0, -100, y)
+    return model(x, targets=y, reduction="sum"), (y != -100).sum()
+
+
+def test_token_weighted_accumulation_equals_one_batch_of_all_tokens(tmp_path):
+    """A loss_fn returning (sum, count): the step's loss and gradient are the mean over every counted
+    target, so two micro-batches that count 10 and 60 targets train as one batch of both."""
+    torch.manual_seed(3)
+    x = torch.randint(0, VOCAB, (8, CTX))
+    y = torch.randint(1, VOCAB, (8, CTX))
+    y[:4, 3:] = 3 * torch.randint(0, VOCAB // 3, (4, CTX - 3))  # the first half counts 12 targets at most
+    halves = [(x[:4], y[:4]), (x[4:], y[4:])]
+    counts = [int(weighted_loss_fn(tiny_model(), h)[1]) for h in halves]
+    assert counts[0] <= 12 < 4 * counts[0] < counts[1], counts
+
+    def run(get_batch, out, **kw):
+        t = Trainer(tiny_model(), args_for(out, max_steps=1, warmup_steps=0, min_lr=3e-3, **kw),
+                    weighted_loss_fn, get_batch)
+        grads = {}
+        step = t.optimizer.step
+
+        def snapshot_then_step(*a, **k):
+            grads.update({n: p.grad.clone() for n, p in t.raw_model.named_parameters()})
+            return step(*a, **k)
+
+        t.optimizer.step = snapshot_then_step
+        return t.fit(), grads
+
+    it = iter(halves)
+    r1, g1 = run(lambda s, g: next(it), tmp_path / "accum", grad_accum=2, batch_size=4)
+    r2, g2 = run(lambda s, g: (x, y), tmp_path / "full", grad_accum=1, batch_size=8)
+    def grad_norm_of(weigh):  # the gradient's norm at the initial weights, the halves weighed by `weigh`
+        model = tiny_model()
+        sums = [weighted_loss_fn(model, h)[0] for h in halves]
+        loss = weigh(sums)
+        loss.backward()
+        return float(torch.cat([p.grad.flatten() for p in model.parameters()]).norm()), float(loss.detach())
+
+    token_norm, token_mean = grad_norm_of(lambda sums: sum(sums) / sum(counts))
+    mean_of_means_norm, _ = grad_norm_of(lambda sums: (sums[0] / counts[0] + sums[1] / counts[1]) / 2)
+    assert abs(token_norm - mean_of_means_norm) > 0.1 * token_norm  # the two weightings differ here
+    assert r1["loss"] == pytest.approx(token_mean, rel=1e-5) and r2["loss"] == pytest.approx(token_mean, rel=1e-5)
+    gn1, gn2 = rows(tmp_path / "accum")[0]["grad_norm"], rows(tmp_path / "full")[0]["grad_norm"]
+    assert abs(gn1 - gn2) < 1e-5 * gn2 and gn2 == pytest.approx(token_norm, rel=1e-5), (gn1, gn2, token_norm)
+    for n in g2:
+        torch.testing.assert_close(g1[n], g2[n], rtol=1e-5, atol=1e-7, msg=n)
+
+
+def test_a_step_with_no_counted_target_is_named(tmp_path):
+    def nothing_counted(model, batch):
+        x, y = batch
+        return model(x, targets=torch.full_like(y, -100), reduction="sum"), (y < 0).sum()
+
+    t = Trainer(tiny_model(), args_for(tmp_path, max_steps=2), nothing_counted,
+                make_get_batch(synthetic_tokens(), 2))
+    with pytest.raises(UserError, match="no batch of step 1 has a counted target"):
+        t.fit()
+
+
+def test_eval_of_a_weighted_loss_is_its_token_mean():
+    model = tiny_model()
+    get_batch = make_get_batch(synthetic_tokens(), 2)
+    gen = torch.Generator().manual_seed(5)
+    batches = [get_batch("val", gen) for _ in range(3)]
+    with torch.no_grad():
+        parts = [weighted_loss_fn(model, b) for b in batches]
+        got = loss_eval_fn(weighted_loss_fn, get_batch, 3, seed=5)(model)["val_loss"]
+    assert got == pytest.approx(sum(float(s) for s, _ in parts) / sum(int(n) for _, n in parts), rel=1e-6)
+
+
 # -- exact resume ----------------------------------------------------------------------------------------------
 def test_resume_after_crash_is_bitwise_identical(tmp_path):
     tokens = synthetic_tokens()
@@ -432,10 +506,11 @@ def _ddp_worker(rank, out, rec, port, kw):
     """One of two DDP processes, set up the way torchrun would (env vars), then the plain Trainer."""
     _as_torchrun_rank(rank, port)
     seen, threads_in_step = [], []
+    loss = weighted_loss_fn if kw.pop("weighted", False) else loss_fn
 
     def loss_and_threads(model, batch):
         threads_in_step.append(_comm_threads())
-        return loss_fn(model, batch)
+        return loss(model, batch)
 
     t = Trainer(tiny_model(rank), args_for(out, grad_accum=2, **kw),  # rank 0's init is broadcast
                 loss_and_threads, make_get_batch(synthetic_tokens(), 2, record=seen))
@@ -533,6 +608,28 @@ def test_ddp_two_cpu_processes_gloo(tmp_path):
     assert [torch.equal(a[0], b[0]) for a, b in zip(q0["seen"] + q1["seen"], r0["seen"][4:] + r1["seen"][4:])] \
         == [True] * 8
     assert torch.equal(q0["params"], r0["params"]) and torch.equal(q1["params"], r1["params"])
+
+
+def test_ddp_token_weighted_loss_is_the_mean_over_both_ranks_tokens(tmp_path):
+    """(sum, count) losses under DDP: the step is the token mean over all four micro-batches of both
+    ranks, as one process taking the same four micro-batches computes it."""
+    r0, r1 = _run_ddp(tmp_path / "run", tmp_path / "rec", max_steps=1, weighted=True)
+    batches = r0["seen"] + r1["seen"]
+    with torch.no_grad():
+        parts = [weighted_loss_fn(tiny_model(0), b) for b in batches]
+    counts = [int(n) for _, n in parts]
+    assert len(set(counts)) > 1, counts  # the ranks' micro-batches count different numbers of targets
+    row = rows(tmp_path / "run")[0]
+    assert row["loss"] == pytest.approx(sum(float(s) for s, _ in parts) / sum(counts), rel=1e-5)
+    it = iter(batches)
+    one = Trainer(tiny_model(0), args_for(tmp_path / "one", grad_accum=4, max_steps=1), weighted_loss_fn,
+                  lambda s, g: next(it))
+    one.fit()
+    alone = rows(tmp_path / "one")[0]
+    assert alone["loss"] == pytest.approx(row["loss"], rel=1e-5)
+    assert alone["grad_norm"] == pytest.approx(row["grad_norm"], rel=1e-5)
+    assert torch.allclose(r0["params"], torch.cat([p.detach().flatten() for p in one.raw_model.parameters()]),
+                          rtol=1e-4, atol=1e-5)
 
 
 def test_ddp_error_still_tears_the_group_down(tmp_path):

@@ -2,7 +2,8 @@
 
 A trainer supplies the model and three small functions; the Trainer owns everything else:
 
-    loss_fn(model, batch) -> scalar loss   (mean over the micro-batch's counted tokens)
+    loss_fn(model, batch) -> scalar loss   (mean over the micro-batch; every micro-batch weighs the same)
+                          or (loss sum, count)     (token-weighted: see below)
     get_batch(split, generator) -> tuple of tensors (moved to the Trainer's device if needed)
     eval_fn(model) -> dict                 e.g. {"val_loss": 3.2}, every eval_every steps and the last
     sample_fn(model) -> str                printed every sample_every steps
@@ -13,6 +14,8 @@ One optimizer step, as in nanoGPT's train.py:
     for each of grad_accum micro-batches:       (DDP: gradients sync on the last one only)
         loss = loss_fn(model, batch) under autocast      (bf16 on CUDA, fp32 on CPU)
         (loss / grad_accum).backward()          so the sum of micro-gradients is the mean
+      or, when loss_fn returns (loss sum, count):
+        loss_sum.backward(), then every gradient * world_size / (count over micro-batches and ranks)
     stop if the loss is NaN/inf                 before the step, so no bad weights are saved
     clip the gradient norm, AdamW step, zero the gradients
 
@@ -20,6 +23,12 @@ Around it: a tqdm bar, one JSONL row per step (loss, lr, grad_norm, tok_per_s, m
 eval_fn's keys on evaluated steps), a loss plot, checkpoints that resume exactly (weights,
 optimizer, every RNG, the batch generator, the step and the data position), and DDP when
 launched by torchrun.
+
+Why a loss_fn may return (sum, count): SFT's micro-batches count different numbers of response
+tokens, and a mean of micro-batch means weighs a token of a short batch more than one of a long
+batch, so --grad-accum k, k ranks and one k-times larger batch would each train differently. With
+the sum and the count, the step's gradient and logged loss are the mean over every counted token
+of the global batch, whichever way it is split.
 """
 import argparse
 import contextlib
@@ -510,6 +519,8 @@ class Trainer:
         lr = common.lr_at(self.step, a.lr, a.warmup_steps, a.max_steps, a.min_lr)
         common.set_lr(self.optimizer, lr)
         loss_sum = torch.zeros((), device=self.device)
+        count = torch.zeros((), device=self.device)  # counted items, when loss_fn returns (sum, count)
+        weighted = False
         tokens = 0
         for micro in range(a.grad_accum):
             batch = self._to_device(self.get_batch("train", self.generator))
@@ -520,8 +531,15 @@ class Trainer:
                 with (contextlib.nullcontext() if sync else model.no_sync()):
                     with common.autocast(self.device, self.dtype):
                         loss = self.loss_fn(model, batch)
-                    # each micro-batch loss / grad_accum: the summed gradients are the mean's
-                    (loss / a.grad_accum).backward()
+                    if isinstance(loss, tuple):
+                        # a sum: scaled by the step's whole count once every rank has it (below)
+                        loss, n = loss
+                        weighted = True
+                        count += n
+                        loss.backward()
+                    else:
+                        # each micro-batch loss / grad_accum: the summed gradients are the mean's
+                        (loss / a.grad_accum).backward()
             except RuntimeError as e:
                 if not common.is_oom(e):
                     raise
@@ -530,16 +548,30 @@ class Trainer:
                                 f"in {self.device.type} memory at step {self.step + 1}; lower --batch-size "
                                 f"(and raise --grad-accum to keep the same global batch)") from None
             loss_sum += loss.detach().float()
-        loss_t = loss_sum / a.grad_accum
-        if self.ddp:
-            dist.all_reduce(loss_t, op=dist.ReduceOp.SUM)
-            loss_t /= self.world_size
-            tokens *= self.world_size
+        if weighted:
+            totals = torch.stack([loss_sum, count])
+            if self.ddp:
+                dist.all_reduce(totals, op=dist.ReduceOp.SUM)
+            loss_t, count = totals[0] / totals[1], totals[1]
+            # DDP averaged the ranks' summed gradients: times world_size / count is the token mean
+            grads = [p.grad for p in self.params if p.grad is not None]
+            torch._foreach_mul_(grads, self.world_size / count)
+        else:
+            loss_t = loss_sum / a.grad_accum
+            if self.ddp:
+                dist.all_reduce(loss_t, op=dist.ReduceOp.SUM)
+                loss_t /= self.world_size
+        tokens *= self.world_size
         max_norm = a.grad_clip if a.grad_clip > 0 else float("inf")
         norm_t = torch.nn.utils.clip_grad_norm_(self.params, max_norm)
-        # one device-to-host sync for both numbers; nothing has touched the weights yet
-        loss_value, grad_norm = torch.stack([loss_t.float(), norm_t.float().to(loss_t.device)]).tolist()
+        # one device-to-host sync for these numbers; nothing has touched the weights yet
+        loss_value, grad_norm, count_value = torch.stack(
+            [loss_t.float(), norm_t.float().to(loss_t.device), count.float()]).tolist()
         step = self.step + 1  # the step being taken, 1-based as logged
+        if weighted and count_value == 0:
+            self.optimizer.zero_grad(set_to_none=True)
+            raise UserError(f"{self.name}: no batch of step {step} has a counted target (every one is "
+                            f"ignored); stopped without saving (last good checkpoint: {self.last_ckpt or 'none'})")
         if not math.isfinite(loss_value):
             self.optimizer.zero_grad(set_to_none=True)
             raise UserError(f"{self.name}: loss is {loss_value} at step {step}; stopped without "
@@ -598,12 +630,14 @@ def loss_eval_fn(loss_fn, get_batch, batches: int, seed: int = 0, split: str = "
     def eval_fn(model):
         device = next(model.parameters()).device
         gen = torch.Generator().manual_seed(seed)
-        total = 0.0
+        total, count = 0.0, 0.0
         for _ in range(batches):
             batch = get_batch(split, gen)
             batch = tuple(t.to(device) if isinstance(t, torch.Tensor) else t
                           for t in (batch if isinstance(batch, (tuple, list)) else (batch,)))
-            total += float(loss_fn(model, batch))
-        return {key: total / batches}
+            loss = loss_fn(model, batch)
+            loss, n = loss if isinstance(loss, tuple) else (loss, 1)  # (sum, count): token-weighted
+            total, count = total + float(loss), count + float(n)
+        return {key: total / count}
 
     return eval_fn

@@ -300,9 +300,14 @@ class SFTData:
 
 # -- loss and evaluation -----------------------------------------------------------------------------
 def sft_loss(model, batch):
-    """Mean cross-entropy over the batch's counted (response) targets."""
+    """(summed cross-entropy over the batch's counted (response) targets, how many they are).
+
+    A sum and a count, not a mean, so the Trainer weighs every response token of a step alike:
+    batches of short and of long answers count different numbers of them.
+    """
     inputs, targets = batch[0], batch[1]
-    return model(inputs, targets=targets, ignore_index=IGNORE_INDEX)
+    return (model(inputs, targets=targets, ignore_index=IGNORE_INDEX, reduction="sum"),
+            (targets != IGNORE_INDEX).sum())
 
 
 @torch.no_grad()
