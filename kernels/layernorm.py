@@ -13,7 +13,9 @@ tutorial reduces them through lock-protected buffers):
   * Forward: x tile loaded once, math in fp32, y written in x's dtype. The statistics are
     those of x - x[0] (shifted data: exact for constant rows, precise for large means). mean
     and rstd (fp32, 4+4 bytes per row) are saved for backward; x_hat is recomputed.
-  * Backward: recompute x_hat = (x - mean) * rstd, then
+  * Backward: recompute x_hat = (x - mean - mean(x - mean)) * rstd (the second term takes out
+    the saved fp32 mean's rounding, which a large mean next to a small spread would otherwise
+    carry into every x_hat), then
         dx = rstd * (w*dy - (x_hat * mean(x_hat*w*dy) + mean(w*dy)))
     The weight/bias gradients need a sum over all rows. Each program accumulates its own
     rows' dy*x_hat and dy in fp32 registers and writes one partial row to a [n_programs, N]
@@ -101,7 +103,13 @@ def _layer_norm_bwd_kernel(X, DY, W, Mean, Rstd, DX, DW_part, DB_part,
         mean = tl.load(Mean + rows, mask=row_ok, other=0.0)
         rstd = tl.load(Rstd + rows, mask=row_ok, other=0.0)
         # x_hat is recomputed rather than saved: one fp32 load of x is cheaper than a stored copy.
-        xhat = tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0)
+        # The saved mean is rounded to fp32, an ulp of its size: at a mean of 1e4 that is 1e-3,
+        # a tenth of a 1e-2 spread, and x - mean would carry it into every x_hat (dw 2.5e-2
+        # relative). x - mean is exact or nearly so (x and mean are close), so its row mean is
+        # that rounding: take it out, as forward's shifted statistics did.
+        xm = tl.where(mask, x - mean[:, None], 0.0)
+        xc = tl.where(mask, xm - (tl.sum(xm, axis=1) / N)[:, None], 0.0)
+        xhat = xc * rstd[:, None]
         wdy = w[None, :] * dy
         c1 = tl.sum(xhat * wdy, axis=1) / N
         c2 = tl.sum(wdy, axis=1) / N

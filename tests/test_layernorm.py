@@ -201,6 +201,25 @@ def test_large_mean_keeps_forward_precision(device):
     assert_close_rel(layer_norm(x, w, b), ref64(x, w, b), 1e-5, "y, rows of 1000 + 0.1 randn")
 
 
+@pytest.mark.parametrize("offset,spread", [(1000.0, 0.1), (1e4, 1e-2)])
+def test_large_mean_keeps_backward_precision(offset, spread, device):
+    """Backward recomputes x_hat from the saved mean, which is rounded to fp32: an ulp of 1e4 is
+    1e-3, a tenth of a 1e-2 spread, so x - mean carried that error into every x_hat (dw 1.5e-4
+    relative at 1000 + 0.1 randn, 2.5e-2 at 1e4 + 0.01 randn; dx 2e-5 / 3.4e-3) although the
+    forward kept y to 1e-7. Taking out the row mean of x - mean (the saved mean's rounding)
+    gives about 1e-7 for dx, dw and db alike."""
+    gen = torch.Generator().manual_seed(24)
+    x = (offset + spread * torch.randn(16, 96, generator=gen)).to(device).requires_grad_()
+    w = (1.0 + 0.5 * torch.randn(96, generator=gen)).to(device).requires_grad_()
+    b = (0.5 * torch.randn(96, generator=gen)).to(device).requires_grad_()
+    dy = torch.randn(16, 96, generator=gen).to(device)
+    layer_norm(x, w, b).backward(dy)
+    x64, w64, b64 = (t.detach().cpu().double().requires_grad_() for t in (x, w, b))
+    ref64(x64, w64, b64).backward(dy.cpu().double())
+    for name, got, want in (("dx", x.grad, x64.grad), ("dw", w.grad, w64.grad), ("db", b.grad, b64.grad)):
+        assert_close_rel(got, want, 1e-5, f"{name}, rows of {offset:g} + {spread:g} randn")
+
+
 def test_saves_fp32_statistics_for_bf16_input(device):
     """mean and rstd are kept in fp32 whatever x's dtype: bf16 statistics would cost dx precision
     that the bf16 tolerance alone is too loose to notice."""
