@@ -474,9 +474,12 @@ def attention_shape(seq_len, head_dim, tokens=16384, width=2048):
     return max(1, tokens // seq_len), max(1, width // head_dim)
 
 
-def reference_attention_bytes(b, h, t, elem):
-    """Rough memory of the textbook attention's fwd+bwd: a handful of T x T score tensors."""
-    return b * h * t * t * (5 * elem + 1)
+def reference_attention_bytes(b, h, t, dtype):
+    """Rough memory of the textbook attention's fwd+bwd: a handful of T x T score tensors (fp32
+    ones for fp16 inputs: MultiHeadAttention.attend computes fp16 scores in fp32)."""
+    elem = torch.empty((), dtype=dtype).element_size()
+    score = 4 if dtype == torch.float16 else elem
+    return b * h * t * t * (4 * score + elem + 1)
 
 
 def sweep_attention(timer, budget, seqlens, head_dims, dtype, tokens=16384, width=2048,
@@ -492,7 +495,7 @@ def sweep_attention(timer, budget, seqlens, head_dims, dtype, tokens=16384, widt
             skip = {}
             if dev.type == "cuda":
                 free, _ = torch.cuda.mem_get_info()
-                need = reference_attention_bytes(b, h, t, q.element_size())
+                need = reference_attention_bytes(b, h, t, q.dtype)
                 if need > 0.8 * free:
                     why = f"needs ~{need / 2**30:.0f} GiB for T x T scores, {free / 2**30:.0f} GiB free"
                     skip = {"reference": why, "compile": why}

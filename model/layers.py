@@ -9,10 +9,29 @@ a state_dict moves freely between the two paths.
     MultiHeadAttention  <->  kernels/attention.py   (flash_attention: only the attention core is swapped)
     out_head + lm_loss (model/gpt.py) <->  kernels/cross_entropy.py (linear_cross_entropy: never all the logits at once)
 """
+import contextlib
 import math
 
 import torch
 import torch.nn as nn
+
+
+def _fp32_if_fp16(t):
+    """t in fp32 when it is fp16, else unchanged. fp16 tops out at 65504: a variance, a cube or
+    a q.k that passes it becomes inf (then 0 or NaN), where PyTorch's own ops (F.layer_norm,
+    F.gelu, SDPA) compute in fp32 and the Triton kernels do too. bf16 has fp32's range, and
+    fp32/fp64 stay as they are."""
+    return t.float() if t.dtype == torch.float16 else t
+
+
+def _autocast_off_for_fp16(t):
+    """A context with autocast off on t's device when t is fp16 and autocast is on there (it
+    would cast an fp32 matmul back to fp16); else nothing. (No autocast on meta tensors: asking
+    raises there.)"""
+    dev = t.device.type
+    if t.dtype == torch.float16 and dev != "meta" and torch.is_autocast_enabled(dev):
+        return torch.autocast(dev, enabled=False)
+    return contextlib.nullcontext()
 
 
 class LayerNorm(nn.Module):
@@ -33,9 +52,10 @@ class LayerNorm(nn.Module):
             from tritongpt.kernels.layernorm import layer_norm
 
             return layer_norm(x, self.weight, self.bias, self.eps)
-        mean = x.mean(dim=-1, keepdim=True)
-        var = x.var(dim=-1, keepdim=True, unbiased=False)
-        x_hat = (x - mean) / torch.sqrt(var + self.eps)
+        xf = _fp32_if_fp16(x)  # an fp16 variance overflows at a spread of 256
+        mean = xf.mean(dim=-1, keepdim=True)
+        var = xf.var(dim=-1, keepdim=True, unbiased=False)
+        x_hat = ((xf - mean) / torch.sqrt(var + self.eps)).to(x.dtype)
         return x_hat * self.weight + self.bias
 
 
@@ -43,7 +63,8 @@ class GELU(nn.Module):
     """GELU with GPT-2's tanh approximation: 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))."""
 
     def forward(self, x):
-        return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x.pow(3))))
+        xf = _fp32_if_fp16(x)  # in fp16, x^3 overflows past |x| = 40 and its gradient 3x^2 past 256
+        return (0.5 * xf * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (xf + 0.044715 * xf.pow(3))))).to(x.dtype)
 
 
 class FeedForward(nn.Module):
@@ -113,11 +134,14 @@ class MultiHeadAttention(nn.Module):
     def attend(self, q, k, v):
         """Textbook attention core: dropout(softmax(q k^T / sqrt(d) + causal mask)) v."""
         Tq, Tk = q.size(-2), k.size(-2)
-        scores = q @ k.transpose(-2, -1) / math.sqrt(self.head_dim)
+        # fp16 scores in fp32 (q.k past 65504 was inf, its softmax row NaN), also under autocast,
+        # which would cast the matmul back to fp16
+        with _autocast_off_for_fp16(q):
+            scores = _fp32_if_fp16(q) @ _fp32_if_fp16(k).transpose(-2, -1) / math.sqrt(self.head_dim)
         scores = scores.masked_fill(self.mask[Tk - Tq:Tk, :Tk], float("-inf"))
         weights = torch.softmax(scores, dim=-1)
         weights = self.attn_drop(weights)
-        return weights @ v
+        return weights.to(v.dtype) @ v
 
     def forward(self, x, cache=None):
         B, T, C = x.shape

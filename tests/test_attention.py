@@ -181,6 +181,35 @@ def test_fp16_fwd_bwd(device):
         assert_close_rel(g, r, 3e-3, f"fp16 {name}")
 
 
+# the interpreter's numpy warns of exp2 overflowing on future keys, which the causal mask then drops
+@pytest.mark.filterwarnings("ignore:overflow encountered in exp2:RuntimeWarning")
+def test_fp16_scores_past_fp16_max_both_paths(device):
+    """fp16 q and k of ~250: q.k reaches 1e6, past fp16's 65504. The reference module's attend
+    computed the scores in fp16: inf, and every output and gradient NaN, where SDPA and the kernel
+    (scores in fp32) are right (the softmax is one-hot there: dq = dk = 0, up to rounding). It now
+    computes fp16 scores in fp32, also under autocast (which would cast the matmul back)."""
+    from tritongpt.model.layers import MultiHeadAttention
+
+    q, k, v = make_qkv(1, 2, 20, 20, 16, torch.float32, "cpu", seed=9)
+    q, k, v = (q * 250).half(), (k * 250).half(), v.half()
+    do = torch.randn(1, 2, 20, 16, generator=torch.Generator().manual_seed(3)).half()
+    ref64 = reference_grads(q, k, v, do)
+    mha = MultiHeadAttention(n_embd=32, n_head=2, context_length=32).half()
+    module = run_grads(mha.attend, q, k, v, do)
+    sdpa = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    assert torch.isfinite(sdpa).all()
+    with torch.autocast("cpu", dtype=torch.float16):
+        under_autocast = mha.attend(q, k, v)
+    got = run_grads(flash_attention, q.to(device), k.to(device), v.to(device), do.to(device))
+    for name, m, g, r in zip(NAMES, module, got, ref64):
+        for who, t in (("reference module", m), ("kernel", g)):
+            if name in ("dq", "dk"):  # ~0 exactly: finite and small next to dv
+                assert torch.isfinite(t).all() and t.abs().max() < 1e-2, f"{who} {name}"
+            else:
+                assert_close_rel(t, r, 3e-3, f"{who} fp16 {name}")
+    assert_close_rel(under_autocast, ref64[0], 3e-3, "reference module fp16 out under autocast")
+
+
 # ----------------------------------------------------------------------------- dropout
 def test_dropout_matches_reference_with_rebuilt_mask(device):
     B, H, Tq, Tk, D, p, seed = 1, 2, 24, 40, 32, 0.3, 1234

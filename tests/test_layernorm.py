@@ -220,6 +220,35 @@ def test_large_mean_keeps_backward_precision(offset, spread, device):
         assert_close_rel(got, want, 1e-5, f"{name}, rows of {offset:g} + {spread:g} randn")
 
 
+def test_reference_module_fp16_statistics_do_not_overflow(device):
+    """fp16 rows with a spread of ~1000: the variance (1e6) passes fp16's 65504. The reference
+    module computed it in fp16, got inf, and returned y = bias (0.96 relative) with NaN in dx;
+    F.layer_norm and the kernel compute in fp32 (2e-4). It now takes fp16 statistics in fp32."""
+    gen = torch.Generator().manual_seed(31)
+    x = (1000.0 * torch.randn(8, 64, generator=gen)).half()
+    w = (1.0 + 0.3 * torch.randn(64, generator=gen)).half()
+    b = (0.3 * torch.randn(64, generator=gen)).half()
+    dy = torch.randn(8, 64, generator=gen).half()
+    m = LayerNorm(64).half()
+    with torch.no_grad():
+        m.weight.copy_(w)
+        m.bias.copy_(b)
+    xr = x.clone().requires_grad_()
+    y = m(xr)
+    y.backward(dy)
+    x64, w64, b64 = (t.double().requires_grad_() for t in (x, w, b))
+    y64 = ref64(x64, w64, b64)
+    y64.backward(dy.double())
+    assert_close_rel(y, y64, 1e-2, "reference module fp16 y")
+    assert_close_rel(xr.grad, x64.grad, 1e-2, "reference module fp16 dx")
+    assert_close_rel(m.weight.grad, w64.grad, 1e-2, "reference module fp16 dw")
+    xt = x.to(device).requires_grad_()
+    yt = layer_norm(xt, w.to(device), b.to(device))
+    yt.backward(dy.to(device))
+    assert_close_rel(yt, y64, 1e-2, "kernel fp16 y")
+    assert_close_rel(xt.grad, x64.grad, 1e-2, "kernel fp16 dx")
+
+
 def test_saves_fp32_statistics_for_bf16_input(device):
     """mean and rstd are kept in fp32 whatever x's dtype: bf16 statistics would cost dx precision
     that the bf16 tolerance alone is too loose to notice."""
