@@ -55,6 +55,7 @@ from tritongpt.kernels._common import (autocast_dtype, autotuned, cast, check_ru
 MAX_GRID_YZ = 65535  # CUDA's limit on a grid's y and z sizes, where the heads and sequences go
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 80, 96, 128)  # 16: tiny models; tl.dot needs K >= 16
 LOG2E = 1.4426950408889634  # kernels work in base 2: exp(x) = exp2(x * log2(e)), exp2 is one MUFU op
+FP32_MAX = 3.4028234663852886e38  # the scale reaches the kernels as an fp32 argument
 
 INTERPRET = triton_interpreting()
 # The interpreter costs ~5 ms per program instance and would time every autotune config, so
@@ -610,6 +611,10 @@ def _checked_scale(softmax_scale) -> float:
         raise TypeError(f"softmax_scale must be a float, got {type(softmax_scale).__name__} {softmax_scale!r}")
     if not math.isfinite(softmax_scale):
         raise ValueError(f"softmax_scale must be finite, got {softmax_scale}")
+    if abs(float(softmax_scale)) * LOG2E >= FP32_MAX:
+        # the kernels take scale * log2(e) as an fp32 argument: inf there made every output NaN
+        raise ValueError(f"softmax_scale {softmax_scale} is too large: the kernels take softmax_scale * log2(e) "
+                         f"in fp32, whose largest value is {FP32_MAX:.4g}")
     return float(softmax_scale)
 
 

@@ -316,7 +316,8 @@ def test_custom_op_called_directly_checks_shapes(device):
 # ----------------------------------------------------------------------------- bad input
 def test_softmax_scale_must_be_a_finite_float(device):
     """A tensor scale (a learnable temperature) was read by float(): no gradient reached it, and
-    torch.compile failed inside the op on a SymFloat; "0.3", True, nan and inf were taken too."""
+    torch.compile failed inside the op on a SymFloat; "0.3", True, nan and inf were taken too, and
+    a scale whose fp32 scale * log2(e) is inf (1e39) gave NaN everywhere."""
     q, k, v = make_qkv(1, 1, 8, 8, 16, torch.float32, device)
     temperature = torch.nn.Parameter(torch.tensor(0.25))
     with pytest.raises(TypeError, match="softmax_scale must be a Python float, got a tensor"):
@@ -327,6 +328,13 @@ def test_softmax_scale_must_be_a_finite_float(device):
     for bad in (float("nan"), float("inf")):
         with pytest.raises(ValueError, match="softmax_scale must be finite"):
             flash_attention(q, k, v, softmax_scale=bad)
+    # finite as a Python float, but times log2(e) past fp32's 3.4e38, as the kernels take it:
+    # every output was NaN (SDPA's fp32 scores are inf/NaN there too)
+    for bad in (1e39, -2.4e38):
+        with pytest.raises(ValueError, match="softmax_scale .* is too large"):
+            flash_attention(q, k, v, softmax_scale=bad)
+    want = reference_attention(q.double(), k.double(), v.double(), softmax_scale=1e30)  # one-hot rows
+    assert_close_rel(flash_attention(q, k, v, softmax_scale=1e30), want, 1e-5, "scale 1e30")
     import numpy as np  # numbers of any kind are fine, 0 and negative scales too
 
     for scale in (np.float32(0.25), 0, -0.5):
