@@ -11,7 +11,8 @@ tutorial reduces them through lock-protected buffers):
     BLOCK_M rows at a time. A whole row fits in one tile (BLOCK_N = next_pow2(N) <= 8192), so
     mean and variance are a single in-SRAM reduction, with no second pass over memory.
   * Forward: x tile loaded once, math in fp32, y written in x's dtype. The statistics are
-    those of x - x[0] (shifted data: exact for constant rows, precise for large means). mean
+    those of x - x[0] (shifted data: exact for constant rows, precise for large means); a row
+    whose variance overflows fp32 (spread past ~1.8e19) gives NaN, not the bias. mean
     and rstd (fp32, 4+4 bytes per row) are saved for backward; x_hat is recomputed.
   * Backward: recompute x_hat = (x - mean - mean(x - mean)) * rstd (the second term takes out
     the saved fp32 mean's rounding, which a large mean next to a small spread would otherwise
@@ -71,7 +72,10 @@ def _layer_norm_fwd_kernel(X, Y, W, B, Mean, Rstd, stride_x, stride_y, M, N, row
         xc = tl.where(mask, xs - mean_s[:, None], 0.0)
         mean = x0 + mean_s
         var = tl.sum(xc * xc, axis=1) / N  # biased variance, as in GPT-2
-        rstd = 1.0 / tl.sqrt(var + eps)
+        # A spread past ~1.8e19 squares to inf in fp32: rstd would be 0 and y the bias, a finite
+        # wrong answer. NaN says so instead, as PyTorch's LayerNorm does (no second pass for a
+        # row that large: it means the model has diverged).
+        rstd = tl.where(var == float("inf"), float("nan"), 1.0 / tl.sqrt(var + eps))
         y = xc * rstd[:, None] * w[None, :]
         if HAS_BIAS:
             y = y + b[None, :]

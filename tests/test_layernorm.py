@@ -249,6 +249,40 @@ def test_reference_module_fp16_statistics_do_not_overflow(device):
     assert_close_rel(xt.grad, x64.grad, 1e-2, "kernel fp16 dx")
 
 
+# the interpreter's numpy warns of the squares that overflow
+@pytest.mark.filterwarnings("ignore:overflow encountered in multiply:RuntimeWarning")
+@pytest.mark.filterwarnings("ignore:overflow encountered in reduce:RuntimeWarning")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_variance_past_fp32_max_is_nan_not_the_bias(dtype, device):
+    """Rows of 1e20 randn (and 1e21 + 1e20 randn): the sum of squares passes fp32's 3.4e38, so
+    rstd = 1 / sqrt(inf) = 0 made y the bias and dx, dw 0: finite and wrong (0.88 / 1.0 relative).
+    Those rows are now NaN, as PyTorch's LayerNorm gives; the ordinary rows beside them are not
+    touched."""
+    gen = torch.Generator().manual_seed(5)
+    for offset in (0.0, 1e21):
+        x = torch.randn(8, 64, generator=gen, dtype=torch.float64)
+        huge = torch.tensor([1, 4, 5])
+        x[huge] = offset + 1e20 * x[huge]
+        x = x.to(device, dtype).requires_grad_()
+        w = (1.0 + 0.5 * torch.randn(64, generator=gen)).to(device, dtype).requires_grad_()
+        b = (0.5 * torch.randn(64, generator=gen)).to(device, dtype).requires_grad_()
+        dy = torch.randn(8, 64, generator=gen).to(device, dtype)
+        y = layer_norm(x, w, b)
+        y.backward(dy)
+        ok = torch.ones(8, dtype=torch.bool)
+        ok[huge] = False
+        assert torch.isnan(y[huge]).all() and torch.isnan(x.grad[huge]).all(), f"offset {offset:g}"
+        assert torch.isnan(w.grad).all()  # every row's dy * x_hat sums into it
+        x64, w64, b64 = (t.detach().cpu().double()[ok] if t is x else t.detach().cpu().double()
+                         for t in (x, w, b))
+        x64.requires_grad_()
+        y64 = ref64(x64, w64, b64)
+        y64.backward(dy.cpu().double()[ok])
+        tol = 1e-5 if dtype == torch.float32 else 1e-2
+        assert_close_rel(y[ok], y64, tol, "y of the ordinary rows")
+        assert_close_rel(x.grad[ok], x64.grad, tol, "dx of the ordinary rows")
+
+
 def test_saves_fp32_statistics_for_bf16_input(device):
     """mean and rstd are kept in fp32 whatever x's dtype: bf16 statistics would cost dx precision
     that the bf16 tolerance alone is too loose to notice."""
