@@ -283,6 +283,43 @@ def test_variance_past_fp32_max_is_nan_not_the_bias(dtype, device):
         assert_close_rel(x.grad[ok], x64.grad, tol, "dx of the ordinary rows")
 
 
+def test_programs_that_walk_several_row_blocks(device):
+    """Each program normalizes its group of rows BLOCK_M at a time. The other CPU shapes give every
+    program one step (under the interpreter at most 16 programs run, each up to 64 rows), so a
+    loop that restarted at the group's first row, or a dweight/dbias partial sum overwritten
+    instead of accumulated per step, passed them all. 70 rows of width 2100 (BLOCK_M 4, 8 rows per
+    program): two steps per program and a ragged last one."""
+    from tritongpt.kernels.layernorm import _launch_shape
+
+    M, N = 70, 2100
+    if device.type == "cpu":
+        for backward in (False, True):
+            _, rows_per_prog, block_m, _, _ = _launch_shape(M, N, backward, device)
+            assert rows_per_prog >= 2 * block_m and M % rows_per_prog % block_m, (rows_per_prog, block_m)
+    check_parity((M, N), torch.float32, device, seed=25)
+
+
+def test_rows_of_a_wider_buffer_are_read_in_place(device):
+    """x a column slice of a wider buffer (unit stride on the last dim, row stride 160) is read in
+    place, while y and dx are new [11, 96] tensors of row stride 96, and dy comes in as a slice of
+    its own buffer (row stride 128): every tensor needs its own row stride. (Only dy's was tested:
+    y or dx stored at x's row stride passed.)"""
+    gen = torch.Generator().manual_seed(27)
+    x = (torch.randn(11, 160, generator=gen) * 2 + 0.5)[:, 40:136].to(device).detach().requires_grad_()
+    w = (1 + 0.3 * torch.randn(96, generator=gen)).to(device).requires_grad_()
+    b = (0.3 * torch.randn(96, generator=gen)).to(device).requires_grad_()
+    dy = torch.randn(11, 128, generator=gen).to(device)[:, 5:101]
+    assert x.stride() == (160, 1) and dy.stride() == (128, 1)
+    y = layer_norm(x, w, b)
+    y.backward(dy)
+    leaves = [t.detach().double().requires_grad_() for t in (x, w, b)]
+    y64 = ref64(*leaves)
+    y64.backward(dy.double())
+    assert_close_rel(y, y64, 1e-4, "y, x of row stride 160")
+    for name, t, t64 in zip(("dx", "dweight", "dbias"), (x, w, b), leaves):
+        assert_close_rel(t.grad, t64.grad, 1e-4, f"{name}, x of row stride 160")
+
+
 def test_saves_fp32_statistics_for_bf16_input(device):
     """mean and rstd are kept in fp32 whatever x's dtype: bf16 statistics would cost dx precision
     that the bf16 tolerance alone is too loose to notice."""
@@ -349,6 +386,15 @@ def test_custom_ops_called_directly_refuse_a_strided_last_dim(device):
     assert_close_rel(y, torch.nn.functional.layer_norm(x.double(), (16,), w.double(), b.double()), 1e-5, "y")
     with pytest.raises(ValueError, match="unit stride"):
         torch.ops.tritongpt.layer_norm_bwd(torch.ones_like(y), x, w, mean, rstd)
+
+
+def test_rejects_a_negative_or_nan_eps():
+    """var + eps under the square root: a negative eps gives nan rows (a constant row has var 0),
+    and nan gives nan everywhere; both are refused before launch, as a string is."""
+    x, w, b = torch.randn(2, 8), torch.ones(8), torch.zeros(8)
+    for bad in (-1e-5, float("nan"), "1e-5"):
+        with pytest.raises(ValueError, match="eps must be a non-negative float"):
+            layer_norm(x, w, b, bad)
 
 
 def test_rejects_shape_mismatch():
