@@ -211,8 +211,12 @@ def test_fp16_scores_past_fp16_max_both_paths(device):
 
 
 # ----------------------------------------------------------------------------- dropout
-def test_dropout_matches_reference_with_rebuilt_mask(device):
-    B, H, Tq, Tk, D, p, seed = 1, 2, 24, 40, 32, 0.3, 1234
+@pytest.mark.parametrize("B,H,Tq,Tk", [(1, 2, 24, 40), (2, 3, 20, 37)])
+def test_dropout_matches_reference_with_rebuilt_mask(B, H, Tq, Tk, device):
+    """(2, 3): several sequences and several heads, so the (sequence, head) slot each kernel
+    numbers its RNG counters, logsumexp and Delta by must be b * H + h in all of them (with one
+    sequence or one head any order gives the same slot)."""
+    D, p, seed = 32, 0.3, 1234
     q, k, v = make_qkv(B, H, Tq, Tk, D, torch.float32, device, seed=5)
     do = torch.randn(B, H, Tq, D, generator=torch.Generator().manual_seed(6)).to(device)
     got = run_grads(lambda a, b, c: flash_attention(a, b, c, dropout_p=p, seed=seed), q, k, v, do)
@@ -240,13 +244,15 @@ def test_dropout_mask_statistics(device):
     assert not torch.equal(keep[0, 0, 0], keep[0, 0, 1])
 
 
-def test_dropout_counters_never_overlap(device):
+@pytest.mark.parametrize("Tq,Tk", [(32, 32), (16, 64)])
+def test_dropout_counters_never_overlap(Tq, Tk, device):
     """Each (sequence, head, row, col) entry has its own RNG counter: no plane is another's (or
     its own) copy at any shift. Read as +-1 sequences of Tq*Tk counters, two independent planes
     agree at a shift s on about half of their overlap (|correlation| ~ 1/sqrt(overlap) < 0.05);
-    planes sharing counters shifted by s would correlate fully there."""
-    B, H, T, p = 2, 3, 32, 0.3
-    keep = dropout_mask(11, B, H, T, T, p, device).cpu().reshape(B * H, -1)
+    planes sharing counters shifted by s would correlate fully there. Tq < Tk too: with square
+    planes a row stride of Tq instead of Tk numbers the counters the same way."""
+    B, H, p = 2, 3, 0.3
+    keep = dropout_mask(11, B, H, Tq, Tk, p, device).cpu().reshape(B * H, -1)
     x = keep.double() * 2 - 1
     x = x - x.mean(1, keepdim=True)   # P(keep) = 0.7 makes the raw +-1 product biased
     N = x.shape[1]
@@ -368,6 +374,9 @@ def test_bad_inputs(device, monkeypatch):
         flash_attention(q, k, v, dropout_p="0.1")
     with pytest.raises(TypeError, match="seed"):
         flash_attention(q, k, v, dropout_p=0.1, seed=1.5)
+    for seed in (torch.tensor(1.5), torch.tensor([1, 2]), torch.tensor(True)):  # int(1.5) would be seed 1's mask
+        with pytest.raises(TypeError, match="seed tensor must hold one integer"):
+            flash_attention(q, k, v, dropout_p=0.1, seed=seed)
     for seed in (-1, 2 ** 31):  # the kernels take 31 bits: 2^31 would be seed 0's mask
         with pytest.raises(ValueError, match=r"seed must be in \[0, 2\^31\)"):
             flash_attention(q, k, v, dropout_p=0.1, seed=seed)
