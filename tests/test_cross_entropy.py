@@ -133,6 +133,22 @@ def test_any_ignore_index_and_logits_row_stride(device):
     assert_close_rel(w.grad, w64.grad, 1e-4, "dweight, ignore_index 7")
 
 
+def test_logits_transposed_in_memory(device):
+    """logits [N, V] stored column-major (the transpose of a [V, N] buffer, as a head computed as
+    W @ H^T gives): cross_entropy copies them to rows first. The ops themselves refuse a
+    non-unit last stride; without the copy a valid input was refused."""
+    gen = torch.Generator().manual_seed(19)
+    x = (torch.randn(70, 9, generator=gen) * 3).to(device).t().detach().requires_grad_()
+    assert x.stride() == (1, 9)
+    t = torch.randint(0, 70, (9,), generator=gen).to(device)
+    x64 = x.detach().double().requires_grad_()
+    got, want = cross_entropy(x, t), F.cross_entropy(x64, t)
+    got.backward()
+    want.backward()
+    assert_close_rel(got, want, 1e-5, "loss, column-major logits")
+    assert_close_rel(x.grad, x64.grad, 1e-5, "dlogits, column-major logits")
+
+
 def test_ignored_and_infinite_entries_behave_like_pytorch(device):
     x = torch.randn(4, 70, device=device)
     x[0] = float("-inf")
@@ -165,6 +181,23 @@ def test_gradient_keeps_fp32_precision_at_large_logits(device):
         want.backward()
         assert_close_rel(loss, want, 1e-4, f"loss, logits near {shift}")
         assert_close_rel(x.grad, x64.grad, 1e-4, f"dlogits, logits near {shift}")
+
+
+def test_confident_right_answers_keep_their_small_loss_at_large_logits(device):
+    """A target whose logit leads the row by 8 has a loss of 1e-3 to 1e-2. The kernel forms it as
+    (m - x_t) + log S, which keeps it to fp32 precision wherever the logits sit; (m + log S) - x_t
+    rounds it to the size of m (an ulp is 2e-3 near 20000: tens of percent of the loss), and the
+    other tests' losses are all of order 1, where that rounding is below 1e-4."""
+    gen = torch.Generator().manual_seed(23)
+    base = torch.randn(16, 200, generator=gen)
+    t = torch.randint(0, 200, (16,), generator=gen)
+    base[torch.arange(16), t] = base.max(1).values + 8.0
+    for shift in (0.0, 1000.0, 20000.0):
+        x = (base + shift).to(device)
+        got = cross_entropy(x, t.to(device), reduction="none")
+        want = F.cross_entropy(x.cpu().double(), t, reduction="none")
+        assert want.max() < 0.05
+        assert_close_rel(got.cpu(), want, 1e-4, f"losses of confident rows, logits near {shift}")
 
 
 # the interpreter's numpy warns of the -inf - -inf that the kernel's where then discards
@@ -345,6 +378,44 @@ def test_linear_padded_vocabulary(V, pad, dtype, device):
     # GPTConfig.vocab_multiple: the weight has V + pad rows, the classes are the first V. 277 + 35:
     # V and the row end fall in the same last tile; 100 + 200: whole tiles of padding after V
     check_linear_parity((37,), 24, V, dtype, device, seed=9, pad=pad)
+
+
+@pytest.mark.parametrize("trainable", ["hidden", "weight"])
+def test_linear_gradient_of_hidden_or_weight_alone(trainable, device):
+    """A frozen LM head (fine-tuning the body, or a head tied to a frozen embedding) or frozen
+    hidden states (training a head on cached features): the one gradient asked for is made and
+    matches float64. Every other test trained both, where swapping which flag asks for dhidden
+    and which for dweight changes nothing; frozen, the hidden states got no gradient at all."""
+    gen = torch.Generator().manual_seed(17)
+    h = torch.randn(23, 16, generator=gen).to(device).requires_grad_(trainable == "hidden")
+    w = (torch.randn(90, 16, generator=gen) * 0.5).to(device).requires_grad_(trainable == "weight")
+    t = torch.randint(0, 90, (23,), generator=gen).to(device)
+    linear_cross_entropy(h, w, t, chunk_rows=7).backward()
+    h64, w64 = (a.detach().double().requires_grad_(a.requires_grad) for a in (h, w))
+    F.cross_entropy(h64 @ w64.t(), t).backward()
+    got, want = (h.grad, h64.grad) if trainable == "hidden" else (w.grad, w64.grad)
+    assert got is not None, f"no gradient for the trainable {trainable}"
+    assert_close_rel(got, want, 1e-4, f"d{trainable} alone")
+
+
+def test_linear_weight_gradient_of_many_chunks_keeps_bf16_precision(device):
+    """dweight is a sum over chunks of bf16 products; summed in fp32 (as the forward does) the
+    chunks' rounding averages out, summed in bf16 the running total is rounded once per chunk.
+    96 chunks of one row: 8.6e-3 relative in bf16 (under the flat 1e-2 bound), 2.8e-3 in fp32,
+    2.3e-3 for one chunk. Many chunks may cost at most 2x the error of one."""
+    gen = torch.Generator().manual_seed(18)
+    N, C, V = 96, 16, 70
+    h = torch.randn(N, C, generator=gen).to(device, torch.bfloat16)
+    w = (torch.randn(V, C, generator=gen) * 0.5).to(device, torch.bfloat16)
+    t = torch.randint(0, V, (N,), generator=gen).to(device)
+    w64 = w.double().requires_grad_()
+    F.cross_entropy(h.double() @ w64.t(), t, reduction="sum").backward()
+    rel = {}
+    for chunk in (N, 1):
+        wc = w.clone().requires_grad_()
+        linear_cross_entropy(h, wc, t, reduction="sum", chunk_rows=chunk).backward()
+        _, rel[chunk] = assert_close_rel(wc.grad, w64.grad, 1e-2, f"dweight, chunks of {chunk} rows")
+    assert rel[1] <= 2 * rel[N], f"{N} chunks: {rel[1]:.2e} > 2 x one chunk's {rel[N]:.2e}"
 
 
 def test_linear_never_makes_all_the_logits(device):
