@@ -57,6 +57,17 @@ def test_rows_that_finished_are_padded_with_eos():
         [[4, 5, 6, 7]]  # every row done: stop early
 
 
+def test_vocab_limit_never_draws_ids_past_it():
+    """A tokenizer smaller than the model's vocabulary: ids >= vocab_limit are never drawn, greedy
+    or sampled, even where the model's favourite is one of them (it was tested only for refusing
+    a bad value: generating over the whole vocabulary passed)."""
+    model = CountingModel(vocab=10)  # the favourite after 7 is 8, past the limit of 8
+    assert generate(model, torch.tensor([[6]]), 4, use_cache=False, vocab_limit=8).tolist() == [[6, 7, 0, 1, 2]]
+    g = torch.Generator().manual_seed(0)
+    out = generate(model, torch.full((50, 1), 7), 3, temperature=1.0, use_cache=False, generator=g, vocab_limit=8)
+    assert (out[:, 1:] < 8).all()
+
+
 @pytest.mark.parametrize("temperature", [0.25, 4.0])
 def test_temperature_divides_the_logits(temperature):
     """Sampled frequencies follow softmax(logits / T), within 5 standard errors."""
