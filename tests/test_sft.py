@@ -263,7 +263,8 @@ def test_sft_data_ranks_share_each_epoch_between_them():
     """Under torchrun each rank takes its own batches of one common epoch order: no example is
     seen twice in an epoch, and every rank takes the same number of steps per epoch."""
     rng = random.Random(2)
-    examples = [Example(list(range(rng.randint(3, 30))), 2) for _ in range(70)]  # 9 batches of 8
+    # 10 batches of 8 (the last of 6): one more than 3 ranks share evenly, left over that epoch
+    examples = [Example(list(range(rng.randint(3, 30))), 2) for _ in range(78)]
     ranks = [sft.SFTData(examples, [], pad_id=-1, batch_size=8, seed=5, rank=r, world_size=3) for r in range(3)]
 
     def epoch_rows(data):
@@ -275,12 +276,12 @@ def test_sft_data_ranks_share_each_epoch_between_them():
         seen = [epoch_rows(d) for d in ranks]
         assert len({len(d._order) for d in ranks}) == 1  # lockstep: the same steps per epoch
         flat = [i for rows in seen for i in rows]
-        assert len(flat) == len(set(flat)) >= 70 - 2 * 8  # disjoint; at most W-1 batches skipped
+        assert len(flat) == len(set(flat)) >= 78 - 2 * 8  # disjoint; at most W-1 batches skipped
         for d in ranks:
             d.pos = len(d._order)  # finish the epoch
     single = sft.SFTData(examples, [], pad_id=-1, batch_size=8, seed=5, rank=0, world_size=1)
     single.get_batch("train")
-    assert sorted(i for b in single._order for i in b) == list(range(70))
+    assert len(single._order) == 10 and sorted(i for b in single._order for i in b) == list(range(78))
 
 
 def test_sft_data_resumed_on_another_number_of_ranks_goes_on_where_they_stopped():
@@ -539,6 +540,27 @@ def test_heldout_loss_is_token_weighted():
                        pad_id=0, batch_size=1)
     hit, miss = math.log1p(7 * math.exp(-3)), math.log(math.exp(3) + 7)
     assert sft.heldout_loss(Stub(), data) == pytest.approx((6 * miss + hit) / 7)  # 2.6226...
+
+
+def test_sft_loss_is_the_sum_and_count_of_the_response_targets_only():
+    """sft_loss: (summed cross-entropy of the counted targets, how many they are) of a collated
+    batch, against a per-token sum by hand over the response tokens and the first eot; the prompt
+    and the padding after the eot count for nothing."""
+    torch.manual_seed(0)
+    model = GPTModel(GPTConfig(vocab_size=129, context_length=16, n_embd=32, n_layer=1, n_head=2))
+    examples = [Example([5, 6, 7, 8, 9, 128], 3), Example([1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 128], 4),
+                Example([11, 12, 128], 2)]
+    x, y = collate(examples, pad_id=128)
+    total, count = sft.sft_loss(model, (x, y))
+    with torch.no_grad():
+        logp = torch.log_softmax(model(x).float(), -1)
+    want, n = 0.0, 0
+    for i, e in enumerate(examples):
+        for t in range(e.prompt_len - 1, len(e.ids) - 1):  # target t is token t + 1: response and eot
+            want -= logp[i, t, e.ids[t + 1]].item()
+            n += 1
+    assert int(count) == n == 3 + 7 + 1
+    assert float(total.detach()) == pytest.approx(want, rel=1e-5)
 
 
 def test_greedy_responses_stop_flag_and_budget(monkeypatch):
