@@ -410,6 +410,97 @@ def test_clipped_surrogate_and_grpo_loss_against_hand_formulas():
         "a ratio clipped at 1 - eps must not pass a policy gradient"
 
 
+def test_ppo_value_loss_is_clipped_around_the_old_values_and_weighted():
+    """value_loss = 0.5 * mean over response tokens of max((V - R)^2, (clip(V, V_old +- c) - R)^2),
+    the loss = policy_loss + vf_coef * value_loss - ent_coef * entropy, and a token whose clipped
+    error is the larger passes no gradient to the value head. Per token: V moved past +c with R
+    beyond it (clipped error larger), V moved past -c with R between (unclipped larger), V inside."""
+    torch.manual_seed(15)
+    model = PolicyWithValue(GPTModel(GPTConfig(vocab_size=23, context_length=16, n_embd=32, n_layer=1,
+                                               n_head=2)), value_head=True).eval()
+    with torch.no_grad():
+        model.value_head.weight.normal_()
+    idx = torch.randint(0, 23, (2, 6))
+    mask = torch.zeros(2, 5, dtype=torch.bool)
+    mask[0, 2:5] = True
+    mask[1, 1:4] = True
+    with torch.no_grad():
+        logp = logprobs_and_entropy(model(idx)[0], idx, entropy_grad=False)[0]
+        v = model(idx)[1].double()
+    c = 0.2
+    # old value and return per response token, relative to the value the head gives now
+    moves = {(0, 2): (0.5, 0.9), (0, 3): (-0.5, -0.1), (0, 4): (0.1, -0.4),
+             (1, 1): (-0.3, 1.0), (1, 2): (0.35, 0.2), (1, 3): (0.0, 0.7)}
+    old_v, ret = torch.zeros(2, 5, dtype=torch.float64), torch.zeros(2, 5, dtype=torch.float64)
+    for (i, t), (move, r) in moves.items():
+        old_v[i, t], ret[i, t] = v[i, t] - move, v[i, t] + r
+    want, clipped_binds = 0.0, []
+    for (i, t) in moves:
+        vt, ov, rt = v[i, t].item(), old_v[i, t].item(), ret[i, t].item()
+        vc = ov + min(max(vt - ov, -c), c)
+        want += max((vt - rt) ** 2, (vc - rt) ** 2)
+        clipped_binds.append((vc - rt) ** 2 > (vt - rt) ** 2)
+    want = 0.5 * want / len(moves)
+    assert 0 < sum(clipped_binds) < len(moves)  # both branches of the max are taken
+    ro = Rollout(idx, torch.tensor([3, 2]), torch.tensor([6, 5]), mask, torch.tensor([0, 1]), logp=logp,
+                 ref_logp=logp, values=old_v.float(), returns=ret.float(),
+                 advantages=torch.randn(2, 5) * mask)
+    for vf_coef, ent_coef in ((0.5, 0.0), (2.0, 0.3)):
+        args = RLArgs(algo="ppo", value_clip=c, vf_coef=vf_coef, ent_coef=ent_coef)
+        loss, stats = minibatch_loss(model, ro, torch.arange(2), args)
+        assert stats["value_loss"] == pytest.approx(want, rel=1e-5), "value loss is not the clipped max"
+        assert stats["loss"] == pytest.approx(stats["policy_loss"] + vf_coef * want - ent_coef * stats["entropy"],
+                                              rel=1e-5)
+    # the value head's gradient comes from the tokens whose unclipped error is the larger only
+    model.zero_grad()
+    loss, _ = minibatch_loss(model, ro, torch.arange(2), RLArgs(algo="ppo", value_clip=c, vf_coef=1.0))
+    loss.backward()
+    h = model.policy.hidden(idx)[:, :-1].detach().double()
+    g = torch.zeros(33, dtype=torch.float64)
+    for ((i, t), binds) in zip(moves, clipped_binds):
+        if not binds:
+            g[:32] += (v[i, t] - ret[i, t]) * h[i, t] / len(moves)
+            g[32] += (v[i, t] - ret[i, t]) / len(moves)
+    got = torch.cat([model.value_head.weight.grad.flatten(), model.value_head.bias.grad]).double()
+    torch.testing.assert_close(got, g, rtol=1e-4, atol=1e-6)
+
+
+def test_the_value_of_a_target_is_read_before_the_target_token():
+    """values[:, t] is the value of the state that predicts target t + 1: the hidden state at t,
+    which has not seen token t + 1. A value that saw its own action (h[:, t + 1]) would be a
+    baseline that depends on the action, biasing every advantage."""
+    torch.manual_seed(16)
+    model = PolicyWithValue(GPTModel(GPTConfig(vocab_size=23, context_length=16, n_embd=32, n_layer=1,
+                                               n_head=2)), value_head=True).eval()
+    with torch.no_grad():
+        model.value_head.weight.normal_()
+        model.value_head.bias.fill_(0.3)
+        idx = torch.randint(0, 22, (2, 7))
+        _, values = model(idx)
+        h = model.policy.hidden(idx)
+        assert values.shape == (2, 6)
+        torch.testing.assert_close(values, model.value_head(h[:, :-1]).squeeze(-1))
+        other = idx.clone()
+        other[:, -1] = 22  # another last token: no value may change
+        torch.testing.assert_close(model(other)[1], values, rtol=0, atol=0)
+
+
+def test_logged_kl_is_the_summed_log_ratio_per_response(tmp_path):
+    """The row's kl (and eval_kl) is the mean over responses of sum_t (log pi - log pi_ref) over the
+    response tokens, as the module says: nats per response, not per token."""
+    trainer = _tiny_rl_trainer(tmp_path, max_new_tokens=4, prompts_per_iter=6)
+    with torch.no_grad():  # a reference that differs from the policy
+        for q in trainer.ref.parameters():
+            q.add_(0.1 * torch.randn_like(q))
+    row = trainer.step()
+    ro = trainer.last_rollout
+    per_response = [sum(ro.logp[i, t].item() - ro.ref_logp[i, t].item() for t in ro.mask[i].nonzero().flatten())
+                    for i in range(len(ro))]
+    assert max(int(m.sum()) for m in ro.mask) > 1  # responses of several tokens: sum and mean differ
+    assert row["kl"] == pytest.approx(sum(per_response) / len(per_response), rel=1e-5, abs=1e-7)
+    assert abs(row["kl"]) > 1e-3
+
+
 def test_sample_responses_keep_prompt_order_groups_and_the_eot():
     """Prompts of mixed lengths are generated in length batches and put back in prompt order:
     row r holds a response to prompts[group[r]]; a response ends with its eot, which is an
