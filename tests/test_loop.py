@@ -312,11 +312,35 @@ def test_resume_without_checkpoint_is_a_user_error(tmp_path):
             t.fit()
 
 
+def test_rng_state_restores_every_generator():
+    """rng_state / set_rng_state (what a resume restores): Python's, NumPy's and torch's draws
+    after a restore repeat those after the capture."""
+    import random
+
+    import numpy as np
+
+    common.set_seed(3)
+    state = common.rng_state()
+    first = (random.random(), np.random.rand(), torch.rand(()).item())
+    common.set_seed(4)
+    common.set_rng_state(state)
+    assert (random.random(), np.random.rand(), torch.rand(()).item()) == first
+
+
 # -- schedule and decay groups -------------------------------------------------------------------------------
 def test_lr_warmup_then_cosine_to_floor(tmp_path):
     a = args_for(tmp_path, max_steps=12, warmup_steps=3, lr=1e-3, min_lr=1e-4, batch_size=2)
-    Trainer(tiny_model(), a, loss_fn, make_get_batch(synthetic_tokens(), 2)).fit()
+    t = Trainer(tiny_model(), a, loss_fn, make_get_batch(synthetic_tokens(), 2))
+    stepped, step = [], t.optimizer.step
+
+    def record_then_step(*args, **kw):  # the rate the optimizer steps with, not only the one logged
+        stepped.append([g["lr"] for g in t.optimizer.param_groups])
+        return step(*args, **kw)
+
+    t.optimizer.step = record_then_step
+    t.fit()
     lrs = [r["lr"] for r in rows(tmp_path) if "lr" in r]
+    assert stepped == [[lr, lr] for lr in lrs]
     assert len(lrs) == 12
     assert lrs[:3] == pytest.approx([1e-3 / 3, 2e-3 / 3, 1e-3])          # linear warmup to the peak
     assert all(x >= y for x, y in zip(lrs[2:], lrs[3:]))                  # then never increases
@@ -344,6 +368,7 @@ def test_weight_decay_only_on_matrices(tmp_path):
     t = Trainer(model, args_for(tmp_path, weight_decay=0.1), loss_fn, make_get_batch(synthetic_tokens(), 2))
     decay, no_decay = t.optimizer.param_groups
     assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert decay["betas"] == no_decay["betas"] == (0.9, 0.95)  # nanoGPT's beta2, not AdamW's default 0.999
     names = {id(p): n for n, p in model.named_parameters()}
     decayed = {names[id(p)] for p in decay["params"]}
     kept = {names[id(p)] for p in no_decay["params"]}
@@ -352,6 +377,41 @@ def test_weight_decay_only_on_matrices(tmp_path):
     assert all(n.endswith("bias") or "norm" in n or "emb" in n for n in kept)
     n_unique = len({id(p) for p in model.parameters()})
     assert len(decayed) + len(kept) == n_unique
+
+
+def _first_step_grads(out, loss, get_batch, **kw):
+    """(logged row, gradients the optimizer stepped with) of one Trainer step from tiny_model(0)."""
+    t = Trainer(tiny_model(0), args_for(out, max_steps=1, warmup_steps=0, min_lr=3e-3, **kw), loss, get_batch)
+    grads, step = [], t.optimizer.step
+
+    def snapshot_then_step(*a, **k):
+        grads.append(torch.cat([p.grad.flatten() for p in t.raw_model.parameters()]))
+        return step(*a, **k)
+
+    t.optimizer.step = snapshot_then_step
+    t.fit()
+    return rows(out)[0], grads[0]
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+def test_grad_clip_scales_the_step_to_the_max_norm_and_logs_the_norm_before(tmp_path, weighted):
+    """--grad-clip c: the optimizer steps with the gradient rescaled to norm c (when larger), and
+    the log shows the norm before clipping; --grad-clip 0 leaves it alone. With (sum, count)
+    losses the clip acts on the token-mean gradient, after the division by the count."""
+    torch.manual_seed(3)
+    x, y = torch.randint(0, VOCAB, (4, CTX)), torch.randint(1, VOCAB, (4, CTX))
+    fn = weighted_loss_fn if weighted else loss_fn
+    model = tiny_model(0)
+    loss = fn(model, (x, y))
+    (loss[0] / loss[1] if weighted else loss).backward()
+    want = torch.cat([p.grad.flatten() for p in model.parameters()])
+    norm = float(want.norm())
+    assert norm > 0.1, norm
+    for clip in (0.0, 10 * norm, norm / 4):
+        row, got = _first_step_grads(tmp_path / f"clip{clip}", fn, lambda s, g: (x, y), grad_clip=clip)
+        assert row["grad_norm"] == pytest.approx(norm, rel=1e-5), clip
+        expect = want * min(1.0, clip / norm) if clip else want
+        torch.testing.assert_close(got, expect, rtol=1e-4, atol=1e-7, msg=f"grad_clip {clip}")
 
 
 # -- NaN stop and checkpoints ----------------------------------------------------------------------------------
@@ -377,6 +437,28 @@ def test_nonfinite_loss_stops_naming_the_step_and_keeps_last_checkpoint(tmp_path
     for (n, p), q in zip(saved.named_parameters(), t.raw_model.parameters()):
         assert torch.isfinite(p).all()
         assert torch.equal(p, q), f"{n}: the bad step must not update the weights"
+
+
+def test_a_nonfinite_gradient_under_a_finite_loss_stops_before_the_step(tmp_path):
+    """A loss whose value is fine but whose gradient is NaN (0 * d sqrt(x)/dx at x = 0): the run
+    stops at that step, naming the gradient norm, and the weights stay those of the step before."""
+    calls = {"n": 0}
+
+    def nan_grad_loss(model, batch):
+        calls["n"] += 1
+        loss = loss_fn(model, batch)
+        if calls["n"] == 3:
+            p = model.pos_emb.weight
+            loss = loss + 0.0 * (p[0, 0] * 0.0).sqrt()  # value + 0; gradient 0 * inf = nan
+        return loss
+
+    t = Trainer(tiny_model(), args_for(tmp_path, max_steps=5, ckpt_every=2), nan_grad_loss,
+                make_get_batch(synthetic_tokens(), 2))
+    with pytest.raises(UserError, match=r"gradient norm is nan at step 3;.*ckpt-0000002"):
+        t.fit()
+    saved = GPTModel.load(tmp_path / "ckpt-0000002" / "model.safetensors")
+    for (n, p), q in zip(saved.named_parameters(), t.raw_model.parameters()):
+        assert torch.equal(p, q), f"{n}: the step with a NaN gradient must not update the weights"
 
 
 @pytest.mark.parametrize("error", [torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
@@ -431,6 +513,36 @@ def test_keep_last_k_and_a_crash_mid_save_leaves_no_half_checkpoint(tmp_path, mo
     monkeypatch.undo()
     assert [p.name for p in t2.checkpointer.list()] == ["ckpt-0000005", "ckpt-0000006"]
     assert common.load_state(t2.checkpointer.latest())["step"] == 6
+
+
+def test_the_last_step_is_always_checkpointed(tmp_path):
+    """--ckpt-every that does not divide --max-steps, and a resumed run that saves nothing on the
+    way: either way the run's last step ends up in a checkpoint, which fit() returns."""
+    gb = make_get_batch(synthetic_tokens(), 2)
+    out = Trainer(tiny_model(), args_for(tmp_path, max_steps=5, ckpt_every=2, keep_ckpts=0), loss_fn, gb).fit()
+    assert [p.name for p in common.Checkpointer(tmp_path).list()] == ["ckpt-0000002", "ckpt-0000004", "ckpt-0000005"]
+    assert Path(out["checkpoint"]).name == "ckpt-0000005"
+    out = Trainer(tiny_model(), args_for(tmp_path, max_steps=7, ckpt_every=0, keep_ckpts=0, resume="latest"),
+                  loss_fn, gb).fit()
+    assert Path(out["checkpoint"]).name == "ckpt-0000007" and common.load_state(out["checkpoint"])["step"] == 7
+
+
+@pytest.mark.parametrize("eval_every", [3, 0])
+def test_the_last_step_is_always_evaluated_in_its_own_row(tmp_path, eval_every):
+    """eval_every steps (and step 0) and, whatever eval_every, the last step: its row carries the
+    evaluation and fit() returns that one, not an older one."""
+    t = None
+
+    def eval_fn(model):
+        assert not model.training, "eval_fn must see the model in eval mode (no dropout)"
+        return {"val_step": t.step}
+
+    t = Trainer(tiny_model(), args_for(tmp_path, max_steps=4, eval_every=eval_every), loss_fn,
+                make_get_batch(synthetic_tokens(), 2), eval_fn=eval_fn)
+    out = t.fit()
+    logged = [(r["step"], r["val_step"]) for r in rows(tmp_path) if "val_step" in r]
+    assert logged == ([(0, 0), (3, 3), (4, 4)] if eval_every else [(4, 4)])
+    assert out["val_step"] == 4 and all("loss" in r for r in rows(tmp_path) if r["step"] == 4)
 
 
 # -- arguments -----------------------------------------------------------------------------------------------
@@ -505,11 +617,12 @@ def _as_torchrun_rank(rank, port):
 def _ddp_worker(rank, out, rec, port, kw):
     """One of two DDP processes, set up the way torchrun would (env vars), then the plain Trainer."""
     _as_torchrun_rank(rank, port)
-    seen, threads_in_step = [], []
+    seen, threads_in_step, seeds = [], [], []
     loss = weighted_loss_fn if kw.pop("weighted", False) else loss_fn
 
     def loss_and_threads(model, batch):
         threads_in_step.append(_comm_threads())
+        seeds.append(torch.initial_seed())  # the seed of the RNG dropout draws from
         return loss(model, batch)
 
     t = Trainer(tiny_model(rank), args_for(out, grad_accum=2, **kw),  # rank 0's init is broadcast
@@ -518,7 +631,7 @@ def _ddp_worker(rank, out, rec, port, kw):
     params = torch.cat([p.detach().flatten() for p in t.raw_model.parameters()])
     torch.save({"seen": seen, "params": params, "world": t.world_size, "ckpt": res["checkpoint"],
                 "group_left": torch.distributed.is_initialized(), "threads_in_step": threads_in_step[0],
-                "threads_left": _comm_threads()}, Path(rec) / f"rank{rank}.pt")
+                "threads_left": _comm_threads(), "seeds": seeds}, Path(rec) / f"rank{rank}.pt")
 
 
 def _comm_threads():
@@ -599,6 +712,11 @@ def test_ddp_two_cpu_processes_gloo(tmp_path):
     with torch.no_grad():
         first = [loss_fn(model, b).item() for b in r0["seen"][:2] + r1["seen"][:2]]
     assert rows(out)[0]["step"] == 1 and rows(out)[0]["loss"] == pytest.approx(sum(first) / 4, rel=1e-5)
+    # dropout masks differ by rank (seed + rank), or both ranks would drop the same units
+    assert set(r0["seeds"]) == {7} and set(r1["seeds"]) == {8}, (r0["seeds"][:1], r1["seeds"][:1])
+    # tok/s counts the global batch: 2 sequences x 2 micro-batches x 2 ranks of CTX tokens per step
+    for r in rows(out):
+        assert r["tok_per_s"] * r["dt"] == pytest.approx(2 * 2 * 2 * CTX, rel=1e-9), r
 
     # resume both ranks from step 2: each gets its own batch generator back; same end, bitwise
     resumed = tmp_path / "resumed"
