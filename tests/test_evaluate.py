@@ -109,6 +109,28 @@ def test_eval_command_on_both_paths(tmp_path, capsys):
     assert "--stride must be between 1 and the context (32)" in capsys.readouterr().err
 
 
+def test_bits_per_byte_counts_utf8_bytes_not_characters(tmp_path, capsys):
+    """Bits per byte divides by the UTF-8 bytes the scored tokens spell: on text with accents and
+    CJK that is more than its characters (a count of decoded characters gave too high a figure)."""
+    from tritongpt.train.tokenizer import BPETokenizer, save_run_tokenizer
+
+    text = " ".join(f"café n°{i} über straße, 日本語 {i % 7} ünd façade." for i in range(20))
+    (tmp_path / "corpus.txt").write_text(text, encoding="utf-8")
+    run = tmp_path / "run"
+    tok = BPETokenizer.train(text, 300, name="u")
+    save_run_tokenizer(tok, run)
+    torch.manual_seed(0)
+    GPTModel(GPTConfig(vocab_size=300, context_length=32, n_embd=32, n_layer=1, n_head=2)).save(
+        run / "model.safetensors")
+    assert main(["eval", "--weights", str(run), "--data", str(tmp_path / "corpus.txt"), "--split", "all",
+                 "--kernels", "reference", "--device", "cpu", "--json", "--cache-dir", str(tmp_path / "c")]) == 0
+    out = json.loads(capsys.readouterr().out)
+    ids = tok.encode(text)
+    want = len(tok.decode_bytes(ids[1:]))  # every token but the first is a scored target
+    assert out["tokens"] == len(ids) - 1 and out["bytes"] == want > len(tok.decode(ids[1:])) + 100
+    assert out["bits_per_byte"] == pytest.approx(out["loss"] * out["tokens"] / math.log(2) / want, rel=1e-9)
+
+
 @pytest.mark.cuda
 def test_eval_on_a_gpu_in_bf16_agrees_across_paths():
     """The GPU default (bf16 autocast): the Triton path's figures within bf16's reach of the
