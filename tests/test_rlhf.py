@@ -465,6 +465,22 @@ def test_ppo_value_loss_is_clipped_around_the_old_values_and_weighted():
     torch.testing.assert_close(got, g, rtol=1e-4, atol=1e-6)
 
 
+def test_grpo_advantages_are_the_group_standardized_scores_on_every_response_token():
+    """GRPO: each response's advantage is its score standardized within its own prompt's group,
+    on each of its response tokens and nowhere else (not the batch's mean as a baseline)."""
+    from tritongpt.train.preference import response_mask
+    from tritongpt.train.rlhf import compute_advantages
+
+    prompt_lens, lengths = torch.tensor([2, 2, 3, 3]), torch.tensor([5, 6, 7, 4])
+    mask = response_mask(prompt_lens, lengths, 8)
+    scores, group = torch.tensor([1.0, 3.0, 10.0, 14.0]), torch.tensor([0, 0, 1, 1])
+    ro = Rollout(torch.zeros(4, 8, dtype=torch.long), prompt_lens, lengths, mask, group, scores=scores,
+                 logp=torch.zeros(4, 7), ref_logp=torch.zeros(4, 7))
+    ro = compute_advantages(ro, RLArgs(algo="grpo"))
+    want = torch.tensor([-1.0, 1.0, -1.0, 1.0]) / (1 + 1e-4 / torch.tensor([1.0, 1.0, 2.0, 2.0]))
+    torch.testing.assert_close(ro.advantages, want.unsqueeze(1) * mask)
+
+
 def test_the_value_of_a_target_is_read_before_the_target_token():
     """values[:, t] is the value of the state that predicts target t + 1: the hidden state at t,
     which has not seen token t + 1. A value that saw its own action (h[:, t + 1]) would be a
