@@ -242,8 +242,9 @@ def test_sft_data_epochs_and_exact_resume():
         seen.append(x.shape[0])
         assert x.shape == y.shape
     assert sum(seen) == 50 and data.epoch == 0
+    first_order = data._order
     data.get_batch("train", gen)
-    assert data.epoch == 1
+    assert data.epoch == 1 and data._order != first_order  # each epoch in an order of its own
     for _ in range(3):
         data.get_batch("train", gen)
     state, gen_state = data.state_dict(), gen.get_state()
