@@ -9,7 +9,10 @@ Providers (same weights, same batch, same optimizer for all of them):
                             the fused LM head + cross-entropy (the step passes targets)
     triton+compile          the Triton path under torch.compile (a failure becomes a
                             "failed: reason" row)
-Other combinations parse too ("reference+sdpa", "reference+compile").
+Other combinations parse too ("reference+sdpa", "reference+compile"), and "+ckpt" on any of them
+runs the blocks under activation checkpointing (model.set_activation_checkpointing): less peak
+memory, one more forward of the blocks per step. MFU counts the model's FLOPs only, never the
+recomputation, so a checkpointed step's MFU is lower for the same hardware work.
 
 Reported per provider: step time (median of CUDA-event timings, 20/80 quantiles), tokens/s,
 MFU, peak memory. MFU = model FLOPs per second / a peak: by default the GPU's dense bf16
@@ -77,7 +80,7 @@ def parse_provider(name: str):
     """'triton+compile' -> ('triton', {'compile'}). Raises ValueError on an unknown name."""
     parts = name.split("+")
     base, flags = parts[0], set(parts[1:])
-    if base not in ("reference", "triton") or not flags <= {"compile", "sdpa"} or \
+    if base not in ("reference", "triton") or not flags <= {"compile", "sdpa", "ckpt"} or \
             len(flags) != len(parts) - 1:
         raise ValueError(f"unknown training provider {name!r}; e.g. {', '.join(TRAIN_PROVIDERS)}")
     if base == "triton" and "sdpa" in flags:
@@ -106,6 +109,7 @@ def build(name, cfg, device, seed=0):
     model.set_kernels("triton" if base == "triton" else "reference")
     if "sdpa" in flags:
         use_sdpa_attention(model)
+    model.set_activation_checkpointing("ckpt" in flags)
     opt = build_optimizer(model, lr=1e-4, weight_decay=0.1, device=device)  # fused AdamW on CUDA
     run = model
     if "compile" in flags:

@@ -7,6 +7,7 @@ import os
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 from tritongpt._types import is_int, is_real
 from tritongpt.errors import UserError
@@ -83,6 +84,7 @@ class GPTModel(nn.Module):
         self.kernels = frozenset()
         # names only: a model is built on the CPU and may be moved to a GPU before it runs
         self.set_kernels(cfg.kernels, check_device=False)
+        self.activation_checkpointing = False
 
     def _apply(self, fn, *args, **kwargs):
         # A move that makes new tensors (to_empty() after building on the meta device) gives
@@ -129,6 +131,22 @@ class GPTModel(nn.Module):
         self.config.kernels = spec_string(names)
         return self
 
+    def set_activation_checkpointing(self, on: bool = True):
+        """Keep only each block's input for backward and run the block's forward again there.
+
+        A block's saved activations (its LayerNorm outputs, q/k/v, the attention output and
+        logsumexp, the MLP's pre-activation, ...) are ~13x its input [B, T, C] on the Triton path in fp32
+        (the reference path keeps T x T attention weights too), so a training step then holds
+        about one [B, T, C] tensor per layer, for one more forward pass of the blocks (a step
+        costs ~1/3 more). Either kernel path; the gradients are the same as without
+        (dropout masks included: the recomputation replays the RNG, and the Triton attention's
+        seed is drawn from it). Only where gradients are recorded: inference is unchanged.
+        """
+        if on not in (True, False):
+            raise UserError(f"activation checkpointing is True or False, got {on!r}")
+        self.activation_checkpointing = bool(on)
+        return self
+
     def set_dropout(self, p: float):
         """Change every dropout rate (embeddings, attention weights, residual, MLP) and the config's."""
         if not is_real(p) or not 0.0 <= p < 1.0:
@@ -162,8 +180,12 @@ class GPTModel(nn.Module):
                             f"{self.config.context_length}")
         pos = torch.arange(start, start + T, device=idx.device)
         x = self.drop_emb(self.tok_emb(idx) + self.pos_emb(pos))
+        recompute = self.activation_checkpointing and torch.is_grad_enabled()
         for block in self.trf_blocks:
-            x = block(x, cache)
+            if recompute and cache is None:  # (a cache refuses gradients anyway)
+                x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)
+            else:
+                x = block(x, cache)
         if cache is not None:
             cache.pos += T
         return self.final_norm(x)

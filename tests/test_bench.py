@@ -308,6 +308,7 @@ def test_use_sdpa_attention_matches_reference_with_and_without_cache():
 def test_parse_provider():
     assert train_step.parse_provider("reference+compile+sdpa") == ("reference", {"compile", "sdpa"})
     assert train_step.parse_provider("triton") == ("triton", set())
+    assert train_step.parse_provider("triton+compile+ckpt") == ("triton", {"compile", "ckpt"})
     for bad in ("eager", "reference+fast", "triton+sdpa", "reference+compile+compile"):
         with pytest.raises(ValueError):
             train_step.parse_provider(bad)
@@ -320,6 +321,10 @@ def test_train_provider_on_cpu(monkeypatch):
     assert row["tokens_per_s"] == pytest.approx(2 * 16 / (row["ms"] * 1e-3))
     assert row["mfu"] == pytest.approx(row["flops_per_token"] * row["tokens_per_s"] / 1e12)
     assert math.isfinite(row["final_loss"])
+    # +ckpt: the same steps (same weights, batch and losses), the blocks recomputed in backward
+    ckpt = train_step.bench_train_provider("reference+ckpt", "tiny", 2, 16, torch.device("cpu"), torch.float32,
+                                           warmup_steps=1, steps=2, peak_flops=1e12)
+    assert ckpt["status"] == "ok" and ckpt["final_loss"] == pytest.approx(row["final_loss"], rel=1e-6)
     monkeypatch.setitem(sys.modules, "tritongpt.kernels.attention", None)
     row = train_step.bench_train_provider("triton", "tiny", 2, 16, torch.device("cpu"), torch.float32, 1, 1)
     assert row["status"].startswith("skipped: tritongpt.kernels.attention")
@@ -767,7 +772,8 @@ def test_quick_train_bench_on_gpu(tmp_path):
     from tritongpt import cli
 
     assert cli.main(["bench", "train", "--quick", "--out", str(tmp_path), "--models", "gpt2-small",
-                     "--train-providers", "reference,reference+sdpa", "--batch", "2", "--seq-len", "256",
+                     "--train-providers", "reference,reference+sdpa,reference+sdpa+ckpt",
+                     "--batch", "2", "--seq-len", "256",
                      "--steps", "2", "--warmup-steps", "1", "--no-plots"]) == 0
     (folder,) = tmp_path.iterdir()
     d = report.validate_result(json.loads((folder / "train.json").read_text()))
@@ -778,6 +784,9 @@ def test_quick_train_bench_on_gpu(tmp_path):
         assert 0 < rows[p]["mfu"] < 1.0
     # SDPA never builds the T x T scores: less peak memory than the textbook attention.
     assert rows["reference+sdpa"]["peak_mem_bytes"] < rows["reference"]["peak_mem_bytes"]
+    # the blocks recomputed in backward: less still
+    assert rows["reference+sdpa+ckpt"]["status"] == "ok", rows["reference+sdpa+ckpt"]["status"]
+    assert rows["reference+sdpa+ckpt"]["peak_mem_bytes"] < rows["reference+sdpa"]["peak_mem_bytes"]
 
 
 @pytest.mark.cuda

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from parity import assert_close_rel
+from tritongpt.errors import UserError
 from tritongpt.model.config import GPTConfig
 from tritongpt.model.gpt import GPTModel
 from tritongpt.train.generate import generate
@@ -228,3 +229,101 @@ def test_double_backward_is_refused_by_every_kernel(device):
     idx = torch.randint(0, 67, (2, 7), device=device)
     with pytest.raises(RuntimeError, match="no second derivative"):
         torch.autograd.grad(model(idx, targets=idx), list(model.parameters()), create_graph=True)
+
+
+# -- activation checkpointing ---------------------------------------------------------------------
+def _saved_activation_bytes(model, idx, targets):
+    """Bytes autograd saves for backward outside the parameters, as the step's loss is built
+    (what torch.utils.checkpoint keeps inside a block is its own business: only its input)."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved = {}
+
+    def pack(t):
+        if t.untyped_storage().data_ptr() not in params:
+            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = model(idx, targets=targets)
+    return sum(saved.values()), loss
+
+
+@pytest.mark.parametrize("path", ["reference", "triton"])
+def test_activation_checkpointing_same_step_less_saved(device, path):
+    """set_activation_checkpointing: the loss, every gradient (with dropout on: the recomputed
+    forward must draw the same masks, and on the Triton path the same attention seed) and the
+    RNG state after the step are those of the plain model, while the blocks save nothing for
+    backward but their input."""
+    torch.manual_seed(5)
+    model = _randomize(GPTModel(GPTConfig(**{**TINY, "n_layer": 3}, dropout=0.2))).to(device).set_kernels(path)
+    idx = torch.randint(0, 67, (2, 19), device=device)
+    targets = torch.randint(0, 67, (2, 19), device=device)
+    results = {}
+    for on in (False, True):
+        model.set_activation_checkpointing(on)
+        model.zero_grad(set_to_none=True)
+        torch.manual_seed(11)
+        saved, loss = _saved_activation_bytes(model, idx, targets)
+        loss.backward()
+        after = torch.randn(3)  # the RNG goes on as it would have: training is not shifted
+        results[on] = saved, loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}, after
+    (plain_saved, plain_loss, plain_grads, plain_after), (ck_saved, ck_loss, ck_grads, ck_after) = \
+        results[False], results[True]
+    assert torch.equal(ck_after, plain_after)
+    assert_close_rel(ck_loss, plain_loss, 1e-6, "loss with activation checkpointing")
+    for n in plain_grads:
+        if n.endswith("W_key.bias"):  # zero in exact arithmetic (see _compare_paths)
+            continue
+        assert_close_rel(ck_grads[n], plain_grads[n], 1e-5, f"grad {n} with activation checkpointing")
+    # What is left is the embeddings', the final LayerNorm's, the head's and the loss's; each
+    # of the three blocks saved more than all of that.
+    per_block = (plain_saved - ck_saved) / 3
+    assert per_block > ck_saved, (plain_saved, ck_saved)
+    with torch.no_grad():  # inference: nothing recorded, nothing recomputed, the same logits
+        assert torch.equal(model.eval()(idx), model.set_activation_checkpointing(False)(idx))
+
+
+def test_activation_checkpointing_compiles_in_one_graph(device):
+    """Under torch.compile (fullgraph) the checkpointed blocks and the Triton custom ops trace
+    together, and give the eager gradients."""
+    torch.manual_seed(6)
+    model = _randomize(GPTModel(GPTConfig(**TINY))).to(device).set_kernels("triton")
+    model.set_activation_checkpointing(True)
+    idx = torch.randint(0, 67, (2, 19), device=device)
+    targets = torch.randint(0, 67, (2, 19), device=device)
+    loss = torch.compile(model, backend="aot_eager", fullgraph=True)(idx, targets=targets)
+    loss.backward()
+    got = loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    model.set_activation_checkpointing(False)(idx, targets=targets).backward()
+    for n, p in model.named_parameters():
+        if not n.endswith("W_key.bias"):
+            assert_close_rel(got[1][n], p.grad, 1e-5, f"compiled checkpointed grad {n}")
+
+
+def test_activation_checkpointing_flag_is_a_bool():
+    model = GPTModel(GPTConfig(**TINY))
+    with pytest.raises(UserError, match="True or False"):
+        model.set_activation_checkpointing("no")
+    assert model.set_activation_checkpointing() is model and model.activation_checkpointing
+
+
+@pytest.mark.cuda
+def test_activation_checkpointing_lowers_peak_memory_on_gpu():
+    """A GPT-2-shaped stack's training step on the GPU: peak memory falls by at least half."""
+    torch.manual_seed(7)
+    cfg = GPTConfig(vocab_size=50257, context_length=1024, n_embd=768, n_layer=6, n_head=12, kernels="triton")
+    model = GPTModel(cfg).cuda()
+    idx = torch.randint(0, 50257, (4, 1024), device="cuda")
+    peaks = {}
+    for on in (False, True):
+        model.set_activation_checkpointing(on).zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = model(idx, targets=idx)
+        loss.backward()
+        torch.cuda.synchronize()
+        peaks[on] = torch.cuda.max_memory_allocated() - base
+    assert peaks[True] < 0.5 * peaks[False], peaks

@@ -1042,3 +1042,49 @@ def test_dpo_and_rlhf_pad_the_vocabulary_of_their_init(command, tmp_path):
         for key in ("loss", "policy_loss", "grad_norm", "reward", "entropy"):
             if key in plain:
                 assert padded[key] == pytest.approx(plain[key], rel=1e-4, abs=1e-6), (key, plain, padded)
+
+
+@pytest.mark.parametrize("command", ["pretrain", "sft", "reward", "dpo", "rlhf"])
+def test_activation_checkpointing_flag_recomputes_and_changes_nothing_else(command, tmp_path, monkeypatch):
+    """--activation-checkpointing on every training command: the trained model's blocks run under
+    torch.utils.checkpoint (counted), and the run is the one without the flag (same losses and
+    gradient norms, dropout on where the command has the flag)."""
+    import torch.utils.checkpoint as ckpt
+
+    from tritongpt.cli import main
+    from tritongpt.model.config import get_config
+
+    torch.manual_seed(0)
+    init = tmp_path / "init" / "model.safetensors"
+    init.parent.mkdir()
+    GPTModel(get_config("tiny", vocab_size=4100, n_layer=2)).save(init)
+    extra = ["--init", str(init), "--max-steps", "2", "--batch-size", "2", "--eval-every", "0"]
+    if command == "pretrain":
+        extra = ["--model", "tiny", "--max-steps", "2", "--batch-size", "2", "--block-size", "16",
+                 "--eval-every", "0", "--dropout", "0.1"]
+    elif command == "sft":
+        extra += ["--n-train", "8", "--n-eval", "2"]
+    elif command in ("reward", "dpo"):
+        extra += ["--num-pairs", "16"]
+    else:
+        RewardModel(GPTModel(get_config("tiny", vocab_size=4100, n_layer=1))).save(tmp_path / "rm.safetensors")
+        extra = ["--init", str(init), "--num-pairs", "16", "--reward", str(tmp_path / "rm.safetensors"),
+                 "--iterations", "1", "--prompts-per-iter", "4", "--minibatch-size", "2", "--epochs", "1",
+                 "--max-new-tokens", "4", "--eval-prompts", "2", "--eval-samples", "1"]
+    calls = []
+    real = ckpt.checkpoint
+    monkeypatch.setattr(ckpt, "checkpoint", lambda *a, **k: calls.append(1) or real(*a, **k))
+    rows, counts = {}, {}
+    for flag in ([], ["--activation-checkpointing"]):
+        out = tmp_path / f"run{len(flag)}"
+        calls.clear()
+        assert main([command, "--out-dir", str(out), "--device", "cpu", "--kernels", "reference", "--seed", "0",
+                     *extra, *flag]) == 0
+        counts[bool(flag)] = len(calls)
+        rows[bool(flag)] = [r for r in MetricsLog(out / "metrics.jsonl").rows() if "grad_norm" in r]
+    assert counts[False] == 0 and counts[True] > 0, counts
+    assert rows[False] and len(rows[False]) == len(rows[True])
+    for plain, recomputed in zip(rows[False], rows[True]):
+        for key in ("loss", "policy_loss", "grad_norm", "reward"):
+            if key in plain:
+                assert recomputed[key] == pytest.approx(plain[key], rel=1e-5, abs=1e-7), (key, plain, recomputed)

@@ -71,6 +71,7 @@ class TrainArgs:
     resume: str | None = None    # None, "latest" (newest checkpoint in out_dir), or a path
     kernels: str | None = "auto"  # reference | triton | auto | comma list; None = leave the model's
     compile: bool = False
+    activation_checkpointing: bool = False  # recompute each block's forward in backward: less memory
     overwrite: bool = False      # a new run may replace the checkpoints and metrics in out_dir
 
     @classmethod
@@ -140,6 +141,8 @@ def add_train_args(parser: argparse.ArgumentParser, **defaults):
         d = base[f.name]
         if f.name == "compile":
             g.add_argument(flag, action="store_true", default=d, help="torch.compile the model")
+        elif f.name == "activation_checkpointing":
+            g.add_argument(flag, action="store_true", default=d, help=common.ACTIVATION_CHECKPOINTING_HELP)
         elif f.name == "overwrite":
             g.add_argument(flag, action="store_true", default=d, help=common.OVERWRITE_HELP)
         elif f.name == "resume":
@@ -281,6 +284,9 @@ class Trainer:
         if args.kernels is not None:
             for m in _gpt_models(self.raw_model):
                 m.set_kernels(args.kernels)
+        if args.activation_checkpointing:
+            for m in _gpt_models(self.raw_model):
+                m.set_activation_checkpointing(True)
         if self.is_main:
             common.note_if_interpreted(_gpt_models(self.raw_model), self.device)
         self.optimizer = common.build_optimizer(self.raw_model, args.lr, args.weight_decay,

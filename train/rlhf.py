@@ -109,6 +109,7 @@ class RLArgs:
     device: str = "auto"
     seed: int = 1337
     kernels: str | None = "auto"
+    activation_checkpointing: bool = False  # the policy's blocks recomputed in backward: less memory
     resume: str | None = None
     overwrite: bool = False      # a new run may replace the checkpoints and metrics in out_dir
 
@@ -403,6 +404,8 @@ class RLHFTrainer:
         if args.kernels is not None:
             for m in (policy, self.ref, self.reward_model):
                 m.set_kernels(args.kernels)
+        if args.activation_checkpointing:  # the frozen models record no gradients: nothing to recompute
+            policy.set_activation_checkpointing(True)
         if log:
             common.note_if_interpreted([policy, self.ref, self.reward_model], self.device)
         # dropout would make log pi at update time differ from log pi at rollout time
@@ -712,7 +715,7 @@ def add_cli(sub):
     g = p.add_argument_group("rl")
     g.add_argument("--algo", choices=["ppo", "grpo"], default=d.algo, help="(default %(default)s)")
     for f in fields(RLArgs):
-        if f.name in ("algo", "device", "kernels", "top_k", "resume", "overwrite"):
+        if f.name in ("algo", "device", "kernels", "top_k", "resume", "overwrite", "activation_checkpointing"):
             continue
         kw = {"choices": ["auto", "fp32", "bf16"]} if f.name == "dtype" else {}
         g.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default,
@@ -721,6 +724,7 @@ def add_cli(sub):
                    help="sample the rollouts from the top k tokens only (the log-probs, ratios and KL stay "
                         "those of the whole vocabulary at --temperature, an approximation)")
     g.add_argument("--overwrite", action="store_true", help=common.OVERWRITE_HELP)
+    g.add_argument("--activation-checkpointing", action="store_true", help=common.ACTIVATION_CHECKPOINTING_HELP)
     g.add_argument("--resume", nargs="?", const="latest", default=None, metavar="CKPT",
                    help="continue from the newest checkpoint in --out-dir, or a checkpoint folder "
                         "(pass the same --init: it is the frozen reference)")
