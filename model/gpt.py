@@ -135,12 +135,12 @@ class GPTModel(nn.Module):
         """Keep only each block's input for backward and run the block's forward again there.
 
         A block's saved activations (its LayerNorm outputs, q/k/v, the attention output and
-        logsumexp, the MLP's pre-activation, ...) are ~13x its input [B, T, C] on the Triton path in fp32
-        (the reference path keeps T x T attention weights too), so a training step then holds
-        about one [B, T, C] tensor per layer, for one more forward pass of the blocks (a step
-        costs ~1/3 more). Either kernel path; the gradients are the same as without
-        (dropout masks included: the recomputation replays the RNG, and the Triton attention's
-        seed is drawn from it). Only where gradients are recorded: inference is unchanged.
+        logsumexp, the MLP's pre-activation, ...) are ~13x its input [B, T, C] on the Triton path
+        in fp32 (the reference path keeps T x T attention weights too), so a training step then
+        holds about one [B, T, C] tensor per layer, for one more forward pass of the blocks (a
+        step costs ~1/3 more). Either kernel path; the gradients are the same as without (dropout
+        masks included: the recomputation replays the RNG, and the Triton attention's seed is
+        drawn from it). Only where gradients are recorded: inference is unchanged.
         """
         if on not in (True, False):
             raise UserError(f"activation checkpointing is True or False, got {on!r}")
