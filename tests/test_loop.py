@@ -476,7 +476,14 @@ def test_a_batch_that_does_not_fit_is_a_one_line_error(tmp_path, error):
     with pytest.raises(UserError, match=r"micro-batch of \(2, \d+\) tokens does not fit in cpu memory at step 3; "
                                         r"lower --batch-size") as err:
         t.fit()
-    assert "\n" not in str(err.value)
+    assert "\n" not in str(err.value) and "--activation-checkpointing" in str(err.value)
+    # already on: not offered again
+    calls["n"] = 0
+    t = Trainer(tiny_model(), args_for(tmp_path / "ckpt", max_steps=5, activation_checkpointing=True), hungry_loss,
+                make_get_batch(synthetic_tokens(), 2))
+    with pytest.raises(UserError, match="lower --batch-size") as err:
+        t.fit()
+    assert "--activation-checkpointing" not in str(err.value)
 
 
 def test_other_runtime_errors_are_not_disguised(tmp_path):
