@@ -280,6 +280,7 @@ class GPTModel(nn.Module):
         for name, p in new.named_parameters():
             p.requires_grad_(name not in frozen)
         w = self.tok_emb.weight
+        new.set_activation_checkpointing(self.activation_checkpointing)
         return new.to(w.device, w.dtype).set_kernels(self.config.kernels).train(self.training)
 
     def new_cache(self, batch_size: int, max_len: int | None = None, dtype=None) -> KVCache:

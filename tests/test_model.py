@@ -345,7 +345,7 @@ def test_padded_vocabulary_is_the_same_model(tmp_path, tied):
 def test_pad_vocab_gives_the_same_model_with_aligned_rows():
     """GPTModel.pad_vocab: published GPT-2 weights fine-tuned with a padded head (sft --vocab-multiple)."""
     torch.manual_seed(6)
-    m = GPTModel(GPTConfig(**SMALL)).eval().set_kernels({"layernorm"})
+    m = GPTModel(GPTConfig(**SMALL)).eval().set_kernels({"layernorm"}).set_activation_checkpointing(True)
     with torch.no_grad():
         m.tok_emb.weight.add_(torch.randn_like(m.tok_emb.weight))
     idx = torch.randint(0, 97, (2, 7))
@@ -354,6 +354,7 @@ def test_pad_vocab_gives_the_same_model_with_aligned_rows():
     assert torch.equal(torch.random.get_rng_state(), before)  # its throwaway init used a forked RNG
     assert p.tok_emb.weight.shape == (112, 32) and p.out_head.weight is p.tok_emb.weight
     assert p.kernels == m.kernels and not p.training and p.config.vocab_multiple == 16
+    assert p.activation_checkpointing
     assert torch.count_nonzero(p.tok_emb.weight[97:]) == 0
     torch.testing.assert_close(p(idx), m(idx))
     back = p.pad_vocab(1)  # and back: the padding removed, the weights exactly the original's
