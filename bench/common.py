@@ -404,15 +404,24 @@ def environment() -> dict:
         env["gpu_memory_bytes"] = int(props.total_memory)
         env["gpu_sm_count"] = int(props.multi_processor_count)
         env["compute_capability"] = f"{props.major}.{props.minor}"
-    try:
-        import liger_kernel  # noqa: F401
-
-        from importlib.metadata import version
-
-        env["liger_kernel"] = version("liger-kernel")
-    except Exception:
-        env["liger_kernel"] = None
+    # the other kernel libraries a provider times, by (env key, module, distribution): None if absent
+    for key, module, dist in (("liger_kernel", "liger_kernel", "liger-kernel"),
+                              ("flash_attn", "flash_attn", "flash-attn"),
+                              ("flash_attn_3", "flash_attn_interface", "flash_attn_3")):
+        env[key] = _installed_version(module, dist)
     return env
+
+
+def _installed_version(module: str, dist: str) -> str | None:
+    """dist's version when `module` imports, else None (a broken install is as good as none)."""
+    import importlib
+    from importlib.metadata import version
+
+    try:
+        importlib.import_module(module)
+        return version(dist)
+    except Exception:
+        return None
 
 
 # -- optional imports -----------------------------------------------------------------------------------

@@ -11,6 +11,9 @@ Providers per op (a provider that cannot run gives a "skipped: why" row, never a
     triton      ours: tritongpt.kernels.* (imported lazily)
     liger       Liger-Kernel's LayerNorm, cross-entropy and fused linear cross-entropy, when
                 liger_kernel is installed
+    flash-attn  Tri Dao's flash-attn package (FlashAttention-2, `flash_attn.flash_attn_func`) and
+    flash-attn-3  its Hopper build (FlashAttention-3, `flash_attn_interface.flash_attn_func`),
+                when installed; they take [B, T, H, D] and fp16/bf16 only
 lm_head_loss is hidden [N, C] -> logits [N, V] -> mean loss; ours and Liger's make the gradients
 during forward (so their "fwd" includes backward's matmuls): compare fwd+bwd and peak memory.
 So does Liger's cross_entropy (it writes the gradient over the logits in forward).
@@ -35,10 +38,13 @@ class Unavailable(Exception):
 
 SDPA_BACKENDS = {"sdpa-flash": "FLASH_ATTENTION", "sdpa-cudnn": "CUDNN_ATTENTION",
                  "sdpa-efficient": "EFFICIENT_ATTENTION"}
+# provider -> (module, function): the flash-attn package's FA2 and its FA3 (Hopper) interface
+FLASH_ATTN = {"flash-attn": ("flash_attn", "flash_attn_func"),
+              "flash-attn-3": ("flash_attn_interface", "flash_attn_func")}
 PROVIDERS = {
     "layernorm": ("reference", "torch", "compile", "triton", "liger"),
     "mlp": ("reference", "torch", "compile", "triton"),
-    "attention": ("reference", *SDPA_BACKENDS, "compile", "triton"),
+    "attention": ("reference", *SDPA_BACKENDS, "compile", "triton", *FLASH_ATTN),
     "cross_entropy": ("reference", "torch", "compile", "triton", "liger"),
     "lm_head_loss": ("reference", "torch", "compile", "triton", "liger"),
 }
@@ -185,9 +191,26 @@ def attention_providers(q, k, v, causal=True):
             raise Unavailable(why)
         return (lambda: fn(q, k, v, causal=causal)), [q, k, v]
 
+    def flash_attn(module, name):
+        def build():
+            fn, why = try_import(module, name)
+            if fn is None:
+                raise Unavailable(why)
+            if q.dtype not in (torch.float16, torch.bfloat16):
+                raise Unavailable(f"{module}.{name} takes fp16/bf16 only, not {dtype_name(q.dtype)}")
+
+            def f():
+                # its layout is [B, T, H, D]: the transposes are views (unit stride on D kept),
+                # and the output goes back to [B, H, T, D] as a view too
+                out = fn(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=causal)
+                return (out[0] if isinstance(out, tuple) else out).transpose(1, 2)  # FA3 may add the lse
+            return f, [q, k, v]
+        return build
+
     out = {"reference": reference}
     out.update({name: sdpa(backend) for name, backend in SDPA_BACKENDS.items()})
     out.update({"compile": compiled, "triton": triton_op})
+    out.update({name: flash_attn(*where) for name, where in FLASH_ATTN.items()})
     return out
 
 

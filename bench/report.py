@@ -243,8 +243,8 @@ def targets_table(targets) -> str:
 
 
 def env_lines(env) -> str:
-    keys = ("device", "driver", "cuda_version", "torch", "triton", "liger_kernel", "git_commit",
-            "timestamp", "cpu", "cpu_threads", "load_avg_1m")
+    keys = ("device", "driver", "cuda_version", "torch", "triton", "liger_kernel", "flash_attn", "flash_attn_3",
+            "git_commit", "timestamp", "cpu", "cpu_threads", "load_avg_1m")
     return "\n".join(f"- {k}: {env.get(k)}" for k in keys if k in env)
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from tritongpt.bench import common, kernels, report, train_step
 from tritongpt.bench.common import CpuTimer, Budget, make_row, target
@@ -203,6 +204,41 @@ def test_fused_lm_head_rates_count_the_work_each_mode_does():
     assert by[("triton", "bwd")]["note"] == "gradients made in forward"
     assert by[("torch", "fwd")]["flops"] == common.lm_head_flops(N, C, V, "fwd") and "note" not in by[("torch", "bwd")]
     assert "gradients made in forward" in report.rows_table(rows)
+
+
+def test_flash_attn_providers_pass_their_layout_and_skip_when_absent(monkeypatch):
+    """The flash-attn package's FA2 and FA3 functions take [B, T, H, D]: a stand-in that checks
+    that layout (and computes with SDPA) must give SDPA's output and gradients on [B, H, T, D];
+    fp32 is refused by name (they have no fp32 kernel); a missing package is a skipped row."""
+    def fake_flash_attn_func(q, k, v, causal=False):
+        assert q.shape == (2, 9, 3, 16) and q.stride(-1) == 1, (q.shape, q.stride())  # [B, T, H, D]
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                             is_causal=causal).transpose(1, 2)
+        return out, torch.zeros(1)  # FA3 returns (out, lse) in some versions
+    fake = types.SimpleNamespace(flash_attn_func=fake_flash_attn_func)
+    monkeypatch.setitem(sys.modules, "flash_attn_interface", fake)
+    monkeypatch.setitem(sys.modules, "flash_attn", None)
+    torch.manual_seed(0)
+    q, k, v = (kernels.randn(2, 3, 9, 16, device="cpu", dtype=torch.bfloat16).requires_grad_() for _ in range(3))
+    builders = kernels.attention_providers(q, k, v)
+    f, inputs = builders["flash-attn-3"]()
+    do = torch.randn(2, 3, 9, 16, dtype=torch.bfloat16)
+    got = f()
+    got_grads = torch.autograd.grad(got, inputs, do)
+    want = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    want_grads = torch.autograd.grad(want, [q, k, v], do)
+    assert got.shape == want.shape and torch.equal(got, want)
+    assert all(torch.equal(a, b) for a, b in zip(got_grads, want_grads))
+    work = lambda m: {"flops": common.attention_flops(2, 3, 9, 9, 16, True, m)}  # noqa: E731
+    rows = kernels.bench_providers("attention", {"seq_len": 9}, builders, ("fwd",), CpuTimer(reps=1),
+                                   Budget(None), work, providers=("flash-attn", "flash-attn-3"))
+    by = {r["provider"]: r for r in rows}
+    assert by["flash-attn"]["status"].startswith("skipped: flash_attn"), by["flash-attn"]["status"]
+    assert by["flash-attn-3"]["status"] == "ok" and by["flash-attn-3"]["tflops"] > 0
+    q32 = q.detach().float()
+    rows = kernels.bench_providers("attention", {"seq_len": 9}, kernels.attention_providers(q32, q32, q32),
+                                   ("fwd",), CpuTimer(reps=1), Budget(None), work, providers=("flash-attn-3",))
+    assert rows[0]["status"] == "skipped: flash_attn_interface.flash_attn_func takes fp16/bf16 only, not fp32"
 
 
 def test_failing_provider_and_time_budget_give_rows():
@@ -434,6 +470,20 @@ def test_slug_and_environment():
     for key in report.REQUIRED_ENV:
         assert key in env
     assert env["torch"] == torch.__version__
+
+
+def test_environment_names_the_other_kernel_libraries(monkeypatch):
+    """The versions of Liger-Kernel and flash-attn (FA2, FA3) the rows were timed with, or None
+    where the module does not import (whatever the distribution metadata says)."""
+    import importlib.metadata
+
+    monkeypatch.setitem(sys.modules, "flash_attn", types.ModuleType("flash_attn"))
+    monkeypatch.setitem(sys.modules, "flash_attn_interface", None)
+    monkeypatch.setitem(sys.modules, "liger_kernel", None)
+    monkeypatch.setattr(importlib.metadata, "version", lambda dist: {"flash-attn": "2.8.3"}.get(dist, "9.9"))
+    env = common.environment()
+    assert (env["flash_attn"], env["flash_attn_3"], env["liger_kernel"]) == ("2.8.3", None, None)
+    assert "- flash_attn: 2.8.3" in report.env_lines(env)
 
 
 def test_git_commit_outside_a_checkout_takes_the_named_one(tmp_path, monkeypatch):
