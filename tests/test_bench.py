@@ -441,6 +441,7 @@ def test_result_json_markdown_and_plots(tmp_path, monkeypatch):
     (lambda d: d["env"].pop("git_commit"), "env.git_commit"),
     (lambda d: d["rows"][0].update(status="broken"), "rows[0].status"),
     (lambda d: d["rows"][0].pop("ms"), "rows[0].ms"),
+    (lambda d: d["rows"][0].update(ms=0.0), "rows[0].ms"),  # an ok row timed nothing: no rate from it
     (lambda d: d.update(schema="other"), "schema"),
     (lambda d: d["targets"][0].update(status="OK"), "targets[0].status"),
     (lambda d: d["targets"][0].pop("threshold"), "targets[0].threshold"),
@@ -1221,3 +1222,547 @@ def test_liger_cross_entropy_rates_count_the_work_each_mode_does(monkeypatch):
     assert by[("liger", "fwd")]["bytes"] == 3 * nv2 and by[("liger", "fwd+bwd")]["bytes"] == 3 * nv2
     assert "bytes" not in by[("liger", "bwd")] and "gbps" not in by[("liger", "bwd")]
     assert by[("liger", "bwd")]["note"] == "gradients made in forward"
+
+
+# -- a second mutation pass over bench/: each test below failed on a mutant that passed the rest ----------
+def test_gpu_timer_asks_do_bench_for_median_p20_p80_with_the_team_settings(monkeypatch):
+    """GpuTimer.bench is do_bench(warmup=25, rep=100, quantiles for the median, p20 and p80), run
+    after untimed warm calls (compilation and autotuning are not timed), and returns (median, p20,
+    p80). A stand-in do_bench answers each quantile asked for from fixed timings, so a reordered
+    quantile list, a swapped return, swapped warmup/rep or no warm call shows here without a GPU."""
+    import triton.testing
+
+    times = torch.arange(1.0, 11.0)  # 1..10 ms
+    calls, seen = [], {}
+
+    def fake_do_bench(fn, warmup, rep, grad_to_none=None, quantiles=None):
+        seen.update(warmup=warmup, rep=rep, grad_to_none=grad_to_none, warm_calls=len(calls))
+        fn()
+        return [torch.quantile(times, q).item() for q in quantiles]
+
+    monkeypatch.setattr(triton.testing, "do_bench", fake_do_bench)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a, **k: None)
+    leaves = [torch.zeros(1)]
+    med, p20, p80 = common.GpuTimer().bench(lambda: calls.append(1), grad_to_none=leaves)
+    # linear interpolation over 1..10: the median at 4.5 -> 5.5, p20 at 1.8 -> 2.8, p80 at 7.2 -> 8.2
+    assert (med, p20, p80) == pytest.approx((5.5, 2.8, 8.2))
+    assert (seen["warmup"], seen["rep"]) == (25, 100) and seen["grad_to_none"] is leaves
+    assert seen["warm_calls"] >= 1
+    common.GpuTimer(warmup_ms=7, rep_ms=30).bench(lambda: None)
+    assert (seen["warmup"], seen["rep"]) == (7, 30)
+
+
+def test_gpu_timer_peak_counts_only_what_fn_allocates(monkeypatch):
+    """peak_bytes is the allocator's peak while fn runs above what was live before it (inputs,
+    weights), with an earlier op's higher peak forgotten. A stand-in CUDA allocator: 4000 bytes
+    live, an earlier peak of 10000, and fn making a 1000-byte temporary."""
+    mem = {"live": 4000, "peak": 10_000}
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a, **k: None)
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda *a, **k: mem.update(peak=mem["live"]))
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda *a, **k: mem["live"])
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda *a, **k: mem["peak"])
+
+    def fn():
+        mem["peak"] = max(mem["peak"], mem["live"] + 1000)
+
+    assert common.GpuTimer().peak_bytes(fn) == 1000
+
+
+def test_cpu_timer_resets_gradients_before_each_timed_call():
+    """As do_bench's grad_to_none: each timed call starts with the leaves' .grad None, so a timed
+    backward writes its gradients rather than adding into the previous call's."""
+    x = torch.ones(3, requires_grad=True)
+    fresh = []
+
+    def step():
+        fresh.append(x.grad is None)
+        (2 * x).sum().backward()
+
+    CpuTimer(reps=3, warm_calls=1, warm_s=0.0).bench(step, grad_to_none=[x])
+    assert fresh[-3:] == [True, True, True]
+
+
+def test_median_quantiles_is_the_median_not_the_mean():
+    """One slow outlier (a page fault, another process) moves the mean, not the median the rows
+    report; p20/p80 by linear interpolation, as torch.quantile computes them."""
+    xs = [1.0, 2.0, 3.0, 4.0, 100.0]
+    expected = torch.quantile(torch.tensor(xs, dtype=torch.float64), torch.tensor([0.5, 0.2, 0.8], dtype=torch.float64))
+    assert common.median_quantiles(xs) == pytest.approx(tuple(expected.tolist()))
+    assert common.median_quantiles(xs)[0] == 3.0
+
+
+def test_time_cpu_times_reps_calls_and_warms_only_when_asked():
+    """time_cpu(fn, reps, warm_calls=0) calls fn exactly reps times (the tokenizer bench has
+    already run it once, untimed); with warm_calls=1 at least one more call comes first."""
+    calls = []
+    common.time_cpu(lambda: calls.append(1), reps=4, warm_calls=0)
+    assert len(calls) == 4
+    calls.clear()
+    common.time_cpu(lambda: calls.append(1), reps=4, warm_calls=1)
+    assert len(calls) >= 5
+
+
+def test_budget_sub_is_a_fraction_of_the_time_left():
+    """`bench all` gives the kernels half of what is left (Budget.sub(0.5)), so the training step
+    still has time; an interrupt of the part stops the whole."""
+    whole = Budget(100.0)
+    half = whole.sub(0.5)
+    assert 49.0 < half.remaining() <= 50.0
+    assert Budget(None).sub(0.5).remaining() == float("inf")
+    half.interrupt()
+    assert whole.expired() and whole.skip_reason().startswith("skipped: interrupted")
+
+
+def test_kernel_targets_judge_each_width_on_its_own_rows():
+    """Two widths, two verdicts: the 1024-wide LayerNorm and MLP lines are judged on the 1024 rows,
+    not on the first row of the op (the 768 one) whatever its width."""
+    def ln(w):
+        return {"rows": 16384, "width": w, "dtype": "bf16"}
+
+    def mlp(w):
+        return {"rows": 16384, "width": w, "hidden": 4 * w, "dtype": "bf16"}
+
+    rows = [_k("layernorm", "triton", "fwd+bwd", ln(768), ms=1.0, gbps=900.0),
+            _k("layernorm", "triton", "fwd+bwd", ln(1024), ms=2.0, gbps=500.0),
+            _k("mlp", "reference", "fwd+bwd", mlp(768), ms=3.0),
+            _k("mlp", "triton", "fwd+bwd", mlp(768), ms=2.0),
+            _k("mlp", "reference", "fwd+bwd", mlp(1024), ms=3.0),
+            _k("mlp", "triton", "fwd+bwd", mlp(1024), ms=3.0)]
+    got = {(t["target"], t["config"]): t for t in kernels.kernel_targets(rows, {"copy": {"gbps": 1000.0}})}
+    bw = "layernorm bandwidth / copy bandwidth"
+    assert got[(bw, "width=768 fwd+bwd")]["value"] == pytest.approx(0.9)
+    assert got[(bw, "width=1024 fwd+bwd")]["value"] == pytest.approx(0.5)
+    assert got[(bw, "width=1024 fwd+bwd")]["status"] == "FAIL"
+    sp = "gelu-mlp speedup vs reference eager"
+    assert got[(sp, "width=768 fwd+bwd")]["value"] == pytest.approx(1.5)
+    assert got[(sp, "width=1024 fwd+bwd")]["value"] == pytest.approx(1.0)
+
+
+def test_kernel_speedup_thresholds_at_their_edges():
+    """The issue's bars: the GELU-MLP >= 1.15x the reference eager module, attention >= 1.10x the
+    best SDPA backend (fwd+bwd). Just under each bar fails."""
+    mlp = {"rows": 16384, "width": 768, "hidden": 3072, "dtype": "bf16"}
+    att = {"batch": 16, "heads": 32, "seq_len": 1024, "head_dim": 64, "causal": True, "dtype": "bf16"}
+
+    def verdicts(ref_ms, sdpa_ms):
+        rows = [_k("mlp", "reference", "fwd+bwd", mlp, ms=ref_ms), _k("mlp", "triton", "fwd+bwd", mlp, ms=1.0),
+                _k("attention", "sdpa-flash", "fwd+bwd", att, ms=sdpa_ms),
+                _k("attention", "triton", "fwd+bwd", att, ms=1.0)]
+        got = {t["target"]: t for t in kernels.kernel_targets(rows, {})}
+        return (got["gelu-mlp speedup vs reference eager"]["status"],
+                got["attention speedup vs best SDPA backend"]["status"])
+
+    assert verdicts(1.14, 1.09) == ("FAIL", "FAIL")
+    assert verdicts(1.15, 1.10) == ("PASS", "PASS")
+
+
+def test_attention_targets_judge_the_causal_d64_rows_only():
+    """The attention targets are for causal attention at D=64, T=1024: a non-causal row or a D=128
+    row of the same length, listed first, is not the one judged."""
+    att = {"batch": 16, "heads": 32, "seq_len": 1024, "head_dim": 64, "causal": True, "dtype": "bf16"}
+    rows = [_k("attention", "triton", "fwd", dict(att, causal=False), ms=0.1, tflops=400.0),
+            _k("attention", "triton", "fwd", dict(att, heads=16, head_dim=128), ms=0.1, tflops=450.0),
+            _k("attention", "triton", "fwd", att, ms=0.1, tflops=250.0)]
+    got = {t["target"]: t for t in kernels.kernel_targets(rows, {})}
+    assert got["attention forward TFLOPS"]["value"] == 250.0
+    assert got["attention forward TFLOPS"]["status"] == "FAIL"
+
+
+def test_environment_names_versions_threads_and_utc_time(monkeypatch):
+    """The JSON says who measured: torch's and Triton's own versions, torch's CPU thread count
+    (what the CPU timings ran with, not the core count) and a UTC timestamp."""
+    import datetime
+
+    import triton
+
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 7)
+    env = common.environment()
+    assert env["triton"] == triton.__version__ and env["torch"] == torch.__version__
+    assert env["cpu_threads"] == 7
+    assert datetime.datetime.fromisoformat(env["timestamp"]).utcoffset() == datetime.timedelta(0)
+
+
+def test_environment_on_a_gpu_names_the_gpu(monkeypatch):
+    """With CUDA, the device is the GPU's name (the results' folder too), with its driver and
+    compute capability: a stand-in CUDA device here."""
+    name = "NVIDIA H100 80GB HBM3"
+    props = types.SimpleNamespace(total_memory=80 << 30, multi_processor_count=132, major=9, minor=0)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: name)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda *a: props)
+    monkeypatch.setattr(common, "nvidia_driver", lambda: "550.54.15")
+    env = common.environment()
+    assert env["device"] == name and env["device_slug"] == "nvidia-h100-80gb-hbm3"
+    assert env["driver"] == "550.54.15" and env["compute_capability"] == "9.0"
+    assert env["cpu"] == common.cpu_name()
+
+
+def test_dtype_names_are_the_ones_the_flags_take():
+    """A row's dtype label reads back, through --dtype's own table, as the dtype it measured."""
+    from tritongpt.train.common import pick_dtype
+
+    for dt in (torch.bfloat16, torch.float16, torch.float32):
+        assert pick_dtype(common.dtype_name(dt), torch.device("cuda")) == dt
+
+
+def test_rows_table_shows_each_rows_own_numbers():
+    """Each measured row keeps its own line (rows are merged only when skipped/failed alike), its
+    timing as median [p20, p80] and a GB/s row its percent of the copy ceiling."""
+    c = {"rows": 8, "width": 16}
+    rows = [make_row("kernels", "layernorm", "triton", c, "fwd", ms=2.0, ms_p20=1.5, ms_p80=3.0, gbps=500.0),
+            make_row("kernels", "layernorm", "triton", c, "bwd", ms=4.0, ms_p20=3.5, ms_p80=5.0, gbps=250.0)]
+    kernels.add_ceiling_percent(rows, {"copy": {"gbps": 2000.0}, "matmul": {"tflops": 100.0}})
+    lines = [ln for ln in report.rows_table(rows).splitlines() if ln.startswith("| layernorm |")]
+    assert len(lines) == 2
+    assert "| fwd | triton | 2 [1.5, 3] | 500 GB/s | 25.0% |" in lines[0]  # 500 / 2000
+    assert "| bwd | triton | 4 [3.5, 5] | 250 GB/s | 12.5% |" in lines[1]
+
+
+def test_targets_saved_table_and_ceilings_render_what_they_hold():
+    """A "<=" target says so, a missing value is "-" (not 0), the saved-activation table shows the
+    saved bytes (not the output's), and the ceilings section gives the copy's GB/s."""
+    t = report.targets_table([target("mem", "w=1", 0.6, 0.7, op="<=", unit="x"), target("speed", "w=1", None, 1.15)])
+    assert "| mem | w=1 | 0.6 x | <= 0.7 | PASS |" in t
+    assert "| speed | w=1 | - | >= 1.15 | N/A |" in t
+    saved = make_row("kernels", "mlp", "triton", {"rows": 8, "width": 16, "dtype": "bf16"}, "saved",
+                     saved_bytes=3 * 2**20, output_bytes=2**20)
+    assert "| 3.0 MiB | 3,145,728 | ok |" in report.saved_table([saved])
+    res = report.make_result("kernels", common.environment(), [],
+                             ceilings={"copy": {"bytes": 2 << 30, "ms": 1.0, "gbps": 2000.0}})
+    assert "- device copy: 2,000 GB/s (2.0 GiB moved, 1 ms)" in report.render_markdown(res)
+
+
+def test_console_summary_lists_what_was_not_measured():
+    c = {"rows": 8, "width": 16}
+    res = report.make_result("kernels", {}, [make_row("kernels", "layernorm", "triton", c, "fwd", ms=1.0),
+                                             make_row("kernels", "layernorm", "liger", c, "fwd", "skipped: no liger")])
+    text = report.console_summary([res])
+    assert "1 row(s) not measured" in text and "skipped: no liger" in text
+
+
+def test_write_result_refuses_an_invalid_result(tmp_path):
+    """Nothing reaches disk that validate_result refuses (here an ok row with no timing)."""
+    res = _fake_kernel_result()
+    res["rows"][0].pop("ms")
+    with pytest.raises(ValueError, match=r"rows\[0\]\.ms"):
+        report.write_result(res, tmp_path, plots=False)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_kernel_plots_draw_each_ops_own_ceiling(tmp_path, monkeypatch):
+    """A GB/s plot's dashed line is the copy ceiling, a TFLOPS plot's the matmul ceiling."""
+    import matplotlib.axes
+
+    drawn, real = [], matplotlib.axes.Axes.axhline
+
+    def axhline(self, y=0, *a, **k):
+        drawn.append((k.get("label"), y))
+        return real(self, y, *a, **k)
+
+    monkeypatch.setattr(matplotlib.axes.Axes, "axhline", axhline)
+    rows = [_k("layernorm", "torch", "fwd", {"rows": 8, "width": 16}, ms=1.0, gbps=500.0),
+            _k("mlp", "torch", "fwd", {"rows": 8, "width": 16}, ms=1.0, tflops=50.0)]
+    report.plot_kernels(rows, {"copy": {"gbps": 2000.0}, "matmul": {"tflops": 400.0}}, tmp_path)
+    assert sorted(drawn) == [("copy ceiling", 2000.0), ("matmul ceiling", 400.0)]
+
+
+def test_autotune_timings_rank_configs_by_their_median(tmp_path):
+    """Fastest first by the median (the first of [median, p20, p80]), not by a lucky p20."""
+    import triton
+
+    a, b = (triton.Config({"BLOCK_M": m}, num_warps=4, num_stages=3) for m in (32, 64))
+    search = {"key": [1], "configs_timings": [(a.__dict__, [0.30, 0.10, 0.31]), (b.__dict__, [0.20, 0.19, 0.21])]}
+    (tmp_path / "ab").mkdir()
+    (tmp_path / "ab" / "_k.autotune.json").write_text(json.dumps(search))
+    (entry,) = report.autotune_timings(tmp_path, kernels={})
+    assert [t["config"]["BLOCK_M"] for t in entry["timings"]] == [64, 32]
+
+
+def test_every_provider_builder_is_in_the_sweep():
+    """PROVIDERS (what a sweep runs, what --providers accepts) lists exactly the providers each op's
+    builders make: one left out would never be measured, and its target lines would say N/A."""
+    x = torch.zeros(4, 8)
+    q = torch.zeros(1, 2, 4, 8)
+    t = torch.zeros(4, dtype=torch.long)
+    built = {"layernorm": kernels.layernorm_providers(x, x[0], x[0]),
+             "mlp": kernels.mlp_providers(x, torch.zeros(32, 8), torch.zeros(32), torch.zeros(8, 32), x[0]),
+             "attention": kernels.attention_providers(q, q, q),
+             "cross_entropy": kernels.cross_entropy_providers(x, t),
+             "lm_head_loss": kernels.lm_head_loss_providers(x, torch.zeros(5, 8), t)}
+    assert set(built) == set(kernels.PROVIDERS)
+    for op, builders in built.items():
+        assert set(kernels.PROVIDERS[op]) == set(builders), op
+
+
+def test_layernorm_rows_config_and_bytes_are_the_rows_measured(monkeypatch):
+    """On a GPU the sweep raises the row count past the L2 cache: the row's config and its byte
+    count must both be for the rows actually timed (here a stand-in doubling them)."""
+    monkeypatch.setattr(kernels, "layernorm_rows", lambda rows_m, n, elem, device: 2 * rows_m)
+    (r,) = kernels.sweep_layernorm(CpuTimer(reps=1), Budget(None), 8, (16,), torch.float32, modes=("fwd",),
+                                   providers=("torch",))
+    assert r["status"] == "ok" and r["config"]["rows"] == 16
+    assert r["bytes"] == (16 * 16 + 16 + 16 + 16 * 16) * 4  # read x, weight, bias; write y
+
+
+def test_attention_shape_keeps_tokens_and_width():
+    """FlashAttention's sizing: batch * seq_len = tokens and heads * head_dim = width."""
+    b, h = kernels.attention_shape(512, 128, tokens=16384, width=2048)
+    assert b * 512 == 16384 and h * 128 == 2048
+
+
+def test_non_causal_attention_rows_count_the_whole_score_matrix():
+    """causal=False: every query sees every key, QK^T and PV of 2*T*T*D each per (batch, head)."""
+    (r,) = kernels.sweep_attention(CpuTimer(reps=1), Budget(None), (16,), (8,), torch.float32, tokens=32,
+                                   width=32, modes=("fwd",), providers=("sdpa-flash",), causal=False)
+    assert r["status"] == "ok" and r["config"]["causal"] is False
+    b, h = r["config"]["batch"], r["config"]["heads"]
+    assert (b, h) == (2, 4) and r["flops"] == b * h * 2 * (2 * 16 * 16 * 8)
+
+
+def test_lm_head_sweep_counts_our_fused_forward_as_fwd_plus_bwd():
+    """Our fused LM head + loss makes its gradients in forward: the sweep's fwd row counts its three
+    matmuls and the bwd row none (the sweep must name triton among grads_in_forward)."""
+    N, C, V = 8, 8, 24
+    rows = kernels.sweep_lm_head_loss(CpuTimer(reps=1), Budget(None), N, (C,), (V,), torch.float32,
+                                      modes=("fwd", "bwd"), providers=("triton",))
+    by = {r["mode"]: r for r in rows}
+    assert all(r["status"] == "ok" for r in rows), [r["status"] for r in rows]
+    assert by["fwd"]["flops"] == 3 * (2 * N * C * V)
+    assert "flops" not in by["bwd"] and "tflops" not in by["bwd"]
+
+
+def test_out_of_memory_rows_say_so():
+    def build():
+        def forward():
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return forward, []
+
+    (r,) = kernels.bench_providers("mlp", {"rows": 1}, {"torch": build}, ("fwd",), CpuTimer(reps=1),
+                                   Budget(None), lambda m: {"flops": 1})
+    assert r["status"] == "failed: out of memory"
+
+
+def test_bwd_mode_times_backward_alone():
+    """bwd times backward of a graph built once (retain_graph), never the forward again; fwd+bwd
+    runs forward each call."""
+    x = kernels.randn(4, 5, device="cpu", dtype=torch.float32)
+    forwards = []
+
+    def forward():
+        forwards.append(1)
+        return 2 * x
+
+    bwd = kernels._mode_fn(forward, "bwd")
+    for _ in range(3):
+        bwd()
+    assert len(forwards) == 1
+    both = kernels._mode_fn(forward, "fwd+bwd")
+    for _ in range(3):
+        both()
+    assert len(forwards) == 2 + 3
+
+
+def _step(model, provider, tok_s, **m):
+    cfg = {"model": model, "batch": 16, "seq_len": 1024}
+    return make_row("train", "step", provider, cfg, "fwd+bwd", ms=1.0, tokens_per_s=tok_s, **m)
+
+
+def test_train_targets_ours_is_a_triton_provider_on_gpt2_small():
+    """"Ours" is only a Triton provider and only the 124M model's rows count: a faster compiled
+    baseline is the baseline, and gpt2-medium rows listed first are not judged."""
+    rows = [_step("gpt2-medium", "reference", 50.0, peak_mem_bytes=300),
+            _step("gpt2-medium", "reference+compile+sdpa", 60.0, peak_mem_bytes=250),
+            _step("gpt2-medium", "triton", 200.0, mfu=0.9, peak_mem_bytes=100),
+            _step("gpt2-small", "reference", 80.0, peak_mem_bytes=100),
+            _step("gpt2-small", "reference+compile+sdpa", 150.0, mfu=0.7, peak_mem_bytes=90),
+            _step("gpt2-small", "triton", 130.0, mfu=0.5, peak_mem_bytes=60)]
+    got = {t["target"]: t for t in train_step.train_targets(rows)}
+    speed = got["train step speedup vs reference+compile+sdpa"]
+    assert speed["value"] == pytest.approx(130 / 150) and speed["status"] == "FAIL"
+    assert speed["note"] == "ours = triton"
+    assert got["train MFU"]["value"] == 0.5 and got["train MFU"]["status"] == "FAIL"
+    assert got["train peak memory / reference eager"]["value"] == pytest.approx(0.6)
+
+
+def test_train_speedup_threshold_at_its_edge():
+    """>= 1.25x reference+compile+sdpa (train_targets' docstring): 1.24x fails."""
+    for tok_s, status in ((124.0, "FAIL"), (125.0, "PASS")):
+        rows = [_step("gpt2-small", "reference+compile+sdpa", 100.0), _step("gpt2-small", "triton", tok_s)]
+        got = {t["target"]: t for t in train_step.train_targets(rows)}
+        assert got["train step speedup vs reference+compile+sdpa"]["status"] == status, tok_s
+
+
+def test_train_step_with_a_non_finite_loss_is_a_failed_row(monkeypatch):
+    """A step whose loss is nan measured nothing worth a number: a failed row, no tokens/s."""
+    monkeypatch.setattr(train_step, "train_step", lambda *a, **k: torch.tensor(float("nan")))
+    row = train_step.bench_train_provider("reference", "tiny", 1, 8, torch.device("cpu"), torch.float32,
+                                          warmup_steps=0, steps=1, peak_flops=1e12)
+    assert row["status"] == "failed: loss is nan" and "tokens_per_s" not in row and "mfu" not in row
+
+
+def test_train_row_timing_is_the_median_of_every_timed_step(monkeypatch):
+    times = [10.0, 20.0, 30.0, 40.0, 1000.0]
+    monkeypatch.setattr(train_step, "time_steps", lambda step, n, device: list(times))
+    row = train_step.bench_train_provider("reference", "tiny", 1, 8, torch.device("cpu"), torch.float32,
+                                          warmup_steps=1, steps=5)
+    assert row["ms"] == 30.0 and row["tokens_per_s"] == pytest.approx(8 / 30e-3)
+
+
+def test_train_row_config_names_a_padded_vocabulary():
+    """--vocab-multiple pads the head: a different workload, so the row's config says so."""
+    row = train_step.bench_train_provider("reference", "tiny", 1, 8, torch.device("cpu"), torch.float32,
+                                          warmup_steps=0, steps=1, vocab_size=4000, vocab_multiple=64)
+    assert row["status"] == "ok" and row["config"]["padded_vocab"] == 4032  # 63 * 64, the next multiple
+
+
+def test_run_train_uses_the_batch_asked_for_per_model(monkeypatch):
+    seen = []
+    monkeypatch.setattr(train_step, "bench_train_provider", lambda name, model, batch, *a, **k: seen.append(
+        (model, batch)) or make_row("train", "step", name, {"model": model}, "fwd+bwd", ms=1.0, tokens_per_s=1.0))
+    train_step.run_train(torch.device("cpu"), Budget(None), models=("tiny", "gpt2-small"), providers=("reference",),
+                         batch={"tiny": 3}, log=lambda s: None)
+    assert seen == [("tiny", 3), ("gpt2-small", train_step.DEFAULT_BATCH["gpt2-small"])]
+
+
+def test_run_train_scales_a_providers_cost_by_depth(monkeypatch):
+    """A provider's time on the next model is its time on this one times the depth ratio (dynamo
+    traces every layer): 10 s on tiny (4 layers) -> 30 s expected on gpt2-small (12), so with 15 s
+    left it is not started. A stand-in clock: each step costs 10 s."""
+    clock = [0.0]
+    fake_time = types.SimpleNamespace(perf_counter=lambda: clock[0], monotonic=lambda: clock[0])
+    monkeypatch.setattr(train_step, "time", fake_time)
+    monkeypatch.setattr(common, "time", fake_time)
+
+    def fake(name, model_name, *a, **k):
+        clock[0] += 10.0
+        return make_row("train", "step", name, {"model": model_name}, "fwd+bwd", ms=1.0, tokens_per_s=1.0)
+
+    monkeypatch.setattr(train_step, "bench_train_provider", fake)
+    rows = train_step.run_train(torch.device("cpu"), Budget(25.0), models=("tiny", "gpt2-small"),
+                                providers=("reference",), log=lambda s: None)
+    assert rows[0]["status"] == "ok"
+    assert rows[1]["status"] == "skipped: time budget (~30 s expected from the previous model, 15 s left)"
+
+
+def _train_only_run(monkeypatch, tmp_path, argv, rows):
+    """`bench train` through _run_gpu with CPU stand-ins and given training rows."""
+    from tritongpt import cli
+    from tritongpt.bench import cli as bcli
+
+    _cpu_stand_ins(monkeypatch)
+    seen = {}
+
+    def fake_train(device, budget, dtype, models, providers, batch, seq_len, warmup, steps, peak, **k):
+        seen.update(models=models, peak=peak)
+        return rows
+
+    monkeypatch.setattr(train_step, "run_train", fake_train)
+    args = cli.build_parser().parse_args(["bench", "train", "--out", str(tmp_path), "--no-plots", *argv])
+    return bcli._run_gpu(args), seen
+
+
+def test_strict_exits_1_on_a_failed_target_only(tmp_path, monkeypatch):
+    """--strict: exit 1 when a target FAILs; a target that could not be judged (N/A) is not a FAIL."""
+    fail = [_step("gpt2-small", "reference", 80.0, peak_mem_bytes=100),
+            _step("gpt2-small", "reference+compile+sdpa", 100.0),
+            _step("gpt2-small", "triton", 110.0, mfu=0.6, peak_mem_bytes=50)]  # 1.1x < 1.25x
+    assert _train_only_run(monkeypatch, tmp_path / "a", ["--strict"], fail)[0] == 1
+    assert _train_only_run(monkeypatch, tmp_path / "b", [], fail)[0] == 0
+    na = [make_row("train", "step", "triton", {"model": "gpt2-small"}, "fwd+bwd", "skipped: x")]
+    assert _train_only_run(monkeypatch, tmp_path / "c", ["--strict"], na)[0] == 0
+
+
+def test_train_targets_only_when_gpt2_small_was_benchmarked(tmp_path, monkeypatch):
+    rows = [_step("gpt2-medium", "triton", 100.0)]
+    rc, seen = _train_only_run(monkeypatch, tmp_path, ["--models", "gpt2-medium"], rows)
+    assert rc == 0 and seen["models"] == ("gpt2-medium",)
+    (folder,) = tmp_path.iterdir()
+    assert json.loads((folder / "train.json").read_text())["targets"] == []
+
+
+def test_mfu_denominator_is_the_flag_then_the_trainers_datasheet_peak(tmp_path, monkeypatch):
+    """On a GPU the trainer's datasheet peak (train/loop.py peak_flops) is the MFU denominator
+    unless --peak-tflops names one; a stand-in CUDA device with a stand-in datasheet value."""
+    from tritongpt.train import loop
+
+    env = common.environment()
+    monkeypatch.setattr(common, "environment", lambda: env)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Stand-in GPU")
+    monkeypatch.setattr(loop, "peak_flops", lambda device: 123e12)
+    rc, seen = _train_only_run(monkeypatch, tmp_path / "a", [], [])
+    assert rc == 0 and seen["peak"] == 123e12
+    (folder,) = (tmp_path / "a").iterdir()
+    assert json.loads((folder / "train.json").read_text())["peak_flops_source"] == \
+        "dense bf16 datasheet peak of Stand-in GPU"
+    rc, seen = _train_only_run(monkeypatch, tmp_path / "b", ["--peak-tflops", "400"], [])
+    assert rc == 0 and seen["peak"] == 400e12
+
+
+def test_gpu_command_passes_timer_settings_and_halves_the_budget_for_kernels(tmp_path, monkeypatch):
+    """`bench all`: the timer gets --warmup-ms/--rep-ms, and the kernels get half the time left
+    (Budget.sub(0.5)) so the training step is not starved."""
+    from tritongpt import cli
+    from tritongpt.bench import cli as bcli
+
+    seen = {}
+    monkeypatch.setattr(common, "GpuTimer", lambda *a: seen.update(timer=a) or CpuTimer(reps=1))
+
+    def fake_kernels(timer, budget, *a, **k):
+        seen["kernel_budget"] = budget.remaining()
+        return [], {}
+
+    monkeypatch.setattr(kernels, "run_kernels", fake_kernels)
+    monkeypatch.setattr(train_step, "run_train", lambda *a, **k: [])
+    args = cli.build_parser().parse_args(["bench", "all", "--out", str(tmp_path), "--no-plots", "--max-minutes", "10",
+                                          "--warmup-ms", "7", "--rep-ms", "30", "--peak-tflops", "100"])
+    assert bcli._run_gpu(args) == 0
+    assert seen["timer"] == (7, 30)
+    assert 290 < seen["kernel_budget"] <= 300
+
+
+def test_cpu_threads_flag_must_be_positive(monkeypatch):
+    refused_before_the_cpu_timings(monkeypatch, ((["cpu", "--threads", "0"], "--threads must be a positive integer"),))
+
+
+def test_cpu_rows_name_their_section_threads_and_failures():
+    """cpu.json's rows are section "cpu" (the MLP's saved bytes too), a model row's config names
+    the torch threads it ran with and its n_params counts every parameter once, and a timing that
+    raises is a failed row."""
+    from tritongpt.bench import cpu
+
+    rows = cpu.mlp_saved_cpu(rows_m=4, width=8, providers=("torch",))
+    assert [r["section"] for r in rows] == ["cpu"]
+    row = cpu.bench_model_forward("tiny", batch=1, seq_len=8, reps=1)
+    assert row["config"]["threads"] == torch.get_num_threads()
+    from tritongpt.model.config import get_config
+    from tritongpt.model.gpt import GPTModel
+
+    with torch.device("meta"):
+        model = GPTModel(get_config("tiny"))
+    unique = {id(p): p.numel() for p in model.parameters()}
+    assert row["n_params"] == sum(unique.values())
+
+    def broken():
+        raise RuntimeError("no")
+
+    r = cpu._timed_row("model-forward", "fwd", {"batch": 1, "seq_len": 8}, broken, reps=1)
+    assert r["status"] == "failed: RuntimeError: no"
+
+
+def test_reference_tokenizer_encodes_only_its_sample():
+    """The from-scratch encoder is slow: it gets the first reference_chars characters, and its
+    row's config says how many it encoded."""
+    from tritongpt.bench import cpu
+
+    class Tok:
+        vocab_size = 300
+
+        def encode(self, text):
+            return list(text.encode())
+
+        encode_reference = encode
+
+    fast, ref = cpu.bench_tokenizer("abcd" * 100, reps=1, reference_chars=40, tokenizer=Tok())
+    assert fast["config"]["chars"] == 400 and fast["tokens"] == 400
+    assert ref["config"]["chars"] == 40 and ref["tokens"] == 40
