@@ -166,6 +166,15 @@ def test_a_pretraining_run_is_scored_on_its_own_held_out_tail(tmp_path, capsys):
     assert main(["eval", "--weights", str(run), "--cache-dir", cache, "--json"]) == 0
     got = json.loads(capsys.readouterr().out)
     assert got["data"] == str(tmp_path / "small.txt") and got["tokens"] == n - train - 1
+    # another tokenizer: the run's split counts the run's tokens, not these; the default 10% tail of
+    # the text as this tokenizer splits it is scored instead (the run's count was applied to these
+    # tokens: 2068 scored here, not 996, from a point inside the text the model trained on)
+    other = BPETokenizer.train(text, 270, name="other")
+    other.save(tmp_path / "other.json")
+    n_other = len(other.encode(text))
+    assert main(["eval", "--weights", str(run), "--tokenizer", str(tmp_path / "other.json"), "--cache-dir",
+                 str(tmp_path / "cache-other"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["tokens"] == round(n_other * 0.1) - 1
     assert main(["eval", "--weights", str(run), "--cache-dir", cache, "--val-fraction", "0.5", "--json"]) == 0
     out = capsys.readouterr()
     assert json.loads(out.out)["tokens"] == n - (n - round(n * 0.5)) - 1
