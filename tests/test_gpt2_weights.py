@@ -54,6 +54,10 @@ def test_heads_without_config_json_come_from_a_name_that_fits_or_not_at_all(tmp_
     with pytest.raises(UserError, match="width 256 and 6 layers, but --model tiny has 128 and 4"):
         load_gpt2_safetensors(path, model_name="tiny")
     assert load_gpt2_safetensors(path, model_name="mini").config.n_head == 8  # what the user named
+    # a name of the file's width but another depth is no evidence either (mini is 6 layers deep)
+    _, shallow = _hf_model(tmp_path / "shallow", n_embd=256, n_layer=4, n_head=4, vocab=64, ctx=8, save_config=False)
+    with pytest.raises(UserError, match="width 256 and 4 layers, but --model mini has 256 and 6"):
+        load_gpt2_safetensors(shallow, model_name="mini")
     (tmp_path / "config.json").write_text('{"n_head": 4}')
     model = load_gpt2_safetensors(path, model_name="tiny")  # config.json decides; the name is moot
     idx = torch.randint(0, 64, (1, 8))
@@ -108,6 +112,59 @@ def test_nan_weights_are_named(tmp_path):
         load_gpt2_safetensors(path)
 
 
+def test_a_tensor_of_the_wrong_shape_is_named(tmp_path):
+    """A tensor whose shape is not the one the file's sizes call for is a UserError naming it;
+    copy_ alone would broadcast a [1] LayerNorm bias over the whole width without a word."""
+    from safetensors.torch import load_file, save_file
+
+    _, path = _hf_model(tmp_path)
+    sd = load_file(str(path))
+    (key,) = [k for k in sd if k.endswith("h.1.ln_1.bias")]
+    sd[key] = torch.tensor([0.5])
+    save_file(sd, str(path))
+    with pytest.raises(UserError, match=r"tensor for trf_blocks.1.norm1.bias has shape \(1,\), expected \(48,\)"):
+        load_gpt2_safetensors(path)
+
+
+def test_an_lm_head_equal_to_the_embedding_loads_tied_and_another_untied(tmp_path):
+    """Some saves of GPT-2 carry lm_head.weight as a copy of wte.weight: that is the tied head
+    (one matrix: fine-tuning keeps them one, an export writes one); an lm_head of its own is an
+    untied head, and the logits are its."""
+    from safetensors.torch import load_file, save_file
+
+    hf, path = _hf_model(tmp_path)
+    sd = load_file(str(path))
+    wte = sd["transformer.wte.weight"]
+    save_file({**sd, "lm_head.weight": wte.clone()}, str(path))
+    model = load_gpt2_safetensors(path)
+    assert model.config.tie_weights and model.out_head.weight is model.tok_emb.weight
+    head = torch.randn_like(wte)
+    save_file({**sd, "lm_head.weight": head}, str(path))
+    model = load_gpt2_safetensors(path).eval()
+    assert not model.config.tie_weights and torch.equal(model.out_head.weight, head)
+    idx = torch.randint(0, 101, (1, 9))
+    with torch.no_grad():
+        h = hf.transformer(idx).last_hidden_state  # transformers' final hidden state, our head on it
+        assert report(model(idx), h @ head.t())[1] < 1e-5
+
+
+def test_load_checkpoint_notes_a_model_name_that_differs_in_any_size(tmp_path, capsys):
+    """A tritongpt file carries its config, which is used; a --model that differs from it in any
+    of layers, heads or width is noted (only depth differs here: tiny is 4 layers of 4 heads at
+    width 128), and one that matches is not."""
+    from tritongpt.model.config import GPTConfig
+    from tritongpt.model.gpt import GPTModel
+    from tritongpt.train.gpt2_weights import load_checkpoint
+
+    for n_layer, noted in ((2, True), (4, False)):
+        GPTModel(GPTConfig(vocab_size=64, context_length=8, n_embd=128, n_layer=n_layer, n_head=4)).save(
+            tmp_path / f"{n_layer}.safetensors")
+        assert load_checkpoint(tmp_path / f"{n_layer}.safetensors", "tiny").config.n_layer == n_layer
+        err = capsys.readouterr().err
+        assert ("holds a model of n_layer 2, n_head 4, n_embd 128 (its saved config, used), not tiny's" in err) \
+            == noted, err
+
+
 def test_offline_download_is_a_clear_error(tmp_path, monkeypatch):
     hub = pytest.importorskip("huggingface_hub")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
@@ -129,7 +186,12 @@ def test_config_json_that_disagrees_or_names_another_variant_is_refused(tmp_path
                          ({"layer_norm_epsilon": 1e-2}, "layer_norm_epsilon 0.01"),
                          ({"scale_attn_by_inverse_layer_idx": True}, "scale_attn_by_inverse_layer_idx True"),
                          ({"n_embd": 64}, "says n_embd 64, but the weights have 48"),
-                         ({"n_positions": 1024}, "says n_positions 1024, but the weights have 40")):
+                         ({"n_positions": 1024}, "says n_positions 1024, but the weights have 40"),
+                         ({"vocab_size": 50257}, "says vocab_size 50257, but the weights have 101"),
+                         ({"n_layer": 2}, "says n_layer 2, but the weights have 3"),
+                         # near misses count: eps 1e-6 or unscaled scores load and compute other numbers
+                         ({"layer_norm_epsilon": 1e-6}, "layer_norm_epsilon 1e-06"),
+                         ({"scale_attn_weights": False}, "scale_attn_weights False")):
         (tmp_path / "config.json").write_text(json.dumps({**good, **change}))
         with pytest.raises(UserError, match=said):
             load_gpt2_safetensors(path)
@@ -183,6 +245,42 @@ def test_export_loads_in_transformers_with_the_same_logits(tmp_path, overrides):
     export_gpt2(model, tmp_path, overwrite=True)
 
 
+def test_export_config_json_and_metadata_describe_the_model(tmp_path):
+    """What other readers take from the folder, not only GPT2LMHeadModel: config.json's sizes
+    (n_ctx too, which GGUF converters read for the context), the model's dropout (transformers
+    trains with it), the same id as bos and eos (GPT2Config would say 50256 for bos, an id
+    this vocabulary does not have), and the safetensors header's format "pt", which older
+    transformers require to load the file at all."""
+    from safetensors import safe_open
+
+    from tritongpt.train.gpt2_weights import export_gpt2
+
+    model = _random_model(dropout=0.25)
+    weights, cfg_json = export_gpt2(model, tmp_path, eos_token_id=100)
+    d = json.loads(cfg_json.read_text())
+    want = {"model_type": "gpt2", "vocab_size": 101, "n_positions": 40, "n_ctx": 40, "n_embd": 48, "n_layer": 3,
+            "n_head": 4, "resid_pdrop": 0.25, "embd_pdrop": 0.25, "attn_pdrop": 0.25, "bos_token_id": 100,
+            "eos_token_id": 100, "tie_word_embeddings": True, "layer_norm_epsilon": 1e-5}
+    assert {k: d.get(k) for k in want} == want
+    with safe_open(str(weights), "pt") as f:
+        assert f.metadata() == {"format": "pt"}
+
+
+def test_export_refuses_a_folder_holding_either_file(tmp_path):
+    """export_gpt2 writes model.safetensors and config.json together: a folder holding either
+    one (another model's config.json, say) is refused without overwrite, and left as it was."""
+    from tritongpt.train.gpt2_weights import export_gpt2
+
+    model = _random_model()
+    for name in ("config.json", "model.safetensors"):
+        out = tmp_path / name.split(".")[0]
+        out.mkdir()
+        (out / name).write_text("another model's")
+        with pytest.raises(UserError, match="already holds a model"):
+            export_gpt2(model, out)
+        assert [p.name for p in out.iterdir()] == [name] and (out / name).read_text() == "another model's"
+
+
 def test_export_command_then_generate_from_the_folder(tmp_path, capsys):
     """`tritongpt export RUN --out DIR` writes weights, config and the run's tokenizer; generate
     on the exported file finds that tokenizer and gives the run's own greedy text; a second
@@ -200,7 +298,14 @@ def test_export_command_then_generate_from_the_folder(tmp_path, capsys):
     written = {"model.safetensors", "config.json", "vocab.json", "merges.txt", "tokenizer_config.json",
                "tritongpt_tokenizer.json"}
     assert {p.name for p in out.iterdir()} == written
-    assert transformers.AutoTokenizer.from_pretrained(out)("the cat")["input_ids"] == tok.encode("the cat")
+    hf_tok = transformers.AutoTokenizer.from_pretrained(out)
+    assert hf_tok("the cat")["input_ids"] == tok.encode("the cat")
+    # the run's end of text is the model's eos (where transformers' generate stops) and the
+    # tokenizer's bos and eos; the tokenizer's length limit is the model's context (40)
+    eot = tok.special_tokens["<|endoftext|>"]
+    assert json.loads((out / "config.json").read_text())["eos_token_id"] == eot
+    assert hf_tok.eos_token == hf_tok.bos_token == "<|endoftext|>" and hf_tok.eos_token_id == eot
+    assert hf_tok.model_max_length == 40
     assert cli.main(["export", str(run), "--out", str(out)]) == 2
     assert "already holds model.safetensors" in capsys.readouterr().err
     texts = []
@@ -241,6 +346,7 @@ def test_export_keeps_out_of_run_folders_and_replaces_a_whole_model_folder(tmp_p
     file transformers would read from before (a tokenizer.json, a generation_config.json, a peft
     adapter, with which from_pretrained would load the adapter's base model instead)."""
     from tritongpt import cli
+    from tritongpt.train.gpt2_weights import is_hf_file
     from tritongpt.train.tokenizer import BPETokenizer, save_run_tokenizer
 
     text = " ".join(f"a cat {i} sat on mat {i * 7}; a dog ran {i % 13} laps." for i in range(200))
@@ -252,6 +358,17 @@ def test_export_keeps_out_of_run_folders_and_replaces_a_whole_model_folder(tmp_p
             (out / "ckpt-0000010").mkdir(parents=True)
         assert cli.main(["export", str(run), "--out", str(out), "--overwrite"]) == 2
         assert "is a tritongpt run or checkpoint folder" in capsys.readouterr().err
+    # nor a bare model's own folder: --overwrite would replace the very file it exports
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    _random_model(vocab_size=280).save(bare / "model.safetensors")
+    assert cli.main(["export", str(bare / "model.safetensors"), "--out", str(bare), "--overwrite"]) == 2
+    assert "is a tritongpt run or checkpoint folder (model.safetensors)" in capsys.readouterr().err
+    assert [p.name for p in bare.iterdir()] == ["model.safetensors"]
+    assert not is_hf_file(bare / "model.safetensors")  # still ours, not an export written over it
+    # --out a file is named before anything is loaded
+    assert cli.main(["export", str(run), "--out", str(run / "model.safetensors")]) == 2
+    assert "model.safetensors is a file: name a folder" in capsys.readouterr().err
     old = tmp_path / "hf"
     old.mkdir()
     (old / "tokenizer.json").write_text(json.dumps({"version": "1.0", "model": {"type": "BPE"}}))
