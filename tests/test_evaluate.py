@@ -104,6 +104,11 @@ def test_eval_command_on_both_paths(tmp_path, capsys):
     ids = tok.encode(text)
     n_val = len(ids) - (len(ids) - round(len(ids) * 0.1))
     assert ref["bytes"] == len(tok.decode_bytes(ids[-n_val:][1:150]))  # the scored targets' text
+    assert ref["stride"] == ref["context"] == 32  # the default stride, as used: the context
+    # without --max-tokens: the whole default tail, the last 10% of the tokens (the first not a target)
+    assert main(["eval", "--weights", str(run), "--data", str(tmp_path / "corpus.txt"), "--kernels", "reference",
+                 "--device", "cpu", "--json", "--cache-dir", str(tmp_path / "cache")]) == 0
+    assert json.loads(capsys.readouterr().out)["tokens"] == n_val - 1
     assert main(["eval", "--weights", str(run), "--data", str(tmp_path / "corpus.txt"), "--stride", "0",
                  "--cache-dir", str(tmp_path / "cache")]) == 2
     assert "--stride must be between 1 and the context (32)" in capsys.readouterr().err
@@ -164,8 +169,10 @@ def test_a_pretraining_run_is_scored_on_its_own_held_out_tail(tmp_path, capsys):
     meta = json.loads((tmp_path / "cache" / "tokens.json").read_text())
     n, train = meta["n_tokens"], meta["split"]
     assert main(["eval", "--weights", str(run), "--cache-dir", cache, "--json"]) == 0
-    got = json.loads(capsys.readouterr().out)
+    out = capsys.readouterr()
+    got = json.loads(out.out)
     assert got["data"] == str(tmp_path / "small.txt") and got["tokens"] == n - train - 1
+    assert "inside the" not in out.err  # the run's own tail: nothing to note
     # another tokenizer: the run's split counts the run's tokens, not these; the default 10% tail of
     # the text as this tokenizer splits it is scored instead (the run's count was applied to these
     # tokens: 2068 scored here, not 996, from a point inside the text the model trained on)
@@ -205,6 +212,14 @@ def test_a_run_on_a_jsonl_field_is_scored_from_that_field(tmp_path, capsys):
     n, train = (json.loads((tmp_path / "cache" / "tokens.json").read_text())[k] for k in ("n_tokens", "split"))
     assert main(["eval", "--weights", str(run), "--cache-dir", cache, "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["tokens"] == n - train - 1
+    # other .jsonl data is read from --text-field, else "text": the run's field is for the run's data
+    (tmp_path / "other.jsonl").write_text("".join(json.dumps({"text": r}) + "\n" for r in rows[:40]))
+    assert main(["eval", "--weights", str(run), "--data", str(tmp_path / "other.jsonl"), "--cache-dir",
+                 str(tmp_path / "c2"), "--json"]) == 0, capsys.readouterr().err
+    capsys.readouterr()
+    # and an explicit --text-field wins over the run's own (its rows have no "text")
+    assert main(["eval", "--weights", str(run), "--text-field", "text", "--cache-dir", cache]) == 2
+    assert "no field 'text' (found ['body'])" in capsys.readouterr().err
     # --text-field on plain text is refused, as pretrain refuses it (it was ignored: the whole file scored)
     (tmp_path / "plain.txt").write_text(" ".join(rows))
     assert main(["eval", "--weights", str(run), "--data", str(tmp_path / "plain.txt"), "--text-field", "body"]) == 2
@@ -229,3 +244,60 @@ def test_a_run_on_a_relative_path_is_scored_from_another_folder(tmp_path, capsys
     monkeypatch.chdir(tmp_path / "elsewhere")
     assert main(["eval", "--weights", str(tmp_path / "run"), "--cache-dir", cache, "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["data"] == str(tmp_path / "corpus.txt")
+
+
+def test_evaluation_runs_in_eval_mode_and_leaves_the_mode_as_it_was():
+    """A model with dropout handed over in train mode (pretraining's periodic eval): the loss is
+    the eval-mode model's, not one with dropout noise, and the model is handed back in train
+    mode; a model in eval mode stays in eval mode."""
+    torch.manual_seed(0)
+    model = GPTModel(GPTConfig(vocab_size=50, context_length=16, n_embd=32, n_layer=2, n_head=2, dropout=0.5))
+    tokens = torch.randint(0, 50, (40,))
+    total, count = _hand_nll(model.eval(), tokens, windows(40, 16, 16))
+    assert evaluate_tokens(model, tokens)["loss"] == pytest.approx(total / count, rel=1e-6)
+    assert not model.training, "evaluate_tokens put an eval-mode model in train mode"
+    model.train()
+    assert evaluate_tokens(model, tokens)["loss"] == pytest.approx(total / count, rel=1e-6)
+    assert model.training, "evaluate_tokens left a train-mode model in eval mode"
+
+
+def test_dtype_is_the_forward_passes_autocast():
+    """dtype=bf16 (the GPU default, --dtype bf16) runs the forward passes under bf16 autocast:
+    the loss is the one the same windows give under torch.autocast directly, not the fp32 one."""
+    model = _model()
+    with torch.no_grad():  # confident logits: at init they are all near 0 and bf16 rounds them alike
+        model.tok_emb.weight.mul_(30.0)
+    tokens = torch.randint(0, 50, (61,))
+    spans = windows(61, 16, 16)
+    total = 0.0
+    for b, e, first in spans:
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            logits = model(tokens[b:e][None])
+        total += float(F.cross_entropy(logits[0].float(), tokens[b + 1:e + 1], reduction="sum"))
+    got = evaluate_tokens(model, tokens, dtype=torch.bfloat16)["loss"]
+    fp32 = evaluate_tokens(model, tokens)["loss"]
+    assert got == pytest.approx(total / 60, rel=1e-6)
+    assert abs(got - fp32) > 3e-5 * fp32, (got, fp32)  # bf16's rounding shows: autocast was on
+
+
+def test_document_separators_spell_no_bytes(tmp_path, capsys):
+    """Bits per byte counts the UTF-8 bytes of the text: the <|endoftext|> between .jsonl rows is
+    a token the model predicts, but no text (counted as its 13-byte spelling, it would lower bits
+    per byte by a separator's worth per document). Here the bytes are the rows' own, less the first
+    token's (never a target)."""
+    from tritongpt.train.tokenizer import BPETokenizer, save_run_tokenizer
+
+    rows = [f"row {i}: the cat sat on mat {i * 7}, café {i % 5}." for i in range(40)]
+    (tmp_path / "rows.jsonl").write_text("".join(json.dumps({"text": r}) + "\n" for r in rows), encoding="utf-8")
+    run = tmp_path / "run"
+    tok = BPETokenizer.train(" ".join(rows), 280, name="r")
+    save_run_tokenizer(tok, run)
+    torch.manual_seed(0)
+    GPTModel(GPTConfig(vocab_size=280, context_length=32, n_embd=32, n_layer=1, n_head=2)).save(
+        run / "model.safetensors")
+    assert main(["eval", "--weights", str(run), "--data", str(tmp_path / "rows.jsonl"), "--split", "all",
+                 "--kernels", "reference", "--device", "cpu", "--json", "--cache-dir", str(tmp_path / "c")]) == 0
+    out = json.loads(capsys.readouterr().out)
+    first = tok.encode(rows[0])[0]
+    assert out["tokens"] == sum(len(tok.encode(r)) for r in rows) + len(rows) - 1 - 1  # separators in, first out
+    assert out["bytes"] == sum(len(r.encode("utf-8")) for r in rows) - len(tok.decode_bytes([first]))
