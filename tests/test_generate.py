@@ -104,7 +104,9 @@ def test_top_p_boundary_and_tiny_temperatures():
     assert kept == {0, 1}, kept
     kept = {sample_next(logits, 1.0, top_p=p[0].item(), generator=g).item() for _ in range(100)}
     assert kept == {0}, kept
-    for t in (1e-40, 1e-300, 5e-324):
+    # 1e-37 is above fp32's smallest normal, so it is sampled: only the shift by the row's max keeps
+    # 50 / 1e-37 (inf in fp32) out of the softmax
+    for t in (1e-37, 1e-40, 1e-300, 5e-324):
         picks = sample_next(torch.tensor([[1.0, 3.0, 2.0], [-1e4, 0.0, 50.0]]), t, generator=g)
         assert picks.flatten().tolist() == [1, 2], t
 
@@ -186,3 +188,57 @@ def test_kv_cache_under_bf16_autocast_on_both_attention_paths(model):
     finally:
         model.set_kernels("reference")
     assert torch.equal(outs["reference"], outs["attention"])
+
+
+def test_top_k_keeps_every_token_tied_with_the_kth_and_a_k_past_the_vocabulary_keeps_all():
+    """top_k drops the tokens scored below the k-th best, as Hugging Face's filter does: tokens
+    tied with the k-th all stay (a top-k by index would keep one of the ties and drop the others
+    for no reason of their scores); a k above the vocabulary keeps every token (torch.topk alone
+    would raise 'selected index k out of range')."""
+    logits = torch.tensor([[2.0, 0.0, 2.0, 2.0, 1.0]])
+    g = torch.Generator().manual_seed(0)
+    picks = {sample_next(logits, 1.0, top_k=1, generator=g).item() for _ in range(300)}
+    assert picks == {0, 2, 3}, picks
+    picks = {sample_next(logits, 1.0, top_k=50, generator=g).item() for _ in range(300)}
+    assert picks == {0, 1, 2, 3, 4}, picks
+
+
+def test_top_k_and_top_p_together_filter_in_hugging_face_order():
+    """Both filters at once: top-k first, then top-p over what top-k left, renormalised (the
+    order of Hugging Face's TopK then TopP warpers). p = [.4, .3, .2, .1], top_k 2, top_p .5: the
+    two kept have masses .4/.7 = .57 and .3/.7 = .43, so top-p keeps only the first. top_p on
+    the whole distribution (top_k ignored, or applied after top_p) keeps two."""
+    logits = torch.log(torch.tensor([[0.4, 0.3, 0.2, 0.1]]))
+    g = torch.Generator().manual_seed(0)
+    picks = {sample_next(logits, 1.0, top_k=2, top_p=0.5, generator=g).item() for _ in range(200)}
+    assert picks == {0}, picks
+    picks = {sample_next(logits, 1.0, top_k=3, top_p=0.95, generator=g).item() for _ in range(300)}
+    assert picks == {0, 1, 2}, picks  # .4/.9 + .3/.9 = .78 < .95 above the third: all three kept
+
+
+def test_top_p_zero_is_refused_and_one_means_no_filter(model):
+    """top_p is in (0, 1]: 0 would drop every token (softmax of all -inf, nan, and a bare
+    RuntimeError from multinomial), so it is a UserError naming it; 1 keeps every token and is
+    accepted."""
+    idx = torch.zeros(1, 2, dtype=torch.long)
+    with pytest.raises(UserError, match="top_p must be in"):
+        generate(model, idx, 1, temperature=1.0, top_p=0.0)
+    g = torch.Generator().manual_seed(0)
+    picks = {sample_next(torch.tensor([[0.0, 1.0, -1.0]]), 1.0, top_p=1.0, generator=g).item() for _ in range(300)}
+    assert picks == {0, 1, 2}, picks
+    assert generate(model, idx, 2, temperature=1.0, top_p=1.0).shape == (1, 4)
+
+
+def test_generation_runs_in_eval_mode_and_leaves_the_mode_as_it_was():
+    """A model with dropout, handed over in train mode (pretraining samples mid-run): generate
+    computes what the eval-mode model computes (no dropout noise in the tokens) and hands the
+    model back in train mode; a model in eval mode stays in eval mode."""
+    torch.manual_seed(0)
+    m = GPTModel(GPTConfig(vocab_size=61, context_length=12, n_embd=32, n_layer=2, n_head=2, dropout=0.5))
+    idx = torch.randint(0, 61, (2, 3))
+    want = generate(m.eval(), idx, 8)
+    assert not m.training
+    m.train()
+    for use_cache in (True, False):
+        assert torch.equal(generate(m, idx, 8, use_cache=use_cache), want), use_cache
+        assert m.training, "generate left the model in eval mode"
