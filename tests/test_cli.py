@@ -149,3 +149,53 @@ def test_a_tokenizer_other_than_the_runs_gets_a_note(saved_model, tmp_path, caps
     main(args + ["--tokenizer", str(tmp_path / "other.json")])  # may fail later on an id it lacks
     assert f"note: --tokenizer {tmp_path / 'other.json'} is not the tokenizer saved with the run" \
         in capsys.readouterr().err
+
+
+def test_generate_stops_at_the_tokenizers_end_of_text(saved_model, tmp_path, capsys):
+    """generate stops at the tokenizer's <|endoftext|>: a model whose likeliest token is always
+    that one (final LayerNorm gives a constant vector, the tied head scores it 32 for <|endoftext|>,
+    near 0 for the rest) prints the prompt and one <|endoftext|>, not eight."""
+    tok = BPETokenizer.load(saved_model / "tok.json")
+    eot = tok.special_tokens["<|endoftext|>"]
+    torch.manual_seed(0)
+    model = GPTModel(GPTConfig(vocab_size=tok.vocab_size, context_length=32, n_embd=32, n_layer=2, n_head=2))
+    with torch.no_grad():
+        model.final_norm.weight.zero_()
+        model.final_norm.bias.fill_(1.0)
+        model.tok_emb.weight[eot] = 1.0
+    model.save(tmp_path / "eot.safetensors")
+    assert main(["generate", "--weights", str(tmp_path / "eot.safetensors"), "--tokenizer",
+                 str(saved_model / "tok.json"), "--prompt", "The", "--max-new-tokens", "8", "--temperature", "0"]) == 0
+    assert capsys.readouterr().out == "The<|endoftext|>\n"
+
+
+def test_generate_seed_fixes_the_sampled_text(saved_model, capsys):
+    """--seed makes sampling reproducible: the same seed gives the same text, another seed
+    other text (16 tokens drawn at temperature 1 from a near-uniform 300-token model)."""
+    base = ["generate", "--weights", str(saved_model / "w.safetensors"), "--tokenizer", str(saved_model / "tok.json"),
+            "--prompt", "The", "--max-new-tokens", "16", "--temperature", "1.0"]
+    texts = []
+    for seed in ("5", "5", "6"):
+        assert main(base + ["--seed", seed]) == 0
+        texts.append(capsys.readouterr().out)
+    assert texts[0] == texts[1] != texts[2], texts
+
+
+def test_no_command_prints_help_and_ctrl_c_is_one_line(monkeypatch, capsys):
+    """`tritongpt` alone prints the usage and exits 0; Ctrl-C inside a command is 'interrupted'
+    and exit status 130 (a shell's convention for SIGINT), not a traceback."""
+    assert main([]) == 0
+    assert capsys.readouterr().out.startswith("usage: tritongpt")
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    from tritongpt import commands
+
+    monkeypatch.setattr(commands, "cmd_info", interrupted)
+    try:
+        rc = main(["info"])
+    except KeyboardInterrupt:  # it would stop this test session, not fail the test
+        pytest.fail("Ctrl-C escaped main(): a traceback, not a one-line message")
+    assert rc == 130
+    assert capsys.readouterr().err == "interrupted\n"
