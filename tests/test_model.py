@@ -1,5 +1,6 @@
 """Reference model: configs, initialisation, causality, KV cache, save/load, the toggle's bookkeeping."""
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -419,3 +420,316 @@ def test_ids_outside_the_vocabulary_under_torch_compile_raise_not_abort(tmp_path
     done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.count("raised: token ids must be in [0, 64)") == 2, done.stdout + done.stderr[-2000:]
+
+
+# -- pinned by a mutation pass over model/ (each test fails on a plausible slip that no other caught) --
+def _gpt2_float64(model, idx):
+    """GPT-2's forward written out in float64 from the state_dict, head by head (no view/transpose
+    of [B, T, C] into heads): pre-LN blocks, biased variance with eps 1e-5 inside the square root,
+    tanh GELU, causal softmax(q k^T / sqrt(d)), the head's first vocab_size rows."""
+    sd = {k: v.double() for k, v in model.state_dict().items()}
+    cfg = model.config
+    d, T = cfg.n_embd // cfg.n_head, idx.shape[1]
+
+    def ln(x, p):
+        mu = x.mean(-1, keepdim=True)
+        var = ((x - mu) ** 2).mean(-1, keepdim=True)
+        return (x - mu) / torch.sqrt(var + 1e-5) * sd[p + ".weight"] + sd[p + ".bias"]
+
+    def lin(x, p):
+        return x @ sd[p + ".weight"].T + sd[p + ".bias"]
+
+    def gelu(x):
+        return 0.5 * x * (1 + torch.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x ** 3)))
+
+    future = torch.ones(T, T, dtype=torch.bool).triu(1)
+    x = sd["tok_emb.weight"][idx] + sd["pos_emb.weight"][:T]
+    for i in range(cfg.n_layer):
+        b = f"trf_blocks.{i}."
+        h = ln(x, b + "norm1")
+        q, k, v = (lin(h, b + "att.W_" + n) for n in ("query", "key", "value"))
+        heads = []
+        for j in range(cfg.n_head):
+            s = slice(j * d, (j + 1) * d)
+            scores = (q[..., s] @ k[..., s].transpose(-1, -2) / math.sqrt(d)).masked_fill(future, float("-inf"))
+            heads.append(torch.softmax(scores, -1) @ v[..., s])
+        x = x + lin(torch.cat(heads, -1), b + "att.out_proj")
+        x = x + lin(gelu(lin(ln(x, b + "norm2"), b + "ff.fc1")), b + "ff.fc2")
+    return ln(x, "final_norm") @ sd["out_head.weight"][:cfg.vocab_size].T
+
+
+@pytest.mark.parametrize("tied,vocab_multiple", [(True, 1), (False, 16)])
+def test_logits_match_gpt2_written_out_in_float64(tied, vocab_multiple):
+    """The whole forward against GPT-2's definition (every weight randomized, so biases and
+    LayerNorm affines count). Both paths share the module wiring, so a slip in it is invisible to
+    the parity tests: a post-LN block (x = LN(x + f(x))) passed every other test."""
+    torch.manual_seed(8)
+    m = GPTModel(GPTConfig(**SMALL, tie_weights=tied, vocab_multiple=vocab_multiple))
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    m = m.double().eval()
+    idx = torch.randint(0, 97, (2, 13))
+    torch.testing.assert_close(m(idx), _gpt2_float64(m, idx), rtol=0, atol=1e-10)
+
+
+def test_gpt2_init_of_embeddings_head_and_every_bias():
+    """GPT-2's init covers the embeddings too (N(0, 0.02), not nn.Embedding's N(0, 1)), and
+    only the residual projections' weights get the 1/sqrt(2 n_layer) scale: every Linear bias,
+    out_proj's and fc2's included, starts at zero."""
+    torch.manual_seed(9)
+    m = GPTModel(GPTConfig(vocab_size=500, context_length=256, n_embd=64, n_layer=2, n_head=4, tie_weights=False))
+    for name in ("tok_emb.weight", "pos_emb.weight", "out_head.weight"):
+        w = dict(m.named_parameters())[name]
+        assert abs(w.std().item() - 0.02) < 1e-3 and abs(w.mean().item()) < 1e-3, name
+    biases = {n: p for n, p in m.named_parameters() if n.endswith(".bias") and "norm" not in n}
+    assert len(biases) == 2 * 6  # W_query, W_key, W_value, out_proj, fc1, fc2 per block
+    assert all(torch.count_nonzero(p) == 0 for p in biases.values()), \
+        [n for n, p in biases.items() if torch.count_nonzero(p)]
+    no_bias = GPTModel(GPTConfig(**SMALL, bias=False))
+    assert all(mod.bias is None for mod in no_bias.modules() if isinstance(mod, torch.nn.Linear))
+
+
+def test_untied_head_stays_its_own_through_moves_and_load(tmp_path):
+    """_apply re-ties the head only for a tied model: an untied one moved (to(), load()'s move)
+    keeps its own head's values instead of quietly becoming the embedding."""
+    torch.manual_seed(10)
+    m = GPTModel(GPTConfig(**SMALL, tie_weights=False)).eval()
+    head = m.out_head.weight.detach().clone()
+    m = m.to("cpu").to(torch.float64).to(torch.float32)
+    assert m.out_head.weight is not m.tok_emb.weight and torch.equal(m.out_head.weight, head)
+    m.save(tmp_path / "w.safetensors")
+    back = GPTModel.load(tmp_path / "w.safetensors")
+    assert back.out_head.weight is not back.tok_emb.weight and torch.equal(back.out_head.weight, head)
+
+
+def test_each_kernel_name_turns_on_exactly_its_modules():
+    """set_kernels({name}) flips use_triton on that name's module type and no other (attention
+    was only ever checked with all four on)."""
+    from tritongpt.model.toggle import KERNEL_NAMES
+
+    m = GPTModel(GPTConfig(**dict(SMALL, n_head=2)))
+    kinds = {"layernorm": LayerNorm, "mlp": FeedForward, "attention": MultiHeadAttention}
+    for name in KERNEL_NAMES:
+        m.set_kernels({name})
+        assert m.kernels == {name} and m.config.kernels == name
+        for kernel, kind in kinds.items():
+            mods = [mod for mod in m.modules() if isinstance(mod, kind)]
+            assert mods and all(mod.use_triton == (kernel == name) for mod in mods), (name, kernel)
+
+
+def test_set_dropout_reaches_every_dropout_and_the_saved_config(tmp_path):
+    """set_dropout sets all 1 + 3 n_layer dropouts and the config (what save() writes and load()
+    rebuilds); a rate of 1 (every activation zeroed) is refused, by GPTConfig too, as is one below 0."""
+    m = GPTModel(GPTConfig(**SMALL))
+    m.set_dropout(0.25)
+    rates = [mod.p for mod in m.modules() if isinstance(mod, torch.nn.Dropout)]
+    assert rates == [0.25] * (1 + 3 * SMALL["n_layer"]) and m.config.dropout == 0.25
+    m.save(tmp_path / "w.safetensors")
+    back = GPTModel.load(tmp_path / "w.safetensors")
+    assert back.config.dropout == 0.25 and all(mod.p == 0.25 for mod in back.modules()
+                                               if isinstance(mod, torch.nn.Dropout))
+    with pytest.raises(UserError, match="dropout must be in"):
+        m.set_dropout(1.0)
+    for bad in (1.0, -0.1):
+        with pytest.raises(UserError, match="GPTConfig.dropout must be in"):
+            GPTConfig(dropout=bad)
+
+
+def test_int32_and_empty_token_ids():
+    """int32 ids are ids (the same logits as int64); a batch of zero-length sequences gives
+    [B, 0, vocab_size] logits (the id check must not take the min of nothing); bool targets are
+    refused, not read as ids 0 and 1."""
+    torch.manual_seed(11)
+    m = GPTModel(GPTConfig(**SMALL, vocab_multiple=16)).eval()
+    idx = torch.randint(0, 97, (2, 6))
+    assert torch.equal(m(idx.int()), m(idx))
+    with warnings.catch_warnings():  # torch's var() warns about the empty rows it reduces
+        warnings.simplefilter("ignore", UserWarning)
+        assert m(idx[:, :0]).shape == (2, 0, 97)
+    with pytest.raises(UserError, match="targets must hold integer token ids, got dtype torch.bool"):
+        m(idx, targets=idx > 50)
+
+
+def test_kv_cache_overflow_reset_and_gradients_through_values():
+    """A cache shorter than the context: the chunk that passes its end is a UserError naming the
+    capacity (not a slice assignment's shape error), and reset() starts it over at position 0.
+    Gradients through the values alone (every weight frozen but one layer's W_value) are refused
+    like any other: the cache is written in place."""
+    torch.manual_seed(12)
+    m = GPTModel(GPTConfig(**SMALL)).eval()
+    idx = torch.randint(0, 97, (1, 9))
+    cache = m.new_cache(1, max_len=8)
+    with torch.no_grad():
+        m(idx[:, :5], cache)
+        with pytest.raises(UserError, match=r"KV cache overflow: 9 positions > capacity 8"):
+            m(idx[:, 5:], cache)
+        cache.reset()
+        assert cache.pos == 0
+        torch.testing.assert_close(m(idx[:, :8], cache), m(idx[:, :8]))
+    for p in m.parameters():
+        p.requires_grad_(False)
+    m.trf_blocks[-1].att.W_value.weight.requires_grad_(True)
+    with pytest.raises(UserError, match="the KV cache is for inference"):
+        m(idx, m.new_cache(1))
+
+
+def test_dropout_sites_embeddings_attention_weights_mlp_output():
+    """Where each dropout acts, pinned elementwise (p = 0.5: a kept value is exactly twice the
+    undropped one): on tok_emb + pos_emb before the first block, on the attention weights after
+    the softmax, and on the MLP's output after fc2 (on both of its paths)."""
+    torch.manual_seed(13)
+    m = GPTModel(GPTConfig(**SMALL))
+    idx = torch.randint(0, 97, (2, 10))
+    m.drop_emb.p = 0.5
+    seen = []
+    m.trf_blocks[0].register_forward_pre_hook(lambda mod, args: seen.append(args[0].detach()))
+    with torch.no_grad():
+        m(idx)
+    x0 = (m.tok_emb.weight[idx] + m.pos_emb.weight[:10]).detach()
+    kept = seen[0] != 0
+    assert kept.any() and (~kept).any()
+    torch.testing.assert_close(seen[0][kept], 2 * x0[kept])
+
+    att = MultiHeadAttention(16, 2, 16, dropout=0.5).double()  # head dim 8
+    q, k = torch.randn(2, 2, 8, 8, dtype=torch.float64), torch.randn(2, 2, 8, 8, dtype=torch.float64)
+    v = torch.eye(8, dtype=torch.float64).expand(2, 2, 8, 8)  # ctx is then the weights themselves
+    allowed = torch.ones(8, 8, dtype=torch.bool).tril()
+    w = torch.softmax((q @ k.transpose(-1, -2) / math.sqrt(8)).masked_fill(~allowed, float("-inf")), -1)
+    ctx = att.train().attend(q, k, v)
+    kept = ctx != 0
+    assert (kept & ~allowed).sum() == 0 and (~kept & allowed).any() and kept.any()
+    torch.testing.assert_close(ctx[kept], 2 * w[kept], rtol=1e-12, atol=0)
+
+    ff = FeedForward(16, dropout=0.5)
+    x = torch.randn(4, 16)
+    for use_triton in (False, True):  # the Triton MLP's output goes through the same dropout
+        ff.use_triton = use_triton
+        with torch.no_grad():
+            y0, y = ff.eval()(x), ff.train()(x)
+        kept = y != 0
+        assert kept.any() and (~kept).any(), use_triton
+        torch.testing.assert_close(y[kept], 2 * y0[kept], rtol=1e-6, atol=0, msg=f"use_triton={use_triton}")
+
+
+@pytest.mark.parametrize("kernels", ["reference", "cross_entropy"])
+def test_loss_ignore_index_and_reduction_on_both_loss_paths(kernels):
+    """forward(targets=, ignore_index=, reduction=) against -log softmax in float64, on each loss
+    path (fused LM head + loss for mean/sum, the kernel on the logits for per-token): an
+    ignore_index that is a real class id (5) must be the one skipped, not -100, and "sum" and
+    "none" must not fall back to the mean."""
+    torch.manual_seed(14)
+    m = GPTModel(GPTConfig(**SMALL, vocab_multiple=16)).eval()
+    idx, y = torch.randint(0, 97, (2, 9)), torch.randint(0, 97, (2, 9))
+    y[0, :3] = 5
+    y[1, 4] = 5
+    with torch.no_grad():
+        logp = torch.log_softmax(m(idx).double(), -1)
+    counted = y != 5
+    per = torch.where(counted, -logp.gather(-1, y.unsqueeze(-1)).squeeze(-1), 0.0)
+    want = {"mean": per.sum() / counted.sum(), "sum": per.sum(), "none": per}
+    m.set_kernels(kernels)
+    for reduction, expect in want.items():
+        with torch.no_grad():
+            got = m(idx, targets=y, ignore_index=5, reduction=reduction)
+        assert got.dtype == torch.float32 and got.shape == expect.shape, reduction
+        torch.testing.assert_close(got.double(), expect, rtol=1e-5, atol=1e-6, msg=reduction)
+
+
+def test_lm_loss_on_bf16_logits_is_computed_in_fp32():
+    """lm_loss upcasts: bf16 logits give an fp32 loss equal to the float64 one to fp32 precision
+    (a bf16 cross-entropy is off in the third digit)."""
+    torch.manual_seed(15)
+    logits = (torch.randn(3, 7, 50) * 4).bfloat16()
+    t = torch.randint(0, 50, (3, 7))
+    per = -torch.log_softmax(logits.double(), -1).gather(-1, t.unsqueeze(-1)).squeeze(-1)
+    for reduction, expect in (("mean", per.mean()), ("sum", per.sum()), ("none", per)):
+        got = lm_loss(logits, t, reduction=reduction)
+        assert got.dtype == torch.float32 and got.shape == expect.shape
+        torch.testing.assert_close(got.double(), expect, rtol=1e-6, atol=1e-6)
+
+
+def test_non_embedding_count_and_save_metadata(tmp_path):
+    """num_params(non_embedding=True) leaves out the position embeddings only: GPT-2 small's
+    123.65M (nanoGPT's figure, 124,439,808 - 1024 x 768). save() writes format=tritongpt (how
+    gpt2_weights tells its files from Hugging Face's) and keeps the caller's extra metadata."""
+    from tritongpt.model.gpt import safetensors_metadata
+
+    with torch.device("meta"):
+        assert GPTModel(get_config("gpt2-small")).num_params(non_embedding=True) == 123_653_376
+    m = GPTModel(GPTConfig(**SMALL))
+    m.save(tmp_path / "w.safetensors", extra_metadata={"note": "mine", "step": 7})
+    meta = safetensors_metadata(tmp_path / "w.safetensors")
+    assert meta["format"] == "tritongpt" and meta["note"] == "mine" and meta["step"] == "7"
+
+
+def test_load_starts_on_the_reference_path_unless_told(tmp_path):
+    """load() ignores the kernels the file was saved with (a model saved on a GPU with Triton
+    would fail on a CPU without the interpreter): reference, unless kernels= says otherwise.
+    A safetensors file without a tritongpt config, or a reward model's, is named as such."""
+    from safetensors.torch import save_file
+
+    from tritongpt.train.reward import RewardModel
+
+    m = GPTModel(GPTConfig(**dict(SMALL, n_head=2))).set_kernels("layernorm,mlp")
+    m.save(tmp_path / "w.safetensors")
+    back = GPTModel.load(tmp_path / "w.safetensors")
+    assert back.kernels == frozenset() and back.config.kernels == "reference"
+    assert not any(getattr(mod, "use_triton", False) for mod in back.modules())
+    asked = GPTModel.load(tmp_path / "w.safetensors", kernels="mlp")
+    assert asked.kernels == {"mlp"} and asked.trf_blocks[0].ff.use_triton
+    save_file({"w": torch.zeros(2)}, str(tmp_path / "hf.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(UserError, match="has no tritongpt config in its metadata"):
+        GPTModel.load(tmp_path / "hf.safetensors")
+    RewardModel(GPTModel(GPTConfig(**SMALL))).save(tmp_path / "r.safetensors")
+    with pytest.raises(UserError, match="is a reward model .*pass it as --reward"):
+        GPTModel.load(tmp_path / "r.safetensors")
+
+
+def test_presets_are_the_published_gpt2_shapes():
+    """The four GPT-2 sizes as published (layers, heads, width; 50257 tokens, 1024 positions):
+    a head count is invisible to num_params but not to loaded weights. "gpt2" is Hugging Face's
+    name for the small one; an override of None keeps the preset's value (how the CLI passes
+    options left unset)."""
+    published = {"gpt2-small": (12, 12, 768), "gpt2-medium": (24, 16, 1024),
+                 "gpt2-large": (36, 20, 1280), "gpt2-xl": (48, 25, 1600)}
+    for name, shape in published.items():
+        cfg = get_config(name)
+        assert (cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.vocab_size, cfg.context_length) == (*shape, 50257, 1024)
+        assert cfg.tie_weights and cfg.bias
+    assert get_config("gpt2") == get_config("gpt2-small")
+    cfg = get_config("tiny", dropout=None, vocab_size=None, n_layer=2)
+    assert cfg.dropout == 0.0 and cfg.vocab_size == 4096 and cfg.n_layer == 2
+
+
+def test_resolve_kernels_checks_the_device_only_when_there_are_kernels(monkeypatch):
+    """No kernels need no device (a CPU without the interpreter runs the reference path, however
+    the empty set is spelled); a kernel there is refused with the way out, but not for a model
+    about to move (check_device=False); a device that is neither CUDA nor the CPU is refused."""
+    import tritongpt.model.toggle as toggle
+
+    monkeypatch.setattr(toggle, "triton_interpreting", lambda: False)
+    for empty in ("reference", "", [], set(), " , "):
+        assert resolve_kernels(empty, "cpu") == frozenset(), empty
+    with pytest.raises(UserError, match="only through Triton's interpreter"):
+        resolve_kernels("mlp", "cpu")
+    assert resolve_kernels("mlp", "cpu", check_device=False) == {"mlp"}
+    monkeypatch.undo()
+    with pytest.raises(UserError, match="needs a CUDA or CPU device, not meta"):
+        resolve_kernels("mlp", "meta")
+
+
+def test_reference_layers_keep_the_input_dtype():
+    """fp16 statistics are computed in fp32 but the output is cast back: LayerNorm and GELU give
+    fp16 for fp16 (an fp32 output would meet the next layer's fp16 weights), and bf16 for bf16,
+    with the values of the fp32 formula to the dtype's precision."""
+    torch.manual_seed(16)
+    x = torch.randn(3, 40) * 3
+    for dtype, tol in ((torch.float16, 2e-3), (torch.bfloat16, 1.6e-2)):
+        ln = LayerNorm(40).to(dtype)
+        y = ln(x.to(dtype))
+        assert y.dtype == dtype
+        torch.testing.assert_close(y.float(), F.layer_norm(x.to(dtype).float(), (40,)), rtol=tol, atol=tol)
+        g = GELU()(x.to(dtype))
+        assert g.dtype == dtype
+        torch.testing.assert_close(g.float(), F.gelu(x.to(dtype).float(), approximate="tanh"), rtol=tol, atol=tol)
