@@ -333,3 +333,88 @@ def test_activation_checkpointing_lowers_memory_on_gpu():
     print(f"held after forward {held}, step peak {peaks} (bytes)")
     assert held[True] < 0.4 * held[False], held
     assert peaks[True] < peaks[False], peaks
+
+
+def test_loss_routing_fused_for_mean_and_sum_kernel_on_logits_per_token(device):
+    """With "cross_entropy" in the kernels, a mean or summed loss takes the fused LM head + loss
+    (the out_head module never runs: no whole logits), and per-token losses the cross-entropy
+    kernel on the head's logits; the reference path dispatches no tritongpt op."""
+    from collections import Counter
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class CountOps(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = Counter()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.namespace == "tritongpt":
+                self.ops[func.__name__.split(".")[0]] += 1
+            return func(*args, **(kwargs or {}))
+
+    torch.manual_seed(8)
+    model = GPTModel(GPTConfig(**TINY)).to(device)
+    head_calls = []
+    model.out_head.register_forward_hook(lambda mod, args, out: head_calls.append(1))
+    idx = torch.randint(0, 67, (2, 7), device=device)
+    for kernels, reduction, fused in (("cross_entropy", "mean", True), ("cross_entropy", "sum", True),
+                                      ("cross_entropy", "none", False), ("reference", "none", None)):
+        model.set_kernels(kernels)
+        head_calls.clear()
+        with CountOps() as mode:
+            model(idx, targets=idx, reduction=reduction)
+        assert bool(head_calls) == (fused is not True), (kernels, reduction)
+        assert (mode.ops["cross_entropy_fwd"] > 0) == (fused is not None), (kernels, reduction, dict(mode.ops))
+
+
+def test_activation_checkpointing_only_where_gradients_are_recorded(monkeypatch):
+    """Off for a new model; when on, torch.utils.checkpoint wraps each block in a forward that
+    records gradients and none under no_grad or inference_mode. With a KV cache it is never used:
+    a frozen model's chunked forward (grad mode on, nothing requiring grad) still fills the cache
+    and matches the whole-sequence logits, and a trainable one is refused as without checkpointing."""
+    import torch.utils.checkpoint
+
+    model = GPTModel(GPTConfig(**TINY))
+    assert model.activation_checkpointing is False
+    calls = []
+    real = torch.utils.checkpoint.checkpoint
+    monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", lambda *a, **k: calls.append(1) or real(*a, **k))
+    model.set_activation_checkpointing(True)
+    idx = torch.randint(0, 67, (2, 9))
+    with torch.no_grad():
+        model(idx)
+    with torch.inference_mode():
+        model(idx)
+    assert calls == []
+    model(idx, targets=idx).backward()
+    assert len(calls) == TINY["n_layer"]
+    with pytest.raises(UserError, match="the KV cache is for inference"):
+        model(idx[:, :4], model.new_cache(2))
+    for p in model.parameters():
+        p.requires_grad_(False)
+    model.eval()
+    full = model(idx)
+    cache = model.new_cache(2)
+    parts = [model(idx[:, :4], cache), model(idx[:, 4:], cache)]
+    assert cache.pos == 9
+    torch.testing.assert_close(torch.cat(parts, 1), full)
+
+
+def test_activation_checkpointing_trains_the_blocks_under_frozen_embeddings():
+    """Embeddings frozen (fine-tuning the blocks only): the blocks' input then needs no gradient,
+    and a reentrant checkpoint would give the blocks' weights none either (torch only warns): the
+    same gradients as without checkpointing."""
+    torch.manual_seed(9)
+    model = _randomize(GPTModel(GPTConfig(**TINY)))
+    model.tok_emb.weight.requires_grad_(False)  # the tied head with it
+    model.pos_emb.weight.requires_grad_(False)
+    idx = torch.randint(0, 67, (2, 9))
+    grads = {}
+    for on in (False, True):
+        model.set_activation_checkpointing(on).zero_grad(set_to_none=True)
+        model(idx, targets=idx).backward()
+        grads[on] = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    for name, g in grads[False].items():
+        assert grads[True][name] is not None, name
+        torch.testing.assert_close(grads[True][name], g, msg=name)
