@@ -77,20 +77,26 @@ def test_one_window_when_the_context_holds_the_text():
     assert evaluate_tokens(model, tokens, stride=7)["loss"] == pytest.approx(whole["loss"], rel=1e-9)
 
 
+def _run_with_tokenizer(tmp_path, text, vocab, name):
+    """A run folder holding a BPE of `vocab` tokens trained on `text` and a 1-layer model."""
+    from tritongpt.train.tokenizer import BPETokenizer, save_run_tokenizer
+
+    run = tmp_path / "run"
+    tok = BPETokenizer.train(text, vocab, name=name)
+    save_run_tokenizer(tok, run)
+    torch.manual_seed(0)
+    GPTModel(GPTConfig(vocab_size=vocab, context_length=32, n_embd=32, n_layer=1, n_head=2)).save(
+        run / "model.safetensors")
+    return run, tok
+
+
 def test_eval_command_on_both_paths(tmp_path, capsys):
     """The command on a checkpoint and a text file the test writes: the figures printed, the
     same on the Triton path (interpreter: LayerNorm, MLP, attention, fused LM head + loss) as on
     the reference; the model's train mode is left as it was."""
-    from tritongpt.train.tokenizer import BPETokenizer, save_run_tokenizer
-
     text = " ".join(f"the cat number {i} sat on mat {i * 7}, then the dog ran {i % 13} laps." for i in range(60))
     (tmp_path / "corpus.txt").write_text(text)
-    run = tmp_path / "run"
-    tok = BPETokenizer.train(text, 280, name="t")
-    save_run_tokenizer(tok, run)
-    torch.manual_seed(0)
-    cfg = GPTConfig(vocab_size=280, context_length=32, n_embd=32, n_layer=1, n_head=2)
-    GPTModel(cfg).save(run / "model.safetensors")
+    run, tok = _run_with_tokenizer(tmp_path, text, 280, "t")
     results = []
     for kernels in ("reference", "triton"):
         argv = ["eval", "--weights", str(run), "--data", str(tmp_path / "corpus.txt"), "--kernels", kernels,
@@ -117,16 +123,9 @@ def test_eval_command_on_both_paths(tmp_path, capsys):
 def test_bits_per_byte_counts_utf8_bytes_not_characters(tmp_path, capsys):
     """Bits per byte divides by the UTF-8 bytes the scored tokens spell: on text with accents and
     CJK that is more than its characters (a count of decoded characters gave too high a figure)."""
-    from tritongpt.train.tokenizer import BPETokenizer, save_run_tokenizer
-
     text = " ".join(f"café n°{i} über straße, 日本語 {i % 7} ünd façade." for i in range(20))
     (tmp_path / "corpus.txt").write_text(text, encoding="utf-8")
-    run = tmp_path / "run"
-    tok = BPETokenizer.train(text, 300, name="u")
-    save_run_tokenizer(tok, run)
-    torch.manual_seed(0)
-    GPTModel(GPTConfig(vocab_size=300, context_length=32, n_embd=32, n_layer=1, n_head=2)).save(
-        run / "model.safetensors")
+    run, tok = _run_with_tokenizer(tmp_path, text, 300, "u")
     assert main(["eval", "--weights", str(run), "--data", str(tmp_path / "corpus.txt"), "--split", "all",
                  "--kernels", "reference", "--device", "cpu", "--json", "--cache-dir", str(tmp_path / "c")]) == 0
     out = json.loads(capsys.readouterr().out)
@@ -285,16 +284,9 @@ def test_document_separators_spell_no_bytes(tmp_path, capsys):
     a token the model predicts, but no text (counted as its 13-byte spelling, it would lower bits
     per byte by a separator's worth per document). Here the bytes are the rows' own, less the first
     token's (never a target)."""
-    from tritongpt.train.tokenizer import BPETokenizer, save_run_tokenizer
-
     rows = [f"row {i}: the cat sat on mat {i * 7}, café {i % 5}." for i in range(40)]
     (tmp_path / "rows.jsonl").write_text("".join(json.dumps({"text": r}) + "\n" for r in rows), encoding="utf-8")
-    run = tmp_path / "run"
-    tok = BPETokenizer.train(" ".join(rows), 280, name="r")
-    save_run_tokenizer(tok, run)
-    torch.manual_seed(0)
-    GPTModel(GPTConfig(vocab_size=280, context_length=32, n_embd=32, n_layer=1, n_head=2)).save(
-        run / "model.safetensors")
+    run, tok = _run_with_tokenizer(tmp_path, " ".join(rows), 280, "r")
     assert main(["eval", "--weights", str(run), "--data", str(tmp_path / "rows.jsonl"), "--split", "all",
                  "--kernels", "reference", "--device", "cpu", "--json", "--cache-dir", str(tmp_path / "c")]) == 0
     out = json.loads(capsys.readouterr().out)

@@ -3,8 +3,11 @@
 On a machine without a GPU the kernels run through Triton's interpreter, so the model is tiny;
 the CUDA-marked variant runs a GPT-2-shaped stack on a GPU.
 """
+from collections import Counter
+
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from parity import assert_close_rel
 from tritongpt.errors import UserError
@@ -13,6 +16,19 @@ from tritongpt.model.gpt import GPTModel
 from tritongpt.train.generate import generate
 
 TINY = dict(vocab_size=67, context_length=24, n_embd=32, n_layer=2, n_head=2)
+
+
+class CountOps(TorchDispatchMode):
+    """Counts the tritongpt custom ops dispatched inside it, by name."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.namespace == "tritongpt":
+            self.ops[func.__name__.split(".")[0]] += 1
+        return func(*args, **(kwargs or {}))
 
 
 def _randomize(model):
@@ -62,20 +78,6 @@ def test_tiny_model_triton_path_matches_reference_fp32(device):
 def test_triton_path_runs_every_kernel_and_the_reference_path_none(device):
     """Numbers alone cannot show that a module took the kernel (the reference gives the same
     ones): count the custom ops one training step dispatches on each path."""
-    from collections import Counter
-
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class CountOps(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.ops = Counter()
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            if func.namespace == "tritongpt":
-                self.ops[func.__name__.split(".")[0]] += 1
-            return func(*args, **(kwargs or {}))
-
     torch.manual_seed(3)
     model = _randomize(GPTModel(GPTConfig(**TINY))).to(device)
     idx = torch.randint(0, 67, (2, 9), device=device)
@@ -339,20 +341,6 @@ def test_loss_routing_fused_for_mean_and_sum_kernel_on_logits_per_token(device):
     """With "cross_entropy" in the kernels, a mean or summed loss takes the fused LM head + loss
     (the out_head module never runs: no whole logits), and per-token losses the cross-entropy
     kernel on the head's logits; the reference path dispatches no tritongpt op."""
-    from collections import Counter
-
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class CountOps(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.ops = Counter()
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            if func.namespace == "tritongpt":
-                self.ops[func.__name__.split(".")[0]] += 1
-            return func(*args, **(kwargs or {}))
-
     torch.manual_seed(8)
     model = GPTModel(GPTConfig(**TINY)).to(device)
     head_calls = []
