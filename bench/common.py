@@ -414,13 +414,13 @@ def environment() -> dict:
 
 def _installed_version(module: str, dist: str) -> str | None:
     """dist's version when `module` imports, else None (a broken install is as good as none)."""
-    import importlib
-    from importlib.metadata import version
+    from importlib.metadata import PackageNotFoundError, version
 
+    if try_import(module)[0] is None:
+        return None
     try:
-        importlib.import_module(module)
         return version(dist)
-    except Exception:
+    except PackageNotFoundError:
         return None
 
 

@@ -142,7 +142,7 @@ class GPTModel(nn.Module):
         masks included: the recomputation replays the RNG, and the Triton attention's seed is
         drawn from it). Only where gradients are recorded: inference is unchanged.
         """
-        if on not in (True, False):
+        if not isinstance(on, bool):  # 1 == True: a number would pass `in (True, False)`
             raise UserError(f"activation checkpointing is True or False, got {on!r}")
         self.activation_checkpointing = bool(on)
         return self

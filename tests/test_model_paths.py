@@ -305,8 +305,9 @@ def test_activation_checkpointing_compiles_in_one_graph(device):
 
 def test_activation_checkpointing_flag_is_a_bool():
     model = GPTModel(GPTConfig(**TINY))
-    with pytest.raises(UserError, match="True or False"):
-        model.set_activation_checkpointing("no")
+    for bad in ("no", 1):
+        with pytest.raises(UserError, match="True or False"):
+            model.set_activation_checkpointing(bad)
     assert model.set_activation_checkpointing() is model and model.activation_checkpointing
 
 

@@ -140,8 +140,8 @@ def cmd_eval(args):
     if args.split == "all":
         tokens = td.tokens
     elif run and td.meta["source_hash"] == run["source_hash"] and run.get("tokenizer_hash", tok.hash) == tok.hash:
-        # the run's own data, split by the run's own tokenizer (td's hash is tok's whatever the run
-        # used: the run's record is the one to compare): its own split, unless --val-fraction asks for another
+        # the run's own data in the run's own tokens (td was made with tok, so the run's record is
+        # what tok must match): its own split, unless --val-fraction asks for another
         start = run["train_tokens"] if args.val_fraction is None else len(td.train)
         tokens = td.tokens[start:]
         if start < run["train_tokens"]:
