@@ -54,8 +54,10 @@ class LayerNorm(nn.Module):
             return layer_norm(x, self.weight, self.bias, self.eps)
         xf = _fp32_if_fp16(x)  # an fp16 variance overflows at a spread of 256
         mean = xf.mean(dim=-1, keepdim=True)
-        var = xf.var(dim=-1, keepdim=True, unbiased=False)
-        x_hat = ((xf - mean) / torch.sqrt(var + self.eps)).to(x.dtype)
+        xc = xf - mean
+        # the mean of squares, not Tensor.var: that warns on a batch of zero-length sequences
+        var = (xc * xc).mean(dim=-1, keepdim=True)
+        x_hat = (xc / torch.sqrt(var + self.eps)).to(x.dtype)
         return x_hat * self.weight + self.bias
 
 

@@ -538,15 +538,17 @@ def test_set_dropout_reaches_every_dropout_and_the_saved_config(tmp_path):
 
 def test_int32_and_empty_token_ids():
     """int32 ids are ids (the same logits as int64); a batch of zero-length sequences gives
-    [B, 0, vocab_size] logits (the id check must not take the min of nothing); bool targets are
+    [B, 0, vocab_size] logits on either path (the id check must not take the min of nothing); bool targets are
     refused, not read as ids 0 and 1."""
     torch.manual_seed(11)
     m = GPTModel(GPTConfig(**SMALL, vocab_multiple=16)).eval()
     idx = torch.randint(0, 97, (2, 6))
     assert torch.equal(m(idx.int()), m(idx))
-    with warnings.catch_warnings():  # torch's var() warns about the empty rows it reduces
-        warnings.simplefilter("ignore", UserWarning)
+    with warnings.catch_warnings():  # and quietly (Tensor.var warns when it reduces no rows)
+        warnings.simplefilter("error")
         assert m(idx[:, :0]).shape == (2, 0, 97)
+        assert m.set_kernels({"layernorm", "mlp", "cross_entropy"})(idx[:, :0]).shape == (2, 0, 97)
+    m.set_kernels("reference")
     with pytest.raises(UserError, match="targets must hold integer token ids, got dtype torch.bool"):
         m(idx, targets=idx > 50)
 
