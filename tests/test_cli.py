@@ -154,7 +154,8 @@ def test_a_tokenizer_other_than_the_runs_gets_a_note(saved_model, tmp_path, caps
 def test_generate_stops_at_the_tokenizers_end_of_text(saved_model, tmp_path, capsys):
     """generate stops at the tokenizer's <|endoftext|>: a model whose likeliest token is always
     that one (final LayerNorm gives a constant vector, the tied head scores it 32 for <|endoftext|>,
-    near 0 for the rest) prints the prompt and one <|endoftext|>, not eight."""
+    near 0 for the rest) prints the prompt alone, once: generation ended after no new token, and
+    the marker that ended it is said on stderr, not printed as text."""
     tok = BPETokenizer.load(saved_model / "tok.json")
     eot = tok.special_tokens["<|endoftext|>"]
     torch.manual_seed(0)
@@ -166,7 +167,14 @@ def test_generate_stops_at_the_tokenizers_end_of_text(saved_model, tmp_path, cap
     model.save(tmp_path / "eot.safetensors")
     assert main(["generate", "--weights", str(tmp_path / "eot.safetensors"), "--tokenizer",
                  str(saved_model / "tok.json"), "--prompt", "The", "--max-new-tokens", "8", "--temperature", "0"]) == 0
-    assert capsys.readouterr().out == "The<|endoftext|>\n"
+    out = capsys.readouterr()
+    assert out.out == "The\n"
+    assert "note: the model ended the text (<|endoftext|>) after 0 new tokens" in out.err
+    # a prompt's own marker is the prompt's text, kept
+    assert main(["generate", "--weights", str(tmp_path / "eot.safetensors"), "--tokenizer", str(saved_model / "tok.json"),
+                 "--prompt", "The<|endoftext|>", "--allow-special", "--max-new-tokens", "0"]) == 0
+    out = capsys.readouterr()
+    assert out.out == "The<|endoftext|>\n" and "ended the text" not in out.err
 
 
 def test_generate_seed_fixes_the_sampled_text(saved_model, capsys):

@@ -112,9 +112,14 @@ def cmd_generate(args):
               f"only the tokenizer's ids are drawn", file=sys.stderr)
     idx = torch.tensor([ids], dtype=torch.long, device=device)
     gen = torch.Generator(device=device).manual_seed(args.seed)
+    eot = tok.special_tokens.get(EOT)
     out = generate(model, idx, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                   top_p=args.top_p, eos_id=tok.special_tokens.get(EOT), generator=gen, vocab_limit=limit)
-    print(tok.decode(out[0].tolist()))
+                   top_p=args.top_p, eos_id=eot, generator=gen, vocab_limit=limit)[0].tolist()
+    ended = len(out) > len(ids) and out[-1] == eot
+    # the text, without the marker that ended it (as Hugging Face's text-generation pipeline)
+    print(tok.decode(out[:-1] if ended else out))
+    if ended:
+        print(f"note: the model ended the text ({EOT}) after {len(out) - len(ids) - 1} new tokens", file=sys.stderr)
     return 0
 
 
@@ -183,11 +188,14 @@ def add_cli(sub):
                         "else by vocab size)")
     p.add_argument("--prompt", required=True)
     p.add_argument("--allow-special", action="store_true", help="encode <|endoftext|> in the prompt as the special token")
-    p.add_argument("--max-new-tokens", type=int, default=50)
-    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
-    p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--top-p", type=float, default=None)
-    p.add_argument("--seed", type=int, default=1337)
+    p.add_argument("--max-new-tokens", type=int, default=50, help="at most this many (default %(default)s); "
+                   "generation stops early at <|endoftext|>")
+    p.add_argument("--temperature", type=float, default=0.8,
+                   help="sampling temperature (default %(default)s, as nanoGPT's sample.py); 0 = greedy")
+    p.add_argument("--top-k", type=int, default=None, help="sample among the k likeliest tokens only")
+    p.add_argument("--top-p", type=float, default=None,
+                   help="sample among the likeliest tokens whose probabilities sum to p (after --top-k)")
+    p.add_argument("--seed", type=int, default=1337, help="seeds the sampling (default %(default)s)")
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("export", help="write a checkpoint as a Hugging Face GPT-2 folder (transformers loads it)")
