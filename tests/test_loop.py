@@ -624,8 +624,15 @@ def _as_torchrun_rank(rank, port):
 def _ddp_worker(rank, out, rec, port, kw):
     """One of two DDP processes, set up the way torchrun would (env vars), then the plain Trainer."""
     _as_torchrun_rank(rank, port)
-    seen, threads_in_step, seeds = [], [], []
+    seen, threads_in_step, seeds, timeouts = [], [], [], []
     loss = weighted_loss_fn if kw.pop("weighted", False) else loss_fn
+    init = torch.distributed.init_process_group
+
+    def init_recording_timeout(*a, **k):
+        timeouts.append(k["timeout"].total_seconds() if "timeout" in k else None)
+        return init(*a, **k)
+
+    torch.distributed.init_process_group = init_recording_timeout  # in this child process only
 
     def loss_and_threads(model, batch):
         threads_in_step.append(_comm_threads())
@@ -638,7 +645,8 @@ def _ddp_worker(rank, out, rec, port, kw):
     params = torch.cat([p.detach().flatten() for p in t.raw_model.parameters()])
     torch.save({"seen": seen, "params": params, "world": t.world_size, "ckpt": res["checkpoint"],
                 "group_left": torch.distributed.is_initialized(), "threads_in_step": threads_in_step[0],
-                "threads_left": _comm_threads(), "seeds": seeds}, Path(rec) / f"rank{rank}.pt")
+                "threads_left": _comm_threads(), "seeds": seeds, "timeouts": timeouts},
+               Path(rec) / f"rank{rank}.pt")
 
 
 def _comm_threads():
@@ -738,7 +746,9 @@ def test_ddp_two_cpu_processes_gloo(tmp_path):
 def test_ddp_token_weighted_loss_is_the_mean_over_both_ranks_tokens(tmp_path):
     """(sum, count) losses under DDP: the step is the token mean over all four micro-batches of both
     ranks, as one process taking the same four micro-batches computes it."""
-    r0, r1 = _run_ddp(tmp_path / "run", tmp_path / "rec", max_steps=1, weighted=True)
+    r0, r1 = _run_ddp(tmp_path / "run", tmp_path / "rec", max_steps=1, weighted=True, ddp_timeout=900)
+    # --ddp-timeout reaches the process group (without it NCCL waits 600 s, gloo 1800)
+    assert r0["timeouts"] == r1["timeouts"] == [900.0]
     batches = r0["seen"] + r1["seen"]
     with torch.no_grad():
         parts = [weighted_loss_fn(tiny_model(0), b) for b in batches]

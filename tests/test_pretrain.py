@@ -150,6 +150,7 @@ def test_model_vocab_follows_the_tokenizer_except_gpt2_with_gpt2():
     (["--grad-clip", "nan"], "--grad-clip must be a finite number, got nan"),
     (["--weight-decay", "inf"], "--weight-decay must be a finite number, got inf"),
     (["--seed", str(10**20)], "--seed must be a 64-bit integer"),  # was torch's "Overflow when unpacking"
+    (["--ddp-timeout", "0"], "--ddp-timeout must be positive, got 0"),
 ])
 def test_bad_input_is_one_line_user_error(corpus, tmp_path, capsys, extra, expect):
     (tmp_path / "empty.txt").write_text("   \n")

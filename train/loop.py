@@ -32,6 +32,7 @@ of the global batch, whichever way it is split.
 """
 import argparse
 import contextlib
+import datetime
 import importlib
 import inspect
 import math
@@ -72,6 +73,7 @@ class TrainArgs:
     kernels: str | None = "auto"  # reference | triton | auto | comma list; None = leave the model's
     compile: bool = False
     activation_checkpointing: bool = False  # recompute each block's forward in backward: less memory
+    ddp_timeout: int = 1800      # seconds a DDP process waits in a collective (NCCL's own default: 600)
     overwrite: bool = False      # a new run may replace the checkpoints and metrics in out_dir
 
     @classmethod
@@ -80,7 +82,7 @@ class TrainArgs:
         return cls(**{f.name: getattr(ns, f.name) for f in fields(cls) if hasattr(ns, f.name)})
 
     def validate(self):
-        for name in ("max_steps", "batch_size", "grad_accum", "eval_batches"):
+        for name in ("max_steps", "batch_size", "grad_accum", "eval_batches", "ddp_timeout"):
             if getattr(self, name) <= 0:
                 raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
         for name in ("warmup_steps", "eval_every", "ckpt_every", "keep_ckpts", "log_every",
@@ -116,6 +118,9 @@ _HELP = {
     "log_every": "print a log line every N steps",
     "sample_every": "print a sample every N steps (0 = only at the end)",
     "seed": "random seed (DDP rank r draws batches with seed + r)",
+    "ddp_timeout": "under torchrun, seconds a process waits for the others before the run fails (rank 0 "
+                   "evaluates, samples and checkpoints while they wait; Hugging Face's Trainer also waits "
+                   "1800, NCCL alone 600)",
 }
 
 
@@ -276,7 +281,8 @@ class Trainer:
             # exception"). Imported before the group exists, the default is None.
             importlib.import_module("torch.distributed.nn.functional")
 
-            dist.init_process_group(backend="nccl" if self.device.type == "cuda" else "gloo")
+            dist.init_process_group(backend="nccl" if self.device.type == "cuda" else "gloo",
+                                    timeout=datetime.timedelta(seconds=args.ddp_timeout))
             self._owns_group = True
         self.dtype = common.pick_dtype(args.dtype, self.device)
 
