@@ -12,7 +12,8 @@ Providers (same weights, same batch, same optimizer for all of them):
 Other combinations parse too ("reference+sdpa", "reference+compile"), and "+ckpt" on any of them
 runs the blocks under activation checkpointing (model.set_activation_checkpointing): less peak
 memory, one more forward of the blocks per step. MFU counts the model's FLOPs only, never the
-recomputation, so a checkpointed step's MFU is lower for the same hardware work.
+recomputation, so a checkpointed step's MFU is lower for the same hardware work; its row also
+gives HFU (PaLM's hardware FLOPs utilization), which counts the recomputed forward too.
 
 Reported per provider: step time (median of CUDA-event timings, 20/80 quantiles), tokens/s,
 MFU, peak memory. MFU = model FLOPs per second / a peak: by default the GPU's dense bf16
@@ -170,6 +171,11 @@ def bench_train_provider(name, model_name, batch, seq_len, device, dtype, warmup
         model, run, opt = build(name, cfg, device, seed)
         n_params = model.num_params(non_embedding=True)
         fpt = flops_per_token(cfg, n_params, seq_len)
+        # what the GPU does per token: checkpointing runs each block's forward once more
+        # (2 FLOPs per block parameter, 4*H*Q*T for the attention scores and their weighted sum)
+        hw_fpt = fpt
+        if "ckpt" in parse_provider(name)[1]:
+            hw_fpt += 2 * sum(p.numel() for p in model.trf_blocks.parameters()) + 4 * cfg.n_layer * cfg.n_embd * seq_len
         cfg_row["n_params_non_embedding"] = n_params
         losses = []
 
@@ -209,6 +215,10 @@ def bench_train_provider(name, model_name, batch, seq_len, device, dtype, warmup
                    tokens_per_s=tok_s, flops_per_token=fpt, tflops=fpt * tok_s / 1e12,
                    peak_mem_bytes=peak, static_mem_bytes=static, warmup_s=warm_s, final_loss=last)
     row["mfu"] = fpt * tok_s / peak_flops if peak_flops else None
+    row["hw_flops_per_token"] = hw_fpt
+    row["hfu"] = hw_fpt * tok_s / peak_flops if peak_flops else None
+    if hw_fpt != fpt and row["hfu"] is not None:
+        row["note"] = f"HFU {100 * row['hfu']:.1f}% counting the recomputed forward"
     return row
 
 

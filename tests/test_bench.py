@@ -361,6 +361,15 @@ def test_train_provider_on_cpu(monkeypatch):
     ckpt = train_step.bench_train_provider("reference+ckpt", "tiny", 2, 16, torch.device("cpu"), torch.float32,
                                            warmup_steps=1, steps=2, peak_flops=1e12)
     assert ckpt["status"] == "ok" and ckpt["final_loss"] == pytest.approx(row["final_loss"], rel=1e-6)
+    # HFU counts the blocks' forward once more: per layer 12C^2 + 13C parameters (qkv 3C^2+3C,
+    # out C^2+C, fc 4C^2+4C, proj 4C^2+C, two LayerNorms 4C) at 2 FLOPs each, plus 4*C*T for the
+    # scores and the weighted sum; MFU stays the model's FLOPs. tiny: C = 128, 4 layers, T = 16.
+    C, L, T = 128, 4, 16
+    assert ckpt["flops_per_token"] == row["flops_per_token"]
+    assert ckpt["hw_flops_per_token"] == row["flops_per_token"] + L * (2 * (12 * C * C + 13 * C) + 4 * C * T)
+    assert ckpt["hfu"] == pytest.approx(ckpt["hw_flops_per_token"] * ckpt["tokens_per_s"] / 1e12)
+    assert ckpt["note"] == f"HFU {100 * ckpt['hfu']:.1f}% counting the recomputed forward"
+    assert row["hfu"] == row["mfu"] and row["hw_flops_per_token"] == row["flops_per_token"] and "note" not in row
     monkeypatch.setitem(sys.modules, "tritongpt.kernels.attention", None)
     row = train_step.bench_train_provider("triton", "tiny", 2, 16, torch.device("cpu"), torch.float32, 1, 1)
     assert row["status"].startswith("skipped: tritongpt.kernels.attention")
