@@ -461,6 +461,91 @@ def test_a_nonfinite_gradient_under_a_finite_loss_stops_before_the_step(tmp_path
         assert torch.equal(p, q), f"{n}: the step with a NaN gradient must not update the weights"
 
 
+# -- fp16: dynamic loss scaling ---------------------------------------------------------------------------------
+def _fixed_batch(seed=3, batch_size=2):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(0, VOCAB, (batch_size, CTX + 1), generator=g)
+    return lambda split, gen: (x[:, :-1], x[:, 1:])
+
+
+def _overflow_at(steps):
+    """loss_fn whose loss is 1e30 times larger at the given (1-based) steps: finite in fp32 (2^16 x
+    1e30 < 3.4e38), but its gradient overflows fp16's 65504 in the first fp16 activation it meets."""
+    calls = {"n": 0}
+
+    def fn(model, batch):
+        calls["n"] += 1
+        loss = loss_fn(model, batch)
+        return loss * 1e30 if calls["n"] in steps else loss
+
+    return fn
+
+
+def test_fp16_skips_a_step_whose_gradients_overflow_and_halves_the_scale(tmp_path):
+    """--dtype fp16: the loss is scaled by 2^16 for backward; a step whose gradients overflow
+    leaves the weights and AdamW's state alone (logged skipped, no gradient norm) and halves the
+    scale. With a constant lr and one fixed batch, [overflow, step] ends on the weights of [step]."""
+    kw = dict(max_steps=2, warmup_steps=0, min_lr=3e-3, dtype="fp16")
+    t = Trainer(tiny_model(), args_for(tmp_path / "skip", **kw), _overflow_at({1}), _fixed_batch())
+    t.fit()
+    r = [r for r in rows(tmp_path / "skip") if "loss" in r]
+    assert [(x["loss_scale"], x["skipped"]) for x in r] == [(65536.0, True), (32768.0, False)]
+    assert r[0]["grad_norm"] is None and math.isfinite(r[1]["grad_norm"]) and r[0]["loss"] > 1e29
+    one = Trainer(tiny_model(), args_for(tmp_path / "one", **{**kw, "max_steps": 1}), loss_fn, _fixed_batch())
+    one.fit()
+    assert rows(tmp_path / "one")[0]["loss"] == pytest.approx(r[1]["loss"], rel=1e-6)
+    for (n, p), q in zip(t.raw_model.named_parameters(), one.raw_model.parameters()):
+        assert torch.allclose(p, q, rtol=0, atol=1e-7), f"{n}: the skipped step moved the weights"
+    # fp32 and bf16 take no scale: their rows say nothing of one
+    b = Trainer(tiny_model(), args_for(tmp_path / "bf16", max_steps=1, dtype="bf16"), loss_fn, _fixed_batch())
+    b.fit()
+    assert "loss_scale" not in rows(tmp_path / "bf16")[0] and not b.scaler.enabled
+
+
+def test_fp16_trains_like_fp32_and_resumes_its_scale(tmp_path):
+    """fp16 autocast with loss scaling follows the fp32 run's losses to fp16's rounding; the scale
+    is part of the checkpoint: a resume after an overflow goes on at the halved scale."""
+    get = make_get_batch(synthetic_tokens(), 2)
+    ref = Trainer(tiny_model(), args_for(tmp_path / "fp32", max_steps=12), loss_fn, get).fit()["losses"]
+    half = Trainer(tiny_model(), args_for(tmp_path / "fp16", max_steps=12, dtype="fp16"), loss_fn, get).fit()["losses"]
+    rel = max(abs(a - b) / a for a, b in zip(ref, half))
+    print(f"fp32 {ref[0]:.4f} -> {ref[-1]:.4f}, fp16 {half[0]:.4f} -> {half[-1]:.4f}, max rel diff {rel:.2e}")
+    assert 0 < rel < 1e-3, (ref, half)
+    assert half[-1] < half[0] - 0.1  # it learned, so the agreement means something
+    full = Trainer(tiny_model(), args_for(tmp_path / "full", max_steps=3, ckpt_every=2, dtype="fp16"),
+                   _overflow_at({1}), get)
+    full.fit()
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    shutil.copytree(tmp_path / "full" / "ckpt-0000002", resumed / "ckpt-0000002")
+    Trainer(tiny_model(), args_for(resumed, max_steps=3, dtype="fp16", resume="latest"), loss_fn, get).fit()
+    assert rows(resumed)[-1]["loss_scale"] == rows(tmp_path / "full")[-1]["loss_scale"] == 32768.0
+    for p, q in zip(full.raw_model.parameters(), GPTModel.load(resumed / "ckpt-0000003" / "model.safetensors")
+                    .parameters()):
+        assert torch.equal(p, q)
+
+
+def test_fp16_stops_when_the_gradients_overflow_at_a_scale_of_one(tmp_path):
+    """Every step overflows: the scale halves from 2^16 once per skipped step, and the 17th step
+    overflows at a scale of 1, where gradients overflow unscaled: the run diverged and stops."""
+    t = Trainer(tiny_model(), args_for(tmp_path, max_steps=40, dtype="fp16"), _overflow_at(range(1, 99)),
+                _fixed_batch())
+    with pytest.raises(UserError, match=r"gradient norm is (inf|nan) at step 17 with the fp16 loss scale already "
+                                        r"at 1; stopped without saving"):
+        t.fit()
+    assert [r["loss_scale"] for r in rows(tmp_path)] == [2.0 ** (16 - i) for i in range(16)]
+
+
+def test_auto_dtype_is_fp16_on_gpus_without_bf16(monkeypatch):
+    """auto: bf16 on Ampere and later (compute capability 8.0+), fp16 before it (V100 7.0, T4 7.5:
+    torch would emulate bf16 slowly and Triton has no bf16 dot there), fp32 on the CPU."""
+    for cap, want in (((7, 0), torch.float16), ((7, 5), torch.float16), ((8, 0), torch.bfloat16),
+                      ((9, 0), torch.bfloat16)):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None, c=cap: c)
+        assert common.pick_dtype("auto", torch.device("cuda")) == want, cap
+    assert common.pick_dtype("auto", torch.device("cpu")) == torch.float32
+
+
 @pytest.mark.parametrize("error", [torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
                                    RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried 9 GB")])
 def test_a_batch_that_does_not_fit_is_a_one_line_error(tmp_path, error):
@@ -779,21 +864,22 @@ def test_ddp_error_still_tears_the_group_down(tmp_path):
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("compile_", [False, True])
-def test_cuda_bf16_triton_and_reference_agree_and_report_mfu(tmp_path, compile_):
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+def test_cuda_mixed_precision_triton_and_reference_agree_and_report_mfu(tmp_path, compile_, dtype):
     from tritongpt.train.loop import peak_flops
 
     tokens = synthetic_tokens(20000)
     base = tiny_model(5, n_embd=128, n_head=2, context_length=64)
     out = {}
     for path in ("reference", "triton"):
-        a = args_for(tmp_path / path, max_steps=10, batch_size=8, kernels=path, device="cuda", dtype="bf16",
+        a = args_for(tmp_path / path, max_steps=10, batch_size=8, kernels=path, device="cuda", dtype=dtype,
                      compile=compile_)
         t = Trainer(copy.deepcopy(base), a, loss_fn, make_get_batch(tokens, 8, block=64))
         assert t.optimizer.defaults.get("fused")  # fused AdamW on CUDA
         res = t.fit()
         out[path] = torch.tensor(res["losses"])
         r = rows(tmp_path / path)[-1]
-        assert r["mem_gb"] > 0
+        assert r["mem_gb"] > 0 and r.get("loss_scale") == (65536.0 if dtype == "fp16" else None)
         if peak_flops(t.device) is not None:
             assert 0 < r["mfu"] < 1
     ref, tri = out["reference"], out["triton"]

@@ -243,6 +243,22 @@ def test_a_resume_names_another_dropout(corpus, tmp_path, capsys):
     assert "note: resuming" not in capsys.readouterr().err
 
 
+def test_fp16_from_the_command_line(corpus, tmp_path, capsys):
+    """--dtype fp16 trains with loss scaling (its scale in the log line and metrics); a resume of
+    an fp32 run in fp16 names the change, and starts its scale afresh."""
+    out = tmp_path / "run"
+    short = ("--eval-every", "0", "--sample-tokens", "0", "--log-every", "1")
+    assert main(["pretrain", *argv(corpus, out, "--max-steps", "1", "--dtype", "fp32", *short)]) == 0
+    assert "loss scale" not in capsys.readouterr().out
+    assert main(["pretrain", *argv(corpus, out, "--max-steps", "2", "--dtype", "fp16", "--resume", *short)]) == 0
+    said = capsys.readouterr()
+    assert "note: resuming with --max-steps 2 (the run had 1), precision float16 (float32)" in said.err
+    line = r"step +2 \| loss [0-9.]+ \| lr \S+ \| grad_norm [0-9.]+ \| loss scale 65536 \|"
+    assert re.search(line, said.out), said.out
+    last = common.MetricsLog(out / "metrics.jsonl").rows()[-1]
+    assert last["loss_scale"] == 65536.0 and last["skipped"] is False
+
+
 def test_the_summary_compares_val_losses_of_this_run_only(corpus, tmp_path, capsys):
     """The done line's val loss goes from this call's first evaluation to its last: with
     --eval-every 0 there is one, the last step's, and it printed "val loss 5.1 -> 5.1" as if

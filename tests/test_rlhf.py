@@ -594,6 +594,35 @@ def test_rl_update_clips_the_gradient_norm(tmp_path):
     assert max(norms) <= 1e-3 * (1 + 1e-4), f"gradients stepped with norms {norms} > grad_clip 1e-3"
 
 
+def test_rl_fp16_skips_a_minibatch_whose_gradients_overflow(tmp_path, monkeypatch):
+    """--dtype fp16: each minibatch's backward runs on the loss times the scale (2^16 first). One
+    whose gradients overflow (its loss 1e30 times larger: finite in fp32, past 65504 in the first
+    fp16 activation gradient) changes no weight and halves the scale; the iteration's grad_norm is
+    the mean over the steps taken, `skipped` the fraction skipped. The scale is checkpointed."""
+    from tritongpt.train import rlhf
+
+    trainer = _tiny_rl_trainer(tmp_path, dtype="fp16", minibatch_size=2)
+    real, calls = rlhf.minibatch_loss, []
+
+    def first_overflows(*a, **k):
+        loss, stats = real(*a, **k)
+        calls.append(1)
+        return (loss * 1e30 if len(calls) == 1 else loss), stats
+
+    monkeypatch.setattr(rlhf, "minibatch_loss", first_overflows)
+    before = [p.detach().clone() for p in trainer.model.parameters()]
+    steps, step = [], trainer.optimizer.step
+    trainer.optimizer.step = lambda *a, **k: (steps.append([p.detach().clone() for p in trainer.model.parameters()]),
+                                              step(*a, **k))[1]
+    stats = trainer.update(trainer.rollout())
+    log = trainer.update_log
+    assert [s["skipped"] for s in log] == [1.0, 0.0] and "grad_norm" not in log[0]
+    assert len(steps) == 1 and all(torch.equal(p, q) for p, q in zip(before, steps[0]))  # none for the first
+    assert stats["skipped"] == 0.5 and stats["grad_norm"] == log[1]["grad_norm"]
+    assert trainer.scaler.scale == 32768.0 and trainer.state_dict()["scaler"]["scale"] == 32768.0
+    assert "skipped" not in _tiny_rl_trainer(tmp_path / "fp32").update(trainer.rollout())  # fp32: no scaler
+
+
 def test_rl_policy_with_dropout_sees_no_change_before_its_first_step(tmp_path):
     """With dropout 0.3 in the config, the first minibatch's log-probs must equal the rollout's
     (both dropout-free): ratio exactly 1, approx_kl and clip_frac 0."""
@@ -967,8 +996,8 @@ def test_cli_reports_bad_input_in_one_line(tmp_path, capsys):
     assert "--group-size must be >= 2 for GRPO" in capsys.readouterr().err
     with pytest.raises(UserError, match="--top-k must be a positive integer, got 0"):
         RLArgs(top_k=0).validate()
-    with pytest.raises(UserError, match="--dtype must be auto, fp32 or bf16, got 'fp16'"):
-        RLArgs(dtype="fp16").validate()  # the API, which the CLI's choices do not guard
+    with pytest.raises(UserError, match="--dtype must be one of auto, fp32, bf16, fp16, got 'fp8'"):
+        RLArgs(dtype="fp8").validate()  # the API, which the CLI's choices do not guard
     assert main(["dpo", "--beta", "0"]) == 2
     assert "--beta must be positive" in capsys.readouterr().err
     assert main(["dpo", "--beta", "inf"]) == 2  # was "dpo: loss is nan at step 1"

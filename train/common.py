@@ -49,11 +49,14 @@ def pick_device(name: str = "auto") -> torch.device:
 
 
 def pick_dtype(name: str, device: torch.device) -> torch.dtype:
-    """"auto" is bf16 autocast on CUDA and fp32 on CPU."""
+    """"auto" is bf16 autocast on CUDA and fp32 on CPU; fp16 (with loss scaling) on a GPU older
+    than Ampere, which has no bf16 arithmetic (torch emulates it slowly, Triton not at all)."""
     table = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
              "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
     if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
+        if device.type != "cuda":
+            return torch.float32
+        return torch.bfloat16 if torch.cuda.get_device_capability(device) >= (8, 0) else torch.float16
     if name not in table:
         raise UserError(f"unknown dtype {name!r}; use auto, fp32, bf16 or fp16")
     return table[name]
@@ -65,6 +68,64 @@ def autocast(device: torch.device, dtype: torch.dtype):
     if dtype is None or dtype == torch.float32:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+DTYPES = ("auto", "fp32", "bf16", "fp16")  # what --dtype takes
+DTYPE_HELP = ("auto = bf16 autocast on CUDA (fp16 on GPUs before Ampere), fp32 on CPU; fp16 trains with "
+              "dynamic loss scaling, skipping a step whose gradients overflow")
+
+
+class LossScaler:
+    """fp16 mixed precision's dynamic loss scaling (torch.amp.GradScaler); a pass-through otherwise.
+
+    fp16 flushes values below 6e-8 to zero, where many activation gradients lie, so the loss is
+    multiplied by a scale (2^16 to start) before backward and the gradients divided by it again
+    before clipping. A step whose gradients overflow to inf/NaN is skipped and the scale halved;
+    after 2000 steps without one it doubles. bf16 has fp32's range and needs none of this.
+    """
+
+    def __init__(self, device: torch.device, dtype: torch.dtype):
+        self.scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
+
+    @property
+    def enabled(self) -> bool:
+        return self.scaler is not None
+
+    @property
+    def scale(self) -> float | None:
+        return self.scaler.get_scale() if self.scaler else None
+
+    def backward(self, loss):
+        (self.scaler.scale(loss) if self.scaler else loss).backward()
+
+    def unscale(self, optimizer):
+        """The gradients as they would be unscaled: call before clipping or reading their norm."""
+        if self.scaler:
+            self.scaler.unscale_(optimizer)
+
+    def step(self, optimizer):
+        """optimizer.step(), which the scaler skips when a gradient overflowed; then the scale's update."""
+        if self.scaler:
+            self.scaler.step(optimizer)
+            self.scaler.update()
+        else:
+            optimizer.step()
+
+    def state_dict(self) -> dict | None:
+        return self.scaler.state_dict() if self.scaler else None
+
+    def load_state_dict(self, state: dict | None):
+        if self.scaler and state:  # a checkpoint of a bf16/fp32 run has none: the scale starts afresh
+            self.scaler.load_state_dict(state)
+
+    def skips(self, grad_norm: float) -> bool:
+        """A non-finite gradient norm is fp16's overflow, which step() skips, while the scale is
+        above 1; at 1 the gradients overflow unscaled: the run diverged and must stop."""
+        return self.scaler is not None and not math.isfinite(grad_norm) and self.scale > 1
+
+    def why(self) -> str:
+        """What to add to the stop message of a non-finite gradient norm."""
+        return f" with the fp16 loss scale already at {self.scale:g}" if self.scaler else ""
 
 
 def check_seed(seed) -> None:

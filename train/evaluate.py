@@ -204,7 +204,8 @@ def add_cli(sub):
                         "(default: the context, no overlap)")
     p.add_argument("--batch-size", type=int, default=8, help="windows per forward (default %(default)s)")
     p.add_argument("--max-tokens", type=int, default=None, help="score only the first N tokens of the split")
-    p.add_argument("--dtype", default="auto", help="auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16")
+    p.add_argument("--dtype", default="auto",
+                   help="auto (bf16 autocast on CUDA, fp16 on GPUs before Ampere, fp32 on CPU) | fp32 | bf16 | fp16")
     p.add_argument("--cache-dir", default=None, help="where the tokenised corpus is cached (as pretrain's)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(func=cmd_eval)

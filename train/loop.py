@@ -12,12 +12,14 @@ One optimizer step, as in nanoGPT's train.py:
 
     lr = warmup-then-cosine(step)
     for each of grad_accum micro-batches:       (DDP: gradients sync on the last one only)
-        loss = loss_fn(model, batch) under autocast      (bf16 on CUDA, fp32 on CPU)
+        loss = loss_fn(model, batch) under autocast      (bf16 on CUDA, fp32 on CPU; fp16 on old GPUs)
         (loss / grad_accum).backward()          so the sum of micro-gradients is the mean
       or, when loss_fn returns (loss sum, count):
         loss_sum.backward(), then every gradient * world_size / (count over micro-batches and ranks)
     stop if the loss is NaN/inf                 before the step, so no bad weights are saved
     clip the gradient norm, AdamW step, zero the gradients
+      (fp16: backward of the loss times a scale, gradients unscaled before clipping, and a step
+      whose gradients overflowed skipped: common.LossScaler)
 
 Around it: a tqdm bar, one JSONL row per step (loss, lr, grad_norm, tok_per_s, mfu, mem_gb, and
 eval_fn's keys on evaluated steps), a loss plot, checkpoints that resume exactly (weights,
@@ -66,7 +68,7 @@ class TrainArgs:
     keep_ckpts: int = 3
     log_every: int = 10          # printed log lines; the JSONL gets every step
     sample_every: int = 200      # 0 = only at the end
-    dtype: str = "auto"          # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16
+    dtype: str = "auto"          # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16 | fp16 (loss-scaled)
     device: str = "auto"
     seed: int = 1337
     resume: str | None = None    # None, "latest" (newest checkpoint in out_dir), or a path
@@ -97,8 +99,8 @@ class TrainArgs:
         if not 0 <= self.min_lr <= self.lr:
             raise UserError(f"--min-lr must be in [0, lr={self.lr}], got {self.min_lr}")
         common.check_seed(self.seed)
-        if self.dtype not in ("auto", "fp32", "bf16"):
-            raise UserError(f"--dtype must be auto, fp32 or bf16, got {self.dtype!r}")
+        if self.dtype not in common.DTYPES:
+            raise UserError(f"--dtype must be one of {', '.join(common.DTYPES)}, got {self.dtype!r}")
 
 
 _HELP = {
@@ -155,8 +157,8 @@ def add_train_args(parser: argparse.ArgumentParser, **defaults):
                            help="continue exactly from a checkpoint: the newest in --out-dir, "
                                 "or a checkpoint/run folder")
         elif f.name == "dtype":
-            g.add_argument(flag, default=d, choices=["auto", "fp32", "bf16"],
-                           help="auto = bf16 autocast on CUDA, fp32 on CPU (default %(default)s)")
+            g.add_argument(flag, default=d, choices=common.DTYPES,
+                           help=common.DTYPE_HELP + " (default %(default)s)")
         elif f.name == "device":
             g.add_argument(flag, default=d, help="auto | cpu | cuda (default %(default)s)")
         elif f.name == "kernels":
@@ -285,6 +287,7 @@ class Trainer:
                                     timeout=datetime.timedelta(seconds=args.ddp_timeout))
             self._owns_group = True
         self.dtype = common.pick_dtype(args.dtype, self.device)
+        self.scaler = common.LossScaler(self.device, self.dtype)
 
         self.raw_model = model.to(self.device)
         if args.kernels is not None:
@@ -328,7 +331,8 @@ class Trainer:
         return {"step": self.step, "optimizer": self.optimizer.state_dict(),
                 "rng": self._gather(common.rng_state()), "generator": self._gather(self.generator.get_state()),
                 "data": self._gather(data), "args": {**vars(self.args), **self.run_args}, "name": self.name,
-                "world_size": self.world_size, "precision": str(self.dtype), "kernels": self._kernels()}
+                "world_size": self.world_size, "precision": str(self.dtype), "kernels": self._kernels(),
+                "scaler": self.scaler.state_dict()}
 
     def _kernels(self) -> str:
         """The path the model runs on, as resolved (e.g. "triton"; "auto" is one or the other)."""
@@ -367,6 +371,7 @@ class Trainer:
             print(f"note: {ckpt} is already at --max-steps {self.args.max_steps}: nothing to train, "
                   "evaluating it", file=sys.stderr)
         self.optimizer.load_state_dict(state["optimizer"])
+        self.scaler.load_state_dict(state.get("scaler"))
         saved_world = len(state["generator"])
         if saved_world != self.world_size and self.is_main:
             print(f"note: checkpoint was written by {saved_world} process(es), resuming with "
@@ -548,10 +553,10 @@ class Trainer:
                         loss, n = loss
                         weighted = True
                         count += n
-                        loss.backward()
+                        self.scaler.backward(loss)
                     else:
                         # each micro-batch loss / grad_accum: the summed gradients are the mean's
-                        (loss / a.grad_accum).backward()
+                        self.scaler.backward(loss / a.grad_accum)
             except RuntimeError as e:
                 if not common.is_oom(e):
                     raise
@@ -578,6 +583,8 @@ class Trainer:
                 loss_t /= self.world_size
         tokens *= self.world_size
         max_norm = a.grad_clip if a.grad_clip > 0 else float("inf")
+        scale = self.scaler.scale  # the one this step's backward used
+        self.scaler.unscale(self.optimizer)
         norm_t = torch.nn.utils.clip_grad_norm_(self.params, max_norm)
         # one device-to-host sync for these numbers; nothing has touched the weights yet
         loss_value, grad_norm, count_value = torch.stack(
@@ -591,20 +598,24 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
             raise UserError(f"{self.name}: loss is {loss_value} at step {step}; stopped without "
                             f"saving (last good checkpoint: {self.last_ckpt or 'none'})")
-        if not math.isfinite(grad_norm):
+        skipped = self.scaler.skips(grad_norm)
+        if not math.isfinite(grad_norm) and not skipped:
             self.optimizer.zero_grad(set_to_none=True)
-            raise UserError(f"{self.name}: gradient norm is {grad_norm} at step {step}; stopped "
-                            f"without saving (last good checkpoint: {self.last_ckpt or 'none'})")
-        self.optimizer.step()
+            raise UserError(f"{self.name}: gradient norm is {grad_norm} at step {step}{self.scaler.why()}; "
+                            f"stopped without saving (last good checkpoint: {self.last_ckpt or 'none'})")
+        self.scaler.step(self.optimizer)  # with fp16, no step where the gradients overflowed
         self.optimizer.zero_grad(set_to_none=True)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         dt = max(time.perf_counter() - t0, 1e-9)
         self.step = step
         tok_s = tokens / dt
-        return {"step": step, "loss": loss_value, "lr": lr, "grad_norm": grad_norm,
-                "tok_per_s": tok_s, "mfu": self._mfu(tok_s, self._seq_len),
-                "mem_gb": round(_mem_gb(self.device), 3), "dt": dt}
+        row = {"step": step, "loss": loss_value, "lr": lr, "grad_norm": None if skipped else grad_norm,
+               "tok_per_s": tok_s, "mfu": self._mfu(tok_s, self._seq_len),
+               "mem_gb": round(_mem_gb(self.device), 3), "dt": dt}
+        if self.scaler.enabled:
+            row.update(loss_scale=scale, skipped=skipped)
+        return row
 
     def _mfu(self, tok_s, seq_len):
         if self._peak is None or self._cfg is None:
@@ -630,8 +641,10 @@ class Trainer:
 
     def _format(self, row) -> str:
         mfu = self._mfu_text(row["mfu"])
+        norm = "overflow, step skipped" if row.get("skipped") else f"{row['grad_norm']:.3f}"
+        scale = f" | loss scale {row['loss_scale']:g}" if "loss_scale" in row else ""
         return (f"step {row['step']:>6} | loss {row['loss']:.4f} | lr {row['lr']:.2e} | "
-                f"grad_norm {row['grad_norm']:.3f} | {row['tok_per_s']:,.0f} tok/s | mfu {mfu} | "
+                f"grad_norm {norm}{scale} | {row['tok_per_s']:,.0f} tok/s | mfu {mfu} | "
                 f"mem {row['mem_gb']:.2f} GB")
 
 

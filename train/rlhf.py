@@ -148,8 +148,8 @@ class RLArgs:
         if not self.lr > 0:
             raise UserError(f"--lr must be positive, got {self.lr}")
         common.check_seed(self.seed)
-        if self.dtype not in ("auto", "fp32", "bf16"):  # fp16 would need loss scaling
-            raise UserError(f"--dtype must be auto, fp32 or bf16, got {self.dtype!r}")
+        if self.dtype not in common.DTYPES:
+            raise UserError(f"--dtype must be one of {', '.join(common.DTYPES)}, got {self.dtype!r}")
 
 
 def check_one_process():
@@ -388,6 +388,7 @@ class RLHFTrainer:
         self.run_args = dict(run_args or {})
         self.device = common.pick_device(args.device)
         self.dtype = common.pick_dtype(args.dtype, self.device)
+        self.scaler = common.LossScaler(self.device, self.dtype)
         ctx = policy.config.context_length
         for name, ps in (("prompts", prompts), ("eval prompts", eval_prompts)):
             if not ps:
@@ -452,9 +453,10 @@ class RLHFTrainer:
         return compute_advantages(ro, a, self.score_norm)
 
     def update(self, ro: Rollout) -> dict:
-        """a.epochs passes of minibatch steps over the rollout; the mean of each statistic."""
+        """a.epochs passes of minibatch steps over the rollout; the mean of each statistic (the
+        gradient norm's over the steps taken; `skipped`, with fp16, the fraction overflowed)."""
         a = self.args
-        totals, n = {}, 0
+        totals, counts = {}, {}
         self.update_log = []  # every minibatch's statistics, in order
         for _ in range(a.epochs):
             order = torch.randperm(len(ro), generator=self.shuffle_gen).to(ro.idx.device)
@@ -466,17 +468,25 @@ class RLHFTrainer:
                     raise UserError(f"rlhf: loss is {stats['loss']} at iteration {self.iteration + 1}; "
                                     "stopped (try a lower --lr)")
                 self.optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                self.scaler.backward(loss)
+                self.scaler.unscale(self.optimizer)
                 norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(),
-                                                      a.grad_clip if a.grad_clip > 0 else float("inf"))
-                stats["grad_norm"] = norm.item()
-                self.optimizer.step()
+                                                      a.grad_clip if a.grad_clip > 0 else float("inf")).item()
+                skipped = self.scaler.skips(norm)  # fp16 overflow: the scaler skips this step
+                if not math.isfinite(norm) and not skipped:
+                    raise UserError(f"rlhf: gradient norm is {norm} at iteration {self.iteration + 1}"
+                                    f"{self.scaler.why()}; stopped (try a lower --lr)")
+                if not skipped:
+                    stats["grad_norm"] = norm
+                if self.scaler.enabled:
+                    stats["skipped"] = float(skipped)
+                self.scaler.step(self.optimizer)
                 self.update_log.append(stats)
                 for k, v in stats.items():
                     totals[k] = totals.get(k, 0.0) + v
-                n += 1
+                    counts[k] = counts.get(k, 0) + 1
         self.optimizer.zero_grad(set_to_none=True)
-        return {k: v / n for k, v in totals.items()}
+        return {k: v / counts[k] for k, v in totals.items()}
 
     def step(self) -> dict:
         """One iteration: rollouts, scoring, updates. Returns the logged row."""
@@ -512,7 +522,8 @@ class RLHFTrainer:
                 "rng": common.rng_state(), "generator": self.generator.get_state(),
                 "shuffle_gen": self.shuffle_gen.get_state(), "score_norm": self.score_norm,
                 "args": {**vars(self.args), **self.run_args}, **self.frozen_fingerprints, "precision": str(self.dtype),
-                "kernels": self.policy.config.kernels, "name": f"rlhf-{self.args.algo}"}
+                "kernels": self.policy.config.kernels, "name": f"rlhf-{self.args.algo}",
+                "scaler": self.scaler.state_dict()}
 
     def save_checkpoint(self):
         """The policy as a plain GPT checkpoint (usable by generate/dpo/rlhf --init); the rest in state.pt."""
@@ -538,6 +549,7 @@ class RLHFTrainer:
         if self.model.value_head is not None:
             self.model.value_head.load_state_dict(state["value_head"])
         self.optimizer.load_state_dict(state["optimizer"])
+        self.scaler.load_state_dict(state.get("scaler"))
         common.set_rng_state(state["rng"])
         self.generator.set_state(state["generator"])
         self.shuffle_gen.set_state(state["shuffle_gen"])
@@ -694,7 +706,7 @@ _HELP = {
     "eval_samples": "sampled responses per eval prompt",
     "ckpt_every": "checkpoint every N iterations (0 = at the end only)",
     "keep_ckpts": "keep the newest K checkpoints",
-    "dtype": "auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16",
+    "dtype": common.DTYPE_HELP,
     "seed": "random seed",
 }
 
@@ -717,7 +729,7 @@ def add_cli(sub):
     for f in fields(RLArgs):
         if f.name in ("algo", "device", "kernels", "top_k", "resume", "overwrite", "activation_checkpointing"):
             continue
-        kw = {"choices": ["auto", "fp32", "bf16"]} if f.name == "dtype" else {}
+        kw = {"choices": common.DTYPES} if f.name == "dtype" else {}
         g.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default,
                        help=f"{_HELP.get(f.name, f.name)} (default %(default)s)", **kw)
     g.add_argument("--top-k", type=int, default=None,
