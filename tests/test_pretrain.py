@@ -299,10 +299,13 @@ def test_torchrun_two_cpu_processes_runs_the_real_cli(corpus, tmp_path):
     state = common.load_state(out / "ckpt-0000006")
     assert state["world_size"] == 2 and len(state["generator"]) == 2  # every rank's batch generator
 
-    # resumed under torchrun: still one report (rank 1 also knows the checkpoint it resumed from)
+    # resumed under torchrun: still one report (rank 1 also knows the checkpoint it resumed from),
+    # and one note of each kind: on other blocks, every rank finds the data not the checkpoint's
     i = cmd.index("--max-steps")
     cmd[i + 1] = "8"
+    cmd[cmd.index("--block-size") + 1] = "24"
     done = subprocess.run(cmd + ["--resume"], capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.count("done: 8 steps") == 1, done.stdout
+    assert done.stderr.count("note: resuming on different data than the checkpoint's") == 1, done.stderr[-3000:]
     assert [r["step"] for r in common.MetricsLog(out / "metrics.jsonl").rows() if "loss" in r] == list(range(1, 9))

@@ -7,12 +7,11 @@ we split into W_query, W_key and W_value. The LM head is tied to the token embed
 """
 import json
 import re
-import sys
 from pathlib import Path
 
 import torch
 
-from tritongpt.errors import UserError, read_json_object
+from tritongpt.errors import UserError, note, read_json_object
 from tritongpt.model.config import GPTConfig, get_config
 from tritongpt.model.gpt import GPTModel, check_finite_weights, readable_like_other_files, unreadable_safetensors
 
@@ -117,8 +116,8 @@ def load_checkpoint(path, model_name: str | None = None) -> GPTModel:
         named, cfg = get_config(model_name), model.config
         shape = ("n_layer", "n_head", "n_embd")
         if any(getattr(named, k) != getattr(cfg, k) for k in shape):
-            print(f"note: {path} holds a model of " + ", ".join(f"{k} {getattr(cfg, k)}" for k in shape) +
-                  f" (its saved config, used), not {model_name}'s", file=sys.stderr)
+            note(f"{path} holds a model of " + ", ".join(f"{k} {getattr(cfg, k)}" for k in shape) +
+                 f" (its saved config, used), not {model_name}'s")
     return model
 
 

@@ -18,12 +18,11 @@ The prompt and the response are encoded separately, as SFT does, so a response g
 after a prompt during RLHF tokenizes the same way. The reward is read at the last token (eot).
 """
 import random
-import sys
 from dataclasses import dataclass
 
 import torch
 
-from tritongpt.errors import UserError
+from tritongpt.errors import UserError, note
 from tritongpt.train import tasks
 from tritongpt.train.sft import encode_text, format_prompt, read_json_records, split_by_prompt
 
@@ -131,7 +130,7 @@ def encode_pairs(pairs, tokenizer, max_len: int, what: str = "preference pairs")
     if not out:
         raise UserError(f"none of the {len(pairs)} {what} fit in {max_len} tokens")
     if dropped:
-        print(f"note: dropped {dropped} of {len(pairs)} {what} longer than {max_len} tokens", file=sys.stderr)
+        note(f"dropped {dropped} of {len(pairs)} {what} longer than {max_len} tokens")
     return out
 
 

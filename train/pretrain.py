@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from tritongpt.errors import UserError
+from tritongpt.errors import UserError, note
 
 DEFAULTS = dict(out_dir="runs/pretrain", max_steps=300, batch_size=16, grad_accum=1, lr=2e-3, min_lr=2e-4,
                 warmup_steps=30, weight_decay=0.1, eval_every=50, eval_batches=8, ckpt_every=100,
@@ -87,8 +87,8 @@ def pretrain(args) -> dict:
         raise UserError(f"--dropout must be in [0, 1), got {args.dropout}")
     data.check_text_field(args.data, args.text_field)
     if Path(str(args.data or "")).suffix == ".json":
-        print(f"note: {args.data} is read as plain text, brackets and keys included (JSON records "
-              "are read from .jsonl files, one object per line)", file=sys.stderr)
+        note(f"{args.data} is read as plain text, brackets and keys included (JSON records "
+             "are read from .jsonl files, one object per line)")
     tok = get_tokenizer(args.tokenizer)
     cfg = get_config(args.model, vocab_size=model_vocab(args.model, tok, cfg.vocab_size), dropout=args.dropout,
                      vocab_multiple=vocab_multiple(args))
@@ -146,9 +146,8 @@ def pretrain(args) -> dict:
                                                                            splits["joined_hash"])
             theirs = (d.get("train_tokens"), d.get("tokenizer_hash"), d.get("block_size"))
             if theirs != (len(splits["train"]), tok.hash, block) or not same_source:
-                print(f"note: resuming on different data than the checkpoint's ({d.get('source')}, "
-                      f"{d.get('train_tokens')} tokens, block {d.get('block_size')}): batches will differ",
-                      file=sys.stderr)
+                note(f"resuming on different data than the checkpoint's ({d.get('source')}, "
+                     f"{d.get('train_tokens')} tokens, block {d.get('block_size')}): batches will differ")
 
     eval_fn = loss_eval_fn(loss_fn, get_eval_batch, targs.eval_batches, seed=targs.seed + 10_000)
     trainer = Trainer(model, targs, loss_fn, get_batch, eval_fn=eval_fn,

@@ -16,13 +16,12 @@ metadata) written by the shared Trainer; RewardModel.load reads it back for RLHF
 """
 import json
 import math
-import sys
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from tritongpt.errors import UserError
+from tritongpt.errors import UserError, note
 from tritongpt.model.config import GPTConfig
 from tritongpt.model.gpt import GPTModel, save_safetensors
 from tritongpt.train.preference import encode_pairs, pair_batch
@@ -176,8 +175,8 @@ def build_backbone(args):
         model = load_init_model(args.init)
         return model if multiple is None else model.pad_vocab(multiple)
     preset = args.model or "tiny"
-    print(f"note: no --init checkpoint: the backbone is a randomly initialised {preset} "
-          "(pass --init with an SFT run for a useful model)", file=sys.stderr)
+    note(f"no --init checkpoint: the backbone is a randomly initialised {preset} "
+         "(pass --init with an SFT run for a useful model)")
     return GPTModel(get_config(preset, vocab_size=args.vocab_size, vocab_multiple=multiple or 1))
 
 

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from tritongpt.commands import add_vocab_multiple_arg, vocab_multiple
-from tritongpt.errors import UserError
+from tritongpt.errors import UserError, note
 from tritongpt.train import common, tasks
 
 IGNORE_INDEX = -100
@@ -398,7 +398,7 @@ def load_init_model(init: str):
     if init in HUB_REPOS:
         return load_gpt2_pretrained(init)
     if init in PRESETS:
-        print(f"note: --init {init}: random weights (no pretraining)", file=sys.stderr)
+        note(f"--init {init}: random weights (no pretraining)")
         return GPTModel(get_config(init))
     raise UserError(f"--init {init!r}: no checkpoint there, and not a GPT-2 name "
                     f"({', '.join(HUB_REPOS)}) or a preset ({', '.join(PRESETS)})")
@@ -430,8 +430,8 @@ def pick_tokenizer(spec, init, vocab_size: int):
         spec = spec or ("gpt2" if vocab_size == 50257 else "default")
         tok = get_tokenizer(spec)
         if saved is not None and spec != saved and _hash_of(saved) != tok.hash:
-            print(f"note: --tokenizer {spec} is not the tokenizer saved with the run of {init} ({saved}); "
-                  "the model was trained on that one's token ids", file=sys.stderr)
+            note(f"--tokenizer {spec} is not the tokenizer saved with the run of {init} ({saved}); "
+                 "the model was trained on that one's token ids")
     if tok.vocab_size > vocab_size:
         raise UserError(f"tokenizer {spec} has {tok.vocab_size} tokens but the model only {vocab_size}; "
                         f"pass the tokenizer the model was trained with (--tokenizer)")

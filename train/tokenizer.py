@@ -24,13 +24,12 @@ import heapq
 import json
 import operator
 import os
-import sys
 from collections import Counter, defaultdict
 from pathlib import Path
 
 import regex
 
-from tritongpt.errors import UserError, read_json_object
+from tritongpt.errors import UserError, note, read_json_object
 
 # GPT-2's pre-tokeniser: contractions, letters, digits, other symbols (each may take one
 # leading space), then whitespace. `\s+(?!\S)` leaves the last space of a run to start the
@@ -725,8 +724,8 @@ def _hf_changed_since_export(folder: Path, ours: Path) -> bool:
                         f"read ({e}): remove one of them, or pass --tokenizer") from None
     if theirs.hash == BPETokenizer.load(ours).hash:
         return False
-    print(f"note: {folder}'s Hugging Face tokenizer files ({theirs.vocab_size} tokens) differ from {ours.name} "
-          f"(written by tritongpt export): using the Hugging Face files, saved since", file=sys.stderr)
+    note(f"{folder}'s Hugging Face tokenizer files ({theirs.vocab_size} tokens) differ from {ours.name} "
+         f"(written by tritongpt export): using the Hugging Face files, saved since")
     return True
 
 

@@ -1,4 +1,7 @@
-"""One exception type for mistakes a user can fix; the CLI prints it as one line."""
+"""What the user is told: one exception type for mistakes a user can fix (the CLI prints it as
+one line), and notes about what a command did that they may not expect."""
+import os
+import sys
 
 
 class UserError(Exception):
@@ -17,3 +20,10 @@ def read_json_object(path) -> dict:
     if not isinstance(d, dict):
         raise UserError(f"{path}: expected a JSON object, got {type(d).__name__}")
     return d
+
+
+def note(text: str) -> None:
+    """`note: text` on stderr, from one process: under torchrun every rank runs the same code and
+    would print it once each (rank 0 speaks; errors still come from whichever rank fails)."""
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(f"note: {text}", file=sys.stderr)
