@@ -315,14 +315,21 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int
 # wanted, its gradient with respect to each row's logits is known during the forward pass
 # (grad_output is a scalar that can be applied afterwards), so the forward can walk the rows in
 # chunks: logits of one chunk -> loss (and row max, log-sum) -> dlogits -> that chunk's dhidden
-# rows and its share of dweight, then drop the chunk. Backward only scales the two stored gradients.
+# rows and its share of dweight, then drop the chunk. Backward only scales the two stored gradients
+# (except in fp16, whose range needs the loss scale first: see LinearCrossEntropyFunction).
 # (The same plan as Liger-Kernel's fused linear cross-entropy; the matmuls are cuBLAS's.)
 CHUNK_ELEMENTS = 1 << 27  # logits per chunk: 256 MB in bf16, about 2.7k rows of GPT-2's vocabulary
 
 
 class LinearCrossEntropyFunction(torch.autograd.Function):
     """Mean or summed CE(hidden @ weight.T, targets) from hidden [N, C] and weight [W, C], whose
-    first n_classes rows are the classes (the others pad the vocabulary: no logit, no gradient)."""
+    first n_classes rows are the classes (the others pad the vocabulary: no logit, no gradient).
+
+    In fp16 the gradients wait for backward: a row's gradient at 1/n (a 16k-token step) times a
+    probability of 1/V flushes to zero below fp16's 6e-8, which is why fp16 training scales the
+    loss (GradScaler), and that scale only arrives as backward's upstream gradient. So fp16 keeps
+    the forward's row max and log-sum and recomputes each chunk's logits in backward, as nn.Linear
+    would form its gradients: one more head matmul. bf16 has fp32's range and needs none of it."""
 
     @staticmethod
     def forward(ctx, hidden, weight, targets, ignore_index, reduction, chunk_rows, n_classes, grad_enabled):
@@ -334,40 +341,70 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         # needs_input_grad only says requires_grad: under no_grad (evaluation) a head weight still
         # requires grad, and the gradient work would triple the head's cost for nothing
         want_dh, want_dw = grad_enabled and ctx.needs_input_grad[0], grad_enabled and ctx.needs_input_grad[1]
+        defer = dt == torch.float16 and (want_dh or want_dw)
         # d(loss)/d(row loss): 1/n for the mean (n = counted targets, kept on the device), 1 for the sum
         n = (targets != ignore_index).sum()
         g = (1.0 / n).float() if reduction == "mean" else torch.ones((), device=hidden.device)
-        g_rows = g.expand(min(N, chunk_rows)).contiguous()  # each row's upstream gradient, made once
         loss_rows = torch.empty(N, device=hidden.device, dtype=torch.float32)
-        dh = torch.empty_like(h) if want_dh else None
-        dw = torch.zeros(weight.shape, device=weight.device, dtype=torch.float32) if want_dw else None
+        row_max, log_sum = (torch.empty_like(loss_rows) for _ in range(2))
+        dh, dw = _head_grad_buffers(h, weight, want_dh and not defer, want_dw and not defer)
+        g_rows = g.expand(min(N, chunk_rows)).contiguous()  # each row's upstream gradient, made once
         with torch.autocast(device, enabled=False):  # the dtypes are chosen above
             for s in range(0, N, chunk_rows):
                 e = min(N, s + chunk_rows)
                 # all W columns: a padded W keeps the matmuls on multiples of 64; the CE kernels
                 # treat columns past n_classes as absent and give them a zero gradient
                 logits = h[s:e] @ w.t()
-                loss_rows[s:e], row_max, log_sum = torch.ops.tritongpt.cross_entropy_fwd(
+                loss_rows[s:e], row_max[s:e], log_sum[s:e] = torch.ops.tritongpt.cross_entropy_fwd(
                     logits, targets[s:e], ignore_index, n_classes)
-                if want_dh or want_dw:
-                    dlogits = torch.ops.tritongpt.cross_entropy_bwd(g_rows[:e - s], logits, targets[s:e], row_max,
-                                                                    log_sum, ignore_index, n_classes)
-                    if want_dh:
-                        dh[s:e] = dlogits @ w
-                    if want_dw:
-                        dw += (dlogits.t() @ h[s:e]).float()
+                if dh is not None or dw is not None:
+                    _chunk_grads(dh, dw, logits, h, w, g_rows, targets, row_max, log_sum, s, e, ignore_index,
+                                 n_classes)
                 del logits  # before the next chunk's logits are allocated: one chunk alive at a time
-        ctx.save_for_backward(dh, dw)
         ctx.dtypes = hidden.dtype, weight.dtype
+        ctx.deferred = (want_dh, want_dw, chunk_rows, ignore_index, n_classes) if defer else None
+        if defer:
+            ctx.save_for_backward(h, w, targets, row_max, log_sum, g)
+        else:
+            ctx.save_for_backward(dh, dw)
         return loss_rows.sum() * g
 
     @staticmethod
     def backward(ctx, grad_loss):
-        first_order_only("linear_cross_entropy")  # dh, dw were made in forward: constants here
-        dh, dw = ctx.saved_tensors
+        first_order_only("linear_cross_entropy")  # made from saved numbers: no graph to differentiate again
         h_dtype, w_dtype = ctx.dtypes
-        return (None if dh is None else (dh * grad_loss).to(h_dtype),
-                None if dw is None else (dw * grad_loss).to(w_dtype), None, None, None, None, None, None)
+        if ctx.deferred is None:
+            dh, dw = ctx.saved_tensors
+            return (None if dh is None else (dh * grad_loss).to(h_dtype),
+                    None if dw is None else (dw * grad_loss).to(w_dtype), None, None, None, None, None, None)
+        want_dh, want_dw, chunk_rows, ignore_index, n_classes = ctx.deferred
+        h, w, targets, row_max, log_sum, g = ctx.saved_tensors
+        N = h.shape[0]
+        dh, dw = _head_grad_buffers(h, w, want_dh, want_dw)
+        g_rows = (grad_loss.float() * g).expand(min(N, chunk_rows)).contiguous()  # the loss scale included
+        with torch.autocast(h.device.type, enabled=False):
+            for s in range(0, N, chunk_rows):
+                e = min(N, s + chunk_rows)
+                _chunk_grads(dh, dw, h[s:e] @ w.t(), h, w, g_rows, targets, row_max, log_sum, s, e, ignore_index,
+                             n_classes)
+        return (None if dh is None else dh.to(h_dtype), None if dw is None else dw.to(w_dtype),
+                None, None, None, None, None, None)
+
+
+def _head_grad_buffers(h, weight, want_dh, want_dw):
+    """dhidden in the matmul dtype (each chunk's rows written once), dweight in fp32 (summed over chunks)."""
+    return (torch.empty_like(h) if want_dh else None,
+            torch.zeros(weight.shape, device=weight.device, dtype=torch.float32) if want_dw else None)
+
+
+def _chunk_grads(dh, dw, logits, h, w, g_rows, targets, row_max, log_sum, s, e, ignore_index, n_classes):
+    """Rows s:e's dlogits from their logits and forward statistics, into dh[s:e] and dw."""
+    dlogits = torch.ops.tritongpt.cross_entropy_bwd(g_rows[:e - s], logits, targets[s:e], row_max[s:e],
+                                                    log_sum[s:e], ignore_index, n_classes)
+    if dh is not None:
+        dh[s:e] = dlogits @ w
+    if dw is not None:
+        dw += (dlogits.t() @ h[s:e]).float()
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,

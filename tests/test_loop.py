@@ -678,7 +678,10 @@ def test_mfu_pieces(monkeypatch):
 
 
 # -- one loop, both paths -----------------------------------------------------------------------------------
-def test_triton_path_tracks_reference_losses_through_the_loop(tmp_path):
+@pytest.mark.parametrize("dtype", ["fp32", "fp16"])
+def test_triton_path_tracks_reference_losses_through_the_loop(tmp_path, dtype):
+    """20 steps on each path from the same weights and batches; fp16 with loss scaling on both
+    (the fused LM head then makes its gradients in backward, from the scaled upstream one)."""
     pytest.importorskip("tritongpt.kernels.attention")
     pytest.importorskip("tritongpt.kernels.mlp")
     pytest.importorskip("tritongpt.kernels.layernorm")
@@ -686,13 +689,13 @@ def test_triton_path_tracks_reference_losses_through_the_loop(tmp_path):
     base = tiny_model(5, n_layer=1, n_head=1)  # head_dim 32; one layer: the interpreter is slow
     out = {}
     for path in ("reference", "triton"):
-        a = args_for(tmp_path / path, max_steps=20, batch_size=2, kernels=path, lr=1e-2, min_lr=1e-3)
+        a = args_for(tmp_path / path, max_steps=20, batch_size=2, kernels=path, lr=1e-2, min_lr=1e-3, dtype=dtype)
         t = Trainer(copy.deepcopy(base), a, loss_fn, make_get_batch(tokens, 2))
         assert t.raw_model.kernels == (frozenset() if path == "reference" else {"layernorm", "mlp", "attention", "cross_entropy"})
         out[path] = t.fit()["losses"]
     ref, tri = torch.tensor(out["reference"]), torch.tensor(out["triton"])
     rel = ((tri - ref).abs() / ref.abs()).max().item()
-    print(f"20 steps: reference {ref[0]:.4f} -> {ref[-1]:.4f}, triton {tri[0]:.4f} -> {tri[-1]:.4f}, "
+    print(f"20 steps, {dtype}: reference {ref[0]:.4f} -> {ref[-1]:.4f}, triton {tri[0]:.4f} -> {tri[-1]:.4f}, "
           f"max rel diff {rel:.2e}")
     assert ref[-1] < ref[0] - 0.3  # it learned something, so the comparison means something
     assert rel < 1e-3
