@@ -539,11 +539,21 @@ def test_fp16_stops_when_the_gradients_overflow_at_a_scale_of_one(tmp_path):
 def test_auto_dtype_is_fp16_on_gpus_without_bf16(monkeypatch):
     """auto: bf16 on Ampere and later (compute capability 8.0+), fp16 before it (V100 7.0, T4 7.5:
     torch would emulate bf16 slowly and Triton has no bf16 dot there), fp32 on the CPU."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     for cap, want in (((7, 0), torch.float16), ((7, 5), torch.float16), ((8, 0), torch.bfloat16),
                       ((9, 0), torch.bfloat16)):
         monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None, c=cap: c)
         assert common.pick_dtype("auto", torch.device("cuda")) == want, cap
     assert common.pick_dtype("auto", torch.device("cpu")) == torch.float32
+    # no GPU here: `bench` checks its --dtype name against "cuda" before it knows (bf16, the
+    # benchmarks' dtype), and must not ask a driver that is not there
+
+    def no_driver(d=None):
+        raise RuntimeError("Found no NVIDIA driver on your system")
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", no_driver)
+    assert common.pick_dtype("auto", torch.device("cuda")) == torch.bfloat16
 
 
 @pytest.mark.parametrize("error", [torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),

@@ -56,7 +56,9 @@ def pick_dtype(name: str, device: torch.device) -> torch.dtype:
     if name == "auto":
         if device.type != "cuda":
             return torch.float32
-        return torch.bfloat16 if torch.cuda.get_device_capability(device) >= (8, 0) else torch.float16
+        # asked only of a GPU that is there: `bench` checks the name on machines without one
+        old = torch.cuda.is_available() and torch.cuda.get_device_capability(device) < (8, 0)
+        return torch.float16 if old else torch.bfloat16
     if name not in table:
         raise UserError(f"unknown dtype {name!r}; use auto, fp32, bf16 or fp16")
     return table[name]
