@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from tritongpt.bench.common import is_ok, make_row, median_quantiles, reason_of, try_import
-from tritongpt.train.common import is_oom
+from tritongpt.train.common import LossScaler, is_oom
 from tritongpt.train.loop import flops_per_token
 
 # The uncompiled providers first: a time budget cut short by the compiled baseline (minutes of
@@ -119,15 +119,19 @@ def build(name, cfg, device, seed=0):
     return model, run, opt
 
 
-def train_step(run, model, opt, x, y, device, dtype, grad_clip=1.0):
+def train_step(run, model, opt, x, y, device, dtype, grad_clip=1.0, scaler=None):
+    """The trainers' step: autocast forward, backward (of the scaled loss in fp16: scaler is a
+    train.common.LossScaler), clipping, AdamW."""
     from tritongpt.train.common import autocast
 
+    scaler = scaler or LossScaler(device, torch.float32)  # None: a pass-through
     with autocast(device, dtype):
         loss = run(x, targets=y)  # the model's own loss: reference lm_loss or the Triton kernel
-    loss.backward()
+    scaler.backward(loss)
+    scaler.unscale(opt)
     if grad_clip:
         torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-    opt.step()
+    scaler.step(opt)
     opt.zero_grad(set_to_none=True)
     return loss.detach()
 
@@ -177,10 +181,10 @@ def bench_train_provider(name, model_name, batch, seq_len, device, dtype, warmup
         if "ckpt" in parse_provider(name)[1]:
             hw_fpt += 2 * sum(p.numel() for p in model.trf_blocks.parameters()) + 4 * cfg.n_layer * cfg.n_embd * seq_len
         cfg_row["n_params_non_embedding"] = n_params
-        losses = []
+        losses, scaler = [], LossScaler(device, dtype)  # fp16 steps as the trainers take them
 
         def step():
-            losses.append(train_step(run, model, opt, x, y, device, dtype))
+            losses.append(train_step(run, model, opt, x, y, device, dtype, scaler=scaler))
 
         t0 = time.perf_counter()
         for _ in range(warmup_steps):  # compilation, autotuning, optimizer state allocation

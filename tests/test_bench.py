@@ -370,6 +370,14 @@ def test_train_provider_on_cpu(monkeypatch):
     assert ckpt["hfu"] == pytest.approx(ckpt["hw_flops_per_token"] * ckpt["tokens_per_s"] / 1e12)
     assert ckpt["note"] == f"HFU {100 * ckpt['hfu']:.1f}% counting the recomputed forward"
     assert row["hfu"] == row["mfu"] and row["hw_flops_per_token"] == row["flops_per_token"] and "note" not in row
+    # fp16 steps as the trainers take them: the loss scaled by GradScaler, whose step skips overflows
+    scaled = []
+    real_step = torch.amp.GradScaler.step
+    monkeypatch.setattr(torch.amp.GradScaler, "step", lambda self, opt: (scaled.append(1), real_step(self, opt))[1])
+    half = train_step.bench_train_provider("reference", "tiny", 2, 16, torch.device("cpu"), torch.float16,
+                                           warmup_steps=1, steps=2)
+    assert half["status"] == "ok" and half["config"]["dtype"] == "fp16" and len(scaled) == 3  # warm-up + 2 timed
+    assert half["final_loss"] == pytest.approx(row["final_loss"], rel=1e-2)
     monkeypatch.setitem(sys.modules, "tritongpt.kernels.attention", None)
     row = train_step.bench_train_provider("triton", "tiny", 2, 16, torch.device("cpu"), torch.float32, 1, 1)
     assert row["status"].startswith("skipped: tritongpt.kernels.attention")
