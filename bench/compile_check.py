@@ -46,7 +46,8 @@ ATTN_SEQ = 1024
 ATTN_HEAD_DIMS = (16, 32, 64, 80, 96, 128)
 # Per-block limits Triton checks before launching a kernel: opt-in dynamic shared memory by
 # compute capability (CUDA programming guide, "compute capabilities" table) and registers.
-MAX_SHARED_BYTES = {90: 232448, 80: 166912, 86: 101376, 89: 101376}  # H100/H200, A100, RTX 30xx, L4/RTX 40xx
+MAX_SHARED_BYTES = {90: 232448, 80: 166912, 86: 101376, 89: 101376,  # H100/H200, A100, RTX 30xx, L4/RTX 40xx
+                    75: 65536, 70: 98304}  # T4/RTX 20xx and V100: no bf16, so their half dtype is fp16
 MAX_REGS_PER_BLOCK = 65536
 
 
@@ -100,8 +101,9 @@ def _config_label(kwargs, opts):
     return f"{blocks} w{opts.get('num_warps', 4)} s{opts.get('num_stages', 3)}"
 
 
-def capture(quick=False):
-    """Run every launcher on meta tensors and return the Launches they would make."""
+def capture(quick=False, half="bfloat16"):
+    """Run every launcher on meta tensors and return the Launches they would make; half: the
+    16-bit dtype's torch name (fp32 is captured too, unless quick)."""
     import torch
     from triton.runtime.autotuner import Autotuner
     from triton.runtime.jit import JITFunction
@@ -118,7 +120,8 @@ def capture(quick=False):
     layernorm._sm_count = lambda device: 132  # H100 SXM; only sizes the LayerNorm grid
     try:
         meta = dict(device="meta")
-        dtypes = (torch.bfloat16,) if quick else (torch.bfloat16, torch.float32)
+        half = getattr(torch, half)
+        dtypes = (half,) if quick else (half, torch.float32)
         for dt in dtypes:
             name = str(dt).replace("torch.", "")
             for n in (LN_WIDTHS[:1] if quick else LN_WIDTHS):
@@ -143,7 +146,7 @@ def capture(quick=False):
                 loss, row_max, log_sum = cross_entropy._fwd_launch(logits, targets, -100, VOCAB)
                 cross_entropy._bwd_launch(loss, logits, targets, row_max, log_sum, -100, VOCAB)
 
-            head_dims = (64, 128) if quick else (ATTN_HEAD_DIMS if dt == torch.bfloat16 else (64,))
+            head_dims = (64, 128) if quick else (ATTN_HEAD_DIMS if dt == half else (64,))
             for d in head_dims:
                 for p in ((0.0,) if quick else (0.0, 0.1)):
                     for tq in ((ATTN_SEQ,) if quick else (ATTN_SEQ, 1)):
@@ -242,7 +245,8 @@ def _status(r, arch=90) -> str:
 
 def run_check(arch=90, quick=False, workers=None, log=print):
     """Compile every captured (launch, config); returns (rows, per-launch verdicts)."""
-    launches = capture(quick)
+    # the half dtype training runs in there (--dtype auto): fp16 before Ampere, else bf16
+    launches = capture(quick, "float16" if arch < 80 else "bfloat16")
     _JOBS.clear()
     job_of, jobs_of_launch = {}, []
     for launch in launches:
@@ -315,8 +319,10 @@ def markdown(env, rows, judged) -> str:
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--arch", type=int, default=90, choices=sorted(MAX_SHARED_BYTES),
-                   help="compute capability x10 (default %(default)s: H100/H200; 80: A100; 86/89: RTX 30xx/40xx, L4)")
-    p.add_argument("--quick", action="store_true", help="bf16, a few sizes and the shapes GPT-2 small uses")
+                   help="compute capability x10 (default %(default)s: H100/H200; 80: A100; 86/89: RTX 30xx/40xx, L4; "
+                        "75/70: T4, V100, checked in fp16 rather than bf16)")
+    p.add_argument("--quick", action="store_true",
+                   help="bf16 (fp16 below sm80), a few sizes and the shapes GPT-2 small uses")
     p.add_argument("--out", default=None, help="write compile.json and compile.md under OUT/sm<arch>-offline/")
     p.add_argument("--workers", type=int, default=None, help="compile processes (default: CPU count, at most 8)")
     p.add_argument("--strict", action="store_true", help="exit 1 when a launch has no clean config")

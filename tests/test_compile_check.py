@@ -50,6 +50,23 @@ def test_status_flags_what_autotune_would_skip_or_regret():
     assert compile_check._status({**ok, "local_bytes": 64}) == "spills"
 
 
+def test_gpus_before_ampere_are_checked_in_fp16(monkeypatch):
+    """sm_75 (T4) and sm_70 (V100) have no bf16: training there runs fp16 (--dtype auto), so the
+    check captures fp16 launches for them, bf16 for Ampere and later."""
+    asked = []
+
+    def capture(quick, half):
+        asked.append(half)
+        raise KeyboardInterrupt  # stop before compiling
+
+    monkeypatch.setattr(compile_check, "capture", capture)
+    for arch in (70, 75, 80, 90):
+        with pytest.raises(KeyboardInterrupt):
+            compile_check.run_check(arch, quick=True)
+    assert asked == ["float16", "float16", "bfloat16", "bfloat16"]
+    assert compile_check.MAX_SHARED_BYTES[75] == 64 * 1024 and compile_check.MAX_SHARED_BYTES[70] == 96 * 1024
+
+
 def test_refuses_to_run_under_the_interpreter(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     with pytest.raises(SystemExit, match="TRITON_INTERPRET=0"):
