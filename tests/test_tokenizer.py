@@ -45,6 +45,23 @@ def test_bytes_to_unicode_is_a_printable_bijection():
     assert m[ord(" ")] == "Ġ" and m[ord("\n")] == "Ċ" and m[ord("A")] == "A"
 
 
+def test_the_pre_tokeniser_splits_text_into_gpt2s_words():
+    """GPT2_PAT on a hand-split sentence: contractions (lower case only), one leading space on a
+    word or number, and a whitespace run leaving its last space to the next word. tiktoken's own
+    spelling of the pattern (shipped with it, no download) splits the same, and both spellings
+    name one tokenizer."""
+    import regex
+    from tiktoken_ext.openai_public import r50k_pat_str
+
+    text = "I'll say it's 42 or  99!\n\n  ok we're you've I'm he'd don't IT'S end \n"
+    want = ["I", "'ll", " say", " it", "'s", " 42", " or", " ", " 99", "!", "\n\n ", " ok", " we", "'re", " you",
+            "'ve", " I", "'m", " he", "'d", " don", "'t", " IT", "'", "S", " end", " \n"]
+    assert regex.findall(tkz.GPT2_PAT, text) == want
+    assert regex.findall(r50k_pat_str, text) == want
+    ranks = {bytes([b]): b for b in range(256)}
+    assert BPETokenizer(ranks, pat_str=r50k_pat_str).hash == BPETokenizer(ranks).hash
+
+
 def test_training_hand_checked_example():
     # Wikipedia's BPE example: "aaabdaaabac" -> aa=Z, then ab=Y (ties go to the smaller ids:
     # (a, b) beats (Z, a)), then ZY=X, leaving "X d X a c".
@@ -164,6 +181,12 @@ def test_training_errors():
         BPETokenizer.train("abc", 200)
     with pytest.raises(UserError, match="too small for vocab_size"):
         BPETokenizer.train("ab ab", 1000)
+    with pytest.raises(UserError, match="too small"):
+        BPETokenizer.train("ab ab", 256)        # one short of the bytes and <|endoftext|>
+    # 256 bytes + <|endoftext|> and no merge at all is the smallest vocabulary there is
+    tok = BPETokenizer.train("ab ab", 257)
+    assert tok.vocab_size == 257 and tok.eot_id == 256 and len(tok.ranks) == 256
+    assert tok.encode("ab ab") == [97, 98, 32, 97, 98]
 
 
 @settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -293,6 +316,73 @@ def test_save_load_round_trip(tmp_path, small_tok):
     # ours but damaged: still found, so that loading it says so (not replaced by another tokenizer)
     (snap / "tokenizer.json").write_text('{"format": "tritongpt-bpe", "tok', encoding="utf-8")
     assert tkz.saved_tokenizer_path(snap / "model.safetensors") == snap / "tokenizer.json"
+
+
+def test_the_constructor_checks_ids_and_names_the_end_of_text_token():
+    """Ids 0..n-1 without gaps, all 256 single bytes, special ids right after; with no special
+    tokens named, <|endoftext|> takes the next id."""
+    base = {bytes([b]): b for b in range(256)}
+    with pytest.raises(UserError, match="without gaps"):
+        BPETokenizer(base | {b"ab": 257})
+    no_ff = {t: i for t, i in base.items() if t != b"\xff"} | {b"ab": 255}
+    with pytest.raises(UserError, match="all 256 single bytes"):
+        BPETokenizer(no_ff)
+    for specials in ({EOT: 257}, {EOT: 256, "<|pad|>": 258}, {EOT: 255}):
+        with pytest.raises(UserError, match="special token ids must follow"):
+            BPETokenizer(base, specials)
+    tok = BPETokenizer(base)
+    assert tok.special_tokens == {EOT: 256} and tok.eot_id == 256 and tok.vocab_size == 257
+    assert tok.encode(f"a{EOT}", allowed_special="all") == [97, 256]
+
+
+def test_the_hash_covers_what_decides_the_ids():
+    """Equal hash, equal encoding: the hash changes with every token's bytes (also the last, and
+    where one token ends and the next begins), with the special tokens and with the pattern."""
+    base = {bytes([b]): b for b in range(256)}
+
+    def h(extra, specials=None, pat=tkz.GPT2_PAT):
+        return BPETokenizer(base | extra, specials, pat).hash
+
+    ref = h({b"ab": 256, b"cde": 257})
+    assert h({b"ab": 256, b"cde": 257}) == ref
+    assert h({b"abc": 256, b"de": 257}) != ref          # the same bytes in a row, other tokens
+    assert h({b"ab": 256, b"cdf": 257}) != ref          # the last token
+    assert h({b"cde": 256, b"ab": 257}) != ref          # the order (the ids)
+    assert h({b"ab": 256, b"cde": 257}, {"<|end|>": 258}) != ref
+    assert h({b"ab": 256, b"cde": 257}, {EOT: 258, "<|pad|>": 259}) != ref
+    assert h({b"ab": 256, b"cde": 257}, pat=r"\s*\S+|\s+") != ref
+
+
+def test_a_pattern_with_capturing_groups_is_refused():
+    # findall returns groups (tuples for two) instead of the matched text: a UserError, not a crash
+    for pat in (r"(\S)(\S*)|(\s+)", r"(\S+|\s+)"):
+        with pytest.raises(UserError, match="does not split text without loss"):
+            tkz.compile_pattern(pat)
+
+
+def test_token_files_name_bad_tokens(tmp_path, small_tok):
+    """A token spelled with a character outside GPT-2's byte alphabet (a plain space is "Ġ" there),
+    or a token listed twice, is named as such."""
+    good = small_tok.to_dict()
+    path = tmp_path / "tok.json"
+    for i, spelling, msg in ((300, "a b", "token 'a b' has a character ' ' outside GPT-2's byte alphabet"),
+                             (300, good["tokens"][299], "the same token appears twice")):
+        tokens = list(good["tokens"])
+        tokens[i] = spelling
+        path.write_text(json.dumps(dict(good, tokens=tokens)), encoding="utf-8")
+        with pytest.raises(UserError, match=msg):
+            BPETokenizer.load(path)
+
+
+def test_a_failed_save_leaves_the_file_as_it_was(tmp_path, small_tok):
+    """save writes a temporary file and renames it: a save that fails half way (info that is not
+    JSON) leaves the previous file whole."""
+    path = small_tok.save(tmp_path / "tok.json")
+    before = path.read_bytes()
+    bad = BPETokenizer(small_tok.ranks, small_tok.special_tokens, name="small", info={"when": object()})
+    with pytest.raises(TypeError):
+        bad.save(path)
+    assert path.read_bytes() == before and BPETokenizer.load(path).hash == small_tok.hash
 
 
 def test_lone_surrogates_are_refused_by_both_encoders(small_tok, tmp_path):
@@ -632,3 +722,89 @@ def test_added_tokens_keep_their_ids_or_are_refused(corpus, tmp_path):
                                                   "pre_tokenizer": "ByteLevel"}))
     with pytest.raises(UserError, match="pre_tokenizer and post_processor must be JSON objects"):
         get_tokenizer(hf)
+
+
+def test_hugging_face_settings_that_change_the_ids_are_refused(tmp_path):
+    """A tokenizers-library tokenizer.json (written out by hand here) reads back as the tokenizer
+    it spells; each setting with which Hugging Face would give other ids than this encoder (a
+    normalizer, a pre-tokenizer without GPT-2's regex, a post-processor that adds a token, an
+    added token that strips spaces or matches whole words only, an added EOS) is refused."""
+    tok = BPETokenizer.train("aaabdaaabac", 260)
+    good = {"normalizer": None,
+            "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True},
+            "post_processor": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": False, "use_regex": True},
+            "added_tokens": [{"id": 259, "content": EOT, "special": True, "lstrip": False, "rstrip": False,
+                              "single_word": False, "normalized": False}],
+            "model": {"type": "BPE", "dropout": None, "byte_fallback": False, "ignore_merges": False,
+                      "vocab": {tok.token_str(i): i for i in range(259)},
+                      "merges": [[tkz.token_to_str(a), tkz.token_to_str(b)] for a, b in tok.merges()]}}
+    path = tmp_path / "tokenizer.json"
+
+    def read(d):
+        path.write_text(json.dumps(d), encoding="utf-8")
+        return get_tokenizer(tmp_path)
+
+    assert read(good).hash == tok.hash
+    template = {"type": "TemplateProcessing", "single": [{"SpecialToken": {"id": EOT, "type_id": 0}},
+                                                         {"Sequence": {"id": "A", "type_id": 0}}]}
+    eot = good["added_tokens"][0]
+    for change, msg in ((dict(good, normalizer={"type": "NFC"}), "a normalizer"),
+                        (dict(good, pre_tokenizer=dict(good["pre_tokenizer"], use_regex=False)),
+                         "not GPT-2's pre-tokenizer"),
+                        (dict(good, post_processor=template), "a post-processor that adds tokens"),
+                        (dict(good, model=dict(good["model"], dropout=0.1)), "BPE options"),
+                        (dict(good, added_tokens=[dict(eot, rstrip=True)]), "sets rstrip"),
+                        (dict(good, added_tokens=[dict(eot, single_word=True)]), "sets single_word")):
+        with pytest.raises(UserError, match=msg):
+            read(change)
+    read(good)
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"add_eos_token": True}), encoding="utf-8")
+    with pytest.raises(UserError, match="sets add_eos_token"):
+        get_tokenizer(tmp_path)
+
+
+def test_the_cache_folder_and_cached_tokenizers(tmp_path, monkeypatch, capsys):
+    """default_cache_dir: the folder passed, else $TRITONGPT_CACHE, else ~/.cache/tritongpt.
+    cached_tokenizer reuses its file only for the same text and size; a cache it cannot write
+    (the folder is a file here) still gives the tokenizer, with a warning; default_tokenizer
+    caches in the folder it is given."""
+    monkeypatch.setenv("TRITONGPT_CACHE", str(tmp_path / "env"))
+    assert tkz.default_cache_dir(tmp_path / "mine") == tmp_path / "mine"
+    assert tkz.default_cache_dir() == tmp_path / "env"
+    monkeypatch.delenv("TRITONGPT_CACHE")
+    assert tkz.default_cache_dir() == Path.home() / ".cache" / "tritongpt"
+
+    text = "the quick brown fox jumps over the lazy dog. " * 10
+    path = tmp_path / "c" / "tok.json"
+    first = tkz.cached_tokenizer(path, text, 270, name="c")
+    assert tkz.cached_tokenizer(path, text, 270, name="c").hash == first.hash
+    smaller = tkz.cached_tokenizer(path, text, 265, name="c")      # another size: trained again
+    assert smaller.vocab_size == 265 and BPETokenizer.load(path).vocab_size == 265
+    (tmp_path / "file").write_text("x", encoding="utf-8")
+    unwritable = tkz.cached_tokenizer(tmp_path / "file" / "tok.json", text, 270, name="c")
+    assert unwritable.hash == first.hash and "could not cache the tokenizer" in capsys.readouterr().out
+
+    monkeypatch.setattr(tkz, "_DEFAULT", {})
+    a = tkz.default_tokenizer(tmp_path / "a", vocab_size=260)
+    b = tkz.default_tokenizer(tmp_path / "b", vocab_size=260)
+    assert a.hash == b.hash and (tmp_path / "b" / "bpe-pydoc-260.json").is_file()
+
+
+def test_an_export_folder_whose_hugging_face_files_changed_uses_them(small_tok, corpus, tmp_path, capsys):
+    """`tritongpt export` writes ours (tritongpt_tokenizer.json) beside Hugging Face's files of the
+    same tokenizer: ours is read. Files that now spell another tokenizer -- also one of the same
+    size -- win. Our own run tokenizer.json alone is not a Hugging Face folder."""
+    out = tmp_path / "export"
+    small_tok.save_hf(out)
+    small_tok.save(out / tkz.EXPORT_TOKENIZER)
+    (out / "model.safetensors").write_bytes(b"")
+    assert tkz.saved_tokenizer_path(out / "model.safetensors") == out / tkz.EXPORT_TOKENIZER
+    other = BPETokenizer.train(corpus[100_000:180_000], small_tok.vocab_size, name="other")
+    assert other.vocab_size == small_tok.vocab_size and other.hash != small_tok.hash
+    other.save_hf(out)
+    capsys.readouterr()
+    assert tkz.saved_tokenizer_path(out / "model.safetensors") == out
+    assert "differ from tritongpt_tokenizer.json" in capsys.readouterr().err
+    run = tmp_path / "run"
+    tkz.save_run_tokenizer(small_tok, run)
+    assert not tkz.is_hf_tokenizer_folder(run) and tkz.is_hf_tokenizer_folder(out)
