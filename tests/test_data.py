@@ -268,3 +268,129 @@ def test_get_batch_to_cuda():
     xc, yc = get_batch(tokens, 4, 32, torch.Generator().manual_seed(3))
     assert x.device.type == "cuda" and x.dtype == torch.int64
     assert torch.equal(x.cpu(), xc) and torch.equal(y.cpu(), yc)
+
+
+# -- mutation pass: corpus reading, the cache key, the split ---------------------------------------
+def test_stdlib_walk_order_skips_and_cap(tmp_path, monkeypatch):
+    """The stdlib corpus reads .py files in sorted walk order (a folder's files, then its sorted
+    subfolders), never installed packages or caches, skips files that are not UTF-8, and stops
+    at the first file that brings it to STDLIB_MAX_BYTES characters."""
+    root = tmp_path / "lib"
+    for rel, text in {"b.py": "bb", "a.py": "a", "z/c.py": "ccc", "m/d.py": "dddd", "notes.txt": "no",
+                      "site-packages/s.py": "s", "dist-packages/t.py": "t", "__pycache__/u.py": "u",
+                      "m/site-packages/v.py": "v"}.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_text(text, encoding="utf-8")
+    (root / "bad.py").write_bytes(b"\xff\xfe")
+    monkeypatch.setattr(data.sysconfig, "get_paths", lambda: {"stdlib": str(root)})
+    assert data.load_documents("stdlib") == ["a", "bb", "dddd", "ccc"]
+    monkeypatch.setattr(data, "STDLIB_MAX_BYTES", 3)                 # "a" + "bb" reach it exactly
+    assert data.load_documents("stdlib") == ["a", "bb"]
+    monkeypatch.setattr(data, "STDLIB_MAX_BYTES", 4)
+    assert data.load_documents("stdlib") == ["a", "bb", "dddd"]
+
+
+def test_jsonl_rows_that_are_not_text_are_named(tmp_path):
+    j = tmp_path / "rows.jsonl"
+    for body, msg in (('{"text": "a"}\n5\n', r"rows.jsonl:2: no field 'text' \(found int\)"),
+                      ('{"text": ["a", "b"]}\n', r"rows.jsonl:1: field 'text' is a list, expected a string"),
+                      ('{"text": null}\n', r"rows.jsonl:1: field 'text' is a NoneType")):
+        j.write_text(body, encoding="utf-8")
+        with pytest.raises(UserError, match=msg):
+            load_text(j)
+    j.write_bytes(b'{"text": "caf\xe9"}\n')                           # Latin-1, not UTF-8
+    with pytest.raises(UserError, match="rows.jsonl: not UTF-8 text"):
+        load_text(j)
+
+
+def test_a_blank_document_beside_others_is_not_an_empty_corpus(tmp_path):
+    (tmp_path / "a.txt").write_text("  \n", encoding="utf-8")
+    (tmp_path / "b.txt").write_text("text", encoding="utf-8")
+    assert data.load_documents(tmp_path) == ["  \n", "text"]
+
+
+def test_the_documents_hash_tells_where_documents_end():
+    assert data.documents_hash(["ab", "c"]) != data.documents_hash(["a", "bc"])
+    assert data.documents_hash(["ab", ""]) != data.documents_hash(["ab"])
+    assert data.documents_hash(["ab", "c"]) == data.documents_hash(["ab", "c"])
+
+
+def test_the_val_split_is_the_rounded_fraction(tmp_path):
+    """val is round(n * val_fraction) tokens, the last ones; train the rest; meta records both."""
+    tok = CharTokenizer()
+    src = tmp_path / "t.txt"
+    src.write_text("abcdefghijklmnopq", encoding="utf-8")                # 17 tokens
+    for fraction, n_val in ((0.1, 2), (0.25, 4), (0.5, 8), (0.0, 0)):    # 1.7, 4.25, 8.5, 0
+        td = prepare_tokens(str(src), tok, tmp_path / "c", val_fraction=fraction)
+        assert len(td.val) == n_val and len(td.train) == 17 - n_val, fraction
+        assert td.val.tolist() == [60_000 + ord(c) for c in "abcdefghijklmnopq"[17 - n_val:]]
+        assert td.tokens.tolist() == td.train.tolist() + td.val.tolist()
+        assert td.meta["split"] == 17 - n_val and td.meta["val_fraction"] == fraction
+    src.write_text("abcdefghijklmno", encoding="utf-8")                  # 15 tokens: 1.5 -> 2 (13.5 would be 14)
+    td = prepare_tokens(str(src), tok, tmp_path / "c", val_fraction=0.1)
+    assert len(td.val) == 2 and len(td.train) == 13
+    # another fraction with the same split is still recorded as the one asked for
+    td = prepare_tokens(str(src), tok, tmp_path / "c", val_fraction=0.12)   # 1.8 -> 2
+    assert td.meta["split"] == 13 and td.meta["val_fraction"] == 0.12
+    assert json.loads((tmp_path / "c" / "tokens.json").read_text())["val_fraction"] == 0.12
+
+
+def test_the_cache_is_rebuilt_for_another_tokenizer_of_the_same_size(tmp_path, tok):
+    """Same vocabulary size, other merges: the cached ids are not its ids."""
+    src, cache = tmp_path / "corpus.txt", tmp_path / "cache"
+    src.write_text("alpha beta gamma delta " * 20, encoding="utf-8")
+    other = BPETokenizer.train("delta gamma beta alpha " * 50 + load_text("pydoc")[:20_000], tok.vocab_size)
+    assert other.vocab_size == tok.vocab_size and other.hash != tok.hash
+    prepare_tokens(str(src), tok, cache)
+    td = prepare_tokens(str(src), other, cache)
+    assert np.concatenate([td.train, td.val]).tolist() == other.encode(src.read_text())
+    assert td.meta["tokenizer_hash"] == other.hash
+
+
+def test_the_cache_is_rebuilt_when_its_meta_or_file_do_not_add_up(tmp_path, tok):
+    """A meta file without a token count, or a tokens.bin longer than the count says, is rebuilt."""
+    src, cache = tmp_path / "corpus.txt", tmp_path / "cache"
+    src.write_text("alpha beta gamma delta " * 20, encoding="utf-8")
+    want = tok.encode(src.read_text())
+    prepare_tokens(str(src), tok, cache)
+    meta = json.loads((cache / "tokens.json").read_text())
+    del meta["n_tokens"]
+    (cache / "tokens.json").write_text(json.dumps(meta))
+    td = prepare_tokens(str(src), tok, cache)
+    assert np.concatenate([td.train, td.val]).tolist() == want
+    with open(cache / "tokens.bin", "ab") as f:                         # two stray tokens at the end
+        f.write(np.array([1, 2], dtype=np.uint16).tobytes())
+    td = prepare_tokens(str(src), tok, cache)
+    assert np.concatenate([td.train, td.val]).tolist() == want
+    assert (cache / "tokens.bin").stat().st_size == 2 * len(want)
+
+
+def test_meta_records_the_corpus(tmp_path, tok):
+    """documents: how many; joined_hash: sha256 of the documents joined with <|endoftext|> (how a
+    corpus was named before documents were hashed apart)."""
+    import hashlib
+
+    src = tmp_path / "d.txt"
+    src.write_text(f"one{EOT}two{EOT}three", encoding="utf-8")
+    meta = prepare_tokens(str(src), tok, tmp_path / "c", val_fraction=0.0).meta
+    assert meta["documents"] == 3 and meta["chars"] == len("onetwothree")
+    assert meta["joined_hash"] == hashlib.sha256(f"one{EOT}two{EOT}three".encode()).hexdigest()
+
+
+def test_a_corpus_that_tokenises_to_nothing_is_named(tmp_path):
+    class Silent(CharTokenizer):
+        def encode_batch(self, texts, allowed_special="none_raise"):
+            return [[] for _ in texts]
+
+    (tmp_path / "t.txt").write_text("abc", encoding="utf-8")
+    with pytest.raises(UserError, match="tokenised to zero tokens"):
+        prepare_tokens(str(tmp_path / "t.txt"), Silent(), tmp_path / "c")
+
+
+def test_batches_need_a_block_and_are_int64_from_any_tensor():
+    tokens = np.arange(10, dtype=np.uint16)
+    with pytest.raises(UserError, match="block_size must be >= 1"):
+        get_batch(tokens, 2, 0, torch.Generator())
+    for dtype in (torch.int32, torch.uint8, torch.int16):
+        x, y = get_batch(torch.arange(10, dtype=dtype), 3, 4, torch.Generator().manual_seed(0))
+        assert x.dtype == y.dtype == torch.int64 and torch.equal(x[:, 1:], y[:, :-1])
