@@ -348,7 +348,8 @@ def test_the_cache_is_rebuilt_for_another_tokenizer_of_the_same_size(tmp_path, t
 
 
 def test_the_cache_is_rebuilt_when_its_meta_or_file_do_not_add_up(tmp_path, tok):
-    """A meta file without a token count, or a tokens.bin longer than the count says, is rebuilt."""
+    """A meta file without a token count or that is no JSON object, or a tokens.bin longer than the
+    count says, is rebuilt."""
     src, cache = tmp_path / "corpus.txt", tmp_path / "cache"
     src.write_text("alpha beta gamma delta " * 20, encoding="utf-8")
     want = tok.encode(src.read_text())
@@ -358,6 +359,10 @@ def test_the_cache_is_rebuilt_when_its_meta_or_file_do_not_add_up(tmp_path, tok)
     (cache / "tokens.json").write_text(json.dumps(meta))
     td = prepare_tokens(str(src), tok, cache)
     assert np.concatenate([td.train, td.val]).tolist() == want
+    for damaged in ("[1, 2]", "null", '"tokens"'):                        # JSON, but not an object
+        (cache / "tokens.json").write_text(damaged)
+        td = prepare_tokens(str(src), tok, cache)
+        assert np.concatenate([td.train, td.val]).tolist() == want and td.meta["n_tokens"] == len(want)
     with open(cache / "tokens.bin", "ab") as f:                         # two stray tokens at the end
         f.write(np.array([1, 2], dtype=np.uint16).tobytes())
     td = prepare_tokens(str(src), tok, cache)

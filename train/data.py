@@ -223,6 +223,8 @@ def prepare_tokens(source, tokenizer, cache_dir=None, val_fraction: float = 0.1,
             meta = json.loads(meta_path.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError):
             meta = None
+        if not isinstance(meta, dict):              # JSON, but no meta (a list, null): rebuilt too
+            meta = None
     if meta is None or not _meta_matches(meta, want, bin_path):
         if verbose:
             print(f"tokenising {source or 'pydoc'} with {tokenizer.name} -> {bin_path}")
