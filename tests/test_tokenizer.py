@@ -43,6 +43,11 @@ def test_bytes_to_unicode_is_a_printable_bijection():
     assert len(set(m.values())) == 256
     assert all(c.isprintable() and not c.isspace() for c in m.values())
     assert m[ord(" ")] == "Ġ" and m[ord("\n")] == "Ċ" and m[ord("A")] == "A"
+    # the whole map, from its rule: a byte that is a printable non-space Latin-1 character stands for
+    # itself; the others, in byte order, take 256, 257, ... (without GPT-2's files, which also check it)
+    others = [b for b in range(256) if not (chr(b).isprintable() and not chr(b).isspace())]
+    assert len(others) == 68 and m[0xAD] == chr(256 + others.index(0xAD))
+    assert m == {b: chr(b) if b not in others else chr(256 + others.index(b)) for b in range(256)}
 
 
 def test_the_pre_tokeniser_splits_text_into_gpt2s_words():
@@ -60,6 +65,20 @@ def test_the_pre_tokeniser_splits_text_into_gpt2s_words():
     assert regex.findall(r50k_pat_str, text) == want
     ranks = {bytes([b]): b for b in range(256)}
     assert BPETokenizer(ranks, pat_str=r50k_pat_str).hash == BPETokenizer(ranks).hash
+
+
+def test_a_file_with_the_hash_of_its_own_pattern_spelling_loads(tmp_path):
+    """Files written before the GPT-2 spellings shared one hash recorded the hash of the spelling
+    they hold (tiktoken's here); they still load, and as the shared identity."""
+    from tiktoken_ext.openai_public import r50k_pat_str
+
+    ranks = {bytes([b]): b for b in range(256)}
+    tok = BPETokenizer(ranks, pat_str=r50k_pat_str)
+    d = tok.to_dict()
+    d["hash"] = tok._hash_with(r50k_pat_str)
+    assert d["hash"] != tok.hash
+    (tmp_path / "t.json").write_text(json.dumps(d), encoding="utf-8")
+    assert BPETokenizer.load(tmp_path / "t.json").hash == BPETokenizer(ranks).hash
 
 
 def test_training_hand_checked_example():
