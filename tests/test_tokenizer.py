@@ -259,6 +259,18 @@ def test_a_special_token_that_begins_another_loses_to_the_longer(order):
     assert tok.encode(text, "none") == tok.encode_reference(text, "none") == list(text.encode())
 
 
+@pytest.mark.parametrize("order", [0, 1])
+def test_training_splits_out_the_longer_special_too(order):
+    """Training cuts the text at its specials, longest first as encoding does: cut at "<|s|>"
+    first, "<|s|>xy" left "xy" as text, a merge the encoder never meets there. Here the only
+    text between the specials is "ab": one merge, and a second one has nothing to learn from."""
+    names = ("<|s|>", "<|s|>xy")[::1 - 2 * order]
+    ranks = tkz.train_ranks("ab<|s|>xy" * 50, 256 + 2 + 1, special_tokens=names)
+    assert [k for k in ranks if len(k) > 1] == [b"ab"]
+    with pytest.raises(UserError, match="ran out of pairs to merge after 1 merges"):
+        tkz.train_ranks("ab<|s|>xy" * 50, 256 + 2 + 2, special_tokens=names)
+
+
 def test_encode_batch_takes_any_iterable(small_tok):
     texts = ["one", "two three"]
     assert small_tok.encode_batch(t for t in texts) == [small_tok.encode(t) for t in texts]

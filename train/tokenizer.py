@@ -107,9 +107,14 @@ def str_to_token(s: str, where: str = "tokenizer file") -> bytes:
         raise UserError(f"{where}: token {s!r} has a character {e.args[0]!r} outside GPT-2's byte alphabet") from None
 
 
+def _any_special(specials) -> str:
+    """A regex source matching any of the special tokens, longest first, so no prefix wins."""
+    return "|".join(regex.escape(s) for s in sorted(specials, key=len, reverse=True))
+
+
 def _alternation(specials):
-    """A regex matching any of the special tokens (longest first, so no prefix wins), captured."""
-    return regex.compile("(" + "|".join(regex.escape(s) for s in sorted(specials, key=len, reverse=True)) + ")")
+    """_any_special compiled, captured (regex.split then keeps the specials it splits on)."""
+    return regex.compile("(" + _any_special(specials) + ")")
 
 
 # -- training -----------------------------------------------------------------------------------
@@ -135,7 +140,8 @@ def train_ranks(text: str, vocab_size: int, special_tokens=(EOT,), pat_str: str 
         raise UserError(f"vocab_size {vocab_size} is too small: byte-level BPE needs 256 byte tokens "
                         f"+ {len(special_tokens)} special token(s)")
     # Special tokens separate documents; no merge may learn their spelling or cross them.
-    pieces = regex.split("|".join(regex.escape(s) for s in special_tokens), text) if special_tokens else [text]
+    # Longest first, as encoding matches them: a special that starts another left that one's tail as text.
+    pieces = regex.split(_any_special(special_tokens), text) if special_tokens else [text]
     pat = compile_pattern(pat_str)
     word_freq = Counter()
     for piece in pieces:
