@@ -612,3 +612,108 @@ def test_run_sft_caps_max_length_at_the_context(monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         sft.run_sft(model, CharTokenizer(), [], [], [], None, max_length=1000)
     assert seen == [32]
+
+
+def test_every_family_answers_its_own_prompt():
+    """Each family's gold answer recomputed from its instruction and input alone, with the sizes
+    the module's table gives (numbers below 100, 2-4 words, 3-6 digits, "a,b,c" <-> "a b c")."""
+    recs = tasks.generate_tasks(1500, seed=7, split=None)
+    assert {r["task"] for r in recs} == set(tasks.FAMILIES)
+    for r in recs:
+        task, ins, inp, out = r["task"], r["instruction"], r["input"], r["output"]
+        ws = inp.split()
+        if task in ("add", "subtract", "max", "min"):
+            xs = [int(x) for x in ws]
+            assert all(0 <= x < 100 for x in xs), r
+            assert len(xs) == 2 if task in ("add", "subtract") else 3 <= len(xs) <= 5, r
+            want = {"add": xs[0] + xs[-1], "subtract": xs[0] - xs[-1], "max": max(xs), "min": min(xs)}[task]
+            assert out == str(want), r
+        elif task == "reverse_words":
+            assert 2 <= len(ws) <= 4 and out == " ".join(ws[::-1]), r
+        elif task == "sort_words":
+            assert 2 <= len(ws) <= 4 and out == " ".join(sorted(ws)), r
+        elif task == "sort_digits":
+            assert 3 <= len(ws) <= 6 and all(len(d) == 1 and d.isdigit() for d in ws), r
+            assert out == " ".join(sorted(ws, key=int)), r
+        elif task == "count_words":
+            assert out == str(len(ws)), r
+        elif task == "count_letter":
+            letter = ins.removeprefix("Count the letter ").removesuffix(" in the text.")
+            assert letter in tasks.LETTERS and out == str(inp.count(letter)), r
+        elif task == "uppercase":
+            assert 1 <= len(ws) <= 3 and inp == inp.lower() and out == inp.upper(), r
+        elif task == "lowercase":  # the words come in capitals: there is something to convert
+            assert 1 <= len(ws) <= 3 and inp == inp.upper() and out == inp.lower() and out != inp, r
+        elif task == "commas_to_spaces":
+            assert " " not in inp and out == inp.replace(",", " ") and len(out.split()) >= 2, r
+        elif task == "spaces_to_commas":
+            assert "," not in inp and out == inp.replace(" ", ",") and len(ws) >= 2, r
+        elif task == "first_word":
+            assert 2 <= len(ws) <= 5 and out == ws[0], r
+        elif task == "last_word":
+            assert 2 <= len(ws) <= 5 and out == ws[-1], r
+
+
+def test_task_family_lists_splits_and_counts():
+    assert tasks.parse_families("all") == tasks.parse_families(None) == tuple(tasks.FAMILIES)  # sft --tasks' default
+    # a family named twice is one family, not twice the share of the draws
+    assert tasks.parse_families(" last_word, first_word ,last_word") == ("last_word", "first_word")
+    for spec in (",", " , "):  # names nothing: a user error, not a crash in the generator
+        with pytest.raises(UserError, match="unknown task famil"):
+            tasks.generate_tasks(3, families=spec)
+    assert tasks.generate_tasks(0) == []  # "must be >= 0"
+    with pytest.raises(UserError, match="must be >= 0, got -1"):
+        tasks.generate_tasks(-1)
+    with pytest.raises(UserError, match="unknown split 'dev'"):
+        tasks.generate_tasks(3, split="dev")
+
+
+def test_exact_match_strips_both_sides_and_nothing_else():
+    assert tasks.exact_match("42", " 42\n")         # the gold's surrounding whitespace does not count either
+    assert not tasks.exact_match("cat", "CAT")      # case is the answer of the uppercase/lowercase tasks
+    assert not tasks.exact_match("1  2", "1 2")     # inner whitespace is part of the answer
+    assert not tasks.exact_match("a,b", "a b")
+    assert tasks.exact_match("42", None) is False and tasks.exact_match(None, None) is False
+
+
+def test_wrong_answers_make_the_mistake_each_family_names():
+    """Off by one (never below 0), another number of the list, two items swapped or the input as
+    given, exactly one word left unconverted, the separators half or not converted."""
+    recs = tasks.generate_tasks(1500, seed=11, split=None)
+    rng = random.Random(5)
+    half = 0
+    for r in recs:
+        task, inp, gold = r["task"], r["input"], r["output"]
+        w = tasks.wrong_answer(r, rng)
+        assert not tasks.exact_match(w, gold), r
+        g, ws = gold.split(), w.split()
+        if task in ("add", "subtract", "count_words", "count_letter"):
+            assert w.isdigit() and abs(int(w) - int(gold)) == 1, (r, w)
+        elif task in ("max", "min"):
+            assert w.isdigit() and (abs(int(w) - int(gold)) == 1 or w in inp.split()), (r, w)
+        elif task in ("reverse_words", "sort_words", "sort_digits"):
+            moved = [k for k in range(len(g)) if len(ws) == len(g) and ws[k] != g[k]]
+            if len(set(g)) > 1:  # (an all-equal list has nothing to swap)
+                assert w == inp or (sorted(ws) == sorted(g) and len(moved) == 2), (r, w)
+        elif task in ("uppercase", "lowercase"):
+            moved = [k for k in range(len(g)) if ws[k] != g[k]]
+            assert len(ws) == len(g) and len(moved) == 1 and ws[moved[0]] == inp.split()[moved[0]], (r, w)
+        elif task in ("commas_to_spaces", "spaces_to_commas"):
+            old, new = (",", " ") if task == "commas_to_spaces" else (" ", ",")
+            if w != inp:  # half converted: only with 3+ words
+                assert inp.count(old) >= 2 and w == inp.replace(old, new, 1), (r, w)
+                half += 1
+        elif task in ("first_word", "last_word"):
+            assert w in tasks.WORDS, (r, w)
+    assert half > 0
+    # an all-equal list has no two items to swap
+    rec = {"instruction": "Sort the digits from smallest to largest.", "input": "3 3 3", "output": "3 3 3",
+           "task": "sort_digits"}
+    assert all(not tasks.exact_match(tasks.wrong_answer(rec, random.Random(s)), "3 3 3") for s in range(20))
+    # records from a file: a negative number is still a number; any gold, even empty, gets a different answer
+    for gold in ("-3", "yes yes", "", "  "):
+        for s in range(5):
+            w = tasks.wrong_answer({"instruction": "x", "input": "", "output": gold}, random.Random(s))
+            assert not tasks.exact_match(w, gold), (gold, w)
+            if gold == "-3":
+                assert w in ("-2", "-4")
