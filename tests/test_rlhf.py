@@ -1117,3 +1117,97 @@ def test_activation_checkpointing_flag_recomputes_and_changes_nothing_else(comma
         for key in ("loss", "policy_loss", "grad_norm", "reward"):
             if key in plain:
                 assert recomputed[key] == pytest.approx(plain[key], rel=1e-5, abs=1e-7), (key, plain, recomputed)
+
+
+def test_preference_records_need_real_text_in_every_field(tmp_path):
+    """Whitespace is no answer and no instruction; a non-string input and two equal answers
+    (longer than the one-letter strings Python interns) are refused, each naming its field."""
+    bad = tmp_path / "bad.jsonl"
+    cases = [({"prompt": "x", "chosen": " \n", "rejected": "b"},
+              r"record 0 .*field 'chosen' must be a non-empty string"),
+             ({"prompt": "x", "chosen": "same answer", "rejected": "same answer"}, r"record 0 .*identical"),
+             ({"instruction": "  ", "chosen": "a", "rejected": "b"},
+              r"record 0 .*field 'instruction' must be a non-empty string"),
+             ({"instruction": "Add", "input": 3, "chosen": "a", "rejected": "b"},
+              r"record 0 .*field 'input' must be a string")]
+    for rec, msg in cases:
+        bad.write_text(json.dumps(rec) + "\n")
+        with pytest.raises(UserError, match=msg):
+            read_preference_file(bad, template=compact_template)
+
+
+def test_embedded_held_out_pairs_come_from_the_val_split():
+    """n pairs from the tasks' train split and round(n * val_fraction) from their val split
+    (SPLITS: val is the hash range [0.8, 0.9)); a fraction of 1 is refused, as the message says."""
+    from tritongpt.train import tasks
+
+    # the template is the task's prompt key, so a pair's prompt hashes to its record's split
+    train, val = train_val_pairs(None, n=19, val_fraction=0.1, template=tasks.prompt_key)
+    assert len(train) == 19 and len(val) == 2  # round(1.9), not int(1.9)
+    assert all(0.0 <= tasks.unit_hash(p.prompt) < 0.8 for p in train)
+    assert all(0.8 <= tasks.unit_hash(p.prompt) < 0.9 for p in val)
+    with pytest.raises(UserError, match=r"--val-fraction must be in \[0, 1\), got 1.0"):
+        train_val_pairs(None, val_fraction=1.0)
+
+
+def test_pair_batch_pads_right_and_masks_each_rows_response_by_hand(capsys):
+    """Chosen rows then rejected rows, right-padded to the longest; each row's mask follows its
+    own prompt length (two pairs with different prompts, so a mix-up of rows shows)."""
+    from tritongpt.train.preference import EncodedPair, pad_sequences
+
+    enc = [EncodedPair([1, 2, 3], [4, 9], [5, 6, 9]), EncodedPair([7], [8, 8, 8, 9], [9])]
+    idx, lengths, mask = pair_batch(enc, pad_id=0)
+    assert idx.tolist() == [[1, 2, 3, 4, 9, 0], [7, 8, 8, 8, 9, 0], [1, 2, 3, 5, 6, 9], [7, 9, 0, 0, 0, 0]]
+    assert lengths.tolist() == [5, 5, 6, 2]
+    F, T = False, True  # targets t+1 in [prompt_len, length): logits t in [prompt_len - 1, length - 1)
+    assert mask.tolist() == [[F, F, T, T, F], [T, T, T, T, F], [F, F, T, T, T], [T, F, F, F, F]]
+    idx, lengths = pad_sequences([[5], [6, 7, 8]], pad_id=3)
+    assert idx.tolist() == [[5, 3, 3], [6, 7, 8]] and lengths.tolist() == [1, 3]
+
+    class Chars:
+        eot_id = 99
+
+        def encode(self, text, allowed_special="none_raise"):
+            return [ord(c) - ord("a") for c in text]
+
+    # one pair dropped is still said
+    encode_pairs([PreferencePair("ab", "cd", "e"), PreferencePair("ab", "cdefgh", "i")], Chars(), 8)
+    assert "dropped 1 of 2 preference pairs longer than 8 tokens" in capsys.readouterr().err
+    with pytest.raises(UserError, match="none of the 1 preference pairs fit in 8 tokens"):
+        encode_pairs([PreferencePair("ab", "cdefgh", "i")], Chars(), 8)
+
+
+def test_token_logprobs_at_a_temperature_in_fp32():
+    """log softmax(logits / temperature) at the token that came next, recomputed in float64 by
+    hand from bf16 logits: the result is fp32 (not the logits' bf16) and the temperature is
+    applied once."""
+    torch.manual_seed(0)
+    logits = torch.randn(2, 5, 7).mul(3).to(torch.bfloat16)
+    idx = torch.randint(0, 7, (2, 5))
+    for temp in (1.0, 0.5, 2.0):
+        got = token_logprobs(logits, idx, temperature=temp)
+        assert got.dtype == torch.float32 and got.shape == (2, 4)
+        for b in range(2):
+            for t in range(4):
+                xs = [float(v) / temp for v in logits[b, t]]
+                lse = math.log(sum(math.exp(x) for x in xs))
+                assert got[b, t].item() == pytest.approx(xs[idx[b, t + 1]] - lse, abs=1e-5), (temp, b, t)
+
+
+def test_model_and_sequence_logprobs_by_the_definition():
+    """model_token_logprobs: log softmax(logits at t)[idx t+1], here from the model's plain logits
+    in float64; sequence_logprobs: their sum over the masked targets (a sum, not a mean)."""
+    from tritongpt.train.preference import sequence_logprobs
+
+    torch.manual_seed(4)
+    model = GPTModel(GPTConfig(vocab_size=23, context_length=16, n_embd=32, n_layer=1, n_head=2)).eval()
+    idx = torch.randint(0, 23, (2, 7))
+    F, T = False, True
+    mask = torch.tensor([[F, F, T, T, T, F], [T, T, F, F, F, F]])
+    with torch.no_grad():
+        logits = model(idx).double()
+        got, seq = model_token_logprobs(model, idx), sequence_logprobs(model, idx, mask)
+    want = torch.log_softmax(logits[:, :-1], -1).gather(-1, idx[:, 1:, None])[..., 0]
+    assert got.shape == (2, 6)
+    torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=0)
+    assert seq.tolist() == pytest.approx([want[0, 2:5].sum().item(), want[1, :2].sum().item()], abs=1e-5)
