@@ -942,3 +942,69 @@ def test_auto_device_under_torchrun_is_the_local_rank_gpu(monkeypatch):
     assert pick_device("auto") == torch.device("cpu")
     with pytest.raises(UserError, match="unknown device 'tpu'; use auto, cpu, cuda or cuda:N"):
         pick_device("tpu")
+
+
+# -- common's helpers, one by one -------------------------------------------------------------------
+def test_dtype_seed_and_oom_helpers_by_their_docs(monkeypatch, capsys):
+    from types import SimpleNamespace
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert common.pick_dtype("auto", cpu) == torch.float32 and common.pick_dtype("auto", cuda) == torch.bfloat16
+    for names, dtype in ((("fp32", "float32"), torch.float32), (("bf16", "bfloat16"), torch.bfloat16),
+                         (("fp16", "float16"), torch.float16)):
+        assert all(common.pick_dtype(n, cpu) == dtype for n in names), names
+    with pytest.raises(UserError, match="unknown dtype 'fp64'; use auto, fp32, bf16 or fp16"):
+        common.pick_dtype("fp64", cpu)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(UserError, match="device 'cuda' requested but CUDA is not available"):
+        common.pick_device("cuda")
+    # --seed: a 64-bit integer, both ends included
+    for ok in (-2**63, 2**63 - 1, 0):
+        common.check_seed(ok)
+    for bad in (-2**63 - 1, 2**63):
+        with pytest.raises(UserError, match="--seed must be a 64-bit integer"):
+            common.check_seed(bad)
+    # out of memory whatever the message says, when torch says so by the type
+    assert common.is_oom(torch.OutOfMemoryError("allocation failed")) and not common.is_oom(RuntimeError("shape"))
+    # any Triton kernel on the CPU is interpreted: a comma list of them too, not only "triton"
+    for kernels, noted in (("layernorm,mlp", True), ("triton", True), ("reference", False)):
+        common.note_if_interpreted([SimpleNamespace(config=SimpleNamespace(kernels=kernels))], "cpu")
+        assert ("Triton's interpreter" in capsys.readouterr().err) == noted, kernels
+
+
+def test_run_folder_checks_and_clearing(tmp_path):
+    """check_out_dir: an empty metrics.jsonl is no run; a resume from a checkpoint inside out_dir
+    continues the run there. clear_run also removes half-written checkpoints."""
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "metrics.jsonl").write_text("")
+    assert common.check_out_dir(out, None, False) is False
+    ck = out / "ckpt-0000002"
+    ck.mkdir()
+    (ck / "state.pt").write_bytes(b"x")
+    with pytest.raises(UserError, match="already holds a run"):
+        common.check_out_dir(out, None, False)
+    assert common.check_out_dir(out, str(ck), False) is False  # --resume run/ckpt-0000002 into run/
+    (out / ".tmp-ckpt-0000003-123").mkdir()
+    common.clear_run(out)
+    assert sorted(p.name for p in out.iterdir()) == []
+    # a .safetensors file is itself the checkpoint
+    f = tmp_path / "w.safetensors"
+    f.write_bytes(b"")
+    assert common.resolve_checkpoint(f) == f
+    assert common.data_path("") is None and common.data_path(None) is None  # the embedded data
+
+
+def test_check_resume_limit_precision_and_kernels_notes(tmp_path, capsys):
+    """A checkpoint AT --max-steps is not past it; a state saved before precision was recorded
+    (no "precision") gets no note and no error; no kernel note when the caller passes none."""
+    state = {"step": 3, "args": {"lr": 0.1}, "kernels": "reference"}
+    common.check_resume(tmp_path, state, {"max_steps": 3, "lr": 0.1}, ("lr",), "step", "--max-steps",
+                        "torch.float32", say=True, kernels=None)
+    assert capsys.readouterr().err == ""
+    with pytest.raises(UserError, match="at step 3, past --max-steps 2"):
+        common.check_resume(tmp_path, state, {"max_steps": 2, "lr": 0.1}, ("lr",), "step", "--max-steps",
+                            "torch.float32", say=False)
+    common.check_resume(tmp_path, {**state, "precision": "torch.bfloat16"}, {"max_steps": 3, "lr": 0.1}, ("lr",),
+                        "step", "--max-steps", "torch.float32", say=True)
+    assert "note: resuming with precision float32 (the run had bfloat16)" in capsys.readouterr().err
