@@ -221,7 +221,8 @@ def wrong_answer(record, rng: random.Random) -> str:
     """A plausible but wrong output for `record` (never equal to the gold one after strip).
 
     Known families make family-typical mistakes; other records (e.g. from a file) get a
-    generic one: a number off by one, two words swapped, or the last word replaced.
+    generic one: a number off by one, two words swapped (or, when all the words are the same, the
+    last one dropped), or a single word replaced.
     """
     gold, inp, task = record["output"], record.get("input", ""), record.get("task")
     wrong = None
