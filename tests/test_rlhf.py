@@ -623,6 +623,27 @@ def test_rl_fp16_skips_a_minibatch_whose_gradients_overflow(tmp_path, monkeypatc
     assert "skipped" not in _tiny_rl_trainer(tmp_path / "fp32").update(trainer.rollout())  # fp32: no scaler
 
 
+def test_rl_stops_on_a_nonfinite_gradient_before_the_step(tmp_path, monkeypatch):
+    """A finite loss with a NaN gradient (0 * d sqrt(x)/dx at 0): without fp16's scaler to skip it,
+    the update stops before the optimizer step, naming the gradient norm (it stepped the NaN into
+    every weight, and the next minibatch's loss said "loss is nan")."""
+    from tritongpt.train import rlhf
+
+    trainer = _tiny_rl_trainer(tmp_path)
+    real = rlhf.minibatch_loss
+
+    def nan_grad(model, *a, **k):
+        loss, stats = real(model, *a, **k)
+        p = next(model.parameters())
+        return loss + 0.0 * (p.flatten()[0] * 0.0).sqrt(), stats
+
+    monkeypatch.setattr(rlhf, "minibatch_loss", nan_grad)
+    before = [p.detach().clone() for p in trainer.model.parameters()]
+    with pytest.raises(UserError, match=r"rlhf: gradient norm is nan at iteration 1; stopped"):
+        trainer.update(trainer.rollout())
+    assert all(torch.equal(p, q) for p, q in zip(before, trainer.model.parameters()))
+
+
 def test_rl_policy_with_dropout_sees_no_change_before_its_first_step(tmp_path):
     """With dropout 0.3 in the config, the first minibatch's log-probs must equal the rollout's
     (both dropout-free): ratio exactly 1, approx_kl and clip_frac 0."""
