@@ -876,8 +876,8 @@ def test_ddp_error_still_tears_the_group_down(tmp_path):
 # -- GPU: bf16 autocast, fused AdamW, Triton kernels, MFU, torch.compile -----------------------------------
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("compile_", [False, True])
-@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+# fp16 uncompiled only: the compiled runs are the GPU session's slowest tests, and the scaler is the same
+@pytest.mark.parametrize("compile_,dtype", [(False, "bf16"), (True, "bf16"), (False, "fp16")])
 def test_cuda_mixed_precision_triton_and_reference_agree_and_report_mfu(tmp_path, compile_, dtype):
     from tritongpt.train.loop import peak_flops
 
