@@ -2,6 +2,11 @@
 
 A spec is "reference", "triton", "auto" (Triton on CUDA, reference on CPU), or a set /
 comma-separated list of kernel names. The answer is a frozenset of the kernels to use.
+
+On a GPU older than Ampere (compute capability < 8.0: V100, T4) Triton compiles tl.dot to
+scalar FMAs, not tensor-core MMAs (checked offline for sm_75: bench/results/sm75-offline), so
+there "auto" keeps only the kernels without a dot (the LayerNorm and the fused loss, whose
+matmuls are cuBLAS's): the Triton MLP and attention would be slower than the reference path.
 """
 import torch
 
@@ -9,6 +14,14 @@ from tritongpt._env import triton_interpreting
 from tritongpt.errors import UserError
 
 KERNEL_NAMES = ("layernorm", "mlp", "attention", "cross_entropy")
+DOT_KERNELS = ("mlp", "attention")  # built on tl.dot: tensor cores from compute capability 8.0
+
+
+def has_tensor_core_dot(device) -> bool:
+    """Whether Triton's tl.dot uses tensor cores on this CUDA device (unknown without a GPU: yes)."""
+    device = torch.device(device)
+    return device.type == "cuda" and (not torch.cuda.is_available() or
+                                      torch.cuda.get_device_capability(device) >= (8, 0))
 
 
 def resolve_kernels(spec, device, check_device: bool = True) -> frozenset:
@@ -20,7 +33,9 @@ def resolve_kernels(spec, device, check_device: bool = True) -> frozenset:
     if spec == "triton":
         names = set(KERNEL_NAMES)
     elif spec == "auto":
-        return frozenset(KERNEL_NAMES) if device.type == "cuda" else frozenset()
+        if device.type != "cuda":
+            return frozenset()
+        return frozenset(n for n in KERNEL_NAMES if has_tensor_core_dot(device) or n not in DOT_KERNELS)
     else:
         if isinstance(spec, str):
             parts = spec.split(",")

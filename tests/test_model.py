@@ -11,7 +11,7 @@ from tritongpt.errors import UserError
 from tritongpt.model.config import GPTConfig, get_config
 from tritongpt.model.gpt import GPTModel, lm_loss
 from tritongpt.model.layers import GELU, FeedForward, LayerNorm, MultiHeadAttention
-from tritongpt.model.toggle import resolve_kernels
+from tritongpt.model.toggle import KERNEL_NAMES, resolve_kernels
 
 SMALL = dict(vocab_size=97, context_length=24, n_embd=32, n_layer=2, n_head=4)
 
@@ -268,6 +268,30 @@ def test_lm_loss_ignores_masked_targets():
     masked[:, :2] = -100
     expect = F.cross_entropy(logits[:, 2:].reshape(-1, 10), targets[:, 2:].reshape(-1))
     assert torch.allclose(lm_loss(logits, masked), expect)
+
+
+def test_auto_leaves_the_dot_kernels_out_below_ampere(monkeypatch, capsys):
+    """Below compute capability 8.0 Triton's tl.dot is scalar FMAs (the sm_75 compile check has
+    no MMA instruction): auto keeps the LayerNorm and the fused loss there, not the MLP and
+    attention, and a trainer given them anyway says they will be slow."""
+    from types import SimpleNamespace
+
+    from tritongpt.train.common import note_if_interpreted
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    for cap, want in (((7, 0), {"layernorm", "cross_entropy"}), ((7, 5), {"layernorm", "cross_entropy"}),
+                      ((8, 0), set(KERNEL_NAMES)), ((9, 0), set(KERNEL_NAMES))):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None, c=cap: c)
+        assert resolve_kernels("auto", "cuda") == want, cap
+        assert resolve_kernels("triton", "cuda") == set(KERNEL_NAMES)  # asked for: given
+        for kernels, said in (("triton", "the Triton mlp and attention"),
+                              ("layernorm,attention", "the Triton attention "), ("layernorm,cross_entropy", None)):
+            note_if_interpreted([SimpleNamespace(config=SimpleNamespace(kernels=kernels))], "cuda")
+            err = capsys.readouterr().err
+            if said and cap < (8, 0):
+                assert said in err and f"(this GPU: {cap[0]}.{cap[1]})" in err, (cap, kernels, err)
+            else:
+                assert err == "", (cap, kernels, err)
 
 
 def test_toggle_resolution_and_state_dict_unchanged():

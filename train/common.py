@@ -448,11 +448,22 @@ def plot_curves(rows, png_path, keys=("loss", "val_loss"), title="training"):
 
 
 def note_if_interpreted(models, device):
-    """Say so when a model on the CPU uses Triton kernels: they run through the interpreter."""
-    if torch.device(device).type == "cpu" and any(m.config.kernels != "reference" for m in models):
+    """Say so when Triton kernels will be slow: on the CPU they run through the interpreter, and
+    below compute capability 8.0 the MLP's and attention's tl.dot has no tensor cores."""
+    from tritongpt.model.toggle import DOT_KERNELS, has_tensor_core_dot, resolve_kernels
+
+    device = torch.device(device)
+    if device.type == "cpu" and any(m.config.kernels != "reference" for m in models):
         print("note: Triton kernels on the CPU run through Triton's interpreter, which checks "
               "parity but is orders of magnitude slower; --kernels reference is the fast CPU path",
               file=sys.stderr)
+    used = {n for m in models for n in resolve_kernels(m.config.kernels, device, check_device=False)}
+    slow = [n for n in DOT_KERNELS if n in used]
+    if device.type == "cuda" and slow and not has_tensor_core_dot(device):
+        cc = ".".join(map(str, torch.cuda.get_device_capability(device)))
+        print(f"note: Triton compiles tl.dot to scalar FMAs below compute capability 8.0 (this GPU: {cc}): "
+              f"the Triton {' and '.join(slow)} will be slower than the reference path's cuBLAS and SDPA "
+              "(--kernels auto leaves them out here)", file=sys.stderr)
 
 
 def is_oom(e: BaseException) -> bool:

@@ -10,7 +10,8 @@ def add_model_args(p, default_model="tiny", default_text=None):
                    help="preset: gpt2-small|gpt2-medium|gpt2-large|gpt2-xl|tiny|mini (default "
                         + (default_text or default_model or "tiny, or what --weights holds") + ")")
     p.add_argument("--kernels", default="auto",
-                   help="reference | triton | auto (Triton on CUDA, reference on CPU) | "
+                   help="reference | triton | auto (Triton on CUDA, reference on CPU; before Ampere no "
+                        "Triton MLP or attention) | "
                         "comma list of layernorm,mlp,attention,cross_entropy (default %(default)s)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda (default %(default)s)")
 
