@@ -171,8 +171,9 @@ def test_generate_stops_at_the_tokenizers_end_of_text(saved_model, tmp_path, cap
     assert out.out == "The\n"
     assert "note: the model ended the text (<|endoftext|>) after 0 new tokens" in out.err
     # a prompt's own marker is the prompt's text, kept
-    assert main(["generate", "--weights", str(tmp_path / "eot.safetensors"), "--tokenizer", str(saved_model / "tok.json"),
-                 "--prompt", "The<|endoftext|>", "--allow-special", "--max-new-tokens", "0"]) == 0
+    assert main(["generate", "--weights", str(tmp_path / "eot.safetensors"), "--tokenizer",
+                 str(saved_model / "tok.json"), "--prompt", "The<|endoftext|>", "--allow-special",
+                 "--max-new-tokens", "0"]) == 0
     out = capsys.readouterr()
     assert out.out == "The<|endoftext|>\n" and "ended the text" not in out.err
 
