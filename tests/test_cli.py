@@ -190,6 +190,28 @@ def test_generate_seed_fixes_the_sampled_text(saved_model, capsys):
     assert texts[0] == texts[1] != texts[2], texts
 
 
+def test_generate_runs_under_the_dtype_asked_for(saved_model, monkeypatch, capsys):
+    """--dtype bf16 generates under bf16 autocast (the weights stay fp32); auto is fp32 on the CPU."""
+    from tritongpt.train import generate as gen
+
+    base = ["generate", "--weights", str(saved_model / "w.safetensors"), "--tokenizer", str(saved_model / "tok.json"),
+            "--prompt", "The", "--max-new-tokens", "4", "--temperature", "0"]
+    assert main(base + ["--dtype", "bf16"]) == 0 and capsys.readouterr().out.startswith("The")  # really runs
+    seen, real = [], gen.generate
+
+    def watch(model, *a, **k):
+        seen.append((torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu"),
+                     next(model.parameters()).dtype))
+        return real(model, *a, **k)
+
+    monkeypatch.setattr(gen, "generate", watch)
+    for flags in (["--dtype", "bf16"], [], ["--dtype", "fp16"]):
+        assert main(base + flags) == 0
+    assert [(on, on and dt, p) for on, dt, p in seen] == [(True, torch.bfloat16, torch.float32),
+                                                          (False, False, torch.float32),
+                                                          (True, torch.float16, torch.float32)]
+
+
 def test_no_command_prints_help_and_ctrl_c_is_one_line(monkeypatch, capsys):
     """`tritongpt` alone prints the usage and exits 0; Ctrl-C inside a command is 'interrupted'
     and exit status 130 (a shell's convention for SIGINT), not a traceback."""

@@ -65,7 +65,7 @@ def cmd_generate(args):
 
     from tritongpt.model.config import get_config
     from tritongpt.model.gpt import GPTModel
-    from tritongpt.train.common import check_seed, pick_device
+    from tritongpt.train.common import autocast, check_seed, pick_device, pick_dtype
     from tritongpt.train.generate import check_sampling, generate
     from tritongpt.train.sft import pick_tokenizer
     from tritongpt.train.tokenizer import EOT, DisallowedSpecialToken
@@ -80,6 +80,7 @@ def cmd_generate(args):
     check_sampling(args.temperature, args.top_k, args.top_p, flags=True)
     check_seed(args.seed)
     device = pick_device(args.device)
+    dtype = pick_dtype(args.dtype, device)
     torch.manual_seed(args.seed)
     if args.weights:
         from tritongpt.train.gpt2_weights import load_checkpoint
@@ -114,8 +115,9 @@ def cmd_generate(args):
     idx = torch.tensor([ids], dtype=torch.long, device=device)
     gen = torch.Generator(device=device).manual_seed(args.seed)
     eot = tok.special_tokens.get(EOT)
-    out = generate(model, idx, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                   top_p=args.top_p, eos_id=eot, generator=gen, vocab_limit=limit)[0].tolist()
+    with autocast(device, dtype):  # the weights stay fp32; sampling reads fp32 probabilities
+        out = generate(model, idx, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                       top_p=args.top_p, eos_id=eot, generator=gen, vocab_limit=limit)[0].tolist()
     ended = len(out) > len(ids) and out[-1] == eot
     # the text, without the marker that ended it (as Hugging Face's text-generation pipeline)
     print(tok.decode(out[:-1] if ended else out))
@@ -197,6 +199,8 @@ def add_cli(sub):
     p.add_argument("--top-p", type=float, default=None,
                    help="sample among the likeliest tokens whose probabilities sum to p (after --top-k)")
     p.add_argument("--seed", type=int, default=1337, help="seeds the sampling (default %(default)s)")
+    p.add_argument("--dtype", default="auto", choices=("auto", "fp32", "bf16", "fp16"),  # common.DTYPES
+                   help="autocast dtype: auto = bf16 on CUDA (fp16 before Ampere), fp32 on CPU (default %(default)s)")
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("export", help="write a checkpoint as a Hugging Face GPT-2 folder (transformers loads it)")
