@@ -17,8 +17,9 @@ KERNEL_NAMES = ("layernorm", "mlp", "attention", "cross_entropy")
 DOT_KERNELS = ("mlp", "attention")  # built on tl.dot: tensor cores from compute capability 8.0
 
 
-def has_tensor_core_dot(device) -> bool:
-    """Whether Triton's tl.dot uses tensor cores on this CUDA device (unknown without a GPU: yes)."""
+def ampere_or_later(device) -> bool:
+    """A CUDA device of compute capability 8.0+, where bf16 arithmetic and Triton's tensor-core
+    tl.dot begin (asked only of a GPU that is there: unknown, e.g. a name check, is yes)."""
     device = torch.device(device)
     return device.type == "cuda" and (not torch.cuda.is_available() or
                                       torch.cuda.get_device_capability(device) >= (8, 0))
@@ -35,7 +36,7 @@ def resolve_kernels(spec, device, check_device: bool = True) -> frozenset:
     elif spec == "auto":
         if device.type != "cuda":
             return frozenset()
-        return frozenset(n for n in KERNEL_NAMES if has_tensor_core_dot(device) or n not in DOT_KERNELS)
+        return frozenset(n for n in KERNEL_NAMES if ampere_or_later(device) or n not in DOT_KERNELS)
     else:
         if isinstance(spec, str):
             parts = spec.split(",")

@@ -968,7 +968,7 @@ def test_dtype_seed_and_oom_helpers_by_their_docs(monkeypatch, capsys):
     assert common.is_oom(torch.OutOfMemoryError("allocation failed")) and not common.is_oom(RuntimeError("shape"))
     # any Triton kernel on the CPU is interpreted: a comma list of them too, not only "triton"
     for kernels, noted in (("layernorm,mlp", True), ("triton", True), ("reference", False)):
-        common.note_if_interpreted([SimpleNamespace(config=SimpleNamespace(kernels=kernels))], "cpu")
+        common.note_slow_kernels([SimpleNamespace(config=SimpleNamespace(kernels=kernels))], "cpu")
         assert ("Triton's interpreter" in capsys.readouterr().err) == noted, kernels
 
 

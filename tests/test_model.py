@@ -276,7 +276,7 @@ def test_auto_leaves_the_dot_kernels_out_below_ampere(monkeypatch, capsys):
     attention, and a trainer given them anyway says they will be slow."""
     from types import SimpleNamespace
 
-    from tritongpt.train.common import note_if_interpreted
+    from tritongpt.train.common import note_slow_kernels
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     for cap, want in (((7, 0), {"layernorm", "cross_entropy"}), ((7, 5), {"layernorm", "cross_entropy"}),
@@ -286,7 +286,7 @@ def test_auto_leaves_the_dot_kernels_out_below_ampere(monkeypatch, capsys):
         assert resolve_kernels("triton", "cuda") == set(KERNEL_NAMES)  # asked for: given
         for kernels, said in (("triton", "the Triton mlp and attention"),
                               ("layernorm,attention", "the Triton attention "), ("layernorm,cross_entropy", None)):
-            note_if_interpreted([SimpleNamespace(config=SimpleNamespace(kernels=kernels))], "cuda")
+            note_slow_kernels([SimpleNamespace(config=SimpleNamespace(kernels=kernels))], "cuda")
             err = capsys.readouterr().err
             if said and cap < (8, 0):
                 assert said in err and f"(this GPU: {cap[0]}.{cap[1]})" in err, (cap, kernels, err)

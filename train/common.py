@@ -54,11 +54,12 @@ def pick_dtype(name: str, device: torch.device) -> torch.dtype:
     table = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
              "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
     if name == "auto":
+        from tritongpt.model.toggle import ampere_or_later
+
         if device.type != "cuda":
             return torch.float32
-        # asked only of a GPU that is there: `bench` checks the name on machines without one
-        old = torch.cuda.is_available() and torch.cuda.get_device_capability(device) < (8, 0)
-        return torch.float16 if old else torch.bfloat16
+        # (`bench` checks the name against "cuda" on machines without a GPU: bf16 there)
+        return torch.bfloat16 if ampere_or_later(device) else torch.float16
     if name not in table:
         raise UserError(f"unknown dtype {name!r}; use auto, fp32, bf16 or fp16")
     return table[name]
@@ -447,10 +448,10 @@ def plot_curves(rows, png_path, keys=("loss", "val_loss"), title="training"):
     plt.close(fig)
 
 
-def note_if_interpreted(models, device):
+def note_slow_kernels(models, device):
     """Say so when Triton kernels will be slow: on the CPU they run through the interpreter, and
     below compute capability 8.0 the MLP's and attention's tl.dot has no tensor cores."""
-    from tritongpt.model.toggle import DOT_KERNELS, has_tensor_core_dot, resolve_kernels
+    from tritongpt.model.toggle import DOT_KERNELS, ampere_or_later, resolve_kernels
 
     device = torch.device(device)
     if device.type == "cpu" and any(m.config.kernels != "reference" for m in models):
@@ -459,7 +460,7 @@ def note_if_interpreted(models, device):
               file=sys.stderr)
     used = {n for m in models for n in resolve_kernels(m.config.kernels, device, check_device=False)}
     slow = [n for n in DOT_KERNELS if n in used]
-    if device.type == "cuda" and slow and not has_tensor_core_dot(device):
+    if device.type == "cuda" and slow and not ampere_or_later(device):
         cc = ".".join(map(str, torch.cuda.get_device_capability(device)))
         print(f"note: Triton compiles tl.dot to scalar FMAs below compute capability 8.0 (this GPU: {cc}): "
               f"the Triton {' and '.join(slow)} will be slower than the reference path's cuBLAS and SDPA "

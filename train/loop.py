@@ -297,7 +297,7 @@ class Trainer:
             for m in _gpt_models(self.raw_model):
                 m.set_activation_checkpointing(True)
         if self.is_main:
-            common.note_if_interpreted(_gpt_models(self.raw_model), self.device)
+            common.note_slow_kernels(_gpt_models(self.raw_model), self.device)
         self.optimizer = common.build_optimizer(self.raw_model, args.lr, args.weight_decay,
                                                 device=self.device)
         self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
@@ -583,12 +583,12 @@ class Trainer:
                 loss_t /= self.world_size
         tokens *= self.world_size
         max_norm = a.grad_clip if a.grad_clip > 0 else float("inf")
-        scale = self.scaler.scale  # the one this step's backward used
         self.scaler.unscale(self.optimizer)
         norm_t = torch.nn.utils.clip_grad_norm_(self.params, max_norm)
         # one device-to-host sync for these numbers; nothing has touched the weights yet
         loss_value, grad_norm, count_value = torch.stack(
             [loss_t.float(), norm_t.float().to(loss_t.device), count.float()]).tolist()
+        scale = self.scaler.scale  # this step's (until step() updates it), read once the GPU has caught up
         step = self.step + 1  # the step being taken, 1-based as logged
         if weighted and count_value == 0:
             self.optimizer.zero_grad(set_to_none=True)

@@ -408,7 +408,7 @@ class RLHFTrainer:
         if args.activation_checkpointing:  # the frozen models record no gradients: nothing to recompute
             policy.set_activation_checkpointing(True)
         if log:
-            common.note_if_interpreted([policy, self.ref, self.reward_model], self.device)
+            common.note_slow_kernels([policy, self.ref, self.reward_model], self.device)
         # dropout would make log pi at update time differ from log pi at rollout time
         self.model.eval()
         self.optimizer = common.build_optimizer(self.model, args.lr, args.weight_decay, device=self.device)

@@ -178,6 +178,8 @@ def cmd_export(args):
 
 
 def add_cli(sub):
+    from tritongpt.train.common import DTYPES  # torch is imported for the parser anyway (the trainers')
+
     p = sub.add_parser("info", help="config, parameter count, and whether Triton and CUDA are usable")
     p.add_argument("--model", default="gpt2-small", help="preset name (default %(default)s)")
     p.add_argument("--untied", action="store_true", help="count a separate LM head")
@@ -199,7 +201,7 @@ def add_cli(sub):
     p.add_argument("--top-p", type=float, default=None,
                    help="sample among the likeliest tokens whose probabilities sum to p (after --top-k)")
     p.add_argument("--seed", type=int, default=1337, help="seeds the sampling (default %(default)s)")
-    p.add_argument("--dtype", default="auto", choices=("auto", "fp32", "bf16", "fp16"),  # common.DTYPES
+    p.add_argument("--dtype", default="auto", choices=DTYPES,
                    help="autocast dtype: auto = bf16 on CUDA (fp16 before Ampere), fp32 on CPU (default %(default)s)")
     p.set_defaults(func=cmd_generate)
 
