@@ -148,9 +148,11 @@ def add_cli(sub):
     k.add_argument("--rep-ms", type=int, default=100, help="do_bench rep (default %(default)s)")
     t = p.add_argument_group("training step")
     t.add_argument("--models", default=None, help="default gpt2-small,gpt2-medium (--quick: gpt2-small)")
-    t.add_argument("--train-providers", default=",".join(TRAIN_PROVIDERS))
+    t.add_argument("--train-providers", default=",".join(TRAIN_PROVIDERS),
+                   help="comma list: reference or triton, each with +compile, +sdpa (reference only) and "
+                        "+ckpt (activation checkpointing) (default %(default)s)")
     t.add_argument("--batch", default=None, help="16 or gpt2-small=16,gpt2-medium=8 (the default)")
-    t.add_argument("--seq-len", type=int, default=1024)
+    t.add_argument("--seq-len", type=int, default=1024, help="tokens per sequence (default %(default)s)")
     t.add_argument("--steps", type=int, default=None, help="timed steps (default 10, --quick 4)")
     t.add_argument("--warmup-steps", type=int, default=None, help="untimed steps (default 3, --quick 2)")
     add_vocab_multiple_arg(t, 1, "1, GPT-2 as published; the same for every provider")

@@ -19,6 +19,30 @@ def test_help_lists_every_command():
         assert cmd in out.stdout, cmd
 
 
+def test_every_flag_and_argument_has_a_help_text():
+    """--help describes every option of every command and subcommand (argparse prints an option
+    without help as its bare name, e.g. pretrain's --temperature said nothing of its default)."""
+    import argparse
+
+    from tritongpt.cli import build_parser
+
+    bare, n = [], 0
+
+    def walk(parser, path):
+        nonlocal n
+        for a in parser._actions:
+            if isinstance(a, argparse._SubParsersAction):
+                for name, sub in a.choices.items():
+                    walk(sub, path + [name])
+            elif not isinstance(a, argparse._HelpAction):
+                n += 1
+                if not (a.help or "").strip():
+                    bare.append(f"{' '.join(path)} {'/'.join(a.option_strings) or a.dest}")
+
+    walk(build_parser(), ["tritongpt"])
+    assert n > 150 and bare == []
+
+
 def test_info_counts_parameters(capsys):
     assert main(["info", "--model", "gpt2-small"]) == 0
     assert "124,439,808" in capsys.readouterr().out

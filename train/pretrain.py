@@ -49,8 +49,10 @@ def add_args(p: argparse.ArgumentParser):
     s.add_argument("--prompt", default="The", help="prompt for the samples printed while training "
                    "(no trailing space: BPE tokens carry their leading space)")
     s.add_argument("--sample-tokens", type=int, default=60, help="tokens per sample (default %(default)s)")
-    s.add_argument("--temperature", type=float, default=0.8)
-    s.add_argument("--top-k", type=int, default=40)
+    s.add_argument("--temperature", type=float, default=0.8,
+                   help="the samples' temperature (default %(default)s); 0 = greedy")
+    s.add_argument("--top-k", type=int, default=40,
+                   help="the samples draw among the k likeliest tokens only (default %(default)s)")
     add_train_args(p, **DEFAULTS)
     return p
 

@@ -911,5 +911,5 @@ def add_cli(sub):
 
     d = bsub.add_parser("decode", help="print the text of some token ids")
     d.add_argument("--tokenizer", default="default", help="default | gpt2 | tokenizer .json | folder with encoder.json + vocab.bpe")
-    d.add_argument("--ids", type=int, nargs="+", required=True)
+    d.add_argument("--ids", type=int, nargs="+", required=True, help="token ids, separated by spaces")
     d.set_defaults(func=cmd_decode)

@@ -191,7 +191,8 @@ def add_cli(sub):
     p.add_argument("--pretrained", action="store_true", help="download GPT-2 weights from the Hub by --model name")
     p.add_argument("--tokenizer", help="default | gpt2 | path to a tokenizer JSON (default: the one saved with --weights' run, "
                         "else by vocab size)")
-    p.add_argument("--prompt", required=True)
+    p.add_argument("--prompt", required=True, help="the text to continue (no trailing space: BPE tokens carry "
+                   "their leading space)")
     p.add_argument("--allow-special", action="store_true", help="encode <|endoftext|> in the prompt as the special token")
     p.add_argument("--max-new-tokens", type=int, default=50, help="at most this many (default %(default)s); "
                    "generation stops early at <|endoftext|>")
