@@ -439,9 +439,11 @@ def test_nonfinite_loss_stops_naming_the_step_and_keeps_last_checkpoint(tmp_path
         assert torch.equal(p, q), f"{n}: the bad step must not update the weights"
 
 
-def test_a_nonfinite_gradient_under_a_finite_loss_stops_before_the_step(tmp_path):
-    """A loss whose value is fine but whose gradient is NaN (0 * d sqrt(x)/dx at x = 0): the run
-    stops at that step, naming the gradient norm, and the weights stay those of the step before."""
+@pytest.mark.parametrize("bad", ["nan", "inf"])
+def test_a_nonfinite_gradient_under_a_finite_loss_stops_before_the_step(tmp_path, bad):
+    """A loss whose value is fine but whose gradient is NaN (0 * d sqrt(x)/dx at x = 0) or inf
+    (d sqrt(x)/dx at x = 0): the run stops at that step, naming the gradient norm, and the weights
+    stay those of the step before."""
     calls = {"n": 0}
 
     def nan_grad_loss(model, batch):
@@ -449,12 +451,15 @@ def test_a_nonfinite_gradient_under_a_finite_loss_stops_before_the_step(tmp_path
         loss = loss_fn(model, batch)
         if calls["n"] == 3:
             p = model.pos_emb.weight
-            loss = loss + 0.0 * (p[0, 0] * 0.0).sqrt()  # value + 0; gradient 0 * inf = nan
+            if bad == "nan":
+                loss = loss + 0.0 * (p[0, 0] * 0.0).sqrt()  # value + 0; gradient 0 * inf = nan
+            else:
+                loss = loss + (p[0, 0] - p[0, 0].detach()).sqrt()  # value + 0; gradient 1 / (2 sqrt(0)) = inf
         return loss
 
     t = Trainer(tiny_model(), args_for(tmp_path, max_steps=5, ckpt_every=2), nan_grad_loss,
                 make_get_batch(synthetic_tokens(), 2))
-    with pytest.raises(UserError, match=r"gradient norm is nan at step 3;.*ckpt-0000002"):
+    with pytest.raises(UserError, match=rf"gradient norm is {bad} at step 3;.*ckpt-0000002"):
         t.fit()
     saved = GPTModel.load(tmp_path / "ckpt-0000002" / "model.safetensors")
     for (n, p), q in zip(saved.named_parameters(), t.raw_model.parameters()):
@@ -554,6 +559,28 @@ def test_auto_dtype_is_fp16_on_gpus_without_bf16(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(torch.cuda, "get_device_capability", no_driver)
     assert common.pick_dtype("auto", torch.device("cuda")) == torch.bfloat16
+
+
+def test_fp16_skips_a_step_whose_gradient_norm_is_inf_as_one_whose_norm_is_nan(tmp_path):
+    """An overflow can leave inf in the gradients as well as NaN: the scaler skips either step while
+    the scale is above 1. Here the first step's loss carries sqrt(w - w), 0 in value, whose
+    gradient 1 / (2 sqrt(0)) is inf (the fp32 run stops on it: 'gradient norm is inf')."""
+    calls = {"n": 0}
+
+    def inf_grad_first(model, batch):
+        calls["n"] += 1
+        loss = loss_fn(model, batch)
+        if calls["n"] == 1:
+            w = model.pos_emb.weight[0, 0]
+            loss = loss + (w - w.detach()).sqrt()
+        return loss
+
+    t = Trainer(tiny_model(), args_for(tmp_path, max_steps=2, warmup_steps=0, min_lr=3e-3, dtype="fp16"),
+                inf_grad_first, _fixed_batch())
+    t.fit()
+    r = [r for r in rows(tmp_path) if "loss" in r]
+    assert [(x["loss_scale"], x["skipped"]) for x in r] == [(65536.0, True), (32768.0, False)]
+    assert r[0]["grad_norm"] is None and math.isfinite(r[1]["grad_norm"])
 
 
 @pytest.mark.parametrize("error", [torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),

@@ -623,10 +623,11 @@ def test_rl_fp16_skips_a_minibatch_whose_gradients_overflow(tmp_path, monkeypatc
     assert "skipped" not in _tiny_rl_trainer(tmp_path / "fp32").update(trainer.rollout())  # fp32: no scaler
 
 
-def test_rl_stops_on_a_nonfinite_gradient_before_the_step(tmp_path, monkeypatch):
-    """A finite loss with a NaN gradient (0 * d sqrt(x)/dx at 0): without fp16's scaler to skip it,
-    the update stops before the optimizer step, naming the gradient norm (it stepped the NaN into
-    every weight, and the next minibatch's loss said "loss is nan")."""
+@pytest.mark.parametrize("bad", ["nan", "inf"])
+def test_rl_stops_on_a_nonfinite_gradient_before_the_step(tmp_path, monkeypatch, bad):
+    """A finite loss with a NaN gradient (0 * d sqrt(x)/dx at 0) or an inf one (d sqrt(x)/dx at 0):
+    without fp16's scaler to skip it, the update stops before the optimizer step, naming the
+    gradient norm (it stepped the NaN into every weight, and the next minibatch's loss said "loss is nan")."""
     from tritongpt.train import rlhf
 
     trainer = _tiny_rl_trainer(tmp_path)
@@ -634,13 +635,34 @@ def test_rl_stops_on_a_nonfinite_gradient_before_the_step(tmp_path, monkeypatch)
 
     def nan_grad(model, *a, **k):
         loss, stats = real(model, *a, **k)
-        p = next(model.parameters())
-        return loss + 0.0 * (p.flatten()[0] * 0.0).sqrt(), stats
+        p = next(model.parameters()).flatten()[0]
+        poison = 0.0 * (p * 0.0).sqrt() if bad == "nan" else (p - p.detach()).sqrt()  # value 0 either way
+        return loss + poison, stats
 
     monkeypatch.setattr(rlhf, "minibatch_loss", nan_grad)
     before = [p.detach().clone() for p in trainer.model.parameters()]
-    with pytest.raises(UserError, match=r"rlhf: gradient norm is nan at iteration 1; stopped"):
+    with pytest.raises(UserError, match=rf"rlhf: gradient norm is {bad} at iteration 1; stopped"):
         trainer.update(trainer.rollout())
+    assert all(torch.equal(p, q) for p, q in zip(before, trainer.model.parameters()))
+
+
+def test_rl_fp16_stops_when_a_minibatch_overflows_at_a_scale_of_one(tmp_path, monkeypatch):
+    """fp16 at a loss scale of 1 (as a run whose minibatches kept overflowing ends up): an overflow
+    there is no scaling artefact but the gradients' own; the update stops before the step, naming
+    the scale, instead of skipping the minibatch and halving the scale below 1."""
+    from tritongpt.train import rlhf
+
+    trainer = _tiny_rl_trainer(tmp_path, dtype="fp16", minibatch_size=2)
+    state = trainer.scaler.state_dict()
+    trainer.scaler.load_state_dict({**state, "scale": 1.0})
+    assert trainer.scaler.scale == 1.0
+    real = rlhf.minibatch_loss
+    monkeypatch.setattr(rlhf, "minibatch_loss", lambda *a, **k: (lambda ls: (ls[0] * 1e30, ls[1]))(real(*a, **k)))
+    ro = trainer.rollout()
+    before = [p.detach().clone() for p in trainer.model.parameters()]
+    with pytest.raises(UserError, match=r"rlhf: gradient norm is (inf|nan) at iteration 1 with the fp16 loss scale "
+                                        r"already at 1; stopped"):
+        trainer.update(ro)
     assert all(torch.equal(p, q) for p, q in zip(before, trainer.model.parameters()))
 
 
