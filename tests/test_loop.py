@@ -583,6 +583,33 @@ def test_fp16_skips_a_step_whose_gradient_norm_is_inf_as_one_whose_norm_is_nan(t
     assert r[0]["grad_norm"] is None and math.isfinite(r[1]["grad_norm"])
 
 
+def test_a_resume_names_every_flag_that_changes_the_run_and_the_precision(tmp_path, capsys):
+    """Each of TrainArgs' trajectory flags, the trainer's run_args and the precision changed on a
+    resume: one note names each, now (and then); flags that change nothing computed go unnamed.
+    A run resumed as it was started (here bf16) gets no note."""
+    get = make_get_batch(synthetic_tokens(), 2)
+    first = dict(max_steps=1, batch_size=4, grad_accum=1, lr=3e-3, min_lr=3e-4, warmup_steps=2, weight_decay=0.1,
+                 grad_clip=1.0, seed=7, keep_ckpts=3)
+    Trainer(tiny_model(), args_for(tmp_path, **first), loss_fn, get, run_args={"beta": 0.1}).fit()
+    capsys.readouterr()
+    then = dict(max_steps=2, batch_size=3, grad_accum=2, lr=2e-3, min_lr=1e-4, warmup_steps=1, weight_decay=0.05,
+                grad_clip=0.5, seed=8, keep_ckpts=2, dtype="fp16", resume="latest")
+    Trainer(tiny_model(), args_for(tmp_path, **then), loss_fn, get, run_args={"beta": 0.5}).fit()
+    err = capsys.readouterr().err
+    assert ("note: resuming with --max-steps 2 (the run had 1), --batch-size 3 (4), --grad-accum 2 (1), "
+            "--lr 0.002 (0.003), --min-lr 0.0001 (0.0003), --warmup-steps 1 (2), --weight-decay 0.05 (0.1), "
+            "--grad-clip 0.5 (1.0), --seed 8 (7), --beta 0.5 (0.1), precision float16 (float32): the run goes "
+            "on differently") in err, err
+    assert "keep-ckpts" not in err
+    same = dict(max_steps=1, dtype="bf16")
+    Trainer(tiny_model(), args_for(tmp_path / "bf16", **same), loss_fn, get).fit()
+    capsys.readouterr()
+    Trainer(tiny_model(), args_for(tmp_path / "bf16", **{**same, "max_steps": 2}, resume="latest"), loss_fn, get).fit()
+    err = capsys.readouterr().err
+    assert "note: resuming with --max-steps 2 (the run had 1): the run goes on" in err, err
+    assert "nothing to train" not in err  # a step short of --max-steps: that note is for a run already there
+
+
 @pytest.mark.parametrize("error", [torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
                                    RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried 9 GB")])
 def test_a_batch_that_does_not_fit_is_a_one_line_error(tmp_path, error):
