@@ -711,8 +711,13 @@ def test_add_train_args_defaults_and_namespace():
     a = TrainArgs.from_namespace(p.parse_args([]))
     assert (a.out_dir, a.max_steps, a.lr, a.kernels, a.device, a.resume, a.compile) == \
         ("runs/x", 42, 1e-4, "auto", "auto", None, False)
-    a = TrainArgs.from_namespace(p.parse_args(["--resume", "--grad-accum", "3", "--compile", "--dtype", "bf16"]))
+    # a DDP process waits 1800 s for the others by default (Hugging Face's Trainer's; NCCL's own 600
+    # was outlasted by rank 0's evaluations and checkpoints)
+    assert (a.activation_checkpointing, a.ddp_timeout) == (False, 1800) and TrainArgs().ddp_timeout == 1800
+    a = TrainArgs.from_namespace(p.parse_args(["--resume", "--grad-accum", "3", "--compile", "--dtype", "bf16",
+                                               "--activation-checkpointing", "--ddp-timeout", "900"]))
     assert (a.resume, a.grad_accum, a.compile, a.dtype) == ("latest", 3, True, "bf16")
+    assert (a.activation_checkpointing, a.ddp_timeout) == (True, 900)
     assert TrainArgs.from_namespace(p.parse_args(["--resume", "runs/old"])).resume == "runs/old"
     with pytest.raises(TypeError):
         add_train_args(argparse.ArgumentParser(), max_stepz=3)
@@ -1062,3 +1067,7 @@ def test_check_resume_limit_precision_and_kernels_notes(tmp_path, capsys):
     common.check_resume(tmp_path, {**state, "precision": "torch.bfloat16"}, {"max_steps": 3, "lr": 0.1}, ("lr",),
                         "step", "--max-steps", "torch.float32", say=True)
     assert "note: resuming with precision float32 (the run had bfloat16)" in capsys.readouterr().err
+    # say=False (a DDP rank other than 0, an RLHF trainer made with log=False): no note of any kind
+    common.check_resume(tmp_path, {**state, "precision": "torch.bfloat16"}, {"max_steps": 3, "lr": 0.2}, ("lr",),
+                        "step", "--max-steps", "torch.float32", say=False, kernels="triton")
+    assert capsys.readouterr().err == ""
