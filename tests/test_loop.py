@@ -583,6 +583,41 @@ def test_fp16_skips_a_step_whose_gradient_norm_is_inf_as_one_whose_norm_is_nan(t
     assert r[0]["grad_norm"] is None and math.isfinite(r[1]["grad_norm"])
 
 
+def test_fp16_scales_a_token_weighted_loss_too(tmp_path):
+    """(sum, count) losses under fp16: the summed loss's backward is scaled as a mean's is, so the
+    unscaled gradient is the token mean's: its norm (logged) is the one fp32 autograd gives for
+    sum / count at the same weights, to fp16 autocast's rounding (unscaled backward, divided by the
+    scale, came out 2^16 times too small). A sum's gradients are a mean's times the count, so the
+    first steps may overflow at 2^16 and be skipped: they leave the weights alone, and the first
+    step taken starts from the initial weights."""
+    g = torch.Generator().manual_seed(11)
+    x, y = torch.randint(0, VOCAB, (4, CTX), generator=g), torch.randint(1, VOCAB, (4, CTX), generator=g)
+    model = tiny_model(0)
+    s, n = weighted_loss_fn(model, (x, y))
+    (s / n).backward()
+    want = float(torch.cat([p.grad.flatten() for p in model.parameters()]).norm())
+    t = Trainer(tiny_model(0), args_for(tmp_path, max_steps=8, dtype="fp16"), weighted_loss_fn,
+                lambda split, gen: (x, y))
+    t.fit()
+    row = next(r for r in rows(tmp_path) if not r["skipped"])
+    assert row["loss"] == pytest.approx(float(s.detach() / n), rel=1e-2)
+    assert row["grad_norm"] == pytest.approx(want, rel=1e-2), (row["grad_norm"], want)
+
+
+def test_fp16_log_line_of_a_skipped_step(tmp_path, capsys):
+    """A skipped step's printed line says so where the gradient norm goes (it has none), and shows
+    the scale it was taken at; the next line shows its norm and the halved scale."""
+    t = Trainer(tiny_model(), args_for(tmp_path, max_steps=2, dtype="fp16", log_every=1), _overflow_at({1}),
+                _fixed_batch())
+    t.fit()
+    out = capsys.readouterr()
+    lines = [l for l in (out.out + out.err).splitlines() if l.startswith("step ")]
+    assert len(lines) == 2, lines
+    assert "| grad_norm overflow, step skipped | loss scale 65536 |" in lines[0], lines[0]
+    norm = rows(tmp_path)[1]["grad_norm"]
+    assert f"| grad_norm {norm:.3f} | loss scale 32768 |" in lines[1], lines[1]
+
+
 def test_a_resume_names_every_flag_that_changes_the_run_and_the_precision(tmp_path, capsys):
     """Each of TrainArgs' trajectory flags, the trainer's run_args and the precision changed on a
     resume: one note names each, now (and then); flags that change nothing computed go unnamed.
