@@ -426,7 +426,7 @@ def test_nonfinite_loss_stops_naming_the_step_and_keeps_last_checkpoint(tmp_path
 
     t = Trainer(tiny_model(), args_for(tmp_path, max_steps=10, ckpt_every=2), poisoned_loss,
                 make_get_batch(synthetic_tokens(), 2))
-    with pytest.raises(UserError, match=r"at step 5\b") as err:
+    with pytest.raises(UserError, match=rf"loss is {bad} at step 5\b") as err:
         t.fit()
     assert "ckpt-0000004" in str(err.value)
     assert [p.name for p in t.checkpointer.list()] == ["ckpt-0000002", "ckpt-0000004"]
@@ -602,6 +602,23 @@ def test_fp16_scales_a_token_weighted_loss_too(tmp_path):
     row = next(r for r in rows(tmp_path) if not r["skipped"])
     assert row["loss"] == pytest.approx(float(s.detach() / n), rel=1e-2)
     assert row["grad_norm"] == pytest.approx(want, rel=1e-2), (row["grad_norm"], want)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_fp16_stops_on_a_nonfinite_loss_rather_than_skipping_it(tmp_path, bad):
+    """The scaler skips steps whose gradients overflow; a loss that is itself NaN or inf (in fp32,
+    where the loss is computed) is no overflow of the scaling: the run stops, naming the loss."""
+    calls = {"n": 0}
+
+    def poisoned(model, batch):
+        calls["n"] += 1
+        loss = loss_fn(model, batch)
+        return loss * bad if calls["n"] == 2 else loss
+
+    t = Trainer(tiny_model(), args_for(tmp_path, max_steps=3, dtype="fp16"), poisoned, _fixed_batch())
+    with pytest.raises(UserError, match=rf"loss is {bad} at step 2; stopped without saving"):
+        t.fit()
+    assert [r["step"] for r in rows(tmp_path)] == [1]
 
 
 def test_fp16_log_line_of_a_skipped_step(tmp_path, capsys):
