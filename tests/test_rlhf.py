@@ -646,6 +646,29 @@ def test_rl_stops_on_a_nonfinite_gradient_before_the_step(tmp_path, monkeypatch,
     assert all(torch.equal(p, q) for p, q in zip(before, trainer.model.parameters()))
 
 
+@pytest.mark.parametrize("dtype", ["fp32", "fp16"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_rl_stops_on_a_nonfinite_loss_naming_it(tmp_path, monkeypatch, bad, dtype):
+    """A minibatch whose loss is NaN or inf stops the update before its backward, naming the loss
+    (not the gradient norm it would lead to); fp16's scaler, which skips overflowed gradients,
+    does not skip it."""
+    from tritongpt.train import rlhf
+
+    trainer = _tiny_rl_trainer(tmp_path, dtype=dtype, minibatch_size=2)
+    real = rlhf.minibatch_loss
+
+    def poisoned(*a, **k):
+        loss, stats = real(*a, **k)
+        return loss + bad, {**stats, "loss": stats["loss"] + bad}
+
+    monkeypatch.setattr(rlhf, "minibatch_loss", poisoned)
+    ro = trainer.rollout()
+    before = [p.detach().clone() for p in trainer.model.parameters()]
+    with pytest.raises(UserError, match=rf"rlhf: loss is {bad} at iteration 1; stopped"):
+        trainer.update(ro)
+    assert all(torch.equal(p, q) for p, q in zip(before, trainer.model.parameters()))
+
+
 def test_rl_fp16_stops_when_a_minibatch_overflows_at_a_scale_of_one(tmp_path, monkeypatch):
     """fp16 at a loss scale of 1 (as a run whose minibatches kept overflowing ends up): an overflow
     there is no scaling artefact but the gradients' own; the update stops before the step, naming
