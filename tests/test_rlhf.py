@@ -594,6 +594,52 @@ def test_rl_update_clips_the_gradient_norm(tmp_path):
     assert max(norms) <= 1e-3 * (1 + 1e-4), f"gradients stepped with norms {norms} > grad_clip 1e-3"
 
 
+def test_rl_grad_clip_0_steps_with_the_whole_gradient(tmp_path):
+    """--grad-clip 0 turns clipping off: the optimizer steps with the gradient as backward left it,
+    whose norm is the one logged."""
+    trainer = _tiny_rl_trainer(tmp_path, grad_clip=0.0, minibatch_size=2)
+    norms, step = [], trainer.optimizer.step
+
+    def record_then_step(*a, **k):
+        norms.append(torch.cat([p.grad.flatten() for p in trainer.model.parameters() if p.grad is not None]).norm())
+        return step(*a, **k)
+
+    trainer.optimizer.step = record_then_step
+    trainer.update(trainer.rollout())
+    logged = [s["grad_norm"] for s in trainer.update_log]
+    assert len(norms) == 2 and min(logged) > 1e-3
+    assert [float(n) for n in norms] == pytest.approx(logged, rel=1e-5)
+
+
+def test_rl_fp16_gradient_norm_is_the_unscaled_gradients(tmp_path):
+    """fp16: the gradients are unscaled before their norm is taken and clipped, so the logged norm is
+    the one fp32 autograd gives for the same minibatch loss at the same weights (to fp16 autocast's
+    rounding), not 2^16 times it."""
+    from tritongpt.train.rlhf import minibatch_loss
+
+    trainer = _tiny_rl_trainer(tmp_path, dtype="fp16", grad_clip=1e-3)  # one minibatch: the whole rollout
+    ro = trainer.rollout()
+    model = copy.deepcopy(trainer.model)
+    loss, _ = minibatch_loss(model, ro, torch.arange(len(ro)), trainer.args)
+    loss.backward()
+    want = float(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]).norm())
+    stats = trainer.update(ro)
+    assert stats["skipped"] == 0.0 and want > 1e-2
+    assert stats["grad_norm"] == pytest.approx(want, rel=2e-2), (stats["grad_norm"], want)
+
+
+def test_rl_fp16_loss_scale_is_resumed(tmp_path):
+    """The scaler's state is part of an RLHF checkpoint: a resume goes on at the scale the run had
+    come down to (here 2^10, as after six overflowed minibatches), not at 2^16 afresh."""
+    trainer = _tiny_rl_trainer(tmp_path, dtype="fp16")
+    trainer.scaler.load_state_dict({**trainer.scaler.state_dict(), "scale": 1024.0})
+    trainer.save_checkpoint()
+    again = _tiny_rl_trainer(tmp_path, dtype="fp16", resume="latest")
+    assert again.scaler.scale == 65536.0
+    again.resume("latest")
+    assert again.scaler.scale == 1024.0
+
+
 def test_rl_fp16_skips_a_minibatch_whose_gradients_overflow(tmp_path, monkeypatch):
     """--dtype fp16: each minibatch's backward runs on the loss times the scale (2^16 first). One
     whose gradients overflow (its loss 1e30 times larger: finite in fp32, past 65504 in the first
