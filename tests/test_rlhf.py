@@ -12,6 +12,7 @@ import math
 import re
 import shutil
 from collections import Counter
+from dataclasses import fields
 
 import pytest
 import torch
@@ -592,6 +593,19 @@ def test_rl_update_clips_the_gradient_norm(tmp_path):
     assert len(norms) == 4
     assert max(s["grad_norm"] for s in trainer.update_log) > 1e-2  # clipping has something to do
     assert max(norms) <= 1e-3 * (1 + 1e-4), f"gradients stepped with norms {norms} > grad_clip 1e-3"
+
+
+def test_rl_resume_compares_every_flag_that_changes_the_training():
+    """TRAJECTORY_ARGS, the flags a resume names when they changed, are every RLArgs field that changes
+    what is trained (sampling, the objective, the optimizer, the seed); the others only say where
+    to write, how long to run, what to evaluate or how to run the same math (--dtype is compared
+    as the resolved precision, --kernels by their own note)."""
+    from tritongpt.train.rlhf import TRAJECTORY_ARGS
+
+    elsewhere = {"out_dir", "iterations", "eval_every", "eval_prompts", "eval_samples", "ckpt_every", "keep_ckpts",
+                 "dtype", "device", "kernels", "activation_checkpointing", "resume", "overwrite"}
+    assert set(TRAJECTORY_ARGS) == {f.name for f in fields(RLArgs)} - elsewhere
+    assert len(TRAJECTORY_ARGS) == len(set(TRAJECTORY_ARGS))
 
 
 def test_rl_grad_clip_0_steps_with_the_whole_gradient(tmp_path):
