@@ -541,6 +541,14 @@ def test_heldout_loss_is_token_weighted():
                        pad_id=0, batch_size=1)
     hit, miss = math.log1p(7 * math.exp(-3)), math.log(math.exp(3) + 7)
     assert sft.heldout_loss(Stub(), data) == pytest.approx((6 * miss + hit) / 7)  # 2.6226...
+    # masked prompt targets and the padding of a shared batch count for nothing: [1, 2, 3 | 4 5 6 7]
+    # counts the 4 targets 4..7 (inputs 3..6: misses), [1 | 1] its one (a hit), not the 6 + 5 - 1 others
+    data = sft.SFTData([sft.Example([1, 1], 1)], [sft.Example([1, 2, 3, 4, 5, 6, 7], 3), sft.Example([1, 1], 1)],
+                       pad_id=0, batch_size=2)
+    assert len(list(data.val_batches())) == 1
+    assert sft.heldout_loss(Stub(), data) == pytest.approx((4 * miss + hit) / 5)
+    # no held-out batch at all: nan, not a loss of 0
+    assert math.isnan(sft.heldout_loss(Stub(), sft.SFTData([sft.Example([1, 1], 1)], [], pad_id=0, batch_size=1)))
 
 
 def test_sft_loss_is_the_sum_and_count_of_the_response_targets_only():
