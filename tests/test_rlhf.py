@@ -647,6 +647,7 @@ def test_rl_fp16_loss_scale_is_resumed(tmp_path):
     come down to (here 2^10, as after six overflowed minibatches), not at 2^16 afresh."""
     trainer = _tiny_rl_trainer(tmp_path, dtype="fp16")
     trainer.scaler.load_state_dict({**trainer.scaler.state_dict(), "scale": 1024.0})
+    assert trainer.state_dict()["precision"] == "torch.float16"  # compared with the resumed run's
     trainer.save_checkpoint()
     again = _tiny_rl_trainer(tmp_path, dtype="fp16", resume="latest")
     assert again.scaler.scale == 65536.0
@@ -1026,6 +1027,24 @@ def test_dpo_resume_names_a_changed_beta_and_data(data, tmp_path, capsys):
               run_args={"data": "b.json"})
     err = capsys.readouterr().err
     assert "note: resuming with --max-steps 2 (the run had 1), --data b.json (a.json), --beta 0.5 (0.1)" in err, err
+
+
+def test_reward_resume_names_changed_data(data, tmp_path, capsys):
+    """The reward trainer's data flags (run_args) are saved and named by a resume that changes them,
+    as TrainArgs' are."""
+    tok, train, val = data
+    torch.manual_seed(4)
+    model = RewardModel(GPTModel(tiny_config(tok.vocab_size)))
+    args = TrainArgs(out_dir=str(tmp_path), max_steps=1, batch_size=4, lr=1e-3, warmup_steps=0, eval_every=0,
+                     ckpt_every=0, log_every=0, weight_decay=0.0, device="cpu", kernels="reference", seed=0)
+    train_reward_model(copy.deepcopy(model), tok, train[:8], val[:4], args, run_args={"data": "a.json",
+                                                                                   "num_pairs": 8})
+    capsys.readouterr()
+    args.resume, args.max_steps = "latest", 2
+    train_reward_model(copy.deepcopy(model), tok, train[:8], val[:4], args, run_args={"data": "b.json",
+                                                                                   "num_pairs": 8})
+    err = capsys.readouterr().err
+    assert "note: resuming with --max-steps 2 (the run had 1), --data b.json (a.json): the run goes on" in err, err
 
 
 # -- the Triton path ------------------------------------------------------------------------------
