@@ -621,6 +621,28 @@ def test_fp16_stops_on_a_nonfinite_loss_rather_than_skipping_it(tmp_path, bad):
     assert [r["step"] for r in rows(tmp_path)] == [1]
 
 
+def test_fp16_token_weighted_steps_are_not_skipped_for_the_count(tmp_path):
+    """A (sum, count) loss's backward runs on the sum over the step's most countable targets, not
+    on the bare sum, whose gradients are the count times a mean's: in fp16 they overflowed at the
+    starting scale of 2^16 and the first steps (~log2 of the count) were skipped. Like a mean loss
+    on the same batch, every step is taken at 2^16, with the same weights as an fp32 run to
+    fp16's rounding."""
+    g = torch.Generator().manual_seed(11)
+    x, y = torch.randint(0, VOCAB, (8, CTX), generator=g), torch.randint(1, VOCAB, (8, CTX), generator=g)
+    runs = {}
+    for name, fn, dtype in (("mean", loss_fn, "fp16"), ("sum", weighted_loss_fn, "fp16"),
+                            ("sum32", weighted_loss_fn, "fp32")):
+        out = tmp_path / name
+        t = Trainer(tiny_model(0), args_for(out, max_steps=4, batch_size=8, dtype=dtype), fn,
+                    lambda split, gen: (x, y))
+        t.fit()
+        runs[name] = (rows(out), torch.cat([p.detach().flatten() for p in t.raw_model.parameters()]))
+    for name in ("mean", "sum"):
+        assert [(r["skipped"], r["loss_scale"]) for r in runs[name][0]] == [(False, 65536.0)] * 4, runs[name][0]
+    w16, w32 = runs["sum"][1], runs["sum32"][1]
+    assert float((w16 - w32).norm() / w32.norm()) < 1e-3
+
+
 def test_fp16_log_line_of_a_skipped_step(tmp_path, capsys):
     """A skipped step's printed line says so where the gradient norm goes (it has none), and shows
     the scale it was taken at; the next line shows its norm and the halved scale."""

@@ -15,7 +15,8 @@ One optimizer step, as in nanoGPT's train.py:
         loss = loss_fn(model, batch) under autocast      (bf16 on CUDA, fp32 on CPU; fp16 on old GPUs)
         (loss / grad_accum).backward()          so the sum of micro-gradients is the mean
       or, when loss_fn returns (loss sum, count):
-        loss_sum.backward(), then every gradient * world_size / (count over micro-batches and ranks)
+        (loss_sum / c).backward(), then every gradient * world_size * c / (count over micro-batches
+        and ranks), c being the most targets a rank's step can count (batch x grad_accum x context)
     stop if the loss is NaN/inf                 before the step, so no bad weights are saved
     clip the gradient norm, AdamW step, zero the gradients
       (fp16: backward of the loss times a scale, gradients unscaled before clipping, and a step
@@ -315,6 +316,11 @@ class Trainer:
         self._n_params = gpts[0].num_params(non_embedding=True) if gpts else \
             sum(p.numel() for p in self.raw_model.parameters())
         self._peak = peak_flops(self.device)
+        # A (sum, count) loss runs backward on sum / c: a sum's gradient is count times a mean's,
+        # and in fp16 it overflowed at the loss scale's start (2^16), skipping the first steps
+        # (~log2 of the count). c is the same on every rank and micro-batch, so DDP's average of
+        # the ranks' gradients is still one sum; the exact count is applied once all ranks have it.
+        self._sum_divisor = args.batch_size * args.grad_accum * (self._cfg.context_length if self._cfg else 1)
 
     # -- checkpoints ---------------------------------------------------------------------
     def _gather(self, obj) -> list:
@@ -553,7 +559,7 @@ class Trainer:
                         loss, n = loss
                         weighted = True
                         count += n
-                        self.scaler.backward(loss)
+                        self.scaler.backward(loss / self._sum_divisor)
                     else:
                         # each micro-batch loss / grad_accum: the summed gradients are the mean's
                         self.scaler.backward(loss / a.grad_accum)
@@ -573,9 +579,9 @@ class Trainer:
             if self.ddp:
                 dist.all_reduce(totals, op=dist.ReduceOp.SUM)
             loss_t, count = totals[0] / totals[1], totals[1]
-            # DDP averaged the ranks' summed gradients: times world_size / count is the token mean
+            # DDP averaged the ranks' gradients of sum / c: times world_size * c / count is the token mean
             grads = [p.grad for p in self.params if p.grad is not None]
-            torch._foreach_mul_(grads, self.world_size / count)
+            torch._foreach_mul_(grads, self.world_size * self._sum_divisor / count)
         else:
             loss_t = loss_sum / a.grad_accum
             if self.ddp:
