@@ -308,6 +308,12 @@ def test_custom_ops_called_directly_check_their_inputs(device):
     (lambda x, t: cross_entropy(x, torch.tensor([0, 1, 40, 2, 3, 4])), ValueError,
      r"target 40 at position 2 is outside the vocabulary \[0, 40\)"),
     (lambda x, t: cross_entropy(x, torch.tensor([0, 1, 2, -1, 3, 4])), ValueError, "target -1 at position 3"),
+    # the bounds themselves: the class count starts at 1, ignore_index must fit in int64, and
+    # targets of logits' row count but another shape are not logits' leading shape
+    (lambda x, t: cross_entropy(x, t, vocab_size=0), ValueError, r"vocab_size must be an int in \[1, 40\]"),
+    (lambda x, t: cross_entropy(x, t, ignore_index=2 ** 63), ValueError, "ignore_index must fit in int64"),
+    (lambda x, t: cross_entropy(x, t, ignore_index=-2 ** 63 - 1), ValueError, "ignore_index must fit in int64"),
+    (lambda x, t: cross_entropy(x.view(2, 3, 40), t), ValueError, r"targets has shape \(6,\); expected .*\(2, 3\)"),
 ])
 def test_bad_input_says_what(call, err, match):
     x, t = torch.randn(6, 40), torch.randint(0, 40, (6,))
@@ -593,6 +599,8 @@ def test_linear_torch_compile_fullgraph(device, autocast):
     (lambda h, w, t: linear_cross_entropy(h, w, t[:3]), ValueError, "targets has shape"),
     (lambda h, w, t: linear_cross_entropy(h, w, t, chunk_rows=0), ValueError, "chunk_rows must be a positive int"),
     (lambda h, w, t: linear_cross_entropy(h, w, t, vocab_size=41), ValueError, r"vocab_size must be an int in \[1, 40\]"),
+    (lambda h, w, t: linear_cross_entropy(h, w, t, vocab_size=0), ValueError, r"vocab_size must be an int in \[1, 40\]"),
+    (lambda h, w, t: linear_cross_entropy(h.view(2, 3, 8), w, t), ValueError, r"targets has shape \(6,\); expected"),
     (lambda h, w, t: linear_cross_entropy(h, w, t.clamp(min=35), vocab_size=30), ValueError,
      r"target 3\d at position 0 is outside the vocabulary \[0, 30\)"),
 ])
