@@ -386,22 +386,25 @@ def test_linear_padded_vocabulary(V, pad, dtype, device):
     check_linear_parity((37,), 24, V, dtype, device, seed=9, pad=pad)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("trainable", ["hidden", "weight"])
-def test_linear_gradient_of_hidden_or_weight_alone(trainable, device):
+def test_linear_gradient_of_hidden_or_weight_alone(trainable, dtype, device):
     """A frozen LM head (fine-tuning the body, or a head tied to a frozen embedding) or frozen
     hidden states (training a head on cached features): the one gradient asked for is made and
     matches float64. Every other test trained both, where swapping which flag asks for dhidden
-    and which for dweight changes nothing; frozen, the hidden states got no gradient at all."""
+    and which for dweight changes nothing; frozen, the hidden states got no gradient at all.
+    fp16 too: its gradients are made in backward, from flags carried over from forward."""
     gen = torch.Generator().manual_seed(17)
-    h = torch.randn(23, 16, generator=gen).to(device).requires_grad_(trainable == "hidden")
-    w = (torch.randn(90, 16, generator=gen) * 0.5).to(device).requires_grad_(trainable == "weight")
+    h = torch.randn(23, 16, generator=gen).to(device, dtype).requires_grad_(trainable == "hidden")
+    w = (torch.randn(90, 16, generator=gen) * 0.5).to(device, dtype).requires_grad_(trainable == "weight")
     t = torch.randint(0, 90, (23,), generator=gen).to(device)
     linear_cross_entropy(h, w, t, chunk_rows=7).backward()
     h64, w64 = (a.detach().double().requires_grad_(a.requires_grad) for a in (h, w))
     F.cross_entropy(h64 @ w64.t(), t).backward()
     got, want = (h.grad, h64.grad) if trainable == "hidden" else (w.grad, w64.grad)
     assert got is not None, f"no gradient for the trainable {trainable}"
-    assert_close_rel(got, want, 1e-4, f"d{trainable} alone")
+    assert got.dtype == dtype
+    assert_close_rel(got, want, TOL[dtype], f"d{trainable} alone ({dtype})")
 
 
 def test_linear_weight_gradient_of_many_chunks_keeps_bf16_precision(device):
@@ -489,6 +492,52 @@ def test_linear_under_autocast_matches_the_linear_layer_path(device):
     assert got[1].dtype == got[2].dtype == torch.float32
     for name, a, b in zip(("loss", "dhidden", "dweight"), got, (ref.detach(), h.grad, head.weight.grad)):
         assert_close_rel(a, b, 1e-2, f"autocast {name}")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_linear_under_autocast_multiplies_in_its_dtype_and_defers_only_fp16(dtype, device):
+    """fp32 hidden and head under autocast: every head matmul runs in the autocast dtype, as
+    nn.Linear's would (an fp32 matmul is parity-safe, so the parity tests cannot tell, but it is
+    several times slower on a GPU, and under fp16 it skipped the loss-scale path). Only fp16
+    leaves the gradients to backward; bf16 makes them in forward (one dlogits kernel per chunk)
+    and its backward only scales them: no matmul, no kernel."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.calls = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = str(func.overloadpacket)
+            if name in ("aten.mm", "tritongpt.cross_entropy_bwd"):
+                self.calls.append((name, [a.dtype for a in args if isinstance(a, torch.Tensor)]))
+            return func(*args, **(kwargs or {}))
+
+    gen = torch.Generator().manual_seed(23)
+    N, C, V, chunk = 13, 16, 70, 5  # three chunks, the last ragged
+    h = torch.randn(N, C, generator=gen).to(device).requires_grad_()
+    w = (torch.randn(V, C, generator=gen) * 0.5).to(device).requires_grad_()
+    t = torch.randint(0, V, (N,), generator=gen)
+    t[::4] = IGNORE
+    t = t.to(device)
+    with Ops() as fwd, torch.autocast(device.type, dtype=dtype):
+        loss = linear_cross_entropy(h, w, t, chunk_rows=chunk)
+    with Ops() as bwd:
+        (loss * 1.7).backward()
+    mm = [dt for name, dts in fwd.calls + bwd.calls if name == "aten.mm" for dt in dts]
+    assert mm and set(mm) == {dtype}, f"head matmuls ran in {sorted(set(map(str, mm)))}, not {dtype}"
+    count = {phase: {op: sum(name == op for name, _ in m.calls) for op in ("aten.mm", "tritongpt.cross_entropy_bwd")}
+             for phase, m in (("forward", fwd), ("backward", bwd))}
+    # per chunk: the logits, then dlogits -> dhidden and dweight (the backward recomputes the logits)
+    made, idle = ("backward", "forward") if dtype == torch.float16 else ("forward", "backward")
+    assert count[made] == {"aten.mm": 3 * 3, "tritongpt.cross_entropy_bwd": 3}, count
+    assert count[idle] == {"aten.mm": 3 if idle == "forward" else 0, "tritongpt.cross_entropy_bwd": 0}, count
+    h64, w64 = (a.detach().double().requires_grad_() for a in (h, w))
+    (F.cross_entropy(h64 @ w64.t(), t, ignore_index=IGNORE) * 1.7).backward()
+    assert h.grad.dtype == w.grad.dtype == torch.float32
+    assert_close_rel(h.grad, h64.grad, 1e-2, f"dhidden under {dtype} autocast")
+    assert_close_rel(w.grad, w64.grad, 1e-2, f"dweight under {dtype} autocast")
 
 
 def test_linear_fp16_gradients_carry_the_loss_scale(device):
