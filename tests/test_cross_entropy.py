@@ -283,6 +283,10 @@ def test_custom_ops_called_directly_check_their_inputs(device):
         fwd(x, t, IGNORE, 41)
     with pytest.raises(TypeError, match="targets has dtype float32"):
         fwd(x, t.float(), IGNORE, 40)
+    with pytest.raises(ValueError, match=r"logits must have 2 dims, got shape \(1, 6, 40\)"):
+        fwd(x[None], t, IGNORE, 40)
+    with pytest.raises(ValueError, match="different devices.*targets is on meta"):
+        fwd(x, t.to("meta"), IGNORE, 40)
     loss, row_max, log_sum = fwd(x, t, IGNORE, 40)
     with pytest.raises(ValueError, match=r"grad_loss has shape \(3,\)"):
         bwd(torch.ones(3, device=device), x, t, row_max, log_sum, IGNORE, 40)
