@@ -33,6 +33,7 @@ def test_func_transforms_name_the_kernel(device, kernel):
     fn, x = _calls(device)[kernel]
     transforms = {"grad": lambda: torch.func.grad(fn)(x[0]),
                   "jacrev": lambda: torch.func.jacrev(fn)(x[0]),
+                  "jvp": lambda: torch.func.jvp(fn, (x[0],), (torch.ones_like(x[0]),)),
                   "vmap of grad": lambda: torch.func.vmap(torch.func.grad(fn))(x)}
     if kernel != "flash_attention":
         transforms["vmap"] = lambda: torch.func.vmap(fn)(x)
