@@ -424,6 +424,10 @@ def test_interpreter_too_old_for_numpy_says_what_to_install(monkeypatch):
 
     assert _common.interpreter_problem("3.8.0", "2.4.6") is None
     assert _common.interpreter_problem("3.6.0", "2.3.5") is None
+    # the bounds: 3.7 is the first Triton that runs with NumPy 2.4 (a version string may carry a suffix)
+    assert _common.interpreter_problem("3.7.0", "2.4.0") is None
+    assert _common.interpreter_problem("3.6.9", "2.3.9") is None
+    assert _common.interpreter_problem("3.6.9+git1a2b", "2.4.0") is not None
     assert "install triton>=3.7 or numpy<2.4" in _common.interpreter_problem("3.6.0", "2.4.1")
     # and the kernels say it before launching, instead of the interpreter's TypeError
     monkeypatch.setattr(_common, "INTERPRETER_PROBLEM", _common.interpreter_problem("3.6.0", "2.4.6"))
