@@ -386,6 +386,26 @@ def test_custom_ops_called_directly_refuse_a_strided_last_dim(device):
     assert_close_rel(y, torch.nn.functional.layer_norm(x.double(), (16,), w.double(), b.double()), 1e-5, "y")
     with pytest.raises(ValueError, match="unit stride"):
         torch.ops.tritongpt.layer_norm_bwd(torch.ones_like(y), x, w, mean, rstd)
+    with pytest.raises(ValueError, match=r"dy has shape \(16, 8\), expected \(8, 16\)"):
+        torch.ops.tritongpt.layer_norm_bwd(torch.ones_like(y).t().contiguous(), x.contiguous(), w, mean, rstd)
+    # the gradients come back in the parameters' dtype, as the fake impl says (torch.compile)
+    torch.library.opcheck(torch.ops.tritongpt.layer_norm_bwd.default,
+                          (torch.randn_like(y), x.contiguous(), w.bfloat16(), mean, rstd))
+
+
+# the interpreter also runs the masked-off rows past the last one: with eps = 0 their 1/sqrt(0)
+# warns in NumPy (never stored)
+@pytest.mark.filterwarnings("ignore:divide by zero:RuntimeWarning", "ignore:invalid value:RuntimeWarning")
+def test_zero_eps_and_empty_batches(device):
+    """eps = 0 is allowed (a non-negative eps; PyTorch's too) and exact for non-constant rows;
+    no rows at all give empty outputs and zero parameter gradients, as F.layer_norm."""
+    check_parity((7, 40), torch.float32, device, seed=11, eps=0.0)
+    w, b = (torch.randn(24).to(device).requires_grad_() for _ in range(2))
+    x = torch.randn(0, 3, 24).to(device).requires_grad_()
+    y = layer_norm(x, w, b)
+    (y * 2.0).sum().backward()
+    assert y.shape == x.shape and x.grad.shape == x.shape
+    assert torch.equal(w.grad, torch.zeros_like(w)) and torch.equal(b.grad, torch.zeros_like(b))
 
 
 def test_rejects_a_negative_or_nan_eps():
