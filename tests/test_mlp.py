@@ -324,6 +324,15 @@ def test_saves_less_activation_memory(device):
     assert saved_tensor_bytes(ff, x, exclude=tuple(ff.parameters()))[0] == expected < ff_bytes
 
 
+def test_saved_tensor_bytes_counts_each_storage_once():
+    """The measuring helper itself: x * x saves x twice (as self and as other), a view of x
+    shares its storage, an excluded tensor is not counted: x's bytes, once."""
+    x = torch.randn(6, 7, requires_grad=True)
+    w = torch.randn(7, requires_grad=True)
+    assert saved_tensor_bytes(lambda: x * x, exclude=())[0] == x.nbytes
+    assert saved_tensor_bytes(lambda: (x * x[0]) * w, exclude=(w,))[0] == x.nbytes + x.nbytes
+
+
 # -- bad input: one clear error, never a wrong answer ------------------------------------------
 
 def _good(C=8, H=32, dtype=torch.float32):
@@ -337,6 +346,7 @@ def _good(C=8, H=32, dtype=torch.float32):
     (2, torch.randn(31), r"b1 has shape \(31,\), expected \(32,\)"),
     (3, torch.randn(32, 8), r"w2 has shape \(32, 8\), expected \(8, 32\)"),
     (4, torch.randn(9), r"b2 has shape \(9,\), expected \(8,\)"),
+    (0, torch.tensor(1.0), r"x must have at least 1 dim"),
 ])
 def test_rejects_shape_mismatch(index, bad, match):
     args = _good()
@@ -389,6 +399,12 @@ def test_custom_ops_called_directly_check_shapes(device):
         bwd(torch.ones_like(y), x, h[:, :12], w1, w2, [True] * 5)
     with pytest.raises(ValueError, match="needs must hold 5 flags"):
         bwd(torch.ones_like(y), x, h, w1, w2, [True] * 4)
+    with pytest.raises(ValueError, match="needs must hold 5 flags"):
+        bwd(torch.ones_like(y), x, h, w1, w2, [True] * 6)
+    with pytest.raises(TypeError, match="dtype mismatch: x is float32, dy is bfloat16"):
+        bwd(torch.ones_like(y).bfloat16(), x, h, w1, w2, [True] * 5)
+    with pytest.raises(TypeError, match="dtype mismatch: x is float32, h is float16"):
+        bwd(torch.ones_like(y), x, h.half(), w1, w2, [True] * 5)
     # and under torch.compile the fake impl reports the same while tracing
     with pytest.raises(Exception, match=r"w1 has shape \(20, 10\)"):
         torch.compile(lambda x, w1, w2: fwd(x, w1, None, w2, None), backend="eager", fullgraph=True)(
