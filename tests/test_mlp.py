@@ -401,6 +401,9 @@ def test_custom_ops_called_directly_check_shapes(device):
         bwd(torch.ones_like(y), x, h, w1, w2, [True] * 4)
     with pytest.raises(ValueError, match="needs must hold 5 flags"):
         bwd(torch.ones_like(y), x, h, w1, w2, [True] * 6)
+    # gradients not asked for come back empty, as the fake impl says (a bias-free or frozen
+    # second Linear: dW2 without dB2)
+    torch.library.opcheck(bwd.default, (torch.randn_like(y), x, h, w1, w2, [True, True, False, True, False]))
     with pytest.raises(TypeError, match="dtype mismatch: x is float32, dy is bfloat16"):
         bwd(torch.ones_like(y).bfloat16(), x, h, w1, w2, [True] * 5)
     with pytest.raises(TypeError, match="dtype mismatch: x is float32, h is float16"):
