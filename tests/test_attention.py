@@ -288,6 +288,17 @@ def test_dropout_seed_from_torch_rng(device):
     assert not torch.equal(a, c)
 
 
+def test_a_seed_tensor_is_taken_modulo_2_to_the_31(device):
+    """An int seed is refused past 2^31; a seed tensor (e.g. a generator's 64-bit state) is
+    read modulo 2^31, as documented: 2^31 + 5 gives seed 5's mask, 2^30 + 5 another one."""
+    mask = {s: dropout_mask(s, 1, 2, 19, 23, 0.5, device)
+            for s in (5, torch.tensor(2 ** 31 + 5), torch.tensor(2 ** 30 + 5))}
+    five, wrapped, other = mask.values()
+    assert 0.3 < five.float().mean().item() < 0.7
+    assert torch.equal(wrapped, five)
+    assert not torch.equal(other, five)
+
+
 # ----------------------------------------------------------------------------- torch.compile
 def test_torch_compile_aot_eager(device):
     q, k, v = make_qkv(1, 2, 16, 20, 32, torch.float32, device, seed=11)
