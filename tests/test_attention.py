@@ -299,6 +299,28 @@ def test_a_seed_tensor_is_taken_modulo_2_to_the_31(device):
     assert not torch.equal(other, five)
 
 
+def test_no_queries_give_zero_key_and_value_gradients(device):
+    """Tq = 0 against Tk = 5 keys (an empty chunk): an empty output, and dK = dV = 0 exactly, as
+    SDPA gives (the kernels do not run, so the gradients are not left as uninitialised memory)."""
+    gen = torch.Generator().manual_seed(27)
+    q = torch.randn(2, 3, 0, 16, generator=gen).to(device).requires_grad_()
+    k, v = (torch.randn(2, 3, 5, 16, generator=gen).to(device).requires_grad_() for _ in range(2))
+    out = flash_attention(q, k, v, causal=False)
+    assert out.shape == (2, 3, 0, 16)
+    (out.sum() * 1.5).backward()
+    assert q.grad.shape == q.shape
+    assert torch.equal(k.grad, torch.zeros_like(k)) and torch.equal(v.grad, torch.zeros_like(v))
+
+
+def test_without_dropout_torch_rng_is_left_alone(device):
+    """dropout_p = 0 draws no seed: the Triton path consumes torch's RNG as the reference path
+    (SDPA without dropout) does, so sampling after an eval forward is the same on both paths."""
+    q, k, v = make_qkv(1, 2, 9, 9, 16, torch.float32, device, seed=28)
+    state = torch.get_rng_state()
+    flash_attention(q, k, v)
+    assert torch.equal(torch.get_rng_state(), state)
+
+
 # ----------------------------------------------------------------------------- torch.compile
 def test_torch_compile_aot_eager(device):
     q, k, v = make_qkv(1, 2, 16, 20, 32, torch.float32, device, seed=11)
