@@ -294,6 +294,20 @@ def test_auto_leaves_the_dot_kernels_out_below_ampere(monkeypatch, capsys):
                 assert err == "", (cap, kernels, err)
 
 
+def test_spec_string_round_trips_every_kernel_subset():
+    """GPTConfig.kernels stores spec_string's text and a load resolves it again: every subset
+    of the kernels comes back as itself ("triton" only for all four, "reference" for none)."""
+    from itertools import combinations
+
+    from tritongpt.model.toggle import spec_string
+
+    for n in range(len(KERNEL_NAMES) + 1):
+        for subset in map(frozenset, combinations(KERNEL_NAMES, n)):
+            text = spec_string(subset)
+            assert resolve_kernels(text, "cpu", check_device=False) == subset, (subset, text)
+            assert (text == "triton") == (n == len(KERNEL_NAMES)) and (text == "reference") == (n == 0), text
+
+
 def test_toggle_resolution_and_state_dict_unchanged():
     assert resolve_kernels("reference", "cpu") == frozenset()
     assert resolve_kernels("auto", "cpu") == frozenset()
