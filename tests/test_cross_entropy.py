@@ -573,6 +573,25 @@ def test_linear_fp16_gradients_carry_the_loss_scale(device):
     assert all(f <= 1.5 * r for f, r in zip(rel["fused"], rel["nn.Linear"])), rel
 
 
+# the mean's row gradient is 1/0 = inf, multiplied into rows the kernel then zeroes: NumPy warns
+@pytest.mark.filterwarnings("ignore:invalid value:RuntimeWarning")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_linear_every_target_ignored_is_nan_mean_and_zero_sum(dtype, device):
+    """As F.cross_entropy (and cross_entropy on the logits): with no counted target the mean is
+    nan (0 / 0) and the sum 0, and every gradient is exactly 0, fp16's deferred ones included."""
+    gen = torch.Generator().manual_seed(29)
+    t = torch.full((7,), IGNORE, device=device)
+    for reduction in ("mean", "sum"):
+        h = torch.randn(7, 8, generator=gen).to(device, dtype).requires_grad_()
+        w = torch.randn(11, 8, generator=gen).to(device, dtype).requires_grad_()
+        loss = linear_cross_entropy(h, w, t, IGNORE, reduction, chunk_rows=3)
+        ref = F.cross_entropy(h.detach().double() @ w.detach().double().t(), t, ignore_index=IGNORE,
+                              reduction=reduction)
+        assert torch.equal(loss.isnan(), ref.isnan()) and (ref.isnan() or loss.item() == ref.item() == 0.0)
+        loss.backward()
+        assert torch.equal(h.grad, torch.zeros_like(h)) and torch.equal(w.grad, torch.zeros_like(w)), reduction
+
+
 def test_linear_without_grad_computes_only_the_loss(device):
     gen = torch.Generator().manual_seed(10)
     h, w = torch.randn(20, 16, generator=gen).to(device), torch.randn(90, 16, generator=gen).to(device)
