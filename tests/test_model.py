@@ -773,3 +773,33 @@ def test_reference_layers_keep_the_input_dtype():
         g = GELU()(x.to(dtype))
         assert g.dtype == dtype
         torch.testing.assert_close(g.float(), F.gelu(x.to(dtype).float(), approximate="tanh"), rtol=tol, atol=tol)
+
+
+# -- pinned by a second mutation pass over model/ (edge cases of the documented behaviour) --
+def test_kv_cache_batch_size_must_be_a_positive_int():
+    """new_cache(batch_size): a batch of 0 (or a negative, float or bool one) is the UserError
+    naming the argument, not a cache that holds no sequence or torch's shape error."""
+    m = GPTModel(GPTConfig(**SMALL))
+    for bad in (0, -1, 2.0, True):
+        with pytest.raises(UserError, match=rf"KV cache batch_size must be a positive int, got {bad!r}"):
+            m.new_cache(bad)
+    assert m.new_cache(3, max_len=5).k.shape == (2, 3, 4, 5, 8)
+
+
+@pytest.mark.parametrize("kernels", ["reference", "cross_entropy"])
+def test_loss_of_a_chunk_run_through_the_kv_cache(kernels):
+    """forward(idx, cache, targets=) under no_grad (a chunked evaluation): the loss of a later
+    chunk is that of its positions in the whole sequence, on both loss paths (the fused one must
+    read the cache's positions too), and the cache advances by the chunk."""
+    torch.manual_seed(18)
+    m = GPTModel(GPTConfig(**SMALL)).eval().set_kernels(kernels)
+    idx, y = torch.randint(0, 97, (2, 13)), torch.randint(0, 97, (2, 13))
+    with torch.no_grad():
+        logp = torch.log_softmax(m.set_kernels("reference")(idx).double(), -1)
+        m.set_kernels(kernels)
+        want = -logp[:, 6:].gather(-1, y[:, 6:, None]).mean()
+        cache = m.new_cache(2)
+        m(idx[:, :6], cache)
+        got = m(idx[:, 6:], cache, targets=y[:, 6:])
+    assert cache.pos == 13
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)
