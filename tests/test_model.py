@@ -786,6 +786,38 @@ def test_kv_cache_batch_size_must_be_a_positive_int():
     assert m.new_cache(3, max_len=5).k.shape == (2, 3, 4, 5, 8)
 
 
+def test_config_dropout_is_stored_as_a_python_float(tmp_path):
+    """GPTConfig stores dropout as a float, whatever real number it was given: a numpy float32
+    (what an array or a sweep hands over) would otherwise reach save()'s json.dumps, which
+    cannot write it, and an int 0 would be saved as the int it is."""
+    cfg = GPTConfig(**SMALL, dropout=np.float32(0.25))
+    assert type(cfg.dropout) is float and cfg.dropout == 0.25
+    assert type(GPTConfig(**SMALL, dropout=0).dropout) is float
+    GPTModel(cfg).save(tmp_path / "w.safetensors")
+    back = GPTModel.load(tmp_path / "w.safetensors")
+    assert back.config.dropout == 0.25 and back.trf_blocks[1].att.attn_drop.p == 0.25
+
+
+def test_fp16_model_on_the_meta_device_runs_a_forward():
+    """A model built on the meta device (shapes only, as for sizing a GPT-2 without its memory)
+    and cast to fp16 runs its forward there: the attention's autocast check asks nothing of the
+    meta device, where asking raises."""
+    with torch.device("meta"):
+        m = GPTModel(GPTConfig(**SMALL)).half()
+        out = m(torch.randint(0, 97, (2, 5)))
+    assert out.shape == (2, 5, 97) and out.dtype == torch.float16 and out.is_meta
+
+
+def test_padded_logits_are_a_view_of_the_heads_output():
+    """forward's docstring: with a padded vocabulary the logits are a view into the head's
+    [B, T, padded] output (no copy of the largest activation), its rows still padded-wide."""
+    torch.manual_seed(17)
+    m = GPTModel(GPTConfig(**SMALL, vocab_multiple=16)).eval()  # 97 ids in 112 rows
+    with torch.no_grad():
+        logits = m(torch.randint(0, 97, (3, 7)))
+    assert logits.shape == (3, 7, 97) and logits.stride() == (7 * 112, 112, 1)
+
+
 @pytest.mark.parametrize("kernels", ["reference", "cross_entropy"])
 def test_loss_of_a_chunk_run_through_the_kv_cache(kernels):
     """forward(idx, cache, targets=) under no_grad (a chunked evaluation): the loss of a later
@@ -803,3 +835,17 @@ def test_loss_of_a_chunk_run_through_the_kv_cache(kernels):
         got = m(idx[:, 6:], cache, targets=y[:, 6:])
     assert cache.pos == 13
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)
+
+
+def test_malformed_ids_and_targets_are_user_errors():
+    """Token ids in a dtype nn.Embedding cannot index with (int16, uint8), complex targets, and
+    targets that are not a tensor: each a UserError naming the problem, not torch's traceback."""
+    m = GPTModel(GPTConfig(**SMALL))
+    idx = torch.randint(0, 97, (2, 5))
+    for dtype in (torch.int16, torch.uint8):
+        with pytest.raises(UserError, match=f"idx must hold integer token ids, got dtype {dtype}"):
+            m(idx.to(dtype))
+    with pytest.raises(UserError, match="targets must hold integer token ids, got dtype torch.complex64"):
+        m(idx, targets=idx.to(torch.complex64))
+    with pytest.raises(UserError, match="targets must be a tensor of token ids, got list"):
+        m(idx, targets=idx.tolist())
