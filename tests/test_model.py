@@ -849,3 +849,14 @@ def test_malformed_ids_and_targets_are_user_errors():
         m(idx, targets=idx.to(torch.complex64))
     with pytest.raises(UserError, match="targets must be a tensor of token ids, got list"):
         m(idx, targets=idx.tolist())
+
+
+def test_new_cache_takes_an_explicit_dtype_over_the_one_it_would_pick():
+    """new_cache(dtype=) is the cache's dtype as given, also under autocast (where it would
+    otherwise pick the autocast dtype); without it: the weights' dtype, or autocast's."""
+    m = GPTModel(GPTConfig(**SMALL))
+    assert m.new_cache(2).k.dtype == torch.float32
+    assert m.new_cache(2, max_len=7, dtype=torch.float64).v.dtype == torch.float64
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert m.new_cache(2).k.dtype == torch.bfloat16
+        assert m.new_cache(2, dtype=torch.float32).k.dtype == torch.float32
