@@ -150,7 +150,9 @@ def test_bad_arguments(model):
            (dict(temperature=1.0, top_p=float("nan")), "top_p must be in"),
            # greedy ignores them, but a typo is still a typo: said before any work
            (dict(temperature=0.0, top_p=1.5), "top_p"), (dict(temperature=0.0, top_k=0), "top_k"),
-           (dict(vocab_limit=2.5), "vocab_limit must be a positive integer, got 2.5")]
+           (dict(vocab_limit=2.5), "vocab_limit must be a positive integer, got 2.5"),
+           # 0 would slice the logits to nothing (argmax of an empty row, a bare IndexError)
+           (dict(vocab_limit=0), "vocab_limit must be a positive integer, got 0")]
     for kw, match in bad:
         with pytest.raises(UserError, match=match):
             generate(model, idx, 0, **kw)
@@ -227,6 +229,13 @@ def test_top_p_zero_is_refused_and_one_means_no_filter(model):
     picks = {sample_next(torch.tensor([[0.0, 1.0, -1.0]]), 1.0, top_p=1.0, generator=g).item() for _ in range(300)}
     assert picks == {0, 1, 2}, picks
     assert generate(model, idx, 2, temperature=1.0, top_p=1.0).shape == (1, 4)
+    # no filter at all: a token of probability e^-40 ~ 4e-18, below float64's rounding of the mass
+    # above it (exactly 1.0 = top_p), keeps its probability (a cut at top_p = 1 gave it 0)
+    handed, real = [], torch.multinomial
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(torch, "multinomial", lambda probs, **kw: handed.append(probs) or real(probs, **kw))
+        sample_next(torch.tensor([[0.0, -40.0]]), 1.0, top_p=1.0)
+    assert handed[0][0, 1].item() == pytest.approx(math.exp(-40.0), rel=1e-4, abs=0), handed
 
 
 def test_generation_runs_in_eval_mode_and_leaves_the_mode_as_it_was():
@@ -242,3 +251,20 @@ def test_generation_runs_in_eval_mode_and_leaves_the_mode_as_it_was():
     for use_cache in (True, False):
         assert torch.equal(generate(m, idx, 8, use_cache=use_cache), want), use_cache
         assert m.training, "generate left the model in eval mode"
+
+
+def test_sampling_reads_fp32_probabilities_from_bf16_logits(monkeypatch):
+    """Under bf16 autocast (generate --dtype bf16) the LM head hands bf16 logits to sample_next:
+    they are scaled by the temperature and normalised in fp32, so the distribution drawn from is
+    softmax(logits / T) to fp32's precision (in bf16, the shift, the division and softmax each
+    round to 8 bits: probabilities off by ~1e-3)."""
+    handed, real = [], torch.multinomial
+    monkeypatch.setattr(torch, "multinomial", lambda probs, **kw: handed.append(probs) or real(probs, **kw))
+    g = torch.Generator().manual_seed(0)
+    logits = (torch.randn(4, 300, generator=g) * 3).bfloat16()
+    for temperature in (0.7, 1.3):
+        handed.clear()
+        sample_next(logits, temperature, generator=g)
+        want = torch.softmax(logits.double() / temperature, dim=-1)
+        assert handed[0].dtype == torch.float32
+        torch.testing.assert_close(handed[0].double(), want, atol=1e-6, rtol=0)
