@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from tritongpt.cli import main
+from tritongpt.errors import UserError
 from tritongpt.model.config import GPTConfig
 from tritongpt.model.gpt import GPTModel
 from tritongpt.train.tokenizer import BPETokenizer
@@ -72,8 +73,10 @@ def test_generate_from_saved_weights(saved_model, capsys):
             str(saved_model / "tok.json"), "--prompt", "The def statement", "--max-new-tokens", "8",
             "--temperature", "0"]
     assert main(args) == 0
-    first = capsys.readouterr().out
+    out = capsys.readouterr()
+    first = out.out
     assert first.startswith("The def statement") and len(first) > len("The def statement")
+    assert "only the tokenizer's ids are drawn" not in out.err  # the tokenizer covers the model's ids
     assert main(args) == 0
     assert capsys.readouterr().out == first  # greedy is deterministic
 
@@ -254,3 +257,41 @@ def test_no_command_prints_help_and_ctrl_c_is_one_line(monkeypatch, capsys):
         pytest.fail("Ctrl-C escaped main(): a traceback, not a one-line message")
     assert rc == 130
     assert capsys.readouterr().err == "interrupted\n"
+
+
+def test_generate_runs_on_the_kernels_asked_for(saved_model, monkeypatch, capsys):
+    """--kernels picks the path generate runs on (it was dropped without a word, the model left on
+    the reference path); the default on a CPU is the reference."""
+    from tritongpt.train import generate as gen
+
+    seen = []
+
+    def watch(model, idx, *a, **k):  # the kernels in force when generation starts; no work
+        seen.append(sorted(model.kernels))
+        return idx
+
+    monkeypatch.setattr(gen, "generate", watch)
+    base = ["generate", "--weights", str(saved_model / "w.safetensors"), "--tokenizer", str(saved_model / "tok.json"),
+            "--prompt", "The", "--device", "cpu"]
+    for flags in (["--kernels", "layernorm,mlp"], ["--kernels", "attention"], []):
+        assert main(base + flags) == 0
+        assert capsys.readouterr().out == "The\n"
+    assert seen == [["layernorm", "mlp"], ["attention"], []]
+
+
+def test_pretrained_without_a_model_means_gpt2_small(monkeypatch, capsys):
+    """generate --pretrained alone downloads GPT-2 small (the --model default of generate is what
+    --weights holds, and a random 'tiny' is no GPT-2 to download)."""
+    from tritongpt.train import gpt2_weights
+
+    asked = []
+
+    def fake(name, cache_dir=None):
+        asked.append(name)
+        raise UserError("offline in this test")
+
+    monkeypatch.setattr(gpt2_weights, "load_gpt2_pretrained", fake)
+    assert main(["generate", "--pretrained", "--prompt", "x", "--device", "cpu"]) == 2
+    assert asked == ["gpt2-small"] and "offline in this test" in capsys.readouterr().err
+    assert main(["generate", "--pretrained", "--model", "gpt2-medium", "--prompt", "x", "--device", "cpu"]) == 2
+    assert asked == ["gpt2-small", "gpt2-medium"]
