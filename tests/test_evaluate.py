@@ -293,3 +293,32 @@ def test_document_separators_spell_no_bytes(tmp_path, capsys):
     first = tok.encode(rows[0])[0]
     assert out["tokens"] == sum(len(tok.encode(r)) for r in rows) + len(rows) - 1 - 1  # separators in, first out
     assert out["bytes"] == sum(len(r.encode("utf-8")) for r in rows) - len(tok.decode_bytes([first]))
+
+
+class _SumOfNats(torch.nn.Module):
+    """A stand-in scorer: every scored target costs `nats` (model(idx, targets, reduction="sum"))."""
+
+    def __init__(self, nats, context=16):
+        super().__init__()
+        self.nats = nats
+        self.config = GPTConfig(vocab_size=50, context_length=context, n_embd=32, n_layer=1, n_head=1)
+        self.scale = torch.nn.Parameter(torch.ones(()))
+
+    def forward(self, idx, targets=None, reduction="sum"):
+        return self.nats * (targets != -100).sum().float() * self.scale
+
+
+def test_a_loss_past_exps_range_is_reported_not_a_crash():
+    """A diverged model's loss can pass ~709 nats a token, where exp overflows a float: the figures
+    are still printed (perplexity capped, astronomically large), not an OverflowError traceback."""
+    nats = float(torch.empty(()).uniform_(750.0, 2000.0))
+    got = evaluate_tokens(_SumOfNats(nats), torch.randint(0, 50, (40,)))
+    assert got["tokens"] == 39 and got["loss"] == pytest.approx(nats, rel=1e-6)
+    assert got["perplexity"] > 1e300
+
+
+def test_fewer_than_two_tokens_is_a_user_error():
+    """One token has nothing to predict: a UserError saying so (a ZeroDivisionError otherwise)."""
+    for tokens in (torch.randint(0, 50, (1,)), torch.randint(0, 50, (0,))):
+        with pytest.raises(UserError, match="evaluation needs at least 2 tokens"):
+            evaluate_tokens(_SumOfNats(1.0), tokens)
