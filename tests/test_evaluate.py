@@ -243,6 +243,11 @@ def test_a_run_on_a_relative_path_is_scored_from_another_folder(tmp_path, capsys
     monkeypatch.chdir(tmp_path / "elsewhere")
     assert main(["eval", "--weights", str(tmp_path / "run"), "--cache-dir", cache, "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["data"] == str(tmp_path / "corpus.txt")
+    # the run's data moved away: the error says it is the run's own data and to pass --data
+    (tmp_path / "corpus.txt").rename(tmp_path / "moved.txt")
+    assert main(["eval", "--weights", str(tmp_path / "run"), "--cache-dir", str(tmp_path / "c2")]) == 2
+    err = capsys.readouterr().err
+    assert f"it is the data the run of {tmp_path / 'run'} trained on: pass --data" in err, err
 
 
 def test_evaluation_runs_in_eval_mode_and_leaves_the_mode_as_it_was():
