@@ -150,19 +150,21 @@ def test_an_lm_head_equal_to_the_embedding_loads_tied_and_another_untied(tmp_pat
 
 def test_load_checkpoint_notes_a_model_name_that_differs_in_any_size(tmp_path, capsys):
     """A tritongpt file carries its config, which is used; a --model that differs from it in any
-    of layers, heads or width is noted (only depth differs here: tiny is 4 layers of 4 heads at
-    width 128), and one that matches is not."""
+    of layers, heads or width is noted (tiny is 4 layers of 4 heads at width 128: each differs
+    alone here), and one that matches is not."""
     from tritongpt.model.config import GPTConfig
     from tritongpt.model.gpt import GPTModel
     from tritongpt.train.gpt2_weights import load_checkpoint
 
-    for n_layer, noted in ((2, True), (4, False)):
-        GPTModel(GPTConfig(vocab_size=64, context_length=8, n_embd=128, n_layer=n_layer, n_head=4)).save(
-            tmp_path / f"{n_layer}.safetensors")
-        assert load_checkpoint(tmp_path / f"{n_layer}.safetensors", "tiny").config.n_layer == n_layer
+    for n_layer, n_head, n_embd, noted in ((2, 4, 128, True), (4, 2, 128, True), (4, 4, 64, True),
+                                           (4, 4, 128, False)):
+        path = tmp_path / f"{n_layer}-{n_head}-{n_embd}.safetensors"
+        GPTModel(GPTConfig(vocab_size=64, context_length=8, n_embd=n_embd, n_layer=n_layer, n_head=n_head)).save(path)
+        cfg = load_checkpoint(path, "tiny").config
+        assert (cfg.n_layer, cfg.n_head, cfg.n_embd) == (n_layer, n_head, n_embd)
         err = capsys.readouterr().err
-        assert ("holds a model of n_layer 2, n_head 4, n_embd 128 (its saved config, used), not tiny's" in err) \
-            == noted, err
+        said = f"holds a model of n_layer {n_layer}, n_head {n_head}, n_embd {n_embd} (its saved config, used), not tiny's"
+        assert (said in err) == noted and ("holds a model" in err) == noted, err
 
 
 def test_offline_download_is_a_clear_error(tmp_path, monkeypatch):
@@ -366,6 +368,12 @@ def test_export_keeps_out_of_run_folders_and_replaces_a_whole_model_folder(tmp_p
     assert "is a tritongpt run or checkpoint folder (model.safetensors)" in capsys.readouterr().err
     assert [p.name for p in bare.iterdir()] == ["model.safetensors"]
     assert not is_hf_file(bare / "model.safetensors")  # still ours, not an export written over it
+    # the same folder reached through a symlink to the file, from another folder
+    (tmp_path / "links").mkdir()
+    (tmp_path / "links" / "m.safetensors").symlink_to(bare / "model.safetensors")
+    assert cli.main(["export", str(tmp_path / "links" / "m.safetensors"), "--out", str(bare), "--overwrite"]) == 2
+    assert "is a tritongpt run or checkpoint folder" in capsys.readouterr().err
+    assert [p.name for p in bare.iterdir()] == ["model.safetensors"] and not is_hf_file(bare / "model.safetensors")
     # --out a file is named before anything is loaded
     assert cli.main(["export", str(run), "--out", str(run / "model.safetensors")]) == 2
     assert "model.safetensors is a file: name a folder" in capsys.readouterr().err
