@@ -643,6 +643,31 @@ def test_fp16_token_weighted_steps_are_not_skipped_for_the_count(tmp_path):
     assert float((w16 - w32).norm() / w32.norm()) < 1e-3
 
 
+def test_token_weighted_backward_is_of_a_mean_size(tmp_path, monkeypatch):
+    """What a (sum, count) micro-batch runs backward on: its sum over the first micro-batch's count
+    times grad_accum, so the scaled gradients are a mean's size (neither count times larger, which
+    overflowed fp16, nor far smaller, nearer fp16's underflow). With one micro-batch that is the
+    token mean itself; the step's gradient is still the mean over every counted token."""
+    g = torch.Generator().manual_seed(5)
+    x, y = torch.randint(0, VOCAB, (6, CTX), generator=g), torch.randint(1, VOCAB, (6, CTX), generator=g)
+    halves = [(x[:3], y[:3]), (x[3:], y[3:])]
+    with torch.no_grad():
+        sums = [weighted_loss_fn(tiny_model(0), b) for b in halves]
+        whole = weighted_loss_fn(tiny_model(0), (x, y))
+    for accum, batches in ((1, [(x, y)]), (2, halves)):
+        t = Trainer(tiny_model(0), args_for(tmp_path / str(accum), max_steps=1, batch_size=6 // accum,
+                                            grad_accum=accum), weighted_loss_fn, lambda split, gen: batches.pop(0))
+        seen = []
+        backward = t.scaler.backward
+        monkeypatch.setattr(t.scaler, "backward", lambda loss: (seen.append(float(loss.detach())), backward(loss)))
+        t.fit()
+        if accum == 1:
+            assert seen == [pytest.approx(float(whole[0]) / float(whole[1]), rel=1e-6)]
+        else:
+            first = float(sums[0][1]) * 2
+            assert seen == [pytest.approx(float(s) / first, rel=1e-6) for s, _ in sums]
+
+
 def test_fp16_log_line_of_a_skipped_step(tmp_path, capsys):
     """A skipped step's printed line says so where the gradient norm goes (it has none), and shows
     the scale it was taken at; the next line shows its norm and the halved scale."""

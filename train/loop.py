@@ -16,7 +16,7 @@ One optimizer step, as in nanoGPT's train.py:
         (loss / grad_accum).backward()          so the sum of micro-gradients is the mean
       or, when loss_fn returns (loss sum, count):
         (loss_sum / c).backward(), then every gradient * world_size * c / (count over micro-batches
-        and ranks), c being the most targets a rank's step can count (batch x grad_accum x context)
+        and ranks), c estimating a rank's count: the first micro-batch's (mean over ranks) x grad_accum
     stop if the loss is NaN/inf                 before the step, so no bad weights are saved
     clip the gradient norm, AdamW step, zero the gradients
       (fp16: backward of the loss times a scale, gradients unscaled before clipping, and a step
@@ -316,11 +316,6 @@ class Trainer:
         self._n_params = gpts[0].num_params(non_embedding=True) if gpts else \
             sum(p.numel() for p in self.raw_model.parameters())
         self._peak = peak_flops(self.device)
-        # A (sum, count) loss runs backward on sum / c: a sum's gradient is count times a mean's,
-        # and in fp16 it overflowed at the loss scale's start (2^16), skipping the first steps
-        # (~log2 of the count). c is the same on every rank and micro-batch, so DDP's average of
-        # the ranks' gradients is still one sum; the exact count is applied once all ranks have it.
-        self._sum_divisor = args.batch_size * args.grad_accum * (self._cfg.context_length if self._cfg else 1)
 
     # -- checkpoints ---------------------------------------------------------------------
     def _gather(self, obj) -> list:
@@ -536,6 +531,20 @@ class Trainer:
                 "checkpoint": str(self.last_ckpt) if self.last_ckpt else None,
                 "metrics_path": str(self.metrics.path), "plot_path": str(self.plot_path)}
 
+    def _count_estimate(self, n):
+        """c for a (sum, count) step: its first micro-batch's count (the mean over the ranks, so
+        every rank divides alike and DDP's average stays one sum) times grad_accum, at least 1.
+
+        Backward runs on sum / c, not the bare sum: a sum's gradient is count times a mean's, and
+        in fp16 it overflowed at the loss scale's start (2^16), skipping the first ~log2(count)
+        steps. An upper bound (batch x context) would not overflow, but a short answer's gradients
+        would sit that many times below a mean's, nearer fp16's underflow."""
+        c = torch.as_tensor(n, device=self.device).detach().float() * self.args.grad_accum
+        if self.ddp:
+            dist.all_reduce(c, op=dist.ReduceOp.SUM)
+            c /= self.world_size
+        return c.clamp_min(1.0)
+
     def _train_step(self, model) -> dict:
         a = self.args
         t0 = time.perf_counter()
@@ -543,7 +552,7 @@ class Trainer:
         common.set_lr(self.optimizer, lr)
         loss_sum = torch.zeros((), device=self.device)
         count = torch.zeros((), device=self.device)  # counted items, when loss_fn returns (sum, count)
-        weighted = False
+        weighted, divisor = False, None  # divisor: a (sum, count) step's estimate of its count
         tokens = 0
         for micro in range(a.grad_accum):
             batch = self._to_device(self.get_batch("train", self.generator))
@@ -557,9 +566,10 @@ class Trainer:
                     if isinstance(loss, tuple):
                         # a sum: scaled by the step's whole count once every rank has it (below)
                         loss, n = loss
-                        weighted = True
+                        if not weighted:
+                            weighted, divisor = True, self._count_estimate(n)
                         count += n
-                        self.scaler.backward(loss / self._sum_divisor)
+                        self.scaler.backward(loss / divisor)
                     else:
                         # each micro-batch loss / grad_accum: the summed gradients are the mean's
                         self.scaler.backward(loss / a.grad_accum)
@@ -581,7 +591,7 @@ class Trainer:
             loss_t, count = totals[0] / totals[1], totals[1]
             # DDP averaged the ranks' gradients of sum / c: times world_size * c / count is the token mean
             grads = [p.grad for p in self.params if p.grad is not None]
-            torch._foreach_mul_(grads, self.world_size * self._sum_divisor / count)
+            torch._foreach_mul_(grads, self.world_size * divisor / count)
         else:
             loss_t = loss_sum / a.grad_accum
             if self.ddp:
