@@ -652,6 +652,23 @@ def test_dropout_sites_embeddings_attention_weights_mlp_output():
         torch.testing.assert_close(y[kept], 2 * y0[kept], rtol=1e-6, atol=0, msg=f"use_triton={use_triton}")
 
 
+def test_attention_output_goes_through_its_residual_dropout():
+    """MultiHeadAttention's last step: dropout on the output projection (its docstring: "output
+    projection; dropout"), on both attention paths. With the weights' dropout off, a kept value is
+    exactly twice the eval-mode output (p = 0.5) and the dropped ones are zero."""
+    torch.manual_seed(19)
+    att = MultiHeadAttention(32, 2, 16, dropout=0.5)  # head dim 16: the Triton path takes it
+    att.attn_drop.p = 0.0
+    x = torch.randn(2, 9, 32)
+    for use_triton in (False, True):
+        att.use_triton = use_triton
+        with torch.no_grad():
+            y0, y = att.eval()(x), att.train()(x)
+        kept = y != 0
+        assert kept.any() and (~kept).any(), use_triton
+        torch.testing.assert_close(y[kept], 2 * y0[kept], rtol=1e-5, atol=1e-6, msg=f"use_triton={use_triton}")
+
+
 @pytest.mark.parametrize("kernels", ["reference", "cross_entropy"])
 def test_loss_ignore_index_and_reduction_on_both_loss_paths(kernels):
     """forward(targets=, ignore_index=, reduction=) against -log softmax in float64, on each loss
