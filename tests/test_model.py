@@ -236,6 +236,23 @@ def test_a_damaged_weights_file_is_a_one_line_error(tmp_path):
         RewardModel.load(path)
 
 
+def test_safetensors_own_error_is_reported_in_one_line(tmp_path, monkeypatch):
+    """A file safetensors cannot open is one line naming the file, with the first line of
+    safetensors' own message (unreadable_safetensors' docstring), however many lines that has."""
+    import safetensors
+
+    path = tmp_path / "w.safetensors"
+    GPTModel(GPTConfig(**SMALL)).save(path)
+
+    def refuse(*args, **kwargs):
+        raise OSError("header too large\n  at byte 8\n  (a truncated download?)")
+
+    monkeypatch.setattr(safetensors, "safe_open", refuse)
+    with pytest.raises(UserError) as err:
+        GPTModel.load(path)
+    assert str(err.value) == f"{path} is not a readable safetensors file (OSError: header too large)"
+
+
 @pytest.mark.parametrize("umask", [0o022, 0o007])
 def test_weight_files_follow_the_umask(umask, tmp_path):
     """Weights are readable like the run's other files (state.pt, tokenizer.json): safetensors
