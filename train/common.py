@@ -10,7 +10,6 @@ import os
 import pickle
 import random
 import shutil
-import sys
 import time
 from pathlib import Path
 
@@ -18,7 +17,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from tritongpt.errors import UserError
+from tritongpt.errors import UserError, note
 
 
 # -- device and precision ---------------------------------------------------------------------
@@ -76,6 +75,12 @@ def autocast(device: torch.device, dtype: torch.dtype):
 DTYPES = ("auto", "fp32", "bf16", "fp16")  # what --dtype takes
 DTYPE_HELP = ("auto = bf16 autocast on CUDA (fp16 on GPUs before Ampere), fp32 on CPU; fp16 trains with "
               "dynamic loss scaling, skipping a step whose gradients overflow")
+
+
+def check_dtype(name: str) -> None:
+    """--dtype as the trainers take it, checked before any work."""
+    if name not in DTYPES:
+        raise UserError(f"--dtype must be one of {', '.join(DTYPES)}, got {name!r}")
 
 
 class LossScaler:
@@ -335,13 +340,12 @@ def check_resume(ckpt, state: dict, now_args: dict, names, step_key: str, limit_
         parts.append((f"precision {precision.removeprefix('torch.')}", state["precision"].removeprefix("torch.")))
     if parts and say:
         text = ", ".join(f"{now} ({'the run had ' if i == 0 else ''}{was})" for i, (now, was) in enumerate(parts))
-        print(f"note: resuming with {text}: the run goes on differently from the one it was started as",
-              file=sys.stderr)
+        note(f"resuming with {text}: the run goes on differently from the one it was started as")
     if say and kernels is not None and state.get("kernels", kernels) != kernels:
         # Same weights and math on either path, but not the same rounding: a rerun of the run
         # would not give its numbers bit for bit.
-        print(f"note: resuming on the kernels {kernels} (the run had {state['kernels']}): the same model, "
-              "its numbers agree with the run's path to rounding, not bit for bit", file=sys.stderr)
+        note(f"resuming on the kernels {kernels} (the run had {state['kernels']}): the same model, "
+             "its numbers agree with the run's path to rounding, not bit for bit")
 
 
 def load_checkpoint_weights(module, ckpt: Path, device, config, what: str):
@@ -455,16 +459,15 @@ def note_slow_kernels(models, device):
 
     device = torch.device(device)
     if device.type == "cpu" and any(m.config.kernels != "reference" for m in models):
-        print("note: Triton kernels on the CPU run through Triton's interpreter, which checks "
-              "parity but is orders of magnitude slower; --kernels reference is the fast CPU path",
-              file=sys.stderr)
+        note("Triton kernels on the CPU run through Triton's interpreter, which checks "
+             "parity but is orders of magnitude slower; --kernels reference is the fast CPU path")
     used = {n for m in models for n in resolve_kernels(m.config.kernels, device, check_device=False)}
     slow = [n for n in DOT_KERNELS if n in used]
     if device.type == "cuda" and slow and not ampere_or_later(device):
         cc = ".".join(map(str, torch.cuda.get_device_capability(device)))
-        print(f"note: Triton compiles tl.dot to scalar FMAs below compute capability 8.0 (this GPU: {cc}): "
-              f"the Triton {' and '.join(slow)} will be slower than the reference path's cuBLAS and SDPA "
-              "(--kernels auto leaves them out here)", file=sys.stderr)
+        note(f"Triton compiles tl.dot to scalar FMAs below compute capability 8.0 (this GPU: {cc}): "
+             f"the Triton {' and '.join(slow)} will be slower than the reference path's cuBLAS and SDPA "
+             "(--kernels auto leaves them out here)")
 
 
 def is_oom(e: BaseException) -> bool:

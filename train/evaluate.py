@@ -23,7 +23,7 @@ import time
 import torch
 from tqdm import tqdm
 
-from tritongpt.errors import UserError
+from tritongpt.errors import UserError, note
 
 
 def windows(n_tokens: int, context: int, stride: int):
@@ -145,9 +145,8 @@ def cmd_eval(args):
         start = run["train_tokens"] if args.val_fraction is None else len(td.train)
         tokens = td.tokens[start:]
         if start < run["train_tokens"]:
-            print(f"note: this val split starts at token {start:,}, inside the {run['train_tokens']:,} tokens "
-                  "the model was trained on; without --val-fraction eval scores the run's own held-out tail",
-                  file=sys.stderr)
+            note(f"this val split starts at token {start:,}, inside the {run['train_tokens']:,} tokens "
+                 "the model was trained on; without --val-fraction eval scores the run's own held-out tail")
     else:
         tokens = td.val
         if not len(td.train):

@@ -48,7 +48,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from tritongpt.errors import UserError
+from tritongpt.errors import UserError, note
 from tritongpt.train import common
 
 
@@ -69,7 +69,7 @@ class TrainArgs:
     keep_ckpts: int = 3
     log_every: int = 10          # printed log lines; the JSONL gets every step
     sample_every: int = 200      # 0 = only at the end
-    dtype: str = "auto"          # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16 | fp16 (loss-scaled)
+    dtype: str = "auto"          # auto (bf16 on CUDA, fp16 before Ampere, fp32 on CPU) | fp32 | bf16 | fp16
     device: str = "auto"
     seed: int = 1337
     resume: str | None = None    # None, "latest" (newest checkpoint in out_dir), or a path
@@ -100,8 +100,7 @@ class TrainArgs:
         if not 0 <= self.min_lr <= self.lr:
             raise UserError(f"--min-lr must be in [0, lr={self.lr}], got {self.min_lr}")
         common.check_seed(self.seed)
-        if self.dtype not in common.DTYPES:
-            raise UserError(f"--dtype must be one of {', '.join(common.DTYPES)}, got {self.dtype!r}")
+        common.check_dtype(self.dtype)
 
 
 _HELP = {
@@ -369,14 +368,14 @@ class Trainer:
         common.check_resume(ckpt, state, now_args, names, "step", "--max-steps", str(self.dtype),
                             say=self.is_main, kernels=self._kernels())
         if state["step"] == self.args.max_steps and self.is_main:
-            print(f"note: {ckpt} is already at --max-steps {self.args.max_steps}: nothing to train, "
-                  "evaluating it", file=sys.stderr)
+            note(f"{ckpt} is already at --max-steps {self.args.max_steps}: nothing to train, "
+                 "evaluating it")
         self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state.get("scaler"))
         saved_world = len(state["generator"])
         if saved_world != self.world_size and self.is_main:
-            print(f"note: checkpoint was written by {saved_world} process(es), resuming with "
-                  f"{self.world_size}: batches will differ from an uninterrupted run", file=sys.stderr)
+            note(f"checkpoint was written by {saved_world} process(es), resuming with "
+                 f"{self.world_size}: batches will differ from an uninterrupted run")
         if self.rank < saved_world:  # a new rank keeps its fresh seed + rank generator
             common.set_rng_state(state["rng"][self.rank])
             self.generator.set_state(state["generator"][self.rank])
@@ -458,9 +457,9 @@ class Trainer:
             self.resume(a.resume)
             self._log(f"resumed from {self.last_ckpt} at step {self.step}")
         if self.is_main and a.warmup_steps >= a.max_steps > self.step:
-            print(f"note: --warmup-steps {a.warmup_steps} >= --max-steps {a.max_steps}: the learning rate "
-                  f"stops at {common.lr_at(a.max_steps - 1, a.lr, a.warmup_steps, a.max_steps, a.min_lr):.2e} "
-                  f"on the way up to --lr {a.lr:g} and never decays", file=sys.stderr)
+            note(f"--warmup-steps {a.warmup_steps} >= --max-steps {a.max_steps}: the learning rate "
+                 f"stops at {common.lr_at(a.max_steps - 1, a.lr, a.warmup_steps, a.max_steps, a.min_lr):.2e} "
+                 f"on the way up to --lr {a.lr:g} and never decays")
         model = self.raw_model
         model.train()
         if a.compile:
@@ -552,7 +551,7 @@ class Trainer:
         common.set_lr(self.optimizer, lr)
         loss_sum = torch.zeros((), device=self.device)
         count = torch.zeros((), device=self.device)  # counted items, when loss_fn returns (sum, count)
-        weighted, divisor = False, None  # divisor: a (sum, count) step's estimate of its count
+        divisor = None  # a (sum, count) step's estimate of its count; None while its losses are means
         tokens = 0
         for micro in range(a.grad_accum):
             batch = self._to_device(self.get_batch("train", self.generator))
@@ -566,8 +565,8 @@ class Trainer:
                     if isinstance(loss, tuple):
                         # a sum: scaled by the step's whole count once every rank has it (below)
                         loss, n = loss
-                        if not weighted:
-                            weighted, divisor = True, self._count_estimate(n)
+                        if divisor is None:
+                            divisor = self._count_estimate(n)
                         count += n
                         self.scaler.backward(loss / divisor)
                     else:
@@ -584,6 +583,7 @@ class Trainer:
                                    ", or pass --activation-checkpointing (the same step in far less "
                                    "activation memory, ~1/3 slower)")) from None
             loss_sum += loss.detach().float()
+        weighted = divisor is not None
         if weighted:
             totals = torch.stack([loss_sum, count])
             if self.ddp:

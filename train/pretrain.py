@@ -12,7 +12,6 @@ the model is a GPTModel whose vocabulary is the tokenizer's and which computes i
 (lm_loss, or the Triton cross-entropy on that path); the Trainer (train/loop.py) does the rest.
 """
 import argparse
-import sys
 from pathlib import Path
 
 import torch
@@ -174,8 +173,8 @@ def pretrain(args) -> dict:
         splits.update(train=tokens.train, val=tokens.val, eval="val" if n_val >= block + 1 else "train",
                       source_hash=tokens.meta["source_hash"], joined_hash=tokens.meta.get("joined_hash"))
         if splits["eval"] == "train" and trainer.is_main:
-            print(f"note: the validation split ({n_val} tokens) is shorter than one block of {block}: "
-                  "evaluating on training windows", file=sys.stderr)
+            note(f"the validation split ({n_val} tokens) is shorter than one block of {block}: "
+                 "evaluating on training windows")
     except BaseException:
         trainer.close()
         raise

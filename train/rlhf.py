@@ -148,8 +148,7 @@ class RLArgs:
         if not self.lr > 0:
             raise UserError(f"--lr must be positive, got {self.lr}")
         common.check_seed(self.seed)
-        if self.dtype not in common.DTYPES:
-            raise UserError(f"--dtype must be one of {', '.join(common.DTYPES)}, got {self.dtype!r}")
+        common.check_dtype(self.dtype)
 
 
 def check_one_process():

@@ -1,7 +1,6 @@
 """The `info`, `generate` and `export` subcommands."""
-import sys
 
-from tritongpt.errors import UserError
+from tritongpt.errors import UserError, note
 
 
 def add_model_args(p, default_model="tiny", default_text=None):
@@ -93,7 +92,7 @@ def cmd_generate(args):
         model = load_gpt2_pretrained(args.model)
     else:
         name = args.model or "tiny"
-        print(f"note: {name} has random weights (pass --weights for a trained model)", file=sys.stderr)
+        note(f"{name} has random weights (pass --weights for a trained model)")
         model = GPTModel(get_config(name))
     model.to(device).eval()
     model.set_kernels(args.kernels)
@@ -110,8 +109,8 @@ def cmd_generate(args):
     limit = None
     if tok.vocab_size < model.config.vocab_size:
         limit = tok.vocab_size
-        print(f"note: the tokenizer has {tok.vocab_size} tokens, the model {model.config.vocab_size}: "
-              f"only the tokenizer's ids are drawn", file=sys.stderr)
+        note(f"the tokenizer has {tok.vocab_size} tokens, the model {model.config.vocab_size}: "
+             f"only the tokenizer's ids are drawn")
     idx = torch.tensor([ids], dtype=torch.long, device=device)
     gen = torch.Generator(device=device).manual_seed(args.seed)
     eot = tok.special_tokens.get(EOT)
@@ -122,7 +121,7 @@ def cmd_generate(args):
     # the text, without the marker that ended it (as Hugging Face's text-generation pipeline)
     print(tok.decode(out[:-1] if ended else out))
     if ended:
-        print(f"note: the model ended the text ({EOT}) after {len(out) - len(ids) - 1} new tokens", file=sys.stderr)
+        note(f"the model ended the text ({EOT}) after {len(out) - len(ids) - 1} new tokens")
     return 0
 
 
@@ -160,7 +159,7 @@ def cmd_export(args):
         tok_files = tok.hf_files(cfg.context_length)
     except UserError as e:
         tok_files = {}
-        print(f"note: the tokenizer is not exported: {e}", file=sys.stderr)
+        note(f"the tokenizer is not exported: {e}")
     for name in taken:  # an earlier export's (or model's) files would be read as this one's
         (out / name).unlink()
     paths = export_gpt2(model, out, tok.special_tokens.get(EOT))
