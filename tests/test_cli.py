@@ -13,11 +13,15 @@ from tritongpt.train.tokenizer import BPETokenizer
 from tritongpt.train.data import load_text
 
 
-def test_help_lists_every_command():
-    out = subprocess.run([sys.executable, "-m", "tritongpt.cli", "--help"], capture_output=True, text=True)
-    assert out.returncode == 0
+@pytest.mark.parametrize("module", ["tritongpt.cli", "tritongpt"])
+def test_help_lists_every_command(module):
+    """`python -m tritongpt.cli` (torchrun's form) and `python -m tritongpt` are the `tritongpt` script."""
+    out = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
     for cmd in ("info", "generate", "bpe", "pretrain", "sft", "reward", "rlhf", "dpo", "bench", "export", "eval"):
         assert cmd in out.stdout, cmd
+    bad = subprocess.run([sys.executable, "-m", module, "generate"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "--prompt" in bad.stderr  # its exit status is main()'s
 
 
 def test_every_flag_and_argument_has_a_help_text():
@@ -214,6 +218,19 @@ def test_generate_seed_fixes_the_sampled_text(saved_model, capsys):
     for seed in ("5", "5", "6"):
         assert main(base + ["--seed", seed]) == 0
         texts.append(capsys.readouterr().out)
+    assert texts[0] == texts[1] != texts[2], texts
+
+
+def test_generate_seed_fixes_a_random_weight_model(capsys):
+    """Without --weights the model's random weights come from --seed too: greedy decoding (which
+    draws nothing) repeats its text for one seed and changes it with another."""
+    base = ["generate", "--model", "tiny", "--prompt", "The", "--max-new-tokens", "6", "--temperature", "0"]
+    texts = []
+    for seed in ("1", "1", "2"):
+        assert main(base + ["--seed", seed]) == 0
+        out = capsys.readouterr()
+        assert "random weights" in out.err
+        texts.append(out.out)
     assert texts[0] == texts[1] != texts[2], texts
 
 

@@ -200,7 +200,9 @@ def add_cli(sub):
     p.add_argument("--top-k", type=int, default=None, help="sample among the k likeliest tokens only")
     p.add_argument("--top-p", type=float, default=None,
                    help="sample among the likeliest tokens whose probabilities sum to p (after --top-k)")
-    p.add_argument("--seed", type=int, default=1337, help="seeds the sampling (default %(default)s)")
+    p.add_argument("--seed", type=int, default=1337,
+                   help="seeds the sampling, and the weights of a model without --weights/--pretrained "
+                        "(default %(default)s)")
     p.add_argument("--dtype", default="auto", choices=DTYPES,
                    help="autocast dtype: auto = bf16 on CUDA (fp16 before Ampere), fp32 on CPU (default %(default)s)")
     p.set_defaults(func=cmd_generate)
