@@ -35,3 +35,17 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture
+def nan_filled_empty(monkeypatch):
+    """torch.empty / empty_like give NaN-filled float tensors for the test: a result read from a
+    buffer nothing wrote then fails, where memory that happened to hold zeros would pass."""
+    for name in ("empty", "empty_like"):
+        real = getattr(torch, name)
+
+        def poisoned(*a, _real=real, **kw):
+            out = _real(*a, **kw)
+            return out.fill_(float("nan")) if out.is_floating_point() else out
+
+        monkeypatch.setattr(torch, name, poisoned)

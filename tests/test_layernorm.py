@@ -396,7 +396,7 @@ def test_custom_ops_called_directly_refuse_a_strided_last_dim(device):
 # the interpreter also runs the masked-off rows past the last one: with eps = 0 their 1/sqrt(0)
 # warns in NumPy (never stored)
 @pytest.mark.filterwarnings("ignore:divide by zero:RuntimeWarning", "ignore:invalid value:RuntimeWarning")
-def test_zero_eps_and_empty_batches(device):
+def test_zero_eps_and_empty_batches(device, nan_filled_empty):
     """eps = 0 is allowed (a non-negative eps; PyTorch's too) and exact for non-constant rows;
     no rows at all give empty outputs and zero parameter gradients, as F.layer_norm."""
     check_parity((7, 40), torch.float32, device, seed=11, eps=0.0)
