@@ -216,6 +216,50 @@ def test_prepare_tokens_errors(tmp_path, tok):
         prepare_tokens(str(tmp_path / "nope.txt"), tok, tmp_path)
 
 
+def test_a_token_file_is_read_in_place_as_nanogpts_bin(tmp_path, tok):
+    """A .bin of uint16 ids (nanoGPT's train.bin) is the token array itself: memmapped where it
+    lies (no cache written), split at its last val_fraction, named by the hash of its bytes."""
+    import hashlib
+
+    ids = np.random.default_rng(3).integers(0, tok.vocab_size, size=1001).astype(np.uint16)
+    ids[17] = tok.vocab_size - 1  # the largest id the tokenizer has is fine
+    path = tmp_path / "train.bin"
+    ids.tofile(path)
+    td = prepare_tokens(str(path), tok, tmp_path / "cache", val_fraction=0.1)
+    assert not (tmp_path / "cache").exists()
+    assert isinstance(td.tokens, np.memmap) and td.path == path
+    assert len(td.train) == 901 and len(td.val) == 100  # 1001 - round(100.1)
+    assert td.train.tolist() == ids[:901].tolist() and td.val.tolist() == ids[901:].tolist()
+    assert td.meta["source_hash"] == hashlib.sha256(ids.tobytes()).hexdigest()
+    assert td.meta["n_tokens"] == 1001 and td.meta["split"] == 901 and td.meta["tokenizer_hash"] == tok.hash
+    # the form pretrain and eval pass, with the text field beside the source
+    again = prepare_tokens({"source": str(path), "text_field": "text"}, tok, None, val_fraction=0.0)
+    assert len(again.train) == 1001 and len(again.val) == 0
+    x, y = get_batch(td.train, 3, 8, torch.Generator().manual_seed(0))
+    assert x.dtype == torch.int64 and int(x.max()) < tok.vocab_size and torch.equal(x[:, 1:], y[:, :-1])
+
+
+def test_a_token_file_the_tokenizer_cannot_read_is_refused(tmp_path, tok):
+    """An id past the tokenizer's, an odd or empty size, or ids too wide for uint16 are named
+    before any step (an out-of-range id would fail in the embedding steps later)."""
+    path = tmp_path / "train.bin"
+    ids = np.full(2**25 + 50, 5, dtype=np.uint16)  # past the first 64 MB piece that is scanned
+    ids[-3] = tok.vocab_size
+    ids.tofile(path)
+    with pytest.raises(UserError, match=rf"train.bin: token id {tok.vocab_size} is past the tiny tokenizer's "
+                                        rf"{tok.vocab_size} ids \(pass the tokenizer that wrote the file"):
+        prepare_tokens(str(path), tok)
+    for raw in (b"", b"\x01\x00\x02"):
+        path.write_bytes(raw)
+        with pytest.raises(UserError, match=rf"{len(raw)} bytes is not a whole, non-zero number of uint16"):
+            prepare_tokens(str(path), tok)
+    path.write_bytes(b"\x01\x00")
+    with pytest.raises(UserError, match="the chars tokenizer's 70000 ids do not fit"):
+        prepare_tokens(str(path), CharTokenizer())
+    with pytest.raises(UserError, match="holds token ids .nanoGPT's .bin., not text"):
+        load_text(str(path))
+
+
 # -- get_batch ----------------------------------------------------------------------------------------
 def test_batches_are_shifted_windows():
     tokens = (np.arange(1000) * 7 % 65_521).astype(np.uint16)     # distinct values: a position is known

@@ -194,6 +194,44 @@ def test_a_pretraining_run_is_scored_on_its_own_held_out_tail(tmp_path, capsys):
         assert said in capsys.readouterr().err
 
 
+def test_a_run_on_a_token_file_trains_resumes_and_is_scored_on_its_tail(tmp_path, capsys):
+    """pretrain --data x.bin (nanoGPT's uint16 ids) trains on those ids: the same tokens as
+    the text they were made from, so the same split; a resume on the same file says nothing,
+    one on another file says the data differ; eval scores the run's own held-out tail of it."""
+    import numpy as np
+
+    from tritongpt.train.data import load_text
+    from tritongpt.train.tokenizer import BPETokenizer
+
+    text = load_text("pydoc")[:12000]
+    tok = BPETokenizer.train(text, 300, name="small")
+    tok.save(tmp_path / "tok.json")
+    ids = np.array(tok.encode(text), dtype=np.uint16)
+    ids.tofile(tmp_path / "train.bin")
+    run = tmp_path / "run"
+    base = ["--tokenizer", str(tmp_path / "tok.json"), "--out-dir", str(run), "--device", "cpu",
+            "--kernels", "reference", "--block-size", "32", "--batch-size", "2", "--val-fraction", "0.05",
+            "--eval-every", "0", "--sample-tokens", "0", "--cache-dir", str(tmp_path / "cache")]
+    assert main(["pretrain", "--data", str(tmp_path / "train.bin"), "--max-steps", "2", *base]) == 0
+    out = capsys.readouterr().out
+    train = len(ids) - round(len(ids) * 0.05)
+    assert f"train.bin: {train:,} training + {len(ids) - train:,} validation tokens" in out
+    assert not (tmp_path / "cache").exists()  # read in place
+    assert main(["pretrain", "--data", str(tmp_path / "train.bin"), "--max-steps", "3", "--resume", *base]) == 0
+    assert "different data" not in capsys.readouterr().err
+    ids[::-1].tofile(tmp_path / "other.bin")
+    assert main(["pretrain", "--data", str(tmp_path / "other.bin"), "--max-steps", "4", "--resume", *base]) == 0
+    assert "resuming on different data" in capsys.readouterr().err
+    assert main(["eval", "--weights", str(run / "ckpt-0000003"), "--json"]) == 0
+    got = json.loads(capsys.readouterr().out)
+    assert got["data"] == str(tmp_path / "train.bin") and got["tokens"] == len(ids) - train - 1
+    # the default tokenizer (4096 ids, learned on the pydoc corpus) cannot read GPT-2's ids
+    np.array([50256, 11], dtype=np.uint16).tofile(tmp_path / "gpt2.bin")
+    assert main(["pretrain", "--data", str(tmp_path / "gpt2.bin"), "--out-dir", str(tmp_path / "r2"),
+                 "--max-steps", "1"]) == 2
+    assert "token id 50256 is past the" in capsys.readouterr().err
+
+
 def test_a_run_on_a_jsonl_field_is_scored_from_that_field(tmp_path, capsys):
     """A run trained on .jsonl rows' `body` field: eval without --data reads the same field (it
     looked for `text` and refused the run's own data)."""

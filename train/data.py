@@ -11,6 +11,10 @@ Sources (`load_documents`, `load_text`):
                   shipped with every CPython: a corpus that needs no download.
   "stdlib"        the standard library's .py files (first STDLIB_MAX_BYTES, in sorted walk order).
   a path          a text file, a folder of .txt files, or a .jsonl file with a text field.
+  a .bin file     token ids already made: uint16, no header, as nanoGPT's prepare.py writes its
+                  train.bin (GPT-2 ids: pass the gpt2 tokenizer). It is read in place, as one
+                  flat array like the rest (its last val_fraction is the validation split), so
+                  a corpus larger than memory can be trained on (`prepare_tokens` only).
 Documents: each .py file, each .jsonl record, each .txt file, and within a .txt file the parts
 between literal <|endoftext|> markers, wherever on a line they stand (how GPT-2-style text dumps
 mark them). In a .jsonl record or a .py file that spelling is text, tokenised as ordinary
@@ -126,6 +130,9 @@ def load_documents(source=None, text_field: str = "text") -> list:
     else:
         path = Path(source).expanduser()
         what = str(path)
+        if path.suffix == ".bin" and path.is_file():
+            raise UserError(f"{path} holds token ids (nanoGPT's .bin), not text: pretrain and eval read it as "
+                            "--data; a tokenizer is trained on text")
         if path.is_dir():
             docs = [d for p in _txt_files(path) for d in _read_utf8(p).split(EOT)]
         elif path.is_file():
@@ -196,15 +203,46 @@ def _write_tokens(docs, tokenizer, bin_path: Path, dtype) -> int:
     return n
 
 
+def _token_file(path: Path, tokenizer, val_fraction: float) -> TokenData:
+    """A nanoGPT-style .bin, memmapped where it lies. One pass in 64 MB pieces hashes it (so a
+    resume or eval knows its data) and finds its largest id: an id the tokenizer lacks would
+    be an out-of-range embedding row several steps later, so the file is refused now."""
+    size = path.stat().st_size
+    if size == 0 or size % 2:
+        raise UserError(f"{path}: {size} bytes is not a whole, non-zero number of uint16 token ids "
+                        "(the .bin format nanoGPT's prepare.py writes)")
+    if tokenizer.vocab_size > 2**16:
+        raise UserError(f"{path} holds uint16 ids; the {tokenizer.name} tokenizer's {tokenizer.vocab_size} ids "
+                        "do not fit in them")
+    tokens = np.memmap(path, dtype=np.uint16, mode="r")
+    h, top = hashlib.sha256(), 0
+    for s in range(0, len(tokens), 2**25):
+        piece = np.ascontiguousarray(tokens[s:s + 2**25])
+        h.update(piece)
+        top = max(top, int(piece.max()))
+    if top >= tokenizer.vocab_size:
+        raise UserError(f"{path}: token id {top} is past the {tokenizer.name} tokenizer's {tokenizer.vocab_size} "
+                        "ids (pass the tokenizer that wrote the file: --tokenizer gpt2 for nanoGPT's)")
+    n = len(tokens)
+    split = n - int(round(n * val_fraction))
+    meta = {"format": "uint16-ids", "source": str(path), "source_hash": h.hexdigest(), "n_tokens": n,
+            "tokenizer_hash": tokenizer.hash, "vocab_size": tokenizer.vocab_size, "dtype": "uint16",
+            "split": split, "val_fraction": val_fraction}
+    return TokenData(train=tokens[:split], val=tokens[split:], meta=meta, path=path, tokens=tokens)
+
+
 def prepare_tokens(source, tokenizer, cache_dir=None, val_fraction: float = 0.1, verbose: bool = False) -> TokenData:
     """Tokenise `source` into cache_dir/tokens.bin (+ tokens.json meta) unless a matching copy exists.
 
     The cache is reused only when the source text, the tokenizer and the file size all match
     what the meta file records; anything else is rebuilt. cache_dir=None picks a folder under
-    the tritongpt cache named by those hashes.
+    the tritongpt cache named by those hashes. A .bin source is token ids already: no cache.
     """
     if not 0.0 <= val_fraction < 1.0:
         raise UserError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    name = source.get("source") if isinstance(source, dict) else source
+    if name not in (None, "pydoc", "stdlib") and Path(name).suffix == ".bin" and Path(name).expanduser().is_file():
+        return _token_file(Path(name).expanduser(), tokenizer, val_fraction)
     docs = load_documents(source) if not isinstance(source, dict) else load_documents(**source)
     dtype = token_dtype(tokenizer.vocab_size)
     want = {"format": META_FORMAT, "source_hash": documents_hash(docs), "tokenizer_hash": tokenizer.hash,

@@ -186,7 +186,8 @@ def add_cli(sub):
     add_model_args(p, default_model=None)
     p.add_argument("--weights", required=True,
                    help="tritongpt checkpoint (file, checkpoint or run folder) or Hugging Face GPT-2 model.safetensors")
-    p.add_argument("--data", default=None, help="a file, a folder of .txt files, a .jsonl file, or 'pydoc' / "
+    p.add_argument("--data", default=None, help="a file, a folder of .txt files, a .jsonl file, a .bin of uint16 token "
+                                                "ids (nanoGPT's), or 'pydoc' / "
                                                 "'stdlib' (default: a pretraining run's own data, else the "
                                                 "embedded pydoc corpus)")
     p.add_argument("--text-field", default=None, help="field holding the text in .jsonl rows (default: the "

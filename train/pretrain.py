@@ -32,7 +32,8 @@ def add_args(p: argparse.ArgumentParser):
     d = p.add_argument_group("data")
     d.add_argument("--data", default=None,
                    help="training text: a file, a folder of .txt files, a .jsonl file, or 'pydoc' / "
-                        "'stdlib' (default: the embedded pydoc corpus)")
+                        "'stdlib' (default: the embedded pydoc corpus); or token ids already made, a .bin of "
+                        "uint16 as nanoGPT's prepare.py writes (read in place, any size; with --tokenizer gpt2)")
     d.add_argument("--text-field", default="text",
                    help="field holding the text in .jsonl rows (default %(default)s)")
     d.add_argument("--tokenizer", default="default",
