@@ -7,7 +7,8 @@ tokenizer to --out-dir. On a GPU:
 
     tritongpt pretrain --model gpt2-small --kernels triton --dtype bf16
 
-The pieces: train.data tokenises the corpus once into a memmap and draws random windows;
+The pieces: train.data tokenises the corpus once into a memmap (or memmaps a .bin of token
+ids where it lies) and draws random windows;
 the model is a GPTModel whose vocabulary is the tokenizer's and which computes its own loss
 (lm_loss, or the Triton cross-entropy on that path); the Trainer (train/loop.py) does the rest.
 """
@@ -69,20 +70,41 @@ def model_vocab(model_name: str, tokenizer, preset_vocab: int) -> int:
     return tokenizer.vocab_size
 
 
-def pretrain(args) -> dict:
-    """Run the pretraining job described by `args` (a Namespace from parse_args / the CLI).
+class DataPosition:
+    """Windows are random, so the position is the batch generator (saved by the Trainer); this
+    records which token stream it indexes, to warn when a resume uses other data."""
 
-    Returns the Trainer's final dict plus first_val_loss, n_params, train_tokens, val_tokens.
-    """
-    from tritongpt.model.config import get_config
+    def __init__(self, args, tok, block, splits):
+        # a path as an absolute one: eval finds the run's data from any folder (as given, it
+        # was looked for relative to wherever eval ran)
+        self.source = str(args.data or "pydoc")
+        if args.data not in (None, "pydoc", "stdlib") and Path(args.data).expanduser().exists():
+            self.source = str(Path(args.data).expanduser().resolve())
+        self.text_field, self.tok, self.block, self.splits = args.text_field, tok, block, splits
+
+    def state_dict(self):
+        return {"source": self.source, "text_field": self.text_field, "train_tokens": len(self.splits["train"]),
+                "block_size": self.block, "tokenizer_hash": self.tok.hash, "source_hash": self.splits["source_hash"]}
+
+    def load_state_dict(self, d):
+        # checkpoints from before source_hash was recorded are compared without it, and
+        # those from before documents were hashed apart by the joined text's hash
+        mine = self.splits["source_hash"]
+        same_source = d.get("source_hash", mine) in (mine, self.splits["joined_hash"])
+        theirs = (d.get("train_tokens"), d.get("tokenizer_hash"), d.get("block_size"))
+        if theirs != (len(self.splits["train"]), self.tok.hash, self.block) or not same_source:
+            note(f"resuming on different data than the checkpoint's ({d.get('source')}, "
+                 f"{d.get('train_tokens')} tokens, block {d.get('block_size')}): batches will differ")
+
+
+def check_args(args, targs):
+    """The flags' own errors, before any slow work: -> (model config, tokenizer, block size, prompt ids)."""
     from tritongpt.commands import vocab_multiple
-    from tritongpt.model.gpt import GPTModel
-    from tritongpt.train import common, data
-    from tritongpt.train.generate import check_sampling, generate
-    from tritongpt.train.loop import TrainArgs, Trainer, loss_eval_fn
-    from tritongpt.train.tokenizer import RUN_TOKENIZER, get_tokenizer, save_run_tokenizer
+    from tritongpt.model.config import get_config
+    from tritongpt.train import data
+    from tritongpt.train.generate import check_sampling
+    from tritongpt.train.tokenizer import get_tokenizer
 
-    targs = TrainArgs.from_namespace(args)
     targs.validate()
     cfg = get_config(args.model)  # unknown model: a UserError before any slow work
     if args.dropout is not None and not 0.0 <= args.dropout < 1.0:
@@ -99,15 +121,69 @@ def pretrain(args) -> dict:
         raise UserError(f"--block-size must be positive, got {block}")
     if block > cfg.context_length:
         raise UserError(f"--block-size {block} is longer than {args.model}'s context length {cfg.context_length}")
-
     check_sampling(args.temperature, args.top_k, flags=True)  # not at the first sample, steps later
     prompt_ids = tok.encode(args.prompt, allowed_special="all") or [tok.eot_id]
     if len(prompt_ids) > cfg.context_length:
         raise UserError(f"--prompt is {len(prompt_ids)} tokens; the context is {cfg.context_length}")
+    return cfg, tok, block, prompt_ids
 
+
+def load_splits(args, tok, block, batch_size, trainer) -> dict:
+    """Tokenise (or find cached) the corpus and check it holds a batch: -> the splits' token arrays,
+    "eval" naming the one evaluations read, and the data's hashes."""
+    from tritongpt.train import data
+
+    # under torchrun, rank 0 tokenises (and caches) first; the others then read its cache
+    if trainer.ddp and not trainer.is_main:
+        torch.distributed.barrier()
+    source = args.data if args.text_field == "text" else {"source": args.data, "text_field": args.text_field}
+    tokens = data.prepare_tokens(source, tok, args.cache_dir, val_fraction=args.val_fraction)
+    if trainer.ddp and trainer.is_main:
+        torch.distributed.barrier()
+    n_train, n_val = len(tokens.train), len(tokens.val)
+    where = args.data or "the pydoc corpus"
+    if n_train < block + 1:
+        raise UserError(f"context longer than the data: --block-size {block} needs at least {block + 1} "
+                        f"training tokens but {where} has {n_train}; use a smaller --block-size or more text")
+    if batch_size * block > n_train:
+        raise UserError(f"a batch of {batch_size} x {block} tokens is larger than the training data "
+                        f"({n_train} tokens in {where}); lower --batch-size or --block-size")
+    if n_val < block + 1 and trainer.is_main:
+        note(f"the validation split ({n_val} tokens) is shorter than one block of {block}: "
+             "evaluating on training windows")
+    return dict(train=tokens.train, val=tokens.val, eval="val" if n_val >= block + 1 else "train",
+                source_hash=tokens.meta["source_hash"], joined_hash=tokens.meta.get("joined_hash"))
+
+
+def print_header(args, targs, model, tok, block, splits, trainer):
+    cfg, n_train, n_val = model.config, len(splits["train"]), len(splits["val"])
+    padded = f" padded to {cfg.padded_vocab_size}" if cfg.padded_vocab_size != cfg.vocab_size else ""
+    print(f"pretrain: {args.model} ({model.num_params() / 1e6:.2f}M params, vocab {cfg.vocab_size}{padded}, "
+          f"context {cfg.context_length}"
+          f"{f', trained on {block}-token blocks' if block != cfg.context_length else ''}) "
+          f"on {trainer.device} ({str(trainer.dtype).replace('torch.', '')}, kernels {cfg.kernels}"
+          f"{', ' + str(trainer.world_size) + ' processes' if trainer.ddp else ''})")
+    per_step = targs.batch_size * targs.grad_accum * trainer.world_size
+    print(f"data: {args.data or 'the pydoc corpus'}: {n_train:,} training + {n_val:,} validation tokens "
+          f"({tok.name} tokenizer); {targs.max_steps} steps x {per_step} x {block} tokens")
+
+
+def pretrain(args) -> dict:
+    """Run the pretraining job described by `args` (a Namespace from parse_args / the CLI).
+
+    Returns the Trainer's final dict plus first_val_loss, n_params, train_tokens, val_tokens.
+    """
+    from tritongpt.model.gpt import GPTModel
+    from tritongpt.train import common, data
+    from tritongpt.train.generate import generate
+    from tritongpt.train.loop import TrainArgs, Trainer, loss_eval_fn
+    from tritongpt.train.tokenizer import RUN_TOKENIZER, save_run_tokenizer
+
+    targs = TrainArgs.from_namespace(args)
+    cfg, tok, block, prompt_ids = check_args(args, targs)
     common.set_seed(targs.seed)
     model = GPTModel(cfg)
-    splits = {}
+    splits = {}  # filled once the Trainer has set up the processes (rank 0 tokenises first)
 
     def get_batch(split, generator):
         return data.get_batch(splits[split], targs.batch_size, block, generator, trainer.device)
@@ -126,83 +202,28 @@ def pretrain(args) -> dict:
                        generator=gen)  # KV cache on
         return tok.decode(out[0].tolist())
 
-    # a path as an absolute one: eval finds the run's data from any folder (as given, it
-    # was looked for relative to wherever eval ran)
-    recorded_source = str(args.data or "pydoc")
-    if args.data not in (None, "pydoc", "stdlib") and Path(args.data).expanduser().exists():
-        recorded_source = str(Path(args.data).expanduser().resolve())
-
-    class DataPosition:
-        """Windows are random, so the position is the batch generator (saved by the Trainer);
-        this records which token stream it indexes, to warn when a resume uses other data."""
-
-        def state_dict(self):
-            return {"source": recorded_source, "text_field": args.text_field,
-                    "train_tokens": len(splits["train"]),
-                    "block_size": block, "tokenizer_hash": tok.hash, "source_hash": splits["source_hash"]}
-
-        def load_state_dict(self, d):
-            # checkpoints from before source_hash was recorded are compared without it, and
-            # those from before documents were hashed apart by the joined text's hash
-            same_source = d.get("source_hash", splits["source_hash"]) in (splits["source_hash"],
-                                                                           splits["joined_hash"])
-            theirs = (d.get("train_tokens"), d.get("tokenizer_hash"), d.get("block_size"))
-            if theirs != (len(splits["train"]), tok.hash, block) or not same_source:
-                note(f"resuming on different data than the checkpoint's ({d.get('source')}, "
-                     f"{d.get('train_tokens')} tokens, block {d.get('block_size')}): batches will differ")
-
     eval_fn = loss_eval_fn(loss_fn, get_eval_batch, targs.eval_batches, seed=targs.seed + 10_000)
     trainer = Trainer(model, targs, loss_fn, get_batch, eval_fn=eval_fn,
                       sample_fn=sample_fn if args.sample_tokens > 0 else None,
-                      name="pretrain", data_state=DataPosition())
+                      name="pretrain", data_state=DataPosition(args, tok, block, splits))
     try:
-        # under torchrun, rank 0 tokenises (and caches) first; the others then read its cache
-        if trainer.ddp and not trainer.is_main:
-            torch.distributed.barrier()
-        source = args.data if args.text_field == "text" else {"source": args.data, "text_field": args.text_field}
-        tokens = data.prepare_tokens(source, tok, args.cache_dir, val_fraction=args.val_fraction)
-        if trainer.ddp and trainer.is_main:
-            torch.distributed.barrier()
-        n_train, n_val = len(tokens.train), len(tokens.val)
-        where = args.data or "the pydoc corpus"
-        if n_train < block + 1:
-            raise UserError(f"context longer than the data: --block-size {block} needs at least {block + 1} "
-                            f"training tokens but {where} has {n_train}; use a smaller --block-size or more text")
-        if targs.batch_size * block > n_train:
-            raise UserError(f"a batch of {targs.batch_size} x {block} tokens is larger than the training data "
-                            f"({n_train} tokens in {where}); lower --batch-size or --block-size")
-        splits.update(train=tokens.train, val=tokens.val, eval="val" if n_val >= block + 1 else "train",
-                      source_hash=tokens.meta["source_hash"], joined_hash=tokens.meta.get("joined_hash"))
-        if splits["eval"] == "train" and trainer.is_main:
-            note(f"the validation split ({n_val} tokens) is shorter than one block of {block}: "
-                 "evaluating on training windows")
+        splits.update(load_splits(args, tok, block, targs.batch_size, trainer))
     except BaseException:
         trainer.close()
         raise
-
-    n_params = model.num_params()
     if trainer.is_main:
-        out = Path(targs.out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        save_run_tokenizer(tok, out)
-        kernels = model.config.kernels
-        print(f"pretrain: {args.model} ({n_params / 1e6:.2f}M params, vocab {cfg.vocab_size}"
-              f"{f' padded to {cfg.padded_vocab_size}' if cfg.padded_vocab_size != cfg.vocab_size else ''}, "
-              f"context {cfg.context_length}"
-              f"{f', trained on {block}-token blocks' if block != cfg.context_length else ''}) "
-              f"on {trainer.device} ({str(trainer.dtype).replace('torch.', '')}, kernels {kernels}"
-              f"{', ' + str(trainer.world_size) + ' processes' if trainer.ddp else ''})")
-        per_step = targs.batch_size * targs.grad_accum * trainer.world_size
-        print(f"data: {where}: {n_train:,} training + {n_val:,} validation tokens ({tok.name} tokenizer); "
-              f"{targs.max_steps} steps x {per_step} x {block} tokens")
+        Path(targs.out_dir).mkdir(parents=True, exist_ok=True)
+        save_run_tokenizer(tok, Path(targs.out_dir))
+        print_header(args, targs, model, tok, block, splits, trainer)
     result = trainer.fit()
     # this call's evaluations, as first_loss is this call's first step (a resume's first is the
     # checkpoint's, not step 0's); one evaluation (--eval-every 0: the last step's) has no first
     # to compare with, and printed as both ends it read "val loss 7.77 -> 7.77"
     start = result["step"] - len(result["losses"])
     vals = [r["val_loss"] for r in trainer.metrics.rows() if "val_loss" in r and r.get("step", 0) >= start]
-    result.update(first_val_loss=vals[0] if len(vals) > 1 else None, n_params=n_params, train_tokens=n_train,
-                  val_tokens=n_val, tokenizer_path=str(Path(targs.out_dir) / RUN_TOKENIZER))
+    result.update(first_val_loss=vals[0] if len(vals) > 1 else None, n_params=model.num_params(),
+                  train_tokens=len(splits["train"]), val_tokens=len(splits["val"]),
+                  tokenizer_path=str(Path(targs.out_dir) / RUN_TOKENIZER))
     return result
 
 
