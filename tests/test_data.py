@@ -4,6 +4,8 @@ import json
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from tritongpt.errors import UserError
 from tritongpt.train import data
@@ -96,6 +98,68 @@ def test_load_text_errors(tmp_path):
     (tmp_path / "odd" / "gone.txt").symlink_to(tmp_path / "nowhere.txt")
     with pytest.raises(UserError, match="gone.txt: a broken link"):
         load_text(tmp_path / "odd")
+
+
+@settings(max_examples=300, deadline=None)
+@given(parts=st.lists(st.sampled_from(["a", "é", "猫", "\r\n", "\r", "\n", " ", EOT, "<|", "endoftext", "|>", "<"]),
+                      max_size=40), bom=st.booleans(), piece=st.integers(1, 17))
+def test_a_text_file_read_in_pieces_splits_as_the_whole_text(tmp_path_factory, parts, bom, piece):
+    """A text file is read a few characters at a time, and its documents are still exactly those of
+    the whole text split at <|endoftext|>, markers straddling two pieces included, with
+    read_text's universal newlines and byte-order mark."""
+    path = tmp_path_factory.mktemp("pieces") / "t.txt"
+    path.write_bytes((b"\xef\xbb\xbf" if bom else b"") + "".join(parts).encode("utf-8"))
+    old, data.READ_CHARS = data.READ_CHARS, piece
+    try:
+        assert list(data._split_eot(path)) == path.read_text(encoding="utf-8-sig").split(EOT)
+    finally:
+        data.READ_CHARS = old
+
+
+def test_a_bad_byte_is_named_by_its_place_in_the_file(tmp_path, monkeypatch):
+    """The byte named is counted from the file's start, across the pieces it is read in (a reader's
+    own error counts from its buffer)."""
+    monkeypatch.setattr(data, "READ_CHARS", 1000)
+    path = tmp_path / "t.txt"
+    path.write_bytes("é".encode() * 2500 + b"ok\xff")  # 5002 good bytes; a 2-byte letter straddles 1000
+    with pytest.raises(UserError, match=r"t.txt: not UTF-8 text \(byte 5002: invalid start byte\)"):
+        load_text(path)
+
+
+@pytest.mark.parametrize("layout", ["txt", "jsonl", "folder"])
+def test_tokenising_a_corpus_holds_one_group_of_documents_not_the_corpus(tmp_path, layout, monkeypatch):
+    """prepare_tokens reads the source twice, a document at a time (one pass names it, one
+    tokenises it): 16 MB of text is tokenised under tracemalloc with a peak of a few MB (holding it
+    whole, and joined for its hash, took over 32 MB), and the tokens are those of every document."""
+    import tracemalloc
+
+    class Fast:  # tokenising is not what is measured: one id per character, made in numpy
+        name, hash, vocab_size, eot_id = "fast", "f" * 64, 300, 299
+
+        def encode_batch(self, texts, allowed_special="none_raise"):
+            return [np.full(len(t), 7, dtype=np.uint16) for t in texts]
+
+    monkeypatch.setattr(data, "READ_CHARS", 2**16)
+    doc, n = "x" * 2047 + "\n", 8192
+    if layout == "txt":
+        src = tmp_path / "c.txt"
+        src.write_text(EOT.join([doc] * n))
+    elif layout == "jsonl":
+        src = tmp_path / "c.jsonl"
+        src.write_text((json.dumps({"text": doc}) + "\n") * n)
+    else:
+        src = tmp_path / "docs"
+        src.mkdir()
+        for i in range(8):
+            (src / f"{i}.txt").write_text(EOT.join([doc] * (n // 8)))
+    tracemalloc.start()
+    try:
+        td = prepare_tokens(str(src), Fast(), tmp_path / "cache", val_fraction=0.0)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert len(td.train) == n * len(doc) + n - 1 and td.meta["documents"] == n and td.meta["chars"] == n * len(doc)
+    assert peak < 6 * 2**20, f"{peak / 2**20:.1f} MB"
 
 
 def test_what_a_document_is(tmp_path, tok):

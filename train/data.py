@@ -1,4 +1,5 @@
 """Pretraining data: read a corpus, tokenise it once into a memmapped file, sample batches.
+Documents are read one at a time, so a corpus need not fit in memory (only its largest document).
 
 nanoGPT's recipe: the whole corpus becomes one flat array of token ids on disk (uint16 while
 the vocabulary fits, else uint32), documents separated by <|endoftext|>; the last
@@ -6,21 +7,23 @@ the vocabulary fits, else uint32), documents separated by <|endoftext|>; the las
 `block_size + 1` tokens: x is the window minus its last token, y minus its first, so
 y[t] is the token that follows x[..t].
 
-Sources (`load_documents`, `load_text`):
+Sources (`iter_documents`, `load_documents`, `load_text`):
   None / "pydoc"  Python's own reference docs (pydoc_data.topics, ~465 KB of English),
                   shipped with every CPython: a corpus that needs no download.
   "stdlib"        the standard library's .py files (first STDLIB_MAX_BYTES, in sorted walk order).
   a path          a text file, a folder of .txt files, or a .jsonl file with a text field.
   a .bin file     token ids already made: uint16, no header, as nanoGPT's prepare.py writes its
                   train.bin (GPT-2 ids: pass the gpt2 tokenizer). It is read in place, as one
-                  flat array like the rest (its last val_fraction is the validation split), so
-                  a corpus larger than memory can be trained on (`prepare_tokens` only).
+                  flat array like the rest (its last val_fraction is the validation split)
+                  (`prepare_tokens` only).
 Documents: each .py file, each .jsonl record, each .txt file, and within a .txt file the parts
 between literal <|endoftext|> markers, wherever on a line they stand (how GPT-2-style text dumps
 mark them). In a .jsonl record or a .py file that spelling is text, tokenised as ordinary
 characters, never as the separator.
 """
+import codecs
 import hashlib
+import itertools
 import json
 import os
 import sysconfig
@@ -31,10 +34,10 @@ import numpy as np
 import torch
 
 from tritongpt.errors import UserError
-from tritongpt.train.tokenizer import text_hash
 
 EOT = "<|endoftext|>"
 STDLIB_MAX_BYTES = 8 * 2**20
+READ_CHARS = 2**22  # a text file is read in pieces of this many characters (bytes when raw)
 META_FORMAT = "tritongpt-tokens"
 
 
@@ -64,16 +67,49 @@ def _stdlib_docs(max_bytes: int = None) -> list:
     return docs
 
 
-def _read_utf8(path: Path) -> str:
-    """The file's text; a UTF-8 byte-order mark (Windows editors write one) is not part of it."""
+def _first_bad_byte(path: Path) -> int:
+    """Where a file stops being UTF-8, counted in the file's bytes (a text-mode reader's error
+    counts from the start of its own buffer)."""
+    dec, offset = codecs.getincrementaldecoder("utf-8")(), 0
+    with open(path, "rb") as f:
+        while raw := f.read(READ_CHARS):
+            pending = dec.getstate()[0]
+            try:
+                dec.decode(raw)
+            except UnicodeDecodeError as e:
+                return offset - len(pending) + e.start
+            offset += len(raw)
+    return offset
+
+
+def _split_eot(path: Path):
+    """The documents of a text file, one at a time: its parts between <|endoftext|> markers.
+
+    The file is read in pieces, so it need not fit in memory (one document must). The last
+    len(EOT) - 1 characters of a piece are held back until the next one arrives: a marker can
+    straddle two pieces. As Path.read_text: universal newlines, and a UTF-8 byte-order mark
+    (Windows editors write one) is not part of the text.
+    """
+    k = len(EOT) - 1
+    pieces, carry = [], ""
     try:
-        return path.read_text(encoding="utf-8-sig")
+        with open(path, encoding="utf-8-sig") as f:
+            while chunk := f.read(READ_CHARS):
+                *done, last = (carry + chunk).split(EOT)
+                for part in done:
+                    pieces.append(part)
+                    yield "".join(pieces)
+                    pieces = []
+                pieces.append(last[:-k] if len(last) > k else "")
+                carry = last[-k:] if len(last) > k else last
     except UnicodeDecodeError as e:
-        raise UserError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason})") from None
+        raise UserError(f"{path}: not UTF-8 text (byte {_first_bad_byte(path)}: {e.reason})") from None
+    pieces.append(carry)
+    yield "".join(pieces)
 
 
-def _jsonl_docs(path: Path, text_field: str) -> list:
-    docs = []
+def _jsonl_docs(path: Path, text_field: str):
+    """The text field of each record, one at a time."""
     with open(path, encoding="utf-8-sig") as f:
         try:
             for lineno, line in enumerate(f, 1):
@@ -95,10 +131,9 @@ def _jsonl_docs(path: Path, text_field: str) -> list:
                 except UnicodeEncodeError as e:  # a lone surrogate: a JSON escape like "\ud83d" alone
                     raise UserError(f"{path}:{lineno}: field {text_field!r} holds invalid Unicode at character "
                                     f"{e.start} (a lone surrogate)") from None
-                docs.append(row[text_field])
+                yield row[text_field]
         except UnicodeDecodeError as e:
             raise UserError(f"{path}: not UTF-8 text ({e.reason})") from None
-    return docs
 
 
 def _txt_files(folder: Path) -> list:
@@ -121,27 +156,39 @@ def check_text_field(source, text_field):
                         f"{source or 'the pydoc corpus'} is read as plain text")
 
 
-def load_documents(source=None, text_field: str = "text") -> list:
-    """The corpus as a list of documents (see the module docstring for what one is)."""
+def _describe(source) -> str:
+    return {None: "the pydoc corpus", "pydoc": "the pydoc corpus", "stdlib": "the standard library"}.get(
+        source, str(Path(str(source)).expanduser()))
+
+
+def iter_documents(source=None, text_field: str = "text"):
+    """The corpus's documents one at a time (see the module docstring for what one is): a
+    corpus need not fit in memory. A missing or unreadable source is named before the first."""
     if source is None or source == "pydoc":
-        docs, what = [_pydoc_text()], "the pydoc corpus"
-    elif source == "stdlib":
-        docs, what = _stdlib_docs(), "the standard library"
+        yield _pydoc_text()
+        return
+    if source == "stdlib":
+        yield from _stdlib_docs()
+        return
+    path = Path(source).expanduser()
+    if path.suffix == ".bin" and path.is_file():
+        raise UserError(f"{path} holds token ids (nanoGPT's .bin), not text: pretrain and eval read it as "
+                        "--data; a tokenizer is trained on text")
+    if path.is_dir():
+        for p in _txt_files(path):
+            yield from _split_eot(p)
+    elif path.is_file():
+        yield from _jsonl_docs(path, text_field) if path.suffix == ".jsonl" else _split_eot(path)
     else:
-        path = Path(source).expanduser()
-        what = str(path)
-        if path.suffix == ".bin" and path.is_file():
-            raise UserError(f"{path} holds token ids (nanoGPT's .bin), not text: pretrain and eval read it as "
-                            "--data; a tokenizer is trained on text")
-        if path.is_dir():
-            docs = [d for p in _txt_files(path) for d in _read_utf8(p).split(EOT)]
-        elif path.is_file():
-            docs = _jsonl_docs(path, text_field) if path.suffix == ".jsonl" else _read_utf8(path).split(EOT)
-        else:
-            raise UserError(f"data source not found: {source} (use 'pydoc', 'stdlib', a text file, "
-                            f"a folder of .txt files or a .jsonl file)")
+        raise UserError(f"data source not found: {source} (use 'pydoc', 'stdlib', a text file, "
+                        f"a folder of .txt files or a .jsonl file)")
+
+
+def load_documents(source=None, text_field: str = "text") -> list:
+    """The corpus as a list of documents (iter_documents, held in memory)."""
+    docs = list(iter_documents(source, text_field))
     if not any(d.strip() for d in docs):
-        raise UserError(f"{what}: the corpus is empty")
+        raise UserError(f"{_describe(source)}: the corpus is empty")
     return docs
 
 
@@ -151,14 +198,39 @@ def load_text(source=None, text_field: str = "text") -> str:
     return EOT.join(load_documents(source, text_field))
 
 
+class CorpusStats:
+    """What names a corpus, gathered one document at a time: source_hash tells where documents
+    end (["a<|endoftext|>b"] and ["a", "b"] are other corpora); joined_hash is the hash of the
+    documents joined with <|endoftext|> (how a source was named before that)."""
+
+    def __init__(self):
+        self._docs, self._joined = hashlib.sha256(), hashlib.sha256()
+        self.documents = self.chars = 0
+        self.blank = True
+
+    def add(self, doc: str):
+        b = doc.encode("utf-8")
+        self._docs.update(len(b).to_bytes(8, "little"))
+        self._docs.update(b)
+        self._joined.update(EOT.encode() + b if self.documents else b)
+        self.documents += 1
+        self.chars += len(doc)
+        self.blank = self.blank and not doc.strip()
+
+    @property
+    def source_hash(self):
+        return self._docs.hexdigest()
+
+    @property
+    def joined_hash(self):
+        return self._joined.hexdigest()
+
+
 def documents_hash(docs) -> str:
-    """Names the documents exactly: ["a<|endoftext|>b"] and ["a", "b"] are other corpora."""
-    h = hashlib.sha256()
+    stats = CorpusStats()
     for d in docs:
-        b = d.encode("utf-8")
-        h.update(len(b).to_bytes(8, "little"))
-        h.update(b)
-    return h.hexdigest()
+        stats.add(d)
+    return stats.source_hash
 
 
 # -- tokenising once, to a memmap ----------------------------------------------------------------
@@ -189,16 +261,17 @@ def _write_tokens(docs, tokenizer, bin_path: Path, dtype) -> int:
     eot = np.array([tokenizer.eot_id], dtype=dtype)
     tmp = bin_path.with_name(f".{bin_path.name}.{os.getpid()}.tmp")
     n = 0
+    docs, first = iter(docs), True
     with open(tmp, "wb") as f:
-        for start in range(0, len(docs), 256):
-            group = docs[start:start + 256]
+        while group := list(itertools.islice(docs, 256)):
             # Everything between separators is ordinary text: a stray special spelling is not a token.
-            for i, ids in enumerate(tokenizer.encode_batch(group, allowed_special="none")):
-                if start + i > 0:
+            for ids in tokenizer.encode_batch(group, allowed_special="none"):
+                if not first:
                     f.write(eot.tobytes())
                     n += 1
                 f.write(np.asarray(ids, dtype=dtype).tobytes())
                 n += len(ids)
+                first = False
     os.replace(tmp, bin_path)
     return n
 
@@ -243,9 +316,16 @@ def prepare_tokens(source, tokenizer, cache_dir=None, val_fraction: float = 0.1,
     name = source.get("source") if isinstance(source, dict) else source
     if name not in (None, "pydoc", "stdlib") and Path(name).suffix == ".bin" and Path(name).expanduser().is_file():
         return _token_file(Path(name).expanduser(), tokenizer, val_fraction)
-    docs = load_documents(source) if not isinstance(source, dict) else load_documents(**source)
+    # two passes over the source, one document at a time: one names it, the other (when the cache
+    # does not match) tokenises it, so a corpus larger than memory can be prepared
+    src = source if isinstance(source, dict) else {"source": source}
+    stats = CorpusStats()
+    for d in iter_documents(**src):
+        stats.add(d)
+    if stats.blank:
+        raise UserError(f"{_describe(src['source'])}: the corpus is empty")
     dtype = token_dtype(tokenizer.vocab_size)
-    want = {"format": META_FORMAT, "source_hash": documents_hash(docs), "tokenizer_hash": tokenizer.hash,
+    want = {"format": META_FORMAT, "source_hash": stats.source_hash, "tokenizer_hash": tokenizer.hash,
             "vocab_size": tokenizer.vocab_size, "dtype": np.dtype(dtype).name}
     if cache_dir is None:
         from tritongpt.train.tokenizer import default_cache_dir
@@ -267,12 +347,12 @@ def prepare_tokens(source, tokenizer, cache_dir=None, val_fraction: float = 0.1,
         if verbose:
             print(f"tokenising {source or 'pydoc'} with {tokenizer.name} -> {bin_path}")
         meta_path.unlink(missing_ok=True)           # no meta while the .bin is being rewritten
-        n = _write_tokens(docs, tokenizer, bin_path, dtype)
+        n = _write_tokens(iter_documents(**src), tokenizer, bin_path, dtype)
         # joined_hash: how the source was named before documents were hashed apart (the text
         # joined with <|endoftext|>), so that a resume of an older checkpoint knows its data
         meta = dict(want, n_tokens=n, source=str(source or "pydoc"), tokenizer=tokenizer.name,
-                    eot_id=tokenizer.eot_id, chars=sum(map(len, docs)), documents=len(docs),
-                    joined_hash=text_hash(EOT.join(docs)))
+                    eot_id=tokenizer.eot_id, chars=stats.chars, documents=stats.documents,
+                    joined_hash=stats.joined_hash)
     n = meta["n_tokens"]
     split = n - int(round(n * val_fraction))
     if meta.get("split") != split or meta.get("val_fraction") != val_fraction or not meta_path.is_file():
