@@ -227,6 +227,7 @@ class CorpusStats:
 
 
 def documents_hash(docs) -> str:
+    """Names the documents exactly (CorpusStats.source_hash of them)."""
     stats = CorpusStats()
     for d in docs:
         stats.add(d)
