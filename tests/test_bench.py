@@ -1783,3 +1783,39 @@ def test_reference_tokenizer_encodes_only_its_sample():
     fast, ref = cpu.bench_tokenizer("abcd" * 100, reps=1, reference_chars=40, tokenizer=Tok())
     assert fast["config"]["chars"] == 400 and fast["tokens"] == 400
     assert ref["config"]["chars"] == 40 and ref["tokens"] == 40
+
+
+# -- a third mutation pass over bench/: each test below failed on a mutant that passed the rest ----------
+def test_layernorm_bytes_count_parameters_at_their_own_width_in_backward():
+    """Parameters kept wider than x (fp32 weight, bf16 activations): backward reads the weight and
+    writes dweight and dbias, 3 parameter vectors at param_elem bytes, as forward's 2 are."""
+    m, n = 4, 8
+    fwd = 2 * m * n * 2 + 2 * n * 4  # read x, write y (bf16); read weight, bias (fp32)
+    bwd = 3 * m * n * 2 + 3 * n * 4  # read x, dy, write dx; read weight, write dweight, dbias
+    assert common.layernorm_bytes(m, n, 2, "bwd", param_elem=4) == bwd == 288
+    assert common.layernorm_bytes(m, n, 2, "fwd+bwd", param_elem=4) == fwd + bwd == 480
+
+
+def test_a_budget_cut_from_an_interrupted_one_is_expired_too():
+    """Budget's docstring: an interrupt expires the budget and the one it was cut from; a part
+    cut from an interrupted whole (bounded or not) is expired as well, and says why."""
+    whole = Budget(100.0)
+    part = whole.sub(0.5)
+    whole.interrupt()
+    assert part.expired() and part.skip_reason().startswith("skipped: interrupted")
+    unbounded = Budget(None)
+    part = unbounded.sub(0.5)
+    assert not unbounded.expired()
+    part.interrupt()
+    assert unbounded.expired() and unbounded.skip_reason().startswith("skipped: interrupted")
+
+
+def test_reason_of_is_one_line_of_at_most_limit_characters():
+    """A failed row's reason: the exception's kind and first line, cut to `limit` characters with
+    "..." (the cut included); a reason exactly `limit` long is kept whole."""
+    assert common.reason_of(ValueError("first\nsecond")) == "ValueError: first"
+    long = common.reason_of(RuntimeError("x" * 500), limit=40)
+    assert len(long) == 40 and long == "RuntimeError: " + "x" * 23 + "..."
+    exact = RuntimeError("y" * (40 - len("RuntimeError: ")))
+    assert common.reason_of(exact, limit=40) == "RuntimeError: " + "y" * 26
+    assert common.reason_of(KeyError()) == "KeyError"
