@@ -1819,3 +1819,71 @@ def test_reason_of_is_one_line_of_at_most_limit_characters():
     exact = RuntimeError("y" * (40 - len("RuntimeError: ")))
     assert common.reason_of(exact, limit=40) == "RuntimeError: " + "y" * 26
     assert common.reason_of(KeyError()) == "KeyError"
+
+
+@pytest.mark.parametrize("breakage, field", [
+    (lambda d: d["rows"][0].update(status="skipped"), "rows[0].status"),  # a skip must say why
+    (lambda d: d["rows"][0].update(status="failed:"), "rows[0].status"),
+    (lambda d: d["rows"][0].pop("provider"), "rows[0].provider"),
+    (lambda d: d["rows"][0].pop("section"), "rows[0].section"),
+    (lambda d: d["rows"][0].pop("config"), "rows[0].config"),
+])
+def test_validate_result_refuses_rows_that_do_not_say_what_or_why(breakage, field):
+    d = _fake_kernel_result()
+    breakage(d)
+    with pytest.raises(ValueError, match=field.replace("[", r"\[").replace("]", r"\]")):
+        report.validate_result(d)
+
+
+def test_config_text_names_each_dimension_once():
+    """The markdown's config column: batch B, heads H, sequence T, head_dim D (an attention row's
+    B and H must not read alike), with dtype and causal left to their own columns."""
+    cfg = {"batch": 16, "heads": 32, "seq_len": 1024, "head_dim": 64, "causal": True, "dtype": "bf16"}
+    assert report.config_text(cfg) == "B=16 H=32 T=1024 D=64"
+    assert report.config_text({"rows": 8, "width": 16, "hidden": 64}) == "M=8 N=16"
+
+
+def test_fmt_bytes_uses_a_unit_from_exactly_one_of_it():
+    assert report.fmt_bytes(2**20) == "1.0 MiB" and report.fmt_bytes(2**30) == "1.0 GiB"
+    assert report.fmt_bytes(2**10) == "1.0 KiB" and report.fmt_bytes(2**10 - 1) == "1023 B"
+    assert report.fmt_bytes(3 * 10**9) == "2.8 GiB"  # binary units, not 10^9
+
+
+def test_collapse_merges_modes_of_one_config_only():
+    """A provider skipped alike in every mode shows once per configuration: the same skip at
+    another width is another line, not folded into the first width's."""
+    rows = [make_row("kernels", "layernorm", "liger", {"rows": 8, "width": w}, m, "skipped: no liger")
+            for w in (16, 32) for m in ("fwd", "bwd")]
+    got = report.collapse_unmeasured(rows)
+    assert [(r["config"]["width"], r["mode"]) for r in got] == [(16, "fwd,bwd"), (32, "fwd,bwd")]
+    lines = [ln for ln in report.rows_table(rows).splitlines() if ln.startswith("| layernorm |")]
+    assert len(lines) == 2 and "N=16" in lines[0] and "N=32" in lines[1]
+
+
+def test_autotune_timings_rank_by_the_median_not_a_slow_p80(tmp_path):
+    """Fastest first by the median: a config with the lower median but a noisy p80 still leads."""
+    import triton
+
+    a, b = (triton.Config({"BLOCK_M": m}, num_warps=4, num_stages=3) for m in (32, 64))
+    search = {"key": [1], "configs_timings": [(a.__dict__, [0.30, 0.29, 0.31]), (b.__dict__, [0.20, 0.19, 0.50])]}
+    (tmp_path / "ab").mkdir()
+    (tmp_path / "ab" / "_k.autotune.json").write_text(json.dumps(search))
+    (entry,) = report.autotune_timings(tmp_path, kernels={})
+    assert [t["config"]["BLOCK_M"] for t in entry["timings"]] == [64, 32]
+
+
+def test_summary_keeps_the_earlier_train_targets_after_a_kernels_run(tmp_path):
+    """write_summary: a GPU section this run did not measure keeps its saved targets, the training
+    step's as well as the kernels' (a `bench kernels` after a `bench train`)."""
+    env = common.environment()
+    train = report.make_result("train", env, [], [common.target("train MFU", "gpt2-small", 0.6, 0.55)])
+    report.write_result(train, tmp_path, plots=False)
+    res = report.make_result("kernels", env, [], [common.target("t", "c", 1.0, 1.0)])
+    text = report.write_summary([res], tmp_path).read_text()
+    assert "| train MFU |" in text and "| t | c |" in text
+    assert "train targets are from the earlier run of" in text
+
+
+def test_env_lines_name_the_load_average():
+    """CPU timings on a busy machine are slower: the markdown says the load average it ran under."""
+    assert "- load_avg_1m: 3.5" in report.env_lines({"device": "cpu", "load_avg_1m": 3.5})
