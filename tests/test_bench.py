@@ -1887,3 +1887,69 @@ def test_summary_keeps_the_earlier_train_targets_after_a_kernels_run(tmp_path):
 def test_env_lines_name_the_load_average():
     """CPU timings on a busy machine are slower: the markdown says the load average it ran under."""
     assert "- load_avg_1m: 3.5" in report.env_lines({"device": "cpu", "load_avg_1m": 3.5})
+
+
+def test_comma_lists_must_name_something():
+    """A list flag of only commas is refused (it once ran a sweep of nothing and said nothing)."""
+    from tritongpt.bench import cli as bcli
+    from tritongpt.errors import UserError
+
+    with pytest.raises(UserError, match="--ln-widths must list positive integers"):
+        bcli._ints(",", "ln-widths")
+    with pytest.raises(UserError, match="--ops: unknown"):
+        bcli._names(" , ", ("layernorm", "mlp"), "ops")
+
+
+def test_zero_warmup_ms_is_allowed():
+    """--warmup-ms must be >= 0 (its own message): 0 is a valid do_bench warm-up."""
+    from tritongpt.bench import cli as bcli
+    from tritongpt.cli import build_parser
+
+    args = build_parser().parse_args(["bench", "kernels", "--warmup-ms", "0", "--rep-ms", "1"])
+    assert bcli.kernel_sizes(args)["ln_rows"] == kernels.FULL_SIZES["ln_rows"]
+
+
+def test_kernels_alone_get_the_whole_budget(tmp_path, monkeypatch):
+    """Only `bench all` halves the budget for the kernels (the training step needs the rest);
+    `bench kernels --max-minutes 10` gives them all 600 s."""
+    from tritongpt import cli
+    from tritongpt.bench import cli as bcli
+
+    seen = {}
+    monkeypatch.setattr(common, "GpuTimer", lambda *a: CpuTimer(reps=1))
+
+    def fake_kernels(timer, budget, *a, **k):
+        seen["kernel_budget"] = budget.remaining()
+        return [], {}
+
+    monkeypatch.setattr(kernels, "run_kernels", fake_kernels)
+    args = cli.build_parser().parse_args(["bench", "kernels", "--out", str(tmp_path), "--no-plots",
+                                          "--max-minutes", "10"])
+    assert bcli._run_gpu(args) == 0
+    assert 590 < seen["kernel_budget"] <= 600
+
+
+def test_training_steps_default_to_three_warm_and_ten_timed(tmp_path, monkeypatch):
+    """--warmup-steps and --steps default to 3 and 10 (--quick: 2 and 4), as their help says."""
+    from tritongpt import cli
+    from tritongpt.bench import cli as bcli
+
+    _cpu_stand_ins(monkeypatch)
+    seen = []
+    monkeypatch.setattr(train_step, "run_train", lambda device, budget, dtype, models, providers, batch, seq_len,
+                        warmup, steps, peak, **k: seen.append((warmup, steps)) or [])
+    for i, extra in enumerate(([], ["--quick"], ["--warmup-steps", "0", "--steps", "1"])):
+        args = cli.build_parser().parse_args(["bench", "train", "--out", str(tmp_path / str(i)), "--no-plots",
+                                              "--peak-tflops", "100", *extra])
+        assert bcli._run_gpu(args) == 0
+    assert seen == [(3, 10), (2, 4), (0, 1)]
+
+
+def test_modes_flag_takes_the_timed_modes_only():
+    """"saved" is a row kind (the MLP's activation bytes), not a mode --modes can time."""
+    from tritongpt.bench import cli as bcli
+    from tritongpt.cli import build_parser
+    from tritongpt.errors import UserError
+
+    with pytest.raises(UserError, match="--modes: unknown"):
+        bcli.kernel_names(build_parser().parse_args(["bench", "kernels", "--modes", "fwd,saved"]))
