@@ -1953,3 +1953,95 @@ def test_modes_flag_takes_the_timed_modes_only():
 
     with pytest.raises(UserError, match="--modes: unknown"):
         bcli.kernel_names(build_parser().parse_args(["bench", "kernels", "--modes", "fwd,saved"]))
+
+
+def test_mlp_saved_target_against_torch_ops_without_a_torch_timing():
+    """The torch-ops lines are there when either torch row was measured: with its fwd+bwd timing
+    missing, the saved-activation ratio against PyTorch's ops is still judged."""
+    mlp = {"rows": 16384, "width": 768, "hidden": 3072, "dtype": "bf16"}
+    rows = [_k("mlp", "reference", "saved", mlp, saved_bytes=100),
+            _k("mlp", "torch", "saved", mlp, saved_bytes=80),
+            _k("mlp", "triton", "saved", mlp, saved_bytes=50),
+            make_row("kernels", "mlp", "torch", mlp, "fwd+bwd", "failed: out of memory")]
+    got = {t["target"]: t for t in kernels.kernel_targets(rows, {})}
+    t = got["gelu-mlp saved activations / torch ops"]
+    assert t["value"] == pytest.approx(50 / 80) and t["status"] == "PASS"
+    assert got["gelu-mlp speedup vs torch ops"]["status"] == "N/A"
+
+
+def test_a_provider_known_not_to_fit_is_skipped_unbuilt():
+    """bench_providers' skip: a provider named there gets "skipped: <why>" rows in every mode and
+    is never built (on a GPU: the textbook attention whose T x T scores would not fit)."""
+    built = []
+
+    def builder(name):
+        def build():
+            built.append(name)
+            return (lambda: torch.ones(2, requires_grad=True) * 2), []
+        return build
+
+    rows = kernels.bench_providers("attention", {"seq_len": 8}, {"reference": builder("reference"),
+                                                                 "sdpa-flash": builder("sdpa-flash")},
+                                   ("fwd", "bwd"), CpuTimer(reps=1, warm_calls=0), Budget(None),
+                                   lambda m: {"flops": 1}, skip={"reference": "needs ~90 GiB"})
+    assert [(r["provider"], r["mode"], r["status"]) for r in rows] == [
+        ("reference", "fwd", "skipped: needs ~90 GiB"), ("reference", "bwd", "skipped: needs ~90 GiB"),
+        ("sdpa-flash", "fwd", "ok"), ("sdpa-flash", "bwd", "ok")]
+    assert built == ["sdpa-flash"]
+
+
+def test_sort_rows_puts_modes_in_fwd_bwd_order():
+    """Within a provider and configuration, rows go fwd, bwd, fwd+bwd whatever order --modes gave."""
+    c = {"rows": 8, "width": 16}
+    rows = [_k("layernorm", "torch", m, c, ms=1.0) for m in ("fwd+bwd", "bwd", "fwd")]
+    assert [r["mode"] for r in kernels.sort_rows(rows)] == ["fwd", "bwd", "fwd+bwd"]
+
+
+def test_cross_entropy_bytes_use_the_logits_element_size():
+    """fp32 logits move 4 bytes an element: N*V*4 read in forward, twice that in backward."""
+    rows = kernels.sweep_cross_entropy(CpuTimer(reps=1), Budget(None), 8, (30,), torch.float32, providers=("torch",))
+    assert {r["mode"]: r["bytes"] for r in rows} == {"fwd": 960, "bwd": 1920, "fwd+bwd": 2880}
+
+
+def test_liger_fused_lm_head_counts_its_forward_as_fwd_plus_bwd(monkeypatch):
+    """Liger's fused linear cross-entropy makes its gradients in forward, as ours does: its fwd row
+    counts the three matmuls, its bwd row none (a stand-in with Liger's plan)."""
+    class FakeLiger(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, h, w, t):
+            with torch.enable_grad():
+                hh, ww = h.detach().requires_grad_(), w.detach().requires_grad_()
+                loss = F.cross_entropy(F.linear(hh, ww), t)
+                gh, gw = torch.autograd.grad(loss, (hh, ww))
+            ctx.save_for_backward(gh, gw)
+            return loss.detach(), None
+
+        @staticmethod
+        def backward(ctx, grad, _):
+            gh, gw = ctx.saved_tensors
+            return gh * grad, gw * grad, None
+
+    real = kernels.lm_head_loss_providers
+
+    def with_liger(h, w, t):
+        b = real(h, w, t)
+        b["liger"] = lambda: ((lambda: FakeLiger.apply(h, w, t)[0]), [h, w])
+        return b
+
+    monkeypatch.setattr(kernels, "lm_head_loss_providers", with_liger)
+    N, C, V = 8, 8, 24
+    rows = kernels.sweep_lm_head_loss(CpuTimer(reps=1), Budget(None), N, (C,), (V,), torch.float32,
+                                      providers=("liger",))
+    by = {r["mode"]: r for r in rows}
+    assert all(r["status"] == "ok" for r in rows), [r["status"] for r in rows]
+    assert by["fwd"]["flops"] == by["fwd+bwd"]["flops"] == 3 * (2 * N * C * V)
+    assert "flops" not in by["bwd"] and by["bwd"]["note"] == "gradients made in forward"
+
+
+def test_reference_attention_memory_counts_fp16_scores_in_fp32():
+    """The textbook attention computes fp16 scores in fp32: its four score tensors take 4 bytes an
+    element for fp16 inputs, 2 for bf16, so the fp16 estimate is 4 * 2 bytes per score larger."""
+    b, h, t = 2, 3, 16
+    fp16 = kernels.reference_attention_bytes(b, h, t, torch.float16)
+    bf16 = kernels.reference_attention_bytes(b, h, t, torch.bfloat16)
+    assert fp16 - bf16 == 4 * 2 * b * h * t * t
