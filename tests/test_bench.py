@@ -2045,3 +2045,79 @@ def test_reference_attention_memory_counts_fp16_scores_in_fp32():
     fp16 = kernels.reference_attention_bytes(b, h, t, torch.float16)
     bf16 = kernels.reference_attention_bytes(b, h, t, torch.bfloat16)
     assert fp16 - bf16 == 4 * 2 * b * h * t * t
+
+
+def test_checkpointed_step_tflops_are_the_models_flops():
+    """A +ckpt row's TFLOPS, like its MFU, count the model's FLOPs (what MFU is made of), not the
+    recomputed forward that only HFU counts."""
+    row = train_step.bench_train_provider("reference+ckpt", "tiny", 1, 8, torch.device("cpu"), torch.float32,
+                                          warmup_steps=0, steps=1, peak_flops=1e12)
+    assert row["status"] == "ok" and row["hw_flops_per_token"] > row["flops_per_token"]
+    assert row["tflops"] == pytest.approx(row["flops_per_token"] * row["tokens_per_s"] / 1e12)
+    assert row["mfu"] == pytest.approx(row["tflops"] * 1e12 / 1e12)
+
+
+def test_run_train_estimates_from_the_model_just_measured(monkeypatch):
+    """Three models: the third's expected cost scales the second's measured time (35 s on mini's 6
+    layers -> 70 s on gpt2-small's 12), not the first's (10 s on tiny's 4 -> 30 s). Stand-in clock."""
+    clock = [0.0]
+    fake_time = types.SimpleNamespace(perf_counter=lambda: clock[0], monotonic=lambda: clock[0])
+    monkeypatch.setattr(train_step, "time", fake_time)
+    monkeypatch.setattr(common, "time", fake_time)
+    cost = {"tiny": 10.0, "mini": 35.0}
+
+    def fake(name, model_name, *a, **k):
+        clock[0] += cost[model_name]
+        return make_row("train", "step", name, {"model": model_name}, "fwd+bwd", ms=1.0, tokens_per_s=1.0)
+
+    monkeypatch.setattr(train_step, "bench_train_provider", fake)
+    rows = train_step.run_train(torch.device("cpu"), Budget(100.0), models=("tiny", "mini", "gpt2-small"),
+                                providers=("reference",), log=lambda s: None)
+    assert [r["status"] for r in rows[:2]] == ["ok", "ok"]
+    assert rows[2]["status"] == "skipped: time budget (~70 s expected from the previous model, 55 s left)"
+
+
+def test_train_step_out_of_memory_says_so(monkeypatch):
+    """As a kernel row does: a training step that runs out of memory is "failed: out of memory"."""
+    def oom(*a, **k):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 3.00 GiB")
+
+    monkeypatch.setattr(train_step, "train_step", oom)
+    row = train_step.bench_train_provider("reference", "tiny", 1, 8, torch.device("cpu"), torch.float32,
+                                          warmup_steps=1, steps=1)
+    assert row["status"] == "failed: out of memory"
+
+
+def test_train_targets_name_the_batch_and_length_judged():
+    """A training target's config says which run it judged: the model, its batch and length."""
+    rows = [_step("gpt2-small", "reference+compile+sdpa", 100.0), _step("gpt2-small", "triton", 130.0, mfu=0.6)]
+    assert {t["config"] for t in train_step.train_targets(rows)} == {"gpt2-small B=16 T=1024"}
+    assert {t["config"] for t in train_step.train_targets([])} == {"gpt2-small"}
+
+
+def test_cpu_rows_record_the_threads_and_the_tokenizer_load_time(monkeypatch):
+    """A model row's config names the torch threads it ran with (a stand-in count here: the tests
+    run with one), and a tokenizer row built from the default tokenizer says how long loading took."""
+    from tritongpt.bench import cpu
+    from tritongpt.train import tokenizer as tok_module
+
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 5)
+    row = cpu.bench_model_forward("tiny", batch=1, seq_len=8, reps=1)
+    assert row["status"] == "ok" and row["config"]["threads"] == 5
+
+    class Tok:
+        vocab_size = 300
+
+        def encode(self, text):
+            return list(text.encode())
+
+    clock = [0.0]
+
+    def load():
+        clock[0] += 2.5  # loading from the disk cache takes 2.5 s on the stand-in clock
+        return Tok()
+
+    monkeypatch.setattr(tok_module, "default_tokenizer", load)
+    monkeypatch.setattr(cpu, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
+    fast, _ = cpu.bench_tokenizer("abcd" * 10, reps=1)
+    assert fast["load_s"] == 2.5
