@@ -1356,3 +1356,112 @@ def test_model_and_sequence_logprobs_by_the_definition():
     assert got.shape == (2, 6)
     torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=0)
     assert seq.tolist() == pytest.approx([want[0, 2:5].sum().item(), want[1, :2].sum().item()], abs=1e-5)
+
+
+# -- from a mutation audit of the RL-family code --------------------------------------------------
+def test_rl_args_refuse_each_bad_value_and_accept_the_bounds():
+    """Every RLArgs rule, at its boundary: counts must be positive (0 refused), weights and
+    intervals >= 0 (0 accepted, a negative refused), gamma and lam anywhere in [0, 1], a
+    temperature and a learning rate > 0; GRPO needs groups of 2 or more."""
+    for name in ("iterations", "prompts_per_iter", "max_new_tokens", "epochs", "minibatch_size",
+                 "eval_prompts", "eval_samples"):
+        with pytest.raises(UserError, match=f"--{name.replace('_', '-')} must be positive, got 0"):
+            RLArgs(**{name: 0}).validate()
+        RLArgs(**{name: 1}).validate()
+    for name in ("kl_coef", "clip_eps", "value_clip", "vf_coef", "ent_coef", "weight_decay", "grad_clip",
+                 "missing_eot_penalty"):
+        with pytest.raises(UserError, match=f"--{name.replace('_', '-')} must be >= 0, got -0.5"):
+            RLArgs(**{name: -0.5}).validate()
+        RLArgs(**{name: 0.0}).validate()
+    for name in ("eval_every", "ckpt_every", "keep_ckpts"):
+        with pytest.raises(UserError, match=f"--{name.replace('_', '-')} must be >= 0, got -1"):
+            RLArgs(**{name: -1}).validate()
+        RLArgs(**{name: 0}).validate()
+    for name in ("gamma", "lam"):
+        for ok in (0.0, 1.0):
+            RLArgs(**{name: ok}).validate()
+        for bad in (-0.01, 1.01):
+            with pytest.raises(UserError, match=r"--gamma and --lam must be in \[0, 1\]"):
+                RLArgs(**{name: bad}).validate()
+    for bad in (0.0, -1.0):
+        with pytest.raises(UserError, match="--temperature must be > 0"):
+            RLArgs(temperature=bad).validate()
+    with pytest.raises(UserError, match="--lr must be positive, got 0"):
+        RLArgs(lr=0.0).validate()
+    for algo, size in (("ppo", -1), ("grpo", -1), ("grpo", 1)):
+        with pytest.raises(UserError, match=f"--group-size must be >= 2 for GRPO .*got {size}"):
+            RLArgs(algo=algo, group_size=size).validate()
+    RLArgs(algo="grpo", group_size=2).validate()
+    # 0 means the algorithm's own default: one response per prompt for PPO, a group of 4 for GRPO
+    assert [RLArgs(algo=a, group_size=g).samples_per_prompt for a, g in
+            (("ppo", 0), ("grpo", 0), ("ppo", 3), ("grpo", 2))] == [1, 4, 3, 2]
+
+
+def test_rl_frozen_model_fingerprints_tell_a_slightly_moved_weight_apart():
+    """A reference one small step away (one weight moved by 1e-4: a checkpoint a step later at a
+    low --lr) is another model; a copy of the same weights is the same."""
+    from tritongpt.train.rlhf import _fingerprint, _same_fingerprint
+
+    torch.manual_seed(0)
+    model = GPTModel(GPTConfig(vocab_size=23, context_length=16, n_embd=32, n_layer=1, n_head=2))
+    other = copy.deepcopy(model)
+    assert _same_fingerprint(_fingerprint(model), _fingerprint(other))
+    with torch.no_grad():
+        other.out_head.weight[3, 5] += 1e-4
+    assert not _same_fingerprint(_fingerprint(model), _fingerprint(other))
+    # a weight of the opposite sign: the sum of squares is the same, the sum is not
+    other = copy.deepcopy(model)
+    with torch.no_grad():
+        other.out_head.weight[3, 5] *= -1
+    assert other.out_head.weight[3, 5].abs() > 1e-3
+    assert not _same_fingerprint(_fingerprint(model), _fingerprint(other))
+    # (sum, sum of squares) in float64, by hand
+    ws = [float(x) for p in model.parameters() for x in p.detach().flatten().tolist()]
+    total, squares = _fingerprint(model)
+    assert total == pytest.approx(math.fsum(ws), rel=1e-12, abs=1e-9)
+    assert squares == pytest.approx(math.fsum(w * w for w in ws), rel=1e-12)
+
+
+def test_rl_value_head_starts_at_zero():
+    """V = 0 at the start, for every state (no made-up baseline): the head's weight and bias are 0."""
+    torch.manual_seed(0)
+    model = PolicyWithValue(GPTModel(GPTConfig(vocab_size=23, context_length=16, n_embd=32, n_layer=1,
+                                               n_head=2)))
+    _, values = model(torch.randint(0, 23, (3, 9)))
+    assert values.shape == (3, 8) and values.abs().max() == 0
+    assert PolicyWithValue(model.policy, value_head=False)(torch.randint(0, 23, (1, 4)))[1] is None
+
+
+def test_rl_trainer_takes_a_prompt_that_exactly_fills_the_context():
+    """A prompt of context - max_new_tokens tokens leaves exactly room for the response; one token
+    more, or an empty prompt, is refused with the counts."""
+    cfg = GPTConfig(vocab_size=23, context_length=16, n_embd=32, n_layer=1, n_head=2)
+    torch.manual_seed(0)
+    policy, rm = GPTModel(cfg), RewardModel(GPTModel(cfg))
+
+    def trainer(prompts, evals):
+        args = RLArgs(max_new_tokens=4, device="cpu", kernels="reference", dtype="fp32", eval_prompts=1)
+        return RLHFTrainer(policy, copy.deepcopy(policy), rm, prompts, evals, 22, args, log=False)
+
+    trainer([[1] * 12, [2, 3]], [[4] * 12])  # 12 + 4 = 16: fits
+    with pytest.raises(UserError, match="1 prompts do not leave room for 4 new tokens in the context of 16"):
+        trainer([[1] * 12, [2] * 13], [[4]])
+    with pytest.raises(UserError, match="1 eval prompts do not leave room"):
+        trainer([[1]], [[4], []])
+    with pytest.raises(UserError, match="no prompts fit in the context"):
+        trainer([], [[4]])
+
+
+def test_rl_prompt_ids_keep_each_prompt_once_and_up_to_the_room_left():
+    """prompt_ids: unique prompts, in order, of at most `room` tokens (exactly room included)."""
+    from tritongpt.train.rlhf import prompt_ids
+
+    class Chars:
+        eot_id = 99
+
+        def encode(self, text, allowed_special="none_raise"):
+            return [ord(c) - ord("a") for c in text]
+
+    pairs = [PreferencePair(p, "x", "y") for p in ("abc", "abcd", "ab", "abc", "abcde", "ba", "ab")]
+    assert prompt_ids(pairs, Chars(), 4) == [[0, 1, 2], [0, 1, 2, 3], [0, 1], [1, 0]]
+    assert prompt_ids(pairs, Chars(), 2) == [[0, 1], [1, 0]]
