@@ -1465,3 +1465,63 @@ def test_rl_prompt_ids_keep_each_prompt_once_and_up_to_the_room_left():
     pairs = [PreferencePair(p, "x", "y") for p in ("abc", "abcd", "ab", "abc", "abcde", "ba", "ab")]
     assert prompt_ids(pairs, Chars(), 4) == [[0, 1, 2], [0, 1, 2, 3], [0, 1], [1, 0]]
     assert prompt_ids(pairs, Chars(), 2) == [[0, 1], [1, 0]]
+
+
+def _stub_rollout(tmp_path, monkeypatch, responses, scores_per_call, **kw):
+    """A trainer whose rollouts are fixed token rows (prompt [1, 2] + response), scored
+    scores_per_call[k] at the k-th rollout: what rollout() does with them, nothing sampled."""
+    import tritongpt.train.rlhf as rlhf
+    from tritongpt.train.preference import pad_sequences, response_mask
+
+    trainer = _tiny_rl_trainer(tmp_path, **kw)
+    calls = []
+
+    def sample(policy, prompts, n, max_new, eot, *a, **k):
+        seqs = [[1, 2] + r for r in responses]
+        idx, lengths = pad_sequences(seqs, eot)
+        plens = torch.full((len(seqs),), 2)
+        return Rollout(idx, plens, lengths, response_mask(plens, lengths, idx.size(1)),
+                       torch.arange(len(seqs)) // 2)
+
+    def score(ro, *a, **k):
+        ro.scores = torch.tensor(scores_per_call[len(calls)])
+        calls.append(1)
+        T = ro.idx.size(1)
+        ro.logp, ro.ref_logp, ro.values = torch.zeros(len(ro), T - 1), torch.zeros(len(ro), T - 1), \
+            torch.zeros(len(ro), T - 1)
+        return ro
+
+    monkeypatch.setattr(rlhf, "sample_responses", sample)
+    monkeypatch.setattr(rlhf, "score_rollout", score)
+    return trainer
+
+
+def test_missing_eot_penalty_spares_a_response_that_ends_at_the_last_allowed_token(tmp_path, monkeypatch):
+    """A response whose end-of-text is its max_new_tokens-th token ended: no penalty. Only those
+    that max_new_tokens cut lose it (here max_new_tokens 3, eot 22)."""
+    responses = [[5, 6, 22], [5, 6, 7], [22], [5, 22]]
+    trainer = _stub_rollout(tmp_path, monkeypatch, responses, [[1.0, 1.0, 1.0, 1.0]], max_new_tokens=3,
+                            missing_eot_penalty=2.5)
+    ro = trainer.rollout()
+    assert ro.ended(22).tolist() == [True, False, True, True]
+    assert ro.scores.tolist() == [1.0, -1.5, 1.0, 1.0]
+
+
+def test_ppo_score_normalization_is_the_first_batchs_mean_and_sample_std_and_stays(tmp_path, monkeypatch):
+    """(shift, scale) = the first rollout's mean score and sample standard deviation (floored at
+    1e-3), kept for every later rollout: the value head's targets keep one scale."""
+    import statistics
+
+    first, second = [1.0, 2.0, 3.0, 6.0], [10.0, -4.0, 0.0, 2.0]
+    responses = [[5, 22], [6, 22], [7, 22], [8, 22]]
+    trainer = _stub_rollout(tmp_path, monkeypatch, responses, [first, second], max_new_tokens=3)
+    trainer.rollout()
+    want = (statistics.mean(first), statistics.stdev(first))
+    assert trainer.score_norm == pytest.approx(want, rel=1e-6)
+    trainer.rollout()
+    assert trainer.score_norm == pytest.approx(want, rel=1e-6), "the normalization moved after the first batch"
+    # two responses: their sample std; equal scores: the floor
+    for scores, scale in (([1.0, 3.0], math.sqrt(2.0)), ([0.7, 0.7], 1e-3)):
+        t = _stub_rollout(tmp_path / str(scale), monkeypatch, responses[:2], [scores], max_new_tokens=3)
+        t.rollout()
+        assert t.score_norm == pytest.approx((statistics.mean(scores), scale), rel=1e-6)
