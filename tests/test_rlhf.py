@@ -446,15 +446,16 @@ def test_ppo_value_loss_is_clipped_around_the_old_values_and_weighted():
     ro = Rollout(idx, torch.tensor([3, 2]), torch.tensor([6, 5]), mask, torch.tensor([0, 1]), logp=logp,
                  ref_logp=logp, values=old_v.float(), returns=ret.float(),
                  advantages=torch.randn(2, 5) * mask)
-    for vf_coef, ent_coef in ((0.5, 0.0), (2.0, 0.3)):
-        args = RLArgs(algo="ppo", value_clip=c, vf_coef=vf_coef, ent_coef=ent_coef)
+    for vf_coef, ent_coef in ((0.5, 0.0), (2.0, 0.3)):  # clip_eps (the ratio's) is another number
+        args = RLArgs(algo="ppo", value_clip=c, clip_eps=0.45, vf_coef=vf_coef, ent_coef=ent_coef)
         loss, stats = minibatch_loss(model, ro, torch.arange(2), args)
         assert stats["value_loss"] == pytest.approx(want, rel=1e-5), "value loss is not the clipped max"
         assert stats["loss"] == pytest.approx(stats["policy_loss"] + vf_coef * want - ent_coef * stats["entropy"],
                                               rel=1e-5)
     # the value head's gradient comes from the tokens whose unclipped error is the larger only
     model.zero_grad()
-    loss, _ = minibatch_loss(model, ro, torch.arange(2), RLArgs(algo="ppo", value_clip=c, vf_coef=1.0))
+    loss, _ = minibatch_loss(model, ro, torch.arange(2),
+                             RLArgs(algo="ppo", value_clip=c, clip_eps=0.45, vf_coef=1.0))
     loss.backward()
     h = model.policy.hidden(idx)[:, :-1].detach().double()
     g = torch.zeros(33, dtype=torch.float64)
@@ -1525,3 +1526,121 @@ def test_ppo_score_normalization_is_the_first_batchs_mean_and_sample_std_and_sta
         t = _stub_rollout(tmp_path / str(scale), monkeypatch, responses[:2], [scores], max_new_tokens=3)
         t.rollout()
         assert t.score_norm == pytest.approx((statistics.mean(scores), scale), rel=1e-6)
+
+
+def test_rl_logged_row_and_eval_figures_by_hand(tmp_path, monkeypatch):
+    """The row's reward (mean score), response_len (mean response tokens) and ended (fraction that
+    reached end-of-text), and evaluate()'s eval_reward, eval_kl and eval_ended, recomputed from the
+    rollouts' tokens; the eval rollouts are drawn with a fixed seed: evaluating twice is the same."""
+    import tritongpt.train.rlhf as rlhf
+
+    trainer = _tiny_rl_trainer(tmp_path, max_new_tokens=3, prompts_per_iter=6, eval_samples=4)
+    with torch.no_grad():  # a reference that differs from the policy
+        for q in trainer.ref.parameters():
+            q.add_(0.1 * torch.randn_like(q))
+    seen, real = [], rlhf.sample_responses
+    monkeypatch.setattr(rlhf, "sample_responses", lambda *a, **k: seen.append(real(*a, **k)) or seen[-1])
+
+    def by_hand(ro):
+        rows = [(row[:n], p) for row, n, p in zip(ro.idx.tolist(), ro.lengths.tolist(), ro.prompt_lens.tolist())]
+        ended = [22 in row[p:] for row, p in rows]
+        with torch.no_grad():
+            scores = [trainer.reward_model(torch.tensor([row]), torch.tensor([len(row)])).item() for row, _ in rows]
+            kl = []
+            for row, p in rows:
+                x = torch.tensor([row])
+                lp = torch.log_softmax(trainer.policy(x)[0, :-1].double(), -1)
+                lr = torch.log_softmax(trainer.ref(x)[0, :-1].double(), -1)
+                kl.append(sum(lp[t, row[t + 1]].item() - lr[t, row[t + 1]].item() for t in range(p - 1, len(row) - 1)))
+        n = len(rows)
+        return (sum(scores) / n, sum(len(row) - p for row, p in rows) / n, sum(ended) / n, sum(kl) / n)
+
+    ev = trainer.evaluate()
+    reward, _, ended, kl = by_hand(seen[-1])
+    assert ended not in (0.0, 0.5, 1.0), ended  # a mix, and 1 - ended would differ
+    assert ev["eval_reward"] == pytest.approx(reward, rel=1e-5) and ev["eval_ended"] == pytest.approx(ended)
+    assert ev["eval_kl"] == pytest.approx(kl, rel=1e-4, abs=1e-6)
+    assert trainer.evaluate() == ev, "eval rollouts must be drawn with the same seed every time"
+    row = trainer.step()
+    reward, length, ended, _ = by_hand(seen[-1])
+    assert 0.0 < ended < 1.0 and 1.0 < length < 3.0
+    assert row["reward"] == pytest.approx(reward, rel=1e-5)
+    assert row["response_len"] == pytest.approx(length) and row["ended"] == pytest.approx(ended)
+    assert trainer.evaluate() == trainer.evaluate()  # after a step too
+
+
+def test_rl_entropy_bonus_passes_its_gradient_and_approx_kl_by_hand():
+    """With ent_coef > 0 the loss's gradient includes -ent_coef * d(mean response-token entropy),
+    recomputed here in float64 from the logits (zero advantages and no KL: nothing else moves);
+    approx_kl is the mean over response tokens of (r - 1) - log r."""
+    torch.manual_seed(17)
+    model = PolicyWithValue(GPTModel(GPTConfig(vocab_size=23, context_length=16, n_embd=32, n_layer=1,
+                                               n_head=2)), value_head=False).eval()
+    idx = torch.randint(0, 23, (2, 7))
+    mask = torch.zeros(2, 6, dtype=torch.bool)
+    mask[0, 2:6] = True
+    mask[1, 1:3] = True
+    ratios = torch.ones(2, 6, dtype=torch.float64)
+    ratios[mask] = torch.tensor([0.5, 1.3, 0.9, 2.0, 1.1, 0.8], dtype=torch.float64)
+    with torch.no_grad():
+        logp = logprobs_and_entropy(model(idx)[0], idx, entropy_grad=False)[0]
+    ro = Rollout(idx, torch.tensor([3, 2]), torch.tensor([7, 4]), mask, torch.tensor([0, 1]),
+                 logp=(logp.double() - ratios.log()).float(), ref_logp=logp, advantages=torch.zeros(2, 6))
+    c = 0.3
+    loss, stats = minibatch_loss(model, ro, torch.arange(2), RLArgs(algo="grpo", kl_coef=0.0, ent_coef=c))
+    want_kl = sum((r - 1) - math.log(r) for r in ratios[mask].tolist()) / int(mask.sum())
+    assert stats["approx_kl"] == pytest.approx(want_kl, rel=1e-5) and want_kl > 0.05
+    model.zero_grad()
+    loss.backward()
+    got = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    logits = model(idx)[0][:, :-1].double()
+    logq = torch.log_softmax(logits, -1)
+    ent = -(logq.exp() * logq).sum(-1)
+    (-c * ent[mask].mean()).backward()
+    want = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    assert got.keys() == want.keys() and max(g.abs().max() for g in want.values()) > 1e-4
+    for n in want:
+        torch.testing.assert_close(got[n].double(), want[n].double(), rtol=1e-4, atol=1e-7, msg=n)
+
+
+def test_ppo_loss_ignores_old_log_probs_outside_the_response():
+    """The ratio at a prompt or padding position must not reach the loss: a huge gap between the
+    old and new log-probs there (exp overflows to inf, and inf * 0 is NaN) changes nothing."""
+    torch.manual_seed(0)
+    model = PolicyWithValue(GPTModel(GPTConfig(vocab_size=23, context_length=16, n_embd=32, n_layer=1,
+                                               n_head=2)), value_head=True)
+    idx = torch.randint(0, 23, (2, 10))
+    mask = torch.zeros(2, 9, dtype=torch.bool)
+    mask[:, 4:7] = True
+    with torch.no_grad():
+        logp = logprobs_and_entropy(model(idx)[0], idx, entropy_grad=False)[0]
+    ro = Rollout(idx, torch.tensor([5, 5]), torch.tensor([8, 8]), mask, torch.tensor([0, 1]),
+                 logp=logp - 0.1, ref_logp=logp, values=torch.zeros(2, 9), returns=torch.randn(2, 9) * mask,
+                 advantages=torch.randn(2, 9) * mask)
+    args = RLArgs(algo="ppo")
+    clean, stats = minibatch_loss(model, ro, torch.arange(2), args)
+    ro.logp = torch.where(mask, ro.logp, -200.0)  # outside the response only
+    loss, stats2 = minibatch_loss(model, ro, torch.arange(2), args)
+    loss.backward()
+    assert torch.isfinite(loss) and loss.item() == pytest.approx(clean.item())
+    assert stats2 == pytest.approx(stats)
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+def test_rl_resume_refuses_a_checkpoint_of_the_other_algorithm(tmp_path):
+    """A PPO checkpoint is no GRPO run's (it has a value head and another objective): refused by name."""
+    _tiny_rl_trainer(tmp_path).save_checkpoint()
+    with pytest.raises(UserError, match="is not an rlhf --algo grpo checkpoint"):
+        _tiny_rl_trainer(tmp_path, algo="grpo", resume="latest").resume("latest")
+
+
+def test_rl_update_reports_the_mean_of_each_minibatch_statistic(tmp_path):
+    """update() returns, per statistic, the mean over the minibatch steps it took."""
+    trainer = _tiny_rl_trainer(tmp_path, epochs=2, minibatch_size=2)
+    out = trainer.update(trainer.rollout())
+    assert len(trainer.update_log) == 4
+    for key in ("loss", "policy_loss", "value_loss", "entropy", "clip_frac", "grad_norm"):
+        vals = [s[key] for s in trainer.update_log]
+        assert len(set(vals)) > 1 or key == "clip_frac"
+        assert out[key] == pytest.approx(sum(vals) / len(vals), rel=1e-6), key
