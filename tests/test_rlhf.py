@@ -1644,3 +1644,78 @@ def test_rl_update_reports_the_mean_of_each_minibatch_statistic(tmp_path):
         vals = [s[key] for s in trainer.update_log]
         assert len(set(vals)) > 1 or key == "clip_frac"
         assert out[key] == pytest.approx(sum(vals) / len(vals), rel=1e-6), key
+
+
+def test_dpo_metrics_by_hand_over_uneven_batches_and_a_limit():
+    """dpo_metrics: per pair, the summed response log-probs of policy and reference (float64, from
+    the logits by hand) give the loss -log sigmoid(margin), the margin, the accuracy and the implicit
+    rewards beta * (log pi - log pi_ref) of chosen and rejected, each averaged over the first
+    `limit` pairs, whatever the batch size."""
+    from tritongpt.train.dpo import DPOData, dpo_metrics, reference_logprobs
+    from tritongpt.train.preference import EncodedPair
+
+    torch.manual_seed(21)
+    cfg = GPTConfig(vocab_size=23, context_length=16, n_embd=32, n_layer=1, n_head=2)
+    policy, ref = GPTModel(cfg).eval(), GPTModel(cfg).eval()
+    enc = [EncodedPair([1, 2, 3], [4, 5, 22], [6, 22]), EncodedPair([7, 8], [9, 22], [10, 11, 12, 22]),
+           EncodedPair([13], [14, 15, 22], [16, 22]), EncodedPair([2, 4], [6, 22], [8, 10, 22]),
+           EncodedPair([3, 3, 3], [1, 22], [5, 7, 22])]
+
+    def seq_logp(model, prompt, resp):
+        ids = prompt + resp
+        with torch.no_grad():
+            lp = torch.log_softmax(model(torch.tensor([ids]))[0, :-1].double(), -1)
+        return sum(lp[t, ids[t + 1]].item() for t in range(len(prompt) - 1, len(ids) - 1))
+
+    beta = 0.6
+    data = DPOData(enc, reference_logprobs(ref, enc, 22, torch.device("cpu"), batch_size=2), 22)
+    for limit in (None, 3):
+        rows = enc[:limit or len(enc)]
+        rc = [beta * (seq_logp(policy, e.prompt, e.chosen) - seq_logp(ref, e.prompt, e.chosen)) for e in rows]
+        rr = [beta * (seq_logp(policy, e.prompt, e.rejected) - seq_logp(ref, e.prompt, e.rejected)) for e in rows]
+        margins = [c - r for c, r in zip(rc, rr)]
+        n = len(rows)
+        want = {"loss": sum(math.log1p(math.exp(-m)) for m in margins) / n, "margin": sum(margins) / n,
+                "acc": sum(m > 0 for m in margins) / n, "chosen_reward": sum(rc) / n, "rejected_reward": sum(rr) / n}
+        assert 0 < want["acc"] < 1 and abs(want["margin"]) > 1e-3
+        got = dpo_metrics(policy, data, beta, limit=limit, batch_size=2)
+        assert got.keys() == want.keys()
+        for k in want:
+            assert got[k] == pytest.approx(want[k], rel=1e-4, abs=1e-6), (limit, k, got, want)
+
+
+def test_dpo_and_reward_eval_figures_are_the_metrics_of_their_names(data, tmp_path, monkeypatch):
+    """The Trainer's eval rows: val_* and train_* hold the metric of that name on the held-out and
+    training pairs (train_acc an accuracy, val_margin a margin), measured on the final model."""
+    from tritongpt.train import common
+    from tritongpt.train.dpo import DPOData, dpo_metrics, reference_logprobs, train_dpo
+
+    monkeypatch.setattr(common, "plot_curves", lambda *a, **k: None)  # seconds of matplotlib, not tested here
+
+    tok, train, val = data
+    torch.manual_seed(4)
+    policy = GPTModel(tiny_config(tok.vocab_size))
+    ref = copy.deepcopy(policy)
+    args = TrainArgs(out_dir=str(tmp_path / "dpo"), max_steps=3, batch_size=8, lr=3e-3, warmup_steps=0,
+                     eval_every=0, ckpt_every=0, log_every=0, weight_decay=0.0, device="cpu", kernels="reference",
+                     seed=0)
+    result = train_dpo(policy, ref, tok, train[:24], val[:16], args, beta=0.5)
+    enc = {"train": encode_pairs(train[:24], tok, CTX), "val": encode_pairs(val[:16], tok, CTX)}
+    m = {k: dpo_metrics(policy, DPOData(e, reference_logprobs(ref, e, tok.eot_id, torch.device("cpu")), tok.eot_id),
+                        0.5) for k, e in enc.items()}
+    assert 0 < m["train"]["acc"] < 1 and m["train"]["margin"] != 0
+    for k in ("loss", "margin", "acc", "chosen_reward", "rejected_reward"):
+        assert result[f"val_{k}"] == pytest.approx(m["val"][k], rel=1e-5, abs=1e-7), k
+    assert result["train_margin"] == pytest.approx(m["train"]["margin"], rel=1e-5, abs=1e-7)
+    assert result["train_acc"] == pytest.approx(m["train"]["acc"])
+
+    torch.manual_seed(4)
+    rm = RewardModel(GPTModel(tiny_config(tok.vocab_size)))
+    args = TrainArgs(out_dir=str(tmp_path / "rw"), max_steps=2, batch_size=8, lr=1e-3, warmup_steps=0,
+                     eval_every=0, ckpt_every=0, log_every=0, weight_decay=0.0, device="cpu", kernels="reference",
+                     seed=0)
+    result = train_reward_model(rm, tok, train[:24], val[:16], args)
+    v, t = pairwise_metrics(rm, enc["val"], tok.eot_id), pairwise_metrics(rm, enc["train"], tok.eot_id)
+    assert v["loss"] != pytest.approx(v["margin"])
+    assert (result["val_loss"], result["val_acc"], result["val_margin"], result["train_acc"]) == \
+        pytest.approx((v["loss"], v["acc"], v["margin"], t["acc"]), rel=1e-5)
