@@ -1719,3 +1719,86 @@ def test_dpo_and_reward_eval_figures_are_the_metrics_of_their_names(data, tmp_pa
     assert v["loss"] != pytest.approx(v["margin"])
     assert (result["val_loss"], result["val_acc"], result["val_margin"], result["train_acc"]) == \
         pytest.approx((v["loss"], v["acc"], v["margin"], t["acc"]), rel=1e-5)
+
+
+def test_reward_model_checks_and_bradley_terry_over_three_pairs(tmp_path):
+    """A length past the sequence is refused (not an IndexError); a file that says it is a reward
+    model but has no config is refused as one; the Bradley-Terry loss is the MEAN over pairs."""
+    from tritongpt.model.gpt import save_safetensors
+    from tritongpt.train.reward import bradley_terry_loss
+
+    rm = RewardModel(GPTModel(GPTConfig(vocab_size=50, context_length=16, n_embd=16, n_layer=1, n_head=2)))
+    idx = torch.randint(0, 50, (2, 5))
+    rm(idx, torch.tensor([5, 1]))  # both ends of [1, T]
+    with pytest.raises(UserError, match=r"lengths must be in \[1, 5\], got \[6, 2\]"):
+        rm(idx, torch.tensor([6, 2]))
+    save_safetensors(rm, tmp_path / "rm.safetensors", {"format": "tritongpt", "kind": "reward_model"})
+    with pytest.raises(UserError, match="is not a reward model checkpoint"):
+        RewardModel.load(tmp_path / "rm.safetensors")
+    rc, rr = torch.tensor([1.0, 0.0, -2.0]), torch.tensor([0.0, 2.0, 1.0])
+    want = sum(math.log1p(math.exp(-(c - r))) for c, r in zip(rc.tolist(), rr.tolist())) / 3
+    assert bradley_terry_loss(rc, rr).item() == pytest.approx(want, rel=1e-6)
+
+
+def test_preference_data_flags_named_on_resume_and_instruction_records_without_input(tmp_path):
+    """data_run_args holds every data flag of reward and dpo (a resume names any that changed);
+    an instruction record needs no 'input'; a pair whose prompt encodes to no token is dropped
+    (no logit predicts a first token)."""
+    from tritongpt.train.reward import data_run_args
+
+    ns = argparse.Namespace(data=None, num_pairs=12, val_fraction=0.25)
+    assert data_run_args(ns) == {"data": None, "num_pairs": 12, "val_fraction": 0.25}
+    f = tmp_path / "p.jsonl"
+    f.write_text(json.dumps({"instruction": "Shout", "chosen": "HI", "rejected": "hi"}) + "\n")
+    assert read_preference_file(f, template=compact_template) == [PreferencePair("Shout\n=", "HI", "hi")]
+
+    class Chars:
+        eot_id = 99
+
+        def encode(self, text, allowed_special="none_raise"):
+            return [ord(c) - ord("a") for c in text]
+
+    enc = encode_pairs([PreferencePair("", "cd", "e"), PreferencePair("a", "b", "c")], Chars(), 8)
+    assert [(e.prompt, e.chosen, e.rejected) for e in enc] == [([0], [1, 99], [2, 99])]
+
+
+def test_rlhf_cli_prompts_fit_both_models_and_eval_prompts_are_held_out(tmp_path, capsys, monkeypatch):
+    """cmd_rlhf: every prompt leaves max_new_tokens of room in the SHORTER of the policy's and the
+    reward model's contexts; the eval prompts are the held-out pairs' prompts; a reward model of
+    another vocabulary is refused before training."""
+    import tritongpt.train.rlhf as rlhf
+    from tritongpt.cli import main
+    from tritongpt.model.config import get_config
+    from tritongpt.train.sft import encode_text
+    from tritongpt.train.tokenizer import get_tokenizer
+
+    torch.manual_seed(0)
+    init = tmp_path / "init.safetensors"
+    GPTModel(get_config("tiny", vocab_size=4100, n_layer=1)).save(init)  # context 128
+    RewardModel(GPTModel(get_config("tiny", vocab_size=4100, n_layer=1, context_length=100))).save(tmp_path / "rm.st")
+    seen = {}
+
+    class Stub:
+        def __init__(self, policy, ref, reward_model, prompts, eval_prompts, eot_id, args, **kw):
+            seen.update(prompts=prompts, evals=eval_prompts)
+
+        def fit(self):
+            return {"first_eval_reward": 0.0, "eval_reward": 0.0, "eval_kl": 0.0, "checkpoint": None}
+
+    monkeypatch.setattr(rlhf, "RLHFTrainer", Stub)
+    common = ["--init", str(init), "--num-pairs", "40", "--val-fraction", "0.5", "--max-new-tokens", "24",
+              "--eval-prompts", "100", "--device", "cpu", "--seed", "0"]
+    assert main(["rlhf", "--reward", str(tmp_path / "rm.st"), "--out-dir", str(tmp_path / "a"), *common]) == 0
+    tok = get_tokenizer("default")
+    train, val = train_val_pairs(None, 40, 0.5, 0)
+    enc = {k: {tuple(encode_text(tok, p.prompt)) for p in ps} for k, ps in (("train", train), ("val", val))}
+    room = 100 - 24  # the reward model's context is the shorter
+    want = {k: {p for p in e if len(p) <= room} for k, e in enc.items()}
+    assert want["train"] and want["val"] and not want["train"] & want["val"]
+    assert {len(p) for p in enc["train"]} & set(range(room + 1, 128 - 24 + 1)), "no prompt between the rooms"
+    assert {tuple(p) for p in seen["prompts"]} == want["train"]
+    assert {tuple(p) for p in seen["evals"]} == want["val"]
+    assert len(seen["prompts"]) == len(set(map(tuple, seen["prompts"])))
+    RewardModel(GPTModel(get_config("tiny", vocab_size=4000, n_layer=1))).save(tmp_path / "rm2.st")
+    assert main(["rlhf", "--reward", str(tmp_path / "rm2.st"), "--out-dir", str(tmp_path / "b"), *common]) == 2
+    assert "reward model vocab (4000) differs from the policy's (4100)" in capsys.readouterr().err
