@@ -258,7 +258,7 @@ def test_gae_and_group_advantages_against_direct_formulas():
     for i in range(N):
         mask[i, starts[i]:ends[i]] = True
     gamma, lam = 0.9, 0.8
-    adv, ret = gae(rewards * mask, values, mask, gamma, lam)
+    adv, ret = gae(rewards, values, mask, gamma, lam)  # rewards outside the response are no part of it
     for i in range(N):
         for t in range(starts[i], ends[i]):
             # A_t = sum_k (gamma lam)^k delta_{t+k}, delta_j = r_j + gamma V_{j+1} - V_j, V_end = 0
