@@ -725,3 +725,75 @@ def test_wrong_answers_make_the_mistake_each_family_names():
             assert not tasks.exact_match(w, gold), (gold, w)
             if gold == "-3":
                 assert w in ("-2", "-4")
+
+
+# -- records, splits, wiring and task ranges by hand (from a second mutation pass) --
+def test_read_records_keep_a_string_task_and_read_a_null_input_as_empty(tmp_path):
+    """A file's "task" (a string) stays on the record, so the responses and the by-task scores
+    name it; a non-string one is dropped; "input": null is no input."""
+    recs = [{"instruction": "Add.", "input": None, "output": "3", "task": "add"},
+            {"instruction": "Say hi.", "output": "hi", "task": 7}]
+    (tmp_path / "d.json").write_text(json.dumps(recs))
+    assert sft.read_records(tmp_path / "d.json") == [
+        {"instruction": "Add.", "input": "", "output": "3", "task": "add"},
+        {"instruction": "Say hi.", "input": "", "output": "hi"}]
+
+
+def test_split_records_edges():
+    """--val-fraction 0 holds nothing out; a prompt is instruction + input (records that share an
+    instruction are split by their inputs); when every prompt hashes into the held-out share,
+    training still keeps one."""
+    recs = [{"instruction": "Echo.", "input": str(i), "output": str(i)} for i in range(200)]
+    assert sft.split_records(recs, 0.0) == (recs, [])
+    train, val = sft.split_records(recs, 0.5)
+    assert 60 <= len(val) <= 140 and len(train) + len(val) == 200
+    two = [{"instruction": "Echo.", "input": s, "output": s} for s in ("a", "b")]
+    assert all(tasks.prompt_hash(r) < 0.999 for r in two)  # both hash into a 0.999 share
+    train, val = sft.split_records(two, 0.999)
+    assert len(train) == 1 and len(val) == 1
+    assert sft.split_records(two[:1], 0.999) == (two[:1], [])  # a single prompt always trains
+
+
+def test_task_splits_are_train_val_and_test():
+    train, val, test = sft.task_splits(40, 30, seed=2, families="add,max")
+    assert (len(train), len(val), len(test)) == (40, 30, 30)
+    for recs, name in ((train, "train"), (val, "val"), (test, "test")):
+        assert {tasks.split_of(r) for r in recs} == {name}
+        assert {r["task"] for r in recs} == {"add", "max"}
+
+
+def test_encode_records_keeps_special_spellings_as_text_and_checks_overlong():
+    """"<|endoftext|>" inside a record is text: the one eot id is the appended one."""
+    tok = small_bpe(tasks.generate_tasks(100, seed=1, families="first_word"), vocab_size=300)
+    rec = {"instruction": "Say <|endoftext|>.", "input": "", "output": "a<|endoftext|>b"}
+    (ex,), _ = sft.encode_records([rec], tok, 500)
+    assert ex.ids.count(tok.eot_id) == 1 and ex.ids[-1] == tok.eot_id
+    assert tok.decode(ex.ids[:-1]) == format_prompt(rec) + "a<|endoftext|>b"
+    with pytest.raises(UserError, match="--overlong must be drop or truncate, got 'cut'"):
+        sft.encode_records([rec], tok, 500, overlong="cut")
+
+
+def test_sft_data_batches_honour_mask_prompt_and_val_is_length_sorted():
+    ex = [Example([5, 6, 7, 128], 2)]
+    for mask, want in ((True, [-100, 7, 128]), (False, [6, 7, 128])):
+        d = sft.SFTData(ex, ex, pad_id=128, batch_size=1, mask_prompt=mask)
+        assert d.get_batch("train")[1].tolist() == [want]
+        assert next(d.val_batches())[1].tolist() == [want]
+    # held-out batches of similar lengths: 40 distinct lengths 3..42 in batches of 4 pad 0+1+2+3 each
+    lengths = list(range(3, 43))
+    random.Random(0).shuffle(lengths)
+    d = sft.SFTData(ex, [Example(list(range(n)), 1) for n in lengths], pad_id=0, batch_size=4)
+    padding = sum(x.shape[0] * (x.shape[1] + 1) for x, _ in d.val_batches()) - sum(lengths)
+    assert padding == 10 * 6
+
+
+def test_sft_data_as_many_batches_as_ranks_gives_each_rank_its_own():
+    examples = [Example([1, 2, 1000 + i], 1) for i in range(6)]  # 3 batches of 2, 3 ranks
+    taken = []
+    for r in range(3):
+        d = sft.SFTData(examples, [], pad_id=-1, batch_size=2, seed=1, rank=r, world_size=3)
+        _, y = d.get_batch("train")
+        assert len(d._order) == 1
+        taken += [int(t) - 1000 for t in y.flatten() if t >= 1000]
+    assert sorted(taken) == list(range(6))
+
