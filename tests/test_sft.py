@@ -797,3 +797,99 @@ def test_sft_data_as_many_batches_as_ranks_gives_each_rank_its_own():
         taken += [int(t) - 1000 for t in y.flatten() if t >= 1000]
     assert sorted(taken) == list(range(6))
 
+
+class EotTokenizer(CharTokenizer):
+    """CharTokenizer that spells the eot out when decoding it, as the project's tokenizers do."""
+    def decode(self, ids):
+        return "".join("<|endoftext|>" if i == 128 else chr(i) for i in ids)
+
+
+def test_greedy_responses_cut_at_the_eot_and_name_the_task(monkeypatch):
+    from tritongpt.train import generate as gen
+
+    model = GPTModel(GPTConfig(vocab_size=129, context_length=32, n_embd=16, n_layer=1, n_head=2))
+
+    def fake(model, idx, n, temperature=1.0, eos_id=None, **k):  # "42" then eot as the last token
+        return torch.cat([idx, torch.tensor([[52, 50, 128]] * idx.size(0))], 1)
+
+    monkeypatch.setattr(gen, "generate", fake)
+    recs = [{"instruction": "i", "input": "", "output": "42", "task": "add"},
+            {"instruction": "j", "input": "", "output": "7"}]
+    rows, acc = sft.evaluate_responses(model, EotTokenizer(), recs, 3, template=lambda r: r["instruction"])
+    assert [(r["prediction"], r["stopped"], r["correct"]) for r in rows] == [("42", True, True), ("42", True, False)]
+    assert rows[0]["task"] == "add" and "task" not in rows[1] and acc == 0.5
+
+
+def test_per_task_accuracy_by_hand():
+    rows = [{"task": "add", "correct": True}, {"task": "add", "correct": False}, {"task": "max", "correct": True},
+            {"task": "add", "correct": True}]
+    assert sft.per_task_accuracy(rows) == {"add": pytest.approx(2 / 3), "max": 1.0}
+    assert sft.per_task_accuracy([{"correct": True}, {"correct": False}]) == {"all": 0.5}
+
+
+def test_run_sft_passes_its_settings_on(tmp_path, monkeypatch):
+    """overlong for every split, the seed to the batches, eval_batches to the held-out loss,
+    eval_gen held-out records and max_new_tokens to each evaluation, the final one on the test set."""
+    calls = {"encode": [], "seed": [], "heldout": [], "eval": []}
+    real_encode, real_data, real_heldout, real_eval = (sft.encode_records, sft.SFTData, sft.heldout_loss,
+                                                       sft.evaluate_responses)
+
+    def encode(records, tok, max_len, overlong="drop", what="records", template=format_prompt):
+        calls["encode"].append((what, overlong))
+        return real_encode(records, tok, max_len, overlong, what, template)
+
+    def data(*a, seed=0, **k):
+        calls["seed"].append(seed)
+        return real_data(*a, seed=seed, **k)
+
+    def heldout(m, d, max_batches=None):
+        calls["heldout"].append(max_batches)
+        return real_heldout(m, d, max_batches)
+
+    def evaluate(m, tok, records, max_new_tokens=32, batch_size=32, template=format_prompt):
+        calls["eval"].append((len(records), max_new_tokens))
+        return real_eval(m, tok, records, max_new_tokens, batch_size, template)
+
+    for name, f in (("encode_records", encode), ("SFTData", data), ("heldout_loss", heldout),
+                    ("evaluate_responses", evaluate)):
+        monkeypatch.setattr(sft, name, f)
+    recs = [{"instruction": f"w{i}", "input": "", "output": "ab"} for i in range(12)]
+    model = GPTModel(GPTConfig(vocab_size=129, context_length=16, n_embd=16, n_layer=1, n_head=2))
+    args = train_args(tmp_path, max_steps=1, batch_size=2, eval_every=1, eval_batches=2, seed=7)
+    sft.run_sft(model, CharTokenizer(), recs[:4], recs[4:9], recs[9:], args, overlong="drop",
+                max_new_tokens=3, eval_gen=2, sample=False, template=lambda r: r["instruction"])
+    assert calls["encode"] == [("train", "drop"), ("val", "drop"), ("test", "drop")]
+    assert calls["seed"] == [7] and set(calls["heldout"]) == {2}
+    assert set(calls["eval"][:-1]) == {(2, 3)} and calls["eval"][-1] == (3, 3)
+    with pytest.raises(UserError, match="--max-length must be at least 2, got 1"):
+        sft.run_sft(model, CharTokenizer(), recs, [], [], args, max_length=1)
+
+
+def test_eval_before_is_skipped_on_resume(tmp_path):
+    recs = [{"instruction": f"w{i}", "input": "", "output": "ab"} for i in range(8)]
+    model = GPTModel(GPTConfig(vocab_size=129, context_length=16, n_embd=16, n_layer=1, n_head=2))
+    kw = dict(max_new_tokens=2, eval_before=True, sample=False, template=lambda r: r["instruction"])
+    first = sft.run_sft(model, CharTokenizer(), recs[:6], [], recs[6:], train_args(tmp_path, max_steps=1), **kw)
+    assert first["exact_match_before"] is not None
+    again = sft.run_sft(model, CharTokenizer(), recs[:6], [], recs[6:],
+                        train_args(tmp_path, max_steps=2, resume="latest"), **kw)
+    assert again["step"] == 2 and again["exact_match_before"] is None
+    logged = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in logged if "test_exact_match" in m] == [0, 1, 2]
+
+
+def test_cli_checks_counts_and_seeds_the_tasks(tmp_path, capsys, monkeypatch):
+    from tritongpt.cli import main
+
+    flags = ["sft", "--init", "tiny", "--tokenizer", "default", "--out-dir", str(tmp_path)]
+    quick = ["--max-steps", "1", "--n-train", "2", "--n-eval", "1", "--max-new-tokens", "1", "--eval-every", "0"]
+    for flag in ("--max-new-tokens", "--n-train"):
+        assert main(flags + quick + [flag, "0"]) == 2  # (the last of a flag counts)
+        assert f"{flag} must be positive, got 0" in capsys.readouterr().err
+    seen = {}
+    monkeypatch.setattr(sft, "run_sft", lambda m, t, train, val, test, *a, **k: seen.update(
+        train=train, val=val, test=test) or {"is_main": False})
+    assert main(flags + ["--n-train", "5", "--n-eval", "3", "--tasks", "add", "--seed", "3"]) == 0
+    assert seen == dict(zip(("train", "val", "test"), sft.task_splits(5, 3, seed=3, families="add")))
+    assert seen["train"] != sft.task_splits(5, 3, seed=0, families="add")[0]
+
