@@ -893,3 +893,38 @@ def test_cli_checks_counts_and_seeds_the_tasks(tmp_path, capsys, monkeypatch):
     assert seen == dict(zip(("train", "val", "test"), sft.task_splits(5, 3, seed=3, families="add")))
     assert seen["train"] != sft.task_splits(5, 3, seed=0, families="add")[0]
 
+
+def test_task_sizes_reach_both_ends_of_the_documented_ranges():
+    """The module's table: numbers below 100 (0 and 99 both drawn), 3-6 digits (every digit),
+    2-4 / 1-3 / 2-5 words, "a,b,c" <-> "a b c" of 2-4 words."""
+    recs = tasks.generate_tasks(3000, seed=3, split=None)
+    sizes, numbers, digits, letters, text_letters = {}, set(), set(), set(), set()
+    for r in recs:
+        task, inp = r["task"], r["input"]
+        ws = inp.replace(",", " ").split()
+        sizes.setdefault(task, set()).add(len(ws))
+        if task in ("add", "subtract", "max", "min"):
+            numbers.update(int(w) for w in ws)
+        elif task == "sort_digits":
+            digits.update(ws)
+        elif task == "count_letter":
+            letters.add(r["instruction"].removeprefix("Count the letter ").removesuffix(" in the text."))
+            text_letters.update(inp)
+    assert numbers == set(range(100)) and digits == set("0123456789")
+    assert letters == text_letters == set(tasks.LETTERS)  # every letter asked for, every letter in the texts
+    want = {"reverse_words": range(2, 5), "sort_words": range(2, 5), "sort_digits": range(3, 7),
+            "uppercase": range(1, 4), "lowercase": range(1, 4), "commas_to_spaces": range(2, 5),
+            "spaces_to_commas": range(2, 5), "first_word": range(2, 6), "last_word": range(2, 6)}
+    for task, rng in want.items():
+        assert sizes[task] == set(rng), (task, sizes[task])
+
+
+def test_exact_match_refuses_near_misses():
+    """Only surrounding whitespace is forgiven: not a leading zero, a sign, a trailing period or
+    a second line; a non-string is never a match."""
+    for pred, gold in (("042", "42"), ("-5", "5"), ("+5", "5"), ("42.", "42"), ("42\n43", "42"),
+                       ("42\n\nfoo", "42"), ("0", "00")):
+        assert not tasks.exact_match(pred, gold), (pred, gold)
+    assert tasks.exact_match("\t42 \r\n", "42") and tasks.exact_match("-5", " -5")
+    assert tasks.exact_match(42, "42") is False and tasks.exact_match("42", 42) is False
+
