@@ -507,3 +507,109 @@ def test_batches_need_a_block_and_are_int64_from_any_tensor():
     for dtype in (torch.int32, torch.uint8, torch.int16):
         x, y = get_batch(torch.arange(10, dtype=dtype), 3, 4, torch.Generator().manual_seed(0))
         assert x.dtype == y.dtype == torch.int64 and torch.equal(x[:, 1:], y[:, :-1])
+
+
+# -- mutation pass: the streaming reader, the token file, the cache ---------------------------------
+def test_a_bad_byte_after_a_letter_split_between_pieces_is_named_where_it_is(tmp_path, monkeypatch):
+    """A letter's first byte read at a piece's end waits for the next piece: a bad byte in that
+    next piece is still counted from the file's start (the waiting byte is not counted twice)."""
+    monkeypatch.setattr(data, "READ_CHARS", 3)
+    path = tmp_path / "t.txt"
+    for raw, bad in ((b"ab\xc3(", 2),                 # "\xc3" waits; "(" cannot follow it: the letter at 2
+                     (b"a\xc3\xa9\xff", 3),           # "é" split 1 | 2; 0xff is byte 3
+                     (b"ab\xc3\xa9\xa9x", 4)):        # "é" split 2 | 3; a stray continuation byte at 4
+        path.write_bytes(raw)
+        with pytest.raises(UserError, match=rf"t.txt: not UTF-8 text \(byte {bad}: "):
+            load_text(path)
+    monkeypatch.setattr(data, "READ_CHARS", 1000)
+    path.write_bytes(b"a" + "é".encode() * 2500 + b"ok\xff")  # 5003 good bytes; letters straddle every 1000
+    with pytest.raises(UserError, match=r"t.txt: not UTF-8 text \(byte 5003: invalid start byte\)"):
+        load_text(path)
+    # past the reader's own buffer (8 KB): its error counts from that buffer, the byte named from the file
+    path.write_bytes(b"a" * 99_999 + "é".encode() + b"\xff")
+    with pytest.raises(UserError, match=r"t.txt: not UTF-8 text \(byte 100001: invalid start byte\)"):
+        load_text(path)
+
+
+def test_meta_counts_characters_not_bytes(tmp_path):
+    """chars is the corpus's characters (as len(str)): é and 猫 are one each, not their UTF-8 bytes."""
+    src = tmp_path / "d.txt"
+    src.write_text(f"café{EOT}猫猫", encoding="utf-8")
+    meta = prepare_tokens(str(src), CharTokenizer(), tmp_path / "c", val_fraction=0.0).meta
+    assert meta["chars"] == 6 and meta["documents"] == 2
+
+
+def test_the_documents_hash_is_not_the_joined_texts():
+    """One document holding the marker's spelling and two documents around it are other corpora."""
+    assert data.documents_hash([f"a{EOT}b"]) != data.documents_hash(["a", "b"])
+    stats = data.CorpusStats()
+    for d in ("a", "b"):
+        stats.add(d)
+    assert stats.source_hash == data.documents_hash(["a", "b"]) != stats.joined_hash
+
+
+def test_a_token_file_is_split_at_the_rounded_fraction(tmp_path):
+    """As a text corpus: the last round(n * val_fraction) ids are val (17 x 0.1 = 1.7: 2, not 1)."""
+    path = tmp_path / "train.bin"
+    np.arange(17, dtype=np.uint16).tofile(path)
+    tok = CharTokenizer()
+    tok.vocab_size = 2**16   # every uint16 id is one of its ids (a 65,536-id tokenizer still fits uint16)
+    for fraction, n_val in ((0.1, 2), (0.25, 4), (0.5, 8), (0.0, 0)):
+        td = prepare_tokens(str(path), tok, tmp_path / "c", val_fraction=fraction)
+        assert td.val.tolist() == list(range(17 - n_val, 17)) and td.train.tolist() == list(range(17 - n_val))
+        assert td.meta["split"] == 17 - n_val and td.meta["val_fraction"] == fraction
+
+
+def test_a_token_file_is_read_whole_across_its_pieces(tmp_path, tok):
+    """A file over one 2**25-id piece: its hash is that of all its bytes, and an id past the
+    tokenizer's is found in any piece, the first's last id included."""
+    import hashlib
+
+    path = tmp_path / "train.bin"
+    ids = np.full(2**25 + 50, 5, dtype=np.uint16)
+    ids[2**25 - 1] = 7
+    ids.tofile(path)
+    td = prepare_tokens(str(path), tok, val_fraction=0.0)
+    assert td.meta["n_tokens"] == 2**25 + 50 and td.meta["source_hash"] == hashlib.sha256(ids.tobytes()).hexdigest()
+    for where in (2**25 - 1, 0):
+        ids[:] = 5
+        ids[where] = tok.vocab_size
+        ids.tofile(path)
+        with pytest.raises(UserError, match=rf"train.bin: token id {tok.vocab_size} is past"):
+            prepare_tokens(str(path), tok)
+
+
+def test_the_cache_is_rebuilt_when_its_token_file_is_gone_or_its_meta_is_not_text(tmp_path, tok):
+    src, cache = tmp_path / "corpus.txt", tmp_path / "cache"
+    src.write_text("alpha beta gamma delta " * 20, encoding="utf-8")
+    want = tok.encode(src.read_text())
+    prepare_tokens(str(src), tok, cache)
+    (cache / "tokens.bin").unlink()                                      # meta left, tokens gone
+    td = prepare_tokens(str(src), tok, cache)
+    assert np.concatenate([td.train, td.val]).tolist() == want
+    (cache / "tokens.json").write_bytes(b"\xff\xfe{")                    # meta that is not UTF-8
+    td = prepare_tokens(str(src), tok, cache)
+    assert np.concatenate([td.train, td.val]).tolist() == want
+    assert json.loads((cache / "tokens.json").read_text())["n_tokens"] == len(want)
+
+
+def test_a_token_file_under_home_is_read_in_place(tmp_path, tok, monkeypatch):
+    """~ in a .bin path is the home folder, as for text sources (not text to read)."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    np.arange(20, dtype=np.uint16).tofile(tmp_path / "train.bin")
+    td = prepare_tokens("~/train.bin", tok, tmp_path / "cache", val_fraction=0.0)
+    assert td.path == tmp_path / "train.bin" and td.train.tolist() == list(range(20))
+
+
+def test_the_default_cache_folder_is_named_by_the_source_and_the_tokenizer(tmp_path, tok, monkeypatch):
+    """Two tokenizers on one source each keep their own cache: switching back re-tokenises nothing."""
+    monkeypatch.setenv("TRITONGPT_CACHE", str(tmp_path / "cache"))
+    writes = []
+    real_write = data._write_tokens
+    monkeypatch.setattr(data, "_write_tokens", lambda *a: writes.append(1) or real_write(*a))
+    src = tmp_path / "corpus.txt"
+    src.write_text("alpha beta gamma delta " * 20, encoding="utf-8")
+    a = prepare_tokens(str(src), tok)
+    b = prepare_tokens(str(src), CharTokenizer())
+    assert prepare_tokens(str(src), tok).path == a.path != b.path and len(writes) == 2
+    assert a.path.parent.parent == tmp_path / "cache" / "tokens"
