@@ -309,3 +309,76 @@ def test_torchrun_two_cpu_processes_runs_the_real_cli(corpus, tmp_path):
     assert done.stdout.count("done: 8 steps") == 1, done.stdout
     assert done.stderr.count("note: resuming on different data than the checkpoint's") == 1, done.stderr[-3000:]
     assert [r["step"] for r in common.MetricsLog(out / "metrics.jsonl").rows() if "loss" in r] == list(range(1, 9))
+
+
+# -- mutation pass: the resume note, the data checks' edges, the flags' edges -----------------------
+def test_a_resume_is_told_exactly_when_its_data_differ(capsys):
+    """The data position records the source, its split and block, the tokenizer and the data's
+    hash; a resume notes any change, and not the hashes older checkpoints lack or recorded as
+    the joined text's."""
+    from tritongpt.train.pretrain import DataPosition
+
+    tok = SimpleNamespace(hash="t" * 64)
+    splits = {"train": list(range(100)), "source_hash": "docs", "joined_hash": "joined"}
+    pos = DataPosition(SimpleNamespace(data=None, text_field="text"), tok, 32, splits)
+    saved = pos.state_dict()
+    assert saved == {"source": "pydoc", "text_field": "text", "train_tokens": 100, "block_size": 32,
+                     "tokenizer_hash": "t" * 64, "source_hash": "docs"}
+
+    def told(d):
+        pos.load_state_dict(d)
+        return capsys.readouterr().err
+
+    assert told(saved) == ""
+    assert told({k: v for k, v in saved.items() if k != "source_hash"}) == ""   # before source_hash was kept
+    assert told(dict(saved, source_hash="joined")) == ""                        # before documents were apart
+    for change in ({"train_tokens": 99}, {"tokenizer_hash": "u" * 64}, {"block_size": 24}, {"source_hash": "x"}):
+        assert "note: resuming on different data than the checkpoint's" in told(dict(saved, **change)), change
+    assert "(pydoc, 100 tokens, block 24): batches will differ" in told(dict(saved, block_size=24))
+
+
+def test_the_data_checks_at_their_edges(tmp_path, capsys):
+    """A block needs block + 1 training tokens; a batch may take exactly all of them; validation
+    is evaluated on val when it holds a block + 1 tokens, else on train windows, with a note."""
+    from tritongpt.errors import UserError
+    from tritongpt.train.pretrain import load_splits
+
+    class Chars:
+        name, hash, vocab_size, eot_id = "chars", "c" * 64, 300, 299
+
+        def encode_batch(self, texts, allowed_special="none_raise"):
+            return [[ord(c) for c in t] for t in texts]
+
+    (tmp_path / "t.txt").write_text("x" * 40)           # 40 tokens: 30 train, 10 val
+    args = SimpleNamespace(data=str(tmp_path / "t.txt"), text_field="text", cache_dir=tmp_path / "c",
+                           val_fraction=0.25)
+    trainer = SimpleNamespace(ddp=False, is_main=True)
+    with pytest.raises(UserError, match="context longer than the data: --block-size 30 needs at least 31"):
+        load_splits(args, Chars(), 30, 1, trainer)
+    splits = load_splits(args, Chars(), 10, 3, trainer)  # 3 x 10 = the 30 training tokens
+    assert len(splits["train"]) == 30 and splits["eval"] == "train"
+    assert "the validation split (10 tokens) is shorter than one block of 10" in capsys.readouterr().err
+    splits = load_splits(args, Chars(), 9, 3, trainer)
+    assert splits["eval"] == "val" and capsys.readouterr().err == ""
+
+
+def test_the_flags_at_their_edges(corpus, capsys):
+    """A block as long as the context, a prompt that fills it and dropout 0 are fine; dropout 1
+    and a prompt past the context are not; .json data is noted as read as text."""
+    from tritongpt.errors import UserError
+    from tritongpt.train.loop import TrainArgs
+    from tritongpt.train.pretrain import check_args
+
+    def check(*flags):
+        a = parse_args(["--tokenizer", str(corpus.tok), *flags])
+        return check_args(a, TrainArgs.from_namespace(a))
+
+    assert check()[2] == check("--block-size", "128")[2] == 128           # tiny's context
+    assert len(check("--prompt", "<|endoftext|>" * 128, "--dropout", "0")[3]) == 128
+    with pytest.raises(UserError, match=r"--prompt is 129 tokens; the context is 128"):
+        check("--prompt", "<|endoftext|>" * 129)
+    with pytest.raises(UserError, match=r"--dropout must be in \[0, 1\), got 1.0"):
+        check("--dropout", "1.0")
+    capsys.readouterr()
+    check("--data", "records.json")
+    assert "note: records.json is read as plain text" in capsys.readouterr().err
