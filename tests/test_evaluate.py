@@ -185,9 +185,21 @@ def test_a_pretraining_run_is_scored_on_its_own_held_out_tail(tmp_path, capsys):
     out = capsys.readouterr()
     assert json.loads(out.out)["tokens"] == n - (n - round(n * 0.5)) - 1
     assert "inside the" in out.err and "tokens the model was trained on" in out.err
+    # other data (the first half of the run's text): its own 10% tail, not the run's split, which
+    # counts the run's tokens, applied to it
+    (tmp_path / "half.txt").write_text(text[:6000])
+    n_half = len(BPETokenizer.load(tmp_path / "tok.json").encode(text[:6000]))
+    assert main(["eval", "--weights", str(run), "--data", str(tmp_path / "half.txt"), "--cache-dir",
+                 str(tmp_path / "cache-half"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["tokens"] == round(n_half * 0.1) - 1
+    (tmp_path / "few.txt").write_text("a few words of text")             # val: its last token only
+    n_few = len(BPETokenizer.load(tmp_path / "tok.json").encode("a few words of text"))
     for bad, said in ((["--batch-size", "0"], "--batch-size must be at least 1"),
                       (["--max-tokens", "1"], "--max-tokens must be at least 2"),
                       (["--val-fraction", "1"], "--val-fraction must be in (0, 1)"),
+                      (["--val-fraction", "0"], "--val-fraction must be in (0, 1) with --split val, got 0.0"),
+                      (["--data", str(tmp_path / "few.txt"), "--val-fraction", str(1 / n_few)],
+                       "the val split of " + str(tmp_path / "few.txt") + " has 1 tokens: too few to score"),
                       (["--data", str(tmp_path / "tok.json"), "--val-fraction", "0.99999999"],
                        "leaves no tokens before the val split")):
         assert main(["eval", "--weights", str(run), "--cache-dir", cache, *bad]) == 2, bad
