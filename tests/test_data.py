@@ -531,6 +531,18 @@ def test_a_bad_byte_after_a_letter_split_between_pieces_is_named_where_it_is(tmp
         load_text(path)
 
 
+def test_a_letter_cut_off_at_the_end_of_the_file_is_named_at_its_first_byte(tmp_path, monkeypatch):
+    """A file ending part-way through a letter: the byte named is that letter's first, inside
+    the file (it was the file's length, a byte past its end)."""
+    path = tmp_path / "t.txt"
+    for piece in (3, 4, 2**22):
+        monkeypatch.setattr(data, "READ_CHARS", piece)
+        for raw, bad in ((b"ok\xc3", 2), (b"abc\xe6\x97", 3), (b"\xe6", 0)):
+            path.write_bytes(raw)
+            with pytest.raises(UserError, match=rf"t.txt: not UTF-8 text \(byte {bad}: unexpected end of data\)"):
+                load_text(path)
+
+
 def test_meta_counts_characters_not_bytes(tmp_path):
     """chars is the corpus's characters (as len(str)): é and 猫 are one each, not their UTF-8 bytes."""
     src = tmp_path / "d.txt"

@@ -79,7 +79,9 @@ def _first_bad_byte(path: Path) -> int:
             except UnicodeDecodeError as e:
                 return offset - len(pending) + e.start
             offset += len(raw)
-    return offset
+    # the file ended part-way through a letter (the reader's "unexpected end of data"): that
+    # letter's first byte, not the file's length (a byte past its end)
+    return offset - len(dec.getstate()[0])
 
 
 def _split_eot(path: Path):
