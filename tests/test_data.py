@@ -625,3 +625,16 @@ def test_the_default_cache_folder_is_named_by_the_source_and_the_tokenizer(tmp_p
     b = prepare_tokens(str(src), CharTokenizer())
     assert prepare_tokens(str(src), tok).path == a.path != b.path and len(writes) == 2
     assert a.path.parent.parent == tmp_path / "cache" / "tokens"
+
+
+def test_a_corpus_of_blank_documents_is_empty_to_tokenise(tmp_path, tok):
+    """prepare_tokens refuses a corpus whose documents are all whitespace, and only that: a blank
+    document before or after a real one is a document."""
+    src = tmp_path / "t.txt"
+    for text in ("  \n", f" {EOT}\n{EOT}\t"):
+        src.write_text(text, encoding="utf-8")
+        with pytest.raises(UserError, match=r"t.txt: the corpus is empty"):
+            prepare_tokens(str(src), tok, tmp_path / "c")
+    for text in (f"words{EOT}  \n", f"  {EOT}words"):
+        src.write_text(text, encoding="utf-8")
+        assert prepare_tokens(str(src), tok, tmp_path / "c").meta["documents"] == 2
