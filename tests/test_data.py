@@ -121,8 +121,8 @@ def test_a_bad_byte_is_named_by_its_place_in_the_file(tmp_path, monkeypatch):
     own error counts from its buffer)."""
     monkeypatch.setattr(data, "READ_CHARS", 1000)
     path = tmp_path / "t.txt"
-    path.write_bytes("é".encode() * 2500 + b"ok\xff")  # 5002 good bytes; a 2-byte letter straddles 1000
-    with pytest.raises(UserError, match=r"t.txt: not UTF-8 text \(byte 5002: invalid start byte\)"):
+    path.write_bytes(b"x" + "é".encode() * 2500 + b"ok\xff")  # 5003 good bytes; bytes 999-1000 are one letter
+    with pytest.raises(UserError, match=r"t.txt: not UTF-8 text \(byte 5003: invalid start byte\)"):
         load_text(path)
 
 
