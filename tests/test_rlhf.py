@@ -307,17 +307,24 @@ def test_policy_logprobs_leave_a_padded_vocabulary_out():
     assert_close_rel(logp, model_token_logprobs(policy, idx), 1e-5)
 
 
-def test_grpo_loss_ignores_what_lies_outside_the_response():
-    """The k3 term at a prompt or padding position must not reach the loss: a huge log-prob gap
-    there (exp overflows to inf) once made the loss and its gradients NaN."""
+def _response_masked_policy(value_head):
+    """A tiny policy, two 10-token rows whose responses are positions 4-6 of the 9 targets, and
+    the policy's own log-probs of them: what a loss-masking test perturbs outside the response."""
     torch.manual_seed(0)
     policy = PolicyWithValue(GPTModel(GPTConfig(vocab_size=23, context_length=16, n_embd=32, n_layer=1,
-                                                n_head=2)), value_head=False)
+                                                n_head=2)), value_head=value_head)
     idx = torch.randint(0, 23, (2, 10))
     mask = torch.zeros(2, 9, dtype=torch.bool)
     mask[:, 4:7] = True
     with torch.no_grad():
         logp = logprobs_and_entropy(policy(idx)[0], idx, entropy_grad=False)[0]
+    return policy, idx, mask, logp
+
+
+def test_grpo_loss_ignores_what_lies_outside_the_response():
+    """The k3 term at a prompt or padding position must not reach the loss: a huge log-prob gap
+    there (exp overflows to inf) once made the loss and its gradients NaN."""
+    policy, idx, mask, logp = _response_masked_policy(value_head=False)
     ro = Rollout(idx, torch.tensor([5, 5]), torch.tensor([8, 8]), mask, torch.tensor([0, 0]),
                  logp=logp, ref_logp=logp + 0.1, advantages=torch.randn(2, 1) * mask)
     args = RLArgs(algo="grpo")
@@ -1607,14 +1614,7 @@ def test_rl_entropy_bonus_passes_its_gradient_and_approx_kl_by_hand():
 def test_ppo_loss_ignores_old_log_probs_outside_the_response():
     """The ratio at a prompt or padding position must not reach the loss: a huge gap between the
     old and new log-probs there (exp overflows to inf, and inf * 0 is NaN) changes nothing."""
-    torch.manual_seed(0)
-    model = PolicyWithValue(GPTModel(GPTConfig(vocab_size=23, context_length=16, n_embd=32, n_layer=1,
-                                               n_head=2)), value_head=True)
-    idx = torch.randint(0, 23, (2, 10))
-    mask = torch.zeros(2, 9, dtype=torch.bool)
-    mask[:, 4:7] = True
-    with torch.no_grad():
-        logp = logprobs_and_entropy(model(idx)[0], idx, entropy_grad=False)[0]
+    model, idx, mask, logp = _response_masked_policy(value_head=True)
     ro = Rollout(idx, torch.tensor([5, 5]), torch.tensor([8, 8]), mask, torch.tensor([0, 1]),
                  logp=logp - 0.1, ref_logp=logp, values=torch.zeros(2, 9), returns=torch.randn(2, 9) * mask,
                  advantages=torch.randn(2, 9) * mask)
