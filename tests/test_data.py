@@ -307,9 +307,7 @@ def test_a_token_file_the_tokenizer_cannot_read_is_refused(tmp_path, tok):
     """An id past the tokenizer's, an odd or empty size, or ids too wide for uint16 are named
     before any step (an out-of-range id would fail in the embedding steps later)."""
     path = tmp_path / "train.bin"
-    ids = np.full(2**25 + 50, 5, dtype=np.uint16)  # past the first 64 MB piece that is scanned
-    ids[-3] = tok.vocab_size
-    ids.tofile(path)
+    np.array([5, tok.vocab_size, 5], dtype=np.uint16).tofile(path)  # (any piece: the next test)
     with pytest.raises(UserError, match=rf"train.bin: token id {tok.vocab_size} is past the tiny tokenizer's "
                                         rf"{tok.vocab_size} ids \(pass the tokenizer that wrote the file"):
         prepare_tokens(str(path), tok)
@@ -574,7 +572,7 @@ def test_a_token_file_is_split_at_the_rounded_fraction(tmp_path):
 
 def test_a_token_file_is_read_whole_across_its_pieces(tmp_path, tok):
     """A file over one 2**25-id piece: its hash is that of all its bytes, and an id past the
-    tokenizer's is found in any piece, the first's last id included."""
+    tokenizer's is found in any piece: the first's first and last ids, and the last piece's."""
     import hashlib
 
     path = tmp_path / "train.bin"
@@ -583,7 +581,7 @@ def test_a_token_file_is_read_whole_across_its_pieces(tmp_path, tok):
     ids.tofile(path)
     td = prepare_tokens(str(path), tok, val_fraction=0.0)
     assert td.meta["n_tokens"] == 2**25 + 50 and td.meta["source_hash"] == hashlib.sha256(ids.tobytes()).hexdigest()
-    for where in (2**25 - 1, 0):
+    for where in (2**25 - 1, 0, 2**25 + 47):
         ids[:] = 5
         ids[where] = tok.vocab_size
         ids.tofile(path)

@@ -163,6 +163,11 @@ def _describe(source) -> str:
         source, str(Path(str(source)).expanduser()))
 
 
+def _is_token_file(path: Path) -> bool:
+    """A .bin source holds token ids (`_token_file`), not text."""
+    return path.suffix == ".bin" and path.is_file()
+
+
 def iter_documents(source=None, text_field: str = "text"):
     """The corpus's documents one at a time (see the module docstring for what one is): a
     corpus need not fit in memory. A missing or unreadable source is named before the first."""
@@ -173,7 +178,7 @@ def iter_documents(source=None, text_field: str = "text"):
         yield from _stdlib_docs()
         return
     path = Path(source).expanduser()
-    if path.suffix == ".bin" and path.is_file():
+    if _is_token_file(path):
         raise UserError(f"{path} holds token ids (nanoGPT's .bin), not text: pretrain and eval read it as "
                         "--data; a tokenizer is trained on text")
     if path.is_dir():
@@ -205,10 +210,12 @@ class CorpusStats:
     end (["a<|endoftext|>b"] and ["a", "b"] are other corpora); joined_hash is the hash of the
     documents joined with <|endoftext|> (how a source was named before that)."""
 
-    def __init__(self):
+    def __init__(self, docs=()):
         self._docs, self._joined = hashlib.sha256(), hashlib.sha256()
         self.documents = self.chars = 0
         self.blank = True
+        for d in docs:
+            self.add(d)
 
     def add(self, doc: str):
         b = doc.encode("utf-8")
@@ -230,10 +237,7 @@ class CorpusStats:
 
 def documents_hash(docs) -> str:
     """Names the documents exactly (CorpusStats.source_hash of them)."""
-    stats = CorpusStats()
-    for d in docs:
-        stats.add(d)
-    return stats.source_hash
+    return CorpusStats(docs).source_hash
 
 
 # -- tokenising once, to a memmap ----------------------------------------------------------------
@@ -317,14 +321,12 @@ def prepare_tokens(source, tokenizer, cache_dir=None, val_fraction: float = 0.1,
     if not 0.0 <= val_fraction < 1.0:
         raise UserError(f"val_fraction must be in [0, 1), got {val_fraction}")
     name = source.get("source") if isinstance(source, dict) else source
-    if name not in (None, "pydoc", "stdlib") and Path(name).suffix == ".bin" and Path(name).expanduser().is_file():
+    if name not in (None, "pydoc", "stdlib") and _is_token_file(Path(name).expanduser()):
         return _token_file(Path(name).expanduser(), tokenizer, val_fraction)
     # two passes over the source, one document at a time: one names it, the other (when the cache
     # does not match) tokenises it, so a corpus larger than memory can be prepared
     src = source if isinstance(source, dict) else {"source": source}
-    stats = CorpusStats()
-    for d in iter_documents(**src):
-        stats.add(d)
+    stats = CorpusStats(iter_documents(**src))
     if stats.blank:
         raise UserError(f"{_describe(src['source'])}: the corpus is empty")
     dtype = token_dtype(tokenizer.vocab_size)
