@@ -322,6 +322,95 @@ def test_a_token_file_the_tokenizer_cannot_read_is_refused(tmp_path, tok):
         load_text(str(path))
 
 
+
+def _nanogpt_folder(folder, tok, n_train=701, n_val=83, seed=5):
+    """What nanoGPT's prepare.py leaves: train.bin, val.bin and the text they came from."""
+    rng = np.random.default_rng(seed)
+    folder.mkdir()
+    train = rng.integers(0, tok.vocab_size, size=n_train).astype(np.uint16)
+    val = rng.integers(0, tok.vocab_size, size=n_val).astype(np.uint16)
+    train.tofile(folder / "train.bin")
+    val.tofile(folder / "val.bin")
+    (folder / "input.txt").write_text("the text they were made from", encoding="utf-8")
+    return train, val
+
+
+def test_a_nanogpt_folder_reads_its_val_bin_as_the_validation_split(tmp_path, tok, capsys):
+    """A folder holding train.bin: train.bin is the training split and val.bin (when there) the
+    validation split, both memmapped where they lie; the name covers both files; the text files
+    beside them are not read (and the user is told so)."""
+    folder = tmp_path / "shakespeare"
+    train, val = _nanogpt_folder(folder, tok)
+    td = prepare_tokens(str(folder), tok, tmp_path / "cache")
+    assert "shakespeare: reading its token ids (train.bin); its .txt files are not read" in capsys.readouterr().err
+    assert not (tmp_path / "cache").exists() and td.path == folder and td.tokens is None
+    assert isinstance(td.train, np.memmap) and isinstance(td.val, np.memmap)
+    assert td.train.tolist() == train.tolist() and td.val.tolist() == val.tolist()
+    assert td.meta["n_tokens"] == 784 and td.meta["split"] == 701 and td.meta["tokenizer_hash"] == tok.hash
+    # the first n tokens of train then val, as a flat file's head
+    both = np.concatenate([train, val]).tolist()
+    for n in (None, 5, 701, 702, 784, 10_000):
+        assert td.head(n).tolist() == both[:n]
+    # either file changed is other data; the files swapped are too
+    first = td.meta["source_hash"]
+    val[3] ^= 1
+    val.tofile(folder / "val.bin")
+    assert prepare_tokens(str(folder), tok).meta["source_hash"] != first
+    (folder / "train.bin").rename(tmp_path / "t")
+    (folder / "val.bin").rename(folder / "train.bin")
+    (tmp_path / "t").rename(folder / "val.bin")
+    assert len({first, prepare_tokens(str(folder), tok).meta["source_hash"],
+                prepare_tokens({"source": str(folder), "text_field": "text"}, tok).meta["source_hash"]}) == 2
+
+
+def test_a_nanogpt_folder_without_val_bin_is_its_train_bin(tmp_path, tok):
+    """Only train.bin: the same data as that file passed alone (same name, same tail split)."""
+    import hashlib
+
+    folder = tmp_path / "owt"
+    train, _ = _nanogpt_folder(folder, tok)
+    (folder / "val.bin").unlink()
+    for fraction in (None, 0.25):
+        td = prepare_tokens(str(folder), tok, val_fraction=fraction)
+        alone = prepare_tokens(str(folder / "train.bin"), tok, val_fraction=fraction)
+        assert td.meta["source_hash"] == alone.meta["source_hash"] == hashlib.sha256(train.tobytes()).hexdigest()
+        assert td.val.tolist() == alone.val.tolist() == train[701 - round(701 * (fraction or 0.1)):].tolist()
+
+
+def test_a_nanogpt_folder_refuses_what_would_be_read_wrongly(tmp_path, tok, capsys):
+    """--val-fraction beside a val.bin would be ignored; a val.bin id past the tokenizer's is
+    named; nanoGPT's character-level meta.pkl (65 ids) means ids no BPE tokenizer decodes; a
+    meta.pkl that names a class is not unpickled (no code runs); train.bin alone beside a val.bin
+    says val.bin is not read; a tokenizer trainer is told the folder's ids are not text."""
+    import collections
+    import pickle
+
+    folder = tmp_path / "data"
+    _nanogpt_folder(folder, tok)
+    with pytest.raises(UserError, match=r"data has its own validation split \(val.bin\): --val-fraction does not "
+                                        r"apply \(leave it out, or pass .*train.bin alone"):
+        prepare_tokens(str(folder), tok, val_fraction=0.1)
+    prepare_tokens(str(folder / "train.bin"), tok)
+    assert "val.bin is not read: the validation split is train.bin's tail (pass the folder" in capsys.readouterr().err
+    (folder / "meta.pkl").write_bytes(pickle.dumps({"vocab_size": tok.vocab_size, "itos": {0: "a"}}))
+    assert prepare_tokens(str(folder), tok).meta["split"] == 701           # the tokenizer's own size: fine
+    (folder / "meta.pkl").write_bytes(pickle.dumps({"vocab_size": 65, "stoi": {"a": 0}, "itos": {0: "a"}}))
+    with pytest.raises(UserError, match=r"meta.pkl: the ids are a vocabulary of 65 \(nanoGPT's character-level "
+                                        r"data\); the tiny tokenizer has 400 and could not decode them"):
+        prepare_tokens(str(folder), tok)
+    (folder / "meta.pkl").write_bytes(pickle.dumps(collections.OrderedDict(vocab_size=400)))
+    with pytest.raises(UserError, match=r"meta.pkl: not nanoGPT's meta.pkl, a pickle of plain data "
+                                        r"\(it names collections.OrderedDict\)"):
+        prepare_tokens(str(folder), tok)
+    (folder / "meta.pkl").unlink()
+    np.array([1, tok.vocab_size], dtype=np.uint16).tofile(folder / "val.bin")
+    with pytest.raises(UserError, match=rf"val.bin: token id {tok.vocab_size} is past"):
+        prepare_tokens(str(folder), tok)
+    (folder / "input.txt").unlink()
+    with pytest.raises(UserError, match=r"has no .txt files \(its train.bin holds token ids: pretrain and eval"):
+        load_text(str(folder))
+
+
 # -- get_batch ----------------------------------------------------------------------------------------
 def test_batches_are_shifted_windows():
     tokens = (np.arange(1000) * 7 % 65_521).astype(np.uint16)     # distinct values: a position is known

@@ -244,6 +244,43 @@ def test_a_run_on_a_token_file_trains_resumes_and_is_scored_on_its_tail(tmp_path
     assert "token id 50256 is past the" in capsys.readouterr().err
 
 
+
+def test_a_run_on_a_nanogpt_folder_validates_and_is_scored_on_its_val_bin(tmp_path, capsys):
+    """pretrain --data folder/ (nanoGPT's train.bin + val.bin) trains on train.bin and validates
+    on val.bin; a resume from the same folder says nothing; eval of the run scores val.bin
+    (without --data), and --split all both files; --val-fraction beside a val.bin is refused."""
+    import numpy as np
+
+    from tritongpt.train.data import load_text
+    from tritongpt.train.tokenizer import BPETokenizer
+
+    text = load_text("pydoc")[:12000]
+    tok = BPETokenizer.train(text, 300, name="small")
+    tok.save(tmp_path / "tok.json")
+    ids = np.array(tok.encode(text), dtype=np.uint16)
+    folder = tmp_path / "nano"
+    folder.mkdir()
+    ids[:-300].tofile(folder / "train.bin")
+    ids[-300:].tofile(folder / "val.bin")
+    run = tmp_path / "run"
+    base = ["--data", str(folder), "--tokenizer", str(tmp_path / "tok.json"), "--out-dir", str(run),
+            "--device", "cpu", "--kernels", "reference", "--block-size", "32", "--batch-size", "2",
+            "--eval-every", "0", "--sample-tokens", "0"]
+    assert main(["pretrain", "--max-steps", "2", *base]) == 0
+    assert f"nano: {len(ids) - 300:,} training + 300 validation tokens" in capsys.readouterr().out
+    assert main(["pretrain", "--max-steps", "3", "--resume", *base]) == 0
+    assert "different data" not in capsys.readouterr().err
+    assert main(["eval", "--weights", str(run / "ckpt-0000003"), "--json"]) == 0
+    got = json.loads(capsys.readouterr().out)
+    assert got["data"] == str(folder) and got["tokens"] == 300 - 1
+    assert main(["eval", "--weights", str(run / "ckpt-0000003"), "--json", "--split", "all", "--max-tokens",
+                 str(len(ids) - 100)]) == 0
+    assert json.loads(capsys.readouterr().out)["tokens"] == len(ids) - 100 - 1  # into val.bin
+    for cmd in (["pretrain", "--max-steps", "4", "--resume", *base], ["eval", "--weights", str(run)]):
+        assert main([*cmd, "--val-fraction", "0.2"]) == 2
+        assert "has its own validation split (val.bin): --val-fraction does not apply" in capsys.readouterr().err
+
+
 def test_a_run_on_a_jsonl_field_is_scored_from_that_field(tmp_path, capsys):
     """A run trained on .jsonl rows' `body` field: eval without --data reads the same field (it
     looked for `text` and refused the run's own data)."""

@@ -16,6 +16,9 @@ Sources (`iter_documents`, `load_documents`, `load_text`):
                   train.bin (GPT-2 ids: pass the gpt2 tokenizer). It is read in place, as one
                   flat array like the rest (its last val_fraction is the validation split)
                   (`prepare_tokens` only).
+  a nanoGPT folder one holding train.bin: that file, with its val.bin beside it as the validation
+                  split when there is one (`prepare_tokens` only; to a tokenizer trainer it is
+                  still a folder of .txt files).
 Documents: each .py file, each .jsonl record, each .txt file, and within a .txt file the parts
 between literal <|endoftext|> markers, wherever on a line they stand (how GPT-2-style text dumps
 mark them). In a .jsonl record or a .py file that spelling is text, tokenised as ordinary
@@ -33,7 +36,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tritongpt.errors import UserError
+from tritongpt.errors import UserError, note
 
 EOT = "<|endoftext|>"
 STDLIB_MAX_BYTES = 8 * 2**20
@@ -146,7 +149,9 @@ def _txt_files(folder: Path) -> list:
         if p.is_file():  # not a folder that happens to be named *.txt
             files.append(p)
     if not files:
-        raise UserError(f"folder {folder} has no .txt files")
+        ids = " (its train.bin holds token ids: pretrain and eval read the folder as --data)" \
+            if _is_token_folder(folder) else ""
+        raise UserError(f"folder {folder} has no .txt files{ids}")
     return files
 
 
@@ -166,6 +171,11 @@ def _describe(source) -> str:
 def _is_token_file(path: Path) -> bool:
     """A .bin source holds token ids (`_token_file`), not text."""
     return path.suffix == ".bin" and path.is_file()
+
+
+def _is_token_folder(path: Path) -> bool:
+    """A folder as nanoGPT's prepare.py leaves it: train.bin (and val.bin, meta.pkl, input.txt)."""
+    return path.is_dir() and _is_token_file(path / "train.bin")
 
 
 def iter_documents(source=None, text_field: str = "text"):
@@ -247,7 +257,15 @@ class TokenData:
     val: np.ndarray
     meta: dict
     path: Path
-    tokens: np.ndarray = None  # all of them, train then val (the same memmap)
+    tokens: np.ndarray = None  # all of them, train then val (the same memmap); None: two files
+
+    def head(self, n: int = None) -> np.ndarray:
+        """The first n tokens (None: all) of train then val; copied only where they are two files."""
+        if self.tokens is not None:
+            return self.tokens[:n]
+        if n is not None and n <= len(self.train):
+            return self.train[:n]
+        return np.concatenate([self.train, self.val[:None if n is None else n - len(self.train)]])
 
 
 def token_dtype(vocab_size: int):
@@ -283,10 +301,11 @@ def _write_tokens(docs, tokenizer, bin_path: Path, dtype) -> int:
     return n
 
 
-def _token_file(path: Path, tokenizer, val_fraction: float) -> TokenData:
-    """A nanoGPT-style .bin, memmapped where it lies. One pass in 64 MB pieces hashes it (so a
-    resume or eval knows its data) and finds its largest id: an id the tokenizer lacks would
-    be an out-of-range embedding row several steps later, so the file is refused now."""
+def _read_ids(path: Path, tokenizer):
+    """A nanoGPT-style .bin of uint16 ids, memmapped, and the hash of its bytes. One pass in 64 MB
+    pieces hashes it (so a resume or eval knows its data) and finds its largest id: an id the
+    tokenizer lacks would be an out-of-range embedding row several steps later, so the file is
+    refused now."""
     size = path.stat().st_size
     if size == 0 or size % 2:
         raise UserError(f"{path}: {size} bytes is not a whole, non-zero number of uint16 token ids "
@@ -303,26 +322,83 @@ def _token_file(path: Path, tokenizer, val_fraction: float) -> TokenData:
     if top >= tokenizer.vocab_size:
         raise UserError(f"{path}: token id {top} is past the {tokenizer.name} tokenizer's {tokenizer.vocab_size} "
                         "ids (pass the tokenizer that wrote the file: --tokenizer gpt2 for nanoGPT's)")
-    n = len(tokens)
-    split = n - int(round(n * val_fraction))
-    meta = {"format": "uint16-ids", "source": str(path), "source_hash": h.hexdigest(), "n_tokens": n,
+    return tokens, h.hexdigest()
+
+
+def _ids_meta(path: Path, tokenizer, source_hash: str, n: int, split: int, val_fraction) -> dict:
+    return {"format": "uint16-ids", "source": str(path), "source_hash": source_hash, "n_tokens": n,
             "tokenizer_hash": tokenizer.hash, "vocab_size": tokenizer.vocab_size, "dtype": "uint16",
             "split": split, "val_fraction": val_fraction}
-    return TokenData(train=tokens[:split], val=tokens[split:], meta=meta, path=path, tokens=tokens)
 
 
-def prepare_tokens(source, tokenizer, cache_dir=None, val_fraction: float = 0.1, verbose: bool = False) -> TokenData:
+def _token_file(path: Path, tokenizer, val_fraction: float) -> TokenData:
+    """A .bin read in place, as one flat array: its last val_fraction is the validation split."""
+    tokens, source_hash = _read_ids(path, tokenizer)
+    if path.name == "train.bin" and (path.parent / "val.bin").is_file():
+        note(f"{path.parent / 'val.bin'} is not read: the validation split is {path.name}'s tail (pass the "
+             f"folder {path.parent} to validate on val.bin)")
+    n = len(tokens)
+    split = n - int(round(n * val_fraction))
+    return TokenData(train=tokens[:split], val=tokens[split:], path=path, tokens=tokens,
+                     meta=_ids_meta(path, tokenizer, source_hash, n, split, val_fraction))
+
+
+def _nanogpt_vocab(meta_pkl: Path):
+    """vocab_size from nanoGPT's meta.pkl (its character-level datasets write one), unpickled
+    without running code: plain dicts, strings and numbers only."""
+    import pickle
+
+    class PlainData(pickle.Unpickler):
+        def find_class(self, module, name):
+            raise pickle.UnpicklingError(f"it names {module}.{name}")
+
+    try:
+        with open(meta_pkl, "rb") as f:
+            meta = PlainData(f).load()
+    except Exception as e:  # cut short, not a pickle, or naming a class: each a file this cannot read
+        raise UserError(f"{meta_pkl}: not nanoGPT's meta.pkl, a pickle of plain data ({e})") from None
+    return meta.get("vocab_size") if isinstance(meta, dict) else None
+
+
+def _token_folder(folder: Path, tokenizer, val_fraction) -> TokenData:
+    """nanoGPT's data folder: train.bin, and val.bin as the validation split when it is there."""
+    vocab = _nanogpt_vocab(folder / "meta.pkl") if (folder / "meta.pkl").is_file() else None
+    if vocab is not None and vocab != tokenizer.vocab_size:
+        raise UserError(f"{folder / 'meta.pkl'}: the ids are a vocabulary of {vocab} (nanoGPT's character-level "
+                        f"data); the {tokenizer.name} tokenizer has {tokenizer.vocab_size} and could not decode them: "
+                        "tokenise the text itself (e.g. its input.txt) instead")
+    if any(folder.glob("*.txt")):
+        note(f"{folder}: reading its token ids (train.bin); its .txt files are not read")
+    if not (folder / "val.bin").is_file():
+        return _token_file(folder / "train.bin", tokenizer, 0.1 if val_fraction is None else val_fraction)
+    if val_fraction is not None:
+        raise UserError(f"{folder} has its own validation split (val.bin): --val-fraction does not apply "
+                        f"(leave it out, or pass {folder / 'train.bin'} alone to hold out its tail)")
+    train, train_hash = _read_ids(folder / "train.bin", tokenizer)
+    val, val_hash = _read_ids(folder / "val.bin", tokenizer)
+    source_hash = hashlib.sha256(f"train.bin {train_hash} val.bin {val_hash}".encode()).hexdigest()
+    meta = _ids_meta(folder, tokenizer, source_hash, len(train) + len(val), len(train), None)
+    return TokenData(train=train, val=val, meta=meta, path=folder)
+
+
+def prepare_tokens(source, tokenizer, cache_dir=None, val_fraction: float | None = None,
+                   verbose: bool = False) -> TokenData:
     """Tokenise `source` into cache_dir/tokens.bin (+ tokens.json meta) unless a matching copy exists.
 
     The cache is reused only when the source text, the tokenizer and the file size all match
     what the meta file records; anything else is rebuilt. cache_dir=None picks a folder under
-    the tritongpt cache named by those hashes. A .bin source is token ids already: no cache.
+    the tritongpt cache named by those hashes. A .bin source or a nanoGPT folder is token ids
+    already: no cache. val_fraction: the held-out tail (None: 0.1, or a nanoGPT folder's val.bin).
     """
-    if not 0.0 <= val_fraction < 1.0:
+    if val_fraction is not None and not 0.0 <= val_fraction < 1.0:
         raise UserError(f"val_fraction must be in [0, 1), got {val_fraction}")
     name = source.get("source") if isinstance(source, dict) else source
-    if name not in (None, "pydoc", "stdlib") and _is_token_file(Path(name).expanduser()):
-        return _token_file(Path(name).expanduser(), tokenizer, val_fraction)
+    path = None if name in (None, "pydoc", "stdlib") else Path(name).expanduser()
+    if path is not None and _is_token_folder(path):
+        return _token_folder(path, tokenizer, val_fraction)
+    val_fraction = 0.1 if val_fraction is None else val_fraction
+    if path is not None and _is_token_file(path):
+        return _token_file(path, tokenizer, val_fraction)
     # two passes over the source, one document at a time: one names it, the other (when the cache
     # does not match) tokenises it, so a corpus larger than memory can be prepared
     src = source if isinstance(source, dict) else {"source": source}

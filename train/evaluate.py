@@ -4,8 +4,9 @@ Default text: a pretraining run's own held-out tail (the checkpoint records its 
 many tokens it trained on), else the embedded corpus's last 10%. The text is tokenised once
 (the same cache pretraining uses) and scored in windows of the model's context. With stride =
 context (the default) the windows do not overlap: each token is predicted from the tokens before
-it in its own window, so the first tokens of a window see little context. A smaller stride slides the window and scores only the tokens the previous window did
-not (Hugging Face's "perplexity of fixed-length models"): every token but the first window's
+it in its own window, so the first tokens of a window see little context. A smaller stride
+slides the window and scores only the tokens the previous window did not (Hugging Face's
+"perplexity of fixed-length models"): every token but the first window's
 sees at least context - stride tokens, at context / stride times the cost.
 
     loss        mean -ln p(token) over the scored tokens (nats)
@@ -132,13 +133,15 @@ def cmd_eval(args):
     text_field = args.text_field or own_field or "text"
     try:
         td = data.prepare_tokens({"source": source, "text_field": text_field}, tok, cache_dir=args.cache_dir,
-                                 val_fraction=fraction if args.split == "val" else 0.0)
+                                 val_fraction=args.val_fraction if args.split == "val" else None)
     except UserError as e:
         if args.data is not None or not run:
             raise
         raise UserError(f"{e}; it is the data the run of {args.weights} trained on: pass --data") from None
     if args.split == "all":
-        tokens = td.tokens
+        tokens = td.head(args.max_tokens)
+    elif td.tokens is None:  # a nanoGPT folder: its val.bin is the held-out split, a run's own too
+        tokens = td.val
     elif run and td.meta["source_hash"] == run["source_hash"] and run.get("tokenizer_hash", tok.hash) == tok.hash:
         # the run's own data in the run's own tokens (td was made with tok, so the run's record is
         # what tok must match): its own split, unless --val-fraction asks for another
@@ -187,13 +190,14 @@ def add_cli(sub):
     p.add_argument("--weights", required=True,
                    help="tritongpt checkpoint (file, checkpoint or run folder) or Hugging Face GPT-2 model.safetensors")
     p.add_argument("--data", default=None, help="a file, a folder of .txt files, a .jsonl file, a .bin of uint16 token "
-                                                "ids (nanoGPT's), or 'pydoc' / "
+                                                "ids or a folder with train.bin and val.bin (nanoGPT's), or 'pydoc' / "
                                                 "'stdlib' (default: a pretraining run's own data, else the "
                                                 "embedded pydoc corpus)")
     p.add_argument("--text-field", default=None, help="field holding the text in .jsonl rows (default: the "
                                                       "one a pretraining run's own data was read from, else text)")
     p.add_argument("--split", choices=("val", "all"), default="val",
-                   help="val: the held-out tail (a pretraining run's own, on its data; else --val-fraction); "
+                   help="val: the held-out tail (a pretraining run's own, on its data; a nanoGPT folder's "
+                        "val.bin; else --val-fraction); "
                         "all: every token (default %(default)s)")
     p.add_argument("--val-fraction", type=float, default=None,
                    help="the held-out tail's share, as pretrain's (default: the run's split, else 0.1)")

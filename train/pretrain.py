@@ -34,15 +34,16 @@ def add_args(p: argparse.ArgumentParser):
     d.add_argument("--data", default=None,
                    help="training text: a file, a folder of .txt files, a .jsonl file, or 'pydoc' / "
                         "'stdlib' (default: the embedded pydoc corpus); or token ids already made, a .bin of "
-                        "uint16 as nanoGPT's prepare.py writes (read in place, any size; with --tokenizer gpt2)")
+                        "uint16 as nanoGPT's prepare.py writes, or its folder with train.bin and val.bin (read in "
+                        "place, any size; with --tokenizer gpt2)")
     d.add_argument("--text-field", default="text",
                    help="field holding the text in .jsonl rows (default %(default)s)")
     d.add_argument("--tokenizer", default="default",
                    help="default (BPE-4096 on the embedded corpus) | gpt2 | path to a tokenizer JSON")
     d.add_argument("--block-size", type=int, default=None,
                    help="tokens per training sequence (default: the model's context length)")
-    d.add_argument("--val-fraction", type=float, default=0.1,
-                   help="held-out tail of the corpus (default %(default)s)")
+    d.add_argument("--val-fraction", type=float, default=None,
+                   help="held-out tail of the corpus (default 0.1; a nanoGPT folder's own val.bin where it has one)")
     d.add_argument("--cache-dir", default=None, help="where the tokenised corpus is cached "
                                                      "(default: ~/.cache/tritongpt or $TRITONGPT_CACHE)")
     d.add_argument("--dropout", type=float, default=None, help="override the preset's dropout")
