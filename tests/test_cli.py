@@ -201,6 +201,16 @@ def test_generate_stops_at_the_tokenizers_end_of_text(saved_model, tmp_path, cap
     out = capsys.readouterr()
     assert out.out == "The\n"
     assert "note: the model ended the text (<|endoftext|>) after 0 new tokens" in out.err
+    # streamed, and two samples: the same text, each sample's end said
+    ends = ["generate", "--weights", str(tmp_path / "eot.safetensors"), "--tokenizer", str(saved_model / "tok.json"),
+            "--prompt", "The", "--max-new-tokens", "8", "--temperature", "0"]
+    assert main(ends + ["--stream"]) == 0
+    out = capsys.readouterr()
+    assert out.out == "The\n" and "note: the model ended the text (<|endoftext|>) after 0 new tokens" in out.err
+    assert main(ends + ["--num-samples", "2"]) == 0
+    out = capsys.readouterr()
+    assert out.out == "The\n---------------\nThe\n"
+    assert "note: sample 1: the model ended" in out.err and "note: sample 2: the model ended" in out.err
     # a prompt's own marker is the prompt's text, kept
     assert main(["generate", "--weights", str(tmp_path / "eot.safetensors"), "--tokenizer",
                  str(saved_model / "tok.json"), "--prompt", "The<|endoftext|>", "--allow-special",
@@ -219,6 +229,65 @@ def test_generate_seed_fixes_the_sampled_text(saved_model, capsys):
         assert main(base + ["--seed", seed]) == 0
         texts.append(capsys.readouterr().out)
     assert texts[0] == texts[1] != texts[2], texts
+
+
+
+def test_generate_draws_several_samples_and_streams_one(saved_model, tmp_path, monkeypatch, capsys):
+    """--num-samples N draws N texts from the prompt in one batch (greedy: N copies of the single
+    text; sampled: different texts); --stream prints the text while it is drawn, and what it prints
+    is the text printed without it (random bytes from a near-uniform model cut characters across
+    tokens and make invalid UTF-8: the stream's decoder must give decode()'s U+FFFD where it does);
+    --prompt-file reads the prompt from a file."""
+    from tritongpt.train import generate as gen
+
+    base = ["generate", "--weights", str(saved_model / "w.safetensors"), "--tokenizer", str(saved_model / "tok.json"),
+            "--prompt", "Thé", "--max-new-tokens", "16"]
+    assert main(base + ["--temperature", "0"]) == 0
+    one = capsys.readouterr().out
+    assert main(base + ["--temperature", "0", "--num-samples", "3"]) == 0
+    assert capsys.readouterr().out == "---------------\n".join([one] * 3)
+    assert main(base + ["--temperature", "1", "--num-samples", "3"]) == 0
+    texts = capsys.readouterr().out.split("---------------\n")
+    assert len(texts) == 3 and all(t.startswith("Thé") for t in texts) and len(set(texts)) == 3, texts
+
+    pieces, real = [], gen.generate
+
+    def watch(*a, on_token=None, **k):  # what stdout holds each time a token is drawn
+        def seen(new):
+            on_token(new)
+            pieces.append(capsys.readouterr().out)
+        return real(*a, on_token=seen if on_token else None, **k)
+
+    cut = []
+    for seed in ("1", "2", "3", "4"):
+        flags = ["--temperature", "1", "--seed", seed]
+        assert main(base + flags) == 0
+        whole = capsys.readouterr().out
+        cut.append("\ufffd" in whole)
+        monkeypatch.setattr(gen, "generate", watch)
+        pieces.clear()
+        assert main(base + flags + ["--stream"]) == 0
+        monkeypatch.setattr(gen, "generate", real)
+        assert "".join(pieces) + capsys.readouterr().out == whole
+        assert sum(map(bool, pieces)) > 8  # printed as it went, not at the end
+    assert any(cut)  # the draws do cut characters
+
+    (tmp_path / "prompt.txt").write_bytes("Thé".encode())
+    assert main([*base[:5], "--prompt-file", str(tmp_path / "prompt.txt"), *base[7:], "--temperature", "0"]) == 0
+    assert capsys.readouterr().out == one
+    for bad, said in ((["--num-samples", "0"], "--num-samples must be at least 1, got 0"),
+                      (["--stream", "--num-samples", "2"], "--stream prints one text as it is drawn"),
+                      ):
+        assert main(base + bad) == 2
+        assert said in capsys.readouterr().err
+    for path, said in ((tmp_path / "none.txt", "file not found"), (tmp_path, "is a folder, not a file")):
+        assert main([*base[:5], "--prompt-file", str(path), *base[7:]]) == 2
+        assert said in capsys.readouterr().err
+    (tmp_path / "bad.txt").write_bytes(b"ab\xff")
+    assert main([*base[:5], "--prompt-file", str(tmp_path / "bad.txt"), *base[7:]]) == 2
+    assert "bad.txt: not UTF-8 text (byte 2: invalid start byte)" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # one prompt or the other
+        main(base + ["--prompt-file", str(tmp_path / "prompt.txt")])
 
 
 def test_generate_seed_fixes_a_random_weight_model(capsys):

@@ -57,6 +57,20 @@ def test_rows_that_finished_are_padded_with_eos():
         [[4, 5, 6, 7]]  # every row done: stop early
 
 
+
+def test_on_token_sees_each_steps_tokens_as_they_are_drawn():
+    """on_token gets every step's [B, 1] tokens, the columns of the result in order (a finished
+    row's eos padding too), and nothing after the last step."""
+    seen = []
+    out = generate(CountingModel(), torch.tensor([[4, 5], [0, 1]]), 4, eos_id=7, use_cache=False,
+                   on_token=lambda new: seen.append(new.clone()))
+    assert all(t.shape == (2, 1) for t in seen)
+    assert torch.equal(torch.cat(seen, dim=1), out[:, 2:])
+    seen.clear()
+    out = generate(CountingModel(), torch.tensor([[4, 5]]), 4, eos_id=7, use_cache=False, on_token=seen.append)
+    assert [t.item() for t in seen] == [6, 7] == out[0, 2:].tolist()
+
+
 def test_vocab_limit_never_draws_ids_past_it():
     """A tokenizer smaller than the model's vocabulary: ids >= vocab_limit are never drawn, greedy
     or sampled, even where the model's favourite is one of them (it was tested only for refusing

@@ -59,11 +59,12 @@ def sample_next(logits, temperature: float = 0.0, top_k: int | None = None,
 @torch.no_grad()
 def generate(model, idx, max_new_tokens: int, temperature: float = 0.0, top_k: int | None = None,
              top_p: float | None = None, eos_id: int | None = None, use_cache: bool = True,
-             generator: torch.Generator | None = None, vocab_limit: int | None = None):
+             generator: torch.Generator | None = None, vocab_limit: int | None = None, on_token=None):
     """Extend idx [B, T] by up to max_new_tokens tokens; rows stop after emitting eos_id.
 
     Returns [B, T + n]. Rows that finished early are padded with eos_id. vocab_limit: only ids
     below it are drawn (a tokenizer smaller than the model's vocabulary cannot decode the rest).
+    on_token: called with each step's new tokens [B, 1] as they are drawn (to stream the text).
     """
     if not isinstance(idx, torch.Tensor) or idx.is_floating_point() or idx.is_complex():
         what = f"a {idx.dtype} tensor" if isinstance(idx, torch.Tensor) else type(idx).__name__
@@ -80,12 +81,13 @@ def generate(model, idx, max_new_tokens: int, temperature: float = 0.0, top_k: i
     model.eval()
     try:
         return _generate(model, idx, max_new_tokens, temperature, top_k, top_p, eos_id, use_cache, generator,
-                         vocab_limit)
+                         vocab_limit, on_token)
     finally:
         model.train(was_training)
 
 
-def _generate(model, idx, max_new_tokens, temperature, top_k, top_p, eos_id, use_cache, generator, vocab_limit):
+def _generate(model, idx, max_new_tokens, temperature, top_k, top_p, eos_id, use_cache, generator, vocab_limit,
+              on_token):
     ctx = model.config.context_length
     cache = model.new_cache(idx.size(0)) if use_cache else None
     done = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
@@ -110,6 +112,8 @@ def _generate(model, idx, max_new_tokens, temperature, top_k, top_p, eos_id, use
             nxt = torch.where(done.unsqueeze(1), torch.full_like(nxt, eos_id), nxt)
             done |= nxt.squeeze(1) == eos_id
         idx = torch.cat([idx, nxt], dim=1)
+        if on_token is not None:
+            on_token(nxt)
         if eos_id is not None and bool(done.all()):
             break
     return idx

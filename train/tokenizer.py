@@ -29,7 +29,7 @@ from pathlib import Path
 
 import regex
 
-from tritongpt.errors import UserError, note, read_json_object
+from tritongpt.errors import UserError, note, read_json_object, read_text_file
 
 # GPT-2's pre-tokeniser: contractions, letters, digits, other symbols (each may take one
 # leading space), then whitespace. `\s+(?!\S)` leaves the last space of a run to start the
@@ -865,16 +865,8 @@ def cmd_train(args):
 
 def cmd_encode(args):
     tok = get_tokenizer(args.tokenizer)
-    if args.text is not None:
-        text = args.text
-    else:  # the file's own bytes as text (not load_text, which reads a corpus; no newline translation)
-        if not Path(args.file).is_file():
-            raise UserError(f"{args.file} is a folder, not a file" if Path(args.file).is_dir()
-                            else f"file not found: {args.file}")
-        try:
-            text = Path(args.file).read_bytes().decode("utf-8")
-        except UnicodeDecodeError as e:
-            raise UserError(f"{args.file}: not UTF-8 text (byte {e.start}: {e.reason})") from None
+    # a file: its own bytes as text (not load_text, which reads a corpus)
+    text = args.text if args.text is not None else read_text_file(args.file)
     try:
         ids = tok.encode(text, allowed_special="all" if args.allow_special else "none_raise")
     except DisallowedSpecialToken:

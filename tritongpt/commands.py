@@ -1,6 +1,8 @@
 """The `info`, `generate` and `export` subcommands."""
 
-from tritongpt.errors import UserError, note
+from tritongpt.errors import UserError, note, read_text_file
+
+SAMPLE_SEPARATOR = "-" * 15  # between --num-samples texts, as nanoGPT's sample.py prints them
 
 
 def add_model_args(p, default_model="tiny", default_text=None):
@@ -78,6 +80,11 @@ def cmd_generate(args):
                             f"gpt2-xl), not {args.model!r}")
     check_sampling(args.temperature, args.top_k, args.top_p, flags=True)
     check_seed(args.seed)
+    if args.num_samples < 1:
+        raise UserError(f"--num-samples must be at least 1, got {args.num_samples}")
+    if args.stream and args.num_samples > 1:
+        raise UserError("--stream prints one text as it is drawn: it takes --num-samples 1")
+    prompt = args.prompt if args.prompt is not None else read_text_file(args.prompt_file)
     device = pick_device(args.device)
     dtype = pick_dtype(args.dtype, device)
     torch.manual_seed(args.seed)
@@ -98,12 +105,12 @@ def cmd_generate(args):
     model.set_kernels(args.kernels)
     tok = pick_tokenizer(args.tokenizer, args.weights, model.config.vocab_size)
     try:
-        ids = tok.encode(args.prompt, allowed_special="all" if args.allow_special else "none_raise")
+        ids = tok.encode(prompt, allowed_special="all" if args.allow_special else "none_raise")
     except DisallowedSpecialToken:
         raise UserError("the prompt contains <|endoftext|>: pass --allow-special to encode it as the "
                         "special token") from None
     if not ids:
-        raise UserError("the prompt is empty: pass --prompt with some text")
+        raise UserError("the prompt is empty: pass --prompt (or --prompt-file) with some text")
     if len(ids) > model.config.context_length:  # a full window is fine: it predicts the next token
         raise UserError(f"prompt is {len(ids)} tokens; the model's context is {model.config.context_length}")
     limit = None
@@ -111,18 +118,53 @@ def cmd_generate(args):
         limit = tok.vocab_size
         note(f"the tokenizer has {tok.vocab_size} tokens, the model {model.config.vocab_size}: "
              f"only the tokenizer's ids are drawn")
-    idx = torch.tensor([ids], dtype=torch.long, device=device)
+    idx = torch.tensor([ids] * args.num_samples, dtype=torch.long, device=device)  # one batch
     gen = torch.Generator(device=device).manual_seed(args.seed)
     eot = tok.special_tokens.get(EOT)
+    stream = TextStream(tok, ids, eot) if args.stream else None
     with autocast(device, dtype):  # the weights stay fp32; sampling reads fp32 probabilities
         out = generate(model, idx, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                       top_p=args.top_p, eos_id=eot, generator=gen, vocab_limit=limit)[0].tolist()
-    ended = len(out) > len(ids) and out[-1] == eot
-    # the text, without the marker that ended it (as Hugging Face's text-generation pipeline)
-    print(tok.decode(out[:-1] if ended else out))
-    if ended:
-        note(f"the model ended the text ({EOT}) after {len(out) - len(ids) - 1} new tokens")
+                       top_p=args.top_p, eos_id=eot, generator=gen, vocab_limit=limit, on_token=stream).tolist()
+    if stream:
+        stream.close()
+    for i, row in enumerate(out):
+        new = row[len(ids):]
+        ended = eot in new  # a row that ended early is padded with more markers after its first
+        if ended:
+            row = row[:len(ids) + new.index(eot)]
+        if i:
+            print(SAMPLE_SEPARATOR)
+        if not stream:
+            # the text, without the marker that ended it (as Hugging Face's text-generation pipeline)
+            print(tok.decode(row))
+        if ended:
+            which = f"sample {i + 1}: " if args.num_samples > 1 else ""
+            note(f"{which}the model ended the text ({EOT}) after {len(row) - len(ids)} new tokens")
     return 0
+
+
+class TextStream:
+    """generate's on_token for one sample: prints the text as its tokens are drawn. Bytes go
+    through an incremental UTF-8 decoder, so a character split across tokens is printed whole,
+    once its last byte arrives, and the printed text is what decoding all the ids at once gives."""
+
+    def __init__(self, tok, prompt_ids, eot):
+        import codecs
+
+        self.tok, self.eot = tok, eot
+        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self.write(prompt_ids)
+
+    def __call__(self, new):
+        i = int(new[0, 0])
+        if i != self.eot:  # the marker that ends the text is not printed (nothing follows it)
+            self.write([i])
+
+    def write(self, ids):
+        print(self.decoder.decode(self.tok.decode_bytes(ids)), end="", flush=True)
+
+    def close(self):
+        print(self.decoder.decode(b"", final=True))
 
 
 def cmd_export(args):
@@ -190,13 +232,20 @@ def add_cli(sub):
     p.add_argument("--pretrained", action="store_true", help="download GPT-2 weights from the Hub by --model name")
     p.add_argument("--tokenizer", help="default | gpt2 | path to a tokenizer JSON (default: the one saved with --weights' run, "
                         "else by vocab size)")
-    p.add_argument("--prompt", required=True, help="the text to continue (no trailing space: BPE tokens carry "
-                   "their leading space)")
+    prompt = p.add_mutually_exclusive_group(required=True)
+    prompt.add_argument("--prompt", help="the text to continue (no trailing space: BPE tokens carry "
+                        "their leading space)")
+    prompt.add_argument("--prompt-file", help="read the prompt from this UTF-8 file, exactly as it is (a final "
+                        "newline too)")
     p.add_argument("--allow-special", action="store_true", help="encode <|endoftext|> in the prompt as the special token")
     p.add_argument("--max-new-tokens", type=int, default=50, help="at most this many (default %(default)s); "
                    "generation stops early at <|endoftext|>")
     p.add_argument("--temperature", type=float, default=0.8,
                    help="sampling temperature (default %(default)s, as nanoGPT's sample.py); 0 = greedy")
+    p.add_argument("--num-samples", type=int, default=1,
+                   help=f"texts to draw from the prompt, in one batch, printed with {SAMPLE_SEPARATOR} between them "
+                        "(default %(default)s)")
+    p.add_argument("--stream", action="store_true", help="print the text as it is drawn, token by token")
     p.add_argument("--top-k", type=int, default=None, help="sample among the k likeliest tokens only")
     p.add_argument("--top-p", type=float, default=None,
                    help="sample among the likeliest tokens whose probabilities sum to p (after --top-k)")

@@ -22,6 +22,18 @@ def read_json_object(path) -> dict:
     return d
 
 
+def read_text_file(path) -> str:
+    """A file's own bytes as UTF-8 text (no newline translation), or a UserError naming the file."""
+    from pathlib import Path
+
+    if not Path(path).is_file():
+        raise UserError(f"{path} is a folder, not a file" if Path(path).is_dir() else f"file not found: {path}")
+    try:
+        return Path(path).read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason})") from None
+
+
 def note(text: str) -> None:
     """`note: text` on stderr, from one process: under torchrun every rank runs the same code and
     would print it once each (rank 0 speaks; errors still come from whichever rank fails)."""
