@@ -201,17 +201,23 @@ def iter_documents(source=None, text_field: str = "text"):
                         f"a folder of .txt files or a .jsonl file)")
 
 
+def empty_corpus_error(source) -> UserError:
+    """What a corpus with no text but whitespace is told (load_documents, prepare_tokens, bpe train)."""
+    return UserError(f"{_describe(source)}: the corpus is empty")
+
+
 def load_documents(source=None, text_field: str = "text") -> list:
     """The corpus as a list of documents (iter_documents, held in memory)."""
     docs = list(iter_documents(source, text_field))
     if not any(d.strip() for d in docs):
-        raise UserError(f"{_describe(source)}: the corpus is empty")
+        raise empty_corpus_error(source)
     return docs
 
 
 def load_text(source=None, text_field: str = "text") -> str:
-    """The corpus as one string, its documents joined with <|endoftext|> (to train a tokenizer
-    on, or to read; prepare_tokens keeps the documents apart)."""
+    """The corpus as one string, its documents joined with <|endoftext|>, held in memory (a small
+    corpus, such as the pydoc one the default tokenizer learns from; bpe train and prepare_tokens
+    read theirs a document at a time)."""
     return EOT.join(load_documents(source, text_field))
 
 
@@ -404,7 +410,7 @@ def prepare_tokens(source, tokenizer, cache_dir=None, val_fraction: float | None
     src = source if isinstance(source, dict) else {"source": source}
     stats = CorpusStats(iter_documents(**src))
     if stats.blank:
-        raise UserError(f"{_describe(src['source'])}: the corpus is empty")
+        raise empty_corpus_error(src["source"])
     dtype = token_dtype(tokenizer.vocab_size)
     want = {"format": META_FORMAT, "source_hash": stats.source_hash, "tokenizer_hash": tokenizer.hash,
             "vocab_size": tokenizer.vocab_size, "dtype": np.dtype(dtype).name}

@@ -118,9 +118,48 @@ def _alternation(specials):
 
 
 # -- training -----------------------------------------------------------------------------------
-def train_ranks(text: str, vocab_size: int, special_tokens=(EOT,), pat_str: str = GPT2_PAT,
+def _n_merges(vocab_size: int, special_tokens) -> int:
+    n_merges = vocab_size - 256 - len(special_tokens)
+    if n_merges < 0:
+        raise UserError(f"vocab_size {vocab_size} is too small: byte-level BPE needs 256 byte tokens "
+                        f"+ {len(special_tokens)} special token(s)")
+    return n_merges
+
+
+def count_words(docs, special_tokens=(EOT,), pat_str: str = GPT2_PAT) -> Counter:
+    """The pre-tokenised words of `docs` (an iterable of documents) with their counts.
+
+    That Counter is all that training needs of a corpus, so the documents are read one at a
+    time and none is kept: a corpus need not fit in memory, only its largest document.
+    Special tokens separate documents; no merge may learn their spelling or cross them. So each
+    document is cut at its specials, longest first as encoding matches them (a special that
+    starts another left that one's tail as text). Cutting the documents one by one counts the
+    same words as cutting them joined with <|endoftext|>: no match can straddle a joining EOT,
+    as that spelling has no border with itself (no proper prefix of it is also a suffix).
+    """
+    pat = compile_pattern(pat_str)
+    cut = regex.compile(_any_special(special_tokens)) if special_tokens else None
+    word_freq = Counter()
+    for doc in docs:
+        for piece in cut.split(doc) if cut else [doc]:
+            word_freq.update(pat.findall(piece))
+    return word_freq
+
+
+def train_ranks(text, vocab_size: int, special_tokens=(EOT,), pat_str: str = GPT2_PAT,
                 verbose: bool = False) -> dict:
     """Learn byte-level BPE ranks (token bytes -> id) for `vocab_size` ids including specials.
+
+    `text` is a str, or an iterable of documents read one at a time (count_words): no word
+    spans two documents. A vocab_size too small is refused before any document is read.
+    """
+    _n_merges(vocab_size, special_tokens)
+    docs = [text] if isinstance(text, str) else text
+    return merge_ranks(count_words(docs, special_tokens, pat_str), vocab_size, special_tokens, verbose)
+
+
+def merge_ranks(word_freq: Counter, vocab_size: int, special_tokens=(EOT,), verbose: bool = False) -> dict:
+    """The BPE ranks learnt from `word_freq` (count_words: pre-tokenised word -> count).
 
     Counts are kept per unique pre-tokenised word with its frequency, so the corpus is
     visited once. A heap keyed by (-count, pair) finds the best pair; ties go to the pair of
@@ -135,18 +174,7 @@ def train_ranks(text: str, vocab_size: int, special_tokens=(EOT,), pat_str: str 
       (x, new), (new, y). Reading x and y as they are now makes runs work: in "a b a b" the
       second merge sees x = new, so (new, a), counted by the first, becomes (new, new).
     """
-    n_merges = vocab_size - 256 - len(special_tokens)
-    if n_merges < 0:
-        raise UserError(f"vocab_size {vocab_size} is too small: byte-level BPE needs 256 byte tokens "
-                        f"+ {len(special_tokens)} special token(s)")
-    # Special tokens separate documents; no merge may learn their spelling or cross them.
-    # Longest first, as encoding matches them: a special that starts another left that one's tail as text.
-    pieces = regex.split(_any_special(special_tokens), text) if special_tokens else [text]
-    pat = compile_pattern(pat_str)
-    word_freq = Counter()
-    for piece in pieces:
-        word_freq.update(pat.findall(piece))
-
+    n_merges = _n_merges(vocab_size, special_tokens)
     tok, prv, nxt, freq = [], [], [], []           # per position: token (-1: merged away), links, word count
     pair_count = defaultdict(int)
     where = defaultdict(set)                       # pair -> positions where it starts (some stale)
@@ -315,9 +343,10 @@ class BPETokenizer:
 
     # -- construction --------------------------------------------------------------------------
     @classmethod
-    def train(cls, text: str, vocab_size: int, special_tokens=(EOT,), pat_str: str = GPT2_PAT,
+    def train(cls, text, vocab_size: int, special_tokens=(EOT,), pat_str: str = GPT2_PAT,
               name: str = "bpe", verbose: bool = False) -> "BPETokenizer":
-        """Learn merges on `text` until there are `vocab_size` ids; specials take the last ids."""
+        """Learn merges on `text` until there are `vocab_size` ids; specials take the last ids.
+        `text`: a str, or an iterable of documents read one at a time (train_ranks)."""
         ranks = train_ranks(text, vocab_size, special_tokens, pat_str, verbose)
         specials = {s: len(ranks) + i for i, s in enumerate(special_tokens)}
         return cls(ranks, specials, pat_str, name=name)
@@ -850,15 +879,26 @@ def get_tokenizer(spec="default") -> BPETokenizer:
 def cmd_train(args):
     import time
 
-    from tritongpt.train.data import check_text_field, load_text
+    from tritongpt.train.data import CorpusStats, check_text_field, empty_corpus_error, iter_documents
 
     check_text_field(args.input, args.text_field)
-    text = load_text(args.input, text_field=args.text_field)
+    stats = CorpusStats()
+
+    def documents():
+        """The corpus one document at a time, named as it passes (the hash and length of the
+        documents joined with <|endoftext|>, as when the whole text was read first)."""
+        for doc in iter_documents(args.input, text_field=args.text_field):
+            stats.add(doc)
+            yield doc
+        if stats.blank:
+            raise empty_corpus_error(args.input)
+
     t0 = time.perf_counter()
-    tok = BPETokenizer.train(text, args.vocab_size, name=Path(args.out).stem, verbose=args.verbose)
-    tok.info.update(corpus_hash=text_hash(text), corpus_chars=len(text), source=str(args.input))
+    tok = BPETokenizer.train(documents(), args.vocab_size, name=Path(args.out).stem, verbose=args.verbose)
+    chars = stats.chars + len(EOT) * (stats.documents - 1)  # the joined text's length
+    tok.info.update(corpus_hash=stats.joined_hash, corpus_chars=chars, source=str(args.input))
     tok.save(args.out)
-    print(f"trained {tok.vocab_size} tokens on {len(text):,} characters in {time.perf_counter() - t0:.1f}s "
+    print(f"trained {tok.vocab_size} tokens on {chars:,} characters in {time.perf_counter() - t0:.1f}s "
           f"-> {args.out}")
     return 0
 
