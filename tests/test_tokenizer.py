@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 from tritongpt.errors import UserError
 from tritongpt.train import tokenizer as tkz
-from tritongpt.train.data import load_text
+from tritongpt.train.data import load_documents, load_text
 from tritongpt.train.tokenizer import EOT, BPETokenizer, bytes_to_unicode, get_tokenizer
 
 GPT2_DIR = Path(__file__).resolve().parent.parent.parent / "shared" / "gpt2"
@@ -597,6 +597,91 @@ def test_cli_train_encode_decode(tmp_path, capsys, corpus):
     assert "must hold our tokenizer.json (a run folder), GPT-2's encoder.json and vocab.bpe, or Hugging Face's vocab.json" in capsys.readouterr().err
     assert main(["bpe", "decode", "--tokenizer", str(out), "--ids", "300"]) == 2
     assert "out of range" in capsys.readouterr().err
+
+
+def _streamed_corpora(tmp_path, corpus):
+    """A folder of .txt files (one with <|endoftext|> inside, one document ending in a piece of
+    its spelling and the next starting with the rest) and a .jsonl whose record spells it."""
+    folder = tmp_path / "txt"
+    (folder / "sub").mkdir(parents=True)
+    (folder / "a.txt").write_text(corpus[:4000] + "<|endoftext" + EOT + "|>" + corpus[4000:6000], encoding="utf-8")
+    (folder / "sub" / "b.txt").write_text(corpus[6000:9000], encoding="utf-8")
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text("\n".join(json.dumps({"text": t}) for t in (corpus[9000:12000] + EOT + corpus[12000:13000],
+                                                               corpus[13000:15000])) + "\n", encoding="utf-8")
+    return folder, rows
+
+
+def test_cli_train_streams_and_matches_training_on_the_whole_text(tmp_path, capsys, corpus):
+    """bpe train reads its corpus a document at a time; the ranks, corpus_hash and corpus_chars
+    are what training on the documents joined with <|endoftext|> gives."""
+    from tritongpt.cli import main
+
+    for src in _streamed_corpora(tmp_path, corpus):
+        text, out = load_text(src), tmp_path / f"{src.name}.json"
+        assert main(["bpe", "train", "--input", str(src), "--vocab-size", str(256 + 1 + 20), "--out", str(out)]) == 0
+        assert f"on {len(text):,} characters" in capsys.readouterr().out
+        tok, want = BPETokenizer.load(out), BPETokenizer.train(text, 256 + 1 + 20)
+        assert tok.ranks == want.ranks and tok.special_tokens == want.special_tokens
+        assert tok.info["corpus_hash"] == tkz.text_hash(text) and tok.info["corpus_chars"] == len(text)
+        assert tkz.train_ranks(iter(load_documents(src)), 256 + 1 + 20) == want.ranks
+
+
+def test_cli_train_counts_each_document_before_reading_the_next(tmp_path, monkeypatch):
+    """The corpus is never held whole: load_text and load_documents are not called, and each
+    document is pre-tokenised before the next is asked for."""
+    from tritongpt.cli import main
+    from tritongpt.train import data
+
+    def held_whole(*a, **k):
+        raise AssertionError("bpe train read the whole corpus into memory")
+
+    monkeypatch.setattr(data, "load_text", held_whole)
+    monkeypatch.setattr(data, "load_documents", held_whole)
+    seen, real_compile = [], tkz.compile_pattern
+
+    class Recording:                                # the pre-tokeniser, noting what it splits
+        def __init__(self, pat):
+            self.pat = pat
+
+        def findall(self, text):
+            seen.append(text)
+            return self.pat.findall(text)
+
+        def __getattr__(self, name):
+            return getattr(self.pat, name)
+
+    monkeypatch.setattr(tkz, "compile_pattern", lambda *a, **k: Recording(real_compile(*a, **k)))
+
+    def documents(source, text_field="text"):
+        for i in range(5):
+            if i:
+                assert any(f"doc{i - 1} " in piece for piece in seen), \
+                    f"document {i} asked for before {i - 1} was counted"
+            yield f"doc{i} hello world, the quick brown fox {i}. " * 3
+
+    monkeypatch.setattr(data, "iter_documents", documents)
+    out = tmp_path / "tok.json"
+    assert main(["bpe", "train", "--input", "anything", "--vocab-size", str(256 + 1 + 20), "--out", str(out)]) == 0
+    assert BPETokenizer.load(out).info["corpus_chars"] == 5 * 3 * 41 + 4 * len(EOT)
+
+
+def test_cli_train_refuses_an_empty_corpus(tmp_path, capsys):
+    from tritongpt.cli import main
+
+    blank = tmp_path / "blank"
+    blank.mkdir()
+    (blank / "a.txt").write_text("  \n", encoding="utf-8")
+    (blank / "b.txt").write_text(f"{EOT}\n{EOT}", encoding="utf-8")
+    rows = tmp_path / "blank.jsonl"
+    rows.write_text('{"text": " "}\n{"text": "\\n"}\n', encoding="utf-8")
+    for src in (blank, rows):
+        with pytest.raises(UserError, match="the corpus is empty") as e:
+            load_text(src)
+        out = tmp_path / "t.json"
+        assert main(["bpe", "train", "--input", str(src), "--vocab-size", "300", "--out", str(out)]) == 2
+        assert capsys.readouterr().err.strip() == f"error: {e.value}"
+        assert not out.exists()
 
 
 # -- Hugging Face's GPT-2 tokenizer files (tritongpt export) -------------------------------------------
