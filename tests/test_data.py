@@ -725,3 +725,62 @@ def test_a_corpus_of_blank_documents_is_empty_to_tokenise(tmp_path, tok):
     for text in (f"words{EOT}  \n", f"  {EOT}words"):
         src.write_text(text, encoding="utf-8")
         assert prepare_tokens(str(src), tok, tmp_path / "c").meta["documents"] == 2
+
+
+def test_a_source_unchanged_on_disk_is_not_read_again(tmp_path, tok, monkeypatch):
+    """A start whose text source has the files, sizes and modification times its cache recorded
+    reads none of it (a 10 GB corpus was read and hashed in full at every start, by every DDP
+    rank); any file grown, touched, added or renamed, or another .jsonl field, is read and
+    named again. Same size and time is taken as unchanged (rsync's quick check): an edit that
+    restores both is not seen. A cache from before the record is read once, then recorded."""
+    import os
+
+    monkeypatch.setenv("TRITONGPT_CACHE", str(tmp_path / "cache"))
+    reads = []
+    real = data.iter_documents
+    monkeypatch.setattr(data, "iter_documents", lambda *a, **k: reads.append(1) or real(*a, **k))
+    folder = tmp_path / "texts"
+    folder.mkdir()
+    (folder / "a.txt").write_text("alpha beta gamma delta " * 20, encoding="utf-8")
+    (folder / "b.txt").write_text("one two three four " * 20, encoding="utf-8")
+
+    def prepared(cache=None, source=str(folder), **kw):
+        reads.clear()
+        td = prepare_tokens(source, tok, cache, **kw)
+        return td, len(reads)
+
+    for cache in (None, tmp_path / "mine"):
+        first, n = prepared(cache)
+        assert n == 2                                                      # named, then tokenised
+        again, n = prepared(cache, val_fraction=0.3)
+        assert n == 0 and again.path == first.path and again.meta["source_hash"] == first.meta["source_hash"]
+        assert again.tokens.tolist() == first.tokens.tolist() and len(again.val) == round(len(first.tokens) * 0.3)
+    a = folder / "a.txt"
+    when = a.stat().st_mtime_ns
+    for change in (lambda: a.write_text("alpha beta gamma delta " * 21, encoding="utf-8"),   # grown
+                   lambda: os.utime(a, ns=(when, when + 10**9)),                             # touched
+                   lambda: (folder / "c.txt").write_text("more", encoding="utf-8"),         # added
+                   lambda: (folder / "c.txt").rename(folder / "d.txt")):                    # renamed
+        change()
+        assert prepared()[1] >= 1
+        assert prepared()[1] == 0
+    # the same size and time back on other text: not seen
+    st = a.stat()
+    a.write_text("ALPHA" + a.read_text()[5:], encoding="utf-8")
+    os.utime(a, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert prepared()[1] == 0
+    # a .jsonl's other field is another source
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text('{"text": "alpha beta gamma", "body": "one two three"}\n' * 30, encoding="utf-8")
+    for field in ("text", "body"):
+        assert prepared(source={"source": str(rows), "text_field": field})[1] == 2
+    td, n = prepared(source={"source": str(rows), "text_field": "text"})
+    assert n == 0 and td.tokens.tolist() == tok.encode(("alpha beta gamma<|endoftext|>" * 30)[:-13],
+                                                       allowed_special="all")
+    # a cache made before sources were recorded: read once more, then recorded
+    meta_path = td.path.parent / "tokens.json"
+    meta = json.loads(meta_path.read_text())
+    del meta["source_stat"]
+    meta_path.write_text(json.dumps(meta))
+    assert prepared(source={"source": str(rows), "text_field": "text"})[1] == 1   # named; its tokens reused
+    assert prepared(source={"source": str(rows), "text_field": "text"})[1] == 0

@@ -387,14 +387,87 @@ def _token_folder(folder: Path, tokenizer, val_fraction) -> TokenData:
     return TokenData(train=train, val=val, meta=meta, path=folder)
 
 
+def _source_stat(src: dict):
+    """A text source as it stands on disk: each file's path, size and modification time (and the
+    .jsonl field read). While they are unchanged the text is taken as unchanged, as rsync's quick
+    check and make take it, so a start need not read and hash a large corpus again (once per
+    process under DDP). None for the built-in corpora, or a source iter_documents will refuse."""
+    name = src.get("source")
+    if name in (None, "pydoc", "stdlib"):
+        return None
+    path = Path(name).expanduser().resolve()
+    files = _txt_files(path) if path.is_dir() else [path] if path.is_file() else None
+    if files is None:
+        return None
+    return {"text_field": src.get("text_field", "text"),
+            "files": [[str(f), f.stat().st_size, f.stat().st_mtime_ns] for f in files]}
+
+
+def _read_meta(meta_path: Path):
+    """A cache's tokens.json, or None when it is missing or no JSON object (then it is rebuilt)."""
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    return meta if isinstance(meta, dict) else None
+
+
+def _cache_by_stat(cache_dir, want: dict, stat: dict):
+    """The cache made from the source as it stands now (`_source_stat`), found without reading the
+    source: (folder, meta), or None. cache_dir=None looks in the tritongpt cache's folders for
+    this tokenizer."""
+    if cache_dir is not None:
+        folders = [Path(cache_dir)]
+    else:
+        from tritongpt.train.tokenizer import default_cache_dir
+
+        folders = sorted((default_cache_dir() / "tokens").glob(f"*-{want['tokenizer_hash'][:16]}"))
+    for folder in folders:
+        meta = _read_meta(folder / "tokens.json")
+        if meta and meta.get("source_stat") == stat and _meta_matches(
+                meta, dict(want, source_hash=meta.get("source_hash")), folder / "tokens.bin"):
+            return folder, meta
+    return None
+
+
+def _tokenise(src: dict, tokenizer, cache_dir, want: dict, verbose: bool):
+    """Name the source by hash, then (when the cache does not match) tokenise it: two passes over
+    the source, one document at a time, so a corpus larger than memory can be prepared."""
+    stats = CorpusStats(iter_documents(**src))
+    if stats.blank:
+        raise empty_corpus_error(src["source"])
+    want = dict(want, source_hash=stats.source_hash)
+    if cache_dir is None:
+        from tritongpt.train.tokenizer import default_cache_dir
+
+        cache_dir = default_cache_dir() / "tokens" / f"{want['source_hash'][:16]}-{want['tokenizer_hash'][:16]}"
+    cache_dir = Path(cache_dir)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    bin_path, meta_path = cache_dir / "tokens.bin", cache_dir / "tokens.json"
+    meta = _read_meta(meta_path)
+    if meta is None or not _meta_matches(meta, want, bin_path):
+        if verbose:
+            print(f"tokenising {src['source'] or 'pydoc'} with {tokenizer.name} -> {bin_path}")
+        meta_path.unlink(missing_ok=True)           # no meta while the .bin is being rewritten
+        n = _write_tokens(iter_documents(**src), tokenizer, bin_path, np.dtype(want["dtype"]))
+        # joined_hash: how the source was named before documents were hashed apart (the text
+        # joined with <|endoftext|>), so that a resume of an older checkpoint knows its data
+        meta = dict(want, n_tokens=n, source=str(src["source"] or "pydoc"), tokenizer=tokenizer.name,
+                    eot_id=tokenizer.eot_id, chars=stats.chars, documents=stats.documents,
+                    joined_hash=stats.joined_hash)
+    return cache_dir, meta
+
+
 def prepare_tokens(source, tokenizer, cache_dir=None, val_fraction: float | None = None,
                    verbose: bool = False) -> TokenData:
     """Tokenise `source` into cache_dir/tokens.bin (+ tokens.json meta) unless a matching copy exists.
 
     The cache is reused only when the source text, the tokenizer and the file size all match
     what the meta file records; anything else is rebuilt. cache_dir=None picks a folder under
-    the tritongpt cache named by those hashes. A .bin source or a nanoGPT folder is token ids
-    already: no cache. val_fraction: the held-out tail (None: 0.1, or a nanoGPT folder's val.bin).
+    the tritongpt cache named by those hashes. A source file or folder whose files' sizes and
+    times are those the meta records is not read again (`_source_stat`). A .bin source or a
+    nanoGPT folder is token ids already: no cache. val_fraction: the held-out tail (None: 0.1, or
+    a nanoGPT folder's val.bin).
     """
     if val_fraction is not None and not 0.0 <= val_fraction < 1.0:
         raise UserError(f"val_fraction must be in [0, 1), got {val_fraction}")
@@ -405,52 +478,27 @@ def prepare_tokens(source, tokenizer, cache_dir=None, val_fraction: float | None
     val_fraction = 0.1 if val_fraction is None else val_fraction
     if path is not None and _is_token_file(path):
         return _token_file(path, tokenizer, val_fraction)
-    # two passes over the source, one document at a time: one names it, the other (when the cache
-    # does not match) tokenises it, so a corpus larger than memory can be prepared
     src = source if isinstance(source, dict) else {"source": source}
-    stats = CorpusStats(iter_documents(**src))
-    if stats.blank:
-        raise empty_corpus_error(src["source"])
     dtype = token_dtype(tokenizer.vocab_size)
-    want = {"format": META_FORMAT, "source_hash": stats.source_hash, "tokenizer_hash": tokenizer.hash,
-            "vocab_size": tokenizer.vocab_size, "dtype": np.dtype(dtype).name}
-    if cache_dir is None:
-        from tritongpt.train.tokenizer import default_cache_dir
-
-        cache_dir = default_cache_dir() / "tokens" / f"{want['source_hash'][:16]}-{want['tokenizer_hash'][:16]}"
-    cache_dir = Path(cache_dir)
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    bin_path, meta_path = cache_dir / "tokens.bin", cache_dir / "tokens.json"
-
-    meta = None
-    if meta_path.is_file():
-        try:
-            meta = json.loads(meta_path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            meta = None
-        if not isinstance(meta, dict):              # JSON, but no meta (a list, null): rebuilt too
-            meta = None
-    if meta is None or not _meta_matches(meta, want, bin_path):
-        if verbose:
-            print(f"tokenising {source or 'pydoc'} with {tokenizer.name} -> {bin_path}")
-        meta_path.unlink(missing_ok=True)           # no meta while the .bin is being rewritten
-        n = _write_tokens(iter_documents(**src), tokenizer, bin_path, dtype)
-        # joined_hash: how the source was named before documents were hashed apart (the text
-        # joined with <|endoftext|>), so that a resume of an older checkpoint knows its data
-        meta = dict(want, n_tokens=n, source=str(source or "pydoc"), tokenizer=tokenizer.name,
-                    eot_id=tokenizer.eot_id, chars=stats.chars, documents=stats.documents,
-                    joined_hash=stats.joined_hash)
+    want = {"format": META_FORMAT, "tokenizer_hash": tokenizer.hash, "vocab_size": tokenizer.vocab_size,
+            "dtype": np.dtype(dtype).name}
+    stat = _source_stat(src)  # before any read: a file changed while it is read is read again next time
+    found = _cache_by_stat(cache_dir, want, stat) if stat else None
+    cache_dir, meta = found or _tokenise(src, tokenizer, cache_dir, want, verbose)
+    meta_path = cache_dir / "tokens.json"
     n = meta["n_tokens"]
     split = n - int(round(n * val_fraction))
-    if meta.get("split") != split or meta.get("val_fraction") != val_fraction or not meta_path.is_file():
-        meta.update(split=split, val_fraction=val_fraction)
+    if (meta.get("split"), meta.get("val_fraction"), meta.get("source_stat")) != (split, val_fraction, stat) \
+            or not meta_path.is_file():
+        meta.update(split=split, val_fraction=val_fraction, source_stat=stat)
         tmp = meta_path.with_name(f".{meta_path.name}.{os.getpid()}.tmp")
         tmp.write_text(json.dumps(meta, indent=1))
         os.replace(tmp, meta_path)
     if n == 0:
         raise UserError(f"{source}: tokenised to zero tokens")
-    tokens = np.memmap(bin_path, dtype=dtype, mode="r", shape=(n,))
-    return TokenData(train=tokens[:split], val=tokens[split:], meta=meta, path=bin_path, tokens=tokens)
+    tokens = np.memmap(cache_dir / "tokens.bin", dtype=dtype, mode="r", shape=(n,))
+    return TokenData(train=tokens[:split], val=tokens[split:], meta=meta, path=cache_dir / "tokens.bin",
+                     tokens=tokens)
 
 
 # -- batches --------------------------------------------------------------------------------------
