@@ -113,10 +113,19 @@ def test_python_api_on_jsonl_with_a_text_field(corpus, tmp_path):
 
 
 def test_defaults_are_the_readme_main_job():
+    """No flags: the tiny preset with the default tokenizer on the embedded corpus (--model and
+    --tokenizer default to None so that --init can name them instead)."""
+    from tritongpt.model.config import get_config
+    from tritongpt.train.loop import TrainArgs
+    from tritongpt.train.pretrain import check_args
+
     a = parse_args([])
-    assert (a.model, a.data, a.tokenizer, a.kernels, a.device, a.dtype, a.out_dir) == \
-        ("tiny", None, "default", "auto", "auto", "auto", "runs/pretrain")
+    assert (a.model, a.init, a.data, a.tokenizer, a.kernels, a.device, a.dtype, a.out_dir) == \
+        (None, None, None, None, "auto", "auto", "auto", "runs/pretrain")
     assert a.max_steps > 0 and a.resume is None and not a.compile
+    model, tok, block, _ = check_args(a, TrainArgs.from_namespace(a))
+    assert tok.name == "default" and block == 128
+    assert model.config.to_dict() == get_config("tiny", vocab_size=tok.vocab_size).to_dict()
 
 
 def test_model_vocab_follows_the_tokenizer_except_gpt2_with_gpt2():
@@ -241,6 +250,49 @@ def test_a_resume_names_another_dropout(corpus, tmp_path, capsys):
     assert "note: resuming with --dropout 0.0 (the run had 0.1)" in capsys.readouterr().err
     assert main(["pretrain", *argv(corpus, out, "--max-steps", "1", "--resume", "--dropout", "0.1", *short)]) == 0
     assert "note: resuming" not in capsys.readouterr().err
+
+
+
+def test_init_starts_from_a_runs_weights(corpus, tmp_path, capsys):
+    """--init RUN (nanoGPT's init_from) trains on from that run's weights, with its tokenizer and
+    its shape (at --lr tiny, the new run's weights are the old ones to ~1e-6, where a fresh start's are
+    not); --dropout and --vocab-multiple apply to them; --block-size is held to their context; a
+    resume under another --init says so; a path that is no checkpoint is refused."""
+    from safetensors.torch import load_file
+
+    short = ("--eval-every", "0", "--sample-tokens", "0", "--log-every", "0", "--max-steps", "1")
+    first = tmp_path / "first"
+    assert main(["pretrain", *argv(corpus, first, *short, "--model", "mini")]) == 0
+    capsys.readouterr()
+    # no --tokenizer: the run's own is found beside its weights
+    base = [a for a in argv(corpus, tmp_path / "next", *short) if a not in ("--tokenizer", str(corpus.tok))]
+    assert main(["pretrain", *base, "--init", str(first), "--lr", "1e-9", "--min-lr", "0"]) == 0
+    out = capsys.readouterr().out
+    assert f"pretrain: --init {first} (" in out and "(small tokenizer)" in out
+    was = load_file(first / "ckpt-0000001" / "model.safetensors")
+    now = load_file(tmp_path / "next" / "ckpt-0000001" / "model.safetensors")
+    assert was.keys() == now.keys() and all((was[k] - now[k]).abs().max() < 1e-5 for k in was)
+    assert (tmp_path / "next" / "tokenizer.json").read_text() == (first / "tokenizer.json").read_text()
+    fresh = tmp_path / "fresh"
+    assert main(["pretrain", *argv(corpus, fresh, *short, "--model", "mini", "--seed", "7")]) == 0
+    new = load_file(fresh / "ckpt-0000001" / "model.safetensors")
+    assert (was["out_head.weight"] - new["out_head.weight"]).abs().max() > 1e-2
+    capsys.readouterr()
+
+    more = tmp_path / "more"
+    assert main(["pretrain", *argv(corpus, more, *short), "--init", str(first), "--dropout", "0.2",
+                 "--vocab-multiple", "64"]) == 0
+    cfg = GPTModel.load(more / "ckpt-0000001" / "model.safetensors").config
+    assert (cfg.dropout, cfg.vocab_size, cfg.padded_vocab_size, cfg.n_layer) == (0.2, 300, 320, 6)  # mini
+    capsys.readouterr()
+    assert main(["pretrain", *argv(corpus, more, *short), "--init", str(fresh), "--resume", "--dropout", "0.2",
+                 "--vocab-multiple", "64"]) == 0
+    assert f"note: resuming with --init {fresh} (the run had {first})" in capsys.readouterr().err
+    for bad, said in ((["--init", str(tmp_path / "none")], "--init '" + str(tmp_path / "none") + "': no checkpoint"),
+                      (["--init", str(first), "--block-size", "999"],
+                       f"--block-size 999 is longer than --init {first}'s context length 256")):
+        assert main(["pretrain", *argv(corpus, tmp_path / "bad", *short), *bad]) == 2
+        assert said in capsys.readouterr().err
 
 
 def test_fp16_from_the_command_line(corpus, tmp_path, capsys):

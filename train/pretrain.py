@@ -7,6 +7,9 @@ tokenizer to --out-dir. On a GPU:
 
     tritongpt pretrain --model gpt2-small --kernels triton --dtype bf16
 
+`--init` starts from trained weights instead (a run, a GPT-2 file or name), as nanoGPT's
+init_from does to fine-tune GPT-2 on Shakespeare with the pretraining objective.
+
 The pieces: train.data tokenises the corpus once into a memmap (or memmaps a .bin of token
 ids where it lies) and draws random windows;
 the model is a GPTModel whose vocabulary is the tokenizer's and which computes its own loss
@@ -28,8 +31,12 @@ def add_args(p: argparse.ArgumentParser):
     from tritongpt.commands import add_model_args, add_vocab_multiple_arg
     from tritongpt.train.loop import add_train_args
 
-    add_model_args(p, default_model="tiny")
-    add_vocab_multiple_arg(p, 1, "1, no padding")
+    add_model_args(p, default_model=None, default_text="tiny; with --init, what its weights hold")
+    p.add_argument("--init", default=None,
+                   help="start from these weights, not random ones (nanoGPT's init_from): a tritongpt checkpoint "
+                        "(run folder, ckpt folder or .safetensors), a Hugging Face GPT-2 model.safetensors, or a "
+                        "GPT-2 name (gpt2-small ...: downloads the pretrained weights); the model's shape is theirs")
+    add_vocab_multiple_arg(p, 1, "1, no padding; with --init, as its weights have them")
     d = p.add_argument_group("data")
     d.add_argument("--data", default=None,
                    help="training text: a file, a folder of .txt files, a .jsonl file, or 'pydoc' / "
@@ -38,8 +45,9 @@ def add_args(p: argparse.ArgumentParser):
                         "place, any size; with --tokenizer gpt2)")
     d.add_argument("--text-field", default="text",
                    help="field holding the text in .jsonl rows (default %(default)s)")
-    d.add_argument("--tokenizer", default="default",
-                   help="default (BPE-4096 on the embedded corpus) | gpt2 | path to a tokenizer JSON")
+    d.add_argument("--tokenizer", default=None,
+                   help="default (BPE-4096 on the embedded corpus) | gpt2 | path to a tokenizer JSON (default: "
+                        "default; with --init, the one saved with its run, else gpt2 for a 50257 vocab)")
     d.add_argument("--block-size", type=int, default=None,
                    help="tokens per training sequence (default: the model's context length)")
     d.add_argument("--val-fraction", type=float, default=None,
@@ -99,34 +107,56 @@ class DataPosition:
 
 
 def check_args(args, targs):
-    """The flags' own errors, before any slow work: -> (model config, tokenizer, block size, prompt ids)."""
+    """The flags' own errors, before any slow work, then the model: -> (model, tokenizer, block size,
+    prompt ids). The model is --init's weights, or the preset's random ones (seeded by --seed)."""
     from tritongpt.commands import vocab_multiple
     from tritongpt.model.config import get_config
-    from tritongpt.train import data
+    from tritongpt.model.gpt import GPTModel
+    from tritongpt.train import common, data
     from tritongpt.train.generate import check_sampling
+    from tritongpt.train.sft import load_init_model, pick_tokenizer
     from tritongpt.train.tokenizer import get_tokenizer
 
     targs.validate()
-    cfg = get_config(args.model)  # unknown model: a UserError before any slow work
+    if args.init is None:
+        get_config(args.model or "tiny")  # unknown model: a UserError before any slow work
     if args.dropout is not None and not 0.0 <= args.dropout < 1.0:
         raise UserError(f"--dropout must be in [0, 1), got {args.dropout}")
     data.check_text_field(args.data, args.text_field)
     if Path(str(args.data or "")).suffix == ".json":
         note(f"{args.data} is read as plain text, brackets and keys included (JSON records "
              "are read from .jsonl files, one object per line)")
-    tok = get_tokenizer(args.tokenizer)
-    cfg = get_config(args.model, vocab_size=model_vocab(args.model, tok, cfg.vocab_size), dropout=args.dropout,
-                     vocab_multiple=vocab_multiple(args))
-    block = cfg.context_length if args.block_size is None else args.block_size
+    check_sampling(args.temperature, args.top_k, flags=True)  # not at the first sample, steps later
+    vocab_multiple(args)
+    common.set_seed(targs.seed)  # the preset's random weights (and --init tiny's)
+    if args.init is not None:
+        # --model only when given: it names the heads of a GPT-2 file without its config.json
+        model = load_init_model(args.init, args.model)
+        if args.vocab_multiple > 1:
+            model = model.pad_vocab(args.vocab_multiple)
+        if args.dropout is not None:
+            model.set_dropout(args.dropout)
+        tok = pick_tokenizer(args.tokenizer, args.init, model.config.vocab_size)
+    else:
+        tok = get_tokenizer(args.tokenizer or "default")
+        name = args.model or "tiny"
+        cfg = get_config(name, vocab_size=model_vocab(name, tok, get_config(name).vocab_size),
+                         dropout=args.dropout, vocab_multiple=args.vocab_multiple)
+        model = GPTModel(cfg)
+    context = model.config.context_length
+    block = context if args.block_size is None else args.block_size
     if block <= 0:
         raise UserError(f"--block-size must be positive, got {block}")
-    if block > cfg.context_length:
-        raise UserError(f"--block-size {block} is longer than {args.model}'s context length {cfg.context_length}")
-    check_sampling(args.temperature, args.top_k, flags=True)  # not at the first sample, steps later
+    if block > context:
+        raise UserError(f"--block-size {block} is longer than {model_name(args)}'s context length {context}")
     prompt_ids = tok.encode(args.prompt, allowed_special="all") or [tok.eot_id]
-    if len(prompt_ids) > cfg.context_length:
-        raise UserError(f"--prompt is {len(prompt_ids)} tokens; the context is {cfg.context_length}")
-    return cfg, tok, block, prompt_ids
+    if len(prompt_ids) > context:
+        raise UserError(f"--prompt is {len(prompt_ids)} tokens; the context is {context}")
+    return model, tok, block, prompt_ids
+
+
+def model_name(args) -> str:
+    return f"--init {args.init}" if args.init is not None else args.model or "tiny"
 
 
 def load_splits(args, tok, block, batch_size, trainer) -> dict:
@@ -159,7 +189,7 @@ def load_splits(args, tok, block, batch_size, trainer) -> dict:
 def print_header(args, targs, model, tok, block, splits, trainer):
     cfg, n_train, n_val = model.config, len(splits["train"]), len(splits["val"])
     padded = f" padded to {cfg.padded_vocab_size}" if cfg.padded_vocab_size != cfg.vocab_size else ""
-    print(f"pretrain: {args.model} ({model.num_params() / 1e6:.2f}M params, vocab {cfg.vocab_size}{padded}, "
+    print(f"pretrain: {model_name(args)} ({model.num_params() / 1e6:.2f}M params, vocab {cfg.vocab_size}{padded}, "
           f"context {cfg.context_length}"
           f"{f', trained on {block}-token blocks' if block != cfg.context_length else ''}) "
           f"on {trainer.device} ({str(trainer.dtype).replace('torch.', '')}, kernels {cfg.kernels}"
@@ -174,16 +204,13 @@ def pretrain(args) -> dict:
 
     Returns the Trainer's final dict plus first_val_loss, n_params, train_tokens, val_tokens.
     """
-    from tritongpt.model.gpt import GPTModel
     from tritongpt.train import common, data
     from tritongpt.train.generate import generate
     from tritongpt.train.loop import TrainArgs, Trainer, loss_eval_fn
     from tritongpt.train.tokenizer import RUN_TOKENIZER, save_run_tokenizer
 
     targs = TrainArgs.from_namespace(args)
-    cfg, tok, block, prompt_ids = check_args(args, targs)
-    common.set_seed(targs.seed)
-    model = GPTModel(cfg)
+    model, tok, block, prompt_ids = check_args(args, targs)
     splits = {}  # filled once the Trainer has set up the processes (rank 0 tokenises first)
 
     def get_batch(split, generator):
@@ -206,7 +233,8 @@ def pretrain(args) -> dict:
     eval_fn = loss_eval_fn(loss_fn, get_eval_batch, targs.eval_batches, seed=targs.seed + 10_000)
     trainer = Trainer(model, targs, loss_fn, get_batch, eval_fn=eval_fn,
                       sample_fn=sample_fn if args.sample_tokens > 0 else None,
-                      name="pretrain", data_state=DataPosition(args, tok, block, splits))
+                      name="pretrain", data_state=DataPosition(args, tok, block, splits),
+                      run_args={"init": common.data_path(args.init)})
     try:
         splits.update(load_splits(args, tok, block, targs.batch_size, trainer))
     except BaseException:

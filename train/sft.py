@@ -383,9 +383,10 @@ def per_task_accuracy(rows) -> dict:
 
 
 # -- model and tokenizer ------------------------------------------------------------------------------
-def load_init_model(init: str):
+def load_init_model(init: str, model_name: str | None = None):
     """--init: a tritongpt checkpoint (file, ckpt folder or run folder), a Hugging Face GPT-2
-    safetensors file, a GPT-2 name (pretrained weights), or tiny/mini (random weights)."""
+    safetensors file, a GPT-2 name (pretrained weights), or tiny/mini (random weights).
+    model_name: the preset naming the heads of a GPT-2 file without its config.json."""
     from tritongpt.model.config import PRESETS, get_config
     from tritongpt.model.gpt import GPTModel
 
@@ -393,7 +394,7 @@ def load_init_model(init: str):
 
     p = Path(init).expanduser()
     if p.exists():
-        return load_checkpoint(p)
+        return load_checkpoint(p, model_name)
 
     if init in HUB_REPOS:
         return load_gpt2_pretrained(init)
