@@ -18,7 +18,8 @@ def test_help_lists_every_command(module):
     """`python -m tritongpt.cli` (torchrun's form) and `python -m tritongpt` are the `tritongpt` script."""
     out = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
-    for cmd in ("info", "generate", "bpe", "pretrain", "sft", "reward", "rlhf", "dpo", "bench", "export", "eval"):
+    for cmd in ("info", "generate", "bpe", "pretrain", "sft", "reward", "rlhf", "dpo", "bench", "export", "eval",
+                "hellaswag"):
         assert cmd in out.stdout, cmd
     bad = subprocess.run([sys.executable, "-m", module, "generate"], capture_output=True, text=True)
     assert bad.returncode == 2 and "--prompt" in bad.stderr  # its exit status is main()'s

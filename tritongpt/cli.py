@@ -16,6 +16,7 @@ COMMAND_MODULES = [
     "tritongpt.train.rlhf",
     "tritongpt.train.dpo",
     "tritongpt.train.evaluate",
+    "tritongpt.train.hellaswag",
 ]
 
 

@@ -1,0 +1,160 @@
+"""`tritongpt hellaswag`: the rows an example becomes, the scores against a direct float64
+computation, the file's checks, the download, and the command line."""
+import json
+
+import pytest
+import torch
+
+from tritongpt.cli import main
+from tritongpt.errors import UserError
+from tritongpt.model.config import GPTConfig
+from tritongpt.model.gpt import GPTModel
+from tritongpt.train import hellaswag
+from tritongpt.train.data import load_text
+from tritongpt.train.tokenizer import BPETokenizer
+
+WORDS = ("the cat sat on a mat while dogs ran far away from home and then came back to eat some "
+         "bread with jam under a tree near the river bank").split()
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return BPETokenizer.train(load_text("pydoc")[:20000], 300, name="small")
+
+
+def random_examples(n, seed):
+    g = torch.Generator().manual_seed(seed)
+
+    def text(lo, hi):
+        k = int(torch.randint(lo, hi, (1,), generator=g))
+        return " ".join(WORDS[int(i)] for i in torch.randint(len(WORDS), (k,), generator=g))
+
+    return [{"ctx": text(3, 12), "endings": [text(1, 9) for _ in range(4)],
+             "label": int(torch.randint(4, (1,), generator=g))} for _ in range(n)]
+
+
+def test_an_example_is_its_endings_after_the_context_with_only_their_tokens_counted(tok):
+    ex = {"ctx": "The cat sat", "endings": ["on the mat.", "away", "under a tree near the river"], "label": 0}
+    ctx = tok.encode("The cat sat")
+    inputs, targets = hellaswag.render(ex, tok, context=64)
+    width = max(len(ctx) + len(tok.encode(" " + e)) for e in ex["endings"]) - 1
+    assert inputs.shape == targets.shape == (3, width)
+    for i, ending in enumerate(ex["endings"]):
+        end = tok.encode(" " + ending)
+        row = ctx + end
+        assert inputs[i, :len(row) - 1].tolist() == row[:-1]
+        counted = targets[i][targets[i] != -100].tolist()
+        assert counted == end and targets[i, len(ctx) - 2] == -100  # the ending's tokens, in order
+        assert targets[i, :len(ctx) - 1].eq(-100).all() and targets[i, len(row) - 1:].eq(-100).all()
+    # a row past the context keeps its last tokens: the ending whole, the context's tail
+    inputs, targets = hellaswag.render(ex, tok, context=6)
+    end = tok.encode(" under a tree near the river")
+    row = (ctx + end)[-7:]
+    assert inputs[2].tolist() == row[:-1] and targets[2][targets[2] != -100].tolist() == end[-6:]
+
+
+def test_scores_match_each_ending_scored_alone_in_float64(tok):
+    """acc and acc_norm as a direct computation gives them: each ending run alone after its
+    context through the float64 model, -log p of its tokens summed (acc) and averaged (acc_norm)."""
+    torch.manual_seed(3)
+    model = GPTModel(GPTConfig(vocab_size=tok.vocab_size, context_length=24, n_embd=32, n_layer=2, n_head=2))
+    examples = random_examples(30, seed=4)
+    right = right_norm = 0
+    model64 = GPTModel(model.config).double().eval()
+    model64.load_state_dict(model.state_dict())
+    for ex in examples:
+        sums, means = [], []
+        for ending in ex["endings"]:
+            ctx, end = tok.encode(ex["ctx"]), tok.encode(" " + ending)
+            row = torch.tensor((ctx + end)[-25:])
+            with torch.no_grad():
+                logp = torch.log_softmax(model64(row[None, :-1]), dim=-1)[0]
+            nll = -logp[torch.arange(len(row) - 1), row[1:]][-len(end):]
+            sums.append(float(nll.sum()))
+            means.append(float(nll.mean()))
+        right += min(range(4), key=sums.__getitem__) == ex["label"]
+        right_norm += min(range(4), key=means.__getitem__) == ex["label"]
+    got = hellaswag.score(model, tok, examples)
+    assert got["examples"] == 30
+    assert (got["acc"], got["acc_norm"]) == (right / 30, right_norm / 30)
+    assert right != right_norm  # the two figures differ here: neither can stand in for the other
+    assert model.training  # left in the mode it was in
+
+
+def test_a_file_that_is_not_hellaswag_is_named(tmp_path):
+    path = tmp_path / "h.jsonl"
+    good = {"ctx": "A man", "endings": ["runs.", "sits."], "label": 1, "activity_label": "x"}
+    path.write_text(json.dumps(good) + "\n\n")
+    assert hellaswag.read_examples(path) == [{"ctx": "A man", "endings": ["runs.", "sits."], "label": 1}]
+    for row, said in (("{", "h.jsonl:1: not valid JSON"),
+                      ("[1]", "h.jsonl:1: expected a JSON object, got list"),
+                      (dict(good, ctx=""), "'ctx' must be the context text"),
+                      (dict(good, endings=["only one"]), "'endings' must be a list of at least 2 texts"),
+                      (dict(good, endings=["a", 3]), "'endings' must be a list of at least 2 texts"),
+                      (dict(good, label=2), r"'label' must be the index of the right ending \(0..1\), got 2"),
+                      (dict(good, label=True), "'label' must be the index"),
+                      (dict(good, label="1"), "'label' must be the index")):
+        path.write_text(json.dumps(good) + "\n" + (row if isinstance(row, str) else json.dumps(row)) + "\n")
+        with pytest.raises(UserError, match=said.replace("h.jsonl:1", "h.jsonl:2")):
+            hellaswag.read_examples(path)
+    path.write_text("\n")
+    with pytest.raises(UserError, match="h.jsonl: no examples"):
+        hellaswag.read_examples(path)
+
+
+def test_the_validation_split_is_downloaded_once(tmp_path, monkeypatch):
+    import urllib.request
+
+    fetched = []
+
+    def fetch(url, to):
+        fetched.append(url)
+        with open(to, "w") as f:
+            f.write(json.dumps({"ctx": "A", "endings": ["b", "c"], "label": 0}) + "\n")
+
+    monkeypatch.setattr(urllib.request, "urlretrieve", fetch)
+    path = hellaswag.download(tmp_path)
+    assert path == tmp_path / "hellaswag" / "hellaswag_val.jsonl" and hellaswag.download(tmp_path) == path
+    assert fetched == [hellaswag.URL] and len(hellaswag.read_examples(path)) == 1
+
+    def offline(url, to):
+        open(to, "w").write("half a fi")
+        raise OSError("no network")
+
+    monkeypatch.setattr(urllib.request, "urlretrieve", offline)
+    with pytest.raises(UserError, match="could not download HellaSwag .* no network; pass --data"):
+        hellaswag.download(tmp_path / "other")
+    assert not any((tmp_path / "other" / "hellaswag").iterdir())  # no partial file left to be taken as whole
+
+
+def test_the_command_scores_a_run(tok, tmp_path, capsys):
+    """hellaswag --weights RUN --data FILE: the run's saved tokenizer, the same figures as
+    score(), --max-examples, --json; bad flags are one-line errors."""
+    torch.manual_seed(5)
+    model = GPTModel(GPTConfig(vocab_size=tok.vocab_size, context_length=24, n_embd=32, n_layer=2, n_head=2))
+    run = tmp_path / "run"
+    run.mkdir()
+    model.save(run / "model.safetensors")
+    tok.save(run / "tokenizer.json")
+    examples = random_examples(12, seed=6)
+    data = tmp_path / "val.jsonl"
+    data.write_text("".join(json.dumps(e) + "\n" for e in examples))
+    base = ["hellaswag", "--weights", str(run), "--data", str(data), "--device", "cpu"]
+    assert main(base + ["--json", "--max-examples", "10"]) == 0
+    got = json.loads(capsys.readouterr().out)
+    want = hellaswag.score(model, tok, examples[:10])
+    assert (got["examples"], got["acc"], got["acc_norm"], got["tokenizer"]) == \
+        (10, want["acc"], want["acc_norm"], "small")
+    # the Triton path (the interpreter here) scores the same
+    assert main(base + ["--json", "--max-examples", "3", "--kernels", "triton"]) == 0
+    tri = json.loads(capsys.readouterr().out)
+    ref = hellaswag.score(model, tok, examples[:3])
+    assert tri["kernels"] == ["attention", "cross_entropy", "layernorm", "mlp"]
+    assert (tri["acc"], tri["acc_norm"]) == (ref["acc"], ref["acc_norm"])
+    assert main(base) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("hellaswag: 12 examples: acc ") and "acc_norm" in out
+    for bad, said in ((["--max-examples", "0"], "--max-examples must be at least 1, got 0"),
+                      (["--data", str(tmp_path / "none.jsonl")], "none.jsonl")):
+        assert main(base + bad) == 2
+        assert said in capsys.readouterr().err

@@ -1,0 +1,170 @@
+"""`tritongpt hellaswag`: multiple-choice accuracy on HellaSwag (Zellers et al., 2019), the
+common-sense benchmark nanoGPT's successors (build-nanogpt, llm.c) track while pretraining GPT-2.
+
+Each example is a context and four endings, one of them right. The model does not generate:
+each ending is scored by the loss of its tokens after the context, and the likeliest ending is
+its answer (nothing to parse, so even a small model gets a number that moves):
+
+    acc       the ending with the lowest summed loss
+    acc_norm  the ending with the lowest mean loss per token (longer endings are not penalised
+              for their length: build-nanogpt's and llm.c's figure; GPT-2 124M scores ~0.29)
+
+The four rows of an example are one batch: context + " " + ending, right-padded, with only the
+ending's targets counted. A row longer than the model's context keeps its last tokens.
+"""
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from tritongpt.errors import UserError
+
+URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"
+
+
+def download(cache_dir=None) -> Path:
+    """The validation split (10,042 examples, ~11 MB), fetched once into the tritongpt cache."""
+    import os
+    import urllib.request
+
+    from tritongpt.train.tokenizer import default_cache_dir
+
+    path = default_cache_dir(cache_dir) / "hellaswag" / "hellaswag_val.jsonl"
+    if path.is_file():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        urllib.request.urlretrieve(URL, tmp)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise UserError(f"could not download HellaSwag from {URL} (offline?): {e}; pass --data with the "
+                        "hellaswag_val.jsonl file") from None
+    os.replace(tmp, path)
+    return path
+
+
+def read_examples(path) -> list:
+    """HellaSwag's .jsonl: per line an object with ctx (the context), endings (a list of strings)
+    and label (the index of the right one); other fields are ignored."""
+    examples = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise UserError(f"{where}: not valid JSON ({e.msg}, column {e.colno})") from None
+            if not isinstance(row, dict):
+                raise UserError(f"{where}: expected a JSON object, got {type(row).__name__}")
+            ctx, endings, label = row.get("ctx"), row.get("endings"), row.get("label")
+            if not isinstance(ctx, str) or not ctx.strip():
+                raise UserError(f"{where}: 'ctx' must be the context text, got {ctx!r}")
+            if not (isinstance(endings, list) and len(endings) >= 2 and all(isinstance(e, str) and e.strip()
+                                                                           for e in endings)):
+                raise UserError(f"{where}: 'endings' must be a list of at least 2 texts, got {endings!r}")
+            if isinstance(label, bool) or not isinstance(label, int) or not 0 <= label < len(endings):
+                raise UserError(f"{where}: 'label' must be the index of the right ending "
+                                f"(0..{len(endings) - 1}), got {label!r}")
+            examples.append({"ctx": ctx, "endings": endings, "label": label})
+    if not examples:
+        raise UserError(f"{path}: no examples")
+    return examples
+
+
+def render(example: dict, tok, context: int):
+    """The rows of one example: (inputs [E, T], targets [E, T]) with -100 wherever a target is
+    not one of the ending's tokens (the context, the padding)."""
+    ctx = tok.encode(example["ctx"], allowed_special="none")
+    rows, starts = [], []
+    for ending in example["endings"]:
+        end = tok.encode(" " + ending, allowed_special="none")  # endings follow the context after a space
+        row = (ctx + end)[-(context + 1):]  # one more than the context: inputs and targets overlap
+        rows.append(row)
+        starts.append(len(row) - len(end))   # the first target that is the ending's (may be cut: < 0)
+    width = max(map(len, rows)) - 1
+    inputs = torch.zeros(len(rows), width, dtype=torch.long)
+    targets = torch.full((len(rows), width), -100, dtype=torch.long)
+    for i, (row, start) in enumerate(zip(rows, starts)):
+        inputs[i, :len(row) - 1] = torch.tensor(row[:-1])
+        first = max(start, 1) - 1             # target position t predicts row[t + 1]
+        targets[i, first:len(row) - 1] = torch.tensor(row[first + 1:])
+    return inputs, targets
+
+
+@torch.no_grad()
+def score(model, tok, examples, dtype=None, progress: bool = False) -> dict:
+    """acc and acc_norm of `model` on `examples` (see the module docstring), on the model's own
+    loss, so the kernel toggle's path is what is measured."""
+    from tritongpt.train.common import autocast
+
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    right = right_norm = 0
+    start = time.perf_counter()
+    try:
+        for ex in tqdm(examples, desc="hellaswag", unit="example", disable=not progress, file=sys.stderr):
+            inputs, targets = render(ex, tok, model.config.context_length)
+            with autocast(device, dtype):
+                losses = model(inputs.to(device), targets=targets.to(device), reduction="none").double()
+            counted = (targets != -100).sum(dim=1).to(device)
+            total = losses.sum(dim=1)
+            right += int(total.argmin()) == ex["label"]
+            right_norm += int((total / counted).argmin()) == ex["label"]
+    finally:
+        model.train(was_training)
+    n = len(examples)
+    return {"examples": n, "acc": right / n, "acc_norm": right_norm / n, "seconds": time.perf_counter() - start}
+
+
+def cmd_hellaswag(args):
+    from tritongpt.train.common import pick_device, pick_dtype
+    from tritongpt.train.sft import load_init_model, pick_tokenizer
+
+    if args.max_examples is not None and args.max_examples < 1:
+        raise UserError(f"--max-examples must be at least 1, got {args.max_examples}")
+    examples = read_examples(args.data if args.data is not None else download(args.cache_dir))
+    examples = examples[:args.max_examples]
+    device = pick_device(args.device)
+    model = load_init_model(args.weights, args.model).to(device)
+    model.set_kernels(args.kernels)
+    tok = pick_tokenizer(args.tokenizer, args.weights, model.config.vocab_size)
+    result = score(model, tok, examples, pick_dtype(args.dtype, device), progress=not args.json)
+    result.update(weights=str(args.weights), data=str(args.data or URL), tokenizer=tok.name,
+                  kernels=sorted(model.kernels) or ["reference"], device=str(device))
+    if args.json:
+        print(json.dumps(result, indent=1))
+    else:
+        print(f"hellaswag: {result['examples']:,} examples: acc {result['acc']:.4f}, acc_norm "
+              f"{result['acc_norm']:.4f} ({result['seconds']:.1f} s)")
+    return 0
+
+
+def add_cli(sub):
+    from tritongpt.commands import add_model_args
+    from tritongpt.train.common import DTYPES
+
+    p = sub.add_parser("hellaswag", help="multiple-choice accuracy on HellaSwag (acc, acc_norm)",
+                       description=__doc__.split("\n\n")[0])
+    add_model_args(p, default_model=None)
+    p.add_argument("--weights", required=True,
+                   help="tritongpt checkpoint (file, checkpoint or run folder), a Hugging Face GPT-2 "
+                        "model.safetensors, or a GPT-2 name (gpt2-small ...: downloads the weights)")
+    p.add_argument("--data", default=None,
+                   help="HellaSwag .jsonl (ctx, endings, label per line; default: the validation split, "
+                        "downloaded once into the cache)")
+    p.add_argument("--max-examples", type=int, default=None, help="score only the first N examples")
+    p.add_argument("--tokenizer", help="default | gpt2 | a tokenizer file or folder (default: the one saved with "
+                                       "--weights, else gpt2 for a 50257 vocab)")
+    p.add_argument("--dtype", default="auto", choices=DTYPES,
+                   help="autocast dtype: auto = bf16 on CUDA (fp16 before Ampere), fp32 on CPU (default %(default)s)")
+    p.add_argument("--cache-dir", default=None, help="where the downloaded file is kept (default: ~/.cache/tritongpt "
+                                                     "or $TRITONGPT_CACHE)")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.set_defaults(func=cmd_hellaswag)
