@@ -7,7 +7,8 @@ its answer (nothing to parse, so even a small model gets a number that moves):
 
     acc       the ending with the lowest summed loss
     acc_norm  the ending with the lowest mean loss per token (longer endings are not penalised
-              for their length: build-nanogpt's and llm.c's figure; GPT-2 124M scores ~0.29)
+              for their length: build-nanogpt's and llm.c's figure; they give about 0.295 for
+              GPT-2 124M)
 
 The four rows of an example are one batch: context + " " + ending, right-padded, with only the
 ending's targets counted. A row longer than the model's context keeps its last tokens.
