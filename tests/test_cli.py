@@ -54,6 +54,36 @@ def test_info_counts_parameters(capsys):
     assert "124,439,808" in capsys.readouterr().out
     assert main(["info", "--model", "gpt2-small", "--untied"]) == 0
     assert "163,037,184" in capsys.readouterr().out
+    assert main(["info"]) == 0
+    assert "model        gpt2-small\n" in capsys.readouterr().out  # the default
+
+
+def test_info_on_a_checkpoint_says_its_config_and_its_run(saved_model, tmp_path, capsys):
+    """info --weights: the checkpoint's own config and parameter count, and what its training
+    state says of the run (trainer, step, precision, --init, data, saved tokenizer); a bare
+    weights file says it has no run."""
+    assert main(["pretrain", "--data", "pydoc", "--tokenizer", str(saved_model / "tok.json"), "--out-dir",
+                 str(tmp_path / "run"), "--device", "cpu", "--kernels", "reference", "--block-size", "16",
+                 "--batch-size", "2", "--max-steps", "2", "--eval-every", "0", "--sample-tokens", "0",
+                 "--init", str(saved_model / "w.safetensors")]) == 0
+    capsys.readouterr()
+    for where in (tmp_path / "run", tmp_path / "run" / "ckpt-0000002" / "model.safetensors"):
+        assert main(["info", "--weights", str(where)]) == 0
+        out = capsys.readouterr().out
+        n = GPTModel.load(saved_model / "w.safetensors").num_params()
+        assert f"model        {tmp_path / 'run' / 'ckpt-0000002' / 'model.safetensors'}\n" in out
+        assert "  n_embd          32\n  n_layer         2\n" in out and f"parameters   {n:,} (" in out
+        assert (f"run          pretrain, step 2 of 2 (float32, kernels reference, 1 process); from --init "
+                f"{saved_model / 'w.safetensors'}\n") in out
+        assert "data         pydoc: " in out and "training tokens, 16-token blocks\n" in out
+        assert f"tokenizer    {tmp_path / 'run' / 'tokenizer.json'}\n" in out
+    assert main(["info", "--weights", str(saved_model / "w.safetensors")]) == 0
+    out = capsys.readouterr().out
+    assert "run          - (no training state beside" in out and "tokenizer    - (none saved with it" in out
+    assert main(["info", "--weights", str(saved_model / "w.safetensors"), "--untied"]) == 2
+    assert "--untied counts a preset" in capsys.readouterr().err
+    assert main(["info", "--weights", str(tmp_path / "nothing")]) == 2
+    assert "no checkpoint found" in capsys.readouterr().err
 
 
 def test_unknown_model_is_a_one_line_error(capsys):

@@ -38,14 +38,27 @@ def cmd_info(args):
     from tritongpt.model.config import get_config
     from tritongpt.model.gpt import GPTModel
 
-    cfg = get_config(args.model, tie_weights=not args.untied)
-    with torch.device("meta"):
-        n = GPTModel(cfg).num_params()
-    print(f"model        {args.model}")
+    if args.weights:
+        from tritongpt.train.common import resolve_checkpoint
+        from tritongpt.train.gpt2_weights import load_checkpoint
+
+        if args.untied:
+            raise UserError("--untied counts a preset with its own LM head; --weights has the head it has")
+        model = load_checkpoint(args.weights, args.model)  # --model: the heads of a GPT-2 file without config.json
+        cfg, n, name = model.config, model.num_params(), str(resolve_checkpoint(args.weights))
+    else:
+        cfg = get_config(args.model or "gpt2-small", tie_weights=not args.untied)
+        with torch.device("meta"):
+            n = GPTModel(cfg).num_params()
+        name = args.model or "gpt2-small"
+    print(f"model        {name}")
     for key, value in cfg.to_dict().items():
         if key != "kernels":
             print(f"  {key:<16}{value}")
-    print(f"parameters   {n:,} ({n / 1e6:.1f}M, {'untied' if args.untied else 'tied'} LM head)")
+    print(f"parameters   {n:,} ({n / 1e6:.1f}M, {'tied' if cfg.tie_weights else 'untied'} LM head)")
+    if args.weights:
+        for line in run_lines(args.weights):
+            print(line)
     print(f"torch        {torch.__version__}")
     try:
         import triton
@@ -59,6 +72,32 @@ def cmd_info(args):
     else:
         print("cuda         no (Triton path runs through the interpreter, slowly)")
     return 0
+
+
+def run_lines(weights) -> list:
+    """What a checkpoint's training state says of its run (trainer, step, precision, data, the
+    tokenizer saved with it), for `info --weights`; a bare weight file has none."""
+    from tritongpt.train.common import load_state, resolve_checkpoint
+    from tritongpt.train.tokenizer import saved_tokenizer_path
+
+    ckpt = resolve_checkpoint(weights).parent
+    tok = saved_tokenizer_path(weights)
+    lines = [f"tokenizer    {tok if tok is not None else '- (none saved with it: pass --tokenizer where it is used)'}"]
+    if not (ckpt / "state.pt").is_file():
+        return [f"run          - (no training state beside {ckpt.name}: a weights file only)"] + lines
+    state = load_state(ckpt)
+    a = state.get("args", {})
+    init = f"; from --init {a['init']}" if a.get("init") else ""
+    world = state.get("world_size", 1)
+    lines.insert(0, f"run          {state.get('name', '?')}, step {state.get('step', '?')} of {a.get('max_steps', '?')} "
+                    f"({str(state.get('precision', '?')).removeprefix('torch.')}, kernels {state.get('kernels', '?')}, "
+                    f"{world} process{'es' if world != 1 else ''}){init}")
+    data = state.get("data")
+    data = data[0] if isinstance(data, list) and data else data
+    if isinstance(data, dict) and "train_tokens" in data:
+        lines.insert(1, f"data         {data.get('source')}: {data['train_tokens']:,} training tokens, "
+                        f"{data.get('block_size')}-token blocks")
+    return lines
 
 
 def cmd_generate(args):
@@ -222,7 +261,10 @@ def add_cli(sub):
     from tritongpt.train.common import DTYPES  # torch is imported for the parser anyway (the trainers')
 
     p = sub.add_parser("info", help="config, parameter count, and whether Triton and CUDA are usable")
-    p.add_argument("--model", default="gpt2-small", help="preset name (default %(default)s)")
+    p.add_argument("--model", default=None, help="preset name (default gpt2-small; with --weights, only to name the "
+                                                 "heads of a GPT-2 file without its config.json)")
+    p.add_argument("--weights", default=None, help="a checkpoint (file, checkpoint or run folder) or Hugging Face "
+                                                   "GPT-2 model.safetensors: its config and its run")
     p.add_argument("--untied", action="store_true", help="count a separate LM head")
     p.set_defaults(func=cmd_info)
 
