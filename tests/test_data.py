@@ -70,7 +70,7 @@ def test_load_text_errors(tmp_path):
     with pytest.raises(UserError, match="empty"):
         load_text(tmp_path / "empty.txt")
     (tmp_path / "nodocs").mkdir()
-    with pytest.raises(UserError, match="no .txt files"):
+    with pytest.raises(UserError, match=r"nodocs has no .txt files$"):        # and no word of token ids
         load_text(tmp_path / "nodocs")
     (tmp_path / "bin.txt").write_bytes(b"ok \xff\xfe")
     with pytest.raises(UserError, match="bin.txt: not UTF-8"):
@@ -272,6 +272,15 @@ def test_cache_reuse_and_rebuild(tmp_path, tok, monkeypatch):
     prepare_tokens(str(src), tok, cache)
     assert len(writes) == 6
 
+    def cut_short(docs, tokenizer, bin_path, dtype):                    # killed once tokens.bin is replaced
+        bin_path.write_bytes(b"\0\0" * 7)
+        raise KeyboardInterrupt
+    src.write_text("zeta " * 40, encoding="utf-8")
+    monkeypatch.setattr(data, "_write_tokens", cut_short)
+    with pytest.raises(KeyboardInterrupt):
+        prepare_tokens(str(src), tok, cache)
+    assert not (cache / "tokens.json").exists()                          # no meta names the new file as the old
+
 
 def test_prepare_tokens_errors(tmp_path, tok):
     with pytest.raises(UserError, match="val_fraction"):
@@ -296,6 +305,8 @@ def test_a_token_file_is_read_in_place_as_nanogpts_bin(tmp_path, tok):
     assert td.train.tolist() == ids[:901].tolist() and td.val.tolist() == ids[901:].tolist()
     assert td.meta["source_hash"] == hashlib.sha256(ids.tobytes()).hexdigest()
     assert td.meta["n_tokens"] == 1001 and td.meta["split"] == 901 and td.meta["tokenizer_hash"] == tok.hash
+    for n in (None, 5, 901, 950, 5000):           # eval --split all --max-tokens: a view of the file, no copy
+        assert td.head(n).tolist() == ids[:n].tolist() and np.shares_memory(td.head(n), td.tokens)
     # the form pretrain and eval pass, with the text field beside the source
     again = prepare_tokens({"source": str(path), "text_field": "text"}, tok, None, val_fraction=0.0)
     assert len(again.train) == 1001 and len(again.val) == 0
@@ -363,8 +374,9 @@ def test_a_nanogpt_folder_reads_its_val_bin_as_the_validation_split(tmp_path, to
                 prepare_tokens({"source": str(folder), "text_field": "text"}, tok).meta["source_hash"]}) == 2
 
 
-def test_a_nanogpt_folder_without_val_bin_is_its_train_bin(tmp_path, tok):
-    """Only train.bin: the same data as that file passed alone (same name, same tail split)."""
+def test_a_nanogpt_folder_without_val_bin_is_its_train_bin(tmp_path, tok, capsys):
+    """Only train.bin: the same data as that file passed alone (same name, same tail split), and
+    no word of a val.bin not read."""
     import hashlib
 
     folder = tmp_path / "owt"
@@ -375,6 +387,7 @@ def test_a_nanogpt_folder_without_val_bin_is_its_train_bin(tmp_path, tok):
         alone = prepare_tokens(str(folder / "train.bin"), tok, val_fraction=fraction)
         assert td.meta["source_hash"] == alone.meta["source_hash"] == hashlib.sha256(train.tobytes()).hexdigest()
         assert td.val.tolist() == alone.val.tolist() == train[701 - round(701 * (fraction or 0.1)):].tolist()
+    assert "val.bin" not in capsys.readouterr().err
 
 
 def test_a_nanogpt_folder_refuses_what_would_be_read_wrongly(tmp_path, tok, capsys):
@@ -392,12 +405,21 @@ def test_a_nanogpt_folder_refuses_what_would_be_read_wrongly(tmp_path, tok, caps
         prepare_tokens(str(folder), tok, val_fraction=0.1)
     prepare_tokens(str(folder / "train.bin"), tok)
     assert "val.bin is not read: the validation split is train.bin's tail (pass the folder" in capsys.readouterr().err
+    prepare_tokens(str(folder / "val.bin"), tok)                          # a file not named train.bin: no word
+    assert "is not read" not in capsys.readouterr().err
     (folder / "meta.pkl").write_bytes(pickle.dumps({"vocab_size": tok.vocab_size, "itos": {0: "a"}}))
     assert prepare_tokens(str(folder), tok).meta["split"] == 701           # the tokenizer's own size: fine
-    (folder / "meta.pkl").write_bytes(pickle.dumps({"vocab_size": 65, "stoi": {"a": 0}, "itos": {0: "a"}}))
-    with pytest.raises(UserError, match=r"meta.pkl: the ids are a vocabulary of 65 \(nanoGPT's character-level "
-                                        r"data\); the tiny tokenizer has 400 and could not decode them"):
-        prepare_tokens(str(folder), tok)
+    for vocab in (65, tok.vocab_size + 1):
+        (folder / "meta.pkl").write_bytes(pickle.dumps({"vocab_size": vocab, "stoi": {"a": 0}, "itos": {0: "a"}}))
+        with pytest.raises(UserError, match=rf"meta.pkl: the ids are a vocabulary of {vocab} \(nanoGPT's character-"
+                                            r"level data\); the tiny tokenizer has 400 and could not decode them"):
+            prepare_tokens(str(folder), tok)
+    (folder / "meta.pkl").write_bytes(pickle.dumps([tok.vocab_size + 1]))   # no dict: no vocabulary said
+    assert prepare_tokens(str(folder), tok).meta["split"] == 701
+    for cut in (b"", pickle.dumps({"vocab_size": 65})[:-3], b"not a pickle"):
+        (folder / "meta.pkl").write_bytes(cut)
+        with pytest.raises(UserError, match=r"meta.pkl: not nanoGPT's meta.pkl, a pickle of plain data \("):
+            prepare_tokens(str(folder), tok)
     (folder / "meta.pkl").write_bytes(pickle.dumps(collections.OrderedDict(vocab_size=400)))
     with pytest.raises(UserError, match=r"meta.pkl: not nanoGPT's meta.pkl, a pickle of plain data "
                                         r"\(it names collections.OrderedDict\)"):
@@ -764,6 +786,14 @@ def test_a_source_unchanged_on_disk_is_not_read_again(tmp_path, tok, monkeypatch
         change()
         assert prepared()[1] >= 1
         assert prepared()[1] == 0
+    st = a.stat()                                                          # grown, its time put back
+    a.write_text(a.read_text() + "epsilon", encoding="utf-8")
+    os.utime(a, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert prepared()[1] >= 1
+    # the same files named another way: relative to the working folder, or under ~
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert prepared(source="texts")[1] == prepared(source="~/texts")[1] == 0
     # the same size and time back on other text: not seen
     st = a.stat()
     a.write_text("ALPHA" + a.read_text()[5:], encoding="utf-8")
