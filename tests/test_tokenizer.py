@@ -202,6 +202,12 @@ def test_training_errors():
         BPETokenizer.train("ab ab", 1000)
     with pytest.raises(UserError, match="too small"):
         BPETokenizer.train("ab ab", 256)        # one short of the bytes and <|endoftext|>
+
+    def unread():                               # a vocabulary too small is said before the corpus is read
+        raise AssertionError("a document was read")
+        yield
+    with pytest.raises(UserError, match="vocab_size 256 is too small"):
+        BPETokenizer.train(unread(), 256)
     # 256 bytes + <|endoftext|> and no merge at all is the smallest vocabulary there is
     tok = BPETokenizer.train("ab ab", 257)
     assert tok.vocab_size == 257 and tok.eot_id == 256 and len(tok.ranks) == 256
@@ -617,14 +623,19 @@ def test_cli_train_streams_and_matches_training_on_the_whole_text(tmp_path, caps
     are what training on the documents joined with <|endoftext|> gives."""
     from tritongpt.cli import main
 
-    for src in _streamed_corpora(tmp_path, corpus):
-        text, out = load_text(src), tmp_path / f"{src.name}.json"
-        assert main(["bpe", "train", "--input", str(src), "--vocab-size", str(256 + 1 + 20), "--out", str(out)]) == 0
+    folder, rows = _streamed_corpora(tmp_path, corpus)
+    body = tmp_path / "body.jsonl"                   # the records' text in another field, beside a decoy
+    body.write_text("".join(json.dumps({"text": "decoy", "body": json.loads(r)["text"]}) + "\n"
+                            for r in rows.read_text(encoding="utf-8").splitlines()), encoding="utf-8")
+    for src, field in ((folder, "text"), (rows, "text"), (body, "body")):
+        text, out = load_text(src, field), tmp_path / f"{src.name}.json"
+        assert main(["bpe", "train", "--input", str(src), "--text-field", field, "--vocab-size", str(256 + 1 + 20),
+                     "--out", str(out)]) == 0
         assert f"on {len(text):,} characters" in capsys.readouterr().out
         tok, want = BPETokenizer.load(out), BPETokenizer.train(text, 256 + 1 + 20)
         assert tok.ranks == want.ranks and tok.special_tokens == want.special_tokens
         assert tok.info["corpus_hash"] == tkz.text_hash(text) and tok.info["corpus_chars"] == len(text)
-        assert tkz.train_ranks(iter(load_documents(src)), 256 + 1 + 20) == want.ranks
+        assert tkz.train_ranks(iter(load_documents(src, field)), 256 + 1 + 20) == want.ranks
 
 
 def test_cli_train_counts_each_document_before_reading_the_next(tmp_path, monkeypatch):
