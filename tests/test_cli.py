@@ -51,9 +51,10 @@ def test_every_flag_and_argument_has_a_help_text():
 
 def test_info_counts_parameters(capsys):
     assert main(["info", "--model", "gpt2-small"]) == 0
-    assert "124,439,808" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert out.startswith("model        gpt2-small\n") and "124,439,808 (124.4M, tied LM head)" in out
     assert main(["info", "--model", "gpt2-small", "--untied"]) == 0
-    assert "163,037,184" in capsys.readouterr().out
+    assert "163,037,184 (163.0M, untied LM head)" in capsys.readouterr().out
     assert main(["info"]) == 0
     assert "model        gpt2-small\n" in capsys.readouterr().out  # the default
 
@@ -213,7 +214,7 @@ def test_a_tokenizer_other_than_the_runs_gets_a_note(saved_model, tmp_path, caps
         in capsys.readouterr().err
 
 
-def test_generate_stops_at_the_tokenizers_end_of_text(saved_model, tmp_path, capsys):
+def test_generate_stops_at_the_tokenizers_end_of_text(saved_model, tmp_path, monkeypatch, capsys):
     """generate stops at the tokenizer's <|endoftext|>: a model whose likeliest token is always
     that one (final LayerNorm gives a constant vector, the tied head scores it 32 for <|endoftext|>,
     near 0 for the rest) prints the prompt alone, once: generation ended after no new token, and
@@ -235,9 +236,19 @@ def test_generate_stops_at_the_tokenizers_end_of_text(saved_model, tmp_path, cap
     # streamed, and two samples: the same text, each sample's end said
     ends = ["generate", "--weights", str(tmp_path / "eot.safetensors"), "--tokenizer", str(saved_model / "tok.json"),
             "--prompt", "The", "--max-new-tokens", "8", "--temperature", "0"]
+    from tritongpt.train import generate as gen
+
+    drawn, real = [], gen.generate
+
+    def count(*a, on_token=None, **k):  # the steps generation takes
+        return real(*a, on_token=lambda new: (drawn.append(new), on_token(new)), **k)
+
+    monkeypatch.setattr(gen, "generate", count)
     assert main(ends + ["--stream"]) == 0
+    monkeypatch.setattr(gen, "generate", real)
     out = capsys.readouterr()
     assert out.out == "The\n" and "note: the model ended the text (<|endoftext|>) after 0 new tokens" in out.err
+    assert len(drawn) == 1  # generation stopped at the marker, not after --max-new-tokens 8
     assert main(ends + ["--num-samples", "2"]) == 0
     out = capsys.readouterr()
     assert out.out == "The\n---------------\nThe\n"
@@ -306,6 +317,10 @@ def test_generate_draws_several_samples_and_streams_one(saved_model, tmp_path, m
     (tmp_path / "prompt.txt").write_bytes("Thé".encode())
     assert main([*base[:5], "--prompt-file", str(tmp_path / "prompt.txt"), *base[7:], "--temperature", "0"]) == 0
     assert capsys.readouterr().out == one
+    # exactly as it is: its \r\n and final newline are the prompt's (no newline translation, no strip)
+    (tmp_path / "crlf.txt").write_bytes(b"The\r\ndef \n")
+    assert main([*base[:5], "--prompt-file", str(tmp_path / "crlf.txt"), "--max-new-tokens", "0"]) == 0
+    assert capsys.readouterr().out == "The\r\ndef \n\n"
     for bad, said in ((["--num-samples", "0"], "--num-samples must be at least 1, got 0"),
                       (["--stream", "--num-samples", "2"], "--stream prints one text as it is drawn"),
                       ):
@@ -319,6 +334,62 @@ def test_generate_draws_several_samples_and_streams_one(saved_model, tmp_path, m
     assert "bad.txt: not UTF-8 text (byte 2: invalid start byte)" in capsys.readouterr().err
     with pytest.raises(SystemExit):  # one prompt or the other
         main(base + ["--prompt-file", str(tmp_path / "prompt.txt")])
+
+
+def test_stream_flushes_each_piece_as_it_is_drawn(saved_model, monkeypatch):
+    """--stream is for a terminal or a pipe: each token's text is flushed when it is printed (a
+    pipe's stdout is block-buffered, and the text would come at the end, all at once)."""
+    import io
+
+    from tritongpt.train import generate as gen
+
+    class Stdout(io.StringIO):
+        flushed = ""
+
+        def flush(self):
+            self.flushed = self.getvalue()
+
+    stdout, unflushed, real = Stdout(), [], gen.generate
+
+    def watch(*a, on_token=None, **k):
+        def seen(new):
+            on_token(new)
+            unflushed.append(stdout.getvalue()[len(stdout.flushed):])
+        return real(*a, on_token=seen, **k)
+
+    monkeypatch.setattr(gen, "generate", watch)
+    monkeypatch.setattr(sys, "stdout", stdout)
+    assert main(["generate", "--weights", str(saved_model / "w.safetensors"), "--tokenizer",
+                 str(saved_model / "tok.json"), "--prompt", "The", "--max-new-tokens", "6", "--temperature", "1",
+                 "--seed", str(torch.randint(0, 2**31, ()).item()), "--stream"]) == 0
+    assert len(unflushed) == 6 and set(unflushed) == {""} and stdout.getvalue().startswith("The")
+
+
+def test_generate_top_k_and_top_p_reach_the_sampler(saved_model, capsys):
+    """--top-k 1, and a --top-p below every token's probability, keep only the likeliest token:
+    sampling at temperature 1 then gives the greedy text (16 draws from a near-uniform model
+    would not)."""
+    base = ["generate", "--weights", str(saved_model / "w.safetensors"), "--tokenizer", str(saved_model / "tok.json"),
+            "--prompt", "The", "--max-new-tokens", "16", "--seed", str(torch.randint(0, 2**31, ()).item())]
+    assert main(base + ["--temperature", "0"]) == 0
+    greedy = capsys.readouterr().out
+    for flags in (["--top-k", "1"], ["--top-p", "1e-6"]):
+        assert main(base + ["--temperature", "1", *flags]) == 0
+        assert capsys.readouterr().out == greedy, flags
+
+
+def test_notes_come_from_rank_0_only(monkeypatch, capsys):
+    """Under torchrun every rank runs the same code: a note is printed by rank 0 (or a process
+    without RANK), not once per rank."""
+    from tritongpt.errors import note
+
+    for rank, said in (("1", ""), ("3", ""), ("0", "note: hi\n"), (None, "note: hi\n")):
+        if rank is None:
+            monkeypatch.delenv("RANK", raising=False)
+        else:
+            monkeypatch.setenv("RANK", rank)
+        note("hi")
+        assert capsys.readouterr().err == said, rank
 
 
 def test_generate_seed_fixes_a_random_weight_model(capsys):

@@ -199,8 +199,9 @@ def test_config_json_that_disagrees_or_names_another_variant_is_refused(tmp_path
             load_gpt2_safetensors(path)
     (tmp_path / "config.json").write_text(json.dumps({**good, "activation_function": "gelu_pytorch_tanh"}))
     assert load_gpt2_safetensors(path).config.n_head == 4  # the same GELU, spelled by PyTorch
-    for text, said in (("{not json", "not valid JSON"), ("[1, 2]", "expected a JSON object, got list")):
-        (tmp_path / "config.json").write_text(text)
+    for text, said in (("{not json", "not valid JSON"), ("[1, 2]", "expected a JSON object, got list"),
+                       ('{"n_ctx": "\xe9"}'.encode("latin-1"), r"config.json: not valid JSON \('utf-8' codec")):
+        getattr(tmp_path / "config.json", "write_bytes" if isinstance(text, bytes) else "write_text")(text)
         with pytest.raises(UserError, match=said):
             load_gpt2_safetensors(path)
 
@@ -355,11 +356,18 @@ def test_export_keeps_out_of_run_folders_and_replaces_a_whole_model_folder(tmp_p
     run = tmp_path / "run"
     save_run_tokenizer(BPETokenizer.train(text, 280, name="t"), run)
     _random_model(vocab_size=280).save(run / "model.safetensors")
-    for out in (run, tmp_path / "other-run"):
-        if out != run:
+    # another run's checkpoint folder, a run that wrote only metrics so far
+    (tmp_path / "other-ckpt").mkdir()
+    (tmp_path / "other-ckpt" / "state.pt").write_bytes(b"x")
+    (tmp_path / "metrics-run").mkdir()
+    (tmp_path / "metrics-run" / "metrics.jsonl").write_text('{"step": 1}\n')
+    for out, named in ((run, "tokenizer.json"), (tmp_path / "other-run", "ckpt-0000010"),
+                       (tmp_path / "other-ckpt", "state.pt"), (tmp_path / "metrics-run", "metrics.jsonl")):
+        if out.name == "other-run":
             (out / "ckpt-0000010").mkdir(parents=True)
         assert cli.main(["export", str(run), "--out", str(out), "--overwrite"]) == 2
-        assert "is a tritongpt run or checkpoint folder" in capsys.readouterr().err
+        assert f"is a tritongpt run or checkpoint folder ({named}" in capsys.readouterr().err
+    assert [p.name for p in (tmp_path / "other-ckpt").iterdir()] == ["state.pt"]
     # nor a bare model's own folder: --overwrite would replace the very file it exports
     bare = tmp_path / "bare"
     bare.mkdir()
@@ -382,10 +390,15 @@ def test_export_keeps_out_of_run_folders_and_replaces_a_whole_model_folder(tmp_p
     (old / "tokenizer.json").write_text(json.dumps({"version": "1.0", "model": {"type": "BPE"}}))
     (old / "generation_config.json").write_text(json.dumps({"eos_token_id": 4095}))
     (old / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": "gpt2", "peft_type": "LORA"}))
+    # another model's special tokens and chat template would be read as this one's
+    (old / "special_tokens_map.json").write_text(json.dumps({"eos_token": "<|im_end|>"}))
+    (old / "chat_template.jinja").write_text("{{ messages }}")
+    stale = ["tokenizer.json", "special_tokens_map.json", "generation_config.json", "chat_template.jinja",
+             "adapter_config.json"]
     assert cli.main(["export", str(run), "--out", str(old)]) == 2
-    assert "already holds tokenizer.json, generation_config.json, adapter_config.json" in capsys.readouterr().err
+    assert f"already holds {', '.join(stale)}:" in capsys.readouterr().err
     assert cli.main(["export", str(run), "--out", str(old), "--overwrite"]) == 0
-    assert {p.name for p in old.iterdir()}.isdisjoint({"tokenizer.json", "generation_config.json", "adapter_config.json"})
+    assert {p.name for p in old.iterdir()}.isdisjoint(stale)
     assert transformers.AutoTokenizer.from_pretrained(old)("a cat")["input_ids"] == \
         BPETokenizer.load(run / "tokenizer.json").encode("a cat")
 
