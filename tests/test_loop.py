@@ -302,6 +302,7 @@ def test_resume_without_checkpoint_is_a_user_error(tmp_path):
     state = tmp_path / "ckpt-0000001" / "state.pt"
     for content, match in ((state.read_bytes()[:1000], "is not a readable checkpoint state"),
                            (b"", r"is not a readable checkpoint state \(EOFError"),
+                           (b"some text\n", r"is not a readable checkpoint state \(UnpicklingError"),
                            (None, "is not a checkpoint state .it holds a list")):
         if content is None:
             torch.save([1], state)
@@ -310,6 +311,11 @@ def test_resume_without_checkpoint_is_a_user_error(tmp_path):
         t = Trainer(tiny_model(), args_for(tmp_path, resume="latest"), loss_fn, gb, name="pretrain")
         with pytest.raises(UserError, match="ckpt-0000001/state.pt " + match):
             t.fit()
+    # a folder with the weights but no state.pt (a copy of the model alone) is named as such
+    state.unlink()
+    t = Trainer(tiny_model(), args_for(tmp_path, resume=str(state.parent)), loss_fn, gb, name="pretrain")
+    with pytest.raises(UserError, match="checkpoint state not found: .*ckpt-0000001/state.pt"):
+        t.fit()
 
 
 def test_rng_state_restores_every_generator():
@@ -325,6 +331,15 @@ def test_rng_state_restores_every_generator():
     common.set_seed(4)
     common.set_rng_state(state)
     assert (random.random(), np.random.rand(), torch.rand(()).item()) == first
+    # set_seed seeds all three: a seed repeats their draws, another seed changes each of them
+    seed = int(torch.randint(0, 2**62, ()))
+    draws = []
+    for s in (seed, seed, seed + 1):
+        common.set_seed(s)
+        draws.append((random.random(), np.random.rand(), torch.rand(()).item()))
+    assert draws[0] == draws[1] and all(a != b for a, b in zip(draws[0], draws[2])), draws
+    with pytest.raises(UserError, match="--seed must be a 64-bit integer"):  # not torch's overflow
+        common.set_seed(2**63)
 
 
 # -- schedule and decay groups -------------------------------------------------------------------------------
@@ -770,6 +785,16 @@ def test_keep_last_k_and_a_crash_mid_save_leaves_no_half_checkpoint(tmp_path, mo
     assert common.load_state(t2.checkpointer.latest())["step"] == 6
 
 
+def test_checkpointer_keeps_one_and_saves_a_step_again(tmp_path):
+    """keep=1 keeps the newest checkpoint alone (0 keeps all); saving a step that has a checkpoint
+    (a run resumed from an earlier one) replaces it."""
+    model, ck = tiny_model(), common.Checkpointer(tmp_path, keep=1)
+    for i, step in enumerate((1, 2, 2)):
+        ck.save(step, model, {"step": step, "save": i})
+    assert [p.name for p in ck.list()] == ["ckpt-0000002"] and common.load_state(ck.latest())["save"] == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt-0000002"]  # no temporary folder left
+
+
 def test_the_last_step_is_always_checkpointed(tmp_path):
     """--ckpt-every that does not divide --max-steps, and a resumed run that saves nothing on the
     way: either way the run's last step ends up in a checkpoint, which fit() returns."""
@@ -1130,7 +1155,7 @@ def test_dtype_seed_and_oom_helpers_by_their_docs(monkeypatch, capsys):
         assert ("Triton's interpreter" in capsys.readouterr().err) == noted, kernels
 
 
-def test_run_folder_checks_and_clearing(tmp_path):
+def test_run_folder_checks_and_clearing(tmp_path, monkeypatch):
     """check_out_dir: an empty metrics.jsonl is no run; a resume from a checkpoint inside out_dir
     continues the run there. clear_run also removes half-written checkpoints."""
     out = tmp_path / "run"
@@ -1143,6 +1168,10 @@ def test_run_folder_checks_and_clearing(tmp_path):
     with pytest.raises(UserError, match="already holds a run"):
         common.check_out_dir(out, None, False)
     assert common.check_out_dir(out, str(ck), False) is False  # --resume run/ckpt-0000002 into run/
+    assert common.check_out_dir(out, str(out), False) is False  # --resume run/ into run/
+    # a checkpoint folder is its model.safetensors; a run folder, its newest checkpoint's
+    (ck / "model.safetensors").write_bytes(b"")
+    assert common.resolve_checkpoint(ck) == common.resolve_checkpoint(out) == ck / "model.safetensors"
     (out / ".tmp-ckpt-0000003-123").mkdir()
     common.clear_run(out)
     assert sorted(p.name for p in out.iterdir()) == []
@@ -1151,6 +1180,35 @@ def test_run_folder_checks_and_clearing(tmp_path):
     f.write_bytes(b"")
     assert common.resolve_checkpoint(f) == f
     assert common.data_path("") is None and common.data_path(None) is None  # the embedded data
+    # a file named from another folder is the same data; a name that is no file (a dataset's) stays
+    (tmp_path / "d.txt").write_text("x")
+    monkeypatch.chdir(out)
+    assert common.data_path("../d.txt") == common.data_path(tmp_path / "d.txt") == str((tmp_path / "d.txt").resolve())
+    assert common.data_path("pydoc") == "pydoc"
+
+
+def test_saved_model_config_is_empty_when_missing_or_unreadable(tmp_path):
+    """saved_model_config (read on every resume, and for the error of a checkpoint of another
+    size): the saved config as a dict, else {}, not an exception, for a file without one, with
+    damaged JSON or JSON that is not an object, or that is no safetensors file at all."""
+    import json
+
+    from safetensors.torch import save_file
+
+    n_layer = int(torch.randint(1, 9, ()))
+    f = tmp_path / "m.safetensors"
+    for meta, want in (({"config": json.dumps({"n_layer": n_layer})}, {"n_layer": n_layer}), (None, {}),
+                       ({"config": "{not json"}, {}), ({"config": json.dumps([n_layer])}, {})):
+        save_file({"w": torch.zeros(1)}, str(f), metadata=meta)
+        assert common.saved_model_config(f) == want, meta
+    # config_difference names the sizes that differ, not those equal, nor dropout or kernels (no shape)
+    cfg = GPTConfig(**TINY)
+    saved = {**cfg.to_dict(), "n_layer": n_layer + 2, "dropout": 0.5, "kernels": "triton"}
+    save_file({"w": torch.zeros(1)}, str(f), metadata={"config": json.dumps(saved)})
+    assert common.config_difference(f, cfg) == (f"the checkpoint's model has n_layer {n_layer + 2} (this run: 2); "
+                                                "pass the --model (and --vocab-multiple) it was trained with")
+    f.write_bytes(b"not safetensors")
+    assert common.saved_model_config(f) == {} and common.config_difference(f, cfg) == ""
 
 
 def test_check_resume_limit_precision_and_kernels_notes(tmp_path, capsys):
