@@ -641,11 +641,13 @@ def test_fp16_token_weighted_steps_are_not_skipped_for_the_count(tmp_path):
     on the bare sum, whose gradients are the count times a mean's: in fp16 they overflowed at the
     starting scale of 2^16 and the first steps (~log2 of the count) were skipped. Like a mean loss
     on the same batch, every step is taken at 2^16, with the same weights as an fp32 run to
-    fp16's rounding."""
+    fp16's rounding: no further from it than twice the mean loss's fp16 run is from its fp32 run
+    (that floor is the CPU's: ~9e-4 on one with AVX512-FP16, where a fixed 1e-3 failed; one
+    skipped step is ~1.4e-2)."""
     g = torch.Generator().manual_seed(11)
     x, y = torch.randint(0, VOCAB, (8, CTX), generator=g), torch.randint(1, VOCAB, (8, CTX), generator=g)
     runs = {}
-    for name, fn, dtype in (("mean", loss_fn, "fp16"), ("sum", weighted_loss_fn, "fp16"),
+    for name, fn, dtype in (("mean", loss_fn, "fp16"), ("mean32", loss_fn, "fp32"), ("sum", weighted_loss_fn, "fp16"),
                             ("sum32", weighted_loss_fn, "fp32")):
         out = tmp_path / name
         t = Trainer(tiny_model(0), args_for(out, max_steps=4, batch_size=8, dtype=dtype), fn,
@@ -654,8 +656,10 @@ def test_fp16_token_weighted_steps_are_not_skipped_for_the_count(tmp_path):
         runs[name] = (rows(out), torch.cat([p.detach().flatten() for p in t.raw_model.parameters()]))
     for name in ("mean", "sum"):
         assert [(r["skipped"], r["loss_scale"]) for r in runs[name][0]] == [(False, 65536.0)] * 4, runs[name][0]
-    w16, w32 = runs["sum"][1], runs["sum32"][1]
-    assert float((w16 - w32).norm() / w32.norm()) < 1e-3
+    def rel(a, b):
+        return float((runs[a][1] - runs[b][1]).norm() / runs[b][1].norm())
+
+    assert rel("sum", "sum32") < 2 * rel("mean", "mean32") < 4e-3
 
 
 def test_token_weighted_backward_is_of_a_mean_size(tmp_path, monkeypatch):
