@@ -86,8 +86,8 @@ def test_a_file_that_is_not_hellaswag_is_named(tmp_path):
     good = {"ctx": "A man", "endings": ["runs.", "sits."], "label": 1, "activity_label": "x"}
     path.write_text(json.dumps(good) + "\n\n")
     assert hellaswag.read_examples(path) == [{"ctx": "A man", "endings": ["runs.", "sits."], "label": 1}]
-    for row, said in (("{", "h.jsonl:1: not valid JSON"),
-                      ("[1]", "h.jsonl:1: expected a JSON object, got list"),
+    for row, said in (("{", r"h.jsonl: record 1 \(line 2\) is not valid JSON"),
+                      ("[1]", "expected a JSON object, got list"),
                       (dict(good, ctx=""), "'ctx' must be the context text"),
                       (dict(good, endings=["only one"]), "'endings' must be a list of at least 2 texts"),
                       (dict(good, endings=["a", 3]), "'endings' must be a list of at least 2 texts"),
@@ -95,11 +95,16 @@ def test_a_file_that_is_not_hellaswag_is_named(tmp_path):
                       (dict(good, label=True), "'label' must be the index"),
                       (dict(good, label="1"), "'label' must be the index")):
         path.write_text(json.dumps(good) + "\n" + (row if isinstance(row, str) else json.dumps(row)) + "\n")
-        with pytest.raises(UserError, match=said.replace("h.jsonl:1", "h.jsonl:2")):
+        with pytest.raises(UserError, match=said if row == "{" else r"h.jsonl: record 1 \(line 2\): " + said):
             hellaswag.read_examples(path)
     path.write_text("\n")
-    with pytest.raises(UserError, match="h.jsonl: no examples"):
+    with pytest.raises(UserError, match="h.jsonl: no records"):
         hellaswag.read_examples(path)
+    path.write_bytes(b"\xff\n")
+    with pytest.raises(UserError, match="h.jsonl: not UTF-8 text"):
+        hellaswag.read_examples(path)
+    with pytest.raises(UserError, match="HellaSwag file not found"):
+        hellaswag.read_examples(tmp_path / "none.jsonl")
 
 
 def test_the_validation_split_is_downloaded_once(tmp_path, monkeypatch):

@@ -51,30 +51,22 @@ def download(cache_dir=None) -> Path:
 def read_examples(path) -> list:
     """HellaSwag's .jsonl: per line an object with ctx (the context), endings (a list of strings)
     and label (the index of the right one); other fields are ignored."""
+    from tritongpt.train.sft import read_json_records
+
     examples = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"{where}: not valid JSON ({e.msg}, column {e.colno})") from None
-            if not isinstance(row, dict):
-                raise UserError(f"{where}: expected a JSON object, got {type(row).__name__}")
-            ctx, endings, label = row.get("ctx"), row.get("endings"), row.get("label")
-            if not isinstance(ctx, str) or not ctx.strip():
-                raise UserError(f"{where}: 'ctx' must be the context text, got {ctx!r}")
-            if not (isinstance(endings, list) and len(endings) >= 2 and all(isinstance(e, str) and e.strip()
-                                                                           for e in endings)):
-                raise UserError(f"{where}: 'endings' must be a list of at least 2 texts, got {endings!r}")
-            if isinstance(label, bool) or not isinstance(label, int) or not 0 <= label < len(endings):
-                raise UserError(f"{where}: 'label' must be the index of the right ending "
-                                f"(0..{len(endings) - 1}), got {label!r}")
-            examples.append({"ctx": ctx, "endings": endings, "label": label})
-    if not examples:
-        raise UserError(f"{path}: no examples")
+    for where, row in read_json_records(path, "HellaSwag file"):
+        if not isinstance(row, dict):
+            raise UserError(f"{where}: expected a JSON object, got {type(row).__name__}")
+        ctx, endings, label = row.get("ctx"), row.get("endings"), row.get("label")
+        if not isinstance(ctx, str) or not ctx.strip():
+            raise UserError(f"{where}: 'ctx' must be the context text, got {ctx!r}")
+        if not (isinstance(endings, list) and len(endings) >= 2 and all(isinstance(e, str) and e.strip()
+                                                                       for e in endings)):
+            raise UserError(f"{where}: 'endings' must be a list of at least 2 texts, got {endings!r}")
+        if isinstance(label, bool) or not isinstance(label, int) or not 0 <= label < len(endings):
+            raise UserError(f"{where}: 'label' must be the index of the right ending "
+                            f"(0..{len(endings) - 1}), got {label!r}")
+        examples.append({"ctx": ctx, "endings": endings, "label": label})
     return examples
 
 
