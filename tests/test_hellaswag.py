@@ -57,7 +57,9 @@ def test_scores_match_each_ending_scored_alone_in_float64(tok):
     """acc and acc_norm as a direct computation gives them: each ending run alone after its
     context through the float64 model, -log p of its tokens summed (acc) and averaged (acc_norm)."""
     torch.manual_seed(3)
-    model = GPTModel(GPTConfig(vocab_size=tok.vocab_size, context_length=24, n_embd=32, n_layer=2, n_head=2))
+    # with dropout, and in training mode: scored without it (eval mode), as the float64 model below
+    model = GPTModel(GPTConfig(vocab_size=tok.vocab_size, context_length=24, n_embd=32, n_layer=2, n_head=2,
+                               dropout=0.5))
     examples = random_examples(30, seed=4)
     right = right_norm = 0
     model64 = GPTModel(model.config).double().eval()
@@ -89,9 +91,12 @@ def test_a_file_that_is_not_hellaswag_is_named(tmp_path):
     for row, said in (("{", r"h.jsonl: record 1 \(line 2\) is not valid JSON"),
                       ("[1]", "expected a JSON object, got list"),
                       (dict(good, ctx=""), "'ctx' must be the context text"),
+                      (dict(good, ctx=" \n"), "'ctx' must be the context text"),
                       (dict(good, endings=["only one"]), "'endings' must be a list of at least 2 texts"),
                       (dict(good, endings=["a", 3]), "'endings' must be a list of at least 2 texts"),
+                      (dict(good, endings=["a", " "]), "'endings' must be a list of at least 2 texts"),
                       (dict(good, label=2), r"'label' must be the index of the right ending \(0..1\), got 2"),
+                      (dict(good, label=-1), r"'label' must be the index of the right ending \(0..1\), got -1"),
                       (dict(good, label=True), "'label' must be the index"),
                       (dict(good, label="1"), "'label' must be the index")):
         path.write_text(json.dumps(good) + "\n" + (row if isinstance(row, str) else json.dumps(row)) + "\n")
@@ -132,9 +137,9 @@ def test_the_validation_split_is_downloaded_once(tmp_path, monkeypatch):
     assert not any((tmp_path / "other" / "hellaswag").iterdir())  # no partial file left to be taken as whole
 
 
-def test_the_command_scores_a_run(tok, tmp_path, capsys):
+def test_the_command_scores_a_run(tok, tmp_path, capsys, monkeypatch):
     """hellaswag --weights RUN --data FILE: the run's saved tokenizer, the same figures as
-    score(), --max-examples, --json; bad flags are one-line errors."""
+    score(), --max-examples, --json, --model and --tokenizer heeded; bad flags are one-line errors."""
     torch.manual_seed(5)
     model = GPTModel(GPTConfig(vocab_size=tok.vocab_size, context_length=24, n_embd=32, n_layer=2, n_head=2))
     run = tmp_path / "run"
@@ -150,6 +155,7 @@ def test_the_command_scores_a_run(tok, tmp_path, capsys):
     want = hellaswag.score(model, tok, examples[:10])
     assert (got["examples"], got["acc"], got["acc_norm"], got["tokenizer"]) == \
         (10, want["acc"], want["acc_norm"], "small")
+    assert (got["weights"], got["data"], got["kernels"]) == (str(run), str(data), ["reference"])  # auto on a CPU
     # the Triton path (the interpreter here) scores the same
     assert main(base + ["--json", "--max-examples", "3", "--kernels", "triton"]) == 0
     tri = json.loads(capsys.readouterr().out)
@@ -159,7 +165,21 @@ def test_the_command_scores_a_run(tok, tmp_path, capsys):
     assert main(base) == 0
     out = capsys.readouterr().out
     assert out.startswith("hellaswag: 12 examples: acc ") and "acc_norm" in out
+    # --model names the preset of a GPT-2 file's heads: on a checkpoint of another shape it is noted
+    assert main(base + ["--max-examples", "1", "--model", "tiny"]) == 0
+    assert "(its saved config, used), not tiny's" in capsys.readouterr().err
+    # no --data: the validation split, downloaded into --cache-dir
+    import shutil
+    import urllib.request
+
+    monkeypatch.setattr(urllib.request, "urlretrieve", lambda url, to: shutil.copy(data, to))
+    assert main(base[:3] + ["--device", "cpu", "--cache-dir", str(tmp_path / "cache"), "--json"]) == 0
+    got = json.loads(capsys.readouterr().out)
+    assert (got["examples"], got["data"]) == (12, hellaswag.URL)
+    assert (tmp_path / "cache" / "hellaswag" / "hellaswag_val.jsonl").read_text() == data.read_text()
     for bad, said in ((["--max-examples", "0"], "--max-examples must be at least 1, got 0"),
-                      (["--data", str(tmp_path / "none.jsonl")], "none.jsonl")):
+                      (["--data", str(tmp_path / "none.jsonl")], "none.jsonl"),
+                      # --tokenizer over the run's own: here one with more tokens than the model
+                      (["--tokenizer", "default"], "tokenizer default has 4096 tokens but the model only 300")):
         assert main(base + bad) == 2
         assert said in capsys.readouterr().err
