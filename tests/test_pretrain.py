@@ -253,7 +253,7 @@ def test_a_resume_names_another_dropout(corpus, tmp_path, capsys):
 
 
 
-def test_init_starts_from_a_runs_weights(corpus, tmp_path, capsys):
+def test_init_starts_from_a_runs_weights(corpus, tmp_path, capsys, monkeypatch):
     """--init RUN (nanoGPT's init_from) trains on from that run's weights, with its tokenizer and
     its shape (at --lr tiny, the new run's weights are the old ones to ~1e-6, where a fresh start's are
     not); --dropout and --vocab-multiple apply to them; --block-size is held to their context; a
@@ -288,11 +288,25 @@ def test_init_starts_from_a_runs_weights(corpus, tmp_path, capsys):
     assert main(["pretrain", *argv(corpus, more, *short), "--init", str(fresh), "--resume", "--dropout", "0.2",
                  "--vocab-multiple", "64"]) == 0
     assert f"note: resuming with --init {fresh} (the run had {first})" in capsys.readouterr().err
+    monkeypatch.chdir(tmp_path)  # the same weights named relatively are the same --init
+    assert main(["pretrain", *argv(corpus, more, *short), "--init", "first", "--resume", "--dropout", "0.2",
+                 "--vocab-multiple", "64"]) == 0
+    assert "--init" not in capsys.readouterr().err
     for bad, said in ((["--init", str(tmp_path / "none")], "--init '" + str(tmp_path / "none") + "': no checkpoint"),
                       (["--init", str(first), "--block-size", "999"],
-                       f"--block-size 999 is longer than --init {first}'s context length 256")):
+                       f"--block-size 999 is longer than --init {first}'s context length 256"),
+                      # --tokenizer over the run's own is heeded: here one with more tokens than the model
+                      (["--init", str(first), "--tokenizer", "default"],
+                       "tokenizer default has 4096 tokens but the model only 300")):
         assert main(["pretrain", *argv(corpus, tmp_path / "bad", *short), *bad]) == 2
         assert said in capsys.readouterr().err
+    # --model with --init names a GPT-2 file's heads; a checkpoint of another shape keeps its own, noted
+    from tritongpt.train.loop import TrainArgs
+    from tritongpt.train.pretrain import check_args
+
+    a = parse_args(["--init", str(first), "--model", "tiny"])
+    assert check_args(a, TrainArgs.from_namespace(a))[0].config.n_layer == 6  # mini's
+    assert "(its saved config, used), not tiny's" in capsys.readouterr().err
 
 
 def test_fp16_from_the_command_line(corpus, tmp_path, capsys):
@@ -415,8 +429,9 @@ def test_the_data_checks_at_their_edges(tmp_path, capsys):
 
 
 def test_the_flags_at_their_edges(corpus, capsys):
-    """A block as long as the context, a prompt that fills it and dropout 0 are fine; dropout 1
-    and a prompt past the context are not; .json data is noted as read as text."""
+    """A block as long as the context, a prompt that fills it, an empty one and dropout 0 are fine;
+    dropout 1 and a prompt past the context are not; .json data is noted as read as text; the
+    weights are --seed's."""
     from tritongpt.errors import UserError
     from tritongpt.train.loop import TrainArgs
     from tritongpt.train.pretrain import check_args
@@ -426,7 +441,14 @@ def test_the_flags_at_their_edges(corpus, capsys):
         return check_args(a, TrainArgs.from_namespace(a))
 
     assert check()[2] == check("--block-size", "128")[2] == 128           # tiny's context
+    # the preset's random weights are --seed's
+    seed = str(torch.randint(10**6, (1,)).item())
+    one, two, other = (check("--seed", s)[0].state_dict() for s in (seed, seed, seed + "1"))
+    assert all(torch.equal(one[k], two[k]) for k in one) and not torch.equal(one["tok_emb.weight"],
+                                                                            other["tok_emb.weight"])
     assert len(check("--prompt", "<|endoftext|>" * 128, "--dropout", "0")[3]) == 128
+    _, tok, _, prompt = check("--prompt", "")
+    assert prompt == [tok.eot_id]  # an empty prompt: samples start from <|endoftext|>
     with pytest.raises(UserError, match=r"--prompt is 129 tokens; the context is 128"):
         check("--prompt", "<|endoftext|>" * 129)
     with pytest.raises(UserError, match=r"--dropout must be in \[0, 1\), got 1.0"):
