@@ -483,3 +483,32 @@ def test_pretrained_without_a_model_means_gpt2_small(monkeypatch, capsys):
     assert asked == ["gpt2-small"] and "offline in this test" in capsys.readouterr().err
     assert main(["generate", "--pretrained", "--model", "gpt2-medium", "--prompt", "x", "--device", "cpu"]) == 2
     assert asked == ["gpt2-small", "gpt2-medium"]
+
+
+def test_info_says_each_runs_own_state(saved_model, tmp_path, capsys):
+    """info --weights reads the run from the checkpoint's state as the Trainer writes it: the trainer,
+    the step of its --max-steps, precision, kernels and processes as they were; no --init where the
+    run had none; the data line only where the data state counts tokens (not an SFT run's position);
+    --model, the heads of a GPT-2 file, noted where the checkpoint's own shape differs."""
+    import random
+    import shutil
+
+    step, max_steps, tokens = random.randint(1, 50), random.randint(51, 99), random.randint(10**5, 10**7)
+    states = {"sft": {"name": "sft", "args": {"max_steps": max_steps}, "world_size": 2,
+                      "data": [{"epoch": 0, "pos": 6, "epoch_seed": 1, "world_size": 2}] * 2},
+              "pre": {"name": "pretrain", "args": {"max_steps": max_steps, "init": None}, "world_size": 1,
+                      "data": [{"source": "x.txt", "train_tokens": tokens, "block_size": 64}]}}
+    for run, state in states.items():
+        ckpt = tmp_path / run / f"ckpt-{step:07d}"
+        ckpt.mkdir(parents=True)
+        shutil.copy(saved_model / "w.safetensors", ckpt / "model.safetensors")
+        torch.save(dict(state, step=step, precision="torch.bfloat16", kernels="triton"), ckpt / "state.pt")
+    assert main(["info", "--weights", str(tmp_path / "sft"), "--model", "tiny"]) == 0
+    out, err = capsys.readouterr()
+    assert f"run          sft, step {step} of {max_steps} (bfloat16, kernels triton, 2 processes)\n" in out
+    assert "data " not in out and "tokenizer    - (none saved with it" in out
+    assert "(its saved config, used), not tiny's" in err
+    assert main(["info", "--weights", str(tmp_path / "pre")]) == 0
+    out = capsys.readouterr().out
+    assert f"run          pretrain, step {step} of {max_steps} (bfloat16, kernels triton, 1 process)\n" in out
+    assert f"data         x.txt: {tokens:,} training tokens, 64-token blocks\n" in out
