@@ -54,14 +54,16 @@ def test_an_example_is_its_endings_after_the_context_with_only_their_tokens_coun
 
 
 def test_scores_match_each_ending_scored_alone_in_float64(tok):
-    """acc and acc_norm as a direct computation gives them: each ending run alone after its
-    context through the float64 model, -log p of its tokens summed (acc) and averaged (acc_norm)."""
+    """Each ending's loss, and acc and acc_norm, as a direct computation gives them: each ending run
+    alone after its context through the float64 model, -log p of its tokens summed (acc) and
+    averaged (acc_norm); in batches of any size (rows right-padded to the longest)."""
     torch.manual_seed(3)
     # with dropout, and in training mode: scored without it (eval mode), as the float64 model below
     model = GPTModel(GPTConfig(vocab_size=tok.vocab_size, context_length=24, n_embd=32, n_layer=2, n_head=2,
                                dropout=0.5))
     examples = random_examples(30, seed=4)
     right = right_norm = 0
+    want = []
     model64 = GPTModel(model.config).double().eval()
     model64.load_state_dict(model.state_dict())
     for ex in examples:
@@ -74,11 +76,16 @@ def test_scores_match_each_ending_scored_alone_in_float64(tok):
             nll = -logp[torch.arange(len(row) - 1), row[1:]][-len(end):]
             sums.append(float(nll.sum()))
             means.append(float(nll.mean()))
+        want.append(torch.tensor([sums, means], dtype=torch.float64))
         right += min(range(4), key=sums.__getitem__) == ex["label"]
         right_norm += min(range(4), key=means.__getitem__) == ex["label"]
-    got = hellaswag.score(model, tok, examples)
-    assert got["examples"] == 30
-    assert (got["acc"], got["acc_norm"]) == (right / 30, right_norm / 30)
+    for batch_size in (1, 7, 8, 30):  # examples per forward, right-padded to the longest row
+        got = torch.stack([torch.stack(pair) for pair in hellaswag.ending_losses(model, tok, examples, batch_size)])
+        ref = torch.stack(want)
+        assert float((got - ref).norm() / ref.norm()) < 1e-5 and float((got - ref).abs().max()) < 1e-4, batch_size
+        got = hellaswag.score(model, tok, examples, batch_size=batch_size)
+        assert got["examples"] == 30
+        assert (got["acc"], got["acc_norm"]) == (right / 30, right_norm / 30), batch_size
     assert right != right_norm  # the two figures differ here: neither can stand in for the other
     assert model.training  # left in the mode it was in
 
@@ -177,7 +184,11 @@ def test_the_command_scores_a_run(tok, tmp_path, capsys, monkeypatch):
     got = json.loads(capsys.readouterr().out)
     assert (got["examples"], got["data"]) == (12, hellaswag.URL)
     assert (tmp_path / "cache" / "hellaswag" / "hellaswag_val.jsonl").read_text() == data.read_text()
+    assert main(base + ["--json", "--batch-size", "5"]) == 0
+    again = json.loads(capsys.readouterr().out)
+    assert (again["acc"], again["acc_norm"]) == (got["acc"], got["acc_norm"])
     for bad, said in ((["--max-examples", "0"], "--max-examples must be at least 1, got 0"),
+                      (["--batch-size", "0"], "--batch-size must be at least 1, got 0"),
                       (["--data", str(tmp_path / "none.jsonl")], "none.jsonl"),
                       # --tokenizer over the run's own: here one with more tokens than the model
                       (["--tokenizer", "default"], "tokenizer default has 4096 tokens but the model only 300")):

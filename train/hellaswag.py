@@ -10,8 +10,9 @@ its answer (nothing to parse, so even a small model gets a number that moves):
               for their length: build-nanogpt's and llm.c's figure; they give about 0.295 for
               GPT-2 124M)
 
-The four rows of an example are one batch: context + " " + ending, right-padded, with only the
-ending's targets counted. A row longer than the model's context keeps its last tokens.
+An example is one row per ending: context + " " + ending, with only the ending's targets
+counted; --batch-size examples go through one forward, right-padded. A row longer than the
+model's context keeps its last tokens.
 """
 import json
 import sys
@@ -19,6 +20,7 @@ import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from tqdm import tqdm
 
 from tritongpt.errors import UserError
@@ -90,28 +92,41 @@ def render(example: dict, tok, context: int):
     return inputs, targets
 
 
-@torch.no_grad()
-def score(model, tok, examples, dtype=None, progress: bool = False) -> dict:
-    """acc and acc_norm of `model` on `examples` (see the module docstring), on the model's own
-    loss, so the kernel toggle's path is what is measured."""
+def ending_losses(model, tok, examples, batch_size: int = 8, dtype=None, progress: bool = False):
+    """Per example, in order: the summed and the mean loss of each ending's tokens after its
+    context (two float64 CPU tensors [endings]), from the model's own loss, so the kernel toggle's
+    path is what is measured. batch_size examples (each its endings' rows) go through one forward,
+    right-padded: causal attention keeps the padding out of the scored positions."""
     from tritongpt.train.common import autocast
 
+    if batch_size < 1:
+        raise UserError(f"batch_size must be at least 1, got {batch_size}")
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
-    right = right_norm = 0
-    start = time.perf_counter()
     try:
-        for ex in tqdm(examples, desc="hellaswag", unit="example", disable=not progress, file=sys.stderr):
-            inputs, targets = render(ex, tok, model.config.context_length)
-            with autocast(device, dtype):
-                losses = model(inputs.to(device), targets=targets.to(device), reduction="none").double()
-            counted = (targets != -100).sum(dim=1).to(device)
+        for k in tqdm(range(0, len(examples), batch_size), desc="hellaswag", unit="batch", disable=not progress,
+                      file=sys.stderr):
+            rows = [render(ex, tok, model.config.context_length) for ex in examples[k:k + batch_size]]
+            width = max(inputs.shape[1] for inputs, _ in rows)
+            inputs = torch.cat([F.pad(i, (0, width - i.shape[1])) for i, _ in rows]).to(device)
+            targets = torch.cat([F.pad(t, (0, width - t.shape[1]), value=-100) for _, t in rows]).to(device)
+            with torch.no_grad(), autocast(device, dtype):
+                losses = model(inputs, targets=targets, reduction="none").double()
             total = losses.sum(dim=1)
-            right += int(total.argmin()) == ex["label"]
-            right_norm += int((total / counted).argmin()) == ex["label"]
+            mean = total / (targets != -100).sum(dim=1)
+            sizes = [i.shape[0] for i, _ in rows]
+            yield from zip(total.cpu().split(sizes), mean.cpu().split(sizes))  # one sync a batch
     finally:
         model.train(was_training)
+
+
+def score(model, tok, examples, batch_size: int = 8, dtype=None, progress: bool = False) -> dict:
+    """acc and acc_norm of `model` on `examples` (see the module docstring)."""
+    start, right, right_norm = time.perf_counter(), 0, 0
+    for i, (total, mean) in enumerate(ending_losses(model, tok, examples, batch_size, dtype, progress)):
+        right += int(total.argmin()) == examples[i]["label"]
+        right_norm += int(mean.argmin()) == examples[i]["label"]
     n = len(examples)
     return {"examples": n, "acc": right / n, "acc_norm": right_norm / n, "seconds": time.perf_counter() - start}
 
@@ -122,13 +137,15 @@ def cmd_hellaswag(args):
 
     if args.max_examples is not None and args.max_examples < 1:
         raise UserError(f"--max-examples must be at least 1, got {args.max_examples}")
+    if args.batch_size < 1:
+        raise UserError(f"--batch-size must be at least 1, got {args.batch_size}")
     examples = read_examples(args.data if args.data is not None else download(args.cache_dir))
     examples = examples[:args.max_examples]
     device = pick_device(args.device)
     model = load_init_model(args.weights, args.model).to(device)
     model.set_kernels(args.kernels)
     tok = pick_tokenizer(args.tokenizer, args.weights, model.config.vocab_size)
-    result = score(model, tok, examples, pick_dtype(args.dtype, device), progress=not args.json)
+    result = score(model, tok, examples, args.batch_size, pick_dtype(args.dtype, device), progress=not args.json)
     result.update(weights=str(args.weights), data=str(args.data or URL), tokenizer=tok.name,
                   kernels=sorted(model.kernels) or ["reference"], device=str(device))
     if args.json:
@@ -153,6 +170,8 @@ def add_cli(sub):
                    help="HellaSwag .jsonl (ctx, endings, label per line; default: the validation split, "
                         "downloaded once into the cache)")
     p.add_argument("--max-examples", type=int, default=None, help="score only the first N examples")
+    p.add_argument("--batch-size", type=int, default=8, help="examples per forward, each its endings' rows "
+                                                             "(default %(default)s)")
     p.add_argument("--tokenizer", help="default | gpt2 | a tokenizer file or folder (default: the one saved with "
                                        "--weights, else gpt2 for a 50257 vocab)")
     p.add_argument("--dtype", default="auto", choices=DTYPES,
