@@ -399,8 +399,9 @@ def _source_stat(src: dict):
     files = _txt_files(path) if path.is_dir() else [path] if path.is_file() else None
     if files is None:
         return None
+    stats = [(f, f.stat()) for f in files]
     return {"text_field": src.get("text_field", "text"),
-            "files": [[str(f), f.stat().st_size, f.stat().st_mtime_ns] for f in files]}
+            "files": [[str(f), st.st_size, st.st_mtime_ns] for f, st in stats]}
 
 
 def _read_meta(meta_path: Path):

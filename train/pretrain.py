@@ -118,8 +118,8 @@ def check_args(args, targs):
     from tritongpt.train.tokenizer import get_tokenizer
 
     targs.validate()
-    if args.init is None:
-        get_config(args.model or "tiny")  # unknown model: a UserError before any slow work
+    # an unknown model: a UserError before any slow work
+    preset = get_config(args.model or "tiny") if args.init is None else None
     if args.dropout is not None and not 0.0 <= args.dropout < 1.0:
         raise UserError(f"--dropout must be in [0, 1), got {args.dropout}")
     data.check_text_field(args.data, args.text_field)
@@ -140,7 +140,7 @@ def check_args(args, targs):
     else:
         tok = get_tokenizer(args.tokenizer or "default")
         name = args.model or "tiny"
-        cfg = get_config(name, vocab_size=model_vocab(name, tok, get_config(name).vocab_size),
+        cfg = get_config(name, vocab_size=model_vocab(name, tok, preset.vocab_size),
                          dropout=args.dropout, vocab_multiple=args.vocab_multiple)
         model = GPTModel(cfg)
     context = model.config.context_length
