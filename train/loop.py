@@ -251,6 +251,8 @@ class Trainer:
     - run_args: {flag name: value} of the trainer's own flags that change what it computes (DPO's
       beta, SFT's data and prompt masking): saved with TrainArgs' and named on a resume that
       changes them, as TrainArgs' are.
+    - prompt_format: what a fine-tuning run's prompts looked like (train/formats.py: alpaca,
+      completion or chat), saved so that `tritongpt chat` prompts the model the same way.
     - fit() returns: is_main, step, loss (last), first_loss, losses (this call's), the last eval dict's
       keys, tok_per_s (mean after the first step), mfu, time_s, checkpoint, metrics_path, plot_path.
 
@@ -259,12 +261,14 @@ class Trainer:
     """
 
     def __init__(self, model, args: TrainArgs, loss_fn, get_batch, eval_fn=None, sample_fn=None,
-                 name: str = "pretrain", data_state=None, run_args: dict | None = None):
+                 name: str = "pretrain", data_state=None, run_args: dict | None = None,
+                 prompt_format: str | None = None):
         args.validate()
         # before the process group exists: a refusal then leaves no threads behind
         self._clear_first = common.check_out_dir(args.out_dir, args.resume, args.overwrite)
         self.args, self.name = args, name
         self.run_args = dict(run_args or {})
+        self.prompt_format = prompt_format
         self.loss_fn, self.get_batch, self.eval_fn, self.sample_fn = loss_fn, get_batch, eval_fn, sample_fn
         self.get_data_state, self.set_data_state = _data_hooks(data_state)
 
@@ -332,7 +336,7 @@ class Trainer:
                 "rng": self._gather(common.rng_state()), "generator": self._gather(self.generator.get_state()),
                 "data": self._gather(data), "args": {**vars(self.args), **self.run_args}, "name": self.name,
                 "world_size": self.world_size, "precision": str(self.dtype), "kernels": self._kernels(),
-                "scaler": self.scaler.state_dict()}
+                "scaler": self.scaler.state_dict(), "prompt_format": self.prompt_format}
 
     def _kernels(self) -> str:
         """The path the model runs on, as resolved (e.g. "triton"; "auto" is one or the other)."""

@@ -1,14 +1,17 @@
-"""Supervised fine-tuning (instruction tuning) on Alpaca-style records, as in Raschka's chapter 7.
+"""Supervised fine-tuning (instruction tuning), as in Raschka's chapter 7 and TRL's SFTTrainer.
 
-A record is {"instruction", "input" (optional), "output"}. It becomes one token sequence
+A record is Alpaca's {"instruction", "input" (optional), "output"}, a {"prompt", "completion"}
+or a chat {"messages"} (train/formats.py has the three, and the chat template). An Alpaca
+record becomes one token sequence
 
     ids = encode(format_prompt(record)) + encode(output) + [eot]
 
 (prompt and response encoded separately, so a response generated after the prompt tokenizes
-the same way; RLHF and DPO use the same layout). A batch is padded with eot and shifted:
-inputs = seq[:-1], targets = seq[1:]. Targets at padding are -100 (ignored by the loss) except
-the first eot, which the model must learn to emit to stop; by default the prompt's targets are
--100 too, so only the response is learned (--no-mask-prompt learns the prompt as well).
+the same way; RLHF and DPO use the same layout). A chat is its turns encoded one by one, each
+assistant turn ending in eot. A batch is padded with eot and shifted: inputs = seq[:-1],
+targets = seq[1:]. Targets at padding are -100 (ignored by the loss) except the first eot,
+which the model must learn to emit to stop; by default the prompt's targets (and a chat's user
+turns) are -100 too, so only the responses are learned (--no-mask-prompt learns all of it).
 
 Batches are grouped by length (sort within large random pools, cut into batches, shuffle the
 batches with the Trainer's generator), so little compute goes to padding. Training is the
@@ -18,6 +21,7 @@ are saved as JSON.
 
     tritongpt sft --init runs/pretrain            # embedded verifiable tasks (train/tasks.py)
     tritongpt sft --init gpt2-small --data alpaca.json --tokenizer gpt2
+    tritongpt sft --init runs/pretrain --data chats.jsonl     # {"messages": [...]} a line
 """
 import json
 import sys
@@ -29,45 +33,13 @@ import torch.nn.functional as F
 
 from tritongpt.commands import add_vocab_multiple_arg, vocab_multiple
 from tritongpt.errors import UserError, note
-from tritongpt.train import common, tasks
+from tritongpt.train import common, formats, tasks
+from tritongpt.train.formats import PROMPT_PREAMBLE, encode_text, format_prompt  # noqa: F401 (the trainers import them from here)
 
 IGNORE_INDEX = -100
 
-PROMPT_PREAMBLE = ("Below is an instruction that describes a task. "
-                   "Write a response that appropriately completes the request.")
-
-
-def format_prompt(record) -> str:
-    """The one prompt template (Alpaca, as in Raschka's book); the text ends where the response starts."""
-    text = f"{PROMPT_PREAMBLE}\n\n### Instruction:\n{record['instruction']}"
-    if record.get("input"):
-        text += f"\n\n### Input:\n{record['input']}"
-    return text + "\n\n### Response:\n"
-
 
 # -- records ----------------------------------------------------------------------------------------
-def validate_record(rec, where: str) -> dict:
-    """A clean {"instruction", "input", "output"} (plus "task" if any), or a UserError naming `where`."""
-    if not isinstance(rec, dict):
-        raise UserError(f"{where}: expected a JSON object with instruction/input/output, got {type(rec).__name__}")
-    for key in ("instruction", "output"):
-        if key not in rec:
-            raise UserError(f"{where}: missing field '{key}'")
-        if not isinstance(rec[key], str):
-            raise UserError(f"{where}: field '{key}' must be a string, got {type(rec[key]).__name__}")
-        if not rec[key].strip():
-            raise UserError(f"{where}: field '{key}' is empty")
-    inp = rec.get("input")
-    if inp is None:
-        inp = ""
-    if not isinstance(inp, str):
-        raise UserError(f"{where}: field 'input' must be a string, got {type(inp).__name__}")
-    out = {"instruction": rec["instruction"], "input": inp, "output": rec["output"]}
-    if isinstance(rec.get("task"), str):
-        out["task"] = rec["task"]
-    return out
-
-
 def read_json_records(path, what: str = "data file") -> list:
     """(where, record) pairs from a .json list or a .jsonl file; `where` names the file and index.
 
@@ -112,8 +84,9 @@ def read_json_records(path, what: str = "data file") -> list:
 
 
 def read_records(path) -> list:
-    """SFT records from a .json file (a list of objects) or a .jsonl file (one object a line)."""
-    return [validate_record(rec, where) for where, rec in read_json_records(path)]
+    """SFT records from a .json file (a list of objects) or a .jsonl file (one object a line),
+    all of one format (formats.read_record)."""
+    return formats.read_records(read_json_records(path))
 
 
 def split_by_prompt(items, val_fraction: float, prompt_of):
@@ -134,8 +107,8 @@ def split_by_prompt(items, val_fraction: float, prompt_of):
 
 
 def split_records(records, val_fraction: float):
-    """SFT records split by prompt (instruction + input)."""
-    return split_by_prompt(records, val_fraction, tasks.prompt_key)
+    """SFT records split by prompt (an Alpaca one's instruction + input)."""
+    return split_by_prompt(records, val_fraction, formats.record_key)
 
 
 def task_splits(n_train: int, n_eval: int, seed: int = 0, families=None):
@@ -146,39 +119,45 @@ def task_splits(n_train: int, n_eval: int, seed: int = 0, families=None):
 
 
 # -- tokens ------------------------------------------------------------------------------------------
-def encode_text(tokenizer, text: str) -> list:
-    # a special token's spelling inside user text is just text, never a control token
-    return tokenizer.encode(text, allowed_special="none")
-
-
 @dataclass
 class Example:
-    ids: list         # prompt + response + eot
-    prompt_len: int   # how many of ids are the prompt
+    ids: list              # prompt + response + eot (a chat: every turn)
+    prompt_len: int        # how many of ids are the prompt
+    context: tuple = ()    # (start, end) ranges of ids after the prompt not learned: a chat's later user turns
 
 
 def encode_records(records, tokenizer, max_len: int, overlong: str = "drop", what: str = "records",
                    template=format_prompt):
     """Tokenize records into Examples of at most max_len + 1 tokens (max_len inputs after the shift).
 
-    overlong="drop" skips longer records; "truncate" cuts them at the end (the eot goes with
-    it). Records with no response token left are dropped either way. Returns (examples, kept
-    records), and prints how many were dropped or truncated. `template` is format_prompt except
-    in tests that need sequences shorter than its ~20-token preamble.
+    Each part of a record (formats.record_parts) is encoded on its own; the prompt is the parts
+    before the first learned one, and any later part not learned (a chat's next user turn, or
+    an earlier assistant turn of a conversational prompt) is context. overlong="drop" skips
+    longer records; "truncate" cuts them at the end (the eot goes with it). Records with no
+    response token left are dropped either way. Returns (examples, kept records), and prints how
+    many were dropped or truncated. `template` is format_prompt except in tests that need
+    sequences shorter than its ~20-token preamble.
     """
     if overlong not in ("drop", "truncate"):
         raise UserError(f"--overlong must be drop or truncate, got {overlong!r}")
     eot = tokenizer.eot_id
     examples, kept, n_dropped, n_cut = [], [], 0, 0
     for rec in records:
-        prompt = encode_text(tokenizer, template(rec))
-        ids = prompt + encode_text(tokenizer, rec["output"]) + [eot]
+        ids, prompt_len, context = [], None, []
+        for text, ends, learned in formats.record_parts(rec, template):
+            start = len(ids)
+            ids += encode_text(tokenizer, text) + ([eot] if ends else [])
+            if learned and prompt_len is None:
+                prompt_len = start
+            elif not learned and prompt_len is not None and len(ids) > start:
+                context.append((start, len(ids)))
         if len(ids) > max_len + 1:
-            if overlong == "drop" or len(prompt) >= max_len + 1:
+            if overlong == "drop" or prompt_len >= max_len + 1:
                 n_dropped += 1
                 continue
             ids, n_cut = ids[:max_len + 1], n_cut + 1
-        examples.append(Example(ids, len(prompt)))
+            context = [(a, min(b, max_len + 1)) for a, b in context if a < max_len + 1]
+        examples.append(Example(ids, prompt_len, tuple(context)))
         kept.append(rec)
     if n_dropped or n_cut:
         print(f"sft: {what}: {n_dropped + n_cut} of {len(records)} records are longer than {max_len} "
@@ -191,7 +170,8 @@ def collate(examples, pad_id: int, mask_prompt: bool = True, ignore_index: int =
 
     Inputs are padded with pad_id (after the sequence: causal attention never looks there).
     Target positions past each sequence's end are ignore_index, so the first eot (the last
-    real token) stays a target; with mask_prompt the targets that are prompt tokens are too.
+    real token) stays a target; with mask_prompt the targets that are prompt or context tokens
+    are too.
     """
     T = max(len(e.ids) for e in examples) - 1
     inputs = torch.full((len(examples), T), pad_id, dtype=torch.long)
@@ -205,6 +185,8 @@ def collate(examples, pad_id: int, mask_prompt: bool = True, ignore_index: int =
             # target t is token t+1: tokens 1..prompt_len-1 belong to the prompt (none when the
             # prompt is empty: a slice to -1 would mask all but the last target)
             targets[i, :max(e.prompt_len - 1, 0)] = ignore_index
+            for a, b in e.context:
+                targets[i, a - 1:b - 1] = ignore_index
     return inputs, targets
 
 
@@ -339,7 +321,7 @@ def greedy_responses(model, tokenizer, records, max_new_tokens: int = 32, batch_
     # a tokenizer smaller than the model's vocabulary (pick_tokenizer allows one) cannot decode
     # the rest: only its ids are drawn, as `tritongpt generate` does
     limit = tokenizer.vocab_size if tokenizer.vocab_size < model.config.vocab_size else None
-    prompts = [encode_text(tokenizer, template(r)) for r in records]
+    prompts = [formats.encode_prompt(tokenizer, formats.prompt_parts(r, template)) for r in records]
     by_len = {}
     for i, p in enumerate(prompts):
         by_len.setdefault(len(p), []).append(i)
@@ -360,12 +342,19 @@ def greedy_responses(model, tokenizer, records, max_new_tokens: int = 32, batch_
 
 def evaluate_responses(model, tokenizer, records, max_new_tokens: int = 32, batch_size: int = 32,
                        template=format_prompt):
-    """(rows, exact-match accuracy): rows hold instruction, input, gold, prediction, correct."""
+    """(rows, exact-match accuracy): rows hold the prompt (instruction and input; prompt; or the
+    messages before the last answer), gold, prediction, correct and stopped."""
     rows = []
     preds = greedy_responses(model, tokenizer, records, max_new_tokens, batch_size, template)
     for rec, (pred, stopped) in zip(records, preds):
-        row = {"instruction": rec["instruction"], "input": rec["input"], "gold": rec["output"],
-               "prediction": pred, "correct": tasks.exact_match(pred, rec["output"]), "stopped": stopped}
+        if "messages" in rec:
+            row = {"messages": rec["messages"][:-1]}
+        elif "prompt" in rec:
+            row = {"prompt": rec["prompt"]}
+        else:
+            row = {"instruction": rec["instruction"], "input": rec["input"]}
+        row.update(gold=rec["output"], prediction=pred, correct=tasks.exact_match(pred, rec["output"]),
+                   stopped=stopped)
         if "task" in rec:
             row["task"] = rec["task"]
         rows.append(row)
@@ -473,12 +462,12 @@ def run_sft(model, tokenizer, train_records, val_records, test_records, args, *,
     def sample_fn(m):
         rec = val_kept[0]
         pred, _ = greedy_responses(m, tokenizer, [rec], max_new_tokens, template=template)[0]
-        return f"{rec['instruction']} | {rec['input']} -> {pred!r} (gold {rec['output']!r})"
+        return f"{formats.describe(rec)} -> {pred!r} (gold {rec['output']!r})"
 
     trainer = Trainer(model, args, sft_loss, data.get_batch, eval_fn=eval_fn if val else None,
                       sample_fn=sample_fn if sample and val_kept else None, name="sft", data_state=data,
                       run_args={**(run_args or {}), "no_mask_prompt": not mask_prompt, "overlong": overlong,
-                                "max_length": max_length})
+                                "max_length": max_length}, prompt_format=formats.format_of(train_records[0]))
     out_dir = Path(args.out_dir)
     if trainer.is_main:
         from tritongpt.train.tokenizer import save_run_tokenizer
@@ -560,7 +549,8 @@ def add_cli(sub):
     p.add_argument("--init", required=True,
                    help="tritongpt checkpoint (run folder, ckpt folder or .safetensors), a GPT-2 name "
                         "(gpt2-small ...: pretrained weights) or tiny/mini (random weights)")
-    p.add_argument("--data", help=".json list or .jsonl of {instruction, input, output} records "
+    p.add_argument("--data", help=".json list or .jsonl of records, all {instruction, input, output}, all "
+                                  "{prompt, completion} or all chats {messages: [{role, content}, ...]} "
                                   "(default: the embedded verifiable tasks)")
     p.add_argument("--tokenizer", help="default | gpt2 | tokenizer .json (default: the run's saved tokenizer, "
                                        "else gpt2 for a 50257 vocab, else default)")

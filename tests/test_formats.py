@@ -1,0 +1,216 @@
+"""SFT's record formats (Alpaca, prompt-completion, chat messages) and the chat template: what
+each record becomes, what is learned, the prompt generation starts from, and bad records."""
+import json
+
+import pytest
+import torch
+
+from tritongpt.errors import UserError
+from tritongpt.model.config import GPTConfig
+from tritongpt.model.gpt import GPTModel
+from tritongpt.train import formats, sft
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+EOT = 128
+
+
+class CharTokenizer:
+    """One id per character (its code point, < 128 here), <|endoftext|> = 128."""
+    eot_id = EOT
+    vocab_size = 129
+
+    def encode(self, text, allowed_special="none_raise"):
+        return [ord(c) for c in text]
+
+    def decode(self, ids):
+        return "".join(chr(i) if i < 128 else "<|endoftext|>" for i in ids)
+
+
+CHAT = {"messages": [{"role": "system", "content": "Be brief."},
+                     {"role": "user", "content": "Hi"},
+                     {"role": "assistant", "content": "Hello."},
+                     {"role": "user", "content": "2+2?"},
+                     {"role": "assistant", "content": "4"}]}
+
+
+def learned_text(example, mask_prompt=True):
+    """The target tokens a batch of one learns, decoded (eot as its spelling)."""
+    inputs, targets = sft.collate([example], pad_id=EOT, mask_prompt=mask_prompt)
+    return CharTokenizer().decode([t for t in targets[0].tolist() if t != sft.IGNORE_INDEX])
+
+
+def test_the_chat_template_text_and_what_is_learned():
+    rec = formats.read_record(CHAT, "r")
+    assert rec["output"] == "4" and rec["learn_all"]
+    (ex,), _ = sft.encode_records([rec], CharTokenizer(), max_len=200)
+    tok = CharTokenizer()
+    assert tok.decode(ex.ids) == ("Be brief.\n\n### User:\nHi\n\n### Assistant:\nHello.<|endoftext|>"
+                                  "### User:\n2+2?\n\n### Assistant:\n4<|endoftext|>")
+    # every assistant turn and its eot is learned, nothing else (the second user turn is context)
+    assert learned_text(ex) == "Hello.<|endoftext|>4<|endoftext|>"
+    assert learned_text(ex, mask_prompt=False) == tok.decode(ex.ids[1:])
+    # the prompt generation starts from is the sequence up to the last answer, turn for turn
+    prompt = formats.encode_prompt(tok, formats.prompt_parts(rec))
+    assert prompt == ex.ids[:len(prompt)] and tok.decode(ex.ids[len(prompt):]) == "4<|endoftext|>"
+    assert prompt.count(EOT) == 1  # the first answer's end is the token, not its spelling
+
+
+@pytest.mark.parametrize("raw, learned, prompt", [
+    ({"instruction": "Add", "input": "1 2", "output": "3"}, "3<|endoftext|>",
+     formats.format_prompt({"instruction": "Add", "input": "1 2"})),
+    ({"prompt": "Q: 1+2\nA:", "completion": " 3"}, " 3<|endoftext|>", "Q: 1+2\nA:"),
+    # a conversational prompt-completion: the history's answer is context, only the completion learned
+    ({"prompt": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"},
+                 {"role": "user", "content": "1+2?"}],
+      "completion": [{"role": "assistant", "content": "3"}]}, "3<|endoftext|>",
+     "### User:\nHi\n\n### Assistant:\nYo<|endoftext|>### User:\n1+2?\n\n### Assistant:\n"),
+])
+def test_each_format_learns_its_response_after_its_prompt(raw, learned, prompt):
+    tok = CharTokenizer()
+    rec = formats.read_records([("r", raw)])[0]
+    (ex,), kept = sft.encode_records([rec], tok, max_len=200)
+    assert kept == [rec] and learned_text(ex) == learned
+    ids = formats.encode_prompt(tok, formats.prompt_parts(rec))
+    assert tok.decode(ids) == prompt and ids == ex.ids[:ex.prompt_len]
+
+
+def test_chat_truncation_clips_the_context_and_keeps_the_masks():
+    tok = CharTokenizer()
+    rec = formats.read_record(CHAT, "r")
+    full, _ = sft.encode_records([rec], tok, max_len=200)
+    n = len(full[0].ids)
+    cut = n - 1 - len("4") - 8  # ends inside the second user turn
+    (ex,), _ = sft.encode_records([rec], tok, max_len=cut, overlong="truncate")
+    assert len(ex.ids) == cut + 1 and ex.ids == full[0].ids[:cut + 1]
+    assert all(b <= cut + 1 for _, b in ex.context)
+    assert learned_text(ex) == "Hello.<|endoftext|>"
+    dropped, _ = sft.encode_records([rec], tok, max_len=cut, overlong="drop")
+    assert dropped == []
+
+
+def test_greedy_responses_answer_the_last_turn_of_a_chat(monkeypatch):
+    """The model is asked to continue exactly the training sequence's prefix (eot tokens between
+    turns); the prediction is the text it generates up to its eot."""
+    seen = []
+
+    def fake_generate(model, idx, budget, **kw):
+        seen.append(idx[0].tolist())
+        return torch.cat([idx, torch.tensor([[ord("4"), EOT]] * idx.size(0))], 1)
+
+    import tritongpt.train.generate as gen
+    monkeypatch.setattr(gen, "generate", fake_generate)
+    model = GPTModel(GPTConfig(vocab_size=129, context_length=128, n_embd=8, n_layer=1, n_head=1))
+    rec = formats.read_record(CHAT, "r")
+    rows, acc = sft.evaluate_responses(model, CharTokenizer(), [rec], max_new_tokens=4)
+    assert seen == [formats.encode_prompt(CharTokenizer(), formats.prompt_parts(rec))]
+    assert acc == 1.0 and rows[0]["messages"] == CHAT["messages"][:-1] and rows[0]["gold"] == "4"
+    assert "instruction" not in rows[0]
+    comp = formats.read_record({"prompt": "P", "completion": "4"}, "r")
+    rows, _ = sft.evaluate_responses(model, CharTokenizer(), [comp], max_new_tokens=4)
+    assert rows[0]["prompt"] == "P" and rows[0]["prediction"] == "4"
+
+
+@pytest.mark.parametrize("raw, msg", [
+    ({"messages": "hi"}, r"field 'messages' must be a list of messages, got str"),
+    ({"messages": []}, r"field 'messages' is an empty list"),
+    ({"messages": [{"role": "user", "content": "a"}]}, r"must end with an assistant message, not a user one"),
+    ({"messages": [{"role": "assistant", "content": "a"}]}, r"messages\[0\]: a assistant message here; expected "
+                                                            r"system or user"),
+    ({"messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]},
+     r"messages\[1\]: a user message here; expected assistant"),
+    ({"messages": [{"role": "user", "content": "a"}, {"role": "tool", "content": "b"}]},
+     r"messages\[1\]: role 'tool' is not one of system, user, assistant"),
+    ({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": " "}]},
+     r"messages\[1\]: field 'content' is empty"),
+    ({"messages": [{"role": "user", "content": ["a"]}, {"role": "assistant", "content": "b"}]},
+     r"messages\[0\]: field 'content' must be a string, got list"),
+    ({"messages": ["a"]}, r"messages\[0\]: expected an object with 'role' and 'content', got str"),
+    ({"messages": [{"role": "user", "content": "a"}, {"role": "system", "content": "b"}]},
+     r"messages\[1\]: a system message here; expected assistant"),
+    ({"prompt": "a"}, r"missing field 'completion'"),
+    ({"prompt": "a", "completion": 3}, r"field 'completion' must be a string, got int"),
+    ({"prompt": [{"role": "user", "content": "a"}], "completion": "b"},
+     r"field 'completion' must be a list of one assistant message"),
+    ({"prompt": [{"role": "user", "content": "a"}], "completion": [{"role": "user", "content": "b"}]},
+     r"completion\[0\] must be an assistant message, got 'user'"),
+    ({"prompt": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}],
+      "completion": [{"role": "assistant", "content": "c"}]}, r"field 'prompt' must end with an user message"),
+    ({"instruction": "a", "output": "b", "messages": []}, r"fields of two formats \(alpaca and chat\)"),
+    ({"prompt": "a", "output": "b", "instruction": "c"}, r"fields of two formats \(alpaca and completion\)"),
+    ({"text": "a story"}, r"is pretraining data: train on it with `tritongpt pretrain"),
+    ({"question": "a"}, r"no 'instruction', 'prompt' or 'messages' field"),
+])
+def test_bad_records_are_named(raw, msg):
+    with pytest.raises(UserError, match=msg):
+        formats.read_records([("f.jsonl: record 0 (line 1)", raw)])
+
+
+def test_a_file_holds_one_format(tmp_path):
+    path = tmp_path / "mixed.jsonl"
+    path.write_text(json.dumps({"prompt": "a", "completion": "b"}) + "\n" + json.dumps(CHAT) + "\n")
+    with pytest.raises(UserError, match=r"record 1 \(line 2\) is a chat record but .*record 0 \(line 1\) is "
+                                         r"completion: a file holds records of one format"):
+        sft.read_records(path)
+    # a record with no format's fields, after records of one format, is named by that format's field
+    path.write_text(json.dumps({"prompt": "a", "completion": "b"}) + "\n" + json.dumps({"completion": "c"}))
+    with pytest.raises(UserError, match=r"record 1 \(line 2\): missing field 'prompt'"):
+        sft.read_records(path)
+    # extra keys of a message (a name) are dropped; the two conversational forms read alike
+    path.write_text(json.dumps({"messages": [{"role": "user", "content": "a", "name": "x"},
+                                             {"role": "assistant", "content": "b"}]}) + "\n" +
+                    json.dumps({"prompt": [{"role": "user", "content": "c"}],
+                                "completion": [{"role": "assistant", "content": "d"}]}))
+    a, b = sft.read_records(path)
+    assert a == {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}],
+                 "output": "b", "learn_all": True}
+    assert b["learn_all"] is False and b["output"] == "d"
+
+
+def test_splits_group_chats_by_their_prompt():
+    chats = [{"messages": [{"role": "user", "content": f"q{i % 7}"}, {"role": "assistant", "content": f"a{i}"}],
+              "output": f"a{i}", "learn_all": True} for i in range(60)]
+    train, val = sft.split_records(chats, 0.3)
+    key = formats.record_key
+    assert val and train and not {key(r) for r in train} & {key(r) for r in val}
+    assert sft.split_records(chats, 0.3) == (train, val)
+    # an Alpaca record splits by instruction and input, as it did before the other formats
+    from tritongpt.train import tasks
+    rec = {"instruction": "a", "input": "b", "output": "c"}
+    assert key(rec) == tasks.prompt_key(rec)
+
+
+def small_model_run(tmp_path, text):
+    from tritongpt.train.tokenizer import BPETokenizer
+
+    tok = BPETokenizer.train(text, 300)
+    tok.save(tmp_path / "run" / "tokenizer.json")
+    GPTModel(GPTConfig(vocab_size=tok.vocab_size, context_length=96, n_embd=32, n_layer=1, n_head=1)).save(
+        tmp_path / "run" / "model.safetensors")
+    return tmp_path / "run"
+
+
+@pytest.mark.parametrize("kind", ["chat", "completion"])
+def test_cli_fine_tunes_on_chats_and_prompt_completions(tmp_path, capsys, kind):
+    from tritongpt.cli import main
+    from tritongpt.train.common import load_state
+
+    words = ["red", "green", "blue", "cyan", "gold", "pink", "gray", "teal"]
+    if kind == "chat":
+        recs = [{"messages": [{"role": "user", "content": f"Say {w}."}, {"role": "assistant", "content": w},
+                              {"role": "user", "content": "Again."}, {"role": "assistant", "content": w}]}
+                for w in words * 3]
+    else:
+        recs = [{"prompt": f"Say {w}:", "completion": f" {w}"} for w in words * 3]
+    data = tmp_path / "d.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in recs))
+    run = small_model_run(tmp_path, " ".join(json.dumps(r) for r in recs) + formats.USER_HEADER * 5)
+    out = tmp_path / "sft"
+    assert main(["sft", "--init", str(run), "--data", str(data), "--out-dir", str(out), "--max-steps", "2",
+                 "--batch-size", "4", "--eval-every", "1", "--eval-gen", "2", "--max-new-tokens", "3",
+                 "--device", "cpu", "--kernels", "reference", "--sample-every", "1", "--val-fraction", "0.3"]) == 0
+    rows = json.loads((out / "responses.json").read_text())
+    assert rows and {"messages" if kind == "chat" else "prompt", "gold", "prediction"} <= set(rows[0])
+    if kind == "chat":  # the held-out prompt is the history up to the last answer
+        assert [m["content"] for m in rows[0]["messages"]][1:] == [rows[0]["gold"], "Again."]
+    assert load_state(out / "ckpt-0000002")["prompt_format"] == kind
