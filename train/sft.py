@@ -34,7 +34,8 @@ import torch.nn.functional as F
 from tritongpt.commands import add_vocab_multiple_arg, vocab_multiple
 from tritongpt.errors import UserError, note
 from tritongpt.train import common, formats, tasks
-from tritongpt.train.formats import PROMPT_PREAMBLE, encode_text, format_prompt  # noqa: F401 (the trainers import them from here)
+# encode_text and format_prompt live with the formats; the trainers and tests import them from here too
+from tritongpt.train.formats import encode_text, format_prompt
 
 IGNORE_INDEX = -100
 
