@@ -214,3 +214,96 @@ def test_cli_fine_tunes_on_chats_and_prompt_completions(tmp_path, capsys, kind):
     if kind == "chat":  # the held-out prompt is the history up to the last answer
         assert [m["content"] for m in rows[0]["messages"]][1:] == [rows[0]["gold"], "Again."]
     assert load_state(out / "ckpt-0000002")["prompt_format"] == kind
+
+
+# -- preference pairs in chat form ------------------------------------------------------------------
+def chat_pair_records():
+    hist = [{"role": "system", "content": "S"}, {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": "Yo"}, {"role": "user", "content": "1+2?"}]
+    explicit = {"prompt": hist, "chosen": [{"role": "assistant", "content": "3"}],
+                "rejected": [{"role": "assistant", "content": "4"}]}
+    implicit = {"chosen": hist + [{"role": "assistant", "content": "3"}],
+                "rejected": hist + [{"role": "assistant", "content": "4"}]}
+    return hist, explicit, implicit
+
+
+def test_chat_preference_pairs_encode_their_prompt_as_sft_does(tmp_path):
+    from tritongpt.train.preference import encode_pairs, read_preference_file
+    from tritongpt.train.rlhf import prompt_ids
+
+    hist, explicit, implicit = chat_pair_records()
+    path = tmp_path / "p.jsonl"
+    path.write_text(json.dumps(explicit) + "\n" + json.dumps(implicit) + "\n")
+    a, b = read_preference_file(path)
+    assert a == b and a.format == "chat" and (a.chosen, a.rejected) == ("3", "4")
+    tok = CharTokenizer()
+    # the prompt is the SFT chat's prompt, token for token (the history's answer ends in the eot token)
+    sft_rec = formats.read_record({"messages": hist + [{"role": "assistant", "content": "3"}]}, "r")
+    want = formats.encode_prompt(tok, formats.prompt_parts(sft_rec))
+    enc = encode_pairs([a], tok, 200)[0]
+    assert enc.prompt == want and enc.chosen == [ord("3"), EOT] and enc.rejected == [ord("4"), EOT]
+    assert prompt_ids([a, b], tok, 200) == [want]  # one prompt, once
+    # a single-turn chat's prompt is one text, as a string prompt is
+    one = {"prompt": [{"role": "user", "content": "Q"}], "chosen": [{"role": "assistant", "content": "a"}],
+           "rejected": [{"role": "assistant", "content": "b"}]}
+    path.write_text(json.dumps(one))
+    (p,) = read_preference_file(path)
+    assert p.prompt == formats.USER_HEADER + "Q" + formats.ASSISTANT_HEADER
+
+
+def test_chat_preference_splits_group_by_the_whole_prompt():
+    from tritongpt.train.preference import PreferencePair, split_pairs
+
+    prompts = [(("### User:\nq\n\n### Assistant:\n", False), (f"a{i % 5}", True), ("### User:\nmore\n", False))
+               for i in range(40)]
+    pairs = [PreferencePair(p, f"good {i}", f"bad {i}", format="chat") for i, p in enumerate(prompts)]
+    train, val = split_pairs(pairs, 0.4)
+    assert train and val and not {p.prompt for p in train} & {p.prompt for p in val}
+
+
+@pytest.mark.parametrize("change, msg", [
+    (lambda e, i: i["rejected"].__setitem__(1, {"role": "user", "content": "Bye"}),
+     r"'chosen' and 'rejected' must share every message but the last"),
+    (lambda e, i: (i.update(chosen=i["chosen"][-1:], rejected=i["rejected"][-1:])),
+     r"chosen\[0\]: a assistant message here"),
+    (lambda e, i: e.update(chosen=e["chosen"] * 2), r"field 'chosen' must be a list of one assistant message"),
+    (lambda e, i: e.update(rejected=[{"role": "assistant", "content": ""}]),
+     r"rejected\[0\]: field 'content' is empty"),
+    (lambda e, i: e.update(rejected=e["chosen"]), r"'chosen' and 'rejected' are identical"),
+    (lambda e, i: e["prompt"].pop(), r"field 'prompt' must end with an user message"),
+    (lambda e, i: e.update(chosen="3"), r"field 'chosen' must be a list of one assistant message"),
+])
+def test_bad_chat_preference_records(tmp_path, change, msg):
+    from tritongpt.train.preference import read_preference_file
+
+    _, explicit, implicit = chat_pair_records()
+    change(explicit, implicit)
+    path = tmp_path / "p.jsonl"
+    path.write_text(json.dumps(explicit) + "\n" + json.dumps(implicit) + "\n")
+    with pytest.raises(UserError, match=msg):
+        read_preference_file(path)
+
+
+def test_a_preference_file_holds_chats_or_text_prompts(tmp_path):
+    from tritongpt.train.preference import read_preference_file
+
+    _, explicit, _ = chat_pair_records()
+    path = tmp_path / "p.jsonl"
+    path.write_text(json.dumps({"prompt": "x", "chosen": "a", "rejected": "b"}) + "\n" + json.dumps(explicit))
+    with pytest.raises(UserError, match=r"record 1 \(line 2\) is a chat record but .*record 0 \(line 1\) is "
+                                         r"completion: a file holds chats or text prompts, not both"):
+        read_preference_file(path)
+
+
+def test_dpo_on_chat_pairs_records_the_chat_format(tmp_path):
+    from tritongpt.cli import main
+    from tritongpt.train.common import load_state
+
+    _, explicit, implicit = chat_pair_records()
+    path = tmp_path / "p.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in [explicit, implicit] * 4))
+    out = tmp_path / "dpo"
+    assert main(["dpo", "--model", "tiny", "--data", str(path), "--out-dir", str(out), "--max-steps", "1",
+                 "--batch-size", "2", "--device", "cpu", "--kernels", "reference", "--val-fraction", "0",
+                 "--eval-every", "0", "--sample-every", "0"]) == 0
+    assert load_state(out / "ckpt-0000001")["prompt_format"] == "chat"

@@ -141,7 +141,8 @@ def train_dpo(policy, ref, tokenizer, train_pairs, val_pairs, args, beta: float 
         return out
 
     trainer = Trainer(policy, args, make_loss_fn(beta), get_batch, eval_fn=eval_fn, name="dpo",
-                      run_args={**(run_args or {}), "beta": beta})
+                      run_args={**(run_args or {}), "beta": beta},
+                      prompt_format=train_pairs[0].format if train_pairs else None)
     result = trainer.fit()
     if trainer.is_main:  # loss.png has the losses; margins and accuracy get their own plot
         common.plot_curves(trainer.metrics.rows(), trainer.out_dir / "margin.png",

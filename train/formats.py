@@ -48,7 +48,7 @@ def format_prompt(record) -> str:
 
 
 # -- reading one record ------------------------------------------------------------------------------
-def _text_field(rec, key: str, where: str, empty_ok: bool = False) -> str:
+def text_field(rec, key: str, where: str, empty_ok: bool = False) -> str:
     if key not in rec:
         raise UserError(f"{where}: missing field '{key}'")
     value = rec[key]
@@ -76,7 +76,7 @@ def check_messages(messages, where: str, field: str = "messages", ends_with: str
         if role not in ROLES:
             raise UserError(f"{at}: role {role!r} is not one of {', '.join(ROLES)} (tool calls and other "
                             f"roles have no place in the chat template)")
-        content = _text_field(m, "content", at)
+        content = text_field(m, "content", at)
         expected = ("system", "user") if i == 0 else ("assistant" if out[-1]["role"] == "user" else "user",)
         if role not in expected:
             raise UserError(f"{at}: a {role} message here; expected {' or '.join(expected)} (an optional "
@@ -122,10 +122,10 @@ def read_record(rec, where: str, expect: str | None = None) -> dict:
     """
     fmt = record_format(rec, where, expect)
     if fmt == "alpaca":
-        out = {"instruction": _text_field(rec, "instruction", where), "input": "",
-               "output": _text_field(rec, "output", where)}
+        out = {"instruction": text_field(rec, "instruction", where), "input": "",
+               "output": text_field(rec, "output", where)}
         if rec.get("input") is not None:
-            out["input"] = _text_field(rec, "input", where, empty_ok=True)
+            out["input"] = text_field(rec, "input", where, empty_ok=True)
         if isinstance(rec.get("task"), str):
             out["task"] = rec["task"]
         return out
@@ -133,7 +133,7 @@ def read_record(rec, where: str, expect: str | None = None) -> dict:
         messages = check_messages(rec["messages"], where)
         return {"messages": messages, "output": messages[-1]["content"], "learn_all": True}
     if fmt == "completion":
-        return {"prompt": _text_field(rec, "prompt", where), "output": _text_field(rec, "completion", where)}
+        return {"prompt": text_field(rec, "prompt", where), "output": text_field(rec, "completion", where)}
     prompt = check_messages(rec["prompt"], where, "prompt", ends_with="user")
     completion = rec.get("completion")
     if not isinstance(completion, list) or len(completion) != 1:
@@ -143,7 +143,7 @@ def read_record(rec, where: str, expect: str | None = None) -> dict:
     if not isinstance(m, dict) or m.get("role") != "assistant":
         got = repr(m.get("role")) if isinstance(m, dict) else type(m).__name__
         raise UserError(f"{where}: completion[0] must be an assistant message, got {got}")
-    reply = {"role": "assistant", "content": _text_field(m, "content", f"{where}: completion[0]")}
+    reply = {"role": "assistant", "content": text_field(m, "content", f"{where}: completion[0]")}
     return {"messages": prompt + [reply], "output": reply["content"], "learn_all": False}
 
 

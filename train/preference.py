@@ -4,9 +4,12 @@ A preference file is JSON (a list of records) or JSONL (one record a line). A re
 
     {"prompt": "...", "chosen": "...", "rejected": "..."}
 or  {"instruction": "...", "input": "...", "chosen": "...", "rejected": "..."}
+or  {"prompt": [messages], "chosen": [{"role": "assistant", ...}], "rejected": [{...}]}
+or  {"chosen": [messages], "rejected": [messages]}       (the prompt: every message but the last)
 
-The second form is formatted with SFT's prompt template (train/sft.py: format_prompt), so a
-reward model or a DPO run sees prompts exactly as the SFT model was trained on them.
+The second form is formatted with SFT's prompt template (train/formats.py: format_prompt), and
+the chats (TRL's conversational forms, explicit and implicit prompt) with its chat template, so
+a reward model or a DPO run sees prompts exactly as the SFT model was trained on them.
 
 Without a file we build pairs from the verifiable task set (train/tasks.py): chosen is the
 correct answer, rejected a plausible wrong one (tasks.wrong_answer). Such pairs need no human
@@ -18,20 +21,45 @@ The prompt and the response are encoded separately, as SFT does, so a response g
 after a prompt during RLHF tokenizes the same way. The reward is read at the last token (eot).
 """
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from tritongpt.errors import UserError, note
-from tritongpt.train import tasks
-from tritongpt.train.sft import encode_text, format_prompt, read_json_records, split_by_prompt
+from tritongpt.train import formats, tasks
+from tritongpt.train.formats import encode_prompt, encode_text, format_prompt
+from tritongpt.train.sft import read_json_records, split_by_prompt
 
 
 @dataclass
 class PreferencePair:
-    prompt: str    # already formatted (template applied)
+    prompt: str | tuple  # already formatted (template applied); a chat's (text, eot after it) parts
     chosen: str
     rejected: str
+    format: str = field(default="completion", compare=False)  # of the prompt: formats.FORMATS
+
+
+def _chat_pair(rec, where: str) -> PreferencePair:
+    """A conversational record: the prompt's messages, and one assistant answer each side."""
+    if "prompt" in rec:
+        prompt = formats.check_messages(rec["prompt"], where, "prompt", ends_with="user")
+        answers = []
+        for key in ("chosen", "rejected"):
+            m = rec[key]
+            if not (isinstance(m, list) and len(m) == 1 and isinstance(m[0], dict) and m[0].get("role") == "assistant"):
+                raise UserError(f"{where}: field '{key}' must be a list of one assistant message "
+                                f"(the prompt is a list of messages)")
+            answers.append(formats.text_field(m[0], "content", f"{where}: {key}[0]"))
+    else:
+        chosen, rejected = (formats.check_messages(rec[k], where, k) for k in ("chosen", "rejected"))
+        if chosen[:-1] != rejected[:-1]:
+            raise UserError(f"{where}: 'chosen' and 'rejected' must share every message but the last "
+                            f"(those are the prompt)")
+        # check_messages saw a user message first: the prompt is never empty
+        prompt, answers = chosen[:-1], [chosen[-1]["content"], rejected[-1]["content"]]
+    if answers[0] == answers[1]:
+        raise UserError(f"{where}: 'chosen' and 'rejected' are identical")
+    return PreferencePair(formats.as_prompt(formats.chat_parts(prompt)), *answers, format="chat")
 
 
 # -- reading records -----------------------------------------------------------------------------
@@ -41,6 +69,9 @@ def _record_to_pair(rec, where: str, template) -> PreferencePair:
     for key in ("chosen", "rejected"):
         if key not in rec:
             raise UserError(f"{where}: missing field '{key}'")
+    if isinstance(rec["chosen"], list) or isinstance(rec["rejected"], list) or isinstance(rec.get("prompt"), list):
+        return _chat_pair(rec, where)
+    for key in ("chosen", "rejected"):
         if not isinstance(rec[key], str) or not rec[key].strip():
             raise UserError(f"{where}: field '{key}' must be a non-empty string")
     if rec["chosen"] == rec["rejected"]:
@@ -48,22 +79,30 @@ def _record_to_pair(rec, where: str, template) -> PreferencePair:
     if "prompt" in rec:
         if not isinstance(rec["prompt"], str) or not rec["prompt"].strip():
             raise UserError(f"{where}: field 'prompt' must be a non-empty string")
-        prompt = rec["prompt"]
+        prompt, fmt = rec["prompt"], "completion"
     elif "instruction" in rec:
         if not isinstance(rec["instruction"], str) or not rec["instruction"].strip():
             raise UserError(f"{where}: field 'instruction' must be a non-empty string")
         if not isinstance(rec.get("input", ""), str):
             raise UserError(f"{where}: field 'input' must be a string")
-        prompt = (template or format_prompt)(rec)
+        prompt, fmt = (template or format_prompt)(rec), "alpaca"
     else:
         raise UserError(f"{where}: needs a 'prompt' or an 'instruction' field")
-    return PreferencePair(prompt, rec["chosen"], rec["rejected"])
+    return PreferencePair(prompt, rec["chosen"], rec["rejected"], format=fmt)
 
 
 def read_preference_file(path, template=None) -> list[PreferencePair]:
-    """Pairs from a .json (list of records) or .jsonl file; errors name the file and record."""
-    return [_record_to_pair(rec, where, template)
-            for where, rec in read_json_records(path, what="preference file")]
+    """Pairs from a .json (list of records) or .jsonl file; errors name the file and record.
+    Chats and text prompts do not mix in one file (the two string forms may, as they always could)."""
+    pairs, first = [], None
+    for where, rec in read_json_records(path, what="preference file"):
+        pairs.append(_record_to_pair(rec, where, template))
+        if first is None:
+            first = where
+        elif (pairs[-1].format == "chat") != (pairs[0].format == "chat"):
+            raise UserError(f"{where} is a {pairs[-1].format} record but {first} is {pairs[0].format}: "
+                            f"a file holds chats or text prompts, not both")
+    return pairs
 
 
 def task_preferences(n: int = 2000, seed: int = 0, template=None, split: str = "train",
@@ -80,7 +119,7 @@ def task_preferences(n: int = 2000, seed: int = 0, template=None, split: str = "
         wrong = tasks.wrong_answer(rec, rng)
         if tasks.exact_match(wrong, rec["output"]):
             continue  # the generator could not find a wrong answer for this record
-        pairs.append(PreferencePair(template(rec), rec["output"], wrong))
+        pairs.append(PreferencePair(template(rec), rec["output"], wrong, format="alpaca"))
     return pairs
 
 
@@ -105,7 +144,7 @@ def train_val_pairs(source=None, n: int = 2000, val_fraction: float = 0.1, seed:
 def split_pairs(pairs: list, val_fraction: float):
     """Held-out pairs by the hash of their prompt, as SFT splits records: a prompt with
     several pairs never has some in training and others held out."""
-    return split_by_prompt(pairs, val_fraction, lambda p: p.prompt)
+    return split_by_prompt(pairs, val_fraction, lambda p: formats.prompt_key(p.prompt))
 
 
 # -- tokens ---------------------------------------------------------------------------------------
@@ -120,7 +159,7 @@ def encode_pairs(pairs, tokenizer, max_len: int, what: str = "preference pairs")
     """Tokenize; pairs whose prompt + longer response exceed max_len are dropped (and counted)."""
     out, dropped = [], 0
     for p in pairs:
-        prompt = encode_text(tokenizer, p.prompt)
+        prompt = encode_prompt(tokenizer, p.prompt)
         chosen = encode_text(tokenizer, p.chosen) + [tokenizer.eot_id]
         rejected = encode_text(tokenizer, p.rejected) + [tokenizer.eot_id]
         if not prompt or len(prompt) + max(len(chosen), len(rejected)) > max_len:

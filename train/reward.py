@@ -145,7 +145,8 @@ def train_reward_model(model: RewardModel, tokenizer, train_pairs, val_pairs, ar
         return out
 
     trainer = Trainer(model, args, reward_loss_fn, make_get_batch(train, args.batch_size, pad),
-                      eval_fn=eval_fn, name="reward", run_args=run_args)
+                      eval_fn=eval_fn, name="reward", run_args=run_args,
+                      prompt_format=train_pairs[0].format if train_pairs else None)
     result = trainer.fit()
     if trainer.is_main:  # loss.png has the losses; accuracy gets its own plot
         from tritongpt.train.common import plot_curves
@@ -182,8 +183,10 @@ def build_backbone(args):
 
 def add_data_args(p):
     p.add_argument("--data", default=None,
-                   help="preference pairs: JSON/JSONL file of {prompt|instruction[,input], chosen, rejected} "
-                        "(default: pairs built from the embedded verifiable tasks)")
+                   help="preference pairs: JSON/JSONL file of {prompt|instruction[,input], chosen, rejected}, "
+                        "or chats ({prompt: [messages], chosen: [answer], rejected: [answer]}, or chosen and "
+                        "rejected message lists alike but for their last) (default: pairs built from the "
+                        "embedded verifiable tasks)")
     p.add_argument("--num-pairs", type=int, default=2000,
                    help="embedded training pairs (train split of the tasks) (default %(default)s)")
     p.add_argument("--val-fraction", type=float, default=0.1,

@@ -52,7 +52,7 @@ from tritongpt.errors import UserError
 from tritongpt.model.gpt import GPTModel
 from tritongpt.train import common
 from tritongpt.train.generate import generate
-from tritongpt.train.preference import (encode_text, model_token_logprobs, next_token_logprobs, pad_sequences,
+from tritongpt.train.preference import (encode_prompt, model_token_logprobs, next_token_logprobs, pad_sequences,
                                         pick_next_tokens, response_mask, token_logprobs)
 
 
@@ -380,11 +380,12 @@ class RLHFTrainer:
     """
 
     def __init__(self, policy: GPTModel, ref: GPTModel, reward_model, prompts, eval_prompts, eot_id: int,
-                 args: RLArgs, log: bool = True, run_args: dict | None = None):
+                 args: RLArgs, log: bool = True, run_args: dict | None = None, prompt_format: str | None = None):
         args.validate()
         check_one_process()
         self.args, self.eot_id, self.log_enabled = args, eot_id, log
         self.run_args = dict(run_args or {})
+        self.prompt_format = prompt_format  # saved for `tritongpt chat` (the Trainer's doc)
         self.device = common.pick_device(args.device)
         self.dtype = common.pick_dtype(args.dtype, self.device)
         self.scaler = common.LossScaler(self.device, self.dtype)
@@ -522,7 +523,7 @@ class RLHFTrainer:
                 "shuffle_gen": self.shuffle_gen.get_state(), "score_norm": self.score_norm,
                 "args": {**vars(self.args), **self.run_args}, **self.frozen_fingerprints, "precision": str(self.dtype),
                 "kernels": self.policy.config.kernels, "name": f"rlhf-{self.args.algo}",
-                "scaler": self.scaler.state_dict()}
+                "scaler": self.scaler.state_dict(), "prompt_format": self.prompt_format}
 
     def save_checkpoint(self):
         """The policy as a plain GPT checkpoint (usable by generate/dpo/rlhf --init); the rest in state.pt."""
@@ -635,7 +636,7 @@ def prompt_ids(pairs, tokenizer, room: int) -> list:
         if p.prompt in seen:
             continue
         seen.add(p.prompt)
-        ids = encode_text(tokenizer, p.prompt)
+        ids = encode_prompt(tokenizer, p.prompt)
         if ids and len(ids) <= room:
             out.append(ids)
     return out
@@ -668,7 +669,7 @@ def cmd_rlhf(args):
     prompts = prompt_ids(train_pairs, tok, room)
     eval_prompts = prompt_ids(val_pairs or train_pairs, tok, room)[:a.eval_prompts]
     trainer = RLHFTrainer(policy, ref, reward_model, prompts, eval_prompts, tok.eot_id, a,
-                          run_args=data_run_args(args))
+                          run_args=data_run_args(args), prompt_format=train_pairs[0].format)
     result = trainer.fit()
     before = result["first_eval_reward"]
     before = "(resumed)" if before is None else f"{before:.4f}"
