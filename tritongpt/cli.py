@@ -17,6 +17,7 @@ COMMAND_MODULES = [
     "tritongpt.train.dpo",
     "tritongpt.train.evaluate",
     "tritongpt.train.hellaswag",
+    "tritongpt.train.chat",
 ]
 
 

@@ -100,15 +100,10 @@ def run_lines(weights) -> list:
     return lines
 
 
-def cmd_generate(args):
-    import torch
-
-    from tritongpt.model.config import get_config
-    from tritongpt.model.gpt import GPTModel
-    from tritongpt.train.common import autocast, check_seed, pick_device, pick_dtype
-    from tritongpt.train.generate import check_sampling, generate
-    from tritongpt.train.sft import pick_tokenizer
-    from tritongpt.train.tokenizer import EOT, DisallowedSpecialToken
+def check_generation_args(args):
+    """The flags `generate` and `chat` share, checked before any model is built."""
+    from tritongpt.train.common import check_seed
+    from tritongpt.train.generate import check_sampling
 
     if args.pretrained:
         if args.weights:
@@ -119,11 +114,19 @@ def cmd_generate(args):
                             f"gpt2-xl), not {args.model!r}")
     check_sampling(args.temperature, args.top_k, args.top_p, flags=True)
     check_seed(args.seed)
-    if args.num_samples < 1:
-        raise UserError(f"--num-samples must be at least 1, got {args.num_samples}")
-    if args.stream and args.num_samples > 1:
-        raise UserError("--stream prints one text as it is drawn: it takes --num-samples 1")
-    prompt = args.prompt if args.prompt is not None else read_text_file(args.prompt_file)
+
+
+def load_generation_model(args):
+    """(model in eval mode on its device with --kernels, tokenizer, device, dtype, vocab_limit) from
+    --weights, --pretrained or a random --model; vocab_limit: the tokenizer's size where the model
+    has more rows (only its ids are drawn), else None."""
+    import torch
+
+    from tritongpt.model.config import get_config
+    from tritongpt.model.gpt import GPTModel
+    from tritongpt.train.common import pick_device, pick_dtype
+    from tritongpt.train.sft import pick_tokenizer
+
     device = pick_device(args.device)
     dtype = pick_dtype(args.dtype, device)
     torch.manual_seed(args.seed)
@@ -143,6 +146,28 @@ def cmd_generate(args):
     model.to(device).eval()
     model.set_kernels(args.kernels)
     tok = pick_tokenizer(args.tokenizer, args.weights, model.config.vocab_size)
+    limit = None
+    if tok.vocab_size < model.config.vocab_size:
+        limit = tok.vocab_size
+        note(f"the tokenizer has {tok.vocab_size} tokens, the model {model.config.vocab_size}: "
+             f"only the tokenizer's ids are drawn")
+    return model, tok, device, dtype, limit
+
+
+def cmd_generate(args):
+    import torch
+
+    from tritongpt.train.common import autocast
+    from tritongpt.train.generate import generate
+    from tritongpt.train.tokenizer import EOT, DisallowedSpecialToken
+
+    check_generation_args(args)
+    if args.num_samples < 1:
+        raise UserError(f"--num-samples must be at least 1, got {args.num_samples}")
+    if args.stream and args.num_samples > 1:
+        raise UserError("--stream prints one text as it is drawn: it takes --num-samples 1")
+    prompt = args.prompt if args.prompt is not None else read_text_file(args.prompt_file)
+    model, tok, device, dtype, limit = load_generation_model(args)
     try:
         ids = tok.encode(prompt, allowed_special="all" if args.allow_special else "none_raise")
     except DisallowedSpecialToken:
@@ -152,11 +177,6 @@ def cmd_generate(args):
         raise UserError("the prompt is empty: pass --prompt (or --prompt-file) with some text")
     if len(ids) > model.config.context_length:  # a full window is fine: it predicts the next token
         raise UserError(f"prompt is {len(ids)} tokens; the model's context is {model.config.context_length}")
-    limit = None
-    if tok.vocab_size < model.config.vocab_size:
-        limit = tok.vocab_size
-        note(f"the tokenizer has {tok.vocab_size} tokens, the model {model.config.vocab_size}: "
-             f"only the tokenizer's ids are drawn")
     idx = torch.tensor([ids] * args.num_samples, dtype=torch.long, device=device)  # one batch
     gen = torch.Generator(device=device).manual_seed(args.seed)
     eot = tok.special_tokens.get(EOT)
@@ -257,8 +277,35 @@ def cmd_export(args):
     return 0
 
 
-def add_cli(sub):
+def add_generation_model_args(p):
+    """The model flags of `generate` and `chat`: what load_generation_model reads."""
+    add_model_args(p, default_model=None)
+    p.add_argument("--weights",
+                   help="tritongpt checkpoint (file or run folder) or Hugging Face GPT-2 model.safetensors")
+    p.add_argument("--pretrained", action="store_true", help="download GPT-2 weights from the Hub by --model name")
+    p.add_argument("--tokenizer", help="default | gpt2 | path to a tokenizer JSON (default: the one saved with "
+                                       "--weights' run, else by vocab size)")
+
+
+def add_sampling_args(p, max_new_tokens: int, temperature: float, temperature_text: str):
+    """The sampling flags of `generate` and `chat`, and the precision they run in."""
     from tritongpt.train.common import DTYPES  # torch is imported for the parser anyway (the trainers')
+
+    p.add_argument("--max-new-tokens", type=int, default=max_new_tokens, help="at most this many (default "
+                   "%(default)s); generation stops early at <|endoftext|>")
+    p.add_argument("--temperature", type=float, default=temperature,
+                   help=f"sampling temperature (default %(default)s, {temperature_text}); 0 = greedy")
+    p.add_argument("--top-k", type=int, default=None, help="sample among the k likeliest tokens only")
+    p.add_argument("--top-p", type=float, default=None,
+                   help="sample among the likeliest tokens whose probabilities sum to p (after --top-k)")
+    p.add_argument("--seed", type=int, default=1337,
+                   help="seeds the sampling, and the weights of a model without --weights/--pretrained "
+                        "(default %(default)s)")
+    p.add_argument("--dtype", default="auto", choices=DTYPES,
+                   help="autocast dtype: auto = bf16 on CUDA (fp16 before Ampere), fp32 on CPU (default %(default)s)")
+
+
+def add_cli(sub):
 
     p = sub.add_parser("info", help="config, parameter count, and whether Triton and CUDA are usable")
     p.add_argument("--model", default=None, help="preset name (default gpt2-small; with --weights, only to name the "
@@ -269,33 +316,19 @@ def add_cli(sub):
     p.set_defaults(func=cmd_info)
 
     p = sub.add_parser("generate", help="generate text from a prompt")
-    add_model_args(p, default_model=None)
-    p.add_argument("--weights", help="tritongpt checkpoint (file or run folder) or Hugging Face GPT-2 model.safetensors")
-    p.add_argument("--pretrained", action="store_true", help="download GPT-2 weights from the Hub by --model name")
-    p.add_argument("--tokenizer", help="default | gpt2 | path to a tokenizer JSON (default: the one saved with --weights' run, "
-                        "else by vocab size)")
+    add_generation_model_args(p)
     prompt = p.add_mutually_exclusive_group(required=True)
     prompt.add_argument("--prompt", help="the text to continue (no trailing space: BPE tokens carry "
                         "their leading space)")
     prompt.add_argument("--prompt-file", help="read the prompt from this UTF-8 file, exactly as it is (a final "
                         "newline too)")
-    p.add_argument("--allow-special", action="store_true", help="encode <|endoftext|> in the prompt as the special token")
-    p.add_argument("--max-new-tokens", type=int, default=50, help="at most this many (default %(default)s); "
-                   "generation stops early at <|endoftext|>")
-    p.add_argument("--temperature", type=float, default=0.8,
-                   help="sampling temperature (default %(default)s, as nanoGPT's sample.py); 0 = greedy")
+    p.add_argument("--allow-special", action="store_true",
+                   help="encode <|endoftext|> in the prompt as the special token")
     p.add_argument("--num-samples", type=int, default=1,
                    help=f"texts to draw from the prompt, in one batch, printed with {SAMPLE_SEPARATOR} between them "
                         "(default %(default)s)")
     p.add_argument("--stream", action="store_true", help="print the text as it is drawn, token by token")
-    p.add_argument("--top-k", type=int, default=None, help="sample among the k likeliest tokens only")
-    p.add_argument("--top-p", type=float, default=None,
-                   help="sample among the likeliest tokens whose probabilities sum to p (after --top-k)")
-    p.add_argument("--seed", type=int, default=1337,
-                   help="seeds the sampling, and the weights of a model without --weights/--pretrained "
-                        "(default %(default)s)")
-    p.add_argument("--dtype", default="auto", choices=DTYPES,
-                   help="autocast dtype: auto = bf16 on CUDA (fp16 before Ampere), fp32 on CPU (default %(default)s)")
+    add_sampling_args(p, max_new_tokens=50, temperature=0.8, temperature_text="as nanoGPT's sample.py")
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("export", help="write a checkpoint as a Hugging Face GPT-2 folder (transformers loads it)")

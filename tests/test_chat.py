@@ -1,0 +1,199 @@
+"""`tritongpt chat`: the prompt each turn makes (exactly SFT's encoding of the same chat), the
+history dropped to fit the context, the template a run recorded, and the command's loop."""
+import io
+import json
+
+import pytest
+import torch
+
+from tritongpt.cli import main
+from tritongpt.errors import UserError
+from tritongpt.model.config import GPTConfig
+from tritongpt.model.gpt import GPTModel
+from tritongpt.train import chat, formats, sft
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+EOT = 128
+
+
+class CharTokenizer:
+    """One id per character (its code point, < 128 here), <|endoftext|> = 128."""
+    eot_id = EOT
+    vocab_size = 129
+
+    def encode(self, text, allowed_special="none_raise"):
+        return [ord(c) for c in text]
+
+    def decode(self, ids):
+        return "".join(chr(i) if i < 128 else "<|endoftext|>" for i in ids)
+
+
+def test_a_turn_is_prompted_as_sft_encodes_the_same_chat():
+    tok = CharTokenizer()
+    conv = chat.Conversation("chat", system="Be brief.")
+    conv.add("Hi", "Hello.")
+    conv.add("2+2?", "4")
+    ids, budget, dropped = conv.fit(tok, "And 3+3?", context=500, max_new_tokens=20)
+    assert (budget, dropped) == (20, 0)
+    # the SFT record of the whole conversation, answered: its sequence starts with exactly these ids
+    rec = formats.read_record({"messages": [
+        {"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "2+2?"},
+        {"role": "assistant", "content": "4"}, {"role": "user", "content": "And 3+3?"},
+        {"role": "assistant", "content": "6"}]}, "r")
+    (ex,), _ = sft.encode_records([rec], tok, max_len=500)
+    assert ids == ex.ids[:len(ids)] and tok.decode(ex.ids[len(ids):]) == "6<|endoftext|>"
+    assert ids.count(EOT) == 2
+
+
+@pytest.mark.parametrize("template, want", [
+    ("alpaca", formats.format_prompt({"instruction": "Sort b a", "input": ""})),
+    ("completion", "Sort b a"),
+])
+def test_templates_without_turns_answer_each_line_alone(template, want):
+    tok = CharTokenizer()
+    conv = chat.Conversation(template)
+    conv.add("first", "one")
+    assert conv.turns == []
+    ids, _, _ = conv.fit(tok, "Sort b a", context=500, max_new_tokens=8)
+    assert tok.decode(ids) == want
+    # alpaca: the prompt an SFT record with this instruction (and no input) is trained on
+    rec = {"instruction": "Sort b a", "input": "", "output": "a b"} if template == "alpaca" else \
+        {"prompt": "Sort b a", "output": "a b"}
+    assert ids == formats.encode_prompt(tok, formats.prompt_parts(rec))
+
+
+def test_the_oldest_turns_are_dropped_to_make_room_and_the_system_message_stays():
+    tok = CharTokenizer()
+    conv = chat.Conversation("chat", system="S")
+    for i in range(5):
+        conv.add(f"question {i}", f"answer {i}")
+    full = len(formats.encode_prompt(tok, conv.prompt("next")))
+    turn = full - len(formats.encode_prompt(tok, conv.prompt("next", 1)))
+    ids, budget, dropped = conv.fit(tok, "next", context=full + 10 - 1, max_new_tokens=10)  # one token short
+    assert dropped == 1 and budget == 10 and len(ids) == full - turn
+    assert tok.decode(ids).startswith("S\n\n### User:\nquestion 1")
+    conv.add("next", "done", dropped)
+    assert [u for u, _ in conv.turns] == ["question 1", "question 2", "question 3", "question 4", "next"]
+    # with every turn dropped and still no room for --max-new-tokens, the answer gets what is left
+    alone = len(formats.encode_prompt(tok, conv.prompt("x" * 40, len(conv.turns))))
+    ids, budget, dropped = conv.fit(tok, "x" * 40, context=alone + 3, max_new_tokens=10)
+    assert (budget, dropped, len(ids)) == (3, 5, alone)
+    with pytest.raises(UserError, match=rf"this message is {alone} tokens in the chat template; the model's "
+                                        rf"context is {alone}: nothing is left for an answer"):
+        conv.fit(tok, "x" * 40, context=alone, max_new_tokens=10)
+    assert len(conv.turns) == 5  # a message that does not fit changes nothing
+    # a budget over half the context asks only half of it: a short conversation keeps its history
+    short = chat.Conversation("chat")
+    short.add("a", "b")
+    n = len(formats.encode_prompt(tok, short.prompt("c")))
+    assert short.fit(tok, "c", context=2 * n, max_new_tokens=1000)[1:] == (n, 0)
+    assert short.fit(tok, "c", context=2 * n - 2, max_new_tokens=1000)[2] == 1
+
+
+def test_bad_templates_and_system_messages():
+    with pytest.raises(UserError, match="--system needs the chat template"):
+        chat.Conversation("alpaca", system="S")
+    with pytest.raises(UserError, match="--system is empty"):
+        chat.Conversation("chat", system=" ")
+    with pytest.raises(UserError, match="--template must be one of"):
+        chat.Conversation("auto")
+
+
+def test_run_template_reads_what_the_run_saved(tmp_path):
+    (tmp_path / "ckpt-0000002").mkdir()
+    GPTModel(GPTConfig(vocab_size=129, context_length=16, n_embd=8, n_layer=1, n_head=1)).save(
+        tmp_path / "ckpt-0000002" / "model.safetensors")
+    assert chat.run_template(str(tmp_path / "ckpt-0000002" / "model.safetensors")) is None  # weights alone
+    torch.save({"step": 2, "prompt_format": "alpaca"}, tmp_path / "ckpt-0000002" / "state.pt")
+    assert chat.run_template(str(tmp_path)) == "alpaca"
+    torch.save({"step": 2}, tmp_path / "ckpt-0000002" / "state.pt")  # a pretraining run's
+    assert chat.run_template(str(tmp_path)) is None
+
+
+def fake_answers(monkeypatch, answers):
+    """generate() replaced: it records each prompt and answers the next of `answers` (a string
+    that ends in "|" is cut there: no eot)."""
+    import tritongpt.train.generate as gen
+    from tritongpt.train.tokenizer import get_tokenizer
+
+    tok, seen = get_tokenizer("default"), []
+
+    def fake(model, idx, budget, **kw):
+        seen.append(idx[0].tolist())
+        text = answers[len(seen) - 1]
+        new = tok.encode(text.rstrip("|")) + ([] if text.endswith("|") else [tok.eot_id])
+        for i in new:  # streamed as generate streams
+            kw["on_token"](torch.tensor([[i]]))
+        return torch.cat([idx, torch.tensor([new])], 1)
+
+    monkeypatch.setattr(gen, "generate", fake)
+    return tok, seen
+
+
+def test_the_command_keeps_the_conversation_and_obeys_its_commands(monkeypatch, capsys):
+    tok, seen = fake_answers(monkeypatch, ["Hello.", "Fine, thanks|", "Third."])
+    monkeypatch.setattr("sys.stdin", io.StringIO("Hi\n\n/what\nHow are you?\n/reset\nAgain\n/quit\nignored\n"))
+    assert main(["chat", "--model", "tiny", "--device", "cpu", "--system", "Be kind.",
+                 "--max-new-tokens", "20"]) == 0
+    out, err = capsys.readouterr()
+    assert out.splitlines() == ["Hello.", "Fine, thanks", "Third."]
+    assert "records no fine-tuning prompt format" in err and "unknown command '/what'" in err
+    assert "the answer was cut at" in err and "the conversation is forgotten" in err and "outgrew" not in err
+    conv = chat.Conversation("chat", system="Be kind.")
+    assert seen[0] == formats.encode_prompt(tok, conv.prompt("Hi"))
+    conv.add("Hi", "Hello.")
+    assert seen[1] == formats.encode_prompt(tok, conv.prompt("How are you?"))  # the first answer and its eot
+    assert seen[2] == formats.encode_prompt(tok, chat.Conversation("chat", system="Be kind.").prompt("Again"))
+    assert len(seen) == 3  # nothing after /quit
+
+
+def test_the_command_uses_the_template_an_sft_run_saved(tmp_path, monkeypatch, capsys):
+    from tritongpt.train.tokenizer import BPETokenizer
+
+    recs = [{"prompt": f"Say {w}:", "completion": f" {w}"} for w in ["red", "blue", "gold", "pink"] * 3]
+    (tmp_path / "d.jsonl").write_text("\n".join(json.dumps(r) for r in recs))
+    tok = BPETokenizer.train(" ".join(json.dumps(r) for r in recs), 280)
+    tok.save(tmp_path / "run" / "tokenizer.json")
+    GPTModel(GPTConfig(vocab_size=tok.vocab_size, context_length=32, n_embd=16, n_layer=1, n_head=1)).save(
+        tmp_path / "run" / "model.safetensors")
+    assert main(["sft", "--init", str(tmp_path / "run"), "--data", str(tmp_path / "d.jsonl"), "--out-dir",
+                 str(tmp_path / "sft"), "--max-steps", "1", "--batch-size", "4", "--device", "cpu",
+                 "--eval-every", "0", "--sample-every", "0", "--val-fraction", "0"]) == 0
+    capsys.readouterr()
+    import tritongpt.train.generate as gen
+    seen, real = [], gen.generate
+    monkeypatch.setattr(gen, "generate", lambda model, idx, *a, **k: seen.append(idx[0].tolist()) or
+                        real(model, idx, *a, **k))
+    monkeypatch.setattr("sys.stdin", io.StringIO("Say red:\n"))
+    assert main(["chat", "--weights", str(tmp_path / "sft"), "--device", "cpu", "--temperature", "0",
+                 "--max-new-tokens", "3"]) == 0
+    assert seen == [tok.encode("Say red:")]  # the completion template: the line as it is
+    assert "prompt format" not in capsys.readouterr().err
+    monkeypatch.setattr("sys.stdin", io.StringIO("Say red:\n"))
+    assert main(["chat", "--weights", str(tmp_path / "sft"), "--device", "cpu", "--max-new-tokens", "3",
+                 "--template", "alpaca"]) == 0
+    # the Alpaca preamble alone outgrows this model's 32 tokens: the turn is refused, naming the template
+    assert "tokens in the alpaca template; the model's context is 32" in capsys.readouterr().err
+
+
+def test_a_greedy_answer_is_what_generate_draws(monkeypatch):
+    from tritongpt.train.generate import generate
+
+    torch.manual_seed(0)
+    model = GPTModel(GPTConfig(vocab_size=129, context_length=64, n_embd=16, n_layer=1, n_head=2)).eval()
+    tok = CharTokenizer()
+    ids, budget, _ = chat.Conversation("completion").fit(tok, "abc", 64, 12)
+    text, ended = chat.reply(model, tok, ids, budget, stream=False)
+    want = generate(model, torch.tensor([ids]), 12, eos_id=EOT)[0, 3:].tolist()
+    assert ended == (EOT in want)
+    assert text == tok.decode(want[:want.index(EOT)] if ended else want)
+
+
+def test_the_command_refuses_bad_flags_before_any_model(capsys):
+    assert main(["chat", "--max-new-tokens", "0"]) == 2
+    assert "--max-new-tokens must be at least 1, got 0" in capsys.readouterr().err
+    assert main(["chat", "--template", "completion", "--system", "S"]) == 2
+    assert "--system needs the chat template" in capsys.readouterr().err
+    assert main(["chat", "--temperature", "-1"]) == 2

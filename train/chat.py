@@ -1,0 +1,174 @@
+"""`tritongpt chat`: talk to a fine-tuned model, turn by turn, through the template it was tuned on.
+
+Each line read is a user turn; the answer is printed as it is drawn and ends at the model's
+<|endoftext|> (or at --max-new-tokens). With the chat template (train/formats.py) the whole
+conversation is the prompt, encoded as SFT encodes a chat: each earlier answer ends in the eot
+token, so the model reads its history as it was trained to. When the conversation outgrows the
+context, its oldest turns are dropped (a system message stays) until --max-new-tokens (or half
+the context, if less) fit after it. The alpaca and completion
+templates have no turns: each line is answered on its own.
+
+    tritongpt chat --weights runs/sft               # the template its run was tuned on
+    tritongpt chat --weights runs/dpo --system "Answer in one word."
+    printf 'Hi\\nAnd then?\\n' | tritongpt chat --weights runs/sft --temperature 0   # scripted
+
+A line starting with / is a command: /reset forgets the conversation, /quit ends it (as does
+the end of the input).
+"""
+import sys
+
+from tritongpt.errors import UserError, note
+from tritongpt.train import formats
+
+TEMPLATES = ("auto",) + formats.FORMATS
+
+
+def run_template(weights) -> str | None:
+    """The prompt format a fine-tuning run saved with its checkpoint (SFT, reward, DPO, RLHF),
+    None for a weights file alone or a run that saved none (pretraining)."""
+    from tritongpt.train.common import load_state, resolve_checkpoint
+
+    if weights is None:
+        return None
+    ckpt = resolve_checkpoint(weights).parent
+    if not (ckpt / "state.pt").is_file():
+        return None
+    return load_state(ckpt).get("prompt_format")
+
+
+class Conversation:
+    """The turns so far, and the prompt the next user line makes of them."""
+
+    def __init__(self, template: str, system: str | None = None):
+        if template not in formats.FORMATS:
+            raise UserError(f"--template must be one of {', '.join(TEMPLATES)}, got {template!r}")
+        if system is not None and template != "chat":
+            raise UserError(f"--system needs the chat template (the {template} template has no system message)")
+        if system is not None and not system.strip():
+            raise UserError("--system is empty")
+        self.template, self.system, self.turns = template, system, []
+
+    def prompt(self, user: str, first: int = 0) -> tuple:
+        """(text, eot after it) parts: the turns from `first` on, then `user`, ready for an answer."""
+        if self.template == "completion":
+            return ((user, False),)
+        if self.template == "alpaca":
+            return ((formats.format_prompt({"instruction": user}), False),)
+        messages = [{"role": "system", "content": self.system}] if self.system is not None else []
+        for u, a in self.turns[first:]:
+            messages += [{"role": "user", "content": u}, {"role": "assistant", "content": a}]
+        messages.append({"role": "user", "content": user})
+        return tuple((t, e) for t, e, _ in formats.chat_parts(messages))
+
+    def fit(self, tokenizer, user: str, context: int, max_new_tokens: int):
+        """(prompt ids, answer budget, how many oldest turns were dropped to leave room for
+        --max-new-tokens, or for half the context where that is less: a long answer budget
+        should not cost a short conversation its history)."""
+        first, room = 0, min(max_new_tokens, context // 2)
+        ids = formats.encode_prompt(tokenizer, self.prompt(user))
+        while len(ids) + room > context and first < len(self.turns):
+            first += 1
+            ids = formats.encode_prompt(tokenizer, self.prompt(user, first))
+        budget = min(max_new_tokens, context - len(ids))
+        if budget < 1:
+            raise UserError(f"this message is {len(ids)} tokens in the {self.template} template; "
+                            f"the model's context is {context}: nothing is left for an answer")
+        return ids, budget, first
+
+    def add(self, user: str, answer: str, dropped: int = 0):
+        if self.template == "chat":
+            self.turns = self.turns[dropped:] + [(user, answer)]
+
+
+def reply(model, tokenizer, ids, budget, *, temperature=0.0, top_k=None, top_p=None, dtype=None, generator=None,
+          vocab_limit=None, stream: bool = True):
+    """Draw one answer after `ids` (printed as it comes, with stream): (its text up to the eot,
+    whether the model ended it)."""
+    import torch
+
+    from tritongpt.commands import TextStream
+    from tritongpt.train.common import autocast
+    from tritongpt.train.generate import generate
+
+    eot = tokenizer.eot_id
+    device = next(model.parameters()).device
+    idx = torch.tensor([ids], dtype=torch.long, device=device)
+    printer = TextStream(tokenizer, [], eot) if stream else None
+    with autocast(device, dtype):
+        out = generate(model, idx, budget, temperature=temperature, top_k=top_k, top_p=top_p,
+                       eos_id=eot, generator=generator, vocab_limit=vocab_limit, on_token=printer)
+    if printer:
+        printer.close()
+    new = out[0, len(ids):].tolist()
+    ended = eot in new
+    return tokenizer.decode(new[:new.index(eot)] if ended else new), ended
+
+
+def cmd_chat(args):
+    import torch
+
+    from tritongpt.commands import check_generation_args, load_generation_model
+
+    check_generation_args(args)
+    if args.max_new_tokens < 1:
+        raise UserError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
+    template = args.template
+    if template == "auto":
+        template = run_template(args.weights)
+        if template is None:
+            template = "chat"
+            note(f"{args.weights or 'the model'} records no fine-tuning prompt format (a pretrained model "
+                 f"only continues text): using the chat template; pass --template to choose")
+    conv = Conversation(template, args.system)
+    model, tok, device, dtype, limit = load_generation_model(args)
+    gen = torch.Generator(device=device).manual_seed(args.seed)
+    tty = sys.stdin.isatty()
+    if tty:
+        print(f"chat ({template} template; /reset forgets the conversation, /quit ends)", file=sys.stderr)
+    while True:
+        try:
+            line = input("> ") if tty else sys.stdin.readline()
+        except EOFError:
+            break
+        if not tty and not line:
+            break  # the end of the input
+        user = line.rstrip("\r\n")
+        if not user.strip():
+            continue
+        if user.startswith("/"):
+            command = user.strip()
+            if command == "/quit":
+                break
+            if command == "/reset":
+                conv.turns = []
+                note("the conversation is forgotten")
+                continue
+            note(f"unknown command {command!r}: /reset forgets the conversation, /quit ends")
+            continue
+        try:
+            ids, budget, dropped = conv.fit(tok, user, model.config.context_length, args.max_new_tokens)
+        except UserError as e:
+            note(str(e))
+            continue
+        if dropped:
+            note(f"the conversation outgrew the context: its {dropped} oldest turn(s) are dropped")
+        answer, ended = reply(model, tok, ids, budget, temperature=args.temperature, top_k=args.top_k,
+                              top_p=args.top_p, dtype=dtype, generator=gen, vocab_limit=limit)
+        if not ended:
+            note(f"the answer was cut at {budget} tokens (--max-new-tokens, or the context's end)")
+        conv.add(user, answer, dropped)
+    return 0
+
+
+def add_cli(sub):
+    from tritongpt.commands import add_generation_model_args, add_sampling_args
+
+    p = sub.add_parser("chat", help="talk to a fine-tuned model, a line a turn, in the template it was tuned on")
+    add_generation_model_args(p)
+    p.add_argument("--template", default="auto", choices=TEMPLATES,
+                   help="how a line becomes a prompt: chat (turns, train/formats.py), alpaca (an instruction), "
+                        "completion (the line as it is); auto: the one the --weights run was tuned on, else chat "
+                        "(default %(default)s)")
+    p.add_argument("--system", help="a system message to open the conversation (chat template only)")
+    add_sampling_args(p, max_new_tokens=256, temperature=0.7, temperature_text="a little less random than generate's")
+    p.set_defaults(func=cmd_chat)
