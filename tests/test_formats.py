@@ -307,3 +307,41 @@ def test_dpo_on_chat_pairs_records_the_chat_format(tmp_path):
                  "--batch-size", "2", "--device", "cpu", "--kernels", "reference", "--val-fraction", "0",
                  "--eval-every", "0", "--sample-every", "0"]) == 0
     assert load_state(out / "ckpt-0000001")["prompt_format"] == "chat"
+
+
+def test_an_exported_chat_run_has_transformers_apply_its_chat_template(tmp_path, capsys):
+    """export of a run tuned on chats writes the chat template into tokenizer_config.json:
+    transformers' apply_chat_template gives SFT's text and ids, its generation prompt the prompt
+    `chat` and the held-out answers use, and its assistant mask exactly what SFT learns."""
+    transformers = pytest.importorskip("transformers")
+    from tritongpt.cli import main
+    from tritongpt.train.tokenizer import BPETokenizer
+
+    text = " ".join(f"### User:\nWhat is {i} plus {i}?\n\n### Assistant:\nIt is {2 * i}." for i in range(300))
+    tok = BPETokenizer.train(text, 300, name="tiny")
+    run = tmp_path / "run" / "ckpt-0000001"
+    run.mkdir(parents=True)
+    tok.save(tmp_path / "run" / "tokenizer.json")
+    GPTModel(GPTConfig(vocab_size=tok.vocab_size, context_length=64, n_embd=8, n_layer=1, n_head=1)).save(
+        run / "model.safetensors")
+    torch.save({"step": 1, "prompt_format": "chat"}, run / "state.pt")
+    assert main(["export", str(tmp_path / "run"), "--out", str(tmp_path / "hf")]) == 0
+    assert "apply_chat_template" in capsys.readouterr().out
+    hf = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    messages = CHAT["messages"] + [{"role": "user", "content": "And 3 plus 3?"},
+                                   {"role": "assistant", "content": "It is 6."}]
+    rec = formats.read_record({"messages": messages}, "r")
+    (ex,), _ = sft.encode_records([rec], tok, max_len=500)
+    assert hf.apply_chat_template(messages, tokenize=False) == tok.decode(ex.ids)
+    out = hf.apply_chat_template(messages, return_dict=True, return_assistant_tokens_mask=True)
+    assert out["input_ids"] == ex.ids
+    inputs, targets = sft.collate([ex], pad_id=tok.eot_id)
+    learned = [i + 1 for i, t in enumerate(targets[0].tolist()) if t != sft.IGNORE_INDEX]
+    assert [i for i, m in enumerate(out["assistant_masks"]) if m] == learned
+    # the generation prompt: what `chat` and SFT's held-out answers start from
+    prompt = hf.apply_chat_template(messages[:-1], add_generation_prompt=True, return_dict=True)["input_ids"]
+    assert prompt == formats.encode_prompt(tok, formats.prompt_parts(rec))
+    # a run tuned otherwise gets no chat template (transformers' would then be none, not a wrong one)
+    torch.save({"step": 1, "prompt_format": "alpaca"}, run / "state.pt")
+    assert main(["export", str(tmp_path / "run"), "--out", str(tmp_path / "hf2")]) == 0
+    assert "chat_template" not in json.loads((tmp_path / "hf2" / "tokenizer_config.json").read_text())

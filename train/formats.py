@@ -25,7 +25,9 @@ headers, and <|endoftext|> ends each assistant turn (generation stops there):
     ### User:\\n{user}\\n\\n### Assistant:\\n{assistant}<|endoftext|>
     ### User:\\n{user}\\n\\n### Assistant:\\n{assistant}<|endoftext|> ...
 
-`tritongpt chat` talks to a model through the same template (train/chat.py).
+`tritongpt chat` talks to a model through the same template (train/chat.py), and `tritongpt
+export` gives a chat-tuned run's tokenizer HF_CHAT_TEMPLATE, for transformers'
+`apply_chat_template`.
 """
 import json
 
@@ -37,6 +39,22 @@ USER_HEADER = "### User:\n"
 ASSISTANT_HEADER = "\n\n### Assistant:\n"
 ROLES = ("system", "user", "assistant")
 FORMATS = ("alpaca", "completion", "chat")
+
+
+# CHAT_TEMPLATE as Jinja, for transformers' tokenizer.apply_chat_template: the same text, the
+# assistant header written as the generation prompt (add_generation_prompt=True), and each answer
+# in a {% generation %} block, so return_assistant_tokens_mask marks what SFT learns. Its ids are
+# SFT's wherever an answer does not begin with whitespace (transformers tokenizes the text whole,
+# SFT part by part: the newline before an answer is its own token either way).
+HF_CHAT_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{%- if message['role'] == 'system' -%}{{ message['content'] + '\\n\\n' }}"
+    "{%- elif message['role'] == 'user' -%}{{ '### User:\\n' + message['content'] }}"
+    "{%- elif message['role'] == 'assistant' -%}{{ '\\n\\n### Assistant:\\n' }}"
+    "{%- generation -%}{{ message['content'] + eos_token }}{%- endgeneration -%}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '\\n\\n### Assistant:\\n' }}{%- endif -%}")
 
 
 def format_prompt(record) -> str:

@@ -678,12 +678,12 @@ class BPETokenizer:
             out.append((parts[0], parts[1]))
         return out
 
-    def hf_files(self, model_max_length: int | None = None) -> dict:
+    def hf_files(self, model_max_length: int | None = None, chat_template: str | None = None) -> dict:
         """{file name: text} of vocab.json, merges.txt and tokenizer_config.json as Hugging Face's
         GPT-2 tokenizer reads them (transformers.AutoTokenizer.from_pretrained on the folder, with
         config.json beside them): the same ids for the same text. Its pre-tokenizer regex is
         GPT-2's, so only a tokenizer with that pattern has them (UserError otherwise, before any
-        file is written)."""
+        file is written). chat_template: Jinja for apply_chat_template (formats.HF_CHAT_TEMPLATE)."""
         if _SAME_PATTERN.get(self.pat_str, self.pat_str) != GPT2_PAT:
             raise UserError(f"tokenizer {self.name!r} splits text with another pattern than GPT-2's; Hugging "
                             "Face's GPT-2 tokenizer would give other ids")
@@ -695,6 +695,8 @@ class BPETokenizer:
         config = {"add_prefix_space": False, "bos_token": eot,
                   "eos_token": eot, "unk_token": eot, "additional_special_tokens": others,
                   "model_max_length": model_max_length or 1_000_000_000_000}
+        if chat_template is not None:
+            config["chat_template"] = chat_template
         return {"vocab.json": json.dumps(vocab, ensure_ascii=False),
                 "merges.txt": "#version: 0.2\n" + "\n".join(merges) + "\n",
                 "tokenizer_config.json": json.dumps(config, indent=2) + "\n"}

@@ -229,7 +229,9 @@ class TextStream:
 def cmd_export(args):
     from pathlib import Path
 
+    from tritongpt.train.chat import run_template
     from tritongpt.train.common import resolve_checkpoint
+    from tritongpt.train.formats import HF_CHAT_TEMPLATE
     from tritongpt.train.gpt2_weights import export_gpt2, load_checkpoint
     from tritongpt.train.sft import pick_tokenizer
     from tritongpt.train.tokenizer import EOT, EXPORT_TOKENIZER, RUN_TOKENIZER, is_ours
@@ -256,8 +258,10 @@ def cmd_export(args):
     model = load_checkpoint(source)
     cfg = model.config
     tok = pick_tokenizer(args.tokenizer, args.checkpoint, cfg.vocab_size)
+    # a run tuned on chats: transformers' apply_chat_template writes them as it was trained
+    chat = run_template(args.checkpoint) == "chat"
     try:  # made before anything is written: a refusal must not leave a half export
-        tok_files = tok.hf_files(cfg.context_length)
+        tok_files = tok.hf_files(cfg.context_length, HF_CHAT_TEMPLATE if chat else None)
     except UserError as e:
         tok_files = {}
         note(f"the tokenizer is not exported: {e}")
@@ -271,7 +275,8 @@ def cmd_export(args):
         paths.append(tok.save(out / EXPORT_TOKENIZER))
     print(f"wrote {out}/ ({', '.join(p.name for p in paths)}): GPT-2 with {cfg.n_layer} layers, {cfg.n_head} heads, "
           f"width {cfg.n_embd}, vocabulary {cfg.vocab_size}, context {cfg.context_length}")
-    how = " (and AutoTokenizer)" if tok_files else ""
+    how = (" (and AutoTokenizer" + (", whose apply_chat_template writes chats in the template the run was "
+                                     "tuned on" if chat else "") + ")") if tok_files else ""
     print(f"load it with transformers.AutoModelForCausalLM.from_pretrained({str(out)!r}){how}, or "
           "`tritongpt generate --weights` on its model.safetensors")
     return 0
