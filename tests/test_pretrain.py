@@ -456,3 +456,45 @@ def test_the_flags_at_their_edges(corpus, capsys):
     capsys.readouterr()
     check("--data", "records.json")
     assert "note: records.json is read as plain text" in capsys.readouterr().err
+
+
+def test_hellaswag_is_scored_at_each_evaluation(corpus, tmp_path, capsys):
+    """--hellaswag N adds HellaSwag's acc and acc_norm on its first N examples to every
+    evaluation (metrics.jsonl, hellaswag.png); the last one is what `tritongpt hellaswag` gives
+    the final checkpoint. A bad flag or file is refused before training."""
+    import random
+
+    from tritongpt.train import hellaswag
+    from tritongpt.train.sft import load_init_model
+    from tritongpt.train.tokenizer import get_tokenizer
+
+    rng, words = random.Random(0), corpus.text.read_text().split()[:400]
+    rows = [{"ctx": " ".join(rng.choices(words, k=rng.randint(3, 12))),
+             "endings": [" ".join(rng.choices(words, k=rng.randint(1, 8))) for _ in range(4)],
+             "label": rng.randrange(4), "split": "val"} for _ in range(9)]
+    data = tmp_path / "hs.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    out = tmp_path / "run"
+    assert main(["pretrain", *argv(corpus, out, "--max-steps", "4", "--eval-every", "2", "--eval-batches", "1",
+                                 "--sample-every", "0", "--hellaswag", "7", "--hellaswag-data", str(data))]) == 0
+    evals = [r for r in common.MetricsLog(out / "metrics.jsonl").rows() if "val_loss" in r]
+    assert [r["step"] for r in evals] == [0, 2, 4]
+    for r in evals:
+        for k in ("hellaswag_acc", "hellaswag_acc_norm"):  # a share of the 7 examples
+            assert 0 <= r[k] <= 1 and abs(r[k] * 7 - round(r[k] * 7)) < 1e-9, (k, r[k])
+    model = load_init_model(str(out))
+    want = hellaswag.score(model, get_tokenizer(str(corpus.tok)), hellaswag.read_examples(data)[:7])
+    assert (evals[-1]["hellaswag_acc"], evals[-1]["hellaswag_acc_norm"]) == (want["acc"], want["acc_norm"])
+    assert (out / "hellaswag.png").stat().st_size > 1000
+    capsys.readouterr()
+
+    for extra, msg in ((["--hellaswag", "-1"], "--hellaswag must be >= 0 (0: off), got -1"),
+                       (["--hellaswag-data", str(data)], "--hellaswag-data is read with --hellaswag N"),
+                       (["--hellaswag", "3", "--hellaswag-data", str(tmp_path / "none.jsonl")],
+                        "HellaSwag file not found")):
+        assert main(["pretrain", *argv(corpus, tmp_path / "bad", "--max-steps", "1", *extra)]) == 2
+        assert msg in capsys.readouterr().err
+        assert not (tmp_path / "bad").exists()
+    assert main(["pretrain", *argv(corpus, tmp_path / "all", "--max-steps", "1", "--eval-every", "0",
+                                   "--sample-every", "0", "--hellaswag", "20", "--hellaswag-data", str(data))]) == 0
+    assert "has 9 examples; scoring all of them" in capsys.readouterr().err

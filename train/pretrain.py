@@ -55,6 +55,13 @@ def add_args(p: argparse.ArgumentParser):
     d.add_argument("--cache-dir", default=None, help="where the tokenised corpus is cached "
                                                      "(default: ~/.cache/tritongpt or $TRITONGPT_CACHE)")
     d.add_argument("--dropout", type=float, default=None, help="override the preset's dropout")
+    e = p.add_argument_group("evaluation")
+    e.add_argument("--hellaswag", type=int, default=0, metavar="N",
+                   help="at each evaluation also score the first N HellaSwag validation examples (acc and "
+                        "acc_norm into metrics.jsonl and hellaswag.png, as build-nanogpt tracks it; the file is "
+                        "downloaded once, before training; 10042 is all of them; default 0: off)")
+    e.add_argument("--hellaswag-data", default=None,
+                   help="the HellaSwag .jsonl to read instead of downloading it (with --hellaswag)")
     s = p.add_argument_group("samples")
     s.add_argument("--prompt", default="The", help="prompt for the samples printed while training "
                    "(no trailing space: BPE tokens carry their leading space)")
@@ -127,6 +134,7 @@ def check_args(args, targs):
         note(f"{args.data} is read as plain text, brackets and keys included (JSON records "
              "are read from .jsonl files, one object per line)")
     check_sampling(args.temperature, args.top_k, flags=True)  # not at the first sample, steps later
+    hellaswag_examples(args)  # a bad flag or file, or no network: now, not at the first evaluation
     vocab_multiple(args)
     common.set_seed(targs.seed)  # the preset's random weights (and --init tiny's)
     if args.init is not None:
@@ -153,6 +161,40 @@ def check_args(args, targs):
     if len(prompt_ids) > context:
         raise UserError(f"--prompt is {len(prompt_ids)} tokens; the context is {context}")
     return model, tok, block, prompt_ids
+
+
+def hellaswag_examples(args) -> list:
+    """--hellaswag's first N examples (read once: later calls return them), [] when it is off."""
+    from tritongpt.train import hellaswag
+
+    if getattr(args, "_hellaswag", None) is not None:
+        return args._hellaswag
+    if args.hellaswag < 0:
+        raise UserError(f"--hellaswag must be >= 0 (0: off), got {args.hellaswag}")
+    if args.hellaswag == 0:
+        if args.hellaswag_data is not None:
+            raise UserError("--hellaswag-data is read with --hellaswag N (how many examples to score)")
+        args._hellaswag = []
+        return []
+    path = args.hellaswag_data if args.hellaswag_data is not None else hellaswag.download()
+    examples = hellaswag.read_examples(path)
+    if len(examples) < args.hellaswag:
+        note(f"--hellaswag {args.hellaswag}: {path} has {len(examples)} examples; scoring all of them")
+    args._hellaswag = examples[:args.hellaswag]
+    return args._hellaswag
+
+
+def hellaswag_eval_fn(eval_fn, examples, tok):
+    """eval_fn, plus HellaSwag's acc and acc_norm on `examples` (under the Trainer's autocast)."""
+    from tritongpt.train import hellaswag
+
+    def with_hellaswag(model):
+        out = eval_fn(model)
+        result = hellaswag.score(model, tok, examples)
+        out.update(hellaswag_acc=result["acc"], hellaswag_acc_norm=result["acc_norm"])
+        return out
+
+    return with_hellaswag
 
 
 def model_name(args) -> str:
@@ -231,6 +273,8 @@ def pretrain(args) -> dict:
         return tok.decode(out[0].tolist())
 
     eval_fn = loss_eval_fn(loss_fn, get_eval_batch, targs.eval_batches, seed=targs.seed + 10_000)
+    if hellaswag_examples(args):
+        eval_fn = hellaswag_eval_fn(eval_fn, hellaswag_examples(args), tok)
     trainer = Trainer(model, targs, loss_fn, get_batch, eval_fn=eval_fn,
                       sample_fn=sample_fn if args.sample_tokens > 0 else None,
                       name="pretrain", data_state=DataPosition(args, tok, block, splits),
@@ -245,6 +289,9 @@ def pretrain(args) -> dict:
         save_run_tokenizer(tok, Path(targs.out_dir))
         print_header(args, targs, model, tok, block, splits, trainer)
     result = trainer.fit()
+    if trainer.is_main and hellaswag_examples(args):
+        common.plot_curves(trainer.metrics.rows(), Path(targs.out_dir) / "hellaswag.png",
+                           keys=("hellaswag_acc_norm", "hellaswag_acc"), title="HellaSwag")
     # this call's evaluations, as first_loss is this call's first step (a resume's first is the
     # checkpoint's, not step 0's); one evaluation (--eval-every 0: the last step's) has no first
     # to compare with, and printed as both ends it read "val loss 7.77 -> 7.77"
