@@ -92,6 +92,8 @@ def run_lines(weights) -> list:
     lines.insert(0, f"run          {state.get('name', '?')}, step {state.get('step', '?')} of {a.get('max_steps', '?')} "
                     f"({str(state.get('precision', '?')).removeprefix('torch.')}, kernels {state.get('kernels', '?')}, "
                     f"{world} process{'es' if world != 1 else ''}){init}")
+    if state.get("prompt_format"):
+        lines.insert(1, f"prompts      {state['prompt_format']} template (what `tritongpt chat` prompts it with)")
     data = state.get("data")
     data = data[0] if isinstance(data, list) and data else data
     if isinstance(data, dict) and "train_tokens" in data:
