@@ -22,6 +22,10 @@ class GPTConfig:
     # never a token: logits stop at vocab_size, and the loss and sampling never see them.
     vocab_multiple: int = 1
     kernels: str = "reference"  # "reference" | "triton" | "auto" | comma list of layernorm,mlp,attention,cross_entropy
+    # LoRA (model/lora.py): rank 0 is none; else the targets' weights are W + (alpha / rank) B A
+    lora_rank: int = 0
+    lora_alpha: float = 16.0
+    lora_targets: str = "attn,mlp"
 
     def __post_init__(self):
         for name in ("vocab_size", "context_length", "n_embd", "n_layer", "n_head", "vocab_multiple"):
@@ -41,7 +45,11 @@ class GPTConfig:
             if not isinstance(value, (bool, np.bool_)):
                 raise UserError(f"GPTConfig.{name} must be True or False, got {value!r}")
             setattr(self, name, bool(value))
+        from tritongpt.model.lora import check_lora
         from tritongpt.model.toggle import resolve_kernels
+
+        check_lora(self.lora_rank, self.lora_alpha, self.lora_targets)
+        self.lora_rank, self.lora_alpha = int(self.lora_rank), float(self.lora_alpha)
 
         resolve_kernels(self.kernels, "cpu", check_device=False)  # the names only: a typo now, not later
 

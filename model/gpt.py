@@ -85,6 +85,10 @@ class GPTModel(nn.Module):
         # names only: a model is built on the CPU and may be moved to a GPU before it runs
         self.set_kernels(cfg.kernels, check_device=False)
         self.activation_checkpointing = False
+        if cfg.lora_rank:  # a saved LoRA model: its parametrizations, for its weights to load into
+            from tritongpt.model.lora import attach_lora
+
+            attach_lora(self)
 
     def _apply(self, fn, *args, **kwargs):
         # A move that makes new tensors (to_empty() after building on the meta device) gives

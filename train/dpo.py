@@ -151,11 +151,15 @@ def train_dpo(policy, ref, tokenizer, train_pairs, val_pairs, args, beta: float 
 
 
 def cmd_dpo(args):
+    from tritongpt.commands import apply_lora
+    from tritongpt.model.lora import check_lora
     from tritongpt.train.reward import data_run_args, setup_preference_run
 
+    check_lora(args.lora_rank, args.lora_alpha, args.lora_targets)
     check_beta(args.beta)  # before the slow set-up
     targs, train, val, policy, tok = setup_preference_run(args)
     ref = copy.deepcopy(policy)
+    apply_lora(policy, args)  # the reference stays the whole --init model
     result = train_dpo(policy, ref, tok, train, val, targs, beta=args.beta, run_args=data_run_args(args))
     if "val_margin" in result:
         print(f"dpo: held-out reward margin {result['val_margin']:.4f}, accuracy {result['val_acc']:.3f}; "
@@ -164,7 +168,7 @@ def cmd_dpo(args):
 
 
 def add_cli(sub):
-    from tritongpt.commands import add_model_args, add_vocab_multiple_arg
+    from tritongpt.commands import add_lora_args, add_model_args, add_vocab_multiple_arg
     from tritongpt.train.loop import add_train_args
     from tritongpt.train.reward import add_data_args
 
@@ -172,6 +176,7 @@ def add_cli(sub):
     add_model_args(p, default_model=None, default_text="tiny, with no --init")
     add_data_args(p)
     add_vocab_multiple_arg(p, None, "as the --init model has them")
+    add_lora_args(p)
     p.add_argument("--beta", type=float, default=0.1, help="DPO temperature beta (default %(default)s)")
     add_train_args(p, out_dir="runs/dpo", max_steps=300, batch_size=16, lr=1e-5, min_lr=1e-6,
                    warmup_steps=20, eval_every=50, ckpt_every=100, sample_every=0, weight_decay=0.0)

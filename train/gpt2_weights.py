@@ -112,6 +112,10 @@ def load_checkpoint(path, model_name: str | None = None) -> GPTModel:
     if str(path).endswith(".safetensors") and is_hf_file(path):
         return load_gpt2_safetensors(path, model_name)
     model = GPTModel.load(path)
+    if model.config.lora_rank:  # used, not trained on: the plain model its LoRA update makes
+        from tritongpt.model.lora import merge_lora
+
+        merge_lora(model)
     if model_name is not None:  # ours carry their config: a --model that differs is only noted
         named, cfg = get_config(model_name), model.config
         shape = ("n_layer", "n_head", "n_embd")

@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from tritongpt.commands import add_vocab_multiple_arg, vocab_multiple
+from tritongpt.commands import add_lora_args, add_vocab_multiple_arg, apply_lora, vocab_multiple
 from tritongpt.errors import UserError, note
 from tritongpt.train import common, formats, tasks
 # encode_text and format_prompt live with the formats; the trainers and tests import them from here too
@@ -508,8 +508,11 @@ def run_sft(model, tokenizer, train_records, val_records, test_records, args, *,
 def cmd_sft(args):
     from tritongpt.train.loop import TrainArgs
 
+    from tritongpt.model.lora import check_lora
+
     targs = TrainArgs.from_namespace(args)
     targs.validate()
+    check_lora(args.lora_rank, args.lora_alpha, args.lora_targets)  # before the model loads
     for name in ("max_new_tokens", "n_train"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
@@ -519,6 +522,7 @@ def cmd_sft(args):
     model = load_init_model(args.init)
     if vocab_multiple(args) is not None:
         model = model.pad_vocab(args.vocab_multiple)
+    apply_lora(model, args)
     tok = pick_tokenizer(args.tokenizer, args.init, model.config.vocab_size)
     if args.data:
         records = read_records(args.data)
@@ -556,6 +560,7 @@ def add_cli(sub):
     p.add_argument("--tokenizer", help="default | gpt2 | tokenizer .json (default: the run's saved tokenizer, "
                                        "else gpt2 for a 50257 vocab, else default)")
     add_vocab_multiple_arg(p, None, "as the --init model has them")
+    add_lora_args(p)
     p.add_argument("--tasks", default="all", help=f"embedded task families, comma list or 'all' "
                                                   f"({', '.join(tasks.FAMILIES)})")
     p.add_argument("--n-train", type=int, default=5000, help="embedded training records (default %(default)s)")

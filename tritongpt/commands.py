@@ -24,6 +24,33 @@ def add_vocab_multiple_arg(p, default, default_text):
                         f"50304, faster head matmuls on a GPU; default: {default_text})")
 
 
+def add_lora_args(p):
+    """--lora-rank, --lora-alpha, --lora-targets (model/lora.py), shared by sft and dpo."""
+    p.add_argument("--lora-rank", type=int, default=0,
+                   help="train a rank-r LoRA update of the --lora-targets matrices instead of every weight "
+                        "(the rest frozen; checkpoints hold both, and load merged everywhere they are only used; "
+                        "default 0: full fine-tuning)")
+    p.add_argument("--lora-alpha", type=float, default=16.0,
+                   help="LoRA's update is scaled by alpha / rank (default %(default)s)")
+    p.add_argument("--lora-targets", default="attn,mlp",
+                   help="the matrices LoRA adapts: attn (query, key, value, output), mlp (both), or both "
+                        "(default %(default)s)")
+
+
+def apply_lora(model, args):
+    """--lora-rank's LoRA on `model` (in place), with a line on what it trains."""
+    import sys
+
+    from tritongpt.model.lora import add_lora
+
+    add_lora(model, args.lora_rank, args.lora_alpha, args.lora_targets)
+    if args.lora_rank:
+        trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        print(f"LoRA rank {args.lora_rank} (alpha {args.lora_alpha:g}) on {model.config.lora_targets}: "
+              f"{trained:,} of {model.num_params():,} parameters train", file=sys.stderr)
+    return model
+
+
 def vocab_multiple(args):
     """args.vocab_multiple, checked here so a bad value is a one-line error naming the flag."""
     if args.vocab_multiple is not None and args.vocab_multiple < 1:
@@ -56,6 +83,14 @@ def cmd_info(args):
         if key != "kernels":
             print(f"  {key:<16}{value}")
     print(f"parameters   {n:,} ({n / 1e6:.1f}M, {'tied' if cfg.tie_weights else 'untied'} LM head)")
+    if args.weights:
+        from tritongpt.train.common import saved_model_config
+
+        saved = saved_model_config(resolve_checkpoint(args.weights))
+        if saved.get("lora_rank"):  # the config above is the merged model everything but training loads
+            print(f"lora         rank {saved['lora_rank']}, alpha {saved.get('lora_alpha'):g} on "
+                  f"{saved.get('lora_targets')}: the file holds the frozen weights and the update; "
+                  f"used merged (shown above)")
     if args.weights:
         for line in run_lines(args.weights):
             print(line)

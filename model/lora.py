@@ -1,0 +1,141 @@
+"""LoRA (Hu et al., 2021): fine-tune a frozen weight W through a low-rank update, W + (alpha / r) B A.
+
+A [r, in] starts random and B [out, r] at zero, so a model with LoRA starts exactly where the
+frozen one is. Only A and B train: AdamW keeps its two moments for r (in + out) numbers of a
+matrix instead of in x out (GPT-2 small at r = 8 on every attention and MLP matrix: 1.3M
+trained parameters of 125M, so 16 MB of optimizer state instead of 1 GB).
+
+The update is a parametrization of each chosen Linear's weight (torch.nn.utils.parametrize):
+reading `linear.weight` gives W + scale B A. Both paths run on that merged weight unchanged:
+nn.Linear's matmul, and the Triton kernels, which take the weights as tensors (kernels/mlp.py
+reads fc1.weight and fc2.weight). Autograd carries the weight gradient dW the matmul (or the
+kernel's backward) makes on to dB = scale dW A^T and dA = scale B^T dW. So LoRA has no kernel
+of its own: merging costs an [out, r] x [r, in] matmul per matrix per forward, r / tokens of
+the [tokens, in] x [in, out] matmul it feeds; what LoRA saves is optimizer state and gradient
+memory for W, not compute (dW is still formed, then reduced to dA and dB).
+
+The rank, alpha and targets are GPTConfig fields, so a checkpoint says what it holds and loads
+as it was saved (the frozen W and A, B; a resume goes on from there). Everything that only uses
+the model (generate, chat, eval, export, a later --init) loads it merged: a plain GPT-2 whose
+weights are W + scale B A (merge_lora).
+
+    model = add_lora(model, rank=8, alpha=16)     # the rest frozen
+    ...train...
+    model = merge_lora(model)                     # plain weights again
+"""
+import math
+
+import torch
+import torch.nn as nn
+from torch.nn.utils import parametrize
+
+from tritongpt.errors import UserError
+
+TARGETS = {"attn": ("att.W_query", "att.W_key", "att.W_value", "att.out_proj"), "mlp": ("ff.fc1", "ff.fc2")}
+
+
+class LoRAUpdate(nn.Module):
+    """The parametrization: W -> W + scale B A."""
+
+    def __init__(self, out_features: int, in_features: int, rank: int, alpha: float):
+        super().__init__()
+        self.scale = alpha / rank
+        self.lora_A = nn.Parameter(torch.empty(rank, in_features))
+        self.lora_B = nn.Parameter(torch.zeros(out_features, rank))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # nn.Linear's init, as peft does
+
+    def forward(self, weight):
+        # under autocast B @ A runs in bf16; the sum is in W's dtype (fp32): W is not rounded
+        return weight + (self.scale * (self.lora_B @ self.lora_A)).to(weight.dtype)
+
+
+def parse_targets(spec) -> tuple:
+    """"attn,mlp" (or a subset): the matrices LoRA adapts, in TARGETS' order."""
+    names = [s.strip() for s in str(spec).split(",") if s.strip()]
+    unknown = sorted(set(names) - set(TARGETS))
+    if not names or unknown:
+        raise UserError(f"LoRA targets must be a comma list of {', '.join(TARGETS)}, got {spec!r}")
+    return tuple(t for t in TARGETS if t in names)
+
+
+def check_lora(rank, alpha, targets):
+    """A UserError naming the flag for a rank, alpha or targets LoRA cannot take."""
+    from tritongpt._types import is_int, is_real
+
+    if not is_int(rank) or rank < 0:
+        raise UserError(f"--lora-rank must be an integer >= 0 (0: no LoRA), got {rank!r}")
+    if not is_real(alpha) or not math.isfinite(alpha) or alpha <= 0:
+        raise UserError(f"--lora-alpha must be a positive number, got {alpha!r}")
+    parse_targets(targets)
+
+
+def lora_linears(model):
+    """(name, nn.Linear) of every matrix the config's targets name, block by block."""
+    cfg = model.config
+    for i, block in enumerate(model.trf_blocks):
+        for target in parse_targets(cfg.lora_targets):
+            for path in TARGETS[target]:
+                module = block.get_submodule(path)
+                yield f"trf_blocks.{i}.{path}", module
+
+
+def add_lora(model, rank: int, alpha: float = 16.0, targets: str = "attn,mlp"):
+    """`model` with LoRA on the targets' weights and every other parameter frozen (biases,
+    LayerNorms, embeddings: peft's bias="none"). In place; returns the model."""
+    check_lora(rank, alpha, targets)
+    if rank == 0:
+        return model
+    if has_lora(model):
+        raise UserError("the model has LoRA already: merge_lora() it first to add another")
+    if rank > model.config.n_embd:
+        raise UserError(f"--lora-rank {rank} is above the model's width {model.config.n_embd}: "
+                        "no longer low-rank")
+    model.config.lora_rank, model.config.lora_alpha = int(rank), float(alpha)
+    model.config.lora_targets = ",".join(parse_targets(targets))
+    attach_lora(model)
+    return model
+
+
+def attach_lora(model):
+    """The parametrizations the config's LoRA fields describe (GPTModel builds a saved LoRA
+    model with them, to load its weights into); every other parameter frozen."""
+    cfg = model.config
+    for p in model.parameters():
+        p.requires_grad_(False)
+    w = model.tok_emb.weight
+    for _, linear in lora_linears(model):
+        out_f, in_f = linear.weight.shape
+        update = LoRAUpdate(out_f, in_f, cfg.lora_rank, cfg.lora_alpha).to(w.device, w.dtype)
+        parametrize.register_parametrization(linear, "weight", update)
+
+
+def has_lora(model) -> bool:
+    return any(parametrize.is_parametrized(m, "weight") for m in model.modules() if isinstance(m, nn.Linear))
+
+
+def merge_lora(model):
+    """`model` with each LoRA weight replaced by its value W + scale B A: plain Linears, every
+    parameter trainable again, the config's LoRA fields cleared. In place; returns the model.
+
+    Each adapted Linear is swapped for a new one rather than un-parametrized in place:
+    parametrize.remove_parametrizations edits the module's class, which a deepcopy of the model
+    shares, so merging a copy would break the original."""
+    for name, m in list(model.named_modules()):
+        if isinstance(m, nn.Linear) and parametrize.is_parametrized(m, "weight"):
+            w = m.weight.detach()
+            plain = nn.utils.skip_init(nn.Linear, m.in_features, m.out_features, bias=m.bias is not None,
+                                       device=w.device, dtype=w.dtype)
+            with torch.no_grad():
+                plain.weight.copy_(w)
+            if m.bias is not None:
+                plain.bias = m.bias
+            parent, _, attr = name.rpartition(".")
+            setattr(model.get_submodule(parent), attr, plain)
+    model.config.lora_rank = 0
+    for p in model.parameters():
+        p.requires_grad_(True)
+    return model
+
+
+def lora_parameters(model) -> list:
+    return [p for name, p in model.named_parameters() if name.endswith(("lora_A", "lora_B"))]

@@ -1,0 +1,198 @@
+"""LoRA (model/lora.py): a zero start, both kernel paths against float64 (forward and every
+LoRA gradient, and the gradients against dA = s B^T dW, dB = s dW A^T), merging, saving and
+loading, and fine-tuning that trains only A and B."""
+import copy
+
+import pytest
+import torch
+
+from parity import assert_close_rel
+from tritongpt.errors import UserError
+from tritongpt.model.config import GPTConfig
+from tritongpt.model.gpt import GPTModel
+from tritongpt.model.lora import add_lora, has_lora, lora_linears, lora_parameters, merge_lora
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def small(seed=0, **kw):
+    torch.manual_seed(seed)
+    cfg = dict(vocab_size=97, context_length=32, n_embd=32, n_layer=2, n_head=2)
+    return GPTModel(GPTConfig(**{**cfg, **kw}))
+
+
+def with_trained_lora(model, rank=4, alpha=8.0, targets="attn,mlp", seed=1):
+    """LoRA whose B is no longer zero (as after some training), of a realistic size."""
+    add_lora(model, rank, alpha, targets)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("lora_B"):
+                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    return model
+
+
+def test_lora_starts_as_the_frozen_model_and_trains_only_a_and_b():
+    model = small()
+    x = torch.randint(0, 97, (3, 21))
+    before = model(x)
+    add_lora(model, rank=4, alpha=8.0)
+    assert torch.equal(model(x), before)  # B = 0
+    trained = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trained and all(n.endswith(("lora_A", "lora_B")) for n in trained)
+    # r (in + out) per matrix: 4 attention [32 x 32] and the MLP's [128 x 32] and [32 x 128], per layer
+    assert sum(p.numel() for p in lora_parameters(model)) == 2 * 4 * (4 * 64 + 2 * 160)
+    model(x, targets=x).backward()
+    assert all(p.grad is None for n, p in model.named_parameters() if n not in trained)
+    attn_only = add_lora(small(), 2, 4.0, "attn")
+    assert [n.split(".", 2)[2] for n, _ in lora_linears(attn_only)][:4] == \
+        ["att.W_query", "att.W_key", "att.W_value", "att.out_proj"]
+    assert sum(p.numel() for p in lora_parameters(attn_only)) == 2 * 2 * 4 * 64
+
+
+@pytest.mark.parametrize("kernels", ["reference", "triton"])
+def test_both_paths_agree_with_float64_forward_and_every_lora_gradient(kernels):
+    model = with_trained_lora(small(seed=3, n_layer=1))
+    x = torch.randint(0, 97, (2, 19))  # 19: not a multiple of any block size
+    ref = copy.deepcopy(model).double()
+    ref.set_kernels("reference")
+    ref_loss = ref(x, targets=x)
+    ref_loss.backward()
+    model.set_kernels(kernels)
+    loss = model(x, targets=x)
+    loss.backward()
+    assert_close_rel(loss, ref_loss, 1e-5, "loss")
+    want = dict(ref.named_parameters())
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            assert_close_rel(p.grad, want[name].grad, 1e-4, name)
+
+
+def test_lora_gradients_are_the_weight_gradient_projected_on_a_and_b():
+    """dA = s B^T dW and dB = s dW A^T, dW the gradient a plain model with the merged weights
+    gets for that matrix: what autograd through the parametrization must give."""
+    model = with_trained_lora(small(seed=4), rank=3, alpha=6.0).double()
+    x = torch.randint(0, 97, (2, 17))
+    plain = merge_lora(copy.deepcopy(model))  # a copy merged: the model itself keeps its LoRA
+    plain(x, targets=x).backward()
+    model(x, targets=x).backward()
+    s = 6.0 / 3
+    for name, linear in lora_linears(model):
+        upd = linear.parametrizations.weight[0]
+        dW = plain.get_submodule(name).weight.grad
+        assert_close_rel(upd.lora_A.grad, s * upd.lora_B.detach().T @ dW, 1e-10, name + " A")
+        assert_close_rel(upd.lora_B.grad, s * dW @ upd.lora_A.detach().T, 1e-10, name + " B")
+
+
+def test_merge_gives_the_same_model_plainly():
+    model = with_trained_lora(small(seed=5))
+    x = torch.randint(0, 97, (2, 13))
+    out = model(x)
+    merged = merge_lora(copy.deepcopy(model))
+    assert not has_lora(merged) and merged.config.lora_rank == 0
+    assert all(p.requires_grad for p in merged.parameters())
+    assert torch.equal(merged(x), out)
+    assert has_lora(model) and torch.equal(model(x), out)  # merging a copy leaves the model as it was
+    assert set(merged.state_dict()) == set(small().state_dict())  # plain parameter names again
+
+
+def test_a_lora_checkpoint_loads_as_saved_for_training_and_merged_for_use(tmp_path):
+    from tritongpt.train.gpt2_weights import load_checkpoint
+
+    model = with_trained_lora(small(seed=6), targets="mlp")
+    x = torch.randint(0, 97, (2, 11))
+    model.save(tmp_path / "m.safetensors")
+    again = GPTModel.load(tmp_path / "m.safetensors")
+    assert has_lora(again) and again.config.lora_targets == "mlp" and again.config.lora_alpha == 8.0
+    assert torch.equal(again(x), model(x))
+    assert {n for n, p in again.named_parameters() if p.requires_grad} == \
+        {n for n, p in model.named_parameters() if p.requires_grad}
+    used = load_checkpoint(tmp_path / "m.safetensors")
+    assert not has_lora(used) and torch.equal(used(x), model(x))
+    # padding the vocabulary keeps LoRA and what trains
+    padded = again.pad_vocab(64)
+    assert has_lora(padded) and torch.equal(padded(x), model(x))
+    assert {n for n, p in padded.named_parameters() if p.requires_grad} == \
+        {n for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_bad_lora_settings_are_named():
+    for kw, msg in ((dict(rank=-1), "--lora-rank must be an integer >= 0"),
+                    (dict(rank=2.5), "--lora-rank must be an integer >= 0"),
+                    (dict(rank=4, alpha=0), "--lora-alpha must be a positive number"),
+                    (dict(rank=4, alpha=float("nan")), "--lora-alpha must be a positive number"),
+                    (dict(rank=4, targets="attn,head"), "LoRA targets must be a comma list of attn, mlp"),
+                    (dict(rank=4, targets=""), "LoRA targets must be a comma list"),
+                    (dict(rank=33), "--lora-rank 33 is above the model's width 32")):
+        with pytest.raises(UserError, match=msg):
+            add_lora(small(), **kw)
+    with pytest.raises(UserError, match="has LoRA already"):
+        add_lora(add_lora(small(), 2), 2)
+    assert not has_lora(add_lora(small(), 0))  # rank 0: none
+    with pytest.raises(UserError, match="--lora-rank must be an integer >= 0"):
+        GPTConfig(lora_rank=-2)
+
+
+def test_sft_with_lora_trains_only_the_update_and_its_checkpoint_is_used_merged(tmp_path, capsys):
+    from tritongpt.cli import main
+    from tritongpt.train.common import load_state
+    from tritongpt.train.gpt2_weights import load_checkpoint
+
+    init = small(seed=7, vocab_size=4096, context_length=128)
+    init.save(tmp_path / "init.safetensors")
+    out = tmp_path / "sft"
+    assert main(["sft", "--init", str(tmp_path / "init.safetensors"), "--tokenizer", "default",
+                 "--n-train", "32", "--n-eval", "4", "--max-steps", "3", "--batch-size", "4", "--lr", "1e-2",
+                 "--lora-rank", "2", "--lora-targets", "mlp", "--out-dir", str(out), "--device", "cpu",
+                 "--eval-every", "0", "--sample-every", "0", "--max-new-tokens", "2"]) == 0
+    assert "LoRA rank 2 (alpha 16) on mlp: 1,280 of" in capsys.readouterr().err
+    saved = GPTModel.load(out / "ckpt-0000003" / "model.safetensors")
+    base = dict(init.named_parameters())
+    for name, p in saved.named_parameters():
+        if name.endswith("lora_B"):
+            assert p.abs().max() > 0  # trained away from its zero start
+        elif not name.endswith("lora_A"):  # everything else is the --init model's, bit for bit
+            assert torch.equal(p, base[name.replace(".parametrizations.weight.original", ".weight")]), name
+    state = load_state(out / "ckpt-0000003")["optimizer"]["state"]
+    assert len(state) == 2 * 2 * 2  # AdamW state for A and B of 2 matrices in 2 layers, nothing else
+    used = load_checkpoint(out)
+    x = torch.randint(0, 4096, (1, 9))
+    assert not has_lora(used) and torch.allclose(used(x), saved(x), atol=1e-6)
+    assert main(["info", "--weights", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "lora         rank 2, alpha 16 on mlp: the file holds" in printed and "  lora_rank       0\n" in printed
+    assert main(["sft", "--init", str(tmp_path / "init.safetensors"), "--lora-rank", "-3",
+                 "--out-dir", str(tmp_path / "bad")]) == 2
+    assert "--lora-rank must be an integer >= 0" in capsys.readouterr().err
+
+
+def test_dpo_with_lora_keeps_the_reference_whole(tmp_path, capsys):
+    from tritongpt.cli import main
+
+    out = tmp_path / "dpo"
+    assert main(["dpo", "--model", "tiny", "--num-pairs", "8", "--max-steps", "1", "--batch-size", "4",
+                 "--lora-rank", "2", "--out-dir", str(out), "--device", "cpu", "--eval-every", "0",
+                 "--val-fraction", "0"]) == 0
+    assert "LoRA rank 2" in capsys.readouterr().err
+    saved = GPTModel.load(out / "ckpt-0000001" / "model.safetensors")
+    assert has_lora(saved) and saved.config.lora_rank == 2
+
+
+def test_a_lora_run_resumes_bit_for_bit(tmp_path):
+    import shutil
+
+    from tritongpt.cli import main
+
+    small(seed=8, vocab_size=4096, context_length=128).save(tmp_path / "init.safetensors")
+    out = tmp_path / "sft"
+    run = ["sft", "--init", str(tmp_path / "init.safetensors"), "--tokenizer", "default", "--n-train", "32",
+           "--n-eval", "4", "--max-steps", "4", "--batch-size", "4", "--lr", "1e-2", "--lora-rank", "2",
+           "--out-dir", str(out), "--device", "cpu", "--eval-every", "0", "--sample-every", "0",
+           "--ckpt-every", "2", "--max-new-tokens", "2"]
+    assert main(run) == 0
+    straight = GPTModel.load(out / "ckpt-0000004" / "model.safetensors").state_dict()
+    shutil.rmtree(out / "ckpt-0000004")
+    assert main(run + ["--resume"]) == 0
+    resumed = GPTModel.load(out / "ckpt-0000004" / "model.safetensors").state_dict()
+    assert straight.keys() == resumed.keys() and any("lora_B" in k for k in straight)
+    assert all(torch.equal(straight[k], resumed[k]) for k in straight)
