@@ -196,3 +196,15 @@ def test_a_lora_run_resumes_bit_for_bit(tmp_path):
     resumed = GPTModel.load(out / "ckpt-0000004" / "model.safetensors").state_dict()
     assert straight.keys() == resumed.keys() and any("lora_B" in k for k in straight)
     assert all(torch.equal(straight[k], resumed[k]) for k in straight)
+
+
+def test_activation_checkpointing_gives_the_same_lora_gradients():
+    model = with_trained_lora(small(seed=9))
+    x = torch.randint(0, 97, (2, 15))
+    grads = []
+    for on in (False, True):
+        model.set_activation_checkpointing(on)
+        model.zero_grad(set_to_none=True)
+        model(x, targets=x).backward()
+        grads.append([p.grad.clone() for p in lora_parameters(model)])
+    assert all(torch.equal(a, b) for a, b in zip(*grads))
