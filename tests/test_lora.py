@@ -208,3 +208,32 @@ def test_activation_checkpointing_gives_the_same_lora_gradients():
         model(x, targets=x).backward()
         grads.append([p.grad.clone() for p in lora_parameters(model)])
     assert all(torch.equal(a, b) for a, b in zip(*grads))
+
+
+def test_reward_and_rlhf_with_lora_train_the_update_and_their_new_heads(tmp_path, capsys):
+    """The reward model's scalar head and PPO's value head are new: they train whole, beside
+    the backbone's LoRA; a LoRA reward model is scored with merged (RewardModel.load)."""
+    from tritongpt.cli import main
+    from tritongpt.train.common import load_state
+    from tritongpt.train.reward import RewardModel
+
+    small(seed=10, vocab_size=4096, context_length=128).save(tmp_path / "init.safetensors")
+    init = ["--init", str(tmp_path / "init.safetensors"), "--tokenizer", "default", "--num-pairs", "8",
+            "--lora-rank", "2", "--device", "cpu"]
+    assert main(["reward", *init, "--max-steps", "1", "--batch-size", "4", "--out-dir", str(tmp_path / "rw"),
+                 "--eval-every", "0", "--val-fraction", "0"]) == 0
+    n_lora = 2 * 6 * 2  # A and B of 6 matrices in each of 2 layers
+    assert len(load_state(tmp_path / "rw" / "ckpt-0000001")["optimizer"]["state"]) == n_lora + 2  # + head w, b
+    rm = RewardModel.load(tmp_path / "rw")
+    assert not has_lora(rm.backbone) and rm.config.lora_rank == 0
+    assert main(["rlhf", *init, "--reward", str(tmp_path / "rw"), "--iterations", "1", "--prompts-per-iter", "4",
+                 "--minibatch-size", "2", "--epochs", "1", "--max-new-tokens", "4", "--eval-prompts", "2",
+                 "--eval-samples", "1", "--out-dir", str(tmp_path / "rl")]) == 0
+    ckpt = tmp_path / "rl" / "ckpt-0000001"
+    assert len(load_state(ckpt)["optimizer"]["state"]) == n_lora + 2  # + the value head's w, b
+    policy = GPTModel.load(ckpt / "model.safetensors")
+    assert has_lora(policy) and "LoRA rank 2" in capsys.readouterr().err
+    base = dict(small(seed=10, vocab_size=4096, context_length=128).named_parameters())
+    for name, p in policy.named_parameters():
+        if not name.endswith(("lora_A", "lora_B")):
+            assert torch.equal(p, base[name.replace(".parametrizations.weight.original", ".weight")]), name

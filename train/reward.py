@@ -73,6 +73,10 @@ class RewardModel(nn.Module):
         cfg.kernels = "reference"
         model = cls(GPTModel(cfg))
         load_saved_weights(model, path, map_location)
+        if cfg.lora_rank:  # used, not trained on (RLHF scores with it): the merged backbone
+            from tritongpt.model.lora import merge_lora
+
+            merge_lora(model.backbone)
         model.to(map_location)
         if kernels is not None:
             model.set_kernels(kernels)
@@ -229,8 +233,12 @@ def setup_preference_run(args):
 
 
 def cmd_reward(args):
+    from tritongpt.commands import apply_lora
+    from tritongpt.model.lora import check_lora
+
+    check_lora(args.lora_rank, args.lora_alpha, args.lora_targets)  # before the slow set-up
     targs, train, val, backbone, tok = setup_preference_run(args)
-    model = RewardModel(backbone)
+    model = RewardModel(apply_lora(backbone, args))  # the scalar head is new: it trains whole
     result = train_reward_model(model, tok, train, val, targs, run_args=data_run_args(args))
     if not result["is_main"]:  # DDP: rank 0 reports
         return 0
@@ -241,12 +249,13 @@ def cmd_reward(args):
 
 
 def add_cli(sub):
-    from tritongpt.commands import add_model_args
+    from tritongpt.commands import add_lora_args, add_model_args
     from tritongpt.train.loop import add_train_args
 
     p = sub.add_parser("reward", help="train a reward model (Bradley-Terry) on preference pairs")
     add_model_args(p, default_model=None, default_text="tiny, with no --init")
     add_data_args(p)
+    add_lora_args(p)
     add_train_args(p, out_dir="runs/reward", max_steps=300, batch_size=16, lr=1e-4, min_lr=1e-5,
                    warmup_steps=20, eval_every=50, ckpt_every=100, sample_every=0, weight_decay=0.0)
     p.set_defaults(func=cmd_reward)

@@ -648,8 +648,12 @@ def cmd_rlhf(args):
     from tritongpt.train.sft import pick_tokenizer
     from tritongpt.train.tokenizer import save_run_tokenizer
 
+    from tritongpt.commands import apply_lora
+    from tritongpt.model.lora import check_lora
+
     a = RLArgs.from_namespace(args)
     a.validate()
+    check_lora(args.lora_rank, args.lora_alpha, args.lora_targets)
     check_one_process()
     common.check_out_dir(a.out_dir, a.resume, a.overwrite)  # before the tokenizer is written there
     common.set_seed(a.seed)
@@ -660,6 +664,7 @@ def cmd_rlhf(args):
     policy = build_backbone(args)
     reward_model = RewardModel.load(args.reward, map_location=device)
     ref = copy.deepcopy(policy)
+    apply_lora(policy, args)  # the reference stays the whole --init model; PPO's value head trains whole
     if reward_model.config.vocab_size != policy.config.vocab_size:
         raise UserError(f"reward model vocab ({reward_model.config.vocab_size}) differs from the "
                         f"policy's ({policy.config.vocab_size}): they must share a tokenizer")
@@ -712,7 +717,7 @@ _HELP = {
 
 
 def add_cli(sub):
-    from tritongpt.commands import add_model_args, add_vocab_multiple_arg
+    from tritongpt.commands import add_lora_args, add_model_args, add_vocab_multiple_arg
     from tritongpt.train.reward import add_data_args
 
     p = sub.add_parser("rlhf", help="RLHF against a reward model: PPO or GRPO",
@@ -722,6 +727,7 @@ def add_cli(sub):
     add_model_args(p, default_model=None, default_text="tiny, with no --init")
     add_data_args(p)  # prompts come from the preference data (embedded tasks by default)
     add_vocab_multiple_arg(p, None, "as the --init model has them")
+    add_lora_args(p)
     p.add_argument("--reward", help="reward model checkpoint (from `tritongpt reward`): file, checkpoint or run folder")
     d = RLArgs()
     g = p.add_argument_group("rl")

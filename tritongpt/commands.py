@@ -25,7 +25,7 @@ def add_vocab_multiple_arg(p, default, default_text):
 
 
 def add_lora_args(p):
-    """--lora-rank, --lora-alpha, --lora-targets (model/lora.py), shared by sft and dpo."""
+    """--lora-rank, --lora-alpha, --lora-targets (model/lora.py), shared by sft, reward, dpo and rlhf."""
     p.add_argument("--lora-rank", type=int, default=0,
                    help="train a rank-r LoRA update of the --lora-targets matrices instead of every weight "
                         "(the rest frozen; checkpoints hold both, and load merged everywhere they are only used; "
