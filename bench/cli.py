@@ -150,7 +150,8 @@ def add_cli(sub):
     t.add_argument("--models", default=None, help="default gpt2-small,gpt2-medium (--quick: gpt2-small)")
     t.add_argument("--train-providers", default=",".join(TRAIN_PROVIDERS),
                    help="comma list: reference or triton, each with +compile, +sdpa (reference only) and "
-                        "+ckpt (activation checkpointing) (default %(default)s)")
+                        "+ckpt (activation checkpointing), +lora (a rank-8 LoRA update trains instead) "
+                        "(default %(default)s)")
     t.add_argument("--batch", default=None, help="16 or gpt2-small=16,gpt2-medium=8 (the default)")
     t.add_argument("--seq-len", type=int, default=1024, help="tokens per sequence (default %(default)s)")
     t.add_argument("--steps", type=int, default=None, help="timed steps (default 10, --quick 4)")

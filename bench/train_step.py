@@ -14,6 +14,8 @@ runs the blocks under activation checkpointing (model.set_activation_checkpointi
 memory, one more forward of the blocks per step. MFU counts the model's FLOPs only, never the
 recomputation, so a checkpointed step's MFU is lower for the same hardware work; its row also
 gives HFU (PaLM's hardware FLOPs utilization), which counts the recomputed forward too.
+"+lora" trains a rank-8 LoRA update of every attention and MLP matrix instead (model/lora.py):
+the same FLOPs (the weight gradient is still formed, then projected), less optimizer memory.
 
 Reported per provider: step time (median of CUDA-event timings, 20/80 quantiles), tokens/s,
 MFU, peak memory. MFU = model FLOPs per second / a peak: by default the GPU's dense bf16
@@ -81,7 +83,7 @@ def parse_provider(name: str):
     """'triton+compile' -> ('triton', {'compile'}). Raises ValueError on an unknown name."""
     parts = name.split("+")
     base, flags = parts[0], set(parts[1:])
-    if base not in ("reference", "triton") or not flags <= {"compile", "sdpa", "ckpt"} or \
+    if base not in ("reference", "triton") or not flags <= {"compile", "sdpa", "ckpt", "lora"} or \
             len(flags) != len(parts) - 1:
         raise ValueError(f"unknown training provider {name!r}; e.g. {', '.join(TRAIN_PROVIDERS)}")
     if base == "triton" and "sdpa" in flags:
@@ -111,6 +113,10 @@ def build(name, cfg, device, seed=0):
     if "sdpa" in flags:
         use_sdpa_attention(model)
     model.set_activation_checkpointing("ckpt" in flags)
+    if "lora" in flags:
+        from tritongpt.model.lora import add_lora
+
+        add_lora(model, rank=8)
     opt = build_optimizer(model, lr=1e-4, weight_decay=0.1, device=device)  # fused AdamW on CUDA
     run = model
     if "compile" in flags:
@@ -173,7 +179,10 @@ def bench_train_provider(name, model_name, batch, seq_len, device, dtype, warmup
     model = run = opt = None
     try:
         model, run, opt = build(name, cfg, device, seed)
-        n_params = model.num_params(non_embedding=True)
+        from tritongpt.model.lora import lora_parameters
+
+        # LoRA's A and B are no per-token matmul (the merged weight is): its FLOPs are the model's
+        n_params = model.num_params(non_embedding=True) - sum(p.numel() for p in lora_parameters(model))
         fpt = flops_per_token(cfg, n_params, seq_len)
         # what the GPU does per token: checkpointing runs each block's forward once more
         # (2 FLOPs per block parameter, 4*H*Q*T for the attention scores and their weighted sum)

@@ -345,6 +345,7 @@ def test_parse_provider():
     assert train_step.parse_provider("reference+compile+sdpa") == ("reference", {"compile", "sdpa"})
     assert train_step.parse_provider("triton") == ("triton", set())
     assert train_step.parse_provider("triton+compile+ckpt") == ("triton", {"compile", "ckpt"})
+    assert train_step.parse_provider("triton+lora") == ("triton", {"lora"})
     for bad in ("eager", "reference+fast", "triton+sdpa", "reference+compile+compile"):
         with pytest.raises(ValueError):
             train_step.parse_provider(bad)
@@ -370,6 +371,12 @@ def test_train_provider_on_cpu(monkeypatch):
     assert ckpt["hfu"] == pytest.approx(ckpt["hw_flops_per_token"] * ckpt["tokens_per_s"] / 1e12)
     assert ckpt["note"] == f"HFU {100 * ckpt['hfu']:.1f}% counting the recomputed forward"
     assert row["hfu"] == row["mfu"] and row["hw_flops_per_token"] == row["flops_per_token"] and "note" not in row
+    # +lora: the same model FLOPs (the merged weights do the matmuls), a step that trains A and B only
+    lora = train_step.bench_train_provider("reference+lora", "tiny", 2, 16, torch.device("cpu"), torch.float32,
+                                           warmup_steps=1, steps=2, peak_flops=1e12)
+    assert lora["status"] == "ok" and lora["flops_per_token"] == row["flops_per_token"]
+    assert lora["config"]["n_params_non_embedding"] == row["config"]["n_params_non_embedding"]
+    assert math.isfinite(lora["final_loss"]) and lora["final_loss"] != row["final_loss"]
     # fp16 steps as the trainers take them: the loss scaled by GradScaler, whose step skips overflows
     scaled = []
     real_step = torch.amp.GradScaler.step
