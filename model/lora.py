@@ -3,7 +3,7 @@
 A [r, in] starts random and B [out, r] at zero, so a model with LoRA starts exactly where the
 frozen one is. Only A and B train: AdamW keeps its two moments for r (in + out) numbers of a
 matrix instead of in x out (GPT-2 small at r = 8 on every attention and MLP matrix: 1.3M
-trained parameters of 125M, so 16 MB of optimizer state instead of 1 GB).
+trained parameters of 125M, so 11 MB of optimizer state instead of 1 GB).
 
 The update is a parametrization of each chosen Linear's weight (torch.nn.utils.parametrize):
 reading `linear.weight` gives W + scale B A. Both paths run on that merged weight unchanged:
@@ -11,8 +11,9 @@ nn.Linear's matmul, and the Triton kernels, which take the weights as tensors (k
 reads fc1.weight and fc2.weight). Autograd carries the weight gradient dW the matmul (or the
 kernel's backward) makes on to dB = scale dW A^T and dA = scale B^T dW. So LoRA has no kernel
 of its own: merging costs an [out, r] x [r, in] matmul per matrix per forward, r / tokens of
-the [tokens, in] x [in, out] matmul it feeds; what LoRA saves is optimizer state and gradient
-memory for W, not compute (dW is still formed, then reduced to dA and dB).
+the [tokens, in] x [in, out] matmul it feeds. What LoRA saves is optimizer state and work on the
+frozen parameters (their AdamW pass, the embedding's and tied head's gradient); each adapted
+matrix's dW is still formed, then reduced to dA and dB.
 
 The rank, alpha and targets are GPTConfig fields, so a checkpoint says what it holds and loads
 as it was saved (the frozen W and A, B; a resume goes on from there). Everything that only uses
