@@ -11,22 +11,9 @@ from tritongpt.errors import UserError
 from tritongpt.model.config import GPTConfig
 from tritongpt.model.gpt import GPTModel
 from tritongpt.train import chat, formats, sft
+from test_formats import EOT, CharTokenizer  # one id per character, <|endoftext|> = 128
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-EOT = 128
-
-
-class CharTokenizer:
-    """One id per character (its code point, < 128 here), <|endoftext|> = 128."""
-    eot_id = EOT
-    vocab_size = 129
-
-    def encode(self, text, allowed_special="none_raise"):
-        return [ord(c) for c in text]
-
-    def decode(self, ids):
-        return "".join(chr(i) if i < 128 else "<|endoftext|>" for i in ids)
 
 
 def test_a_turn_is_prompted_as_sft_encodes_the_same_chat():
