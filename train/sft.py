@@ -132,8 +132,8 @@ def encode_records(records, tokenizer, max_len: int, overlong: str = "drop", wha
     """Tokenize records into Examples of at most max_len + 1 tokens (max_len inputs after the shift).
 
     Each part of a record (formats.record_parts) is encoded on its own; the prompt is the parts
-    before the first learned one, and any later part not learned (a chat's next user turn, or
-    an earlier assistant turn of a conversational prompt) is context. overlong="drop" skips
+    before the first learned one (a conversational prompt's earlier answers among them), and
+    any later part not learned (a chat's next user turn) is context. overlong="drop" skips
     longer records; "truncate" cuts them at the end (the eot goes with it). Records with no
     response token left are dropped either way. Returns (examples, kept records), and prints how
     many were dropped or truncated. `template` is format_prompt except in tests that need
