@@ -4,9 +4,11 @@
 # lent H100/H200 for ~15 minutes a session, at most 10 a call), so everything is time-boxed
 # and every result lands in $OUT/session.tgz.
 #
-#   TRITONGPT_GIT_COMMIT=<hash of HEAD> bash bench/gpu_session.sh [all|tests|bench|padded]   (default: all)
+#   TRITONGPT_GIT_COMMIT=<hash of HEAD> bash bench/gpu_session.sh [all|tests|bench|padded|lora]   (default: all)
 #   padded (not part of all): the GPT-2 124M training step again with the vocabulary padded to
 #   50304 (--vocab-multiple 64, every provider alike), into results-vocab64/ in the archive
+#   lora (not part of all): the GPT-2 124M training step with and without a rank-8 LoRA update
+#   (model/lora.py), eager reference and Triton, into results-lora/
 #   env: OUT (default ./gpu-out), WORK (default /tmp/tritongpt-gpu), WARM_SECONDS (90),
 #        TEST_SECONDS (120), BENCH_MINUTES (4), PYTHON (python3)
 # The device gets a copy of the working tree without .git, so name the commit: results record it.
@@ -144,5 +146,18 @@ if [ "$what" = padded ]; then
     save_timings autotune-timings-vocab64.json
     pack
     rc=$((rc | prc))
+fi
+if [ "$what" = lora ]; then
+    echo "== tritongpt bench train +lora (budget ${BENCH_MINUTES:-4} min)"
+    packing & packer=$!
+    TRITON_CACHE_AUTOTUNING=1 timeout -s INT -k 15 "$bench_limit" \
+        $PY -m tritongpt.cli bench train --models gpt2-small --train-providers reference,triton,reference+lora,triton+lora \
+        --max-minutes "${BENCH_MINUTES:-4}" --out "$WORK/results-lora" >"$WORK/bench-lora.log" 2>&1
+    lrc=$?
+    stop_packing "$packer"
+    tail -n 20 "$WORK/bench-lora.log"
+    save_timings autotune-timings-lora.json
+    pack
+    rc=$((rc | lrc))
 fi
 exit $rc
