@@ -83,8 +83,11 @@ def test_chat_truncation_clips_the_context_and_keeps_the_masks():
     cut = n - 1 - len("4") - 8  # ends inside the second user turn
     (ex,), _ = sft.encode_records([rec], tok, max_len=cut, overlong="truncate")
     assert len(ex.ids) == cut + 1 and ex.ids == full[0].ids[:cut + 1]
-    assert all(b <= cut + 1 for _, b in ex.context)
+    assert ex.context and all(ex.prompt_len <= a < b <= cut + 1 for a, b in ex.context)
     assert learned_text(ex) == "Hello.<|endoftext|>"
+    # a cut inside the first answer leaves no context: the later turns are gone, not empty ranges
+    (ex,), _ = sft.encode_records([rec], tok, max_len=ex.prompt_len + 2, overlong="truncate")
+    assert ex.context == () and learned_text(ex) == "Hel"  # max_len + 1 = the prompt and 3 tokens
     dropped, _ = sft.encode_records([rec], tok, max_len=cut, overlong="drop")
     assert dropped == []
 
@@ -136,6 +139,13 @@ def test_greedy_responses_answer_the_last_turn_of_a_chat(monkeypatch):
      r"completion\[0\] must be an assistant message, got 'user'"),
     ({"prompt": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}],
       "completion": [{"role": "assistant", "content": "c"}]}, r"field 'prompt' must end with an user message"),
+    ({"prompt": [{"role": "user", "content": "a"}],
+      "completion": [{"role": "assistant", "content": "b"}, {"role": "assistant", "content": "c"}]},
+     r"field 'completion' must be a list of one assistant message"),
+    ({"prompt": [{"role": "user", "content": "a"}], "completion": ["b"]},
+     r"completion\[0\] must be an assistant message, got str"),
+    ({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}], "completion": "c"},
+     r"fields of two formats \(completion and chat\)"),
     ({"instruction": "a", "output": "b", "messages": []}, r"fields of two formats \(alpaca and chat\)"),
     ({"prompt": "a", "output": "b", "instruction": "c"}, r"fields of two formats \(alpaca and completion\)"),
     ({"text": "a story"}, r"is pretraining data: train on it with `tritongpt pretrain"),
@@ -180,6 +190,28 @@ def test_splits_group_chats_by_their_prompt():
     assert key(rec) == tasks.prompt_key(rec)
 
 
+def test_a_chat_splits_by_its_whole_history():
+    """Chats that open alike but ask different last questions are different prompts; a
+    prompt-completion record's key is its prompt."""
+    def chat(*turns):
+        msgs = [{"role": r, "content": c} for r, c in zip(["user", "assistant"] * len(turns), turns)]
+        return formats.read_record({"messages": msgs}, "r")
+
+    key = formats.record_key
+    assert key(chat("Hi", "Yo", "1+2?", "3")) != key(chat("Hi", "Yo", "2+2?", "3"))
+    assert key(chat("Hi", "Yo", "1+2?", "3")) == key(chat("Hi", "Yo", "1+2?", "three"))
+    assert key(formats.read_record({"prompt": "Q:", "completion": " a"}, "r")) == "Q:"
+
+
+def test_describe_shows_a_records_prompt_on_one_line():
+    rec = formats.read_record(CHAT, "r")
+    assert json.loads(formats.describe(rec)) == CHAT["messages"][:-1]  # the history, not the answer
+    line = formats.describe(formats.read_record({"prompt": "Q:\n1+2", "completion": " 3"}, "r"))
+    assert "\n" not in line and "1+2" in line and " 3" not in line
+    alpaca = formats.read_record({"instruction": "Add", "input": "1 2", "output": "3"}, "r")
+    assert formats.describe(alpaca) == "Add | 1 2"
+
+
 def small_model_run(tmp_path, text):
     from tritongpt.train.tokenizer import BPETokenizer
 
@@ -209,6 +241,8 @@ def test_cli_fine_tunes_on_chats_and_prompt_completions(tmp_path, capsys, kind):
     assert main(["sft", "--init", str(run), "--data", str(data), "--out-dir", str(out), "--max-steps", "2",
                  "--batch-size", "4", "--eval-every", "1", "--eval-gen", "2", "--max-new-tokens", "3",
                  "--device", "cpu", "--kernels", "reference", "--sample-every", "1", "--val-fraction", "0.3"]) == 0
+    # the printed sample names the held-out record's prompt (formats.describe), not its answer
+    assert ('[{"role": "user", "content": "Say ' if kind == "chat" else "'Say ") in capsys.readouterr().out
     rows = json.loads((out / "responses.json").read_text())
     assert rows and {"messages" if kind == "chat" else "prompt", "gold", "prediction"} <= set(rows[0])
     if kind == "chat":  # the held-out prompt is the history up to the last answer
@@ -272,6 +306,12 @@ def test_chat_preference_splits_group_by_the_whole_prompt():
     (lambda e, i: e.update(rejected=e["chosen"]), r"'chosen' and 'rejected' are identical"),
     (lambda e, i: e["prompt"].pop(), r"field 'prompt' must end with an user message"),
     (lambda e, i: e.update(chosen="3"), r"field 'chosen' must be a list of one assistant message"),
+    (lambda e, i: e.update(chosen=[{"role": "user", "content": "3"}]),
+     r"field 'chosen' must be a list of one assistant message"),
+    (lambda e, i: e.update(rejected=["4"]), r"field 'rejected' must be a list of one assistant message"),
+    # the implicit form's last messages are the answers: a chat ending with the user's words is refused
+    (lambda e, i: [i[k].append({"role": "user", "content": k}) for k in ("chosen", "rejected")],
+     r"record 1 \(line 2\): field 'chosen' must end with an assistant message, not a user one"),
 ])
 def test_bad_chat_preference_records(tmp_path, change, msg):
     from tritongpt.train.preference import read_preference_file
@@ -293,6 +333,18 @@ def test_a_preference_file_holds_chats_or_text_prompts(tmp_path):
     with pytest.raises(UserError, match=r"record 1 \(line 2\) is a chat record but .*record 0 \(line 1\) is "
                                          r"completion: a file holds chats or text prompts, not both"):
         read_preference_file(path)
+
+
+def test_text_preference_pairs_name_their_prompt_format(tmp_path):
+    """A text prompt is a completion one, an instruction's is Alpaca's (the two may share a file),
+    and the embedded task pairs are Alpaca's: the format reward, DPO and RLHF runs save."""
+    from tritongpt.train.preference import read_preference_file, task_preferences
+
+    path = tmp_path / "p.jsonl"
+    path.write_text(json.dumps({"prompt": "x", "chosen": "a", "rejected": "b"}) + "\n" +
+                    json.dumps({"instruction": "y", "chosen": "a", "rejected": "b"}))
+    assert [p.format for p in read_preference_file(path)] == ["completion", "alpaca"]
+    assert {p.format for p in task_preferences(8, seed=1)} == {"alpaca"}
 
 
 def test_dpo_on_chat_pairs_records_the_chat_format(tmp_path):

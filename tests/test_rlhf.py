@@ -549,7 +549,7 @@ def test_sample_responses_keep_prompt_order_groups_and_the_eot():
     assert ro.lengths[0] == 5 and ro.mask[0].nonzero().flatten().tolist() == [1, 2, 3]
 
 
-def _tiny_rl_trainer(tmp_path, dropout=0.0, **kw):
+def _tiny_rl_trainer(tmp_path, dropout=0.0, prompt_format=None, **kw):
     """An RLHFTrainer on random tiny models (no fixtures): vocab 23, prompts of 3 and 5 tokens."""
     cfg = GPTConfig(vocab_size=23, context_length=16, n_embd=32, n_layer=1, n_head=2, dropout=dropout)
     torch.manual_seed(13)
@@ -559,7 +559,13 @@ def _tiny_rl_trainer(tmp_path, dropout=0.0, **kw):
                 minibatch_size=4, lr=1e-2, eval_prompts=2, eval_samples=1, device="cpu", kernels="reference",
                 seed=0, dtype="fp32")
     base.update(kw)
-    return RLHFTrainer(policy, copy.deepcopy(policy), rm, prompts, prompts[:2], 22, RLArgs(**base), log=False)
+    return RLHFTrainer(policy, copy.deepcopy(policy), rm, prompts, prompts[:2], 22, RLArgs(**base), log=False,
+                       prompt_format=prompt_format)
+
+
+def test_rl_state_keeps_the_prompt_format(tmp_path):
+    """What the policy's prompts looked like (train/formats.py) is saved with the run, as the Trainer's is."""
+    assert _tiny_rl_trainer(tmp_path, prompt_format="chat").state_dict()["prompt_format"] == "chat"
 
 
 def test_missing_eot_penalty_comes_off_the_scores_of_cut_responses(tmp_path):
@@ -1053,6 +1059,8 @@ def test_reward_resume_names_changed_data(data, tmp_path, capsys):
                                                                                    "num_pairs": 8})
     err = capsys.readouterr().err
     assert "note: resuming with --max-steps 2 (the run had 1), --data b.json (a.json): the run goes on" in err, err
+    from tritongpt.train.common import load_state
+    assert load_state(tmp_path / "ckpt-0000002")["prompt_format"] == train[0].format == "alpaca"
 
 
 # -- the Triton path ------------------------------------------------------------------------------
@@ -1780,7 +1788,7 @@ def test_rlhf_cli_prompts_fit_both_models_and_eval_prompts_are_held_out(tmp_path
 
     class Stub:
         def __init__(self, policy, ref, reward_model, prompts, eval_prompts, eot_id, args, **kw):
-            seen.update(prompts=prompts, evals=eval_prompts)
+            seen.update(prompts=prompts, evals=eval_prompts, prompt_format=kw.get("prompt_format"))
 
         def fit(self):
             return {"first_eval_reward": 0.0, "eval_reward": 0.0, "eval_kl": 0.0, "checkpoint": None}
@@ -1798,6 +1806,7 @@ def test_rlhf_cli_prompts_fit_both_models_and_eval_prompts_are_held_out(tmp_path
     assert {len(p) for p in enc["train"]} & set(range(room + 1, 128 - 24 + 1)), "no prompt between the rooms"
     assert {tuple(p) for p in seen["prompts"]} == want["train"]
     assert {tuple(p) for p in seen["evals"]} == want["val"]
+    assert seen["prompt_format"] == "alpaca"  # the embedded task pairs' template
     assert len(seen["prompts"]) == len(set(map(tuple, seen["prompts"])))
     RewardModel(GPTModel(get_config("tiny", vocab_size=4000, n_layer=1))).save(tmp_path / "rm2.st")
     assert main(["rlhf", "--reward", str(tmp_path / "rm2.st"), "--out-dir", str(tmp_path / "b"), *common]) == 2
