@@ -237,3 +237,64 @@ def test_reward_and_rlhf_with_lora_train_the_update_and_their_new_heads(tmp_path
     for name, p in policy.named_parameters():
         if not name.endswith(("lora_A", "lora_B")):
             assert torch.equal(p, base[name.replace(".parametrizations.weight.original", ".weight")]), name
+
+
+def test_targets_are_read_loosely_and_kept_in_targets_order():
+    """Spaces and repeats in --lora-targets are one set, in TARGETS' order: each matrix adapted once."""
+    model = add_lora(small(), 2, 4.0, " mlp , attn,mlp ")
+    assert model.config.lora_targets == "attn,mlp"
+    names = [n.split(".", 2)[2] for n, _ in lora_linears(model)]
+    assert names == ["att.W_query", "att.W_key", "att.W_value", "att.out_proj", "ff.fc1", "ff.fc2"] * 2
+    assert sum(p.numel() for p in lora_parameters(model)) == 2 * 2 * (4 * 64 + 2 * 160)
+
+
+def test_the_edges_of_the_lora_settings():
+    x = torch.randint(0, 97, (2, 9))
+    model = small()
+    before = model(x)
+    add_lora(model, 32)  # the model's width: still allowed (only above it is refused)
+    assert has_lora(model) and torch.equal(model(x), before)
+    # targets are checked with no rank too, and in a config: a typo is an error, not ignored
+    with pytest.raises(UserError, match="LoRA targets must be a comma list"):
+        add_lora(small(), 0, targets="head")
+    with pytest.raises(UserError, match="LoRA targets must be a comma list"):
+        GPTConfig(lora_targets="attn,head")
+    # a model in float64 gets its update in float64
+    double = add_lora(small().double(), 2)
+    assert {p.dtype for p in double.parameters()} == {torch.float64}
+
+
+def test_apply_lora_reports_only_lora_and_the_flags_default_to_none(tmp_path, capsys):
+    from argparse import Namespace
+
+    from tritongpt.cli import build_parser, main
+    from tritongpt.commands import apply_lora
+
+    apply_lora(small(), Namespace(lora_rank=0, lora_alpha=16.0, lora_targets="attn,mlp"))
+    assert capsys.readouterr().err == ""  # full fine-tuning: no LoRA line
+    model = apply_lora(small(), Namespace(lora_rank=2, lora_alpha=4.0, lora_targets="mlp,attn"))
+    assert "LoRA rank 2 (alpha 4) on attn,mlp: 2,304 of" in capsys.readouterr().err
+    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == 2304
+    for argv in (["sft", "--init", "x"], ["dpo"]):
+        a = build_parser().parse_args(argv)
+        assert (a.lora_rank, a.lora_alpha, a.lora_targets) == (0, 16.0, "attn,mlp"), argv
+    # a bad LoRA flag is named before any model loads (the --init here does not exist)
+    for cmd in ("sft", "dpo"):
+        assert main([cmd, "--init", str(tmp_path / "none"), "--lora-alpha", "0", "--out-dir", str(tmp_path / cmd)]) == 2
+        assert "--lora-alpha must be a positive number" in capsys.readouterr().err
+
+
+def test_numpy_settings_are_stored_as_plain_numbers_and_a_plain_checkpoint_has_no_lora_line(tmp_path, capsys):
+    import numpy as np
+
+    from tritongpt.cli import main
+
+    model = add_lora(small(), np.int64(2), np.int64(8))
+    assert (type(model.config.lora_rank), type(model.config.lora_alpha)) == (int, float)
+    model.save(tmp_path / "m.safetensors")  # the config is JSON: a numpy integer would not save
+    assert GPTModel.load(tmp_path / "m.safetensors").config.lora_alpha == 8.0
+    cfg = GPTConfig(lora_rank=np.int64(3), lora_alpha=np.int32(4))
+    assert (type(cfg.lora_rank), type(cfg.lora_alpha)) == (int, float)
+    small().save(tmp_path / "plain.safetensors")
+    assert main(["info", "--weights", str(tmp_path / "plain.safetensors")]) == 0
+    assert "\nlora " not in capsys.readouterr().out
