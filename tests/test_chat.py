@@ -184,3 +184,83 @@ def test_the_command_refuses_bad_flags_before_any_model(capsys):
     assert main(["chat", "--template", "completion", "--system", "S"]) == 2
     assert "--system needs the chat template" in capsys.readouterr().err
     assert main(["chat", "--temperature", "-1"]) == 2
+
+
+def test_the_command_says_when_turns_are_dropped_and_forgets_them(monkeypatch, capsys):
+    """--model tiny has 128 tokens of context; --max-new-tokens 100 asks for half of it (64), and a
+    line with one earlier turn is more: the second and third lines each push the one turn before
+    them out, and the note counts only that one (a dropped turn is gone, not dropped again)."""
+    tok, seen = fake_answers(monkeypatch, ["Ok.", "Ok.", "Ok."])
+    lines = [f"Tell me more about the number {i} and " + "then some more words about it " * 3 for i in range(3)]
+    monkeypatch.setattr("sys.stdin", io.StringIO("".join(line + "\n" for line in lines)))
+    assert main(["chat", "--model", "tiny", "--device", "cpu", "--template", "chat", "--max-new-tokens", "100"]) == 0
+    err = capsys.readouterr().err
+    assert err.count("the conversation outgrew the context: its 1 oldest turn(s) are dropped") == 2, err
+    assert "its 2 oldest" not in err and "the answer was cut" not in err  # each answer ended at its eot
+    assert seen[2] == formats.encode_prompt(tok, chat.Conversation("chat").prompt(lines[2]))
+
+
+def test_the_command_samples_with_its_flags(tmp_path, monkeypatch, capsys):
+    """--temperature, --top-k, --top-p, --seed and --max-new-tokens reach generate(), and a
+    tokenizer smaller than the model limits the ids drawn."""
+    import tritongpt.train.generate as gen
+    from tritongpt.train.tokenizer import get_tokenizer
+
+    tok, calls = get_tokenizer("default"), []
+
+    def fake(model, idx, budget, **kw):
+        calls.append(dict(kw, budget=budget))
+        return torch.cat([idx, torch.tensor([[tok.eot_id]])], 1)
+
+    monkeypatch.setattr(gen, "generate", fake)
+    GPTModel(GPTConfig(vocab_size=tok.vocab_size + 8, context_length=64, n_embd=16, n_layer=1, n_head=2)).save(
+        tmp_path / "m.safetensors")
+    monkeypatch.setattr("sys.stdin", io.StringIO("Hi\n"))
+    assert main(["chat", "--weights", str(tmp_path / "m.safetensors"), "--tokenizer", "default", "--device", "cpu",
+                 "--temperature", "0.5", "--top-k", "7", "--top-p", "0.9", "--seed", "5",
+                 "--max-new-tokens", "9"]) == 0
+    (kw,) = calls
+    assert (kw["temperature"], kw["top_k"], kw["top_p"], kw["budget"], kw["eos_id"]) == (0.5, 7, 0.9, 9, tok.eot_id)
+    assert kw["generator"].initial_seed() == 5 and kw["vocab_limit"] == tok.vocab_size
+    assert "only the tokenizer's ids are drawn" in capsys.readouterr().err
+
+
+class Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def test_windows_lines_a_spaced_command_and_a_terminal(monkeypatch, capsys):
+    """A line's \\r\\n is not the user's text, "/quit " is /quit, scripted input gets no banner;
+    at a terminal each line is read with a "> " prompt, an empty one is skipped, and the end of
+    the input (Ctrl-D) ends the chat."""
+    tok, seen = fake_answers(monkeypatch, ["One.", "Two.", "Three."])
+    monkeypatch.setattr("sys.stdin", io.StringIO("Hi\r\n/quit \r\nignored\n"))
+    assert main(["chat", "--model", "tiny", "--device", "cpu", "--template", "completion"]) == 0
+    assert seen == [tok.encode("Hi")]
+    assert "template; /reset" not in capsys.readouterr().err
+    lines, prompts = iter(["Hi", "", "There"]), []
+
+    def read(prompt):
+        prompts.append(prompt)
+        try:
+            return next(lines)
+        except StopIteration:
+            raise EOFError from None
+
+    monkeypatch.setattr("sys.stdin", Terminal())
+    monkeypatch.setattr("builtins.input", read)
+    assert main(["chat", "--model", "tiny", "--device", "cpu", "--template", "completion"]) == 0
+    assert seen[1:] == [tok.encode("Hi"), tok.encode("There")] and prompts == ["> "] * 4
+    out, err = capsys.readouterr()
+    assert "chat (completion template; /reset forgets the conversation, /quit ends)" in err
+    assert out.splitlines() == ["Two.", "Three."]
+
+
+def test_chat_and_generate_keep_their_own_sampling_defaults():
+    from tritongpt.cli import build_parser
+
+    c = build_parser().parse_args(["chat"])
+    assert (c.template, c.max_new_tokens, c.temperature, c.seed) == ("auto", 256, 0.7, 1337)
+    g = build_parser().parse_args(["generate", "--prompt", "x"])
+    assert (g.max_new_tokens, g.temperature, g.seed) == (50, 0.8, 1337)
