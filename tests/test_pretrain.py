@@ -498,3 +498,26 @@ def test_hellaswag_is_scored_at_each_evaluation(corpus, tmp_path, capsys):
     assert main(["pretrain", *argv(corpus, tmp_path / "all", "--max-steps", "1", "--eval-every", "0",
                                    "--sample-every", "0", "--hellaswag", "20", "--hellaswag-data", str(data))]) == 0
     assert "has 9 examples; scoring all of them" in capsys.readouterr().err
+    # without --hellaswag: no HellaSwag figures and no hellaswag.png
+    assert main(["pretrain", *argv(corpus, tmp_path / "off", "--max-steps", "1", "--eval-every", "0",
+                                   "--sample-every", "0")]) == 0
+    assert not (tmp_path / "off" / "hellaswag.png").exists()
+    assert not any("hellaswag_acc" in r for r in common.MetricsLog(tmp_path / "off" / "metrics.jsonl").rows())
+
+
+def test_hellaswag_examples_are_the_first_n_read_once_with_a_note_only_when_fewer(tmp_path, capsys):
+    from tritongpt.train import hellaswag
+    from tritongpt.train.pretrain import hellaswag_examples
+
+    data = tmp_path / "hs.jsonl"
+    rows = [{"ctx": f"context {i}", "endings": [f"end {i} {j}" for j in range(4)], "label": (7 * i) % 4}
+            for i in range(5)]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    every = hellaswag.read_examples(data)
+    assert hellaswag_examples(SimpleNamespace(hellaswag=3, hellaswag_data=str(data))) == every[:3]
+    args = SimpleNamespace(hellaswag=5, hellaswag_data=str(data))
+    got = hellaswag_examples(args)
+    assert got == every and "scoring all of them" not in capsys.readouterr().err  # exactly as many: no note
+    data.unlink()
+    assert hellaswag_examples(args) is got  # read once: a later call does not read the file again
+    assert hellaswag_examples(SimpleNamespace(hellaswag=0, hellaswag_data=None)) == []
