@@ -298,3 +298,12 @@ def test_numpy_settings_are_stored_as_plain_numbers_and_a_plain_checkpoint_has_n
     small().save(tmp_path / "plain.safetensors")
     assert main(["info", "--weights", str(tmp_path / "plain.safetensors")]) == 0
     assert "\nlora " not in capsys.readouterr().out
+
+
+def test_merging_a_model_without_biases_adds_none():
+    model = with_trained_lora(small(seed=10, bias=False))
+    x = torch.randint(0, 97, (2, 7))
+    out = model(x)
+    merged = merge_lora(model)
+    assert set(merged.state_dict()) == set(small(bias=False).state_dict())  # no bias appears
+    assert torch.equal(merged(x), out)
