@@ -1232,3 +1232,27 @@ def test_check_resume_limit_precision_and_kernels_notes(tmp_path, capsys):
     common.check_resume(tmp_path, {**state, "precision": "torch.bfloat16"}, {"max_steps": 3, "lr": 0.2}, ("lr",),
                         "step", "--max-steps", "torch.float32", say=False, kernels="triton")
     assert capsys.readouterr().err == ""
+
+
+def test_load_state_mapped_reads_the_same_and_names_a_damaged_file_alike(tmp_path):
+    """mmap=True (info, chat, eval read a field or two): the same dict; a file torch cannot map
+    (cut short, empty, text, the pre-1.6 format) is read whole, so its error is the same."""
+    from tritongpt.train.common import load_state
+
+    state = {"step": 3, "prompt_format": "chat", "moments": torch.randn(50, 7)}
+    torch.save(state, tmp_path / "state.pt")
+    mapped = load_state(tmp_path, mmap=True)
+    assert mapped["prompt_format"] == "chat" and torch.equal(mapped["moments"], state["moments"])
+    good = (tmp_path / "state.pt").read_bytes()
+    for content in (good[:1000], b"", b"some text\n"):
+        (tmp_path / "state.pt").write_bytes(content)
+        with pytest.raises(UserError) as whole:
+            load_state(tmp_path)
+        with pytest.raises(UserError) as mapped:
+            load_state(tmp_path, mmap=True)
+        assert str(mapped.value) == str(whole.value)
+    torch.save(state, tmp_path / "state.pt", _use_new_zipfile_serialization=False)  # no zip: not mappable
+    assert load_state(tmp_path, mmap=True)["step"] == 3
+    torch.save([1], tmp_path / "state.pt")
+    with pytest.raises(UserError, match="it holds a list"):
+        load_state(tmp_path, mmap=True)

@@ -33,7 +33,7 @@ def run_template(weights) -> str | None:
     ckpt = resolve_checkpoint(weights).parent
     if not (ckpt / "state.pt").is_file():
         return None
-    return load_state(ckpt).get("prompt_format")
+    return load_state(ckpt, mmap=True).get("prompt_format")
 
 
 class Conversation:

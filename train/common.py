@@ -385,12 +385,21 @@ def saved_model_config(weights_file) -> dict:
     return saved if isinstance(saved, dict) else {}
 
 
-def load_state(ckpt_dir) -> dict:
+def load_state(ckpt_dir, mmap: bool = False) -> dict:
+    """A checkpoint's state.pt. mmap: map the file instead of reading it, for a few fields of it
+    (info, chat, eval): a GPT-2 small run's 1 GB of AdamW moments are then never read."""
     path = Path(ckpt_dir) / "state.pt"
     if not path.is_file():
         raise UserError(f"checkpoint state not found: {path}")
+    state = None
+    if mmap:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+        except RuntimeError:  # not a zip file torch can map: read whole, which names what it is
+            pass
     try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
+        if state is None:
+            state = torch.load(path, map_location="cpu", weights_only=False)
     except (RuntimeError, EOFError, pickle.UnpicklingError) as e:  # truncated, or not a torch.save file
         first = str(e).splitlines()[0].split(". ")[0] if str(e) else type(e).__name__
         raise UserError(f"{path} is not a readable checkpoint state ({type(e).__name__}: {first})") from None

@@ -101,7 +101,7 @@ def pretrain_data(weights) -> dict | None:
     state_dir = resolve_checkpoint(weights).parent
     if not (state_dir / "state.pt").is_file():
         return None
-    data = load_state(state_dir).get("data")
+    data = load_state(state_dir, mmap=True).get("data")
     data = data[0] if isinstance(data, list) and data else data
     keys = ("source", "source_hash", "train_tokens")
     return data if isinstance(data, dict) and all(k in data for k in keys) else None

@@ -120,7 +120,7 @@ def run_lines(weights) -> list:
     lines = [f"tokenizer    {tok if tok is not None else '- (none saved with it: pass --tokenizer where it is used)'}"]
     if not (ckpt / "state.pt").is_file():
         return [f"run          - (no training state beside {ckpt.name}: a weights file only)"] + lines
-    state = load_state(ckpt)
+    state = load_state(ckpt, mmap=True)
     a = state.get("args", {})
     init = f"; from --init {a['init']}" if a.get("init") else ""
     world = state.get("world_size", 1)
