@@ -15,7 +15,9 @@ memory, one more forward of the blocks per step. MFU counts the model's FLOPs on
 recomputation, so a checkpointed step's MFU is lower for the same hardware work; its row also
 gives HFU (PaLM's hardware FLOPs utilization), which counts the recomputed forward too.
 "+lora" trains a rank-8 LoRA update of every attention and MLP matrix instead (model/lora.py):
-the same FLOPs (the weight gradient is still formed, then projected), less optimizer memory.
+MFU counts the same model FLOPs (6N; A and B are no per-token matmul), and the block matrices'
+weight gradients are still formed (then projected on A and B), but the frozen LM head's weight
+gradient is not: the row's HFU counts the 2 * C * V FLOPs a token that skips.
 
 Reported per provider: step time (median of CUDA-event timings, 20/80 quantiles), tokens/s,
 MFU, peak memory. MFU = model FLOPs per second / a peak: by default the GPU's dense bf16
@@ -186,9 +188,12 @@ def bench_train_provider(name, model_name, batch, seq_len, device, dtype, warmup
         fpt = flops_per_token(cfg, n_params, seq_len)
         # what the GPU does per token: checkpointing runs each block's forward once more
         # (2 FLOPs per block parameter, 4*H*Q*T for the attention scores and their weighted sum)
-        hw_fpt = fpt
-        if "ckpt" in parse_provider(name)[1]:
-            hw_fpt += 2 * sum(p.numel() for p in model.trf_blocks.parameters()) + 4 * cfg.n_layer * cfg.n_embd * seq_len
+        hw_fpt, flags = fpt, parse_provider(name)[1]
+        if "ckpt" in flags:
+            block = sum(p.numel() for n, p in model.trf_blocks.named_parameters() if not n.endswith(("_A", "_B")))
+            hw_fpt += 2 * block + 4 * cfg.n_layer * cfg.n_embd * seq_len
+        if "lora" in flags:  # no weight gradient for the frozen LM head (on either path)
+            hw_fpt -= 2 * cfg.n_embd * cfg.padded_vocab_size
         cfg_row["n_params_non_embedding"] = n_params
         losses, scaler = [], LossScaler(device, dtype)  # fp16 steps as the trainers take them
 
@@ -231,7 +236,9 @@ def bench_train_provider(name, model_name, batch, seq_len, device, dtype, warmup
     row["hw_flops_per_token"] = hw_fpt
     row["hfu"] = hw_fpt * tok_s / peak_flops if peak_flops else None
     if hw_fpt != fpt and row["hfu"] is not None:
-        row["note"] = f"HFU {100 * row['hfu']:.1f}% counting the recomputed forward"
+        row["note"] = f"HFU {100 * row['hfu']:.1f}% counting " + " and ".join(
+            what for flag, what in (("ckpt", "the recomputed forward"), ("lora", "no LM-head weight gradient"))
+            if flag in flags)
     return row
 
 

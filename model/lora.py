@@ -2,14 +2,15 @@
 
 A [r, in] starts random and B [out, r] at zero, so a model with LoRA starts exactly where the
 frozen one is. Only A and B train: AdamW keeps its two moments for r (in + out) numbers of a
-matrix instead of in x out (GPT-2 small at r = 8 on every attention and MLP matrix: 1.3M
-trained parameters of 125M, so 11 MB of optimizer state instead of 1 GB).
+matrix instead of in x out (GPT-2 small at r = 8 on every attention and MLP matrix: 1.33M
+trained parameters of 125.8M, so 10.6 MB of optimizer state instead of 995 MB).
 
 The update is a parametrization of each chosen Linear's weight (torch.nn.utils.parametrize):
 reading `linear.weight` gives W + scale B A. Both paths run on that merged weight unchanged:
-nn.Linear's matmul, and the Triton kernels, which take the weights as tensors (kernels/mlp.py
-reads fc1.weight and fc2.weight). Autograd carries the weight gradient dW the matmul (or the
-kernel's backward) makes on to dB = scale dW A^T and dA = scale B^T dW. So LoRA has no kernel
+nn.Linear's matmul, and the Triton kernels, which take the weights as tensors (model/layers.py
+hands fc1.weight and fc2.weight to kernels/mlp.py's gelu_mlp). Autograd carries the weight
+gradient dW the matmul (or the kernel's backward) makes on to dB = scale dW A^T and
+dA = scale B^T dW. So LoRA has no kernel
 of its own: merging costs an [out, r] x [r, in] matmul per matrix per forward, r / tokens of
 the [tokens, in] x [in, out] matmul it feeds. What LoRA saves is optimizer state and work on the
 frozen parameters (their AdamW pass, the embedding's and tied head's gradient); each adapted
@@ -31,6 +32,7 @@ import torch.nn as nn
 from torch.nn.utils import parametrize
 
 from tritongpt.errors import UserError
+from tritongpt.model.config import GPTConfig
 
 TARGETS = {"attn": ("att.W_query", "att.W_key", "att.W_value", "att.out_proj"), "mlp": ("ff.fc1", "ff.fc2")}
 
@@ -116,7 +118,8 @@ def has_lora(model) -> bool:
 
 def merge_lora(model):
     """`model` with each LoRA weight replaced by its value W + scale B A: plain Linears, every
-    parameter trainable again, the config's LoRA fields cleared. In place; returns the model.
+    parameter trainable again, the config's LoRA fields back to their defaults (rank 0: none).
+    In place; returns the model.
 
     Each adapted Linear is swapped for a new one rather than un-parametrized in place:
     parametrize.remove_parametrizations edits the module's class, which a deepcopy of the model
@@ -133,6 +136,7 @@ def merge_lora(model):
             parent, _, attr = name.rpartition(".")
             setattr(model.get_submodule(parent), attr, plain)
     model.config.lora_rank = 0
+    model.config.lora_alpha, model.config.lora_targets = GPTConfig.lora_alpha, GPTConfig.lora_targets
     for p in model.parameters():
         p.requires_grad_(True)
     return model

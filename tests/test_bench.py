@@ -375,6 +375,9 @@ def test_train_provider_on_cpu(monkeypatch):
     lora = train_step.bench_train_provider("reference+lora", "tiny", 2, 16, torch.device("cpu"), torch.float32,
                                            warmup_steps=1, steps=2, peak_flops=1e12)
     assert lora["status"] == "ok" and lora["flops_per_token"] == row["flops_per_token"]
+    # the frozen head (tiny: C = 128, V = 4096) gets no weight gradient: HFU counts 2 C V fewer a token
+    assert lora["hw_flops_per_token"] == row["flops_per_token"] - 2 * C * 4096
+    assert lora["note"] == f"HFU {100 * lora['hfu']:.1f}% counting no LM-head weight gradient"
     assert lora["config"]["n_params_non_embedding"] == row["config"]["n_params_non_embedding"]
     assert math.isfinite(lora["final_loss"]) and lora["final_loss"] != row["final_loss"]
     # fp16 steps as the trainers take them: the loss scaled by GradScaler, whose step skips overflows

@@ -495,6 +495,17 @@ def test_hellaswag_is_scored_at_each_evaluation(corpus, tmp_path, capsys):
         assert main(["pretrain", *argv(corpus, tmp_path / "bad", "--max-steps", "1", *extra)]) == 2
         assert msg in capsys.readouterr().err
         assert not (tmp_path / "bad").exists()
+    # offline, with no --hellaswag-data: the error names pretrain's flag (not hellaswag's --data)
+    import urllib.request
+
+    def offline(url, to):
+        raise OSError("no network")
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(urllib.request, "urlretrieve", offline)
+        mp.setenv("TRITONGPT_CACHE", str(tmp_path / "empty-cache"))
+        assert main(["pretrain", *argv(corpus, tmp_path / "bad", "--max-steps", "1", "--hellaswag", "3")]) == 2
+    assert "no network; pass --hellaswag-data with the hellaswag_val.jsonl file" in capsys.readouterr().err
     assert main(["pretrain", *argv(corpus, tmp_path / "all", "--max-steps", "1", "--eval-every", "0",
                                    "--sample-every", "0", "--hellaswag", "20", "--hellaswag-data", str(data))]) == 0
     assert "has 9 examples; scoring all of them" in capsys.readouterr().err

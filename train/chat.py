@@ -1,7 +1,7 @@
 """`tritongpt chat`: talk to a fine-tuned model, turn by turn, through the template it was tuned on.
 
 Each line read is a user turn; the answer is printed as it is drawn and ends at the model's
-<|endoftext|> (or at --max-new-tokens). With the chat template (train/formats.py) the whole
+<|endoftext|> (or at --max-new-tokens, or the context's end). With the chat template (train/formats.py) the whole
 conversation is the prompt, encoded as SFT encodes a chat: each earlier answer ends in the eot
 token, so the model reads its history as it was trained to. When the conversation outgrows the
 context, its oldest turns are dropped (a system message stays) until --max-new-tokens (or half
@@ -9,7 +9,7 @@ the context, if less) fit after it. The alpaca and completion
 templates have no turns: each line is answered on its own.
 
     tritongpt chat --weights runs/sft               # the template its run was tuned on
-    tritongpt chat --weights runs/dpo --system "Answer in one word."
+    tritongpt chat --weights runs/sft-chats --system "Answer in one word."   # a run tuned on chats
     printf 'Hi\\nAnd then?\\n' | tritongpt chat --weights runs/sft --temperature 0   # scripted
 
 A line starting with / is a command: /reset forgets the conversation, /quit ends it (as does

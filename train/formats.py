@@ -43,7 +43,8 @@ FORMATS = ("alpaca", "completion", "chat")
 
 # CHAT_TEMPLATE as Jinja, for transformers' tokenizer.apply_chat_template: the same text, the
 # assistant header written as the generation prompt (add_generation_prompt=True), and each answer
-# in a {% generation %} block, so return_assistant_tokens_mask marks what SFT learns. Its ids are
+# in a {% generation %} block, so return_assistant_tokens_mask marks what SFT learns of a
+# {"messages"} chat (every answer; a conversational prompt-completion learns its last). Its ids are
 # SFT's wherever an answer does not begin with whitespace (transformers tokenizes the text whole,
 # SFT part by part: the newline before an answer is its own token either way).
 HF_CHAT_TEMPLATE = (

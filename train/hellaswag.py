@@ -28,8 +28,9 @@ from tritongpt.errors import UserError
 URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"
 
 
-def download(cache_dir=None) -> Path:
-    """The validation split (10,042 examples, ~11 MB), fetched once into the tritongpt cache."""
+def download(cache_dir=None, flag: str = "--data") -> Path:
+    """The validation split (10,042 examples, ~11 MB), fetched once into the tritongpt cache;
+    `flag`: the calling command's flag for the file instead (named when offline)."""
     import os
     import urllib.request
 
@@ -44,7 +45,7 @@ def download(cache_dir=None) -> Path:
         urllib.request.urlretrieve(URL, tmp)
     except OSError as e:
         tmp.unlink(missing_ok=True)
-        raise UserError(f"could not download HellaSwag from {URL} (offline?): {e}; pass --data with the "
+        raise UserError(f"could not download HellaSwag from {URL} (offline?): {e}; pass {flag} with the "
                         "hellaswag_val.jsonl file") from None
     os.replace(tmp, path)
     return path

@@ -176,7 +176,7 @@ def hellaswag_examples(args) -> list:
             raise UserError("--hellaswag-data is read with --hellaswag N (how many examples to score)")
         args._hellaswag = []
         return []
-    path = args.hellaswag_data if args.hellaswag_data is not None else hellaswag.download()
+    path = args.hellaswag_data if args.hellaswag_data is not None else hellaswag.download(flag="--hellaswag-data")
     examples = hellaswag.read_examples(path)
     if len(examples) < args.hellaswag:
         note(f"--hellaswag {args.hellaswag}: {path} has {len(examples)} examples; scoring all of them")

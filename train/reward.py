@@ -238,7 +238,7 @@ def cmd_reward(args):
 
     check_lora(args.lora_rank, args.lora_alpha, args.lora_targets)  # before the slow set-up
     targs, train, val, backbone, tok = setup_preference_run(args)
-    model = RewardModel(apply_lora(backbone, args))  # the scalar head is new: it trains whole
+    model = RewardModel(apply_lora(backbone, args, "reward head"))  # the scalar head is new: it trains whole
     result = train_reward_model(model, tok, train, val, targs, run_args=data_run_args(args))
     if not result["is_main"]:  # DDP: rank 0 reports
         return 0

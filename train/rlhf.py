@@ -526,7 +526,8 @@ class RLHFTrainer:
                 "scaler": self.scaler.state_dict(), "prompt_format": self.prompt_format}
 
     def save_checkpoint(self):
-        """The policy as a plain GPT checkpoint (usable by generate/dpo/rlhf --init); the rest in state.pt."""
+        """The policy as a GPT checkpoint (usable by generate/dpo/rlhf --init; with LoRA it holds W, A and
+        B, and loads merged); the rest in state.pt."""
         path = self.checkpointer.save(self.iteration, self.policy, self.state_dict())
         self.plot()
         return path
@@ -664,7 +665,8 @@ def cmd_rlhf(args):
     policy = build_backbone(args)
     reward_model = RewardModel.load(args.reward, map_location=device)
     ref = copy.deepcopy(policy)
-    apply_lora(policy, args)  # the reference stays the whole --init model; PPO's value head trains whole
+    # the reference stays the whole --init model; PPO's value head trains whole
+    apply_lora(policy, args, "value head" if a.algo == "ppo" else None)
     if reward_model.config.vocab_size != policy.config.vocab_size:
         raise UserError(f"reward model vocab ({reward_model.config.vocab_size}) differs from the "
                         f"policy's ({policy.config.vocab_size}): they must share a tokenizer")

@@ -9,12 +9,13 @@ record becomes one token sequence
 (prompt and response encoded separately, so a response generated after the prompt tokenizes
 the same way; RLHF and DPO use the same layout). A chat is its turns encoded one by one, each
 assistant turn ending in eot. A batch is padded with eot and shifted: inputs = seq[:-1],
-targets = seq[1:]. Targets at padding are -100 (ignored by the loss) except the first eot,
+targets = seq[1:]. Targets at padding are -100 (ignored by the loss) except the sequence's final eot,
 which the model must learn to emit to stop; by default the prompt's targets (and a chat's user
 turns) are -100 too, so only the responses are learned (--no-mask-prompt learns all of it).
 
 Batches are grouped by length (sort within large random pools, cut into batches, shuffle the
-batches with the Trainer's generator), so little compute goes to padding. Training is the
+batches with a generator seeded by (--seed, epoch), the same on every rank), so little compute
+goes to padding. Training is the
 shared Trainer (checkpoints, exact resume, plots, DDP, --kernels). Evaluation: the held-out
 loss, and greedy responses (KV cache, stop at eot) checked by exact match; the final responses
 are saved as JSON.
@@ -170,7 +171,7 @@ def collate(examples, pad_id: int, mask_prompt: bool = True, ignore_index: int =
     """Pad and shift: inputs [B, T] = seq[:-1], targets [B, T] = seq[1:], T = longest seq - 1.
 
     Inputs are padded with pad_id (after the sequence: causal attention never looks there).
-    Target positions past each sequence's end are ignore_index, so the first eot (the last
+    Target positions past each sequence's end are ignore_index, so its final eot (the last
     real token) stays a target; with mask_prompt the targets that are prompt or context tokens
     are too.
     """
@@ -555,7 +556,8 @@ def add_cli(sub):
                    help="tritongpt checkpoint (run folder, ckpt folder or .safetensors), a GPT-2 name "
                         "(gpt2-small ...: pretrained weights) or tiny/mini (random weights)")
     p.add_argument("--data", help=".json list or .jsonl of records, all {instruction, input, output}, all "
-                                  "{prompt, completion} or all chats {messages: [{role, content}, ...]} "
+                                  "{prompt, completion} or all chats ({messages: [{role, content}, ...]}, or "
+                                  "{prompt: [messages], completion: [one assistant message]}) "
                                   "(default: the embedded verifiable tasks)")
     p.add_argument("--tokenizer", help="default | gpt2 | tokenizer .json (default: the run's saved tokenizer, "
                                        "else gpt2 for a 50257 vocab, else default)")
@@ -569,7 +571,8 @@ def add_cli(sub):
                         "answered once at the end (default %(default)s)")
     p.add_argument("--val-fraction", type=float, default=0.1,
                    help="share of a --data file held out, by prompt hash (default %(default)s)")
-    p.add_argument("--no-mask-prompt", action="store_true", help="learn the prompt tokens too")
+    p.add_argument("--no-mask-prompt", action="store_true",
+                   help="learn the prompt tokens (and a chat's user turns) too")
     p.add_argument("--overlong", choices=["drop", "truncate"], default="drop",
                    help="records longer than the context (default %(default)s)")
     p.add_argument("--max-length", type=int, default=None, help="cap on tokens per example (default: the context)")

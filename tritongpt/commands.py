@@ -28,8 +28,8 @@ def add_lora_args(p):
     """--lora-rank, --lora-alpha, --lora-targets (model/lora.py), shared by sft, reward, dpo and rlhf."""
     p.add_argument("--lora-rank", type=int, default=0,
                    help="train a rank-r LoRA update of the --lora-targets matrices instead of every weight "
-                        "(the rest frozen; checkpoints hold both, and load merged everywhere they are only used; "
-                        "default 0: full fine-tuning)")
+                        "(the rest frozen, but for reward's and PPO's new heads; checkpoints hold both, and load "
+                        "merged everywhere they are only used; default 0: full fine-tuning)")
     p.add_argument("--lora-alpha", type=float, default=16.0,
                    help="LoRA's update is scaled by alpha / rank (default %(default)s)")
     p.add_argument("--lora-targets", default="attn,mlp",
@@ -37,8 +37,9 @@ def add_lora_args(p):
                         "(default %(default)s)")
 
 
-def apply_lora(model, args):
-    """--lora-rank's LoRA on `model` (in place), with a line on what it trains."""
+def apply_lora(model, args, new_head: str | None = None):
+    """--lora-rank's LoRA on `model` (in place), with a line on what it trains; new_head: a head
+    the trainer adds afterwards, which trains whole (reward's, PPO's value head)."""
     import sys
 
     from tritongpt.model.lora import add_lora
@@ -47,7 +48,8 @@ def apply_lora(model, args):
     if args.lora_rank:
         trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
         print(f"LoRA rank {args.lora_rank} (alpha {args.lora_alpha:g}) on {model.config.lora_targets}: "
-              f"{trained:,} of {model.num_params():,} parameters train", file=sys.stderr)
+              f"{trained:,} of {model.num_params():,} parameters train"
+              + (f", and the new {new_head} whole" if new_head else ""), file=sys.stderr)
     return model
 
 
