@@ -134,30 +134,27 @@ if [ "$what" = all ] || [ "$what" = bench ]; then
     pack
     rc=$((rc | brc))
 fi
-if [ "$what" = padded ]; then
-    echo "== tritongpt bench train --vocab-multiple 64 (budget ${BENCH_MINUTES:-4} min)"
+# a training bench not part of all: its name (results-NAME/, bench-NAME.log,
+# autotune-timings-NAME.json), then `bench train`'s own flags
+extra_train_bench() {
+    local name=$1
+    shift
+    echo "== tritongpt bench train $* (budget ${BENCH_MINUTES:-4} min)"
     packing & packer=$!
     TRITON_CACHE_AUTOTUNING=1 timeout -s INT -k 15 "$bench_limit" \
-        $PY -m tritongpt.cli bench train --models gpt2-small --vocab-multiple 64 --max-minutes "${BENCH_MINUTES:-4}" \
-        --out "$WORK/results-vocab64" >"$WORK/bench-vocab64.log" 2>&1
-    prc=$?
+        $PY -m tritongpt.cli bench train --models gpt2-small "$@" --max-minutes "${BENCH_MINUTES:-4}" \
+        --out "$WORK/results-$name" >"$WORK/bench-$name.log" 2>&1
+    local xrc=$?
     stop_packing "$packer"
-    tail -n 20 "$WORK/bench-vocab64.log"
-    save_timings autotune-timings-vocab64.json
+    tail -n 20 "$WORK/bench-$name.log"
+    save_timings "autotune-timings-$name.json"
     pack
-    rc=$((rc | prc))
+    rc=$((rc | xrc))
+}
+if [ "$what" = padded ]; then
+    extra_train_bench vocab64 --vocab-multiple 64
 fi
 if [ "$what" = lora ]; then
-    echo "== tritongpt bench train +lora (budget ${BENCH_MINUTES:-4} min)"
-    packing & packer=$!
-    TRITON_CACHE_AUTOTUNING=1 timeout -s INT -k 15 "$bench_limit" \
-        $PY -m tritongpt.cli bench train --models gpt2-small --train-providers reference,triton,reference+lora,triton+lora \
-        --max-minutes "${BENCH_MINUTES:-4}" --out "$WORK/results-lora" >"$WORK/bench-lora.log" 2>&1
-    lrc=$?
-    stop_packing "$packer"
-    tail -n 20 "$WORK/bench-lora.log"
-    save_timings autotune-timings-lora.json
-    pack
-    rc=$((rc | lrc))
+    extra_train_bench lora --train-providers reference,triton,reference+lora,triton+lora
 fi
 exit $rc
