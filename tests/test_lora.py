@@ -179,7 +179,7 @@ def test_dpo_with_lora_keeps_the_reference_whole(tmp_path, capsys):
     assert has_lora(saved) and saved.config.lora_rank == 2
 
 
-def test_a_lora_run_resumes_bit_for_bit(tmp_path):
+def test_a_lora_run_resumes_bit_for_bit(tmp_path, capsys):
     import shutil
 
     from tritongpt.cli import main
@@ -197,6 +197,13 @@ def test_a_lora_run_resumes_bit_for_bit(tmp_path):
     resumed = GPTModel.load(out / "ckpt-0000004" / "model.safetensors").state_dict()
     assert straight.keys() == resumed.keys() and any("lora_B" in k for k in straight)
     assert all(torch.equal(straight[k], resumed[k]) for k in straight)
+    # a resume without the run's LoRA flags is told which flags to pass
+    shutil.rmtree(out / "ckpt-0000004")
+    i = run.index("--lora-rank")
+    plain = run[:i] + run[i + 2:]
+    assert main(plain + ["--resume"]) == 2
+    assert ("has lora_rank 2 (this run: 0); pass the --lora-rank, --lora-alpha and --lora-targets it was "
+            "trained with") in capsys.readouterr().err
 
 
 def test_activation_checkpointing_gives_the_same_lora_gradients():

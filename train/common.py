@@ -368,10 +368,15 @@ def config_difference(weights_file, config) -> str:
     if not saved:  # no config, or not readable: the caller says what torch said
         return ""
     now = config.to_dict()
-    diffs = [f"{k} {saved[k]} (this run: {now[k]})" for k in saved
-             if k in now and saved[k] != now[k] and k not in ("kernels", "dropout")]
+    keys = [k for k in saved if k in now and saved[k] != now[k] and k not in ("kernels", "dropout")]
+    diffs = [f"{k} {saved[k]} (this run: {now[k]})" for k in keys]
+    flags = []
+    if any(not k.startswith("lora_") for k in keys):
+        flags.append("--model (and --vocab-multiple)")
+    if any(k.startswith("lora_") for k in keys):  # a LoRA run's checkpoint holds A and B too
+        flags.append("--lora-rank, --lora-alpha and --lora-targets")
     return ("the checkpoint's model has " + ", ".join(diffs) +
-            "; pass the --model (and --vocab-multiple) it was trained with") if diffs else ""
+            f"; pass the {' and the '.join(flags)} it was trained with") if diffs else ""
 
 
 def saved_model_config(weights_file) -> dict:
