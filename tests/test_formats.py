@@ -126,8 +126,8 @@ def test_greedy_responses_answer_the_last_turn_of_a_chat(monkeypatch):
      r"messages\[1\]: role 'tool' is not one of system, user, assistant"),
     ({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": " "}]},
      r"messages\[1\]: field 'content' is empty"),
-    ({"messages": [{"role": "user", "content": ["a"]}, {"role": "assistant", "content": "b"}]},
-     r"messages\[0\]: field 'content' must be a string, got list"),
+    ({"messages": [{"role": "user", "content": 7}, {"role": "assistant", "content": "b"}]},
+     r"messages\[0\]: field 'content' must be a string, got int"),
     ({"messages": ["a"]}, r"messages\[0\]: expected an object with 'role' and 'content', got str"),
     ({"messages": [{"role": "user", "content": "a"}, {"role": "system", "content": "b"}]},
      r"messages\[1\]: a system message here; expected assistant"),
@@ -397,3 +397,34 @@ def test_an_exported_chat_run_has_transformers_apply_its_chat_template(tmp_path,
     torch.save({"step": 1, "prompt_format": "alpaca"}, run / "state.pt")
     assert main(["export", str(tmp_path / "run"), "--out", str(tmp_path / "hf2")]) == 0
     assert "chat_template" not in json.loads((tmp_path / "hf2" / "tokenizer_config.json").read_text())
+
+
+def test_content_given_as_text_parts_reads_as_its_text(tmp_path):
+    """Content as a list of text parts (the OpenAI / Hugging Face multimodal form, used for
+    text-only messages too) is its parts' text joined; any other part is refused, by index."""
+    from tritongpt.train.preference import read_preference_file
+
+    def parts(*texts):
+        return [{"type": "text", "text": t} for t in texts]
+
+    as_parts = {"messages": [{"role": "user", "content": parts("Hi ", "there")},
+                             {"role": "assistant", "content": parts("Hello.")}]}
+    as_text = {"messages": [{"role": "user", "content": "Hi there"}, {"role": "assistant", "content": "Hello."}]}
+    assert formats.read_record(as_parts, "r") == formats.read_record(as_text, "r")
+    comp = formats.read_record({"prompt": [{"role": "user", "content": parts("a", "b")}],
+                                "completion": [{"role": "assistant", "content": parts("c")}]}, "r")
+    assert comp["messages"] == [{"role": "user", "content": "ab"}, {"role": "assistant", "content": "c"}]
+    path = tmp_path / "p.jsonl"
+    path.write_text(json.dumps({"prompt": [{"role": "user", "content": parts("q")}],
+                                "chosen": [{"role": "assistant", "content": parts("y", "es")}],
+                                "rejected": [{"role": "assistant", "content": "no"}]}))
+    (pair,) = read_preference_file(path)
+    assert (pair.chosen, pair.rejected) == ("yes", "no")
+    image = {"type": "image", "url": "cat.png"}
+    for content, msg in (([{"type": "text", "text": "a"}, image], r"messages\[0\]: content\[1\] is a 'image' part"),
+                         (["a"], r"messages\[0\]: content\[0\] is a str part"),
+                         ([{"type": "text", "text": 3}], r"content\[0\] is a 'text' part, not"),
+                         (parts(" ", ""), r"messages\[0\]: field 'content' is empty")):
+        with pytest.raises(UserError, match=msg):
+            formats.read_record({"messages": [{"role": "user", "content": content},
+                                              {"role": "assistant", "content": "b"}]}, "r")

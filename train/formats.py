@@ -78,6 +78,21 @@ def text_field(rec, key: str, where: str, empty_ok: bool = False) -> str:
     return value
 
 
+def message_content(message: dict, where: str) -> str:
+    """A message's text: its content string, or the text of a list of content parts
+    ([{"type": "text", "text": ...}, ...], as the OpenAI and Hugging Face multimodal formats
+    write even text-only messages), the parts joined as chat templates join them (nothing between)."""
+    content = message.get("content")
+    if isinstance(content, list):
+        for j, part in enumerate(content):
+            if not (isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)):
+                kind = repr(part.get("type")) if isinstance(part, dict) else type(part).__name__
+                raise UserError(f"{where}: content[{j}] is a {kind} part, not {{\"type\": \"text\", \"text\": ...}}: "
+                                f"only text reaches the model")
+        message = {"content": "".join(part["text"] for part in content)}
+    return text_field(message, "content", where)
+
+
 def check_messages(messages, where: str, field: str = "messages", ends_with: str | None = "assistant") -> list:
     """Clean [{"role", "content"}] of a chat: an optional system message first, then user and
     assistant turns taking turns from a user one, ending with `ends_with` (any, if None).
@@ -95,7 +110,7 @@ def check_messages(messages, where: str, field: str = "messages", ends_with: str
         if role not in ROLES:
             raise UserError(f"{at}: role {role!r} is not one of {', '.join(ROLES)} (tool calls and other "
                             f"roles have no place in the chat template)")
-        content = text_field(m, "content", at)
+        content = message_content(m, at)
         expected = ("system", "user") if i == 0 else ("assistant" if out[-1]["role"] == "user" else "user",)
         if role not in expected:
             raise UserError(f"{at}: a {role} message here; expected {' or '.join(expected)} (an optional "
@@ -162,7 +177,7 @@ def read_record(rec, where: str, expect: str | None = None) -> dict:
     if not isinstance(m, dict) or m.get("role") != "assistant":
         got = repr(m.get("role")) if isinstance(m, dict) else type(m).__name__
         raise UserError(f"{where}: completion[0] must be an assistant message, got {got}")
-    reply = {"role": "assistant", "content": text_field(m, "content", f"{where}: completion[0]")}
+    reply = {"role": "assistant", "content": message_content(m, f"{where}: completion[0]")}
     return {"messages": prompt + [reply], "output": reply["content"], "learn_all": False}
 
 

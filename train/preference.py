@@ -49,7 +49,7 @@ def _chat_pair(rec, where: str) -> PreferencePair:
             if not (isinstance(m, list) and len(m) == 1 and isinstance(m[0], dict) and m[0].get("role") == "assistant"):
                 raise UserError(f"{where}: field '{key}' must be a list of one assistant message "
                                 f"(the prompt is a list of messages)")
-            answers.append(formats.text_field(m[0], "content", f"{where}: {key}[0]"))
+            answers.append(formats.message_content(m[0], f"{where}: {key}[0]"))
     else:
         chosen, rejected = (formats.check_messages(rec[k], where, k) for k in ("chosen", "rejected"))
         if chosen[:-1] != rejected[:-1]:
