@@ -169,16 +169,23 @@ def read_record(rec, where: str, expect: str | None = None) -> dict:
     if fmt == "completion":
         return {"prompt": text_field(rec, "prompt", where), "output": text_field(rec, "completion", where)}
     prompt = check_messages(rec["prompt"], where, "prompt", ends_with="user")
-    completion = rec.get("completion")
-    if not isinstance(completion, list) or len(completion) != 1:
-        raise UserError(f"{where}: field 'completion' must be a list of one assistant message "
+    reply = {"role": "assistant", "content": one_answer(rec, "completion", where)}
+    return {"messages": prompt + [reply], "output": reply["content"], "learn_all": False}
+
+
+def one_answer(rec, key: str, where: str) -> str:
+    """The text of field `key` given as a list of one assistant message: the answer of a
+    conversational record (SFT's completion, a preference pair's chosen and rejected)."""
+    value = rec.get(key)
+    if not isinstance(value, list) or len(value) != 1:
+        raise UserError(f"{where}: field '{key}' must be a list of one assistant message "
                         f"(the prompt is a list of messages)")
-    m = completion[0]
+    m = value[0]
     if not isinstance(m, dict) or m.get("role") != "assistant":
         got = repr(m.get("role")) if isinstance(m, dict) else type(m).__name__
-        raise UserError(f"{where}: completion[0] must be an assistant message, got {got}")
-    reply = {"role": "assistant", "content": message_content(m, f"{where}: completion[0]")}
-    return {"messages": prompt + [reply], "output": reply["content"], "learn_all": False}
+        raise UserError(f"{where}: field '{key}' must be a list of one assistant message "
+                        f"({key}[0] must be an assistant message, got {got})")
+    return message_content(m, f"{where}: {key}[0]")
 
 
 def format_of(record) -> str:

@@ -158,8 +158,7 @@ def cmd_hellaswag(args):
 
 
 def add_cli(sub):
-    from tritongpt.commands import add_model_args
-    from tritongpt.train.common import DTYPES
+    from tritongpt.commands import add_dtype_arg, add_model_args
 
     p = sub.add_parser("hellaswag", help="multiple-choice accuracy on HellaSwag (acc, acc_norm)",
                        description=__doc__.split("\n\n")[0])
@@ -175,8 +174,7 @@ def add_cli(sub):
                                                              "(default %(default)s)")
     p.add_argument("--tokenizer", help="default | gpt2 | a tokenizer file or folder (default: the one saved with "
                                        "--weights, else gpt2 for a 50257 vocab)")
-    p.add_argument("--dtype", default="auto", choices=DTYPES,
-                   help="autocast dtype: auto = bf16 on CUDA (fp16 before Ampere), fp32 on CPU (default %(default)s)")
+    add_dtype_arg(p)
     p.add_argument("--cache-dir", default=None, help="where the downloaded file is kept (default: ~/.cache/tritongpt "
                                                      "or $TRITONGPT_CACHE)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")

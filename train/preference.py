@@ -43,13 +43,7 @@ def _chat_pair(rec, where: str) -> PreferencePair:
     """A conversational record: the prompt's messages, and one assistant answer each side."""
     if "prompt" in rec:
         prompt = formats.check_messages(rec["prompt"], where, "prompt", ends_with="user")
-        answers = []
-        for key in ("chosen", "rejected"):
-            m = rec[key]
-            if not (isinstance(m, list) and len(m) == 1 and isinstance(m[0], dict) and m[0].get("role") == "assistant"):
-                raise UserError(f"{where}: field '{key}' must be a list of one assistant message "
-                                f"(the prompt is a list of messages)")
-            answers.append(formats.message_content(m[0], f"{where}: {key}[0]"))
+        answers = [formats.one_answer(rec, key, where) for key in ("chosen", "rejected")]
     else:
         chosen, rejected = (formats.check_messages(rec[k], where, k) for k in ("chosen", "rejected"))
         if chosen[:-1] != rejected[:-1]:

@@ -331,10 +331,16 @@ def add_generation_model_args(p):
                                        "--weights' run, else by vocab size)")
 
 
-def add_sampling_args(p, max_new_tokens: int, temperature: float, temperature_text: str):
-    """The sampling flags of `generate` and `chat`, and the precision they run in."""
+def add_dtype_arg(p):
+    """--dtype of the commands that only run a model (generate, chat, hellaswag)."""
     from tritongpt.train.common import DTYPES  # torch is imported for the parser anyway (the trainers')
 
+    p.add_argument("--dtype", default="auto", choices=DTYPES,
+                   help="autocast dtype: auto = bf16 on CUDA (fp16 before Ampere), fp32 on CPU (default %(default)s)")
+
+
+def add_sampling_args(p, max_new_tokens: int, temperature: float, temperature_text: str):
+    """The sampling flags of `generate` and `chat`, and the precision they run in."""
     p.add_argument("--max-new-tokens", type=int, default=max_new_tokens, help="at most this many (default "
                    "%(default)s); generation stops early at <|endoftext|>")
     p.add_argument("--temperature", type=float, default=temperature,
@@ -345,8 +351,7 @@ def add_sampling_args(p, max_new_tokens: int, temperature: float, temperature_te
     p.add_argument("--seed", type=int, default=1337,
                    help="seeds the sampling, and the weights of a model without --weights/--pretrained "
                         "(default %(default)s)")
-    p.add_argument("--dtype", default="auto", choices=DTYPES,
-                   help="autocast dtype: auto = bf16 on CUDA (fp16 before Ampere), fp32 on CPU (default %(default)s)")
+    add_dtype_arg(p)
 
 
 def add_cli(sub):
