@@ -119,14 +119,26 @@ def has_lora(model) -> bool:
 def merge_lora(model):
     """`model` with each LoRA weight replaced by its value W + scale B A: plain Linears, every
     parameter trainable again, the config's LoRA fields back to their defaults (rank 0: none).
-    In place; returns the model.
+    In place; returns the model."""
+    return _plain_linears(model, lambda m: m.weight)
 
-    Each adapted Linear is swapped for a new one rather than un-parametrized in place:
-    parametrize.remove_parametrizations edits the module's class, which a deepcopy of the model
-    shares, so merging a copy would break the original."""
+
+def strip_lora(model):
+    """`model` without its LoRA update: each adapted Linear back to its frozen W, the base model
+    the update was trained on (what a peft adapter is applied to). In place; returns the model."""
+    return _plain_linears(model, lambda m: m.parametrizations.weight.original)
+
+
+def _plain_linears(model, weight_of):
+    """Each LoRA Linear swapped for a plain one holding weight_of(it); the config's LoRA fields
+    back to their defaults, every parameter trainable again.
+
+    A new Linear rather than un-parametrizing in place: parametrize.remove_parametrizations edits
+    the module's class, which a deepcopy of the model shares, so merging a copy would break the
+    original."""
     for name, m in list(model.named_modules()):
         if isinstance(m, nn.Linear) and parametrize.is_parametrized(m, "weight"):
-            w = m.weight.detach()
+            w = weight_of(m).detach()
             plain = nn.utils.skip_init(nn.Linear, m.in_features, m.out_features, bias=m.bias is not None,
                                        device=w.device, dtype=w.dtype)
             with torch.no_grad():

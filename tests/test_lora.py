@@ -2,11 +2,13 @@
 LoRA gradient, and the gradients against dA = s B^T dW, dB = s dW A^T), merging, saving and
 loading, and fine-tuning that trains only A and B."""
 import copy
+import json
+import re
 
 import pytest
 import torch
 
-from parity import assert_close_rel
+from parity import assert_close_rel, report
 from tritongpt.errors import UserError
 from tritongpt.model.config import GPTConfig
 from tritongpt.model.gpt import GPTModel
@@ -317,3 +319,247 @@ def test_merging_a_model_without_biases_adds_none():
     merged = merge_lora(model)
     assert set(merged.state_dict()) == set(small(bias=False).state_dict())  # no bias appears
     assert torch.equal(merged(x), out)
+
+
+# -- a LoRA run's update as a peft adapter (export --adapter) -------------------------------------
+@pytest.mark.parametrize("targets", ["attn,mlp", "attn", "mlp"])
+def test_the_adapter_is_each_hugging_face_layers_lora_update(targets):
+    """Without peft: each adapted Conv1D weight of the merged model is the base's plus
+    scale (B A)^T of the adapter's tensors (c_attn's rank 3r, alpha 3 alpha); the others are the
+    base's."""
+    from tritongpt.model.lora import strip_lora
+    from tritongpt.train.gpt2_weights import _hf_tensors, peft_adapter
+
+    model = with_trained_lora(small(seed=11), rank=3, alpha=5.0, targets=targets)
+    tensors, config = peft_adapter(model, "base")
+    base, merged = _hf_tensors(strip_lora(copy.deepcopy(model))), _hf_tensors(merge_lora(copy.deepcopy(model)))
+    adapted = set()
+    for key, a in tensors.items():
+        if ".lora_A." not in key:
+            continue
+        module = key.removeprefix("base_model.model.").removesuffix(".lora_A.weight")
+        b = tensors[module.join(("base_model.model.", ".lora_B.weight"))]
+        qkv = module.endswith("c_attn")
+        r, alpha = config["rank_pattern"]["c_attn"] if qkv else config["r"], \
+            config["alpha_pattern"]["c_attn"] if qkv else config["lora_alpha"]
+        assert a.shape[0] == b.shape[1] == r == (9 if qkv else 3)
+        assert_close_rel(base[module + ".weight"] + (alpha / r) * (b @ a).t(), merged[module + ".weight"], 1e-6)
+        adapted.add(module + ".weight")
+    assert len(adapted) == 2 * len(config["target_modules"]) and adapted
+    assert all(m.split(".", 1)[1] in {"attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"} for m in
+               (k.removeprefix("transformer.h.").removesuffix(".weight") for k in adapted))
+    for key in set(base) - adapted:  # biases, LayerNorms, embeddings and the untargeted matrices
+        assert torch.equal(base[key], merged[key]), key
+    assert bool(config["rank_pattern"]) == ("attn" in targets) and config["base_model_name_or_path"] == "base"
+    assert config["fan_in_fan_out"] is True and config["lora_alpha"] == 5 and isinstance(config["lora_alpha"], int)
+    with pytest.raises(UserError, match="no LoRA update"):
+        peft_adapter(small(), "base")
+
+
+@pytest.mark.parametrize("overrides,targets", [({}, "attn,mlp"),
+                                               ({"bias": False, "tie_weights": False, "vocab_multiple": 64}, "attn")],
+                         ids=["gpt2-layout", "no-bias-untied-padded"])
+def test_peft_puts_the_exported_adapter_on_its_base_with_the_runs_logits(tmp_path, capsys, overrides, targets):
+    """peft (PeftModel on the base folder, and AutoPeftModelForCausalLM through the adapter's
+    base_model_name_or_path) gives the LoRA model's logits; merge_and_unload gives its merged
+    weights; the adapter folder's tokenizer gives our ids."""
+    peft = pytest.importorskip("peft")
+    transformers = pytest.importorskip("transformers")
+    from tritongpt.cli import main
+    from tritongpt.model.lora import strip_lora
+    from tritongpt.train.gpt2_weights import _hf_tensors, export_gpt2
+    from tritongpt.train.tokenizer import get_tokenizer
+
+    model = with_trained_lora(small(seed=12, vocab_size=4096, context_length=40, **overrides), targets=targets).eval()
+    model.save(tmp_path / "lora.safetensors")
+    export_gpt2(strip_lora(copy.deepcopy(model)), tmp_path / "base")
+    out = tmp_path / "adapter"
+    assert main(["export", str(tmp_path / "lora.safetensors"), "--out", str(out), "--adapter",
+                 "--base", str(tmp_path / "base"), "--tokenizer", "default"]) == 0
+    assert f"for the base {tmp_path / 'base'}" in capsys.readouterr().out
+    assert not (out / "model.safetensors").exists() and not (out / "config.json").exists()
+    idx = torch.randint(0, 4096, (2, 23))
+    with torch.no_grad():  # in float64: a random model's fp32 logits carry ~1e-5 of rounding either way
+        ours = copy.deepcopy(model).double()(idx)
+        base = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "base")
+        on_base = peft.PeftModel.from_pretrained(base, out).eval()
+        max_abs, rel = report(copy.deepcopy(on_base).double()(idx).logits, ours)
+        print(f"peft logits (float64) max_abs={max_abs:.2e} rel={rel:.2e}")
+        assert rel <= 1e-6
+        auto = peft.AutoPeftModelForCausalLM.from_pretrained(out).eval()
+        assert report(auto.double()(idx).logits, ours)[1] <= 1e-6
+        unloaded = {k: v for k, v in on_base.merge_and_unload().state_dict().items()}
+        for key, value in _hf_tensors(merge_lora(copy.deepcopy(model))).items():
+            assert_close_rel(unloaded[key], value, 1e-6)
+    text = "LoRA adapters, exported: 42 ids."
+    assert transformers.AutoTokenizer.from_pretrained(out).encode(text) == get_tokenizer("default").encode(text)
+
+
+def test_an_sft_lora_run_exports_its_adapter_for_its_init(tmp_path, capsys):
+    """Without --base the adapter goes on the run's --init, a Hugging Face folder it is checked
+    against; peft on that folder gives what `tritongpt generate` would use (the merged run)."""
+    from tritongpt.cli import main
+    from tritongpt.train.gpt2_weights import export_gpt2, load_checkpoint
+
+    export_gpt2(small(seed=13, vocab_size=4096, context_length=128), tmp_path / "init")
+    run = tmp_path / "sft"
+    assert main(["sft", "--init", str(tmp_path / "init" / "model.safetensors"), "--tokenizer", "default",
+                 "--n-train", "16", "--n-eval", "4", "--max-steps", "2", "--batch-size", "4", "--lr", "1e-2",
+                 "--lora-rank", "2", "--out-dir", str(run), "--device", "cpu", "--eval-every", "0",
+                 "--sample-every", "0", "--max-new-tokens", "2"]) == 0
+    capsys.readouterr()
+    assert main(["export", str(run), "--out", str(tmp_path / "adapter"), "--adapter"]) == 0
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str(tmp_path / "init")  # the file's folder, which peft loads
+    assert (config["r"], config["lora_alpha"], config["rank_pattern"]) == (2, 16, {"c_attn": 6})
+    peft = pytest.importorskip("peft")
+    transformers = pytest.importorskip("transformers")
+    idx = torch.randint(0, 4096, (1, 11))
+    with torch.no_grad():
+        base = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "init")
+        theirs = peft.PeftModel.from_pretrained(base, tmp_path / "adapter").eval().double()(idx).logits
+        assert report(theirs, load_checkpoint(run).double()(idx))[1] <= 1e-5
+
+
+def test_an_adapter_needs_a_lora_run_and_its_own_base(tmp_path, capsys, monkeypatch):
+    from tritongpt.cli import main
+    from tritongpt.model.lora import strip_lora
+    from tritongpt.train.gpt2_weights import adapter_base, export_gpt2
+
+    model = with_trained_lora(small(seed=14, vocab_size=4096))
+    model.save(tmp_path / "lora.safetensors")
+    small(seed=15, vocab_size=4096).save(tmp_path / "plain.safetensors")
+    export_gpt2(small(seed=16, vocab_size=4096), tmp_path / "other")
+    frozen = strip_lora(copy.deepcopy(model))
+    export_gpt2(frozen, tmp_path / "base")
+    out = ["--out", str(tmp_path / "adapter"), "--tokenizer", "default"]
+    lora = [str(tmp_path / "lora.safetensors"), *out]
+    for argv, said in (([*lora, "--base", str(tmp_path / "base")], "--base names the model an --adapter goes on"),
+                       ([str(tmp_path / "plain.safetensors"), *out, "--adapter", "--base", str(tmp_path / "base")],
+                        "plain.safetensors holds no LoRA update"),
+                       ([*lora, "--adapter"], "name the model it goes on with --base"),
+                       ([*lora, "--adapter", "--base", str(tmp_path / "other")],
+                        "is not the model this LoRA update was trained on: its transformer.wte.weight differs by"),
+                       ([*lora, "--adapter", "--base", str(tmp_path / "plain.safetensors")],
+                        "is not a Hugging Face GPT-2 folder .* export it"),
+                       ([*lora, "--adapter", "--base", str(tmp_path / "none")], "no such Hugging Face GPT-2 folder")):
+        assert main(["export", *argv]) == 2, argv
+        assert re.search(said, capsys.readouterr().err), said
+        assert not (tmp_path / "adapter").exists()  # refused before anything is written
+    # a Hub name: compared when the local cache holds it, named as its repository either way
+    hub = pytest.importorskip("huggingface_hub")
+    monkeypatch.setattr(hub, "try_to_load_from_cache", lambda repo, name: None)
+    assert adapter_base(None, "gpt2", frozen) == "openai-community/gpt2"
+    assert "not in the local Hub cache: not compared" in capsys.readouterr().err
+    monkeypatch.setattr(hub, "try_to_load_from_cache", lambda repo, name: str(tmp_path / "other" / "model.safetensors"))
+    with pytest.raises(UserError, match="the run's --init gpt2-small is not the model"):
+        adapter_base(None, "gpt2-small", frozen)
+    monkeypatch.setattr(hub, "try_to_load_from_cache", lambda repo, name: str(tmp_path / "base" / "model.safetensors"))
+    assert adapter_base("openai-community/gpt2", "elsewhere", frozen) == "openai-community/gpt2"
+
+
+# -- and back: a peft adapter folder as --weights / --init -------------------------------------------
+def _base_and_peft_adapter(tmp_path, **lora):
+    """A random GPT-2 folder, and an adapter for it made by peft itself (B random: not a no-op)."""
+    peft = pytest.importorskip("peft")
+    transformers = pytest.importorskip("transformers")
+    from tritongpt.train.gpt2_weights import export_gpt2
+
+    export_gpt2(small(seed=17, vocab_size=4096, context_length=128), tmp_path / "base")
+    torch.manual_seed(18)
+    hf = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "base")
+    config = peft.LoraConfig(**{"r": 4, "lora_alpha": 8, "target_modules": ["c_attn", "c_proj", "c_fc"],
+                                "fan_in_fan_out": True, "init_lora_weights": False, **lora})
+    model = peft.get_peft_model(hf, config).eval()
+    return model
+
+
+@pytest.mark.parametrize("lora,safe", [({}, True), ({"use_rslora": True, "rank_pattern": {"c_fc": 2},
+                                                     "alpha_pattern": {"attn.c_proj": 3}}, False),
+                                       ({"target_modules": ["c_attn"]}, True)],
+                         ids=["plain", "rslora-patterns-bin", "c_attn-only"])
+def test_a_peft_adapter_folder_loads_merged_into_its_base(tmp_path, capsys, lora, safe):
+    """An adapter peft saved (safetensors or .bin; rsLoRA's scale, per-module ranks and alphas)
+    is read as its base with the update merged: peft's logits; `generate`, `info` and `--init`
+    take the folder."""
+    from tritongpt.cli import main
+    from tritongpt.train.gpt2_weights import load_checkpoint
+
+    peft_model = _base_and_peft_adapter(tmp_path, **lora)
+    peft_model.save_pretrained(tmp_path / "adapter", safe_serialization=safe)
+    assert (tmp_path / "adapter" / ("adapter_model.safetensors" if safe else "adapter_model.bin")).is_file()
+    idx = torch.randint(0, 4096, (2, 19))
+    with torch.no_grad():  # float64: the merge's own fp32 rounding (~1e-7 of each weight) is what shows
+        ours, theirs = load_checkpoint(tmp_path / "adapter").double()(idx), peft_model.double()(idx).logits
+        base = load_checkpoint(tmp_path / "base").double()(idx)
+    max_abs, rel = report(ours, theirs)
+    print(f"adapter merged (float64) max_abs={max_abs:.2e} rel={rel:.2e}")
+    assert rel <= 1e-5 and report(base, theirs)[1] > 1e-2  # the update is there, and counts
+    assert main(["info", "--weights", str(tmp_path / "adapter")]) == 0
+    assert f"adapter      a peft LoRA adapter on {tmp_path / 'base'}: used merged" in capsys.readouterr().out
+    assert main(["generate", "--weights", str(tmp_path / "adapter"), "--tokenizer", "default", "--prompt", "Hi",
+                 "--max-new-tokens", "3", "--device", "cpu"]) == 0
+    assert main(["sft", "--init", str(tmp_path / "adapter" / ("adapter_model." + ("safetensors" if safe else "bin"))),
+                 "--tokenizer", "default", "--n-train", "8", "--n-eval", "2", "--max-steps", "1", "--batch-size", "4",
+                 "--out-dir", str(tmp_path / "sft"), "--device", "cpu", "--eval-every", "0", "--sample-every", "0",
+                 "--max-new-tokens", "2"]) == 0
+
+
+def test_our_adapter_comes_back_as_the_lora_run(tmp_path, capsys):
+    from tritongpt.cli import main
+    from tritongpt.model.lora import strip_lora
+    from tritongpt.train.gpt2_weights import export_gpt2, load_checkpoint
+
+    model = with_trained_lora(small(seed=19, vocab_size=4096, context_length=128)).eval()
+    model.save(tmp_path / "lora.safetensors")
+    export_gpt2(strip_lora(copy.deepcopy(model)), tmp_path / "base")
+    assert main(["export", str(tmp_path / "lora.safetensors"), "--out", str(tmp_path / "adapter"), "--adapter",
+                 "--base", str(tmp_path / "base"), "--tokenizer", "default"]) == 0
+    idx = torch.randint(0, 4096, (2, 13))
+    with torch.no_grad():
+        back = load_checkpoint(tmp_path / "adapter").double()(idx)
+        assert report(back, copy.deepcopy(model).double()(idx))[1] <= 1e-5
+    # a run whose --init is an adapter: its own adapter goes on that adapter merged, exported first
+    capsys.readouterr()
+    assert main(["sft", "--init", str(tmp_path / "adapter"), "--tokenizer", "default", "--n-train", "8",
+                 "--n-eval", "2", "--max-steps", "1", "--batch-size", "4", "--lora-rank", "2", "--out-dir",
+                 str(tmp_path / "sft"), "--device", "cpu", "--eval-every", "0", "--sample-every", "0",
+                 "--max-new-tokens", "2"]) == 0
+    assert main(["export", str(tmp_path / "sft"), "--out", str(tmp_path / "again"), "--adapter"]) == 2
+    assert "is not a Hugging Face GPT-2 folder" in capsys.readouterr().err
+    assert main(["export", str(tmp_path / "adapter"), "--out", str(tmp_path / "merged")]) == 0
+    assert main(["export", str(tmp_path / "sft"), "--out", str(tmp_path / "again"), "--adapter",
+                 "--base", str(tmp_path / "merged")]) == 0
+
+
+def test_an_adapter_that_is_not_plain_gpt2_lora_is_refused_by_name(tmp_path):
+    from tritongpt.train.gpt2_weights import load_checkpoint
+
+    peft_model = _base_and_peft_adapter(tmp_path)
+    peft_model.save_pretrained(tmp_path / "adapter")
+    folder = tmp_path / "adapter"
+    good = json.loads((folder / "adapter_config.json").read_text())
+    from safetensors.torch import load_file, save_file
+    tensors = load_file(folder / "adapter_model.safetensors")
+
+    def refused(said, config=None, weights=None):
+        (folder / "adapter_config.json").write_text(json.dumps({**good, **(config or {})}))
+        save_file(weights if weights is not None else tensors, folder / "adapter_model.safetensors")
+        with pytest.raises(UserError, match=said):
+            load_checkpoint(folder)
+
+    refused("use_dora is True; only a plain LoRA adapter", {"use_dora": True})
+    refused("modules_to_save is \\['score'\\]", {"modules_to_save": ["score"]})
+    refused("peft_type is 'IA3'", {"peft_type": "IA3"})
+    refused("bias is 'all'", {"bias": "all"})
+    refused("base_model_name_or_path 'nowhere' is neither a folder", {"base_model_name_or_path": "nowhere"})
+    key = next(k for k in tensors if k.endswith("mlp.c_fc.lora_A.weight"))
+    refused("tensor 'base_model.model.lm_head.lora_A.weight' is not a LoRA A or B",
+            weights={**tensors, "base_model.model.lm_head.lora_A.weight": tensors[key].clone()})
+    refused(r"h.0.mlp.c_fc: lora_A \(4, 31\) and lora_B \(128, 4\) do not make an update",
+            weights={**tensors, key.replace(".1.", ".0."): tensors[key][:, :31].contiguous()})
+    refused("lora_B is missing",
+            weights={k: v for k, v in tensors.items() if not k.endswith("h.1.mlp.c_fc.lora_B.weight")})
+    (folder / "adapter_model.safetensors").unlink()
+    with pytest.raises(UserError, match="no checkpoint found|without adapter_model"):
+        load_checkpoint(folder)

@@ -1755,7 +1755,11 @@ def test_preference_data_flags_named_on_resume_and_instruction_records_without_i
     from tritongpt.train.reward import data_run_args
 
     ns = argparse.Namespace(data=None, num_pairs=12, val_fraction=0.25)
-    assert data_run_args(ns) == {"data": None, "num_pairs": 12, "val_fraction": 0.25}
+    assert data_run_args(ns) == {"data": None, "num_pairs": 12, "val_fraction": 0.25, "init": None}
+    ns.init = "gpt2"  # a name as it is, a path made absolute (export --adapter reads it from anywhere)
+    assert data_run_args(ns)["init"] == "gpt2"
+    ns.init = str(tmp_path / ".." / tmp_path.name)
+    assert data_run_args(ns)["init"] == str(tmp_path.resolve())
     f = tmp_path / "p.jsonl"
     f.write_text(json.dumps({"instruction": "Shout", "chosen": "HI", "rejected": "hi"}) + "\n")
     assert read_preference_file(f, template=compact_template) == [PreferencePair("Shout\n=", "HI", "hi")]

@@ -245,12 +245,17 @@ class Checkpointer:
 
 
 def resolve_checkpoint(path) -> Path:
-    """A checkpoint folder, a run folder (its newest checkpoint), or a .safetensors file."""
+    """A checkpoint folder, a run folder (its newest checkpoint), or a .safetensors file; a peft
+    adapter folder: its weights file."""
     p = Path(path)
     if p.is_file():
         return p
     if (p / "model.safetensors").is_file():
         return p / "model.safetensors"
+    if (p / "adapter_config.json").is_file():
+        for name in ("adapter_model.safetensors", "adapter_model.bin"):
+            if (p / name).is_file():
+                return p / name
     latest = Checkpointer(p).latest()
     if latest is None:
         raise UserError(f"no checkpoint found at {path}")

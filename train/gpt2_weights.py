@@ -103,16 +103,20 @@ def is_hf_file(path) -> bool:
     return meta.get("format") != "tritongpt" or "config" not in meta
 
 
-def load_checkpoint(path, model_name: str | None = None) -> GPTModel:
+def load_checkpoint(path, model_name: str | None = None, merge: bool = True) -> GPTModel:
     """A tritongpt checkpoint (file, checkpoint folder or run folder: its newest) or a Hugging
-    Face GPT-2 model.safetensors (model_name: the preset, when no config.json says the heads)."""
+    Face GPT-2 model.safetensors (model_name: the preset, when no config.json says the heads).
+    A LoRA checkpoint comes merged unless merge is False, and so does a peft adapter folder: its
+    base with the update (load_peft_adapter)."""
     from tritongpt.train.common import resolve_checkpoint
 
     path = resolve_checkpoint(path)
+    if adapter_folder(path) is not None:
+        return load_peft_adapter(adapter_folder(path))
     if str(path).endswith(".safetensors") and is_hf_file(path):
         return load_gpt2_safetensors(path, model_name)
     model = GPTModel.load(path)
-    if model.config.lora_rank:  # used, not trained on: the plain model its LoRA update makes
+    if model.config.lora_rank and merge:  # used, not trained on: the plain model its LoRA update makes
         from tritongpt.model.lora import merge_lora
 
         merge_lora(model)
@@ -266,3 +270,213 @@ def export_gpt2(model: GPTModel, out_dir, eos_token_id: int | None = None, overw
     readable_like_other_files(paths[0])
     paths[1].write_text(json.dumps(hf_config(model.config, eos_token_id), indent=2) + "\n", encoding="utf-8")
     return paths
+
+
+# -- a LoRA run's update as a peft adapter -------------------------------------------------------
+_PEFT_MODULES = {"attn": ("attn.c_attn", "attn.c_proj"), "mlp": ("mlp.c_fc", "mlp.c_proj")}
+_OURS = {"attn.c_proj": "att.out_proj", "mlp.c_fc": "ff.fc1", "mlp.c_proj": "ff.fc2"}
+
+
+def peft_adapter(model: GPTModel, base: str) -> tuple:
+    """A LoRA model's update as a peft adapter for GPT2LMHeadModel: (adapter_model.safetensors'
+    tensors, adapter_config.json's fields). `base`: the model the adapter goes on (its
+    base_model_name_or_path), the frozen one this update was trained on.
+
+    peft keeps an A [r, in] and a B [out, r] for each module and adds scale (B A)^T to a Conv1D's
+    [in, out] weight (fan_in_fan_out), the scale being lora_alpha / r, as ours. Hugging Face's
+    c_attn is our W_query, W_key and W_value side by side, so its update is the three stacked:
+    A = [A_q; A_k; A_v] [3r, C] and B = diag(B_q, B_k, B_v) [3C, 3r], a rank-3r update with alpha
+    3 alpha (rank_pattern, alpha_pattern). Exact: B's zero blocks add nothing."""
+    from tritongpt.model.lora import lora_linears, parse_targets
+
+    cfg = model.config
+    if not cfg.lora_rank:
+        raise UserError("the model has no LoRA update (a run trained with --lora-rank has one)")
+    ups = {name: linear.parametrizations.weight[0] for name, linear in lora_linears(model)}
+    targets = parse_targets(cfg.lora_targets)
+    tensors = {}
+    for i in range(cfg.n_layer):
+        ours, theirs = f"trf_blocks.{i}.", f"base_model.model.transformer.h.{i}."
+        for module in (m for t in targets for m in _PEFT_MODULES[t]):
+            if module == "attn.c_attn":
+                qkv = [ups[ours + f"att.{n}"] for n in ("W_query", "W_key", "W_value")]
+                a, b = torch.cat([u.lora_A for u in qkv]), torch.block_diag(*[u.lora_B for u in qkv])
+            else:
+                a, b = ups[ours + _OURS[module]].lora_A, ups[ours + _OURS[module]].lora_B
+            tensors[theirs + module + ".lora_A.weight"], tensors[theirs + module + ".lora_B.weight"] = a, b
+    alpha = int(cfg.lora_alpha) if float(cfg.lora_alpha).is_integer() else cfg.lora_alpha
+    qkv_pattern = "attn" in targets
+    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base,
+              "r": cfg.lora_rank, "lora_alpha": alpha,
+              "target_modules": [m for t in targets for m in _PEFT_MODULES[t]],
+              "rank_pattern": {"c_attn": 3 * cfg.lora_rank} if qkv_pattern else {},
+              "alpha_pattern": {"c_attn": 3 * alpha} if qkv_pattern else {},
+              "fan_in_fan_out": True, "lora_dropout": 0.0, "bias": "none", "use_rslora": False,
+              "use_dora": False, "modules_to_save": None, "init_lora_weights": True, "inference_mode": True}
+    tensors = {k: v.detach().to("cpu", memory_format=torch.contiguous_format, copy=True) for k, v in tensors.items()}
+    return tensors, config
+
+
+def adapter_base(base: str | None, init: str | None, frozen: GPTModel) -> str:
+    """base_model_name_or_path for an adapter whose frozen model is `frozen`: --base, else the
+    run's --init. A Hugging Face GPT-2 folder, or a Hub model in the local cache, is compared with
+    `frozen` tensor by tensor: an adapter on another base would be a wrong model, silently."""
+    name = base if base is not None else init
+    if name is None:
+        raise UserError("--adapter: name the model it goes on with --base (a Hugging Face GPT-2 folder, e.g. "
+                        "`tritongpt export` of the run's --init, or a GPT-2 name): the checkpoint has no run "
+                        "state saying its --init")
+    flag = "--base" if base is not None else "the run's --init"
+    if name in HUB_REPOS or name in HUB_REPOS.values():
+        repo = HUB_REPOS.get(name, name)
+        try:
+            from huggingface_hub import try_to_load_from_cache
+            cached = try_to_load_from_cache(repo, "model.safetensors")
+        except ImportError:
+            cached = None
+        if isinstance(cached, str):
+            _check_base(Path(cached), frozen, f"{flag} {name}")
+        else:
+            note(f"the adapter's base {repo} is not in the local Hub cache: not compared with the run's frozen weights")
+        return repo
+    path = Path(name).expanduser()
+    file = path / "model.safetensors" if path.is_dir() else path
+    adapter = adapter_folder(path) is not None  # the run's --init was an adapter, merged when loaded
+    if not file.is_file() and not adapter:
+        raise UserError(f"{flag} {name}: no such Hugging Face GPT-2 folder, and not a GPT-2 name "
+                        f"({', '.join(HUB_REPOS)})")
+    if adapter or file.suffix != ".safetensors" or not is_hf_file(file) or not (file.parent / "config.json").is_file():
+        raise UserError(f"{flag} {name} is not a Hugging Face GPT-2 folder (config.json and model.safetensors), "
+                        f"which peft loads the adapter onto: export it (`tritongpt export {name} --out BASE`) "
+                        "and pass --base BASE")
+    _check_base(file, frozen, f"{flag} {name}")
+    return str(file.parent) if path.is_file() else name
+
+
+def _check_base(file: Path, frozen: GPTModel, what: str):
+    theirs, ours = _hf_tensors(load_gpt2_safetensors(file)), _hf_tensors(frozen)
+    for key in ours:
+        t = theirs.get(key)
+        if t is None or t.shape != ours[key].shape or not torch.equal(t, ours[key]):
+            how = "has no such tensor" if t is None else (
+                f"has shape {tuple(t.shape)}, not {tuple(ours[key].shape)}" if t.shape != ours[key].shape
+                else f"differs by up to {(t.double() - ours[key].double()).abs().max().item():.3g}")
+            raise UserError(f"{what} is not the model this LoRA update was trained on: its {key} {how}")
+
+
+def export_peft_adapter(model: GPTModel, out_dir, base: str) -> list:
+    """Write model's LoRA update as a peft adapter folder (adapter_model.safetensors and
+    adapter_config.json), which peft's PeftModel.from_pretrained(base model, out_dir) loads."""
+    from safetensors.torch import save_file
+
+    tensors, config = peft_adapter(model, base)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = [out / "adapter_model.safetensors", out / "adapter_config.json"]
+    save_file(tensors, str(paths[0]), metadata={"format": "pt"})
+    readable_like_other_files(paths[0])
+    paths[1].write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    return paths
+
+
+# -- and back: a peft LoRA adapter for GPT-2, merged into its base ------------------------------
+ADAPTER_FILES = ("adapter_model.safetensors", "adapter_model.bin")
+_ADAPTER_KEY = re.compile(r"base_model\.model\.(?:transformer\.)?h\.(\d+)\.(attn\.c_attn|attn\.c_proj|mlp\.c_fc|"
+                          r"mlp\.c_proj)\.lora_([AB])(?:\.default)?\.weight")
+
+
+def adapter_folder(path) -> Path | None:
+    """The peft adapter folder `path` is (or whose weights file it is), else None."""
+    p = Path(path)
+    folder = p.parent if p.name in ADAPTER_FILES else p
+    return folder if (folder / "adapter_config.json").is_file() else None
+
+
+def _pattern_value(patterns: dict, module: str, default):
+    """peft's rank_pattern / alpha_pattern lookup: the first key that ends the module's name."""
+    for key, value in (patterns or {}).items():
+        if re.match(rf"(.*\.)?({key})$", module):
+            return value
+    return default
+
+
+def load_peft_adapter(folder, base: str | None = None) -> GPTModel:
+    """A GPT-2 with a peft LoRA adapter merged in: the base model (base_model_name_or_path, or
+    `base`: a Hugging Face GPT-2 folder or a GPT-2 name, downloaded if need be), each adapted
+    Conv1D weight plus scale (B A)^T, peft's own merge. c_attn's update is split into the
+    W_query, W_key and W_value rows of ours. Any other adapter (DoRA, trained biases or embeddings,
+    modules_to_save) is refused by name: merged without it, it would be another model."""
+    folder = Path(folder)
+    cfg_path = folder / "adapter_config.json"
+    config = read_json_object(cfg_path)
+    for key, bad in (("peft_type", config.get("peft_type") != "LORA"), ("use_dora", bool(config.get("use_dora"))),
+                     ("bias", config.get("bias", "none") != "none"),
+                     ("modules_to_save", bool(config.get("modules_to_save")))):
+        if bad:
+            raise UserError(f"{cfg_path}: {key} is {config.get(key)!r}; only a plain LoRA adapter (peft_type LORA, "
+                            "no DoRA, bias none, no modules_to_save) can be merged into GPT-2 here")
+    files = [folder / n for n in ADAPTER_FILES if (folder / n).is_file()]
+    if not files:
+        raise UserError(f"{folder}: an adapter_config.json without {' or '.join(ADAPTER_FILES)}")
+    if files[0].suffix == ".bin":
+        try:
+            tensors = torch.load(files[0], map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise UserError(f"{files[0]}: not a readable PyTorch weights file ({type(e).__name__}: {e})") from None
+    else:
+        try:
+            from safetensors.torch import load_file
+            tensors = load_file(str(files[0]))
+        except Exception as e:
+            raise unreadable_safetensors(files[0], e) from None
+    name = base if base is not None else config.get("base_model_name_or_path")
+    if not name:
+        raise UserError(f"{cfg_path} names no base_model_name_or_path: pass the base model")
+    model = _adapter_base_model(str(name), cfg_path)
+    updates = {}
+    for key, value in tensors.items():
+        m = _ADAPTER_KEY.fullmatch(key)
+        if m is None:
+            raise UserError(f"{files[0]}: tensor {key!r} is not a LoRA A or B of GPT-2's c_attn, c_proj or c_fc: "
+                            "this adapter changes more than those")
+        updates.setdefault((int(m[1]), m[2]), {})[m[3]] = value
+    n_layer = model.config.n_layer
+    r0, alpha0 = config.get("r", 8), config.get("lora_alpha", 8)
+    with torch.no_grad():
+        for (layer, module), ab in sorted(updates.items()):
+            where = f"{files[0]}: h.{layer}.{module}"
+            if set(ab) != {"A", "B"} or layer >= n_layer:
+                raise UserError(f"{where}: " + (f"the base has only {n_layer} layers" if layer >= n_layer
+                                                else f"lora_{'AB'[('A' in ab)]} is missing"))
+            a, b = ab["A"].float(), ab["B"].float()
+            full = f"transformer.h.{layer}.{module}"
+            r, alpha = _pattern_value(config.get("rank_pattern"), full, r0), \
+                _pattern_value(config.get("alpha_pattern"), full, alpha0)
+            scale = alpha / (r ** 0.5 if config.get("use_rslora") else r)
+            block = model.trf_blocks[layer]
+            if module == "attn.c_attn":
+                targets = [block.att.W_query, block.att.W_key, block.att.W_value]
+            else:
+                targets = [{"attn.c_proj": block.att.out_proj, "mlp.c_fc": block.ff.fc1,
+                            "mlp.c_proj": block.ff.fc2}[module]]
+            out_f, in_f = sum(t.weight.shape[0] for t in targets), targets[0].weight.shape[1]
+            if a.ndim != 2 or b.ndim != 2 or a.shape[1] != in_f or b.shape[0] != out_f or a.shape[0] != b.shape[1]:
+                raise UserError(f"{where}: lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)} do not make an "
+                                f"update of its [{in_f}, {out_f}] weight")
+            delta = (scale * (b.double() @ a.double())).split([t.weight.shape[0] for t in targets])
+            for t, d in zip(targets, delta):
+                t.weight.copy_((t.weight.double() + d).to(t.weight.dtype))
+    check_finite_weights(model, files[0])
+    return model
+
+
+def _adapter_base_model(name: str, cfg_path: Path) -> GPTModel:
+    short = {repo: short for short, repo in HUB_REPOS.items()}
+    if name in HUB_REPOS or name in short:
+        return load_gpt2_pretrained(short.get(name, name))
+    path = Path(name).expanduser()
+    file = path / "model.safetensors" if path.is_dir() else path
+    if not file.is_file():
+        raise UserError(f"{cfg_path}: its base_model_name_or_path {name!r} is neither a folder here holding "
+                        f"model.safetensors nor a GPT-2 name ({', '.join(HUB_REPOS)})")
+    return load_checkpoint(file)

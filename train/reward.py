@@ -206,10 +206,12 @@ def add_data_args(p):
 
 
 def data_run_args(args) -> dict:
-    """The data flags of `reward` and `dpo` that a resume names when they change."""
+    """The data flags of `reward`, `dpo` and `rlhf` that a resume names when they change, and the
+    --init the run started from (`export --adapter` puts a LoRA run's update on it)."""
     from tritongpt.train.common import data_path
 
-    return {"data": data_path(args.data), "num_pairs": args.num_pairs, "val_fraction": args.val_fraction}
+    return {"data": data_path(args.data), "num_pairs": args.num_pairs, "val_fraction": args.val_fraction,
+            "init": data_path(getattr(args, "init", None))}
 
 
 def setup_preference_run(args):

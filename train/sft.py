@@ -376,7 +376,7 @@ def per_task_accuracy(rows) -> dict:
 # -- model and tokenizer ------------------------------------------------------------------------------
 def load_init_model(init: str, model_name: str | None = None):
     """--init: a tritongpt checkpoint (file, ckpt folder or run folder), a Hugging Face GPT-2
-    safetensors file, a GPT-2 name (pretrained weights), or tiny/mini (random weights).
+    safetensors file, a peft LoRA adapter folder (merged into its base), a GPT-2 name (pretrained weights), or tiny/mini (random weights).
     model_name: the preset naming the heads of a GPT-2 file without its config.json."""
     from tritongpt.model.config import PRESETS, get_config
     from tritongpt.model.gpt import GPTModel
@@ -537,7 +537,7 @@ def cmd_sft(args):
                      overlong=args.overlong, max_length=args.max_length, max_new_tokens=args.max_new_tokens,
                      eval_gen=args.eval_gen, eval_before=args.eval_before,
                      run_args={"data": common.data_path(args.data), "tasks": args.tasks, "n_train": args.n_train,
-                               "val_fraction": args.val_fraction})
+                               "val_fraction": args.val_fraction, "init": common.data_path(args.init)})
     if not result["is_main"]:  # DDP: rank 0 reports
         return 0
     if result.get("exact_match") is not None:

@@ -680,8 +680,7 @@ class BPETokenizer:
 
     def hf_files(self, model_max_length: int | None = None, chat_template: str | None = None) -> dict:
         """{file name: text} of vocab.json, merges.txt and tokenizer_config.json as Hugging Face's
-        GPT-2 tokenizer reads them (transformers.AutoTokenizer.from_pretrained on the folder, with
-        config.json beside them): the same ids for the same text. Its pre-tokenizer regex is
+        GPT-2 tokenizer reads them (transformers.AutoTokenizer.from_pretrained on the folder): the same ids for the same text. Its pre-tokenizer regex is
         GPT-2's, so only a tokenizer with that pattern has them (UserError otherwise, before any
         file is written). chat_template: Jinja for apply_chat_template (formats.HF_CHAT_TEMPLATE)."""
         if _SAME_PATTERN.get(self.pat_str, self.pat_str) != GPT2_PAT:
@@ -692,7 +691,8 @@ class BPETokenizer:
         merges = [f"{token_to_str(a)} {token_to_str(b)}" for a, b in self.merges()]
         eot = EOT if EOT in self.special_tokens else None
         others = [s for s in self.special_tokens if s != EOT]
-        config = {"add_prefix_space": False, "bos_token": eot,
+        # the class named: a folder without config.json (a peft adapter's) says which tokenizer it holds
+        config = {"tokenizer_class": "GPT2Tokenizer", "add_prefix_space": False, "bos_token": eot,
                   "eos_token": eot, "unk_token": eot, "additional_special_tokens": others,
                   "model_max_length": model_max_length or 1_000_000_000_000}
         if chat_template is not None:

@@ -1,6 +1,6 @@
 """The `info`, `generate` and `export` subcommands."""
 
-from tritongpt.errors import UserError, note, read_text_file
+from tritongpt.errors import UserError, note, read_json_object, read_text_file
 
 SAMPLE_SEPARATOR = "-" * 15  # between --num-samples texts, as nanoGPT's sample.py prints them
 
@@ -93,6 +93,11 @@ def cmd_info(args):
             print(f"lora         rank {saved['lora_rank']}, alpha {saved.get('lora_alpha'):g} on "
                   f"{saved.get('lora_targets')}: the file holds the frozen weights and the update; "
                   f"used merged (shown above)")
+        from tritongpt.train.gpt2_weights import adapter_folder
+
+        if adapter_folder(args.weights) is not None:
+            base = read_json_object(adapter_folder(args.weights) / "adapter_config.json").get("base_model_name_or_path")
+            print(f"adapter      a peft LoRA adapter on {base}: used merged into it (shown above)")
     if args.weights:
         for line in run_lines(args.weights):
             print(line)
@@ -266,15 +271,19 @@ class TextStream:
 
 
 def cmd_export(args):
+    import copy
     from pathlib import Path
 
+    from tritongpt.model.lora import strip_lora
     from tritongpt.train.chat import run_template
-    from tritongpt.train.common import resolve_checkpoint
+    from tritongpt.train.common import load_state, resolve_checkpoint
     from tritongpt.train.formats import HF_CHAT_TEMPLATE
-    from tritongpt.train.gpt2_weights import export_gpt2, load_checkpoint
+    from tritongpt.train.gpt2_weights import adapter_base, export_gpt2, export_peft_adapter, load_checkpoint
     from tritongpt.train.sft import pick_tokenizer
     from tritongpt.train.tokenizer import EOT, EXPORT_TOKENIZER, RUN_TOKENIZER, is_ours
 
+    if args.base is not None and not args.adapter:
+        raise UserError("--base names the model an --adapter goes on: pass --adapter too")
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file: name a folder")
@@ -294,8 +303,15 @@ def cmd_export(args):
     taken = [n for n in hf_files if (out / n).exists()]
     if taken and not args.overwrite:
         raise UserError(f"{out} already holds {', '.join(taken)}: pass --overwrite or another --out")
-    model = load_checkpoint(source)
+    model = load_checkpoint(source, merge=not args.adapter)
     cfg = model.config
+    if args.adapter:
+        if not cfg.lora_rank:
+            raise UserError(f"--adapter: {source} holds no LoRA update (a run trained with --lora-rank has one): "
+                            "export the model without --adapter")
+        init = load_state(source.parent, mmap=True).get("args", {}).get("init") \
+            if (source.parent / "state.pt").is_file() else None
+        base = adapter_base(args.base, init, strip_lora(copy.deepcopy(model)))
     tok = pick_tokenizer(args.tokenizer, args.checkpoint, cfg.vocab_size)
     # a run tuned on chats: transformers' apply_chat_template writes them as it was trained
     chat = run_template(args.checkpoint) == "chat"
@@ -306,12 +322,21 @@ def cmd_export(args):
         note(f"the tokenizer is not exported: {e}")
     for name in taken:  # an earlier export's (or model's) files would be read as this one's
         (out / name).unlink()
-    paths = export_gpt2(model, out, tok.special_tokens.get(EOT))
+    if args.adapter:
+        paths = export_peft_adapter(model, out, base)
+    else:
+        paths = export_gpt2(model, out, tok.special_tokens.get(EOT))
     for name, text in tok_files.items():
         (out / name).write_text(text, encoding="utf-8")
         paths.append(out / name)
     if hasattr(tok, "save"):  # ours too, for tritongpt: exact even where Hugging Face has no spelling for it
         paths.append(tok.save(out / EXPORT_TOKENIZER))
+    if args.adapter:
+        print(f"wrote {out}/ ({', '.join(p.name for p in paths)}): the LoRA update (rank {cfg.lora_rank}, alpha "
+              f"{cfg.lora_alpha:g} on {cfg.lora_targets}) of a GPT-2 with {cfg.n_layer} layers, for the base {base}")
+        print(f"load it with peft.AutoPeftModelForCausalLM.from_pretrained({str(out)!r}), or "
+              f"peft.PeftModel.from_pretrained(GPT2LMHeadModel.from_pretrained({base!r}), {str(out)!r})")
+        return 0
     print(f"wrote {out}/ ({', '.join(p.name for p in paths)}): GPT-2 with {cfg.n_layer} layers, {cfg.n_head} heads, "
           f"width {cfg.n_embd}, vocabulary {cfg.vocab_size}, context {cfg.context_length}")
     how = (" (and AutoTokenizer" + (", whose apply_chat_template writes chats in the template the run was "
@@ -388,5 +413,11 @@ def add_cli(sub):
                         "and tokenizer_config.json")
     p.add_argument("--tokenizer", help="default | gpt2 | path to a tokenizer JSON (default: the one saved with the "
                                        "checkpoint's run, else by vocab size)")
+    p.add_argument("--adapter", action="store_true",
+                   help="a LoRA run's update alone, as a peft adapter (adapter_model.safetensors, adapter_config.json) "
+                        "for its base model, instead of the merged model")
+    p.add_argument("--base", help="the Hugging Face GPT-2 folder or GPT-2 name the --adapter goes on, written as its "
+                                  "base_model_name_or_path (default: the run's --init); a folder, or a Hub model in "
+                                  "the local cache, must hold the run's frozen weights exactly")
     p.add_argument("--overwrite", action="store_true", help="replace those files if --out holds them")
     p.set_defaults(func=cmd_export)
