@@ -253,7 +253,8 @@ def test_windows_lines_a_spaced_command_and_a_terminal(monkeypatch, capsys):
     assert main(["chat", "--model", "tiny", "--device", "cpu", "--template", "completion"]) == 0
     assert seen[1:] == [tok.encode("Hi"), tok.encode("There")] and prompts == ["> "] * 4
     out, err = capsys.readouterr()
-    assert "chat (completion template; /reset forgets the conversation, /quit ends)" in err
+    assert ('chat (completion template; /reset forgets the conversation, /quit ends; a line ending in \\ goes on, '
+            'and """ opens and closes a message of several lines)') in err
     assert out.splitlines() == ["Two.", "Three."]
 
 
@@ -264,3 +265,42 @@ def test_chat_and_generate_keep_their_own_sampling_defaults():
     assert (c.template, c.max_new_tokens, c.temperature, c.seed) == ("auto", 256, 0.7, 1337)
     g = build_parser().parse_args(["generate", "--prompt", "x"])
     assert (g.max_new_tokens, g.temperature, g.seed) == (50, 0.8, 1337)
+
+
+def test_a_message_of_several_lines():
+    """A trailing backslash goes on to the next line; \"\"\" opens a message that runs to a line
+    ending with it; the quotes' own lines are not in it; the input ending inside one sends it."""
+    def reader(lines):
+        lines, prompts = iter(lines), []
+
+        def read(prompt):
+            prompts.append(prompt)
+            return next(lines, None)
+        return read, prompts
+
+    for lines, want, asked in (
+            (["one line", "next"], "one line", ["> "]),
+            (["first \\", "second\\", "third", "next"], "first \nsecond\nthird", ["> ", "... ", "... "]),
+            (['  """', "def f():", "    return 1", "", '"""', "next"], "def f():\n    return 1",
+             ["> ", "... ", "... ", "... ", "... "]),
+            (['"""Dear model,', "  two lines. \"\"\"  "], "Dear model,\n  two lines. ", ["> ", "... "]),
+            (['"""inline"""'], "inline", ["> "]),
+            (['"""', "cut short"], "cut short", ["> ", "... ", "... "]),
+            (["ends \\"], "ends ", ["> ", "... "]),
+            ([], None, ["> "])):
+        read, prompts = reader(lines)
+        assert chat.read_message(read) == want, lines
+        assert prompts == asked, lines
+
+
+def test_the_command_takes_messages_of_several_lines(monkeypatch, capsys):
+    tok, seen = fake_answers(monkeypatch, ["One.", "Two.", "Three."])
+    text = 'Write:\\\nred\n"""\n/quit\nis text here\n"""\n/reset now?\n/quit\nignored\n'
+    monkeypatch.setattr("sys.stdin", io.StringIO(text))
+    assert main(["chat", "--model", "tiny", "--device", "cpu", "--template", "completion"]) == 0
+    assert seen == [tok.encode("Write:\nred"), tok.encode("/quit\nis text here")]
+    assert "unknown command '/reset now?'" in capsys.readouterr().err
+    monkeypatch.setattr("sys.stdin", io.StringIO('"""\nNever closed.\n'))
+    assert main(["chat", "--model", "tiny", "--device", "cpu", "--template", "completion"]) == 0
+    assert seen[2:] == [tok.encode("Never closed.")]
+    assert 'the input ended inside a """ message' in capsys.readouterr().err

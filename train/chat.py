@@ -1,12 +1,12 @@
 """`tritongpt chat`: talk to a fine-tuned model, turn by turn, through the template it was tuned on.
 
-Each line read is a user turn; the answer is printed as it is drawn and ends at the model's
+Each message read is a user turn (a line; or several: read_message); the answer is printed as it is drawn and ends at the model's
 <|endoftext|> (or at --max-new-tokens, or the context's end). With the chat template (train/formats.py) the whole
 conversation is the prompt, encoded as SFT encodes a chat: each earlier answer ends in the eot
 token, so the model reads its history as it was trained to. When the conversation outgrows the
 context, its oldest turns are dropped (a system message stays) until --max-new-tokens (or half
 the context, if less) fit after it. The alpaca and completion
-templates have no turns: each line is answered on its own.
+templates have no turns: each message is answered on its own.
 
     tritongpt chat --weights runs/sft               # the template its run was tuned on
     tritongpt chat --weights runs/sft-chats --system "Answer in one word."   # a run tuned on chats
@@ -21,6 +21,7 @@ from tritongpt.errors import UserError, note
 from tritongpt.train import formats
 
 TEMPLATES = ("auto",) + formats.FORMATS
+QUOTE = '"""'  # opens and closes a message of several lines
 
 
 def run_template(weights) -> str | None:
@@ -104,6 +105,33 @@ def reply(model, tokenizer, ids, budget, *, temperature=0.0, top_k=None, top_p=N
     return tokenizer.decode(new[:new.index(eot)] if ended else new), ended
 
 
+def read_message(read_line):
+    """One user message from read_line(prompt) (a line, None at the end of the input): a line,
+    a line ending in a backslash going on to the next (llama.cpp's convention), or the lines from
+    one opening with \"\"\" to one ending with it (ollama's). None at the end of the input; a
+    message the input ends inside is what it holds so far."""
+    line = read_line("> ")
+    if line is None:
+        return None
+    if line.lstrip().startswith(QUOTE):
+        parts, line = [], line.lstrip()[len(QUOTE):]
+        while not line.rstrip().endswith(QUOTE):
+            parts.append(line)
+            line = read_line("... ")
+            if line is None:
+                note(f'the input ended inside a {QUOTE} message: it is sent as it stands')
+                return "\n".join(parts).strip("\n")
+        parts.append(line.rstrip()[:-len(QUOTE)])
+        return "\n".join(parts).strip("\n")  # the quotes' own lines are not the message's
+    parts = []
+    while line.endswith("\\"):
+        parts.append(line[:-1])
+        line = read_line("... ")
+        if line is None:
+            return "\n".join(parts)
+    return "\n".join(parts + [line])
+
+
 def cmd_chat(args):
     import torch
 
@@ -124,18 +152,23 @@ def cmd_chat(args):
     gen = torch.Generator(device=device).manual_seed(args.seed)
     tty = sys.stdin.isatty()
     if tty:
-        print(f"chat ({template} template; /reset forgets the conversation, /quit ends)", file=sys.stderr)
-    while True:
+        print(f"chat ({template} template; /reset forgets the conversation, /quit ends; a line ending in \\ "
+              'goes on, and """ opens and closes a message of several lines)', file=sys.stderr)
+
+    def read_line(prompt):
+        """A line without its end, None at the end of the input (Ctrl-D at a terminal)."""
         try:
-            line = input("> ") if tty else sys.stdin.readline()
+            line = input(prompt) if tty else sys.stdin.readline()
         except EOFError:
-            break
-        if not tty and not line:
+            return None
+        return line.rstrip("\r\n") if tty or line else None
+    while True:
+        user = read_message(read_line)
+        if user is None:
             break  # the end of the input
-        user = line.rstrip("\r\n")
         if not user.strip():
             continue
-        if user.startswith("/"):
+        if user.startswith("/") and "\n" not in user:
             command = user.strip()
             if command == "/quit":
                 break
@@ -163,7 +196,7 @@ def cmd_chat(args):
 def add_cli(sub):
     from tritongpt.commands import add_generation_model_args, add_sampling_args
 
-    p = sub.add_parser("chat", help="talk to a fine-tuned model, a line a turn, in the template it was tuned on")
+    p = sub.add_parser("chat", help="talk to a fine-tuned model, a message a turn, in the template it was tuned on")
     add_generation_model_args(p)
     p.add_argument("--template", default="auto", choices=TEMPLATES,
                    help="how a line becomes a prompt: chat (turns, train/formats.py), alpaca (an instruction), "
