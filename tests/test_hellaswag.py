@@ -194,3 +194,50 @@ def test_the_command_scores_a_run(tok, tmp_path, capsys, monkeypatch):
                       (["--tokenizer", "default"], "tokenizer default has 4096 tokens but the model only 300")):
         assert main(base + bad) == 2
         assert said in capsys.readouterr().err
+
+
+def _score_as_rank(rank, port, tok, examples, state, rec):
+    """One of two torchrun-like gloo processes scoring its share; records which examples it scored."""
+    from test_loop import _as_torchrun_rank
+
+    _as_torchrun_rank(rank, port)
+    torch.distributed.init_process_group("gloo")
+    try:
+        model = GPTModel(GPTConfig(**state["config"]))
+        model.load_state_dict(state["weights"])
+        seen, real = [], hellaswag.ending_losses
+
+        def recording(model, tok, examples, *a, **k):  # patched in this child process only
+            seen.extend(ex["ctx"] for ex in examples)
+            yield from real(model, tok, examples, *a, **k)
+
+        hellaswag.ending_losses = recording
+        result = hellaswag.score(model, tok, examples, batch_size=4, rank=rank, world_size=2)
+    finally:
+        torch.distributed.destroy_process_group()
+    torch.save({"result": result, "seen": seen}, rec / f"rank{rank}.pt")
+
+
+def test_under_ddp_each_rank_scores_its_share_and_returns_the_whole_figure(tok, tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    torch.manual_seed(5)
+    config = dict(vocab_size=tok.vocab_size, context_length=24, n_embd=32, n_layer=2, n_head=2)
+    model = GPTModel(GPTConfig(**config)).eval()
+    examples = random_examples(11, seed=6)
+    want = hellaswag.score(model, tok, examples, batch_size=4)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    state = {"config": config, "weights": model.state_dict()}
+    method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
+    mp.start_processes(_score_as_rank, args=(port, tok, examples, state, tmp_path), nprocs=2, join=True,
+                       start_method=method)
+    r0, r1 = (torch.load(tmp_path / f"rank{i}.pt") for i in (0, 1))
+    assert r0["seen"] == [ex["ctx"] for ex in examples[0::2]] and r1["seen"] == [ex["ctx"] for ex in examples[1::2]]
+    for r in (r0, r1):
+        assert {k: r["result"][k] for k in ("examples", "acc", "acc_norm")} == \
+            {k: want[k] for k in ("examples", "acc", "acc_norm")}
+    assert 0 < want["acc"] < 1  # neither all right nor all wrong: a missing share would show

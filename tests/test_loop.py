@@ -1028,6 +1028,43 @@ def test_ddp_two_cpu_processes_gloo(tmp_path):
     assert torch.equal(q0["params"], r0["params"]) and torch.equal(q1["params"], r1["params"])
 
 
+def _ddp_shared_eval_worker(rank, out, rec, port, kw):
+    """Two DDP processes with a rank-0 eval_fn and a shared_eval_fn that all-reduces."""
+    _as_torchrun_rank(rank, port)
+    calls = {"eval": [], "shared": []}
+    t = None
+
+    def eval_fn(model):
+        calls["eval"].append(t.step)
+        return {"val_loss": 1.5}
+
+    def shared_eval_fn(model, r, world):
+        calls["shared"].append((t.step, r, world, model.training, torch.is_grad_enabled()))
+        total = torch.tensor([float(r + 1)])
+        torch.distributed.all_reduce(total)  # a collective: it hangs unless every rank evaluates
+        return {"shared_sum": total.item()}
+
+    t = Trainer(tiny_model(rank), args_for(out, **kw), loss_fn, make_get_batch(synthetic_tokens(), 2),
+                eval_fn=eval_fn, shared_eval_fn=shared_eval_fn)
+    res = t.fit()
+    torch.save({"calls": calls, "keys": sorted(k for k in res if k in ("val_loss", "shared_sum"))},
+               Path(rec) / f"rank{rank}.pt")
+
+
+def test_ddp_a_shared_evaluation_runs_on_every_rank_and_rank_0_logs_it(tmp_path):
+    """shared_eval_fn runs on both ranks at the same steps (the first, every --eval-every, the
+    last), in eval mode without grad; eval_fn on rank 0 only; rank 0 logs both results."""
+    out = tmp_path / "run"
+    r0, r1 = _run_ddp(out, tmp_path / "rec", worker=_ddp_shared_eval_worker, max_steps=5, eval_every=2,
+                      ddp_timeout=120)
+    assert r0["calls"]["eval"] == [0, 2, 4, 5] and r1["calls"]["eval"] == []
+    for rank, r in enumerate((r0, r1)):
+        assert r["calls"]["shared"] == [(s, rank, 2, False, False) for s in (0, 2, 4, 5)]
+    evals = [r for r in rows(out) if "val_loss" in r]
+    assert [(r["step"], r["val_loss"], r["shared_sum"]) for r in evals] == [(s, 1.5, 3.0) for s in (0, 2, 4, 5)]
+    assert r0["keys"] == ["shared_sum", "val_loss"]  # fit's result: the last evaluation's keys
+
+
 def test_ddp_token_weighted_loss_is_the_mean_over_both_ranks_tokens(tmp_path):
     """(sum, count) losses under DDP: the step is the token mean over all four micro-batches of both
     ranks, as one process taking the same four micro-batches computes it."""

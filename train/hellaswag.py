@@ -122,12 +122,23 @@ def ending_losses(model, tok, examples, batch_size: int = 8, dtype=None, progres
         model.train(was_training)
 
 
-def score(model, tok, examples, batch_size: int = 8, dtype=None, progress: bool = False) -> dict:
-    """acc and acc_norm of `model` on `examples` (see the module docstring)."""
+def score(model, tok, examples, batch_size: int = 8, dtype=None, progress: bool = False,
+          rank: int = 0, world_size: int = 1) -> dict:
+    """acc and acc_norm of `model` on `examples` (see the module docstring). Under
+    torch.distributed (world_size > 1, called on every rank) each rank scores every world_size-th
+    example, as build-nanogpt shares them, and the counts are summed over the ranks: each rank
+    returns the figures of all the examples."""
     start, right, right_norm = time.perf_counter(), 0, 0
-    for i, (total, mean) in enumerate(ending_losses(model, tok, examples, batch_size, dtype, progress)):
-        right += int(total.argmin()) == examples[i]["label"]
-        right_norm += int(mean.argmin()) == examples[i]["label"]
+    mine = examples[rank::world_size]
+    for i, (total, mean) in enumerate(ending_losses(model, tok, mine, batch_size, dtype, progress)):
+        right += int(total.argmin()) == mine[i]["label"]
+        right_norm += int(mean.argmin()) == mine[i]["label"]
+    if world_size > 1:
+        import torch.distributed as dist
+
+        counts = torch.tensor([right, right_norm], dtype=torch.long, device=next(model.parameters()).device)
+        dist.all_reduce(counts)  # NCCL's tensors live on the rank's GPU
+        right, right_norm = counts.tolist()
     n = len(examples)
     return {"examples": n, "acc": right / n, "acc_norm": right_norm / n, "seconds": time.perf_counter() - start}
 

@@ -246,6 +246,9 @@ class Trainer:
       batch_size * grad_accum * world_size.
     - eval_fn and sample_fn get the unwrapped model, on rank 0 only, under no_grad, eval()
       and autocast, with the training RNG forked (they never change the training run).
+    - shared_eval_fn(model, rank, world_size) -> dict: an evaluation every rank runs, under the
+      same conditions at the same steps, to share its work (HellaSwag: each rank scores its share
+      of the examples, and all-reduces the counts); rank 0 logs what it returns with eval_fn's.
     - data_state: None, or an object with state_dict()/load_state_dict(d);
       saved per rank in every checkpoint and handed back on --resume.
     - run_args: {flag name: value} of the trainer's own flags that change what it computes (DPO's
@@ -260,7 +263,7 @@ class Trainer:
     (the unwrapped model, on device), optimizer, checkpointer, metrics.
     """
 
-    def __init__(self, model, args: TrainArgs, loss_fn, get_batch, eval_fn=None, sample_fn=None,
+    def __init__(self, model, args: TrainArgs, loss_fn, get_batch, eval_fn=None, sample_fn=None, shared_eval_fn=None,
                  name: str = "pretrain", data_state=None, run_args: dict | None = None,
                  prompt_format: str | None = None):
         args.validate()
@@ -270,6 +273,7 @@ class Trainer:
         self.run_args = dict(run_args or {})
         self.prompt_format = prompt_format
         self.loss_fn, self.get_batch, self.eval_fn, self.sample_fn = loss_fn, get_batch, eval_fn, sample_fn
+        self.shared_eval_fn = shared_eval_fn
         self.get_data_state, self.set_data_state = _data_hooks(data_state)
 
         self.rank, _, self.world_size = common.dist_env()  # DDP when launched by torchrun
@@ -478,7 +482,7 @@ class Trainer:
         self.model = model
 
         last_eval = {}
-        if self.is_main and self.eval_fn and a.eval_every and self.step == 0:
+        if self._evaluates() and a.eval_every and self.step == 0:
             last_eval = self._evaluate()
         bar = tqdm(total=a.max_steps, initial=self.step, desc=self.name, disable=not self.is_main,
                    dynamic_ncols=True, mininterval=0.5)
@@ -494,8 +498,7 @@ class Trainer:
                     seen_time += row["dt"]
                 avg_tok_s = seen_tokens / seen_time if seen_time else row["tok_per_s"]
                 # the last step is always evaluated, in its own row: readers keyed by step see one row
-                if self.is_main and self.eval_fn and (self.step == a.max_steps or
-                                                      a.eval_every and self.step % a.eval_every == 0):
+                if self._evaluates() and (self.step == a.max_steps or a.eval_every and self.step % a.eval_every == 0):
                     last_eval = self._evaluate(log=False)
                     row.update(last_eval)
                 self.metrics.log(**row)
@@ -517,7 +520,7 @@ class Trainer:
         if self._saved_step != self.step:
             self.save_checkpoint()
         # nothing trained (a resume at --max-steps): the checkpoint's evaluation, whose row is logged
-        if self.is_main and self.eval_fn and not losses:
+        if self._evaluates() and not losses:
             last_eval = self._evaluate(log=False)
         if self.is_main and self.sample_fn:
             self._sample()
@@ -642,8 +645,17 @@ class Trainer:
             return None
         return flops_per_token(self._cfg, self._n_params, seq_len) * tok_s / (self._peak * self.world_size)
 
+    def _evaluates(self) -> bool:
+        """Whether evaluations run here: rank 0's eval_fn, or a shared_eval_fn every rank runs."""
+        return bool(self.is_main and self.eval_fn or self.shared_eval_fn)
+
     def _evaluate(self, log=True) -> dict:
-        result = self._side_run(self.eval_fn) or {}
+        """eval_fn's result (rank 0) and shared_eval_fn's (every rank: the others return it only)."""
+        result = (self._side_run(self.eval_fn) or {}) if self.is_main and self.eval_fn else {}
+        if self.shared_eval_fn is not None:
+            result.update(self._side_run(lambda m: self.shared_eval_fn(m, self.rank, self.world_size)) or {})
+        if not self.is_main:
+            return result
         result = {k: (float(v) if isinstance(v, (int, float, torch.Tensor)) else v) for k, v in result.items()}
         if log:
             self.metrics.log(step=self.step, **result)

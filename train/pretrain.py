@@ -59,7 +59,8 @@ def add_args(p: argparse.ArgumentParser):
     e.add_argument("--hellaswag", type=int, default=0, metavar="N",
                    help="at each evaluation also score the first N HellaSwag validation examples (acc and "
                         "acc_norm into metrics.jsonl and hellaswag.png, as build-nanogpt tracks it; the file is "
-                        "downloaded once, before training; 10042 is all of them; default 0: off)")
+                        "downloaded once, before training; 10042 is all of them; under torchrun each rank scores "
+                        "its share; default 0: off)")
     e.add_argument("--hellaswag-data", default=None,
                    help="the HellaSwag .jsonl to read instead of downloading it (with --hellaswag)")
     s = p.add_argument_group("samples")
@@ -184,17 +185,16 @@ def hellaswag_examples(args) -> list:
     return args._hellaswag
 
 
-def hellaswag_eval_fn(eval_fn, examples, tok):
-    """eval_fn, plus HellaSwag's acc and acc_norm on `examples` (under the Trainer's autocast)."""
+def hellaswag_eval_fn(examples, tok):
+    """A shared_eval_fn (train/loop.py): HellaSwag's acc and acc_norm on `examples`, each rank
+    scoring its share (under the Trainer's autocast)."""
     from tritongpt.train import hellaswag
 
-    def with_hellaswag(model):
-        out = eval_fn(model)
-        result = hellaswag.score(model, tok, examples)
-        out.update(hellaswag_acc=result["acc"], hellaswag_acc_norm=result["acc_norm"])
-        return out
+    def run(model, rank, world_size):
+        result = hellaswag.score(model, tok, examples, rank=rank, world_size=world_size)
+        return {"hellaswag_acc": result["acc"], "hellaswag_acc_norm": result["acc_norm"]}
 
-    return with_hellaswag
+    return run
 
 
 def model_name(args) -> str:
@@ -273,9 +273,8 @@ def pretrain(args) -> dict:
         return tok.decode(out[0].tolist())
 
     eval_fn = loss_eval_fn(loss_fn, get_eval_batch, targs.eval_batches, seed=targs.seed + 10_000)
-    if hellaswag_examples(args):
-        eval_fn = hellaswag_eval_fn(eval_fn, hellaswag_examples(args), tok)
-    trainer = Trainer(model, targs, loss_fn, get_batch, eval_fn=eval_fn,
+    shared = hellaswag_eval_fn(hellaswag_examples(args), tok) if hellaswag_examples(args) else None
+    trainer = Trainer(model, targs, loss_fn, get_batch, eval_fn=eval_fn, shared_eval_fn=shared,
                       sample_fn=sample_fn if args.sample_tokens > 0 else None,
                       name="pretrain", data_state=DataPosition(args, tok, block, splits),
                       run_args={"init": common.data_path(args.init)})
