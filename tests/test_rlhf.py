@@ -1815,3 +1815,100 @@ def test_rlhf_cli_prompts_fit_both_models_and_eval_prompts_are_held_out(tmp_path
     RewardModel(GPTModel(get_config("tiny", vocab_size=4000, n_layer=1))).save(tmp_path / "rm2.st")
     assert main(["rlhf", "--reward", str(tmp_path / "rm2.st"), "--out-dir", str(tmp_path / "b"), *common]) == 2
     assert "reward model vocab (4000) differs from the policy's (4100)" in capsys.readouterr().err
+
+
+# -- RL with verifiable rewards: --reward tasks ----------------------------------------------------
+def test_the_task_verifier_scores_an_exact_answer_1_and_anything_else_0(data):
+    """The text before end-of-text (or all of it, where max_new_tokens cut it) against the
+    prompt's answer, equal after stripping; a prompt it has no answer for is an error."""
+    from tritongpt.train.rlhf import TaskReward
+
+    tok, train, _ = data
+    pair = next(p for p in train if p.chosen.upper() != p.chosen.lower())
+    prompt, eot = tok.encode(pair.prompt), tok.eot_id
+    verifier = TaskReward(tok, {tuple(prompt): pair.chosen}, tiny_config(tok.vocab_size))
+    responses = [(tok.encode(" " + pair.chosen + " ") + [eot], 1.0),   # stripped, as SFT's exact match
+                 (tok.encode(pair.chosen) + [eot] + tok.encode(pair.rejected), 1.0),  # nothing after the eot read
+                 (tok.encode(pair.chosen), 1.0),                            # cut by the budget: all of it
+                 (tok.encode(pair.chosen.upper() if pair.chosen != pair.chosen.upper() else pair.chosen.lower())
+                  + [eot], 0.0),                                             # case is part of the answer
+                 (tok.encode(pair.rejected) + [eot], 0.0),
+                 ([eot], 0.0)]
+    rows = [prompt + r for r, _ in responses]
+    width = max(map(len, rows))
+    idx = torch.tensor([r + [eot] * (width - len(r)) for r in rows])
+    lengths = torch.tensor([len(r) for r in rows])
+    prompt_lens = torch.full((len(rows),), len(prompt))
+    assert verifier(idx, lengths, prompt_lens).tolist() == [s for _, s in responses]
+    with pytest.raises(UserError, match="a prompt it has no answer for"):
+        verifier(idx, lengths, prompt_lens - 1)
+
+
+def test_a_grpo_update_on_verified_rollouts_favours_the_right_answers(data, tmp_path):
+    """The verifier's 0/1 scores become group advantages, and one update lowers the log-prob of
+    the wrong responses more than that of the right ones (a policy that answers some right)."""
+    from tritongpt.train.rlhf import TaskReward, score_rollout
+
+    tok, train, _ = data
+    pairs = task_preferences(400, seed=0, template=compact_template, split="train", families="lowercase")
+    torch.manual_seed(3)
+    policy = GPTModel(tiny_config(tok.vocab_size))
+    opt = torch.optim.AdamW(policy.parameters(), lr=3e-3)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(600):  # brief SFT on the answers, so that some samples are right and some wrong
+        rows, targets = [], []
+        for i in torch.randint(len(pairs), (16,), generator=g).tolist():
+            p, a = tok.encode(pairs[i].prompt), tok.encode(pairs[i].chosen) + [tok.eot_id]
+            rows.append(p + a[:-1])
+            targets.append([-100] * (len(p) - 1) + a)
+        width = max(map(len, rows))
+        x = torch.tensor([r + [tok.eot_id] * (width - len(r)) for r in rows])
+        y = torch.tensor([t + [-100] * (width - len(t)) for t in targets])
+        loss = policy(x, targets=y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    prompts = [tok.encode(p.prompt) for p in pairs if len(tok.encode(p.prompt)) <= CTX - 8]
+    verifier = TaskReward(tok, {tuple(tok.encode(p.prompt)): p.chosen for p in pairs}, policy.config)
+    args = RLArgs(algo="grpo", out_dir=str(tmp_path), iterations=1, prompts_per_iter=8, group_size=8,
+                  max_new_tokens=8, epochs=1, minibatch_size=64, lr=1e-3, kl_coef=0.0, eval_prompts=4,
+                  eval_samples=1, ckpt_every=0, device="cpu", kernels="reference", seed=0)
+    trainer = RLHFTrainer(policy, copy.deepcopy(policy), verifier, prompts, prompts[:4], tok.eot_id, args, log=False)
+    ro = trainer.rollout()
+    right = ro.scores == 1
+    assert 0.1 < right.float().mean() < 0.9, ro.scores  # both kinds, to tell apart
+    assert trainer.score_norm == (0.0, 1.0)  # 0/1 already: not scaled by the first batch's spread
+    before = (ro.logp * ro.mask).sum(1)
+    trainer.update(ro)
+    after = (score_rollout(copy.copy(ro), trainer.model, trainer.ref, verifier).logp * ro.mask).sum(1)
+    moved = after - before
+    print(f"log-prob change: right {moved[right].mean():.3f}, wrong {moved[~right].mean():.3f}")
+    assert moved[right].mean() > moved[~right].mean() + 0.2
+
+
+def test_rlhf_cli_with_the_task_verifier(tmp_path, capsys):
+    """`rlhf --reward tasks`: the eval reward is the held-out exact-match rate (a multiple of one
+    over the responses scored), printed as such; a resume finds the same verifier; --data files
+    have no verifier and are refused."""
+    from tritongpt.cli import main
+
+    init = tmp_path / "init.safetensors"
+    torch.manual_seed(0)
+    GPTModel(GPTConfig(vocab_size=4096, context_length=128, n_embd=32, n_layer=1, n_head=2)).save(init)
+    argv = ["rlhf", "--init", str(init), "--tokenizer", "default", "--reward", "tasks", "--algo", "grpo",
+            "--num-pairs", "40", "--prompts-per-iter", "2", "--group-size", "2", "--max-new-tokens", "4",
+            "--epochs", "1", "--minibatch-size", "4", "--eval-prompts", "3", "--eval-samples", "2",
+            "--device", "cpu", "--out-dir", str(tmp_path / "run")]
+    assert main([*argv, "--iterations", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "rlhf (grpo): eval exact match (the task verifier's reward)" in out
+    rows = MetricsLog(tmp_path / "run" / "metrics.jsonl").rows()
+    evals = [r["eval_reward"] for r in rows if "eval_reward" in r]
+    assert evals and all(abs(v * 6 - round(v * 6)) < 1e-9 and 0 <= v <= 1 for v in evals)
+    assert main([*argv, "--iterations", "2", "--resume"]) == 0
+    capsys.readouterr()
+    data = tmp_path / "pairs.jsonl"
+    data.write_text(json.dumps({"prompt": "Say hi.", "chosen": "hi", "rejected": "no"}) + "\n")
+    assert main([*argv, "--data", str(data), "--out-dir", str(tmp_path / "other")]) == 2
+    assert f"--reward tasks checks answers to the embedded tasks; --data {data} has no verifier" in \
+        capsys.readouterr().err

@@ -63,6 +63,9 @@ TRAJECTORY_ARGS = ("algo", "prompts_per_iter", "group_size", "max_new_tokens", "
                    "value_clip", "vf_coef", "ent_coef", "gamma", "lam", "seed")
 
 
+TASKS_VERIFIER = "tasks"  # --reward tasks: TaskReward on the embedded tasks
+
+
 def _fingerprint(model) -> tuple:
     """(sum, sum of squares) of every weight in float64, without float64 copies: tells another
     model's weights apart."""
@@ -289,6 +292,37 @@ def group_advantages(scores, group, eps: float = 1e-4):
     return centered / (std[member] + eps)
 
 
+class TaskReward(nn.Module):
+    """A verifier in the reward model's place (RL with verifiable rewards, as DeepSeek-R1-Zero's
+    rule-based accuracy reward and TRL's GRPO reward functions): 1 for a response that is its
+    prompt's answer (tasks.exact_match: equal after stripping; the text before end-of-text, or
+    all of it where max_new_tokens cut it, as SFT's exact match reads it), else 0. `answers`
+    maps each prompt's token ids to its answer; the scores are exact, so eval_reward is the
+    held-out exact-match accuracy."""
+
+    def __init__(self, tokenizer, answers: dict, config):
+        super().__init__()
+        self.tokenizer, self.answers = tokenizer, answers
+        self.config = copy.copy(config)  # the policy's: cmd_rlhf compares the vocabulary and context
+
+    def set_kernels(self, kernels):
+        pass  # no network to run
+
+    def forward(self, idx, lengths, prompt_lens):
+        from tritongpt.train.tasks import exact_match
+
+        eot, out = self.tokenizer.eot_id, []
+        for row, start, end in zip(idx.tolist(), prompt_lens.tolist(), lengths.tolist()):
+            response = row[start:end]
+            if eot in response:
+                response = response[:response.index(eot)]
+            gold = self.answers.get(tuple(row[:start]))
+            if gold is None:
+                raise UserError("the task verifier got a prompt it has no answer for")
+            out.append(float(exact_match(self.tokenizer.decode(response), gold)))
+        return torch.tensor(out, device=idx.device)
+
+
 @torch.no_grad()
 def score_rollout(ro: Rollout, model: PolicyWithValue, ref: GPTModel, reward_model, temperature: float = 1.0,
                   chunk: int = 32) -> Rollout:
@@ -304,7 +338,8 @@ def score_rollout(ro: Rollout, model: PolicyWithValue, ref: GPTModel, reward_mod
                         else token_logprobs(ref(idx), idx, temperature))
         if v is not None:
             values.append(v)
-        scores.append(reward_model(idx, lengths).float())
+        scores.append(reward_model(idx, lengths, ro.prompt_lens[i:i + chunk]) if isinstance(reward_model, TaskReward)
+                      else reward_model(idx, lengths).float())
     ro.logp, ro.ref_logp, ro.scores = torch.cat(logp), torch.cat(ref_logp), torch.cat(scores)
     ro.values = torch.cat(values) if values else None
     return ro
@@ -447,6 +482,9 @@ class RLHFTrainer:
             # details of RLHF with PPO", Huang et al. 2022; TRL's missing_eos_penalty). It is part
             # of the training score, from the first batch's normalization on.
             ro.scores = ro.scores - a.missing_eot_penalty * (~ro.ended(self.eot_id)).float()
+        if self.score_norm is None and isinstance(self.reward_model, TaskReward):
+            # 0 or 1 already; a first batch all wrong (std 0) would otherwise scale by 1 / 1e-3
+            self.score_norm = (0.0, 1.0)
         if self.score_norm is None:
             std = ro.scores.std().item() if len(ro) > 1 else 1.0
             self.score_norm = (ro.scores.mean().item(), max(std, 1e-3))
@@ -644,7 +682,7 @@ def prompt_ids(pairs, tokenizer, room: int) -> list:
 
 
 def cmd_rlhf(args):
-    from tritongpt.train.preference import train_val_pairs
+    from tritongpt.train.preference import is_embedded, train_val_pairs
     from tritongpt.train.reward import RewardModel, build_backbone, data_run_args
     from tritongpt.train.sft import pick_tokenizer
     from tritongpt.train.tokenizer import save_run_tokenizer
@@ -660,17 +698,25 @@ def cmd_rlhf(args):
     common.set_seed(a.seed)
     device = common.pick_device(a.device)
     if not args.reward:
-        raise UserError("--reward is required: a reward model checkpoint from `tritongpt reward`")
+        raise UserError("--reward is required: a reward model checkpoint from `tritongpt reward`, or `tasks` "
+                        "(the embedded tasks' verifier)")
+    verify = args.reward == TASKS_VERIFIER
+    if verify and not is_embedded(args.data):
+        raise UserError(f"--reward {TASKS_VERIFIER} checks answers to the embedded tasks; --data {args.data} has "
+                        "no verifier: score it with a reward model")
     train_pairs, val_pairs = train_val_pairs(args.data, args.num_pairs, args.val_fraction, a.seed)
     policy = build_backbone(args)
-    reward_model = RewardModel.load(args.reward, map_location=device)
+    reward_model = None if verify else RewardModel.load(args.reward, map_location=device)
     ref = copy.deepcopy(policy)
     # the reference stays the whole --init model; PPO's value head trains whole
     apply_lora(policy, args, "value head" if a.algo == "ppo" else None)
-    if reward_model.config.vocab_size != policy.config.vocab_size:
+    if not verify and reward_model.config.vocab_size != policy.config.vocab_size:
         raise UserError(f"reward model vocab ({reward_model.config.vocab_size}) differs from the "
                         f"policy's ({policy.config.vocab_size}): they must share a tokenizer")
     tok = pick_tokenizer(args.tokenizer, args.init, policy.config.vocab_size)
+    if verify:  # the embedded pairs' chosen answer is the task's right one
+        answers = {tuple(encode_prompt(tok, p.prompt)): p.chosen for p in train_pairs + val_pairs}
+        reward_model = TaskReward(tok, answers, policy.config)
     save_run_tokenizer(tok, a.out_dir)
     room = min(policy.config.context_length, reward_model.config.context_length) - a.max_new_tokens
     prompts = prompt_ids(train_pairs, tok, room)
@@ -680,7 +726,8 @@ def cmd_rlhf(args):
     result = trainer.fit()
     before = result["first_eval_reward"]
     before = "(resumed)" if before is None else f"{before:.4f}"
-    print(f"rlhf ({a.algo}): eval reward {before} -> {result['eval_reward']:.4f}, "
+    what = "eval exact match (the task verifier's reward)" if verify else "eval reward"
+    print(f"rlhf ({a.algo}): {what} {before} -> {result['eval_reward']:.4f}, "
           f"KL to reference {result['eval_kl']:.4f} nats/response (a sampled estimate: "
           f"near 0 it can come out negative); checkpoint {result['checkpoint']}")
     return 0
@@ -730,7 +777,10 @@ def add_cli(sub):
     add_data_args(p)  # prompts come from the preference data (embedded tasks by default)
     add_vocab_multiple_arg(p, None, "as the --init model has them")
     add_lora_args(p)
-    p.add_argument("--reward", help="reward model checkpoint (from `tritongpt reward`): file, checkpoint or run folder")
+    p.add_argument("--reward", help="reward model checkpoint (from `tritongpt reward`): file, checkpoint or run "
+                                    f"folder; or `{TASKS_VERIFIER}`: the embedded tasks' verifier, 1 for an "
+                                    "exact-match answer and 0 otherwise (RL with verifiable rewards; a folder of "
+                                    "that name: ./tasks)")
     d = RLArgs()
     g = p.add_argument_group("rl")
     g.add_argument("--algo", choices=["ppo", "grpo"], default=d.algo, help="(default %(default)s)")
