@@ -1,4 +1,4 @@
-"""RLHF against a reward model: PPO (with a value head) and GRPO (group-relative, no critic).
+"""RLHF against a reward model (or a verifier): PPO (with a value head) and GRPO (group-relative, no critic).
 
 One iteration, both algorithms:
 
@@ -29,6 +29,11 @@ its tokens; no value head. The KL to the reference is NOT in the reward: it is a
 kl_coef * k3 per token, with the unbiased, always-positive estimator
         k3 = pi_ref/pi - log(pi_ref/pi) - 1
 averaged over each response's tokens and then over responses, as in the paper.
+
+The judge is a reward model from `tritongpt reward`, or, with --reward tasks, a verifier
+(TaskReward): 1 for a response that is the embedded task's exact answer, else 0, as
+DeepSeek-R1-Zero's rule-based rewards and TRL's GRPO reward functions score (RL with verifiable
+rewards). Nothing is learned about the judge then, and eval_reward is an exact-match rate.
 
 Both: --missing-eot-penalty takes a constant off the score of each response that max_new_tokens
 cut before its end-of-text (the reward model never saw an answer end there).
