@@ -1912,3 +1912,83 @@ def test_rlhf_cli_with_the_task_verifier(tmp_path, capsys):
     assert main([*argv, "--data", str(data), "--out-dir", str(tmp_path / "other")]) == 2
     assert f"--reward tasks checks answers to the embedded tasks; --data {data} has no verifier" in \
         capsys.readouterr().err
+
+
+# -- DPO's other losses: --loss-type hinge | ipo, --label-smoothing (cDPO) ---------------------------
+def test_dpo_loss_types_against_their_formulas():
+    import torch.nn.functional as F
+
+    from tritongpt.train.dpo import dpo_loss
+
+    g = torch.Generator().manual_seed(21)
+    policy, ref = -5 * torch.rand(14, generator=g), -5 * torch.rand(14, generator=g)
+    pc, pr, rc, rr = *policy.chunk(2), *ref.chunk(2)
+    beta, eps = 0.4, 0.15
+    h = (pc - rc) - (pr - rr)
+    for kind, smoothing, want in (
+            ("sigmoid", 0.0, -F.logsigmoid(beta * h)),
+            ("sigmoid", eps, -(1 - eps) * F.logsigmoid(beta * h) - eps * F.logsigmoid(-beta * h)),
+            ("hinge", 0.0, torch.clamp(1 - beta * h, min=0)),
+            ("ipo", 0.0, (h - 1 / (2 * beta)) ** 2)):
+        loss, margins = dpo_loss(policy, ref, beta, kind, smoothing)
+        assert loss.item() == pytest.approx(want.mean().item(), rel=1e-6), kind
+        torch.testing.assert_close(margins, beta * h)  # the logged margin means the same for every loss
+    # where each stops: IPO at h = 1 / (2 beta) (a finite margin), hinge at a margin of 1
+    at = torch.tensor([0.0, -1 / (2 * beta) - 2.0, 0.0, -2.0])  # chosen, rejected; then the reference
+    assert dpo_loss(at[:2], at[2:], beta, "ipo")[0].item() == pytest.approx(0.0, abs=1e-12)
+    assert dpo_loss(torch.tensor([0.0, -3.0]), torch.zeros(2), beta, "hinge")[0].item() == 0.0
+    assert dpo_loss(torch.tensor([0.0, -2.0]), torch.zeros(2), beta, "hinge")[0].item() == pytest.approx(0.2)
+    # label smoothing moves the sigmoid loss's optimum to a finite margin: log((1 - e) / e)
+    m = torch.tensor(math.log((1 - eps) / eps) / beta, requires_grad=True)
+    dpo_loss(torch.stack([m, torch.tensor(0.0)]), torch.zeros(2), beta, "sigmoid", eps)[0].backward()
+    assert abs(m.grad.item()) < 1e-6
+
+
+def test_ipo_reads_each_responses_mean_token_log_prob():
+    from tritongpt.train.dpo import reference_logprobs
+    from tritongpt.train.preference import EncodedPair
+
+    torch.manual_seed(16)
+    model = GPTModel(GPTConfig(vocab_size=23, context_length=16, n_embd=32, n_layer=1, n_head=2)).eval()
+    enc = [EncodedPair([1, 2, 3], [4, 5, 22], [6, 22]), EncodedPair([7, 8], [9, 22], [10, 11, 12, 22])]
+    total = reference_logprobs(model, enc, 22, torch.device("cpu"))
+    mean = reference_logprobs(model, enc, 22, torch.device("cpu"), mean=True)
+    counts = torch.tensor([[3.0, 2.0], [2.0, 4.0]])  # response tokens, eot included
+    torch.testing.assert_close(mean, total / counts)
+
+
+@pytest.mark.parametrize("loss_type", ["hinge", "ipo"])
+def test_dpo_with_another_loss_raises_the_margin_and_a_resume_names_it(data, tmp_path, capsys, loss_type):
+    from tritongpt.train.dpo import train_dpo
+
+    tok, train, val = data
+    torch.manual_seed(4)
+    policy = GPTModel(tiny_config(tok.vocab_size))
+    args = TrainArgs(out_dir=str(tmp_path), max_steps=40, batch_size=16, lr=3e-3, min_lr=3e-4, warmup_steps=5,
+                     eval_every=40, ckpt_every=0, log_every=0, weight_decay=0.0, device="cpu", kernels="reference",
+                     seed=0)
+    beta = 0.1 if loss_type == "hinge" else 0.5
+    result = train_dpo(copy.deepcopy(policy), copy.deepcopy(policy), tok, train, val[:64], args, beta=beta,
+                       loss_type=loss_type)
+    rows = [r for r in MetricsLog(tmp_path / "metrics.jsonl").rows() if "val_margin" in r]
+    print(f"dpo {loss_type}: held-out margin {rows[0]['val_margin']:.3f} -> {rows[-1]['val_margin']:.3f}, "
+          f"acc {rows[-1]['val_acc']:.3f}")
+    assert rows[0]["val_margin"] == 0.0 and rows[-1]["val_margin"] > 0.05 and rows[-1]["val_acc"] >= 0.6
+    assert result["first_loss"] == pytest.approx(1.0 if loss_type == "hinge" else 1 / (2 * beta) ** 2, rel=1e-5)
+    capsys.readouterr()
+    args.resume, args.max_steps = "latest", 41
+    train_dpo(copy.deepcopy(policy), copy.deepcopy(policy), tok, train, None, args, beta=beta,
+              loss_type="sigmoid", label_smoothing=0.1)
+    assert f"--loss-type sigmoid ({loss_type}), --label-smoothing 0.1 (0.0)" in capsys.readouterr().err
+
+
+def test_dpo_refuses_a_label_smoothing_it_cannot_use(tmp_path, capsys):
+    from tritongpt.cli import main
+
+    for extra, said in ((["--label-smoothing", "0.5"], "--label-smoothing must be in [0, 0.5)"),
+                        (["--label-smoothing", "-0.1"], "--label-smoothing must be in [0, 0.5)"),
+                        (["--loss-type", "ipo", "--label-smoothing", "0.1"],
+                         "--label-smoothing is the sigmoid loss's (cDPO); --loss-type ipo has none")):
+        assert main(["dpo", "--model", "tiny", "--out-dir", str(tmp_path / "d"), *extra]) == 2
+        assert said in capsys.readouterr().err
+        assert not (tmp_path / "d").exists()

@@ -9,6 +9,16 @@ the frozen SFT model the policy starts from. The loss is Bradley-Terry on those 
 
     loss = -log sigmoid(r(x, chosen) - r(x, rejected))
 
+--loss-type picks another loss of the same margin m = r(x, chosen) - r(x, rejected), as TRL's
+DPOTrainer names them:
+
+    sigmoid  -log sigmoid(m), with --label-smoothing e: -(1 - e) log sigmoid(m) - e log sigmoid(-m),
+             conservative DPO (cDPO: e is the chance a pair's labels are swapped)
+    hinge    max(0, 1 - m), SLiC's (Zhao et al. 2023)
+    ipo      (h - 1 / (2 beta))^2 with h = m / beta, IPO (Azar et al. 2023): a squared loss that
+             stops at a finite margin; its log-probs are each response's MEAN per token (as in
+             TRL), not the sum
+
 The reference never changes, so its log-probs are computed once for every pair before
 training (one forward each) and travel with the batches.
 
@@ -27,24 +37,43 @@ from tritongpt.train import common
 from tritongpt.train.preference import encode_pairs, pair_batch, sequence_logprobs
 
 
-def dpo_loss(policy_logp, ref_logp, beta: float):
+LOSS_TYPES = ("sigmoid", "hinge", "ipo")
+
+
+def dpo_loss(policy_logp, ref_logp, beta: float, loss_type: str = "sigmoid", label_smoothing: float = 0.0):
     """policy_logp, ref_logp: [2B] (chosen rows, then rejected). Returns (loss, margins [B])."""
     pc, pr = policy_logp.chunk(2)
     rc, rr = ref_logp.chunk(2)
-    margins = beta * ((pc - rc) - (pr - rr))
-    return -F.logsigmoid(margins).mean(), margins
+    h = (pc - rc) - (pr - rr)
+    margins = beta * h
+    if loss_type == "sigmoid":
+        losses = -(1 - label_smoothing) * F.logsigmoid(margins) - label_smoothing * F.logsigmoid(-margins)
+    elif loss_type == "hinge":
+        losses = torch.relu(1 - margins)
+    elif loss_type == "ipo":
+        losses = (h - 1 / (2 * beta)) ** 2
+    else:
+        raise UserError(f"--loss-type must be one of {', '.join(LOSS_TYPES)}, got {loss_type!r}")
+    return losses.mean(), margins
+
+
+def response_logprobs(model, idx, mask, mean: bool = False):
+    """[2B]: each response's summed token log-probs, or their mean per token (IPO's)."""
+    lp = sequence_logprobs(model, idx, mask)
+    return lp / mask.sum(-1) if mean else lp
 
 
 @torch.no_grad()
-def reference_logprobs(ref, encoded, pad_id: int, device, dtype=torch.float32, batch_size: int = 32):
-    """[N, 2]: summed response log-probs of (chosen, rejected) under the frozen reference."""
+def reference_logprobs(ref, encoded, pad_id: int, device, dtype=torch.float32, batch_size: int = 32,
+                       mean: bool = False):
+    """[N, 2]: summed (or mean, IPO's) response log-probs of (chosen, rejected) under the frozen reference."""
     ref.eval()
     out = []
     for i in range(0, len(encoded), batch_size):
         chunk = encoded[i:i + batch_size]
         idx, _, mask = pair_batch(chunk, pad_id, device)
         with common.autocast(device, dtype):
-            lp = sequence_logprobs(ref, idx, mask)
+            lp = response_logprobs(ref, idx, mask, mean)
         out.append(torch.stack(lp.float().chunk(2), dim=1))
     return torch.cat(out)
 
@@ -64,16 +93,18 @@ class DPOData:
         return idx, mask, torch.cat([ref[:, 0], ref[:, 1]]).to(device)
 
 
-def make_loss_fn(beta: float):
+def make_loss_fn(beta: float, loss_type: str = "sigmoid", label_smoothing: float = 0.0):
     def loss_fn(model, batch):
         idx, mask, ref = batch
-        return dpo_loss(sequence_logprobs(model, idx, mask), ref, beta)[0]
+        return dpo_loss(response_logprobs(model, idx, mask, loss_type == "ipo"), ref, beta, loss_type,
+                        label_smoothing)[0]
 
     return loss_fn
 
 
 @torch.no_grad()
-def dpo_metrics(model, data: DPOData, beta: float, limit: int | None = None, batch_size: int = 32) -> dict:
+def dpo_metrics(model, data: DPOData, beta: float, limit: int | None = None, batch_size: int = 32,
+                loss_type: str = "sigmoid", label_smoothing: float = 0.0) -> dict:
     """Mean loss, margin, accuracy and chosen/rejected implicit rewards over (the first limit) pairs."""
     device = next(model.parameters()).device
     n = min(len(data), limit or len(data))
@@ -81,8 +112,8 @@ def dpo_metrics(model, data: DPOData, beta: float, limit: int | None = None, bat
     for i in range(0, n, batch_size):
         rows = list(range(i, min(n, i + batch_size)))
         idx, mask, ref = data.batch(rows, device)
-        lp = sequence_logprobs(model, idx, mask).float()
-        l, m = dpo_loss(lp, ref, beta)
+        lp = response_logprobs(model, idx, mask, loss_type == "ipo").float()
+        l, m = dpo_loss(lp, ref, beta, loss_type, label_smoothing)
         pc, pr = lp.chunk(2)
         c, r = ref.chunk(2)
         loss += l.item() * len(rows)
@@ -94,13 +125,20 @@ def dpo_metrics(model, data: DPOData, beta: float, limit: int | None = None, bat
             "rejected_reward": rr / n}
 
 
-def check_beta(beta):
+def check_beta(beta, loss_type: str = "sigmoid", label_smoothing: float = 0.0):
     if not 0 < beta < math.inf:
         raise UserError(f"--beta must be positive and finite, got {beta}")
+    if loss_type not in LOSS_TYPES:
+        raise UserError(f"--loss-type must be one of {', '.join(LOSS_TYPES)}, got {loss_type!r}")
+    if not 0 <= label_smoothing < 0.5:
+        raise UserError(f"--label-smoothing must be in [0, 0.5) (the chance a pair's labels are swapped), "
+                        f"got {label_smoothing}")
+    if label_smoothing and loss_type != "sigmoid":
+        raise UserError(f"--label-smoothing is the sigmoid loss's (cDPO); --loss-type {loss_type} has none")
 
 
 def train_dpo(policy, ref, tokenizer, train_pairs, val_pairs, args, beta: float = 0.1,
-              run_args: dict | None = None):
+              run_args: dict | None = None, loss_type: str = "sigmoid", label_smoothing: float = 0.0):
     """Fit the policy with the shared Trainer (ref frozen). Returns the Trainer's final dict.
 
     Eval keys: val_loss, val_margin, val_acc, val_chosen_reward, val_rejected_reward,
@@ -109,7 +147,8 @@ def train_dpo(policy, ref, tokenizer, train_pairs, val_pairs, args, beta: float 
     """
     from tritongpt.train.loop import Trainer
 
-    check_beta(beta)
+    check_beta(beta, loss_type, label_smoothing)
+    mean = loss_type == "ipo"
     device = common.pick_device(args.device)
     dtype = common.pick_dtype(args.dtype, device)
     ctx = policy.config.context_length
@@ -121,11 +160,11 @@ def train_dpo(policy, ref, tokenizer, train_pairs, val_pairs, args, beta: float 
     # margins start biased away from 0. (RLHF does the same by keeping its policy in eval.)
     policy.set_dropout(0.0)
     train_enc = encode_pairs(train_pairs, tokenizer, ctx, "training pairs")
-    train = DPOData(train_enc, reference_logprobs(ref, train_enc, pad, device, dtype), pad)
+    train = DPOData(train_enc, reference_logprobs(ref, train_enc, pad, device, dtype, mean=mean), pad)
     val = None
     if val_pairs:
         val_enc = encode_pairs(val_pairs, tokenizer, ctx, "held-out pairs")
-        val = DPOData(val_enc, reference_logprobs(ref, val_enc, pad, device, dtype), pad)
+        val = DPOData(val_enc, reference_logprobs(ref, val_enc, pad, device, dtype, mean=mean), pad)
     ref.cpu()  # its log-probs are cached: free the accelerator's memory for the policy
 
     def get_batch(split, generator):  # the Trainer draws training batches only
@@ -133,15 +172,16 @@ def train_dpo(policy, ref, tokenizer, train_pairs, val_pairs, args, beta: float 
         return train.batch(rows)
 
     def eval_fn(model):
-        out = {}
+        out, kind = {}, dict(loss_type=loss_type, label_smoothing=label_smoothing)
         if val is not None:
-            out.update({f"val_{k}": v for k, v in dpo_metrics(model, val, beta).items()})
-        t = dpo_metrics(model, train, beta, limit=256)
+            out.update({f"val_{k}": v for k, v in dpo_metrics(model, val, beta, **kind).items()})
+        t = dpo_metrics(model, train, beta, limit=256, **kind)
         out.update(train_margin=t["margin"], train_acc=t["acc"])
         return out
 
-    trainer = Trainer(policy, args, make_loss_fn(beta), get_batch, eval_fn=eval_fn, name="dpo",
-                      run_args={**(run_args or {}), "beta": beta},
+    trainer = Trainer(policy, args, make_loss_fn(beta, loss_type, label_smoothing), get_batch, eval_fn=eval_fn,
+                      name="dpo", run_args={**(run_args or {}), "beta": beta, "loss_type": loss_type,
+                                            "label_smoothing": label_smoothing},
                       prompt_format=train_pairs[0].format if train_pairs else None)
     result = trainer.fit()
     if trainer.is_main:  # loss.png has the losses; margins and accuracy get their own plot
@@ -156,11 +196,12 @@ def cmd_dpo(args):
     from tritongpt.train.reward import data_run_args, setup_preference_run
 
     check_lora(args.lora_rank, args.lora_alpha, args.lora_targets)
-    check_beta(args.beta)  # before the slow set-up
+    check_beta(args.beta, args.loss_type, args.label_smoothing)  # before the slow set-up
     targs, train, val, policy, tok = setup_preference_run(args)
     ref = copy.deepcopy(policy)
     apply_lora(policy, args)  # the reference stays the whole --init model
-    result = train_dpo(policy, ref, tok, train, val, targs, beta=args.beta, run_args=data_run_args(args))
+    result = train_dpo(policy, ref, tok, train, val, targs, beta=args.beta, run_args=data_run_args(args),
+                       loss_type=args.loss_type, label_smoothing=args.label_smoothing)
     if "val_margin" in result:
         print(f"dpo: held-out reward margin {result['val_margin']:.4f}, accuracy {result['val_acc']:.3f}; "
               f"checkpoint {result['checkpoint']}")
@@ -178,6 +219,12 @@ def add_cli(sub):
     add_vocab_multiple_arg(p, None, "as the --init model has them")
     add_lora_args(p)
     p.add_argument("--beta", type=float, default=0.1, help="DPO temperature beta (default %(default)s)")
+    p.add_argument("--loss-type", choices=LOSS_TYPES, default="sigmoid",
+                   help="sigmoid: DPO's; hinge: SLiC's; ipo: IPO's squared loss on mean per-token log-probs "
+                        "(default %(default)s)")
+    p.add_argument("--label-smoothing", type=float, default=0.0,
+                   help="conservative DPO (cDPO) with the sigmoid loss: the chance a pair's labels are swapped, "
+                        "in [0, 0.5) (default %(default)s)")
     add_train_args(p, out_dir="runs/dpo", max_steps=300, batch_size=16, lr=1e-5, min_lr=1e-6,
                    warmup_steps=20, eval_every=50, ckpt_every=100, sample_every=0, weight_decay=0.0)
     p.set_defaults(func=cmd_dpo)
