@@ -814,3 +814,99 @@ def test_a_source_unchanged_on_disk_is_not_read_again(tmp_path, tok, monkeypatch
     meta_path.write_text(json.dumps(meta))
     assert prepared(source={"source": str(rows), "text_field": "text"})[1] == 1   # named; its tokens reused
     assert prepared(source={"source": str(rows), "text_field": "text"})[1] == 0
+
+
+# -- token shards: build-nanogpt's .npy, llm.c's .bin ---------------------------------------------------
+def _llmc_shard(path, ids, version=1, count=None):
+    header = np.zeros(256, dtype="<i4")
+    header[:3] = (data.LLMC_MAGIC, version, len(ids) if count is None else count)
+    path.write_bytes(header.tobytes() + np.asarray(ids, dtype="<u2").tobytes())
+
+
+def test_sharded_tokens_read_as_their_concatenation():
+    """Indexing across shard ends, views of views, and copies give what the joined array gives."""
+    rng = np.random.default_rng(7)
+    shards = [rng.integers(0, 500, size=n).astype(np.uint16) for n in (5, 1, 13, 8)]
+    joined = np.concatenate(shards)
+    a = data.ShardedTokens(shards)
+    assert len(a) == 27 and np.array_equal(np.asarray(a), joined) and a.astype(np.int64).dtype == np.int64
+    idx = rng.integers(0, 27, size=(6, 9))
+    assert np.array_equal(a[idx], joined[idx])
+    for b, e in ((0, 27), (3, 20), (5, 6), (6, 19), (26, 27), (9, 9), (20, 99)):
+        view = a[b:e]
+        assert np.array_equal(np.asarray(view), joined[b:e]), (b, e)
+        if len(view) > 2:
+            assert np.array_equal(view[np.array([0, len(view) - 1])], joined[b:e][[0, -1]])
+            assert np.array_equal(np.asarray(view[1:-1]), joined[b:e][1:-1])
+    with pytest.raises(IndexError):
+        a[3:10][np.array([7])]
+    windows, want = get_batch(a, 4, 6, torch.Generator().manual_seed(1)), get_batch(joined, 4, 6,
+                                                                                     torch.Generator().manual_seed(1))
+    assert all(torch.equal(w, v) for w, v in zip(windows, want))
+
+
+def test_a_folder_of_token_shards_is_its_train_and_val_shards(tmp_path, tok, capsys):
+    """build-nanogpt's .npy shards (and llm.c's .bin ones, header and all): the shards named val are
+    the validation split, the rest train, in name order, each read in place; without a val shard
+    the tail is held out; one shard alone is read as a .bin is."""
+    rng = np.random.default_rng(8)
+    ids = {name: rng.integers(0, tok.vocab_size, size=n).astype(np.uint16)
+           for name, n in (("edu_train_000001", 300), ("edu_train_000002", 41), ("edu_val_000000", 120))}
+    folder = tmp_path / "edu_fineweb10B"
+    folder.mkdir()
+    for name, a in ids.items():
+        np.save(folder / f"{name}.npy", a)
+    (folder / "notes.txt").write_text("how the shards were made")
+    td = prepare_tokens(str(folder), tok, tmp_path / "cache")
+    assert "reading its token shards; its .txt files are not read" in capsys.readouterr().err
+    assert not (tmp_path / "cache").exists()  # read in place
+    train = np.concatenate([ids["edu_train_000001"], ids["edu_train_000002"]])
+    assert np.array_equal(np.asarray(td.train), train) and np.array_equal(np.asarray(td.val), ids["edu_val_000000"])
+    assert td.meta["n_tokens"] == 461 and td.meta["split"] == 341
+    assert np.array_equal(np.asarray(td.head(400)), np.concatenate([train, ids["edu_val_000000"][:59]]))
+    # the same ids as llm.c shards: the same splits and the same hash (the ids are hashed, not the header)
+    llmc = tmp_path / "llmc"
+    llmc.mkdir()
+    for name, a in ids.items():
+        _llmc_shard(llmc / f"{name}.bin", a)
+    again = prepare_tokens(str(llmc), tok)
+    assert np.array_equal(np.asarray(again.train), train) and again.meta["source_hash"] == td.meta["source_hash"]
+    # no val shard: the last --val-fraction of the training shards
+    (folder / "edu_val_000000.npy").unlink()
+    td = prepare_tokens(str(folder), tok, val_fraction=0.25)
+    assert len(td.train) == 256 and np.array_equal(np.asarray(td.val), train[256:])
+    # one llm.c shard alone: its ids, not its header
+    one = prepare_tokens(str(llmc / "edu_train_000002.bin"), tok, val_fraction=0.0)
+    assert np.array_equal(np.asarray(one.train), ids["edu_train_000002"])
+    with pytest.raises(UserError, match="holds token ids .token shards., not text"):
+        load_text(str(llmc))
+
+
+def test_token_shards_that_would_be_read_wrongly_are_refused(tmp_path, tok):
+    folder = tmp_path / "shards"
+    folder.mkdir()
+    good = np.arange(1, 50, dtype=np.uint16)
+    np.save(folder / "a_train_0.npy", good)
+    np.save(folder / "a_val_0.npy", good)
+    with pytest.raises(UserError, match="has its own validation shards .a_val_0.npy.: --val-fraction does not apply"):
+        prepare_tokens(str(folder), tok, val_fraction=0.1)
+    for bad, said in ((good.astype(np.int64), "must be a non-empty 1-D uint16 array .* got int64 of shape"),
+                      (good.reshape(7, 7), r"got uint16 of shape \(7, 7\)"),
+                      (np.array([3, tok.vocab_size], dtype=np.uint16), f"token id {tok.vocab_size} is past")):
+        np.save(folder / "a_train_0.npy", bad)
+        with pytest.raises(UserError, match=said):
+            prepare_tokens(str(folder), tok)
+    (folder / "a_train_0.npy").write_bytes(b"not numpy")
+    with pytest.raises(UserError, match="a_train_0.npy: not a readable .npy array"):
+        prepare_tokens(str(folder), tok)
+    (folder / "a_train_0.npy").unlink()
+    with pytest.raises(UserError, match="every token shard is a validation one .a_val_0.npy.: no training shard"):
+        prepare_tokens(str(folder), tok)
+    for version, count, extra in ((2, 49, 0), (1, 50, 0), (1, 49, 1)):
+        path = tmp_path / "x_train.bin"
+        _llmc_shard(path, good, version=version, count=count)
+        if extra:
+            path.write_bytes(path.read_bytes() + b"\x00\x00")
+        with pytest.raises(UserError, match=rf"an llm.c token shard \(magic 20240520\) whose header says version "
+                                            rf"{version} and {count} tokens"):
+            prepare_tokens(str(path), tok)

@@ -281,6 +281,38 @@ def test_a_run_on_a_nanogpt_folder_validates_and_is_scored_on_its_val_bin(tmp_pa
         assert "has its own validation split (val.bin): --val-fraction does not apply" in capsys.readouterr().err
 
 
+def test_a_run_on_token_shards_trains_across_them_and_is_scored_on_its_val_shards(tmp_path, capsys):
+    """pretrain --data folder/ of build-nanogpt's .npy shards: the training shards as one array
+    (windows cross their ends), the val shards as the validation split; eval of the run scores
+    the val shards, --split all every shard in order."""
+    import numpy as np
+
+    from tritongpt.train.data import load_text
+    from tritongpt.train.tokenizer import BPETokenizer
+
+    text = load_text("pydoc")[:12000]
+    tok = BPETokenizer.train(text, 300, name="small")
+    tok.save(tmp_path / "tok.json")
+    ids = np.array(tok.encode(text), dtype=np.uint16)
+    folder = tmp_path / "edu_fineweb"
+    folder.mkdir()
+    cuts = [0, 700, 1500, len(ids) - 250, len(ids) - 120, len(ids)]
+    names = ["edu_train_000001", "edu_train_000002", "edu_train_000003", "edu_val_000000", "edu_val_000001"]
+    for name, b, e in zip(names, cuts, cuts[1:]):
+        np.save(folder / f"{name}.npy", ids[b:e])
+    run = tmp_path / "run"
+    base = ["--data", str(folder), "--tokenizer", str(tmp_path / "tok.json"), "--out-dir", str(run),
+            "--device", "cpu", "--kernels", "reference", "--block-size", "32", "--batch-size", "2",
+            "--eval-every", "0", "--sample-tokens", "0"]
+    assert main(["pretrain", "--max-steps", "2", *base]) == 0
+    assert f"edu_fineweb: {len(ids) - 250:,} training + 250 validation tokens" in capsys.readouterr().out
+    assert main(["eval", "--weights", str(run), "--json"]) == 0
+    got = json.loads(capsys.readouterr().out)
+    assert got["data"] == str(folder) and got["tokens"] == 250 - 1  # both val shards, as one sequence
+    assert main(["eval", "--weights", str(run), "--json", "--split", "all"]) == 0
+    assert json.loads(capsys.readouterr().out)["tokens"] == len(ids) - 1
+
+
 def test_a_run_on_a_jsonl_field_is_scored_from_that_field(tmp_path, capsys):
     """A run trained on .jsonl rows' `body` field: eval without --data reads the same field (it
     looked for `text` and refused the run's own data)."""

@@ -19,6 +19,11 @@ Sources (`iter_documents`, `load_documents`, `load_text`):
   a nanoGPT folder one holding train.bin: that file, with its val.bin beside it as the validation
                   split when there is one (`prepare_tokens` only; to a tokenizer trainer it is
                   still a folder of .txt files).
+  token shards    a .npy of uint16 ids (build-nanogpt's fineweb.py writes them), or an llm.c .bin
+                  (a 1024-byte header: magic 20240520, version 1, the count; then uint16 ids), alone
+                  or a folder of them: the shards with "val" in their names are the validation
+                  split, the others training, in name order, read in place as one array
+                  (ShardedTokens; `prepare_tokens` only).
 Documents: each .py file, each .jsonl record, each .txt file, and within a .txt file the parts
 between literal <|endoftext|> markers, wherever on a line they stand (how GPT-2-style text dumps
 mark them). In a .jsonl record or a .py file that spelling is text, tokenised as ordinary
@@ -169,13 +174,21 @@ def _describe(source) -> str:
 
 
 def _is_token_file(path: Path) -> bool:
-    """A .bin source holds token ids (`_token_file`), not text."""
-    return path.suffix == ".bin" and path.is_file()
+    """A .bin or .npy source holds token ids (`_token_file`), not text."""
+    return path.suffix in (".bin", ".npy") and path.is_file()
 
 
 def _is_token_folder(path: Path) -> bool:
     """A folder as nanoGPT's prepare.py leaves it: train.bin (and val.bin, meta.pkl, input.txt)."""
     return path.is_dir() and _is_token_file(path / "train.bin")
+
+
+def _shard_files(path: Path) -> list:
+    """The token shards of a folder (build-nanogpt's .npy, llm.c's .bin), in name order; [] for
+    any other folder."""
+    if not path.is_dir() or _is_token_folder(path):
+        return []
+    return sorted(p for p in path.iterdir() if _is_token_file(p))
 
 
 def iter_documents(source=None, text_field: str = "text"):
@@ -188,9 +201,10 @@ def iter_documents(source=None, text_field: str = "text"):
         yield from _stdlib_docs()
         return
     path = Path(source).expanduser()
-    if _is_token_file(path):
-        raise UserError(f"{path} holds token ids (nanoGPT's .bin), not text: pretrain and eval read it as "
-                        "--data; a tokenizer is trained on text")
+    if _is_token_file(path) or _shard_files(path) and not any(path.rglob("*.txt")):
+        kind = "nanoGPT's .bin" if path.suffix == ".bin" else "token shards" if path.is_dir() else "a .npy"
+        raise UserError(f"{path} holds token ids ({kind}), not text: pretrain and eval read it as --data; a "
+                        "tokenizer is trained on text")
     if path.is_dir():
         for p in _txt_files(path):
             yield from _split_eot(p)
@@ -307,19 +321,45 @@ def _write_tokens(docs, tokenizer, bin_path: Path, dtype) -> int:
     return n
 
 
-def _read_ids(path: Path, tokenizer):
-    """A nanoGPT-style .bin of uint16 ids, memmapped, and the hash of its bytes. One pass in 64 MB
-    pieces hashes it (so a resume or eval knows its data) and finds its largest id: an id the
-    tokenizer lacks would be an out-of-range embedding row several steps later, so the file is
-    refused now."""
+LLMC_MAGIC, LLMC_HEADER_BYTES = 20240520, 1024  # llm.c's token shards: 256 int32, then the uint16 ids
+
+
+def _open_ids(path: Path) -> np.ndarray:
+    """A file of uint16 token ids, memmapped where it lies: a .npy (build-nanogpt's shards), an
+    llm.c .bin (its header says so: magic, version 1, the count), or a bare .bin (nanoGPT's)."""
     size = path.stat().st_size
+    if path.suffix == ".npy":
+        try:
+            tokens = np.load(path, mmap_mode="r", allow_pickle=False)
+        except (ValueError, OSError, EOFError) as e:
+            raise UserError(f"{path}: not a readable .npy array of token ids ({e})") from None
+        if tokens.ndim != 1 or tokens.dtype != np.uint16 or not len(tokens):
+            raise UserError(f"{path}: a .npy of token ids must be a non-empty 1-D uint16 array (as build-nanogpt's "
+                            f"fineweb.py writes), got {tokens.dtype} of shape {tokens.shape}")
+        return tokens
+    header = np.fromfile(path, dtype="<i4", count=3) if size >= LLMC_HEADER_BYTES else None
+    if header is not None and header[0] == LLMC_MAGIC:
+        version, n = int(header[1]), int(header[2])
+        if version != 1 or n < 1 or size != LLMC_HEADER_BYTES + 2 * n:
+            raise UserError(f"{path}: an llm.c token shard (magic {LLMC_MAGIC}) whose header says version {version} "
+                            f"and {n} tokens, but a version 1 file of {n} tokens is {LLMC_HEADER_BYTES + 2 * n} bytes, "
+                            f"not {size}")
+        return np.memmap(path, dtype=np.uint16, mode="r", offset=LLMC_HEADER_BYTES, shape=(n,))
     if size == 0 or size % 2:
         raise UserError(f"{path}: {size} bytes is not a whole, non-zero number of uint16 token ids "
                         "(the .bin format nanoGPT's prepare.py writes)")
+    return np.memmap(path, dtype=np.uint16, mode="r")
+
+
+def _read_ids(path: Path, tokenizer):
+    """A file of uint16 ids (_open_ids), memmapped, and the hash of its ids. One pass in 64 MB
+    pieces hashes it (so a resume or eval knows its data) and finds its largest id: an id the
+    tokenizer lacks would be an out-of-range embedding row several steps later, so the file is
+    refused now."""
     if tokenizer.vocab_size > 2**16:
         raise UserError(f"{path} holds uint16 ids; the {tokenizer.name} tokenizer's {tokenizer.vocab_size} ids "
                         "do not fit in them")
-    tokens = np.memmap(path, dtype=np.uint16, mode="r")
+    tokens = _open_ids(path)
     h, top = hashlib.sha256(), 0
     for s in range(0, len(tokens), 2**25):
         piece = np.ascontiguousarray(tokens[s:s + 2**25])
@@ -347,6 +387,83 @@ def _token_file(path: Path, tokenizer, val_fraction: float) -> TokenData:
     split = n - int(round(n * val_fraction))
     return TokenData(train=tokens[:split], val=tokens[split:], path=path, tokens=tokens,
                      meta=_ids_meta(path, tokenizer, source_hash, n, split, val_fraction))
+
+
+class ShardedTokens:
+    """Token shards read as one flat array, each memmapped where it lies: len(), a[i:j] (a view,
+    no copy), a[idx] for an integer array idx (get_batch's windows, which may cross a shard's end),
+    and np.asarray(a) / a.astype(t) (a copy)."""
+
+    def __init__(self, shards: list, start: int = 0, stop: int | None = None):
+        self.shards = shards
+        self.offsets = np.cumsum([0] + [len(s) for s in shards])
+        self.start = start
+        self.stop = int(self.offsets[-1]) if stop is None else stop
+        self.dtype = shards[0].dtype
+
+    def __len__(self):
+        return self.stop - self.start
+
+    def __getitem__(self, key):
+        if isinstance(key, slice):
+            begin, end, step = key.indices(len(self))
+            if step != 1:
+                raise ValueError("ShardedTokens slices step 1 only")
+            return ShardedTokens(self.shards, self.start + begin, self.start + max(begin, end))
+        pos = np.asarray(key)
+        if pos.size and (pos.min() < 0 or pos.max() >= len(self)):
+            raise IndexError(f"token index out of range [0, {len(self)})")
+        pos = pos + self.start
+        which = np.searchsorted(self.offsets, pos, side="right") - 1
+        out = np.empty(pos.shape, self.dtype)
+        for k in np.unique(which):
+            here = which == k
+            out[here] = self.shards[k][pos[here] - self.offsets[k]]
+        return out
+
+    def __array__(self, dtype=None, copy=None):
+        pieces = [s[max(self.start - b, 0):min(self.stop - b, len(s))]
+                  for s, b in zip(self.shards, self.offsets) if b < self.stop and b + len(s) > self.start]
+        out = np.concatenate(pieces) if pieces else np.empty(0, self.dtype)
+        return out if dtype is None else out.astype(dtype)
+
+    def astype(self, dtype):
+        return np.asarray(self).astype(dtype)
+
+
+def _joined(arrays: list):
+    return arrays[0] if len(arrays) == 1 else ShardedTokens(arrays)
+
+
+def _shard_folder(folder: Path, files: list, tokenizer, val_fraction) -> TokenData:
+    """A folder of token shards: those with "val" in their names are the validation split
+    (build-nanogpt's edufineweb_val_000000.npy, llm.c's fineweb_val_000000.bin), the rest train,
+    each in name order; with no val shard, the last val_fraction of them all is held out."""
+    import re
+
+    is_val = [bool(re.search(r"(^|[^a-z])val($|[^a-z])", p.stem.lower())) for p in files]
+    train_files = [p for p, v in zip(files, is_val) if not v]
+    val_files = [p for p, v in zip(files, is_val) if v]
+    if not train_files:
+        raise UserError(f"{folder}: every token shard is a validation one ({', '.join(p.name for p in val_files)}): "
+                        "no training shard")
+    if val_files and val_fraction is not None:
+        raise UserError(f"{folder} has its own validation shards ({', '.join(p.name for p in val_files[:3])}): "
+                        "--val-fraction does not apply (leave it out)")
+    if any(folder.glob("*.txt")):
+        note(f"{folder}: reading its token shards; its .txt files are not read")
+    read = {p: _read_ids(p, tokenizer) for p in files}
+    # by stem and ids: the same shards as .npy or as llm.c .bin are the same data
+    source_hash = hashlib.sha256(" ".join(f"{p.stem} {read[p][1]}" for p in files).encode()).hexdigest()
+    train = _joined([read[p][0] for p in train_files])
+    if val_files:
+        val = _joined([read[p][0] for p in val_files])
+        meta = _ids_meta(folder, tokenizer, source_hash, len(train) + len(val), len(train), None)
+        return TokenData(train=train, val=val, meta=meta, path=folder)
+    n = len(train)
+    split = n - int(round(n * (0.1 if val_fraction is None else val_fraction)))
+    meta = _ids_meta(folder, tokenizer, source_hash, n, split, val_fraction)
+    return TokenData(train=train[:split], val=train[split:], meta=meta, path=folder, tokens=train)
 
 
 def _nanogpt_vocab(meta_pkl: Path):
@@ -476,6 +593,8 @@ def prepare_tokens(source, tokenizer, cache_dir=None, val_fraction: float | None
     path = None if name in (None, "pydoc", "stdlib") else Path(name).expanduser()
     if path is not None and _is_token_folder(path):
         return _token_folder(path, tokenizer, val_fraction)
+    if path is not None and _shard_files(path):
+        return _shard_folder(path, _shard_files(path), tokenizer, val_fraction)
     val_fraction = 0.1 if val_fraction is None else val_fraction
     if path is not None and _is_token_file(path):
         return _token_file(path, tokenizer, val_fraction)
