@@ -513,3 +513,19 @@ def test_info_says_each_runs_own_state(saved_model, tmp_path, capsys):
     out = capsys.readouterr().out
     assert f"run          pretrain, step {step} of {max_steps} (bfloat16, kernels triton, 1 process)\n" in out
     assert f"data         x.txt: {tokens:,} training tokens, 64-token blocks\n" in out and "prompts " not in out
+
+
+def test_info_says_an_rlhf_runs_iteration_of_its_iterations(saved_model, tmp_path, capsys):
+    """An RLHF checkpoint's state counts iterations (of --iterations), not steps: info names them
+    (it printed "step ? of ?")."""
+    import shutil
+
+    ckpt = tmp_path / "rlhf" / "ckpt-0000003"
+    ckpt.mkdir(parents=True)
+    shutil.copy(saved_model / "w.safetensors", ckpt / "model.safetensors")
+    torch.save({"iteration": 3, "args": {"iterations": 7, "init": "runs/sft"}, "name": "rlhf-grpo",
+                "precision": "torch.float32", "kernels": "reference", "prompt_format": "alpaca"}, ckpt / "state.pt")
+    assert main(["info", "--weights", str(tmp_path / "rlhf")]) == 0
+    out = capsys.readouterr().out
+    assert ("run          rlhf-grpo, iteration 3 of 7 (float32, kernels reference, 1 process); "
+            "from --init runs/sft\n") in out

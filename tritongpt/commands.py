@@ -131,7 +131,9 @@ def run_lines(weights) -> list:
     a = state.get("args", {})
     init = f"; from --init {a['init']}" if a.get("init") else ""
     world = state.get("world_size", 1)
-    lines.insert(0, f"run          {state.get('name', '?')}, step {state.get('step', '?')} of {a.get('max_steps', '?')} "
+    # RLHF counts iterations of --iterations; the Trainer's runs count steps of --max-steps
+    unit, limit = ("iteration", "iterations") if "iteration" in state else ("step", "max_steps")
+    lines.insert(0, f"run          {state.get('name', '?')}, {unit} {state.get(unit, '?')} of {a.get(limit, '?')} "
                     f"({str(state.get('precision', '?')).removeprefix('torch.')}, kernels {state.get('kernels', '?')}, "
                     f"{world} process{'es' if world != 1 else ''}){init}")
     if state.get("prompt_format"):
