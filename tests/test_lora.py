@@ -432,6 +432,8 @@ def test_an_adapter_needs_a_lora_run_and_its_own_base(tmp_path, capsys, monkeypa
     export_gpt2(small(seed=16, vocab_size=4096), tmp_path / "other")
     frozen = strip_lora(copy.deepcopy(model))
     export_gpt2(frozen, tmp_path / "base")
+    (tmp_path / "run" / "ckpt-0000001").mkdir(parents=True)
+    frozen.save(tmp_path / "run" / "ckpt-0000001" / "model.safetensors")
     out = ["--out", str(tmp_path / "adapter"), "--tokenizer", "default"]
     lora = [str(tmp_path / "lora.safetensors"), *out]
     for argv, said in (([*lora, "--base", str(tmp_path / "base")], "--base names the model an --adapter goes on"),
@@ -441,6 +443,8 @@ def test_an_adapter_needs_a_lora_run_and_its_own_base(tmp_path, capsys, monkeypa
                        ([*lora, "--adapter", "--base", str(tmp_path / "other")],
                         "is not the model this LoRA update was trained on: its transformer.wte.weight differs by"),
                        ([*lora, "--adapter", "--base", str(tmp_path / "plain.safetensors")],
+                        "is not a Hugging Face GPT-2 folder .* export it"),
+                       ([*lora, "--adapter", "--base", str(tmp_path / "run")],  # a tritongpt run folder
                         "is not a Hugging Face GPT-2 folder .* export it"),
                        ([*lora, "--adapter", "--base", str(tmp_path / "none")], "no such Hugging Face GPT-2 folder")):
         assert main(["export", *argv]) == 2, argv

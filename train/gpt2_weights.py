@@ -342,10 +342,12 @@ def adapter_base(base: str | None, init: str | None, frozen: GPTModel) -> str:
     path = Path(name).expanduser()
     file = path / "model.safetensors" if path.is_dir() else path
     adapter = adapter_folder(path) is not None  # the run's --init was an adapter, merged when loaded
-    if not file.is_file() and not adapter:
+    if not path.exists():
         raise UserError(f"{flag} {name}: no such Hugging Face GPT-2 folder, and not a GPT-2 name "
                         f"({', '.join(HUB_REPOS)})")
-    if adapter or file.suffix != ".safetensors" or not is_hf_file(file) or not (file.parent / "config.json").is_file():
+    # a tritongpt run folder (the usual --init) holds no model.safetensors of its own: export it too
+    if adapter or not file.is_file() or file.suffix != ".safetensors" or not is_hf_file(file) \
+            or not (file.parent / "config.json").is_file():
         raise UserError(f"{flag} {name} is not a Hugging Face GPT-2 folder (config.json and model.safetensors), "
                         f"which peft loads the adapter onto: export it (`tritongpt export {name} --out BASE`) "
                         "and pass --base BASE")
