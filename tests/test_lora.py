@@ -462,6 +462,45 @@ def test_an_adapter_needs_a_lora_run_and_its_own_base(tmp_path, capsys, monkeypa
     assert adapter_base("openai-community/gpt2", "elsewhere", frozen) == "openai-community/gpt2"
 
 
+def test_a_base_is_refused_unless_it_is_exactly_the_runs_frozen_model(tmp_path):
+    """The base folder must compute the frozen model: every tensor equal to the last bit (one
+    rounding step in the last layer is another model), no LM head of its own where the run ties
+    it to the embedding (or none where the run has one), the same heads (config.json only)."""
+    from safetensors.torch import load_file, save_file
+
+    from tritongpt.model.lora import strip_lora
+    from tritongpt.train.gpt2_weights import adapter_base, export_gpt2
+
+    def base_like(frozen, name, edit=None, config=None):
+        """frozen exported as a Hugging Face folder, its tensors and config.json then edited."""
+        folder = tmp_path / name
+        export_gpt2(frozen, folder)
+        tensors = load_file(folder / "model.safetensors")
+        save_file(edit(tensors) if edit else tensors, folder / "model.safetensors", metadata={"format": "pt"})
+        cfg = json.loads((folder / "config.json").read_text())
+        (folder / "config.json").write_text(json.dumps({**cfg, **(config or {})}))
+        return str(folder)
+
+    tied = strip_lora(copy.deepcopy(with_trained_lora(small(seed=20)))).eval()
+    untied = strip_lora(copy.deepcopy(with_trained_lora(small(seed=21, tie_weights=False)))).eval()
+    assert adapter_base(base_like(tied, "same"), None, tied) == str(tmp_path / "same")  # the edits below are all
+
+    def one_step(t):  # the last layer's MLP output matrix, one element up by one float32 step
+        w = t["transformer.h.1.mlp.c_proj.weight"]
+        w.view(-1)[7] = torch.nextafter(w.view(-1)[7], torch.tensor(float("inf")))
+        return t
+
+    for frozen, base, said in (
+            (tied, base_like(tied, "ulp", one_step), r"its transformer.h.1.mlp.c_proj.weight differs by up to \d"),
+            (untied, base_like(untied, "no-head", lambda t: {k: v for k, v in t.items() if k != "lm_head.weight"},
+                               {"tie_word_embeddings": True}), "its lm_head.weight has no such tensor"),
+            (tied, base_like(tied, "own-head", lambda t: {**t, "lm_head.weight": torch.randn(97, 32)},
+                             {"tie_word_embeddings": False}), "it has lm_head.weight, which the run's model has not"),
+            (tied, base_like(tied, "heads", config={"n_head": 4}), "it has 4 heads, not 2")):
+        with pytest.raises(UserError, match="--base .* is not the model this LoRA update was trained on: " + said):
+            adapter_base(base, None, frozen)
+
+
 # -- and back: a peft adapter folder as --weights / --init -------------------------------------------
 def _base_and_peft_adapter(tmp_path, **lora):
     """A random GPT-2 folder, and an adapter for it made by peft itself (B random: not a no-op)."""

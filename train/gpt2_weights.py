@@ -320,7 +320,8 @@ def peft_adapter(model: GPTModel, base: str) -> tuple:
 def adapter_base(base: str | None, init: str | None, frozen: GPTModel) -> str:
     """base_model_name_or_path for an adapter whose frozen model is `frozen`: --base, else the
     run's --init. A Hugging Face GPT-2 folder, or a Hub model in the local cache, is compared with
-    `frozen` tensor by tensor: an adapter on another base would be a wrong model, silently."""
+    `frozen` tensor by tensor, and its heads: an adapter on another base would be a wrong model,
+    silently."""
     name = base if base is not None else init
     if name is None:
         raise UserError("--adapter: name the model it goes on with --base (a Hugging Face GPT-2 folder, e.g. "
@@ -356,7 +357,16 @@ def adapter_base(base: str | None, init: str | None, frozen: GPTModel) -> str:
 
 
 def _check_base(file: Path, frozen: GPTModel, what: str):
-    theirs, ours = _hf_tensors(load_gpt2_safetensors(file)), _hf_tensors(frozen)
+    base = load_gpt2_safetensors(file)
+    # the heads are in config.json, not in any tensor: other heads split the same weights otherwise
+    if base.config.n_head != frozen.config.n_head:
+        raise UserError(f"{what} is not the model this LoRA update was trained on: it has {base.config.n_head} "
+                        f"heads, not {frozen.config.n_head}")
+    theirs, ours = _hf_tensors(base), _hf_tensors(frozen)
+    extra = sorted(set(theirs) - set(ours))  # an LM head of its own where the run's is the token embedding
+    if extra:
+        raise UserError(f"{what} is not the model this LoRA update was trained on: it has {extra[0]}, "
+                        "which the run's model has not")
     for key in ours:
         t = theirs.get(key)
         if t is None or t.shape != ours[key].shape or not torch.equal(t, ours[key]):
