@@ -501,6 +501,25 @@ def test_a_base_is_refused_unless_it_is_exactly_the_runs_frozen_model(tmp_path):
             adapter_base(base, None, frozen)
 
 
+def test_a_base_peft_cannot_load_is_refused_with_the_export_that_makes_one(tmp_path):
+    """peft loads the adapter onto GPT2LMHeadModel.from_pretrained(base): a folder with config.json
+    and a Hugging Face model.safetensors. Without config.json, a tritongpt checkpoint, or a
+    PyTorch .bin, --base is refused with the export that makes one."""
+    from tritongpt.model.lora import strip_lora
+    from tritongpt.train.gpt2_weights import _hf_tensors, adapter_base, export_gpt2
+
+    frozen = strip_lora(copy.deepcopy(with_trained_lora(small(seed=22)))).eval()
+    export_gpt2(frozen, tmp_path / "no-config")
+    (tmp_path / "no-config" / "config.json").unlink()
+    export_gpt2(frozen, tmp_path / "ours")  # its config.json, beside our own checkpoint format
+    frozen.save(tmp_path / "ours" / "model.safetensors")
+    export_gpt2(frozen, tmp_path / "bin")
+    torch.save(_hf_tensors(frozen), tmp_path / "bin" / "pytorch_model.bin")
+    for base in (tmp_path / "no-config", tmp_path / "ours", tmp_path / "bin" / "pytorch_model.bin"):
+        with pytest.raises(UserError, match=f"--base {re.escape(str(base))} is not a Hugging Face GPT-2 folder "
+                                            r"\(config.json and model.safetensors\).* export it"):
+            adapter_base(str(base), None, frozen)
+
 # -- and back: a peft adapter folder as --weights / --init -------------------------------------------
 def _base_and_peft_adapter(tmp_path, **lora):
     """A random GPT-2 folder, and an adapter for it made by peft itself (B random: not a no-op)."""
