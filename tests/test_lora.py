@@ -622,6 +622,17 @@ def test_an_adapter_that_is_not_plain_gpt2_lora_is_refused_by_name(tmp_path):
             weights={**tensors, key.replace(".1.", ".0."): tensors[key][:, :31].contiguous()})
     refused("lora_B is missing",
             weights={k: v for k, v in tensors.items() if not k.endswith("h.1.mlp.c_fc.lora_B.weight")})
+    # shapes that make no update of the base, and values that make no model: refused, not a torch error or NaN
+    deeper = {k.replace(".h.1.", ".h.5."): v.clone() for k, v in tensors.items() if ".h.1." in k}
+    refused("h.5.attn.c_attn: the base has only 2 layers", weights={**tensors, **deeper})
+    b = key.replace("lora_A", "lora_B")
+    refused(r"h.0.mlp.c_fc: lora_A \(4, 32\) and lora_B \(128, 3\) do not make",
+            weights={**tensors, b: tensors[b][:, :3].contiguous()})
+    qkv_b = next(k for k in tensors if k.endswith("h.0.attn.c_attn.lora_B.weight"))
+    refused(r"h.0.attn.c_attn: lora_A \(4, 32\) and lora_B \(95, 4\) do not make an update of its \[32, 96\]",
+            weights={**tensors, qkv_b: tensors[qkv_b][:95].contiguous()})
+    refused("tensor trf_blocks.0.ff.fc1.weight holds NaN",
+            weights={**tensors, b: torch.full_like(tensors[b], torch.nan)})
     (folder / "adapter_model.safetensors").unlink()
     with pytest.raises(UserError, match="no checkpoint found|without adapter_model"):
         load_checkpoint(folder)
