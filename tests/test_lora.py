@@ -567,6 +567,63 @@ def test_a_peft_adapter_folder_loads_merged_into_its_base(tmp_path, capsys, lora
                  "--max-new-tokens", "2"]) == 0
 
 
+# "_proj" below is no module's key, on purpose
+@pytest.mark.filterwarnings("ignore:The following alpha_pattern keys did not match")
+def test_rank_and_alpha_patterns_and_files_are_read_as_peft_reads_them(tmp_path):
+    """peft takes a module's rank and alpha from the first pattern key that ends its name at a
+    dot (so "_proj" is no key of c_proj's), and an adapter_model.safetensors before a .bin beside
+    it (an earlier save's): ours merges what PeftModel.from_pretrained computes."""
+    peft = pytest.importorskip("peft")
+    transformers = pytest.importorskip("transformers")
+    from safetensors.torch import load_file
+
+    from tritongpt.train.gpt2_weights import load_checkpoint
+
+    # attn.c_proj and mlp.c_proj both take "c_proj"'s alpha: the first key (in the file's order) that matches
+    peft_model = _base_and_peft_adapter(tmp_path, alpha_pattern={"_proj": 1, "c_proj": 3, "mlp.c_proj": 5})
+    peft_model.save_pretrained(tmp_path / "adapter")
+    stale = {k: 3 * v for k, v in load_file(tmp_path / "adapter" / "adapter_model.safetensors").items()}
+    torch.save(stale, tmp_path / "adapter" / "adapter_model.bin")
+    idx = torch.randint(0, 4096, (2, 17))
+    with torch.no_grad():
+        base = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "base")
+        theirs = peft.PeftModel.from_pretrained(base, tmp_path / "adapter").eval().double()(idx).logits
+        assert report(peft_model.double()(idx).logits, theirs)[1] <= 1e-12  # peft itself: the .bin unread
+        ours = load_checkpoint(tmp_path / "adapter").double()(idx)
+    assert report(ours, theirs)[1] <= 1e-5
+
+
+def test_an_adapters_base_is_a_gpt2_name_or_repository_or_the_base_passed(tmp_path, monkeypatch):
+    """base_model_name_or_path as peft writes a Hub base ("openai-community/gpt2") or as a user
+    does ("gpt2-medium") is fetched by its GPT-2 name; load_peft_adapter's `base` wins over it."""
+    from tritongpt.train import gpt2_weights
+    from tritongpt.train.gpt2_weights import HUB_REPOS, load_checkpoint, load_peft_adapter
+
+    _base_and_peft_adapter(tmp_path).save_pretrained(tmp_path / "adapter")
+    config_file = tmp_path / "adapter" / "adapter_config.json"
+    config = json.loads(config_file.read_text())
+    fetched = []
+
+    def pretrained(name="gpt2-small", cache_dir=None):  # the download, offline: the base folder's model
+        if name not in HUB_REPOS:
+            raise UserError(f"unknown GPT-2 model {name!r}")
+        fetched.append(HUB_REPOS[name])
+        return load_checkpoint(tmp_path / "base")
+
+    monkeypatch.setattr(gpt2_weights, "load_gpt2_pretrained", pretrained)
+    idx = torch.randint(0, 4096, (1, 9))
+    with torch.no_grad():
+        want = load_checkpoint(tmp_path / "adapter")(idx)
+        for name, repo in (("openai-community/gpt2", "openai-community/gpt2"),
+                           ("gpt2-medium", "openai-community/gpt2-medium"),
+                           ("openai-community/gpt2-xl", "openai-community/gpt2-xl")):
+            config_file.write_text(json.dumps({**config, "base_model_name_or_path": name}))
+            assert torch.equal(load_checkpoint(tmp_path / "adapter")(idx), want) and fetched.pop() == repo
+        config_file.write_text(json.dumps({**config, "base_model_name_or_path": "nowhere"}))
+        assert torch.equal(load_peft_adapter(tmp_path / "adapter", str(tmp_path / "base"))(idx), want)
+    assert not fetched
+
+
 def test_our_adapter_comes_back_as_the_lora_run(tmp_path, capsys):
     from tritongpt.cli import main
     from tritongpt.model.lora import strip_lora
