@@ -395,22 +395,26 @@ def test_peft_puts_the_exported_adapter_on_its_base_with_the_runs_logits(tmp_pat
     assert transformers.AutoTokenizer.from_pretrained(out).encode(text) == get_tokenizer("default").encode(text)
 
 
-def test_an_sft_lora_run_exports_its_adapter_for_its_init(tmp_path, capsys):
+def test_an_sft_lora_run_exports_its_adapter_for_its_init(tmp_path, capsys, monkeypatch):
     """Without --base the adapter goes on the run's --init, a Hugging Face folder it is checked
-    against; peft on that folder gives what `tritongpt generate` would use (the merged run)."""
+    against; peft on that folder gives what `tritongpt generate` would use (the merged run). A
+    relative --init is saved absolute: the export may run from another folder."""
     from tritongpt.cli import main
     from tritongpt.train.gpt2_weights import export_gpt2, load_checkpoint
 
     export_gpt2(small(seed=13, vocab_size=4096, context_length=128), tmp_path / "init")
     run = tmp_path / "sft"
-    assert main(["sft", "--init", str(tmp_path / "init" / "model.safetensors"), "--tokenizer", "default",
+    monkeypatch.chdir(tmp_path)
+    assert main(["sft", "--init", "init/model.safetensors", "--tokenizer", "default",
                  "--n-train", "16", "--n-eval", "4", "--max-steps", "2", "--batch-size", "4", "--lr", "1e-2",
                  "--lora-rank", "2", "--out-dir", str(run), "--device", "cpu", "--eval-every", "0",
                  "--sample-every", "0", "--max-new-tokens", "2"]) == 0
     capsys.readouterr()
+    monkeypatch.chdir(run)
     assert main(["export", str(run), "--out", str(tmp_path / "adapter"), "--adapter"]) == 0
     config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
-    assert config["base_model_name_or_path"] == str(tmp_path / "init")  # the file's folder, which peft loads
+    # the file's folder, which peft loads
+    assert config["base_model_name_or_path"] == str((tmp_path / "init").resolve())
     assert (config["r"], config["lora_alpha"], config["rank_pattern"]) == (2, 16, {"c_attn": 6})
     peft = pytest.importorskip("peft")
     transformers = pytest.importorskip("transformers")
