@@ -823,6 +823,11 @@ def _llmc_shard(path, ids, version=1, count=None):
     path.write_bytes(header.tobytes() + np.asarray(ids, dtype="<u2").tobytes())
 
 
+def _shards(a):
+    """The memmaps a split reads: a ShardedTokens' shards, or the array itself."""
+    return list(a.shards) if isinstance(a, data.ShardedTokens) else [a]
+
+
 def test_sharded_tokens_read_as_their_concatenation():
     """Indexing across shard ends, views of views, and copies give what the joined array gives."""
     rng = np.random.default_rng(7)
@@ -860,10 +865,14 @@ def test_a_folder_of_token_shards_is_its_train_and_val_shards(tmp_path, tok, cap
     td = prepare_tokens(str(folder), tok, tmp_path / "cache")
     assert "reading its token shards; its .txt files are not read" in capsys.readouterr().err
     assert not (tmp_path / "cache").exists()  # read in place
+    assert all(isinstance(s, np.memmap) for s in _shards(td.train) + _shards(td.val))  # each memmapped, none copied
     train = np.concatenate([ids["edu_train_000001"], ids["edu_train_000002"]])
     assert np.array_equal(np.asarray(td.train), train) and np.array_equal(np.asarray(td.val), ids["edu_val_000000"])
     assert td.meta["n_tokens"] == 461 and td.meta["split"] == 341
     assert np.array_equal(np.asarray(td.head(400)), np.concatenate([train, ids["edu_val_000000"][:59]]))
+    assert td.tokens is None  # two arrays, as nanoGPT's train.bin and val.bin: eval scores the val shards
+    # as a nanoGPT folder: to a tokenizer trainer a folder with .txt files is still those files
+    assert load_text(str(folder)) == "how the shards were made"
     # the same ids as llm.c shards: the same splits and the same hash (the ids are hashed, not the header)
     llmc = tmp_path / "llmc"
     llmc.mkdir()
@@ -875,6 +884,9 @@ def test_a_folder_of_token_shards_is_its_train_and_val_shards(tmp_path, tok, cap
     (folder / "edu_val_000000.npy").unlink()
     td = prepare_tokens(str(folder), tok, val_fraction=0.25)
     assert len(td.train) == 256 and np.array_equal(np.asarray(td.val), train[256:])
+    # td.tokens: train then val as one array, the run's own split found in it by eval (a val
+    # shard folder has none: the val shards are its held-out split whatever the run's fraction)
+    assert np.array_equal(np.asarray(td.tokens), train)
     # one llm.c shard alone: its ids, not its header
     one = prepare_tokens(str(llmc / "edu_train_000002.bin"), tok, val_fraction=0.0)
     assert np.array_equal(np.asarray(one.train), ids["edu_train_000002"])
@@ -892,6 +904,7 @@ def test_token_shards_that_would_be_read_wrongly_are_refused(tmp_path, tok):
         prepare_tokens(str(folder), tok, val_fraction=0.1)
     for bad, said in ((good.astype(np.int64), "must be a non-empty 1-D uint16 array .* got int64 of shape"),
                       (good.reshape(7, 7), r"got uint16 of shape \(7, 7\)"),
+                      (good[:0], r"must be a non-empty 1-D uint16 array .* got uint16 of shape \(0,\)"),
                       (np.array([3, tok.vocab_size], dtype=np.uint16), f"token id {tok.vocab_size} is past")):
         np.save(folder / "a_train_0.npy", bad)
         with pytest.raises(UserError, match=said):
@@ -902,11 +915,70 @@ def test_token_shards_that_would_be_read_wrongly_are_refused(tmp_path, tok):
     (folder / "a_train_0.npy").unlink()
     with pytest.raises(UserError, match="every token shard is a validation one .a_val_0.npy.: no training shard"):
         prepare_tokens(str(folder), tok)
-    for version, count, extra in ((2, 49, 0), (1, 50, 0), (1, 49, 1)):
+    # the header alone (1024 bytes, counting 0 tokens) is an llm.c shard with no tokens, not 512 bare ids
+    for ids, version, count, extra in ((good, 2, 49, 0), (good, 1, 50, 0), (good, 1, 49, 1), (good[:0], 1, 0, 0)):
         path = tmp_path / "x_train.bin"
-        _llmc_shard(path, good, version=version, count=count)
+        _llmc_shard(path, ids, version=version, count=count)
         if extra:
             path.write_bytes(path.read_bytes() + b"\x00\x00")
         with pytest.raises(UserError, match=rf"an llm.c token shard \(magic 20240520\) whose header says version "
                                             rf"{version} and {count} tokens"):
             prepare_tokens(str(path), tok)
+
+
+def test_sharded_tokens_refuse_what_they_would_read_wrongly():
+    """A slice with a step, and an index out of a view (a negative one included: numpy counts it
+    from the end; here it would read the tokens before the view) are refused, not answered; a
+    slice that ends before it starts is empty, as numpy's is."""
+    rng = np.random.default_rng()
+    shards = [rng.integers(1, 500, size=n).astype(np.uint16) for n in (4, 9, 6)]
+    a = data.ShardedTokens(shards)
+    for b, e in ((10, 5), (19, 0), (7, 6)):
+        assert len(a[b:e]) == 0 and np.asarray(a[b:e]).size == 0, (b, e)
+    for step in (2, -1):
+        with pytest.raises(ValueError, match="step 1 only"):
+            a[::step]
+    view = a[3:15]
+    # no index, no tokens; and the tokens' own dtype (get_batch widens each window once)
+    assert view[np.array([], dtype=np.int64)].shape == (0,) and view[np.array([[0, 11]])].dtype == np.uint16
+    for bad in ([-1], [0, -3], [12], [11, 12]):
+        with pytest.raises(IndexError, match=r"token index out of range \[0, 12\)"):
+            view[np.array(bad)]
+
+
+def test_token_shards_are_named_by_every_shard_and_read_in_name_order(tmp_path, tok):
+    """The folder's name (source_hash) covers each shard's name and ids, val shards included: a
+    val shard changed, or a shard renamed from train to val (other splits of the same ids), is
+    other data. The val shards are read in name order too; "val" is a word of the name, in any
+    case; without val shards the default holds out the rounded last tenth."""
+    rng = np.random.default_rng()
+    folder = tmp_path / "shards"
+    folder.mkdir()
+    ids = {name: rng.integers(1, tok.vocab_size, size=n).astype(np.uint16)
+           for name, n in (("interval_train_000000", 300), ("survival_000001", 47), ("TS_VAL_000001", 30),
+                           ("ts_val_000002", 20), ("ts_val_000004", 60))}
+    for name, a in ids.items():
+        np.save(folder / f"{name}.npy", a)
+    td = prepare_tokens(str(folder), tok)
+    train = np.concatenate([ids["interval_train_000000"], ids["survival_000001"]])
+    assert np.array_equal(np.asarray(td.train), train)  # "val" inside a word is no val shard
+    assert np.array_equal(np.asarray(td.val), np.concatenate([ids[k] for k in ("TS_VAL_000001", "ts_val_000002",
+                                                                               "ts_val_000004")]))
+    first = td.meta["source_hash"]
+    changed = ids["ts_val_000004"].copy()
+    changed[7] = changed[7] % (tok.vocab_size - 1) + 1  # another id, still the tokenizer's
+    np.save(folder / "ts_val_000004.npy", changed)
+    assert prepare_tokens(str(folder), tok).meta["source_hash"] != first
+    np.save(folder / "ts_val_000004.npy", ids["ts_val_000004"])
+    assert prepare_tokens(str(folder), tok).meta["source_hash"] == first
+    # the same ids, in the same name order, now validation
+    (folder / "survival_000001.npy").rename(folder / "survival_val_000001.npy")
+    moved = prepare_tokens(str(folder), tok)
+    assert len(moved.train) == 300 and moved.meta["source_hash"] != first
+    # no val shard: the default tail is round(347 * 0.1) = 35 ids (34.7), as a token file's
+    for p in folder.glob("*_[vV][aA][lL]_*"):
+        p.unlink()
+    np.save(folder / "survival_000001.npy", ids["survival_000001"])
+    td = prepare_tokens(str(folder), tok)
+    assert len(td.train) == 312 and np.array_equal(np.asarray(td.val), train[312:])
+    assert td.meta["split"] == 312
