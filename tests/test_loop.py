@@ -1051,6 +1051,26 @@ def _ddp_shared_eval_worker(rank, out, rec, port, kw):
                Path(rec) / f"rank{rank}.pt")
 
 
+def test_a_shared_evaluation_alone_runs_at_every_evaluation_and_at_a_resume_at_max_steps(tmp_path):
+    """shared_eval_fn with no eval_fn (one process): the first step, every --eval-every, the last;
+    a resume already at --max-steps evaluates its checkpoint, as eval_fn's runs do (under DDP a
+    rank that skipped it would leave the others waiting in its all-reduce)."""
+    calls, t = [], None
+
+    def shared_eval_fn(model, rank, world):
+        calls.append((t.step, rank, world, model.training))
+        return {"shared_step": t.step}
+
+    gb = make_get_batch(synthetic_tokens(), 2)
+    t = Trainer(tiny_model(), args_for(tmp_path, max_steps=3, eval_every=2), loss_fn, gb, shared_eval_fn=shared_eval_fn)
+    assert t.fit()["shared_step"] == 3
+    assert calls == [(s, 0, 1, False) for s in (0, 2, 3)]
+    assert [(r["step"], r["shared_step"]) for r in rows(tmp_path) if "shared_step" in r] == [(0, 0), (2, 2), (3, 3)]
+    t = Trainer(tiny_model(), args_for(tmp_path, max_steps=3, eval_every=2, resume="latest"), loss_fn, gb,
+                shared_eval_fn=shared_eval_fn)
+    assert t.fit()["shared_step"] == 3 and calls[3:] == [(3, 0, 1, False)]
+
+
 def test_ddp_a_shared_evaluation_runs_on_every_rank_and_rank_0_logs_it(tmp_path):
     """shared_eval_fn runs on both ranks at the same steps (the first, every --eval-every, the
     last), in eval mode without grad; eval_fn on rank 0 only; rank 0 logs both results."""
@@ -1063,6 +1083,7 @@ def test_ddp_a_shared_evaluation_runs_on_every_rank_and_rank_0_logs_it(tmp_path)
     evals = [r for r in rows(out) if "val_loss" in r]
     assert [(r["step"], r["val_loss"], r["shared_sum"]) for r in evals] == [(s, 1.5, 3.0) for s in (0, 2, 4, 5)]
     assert r0["keys"] == ["shared_sum", "val_loss"]  # fit's result: the last evaluation's keys
+    assert r1["keys"] == ["shared_sum"]  # the other ranks return the shared result (logging nothing)
 
 
 def test_ddp_token_weighted_loss_is_the_mean_over_both_ranks_tokens(tmp_path):

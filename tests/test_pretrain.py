@@ -458,6 +458,44 @@ def test_the_flags_at_their_edges(corpus, capsys):
     assert "note: records.json is read as plain text" in capsys.readouterr().err
 
 
+def test_hellaswag_under_ddp_each_rank_scores_its_share_and_sums_the_counts(corpus, monkeypatch):
+    """hellaswag_eval_fn, as the Trainer calls it on rank r of w: the examples r, r + w, ... scored
+    (each rank its share, not all of them), the right counts all-reduced, over all the examples.
+    The all-reduce is faked (one process): it adds counts of 1 and 2 from the other ranks."""
+    import random
+
+    from tritongpt.model.config import GPTConfig
+    from tritongpt.train import hellaswag
+    from tritongpt.train.pretrain import hellaswag_eval_fn
+    from tritongpt.train.tokenizer import get_tokenizer
+
+    tok = get_tokenizer(str(corpus.tok))
+    rng, words = random.Random(), corpus.text.read_text().split()[:400]
+    examples = [{"ctx": " ".join(rng.choices(words, k=rng.randint(3, 12))),
+                 "endings": [" ".join(rng.choices(words, k=rng.randint(1, 8))) for _ in range(4)],
+                 "label": rng.randrange(4)} for _ in range(11)]
+    model = GPTModel(GPTConfig(vocab_size=tok.vocab_size, context_length=32, n_embd=16, n_layer=1, n_head=2))
+    alone = {rank: hellaswag.score(model, tok, examples[rank::3]) for rank in range(3)}  # before the fakes
+    scored, real = [], hellaswag.ending_losses
+
+    def recording(model, tok, share, *a, **k):
+        scored.extend(ex["ctx"] for ex in share)
+        yield from real(model, tok, share, *a, **k)
+
+    def all_reduce(counts):
+        counts += torch.tensor([1, 2], device=counts.device)
+
+    monkeypatch.setattr(hellaswag, "ending_losses", recording)
+    monkeypatch.setattr(torch.distributed, "all_reduce", all_reduce)
+    for rank in range(3):
+        scored.clear()
+        got = hellaswag_eval_fn(examples, tok)(model, rank, 3)
+        assert scored == [ex["ctx"] for ex in examples[rank::3]], rank
+        n = alone[rank]["examples"]
+        right, right_norm = round(alone[rank]["acc"] * n), round(alone[rank]["acc_norm"] * n)
+        assert got == {"hellaswag_acc": (right + 1) / 11, "hellaswag_acc_norm": (right_norm + 2) / 11}, rank
+
+
 def test_hellaswag_is_scored_at_each_evaluation(corpus, tmp_path, capsys):
     """--hellaswag N adds HellaSwag's acc and acc_norm on its first N examples to every
     evaluation (metrics.jsonl, hellaswag.png); the last one is what `tritongpt hellaswag` gives
