@@ -287,6 +287,7 @@ def test_a_message_of_several_lines():
             (['"""inline"""'], "inline", ["> "]),
             (['"""', "cut short"], "cut short", ["> ", "... ", "... "]),
             (["ends \\"], "ends ", ["> ", "... "]),
+            (["C:\\dir\\ ", "next"], "C:\\dir\\ ", ["> "]),  # the line ends in a space, not a backslash
             ([], None, ["> "])):
         read, prompts = reader(lines)
         assert chat.read_message(read) == want, lines
