@@ -982,3 +982,21 @@ def test_token_shards_are_named_by_every_shard_and_read_in_name_order(tmp_path, 
     td = prepare_tokens(str(folder), tok)
     assert len(td.train) == 312 and np.array_equal(np.asarray(td.val), train[312:])
     assert td.meta["split"] == 312
+
+
+def test_validation_shards_may_spell_it_out(tmp_path, tok):
+    """"val", "valid" or "validation" as a word of a shard's name marks a validation shard (a
+    "fineweb_validation_000000.npy" read as training would be trained on, and its tail held out);
+    within a word ("valley", "intervals") it marks none."""
+    rng = np.random.default_rng()
+    folder = tmp_path / "shards"
+    folder.mkdir()
+    names = ("fineweb_train_000000", "valley_000001", "intervals_000002", "fineweb_val_000003",
+             "fineweb_valid_000004", "fineweb_validation_000005", "Validation-000006")
+    ids = {name: rng.integers(1, tok.vocab_size, size=rng.integers(20, 60)).astype(np.uint16) for name in names}
+    for name, a in ids.items():
+        np.save(folder / f"{name}.npy", a)
+    td = prepare_tokens(str(folder), tok)
+    want_val = ["Validation-000006", "fineweb_val_000003", "fineweb_valid_000004", "fineweb_validation_000005"]
+    assert np.array_equal(np.asarray(td.val), np.concatenate([ids[n] for n in want_val]))
+    assert np.array_equal(np.asarray(td.train), np.concatenate([ids[n] for n in sorted(set(names) - set(want_val))]))

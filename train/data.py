@@ -21,9 +21,9 @@ Sources (`iter_documents`, `load_documents`, `load_text`):
                   still a folder of .txt files).
   token shards    a .npy of uint16 ids (build-nanogpt's fineweb.py writes them), or an llm.c .bin
                   (a 1024-byte header: magic 20240520, version 1, the count; then uint16 ids), alone
-                  or a folder of them: the shards with "val" in their names are the validation
-                  split, the others training, in name order, read in place as one array
-                  (ShardedTokens; `prepare_tokens` only).
+                  or a folder of them: the shards with "val" (or "valid", "validation") as a word of
+                  their names are the validation split, the others training, in name order, read in
+                  place as one array (ShardedTokens; `prepare_tokens` only).
 Documents: each .py file, each .jsonl record, each .txt file, and within a .txt file the parts
 between literal <|endoftext|> markers, wherever on a line they stand (how GPT-2-style text dumps
 mark them). In a .jsonl record or a .py file that spelling is text, tokenised as ordinary
@@ -436,12 +436,14 @@ def _joined(arrays: list):
 
 
 def _shard_folder(folder: Path, files: list, tokenizer, val_fraction) -> TokenData:
-    """A folder of token shards: those with "val" in their names are the validation split
-    (build-nanogpt's edufineweb_val_000000.npy, llm.c's fineweb_val_000000.bin), the rest train,
-    each in name order; with no val shard, the last val_fraction of them all is held out."""
+    """A folder of token shards: those with "val" (or "valid", "validation") as a word of their
+    names are the validation split (build-nanogpt's edufineweb_val_000000.npy, llm.c's
+    fineweb_val_000000.bin), the rest train, each in name order; with no val shard, the last
+    val_fraction of them all is held out."""
     import re
 
-    is_val = [bool(re.search(r"(^|[^a-z])val($|[^a-z])", p.stem.lower())) for p in files]
+    # a word, in any case: not the "val" of "interval"; "validation" too (a HF-style split name)
+    is_val = [bool(re.search(r"(^|[^a-z])val(id|idation)?($|[^a-z])", p.stem.lower())) for p in files]
     train_files = [p for p, v in zip(files, is_val) if not v]
     val_files = [p for p, v in zip(files, is_val) if v]
     if not train_files:
