@@ -3,6 +3,7 @@ the same figures on both kernel paths, and bits per byte from the text's bytes."
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -206,19 +207,29 @@ def test_a_pretraining_run_is_scored_on_its_own_held_out_tail(tmp_path, capsys):
         assert said in capsys.readouterr().err
 
 
-def test_a_run_on_a_token_file_trains_resumes_and_is_scored_on_its_tail(tmp_path, capsys):
-    """pretrain --data x.bin (nanoGPT's uint16 ids) trains on those ids: the same tokens as
-    the text they were made from, so the same split; a resume on the same file says nothing,
-    one on another file says the data differ; eval scores the run's own held-out tail of it."""
-    import numpy as np
-
+def _small_token_ids(tmp_path):
+    """12,000 characters of the pydoc corpus as uint16 ids of a 300-token BPE saved to tok.json."""
     from tritongpt.train.data import load_text
     from tritongpt.train.tokenizer import BPETokenizer
 
     text = load_text("pydoc")[:12000]
     tok = BPETokenizer.train(text, 300, name="small")
     tok.save(tmp_path / "tok.json")
-    ids = np.array(tok.encode(text), dtype=np.uint16)
+    return np.array(tok.encode(text), dtype=np.uint16)
+
+
+def _small_pretrain_flags(data, tmp_path, run):
+    """pretrain on `data` with _small_token_ids' tokenizer, in 32-token blocks, into `run`."""
+    return ["--data", str(data), "--tokenizer", str(tmp_path / "tok.json"), "--out-dir", str(run),
+            "--device", "cpu", "--kernels", "reference", "--block-size", "32", "--batch-size", "2",
+            "--eval-every", "0", "--sample-tokens", "0"]
+
+
+def test_a_run_on_a_token_file_trains_resumes_and_is_scored_on_its_tail(tmp_path, capsys):
+    """pretrain --data x.bin (nanoGPT's uint16 ids) trains on those ids: the same tokens as
+    the text they were made from, so the same split; a resume on the same file says nothing,
+    one on another file says the data differ; eval scores the run's own held-out tail of it."""
+    ids = _small_token_ids(tmp_path)
     ids.tofile(tmp_path / "train.bin")
     run = tmp_path / "run"
     base = ["--tokenizer", str(tmp_path / "tok.json"), "--out-dir", str(run), "--device", "cpu",
@@ -249,23 +260,13 @@ def test_a_run_on_a_nanogpt_folder_validates_and_is_scored_on_its_val_bin(tmp_pa
     """pretrain --data folder/ (nanoGPT's train.bin + val.bin) trains on train.bin and validates
     on val.bin; a resume from the same folder says nothing; eval of the run scores val.bin
     (without --data), and --split all both files; --val-fraction beside a val.bin is refused."""
-    import numpy as np
-
-    from tritongpt.train.data import load_text
-    from tritongpt.train.tokenizer import BPETokenizer
-
-    text = load_text("pydoc")[:12000]
-    tok = BPETokenizer.train(text, 300, name="small")
-    tok.save(tmp_path / "tok.json")
-    ids = np.array(tok.encode(text), dtype=np.uint16)
+    ids = _small_token_ids(tmp_path)
     folder = tmp_path / "nano"
     folder.mkdir()
     ids[:-300].tofile(folder / "train.bin")
     ids[-300:].tofile(folder / "val.bin")
     run = tmp_path / "run"
-    base = ["--data", str(folder), "--tokenizer", str(tmp_path / "tok.json"), "--out-dir", str(run),
-            "--device", "cpu", "--kernels", "reference", "--block-size", "32", "--batch-size", "2",
-            "--eval-every", "0", "--sample-tokens", "0"]
+    base = _small_pretrain_flags(folder, tmp_path, run)
     assert main(["pretrain", "--max-steps", "2", *base]) == 0
     assert f"nano: {len(ids) - 300:,} training + 300 validation tokens" in capsys.readouterr().out
     assert main(["pretrain", "--max-steps", "3", "--resume", *base]) == 0
@@ -285,15 +286,7 @@ def test_a_run_on_token_shards_trains_across_them_and_is_scored_on_its_val_shard
     """pretrain --data folder/ of build-nanogpt's .npy shards: the training shards as one array
     (windows cross their ends), the val shards as the validation split; eval of the run scores
     the val shards, --split all every shard in order."""
-    import numpy as np
-
-    from tritongpt.train.data import load_text
-    from tritongpt.train.tokenizer import BPETokenizer
-
-    text = load_text("pydoc")[:12000]
-    tok = BPETokenizer.train(text, 300, name="small")
-    tok.save(tmp_path / "tok.json")
-    ids = np.array(tok.encode(text), dtype=np.uint16)
+    ids = _small_token_ids(tmp_path)
     folder = tmp_path / "edu_fineweb"
     folder.mkdir()
     cuts = [0, 700, 1500, len(ids) - 250, len(ids) - 120, len(ids)]
@@ -301,9 +294,7 @@ def test_a_run_on_token_shards_trains_across_them_and_is_scored_on_its_val_shard
     for name, b, e in zip(names, cuts, cuts[1:]):
         np.save(folder / f"{name}.npy", ids[b:e])
     run = tmp_path / "run"
-    base = ["--data", str(folder), "--tokenizer", str(tmp_path / "tok.json"), "--out-dir", str(run),
-            "--device", "cpu", "--kernels", "reference", "--block-size", "32", "--batch-size", "2",
-            "--eval-every", "0", "--sample-tokens", "0"]
+    base = _small_pretrain_flags(folder, tmp_path, run)
     assert main(["pretrain", "--max-steps", "2", *base]) == 0
     assert f"edu_fineweb: {len(ids) - 250:,} training + 250 validation tokens" in capsys.readouterr().out
     assert main(["eval", "--weights", str(run), "--json"]) == 0
