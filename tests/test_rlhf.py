@@ -1992,3 +1992,69 @@ def test_dpo_refuses_a_label_smoothing_it_cannot_use(tmp_path, capsys):
         assert main(["dpo", "--model", "tiny", "--out-dir", str(tmp_path / "d"), *extra]) == 2
         assert said in capsys.readouterr().err
         assert not (tmp_path / "d").exists()
+
+
+# -- from a mutation audit of --reward tasks and DPO's other losses ---------------------------------
+def test_the_task_verifier_cuts_before_the_eot_with_the_projects_tokenizer():
+    """The project's tokenizer decodes end-of-text as the text "<|endoftext|>" (the test
+    WordTokenizer drops it): a verifier that kept the eot would score every right answer 0."""
+    from tritongpt.train.formats import encode_prompt
+    from tritongpt.train.rlhf import TaskReward
+    from tritongpt.train.tokenizer import get_tokenizer
+
+    tok = get_tokenizer("default")
+    eot = tok.eot_id
+    pairs = task_preferences(6, seed=11, split="train")
+    verifier = TaskReward(tok, {tuple(encode_prompt(tok, p.prompt)): p.chosen for p in pairs},
+                          GPTConfig(vocab_size=tok.vocab_size, context_length=256, n_embd=32, n_layer=1, n_head=2))
+    rows, want = [], []
+    for p in pairs:
+        prompt = encode_prompt(tok, p.prompt)
+        rows += [prompt + tok.encode(p.chosen) + [eot] + tok.encode(p.rejected),  # what follows the eot is not read
+                 prompt + tok.encode(p.rejected) + [eot]]
+        want += [1.0, 0.0]
+    width = max(map(len, rows))
+    idx = torch.tensor([r + [eot] * (width - len(r)) for r in rows])
+    prompt_lens = torch.tensor([len(encode_prompt(tok, p.prompt)) for p in pairs for _ in range(2)])
+    assert verifier(idx, torch.tensor([len(r) for r in rows]), prompt_lens).tolist() == want
+
+
+def test_rlhf_cli_verifier_knows_every_prompts_chosen_answer_and_a_tasks_folder_is_a_reward_model(
+        tmp_path, capsys, monkeypatch):
+    """cmd_rlhf --reward tasks: the verifier maps every training and held-out prompt, encoded as the
+    trainer's prompts are, to its pair's CHOSEN answer (the right one). --reward ./tasks is the
+    reward model in that folder, as the flag's help says, not the verifier."""
+    import tritongpt.train.rlhf as rlhf
+    from tritongpt.cli import main
+    from tritongpt.model.config import get_config
+    from tritongpt.train.formats import encode_prompt
+    from tritongpt.train.tokenizer import get_tokenizer
+
+    torch.manual_seed(0)
+    init = tmp_path / "init.safetensors"
+    GPTModel(get_config("tiny", vocab_size=4100, n_layer=1)).save(init)
+    (tmp_path / "tasks").mkdir()
+    RewardModel(GPTModel(get_config("tiny", vocab_size=4100, n_layer=1))).save(tmp_path / "tasks" / "model.safetensors")
+    seen = {}
+
+    class Stub:
+        def __init__(self, policy, ref, reward_model, prompts, eval_prompts, eot_id, args, **kw):
+            seen.update(judge=reward_model, prompts=prompts + eval_prompts)
+
+        def fit(self):
+            return {"first_eval_reward": 0.0, "eval_reward": 0.0, "eval_kl": 0.0, "checkpoint": None}
+
+    monkeypatch.setattr(rlhf, "RLHFTrainer", Stub)
+    monkeypatch.chdir(tmp_path)
+    common = ["--init", str(init), "--num-pairs", "30", "--val-fraction", "0.3", "--device", "cpu", "--seed", "3"]
+    assert main(["rlhf", "--reward", "tasks", "--out-dir", "a", *common]) == 0
+    judge = seen["judge"]
+    assert isinstance(judge, rlhf.TaskReward)
+    tok = get_tokenizer("default")
+    train, val = train_val_pairs(None, 30, 0.3, 3)
+    assert judge.answers == {tuple(encode_prompt(tok, p.prompt)): p.chosen for p in train + val}
+    assert all(p.chosen != p.rejected for p in train + val)
+    assert seen["prompts"] and all(tuple(p) in judge.answers for p in seen["prompts"])
+    assert main(["rlhf", "--reward", "./tasks", "--out-dir", "b", *common]) == 0
+    assert isinstance(seen["judge"], RewardModel)
+    capsys.readouterr()
