@@ -2058,3 +2058,79 @@ def test_rlhf_cli_verifier_knows_every_prompts_chosen_answer_and_a_tasks_folder_
     assert main(["rlhf", "--reward", "./tasks", "--out-dir", "b", *common]) == 0
     assert isinstance(seen["judge"], RewardModel)
     capsys.readouterr()
+
+
+def _dpo_pairs_by_hand(policy, ref, enc, beta, kind, eps):
+    """The loss and margin of each pair, in float64 from the logits: summed response log-probs, or
+    for IPO their mean per token (eot included)."""
+    def logp(model, prompt, resp):
+        ids = prompt + resp
+        with torch.no_grad():
+            lp = torch.log_softmax(model(torch.tensor([ids]))[0, :-1].double(), -1)
+        total = sum(lp[t, ids[t + 1]].item() for t in range(len(prompt) - 1, len(ids) - 1))
+        return total / len(resp) if kind == "ipo" else total
+
+    losses, margins = [], []
+    for e in enc:
+        h = (logp(policy, e.prompt, e.chosen) - logp(ref, e.prompt, e.chosen)) - \
+            (logp(policy, e.prompt, e.rejected) - logp(ref, e.prompt, e.rejected))
+        m = beta * h
+        losses.append({"sigmoid": (1 - eps) * math.log1p(math.exp(-m)) + eps * math.log1p(math.exp(m)),
+                       "hinge": max(0.0, 1 - m), "ipo": (h - 1 / (2 * beta)) ** 2}[kind])
+        margins.append(m)
+    return losses, margins
+
+
+@pytest.mark.parametrize("kind, eps", [("sigmoid", 0.2), ("hinge", 0.0), ("ipo", 0.0)])
+def test_dpo_metrics_and_loss_fn_compute_the_loss_type_and_smoothing_they_are_given(kind, eps):
+    """dpo_metrics' loss and make_loss_fn's are the chosen loss (cDPO with its smoothing, hinge, IPO on
+    mean per-token log-probs), by hand; the margin is beta * h of those log-probs for each loss."""
+    from tritongpt.train.dpo import DPOData, dpo_metrics, make_loss_fn, reference_logprobs
+    from tritongpt.train.preference import EncodedPair
+
+    torch.manual_seed(23)
+    cfg = GPTConfig(vocab_size=23, context_length=16, n_embd=32, n_layer=1, n_head=2)
+    policy, ref = GPTModel(cfg).eval(), GPTModel(cfg).eval()
+    enc = [EncodedPair([1, 2, 3], [4, 5, 22], [6, 22]), EncodedPair([7, 8], [9, 22], [10, 11, 12, 22]),
+           EncodedPair([13], [14, 15, 22], [16, 22])]
+    beta = 0.7
+    losses, margins = _dpo_pairs_by_hand(policy, ref, enc, beta, kind, eps)
+    assert len({round(x, 6) for x in losses}) == len(enc)
+    data = DPOData(enc, reference_logprobs(ref, enc, 22, torch.device("cpu"), mean=kind == "ipo"), 22)
+    got = dpo_metrics(policy, data, beta, loss_type=kind, label_smoothing=eps)
+    assert got["loss"] == pytest.approx(sum(losses) / len(enc), rel=1e-5)
+    assert got["margin"] == pytest.approx(sum(margins) / len(enc), rel=1e-5)
+    loss = make_loss_fn(beta, kind, eps)(policy, data.batch(list(range(len(enc)))))
+    assert loss.item() == pytest.approx(sum(losses) / len(enc), rel=1e-5)
+
+
+@pytest.mark.parametrize("kind, eps", [("sigmoid", 0.2), ("hinge", 0.0), ("ipo", 0.0)])
+def test_train_dpo_trains_and_evaluates_the_loss_type_and_smoothing_it_is_given(data, tmp_path, monkeypatch,
+                                                                               kind, eps):
+    """train_dpo hands its loss type and smoothing to the training loss and to the evals, with the
+    reference's log-probs cached as that loss reads them (IPO: mean per token). A policy that is not
+    its reference, so that no loss is at its step-0 value; one training pair repeated, so that any
+    batch's loss is that pair's."""
+    from tritongpt.train import common
+    from tritongpt.train.dpo import train_dpo
+
+    monkeypatch.setattr(common, "plot_curves", lambda *a, **k: None)  # seconds of matplotlib, not tested here
+    tok, train, val = data
+    torch.manual_seed(31)
+    policy, ref = GPTModel(tiny_config(tok.vocab_size)), GPTModel(tiny_config(tok.vocab_size))
+    with torch.no_grad():  # sharper next-token distributions: margins of nats, not of float32's rounding
+        policy.tok_emb.weight.mul_(6)
+        ref.tok_emb.weight.mul_(6)
+    beta = 0.3
+    one, held_out = train[5:6], val[:6]
+    (pair_loss,), _ = _dpo_pairs_by_hand(policy.eval(), ref.eval(), encode_pairs(one, tok, CTX), beta, kind, eps)
+    val_losses, val_margins = _dpo_pairs_by_hand(policy, ref, encode_pairs(held_out, tok, CTX), beta, kind, eps)
+    args = TrainArgs(out_dir=str(tmp_path), max_steps=1, batch_size=4, lr=1e-3, warmup_steps=0, eval_every=1,
+                     ckpt_every=0, log_every=0, weight_decay=0.0, device="cpu", kernels="reference", seed=0)
+    result = train_dpo(policy, ref, tok, one * 4, held_out, args, beta=beta, loss_type=kind, label_smoothing=eps)
+    assert result["first_loss"] == pytest.approx(pair_loss, rel=1e-4)
+    first = MetricsLog(tmp_path / "metrics.jsonl").rows()[0]
+    assert first["step"] == 0
+    print(f"{kind}: pair loss {pair_loss:.4f}, held-out margins {[round(m, 3) for m in val_margins]}")
+    assert first["val_loss"] == pytest.approx(sum(val_losses) / len(val_losses), rel=1e-4)
+    assert first["val_margin"] == pytest.approx(sum(val_margins) / len(val_margins), rel=1e-4)
