@@ -1989,7 +1989,9 @@ def test_dpo_refuses_a_label_smoothing_it_cannot_use(tmp_path, capsys):
                         (["--label-smoothing", "-0.1"], "--label-smoothing must be in [0, 0.5)"),
                         (["--loss-type", "ipo", "--label-smoothing", "0.1"],
                          "--label-smoothing is the sigmoid loss's (cDPO); --loss-type ipo has none")):
-        assert main(["dpo", "--model", "tiny", "--out-dir", str(tmp_path / "d"), *extra]) == 2
+        # one short step, not the default 300: a regression here fails in seconds, not minutes
+        assert main(["dpo", "--model", "tiny", "--num-pairs", "8", "--max-steps", "1", "--out-dir", str(tmp_path / "d"),
+                     *extra]) == 2
         assert said in capsys.readouterr().err
         assert not (tmp_path / "d").exists()
 
@@ -2134,3 +2136,56 @@ def test_train_dpo_trains_and_evaluates_the_loss_type_and_smoothing_it_is_given(
     print(f"{kind}: pair loss {pair_loss:.4f}, held-out margins {[round(m, 3) for m in val_margins]}")
     assert first["val_loss"] == pytest.approx(sum(val_losses) / len(val_losses), rel=1e-4)
     assert first["val_margin"] == pytest.approx(sum(val_margins) / len(val_margins), rel=1e-4)
+
+
+def test_dpo_refuses_an_unknown_loss_type_or_a_smoothing_it_cannot_use_by_name(data, tmp_path):
+    """dpo_loss and train_dpo name the flag of a loss type they do not know (dpo_loss falls back to no
+    loss), and train_dpo refuses before it writes anything; a smoothing that is nan, out of [0, 0.5),
+    or given to a loss without one (hinge as well as ipo) is refused too."""
+    from tritongpt.train.dpo import check_beta, dpo_loss, train_dpo
+
+    tok, train, _ = data
+    g = torch.Generator().manual_seed(5)
+    policy_logp, ref_logp = -5 * torch.rand(6, generator=g), -5 * torch.rand(6, generator=g)
+    policy = GPTModel(tiny_config(tok.vocab_size))
+    args = TrainArgs(out_dir=str(tmp_path / "d"), max_steps=1, batch_size=2, lr=1e-3, warmup_steps=0, eval_every=0,
+                     ckpt_every=0, log_every=0, weight_decay=0.0, device="cpu", kernels="reference", seed=0)
+    for bad in ("dpo", "IPO", "ipo_mean", ""):
+        said = f"--loss-type must be one of sigmoid, hinge, ipo, got {bad!r}"
+        with pytest.raises(UserError, match=re.escape(said)):
+            dpo_loss(policy_logp, ref_logp, 0.1, bad)
+        with pytest.raises(UserError, match=re.escape(said)):
+            train_dpo(policy, copy.deepcopy(policy), tok, train[:4], None, args, loss_type=bad)
+        assert not (tmp_path / "d").exists()
+    no_smoothing = "--label-smoothing is the sigmoid loss's (cDPO); --loss-type {} has none"
+    for kind, eps, said in (("sigmoid", float("nan"), "--label-smoothing must be in [0, 0.5)"),
+                            ("sigmoid", 0.5, "--label-smoothing must be in [0, 0.5)"),
+                            ("hinge", 0.1, no_smoothing.format("hinge")), ("ipo", 0.1, no_smoothing.format("ipo"))):
+        with pytest.raises(UserError, match=re.escape(said)):
+            check_beta(0.1, kind, eps)
+        with pytest.raises(UserError, match=re.escape(said)):
+            train_dpo(policy, copy.deepcopy(policy), tok, train[:4], None, args, loss_type=kind, label_smoothing=eps)
+        assert not (tmp_path / "d").exists()
+    check_beta(0.1, "sigmoid", 0.49)  # the bounds it takes
+    check_beta(0.1, "hinge", 0.0)
+
+
+def test_dpo_cli_hands_its_loss_type_and_label_smoothing_to_training(tmp_path, monkeypatch, capsys):
+    """The flags reach train_dpo (the defaults: sigmoid, no smoothing); a bad one is refused by name
+    before the set-up."""
+    import tritongpt.train.dpo as dpo
+    from tritongpt.cli import main
+
+    seen = []
+    monkeypatch.setattr(dpo, "train_dpo", lambda *a, **kw: seen.append((kw["loss_type"], kw["label_smoothing"])) or {})
+    common = ["dpo", "--model", "tiny", "--num-pairs", "8", "--max-steps", "1", "--device", "cpu",
+              "--out-dir", str(tmp_path / "d")]
+    for extra, want in (([], ("sigmoid", 0.0)), (["--loss-type", "hinge"], ("hinge", 0.0)),
+                        (["--loss-type", "ipo"], ("ipo", 0.0)), (["--label-smoothing", "0.3"], ("sigmoid", 0.3))):
+        assert main([*common, *extra]) == 0
+        assert seen.pop() == want
+    assert main([*common, "--label-smoothing", "nan"]) == 2
+    assert "--label-smoothing must be in [0, 0.5)" in capsys.readouterr().err
+    assert main([*common, "--loss-type", "hinge", "--label-smoothing", "0.1"]) == 2
+    assert "--loss-type hinge has none" in capsys.readouterr().err
+    assert not seen
