@@ -253,7 +253,9 @@ def resolve_checkpoint(path) -> Path:
     if (p / "model.safetensors").is_file():
         return p / "model.safetensors"
     if (p / "adapter_config.json").is_file():
-        for name in ("adapter_model.safetensors", "adapter_model.bin"):
+        from tritongpt.train.gpt2_weights import ADAPTER_FILES
+
+        for name in ADAPTER_FILES:
             if (p / name).is_file():
                 return p / name
     latest = Checkpointer(p).latest()

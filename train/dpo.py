@@ -38,6 +38,7 @@ from tritongpt.train.preference import encode_pairs, pair_batch, sequence_logpro
 
 
 LOSS_TYPES = ("sigmoid", "hinge", "ipo")
+PER_TOKEN = ("ipo",)  # the losses on each response's mean per-token log-prob, not the sum
 
 
 def dpo_loss(policy_logp, ref_logp, beta: float, loss_type: str = "sigmoid", label_smoothing: float = 0.0):
@@ -96,7 +97,7 @@ class DPOData:
 def make_loss_fn(beta: float, loss_type: str = "sigmoid", label_smoothing: float = 0.0):
     def loss_fn(model, batch):
         idx, mask, ref = batch
-        return dpo_loss(response_logprobs(model, idx, mask, loss_type == "ipo"), ref, beta, loss_type,
+        return dpo_loss(response_logprobs(model, idx, mask, loss_type in PER_TOKEN), ref, beta, loss_type,
                         label_smoothing)[0]
 
     return loss_fn
@@ -112,7 +113,7 @@ def dpo_metrics(model, data: DPOData, beta: float, limit: int | None = None, bat
     for i in range(0, n, batch_size):
         rows = list(range(i, min(n, i + batch_size)))
         idx, mask, ref = data.batch(rows, device)
-        lp = response_logprobs(model, idx, mask, loss_type == "ipo").float()
+        lp = response_logprobs(model, idx, mask, loss_type in PER_TOKEN).float()
         l, m = dpo_loss(lp, ref, beta, loss_type, label_smoothing)
         pc, pr = lp.chunk(2)
         c, r = ref.chunk(2)
@@ -148,7 +149,7 @@ def train_dpo(policy, ref, tokenizer, train_pairs, val_pairs, args, beta: float 
     from tritongpt.train.loop import Trainer
 
     check_beta(beta, loss_type, label_smoothing)
-    mean = loss_type == "ipo"
+    mean = loss_type in PER_TOKEN
     device = common.pick_device(args.device)
     dtype = common.pick_dtype(args.dtype, device)
     ctx = policy.config.context_length

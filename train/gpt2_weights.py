@@ -274,7 +274,9 @@ def export_gpt2(model: GPTModel, out_dir, eos_token_id: int | None = None, overw
 
 # -- a LoRA run's update as a peft adapter -------------------------------------------------------
 _PEFT_MODULES = {"attn": ("attn.c_attn", "attn.c_proj"), "mlp": ("mlp.c_fc", "mlp.c_proj")}
-_OURS = {"attn.c_proj": "att.out_proj", "mlp.c_fc": "ff.fc1", "mlp.c_proj": "ff.fc2"}
+# each Hugging Face Conv1D a peft adapter may adapt, and our Linears it is, side by side (c_attn: q, k, v)
+HF_LINEARS = {"attn.c_attn": ("att.W_query", "att.W_key", "att.W_value"), "attn.c_proj": ("att.out_proj",),
+              "mlp.c_fc": ("ff.fc1",), "mlp.c_proj": ("ff.fc2",)}
 
 
 def peft_adapter(model: GPTModel, base: str) -> tuple:
@@ -298,11 +300,8 @@ def peft_adapter(model: GPTModel, base: str) -> tuple:
     for i in range(cfg.n_layer):
         ours, theirs = f"trf_blocks.{i}.", f"base_model.model.transformer.h.{i}."
         for module in (m for t in targets for m in _PEFT_MODULES[t]):
-            if module == "attn.c_attn":
-                qkv = [ups[ours + f"att.{n}"] for n in ("W_query", "W_key", "W_value")]
-                a, b = torch.cat([u.lora_A for u in qkv]), torch.block_diag(*[u.lora_B for u in qkv])
-            else:
-                a, b = ups[ours + _OURS[module]].lora_A, ups[ours + _OURS[module]].lora_B
+            parts = [ups[ours + n] for n in HF_LINEARS[module]]  # one, or c_attn's three
+            a, b = torch.cat([u.lora_A for u in parts]), torch.block_diag(*[u.lora_B for u in parts])
             tensors[theirs + module + ".lora_A.weight"], tensors[theirs + module + ".lora_B.weight"] = a, b
     alpha = int(cfg.lora_alpha) if float(cfg.lora_alpha).is_integer() else cfg.lora_alpha
     qkv_pattern = "attn" in targets
@@ -393,8 +392,8 @@ def export_peft_adapter(model: GPTModel, out_dir, base: str) -> list:
 
 # -- and back: a peft LoRA adapter for GPT-2, merged into its base ------------------------------
 ADAPTER_FILES = ("adapter_model.safetensors", "adapter_model.bin")
-_ADAPTER_KEY = re.compile(r"base_model\.model\.(?:transformer\.)?h\.(\d+)\.(attn\.c_attn|attn\.c_proj|mlp\.c_fc|"
-                          r"mlp\.c_proj)\.lora_([AB])(?:\.default)?\.weight")
+_ADAPTER_KEY = re.compile(r"base_model\.model\.(?:transformer\.)?h\.(\d+)\.(" + "|".join(map(re.escape, HF_LINEARS))
+                          + r")\.lora_([AB])(?:\.default)?\.weight")
 
 
 def adapter_folder(path) -> Path | None:
@@ -436,11 +435,7 @@ def load_peft_adapter(folder, base: str | None = None) -> GPTModel:
         except Exception as e:
             raise UserError(f"{files[0]}: not a readable PyTorch weights file ({type(e).__name__}: {e})") from None
     else:
-        try:
-            from safetensors.torch import load_file
-            tensors = load_file(str(files[0]))
-        except Exception as e:
-            raise unreadable_safetensors(files[0], e) from None
+        tensors = _read_tensors(files[0])  # its keys start base_model.: no "transformer." to strip
     name = base if base is not None else config.get("base_model_name_or_path")
     if not name:
         raise UserError(f"{cfg_path} names no base_model_name_or_path: pass the base model")
@@ -465,12 +460,7 @@ def load_peft_adapter(folder, base: str | None = None) -> GPTModel:
             r, alpha = _pattern_value(config.get("rank_pattern"), full, r0), \
                 _pattern_value(config.get("alpha_pattern"), full, alpha0)
             scale = alpha / (r ** 0.5 if config.get("use_rslora") else r)
-            block = model.trf_blocks[layer]
-            if module == "attn.c_attn":
-                targets = [block.att.W_query, block.att.W_key, block.att.W_value]
-            else:
-                targets = [{"attn.c_proj": block.att.out_proj, "mlp.c_fc": block.ff.fc1,
-                            "mlp.c_proj": block.ff.fc2}[module]]
+            targets = [model.trf_blocks[layer].get_submodule(n) for n in HF_LINEARS[module]]
             out_f, in_f = sum(t.weight.shape[0] for t in targets), targets[0].weight.shape[1]
             if a.ndim != 2 or b.ndim != 2 or a.shape[1] != in_f or b.shape[0] != out_f or a.shape[0] != b.shape[1]:
                 raise UserError(f"{where}: lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)} do not make an "
