@@ -276,7 +276,7 @@ def test_chat_preference_pairs_encode_their_prompt_as_sft_does(tmp_path):
     want = formats.encode_prompt(tok, formats.prompt_parts(sft_rec))
     enc = encode_pairs([a], tok, 200)[0]
     assert enc.prompt == want and enc.chosen == [ord("3"), EOT] and enc.rejected == [ord("4"), EOT]
-    assert prompt_ids([a, b], tok, 200) == [want]  # one prompt, once
+    assert prompt_ids([a.prompt, b.prompt], tok, 200) == [want]  # one prompt, once
     # a single-turn chat's prompt is one text, as a string prompt is
     one = {"prompt": [{"role": "user", "content": "Q"}], "chosen": [{"role": "assistant", "content": "a"}],
            "rejected": [{"role": "assistant", "content": "b"}]}

@@ -1478,9 +1478,9 @@ def test_rl_prompt_ids_keep_each_prompt_once_and_up_to_the_room_left():
         def encode(self, text, allowed_special="none_raise"):
             return [ord(c) - ord("a") for c in text]
 
-    pairs = [PreferencePair(p, "x", "y") for p in ("abc", "abcd", "ab", "abc", "abcde", "ba", "ab")]
-    assert prompt_ids(pairs, Chars(), 4) == [[0, 1, 2], [0, 1, 2, 3], [0, 1], [1, 0]]
-    assert prompt_ids(pairs, Chars(), 2) == [[0, 1], [1, 0]]
+    prompts = ["abc", "abcd", "ab", "abc", "abcde", "ba", "ab"]
+    assert prompt_ids(prompts, Chars(), 4) == [[0, 1, 2], [0, 1, 2, 3], [0, 1], [1, 0]]
+    assert prompt_ids(prompts, Chars(), 2) == [[0, 1], [1, 0]]
 
 
 def _stub_rollout(tmp_path, monkeypatch, responses, scores_per_call, **kw):
@@ -1888,8 +1888,8 @@ def test_a_grpo_update_on_verified_rollouts_favours_the_right_answers(data, tmp_
 
 def test_rlhf_cli_with_the_task_verifier(tmp_path, capsys):
     """`rlhf --reward tasks`: the eval reward is the held-out exact-match rate (a multiple of one
-    over the responses scored), printed as such; a resume finds the same verifier; --data files
-    have no verifier and are refused."""
+    over the responses scored), printed as such; a resume finds the same verifier, and one with
+    another verifier is refused, as is `number` where a reference answer has no number."""
     from tritongpt.cli import main
 
     init = tmp_path / "init.safetensors"
@@ -1901,17 +1901,34 @@ def test_rlhf_cli_with_the_task_verifier(tmp_path, capsys):
             "--device", "cpu", "--out-dir", str(tmp_path / "run")]
     assert main([*argv, "--iterations", "1"]) == 0
     out = capsys.readouterr().out
-    assert "rlhf (grpo): eval exact match (the task verifier's reward)" in out
+    assert "rlhf (grpo): eval exact match (the verifier's reward)" in out
     rows = MetricsLog(tmp_path / "run" / "metrics.jsonl").rows()
     evals = [r["eval_reward"] for r in rows if "eval_reward" in r]
     assert evals and all(abs(v * 6 - round(v * 6)) < 1e-9 and 0 <= v <= 1 for v in evals)
     assert main([*argv, "--iterations", "2", "--resume"]) == 0
+    assert main([*argv[:6], "exact", *argv[7:], "--iterations", "3", "--resume"]) == 0  # `tasks` is `exact`
     capsys.readouterr()
-    data = tmp_path / "pairs.jsonl"
-    data.write_text(json.dumps({"prompt": "Say hi.", "chosen": "hi", "rejected": "no"}) + "\n")
-    assert main([*argv, "--data", str(data), "--out-dir", str(tmp_path / "other")]) == 2
-    assert f"--reward tasks checks answers to the embedded tasks; --data {data} has no verifier" in \
-        capsys.readouterr().err
+    nums = tmp_path / "sums.jsonl"
+    nums.write_text("".join(json.dumps({"prompt": f"{a} plus {b} is", "completion": f" {a + b}"}) + "\n"
+                            for a in range(6) for b in range(5)))
+    assert main([*argv[:6], "exact", *argv[7:], "--data", str(nums), "--iterations", "1",
+                 "--out-dir", str(tmp_path / "sums")]) == 0
+    capsys.readouterr()
+    assert main([*argv[:6], "number", *argv[7:], "--data", str(nums), "--iterations", "2",
+                 "--out-dir", str(tmp_path / "sums"), "--resume"]) == 2
+    assert "was judged by --reward exact, not --reward number: pass the same --reward" in capsys.readouterr().err
+    state_file = tmp_path / "sums" / "ckpt-0000001" / "state.pt"
+    state = torch.load(state_file, weights_only=False)
+    assert state["args"].pop("verifier") == "exact"  # as stop 27's runs saved it: no name, no weights
+    torch.save(state, state_file)
+    assert main([*argv[:6], "number", *argv[7:], "--data", str(nums), "--iterations", "2",
+                 "--out-dir", str(tmp_path / "sums"), "--resume"]) == 2
+    assert "was judged by --reward exact, not --reward number" in capsys.readouterr().err
+    # the embedded tasks' answers are words too: `number` would score them all 0
+    assert main([*argv[:6], "number", *argv[7:], "--out-dir", str(tmp_path / "other")]) == 2
+    err = capsys.readouterr().err
+    assert "--reward number: the reference answer" in err and "has no number" in err
+    assert not (tmp_path / "other").exists()
 
 
 # -- DPO's other losses: --loss-type hinge | ipo, --label-smoothing (cDPO) ---------------------------
@@ -2054,12 +2071,120 @@ def test_rlhf_cli_verifier_knows_every_prompts_chosen_answer_and_a_tasks_folder_
     assert isinstance(judge, rlhf.TaskReward)
     tok = get_tokenizer("default")
     train, val = train_val_pairs(None, 30, 0.3, 3)
-    assert judge.answers == {tuple(encode_prompt(tok, p.prompt)): p.chosen for p in train + val}
+    assert judge.answers == {tuple(encode_prompt(tok, p.prompt)): (p.chosen,) for p in train + val}
     assert all(p.chosen != p.rejected for p in train + val)
     assert seen["prompts"] and all(tuple(p) in judge.answers for p in seen["prompts"])
     assert main(["rlhf", "--reward", "./tasks", "--out-dir", "b", *common]) == 0
     assert isinstance(seen["judge"], RewardModel)
     capsys.readouterr()
+
+
+# -- verifiers on a user's data: --reward exact | number --data FILE --------------------------------
+def test_the_number_verifier_compares_last_numbers():
+    """GSM8K's reading: the last number of the response against the reference's (its `#### 72`),
+    thousands commas dropped, 72 = 72.0; a sign, another number, or none is wrong."""
+    from tritongpt.train.tasks import last_number, number_match
+
+    gold = "Natalia sold 48 clips in April and 24 in May, 48 + 24 = 72.\n#### 72"
+    right = ["72", " The answer is 72.", "48+24=72.0", "so: #### 72\n", "1,072 minus 1,000 is 72"]
+    wrong = ["", "no idea", "-72", "72 is not it, 73", "720", "7.2", "72,000"]
+    assert [number_match(r, gold) for r in right] == [True] * len(right)
+    assert [number_match(r, gold) for r in wrong] == [False] * len(wrong)
+    assert number_match("it is 1234567", "1,234,567") and number_match("-0.50", "so -0.5")
+    assert last_number("no digits") is None and not number_match("3", "three")  # no reference number: no match
+    assert number_match(None, "3") is False and last_number("12,34") == 34
+
+
+def test_a_verifier_takes_any_of_a_prompts_answers_and_its_match():
+    """TaskReward with a tuple of answers scores 1 for any of them, by the match it is given."""
+    from tritongpt.train.rlhf import TaskReward
+    from tritongpt.train.tasks import number_match
+
+    tok = WordTokenizer(["what is six times seven ? what is one plus one ? 42 forty two 2 two the answer is"])
+    p1, p2, eot = tok.encode("what is six times seven ?"), tok.encode("what is one plus one ?"), tok.eot_id
+    verifier = TaskReward(tok, {tuple(p1): ["42", "forty two"], tuple(p2): "2"}, tiny_config(tok.vocab_size))
+    number = TaskReward(tok, {tuple(p1): ("forty two 42",), tuple(p2): "two 2"}, tiny_config(tok.vocab_size),
+                        match=number_match)
+    cases = [(p1, "42", 1.0, 1.0), (p1, "forty two", 1.0, 0.0), (p1, "the answer is 42", 0.0, 1.0),
+             (p2, "2", 1.0, 1.0), (p2, "42", 0.0, 0.0), (p2, "two", 0.0, 0.0)]
+    rows = [p + tok.encode(r) + [eot] for p, r, _, _ in cases]
+    width = max(map(len, rows))
+    idx = torch.tensor([r + [eot] * (width - len(r)) for r in rows])
+    lengths, prompt_lens = torch.tensor([len(r) for r in rows]), torch.tensor([len(p) for p, *_ in cases])
+    assert verifier(idx, lengths, prompt_lens).tolist() == [e for *_, e, _ in cases]
+    assert number(idx, lengths, prompt_lens).tolist() == [n for *_, n in cases]
+
+
+@pytest.mark.parametrize("kind", ["completion", "alpaca", "messages", "conversational", "preference"])
+def test_rlhf_cli_verifies_a_data_files_reference_answers(kind, tmp_path, capsys, monkeypatch):
+    """--reward exact|number --data FILE: the references are SFT records' completions (any format)
+    or preference pairs' chosen answers; a prompt given twice takes either answer; the trainer gets
+    the file's prompts, as SFT renders them, split by prompt, and the prompt format."""
+    import tritongpt.train.rlhf as rlhf
+    from tritongpt.cli import main
+    from tritongpt.model.config import get_config
+    from tritongpt.train import formats
+    from tritongpt.train.formats import encode_prompt
+    from tritongpt.train.sft import read_records, split_records
+    from tritongpt.train.tasks import exact_match, number_match
+    from tritongpt.train.tokenizer import get_tokenizer
+
+    def record(q, a):
+        return {"completion": {"prompt": q, "completion": a},
+                "alpaca": {"instruction": q, "input": "", "output": a},
+                "messages": {"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]},
+                "conversational": {"prompt": [{"role": "user", "content": q}],
+                                   "completion": [{"role": "assistant", "content": a}]},
+                "preference": {"prompt": q, "chosen": a, "rejected": a + " or so"}}[kind]
+
+    qa = [(f"What is {a} times {b}?", f"{a} x {b} = {a * b}") for a in range(2, 7) for b in range(3, 7)]
+    qa.append((qa[0][0], "It is 6."))  # a second reference for the first prompt
+    data = tmp_path / "qa.jsonl"
+    data.write_text("".join(json.dumps(record(q, a)) + "\n" for q, a in qa))
+    torch.manual_seed(0)
+    init = tmp_path / "init.safetensors"
+    GPTModel(get_config("tiny", vocab_size=4100, n_layer=1)).save(init)
+    seen = {}
+
+    class Stub:
+        def __init__(self, policy, ref, reward_model, prompts, eval_prompts, eot_id, args, **kw):
+            seen.update(judge=reward_model, prompts=prompts, eval_prompts=eval_prompts, **kw)
+
+        def fit(self):
+            return {"first_eval_reward": 0.0, "eval_reward": 0.0, "eval_kl": 0.0, "checkpoint": None}
+
+    monkeypatch.setattr(rlhf, "RLHFTrainer", Stub)
+    tok = get_tokenizer("default")
+    if kind == "preference":
+        pairs = read_preference_file(data)
+        prompts = [p.prompt for p in pairs]
+        train, val = [[p.prompt for p in ps] for ps in split_pairs(pairs, 0.2)]
+    else:
+        records = read_records(data)
+        prompts = [formats.as_prompt(formats.prompt_parts(r)) for r in records]
+        train, val = [[formats.as_prompt(formats.prompt_parts(r)) for r in rs] for rs in split_records(records, 0.2)]
+    for reward, match in (("exact", exact_match), ("number", number_match)):
+        argv = ["rlhf", "--init", str(init), "--reward", reward, "--data", str(data), "--val-fraction", "0.2",
+                "--device", "cpu", "--out-dir", str(tmp_path / reward)]
+        assert main(argv) == 0
+        assert f"eval {'exact' if reward == 'exact' else 'final-number'} match (the verifier's reward)" in \
+            capsys.readouterr().out
+        judge = seen["judge"]
+        assert isinstance(judge, rlhf.TaskReward) and judge.match is match
+        def ids(ps):
+            return list(dict.fromkeys(tuple(encode_prompt(tok, p)) for p in ps))
+
+        want = {}
+        for key, (_, answer) in zip([tuple(encode_prompt(tok, p)) for p in prompts], qa):
+            want[key] = want.get(key, ()) + (answer,)
+        assert judge.answers == want and len(want) == len(qa) - 1
+        assert judge.answers[tuple(encode_prompt(tok, prompts[0]))] == (qa[0][1], "It is 6.")
+        assert [tuple(p) for p in seen["prompts"]] == ids(train)
+        assert [tuple(p) for p in seen["eval_prompts"]] == ids(val)[:16]
+        assert val and set(map(tuple, seen["eval_prompts"])).isdisjoint(map(tuple, seen["prompts"]))
+        formats_of = {"completion": "completion", "alpaca": "alpaca", "preference": "completion"}
+        assert seen["prompt_format"] == formats_of.get(kind, "chat")
+        assert seen["run_args"]["verifier"] == reward
 
 
 def _dpo_pairs_by_hand(policy, ref, enc, beta, kind, eps):

@@ -30,10 +30,13 @@ kl_coef * k3 per token, with the unbiased, always-positive estimator
         k3 = pi_ref/pi - log(pi_ref/pi) - 1
 averaged over each response's tokens and then over responses, as in the paper.
 
-The judge is a reward model from `tritongpt reward`, or, with --reward tasks, a verifier
-(TaskReward): 1 for a response that is the embedded task's exact answer, else 0, as
+The judge is a reward model from `tritongpt reward`, or, with --reward exact or number, a
+verifier (TaskReward): 1 for a response that matches its prompt's reference answer, else 0, as
 DeepSeek-R1-Zero's rule-based rewards and TRL's GRPO reward functions score (RL with verifiable
-rewards). Nothing is learned about the judge then, and eval_reward is an exact-match rate.
+rewards). The references are the embedded tasks' answers, or a --data file's: SFT records'
+completions, or preference pairs' chosen answers. `exact` compares the whole answer, `number`
+its last number (GSM8K's). Nothing is learned about the judge then, and eval_reward is the
+held-out match rate.
 
 Both: --missing-eot-penalty takes a constant off the score of each response that max_new_tokens
 cut before its end-of-text (the reward model never saw an answer end there).
@@ -55,7 +58,7 @@ import torch.nn as nn
 
 from tritongpt.errors import UserError
 from tritongpt.model.gpt import GPTModel
-from tritongpt.train import common
+from tritongpt.train import common, tasks
 from tritongpt.train.generate import generate
 from tritongpt.train.preference import (encode_prompt, model_token_logprobs, next_token_logprobs, pad_sequences,
                                         pick_next_tokens, response_mask, token_logprobs)
@@ -68,7 +71,10 @@ TRAJECTORY_ARGS = ("algo", "prompts_per_iter", "group_size", "max_new_tokens", "
                    "value_clip", "vf_coef", "ent_coef", "gamma", "lam", "seed")
 
 
-TASKS_VERIFIER = "tasks"  # --reward tasks: TaskReward on the embedded tasks
+# --reward NAME: a verifier in the reward model's place (TaskReward); `tasks` is stop 27's name
+# for `exact`, kept. A reward model folder of one of these names is given as ./NAME.
+VERIFIERS = {"exact": tasks.exact_match, "number": tasks.number_match, "tasks": tasks.exact_match}
+MATCHED = {"exact": "exact match", "number": "final-number match", "tasks": "exact match"}
 
 
 def _fingerprint(model) -> tuple:
@@ -299,32 +305,33 @@ def group_advantages(scores, group, eps: float = 1e-4):
 
 class TaskReward(nn.Module):
     """A verifier in the reward model's place (RL with verifiable rewards, as DeepSeek-R1-Zero's
-    rule-based accuracy reward and TRL's GRPO reward functions): 1 for a response that is its
-    prompt's answer (tasks.exact_match: equal after stripping; the text before end-of-text, or
-    all of it where max_new_tokens cut it, as SFT's exact match reads it), else 0. `answers`
-    maps each prompt's token ids to its answer; the scores are exact, so eval_reward is the
-    held-out exact-match accuracy."""
+    rule-based accuracy reward and TRL's GRPO reward functions): 1 for a response that matches
+    its prompt's answer, else 0. The response is the text before end-of-text, or all of it where
+    max_new_tokens cut it, as SFT's exact match reads it. `answers` maps each prompt's token ids
+    to its answer, or to a tuple of answers where a file gives one prompt several (any of them
+    is right); `match(response, answer)` is tasks.exact_match (equal after stripping) unless
+    given. The scores are exact, so eval_reward is the held-out match rate."""
 
-    def __init__(self, tokenizer, answers: dict, config):
+    def __init__(self, tokenizer, answers: dict, config, match=tasks.exact_match):
         super().__init__()
-        self.tokenizer, self.answers = tokenizer, answers
+        self.tokenizer, self.match = tokenizer, match
+        self.answers = {k: (v,) if isinstance(v, str) else tuple(v) for k, v in answers.items()}
         self.config = copy.copy(config)  # the policy's: cmd_rlhf compares the vocabulary and context
 
     def set_kernels(self, kernels):
         pass  # no network to run
 
     def forward(self, idx, lengths, prompt_lens):
-        from tritongpt.train.tasks import exact_match
-
         eot, out = self.tokenizer.eot_id, []
         for row, start, end in zip(idx.tolist(), prompt_lens.tolist(), lengths.tolist()):
             response = row[start:end]
             if eot in response:
                 response = response[:response.index(eot)]
-            gold = self.answers.get(tuple(row[:start]))
-            if gold is None:
+            golds = self.answers.get(tuple(row[:start]))
+            if golds is None:
                 raise UserError("the task verifier got a prompt it has no answer for")
-            out.append(float(exact_match(self.tokenizer.decode(response), gold)))
+            text = self.tokenizer.decode(response)
+            out.append(float(any(self.match(text, gold) for gold in golds)))
         return torch.tensor(out, device=idx.device)
 
 
@@ -586,6 +593,14 @@ class RLHFTrainer:
             if key in state and not _same_fingerprint(state[key], self.frozen_fingerprints[key]):
                 raise UserError(f"--resume: {flag} is not the model {ckpt}'s run started from (its "
                                 f"weights differ): pass the same {flag} as that run")
+        # A verifier has no weights to tell apart; stop 27's runs (no key) verified exact match.
+        no_weights = tuple(state.get("reward_fingerprint", ())) == (0.0, 0.0)
+        was, now = state.get("args", {}).get("verifier", "exact" if no_weights else None), self.run_args.get("verifier")
+        if "verifier" in self.run_args and was != now:
+            def judge(v):
+                return f"--reward {v}" if v else "a reward model"
+            raise UserError(f"--resume: {ckpt}'s run was judged by {judge(was)}, not {judge(now)}: pass the same "
+                            f"--reward as that run")
         common.load_checkpoint_weights(self.policy, ckpt, self.device, self.policy.config, "policy")
         common.check_resume(ckpt, state, {**vars(self.args), **self.run_args}, TRAJECTORY_ARGS + tuple(self.run_args),
                             "iteration", "--iterations",
@@ -673,21 +688,45 @@ class RLHFTrainer:
 
 
 # -- CLI ----------------------------------------------------------------------------------------
-def prompt_ids(pairs, tokenizer, room: int) -> list:
-    """Unique prompts of preference pairs as token lists that leave `room` tokens of context."""
+def prompt_ids(prompts, tokenizer, room: int) -> list:
+    """Unique prompts (texts, or a chat's parts) as token lists that leave `room` tokens of context."""
     seen, out = set(), []
-    for p in pairs:
-        if p.prompt in seen:
+    for p in prompts:
+        if p in seen:
             continue
-        seen.add(p.prompt)
-        ids = encode_prompt(tokenizer, p.prompt)
+        seen.add(p)
+        ids = encode_prompt(tokenizer, p)
         if ids and len(ids) <= room:
             out.append(ids)
     return out
 
 
-def cmd_rlhf(args):
+def verified_prompts(source, n: int, val_fraction: float, seed: int, verifier: str):
+    """(train, held-out) lists of (prompt, reference answer, prompt format) for a verifier: the
+    embedded tasks' pairs or a preference file's (the chosen answer: the task's right one), or SFT
+    records of any format (the completion), split by prompt as `sft` splits them. `number` needs a
+    number in every reference: one without would score every response 0."""
+    from tritongpt.train import formats, sft
     from tritongpt.train.preference import is_embedded, train_val_pairs
+
+    if is_embedded(source) or any(isinstance(rec, dict) and "chosen" in rec
+                                  for _, rec in sft.read_json_records(source)[:1]):
+        splits = [[(p.prompt, p.chosen, p.format) for p in ps]
+                  for ps in train_val_pairs(source, n, val_fraction, seed)]
+    else:
+        splits = [[(formats.as_prompt(formats.prompt_parts(r)), r["output"], formats.format_of(r)) for r in rs]
+                  for rs in sft.split_records(sft.read_records(source), val_fraction)]
+    if VERIFIERS[verifier] is tasks.number_match:
+        for prompt, answer, _ in splits[0] + splits[1]:
+            if tasks.last_number(answer) is None:
+                raise UserError(f"--reward {verifier}: the reference answer {answer[:60]!r} (to the prompt "
+                                f"{formats.prompt_key(prompt)[:60]!r}) has no number; `number` compares the "
+                                f"last numbers (--reward exact compares whole answers)")
+    return splits
+
+
+def cmd_rlhf(args):
+    from tritongpt.train.preference import train_val_pairs
     from tritongpt.train.reward import RewardModel, build_backbone, data_run_args
     from tritongpt.train.sft import pick_tokenizer
     from tritongpt.train.tokenizer import save_run_tokenizer
@@ -703,13 +742,14 @@ def cmd_rlhf(args):
     common.set_seed(a.seed)
     device = common.pick_device(a.device)
     if not args.reward:
-        raise UserError("--reward is required: a reward model checkpoint from `tritongpt reward`, or `tasks` "
-                        "(the embedded tasks' verifier)")
-    verify = args.reward == TASKS_VERIFIER
-    if verify and not is_embedded(args.data):
-        raise UserError(f"--reward {TASKS_VERIFIER} checks answers to the embedded tasks; --data {args.data} has "
-                        "no verifier: score it with a reward model")
-    train_pairs, val_pairs = train_val_pairs(args.data, args.num_pairs, args.val_fraction, a.seed)
+        raise UserError("--reward is required: a reward model checkpoint from `tritongpt reward`, or a verifier: "
+                        "`exact` or `number`")
+    verify = args.reward in VERIFIERS
+    if verify:  # (prompt, reference answer, format) triples
+        train, val = verified_prompts(args.data, args.num_pairs, args.val_fraction, a.seed, args.reward)
+    else:
+        train, val = [[(p.prompt, p.chosen, p.format) for p in ps]
+                      for ps in train_val_pairs(args.data, args.num_pairs, args.val_fraction, a.seed)]
     policy = build_backbone(args)
     reward_model = None if verify else RewardModel.load(args.reward, map_location=device)
     ref = copy.deepcopy(policy)
@@ -719,19 +759,23 @@ def cmd_rlhf(args):
         raise UserError(f"reward model vocab ({reward_model.config.vocab_size}) differs from the "
                         f"policy's ({policy.config.vocab_size}): they must share a tokenizer")
     tok = pick_tokenizer(args.tokenizer, args.init, policy.config.vocab_size)
-    if verify:  # the embedded pairs' chosen answer is the task's right one
-        answers = {tuple(encode_prompt(tok, p.prompt)): p.chosen for p in train_pairs + val_pairs}
-        reward_model = TaskReward(tok, answers, policy.config)
+    if verify:
+        answers = {}
+        for prompt, answer, _ in train + val:  # a prompt a file gives several answers takes any of them
+            answers.setdefault(tuple(encode_prompt(tok, prompt)), []).append(answer)
+        reward_model = TaskReward(tok, answers, policy.config, match=VERIFIERS[args.reward])
     save_run_tokenizer(tok, a.out_dir)
     room = min(policy.config.context_length, reward_model.config.context_length) - a.max_new_tokens
-    prompts = prompt_ids(train_pairs, tok, room)
-    eval_prompts = prompt_ids(val_pairs or train_pairs, tok, room)[:a.eval_prompts]
+    prompts = prompt_ids([p for p, _, _ in train], tok, room)
+    eval_prompts = prompt_ids([p for p, _, _ in val or train], tok, room)[:a.eval_prompts]
+    run_args = {**data_run_args(args), "verifier": ("exact" if args.reward == "tasks" else args.reward) if verify
+                else None}
     trainer = RLHFTrainer(policy, ref, reward_model, prompts, eval_prompts, tok.eot_id, a,
-                          run_args=data_run_args(args), prompt_format=train_pairs[0].format)
+                          run_args=run_args, prompt_format=train[0][2])
     result = trainer.fit()
     before = result["first_eval_reward"]
     before = "(resumed)" if before is None else f"{before:.4f}"
-    what = "eval exact match (the task verifier's reward)" if verify else "eval reward"
+    what = f"eval {MATCHED[args.reward]} (the verifier's reward)" if verify else "eval reward"
     print(f"rlhf ({a.algo}): {what} {before} -> {result['eval_reward']:.4f}, "
           f"KL to reference {result['eval_kl']:.4f} nats/response (a sampled estimate: "
           f"near 0 it can come out negative); checkpoint {result['checkpoint']}")
@@ -783,9 +827,12 @@ def add_cli(sub):
     add_vocab_multiple_arg(p, None, "as the --init model has them")
     add_lora_args(p)
     p.add_argument("--reward", help="reward model checkpoint (from `tritongpt reward`): file, checkpoint or run "
-                                    f"folder; or `{TASKS_VERIFIER}`: the embedded tasks' verifier, 1 for an "
-                                    "exact-match answer and 0 otherwise (RL with verifiable rewards; a folder of "
-                                    "that name: ./tasks)")
+                                    "folder; or a verifier, 1 for a response that matches its prompt's reference "
+                                    "answer and 0 otherwise (RL with verifiable rewards): `exact` (the whole "
+                                    "answer, stripped; `tasks` is the same) or `number` (its last number, as "
+                                    "GSM8K's `#### 72`). The references: the embedded tasks' answers, or --data's "
+                                    "(SFT records' completions, preference pairs' chosen answers). A folder of "
+                                    "one of those names: ./exact")
     d = RLArgs()
     g = p.add_argument_group("rl")
     g.add_argument("--algo", choices=["ppo", "grpo"], default=d.algo, help="(default %(default)s)")

@@ -20,6 +20,8 @@ pairs with a known winner for reward modelling and DPO.
 """
 import hashlib
 import random
+import re
+from decimal import Decimal
 
 from tritongpt.errors import UserError
 
@@ -193,6 +195,24 @@ def exact_match(pred, gold) -> bool:
     if not isinstance(pred, str) or not isinstance(gold, str):
         return False
     return pred.strip() == gold.strip()
+
+
+# a number as people write one: 1234, 1,234, -3, 0.5 (thousands commas only in groups of three)
+NUMBER = re.compile(r"-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?")
+
+
+def last_number(text):
+    """The last number in a text, as a Decimal (so 72, 72.0 and 72.00 are one number), or None."""
+    found = NUMBER.findall(text) if isinstance(text, str) else []
+    return Decimal(found[-1].replace(",", "")) if found else None
+
+
+def number_match(pred, gold) -> bool:
+    """The math verifier: the response's last number is the reference's last number. A GSM8K
+    answer ends with `#### 72`, and the last number of a worked answer is its result, as
+    lm-eval-harness's flexible extract reads GSM8K; the reasoning before it is not judged."""
+    want = last_number(gold)
+    return want is not None and last_number(pred) == want
 
 
 # -- plausible wrong answers (for preference pairs) ------------------------------------------------
