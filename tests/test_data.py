@@ -681,6 +681,52 @@ def test_a_token_file_is_split_at_the_rounded_fraction(tmp_path):
         assert td.meta["split"] == 17 - n_val and td.meta["val_fraction"] == fraction
 
 
+def test_a_token_files_hash_is_kept_while_its_size_and_time_stand(tmp_path, tok, monkeypatch):
+    """The hash and largest id of a token file are kept beside its size and modification time: a
+    later start with both unchanged takes them without reading the ids (rsync's quick check, as
+    for text); a file changed since is read again, and checked again; an unwritable cache only
+    costs the next start its pass."""
+    import hashlib
+    import json
+    import os
+
+    monkeypatch.setenv("TRITONGPT_CACHE", str(tmp_path / "cache"))
+    ids = np.random.default_rng(4).integers(0, tok.vocab_size, size=777).astype(np.uint16)
+    path = tmp_path / "train.bin"
+    ids.tofile(path)
+    real = hashlib.sha256(ids.tobytes()).hexdigest()
+    assert prepare_tokens(str(path), tok, val_fraction=0.1).meta["source_hash"] == real
+    records = list((tmp_path / "cache" / "ids").glob("*.json"))
+    assert len(records) == 1
+    record = json.loads(records[0].read_text())
+    st = path.stat()
+    assert record == {"stat": [str(path.resolve()), st.st_size, st.st_mtime_ns], "sha256": real,
+                      "max_id": int(ids.max())}
+    records[0].write_text(json.dumps(dict(record, sha256="f" * 64)))  # trusted while the stat stands
+    assert prepare_tokens(str(path), tok, val_fraction=0.1).meta["source_hash"] == "f" * 64
+    ids[5] = tok.vocab_size  # same size, a later time: read, hashed and checked again
+    ids.tofile(path)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))
+    with pytest.raises(UserError, match=rf"token id {tok.vocab_size} is past"):
+        prepare_tokens(str(path), tok)
+    assert json.loads(records[0].read_text())["max_id"] == tok.vocab_size  # the refusal is kept too
+    with pytest.raises(UserError, match=rf"token id {tok.vocab_size} is past"):
+        prepare_tokens(str(path), tok)
+    ids[5] = 1
+    ids.tofile(path)
+    (tmp_path / "blocked").write_text("a file where the cache's folder would be")
+    monkeypatch.setenv("TRITONGPT_CACHE", str(tmp_path / "blocked"))
+    assert prepare_tokens(str(path), tok).meta["source_hash"] == hashlib.sha256(ids.tobytes()).hexdigest()
+    # shards: each keeps its own record, and the folder's hash is made of theirs
+    monkeypatch.setenv("TRITONGPT_CACHE", str(tmp_path / "cache2"))
+    (tmp_path / "shards").mkdir()
+    for name in ("data_train_000000.npy", "data_train_000001.npy", "data_val_000000.npy"):
+        np.save(tmp_path / "shards" / name, ids[:100 + len(name)])
+    first = prepare_tokens(str(tmp_path / "shards"), tok).meta["source_hash"]
+    assert len(list((tmp_path / "cache2" / "ids").glob("*.json"))) == 3
+    assert prepare_tokens(str(tmp_path / "shards"), tok).meta["source_hash"] == first
+
+
 def test_a_token_file_is_read_whole_across_its_pieces(tmp_path, tok):
     """A file over one 2**25-id piece: its hash is that of all its bytes, and an id past the
     tokenizer's is found in any piece: the first's first and last ids, and the last piece's."""
