@@ -554,6 +554,44 @@ def test_hellaswag_is_scored_at_each_evaluation(corpus, tmp_path, capsys):
     assert not any("hellaswag_acc" in r for r in common.MetricsLog(tmp_path / "off" / "metrics.jsonl").rows())
 
 
+def test_under_torchrun_only_a_nodes_first_process_downloads_hellaswag_at_start(corpus, tmp_path, monkeypatch):
+    """LOCAL_RANK 0 downloads the file while checking the flags; a node's other processes check
+    the flags only, and read the file at their first evaluation (after load_splits' barrier)."""
+    import urllib.request
+
+    from tritongpt.errors import UserError
+    from tritongpt.train.loop import TrainArgs
+    from tritongpt.train.pretrain import check_args
+
+    fetched = []
+
+    def fetch(url, to):
+        fetched.append(url)
+        Path(to).write_text("".join(json.dumps({"ctx": f"a {i}", "endings": ["b", "c d", "e", "f"], "label": i % 4})
+                                    + "\n" for i in range(5)))
+
+    monkeypatch.setattr(urllib.request, "urlretrieve", fetch)
+    monkeypatch.setenv("TRITONGPT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    a = parse_args(["--tokenizer", str(corpus.tok), "--hellaswag", "3"])
+    check_args(a, TrainArgs.from_namespace(a))
+    assert fetched == [] and getattr(a, "_hellaswag", None) is None
+    a = parse_args(["--tokenizer", str(corpus.tok), "--hellaswag", "-1"])
+    with pytest.raises(UserError, match="--hellaswag must be >= 0"):  # the flags are still checked first
+        check_args(a, TrainArgs.from_namespace(a))
+    out = tmp_path / "run"
+    assert main(["pretrain", *argv(corpus, out, "--max-steps", "1", "--eval-every", "0", "--sample-every", "0",
+                                   "--hellaswag", "3")]) == 0
+    assert len(fetched) == 1  # at the evaluation
+    rows = [r for r in common.MetricsLog(out / "metrics.jsonl").rows() if "hellaswag_acc" in r]
+    assert rows and all(abs(r["hellaswag_acc"] * 3 - round(r["hellaswag_acc"] * 3)) < 1e-9 for r in rows)
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    monkeypatch.setenv("TRITONGPT_CACHE", str(tmp_path / "cache0"))
+    a = parse_args(["--tokenizer", str(corpus.tok), "--hellaswag", "3"])
+    check_args(a, TrainArgs.from_namespace(a))
+    assert len(fetched) == 2 and len(a._hellaswag) == 3
+
+
 def test_hellaswag_examples_are_the_first_n_read_once_with_a_note_only_when_fewer(tmp_path, capsys):
     from tritongpt.train import hellaswag
     from tritongpt.train.pretrain import hellaswag_examples

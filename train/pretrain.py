@@ -135,7 +135,10 @@ def check_args(args, targs):
         note(f"{args.data} is read as plain text, brackets and keys included (JSON records "
              "are read from .jsonl files, one object per line)")
     check_sampling(args.temperature, args.top_k, flags=True)  # not at the first sample, steps later
-    hellaswag_examples(args)  # a bad flag or file, or no network: now, not at the first evaluation
+    # a bad flag or file, or no network: now, not at the first evaluation. Under torchrun only each
+    # node's first process downloads the file; the others read it at their first evaluation, past
+    # load_splits' barrier, which every process reaches after its node's download
+    hellaswag_examples(args, fetch=common.dist_env()[1] == 0)
     vocab_multiple(args)
     common.set_seed(targs.seed)  # the preset's random weights (and --init tiny's)
     if args.init is not None:
@@ -164,8 +167,9 @@ def check_args(args, targs):
     return model, tok, block, prompt_ids
 
 
-def hellaswag_examples(args) -> list:
-    """--hellaswag's first N examples (read once: later calls return them), [] when it is off."""
+def hellaswag_examples(args, fetch: bool = True) -> list | None:
+    """--hellaswag's first N examples (read once: later calls return them), [] when it is off.
+    fetch=False checks the flags only where the file would be downloaded (None)."""
     from tritongpt.train import hellaswag
 
     if getattr(args, "_hellaswag", None) is not None:
@@ -177,6 +181,8 @@ def hellaswag_examples(args) -> list:
             raise UserError("--hellaswag-data is read with --hellaswag N (how many examples to score)")
         args._hellaswag = []
         return []
+    if args.hellaswag_data is None and not fetch:
+        return None
     path = args.hellaswag_data if args.hellaswag_data is not None else hellaswag.download(flag="--hellaswag-data")
     examples = hellaswag.read_examples(path)
     if len(examples) < args.hellaswag:
@@ -186,12 +192,14 @@ def hellaswag_examples(args) -> list:
 
 
 def hellaswag_eval_fn(examples, tok):
-    """A shared_eval_fn (train/loop.py): HellaSwag's acc and acc_norm on `examples`, each rank
-    scoring its share (under the Trainer's autocast)."""
+    """A shared_eval_fn (train/loop.py): HellaSwag's acc and acc_norm on `examples` (a list, or a
+    function that gives it, called at the first evaluation), each rank scoring its share (under
+    the Trainer's autocast)."""
     from tritongpt.train import hellaswag
 
     def run(model, rank, world_size):
-        result = hellaswag.score(model, tok, examples, rank=rank, world_size=world_size)
+        got = examples() if callable(examples) else examples
+        result = hellaswag.score(model, tok, got, rank=rank, world_size=world_size)
         return {"hellaswag_acc": result["acc"], "hellaswag_acc_norm": result["acc_norm"]}
 
     return run
@@ -273,7 +281,7 @@ def pretrain(args) -> dict:
         return tok.decode(out[0].tolist())
 
     eval_fn = loss_eval_fn(loss_fn, get_eval_batch, targs.eval_batches, seed=targs.seed + 10_000)
-    shared = hellaswag_eval_fn(hellaswag_examples(args), tok) if hellaswag_examples(args) else None
+    shared = hellaswag_eval_fn(lambda: hellaswag_examples(args), tok) if args.hellaswag else None
     trainer = Trainer(model, targs, loss_fn, get_batch, eval_fn=eval_fn, shared_eval_fn=shared,
                       sample_fn=sample_fn if args.sample_tokens > 0 else None,
                       name="pretrain", data_state=DataPosition(args, tok, block, splits),
