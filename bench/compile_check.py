@@ -159,6 +159,12 @@ def capture(quick=False, half="bfloat16"):
                         o, lse = attention._fwd_launch(q, k, k, True, d ** -0.5, p, seed)
                         if tq > 1:  # decode runs forward only
                             attention._bwd_launch(torch.empty_like(o), q, k, k, o, lse, True, d ** -0.5, p, seed)
+                        if tq > 1 and d == 64:  # packed documents (GPT-2's head dim): their own binaries
+                            case[0] += " documents"
+                            starts = torch.empty(batch, ATTN_SEQ, dtype=torch.int32, **meta)
+                            o, lse = attention._fwd_launch(q, k, k, True, d ** -0.5, p, seed, starts, starts)
+                            attention._bwd_launch(torch.empty_like(o), q, k, k, o, lse, True, d ** -0.5, p, seed,
+                                                  starts, starts)
     finally:
         JITFunction.run, Autotuner.run, layernorm._sm_count = saved
     return launches

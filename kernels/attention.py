@@ -29,16 +29,23 @@ Algorithm (Dao, "FlashAttention-2", 2023). Per (batch, head), with S = scale * Q
             keep-mask is never stored: entry (bh, i, j) keeps iff tl.rand(seed, (bh*Tq + i)*Tk + j)
             >= p, a counter-based RNG, so the backward regenerates exactly the same mask, and
             `dropout_mask` rebuilds it for tests. Delta = rowsum(O*dO) is still rowsum(P*dP).
+  documents packed documents (doc_ids, causal only): query i sees key j iff starts[i] <= j <= i,
+            starts[i] being where i's run of equal ids begins. The forward and dQ pass skip the KV
+            tiles before the earliest start among a query tile's rows; the dK/dV pass skips the
+            query tiles past the latest end among a key tile's keys. Only tiles that hold a
+            document boundary pay for the extra mask; a row that sees nothing of its first
+            visited tile keeps its running max at -inf and exponentiates against 0 there.
   head dim  16, 32, 64, 80, 96, 128; 80 and 96 are padded to 128 inside the kernel with masks.
   NaN/inf   in q or k behave as in PyTorch; a NaN in v reaches the rows whose visited KV tiles
             hold it (PyTorch's P @ V spreads it to every row, 0 * NaN; exact math, to the rows
             that attend to it).
 
-Public API: `flash_attention(q, k, v, causal=True, softmax_scale=None, dropout_p=0.0, seed=None)`
-and `dropout_mask(seed, B, H, Tq, Tk, p, device)`. The kernels are registered as the custom
-ops `tritongpt::flash_attn_fwd` / `tritongpt::flash_attn_bwd` (fake impls + register_autograd,
-which plays the role of the autograd.Function), so torch.compile treats the attention as one
-opaque differentiable op instead of tracing into Triton.
+Public API: `flash_attention(q, k, v, causal=True, softmax_scale=None, dropout_p=0.0, seed=None,
+doc_ids=None)`, `document_bounds(doc_ids)` and `dropout_mask(seed, B, H, Tq, Tk, p, device)`.
+The kernels are registered as the custom ops `tritongpt::flash_attn_fwd` /
+`tritongpt::flash_attn_bwd` (fake impls + register_autograd, which plays the role of the
+autograd.Function), so torch.compile treats the attention as one opaque differentiable op
+instead of tracing into Triton.
 """
 import math
 
@@ -97,24 +104,32 @@ def _dropout_keep(seed, rng_base, rows, cols, Tk, dropout_p):
 
 # ----------------------------------------------------------------------------- forward
 @triton.jit
-def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, offs_m, offs_d,
+def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, offs_m, offs_d, q_start,
                lo, hi, Tq, Tk, qk_scale, seed, rng_base, dropout_p, keep_scale,
                HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
                MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-               PRECISION: tl.constexpr):
+               HAS_DOCS: tl.constexpr, PRECISION: tl.constexpr):
     """Stream KV tiles [lo, hi) past one query tile (online softmax, base-2 logits)."""
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         k = _load_rows(k_base, offs_n, Tk, stride_kn, offs_d, HEAD_DIM, BLOCK_D)
         s = dot(q, tl.trans(k), None, PRECISION) * qk_scale
-        if MASKED:  # only tiles on the diagonal or the ragged end of K pay for this
+        if MASKED:  # only tiles on the diagonal, the ragged end of K or a document start pay for this
             valid = offs_n[None, :] < Tk
             if IS_CAUSAL:
                 valid = valid & (offs_n[None, :] <= offs_m[:, None] + (Tk - Tq))
+            if HAS_DOCS:
+                valid = valid & (offs_n[None, :] >= q_start[:, None])
             s = tl.where(valid, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
+        if HAS_DOCS:
+            # A row whose document starts past this tile sees none of it yet: its max stays -inf
+            # and the exponentials take 0 as their base (exp2(-inf - -inf) would be NaN).
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        else:
+            m_use = m_new
+        alpha = tl.exp2(m_i - m_use)
+        p = tl.exp2(s - m_use[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)  # the softmax denominator counts dropped entries too
         acc = acc * alpha[:, None]
         if HAS_DROPOUT:
@@ -143,13 +158,26 @@ def _kv_tile_range(start_m, Tq, Tk, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr
     return full_hi, hi
 
 
+@triton.jit
+def _doc_tile_range(starts, offs_m, Tq, Tk, full_hi, BLOCK_N: tl.constexpr):
+    """Documents (forward and dQ): row i of the query tile sees keys from its document's start,
+    starts[Tk - Tq + i], on. -> (the rows' starts, lo, mid): KV tiles before lo hold no key any
+    row sees (skipped); [lo, mid) hold a document start of some row (masked); from mid on, every
+    row sees every key its causal range allows. lo <= mid <= full_hi."""
+    q_start = tl.load(starts + (Tk - Tq) + offs_m, mask=offs_m < Tq, other=0)
+    lo = tl.min(tl.where(offs_m < Tq, q_start, Tk), 0) // BLOCK_N * BLOCK_N
+    mid = tl.minimum(tl.maximum(tl.cdiv(tl.max(q_start, 0), BLOCK_N) * BLOCK_N, lo), full_hi)
+    return q_start, tl.minimum(lo, full_hi), mid
+
+
 @triton.jit(do_not_specialize=["seed", "H"])
-def _attn_fwd(Q, K, V, O, LSE, seed, qk_scale, dropout_p, keep_scale,
+def _attn_fwd(Q, K, V, O, LSE, STARTS, seed, qk_scale, dropout_p, keep_scale,
               stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
-              stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_om,
+              stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_om, stride_sb,
               H, Tq, Tk, Q_BUCKET,
               HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-              IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr, PRECISION: tl.constexpr):
+              IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr, HAS_DOCS: tl.constexpr,
+              PRECISION: tl.constexpr):
     """Grid (cdiv(Tq, BLOCK_M), H, B). Writes O and the base-2 logsumexp of the scaled scores."""
     start_m = tl.program_id(0) * BLOCK_M
     h, b = tl.program_id(1).to(tl.int64), tl.program_id(2).to(tl.int64)
@@ -169,12 +197,19 @@ def _attn_fwd(Q, K, V, O, LSE, seed, qk_scale, dropout_p, keep_scale,
 
     # Column 0 is visible to every row, so each row's max is finite after the first tile.
     full_hi, hi = _kv_tile_range(start_m, Tq, Tk, BLOCK_M, BLOCK_N, IS_CAUSAL)
+    if HAS_DOCS:  # KV tiles before the first row's document are skipped; [lo, mid) straddle a start
+        q_start, lo, mid = _doc_tile_range(STARTS + b * stride_sb, offs_m, Tq, Tk, full_hi, BLOCK_N)
+        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, offs_m, offs_d,
+                                   q_start, lo, mid, Tq, Tk, qk_scale, seed, rng_base, dropout_p, keep_scale,
+                                   HEAD_DIM, BLOCK_D, BLOCK_N, True, IS_CAUSAL, HAS_DROPOUT, HAS_DOCS, PRECISION)
+    else:
+        q_start, mid = offs_m, 0
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, offs_m, offs_d,
-                               0, full_hi, Tq, Tk, qk_scale, seed, rng_base, dropout_p, keep_scale,
-                               HEAD_DIM, BLOCK_D, BLOCK_N, False, IS_CAUSAL, HAS_DROPOUT, PRECISION)
+                               q_start, mid, full_hi, Tq, Tk, qk_scale, seed, rng_base, dropout_p, keep_scale,
+                               HEAD_DIM, BLOCK_D, BLOCK_N, False, IS_CAUSAL, HAS_DROPOUT, HAS_DOCS, PRECISION)
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, offs_m, offs_d,
-                               full_hi, hi, Tq, Tk, qk_scale, seed, rng_base, dropout_p, keep_scale,
-                               HEAD_DIM, BLOCK_D, BLOCK_N, True, IS_CAUSAL, HAS_DROPOUT, PRECISION)
+                               q_start, full_hi, hi, Tq, Tk, qk_scale, seed, rng_base, dropout_p, keep_scale,
+                               HEAD_DIM, BLOCK_D, BLOCK_N, True, IS_CAUSAL, HAS_DROPOUT, HAS_DOCS, PRECISION)
 
     acc = acc / l_i[:, None]
     _store_rows(o_base, acc, offs_m, Tq, stride_om, offs_d, HEAD_DIM, BLOCK_D)
@@ -198,10 +233,11 @@ def _attn_bwd_preprocess(O, DO, Delta, stride_ob, stride_oh, stride_om, stride_d
 
 
 @triton.jit
-def _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_ptr, delta_ptr, stride_qm, stride_dom,
+def _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_ptr, delta_ptr, starts, stride_qm, stride_dom,
                     offs_n, offs_d, lo, hi, Tq, Tk, qk_scale, seed, rng_base, dropout_p, keep_scale,
                     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
-                    MASKED: tl.constexpr, HAS_DROPOUT: tl.constexpr, PRECISION: tl.constexpr):
+                    MASKED: tl.constexpr, HAS_DROPOUT: tl.constexpr, HAS_DOCS: tl.constexpr,
+                    PRECISION: tl.constexpr):
     """Stream query tiles [lo, hi) past one key tile; work in the transposed [BLOCK_N, BLOCK_M] frame."""
     for start_m in range(lo, hi, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
@@ -212,8 +248,12 @@ def _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_ptr, delta_ptr, stride_qm
         delta = tl.load(delta_ptr + offs_m, mask=offs_m < Tq, other=0.0)
         s_t = dot(k, tl.trans(q), None, PRECISION) * qk_scale
         p_t = tl.exp2(s_t - lse[None, :])
-        if MASKED:  # causal diagonal tiles only (loop bounds guarantee IS_CAUSAL here)
-            p_t = tl.where(offs_n[:, None] <= offs_m[None, :] + (Tk - Tq), p_t, 0.0)
+        if MASKED:  # causal diagonal or document-end tiles only (loop bounds guarantee IS_CAUSAL here)
+            visible = offs_n[:, None] <= offs_m[None, :] + (Tk - Tq)
+            if HAS_DOCS:
+                q_start = tl.load(starts + (Tk - Tq) + offs_m, mask=offs_m < Tq, other=0)
+                visible = visible & (offs_n[:, None] >= q_start[None, :])
+            p_t = tl.where(visible, p_t, 0.0)
         dp_t = dot(v, tl.trans(do), None, PRECISION)
         if HAS_DROPOUT:
             keep = _dropout_keep(seed, rng_base, offs_m[None, :], offs_n[:, None], Tk, dropout_p)
@@ -228,13 +268,14 @@ def _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_ptr, delta_ptr, stride_qm
 
 
 @triton.jit(do_not_specialize=["seed", "H"])
-def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, Delta, seed, qk_scale, sm_scale, dropout_p, keep_scale,
+def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, Delta, STARTS, ENDS, seed, qk_scale, sm_scale, dropout_p, keep_scale,
                    stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
-                   stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_dom,
+                   stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_dom, stride_sb,
                    stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh, stride_dvn,
                    H, Tq, Tk, Q_BUCKET,
                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                   IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr, PRECISION: tl.constexpr):
+                   IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr, HAS_DOCS: tl.constexpr,
+                   PRECISION: tl.constexpr):
     """Grid (cdiv(Tk, BLOCK_N), H, B). dV = P'^T dO, dK = scale * dS^T Q for one key tile."""
     start_n = tl.program_id(0) * BLOCK_N
     h, b = tl.program_id(1).to(tl.int64), tl.program_id(2).to(tl.int64)
@@ -262,12 +303,32 @@ def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, Delta, seed, qk_scale, sm_scale, dr
     else:
         lo = 0
         full_lo = 0
-    dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_ptr, delta_ptr, stride_qm, stride_dom,
+    starts = STARTS + b * stride_sb
+    if HAS_DOCS:
+        # Documents: query row i sees key j only while j >= starts[i], i.e. before j's document
+        # ends: rows from ends[j] - (Tk - Tq) on never see key j. Query tiles past the tile's last
+        # end are skipped; rows before its first end see all of it (no document mask).
+        k_end = tl.load(ENDS + b * stride_sb + offs_n, mask=offs_n < Tk, other=0)
+        # (clamped at 0 before dividing: a document may end before the first query row)
+        hi = tl.minimum(tl.cdiv(tl.maximum(tl.max(k_end, 0) - (Tk - Tq), 0), BLOCK_M) * BLOCK_M,
+                        tl.cdiv(Tq, BLOCK_M) * BLOCK_M)
+        first_end = tl.maximum(tl.min(tl.where(offs_n < Tk, k_end, Tk), 0) - (Tk - Tq), 0)
+        full_lo = tl.minimum(full_lo, hi)
+        full_hi = tl.minimum(tl.maximum(first_end // BLOCK_M * BLOCK_M, full_lo), hi)
+    else:
+        hi = Tq
+        full_hi = Tq
+    dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_ptr, delta_ptr, starts, stride_qm, stride_dom,
                              offs_n, offs_d, lo, full_lo, Tq, Tk, qk_scale, seed, rng_base, dropout_p,
-                             keep_scale, HEAD_DIM, BLOCK_D, BLOCK_M, True, HAS_DROPOUT, PRECISION)
-    dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_ptr, delta_ptr, stride_qm, stride_dom,
-                             offs_n, offs_d, full_lo, Tq, Tq, Tk, qk_scale, seed, rng_base, dropout_p,
-                             keep_scale, HEAD_DIM, BLOCK_D, BLOCK_M, False, HAS_DROPOUT, PRECISION)
+                             keep_scale, HEAD_DIM, BLOCK_D, BLOCK_M, True, HAS_DROPOUT, HAS_DOCS, PRECISION)
+    dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_ptr, delta_ptr, starts, stride_qm, stride_dom,
+                             offs_n, offs_d, full_lo, full_hi, Tq, Tk, qk_scale, seed, rng_base, dropout_p,
+                             keep_scale, HEAD_DIM, BLOCK_D, BLOCK_M, False, HAS_DROPOUT, HAS_DOCS, PRECISION)
+    if HAS_DOCS:
+        dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_ptr, delta_ptr, starts, stride_qm,
+                                 stride_dom, offs_n, offs_d, full_hi, hi, Tq, Tk, qk_scale, seed, rng_base,
+                                 dropout_p, keep_scale, HEAD_DIM, BLOCK_D, BLOCK_M, True, HAS_DROPOUT, HAS_DOCS,
+                                 PRECISION)
 
     _store_rows(DK + b * stride_dkb + h * stride_dkh, dk * sm_scale, offs_n, Tk, stride_dkn, offs_d,
                 HEAD_DIM, BLOCK_D)
@@ -275,11 +336,11 @@ def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, Delta, seed, qk_scale, sm_scale, dr
 
 
 @triton.jit
-def _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn, offs_m, offs_d,
+def _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn, offs_m, offs_d, q_start,
                   lo, hi, Tq, Tk, qk_scale, seed, rng_base, dropout_p, keep_scale,
                   HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
                   MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-                  PRECISION: tl.constexpr):
+                  HAS_DOCS: tl.constexpr, PRECISION: tl.constexpr):
     """Stream KV tiles [lo, hi) past one query tile, accumulating dS K."""
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
@@ -291,6 +352,8 @@ def _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn, o
             valid = offs_n[None, :] < Tk
             if IS_CAUSAL:
                 valid = valid & (offs_n[None, :] <= offs_m[:, None] + (Tk - Tq))
+            if HAS_DOCS:
+                valid = valid & (offs_n[None, :] >= q_start[:, None])
             p = tl.where(valid, p, 0.0)
         dp = dot(do, tl.trans(v), None, PRECISION)
         if HAS_DROPOUT:
@@ -302,13 +365,14 @@ def _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn, o
 
 
 @triton.jit(do_not_specialize=["seed", "H"])
-def _attn_bwd_dq(Q, K, V, DO, DQ, LSE, Delta, seed, qk_scale, sm_scale, dropout_p, keep_scale,
+def _attn_bwd_dq(Q, K, V, DO, DQ, LSE, Delta, STARTS, ENDS, seed, qk_scale, sm_scale, dropout_p, keep_scale,
                  stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
-                 stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_dom,
+                 stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_dom, stride_sb,
                  stride_dqb, stride_dqh, stride_dqm,
                  H, Tq, Tk, Q_BUCKET,
                  HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                 IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr, PRECISION: tl.constexpr):
+                 IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr, HAS_DOCS: tl.constexpr,
+                 PRECISION: tl.constexpr):
     """Grid (cdiv(Tq, BLOCK_M), H, B). dQ = scale * dS K for one query tile; same KV skipping as forward."""
     start_m = tl.program_id(0) * BLOCK_M
     h, b = tl.program_id(1).to(tl.int64), tl.program_id(2).to(tl.int64)
@@ -326,12 +390,19 @@ def _attn_bwd_dq(Q, K, V, DO, DQ, LSE, Delta, seed, qk_scale, sm_scale, dropout_
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
 
     full_hi, hi = _kv_tile_range(start_m, Tq, Tk, BLOCK_M, BLOCK_N, IS_CAUSAL)
+    if HAS_DOCS:
+        q_start, lo, mid = _doc_tile_range(STARTS + b * stride_sb, offs_m, Tq, Tk, full_hi, BLOCK_N)
+        dq = _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn, offs_m, offs_d,
+                           q_start, lo, mid, Tq, Tk, qk_scale, seed, rng_base, dropout_p, keep_scale,
+                           HEAD_DIM, BLOCK_D, BLOCK_N, True, IS_CAUSAL, HAS_DROPOUT, HAS_DOCS, PRECISION)
+    else:
+        q_start, mid = offs_m, 0
     dq = _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn, offs_m, offs_d,
-                       0, full_hi, Tq, Tk, qk_scale, seed, rng_base, dropout_p, keep_scale,
-                       HEAD_DIM, BLOCK_D, BLOCK_N, False, IS_CAUSAL, HAS_DROPOUT, PRECISION)
+                       q_start, mid, full_hi, Tq, Tk, qk_scale, seed, rng_base, dropout_p, keep_scale,
+                       HEAD_DIM, BLOCK_D, BLOCK_N, False, IS_CAUSAL, HAS_DROPOUT, HAS_DOCS, PRECISION)
     dq = _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn, offs_m, offs_d,
-                       full_hi, hi, Tq, Tk, qk_scale, seed, rng_base, dropout_p, keep_scale,
-                       HEAD_DIM, BLOCK_D, BLOCK_N, True, IS_CAUSAL, HAS_DROPOUT, PRECISION)
+                       q_start, full_hi, hi, Tq, Tk, qk_scale, seed, rng_base, dropout_p, keep_scale,
+                       HEAD_DIM, BLOCK_D, BLOCK_N, True, IS_CAUSAL, HAS_DROPOUT, HAS_DOCS, PRECISION)
     _store_rows(DQ + b * stride_dqb + h * stride_dqh, dq * sm_scale, offs_m, Tq, stride_dqm, offs_d,
                 HEAD_DIM, BLOCK_D)
 
@@ -370,7 +441,7 @@ def _tuned(configs, prune):
     cfgs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in configs]
     # Q_BUCKET (next power of two of Tq, capped) instead of Tq/Tk: decode grows Tk by one per
     # token and must not re-tune every step. Tensor dtypes join the key automatically.
-    return triton.autotune(cfgs, key=["HEAD_DIM", "IS_CAUSAL", "HAS_DROPOUT", "Q_BUCKET"],
+    return triton.autotune(cfgs, key=["HEAD_DIM", "IS_CAUSAL", "HAS_DROPOUT", "HAS_DOCS", "Q_BUCKET"],
                            prune_configs_by={"early_config_prune": prune})
 
 
@@ -397,10 +468,20 @@ def _fixed_blocks():
     return dict(BLOCK_M=INTERPRET_BLOCK, BLOCK_N=INTERPRET_BLOCK) if INTERPRET else {}
 
 
-def _kernel_flags(q, causal, dropout_p):
+def _kernel_flags(q, causal, dropout_p, starts=None):
     D = q.shape[-1]
     return dict(HEAD_DIM=D, BLOCK_D=triton.next_power_of_2(D), IS_CAUSAL=bool(causal),
-                HAS_DROPOUT=dropout_p > 0.0, PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
+                HAS_DROPOUT=dropout_p > 0.0, HAS_DOCS=starts is not None,
+                PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
+
+
+def _doc_args(q, starts, ends):
+    """The document-bound pointers and their row stride; without documents a one-element stand-in
+    (never read: HAS_DOCS is a compile-time False then)."""
+    if starts is None:
+        dummy = torch.zeros(1, dtype=torch.int32, device=q.device)
+        return dummy, dummy, 0
+    return starts, ends, starts.stride(0)
 
 
 def _q_bucket(Tq):
@@ -422,7 +503,7 @@ def _seed_value(seed: torch.Tensor) -> int:
 
 # ----------------------------------------------------------------------------- launchers
 @on_tensor_device
-def _fwd_launch(q, k, v, causal, softmax_scale, dropout_p, seed):
+def _fwd_launch(q, k, v, causal, softmax_scale, dropout_p, seed, starts=None, ends=None):
     q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
     B, H, Tq, D = q.shape
     Tk = k.shape[2]
@@ -434,16 +515,17 @@ def _fwd_launch(q, k, v, causal, softmax_scale, dropout_p, seed):
     if B * H * Tq == 0:
         return o, lse
     grid = lambda meta: (triton.cdiv(Tq, meta["BLOCK_M"]), H, B)  # noqa: E731
+    starts_arg, _, stride_sb = _doc_args(q, starts, ends)
     _attn_fwd_run[grid](
-        q, k, v, o, lse, _seed_value(seed), softmax_scale * LOG2E, dropout_p, 1.0 / (1.0 - dropout_p),
+        q, k, v, o, lse, starts_arg, _seed_value(seed), softmax_scale * LOG2E, dropout_p, 1.0 / (1.0 - dropout_p),
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1), o.stride(2),
-        H, Tq, Tk, _q_bucket(Tq), **_kernel_flags(q, causal, dropout_p), **_fixed_blocks())
+        v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1), o.stride(2), stride_sb,
+        H, Tq, Tk, _q_bucket(Tq), **_kernel_flags(q, causal, dropout_p, starts), **_fixed_blocks())
     return o, lse
 
 
 @on_tensor_device
-def _bwd_launch(do, q, k, v, o, lse, causal, softmax_scale, dropout_p, seed):
+def _bwd_launch(do, q, k, v, o, lse, causal, softmax_scale, dropout_p, seed, starts=None, ends=None):
     do, q, k, v = (_last_dim_contiguous(t) for t in (do, q, k, v))
     B, H, Tq, D = q.shape
     Tk = k.shape[2]
@@ -453,15 +535,16 @@ def _bwd_launch(do, q, k, v, o, lse, causal, softmax_scale, dropout_p, seed):
     _check_head_span(do=do)
     if B * H * Tq * Tk == 0:
         return dq.zero_(), dk.zero_(), dv.zero_()
-    flags = _kernel_flags(q, causal, dropout_p)
+    flags = _kernel_flags(q, causal, dropout_p, starts)
     delta = torch.empty((B, H, Tq), dtype=torch.float32, device=q.device)
     pre_block = INTERPRET_BLOCK if INTERPRET else 64
     _attn_bwd_preprocess[(triton.cdiv(Tq, pre_block), H, B)](
         o, do, delta, o.stride(0), o.stride(1), o.stride(2), do.stride(0), do.stride(1), do.stride(2),
         H, Tq, HEAD_DIM=D, BLOCK_D=flags["BLOCK_D"], BLOCK_M=pre_block)
-    common = (_seed_value(seed), softmax_scale * LOG2E, softmax_scale, dropout_p, 1.0 / (1.0 - dropout_p),
-              q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-              v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2))
+    starts_arg, ends_arg, stride_sb = _doc_args(q, starts, ends)
+    common = (starts_arg, ends_arg, _seed_value(seed), softmax_scale * LOG2E, softmax_scale, dropout_p,
+              1.0 / (1.0 - dropout_p), q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+              v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2), stride_sb)
     _attn_bwd_dkdv_run[lambda meta: (triton.cdiv(Tk, meta["BLOCK_N"]), H, B)](
         q, k, v, do, dk, dv, lse, delta, *common,
         dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
@@ -480,17 +563,20 @@ def _bwd_launch(do, q, k, v, o, lse, causal, softmax_scale, dropout_p, seed):
 # tensor so a fresh seed per step does not force a recompile.
 @torch.library.custom_op("tritongpt::flash_attn_fwd", mutates_args=())
 def _flash_attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, softmax_scale: float,
-                    dropout_p: float, seed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """-> (o [B, H, Tq, D], lse [B, H, Tq] fp32: the base-2 logsumexp of the scaled scores)."""
+                    dropout_p: float, seed: torch.Tensor, starts: torch.Tensor | None = None,
+                    ends: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """-> (o [B, H, Tq, D], lse [B, H, Tq] fp32: the base-2 logsumexp of the scaled scores).
+    starts/ends: int32 [B, Tk], each position's document start and end (document_bounds)."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         check_tensor(t, name, ndim=4)
     check_same_dtype(q=q, k=k, v=v)
     _check_shapes(q, k, v, causal, dropout_p)
-    return _fwd_launch(q, k, v, causal, softmax_scale, dropout_p, seed)
+    _check_bounds(q, k, causal, starts, ends)
+    return _fwd_launch(q, k, v, causal, softmax_scale, dropout_p, seed, starts, ends)
 
 
 @_flash_attn_fwd.register_fake
-def _(q, k, v, causal, softmax_scale, dropout_p, seed):
+def _(q, k, v, causal, softmax_scale, dropout_p, seed, starts=None, ends=None):
     B, H, Tq, D = q.shape
     o = q.new_empty((B, Tq, H, D)).transpose(1, 2)
     return o, q.new_empty((B, H, Tq), dtype=torch.float32)
@@ -499,29 +585,31 @@ def _(q, k, v, causal, softmax_scale, dropout_p, seed):
 @torch.library.custom_op("tritongpt::flash_attn_bwd", mutates_args=())
 def _flash_attn_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
                     lse: torch.Tensor, causal: bool, softmax_scale: float, dropout_p: float,
-                    seed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _bwd_launch(do, q, k, v, o, lse, causal, softmax_scale, dropout_p, seed)
+                    seed: torch.Tensor, starts: torch.Tensor | None = None,
+                    ends: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _bwd_launch(do, q, k, v, o, lse, causal, softmax_scale, dropout_p, seed, starts, ends)
 
 
 @_flash_attn_bwd.register_fake
-def _(do, q, k, v, o, lse, causal, softmax_scale, dropout_p, seed):
+def _(do, q, k, v, o, lse, causal, softmax_scale, dropout_p, seed, starts=None, ends=None):
     # Same allocation calls as _bwd_launch, so fake and real strides agree.
     return torch.empty_like(_last_dim_contiguous(q)), torch.empty_like(_last_dim_contiguous(k)), \
         torch.empty_like(_last_dim_contiguous(v))
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, causal, softmax_scale, dropout_p, seed = inputs
+    q, k, v, causal, softmax_scale, dropout_p, seed, starts, ends = inputs
     o, lse = output
-    ctx.save_for_backward(q, k, v, o, lse, seed)
+    ctx.save_for_backward(q, k, v, o, lse, seed, starts, ends)
     ctx.causal, ctx.softmax_scale, ctx.dropout_p = causal, softmax_scale, dropout_p
 
 
 def _backward(ctx, grad_o, grad_lse):
     first_order_only("flash_attention")
-    q, k, v, o, lse, seed = ctx.saved_tensors
-    dq, dk, dv = _flash_attn_bwd(grad_o, q, k, v, o, lse, ctx.causal, ctx.softmax_scale, ctx.dropout_p, seed)
-    return dq, dk, dv, None, None, None, None
+    q, k, v, o, lse, seed, starts, ends = ctx.saved_tensors
+    dq, dk, dv = _flash_attn_bwd(grad_o, q, k, v, o, lse, ctx.causal, ctx.softmax_scale, ctx.dropout_p, seed,
+                                 starts, ends)
+    return dq, dk, dv, None, None, None, None, None, None
 
 
 _flash_attn_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -618,7 +706,7 @@ def _checked_scale(softmax_scale) -> float:
     return float(softmax_scale)
 
 
-def flash_attention(q, k, v, causal=True, softmax_scale=None, dropout_p=0.0, seed=None):
+def flash_attention(q, k, v, causal=True, softmax_scale=None, dropout_p=0.0, seed=None, doc_ids=None):
     """softmax(q k^T * scale + mask) with dropout, @ v, without the Tq x Tk matrix. Differentiable.
 
     q: [B, H, Tq, D]; k, v: [B, H, Tk, D], any strides (unit stride on D is fastest), bf16/fp16/fp32
@@ -628,6 +716,9 @@ def flash_attention(q, k, v, causal=True, softmax_scale=None, dropout_p=0.0, see
     dropout_p: on the attention weights, scaled by 1/(1-p);
     seed: int in [0, 2^31) for a reproducible mask (see dropout_mask), else drawn from torch's RNG
     (a seed tensor is taken modulo 2^31).
+    doc_ids: integer [B, Tk], with causal: packed documents. A run of equal ids is one document,
+    and a query sees only the keys of its own (document masking; FlashAttention's varlen and
+    FlexAttention's document mask give the same). KV tiles of other documents are skipped.
     Returns [B, H, Tq, D] (a view of a [B, Tq, H, D] buffer, so merging heads is free).
     """
     no_func_transform("flash_attention", vmap_ok=True)
@@ -638,8 +729,55 @@ def flash_attention(q, k, v, causal=True, softmax_scale=None, dropout_p=0.0, see
     q, k, v = _checked_inputs(q, k, v)
     scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else _checked_scale(softmax_scale)
     dropout_p = float(dropout_p)
-    out, _ = _flash_attn_fwd(q, k, v, bool(causal), scale, dropout_p, _seed_tensor(seed, dropout_p))
+    starts, ends = (None, None) if doc_ids is None else document_bounds(_checked_doc_ids(doc_ids, q, k, causal))
+    out, _ = _flash_attn_fwd(q, k, v, bool(causal), scale, dropout_p, _seed_tensor(seed, dropout_p), starts, ends)
     return out
+
+
+def document_bounds(doc_ids):
+    """Each position's document as int32 [B, T] (starts, ends): the first position of its run of
+    equal ids, and one past its last. The kernels mask with starts (query i sees key j iff
+    starts[i] <= j <= i) and skip tiles with both."""
+    B, T = doc_ids.shape
+    pos = torch.arange(T, device=doc_ids.device).expand(B, T)
+    new = torch.ones_like(doc_ids, dtype=torch.bool)
+    new[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]  # a document starts here
+    starts = torch.where(new, pos, 0).cummax(1).values
+    # the next start after each position (T past the last): a suffix minimum
+    next_start = torch.full_like(pos, T)
+    next_start[:, :-1] = torch.where(new[:, 1:], pos[:, 1:], T)
+    ends = next_start.flip(1).cummin(1).values.flip(1)
+    return starts.to(torch.int32).contiguous(), ends.to(torch.int32).contiguous()
+
+
+def _checked_doc_ids(doc_ids, q, k, causal):
+    if not isinstance(doc_ids, torch.Tensor):
+        raise TypeError(f"doc_ids must be an integer tensor [B, Tk], got {type(doc_ids).__name__}")
+    if doc_ids.dtype.is_floating_point or doc_ids.dtype.is_complex or doc_ids.dtype == torch.bool:
+        raise TypeError(f"doc_ids must hold integer document ids, got dtype {doc_ids.dtype}")
+    B, Tk = q.shape[0], k.shape[2]
+    if tuple(doc_ids.shape) != (B, Tk):
+        raise ValueError(f"doc_ids must be [B, Tk] = [{B}, {Tk}] (one id per key position), got {tuple(doc_ids.shape)}")
+    if doc_ids.device != q.device:
+        raise ValueError(f"doc_ids is on {doc_ids.device}, q on {q.device}: they must share a device")
+    if causal is not True:
+        raise ValueError("doc_ids (document masking) needs causal=True: the kernels skip tiles by both masks")
+    return doc_ids
+
+
+def _check_bounds(q, k, causal, starts, ends):
+    """starts/ends as the kernels read them, for a caller of the op itself."""
+    if starts is None and ends is None:
+        return
+    if starts is None or ends is None:
+        raise ValueError("document bounds need both starts and ends (document_bounds gives them)")
+    for name, t in (("starts", starts), ("ends", ends)):
+        if t.dtype != torch.int32 or tuple(t.shape) != (q.shape[0], k.shape[2]) or t.device != q.device \
+                or t.stride(-1) != 1:
+            raise ValueError(f"{name} must be int32 [B, Tk] = [{q.shape[0]}, {k.shape[2]}] on {q.device} with unit "
+                             f"stride, got {t.dtype} {tuple(t.shape)} on {t.device}")
+    if not causal:
+        raise ValueError("document masking needs causal=True")
 
 
 def dropout_mask(seed, B, H, Tq, Tk, p, device):

@@ -12,7 +12,7 @@ import torch.utils.checkpoint
 from tritongpt._types import is_int, is_real
 from tritongpt.errors import UserError
 from tritongpt.model.config import GPTConfig
-from tritongpt.model.layers import FeedForward, LayerNorm, MultiHeadAttention, TransformerBlock
+from tritongpt.model.layers import FeedForward, LayerNorm, MultiHeadAttention, TransformerBlock, document_starts
 from tritongpt.model.toggle import resolve_kernels, spec_string
 
 
@@ -162,8 +162,13 @@ class GPTModel(nn.Module):
         return self
 
     # -- forward ----------------------------------------------------------------------------
-    def hidden(self, idx, cache: KVCache | None = None):
-        """Final-LayerNorm hidden states [B, T, C] (what the LM, value and reward heads read)."""
+    def hidden(self, idx, cache: KVCache | None = None, doc_ids=None):
+        """Final-LayerNorm hidden states [B, T, C] (what the LM, value and reward heads read).
+
+        doc_ids [B, T]: several documents packed in each row, a run of equal ids each. Each
+        document's positions count from 0 and its tokens attend to its own tokens only, so a
+        packed row computes what each of its documents would alone (SFT packing, and pretraining
+        with documents kept apart)."""
         if not isinstance(idx, torch.Tensor):
             raise UserError(f"idx must be a [batch, time] tensor of token ids, got {type(idx).__name__}")
         if cache is not None and not isinstance(cache, KVCache):
@@ -183,16 +188,33 @@ class GPTModel(nn.Module):
             raise UserError(f"sequence of {start + T} tokens exceeds the context length "
                             f"{self.config.context_length}")
         pos = torch.arange(start, start + T, device=idx.device)
+        if doc_ids is not None:
+            self._check_doc_ids(idx, doc_ids, cache)
+            pos = pos - document_starts(doc_ids)  # [B, T]: each document from position 0
         x = self.drop_emb(self.tok_emb(idx) + self.pos_emb(pos))
         recompute = self.activation_checkpointing and torch.is_grad_enabled()
         for block in self.trf_blocks:
             if recompute and cache is None:  # (a cache refuses gradients anyway)
-                x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)
+                x = torch.utils.checkpoint.checkpoint(block, x, None, doc_ids, use_reentrant=False)
             else:
-                x = block(x, cache)
+                x = block(x, cache, doc_ids)
         if cache is not None:
             cache.pos += T
         return self.final_norm(x)
+
+    @staticmethod
+    def _check_doc_ids(idx, doc_ids, cache):
+        if cache is not None:
+            raise UserError("doc_ids (packed documents) are for training and scoring, not with a KV cache")
+        if not isinstance(doc_ids, torch.Tensor) or doc_ids.is_floating_point() or doc_ids.is_complex() \
+                or doc_ids.dtype == torch.bool:
+            what = doc_ids.dtype if isinstance(doc_ids, torch.Tensor) else type(doc_ids).__name__
+            raise UserError(f"doc_ids must be an integer tensor of document ids, got {what}")
+        if doc_ids.shape != idx.shape:
+            raise UserError(f"doc_ids must have idx's shape {tuple(idx.shape)} (one document id per token), "
+                            f"got {tuple(doc_ids.shape)}")
+        if doc_ids.device != idx.device:
+            raise UserError(f"doc_ids is on {doc_ids.device}, idx on {idx.device}")
 
     def _check_token_ids(self, idx):
         """Ids must be in [0, vocab_size). nn.Embedding catches ids past its rows, but with a padded
@@ -211,7 +233,7 @@ class GPTModel(nn.Module):
             torch._assert_async(((idx >= 0) & (idx < V)).all(), f"token ids must be in [0, {V})")
 
     def forward(self, idx, cache: KVCache | None = None, targets=None, ignore_index: int = -100,
-                reduction: str = "mean"):
+                reduction: str = "mean", doc_ids=None):
         """Logits [B, T, vocab_size] for every position (a view into the padded head's output when
         the vocabulary is padded); with targets [B, T] (idx's shape, integer ids), the LM loss instead:
         its mean over counted targets, or with reduction="none" each position's -log p (fp32 [B, T]).
@@ -228,9 +250,9 @@ class GPTModel(nn.Module):
         if triton_loss and reduction != "none":
             from tritongpt.kernels.cross_entropy import linear_cross_entropy
 
-            return linear_cross_entropy(self.hidden(idx, cache), self.out_head.weight, targets,
+            return linear_cross_entropy(self.hidden(idx, cache, doc_ids), self.out_head.weight, targets,
                                         ignore_index, reduction, vocab_size=self.config.vocab_size)
-        h = self.hidden(idx, cache)
+        h = self.hidden(idx, cache, doc_ids)
         if triton_loss:  # per-token losses: the kernel reads the padded rows whole, aligned
             from tritongpt.kernels.cross_entropy import cross_entropy
 

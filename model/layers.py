@@ -92,6 +92,23 @@ class FeedForward(nn.Module):
         return self.drop(self.fc2(self.act(self.fc1(x))))
 
 
+def document_index(doc_ids):
+    """Packed documents: a run of equal ids is one document. -> [B, T] the index of each
+    position's document in its row (0, 0, 1, 1, 1, 2, ...): a new one wherever the id changes."""
+    changes = torch.zeros_like(doc_ids, dtype=torch.long)
+    changes[:, 1:] = (doc_ids[:, 1:] != doc_ids[:, :-1]).long()
+    return changes.cumsum(1)
+
+
+def document_starts(doc_ids):
+    """[B, T]: the first position of each position's document (GPTModel counts each document's
+    positions from it)."""
+    B, T = doc_ids.shape
+    pos = torch.arange(T, device=doc_ids.device).expand(B, T)
+    first = document_index(doc_ids).diff(dim=1, prepend=torch.full((B, 1), -1, device=doc_ids.device)) != 0
+    return torch.where(first, pos, 0).cummax(1).values
+
+
 class MultiHeadAttention(nn.Module):
     """Causal multi-head self-attention.
 
@@ -133,19 +150,25 @@ class MultiHeadAttention(nn.Module):
             self.mask = self._causal_mask(self.mask.size(0), self.mask.device)
         return out
 
-    def attend(self, q, k, v):
-        """Textbook attention core: dropout(softmax(q k^T / sqrt(d) + causal mask)) v."""
+    def attend(self, q, k, v, doc_ids=None):
+        """Textbook attention core: dropout(softmax(q k^T / sqrt(d) + causal mask)) v.
+        doc_ids [B, Tk]: packed documents, each a run of equal ids; a query also may not see the
+        keys of another document (the document mask)."""
         Tq, Tk = q.size(-2), k.size(-2)
         # fp16 scores in fp32 (q.k past 65504 was inf, its softmax row NaN), also under autocast,
         # which would cast the matmul back to fp16
         with _autocast_off_for_fp16(q):
             scores = _fp32_if_fp16(q) @ _fp32_if_fp16(k).transpose(-2, -1) / math.sqrt(self.head_dim)
         scores = scores.masked_fill(self.mask[Tk - Tq:Tk, :Tk], float("-inf"))
+        if doc_ids is not None:
+            doc = document_index(doc_ids)  # [B, Tk]: 0 for the first document of a row, 1 for the next...
+            other_doc = doc[:, Tk - Tq:, None] != doc[:, None, :]  # [B, Tq, Tk]
+            scores = scores.masked_fill(other_doc[:, None], float("-inf"))
         weights = torch.softmax(scores, dim=-1)
         weights = self.attn_drop(weights)
         return weights.to(v.dtype) @ v
 
-    def forward(self, x, cache=None):
+    def forward(self, x, cache=None, doc_ids=None):
         B, T, C = x.shape
         # (B, T, C) -> (B, n_head, T, head_dim)
         q = self.W_query(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
@@ -157,9 +180,9 @@ class MultiHeadAttention(nn.Module):
             from tritongpt.kernels.attention import flash_attention
 
             p = self.attn_drop.p if self.training else 0.0
-            ctx = flash_attention(q, k, v, causal=True, dropout_p=p)
+            ctx = flash_attention(q, k, v, causal=True, dropout_p=p, doc_ids=doc_ids)
         else:
-            ctx = self.attend(q, k, v)
+            ctx = self.attend(q, k, v, doc_ids)
         ctx = ctx.transpose(1, 2).reshape(B, T, C)
         return self.resid_drop(self.out_proj(ctx))
 
@@ -175,7 +198,7 @@ class TransformerBlock(nn.Module):
         self.norm2 = LayerNorm(cfg.n_embd)
         self.ff = FeedForward(cfg.n_embd, cfg.dropout, cfg.bias)
 
-    def forward(self, x, cache=None):
-        x = x + self.att(self.norm1(x), cache)
+    def forward(self, x, cache=None, doc_ids=None):
+        x = x + self.att(self.norm1(x), cache, doc_ids)
         x = x + self.ff(self.norm2(x))
         return x

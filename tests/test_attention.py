@@ -23,14 +23,29 @@ from tritongpt.kernels.attention import dropout_mask, flash_attention
 BF16_FLOOR = 0.0
 
 
-def reference_attention(q, k, v, causal=True, softmax_scale=None, keep=None, dropout_p=0.0):
-    """softmax(q k^T * scale + bottom-right causal mask), dropout with a given keep-mask, @ v."""
+def same_document(doc_ids, Tq):
+    """[B, Tq, Tk]: True where query i (position Tk - Tq + i) and key j lie in one run of equal
+    ids, counted by hand."""
+    B, Tk = doc_ids.shape
+    run = [[0] * Tk for _ in range(B)]
+    for b in range(B):
+        for j in range(1, Tk):
+            run[b][j] = run[b][j - 1] + int(doc_ids[b, j] != doc_ids[b, j - 1])
+    run = torch.tensor(run)
+    return run[:, Tk - Tq:, None] == run[:, None, :]
+
+
+def reference_attention(q, k, v, causal=True, softmax_scale=None, keep=None, dropout_p=0.0, doc_ids=None):
+    """softmax(q k^T * scale + bottom-right causal mask [+ document mask]), dropout with a given
+    keep-mask, @ v."""
     Tq, Tk = q.shape[-2], k.shape[-2]
     scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else softmax_scale
     scores = (q @ k.transpose(-2, -1)) * scale
     if causal:
         future = torch.arange(Tk)[None, :] > torch.arange(Tq)[:, None] + (Tk - Tq)
         scores = scores.masked_fill(future.to(scores.device), float("-inf"))
+    if doc_ids is not None:
+        scores = scores.masked_fill(~same_document(doc_ids.cpu(), Tq)[:, None].to(scores.device), float("-inf"))
     weights = torch.softmax(scores, dim=-1)
     if keep is not None:
         weights = weights * keep.to(weights.dtype) / (1.0 - dropout_p)
@@ -356,6 +371,135 @@ def test_custom_op_called_directly_checks_shapes(device):
     scores = (q.double() @ k.double().transpose(-2, -1)) * 0.25
     assert_close_rel(out, torch.softmax(scores, -1) @ v.double(), 1e-5, "op out")
     assert_close_rel(lse, torch.logsumexp(scores, -1) / math.log(2), 1e-5, "op lse (base 2)")
+
+
+# ----------------------------------------------------------------------------- packed documents
+def runs(*lengths_per_row, ids=None):
+    """doc_ids [B, T] with runs of the given lengths in each row (ids 0, 1, 2, ... unless given)."""
+    rows = [sum(([(ids[i] if ids else i)] * n for i, n in enumerate(lengths)), []) for lengths in lengths_per_row]
+    return torch.tensor(rows)
+
+
+DOC_LAYOUTS = {
+    # random run lengths, a different layout in each row
+    "ragged": (2, 2, 45, 45, 16, runs([7, 1, 19, 3, 15], [30, 2, 13])),
+    "one token each / one whole": (2, 1, 40, 40, 32, runs([1] * 40, [40])),
+    # starts on the 16-row tiles' edges, and a run of ids seen before (A B A: three documents)
+    "tile edges, A B A": (1, 2, 48, 48, 16, runs([16, 16, 16], ids=[5, 2, 5])),
+    "queries the last 13 of 41 keys": (2, 1, 13, 41, 16, runs([10, 25, 6], [33, 8])),
+    "head dim 80": (1, 1, 37, 37, 80, runs([5, 20, 12])),
+}
+
+
+@pytest.mark.parametrize("layout", list(DOC_LAYOUTS))
+def test_fp32_documents_fwd_bwd(layout, device):
+    """doc_ids: a query sees its own document's keys only, as the float64 reference masks them;
+    forward and every gradient, for layouts whose starts fall inside tiles, on tile edges, with
+    one-token documents, with queries that are the last Tq of Tk positions."""
+    B, H, Tq, Tk, D, doc_ids = DOC_LAYOUTS[layout]
+    q, k, v = make_qkv(B, H, Tq, Tk, D, torch.float32, device, seed=Tq + D)
+    do = torch.randn(B, H, Tq, D, generator=torch.Generator().manual_seed(7)).to(device)
+    got = run_grads(lambda a, b, c: flash_attention(a, b, c, doc_ids=doc_ids.to(device)), q, k, v, do)
+    ref = reference_grads(q, k, v, do, doc_ids=doc_ids)
+    for name, g, r in zip(NAMES, got, ref):
+        assert_close_rel(g, r, 1e-4, f"{layout} {name}")
+    # the mask bites: without it the output is another
+    assert report(got[0], reference_attention(q.double(), k.double(), v.double()))[1] > 0.05
+
+
+def test_a_packed_row_computes_each_document_as_if_alone(device):
+    """Documents packed in one row give, output and gradients, what each gives alone (its own
+    causal attention from its first position)."""
+    lengths = [9, 23, 1, 14]
+    doc_ids = runs(lengths).to(device)
+    q, k, v = make_qkv(1, 2, 47, 47, 32, torch.float32, device, seed=8)
+    do = torch.randn(1, 2, 47, 32, generator=torch.Generator().manual_seed(9)).to(device)
+    packed = run_grads(lambda a, b, c: flash_attention(a, b, c, doc_ids=doc_ids), q, k, v, do)
+    at = 0
+    for n in lengths:
+        part = slice(at, at + n)
+        alone = run_grads(flash_attention, q[:, :, part], k[:, :, part], v[:, :, part], do[:, :, part])
+        for name, p, a in zip(NAMES, packed, alone):
+            if n == 1 and name in ("dq", "dk"):  # one key: the softmax is constant, both 0
+                assert p[:, :, part].abs().max() < 1e-6 and a.abs().max() < 1e-6
+                continue
+            assert_close_rel(p[:, :, part], a, 1e-5, f"document of {n} {name}")
+        at += n
+
+
+def test_bf16_documents_within_2x_of_torch_bf16(device):
+    B, H, Tq, Tk, D, doc_ids = DOC_LAYOUTS["ragged"]
+    q, k, v = make_qkv(B, H, Tq, Tk, 64, torch.bfloat16, device, seed=21)
+    do = torch.randn(B, H, Tq, 64, generator=torch.Generator().manual_seed(2)).to(device, torch.bfloat16)
+    got = run_grads(lambda a, b, c: flash_attention(a, b, c, doc_ids=doc_ids.to(device)), q, k, v, do)
+    ref64 = reference_grads(q, k, v, do, doc_ids=doc_ids)
+    torch_bf16 = reference_grads(q, k, v, do, dtype=torch.bfloat16, doc_ids=doc_ids)
+    for name, g, r, t in zip(NAMES, got, ref64, torch_bf16):
+        _, torch_rel = report(t, r)
+        _, rel = assert_close_rel(g, r, 2e-2, f"bf16 documents {name}")
+        assert rel <= 2 * torch_rel + BF16_FLOOR, f"bf16 {name}: {rel:.3e} > 2 x torch's {torch_rel:.3e}"
+
+
+def test_dropout_with_documents(device):
+    B, H, Tq, Tk, D, doc_ids = DOC_LAYOUTS["queries the last 13 of 41 keys"]
+    p, seed = 0.25, 99
+    q, k, v = make_qkv(B, H, Tq, Tk, D, torch.float32, device, seed=3)
+    do = torch.randn(B, H, Tq, D, generator=torch.Generator().manual_seed(4)).to(device)
+    got = run_grads(lambda a, b, c: flash_attention(a, b, c, dropout_p=p, seed=seed, doc_ids=doc_ids.to(device)),
+                    q, k, v, do)
+    keep = dropout_mask(seed, B, H, Tq, Tk, p, device)
+    ref = reference_grads(q, k, v, do, keep=keep, dropout_p=p, doc_ids=doc_ids)
+    for name, g, r in zip(NAMES, got, ref):
+        assert_close_rel(g, r, 1e-4, f"dropout documents {name}")
+
+
+def test_document_bounds_are_each_runs_first_and_one_past_its_last():
+    from tritongpt.kernels.attention import document_bounds
+
+    starts, ends = document_bounds(torch.tensor([[7, 7, 3, 3, 3, 7, 1], [0, 0, 0, 0, 0, 0, 0]]))
+    assert starts.dtype == ends.dtype == torch.int32
+    assert starts.tolist() == [[0, 0, 2, 2, 2, 5, 6], [0] * 7]
+    assert ends.tolist() == [[2, 2, 5, 5, 5, 6, 7], [7] * 7]
+
+
+def test_documents_bad_input(device):
+    q, k, v = make_qkv(2, 1, 8, 12, 16, torch.float32, device)
+    ids = torch.zeros(2, 12, dtype=torch.long, device=device)
+    with pytest.raises(ValueError, match="needs causal=True"):
+        flash_attention(q, k, v, causal=False, doc_ids=ids)
+    with pytest.raises(ValueError, match=r"doc_ids must be \[B, Tk\] = \[2, 12\] .one id per key position., "
+                                         r"got \(2, 8\)"):
+        flash_attention(q, k, v, doc_ids=ids[:, :8])
+    with pytest.raises(TypeError, match="doc_ids must hold integer document ids, got dtype torch.float32"):
+        flash_attention(q, k, v, doc_ids=ids.float())
+    with pytest.raises(TypeError, match="doc_ids must be an integer tensor"):
+        flash_attention(q, k, v, doc_ids=[[0] * 12] * 2)
+    op, seed = torch.ops.tritongpt.flash_attn_fwd, torch.tensor(0)
+    starts = torch.zeros(2, 12, dtype=torch.int32, device=device)
+    with pytest.raises(ValueError, match="need both starts and ends"):
+        op(q, k, v, True, 0.25, 0.0, seed, starts, None)
+    with pytest.raises(ValueError, match=r"ends must be int32 \[B, Tk\]"):
+        op(q, k, v, True, 0.25, 0.0, seed, starts, starts.long())
+
+
+def test_documents_custom_op_opcheck_and_compile(device):
+    from tritongpt.kernels.attention import document_bounds
+
+    q, k, v = make_qkv(1, 1, 20, 20, 16, torch.float32, device, seed=13)
+    starts, ends = document_bounds(runs([6, 14]).to(device))
+    args = (q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), True, 0.25, 0.0, torch.tensor(0),
+            starts, ends)
+    torch.library.opcheck(torch.ops.tritongpt.flash_attn_fwd.default, args)
+    ids = runs([6, 14]).to(device)
+
+    def loss(a, b, c):
+        return flash_attention(a, b, c, doc_ids=ids).square().sum()
+
+    compiled = torch.compile(loss, backend="aot_eager", fullgraph=True)
+    eager = run_grads(lambda a, b, c: loss(a, b, c).reshape(1), q, k, v, torch.ones(1))
+    comp = run_grads(lambda a, b, c: compiled(a, b, c).reshape(1), q, k, v, torch.ones(1))
+    for name, e, c in zip(("loss", "dq", "dk", "dv"), eager, comp):
+        assert torch.equal(e, c), f"compiled {name} differs"
 
 
 # ----------------------------------------------------------------------------- bad input

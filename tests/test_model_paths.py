@@ -39,21 +39,21 @@ def _randomize(model):
     return model
 
 
-def _loss_and_grads(model, idx, targets):
+def _loss_and_grads(model, idx, targets, doc_ids=None):
     model.zero_grad(set_to_none=True)
     with torch.no_grad():
-        logits = model(idx)
-    loss = model(idx, targets=targets)  # the model's own loss: lm_loss or the Triton cross-entropy
+        logits = model(idx, doc_ids=doc_ids)
+    loss = model(idx, targets=targets, doc_ids=doc_ids)  # the model's own loss: lm_loss or the Triton cross-entropy
     loss.backward()
     grads = {n: p.grad.detach().clone() for n, p in model.named_parameters()}
     return logits.detach(), loss.detach(), grads
 
 
-def _compare_paths(model, idx, targets, rel_tol):
+def _compare_paths(model, idx, targets, rel_tol, doc_ids=None):
     model.set_kernels("reference")
-    ref_logits, ref_loss, ref_grads = _loss_and_grads(model, idx, targets)
+    ref_logits, ref_loss, ref_grads = _loss_and_grads(model, idx, targets, doc_ids)
     model.set_kernels("triton")
-    logits, loss, grads = _loss_and_grads(model, idx, targets)
+    logits, loss, grads = _loss_and_grads(model, idx, targets, doc_ids)
     model.set_kernels("reference")
     assert_close_rel(logits, ref_logits, rel_tol, "logits")
     assert_close_rel(loss, ref_loss, rel_tol, "loss")
@@ -73,6 +73,77 @@ def test_tiny_model_triton_path_matches_reference_fp32(device):
     targets = torch.randint(0, 67, (2, 19), device=device)
     targets[0, :4] = -100  # ignored positions (a prompt under SFT) count nowhere
     _compare_paths(model, idx, targets, 1e-4)
+
+
+def _packed(lengths_per_row, device, seed=0):
+    """Token rows of packed documents and their doc_ids (a document id per token)."""
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randint(0, TINY["vocab_size"], (len(lengths_per_row), sum(lengths_per_row[0])), generator=g)
+    doc_ids = torch.tensor([[d for d, n in enumerate(lengths) for _ in range(n)] for lengths in lengths_per_row])
+    return idx.to(device), doc_ids.to(device)
+
+
+def test_packed_documents_triton_path_matches_reference_fp32(device):
+    """doc_ids through the whole model: both paths, logits, loss and every gradient."""
+    torch.manual_seed(1)
+    model = _randomize(GPTModel(GPTConfig(**TINY))).to(device)
+    idx, doc_ids = _packed([[5, 1, 9, 6], [13, 8]], device)
+    targets = torch.randint(0, 67, idx.shape, device=device)
+    targets[:, 0] = -100
+    _compare_paths(model, idx, targets, 1e-4, doc_ids)
+
+
+@pytest.mark.parametrize("path", ["reference", "triton"])
+def test_a_packed_row_is_its_documents_alone(path, device):
+    """Each document of a packed row gets the logits and per-token losses it gets alone: its
+    positions count from 0 and it attends to itself only (float64 on the reference path)."""
+    torch.manual_seed(2)
+    model = _randomize(GPTModel(GPTConfig(**TINY))).to(device).set_kernels(path)
+    if path == "reference":
+        model = model.double()
+    lengths = [6, 1, 11, 3]
+    idx, doc_ids = _packed([lengths], device, seed=3)
+    targets = torch.randint(0, 67, idx.shape, device=device)
+    with torch.no_grad():
+        packed = model(idx, doc_ids=doc_ids)
+        losses = model(idx, targets=targets, reduction="none", doc_ids=doc_ids)
+        mixed = model(idx)  # without doc_ids the later documents see the earlier ones
+        at = 0
+        for n in lengths:
+            part = slice(at, at + n)
+            alone = model(idx[:, part])
+            assert_close_rel(packed[:, part], alone, 1e-12 if path == "reference" else 1e-5, f"{n} logits")
+            assert_close_rel(losses[:, part], model(idx[:, part], targets=targets[:, part], reduction="none"),
+                             1e-12 if path == "reference" else 1e-5, f"{n} losses")
+            if at:
+                assert (mixed[:, part] - alone).abs().max() > 1e-3
+            at += n
+
+
+def test_doc_ids_bad_input(device):
+    model = GPTModel(GPTConfig(**TINY)).to(device)
+    idx, doc_ids = _packed([[4, 6]], device)
+    with pytest.raises(UserError, match="not with a KV cache"):
+        model(idx, model.new_cache(1), doc_ids=doc_ids)
+    with pytest.raises(UserError, match=r"doc_ids must have idx's shape \(1, 10\)"):
+        model(idx, doc_ids=doc_ids[:, :5])
+    with pytest.raises(UserError, match="doc_ids must be an integer tensor of document ids, got torch.float32"):
+        model(idx, doc_ids=doc_ids.float())
+    with pytest.raises(UserError, match="got list"):
+        model(idx, doc_ids=doc_ids.tolist())
+
+
+def test_activation_checkpointing_with_doc_ids_gives_the_same_gradients(device):
+    torch.manual_seed(4)
+    model = _randomize(GPTModel(GPTConfig(**TINY))).to(device).set_kernels("triton")
+    idx, doc_ids = _packed([[7, 12]], device, seed=5)
+    targets = torch.randint(0, 67, idx.shape, device=device)
+    _, loss, grads = _loss_and_grads(model, idx, targets, doc_ids)
+    model.set_activation_checkpointing(True)
+    _, loss2, grads2 = _loss_and_grads(model, idx, targets, doc_ids)
+    assert torch.equal(loss, loss2) and all(torch.equal(grads[n], grads2[n]) for n in grads)
+    _, loss3, _ = _loss_and_grads(model, idx, targets)
+    assert not torch.equal(loss, loss3)  # the documents were kept apart under recomputation too
 
 
 def test_triton_path_runs_every_kernel_and_the_reference_path_none(device):
