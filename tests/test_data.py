@@ -727,6 +727,13 @@ def test_a_token_files_hash_is_kept_while_its_size_and_time_stand(tmp_path, tok,
     assert prepare_tokens(str(tmp_path / "shards"), tok).meta["source_hash"] == first
 
 
+def test_each_eot_opens_a_document():
+    from tritongpt.train.data import document_ids
+
+    x = torch.tensor([[9, 1, 2, 9, 9, 3], [1, 2, 3, 4, 5, 9]])
+    assert document_ids(x, 9).tolist() == [[1, 1, 1, 2, 3, 3], [0, 0, 0, 0, 0, 1]]
+
+
 def test_a_token_file_is_read_whole_across_its_pieces(tmp_path, tok):
     """A file over one 2**25-id piece: its hash is that of all its bytes, and an id past the
     tokenizer's is found in any piece: the first's first and last ids, and the last piece's."""

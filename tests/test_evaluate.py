@@ -68,6 +68,30 @@ def test_loss_is_the_mean_nll_of_the_scored_tokens(stride):
     assert got["bits_per_byte"] == pytest.approx(total / math.log(2) / 120, rel=1e-6)
 
 
+@pytest.mark.parametrize("stride", [None, 6])
+def test_with_documents_kept_apart_each_is_scored_from_its_own_start(stride):
+    """document_eot: each window's documents (each opened by the eot) are scored as if alone,
+    from the eot that opens them, or from the window's start for the one it cuts."""
+    model, eot = _model(), 49
+    g = torch.Generator().manual_seed(1)
+    tokens = torch.randint(0, 49, (61,), generator=g)
+    tokens[[9, 10, 30, 44]] = eot  # an empty document too
+    got = evaluate_tokens(model, tokens, stride=stride, batch_size=3, document_eot=eot)
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for b, e, first in windows(61, 16, stride or 16):
+            cuts = [b] + [p for p in range(b + 1, e) if tokens[p] == eot] + [e]
+            for lo, hi in zip(cuts, cuts[1:]):  # inputs [lo, hi) alone predict targets lo+1 .. hi
+                logp = F.log_softmax(model(tokens[lo:hi][None]).double()[0], dim=-1)
+                for p in range(max(first, lo + 1), hi + 1):
+                    total -= float(logp[p - lo - 1, tokens[p]])
+                    count += 1
+    assert got["tokens"] == count == 60
+    assert got["loss"] == pytest.approx(total / count, rel=1e-6)
+    # a random model's context matters little, but past fp32's rounding of a mean (~1e-7)
+    assert abs(got["loss"] - evaluate_tokens(model, tokens, stride=stride)["loss"]) > 1e-5
+
+
 def test_one_window_when_the_context_holds_the_text():
     model = _model(context=64)
     tokens = torch.randint(0, 50, (40,))
@@ -205,6 +229,47 @@ def test_a_pretraining_run_is_scored_on_its_own_held_out_tail(tmp_path, capsys):
                        "leaves no tokens before the val split")):
         assert main(["eval", "--weights", str(run), "--cache-dir", cache, *bad]) == 2, bad
         assert said in capsys.readouterr().err
+
+
+def test_a_run_trained_with_documents_kept_apart_is_scored_so(tmp_path, capsys, monkeypatch):
+    """pretrain --document-mask passes each window's document ids to the model (training and its
+    evaluations), records it, and eval scores the run the same way by default (--no-document-mask
+    to mix them); a resume without the flag is named."""
+    from tritongpt.train import data as data_mod
+    from tritongpt.train.data import load_text
+    from tritongpt.train.tokenizer import BPETokenizer
+
+    docs = [d for d in load_text("pydoc")[:30000].split("\n\n") if d.strip()][:60]
+    (tmp_path / "docs.txt").write_text("<|endoftext|>".join(docs))
+    BPETokenizer.train(" ".join(docs), 300, name="small").save(tmp_path / "tok.json")
+    tok = BPETokenizer.load(tmp_path / "tok.json")
+    seen = []
+    forward = GPTModel.forward
+
+    def spy(self, idx, *args, doc_ids=None, **kw):
+        if kw.get("targets") is not None:
+            seen.append(doc_ids is not None and torch.equal(doc_ids, data_mod.document_ids(idx, tok.eot_id)))
+        return forward(self, idx, *args, doc_ids=doc_ids, **kw)
+
+    monkeypatch.setattr(GPTModel, "forward", spy)
+    run, cache = tmp_path / "run", str(tmp_path / "cache")
+    flags = ["--data", str(tmp_path / "docs.txt"), "--tokenizer", str(tmp_path / "tok.json"), "--cache-dir", cache,
+             "--out-dir", str(run), "--device", "cpu", "--kernels", "reference", "--block-size", "64",
+             "--batch-size", "2", "--eval-every", "1", "--eval-batches", "1", "--sample-tokens", "0"]
+    assert main(["pretrain", *flags, "--max-steps", "2", "--document-mask"]) == 0
+    assert "documents kept apart" in capsys.readouterr().out
+    assert seen and all(seen), seen  # every training and evaluation forward
+    monkeypatch.setattr(GPTModel, "forward", forward)
+    assert main(["eval", "--weights", str(run), "--cache-dir", cache, "--json"]) == 0
+    kept = json.loads(capsys.readouterr().out)
+    assert main(["eval", "--weights", str(run), "--cache-dir", cache, "--json", "--no-document-mask"]) == 0
+    mixed = json.loads(capsys.readouterr().out)
+    assert kept["document_mask"] is True and mixed["document_mask"] is False
+    assert kept["tokens"] == mixed["tokens"] and abs(kept["loss"] - mixed["loss"]) > 1e-5
+    assert main(["eval", "--weights", str(run), "--cache-dir", cache]) == 0
+    assert "documents kept apart" in capsys.readouterr().out
+    assert main(["pretrain", *flags, "--max-steps", "3", "--resume"]) == 0
+    assert "--document-mask False (True)" in capsys.readouterr().err
 
 
 def _small_token_ids(tmp_path):
@@ -419,7 +484,7 @@ class _SumOfNats(torch.nn.Module):
         self.config = GPTConfig(vocab_size=50, context_length=context, n_embd=32, n_layer=1, n_head=1)
         self.scale = torch.nn.Parameter(torch.ones(()))
 
-    def forward(self, idx, targets=None, reduction="sum"):
+    def forward(self, idx, targets=None, reduction="sum", doc_ids=None):
         return self.nats * (targets != -100).sum().float() * self.scale
 
 

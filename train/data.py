@@ -652,6 +652,14 @@ def prepare_tokens(source, tokenizer, cache_dir=None, val_fraction: float | None
 
 
 # -- batches --------------------------------------------------------------------------------------
+def document_ids(x, eot_id: int):
+    """[B, T] document ids of token windows: each <|endoftext|> opens a document, as the token
+    before every document in llm.c's and build-nanogpt's shards (and GPT-2 samples from it
+    alone): the eot itself is position 0 of the document after it, whose first token it
+    predicts, and the document before ends with the token that predicts the eot."""
+    return (x == eot_id).long().cumsum(1)
+
+
 def get_batch(tokens, batch_size: int, block_size: int, generator: torch.Generator = None, device="cpu"):
     """`batch_size` random windows of `tokens`: x [B, T] and y = x shifted left by one, int64.
 

@@ -15,6 +15,7 @@ sees at least context - stride tokens, at context / stride times the cost.
                 tokens, e.g. document separators, spell none): comparable across
                 tokenizers, which perplexity per token is not
 """
+import argparse
 import itertools
 import json
 import math
@@ -46,15 +47,17 @@ def windows(n_tokens: int, context: int, stride: int):
 
 @torch.no_grad()
 def evaluate_tokens(model, tokens, stride=None, batch_size: int = 8, dtype=None, token_bytes=None,
-                    progress: bool = False) -> dict:
+                    progress: bool = False, document_eot: int | None = None) -> dict:
     """Score tokens (a 1-D integer array or tensor) with model; see the module docstring.
-    dtype: the autocast dtype (bf16, fp16), or fp32 / None for none.
+    dtype: the autocast dtype (bf16, fp16), or fp32 / None for none. document_eot: keep each
+    window's documents apart, split at this id, as `pretrain --document-mask` trains.
 
     token_bytes(ids) -> how many UTF-8 bytes those ids spell (bits per byte needs it). The
     model's own loss is used (model(idx, targets=..., reduction="sum")), so the toggle's path
     (the fused LM head + loss on Triton) is what is measured.
     """
     from tritongpt.train.common import autocast
+    from tritongpt.train.data import document_ids
 
     tokens = torch.as_tensor(tokens).long()
     if tokens.dim() != 1 or tokens.numel() < 2:
@@ -80,8 +83,9 @@ def evaluate_tokens(model, tokens, stride=None, batch_size: int = 8, dtype=None,
                 if token_bytes is not None:
                     n_bytes += token_bytes(targets[row, first - (b + 1):].tolist())
             scored += int((targets != -100).sum())
+            doc_ids = None if document_eot is None else document_ids(idx, document_eot).to(device)
             with autocast(device, dtype):
-                total += model(idx.to(device), targets=targets.to(device), reduction="sum").double()
+                total += model(idx.to(device), targets=targets.to(device), reduction="sum", doc_ids=doc_ids).double()
     finally:
         model.train(was_training)
     total_nats = float(total)  # one host sync, at the end
@@ -164,9 +168,13 @@ def cmd_eval(args):
     def text_bytes(ids):
         return len(tok.decode_bytes([i for i in ids if i not in specials]))
 
+    # a run trained with its documents kept apart is scored so, unless the flag says otherwise
+    document_mask = bool(run and run.get("document_mask")) if args.document_mask is None else args.document_mask
     result = evaluate_tokens(model, torch.from_numpy(tokens.astype("int64")), args.stride, args.batch_size,
-                             pick_dtype(args.dtype, device), text_bytes, progress=not args.json)
+                             pick_dtype(args.dtype, device), text_bytes, progress=not args.json,
+                             document_eot=tok.eot_id if document_mask else None)
     result.update(weights=str(args.weights), data=str(source or "pydoc"), split=args.split,
+                  document_mask=document_mask,
                   tokenizer=tok.name, context=model.config.context_length,
                   stride=args.stride or model.config.context_length, kernels=sorted(model.kernels) or ["reference"],
                   device=str(device))
@@ -177,7 +185,7 @@ def cmd_eval(args):
         print(f"{result['tokens']:,} tokens of {result['data']} ({args.split}) in {result['windows']} windows of "
               f"{result['context']} (stride {result['stride']}): loss {result['loss']:.4f}, perplexity "
               f"{result['perplexity']:.2f}, {'-' if bpb is None else f'{bpb:.4f}'} bits/byte "
-              f"({result['seconds']:.1f} s)")
+              f"({'documents kept apart, ' if document_mask else ''}{result['seconds']:.1f} s)")
     return 0
 
 
@@ -211,5 +219,8 @@ def add_cli(sub):
     p.add_argument("--dtype", default="auto",
                    help="auto (bf16 autocast on CUDA, fp16 on GPUs before Ampere, fp32 on CPU) | fp32 | bf16 | fp16")
     p.add_argument("--cache-dir", default=None, help="where the tokenised corpus is cached (as pretrain's)")
+    p.add_argument("--document-mask", action=argparse.BooleanOptionalAction, default=None,
+                   help="keep each window's documents apart (split at <|endoftext|>), as `pretrain "
+                        "--document-mask` trains (default: as the --weights run trained, else not)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(func=cmd_eval)

@@ -55,6 +55,11 @@ def add_args(p: argparse.ArgumentParser):
     d.add_argument("--cache-dir", default=None, help="where the tokenised corpus is cached "
                                                      "(default: ~/.cache/tritongpt or $TRITONGPT_CACHE)")
     d.add_argument("--dropout", type=float, default=None, help="override the preset's dropout")
+    d.add_argument("--document-mask", action="store_true",
+                   help="keep the documents of a training window apart: each token attends to its own document "
+                        "only (split at <|endoftext|>, which opens each document), and positions count from its "
+                        "start (Llama 3's document masking; GPT-2 and nanoGPT let a window run across documents); "
+                        "eval scores such a run the same way")
     e = p.add_argument_group("evaluation")
     e.add_argument("--hellaswag", type=int, default=0, metavar="N",
                    help="at each evaluation also score the first N HellaSwag validation examples (acc and "
@@ -98,10 +103,13 @@ class DataPosition:
         if args.data not in (None, "pydoc", "stdlib") and Path(args.data).expanduser().exists():
             self.source = str(Path(args.data).expanduser().resolve())
         self.text_field, self.tok, self.block, self.splits = args.text_field, tok, block, splits
+        self.document_mask = args.document_mask
 
     def state_dict(self):
+        # document_mask: eval scores the run's windows as it trained on them
         return {"source": self.source, "text_field": self.text_field, "train_tokens": len(self.splits["train"]),
-                "block_size": self.block, "tokenizer_hash": self.tok.hash, "source_hash": self.splits["source_hash"]}
+                "block_size": self.block, "tokenizer_hash": self.tok.hash, "source_hash": self.splits["source_hash"],
+                "document_mask": self.document_mask}
 
     def load_state_dict(self, d):
         # checkpoints from before source_hash was recorded are compared without it, and
@@ -246,7 +254,8 @@ def print_header(args, targs, model, tok, block, splits, trainer):
           f"{', ' + str(trainer.world_size) + ' processes' if trainer.ddp else ''})")
     per_step = targs.batch_size * targs.grad_accum * trainer.world_size
     print(f"data: {args.data or 'the pydoc corpus'}: {n_train:,} training + {n_val:,} validation tokens "
-          f"({tok.name} tokenizer); {targs.max_steps} steps x {per_step} x {block} tokens")
+          f"({tok.name} tokenizer); {targs.max_steps} steps x {per_step} x {block} tokens"
+          f"{', documents kept apart' if args.document_mask else ''}")
 
 
 def pretrain(args) -> dict:
@@ -271,7 +280,8 @@ def pretrain(args) -> dict:
 
     def loss_fn(m, batch):
         x, y = batch
-        return m(x, targets=y)  # the model computes its loss: the toggle covers the loss kernel too
+        doc_ids = data.document_ids(x, tok.eot_id) if args.document_mask else None
+        return m(x, targets=y, doc_ids=doc_ids)  # the model computes its loss: the toggle covers the loss kernel too
 
     def sample_fn(m):
         idx = torch.tensor([prompt_ids], dtype=torch.long, device=trainer.device)
@@ -285,7 +295,7 @@ def pretrain(args) -> dict:
     trainer = Trainer(model, targs, loss_fn, get_batch, eval_fn=eval_fn, shared_eval_fn=shared,
                       sample_fn=sample_fn if args.sample_tokens > 0 else None,
                       name="pretrain", data_state=DataPosition(args, tok, block, splits),
-                      run_args={"init": common.data_path(args.init)})
+                      run_args={"init": common.data_path(args.init), "document_mask": args.document_mask})
     try:
         splits.update(load_splits(args, tok, block, targs.batch_size, trainer))
     except BaseException:
