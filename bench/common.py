@@ -59,6 +59,12 @@ def attention_flops(b: int, h: int, tq: int, tk: int, d: int, causal: bool, mode
     return {"fwd": fwd, "bwd": 2.5 * fwd, "fwd+bwd": 3.5 * fwd}[_check_mode(mode)]
 
 
+def document_attention_flops(b: int, h: int, lengths, d: int, mode: str) -> float:
+    """Attention over packed documents: each document's own causal attention, nothing across
+    them (the pairs a document mask leaves), counted as attention_flops counts one sequence."""
+    return sum(attention_flops(b, h, n, n, d, True, mode) for n in lengths)
+
+
 def layernorm_bytes(m: int, n: int, elem: int, mode: str, param_elem: int | None = None) -> int:
     """The least memory traffic a LayerNorm over [m, n] can do (statistics not counted).
 

@@ -24,8 +24,8 @@ loss.backward() does). Gradients are reset to None before each timed call.
 import torch
 import torch.nn.functional as F
 
-from tritongpt.bench.common import (MODES, attention_flops, cross_entropy_bytes, dtype_name, gbps, is_ok,
-                                    layernorm_bytes, lm_head_flops,
+from tritongpt.bench.common import (MODES, attention_flops, cross_entropy_bytes, document_attention_flops,
+                                    dtype_name, gbps, is_ok, layernorm_bytes, lm_head_flops,
                                     make_row, matmul_flops, mlp_flops, reason_of,
                                     tflops, try_import)
 from tritongpt.kernels._common import saved_tensor_bytes
@@ -47,7 +47,10 @@ PROVIDERS = {
     "attention": ("reference", *SDPA_BACKENDS, "compile", "triton", *FLASH_ATTN),
     "cross_entropy": ("reference", "torch", "compile", "triton", "liger"),
     "lm_head_loss": ("reference", "torch", "compile", "triton", "liger"),
+    # packed documents: causal attention within each, none across (the model's doc_ids)
+    "doc_attention": ("reference", "sdpa-mask", "flex", "triton"),
 }
+DOCUMENTS_PER_ROW = 8  # doc_attention: random lengths, this many per sequence
 ALL_PROVIDERS = tuple(sorted({p for v in PROVIDERS.values() for p in v}))
 
 # Sweeps. Full: what `tritongpt bench kernels` runs on a GPU. Quick: a smoke-sized subset that
@@ -212,6 +215,58 @@ def attention_providers(q, k, v, causal=True):
     out.update({"compile": compiled, "triton": triton_op})
     out.update({name: flash_attn(*where) for name, where in FLASH_ATTN.items()})
     return out
+
+
+def document_lengths(seq_len: int, n_docs: int = DOCUMENTS_PER_ROW, seed: int = 0) -> list:
+    """n_docs random lengths (at least 1 each) that sum to seq_len, the same for a seed."""
+    g = torch.Generator().manual_seed(seed)
+    n_docs = min(n_docs, seq_len)
+    cuts = (torch.randperm(seq_len - 1, generator=g)[:n_docs - 1] + 1).sort().values.tolist()
+    return [b - a for a, b in zip([0, *cuts], [*cuts, seq_len])]
+
+
+def doc_attention_providers(q, k, v, lengths):
+    """Causal attention over documents packed in each row (every row the same layout): the
+    reference module's masked scores, SDPA with the same mask as a boolean tensor (PyTorch picks
+    a backend that takes one), FlexAttention with a document block mask (compiled; CUDA), and
+    flash_attention(doc_ids=)."""
+    from tritongpt.model.layers import MultiHeadAttention
+
+    B, H, T, D = q.shape
+    doc_ids = torch.cat([torch.full((n,), i) for i, n in enumerate(lengths)]).to(q.device).expand(B, T)
+
+    def reference():
+        m = MultiHeadAttention(H * D, H, T).to(q.device).eval()
+        return (lambda: m.attend(q, k, v, doc_ids)), [q, k, v]
+
+    def sdpa_mask():
+        pos = torch.arange(T, device=q.device)
+        mask = (doc_ids[0][:, None] == doc_ids[0][None, :]) & (pos[None, :] <= pos[:, None])  # [T, T], made once
+        return (lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask)), [q, k, v]
+
+    def flex():
+        if q.device.type != "cuda":
+            raise Unavailable("FlexAttention is timed on CUDA only (its CPU path is another compiler's)")
+        try:
+            from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+        except ImportError as e:
+            raise Unavailable(f"this torch has no FlexAttention ({e})") from None
+        ids = doc_ids[0]
+
+        def document_causal(b, h, qi, ki):
+            return (ids[qi] == ids[ki]) & (ki <= qi)
+
+        block_mask = create_block_mask(document_causal, None, None, T, T, device=q.device)
+        fn = _fresh_compile(flex_attention)
+        return (lambda: fn(q, k, v, block_mask=block_mask)), [q, k, v]
+
+    def triton_op():
+        fn, why = try_import("tritongpt.kernels.attention", "flash_attention")
+        if fn is None:
+            raise Unavailable(why)
+        return (lambda: fn(q, k, v, causal=True, doc_ids=doc_ids)), [q, k, v]
+
+    return {"reference": reference, "sdpa-mask": sdpa_mask, "flex": flex, "triton": triton_op}
 
 
 def cross_entropy_providers(x, t):
@@ -530,6 +585,33 @@ def sweep_attention(timer, budget, seqlens, head_dims, dtype, tokens=16384, widt
     return out
 
 
+def sweep_doc_attention(timer, budget, seqlens, head_dims, dtype, tokens=16384, width=2048,
+                        modes=MODES, providers=None):
+    """Packed documents (DOCUMENTS_PER_ROW of random lengths a row), sized as sweep_attention; the
+    FLOPs are those of the attention each document does alone."""
+    out = []
+    dev = timer.device
+    for d in head_dims:
+        for t in seqlens:
+            b, h = attention_shape(t, d, tokens, width)
+            lengths = document_lengths(t)
+            cfg = {"batch": b, "heads": h, "seq_len": t, "head_dim": d, "documents": len(lengths),
+                   "dtype": dtype_name(dtype)}
+            q, k, v = (randn(b, h, t, d, device=dev, dtype=dtype) for _ in range(3))
+            skip = {}
+            if dev.type == "cuda":
+                free, _ = torch.cuda.mem_get_info()
+                need = reference_attention_bytes(b, h, t, q.dtype)
+                if need > 0.8 * free:
+                    skip = {"reference": f"needs ~{need / 2**30:.0f} GiB for T x T scores, {free / 2**30:.0f} GiB free"}
+            out += bench_providers("doc_attention", cfg, doc_attention_providers(q, k, v, lengths), modes,
+                                   timer, budget, lambda m: {"flops": document_attention_flops(b, h, lengths, d, m)},
+                                   providers, skip)
+            del q, k, v
+            timer.cleanup()
+    return out
+
+
 def sweep_cross_entropy(timer, budget, rows_n, vocabs, dtype, modes=MODES, providers=None):
     out = []
     dev = timer.device
@@ -585,13 +667,15 @@ def _sweep_plan(sizes, part):
     hd_t, hd_o = _split(sizes["attn_head_dims"], TARGET_SIZES["attn_head_dims"])
     attn = [(seq_t, hd_t)] if part == "targets" else [(seq_o, sizes["attn_head_dims"]), (seq_t, hd_o)]
     plan = {"layernorm": [ln], "mlp": [mlp], "attention": [a for a in attn if a[0] and a[1]],
+            # packed documents: the first head dim (GPT-2's 64 in the full and quick sweeps), after every target
+            "doc_attention": [(sizes["attn_seqlens"], sizes["attn_head_dims"][:1])] if part == "rest" else [],
             "cross_entropy": [sizes["ce_vocabs"]] if part == "rest" else [],
             "lm_head_loss": [sizes["head_widths"]] if part == "rest" else []}
     return {op: [a for a in args if a] for op, args in plan.items()}
 
 
 def run_kernels(timer, budget, dtype=torch.bfloat16,
-                ops=("layernorm", "mlp", "attention", "cross_entropy", "lm_head_loss"),
+                ops=("layernorm", "mlp", "attention", "cross_entropy", "lm_head_loss", "doc_attention"),
                 modes=MODES, providers=None, sizes=None, ceiling_sizes=None, log=print):
     """All sweeps plus the ceilings; returns (rows, ceilings).
 
@@ -642,6 +726,10 @@ def _run_plan(rows, timer, budget, dtype, ops, modes, sizes, groups, log):
                 log(f"lm-head + loss{label}: width {list(widths)}, vocab {list(sizes['ce_vocabs'])} ...")
                 rows += sweep_lm_head_loss(timer, budget, sizes["ce_rows"], widths, sizes["ce_vocabs"],
                                            dtype, modes, provs)
+            for seqlens, head_dims in plan["doc_attention"] if "doc_attention" in ops else ():
+                log(f"attention over {DOCUMENTS_PER_ROW} packed documents{label}: T {list(seqlens)} ...")
+                rows += sweep_doc_attention(timer, budget, seqlens, head_dims, dtype, sizes["attn_tokens"],
+                                            sizes["attn_width"], modes, provs)
 
 
 def sort_rows(rows):

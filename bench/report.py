@@ -300,6 +300,7 @@ def plot_kernels(rows, ceilings, out_dir) -> list:
     specs = {"layernorm": ("width", "gbps", "GB/s", "copy"),
              "mlp": ("width", "tflops", "TFLOPS", "matmul"),
              "attention": ("seq_len", "tflops", "TFLOPS", "matmul"),
+             "doc_attention": ("seq_len", "tflops", "TFLOPS", "matmul"),
              "cross_entropy": ("vocab", "gbps", "GB/s", "copy"),
              "lm_head_loss": ("vocab", "tflops", "TFLOPS", "matmul")}
     for op, (xkey, ykey, ylabel, ceil_key) in specs.items():

@@ -46,17 +46,23 @@ DEFAULT_BATCH = {"gpt2-small": 16, "gpt2-medium": 8}
 
 
 # -- the SDPA swap (bench-only; model/ stays textbook) ---------------------------------------------------
-def sdpa_attend(self, q, k, v):
+def sdpa_attend(self, q, k, v, doc_ids=None):
     """MultiHeadAttention.attend with F.scaled_dot_product_attention; same causal alignment.
 
     Equal lengths use is_causal=True (top-left = bottom-right then); with a KV cache (Tq < Tk)
-    the module's own bottom-right mask is passed, inverted (SDPA's True means "attend").
+    the module's own bottom-right mask is passed, inverted (SDPA's True means "attend"), and
+    with packed documents that mask and the document mask.
     """
+    from tritongpt.model.layers import document_index
+
     Tq, Tk = q.size(-2), k.size(-2)
     p = self.attn_drop.p if self.training else 0.0
-    if Tq == Tk:
+    if Tq == Tk and doc_ids is None:
         return F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)
     allowed = ~self.mask[Tk - Tq:Tk, :Tk]
+    if doc_ids is not None:
+        doc = document_index(doc_ids)
+        allowed = allowed & (doc[:, Tk - Tq:, None] == doc[:, None, :])[:, None]  # [B, 1, Tq, Tk]
     return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=p)
 
 

@@ -269,7 +269,8 @@ def test_run_kernels_end_to_end_on_cpu():
     assert ceil["copy"]["gbps"] > 0 and ceil["matmul"]["tflops"] > 0
     assert all(r["status"] == "ok" for r in rows), [r["status"] for r in rows if r["status"] != "ok"]
     timed = [r for r in rows if r["mode"] != "saved"]
-    assert len(timed) == 2 * 2 * 3 + 1 * 2 * 3 + 2 * 2 * 3 + 1 * 2 * 3 + 1 * 2 * 3
+    assert len(timed) == 2 * 2 * 3 + 1 * 2 * 3 + 2 * 2 * 3 + 1 * 2 * 3 + 1 * 2 * 3 + 2 * 3  # + documents: reference
+    assert {r["config"]["documents"] for r in timed if r["op"] == "doc_attention"} == {8}
     assert [r["config"]["width"] for r in timed[:6]] == [24] * 6  # sorted by size
     att = [r for r in timed if r["op"] == "attention"]
     assert [r["config"]["seq_len"] for r in att][:6] == [16] * 6
@@ -337,6 +338,9 @@ def test_use_sdpa_attention_matches_reference_with_and_without_cache():
         ref(idx[:, :9], ca), sdpa(idx[:, :9], cb)
         a, b = ref(idx[:, 9:11], ca), sdpa(idx[:, 9:11], cb)
         assert ((a - b).norm() / a.norm()).item() < 1e-5
+        doc_ids = torch.tensor([[0] * 5 + [1] * 8, [0] * 12 + [1]])  # packed documents
+        a, b = ref(idx, doc_ids=doc_ids), sdpa(idx, doc_ids=doc_ids)
+        assert ((a - b).norm() / a.norm()).item() < 1e-5 and (a - ref(idx)).abs().max() > 1e-3
     with pytest.raises(ValueError, match="no MultiHeadAttention"):
         train_step.use_sdpa_attention(torch.nn.Linear(2, 2))
 
@@ -656,7 +660,8 @@ def test_gpu_command_flow_with_cpu_stand_ins(tmp_path, monkeypatch, capsys):
     (folder,) = tmp_path.iterdir()
     k = report.validate_result(json.loads((folder / "kernels.json").read_text()))
     t = report.validate_result(json.loads((folder / "train.json").read_text()))
-    assert {r["op"] for r in k["rows"]} == {"layernorm", "mlp", "attention", "cross_entropy", "lm_head_loss"}
+    assert {r["op"] for r in k["rows"]} == {"layernorm", "mlp", "attention", "cross_entropy", "lm_head_loss",
+                                            "doc_attention"}
     ce = [r for r in k["rows"] if r["op"] == "cross_entropy" and r["provider"] == "torch"]
     assert len(ce) == 3 and all(r["status"] == "ok" and r["gbps"] > 0 for r in ce), ce
     assert t["peak_flops_source"] == "float32 matmul 32^3 measured in this run"
@@ -989,6 +994,32 @@ def test_sweeps_count_each_modes_work():
     assert by == {"fwd": 16384, "bwd": 2.5 * 16384, "fwd+bwd": 3.5 * 16384}  # 4*B2*H2*16*16*8 / 2
     rows = kernels.sweep_cross_entropy(t, b, 8, (30,), torch.bfloat16, providers=("torch",))
     assert {r["mode"]: r["bytes"] for r in rows} == {"fwd": 480, "bwd": 960, "fwd+bwd": 1440}
+
+
+def test_document_attention_rows_time_each_provider_on_the_same_documents(device):
+    """doc_attention: DOCUMENTS_PER_ROW random lengths summing to the sequence, FLOPs of each
+    document's own causal attention, and every provider computing the same attention (FlexAttention
+    is timed on CUDA only)."""
+    lengths = kernels.document_lengths(37)
+    assert len(lengths) == 8 and sum(lengths) == 37 and min(lengths) >= 1 and lengths == kernels.document_lengths(37)
+    assert kernels.document_lengths(5) == [1] * 5
+    q, k, v = (kernels.randn(2, 2, 37, 16, device=device, dtype=torch.float32) for _ in range(3))
+    builders = kernels.doc_attention_providers(q, k, v, lengths)
+    outs = {name: build()[0]() for name, build in builders.items() if name != "flex" or device.type == "cuda"}
+    at = 0
+    for n in lengths:  # each document alone, causal
+        part = slice(at, at + n)
+        alone = torch.nn.functional.scaled_dot_product_attention(q[:, :, part], k[:, :, part], v[:, :, part],
+                                                                 is_causal=True)
+        for name, o in outs.items():
+            assert torch.allclose(o[:, :, part], alone, atol=1e-5), (name, n)
+        at += n
+    rows = kernels.sweep_doc_attention(CpuTimer(reps=1), Budget(None), (16,), (16,), torch.float32, tokens=32,
+                                       width=32, providers=("sdpa-mask", "flex"))
+    by = {(r["provider"], r["mode"]): r for r in rows}
+    pairs = sum(n * n / 2 for n in kernels.document_lengths(16))
+    assert by["sdpa-mask", "fwd"]["flops"] == 4 * 2 * 2 * pairs * 16 and by["sdpa-mask", "fwd"]["status"] == "ok"
+    assert by["flex", "fwd"]["status"].startswith("skipped: FlexAttention is timed on CUDA only")
 
 
 def test_train_row_flops_per_token_by_hand():
@@ -1522,7 +1553,8 @@ def test_every_provider_builder_is_in_the_sweep():
              "mlp": kernels.mlp_providers(x, torch.zeros(32, 8), torch.zeros(32), torch.zeros(8, 32), x[0]),
              "attention": kernels.attention_providers(q, q, q),
              "cross_entropy": kernels.cross_entropy_providers(x, t),
-             "lm_head_loss": kernels.lm_head_loss_providers(x, torch.zeros(5, 8), t)}
+             "lm_head_loss": kernels.lm_head_loss_providers(x, torch.zeros(5, 8), t),
+             "doc_attention": kernels.doc_attention_providers(q, q, q, [3, 1])}
     assert set(built) == set(kernels.PROVIDERS)
     for op, builders in built.items():
         assert set(kernels.PROVIDERS[op]) == set(builders), op
