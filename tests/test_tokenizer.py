@@ -806,6 +806,18 @@ def test_a_tokenizers_library_file_reads_back_as_the_same_tokenizer(corpus, tmp_
         get_tokenizer(fast)
 
 
+def test_a_transformers_tokenizer_json_file_is_read_as_its_folder(corpus, tmp_path):
+    """--tokenizer path/to/tokenizer.json, the file transformers' save_pretrained writes, is read
+    as the folder it sits in is (its tokenizer_config.json names the special tokens), not
+    refused as a tritongpt tokenizer file that it is not."""
+    transformers = pytest.importorskip("transformers")
+    tok = BPETokenizer.train(corpus[:60_000], 400, name="hf")
+    tok.save_hf(tmp_path / "slow")
+    transformers.GPT2TokenizerFast.from_pretrained(tmp_path / "slow").save_pretrained(tmp_path / "fast")
+    back = get_tokenizer(tmp_path / "fast" / "tokenizer.json")
+    assert back.hash == tok.hash and back.special_tokens == tok.special_tokens
+
+
 def test_a_token_added_in_transformers_is_read_from_tokenizer_json(corpus, tmp_path):
     """transformers 5 keeps a token added with add_special_tokens only in tokenizer.json (and its
     name in tokenizer_config.json), also when vocab.json and merges.txt are there from before:

@@ -872,6 +872,10 @@ def get_tokenizer(spec="default") -> BPETokenizer:
                             "GPT-2's encoder.json and vocab.bpe, or Hugging Face's vocab.json and merges.txt")
         return BPETokenizer.from_hf_folder(saved) if saved.is_dir() else BPETokenizer.load(saved)
     if p.is_file():
+        if p.name == RUN_TOKENIZER and not is_ours(p):
+            # transformers' own tokenizer.json: its special tokens are named beside it, so read
+            # the folder, as a folder given by name is read
+            return BPETokenizer.from_hf_folder(p.parent)
         return BPETokenizer.load(p)
     raise UserError(f"unknown tokenizer {spec!r}: use 'default', 'gpt2', a tokenizer .json file, "
                     f"or a folder with encoder.json and vocab.bpe")
