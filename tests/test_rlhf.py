@@ -2314,3 +2314,18 @@ def test_dpo_cli_hands_its_loss_type_and_label_smoothing_to_training(tmp_path, m
     assert main([*common, "--loss-type", "hinge", "--label-smoothing", "0.1"]) == 2
     assert "--loss-type hinge has none" in capsys.readouterr().err
     assert not seen
+
+
+@pytest.mark.parametrize("command", ["reward", "dpo"])
+def test_a_run_without_held_out_pairs_still_names_its_checkpoint(tmp_path, capsys, command):
+    """--val-fraction 0 (or a file too small to hold any out): DPO printed nothing at all at the
+    end, not even its checkpoint, and the reward model 'held-out pairwise accuracy None'."""
+    from tritongpt.cli import main
+
+    out = tmp_path / "run"
+    assert main([command, "--model", "tiny", "--num-pairs", "8", "--val-fraction", "0", "--max-steps", "1",
+                 "--batch-size", "4", "--device", "cpu", "--kernels", "reference", "--eval-every", "0",
+                 "--out-dir", str(out)]) == 0
+    said = capsys.readouterr().out
+    assert str(out / "ckpt-0000001") in said and "None" not in said
+    assert "no held-out pairs" in said

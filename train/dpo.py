@@ -203,9 +203,13 @@ def cmd_dpo(args):
     apply_lora(policy, args)  # the reference stays the whole --init model
     result = train_dpo(policy, ref, tok, train, val, targs, beta=args.beta, run_args=data_run_args(args),
                        loss_type=args.loss_type, label_smoothing=args.label_smoothing)
+    if not result.get("is_main", True):  # DDP: rank 0 reports
+        return 0
     if "val_margin" in result:
         print(f"dpo: held-out reward margin {result['val_margin']:.4f}, accuracy {result['val_acc']:.3f}; "
               f"checkpoint {result['checkpoint']}")
+    elif "checkpoint" in result:  # no held-out pairs: the checkpoint is still worth naming
+        print(f"dpo: no held-out pairs to measure (--val-fraction); checkpoint {result['checkpoint']}")
     return 0
 
 

@@ -245,8 +245,10 @@ def cmd_reward(args):
     if not result["is_main"]:  # DDP: rank 0 reports
         return 0
     acc = result.get("val_acc")
-    print(f"reward model: {len(train)} training pairs, {len(val)} held out; held-out pairwise "
-          f"accuracy {acc if acc is None else f'{acc:.3f}'}; checkpoint {result['checkpoint']}")
+    measured = "no held-out pairs to measure (--val-fraction)" if acc is None else \
+        f"held-out pairwise accuracy {acc:.3f}"
+    print(f"reward model: {len(train)} training pairs, {len(val)} held out; {measured}; "
+          f"checkpoint {result['checkpoint']}")
     return 0
 
 
