@@ -466,6 +466,29 @@ def test_an_adapter_needs_a_lora_run_and_its_own_base(tmp_path, capsys, monkeypa
     assert adapter_base("openai-community/gpt2", "elsewhere", frozen) == "openai-community/gpt2"
 
 
+def test_an_adapter_names_a_relative_base_folder_by_its_full_path(tmp_path, monkeypatch, capsys):
+    """`export --adapter --base hf/base` wrote 'hf/base' as base_model_name_or_path, which peft
+    and tritongpt then looked for relative to wherever the adapter was loaded from, not where it
+    was exported: from any other folder the adapter did not load. The folder's full path is written."""
+    from tritongpt.cli import main
+    from tritongpt.model.lora import strip_lora
+    from tritongpt.train.gpt2_weights import export_gpt2, load_checkpoint
+
+    model = with_trained_lora(small(seed=17, vocab_size=4096)).eval()
+    model.save(tmp_path / "lora.safetensors")
+    export_gpt2(strip_lora(copy.deepcopy(model)), tmp_path / "hf" / "base")
+    monkeypatch.chdir(tmp_path)
+    assert main(["export", "lora.safetensors", "--out", "adapter", "--adapter", "--base", "hf/base",
+                 "--tokenizer", "default"]) == 0
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str(tmp_path / "hf" / "base")
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    idx = torch.randint(0, 4096, (1, 9))
+    with torch.no_grad():
+        assert_close_rel(load_checkpoint(tmp_path / "adapter")(idx), merge_lora(copy.deepcopy(model))(idx), 1e-5)
+
+
 def test_a_base_is_refused_unless_it_is_exactly_the_runs_frozen_model(tmp_path):
     """The base folder must compute the frozen model: every tensor equal to the last bit (one
     rounding step in the last layer is another model), no LM head of its own where the run ties

@@ -6,6 +6,7 @@ we split into W_query, W_key and W_value. The LM head is tied to the token embed
 `export_gpt2` writes the inverse: a folder transformers' GPT2LMHeadModel.from_pretrained loads.
 """
 import json
+import os
 import re
 from pathlib import Path
 
@@ -352,7 +353,9 @@ def adapter_base(base: str | None, init: str | None, frozen: GPTModel) -> str:
                         f"which peft loads the adapter onto: export it (`tritongpt export {name} --out BASE`) "
                         "and pass --base BASE")
     _check_base(file, frozen, f"{flag} {name}")
-    return str(file.parent) if path.is_file() else name
+    # in full: peft and `--weights ADAPTER` read a relative one from wherever they are run, not
+    # from where the adapter was exported
+    return os.path.abspath(file.parent)
 
 
 def _check_base(file: Path, frozen: GPTModel, what: str):
