@@ -80,7 +80,8 @@ def test_load_text_errors(tmp_path):
     with pytest.raises(UserError, match=r"bad.jsonl:2: not valid JSON"):
         load_text(j)
     j.write_text('{"text": "a"}\n\n{"body": "b"}\n', encoding="utf-8")
-    with pytest.raises(UserError, match=r"bad.jsonl:3: no field 'text'.*body"):
+    # names the flag every command that reads .jsonl text has (it said "the text field option")
+    with pytest.raises(UserError, match=r"bad.jsonl:3: no field 'text'.*body.*--text-field"):
         load_text(j)
     j.write_text('{"text": 5}\n', encoding="utf-8")
     with pytest.raises(UserError, match=r"bad.jsonl:1: field 'text' is a int"):

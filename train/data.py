@@ -132,7 +132,7 @@ def _jsonl_docs(path: Path, text_field: str):
                 if not isinstance(row, dict) or text_field not in row:
                     keys = sorted(row) if isinstance(row, dict) else type(row).__name__
                     raise UserError(f"{path}:{lineno}: no field {text_field!r} (found {keys}); "
-                                    f"name the right one with the text field option")
+                                    "name the right one with --text-field")
                 if not isinstance(row[text_field], str):
                     raise UserError(f"{path}:{lineno}: field {text_field!r} is a "
                                     f"{type(row[text_field]).__name__}, expected a string")
