@@ -1234,6 +1234,30 @@ def test_dpo_and_rlhf_pad_the_vocabulary_of_their_init(command, tmp_path):
                 assert padded[key] == pytest.approx(plain[key], rel=1e-4, abs=1e-6), (key, plain, padded)
 
 
+def test_dpo_resume_refuses_another_reference(tmp_path, capsys):
+    """DPO's reference is rebuilt from --init on a resume: weights other than the run's (the SFT
+    run trained on into the same folder) would change every margin, silently. Refused by name, as
+    RLHF refuses; the same --init resumes."""
+    from tritongpt.cli import main
+    from tritongpt.model.config import get_config
+
+    torch.manual_seed(0)
+    init = tmp_path / "sft" / "model.safetensors"
+    init.parent.mkdir()
+    model = GPTModel(get_config("tiny", vocab_size=4100, n_layer=1))
+    model.save(init)
+    argv = ["dpo", "--init", str(init), "--num-pairs", "16", "--batch-size", "4", "--eval-every", "0",
+            "--device", "cpu", "--out-dir", str(tmp_path / "run")]
+    assert main([*argv, "--max-steps", "1"]) == 0
+    assert main([*argv, "--max-steps", "2", "--resume"]) == 0
+    with torch.no_grad():
+        model.tok_emb.weight[5, 0] += 1e-3  # a step more of SFT
+    model.save(init)
+    capsys.readouterr()
+    assert main([*argv, "--max-steps", "3", "--resume"]) == 2
+    assert "--resume: --init is not the model this run's reference was (its weights differ)" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("command", ["pretrain", "sft", "reward", "dpo", "rlhf"])
 def test_activation_checkpointing_flag_recomputes_and_changes_nothing_else(command, tmp_path, monkeypatch):
     """--activation-checkpointing on every training command: the trained model's blocks run under
@@ -1416,7 +1440,7 @@ def test_rl_args_refuse_each_bad_value_and_accept_the_bounds():
 def test_rl_frozen_model_fingerprints_tell_a_slightly_moved_weight_apart():
     """A reference one small step away (one weight moved by 1e-4: a checkpoint a step later at a
     low --lr) is another model; a copy of the same weights is the same."""
-    from tritongpt.train.rlhf import _fingerprint, _same_fingerprint
+    from tritongpt.train.common import same_fingerprint as _same_fingerprint, weights_fingerprint as _fingerprint
 
     torch.manual_seed(0)
     model = GPTModel(GPTConfig(vocab_size=23, context_length=16, n_embd=32, n_layer=1, n_head=2))

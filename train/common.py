@@ -244,6 +244,21 @@ class Checkpointer:
         return found[-1] if found else None
 
 
+def weights_fingerprint(model) -> tuple:
+    """(sum, sum of squares) of every weight in float64, without float64 copies: tells another
+    model's weights apart (a frozen model rebuilt on a resume: RLHF's reference and reward model,
+    DPO's reference)."""
+    with torch.no_grad():
+        total = sum(p.sum(dtype=torch.float64) for p in model.parameters())
+        squares = sum(torch.linalg.vector_norm(p, dtype=torch.float64) ** 2 for p in model.parameters())
+    return float(total), float(squares)
+
+
+def same_fingerprint(a, b) -> bool:
+    # float64 sums of the same weights on another device may differ in their last bits
+    return all(math.isclose(x, y, rel_tol=1e-9, abs_tol=1e-9) for x, y in zip(a, b))
+
+
 def resolve_checkpoint(path) -> Path:
     """A checkpoint folder, a run folder (its newest checkpoint), or a .safetensors file; a peft
     adapter folder: its weights file."""

@@ -94,6 +94,24 @@ class DPOData:
         return idx, mask, torch.cat([ref[:, 0], ref[:, 1]]).to(device)
 
 
+class FrozenReference:
+    """The reference's fingerprint, saved with every checkpoint (as the Trainer's data state) and
+    compared on --resume, as RLHF compares its frozen models: a resume rebuilds the reference
+    from --init, and other weights there (an SFT run trained on since) would change every margin
+    the run optimises, silently."""
+
+    def __init__(self, ref):
+        self.fingerprint = common.weights_fingerprint(ref)
+
+    def state_dict(self) -> dict:
+        return {"ref_fingerprint": self.fingerprint}
+
+    def load_state_dict(self, d: dict):
+        if "ref_fingerprint" in d and not common.same_fingerprint(d["ref_fingerprint"], self.fingerprint):
+            raise UserError("--resume: --init is not the model this run's reference was (its weights differ): "
+                            "pass the --init the run started from")
+
+
 def make_loss_fn(beta: float, loss_type: str = "sigmoid", label_smoothing: float = 0.0):
     def loss_fn(model, batch):
         idx, mask, ref = batch
@@ -181,8 +199,9 @@ def train_dpo(policy, ref, tokenizer, train_pairs, val_pairs, args, beta: float 
         return out
 
     trainer = Trainer(policy, args, make_loss_fn(beta, loss_type, label_smoothing), get_batch, eval_fn=eval_fn,
-                      name="dpo", run_args={**(run_args or {}), "beta": beta, "loss_type": loss_type,
-                                            "label_smoothing": label_smoothing},
+                      name="dpo", data_state=FrozenReference(ref),
+                      run_args={**(run_args or {}), "beta": beta, "loss_type": loss_type,
+                                "label_smoothing": label_smoothing},
                       prompt_format=train_pairs[0].format if train_pairs else None)
     result = trainer.fit()
     if trainer.is_main:  # loss.png has the losses; margins and accuracy get their own plot

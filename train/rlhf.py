@@ -77,20 +77,6 @@ VERIFIERS = {"exact": tasks.exact_match, "number": tasks.number_match, "tasks": 
 MATCHED = {"exact": "exact match", "number": "final-number match", "tasks": "exact match"}
 
 
-def _fingerprint(model) -> tuple:
-    """(sum, sum of squares) of every weight in float64, without float64 copies: tells another
-    model's weights apart."""
-    with torch.no_grad():
-        total = sum(p.sum(dtype=torch.float64) for p in model.parameters())
-        squares = sum(torch.linalg.vector_norm(p, dtype=torch.float64) ** 2 for p in model.parameters())
-    return float(total), float(squares)
-
-
-def _same_fingerprint(a, b) -> bool:
-    # float64 sums of the same weights on another device may differ in their last bits
-    return all(math.isclose(x, y, rel_tol=1e-9, abs_tol=1e-9) for x, y in zip(a, b))
-
-
 @dataclass
 class RLArgs:
     algo: str = "ppo"            # ppo | grpo
@@ -464,8 +450,8 @@ class RLHFTrainer:
         self.out_dir = Path(args.out_dir)
         self._clear_first = common.check_out_dir(self.out_dir, args.resume, args.overwrite)
         # frozen: fingerprinted once, saved with every checkpoint, compared on --resume
-        self.frozen_fingerprints = {"ref_fingerprint": _fingerprint(self.ref),
-                                    "reward_fingerprint": _fingerprint(self.reward_model)}
+        self.frozen_fingerprints = {"ref_fingerprint": common.weights_fingerprint(self.ref),
+                                    "reward_fingerprint": common.weights_fingerprint(self.reward_model)}
         self.checkpointer = common.Checkpointer(self.out_dir, keep=args.keep_ckpts)
         self.metrics = common.MetricsLog(self.out_dir / "metrics.jsonl", enabled=log)
         self.plot_path = self.out_dir / "rlhf.png"
@@ -590,7 +576,7 @@ class RLHFTrainer:
         # The frozen models are rebuilt from --init and --reward: other ones would change the KL
         # and the rewards the run optimises, silently.
         for key, flag in (("ref_fingerprint", "--init"), ("reward_fingerprint", "--reward")):
-            if key in state and not _same_fingerprint(state[key], self.frozen_fingerprints[key]):
+            if key in state and not common.same_fingerprint(state[key], self.frozen_fingerprints[key]):
                 raise UserError(f"--resume: {flag} is not the model {ckpt}'s run started from (its "
                                 f"weights differ): pass the same {flag} as that run")
         # A verifier has no weights to tell apart; stop 27's runs (no key) verified exact match.
