@@ -162,6 +162,15 @@ def test_a_file_holds_one_format(tmp_path):
     with pytest.raises(UserError, match=r"record 1 \(line 2\) is a chat record but .*record 0 \(line 1\) is "
                                          r"completion: a file holds records of one format"):
         sft.read_records(path)
+    path.write_text(json.dumps({"prompt": "a", "completion": "b"}) + "\n"
+                    + json.dumps({"instruction": "c", "output": "d"}) + "\n")
+    with pytest.raises(UserError, match=r"record 1 \(line 2\) is an alpaca record but"):
+        sft.read_records(path)
+    # JSON Lines in a .json file (as datasets' to_json writes them): the error says what it looks like
+    (tmp_path / "lines.json").write_text(json.dumps({"prompt": "a", "completion": "b"}) + "\n" + json.dumps(CHAT))
+    with pytest.raises(UserError, match=r"lines.json: not valid JSON \(Extra data at line 2\) \(one JSON object a "
+                                         r"line\? name the file .jsonl\)"):
+        sft.read_records(tmp_path / "lines.json")
     # a record with no format's fields, after records of one format, is named by that format's field
     path.write_text(json.dumps({"prompt": "a", "completion": "b"}) + "\n" + json.dumps({"completion": "c"}))
     with pytest.raises(UserError, match=r"record 1 \(line 2\): missing field 'prompt'"):

@@ -95,6 +95,8 @@ def test_a_file_that_is_not_hellaswag_is_named(tmp_path):
     good = {"ctx": "A man", "endings": ["runs.", "sits."], "label": 1, "activity_label": "x"}
     path.write_text(json.dumps(good) + "\n\n")
     assert hellaswag.read_examples(path) == [{"ctx": "A man", "endings": ["runs.", "sits."], "label": 1}]
+    path.write_text(json.dumps(dict(good, label="1")) + "\n")  # Hugging Face's Rowan/hellaswag writes strings
+    assert hellaswag.read_examples(path)[0]["label"] == 1
     for row, said in (("{", r"h.jsonl: record 1 \(line 2\) is not valid JSON"),
                       ("[1]", "expected a JSON object, got list"),
                       (dict(good, ctx=""), "'ctx' must be the context text"),
@@ -105,7 +107,8 @@ def test_a_file_that_is_not_hellaswag_is_named(tmp_path):
                       (dict(good, label=2), r"'label' must be the index of the right ending \(0..1\), got 2"),
                       (dict(good, label=-1), r"'label' must be the index of the right ending \(0..1\), got -1"),
                       (dict(good, label=True), "'label' must be the index"),
-                      (dict(good, label="1"), "'label' must be the index")):
+                      (dict(good, label=""), "'label' must be the index"),  # HF's test split: no answer
+                      (dict(good, label="one"), "'label' must be the index")):
         path.write_text(json.dumps(good) + "\n" + (row if isinstance(row, str) else json.dumps(row)) + "\n")
         with pytest.raises(UserError, match=said if row == "{" else r"h.jsonl: record 1 \(line 2\): " + said):
             hellaswag.read_examples(path)

@@ -197,6 +197,26 @@ def test_sft_resume_names_changed_data_flags(tmp_path, capsys):
             "--no-mask-prompt True (False), --overlong truncate (drop), --max-length 64 (None)") in err, err
 
 
+def test_sft_with_data_refuses_the_embedded_tasks_flags_and_says_val_is_test(tmp_path, capsys):
+    """--tasks, --n-train and --n-eval choose the embedded tasks: with --data they were silently
+    ignored. A file's one held-out share is both the val loss and the test answers: said so."""
+    from tritongpt.cli import main
+
+    recs = [{"prompt": f"Say {w}.", "completion": w} for w in ("hi", "yes", "no", "ok", "up", "go", "on", "in")]
+    (tmp_path / "a.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    flags = ["sft", "--init", "tiny", "--tokenizer", "default", "--data", str(tmp_path / "a.jsonl"), "--batch-size",
+             "2", "--eval-every", "0", "--eval-gen", "0", "--sample-every", "0", "--device", "cpu", "--kernels",
+             "reference", "--max-steps", "1", "--val-fraction", "0.3"]
+    for extra, said in ((["--tasks", "sum"], "--tasks chooses the embedded tasks; with --data"),
+                        (["--n-train", "50", "--n-eval", "9"], "--n-train, --n-eval choose the embedded tasks")):
+        assert main([*flags, "--out-dir", str(tmp_path / "bad"), *extra]) == 2
+        assert said in capsys.readouterr().err
+        assert not (tmp_path / "bad").exists()
+    assert main([*flags, "--out-dir", str(tmp_path / "run")]) == 0
+    err = capsys.readouterr().err
+    assert "held out (the val loss and the test answers) examples" in err and " test examples" not in err
+
+
 def test_split_records_is_deterministic_and_disjoint():
     recs = tasks.generate_tasks(300, seed=5, split=None)
     train, val = sft.split_records(recs, 0.2)

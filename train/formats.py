@@ -193,6 +193,10 @@ def format_of(record) -> str:
     return "chat" if "messages" in record else "completion" if "prompt" in record else "alpaca"
 
 
+def with_article(word: str) -> str:
+    return ("an " if word[:1] in "aeiou" else "a ") + word
+
+
 def read_records(raw) -> list:
     """Clean records from (where, record) pairs, all of one format."""
     records, first = [], None
@@ -201,7 +205,7 @@ def read_records(raw) -> list:
         if first is None:
             first = (format_of(rec), where)
         elif format_of(rec) != first[0]:
-            raise UserError(f"{where} is a {format_of(rec)} record but {first[1]} is {first[0]}: "
+            raise UserError(f"{where} is {with_article(format_of(rec))} record but {first[1]} is {first[0]}: "
                             f"a file holds records of one format")
         records.append(rec)
     return records

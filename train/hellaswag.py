@@ -61,6 +61,8 @@ def read_examples(path) -> list:
         if not isinstance(row, dict):
             raise UserError(f"{where}: expected a JSON object, got {type(row).__name__}")
         ctx, endings, label = row.get("ctx"), row.get("endings"), row.get("label")
+        if isinstance(label, str) and label.strip().isdigit():  # Hugging Face's Rowan/hellaswag: "0".."3"
+            label = int(label)
         if not isinstance(ctx, str) or not ctx.strip():
             raise UserError(f"{where}: 'ctx' must be the context text, got {ctx!r}")
         if not (isinstance(endings, list) and len(endings) >= 2 and all(isinstance(e, str) and e.strip()

@@ -94,7 +94,8 @@ def read_preference_file(path, template=None) -> list[PreferencePair]:
         if first is None:
             first = where
         elif (pairs[-1].format == "chat") != (pairs[0].format == "chat"):
-            raise UserError(f"{where} is a {pairs[-1].format} record but {first} is {pairs[0].format}: "
+            raise UserError(f"{where} is {formats.with_article(pairs[-1].format)} record but {first} is "
+                            f"{pairs[0].format}: "
                             f"a file holds chats or text prompts, not both")
     return pairs
 

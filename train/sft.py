@@ -39,6 +39,7 @@ from tritongpt.train import common, formats, tasks
 from tritongpt.train.formats import encode_text, format_prompt
 
 IGNORE_INDEX = -100
+DEFAULT_TASKS, DEFAULT_N_TRAIN, DEFAULT_N_EVAL = "all", 5000, 200  # the embedded tasks' flags
 
 
 # -- records ----------------------------------------------------------------------------------------
@@ -76,7 +77,9 @@ def read_json_records(path, what: str = "data file") -> list:
         try:
             data = json.loads(text)
         except json.JSONDecodeError as e:
-            raise UserError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+            # a JSON Lines file named .json (as `datasets` writes one with to_json) parses to its first line
+            lines = " (one JSON object a line? name the file .jsonl)" if e.msg == "Extra data" else ""
+            raise UserError(f"{path}: not valid JSON ({e.msg} at line {e.lineno}){lines}") from None
         if not isinstance(data, list):
             raise UserError(f"{path}: expected a JSON list of records, got {type(data).__name__}")
         raw = [(f"{path}: record {i}", rec) for i, rec in enumerate(data)]
@@ -476,7 +479,10 @@ def run_sft(model, tokenizer, train_records, val_records, test_records, args, *,
 
         save_run_tokenizer(tokenizer, out_dir)
     if trainer.is_main:
-        print(f"sft: {len(train)} train / {len(val)} val / {len(test_kept)} test examples, context {max_len}, "
+        # a --data file holds one held-out share: its records give both the loss and the answers
+        held = (f"{len(val)} held out (the val loss and the test answers)" if test_records is val_records
+                else f"{len(val)} val / {len(test_kept)} test")
+        print(f"sft: {len(train)} train / {held} examples, context {max_len}, "
               f"prompt {'masked' if mask_prompt else 'learned too'}", file=sys.stderr)
 
     def run_eval(tag):
@@ -526,6 +532,11 @@ def cmd_sft(args):
     apply_lora(model, args)
     tok = pick_tokenizer(args.tokenizer, args.init, model.config.vocab_size)
     if args.data:
+        given = [f for f, v, d in (("--tasks", args.tasks, DEFAULT_TASKS), ("--n-train", args.n_train, DEFAULT_N_TRAIN),
+                                   ("--n-eval", args.n_eval, DEFAULT_N_EVAL)) if v != d]
+        if given:
+            raise UserError(f"{', '.join(given)} choose{'s' if len(given) == 1 else ''} the embedded tasks; with "
+                            f"--data the records are the file's (--val-fraction holds some out)")
         records = read_records(args.data)
         train, val = split_records(records, args.val_fraction)
         test = val
@@ -563,10 +574,11 @@ def add_cli(sub):
                                        "else gpt2 for a 50257 vocab, else default)")
     add_vocab_multiple_arg(p, None, "as the --init model has them")
     add_lora_args(p)
-    p.add_argument("--tasks", default="all", help=f"embedded task families, comma list or 'all' "
-                                                  f"({', '.join(tasks.FAMILIES)})")
-    p.add_argument("--n-train", type=int, default=5000, help="embedded training records (default %(default)s)")
-    p.add_argument("--n-eval", type=int, default=200,
+    p.add_argument("--tasks", default=DEFAULT_TASKS, help=f"embedded task families, comma list or 'all' "
+                                                          f"({', '.join(tasks.FAMILIES)})")
+    p.add_argument("--n-train", type=int, default=DEFAULT_N_TRAIN,
+                   help="embedded training records (default %(default)s)")
+    p.add_argument("--n-eval", type=int, default=DEFAULT_N_EVAL,
                    help="embedded held-out records, each of val and test; the whole test split is "
                         "answered once at the end (default %(default)s)")
     p.add_argument("--val-fraction", type=float, default=0.1,
