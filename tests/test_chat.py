@@ -99,6 +99,34 @@ def test_run_template_reads_what_the_run_saved(tmp_path):
     assert chat.run_template(str(tmp_path)) is None
 
 
+
+def test_an_exported_run_keeps_its_template(tmp_path, capsys):
+    """export writes the run's prompt format into config.json (transformers keeps the extra key),
+    so `chat --weights` on the exported folder prompts it as the run was tuned."""
+    import json
+
+    from transformers import AutoConfig
+
+    from tritongpt.cli import main
+
+    run = tmp_path / "run" / "ckpt-0000002"
+    run.mkdir(parents=True)
+    GPTModel(GPTConfig(vocab_size=4096, context_length=16, n_embd=16, n_layer=1, n_head=1)).save(
+        run / "model.safetensors")
+    torch.save({"step": 2, "prompt_format": "completion"}, run / "state.pt")
+    assert main(["export", str(tmp_path / "run"), "--out", str(tmp_path / "hf"), "--tokenizer", "default"]) == 0
+    capsys.readouterr()
+    assert chat.run_template(str(tmp_path / "hf")) == "completion"
+    assert chat.run_template(str(tmp_path / "hf" / "model.safetensors")) == "completion"
+    assert AutoConfig.from_pretrained(tmp_path / "hf").tritongpt_prompt_format == "completion"
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    for value in ("klingon", None):  # not a template: none recorded
+        (tmp_path / "hf" / "config.json").write_text(json.dumps({**config, "tritongpt_prompt_format": value}))
+        assert chat.run_template(str(tmp_path / "hf")) is None
+    (tmp_path / "hf" / "config.json").write_text("[1, 2]")
+    assert chat.run_template(str(tmp_path / "hf")) is None
+
+
 def fake_answers(monkeypatch, answers):
     """generate() replaced: it records each prompt and answers the next of `answers` (a string
     that ends in "|" is cut there: no eot)."""

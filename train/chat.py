@@ -24,17 +24,27 @@ TEMPLATES = ("auto",) + formats.FORMATS
 QUOTE = '"""'  # opens and closes a message of several lines
 
 
+EXPORTED_FORMAT = "tritongpt_prompt_format"  # the key `export` writes into config.json
+
+
 def run_template(weights) -> str | None:
-    """The prompt format a fine-tuning run saved with its checkpoint (SFT, reward, DPO, RLHF),
-    None for a weights file alone or a run that saved none (pretraining)."""
+    """The prompt format a fine-tuning run saved with its checkpoint (SFT, reward, DPO, RLHF), or
+    that `export` wrote into the config.json of its folder; None for a weights file alone or a
+    run that saved none (pretraining)."""
+    import json
+
     from tritongpt.train.common import load_state, resolve_checkpoint
 
     if weights is None:
         return None
     ckpt = resolve_checkpoint(weights).parent
-    if not (ckpt / "state.pt").is_file():
+    if (ckpt / "state.pt").is_file():
+        return load_state(ckpt, mmap=True).get("prompt_format")
+    try:
+        fmt = json.loads((ckpt / "config.json").read_text(encoding="utf-8")).get(EXPORTED_FORMAT)
+    except (OSError, ValueError, AttributeError):  # none, not JSON, or not an object: no format recorded
         return None
-    return load_state(ckpt, mmap=True).get("prompt_format")
+    return fmt if fmt in formats.FORMATS else None
 
 
 class Conversation:

@@ -274,10 +274,11 @@ class TextStream:
 
 def cmd_export(args):
     import copy
+    import json
     from pathlib import Path
 
     from tritongpt.model.lora import strip_lora
-    from tritongpt.train.chat import run_template
+    from tritongpt.train.chat import EXPORTED_FORMAT, run_template
     from tritongpt.train.common import load_state, resolve_checkpoint
     from tritongpt.train.formats import HF_CHAT_TEMPLATE
     from tritongpt.train.gpt2_weights import adapter_base, export_gpt2, export_peft_adapter, load_checkpoint
@@ -328,6 +329,11 @@ def cmd_export(args):
         paths = export_peft_adapter(model, out, base)
     else:
         paths = export_gpt2(model, out, tok.special_tokens.get(EOT))
+        fmt = run_template(args.checkpoint)
+        if fmt is not None:  # `tritongpt chat --weights OUT` prompts it as the run was tuned
+            config = json.loads((out / "config.json").read_text(encoding="utf-8"))
+            (out / "config.json").write_text(json.dumps({**config, EXPORTED_FORMAT: fmt}, indent=2) + "\n",
+                                             encoding="utf-8")
     for name, text in tok_files.items():
         (out / name).write_text(text, encoding="utf-8")
         paths.append(out / name)
