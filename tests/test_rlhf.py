@@ -2353,3 +2353,93 @@ def test_a_run_without_held_out_pairs_still_names_its_checkpoint(tmp_path, capsy
     said = capsys.readouterr().out
     assert str(out / "ckpt-0000001") in said and "None" not in said
     assert "no held-out pairs" in said
+
+
+# -- from a mutation audit of --reward exact | number ------------------------------------------------
+def test_the_number_verifier_needs_a_reference_number_and_reads_numbers_exactly():
+    """A reference without a number matches nothing, not even a response without one (no number
+    is not an agreement); numbers are compared exactly (two integers past float's 2**53 are two
+    numbers); a comma joins thousands only after one to three digits (1234,567 is two numbers)."""
+    from tritongpt.train.tasks import last_number, number_match
+
+    assert not number_match("no idea", "three") and not number_match("three", "three")
+    assert not number_match("9007199254740993", "9007199254740992")
+    assert number_match("9007199254740993", "9,007,199,254,740,993")
+    assert last_number("1234,567") == 567 and last_number("1,234,567") == 1234567
+
+
+def test_the_number_verifier_checks_the_held_out_references_too(tmp_path):
+    """`number` refuses a reference without a number wherever it is: one held out would score
+    every eval response 0, and the eval reward is the figure the run reports."""
+    from tritongpt.train.rlhf import verified_prompts
+    from tritongpt.train.sft import read_records, split_records
+
+    recs = [{"prompt": f"{a} plus {b} is", "completion": f" {a + b}"} for a in range(6) for b in range(5)]
+    path = tmp_path / "sums.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    _, val = split_records(read_records(path), 0.2)
+    held = next(i for i, r in enumerate(recs) if r["prompt"] == val[0]["prompt"])
+    recs[held]["completion"] = " many"
+    path.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    train, val = verified_prompts(path, 0, 0.2, 0, "exact")  # exact has no numbers to need
+    assert " many" in [a for _, a, _ in val] and " many" not in [a for _, a, _ in train]
+    with pytest.raises(UserError, match=r"--reward number: the reference answer ' many' .* has no number"):
+        verified_prompts(path, 0, 0.2, 0, "number")
+
+
+def test_rlhf_cli_verifier_without_held_out_prompts_evaluates_on_the_training_prompts(tmp_path, monkeypatch):
+    """--val-fraction 0 with a verifier: the eval prompts are the training prompts (as with a
+    reward model), not none at all."""
+    import tritongpt.train.rlhf as rlhf
+    from tritongpt.cli import main
+    from tritongpt.model.config import get_config
+
+    seen = {}
+
+    class Stub:
+        def __init__(self, policy, ref, reward_model, prompts, eval_prompts, eot_id, args, **kw):
+            seen.update(prompts=prompts, eval_prompts=eval_prompts)
+
+        def fit(self):
+            return {"first_eval_reward": 0.0, "eval_reward": 0.0, "eval_kl": 0.0, "checkpoint": None}
+
+    monkeypatch.setattr(rlhf, "RLHFTrainer", Stub)
+    torch.manual_seed(0)
+    init = tmp_path / "init.safetensors"
+    GPTModel(get_config("tiny", vocab_size=4100, n_layer=1)).save(init)
+    data = tmp_path / "sums.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"{a} plus {b} is", "completion": f" {a + b}"}) + "\n"
+                            for a in range(4) for b in range(4)))
+    assert main(["rlhf", "--init", str(init), "--reward", "number", "--data", str(data), "--val-fraction", "0",
+                 "--eval-prompts", "5", "--device", "cpu", "--out-dir", str(tmp_path / "run")]) == 0
+    assert len(seen["prompts"]) == 16 and seen["eval_prompts"] == seen["prompts"][:5]
+
+
+def test_rlhf_resume_of_a_reward_model_run_from_before_the_verifier_names(tmp_path, capsys):
+    """A reward model run saved before runs named their verifier (no `verifier` in its args)
+    resumes with its reward model; one from before the fingerprints, resumed with --reward exact,
+    is refused as judged by a reward model."""
+    from tritongpt.cli import main
+    from tritongpt.model.config import get_config
+
+    torch.manual_seed(0)
+    init = tmp_path / "init.safetensors"
+    GPTModel(get_config("tiny", vocab_size=4100, n_layer=1)).save(init)
+    RewardModel(GPTModel(get_config("tiny", vocab_size=4100, n_layer=1))).save(tmp_path / "rm.safetensors")
+    argv = ["rlhf", "--init", str(init), "--num-pairs", "16", "--algo", "grpo", "--prompts-per-iter", "2",
+            "--group-size", "2", "--max-new-tokens", "4", "--epochs", "1", "--minibatch-size", "4",
+            "--eval-prompts", "2", "--eval-samples", "1", "--device", "cpu", "--out-dir", str(tmp_path / "run")]
+    rm = ["--reward", str(tmp_path / "rm.safetensors")]
+    assert main([*argv, *rm, "--iterations", "1"]) == 0
+    state_file = tmp_path / "run" / "ckpt-0000001" / "state.pt"
+    state = torch.load(state_file, weights_only=False)
+    assert state["args"].pop("verifier") is None
+    torch.save(state, state_file)
+    assert main([*argv, *rm, "--iterations", "2", "--resume"]) == 0
+    state_file = tmp_path / "run" / "ckpt-0000002" / "state.pt"
+    state = torch.load(state_file, weights_only=False)
+    del state["args"]["verifier"], state["reward_fingerprint"]
+    torch.save(state, state_file)
+    capsys.readouterr()
+    assert main([*argv, "--reward", "exact", "--iterations", "3", "--resume"]) == 2
+    assert "was judged by a reward model, not --reward exact: pass the same --reward" in capsys.readouterr().err
