@@ -333,3 +333,12 @@ def test_the_command_takes_messages_of_several_lines(monkeypatch, capsys):
     assert main(["chat", "--model", "tiny", "--device", "cpu", "--template", "completion"]) == 0
     assert seen[2:] == [tok.encode("Never closed.")]
     assert 'the input ended inside a """ message' in capsys.readouterr().err
+
+
+def test_run_template_of_a_folder_whose_config_is_not_json(tmp_path):
+    """A weights folder whose config.json is not JSON records no prompt format: chat falls back
+    to its default, as for a folder without one (from a mutation audit)."""
+    GPTModel(GPTConfig(vocab_size=129, context_length=16, n_embd=8, n_layer=1, n_head=1)).save(
+        tmp_path / "model.safetensors")
+    (tmp_path / "config.json").write_text('{"tritongpt_prompt_format": "alpaca",')
+    assert chat.run_template(str(tmp_path)) is None

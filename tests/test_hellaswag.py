@@ -244,3 +244,10 @@ def test_under_ddp_each_rank_scores_its_share_and_returns_the_whole_figure(tok, 
         assert {k: r["result"][k] for k in ("examples", "acc", "acc_norm")} == \
             {k: want[k] for k in ("examples", "acc", "acc_norm")}
     assert 0 < want["acc"] < 1  # neither all right nor all wrong: a missing share would show
+
+
+def test_a_digit_string_label_with_spaces_is_read_as_its_index(tmp_path):
+    """A label string is read as a number once stripped, as int() reads it (from a mutation audit)."""
+    path = tmp_path / "h.jsonl"
+    path.write_text(json.dumps({"ctx": "A man", "endings": ["runs.", "sits.", "eats."], "label": " 2\n"}) + "\n")
+    assert hellaswag.read_examples(path)[0]["label"] == 2

@@ -948,3 +948,13 @@ def test_exact_match_refuses_near_misses():
     assert tasks.exact_match("\t42 \r\n", "42") and tasks.exact_match("-5", " -5")
     assert tasks.exact_match(42, "42") is False and tasks.exact_match("42", 42) is False
 
+
+
+def test_only_json_lines_in_a_json_file_are_told_to_be_named_jsonl(tmp_path):
+    """The '.jsonl' hint is for a JSON Lines file named .json (json's 'Extra data'); a broken
+    JSON file is not told to be JSON Lines (from a mutation audit)."""
+    bad = tmp_path / "bad.json"
+    bad.write_text('[{"instruction": "x",')
+    with pytest.raises(UserError, match=r"bad.json: not valid JSON") as e:
+        sft.read_records(bad)
+    assert ".jsonl" not in str(e.value)
