@@ -481,6 +481,8 @@ def _doc_args(q, starts, ends):
     if starts is None:
         dummy = torch.zeros(1, dtype=torch.int32, device=q.device)
         return dummy, dummy, 0
+    # the kernels step both by one row stride: a caller of the op may give them others
+    starts, ends = starts.contiguous(), ends.contiguous()
     return starts, ends, starts.stride(0)
 
 

@@ -482,6 +482,27 @@ def test_documents_bad_input(device):
         op(q, k, v, True, 0.25, 0.0, seed, starts, starts.long())
 
 
+def test_document_bounds_given_to_the_op_at_other_row_strides(device):
+    """The op's starts and ends may come with row strides of their own (slices of wider
+    tensors): the kernels stepped both by starts' stride, so a batch row's ends were read from
+    the wrong place and its dK/dV skipped query tiles it needs."""
+    from tritongpt.kernels.attention import document_bounds
+
+    q, k, v = make_qkv(2, 1, 20, 20, 16, torch.float32, device, seed=17)
+    do = torch.randn(2, 1, 20, 16, generator=torch.Generator().manual_seed(18)).to(device)
+    starts, ends = document_bounds(runs([6, 14], [11, 9]).to(device))
+    wide_ends = torch.cat([ends, torch.zeros_like(ends)], 1)[:, :20]  # row stride 40, starts' 20
+    assert torch.equal(wide_ends, ends) and wide_ends.stride(0) != starts.stride(0)
+
+    def op(s, e):
+        return lambda a, b, c: torch.ops.tritongpt.flash_attn_fwd(a, b, c, True, 0.25, 0.0, torch.tensor(0), s, e)[0]
+
+    want = run_grads(op(starts, ends), q, k, v, do)
+    for s, e in ((starts, wide_ends), (torch.cat([starts, starts], 1)[:, 20:], ends)):
+        for name, g, w in zip(NAMES, run_grads(op(s, e), q, k, v, do), want):
+            assert torch.equal(g, w), name
+
+
 def test_documents_custom_op_opcheck_and_compile(device):
     from tritongpt.kernels.attention import document_bounds
 
