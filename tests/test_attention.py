@@ -465,13 +465,15 @@ def test_document_bounds_are_each_runs_first_and_one_past_its_last():
 def test_documents_bad_input(device):
     q, k, v = make_qkv(2, 1, 8, 12, 16, torch.float32, device)
     ids = torch.zeros(2, 12, dtype=torch.long, device=device)
-    with pytest.raises(ValueError, match="needs causal=True"):
+    with pytest.raises(ValueError, match=r"doc_ids \(document masking\) needs causal=True"):
         flash_attention(q, k, v, causal=False, doc_ids=ids)
     with pytest.raises(ValueError, match=r"doc_ids must be \[B, Tk\] = \[2, 12\] .one id per key position., "
                                          r"got \(2, 8\)"):
         flash_attention(q, k, v, doc_ids=ids[:, :8])
     with pytest.raises(TypeError, match="doc_ids must hold integer document ids, got dtype torch.float32"):
         flash_attention(q, k, v, doc_ids=ids.float())
+    with pytest.raises(TypeError, match="doc_ids must hold integer document ids, got dtype torch.bool"):
+        flash_attention(q, k, v, doc_ids=ids.bool())
     with pytest.raises(TypeError, match="doc_ids must be an integer tensor"):
         flash_attention(q, k, v, doc_ids=[[0] * 12] * 2)
     op, seed = torch.ops.tritongpt.flash_attn_fwd, torch.tensor(0)
@@ -480,6 +482,12 @@ def test_documents_bad_input(device):
         op(q, k, v, True, 0.25, 0.0, seed, starts, None)
     with pytest.raises(ValueError, match=r"ends must be int32 \[B, Tk\]"):
         op(q, k, v, True, 0.25, 0.0, seed, starts, starts.long())
+    # the kernels read a row's bounds at unit stride, and mask by them inside the causal range only
+    strided = torch.zeros(2, 24, dtype=torch.int32, device=device)[:, ::2]
+    with pytest.raises(ValueError, match=r"starts must be int32 .* with unit stride"):
+        op(q, k, v, True, 0.25, 0.0, seed, strided, starts)
+    with pytest.raises(ValueError, match="document masking needs causal=True"):
+        op(q, k, v, False, 0.25, 0.0, seed, starts, starts)
 
 
 def test_document_bounds_given_to_the_op_at_other_row_strides(device):
