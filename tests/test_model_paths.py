@@ -103,6 +103,7 @@ def test_a_packed_row_is_its_documents_alone(path, device):
         model = model.double()
     lengths = [6, 1, 11, 3]
     idx, doc_ids = _packed([lengths], device, seed=3)
+    doc_ids = doc_ids % 2 * 7  # ids 0 7 0 7: a document is a run of equal ids, and an id may come back
     targets = torch.randint(0, 67, idx.shape, device=device)
     with torch.no_grad():
         packed = model(idx, doc_ids=doc_ids)
@@ -131,6 +132,8 @@ def test_doc_ids_bad_input(device):
         model(idx, doc_ids=doc_ids.float())
     with pytest.raises(UserError, match="got list"):
         model(idx, doc_ids=doc_ids.tolist())
+    with pytest.raises(UserError, match="doc_ids must be an integer tensor of document ids, got torch.bool"):
+        model(idx, doc_ids=doc_ids.bool())
 
 
 def test_activation_checkpointing_with_doc_ids_gives_the_same_gradients(device):
