@@ -703,6 +703,10 @@ def test_a_token_files_hash_is_kept_while_its_size_and_time_stand(tmp_path, tok,
     st = path.stat()
     assert record == {"stat": [str(path.resolve()), st.st_size, st.st_mtime_ns], "sha256": real,
                       "max_id": int(ids.max())}
+    for broken in (dict(record, max_id=None), dict(record, sha256=None)):  # not a record's shape: read again
+        records[0].write_text(json.dumps(broken))
+        assert prepare_tokens(str(path), tok, val_fraction=0.1).meta["source_hash"] == real
+        assert json.loads(records[0].read_text()) == record
     records[0].write_text(json.dumps(dict(record, sha256="f" * 64)))  # trusted while the stat stands
     assert prepare_tokens(str(path), tok, val_fraction=0.1).meta["source_hash"] == "f" * 64
     ids[5] = tok.vocab_size  # same size, a later time: read, hashed and checked again
