@@ -557,18 +557,24 @@ def test_hellaswag_is_scored_at_each_evaluation(corpus, tmp_path, capsys):
 def test_under_torchrun_only_a_nodes_first_process_downloads_hellaswag_at_start(corpus, tmp_path, monkeypatch):
     """LOCAL_RANK 0 downloads the file while checking the flags; a node's other processes check
     the flags only, and read the file at their first evaluation (after load_splits' barrier)."""
+    import inspect
     import urllib.request
 
     from tritongpt.errors import UserError
     from tritongpt.train.loop import TrainArgs
     from tritongpt.train.pretrain import check_args
 
+    calls = []
     fetched = []
+
+    def write_examples(to):
+        Path(to).write_text("".join(json.dumps({"ctx": f"a {i}", "endings": ["b", "c d", "e", "f"], "label": i % 4})
+                                    + "\n" for i in range(5)))
 
     def fetch(url, to):
         fetched.append(url)
-        Path(to).write_text("".join(json.dumps({"ctx": f"a {i}", "endings": ["b", "c d", "e", "f"], "label": i % 4})
-                                    + "\n" for i in range(5)))
+        calls.append([f.function for f in inspect.stack()])
+        write_examples(to)
 
     monkeypatch.setattr(urllib.request, "urlretrieve", fetch)
     monkeypatch.setenv("TRITONGPT_CACHE", str(tmp_path / "cache"))
@@ -582,7 +588,16 @@ def test_under_torchrun_only_a_nodes_first_process_downloads_hellaswag_at_start(
     out = tmp_path / "run"
     assert main(["pretrain", *argv(corpus, out, "--max-steps", "1", "--eval-every", "0", "--sample-every", "0",
                                    "--hellaswag", "3")]) == 0
-    assert len(fetched) == 1  # at the evaluation
+    assert len(fetched) == 1 and "fit" in calls[0]  # at the evaluation, not as the run starts
+    # a file of one's own is no download: every process reads it, and a bad one is refused, at start
+    a = parse_args(["--tokenizer", str(corpus.tok), "--hellaswag", "3", "--hellaswag-data", str(tmp_path / "h.jsonl")])
+    write_examples(tmp_path / "h.jsonl")
+    check_args(a, TrainArgs.from_namespace(a))
+    assert len(a._hellaswag) == 3
+    (tmp_path / "h.jsonl").write_text("{")
+    a = parse_args(["--tokenizer", str(corpus.tok), "--hellaswag", "3", "--hellaswag-data", str(tmp_path / "h.jsonl")])
+    with pytest.raises(UserError, match="not valid JSON"):
+        check_args(a, TrainArgs.from_namespace(a))
     rows = [r for r in common.MetricsLog(out / "metrics.jsonl").rows() if "hellaswag_acc" in r]
     assert rows and all(abs(r["hellaswag_acc"] * 3 - round(r["hellaswag_acc"] * 3)) < 1e-9 for r in rows)
     monkeypatch.setenv("LOCAL_RANK", "0")
