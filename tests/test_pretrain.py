@@ -386,7 +386,7 @@ def test_a_resume_is_told_exactly_when_its_data_differ(capsys):
 
     tok = SimpleNamespace(hash="t" * 64)
     splits = {"train": list(range(100)), "source_hash": "docs", "joined_hash": "joined"}
-    pos = DataPosition(SimpleNamespace(data=None, text_field="text"), tok, 32, splits)
+    pos = DataPosition(SimpleNamespace(data=None, text_field="text", document_mask=False), tok, 32, splits)
     saved = pos.state_dict()
     assert saved == {"source": "pydoc", "text_field": "text", "train_tokens": 100, "block_size": 32,
                      "tokenizer_hash": "t" * 64, "source_hash": "docs"}
