@@ -389,7 +389,7 @@ def test_a_resume_is_told_exactly_when_its_data_differ(capsys):
     pos = DataPosition(SimpleNamespace(data=None, text_field="text", document_mask=False), tok, 32, splits)
     saved = pos.state_dict()
     assert saved == {"source": "pydoc", "text_field": "text", "train_tokens": 100, "block_size": 32,
-                     "tokenizer_hash": "t" * 64, "source_hash": "docs"}
+                     "tokenizer_hash": "t" * 64, "source_hash": "docs", "document_mask": False}
 
     def told(d):
         pos.load_state_dict(d)
