@@ -560,6 +560,15 @@ def reference_attention_bytes(b, h, t, dtype):
     return b * h * t * t * (4 * score + elem + 1)
 
 
+def scores_too_big(b, h, t, dtype, device) -> str | None:
+    """Why the textbook attention's T x T scores would not fit the GPU's free memory, or None."""
+    if device.type != "cuda":
+        return None
+    free, _ = torch.cuda.mem_get_info()
+    need = reference_attention_bytes(b, h, t, dtype)
+    return f"needs ~{need / 2**30:.0f} GiB for T x T scores, {free / 2**30:.0f} GiB free" if need > 0.8 * free else None
+
+
 def sweep_attention(timer, budget, seqlens, head_dims, dtype, tokens=16384, width=2048,
                     modes=MODES, providers=None, causal=True):
     out = []
@@ -570,13 +579,8 @@ def sweep_attention(timer, budget, seqlens, head_dims, dtype, tokens=16384, widt
             cfg = {"batch": b, "heads": h, "seq_len": t, "head_dim": d, "causal": causal,
                    "dtype": dtype_name(dtype)}
             q, k, v = (randn(b, h, t, d, device=dev, dtype=dtype) for _ in range(3))
-            skip = {}
-            if dev.type == "cuda":
-                free, _ = torch.cuda.mem_get_info()
-                need = reference_attention_bytes(b, h, t, q.dtype)
-                if need > 0.8 * free:
-                    why = f"needs ~{need / 2**30:.0f} GiB for T x T scores, {free / 2**30:.0f} GiB free"
-                    skip = {"reference": why, "compile": why}
+            why = scores_too_big(b, h, t, dtype, dev)
+            skip = {"reference": why, "compile": why} if why else {}
             out += bench_providers("attention", cfg, attention_providers(q, k, v, causal), modes,
                                    timer, budget, lambda m: {"flops": attention_flops(b, h, t, t, d, causal, m)},
                                    providers, skip)
@@ -598,15 +602,10 @@ def sweep_doc_attention(timer, budget, seqlens, head_dims, dtype, tokens=16384, 
             cfg = {"batch": b, "heads": h, "seq_len": t, "head_dim": d, "documents": len(lengths),
                    "dtype": dtype_name(dtype)}
             q, k, v = (randn(b, h, t, d, device=dev, dtype=dtype) for _ in range(3))
-            skip = {}
-            if dev.type == "cuda":
-                free, _ = torch.cuda.mem_get_info()
-                need = reference_attention_bytes(b, h, t, q.dtype)
-                if need > 0.8 * free:
-                    skip = {"reference": f"needs ~{need / 2**30:.0f} GiB for T x T scores, {free / 2**30:.0f} GiB free"}
+            why = scores_too_big(b, h, t, dtype, dev)
             out += bench_providers("doc_attention", cfg, doc_attention_providers(q, k, v, lengths), modes,
                                    timer, budget, lambda m: {"flops": document_attention_flops(b, h, lengths, d, m)},
-                                   providers, skip)
+                                   providers, {"reference": why} if why else {})
             del q, k, v
             timer.cleanup()
     return out

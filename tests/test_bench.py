@@ -1023,6 +1023,18 @@ def test_document_attention_rows_time_each_provider_on_the_same_documents(device
     assert by["flex", "fwd"]["status"].startswith("skipped: FlexAttention is timed on CUDA only")
 
 
+def test_the_textbook_attention_is_skipped_where_its_scores_would_not_fit(monkeypatch):
+    """scores_too_big: on a GPU whose free memory is under 1.25x the T x T scores' bytes, a reason
+    (both attention sweeps skip their reference with it); never on the CPU."""
+    need = kernels.reference_attention_bytes(8, 16, 8192, torch.bfloat16)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda: (int(need / 0.8) - 1, 80 << 30))
+    why = kernels.scores_too_big(8, 16, 8192, torch.bfloat16, torch.device("cuda"))
+    assert why is not None and why.startswith(f"needs ~{need / 2**30:.0f} GiB for T x T scores")
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda: (int(need / 0.8) + 1, 80 << 30))
+    assert kernels.scores_too_big(8, 16, 8192, torch.bfloat16, torch.device("cuda")) is None
+    assert kernels.scores_too_big(8, 16, 8192, torch.bfloat16, torch.device("cpu")) is None
+
+
 def test_train_row_flops_per_token_by_hand():
     row = train_step.bench_train_provider("reference", "tiny", 2, 16, torch.device("cpu"), torch.float32,
                                           warmup_steps=0, steps=3, peak_flops=1e12)
