@@ -130,6 +130,13 @@ def capture(quick=False, half="bfloat16"):
                 w = torch.empty(n, dtype=torch.float32, **meta)
                 _, mean, rstd = layernorm._fwd_launch(x, w, w, 1e-5)
                 layernorm._bwd_launch(torch.empty_like(x), x, w, mean, rstd)
+                # the block's residual add (add_layer_norm): an fp32 stream plus a sublayer output
+                # of this dtype (autocast's case), s and its gradient in fp32
+                case[0] += " residual add"
+                stream = torch.empty(TOKENS, n, dtype=torch.float32, **meta)
+                s, _, mean, rstd = layernorm._fwd_launch(stream, w, w, 1e-5, delta=x)
+                layernorm._bwd_launch(torch.empty_like(s), s, w, mean, rstd, ds=torch.empty_like(s),
+                                      dx2_dtype=None if dt == torch.float32 else dt)
 
             c = MLP_WIDTH
             case[0] = f"mlp {name} {TOKENS}x{c}->{4 * c}"

@@ -23,8 +23,18 @@ tutorial reduces them through lock-protected buffers):
     fp32 buffer; a torch .sum(0) over those few rows finishes the job. No atomics, so the
     result is deterministic and there is no lock contention.
 
-Public API: `layer_norm(x, weight, bias, eps=1e-5)`. It is built from torch.library custom ops
-(`tritongpt::layer_norm_fwd` / `tritongpt::layer_norm_bwd`, with fake impls) inside an
+  * Residual add (`add_layer_norm`, llm.c's fused residual forward): a pre-LN block computes
+    s = x + delta, then LayerNorm(s). The forward loads x and delta, writes s (the residual stream
+    the block carries on) and y, and normalizes s from registers: one read of s fewer than an add
+    then a LayerNorm. The backward gets s's gradient from its later uses (ds) besides y's, adds
+    it into dx as it stores it, and stores delta's gradient in delta's dtype in the same pass when
+    that is not s's (a bf16 sublayer on an fp32 stream): autograd would add, then cast, in two
+    more passes.
+
+Public API: `layer_norm(x, weight, bias, eps=1e-5)` and `add_layer_norm(x, delta, weight, bias,
+eps=1e-5) -> (s, y)`. They are built from torch.library custom ops
+(`tritongpt::layer_norm_fwd` / `layer_norm_bwd`, and `add_layer_norm_fwd` / `add_layer_norm_bwd`,
+with fake impls) inside an
 autograd.Function, so it runs under torch.compile (the ops stay opaque calls in the graph).
 """
 import functools
@@ -44,10 +54,12 @@ MAX_WIDTH = 8192  # one row must fit in one tile (registers/SRAM); wider rows ar
 
 
 @triton.jit
-def _layer_norm_fwd_kernel(X, Y, W, B, Mean, Rstd, stride_x, stride_y, M, N, rows_per_prog, eps,
-                           HAS_BIAS: tl.constexpr,
+def _layer_norm_fwd_kernel(X, D, S, Y, W, B, Mean, Rstd, stride_x, stride_d, stride_s, stride_y, M, N,
+                           rows_per_prog, eps,
+                           HAS_BIAS: tl.constexpr, HAS_ADD: tl.constexpr,
                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """One program normalizes rows [pid*rows_per_prog, ...), BLOCK_M rows per step."""
+    """One program normalizes rows [pid*rows_per_prog, ...), BLOCK_M rows per step.
+    HAS_ADD: the rows normalized are S = X + D (written out, in S's dtype), not X."""
     pid = tl.program_id(0)
     row_start = pid * rows_per_prog
     row_end = tl.minimum(row_start + rows_per_prog, M)
@@ -67,6 +79,15 @@ def _layer_norm_fwd_kernel(X, Y, W, B, Mean, Rstd, stride_x, stride_y, M, N, row
         # exactly 0 (sum(x)/N is off by an ulp, which rstd = 1/sqrt(eps) magnified to 0.2 at
         # eps 1e-12), and a row whose mean is large next to its spread keeps its precision.
         x0 = tl.load(X + rows64 * stride_x, mask=row_ok, other=0.0).to(tl.float32)
+        if HAS_ADD:
+            # The sum is rounded to S's dtype before it is normalized: the caller holds S in that
+            # dtype, and LayerNorm(x + d) on the unfused path normalizes the rounded sum too.
+            d = tl.load(D + rows64[:, None] * stride_d + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            s = cast(x + d, S.dtype.element_ty)
+            tl.store(S + rows64[:, None] * stride_s + cols[None, :], s, mask=mask)
+            x = s.to(tl.float32)
+            d0 = tl.load(D + rows64 * stride_d, mask=row_ok, other=0.0).to(tl.float32)
+            x0 = cast(x0 + d0, S.dtype.element_ty).to(tl.float32)
         xs = tl.where(mask, x - x0[:, None], 0.0)
         mean_s = tl.sum(xs, axis=1) / N
         xc = tl.where(mask, xs - mean_s[:, None], 0.0)
@@ -85,10 +106,15 @@ def _layer_norm_fwd_kernel(X, Y, W, B, Mean, Rstd, stride_x, stride_y, M, N, row
 
 
 @triton.jit
-def _layer_norm_bwd_kernel(X, DY, W, Mean, Rstd, DX, DW_part, DB_part,
-                           stride_x, stride_dy, stride_dx, M, N, rows_per_prog,
+def _layer_norm_bwd_kernel(X, DY, DS, W, Mean, Rstd, DX, DX2, DW_part, DB_part,
+                           stride_x, stride_dy, stride_ds, stride_dx, stride_dx2, M, N, rows_per_prog,
+                           HAS_DS: tl.constexpr, HAS_DX2: tl.constexpr,
                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """dx for rows [pid*rows_per_prog, ...), plus this program's partial sums of dW and dB."""
+    """dx for rows [pid*rows_per_prog, ...), plus this program's partial sums of dW and dB.
+    HAS_DS: X was a residual sum S = x + delta that is used elsewhere too; its gradient from
+    there, DS, is added to dx here rather than by autograd in another pass. HAS_DX2: dx is
+    stored a second time in DX2's dtype (delta's gradient, when delta's dtype is not S's),
+    rather than cast by autograd in another pass."""
     pid = tl.program_id(0)
     row_start = pid * rows_per_prog
     row_end = tl.minimum(row_start + rows_per_prog, M)
@@ -118,7 +144,11 @@ def _layer_norm_bwd_kernel(X, DY, W, Mean, Rstd, DX, DW_part, DB_part,
         c1 = tl.sum(xhat * wdy, axis=1) / N
         c2 = tl.sum(wdy, axis=1) / N
         dx = (wdy - (xhat * c1[:, None] + c2[:, None])) * rstd[:, None]
+        if HAS_DS:
+            dx += tl.load(DS + rows64[:, None] * stride_ds + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         tl.store(DX + rows64[:, None] * stride_dx + cols[None, :], cast(dx, DX.dtype.element_ty), mask=mask)
+        if HAS_DX2:
+            tl.store(DX2 + rows64[:, None] * stride_dx2 + cols[None, :], cast(dx, DX2.dtype.element_ty), mask=mask)
         dw_acc += dy * xhat
         db_acc += dy
     tl.store(DW_part + pid * N + cols, tl.sum(dw_acc, axis=0), mask=col_ok)
@@ -154,37 +184,51 @@ def _launch_shape(M: int, N: int, backward: bool, device: torch.device):
 # Launchers: allocate outputs and launch; the custom ops below check the device first.
 # (bench/compile_check.py calls these on meta tensors to compile the exact launches for sm_90.)
 @on_tensor_device
-def _fwd_launch(x, weight, bias, eps):
+def _fwd_launch(x, weight, bias, eps, delta=None):
+    """-> (y, mean, rstd); with delta, the rows normalized are s = x + delta: -> (s, y, mean, rstd),
+    s and y in the dtype x + delta has in torch (fp32 + bf16 -> fp32)."""
     M, N = x.shape
-    y = torch.empty_like(x)
+    out_dtype = x.dtype if delta is None else torch.promote_types(x.dtype, delta.dtype)
+    s = None if delta is None else torch.empty(x.shape, device=x.device, dtype=out_dtype)
+    y = torch.empty(x.shape, device=x.device, dtype=out_dtype)
     mean = torch.empty(M, device=x.device, dtype=torch.float32)
     rstd = torch.empty(M, device=x.device, dtype=torch.float32)
-    if M == 0:
-        return y, mean, rstd
-    n_prog, rows_per_prog, BLOCK_M, BLOCK_N, num_warps = _launch_shape(M, N, False, x.device)
-    _layer_norm_fwd_kernel[(n_prog,)](
-        x, y, weight, bias if bias is not None else weight, mean, rstd,
-        x.stride(0), y.stride(0), M, N, rows_per_prog, float(eps),  # a Python float: fp32 in Triton
-        HAS_BIAS=bias is not None,
-        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, num_warps=num_warps)
-    return y, mean, rstd
+    if M > 0:
+        n_prog, rows_per_prog, BLOCK_M, BLOCK_N, num_warps = _launch_shape(M, N, False, x.device)
+        _layer_norm_fwd_kernel[(n_prog,)](
+            x, x if delta is None else delta, y if s is None else s, y,
+            weight, bias if bias is not None else weight, mean, rstd,
+            x.stride(0), x.stride(0) if delta is None else delta.stride(0), y.stride(0), y.stride(0),
+            M, N, rows_per_prog, float(eps),  # a Python float: fp32 in Triton
+            HAS_BIAS=bias is not None, HAS_ADD=delta is not None,
+            BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, num_warps=num_warps)
+    return (y, mean, rstd) if delta is None else (s, y, mean, rstd)
 
 
 @on_tensor_device
-def _bwd_launch(dy, x, weight, mean, rstd):
+def _bwd_launch(dy, x, weight, mean, rstd, ds=None, dx2_dtype=None):
+    """-> (dx, dweight, dbias). ds (x's gradient from its other uses, when x is a residual sum)
+    is added into dx; dx2_dtype: dx is also written in that dtype: -> (dx, dx2, dweight, dbias)."""
     M, N = x.shape
     dy = dy if dy.stride(-1) == 1 else dy.contiguous()
-    dx = torch.empty_like(x)
+    if ds is not None and ds.stride(-1) != 1:
+        ds = ds.contiguous()
+    dx = torch.empty(x.shape, device=x.device, dtype=x.dtype)
+    dx2 = None if dx2_dtype is None else torch.empty(x.shape, device=x.device, dtype=dx2_dtype)
     if M == 0:
-        return dx, torch.zeros_like(weight), torch.zeros_like(weight)
-    n_prog, rows_per_prog, BLOCK_M, BLOCK_N, num_warps = _launch_shape(M, N, True, x.device)
-    dw_part = torch.empty((n_prog, N), device=x.device, dtype=torch.float32)
-    db_part = torch.empty((n_prog, N), device=x.device, dtype=torch.float32)
-    _layer_norm_bwd_kernel[(n_prog,)](
-        x, dy, weight, mean, rstd, dx, dw_part, db_part,
-        x.stride(0), dy.stride(0), dx.stride(0), M, N, rows_per_prog,
-        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, num_warps=num_warps)
-    return dx, dw_part.sum(0).to(weight.dtype), db_part.sum(0).to(weight.dtype)
+        dw, db = torch.zeros_like(weight), torch.zeros_like(weight)
+    else:
+        n_prog, rows_per_prog, BLOCK_M, BLOCK_N, num_warps = _launch_shape(M, N, True, x.device)
+        dw_part = torch.empty((n_prog, N), device=x.device, dtype=torch.float32)
+        db_part = torch.empty((n_prog, N), device=x.device, dtype=torch.float32)
+        _layer_norm_bwd_kernel[(n_prog,)](
+            x, dy, dy if ds is None else ds, weight, mean, rstd, dx, dx if dx2 is None else dx2, dw_part, db_part,
+            x.stride(0), dy.stride(0), dy.stride(0) if ds is None else ds.stride(0), dx.stride(0),
+            dx.stride(0), M, N, rows_per_prog,
+            HAS_DS=ds is not None, HAS_DX2=dx2 is not None,
+            BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, num_warps=num_warps)
+        dw, db = dw_part.sum(0).to(weight.dtype), db_part.sum(0).to(weight.dtype)
+    return (dx, dw, db) if dx2 is None else (dx, dx2, dw, db)
 
 
 def _check_op_layout(x, weight, bias=None):
@@ -216,19 +260,68 @@ def _(x, weight, bias, eps):
     return (torch.empty_like(x), x.new_empty(M, dtype=torch.float32), x.new_empty(M, dtype=torch.float32))
 
 
+@torch.library.custom_op("tritongpt::add_layer_norm_fwd", mutates_args=())
+def _add_layer_norm_fwd(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                        eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x, delta [M, N] -> (s = x + delta, y = LayerNorm(s), mean, rstd); s and y in x + delta's dtype."""
+    check_runnable(x, "x")
+    _check_op_layout(x, weight, bias)
+    _check_op_layout(delta, weight)
+    check_tensor(delta, "delta", shape=x.shape)
+    return _fwd_launch(x, weight, bias, eps, delta=delta)
+
+
+@_add_layer_norm_fwd.register_fake
+def _(x, delta, weight, bias, eps):
+    M, dtype = x.shape[0], torch.promote_types(x.dtype, delta.dtype)
+    return (x.new_empty(x.shape, dtype=dtype), x.new_empty(x.shape, dtype=dtype),
+            x.new_empty(M, dtype=torch.float32), x.new_empty(M, dtype=torch.float32))
+
+
 @torch.library.custom_op("tritongpt::layer_norm_bwd", mutates_args=())
 def _layer_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, mean: torch.Tensor,
-                    rstd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """-> (dx [M, N] in x.dtype, dweight [N] and dbias [N] in weight.dtype)."""
+                    rstd: torch.Tensor, ds: Optional[torch.Tensor] = None
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """-> (dx [M, N] in x.dtype, dweight [N] and dbias [N] in weight.dtype). ds: x's gradient from
+    its other uses (x a residual sum, add_layer_norm), added into dx."""
     check_runnable(dy, "dy")
     _check_op_layout(x, weight)
     check_tensor(dy, "dy", shape=x.shape)
-    return _bwd_launch(dy, x, weight, mean, rstd)
+    if ds is not None:
+        check_tensor(ds, "ds", shape=x.shape)
+    return _bwd_launch(dy, x, weight, mean, rstd, ds)
 
 
 @_layer_norm_bwd.register_fake
-def _(dy, x, weight, mean, rstd):
+def _(dy, x, weight, mean, rstd, ds=None):
     return torch.empty_like(x), torch.empty_like(weight), torch.empty_like(weight)
+
+
+@torch.library.custom_op("tritongpt::add_layer_norm_bwd", mutates_args=())
+def _add_layer_norm_bwd(dy: torch.Tensor, s: torch.Tensor, weight: torch.Tensor, mean: torch.Tensor,
+                        rstd: torch.Tensor, ds: Optional[torch.Tensor], delta_dtype: torch.dtype
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """layer_norm_bwd for s = x + delta when delta's dtype is not s's: -> (dx in s.dtype, ddelta
+    in delta_dtype, dweight, dbias), both gradients written by one pass."""
+    check_runnable(dy, "dy")
+    _check_op_layout(s, weight)
+    check_tensor(dy, "dy", shape=s.shape)
+    if ds is not None:
+        check_tensor(ds, "ds", shape=s.shape)
+    return _bwd_launch(dy, s, weight, mean, rstd, ds, dx2_dtype=delta_dtype)
+
+
+@_add_layer_norm_bwd.register_fake
+def _(dy, s, weight, mean, rstd, ds, delta_dtype):
+    return (torch.empty_like(s), s.new_empty(s.shape, dtype=delta_dtype), torch.empty_like(weight),
+            torch.empty_like(weight))
+
+
+def _rows(t):
+    """[..., N] -> [M, N] with unit stride on the last dim (what the kernels read); a copy only
+    when needed."""
+    t2 = t.reshape(-1, t.shape[-1])
+    return t2 if t2.stride(-1) == 1 else t2.contiguous()
 
 
 class LayerNormFunction(torch.autograd.Function):
@@ -237,9 +330,7 @@ class LayerNormFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, eps):
         shape = x.shape
-        x2 = x.reshape(-1, shape[-1])
-        if x2.stride(-1) != 1:  # the kernel reads rows with unit stride; copy rather than misread
-            x2 = x2.contiguous()
+        x2 = _rows(x)
         y, mean, rstd = torch.ops.tritongpt.layer_norm_fwd(x2, weight, bias, eps)
         ctx.save_for_backward(x2, weight, mean, rstd)
         ctx.has_bias = bias is not None
@@ -253,6 +344,58 @@ class LayerNormFunction(torch.autograd.Function):
         return dx.view(dy.shape), dw, (db if ctx.has_bias else None), None
 
 
+class AddLayerNormFunction(torch.autograd.Function):
+    """s = x + delta and y = LayerNorm(s) in one pass over memory, as llm.c's fused residual
+    forward. Saves s (an output the caller keeps as its residual stream anyway), weight, mean and
+    rstd. Backward gets s's gradient from its other uses (ds) and y's (dy) and adds ds into the
+    LayerNorm's dx in the same kernel; x and delta both get that sum."""
+
+    @staticmethod
+    def forward(ctx, x, delta, weight, bias, eps):
+        shape = x.shape
+        s, y, mean, rstd = torch.ops.tritongpt.add_layer_norm_fwd(_rows(x), _rows(delta), weight, bias, eps)
+        ctx.save_for_backward(s, weight, mean, rstd)
+        ctx.has_bias = bias is not None
+        ctx.shape, ctx.delta_dtype = shape, delta.dtype
+        ctx.set_materialize_grads(False)  # an unused output's gradient is None, not zeros to read
+        return s.view(shape), y.view(shape)
+
+    @staticmethod
+    def backward(ctx, ds, dy):
+        first_order_only("add_layer_norm")
+        s, weight, mean, rstd = ctx.saved_tensors
+        if dy is None:  # y unused: s's gradient is x's and delta's (autograd casts it to delta's dtype)
+            return ds, ds, None, None, None
+        dy, ds = dy.reshape(s.shape), None if ds is None else ds.reshape(s.shape)
+        if ctx.delta_dtype == s.dtype:
+            dx, dw, db = torch.ops.tritongpt.layer_norm_bwd(dy, s, weight, mean, rstd, ds)
+            ddelta = dx
+        else:  # an fp32 stream and a bf16 sublayer: delta's gradient written in bf16 by the same pass
+            dx, ddelta, dw, db = torch.ops.tritongpt.add_layer_norm_bwd(dy, s, weight, mean, rstd, ds,
+                                                                        ctx.delta_dtype)
+        return dx.view(ctx.shape), ddelta.view(ctx.shape), dw, (db if ctx.has_bias else None), None
+
+
+def _check_args(fn: str, x, weight, bias, eps):
+    check_tensor(x, "x")
+    if x.dim() == 0:
+        raise ValueError(f"{fn}: x must have at least 1 dim (the normalized one), got a scalar")
+    N = x.shape[-1]
+    check_tensor(weight, "weight", shape=(N,))
+    if bias is not None:
+        check_tensor(bias, "bias", shape=(N,))
+    check_same_dtype(weight=weight, bias=bias)
+    if N == 0 or N > MAX_WIDTH:
+        raise ValueError(f"{fn}: last dim of x is {N}; the Triton kernel supports 1..{MAX_WIDTH}")
+    if not is_real(eps) or not eps >= 0:
+        raise ValueError(f"eps must be a non-negative float, got {eps!r}")
+
+
+def _unit_stride(t):
+    """weight/bias are read with unit stride by the kernel."""
+    return t if t is None or t.stride(0) == 1 else t.contiguous()
+
+
 def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], eps: float = 1e-5):
     """LayerNorm over the last dim of x (any leading dims); output has x's dtype. Differentiable.
 
@@ -260,24 +403,27 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
     autocast; the math is fp32 either way). bias may be None.
     """
     no_func_transform("layer_norm")
-    check_tensor(x, "x")
-    if x.dim() == 0:
-        raise ValueError("x must have at least 1 dim (the normalized one), got a scalar")
-    N = x.shape[-1]
-    check_tensor(weight, "weight", shape=(N,))
-    if bias is not None:
-        check_tensor(bias, "bias", shape=(N,))
-    check_same_dtype(weight=weight, bias=bias)
+    _check_args("layer_norm", x, weight, bias, eps)
     check_same_device(x=x, weight=weight, bias=bias)
-    if N == 0 or N > MAX_WIDTH:
-        raise ValueError(f"layer_norm: last dim of x is {N}; the Triton kernel supports 1..{MAX_WIDTH}")
-    if not is_real(eps) or not eps >= 0:
-        raise ValueError(f"eps must be a non-negative float, got {eps!r}")
-    # weight/bias are read with unit stride by the kernel
-    weight = weight if weight.stride(0) == 1 else weight.contiguous()
-    if bias is not None and bias.stride(0) != 1:
-        bias = bias.contiguous()
-    return LayerNormFunction.apply(x, weight, bias, float(eps))
+    return LayerNormFunction.apply(x, _unit_stride(weight), _unit_stride(bias), float(eps))
 
 
-__all__ = ["layer_norm", "LayerNormFunction", "MAX_WIDTH"]
+def add_layer_norm(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                   eps: float = 1e-5):
+    """(s, y) = (x + delta, LayerNorm(x + delta)) in one kernel: a pre-LN block's residual add and
+    the LayerNorm after it. Reference: `LayerNorm.add_and_norm` (model/layers.py). Differentiable.
+
+    x and delta have one shape and may differ in dtype (an fp32 residual stream and a bf16
+    sublayer output under autocast): s and y then have the dtype x + delta has in torch.
+    """
+    no_func_transform("add_layer_norm")
+    _check_args("add_layer_norm", x, weight, bias, eps)
+    check_tensor(delta, "delta")
+    if delta.shape != x.shape:
+        raise ValueError(f"add_layer_norm: delta has shape {tuple(delta.shape)}, x {tuple(x.shape)}; "
+                         "they must match (no broadcasting)")
+    check_same_device(x=x, delta=delta, weight=weight, bias=bias)
+    return AddLayerNormFunction.apply(x, delta, _unit_stride(weight), _unit_stride(bias), float(eps))
+
+
+__all__ = ["layer_norm", "add_layer_norm", "LayerNormFunction", "AddLayerNormFunction", "MAX_WIDTH"]

@@ -4,7 +4,7 @@ Each module is the textbook version. The modules that have a Triton twin carry a
 `use_triton`, that GPTModel.set_kernels() flips; the parameters are the same either way, so
 a state_dict moves freely between the two paths.
 
-    LayerNorm           <->  kernels/layernorm.py   (layer_norm)
+    LayerNorm           <->  kernels/layernorm.py   (layer_norm; add_and_norm <-> add_layer_norm)
     FeedForward         <->  kernels/mlp.py         (gelu_mlp: Linear+bias+GELU fused, GELU recomputed in backward)
     MultiHeadAttention  <->  kernels/attention.py   (flash_attention: only the attention core is swapped)
     out_head + lm_loss (model/gpt.py) <->  kernels/cross_entropy.py (linear_cross_entropy: never all the logits at once)
@@ -59,6 +59,16 @@ class LayerNorm(nn.Module):
         var = (xc * xc).mean(dim=-1, keepdim=True)
         x_hat = (xc / torch.sqrt(var + self.eps)).to(x.dtype)
         return x_hat * self.weight + self.bias
+
+    def add_and_norm(self, x, delta):
+        """(x + delta, LayerNorm(x + delta)): a residual add and the LayerNorm that reads it.
+        Triton twin: kernels/layernorm.py `add_layer_norm`, one pass over memory for both."""
+        if self.use_triton:
+            from tritongpt.kernels.layernorm import add_layer_norm
+
+            return add_layer_norm(x, delta, self.weight, self.bias, self.eps)
+        x = x + delta
+        return x, self(x)
 
 
 class GELU(nn.Module):
@@ -199,6 +209,5 @@ class TransformerBlock(nn.Module):
         self.ff = FeedForward(cfg.n_embd, cfg.dropout, cfg.bias)
 
     def forward(self, x, cache=None, doc_ids=None):
-        x = x + self.att(self.norm1(x), cache, doc_ids)
-        x = x + self.ff(self.norm2(x))
-        return x
+        x, h = self.norm2.add_and_norm(x, self.att(self.norm1(x), cache, doc_ids))  # x + att, LN of it
+        return x + self.ff(h)

@@ -19,7 +19,13 @@ def _randn(*shape, device, gen, dtype=torch.float32):
 def _layer_norm_args(device, gen):
     x, w, b = (_randn(*shape, device=device, gen=gen) for shape in ((7, 24), (24,), (24,)))
     y, mean, rstd = ops.layer_norm_fwd(x, w, b, 1e-5)
-    return {"layer_norm_fwd": (x, w, b, 1e-5), "layer_norm_bwd": (torch.randn_like(y), x, w, mean, rstd)}
+    d = _randn(7, 24, device=device, gen=gen, dtype=torch.bfloat16)  # an fp32 stream + a bf16 sublayer
+    s, _, s_mean, s_rstd = ops.add_layer_norm_fwd(x, d, w, b, 1e-5)
+    return {"layer_norm_fwd": (x, w, b, 1e-5), "layer_norm_bwd": (torch.randn_like(y), x, w, mean, rstd),
+            "add_layer_norm_fwd": (x, d, w, b, 1e-5),
+            "layer_norm_bwd ds": (torch.randn_like(s), s, w, s_mean, s_rstd, torch.randn_like(s)),
+            "add_layer_norm_bwd": (torch.randn_like(s), s, w, s_mean, s_rstd, torch.randn_like(s), torch.bfloat16),
+            "add_layer_norm_bwd no ds": (torch.randn_like(s), s, w, s_mean, s_rstd, None, torch.float16)}
 
 
 def _mlp_args(device, gen):
@@ -49,7 +55,9 @@ def _attention_args(device, gen):
 
 MAKERS = {"layer_norm": _layer_norm_args, "mlp": _mlp_args, "cross_entropy": _cross_entropy_args,
           "attention": _attention_args}
-OPS = [(kernel, op) for kernel, names in (("layer_norm", ("layer_norm_fwd", "layer_norm_bwd")),
+OPS = [(kernel, op) for kernel, names in (("layer_norm", ("layer_norm_fwd", "layer_norm_bwd", "add_layer_norm_fwd",
+                                                         "layer_norm_bwd ds", "add_layer_norm_bwd",
+                                                         "add_layer_norm_bwd no ds")),
                                           ("mlp", ("gelu_mlp_fwd", "gelu_mlp_bwd")),
                                           ("cross_entropy", ("checked_targets", "cross_entropy_fwd",
                                                              "cross_entropy_bwd")),
@@ -59,10 +67,10 @@ OPS = [(kernel, op) for kernel, names in (("layer_norm", ("layer_norm_fwd", "lay
 
 def test_every_registered_op_is_listed():
     registered = {n for n in dir(ops) if not n.startswith("_") and n != "name"}
-    assert registered == {op for _, op in OPS}
+    assert registered == {op.split()[0] for _, op in OPS}
 
 
 @pytest.mark.parametrize("kernel,op", OPS, ids=[op for _, op in OPS])
 def test_opcheck(kernel, op, device):
     args = MAKERS[kernel](device, torch.Generator().manual_seed(len(op)))[op]
-    torch.library.opcheck(getattr(ops, op).default, args)
+    torch.library.opcheck(getattr(ops, op.split()[0]).default, args)

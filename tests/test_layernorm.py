@@ -9,7 +9,7 @@ from hypothesis import HealthCheck, Phase, example, given, settings
 from hypothesis import strategies as st
 
 from parity import assert_close_mixed, assert_close_rel
-from tritongpt.kernels.layernorm import MAX_WIDTH, layer_norm
+from tritongpt.kernels.layernorm import MAX_WIDTH, add_layer_norm, layer_norm
 from tritongpt.model.layers import LayerNorm
 
 TOL = {torch.float32: 1e-4, torch.bfloat16: 1e-2, torch.float16: 1e-2}
@@ -456,6 +456,195 @@ def test_interpreter_too_old_for_numpy_says_what_to_install(monkeypatch):
             layer_norm(torch.randn(2, 8), torch.ones(8), torch.zeros(8))
 
 
+# -- the residual add: add_layer_norm --------------------------------------------------------
+
+def check_add_parity(shape, xdtype, ddtype, device, seed, uses=("s", "y")):
+    """(s, y) = add_layer_norm(x, delta) against float64, forward and every gradient, with s
+    used downstream (its gradient ds comes into the kernel) and y, or only one of them."""
+    gen = torch.Generator().manual_seed(seed)
+    N = shape[-1]
+    x = (torch.randn(shape, generator=gen) * 2 + 0.5).to(device, xdtype).requires_grad_()
+    d = torch.randn(shape, generator=gen).to(device, ddtype).requires_grad_()
+    w = (1.0 + 0.5 * torch.randn(N, generator=gen)).to(device).requires_grad_()
+    b = (0.5 * torch.randn(N, generator=gen)).to(device).requires_grad_()
+    s, y = add_layer_norm(x, d, w, b)
+    want = torch.promote_types(xdtype, ddtype)
+    assert s.dtype == y.dtype == want and s.shape == y.shape == x.shape
+    gs, gy = (torch.randn(shape, generator=gen).to(device, want) for _ in range(2))
+    loss = sum((t * g).sum() for name, t, g in (("s", s, gs), ("y", y, gy)) if name in uses)
+    loss.backward()
+    leaves = [t.detach().double().requires_grad_() for t in (x, d, w, b)]
+    s64 = leaves[0] + leaves[1]
+    y64 = ref64(s64, leaves[2], leaves[3])
+    sum((t * g.double()).sum() for name, t, g in (("s", s64, gs), ("y", y64, gy)) if name in uses).backward()
+    tol = max(TOL[xdtype], TOL[ddtype])
+    assert_close_rel(s, s64, tol, f"s {xdtype}+{ddtype} {shape}")
+    assert_close_rel(y, y64, tol, f"y {xdtype}+{ddtype} {shape}")
+    assert x.grad.dtype == xdtype and d.grad.dtype == ddtype
+    floor = dx_rounding_floor(s64, leaves[2], gy.double(), 1e-5) if "y" in uses else 0.0
+    assert_close_mixed(x.grad, leaves[0].grad, tol, floor, "dx")
+    assert_close_mixed(d.grad, leaves[1].grad, tol, floor, "ddelta")
+    if "y" in uses:
+        assert_close_rel(w.grad, leaves[2].grad, tol, "dweight")
+        assert_close_rel(b.grad, leaves[3].grad, tol, "dbias")
+    else:  # y unused: no LayerNorm gradient at all, as autograd gives
+        assert w.grad is None and b.grad is None
+
+
+@pytest.mark.parametrize("dtypes", [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
+                                    (torch.float32, torch.bfloat16), (torch.float16, torch.float32)],
+                         ids=["fp32", "bf16", "fp32+bf16", "fp16+fp32"])
+@pytest.mark.parametrize("shape", [(1, 64), (7, 100), (3, 37, 768), (2, 1600)])
+def test_add_layer_norm_parity_fp64(shape, dtypes, device):
+    check_add_parity(shape, *dtypes, device, seed=sum(shape) + len(str(dtypes)))
+
+
+@pytest.mark.parametrize("uses", [("y",), ("s",)])
+def test_add_layer_norm_with_one_output_used(uses, device):
+    check_add_parity((9, 100), torch.float32, torch.float32, device, seed=31, uses=uses)
+
+
+@pytest.mark.parametrize("dtypes", [(torch.bfloat16, torch.bfloat16), (torch.float32, torch.bfloat16),
+                                    (torch.float32, torch.float32)], ids=["bf16", "fp32+bf16", "fp32"])
+def test_add_layer_norm_is_the_add_then_the_layer_norm(dtypes, device):
+    """The fused forward gives torch's x + delta bit for bit (rounded once to s's dtype) and
+    normalizes that rounded s, so y is layer_norm(x + delta)'s bit for bit; its gradients are
+    the unfused kernels' within fp32 rounding (the fused one adds ds before it rounds dx)."""
+    gen = torch.Generator().manual_seed(41)
+    x = (torch.randn(13, 96, generator=gen) * 3 + 1).to(device, dtypes[0]).requires_grad_()
+    d = torch.randn(13, 96, generator=gen).to(device, dtypes[1]).requires_grad_()
+    w = (1 + 0.3 * torch.randn(96, generator=gen)).to(device).requires_grad_()
+    b = (0.3 * torch.randn(96, generator=gen)).to(device).requires_grad_()
+    gs, gy = torch.randn(13, 96, generator=gen).to(device), torch.randn(13, 96, generator=gen).to(device)
+    grads = []
+    for fused in (True, False):
+        if fused:
+            s, y = add_layer_norm(x, d, w, b)
+        else:
+            s = x + d
+            y = layer_norm(s, w, b)
+        outs = (s.detach(), y.detach())
+        ((s * gs.to(s.dtype)).sum() + (y * gy.to(y.dtype)).sum()).backward()
+        grads.append([t.grad.clone() for t in (x, d, w, b)])
+        x.grad = d.grad = w.grad = b.grad = None
+        if fused:
+            fused_outs = outs
+    assert torch.equal(fused_outs[0], outs[0]) and torch.equal(fused_outs[1], outs[1])
+    tol = 1e-6 if dtypes == (torch.float32, torch.float32) else 1e-2
+    for name, g, e in zip(("dx", "ddelta", "dweight", "dbias"), *grads):
+        assert g.dtype == e.dtype, name
+        assert_close_rel(g, e, tol, f"fused vs unfused {name}")
+
+
+def test_add_and_norm_reference_module_both_paths(device):
+    """LayerNorm.add_and_norm on both paths and its float64 twin: (s, y) and every gradient."""
+    torch.manual_seed(12)
+    ln = LayerNorm(120).to(device)
+    with torch.no_grad():
+        ln.weight.copy_(1 + 0.3 * torch.randn(120))
+        ln.bias.copy_(0.3 * torch.randn(120))
+    x, d = (torch.randn(2, 9, 120) * 2 + 1).to(device), torch.randn(2, 9, 120).to(device)
+    gs, gy = torch.randn(2, 9, 120).to(device), torch.randn(2, 9, 120).to(device)
+
+    def run(module, dtype):
+        xi, di = x.to(dtype).clone().requires_grad_(), d.to(dtype).clone().requires_grad_()
+        s, y = module.add_and_norm(xi, di)
+        ((s * gs.to(dtype)).sum() + (y * gy.to(dtype)).sum()).backward()
+        out = (s, y, xi.grad, di.grad, module.weight.grad.clone(), module.bias.grad.clone())
+        module.zero_grad()
+        return out
+
+    ln64 = LayerNorm(120).double().to(device)
+    ln64.load_state_dict(ln.state_dict())
+    ref64_ = run(ln64, torch.float64)
+    ln.use_triton = True
+    tri = run(ln, torch.float32)
+    ln.use_triton = False
+    ref = run(ln, torch.float32)
+    for name, t, r, r64 in zip(("s", "y", "dx", "ddelta", "dweight", "dbias"), tri, ref, ref64_):
+        assert_close_rel(t, r64, 1e-4, f"{name} vs fp64 module")
+        assert_close_rel(t, r, 1e-4, f"{name} vs fp32 module")
+
+
+def test_add_layer_norm_strided_inputs(device):
+    """x a column slice of a wider buffer, delta transposed, gradients of other strides: each
+    read at its own strides (or copied), never misread."""
+    gen = torch.Generator().manual_seed(43)
+    x = (torch.randn(11, 160, generator=gen) * 2)[:, 40:136].to(device).detach().requires_grad_()
+    d = torch.randn(96, 11, generator=gen).to(device).t().detach().requires_grad_()
+    w, b = (1 + 0.3 * torch.randn(96, generator=gen)).to(device), (0.3 * torch.randn(96, generator=gen)).to(device)
+    gs = torch.randn(11, 128, generator=gen).to(device)[:, 5:101]
+    gy = torch.randn(96, 11, generator=gen).to(device).t()
+    s, y = add_layer_norm(x, d, w, b)
+    torch.autograd.backward((s, y), (gs, gy))
+    x64, d64 = x.detach().double().requires_grad_(), d.detach().double().requires_grad_()
+    s64 = x64 + d64
+    y64 = ref64(s64, w, b)
+    torch.autograd.backward((s64, y64), (gs.double(), gy.double()))
+    for name, t, r in (("s", s, s64), ("y", y, y64), ("dx", x.grad, x64.grad), ("ddelta", d.grad, d64.grad)):
+        assert_close_rel(t, r, 1e-4, f"{name}, strided")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("width", [100, 768])
+def test_add_layer_norm_constant_sum_normalizes_to_exactly_zero(width, dtype, device):
+    """A row whose sum x + delta is constant gives exactly the bias at eps 1e-12, as
+    layer_norm does: the shifted statistics must shift by the sum's first value as rounded to
+    s's dtype, not x's value or the unrounded sum."""
+    gen = torch.Generator().manual_seed(width)
+    x = (torch.full((3, width), 3.0) + torch.tensor([[0.0], [-10.3], [7.0]])).to(device, dtype)
+    d = torch.tensor([[0.1], [0.7], [-0.3]]).to(device, dtype).expand(3, width)
+    b = torch.randn(width, generator=gen).to(device, dtype)
+    s, y = add_layer_norm(x, d, torch.randn(width, generator=gen).to(device, dtype), b, 1e-12)
+    assert (s == s[:, :1]).all()
+    assert torch.equal(y, b.expand(3, width))
+
+
+def test_add_layer_norm_saves_only_s_and_the_statistics(device):
+    """Backward keeps s (the output the caller holds as its residual stream anyway) and the fp32
+    mean and rstd: no copy of x or delta."""
+    from tritongpt.kernels._common import saved_tensor_bytes
+
+    gen = torch.Generator().manual_seed(44)
+    x, d = (torch.randn(8, 64, generator=gen).to(device).requires_grad_() for _ in range(2))
+    w, b = torch.ones(64, device=device, requires_grad=True), torch.zeros(64, device=device, requires_grad=True)
+    nbytes, (s, y) = saved_tensor_bytes(add_layer_norm, x, d, w, b, exclude=(w, b))
+    assert nbytes == 8 * 64 * 4 + 2 * 8 * 4
+
+
+def test_add_layer_norm_refuses_bad_input():
+    x = torch.randn(3, 8)
+    with pytest.raises(ValueError, match=r"add_layer_norm: delta has shape \(3, 1\), x \(3, 8\)"):
+        add_layer_norm(x, torch.randn(3, 1), torch.ones(8), torch.zeros(8))
+    with pytest.raises(TypeError, match="delta has dtype int64"):
+        add_layer_norm(x, torch.ones(3, 8, dtype=torch.int64), torch.ones(8), torch.zeros(8))
+    with pytest.raises(ValueError, match="different devices.*x is on cpu.*delta is on meta"):
+        add_layer_norm(x, torch.randn(3, 8, device="meta"), torch.ones(8), torch.zeros(8))
+    wide = torch.randn(1, MAX_WIDTH + 1)
+    with pytest.raises(ValueError, match=f"add_layer_norm: last dim of x is {MAX_WIDTH + 1}"):
+        add_layer_norm(wide, wide, torch.ones(MAX_WIDTH + 1), None)
+
+
+def test_add_layer_norm_torch_compile_fullgraph(device):
+    gen = torch.Generator().manual_seed(45)
+    x, w, b = make((2, 3, 48), torch.float32, device, gen)
+    d = torch.randn(2, 3, 48, generator=gen).to(device).requires_grad_()
+
+    def fn(x, d, w, b):
+        s, y = add_layer_norm(x, d, w, b)
+        return s * y
+
+    compiled = torch.compile(fn, backend="aot_eager", fullgraph=True)
+    outs = []
+    for f in (compiled, fn):
+        out = f(x, d, w, b)
+        out.square().sum().backward()
+        outs.append((out.detach(), x.grad.clone(), d.grad.clone(), w.grad.clone(), b.grad.clone()))
+        x.grad = d.grad = w.grad = b.grad = None
+    for name, g, e in zip(("out", "dx", "ddelta", "dw", "db"), *outs):
+        assert_close_rel(g, e, 1e-6, f"compiled {name}")
+
+
 # -- torch.compile ---------------------------------------------------------------------------
 
 def test_torch_compile_fullgraph(device):
@@ -481,6 +670,13 @@ def test_torch_compile_fullgraph(device):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_gpt2_sizes_cuda(width, dtype):
     check_parity((4096, width), dtype, torch.device("cuda"), seed=width)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("width", [768, 1600])
+@pytest.mark.parametrize("dtypes", [(torch.float32, torch.bfloat16), (torch.bfloat16, torch.bfloat16)])
+def test_add_layer_norm_gpt2_sizes_cuda(width, dtypes):
+    check_add_parity((4099, width), *dtypes, torch.device("cuda"), seed=width)
 
 
 @pytest.mark.cuda

@@ -164,11 +164,39 @@ def test_triton_path_runs_every_kernel_and_the_reference_path_none(device):
     model.set_kernels("reference")
     assert counts["reference"] == Counter()
     n = TINY["n_layer"]
-    want = {"layer_norm_fwd": 2 * n + 1, "layer_norm_bwd": 2 * n + 1, "gelu_mlp_fwd": n, "gelu_mlp_bwd": n,
+    # each block's second LayerNorm takes its residual add with it (add_layer_norm_fwd)
+    want = {"layer_norm_fwd": n + 1, "add_layer_norm_fwd": n, "layer_norm_bwd": 2 * n + 1, "add_layer_norm_bwd": 0,
+            "gelu_mlp_fwd": n, "gelu_mlp_bwd": n,
             "flash_attn_fwd": n, "flash_attn_bwd": n}
     got = counts["triton"]
     assert {k: got[k] for k in want} == want, dict(got)
     assert got["cross_entropy_fwd"] >= 1  # the fused LM head + loss
+
+
+def test_triton_path_under_bf16_autocast_matches_the_reference(device):
+    """Under bf16 autocast the residual stream stays fp32 and the attention's output is bf16: the
+    fused residual add + LayerNorm writes x's fp32 gradient and the bf16 one of the attention
+    output in one pass (add_layer_norm_bwd, once a block). Loss and every gradient agree with
+    the reference path under the same autocast, to bf16's precision."""
+    torch.manual_seed(9)
+    model = _randomize(GPTModel(GPTConfig(**TINY))).to(device)
+    idx = torch.randint(0, 67, (2, 9), device=device)
+    results = {}
+    for path in ("reference", "triton"):
+        model.set_kernels(path).zero_grad(set_to_none=True)
+        with CountOps() as mode:
+            with torch.autocast(device.type, dtype=torch.bfloat16):
+                loss = model(idx, targets=idx)
+            loss.backward()
+        results[path] = (loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}, mode.ops)
+    model.set_kernels("reference")
+    assert results["triton"][2]["add_layer_norm_bwd"] == TINY["n_layer"], dict(results["triton"][2])
+    assert_close_rel(results["triton"][0], results["reference"][0], 1e-2, "loss")
+    for name, g in results["reference"][1].items():
+        if name.endswith("W_key.bias"):  # 0 in exact arithmetic (a row's scores all shift by q.b): rounding only
+            assert results["triton"][1][name].abs().max() < 1e-4 and g.abs().max() < 1e-4
+            continue
+        assert_close_rel(results["triton"][1][name], g, 3e-2, f"grad {name}")
 
 
 def test_attention_dropout_on_the_triton_path_follows_train_eval_and_set_dropout(device):
@@ -283,7 +311,7 @@ def test_double_backward_is_refused_by_every_kernel(device):
     LayerNorm and fused LM head), and the reference path is the one that has it."""
     from tritongpt.kernels.attention import flash_attention
     from tritongpt.kernels.cross_entropy import cross_entropy, linear_cross_entropy
-    from tritongpt.kernels.layernorm import layer_norm
+    from tritongpt.kernels.layernorm import add_layer_norm, layer_norm
     from tritongpt.kernels.mlp import gelu_mlp
 
     torch.manual_seed(7)
@@ -293,6 +321,7 @@ def test_double_backward_is_refused_by_every_kernel(device):
     q, k, v = r(1, 2, 5, 16), r(1, 2, 5, 16), r(1, 2, 5, 16)
     logits = r(6, 20)
     cases = {"layer_norm": (lambda: layer_norm(x, w, b), x),
+             "add_layer_norm": (lambda: add_layer_norm(x, x.exp(), w, b)[1], x),
              "gelu_mlp": (lambda: gelu_mlp(x, r(24, 16), None, r(16, 24), None), x),
              "flash_attention": (lambda: flash_attention(q, k, v, causal=True), q),
              "cross_entropy": (lambda: cross_entropy(logits, t), logits),
