@@ -77,6 +77,18 @@ def layernorm_bytes(m: int, n: int, elem: int, mode: str, param_elem: int | None
     return {"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd + bwd}[_check_mode(mode)]
 
 
+def add_layernorm_bytes(m: int, n: int, stream_elem: int, delta_elem: int, mode: str, param_elem: int = 4) -> int:
+    """The least memory traffic of s = x + delta, y = LayerNorm(s) over [m, n], x and s in the
+    residual stream's dtype (stream_elem bytes), delta in the sublayer's (statistics not counted).
+
+    forward reads x, delta, weight, bias and writes s, y; backward reads dy, ds (s's gradient from
+    its other uses), s and weight, and writes the gradients of x and delta, dweight and dbias.
+    """
+    fwd = m * n * (3 * stream_elem + delta_elem) + 2 * n * param_elem
+    bwd = m * n * (4 * stream_elem + delta_elem) + 3 * n * param_elem
+    return {"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd + bwd}[_check_mode(mode)]
+
+
 def lm_head_flops(n: int, c: int, v: int, mode: str) -> int:
     """LM head on n rows: [n, c] @ [c, v] forward; backward two such products (dhidden, dweight).
     The softmax is elementwise and left out."""

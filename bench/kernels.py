@@ -24,7 +24,8 @@ loss.backward() does). Gradients are reset to None before each timed call.
 import torch
 import torch.nn.functional as F
 
-from tritongpt.bench.common import (MODES, attention_flops, cross_entropy_bytes, document_attention_flops,
+from tritongpt.bench.common import (MODES, add_layernorm_bytes, attention_flops, cross_entropy_bytes,
+                                    document_attention_flops,
                                     dtype_name, gbps, is_ok, layernorm_bytes, lm_head_flops,
                                     make_row, matmul_flops, mlp_flops, reason_of,
                                     tflops, try_import)
@@ -43,6 +44,8 @@ FLASH_ATTN = {"flash-attn": ("flash_attn", "flash_attn_func"),
               "flash-attn-3": ("flash_attn_interface", "flash_attn_func")}
 PROVIDERS = {
     "layernorm": ("reference", "torch", "compile", "triton", "liger"),
+    # a block's residual add and the LayerNorm after it (fp32 stream + a sublayer output)
+    "add_layernorm": ("reference", "torch", "compile", "triton"),
     "mlp": ("reference", "torch", "compile", "triton"),
     "attention": ("reference", *SDPA_BACKENDS, "compile", "triton", *FLASH_ATTN),
     "cross_entropy": ("reference", "torch", "compile", "triton", "liger"),
@@ -116,6 +119,43 @@ def layernorm_providers(x, w, b, eps=1e-5):
 
     return {"reference": reference, "torch": torch_op, "compile": compiled,
             "triton": triton_op, "liger": liger}
+
+
+def add_layernorm_providers(x, d, w, b, eps=1e-5):
+    """(x + d, LayerNorm(x + d)): the unfused add then LayerNorm (module, torch's own ops, the
+    module compiled) and the fused kernel. Each forward returns both outputs: the sum is the
+    block's residual stream, so its gradient comes into backward too."""
+    from tritongpt.model.layers import LayerNorm
+
+    def module():
+        m = LayerNorm(x.shape[-1], eps).to(x.device, w.dtype)
+        with torch.no_grad():
+            m.weight.copy_(w)
+            m.bias.copy_(b)
+        return m
+
+    def reference():
+        m = module()
+        return (lambda: m.add_and_norm(x, d)), [x, d, *m.parameters()]
+
+    def torch_op():
+        def f():
+            s = x + d
+            return s, F.layer_norm(s, (x.shape[-1],), w, b, eps)
+        return f, [x, d, w, b]
+
+    def compiled():
+        m = module()
+        cf = _fresh_compile(m.add_and_norm)
+        return (lambda: cf(x, d)), [x, d, *m.parameters()]
+
+    def triton_op():
+        fn, why = try_import("tritongpt.kernels.layernorm", "add_layer_norm")
+        if fn is None:
+            raise Unavailable(why)
+        return (lambda: fn(x, d, w, b, eps)), [x, d, w, b]
+
+    return {"reference": reference, "torch": torch_op, "compile": compiled, "triton": triton_op}
 
 
 def mlp_providers(x, w1, b1, w2, b2):
@@ -338,15 +378,21 @@ def _mode_fn(forward, mode):
     """The callable to time for a mode, built on a forward callable."""
     if mode == "fwd":
         return forward
-    y = forward()
+    ys = forward()
+    ys = ys if isinstance(ys, tuple) else (ys,)  # several outputs: each gets a gradient
     # A loss (a scalar) starts backward from 1, as loss.backward() does in training: Liger's
     # losses skip scaling their saved gradients then, and a random scalar would time an extra
     # pass over the [N, V] logits' gradient that training never makes. Other outputs get a
     # random gradient.
-    dy = torch.ones_like(y) if y.dim() == 0 else torch.randn_like(y)
+    dys = tuple(torch.ones_like(y) if y.dim() == 0 else torch.randn_like(y) for y in ys)
     if mode == "bwd":
-        return lambda: y.backward(dy, retain_graph=True)
-    return lambda: forward().backward(dy)
+        return lambda: torch.autograd.backward(ys, dys, retain_graph=True)
+
+    def forward_backward():
+        out = forward()
+        torch.autograd.backward(out if isinstance(out, tuple) else (out,), dys)
+
+    return forward_backward
 
 
 def bench_providers(op, config, builders, modes, timer, budget, work, providers=None,
@@ -503,6 +549,26 @@ def sweep_layernorm(timer, budget, rows_m, widths, dtype, modes=MODES, providers
         out += bench_providers("layernorm", cfg, layernorm_providers(x, w, b), modes, timer, budget,
                                lambda mode: {"bytes": layernorm_bytes(m, n, elem, mode)}, providers)
         del x, w, b
+        timer.cleanup()
+    return out
+
+
+def sweep_add_layernorm(timer, budget, rows_m, widths, dtype, modes=MODES, providers=None):
+    """The residual stream in fp32 and the sublayer output in `dtype`, as a block computes under
+    autocast (fp32 weights), so s and y are fp32; rows as sweep_layernorm's."""
+    out = []
+    dev = timer.device
+    elem = torch.empty((), dtype=dtype).element_size()
+    for n in widths:
+        m = layernorm_rows(rows_m, n, 4, dev)
+        cfg = {"rows": m, "width": n, "dtype": dtype_name(dtype), "stream": "fp32"}
+        x = randn(m, n, device=dev, dtype=torch.float32)
+        d = randn(m, n, device=dev, dtype=dtype)
+        w = randn(n, device=dev, dtype=torch.float32)
+        b = randn(n, device=dev, dtype=torch.float32)
+        out += bench_providers("add_layernorm", cfg, add_layernorm_providers(x, d, w, b), modes, timer, budget,
+                               lambda mode: {"bytes": add_layernorm_bytes(m, n, 4, elem, mode)}, providers)
+        del x, d, w, b
         timer.cleanup()
     return out
 
@@ -668,13 +734,15 @@ def _sweep_plan(sizes, part):
     plan = {"layernorm": [ln], "mlp": [mlp], "attention": [a for a in attn if a[0] and a[1]],
             # packed documents: the first head dim (GPT-2's 64 in the full and quick sweeps), after every target
             "doc_attention": [(sizes["attn_seqlens"], sizes["attn_head_dims"][:1])] if part == "rest" else [],
+            "add_layernorm": [sizes["ln_widths"]] if part == "rest" else [],
             "cross_entropy": [sizes["ce_vocabs"]] if part == "rest" else [],
             "lm_head_loss": [sizes["head_widths"]] if part == "rest" else []}
     return {op: [a for a in args if a] for op, args in plan.items()}
 
 
 def run_kernels(timer, budget, dtype=torch.bfloat16,
-                ops=("layernorm", "mlp", "attention", "cross_entropy", "lm_head_loss", "doc_attention"),
+                ops=("layernorm", "mlp", "attention", "cross_entropy", "lm_head_loss", "doc_attention",
+                     "add_layernorm"),
                 modes=MODES, providers=None, sizes=None, ceiling_sizes=None, log=print):
     """All sweeps plus the ceilings; returns (rows, ceilings).
 
@@ -725,6 +793,9 @@ def _run_plan(rows, timer, budget, dtype, ops, modes, sizes, groups, log):
                 log(f"lm-head + loss{label}: width {list(widths)}, vocab {list(sizes['ce_vocabs'])} ...")
                 rows += sweep_lm_head_loss(timer, budget, sizes["ce_rows"], widths, sizes["ce_vocabs"],
                                            dtype, modes, provs)
+            for widths in plan["add_layernorm"] if "add_layernorm" in ops else ():
+                log(f"residual add + layernorm{label}: widths {list(widths)} x {sizes['ln_rows']}+ rows ...")
+                rows += sweep_add_layernorm(timer, budget, sizes["ln_rows"], widths, dtype, modes, provs)
             for seqlens, head_dims in plan["doc_attention"] if "doc_attention" in ops else ():
                 log(f"attention over {DOCUMENTS_PER_ROW} packed documents{label}: T {list(seqlens)} ...")
                 rows += sweep_doc_attention(timer, budget, seqlens, head_dims, dtype, sizes["attn_tokens"],

@@ -51,6 +51,45 @@ def test_layernorm_bytes_and_rates():
     assert common.tflops(3e12, 1500.0) == pytest.approx(2.0)
 
 
+def test_add_layernorm_bytes():
+    m, n = 16384, 768
+    # forward: x (fp32), delta (bf16) in; s, y (fp32) out; backward: dy, ds, s in; dx (fp32), ddelta (bf16) out
+    assert common.add_layernorm_bytes(m, n, 4, 2, "fwd") == m * n * (4 + 2 + 4 + 4) + 2 * n * 4
+    assert common.add_layernorm_bytes(m, n, 4, 2, "bwd") == m * n * (4 + 4 + 4 + 4 + 2) + 3 * n * 4
+    assert common.add_layernorm_bytes(m, n, 2, 2, "fwd+bwd", 2) == m * n * 2 * 9 + 5 * n * 2
+
+
+def test_add_layernorm_providers_compute_the_same_and_every_mode_times(device):
+    """Each provider gives (x + d, LayerNorm(x + d)) and the same gradients for both outputs'
+    gradients (the fused kernel through the interpreter on the CPU); the sweep times both
+    outputs' backward and counts its bytes."""
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(6, 40, generator=gen).to(device).requires_grad_()
+    d = torch.randn(6, 40, generator=gen).to(device, torch.bfloat16).requires_grad_()
+    w, b = (torch.randn(40, generator=gen).to(device).requires_grad_() for _ in range(2))
+    gs, gy = torch.randn(6, 40, generator=gen).to(device), torch.randn(6, 40, generator=gen).to(device)
+    builders = kernels.add_layernorm_providers(x, d, w, b)
+    assert set(builders) == set(kernels.PROVIDERS["add_layernorm"])
+    results = {}
+    for name in ("reference", "torch", "triton"):
+        forward, leaves = builders[name]()
+        s, y = forward()
+        torch.autograd.backward((s, y), (gs, gy))
+        results[name] = [s, y] + [t.grad for t in leaves]
+        for t in leaves:
+            t.grad = None
+    want = x.detach() + d.detach().float()
+    assert torch.equal(results["torch"][0], want)
+    for name, got in results.items():
+        for i, (g, e) in enumerate(zip(got, results["torch"])):
+            assert torch.allclose(g, e, atol=1e-5, rtol=1e-5), (name, i)
+    rows = kernels.sweep_add_layernorm(CpuTimer(reps=1), Budget(None), 8, (24,), torch.bfloat16,
+                                       providers=("torch",))
+    assert {r["mode"]: r["bytes"] for r in rows} == {m: common.add_layernorm_bytes(8, 24, 4, 2, m)
+                                                     for m in ("fwd", "bwd", "fwd+bwd")}
+    assert all(r["status"] == "ok" and r["config"]["stream"] == "fp32" for r in rows)
+
+
 def test_gpt2_small_flops_per_token_from_the_model():
     # The benchmark's MFU uses the trainer's formula on the model's own count: GPT-2 small has the
     # published 124,439,808 parameters, 786,432 of them position embeddings (N excludes those).
@@ -269,14 +308,15 @@ def test_run_kernels_end_to_end_on_cpu():
     assert ceil["copy"]["gbps"] > 0 and ceil["matmul"]["tflops"] > 0
     assert all(r["status"] == "ok" for r in rows), [r["status"] for r in rows if r["status"] != "ok"]
     timed = [r for r in rows if r["mode"] != "saved"]
-    assert len(timed) == 2 * 2 * 3 + 1 * 2 * 3 + 2 * 2 * 3 + 1 * 2 * 3 + 1 * 2 * 3 + 2 * 3  # + documents: reference
+    # layernorm, mlp, attention, cross_entropy, lm_head_loss, documents (reference), residual add + layernorm
+    assert len(timed) == 2 * 2 * 3 + 1 * 2 * 3 + 2 * 2 * 3 + 1 * 2 * 3 + 1 * 2 * 3 + 2 * 3 + 2 * 2 * 3
     assert {r["config"]["documents"] for r in timed if r["op"] == "doc_attention"} == {8}
     assert [r["config"]["width"] for r in timed[:6]] == [24] * 6  # sorted by size
     att = [r for r in timed if r["op"] == "attention"]
     assert [r["config"]["seq_len"] for r in att][:6] == [16] * 6
     assert att[0]["config"]["batch"] == 2 and att[0]["config"]["heads"] == 2
     for r in timed:
-        key = "pct_of_copy_bw" if r["op"] in ("layernorm", "cross_entropy") else "pct_of_matmul"
+        key = "pct_of_copy_bw" if r["op"] in ("layernorm", "add_layernorm", "cross_entropy") else "pct_of_matmul"
         assert r[key] > 0
     assert {r["provider"] for r in rows if r["mode"] == "saved"} == {"reference", "torch"}
 
@@ -662,7 +702,7 @@ def test_gpu_command_flow_with_cpu_stand_ins(tmp_path, monkeypatch, capsys):
     k = report.validate_result(json.loads((folder / "kernels.json").read_text()))
     t = report.validate_result(json.loads((folder / "train.json").read_text()))
     assert {r["op"] for r in k["rows"]} == {"layernorm", "mlp", "attention", "cross_entropy", "lm_head_loss",
-                                            "doc_attention"}
+                                            "doc_attention", "add_layernorm"}
     ce = [r for r in k["rows"] if r["op"] == "cross_entropy" and r["provider"] == "torch"]
     assert len(ce) == 3 and all(r["status"] == "ok" and r["gbps"] > 0 for r in ce), ce
     assert t["peak_flops_source"] == "float32 matmul 32^3 measured in this run"
@@ -1567,7 +1607,8 @@ def test_every_provider_builder_is_in_the_sweep():
              "attention": kernels.attention_providers(q, q, q),
              "cross_entropy": kernels.cross_entropy_providers(x, t),
              "lm_head_loss": kernels.lm_head_loss_providers(x, torch.zeros(5, 8), t),
-             "doc_attention": kernels.doc_attention_providers(q, q, q, [3, 1])}
+             "doc_attention": kernels.doc_attention_providers(q, q, q, [3, 1]),
+             "add_layernorm": kernels.add_layernorm_providers(x, x, x[0], x[0])}
     assert set(built) == set(kernels.PROVIDERS)
     for op, builders in built.items():
         assert set(kernels.PROVIDERS[op]) == set(builders), op
