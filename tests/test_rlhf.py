@@ -1258,6 +1258,39 @@ def test_dpo_resume_refuses_another_reference(tmp_path, capsys):
     assert "--resume: --init is not the model this run's reference was (its weights differ)" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("command", ["reward", "dpo", "rlhf"])
+def test_a_run_tuned_on_another_template_than_the_data_is_noted(command, tmp_path, capsys):
+    """The embedded pairs are Alpaca prompts: an --init (or rlhf's --reward) tuned on chats gets a
+    note naming both templates; one tuned on Alpaca, or with no template saved, gets none."""
+    from tritongpt.cli import main
+    from tritongpt.model.config import get_config
+
+    torch.manual_seed(0)
+    cfg = dict(vocab_size=4100, n_layer=1)
+    for name, fmt in (("chat-sft", "chat"), ("alpaca-sft", "alpaca"), ("chat-rm", "chat"), ("rm", None)):
+        (tmp_path / name / "ckpt-0000001").mkdir(parents=True)
+        model = GPTModel(get_config("tiny", **cfg))
+        (RewardModel(model) if name.endswith("rm") else model).save(tmp_path / name / "ckpt-0000001" /
+                                                                      "model.safetensors")
+        torch.save({"step": 1, "prompt_format": fmt}, tmp_path / name / "ckpt-0000001" / "state.pt")
+    extra = ["--max-steps", "1", "--batch-size", "2", "--eval-every", "0"]
+    if command == "rlhf":
+        extra = ["--iterations", "1", "--prompts-per-iter", "2", "--minibatch-size", "2", "--epochs", "1",
+                 "--max-new-tokens", "2", "--eval-prompts", "1", "--eval-samples", "1"]
+    for init, reward, noted in (("chat-sft", "alpaca-sft", ["--init"]), ("alpaca-sft", "chat-rm", ["--reward"]),
+                                ("alpaca-sft", "alpaca-sft", [])):
+        if command != "rlhf" and reward != "alpaca-sft":
+            continue
+        rm = ["--reward", str(tmp_path / ("chat-rm" if reward == "chat-rm" else "rm"))] if command == "rlhf" else []
+        out = tmp_path / f"{command}-{init}-{reward}"
+        assert main([command, "--init", str(tmp_path / init), "--num-pairs", "8", "--out-dir", str(out),
+                     "--device", "cpu", *rm, *extra]) == 0
+        err = capsys.readouterr().err
+        for flag in ("--init", "--reward"):
+            said = f"note: {flag} " in err and "was tuned on chat prompts, and these are alpaca prompts" in err
+            assert said == (flag in noted), (command, init, reward, err)
+
+
 @pytest.mark.parametrize("command", ["pretrain", "sft", "reward", "dpo", "rlhf"])
 def test_activation_checkpointing_flag_recomputes_and_changes_nothing_else(command, tmp_path, monkeypatch):
     """--activation-checkpointing on every training command: the trained model's blocks run under

@@ -47,6 +47,24 @@ def run_template(weights) -> str | None:
     return fmt if fmt in formats.FORMATS else None
 
 
+def note_template_mismatch(data_formats, runs: dict) -> None:
+    """A note for each run given to a trainer (flag -> weights) that was tuned on a prompt format
+    the data does not use: a policy that will answer, or a reward model that will score, text in a
+    template it has not seen (e.g. a reward model trained on chats scoring Alpaca prompts). A
+    note, not an error: the run may be meant to learn the new template."""
+    used = sorted({f for f in data_formats if f})
+    for flag, weights in runs.items():
+        if not weights or not used:
+            continue
+        try:
+            tuned = run_template(weights)
+        except UserError:  # a Hub name (no template), or a path its loader names in its own error
+            continue
+        if tuned is not None and tuned not in used:
+            note(f"{flag} {weights} was tuned on {tuned} prompts, and these are {' and '.join(used)} prompts: "
+                 f"it reads them in a template it was not trained on")
+
+
 class Conversation:
     """The turns so far, and the prompt the next user line makes of them."""
 

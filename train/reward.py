@@ -217,6 +217,7 @@ def data_run_args(args) -> dict:
 def setup_preference_run(args):
     """What `reward` and `dpo` share: validated TrainArgs, the pairs (bad data fails before any
     slow work), the backbone from --init, and its tokenizer (saved beside the run)."""
+    from tritongpt.train.chat import note_template_mismatch
     from tritongpt.train.common import check_out_dir, set_seed
     from tritongpt.train.loop import TrainArgs
     from tritongpt.train.preference import train_val_pairs
@@ -228,6 +229,7 @@ def setup_preference_run(args):
     targs.validate()
     check_out_dir(targs.out_dir, targs.resume, targs.overwrite)  # before the tokenizer is written there
     train, val = train_val_pairs(args.data, args.num_pairs, args.val_fraction, args.seed)
+    note_template_mismatch([p.format for p in train + val], {"--init": args.init})
     backbone = build_backbone(args)
     tok = pick_tokenizer(args.tokenizer, args.init, backbone.config.vocab_size)
     save_run_tokenizer(tok, args.out_dir)

@@ -712,6 +712,7 @@ def verified_prompts(source, n: int, val_fraction: float, seed: int, verifier: s
 
 
 def cmd_rlhf(args):
+    from tritongpt.train.chat import note_template_mismatch
     from tritongpt.train.preference import train_val_pairs
     from tritongpt.train.reward import RewardModel, build_backbone, data_run_args
     from tritongpt.train.sft import pick_tokenizer
@@ -736,6 +737,8 @@ def cmd_rlhf(args):
     else:
         train, val = [[(p.prompt, p.chosen, p.format) for p in ps]
                       for ps in train_val_pairs(args.data, args.num_pairs, args.val_fraction, a.seed)]
+    note_template_mismatch([f for _, _, f in train + val], {"--init": args.init, "--reward": None if verify
+                                                              else args.reward})
     policy = build_backbone(args)
     reward_model = None if verify else RewardModel.load(args.reward, map_location=device)
     ref = copy.deepcopy(policy)
