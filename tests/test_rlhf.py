@@ -568,6 +568,29 @@ def test_rl_state_keeps_the_prompt_format(tmp_path):
     assert _tiny_rl_trainer(tmp_path, prompt_format="chat").state_dict()["prompt_format"] == "chat"
 
 
+def test_a_trainer_built_in_python_with_another_verifier_refuses_to_resume(tmp_path):
+    """RLHFTrainer given a TaskReward and no run_args (Python, not the CLI) still records its
+    verifier, so a resume judged by another one is refused by name, as the CLI's is."""
+    from tritongpt.train import tasks
+    from tritongpt.train.rlhf import TaskReward
+
+    class Digits:  # a tokenizer enough for the verifier: ids read as digits
+        eot_id = 22
+
+        def decode(self, ids):
+            return "".join(str(i % 10) for i in ids)
+
+    def trainer(match, resume=None):
+        t = _tiny_rl_trainer(tmp_path, iterations=1, resume=resume)
+        judge = TaskReward(Digits(), {tuple(p): "7" for p in t.prompts}, t.policy.config, match=match)
+        return RLHFTrainer(t.policy, t.ref, judge, t.prompts, t.eval_prompts, 22, t.args)  # log: checkpoints
+
+    trainer(tasks.exact_match).fit()
+    with pytest.raises(UserError, match="judged by --reward exact, not --reward number"):
+        trainer(tasks.number_match, resume="latest").fit()
+    trainer(tasks.exact_match, resume="latest").fit()  # the same verifier resumes
+
+
 def test_missing_eot_penalty_comes_off_the_scores_of_cut_responses(tmp_path):
     """A response cut at max_new_tokens loses the penalty from its training score (and so from
     the first batch's normalization); eval_reward stays the reward model's own score."""

@@ -77,6 +77,12 @@ VERIFIERS = {"exact": tasks.exact_match, "number": tasks.number_match, "tasks": 
 MATCHED = {"exact": "exact match", "number": "final-number match", "tasks": "exact match"}
 
 
+def verifier_name(match) -> str:
+    """What a resume compares for a verifier: its --reward name, or a function's own name."""
+    names = [name for name, fn in VERIFIERS.items() if fn is match and name != "tasks"]
+    return names[0] if names else f"{getattr(match, '__module__', '?')}.{getattr(match, '__qualname__', match)}"
+
+
 @dataclass
 class RLArgs:
     algo: str = "ppo"            # ppo | grpo
@@ -418,6 +424,8 @@ class RLHFTrainer:
         check_one_process()
         self.args, self.eot_id, self.log_enabled = args, eot_id, log
         self.run_args = dict(run_args or {})
+        if isinstance(reward_model, TaskReward):  # built in Python: the verifier is still the run's judge
+            self.run_args.setdefault("verifier", verifier_name(reward_model.match))
         self.prompt_format = prompt_format  # saved for `tritongpt chat` (the Trainer's doc)
         self.device = common.pick_device(args.device)
         self.dtype = common.pick_dtype(args.dtype, self.device)
