@@ -366,6 +366,41 @@ def test_lr_warmup_then_cosine_to_floor(tmp_path):
     assert common.lr_at(12, 1e-3, 3, 12, 1e-4) == 1e-4 and common.lr_at(500, 1e-3, 3, 12, 1e-4) == 1e-4
 
 
+def test_lr_schedules_wsd_linear_constant(tmp_path):
+    """After the warmup: wsd holds the peak until the last --decay-fraction of the run, then falls
+    as 1 - sqrt(progress) to the floor; linear falls in a straight line; constant stays. A wsd
+    run's rates before its decay are those of a longer wsd run (what lets it be extended)."""
+    lr, floor = 1e-3, 1e-4
+    wsd = [common.lr_at(s, lr, 2, 20, floor, "wsd", 0.25) for s in range(22)]
+    assert wsd[:2] == pytest.approx([5e-4, 1e-3]) and wsd[2:15] == [lr] * 13
+    assert wsd[15:20] == pytest.approx([floor + (1 - math.sqrt(k / 5)) * 9e-4 for k in range(5)], rel=1e-12)
+    assert wsd[20:] == [floor, floor]
+    longer = [common.lr_at(s, lr, 2, 40, floor, "wsd", 0.25) for s in range(15)]
+    assert longer == wsd[:15]
+    linear = [common.lr_at(s, lr, 2, 12, floor, "linear") for s in range(2, 13)]
+    assert linear == pytest.approx([floor + (1 - k / 10) * 9e-4 for k in range(10)] + [floor], rel=1e-12)
+    assert [common.lr_at(s, lr, 2, 12, floor, "constant") for s in (0, 2, 11, 50)] == [5e-4, lr, lr, lr]
+    # a warmup past the decay's start: the decay starts after the warmup, not inside it
+    assert common.lr_at(8, lr, 8, 10, floor, "wsd", 0.5) == lr
+    assert common.lr_at(9, lr, 8, 10, floor, "wsd", 0.5) == pytest.approx(floor + (1 - math.sqrt(0.5)) * 9e-4)
+    # the Trainer steps with them
+    a = args_for(tmp_path, max_steps=10, warmup_steps=2, lr=lr, min_lr=floor, batch_size=2, lr_schedule="wsd",
+                 decay_fraction=0.3)
+    Trainer(tiny_model(), a, loss_fn, make_get_batch(synthetic_tokens(), 2)).fit()
+    logged = [r["lr"] for r in rows(tmp_path) if "lr" in r]
+    assert logged == pytest.approx([common.lr_at(s, lr, 2, 10, floor, "wsd", 0.3) for s in range(10)], rel=1e-12)
+    assert logged[2:7] == [lr] * 5 and logged[7] == lr and logged[8] < lr
+
+
+@pytest.mark.parametrize("field,value,message", [("lr_schedule", "cosin", "--lr-schedule must be one of cosine, wsd"),
+                                                 ("decay_fraction", 0.0, "--decay-fraction must be in"),
+                                                 ("decay_fraction", 1.5, "--decay-fraction must be in"),
+                                                 ("decay_fraction", float("nan"), "--decay-fraction must be in")])
+def test_lr_schedule_flags_are_checked(tmp_path, field, value, message):
+    with pytest.raises(UserError, match=message):
+        args_for(tmp_path, **{field: value}).validate()
+
+
 def test_a_warmup_as_long_as_the_run_is_named(tmp_path, capsys):
     """The default --warmup-steps with a short --max-steps: the schedule never reaches --lr nor
     decays, which the loss curve alone does not show."""

@@ -192,14 +192,42 @@ def build_optimizer(model: nn.Module, lr: float, weight_decay: float = 0.1,
     return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=betas, fused=fused)
 
 
-def lr_at(step: int, max_lr: float, warmup: int, total: int, min_lr: float) -> float:
-    """Linear warmup for `warmup` steps, then cosine decay to min_lr at `total`, flat after."""
+LR_SCHEDULES = ("cosine", "wsd", "linear", "constant")
+
+
+def lr_at(step: int, max_lr: float, warmup: int, total: int, min_lr: float, schedule: str = "cosine",
+          decay_fraction: float = 0.2) -> float:
+    """Linear warmup for `warmup` steps, then to min_lr at `total` (flat after) by the schedule:
+
+    cosine    half a cosine from max_lr down (GPT-2's, nanoGPT's, llm.c's)
+    linear    a straight line down
+    constant  max_lr to the end (min_lr unused)
+    wsd       warmup-stable-decay: max_lr until the last decay_fraction of the run, then down as
+              1 - sqrt(progress) (MiniCPM's schedule; Hagele et al. 2024 find a 20% cooldown of
+              this shape matches cosine). The stable phase does not depend on `total`, so a run
+              checkpointed before its decay can be continued to more steps as if planned so.
+    """
     if warmup > 0 and step < warmup:
         return max_lr * (step + 1) / warmup
+    if schedule == "constant":
+        return max_lr
     if step >= total:
         return min_lr
-    progress = (step - warmup) / max(1, total - warmup)
-    return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (max_lr - min_lr)
+    start = warmup
+    if schedule == "wsd":
+        start = max(warmup, total - round(decay_fraction * total))
+        if step < start:
+            return max_lr
+    progress = (step - start) / max(1, total - start)
+    if schedule == "cosine":
+        shape = 0.5 * (1.0 + math.cos(math.pi * progress))
+    elif schedule == "linear":
+        shape = 1.0 - progress
+    elif schedule == "wsd":
+        shape = 1.0 - math.sqrt(progress)
+    else:
+        raise UserError(f"--lr-schedule must be one of {', '.join(LR_SCHEDULES)}, got {schedule!r}")
+    return min_lr + shape * (max_lr - min_lr)
 
 
 def set_lr(optimizer, lr: float):

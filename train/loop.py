@@ -10,7 +10,7 @@ A trainer supplies the model and three small functions; the Trainer owns everyth
 
 One optimizer step, as in nanoGPT's train.py:
 
-    lr = warmup-then-cosine(step)
+    lr = linear warmup, then the --lr-schedule (cosine by default) at step
     for each of grad_accum micro-batches:       (DDP: gradients sync on the last one only)
         loss = loss_fn(model, batch) under autocast      (bf16 on CUDA, fp32 on CPU; fp16 on old GPUs)
         (loss / grad_accum).backward()          so the sum of micro-gradients is the mean
@@ -59,7 +59,9 @@ class TrainArgs:
     batch_size: int = 8          # sequences per micro-batch, per process
     grad_accum: int = 1          # micro-batches per optimizer step, per process
     lr: float = 6e-4             # peak learning rate, reached after warmup
-    min_lr: float = 6e-5         # floor of the cosine decay
+    min_lr: float = 6e-5         # floor of the decay
+    lr_schedule: str = "cosine"  # after warmup: cosine | wsd | linear | constant (common.lr_at)
+    decay_fraction: float = 0.2  # wsd: the last fraction of max_steps that decays
     warmup_steps: int = 100
     weight_decay: float = 0.1    # matrices only; biases, LayerNorm and embeddings get 0
     grad_clip: float = 1.0       # max global gradient norm; 0 = no clipping (norm still logged)
@@ -99,6 +101,10 @@ class TrainArgs:
             raise UserError(f"--lr must be a positive number, got {self.lr}")
         if not 0 <= self.min_lr <= self.lr:
             raise UserError(f"--min-lr must be in [0, lr={self.lr}], got {self.min_lr}")
+        if self.lr_schedule not in common.LR_SCHEDULES:
+            raise UserError(f"--lr-schedule must be one of {', '.join(common.LR_SCHEDULES)}, got {self.lr_schedule!r}")
+        if not 0 < self.decay_fraction <= 1:  # nan fails too
+            raise UserError(f"--decay-fraction must be in (0, 1], got {self.decay_fraction}")
         common.check_seed(self.seed)
         common.check_dtype(self.dtype)
 
@@ -109,7 +115,8 @@ _HELP = {
     "batch_size": "sequences per micro-batch, per process",
     "grad_accum": "micro-batches per optimizer step (gradient accumulation)",
     "lr": "peak learning rate (after linear warmup)",
-    "min_lr": "learning-rate floor of the cosine decay",
+    "min_lr": "learning rate the decay ends at",
+    "decay_fraction": "--lr-schedule wsd: the last fraction of --max-steps, decaying to --min-lr",
     "warmup_steps": "linear warmup steps",
     "weight_decay": "AdamW weight decay (matrices only)",
     "grad_clip": "clip the global gradient norm to this (0 = off)",
@@ -156,6 +163,10 @@ def add_train_args(parser: argparse.ArgumentParser, **defaults):
             g.add_argument(flag, nargs="?", const="latest", default=d, metavar="CKPT",
                            help="continue exactly from a checkpoint: the newest in --out-dir, "
                                 "or a checkpoint/run folder")
+        elif f.name == "lr_schedule":
+            g.add_argument(flag, default=d, choices=common.LR_SCHEDULES,
+                           help="after the warmup: cosine to --min-lr at --max-steps, wsd (stable at --lr, then "
+                                "the last --decay-fraction down as 1-sqrt), linear, or constant (default %(default)s)")
         elif f.name == "dtype":
             g.add_argument(flag, default=d, choices=common.DTYPES,
                            help=common.DTYPE_HELP + " (default %(default)s)")
@@ -225,8 +236,8 @@ class _SafetensorsSaver:
 
 # Flags that change what a resumed run computes (--max-steps too: it stretches the cosine schedule),
 # named in a note when a resume changes them; the precision is compared as resolved (auto = fp32 on CPU).
-TRAJECTORY_ARGS = ("max_steps", "batch_size", "grad_accum", "lr", "min_lr", "warmup_steps", "weight_decay",
-                   "grad_clip", "seed")
+TRAJECTORY_ARGS = ("max_steps", "batch_size", "grad_accum", "lr", "min_lr", "lr_schedule", "decay_fraction",
+                   "warmup_steps", "weight_decay", "grad_clip", "seed")
 
 
 def _data_hooks(data_state):
@@ -554,7 +565,7 @@ class Trainer:
     def _train_step(self, model) -> dict:
         a = self.args
         t0 = time.perf_counter()
-        lr = common.lr_at(self.step, a.lr, a.warmup_steps, a.max_steps, a.min_lr)
+        lr = common.lr_at(self.step, a.lr, a.warmup_steps, a.max_steps, a.min_lr, a.lr_schedule, a.decay_fraction)
         common.set_lr(self.optimizer, lr)
         loss_sum = torch.zeros((), device=self.device)
         count = torch.zeros((), device=self.device)  # counted items, when loss_fn returns (sum, count)
