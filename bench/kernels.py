@@ -45,7 +45,7 @@ FLASH_ATTN = {"flash-attn": ("flash_attn", "flash_attn_func"),
 PROVIDERS = {
     "layernorm": ("reference", "torch", "compile", "triton", "liger"),
     # a block's residual add and the LayerNorm after it (fp32 stream + a sublayer output)
-    "add_layernorm": ("reference", "torch", "compile", "triton"),
+    "add_layernorm": ("reference", "torch", "compile", "triton", "flash-attn"),
     "mlp": ("reference", "torch", "compile", "triton"),
     "attention": ("reference", *SDPA_BACKENDS, "compile", "triton", *FLASH_ATTN),
     "cross_entropy": ("reference", "torch", "compile", "triton", "liger"),
@@ -155,7 +155,25 @@ def add_layernorm_providers(x, d, w, b, eps=1e-5):
             raise Unavailable(why)
         return (lambda: fn(x, d, w, b, eps)), [x, d, w, b]
 
-    return {"reference": reference, "torch": torch_op, "compile": compiled, "triton": triton_op}
+    def flash_attn():
+        # the flash-attn package's Triton LayerNorm with a residual (Tri Dao's): its x is our
+        # sublayer output, its residual our stream; prenorm returns the sum too
+        import inspect
+
+        fn, why = try_import("flash_attn.ops.triton.layer_norm", "layer_norm_fn")
+        if fn is None:
+            raise Unavailable(why)
+        if "out_dtype" not in inspect.signature(fn).parameters:
+            raise Unavailable("this flash-attn's layer_norm_fn has no out_dtype (y would be in delta's dtype)")
+
+        def f():
+            y, s = fn(d, w, b, residual=x, eps=eps, prenorm=True, residual_in_fp32=x.dtype == torch.float32,
+                      out_dtype=x.dtype)
+            return s, y
+        return f, [x, d, w, b]
+
+    return {"reference": reference, "torch": torch_op, "compile": compiled, "triton": triton_op,
+            "flash-attn": flash_attn}
 
 
 def mlp_providers(x, w1, b1, w2, b2):

@@ -70,6 +70,8 @@ def test_add_layernorm_providers_compute_the_same_and_every_mode_times(device):
     gs, gy = torch.randn(6, 40, generator=gen).to(device), torch.randn(6, 40, generator=gen).to(device)
     builders = kernels.add_layernorm_providers(x, d, w, b)
     assert set(builders) == set(kernels.PROVIDERS["add_layernorm"])
+    with pytest.raises(kernels.Unavailable, match="flash_attn"):  # not installed here
+        builders["flash-attn"]()
     results = {}
     for name in ("reference", "torch", "triton"):
         forward, leaves = builders[name]()
@@ -88,6 +90,36 @@ def test_add_layernorm_providers_compute_the_same_and_every_mode_times(device):
     assert {r["mode"]: r["bytes"] for r in rows} == {m: common.add_layernorm_bytes(8, 24, 4, 2, m)
                                                      for m in ("fwd", "bwd", "fwd+bwd")}
     assert all(r["status"] == "ok" and r["config"]["stream"] == "fp32" for r in rows)
+
+
+def test_add_layernorm_flash_attn_provider_passes_its_argument_order(monkeypatch):
+    """flash-attn's layer_norm_fn(x, weight, bias, residual=...) normalizes x + residual: our
+    sublayer output is its x and our stream its residual; prenorm returns (y, sum), which the
+    provider gives back as (sum, y). A version without out_dtype is skipped, named."""
+    import sys
+    import types
+
+    seen = {}
+
+    def layer_norm_fn(x, weight, bias, residual=None, eps=1e-6, prenorm=False, residual_in_fp32=False,
+                      out_dtype=None):
+        seen.update(x=x, residual=residual, eps=eps, prenorm=prenorm, fp32=residual_in_fp32, out_dtype=out_dtype)
+        s = residual.float() + x.float()
+        return torch.nn.functional.layer_norm(s, s.shape[-1:], weight, bias, eps).to(out_dtype), s
+
+    module = types.ModuleType("flash_attn.ops.triton.layer_norm")
+    module.layer_norm_fn = layer_norm_fn
+    monkeypatch.setitem(sys.modules, "flash_attn.ops.triton.layer_norm", module)
+    gen = torch.Generator().manual_seed(6)
+    x, w, b = (torch.randn(*shape, generator=gen) for shape in ((5, 16), (16,), (16,)))
+    d = torch.randn(5, 16, generator=gen).bfloat16()
+    s, y = kernels.add_layernorm_providers(x, d, w, b)["flash-attn"]()[0]()
+    assert seen["x"] is d and seen["residual"] is x and seen["prenorm"] and seen["fp32"]
+    assert seen["out_dtype"] == torch.float32 and seen["eps"] == 1e-5
+    assert torch.equal(s, x + d.float()) and y.dtype == torch.float32
+    module.layer_norm_fn = lambda x, weight, bias, residual=None, eps=1e-6, prenorm=False: None
+    with pytest.raises(kernels.Unavailable, match="no out_dtype"):
+        kernels.add_layernorm_providers(x, d, w, b)["flash-attn"]()
 
 
 def test_gpt2_small_flops_per_token_from_the_model():
