@@ -83,15 +83,20 @@ def _fresh_compile(fn):
 
 
 # -- providers: each builder returns (forward callable, leaf tensors whose grads to reset) ------------
-def layernorm_providers(x, w, b, eps=1e-5):
+def _layer_norm_module(w, b, eps):
+    """The reference LayerNorm holding w and b (a fresh module per provider)."""
     from tritongpt.model.layers import LayerNorm
 
+    m = LayerNorm(w.shape[0], eps).to(w.device, w.dtype)
+    with torch.no_grad():
+        m.weight.copy_(w)
+        m.bias.copy_(b)
+    return m
+
+
+def layernorm_providers(x, w, b, eps=1e-5):
     def module():
-        m = LayerNorm(x.shape[-1], eps).to(x.device, x.dtype)
-        with torch.no_grad():
-            m.weight.copy_(w)
-            m.bias.copy_(b)
-        return m
+        return _layer_norm_module(w, b, eps)
 
     def reference():
         m = module()
@@ -125,14 +130,8 @@ def add_layernorm_providers(x, d, w, b, eps=1e-5):
     """(x + d, LayerNorm(x + d)): the unfused add then LayerNorm (module, torch's own ops, the
     module compiled) and the fused kernel. Each forward returns both outputs: the sum is the
     block's residual stream, so its gradient comes into backward too."""
-    from tritongpt.model.layers import LayerNorm
-
     def module():
-        m = LayerNorm(x.shape[-1], eps).to(x.device, w.dtype)
-        with torch.no_grad():
-            m.weight.copy_(w)
-            m.bias.copy_(b)
-        return m
+        return _layer_norm_module(w, b, eps)
 
     def reference():
         m = module()

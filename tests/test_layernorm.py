@@ -99,13 +99,19 @@ def test_no_bias_and_eps(device):
     assert torch.equal(layer_norm(x, w, None, np.float32(1e-3)), layer_norm(x, w, None, 1e-3))  # as F.layer_norm
 
 
+def random_layer_norm(n, device):
+    """The reference module with weight and bias away from their 1 and 0 init."""
+    ln = LayerNorm(n).to(device)
+    with torch.no_grad():
+        ln.weight.copy_(1 + 0.3 * torch.randn(n))
+        ln.bias.copy_(0.3 * torch.randn(n))
+    return ln
+
+
 def test_matches_reference_module(device):
     """Same LayerNorm module, both paths (use_triton False/True), plus the float64 module."""
     torch.manual_seed(11)
-    ln = LayerNorm(200).to(device)
-    with torch.no_grad():
-        ln.weight.copy_(1 + 0.3 * torch.randn(200))
-        ln.bias.copy_(0.3 * torch.randn(200))
+    ln = random_layer_norm(200, device)
     x = (torch.randn(3, 11, 200) * 3 + 1).to(device)
     dy = torch.randn(3, 11, 200).to(device)
     outs = {}
@@ -539,10 +545,7 @@ def test_add_layer_norm_is_the_add_then_the_layer_norm(dtypes, device):
 def test_add_and_norm_reference_module_both_paths(device):
     """LayerNorm.add_and_norm on both paths and its float64 twin: (s, y) and every gradient."""
     torch.manual_seed(12)
-    ln = LayerNorm(120).to(device)
-    with torch.no_grad():
-        ln.weight.copy_(1 + 0.3 * torch.randn(120))
-        ln.bias.copy_(0.3 * torch.randn(120))
+    ln = random_layer_norm(120, device)
     x, d = (torch.randn(2, 9, 120) * 2 + 1).to(device), torch.randn(2, 9, 120).to(device)
     gs, gy = torch.randn(2, 9, 120).to(device), torch.randn(2, 9, 120).to(device)
 
