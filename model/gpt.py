@@ -193,14 +193,17 @@ class GPTModel(nn.Module):
             pos = pos - document_starts(doc_ids)  # [B, T]: each document from position 0
         x = self.drop_emb(self.tok_emb(idx) + self.pos_emb(pos))
         recompute = self.activation_checkpointing and torch.is_grad_enabled()
+        mlp_out = None  # the last block's MLP output: the LayerNorm after it adds it to x
         for block in self.trf_blocks:
             if recompute and cache is None:  # (a cache refuses gradients anyway)
-                x = torch.utils.checkpoint.checkpoint(block, x, None, doc_ids, use_reentrant=False)
+                if mlp_out is not None:  # added here, so that a checkpoint keeps one tensor, not two
+                    x, mlp_out = x + mlp_out, None
+                x, mlp_out = torch.utils.checkpoint.checkpoint(block, x, None, doc_ids, use_reentrant=False)
             else:
-                x = block(x, cache, doc_ids)
+                x, mlp_out = block(x, cache, doc_ids, mlp_out)
         if cache is not None:
             cache.pos += T
-        return self.final_norm(x)
+        return self.final_norm(x) if mlp_out is None else self.final_norm.add_and_norm(x, mlp_out)[1]
 
     @staticmethod
     def _check_doc_ids(idx, doc_ids, cache):

@@ -198,7 +198,13 @@ class MultiHeadAttention(nn.Module):
 
 
 class TransformerBlock(nn.Module):
-    """Pre-LN block: x + attention(LN(x)), then x + MLP(LN(x)). Dropout lives in the sublayers."""
+    """Pre-LN block: x + attention(LN(x)), then x + MLP(LN(x)). Dropout lives in the sublayers.
+
+    Each residual add is made by the LayerNorm that reads the sum (LayerNorm.add_and_norm): on
+    the Triton path the add then shares that LayerNorm's pass over memory, as llm.c's fused
+    residual forward does. So the block returns its MLP output beside x, not added to it, and
+    the next LayerNorm (the next block's first, or the model's final one) adds it.
+    """
 
     def __init__(self, cfg, layer_idx: int = 0):
         super().__init__()
@@ -208,6 +214,12 @@ class TransformerBlock(nn.Module):
         self.norm2 = LayerNorm(cfg.n_embd)
         self.ff = FeedForward(cfg.n_embd, cfg.dropout, cfg.bias)
 
-    def forward(self, x, cache=None, doc_ids=None):
-        x, h = self.norm2.add_and_norm(x, self.att(self.norm1(x), cache, doc_ids))  # x + att, LN of it
-        return x + self.ff(h)
+    def forward(self, x, cache=None, doc_ids=None, mlp_out=None):
+        """x: the residual stream; mlp_out: the previous block's MLP output, not yet added (None
+        for the first block). -> (x, this block's MLP output): the block's output is their sum."""
+        if mlp_out is None:
+            h = self.norm1(x)
+        else:
+            x, h = self.norm1.add_and_norm(x, mlp_out)  # x + mlp_out, and the LayerNorm of it
+        x, h = self.norm2.add_and_norm(x, self.att(h, cache, doc_ids))
+        return x, self.ff(h)
