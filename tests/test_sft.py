@@ -898,6 +898,19 @@ def test_eval_before_is_skipped_on_resume(tmp_path):
     assert [m["step"] for m in logged if "test_exact_match" in m] == [0, 1, 2]
 
 
+def test_overwrite_keeps_the_new_runs_eval_before_row(tmp_path):
+    """--overwrite clears the old run before the row of the exact match measured before training, not
+    at the start of training, which deleted that row."""
+    recs = [{"instruction": f"w{i}", "input": "", "output": "ab"} for i in range(8)]
+    model = GPTModel(GPTConfig(vocab_size=129, context_length=16, n_embd=16, n_layer=1, n_head=2))
+    kw = dict(max_new_tokens=2, eval_before=True, sample=False, template=lambda r: r["instruction"])
+    for overwrite in (False, True):
+        sft.run_sft(model, CharTokenizer(), recs[:6], [], recs[6:], train_args(tmp_path, max_steps=1,
+                                                                                 overwrite=overwrite), **kw)
+    logged = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in logged if "test_exact_match" in m] == [0, 1]
+
+
 def test_cli_checks_counts_and_seeds_the_tasks(tmp_path, capsys, monkeypatch):
     from tritongpt.cli import main
 

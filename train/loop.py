@@ -465,13 +465,19 @@ class Trainer:
             dist.destroy_process_group()
         self._owns_group = False
 
+    def clear_old_run(self):
+        """--overwrite: delete the old run's checkpoints and metrics, once. fit() does it first; a caller
+        that logs a row before fit() calls it before that row, which fit would delete."""
+        if self._clear_first and self.is_main:
+            common.clear_run(self.out_dir)
+        self._clear_first = False
+
     def _fit(self) -> dict:
         from tqdm import tqdm
 
         a = self.args
         common.set_seed(a.seed + self.rank)  # dropout differs by rank; resume overwrites all RNGs
-        if self._clear_first and self.is_main:  # --overwrite (a resume from elsewhere may come next)
-            common.clear_run(self.out_dir)
+        self.clear_old_run()  # --overwrite (a resume from elsewhere may come next)
         if a.resume:
             self.resume(a.resume)
             self._log(f"resumed from {self.last_ckpt} at step {self.step}")

@@ -495,6 +495,7 @@ def run_sft(model, tokenizer, train_records, val_records, test_records, args, *,
     before = None
     if eval_before and test_kept and trainer.is_main and not args.resume:
         _, before = run_eval("before")
+        trainer.clear_old_run()  # --overwrite: before this row, not at fit(), which would delete it
         trainer.metrics.log(step=0, test_exact_match=before)
     result = trainer.fit()
     result["exact_match_before"] = before
