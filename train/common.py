@@ -1,7 +1,8 @@
 """Pieces every trainer shares (pretraining, SFT, reward model, RLHF, DPO).
 
 Device and precision, the AdamW parameter groups, the learning-rate schedule, crash-safe
-checkpoints, RNG state capture for exact resume, per-step JSONL metrics and the loss plot.
+checkpoints, RNG state capture for exact resume, per-step JSONL metrics (also sent to wandb or
+TensorBoard with --report-to) and the loss plot.
 """
 import contextlib
 import json
@@ -314,6 +315,22 @@ ACTIVATION_CHECKPOINTING_HELP = ("keep only each transformer block's input for b
                                  "memory for ~1/3 more compute, the same gradients")
 
 
+TRACKING_FIELDS = ("report_to", "run_name", "wandb_project")  # TrainArgs' and RLArgs' fields of these flags
+
+
+def add_tracking_args(parser) -> None:
+    """--report-to, --run-name and --wandb-project (TRACKING_FIELDS): every trainer's, in an argument
+    group of their own."""
+    g = parser.add_argument_group("experiment tracking")
+    g.add_argument("--report-to", default="none", metavar="TRACKERS",
+                   help="also send every metrics.jsonl row (its numbers, keyed by step) to: none, wandb, "
+                        "tensorboard, or a comma list (wandb,tensorboard); only the main process reports "
+                        "(default %(default)s)")
+    g.add_argument("--run-name", default=None, help="the run's name in the trackers (default: the --out-dir "
+                                                    "folder's name)")
+    g.add_argument("--wandb-project", default="tritongpt", help="the wandb project (default %(default)s)")
+
+
 _LATEST = (True, "latest", "auto")  # what a bare --resume means: the newest checkpoint in --out-dir
 
 
@@ -354,14 +371,18 @@ def check_out_dir(out_dir, resume, overwrite: bool) -> bool:
 
 
 def clear_run(out_dir) -> None:
-    """What check_out_dir looks for: the checkpoints (and half-written ones) and metrics.jsonl."""
+    """What check_out_dir looks for: the checkpoints (and half-written ones) and metrics.jsonl; and
+    what ties the folder to the old run's trackers: its TensorBoard events (the new run's would be
+    drawn as one curve with them) and its wandb run id (the new run is a new wandb run). wandb's own
+    folder stays: an offline run's files there are its only copy until `wandb sync`."""
     out = Path(out_dir)
     if not out.is_dir():
         return
-    for p in list(out.glob("ckpt-*")) + list(out.glob(".tmp-ckpt-*")):
+    for p in list(out.glob("ckpt-*")) + list(out.glob(".tmp-ckpt-*")) + [out / TENSORBOARD_DIR]:
         if p.is_dir():
             shutil.rmtree(p, ignore_errors=True)
     (out / "metrics.jsonl").unlink(missing_ok=True)
+    (out / WANDB_RUN_FILE).unlink(missing_ok=True)
 
 
 def data_path(data):
@@ -465,11 +486,13 @@ def load_state(ckpt_dir, mmap: bool = False) -> dict:
 
 # -- metrics --------------------------------------------------------------------------------------
 class MetricsLog:
-    """Appends one JSON object per line; `rows()` reads them back."""
+    """Appends one JSON object per line; `rows()` reads them back. `trackers` (a Trackers, or None)
+    get every row too; a disabled log (DDP ranks other than 0) writes and reports nothing."""
 
-    def __init__(self, path, enabled: bool = True):
+    def __init__(self, path, enabled: bool = True, trackers=None):
         self.path = Path(path)
         self.enabled = enabled
+        self.trackers = trackers if enabled else None
         if enabled:
             self.path.parent.mkdir(parents=True, exist_ok=True)
 
@@ -479,6 +502,8 @@ class MetricsLog:
         row.setdefault("time", time.time())
         with open(self.path, "a") as f:
             f.write(json.dumps(row) + "\n")
+        if self.trackers:
+            self.trackers.log(row)
 
     def rows(self):
         if not self.path.is_file():
@@ -490,7 +515,200 @@ class MetricsLog:
         rows = [r for r in self.rows() if r.get("step", 0) <= step]
         if self.enabled and self.path.is_file():
             self.path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        if self.trackers:
+            self.trackers.resume_at(step)
         return rows
+
+    def start_trackers(self):
+        """Start the trackers now rather than at the first row: one that cannot start (wandb without
+        a login) fails before the first training step."""
+        if self.trackers:
+            self.trackers.start()
+
+    def close(self, failed: bool = False):
+        """Finish the trackers' runs (wandb: marked failed if `failed`); the log itself stays usable."""
+        if self.trackers:
+            self.trackers.close(failed)
+
+    @contextlib.contextmanager
+    def finishing(self, finish: bool = True):
+        """Closes the trackers when the block ends: always when it raises (as failed), else if `finish`."""
+        try:
+            yield self
+        except BaseException:
+            self.close(failed=True)
+            raise
+        if finish:
+            self.close()
+
+
+# -- experiment trackers (--report-to) ------------------------------------------------------------
+TRACKERS = ("wandb", "tensorboard")
+TENSORBOARD_DIR = "tb"                # the run folder's TensorBoard log dir
+WANDB_RUN_FILE = "wandb-run.json"     # the run folder's wandb run id and the last step wandb was sent
+
+
+def parse_report_to(text) -> tuple:
+    """--report-to as tracker names: "none" is none, "wandb,tensorboard" both (as Hugging Face's report_to)."""
+    names = [n.strip() for n in str(text or "none").split(",") if n.strip()]
+    if not names or any(n not in ("none", *TRACKERS) for n in names) or ("none" in names and len(names) > 1):
+        raise UserError(f"--report-to takes none, wandb, tensorboard or a comma list of wandb and tensorboard, "
+                        f"got {text!r}")
+    return tuple(dict.fromkeys(n for n in names if n != "none"))
+
+
+def _import_tracker(name: str):
+    """The tracker's module (wandb, or torch's SummaryWriter); optional packages: a UserError naming
+    the pip command when one is missing."""
+    try:
+        if name == "wandb":
+            import wandb
+
+            return wandb
+        from torch.utils.tensorboard import SummaryWriter  # an ImportError without the tensorboard package
+
+        return SummaryWriter
+    except ImportError:
+        raise UserError(f"--report-to {name} needs the {name} package, which is not installed: "
+                        f"pip install {name}") from None
+
+
+def check_report_to(text) -> tuple:
+    """--report-to checked before any work: the names, and their packages where they will be used
+    (rank 0; the other ranks report nothing and need none)."""
+    names = parse_report_to(text)
+    if dist_env()[0] == 0:
+        for name in names:
+            _import_tracker(name)
+    return names
+
+
+def trackers_for(args, config: dict):
+    """The Trackers args.report_to names (None for none), for a run in args.out_dir. `config`: the
+    run's arguments, as wandb shows them."""
+    names = parse_report_to(args.report_to)
+    if not names:
+        return None
+    return Trackers(names, args.out_dir, args.run_name, args.wandb_project, config)
+
+
+def tracked_values(row: dict) -> dict:
+    """What a metrics row sends to the trackers: its numbers (bools as 0/1), not the step, which
+    keys them, nor the wall time, which they record themselves. Strings and None stay in the jsonl."""
+    return {k: float(v) for k, v in row.items()
+            if k not in ("step", "time") and isinstance(v, (int, float))}
+
+
+class Trackers:
+    """The trackers --report-to names, fed every metrics row that has a step (on the main process).
+
+    They start at the first row (or start()), after a resume's truncate (resume_at), which each
+    needs to know: TensorBoard hides the events a crashed run wrote after the checkpoint, wandb
+    continues the run folder's wandb run. Once closed they take no more rows (the jsonl still does)."""
+
+    def __init__(self, names, out_dir, run_name=None, project: str = "tritongpt", config: dict | None = None):
+        self.names, self.out_dir = tuple(names), Path(out_dir)
+        self.run_name = run_name or self.out_dir.resolve().name
+        self.project, self.config = project, dict(config or {})
+        self.resumed_step = None  # the checkpoint's step when the run resumed
+        self.open = None  # the started trackers; [] once closed
+
+    def resume_at(self, step: int):
+        self.resumed_step = step
+
+    def start(self):
+        if self.open is not None:
+            return
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.open = []
+        for name in self.names:
+            if name == "wandb":
+                resuming = self.resumed_step is not None
+                self.open.append(WandbRun(self.out_dir, self.run_name, self.project, self.config, resuming))
+            else:
+                self.open.append(TensorBoardRun(self.out_dir, self.resumed_step))
+
+    def log(self, row: dict):
+        values = tracked_values(row)
+        if "step" not in row or not values:
+            return
+        self.start()
+        for tracker in self.open:
+            tracker.log(int(row["step"]), values)
+
+    def close(self, failed: bool = False):
+        for tracker in self.open or []:
+            try:
+                tracker.close(failed)
+            except Exception:
+                if not failed:
+                    raise
+                # closing after a training error: the error is what the user must see, not this
+        self.open = []
+
+
+class WandbRun:
+    """A wandb run for the run folder. Its id is kept in WANDB_RUN_FILE, with the last step sent to it,
+    so a --resume (`resuming`) continues the same wandb run; a new run in the folder starts a new one.
+
+    wandb ignores (with a warning) a step below the last one it got; online also a step it already
+    has from an earlier process, while an offline run keeps both. A resumed run logs the steps after
+    its checkpoint again (MetricsLog.truncate dropped the crashed run's rows from metrics.jsonl):
+    those rows are skipped here, and wandb keeps the values the crashed run sent for them (the same
+    ones, for a resume that replays bit for bit; metrics.jsonl has the resumed run's). Rows at the
+    last step sent in this process are sent: wandb merges them into that step (an evaluation
+    logged beside a step's row)."""
+
+    def __init__(self, out_dir: Path, name: str, project: str, config: dict, resuming: bool):
+        wandb = _import_tracker("wandb")
+        self.file = out_dir / WANDB_RUN_FILE
+        saved = json.loads(self.file.read_text()) if resuming and self.file.is_file() else {}
+        self.last_step = saved.get("last_step")  # None: nothing sent yet
+        self.first_step = 0 if self.last_step is None else self.last_step + 1  # what this process may send
+        try:
+            self.run = wandb.init(project=project, name=name, dir=str(out_dir), config=config,
+                                  id=saved.get("id"), resume="allow")
+        except wandb.errors.Error as e:  # e.g. no API key: `wandb login`, or log offline
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise UserError(f"--report-to wandb: wandb could not start a run ({first}); run `wandb login`, "
+                            f"or set WANDB_MODE=offline to keep the run on disk for `wandb sync`") from None
+        self._save()
+
+    def _save(self):
+        tmp = self.file.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"id": self.run.id, "last_step": self.last_step}))
+        os.replace(tmp, self.file)
+
+    def log(self, step: int, values: dict):
+        if step < self.first_step:
+            return
+        self.run.log(values, step=step)
+        self.first_step = step  # later rows at this step merge into it; earlier ones would be ignored
+        if step != self.last_step:
+            self.last_step = step
+            self._save()  # every step: a crash leaves the last step sent for the resume to skip to
+
+    def close(self, failed: bool):
+        self.run.finish(exit_code=1 if failed else 0)
+
+
+class TensorBoardRun:
+    """torch's SummaryWriter into the run folder's tb/. A resumed run opens it with purge_step, so
+    TensorBoard hides the events a crashed run wrote after the checkpoint (the resumed run writes
+    those steps again)."""
+
+    def __init__(self, out_dir: Path, resumed_step: int | None):
+        SummaryWriter = _import_tracker("tensorboard")
+        purge = resumed_step + 1 if resumed_step is not None else None
+        self.writer = SummaryWriter(log_dir=str(out_dir / TENSORBOARD_DIR), purge_step=purge)
+
+    def log(self, step: int, values: dict):
+        for key, value in values.items():
+            self.writer.add_scalar(key, value, step)
+
+    def close(self, failed: bool):
+        self.writer.flush()
+        self.writer.close()
 
 
 def plot_curves(rows, png_path, keys=("loss", "val_loss"), title="training"):
