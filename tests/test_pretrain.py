@@ -341,11 +341,14 @@ def test_the_summary_compares_val_losses_of_this_run_only(corpus, tmp_path, caps
 
 def test_torchrun_two_cpu_processes_runs_the_real_cli(corpus, tmp_path):
     """The launcher is torchrun itself (not a home-made one): 2 gloo processes, rank 0 writes."""
+    import importlib.util
     import os
     import subprocess
     import sys
 
     out = tmp_path / "ddp"
+    # with TensorBoard installed, --report-to too: rank 0 alone reports (tests/test_tracking.py)
+    track = ["--report-to", "tensorboard"] if importlib.util.find_spec("tensorboard") else []
     # unbuffered: rank 0's report reaches the pipe when printed, not at its exit-time flush (a
     # guess at the one unexplained failure below, where stdout lacked the report with exit code 0)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
@@ -353,7 +356,7 @@ def test_torchrun_two_cpu_processes_runs_the_real_cli(corpus, tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
            "-m", "tritongpt.cli", "pretrain",
            *argv(corpus, out, "--max-steps", "6", "--ckpt-every", "3", "--eval-every", "3",
-                 "--eval-batches", "1", "--sample-tokens", "0", "--log-every", "3")]
+                 "--eval-batches", "1", "--sample-tokens", "0", "--log-every", "3", *track)]
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     # (seen failing once under -n 2 with rc 0; the message keeps both streams for next time)
@@ -375,6 +378,11 @@ def test_torchrun_two_cpu_processes_runs_the_real_cli(corpus, tmp_path):
     assert done.stdout.count("done: 8 steps") == 1, done.stdout
     assert done.stderr.count("note: resuming on different data than the checkpoint's") == 1, done.stderr[-3000:]
     assert [r["step"] for r in common.MetricsLog(out / "metrics.jsonl").rows() if "loss" in r] == list(range(1, 9))
+    if track:  # one events file a launch (rank 1 wrote none), every step once
+        from test_tracking import tensorboard_scalars
+
+        assert len(list((out / "tb").glob("events.out.tfevents.*"))) == 2
+        assert [s for s, _ in tensorboard_scalars(out)["loss"]] == list(range(1, 9))
 
 
 # -- mutation pass: the resume note, the data checks' edges, the flags' edges -----------------------

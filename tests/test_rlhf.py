@@ -549,8 +549,9 @@ def test_sample_responses_keep_prompt_order_groups_and_the_eot():
     assert ro.lengths[0] == 5 and ro.mask[0].nonzero().flatten().tolist() == [1, 2, 3]
 
 
-def _tiny_rl_trainer(tmp_path, dropout=0.0, prompt_format=None, **kw):
-    """An RLHFTrainer on random tiny models (no fixtures): vocab 23, prompts of 3 and 5 tokens."""
+def _tiny_rl_trainer(tmp_path, dropout=0.0, prompt_format=None, log=False, **kw):
+    """An RLHFTrainer on random tiny models (no fixtures): vocab 23, prompts of 3 and 5 tokens; log:
+    whether it writes metrics (and reports them to --report-to's trackers)."""
     cfg = GPTConfig(vocab_size=23, context_length=16, n_embd=32, n_layer=1, n_head=2, dropout=dropout)
     torch.manual_seed(13)
     policy, rm = GPTModel(cfg), RewardModel(GPTModel(cfg))
@@ -559,7 +560,7 @@ def _tiny_rl_trainer(tmp_path, dropout=0.0, prompt_format=None, **kw):
                 minibatch_size=4, lr=1e-2, eval_prompts=2, eval_samples=1, device="cpu", kernels="reference",
                 seed=0, dtype="fp32")
     base.update(kw)
-    return RLHFTrainer(policy, copy.deepcopy(policy), rm, prompts, prompts[:2], 22, RLArgs(**base), log=False,
+    return RLHFTrainer(policy, copy.deepcopy(policy), rm, prompts, prompts[:2], 22, RLArgs(**base), log=log,
                        prompt_format=prompt_format)
 
 
@@ -640,7 +641,8 @@ def test_rl_resume_compares_every_flag_that_changes_the_training():
     from tritongpt.train.rlhf import TRAJECTORY_ARGS
 
     elsewhere = {"out_dir", "iterations", "eval_every", "eval_prompts", "eval_samples", "ckpt_every", "keep_ckpts",
-                 "dtype", "device", "kernels", "activation_checkpointing", "resume", "overwrite"}
+                 "dtype", "device", "kernels", "activation_checkpointing", "resume", "overwrite", "report_to",
+                 "run_name", "wandb_project"}
     assert set(TRAJECTORY_ARGS) == {f.name for f in fields(RLArgs)} - elsewhere
     assert len(TRAJECTORY_ARGS) == len(set(TRAJECTORY_ARGS))
 

@@ -80,6 +80,9 @@ class TrainArgs:
     activation_checkpointing: bool = False  # recompute each block's forward in backward: less memory
     ddp_timeout: int = 1800      # seconds a DDP process waits in a collective (NCCL's own default: 600)
     overwrite: bool = False      # a new run may replace the checkpoints and metrics in out_dir
+    report_to: str = "none"      # none | wandb | tensorboard | a comma list: trackers of the metrics rows
+    run_name: str | None = None  # the trackers' name of the run; None = out_dir's folder name
+    wandb_project: str = "tritongpt"
 
     @classmethod
     def from_namespace(cls, ns) -> "TrainArgs":
@@ -107,6 +110,7 @@ class TrainArgs:
             raise UserError(f"--decay-fraction must be in (0, 1], got {self.decay_fraction}")
         common.check_seed(self.seed)
         common.check_dtype(self.dtype)
+        common.check_report_to(self.report_to)
 
 
 _HELP = {
@@ -148,6 +152,8 @@ def add_train_args(parser: argparse.ArgumentParser, **defaults):
     g = parser.add_argument_group("training")
     for f in fields(TrainArgs):
         flag = "--" + f.name.replace("_", "-")
+        if f.name in common.TRACKING_FIELDS:  # common.add_tracking_args' flags, below
+            continue
         if flag in have:
             if f.name in defaults:
                 parser.set_defaults(**{f.name: defaults[f.name]})
@@ -178,6 +184,8 @@ def add_train_args(parser: argparse.ArgumentParser, **defaults):
         else:
             g.add_argument(flag, type=type(d), default=d,
                            help=f"{_HELP.get(f.name, f.name)} (default %(default)s)")
+    common.add_tracking_args(parser)
+    parser.set_defaults(**{k: v for k, v in defaults.items() if k in common.TRACKING_FIELDS})
     return g
 
 
@@ -322,8 +330,6 @@ class Trainer:
         self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
         self.out_dir = Path(args.out_dir)
         self.checkpointer = common.Checkpointer(self.out_dir, keep=args.keep_ckpts)
-        self.metrics = common.MetricsLog(self.out_dir / "metrics.jsonl", enabled=self.is_main)
-        self.plot_path = self.out_dir / "loss.png"
         self.generator = torch.Generator().manual_seed(args.seed + self.rank)
         self.step = 0
         self.last_ckpt = None
@@ -334,6 +340,11 @@ class Trainer:
         self._n_params = gpts[0].num_params(non_embedding=True) if gpts else \
             sum(p.numel() for p in self.raw_model.parameters())
         self._peak = peak_flops(self.device)
+        # the run's arguments, as checkpoints save them, and its model's shape
+        config = {"trainer": name, **vars(args), **self.run_args, "model": self._cfg.to_dict() if self._cfg else None}
+        self.metrics = common.MetricsLog(self.out_dir / "metrics.jsonl", enabled=self.is_main,
+                                         trackers=common.trackers_for(args, config) if self.is_main else None)
+        self.plot_path = self.out_dir / "loss.png"
 
     # -- checkpoints ---------------------------------------------------------------------
     def _gather(self, obj) -> list:
@@ -441,9 +452,12 @@ class Trainer:
             tqdm.write(msg)
 
     # -- the loop ------------------------------------------------------------------------------
-    def fit(self) -> dict:
+    def fit(self, finish_tracking: bool = True) -> dict:
+        """Train to args.max_steps. The trackers' runs (--report-to) end with it, or on an error; with
+        finish_tracking=False they stay open for rows logged after it, until metrics.close()."""
         try:
-            return self._fit()
+            with self.metrics.finishing(finish_tracking):
+                return self._fit()
         except BaseException as e:
             if self.ddp:
                 # The traceback's frames hold the DDP wrapper (and so the process group) for as
@@ -466,8 +480,8 @@ class Trainer:
         self._owns_group = False
 
     def clear_old_run(self):
-        """--overwrite: delete the old run's checkpoints and metrics, once. fit() does it first; a caller
-        that logs a row before fit() calls it before that row, which fit would delete."""
+        """--overwrite: delete the old run's checkpoints, metrics and tracker files, once. fit() does it
+        first; a caller that logs a row before fit() calls it before that row, which fit would delete."""
         if self._clear_first and self.is_main:
             common.clear_run(self.out_dir)
         self._clear_first = False
@@ -481,6 +495,7 @@ class Trainer:
         if a.resume:
             self.resume(a.resume)
             self._log(f"resumed from {self.last_ckpt} at step {self.step}")
+        self.metrics.start_trackers()  # after resume's truncate, which they need to know
         if self.is_main and a.warmup_steps >= a.max_steps > self.step:
             note(f"--warmup-steps {a.warmup_steps} >= --max-steps {a.max_steps}: the learning rate "
                  f"stops at {common.lr_at(a.max_steps - 1, a.lr, a.warmup_steps, a.max_steps, a.min_lr):.2e} "

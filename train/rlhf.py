@@ -118,6 +118,9 @@ class RLArgs:
     activation_checkpointing: bool = False  # the policy's blocks recomputed in backward: less memory
     resume: str | None = None
     overwrite: bool = False      # a new run may replace the checkpoints and metrics in out_dir
+    report_to: str = "none"      # none | wandb | tensorboard | a comma list (the Trainer's flags)
+    run_name: str | None = None
+    wandb_project: str = "tritongpt"
 
     @classmethod
     def from_namespace(cls, ns) -> "RLArgs":
@@ -155,6 +158,7 @@ class RLArgs:
             raise UserError(f"--lr must be positive, got {self.lr}")
         common.check_seed(self.seed)
         common.check_dtype(self.dtype)
+        common.check_report_to(self.report_to)
 
 
 def check_one_process():
@@ -461,7 +465,9 @@ class RLHFTrainer:
         self.frozen_fingerprints = {"ref_fingerprint": common.weights_fingerprint(self.ref),
                                     "reward_fingerprint": common.weights_fingerprint(self.reward_model)}
         self.checkpointer = common.Checkpointer(self.out_dir, keep=args.keep_ckpts)
-        self.metrics = common.MetricsLog(self.out_dir / "metrics.jsonl", enabled=log)
+        config = {"trainer": f"rlhf-{args.algo}", **vars(args), **self.run_args, "model": policy.config.to_dict()}
+        self.metrics = common.MetricsLog(self.out_dir / "metrics.jsonl", enabled=log,
+                                         trackers=common.trackers_for(args, config) if log else None)
         self.plot_path = self.out_dir / "rlhf.png"
         self.iteration = 0
         self.history = []
@@ -623,6 +629,11 @@ class RLHFTrainer:
 
     # -- the loop -----------------------------------------------------------------------------------
     def fit(self) -> dict:
+        """Run to args.iterations; the trackers' runs (--report-to) end with it, or on an error."""
+        with self.metrics.finishing():
+            return self._fit()
+
+    def _fit(self) -> dict:
         from tqdm import tqdm
 
         a = self.args
@@ -633,6 +644,7 @@ class RLHFTrainer:
             self._say(f"resumed from {ckpt} at iteration {self.iteration}")
         else:
             common.set_seed(a.seed)
+        self.metrics.start_trackers()  # after resume's truncate, which they need to know
         first_eval = None
         if self.iteration == 0:
             first_eval = self.evaluate()
@@ -834,7 +846,8 @@ def add_cli(sub):
     g = p.add_argument_group("rl")
     g.add_argument("--algo", choices=["ppo", "grpo"], default=d.algo, help="(default %(default)s)")
     for f in fields(RLArgs):
-        if f.name in ("algo", "device", "kernels", "top_k", "resume", "overwrite", "activation_checkpointing"):
+        if f.name in ("algo", "device", "kernels", "top_k", "resume", "overwrite", "activation_checkpointing",
+                      *common.TRACKING_FIELDS):  # common.add_tracking_args' flags, below
             continue
         kw = {"choices": common.DTYPES} if f.name == "dtype" else {}
         g.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default,
@@ -847,4 +860,5 @@ def add_cli(sub):
     g.add_argument("--resume", nargs="?", const="latest", default=None, metavar="CKPT",
                    help="continue from the newest checkpoint in --out-dir, or a checkpoint folder "
                         "(pass the same --init: it is the frozen reference)")
+    common.add_tracking_args(p)
     p.set_defaults(func=cmd_rlhf)

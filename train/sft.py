@@ -497,18 +497,19 @@ def run_sft(model, tokenizer, train_records, val_records, test_records, args, *,
         _, before = run_eval("before")
         trainer.clear_old_run()  # --overwrite: before this row, not at fit(), which would delete it
         trainer.metrics.log(step=0, test_exact_match=before)
-    result = trainer.fit()
+    result = trainer.fit(finish_tracking=False)  # the trackers get the test row below too
     result["exact_match_before"] = before
-    if trainer.is_main and test_kept:
-        rows, acc = run_eval("after")
-        by_task = per_task_accuracy(rows)
-        if len(by_task) > 1:
-            print("sft: by task: " + ", ".join(f"{k} {v:.2f}" for k, v in by_task.items()), file=sys.stderr)
-        path = out_dir / "responses.json"
-        path.write_text(json.dumps(rows, indent=1))
-        trainer.metrics.log(step=trainer.step, test_exact_match=acc)
-        result.update(exact_match=acc, exact_match_by_task=by_task, responses_path=str(path),
-                      n_test=len(rows))
+    with trainer.metrics.finishing():
+        if trainer.is_main and test_kept:
+            rows, acc = run_eval("after")
+            by_task = per_task_accuracy(rows)
+            if len(by_task) > 1:
+                print("sft: by task: " + ", ".join(f"{k} {v:.2f}" for k, v in by_task.items()), file=sys.stderr)
+            path = out_dir / "responses.json"
+            path.write_text(json.dumps(rows, indent=1))
+            trainer.metrics.log(step=trainer.step, test_exact_match=acc)
+            result.update(exact_match=acc, exact_match_by_task=by_task, responses_path=str(path),
+                          n_test=len(rows))
     return result
 
 
