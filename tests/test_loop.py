@@ -401,6 +401,70 @@ def test_lr_schedule_flags_are_checked(tmp_path, field, value, message):
         args_for(tmp_path, **{field: value}).validate()
 
 
+def test_muon_takes_the_block_matrices_and_adamw_the_rest(tmp_path):
+    """--optimizer muon: torch.optim.Muon on exactly the blocks' Linear weights, AdamW (decay groups
+    as before) on the rest; one step of the pair moves each parameter as that optimizer alone
+    would from the same gradients, and the learning rate reaches both."""
+    model = tiny_model(3)
+    opt = common.build_optimizer(model, 1e-2, 0.1, kind="muon")
+    names = {id(p): n for n, p in model.named_parameters()}
+    muon = sorted(names[id(p)] for g in opt.muon.param_groups for p in g["params"])
+    want = sorted(f"trf_blocks.{i}.{m}.weight" for i in range(TINY["n_layer"])
+                  for m in ("att.W_query", "att.W_key", "att.W_value", "att.out_proj", "ff.fc1", "ff.fc2"))
+    assert muon == want
+    adamw = {names[id(p)] for g in opt.adamw.param_groups for p in g["params"]}
+    assert adamw == set(names.values()) - set(want) and "tok_emb.weight" in adamw
+    x, y = make_get_batch(synthetic_tokens(), 2)("train", torch.Generator().manual_seed(0))
+    twin = copy.deepcopy(model)
+    by_name = dict(twin.named_parameters())
+    alone = (torch.optim.Muon([by_name[n] for n in want], lr=1e-2, weight_decay=0.1, adjust_lr_fn="match_rms_adamw"),
+             torch.optim.AdamW([{"params": [by_name[names[id(p)]] for p in g["params"]],
+                                 "weight_decay": g["weight_decay"]} for g in opt.adamw.param_groups],
+                               lr=1e-2, betas=(0.9, 0.95)))
+    for m in (model, twin):
+        m(x, targets=y).backward()
+    common.set_lr(opt, 1e-2)
+    opt.step()
+    for o in alone:
+        o.step()
+    for n, p in model.named_parameters():
+        assert torch.equal(p, by_name[n]), n
+    common.set_lr(opt, 5e-3)
+    assert {g["lr"] for g in opt.param_groups} == {5e-3} and len(opt.param_groups) == 1 + len(opt.adamw.param_groups)
+    opt.zero_grad(set_to_none=True)
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_muon_training_resumes_bitwise_and_refuses_another_optimizer(tmp_path):
+    """A Muon run checkpointed at step 3 and resumed to 6 ends where an unbroken run does (its
+    momentum and AdamW's moments are saved); resuming it with AdamW is refused by name, and so is
+    LoRA with Muon."""
+    tokens = synthetic_tokens()
+
+    def run(out, steps, **kw):
+        t = Trainer(tiny_model(1), args_for(out, max_steps=steps, ckpt_every=3, optimizer="muon", **kw), loss_fn,
+                    make_get_batch(tokens, 2))
+        t.fit()
+        return t
+
+    straight = run(tmp_path / "a", 6)
+    run(tmp_path / "b", 3)
+    resumed = run(tmp_path / "b", 6, resume="latest")
+    for (n, p), q in zip(straight.raw_model.named_parameters(), resumed.raw_model.parameters()):
+        assert torch.equal(p, q), n
+    losses = [r["loss"] for r in rows(tmp_path / "a") if "loss" in r]
+    assert losses[-1] < losses[0]
+    with pytest.raises(UserError, match="trained with --optimizer muon, not adamw: pass --optimizer muon"):
+        Trainer(tiny_model(1), args_for(tmp_path / "b", max_steps=8, resume="latest"), loss_fn,
+                make_get_batch(tokens, 2)).fit()
+    from tritongpt.model.lora import add_lora
+
+    with pytest.raises(UserError, match="not LoRA's low-rank factors"):
+        common.build_optimizer(add_lora(tiny_model(1), 2), 1e-3, kind="muon")
+    with pytest.raises(UserError, match="--optimizer must be one of adamw, muon"):
+        args_for(tmp_path, optimizer="sgd").validate()
+
+
 def test_a_warmup_as_long_as_the_run_is_named(tmp_path, capsys):
     """The default --warmup-steps with a short --max-steps: the schedule never reaches --lr nor
     decays, which the loss curve alone does not show."""
@@ -536,11 +600,13 @@ def _overflow_at(steps):
     return fn
 
 
-def test_fp16_skips_a_step_whose_gradients_overflow_and_halves_the_scale(tmp_path):
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_fp16_skips_a_step_whose_gradients_overflow_and_halves_the_scale(tmp_path, optimizer):
     """--dtype fp16: the loss is scaled by 2^16 for backward; a step whose gradients overflow
-    leaves the weights and AdamW's state alone (logged skipped, no gradient norm) and halves the
-    scale. With a constant lr and one fixed batch, [overflow, step] ends on the weights of [step]."""
-    kw = dict(max_steps=2, warmup_steps=0, min_lr=3e-3, dtype="fp16")
+    leaves the weights and the optimizer's state alone (logged skipped, no gradient norm) and halves
+    the scale. With a constant lr and one fixed batch, [overflow, step] ends on the weights of
+    [step]. Muon + AdamW are skipped together (the scaler sees them as one optimizer)."""
+    kw = dict(max_steps=2, warmup_steps=0, min_lr=3e-3, dtype="fp16", optimizer=optimizer)
     t = Trainer(tiny_model(), args_for(tmp_path / "skip", **kw), _overflow_at({1}), _fixed_batch())
     t.fit()
     r = [r for r in rows(tmp_path / "skip") if "loss" in r]

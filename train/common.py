@@ -185,12 +185,76 @@ def param_groups(model: nn.Module, weight_decay: float):
             {"params": no_decay, "weight_decay": 0.0}]
 
 
+OPTIMIZERS = ("adamw", "muon")
+
+
+class MuonWithAdamW:
+    """Muon for the transformer blocks' weight matrices and AdamW for every other parameter
+    (embeddings, the LM head tied to them, biases, LayerNorms, reward and value heads), as
+    modded-nanogpt's speedruns and Moonshot's Muon runs split them. Stepped as one optimizer:
+    the Trainer, the fp16 loss scaler (duck-typed: param_groups, step) and the checkpoints see
+    one object, and set_lr reaches both (Muon's lr is scaled to match AdamW's update RMS)."""
+
+    def __init__(self, muon: torch.optim.Optimizer, adamw: torch.optim.Optimizer):
+        self.muon, self.adamw = muon, adamw
+
+    @property
+    def param_groups(self) -> list:
+        return self.muon.param_groups + self.adamw.param_groups
+
+    def step(self):
+        self.muon.step()
+        self.adamw.step()
+
+    def zero_grad(self, set_to_none: bool = True):
+        self.muon.zero_grad(set_to_none=set_to_none)
+        self.adamw.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self) -> dict:
+        return {"muon": self.muon.state_dict(), "adamw": self.adamw.state_dict()}
+
+    def load_state_dict(self, state: dict):
+        self.muon.load_state_dict(state["muon"])
+        self.adamw.load_state_dict(state["adamw"])
+
+
+def block_matrices(model: nn.Module) -> list:
+    """The trainable 2-D parameters of the transformer blocks (attention's q, k, v and output
+    projections, the MLP's two weights): what Muon orthogonalizes."""
+    from tritongpt.model.layers import TransformerBlock
+
+    found = {}
+    for block in model.modules():
+        if isinstance(block, TransformerBlock):
+            found.update({id(p): p for p in block.parameters() if p.requires_grad and p.dim() == 2})
+    return list(found.values())
+
+
 def build_optimizer(model: nn.Module, lr: float, weight_decay: float = 0.1,
-                    betas=(0.9, 0.95), device: torch.device | None = None) -> torch.optim.AdamW:
-    """AdamW with decay/no-decay groups; the fused implementation on CUDA."""
+                    betas=(0.9, 0.95), device: torch.device | None = None, kind: str = "adamw"):
+    """AdamW with decay/no-decay groups (the fused implementation on CUDA); kind "muon": Muon
+    (torch.optim.Muon, Nesterov momentum 0.95, 5 Newton-Schulz steps, its lr scaled to AdamW's
+    update RMS so that --lr and --weight-decay carry over) for block_matrices(), AdamW for the rest."""
     device = device or next(model.parameters()).device
     fused = device.type == "cuda"
-    return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=betas, fused=fused)
+    if kind == "adamw":
+        return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=betas, fused=fused)
+    if kind != "muon":
+        raise UserError(f"--optimizer must be one of {', '.join(OPTIMIZERS)}, got {kind!r}")
+    from tritongpt.model.lora import LoRAUpdate
+
+    if not hasattr(torch.optim, "Muon"):
+        raise UserError(f"--optimizer muon needs torch.optim.Muon (torch 2.9 or later), this is torch {torch.__version__}")
+    if any(isinstance(m, LoRAUpdate) for m in model.modules()):
+        raise UserError("--optimizer muon is for whole weight matrices, not LoRA's low-rank factors: "
+                        "leave out --lora-rank, or use --optimizer adamw")
+    matrices = block_matrices(model)
+    if not matrices:
+        raise UserError("--optimizer muon: the model has no trainable weight matrices in transformer blocks")
+    taken = {id(p) for p in matrices}
+    rest = [{**g, "params": [p for p in g["params"] if id(p) not in taken]} for g in param_groups(model, weight_decay)]
+    muon = torch.optim.Muon(matrices, lr=lr, weight_decay=weight_decay, adjust_lr_fn="match_rms_adamw")
+    return MuonWithAdamW(muon, torch.optim.AdamW([g for g in rest if g["params"]], lr=lr, betas=betas, fused=fused))
 
 
 LR_SCHEDULES = ("cosine", "wsd", "linear", "constant")

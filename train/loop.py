@@ -64,6 +64,7 @@ class TrainArgs:
     decay_fraction: float = 0.2  # wsd: the last fraction of max_steps that decays
     warmup_steps: int = 100
     weight_decay: float = 0.1    # matrices only; biases, LayerNorm and embeddings get 0
+    optimizer: str = "adamw"     # adamw | muon (the blocks' matrices; AdamW for the rest): common.build_optimizer
     grad_clip: float = 1.0       # max global gradient norm; 0 = no clipping (norm still logged)
     eval_every: int = 100        # 0 = never (besides the end)
     eval_batches: int = 10
@@ -104,6 +105,8 @@ class TrainArgs:
             raise UserError(f"--lr must be a positive number, got {self.lr}")
         if not 0 <= self.min_lr <= self.lr:
             raise UserError(f"--min-lr must be in [0, lr={self.lr}], got {self.min_lr}")
+        if self.optimizer not in common.OPTIMIZERS:
+            raise UserError(f"--optimizer must be one of {', '.join(common.OPTIMIZERS)}, got {self.optimizer!r}")
         if self.lr_schedule not in common.LR_SCHEDULES:
             raise UserError(f"--lr-schedule must be one of {', '.join(common.LR_SCHEDULES)}, got {self.lr_schedule!r}")
         if not 0 < self.decay_fraction <= 1:  # nan fails too
@@ -169,6 +172,11 @@ def add_train_args(parser: argparse.ArgumentParser, **defaults):
             g.add_argument(flag, nargs="?", const="latest", default=d, metavar="CKPT",
                            help="continue exactly from a checkpoint: the newest in --out-dir, "
                                 "or a checkpoint/run folder")
+        elif f.name == "optimizer":
+            g.add_argument(flag, default=d, choices=common.OPTIMIZERS,
+                           help="adamw, or muon: Muon (torch.optim.Muon, its update scaled to AdamW's RMS, so "
+                                "--lr and --weight-decay carry over) for the transformer blocks' weight matrices "
+                                "and AdamW for embeddings, biases, LayerNorms and heads (default %(default)s)")
         elif f.name == "lr_schedule":
             g.add_argument(flag, default=d, choices=common.LR_SCHEDULES,
                            help="after the warmup: cosine to --min-lr at --max-steps, wsd (stable at --lr, then "
@@ -326,7 +334,7 @@ class Trainer:
         if self.is_main:
             common.note_slow_kernels(_gpt_models(self.raw_model), self.device)
         self.optimizer = common.build_optimizer(self.raw_model, args.lr, args.weight_decay,
-                                                device=self.device)
+                                                device=self.device, kind=args.optimizer)
         self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
         self.out_dir = Path(args.out_dir)
         self.checkpointer = common.Checkpointer(self.out_dir, keep=args.keep_ckpts)
@@ -386,6 +394,10 @@ class Trainer:
         if state.get("name", self.name) != self.name:  # e.g. sft --resume pointed at a pretrain run
             raise UserError(f"--resume: {ckpt} is a checkpoint of a {state['name']} run, not of {self.name} "
                             "(to start from its weights, use --init)")
+        was = state.get("args", {}).get("optimizer", "adamw")  # runs from before the flag: AdamW
+        if was != self.args.optimizer:  # its state (moments, momentum) is of the run's optimizer
+            raise UserError(f"--resume: {ckpt}'s run trained with --optimizer {was}, not {self.args.optimizer}: "
+                            f"pass --optimizer {was}")
         common.load_checkpoint_weights(self.raw_model, ckpt, self.device, self._cfg, "model")
         # dropout changes the run too but is the model's (pretrain --dropout), not a TrainArgs field:
         # compared with the model config saved beside the weights (a resume without --dropout
