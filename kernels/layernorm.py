@@ -1,7 +1,7 @@
 """LayerNorm in Triton: forward (y, mean, rstd) and backward (dx, dweight, dbias).
 
 Reference module: `tritongpt.model.layers.LayerNorm` (y = (x - mean) / sqrt(var + eps) * w + b,
-biased variance over the last dimension). Triton's 05-layer-norm tutorial with three changes:
+biased variance over the last dimension; `LayerNorm.add_and_norm` for add_layer_norm). Triton's 05-layer-norm tutorial with three changes:
 each program owns a contiguous group of rows and walks through it, a row is one tile (one pass
 over x, not a loop over column blocks), and dweight/dbias are per-program partial sums (the
 tutorial reduces them through lock-protected buffers):
