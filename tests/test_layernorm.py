@@ -569,6 +569,21 @@ def test_add_and_norm_reference_module_both_paths(device):
         assert_close_rel(t, r, 1e-4, f"{name} vs fp32 module")
 
 
+def test_add_and_norm_uses_the_modules_eps_on_both_paths(device):
+    """A LayerNorm with an eps of its own adds and normalizes with that eps on the Triton path as
+    on the reference one (an eps of 0.5 next to a variance near 0.2 moves y by far more than the
+    tolerance)."""
+    torch.manual_seed(14)
+    ln = random_layer_norm(40, device)
+    ln.eps = 0.5
+    x, d = (torch.randn(5, 40) * 0.3).to(device), (torch.randn(5, 40) * 0.3).to(device)
+    want = ref64(x.double() + d.double(), ln.weight, ln.bias, eps=0.5)
+    for use_triton in (False, True):
+        ln.use_triton = use_triton
+        s, y = ln.add_and_norm(x, d)
+        assert_close_rel(y, want, 1e-5, f"y, eps 0.5, use_triton={use_triton}")
+
+
 def test_add_layer_norm_strided_inputs(device):
     """x a column slice of a wider buffer, delta transposed, gradients of other strides: each
     read at its own strides (or copied), never misread."""
