@@ -603,6 +603,27 @@ def test_add_layer_norm_strided_inputs(device):
         assert_close_rel(t, r, 1e-4, f"{name}, strided")
 
 
+def test_add_layer_norm_strided_gradients_with_a_bf16_delta(device):
+    """An fp32 stream and a bf16 delta (delta's gradient stored by the same pass, in bf16) with
+    y's gradient a column slice of a wider buffer (row stride 128, not 96) and s's transposed
+    (last-dim stride 11): ds is read at its own layout and delta's gradient written at its own."""
+    gen = torch.Generator().manual_seed(47)
+    x = (torch.randn(11, 96, generator=gen) * 2 + 0.5).to(device).requires_grad_()
+    d = torch.randn(11, 96, generator=gen).to(device, torch.bfloat16).requires_grad_()
+    w, b = (1 + 0.3 * torch.randn(96, generator=gen)).to(device), (0.3 * torch.randn(96, generator=gen)).to(device)
+    gy = torch.randn(11, 128, generator=gen).to(device)[:, 5:101]
+    gs = torch.randn(96, 11, generator=gen).to(device).t()
+    assert gy.stride() == (128, 1) and gs.stride() == (1, 11)
+    s, y = add_layer_norm(x, d, w, b)
+    torch.autograd.backward((s, y), (gs, gy))
+    x64, d64 = x.detach().double().requires_grad_(), d.detach().double().requires_grad_()
+    s64 = x64 + d64
+    torch.autograd.backward((s64, ref64(s64, w, b)), (gs.double(), gy.double()))
+    assert x.grad.dtype == torch.float32 and d.grad.dtype == torch.bfloat16
+    assert_close_rel(x.grad, x64.grad, 1e-4, "dx, strided gradients")
+    assert_close_rel(d.grad, d64.grad, 1e-2, "ddelta (bf16), strided gradients")
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("width", [100, 768])
 def test_add_layer_norm_constant_sum_normalizes_to_exactly_zero(width, dtype, device):
