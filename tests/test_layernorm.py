@@ -624,6 +624,26 @@ def test_add_layer_norm_strided_gradients_with_a_bf16_delta(device):
     assert_close_rel(d.grad, d64.grad, 1e-2, "ddelta (bf16), strided gradients")
 
 
+def test_add_layer_norm_without_bias_and_with_strided_params(device):
+    """bias None (no bias gradient, none asked of autograd) and a weight view of stride 2, which
+    add_layer_norm copies for the ops as layer_norm does: forward and gradients against float64."""
+    gen = torch.Generator().manual_seed(48)
+    x = (torch.randn(7, 64, generator=gen) * 2 + 0.5).to(device).requires_grad_()
+    d = torch.randn(7, 64, generator=gen).to(device).requires_grad_()
+    w = (1 + 0.3 * torch.randn(128, generator=gen)).to(device)[::2].detach().requires_grad_()
+    assert w.stride() == (2,)
+    gs, gy = torch.randn(7, 64, generator=gen).to(device), torch.randn(7, 64, generator=gen).to(device)
+    s, y = add_layer_norm(x, d, w, None)
+    torch.autograd.backward((s, y), (gs, gy))
+    leaves = [t.detach().double().requires_grad_() for t in (x, d, w)]
+    s64 = leaves[0] + leaves[1]
+    y64 = ref64(s64, leaves[2], None)
+    torch.autograd.backward((s64, y64), (gs.double(), gy.double()))
+    assert_close_rel(y, y64, 1e-4, "y, no bias")
+    for name, t, r in zip(("dx", "ddelta", "dweight"), (x.grad, d.grad, w.grad), leaves):
+        assert_close_rel(t, r.grad, 1e-4, f"{name}, no bias")
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("width", [100, 768])
 def test_add_layer_norm_constant_sum_normalizes_to_exactly_zero(width, dtype, device):
