@@ -644,6 +644,26 @@ def test_add_layer_norm_without_bias_and_with_strided_params(device):
         assert_close_rel(t, r.grad, 1e-4, f"{name}, no bias")
 
 
+def test_add_layer_norm_ops_called_directly_refuse_a_bad_delta_or_ds(device):
+    """add_layer_norm() hands the ops a delta and a ds of x's shape, delta with unit stride on its
+    last dim; a direct call with other rows or a transposed delta would be read past its rows or
+    as if row-major, with no error."""
+    gen = torch.Generator().manual_seed(49)
+    x, d = (torch.randn(8, 16, generator=gen).to(device) for _ in range(2))
+    w, b = torch.randn(16, generator=gen).to(device), torch.randn(16, generator=gen).to(device)
+    with pytest.raises(ValueError, match=r"delta has shape \(16, 16\), expected \(8, 16\)"):
+        torch.ops.tritongpt.add_layer_norm_fwd(x, torch.randn(16, 16, device=device), w, b, 1e-5)
+    with pytest.raises(ValueError, match=r"unit stride on its last dim, got strides \(1, 8\)"):
+        torch.ops.tritongpt.add_layer_norm_fwd(x, d.t().contiguous().t(), w, b, 1e-5)
+    s, y, mean, rstd = torch.ops.tritongpt.add_layer_norm_fwd(x, d, w, b, 1e-5)
+    assert_close_rel(y, ref64(x.double() + d.double(), w, b), 1e-5, "y")
+    ds = torch.randn(16, 8, generator=gen).to(device)  # as many values as s, in the wrong shape
+    with pytest.raises(ValueError, match=r"ds has shape \(16, 8\), expected \(8, 16\)"):
+        torch.ops.tritongpt.layer_norm_bwd(torch.ones_like(y), s, w, mean, rstd, ds)
+    with pytest.raises(ValueError, match=r"ds has shape \(16, 8\), expected \(8, 16\)"):
+        torch.ops.tritongpt.add_layer_norm_bwd(torch.ones_like(y), s, w, mean, rstd, ds, torch.bfloat16)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("width", [100, 768])
 def test_add_layer_norm_constant_sum_normalizes_to_exactly_zero(width, dtype, device):
