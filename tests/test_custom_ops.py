@@ -23,6 +23,8 @@ def _layer_norm_args(device, gen):
     s, _, s_mean, s_rstd = ops.add_layer_norm_fwd(x, d, w, b, 1e-5)
     return {"layer_norm_fwd": (x, w, b, 1e-5), "layer_norm_bwd": (torch.randn_like(y), x, w, mean, rstd),
             "add_layer_norm_fwd": (x, d, w, b, 1e-5),
+            # a half stream and an fp32 delta: s and y in fp32, the promoted dtype, not x's
+            "add_layer_norm_fwd fp16+fp32": (x.half(), d.float(), w, b, 1e-5),
             "layer_norm_bwd ds": (torch.randn_like(s), s, w, s_mean, s_rstd, torch.randn_like(s)),
             "add_layer_norm_bwd": (torch.randn_like(s), s, w, s_mean, s_rstd, torch.randn_like(s), torch.bfloat16),
             "add_layer_norm_bwd no ds": (torch.randn_like(s), s, w, s_mean, s_rstd, None, torch.float16)}
@@ -56,6 +58,7 @@ def _attention_args(device, gen):
 MAKERS = {"layer_norm": _layer_norm_args, "mlp": _mlp_args, "cross_entropy": _cross_entropy_args,
           "attention": _attention_args}
 OPS = [(kernel, op) for kernel, names in (("layer_norm", ("layer_norm_fwd", "layer_norm_bwd", "add_layer_norm_fwd",
+                                                         "add_layer_norm_fwd fp16+fp32",
                                                          "layer_norm_bwd ds", "add_layer_norm_bwd",
                                                          "add_layer_norm_bwd no ds")),
                                           ("mlp", ("gelu_mlp_fwd", "gelu_mlp_bwd")),
