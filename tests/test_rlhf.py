@@ -592,6 +592,31 @@ def test_a_trainer_built_in_python_with_another_verifier_refuses_to_resume(tmp_p
     trainer(tasks.exact_match, resume="latest").fit()  # the same verifier resumes
 
 
+def test_a_verifier_is_named_alike_in_every_process_and_apart_from_the_others():
+    """What a resume compares for a verifier: a built-in's --reward name (`tasks` is exact's), a
+    function's module and qualified name, a partial's function and arguments, a callable
+    object's class; never a repr holding a memory address, which the resumed process would not
+    give again (the run would be refused as judged by another verifier)."""
+    import functools
+
+    from tritongpt.train import tasks
+    from tritongpt.train.rlhf import VERIFIERS, verifier_name
+
+    class Contains:
+        def __call__(self, response, answer):
+            return answer in response
+
+    def lenient(response, answer):
+        return response.strip().lower() == answer.strip().lower()
+
+    here = f"{__name__}.test_a_verifier_is_named_alike_in_every_process_and_apart_from_the_others.<locals>"
+    assert [verifier_name(VERIFIERS[n]) for n in ("exact", "number", "tasks")] == ["exact", "number", "exact"]
+    assert verifier_name(lenient) == f"{here}.lenient"
+    assert verifier_name(Contains()) == verifier_name(Contains()) == f"{here}.Contains"
+    assert verifier_name(functools.partial(tasks.number_match, tol=0.5)) == "functools.partial(number, tol=0.5)"
+    assert verifier_name(functools.partial(lenient)) == f"functools.partial({here}.lenient)"
+
+
 def test_missing_eot_penalty_comes_off_the_scores_of_cut_responses(tmp_path):
     """A response cut at max_new_tokens loses the penalty from its training score (and so from
     the first batch's normalization); eval_reward stays the reward model's own score."""

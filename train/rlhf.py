@@ -49,6 +49,7 @@ eval_reward and eval_ended: the reward model's mean score (no penalty) on fixed 
 prompts, sampled with a fixed seed, so the numbers are comparable across iterations and runs.
 """
 import copy
+import functools
 import math
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -78,9 +79,17 @@ MATCHED = {"exact": "exact match", "number": "final-number match", "tasks": "exa
 
 
 def verifier_name(match) -> str:
-    """What a resume compares for a verifier: its --reward name, or a function's own name."""
+    """What a resume compares for a verifier: its --reward name, or a function's own name (a
+    functools.partial: its function's and arguments'; a callable object: its class's). Never a
+    repr with a memory address, which another process would not give again."""
     names = [name for name, fn in VERIFIERS.items() if fn is match and name != "tasks"]
-    return names[0] if names else f"{getattr(match, '__module__', '?')}.{getattr(match, '__qualname__', match)}"
+    if names:
+        return names[0]
+    if isinstance(match, functools.partial):
+        args = [*map(repr, match.args), *(f"{k}={v!r}" for k, v in match.keywords.items())]
+        return f"functools.partial({', '.join([verifier_name(match.func), *args])})"
+    owner = match if hasattr(match, "__qualname__") else type(match)
+    return f"{owner.__module__}.{owner.__qualname__}"
 
 
 @dataclass
