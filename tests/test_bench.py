@@ -122,6 +122,32 @@ def test_add_layernorm_flash_attn_provider_passes_its_argument_order(monkeypatch
         kernels.add_layernorm_providers(x, d, w, b)["flash-attn"]()
 
 
+def test_add_layernorm_compile_provider_and_the_leaves_each_provider_resets(monkeypatch):
+    """The compile provider compiles the module's add_and_norm (torch.compile stood in for by the
+    function itself: the CPU has no compiler to spare here), so it returns (s, y) as the eager
+    module does; every provider names as leaves each tensor its backward gives a gradient (the
+    timing loop resets exactly those), the module's own weight and bias included."""
+    monkeypatch.setattr(kernels, "_fresh_compile", lambda fn: fn)
+    gen = torch.Generator().manual_seed(7)
+    x = torch.randn(5, 24, generator=gen).requires_grad_()
+    d = torch.randn(5, 24, generator=gen).bfloat16().requires_grad_()
+    w, b = (torch.randn(24, generator=gen).requires_grad_() for _ in range(2))
+    gs, gy = torch.randn(5, 24, generator=gen), torch.randn(5, 24, generator=gen)
+    builders = kernels.add_layernorm_providers(x, d, w, b)
+    want = None
+    for name in ("torch", "reference", "compile", "triton"):
+        forward, leaves = builders[name]()
+        s, y = forward()
+        torch.autograd.backward((s, y), (gs, gy))
+        assert len(leaves) == 4 and all(t.grad is not None for t in leaves), name
+        got = [s, y] + [t.grad for t in leaves]
+        want = want or got
+        for i, (g, e) in enumerate(zip(got, want, strict=True)):
+            assert torch.allclose(g.float(), e.float(), atol=1e-5, rtol=1e-5), (name, i)
+        for t in leaves:
+            t.grad = None
+
+
 def test_gpt2_small_flops_per_token_from_the_model():
     # The benchmark's MFU uses the trainer's formula on the model's own count: GPT-2 small has the
     # published 124,439,808 parameters, 786,432 of them position embeddings (N excludes those).
