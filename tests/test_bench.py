@@ -148,6 +148,19 @@ def test_add_layernorm_compile_provider_and_the_leaves_each_provider_resets(monk
             t.grad = None
 
 
+@pytest.mark.parametrize("mode", ["bwd", "fwd+bwd"])
+def test_a_timed_backward_sends_a_gradient_into_every_output(mode):
+    """A forward with several outputs (add_layernorm's s and y): the timed backward starts from a
+    random gradient for each, as a block's does, not from the first output's alone."""
+    x = torch.randn(4, 8, requires_grad=True)
+    torch.manual_seed(3)
+    fn = kernels._mode_fn(lambda: (x * 2, x * 3), mode)
+    torch.manual_seed(3)
+    dy_s, dy_y = torch.randn(4, 8), torch.randn(4, 8)  # the ones _mode_fn drew, in its order
+    fn()
+    assert torch.allclose(x.grad, 2 * dy_s + 3 * dy_y)
+
+
 def test_gpt2_small_flops_per_token_from_the_model():
     # The benchmark's MFU uses the trainer's formula on the model's own count: GPT-2 small has the
     # published 124,439,808 parameters, 786,432 of them position embeddings (N excludes those).
