@@ -161,6 +161,23 @@ def test_a_timed_backward_sends_a_gradient_into_every_output(mode):
     assert torch.allclose(x.grad, 2 * dy_s + 3 * dy_y)
 
 
+def test_the_add_layernorm_sweep_times_an_fp32_stream_and_a_sublayer_output_in_the_dtype(monkeypatch):
+    """As a block under autocast: x (the stream), weight and bias in fp32, delta in the swept
+    dtype; the bytes counted are for those (4-byte x, s and y, 2-byte delta in bf16)."""
+    seen = []
+    real = kernels.add_layernorm_providers
+
+    def spy(x, d, w, b, eps=1e-5):
+        seen.append((x.dtype, d.dtype, w.dtype, b.dtype))
+        return real(x, d, w, b, eps)
+
+    monkeypatch.setattr(kernels, "add_layernorm_providers", spy)
+    rows = kernels.sweep_add_layernorm(CpuTimer(reps=1), Budget(None), 8, (24,), torch.bfloat16, modes=("fwd",),
+                                       providers=("torch",))
+    assert seen == [(torch.float32, torch.bfloat16, torch.float32, torch.float32)]
+    assert [r["bytes"] for r in rows] == [common.add_layernorm_bytes(8, 24, 4, 2, "fwd")]
+
+
 def test_gpt2_small_flops_per_token_from_the_model():
     # The benchmark's MFU uses the trainer's formula on the model's own count: GPT-2 small has the
     # published 124,439,808 parameters, 786,432 of them position embeddings (N excludes those).
