@@ -392,6 +392,23 @@ def test_lr_schedules_wsd_linear_constant(tmp_path):
     assert logged[2:7] == [lr] * 5 and logged[7] == lr and logged[8] < lr
 
 
+def test_wsd_rounds_its_decay_to_whole_steps_and_may_decay_the_whole_run(tmp_path):
+    """--decay-fraction of --max-steps rounded to the nearest step (0.2 of 13 is 2.6: the last 3
+    steps decay, not 2), and 1 is allowed: the decay starts right after the warmup. A schedule
+    lr_at does not know is an error there too, not some rate."""
+    lr, floor = 1e-3, 1e-4
+    wsd = [common.lr_at(s, lr, 0, 13, floor, "wsd", 0.2) for s in range(13)]
+    assert wsd[:10] == [lr] * 10 and wsd[11] < wsd[10] == pytest.approx(lr, rel=1e-12)
+    assert wsd[10:] == pytest.approx([floor + (1 - math.sqrt(k / 3)) * 9e-4 for k in range(3)], rel=1e-12)
+    assert [common.lr_at(s, lr, 0, 20, floor, "wsd") for s in range(20)] == \
+        [common.lr_at(s, lr, 0, 20, floor, "wsd", 0.2) for s in range(20)]  # 0.2 is lr_at's default too
+    with pytest.raises(UserError, match="--lr-schedule must be one of"):
+        common.lr_at(5, lr, 2, 12, floor, "cosin")
+    args_for(tmp_path, lr_schedule="wsd", decay_fraction=1.0).validate()
+    whole = [common.lr_at(s, lr, 2, 10, floor, "wsd", 1.0) for s in range(2, 10)]
+    assert whole == pytest.approx([floor + (1 - math.sqrt(k / 8)) * 9e-4 for k in range(8)], rel=1e-12)
+
+
 @pytest.mark.parametrize("field,value,message", [("lr_schedule", "cosin", "--lr-schedule must be one of cosine, wsd"),
                                                  ("decay_fraction", 0.0, "--decay-fraction must be in"),
                                                  ("decay_fraction", 1.5, "--decay-fraction must be in"),
