@@ -409,6 +409,20 @@ def test_wsd_rounds_its_decay_to_whole_steps_and_may_decay_the_whole_run(tmp_pat
     assert whole == pytest.approx([floor + (1 - math.sqrt(k / 8)) * 9e-4 for k in range(8)], rel=1e-12)
 
 
+def test_a_resume_names_a_changed_lr_schedule_and_decay_fraction(tmp_path, capsys):
+    """Both change the rates the resumed run steps with (a wsd run continued as cosine, or with a
+    longer decay), so a resume that changes them says so, as for --lr."""
+    get = make_get_batch(synthetic_tokens(), 2)
+    first = dict(max_steps=1, batch_size=2, lr_schedule="wsd", decay_fraction=0.2)
+    Trainer(tiny_model(), args_for(tmp_path, **first), loss_fn, get).fit()
+    capsys.readouterr()
+    then = dict(max_steps=2, batch_size=2, lr_schedule="cosine", decay_fraction=0.5, resume="latest")
+    Trainer(tiny_model(), args_for(tmp_path, **then), loss_fn, get).fit()
+    err = capsys.readouterr().err
+    assert ("note: resuming with --max-steps 2 (the run had 1), --lr-schedule cosine (wsd), "
+            "--decay-fraction 0.5 (0.2): the run goes on differently") in err, err
+
+
 @pytest.mark.parametrize("field,value,message", [("lr_schedule", "cosin", "--lr-schedule must be one of cosine, wsd"),
                                                  ("decay_fraction", 0.0, "--decay-fraction must be in"),
                                                  ("decay_fraction", 1.5, "--decay-fraction must be in"),
