@@ -974,6 +974,12 @@ def test_add_train_args_defaults_and_namespace():
     # a DDP process waits 1800 s for the others by default (Hugging Face's Trainer's; NCCL's own 600
     # was outlasted by rank 0's evaluations and checkpoints)
     assert (a.activation_checkpointing, a.ddp_timeout) == (False, 1800) and TrainArgs().ddp_timeout == 1800
+    # the schedule: cosine, and wsd's decay over the last 20% (Hagele et al.'s cooldown), unless told
+    assert (a.lr_schedule, a.decay_fraction) == ("cosine", 0.2)
+    b = TrainArgs.from_namespace(p.parse_args(["--lr-schedule", "wsd", "--decay-fraction", "0.1"]))
+    assert (b.lr_schedule, b.decay_fraction) == ("wsd", 0.1)
+    with pytest.raises(SystemExit):  # argparse names the choices
+        p.parse_args(["--lr-schedule", "cosin"])
     a = TrainArgs.from_namespace(p.parse_args(["--resume", "--grad-accum", "3", "--compile", "--dtype", "bf16",
                                                "--activation-checkpointing", "--ddp-timeout", "900"]))
     assert (a.resume, a.grad_accum, a.compile, a.dtype) == ("latest", 3, True, "bf16")
