@@ -100,6 +100,29 @@ def test_run_template_reads_what_the_run_saved(tmp_path):
 
 
 
+def test_a_run_tuned_on_another_template_is_noted_with_every_template_of_the_data(tmp_path, capsys):
+    """note_template_mismatch: one note for each run tuned on a template the data does not use,
+    naming every template the data does use, whichever flag comes first; none for a run on the
+    data's own template, for data with no template, or for a name that is no run folder (a Hub
+    model, which saved none)."""
+    for name, fmt in (("chat-run", "chat"), ("plain-run", None)):
+        (tmp_path / name / "ckpt-0000001").mkdir(parents=True)
+        GPTModel(GPTConfig(vocab_size=129, context_length=16, n_embd=8, n_layer=1, n_head=1)).save(
+            tmp_path / name / "ckpt-0000001" / "model.safetensors")
+        torch.save({"step": 1, "prompt_format": fmt}, tmp_path / name / "ckpt-0000001" / "state.pt")
+    chat_run, plain_run = str(tmp_path / "chat-run"), str(tmp_path / "plain-run")
+    said = (f"note: {{}} {chat_run} was tuned on chat prompts, and these are alpaca and completion prompts: "
+            "it reads them in a template it was not trained on\n")
+    chat.note_template_mismatch(["completion", "alpaca", None, "alpaca"], {"--init": chat_run, "--reward": plain_run})
+    assert capsys.readouterr().err == said.format("--init")
+    chat.note_template_mismatch(["alpaca", "completion"], {"--init": None, "--reward": chat_run})  # no --init
+    assert capsys.readouterr().err == said.format("--reward")
+    for data, runs in ((["chat", "completion"], {"--init": chat_run}), ([None, ""], {"--init": chat_run}),
+                       (["alpaca"], {"--init": "gpt2", "--reward": str(tmp_path / "no-such-run")})):
+        chat.note_template_mismatch(data, runs)
+        assert capsys.readouterr().err == "", (data, runs)
+
+
 def test_an_exported_run_keeps_its_template(tmp_path, capsys):
     """export writes the run's prompt format into config.json (transformers keeps the extra key),
     so `chat --weights` on the exported folder prompts it as the run was tuned."""
