@@ -1341,6 +1341,33 @@ def test_a_run_tuned_on_another_template_than_the_data_is_noted(command, tmp_pat
             assert said == (flag in noted), (command, init, reward, err)
 
 
+def test_rlhf_with_a_verifier_still_notes_an_init_tuned_on_another_template(tmp_path, capsys, monkeypatch):
+    """With --reward exact there is no reward model to compare, but --init still is: a policy tuned
+    on chats given the embedded tasks' Alpaca prompts, none held out, gets the note (the command
+    is stopped right after it, where the backbone would be built)."""
+    from tritongpt.cli import main
+    from tritongpt.model.config import get_config
+    from tritongpt.train import reward
+
+    class Built(Exception):
+        pass
+
+    def build_backbone(args):
+        raise Built
+
+    run = tmp_path / "chat-sft"
+    (run / "ckpt-0000001").mkdir(parents=True)
+    GPTModel(get_config("tiny", vocab_size=4100, n_layer=1)).save(run / "ckpt-0000001" / "model.safetensors")
+    torch.save({"step": 1, "prompt_format": "chat"}, run / "ckpt-0000001" / "state.pt")
+    monkeypatch.setattr(reward, "build_backbone", build_backbone)
+    with pytest.raises(Built):
+        main(["rlhf", "--init", str(run), "--reward", "exact", "--num-pairs", "8", "--val-fraction", "0",
+              "--out-dir", str(tmp_path / "out"), "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert f"note: --init {run} was tuned on chat prompts, and these are alpaca prompts" in err, err
+    assert "note: --reward" not in err
+
+
 @pytest.mark.parametrize("command", ["pretrain", "sft", "reward", "dpo", "rlhf"])
 def test_activation_checkpointing_flag_recomputes_and_changes_nothing_else(command, tmp_path, monkeypatch):
     """--activation-checkpointing on every training command: the trained model's blocks run under
