@@ -1665,9 +1665,11 @@ def test_kernel_plots_draw_each_ops_own_ceiling(tmp_path, monkeypatch):
 
     monkeypatch.setattr(matplotlib.axes.Axes, "axhline", axhline)
     rows = [_k("layernorm", "torch", "fwd", {"rows": 8, "width": 16}, ms=1.0, gbps=500.0),
-            _k("mlp", "torch", "fwd", {"rows": 8, "width": 16}, ms=1.0, tflops=50.0)]
-    report.plot_kernels(rows, {"copy": {"gbps": 2000.0}, "matmul": {"tflops": 400.0}}, tmp_path)
-    assert sorted(drawn) == [("copy ceiling", 2000.0), ("matmul ceiling", 400.0)]
+            _k("mlp", "torch", "fwd", {"rows": 8, "width": 16}, ms=1.0, tflops=50.0),
+            _k("add_layernorm", "torch", "fwd", {"rows": 8, "width": 16}, ms=1.0, gbps=400.0)]
+    paths = report.plot_kernels(rows, {"copy": {"gbps": 2000.0}, "matmul": {"tflops": 400.0}}, tmp_path)
+    assert sorted(drawn) == [("copy ceiling", 2000.0), ("copy ceiling", 2000.0), ("matmul ceiling", 400.0)]
+    assert sorted(p.name for p in paths) == ["add_layernorm.png", "layernorm.png", "mlp.png"]
 
 
 @pytest.mark.parametrize("slow_median, fast_median", [([0.30, 0.10, 0.31], [0.20, 0.19, 0.21]),   # a lucky p20
