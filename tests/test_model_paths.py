@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from parity import assert_close_rel
+from parity import assert_close_rel, report
 from tritongpt.errors import UserError
 from tritongpt.model.config import GPTConfig
 from tritongpt.model.gpt import GPTModel
@@ -176,8 +176,11 @@ def test_triton_path_runs_every_kernel_and_the_reference_path_none(device):
 def test_triton_path_under_bf16_autocast_matches_the_reference(device):
     """Under bf16 autocast the residual stream stays fp32 and the attention's and MLP's outputs are
     bf16: each fused residual add + LayerNorm writes x's fp32 gradient and the bf16 one of the
-    sublayer output in one pass (add_layer_norm_bwd, twice a block). Loss and every gradient agree
-    with the reference path under the same autocast, to bf16's precision."""
+    sublayer output in one pass (add_layer_norm_bwd, twice a block). Against the model in float64,
+    the Triton path's loss is within bf16's 1e-2 and each gradient's error at most 2x the reference
+    path's under the same autocast (FlashAttention's rule: no worse than PyTorch's own bf16)."""
+    import copy
+
     torch.manual_seed(9)
     model = _randomize(GPTModel(GPTConfig(**TINY))).to(device)
     idx = torch.randint(0, 67, (2, 9), device=device)
@@ -191,12 +194,17 @@ def test_triton_path_under_bf16_autocast_matches_the_reference(device):
         results[path] = (loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}, mode.ops)
     model.set_kernels("reference")
     assert results["triton"][2]["add_layer_norm_bwd"] == 2 * TINY["n_layer"], dict(results["triton"][2])
-    assert_close_rel(results["triton"][0], results["reference"][0], 1e-2, "loss")
-    for name, g in results["reference"][1].items():
+    model64 = copy.deepcopy(model).double()
+    loss64 = model64(idx, targets=idx)
+    loss64.backward()
+    assert_close_rel(results["triton"][0], loss64, 1e-2, "loss vs float64")
+    for name, g64 in model64.named_parameters():
+        tri, ref = results["triton"][1][name], results["reference"][1][name]
         if name.endswith("W_key.bias"):  # 0 in exact arithmetic (a row's scores all shift by q.b): rounding only
-            assert results["triton"][1][name].abs().max() < 1e-4 and g.abs().max() < 1e-4
+            assert tri.abs().max() < 1e-4 and ref.abs().max() < 1e-4
             continue
-        assert_close_rel(results["triton"][1][name], g, 3e-2, f"grad {name}")
+        ref_err = report(ref, g64.grad)[1]
+        assert_close_rel(tri, g64.grad, 2 * ref_err, f"grad {name} (reference path's bf16 error {ref_err:.1e})")
 
 
 def test_attention_dropout_on_the_triton_path_follows_train_eval_and_set_dropout(device):
