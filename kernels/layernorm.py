@@ -245,6 +245,15 @@ def _check_op_layout(x, weight, bias=None):
                              f"{t.stride()} (call layer_norm(), which copies, or pass .contiguous())")
 
 
+def _check_bwd_args(dy, x, weight, ds):
+    """What both backward ops check: dy (and ds, when given) of x's shape, x laid out as forward's."""
+    check_runnable(dy, "dy")
+    _check_op_layout(x, weight)
+    check_tensor(dy, "dy", shape=x.shape)
+    if ds is not None:
+        check_tensor(ds, "ds", shape=x.shape)
+
+
 @torch.library.custom_op("tritongpt::layer_norm_fwd", mutates_args=())
 def _layer_norm_fwd(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                     eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -284,11 +293,7 @@ def _layer_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, mea
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """-> (dx [M, N] in x.dtype, dweight [N] and dbias [N] in weight.dtype). ds: x's gradient from
     its other uses (x a residual sum, add_layer_norm), added into dx."""
-    check_runnable(dy, "dy")
-    _check_op_layout(x, weight)
-    check_tensor(dy, "dy", shape=x.shape)
-    if ds is not None:
-        check_tensor(ds, "ds", shape=x.shape)
+    _check_bwd_args(dy, x, weight, ds)
     return _bwd_launch(dy, x, weight, mean, rstd, ds)
 
 
@@ -303,11 +308,7 @@ def _add_layer_norm_bwd(dy: torch.Tensor, s: torch.Tensor, weight: torch.Tensor,
                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """layer_norm_bwd for s = x + delta when delta's dtype is not s's: -> (dx in s.dtype, ddelta
     in delta_dtype, dweight, dbias), both gradients written by one pass."""
-    check_runnable(dy, "dy")
-    _check_op_layout(s, weight)
-    check_tensor(dy, "dy", shape=s.shape)
-    if ds is not None:
-        check_tensor(ds, "ds", shape=s.shape)
+    _check_bwd_args(dy, s, weight, ds)
     return _bwd_launch(dy, s, weight, mean, rstd, ds, dx2_dtype=delta_dtype)
 
 
