@@ -395,8 +395,12 @@ def _mode_fn(forward, mode):
     """The callable to time for a mode, built on a forward callable."""
     if mode == "fwd":
         return forward
-    ys = forward()
-    ys = ys if isinstance(ys, tuple) else (ys,)  # several outputs: each gets a gradient
+
+    def outputs():  # several outputs: each gets a gradient
+        out = forward()
+        return out if isinstance(out, tuple) else (out,)
+
+    ys = outputs()
     # A loss (a scalar) starts backward from 1, as loss.backward() does in training: Liger's
     # losses skip scaling their saved gradients then, and a random scalar would time an extra
     # pass over the [N, V] logits' gradient that training never makes. Other outputs get a
@@ -404,12 +408,7 @@ def _mode_fn(forward, mode):
     dys = tuple(torch.ones_like(y) if y.dim() == 0 else torch.randn_like(y) for y in ys)
     if mode == "bwd":
         return lambda: torch.autograd.backward(ys, dys, retain_graph=True)
-
-    def forward_backward():
-        out = forward()
-        torch.autograd.backward(out if isinstance(out, tuple) else (out,), dys)
-
-    return forward_backward
+    return lambda: torch.autograd.backward(outputs(), dys)
 
 
 def bench_providers(op, config, builders, modes, timer, budget, work, providers=None,

@@ -197,7 +197,7 @@ class GPTModel(nn.Module):
         for block in self.trf_blocks:
             if recompute and cache is None:  # (a cache refuses gradients anyway)
                 if mlp_out is not None:  # added here, so that a checkpoint keeps one tensor, not two
-                    x, mlp_out = x + mlp_out, None
+                    x = x + mlp_out
                 x, mlp_out = torch.utils.checkpoint.checkpoint(block, x, None, doc_ids, use_reentrant=False)
             else:
                 x, mlp_out = block(x, cache, doc_ids, mlp_out)
