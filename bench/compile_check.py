@@ -152,6 +152,11 @@ def capture(quick=False, half="bfloat16"):
                 targets = torch.empty(TOKENS, dtype=torch.int64, **meta)
                 loss, row_max, log_sum = cross_entropy._fwd_launch(logits, targets, -100, VOCAB)
                 cross_entropy._bwd_launch(loss, logits, targets, row_max, log_sum, -100, VOCAB)
+                if width == PADDED_VOCAB:  # label smoothing and the z-loss: their own binaries
+                    case[0] += " smoothing+z-loss"
+                    options = -100, VOCAB, 0.1, 1e-4
+                    loss, row_max, log_sum = cross_entropy._fwd_launch(logits, targets, *options)
+                    cross_entropy._bwd_launch(loss, logits, targets, row_max, log_sum, *options)
 
             head_dims = (64, 128) if quick else (ATTN_HEAD_DIMS if dt == half else (64,))
             for d in head_dims:

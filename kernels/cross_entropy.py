@@ -29,6 +29,11 @@ BLOCK_V vectors per row lives in registers):
   padding   a row may hold W >= V values (GPTConfig.vocab_multiple pads GPT-2's 50257 to 50304):
             all W are read, so a 16-byte aligned row is loaded in 16-byte vectors, but columns
             past V count as -inf, and their gradient is written as 0.
+  options   label smoothing (eps) mixes in the loss against the uniform distribution over the V
+            classes, mean_j (lse - x_j) = lse - sum_j x_j / V: forward also sums each row's
+            logits, backward takes eps / V from every class's p and (1 - eps) from the target's.
+            The z-loss z * lse^2 (PaLM) multiplies p by 1 + 2 z lse, lse = m + log S from the
+            saved pair. Each is a constexpr flag: at 0 the kernels compile as without it.
 """
 import math
 
@@ -37,7 +42,7 @@ import triton
 import triton.language as tl
 
 from tritongpt._env import triton_interpreting
-from tritongpt._types import is_int
+from tritongpt._types import is_int, loss_options
 from tritongpt.kernels._common import (autocast_dtype, cast, check_runnable, check_same_device, check_same_dtype,
                                        check_tensor, first_order_only, no_func_transform,
                                        on_tensor_device)
@@ -48,9 +53,10 @@ LOG2E = tl.constexpr(1.4426950408889634)
 
 
 @triton.jit
-def _ce_fwd_kernel(X, T, Loss, RowMax, LogSum, stride_x, N, V, W, ignore_index,
-                   BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr):
-    """Grid (cdiv(N, BLOCK_R),). Loss[i] = logsumexp(X[i]) - X[i, T[i]] (0 where T[i] == ignore_index).
+def _ce_fwd_kernel(X, T, Loss, RowMax, LogSum, stride_x, N, V, W, ignore_index, smoothing, z_coef,
+                   HAS_SMOOTH: tl.constexpr, HAS_Z: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr):
+    """Grid (cdiv(N, BLOCK_R),). Loss[i] = logsumexp(X[i]) - X[i, T[i]] (0 where T[i] == ignore_index),
+    with HAS_SMOOTH mixed with the smoothed term, with HAS_Z plus z_coef * logsumexp(X[i])^2.
 
     Rows hold W >= V values; only the first V are classes (the rest: a padded vocabulary)."""
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -60,6 +66,7 @@ def _ce_fwd_kernel(X, T, Loss, RowMax, LogSum, stride_x, N, V, W, ignore_index,
     cols = tl.arange(0, BLOCK_V)[None, :]
     m = tl.full([BLOCK_R, BLOCK_V], float("-inf"), tl.float32)
     s = tl.zeros([BLOCK_R, BLOCK_V], tl.float32)
+    x_sum = tl.zeros([BLOCK_R, BLOCK_V], tl.float32)  # label smoothing's sum of the classes' logits
     for start in range(0, W, BLOCK_V):
         # masked at the row's width W, not at V: with a vocabulary padded to a multiple of 16
         # (vocab_multiple 64: 50304) the rows stay 16-byte aligned and the loads are 16-byte
@@ -72,6 +79,8 @@ def _ce_fwd_kernel(X, T, Loss, RowMax, LogSum, stride_x, N, V, W, ignore_index,
         m_ref = tl.where(m_new > float("-inf"), m_new, 0.0)
         s = s * tl.exp2((m - m_ref) * LOG2E) + tl.exp2((x - m_ref) * LOG2E)
         m = m_new
+        if HAS_SMOOTH:
+            x_sum += tl.where(start + cols < V, x, 0.0)
     m_row = tl.max(m, 1)
     log_s = tl.log(tl.sum(s * tl.exp2((m - m_row[:, None]) * LOG2E), 1))
     target = tl.load(T + rows, mask=row_ok, other=ignore_index)
@@ -83,17 +92,26 @@ def _ce_fwd_kernel(X, T, Loss, RowMax, LogSum, stride_x, N, V, W, ignore_index,
     x_t = tl.load(X + rows.to(tl.int64) * stride_x + target, mask=counted & known, other=0.0).to(tl.float32)
     # (m - x_t) + log S, not (m + log S) - x_t: a confident right answer (x_t = m, S just above
     # 1) then keeps its small loss to fp32 precision instead of losing it to the size of m.
-    loss = tl.where(known, (m_row - x_t) + log_s, float("nan"))
+    loss = (m_row - x_t) + log_s
+    if HAS_SMOOTH:
+        # the loss against the uniform distribution over the V classes: mean_j (lse - x_j)
+        uniform = (m_row - tl.sum(x_sum, 1) / V) + log_s
+        loss = (1.0 - smoothing) * loss + smoothing * uniform
+    if HAS_Z:
+        lse = m_row + log_s
+        loss += z_coef * lse * lse
+    loss = tl.where(known, loss, float("nan"))
     tl.store(Loss + rows, tl.where(counted, loss, 0.0), mask=row_ok)
     tl.store(RowMax + rows, m_row, mask=row_ok)
     tl.store(LogSum + rows, log_s, mask=row_ok)
 
 
 @triton.jit
-def _ce_bwd_kernel(X, T, RowMax, LogSum, G, DX, stride_x, stride_dx, N, V, W, ignore_index,
-                   BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr):
+def _ce_bwd_kernel(X, T, RowMax, LogSum, G, DX, stride_x, stride_dx, N, V, W, ignore_index, smoothing, z_coef,
+                   HAS_SMOOTH: tl.constexpr, HAS_Z: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr):
     """Grid (cdiv(N, BLOCK_R),). DX[i, j] = G[i] * (softmax(X[i])_j - [j == T[i]]), 0 for ignored
-    rows; all W columns are written, the padding ones (j >= V) with 0."""
+    rows; all W columns are written, the padding ones (j >= V) with 0. With label smoothing the
+    target is (1 - smoothing) [j == T[i]] + smoothing / V; the z-loss adds 2 z_coef lse p_j."""
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     row_ok = rows < N
     rows64 = rows.to(tl.int64)[:, None]
@@ -104,11 +122,19 @@ def _ce_bwd_kernel(X, T, RowMax, LogSum, G, DX, stride_x, stride_dx, N, V, W, ig
     counted = (target != ignore_index)[:, None]
     unknown = counted & ((target < 0) | (target >= V))[:, None]  # nan gradient, as forward's loss
     g = tl.load(G + rows, mask=row_ok, other=0.0).to(tl.float32)
+    hit = 1.0 - smoothing if HAS_SMOOTH else 1.0  # the target's share of the label
+    if HAS_Z:
+        p_scale = 1.0 + 2.0 * z_coef * (m + log_s)  # d(z lse^2)/dx_j = 2 z lse p_j
     for start in range(0, W, BLOCK_V):
         mask = row_ok[:, None] & (start + cols < W)
         x = tl.load(X + rows64 * stride_x + start + cols, mask=mask, other=0.0).to(tl.float32)
-        p = tl.where(start + cols < V, tl.exp2(((x - m[:, None]) - log_s[:, None]) * LOG2E), 0.0)
-        p = tl.where(start + cols == target[:, None], p - 1.0, p)
+        p = tl.exp2(((x - m[:, None]) - log_s[:, None]) * LOG2E)
+        if HAS_Z:
+            p = p * p_scale[:, None]
+        if HAS_SMOOTH:
+            p = p - smoothing / V
+        p = tl.where(start + cols < V, p, 0.0)
+        p = tl.where(start + cols == target[:, None], p - hit, p)
         # where, not a zero g: an ignored row of -inf logits has p = nan, and nan * 0 is nan
         dx = tl.where(counted, p * g[:, None], 0.0)
         dx = tl.where(unknown, float("nan"), dx)
@@ -127,20 +153,22 @@ def _launch_shape(N, V):
 
 
 @on_tensor_device
-def _fwd_launch(logits, targets, ignore_index, n_classes):
+def _fwd_launch(logits, targets, ignore_index, n_classes, label_smoothing=0.0, z_loss=0.0):
     N, W = logits.shape
     loss, row_max, log_sum = (torch.empty(N, device=logits.device, dtype=torch.float32) for _ in range(3))
     if N == 0:
         return loss, row_max, log_sum
     rows, block, warps = _launch_shape(N, W)
     _ce_fwd_kernel[(triton.cdiv(N, rows),)](logits, targets, loss, row_max, log_sum, logits.stride(0), N,
-                                            n_classes, W, ignore_index, BLOCK_R=rows, BLOCK_V=block,
-                                            num_warps=warps)
+                                            n_classes, W, ignore_index, label_smoothing, z_loss,
+                                            HAS_SMOOTH=label_smoothing != 0, HAS_Z=z_loss != 0, BLOCK_R=rows,
+                                            BLOCK_V=block, num_warps=warps)
     return loss, row_max, log_sum
 
 
 @on_tensor_device
-def _bwd_launch(grad_loss, logits, targets, row_max, log_sum, ignore_index, n_classes):
+def _bwd_launch(grad_loss, logits, targets, row_max, log_sum, ignore_index, n_classes, label_smoothing=0.0,
+                z_loss=0.0):
     N, W = logits.shape
     dx = torch.empty((N, W), device=logits.device, dtype=logits.dtype)
     if N == 0:
@@ -148,7 +176,8 @@ def _bwd_launch(grad_loss, logits, targets, row_max, log_sum, ignore_index, n_cl
     grad_loss = grad_loss.contiguous()
     rows, block, warps = _launch_shape(N, W)
     _ce_bwd_kernel[(triton.cdiv(N, rows),)](logits, targets, row_max, log_sum, grad_loss, dx, logits.stride(0),
-                                            dx.stride(0), N, n_classes, W, ignore_index, BLOCK_R=rows,
+                                            dx.stride(0), N, n_classes, W, ignore_index, label_smoothing, z_loss,
+                                            HAS_SMOOTH=label_smoothing != 0, HAS_Z=z_loss != 0, BLOCK_R=rows,
                                             BLOCK_V=block, num_warps=warps)
     return dx
 
@@ -182,10 +211,11 @@ def _(targets, vocab, ignore_index):
     return targets.new_empty(targets.numel(), dtype=torch.int64)
 
 
-def _check_op_layout(logits, targets, n_classes, **row_values):
+def _check_op_layout(logits, targets, n_classes, label_smoothing=0.0, z_loss=0.0, **row_values):
     """What the kernels assume of their inputs. cross_entropy() arranges it; a direct call of the
     ops must too (short targets, a transposed logits or n_classes past the row were read as
     they lay: garbage, no error). row_values: other [N] per-row tensors (row_max, grad_loss...)."""
+    loss_options(label_smoothing, z_loss)
     check_tensor(logits, "logits", ndim=2)
     N, W = logits.shape
     check_tensor(targets, "targets", dtypes=(torch.int64, torch.int32), shape=(N,))
@@ -201,36 +231,40 @@ def _check_op_layout(logits, targets, n_classes, **row_values):
 
 
 @torch.library.custom_op("tritongpt::cross_entropy_fwd", mutates_args=())
-def _cross_entropy_fwd(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int,
-                       n_classes: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _cross_entropy_fwd(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int, n_classes: int,
+                       label_smoothing: float = 0.0,
+                       z_loss: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """-> (per-row loss, row max m, log S): fp32 [N] each; m and log S are for backward.
 
     Called directly, a target outside [0, n_classes) that is not ignore_index gives a nan loss
     (cross_entropy() refuses it with a message, at the cost of a host sync)."""
     check_runnable(logits, "logits")
-    _check_op_layout(logits, targets, n_classes)
-    return _fwd_launch(logits, targets, ignore_index, n_classes)
+    _check_op_layout(logits, targets, n_classes, label_smoothing, z_loss)
+    return _fwd_launch(logits, targets, ignore_index, n_classes, label_smoothing, z_loss)
 
 
 @_cross_entropy_fwd.register_fake
-def _(logits, targets, ignore_index, n_classes):
-    _check_op_layout(logits, targets, n_classes)
+def _(logits, targets, ignore_index, n_classes, label_smoothing=0.0, z_loss=0.0):
+    _check_op_layout(logits, targets, n_classes, label_smoothing, z_loss)
     return tuple(logits.new_empty(logits.shape[0], dtype=torch.float32) for _ in range(3))
 
 
 @torch.library.custom_op("tritongpt::cross_entropy_bwd", mutates_args=())
 def _cross_entropy_bwd(grad_loss: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor,
                        row_max: torch.Tensor, log_sum: torch.Tensor, ignore_index: int,
-                       n_classes: int) -> torch.Tensor:
+                       n_classes: int, label_smoothing: float = 0.0, z_loss: float = 0.0) -> torch.Tensor:
     """-> dlogits [N, W] in logits' dtype, from the forward op's row max and log S."""
     check_runnable(logits, "logits")
-    _check_op_layout(logits, targets, n_classes, grad_loss=grad_loss, row_max=row_max, log_sum=log_sum)
-    return _bwd_launch(grad_loss, logits, targets, row_max, log_sum, ignore_index, n_classes)
+    _check_op_layout(logits, targets, n_classes, label_smoothing, z_loss, grad_loss=grad_loss, row_max=row_max,
+                     log_sum=log_sum)
+    return _bwd_launch(grad_loss, logits, targets, row_max, log_sum, ignore_index, n_classes, label_smoothing,
+                       z_loss)
 
 
 @_cross_entropy_bwd.register_fake
-def _(grad_loss, logits, targets, row_max, log_sum, ignore_index, n_classes):
-    _check_op_layout(logits, targets, n_classes, grad_loss=grad_loss, row_max=row_max, log_sum=log_sum)
+def _(grad_loss, logits, targets, row_max, log_sum, ignore_index, n_classes, label_smoothing=0.0, z_loss=0.0):
+    _check_op_layout(logits, targets, n_classes, label_smoothing, z_loss, grad_loss=grad_loss, row_max=row_max,
+                     log_sum=log_sum)
     return logits.new_empty(logits.shape)
 
 
@@ -239,19 +273,19 @@ class CrossEntropyFunction(torch.autograd.Function):
     the logits (alive anyway), the row max and the log-sum (fp32 [N] each)."""
 
     @staticmethod
-    def forward(ctx, logits, targets, ignore_index, n_classes):
-        loss, row_max, log_sum = torch.ops.tritongpt.cross_entropy_fwd(logits, targets, ignore_index, n_classes)
+    def forward(ctx, logits, targets, ignore_index, n_classes, label_smoothing=0.0, z_loss=0.0):
+        loss, row_max, log_sum = torch.ops.tritongpt.cross_entropy_fwd(logits, targets, ignore_index, n_classes,
+                                                                       label_smoothing, z_loss)
         ctx.save_for_backward(logits, targets, row_max, log_sum)
-        ctx.ignore_index, ctx.n_classes = ignore_index, n_classes
+        ctx.options = ignore_index, n_classes, label_smoothing, z_loss
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss):
         first_order_only("cross_entropy")
         logits, targets, row_max, log_sum = ctx.saved_tensors
-        dx = torch.ops.tritongpt.cross_entropy_bwd(grad_loss, logits, targets, row_max, log_sum,
-                                                   ctx.ignore_index, ctx.n_classes)
-        return dx, None, None, None
+        dx = torch.ops.tritongpt.cross_entropy_bwd(grad_loss, logits, targets, row_max, log_sum, *ctx.options)
+        return dx, None, None, None, None, None
 
 
 def _n_classes(vocab_size, width: int, what: str) -> int:
@@ -272,8 +306,10 @@ def _as_int(value, name: str) -> int:
 
 
 def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100,
-                  reduction: str = "mean", vocab_size: int | None = None) -> torch.Tensor:
-    """F.cross_entropy(logits.float(), targets, ignore_index=..., reduction=...), fused. Differentiable.
+                  reduction: str = "mean", vocab_size: int | None = None, label_smoothing: float = 0.0,
+                  z_loss: float = 0.0) -> torch.Tensor:
+    """F.cross_entropy(logits.float(), targets, ignore_index=..., reduction=..., label_smoothing=...),
+    fused, plus z_loss * logsumexp(logits)^2 per counted row. Differentiable. Reference: lm_loss.
 
     logits: [..., V] fp32/bf16/fp16 (math in fp32; the gradient comes back in the logits' dtype);
     targets: integer ids with logits' leading shape. reduction: "mean" (over counted targets:
@@ -281,6 +317,10 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int
     vocab_size: the classes, when the logits' columns past it pad the vocabulary (the output of a
     padded LM head): the loss of logits[..., :vocab_size], read in aligned rows, and a zero
     gradient for the padding columns (default: every column is a class).
+    label_smoothing: in [0, 1], PyTorch's: the target is (1 - label_smoothing) on the right class plus
+    label_smoothing spread evenly over the vocab_size classes. z_loss: PaLM's auxiliary loss, which
+    keeps logsumexp near 0 (and bf16 logits precise): its coefficient, 1e-4 in PaLM; 0 (default): off.
+    Either, when 0, compiles out of the kernels.
     """
     no_func_transform("cross_entropy")
     check_tensor(logits, "logits")
@@ -295,13 +335,14 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int
     if reduction not in ("mean", "sum", "none"):
         raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
     ignore_index = _as_int(ignore_index, "ignore_index")
+    label_smoothing, z_loss = loss_options(label_smoothing, z_loss)
     V = logits.shape[-1]
     n_classes = _n_classes(vocab_size, V, "logits have {V} columns")
     x2 = logits.reshape(-1, V)
     if x2.stride(-1) != 1:  # rows are streamed with unit stride
         x2 = x2.contiguous()
     t1 = torch.ops.tritongpt.checked_targets(targets, n_classes, ignore_index)
-    loss = CrossEntropyFunction.apply(x2, t1, ignore_index, n_classes)
+    loss = CrossEntropyFunction.apply(x2, t1, ignore_index, n_classes, label_smoothing, z_loss)
     if reduction == "none":
         return loss.view(targets.shape)
     if reduction == "sum":
@@ -332,7 +373,8 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
     would form its gradients: one more head matmul. bf16 has fp32's range and needs none of it."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, ignore_index, reduction, chunk_rows, n_classes, grad_enabled):
+    def forward(ctx, hidden, weight, targets, ignore_index, reduction, chunk_rows, n_classes, grad_enabled,
+                label_smoothing=0.0, z_loss=0.0):
         N = hidden.shape[0]
         device = hidden.device.type
         # the matmul dtype nn.Linear would use: the autocast dtype, else the inputs' own
@@ -349,6 +391,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         row_max, log_sum = (torch.empty_like(loss_rows) for _ in range(2))
         dh, dw = _head_grad_buffers(h, weight, want_dh and not defer, want_dw and not defer)
         g_rows = g.expand(min(N, chunk_rows)).contiguous()  # each row's upstream gradient, made once
+        options = ignore_index, n_classes, label_smoothing, z_loss
         with torch.autocast(device, enabled=False):  # the dtypes are chosen above
             for s in range(0, N, chunk_rows):
                 e = min(N, s + chunk_rows)
@@ -356,13 +399,12 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
                 # treat columns past n_classes as absent and give them a zero gradient
                 logits = h[s:e] @ w.t()
                 loss_rows[s:e], row_max[s:e], log_sum[s:e] = torch.ops.tritongpt.cross_entropy_fwd(
-                    logits, targets[s:e], ignore_index, n_classes)
+                    logits, targets[s:e], *options)
                 if dh is not None or dw is not None:
-                    _chunk_grads(dh, dw, logits, h, w, g_rows, targets, row_max, log_sum, s, e, ignore_index,
-                                 n_classes)
+                    _chunk_grads(dh, dw, logits, h, w, g_rows, targets, row_max, log_sum, s, e, options)
                 del logits  # before the next chunk's logits are allocated: one chunk alive at a time
         ctx.dtypes = hidden.dtype, weight.dtype
-        ctx.deferred = (want_dh, want_dw, chunk_rows, ignore_index, n_classes) if defer else None
+        ctx.deferred = (want_dh, want_dw, chunk_rows, options) if defer else None
         if defer:
             ctx.save_for_backward(h, w, targets, row_max, log_sum, g)
         else:
@@ -376,8 +418,8 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         if ctx.deferred is None:
             dh, dw = ctx.saved_tensors
             return (None if dh is None else (dh * grad_loss).to(h_dtype),
-                    None if dw is None else (dw * grad_loss).to(w_dtype), None, None, None, None, None, None)
-        want_dh, want_dw, chunk_rows, ignore_index, n_classes = ctx.deferred
+                    None if dw is None else (dw * grad_loss).to(w_dtype), *[None] * 8)
+        want_dh, want_dw, chunk_rows, options = ctx.deferred
         h, w, targets, row_max, log_sum, g = ctx.saved_tensors
         N = h.shape[0]
         dh, dw = _head_grad_buffers(h, w, want_dh, want_dw)
@@ -385,10 +427,8 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         with torch.autocast(h.device.type, enabled=False):
             for s in range(0, N, chunk_rows):
                 e = min(N, s + chunk_rows)
-                _chunk_grads(dh, dw, h[s:e] @ w.t(), h, w, g_rows, targets, row_max, log_sum, s, e, ignore_index,
-                             n_classes)
-        return (None if dh is None else dh.to(h_dtype), None if dw is None else dw.to(w_dtype),
-                None, None, None, None, None, None)
+                _chunk_grads(dh, dw, h[s:e] @ w.t(), h, w, g_rows, targets, row_max, log_sum, s, e, options)
+        return (None if dh is None else dh.to(h_dtype), None if dw is None else dw.to(w_dtype), *[None] * 8)
 
 
 def _head_grad_buffers(h, weight, want_dh, want_dw):
@@ -397,10 +437,11 @@ def _head_grad_buffers(h, weight, want_dh, want_dw):
             torch.zeros(weight.shape, device=weight.device, dtype=torch.float32) if want_dw else None)
 
 
-def _chunk_grads(dh, dw, logits, h, w, g_rows, targets, row_max, log_sum, s, e, ignore_index, n_classes):
-    """Rows s:e's dlogits from their logits and forward statistics, into dh[s:e] and dw."""
+def _chunk_grads(dh, dw, logits, h, w, g_rows, targets, row_max, log_sum, s, e, options):
+    """Rows s:e's dlogits from their logits and forward statistics, into dh[s:e] and dw.
+    options: (ignore_index, n_classes, label_smoothing, z_loss), as the ops take them."""
     dlogits = torch.ops.tritongpt.cross_entropy_bwd(g_rows[:e - s], logits, targets[s:e], row_max[s:e],
-                                                    log_sum[s:e], ignore_index, n_classes)
+                                                    log_sum[s:e], *options)
     if dh is not None:
         dh[s:e] = dlogits @ w
     if dw is not None:
@@ -409,7 +450,7 @@ def _chunk_grads(dh, dw, logits, h, w, g_rows, targets, row_max, log_sum, s, e, 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                          ignore_index: int = -100, reduction: str = "mean", chunk_rows: int | None = None,
-                         vocab_size: int | None = None):
+                         vocab_size: int | None = None, label_smoothing: float = 0.0, z_loss: float = 0.0):
     """cross_entropy(hidden @ weight.T, targets) for reduction "mean" or "sum", never holding all
     the logits: at most chunk_rows rows of them (default: 2^27 logits) at a time. Differentiable
     in hidden and weight. Reference: lm_loss(out_head(hidden), targets).
@@ -418,7 +459,8 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
     as in GPT-2), targets: hidden's leading shape. Under autocast the matmuls run in the autocast
     dtype, as nn.Linear's would. vocab_size: the classes, when weight's rows past it pad the
     vocabulary (GPTConfig.vocab_multiple): the loss is then that of the logits [..., :vocab_size]
-    and the padding rows get a zero gradient (default: all W rows are classes).
+    and the padding rows get a zero gradient (default: all W rows are classes). label_smoothing and
+    z_loss: as cross_entropy's (Liger-Kernel's label_smoothing and lse_square_scale).
     """
     no_func_transform("linear_cross_entropy")
     check_tensor(hidden, "hidden")
@@ -437,6 +479,7 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
         raise ValueError(f"linear_cross_entropy supports reduction 'mean' or 'sum' (the gradient is made in "
                          f"forward), got {reduction!r}; for per-token losses use cross_entropy on the logits")
     ignore_index = _as_int(ignore_index, "ignore_index")
+    label_smoothing, z_loss = loss_options(label_smoothing, z_loss)
     if autocast_dtype(hidden.device) is None:
         check_same_dtype(hidden=hidden, weight=weight)
     n_classes = _n_classes(vocab_size, V, "weight has {V} rows")
@@ -447,7 +490,7 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
     h2 = hidden.reshape(math.prod(hidden.shape[:-1]), C)  # not -1: C may be 0
     t1 = torch.ops.tritongpt.checked_targets(targets, n_classes, ignore_index)
     return LinearCrossEntropyFunction.apply(h2, weight, t1, ignore_index, reduction, chunk, n_classes,
-                                            torch.is_grad_enabled())
+                                            torch.is_grad_enabled(), label_smoothing, z_loss)
 
 
 __all__ = ["cross_entropy", "CrossEntropyFunction", "linear_cross_entropy", "LinearCrossEntropyFunction"]

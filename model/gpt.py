@@ -9,7 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
 
-from tritongpt._types import is_int, is_real
+from tritongpt._types import is_int, is_real, loss_options
 from tritongpt.errors import UserError
 from tritongpt.model.config import GPTConfig
 from tritongpt.model.layers import FeedForward, LayerNorm, MultiHeadAttention, TransformerBlock, document_starts
@@ -236,10 +236,11 @@ class GPTModel(nn.Module):
             torch._assert_async(((idx >= 0) & (idx < V)).all(), f"token ids must be in [0, {V})")
 
     def forward(self, idx, cache: KVCache | None = None, targets=None, ignore_index: int = -100,
-                reduction: str = "mean", doc_ids=None):
+                reduction: str = "mean", doc_ids=None, label_smoothing: float = 0.0, z_loss: float = 0.0):
         """Logits [B, T, vocab_size] for every position (a view into the padded head's output when
         the vocabulary is padded); with targets [B, T] (idx's shape, integer ids), the LM loss instead:
         its mean over counted targets, or with reduction="none" each position's -log p (fp32 [B, T]).
+        label_smoothing and z_loss: training objectives' options, as lm_loss takes them (0: plain CE).
 
         The loss is computed here, not by the caller, so that the toggle reaches it (and DDP and
         torch.compile see it as part of the model): reference lm_loss on the LM head's logits, or
@@ -254,17 +255,18 @@ class GPTModel(nn.Module):
             from tritongpt.kernels.cross_entropy import linear_cross_entropy
 
             return linear_cross_entropy(self.hidden(idx, cache, doc_ids), self.out_head.weight, targets,
-                                        ignore_index, reduction, vocab_size=self.config.vocab_size)
+                                        ignore_index, reduction, vocab_size=self.config.vocab_size,
+                                        label_smoothing=label_smoothing, z_loss=z_loss)
         h = self.hidden(idx, cache, doc_ids)
         if triton_loss:  # per-token losses: the kernel reads the padded rows whole, aligned
             from tritongpt.kernels.cross_entropy import cross_entropy
 
             return cross_entropy(self.out_head(h), targets, ignore_index, reduction,
-                                 vocab_size=self.config.vocab_size)
+                                 vocab_size=self.config.vocab_size, label_smoothing=label_smoothing, z_loss=z_loss)
         logits = self.logits(h)
         if targets is None:
             return logits
-        return lm_loss(logits, targets, ignore_index, reduction)
+        return lm_loss(logits, targets, ignore_index, reduction, label_smoothing, z_loss)
 
     @staticmethod
     def _checked_targets(idx, targets):
@@ -435,13 +437,23 @@ def unreadable_safetensors(path, e: Exception) -> UserError:
     return UserError(f"{path} is not a readable safetensors file ({type(e).__name__}: {first})")
 
 
-def lm_loss(logits, targets, ignore_index: int = -100, reduction: str = "mean"):
+def lm_loss(logits, targets, ignore_index: int = -100, reduction: str = "mean", label_smoothing: float = 0.0,
+            z_loss: float = 0.0):
     """Mean next-token cross-entropy over positions whose target is not ignore_index (in fp32);
     reduction "sum" or "none" (per position, shaped like targets; ignored positions are 0).
+    label_smoothing: PyTorch's (the target spreads that much of its weight over all classes).
+    z_loss: PaLM's auxiliary z_loss * logsumexp(logits)^2 per counted position, which keeps the
+    softmax's normaliser near 1 (a coefficient: 1e-4 in PaLM; 0, the default, adds nothing).
 
     The reference loss. Triton twins: kernels/cross_entropy.py, cross_entropy (on logits) and
     linear_cross_entropy (the LM head and the loss together), used by
     GPTModel.forward(idx, targets=...) when the toggle includes "cross_entropy"."""
-    loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=ignore_index,
-                           reduction=reduction)
+    label_smoothing, z_loss = loss_options(label_smoothing, z_loss)
+    flat, flat_targets = logits.flatten(0, 1).float(), targets.flatten()
+    loss = F.cross_entropy(flat, flat_targets, ignore_index=ignore_index, reduction=reduction,
+                           label_smoothing=label_smoothing)
+    if z_loss:
+        counted = flat_targets != ignore_index
+        z = torch.where(counted, z_loss * torch.logsumexp(flat, -1).square(), 0.0)
+        loss = loss + (z if reduction == "none" else z.sum() if reduction == "sum" else z.sum() / counted.sum())
     return loss.view(targets.shape) if reduction == "none" else loss

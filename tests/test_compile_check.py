@@ -35,9 +35,11 @@ def test_every_kernel_launch_builds_for_sm90(tmp_path):
     for kernel in ("_matmul_kernel", "_attn_fwd", "_attn_bwd_dkdv", "_attn_bwd_dq"):
         bf16 = [r for r in rows if r["kernel"] == kernel and "bfloat16" in r["case"]]
         assert bf16 and all(r["tensor_core_ops"] > 0 for r in bf16), kernel
-    # a padded vocabulary's rows are 16-byte aligned: the loss kernels read them as vectors
+    # a padded vocabulary's rows are 16-byte aligned: the loss kernels read them as vectors, with
+    # label smoothing and the z-loss too
     padded = [r for r in rows if r["kernel"].startswith("_ce_") and "x50304" in r["case"]]
-    assert len(padded) == 2 and all(r["vector_loads"] > 0 for r in padded), padded
+    assert len(padded) == 4 and all(r["vector_loads"] > 0 for r in padded), padded
+    assert sum("smoothing+z-loss" in r["case"] for r in padded) == 2, padded
     assert "have a config that builds, fits and does not spill" in (tmp_path / "sm90-offline" / "compile.md").read_text()
 
 

@@ -350,6 +350,153 @@ def test_model_loss_uses_the_kernels_only_on_their_path(monkeypatch):
     assert_close_rel(ours_rows, ref_rows, 1e-5, "model per-token losses")
 
 
+# -- label smoothing and the z-loss ------------------------------------------------------------
+def smoothed_z_loss64(logits64, t, label_smoothing, z_loss, reduction="none"):
+    """The objective written out in float64, apart from F.cross_entropy's own smoothing: each
+    counted row's -sum_j q_j log p_j with q = (1 - eps) onehot(target) + eps / V, plus
+    z_loss * logsumexp^2; ignored rows 0."""
+    rows, tt = logits64.flatten(0, -2), t.flatten()
+    counted = tt != IGNORE
+    V = rows.shape[-1]
+    q = torch.full_like(rows, label_smoothing / V)
+    q[counted, tt[counted]] += 1 - label_smoothing
+    lse = torch.logsumexp(rows, -1)
+    loss = torch.where(counted, -(q * (rows - lse[:, None])).sum(-1) + z_loss * lse.square(), 0.0)
+    if reduction == "none":
+        return loss.view(t.shape)
+    return loss.sum() if reduction == "sum" else loss.sum() / counted.sum()
+
+
+OPTIONS = [(0.1, 0.0), (0.0, 1e-2), (0.25, 3e-2), (1.0, 0.0)]  # (label_smoothing, z_loss)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("label_smoothing,z_loss", OPTIONS)
+@pytest.mark.parametrize("reduction,pad", [("none", 0), ("mean", 23)])
+def test_smoothing_and_z_loss_parity_fp64(label_smoothing, z_loss, reduction, pad, dtype, device):
+    """The loss and every logit's gradient against the objective in float64, with fresh upstream
+    gradients per row; 257 classes cross four vocabulary tiles and end in a ragged one; pad 23:
+    a padded vocabulary, whose columns are no classes (smoothing spreads over the first V only)."""
+    gen = torch.Generator().manual_seed(int(label_smoothing * 100 + z_loss * 1000) + pad)
+    V = 257
+    x, t = make((37,), V + pad, dtype, device, gen)
+    t = torch.where(t == IGNORE, t, t % V)
+    out = cross_entropy(x, t, IGNORE, reduction, vocab_size=V, label_smoothing=label_smoothing, z_loss=z_loss)
+    x64 = x.detach().double().requires_grad_()
+    ref = smoothed_z_loss64(x64[:, :V], t, label_smoothing, z_loss, reduction)
+    g = torch.rand(out.shape, generator=gen, dtype=torch.float64) + 0.5
+    (out * g.to(device, torch.float32)).sum().backward()
+    (ref * g.to(device)).sum().backward()
+    assert_close_rel(out, ref, TOL[dtype], f"loss {reduction}")
+    assert_close_rel(x.grad, x64.grad, TOL[dtype], "dlogits")
+    assert x.grad.dtype == dtype and torch.count_nonzero(x.grad[:, V:]) == 0
+    # and the reference module, which the reference path trains with
+    lm = lm_loss(x64.detach()[:, :V].view(37, 1, V), t.view(37, 1), IGNORE, reduction, label_smoothing, z_loss)
+    assert_close_rel(lm.view(ref.shape), ref, 1e-6, "lm_loss (in fp32)")
+
+
+@pytest.mark.parametrize("label_smoothing,z_loss", OPTIONS[:3])
+def test_smoothing_and_z_loss_sum_and_hypothesis_sizes(label_smoothing, z_loss, device):
+    for n, V, seed in ((1, 1, 0), (3, 2, 1), (12, 65, 2), (5, 300, 3)):
+        gen = torch.Generator().manual_seed(seed)
+        x, t = make((n,), V, torch.float32, device, gen, ignore_every=4)
+        out = cross_entropy(x, t, IGNORE, "sum", label_smoothing=label_smoothing, z_loss=z_loss)
+        x64 = x.detach().double().requires_grad_()
+        ref = smoothed_z_loss64(x64, t, label_smoothing, z_loss, "sum")
+        out.backward()
+        ref.backward()
+        assert_close_mixed(out, ref, 1e-5, 8 * torch.finfo(torch.float32).eps * n, f"loss n={n} V={V}")
+        assert_close_mixed(x.grad, x64.grad, 1e-5, 8 * torch.finfo(torch.float32).eps * n ** 0.5,
+                           f"dlogits n={n} V={V}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_linear_smoothing_and_z_loss_parity_fp64(dtype, reduction, device):
+    # fp16 makes its gradients in backward (the deferred path): the options must reach it too
+    gen = torch.Generator().manual_seed(31)
+    V, pad, C = 277, 35, 24
+    h = (torch.randn(37, C, generator=gen) * 2.0).to(device, dtype).requires_grad_()
+    w = (torch.randn(V + pad, C, generator=gen) * C ** -0.5 * 2.0).to(device, dtype).requires_grad_()
+    t = torch.randint(0, V, (37,), generator=gen)
+    t[::4] = IGNORE
+    t = t.to(device)
+    loss = linear_cross_entropy(h, w, t, IGNORE, reduction, chunk_rows=10, vocab_size=V, label_smoothing=0.15,
+                                z_loss=2e-2)
+    g = torch.rand((), generator=gen).item() + 0.5
+    (loss * g).backward()
+    h64, w64 = (a.detach().double().requires_grad_() for a in (h, w))
+    ref = smoothed_z_loss64((h64 @ w64.t())[:, :V], t, 0.15, 2e-2, reduction)
+    (ref * g).backward()
+    assert_close_rel(loss, ref, TOL[dtype], f"fused loss {reduction}")
+    assert_close_rel(h.grad, h64.grad, TOL[dtype], "dhidden")
+    assert_close_rel(w.grad, w64.grad, TOL[dtype], "dweight")
+    assert torch.count_nonzero(w.grad[V:]) == 0
+
+
+def test_model_loss_options_on_both_paths():
+    """GPTModel.forward(label_smoothing=, z_loss=) reaches the loss on every path: the reference
+    lm_loss, the fused LM head (mean, sum) and the per-token kernel (none), with the same loss and
+    gradients; and a padded vocabulary's padding gets no share of the smoothing."""
+    from tritongpt.model.config import GPTConfig
+    from tritongpt.model.gpt import GPTModel
+
+    torch.manual_seed(4)
+    model = GPTModel(GPTConfig(vocab_size=70, context_length=12, n_embd=16, n_layer=1, n_head=2, vocab_multiple=32))
+    idx, y = torch.randint(0, 70, (3, 11)), torch.randint(0, 70, (3, 11))
+    y[0, :4] = IGNORE
+    w = torch.rand(3, 11)
+
+    def run(reduction):
+        model.zero_grad(set_to_none=True)
+        loss = model(idx, targets=y, ignore_index=IGNORE, reduction=reduction, label_smoothing=0.2, z_loss=5e-2)
+        (loss * w if reduction == "none" else loss).sum().backward()
+        return [loss.detach()] + [p.grad.clone() for p in model.parameters()]
+
+    for reduction in ("mean", "sum", "none"):
+        model.set_kernels("reference")
+        want = run(reduction)
+        with torch.no_grad():
+            logits64 = model.double()(idx)
+        model.float()
+        assert_close_rel(want[0], smoothed_z_loss64(logits64, y, 0.2, 5e-2, reduction).float(), 1e-5,
+                         f"reference path {reduction} vs float64")
+        model.set_kernels({"cross_entropy"})
+        got = run(reduction)
+        # a floor: the attention's key bias has no gradient but rounding (softmax ignores a shift)
+        for i, (a, b) in enumerate(zip(got, want)):
+            assert_close_mixed(a, b, 1e-5, 1e-9, f"{reduction} {'loss' if i == 0 else f'grad {i}'}")
+    model.set_kernels("reference")
+
+
+@pytest.mark.parametrize("label_smoothing,z_loss,match", [
+    (1.5, 0.0, r"label_smoothing must be in \[0, 1\], got 1.5"),
+    (-0.1, 0.0, r"label_smoothing must be in \[0, 1\]"),
+    (float("nan"), 0.0, "label_smoothing must be a finite number, got nan"),
+    (True, 0.0, "label_smoothing must be a finite number, got True"),
+    ("0.1", 0.0, "label_smoothing must be a finite number"),
+    (0.0, -1e-4, r"z_loss must be in \[0, inf\], got -0.0001"),
+    (0.0, float("inf"), "z_loss must be a finite number, got inf"),
+    (0.0, None, "z_loss must be a finite number, got None"),
+])
+def test_bad_loss_options_say_what_on_every_path(label_smoothing, z_loss, match, device):
+    from tritongpt.model.config import GPTConfig
+    from tritongpt.model.gpt import GPTModel
+
+    x, t = torch.randn(6, 40, device=device), torch.randint(0, 40, (6,), device=device)
+    h, w = torch.randn(6, 8, device=device), torch.randn(40, 8, device=device)
+    model = GPTModel(GPTConfig(vocab_size=40, context_length=8, n_embd=8, n_layer=1, n_head=2)).to(device)
+    calls = [lambda: cross_entropy(x, t, label_smoothing=label_smoothing, z_loss=z_loss),
+             lambda: linear_cross_entropy(h, w, t, label_smoothing=label_smoothing, z_loss=z_loss),
+             lambda: lm_loss(x.view(6, 1, 40), t.view(6, 1), label_smoothing=label_smoothing, z_loss=z_loss),
+             lambda: model(t.view(2, 3), targets=t.view(2, 3), label_smoothing=label_smoothing, z_loss=z_loss)]
+    if isinstance(label_smoothing, float) and z_loss is not None:  # the ops' schema makes floats of the others
+        calls.append(lambda: torch.ops.tritongpt.cross_entropy_fwd(x, t, IGNORE, 40, label_smoothing, z_loss))
+    for call in calls:
+        with pytest.raises(ValueError, match=match):
+            call()
+
+
 # -- the LM head and the loss fused (linear_cross_entropy) --------------------------------------
 def check_linear_parity(shape, C, V, dtype, device, seed, reduction="mean", chunk_rows=10, pad=0):
     """pad: extra weight rows past the V classes (a padded vocabulary): no logit, zero gradient."""

@@ -44,7 +44,11 @@ def _cross_entropy_args(device, gen):
     t[3] = -100
     loss, row_max, log_sum = ops.cross_entropy_fwd(logits, t, -100, 37)  # 3 padding columns
     return {"checked_targets": (t.int(), 37, -100), "cross_entropy_fwd": (logits, t, -100, 37),
-            "cross_entropy_bwd": (_randn(6, device=device, gen=gen), logits, t, row_max, log_sum, -100, 37)}
+            "cross_entropy_bwd": (_randn(6, device=device, gen=gen), logits, t, row_max, log_sum, -100, 37),
+            # label smoothing and the z-loss: two more schema arguments, and their kernel variants
+            "cross_entropy_fwd smoothed+z": (logits, t, -100, 37, 0.1, 1e-2),
+            "cross_entropy_bwd smoothed+z": (_randn(6, device=device, gen=gen), logits, t, row_max, log_sum, -100,
+                                             37, 0.1, 1e-2)}
 
 
 def _attention_args(device, gen):
@@ -63,7 +67,8 @@ OPS = [(kernel, op) for kernel, names in (("layer_norm", ("layer_norm_fwd", "lay
                                                          "add_layer_norm_bwd no ds")),
                                           ("mlp", ("gelu_mlp_fwd", "gelu_mlp_bwd")),
                                           ("cross_entropy", ("checked_targets", "cross_entropy_fwd",
-                                                             "cross_entropy_bwd")),
+                                                             "cross_entropy_bwd", "cross_entropy_fwd smoothed+z",
+                                                             "cross_entropy_bwd smoothed+z")),
                                           ("attention", ("flash_attn_fwd", "flash_attn_bwd")))
        for op in names]
 

@@ -1,5 +1,6 @@
 """What counts as a number in an argument: numpy's scalars too (they come out of arrays and
 configs), a bool never (True is an int to Python, but a flag is no size or rate)."""
+import math
 import numbers
 
 
@@ -11,3 +12,15 @@ def is_int(value) -> bool:
 def is_real(value) -> bool:
     """A real number (int, float, numpy scalars), not a bool."""
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def loss_options(label_smoothing, z_loss) -> tuple[float, float]:
+    """The LM loss's options as floats: label_smoothing in [0, 1] (as F.cross_entropy takes it),
+    z_loss a coefficient >= 0 (PaLM's 1e-4). Anything else is refused by name, on both paths
+    (lm_loss and kernels/cross_entropy.py), before it reaches a kernel."""
+    for name, value, high in (("label_smoothing", label_smoothing, 1.0), ("z_loss", z_loss, math.inf)):
+        if not is_real(value) or not math.isfinite(value):
+            raise ValueError(f"{name} must be a finite number, got {value!r}")
+        if not 0.0 <= value <= high:
+            raise ValueError(f"{name} must be in [0, {high:g}], got {value!r}")
+    return float(label_smoothing), float(z_loss)
