@@ -1,5 +1,6 @@
 """`tritongpt pretrain` end to end (shortened), its Python API, and its one-line input errors."""
 import json
+import math
 import re
 from pathlib import Path
 from types import SimpleNamespace
@@ -631,3 +632,34 @@ def test_hellaswag_examples_are_the_first_n_read_once_with_a_note_only_when_fewe
     data.unlink()
     assert hellaswag_examples(args) is got  # read once: a later call does not read the file again
     assert hellaswag_examples(SimpleNamespace(hellaswag=0, hellaswag_data=None)) == []
+
+
+def test_label_smoothing_and_z_loss_shape_the_training_loss_only(corpus, tmp_path, capsys):
+    """--label-smoothing and --z-loss change what is trained: the logged train loss is the
+    objective (at initialisation, where every logit is near 0, the z-loss adds z * log(V)^2 and
+    smoothing adds ~nothing), while evaluations report the plain cross-entropy, so the first val
+    loss is the plain run's. A resume that changes them names the change."""
+    short = ("--sample-tokens", "0", "--log-every", "1", "--eval-every", "1", "--max-steps", "1")
+    rows = {}
+    for name, extra in (("plain", ()), ("options", ("--label-smoothing", "0.1", "--z-loss", "0.01"))):
+        assert main(["pretrain", *argv(corpus, tmp_path / name, *short, *extra)]) == 0
+        rows[name] = common.MetricsLog(tmp_path / name / "metrics.jsonl").rows()
+    assert "loss: cross-entropy with label smoothing 0.1 and z-loss 0.01" in capsys.readouterr().out
+    first_val = {k: next(r["val_loss"] for r in v if "val_loss" in r) for k, v in rows.items()}
+    first_loss = {k: next(r["loss"] for r in v if "loss" in r) for k, v in rows.items()}
+    assert first_val["options"] == first_val["plain"]
+    expected = 0.01 * math.log(300) ** 2  # the tokenizer's 300 tokens are the model's vocabulary
+    assert abs(first_loss["options"] - first_loss["plain"] - expected) < 0.05 * expected, (first_loss, expected)
+    assert main(["pretrain", *argv(corpus, tmp_path / "options", *short[:-1], "2", "--resume",
+                                   "--label-smoothing", "0.1")]) == 0
+    assert "note: resuming with --max-steps 2 (the run had 1), --z-loss 0.0 (0.01)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flag,value,expect", [("--label-smoothing", "1.5", "--label-smoothing must be in [0, 1]"),
+                                               ("--z-loss=-1e-4", None, "--z-loss must be in [0, inf]"),
+                                               ("--z-loss", "nan", "--z-loss must be a finite number, got nan")])
+def test_bad_loss_options_are_refused_before_any_work(corpus, tmp_path, capsys, flag, value, expect):
+    assert main(["pretrain", *argv(corpus, tmp_path / "run", "--max-steps", "1"), flag, *[value] * bool(value)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and expect in err and "\n" not in err, err
+    assert not (tmp_path / "run").exists()

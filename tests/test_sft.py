@@ -3,6 +3,7 @@ task generator, a real before/after exact-match measurement, and Triton-path par
 import json
 import math
 import random
+from pathlib import Path
 
 import pytest
 import torch
@@ -590,6 +591,45 @@ def test_sft_loss_is_the_sum_and_count_of_the_response_targets_only():
             n += 1
     assert int(count) == n == 3 + 7 + 1
     assert float(total.detach()) == pytest.approx(want, rel=1e-5)
+    # with label smoothing and the z-loss: -sum_j q_j log p_j + z lse^2 over the same tokens
+    total, count = sft.sft_loss(model, (x, y), label_smoothing=0.2, z_loss=0.05)
+    with torch.no_grad():
+        lse = torch.logsumexp(model(x).float(), -1)
+    want = 0.0
+    for i, e in enumerate(examples):
+        for t in range(e.prompt_len - 1, len(e.ids) - 1):
+            want -= 0.8 * logp[i, t, e.ids[t + 1]].item() + 0.2 * logp[i, t].mean().item()
+            want += 0.05 * lse[i, t].item() ** 2
+    assert int(count) == n
+    assert float(total.detach()) == pytest.approx(want, rel=1e-5)
+
+
+def test_sft_trains_with_the_loss_options_and_evaluates_plain_cross_entropy(tmp_path, capsys, monkeypatch):
+    """`sft --label-smoothing --z-loss` reach the training loss (every call of sft_loss), are
+    recorded for a resume, and the held-out loss stays the plain cross-entropy."""
+    from tritongpt.cli import main
+
+    calls, plain = [], sft.sft_loss
+    monkeypatch.setattr(sft, "sft_loss", lambda m, b, **kw: calls.append(kw) or plain(m, b, **kw))
+    recs = [{"instruction": f"w{i}", "input": "", "output": "ab"} for i in range(8)]
+    model = GPTModel(GPTConfig(vocab_size=129, context_length=16, n_embd=16, n_layer=1, n_head=2))
+    result = sft.run_sft(model, CharTokenizer(), recs[:6], recs[6:], recs[6:], train_args(tmp_path, max_steps=2),
+                         max_new_tokens=2, sample=False, template=lambda r: r["instruction"],
+                         loss_options={"label_smoothing": 0.1, "z_loss": 1e-3})
+    assert calls and all(kw == {"label_smoothing": 0.1, "z_loss": 1e-3} for kw in calls)
+    ckpt = torch.load(Path(result["checkpoint"]) / "state.pt", weights_only=False)
+    assert ckpt["args"]["label_smoothing"] == 0.1 and ckpt["args"]["z_loss"] == 1e-3
+    val = sft.encode_records(recs[6:], CharTokenizer(), 16, "drop", "val", lambda r: r["instruction"])[0]
+    data = sft.SFTData(val, val, CharTokenizer().eot_id, 2)
+    assert result["val_loss"] == pytest.approx(sft.heldout_loss(model, data))
+    # the CLI passes the flags on, checked before any work
+    seen = {}
+    monkeypatch.setattr(sft, "run_sft", lambda *a, **k: seen.update(k) or {"is_main": False})
+    for flags, rc in ((["--label-smoothing", "0.25", "--z-loss", "2e-4"], 0), (["--label-smoothing", "-1"], 2)):
+        assert main(["sft", "--init", "tiny", "--n-train", "4", "--n-eval", "2", "--tasks", "first_word",
+                     "--out-dir", str(tmp_path / "cli"), *flags]) == rc
+    assert seen["loss_options"] == {"label_smoothing": 0.25, "z_loss": 2e-4}
+    assert "error: --label-smoothing must be in [0, 1], got -1.0" in capsys.readouterr().err
 
 
 def test_greedy_responses_stop_flag_and_budget(monkeypatch):

@@ -197,6 +197,30 @@ def add_train_args(parser: argparse.ArgumentParser, **defaults):
     return g
 
 
+def add_lm_loss_args(parser: argparse.ArgumentParser) -> None:
+    """--label-smoothing and --z-loss: the next-token objective's options (pretrain and sft). They
+    shape the training loss only; evaluations report the plain cross-entropy, comparable across runs."""
+    g = parser.add_argument_group("loss")
+    g.add_argument("--label-smoothing", type=float, default=0.0,
+                   help="train against a target that puts this share of its weight evenly on every class "
+                        "(PyTorch's label_smoothing, in [0, 1]; default %(default)s: off)")
+    g.add_argument("--z-loss", type=float, default=0.0,
+                   help="add this times logsumexp(logits)^2 per token (PaLM's auxiliary z-loss, 1e-4 there; it "
+                        "keeps the softmax's normaliser near 1, which steadies long and bf16 runs; default "
+                        "%(default)s: off)")
+
+
+def lm_loss_options(args) -> dict:
+    """{label_smoothing, z_loss} from the flags, checked (a UserError naming the flag)."""
+    from tritongpt._types import loss_options
+
+    try:
+        smoothing, z = loss_options(getattr(args, "label_smoothing", 0.0), getattr(args, "z_loss", 0.0))
+    except ValueError as e:
+        raise UserError("--" + str(e).replace("_", "-", 1)) from None
+    return {"label_smoothing": smoothing, "z_loss": z}
+
+
 # -- throughput ------------------------------------------------------------------------------
 # Dense bf16 tensor-core peaks (FLOP/s) by GPU name (datasheets halve their sparse figures),
 # most specific first: the first key found in the name wins ("H200 NVL" before "H200", "L40"

@@ -29,7 +29,7 @@ DEFAULTS = dict(out_dir="runs/pretrain", max_steps=300, batch_size=16, grad_accu
 
 def add_args(p: argparse.ArgumentParser):
     from tritongpt.commands import add_model_args, add_vocab_multiple_arg
-    from tritongpt.train.loop import add_train_args
+    from tritongpt.train.loop import add_lm_loss_args, add_train_args
 
     add_model_args(p, default_model=None, default_text="tiny; with --init, what its weights hold")
     p.add_argument("--init", default=None,
@@ -60,6 +60,7 @@ def add_args(p: argparse.ArgumentParser):
                         "only (split at <|endoftext|>, which opens each document), and positions count from its "
                         "start (Llama 3's document masking; GPT-2 and nanoGPT let a window run across documents); "
                         "eval scores such a run the same way")
+    add_lm_loss_args(p)
     e = p.add_argument_group("evaluation")
     e.add_argument("--hellaswag", type=int, default=0, metavar="N",
                    help="at each evaluation also score the first N HellaSwag validation examples (acc and "
@@ -256,6 +257,10 @@ def print_header(args, targs, model, tok, block, splits, trainer):
     print(f"data: {args.data or 'the pydoc corpus'}: {n_train:,} training + {n_val:,} validation tokens "
           f"({tok.name} tokenizer); {targs.max_steps} steps x {per_step} x {block} tokens"
           f"{', documents kept apart' if args.document_mask else ''}")
+    options = [f"label smoothing {args.label_smoothing:g}"] if args.label_smoothing else []
+    options += [f"z-loss {args.z_loss:g}"] if args.z_loss else []
+    if options:  # the logged train loss is then the objective, not the cross-entropy val_loss reports
+        print(f"loss: cross-entropy with {' and '.join(options)} (train loss; val loss is the plain cross-entropy)")
 
 
 def pretrain(args) -> dict:
@@ -265,10 +270,11 @@ def pretrain(args) -> dict:
     """
     from tritongpt.train import common, data
     from tritongpt.train.generate import generate
-    from tritongpt.train.loop import TrainArgs, Trainer, loss_eval_fn
+    from tritongpt.train.loop import TrainArgs, Trainer, lm_loss_options, loss_eval_fn
     from tritongpt.train.tokenizer import RUN_TOKENIZER, save_run_tokenizer
 
     targs = TrainArgs.from_namespace(args)
+    options = lm_loss_options(args)
     model, tok, block, prompt_ids = check_args(args, targs)
     splits = {}  # filled once the Trainer has set up the processes (rank 0 tokenises first)
 
@@ -278,10 +284,14 @@ def pretrain(args) -> dict:
     def get_eval_batch(split, generator):
         return get_batch(splits["eval"], generator)
 
-    def loss_fn(m, batch):
+    def loss_fn(m, batch, **options):
         x, y = batch
         doc_ids = data.document_ids(x, tok.eot_id) if args.document_mask else None
-        return m(x, targets=y, doc_ids=doc_ids)  # the model computes its loss: the toggle covers the loss kernel too
+        # the model computes its loss: the toggle covers the loss kernel too
+        return m(x, targets=y, doc_ids=doc_ids, **options)
+
+    def train_loss_fn(m, batch):  # the objective; evaluations score the plain loss_fn
+        return loss_fn(m, batch, **options)
 
     def sample_fn(m):
         idx = torch.tensor([prompt_ids], dtype=torch.long, device=trainer.device)
@@ -292,10 +302,10 @@ def pretrain(args) -> dict:
 
     eval_fn = loss_eval_fn(loss_fn, get_eval_batch, targs.eval_batches, seed=targs.seed + 10_000)
     shared = hellaswag_eval_fn(lambda: hellaswag_examples(args), tok) if args.hellaswag else None
-    trainer = Trainer(model, targs, loss_fn, get_batch, eval_fn=eval_fn, shared_eval_fn=shared,
+    trainer = Trainer(model, targs, train_loss_fn, get_batch, eval_fn=eval_fn, shared_eval_fn=shared,
                       sample_fn=sample_fn if args.sample_tokens > 0 else None,
                       name="pretrain", data_state=DataPosition(args, tok, block, splits),
-                      run_args={"init": common.data_path(args.init), "document_mask": args.document_mask})
+                      run_args={"init": common.data_path(args.init), "document_mask": args.document_mask, **options})
     try:
         splits.update(load_splits(args, tok, block, targs.batch_size, trainer))
     except BaseException:

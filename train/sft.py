@@ -24,6 +24,7 @@ are saved as JSON.
     tritongpt sft --init gpt2-small --data alpaca.json --tokenizer gpt2
     tritongpt sft --init runs/pretrain --data chats.jsonl     # {"messages": [...]} a line
 """
+import functools
 import json
 import sys
 from dataclasses import dataclass
@@ -286,14 +287,16 @@ class SFTData:
 
 
 # -- loss and evaluation -----------------------------------------------------------------------------
-def sft_loss(model, batch):
+def sft_loss(model, batch, label_smoothing: float = 0.0, z_loss: float = 0.0):
     """(summed cross-entropy over the batch's counted (response) targets, how many they are).
 
     A sum and a count, not a mean, so the Trainer weighs every response token of a step alike:
-    batches of short and of long answers count different numbers of them.
+    batches of short and of long answers count different numbers of them. label_smoothing and
+    z_loss: the objective's options (GPTModel.forward's), 0 for the plain cross-entropy.
     """
     inputs, targets = batch[0], batch[1]
-    return (model(inputs, targets=targets, ignore_index=IGNORE_INDEX, reduction="sum"),
+    return (model(inputs, targets=targets, ignore_index=IGNORE_INDEX, reduction="sum",
+                  label_smoothing=label_smoothing, z_loss=z_loss),
             (targets != IGNORE_INDEX).sum())
 
 
@@ -437,13 +440,14 @@ def pick_tokenizer(spec, init, vocab_size: int):
 def run_sft(model, tokenizer, train_records, val_records, test_records, args, *, mask_prompt: bool = True,
             overlong: str = "drop", max_length: int | None = None, max_new_tokens: int = 32,
             eval_gen: int = 32, eval_before: bool = False, sample: bool = True,
-            template=format_prompt, run_args: dict | None = None) -> dict:
+            template=format_prompt, run_args: dict | None = None, loss_options: dict | None = None) -> dict:
     """Fine-tune `model` with the shared Trainer; evaluate; save responses.json in args.out_dir.
 
     val_records give the held-out loss (and a quick exact match on the first eval_gen of them
     at each evaluation); test_records are answered greedily at the end (and before, with
     eval_before). Returns the Trainer's result plus exact_match (and exact_match_before).
     run_args: the data flags (--data, ...) for the Trainer to name when a resume changes them.
+    loss_options: {label_smoothing, z_loss} for the training loss (evaluations score plain CE).
     """
     from tritongpt.train.loop import Trainer
 
@@ -469,10 +473,13 @@ def run_sft(model, tokenizer, train_records, val_records, test_records, args, *,
         pred, _ = greedy_responses(m, tokenizer, [rec], max_new_tokens, template=template)[0]
         return f"{formats.describe(rec)} -> {pred!r} (gold {rec['output']!r})"
 
-    trainer = Trainer(model, args, sft_loss, data.get_batch, eval_fn=eval_fn if val else None,
+    loss_options = dict(loss_options or {})
+    trainer = Trainer(model, args, functools.partial(sft_loss, **loss_options), data.get_batch,
+                      eval_fn=eval_fn if val else None,
                       sample_fn=sample_fn if sample and val_kept else None, name="sft", data_state=data,
                       run_args={**(run_args or {}), "no_mask_prompt": not mask_prompt, "overlong": overlong,
-                                "max_length": max_length}, prompt_format=formats.format_of(train_records[0]))
+                                "max_length": max_length, **loss_options},
+                      prompt_format=formats.format_of(train_records[0]))
     out_dir = Path(args.out_dir)
     if trainer.is_main:
         from tritongpt.train.tokenizer import save_run_tokenizer
@@ -515,12 +522,13 @@ def run_sft(model, tokenizer, train_records, val_records, test_records, args, *,
 
 # -- command line -------------------------------------------------------------------------------------
 def cmd_sft(args):
-    from tritongpt.train.loop import TrainArgs
+    from tritongpt.train.loop import TrainArgs, lm_loss_options
 
     from tritongpt.model.lora import check_lora
 
     targs = TrainArgs.from_namespace(args)
     targs.validate()
+    loss_options = lm_loss_options(args)
     check_lora(args.lora_rank, args.lora_alpha, args.lora_targets)  # before the model loads
     for name in ("max_new_tokens", "n_train"):
         if getattr(args, name) < 1:
@@ -550,7 +558,8 @@ def cmd_sft(args):
                      overlong=args.overlong, max_length=args.max_length, max_new_tokens=args.max_new_tokens,
                      eval_gen=args.eval_gen, eval_before=args.eval_before,
                      run_args={"data": common.data_path(args.data), "tasks": args.tasks, "n_train": args.n_train,
-                               "val_fraction": args.val_fraction, "init": common.data_path(args.init)})
+                               "val_fraction": args.val_fraction, "init": common.data_path(args.init)},
+                     loss_options=loss_options)
     if not result["is_main"]:  # DDP: rank 0 reports
         return 0
     if result.get("exact_match") is not None:
@@ -562,7 +571,7 @@ def cmd_sft(args):
 
 
 def add_cli(sub):
-    from tritongpt.train.loop import add_train_args
+    from tritongpt.train.loop import add_lm_loss_args, add_train_args
 
     p = sub.add_parser("sft", help="supervised fine-tuning on instruction records (default: embedded verifiable tasks)")
     p.add_argument("--init", required=True,
@@ -594,6 +603,7 @@ def add_cli(sub):
     p.add_argument("--eval-gen", type=int, default=32,
                    help="held-out records answered at each evaluation (default %(default)s)")
     p.add_argument("--eval-before", action="store_true", help="also answer the held-out set before training")
+    add_lm_loss_args(p)
     add_train_args(p, out_dir="runs/sft", max_steps=500, batch_size=16, lr=1e-4, min_lr=1e-5, warmup_steps=20,
                    eval_every=100, ckpt_every=500, sample_every=100, log_every=50)
     p.set_defaults(func=cmd_sft)
