@@ -1368,6 +1368,42 @@ def test_rlhf_with_a_verifier_still_notes_an_init_tuned_on_another_template(tmp_
     assert "note: --reward" not in err
 
 
+@pytest.mark.parametrize("command", ["reward", "rlhf"])
+def test_a_template_only_held_out_pairs_use_is_one_of_the_data_templates(command, tmp_path, capsys, monkeypatch):
+    """The template note names every template of the data, held-out pairs' included: an --init
+    tuned on chats, given Alpaca pairs and one completion prompt that only the held-out share
+    has, is told the data is alpaca and completion prompts (the command is stopped right after
+    the note, where the backbone would be built)."""
+    from tritongpt.cli import main
+    from tritongpt.model.config import get_config
+    from tritongpt.train import reward
+    from tritongpt.train.preference import train_val_pairs
+
+    class Built(Exception):
+        pass
+
+    def build_backbone(args):
+        raise Built
+
+    data = tmp_path / "pairs.jsonl"
+    recs = [{"instruction": f"Add {i} and 1.", "chosen": f"{i + 1}", "rejected": f"{i + 2}"} for i in range(8)]
+    recs.append({"prompt": "The sky at noon is 2", "chosen": " blue", "rejected": " green"})
+    data.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    train, val = train_val_pairs(str(data), val_fraction=0.1)
+    assert {p.format for p in train} == {"alpaca"} and "completion" in {p.format for p in val}  # the split's hash
+    run = tmp_path / "chat-sft"
+    (run / "ckpt-0000001").mkdir(parents=True)
+    GPTModel(get_config("tiny", vocab_size=4100, n_layer=1)).save(run / "ckpt-0000001" / "model.safetensors")
+    torch.save({"step": 1, "prompt_format": "chat"}, run / "ckpt-0000001" / "state.pt")
+    monkeypatch.setattr(reward, "build_backbone", build_backbone)
+    rm = ["--reward", "exact"] if command == "rlhf" else []
+    with pytest.raises(Built):
+        main([command, "--init", str(run), "--data", str(data), "--val-fraction", "0.1", *rm,
+              "--out-dir", str(tmp_path / "out"), "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert f"note: --init {run} was tuned on chat prompts, and these are alpaca and completion prompts" in err, err
+
+
 @pytest.mark.parametrize("command", ["pretrain", "sft", "reward", "dpo", "rlhf"])
 def test_activation_checkpointing_flag_recomputes_and_changes_nothing_else(command, tmp_path, monkeypatch):
     """--activation-checkpointing on every training command: the trained model's blocks run under
