@@ -122,6 +122,31 @@ def test_add_layernorm_flash_attn_provider_passes_its_argument_order(monkeypatch
         kernels.add_layernorm_providers(x, d, w, b)["flash-attn"]()
 
 
+def test_add_layernorm_triton_provider_passes_the_stream_as_x(monkeypatch):
+    """The fused kernel is called as a block calls it: the fp32 stream as x, the bf16 sublayer
+    output as delta. Swapped, the numbers are the same (x + d == d + x, and autograd casts each
+    gradient to its input's dtype), but the kernel would take delta for fp32 and time its
+    one-dtype backward instead of the one that writes delta's gradient in bf16."""
+    from tritongpt.kernels import layernorm
+
+    seen = []
+    real = layernorm.add_layer_norm
+
+    def add_layer_norm(x, delta, weight, bias, eps=1e-5):
+        seen.append((x, delta, weight, bias, eps))
+        return real(x, delta, weight, bias, eps)
+
+    monkeypatch.setattr(layernorm, "add_layer_norm", add_layer_norm)
+    gen = torch.Generator().manual_seed(8)
+    x, w, b = (torch.randn(*shape, generator=gen).requires_grad_() for shape in ((5, 16), (16,), (16,)))
+    d = torch.randn(5, 16, generator=gen).bfloat16().requires_grad_()
+    s, _ = kernels.add_layernorm_providers(x, d, w, b)["triton"]()[0]()
+    [(got_x, got_delta, got_w, got_b, eps)] = seen
+    assert got_x is x and got_delta is d, "the stream and the sublayer output are swapped"
+    assert got_w is w and got_b is b and eps == 1e-5
+    assert s.grad_fn.delta_dtype == torch.bfloat16  # the backward timed is the mixed-dtype one
+
+
 def test_add_layernorm_compile_provider_and_the_leaves_each_provider_resets(monkeypatch):
     """The compile provider compiles the module's add_and_norm (torch.compile stood in for by the
     function itself: the CPU has no compiler to spare here), so it returns (s, y) as the eager
