@@ -423,6 +423,24 @@ def test_a_resume_names_a_changed_lr_schedule_and_decay_fraction(tmp_path, capsy
             "--decay-fraction 0.5 (0.2): the run goes on differently") in err, err
 
 
+def test_a_resume_before_the_wsd_decay_with_more_steps_extends_the_run(tmp_path, capsys):
+    """wsd's stable phase does not depend on --max-steps: a run resumed with more steps before
+    its decay began had the rates of a run planned that long, and the note says it is extended;
+    the rates logged are that run's, step for step."""
+    get = make_get_batch(synthetic_tokens(), 2)
+    first = dict(max_steps=2, batch_size=2, warmup_steps=0, lr_schedule="wsd")  # 0.2 of 2 steps: no decay
+    Trainer(tiny_model(), args_for(tmp_path, **first), loss_fn, get).fit()
+    capsys.readouterr()
+    Trainer(tiny_model(), args_for(tmp_path, **{**first, "max_steps": 4}, resume="latest"), loss_fn, get).fit()
+    err = capsys.readouterr().err
+    assert ("note: resuming with --max-steps 4 (the run had 2): up to step 2 the wsd schedule gives the same "
+            "learning rates over 4 steps, so the run goes on as if planned with 4 steps") in err, err
+    assert "goes on differently" not in err
+    a = args_for(tmp_path, **{**first, "max_steps": 4})
+    assert [r["lr"] for r in rows(tmp_path) if "lr" in r] == \
+        [common.lr_at(s, a.lr, 0, 4, a.min_lr, "wsd", a.decay_fraction) for s in range(4)]
+
+
 @pytest.mark.parametrize("field,value,message", [("lr_schedule", "cosin", "--lr-schedule must be one of cosine, wsd"),
                                                  ("decay_fraction", 0.0, "--decay-fraction must be in"),
                                                  ("decay_fraction", 1.5, "--decay-fraction must be in"),
@@ -1428,6 +1446,30 @@ def test_check_resume_limit_precision_and_kernels_notes(tmp_path, capsys):
     common.check_resume(tmp_path, {**state, "precision": "torch.bfloat16"}, {"max_steps": 3, "lr": 0.2}, ("lr",),
                         "step", "--max-steps", "torch.float32", say=False, kernels="triton")
     assert capsys.readouterr().err == ""
+
+
+def test_check_resume_says_a_longer_wsd_run_is_extended_only_before_its_decay(tmp_path, capsys):
+    """300 wsd steps decay from step 240, 600 from 480: a checkpoint at step 240 ran stable steps
+    only, the same over 600 steps (the run is extended); at 242, steps 240 and 241 had decayed,
+    so the run goes on differently, as it does with another flag changed too, or when the
+    checkpoint's args do not hold the schedule's flags (a run from before them)."""
+    was = dict(lr=1e-3, warmup_steps=10, max_steps=300, min_lr=1e-4, lr_schedule="wsd", decay_fraction=0.2)
+    now = {**was, "max_steps": 600}
+    names = ("max_steps", "lr", "min_lr", "lr_schedule", "decay_fraction", "warmup_steps")
+
+    def note_for(step, saved=was, now_args=now):
+        common.check_resume(tmp_path, {"step": step, "args": saved}, now_args, names, "step", "--max-steps",
+                            "torch.float32", say=True)
+        return capsys.readouterr().err
+
+    assert note_for(240) == ("note: resuming with --max-steps 600 (the run had 300): up to step 240 the wsd schedule "
+                             "gives the same learning rates over 600 steps, so the run goes on as if planned with "
+                             "600 steps\n")
+    differently = "note: resuming with --max-steps 600 (the run had 300): the run goes on differently"
+    assert note_for(242).startswith(differently)
+    assert "--max-steps 600 (the run had 300), --lr 0.002 (0.001): the run goes on differently" in \
+        note_for(100, now_args={**now, "lr": 2e-3})
+    assert note_for(100, saved={k: v for k, v in was.items() if k != "decay_fraction"}).startswith(differently)
 
 
 def test_load_state_mapped_reads_the_same_and_names_a_damaged_file_alike(tmp_path):

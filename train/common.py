@@ -458,22 +458,42 @@ def data_path(data):
     return str(p.resolve()) if p.exists() else str(data)
 
 
+def same_rates_so_far(saved: dict, now: dict, steps: int) -> bool:
+    """Whether each step run so far (0 .. steps - 1) has the same learning rate under the resumed
+    run's schedule flags as under the run's own (False when the checkpoint's args lack one): e.g. a
+    wsd run given more --max-steps before its decay began (the stable phase does not depend on
+    them). The rates only: whether any other flag changed is the caller's to check."""
+    keys = ("lr", "warmup_steps", "max_steps", "min_lr", "lr_schedule", "decay_fraction")
+    if not all(k in saved and k in now for k in keys):
+        return False
+    return all(lr_at(s, *(saved[k] for k in keys)) == lr_at(s, *(now[k] for k in keys)) for s in range(steps))
+
+
 def check_resume(ckpt, state: dict, now_args: dict, names, step_key: str, limit_flag: str, precision: str,
                  say: bool, kernels: str | None = None) -> None:
     """The checks every trainer's --resume makes: the checkpoint is not past the run's end
     (state[step_key] vs now_args[limit]); a note naming the flags among `names` that differ from
-    the checkpoint's run, and a different precision (bf16/fp32 as resolved, not as spelled); a
-    note when the kernels (as resolved: `auto` is one or the other) are not the run's."""
+    the checkpoint's run, and a different precision (bf16/fp32 as resolved, not as spelled), or,
+    where --max-steps alone changed and left the wsd rates of the steps run so far as they were,
+    that the run is extended; a note when the kernels (as resolved: `auto` is one or the other)
+    are not the run's."""
     limit = now_args[limit_flag.removeprefix("--").replace("-", "_")]
     if state[step_key] > limit:
         raise UserError(f"--resume: {ckpt} is at {step_key} {state[step_key]}, past {limit_flag} {limit}: "
                         f"raise {limit_flag} to train further")
     saved = state.get("args", {})
-    parts = [(f"--{k.replace('_', '-')} {now_args[k]}", saved[k]) for k in names
-             if k in saved and k in now_args and saved[k] != now_args[k]]
+    changed = [k for k in names if k in saved and k in now_args and saved[k] != now_args[k]]
+    parts = [(f"--{k.replace('_', '-')} {now_args[k]}", saved[k]) for k in changed]
     if state.get("precision", precision) != precision:  # checkpoints from before it was saved: unknown
         parts.append((f"precision {precision.removeprefix('torch.')}", state["precision"].removeprefix("torch.")))
-    if parts and say:
+    # wsd's stable phase is made to be extended; other schedules (a cosine run still in its warmup,
+    # a constant one) keep the note that names --max-steps as a change
+    if say and changed == ["max_steps"] and len(parts) == 1 and now_args.get("lr_schedule") == "wsd" \
+            and same_rates_so_far(saved, now_args, state[step_key]):
+        note(f"resuming with --max-steps {now_args['max_steps']} (the run had {saved['max_steps']}): up to step "
+             f"{state[step_key]} the wsd schedule gives the same learning rates over {now_args['max_steps']} "
+             f"steps, so the run goes on as if planned with {now_args['max_steps']} steps")
+    elif parts and say:
         text = ", ".join(f"{now} ({'the run had ' if i == 0 else ''}{was})" for i, (now, was) in enumerate(parts))
         note(f"resuming with {text}: the run goes on differently from the one it was started as")
     if say and kernels is not None and state.get("kernels", kernels) != kernels:

@@ -276,6 +276,8 @@ class _SafetensorsSaver:
 
 # Flags that change what a resumed run computes (--max-steps too: it stretches the cosine schedule),
 # named in a note when a resume changes them; the precision is compared as resolved (auto = fp32 on CPU).
+# A --max-steps that leaves the rates of the steps run so far alone (wsd before its decay) is noted as
+# extending the run instead.
 TRAJECTORY_ARGS = ("max_steps", "batch_size", "grad_accum", "lr", "min_lr", "lr_schedule", "decay_fraction",
                    "warmup_steps", "weight_decay", "grad_clip", "seed")
 
