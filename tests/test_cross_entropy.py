@@ -791,10 +791,12 @@ def test_linear_refuses_a_second_derivative(device):
     assert torch.isfinite(g).all() and g.abs().sum() > 0
 
 
-@pytest.mark.parametrize("autocast", [None, torch.float16])
-def test_linear_torch_compile_fullgraph(device, autocast):
+@pytest.mark.parametrize("autocast,options", [(None, {}), (torch.float16, {}),
+                                              (torch.float16, {"label_smoothing": 0.1, "z_loss": 1e-3})])
+def test_linear_torch_compile_fullgraph(device, autocast, options):
     """Dynamo traces the chunk loop (unrolled) with the custom ops inside: no graph breaks; under
-    fp16 autocast, the backward's chunk loop too (the gradients wait for the upstream one)."""
+    fp16 autocast, the backward's chunk loop too (the gradients wait for the upstream one), with
+    the loss options as the ops' constants."""
     gen = torch.Generator().manual_seed(11)
     h = torch.randn(12, 16, generator=gen).to(device).requires_grad_()
     w = torch.randn(70, 16, generator=gen).to(device).requires_grad_()
@@ -802,7 +804,7 @@ def test_linear_torch_compile_fullgraph(device, autocast):
 
     def fn(h, w, t):
         with torch.autocast(device.type, dtype=autocast or torch.float32, enabled=autocast is not None):
-            return linear_cross_entropy(h, w, t, chunk_rows=5) * 3.0
+            return linear_cross_entropy(h, w, t, chunk_rows=5, **options) * 3.0
 
     y = torch.compile(fn, backend="aot_eager", fullgraph=True)(h, w, t)
     y.backward()
