@@ -124,8 +124,10 @@ def add_cli(sub):
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads for the CPU-side timings (default: torch's choice)")
     k = p.add_argument_group("kernels")
-    k.add_argument("--ops", default="layernorm,mlp,attention,cross_entropy,lm_head_loss,doc_attention,add_layernorm",
-                   help="comma list (default: all of %(default)s)")
+    k.add_argument("--ops", default="layernorm,mlp,attention,cross_entropy,lm_head_loss,doc_attention,add_layernorm,"
+                                   "lm_head_loss_smooth_z",
+                   help="comma list (default: all of %(default)s; lm_head_loss_smooth_z is the LM head + loss with "
+                        "label smoothing 0.1 and z-loss 1e-4)")
     k.add_argument("--modes", default="fwd,bwd,fwd+bwd", help="comma list (default: all of %(default)s)")
     k.add_argument("--providers", default=None, help=f"subset of {','.join(ALL_PROVIDERS)}")
     k.add_argument("--ln-rows", type=int, default=None,

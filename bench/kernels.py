@@ -1,12 +1,13 @@
-"""Kernel benchmarks: LayerNorm, GELU-MLP, attention, the LM loss and the LM head + loss, every
-provider on the same random data.
+"""Kernel benchmarks: LayerNorm, GELU-MLP, attention, the LM loss and the LM head + loss (plain,
+and with label smoothing and z-loss), every provider on the same random data.
 
 Providers per op (a provider that cannot run gives a "skipped: why" row, never a crash):
     reference   the textbook module from model/layers.py (the loss: model/gpt.py lm_loss), eager
     torch       PyTorch's own op: F.layer_norm | addmm + F.gelu(tanh) + addmm |
                 F.scaled_dot_product_attention pinned to one backend with sdpa_kernel
                 (sdpa-flash, sdpa-cudnn, sdpa-efficient) | F.cross_entropy on the bf16 logits
-                (lm_head_loss: F.linear then F.cross_entropy)
+                (lm_head_loss: F.linear then F.cross_entropy; lm_head_loss_smooth_z: the same with
+                label_smoothing, plus z_loss * the mean of logsumexp(logits)^2, written plainly)
     compile     torch.compile of the reference module
     triton      ours: tritongpt.kernels.* (imported lazily)
     liger       Liger-Kernel's LayerNorm, cross-entropy and fused linear cross-entropy, when
@@ -17,6 +18,9 @@ Providers per op (a provider that cannot run gives a "skipped: why" row, never a
 lm_head_loss is hidden [N, C] -> logits [N, V] -> mean loss; ours and Liger's make the gradients
 during forward (so their "fwd" includes backward's matmuls): compare fwd+bwd and peak memory.
 So does Liger's cross_entropy (it writes the gradient over the logits in forward).
+lm_head_loss_smooth_z is the same with label smoothing 0.1 and PaLM's z-loss 1e-4 (lm_loss's
+label_smoothing and z_loss, Liger's label_smoothing and lse_square_scale); the same matmuls, so
+the same FLOPs are counted. It runs last of all, so a time budget that runs out drops it first.
 Modes: fwd (inputs require grad, as in training), bwd (backward of a kept graph,
 retain_graph=True), fwd+bwd. Backward starts from a random gradient, or from 1 for a loss (as
 loss.backward() does). Gradients are reset to None before each timed call.
@@ -50,10 +54,13 @@ PROVIDERS = {
     "attention": ("reference", *SDPA_BACKENDS, "compile", "triton", *FLASH_ATTN),
     "cross_entropy": ("reference", "torch", "compile", "triton", "liger"),
     "lm_head_loss": ("reference", "torch", "compile", "triton", "liger"),
+    # the LM head + loss with the training options: label smoothing and PaLM's z-loss (SMOOTH_Z)
+    "lm_head_loss_smooth_z": ("reference", "torch", "compile", "triton", "liger"),
     # packed documents: causal attention within each, none across (the model's doc_ids)
     "doc_attention": ("reference", "sdpa-mask", "flex", "triton"),
 }
 DOCUMENTS_PER_ROW = 8  # doc_attention: random lengths, this many per sequence
+SMOOTH_Z = dict(label_smoothing=0.1, z_loss=1e-4)  # lm_head_loss_smooth_z's options (1e-4: PaLM's z-loss)
 ALL_PROVIDERS = tuple(sorted({p for v in PROVIDERS.values() for p in v}))
 
 # Sweeps. Full: what `tritongpt bench kernels` runs on a GPU. Quick: a smoke-sized subset that
@@ -390,6 +397,71 @@ def lm_head_loss_providers(h, w, t):
             "triton": triton_op, "liger": liger}
 
 
+def positional_args(function, **values) -> list:
+    """The arguments, all positional, of an autograd Function's forward (apply takes no keywords,
+    nor fills in defaults here): `values` by parameter name, every other parameter its default.
+    Liger's fused linear cross-entropy has changed its order across versions (ce_weight came in
+    before ignore_index; the oldest have no lse_square_scale), so it is read from the signature;
+    a name the installed version lacks is Unavailable, naming it."""
+    import inspect
+
+    kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    params = [p for p in inspect.signature(function.forward).parameters.values() if p.kind in kinds][1:]  # no ctx
+    where = f"this version's {function.__name__}.forward"
+    missing = [name for name in values if name not in {p.name for p in params}]
+    if missing:
+        raise Unavailable(f"{where} has no {', '.join(missing)}")
+    args = []
+    for p in params:
+        if p.name not in values and p.default is p.empty:
+            raise Unavailable(f"{where} needs {p.name}, which has no default")
+        args.append(values[p.name] if p.name in values else p.default)
+    return args
+
+
+def lm_head_loss_smooth_z_providers(h, w, t, label_smoothing=SMOOTH_Z["label_smoothing"],
+                                    z_loss=SMOOTH_Z["z_loss"]):
+    """lm_head_loss_providers' LM head + mean loss with label smoothing and PaLM's z-loss
+    (z_loss * logsumexp(logits)^2 a row, averaged as the loss is), in every provider."""
+    from tritongpt.model.gpt import lm_loss
+
+    def reference():
+        return (lambda: lm_loss(F.linear(h, w)[None], t[None], label_smoothing=label_smoothing, z_loss=z_loss)), [h, w]
+
+    def torch_op():
+        def f():
+            logits = F.linear(h, w)
+            z = torch.logsumexp(logits.float(), dim=-1).square().mean()  # no target is ignored here
+            return F.cross_entropy(logits, t, label_smoothing=label_smoothing) + z_loss * z
+        return f, [h, w]
+
+    def compiled():
+        fn = _fresh_compile(lambda h, w, t: lm_loss(F.linear(h, w)[None], t[None], label_smoothing=label_smoothing,
+                                                    z_loss=z_loss))
+        return (lambda: fn(h, w, t)), [h, w]
+
+    def triton_op():
+        fn, why = try_import("tritongpt.kernels.cross_entropy", "linear_cross_entropy")
+        if fn is None:
+            raise Unavailable(why)
+        return (lambda: fn(h, w, t, label_smoothing=label_smoothing, z_loss=z_loss)), [h, w]
+
+    def liger():
+        fn, why = try_import("liger_kernel.ops.fused_linear_cross_entropy", "LigerFusedLinearCrossEntropyFunction")
+        if fn is None:
+            raise Unavailable(why)
+        args = positional_args(fn, _input=h, weight=w, target=t, lse_square_scale=z_loss,
+                               label_smoothing=label_smoothing)
+
+        def f():
+            out = fn.apply(*args)
+            return out[0] if isinstance(out, (tuple, list)) else out  # (loss, z_loss, ...) in newer versions
+        return f, [h, w]
+
+    return {"reference": reference, "torch": torch_op, "compile": compiled,
+            "triton": triton_op, "liger": liger}
+
+
 # -- the driver -----------------------------------------------------------------------------------------
 def _mode_fn(forward, mode):
     """The callable to time for a mode, built on a forward callable."""
@@ -712,15 +784,28 @@ def sweep_cross_entropy(timer, budget, rows_n, vocabs, dtype, modes=MODES, provi
 
 
 def sweep_lm_head_loss(timer, budget, rows_n, widths, vocabs, dtype, modes=MODES, providers=None):
+    return _sweep_lm_head("lm_head_loss", lm_head_loss_providers, timer, budget, rows_n, widths, vocabs, dtype,
+                          modes, providers)
+
+
+def sweep_lm_head_loss_smooth_z(timer, budget, rows_n, widths, vocabs, dtype, modes=MODES, providers=None,
+                                options=SMOOTH_Z):
+    """sweep_lm_head_loss with label smoothing and z-loss (options: label_smoothing, z_loss; in
+    each row's config): no more matmuls, the same FLOPs counted."""
+    return _sweep_lm_head("lm_head_loss_smooth_z", lambda h, w, t: lm_head_loss_smooth_z_providers(h, w, t, **options),
+                          timer, budget, rows_n, widths, vocabs, dtype, modes, providers, options)
+
+
+def _sweep_lm_head(op, make_providers, timer, budget, rows_n, widths, vocabs, dtype, modes, providers, options=None):
     out = []
     dev = timer.device
     for c in widths:
         for v in vocabs:
-            cfg = {"rows": rows_n, "width": c, "vocab": v, "dtype": dtype_name(dtype)}
+            cfg = {"rows": rows_n, "width": c, "vocab": v, **(options or {}), "dtype": dtype_name(dtype)}
             h = randn(rows_n, c, device=dev, dtype=dtype)
             w = randn(v, c, device=dev, dtype=dtype, scale=c ** -0.5 * 3.0)
             t = torch.randint(0, v, (rows_n,), device=dev)
-            out += bench_providers("lm_head_loss", cfg, lm_head_loss_providers(h, w, t), modes, timer, budget,
+            out += bench_providers(op, cfg, make_providers(h, w, t), modes, timer, budget,
                                    lambda m: {"flops": lm_head_flops(rows_n, c, v, m)}, providers,
                                    grads_in_forward=("triton", "liger"))
             del h, w, t
@@ -752,19 +837,22 @@ def _sweep_plan(sizes, part):
             "doc_attention": [(sizes["attn_seqlens"], sizes["attn_head_dims"][:1])] if part == "rest" else [],
             "add_layernorm": [sizes["ln_widths"]] if part == "rest" else [],
             "cross_entropy": [sizes["ce_vocabs"]] if part == "rest" else [],
-            "lm_head_loss": [sizes["head_widths"]] if part == "rest" else []}
+            "lm_head_loss": [sizes["head_widths"]] if part == "rest" else [],
+            # with label smoothing and z-loss: last of all (_run_plan), the first a short budget drops
+            "lm_head_loss_smooth_z": [sizes["head_widths"]] if part == "rest" else []}
     return {op: [a for a in args if a] for op, args in plan.items()}
 
 
 def run_kernels(timer, budget, dtype=torch.bfloat16,
                 ops=("layernorm", "mlp", "attention", "cross_entropy", "lm_head_loss", "doc_attention",
-                     "add_layernorm"),
+                     "add_layernorm", "lm_head_loss_smooth_z"),
                 modes=MODES, providers=None, sizes=None, ceiling_sizes=None, log=print):
     """All sweeps plus the ceilings; returns (rows, ceilings).
 
     Order: the targets' configurations (TARGET_SIZES) first, then the rest; within each, torch.compile
     (seconds of compiling per shape) after the other providers, so that when the time budget
-    runs out it is the wider sweep's compiled baselines that go missing.
+    runs out it is the wider sweep's compiled baselines that go missing. lm_head_loss_smooth_z
+    (a variant of lm_head_loss) comes after all of those, every provider's, so it goes first.
     """
     sizes = dict(FULL_SIZES, **(sizes or {}))
     log("measuring ceilings (device copy bandwidth, bf16 matmul) ...")
@@ -816,6 +904,14 @@ def _run_plan(rows, timer, budget, dtype, ops, modes, sizes, groups, log):
                 log(f"attention over {DOCUMENTS_PER_ROW} packed documents{label}: T {list(seqlens)} ...")
                 rows += sweep_doc_attention(timer, budget, seqlens, head_dims, dtype, sizes["attn_tokens"],
                                             sizes["attn_width"], modes, provs)
+        # the LM head + loss with label smoothing and z-loss after every other row, compiled ones too
+        for provs, label in groups:
+            label = f" ({part}{label})"
+            for widths in plan["lm_head_loss_smooth_z"] if "lm_head_loss_smooth_z" in ops else ():
+                log(f"lm-head + loss, label smoothing {SMOOTH_Z['label_smoothing']}, z-loss {SMOOTH_Z['z_loss']}"
+                    f"{label}: width {list(widths)}, vocab {list(sizes['ce_vocabs'])} ...")
+                rows += sweep_lm_head_loss_smooth_z(timer, budget, sizes["ce_rows"], widths, sizes["ce_vocabs"],
+                                                    dtype, modes, provs)
 
 
 def sort_rows(rows):

@@ -421,8 +421,11 @@ def test_run_kernels_end_to_end_on_cpu():
     assert ceil["copy"]["gbps"] > 0 and ceil["matmul"]["tflops"] > 0
     assert all(r["status"] == "ok" for r in rows), [r["status"] for r in rows if r["status"] != "ok"]
     timed = [r for r in rows if r["mode"] != "saved"]
-    # layernorm, mlp, attention, cross_entropy, lm_head_loss, documents (reference), residual add + layernorm
-    assert len(timed) == 2 * 2 * 3 + 1 * 2 * 3 + 2 * 2 * 3 + 1 * 2 * 3 + 1 * 2 * 3 + 2 * 3 + 2 * 2 * 3
+    # layernorm, mlp, attention, cross_entropy, lm_head_loss, documents (reference), residual add + layernorm,
+    # lm_head_loss with label smoothing and z-loss
+    assert len(timed) == 2 * 2 * 3 + 1 * 2 * 3 + 2 * 2 * 3 + 1 * 2 * 3 + 1 * 2 * 3 + 2 * 3 + 2 * 2 * 3 + 1 * 2 * 3
+    assert [(r["config"]["label_smoothing"], r["config"]["z_loss"]) for r in timed
+            if r["op"] == "lm_head_loss_smooth_z"] == [(0.1, 1e-4)] * 6
     assert {r["config"]["documents"] for r in timed if r["op"] == "doc_attention"} == {8}
     assert [r["config"]["width"] for r in timed[:6]] == [24] * 6  # sorted by size
     att = [r for r in timed if r["op"] == "attention"]
@@ -444,6 +447,7 @@ def test_target_configurations_are_measured_first_and_exactly_once():
     first, rest = kernels._sweep_plan(full, "targets"), kernels._sweep_plan(full, "rest")
     assert first["layernorm"] == [(768,)] and first["attention"] == [((1024,), (64,))]
     assert first["cross_entropy"] == [] and rest["cross_entropy"] == [full["ce_vocabs"]]
+    assert first["lm_head_loss_smooth_z"] == [] and rest["lm_head_loss_smooth_z"] == [full["head_widths"]]
     for op, key in (("layernorm", "ln_widths"), ("mlp", "mlp_widths")):
         done = [w for plan in (first, rest) for args in plan[op] for w in args]
         assert sorted(done) == sorted(full[key])
@@ -815,7 +819,7 @@ def test_gpu_command_flow_with_cpu_stand_ins(tmp_path, monkeypatch, capsys):
     k = report.validate_result(json.loads((folder / "kernels.json").read_text()))
     t = report.validate_result(json.loads((folder / "train.json").read_text()))
     assert {r["op"] for r in k["rows"]} == {"layernorm", "mlp", "attention", "cross_entropy", "lm_head_loss",
-                                            "doc_attention", "add_layernorm"}
+                                            "doc_attention", "add_layernorm", "lm_head_loss_smooth_z"}
     ce = [r for r in k["rows"] if r["op"] == "cross_entropy" and r["provider"] == "torch"]
     assert len(ce) == 3 and all(r["status"] == "ok" and r["gbps"] > 0 for r in ce), ce
     assert t["peak_flops_source"] == "float32 matmul 32^3 measured in this run"
@@ -995,7 +999,8 @@ def test_quick_kernel_bench_on_gpu(tmp_path):
     assert bw > 0 and fl > 0
     ok = [r for r in d["rows"] if r["status"] == "ok" and r["mode"] != "saved"]
     torch_rows = [r for r in ok if r["provider"] in ("torch", "sdpa-flash")]
-    assert {r["op"] for r in torch_rows} == {"layernorm", "mlp", "attention", "cross_entropy", "lm_head_loss"}
+    # lm_head_loss_smooth_z (and add_layernorm, after it in the plan) may be left to a budget that ran out
+    assert {"layernorm", "mlp", "attention", "cross_entropy", "lm_head_loss"} <= {r["op"] for r in torch_rows}
     for r in ok:  # units sanity: nothing beats the ceilings measured in the same run by far
         assert r["ms_p20"] <= r["ms"] <= r["ms_p80"]
         if r.get("gbps"):
@@ -1722,6 +1727,7 @@ def test_every_provider_builder_is_in_the_sweep():
              "attention": kernels.attention_providers(q, q, q),
              "cross_entropy": kernels.cross_entropy_providers(x, t),
              "lm_head_loss": kernels.lm_head_loss_providers(x, torch.zeros(5, 8), t),
+             "lm_head_loss_smooth_z": kernels.lm_head_loss_smooth_z_providers(x, torch.zeros(5, 8), t),
              "doc_attention": kernels.doc_attention_providers(q, q, q, [3, 1]),
              "add_layernorm": kernels.add_layernorm_providers(x, x, x[0], x[0])}
     assert set(built) == set(kernels.PROVIDERS)
@@ -1764,6 +1770,173 @@ def test_lm_head_sweep_counts_our_fused_forward_as_fwd_plus_bwd():
     assert all(r["status"] == "ok" for r in rows), [r["status"] for r in rows]
     assert by["fwd"]["flops"] == 3 * (2 * N * C * V)
     assert "flops" not in by["bwd"] and "tflops" not in by["bwd"]
+
+
+def _smooth_z_loss64(h, w, t, label_smoothing, z_loss):
+    """The objective written out in float64: (1 - s) * NLL + s * the mean of -log p over the
+    vocabulary, plus z_loss * logsumexp(logits)^2, averaged over the rows."""
+    logits = F.linear(h.double(), w.double())
+    logp = logits.log_softmax(-1)
+    per_row = ((1 - label_smoothing) * -logp.gather(1, t[:, None])[:, 0] + label_smoothing * -logp.mean(-1)
+               + z_loss * torch.logsumexp(logits, -1).square())
+    return per_row.mean()
+
+
+def _fake_liger_forward(ctx, h, w, t, label_smoothing, lse_square_scale, defaults):
+    """Liger's plan (the gradients made in forward, scaled in backward) on the options it was
+    given; every other argument must be that parameter's default (a shifted order would not be)."""
+    assert all(v is None for v in defaults[:-3]) and defaults[-3:] == (-100, "mean", None), defaults
+    with torch.enable_grad():
+        hh, ww = h.detach().requires_grad_(), w.detach().requires_grad_()
+        logits = F.linear(hh, ww).float()
+        loss = (F.cross_entropy(logits, t, label_smoothing=label_smoothing)
+                + lse_square_scale * torch.logsumexp(logits, -1).square().mean())
+        gh, gw = torch.autograd.grad(loss, (hh, ww))
+    ctx.save_for_backward(gh, gw)
+    ctx.n_inputs = 3 + 2 + len(defaults)
+    return loss.detach()
+
+
+def _fake_liger_backward(ctx, grad):
+    gh, gw = ctx.saved_tensors
+    return (gh * grad, gw * grad) + (None,) * (ctx.n_inputs - 2)
+
+
+class _OldLiger(torch.autograd.Function):
+    """Liger 0.4's order (no ce_weight yet); it returns the loss alone."""
+    @staticmethod
+    def forward(ctx, _input, weight, target, bias=None, ignore_index=-100, lse_square_scale=0.0,
+                label_smoothing=0.0, reduction="mean", softcap=None):
+        return _fake_liger_forward(ctx, _input, weight, target, label_smoothing, lse_square_scale,
+                                   (bias, ignore_index, reduction, softcap))
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _fake_liger_backward(ctx, grad)
+
+
+class _NewLiger(torch.autograd.Function):
+    """Newer Liger's order: ce_weight before ignore_index, more options after; it returns (loss, z_loss)."""
+    @staticmethod
+    def forward(ctx, _input, weight, target, bias=None, ce_weight=None, ignore_index=-100, lse_square_scale=0.0,
+                label_smoothing=0.0, reduction="mean", softcap=None, return_z_loss=False, accum_dtype=None):
+        assert return_z_loss is False
+        loss = _fake_liger_forward(ctx, _input, weight, target, label_smoothing, lse_square_scale,
+                                   (bias, ce_weight, accum_dtype, ignore_index, reduction, softcap))
+        ctx.n_inputs += 1  # return_z_loss
+        return loss, None
+
+    @staticmethod
+    def backward(ctx, grad, _):
+        return _fake_liger_backward(ctx, grad)
+
+
+class _OldestLiger(torch.autograd.Function):
+    """Before lse_square_scale (z-loss) came in."""
+    @staticmethod
+    def forward(ctx, _input, weight, target, bias=None, ignore_index=-100, label_smoothing=0.0, reduction="mean"):
+        raise AssertionError("never called: it cannot take the z-loss")
+
+
+def _with_fake_liger(monkeypatch, function):
+    module = types.SimpleNamespace(LigerFusedLinearCrossEntropyFunction=function)
+    monkeypatch.setitem(sys.modules, "liger_kernel.ops.fused_linear_cross_entropy", module)
+
+
+def test_lm_head_smooth_z_sweep_every_provider_computes_the_same_loss_and_gradients(monkeypatch):
+    """The sweep of lm_head_loss_smooth_z on the CPU (ours through the interpreter, torch.compile
+    and Liger stood in for): every provider gives the float64 objective's loss and gradients with
+    label smoothing 0.1 and z-loss 1e-4, so one that drops an option fails; the rows name the
+    options and count the LM head's FLOPs (three matmuls in forward for the fused ones)."""
+    monkeypatch.setattr(kernels, "_fresh_compile", lambda fn: fn)  # the function torch.compile would get
+    _with_fake_liger(monkeypatch, _NewLiger)
+    real, built = kernels.lm_head_loss_smooth_z_providers, []
+
+    def keep(h, w, t, **options):
+        built.append((h, w, t, options, real(h, w, t, **options)))
+        return built[-1][-1]
+
+    monkeypatch.setattr(kernels, "lm_head_loss_smooth_z_providers", keep)
+    torch.manual_seed(0)
+    N, C, V = 8, 8, 24
+    rows = kernels.sweep_lm_head_loss_smooth_z(CpuTimer(reps=1), Budget(None), N, (C,), (V,), torch.float32,
+                                               modes=("fwd", "bwd"))
+    assert all(r["status"] == "ok" for r in rows), [(r["provider"], r["status"]) for r in rows]
+    assert {r["provider"] for r in rows} == set(kernels.PROVIDERS["lm_head_loss_smooth_z"])
+    by = {(r["provider"], r["mode"]): r for r in rows}
+    assert rows[0]["config"] == {"rows": N, "width": C, "vocab": V, "label_smoothing": 0.1, "z_loss": 1e-4,
+                                 "dtype": "fp32"}
+    for p in ("triton", "liger"):
+        assert by[(p, "fwd")]["flops"] == 3 * (2 * N * C * V) and "flops" not in by[(p, "bwd")]
+    assert by[("torch", "fwd")]["flops"] == 2 * N * C * V and by[("torch", "bwd")]["flops"] == 2 * (2 * N * C * V)
+    (h, w, t, options, builders), = built
+    assert options == kernels.SMOOTH_Z == {"label_smoothing": 0.1, "z_loss": 1e-4}
+    h64, w64 = h.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    want = _smooth_z_loss64(h64, w64, t, 0.1, 1e-4)
+    want_grads = torch.autograd.grad(want, (h64, w64))
+    assert abs(want - _smooth_z_loss64(h64, w64, t, 0.1, 0.0)) > 1e-3  # each option moves the loss
+    assert abs(want - _smooth_z_loss64(h64, w64, t, 0.0, 1e-4)) > 1e-3
+    for name, build in builders.items():
+        forward, leaves = build()
+        loss = forward()
+        grads = torch.autograd.grad(loss, leaves)
+        torch.testing.assert_close(loss.double(), want.detach(), rtol=1e-6, atol=1e-6, msg=lambda m: f"{name}: {m}")
+        for got, ref in zip(grads, want_grads):
+            torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("fake, defaults", [(_OldLiger, [None, -100]), (_NewLiger, [None, None, -100])])
+def test_lm_head_smooth_z_liger_arguments_follow_its_signature(monkeypatch, fake, defaults):
+    """Liger's apply takes positional arguments only, in an order that changed across versions:
+    they are built from its forward's signature (the options by name, the rest their defaults),
+    so both orders get the z-loss and label smoothing, and its loss comes out of a tuple or not."""
+    h, w = (kernels.randn(*s, device="cpu", dtype=torch.float32) for s in ((6, 8), (20, 8)))
+    t = torch.randint(0, 20, (6,))
+    args = kernels.positional_args(fake, _input=h, weight=w, target=t, lse_square_scale=1e-4, label_smoothing=0.1)
+    tail = ["mean", None] + ([False, None] if fake is _NewLiger else [])
+    assert args[:3] == [h, w, t] and args[3:] == [*defaults, 1e-4, 0.1, *tail]
+    _with_fake_liger(monkeypatch, fake)
+    forward, leaves = kernels.lm_head_loss_smooth_z_providers(h, w, t)["liger"]()
+    loss = forward()
+    assert loss.dim() == 0
+    want = _smooth_z_loss64(h.double(), w.double(), t, 0.1, 1e-4)
+    torch.testing.assert_close(loss.double(), want, rtol=1e-6, atol=1e-6)
+    assert leaves == [h, w] and all(g.shape == x.shape for g, x in zip(torch.autograd.grad(loss, leaves), leaves))
+
+
+def test_lm_head_smooth_z_skips_a_liger_without_the_z_loss(monkeypatch):
+    """A Liger from before lse_square_scale cannot time this op: a skipped row naming the parameter."""
+    _with_fake_liger(monkeypatch, _OldestLiger)
+    (row,) = kernels.sweep_lm_head_loss_smooth_z(CpuTimer(reps=1), Budget(None), 4, (8,), (20,), torch.float32,
+                                                 modes=("fwd",), providers=("liger",))
+    assert row["status"] == "skipped: this version's _OldestLiger.forward has no lse_square_scale", row["status"]
+    with pytest.raises(kernels.Unavailable, match="has no lse_square_scale, typo$"):
+        kernels.positional_args(_OldestLiger, _input=1, weight=2, target=3, lse_square_scale=1e-4, label_smoothing=0.1,
+                                typo=1)
+
+
+def test_lm_head_smooth_z_runs_last_of_all(monkeypatch):
+    """lm_head_loss_smooth_z (on by default, in the CLI's --ops too) runs after every other op's
+    rows, the compiled baselines of the rest included: a GPU session whose budget runs out loses it first."""
+    import inspect
+
+    from tritongpt import cli
+
+    calls = []
+    sweeps = {"layernorm": "sweep_layernorm", "mlp": "sweep_mlp", "attention": "sweep_attention",
+              "cross_entropy": "sweep_cross_entropy", "lm_head_loss": "sweep_lm_head_loss",
+              "add_layernorm": "sweep_add_layernorm", "doc_attention": "sweep_doc_attention",
+              "lm_head_loss_smooth_z": "sweep_lm_head_loss_smooth_z"}
+    for op, name in sweeps.items():
+        monkeypatch.setattr(kernels, name, lambda *a, op=op: calls.append((op, "compile" in a[-1])) or [])
+    monkeypatch.setattr(kernels, "measure_ceilings", lambda timer, **k: {})
+    kernels.run_kernels(CpuTimer(reps=1), Budget(None), log=lambda s: None)
+    assert calls[-2:] == [("lm_head_loss_smooth_z", False), ("lm_head_loss_smooth_z", True)]
+    assert {op for op, _ in calls[:-2]} == set(sweeps) - {"lm_head_loss_smooth_z"}
+    assert ("doc_attention", True) in calls[:-2]
+    default_ops = cli.build_parser().parse_args(["bench", "kernels"]).ops.split(",")
+    assert default_ops == list(inspect.signature(kernels.run_kernels).parameters["ops"].default)
+    assert default_ops[-1] == "lm_head_loss_smooth_z"
 
 
 def test_out_of_memory_rows_say_so():
