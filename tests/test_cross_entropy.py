@@ -351,12 +351,12 @@ def test_model_loss_uses_the_kernels_only_on_their_path(monkeypatch):
 
 
 # -- label smoothing and the z-loss ------------------------------------------------------------
-def smoothed_z_loss64(logits64, t, label_smoothing, z_loss, reduction="none"):
+def smoothed_z_loss64(logits64, t, label_smoothing, z_loss, reduction="none", ignore_index=IGNORE):
     """The objective written out in float64, apart from F.cross_entropy's own smoothing: each
     counted row's -sum_j q_j log p_j with q = (1 - eps) onehot(target) + eps / V, plus
     z_loss * logsumexp^2; ignored rows 0."""
     rows, tt = logits64.flatten(0, -2), t.flatten()
-    counted = tt != IGNORE
+    counted = tt != ignore_index
     V = rows.shape[-1]
     q = torch.full_like(rows, label_smoothing / V)
     q[counted, tt[counted]] += 1 - label_smoothing
@@ -496,6 +496,98 @@ def test_bad_loss_options_say_what_on_every_path(label_smoothing, z_loss, match,
         with pytest.raises(ValueError, match=match):
             call()
 
+
+
+@pytest.mark.parametrize("reduction", ["none", "mean"])
+def test_smoothing_and_z_loss_skip_an_ignore_index_that_is_a_class(reduction, device):
+    """ignore_index may be a class id (a pad token's): its rows get no loss, no z-loss and a zero
+    gradient on every path, though their target is in [0, V) (lm_loss counts the rows that are not
+    ignore_index, not those with a non-negative target)."""
+    gen = torch.Generator().manual_seed(41)
+    V, pad_id = 50, 3
+    x, t = make((19,), V, torch.float32, device, gen, ignore_every=0)
+    t[::3] = pad_id
+    ignored = t == pad_id
+    out = cross_entropy(x, t, pad_id, reduction, label_smoothing=0.2, z_loss=3e-2)
+    x64 = x.detach().double().requires_grad_()
+    ref = smoothed_z_loss64(x64, t, 0.2, 3e-2, reduction, ignore_index=pad_id)
+    g = torch.rand(out.shape, generator=gen, dtype=torch.float64) + 0.5
+    (out * g.to(device, torch.float32)).sum().backward()
+    (ref * g.to(device)).sum().backward()
+    assert_close_rel(out, ref, 1e-5, f"loss {reduction}")
+    assert_close_rel(x.grad, x64.grad, 1e-5, "dlogits")
+    assert torch.count_nonzero(x.grad[ignored]) == 0
+    lm = lm_loss(x64.detach().view(19, 1, V), t.view(19, 1), pad_id, reduction, 0.2, 3e-2)
+    assert_close_rel(lm.view(ref.shape), ref.detach(), 1e-6, "lm_loss")
+    if reduction == "none":
+        assert (out[ignored] == 0).all() and (lm.view(-1)[ignored] == 0).all()
+        return
+    h = torch.randn(19, 8, generator=gen, dtype=torch.float64).to(device)
+    w = torch.randn(V, 8, generator=gen, dtype=torch.float64).to(device)
+    fused = linear_cross_entropy(h.float(), w.float(), t, pad_id, label_smoothing=0.2, z_loss=3e-2)
+    assert_close_rel(fused, smoothed_z_loss64(h @ w.t(), t, 0.2, 3e-2, "mean", ignore_index=pad_id), 1e-5,
+                     "linear_cross_entropy")
+
+
+def test_loss_options_compile_into_the_kernels_only_when_on(monkeypatch, device):
+    """Each option is a constexpr flag, on exactly when it is not 0, in forward and backward alike:
+    at 0 the kernels are the plain ones (no logit sum, no z scale: the default costs nothing)."""
+    import tritongpt.kernels.cross_entropy as ce
+
+    seen = []
+
+    class Spy:  # records each launch's flags, then launches
+        def __init__(self, name, kernel):
+            self.name, self.kernel = name, kernel
+
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                seen.append((self.name, kwargs["HAS_SMOOTH"], kwargs["HAS_Z"]))
+                return self.kernel[grid](*args, **kwargs)
+            return launch
+
+    monkeypatch.setattr(ce, "_ce_fwd_kernel", Spy("fwd", ce._ce_fwd_kernel))
+    monkeypatch.setattr(ce, "_ce_bwd_kernel", Spy("bwd", ce._ce_bwd_kernel))
+    gen = torch.Generator().manual_seed(42)
+    x, t = make((5,), 30, torch.float32, device, gen)
+    h = torch.randn(5, 8, generator=gen).to(device).requires_grad_()
+    w = torch.randn(30, 8, generator=gen).to(device)
+    for label_smoothing, z_loss in ((0.0, 0.0), (0.1, 0.0), (0.0, 1e-4), (1.0, 2e-3)):
+        want = [("fwd", label_smoothing != 0, z_loss != 0), ("bwd", label_smoothing != 0, z_loss != 0)]
+        seen.clear()
+        cross_entropy(x, t, IGNORE, label_smoothing=label_smoothing, z_loss=z_loss).backward()
+        assert seen == want, (label_smoothing, z_loss)
+        seen.clear()
+        linear_cross_entropy(h, w, t, IGNORE, label_smoothing=label_smoothing, z_loss=z_loss).backward()
+        assert seen == want, ("linear", label_smoothing, z_loss)
+
+
+def test_loss_option_ops_default_to_off_and_check_their_options_when_traced(device):
+    """The ops' schemas default both options to 0 (a call written before them computes the plain
+    cross-entropy, backward as forward), and their fake impls refuse bad options as the real ops
+    do: torch.compile's trace names the argument instead of compiling a kernel for it."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    fwd, bwd = torch.ops.tritongpt.cross_entropy_fwd, torch.ops.tritongpt.cross_entropy_bwd
+    for op in (fwd, bwd):
+        tail = [(a.name, a.default_value) for a in op.default._schema.arguments[-2:]]
+        assert tail == [("label_smoothing", 0.0), ("z_loss", 0.0)], tail
+    gen = torch.Generator().manual_seed(43)
+    x = torch.randn(6, 40, generator=gen).to(device).requires_grad_()
+    t = torch.tensor([1, IGNORE, 7, 39, 0, 12], device=device)
+    loss, row_max, log_sum = fwd(x.detach(), t, IGNORE, 40)
+    g = torch.rand(6, generator=gen).to(device) + 0.5
+    F.cross_entropy(x, t, ignore_index=IGNORE, reduction="none").mul(g).sum().backward()
+    assert_close_rel(loss, F.cross_entropy(x.detach(), t, ignore_index=IGNORE, reduction="none"), 1e-5, "loss")
+    assert_close_rel(bwd(g, x.detach(), t, row_max, log_sum, IGNORE, 40), x.grad, 1e-5, "dlogits")
+    mode = FakeTensorMode()
+    fx, ft, fg, fm, fs = (mode.from_tensor(a) for a in (x.detach(), t, g, row_max, log_sum))
+    with mode:
+        with pytest.raises(ValueError, match=r"label_smoothing must be in \[0, 1\], got 1.5"):
+            fwd(fx, ft, IGNORE, 40, 1.5, 0.0)
+        with pytest.raises(ValueError, match=r"z_loss must be in \[0, inf\], got -0.5"):
+            bwd(fg, fx, ft, fm, fs, IGNORE, 40, 0.0, -0.5)
+        assert fwd(fx, ft, IGNORE, 40, 0.1, 1e-4)[0].shape == (6,)  # good options trace
 
 # -- the LM head and the loss fused (linear_cross_entropy) --------------------------------------
 def check_linear_parity(shape, C, V, dtype, device, seed, reduction="mean", chunk_rows=10, pad=0):
