@@ -1007,6 +1007,26 @@ def test_add_train_args_defaults_and_namespace():
         add_train_args(argparse.ArgumentParser(), max_stepz=3)
 
 
+
+def test_lm_loss_args_default_to_off_and_errors_name_the_flag():
+    """--label-smoothing and --z-loss default to 0 (a run that names neither trains on the plain
+    cross-entropy), parse as floats, and a bad value is a UserError naming the flag; a namespace
+    without them (a trainer that does not add them) gets both off."""
+    from tritongpt.train.loop import add_lm_loss_args, lm_loss_options
+
+    p = argparse.ArgumentParser()
+    add_lm_loss_args(p)
+    a = p.parse_args([])
+    assert (a.label_smoothing, a.z_loss) == (0.0, 0.0)
+    assert lm_loss_options(a) == {"label_smoothing": 0.0, "z_loss": 0.0}
+    assert lm_loss_options(argparse.Namespace()) == {"label_smoothing": 0.0, "z_loss": 0.0}
+    assert lm_loss_options(p.parse_args(["--label-smoothing", "0.1", "--z-loss", "1e-4"])) == \
+        {"label_smoothing": 0.1, "z_loss": 1e-4}
+    with pytest.raises(UserError, match=r"^--z-loss must be in \[0, inf\], got -1.0$"):
+        lm_loss_options(p.parse_args(["--z-loss=-1"]))
+    with pytest.raises(UserError, match=r"^--label-smoothing must be a finite number, got inf$"):
+        lm_loss_options(p.parse_args(["--label-smoothing", "inf"]))
+
 @pytest.mark.parametrize("field,value,msg", [("batch_size", 0, "batch-size"), ("grad_accum", -1, "grad-accum"),
                                              ("max_steps", 0, "max-steps"), ("lr", 0.0, "--lr"),
                                              ("min_lr", 1.0, "min-lr"), ("dtype", "fp8", "dtype")])
@@ -1470,6 +1490,30 @@ def test_check_resume_says_a_longer_wsd_run_is_extended_only_before_its_decay(tm
     assert "--max-steps 600 (the run had 300), --lr 0.002 (0.001): the run goes on differently" in \
         note_for(100, now_args={**now, "lr": 2e-3})
     assert note_for(100, saved={k: v for k, v in was.items() if k != "decay_fraction"}).startswith(differently)
+
+
+def test_check_resume_says_extended_only_when_max_steps_alone_changed(tmp_path, capsys):
+    """Before the decay a longer wsd run has the same rates so far, but with another flag that
+    leaves the rates alone changed too (--batch-size), or another precision, the run does go on
+    differently and the note names each change; a process that does not say (a DDP rank other
+    than 0) notes nothing either way."""
+    was = dict(lr=1e-3, warmup_steps=10, max_steps=300, min_lr=1e-4, lr_schedule="wsd", decay_fraction=0.2,
+               batch_size=8)
+    now = {**was, "max_steps": 600}
+    names = ("max_steps", "batch_size", "lr", "min_lr", "lr_schedule", "decay_fraction", "warmup_steps")
+
+    def note_for(now_args=now, precision="torch.float32", say=True):
+        common.check_resume(tmp_path, {"step": 100, "args": was, "precision": "torch.float32"}, now_args, names,
+                            "step", "--max-steps", precision, say=say)
+        return capsys.readouterr().err
+
+    assert note_for().endswith("so the run goes on as if planned with 600 steps\n")
+    differently = ": the run goes on differently from the one it was started as\n"
+    assert note_for(now_args={**now, "batch_size": 16}) == \
+        "note: resuming with --max-steps 600 (the run had 300), --batch-size 16 (8)" + differently
+    assert note_for(precision="torch.bfloat16") == \
+        "note: resuming with --max-steps 600 (the run had 300), precision bfloat16 (float32)" + differently
+    assert note_for(say=False) == ""
 
 
 def test_load_state_mapped_reads_the_same_and_names_a_damaged_file_alike(tmp_path):

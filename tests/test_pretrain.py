@@ -640,11 +640,13 @@ def test_label_smoothing_and_z_loss_shape_the_training_loss_only(corpus, tmp_pat
     smoothing adds ~nothing), while evaluations report the plain cross-entropy, so the first val
     loss is the plain run's. A resume that changes them names the change."""
     short = ("--sample-tokens", "0", "--log-every", "1", "--eval-every", "1", "--max-steps", "1")
-    rows = {}
+    rows, out = {}, {}
     for name, extra in (("plain", ()), ("options", ("--label-smoothing", "0.1", "--z-loss", "0.01"))):
         assert main(["pretrain", *argv(corpus, tmp_path / name, *short, *extra)]) == 0
         rows[name] = common.MetricsLog(tmp_path / name / "metrics.jsonl").rows()
-    assert "loss: cross-entropy with label smoothing 0.1 and z-loss 0.01" in capsys.readouterr().out
+        out[name] = capsys.readouterr().out
+    assert "loss: cross-entropy with label smoothing 0.1 and z-loss 0.01" in out["options"]
+    assert "loss: cross-entropy" not in out["plain"]  # its train loss is the cross-entropy: nothing to say
     first_val = {k: next(r["val_loss"] for r in v if "val_loss" in r) for k, v in rows.items()}
     first_loss = {k: next(r["loss"] for r in v if "loss" in r) for k, v in rows.items()}
     assert first_val["options"] == first_val["plain"]
