@@ -152,9 +152,9 @@ def capture(quick=False, half="bfloat16"):
                 targets = torch.empty(TOKENS, dtype=torch.int64, **meta)
                 loss, row_max, log_sum = cross_entropy._fwd_launch(logits, targets, -100, VOCAB)
                 cross_entropy._bwd_launch(loss, logits, targets, row_max, log_sum, -100, VOCAB)
-                if width == PADDED_VOCAB:  # label smoothing and the z-loss: their own binaries
-                    case[0] += " smoothing+z-loss"
-                    options = -100, VOCAB, 0.1, 1e-4
+                if width == PADDED_VOCAB:  # label smoothing, the z-loss and a logit soft cap: their own binaries
+                    case[0] += " smoothing+z-loss+softcap"
+                    options = -100, VOCAB, 0.1, 1e-4, 30.0
                     loss, row_max, log_sum = cross_entropy._fwd_launch(logits, targets, *options)
                     cross_entropy._bwd_launch(loss, logits, targets, row_max, log_sum, *options)
 

@@ -33,7 +33,9 @@ BLOCK_V vectors per row lives in registers):
             classes, mean_j (lse - x_j) = lse - sum_j x_j / V: forward also sums each row's
             logits, backward takes eps / V from every class's p and (1 - eps) from the target's.
             The z-loss z * lse^2 (PaLM) multiplies p by 1 + 2 z lse, lse = m + log S from the
-            saved pair. Each is a constexpr flag: at 0 the kernels compile as without it.
+            saved pair. A soft cap c reads every logit as c tanh(x / c) (forward and backward
+            alike) and multiplies its gradient by 1 - tanh^2. Each is a constexpr flag: at 0 the
+            kernels compile as without it.
 """
 import math
 
@@ -42,7 +44,7 @@ import triton
 import triton.language as tl
 
 from tritongpt._env import triton_interpreting
-from tritongpt._types import is_int, loss_options
+from tritongpt._types import is_int, loss_options, softcap_value
 from tritongpt.kernels._common import (autocast_dtype, cast, check_runnable, check_same_device, check_same_dtype,
                                        check_tensor, first_order_only, no_func_transform,
                                        on_tensor_device)
@@ -53,10 +55,19 @@ LOG2E = tl.constexpr(1.4426950408889634)
 
 
 @triton.jit
-def _ce_fwd_kernel(X, T, Loss, RowMax, LogSum, stride_x, N, V, W, ignore_index, smoothing, z_coef,
-                   HAS_SMOOTH: tl.constexpr, HAS_Z: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr):
+def _tanh(u):
+    """tanh(u) as 2 sigmoid(2u) - 1 (tl has no tanh of its own that the interpreter runs too): exact
+    in the limits, and off by ~1e-7 absolute near 0, fp32's rounding of numbers near 1."""
+    return 2.0 * tl.sigmoid(2.0 * u) - 1.0
+
+
+@triton.jit
+def _ce_fwd_kernel(X, T, Loss, RowMax, LogSum, stride_x, N, V, W, ignore_index, smoothing, z_coef, softcap,
+                   HAS_SMOOTH: tl.constexpr, HAS_Z: tl.constexpr, HAS_CAP: tl.constexpr, BLOCK_R: tl.constexpr,
+                   BLOCK_V: tl.constexpr):
     """Grid (cdiv(N, BLOCK_R),). Loss[i] = logsumexp(X[i]) - X[i, T[i]] (0 where T[i] == ignore_index),
-    with HAS_SMOOTH mixed with the smoothed term, with HAS_Z plus z_coef * logsumexp(X[i])^2.
+    with HAS_SMOOTH mixed with the smoothed term, with HAS_Z plus z_coef * logsumexp(X[i])^2; with
+    HAS_CAP every logit x read as softcap * tanh(x / softcap) first.
 
     Rows hold W >= V values; only the first V are classes (the rest: a padded vocabulary)."""
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -72,6 +83,8 @@ def _ce_fwd_kernel(X, T, Loss, RowMax, LogSum, stride_x, N, V, W, ignore_index, 
         # (vocab_multiple 64: 50304) the rows stay 16-byte aligned and the loads are 16-byte
         # vectors; the padding columns are then set to -inf
         x = tl.load(x_rows + start + cols, mask=start + cols < W, other=float("-inf")).to(tl.float32)
+        if HAS_CAP:
+            x = softcap * _tanh(x / softcap)
         x = tl.where(start + cols < V, x, float("-inf"))
         m_new = tl.maximum(m, x)
         # A lane that has seen only -inf (past V, or -inf logits) rescales by a finite stand-in,
@@ -90,6 +103,8 @@ def _ce_fwd_kernel(X, T, Loss, RowMax, LogSum, stride_x, N, V, W, ignore_index, 
     # check (it cannot sync) and a direct call of this op never ran it.
     known = (target >= 0) & (target < V)
     x_t = tl.load(X + rows.to(tl.int64) * stride_x + target, mask=counted & known, other=0.0).to(tl.float32)
+    if HAS_CAP:
+        x_t = softcap * _tanh(x_t / softcap)
     # (m - x_t) + log S, not (m + log S) - x_t: a confident right answer (x_t = m, S just above
     # 1) then keeps its small loss to fp32 precision instead of losing it to the size of m.
     loss = (m_row - x_t) + log_s
@@ -108,10 +123,12 @@ def _ce_fwd_kernel(X, T, Loss, RowMax, LogSum, stride_x, N, V, W, ignore_index, 
 
 @triton.jit
 def _ce_bwd_kernel(X, T, RowMax, LogSum, G, DX, stride_x, stride_dx, N, V, W, ignore_index, smoothing, z_coef,
-                   HAS_SMOOTH: tl.constexpr, HAS_Z: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr):
+                   softcap, HAS_SMOOTH: tl.constexpr, HAS_Z: tl.constexpr, HAS_CAP: tl.constexpr,
+                   BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr):
     """Grid (cdiv(N, BLOCK_R),). DX[i, j] = G[i] * (softmax(X[i])_j - [j == T[i]]), 0 for ignored
     rows; all W columns are written, the padding ones (j >= V) with 0. With label smoothing the
-    target is (1 - smoothing) [j == T[i]] + smoothing / V; the z-loss adds 2 z_coef lse p_j."""
+    target is (1 - smoothing) [j == T[i]] + smoothing / V; the z-loss adds 2 z_coef lse p_j; the
+    soft cap multiplies by its derivative, 1 - tanh(x / softcap)^2."""
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     row_ok = rows < N
     rows64 = rows.to(tl.int64)[:, None]
@@ -128,6 +145,9 @@ def _ce_bwd_kernel(X, T, RowMax, LogSum, G, DX, stride_x, stride_dx, N, V, W, ig
     for start in range(0, W, BLOCK_V):
         mask = row_ok[:, None] & (start + cols < W)
         x = tl.load(X + rows64 * stride_x + start + cols, mask=mask, other=0.0).to(tl.float32)
+        if HAS_CAP:
+            u = _tanh(x / softcap)
+            x = softcap * u
         p = tl.exp2(((x - m[:, None]) - log_s[:, None]) * LOG2E)
         if HAS_Z:
             p = p * p_scale[:, None]
@@ -135,6 +155,8 @@ def _ce_bwd_kernel(X, T, RowMax, LogSum, G, DX, stride_x, stride_dx, N, V, W, ig
             p = p - smoothing / V
         p = tl.where(start + cols < V, p, 0.0)
         p = tl.where(start + cols == target[:, None], p - hit, p)
+        if HAS_CAP:
+            p = p * (1.0 - u * u)
         # where, not a zero g: an ignored row of -inf logits has p = nan, and nan * 0 is nan
         dx = tl.where(counted, p * g[:, None], 0.0)
         dx = tl.where(unknown, float("nan"), dx)
@@ -153,22 +175,22 @@ def _launch_shape(N, V):
 
 
 @on_tensor_device
-def _fwd_launch(logits, targets, ignore_index, n_classes, label_smoothing=0.0, z_loss=0.0):
+def _fwd_launch(logits, targets, ignore_index, n_classes, label_smoothing=0.0, z_loss=0.0, softcap=0.0):
     N, W = logits.shape
     loss, row_max, log_sum = (torch.empty(N, device=logits.device, dtype=torch.float32) for _ in range(3))
     if N == 0:
         return loss, row_max, log_sum
     rows, block, warps = _launch_shape(N, W)
     _ce_fwd_kernel[(triton.cdiv(N, rows),)](logits, targets, loss, row_max, log_sum, logits.stride(0), N,
-                                            n_classes, W, ignore_index, label_smoothing, z_loss,
-                                            HAS_SMOOTH=label_smoothing != 0, HAS_Z=z_loss != 0, BLOCK_R=rows,
-                                            BLOCK_V=block, num_warps=warps)
+                                            n_classes, W, ignore_index, label_smoothing, z_loss, softcap,
+                                            HAS_SMOOTH=label_smoothing != 0, HAS_Z=z_loss != 0, HAS_CAP=softcap != 0,
+                                            BLOCK_R=rows, BLOCK_V=block, num_warps=warps)
     return loss, row_max, log_sum
 
 
 @on_tensor_device
 def _bwd_launch(grad_loss, logits, targets, row_max, log_sum, ignore_index, n_classes, label_smoothing=0.0,
-                z_loss=0.0):
+                z_loss=0.0, softcap=0.0):
     N, W = logits.shape
     dx = torch.empty((N, W), device=logits.device, dtype=logits.dtype)
     if N == 0:
@@ -177,8 +199,8 @@ def _bwd_launch(grad_loss, logits, targets, row_max, log_sum, ignore_index, n_cl
     rows, block, warps = _launch_shape(N, W)
     _ce_bwd_kernel[(triton.cdiv(N, rows),)](logits, targets, row_max, log_sum, grad_loss, dx, logits.stride(0),
                                             dx.stride(0), N, n_classes, W, ignore_index, label_smoothing, z_loss,
-                                            HAS_SMOOTH=label_smoothing != 0, HAS_Z=z_loss != 0, BLOCK_R=rows,
-                                            BLOCK_V=block, num_warps=warps)
+                                            softcap, HAS_SMOOTH=label_smoothing != 0, HAS_Z=z_loss != 0,
+                                            HAS_CAP=softcap != 0, BLOCK_R=rows, BLOCK_V=block, num_warps=warps)
     return dx
 
 
@@ -211,11 +233,12 @@ def _(targets, vocab, ignore_index):
     return targets.new_empty(targets.numel(), dtype=torch.int64)
 
 
-def _check_op_layout(logits, targets, n_classes, label_smoothing=0.0, z_loss=0.0, **row_values):
+def _check_op_layout(logits, targets, n_classes, label_smoothing=0.0, z_loss=0.0, softcap=0.0, **row_values):
     """What the kernels assume of their inputs. cross_entropy() arranges it; a direct call of the
     ops must too (short targets, a transposed logits or n_classes past the row were read as
     they lay: garbage, no error). row_values: other [N] per-row tensors (row_max, grad_loss...)."""
     loss_options(label_smoothing, z_loss)
+    softcap_value(softcap)
     check_tensor(logits, "logits", ndim=2)
     N, W = logits.shape
     check_tensor(targets, "targets", dtypes=(torch.int64, torch.int32), shape=(N,))
@@ -232,39 +255,41 @@ def _check_op_layout(logits, targets, n_classes, label_smoothing=0.0, z_loss=0.0
 
 @torch.library.custom_op("tritongpt::cross_entropy_fwd", mutates_args=())
 def _cross_entropy_fwd(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int, n_classes: int,
-                       label_smoothing: float = 0.0,
-                       z_loss: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                       label_smoothing: float = 0.0, z_loss: float = 0.0,
+                       softcap: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """-> (per-row loss, row max m, log S): fp32 [N] each; m and log S are for backward.
 
     Called directly, a target outside [0, n_classes) that is not ignore_index gives a nan loss
     (cross_entropy() refuses it with a message, at the cost of a host sync)."""
     check_runnable(logits, "logits")
-    _check_op_layout(logits, targets, n_classes, label_smoothing, z_loss)
-    return _fwd_launch(logits, targets, ignore_index, n_classes, label_smoothing, z_loss)
+    _check_op_layout(logits, targets, n_classes, label_smoothing, z_loss, softcap)
+    return _fwd_launch(logits, targets, ignore_index, n_classes, label_smoothing, z_loss, softcap)
 
 
 @_cross_entropy_fwd.register_fake
-def _(logits, targets, ignore_index, n_classes, label_smoothing=0.0, z_loss=0.0):
-    _check_op_layout(logits, targets, n_classes, label_smoothing, z_loss)
+def _(logits, targets, ignore_index, n_classes, label_smoothing=0.0, z_loss=0.0, softcap=0.0):
+    _check_op_layout(logits, targets, n_classes, label_smoothing, z_loss, softcap)
     return tuple(logits.new_empty(logits.shape[0], dtype=torch.float32) for _ in range(3))
 
 
 @torch.library.custom_op("tritongpt::cross_entropy_bwd", mutates_args=())
 def _cross_entropy_bwd(grad_loss: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor,
                        row_max: torch.Tensor, log_sum: torch.Tensor, ignore_index: int,
-                       n_classes: int, label_smoothing: float = 0.0, z_loss: float = 0.0) -> torch.Tensor:
+                       n_classes: int, label_smoothing: float = 0.0, z_loss: float = 0.0,
+                       softcap: float = 0.0) -> torch.Tensor:
     """-> dlogits [N, W] in logits' dtype, from the forward op's row max and log S."""
     check_runnable(logits, "logits")
-    _check_op_layout(logits, targets, n_classes, label_smoothing, z_loss, grad_loss=grad_loss, row_max=row_max,
-                     log_sum=log_sum)
+    _check_op_layout(logits, targets, n_classes, label_smoothing, z_loss, softcap, grad_loss=grad_loss,
+                     row_max=row_max, log_sum=log_sum)
     return _bwd_launch(grad_loss, logits, targets, row_max, log_sum, ignore_index, n_classes, label_smoothing,
-                       z_loss)
+                       z_loss, softcap)
 
 
 @_cross_entropy_bwd.register_fake
-def _(grad_loss, logits, targets, row_max, log_sum, ignore_index, n_classes, label_smoothing=0.0, z_loss=0.0):
-    _check_op_layout(logits, targets, n_classes, label_smoothing, z_loss, grad_loss=grad_loss, row_max=row_max,
-                     log_sum=log_sum)
+def _(grad_loss, logits, targets, row_max, log_sum, ignore_index, n_classes, label_smoothing=0.0, z_loss=0.0,
+      softcap=0.0):
+    _check_op_layout(logits, targets, n_classes, label_smoothing, z_loss, softcap, grad_loss=grad_loss,
+                     row_max=row_max, log_sum=log_sum)
     return logits.new_empty(logits.shape)
 
 
@@ -273,11 +298,11 @@ class CrossEntropyFunction(torch.autograd.Function):
     the logits (alive anyway), the row max and the log-sum (fp32 [N] each)."""
 
     @staticmethod
-    def forward(ctx, logits, targets, ignore_index, n_classes, label_smoothing=0.0, z_loss=0.0):
+    def forward(ctx, logits, targets, ignore_index, n_classes, label_smoothing=0.0, z_loss=0.0, softcap=0.0):
         loss, row_max, log_sum = torch.ops.tritongpt.cross_entropy_fwd(logits, targets, ignore_index, n_classes,
-                                                                       label_smoothing, z_loss)
+                                                                       label_smoothing, z_loss, softcap)
         ctx.save_for_backward(logits, targets, row_max, log_sum)
-        ctx.options = ignore_index, n_classes, label_smoothing, z_loss
+        ctx.options = ignore_index, n_classes, label_smoothing, z_loss, softcap
         return loss
 
     @staticmethod
@@ -285,7 +310,7 @@ class CrossEntropyFunction(torch.autograd.Function):
         first_order_only("cross_entropy")
         logits, targets, row_max, log_sum = ctx.saved_tensors
         dx = torch.ops.tritongpt.cross_entropy_bwd(grad_loss, logits, targets, row_max, log_sum, *ctx.options)
-        return dx, None, None, None, None, None
+        return dx, None, None, None, None, None, None
 
 
 def _n_classes(vocab_size, width: int, what: str) -> int:
@@ -307,7 +332,7 @@ def _as_int(value, name: str) -> int:
 
 def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100,
                   reduction: str = "mean", vocab_size: int | None = None, label_smoothing: float = 0.0,
-                  z_loss: float = 0.0) -> torch.Tensor:
+                  z_loss: float = 0.0, softcap: float = 0.0) -> torch.Tensor:
     """F.cross_entropy(logits.float(), targets, ignore_index=..., reduction=..., label_smoothing=...),
     fused, plus z_loss * logsumexp(logits)^2 per counted row. Differentiable. Reference: lm_loss.
 
@@ -320,7 +345,9 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int
     label_smoothing: in [0, 1], PyTorch's: the target is (1 - label_smoothing) on the right class plus
     label_smoothing spread evenly over the vocab_size classes. z_loss: PaLM's auxiliary loss, which
     keeps logsumexp near 0 (and bf16 logits precise): its coefficient, 1e-4 in PaLM; 0 (default): off.
-    Either, when 0, compiles out of the kernels.
+    softcap: the loss of softcap * tanh(logits / softcap) instead of the logits (Gemma 2's and
+    modded-nanogpt's logit soft-capping; GPTModel applies it as GPTConfig.logit_softcap), its
+    gradient through the tanh; 0 (default): none. Each option, when 0, compiles out of the kernels.
     """
     no_func_transform("cross_entropy")
     check_tensor(logits, "logits")
@@ -336,13 +363,14 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int
         raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
     ignore_index = _as_int(ignore_index, "ignore_index")
     label_smoothing, z_loss = loss_options(label_smoothing, z_loss)
+    softcap = softcap_value(softcap)
     V = logits.shape[-1]
     n_classes = _n_classes(vocab_size, V, "logits have {V} columns")
     x2 = logits.reshape(-1, V)
     if x2.stride(-1) != 1:  # rows are streamed with unit stride
         x2 = x2.contiguous()
     t1 = torch.ops.tritongpt.checked_targets(targets, n_classes, ignore_index)
-    loss = CrossEntropyFunction.apply(x2, t1, ignore_index, n_classes, label_smoothing, z_loss)
+    loss = CrossEntropyFunction.apply(x2, t1, ignore_index, n_classes, label_smoothing, z_loss, softcap)
     if reduction == "none":
         return loss.view(targets.shape)
     if reduction == "sum":
@@ -374,7 +402,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, targets, ignore_index, reduction, chunk_rows, n_classes, grad_enabled,
-                label_smoothing=0.0, z_loss=0.0):
+                label_smoothing=0.0, z_loss=0.0, softcap=0.0):
         N = hidden.shape[0]
         device = hidden.device.type
         # the matmul dtype nn.Linear would use: the autocast dtype, else the inputs' own
@@ -391,7 +419,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         row_max, log_sum = (torch.empty_like(loss_rows) for _ in range(2))
         dh, dw = _head_grad_buffers(h, weight, want_dh and not defer, want_dw and not defer)
         g_rows = g.expand(min(N, chunk_rows)).contiguous()  # each row's upstream gradient, made once
-        options = ignore_index, n_classes, label_smoothing, z_loss
+        options = ignore_index, n_classes, label_smoothing, z_loss, softcap
         with torch.autocast(device, enabled=False):  # the dtypes are chosen above
             for s in range(0, N, chunk_rows):
                 e = min(N, s + chunk_rows)
@@ -418,7 +446,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         if ctx.deferred is None:
             dh, dw = ctx.saved_tensors
             return (None if dh is None else (dh * grad_loss).to(h_dtype),
-                    None if dw is None else (dw * grad_loss).to(w_dtype), *[None] * 8)
+                    None if dw is None else (dw * grad_loss).to(w_dtype), *[None] * 9)
         want_dh, want_dw, chunk_rows, options = ctx.deferred
         h, w, targets, row_max, log_sum, g = ctx.saved_tensors
         N = h.shape[0]
@@ -428,7 +456,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
             for s in range(0, N, chunk_rows):
                 e = min(N, s + chunk_rows)
                 _chunk_grads(dh, dw, h[s:e] @ w.t(), h, w, g_rows, targets, row_max, log_sum, s, e, options)
-        return (None if dh is None else dh.to(h_dtype), None if dw is None else dw.to(w_dtype), *[None] * 8)
+        return (None if dh is None else dh.to(h_dtype), None if dw is None else dw.to(w_dtype), *[None] * 9)
 
 
 def _head_grad_buffers(h, weight, want_dh, want_dw):
@@ -439,7 +467,7 @@ def _head_grad_buffers(h, weight, want_dh, want_dw):
 
 def _chunk_grads(dh, dw, logits, h, w, g_rows, targets, row_max, log_sum, s, e, options):
     """Rows s:e's dlogits from their logits and forward statistics, into dh[s:e] and dw.
-    options: (ignore_index, n_classes, label_smoothing, z_loss), as the ops take them."""
+    options: (ignore_index, n_classes, label_smoothing, z_loss, softcap), as the ops take them."""
     dlogits = torch.ops.tritongpt.cross_entropy_bwd(g_rows[:e - s], logits, targets[s:e], row_max[s:e],
                                                     log_sum[s:e], *options)
     if dh is not None:
@@ -450,7 +478,8 @@ def _chunk_grads(dh, dw, logits, h, w, g_rows, targets, row_max, log_sum, s, e, 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                          ignore_index: int = -100, reduction: str = "mean", chunk_rows: int | None = None,
-                         vocab_size: int | None = None, label_smoothing: float = 0.0, z_loss: float = 0.0):
+                         vocab_size: int | None = None, label_smoothing: float = 0.0, z_loss: float = 0.0,
+                         softcap: float = 0.0):
     """cross_entropy(hidden @ weight.T, targets) for reduction "mean" or "sum", never holding all
     the logits: at most chunk_rows rows of them (default: 2^27 logits) at a time. Differentiable
     in hidden and weight. Reference: lm_loss(out_head(hidden), targets).
@@ -459,8 +488,8 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
     as in GPT-2), targets: hidden's leading shape. Under autocast the matmuls run in the autocast
     dtype, as nn.Linear's would. vocab_size: the classes, when weight's rows past it pad the
     vocabulary (GPTConfig.vocab_multiple): the loss is then that of the logits [..., :vocab_size]
-    and the padding rows get a zero gradient (default: all W rows are classes). label_smoothing and
-    z_loss: as cross_entropy's (Liger-Kernel's label_smoothing and lse_square_scale).
+    and the padding rows get a zero gradient (default: all W rows are classes). label_smoothing,
+    z_loss and softcap: as cross_entropy's (Liger-Kernel's label_smoothing, lse_square_scale and softcap).
     """
     no_func_transform("linear_cross_entropy")
     check_tensor(hidden, "hidden")
@@ -480,6 +509,7 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
                          f"forward), got {reduction!r}; for per-token losses use cross_entropy on the logits")
     ignore_index = _as_int(ignore_index, "ignore_index")
     label_smoothing, z_loss = loss_options(label_smoothing, z_loss)
+    softcap = softcap_value(softcap)
     if autocast_dtype(hidden.device) is None:
         check_same_dtype(hidden=hidden, weight=weight)
     n_classes = _n_classes(vocab_size, V, "weight has {V} rows")
@@ -490,7 +520,7 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
     h2 = hidden.reshape(math.prod(hidden.shape[:-1]), C)  # not -1: C may be 0
     t1 = torch.ops.tritongpt.checked_targets(targets, n_classes, ignore_index)
     return LinearCrossEntropyFunction.apply(h2, weight, t1, ignore_index, reduction, chunk, n_classes,
-                                            torch.is_grad_enabled(), label_smoothing, z_loss)
+                                            torch.is_grad_enabled(), label_smoothing, z_loss, softcap)
 
 
 __all__ = ["cross_entropy", "CrossEntropyFunction", "linear_cross_entropy", "LinearCrossEntropyFunction"]

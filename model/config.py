@@ -3,7 +3,7 @@ from dataclasses import asdict, dataclass, fields, replace
 
 import numpy as np
 
-from tritongpt._types import is_int, is_real
+from tritongpt._types import is_int, is_real, softcap_value
 from tritongpt.errors import UserError
 
 
@@ -21,6 +21,9 @@ class GPTConfig:
     # nanoGPT and llm.c do) so the head's matmuls run on aligned shapes. The padding rows are
     # never a token: logits stop at vocab_size, and the loss and sampling never see them.
     vocab_multiple: int = 1
+    # Logit soft-capping (Gemma 2, modded-nanogpt): the LM head's logits become c * tanh(logits / c),
+    # bounded by c, in the loss and in sampling alike. 0: none (GPT-2 has none).
+    logit_softcap: float = 0.0
     kernels: str = "reference"  # "reference" | "triton" | "auto" | comma list of layernorm,mlp,attention,cross_entropy
     # LoRA (model/lora.py): rank 0 is none; else the targets' weights are W + (alpha / rank) B A
     lora_rank: int = 0
@@ -39,6 +42,10 @@ class GPTConfig:
         if not is_real(self.dropout) or not 0.0 <= self.dropout < 1.0:
             raise UserError(f"GPTConfig.dropout must be in [0, 1), got {self.dropout!r}")
         self.dropout = float(self.dropout)
+        try:
+            self.logit_softcap = softcap_value(self.logit_softcap, "GPTConfig.logit_softcap")
+        except ValueError as e:
+            raise UserError(str(e)) from None
         for name in ("bias", "tie_weights"):
             value = getattr(self, name)
             # a bool or numpy's; not a string ("False" would read as true) or a number

@@ -256,13 +256,14 @@ class GPTModel(nn.Module):
 
             return linear_cross_entropy(self.hidden(idx, cache, doc_ids), self.out_head.weight, targets,
                                         ignore_index, reduction, vocab_size=self.config.vocab_size,
-                                        label_smoothing=label_smoothing, z_loss=z_loss)
+                                        label_smoothing=label_smoothing, z_loss=z_loss,
+                                        softcap=self.config.logit_softcap)
         h = self.hidden(idx, cache, doc_ids)
         if triton_loss:  # per-token losses: the kernel reads the padded rows whole, aligned
             from tritongpt.kernels.cross_entropy import cross_entropy
 
-            return cross_entropy(self.out_head(h), targets, ignore_index, reduction,
-                                 vocab_size=self.config.vocab_size, label_smoothing=label_smoothing, z_loss=z_loss)
+            return cross_entropy(self.out_head(h), targets, ignore_index, reduction, vocab_size=self.config.vocab_size,
+                                 label_smoothing=label_smoothing, z_loss=z_loss, softcap=self.config.logit_softcap)
         logits = self.logits(h)
         if targets is None:
             return logits
@@ -283,8 +284,13 @@ class GPTModel(nn.Module):
 
     def logits(self, h):
         """The LM head on hidden states (from hidden()): logits [..., vocab_size], a view that leaves
-        a padded head's extra columns out (they are no token), for every caller alike."""
+        a padded head's extra columns out (they are no token), for every caller alike; soft-capped
+        to c * tanh(logits / c) when GPTConfig.logit_softcap is c > 0 (the Triton loss does the same
+        inside its kernels: kernels/cross_entropy.py, softcap)."""
         logits = self.out_head(h)
+        if self.config.logit_softcap:
+            cap = self.config.logit_softcap
+            logits = cap * torch.tanh(logits / cap)
         V = self.config.vocab_size
         return logits if logits.shape[-1] == V else logits[..., :V]
 

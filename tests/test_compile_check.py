@@ -36,10 +36,10 @@ def test_every_kernel_launch_builds_for_sm90(tmp_path):
         bf16 = [r for r in rows if r["kernel"] == kernel and "bfloat16" in r["case"]]
         assert bf16 and all(r["tensor_core_ops"] > 0 for r in bf16), kernel
     # a padded vocabulary's rows are 16-byte aligned: the loss kernels read them as vectors, with
-    # label smoothing and the z-loss too
+    # label smoothing, the z-loss and a soft cap too
     padded = [r for r in rows if r["kernel"].startswith("_ce_") and "x50304" in r["case"]]
     assert len(padded) == 4 and all(r["vector_loads"] > 0 for r in padded), padded
-    assert sum("smoothing+z-loss" in r["case"] for r in padded) == 2, padded
+    assert sum("smoothing+z-loss+softcap" in r["case"] for r in padded) == 2, padded
     assert "have a config that builds, fits and does not spill" in (tmp_path / "sm90-offline" / "compile.md").read_text()
 
 

@@ -542,7 +542,7 @@ def test_loss_options_compile_into_the_kernels_only_when_on(monkeypatch, device)
 
         def __getitem__(self, grid):
             def launch(*args, **kwargs):
-                seen.append((self.name, kwargs["HAS_SMOOTH"], kwargs["HAS_Z"]))
+                seen.append((self.name, kwargs["HAS_SMOOTH"], kwargs["HAS_Z"], kwargs["HAS_CAP"]))
                 return self.kernel[grid](*args, **kwargs)
             return launch
 
@@ -552,14 +552,17 @@ def test_loss_options_compile_into_the_kernels_only_when_on(monkeypatch, device)
     x, t = make((5,), 30, torch.float32, device, gen)
     h = torch.randn(5, 8, generator=gen).to(device).requires_grad_()
     w = torch.randn(30, 8, generator=gen).to(device)
-    for label_smoothing, z_loss in ((0.0, 0.0), (0.1, 0.0), (0.0, 1e-4), (1.0, 2e-3)):
-        want = [("fwd", label_smoothing != 0, z_loss != 0), ("bwd", label_smoothing != 0, z_loss != 0)]
+    for label_smoothing, z_loss, softcap in ((0.0, 0.0, 0.0), (0.1, 0.0, 0.0), (0.0, 1e-4, 0.0), (1.0, 2e-3, 0.0),
+                                             (0.0, 0.0, 30.0), (0.1, 1e-4, 15.0)):
+        flags = (label_smoothing != 0, z_loss != 0, softcap != 0)
+        want = [("fwd", *flags), ("bwd", *flags)]
+        options = dict(label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap)
         seen.clear()
-        cross_entropy(x, t, IGNORE, label_smoothing=label_smoothing, z_loss=z_loss).backward()
-        assert seen == want, (label_smoothing, z_loss)
+        cross_entropy(x, t, IGNORE, **options).backward()
+        assert seen == want, options
         seen.clear()
-        linear_cross_entropy(h, w, t, IGNORE, label_smoothing=label_smoothing, z_loss=z_loss).backward()
-        assert seen == want, ("linear", label_smoothing, z_loss)
+        linear_cross_entropy(h, w, t, IGNORE, **options).backward()
+        assert seen == want, ("linear", options)
 
 
 def test_loss_option_ops_default_to_off_and_check_their_options_when_traced(device):
@@ -588,6 +591,115 @@ def test_loss_option_ops_default_to_off_and_check_their_options_when_traced(devi
         with pytest.raises(ValueError, match=r"z_loss must be in \[0, inf\], got -0.5"):
             bwd(fg, fx, ft, fm, fs, IGNORE, 40, 0.0, -0.5)
         assert fwd(fx, ft, IGNORE, 40, 0.1, 1e-4)[0].shape == (6,)  # good options trace
+
+# -- logit soft-capping -------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("softcap,label_smoothing,z_loss,pad", [(5.0, 0.0, 0.0, 0), (30.0, 0.0, 0.0, 23),
+                                                               (15.0, 0.1, 1e-2, 23)])
+def test_softcap_parity_fp64(softcap, label_smoothing, z_loss, pad, dtype, device):
+    """The loss of softcap * tanh(x / softcap), and the gradient through the tanh, against float64;
+    with a cap of 5 most of these logits (std 3, row offsets of std 5) are well into the tanh's
+    bend, and the other options compose with it (the z-loss's lse is the capped logits')."""
+    gen = torch.Generator().manual_seed(int(softcap) + pad)
+    V = 257
+    x, t = make((37,), V + pad, dtype, device, gen)
+    t = torch.where(t == IGNORE, t, t % V)
+    out = cross_entropy(x, t, IGNORE, "none", vocab_size=V, label_smoothing=label_smoothing, z_loss=z_loss,
+                        softcap=softcap)
+    x64 = x.detach().double().requires_grad_()
+    ref = smoothed_z_loss64(softcap * torch.tanh(x64[:, :V] / softcap), t, label_smoothing, z_loss)
+    g = torch.rand(37, generator=gen, dtype=torch.float64) + 0.5
+    (out * g.to(device, torch.float32)).sum().backward()
+    (ref * g.to(device)).sum().backward()
+    assert_close_rel(out, ref, TOL[dtype], "capped loss")
+    assert_close_rel(x.grad, x64.grad, TOL[dtype], "dlogits through the cap")
+    assert torch.count_nonzero(x.grad[:, V:]) == 0
+    uncapped = cross_entropy(x.detach(), t, IGNORE, "none", vocab_size=V, label_smoothing=label_smoothing,
+                             z_loss=z_loss)
+    assert (uncapped - out.detach()).abs().max() > 1e-2  # the cap changed the losses
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_linear_softcap_parity_fp64(dtype, device):
+    gen = torch.Generator().manual_seed(33)
+    V, pad, C = 277, 35, 24
+    h = (torch.randn(37, C, generator=gen) * 2.0).to(device, dtype).requires_grad_()
+    w = (torch.randn(V + pad, C, generator=gen) * C ** -0.5 * 6.0).to(device, dtype).requires_grad_()
+    t = torch.randint(0, V, (37,), generator=gen)
+    t[::4] = IGNORE
+    t = t.to(device)
+    loss = linear_cross_entropy(h, w, t, IGNORE, "mean", chunk_rows=10, vocab_size=V, softcap=8.0)
+    loss.backward()
+    h64, w64 = (a.detach().double().requires_grad_() for a in (h, w))
+    ref = smoothed_z_loss64(8.0 * torch.tanh((h64 @ w64.t())[:, :V] / 8.0), t, 0.0, 0.0, "mean")
+    ref.backward()
+    assert_close_rel(loss, ref, TOL[dtype], "fused capped loss")
+    assert_close_rel(h.grad, h64.grad, TOL[dtype], "dhidden")
+    assert_close_rel(w.grad, w64.grad, TOL[dtype], "dweight")
+
+
+def test_a_soft_capped_model_caps_its_logits_on_both_paths(tmp_path):
+    """GPTConfig.logit_softcap: the logits every caller sees (sampling, log-probs) are
+    c * tanh(head / c), and the loss on both paths is that of the capped logits: the same loss and
+    every parameter gradient from the reference path (lm_loss on capped logits) and the kernels
+    (the cap inside them), for mean, sum and none, with label smoothing and the z-loss too; the
+    cap is saved with the model's config."""
+    from tritongpt.errors import UserError
+    from tritongpt.model.config import GPTConfig
+    from tritongpt.model.gpt import GPTModel
+
+    torch.manual_seed(6)
+    cfg = GPTConfig(vocab_size=70, context_length=12, n_embd=16, n_layer=1, n_head=2, vocab_multiple=32,
+                    logit_softcap=2.0)
+    model = GPTModel(cfg)
+    with torch.no_grad():
+        model.out_head.weight.mul_(20.0)  # logits of several units, so the cap bends them
+    idx, y = torch.randint(0, 70, (3, 11)), torch.randint(0, 70, (3, 11))
+    y[1, :3] = IGNORE
+    with torch.no_grad():
+        logits = model(idx)
+        raw = model.out_head(model.hidden(idx))[..., :70]
+    assert raw.abs().max() > 4.0 and logits.abs().max() < 2.0
+    assert_close_rel(logits, 2.0 * torch.tanh(raw / 2.0), 1e-6, "capped logits")
+    w = torch.rand(3, 11)
+
+    def run(reduction, **options):
+        model.zero_grad(set_to_none=True)
+        loss = model(idx, targets=y, ignore_index=IGNORE, reduction=reduction, **options)
+        (loss * w if reduction == "none" else loss).sum().backward()
+        return [loss.detach()] + [p.grad.clone() for p in model.parameters()]
+
+    for reduction, options in (("mean", {}), ("sum", {"label_smoothing": 0.1, "z_loss": 1e-2}), ("none", {})):
+        model.set_kernels("reference")
+        want = run(reduction, **options)
+        assert_close_rel(want[0], smoothed_z_loss64(logits.double(), y, options.get("label_smoothing", 0.0),
+                                                    options.get("z_loss", 0.0), reduction).float(), 1e-5,
+                         f"reference {reduction} on the capped logits")
+        model.set_kernels({"cross_entropy"})
+        got = run(reduction, **options)
+        for i, (a, b) in enumerate(zip(got, want)):
+            assert_close_mixed(a, b, 1e-5, 1e-9, f"{reduction} {'loss' if i == 0 else f'grad {i}'}")
+    model.set_kernels("reference")
+    model.save(tmp_path / "m.safetensors")
+    assert GPTModel.load(tmp_path / "m.safetensors").config.logit_softcap == 2.0
+    for bad in (-1.0, float("nan"), "30"):
+        with pytest.raises(UserError, match="GPTConfig.logit_softcap must be a finite number >= 0"):
+            GPTConfig(logit_softcap=bad)
+
+
+@pytest.mark.parametrize("value,match", [(-1.0, "softcap must be a finite number >= 0"),
+                                         (float("inf"), "softcap must be a finite number >= 0"),
+                                         (True, "got True")])
+def test_bad_softcap_says_what(value, match, device):
+    x, t = torch.randn(6, 40, device=device), torch.randint(0, 40, (6,), device=device)
+    with pytest.raises(ValueError, match=match):
+        cross_entropy(x, t, softcap=value)
+    with pytest.raises(ValueError, match=match):
+        linear_cross_entropy(torch.randn(6, 8, device=device), torch.randn(40, 8, device=device), t, softcap=value)
+    if isinstance(value, float):
+        with pytest.raises(ValueError, match=match):
+            torch.ops.tritongpt.cross_entropy_fwd(x, t, IGNORE, 40, 0.0, 0.0, value)
+
 
 # -- the LM head and the loss fused (linear_cross_entropy) --------------------------------------
 def check_linear_parity(shape, C, V, dtype, device, seed, reduction="mean", chunk_rows=10, pad=0):

@@ -48,7 +48,10 @@ def _cross_entropy_args(device, gen):
             # label smoothing and the z-loss: two more schema arguments, and their kernel variants
             "cross_entropy_fwd smoothed+z": (logits, t, -100, 37, 0.1, 1e-2),
             "cross_entropy_bwd smoothed+z": (_randn(6, device=device, gen=gen), logits, t, row_max, log_sum, -100,
-                                             37, 0.1, 1e-2)}
+                                             37, 0.1, 1e-2),
+            "cross_entropy_fwd softcap": (logits, t, -100, 37, 0.0, 0.0, 2.0),
+            "cross_entropy_bwd softcap": (_randn(6, device=device, gen=gen), logits, t, row_max, log_sum, -100,
+                                          37, 0.0, 0.0, 2.0)}
 
 
 def _attention_args(device, gen):
@@ -68,7 +71,8 @@ OPS = [(kernel, op) for kernel, names in (("layer_norm", ("layer_norm_fwd", "lay
                                           ("mlp", ("gelu_mlp_fwd", "gelu_mlp_bwd")),
                                           ("cross_entropy", ("checked_targets", "cross_entropy_fwd",
                                                              "cross_entropy_bwd", "cross_entropy_fwd smoothed+z",
-                                                             "cross_entropy_bwd smoothed+z")),
+                                                             "cross_entropy_bwd smoothed+z", "cross_entropy_fwd softcap",
+                                                             "cross_entropy_bwd softcap")),
                                           ("attention", ("flash_attn_fwd", "flash_attn_bwd")))
        for op in names]
 

@@ -426,3 +426,33 @@ def test_an_export_folder_saved_again_by_transformers_uses_its_files(tmp_path, c
     tok = pick_tokenizer(None, out / "model.safetensors", 288)
     text = "<|im_start|>the cat"
     assert tok.vocab_size == 281 and tok.encode(text, allowed_special="all") == hf_tok(text)["input_ids"]
+
+
+def test_a_soft_capped_model_is_not_exported_and_an_earlier_export_stays(tmp_path, capsys):
+    """GPT2LMHeadModel has no logit soft cap: it would load the weights and give other logits.
+    The export is refused before any file is removed, so --overwrite leaves the earlier export."""
+    from tritongpt import cli
+    from tritongpt.model.config import GPTConfig
+    from tritongpt.model.gpt import GPTModel
+    from tritongpt.train.gpt2_weights import export_gpt2, export_peft_adapter
+
+    from tritongpt.train.tokenizer import BPETokenizer, save_run_tokenizer
+
+    plain, capped = tmp_path / "plain", tmp_path / "capped"
+    tok = BPETokenizer.train(" ".join(f"a cat {i} sat on mat {i * 7}." for i in range(200)), 280, name="tiny")
+    model = GPTModel(GPTConfig(vocab_size=280, context_length=40, n_embd=32, n_layer=1, n_head=2, logit_softcap=15.0))
+    for run, m in ((plain, _random_model(vocab_size=280)), (capped, model)):
+        save_run_tokenizer(tok, run)
+        m.save(run / "model.safetensors")
+    out = tmp_path / "hf"
+    assert cli.main(["export", str(plain), "--out", str(out)]) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert cli.main(["export", str(capped), "--out", str(out), "--overwrite"]) == 2
+    err = capsys.readouterr().err
+    assert "soft-caps its logits (logit_softcap 15)" in err and "cannot be exported as a GPT-2 folder" in err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    with pytest.raises(UserError, match="cannot be exported as a GPT-2 folder"):
+        export_gpt2(GPTModel.load(capped / "model.safetensors"), tmp_path / "direct")
+    with pytest.raises(UserError, match="cannot be exported as a peft adapter for GPT-2"):
+        export_peft_adapter(model, tmp_path / "adapter", "gpt2")
+    assert not (tmp_path / "direct").exists() and not (tmp_path / "adapter").exists()

@@ -161,6 +161,8 @@ def test_model_vocab_follows_the_tokenizer_except_gpt2_with_gpt2():
     (["--weight-decay", "inf"], "--weight-decay must be a finite number, got inf"),
     (["--seed", str(10**20)], "--seed must be a 64-bit integer"),  # was torch's "Overflow when unpacking"
     (["--ddp-timeout", "0"], "--ddp-timeout must be positive, got 0"),
+    (["--logit-softcap", "-1"], "--logit-softcap must be a finite number >= 0 (0: no cap), got -1.0"),
+    (["--logit-softcap", "inf"], "--logit-softcap must be a finite number >= 0"),
 ])
 def test_bad_input_is_one_line_user_error(corpus, tmp_path, capsys, extra, expect):
     (tmp_path / "empty.txt").write_text("   \n")
@@ -665,3 +667,22 @@ def test_bad_loss_options_are_refused_before_any_work(corpus, tmp_path, capsys, 
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and expect in err and "\n" not in err, err
     assert not (tmp_path / "run").exists()
+
+
+def test_logit_softcap_makes_a_soft_capped_model_kept_by_init(corpus, tmp_path, capsys):
+    """--logit-softcap builds the new model with GPTConfig.logit_softcap (saved with it: --init
+    and generate get the same model); with --init it may only repeat the model's own cap."""
+    short = ("--sample-tokens", "0", "--log-every", "0", "--eval-every", "0", "--max-steps", "1")
+    assert main(["pretrain", *argv(corpus, tmp_path / "capped", *short, "--logit-softcap", "15")]) == 0
+    model = GPTModel.load(tmp_path / "capped" / "ckpt-0000001" / "model.safetensors")
+    assert model.config.logit_softcap == 15.0
+    with torch.no_grad():
+        h = model.hidden(torch.tensor([[1, 2, 3]]))
+        assert torch.allclose(model.logits(h), 15.0 * torch.tanh(model.out_head(h) / 15.0))
+    capsys.readouterr()
+    init = ("--init", str(tmp_path / "capped"))
+    assert main(["pretrain", *argv(corpus, tmp_path / "again", *short, *init, "--logit-softcap", "30")]) == 2
+    assert "--logit-softcap 30 would change what --init's model computes (its logit_softcap is 15)" in \
+        capsys.readouterr().err
+    assert main(["pretrain", *argv(corpus, tmp_path / "again", *short, *init)]) == 0
+    assert GPTModel.load(tmp_path / "again" / "ckpt-0000001" / "model.safetensors").config.logit_softcap == 15.0

@@ -255,12 +255,20 @@ def hf_config(cfg: GPTConfig, eos_token_id: int | None = None) -> dict:
     return d
 
 
+def refuse_softcap(model: GPTModel, what: str) -> None:
+    """Hugging Face's GPT-2 has no logit soft cap: with the weights alone it would give other logits."""
+    if model.config.logit_softcap:
+        raise UserError(f"this model soft-caps its logits (logit_softcap {model.config.logit_softcap:g}), which "
+                        f"Hugging Face's GPT-2 does not: it cannot be exported as {what}")
+
+
 def export_gpt2(model: GPTModel, out_dir, eos_token_id: int | None = None, overwrite: bool = False) -> list:
     """Write model as a Hugging Face GPT-2 folder: model.safetensors and config.json, which
     transformers.GPT2LMHeadModel.from_pretrained(out_dir) and load_checkpoint both read.
     Returns the paths written; refuses to replace them unless overwrite."""
     from safetensors.torch import save_file
 
+    refuse_softcap(model, "a GPT-2 folder")
     out = Path(out_dir)
     paths = [out / "model.safetensors", out / "config.json"]
     if not overwrite and any(p.exists() for p in paths):
@@ -383,6 +391,7 @@ def export_peft_adapter(model: GPTModel, out_dir, base: str) -> list:
     adapter_config.json), which peft's PeftModel.from_pretrained(base model, out_dir) loads."""
     from safetensors.torch import save_file
 
+    refuse_softcap(model, "a peft adapter for GPT-2")
     tensors, config = peft_adapter(model, base)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -55,6 +55,10 @@ def add_args(p: argparse.ArgumentParser):
     d.add_argument("--cache-dir", default=None, help="where the tokenised corpus is cached "
                                                      "(default: ~/.cache/tritongpt or $TRITONGPT_CACHE)")
     d.add_argument("--dropout", type=float, default=None, help="override the preset's dropout")
+    p.add_argument("--logit-softcap", type=float, default=None, metavar="C",
+                   help="soft-cap the new model's logits to C tanh(logits / C) (GPTConfig.logit_softcap; Gemma 2 "
+                        "uses 30, modded-nanogpt 15 to 30; in the loss and in sampling alike, and such a model cannot "
+                        "be exported to Hugging Face's GPT-2; default: none, or what --init's model has)")
     d.add_argument("--document-mask", action="store_true",
                    help="keep the documents of a training window apart: each token attends to its own document "
                         "only (split at <|endoftext|>, which opens each document), and positions count from its "
@@ -126,6 +130,7 @@ class DataPosition:
 def check_args(args, targs):
     """The flags' own errors, before any slow work, then the model: -> (model, tokenizer, block size,
     prompt ids). The model is --init's weights, or the preset's random ones (seeded by --seed)."""
+    from tritongpt._types import softcap_value
     from tritongpt.commands import vocab_multiple
     from tritongpt.model.config import get_config
     from tritongpt.model.gpt import GPTModel
@@ -139,6 +144,11 @@ def check_args(args, targs):
     preset = get_config(args.model or "tiny") if args.init is None else None
     if args.dropout is not None and not 0.0 <= args.dropout < 1.0:
         raise UserError(f"--dropout must be in [0, 1), got {args.dropout}")
+    if args.logit_softcap is not None:
+        try:
+            softcap_value(args.logit_softcap, "--logit-softcap")
+        except ValueError as e:
+            raise UserError(str(e)) from None
     data.check_text_field(args.data, args.text_field)
     if Path(str(args.data or "")).suffix == ".json":
         note(f"{args.data} is read as plain text, brackets and keys included (JSON records "
@@ -157,12 +167,15 @@ def check_args(args, targs):
             model = model.pad_vocab(args.vocab_multiple)
         if args.dropout is not None:
             model.set_dropout(args.dropout)
+        if args.logit_softcap is not None and args.logit_softcap != model.config.logit_softcap:
+            raise UserError(f"--logit-softcap {args.logit_softcap:g} would change what --init's model computes (its "
+                            f"logit_softcap is {model.config.logit_softcap:g}): leave the flag out")
         tok = pick_tokenizer(args.tokenizer, args.init, model.config.vocab_size)
     else:
         tok = get_tokenizer(args.tokenizer or "default")
         name = args.model or "tiny"
         cfg = get_config(name, vocab_size=model_vocab(name, tok, preset.vocab_size),
-                         dropout=args.dropout, vocab_multiple=args.vocab_multiple)
+                         dropout=args.dropout, vocab_multiple=args.vocab_multiple, logit_softcap=args.logit_softcap)
         model = GPTModel(cfg)
     context = model.config.context_length
     block = context if args.block_size is None else args.block_size

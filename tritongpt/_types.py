@@ -24,3 +24,11 @@ def loss_options(label_smoothing, z_loss) -> tuple[float, float]:
         if not 0.0 <= value <= high:
             raise ValueError(f"{name} must be in [0, {high:g}], got {value!r}")
     return float(label_smoothing), float(z_loss)
+
+
+def softcap_value(value, name: str = "softcap") -> float:
+    """A logit soft cap as a float: c > 0 (logits become c * tanh(logits / c), Gemma 2's and
+    modded-nanogpt's), or 0 for none. Anything else is refused by name."""
+    if not is_real(value) or not math.isfinite(value) or value < 0:
+        raise ValueError(f"{name} must be a finite number >= 0 (0: no cap), got {value!r}")
+    return float(value)
