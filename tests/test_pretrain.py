@@ -686,3 +686,9 @@ def test_logit_softcap_makes_a_soft_capped_model_kept_by_init(corpus, tmp_path, 
         capsys.readouterr().err
     assert main(["pretrain", *argv(corpus, tmp_path / "again", *short, *init)]) == 0
     assert GPTModel.load(tmp_path / "again" / "ckpt-0000001" / "model.safetensors").config.logit_softcap == 15.0
+    # a resume builds the model from the flags: without the cap it would train another model on
+    more = ("--max-steps", "2", "--resume")
+    assert main(["pretrain", *argv(corpus, tmp_path / "capped", *short[:-2], *more)]) == 2
+    err = capsys.readouterr().err
+    assert "--resume: " in err and "soft-caps its logits at 15, this run's at 0 (0: none): pass --logit-softcap 15" in err
+    assert main(["pretrain", *argv(corpus, tmp_path / "capped", *short[:-2], *more, "--logit-softcap", "15")]) == 0

@@ -425,11 +425,17 @@ class Trainer:
             raise UserError(f"--resume: {ckpt}'s run trained with --optimizer {was}, not {self.args.optimizer}: "
                             f"pass --optimizer {was}")
         common.load_checkpoint_weights(self.raw_model, ckpt, self.device, self._cfg, "model")
+        saved_cfg = common.saved_model_config(ckpt / "model.safetensors")
+        cap = saved_cfg.get("logit_softcap", 0.0)  # configs from before the field: none
+        if self._cfg is not None and saved_cfg and cap != self._cfg.logit_softcap:
+            # the same weights' shapes, another function of them: the run would go on as another model
+            raise UserError(f"--resume: {ckpt}'s model soft-caps its logits at {cap:g}, this run's at "
+                            f"{self._cfg.logit_softcap:g} (0: none): pass --logit-softcap {cap:g}")
         # dropout changes the run too but is the model's (pretrain --dropout), not a TrainArgs field:
         # compared with the model config saved beside the weights (a resume without --dropout
         # silently trained on at the preset's rate)
         now_args, names = {**vars(self.args), **self.run_args}, TRAJECTORY_ARGS + tuple(self.run_args)
-        saved_dropout = common.saved_model_config(ckpt / "model.safetensors").get("dropout")
+        saved_dropout = saved_cfg.get("dropout")
         if self._cfg is not None and saved_dropout is not None:
             now_args, names = {**now_args, "dropout": self._cfg.dropout}, names + ("dropout",)
             state = {**state, "args": {**state.get("args", {}), "dropout": saved_dropout}}
