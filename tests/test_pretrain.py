@@ -674,6 +674,7 @@ def test_logit_softcap_makes_a_soft_capped_model_kept_by_init(corpus, tmp_path, 
     and generate get the same model); with --init it may only repeat the model's own cap."""
     short = ("--sample-tokens", "0", "--log-every", "0", "--eval-every", "0", "--max-steps", "1")
     assert main(["pretrain", *argv(corpus, tmp_path / "capped", *short, "--logit-softcap", "15")]) == 0
+    assert ", logits soft-capped at 15) on cpu" in capsys.readouterr().out
     model = GPTModel.load(tmp_path / "capped" / "ckpt-0000001" / "model.safetensors")
     assert model.config.logit_softcap == 15.0
     with torch.no_grad():

@@ -263,7 +263,8 @@ def print_header(args, targs, model, tok, block, splits, trainer):
     padded = f" padded to {cfg.padded_vocab_size}" if cfg.padded_vocab_size != cfg.vocab_size else ""
     print(f"pretrain: {model_name(args)} ({model.num_params() / 1e6:.2f}M params, vocab {cfg.vocab_size}{padded}, "
           f"context {cfg.context_length}"
-          f"{f', trained on {block}-token blocks' if block != cfg.context_length else ''}) "
+          f"{f', trained on {block}-token blocks' if block != cfg.context_length else ''}"
+          f"{f', logits soft-capped at {cfg.logit_softcap:g}' if cfg.logit_softcap else ''}) "
           f"on {trainer.device} ({str(trainer.dtype).replace('torch.', '')}, kernels {cfg.kernels}"
           f"{', ' + str(trainer.world_size) + ' processes' if trainer.ddp else ''})")
     per_step = targs.batch_size * targs.grad_accum * trainer.world_size
