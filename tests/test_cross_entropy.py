@@ -566,15 +566,16 @@ def test_loss_options_compile_into_the_kernels_only_when_on(monkeypatch, device)
 
 
 def test_loss_option_ops_default_to_off_and_check_their_options_when_traced(device):
-    """The ops' schemas default both options to 0 (a call written before them computes the plain
-    cross-entropy, backward as forward), and their fake impls refuse bad options as the real ops
-    do: torch.compile's trace names the argument instead of compiling a kernel for it."""
+    """The ops' schemas default the three options (label smoothing, z-loss, soft cap) to 0 (a call
+    written before them computes the plain cross-entropy, backward as forward), and their fake impls
+    refuse bad options as the real ops do: torch.compile's trace names the argument instead of
+    compiling a kernel for it."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     fwd, bwd = torch.ops.tritongpt.cross_entropy_fwd, torch.ops.tritongpt.cross_entropy_bwd
     for op in (fwd, bwd):
-        tail = [(a.name, a.default_value) for a in op.default._schema.arguments[-2:]]
-        assert tail == [("label_smoothing", 0.0), ("z_loss", 0.0)], tail
+        tail = [(a.name, a.default_value) for a in op.default._schema.arguments[-3:]]
+        assert tail == [("label_smoothing", 0.0), ("z_loss", 0.0), ("softcap", 0.0)], tail
     gen = torch.Generator().manual_seed(43)
     x = torch.randn(6, 40, generator=gen).to(device).requires_grad_()
     t = torch.tensor([1, IGNORE, 7, 39, 0, 12], device=device)
@@ -590,7 +591,13 @@ def test_loss_option_ops_default_to_off_and_check_their_options_when_traced(devi
             fwd(fx, ft, IGNORE, 40, 1.5, 0.0)
         with pytest.raises(ValueError, match=r"z_loss must be in \[0, inf\], got -0.5"):
             bwd(fg, fx, ft, fm, fs, IGNORE, 40, 0.0, -0.5)
+        with pytest.raises(ValueError, match=r"softcap must be a finite number >= 0 \(0: no cap\), got -1.0"):
+            fwd(fx, ft, IGNORE, 40, 0.0, 0.0, -1.0)
+        with pytest.raises(ValueError, match="softcap must be a finite number >= 0"):
+            bwd(fg, fx, ft, fm, fs, IGNORE, 40, 0.0, 0.0, float("inf"))
         assert fwd(fx, ft, IGNORE, 40, 0.1, 1e-4)[0].shape == (6,)  # good options trace
+        assert fwd(fx, ft, IGNORE, 40, 0.1, 1e-4, 30.0)[0].shape == (6,)
+        assert bwd(fg, fx, ft, fm, fs, IGNORE, 40, 0.0, 0.0, 30.0).shape == (6, 40)
 
 # -- logit soft-capping -------------------------------------------------------------------------
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
