@@ -553,7 +553,7 @@ def test_loss_options_compile_into_the_kernels_only_when_on(monkeypatch, device)
     h = torch.randn(5, 8, generator=gen).to(device).requires_grad_()
     w = torch.randn(30, 8, generator=gen).to(device)
     for label_smoothing, z_loss, softcap in ((0.0, 0.0, 0.0), (0.1, 0.0, 0.0), (0.0, 1e-4, 0.0), (1.0, 2e-3, 0.0),
-                                             (0.0, 0.0, 30.0), (0.1, 1e-4, 15.0)):
+                                             (0.0, 0.0, 30.0), (0.1, 1e-4, 15.0), (0.0, 0.0, 0.5)):
         flags = (label_smoothing != 0, z_loss != 0, softcap != 0)
         want = [("fwd", *flags), ("bwd", *flags)]
         options = dict(label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap)

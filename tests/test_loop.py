@@ -318,6 +318,42 @@ def test_resume_without_checkpoint_is_a_user_error(tmp_path):
         t.fit()
 
 
+def test_a_resume_refuses_another_logit_softcap_and_reads_older_checkpoints_as_uncapped(tmp_path):
+    """The same weights soft-capped or not are other models: a resume with another cap is refused.
+    A checkpoint whose saved config predates the field is uncapped (resumed as such, and refused
+    to a capped model); one with no saved config at all is not compared, as for dropout."""
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    gb = make_get_batch(synthetic_tokens(), 2)
+    Trainer(tiny_model(logit_softcap=15.0), args_for(tmp_path, max_steps=1), loss_fn, gb).fit()
+    weights = tmp_path / "ckpt-0000001" / "model.safetensors"
+
+    def resume(**cfg):  # at --max-steps already: the checks, the weights loaded, no step
+        return Trainer(tiny_model(**cfg), args_for(tmp_path, max_steps=1, resume="latest"), loss_fn, gb).fit()
+
+    def resave(edit):
+        with safe_open(str(weights), "pt") as f:
+            tensors, meta = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+        save_file(tensors, str(weights), metadata=edit(meta))
+
+    with pytest.raises(UserError, match=r"soft-caps its logits at 15, this run's at 0 \(0: none\): "
+                                        r"pass --logit-softcap 15"):
+        resume()
+    resume(logit_softcap=15.0)
+    resave(lambda meta: {**meta, "config": json.dumps({k: v for k, v in json.loads(meta["config"]).items()
+                                                       if k != "logit_softcap"})})
+    assert "logit_softcap" not in common.saved_model_config(weights)
+    resume()
+    with pytest.raises(UserError, match=r"soft-caps its logits at 0, this run's at 15"):
+        resume(logit_softcap=15.0)
+    resave(lambda meta: {k: v for k, v in meta.items() if k != "config"})
+    assert common.saved_model_config(weights) == {}
+    resume(logit_softcap=15.0)
+
+
 def test_rng_state_restores_every_generator():
     """rng_state / set_rng_state (what a resume restores): Python's, NumPy's and torch's draws
     after a restore repeat those after the capture."""

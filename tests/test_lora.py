@@ -466,6 +466,31 @@ def test_an_adapter_needs_a_lora_run_and_its_own_base(tmp_path, capsys, monkeypa
     assert adapter_base("openai-community/gpt2", "elsewhere", frozen) == "openai-community/gpt2"
 
 
+def test_a_soft_capped_lora_run_keeps_its_cap_merged_and_exports_no_adapter(tmp_path, capsys):
+    """merge_lora and strip_lora keep GPTConfig.logit_softcap (generate uses the merged model). An
+    adapter would go on Hugging Face's GPT-2, which has no cap: `export --adapter` refuses it before
+    an earlier export's files are removed, even with a --base its frozen weights match."""
+    from tritongpt.cli import main
+    from tritongpt.model.lora import strip_lora
+    from tritongpt.train.gpt2_weights import export_gpt2, load_checkpoint
+
+    model = with_trained_lora(small(seed=17, vocab_size=4096, logit_softcap=15.0))
+    model.save(tmp_path / "lora.safetensors")
+    assert merge_lora(copy.deepcopy(model)).config.logit_softcap == 15.0
+    assert load_checkpoint(tmp_path / "lora.safetensors").config.logit_softcap == 15.0
+    frozen = strip_lora(copy.deepcopy(model))
+    assert frozen.config.logit_softcap == 15.0
+    frozen.config.logit_softcap = 0.0  # the same weights, uncapped: a base the adapter would match
+    for folder in ("base", "hf"):
+        export_gpt2(frozen, tmp_path / folder)
+    before = {p.name: p.read_bytes() for p in (tmp_path / "hf").iterdir()}
+    assert main(["export", str(tmp_path / "lora.safetensors"), "--out", str(tmp_path / "hf"), "--adapter",
+                 "--base", str(tmp_path / "base"), "--tokenizer", "default", "--overwrite"]) == 2
+    err = capsys.readouterr().err
+    assert "soft-caps its logits (logit_softcap 15)" in err and "cannot be exported as a peft adapter" in err
+    assert {p.name: p.read_bytes() for p in (tmp_path / "hf").iterdir()} == before
+
+
 def test_an_adapter_names_a_relative_base_folder_by_its_full_path(tmp_path, monkeypatch, capsys):
     """`export --adapter --base hf/base` wrote 'hf/base' as base_model_name_or_path, which peft
     and tritongpt then looked for relative to wherever the adapter was loaded from, not where it

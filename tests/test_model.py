@@ -1,4 +1,5 @@
 """Reference model: configs, initialisation, causality, KV cache, save/load, the toggle's bookkeeping."""
+import json
 import math
 import warnings
 
@@ -38,6 +39,9 @@ def test_unknown_model_and_bad_config():
             GPTConfig(**{field: bad})
     cfg = GPTConfig(n_layer=np.int64(2), vocab_size=np.int32(100), bias=np.bool_(False))  # numpy's are fine
     assert type(cfg.n_layer) is int and cfg.to_dict()["vocab_size"] == 100 and cfg.bias is False
+    # a numpy float32 cap (from an array or a config) is stored as a float: the config is saved as JSON
+    cfg = GPTConfig(logit_softcap=np.float32(2.5), dropout=np.float32(0.25))
+    assert type(cfg.logit_softcap) is float and json.loads(json.dumps(cfg.to_dict()))["logit_softcap"] == 2.5
 
 
 def test_gpt2_initialisation():
@@ -418,6 +422,21 @@ def test_pad_vocab_gives_the_same_model_with_aligned_rows():
     assert all(torch.equal(a, b) for a, b in zip(back.state_dict().values(), m.state_dict().values()))
     with pytest.raises(UserError, match="vocab_multiple must be a positive integer"):
         m.pad_vocab(0)
+
+
+def test_pad_vocab_keeps_the_logit_softcap():
+    """A soft-capped model padded (sft --vocab-multiple) is the same function: its cap comes along,
+    and so the same capped logits, and back again."""
+    torch.manual_seed(7)
+    m = GPTModel(GPTConfig(**SMALL, logit_softcap=1.5)).eval()
+    idx = torch.randint(0, 97, (2, 7))
+    with torch.no_grad():
+        m.tok_emb.weight.mul_(30.0)  # logits of several units: the cap bends them
+        want = m(idx)
+        assert want.abs().max() <= 1.5 and m.out_head(m.hidden(idx)).abs().max() > 3.0
+        p = m.pad_vocab(16)
+        assert p.config.logit_softcap == 1.5 and p.pad_vocab(1).config.logit_softcap == 1.5
+        torch.testing.assert_close(p(idx), want)
 
 
 def test_pad_vocab_builds_its_new_model_on_the_reference_path(monkeypatch):

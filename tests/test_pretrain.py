@@ -685,8 +685,13 @@ def test_logit_softcap_makes_a_soft_capped_model_kept_by_init(corpus, tmp_path, 
     assert main(["pretrain", *argv(corpus, tmp_path / "again", *short, *init, "--logit-softcap", "30")]) == 2
     assert "--logit-softcap 30 would change what --init's model computes (its logit_softcap is 15)" in \
         capsys.readouterr().err
+    assert main(["pretrain", *argv(corpus, tmp_path / "again", *short, *init, "--logit-softcap", "0")]) == 2
+    assert "--logit-softcap 0 would change what --init's model computes" in capsys.readouterr().err
     assert main(["pretrain", *argv(corpus, tmp_path / "again", *short, *init)]) == 0
     assert GPTModel.load(tmp_path / "again" / "ckpt-0000001" / "model.safetensors").config.logit_softcap == 15.0
+    # 0 is no cap (what the resume error below tells an uncapped run to pass), not a bad value
+    assert main(["pretrain", *argv(corpus, tmp_path / "plain", *short, "--logit-softcap", "0")]) == 0
+    assert GPTModel.load(tmp_path / "plain" / "ckpt-0000001" / "model.safetensors").config.logit_softcap == 0.0
     # a resume builds the model from the flags: without the cap it would train another model on
     more = ("--max-steps", "2", "--resume")
     assert main(["pretrain", *argv(corpus, tmp_path / "capped", *short[:-2], *more)]) == 2
