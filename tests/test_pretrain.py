@@ -696,5 +696,6 @@ def test_logit_softcap_makes_a_soft_capped_model_kept_by_init(corpus, tmp_path, 
     more = ("--max-steps", "2", "--resume")
     assert main(["pretrain", *argv(corpus, tmp_path / "capped", *short[:-2], *more)]) == 2
     err = capsys.readouterr().err
-    assert "--resume: " in err and "soft-caps its logits at 15, this run's at 0 (0: none): pass --logit-softcap 15" in err
+    assert "--resume: " in err
+    assert "soft-caps its logits at 15, this run's at 0 (0: none): pass --logit-softcap 15" in err
     assert main(["pretrain", *argv(corpus, tmp_path / "capped", *short[:-2], *more, "--logit-softcap", "15")]) == 0
