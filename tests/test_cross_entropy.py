@@ -410,17 +410,22 @@ def test_smoothing_and_z_loss_sum_and_hypothesis_sizes(label_smoothing, z_loss, 
                            f"dlogits n={n} V={V}")
 
 
+def padded_head_case(seed, dtype, device, logit_scale=2.0, V=277, pad=35, C=24):
+    """(hidden [37, C], a weight of V classes + pad padding rows, targets with every 4th ignored,
+    V, gen) for the fused head's option tests: logits of std about logit_scale."""
+    gen = torch.Generator().manual_seed(seed)
+    h = (torch.randn(37, C, generator=gen) * 2.0).to(device, dtype).requires_grad_()
+    w = (torch.randn(V + pad, C, generator=gen) * C ** -0.5 * logit_scale).to(device, dtype).requires_grad_()
+    t = torch.randint(0, V, (37,), generator=gen)
+    t[::4] = IGNORE
+    return h, w, t.to(device), V, gen
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 def test_linear_smoothing_and_z_loss_parity_fp64(dtype, reduction, device):
     # fp16 makes its gradients in backward (the deferred path): the options must reach it too
-    gen = torch.Generator().manual_seed(31)
-    V, pad, C = 277, 35, 24
-    h = (torch.randn(37, C, generator=gen) * 2.0).to(device, dtype).requires_grad_()
-    w = (torch.randn(V + pad, C, generator=gen) * C ** -0.5 * 2.0).to(device, dtype).requires_grad_()
-    t = torch.randint(0, V, (37,), generator=gen)
-    t[::4] = IGNORE
-    t = t.to(device)
+    h, w, t, V, gen = padded_head_case(31, dtype, device)
     loss = linear_cross_entropy(h, w, t, IGNORE, reduction, chunk_rows=10, vocab_size=V, label_smoothing=0.15,
                                 z_loss=2e-2)
     g = torch.rand((), generator=gen).item() + 0.5
@@ -628,13 +633,7 @@ def test_softcap_parity_fp64(softcap, label_smoothing, z_loss, pad, dtype, devic
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_linear_softcap_parity_fp64(dtype, device):
-    gen = torch.Generator().manual_seed(33)
-    V, pad, C = 277, 35, 24
-    h = (torch.randn(37, C, generator=gen) * 2.0).to(device, dtype).requires_grad_()
-    w = (torch.randn(V + pad, C, generator=gen) * C ** -0.5 * 6.0).to(device, dtype).requires_grad_()
-    t = torch.randint(0, V, (37,), generator=gen)
-    t[::4] = IGNORE
-    t = t.to(device)
+    h, w, t, V, _ = padded_head_case(33, dtype, device, logit_scale=6.0)
     loss = linear_cross_entropy(h, w, t, IGNORE, "mean", chunk_rows=10, vocab_size=V, softcap=8.0)
     loss.backward()
     h64, w64 = (a.detach().double().requires_grad_() for a in (h, w))
