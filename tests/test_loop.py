@@ -352,6 +352,11 @@ def test_a_resume_refuses_another_logit_softcap_and_reads_older_checkpoints_as_u
     resave(lambda meta: {k: v for k, v in meta.items() if k != "config"})
     assert common.saved_model_config(weights) == {}
     resume(logit_softcap=15.0)
+    # the other trainers take their model, cap included, from --init: no flag to name there
+    sft = tmp_path / "sft"
+    Trainer(tiny_model(logit_softcap=15.0), args_for(sft, max_steps=1), loss_fn, gb, name="sft").fit()
+    with pytest.raises(UserError, match=r"at 15, this run's at 0 \(0: none\): resume with the run's own --init$"):
+        Trainer(tiny_model(), args_for(sft, max_steps=1, resume="latest"), loss_fn, gb, name="sft").fit()
 
 
 def test_rng_state_restores_every_generator():

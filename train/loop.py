@@ -429,8 +429,9 @@ class Trainer:
         cap = saved_cfg.get("logit_softcap", 0.0)  # configs from before the field: none
         if self._cfg is not None and saved_cfg and cap != self._cfg.logit_softcap:
             # the same weights' shapes, another function of them: the run would go on as another model
+            fix = f"pass --logit-softcap {cap:g}" if self.name == "pretrain" else "resume with the run's own --init"
             raise UserError(f"--resume: {ckpt}'s model soft-caps its logits at {cap:g}, this run's at "
-                            f"{self._cfg.logit_softcap:g} (0: none): pass --logit-softcap {cap:g}")
+                            f"{self._cfg.logit_softcap:g} (0: none): {fix}")
         # dropout changes the run too but is the model's (pretrain --dropout), not a TrainArgs field:
         # compared with the model config saved beside the weights (a resume without --dropout
         # silently trained on at the preset's rate)
