@@ -201,10 +201,10 @@ def add_lm_loss_args(parser: argparse.ArgumentParser) -> None:
     """--label-smoothing and --z-loss: the next-token objective's options (pretrain and sft). They
     shape the training loss only; evaluations report the plain cross-entropy, comparable across runs."""
     g = parser.add_argument_group("loss")
-    g.add_argument("--label-smoothing", type=float, default=0.0,
+    g.add_argument("--label-smoothing", type=float, default=0.0, metavar="EPS",
                    help="train against a target that puts this share of its weight evenly on every class "
                         "(PyTorch's label_smoothing, in [0, 1]; default %(default)s: off)")
-    g.add_argument("--z-loss", type=float, default=0.0,
+    g.add_argument("--z-loss", type=float, default=0.0, metavar="Z",
                    help="add this times logsumexp(logits)^2 per token (PaLM's auxiliary z-loss, 1e-4 there; it "
                         "keeps the softmax's normaliser near 1, which steadies long and bf16 runs; default "
                         "%(default)s: off)")
