@@ -496,7 +496,8 @@ def test_info_says_each_runs_own_state(saved_model, tmp_path, capsys):
     step, max_steps, tokens = random.randint(1, 50), random.randint(51, 99), random.randint(10**5, 10**7)
     states = {"sft": {"name": "sft", "args": {"max_steps": max_steps}, "world_size": 2, "prompt_format": "chat",
                       "data": [{"epoch": 0, "pos": 6, "epoch_seed": 1, "world_size": 2}] * 2},
-              "pre": {"name": "pretrain", "args": {"max_steps": max_steps, "init": None}, "world_size": 1,
+              "pre": {"name": "pretrain", "args": {"max_steps": max_steps, "init": None, "label_smoothing": 0.0,
+                                                   "z_loss": 1e-4}, "world_size": 1,
                       "data": [{"source": "x.txt", "train_tokens": tokens, "block_size": 64}]}}
     for run, state in states.items():
         ckpt = tmp_path / run / f"ckpt-{step:07d}"
@@ -506,13 +507,14 @@ def test_info_says_each_runs_own_state(saved_model, tmp_path, capsys):
     assert main(["info", "--weights", str(tmp_path / "sft"), "--model", "tiny"]) == 0
     out, err = capsys.readouterr()
     assert f"run          sft, step {step} of {max_steps} (bfloat16, kernels triton, 2 processes)\n" in out
-    assert "data " not in out and "tokenizer    - (none saved with it" in out
+    assert "data " not in out and "tokenizer    - (none saved with it" in out and "objective" not in out
     assert "prompts      chat template (what `tritongpt chat` prompts it with)\n" in out
     assert "(its saved config, used), not tiny's" in err
     assert main(["info", "--weights", str(tmp_path / "pre")]) == 0
     out = capsys.readouterr().out
     assert f"run          pretrain, step {step} of {max_steps} (bfloat16, kernels triton, 1 process)\n" in out
     assert f"data         x.txt: {tokens:,} training tokens, 64-token blocks\n" in out and "prompts " not in out
+    assert "objective    cross-entropy with z-loss 0.0001\n" in out  # --z-loss's run; no smoothing named
 
 
 def test_info_says_an_rlhf_runs_iteration_of_its_iterations(saved_model, tmp_path, capsys):

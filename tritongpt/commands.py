@@ -138,6 +138,10 @@ def run_lines(weights) -> list:
                     f"{world} process{'es' if world != 1 else ''}){init}")
     if state.get("prompt_format"):
         lines.insert(1, f"prompts      {state['prompt_format']} template (what `tritongpt chat` prompts it with)")
+    options = [f"{name} {a[key]:g}" for key, name in (("label_smoothing", "label smoothing"), ("z_loss", "z-loss"))
+               if a.get(key)]
+    if options:  # the run's objective was not the plain cross-entropy (--label-smoothing, --z-loss)
+        lines.insert(1, f"objective    cross-entropy with {' and '.join(options)}")
     data = state.get("data")
     data = data[0] if isinstance(data, list) and data else data
     if isinstance(data, dict) and "train_tokens" in data:
