@@ -439,6 +439,28 @@ def test_linear_smoothing_and_z_loss_parity_fp64(dtype, reduction, device):
     assert torch.count_nonzero(w.grad[V:]) == 0
 
 
+def assert_model_paths_agree(model, idx, y, w, reduction, logits64, **options):
+    """model(idx, targets=y, **options) on the reference path against the objective on logits64
+    (float64 logits of that model), then on the Triton loss path: the same loss and every parameter
+    gradient. w: per-position weights of the losses for reduction "none"."""
+    def run():
+        model.zero_grad(set_to_none=True)
+        loss = model(idx, targets=y, ignore_index=IGNORE, reduction=reduction, **options)
+        (loss * w if reduction == "none" else loss).sum().backward()
+        return [loss.detach()] + [p.grad.clone() for p in model.parameters()]
+
+    model.set_kernels("reference")
+    want = run()
+    ref = smoothed_z_loss64(logits64, y, options.get("label_smoothing", 0.0), options.get("z_loss", 0.0), reduction)
+    assert_close_rel(want[0], ref.float(), 1e-5, f"reference path {reduction} vs float64")
+    model.set_kernels({"cross_entropy"})
+    got = run()
+    model.set_kernels("reference")
+    # a floor: the attention's key bias has no gradient but rounding (softmax ignores a shift)
+    for i, (a, b) in enumerate(zip(got, want)):
+        assert_close_mixed(a, b, 1e-5, 1e-9, f"{reduction} {'loss' if i == 0 else f'grad {i}'}")
+
+
 def test_model_loss_options_on_both_paths():
     """GPTModel.forward(label_smoothing=, z_loss=) reaches the loss on every path: the reference
     lm_loss, the fused LM head (mean, sum) and the per-token kernel (none), with the same loss and
@@ -451,27 +473,11 @@ def test_model_loss_options_on_both_paths():
     idx, y = torch.randint(0, 70, (3, 11)), torch.randint(0, 70, (3, 11))
     y[0, :4] = IGNORE
     w = torch.rand(3, 11)
-
-    def run(reduction):
-        model.zero_grad(set_to_none=True)
-        loss = model(idx, targets=y, ignore_index=IGNORE, reduction=reduction, label_smoothing=0.2, z_loss=5e-2)
-        (loss * w if reduction == "none" else loss).sum().backward()
-        return [loss.detach()] + [p.grad.clone() for p in model.parameters()]
-
+    with torch.no_grad():
+        logits64 = model.double()(idx)
+    model.float()
     for reduction in ("mean", "sum", "none"):
-        model.set_kernels("reference")
-        want = run(reduction)
-        with torch.no_grad():
-            logits64 = model.double()(idx)
-        model.float()
-        assert_close_rel(want[0], smoothed_z_loss64(logits64, y, 0.2, 5e-2, reduction).float(), 1e-5,
-                         f"reference path {reduction} vs float64")
-        model.set_kernels({"cross_entropy"})
-        got = run(reduction)
-        # a floor: the attention's key bias has no gradient but rounding (softmax ignores a shift)
-        for i, (a, b) in enumerate(zip(got, want)):
-            assert_close_mixed(a, b, 1e-5, 1e-9, f"{reduction} {'loss' if i == 0 else f'grad {i}'}")
-    model.set_kernels("reference")
+        assert_model_paths_agree(model, idx, y, w, reduction, logits64, label_smoothing=0.2, z_loss=5e-2)
 
 
 @pytest.mark.parametrize("label_smoothing,z_loss,match", [
@@ -668,24 +674,8 @@ def test_a_soft_capped_model_caps_its_logits_on_both_paths(tmp_path):
     assert raw.abs().max() > 4.0 and logits.abs().max() < 2.0
     assert_close_rel(logits, 2.0 * torch.tanh(raw / 2.0), 1e-6, "capped logits")
     w = torch.rand(3, 11)
-
-    def run(reduction, **options):
-        model.zero_grad(set_to_none=True)
-        loss = model(idx, targets=y, ignore_index=IGNORE, reduction=reduction, **options)
-        (loss * w if reduction == "none" else loss).sum().backward()
-        return [loss.detach()] + [p.grad.clone() for p in model.parameters()]
-
     for reduction, options in (("mean", {}), ("sum", {"label_smoothing": 0.1, "z_loss": 1e-2}), ("none", {})):
-        model.set_kernels("reference")
-        want = run(reduction, **options)
-        assert_close_rel(want[0], smoothed_z_loss64(logits.double(), y, options.get("label_smoothing", 0.0),
-                                                    options.get("z_loss", 0.0), reduction).float(), 1e-5,
-                         f"reference {reduction} on the capped logits")
-        model.set_kernels({"cross_entropy"})
-        got = run(reduction, **options)
-        for i, (a, b) in enumerate(zip(got, want)):
-            assert_close_mixed(a, b, 1e-5, 1e-9, f"{reduction} {'loss' if i == 0 else f'grad {i}'}")
-    model.set_kernels("reference")
+        assert_model_paths_agree(model, idx, y, w, reduction, logits.double(), **options)
     model.save(tmp_path / "m.safetensors")
     assert GPTModel.load(tmp_path / "m.safetensors").config.logit_softcap == 2.0
     for bad in (-1.0, float("nan"), "30"):

@@ -215,10 +215,19 @@ def lm_loss_options(args) -> dict:
     from tritongpt._types import loss_options
 
     try:
-        smoothing, z = loss_options(getattr(args, "label_smoothing", 0.0), getattr(args, "z_loss", 0.0))
+        smoothing, z = loss_options(getattr(args, "label_smoothing", 0.0), getattr(args, "z_loss", 0.0),
+                                    names=("--label-smoothing", "--z-loss"))
     except ValueError as e:
-        raise UserError("--" + str(e).replace("_", "-", 1)) from None
+        raise UserError(str(e)) from None
     return {"label_smoothing": smoothing, "z_loss": z}
+
+
+def lm_loss_text(options: dict) -> str:
+    """The objective's options as words ("label smoothing 0.1 and z-loss 0.0001"; "" for none), from
+    {label_smoothing, z_loss} (a run's recorded args will do): pretrain's header, `info --weights`."""
+    words = [f"{name} {options[key]:g}" for key, name in (("label_smoothing", "label smoothing"), ("z_loss", "z-loss"))
+             if options.get(key)]
+    return " and ".join(words)
 
 
 # -- throughput ------------------------------------------------------------------------------

@@ -259,6 +259,8 @@ def load_splits(args, tok, block, batch_size, trainer) -> dict:
 
 
 def print_header(args, targs, model, tok, block, splits, trainer):
+    from tritongpt.train.loop import lm_loss_text
+
     cfg, n_train, n_val = model.config, len(splits["train"]), len(splits["val"])
     padded = f" padded to {cfg.padded_vocab_size}" if cfg.padded_vocab_size != cfg.vocab_size else ""
     print(f"pretrain: {model_name(args)} ({model.num_params() / 1e6:.2f}M params, vocab {cfg.vocab_size}{padded}, "
@@ -271,10 +273,9 @@ def print_header(args, targs, model, tok, block, splits, trainer):
     print(f"data: {args.data or 'the pydoc corpus'}: {n_train:,} training + {n_val:,} validation tokens "
           f"({tok.name} tokenizer); {targs.max_steps} steps x {per_step} x {block} tokens"
           f"{', documents kept apart' if args.document_mask else ''}")
-    options = [f"label smoothing {args.label_smoothing:g}"] if args.label_smoothing else []
-    options += [f"z-loss {args.z_loss:g}"] if args.z_loss else []
+    options = lm_loss_text(vars(args))
     if options:  # the logged train loss is then the objective, not the cross-entropy val_loss reports
-        print(f"loss: cross-entropy with {' and '.join(options)} (train loss; val loss is the plain cross-entropy)")
+        print(f"loss: cross-entropy with {options} (train loss; val loss is the plain cross-entropy)")
 
 
 def pretrain(args) -> dict:

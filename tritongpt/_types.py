@@ -14,11 +14,12 @@ def is_real(value) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
-def loss_options(label_smoothing, z_loss) -> tuple[float, float]:
+def loss_options(label_smoothing, z_loss, names=("label_smoothing", "z_loss")) -> tuple[float, float]:
     """The LM loss's options as floats: label_smoothing in [0, 1] (as F.cross_entropy takes it),
-    z_loss a coefficient >= 0 (PaLM's 1e-4). Anything else is refused by name, on both paths
-    (lm_loss and kernels/cross_entropy.py), before it reaches a kernel."""
-    for name, value, high in (("label_smoothing", label_smoothing, 1.0), ("z_loss", z_loss, math.inf)):
+    z_loss a coefficient >= 0 (PaLM's 1e-4). Anything else is refused by name (`names`: the two as
+    the caller spells them, e.g. the flags), on both paths (lm_loss and kernels/cross_entropy.py),
+    before it reaches a kernel."""
+    for name, value, high in ((names[0], label_smoothing, 1.0), (names[1], z_loss, math.inf)):
         if not is_real(value) or not math.isfinite(value):
             raise ValueError(f"{name} must be a finite number, got {value!r}")
         if not 0.0 <= value <= high:

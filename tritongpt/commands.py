@@ -120,6 +120,7 @@ def run_lines(weights) -> list:
     """What a checkpoint's training state says of its run (trainer, step, precision, data, the
     tokenizer saved with it), for `info --weights`; a bare weight file has none."""
     from tritongpt.train.common import load_state, resolve_checkpoint
+    from tritongpt.train.loop import lm_loss_text
     from tritongpt.train.tokenizer import saved_tokenizer_path
 
     ckpt = resolve_checkpoint(weights).parent
@@ -138,10 +139,9 @@ def run_lines(weights) -> list:
                     f"{world} process{'es' if world != 1 else ''}){init}")
     if state.get("prompt_format"):
         lines.insert(1, f"prompts      {state['prompt_format']} template (what `tritongpt chat` prompts it with)")
-    options = [f"{name} {a[key]:g}" for key, name in (("label_smoothing", "label smoothing"), ("z_loss", "z-loss"))
-               if a.get(key)]
+    options = lm_loss_text(a)
     if options:  # the run's objective was not the plain cross-entropy (--label-smoothing, --z-loss)
-        lines.insert(1, f"objective    cross-entropy with {' and '.join(options)}")
+        lines.insert(1, f"objective    cross-entropy with {options}")
     data = state.get("data")
     data = data[0] if isinstance(data, list) and data else data
     if isinstance(data, dict) and "train_tokens" in data:
