@@ -35,13 +35,19 @@ Algorithm (Dao, "FlashAttention-2", 2023). Per (batch, head), with S = scale * Q
             query tiles past the latest end among a key tile's keys. Only tiles that hold a
             document boundary pay for the extra mask; a row that sees nothing of its first
             visited tile keeps its running max at -inf and exponentiates against 0 there.
+  window    local (sliding-window) attention (window=W, causal only): query i sees keys
+            i - W < j <= i. No kernel of its own: a window is a start per row too, i - W + 1
+            (and an end per key, j + W), so it rides on the document bounds, intersected with
+            them when both are given. The same skipping makes a layer cost O(T W), not O(T^2):
+            only the tiles that cross the band's lower edge or the diagonal are masked.
   head dim  16, 32, 64, 80, 96, 128; 80 and 96 are padded to 128 inside the kernel with masks.
   NaN/inf   in q or k behave as in PyTorch; a NaN in v reaches the rows whose visited KV tiles
             hold it (PyTorch's P @ V spreads it to every row, 0 * NaN; exact math, to the rows
             that attend to it).
 
 Public API: `flash_attention(q, k, v, causal=True, softmax_scale=None, dropout_p=0.0, seed=None,
-doc_ids=None)`, `document_bounds(doc_ids)` and `dropout_mask(seed, B, H, Tq, Tk, p, device)`.
+doc_ids=None, window=None)`, `document_bounds(doc_ids)`, `window_bounds(window, Tk, ...)` and
+`dropout_mask(seed, B, H, Tq, Tk, p, device)`.
 The kernels are registered as the custom ops `tritongpt::flash_attn_fwd` /
 `tritongpt::flash_attn_bwd` (fake impls + register_autograd, which plays the role of the
 autograd.Function), so torch.compile treats the attention as one opaque differentiable op
@@ -481,8 +487,10 @@ def _doc_args(q, starts, ends):
     if starts is None:
         dummy = torch.zeros(1, dtype=torch.int32, device=q.device)
         return dummy, dummy, 0
-    # the kernels step both by one row stride: a caller of the op may give them others
-    starts, ends = starts.contiguous(), ends.contiguous()
+    # the kernels step both by one row stride: a caller of the op may give them others. A window's
+    # bounds, the same for every row, come expanded (stride 0) and stay so.
+    if starts.stride() != ends.stride():
+        starts, ends = starts.contiguous(), ends.contiguous()
     return starts, ends, starts.stride(0)
 
 
@@ -708,7 +716,8 @@ def _checked_scale(softmax_scale) -> float:
     return float(softmax_scale)
 
 
-def flash_attention(q, k, v, causal=True, softmax_scale=None, dropout_p=0.0, seed=None, doc_ids=None):
+def flash_attention(q, k, v, causal=True, softmax_scale=None, dropout_p=0.0, seed=None, doc_ids=None,
+                    window=None):
     """softmax(q k^T * scale + mask) with dropout, @ v, without the Tq x Tk matrix. Differentiable.
 
     q: [B, H, Tq, D]; k, v: [B, H, Tk, D], any strides (unit stride on D is fastest), bf16/fp16/fp32
@@ -721,6 +730,9 @@ def flash_attention(q, k, v, causal=True, softmax_scale=None, dropout_p=0.0, see
     doc_ids: integer [B, Tk], with causal: packed documents. A run of equal ids is one document,
     and a query sees only the keys of its own (document masking; FlashAttention's varlen and
     FlexAttention's document mask give the same). KV tiles of other documents are skipped.
+    window: int >= 1, with causal: local attention, query i (at position p) sees only the last
+    `window` positions, p - window < j <= p (flash-attn's window_size=(window - 1, 0); GPT-3's and
+    GPT-Neo's local layers). KV tiles outside the band are skipped. None: no window.
     Returns [B, H, Tq, D] (a view of a [B, Tq, H, D] buffer, so merging heads is free).
     """
     no_func_transform("flash_attention", vmap_ok=True)
@@ -732,6 +744,9 @@ def flash_attention(q, k, v, causal=True, softmax_scale=None, dropout_p=0.0, see
     scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else _checked_scale(softmax_scale)
     dropout_p = float(dropout_p)
     starts, ends = (None, None) if doc_ids is None else document_bounds(_checked_doc_ids(doc_ids, q, k, causal))
+    if window is not None:
+        starts, ends = window_bounds(_checked_window(window, causal), k.shape[2], q.shape[0], q.device,
+                                     starts, ends)
     out, _ = _flash_attn_fwd(q, k, v, bool(causal), scale, dropout_p, _seed_tensor(seed, dropout_p), starts, ends)
     return out
 
@@ -750,6 +765,34 @@ def document_bounds(doc_ids):
     next_start[:, :-1] = torch.where(new[:, 1:], pos[:, 1:], T)
     ends = next_start.flip(1).cummin(1).values.flip(1)
     return starts.to(torch.int32).contiguous(), ends.to(torch.int32).contiguous()
+
+
+def window_bounds(window, Tk, batch=1, device=None, starts=None, ends=None):
+    """The bounds (starts, ends), int32 [batch, Tk], of local attention over the last `window`
+    positions: query i sees key j iff i - window < j <= i, so starts[i] = i - window + 1 (from 0)
+    and ends[j] = j + window (up to Tk). With document bounds given, their intersection: a query
+    sees the keys of its own document within its window. A window of Tk or more masks nothing:
+    (starts, ends) come back unchanged then (None, None without documents: the dense kernels)."""
+    if window >= Tk:
+        return starts, ends
+    device = starts.device if starts is not None else device
+    pos = torch.arange(Tk, dtype=torch.int32, device=device)
+    w_starts = (pos - (window - 1)).clamp_min(0).expand(batch, Tk)  # one row for all: stride 0
+    w_ends = (pos + window).clamp_max(Tk).expand(batch, Tk)
+    if starts is None:
+        return w_starts, w_ends
+    return torch.maximum(starts, w_starts), torch.minimum(ends, w_ends)
+
+
+def _checked_window(window, causal):
+    if not is_int(window):  # 2.0 or "8" would pass a comparison; a bool is not a width
+        raise TypeError(f"window must be an int (how many positions a query sees), got "
+                        f"{type(window).__name__} {window!r}")
+    if window < 1:
+        raise ValueError(f"window must be at least 1 (a query sees itself), got {window}")
+    if causal is not True:
+        raise ValueError("window (local attention) needs causal=True: the kernels skip tiles by both masks")
+    return int(window)
 
 
 def _checked_doc_ids(doc_ids, q, k, causal):
@@ -772,7 +815,7 @@ def _check_bounds(q, k, causal, starts, ends):
     if starts is None and ends is None:
         return
     if starts is None or ends is None:
-        raise ValueError("document bounds need both starts and ends (document_bounds gives them)")
+        raise ValueError("document bounds need both starts and ends (document_bounds or window_bounds gives them)")
     for name, t in (("starts", starts), ("ends", ends)):
         if t.dtype != torch.int32 or tuple(t.shape) != (q.shape[0], k.shape[2]) or t.device != q.device \
                 or t.stride(-1) != 1:

@@ -35,9 +35,10 @@ def same_document(doc_ids, Tq):
     return run[:, Tk - Tq:, None] == run[:, None, :]
 
 
-def reference_attention(q, k, v, causal=True, softmax_scale=None, keep=None, dropout_p=0.0, doc_ids=None):
-    """softmax(q k^T * scale + bottom-right causal mask [+ document mask]), dropout with a given
-    keep-mask, @ v."""
+def reference_attention(q, k, v, causal=True, softmax_scale=None, keep=None, dropout_p=0.0, doc_ids=None,
+                        window=None):
+    """softmax(q k^T * scale + bottom-right causal mask [+ document mask] [+ window]), dropout
+    with a given keep-mask, @ v."""
     Tq, Tk = q.shape[-2], k.shape[-2]
     scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else softmax_scale
     scores = (q @ k.transpose(-2, -1)) * scale
@@ -46,6 +47,9 @@ def reference_attention(q, k, v, causal=True, softmax_scale=None, keep=None, dro
         scores = scores.masked_fill(future.to(scores.device), float("-inf"))
     if doc_ids is not None:
         scores = scores.masked_fill(~same_document(doc_ids.cpu(), Tq)[:, None].to(scores.device), float("-inf"))
+    if window is not None:  # keys more than window - 1 positions back
+        too_far = torch.arange(Tk)[None, :] <= torch.arange(Tq)[:, None] + (Tk - Tq) - window
+        scores = scores.masked_fill(too_far.to(scores.device), float("-inf"))
     weights = torch.softmax(scores, dim=-1)
     if keep is not None:
         weights = weights * keep.to(weights.dtype) / (1.0 - dropout_p)
@@ -511,24 +515,142 @@ def test_document_bounds_given_to_the_op_at_other_row_strides(device):
             assert torch.equal(g, w), name
 
 
-def test_documents_custom_op_opcheck_and_compile(device):
-    from tritongpt.kernels.attention import document_bounds
-
-    q, k, v = make_qkv(1, 1, 20, 20, 16, torch.float32, device, seed=13)
-    starts, ends = document_bounds(runs([6, 14]).to(device))
+def check_bounds_op_and_compile(q, k, v, starts, ends, **masks):
+    """opcheck of the op with these bounds, and torch.compile of flash_attention(**masks) giving
+    the eager bits."""
     args = (q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), True, 0.25, 0.0, torch.tensor(0),
             starts, ends)
     torch.library.opcheck(torch.ops.tritongpt.flash_attn_fwd.default, args)
-    ids = runs([6, 14]).to(device)
 
     def loss(a, b, c):
-        return flash_attention(a, b, c, doc_ids=ids).square().sum()
+        return flash_attention(a, b, c, **masks).square().sum()
 
     compiled = torch.compile(loss, backend="aot_eager", fullgraph=True)
     eager = run_grads(lambda a, b, c: loss(a, b, c).reshape(1), q, k, v, torch.ones(1))
     comp = run_grads(lambda a, b, c: compiled(a, b, c).reshape(1), q, k, v, torch.ones(1))
     for name, e, c in zip(("loss", "dq", "dk", "dv"), eager, comp):
         assert torch.equal(e, c), f"compiled {name} differs"
+
+
+def test_documents_custom_op_opcheck_and_compile(device):
+    from tritongpt.kernels.attention import document_bounds
+
+    q, k, v = make_qkv(1, 1, 20, 20, 16, torch.float32, device, seed=13)
+    check_bounds_op_and_compile(q, k, v, *document_bounds(runs([6, 14]).to(device)), doc_ids=runs([6, 14]).to(device))
+
+
+# ----------------------------------------------------------------------------- local attention
+WINDOW_LAYOUTS = {  # (B, H, Tq, Tk, D, window) against 16 x 16 tiles in the interpreter
+    "window 5, inside a tile": (2, 1, 37, 37, 32, 5),
+    "window of one tile": (1, 2, 45, 45, 16, 16),
+    "window 17, a tile and one": (1, 1, 40, 40, 64, 17),
+    "queries the last 13 of 41 keys": (2, 1, 13, 41, 16, 7),
+    "one query, decode": (1, 1, 1, 41, 32, 9),
+    "window 30 of 50, head dim 80": (1, 1, 50, 50, 80, 30),
+}
+
+
+def check_window(B, H, Tq, Tk, D, window, device, tag, tol=1e-4, **kw):
+    q, k, v = make_qkv(B, H, Tq, Tk, D, torch.float32, device, seed=Tq + window)
+    do = torch.randn(B, H, Tq, D, generator=torch.Generator().manual_seed(window)).to(device)
+    doc_ids = kw.pop("doc_ids", None)
+    got = run_grads(lambda a, b, c: flash_attention(a, b, c, window=window, doc_ids=doc_ids, **kw), q, k, v, do)
+    keep = dropout_mask(kw["seed"], B, H, Tq, Tk, kw["dropout_p"], device) if kw else None
+    ref = reference_grads(q, k, v, do, window=window, doc_ids=None if doc_ids is None else doc_ids.cpu(),
+                          keep=keep, dropout_p=kw.get("dropout_p", 0.0))
+    for name, g, r in zip(NAMES, got, ref):
+        assert_close_rel(g, r, tol, f"{tag} {name}")
+    return q, k, v, got
+
+
+@pytest.mark.parametrize("layout", list(WINDOW_LAYOUTS))
+def test_fp32_window_fwd_bwd(layout, device):
+    """window=W: query i sees keys i - W < j <= i, as the float64 reference masks them; forward
+    and every gradient, windows inside a tile, of one tile and across tile edges, with queries
+    that are the last Tq of Tk positions (a KV cache)."""
+    q, k, v, got = check_window(*WINDOW_LAYOUTS[layout], device, layout)
+    if q.shape[2] > WINDOW_LAYOUTS[layout][-1]:  # the window bites: without it the output is another
+        assert report(got[0], reference_attention(q.double(), k.double(), v.double()))[1] > 0.05
+
+
+def test_window_with_documents_and_dropout(device):
+    """A window inside packed documents (each query: its own document's keys within its window),
+    and with dropout: the same mask as the reference with the kernel's keep-mask."""
+    check_window(2, 1, 45, 45, 16, 9, device, "window 9 in documents", doc_ids=runs([10, 25, 10], [30, 15]).to(device))
+    check_window(1, 2, 13, 41, 16, 11, device, "window 11, dropout 0.25", dropout_p=0.25, seed=5)
+
+
+def test_window_edges(device):
+    """window 1 sees only itself (the output is v, dq and dk vanish); a window as long as the
+    sequence, or longer, masks nothing and takes the dense kernels: the same bits as no window."""
+    q, k, v = make_qkv(1, 2, 21, 21, 16, torch.float32, device, seed=4)
+    do = torch.randn(1, 2, 21, 16, generator=torch.Generator().manual_seed(5)).to(device)
+    out, dq, dk, dv = run_grads(lambda a, b, c: flash_attention(a, b, c, window=1), q, k, v, do)
+    assert torch.allclose(out, v, atol=1e-6) and torch.allclose(dv, do, atol=1e-6)
+    assert dq.abs().max() < 1e-5 and dk.abs().max() < 1e-5
+    dense = run_grads(flash_attention, q, k, v, do)
+    for window in (21, 1000, 2 ** 40):
+        for name, g, d in zip(NAMES, run_grads(lambda a, b, c: flash_attention(a, b, c, window=window), q, k, v, do),
+                              dense):
+            assert torch.equal(g, d), f"window {window} {name}"
+
+
+def test_window_skips_the_tiles_outside_it(device):
+    """The KV tiles before every row's window are never read: NaN values there do not reach the
+    rows of later tiles (the dense kernel reads them: P x NaN spreads to every row)."""
+    q, k, v = make_qkv(1, 1, 64, 64, 16, torch.float32, device, seed=6)
+    v[:, :, :16] = float("nan")
+    late = slice(48, 64)  # rows 48.. with a window of 20 see keys 29.. only
+    assert torch.isfinite(flash_attention(q, k, v, window=20)[:, :, late]).all()
+    assert torch.isnan(flash_attention(q, k, v)[:, :, late]).all()
+
+
+def test_bf16_window_within_2x_of_torch_bf16(device):
+    B, H, Tq, Tk, D, window = WINDOW_LAYOUTS["window 17, a tile and one"]
+    q, k, v = make_qkv(B, H, Tq, Tk, D, torch.bfloat16, device, seed=22)
+    do = torch.randn(B, H, Tq, D, generator=torch.Generator().manual_seed(3)).to(device, torch.bfloat16)
+    got = run_grads(lambda a, b, c: flash_attention(a, b, c, window=window), q, k, v, do)
+    ref64 = reference_grads(q, k, v, do, window=window)
+    torch_bf16 = reference_grads(q, k, v, do, dtype=torch.bfloat16, window=window)
+    for name, g, r, t in zip(NAMES, got, ref64, torch_bf16):
+        _, torch_rel = report(t, r)
+        _, rel = assert_close_rel(g, r, 2e-2, f"bf16 window {name}")
+        assert rel <= 2 * torch_rel + BF16_FLOOR, f"bf16 {name}: {rel:.3e} > 2 x torch's {torch_rel:.3e}"
+
+
+def test_window_bounds():
+    from tritongpt.kernels.attention import document_bounds, window_bounds
+
+    starts, ends = window_bounds(3, 7, batch=2)
+    assert starts.dtype == ends.dtype == torch.int32 and starts.shape == (2, 7)
+    assert starts.tolist() == [[0, 0, 0, 1, 2, 3, 4]] * 2
+    assert ends.tolist() == [[3, 4, 5, 6, 7, 7, 7]] * 2
+    assert window_bounds(7, 7) == (None, None)  # nothing to mask
+    # with documents: each position's own document within its window
+    starts, ends = window_bounds(3, 7, 1, None, *document_bounds(torch.tensor([[7, 7, 7, 7, 7, 1, 1]])))
+    assert starts.tolist() == [[0, 0, 0, 1, 2, 5, 5]] and ends.tolist() == [[3, 4, 5, 5, 5, 7, 7]]
+
+
+def test_window_bad_input(device):
+    q, k, v = make_qkv(1, 1, 8, 8, 16, torch.float32, device)
+    for bad in (0, -3):
+        with pytest.raises(ValueError, match=f"window must be at least 1 .a query sees itself., got {bad}"):
+            flash_attention(q, k, v, window=bad)
+    for bad in (2.0, "8", True):
+        with pytest.raises(TypeError, match="window must be an int"):
+            flash_attention(q, k, v, window=bad)
+    with pytest.raises(ValueError, match=r"window \(local attention\) needs causal=True"):
+        flash_attention(q, k, v, causal=False, window=4)
+
+
+def test_window_custom_op_opcheck_and_compile(device):
+    """The window's bounds reach the op expanded (one row for the batch, stride 0)."""
+    from tritongpt.kernels.attention import window_bounds
+
+    q, k, v = make_qkv(2, 1, 20, 20, 16, torch.float32, device, seed=14)
+    starts, ends = window_bounds(6, 20, 2, device)
+    assert starts.stride(0) == 0
+    check_bounds_op_and_compile(q, k, v, starts, ends, window=6)
 
 
 # ----------------------------------------------------------------------------- bad input
