@@ -7,6 +7,9 @@ from tritongpt._types import is_int, is_real, softcap_value
 from tritongpt.errors import UserError
 
 
+WINDOW_LAYERS = ("all", "odd")  # which layers GPTConfig.attention_window makes local
+
+
 @dataclass
 class GPTConfig:
     vocab_size: int = 50257
@@ -24,6 +27,12 @@ class GPTConfig:
     # Logit soft-capping (Gemma 2, modded-nanogpt): the LM head's logits become c * tanh(logits / c),
     # bounded by c, in the loss and in sampling alike. 0: none (GPT-2 has none).
     logit_softcap: float = 0.0
+    # Local attention (GPT-3's "locally banded" layers, GPT-Neo's local ones, Mistral's sliding
+    # window): in a local layer a token attends to the last attention_window positions only,
+    # itself included. 0: every layer sees the whole context (GPT-2). window_layers picks the
+    # local layers: "all", or "odd" (layers 1, 3, 5, ...: GPT-Neo's alternation with global layers).
+    attention_window: int = 0
+    window_layers: str = "all"
     kernels: str = "reference"  # "reference" | "triton" | "auto" | comma list of layernorm,mlp,attention,cross_entropy
     # LoRA (model/lora.py): rank 0 is none; else the targets' weights are W + (alpha / rank) B A
     lora_rank: int = 0
@@ -46,6 +55,13 @@ class GPTConfig:
             self.logit_softcap = softcap_value(self.logit_softcap, "GPTConfig.logit_softcap")
         except ValueError as e:
             raise UserError(str(e)) from None
+        if not is_int(self.attention_window) or self.attention_window < 0:
+            raise UserError(f"GPTConfig.attention_window must be an integer >= 0 (0: no local attention), "
+                            f"got {self.attention_window!r}")
+        self.attention_window = int(self.attention_window)
+        if self.window_layers not in WINDOW_LAYERS:
+            raise UserError(f"GPTConfig.window_layers must be one of {', '.join(WINDOW_LAYERS)}, "
+                            f"got {self.window_layers!r}")
         for name in ("bias", "tie_weights"):
             value = getattr(self, name)
             # a bool or numpy's; not a string ("False" would read as true) or a number
@@ -63,6 +79,11 @@ class GPTConfig:
     @property
     def head_dim(self) -> int:
         return self.n_embd // self.n_head
+
+    def layer_window(self, layer_idx: int) -> int:
+        """The attention window of layer layer_idx: attention_window if it is a local layer, else 0."""
+        local = self.window_layers == "all" or layer_idx % 2 == 1
+        return self.attention_window if local else 0
 
     @property
     def padded_vocab_size(self) -> int:

@@ -128,15 +128,17 @@ class MultiHeadAttention(nn.Module):
 
     With a KV cache the queries are only the new tokens while the keys cover the whole prefix,
     so the causal mask is aligned to the bottom-right corner: query i sits at position
-    Tk - Tq + i. Triton twin of the attention core: kernels/attention.py (flash_attention),
-    which never builds the Tq x Tk score matrix.
+    Tk - Tq + i. With a window W > 0 (local attention) a query also may not see the keys more
+    than W - 1 positions back. Triton twin of the attention core: kernels/attention.py
+    (flash_attention), which never builds the Tq x Tk score matrix.
     """
 
     def __init__(self, n_embd: int, n_head: int, context_length: int, dropout: float = 0.0,
-                 bias: bool = True, layer_idx: int = 0):
+                 bias: bool = True, layer_idx: int = 0, window: int = 0):
         super().__init__()
         assert n_embd % n_head == 0, "n_embd must be divisible by n_head"
         self.n_head, self.head_dim, self.layer_idx = n_head, n_embd // n_head, layer_idx
+        self.window = window
         self.W_query = nn.Linear(n_embd, n_embd, bias=bias)
         self.W_key = nn.Linear(n_embd, n_embd, bias=bias)
         self.W_value = nn.Linear(n_embd, n_embd, bias=bias)
@@ -163,7 +165,8 @@ class MultiHeadAttention(nn.Module):
     def attend(self, q, k, v, doc_ids=None):
         """Textbook attention core: dropout(softmax(q k^T / sqrt(d) + causal mask)) v.
         doc_ids [B, Tk]: packed documents, each a run of equal ids; a query also may not see the
-        keys of another document (the document mask)."""
+        keys of another document (the document mask). self.window W > 0: nor keys W or more
+        positions back (the local mask)."""
         Tq, Tk = q.size(-2), k.size(-2)
         # fp16 scores in fp32 (q.k past 65504 was inf, its softmax row NaN), also under autocast,
         # which would cast the matmul back to fp16
@@ -174,6 +177,10 @@ class MultiHeadAttention(nn.Module):
             doc = document_index(doc_ids)  # [B, Tk]: 0 for the first document of a row, 1 for the next...
             other_doc = doc[:, Tk - Tq:, None] != doc[:, None, :]  # [B, Tq, Tk]
             scores = scores.masked_fill(other_doc[:, None], float("-inf"))
+        if self.window:
+            query_pos = torch.arange(Tk - Tq, Tk, device=q.device)[:, None]
+            too_far = torch.arange(Tk, device=q.device)[None, :] <= query_pos - self.window
+            scores = scores.masked_fill(too_far, float("-inf"))
         weights = torch.softmax(scores, dim=-1)
         weights = self.attn_drop(weights)
         return weights.to(v.dtype) @ v
@@ -190,7 +197,7 @@ class MultiHeadAttention(nn.Module):
             from tritongpt.kernels.attention import flash_attention
 
             p = self.attn_drop.p if self.training else 0.0
-            ctx = flash_attention(q, k, v, causal=True, dropout_p=p, doc_ids=doc_ids)
+            ctx = flash_attention(q, k, v, causal=True, dropout_p=p, doc_ids=doc_ids, window=self.window or None)
         else:
             ctx = self.attend(q, k, v, doc_ids)
         ctx = ctx.transpose(1, 2).reshape(B, T, C)
@@ -210,7 +217,7 @@ class TransformerBlock(nn.Module):
         super().__init__()
         self.norm1 = LayerNorm(cfg.n_embd)
         self.att = MultiHeadAttention(cfg.n_embd, cfg.n_head, cfg.context_length, cfg.dropout,
-                                      cfg.bias, layer_idx)
+                                      cfg.bias, layer_idx, cfg.layer_window(layer_idx))
         self.norm2 = LayerNorm(cfg.n_embd)
         self.ff = FeedForward(cfg.n_embd, cfg.dropout, cfg.bias)
 

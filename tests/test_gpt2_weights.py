@@ -456,3 +456,20 @@ def test_a_soft_capped_model_is_not_exported_and_an_earlier_export_stays(tmp_pat
     with pytest.raises(UserError, match="cannot be exported as a peft adapter for GPT-2"):
         export_peft_adapter(model, tmp_path / "adapter", "gpt2")
     assert not (tmp_path / "direct").exists() and not (tmp_path / "adapter").exists()
+
+
+def test_a_model_with_local_attention_is_not_exported(tmp_path):
+    """GPT2LMHeadModel attends over the whole context in every layer: a windowed model's weights
+    would give it other logits."""
+    from tritongpt.model.config import GPTConfig
+    from tritongpt.model.gpt import GPTModel
+    from tritongpt.train.gpt2_weights import export_gpt2, export_peft_adapter
+
+    model = GPTModel(GPTConfig(vocab_size=280, context_length=40, n_embd=32, n_layer=2, n_head=2,
+                               attention_window=8, window_layers="odd"))
+    with pytest.raises(UserError, match=r"local attention \(attention_window 8, window_layers odd\), which Hugging "
+                                        r"Face's GPT-2 does not: it cannot be exported as a GPT-2 folder"):
+        export_gpt2(model, tmp_path / "direct")
+    with pytest.raises(UserError, match="local attention .* cannot be exported as a peft adapter for GPT-2"):
+        export_peft_adapter(model, tmp_path / "adapter", "gpt2")
+    assert not (tmp_path / "direct").exists() and not (tmp_path / "adapter").exists()

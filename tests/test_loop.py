@@ -1579,3 +1579,29 @@ def test_load_state_mapped_reads_the_same_and_names_a_damaged_file_alike(tmp_pat
     torch.save([1], tmp_path / "state.pt")
     with pytest.raises(UserError, match="it holds a list"):
         load_state(tmp_path, mmap=True)
+
+
+def test_a_resume_refuses_another_attention_window(tmp_path):
+    """A window (or other local layers) is another function of the same weights, as a cap is. Between
+    two dense models window_layers means nothing and is not compared."""
+    gb = make_get_batch(synthetic_tokens(), 2)
+    Trainer(tiny_model(attention_window=3, window_layers="odd"), args_for(tmp_path, max_steps=1), loss_fn, gb).fit()
+
+    def resume(out=tmp_path, **cfg):
+        return Trainer(tiny_model(**cfg), args_for(out, max_steps=1, resume="latest"), loss_fn, gb).fit()
+
+    with pytest.raises(UserError, match="model attends over the last 3 positions in odd layers, this run's model "
+                                        "attends over the whole context: "
+                                        "pass --attention-window 3 --window-layers odd$"):
+        resume()
+    with pytest.raises(UserError, match="odd layers, this run's model attends over the last 3 positions in all layers"):
+        resume(attention_window=3)
+    with pytest.raises(UserError, match="odd layers, this run's model attends over the last 5 positions in odd layers"):
+        resume(attention_window=5, window_layers="odd")
+    resume(attention_window=3, window_layers="odd")
+    dense = tmp_path / "dense"
+    Trainer(tiny_model(), args_for(dense, max_steps=1), loss_fn, gb).fit()
+    resume(dense, window_layers="odd")
+    with pytest.raises(UserError, match="model attends over the whole context, this run's model attends over the "
+                                        "last 2 positions in all layers: pass --attention-window 0$"):
+        resume(dense, attention_window=2)

@@ -699,3 +699,26 @@ def test_logit_softcap_makes_a_soft_capped_model_kept_by_init(corpus, tmp_path, 
     assert "--resume: " in err
     assert "soft-caps its logits at 15, this run's at 0 (0: none): pass --logit-softcap 15" in err
     assert main(["pretrain", *argv(corpus, tmp_path / "capped", *short[:-2], *more, "--logit-softcap", "15")]) == 0
+
+
+def test_attention_window_makes_a_local_model_kept_by_init(corpus, tmp_path, capsys):
+    """--attention-window / --window-layers build the new model with local attention (saved with it);
+    with --init they may only repeat the model's own; a bad window is refused before any work."""
+    short = ("--sample-tokens", "0", "--log-every", "0", "--eval-every", "0", "--max-steps", "1")
+    local = ("--attention-window", "8", "--window-layers", "odd")
+    assert main(["pretrain", *argv(corpus, tmp_path / "local", *short, *local)]) == 0
+    assert ", local attention over 8 positions in odd layers) on cpu" in capsys.readouterr().out
+    model = GPTModel.load(tmp_path / "local" / "ckpt-0000001" / "model.safetensors")
+    assert [b.att.window for b in model.trf_blocks] == [0, 8, 0, 8]
+    init = ("--init", str(tmp_path / "local"))
+    assert main(["pretrain", *argv(corpus, tmp_path / "again", *short, *init, "--window-layers", "all")]) == 2
+    assert "--window-layers all would change what --init's model computes (its window_layers is odd)" in \
+        capsys.readouterr().err
+    assert main(["pretrain", *argv(corpus, tmp_path / "again", *short, *init, "--attention-window", "16")]) == 2
+    assert "--attention-window 16 would change what --init's model computes (its attention_window is 8)" in \
+        capsys.readouterr().err
+    assert main(["pretrain", *argv(corpus, tmp_path / "again", *short, *init, *local)]) == 0
+    capsys.readouterr()
+    assert main(["pretrain", *argv(corpus, tmp_path / "bad", *short, "--attention-window", "-2")]) == 2
+    assert "--attention-window must be >= 0 (0: every layer sees the whole context), got -2" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()

@@ -255,11 +255,17 @@ def hf_config(cfg: GPTConfig, eos_token_id: int | None = None) -> dict:
     return d
 
 
-def refuse_softcap(model: GPTModel, what: str) -> None:
-    """Hugging Face's GPT-2 has no logit soft cap: with the weights alone it would give other logits."""
-    if model.config.logit_softcap:
-        raise UserError(f"this model soft-caps its logits (logit_softcap {model.config.logit_softcap:g}), which "
+def refuse_not_gpt2(model: GPTModel, what: str) -> None:
+    """Hugging Face's GPT-2 has no logit soft cap and no local attention: with the weights alone it
+    would give other logits."""
+    cfg = model.config
+    if cfg.logit_softcap:
+        raise UserError(f"this model soft-caps its logits (logit_softcap {cfg.logit_softcap:g}), which "
                         f"Hugging Face's GPT-2 does not: it cannot be exported as {what}")
+    if cfg.attention_window:
+        raise UserError(f"this model has local attention (attention_window {cfg.attention_window}, "
+                        f"window_layers {cfg.window_layers}), which Hugging Face's GPT-2 does not: "
+                        f"it cannot be exported as {what}")
 
 
 def export_gpt2(model: GPTModel, out_dir, eos_token_id: int | None = None, overwrite: bool = False) -> list:
@@ -268,7 +274,7 @@ def export_gpt2(model: GPTModel, out_dir, eos_token_id: int | None = None, overw
     Returns the paths written; refuses to replace them unless overwrite."""
     from safetensors.torch import save_file
 
-    refuse_softcap(model, "a GPT-2 folder")
+    refuse_not_gpt2(model, "a GPT-2 folder")
     out = Path(out_dir)
     paths = [out / "model.safetensors", out / "config.json"]
     if not overwrite and any(p.exists() for p in paths):
@@ -391,7 +397,7 @@ def export_peft_adapter(model: GPTModel, out_dir, base: str) -> list:
     adapter_config.json), which peft's PeftModel.from_pretrained(base model, out_dir) loads."""
     from safetensors.torch import save_file
 
-    refuse_softcap(model, "a peft adapter for GPT-2")
+    refuse_not_gpt2(model, "a peft adapter for GPT-2")
     tensors, config = peft_adapter(model, base)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

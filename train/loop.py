@@ -421,6 +421,30 @@ class Trainer:
             self._plot()
         return self.last_ckpt
 
+    def _check_same_function(self, ckpt, saved_cfg):
+        """The same weights' shapes, another function of them (a logit soft cap, local attention):
+        the run would go on as another model. A config from before a field reads as without it;
+        no saved config (a bare weights file) is not compared."""
+        cfg = self._cfg
+        if cfg is None or not saved_cfg:
+            return
+        cap = saved_cfg.get("logit_softcap", 0.0)
+        window, layers = saved_cfg.get("attention_window", 0), saved_cfg.get("window_layers", "all")
+        if cap != cfg.logit_softcap:
+            what = f"soft-caps its logits at {cap:g}, this run's at {cfg.logit_softcap:g} (0: none)"
+            flags = f"--logit-softcap {cap:g}"
+        elif window != cfg.attention_window or (window and layers != cfg.window_layers):
+            def span(w, which):
+                return f"attends over the last {w} positions in {which} layers" if w else \
+                    "attends over the whole context"
+
+            what = f"{span(window, layers)}, this run's model {span(cfg.attention_window, cfg.window_layers)}"
+            flags = f"--attention-window {window}" + (f" --window-layers {layers}" if window else "")
+        else:
+            return
+        fix = f"pass {flags}" if self.name == "pretrain" else "resume with the run's own --init"
+        raise UserError(f"--resume: {ckpt}'s model {what}: {fix}")
+
     def resume(self, where) -> int:
         """Load weights, optimizer, RNGs, batch generator, data position and step."""
         # a run folder (its newest checkpoint), a checkpoint folder, or a file inside one
@@ -435,12 +459,7 @@ class Trainer:
                             f"pass --optimizer {was}")
         common.load_checkpoint_weights(self.raw_model, ckpt, self.device, self._cfg, "model")
         saved_cfg = common.saved_model_config(ckpt / "model.safetensors")
-        cap = saved_cfg.get("logit_softcap", 0.0)  # configs from before the field: none
-        if self._cfg is not None and saved_cfg and cap != self._cfg.logit_softcap:
-            # the same weights' shapes, another function of them: the run would go on as another model
-            fix = f"pass --logit-softcap {cap:g}" if self.name == "pretrain" else "resume with the run's own --init"
-            raise UserError(f"--resume: {ckpt}'s model soft-caps its logits at {cap:g}, this run's at "
-                            f"{self._cfg.logit_softcap:g} (0: none): {fix}")
+        self._check_same_function(ckpt, saved_cfg)
         # dropout changes the run too but is the model's (pretrain --dropout), not a TrainArgs field:
         # compared with the model config saved beside the weights (a resume without --dropout
         # silently trained on at the preset's rate)

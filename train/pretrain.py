@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from tritongpt.errors import UserError, note
+from tritongpt.model.config import WINDOW_LAYERS
 
 DEFAULTS = dict(out_dir="runs/pretrain", max_steps=300, batch_size=16, grad_accum=1, lr=2e-3, min_lr=2e-4,
                 warmup_steps=30, weight_decay=0.1, eval_every=50, eval_batches=8, ckpt_every=100,
@@ -59,6 +60,14 @@ def add_args(p: argparse.ArgumentParser):
                    help="soft-cap the new model's logits to C tanh(logits / C) (GPTConfig.logit_softcap; Gemma 2 "
                         "uses 30, modded-nanogpt 15 to 30; in the loss and in sampling alike, and such a model cannot "
                         "be exported to Hugging Face's GPT-2; default: none, or what --init's model has)")
+    p.add_argument("--attention-window", type=int, default=None, metavar="W",
+                   help="local attention for the new model: a token in a local layer attends to the last W "
+                        "positions only, itself included (GPTConfig.attention_window; GPT-3's locally banded layers, "
+                        "GPT-Neo's local ones with 256); the Triton kernel skips the tiles outside the window. Such a "
+                        "model cannot be exported to Hugging Face's GPT-2. Default: none (0), or what --init's has")
+    p.add_argument("--window-layers", choices=WINDOW_LAYERS, default=None,
+                   help="which layers --attention-window makes local: all, or odd (1, 3, 5, ...: GPT-Neo's "
+                        "alternation with global layers) (default: all, or what --init's model has)")
     d.add_argument("--document-mask", action="store_true",
                    help="keep the documents of a training window apart: each token attends to its own document "
                         "only (split at <|endoftext|>, which opens each document), and positions count from its "
@@ -149,6 +158,9 @@ def check_args(args, targs):
             softcap_value(args.logit_softcap, "--logit-softcap")
         except ValueError as e:
             raise UserError(str(e)) from None
+    if args.attention_window is not None and args.attention_window < 0:
+        raise UserError(f"--attention-window must be >= 0 (0: every layer sees the whole context), "
+                        f"got {args.attention_window}")
     data.check_text_field(args.data, args.text_field)
     if Path(str(args.data or "")).suffix == ".json":
         note(f"{args.data} is read as plain text, brackets and keys included (JSON records "
@@ -167,15 +179,19 @@ def check_args(args, targs):
             model = model.pad_vocab(args.vocab_multiple)
         if args.dropout is not None:
             model.set_dropout(args.dropout)
-        if args.logit_softcap is not None and args.logit_softcap != model.config.logit_softcap:
-            raise UserError(f"--logit-softcap {args.logit_softcap:g} would change what --init's model computes (its "
-                            f"logit_softcap is {model.config.logit_softcap:g}): leave the flag out")
+        for field in ("logit_softcap", "attention_window", "window_layers"):
+            given, has = getattr(args, field), getattr(model.config, field)
+            if given is not None and given != has:
+                show = (lambda v: f"{v:g}") if isinstance(has, float) else str
+                raise UserError(f"--{field.replace('_', '-')} {show(given)} would change what --init's model "
+                                f"computes (its {field} is {show(has)}): leave the flag out")
         tok = pick_tokenizer(args.tokenizer, args.init, model.config.vocab_size)
     else:
         tok = get_tokenizer(args.tokenizer or "default")
         name = args.model or "tiny"
         cfg = get_config(name, vocab_size=model_vocab(name, tok, preset.vocab_size),
-                         dropout=args.dropout, vocab_multiple=args.vocab_multiple, logit_softcap=args.logit_softcap)
+                         dropout=args.dropout, vocab_multiple=args.vocab_multiple, logit_softcap=args.logit_softcap,
+                         attention_window=args.attention_window, window_layers=args.window_layers)
         model = GPTModel(cfg)
     context = model.config.context_length
     block = context if args.block_size is None else args.block_size
@@ -263,10 +279,12 @@ def print_header(args, targs, model, tok, block, splits, trainer):
 
     cfg, n_train, n_val = model.config, len(splits["train"]), len(splits["val"])
     padded = f" padded to {cfg.padded_vocab_size}" if cfg.padded_vocab_size != cfg.vocab_size else ""
+    local = f", local attention over {cfg.attention_window} positions in {cfg.window_layers} layers"
     print(f"pretrain: {model_name(args)} ({model.num_params() / 1e6:.2f}M params, vocab {cfg.vocab_size}{padded}, "
           f"context {cfg.context_length}"
           f"{f', trained on {block}-token blocks' if block != cfg.context_length else ''}"
-          f"{f', logits soft-capped at {cfg.logit_softcap:g}' if cfg.logit_softcap else ''}) "
+          f"{f', logits soft-capped at {cfg.logit_softcap:g}' if cfg.logit_softcap else ''}"
+          f"{local if cfg.attention_window else ''}) "
           f"on {trainer.device} ({str(trainer.dtype).replace('torch.', '')}, kernels {cfg.kernels}"
           f"{', ' + str(trainer.world_size) + ' processes' if trainer.ddp else ''})")
     per_step = targs.batch_size * targs.grad_accum * trainer.world_size

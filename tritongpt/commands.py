@@ -286,7 +286,7 @@ def cmd_export(args):
     from tritongpt.train.common import load_state, resolve_checkpoint
     from tritongpt.train.formats import HF_CHAT_TEMPLATE
     from tritongpt.train.gpt2_weights import (adapter_base, export_gpt2, export_peft_adapter, load_checkpoint,
-                                              refuse_softcap)
+                                              refuse_not_gpt2)
     from tritongpt.train.sft import pick_tokenizer
     from tritongpt.train.tokenizer import EOT, EXPORT_TOKENIZER, RUN_TOKENIZER, is_ours
 
@@ -312,7 +312,7 @@ def cmd_export(args):
     if taken and not args.overwrite:
         raise UserError(f"{out} already holds {', '.join(taken)}: pass --overwrite or another --out")
     model = load_checkpoint(source, merge=not args.adapter)
-    refuse_softcap(model, "a peft adapter for GPT-2" if args.adapter else "a GPT-2 folder")  # before any file goes
+    refuse_not_gpt2(model, "a peft adapter for GPT-2" if args.adapter else "a GPT-2 folder")  # before any file goes
     cfg = model.config
     if args.adapter:
         if not cfg.lora_rank:
