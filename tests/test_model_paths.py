@@ -273,12 +273,14 @@ def test_gpt2_shaped_stack_triton_matches_reference_on_gpu(monkeypatch):
     _compare_paths(model, idx, targets, 1e-4)
 
 
-@pytest.mark.parametrize("vocab_multiple", [1, 16])
-def test_whole_model_on_triton_path_compiles_in_one_graph(device, vocab_multiple):
+@pytest.mark.parametrize("vocab_multiple,window", [(1, 0), (16, 0), (1, 6)])
+def test_whole_model_on_triton_path_compiles_in_one_graph(device, vocab_multiple, window):
     """torch.compile of the model on the Triton path (the loss included): the kernels are custom
-    ops with fake impls, so Dynamo captures forward and loss without a graph break."""
+    ops with fake impls, so Dynamo captures forward and loss without a graph break (a local
+    model's window bounds too)."""
     torch.manual_seed(4)
-    model = _randomize(GPTModel(GPTConfig(**TINY, vocab_multiple=vocab_multiple))).to(device).set_kernels("triton")
+    cfg = GPTConfig(**TINY, vocab_multiple=vocab_multiple, attention_window=window)
+    model = _randomize(GPTModel(cfg)).to(device).set_kernels("triton")
     idx = torch.randint(0, 67, (2, 19), device=device)
     targets = torch.randint(0, 67, (2, 19), device=device)
     compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
