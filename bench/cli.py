@@ -63,7 +63,7 @@ def kernel_sizes(args, quick=False):
     from tritongpt.bench.kernels import FULL_SIZES, QUICK_SIZES
 
     sizes = dict(QUICK_SIZES if quick else FULL_SIZES)
-    for key in ("ln_rows", "mlp_rows", "attn_tokens", "attn_width", "ce_rows"):
+    for key in ("ln_rows", "mlp_rows", "attn_tokens", "attn_width", "attn_window", "ce_rows"):
         if getattr(args, key) is not None:
             if getattr(args, key) <= 0:
                 raise UserError(f"--{key.replace('_', '-')} must be a positive integer, got {getattr(args, key)}")
@@ -124,8 +124,8 @@ def add_cli(sub):
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads for the CPU-side timings (default: torch's choice)")
     k = p.add_argument_group("kernels")
-    k.add_argument("--ops", default="layernorm,mlp,attention,cross_entropy,lm_head_loss,doc_attention,add_layernorm,"
-                                   "lm_head_loss_smooth_z",
+    k.add_argument("--ops", default="layernorm,mlp,attention,cross_entropy,lm_head_loss,doc_attention,"
+                                   "window_attention,add_layernorm,lm_head_loss_smooth_z",
                    help="comma list (default: all of %(default)s; lm_head_loss_smooth_z is the LM head + loss with "
                         "label smoothing 0.1 and z-loss 1e-4)")
     k.add_argument("--modes", default="fwd,bwd,fwd+bwd", help="comma list (default: all of %(default)s)")
@@ -142,6 +142,9 @@ def add_cli(sub):
                    help=f"batch*seq_len per attention config (default {FULL_SIZES['attn_tokens']})")
     k.add_argument("--attn-width", type=int, default=None,
                    help=f"heads*head_dim (default {FULL_SIZES['attn_width']})")
+    k.add_argument("--attn-window", type=int, default=None,
+                   help=f"window_attention: positions each query sees (default {FULL_SIZES['attn_window']}, "
+                        "GPT-Neo's); timed at the --attn-seqlens longer than it")
     k.add_argument("--ce-rows", type=int, default=None,
                    help=f"tokens per cross-entropy config (default {FULL_SIZES['ce_rows']})")
     k.add_argument("--ce-vocabs", default=None, help="e.g. 50257,50304")

@@ -65,6 +65,14 @@ def document_attention_flops(b: int, h: int, lengths, d: int, mode: str) -> floa
     return sum(attention_flops(b, h, n, n, d, True, mode) for n in lengths)
 
 
+def window_attention_flops(b: int, h: int, t: int, window: int, d: int, mode: str) -> float:
+    """Local causal attention, each query over the last `window` positions: the visible pairs
+    T W - W^2 / 2 (the causal count's convention: T^2 / 2 at W = T), counted as attention_flops."""
+    if window >= t:
+        return attention_flops(b, h, t, t, d, True, mode)
+    return attention_flops(b, h, 1, 1, d, False, mode) * (t * window - window * window / 2)
+
+
 def layernorm_bytes(m: int, n: int, elem: int, mode: str, param_elem: int | None = None) -> int:
     """The least memory traffic a LayerNorm over [m, n] can do (statistics not counted).
 

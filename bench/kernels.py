@@ -15,6 +15,9 @@ Providers per op (a provider that cannot run gives a "skipped: why" row, never a
     flash-attn  Tri Dao's flash-attn package (FlashAttention-2, `flash_attn.flash_attn_func`) and
     flash-attn-3  its Hopper build (FlashAttention-3, `flash_attn_interface.flash_attn_func`),
                 when installed; they take [B, T, H, D] and fp16/bf16 only
+doc_attention and window_attention are causal attention with a mask of their own (packed documents,
+a window of the last attn_window positions): against SDPA given the mask as a tensor, FlexAttention
+with its block mask, and (the window) flash-attn's window_size.
 lm_head_loss is hidden [N, C] -> logits [N, V] -> mean loss; ours and Liger's make the gradients
 during forward (so their "fwd" includes backward's matmuls): compare fwd+bwd and peak memory.
 So does Liger's cross_entropy (it writes the gradient over the logits in forward).
@@ -32,7 +35,7 @@ from tritongpt.bench.common import (MODES, add_layernorm_bytes, attention_flops,
                                     document_attention_flops,
                                     dtype_name, gbps, is_ok, layernorm_bytes, lm_head_flops,
                                     make_row, matmul_flops, mlp_flops, reason_of,
-                                    tflops, try_import)
+                                    tflops, try_import, window_attention_flops)
 from tritongpt.kernels._common import saved_tensor_bytes
 from tritongpt.train.common import is_oom
 
@@ -58,6 +61,8 @@ PROVIDERS = {
     "lm_head_loss_smooth_z": ("reference", "torch", "compile", "triton", "liger"),
     # packed documents: causal attention within each, none across (the model's doc_ids)
     "doc_attention": ("reference", "sdpa-mask", "flex", "triton"),
+    # local attention over the last attn_window positions (GPTConfig.attention_window)
+    "window_attention": ("reference", "sdpa-mask", "flex", "triton", *FLASH_ATTN),
 }
 DOCUMENTS_PER_ROW = 8  # doc_attention: random lengths, this many per sequence
 SMOOTH_Z = dict(label_smoothing=0.1, z_loss=1e-4)  # lm_head_loss_smooth_z's options (1e-4: PaLM's z-loss)
@@ -68,12 +73,12 @@ ALL_PROVIDERS = tuple(sorted({p for v in PROVIDERS.values() for p in v}))
 FULL_SIZES = dict(ln_rows=16384, ln_widths=(768, 1024, 1280, 1600),
                   mlp_rows=16384, mlp_widths=(768, 1024, 1280, 1600),
                   attn_seqlens=(256, 512, 1024, 2048, 4096, 8192), attn_head_dims=(64, 128),
-                  attn_tokens=16384, attn_width=2048,
+                  attn_window=256, attn_tokens=16384, attn_width=2048,
                   ce_rows=16384, ce_vocabs=(50257,), head_widths=(768,))
 QUICK_SIZES = dict(ln_rows=4096, ln_widths=(768, 1600),
                    mlp_rows=4096, mlp_widths=(768,),
                    attn_seqlens=(1024,), attn_head_dims=(64,),
-                   attn_tokens=8192, attn_width=2048,
+                   attn_window=256, attn_tokens=8192, attn_width=2048,
                    ce_rows=4096, ce_vocabs=(50257,), head_widths=(768,))
 
 
@@ -252,33 +257,65 @@ def attention_providers(q, k, v, causal=True):
         cf = _fresh_compile(m.attend)
         return (lambda: cf(q, k, v)), [q, k, v]
 
-    def triton_op():
+    out = {"reference": reference}
+    out.update({name: sdpa(backend) for name, backend in SDPA_BACKENDS.items()})
+    out.update({"compile": compiled, "triton": _ours_attention(q, k, v, causal=causal)})
+    out.update({name: _flash_attn(q, k, v, *where, causal=causal) for name, where in FLASH_ATTN.items()})
+    return out
+
+
+def _flash_attn(q, k, v, module, name, **options):
+    """A builder of flash-attn's `module.name(q, k, v, **options)` on [B, H, T, D] tensors."""
+    def build():
+        fn, why = try_import(module, name)
+        if fn is None:
+            raise Unavailable(why)
+        if q.dtype not in (torch.float16, torch.bfloat16):
+            raise Unavailable(f"{module}.{name} takes fp16/bf16 only, not {dtype_name(q.dtype)}")
+
+        def f():
+            # its layout is [B, T, H, D]: the transposes are views (unit stride on D kept),
+            # and the output goes back to [B, H, T, D] as a view too
+            out = fn(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), **options)
+            return (out[0] if isinstance(out, tuple) else out).transpose(1, 2)  # FA3 may add the lse
+        return f, [q, k, v]
+    return build
+
+
+def _flex(q, k, v, mask_mod):
+    """A builder of FlexAttention (compiled, CUDA only) with the block mask of mask_mod(b, h, q_idx, kv_idx)."""
+    def build():
+        if q.device.type != "cuda":
+            raise Unavailable("FlexAttention is timed on CUDA only (its CPU path is another compiler's)")
+        try:
+            from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+        except ImportError as e:
+            raise Unavailable(f"this torch has no FlexAttention ({e})") from None
+        T = q.shape[2]
+        block_mask = create_block_mask(mask_mod, None, None, T, T, device=q.device)
+        fn = _fresh_compile(flex_attention)
+        return (lambda: fn(q, k, v, block_mask=block_mask)), [q, k, v]
+    return build
+
+
+def _sdpa_mask(q, k, v, mask_mod):
+    """A builder of SDPA with mask_mod's boolean mask [T, T] (True: seen), made once before the
+    timing (PyTorch picks a backend that takes one)."""
+    def build():
+        pos = torch.arange(q.shape[2], device=q.device)
+        mask = mask_mod(0, 0, pos[:, None], pos[None, :])
+        return (lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask)), [q, k, v]
+    return build
+
+
+def _ours_attention(q, k, v, **options):
+    """A builder of flash_attention(q, k, v, **options)."""
+    def build():
         fn, why = try_import("tritongpt.kernels.attention", "flash_attention")
         if fn is None:
             raise Unavailable(why)
-        return (lambda: fn(q, k, v, causal=causal)), [q, k, v]
-
-    def flash_attn(module, name):
-        def build():
-            fn, why = try_import(module, name)
-            if fn is None:
-                raise Unavailable(why)
-            if q.dtype not in (torch.float16, torch.bfloat16):
-                raise Unavailable(f"{module}.{name} takes fp16/bf16 only, not {dtype_name(q.dtype)}")
-
-            def f():
-                # its layout is [B, T, H, D]: the transposes are views (unit stride on D kept),
-                # and the output goes back to [B, H, T, D] as a view too
-                out = fn(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=causal)
-                return (out[0] if isinstance(out, tuple) else out).transpose(1, 2)  # FA3 may add the lse
-            return f, [q, k, v]
-        return build
-
-    out = {"reference": reference}
-    out.update({name: sdpa(backend) for name, backend in SDPA_BACKENDS.items()})
-    out.update({"compile": compiled, "triton": triton_op})
-    out.update({name: flash_attn(*where) for name, where in FLASH_ATTN.items()})
-    return out
+        return (lambda: fn(q, k, v, **options)), [q, k, v]
+    return build
 
 
 def document_lengths(seq_len: int, n_docs: int = DOCUMENTS_PER_ROW, seed: int = 0) -> list:
@@ -303,34 +340,36 @@ def doc_attention_providers(q, k, v, lengths):
         m = MultiHeadAttention(H * D, H, T).to(q.device).eval()
         return (lambda: m.attend(q, k, v, doc_ids)), [q, k, v]
 
-    def sdpa_mask():
-        pos = torch.arange(T, device=q.device)
-        mask = (doc_ids[0][:, None] == doc_ids[0][None, :]) & (pos[None, :] <= pos[:, None])  # [T, T], made once
-        return (lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask)), [q, k, v]
+    ids = doc_ids[0]
 
-    def flex():
-        if q.device.type != "cuda":
-            raise Unavailable("FlexAttention is timed on CUDA only (its CPU path is another compiler's)")
-        try:
-            from torch.nn.attention.flex_attention import create_block_mask, flex_attention
-        except ImportError as e:
-            raise Unavailable(f"this torch has no FlexAttention ({e})") from None
-        ids = doc_ids[0]
+    def document_causal(b, h, qi, ki):
+        return (ids[qi] == ids[ki]) & (ki <= qi)
 
-        def document_causal(b, h, qi, ki):
-            return (ids[qi] == ids[ki]) & (ki <= qi)
+    return {"reference": reference, "sdpa-mask": _sdpa_mask(q, k, v, document_causal),
+            "flex": _flex(q, k, v, document_causal), "triton": _ours_attention(q, k, v, causal=True, doc_ids=doc_ids)}
 
-        block_mask = create_block_mask(document_causal, None, None, T, T, device=q.device)
-        fn = _fresh_compile(flex_attention)
-        return (lambda: fn(q, k, v, block_mask=block_mask)), [q, k, v]
 
-    def triton_op():
-        fn, why = try_import("tritongpt.kernels.attention", "flash_attention")
-        if fn is None:
-            raise Unavailable(why)
-        return (lambda: fn(q, k, v, causal=True, doc_ids=doc_ids)), [q, k, v]
+def window_attention_providers(q, k, v, window):
+    """Local causal attention, each query over the last `window` positions (itself included): the
+    reference module's masked scores, SDPA with the band as a boolean mask, FlexAttention with a
+    sliding-window block mask (compiled; CUDA), flash_attention(window=), and flash-attn's
+    window_size=(window - 1, 0)."""
+    from tritongpt.model.layers import MultiHeadAttention
 
-    return {"reference": reference, "sdpa-mask": sdpa_mask, "flex": flex, "triton": triton_op}
+    B, H, T, D = q.shape
+
+    def sliding_window(b, h, qi, ki):
+        return (ki <= qi) & (qi - ki < window)
+
+    def reference():
+        m = MultiHeadAttention(H * D, H, T, window=window).to(q.device).eval()
+        return (lambda: m.attend(q, k, v)), [q, k, v]
+
+    out = {"reference": reference, "sdpa-mask": _sdpa_mask(q, k, v, sliding_window),
+           "flex": _flex(q, k, v, sliding_window), "triton": _ours_attention(q, k, v, causal=True, window=window)}
+    out.update({name: _flash_attn(q, k, v, *where, causal=True, window_size=(window - 1, 0))
+                for name, where in FLASH_ATTN.items()})
+    return out
 
 
 def cross_entropy_providers(x, t):
@@ -747,20 +786,43 @@ def sweep_doc_attention(timer, budget, seqlens, head_dims, dtype, tokens=16384, 
                         modes=MODES, providers=None):
     """Packed documents (DOCUMENTS_PER_ROW of random lengths a row), sized as sweep_attention; the
     FLOPs are those of the attention each document does alone."""
+    def case(q, k, v):
+        b, h, t, d = q.shape
+        lengths = document_lengths(t)
+        return ({"documents": len(lengths)}, doc_attention_providers(q, k, v, lengths),
+                lambda m: {"flops": document_attention_flops(b, h, lengths, d, m)})
+    return _sweep_masked_attention("doc_attention", case, timer, budget, seqlens, head_dims, dtype, tokens, width,
+                                   modes, providers)
+
+
+def sweep_window_attention(timer, budget, seqlens, head_dims, dtype, window=256, tokens=16384, width=2048,
+                           modes=MODES, providers=None):
+    """Local attention over the last `window` positions (GPT-Neo's 256 by default), sized as
+    sweep_attention, at the sequence lengths longer than the window (at or under it, it is causal
+    attention: the attention rows); the FLOPs are those of the band."""
+    def case(q, k, v):
+        b, h, t, d = q.shape
+        return ({"window": window}, window_attention_providers(q, k, v, window),
+                lambda m: {"flops": window_attention_flops(b, h, t, window, d, m)})
+    return _sweep_masked_attention("window_attention", case, timer, budget, [t for t in seqlens if t > window],
+                                   head_dims, dtype, tokens, width, modes, providers)
+
+
+def _sweep_masked_attention(op, case, timer, budget, seqlens, head_dims, dtype, tokens, width, modes, providers):
+    """Causal attention with a mask of its own, over sweep_attention's shapes: case(q, k, v) ->
+    (the row's config beyond the shape, the providers, the work of a mode)."""
     out = []
     dev = timer.device
     for d in head_dims:
         for t in seqlens:
             b, h = attention_shape(t, d, tokens, width)
-            lengths = document_lengths(t)
-            cfg = {"batch": b, "heads": h, "seq_len": t, "head_dim": d, "documents": len(lengths),
-                   "dtype": dtype_name(dtype)}
             q, k, v = (randn(b, h, t, d, device=dev, dtype=dtype) for _ in range(3))
+            extra, builders, work = case(q, k, v)
+            cfg = {"batch": b, "heads": h, "seq_len": t, "head_dim": d, **extra, "dtype": dtype_name(dtype)}
             why = scores_too_big(b, h, t, dtype, dev)
-            out += bench_providers("doc_attention", cfg, doc_attention_providers(q, k, v, lengths), modes,
-                                   timer, budget, lambda m: {"flops": document_attention_flops(b, h, lengths, d, m)},
-                                   providers, {"reference": why} if why else {})
-            del q, k, v
+            out += bench_providers(op, cfg, builders, modes, timer, budget, work, providers,
+                                   {"reference": why} if why else {})
+            del q, k, v, builders
             timer.cleanup()
     return out
 
@@ -835,6 +897,7 @@ def _sweep_plan(sizes, part):
     plan = {"layernorm": [ln], "mlp": [mlp], "attention": [a for a in attn if a[0] and a[1]],
             # packed documents: the first head dim (GPT-2's 64 in the full and quick sweeps), after every target
             "doc_attention": [(sizes["attn_seqlens"], sizes["attn_head_dims"][:1])] if part == "rest" else [],
+            "window_attention": [(sizes["attn_seqlens"], sizes["attn_head_dims"][:1])] if part == "rest" else [],
             "add_layernorm": [sizes["ln_widths"]] if part == "rest" else [],
             "cross_entropy": [sizes["ce_vocabs"]] if part == "rest" else [],
             "lm_head_loss": [sizes["head_widths"]] if part == "rest" else [],
@@ -845,7 +908,7 @@ def _sweep_plan(sizes, part):
 
 def run_kernels(timer, budget, dtype=torch.bfloat16,
                 ops=("layernorm", "mlp", "attention", "cross_entropy", "lm_head_loss", "doc_attention",
-                     "add_layernorm", "lm_head_loss_smooth_z"),
+                     "window_attention", "add_layernorm", "lm_head_loss_smooth_z"),
                 modes=MODES, providers=None, sizes=None, ceiling_sizes=None, log=print):
     """All sweeps plus the ceilings; returns (rows, ceilings).
 
@@ -904,6 +967,10 @@ def _run_plan(rows, timer, budget, dtype, ops, modes, sizes, groups, log):
                 log(f"attention over {DOCUMENTS_PER_ROW} packed documents{label}: T {list(seqlens)} ...")
                 rows += sweep_doc_attention(timer, budget, seqlens, head_dims, dtype, sizes["attn_tokens"],
                                             sizes["attn_width"], modes, provs)
+            for seqlens, head_dims in plan["window_attention"] if "window_attention" in ops else ():
+                log(f"local attention over {sizes['attn_window']} positions{label}: T {list(seqlens)} ...")
+                rows += sweep_window_attention(timer, budget, seqlens, head_dims, dtype, sizes["attn_window"],
+                                               sizes["attn_tokens"], sizes["attn_width"], modes, provs)
         # the LM head + loss with label smoothing and z-loss after every other row, compiled ones too
         for provs, label in groups:
             label = f" ({part}{label})"

@@ -415,15 +415,18 @@ def test_run_kernels_end_to_end_on_cpu():
     rows, ceil = kernels.run_kernels(
         CpuTimer(reps=1), Budget(None), torch.float32, providers=("reference", "torch", "sdpa-flash"),
         sizes=dict(ln_rows=8, ln_widths=(40, 24), mlp_rows=8, mlp_widths=(8,), attn_seqlens=(32, 16),
-                   attn_head_dims=(8,), attn_tokens=32, attn_width=16, ce_rows=8, ce_vocabs=(30,),
+                   attn_head_dims=(8,), attn_tokens=32, attn_width=16, attn_window=20, ce_rows=8, ce_vocabs=(30,),
                    head_widths=(12,)),
         ceiling_sizes=dict(copy_bytes=1 << 16, matmul_n=32, dtype=torch.float32), log=lambda s: None)
     assert ceil["copy"]["gbps"] > 0 and ceil["matmul"]["tflops"] > 0
     assert all(r["status"] == "ok" for r in rows), [r["status"] for r in rows if r["status"] != "ok"]
     timed = [r for r in rows if r["mode"] != "saved"]
-    # layernorm, mlp, attention, cross_entropy, lm_head_loss, documents (reference), residual add + layernorm,
-    # lm_head_loss with label smoothing and z-loss
-    assert len(timed) == 2 * 2 * 3 + 1 * 2 * 3 + 2 * 2 * 3 + 1 * 2 * 3 + 1 * 2 * 3 + 2 * 3 + 2 * 2 * 3 + 1 * 2 * 3
+    # layernorm, mlp, attention, cross_entropy, lm_head_loss, documents (reference), a window of 20 (reference,
+    # T=32 only: at 16 it would be causal attention), residual add + layernorm, lm_head_loss with label
+    # smoothing and z-loss
+    assert len(timed) == 2 * 2 * 3 + 1 * 2 * 3 + 2 * 2 * 3 + 1 * 2 * 3 + 1 * 2 * 3 + 2 * 3 + 3 + 2 * 2 * 3 + 1 * 2 * 3
+    assert {(r["config"]["seq_len"], r["config"]["window"]) for r in timed if r["op"] == "window_attention"} == \
+        {(32, 20)}
     assert [(r["config"]["label_smoothing"], r["config"]["z_loss"]) for r in timed
             if r["op"] == "lm_head_loss_smooth_z"] == [(0.1, 1e-4)] * 6
     assert {r["config"]["documents"] for r in timed if r["op"] == "doc_attention"} == {8}
@@ -810,7 +813,8 @@ def test_gpu_command_flow_with_cpu_stand_ins(tmp_path, monkeypatch, capsys):
         "bench", "all", "--quick", "--out", str(tmp_path), "--dtype", "fp32", "--no-plots",
         "--providers", "reference,torch,sdpa-flash", "--ln-rows", "8", "--ln-widths", "16",
         "--mlp-rows", "8", "--mlp-widths", "8", "--attn-seqlens", "16", "--attn-head-dims", "8",
-        "--attn-tokens", "32", "--attn-width", "16", "--ce-rows", "8", "--ce-vocabs", "20", "--head-widths", "8"])
+        "--attn-tokens", "32", "--attn-width", "16", "--attn-window", "8", "--ce-rows", "8", "--ce-vocabs", "20",
+        "--head-widths", "8"])
     assert bcli._run_gpu(args) == 0
     assert seen["models"] == ("gpt2-small",) and seen["steps"] == 4 and seen["peak"] > 0
     assert seen["providers"] == train_step.TRAIN_PROVIDERS
@@ -819,7 +823,8 @@ def test_gpu_command_flow_with_cpu_stand_ins(tmp_path, monkeypatch, capsys):
     k = report.validate_result(json.loads((folder / "kernels.json").read_text()))
     t = report.validate_result(json.loads((folder / "train.json").read_text()))
     assert {r["op"] for r in k["rows"]} == {"layernorm", "mlp", "attention", "cross_entropy", "lm_head_loss",
-                                            "doc_attention", "add_layernorm", "lm_head_loss_smooth_z"}
+                                            "doc_attention", "window_attention", "add_layernorm",
+                                            "lm_head_loss_smooth_z"}
     ce = [r for r in k["rows"] if r["op"] == "cross_entropy" and r["provider"] == "torch"]
     assert len(ce) == 3 and all(r["status"] == "ok" and r["gbps"] > 0 for r in ce), ce
     assert t["peak_flops_source"] == "float32 matmul 32^3 measured in this run"
@@ -1179,6 +1184,32 @@ def test_document_attention_rows_time_each_provider_on_the_same_documents(device
     pairs = sum(n * n / 2 for n in kernels.document_lengths(16))
     assert by["sdpa-mask", "fwd"]["flops"] == 4 * 2 * 2 * pairs * 16 and by["sdpa-mask", "fwd"]["status"] == "ok"
     assert by["flex", "fwd"]["status"].startswith("skipped: FlexAttention is timed on CUDA only")
+
+
+def test_window_attention_rows_time_each_provider_on_the_same_band(device):
+    """window_attention: every provider computes the attention of the last `window` positions
+    (FlexAttention on CUDA only, flash-attn where installed), the FLOPs of the band's pairs, and
+    only sequences longer than the window are swept."""
+    from tritongpt.bench.common import attention_flops, window_attention_flops
+
+    q, k, v = (kernels.randn(2, 2, 37, 16, device=device, dtype=torch.float32) for _ in range(3))
+    builders = kernels.window_attention_providers(q, k, v, 5)
+    outs = {name: build()[0]() for name, build in builders.items() if name in ("reference", "sdpa-mask", "triton")}
+    pos = torch.arange(37, device=device)
+    band = (pos[None, :] <= pos[:, None]) & (pos[:, None] - pos[None, :] < 5)
+    want = torch.softmax((q @ k.transpose(-2, -1) / 4).masked_fill(~band, float("-inf")), -1) @ v
+    for name, o in outs.items():
+        assert torch.allclose(o, want, atol=1e-5), name
+    assert window_attention_flops(2, 2, 37, 5, 16, "fwd") == 4 * 2 * 2 * (37 * 5 - 5 * 5 / 2) * 16
+    assert window_attention_flops(2, 2, 37, 40, 16, "bwd") == attention_flops(2, 2, 37, 37, 16, True, "bwd")
+    rows = kernels.sweep_window_attention(CpuTimer(reps=1), Budget(None), (8, 16), (16,), torch.float32, window=8,
+                                          tokens=32, width=32, providers=("sdpa-mask", "flex", "flash-attn"))
+    by = {(r["provider"], r["mode"]): r for r in rows}
+    assert {r["config"]["seq_len"] for r in rows} == {16} and {r["config"]["window"] for r in rows} == {8}
+    assert by["sdpa-mask", "fwd"]["flops"] == 4 * 2 * 2 * (16 * 8 - 32) * 16 and by["sdpa-mask", "fwd"]["status"] == "ok"
+    if device.type != "cuda":
+        assert by["flex", "fwd"]["status"].startswith("skipped: FlexAttention is timed on CUDA only")
+        assert by["flash-attn", "fwd"]["status"].startswith("skipped: ")
 
 
 def test_the_textbook_attention_is_skipped_where_its_scores_would_not_fit(monkeypatch):
@@ -1729,6 +1760,7 @@ def test_every_provider_builder_is_in_the_sweep():
              "lm_head_loss": kernels.lm_head_loss_providers(x, torch.zeros(5, 8), t),
              "lm_head_loss_smooth_z": kernels.lm_head_loss_smooth_z_providers(x, torch.zeros(5, 8), t),
              "doc_attention": kernels.doc_attention_providers(q, q, q, [3, 1]),
+             "window_attention": kernels.window_attention_providers(q, q, q, 2),
              "add_layernorm": kernels.add_layernorm_providers(x, x, x[0], x[0])}
     assert set(built) == set(kernels.PROVIDERS)
     for op, builders in built.items():
@@ -1926,6 +1958,7 @@ def test_lm_head_smooth_z_runs_last_of_all(monkeypatch):
     sweeps = {"layernorm": "sweep_layernorm", "mlp": "sweep_mlp", "attention": "sweep_attention",
               "cross_entropy": "sweep_cross_entropy", "lm_head_loss": "sweep_lm_head_loss",
               "add_layernorm": "sweep_add_layernorm", "doc_attention": "sweep_doc_attention",
+              "window_attention": "sweep_window_attention",
               "lm_head_loss_smooth_z": "sweep_lm_head_loss_smooth_z"}
     for op, name in sweeps.items():
         monkeypatch.setattr(kernels, name, lambda *a, op=op: calls.append((op, "compile" in a[-1])) or [])
