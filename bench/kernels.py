@@ -464,33 +464,44 @@ def lm_head_loss_smooth_z_providers(h, w, t, label_smoothing=SMOOTH_Z["label_smo
     (z_loss * logsumexp(logits)^2 a row, averaged as the loss is), in every provider."""
     from tritongpt.model.gpt import lm_loss
 
+    def plain(h, w, t):
+        logits = F.linear(h, w)
+        z = torch.logsumexp(logits.float(), dim=-1).square().mean()  # no target is ignored here
+        return F.cross_entropy(logits, t, label_smoothing=label_smoothing) + z_loss * z
+
+    return _lm_head_variant_providers(
+        h, w, t, lambda h, w, t: lm_loss(F.linear(h, w)[None], t[None], label_smoothing=label_smoothing,
+                                         z_loss=z_loss),
+        plain, dict(label_smoothing=label_smoothing, z_loss=z_loss),
+        dict(lse_square_scale=z_loss, label_smoothing=label_smoothing))
+
+
+def _lm_head_variant_providers(h, w, t, model_loss, plain_loss, options, liger_options):
+    """The providers of the LM head + mean loss with a training option: model_loss(h, w, t) the
+    model's reference path (eager, and what torch.compile gets), plain_loss(h, w, t) PyTorch's ops
+    written plainly, options linear_cross_entropy's keywords, liger_options those of Liger's fused
+    linear cross-entropy by its forward's parameter names (one this version lacks: a skipped row)."""
     def reference():
-        return (lambda: lm_loss(F.linear(h, w)[None], t[None], label_smoothing=label_smoothing, z_loss=z_loss)), [h, w]
+        return (lambda: model_loss(h, w, t)), [h, w]
 
     def torch_op():
-        def f():
-            logits = F.linear(h, w)
-            z = torch.logsumexp(logits.float(), dim=-1).square().mean()  # no target is ignored here
-            return F.cross_entropy(logits, t, label_smoothing=label_smoothing) + z_loss * z
-        return f, [h, w]
+        return (lambda: plain_loss(h, w, t)), [h, w]
 
     def compiled():
-        fn = _fresh_compile(lambda h, w, t: lm_loss(F.linear(h, w)[None], t[None], label_smoothing=label_smoothing,
-                                                    z_loss=z_loss))
+        fn = _fresh_compile(model_loss)
         return (lambda: fn(h, w, t)), [h, w]
 
     def triton_op():
         fn, why = try_import("tritongpt.kernels.cross_entropy", "linear_cross_entropy")
         if fn is None:
             raise Unavailable(why)
-        return (lambda: fn(h, w, t, label_smoothing=label_smoothing, z_loss=z_loss)), [h, w]
+        return (lambda: fn(h, w, t, **options)), [h, w]
 
     def liger():
         fn, why = try_import("liger_kernel.ops.fused_linear_cross_entropy", "LigerFusedLinearCrossEntropyFunction")
         if fn is None:
             raise Unavailable(why)
-        args = positional_args(fn, _input=h, weight=w, target=t, lse_square_scale=z_loss,
-                               label_smoothing=label_smoothing)
+        args = positional_args(fn, _input=h, weight=w, target=t, **liger_options)
 
         def f():
             out = fn.apply(*args)
