@@ -1,5 +1,5 @@
 """Kernel benchmarks: LayerNorm, GELU-MLP, attention, the LM loss and the LM head + loss (plain,
-and with label smoothing and z-loss), every provider on the same random data.
+with label smoothing and z-loss, and on soft-capped logits), every provider on the same random data.
 
 Providers per op (a provider that cannot run gives a "skipped: why" row, never a crash):
     reference   the textbook module from model/layers.py (the loss: model/gpt.py lm_loss), eager
@@ -7,7 +7,8 @@ Providers per op (a provider that cannot run gives a "skipped: why" row, never a
                 F.scaled_dot_product_attention pinned to one backend with sdpa_kernel
                 (sdpa-flash, sdpa-cudnn, sdpa-efficient) | F.cross_entropy on the bf16 logits
                 (lm_head_loss: F.linear then F.cross_entropy; lm_head_loss_smooth_z: the same with
-                label_smoothing, plus z_loss * the mean of logsumexp(logits)^2, written plainly)
+                label_smoothing, plus z_loss * the mean of logsumexp(logits)^2, written plainly;
+                lm_head_loss_softcap: F.linear, c * tanh(logits / c), F.cross_entropy)
     compile     torch.compile of the reference module
     triton      ours: tritongpt.kernels.* (imported lazily)
     liger       Liger-Kernel's LayerNorm, cross-entropy and fused linear cross-entropy, when
@@ -23,7 +24,10 @@ during forward (so their "fwd" includes backward's matmuls): compare fwd+bwd and
 So does Liger's cross_entropy (it writes the gradient over the logits in forward).
 lm_head_loss_smooth_z is the same with label smoothing 0.1 and PaLM's z-loss 1e-4 (lm_loss's
 label_smoothing and z_loss, Liger's label_smoothing and lse_square_scale); the same matmuls, so
-the same FLOPs are counted. It runs last of all, so a time budget that runs out drops it first.
+the same FLOPs are counted. lm_head_loss_softcap is the plain one on logits soft-capped to
+c * tanh(logits / c), c = 30 (Gemma 2's and modded-nanogpt's; GPTConfig.logit_softcap, the kernels'
+and Liger's softcap), the same FLOPs counted too. They run last of all, the soft cap after the
+other, so a time budget that runs out drops the soft cap first, then smoothing and z-loss.
 Modes: fwd (inputs require grad, as in training), bwd (backward of a kept graph,
 retain_graph=True), fwd+bwd. Backward starts from a random gradient, or from 1 for a loss (as
 loss.backward() does). Gradients are reset to None before each timed call.
@@ -59,6 +63,8 @@ PROVIDERS = {
     "lm_head_loss": ("reference", "torch", "compile", "triton", "liger"),
     # the LM head + loss with the training options: label smoothing and PaLM's z-loss (SMOOTH_Z)
     "lm_head_loss_smooth_z": ("reference", "torch", "compile", "triton", "liger"),
+    # the LM head + loss on soft-capped logits, c * tanh(logits / c) (SOFTCAP)
+    "lm_head_loss_softcap": ("reference", "torch", "compile", "triton", "liger"),
     # packed documents: causal attention within each, none across (the model's doc_ids)
     "doc_attention": ("reference", "sdpa-mask", "flex", "triton"),
     # local attention over the last attn_window positions (GPTConfig.attention_window)
@@ -66,6 +72,7 @@ PROVIDERS = {
 }
 DOCUMENTS_PER_ROW = 8  # doc_attention: random lengths, this many per sequence
 SMOOTH_Z = dict(label_smoothing=0.1, z_loss=1e-4)  # lm_head_loss_smooth_z's options (1e-4: PaLM's z-loss)
+SOFTCAP = dict(softcap=30.0)  # lm_head_loss_softcap's logit soft cap (30: Gemma 2's final-logit cap)
 ALL_PROVIDERS = tuple(sorted({p for v in PROVIDERS.values() for p in v}))
 
 # Sweeps. Full: what `tritongpt bench kernels` runs on a GPU. Quick: a smoke-sized subset that
@@ -476,6 +483,19 @@ def lm_head_loss_smooth_z_providers(h, w, t, label_smoothing=SMOOTH_Z["label_smo
         dict(lse_square_scale=z_loss, label_smoothing=label_smoothing))
 
 
+def lm_head_loss_softcap_providers(h, w, t, softcap=SOFTCAP["softcap"]):
+    """lm_head_loss_providers' LM head + mean loss on soft-capped logits, softcap * tanh(logits /
+    softcap) (Gemma 2's and modded-nanogpt's; GPTConfig.logit_softcap), in every provider."""
+    from tritongpt.model.gpt import lm_loss
+
+    def capped(h, w):  # as GPTModel.logits caps the LM head's logits
+        return softcap * torch.tanh(F.linear(h, w) / softcap)
+
+    return _lm_head_variant_providers(h, w, t, lambda h, w, t: lm_loss(capped(h, w)[None], t[None]),
+                                      lambda h, w, t: F.cross_entropy(capped(h, w), t),
+                                      dict(softcap=softcap), dict(softcap=softcap))
+
+
 def _lm_head_variant_providers(h, w, t, model_loss, plain_loss, options, liger_options):
     """The providers of the LM head + mean loss with a training option: model_loss(h, w, t) the
     model's reference path (eager, and what torch.compile gets), plain_loss(h, w, t) PyTorch's ops
@@ -869,6 +889,14 @@ def sweep_lm_head_loss_smooth_z(timer, budget, rows_n, widths, vocabs, dtype, mo
                           timer, budget, rows_n, widths, vocabs, dtype, modes, providers, options)
 
 
+def sweep_lm_head_loss_softcap(timer, budget, rows_n, widths, vocabs, dtype, modes=MODES, providers=None,
+                               options=SOFTCAP):
+    """sweep_lm_head_loss on logits soft-capped to softcap * tanh(logits / softcap) (options:
+    softcap; in each row's config): the same matmuls, the same FLOPs counted (the tanh is not)."""
+    return _sweep_lm_head("lm_head_loss_softcap", lambda h, w, t: lm_head_loss_softcap_providers(h, w, t, **options),
+                          timer, budget, rows_n, widths, vocabs, dtype, modes, providers, options)
+
+
 def _sweep_lm_head(op, make_providers, timer, budget, rows_n, widths, vocabs, dtype, modes, providers, options=None):
     out = []
     dev = timer.device
@@ -912,21 +940,24 @@ def _sweep_plan(sizes, part):
             "add_layernorm": [sizes["ln_widths"]] if part == "rest" else [],
             "cross_entropy": [sizes["ce_vocabs"]] if part == "rest" else [],
             "lm_head_loss": [sizes["head_widths"]] if part == "rest" else [],
-            # with label smoothing and z-loss: last of all (_run_plan), the first a short budget drops
-            "lm_head_loss_smooth_z": [sizes["head_widths"]] if part == "rest" else []}
+            # with label smoothing and z-loss, then soft-capped: last of all (_run_plan), the first a short
+            # budget drops
+            "lm_head_loss_smooth_z": [sizes["head_widths"]] if part == "rest" else [],
+            "lm_head_loss_softcap": [sizes["head_widths"]] if part == "rest" else []}
     return {op: [a for a in args if a] for op, args in plan.items()}
 
 
 def run_kernels(timer, budget, dtype=torch.bfloat16,
                 ops=("layernorm", "mlp", "attention", "cross_entropy", "lm_head_loss", "doc_attention",
-                     "window_attention", "add_layernorm", "lm_head_loss_smooth_z"),
+                     "window_attention", "add_layernorm", "lm_head_loss_smooth_z", "lm_head_loss_softcap"),
                 modes=MODES, providers=None, sizes=None, ceiling_sizes=None, log=print):
     """All sweeps plus the ceilings; returns (rows, ceilings).
 
     Order: the targets' configurations (TARGET_SIZES) first, then the rest; within each, torch.compile
     (seconds of compiling per shape) after the other providers, so that when the time budget
-    runs out it is the wider sweep's compiled baselines that go missing. lm_head_loss_smooth_z
-    (a variant of lm_head_loss) comes after all of those, every provider's, so it goes first.
+    runs out it is the wider sweep's compiled baselines that go missing. lm_head_loss_smooth_z, then
+    lm_head_loss_softcap (variants of lm_head_loss) come after all of those, each whole (every
+    provider's, compiled ones too) before the next, so a short budget drops the soft cap first.
     """
     sizes = dict(FULL_SIZES, **(sizes or {}))
     log("measuring ceilings (device copy bandwidth, bf16 matmul) ...")
@@ -982,14 +1013,16 @@ def _run_plan(rows, timer, budget, dtype, ops, modes, sizes, groups, log):
                 log(f"local attention over {sizes['attn_window']} positions{label}: T {list(seqlens)} ...")
                 rows += sweep_window_attention(timer, budget, seqlens, head_dims, dtype, sizes["attn_window"],
                                                sizes["attn_tokens"], sizes["attn_width"], modes, provs)
-        # the LM head + loss with label smoothing and z-loss after every other row, compiled ones too
-        for provs, label in groups:
-            label = f" ({part}{label})"
-            for widths in plan["lm_head_loss_smooth_z"] if "lm_head_loss_smooth_z" in ops else ():
-                log(f"lm-head + loss, label smoothing {SMOOTH_Z['label_smoothing']}, z-loss {SMOOTH_Z['z_loss']}"
-                    f"{label}: width {list(widths)}, vocab {list(sizes['ce_vocabs'])} ...")
-                rows += sweep_lm_head_loss_smooth_z(timer, budget, sizes["ce_rows"], widths, sizes["ce_vocabs"],
-                                                    dtype, modes, provs)
+        # the LM head + loss variants after every other row, compiled ones too, each whole in turn
+        late = (("lm_head_loss_smooth_z", sweep_lm_head_loss_smooth_z,
+                 f"label smoothing {SMOOTH_Z['label_smoothing']}, z-loss {SMOOTH_Z['z_loss']}"),
+                ("lm_head_loss_softcap", sweep_lm_head_loss_softcap, f"logits soft-capped at {SOFTCAP['softcap']}"))
+        for op, sweep, what in late:
+            for provs, label in groups:
+                label = f" ({part}{label})"
+                for widths in plan[op] if op in ops else ():
+                    log(f"lm-head + loss, {what}{label}: width {list(widths)}, vocab {list(sizes['ce_vocabs'])} ...")
+                    rows += sweep(timer, budget, sizes["ce_rows"], widths, sizes["ce_vocabs"], dtype, modes, provs)
 
 
 def sort_rows(rows):

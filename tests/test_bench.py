@@ -423,12 +423,14 @@ def test_run_kernels_end_to_end_on_cpu():
     timed = [r for r in rows if r["mode"] != "saved"]
     # layernorm, mlp, attention, cross_entropy, lm_head_loss, documents (reference), a window of 20 (reference,
     # T=32 only: at 16 it would be causal attention), residual add + layernorm, lm_head_loss with label
-    # smoothing and z-loss
-    assert len(timed) == 2 * 2 * 3 + 1 * 2 * 3 + 2 * 2 * 3 + 1 * 2 * 3 + 1 * 2 * 3 + 2 * 3 + 3 + 2 * 2 * 3 + 1 * 2 * 3
+    # smoothing and z-loss, lm_head_loss on soft-capped logits
+    assert len(timed) == (2 * 2 * 3 + 1 * 2 * 3 + 2 * 2 * 3 + 1 * 2 * 3 + 1 * 2 * 3 + 2 * 3 + 3 + 2 * 2 * 3 + 1 * 2 * 3
+                          + 1 * 2 * 3)
     assert {(r["config"]["seq_len"], r["config"]["window"]) for r in timed if r["op"] == "window_attention"} == \
         {(32, 20)}
     assert [(r["config"]["label_smoothing"], r["config"]["z_loss"]) for r in timed
             if r["op"] == "lm_head_loss_smooth_z"] == [(0.1, 1e-4)] * 6
+    assert [r["config"]["softcap"] for r in timed if r["op"] == "lm_head_loss_softcap"] == [30.0] * 6
     assert {r["config"]["documents"] for r in timed if r["op"] == "doc_attention"} == {8}
     assert [r["config"]["width"] for r in timed[:6]] == [24] * 6  # sorted by size
     att = [r for r in timed if r["op"] == "attention"]
@@ -451,6 +453,7 @@ def test_target_configurations_are_measured_first_and_exactly_once():
     assert first["layernorm"] == [(768,)] and first["attention"] == [((1024,), (64,))]
     assert first["cross_entropy"] == [] and rest["cross_entropy"] == [full["ce_vocabs"]]
     assert first["lm_head_loss_smooth_z"] == [] and rest["lm_head_loss_smooth_z"] == [full["head_widths"]]
+    assert first["lm_head_loss_softcap"] == [] and rest["lm_head_loss_softcap"] == [full["head_widths"]]
     for op, key in (("layernorm", "ln_widths"), ("mlp", "mlp_widths")):
         done = [w for plan in (first, rest) for args in plan[op] for w in args]
         assert sorted(done) == sorted(full[key])
@@ -824,7 +827,7 @@ def test_gpu_command_flow_with_cpu_stand_ins(tmp_path, monkeypatch, capsys):
     t = report.validate_result(json.loads((folder / "train.json").read_text()))
     assert {r["op"] for r in k["rows"]} == {"layernorm", "mlp", "attention", "cross_entropy", "lm_head_loss",
                                             "doc_attention", "window_attention", "add_layernorm",
-                                            "lm_head_loss_smooth_z"}
+                                            "lm_head_loss_smooth_z", "lm_head_loss_softcap"}
     ce = [r for r in k["rows"] if r["op"] == "cross_entropy" and r["provider"] == "torch"]
     assert len(ce) == 3 and all(r["status"] == "ok" and r["gbps"] > 0 for r in ce), ce
     assert t["peak_flops_source"] == "float32 matmul 32^3 measured in this run"
@@ -1004,7 +1007,8 @@ def test_quick_kernel_bench_on_gpu(tmp_path):
     assert bw > 0 and fl > 0
     ok = [r for r in d["rows"] if r["status"] == "ok" and r["mode"] != "saved"]
     torch_rows = [r for r in ok if r["provider"] in ("torch", "sdpa-flash")]
-    # lm_head_loss_smooth_z (and add_layernorm, after it in the plan) may be left to a budget that ran out
+    # lm_head_loss_smooth_z, lm_head_loss_softcap (last in the plan) and add_layernorm may be left to a budget
+    # that ran out
     assert {"layernorm", "mlp", "attention", "cross_entropy", "lm_head_loss"} <= {r["op"] for r in torch_rows}
     for r in ok:  # units sanity: nothing beats the ceilings measured in the same run by far
         assert r["ms_p20"] <= r["ms"] <= r["ms_p80"]
@@ -1760,6 +1764,7 @@ def test_every_provider_builder_is_in_the_sweep():
              "cross_entropy": kernels.cross_entropy_providers(x, t),
              "lm_head_loss": kernels.lm_head_loss_providers(x, torch.zeros(5, 8), t),
              "lm_head_loss_smooth_z": kernels.lm_head_loss_smooth_z_providers(x, torch.zeros(5, 8), t),
+             "lm_head_loss_softcap": kernels.lm_head_loss_softcap_providers(x, torch.zeros(5, 8), t),
              "doc_attention": kernels.doc_attention_providers(q, q, q, [3, 1]),
              "window_attention": kernels.window_attention_providers(q, q, q, 2),
              "add_layernorm": kernels.add_layernorm_providers(x, x, x[0], x[0])}
@@ -1805,28 +1810,34 @@ def test_lm_head_sweep_counts_our_fused_forward_as_fwd_plus_bwd():
     assert "flops" not in by["bwd"] and "tflops" not in by["bwd"]
 
 
-def _smooth_z_loss64(h, w, t, label_smoothing, z_loss):
+def _lm_head_loss64(h, w, t, label_smoothing=0.0, z_loss=0.0, softcap=0.0):
     """The objective written out in float64: (1 - s) * NLL + s * the mean of -log p over the
-    vocabulary, plus z_loss * logsumexp(logits)^2, averaged over the rows."""
+    vocabulary, plus z_loss * logsumexp(logits)^2, averaged over the rows; the logits soft-capped
+    to softcap * tanh(logits / softcap) first when softcap > 0."""
     logits = F.linear(h.double(), w.double())
+    if softcap:
+        logits = softcap * torch.tanh(logits / softcap)
     logp = logits.log_softmax(-1)
     per_row = ((1 - label_smoothing) * -logp.gather(1, t[:, None])[:, 0] + label_smoothing * -logp.mean(-1)
                + z_loss * torch.logsumexp(logits, -1).square())
     return per_row.mean()
 
 
-def _fake_liger_forward(ctx, h, w, t, label_smoothing, lse_square_scale, defaults):
+def _fake_liger_forward(ctx, h, w, t, label_smoothing, lse_square_scale, softcap, defaults):
     """Liger's plan (the gradients made in forward, scaled in backward) on the options it was
-    given; every other argument must be that parameter's default (a shifted order would not be)."""
-    assert all(v is None for v in defaults[:-3]) and defaults[-3:] == (-100, "mean", None), defaults
+    given (softcap None: no cap); every other argument must be that parameter's default (a
+    shifted order would not be)."""
+    assert all(v is None for v in defaults[:-2]) and defaults[-2:] == (-100, "mean"), defaults
     with torch.enable_grad():
         hh, ww = h.detach().requires_grad_(), w.detach().requires_grad_()
         logits = F.linear(hh, ww).float()
+        if softcap is not None:
+            logits = softcap * torch.tanh(logits / softcap)
         loss = (F.cross_entropy(logits, t, label_smoothing=label_smoothing)
                 + lse_square_scale * torch.logsumexp(logits, -1).square().mean())
         gh, gw = torch.autograd.grad(loss, (hh, ww))
     ctx.save_for_backward(gh, gw)
-    ctx.n_inputs = 3 + 2 + len(defaults)
+    ctx.n_inputs = 3 + 3 + len(defaults)
     return loss.detach()
 
 
@@ -1840,8 +1851,8 @@ class _OldLiger(torch.autograd.Function):
     @staticmethod
     def forward(ctx, _input, weight, target, bias=None, ignore_index=-100, lse_square_scale=0.0,
                 label_smoothing=0.0, reduction="mean", softcap=None):
-        return _fake_liger_forward(ctx, _input, weight, target, label_smoothing, lse_square_scale,
-                                   (bias, ignore_index, reduction, softcap))
+        return _fake_liger_forward(ctx, _input, weight, target, label_smoothing, lse_square_scale, softcap,
+                                   (bias, ignore_index, reduction))
 
     @staticmethod
     def backward(ctx, grad):
@@ -1854,8 +1865,8 @@ class _NewLiger(torch.autograd.Function):
     def forward(ctx, _input, weight, target, bias=None, ce_weight=None, ignore_index=-100, lse_square_scale=0.0,
                 label_smoothing=0.0, reduction="mean", softcap=None, return_z_loss=False, accum_dtype=None):
         assert return_z_loss is False
-        loss = _fake_liger_forward(ctx, _input, weight, target, label_smoothing, lse_square_scale,
-                                   (bias, ce_weight, accum_dtype, ignore_index, reduction, softcap))
+        loss = _fake_liger_forward(ctx, _input, weight, target, label_smoothing, lse_square_scale, softcap,
+                                   (bias, ce_weight, accum_dtype, ignore_index, reduction))
         ctx.n_inputs += 1  # return_z_loss
         return loss, None
 
@@ -1876,39 +1887,47 @@ def _with_fake_liger(monkeypatch, function):
     monkeypatch.setitem(sys.modules, "liger_kernel.ops.fused_linear_cross_entropy", module)
 
 
-def test_lm_head_smooth_z_sweep_every_provider_computes_the_same_loss_and_gradients(monkeypatch):
-    """The sweep of lm_head_loss_smooth_z on the CPU (ours through the interpreter, torch.compile
+# op -> (its providers' builder, its sweep, its options' module constant)
+LM_HEAD_VARIANTS = {
+    "lm_head_loss_smooth_z": ("lm_head_loss_smooth_z_providers", "sweep_lm_head_loss_smooth_z", "SMOOTH_Z"),
+    "lm_head_loss_softcap": ("lm_head_loss_softcap_providers", "sweep_lm_head_loss_softcap", "SOFTCAP")}
+
+
+@pytest.mark.parametrize("op, want_options", [("lm_head_loss_smooth_z", {"label_smoothing": 0.1, "z_loss": 1e-4}),
+                                              ("lm_head_loss_softcap", {"softcap": 30.0})])
+def test_lm_head_variant_sweep_every_provider_computes_the_same_loss_and_gradients(monkeypatch, op, want_options):
+    """The sweep of an LM head + loss variant on the CPU (ours through the interpreter, torch.compile
     and Liger stood in for): every provider gives the float64 objective's loss and gradients with
-    label smoothing 0.1 and z-loss 1e-4, so one that drops an option fails; the rows name the
-    options and count the LM head's FLOPs (three matmuls in forward for the fused ones)."""
+    the op's options (label smoothing 0.1 and z-loss 1e-4; the logits soft-capped at 30), so one
+    that drops an option fails; the rows name the options and count the LM head's FLOPs (three
+    matmuls in forward for the fused ones)."""
+    builder, sweep, constant = LM_HEAD_VARIANTS[op]
     monkeypatch.setattr(kernels, "_fresh_compile", lambda fn: fn)  # the function torch.compile would get
     _with_fake_liger(monkeypatch, _NewLiger)
-    real, built = kernels.lm_head_loss_smooth_z_providers, []
+    real, built = getattr(kernels, builder), []
 
     def keep(h, w, t, **options):
         built.append((h, w, t, options, real(h, w, t, **options)))
         return built[-1][-1]
 
-    monkeypatch.setattr(kernels, "lm_head_loss_smooth_z_providers", keep)
+    monkeypatch.setattr(kernels, builder, keep)
     torch.manual_seed(0)
     N, C, V = 8, 8, 24
-    rows = kernels.sweep_lm_head_loss_smooth_z(CpuTimer(reps=1), Budget(None), N, (C,), (V,), torch.float32,
-                                               modes=("fwd", "bwd"))
+    rows = getattr(kernels, sweep)(CpuTimer(reps=1), Budget(None), N, (C,), (V,), torch.float32, modes=("fwd", "bwd"))
     assert all(r["status"] == "ok" for r in rows), [(r["provider"], r["status"]) for r in rows]
-    assert {r["provider"] for r in rows} == set(kernels.PROVIDERS["lm_head_loss_smooth_z"])
+    assert {r["op"] for r in rows} == {op} and {r["provider"] for r in rows} == set(kernels.PROVIDERS[op])
     by = {(r["provider"], r["mode"]): r for r in rows}
-    assert rows[0]["config"] == {"rows": N, "width": C, "vocab": V, "label_smoothing": 0.1, "z_loss": 1e-4,
-                                 "dtype": "fp32"}
+    assert rows[0]["config"] == {"rows": N, "width": C, "vocab": V, **want_options, "dtype": "fp32"}
     for p in ("triton", "liger"):
         assert by[(p, "fwd")]["flops"] == 3 * (2 * N * C * V) and "flops" not in by[(p, "bwd")]
     assert by[("torch", "fwd")]["flops"] == 2 * N * C * V and by[("torch", "bwd")]["flops"] == 2 * (2 * N * C * V)
     (h, w, t, options, builders), = built
-    assert options == kernels.SMOOTH_Z == {"label_smoothing": 0.1, "z_loss": 1e-4}
+    assert options == getattr(kernels, constant) == want_options
     h64, w64 = h.detach().double().requires_grad_(), w.detach().double().requires_grad_()
-    want = _smooth_z_loss64(h64, w64, t, 0.1, 1e-4)
+    want = _lm_head_loss64(h64, w64, t, **options)
     want_grads = torch.autograd.grad(want, (h64, w64))
-    assert abs(want - _smooth_z_loss64(h64, w64, t, 0.1, 0.0)) > 1e-3  # each option moves the loss
-    assert abs(want - _smooth_z_loss64(h64, w64, t, 0.0, 1e-4)) > 1e-3
+    for name in options:  # each option moves the loss
+        assert abs(want - _lm_head_loss64(h64, w64, t, **{**options, name: 0.0})) > 1e-3, name
     for name, build in builders.items():
         forward, leaves = build()
         loss = forward()
@@ -1932,7 +1951,7 @@ def test_lm_head_smooth_z_liger_arguments_follow_its_signature(monkeypatch, fake
     forward, leaves = kernels.lm_head_loss_smooth_z_providers(h, w, t)["liger"]()
     loss = forward()
     assert loss.dim() == 0
-    want = _smooth_z_loss64(h.double(), w.double(), t, 0.1, 1e-4)
+    want = _lm_head_loss64(h.double(), w.double(), t, 0.1, 1e-4)
     torch.testing.assert_close(loss.double(), want, rtol=1e-6, atol=1e-6)
     assert leaves == [h, w] and all(g.shape == x.shape for g, x in zip(torch.autograd.grad(loss, leaves), leaves))
 
@@ -1948,29 +1967,65 @@ def test_lm_head_smooth_z_skips_a_liger_without_the_z_loss(monkeypatch):
                                 typo=1)
 
 
-def test_lm_head_smooth_z_runs_last_of_all(monkeypatch):
-    """lm_head_loss_smooth_z (on by default, in the CLI's --ops too) runs after every other op's
-    rows, the compiled baselines of the rest included: a GPU session whose budget runs out loses it first."""
+@pytest.mark.parametrize("fake", [_OldLiger, _NewLiger])
+def test_lm_head_softcap_liger_gets_the_cap_by_name(monkeypatch, fake):
+    """Liger's softcap goes in its parameter's place in either order (every other argument its
+    default): the loss is that of the capped logits (a cap of 2 moves it far), from a tuple or not."""
+    h, w = (kernels.randn(*s, device="cpu", dtype=torch.float32, scale=3.0) for s in ((6, 8), (20, 8)))
+    t = torch.randint(0, 20, (6,))
+    _with_fake_liger(monkeypatch, fake)
+    forward, leaves = kernels.lm_head_loss_softcap_providers(h, w, t, softcap=2.0)["liger"]()
+    loss = forward()
+    want = _lm_head_loss64(h.double(), w.double(), t, softcap=2.0)
+    assert abs(want - _lm_head_loss64(h.double(), w.double(), t)) > 1.0
+    torch.testing.assert_close(loss.double(), want, rtol=1e-6, atol=1e-6)
+    assert leaves == [h, w] and all(g.shape == x.shape for g, x in zip(torch.autograd.grad(loss, leaves), leaves))
+
+
+@pytest.mark.parametrize("liger, why", [(_OldestLiger, "this version's _OldestLiger.forward has no softcap"),
+                                        (None, "liger_kernel.ops.fused_linear_cross_entropy."
+                                               "LigerFusedLinearCrossEntropyFunction not importable")])
+def test_lm_head_softcap_skips_a_liger_without_the_cap(monkeypatch, liger, why):
+    """A Liger from before its softcap, or none, cannot time this op: a skipped row saying why."""
+    if liger is None:
+        monkeypatch.setitem(sys.modules, "liger_kernel", None)  # a None entry fails the import
+    else:
+        _with_fake_liger(monkeypatch, liger)
+    (row,) = kernels.sweep_lm_head_loss_softcap(CpuTimer(reps=1), Budget(None), 4, (8,), (20,), torch.float32,
+                                                modes=("fwd",), providers=("liger",))
+    assert row["op"] == "lm_head_loss_softcap" and row["status"].startswith(f"skipped: {why}"), row["status"]
+
+
+def test_lm_head_variants_run_last_of_all_the_soft_cap_last(monkeypatch):
+    """lm_head_loss_smooth_z, then lm_head_loss_softcap (both on by default, in the CLI's --ops
+    too), run after every other op's rows, the compiled baselines of the rest included, each whole
+    in turn: a GPU session whose budget runs out loses the soft cap first, then smoothing and z-loss."""
     import inspect
 
     from tritongpt import cli
+    from tritongpt.bench import cli as bcli
 
     calls = []
     sweeps = {"layernorm": "sweep_layernorm", "mlp": "sweep_mlp", "attention": "sweep_attention",
               "cross_entropy": "sweep_cross_entropy", "lm_head_loss": "sweep_lm_head_loss",
               "add_layernorm": "sweep_add_layernorm", "doc_attention": "sweep_doc_attention",
               "window_attention": "sweep_window_attention",
-              "lm_head_loss_smooth_z": "sweep_lm_head_loss_smooth_z"}
+              "lm_head_loss_smooth_z": "sweep_lm_head_loss_smooth_z",
+              "lm_head_loss_softcap": "sweep_lm_head_loss_softcap"}
     for op, name in sweeps.items():
         monkeypatch.setattr(kernels, name, lambda *a, op=op: calls.append((op, "compile" in a[-1])) or [])
     monkeypatch.setattr(kernels, "measure_ceilings", lambda timer, **k: {})
     kernels.run_kernels(CpuTimer(reps=1), Budget(None), log=lambda s: None)
-    assert calls[-2:] == [("lm_head_loss_smooth_z", False), ("lm_head_loss_smooth_z", True)]
-    assert {op for op, _ in calls[:-2]} == set(sweeps) - {"lm_head_loss_smooth_z"}
-    assert ("doc_attention", True) in calls[:-2]
-    default_ops = cli.build_parser().parse_args(["bench", "kernels"]).ops.split(",")
+    assert calls[-4:] == [("lm_head_loss_smooth_z", False), ("lm_head_loss_smooth_z", True),
+                          ("lm_head_loss_softcap", False), ("lm_head_loss_softcap", True)]
+    assert {op for op, _ in calls[:-4]} == set(sweeps) - {"lm_head_loss_smooth_z", "lm_head_loss_softcap"}
+    assert ("doc_attention", True) in calls[:-4]
+    parser = cli.build_parser()
+    default_ops = parser.parse_args(["bench", "kernels"]).ops.split(",")
     assert default_ops == list(inspect.signature(kernels.run_kernels).parameters["ops"].default)
-    assert default_ops[-1] == "lm_head_loss_smooth_z"
+    assert default_ops[-2:] == ["lm_head_loss_smooth_z", "lm_head_loss_softcap"]
+    ops, _, _ = bcli.kernel_names(parser.parse_args(["bench", "kernels", "--ops", "lm_head_loss_softcap"]))
+    assert ops == ("lm_head_loss_softcap",)
 
 
 def test_out_of_memory_rows_say_so():
