@@ -171,6 +171,21 @@ def encode_records(records, tokenizer, max_len: int, overlong: str = "drop", wha
     return examples, kept
 
 
+def example_io(e: Example, mask_prompt: bool = True, ignore_index: int = IGNORE_INDEX):
+    """One example's (inputs, targets), each len(e.ids) - 1 long: seq[:-1] and seq[1:], with the
+    targets that are prompt or context tokens ignore_index under mask_prompt (a row of collate's
+    before its padding, and a run of a packed row)."""
+    seq = torch.tensor(e.ids, dtype=torch.long)
+    inputs, targets = seq[:-1], seq[1:].clone()
+    if mask_prompt:
+        # target t is token t+1: tokens 1..prompt_len-1 belong to the prompt (none when the
+        # prompt is empty: a slice to -1 would mask all but the last target)
+        targets[:max(e.prompt_len - 1, 0)] = ignore_index
+        for a, b in e.context:
+            targets[a - 1:b - 1] = ignore_index
+    return inputs, targets
+
+
 def collate(examples, pad_id: int, mask_prompt: bool = True, ignore_index: int = IGNORE_INDEX):
     """Pad and shift: inputs [B, T] = seq[:-1], targets [B, T] = seq[1:], T = longest seq - 1.
 
@@ -183,16 +198,8 @@ def collate(examples, pad_id: int, mask_prompt: bool = True, ignore_index: int =
     inputs = torch.full((len(examples), T), pad_id, dtype=torch.long)
     targets = torch.full((len(examples), T), ignore_index, dtype=torch.long)
     for i, e in enumerate(examples):
-        seq = torch.tensor(e.ids, dtype=torch.long)
-        n = len(e.ids) - 1
-        inputs[i, :n] = seq[:-1]
-        targets[i, :n] = seq[1:]
-        if mask_prompt:
-            # target t is token t+1: tokens 1..prompt_len-1 belong to the prompt (none when the
-            # prompt is empty: a slice to -1 would mask all but the last target)
-            targets[i, :max(e.prompt_len - 1, 0)] = ignore_index
-            for a, b in e.context:
-                targets[i, a - 1:b - 1] = ignore_index
+        x, y = example_io(e, mask_prompt, ignore_index)
+        inputs[i, :len(x)], targets[i, :len(y)] = x, y
     return inputs, targets
 
 
