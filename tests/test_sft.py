@@ -1011,3 +1011,224 @@ def test_only_json_lines_in_a_json_file_are_told_to_be_named_jsonl(tmp_path):
     with pytest.raises(UserError, match=r"bad.json: not valid JSON") as e:
         sft.read_records(bad)
     assert ".jsonl" not in str(e.value)
+
+
+# -- packing (sft --packing) ---------------------------------------------------------------------------
+def packing_examples(n, seed, max_size=14):
+    """Examples of 0..max_size input tokens (ids < 128, eot 128 last), prompts of every length,
+    some with a context range (a chat's later user turn) after the prompt."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        size = rng.randint(0, max_size)
+        ids = [rng.randrange(128) for _ in range(size)] + [128]
+        prompt_len = rng.randint(0, size)
+        context = ((prompt_len + 1, prompt_len + 3),) if prompt_len + 3 <= size and rng.random() < 0.4 else ()
+        out.append(Example(ids, prompt_len, context))
+    return out
+
+
+def test_best_fit_decreasing_by_hand():
+    # sizes 5 4 3 3 2 1 in rows of 6: 5 | 4 | 3, then the second 3 into the row with room 3 (the
+    # least room that holds it), the 2 into room 2, the 1 into room 1: three full rows
+    assert sft.best_fit_decreasing(range(6), [5, 4, 3, 3, 2, 1], 6) == [[0, 5], [1, 4], [2, 3]]
+    # equal sizes keep the items' order; an item of the whole capacity fills a row alone
+    assert sft.best_fit_decreasing([3, 1, 2, 0], [2, 2, 2, 6], 6) == [[3], [1, 2, 0]]
+    assert sft.best_fit_decreasing([], [], 6) == []
+
+
+def test_packed_batches_hold_every_example_once_in_nearly_full_rows():
+    rng = random.Random(3)
+    sizes = [rng.randint(0, 48) for _ in range(600)]
+    for pool_batches in (50, 1):  # one pool, and many small ones
+        batches = sft.packed_batches(sizes, 48, 8, torch.Generator().manual_seed(1), pool_batches)
+        rows = [row for b in batches for row in b]
+        assert sorted(i for row in rows for i in row) == list(range(600))  # each example exactly once
+        assert all(sum(sizes[i] for i in row) <= 48 for row in rows)
+        assert [len(b) for b in batches[:-1]] == [8] * (len(batches) - 1) and 1 <= len(batches[-1]) <= 8
+        padding = 1 - sum(sizes) / (48 * len(rows))
+        print(f"pool_batches {pool_batches}: {len(rows)} rows, padding {padding:.3f}")
+        assert padding < (0.05 if pool_batches == 50 else 0.15)  # small pools leave more room
+    # the generator decides everything
+    again = sft.packed_batches(sizes, 48, 8, torch.Generator().manual_seed(1))
+    other = sft.packed_batches(sizes, 48, 8, torch.Generator().manual_seed(2))
+    assert again == sft.packed_batches(sizes, 48, 8, torch.Generator().manual_seed(1)) and other != again
+
+
+def test_collate_packed_lays_out_each_example_as_collate_does():
+    """Every row is exactly row_len tokens; doc_ids runs are its examples (then its padding, an id
+    of its own); each run's inputs and targets are collate's row for that example alone, so no
+    target runs from one example into the next and the masking is collate's."""
+    examples = packing_examples(40, seed=4)
+    rows = sft.best_fit_decreasing(range(40), [len(e.ids) - 1 for e in examples], 20)
+    for mask in (True, False):
+        x, y, doc = sft.collate_packed([[examples[i] for i in row] for row in rows], 20, pad_id=128,
+                                       mask_prompt=mask)
+        assert x.shape == y.shape == doc.shape == (len(rows), 20) and doc.dtype == torch.long
+        for r, row in enumerate(rows):
+            at = 0
+            for j, i in enumerate(row):
+                e = examples[i]
+                n = len(e.ids) - 1
+                want_x, want_y = collate([e], pad_id=128, mask_prompt=mask)
+                assert doc[r, at:at + n].tolist() == [j] * n
+                assert x[r, at:at + n].tolist() == want_x[0].tolist()
+                assert y[r, at:at + n].tolist() == want_y[0].tolist()
+                at += n
+            assert doc[r, at:].tolist() == [len(row)] * (20 - at)  # padding: its own run
+            assert (x[r, at:] == 128).all() and (y[r, at:] == -100).all()
+    # a by-hand row: [5 6 | 7 8 9 eot] and [1 2 eot] with prompts of 2 and 1 in 12 tokens
+    x, y, doc = sft.collate_packed([[Example([5, 6, 7, 8, 9, 128], 2), Example([1, 2, 128], 1)]], 12, pad_id=0)
+    assert x.tolist() == [[5, 6, 7, 8, 9, 1, 2, 0, 0, 0, 0, 0]]
+    assert y.tolist() == [[-100, 7, 8, 9, 128, 2, 128, -100, -100, -100, -100, -100]]  # 128 never targets 1
+    assert doc.tolist() == [[0, 0, 0, 0, 0, 1, 1, 2, 2, 2, 2, 2]]
+    with pytest.raises(ValueError, match="more than 6"):
+        sft.collate_packed([[Example([5, 6, 7, 8, 9, 128], 2), Example([1, 2, 128], 1)]], 6, pad_id=0)
+
+
+def test_sft_data_packing_epochs_ranks_and_resume():
+    examples = packing_examples(90, seed=5)
+    n_rows = len(sft.best_fit_decreasing(range(90), [len(e.ids) - 1 for e in examples], 16))
+
+    def data(**kw):
+        return sft.SFTData(examples, examples[:5], pad_id=128, batch_size=4, seed=5, pack_len=16, **kw)
+
+    d = data()
+    x, y, doc = d.get_batch("train")
+    assert x.shape == y.shape == doc.shape == (4, 16)
+    order = d._order
+    rows = [row for b in order for row in b]
+    assert sorted(i for row in rows for i in row) == list(range(90))  # an epoch: every example once
+    assert len(rows) == n_rows and len(order) == math.ceil(n_rows / 4)  # one pool of 90: what BFD gives
+    assert d.layout(16)[:2] == (len(rows), len(order)) and d.layout(None)[:2] == (90, math.ceil(90 / 4))
+    for _ in range(len(order) - 1):
+        x, y, doc = d.get_batch("train")
+        assert x.shape[1] == 16
+    assert d.epoch == 0 and d._order == order
+    d.get_batch("train")
+    assert d.epoch == 1 and d._order != order  # each epoch packed and ordered anew
+    assert data()._epoch_order(d._seed_of(0)) == order  # (seed, epoch) decide it
+    other = sft.SFTData(examples, [], 128, 4, seed=6, pack_len=16)
+    assert other._epoch_order(other._seed_of(0)) != order
+    # held-out batches stay unpacked: collate's (inputs, targets), as without --packing
+    plain = sft.SFTData(examples, examples[:5], pad_id=128, batch_size=4)
+    for got, want in zip(d.val_batches(), plain.val_batches(), strict=True):
+        assert len(got) == 2 and all(torch.equal(a, b) for a, b in zip(got, want))
+
+    # 3 ranks: disjoint shares of one packed epoch, in lockstep
+    ranks = [data(rank=r, world_size=3) for r in range(3)]
+    for rd in ranks:
+        rd.get_batch("train")
+    assert len({len(rd._order) for rd in ranks}) == 1
+    flat = [i for rd in ranks for b in rd._order for row in b for i in row]
+    assert len(flat) == len(set(flat)) and set(flat) <= set(range(90))
+    assert [rd._order for rd in ranks] == [order[:len(order) - len(order) % 3][r::3] for r in range(3)]
+
+    # resume: the same batches, across an epoch's end
+    d = data()
+    for _ in range(len(order) - 2):
+        d.get_batch("train")
+    state = d.state_dict()
+    assert state["pack_len"] == 16
+    rest = [d.get_batch("train") for _ in range(5)]
+    resumed = data()
+    resumed.load_state_dict(state)
+    for want, got in zip(rest, (resumed.get_batch("train") for _ in range(5))):
+        assert len(got) == 3 and all(torch.equal(a, b) for a, b in zip(want, got))
+    # a resume that turns packing on (or off) goes on as far into the epoch as the run had gone
+    unpacked = sft.SFTData(examples, [], pad_id=128, batch_size=4, seed=5)
+    for _ in range(10):
+        unpacked.get_batch("train")
+    packed = data()
+    packed.load_state_dict(unpacked.state_dict())
+    assert packed.pos == 10 * len(order) // len(unpacked._order) and packed._order == order
+    back = sft.SFTData(examples, [], pad_id=128, batch_size=4, seed=5)
+    back.load_state_dict(packed.state_dict())
+    assert back.pos == packed.pos * len(unpacked._order) // len(order) and back._order == unpacked._order
+    with pytest.raises(UserError, match="an example of 14 tokens does not fit in a packed row of 13"):
+        sft.SFTData(examples, [], 128, 4, pack_len=13)
+
+
+@pytest.mark.parametrize("path", ["reference", "triton"])
+def test_packed_loss_is_the_sum_of_the_examples_alone(path):
+    """The key check of --packing: sft_loss on the packed batches of an epoch is the sum of sft_loss
+    on each example alone, unpacked (and so are its gradients), fp32, on both kernel paths. Without
+    doc_ids reaching the model the examples of a row would see each other and it would not be."""
+    torch.manual_seed(0)
+    model = GPTModel(GPTConfig(vocab_size=129, context_length=24, n_embd=32, n_layer=2, n_head=2))
+    model.set_kernels(path)
+    examples = packing_examples(12, seed=6, max_size=24)
+    data = sft.SFTData(examples, [], pad_id=128, batch_size=2, pack_len=24)
+    packed = [data.get_batch("train")]
+    packed += [data.get_batch("train") for _ in range(len(data._order) - 1)]
+    assert sum(x.shape[0] for x, _, _ in packed) < 12  # rows shared: something was packed
+    sums, grads, counts = [], [], []
+    for batches in (packed, [collate([e], pad_id=128) for e in examples]):
+        model.zero_grad()
+        total, count = 0.0, 0
+        for batch in batches:
+            loss, n = sft.sft_loss(model, batch)
+            loss.backward()
+            total, count = total + loss.detach().double(), count + int(n)
+        sums.append(total.reshape(1))
+        counts.append(count)
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]).double())
+    assert counts[0] == counts[1] > 0
+    assert_close_rel(sums[0], sums[1], 1e-5, f"{path}: packed loss sum vs the examples alone")
+    assert_close_rel(grads[0], grads[1], 1e-5, f"{path}: its gradients")
+    # the check has teeth: the same rows without doc_ids (examples seeing each other) differ
+    with torch.no_grad():
+        mixed = sum(float(sft.sft_loss(model, (x, y))[0]) for x, y, _ in packed)
+    assert abs(mixed - float(sums[1])) > 1e-4 * abs(float(sums[1]))  # 7e-4 here, 10x the tolerance
+    if path == "triton":
+        assert model.kernels == frozenset({"layernorm", "mlp", "attention", "cross_entropy"})
+
+def _packed_sft_as_rank(rank, port, state, out, rec):
+    """One of two torchrun-like gloo processes running one packed SFT step through the Trainer."""
+    from test_loop import _as_torchrun_rank
+
+    _as_torchrun_rank(rank, port)
+    model = GPTModel(GPTConfig(**state["config"]))
+    model.load_state_dict(state["weights"])
+    data = sft.SFTData(packing_examples(30, seed=7, max_size=24), [], 128, batch_size=2, pack_len=24)  # rank: env
+    taken = []
+
+    def get_batch(split, generator=None):
+        batch = data.get_batch(split)
+        taken.append(data._order[data.pos - 1])
+        return batch
+
+    trainer = Trainer(model, train_args(out, max_steps=1, grad_accum=2), sft.sft_loss, get_batch, name="sft",
+                      data_state=data)
+    result = trainer.fit()
+    torch.save({"loss": result["loss"], "taken": taken, "world": trainer.world_size,
+                "params": torch.cat([p.detach().flatten() for p in model.parameters()])}, Path(rec) / f"rank{rank}.pt")
+
+
+def test_packed_sft_under_ddp_with_grad_accum_is_the_one_process_step(tmp_path):
+    """Two gloo processes, each two packed micro-batches (doc_ids through the Trainer, the device
+    move, DDP's forward and the accumulation), take between them the first four batches of the
+    epoch, disjointly, and log the loss one process gets from those four as one step."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    torch.manual_seed(8)
+    config = dict(vocab_size=129, context_length=24, n_embd=32, n_layer=2, n_head=2)
+    model = GPTModel(GPTConfig(**config))
+    state = {"config": config, "weights": {k: v.clone() for k, v in model.state_dict().items()}}
+    data = sft.SFTData(packing_examples(30, seed=7, max_size=24), [], 128, batch_size=2, pack_len=24, world_size=1)
+    one = Trainer(model, train_args(tmp_path / "one", max_steps=1, grad_accum=4), sft.sft_loss, data.get_batch,
+                  name="sft").fit()
+    order = data._order
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
+    mp.start_processes(_packed_sft_as_rank, args=(port, state, str(tmp_path / "ddp"), tmp_path), nprocs=2,
+                       join=True, start_method=method)
+    r0, r1 = (torch.load(tmp_path / f"rank{i}.pt") for i in (0, 1))
+    assert r0["world"] == r1["world"] == 2
+    assert r0["taken"] == [order[0], order[2]] and r1["taken"] == [order[1], order[3]]
+    assert torch.equal(r0["params"], r1["params"])  # one averaged gradient
+    assert r0["loss"] == pytest.approx(one["loss"], rel=1e-6) and r1["loss"] == r0["loss"]

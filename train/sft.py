@@ -24,6 +24,7 @@ are saved as JSON.
     tritongpt sft --init gpt2-small --data alpaca.json --tokenizer gpt2
     tritongpt sft --init runs/pretrain --data chats.jsonl     # {"messages": [...]} a line
 """
+import bisect
 import functools
 import json
 import sys
@@ -203,6 +204,31 @@ def collate(examples, pad_id: int, mask_prompt: bool = True, ignore_index: int =
     return inputs, targets
 
 
+def collate_packed(rows, row_len: int, pad_id: int, mask_prompt: bool = True, ignore_index: int = IGNORE_INDEX):
+    """Packed rows: (inputs, targets, doc_ids), each [len(rows), row_len].
+
+    rows: lists of Examples. A row holds its examples one after another, each as collate lays it
+    out alone (example_io: its inputs, its targets, masked the same way), then padding (inputs
+    pad_id, targets ignore_index) to row_len. doc_ids numbers the examples of a row 0, 1, ... and
+    its padding len(row), so the model (GPTModel's doc_ids) restarts positions at each example and
+    keeps its attention inside it. A target is always the example's own next token: none runs
+    from one example into the next.
+    """
+    inputs = torch.full((len(rows), row_len), pad_id, dtype=torch.long)
+    targets = torch.full((len(rows), row_len), ignore_index, dtype=torch.long)
+    doc_ids = torch.empty((len(rows), row_len), dtype=torch.long)
+    for r, row in enumerate(rows):
+        at = 0
+        for j, e in enumerate(row):
+            x, y = example_io(e, mask_prompt, ignore_index)
+            if at + len(x) > row_len:
+                raise ValueError(f"collate_packed: row {r} holds {at + len(x)}+ tokens, more than {row_len}")
+            inputs[r, at:at + len(x)], targets[r, at:at + len(y)], doc_ids[r, at:at + len(x)] = x, y, j
+            at += len(x)
+        doc_ids[r, at:] = len(row)
+    return inputs, targets, doc_ids
+
+
 def length_grouped_batches(lengths, batch_size: int, generator: torch.Generator, pool_batches: int = 50):
     """One epoch of batches (lists of indices), each of similar lengths, in a random order.
 
@@ -220,6 +246,51 @@ def length_grouped_batches(lengths, batch_size: int, generator: torch.Generator,
     return [batches[i] for i in order]
 
 
+def best_fit_decreasing(items, sizes, capacity: int):
+    """Rows (lists of items) whose sizes sum to at most capacity: each item, largest first, goes
+    into the row with the least room that still holds it, else into a new row (best-fit
+    decreasing: never more than 11/9 of the fewest rows possible, plus one). Items of equal size
+    keep the order of `items`; each row lists its items as they were placed."""
+    rows, free = [], []  # free: (room left, row index), sorted, for the rows with room left
+    for i in sorted(items, key=lambda i: -sizes[i]):
+        k = bisect.bisect_left(free, (sizes[i], -1))  # the first row with room >= the item
+        if k == len(free):
+            rows.append([i])
+            room, r = capacity - sizes[i], len(rows) - 1
+        else:
+            room, r = free.pop(k)
+            rows[r].append(i)
+            room -= sizes[i]
+        if room > 0:
+            bisect.insort(free, (room, r))
+    return rows
+
+
+def packed_batches(sizes, row_len: int, batch_size: int, generator: torch.Generator, pool_batches: int = 50):
+    """One epoch of packed batches: lists of batch_size rows (the epoch's last may have fewer),
+    each row a list of example indices whose sizes sum to at most row_len; every example is in
+    exactly one row.
+
+    Shuffle everything, cut it into pools of about pool_batches * batch_size rows' worth of
+    tokens, pack each pool best-fit decreasing, then shuffle the rows and cut them into batches:
+    the rows come out nearly full, and which examples share a row and the order both vary with
+    the generator.
+    """
+    perm = torch.randperm(len(sizes), generator=generator).tolist()
+    budget = pool_batches * batch_size * row_len
+    rows, pool, filled = [], [], 0
+    for i in perm:
+        pool.append(i)
+        filled += sizes[i]
+        if filled >= budget:
+            rows += best_fit_decreasing(pool, sizes, row_len)
+            pool, filled = [], 0
+    rows += best_fit_decreasing(pool, sizes, row_len)
+    order = torch.randperm(len(rows), generator=generator).tolist()
+    rows = [rows[i] for i in order]
+    return [rows[j:j + batch_size] for j in range(0, len(rows), batch_size)]
+
+
 class SFTData:
     """Training batches for the Trainer, epoch after epoch, and fixed held-out batches.
 
@@ -227,13 +298,20 @@ class SFTData:
     same order and takes its own share of the batches (rank r: batches r, r + W, ...; the few
     left over after a multiple of W are skipped that epoch): one epoch covers the data once
     across all ranks, not once per rank (with fewer batches than ranks, every rank takes them
-    all). The state (epoch, position, that epoch's seed, the number of ranks) goes into
-    checkpoints, so a resumed run sees the same batches; one resumed on another number of ranks
-    goes on after the batches the ranks took between them (repeating at most W - 1, skipping none).
+    all). The state (epoch, position, that epoch's seed, the number of ranks, the packing) goes
+    into checkpoints, so a resumed run sees the same batches; one resumed on another number of
+    ranks goes on after the batches the ranks took between them (repeating at most W - 1, skipping
+    none), and one resumed with another packing as far into the epoch's tokens as the run had gone.
+
+    pack_len (sft --packing): instead of length-grouped padded batches, batches of batch_size rows of
+    exactly pack_len tokens, each holding whole examples (packed_batches) with doc_ids that keep
+    them apart (collate_packed): (inputs, targets, doc_ids). No example may be longer than a row
+    (pack_len input tokens): encode_records already cuts or drops them to the context. The
+    held-out batches stay unpacked, so their loss compares with an unpacked run's.
     """
 
     def __init__(self, train, val, pad_id: int, batch_size: int, mask_prompt: bool = True, seed: int = 0,
-                 rank: int | None = None, world_size: int | None = None):
+                 rank: int | None = None, world_size: int | None = None, pack_len: int | None = None):
         if not train:
             raise UserError("no training examples left (all were dropped: see the note above)")
         self.train, self.val = train, val
@@ -243,6 +321,11 @@ class SFTData:
         self.rank = env_rank if rank is None else rank
         self.world_size = env_world if world_size is None else world_size
         self.lengths = [len(e.ids) for e in train]
+        self.sizes = [n - 1 for n in self.lengths]  # input tokens: what an example takes of a row
+        if pack_len is not None and max(self.sizes) > pack_len:
+            raise UserError(f"--packing: an example of {max(self.sizes)} tokens does not fit in a packed row of "
+                            f"{pack_len} (examples are cut or dropped to --max-length first)")
+        self.pack_len = pack_len
         self.epoch, self.pos, self.epoch_seed, self._order = 0, 0, None, None
 
     def _collate(self, examples):
@@ -256,17 +339,43 @@ class SFTData:
         if self._order is None or self.pos >= len(self._order):
             if self._order is not None:
                 self.epoch += 1
-            self.epoch_seed = (self.seed * 1_000_003 + self.epoch) % 2 ** 62
+            self.epoch_seed = self._seed_of(self.epoch)
             self._order, self.pos = self._epoch_order(self.epoch_seed), 0
-        rows = self._order[self.pos]
+        batch = self._order[self.pos]
         self.pos += 1
-        return self._collate([self.train[i] for i in rows])
+        if self.pack_len is not None:
+            return collate_packed([[self.train[i] for i in row] for row in batch], self.pack_len, self.pad_id,
+                                  self.mask_prompt)
+        return self._collate([self.train[i] for i in batch])
+
+    def _seed_of(self, epoch: int) -> int:
+        return (self.seed * 1_000_003 + epoch) % 2 ** 62
+
+    def _epoch_batches(self, seed, pack_len):
+        """The epoch's batches across all ranks: lists of example indices, or packed, lists of rows of them."""
+        gen = torch.Generator().manual_seed(seed)
+        if pack_len is not None:
+            return packed_batches(self.sizes, pack_len, self.batch_size, gen)
+        return length_grouped_batches(self.lengths, self.batch_size, gen)
 
     def _epoch_order(self, seed):
-        batches = length_grouped_batches(self.lengths, self.batch_size, torch.Generator().manual_seed(seed))
+        batches = self._epoch_batches(seed, self.pack_len)
         if self.world_size > 1 and len(batches) >= self.world_size:
             batches = batches[:len(batches) - len(batches) % self.world_size][self.rank::self.world_size]
         return batches
+
+    def layout(self, pack_len: int | None) -> tuple:
+        """(rows, batches, padding): the first epoch across all ranks, packed into rows of pack_len
+        tokens or (None) length-grouped: its rows, its batches, and the share of their input
+        positions that are padding."""
+        batches = self._epoch_batches(self._seed_of(0), pack_len)
+        if pack_len is not None:
+            rows = sum(len(b) for b in batches)
+            positions = rows * pack_len
+        else:
+            rows = len(self.sizes)
+            positions = sum(len(b) * max(self.sizes[i] for i in b) for b in batches)
+        return rows, len(batches), 1 - sum(self.sizes) / positions if positions else 0.0
 
     def val_batches(self, max_batches: int | None = None):
         """Held-out batches, the same at every evaluation. When max_batches leaves examples
@@ -281,16 +390,23 @@ class SFTData:
             yield self._collate([self.val[i] for i in rows[j:j + self.batch_size]])
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "pos": self.pos, "epoch_seed": self.epoch_seed, "world_size": self.world_size}
+        return {"epoch": self.epoch, "pos": self.pos, "epoch_seed": self.epoch_seed, "world_size": self.world_size,
+                "pack_len": self.pack_len}
 
     def load_state_dict(self, d: dict):
         self.epoch, self.pos, self.epoch_seed = d["epoch"], d["pos"], d["epoch_seed"]
         self._order = None if self.epoch_seed is None else self._epoch_order(self.epoch_seed)
         saved_world = d.get("world_size", self.world_size)
-        if saved_world != self.world_size:
+        saved_pack = d.get("pack_len")  # checkpoints from before --packing: unpacked
+        if saved_world != self.world_size or saved_pack != self.pack_len:
             # the saved ranks took the first pos * saved_world batches of the epoch's order between
             # them (rank r: r, r + W, ...); pos counted in this run's share of it goes on after those
-            self.pos = self.pos * saved_world // self.world_size
+            taken = self.pos * saved_world
+            if saved_pack != self.pack_len and self.epoch_seed is not None:
+                # the same epoch laid out another way (--packing or its row length changed): as far into it
+                was = len(self._epoch_batches(self.epoch_seed, saved_pack))
+                taken = taken * len(self._epoch_batches(self.epoch_seed, self.pack_len)) // max(was, 1)
+            self.pos = taken // self.world_size
 
 
 # -- loss and evaluation -----------------------------------------------------------------------------
@@ -298,11 +414,13 @@ def sft_loss(model, batch, label_smoothing: float = 0.0, z_loss: float = 0.0):
     """(summed cross-entropy over the batch's counted (response) targets, how many they are).
 
     A sum and a count, not a mean, so the Trainer weighs every response token of a step alike:
-    batches of short and of long answers count different numbers of them. label_smoothing and
+    batches of short and of long answers count different numbers of them (and a packed batch,
+    (inputs, targets, doc_ids), the same sum as its examples one by one). label_smoothing and
     z_loss: the objective's options (GPTModel.forward's), 0 for the plain cross-entropy.
     """
     inputs, targets = batch[0], batch[1]
-    return (model(inputs, targets=targets, ignore_index=IGNORE_INDEX, reduction="sum",
+    doc_ids = batch[2] if len(batch) > 2 else None  # packed rows (--packing): each example kept apart
+    return (model(inputs, targets=targets, ignore_index=IGNORE_INDEX, reduction="sum", doc_ids=doc_ids,
                   label_smoothing=label_smoothing, z_loss=z_loss),
             (targets != IGNORE_INDEX).sum())
 
