@@ -1232,3 +1232,73 @@ def test_packed_sft_under_ddp_with_grad_accum_is_the_one_process_step(tmp_path):
     assert r0["taken"] == [order[0], order[2]] and r1["taken"] == [order[1], order[3]]
     assert torch.equal(r0["params"], r1["params"])  # one averaged gradient
     assert r0["loss"] == pytest.approx(one["loss"], rel=1e-6) and r1["loss"] == r0["loss"]
+
+
+def test_cli_packing_reaches_sft_data_and_is_recorded(tmp_path, monkeypatch, capsys):
+    """`sft --packing` reaches run_sft, which packs rows of the examples' max_len (the context, or
+    --max-length) and records the flag with the run."""
+    from tritongpt.cli import main
+
+    seen = {}
+    real_run = sft.run_sft
+    monkeypatch.setattr(sft, "run_sft", lambda *a, **k: seen.update(k) or {"is_main": False})
+    for flags, want in (([], False), (["--packing"], True)):
+        assert main(["sft", "--init", "tiny", "--n-train", "4", "--n-eval", "2", "--tasks", "first_word",
+                     "--out-dir", str(tmp_path / "cli"), *flags]) == 0
+        assert seen["packing"] is want
+
+    made = []
+    real_data = sft.SFTData
+    monkeypatch.setattr(sft, "SFTData", lambda *a, **k: made.append(k) or real_data(*a, **k))
+    recs = [{"instruction": f"w{i}", "input": "", "output": "ab"} for i in range(8)]
+    model = GPTModel(GPTConfig(vocab_size=129, context_length=16, n_embd=16, n_layer=1, n_head=2))
+    kw = dict(max_new_tokens=2, sample=False, template=lambda r: r["instruction"])
+    result = real_run(model, CharTokenizer(), recs[:6], recs[6:], recs[6:], train_args(tmp_path / "a", max_steps=1),
+                      packing=True, max_length=12, **kw)
+    real_run(model, CharTokenizer(), recs[:6], recs[6:], recs[6:], train_args(tmp_path / "b", max_steps=1), **kw)
+    assert [k["pack_len"] for k in made] == [12, None]
+    ckpt = torch.load(Path(result["checkpoint"]) / "state.pt", weights_only=False)
+    assert ckpt["args"]["packing"] is True and ckpt["data"][0]["pack_len"] == 12
+    # 6 examples of 4 input tokens ("w0ab" + eot, shifted) in rows of 12: three a row, none padding
+    assert "sft: --packing: an epoch is 2 rows of 12 tokens (6 examples, 1 batch), 0.0% of the tokens padding " \
+           "(unpacked, length-grouped: 6 rows in 2 batches, 0.0% padding)\n" in capsys.readouterr().err
+
+
+def test_packing_line_says_when_packing_cannot_apply():
+    examples = [Example(list(range(9)) + [128], 1) for _ in range(4)]  # 9 tokens: one a row of 16
+    line = sft.packing_line(sft.SFTData(examples, [], 128, 2, pack_len=16), 16)
+    assert line == ("sft: --packing: an epoch is 4 rows of 16 tokens (4 examples, 2 batches), 43.8% of the tokens "
+                    "padding (unpacked, length-grouped: 4 rows in 2 batches, 0.0% padding); no two examples fit in "
+                    "one row of 16 tokens: packing cannot apply, each example gets a row of its own; more padding "
+                    "than without --packing")
+    line = sft.packing_line(sft.SFTData(examples, [], 128, 2, pack_len=32), 32)
+    assert "an epoch is 2 rows of 32 tokens" in line and "cannot apply" not in line
+
+
+def test_cli_sft_packing_trains_and_a_resume_names_the_flag(tmp_path, capsys):
+    """A short `sft --packing` run end to end (with gradient accumulation): it trains, reports the
+    packed epoch, evaluates unpacked, records --packing, and a resume without it is named."""
+    from tritongpt.cli import main
+
+    recs = [{"prompt": f"Say {w}.", "completion": w} for w in ("hi", "yes", "no", "ok", "up", "go", "on", "in",
+                                                               "at", "by", "to", "we")]
+    (tmp_path / "a.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    out = tmp_path / "run"
+    flags = ["sft", "--init", "tiny", "--tokenizer", "default", "--data", str(tmp_path / "a.jsonl"), "--out-dir",
+             str(out), "--batch-size", "2", "--grad-accum", "2", "--eval-every", "1", "--eval-gen", "0",
+             "--sample-every", "0", "--device", "cpu", "--kernels", "reference", "--max-length", "32",
+             "--val-fraction", "0.2"]
+    assert main(flags + ["--packing", "--max-steps", "2"]) == 0
+    err = capsys.readouterr().err
+    assert "sft: --packing: an epoch is " in err and " rows of 32 tokens (" in err
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    losses = [m["loss"] for m in metrics if "loss" in m]
+    assert len(losses) == 2 and all(math.isfinite(v) for v in losses)
+    assert any(math.isfinite(m.get("val_loss", math.nan)) for m in metrics)
+    state = torch.load(out / "ckpt-0000002" / "state.pt", weights_only=False)
+    assert state["args"]["packing"] is True and state["data"][0]["pack_len"] == 32
+    assert main(flags + ["--max-steps", "3", "--resume"]) == 0
+    err = capsys.readouterr().err
+    assert "--packing False (True)" in err, err
+    assert "sft: --packing" not in err
+

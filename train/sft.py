@@ -15,7 +15,10 @@ turns) are -100 too, so only the responses are learned (--no-mask-prompt learns 
 
 Batches are grouped by length (sort within large random pools, cut into batches, shuffle the
 batches with a generator seeded by (--seed, epoch), the same on every rank), so little compute
-goes to padding. Training is the
+goes to padding. With --packing (TRL's packing=True, padding-free) a batch is instead rows of
+exactly the context, each packed with whole examples (best-fit decreasing over shuffled pools,
+the same on every rank), doc_ids keeping them apart: each attends to itself only and counts its
+positions from 0, so a row computes what its examples would alone. Training is the
 shared Trainer (checkpoints, exact resume, plots, DDP, --kernels). Evaluation: the held-out
 loss, and greedy responses (KV cache, stop at eot) checked by exact match; the final responses
 are saved as JSON.
@@ -565,7 +568,8 @@ def pick_tokenizer(spec, init, vocab_size: int):
 def run_sft(model, tokenizer, train_records, val_records, test_records, args, *, mask_prompt: bool = True,
             overlong: str = "drop", max_length: int | None = None, max_new_tokens: int = 32,
             eval_gen: int = 32, eval_before: bool = False, sample: bool = True,
-            template=format_prompt, run_args: dict | None = None, loss_options: dict | None = None) -> dict:
+            template=format_prompt, run_args: dict | None = None, loss_options: dict | None = None,
+            packing: bool = False) -> dict:
     """Fine-tune `model` with the shared Trainer; evaluate; save responses.json in args.out_dir.
 
     val_records give the held-out loss (and a quick exact match on the first eval_gen of them
@@ -573,6 +577,7 @@ def run_sft(model, tokenizer, train_records, val_records, test_records, args, *,
     eval_before). Returns the Trainer's result plus exact_match (and exact_match_before).
     run_args: the data flags (--data, ...) for the Trainer to name when a resume changes them.
     loss_options: {label_smoothing, z_loss} for the training loss (evaluations score plain CE).
+    packing: train on rows of max_len tokens packed with whole examples (SFTData's pack_len).
     """
     from tritongpt.train.loop import Trainer
 
@@ -583,7 +588,8 @@ def run_sft(model, tokenizer, train_records, val_records, test_records, args, *,
     train, _ = encode_records(train_records, tokenizer, max_len, overlong, "train", template)
     val, val_kept = encode_records(val_records, tokenizer, max_len, overlong, "val", template)
     _, test_kept = encode_records(test_records, tokenizer, max_len, overlong, "test", template)
-    data = SFTData(train, val, tokenizer.eot_id, args.batch_size, mask_prompt, seed=args.seed)
+    data = SFTData(train, val, tokenizer.eot_id, args.batch_size, mask_prompt, seed=args.seed,
+                   pack_len=max_len if packing else None)
     quick = val_kept[:eval_gen]
 
     def eval_fn(m):
@@ -603,7 +609,7 @@ def run_sft(model, tokenizer, train_records, val_records, test_records, args, *,
                       eval_fn=eval_fn if val else None,
                       sample_fn=sample_fn if sample and val_kept else None, name="sft", data_state=data,
                       run_args={**(run_args or {}), "no_mask_prompt": not mask_prompt, "overlong": overlong,
-                                "max_length": max_length, **loss_options},
+                                "max_length": max_length, "packing": packing, **loss_options},
                       prompt_format=formats.format_of(train_records[0]))
     out_dir = Path(args.out_dir)
     if trainer.is_main:
@@ -616,6 +622,8 @@ def run_sft(model, tokenizer, train_records, val_records, test_records, args, *,
                 else f"{len(val)} val / {len(test_kept)} test")
         print(f"sft: {len(train)} train / {held} examples, context {max_len}, "
               f"prompt {'masked' if mask_prompt else 'learned too'}", file=sys.stderr)
+        if packing:
+            print(packing_line(data, max_len), file=sys.stderr)
 
     def run_eval(tag):
         m = trainer.raw_model
@@ -643,6 +651,21 @@ def run_sft(model, tokenizer, train_records, val_records, test_records, args, *,
             result.update(exact_match=acc, exact_match_by_task=by_task, responses_path=str(path),
                           n_test=len(rows))
     return result
+
+
+def packing_line(data: SFTData, max_len: int) -> str:
+    """What --packing makes of the first epoch, against the length-grouped batches: one line."""
+    rows, batches, padding = data.layout(max_len)
+    n, (_, plain_batches, plain) = len(data.sizes), data.layout(None)
+    line = (f"sft: --packing: an epoch is {rows} rows of {max_len} tokens ({n} examples, {batches} "
+            f"batch{'es' * (batches != 1)}), {100 * padding:.1f}% of the tokens padding (unpacked, length-grouped: "
+            f"{n} rows in {plain_batches} batch{'es' * (plain_batches != 1)}, {100 * plain:.1f}% padding)")
+    if rows == n > 1:
+        line += (f"; no two examples fit in one row of {max_len} tokens: packing cannot apply, each example "
+                 "gets a row of its own")
+    if padding > plain:
+        line += "; more padding than without --packing"
+    return line
 
 
 # -- command line -------------------------------------------------------------------------------------
@@ -684,7 +707,7 @@ def cmd_sft(args):
                      eval_gen=args.eval_gen, eval_before=args.eval_before,
                      run_args={"data": common.data_path(args.data), "tasks": args.tasks, "n_train": args.n_train,
                                "val_fraction": args.val_fraction, "init": common.data_path(args.init)},
-                     loss_options=loss_options)
+                     loss_options=loss_options, packing=args.packing)
     if not result["is_main"]:  # DDP: rank 0 reports
         return 0
     if result.get("exact_match") is not None:
@@ -724,6 +747,11 @@ def add_cli(sub):
     p.add_argument("--overlong", choices=["drop", "truncate"], default="drop",
                    help="records longer than the context (default %(default)s)")
     p.add_argument("--max-length", type=int, default=None, help="cap on tokens per example (default: the context)")
+    p.add_argument("--packing", action="store_true",
+                   help="train on --batch-size rows of exactly the context (or --max-length) tokens, each packed "
+                        "with whole examples that attend only to themselves, positions restarting at each one (TRL's "
+                        "packing=True, padding-free), instead of length-grouped padded batches: the same loss per "
+                        "response token; held-out batches stay unpacked; prints the epoch's padding both ways")
     p.add_argument("--max-new-tokens", type=int, default=32, help="response budget when evaluating (default %(default)s)")
     p.add_argument("--eval-gen", type=int, default=32,
                    help="held-out records answered at each evaluation (default %(default)s)")
