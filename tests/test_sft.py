@@ -1183,7 +1183,7 @@ def test_packed_loss_is_the_sum_of_the_examples_alone(path):
     if path == "triton":
         assert model.kernels == frozenset({"layernorm", "mlp", "attention", "cross_entropy"})
 
-def _packed_sft_as_rank(rank, port, state, out, rec):
+def _packed_sft_as_rank(rank, out, rec, port, state):
     """One of two torchrun-like gloo processes running one packed SFT step through the Trainer."""
     from test_loop import _as_torchrun_rank
 
@@ -1209,9 +1209,7 @@ def test_packed_sft_under_ddp_with_grad_accum_is_the_one_process_step(tmp_path):
     """Two gloo processes, each two packed micro-batches (doc_ids through the Trainer, the device
     move, DDP's forward and the accumulation), take between them the first four batches of the
     epoch, disjointly, and log the loss one process gets from those four as one step."""
-    import socket
-
-    import torch.multiprocessing as mp
+    from test_loop import _run_ddp
 
     torch.manual_seed(8)
     config = dict(vocab_size=129, context_length=24, n_embd=32, n_layer=2, n_head=2)
@@ -1221,13 +1219,7 @@ def test_packed_sft_under_ddp_with_grad_accum_is_the_one_process_step(tmp_path):
     one = Trainer(model, train_args(tmp_path / "one", max_steps=1, grad_accum=4), sft.sft_loss, data.get_batch,
                   name="sft").fit()
     order = data._order
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
-    mp.start_processes(_packed_sft_as_rank, args=(port, state, str(tmp_path / "ddp"), tmp_path), nprocs=2,
-                       join=True, start_method=method)
-    r0, r1 = (torch.load(tmp_path / f"rank{i}.pt") for i in (0, 1))
+    r0, r1 = _run_ddp(tmp_path / "ddp", tmp_path / "rec", _packed_sft_as_rank, **state)
     assert r0["world"] == r1["world"] == 2
     assert r0["taken"] == [order[0], order[2]] and r1["taken"] == [order[1], order[3]]
     assert torch.equal(r0["params"], r1["params"])  # one averaged gradient
