@@ -619,13 +619,17 @@ def test_bf16_window_within_2x_of_torch_bf16(device):
 
 
 def test_window_bounds():
-    from tritongpt.kernels.attention import document_bounds, window_bounds
+    from tritongpt.kernels.attention import _doc_args, document_bounds, window_bounds
 
     starts, ends = window_bounds(3, 7, batch=2)
     assert starts.dtype == ends.dtype == torch.int32 and starts.shape == (2, 7)
     assert starts.tolist() == [[0, 0, 0, 1, 2, 3, 4]] * 2
     assert ends.tolist() == [[3, 4, 5, 6, 7, 7, 7]] * 2
+    # one row for the batch, both at stride 0, and the kernels are given them so (not copied per row)
+    assert starts.stride(0) == ends.stride(0) == 0 and _doc_args(starts, starts, ends)[2] == 0
     assert window_bounds(7, 7) == (None, None)  # nothing to mask
+    starts, ends = window_bounds(6, 7)  # one position short of the sequence: the last query loses key 0
+    assert starts.tolist() == [[0, 0, 0, 0, 0, 0, 1]] and ends.tolist() == [[6, 7, 7, 7, 7, 7, 7]]
     # with documents: each position's own document within its window
     starts, ends = window_bounds(3, 7, 1, None, *document_bounds(torch.tensor([[7, 7, 7, 7, 7, 1, 1]])))
     assert starts.tolist() == [[0, 0, 0, 1, 2, 5, 5]] and ends.tolist() == [[3, 4, 5, 5, 5, 7, 7]]
