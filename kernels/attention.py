@@ -790,7 +790,7 @@ def _checked_window(window, causal):
                         f"{type(window).__name__} {window!r}")
     if window < 1:
         raise ValueError(f"window must be at least 1 (a query sees itself), got {window}")
-    if causal is not True:
+    if not causal:  # (a bool by now, or 1 or numpy's True: flash_attention takes them as causal)
         raise ValueError("window (local attention) needs causal=True: the kernels skip tiles by both masks")
     return int(window)
 
@@ -805,7 +805,7 @@ def _checked_doc_ids(doc_ids, q, k, causal):
         raise ValueError(f"doc_ids must be [B, Tk] = [{B}, {Tk}] (one id per key position), got {tuple(doc_ids.shape)}")
     if doc_ids.device != q.device:
         raise ValueError(f"doc_ids is on {doc_ids.device}, q on {q.device}: they must share a device")
-    if causal is not True:
+    if not causal:
         raise ValueError("doc_ids (document masking) needs causal=True: the kernels skip tiles by both masks")
     return doc_ids
 

@@ -645,6 +645,13 @@ def test_window_bad_input(device):
             flash_attention(q, k, v, window=bad)
     with pytest.raises(ValueError, match=r"window \(local attention\) needs causal=True"):
         flash_attention(q, k, v, causal=False, window=4)
+    # causal as flash_attention takes it (1, numpy's bool: == True) is causal with a window and documents too
+    import numpy as np
+
+    ids = torch.tensor([[0] * 3 + [1] * 5], device=device)
+    want = flash_attention(q, k, v, window=4, doc_ids=ids)
+    for causal in (1, np.bool_(True)):
+        assert torch.equal(flash_attention(q, k, v, causal=causal, window=4, doc_ids=ids), want)
 
 
 def test_window_custom_op_opcheck_and_compile(device):
