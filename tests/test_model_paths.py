@@ -581,3 +581,17 @@ def test_attention_window_config(tmp_path):
     assert [b.att.window for b in back.trf_blocks] == [0, 7]
     old = {k: v for k, v in GPTConfig(**TINY).to_dict().items() if k not in ("attention_window", "window_layers")}
     assert GPTConfig.from_dict(old).attention_window == 0
+    import numpy as np  # numpy's integers are windows too, kept as an int (the config is saved as JSON)
+
+    assert type(GPTConfig(**TINY, attention_window=np.int64(3)).attention_window) is int
+
+
+def test_a_window_of_one_attends_to_each_position_alone():
+    """window 1 (the smallest): the reference masks every key but the query's own, so the
+    attention output is v, with a KV cache too (the kernel's case: test_attention's window edges)."""
+    from tritongpt.model.layers import MultiHeadAttention
+
+    att = MultiHeadAttention(32, 2, 24, window=1)
+    q, k, v = torch.randn(3, 2, 2, 9, 16).unbind(0)
+    torch.testing.assert_close(att.attend(q, k, v), v)
+    torch.testing.assert_close(att.attend(q[:, :, -2:], k, v), v[:, :, -2:])
