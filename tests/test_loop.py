@@ -318,15 +318,29 @@ def test_resume_without_checkpoint_is_a_user_error(tmp_path):
         t.fit()
 
 
-def test_a_resume_refuses_another_logit_softcap_and_reads_older_checkpoints_as_uncapped(tmp_path):
-    """The same weights soft-capped or not are other models: a resume with another cap is refused.
-    A checkpoint whose saved config predates the field is uncapped (resumed as such, and refused
-    to a capped model); one with no saved config at all is not compared, as for dropout."""
+def resave_config(weights, edit):
+    """Rewrite a checkpoint's weights file with edit(its saved model config) as the config: a dict,
+    or None for no config at all (a bare weights file)."""
     import json
 
     from safetensors import safe_open
     from safetensors.torch import save_file
 
+    with safe_open(str(weights), "pt") as f:
+        tensors, meta = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+    config = edit(json.loads(meta.pop("config")))
+    save_file(tensors, str(weights), metadata=meta if config is None else {**meta, "config": json.dumps(config)})
+
+
+def without(*fields):
+    """An edit for resave_config: the saved config as from before these fields."""
+    return lambda config: {k: v for k, v in config.items() if k not in fields}
+
+
+def test_a_resume_refuses_another_logit_softcap_and_reads_older_checkpoints_as_uncapped(tmp_path):
+    """The same weights soft-capped or not are other models: a resume with another cap is refused.
+    A checkpoint whose saved config predates the field is uncapped (resumed as such, and refused
+    to a capped model); one with no saved config at all is not compared, as for dropout."""
     gb = make_get_batch(synthetic_tokens(), 2)
     Trainer(tiny_model(logit_softcap=15.0), args_for(tmp_path, max_steps=1), loss_fn, gb).fit()
     weights = tmp_path / "ckpt-0000001" / "model.safetensors"
@@ -334,22 +348,16 @@ def test_a_resume_refuses_another_logit_softcap_and_reads_older_checkpoints_as_u
     def resume(**cfg):  # at --max-steps already: the checks, the weights loaded, no step
         return Trainer(tiny_model(**cfg), args_for(tmp_path, max_steps=1, resume="latest"), loss_fn, gb).fit()
 
-    def resave(edit):
-        with safe_open(str(weights), "pt") as f:
-            tensors, meta = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
-        save_file(tensors, str(weights), metadata=edit(meta))
-
     with pytest.raises(UserError, match=r"soft-caps its logits at 15, this run's at 0 \(0: none\): "
                                         r"pass --logit-softcap 15"):
         resume()
     resume(logit_softcap=15.0)
-    resave(lambda meta: {**meta, "config": json.dumps({k: v for k, v in json.loads(meta["config"]).items()
-                                                       if k != "logit_softcap"})})
+    resave_config(weights, without("logit_softcap"))
     assert "logit_softcap" not in common.saved_model_config(weights)
     resume()
     with pytest.raises(UserError, match=r"soft-caps its logits at 0, this run's at 15"):
         resume(logit_softcap=15.0)
-    resave(lambda meta: {k: v for k, v in meta.items() if k != "config"})
+    resave_config(weights, lambda config: None)
     assert common.saved_model_config(weights) == {}
     resume(logit_softcap=15.0)
     # the other trainers take their model, cap included, from --init: no flag to name there
@@ -1605,3 +1613,11 @@ def test_a_resume_refuses_another_attention_window(tmp_path):
     with pytest.raises(UserError, match="model attends over the whole context, this run's model attends over the "
                                         "last 2 positions in all layers: pass --attention-window 0$"):
         resume(dense, attention_window=2)
+    # a saved config from before the fields is dense; no saved config at all is not compared
+    resave_config(dense / "ckpt-0000001" / "model.safetensors", without("attention_window", "window_layers"))
+    resume(dense)
+    with pytest.raises(UserError, match="model attends over the whole context, this run's model attends over the "
+                                        "last 2 positions"):
+        resume(dense, attention_window=2)
+    resave_config(dense / "ckpt-0000001" / "model.safetensors", lambda config: None)
+    resume(dense, attention_window=2)
