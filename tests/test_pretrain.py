@@ -711,14 +711,19 @@ def test_attention_window_makes_a_local_model_kept_by_init(corpus, tmp_path, cap
     model = GPTModel.load(tmp_path / "local" / "ckpt-0000001" / "model.safetensors")
     assert [b.att.window for b in model.trf_blocks] == [0, 8, 0, 8]
     init = ("--init", str(tmp_path / "local"))
-    assert main(["pretrain", *argv(corpus, tmp_path / "again", *short, *init, "--window-layers", "all")]) == 2
-    assert "--window-layers all would change what --init's model computes (its window_layers is odd)" in \
-        capsys.readouterr().err
-    assert main(["pretrain", *argv(corpus, tmp_path / "again", *short, *init, "--attention-window", "16")]) == 2
-    assert "--attention-window 16 would change what --init's model computes (its attention_window is 8)" in \
-        capsys.readouterr().err
+    # (0 is a value too: --init's local model made dense)
+    for flag, given, has in (("--window-layers", "all", "odd"), ("--attention-window", "16", "8"),
+                             ("--attention-window", "0", "8")):
+        assert main(["pretrain", *argv(corpus, tmp_path / "again", *short, *init, flag, given)]) == 2
+        assert f"{flag} {given} would change what --init's model computes (its {flag[2:].replace('-', '_')} is " \
+               f"{has})" in capsys.readouterr().err
     assert main(["pretrain", *argv(corpus, tmp_path / "again", *short, *init, *local)]) == 0
     capsys.readouterr()
+    # --attention-window 0: a dense model, which the header does not call local
+    assert main(["pretrain", *argv(corpus, tmp_path / "dense", *short, "--attention-window", "0")]) == 0
+    out = capsys.readouterr().out
+    assert "pretrain: " in out and "local attention" not in out
+    assert GPTModel.load(tmp_path / "dense" / "ckpt-0000001" / "model.safetensors").config.attention_window == 0
     assert main(["pretrain", *argv(corpus, tmp_path / "bad", *short, "--attention-window", "-2")]) == 2
     assert "--attention-window must be >= 0 (0: every layer sees the whole context), got -2" in capsys.readouterr().err
     assert not (tmp_path / "bad").exists()
