@@ -631,8 +631,11 @@ def test_window_bounds():
     starts, ends = window_bounds(6, 7)  # one position short of the sequence: the last query loses key 0
     assert starts.tolist() == [[0, 0, 0, 0, 0, 0, 1]] and ends.tolist() == [[6, 7, 7, 7, 7, 7, 7]]
     # with documents: each position's own document within its window
-    starts, ends = window_bounds(3, 7, 1, None, *document_bounds(torch.tensor([[7, 7, 7, 7, 7, 1, 1]])))
+    docs = document_bounds(torch.tensor([[7, 7, 7, 7, 7, 1, 1]]))
+    starts, ends = window_bounds(3, 7, 1, None, *docs)
     assert starts.tolist() == [[0, 0, 0, 1, 2, 5, 5]] and ends.tolist() == [[3, 4, 5, 5, 5, 7, 7]]
+    # a window that masks nothing leaves the documents' bounds as they are (not the dense kernels' None)
+    assert all(w is d for w, d in zip(window_bounds(7, 7, 1, None, *docs), docs, strict=True))
 
 
 def test_window_bad_input(device):
