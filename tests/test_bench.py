@@ -454,6 +454,8 @@ def test_target_configurations_are_measured_first_and_exactly_once():
     assert first["cross_entropy"] == [] and rest["cross_entropy"] == [full["ce_vocabs"]]
     assert first["lm_head_loss_smooth_z"] == [] and rest["lm_head_loss_smooth_z"] == [full["head_widths"]]
     assert first["lm_head_loss_softcap"] == [] and rest["lm_head_loss_softcap"] == [full["head_widths"]]
+    for op in ("doc_attention", "window_attention"):  # after the targets, at the first head dim only
+        assert first[op] == [] and rest[op] == [(full["attn_seqlens"], full["attn_head_dims"][:1])]
     for op, key in (("layernorm", "ln_widths"), ("mlp", "mlp_widths")):
         done = [w for plan in (first, rest) for args in plan[op] for w in args]
         assert sorted(done) == sorted(full[key])
@@ -1215,6 +1217,29 @@ def test_window_attention_rows_time_each_provider_on_the_same_band(device):
     if device.type != "cuda":
         assert by["flex", "fwd"]["status"].startswith("skipped: FlexAttention is timed on CUDA only")
         assert by["flash-attn", "fwd"]["status"].startswith("skipped: ")
+
+
+def test_window_attention_gives_flash_attn_the_band_as_window_size(monkeypatch):
+    """flash-attn's window_size=(left, right) counts the keys before and after the query: the last
+    `window` positions, the query's own included, are (window - 1, 0), causal."""
+    seen = []
+
+    def fake_flash_attn_func(q, k, v, **options):
+        seen.append(options)
+        return q
+    monkeypatch.setitem(sys.modules, "flash_attn", types.SimpleNamespace(flash_attn_func=fake_flash_attn_func))
+    q = kernels.randn(1, 2, 9, 16, device="cpu", dtype=torch.bfloat16)
+    f, _ = kernels.window_attention_providers(q, q, q, 5)["flash-attn"]()
+    assert torch.equal(f(), q) and seen == [dict(causal=True, window_size=(4, 0))]
+
+
+@pytest.mark.parametrize("op,options", [("doc_attention", {}), ("window_attention", {"window": 8})])
+def test_masked_attention_sweeps_skip_the_reference_whose_scores_would_not_fit(op, options, monkeypatch):
+    monkeypatch.setattr(kernels, "scores_too_big", lambda *a: "needs ~9 GiB for T x T scores")
+    rows = getattr(kernels, f"sweep_{op}")(CpuTimer(reps=1), Budget(None), (16,), (16,), torch.float32, **options,
+                                           tokens=32, width=32, modes=("fwd",), providers=("reference", "sdpa-mask"))
+    assert {r["provider"]: r["status"] for r in rows if r["mode"] == "fwd"} == \
+        {"reference": "skipped: needs ~9 GiB for T x T scores", "sdpa-mask": "ok"}
 
 
 def test_the_textbook_attention_is_skipped_where_its_scores_would_not_fit(monkeypatch):
