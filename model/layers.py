@@ -110,6 +110,13 @@ def document_index(doc_ids):
     return changes.cumsum(1)
 
 
+def outside_window(Tq, Tk, window, device=None):
+    """Local attention over the last `window` positions: [Tq, Tk] True where key j is `window` or
+    more positions before query i (at position Tk - Tq + i, the KV cache's alignment)."""
+    query_pos = torch.arange(Tk - Tq, Tk, device=device)[:, None]
+    return torch.arange(Tk, device=device)[None, :] <= query_pos - window
+
+
 def document_starts(doc_ids):
     """[B, T]: the first position of each position's document (GPTModel counts each document's
     positions from it)."""
@@ -178,9 +185,7 @@ class MultiHeadAttention(nn.Module):
             other_doc = doc[:, Tk - Tq:, None] != doc[:, None, :]  # [B, Tq, Tk]
             scores = scores.masked_fill(other_doc[:, None], float("-inf"))
         if self.window:
-            query_pos = torch.arange(Tk - Tq, Tk, device=q.device)[:, None]
-            too_far = torch.arange(Tk, device=q.device)[None, :] <= query_pos - self.window
-            scores = scores.masked_fill(too_far, float("-inf"))
+            scores = scores.masked_fill(outside_window(Tq, Tk, self.window, q.device), float("-inf"))
         weights = torch.softmax(scores, dim=-1)
         weights = self.attn_drop(weights)
         return weights.to(v.dtype) @ v

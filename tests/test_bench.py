@@ -486,12 +486,15 @@ def test_saved_activation_bytes_match_hand_count():
 
 
 # -- the SDPA swap used by the reference+compile+sdpa baseline --------------------------------------
-def test_use_sdpa_attention_matches_reference_with_and_without_cache():
+@pytest.mark.parametrize("window", [0, 4])
+def test_use_sdpa_attention_matches_reference_with_and_without_cache(window):
+    """window 4: a model with local attention in its odd layers (the SDPA swap once attended over
+    the whole context there)."""
     from tritongpt.model.config import get_config
     from tritongpt.model.gpt import GPTModel
 
     torch.manual_seed(0)
-    cfg = get_config("tiny", n_layer=2, context_length=24)
+    cfg = get_config("tiny", n_layer=2, context_length=24, attention_window=window, window_layers="odd")
     ref = GPTModel(cfg).eval()
     sdpa = train_step.use_sdpa_attention(GPTModel(cfg).eval())
     sdpa.load_state_dict(ref.state_dict())
