@@ -618,7 +618,7 @@ def test_bf16_window_within_2x_of_torch_bf16(device):
         assert rel <= 2 * torch_rel + BF16_FLOOR, f"bf16 {name}: {rel:.3e} > 2 x torch's {torch_rel:.3e}"
 
 
-def test_window_bounds():
+def test_window_bounds(device):
     from tritongpt.kernels.attention import _doc_args, document_bounds, window_bounds
 
     starts, ends = window_bounds(3, 7, batch=2)
@@ -626,13 +626,14 @@ def test_window_bounds():
     assert starts.tolist() == [[0, 0, 0, 1, 2, 3, 4]] * 2
     assert ends.tolist() == [[3, 4, 5, 6, 7, 7, 7]] * 2
     # one row for the batch, both at stride 0, and the kernels are given them so (not copied per row)
-    assert starts.stride(0) == ends.stride(0) == 0 and _doc_args(starts, starts, ends)[2] == 0
+    assert starts.stride(0) == ends.stride(0) == 0 and _doc_args(None, starts, ends)[2] == 0
     assert window_bounds(7, 7) == (None, None)  # nothing to mask
     starts, ends = window_bounds(6, 7)  # one position short of the sequence: the last query loses key 0
     assert starts.tolist() == [[0, 0, 0, 0, 0, 0, 1]] and ends.tolist() == [[6, 7, 7, 7, 7, 7, 7]]
     # with documents: each position's own document within its window
-    docs = document_bounds(torch.tensor([[7, 7, 7, 7, 7, 1, 1]]))
-    starts, ends = window_bounds(3, 7, 1, None, *docs)
+    docs = document_bounds(torch.tensor([[7, 7, 7, 7, 7, 1, 1]], device=device))
+    starts, ends = window_bounds(3, 7, 1, None, *docs)  # on the documents' device
+    assert starts.device == ends.device == docs[0].device
     assert starts.tolist() == [[0, 0, 0, 1, 2, 5, 5]] and ends.tolist() == [[3, 4, 5, 5, 5, 7, 7]]
     # a window that masks nothing leaves the documents' bounds as they are (not the dense kernels' None)
     assert all(w is d for w, d in zip(window_bounds(7, 7, 1, None, *docs), docs, strict=True))
