@@ -458,7 +458,8 @@ def test_a_soft_capped_model_is_not_exported_and_an_earlier_export_stays(tmp_pat
     assert not (tmp_path / "direct").exists() and not (tmp_path / "adapter").exists()
 
 
-def test_a_model_with_local_attention_is_not_exported(tmp_path):
+@pytest.mark.parametrize("window_layers", ["odd", "all"])
+def test_a_model_with_local_attention_is_not_exported(tmp_path, window_layers):
     """GPT2LMHeadModel attends over the whole context in every layer: a windowed model's weights
     would give it other logits."""
     from tritongpt.model.config import GPTConfig
@@ -466,9 +467,10 @@ def test_a_model_with_local_attention_is_not_exported(tmp_path):
     from tritongpt.train.gpt2_weights import export_gpt2, export_peft_adapter
 
     model = GPTModel(GPTConfig(vocab_size=280, context_length=40, n_embd=32, n_layer=2, n_head=2,
-                               attention_window=8, window_layers="odd"))
-    with pytest.raises(UserError, match=r"local attention \(attention_window 8, window_layers odd\), which Hugging "
-                                        r"Face's GPT-2 does not: it cannot be exported as a GPT-2 folder"):
+                               attention_window=8, window_layers=window_layers))
+    with pytest.raises(UserError, match=rf"local attention \(attention_window 8, window_layers {window_layers}\), "
+                                        r"which Hugging Face's GPT-2 does not: it cannot be exported as a GPT-2 "
+                                        r"folder"):
         export_gpt2(model, tmp_path / "direct")
     with pytest.raises(UserError, match="local attention .* cannot be exported as a peft adapter for GPT-2"):
         export_peft_adapter(model, tmp_path / "adapter", "gpt2")
