@@ -726,4 +726,7 @@ def test_attention_window_makes_a_local_model_kept_by_init(corpus, tmp_path, cap
     assert GPTModel.load(tmp_path / "dense" / "ckpt-0000001" / "model.safetensors").config.attention_window == 0
     assert main(["pretrain", *argv(corpus, tmp_path / "bad", *short, "--attention-window", "-2")]) == 2
     assert "--attention-window must be >= 0 (0: every layer sees the whole context), got -2" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # the flag's choices, at parsing
+        main(["pretrain", *argv(corpus, tmp_path / "bad", *short, "--window-layers", "even")])
+    assert "--window-layers: invalid choice: 'even' (choose from" in capsys.readouterr().err
     assert not (tmp_path / "bad").exists()
