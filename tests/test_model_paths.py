@@ -584,6 +584,8 @@ def test_attention_window_config(tmp_path):
     import numpy as np  # numpy's integers are windows too, kept as an int (the config is saved as JSON)
 
     assert type(GPTConfig(**TINY, attention_window=np.int64(3)).attention_window) is int
+    # a window alone makes every layer local (window_layers' default, pretrain without --window-layers)
+    assert [b.att.window for b in GPTModel(GPTConfig(**TINY, attention_window=3)).trf_blocks] == [3, 3]
 
 
 def test_a_window_of_one_attends_to_each_position_alone():
