@@ -1604,8 +1604,10 @@ def test_a_resume_refuses_another_attention_window(tmp_path):
         resume()
     with pytest.raises(UserError, match="odd layers, this run's model attends over the last 3 positions in all layers"):
         resume(attention_window=3)
-    with pytest.raises(UserError, match="odd layers, this run's model attends over the last 5 positions in odd layers"):
-        resume(attention_window=5, window_layers="odd")
+    for window in (5, 2):  # a wider window, a narrower one
+        with pytest.raises(UserError, match=f"odd layers, this run's model attends over the last {window} positions "
+                                            "in odd layers"):
+            resume(attention_window=window, window_layers="odd")
     resume(attention_window=3, window_layers="odd")
     dense = tmp_path / "dense"
     Trainer(tiny_model(), args_for(dense, max_steps=1), loss_fn, gb).fit()
