@@ -431,17 +431,23 @@ def test_a_packed_row_computes_each_document_as_if_alone(device):
         at += n
 
 
-def test_bf16_documents_within_2x_of_torch_bf16(device):
-    B, H, Tq, Tk, D, doc_ids = DOC_LAYOUTS["ragged"]
-    q, k, v = make_qkv(B, H, Tq, Tk, 64, torch.bfloat16, device, seed=21)
-    do = torch.randn(B, H, Tq, 64, generator=torch.Generator().manual_seed(2)).to(device, torch.bfloat16)
-    got = run_grads(lambda a, b, c: flash_attention(a, b, c, doc_ids=doc_ids.to(device)), q, k, v, do)
-    ref64 = reference_grads(q, k, v, do, doc_ids=doc_ids)
-    torch_bf16 = reference_grads(q, k, v, do, dtype=torch.bfloat16, doc_ids=doc_ids)
+def check_bf16_masked(B, H, Tq, Tk, D, seed, tag, **masks):
+    """flash_attention(**masks) in bf16 within 2x the error of PyTorch's bf16 (the reference with
+    the same masks) against float64, forward and every gradient."""
+    q, k, v = make_qkv(B, H, Tq, Tk, D, torch.bfloat16, device=masks.pop("device"), seed=seed)
+    do = torch.randn(B, H, Tq, D, generator=torch.Generator().manual_seed(seed + 1)).to(q)
+    got = run_grads(lambda a, b, c: flash_attention(a, b, c, **masks), q, k, v, do)
+    ref64 = reference_grads(q, k, v, do, **masks)
+    torch_bf16 = reference_grads(q, k, v, do, dtype=torch.bfloat16, **masks)
     for name, g, r, t in zip(NAMES, got, ref64, torch_bf16):
         _, torch_rel = report(t, r)
-        _, rel = assert_close_rel(g, r, 2e-2, f"bf16 documents {name}")
+        _, rel = assert_close_rel(g, r, 2e-2, f"bf16 {tag} {name}")
         assert rel <= 2 * torch_rel + BF16_FLOOR, f"bf16 {name}: {rel:.3e} > 2 x torch's {torch_rel:.3e}"
+
+
+def test_bf16_documents_within_2x_of_torch_bf16(device):
+    B, H, Tq, Tk, D, doc_ids = DOC_LAYOUTS["ragged"]
+    check_bf16_masked(B, H, Tq, Tk, 64, 21, "documents", device=device, doc_ids=doc_ids.to(device))
 
 
 def test_dropout_with_documents(device):
@@ -607,15 +613,7 @@ def test_window_skips_the_tiles_outside_it(device):
 
 def test_bf16_window_within_2x_of_torch_bf16(device):
     B, H, Tq, Tk, D, window = WINDOW_LAYOUTS["window 17, a tile and one"]
-    q, k, v = make_qkv(B, H, Tq, Tk, D, torch.bfloat16, device, seed=22)
-    do = torch.randn(B, H, Tq, D, generator=torch.Generator().manual_seed(3)).to(device, torch.bfloat16)
-    got = run_grads(lambda a, b, c: flash_attention(a, b, c, window=window), q, k, v, do)
-    ref64 = reference_grads(q, k, v, do, window=window)
-    torch_bf16 = reference_grads(q, k, v, do, dtype=torch.bfloat16, window=window)
-    for name, g, r, t in zip(NAMES, got, ref64, torch_bf16):
-        _, torch_rel = report(t, r)
-        _, rel = assert_close_rel(g, r, 2e-2, f"bf16 window {name}")
-        assert rel <= 2 * torch_rel + BF16_FLOOR, f"bf16 {name}: {rel:.3e} > 2 x torch's {torch_rel:.3e}"
+    check_bf16_masked(B, H, Tq, Tk, D, 22, "window", device=device, window=window)
 
 
 def test_window_bounds(device):
