@@ -724,6 +724,11 @@ def test_attention_window_makes_a_local_model_kept_by_init(corpus, tmp_path, cap
     out = capsys.readouterr().out
     assert "pretrain: " in out and "local attention" not in out
     assert GPTModel.load(tmp_path / "dense" / "ckpt-0000001" / "model.safetensors").config.attention_window == 0
+    # --window-layers without a window (neither given nor --init's) would do nothing: said, not ignored
+    for extra in ((), ("--init", str(tmp_path / "dense")), ("--attention-window", "0")):
+        assert main(["pretrain", *argv(corpus, tmp_path / "bad", *short, *extra, "--window-layers", "odd")]) == 2
+        assert "--window-layers odd picks the layers --attention-window makes local: without a window it does " \
+               "nothing" in capsys.readouterr().err
     assert main(["pretrain", *argv(corpus, tmp_path / "bad", *short, "--attention-window", "-2")]) == 2
     assert "--attention-window must be >= 0 (0: every layer sees the whole context), got -2" in capsys.readouterr().err
     with pytest.raises(SystemExit):  # the flag's choices, at parsing

@@ -136,6 +136,9 @@ class DataPosition:
                  f"{d.get('train_tokens')} tokens, block {d.get('block_size')}): batches will differ")
 
 
+NO_WINDOW = "--window-layers {} picks the layers --attention-window makes local: without a window it does nothing"
+
+
 def check_args(args, targs):
     """The flags' own errors, before any slow work, then the model: -> (model, tokenizer, block size,
     prompt ids). The model is --init's weights, or the preset's random ones (seeded by --seed)."""
@@ -161,6 +164,8 @@ def check_args(args, targs):
     if args.attention_window is not None and args.attention_window < 0:
         raise UserError(f"--attention-window must be >= 0 (0: every layer sees the whole context), "
                         f"got {args.attention_window}")
+    if args.window_layers is not None and args.init is None and not args.attention_window:
+        raise UserError(NO_WINDOW.format(args.window_layers))
     data.check_text_field(args.data, args.text_field)
     if Path(str(args.data or "")).suffix == ".json":
         note(f"{args.data} is read as plain text, brackets and keys included (JSON records "
@@ -179,6 +184,8 @@ def check_args(args, targs):
             model = model.pad_vocab(args.vocab_multiple)
         if args.dropout is not None:
             model.set_dropout(args.dropout)
+        if args.window_layers is not None and not (args.attention_window or model.config.attention_window):
+            raise UserError(NO_WINDOW.format(args.window_layers))
         for field in ("logit_softcap", "attention_window", "window_layers"):
             given, has = getattr(args, field), getattr(model.config, field)
             if given is not None and given != has:
