@@ -74,6 +74,7 @@ def test_info_on_a_checkpoint_says_its_config_and_its_run(saved_model, tmp_path,
         n = GPTModel.load(saved_model / "w.safetensors").num_params()
         assert f"model        {tmp_path / 'run' / 'ckpt-0000002' / 'model.safetensors'}\n" in out
         assert "  n_embd          32\n  n_layer         2\n" in out and f"parameters   {n:,} (" in out
+        assert "  attention_window 0\n  window_layers   all\n" in out  # 16 letters: still a space after
         assert (f"run          pretrain, step 2 of 2 (float32, kernels reference, 1 process); from --init "
                 f"{saved_model / 'w.safetensors'}\n") in out
         assert "data         pydoc: " in out and "training tokens, 16-token blocks\n" in out

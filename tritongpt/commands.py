@@ -83,7 +83,7 @@ def cmd_info(args):
     print(f"model        {name}")
     for key, value in cfg.to_dict().items():
         if key != "kernels":
-            print(f"  {key:<16}{value}")
+            print(f"  {key + ' ':<16}{value}")  # a key of 16 letters (attention_window) keeps a space
     print(f"parameters   {n:,} ({n / 1e6:.1f}M, {'tied' if cfg.tie_weights else 'untied'} LM head)")
     if args.weights:
         from tritongpt.train.common import saved_model_config
