@@ -1034,6 +1034,9 @@ def test_best_fit_decreasing_by_hand():
     assert sft.best_fit_decreasing(range(6), [5, 4, 3, 3, 2, 1], 6) == [[0, 5], [1, 4], [2, 3]]
     # equal sizes keep the items' order; an item of the whole capacity fills a row alone
     assert sft.best_fit_decreasing([3, 1, 2, 0], [2, 2, 2, 6], 6) == [[3], [1, 2, 0]]
+    # 6 | 4 + 3 in rows of 8, then the 1 into the row with room 1: not the first row that holds it
+    # (first fit), nor the roomiest (worst fit), both the row with room 2
+    assert sft.best_fit_decreasing(range(4), [6, 4, 3, 1], 8) == [[0], [1, 2, 3]]
     assert sft.best_fit_decreasing([], [], 6) == []
 
 
@@ -1053,6 +1056,25 @@ def test_packed_batches_hold_every_example_once_in_nearly_full_rows():
     again = sft.packed_batches(sizes, 48, 8, torch.Generator().manual_seed(1))
     other = sft.packed_batches(sizes, 48, 8, torch.Generator().manual_seed(2))
     assert again == sft.packed_batches(sizes, 48, 8, torch.Generator().manual_seed(1)) and other != again
+
+
+def test_packed_batches_pools_and_shuffles():
+    """A pool closes once it holds a batch's rows' worth of tokens, and is packed into full rows;
+    the generator decides which examples share a row (the shuffle before the pools) and the
+    rows' order (the shuffle after packing, or they would come largest first)."""
+    for seed in range(5):  # pools of exactly one row's worth (8 tokens): two full rows of two
+        rows = [row for b in sft.packed_batches([4] * 4, 8, 1, torch.Generator().manual_seed(seed), 1) for row in b]
+        assert sorted(len(row) for row in rows) == [2, 2]
+    rng = random.Random(3)
+    sizes = [rng.randint(1, 48) for _ in range(600)]
+
+    def rows_of(seed, pool_batches):
+        return [row for b in sft.packed_batches(sizes, 48, 8, torch.Generator().manual_seed(seed), pool_batches)
+                for row in b]
+
+    assert {frozenset(r) for r in rows_of(1, 1)} != {frozenset(r) for r in rows_of(2, 1)}
+    largest = [sizes[row[0]] for row in rows_of(1, 50)]  # one pool: best-fit decreasing opens rows largest first
+    assert largest != sorted(largest, reverse=True)
 
 
 def test_collate_packed_lays_out_each_example_as_collate_does():
@@ -1097,6 +1119,10 @@ def test_sft_data_packing_epochs_ranks_and_resume():
     x, y, doc = d.get_batch("train")
     assert x.shape == y.shape == doc.shape == (4, 16)
     order = d._order
+    # --no-mask-prompt reaches the packed rows: the same rows, every target learned
+    xu, yu, _ = data(mask_prompt=False).get_batch("train")
+    want = sft.collate_packed([[examples[i] for i in row] for row in order[0]], 16, 128, mask_prompt=False)
+    assert torch.equal(xu, x) and torch.equal(yu, want[1]) and not torch.equal(yu, y)
     rows = [row for b in order for row in b]
     assert sorted(i for row in rows for i in row) == list(range(90))  # an epoch: every example once
     assert len(rows) == n_rows and len(order) == math.ceil(n_rows / 4)  # one pool of 90: what BFD gives
@@ -1147,6 +1173,43 @@ def test_sft_data_packing_epochs_ranks_and_resume():
     assert back.pos == packed.pos * len(unpacked._order) // len(order) and back._order == unpacked._order
     with pytest.raises(UserError, match="an example of 14 tokens does not fit in a packed row of 13"):
         sft.SFTData(examples, [], 128, 4, pack_len=13)
+
+
+def test_a_packing_switch_resumes_rounding_down_and_from_old_states():
+    """A resume that turns packing on goes on at the floor of the share of the epoch the run had
+    taken (repeating a little, skipping nothing), from every position; a state from before
+    --packing (no pack_len) is unpacked; one from before any batch starts the epoch."""
+    examples = packing_examples(90, seed=5)
+    packed = sft.SFTData(examples, [], 128, batch_size=4, seed=5, pack_len=16)
+    unpacked = sft.SFTData(examples, [], 128, batch_size=4, seed=5)
+    packed.load_state_dict(unpacked.state_dict())
+    assert packed.pos == 0 and packed._order is None
+    n_packed, n_plain = (len(d._epoch_order(d._seed_of(0))) for d in (packed, unpacked))
+    assert n_plain % n_packed  # the ratio has a remainder: the rounding matters
+    for pos in range(1, n_plain + 1):
+        unpacked.get_batch("train")
+        state = unpacked.state_dict()
+        if pos % 2:
+            del state["pack_len"]  # a checkpoint from before --packing
+        packed.load_state_dict(state)
+        assert packed.pos == pos * n_packed // n_plain
+
+
+def _epoch_figures(d):
+    """(rows, batches, padding) of the epoch d draws next, from its batches as they come out."""
+    batches = [d.get_batch("train")]
+    batches += [d.get_batch("train") for _ in range(len(d._order) - 1)]
+    return sum(len(b[0]) for b in batches), len(batches), 1 - sum(d.sizes) / sum(b[0].numel() for b in batches)
+
+
+def test_layout_is_the_first_epochs():
+    """layout (the start line's figures) is the first epoch's, packed or not: its rows, batches and
+    padding as its batches come out (several pools, so another epoch's differ)."""
+    examples = packing_examples(300, seed=9)
+    for pack_len in (16, None):
+        d = sft.SFTData(examples, [], 128, batch_size=2, seed=3, world_size=1, pack_len=pack_len)
+        first, second = _epoch_figures(d), _epoch_figures(d)
+        assert d.layout(pack_len) == pytest.approx(first) and first != second
 
 
 @pytest.mark.parametrize("path", ["reference", "triton"])
