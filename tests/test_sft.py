@@ -1328,6 +1328,11 @@ def test_packing_line_says_when_packing_cannot_apply():
                     "than without --packing")
     line = sft.packing_line(sft.SFTData(examples, [], 128, 2, pack_len=32), 32)
     assert "an epoch is 2 rows of 32 tokens" in line and "cannot apply" not in line
+    # one example: nothing to pack with, which is not 'no two fit'; one row, one batch each way
+    line = sft.packing_line(sft.SFTData(examples[:1], [], 128, 2, pack_len=16), 16)
+    assert line == ("sft: --packing: an epoch is 1 row of 16 tokens (1 example, 1 batch), 43.8% of the tokens "
+                    "padding (unpacked, length-grouped: 1 row in 1 batch, 0.0% padding); more padding than without "
+                    "--packing")
 
 
 def test_cli_sft_packing_trains_and_a_resume_names_the_flag(tmp_path, capsys):
