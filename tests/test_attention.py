@@ -556,16 +556,15 @@ WINDOW_LAYOUTS = {  # (B, H, Tq, Tk, D, window) against 16 x 16 tiles in the int
 }
 
 
-def check_window(B, H, Tq, Tk, D, window, device, tag, tol=1e-4, **kw):
+def check_window(B, H, Tq, Tk, D, window, device, tag, doc_ids=None, dropout_p=0.0, seed=None):
     q, k, v = make_qkv(B, H, Tq, Tk, D, torch.float32, device, seed=Tq + window)
     do = torch.randn(B, H, Tq, D, generator=torch.Generator().manual_seed(window)).to(device)
-    doc_ids = kw.pop("doc_ids", None)
-    got = run_grads(lambda a, b, c: flash_attention(a, b, c, window=window, doc_ids=doc_ids, **kw), q, k, v, do)
-    keep = dropout_mask(kw["seed"], B, H, Tq, Tk, kw["dropout_p"], device) if kw else None
-    ref = reference_grads(q, k, v, do, window=window, doc_ids=None if doc_ids is None else doc_ids.cpu(),
-                          keep=keep, dropout_p=kw.get("dropout_p", 0.0))
+    masks = dict(window=window, doc_ids=doc_ids)
+    got = run_grads(lambda a, b, c: flash_attention(a, b, c, dropout_p=dropout_p, seed=seed, **masks), q, k, v, do)
+    keep = dropout_mask(seed, B, H, Tq, Tk, dropout_p, device) if dropout_p else None
+    ref = reference_grads(q, k, v, do, keep=keep, dropout_p=dropout_p, **masks)
     for name, g, r in zip(NAMES, got, ref):
-        assert_close_rel(g, r, tol, f"{tag} {name}")
+        assert_close_rel(g, r, 1e-4, f"{tag} {name}")
     return q, k, v, got
 
 

@@ -487,7 +487,7 @@ def check_resume(ckpt, state: dict, now_args: dict, names, step_key: str, limit_
     if state.get("precision", precision) != precision:  # checkpoints from before it was saved: unknown
         parts.append((f"precision {precision.removeprefix('torch.')}", state["precision"].removeprefix("torch.")))
     # wsd's stable phase is made to be extended; other schedules (a cosine run still in its warmup,
-    # a constant one) keep the note that names --max-steps as a change
+    # a constant one) keep the note that names --max-steps as a change (len(parts): nor a precision change)
     if say and changed == ["max_steps"] and len(parts) == 1 and now_args.get("lr_schedule") == "wsd" \
             and same_rates_so_far(saved, now_args, state[step_key]):
         note(f"resuming with --max-steps {now_args['max_steps']} (the run had {saved['max_steps']}): up to step "

@@ -655,12 +655,15 @@ def run_sft(model, tokenizer, train_records, val_records, test_records, args, *,
 
 def packing_line(data: SFTData, max_len: int) -> str:
     """What --packing makes of the first epoch, against the length-grouped batches: one line."""
+    def many(k, word, plural=None):
+        return f"{k} {word if k == 1 else plural or word + 's'}"
+
     rows, batches, padding = data.layout(max_len)
     n, (_, plain_batches, plain) = len(data.sizes), data.layout(None)
-    line = (f"sft: --packing: an epoch is {rows} row{'s' * (rows != 1)} of {max_len} tokens ({n} "
-            f"example{'s' * (n != 1)}, {batches} batch{'es' * (batches != 1)}), {100 * padding:.1f}% of the tokens "
-            f"padding (unpacked, length-grouped: {n} row{'s' * (n != 1)} in {plain_batches} "
-            f"batch{'es' * (plain_batches != 1)}, {100 * plain:.1f}% padding)")
+    line = (f"sft: --packing: an epoch is {many(rows, 'row')} of {max_len} tokens ({many(n, 'example')}, "
+            f"{many(batches, 'batch', 'batches')}), {100 * padding:.1f}% of the tokens padding (unpacked, "
+            f"length-grouped: {many(n, 'row')} in {many(plain_batches, 'batch', 'batches')}, {100 * plain:.1f}% "
+            "padding)")
     if rows == n > 1:
         line += (f"; no two examples fit in one row of {max_len} tokens: packing cannot apply, each example "
                  "gets a row of its own")
