@@ -1136,6 +1136,9 @@ def _ddp_worker(rank, out, rec, port, kw):
     _as_torchrun_rank(rank, port)
     seen, threads_in_step, seeds, timeouts = [], [], [], []
     loss = weighted_loss_fn if kw.pop("weighted", False) else loss_fn
+    if kw.pop("unshared_muon", False):  # the reference: every rank steps every matrix itself
+        build = common.build_optimizer
+        common.build_optimizer = lambda *a, **k: build(*a, **{**k, "ranks": (0, 1)})  # this child only
     init = torch.distributed.init_process_group
 
     def init_recording_timeout(*a, **k):
@@ -1153,7 +1156,12 @@ def _ddp_worker(rank, out, rec, port, kw):
                 loss_and_threads, make_get_batch(synthetic_tokens(), 2, record=seen))
     res = t.fit()
     params = torch.cat([p.detach().flatten() for p in t.raw_model.parameters()])
+    muon = getattr(t.optimizer, "muon", None)
+    names = {id(p): n for n, p in t.raw_model.named_parameters()}
     torch.save({"seen": seen, "params": params, "world": t.world_size, "ckpt": res["checkpoint"],
+                "muon_state": None if muon is None else sorted(names[id(p)] for p in muon.state),
+                "muon_owned": None if muon is None else sorted(names[id(p)] for p, r in
+                                                               zip(t.optimizer.matrices, t.optimizer.owner) if r == rank),
                 "group_left": torch.distributed.is_initialized(), "threads_in_step": threads_in_step[0],
                 "threads_left": _comm_threads(), "seeds": seeds, "timeouts": timeouts},
                Path(rec) / f"rank{rank}.pt")
@@ -1251,6 +1259,46 @@ def test_ddp_two_cpu_processes_gloo(tmp_path):
     assert [torch.equal(a[0], b[0]) for a, b in zip(q0["seen"] + q1["seen"], r0["seen"][4:] + r1["seen"][4:])] \
         == [True] * 8
     assert torch.equal(q0["params"], r0["params"]) and torch.equal(q1["params"], r1["params"])
+
+
+def test_shard_by_size_evens_the_loads_the_same_way_everywhere():
+    # the largest first, to the least loaded: 10 -> 0, 7 -> 1, 4 -> 1 (7 < 10), 3 -> 0 (10 < 11), 3 -> 1 (11 < 13)
+    assert common.shard_by_size([3, 10, 4, 7, 3], 2) == [0, 0, 1, 1, 1]
+    assert common.shard_by_size([5, 5, 5], 1) == [0, 0, 0]
+    assert common.shard_by_size([2, 1], 4) == [0, 1]  # ranks without a share are allowed
+    sizes = [768 * 768] * 48 + [768 * 3072] * 24  # GPT-2 small's 72 block matrices over 8 ranks
+    owner = common.shard_by_size(sizes, 8)
+    loads = [sum(n for n, r in zip(sizes, owner) if r == k) for k in range(8)]
+    assert max(loads) / min(loads) < 1.1 and sum(loads) == sum(sizes)
+
+
+def test_ddp_muon_shares_its_work_and_checkpoints_the_whole_state(tmp_path):
+    """--optimizer muon under DDP: each of the 2 ranks keeps momentum for (and orthogonalizes) only
+    its own half of the block matrices, yet every rank ends with the weights of a run where each
+    rank steps every matrix, bit for bit; the checkpoint holds every matrix's momentum, equal to that
+    run's, and a resume from that run's checkpoint goes on exactly as both do."""
+    shared = _run_ddp(tmp_path / "shared", tmp_path / "rec1", max_steps=4, ckpt_every=2, optimizer="muon")
+    whole = _run_ddp(tmp_path / "whole", tmp_path / "rec2", max_steps=4, ckpt_every=2, optimizer="muon",
+                     unshared_muon=True)
+    matrices = sorted(f"trf_blocks.{i}.{m}.weight" for i in range(TINY["n_layer"])
+                      for m in ("att.W_query", "att.W_key", "att.W_value", "att.out_proj", "ff.fc1", "ff.fc2"))
+    r0, r1 = shared
+    assert r0["muon_state"] == r0["muon_owned"] and r1["muon_state"] == r1["muon_owned"]
+    assert r0["muon_owned"] and r1["muon_owned"] and sorted(r0["muon_owned"] + r1["muon_owned"]) == matrices
+    assert whole[0]["muon_state"] == whole[1]["muon_state"] == matrices  # unshared: each rank did all
+    assert torch.equal(r0["params"], r1["params"])  # the gathered matrices reached both replicas
+    assert torch.equal(r0["params"], whole[0]["params"])
+    saved = [torch.load(d / "ckpt-0000004" / "state.pt", weights_only=False)["optimizer"]["muon"]
+             for d in (tmp_path / "shared", tmp_path / "whole")]
+    assert sorted(saved[0]["state"]) == sorted(saved[1]["state"]) == list(range(len(matrices)))
+    for i in saved[1]["state"]:
+        assert torch.equal(saved[0]["state"][i]["momentum_buffer"], saved[1]["state"][i]["momentum_buffer"]), i
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    shutil.copytree(tmp_path / "whole" / "ckpt-0000002", resumed / "ckpt-0000002")
+    q0, q1 = _run_ddp(resumed, tmp_path / "rec3", max_steps=4, ckpt_every=2, optimizer="muon", resume="latest")
+    assert q0["muon_state"] == q0["muon_owned"]  # the loaded state kept to this rank's share
+    assert torch.equal(q0["params"], r0["params"]) and torch.equal(q1["params"], r0["params"])
 
 
 def _ddp_shared_eval_worker(rank, out, rec, port, kw):

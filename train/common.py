@@ -193,29 +193,112 @@ class MuonWithAdamW:
     (embeddings, the LM head tied to them, biases, LayerNorms, reward and value heads), as
     modded-nanogpt's speedruns and Moonshot's Muon runs split them. Stepped as one optimizer:
     the Trainer, the fp16 loss scaler (duck-typed: param_groups, step) and the checkpoints see
-    one object, and set_lr reaches both (Muon's lr is scaled to match AdamW's update RMS)."""
+    one object, and set_lr reaches both (Muon's lr is scaled to match AdamW's update RMS).
 
-    def __init__(self, muon: torch.optim.Optimizer, adamw: torch.optim.Optimizer):
+    Under DDP (world_size > 1) the ranks share Muon's Newton-Schulz work, as modded-nanogpt does:
+    every rank holds every averaged gradient, but orthogonalizes and steps only its own share of
+    the matrices (`owner`, balanced by size), and the ranks then all-gather the stepped matrices.
+    A matrix's momentum lives on its owner only; state_dict() gathers it whole, so a checkpoint is
+    what one process would save and resumes on any number of ranks."""
+
+    def __init__(self, muon: torch.optim.Optimizer, adamw: torch.optim.Optimizer, rank: int = 0,
+                 world_size: int = 1):
         self.muon, self.adamw = muon, adamw
+        self.rank, self.world_size = rank, world_size
+        # in the order of the Muon's own state_dict indices
+        self.matrices = [p for g in muon.param_groups for p in g["params"]]
+        self.owner = shard_by_size([p.numel() for p in self.matrices], world_size)
 
     @property
     def param_groups(self) -> list:
+        # every matrix, owned or not: the loss scaler unscales them all, so each rank finds the
+        # same overflow and all skip a step together
         return self.muon.param_groups + self.adamw.param_groups
 
     def step(self):
-        self.muon.step()
+        if self.world_size == 1:
+            self.muon.step()
+        else:
+            others = [(p, p.grad) for p, r in zip(self.matrices, self.owner) if r != self.rank]
+            for p, _ in others:
+                p.grad = None  # torch's Muon leaves a matrix without a gradient alone
+            try:
+                self.muon.step()
+            finally:
+                for p, g in others:
+                    p.grad = g
+            with torch.no_grad():
+                self._from_owners(self.matrices, self.owner)
         self.adamw.step()
+
+    def _from_owners(self, tensors: list, owners: list):
+        """Each of tensors (one a matrix, on every rank) given its owner's values on every rank:
+        one all_gather of each rank's share, flattened and padded to the longest share."""
+        import torch.distributed as dist
+
+        shares = [[t for t, r in zip(tensors, owners) if r == k] for k in range(self.world_size)]
+        longest = max(sum(t.numel() for t in share) for share in shares)
+        dtype = tensors[0].dtype
+        for t in tensors[1:]:
+            dtype = torch.promote_types(dtype, t.dtype)  # a narrower dtype comes back exactly
+        mine = torch.zeros(longest, dtype=dtype, device=tensors[0].device)
+        if shares[self.rank]:
+            flat = torch.cat([t.reshape(-1).to(dtype) for t in shares[self.rank]])
+            mine[:flat.numel()] = flat
+        gathered = [torch.empty_like(mine) for _ in range(self.world_size)]
+        dist.all_gather(gathered, mine)
+        for k, share in enumerate(shares):
+            if k == self.rank:
+                continue
+            at = 0
+            for t in share:
+                t.copy_(gathered[k][at:at + t.numel()].view(t.shape))
+                at += t.numel()
 
     def zero_grad(self, set_to_none: bool = True):
         self.muon.zero_grad(set_to_none=set_to_none)
         self.adamw.zero_grad(set_to_none=set_to_none)
 
     def state_dict(self) -> dict:
-        return {"muon": self.muon.state_dict(), "adamw": self.adamw.state_dict()}
+        """Every rank calls this under DDP (the owners' momenta are gathered)."""
+        muon = self.muon.state_dict()
+        if self.world_size > 1:
+            muon = {**muon, "state": self._whole_muon_state(muon["state"])}
+        return {"muon": muon, "adamw": self.adamw.state_dict()}
+
+    def _whole_muon_state(self, state: dict) -> dict:
+        import torch.distributed as dist
+
+        held = [None] * self.world_size  # which matrices have momentum yet (none before a first step)
+        dist.all_gather_object(held, sorted(i for i in state if self.owner[i] == self.rank))
+        have = sorted(i for share in held for i in share)
+        extra = {k for i in state for k in state[i]} - {"momentum_buffer"}
+        if extra:  # torch's Muon (2.9 to 2.14) keeps its momentum only
+            raise RuntimeError(f"this torch's Muon keeps {sorted(extra)} beside its momentum, which "
+                               "MuonWithAdamW does not gather across ranks")
+        bufs = {i: state[i]["momentum_buffer"] if self.owner[i] == self.rank
+                else torch.zeros_like(self.matrices[i]) for i in have}
+        if have:
+            with torch.no_grad():
+                self._from_owners([bufs[i] for i in have], [self.owner[i] for i in have])
+        return {i: {"momentum_buffer": bufs[i]} for i in have}
 
     def load_state_dict(self, state: dict):
         self.muon.load_state_dict(state["muon"])
         self.adamw.load_state_dict(state["adamw"])
+        for p, r in zip(self.matrices, self.owner):
+            if r != self.rank:  # another rank steps it, from its own copy of this momentum
+                self.muon.state.pop(p, None)
+
+
+def shard_by_size(sizes: list, n: int) -> list:
+    """An owner in range(n) for each size, the loads even: the largest first, each to the least
+    loaded rank so far (the lowest on a tie), so every rank computes the same assignment."""
+    load, owner = [0] * n, [0] * len(sizes)
+    for i in sorted(range(len(sizes)), key=lambda i: -sizes[i]):
+        owner[i] = min(range(n), key=lambda r: load[r])
+        load[owner[i]] += sizes[i]
+    return owner
 
 
 def block_matrices(model: nn.Module) -> list:
@@ -231,10 +314,12 @@ def block_matrices(model: nn.Module) -> list:
 
 
 def build_optimizer(model: nn.Module, lr: float, weight_decay: float = 0.1,
-                    betas=(0.9, 0.95), device: torch.device | None = None, kind: str = "adamw"):
+                    betas=(0.9, 0.95), device: torch.device | None = None, kind: str = "adamw",
+                    ranks: tuple = (0, 1)):
     """AdamW with decay/no-decay groups (the fused implementation on CUDA); kind "muon": Muon
     (torch.optim.Muon, Nesterov momentum 0.95, 5 Newton-Schulz steps, its lr scaled to AdamW's
-    update RMS so that --lr and --weight-decay carry over) for block_matrices(), AdamW for the rest."""
+    update RMS so that --lr and --weight-decay carry over) for block_matrices(), AdamW for the rest.
+    ranks: (rank, world_size) of a DDP run, whose ranks then share Muon's work (MuonWithAdamW)."""
     device = device or next(model.parameters()).device
     fused = device.type == "cuda"
     if kind == "adamw":
@@ -254,7 +339,8 @@ def build_optimizer(model: nn.Module, lr: float, weight_decay: float = 0.1,
     taken = {id(p) for p in matrices}
     rest = [{**g, "params": [p for p in g["params"] if id(p) not in taken]} for g in param_groups(model, weight_decay)]
     muon = torch.optim.Muon(matrices, lr=lr, weight_decay=weight_decay, adjust_lr_fn="match_rms_adamw")
-    return MuonWithAdamW(muon, torch.optim.AdamW([g for g in rest if g["params"]], lr=lr, betas=betas, fused=fused))
+    adamw = torch.optim.AdamW([g for g in rest if g["params"]], lr=lr, betas=betas, fused=fused)
+    return MuonWithAdamW(muon, adamw, *ranks)
 
 
 LR_SCHEDULES = ("cosine", "wsd", "linear", "constant")

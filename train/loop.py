@@ -368,8 +368,8 @@ class Trainer:
                 m.set_activation_checkpointing(True)
         if self.is_main:
             common.note_slow_kernels(_gpt_models(self.raw_model), self.device)
-        self.optimizer = common.build_optimizer(self.raw_model, args.lr, args.weight_decay,
-                                                device=self.device, kind=args.optimizer)
+        self.optimizer = common.build_optimizer(self.raw_model, args.lr, args.weight_decay, device=self.device,
+                                                kind=args.optimizer, ranks=(self.rank, self.world_size))
         self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
         self.out_dir = Path(args.out_dir)
         self.checkpointer = common.Checkpointer(self.out_dir, keep=args.keep_ckpts)
