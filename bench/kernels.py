@@ -414,33 +414,12 @@ def cross_entropy_providers(x, t):
 
 
 def lm_head_loss_providers(h, w, t):
-    """h: [N, C] final hidden states, w: [V, C] LM head (bias-free), t: [N] targets -> mean loss."""
+    """h: [N, C] final hidden states, w: [V, C] LM head (bias-free), t: [N] targets -> mean loss.
+    The plain op through the variants' helper, with no option: one code path for the three."""
     from tritongpt.model.gpt import lm_loss
 
-    def reference():
-        return (lambda: lm_loss(F.linear(h, w)[None], t[None])), [h, w]
-
-    def torch_op():
-        return (lambda: F.cross_entropy(F.linear(h, w), t)), [h, w]
-
-    def compiled():
-        fn = _fresh_compile(lambda h, w, t: lm_loss(F.linear(h, w)[None], t[None]))
-        return (lambda: fn(h, w, t)), [h, w]
-
-    def triton_op():
-        fn, why = try_import("tritongpt.kernels.cross_entropy", "linear_cross_entropy")
-        if fn is None:
-            raise Unavailable(why)
-        return (lambda: fn(h, w, t)), [h, w]
-
-    def liger():
-        fn, why = try_import("liger_kernel.ops.fused_linear_cross_entropy", "LigerFusedLinearCrossEntropyFunction")
-        if fn is None:
-            raise Unavailable(why)
-        return (lambda: fn.apply(h, w, t)[0]), [h, w]
-
-    return {"reference": reference, "torch": torch_op, "compile": compiled,
-            "triton": triton_op, "liger": liger}
+    return _lm_head_variant_providers(h, w, t, lambda h, w, t: lm_loss(F.linear(h, w)[None], t[None]),
+                                      lambda h, w, t: F.cross_entropy(F.linear(h, w), t), {}, {})
 
 
 def positional_args(function, **values) -> list:
@@ -497,7 +476,7 @@ def lm_head_loss_softcap_providers(h, w, t, softcap=SOFTCAP["softcap"]):
 
 
 def _lm_head_variant_providers(h, w, t, model_loss, plain_loss, options, liger_options):
-    """The providers of the LM head + mean loss with a training option: model_loss(h, w, t) the
+    """The providers of the LM head + mean loss, plain or with a training option: model_loss(h, w, t) the
     model's reference path (eager, and what torch.compile gets), plain_loss(h, w, t) PyTorch's ops
     written plainly, options linear_cross_entropy's keywords, liger_options those of Liger's fused
     linear cross-entropy by its forward's parameter names (one this version lacks: a skipped row)."""

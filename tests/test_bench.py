@@ -1915,23 +1915,28 @@ def _with_fake_liger(monkeypatch, function):
     monkeypatch.setitem(sys.modules, "liger_kernel.ops.fused_linear_cross_entropy", module)
 
 
-# op -> (its providers' builder, its sweep, its options' module constant)
+# op -> (its providers' builder, its sweep, its options' module constant: None for the plain op)
 LM_HEAD_VARIANTS = {
+    "lm_head_loss": ("lm_head_loss_providers", "sweep_lm_head_loss", None),
     "lm_head_loss_smooth_z": ("lm_head_loss_smooth_z_providers", "sweep_lm_head_loss_smooth_z", "SMOOTH_Z"),
     "lm_head_loss_softcap": ("lm_head_loss_softcap_providers", "sweep_lm_head_loss_softcap", "SOFTCAP")}
 
 
-@pytest.mark.parametrize("op, want_options", [("lm_head_loss_smooth_z", {"label_smoothing": 0.1, "z_loss": 1e-4}),
-                                              ("lm_head_loss_softcap", {"softcap": 30.0})])
-def test_lm_head_variant_sweep_every_provider_computes_the_same_loss_and_gradients(monkeypatch, op, want_options):
-    """The sweep of an LM head + loss variant on the CPU (ours through the interpreter, torch.compile
-    and Liger stood in for): every provider gives the float64 objective's loss and gradients with
-    the op's options (label smoothing 0.1 and z-loss 1e-4; the logits soft-capped at 30), so one
-    that drops an option fails; the rows name the options and count the LM head's FLOPs (three
-    matmuls in forward for the fused ones)."""
+@pytest.mark.parametrize("op, want_options, liger", [
+    ("lm_head_loss", {}, _OldLiger), ("lm_head_loss", {}, _NewLiger),
+    ("lm_head_loss_smooth_z", {"label_smoothing": 0.1, "z_loss": 1e-4}, _NewLiger),
+    ("lm_head_loss_softcap", {"softcap": 30.0}, _NewLiger)])
+def test_lm_head_variant_sweep_every_provider_computes_the_same_loss_and_gradients(monkeypatch, op, want_options,
+                                                                                   liger):
+    """The sweep of an LM head + loss, plain or a variant, on the CPU (ours through the interpreter,
+    torch.compile and Liger stood in for): every provider gives the float64 objective's loss and
+    gradients with the op's options (none; label smoothing 0.1 and z-loss 1e-4; the logits soft-capped
+    at 30), so one that drops an option fails; the rows name the options and count the LM head's FLOPs
+    (three matmuls in forward for the fused ones). The plain op's Liger goes through the variants'
+    helper too, so a Liger that returns its loss alone (_OldLiger) works there (indexing it failed)."""
     builder, sweep, constant = LM_HEAD_VARIANTS[op]
     monkeypatch.setattr(kernels, "_fresh_compile", lambda fn: fn)  # the function torch.compile would get
-    _with_fake_liger(monkeypatch, _NewLiger)
+    _with_fake_liger(monkeypatch, liger)
     real, built = getattr(kernels, builder), []
 
     def keep(h, w, t, **options):
@@ -1950,7 +1955,7 @@ def test_lm_head_variant_sweep_every_provider_computes_the_same_loss_and_gradien
         assert by[(p, "fwd")]["flops"] == 3 * (2 * N * C * V) and "flops" not in by[(p, "bwd")]
     assert by[("torch", "fwd")]["flops"] == 2 * N * C * V and by[("torch", "bwd")]["flops"] == 2 * (2 * N * C * V)
     (h, w, t, options, builders), = built
-    assert options == getattr(kernels, constant) == want_options
+    assert options == (getattr(kernels, constant) if constant else {}) == want_options
     h64, w64 = h.detach().double().requires_grad_(), w.detach().double().requires_grad_()
     want = _lm_head_loss64(h64, w64, t, **options)
     want_grads = torch.autograd.grad(want, (h64, w64))
@@ -2487,35 +2492,18 @@ def test_cross_entropy_bytes_use_the_logits_element_size():
 
 def test_liger_fused_lm_head_counts_its_forward_as_fwd_plus_bwd(monkeypatch):
     """Liger's fused linear cross-entropy makes its gradients in forward, as ours does: its fwd row
-    counts the three matmuls, its bwd row none (a stand-in with Liger's plan)."""
-    class FakeLiger(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx, h, w, t):
-            with torch.enable_grad():
-                hh, ww = h.detach().requires_grad_(), w.detach().requires_grad_()
-                loss = F.cross_entropy(F.linear(hh, ww), t)
-                gh, gw = torch.autograd.grad(loss, (hh, ww))
-            ctx.save_for_backward(gh, gw)
-            return loss.detach(), None
-
-        @staticmethod
-        def backward(ctx, grad, _):
-            gh, gw = ctx.saved_tensors
-            return gh * grad, gw * grad, None
-
-    real = kernels.lm_head_loss_providers
-
-    def with_liger(h, w, t):
-        b = real(h, w, t)
-        b["liger"] = lambda: ((lambda: FakeLiger.apply(h, w, t)[0]), [h, w])
-        return b
-
-    monkeypatch.setattr(kernels, "lm_head_loss_providers", with_liger)
+    counts the three matmuls, its bwd row none (a stand-in with Liger's plan, called as the variants
+    call it: the plain op shares their helper, so the old order and the loss alone work too)."""
+    spied = []
+    real = kernels._lm_head_variant_providers
+    monkeypatch.setattr(kernels, "_lm_head_variant_providers", lambda *a: spied.append(a[-2:]) or real(*a))
+    _with_fake_liger(monkeypatch, _OldLiger)
     N, C, V = 8, 8, 24
     rows = kernels.sweep_lm_head_loss(CpuTimer(reps=1), Budget(None), N, (C,), (V,), torch.float32,
                                       providers=("liger",))
     by = {r["mode"]: r for r in rows}
     assert all(r["status"] == "ok" for r in rows), [r["status"] for r in rows]
+    assert spied == [({}, {})]  # through the helper, with no option for either loss
     assert by["fwd"]["flops"] == by["fwd+bwd"]["flops"] == 3 * (2 * N * C * V)
     assert "flops" not in by["bwd"] and by["bwd"]["note"] == "gradients made in forward"
 
