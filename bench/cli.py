@@ -98,12 +98,34 @@ def train_names(args):
     other = sorted(set(_batches(args.batch, models) or {}) - set(models))
     if other:
         raise UserError(f"--batch names {', '.join(other)}, not among the models benchmarked ({', '.join(models)})")
+    train_model_flags(args)
     return models, provs
+
+
+def train_model_flags(args):
+    """--attention-window, --window-layers and --logit-softcap, checked as pretrain checks them, and
+    a window the sequence fits in refused: its rows would time plain GPT-2's attention."""
+    from tritongpt._types import softcap_value
+
+    try:
+        softcap_value(args.logit_softcap, "--logit-softcap")
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    if args.attention_window < 0:
+        raise UserError(f"--attention-window must be >= 0 (0: every layer sees the whole context), "
+                        f"got {args.attention_window}")
+    if args.window_layers is not None and not args.attention_window:
+        raise UserError(f"--window-layers {args.window_layers} picks the layers --attention-window makes local: "
+                        "without a window it does nothing")
+    if args.attention_window >= args.seq_len:
+        raise UserError(f"--attention-window {args.attention_window} is not below --seq-len {args.seq_len}: "
+                        "every position would see the whole context, as in plain GPT-2")
 
 
 def add_cli(sub):
     from tritongpt.bench.kernels import ALL_PROVIDERS, FULL_SIZES
     from tritongpt.bench.train_step import TRAIN_PROVIDERS
+    from tritongpt.model.config import WINDOW_LAYERS
 
     p = sub.add_parser("bench", help="benchmarks: kernels, training step, CPU-side timings",
                        description=__doc__.split("\n\n")[1])
@@ -163,6 +185,15 @@ def add_cli(sub):
     t.add_argument("--steps", type=int, default=None, help="timed steps (default 10, --quick 4)")
     t.add_argument("--warmup-steps", type=int, default=None, help="untimed steps (default 3, --quick 2)")
     add_vocab_multiple_arg(t, 1, "1, GPT-2 as published; the same for every provider")
+    t.add_argument("--attention-window", type=int, default=0, metavar="W",
+                   help="time local attention: a token in a local layer attends to the last W positions only "
+                        "(GPTConfig.attention_window; GPT-Neo's 256), every provider alike (default 0: none)")
+    t.add_argument("--window-layers", choices=WINDOW_LAYERS, default=None,
+                   help="which layers --attention-window makes local: all, or odd (1, 3, 5, ...: GPT-Neo's) "
+                        "(default: all)")
+    t.add_argument("--logit-softcap", type=float, default=0.0, metavar="C",
+                   help="soft-cap the logits to C tanh(logits / C) in every provider's loss "
+                        "(GPTConfig.logit_softcap; Gemma 2's 30; default 0: none)")
     t.add_argument("--peak-tflops", type=float, default=None,
                    help="MFU denominator; default: the GPU's dense bf16 datasheet peak (as the trainers use), "
                         "else the bf16 matmul measured in this run")
@@ -326,7 +357,8 @@ def _run_gpu(args):
                          _batches(args.batch, models), args.seq_len,
                          _or(args.warmup_steps, 2 if args.quick else 3),
                          _or(args.steps, 4 if args.quick else 10), peak, log=log,
-                         vocab_multiple=args.vocab_multiple)
+                         vocab_multiple=args.vocab_multiple, attention_window=args.attention_window,
+                         window_layers=args.window_layers, logit_softcap=args.logit_softcap)
         targets = train_targets(rows) if "gpt2-small" in models else []
         res = make_result("train", env, rows, targets, ceilings, settings, time.perf_counter() - t0,
                           peak_flops=peak, peak_flops_source=source, autotune=new_choices())

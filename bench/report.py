@@ -156,6 +156,27 @@ def config_text(cfg: dict) -> str:
     return " ".join(f"{short.get(k, k)}={v}" for k, v in cfg.items() if k not in skip)
 
 
+# a train row's config fields that make its model other than GPT-2 as published (train_step.model_variant)
+VARIANT_KEYS = ("padded_vocab", "attention_window", "window_layers", "logit_softcap")
+
+
+def variant_text(config: dict) -> str:
+    """A row config's VARIANT_KEYS as text (" attention_window=256 window_layers=odd"), or ""."""
+    return "".join(f" {k}={config[k]}" for k in VARIANT_KEYS if k in config)
+
+
+def models_line(rows) -> str:
+    """The models a training section timed, each named with its variant fields (every provider of a
+    run times the same one), so a local model's table is not read as plain GPT-2's."""
+    seen = []
+    for r in rows:
+        c = r.get("config") or {}
+        text = c.get("model", "?") + (variant_text(c) or " (the preset as it is)")
+        if text not in seen:
+            seen.append(text)
+    return "Models timed, the same for every provider: " + "; ".join(seen) if seen else ""
+
+
 def markdown_table(headers, rows) -> str:
     """A GitHub markdown table; cells are str()-ed and '|' escaped."""
     def cell(v):
@@ -269,6 +290,8 @@ def render_markdown(result) -> str:
     if result.get("peak_flops"):
         out += [f"MFU denominator: {fmt(result['peak_flops'] / 1e12)} TFLOPS "
                 f"({result.get('peak_flops_source')})", ""]
+    if result["section"] == "train" and result["rows"]:
+        out += [models_line(result["rows"]), ""]
     if result.get("targets"):
         out += ["## Targets", "", targets_table(result["targets"]), ""]
     if result["rows"]:

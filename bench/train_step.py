@@ -19,6 +19,14 @@ MFU counts the same model FLOPs (6N; A and B are no per-token matmul), and the b
 weight gradients are still formed (then projected on A and B), but the frozen LM head's weight
 gradient is not: the row's HFU counts the 2 * C * V FLOPs a token that skips.
 
+Model variants (`bench train --attention-window W --window-layers all|odd --logit-softcap C`, and
+--vocab-multiple): every provider of a run times the same GPTConfig, and each row's config names
+what is not GPT-2 as published. Local attention reaches each provider through the model (the SDPA
+swap adds the window's mask, the Triton kernel takes the window); the soft cap through the loss
+(lm_loss on GPTModel.logits, or the fused Triton loss's softcap). MFU counts a local layer's
+attention by its visible pairs (attention_forward_flops), as bench/common.py's
+window_attention_flops does.
+
 Reported per provider: step time (median of CUDA-event timings, 20/80 quantiles), tokens/s,
 MFU, peak memory. MFU = model FLOPs per second / a peak: by default the GPU's dense bf16
 datasheet peak (train/loop.py's PEAK_FLOPS, what the trainers log), else the bf16 matmul
@@ -32,9 +40,10 @@ import types
 import torch
 import torch.nn.functional as F
 
-from tritongpt.bench.common import is_ok, make_row, median_quantiles, reason_of, try_import
+from tritongpt.bench.common import (attention_flops, is_ok, make_row, median_quantiles, reason_of, try_import,
+                                    window_attention_flops)
+from tritongpt.bench.report import variant_text
 from tritongpt.train.common import LossScaler, is_oom
-from tritongpt.train.loop import flops_per_token
 
 # The uncompiled providers first: a time budget cut short by the compiled baseline (minutes of
 # compiling) then still leaves the Triton path's MFU and memory targets judged.
@@ -87,6 +96,44 @@ def use_sdpa_attention(model):
     if n == 0:
         raise ValueError("use_sdpa_attention: the model has no MultiHeadAttention module")
     return model
+
+
+# -- the model timed -------------------------------------------------------------------------------------
+def model_variant(cfg) -> dict:
+    """What makes cfg's model other than GPT-2 as published, for a row's config (so a local or capped
+    model's row is never read as plain GPT-2's): a padded vocabulary, local attention (the window and
+    its layers), a logit soft cap. {} for GPT-2."""
+    out = {}
+    if cfg.padded_vocab_size != cfg.vocab_size:
+        out["padded_vocab"] = cfg.padded_vocab_size
+    if cfg.attention_window:
+        out.update(attention_window=cfg.attention_window, window_layers=cfg.window_layers)
+    if cfg.logit_softcap:
+        out["logit_softcap"] = cfg.logit_softcap
+    return out
+
+
+def attention_forward_flops(cfg, seq_len: int):
+    """The forward's attention scores and weighted sum, per token, over every layer: nanoGPT's 4*C*T
+    a layer that sees the whole context (the T x T square, as train/loop.py's flops_per_token counts
+    it), a local layer's scaled by its share of the causal pairs, window_attention_flops over
+    attention_flops (T W - W^2 / 2 of T^2 / 2). An int when no layer is local within seq_len."""
+    dense = 4 * cfg.n_embd * seq_len
+    total = 0
+    for i in range(cfg.n_layer):
+        w = cfg.layer_window(i)
+        if w and w < seq_len:
+            total += dense * (window_attention_flops(1, 1, seq_len, w, 1, "fwd")
+                              / attention_flops(1, 1, seq_len, seq_len, 1, True, "fwd"))
+        else:
+            total += dense
+    return total
+
+
+def model_flops_per_token(cfg, n_params: int, seq_len: int):
+    """train/loop.py's flops_per_token (6N for the matmuls, 3x the attention forward for forward and
+    backward), with local layers counted by their window (attention_forward_flops)."""
+    return 6 * n_params + 3 * attention_forward_flops(cfg, seq_len)
 
 
 # -- providers -------------------------------------------------------------------------------------------
@@ -172,18 +219,25 @@ def time_steps(step, n, device):
     return times
 
 
-def bench_train_provider(name, model_name, batch, seq_len, device, dtype, warmup_steps, steps,
-                         peak_flops=None, vocab_size=None, seed=0, vocab_multiple=1):
-    """One row: step time, tokens/s, MFU and memory of `name` on `model_name`."""
-    from tritongpt.bench.common import dtype_name
+def train_config(model_name, seq_len, vocab_size=None, vocab_multiple=1, attention_window=0, window_layers=None,
+                 logit_softcap=0.0):
+    """The GPTConfig a run times: the preset with the run's context and model flags (None: the preset's)."""
     from tritongpt.model.config import get_config
 
-    cfg = get_config(model_name, vocab_size=vocab_size, context_length=max(seq_len, 1),
-                     vocab_multiple=vocab_multiple)
+    return get_config(model_name, vocab_size=vocab_size, context_length=max(seq_len, 1), vocab_multiple=vocab_multiple,
+                      attention_window=attention_window, window_layers=window_layers, logit_softcap=logit_softcap)
+
+
+def bench_train_provider(name, model_name, batch, seq_len, device, dtype, warmup_steps, steps,
+                         peak_flops=None, vocab_size=None, seed=0, vocab_multiple=1, attention_window=0,
+                         window_layers=None, logit_softcap=0.0):
+    """One row: step time, tokens/s, MFU and memory of `name` on `model_name` (with the model flags)."""
+    from tritongpt.bench.common import dtype_name
+
+    cfg = train_config(model_name, seq_len, vocab_size, vocab_multiple, attention_window, window_layers,
+                       logit_softcap)
     cfg_row = {"model": model_name, "batch": batch, "seq_len": seq_len, "dtype": dtype_name(dtype),
-               "steps": steps, "warmup_steps": warmup_steps}
-    if cfg.padded_vocab_size != cfg.vocab_size:
-        cfg_row["padded_vocab"] = cfg.padded_vocab_size
+               "steps": steps, "warmup_steps": warmup_steps, **model_variant(cfg)}
     g = torch.Generator().manual_seed(seed)  # the same batch for every provider
     tokens = torch.randint(0, cfg.vocab_size, (batch, seq_len + 1), generator=g).to(device)
     x, y = tokens[:, :-1], tokens[:, 1:]
@@ -194,13 +248,13 @@ def bench_train_provider(name, model_name, batch, seq_len, device, dtype, warmup
 
         # LoRA's A and B are no per-token matmul (the merged weight is): its FLOPs are the model's
         n_params = model.num_params(non_embedding=True) - sum(p.numel() for p in lora_parameters(model))
-        fpt = flops_per_token(cfg, n_params, seq_len)
+        fpt = model_flops_per_token(cfg, n_params, seq_len)
         # what the GPU does per token: checkpointing runs each block's forward once more
-        # (2 FLOPs per block parameter, 4*H*Q*T for the attention scores and their weighted sum)
+        # (2 FLOPs per block parameter, 4*H*Q*T a dense layer for the attention scores and their weighted sum)
         hw_fpt, flags = fpt, parse_provider(name)[1]
         if "ckpt" in flags:
             block = sum(p.numel() for n, p in model.trf_blocks.named_parameters() if not n.endswith(("_A", "_B")))
-            hw_fpt += 2 * block + 4 * cfg.n_layer * cfg.n_embd * seq_len
+            hw_fpt += 2 * block + attention_forward_flops(cfg, seq_len)
         if "lora" in flags:  # no weight gradient for the frozen LM head (on either path)
             hw_fpt -= 2 * cfg.n_embd * cfg.padded_vocab_size
         cfg_row["n_params_non_embedding"] = n_params
@@ -253,19 +307,23 @@ def bench_train_provider(name, model_name, batch, seq_len, device, dtype, warmup
 
 def run_train(device, budget, dtype=torch.bfloat16, models=("gpt2-small", "gpt2-medium"),
               providers=TRAIN_PROVIDERS, batch=None, seq_len=1024, warmup_steps=3, steps=10,
-              peak_flops=None, vocab_size=None, log=print, vocab_multiple=1):
-    """Every provider on every model; rows in model-major order (124M first: the targets)."""
-    from tritongpt.model.config import get_config
-
+              peak_flops=None, vocab_size=None, log=print, vocab_multiple=1, attention_window=0,
+              window_layers=None, logit_softcap=0.0):
+    """Every provider on every model (each with the model flags: vocab_multiple to logit_softcap);
+    rows in model-major order (124M first: the targets)."""
     rows = []
     for p in providers:
         parse_provider(p)
+    model_flags = dict(vocab_multiple=vocab_multiple, attention_window=attention_window, window_layers=window_layers,
+                       logit_softcap=logit_softcap)
     cost = {}  # provider -> (seconds it took, n_layer) on the previous model
     for model_name in models:
         b = (batch or {}).get(model_name) or DEFAULT_BATCH.get(model_name, 8)
-        n_layer = get_config(model_name).n_layer
+        model_cfg = train_config(model_name, seq_len, vocab_size, **model_flags)
+        n_layer = model_cfg.n_layer
         for p in providers:
-            cfg = {"model": model_name, "batch": b, "seq_len": seq_len}
+            # a row skipped unrun names the model it would have timed too
+            cfg = {"model": model_name, "batch": b, "seq_len": seq_len, **model_variant(model_cfg)}
             if budget.expired():
                 rows.append(make_row("train", "step", p, cfg, "fwd+bwd", budget.skip_reason()))
                 continue
@@ -287,11 +345,11 @@ def run_train(device, budget, dtype=torch.bfloat16, models=("gpt2-small", "gpt2-
                 rows.append(make_row("train", "step", p, cfg, "fwd+bwd",
                                      f"skipped: time budget ({basis}, {budget.remaining():.0f} s left)"))
                 continue
-            log(f"train step: {model_name} B={b} T={seq_len} {p} ...")
+            log(f"train step: {model_name}{variant_text(cfg)} B={b} T={seq_len} {p} ...")
             t0 = time.perf_counter()
             try:
                 row = bench_train_provider(p, model_name, b, seq_len, device, dtype, warmup_steps, steps,
-                                           peak_flops, vocab_size, vocab_multiple=vocab_multiple)
+                                           peak_flops, vocab_size, **model_flags)
             except KeyboardInterrupt:  # the rows so far are still written; nothing new starts
                 budget.interrupt()
                 row = make_row("train", "step", p, cfg, "fwd+bwd", budget.skip_reason())
@@ -320,7 +378,9 @@ def train_targets(rows, model_name="gpt2-small"):
     base_tok = base["tokens_per_s"] if base and is_ok(base) else None
     ref_mem = ref.get("peak_mem_bytes") if ref and is_ok(ref) else None
     some = best or base or ref
-    where = model_name + (f" B={some['config'].get('batch')} T={some['config'].get('seq_len')}" if some else "")
+    # the model as timed: a local or soft-capped model's targets are not plain GPT-2's
+    where = model_name + (f" B={some['config'].get('batch')} T={some['config'].get('seq_len')}"
+                          f"{variant_text(some['config'])}" if some else "")
     return [
         target("train step speedup vs reference+compile+sdpa", where,
                ratio(best["tokens_per_s"] if best else None, base_tok), 1.25, unit="x", note=note),

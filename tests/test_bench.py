@@ -804,8 +804,9 @@ def test_gpu_command_flow_with_cpu_stand_ins(tmp_path, monkeypatch, capsys):
     seen = {}
 
     def fake_train(device, budget, dtype, models, providers, batch, seq_len, warmup, steps, peak, log,
-                   vocab_multiple):
-        seen.update(models=models, providers=providers, peak=peak, steps=steps, vocab_multiple=vocab_multiple)
+                   vocab_multiple, attention_window, window_layers, logit_softcap):
+        seen.update(models=models, providers=providers, peak=peak, steps=steps, vocab_multiple=vocab_multiple,
+                    model=(attention_window, window_layers, logit_softcap))
         return [make_row("train", "step", p, {"model": m, "batch": 1, "seq_len": seq_len}, "fwd+bwd",
                          ms=10.0, tokens_per_s=100.0, mfu=0.1, peak_mem_bytes=1 << 20)
                 for m in models for p in providers]
@@ -827,6 +828,7 @@ def test_gpu_command_flow_with_cpu_stand_ins(tmp_path, monkeypatch, capsys):
     assert seen["models"] == ("gpt2-small",) and seen["steps"] == 4 and seen["peak"] > 0
     assert seen["providers"] == train_step.TRAIN_PROVIDERS
     assert seen["vocab_multiple"] == 1  # GPT-2 as published unless --vocab-multiple says otherwise
+    assert seen["model"] == (0, None, 0.0)  # ... and --attention-window, --window-layers, --logit-softcap
     (folder,) = tmp_path.iterdir()
     k = report.validate_result(json.loads((folder / "kernels.json").read_text()))
     t = report.validate_result(json.loads((folder / "train.json").read_text()))
@@ -922,9 +924,25 @@ def test_training_flags_are_checked_before_the_cpu_timings(monkeypatch):
         (["train", "--batch", "x"], "--batch must be comma-separated"),
         (["train", "--batch", "0"], "--batch must list positive"),
         (["train", "--quick", "--batch", "gpt2-xl=4"], "--batch names gpt2-xl, not among"),
-        (["train", "--train-providers", ","], "--train-providers lists no provider")))
+        (["train", "--train-providers", ","], "--train-providers lists no provider"),
+        # the model flags (bench train times that model): as pretrain refuses them, and a window the
+        # sequence fits in (its rows would time plain GPT-2's attention)
+        (["train", "--attention-window", "-1"], "--attention-window must be >= 0"),
+        (["all", "--window-layers", "odd"], "--window-layers odd picks the layers --attention-window makes local"),
+        (["train", "--attention-window", "0", "--window-layers", "all"], "without a window it does nothing"),
+        (["train", "--attention-window", "1024"], "--attention-window 1024 is not below --seq-len 1024"),
+        (["train", "--attention-window", "64", "--seq-len", "32"], "--attention-window 64 is not below --seq-len 32"),
+        (["train", "--logit-softcap", "-1"], "--logit-softcap must be a finite number >= 0"),
+        (["all", "--logit-softcap", "nan"], "--logit-softcap must be a finite number >= 0"),
+        (["train", "--logit-softcap", "inf"], "--logit-softcap must be a finite number >= 0")))
     args = parser.parse_args(["bench", "train", "--batch", "gpt2-small=4", "--peak-tflops", "1.5"])
     assert bcli.train_names(args) == (("gpt2-small", "gpt2-medium"), train_step.TRAIN_PROVIDERS)
+    args = parser.parse_args(["bench", "train", "--attention-window", "256", "--window-layers", "odd",
+                              "--logit-softcap", "30"])
+    assert bcli.train_names(args)[0] == ("gpt2-small", "gpt2-medium")
+    assert (args.attention_window, args.window_layers, args.logit_softcap) == (256, "odd", 30.0)
+    with pytest.raises(SystemExit):  # its choices, at parsing (as pretrain's)
+        parser.parse_args(["bench", "train", "--attention-window", "256", "--window-layers", "even"])
 
 
 def test_out_that_cannot_be_a_folder_is_refused_before_any_work(tmp_path, monkeypatch, capsys):
@@ -2143,6 +2161,156 @@ def test_train_row_config_names_a_padded_vocabulary():
     row = train_step.bench_train_provider("reference", "tiny", 1, 8, torch.device("cpu"), torch.float32,
                                           warmup_steps=0, steps=1, vocab_size=4000, vocab_multiple=64)
     assert row["status"] == "ok" and row["config"]["padded_vocab"] == 4032  # 63 * 64, the next multiple
+
+
+def _variant_loss64(cfg, x, y, scale):
+    """The loss and every parameter's gradient of cfg's model in float64, on the reference path, with
+    the weights train_step.build makes (seed 0) scaled, so that the logits reach the cap and the
+    attention is sharp enough for a window to matter (at GPT-2's init both barely move the loss)."""
+    from tritongpt.model.gpt import GPTModel
+
+    torch.manual_seed(0)
+    model = GPTModel(cfg).double()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(scale)
+    loss = model(x, targets=y)
+    loss.backward()
+    return loss.detach(), {n: p.grad for n, p in model.named_parameters()}
+
+
+def test_every_train_provider_computes_the_same_variant_model(monkeypatch):
+    """bench train --attention-window/--window-layers/--logit-softcap: every provider of the step
+    times the same model. A tiny local (odd layers, window 4 of 13 positions) and soft-capped model:
+    each provider's loss and every parameter's gradient are the float64 reference model's, and
+    dropping the window (e.g. the SDPA swap attending over the whole context) or the cap (a loss
+    that skips it) moves both far past the tolerance. torch.compile is stood in for by the model it
+    would get; the Triton path runs through the interpreter."""
+    from dataclasses import replace
+
+    from tritongpt.model.config import GPTConfig
+
+    monkeypatch.setattr(torch, "compile", lambda model: model)
+    cfg = GPTConfig(vocab_size=97, context_length=24, n_embd=32, n_layer=2, n_head=2, attention_window=4,
+                    window_layers="odd", logit_softcap=0.5)
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randint(0, 97, (2, 13), generator=g), torch.randint(0, 97, (2, 13), generator=g)
+    want, want_grads = _variant_loss64(cfg, x, y, scale=5.0)
+    for other in (replace(cfg, attention_window=0), replace(cfg, logit_softcap=0.0)):
+        loss, grads = _variant_loss64(other, x, y, scale=5.0)
+        assert abs(loss - want) / want > 1e-3
+        assert max((grads[n] - want_grads[n]).norm() / want_grads[n].norm() for n in grads) > 0.1
+    for name in train_step.TRAIN_PROVIDERS:
+        model, run, _ = train_step.build(name, cfg, torch.device("cpu"))
+        with torch.no_grad():
+            for p in model.parameters():
+                p.mul_(5.0)
+        loss = run(x, targets=y)
+        loss.backward()
+        rel = (abs(loss.double() - want) / want).item()
+        assert rel < 1e-5, (name, rel)
+        params = dict(model.named_parameters())
+        assert set(params) == set(want_grads)
+        for n, p in params.items():
+            diff, ref = p.grad.double() - want_grads[n], want_grads[n]
+            if "W_key.bias" in n:  # softmax ignores a shift every key shares: a gradient of ~0, judged absolutely
+                assert ref.abs().max() < 1e-12 and diff.abs().max() < 1e-6, (name, n, diff.abs().max())
+                continue
+            err = (diff.norm() / ref.norm()).item()
+            assert err < 1e-4, (name, n, err, diff.abs().max().item())
+
+
+def test_train_row_names_the_variant_and_counts_its_local_layers_by_hand():
+    """A variant's row says which model it timed, and its FLOPs count a local layer's attention by
+    the pairs its window leaves (bench/common.py's window_attention_flops: T W - W^2 / 2 of the
+    causal T^2 / 2), the dense ones as the trainers do (12 C T a token). tiny: C = 128, 4 layers,
+    T = 16, window 4: a local layer counts 12 C T * 56 / 128 = 12 * 128 * 7, a dense one 12 * 128 * 16."""
+    from tritongpt.model.config import get_config
+    from tritongpt.train.loop import flops_per_token
+
+    cpu, n = torch.device("cpu"), 1_317_632
+    plain = train_step.bench_train_provider("reference", "tiny", 2, 16, cpu, torch.float32, 0, 1, peak_flops=1e12)
+    odd = train_step.bench_train_provider("reference", "tiny", 2, 16, cpu, torch.float32, 0, 1, peak_flops=1e12,
+                                          attention_window=4, window_layers="odd", logit_softcap=30.0)
+    assert plain["status"] == odd["status"] == "ok" and odd["config"]["n_params_non_embedding"] == n
+    assert not {"attention_window", "window_layers", "logit_softcap"} & set(plain["config"])
+    assert {k: odd["config"][k] for k in ("attention_window", "window_layers", "logit_softcap")} == \
+        {"attention_window": 4, "window_layers": "odd", "logit_softcap": 30.0}
+    assert plain["flops_per_token"] == flops_per_token(get_config("tiny"), n, 16) == 6 * n + 4 * 12 * 128 * 16
+    assert odd["flops_per_token"] == 6 * n + 2 * 12 * 128 * 16 + 2 * 12 * 128 * 7
+    assert odd["mfu"] == pytest.approx(odd["flops_per_token"] * odd["tokens_per_s"] / 1e12)
+    every = train_step.bench_train_provider("reference+ckpt", "tiny", 2, 16, cpu, torch.float32, 0, 1,
+                                            peak_flops=1e12, attention_window=4)
+    assert every["config"]["window_layers"] == "all" and "logit_softcap" not in every["config"]
+    assert every["flops_per_token"] == 6 * n + 4 * 12 * 128 * 7
+    # the recomputed forward: the block parameters (12C^2 + 13C a layer) and each layer's scores, windowed
+    assert every["hw_flops_per_token"] == every["flops_per_token"] + 4 * (2 * (12 * 128 * 128 + 13 * 128)
+                                                                          + 4 * 128 * 7)
+    # GPT-2 124M with GPT-Neo's window 256 in its odd layers, T = 1024: 6 dense layers, 6 counting
+    # 4 C T * (1024 * 256 - 256^2 / 2) / (1024^2 / 2) = 4 C * 448 forward
+    neo = get_config("gpt2-small", attention_window=256, window_layers="odd")
+    assert train_step.attention_forward_flops(neo, 1024) == 6 * 4 * 768 * 1024 + 6 * 4 * 768 * 448
+    # a window the sequence fits in masks nothing: counted dense, an int
+    assert train_step.attention_forward_flops(neo, 256) == 12 * 4 * 768 * 256
+
+
+def test_run_train_passes_the_model_flags_and_names_them_in_every_row(monkeypatch):
+    """run_train gives each provider the model flags, and a row it skips unrun (time budget) names
+    that model too; its log line and the targets' config say which model was timed."""
+    seen, lines = [], []
+
+    def fake(name, model_name, batch, seq_len, *a, **k):
+        seen.append(k)
+        cfg = {"model": model_name, "batch": batch, "seq_len": seq_len, **train_step.model_variant(
+            train_step.train_config(model_name, seq_len, **k))}
+        return make_row("train", "step", name, cfg, "fwd+bwd", ms=1.0, tokens_per_s=1.0)
+
+    monkeypatch.setattr(train_step, "bench_train_provider", fake)
+    flags = dict(vocab_multiple=64, attention_window=256, window_layers="odd", logit_softcap=30.0)
+    rows = train_step.run_train(torch.device("cpu"), Budget(None), models=("gpt2-small",),
+                                providers=("reference", "triton"), log=lines.append, **flags)
+    assert seen == [flags, flags]
+    assert lines[0] == ("train step: gpt2-small padded_vocab=50304 attention_window=256 window_layers=odd "
+                        "logit_softcap=30.0 B=16 T=1024 reference ...")
+    variant = {"padded_vocab": 50304, "attention_window": 256, "window_layers": "odd", "logit_softcap": 30.0}
+    skipped = train_step.run_train(torch.device("cpu"), Budget(0), models=("gpt2-small",), providers=("triton",),
+                                   log=lambda s: None, **flags)
+    for r in rows + skipped:
+        assert {k: r["config"].get(k) for k in variant} == variant, r
+    assert skipped[0]["status"] == "skipped: time budget (--max-minutes)"
+    assert {t["config"] for t in train_step.train_targets(rows)} == {
+        "gpt2-small B=16 T=1024 padded_vocab=50304 attention_window=256 window_layers=odd logit_softcap=30.0"}
+
+
+def test_bench_train_variant_writes_the_model_into_the_json_and_markdown(tmp_path, monkeypatch):
+    """`bench train --attention-window 4 --window-layers odd --logit-softcap 30` as on a GPU, the step
+    run on the CPU: the rows' config, the settings, the markdown's table and its models line name
+    the local, capped model."""
+    from tritongpt.bench import cli as bcli
+    from tritongpt.cli import build_parser
+
+    _cpu_stand_ins(monkeypatch)
+    real = train_step.run_train
+    monkeypatch.setattr(train_step, "run_train", lambda device, *a, **k: real(torch.device("cpu"), *a, **k))
+    args = build_parser().parse_args([
+        "bench", "train", "--out", str(tmp_path), "--no-plots", "--models", "tiny", "--train-providers", "reference",
+        "--batch", "1", "--seq-len", "16", "--steps", "1", "--warmup-steps", "0", "--dtype", "fp32",
+        "--peak-tflops", "1", "--attention-window", "4", "--window-layers", "odd", "--logit-softcap", "30"])
+    assert bcli._run_gpu(args) == 0
+    (folder,) = tmp_path.iterdir()
+    t = report.validate_result(json.loads((folder / "train.json").read_text()))
+    (row,) = t["rows"]
+    assert row["status"] == "ok"
+    assert {k: row["config"].get(k) for k in ("attention_window", "window_layers", "logit_softcap")} == \
+        {"attention_window": 4, "window_layers": "odd", "logit_softcap": 30.0}
+    assert (t["settings"]["attention_window"], t["settings"]["window_layers"], t["settings"]["logit_softcap"]) == \
+        (4, "odd", 30.0)
+    md = (folder / "train.md").read_text()
+    assert "| step | model=tiny B=1 T=16 attention_window=4 window_layers=odd logit_softcap=30.0 |" in md
+    line = "Models timed, the same for every provider: tiny attention_window=4 window_layers=odd logit_softcap=30.0"
+    assert line + "\n" in md
+    plain = [make_row("train", "step", "triton", {"model": "gpt2-small"}, "fwd+bwd", ms=1.0)]
+    assert report.models_line(plain) == "Models timed, the same for every provider: gpt2-small (the preset as it is)"
 
 
 def test_run_train_uses_the_batch_asked_for_per_model(monkeypatch):
