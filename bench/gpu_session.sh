@@ -4,11 +4,14 @@
 # lent H100/H200 for ~15 minutes a session, at most 10 a call), so everything is time-boxed
 # and every result lands in $OUT/session.tgz.
 #
-#   TRITONGPT_GIT_COMMIT=<hash of HEAD> bash bench/gpu_session.sh [all|tests|bench|padded|lora]   (default: all)
+#   TRITONGPT_GIT_COMMIT=<hash of HEAD> bash bench/gpu_session.sh [all|tests|bench|padded|lora|window]   (default: all)
 #   padded (not part of all): the GPT-2 124M training step again with the vocabulary padded to
 #   50304 (--vocab-multiple 64, every provider alike), into results-vocab64/ in the archive
 #   lora (not part of all): the GPT-2 124M training step with and without a rank-8 LoRA update
 #   (model/lora.py), eager reference and Triton, into results-lora/
+#   window (not part of all; the last of the extra runs, so a short budget drops it first): the GPT-2 124M
+#   training step with GPT-Neo's local attention, a window of 256 in the odd layers (--attention-window 256
+#   --window-layers odd, every provider alike), into results-window/
 #   env: OUT (default ./gpu-out), WORK (default /tmp/tritongpt-gpu), WARM_SECONDS (90),
 #        TEST_SECONDS (120), BENCH_MINUTES (4), PYTHON (python3)
 # The device gets a copy of the working tree without .git, so name the commit: results record it.
@@ -27,7 +30,8 @@
 #
 # Afterwards, on the development machine: unpack session.tgz, copy its results/<device>/ to
 # bench/results/ (with autotune-timings.json into that folder) and commit it with the test log;
-# bench/results/README.md says what each file holds.
+# bench/results/README.md says what each file holds. An extra run's results-NAME/<device>/ goes to
+# bench/results/<device>/NAME/ (its train.md names the model timed).
 set -uo pipefail
 what=${1:-all}
 OUT=${OUT:-$PWD/gpu-out}
@@ -156,5 +160,8 @@ if [ "$what" = padded ]; then
 fi
 if [ "$what" = lora ]; then
     extra_train_bench lora --train-providers reference,triton,reference+lora,triton+lora
+fi
+if [ "$what" = window ]; then
+    extra_train_bench window --attention-window 256 --window-layers odd
 fi
 exit $rc

@@ -2313,6 +2313,40 @@ def test_bench_train_variant_writes_the_model_into_the_json_and_markdown(tmp_pat
     assert report.models_line(plain) == "Models timed, the same for every provider: gpt2-small (the preset as it is)"
 
 
+def test_gpu_session_window_times_gpt2_small_with_neos_window_into_its_own_folder(tmp_path):
+    """`bash bench/gpu_session.sh window` (an extra run, as padded and lora are) runs `bench train` on
+    GPT-2 124M with a window of 256 in the odd layers into results-window/, within its budget and
+    hard limit, and packs it; its flags pass bench train's own checks. Python is a stand-in that
+    records its arguments (no install, no GPU)."""
+    import os
+    import shutil
+    import subprocess
+
+    from tritongpt.bench import cli as bcli
+    from tritongpt.cli import build_parser
+
+    if shutil.which("bash") is None or shutil.which("tar") is None:
+        pytest.skip("needs bash and tar")
+    calls, stub = tmp_path / "calls", tmp_path / "python"
+    stub.write_text(f'#!/bin/sh\nprintf "%s\\037" "$@" >> {calls}\nprintf "\\036" >> {calls}\n')
+    stub.chmod(0o755)
+    work = tmp_path / "work"
+    env = {**os.environ, "PYTHON": str(stub), "OUT": str(tmp_path / "out"), "WORK": str(work), "BENCH_MINUTES": "0.5"}
+    script = Path(__file__).resolve().parent.parent / "bench" / "gpu_session.sh"
+    done = subprocess.run(["bash", str(script), "window"], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    runs = [c.split("\x1f")[:-1] for c in calls.read_text().split("\x1e") if c]
+    (bench,) = [c[2:] for c in runs if c[:2] == ["-m", "tritongpt.cli"]]
+    assert bench == ["bench", "train", "--models", "gpt2-small", "--attention-window", "256", "--window-layers", "odd",
+                     "--max-minutes", "0.5", "--out", f"{work}/results-window"]
+    assert not any("pytest" in c for c in runs)  # the CUDA tests (and bench all) are not part of it
+    args = build_parser().parse_args(bench)
+    assert bcli.train_names(args) == (("gpt2-small",), train_step.TRAIN_PROVIDERS)
+    assert (args.attention_window, args.window_layers) == (256, "odd")
+    assert "== tritongpt bench train --attention-window 256 --window-layers odd" in done.stdout
+    assert (tmp_path / "out" / "session.tgz").is_file()
+
+
 def test_run_train_uses_the_batch_asked_for_per_model(monkeypatch):
     seen = []
     monkeypatch.setattr(train_step, "bench_train_provider", lambda name, model, batch, *a, **k: seen.append(
