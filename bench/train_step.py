@@ -24,8 +24,8 @@ Model variants (`bench train --attention-window W --window-layers all|odd --logi
 what is not GPT-2 as published. Local attention reaches each provider through the model (the SDPA
 swap adds the window's mask, the Triton kernel takes the window); the soft cap through the loss
 (lm_loss on GPTModel.logits, or the fused Triton loss's softcap). MFU counts a local layer's
-attention by its visible pairs (attention_forward_flops), as bench/common.py's
-window_attention_flops does.
+attention by its visible pairs (train/loop.py's flops_per_token, the trainers' own MFU count), as
+bench/common.py's window_attention_flops does.
 
 Reported per provider: step time (median of CUDA-event timings, 20/80 quantiles), tokens/s,
 MFU, peak memory. MFU = model FLOPs per second / a peak: by default the GPU's dense bf16
@@ -40,10 +40,10 @@ import types
 import torch
 import torch.nn.functional as F
 
-from tritongpt.bench.common import (attention_flops, is_ok, make_row, median_quantiles, reason_of, try_import,
-                                    window_attention_flops)
+from tritongpt.bench.common import is_ok, make_row, median_quantiles, reason_of, try_import
 from tritongpt.bench.report import variant_text
 from tritongpt.train.common import LossScaler, is_oom
+from tritongpt.train.loop import attention_forward_flops, flops_per_token
 
 # The uncompiled providers first: a time budget cut short by the compiled baseline (minutes of
 # compiling) then still leaves the Triton path's MFU and memory targets judged.
@@ -111,29 +111,6 @@ def model_variant(cfg) -> dict:
     if cfg.logit_softcap:
         out["logit_softcap"] = cfg.logit_softcap
     return out
-
-
-def attention_forward_flops(cfg, seq_len: int):
-    """The forward's attention scores and weighted sum, per token, over every layer: nanoGPT's 4*C*T
-    a layer that sees the whole context (the T x T square, as train/loop.py's flops_per_token counts
-    it), a local layer's scaled by its share of the causal pairs, window_attention_flops over
-    attention_flops (T W - W^2 / 2 of T^2 / 2). An int when no layer is local within seq_len."""
-    dense = 4 * cfg.n_embd * seq_len
-    total = 0
-    for i in range(cfg.n_layer):
-        w = cfg.layer_window(i)
-        if w and w < seq_len:
-            total += dense * (window_attention_flops(1, 1, seq_len, w, 1, "fwd")
-                              / attention_flops(1, 1, seq_len, seq_len, 1, True, "fwd"))
-        else:
-            total += dense
-    return total
-
-
-def model_flops_per_token(cfg, n_params: int, seq_len: int):
-    """train/loop.py's flops_per_token (6N for the matmuls, 3x the attention forward for forward and
-    backward), with local layers counted by their window (attention_forward_flops)."""
-    return 6 * n_params + 3 * attention_forward_flops(cfg, seq_len)
 
 
 # -- providers -------------------------------------------------------------------------------------------
@@ -248,7 +225,7 @@ def bench_train_provider(name, model_name, batch, seq_len, device, dtype, warmup
 
         # LoRA's A and B are no per-token matmul (the merged weight is): its FLOPs are the model's
         n_params = model.num_params(non_embedding=True) - sum(p.numel() for p in lora_parameters(model))
-        fpt = model_flops_per_token(cfg, n_params, seq_len)
+        fpt = flops_per_token(cfg, n_params, seq_len)
         # what the GPU does per token: checkpointing runs each block's forward once more
         # (2 FLOPs per block parameter, 4*H*Q*T a dense layer for the attention scores and their weighted sum)
         hw_fpt, flags = fpt, parse_provider(name)[1]

@@ -1090,6 +1090,10 @@ def test_mfu_pieces(monkeypatch):
 
     cfg = GPTConfig(**TINY)
     assert flops_per_token(cfg, 1000, 16) == 6 * 1000 + 12 * 2 * 2 * 16 * 16
+    # a local layer's attention by its visible pairs: window 4 of 16 sees 16*4 - 4*4/2 = 56 of the causal 128
+    local = GPTConfig(**TINY, attention_window=4, window_layers="odd")
+    assert flops_per_token(local, 1000, 16) == 6 * 1000 + 12 * 2 * 16 * 16 + 12 * 2 * 16 * 16 * 56 / 128
+    assert flops_per_token(local, 1000, 4) == flops_per_token(cfg, 1000, 4)  # the window holds the context
     assert peak_flops(torch.device("cpu")) is None  # CPU: MFU is reported as null
     for name, peak in [("NVIDIA H100 80GB HBM3", 989.5e12), ("NVIDIA H100 PCIe", 756e12),
                        ("NVIDIA H200", 989.5e12), ("NVIDIA H200 NVL", 835.5e12), ("NVIDIA L40", 181e12),

@@ -252,8 +252,22 @@ def peak_flops(device: torch.device) -> float | None:
 
 
 def flops_per_token(cfg, n_params: int, seq_len: int) -> float:
-    """nanoGPT's estimate (PaLM appendix B): 6N for the matmuls, 12*L*H*Q*T for attention."""
-    return 6 * n_params + 12 * cfg.n_layer * cfg.n_head * cfg.head_dim * seq_len
+    """nanoGPT's estimate (PaLM appendix B): 6N for the matmuls, 12*L*H*Q*T for attention (forward
+    and backward: 3x attention_forward_flops, which counts a local layer by its window)."""
+    return 6 * n_params + 3 * attention_forward_flops(cfg, seq_len)
+
+
+def attention_forward_flops(cfg, seq_len: int):
+    """The forward's attention scores and weighted sum, per token, over every layer: nanoGPT's 4*C*T
+    a layer that sees the whole context (the T x T square), a local layer's (window W < T) scaled by
+    its share of the causal pairs, T W - W^2 / 2 of T^2 / 2 (bench/common.py's window_attention_flops
+    over attention_flops). An int when no layer is local within seq_len."""
+    dense = 4 * cfg.n_embd * seq_len
+    total = 0
+    for i in range(cfg.n_layer):
+        w = cfg.layer_window(i)
+        total += dense * (seq_len * w - w * w / 2) / (seq_len * seq_len / 2) if w and w < seq_len else dense
+    return total
 
 
 def _mem_gb(device) -> float:
