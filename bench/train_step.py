@@ -68,14 +68,14 @@ def sdpa_attend(self, q, k, v, doc_ids=None):
     Tq, Tk = q.size(-2), k.size(-2)
     p = self.attn_drop.p if self.training else 0.0
     if Tq == Tk and doc_ids is None and not self.window:
-        return F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True, scale=self.softmax_scale)
     allowed = ~self.mask[Tk - Tq:Tk, :Tk]
     if self.window:
         allowed = allowed & ~outside_window(Tq, Tk, self.window, q.device)
     if doc_ids is not None:
         doc = document_index(doc_ids)
         allowed = allowed & (doc[:, Tk - Tq:, None] == doc[:, None, :])[:, None]  # [B, 1, Tq, Tk]
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=p)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=p, scale=self.softmax_scale)
 
 
 def use_sdpa_attention(model):

@@ -1,4 +1,4 @@
-"""Model configurations: the GPT-2 family by name, plus small presets that train on a CPU."""
+"""Model configurations: the GPT-2 and GPT-Neo families by name, plus small presets that train on a CPU."""
 from dataclasses import asdict, dataclass, fields, replace
 
 import numpy as np
@@ -19,6 +19,11 @@ class GPTConfig:
     n_head: int = 12
     dropout: float = 0.0
     bias: bool = True          # biases in Linear layers (GPT-2 has them)
+    # GPT-Neo's attention differs from GPT-2's in two ways: its scores are q.k, not q.k / sqrt(head_dim)
+    # (scale_attention False), and its query, key and value projections have no bias (qkv_bias False;
+    # the output projection and the MLP keep theirs, as `bias` says).
+    scale_attention: bool = True
+    qkv_bias: bool = True
     tie_weights: bool = True   # LM head shares the token-embedding matrix (GPT-2 does)
     # Embedding and LM-head rows are padded to a multiple of this (64: GPT-2's 50257 -> 50304, as
     # nanoGPT and llm.c do) so the head's matmuls run on aligned shapes. The padding rows are
@@ -62,7 +67,7 @@ class GPTConfig:
         if self.window_layers not in WINDOW_LAYERS:
             raise UserError(f"GPTConfig.window_layers must be one of {', '.join(WINDOW_LAYERS)}, "
                             f"got {self.window_layers!r}")
-        for name in ("bias", "tie_weights"):
+        for name in ("bias", "tie_weights", "scale_attention", "qkv_bias"):
             value = getattr(self, name)
             # a bool or numpy's; not a string ("False" would read as true) or a number
             if not isinstance(value, (bool, np.bool_)):
@@ -108,6 +113,12 @@ PRESETS = {
     "gpt2-medium": dict(n_embd=1024, n_layer=24, n_head=16),
     "gpt2-large": dict(n_embd=1280, n_layer=36, n_head=20),
     "gpt2-xl": dict(n_embd=1600, n_layer=48, n_head=25),
+    # EleutherAI's GPT-Neo (125M / 1.3B / 2.7B with tied head): GPT-2 with local attention over
+    # 256 positions in every other layer, unscaled scores and no q/k/v bias, a 2048-token context.
+    **{name: dict(n_embd=C, n_layer=L, n_head=H, context_length=2048, attention_window=256, window_layers="odd",
+                  scale_attention=False, qkv_bias=False)
+       for name, C, L, H in (("gpt-neo-125m", 768, 12, 12), ("gpt-neo-1.3B", 2048, 24, 16),
+                             ("gpt-neo-2.7B", 2560, 32, 20))},
     # Small presets for CPU training with the embedded corpus's 4096-token BPE.
     "tiny": dict(vocab_size=4096, context_length=128, n_embd=128, n_layer=4, n_head=4),
     "mini": dict(vocab_size=4096, context_length=256, n_embd=256, n_layer=6, n_head=8),

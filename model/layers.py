@@ -141,14 +141,17 @@ class MultiHeadAttention(nn.Module):
     """
 
     def __init__(self, n_embd: int, n_head: int, context_length: int, dropout: float = 0.0,
-                 bias: bool = True, layer_idx: int = 0, window: int = 0):
+                 bias: bool = True, layer_idx: int = 0, window: int = 0, scale: bool = True,
+                 qkv_bias: bool = True):
         super().__init__()
         assert n_embd % n_head == 0, "n_embd must be divisible by n_head"
         self.n_head, self.head_dim, self.layer_idx = n_head, n_embd // n_head, layer_idx
         self.window = window
-        self.W_query = nn.Linear(n_embd, n_embd, bias=bias)
-        self.W_key = nn.Linear(n_embd, n_embd, bias=bias)
-        self.W_value = nn.Linear(n_embd, n_embd, bias=bias)
+        # scale False: GPT-Neo's scores q.k, unscaled (its training kept them in range without)
+        self.softmax_scale = 1.0 / math.sqrt(self.head_dim) if scale else 1.0
+        self.W_query = nn.Linear(n_embd, n_embd, bias=bias and qkv_bias)
+        self.W_key = nn.Linear(n_embd, n_embd, bias=bias and qkv_bias)
+        self.W_value = nn.Linear(n_embd, n_embd, bias=bias and qkv_bias)
         self.out_proj = nn.Linear(n_embd, n_embd, bias=bias)
         self.attn_drop = nn.Dropout(dropout)  # both paths read its p (the Triton one in-kernel)
         self.resid_drop = nn.Dropout(dropout)
@@ -170,7 +173,8 @@ class MultiHeadAttention(nn.Module):
         return out
 
     def attend(self, q, k, v, doc_ids=None):
-        """Textbook attention core: dropout(softmax(q k^T / sqrt(d) + causal mask)) v.
+        """Textbook attention core: dropout(softmax(q k^T / sqrt(d) + causal mask)) v (without the
+        1 / sqrt(d) when the model does not scale its scores: GPT-Neo).
         doc_ids [B, Tk]: packed documents, each a run of equal ids; a query also may not see the
         keys of another document (the document mask). self.window W > 0: nor keys W or more
         positions back (the local mask)."""
@@ -178,7 +182,7 @@ class MultiHeadAttention(nn.Module):
         # fp16 scores in fp32 (q.k past 65504 was inf, its softmax row NaN), also under autocast,
         # which would cast the matmul back to fp16
         with _autocast_off_for_fp16(q):
-            scores = _fp32_if_fp16(q) @ _fp32_if_fp16(k).transpose(-2, -1) / math.sqrt(self.head_dim)
+            scores = _fp32_if_fp16(q) @ _fp32_if_fp16(k).transpose(-2, -1) * self.softmax_scale
         scores = scores.masked_fill(self.mask[Tk - Tq:Tk, :Tk], float("-inf"))
         if doc_ids is not None:
             doc = document_index(doc_ids)  # [B, Tk]: 0 for the first document of a row, 1 for the next...
@@ -202,7 +206,8 @@ class MultiHeadAttention(nn.Module):
             from tritongpt.kernels.attention import flash_attention
 
             p = self.attn_drop.p if self.training else 0.0
-            ctx = flash_attention(q, k, v, causal=True, dropout_p=p, doc_ids=doc_ids, window=self.window or None)
+            ctx = flash_attention(q, k, v, causal=True, softmax_scale=self.softmax_scale, dropout_p=p, doc_ids=doc_ids,
+                                  window=self.window or None)
         else:
             ctx = self.attend(q, k, v, doc_ids)
         ctx = ctx.transpose(1, 2).reshape(B, T, C)
@@ -222,7 +227,8 @@ class TransformerBlock(nn.Module):
         super().__init__()
         self.norm1 = LayerNorm(cfg.n_embd)
         self.att = MultiHeadAttention(cfg.n_embd, cfg.n_head, cfg.context_length, cfg.dropout,
-                                      cfg.bias, layer_idx, cfg.layer_window(layer_idx))
+                                      cfg.bias, layer_idx, cfg.layer_window(layer_idx), cfg.scale_attention,
+                                      cfg.qkv_bias)
         self.norm2 = LayerNorm(cfg.n_embd)
         self.ff = FeedForward(cfg.n_embd, cfg.dropout, cfg.bias)
 

@@ -1,4 +1,5 @@
 """OpenAI's GPT-2 weights, in Hugging Face's safetensors layout, into GPTModel, and back out.
+(GPT-Neo's: train/gpt_neo_weights.py, which load_checkpoint hands them to.)
 
 Hugging Face's GPT-2 uses Conv1D layers, whose weights are stored [in, out], the transpose of
 nn.Linear's [out, in]; and one fused c_attn projection that makes q, k and v together, which
@@ -87,6 +88,8 @@ def _check_hf_config(cfg_json: Path, vocab: int, ctx: int, n_embd: int, n_layer:
     no variant this model does not compute (another activation or eps would load silently and
     give other numbers)."""
     d = read_json_object(cfg_json)
+    if d.get("model_type", "gpt2") != "gpt2":  # GPT-Neo's go to gpt_neo_weights (load_checkpoint)
+        raise UserError(f"{cfg_json} says model_type {d['model_type']!r}: not a GPT-2 model")
     for key, have in (("vocab_size", vocab), ("n_positions", ctx), ("n_embd", n_embd), ("n_layer", n_layer)):
         if key in d and d[key] != have:
             raise UserError(f"{cfg_json} says {key} {d[key]!r}, but the weights have {have}")
@@ -106,7 +109,7 @@ def is_hf_file(path) -> bool:
 
 def load_checkpoint(path, model_name: str | None = None, merge: bool = True) -> GPTModel:
     """A tritongpt checkpoint (file, checkpoint folder or run folder: its newest) or a Hugging
-    Face GPT-2 model.safetensors (model_name: the preset, when no config.json says the heads).
+    Face GPT-2 or GPT-Neo model.safetensors (model_name: the preset, when no config.json says the heads).
     A LoRA checkpoint comes merged unless merge is False, and so does a peft adapter folder: its
     base with the update (load_peft_adapter)."""
     from tritongpt.train.common import resolve_checkpoint
@@ -115,6 +118,10 @@ def load_checkpoint(path, model_name: str | None = None, merge: bool = True) -> 
     if adapter_folder(path) is not None:
         return load_peft_adapter(adapter_folder(path))
     if str(path).endswith(".safetensors") and is_hf_file(path):
+        from tritongpt.train.gpt_neo_weights import is_gpt_neo_file, load_gpt_neo_safetensors
+
+        if is_gpt_neo_file(path):
+            return load_gpt_neo_safetensors(path, model_name)
         return load_gpt2_safetensors(path, model_name)
     model = GPTModel.load(path)
     if model.config.lora_rank and merge:  # used, not trained on: the plain model its LoRA update makes
@@ -162,9 +169,15 @@ def load_gpt2_safetensors(path, model_name: str | None = None) -> GPTModel:
         raise UserError(f"GPT-2 weights file not found: {path}")
     sd = _read_tensors(path)
     cfg = _infer_config(sd, path, model_name)
+    return model_with_tensors(cfg, lambda: _our_tensors(sd, cfg), path)
+
+
+def model_with_tensors(cfg: GPTConfig, mapping, path) -> GPTModel:
+    """GPTModel(cfg) holding mapping()'s tensors (our parameter names -> a file's tensors; a
+    KeyError names the tensor the file lacks): every parameter filled, each of its own shape."""
     model = GPTModel(cfg)
     try:
-        ours = _our_tensors(sd, cfg)
+        ours = mapping()
     except KeyError as e:  # the first tensor the mapping asked for and the file lacks
         raise UserError(f"{path}: missing tensor(s) {[e.args[0]]}") from None
     params = dict(model.named_parameters())
@@ -189,21 +202,37 @@ def load_gpt2_pretrained(name: str = "gpt2-small", cache_dir=None) -> GPTModel:
     """Download (or take from the local Hub cache) OpenAI's GPT-2 weights by name."""
     if name not in HUB_REPOS:
         raise UserError(f"unknown GPT-2 model {name!r}; choose one of: {', '.join(HUB_REPOS)}")
+    return load_gpt2_safetensors(hub_download(HUB_REPOS[name], ("config.json",), cache_dir), name)
+
+
+def hub_download(repo: str, optional=(), cache_dir=None) -> str:
+    """repo's model.safetensors from the Hugging Face Hub (or the local Hub cache), and beside it
+    whichever `optional` files it has (config.json, tokenizer files). -> the weights' path."""
     try:
         from huggingface_hub import hf_hub_download
     except ImportError:
-        raise UserError("downloading GPT-2 weights needs huggingface_hub (pip install huggingface_hub); "
+        raise UserError("downloading weights needs huggingface_hub (pip install huggingface_hub); "
                         f"or {_PASS_A_FILE}") from None
     try:
-        path = hf_hub_download(HUB_REPOS[name], "model.safetensors", cache_dir=cache_dir)
-        try:
-            hf_hub_download(HUB_REPOS[name], "config.json", cache_dir=cache_dir)
-        except Exception:
-            pass
+        path = hf_hub_download(repo, "model.safetensors", cache_dir=cache_dir)
+        for name in optional:
+            try:
+                hf_hub_download(repo, name, cache_dir=cache_dir)
+            except Exception:
+                pass
     except Exception as e:
-        raise UserError(f"could not fetch {HUB_REPOS[name]} from the Hugging Face Hub (offline?): "
+        raise UserError(f"could not fetch {repo} from the Hugging Face Hub (offline?): "
                         f"{type(e).__name__}; {_PASS_A_FILE}") from None
-    return load_gpt2_safetensors(path, name)
+    return path
+
+
+def load_pretrained(name: str, cache_dir=None) -> GPTModel:
+    """Published weights by name: GPT-2's (HUB_REPOS) or GPT-Neo's (gpt_neo_weights.HUB_REPOS)."""
+    from tritongpt.train import gpt_neo_weights
+
+    if name in gpt_neo_weights.HUB_REPOS:
+        return gpt_neo_weights.load_gpt_neo_pretrained(name, cache_dir)
+    return load_gpt2_pretrained(name, cache_dir)
 
 
 # -- export: the inverse of _our_tensors ---------------------------------------------------------
@@ -256,16 +285,21 @@ def hf_config(cfg: GPTConfig, eos_token_id: int | None = None) -> dict:
 
 
 def refuse_not_gpt2(model: GPTModel, what: str) -> None:
-    """Hugging Face's GPT-2 has no logit soft cap and no local attention: with the weights alone it
-    would give other logits."""
+    """Hugging Face's GPT-2 has no logit soft cap, no local attention and scales its scores by
+    1/sqrt(head_dim): with the weights alone it would give other logits. (q/k/v without biases
+    it can be: zero ones.)"""
     cfg = model.config
     if cfg.logit_softcap:
         raise UserError(f"this model soft-caps its logits (logit_softcap {cfg.logit_softcap:g}), which "
                         f"Hugging Face's GPT-2 does not: it cannot be exported as {what}")
+    if not cfg.scale_attention:
+        raise UserError("this model does not scale its attention scores by 1/sqrt(head_dim) (scale_attention "
+                        f"False), which Hugging Face's GPT-2 does: it cannot be exported as {what}")
     if cfg.attention_window:
         raise UserError(f"this model has local attention (attention_window {cfg.attention_window}, "
                         f"window_layers {cfg.window_layers}), which Hugging Face's GPT-2 does not: "
-                        f"it cannot be exported as {what}")
+                        f"it cannot be exported as {what} (nor as GPT-Neo, whose local attention comes with "
+                        "unscaled scores: scale_attention False)")
 
 
 def export_gpt2(model: GPTModel, out_dir, eos_token_id: int | None = None, overwrite: bool = False) -> list:

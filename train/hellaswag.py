@@ -177,8 +177,9 @@ def add_cli(sub):
                        description=__doc__.split("\n\n")[0])
     add_model_args(p, default_model=None)
     p.add_argument("--weights", required=True,
-                   help="tritongpt checkpoint (file, checkpoint or run folder), a Hugging Face GPT-2 "
-                        "model.safetensors, or a GPT-2 name (gpt2-small ...: downloads the weights)")
+                   help="tritongpt checkpoint (file, checkpoint or run folder), a Hugging Face GPT-2 or GPT-Neo "
+                        "model.safetensors, or a GPT-2 or GPT-Neo name (gpt2-small, gpt-neo-125m ...: downloads the "
+                        "weights)")
     p.add_argument("--data", default=None,
                    help="HellaSwag .jsonl (ctx, endings, label per line; default: the validation split, "
                         "downloaded once into the cache)")

@@ -436,7 +436,8 @@ class Trainer:
         return self.last_ckpt
 
     def _check_same_function(self, ckpt, saved_cfg):
-        """The same weights' shapes, another function of them (a logit soft cap, local attention):
+        """The same weights' shapes, another function of them (a logit soft cap, local attention,
+        unscaled attention scores):
         the run would go on as another model. A config from before a field reads as without it;
         no saved config (a bare weights file) is not compared."""
         cfg = self._cfg
@@ -454,6 +455,12 @@ class Trainer:
 
             what = f"{span(window, layers)}, this run's model {span(cfg.attention_window, cfg.window_layers)}"
             flags = f"--attention-window {window}" + (f" --window-layers {layers}" if window else "")
+        elif saved_cfg.get("scale_attention", True) != cfg.scale_attention:
+            def scaled(on):
+                return "scales its attention scores by 1/sqrt(head_dim)" if on else "does not scale its attention scores"
+
+            what = f"{scaled(not cfg.scale_attention)}, this run's model {scaled(cfg.scale_attention)}"
+            flags = "the run's own --model"
         else:
             return
         fix = f"pass {flags}" if self.name == "pretrain" else "resume with the run's own --init"

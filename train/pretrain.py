@@ -35,8 +35,9 @@ def add_args(p: argparse.ArgumentParser):
     add_model_args(p, default_model=None, default_text="tiny; with --init, what its weights hold")
     p.add_argument("--init", default=None,
                    help="start from these weights, not random ones (nanoGPT's init_from): a tritongpt checkpoint "
-                        "(run folder, ckpt folder or .safetensors), a Hugging Face GPT-2 model.safetensors, or a "
-                        "GPT-2 name (gpt2-small ...: downloads the pretrained weights); the model's shape is theirs")
+                        "(run folder, ckpt folder or .safetensors), a Hugging Face GPT-2 or GPT-Neo model.safetensors, "
+                        "or a GPT-2 or GPT-Neo name (gpt2-small, gpt-neo-125m ...: downloads the pretrained weights); "
+                        "the model's shape is theirs")
     add_vocab_multiple_arg(p, 1, "1, no padding; with --init, as its weights have them")
     d = p.add_argument_group("data")
     d.add_argument("--data", default=None,
@@ -100,8 +101,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def model_vocab(model_name: str, tokenizer, preset_vocab: int) -> int:
-    """The tokenizer's vocabulary, except that GPT-2 presets keep 50257 with the GPT-2 tokenizer."""
-    if model_name.startswith("gpt2") and tokenizer.name == "gpt2" and tokenizer.vocab_size <= preset_vocab:
+    """The tokenizer's vocabulary, except that GPT-2 and GPT-Neo presets keep 50257 with the GPT-2 tokenizer."""
+    if model_name.startswith(("gpt2", "gpt-neo")) and tokenizer.name == "gpt2" and tokenizer.vocab_size <= preset_vocab:
         return preset_vocab
     return tokenizer.vocab_size
 
@@ -291,7 +292,9 @@ def print_header(args, targs, model, tok, block, splits, trainer):
           f"context {cfg.context_length}"
           f"{f', trained on {block}-token blocks' if block != cfg.context_length else ''}"
           f"{f', logits soft-capped at {cfg.logit_softcap:g}' if cfg.logit_softcap else ''}"
-          f"{local if cfg.attention_window else ''}) "
+          f"{local if cfg.attention_window else ''}"
+          f"{', attention scores unscaled' if not cfg.scale_attention else ''}"
+          f"{', no q/k/v biases' if cfg.bias and not cfg.qkv_bias else ''}) "
           f"on {trainer.device} ({str(trainer.dtype).replace('torch.', '')}, kernels {cfg.kernels}"
           f"{', ' + str(trainer.world_size) + ' processes' if trainer.ddp else ''})")
     per_step = targs.batch_size * targs.grad_accum * trainer.world_size

@@ -509,25 +509,27 @@ def per_task_accuracy(rows) -> dict:
 
 # -- model and tokenizer ------------------------------------------------------------------------------
 def load_init_model(init: str, model_name: str | None = None):
-    """--init: a tritongpt checkpoint (file, ckpt folder or run folder), a Hugging Face GPT-2
-    safetensors file, a peft LoRA adapter folder (merged into its base), a GPT-2 name (pretrained weights), or tiny/mini (random weights).
+    """--init: a tritongpt checkpoint (file, ckpt folder or run folder), a Hugging Face GPT-2 or GPT-Neo
+    safetensors file, a peft LoRA adapter folder (merged into its base), a GPT-2 or GPT-Neo name (pretrained
+    weights), or another preset (random weights).
     model_name: the preset naming the heads of a GPT-2 file without its config.json."""
     from tritongpt.model.config import PRESETS, get_config
     from tritongpt.model.gpt import GPTModel
 
-    from tritongpt.train.gpt2_weights import HUB_REPOS, load_checkpoint, load_gpt2_pretrained
+    from tritongpt.train import gpt_neo_weights
+    from tritongpt.train.gpt2_weights import HUB_REPOS, load_checkpoint, load_pretrained
 
     p = Path(init).expanduser()
     if p.exists():
         return load_checkpoint(p, model_name)
 
-    if init in HUB_REPOS:
-        return load_gpt2_pretrained(init)
+    if init in HUB_REPOS or init in gpt_neo_weights.HUB_REPOS:
+        return load_pretrained(init)
     if init in PRESETS:
         note(f"--init {init}: random weights (no pretraining)")
         return GPTModel(get_config(init))
-    raise UserError(f"--init {init!r}: no checkpoint there, and not a GPT-2 name "
-                    f"({', '.join(HUB_REPOS)}) or a preset ({', '.join(PRESETS)})")
+    raise UserError(f"--init {init!r}: no checkpoint there, and not a GPT-2 or GPT-Neo name "
+                    f"({', '.join([*HUB_REPOS, *gpt_neo_weights.HUB_REPOS])}) or a preset ({', '.join(PRESETS)})")
 
 
 def _hash_of(spec):
@@ -541,11 +543,13 @@ def _hash_of(spec):
 
 
 def pick_tokenizer(spec, init, vocab_size: int):
-    """--tokenizer if given, else the one saved with the --init run, else "gpt2" for a 50257
+    """--tokenizer if given, else the one saved with the --init run (or a GPT-Neo name's), else "gpt2" for a 50257
     vocab, else "default"; it must not have more tokens than the model."""
+    from tritongpt.train.gpt_neo_weights import hub_tokenizer
     from tritongpt.train.tokenizer import get_tokenizer, saved_tokenizer_path
 
-    saved = saved_tokenizer_path(init)
+    # a GPT-Neo name: its own files, fetched with its weights (GPT-2's come from tiktoken, by vocab size)
+    saved = saved_tokenizer_path(init) or hub_tokenizer(init)
     if spec is None and saved is not None:
         spec = saved
         try:
@@ -727,8 +731,8 @@ def add_cli(sub):
 
     p = sub.add_parser("sft", help="supervised fine-tuning on instruction records (default: embedded verifiable tasks)")
     p.add_argument("--init", required=True,
-                   help="tritongpt checkpoint (run folder, ckpt folder or .safetensors), a GPT-2 name "
-                        "(gpt2-small ...: pretrained weights) or tiny/mini (random weights)")
+                   help="tritongpt checkpoint (run folder, ckpt folder or .safetensors), a GPT-2 or GPT-Neo name "
+                        "(gpt2-small, gpt-neo-125m ...: pretrained weights) or tiny/mini (random weights)")
     p.add_argument("--data", help=".json list or .jsonl of records, all {instruction, input, output}, all "
                                   "{prompt, completion} or all chats ({messages: [{role, content}, ...]}, or "
                                   "{prompt: [messages], completion: [one assistant message]}) "

@@ -8,7 +8,8 @@ SAMPLE_SEPARATOR = "-" * 15  # between --num-samples texts, as nanoGPT's sample.
 def add_model_args(p, default_model="tiny", default_text=None):
     """Arguments shared by every command that builds a model."""
     p.add_argument("--model", default=default_model,
-                   help="preset: gpt2-small|gpt2-medium|gpt2-large|gpt2-xl|tiny|mini (default "
+                   help="preset: gpt2-small|gpt2-medium|gpt2-large|gpt2-xl|gpt-neo-125m|gpt-neo-1.3B|gpt-neo-2.7B|"
+                        "tiny|mini (default "
                         + (default_text or default_model or "tiny, or what --weights holds") + ")")
     p.add_argument("--kernels", default="auto",
                    help="reference | triton | auto (Triton on CUDA, reference on CPU; before Ampere no "
@@ -156,12 +157,15 @@ def check_generation_args(args):
     from tritongpt.train.generate import check_sampling
 
     if args.pretrained:
+        from tritongpt.train import gpt2_weights, gpt_neo_weights
+
         if args.weights:
-            raise UserError("--pretrained downloads GPT-2 weights and --weights loads a file: pass one of them")
+            raise UserError("--pretrained downloads published weights and --weights loads a file: pass one of them")
         args.model = args.model or "gpt2-small"
-        if not args.model.startswith("gpt2"):
-            raise UserError(f"--pretrained downloads GPT-2 by --model name (gpt2-small|gpt2-medium|gpt2-large|"
-                            f"gpt2-xl), not {args.model!r}")
+        names = [*gpt2_weights.HUB_REPOS, *gpt_neo_weights.HUB_REPOS]
+        if args.model not in names:
+            raise UserError(f"--pretrained downloads GPT-2 or GPT-Neo by --model name ({'|'.join(names)}), "
+                            f"not {args.model!r}")
     check_sampling(args.temperature, args.top_k, args.top_p, flags=True)
     check_seed(args.seed)
 
@@ -186,16 +190,18 @@ def load_generation_model(args):
         # --model only when given: it names the heads of a GPT-2 file without its config.json
         model = load_checkpoint(args.weights, args.model)
     elif args.pretrained:
-        from tritongpt.train.gpt2_weights import load_gpt2_pretrained
+        from tritongpt.train.gpt2_weights import load_pretrained
 
-        model = load_gpt2_pretrained(args.model)
+        model = load_pretrained(args.model)
     else:
         name = args.model or "tiny"
         note(f"{name} has random weights (pass --weights for a trained model)")
         model = GPTModel(get_config(name))
     model.to(device).eval()
     model.set_kernels(args.kernels)
-    tok = pick_tokenizer(args.tokenizer, args.weights, model.config.vocab_size)
+    # --pretrained: the name's tokenizer (a GPT-Neo's files, fetched with its weights)
+    tok = pick_tokenizer(args.tokenizer, args.weights or (args.model if args.pretrained else None),
+                         model.config.vocab_size)
     limit = None
     if tok.vocab_size < model.config.vocab_size:
         limit = tok.vocab_size
@@ -287,6 +293,7 @@ def cmd_export(args):
     from tritongpt.train.formats import HF_CHAT_TEMPLATE
     from tritongpt.train.gpt2_weights import (adapter_base, export_gpt2, export_peft_adapter, load_checkpoint,
                                               refuse_not_gpt2)
+    from tritongpt.train.gpt_neo_weights import export_gpt_neo, refuse_not_gpt_neo
     from tritongpt.train.sft import pick_tokenizer
     from tritongpt.train.tokenizer import EOT, EXPORT_TOKENIZER, RUN_TOKENIZER, is_ours
 
@@ -312,8 +319,15 @@ def cmd_export(args):
     if taken and not args.overwrite:
         raise UserError(f"{out} already holds {', '.join(taken)}: pass --overwrite or another --out")
     model = load_checkpoint(source, merge=not args.adapter)
-    refuse_not_gpt2(model, "a peft adapter for GPT-2" if args.adapter else "a GPT-2 folder")  # before any file goes
     cfg = model.config
+    # unscaled attention scores are GPT-Neo's (with or without its local layers); scaled ones GPT-2's.
+    # Refused before any file goes. (peft targets GPT-Neo's q/k/v apart: its adapters are not written here.)
+    neo = not cfg.scale_attention and not args.adapter
+    family = "GPT-Neo" if neo else "GPT-2"
+    if neo:
+        refuse_not_gpt_neo(model, "a GPT-Neo folder")
+    else:
+        refuse_not_gpt2(model, "a peft adapter for GPT-2" if args.adapter else "a GPT-2 folder")
     if args.adapter:
         if not cfg.lora_rank:
             raise UserError(f"--adapter: {source} holds no LoRA update (a run trained with --lora-rank has one): "
@@ -334,7 +348,7 @@ def cmd_export(args):
     if args.adapter:
         paths = export_peft_adapter(model, out, base)
     else:
-        paths = export_gpt2(model, out, tok.special_tokens.get(EOT))
+        paths = (export_gpt_neo if neo else export_gpt2)(model, out, tok.special_tokens.get(EOT))
         fmt = run_template(args.checkpoint)
         if fmt is not None:  # `tritongpt chat --weights OUT` prompts it as the run was tuned
             config = json.loads((out / "config.json").read_text(encoding="utf-8"))
@@ -351,7 +365,7 @@ def cmd_export(args):
         print(f"load it with peft.AutoPeftModelForCausalLM.from_pretrained({str(out)!r}), or "
               f"peft.PeftModel.from_pretrained(GPT2LMHeadModel.from_pretrained({base!r}), {str(out)!r})")
         return 0
-    print(f"wrote {out}/ ({', '.join(p.name for p in paths)}): GPT-2 with {cfg.n_layer} layers, {cfg.n_head} heads, "
+    print(f"wrote {out}/ ({', '.join(p.name for p in paths)}): {family} with {cfg.n_layer} layers, {cfg.n_head} heads, "
           f"width {cfg.n_embd}, vocabulary {cfg.vocab_size}, context {cfg.context_length}")
     how = (" (and AutoTokenizer" + (", whose apply_chat_template writes chats in the template the run was "
                                      "tuned on" if chat else "") + ")") if tok_files else ""
@@ -364,8 +378,9 @@ def add_generation_model_args(p):
     """The model flags of `generate` and `chat`: what load_generation_model reads."""
     add_model_args(p, default_model=None)
     p.add_argument("--weights",
-                   help="tritongpt checkpoint (file or run folder) or Hugging Face GPT-2 model.safetensors")
-    p.add_argument("--pretrained", action="store_true", help="download GPT-2 weights from the Hub by --model name")
+                   help="tritongpt checkpoint (file or run folder) or Hugging Face GPT-2 / GPT-Neo model.safetensors")
+    p.add_argument("--pretrained", action="store_true",
+                   help="download GPT-2 or GPT-Neo weights from the Hub by --model name")
     p.add_argument("--tokenizer", help="default | gpt2 | path to a tokenizer JSON (default: the one saved with "
                                        "--weights' run, else by vocab size)")
 
@@ -399,7 +414,7 @@ def add_cli(sub):
     p.add_argument("--model", default=None, help="preset name (default gpt2-small; with --weights, only to name the "
                                                  "heads of a GPT-2 file without its config.json)")
     p.add_argument("--weights", default=None, help="a checkpoint (file, checkpoint or run folder) or Hugging Face "
-                                                   "GPT-2 model.safetensors: its config and its run")
+                                                   "GPT-2 / GPT-Neo model.safetensors: its config and its run")
     p.add_argument("--untied", action="store_true", help="count a separate LM head")
     p.set_defaults(func=cmd_info)
 
@@ -419,7 +434,8 @@ def add_cli(sub):
     add_sampling_args(p, max_new_tokens=50, temperature=0.8, temperature_text="as nanoGPT's sample.py")
     p.set_defaults(func=cmd_generate)
 
-    p = sub.add_parser("export", help="write a checkpoint as a Hugging Face GPT-2 folder (transformers loads it)")
+    p = sub.add_parser("export", help="write a checkpoint as a Hugging Face GPT-2 or GPT-Neo folder (transformers "
+                                      "loads it)")
     p.add_argument("checkpoint",
                    help="tritongpt checkpoint: a model.safetensors, a checkpoint folder or a run folder (its newest)")
     p.add_argument("--out", required=True,
