@@ -178,9 +178,10 @@ def test_generate_errors(saved_model, capsys):
     assert "pass --allow-special" in capsys.readouterr().err
     assert main(base + w + ["--prompt", "a<|endoftext|>b", "--allow-special", "--max-new-tokens", "2"]) == 0
     capsys.readouterr()
-    # --pretrained downloads by a GPT-2 name: with another preset or with --weights it was ignored
+    # --pretrained downloads by a GPT-2 or GPT-Neo name: with another preset or with --weights it was ignored
     assert main(base + ["--model", "tiny", "--pretrained", "--prompt", "x"]) == 2
-    assert "--pretrained downloads GPT-2 by --model name (gpt2-small|" in capsys.readouterr().err
+    assert "--pretrained downloads GPT-2 or GPT-Neo by --model name (gpt2-small|gpt2|gpt2-medium|gpt2-large|gpt2-xl|" \
+        "gpt-neo-125m|gpt-neo-1.3B|gpt-neo-2.7B), not 'tiny'" in capsys.readouterr().err
     assert main(base + w + ["--pretrained", "--prompt", "x"]) == 2
     assert "pass one of them" in capsys.readouterr().err
     # a file that is not safetensors (a checkpoint's state.pt, say) as weights, for generate and sft

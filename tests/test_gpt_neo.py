@@ -288,7 +288,7 @@ def test_gpt2_export_and_adapters_refuse_unscaled_scores(tmp_path):
     assert not (tmp_path / "gpt2").exists() and not (tmp_path / "adapter").exists()
 
 
-def test_hub_names_download_weights_config_and_tokenizer(tmp_path, monkeypatch):
+def test_hub_names_download_weights_config_and_tokenizer(tmp_path, monkeypatch, capsys):
     """gpt-neo-125m goes through hf_hub_download as gpt2-small does (here served from a folder the
     test writes, as the Hub cache would hold it); --init gets its tokenizer from those files,
     not GPT-2's by vocabulary size."""
@@ -313,8 +313,15 @@ def test_hub_names_download_weights_config_and_tokenizer(tmp_path, monkeypatch):
     monkeypatch.setattr(huggingface_hub, "try_to_load_from_cache",
                         lambda repo, filename: str(snapshot / filename) if repo == "EleutherAI/gpt-neo-125m" else None)
     model = load_init_model("gpt-neo-125m").eval()
-    assert ("EleutherAI/gpt-neo-125m", "model.safetensors") in asked and ("EleutherAI/gpt-neo-125m", "vocab.json") in asked
+    assert {("EleutherAI/gpt-neo-125m", f) for f in ("model.safetensors", "config.json", "vocab.json")} <= set(asked)
     idx = torch.randint(0, 280, (1, T))
     with torch.no_grad():
         assert_close_rel(model(idx), hf(idx).logits, 1e-5, "downloaded model")
     assert pick_tokenizer(None, "gpt-neo-125m", 280).hash == tok.hash
+    # generate --pretrained takes the name too, with the same tokenizer (the default one has more tokens than 280)
+    from tritongpt import cli
+
+    capsys.readouterr()
+    assert cli.main(["generate", "--pretrained", "--model", "gpt-neo-125m", "--prompt", "a cat", "--temperature", "0",
+                     "--max-new-tokens", "3", "--device", "cpu", "--kernels", "reference"]) == 0
+    assert capsys.readouterr().out.startswith("a cat")

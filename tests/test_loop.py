@@ -1675,3 +1675,23 @@ def test_a_resume_refuses_another_attention_window(tmp_path):
         resume(dense, attention_window=2)
     resave_config(dense / "ckpt-0000001" / "model.safetensors", lambda config: None)
     resume(dense, attention_window=2)
+
+
+def test_a_resume_refuses_unscaled_attention_scores_for_scaled_ones(tmp_path):
+    """GPT-Neo's unscaled scores (scale_attention False) are another function of the same weights;
+    a saved config from before the field scales them (GPT-2)."""
+    gb = make_get_batch(synthetic_tokens(), 2)
+    Trainer(tiny_model(scale_attention=False), args_for(tmp_path, max_steps=1), loss_fn, gb).fit()
+
+    def resume(**cfg):
+        return Trainer(tiny_model(**cfg), args_for(tmp_path, max_steps=1, resume="latest"), loss_fn, gb).fit()
+
+    with pytest.raises(UserError, match=r"model does not scale its attention scores, this run's model scales its "
+                                        r"attention scores by 1/sqrt\(head_dim\): pass the run's own --model$"):
+        resume()
+    resume(scale_attention=False)
+    resave_config(tmp_path / "ckpt-0000001" / "model.safetensors", without("scale_attention"))
+    resume()
+    with pytest.raises(UserError, match="model scales its attention scores by 1/sqrt\\(head_dim\\), this run's model "
+                                        "does not scale its attention scores"):
+        resume(scale_attention=False)

@@ -75,7 +75,8 @@ def _check_hf_config(cfg_json: Path, vocab: int, ctx: int, n_embd: int, n_layer:
     if act not in ("gelu_new", "gelu_pytorch_tanh", "gelu_fast"):
         raise UserError(f"{cfg_json} has activation_function {act!r}; this model computes 'gelu_new' only")
     if d.get("layer_norm_epsilon", 1e-5) != 1e-5:
-        raise UserError(f"{cfg_json} has layer_norm_epsilon {d['layer_norm_epsilon']!r}; this model computes 1e-05 only")
+        raise UserError(f"{cfg_json} has layer_norm_epsilon {d['layer_norm_epsilon']!r}; this model computes "
+                        "1e-05 only")
     if d.get("intermediate_size") not in (None, 4 * n_embd):
         raise UserError(f"{cfg_json} has intermediate_size {d['intermediate_size']!r}; this model's MLP is "
                         f"4 x hidden_size ({4 * n_embd}) wide only")

@@ -457,7 +457,8 @@ class Trainer:
             flags = f"--attention-window {window}" + (f" --window-layers {layers}" if window else "")
         elif saved_cfg.get("scale_attention", True) != cfg.scale_attention:
             def scaled(on):
-                return "scales its attention scores by 1/sqrt(head_dim)" if on else "does not scale its attention scores"
+                return "scales its attention scores by 1/sqrt(head_dim)" if on else \
+                    "does not scale its attention scores"
 
             what = f"{scaled(not cfg.scale_attention)}, this run's model {scaled(cfg.scale_attention)}"
             flags = "the run's own --model"
