@@ -325,3 +325,19 @@ def test_hub_names_download_weights_config_and_tokenizer(tmp_path, monkeypatch, 
     assert cli.main(["generate", "--pretrained", "--model", "gpt-neo-125m", "--prompt", "a cat", "--temperature", "0",
                      "--max-new-tokens", "3", "--device", "cpu", "--kernels", "reference"]) == 0
     assert capsys.readouterr().out.startswith("a cat")
+
+
+def test_the_benchmarks_sdpa_swap_keeps_unscaled_scores():
+    """bench's reference+SDPA baseline (use_sdpa_attention) passes the model's scale to SDPA, whose
+    default is 1/sqrt(head_dim): with and without the KV cache, the reference path's logits."""
+    from tritongpt.bench.train_step import use_sdpa_attention
+
+    model = _random_neo().double()
+    idx = torch.randint(0, VOCAB, (2, T))
+    with torch.no_grad():
+        ref = model(idx)
+        swapped = use_sdpa_attention(_random_neo().double())
+        assert_close_rel(swapped(idx), ref, 1e-12, "sdpa swap")
+        cache = swapped.new_cache(2)
+        steps = torch.cat([swapped(idx[:, :5], cache), swapped(idx[:, 5:], cache)], 1)
+        assert_close_rel(steps, ref, 1e-12, "sdpa swap, cached")
