@@ -7,6 +7,7 @@ a state_dict moves freely between the two paths.
     LayerNorm           <->  kernels/layernorm.py   (layer_norm; add_and_norm <-> add_layer_norm)
     FeedForward         <->  kernels/mlp.py         (gelu_mlp: Linear+bias+GELU fused, GELU recomputed in backward)
     MultiHeadAttention  <->  kernels/attention.py   (flash_attention: only the attention core is swapped)
+    Rotary (apply_rotary) <-> kernels/rope.py       (rope: q and k rotated in one launch)
     out_head + lm_loss (model/gpt.py) <->  kernels/cross_entropy.py (linear_cross_entropy: never all the logits at once)
 """
 import contextlib
@@ -102,6 +103,47 @@ class FeedForward(nn.Module):
         return self.drop(self.fc2(self.act(self.fc1(x))))
 
 
+def rope_inv_freq(head_dim: int, theta: float, device=None) -> torch.Tensor:
+    """RoPE's inverse frequencies theta^(-2i/D), i < D/2, as fp32 [D/2]: computed in float64 and
+    rounded once, so this reference and the kernel (kernels/rope.py) use the same numbers."""
+    i = torch.arange(0, head_dim, 2, dtype=torch.float64, device=device)
+    return (float(theta) ** (-i / head_dim)).float()
+
+
+def apply_rotary(x, positions, theta: float = 10000.0):
+    """Rotary position embedding (RoPE, Su et al. 2021) of x [..., T, D] at positions [T] or [B, T]
+    (for x [B, H, T, D]), in the half-split convention of GPT-NeoX and Llama (`rotate_half`):
+    dimensions i and i + D/2 form a pair, rotated by the angle pos * theta^(-2i/D). The angles,
+    their cos/sin and the rotation are computed in fp32 (float64 for float64 x), the result is in
+    x's dtype. Triton twin: kernels/rope.py `rope` (q and k in one launch)."""
+    D = x.shape[-1]
+    angles = positions.float()[..., None] * rope_inv_freq(D, theta, x.device)  # [T or B x T, D/2], fp32
+    if angles.dim() == 3:  # per sequence: [B, 1, T, D/2], one row of angles for every head
+        angles = angles[:, None]
+    xf = x.to(torch.promote_types(x.dtype, torch.float32))
+    cos, sin = angles.cos().to(xf.dtype), angles.sin().to(xf.dtype)
+    x1, x2 = xf[..., :D // 2], xf[..., D // 2:]
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
+
+
+class Rotary(nn.Module):
+    """RoPE of a head's queries and keys (apply_rotary to each); no parameters. Triton twin:
+    kernels/rope.py `rope`, which rotates both in one launch and computes cos/sin in the kernel."""
+
+    def __init__(self, head_dim: int, theta: float = 10000.0):
+        super().__init__()
+        assert head_dim % 2 == 0, "RoPE rotates pairs of dimensions: head_dim must be even"
+        self.head_dim, self.theta = head_dim, theta
+        self.use_triton = False
+
+    def forward(self, q, k, positions):
+        if self.use_triton:
+            from tritongpt.kernels.rope import rope
+
+            return rope(q, k, positions, self.theta)
+        return apply_rotary(q, positions, self.theta), apply_rotary(k, positions, self.theta)
+
+
 def document_index(doc_ids):
     """Packed documents: a run of equal ids is one document. -> [B, T] the index of each
     position's document in its row (0, 0, 1, 1, 1, 2, ...): a new one wherever the id changes."""
@@ -136,13 +178,15 @@ class MultiHeadAttention(nn.Module):
     With a KV cache the queries are only the new tokens while the keys cover the whole prefix,
     so the causal mask is aligned to the bottom-right corner: query i sits at position
     Tk - Tq + i. With a window W > 0 (local attention) a query also may not see the keys more
-    than W - 1 positions back. Triton twin of the attention core: kernels/attention.py
-    (flash_attention), which never builds the Tq x Tk score matrix.
+    than W - 1 positions back. With rope_theta (GPTConfig.position_encoding "rope") the queries
+    and keys are rotated by their positions (Rotary) after the projection, before the cache
+    stores the keys: the cache holds them rotated, as Llama's does. Triton twin of the attention
+    core: kernels/attention.py (flash_attention), which never builds the Tq x Tk score matrix.
     """
 
     def __init__(self, n_embd: int, n_head: int, context_length: int, dropout: float = 0.0,
                  bias: bool = True, layer_idx: int = 0, window: int = 0, scale: bool = True,
-                 qkv_bias: bool = True):
+                 qkv_bias: bool = True, rope_theta: float | None = None):
         super().__init__()
         assert n_embd % n_head == 0, "n_embd must be divisible by n_head"
         self.n_head, self.head_dim, self.layer_idx = n_head, n_embd // n_head, layer_idx
@@ -153,6 +197,7 @@ class MultiHeadAttention(nn.Module):
         self.W_key = nn.Linear(n_embd, n_embd, bias=bias and qkv_bias)
         self.W_value = nn.Linear(n_embd, n_embd, bias=bias and qkv_bias)
         self.out_proj = nn.Linear(n_embd, n_embd, bias=bias)
+        self.rotary = None if rope_theta is None else Rotary(self.head_dim, rope_theta)
         self.attn_drop = nn.Dropout(dropout)  # both paths read its p (the Triton one in-kernel)
         self.resid_drop = nn.Dropout(dropout)
         # True above the diagonal = "in the future". Not saved: it is not a weight.
@@ -194,12 +239,19 @@ class MultiHeadAttention(nn.Module):
         weights = self.attn_drop(weights)
         return weights.to(v.dtype) @ v
 
-    def forward(self, x, cache=None, doc_ids=None):
+    def forward(self, x, cache=None, doc_ids=None, positions=None):
+        """positions [T] or [B, T]: each token's position, for RoPE (default: from the cache's
+        fill, or 0)."""
         B, T, C = x.shape
         # (B, T, C) -> (B, n_head, T, head_dim)
         q = self.W_query(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
         k = self.W_key(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
         v = self.W_value(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
+        if self.rotary is not None:
+            if positions is None:
+                start = cache.pos if cache is not None else 0
+                positions = torch.arange(start, start + T, device=x.device)
+            q, k = self.rotary(q, k, positions)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)  # keys/values of the whole prefix
         if self.use_triton:

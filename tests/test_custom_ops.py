@@ -8,6 +8,7 @@ import tritongpt.kernels.attention  # noqa: F401  (registers the ops)
 import tritongpt.kernels.cross_entropy  # noqa: F401
 import tritongpt.kernels.layernorm  # noqa: F401
 import tritongpt.kernels.mlp  # noqa: F401
+import tritongpt.kernels.rope  # noqa: F401
 
 ops = torch.ops.tritongpt
 
@@ -62,8 +63,18 @@ def _attention_args(device, gen):
             "flash_attn_bwd": (torch.randn_like(o), q, k, v, o, lse, True, 0.25, 0.1, seed)}
 
 
+def _rope_args(device, gen):
+    # q a transposed view (the projection's), k contiguous, positions per token and expanded (stride 0)
+    q = _randn(2, 7, 3, 16, device=device, gen=gen).transpose(1, 2)
+    k = _randn(2, 3, 7, 16, device=device, gen=gen)
+    per_token = torch.randint(0, 9, (2, 7), generator=gen).to(device)
+    shared = torch.arange(4, 11, device=device).expand(2, 7)
+    return {"rope_fwd": (q, k, per_token, 10000.0), "rope_fwd shared": (q, k, shared, 500.0),
+            "rope_bwd": (q.bfloat16(), k.bfloat16(), per_token.int(), 10000.0)}
+
+
 MAKERS = {"layer_norm": _layer_norm_args, "mlp": _mlp_args, "cross_entropy": _cross_entropy_args,
-          "attention": _attention_args}
+          "attention": _attention_args, "rope": _rope_args}
 OPS = [(kernel, op) for kernel, names in (("layer_norm", ("layer_norm_fwd", "layer_norm_bwd", "add_layer_norm_fwd",
                                                          "add_layer_norm_fwd fp16+fp32",
                                                          "layer_norm_bwd ds", "add_layer_norm_bwd",
@@ -73,7 +84,8 @@ OPS = [(kernel, op) for kernel, names in (("layer_norm", ("layer_norm_fwd", "lay
                                                              "cross_entropy_bwd", "cross_entropy_fwd smoothed+z",
                                                              "cross_entropy_bwd smoothed+z", "cross_entropy_fwd softcap",
                                                              "cross_entropy_bwd softcap")),
-                                          ("attention", ("flash_attn_fwd", "flash_attn_bwd")))
+                                          ("attention", ("flash_attn_fwd", "flash_attn_bwd")),
+                                          ("rope", ("rope_fwd", "rope_fwd shared", "rope_bwd")))
        for op in names]
 
 

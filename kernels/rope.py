@@ -1,0 +1,213 @@
+"""Rotary position embeddings (RoPE) in Triton: q and k rotated in one launch, forward and backward.
+
+Reference: `tritongpt.model.layers.apply_rotary` (through the `Rotary` module that
+MultiHeadAttention holds when GPTConfig.position_encoding is "rope"). The half-split convention
+of GPT-NeoX and Llama (`rotate_half`): dimension i of a head and dimension i + D/2 form a pair,
+rotated by the angle pos * theta^(-2i/D):
+
+    y[i]       = x[i] cos(a_i) - x[i + D/2] sin(a_i)
+    y[i + D/2] = x[i + D/2] cos(a_i) + x[i] sin(a_i)
+
+  * Tiling: one program owns BLOCK_T tokens of one sequence. It loads their positions, computes
+    cos and sin [BLOCK_T, D/2] once in fp32, then walks every head of q and then of k, each head a
+    [BLOCK_T, D/2] tile of the first halves and one of the second halves, both in registers, and
+    writes the rotated halves. So the angles are paid once per token, not once per (token, head):
+    2 H heads of 64 share them at GPT-2's shapes.
+  * cos/sin in the kernel, not read from a table: the inverse frequencies (a [D/2] fp32 vector,
+    theta^(-2i/D) rounded once from float64, the same numbers the reference uses) and the
+    positions are all it reads beyond q and k, so there is no [T, D/2] table to build, keep or
+    index per call, and positions per token (packed documents, a KV cache's offset) cost nothing
+    more than positions from 0. The angle pos * inv_freq is one fp32 product, as in the reference
+    (and HF's Llama), so both paths rotate by the same fp32 angles.
+  * Backward: the rotation is orthogonal, so the gradient of the input is the incoming gradient
+    rotated by -angle (sin negated): the same kernel, and nothing saved but the positions.
+  * Layout: q and k are [B, H, T, D] with any strides (the projection's view + transpose is read in
+    place, not copied); the outputs are [B, T, H, D] buffers returned as [B, H, T, D] views, the
+    projection's layout, so merging heads and the KV cache's copy see what they saw before.
+    Math is fp32; the result is rounded once to the input's dtype (bf16/fp16/fp32).
+
+Public API: `rope(q, k, positions, theta=10000.0) -> (q_rot, k_rot)`. It is built from the torch
+library custom ops `tritongpt::rope_fwd` / `tritongpt::rope_bwd` (with fake impls) inside an
+autograd.Function, so it runs under torch.compile (the ops stay opaque calls in the graph).
+"""
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from tritongpt._env import triton_interpreting
+from tritongpt._types import is_int, is_real
+from tritongpt.kernels._common import (cast, check_runnable, check_same_device, check_same_dtype, check_tensor,
+                                       first_order_only, no_func_transform, on_tensor_device)
+from tritongpt.model.layers import rope_inv_freq
+
+MAX_HEAD_DIM = 256  # a head's two halves in registers: BLOCK_T x 128 fp32 values each
+
+
+@triton.jit
+def _rotate_heads(X, Y, cos, sin, b, t, t_ok, i, i_ok, n_heads,
+                  sxb, sxh, sxt, sxd, syb, syh, syt, syd, HALF: tl.constexpr):
+    """Rotate every head of X's tokens t (of sequence b) by the angles whose cos/sin are given."""
+    mask = t_ok[:, None] & i_ok[None, :]
+    x_row = b * sxb + t[:, None] * sxt + i[None, :] * sxd  # int64: b and t are
+    y_row = b * syb + t[:, None] * syt + i[None, :] * syd
+    for h in range(n_heads):
+        xh = X + x_row + h * sxh
+        x1 = tl.load(xh, mask=mask, other=0.0).to(tl.float32)
+        x2 = tl.load(xh + HALF * sxd, mask=mask, other=0.0).to(tl.float32)
+        yh = Y + y_row + h * syh
+        tl.store(yh, cast(x1 * cos - x2 * sin, Y.dtype.element_ty), mask=mask)
+        tl.store(yh + HALF * syd, cast(x2 * cos + x1 * sin, Y.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _rope_kernel(Q, K, QO, KO, Pos, InvFreq, T, n_heads, n_tblocks,
+                 sqb, sqh, sqt, sqd, skb, skh, skt, skd,
+                 sob, soh, sot, sod, spb, spt,
+                 HALF: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_HALF: tl.constexpr, INVERSE: tl.constexpr):
+    """Program p rotates tokens [tb * BLOCK_T, ...) of sequence b (p = b * n_tblocks + tb), all the
+    heads of q and of k. INVERSE: by -angle (the backward pass). QO and KO share one layout."""
+    pid = tl.program_id(0)
+    b = (pid // n_tblocks).to(tl.int64)
+    t = (pid % n_tblocks) * BLOCK_T + tl.arange(0, BLOCK_T)
+    t_ok = t < T
+    t = t.to(tl.int64)  # token * stride passes 2^31 on long sequences
+    i = tl.arange(0, BLOCK_HALF)
+    i_ok = i < HALF
+    pos = tl.load(Pos + b * spb + t * spt, mask=t_ok, other=0).to(tl.float32)
+    inv_freq = tl.load(InvFreq + i, mask=i_ok, other=0.0)
+    angle = pos[:, None] * inv_freq[None, :]  # one fp32 product, as the reference's
+    cos = tl.cos(angle)
+    sin = tl.sin(angle)
+    if INVERSE:
+        sin = -sin
+    _rotate_heads(Q, QO, cos, sin, b, t, t_ok, i, i_ok, n_heads, sqb, sqh, sqt, sqd, sob, soh, sot, sod, HALF)
+    _rotate_heads(K, KO, cos, sin, b, t, t_ok, i, i_ok, n_heads, skb, skh, skt, skd, sob, soh, sot, sod, HALF)
+
+
+def _block_t(T: int, half: int) -> int:
+    if triton_interpreting():
+        return min(triton.next_power_of_2(max(T, 1)), 64)  # the interpreter pays per program: few, big
+    # ~2K fp32 values per half-tile: enough loads in flight at 4 warps without spilling
+    return max(1, min(triton.next_power_of_2(max(T, 1)), 4096 // triton.next_power_of_2(half)))
+
+
+@on_tensor_device
+def _launch(q, k, positions, theta, inverse):
+    """-> (q, k) rotated by +-angle into new [B, T, H, D] buffers, returned as [B, H, T, D] views."""
+    B, H, T, D = q.shape
+    qo = torch.empty((B, T, H, D), dtype=q.dtype, device=q.device).transpose(1, 2)
+    ko = torch.empty((B, T, H, D), dtype=k.dtype, device=k.device).transpose(1, 2)
+    if qo.numel() == 0:
+        return qo, ko
+    half = D // 2
+    block_t = _block_t(T, half)
+    n_tblocks = triton.cdiv(T, block_t)
+    _rope_kernel[(B * n_tblocks,)](
+        q, k, qo, ko, positions, rope_inv_freq(D, theta, q.device), T, H, n_tblocks,
+        *q.stride(), *k.stride(), *qo.stride(), *positions.stride(),
+        HALF=half, BLOCK_T=block_t, BLOCK_HALF=triton.next_power_of_2(half), INVERSE=inverse,
+        num_warps=1 if triton_interpreting() else 4)
+    return qo, ko
+
+
+def _check_op_args(q, k, positions, theta):
+    """What the kernel reads, checked in the ops themselves, so also for a direct caller."""
+    check_tensor(q, "q", ndim=4)
+    check_tensor(k, "k", ndim=4)
+    check_same_dtype(q=q, k=k)
+    if q.shape != k.shape:
+        raise ValueError(f"rope: q {tuple(q.shape)} and k {tuple(k.shape)} must have the same shape [B, H, T, D]")
+    D = q.shape[-1]
+    if D % 2 or not 2 <= D <= MAX_HEAD_DIM:
+        raise ValueError(f"rope: head_dim {D} must be even (pairs i, i + D/2) and at most {MAX_HEAD_DIM}")
+    check_tensor(positions, "positions", dtypes=(torch.int32, torch.int64), shape=(q.shape[0], q.shape[2]))
+    check_same_device(q=q, k=k, positions=positions)
+    check_runnable(q, "q")
+    if not is_real(theta) or not math.isfinite(theta) or theta <= 0:
+        raise ValueError(f"rope: theta must be a finite number > 0, got {theta!r}")
+
+
+@torch.library.custom_op("tritongpt::rope_fwd", mutates_args=())
+def _rope_fwd(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, theta: float
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """q, k [B, H, T, D] (any strides), positions int [B, T] -> q and k rotated by pos * theta^(-2i/D)."""
+    _check_op_args(q, k, positions, theta)
+    return _launch(q, k, positions, theta, False)
+
+
+@torch.library.custom_op("tritongpt::rope_bwd", mutates_args=())
+def _rope_bwd(dq: torch.Tensor, dk: torch.Tensor, positions: torch.Tensor, theta: float
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The gradients of rope_fwd's inputs: its outputs' gradients rotated by -angle."""
+    _check_op_args(dq, dk, positions, theta)
+    return _launch(dq, dk, positions, theta, True)
+
+
+def _fake(q, k, positions, theta):
+    # the launcher's allocation: [B, T, H, D] buffers seen as [B, H, T, D]
+    B, H, T, D = q.shape
+    return q.new_empty((B, T, H, D)).transpose(1, 2), k.new_empty((B, T, H, D)).transpose(1, 2)
+
+
+_rope_fwd.register_fake(_fake)
+_rope_bwd.register_fake(_fake)
+
+
+class RopeFunction(torch.autograd.Function):
+    """Saves the positions only: backward rotates the incoming gradients back."""
+
+    @staticmethod
+    def forward(ctx, q, k, positions, theta):
+        ctx.save_for_backward(positions)
+        ctx.theta = theta
+        return torch.ops.tritongpt.rope_fwd(q, k, positions, theta)
+
+    @staticmethod
+    def backward(ctx, dq, dk):
+        first_order_only("rope")
+        (positions,) = ctx.saved_tensors
+        dq, dk = torch.ops.tritongpt.rope_bwd(dq, dk, positions, ctx.theta)
+        return dq, dk, None, None
+
+
+def _checked_positions(positions, q):
+    """positions as the op takes them, int [B, T] on q's device: an int (a start offset: a KV
+    cache's pos), [T] (shared by every sequence: expanded, not copied) or [B, T] (per token:
+    packed documents count from each one's start)."""
+    B, _, T, _ = q.shape
+    if is_int(positions):
+        return torch.arange(int(positions), int(positions) + T, device=q.device).expand(B, T)
+    if not isinstance(positions, torch.Tensor):
+        raise TypeError(f"rope: positions must be an int (a start offset) or an integer tensor [T] or [B, T], "
+                        f"got {type(positions).__name__}")
+    if positions.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"rope: positions must hold integers (int32/int64), got dtype {positions.dtype}")
+    if positions.device != q.device:
+        raise ValueError(f"rope: positions is on {positions.device}, q on {q.device}: they must share a device")
+    if positions.dim() == 1 and positions.shape[0] == T:
+        return positions.expand(B, T)
+    if tuple(positions.shape) != (B, T):
+        raise ValueError(f"rope: positions must be [T] = [{T}] or [B, T] = [{B}, {T}], got {tuple(positions.shape)}")
+    return positions
+
+
+def rope(q: torch.Tensor, k: torch.Tensor, positions, theta: float = 10000.0):
+    """(q, k) rotated by RoPE's angles, half-split (GPT-NeoX / Llama). Differentiable.
+
+    q, k: [B, H, T, D], one shape and dtype (bf16/fp16/fp32), any strides; D even, <= 256.
+    positions: each token's position, an int start offset (positions start .. start + T - 1), an
+    integer tensor [T], or [B, T]. theta: the base of the frequencies (10000: GPT-NeoX's, Llama 2's).
+    Returns [B, H, T, D] views of new [B, T, H, D] buffers, in q's dtype.
+    """
+    no_func_transform("rope")
+    check_tensor(q, "q", ndim=4)
+    check_tensor(k, "k", ndim=4)
+    check_same_device(q=q, k=k)
+    if not is_real(theta):
+        raise TypeError(f"rope: theta must be a number, got {type(theta).__name__} {theta!r}")
+    return RopeFunction.apply(q, k, _checked_positions(positions, q), float(theta))
+
+
+__all__ = ["rope", "rope_inv_freq", "RopeFunction", "MAX_HEAD_DIM"]

@@ -1,0 +1,254 @@
+"""RoPE: the Triton kernel (kernels/rope.py) against a float64 formula and against the reference
+(model/layers.py apply_rotary / Rotary, in MultiHeadAttention).
+
+On CPU the kernel runs through Triton's interpreter: a few programs per call.
+"""
+import math
+
+import pytest
+import torch
+
+from parity import assert_close_rel, report
+from tritongpt.kernels._common import saved_tensor_bytes
+from tritongpt.kernels.rope import rope
+from tritongpt.model.layers import MultiHeadAttention, apply_rotary, document_starts
+
+def ref64(x, positions, theta=10000.0):
+    """The rotation in float64 throughout (angles too): pairs (i, i + D/2), angle pos * theta^(-2i/D)."""
+    D = x.shape[-1]
+    inv = theta ** (-torch.arange(0, D, 2, dtype=torch.float64) / D)
+    a = positions.double().cpu()[..., None] * inv
+    if a.dim() == 3:
+        a = a[:, None]
+    x = x.double().cpu()
+    x1, x2 = x[..., :D // 2], x[..., D // 2:]
+    return torch.cat([x1 * a.cos() - x2 * a.sin(), x2 * a.cos() + x1 * a.sin()], -1)
+
+
+def projected(B, H, T, D, dtype, device, gen):
+    """q and k as the attention makes them: views of one [B, T, 2 H D] projection, transposed to
+    [B, H, T, D] (non-contiguous, unit stride on D), random and non-zero."""
+    x = torch.randn(B, T, 2 * H * D, generator=gen).to(device, dtype)
+    q = x[..., :H * D].view(B, T, H, D).transpose(1, 2)
+    k = x[..., H * D:].view(B, T, H, D).transpose(1, 2)
+    return q.detach().requires_grad_(), k.detach().requires_grad_()
+
+
+def doc_positions(B, T, gen):
+    """[B, T] positions counted from each packed document's start (as GPTModel makes them)."""
+    doc_ids = torch.randint(0, 3, (B, T), generator=gen).cumsum(1) // 2
+    return torch.arange(T) - document_starts(doc_ids)
+
+
+def positions_for(kind, B, T, gen):
+    """(what rope() is given, the [B, T] positions it means)."""
+    if kind == "offset":  # a KV cache's start
+        return 11, torch.arange(11, 11 + T).expand(B, T)
+    if kind == "tensor":  # [T], shared by the batch
+        return torch.arange(3, 3 + T), torch.arange(3, 3 + T).expand(B, T)
+    p = doc_positions(B, T, gen)
+    return p, p
+
+
+def run_and_grads(fn, q, k, gen):
+    dq, dk = (torch.randn(t.shape, generator=gen).to(t.device, t.dtype) for t in (q, k))
+    q.grad = k.grad = None
+    qo, ko = fn(q, k)
+    torch.autograd.backward((qo, ko), (dq, dk))
+    return qo.detach(), ko.detach(), q.grad.clone(), k.grad.clone(), dq, dk
+
+
+def float64_results(q, k, pos, dq, dk):
+    q64, k64 = (t.detach().double().cpu().requires_grad_() for t in (q, k))
+    qo, ko = ref64(q64, pos), ref64(k64, pos)
+    torch.autograd.backward((qo, ko), (dq.double().cpu(), dk.double().cpu()))
+    return qo.detach(), ko.detach(), q64.grad, k64.grad
+
+
+NAMES = ("q out", "k out", "dq", "dk")
+
+
+@pytest.mark.parametrize("kind", ["offset", "tensor", "documents"])
+@pytest.mark.parametrize("T", [1, 17, 37])
+@pytest.mark.parametrize("D", [16, 64, 80])
+def test_kernel_fp32_against_float64(D, T, kind, device):
+    """Forward and both gradients, non-contiguous q/k, 3 heads, each kind of positions: < 1e-5."""
+    gen = torch.Generator().manual_seed(D * 100 + T)
+    q, k = projected(2, 3, T, D, torch.float32, device, gen)
+    given, pos = positions_for(kind, 2, T, gen)
+    given = given.to(device) if isinstance(given, torch.Tensor) else given
+    got = run_and_grads(lambda q, k: rope(q, k, given), q, k, gen)
+    want = float64_results(q, k, pos, got[4], got[5])
+    for name, a, b in zip(NAMES, got, want):
+        assert a.dtype == torch.float32
+        assert_close_rel(a, b, 1e-5, f"{name} D={D} T={T} {kind}")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("D", [16, 80])
+def test_kernel_half_precision_within_twice_the_reference_error(D, dtype, device):
+    """bf16/fp16: the kernel's error against float64 is at most twice the reference module's own
+    (apply_rotary in that dtype), forward and both gradients."""
+    gen = torch.Generator().manual_seed(D)
+    q, k = projected(2, 3, 37, D, dtype, device, gen)
+    pos = doc_positions(2, 37, gen).to(device)
+    got = run_and_grads(lambda q, k: rope(q, k, pos), q, k, gen)
+    ref = run_and_grads(lambda q, k: (apply_rotary(q, pos), apply_rotary(k, pos)), q, k, gen)
+    want = float64_results(q, k, pos, got[4], got[5])
+    ref_want = float64_results(q, k, pos, ref[4], ref[5])
+    for name, a, r, b, rb in zip(NAMES, got, ref, want, ref_want):
+        assert a.dtype == dtype
+        ours, theirs = report(a, b)[1], report(r, rb)[1]
+        print(f"{name} {dtype} D={D}: kernel rel {ours:.2e}, reference module rel {theirs:.2e}")
+        assert ours <= 2 * theirs + 1e-6, (name, ours, theirs)
+
+
+def test_reference_module_against_float64(device):
+    """apply_rotary itself (fp32 angles, as the kernel's): fp32 within 1e-5 of float64, and a
+    float64 input stays float64."""
+    gen = torch.Generator().manual_seed(9)
+    q, _ = projected(2, 3, 37, 64, torch.float32, device, gen)
+    pos = doc_positions(2, 37, gen).to(device)
+    assert_close_rel(apply_rotary(q, pos), ref64(q, pos), 1e-5, "apply_rotary fp32")
+    out = apply_rotary(q.double(), pos)
+    assert out.dtype == torch.float64
+    assert_close_rel(out, ref64(q, pos), 1e-6, "apply_rotary float64 (fp32 angles)")
+
+
+def test_rotating_by_minus_the_angle_undoes_it(device):
+    gen = torch.Generator().manual_seed(3)
+    q, k = projected(2, 3, 17, 64, torch.float32, device, gen)
+    pos = doc_positions(2, 17, gen).to(device)
+    with torch.no_grad():
+        qo, ko = rope(q, k, pos)
+        assert report(qo, q)[1] > 0.1  # it did rotate
+        back = rope(qo, ko, -pos)
+        assert_close_rel(back[0], q, 1e-6, "q back")
+        assert_close_rel(back[1], k, 1e-6, "k back")
+        # the backward op is that inverse rotation
+        back = torch.ops.tritongpt.rope_bwd(qo, ko, pos, 10000.0)
+        assert_close_rel(back[0], q, 1e-6, "rope_bwd(q)")
+        assert_close_rel(apply_rotary(apply_rotary(q, pos), -pos), q, 1e-6, "reference back")
+
+
+def test_position_forms_agree_and_theta_matters(device):
+    """An int start, a [T] tensor and the [B, T] expansion give the same rotation; another theta
+    another one; position 0 is the identity."""
+    gen = torch.Generator().manual_seed(4)
+    q, k = projected(2, 3, 9, 16, torch.float32, device, gen)
+    with torch.no_grad():
+        a = rope(q, k, 5)
+        b = rope(q, k, torch.arange(5, 14, device=device, dtype=torch.int32))
+        c = rope(q, k, torch.arange(5, 14, device=device).expand(2, 9))
+        for x, y, z in zip(a, b, c):
+            assert torch.equal(x, y) and torch.equal(x, z)
+        assert report(rope(q, k, 5, theta=500.0)[0], a[0])[1] > 1e-2
+        assert_close_rel(rope(q, k, 5, theta=500.0)[0], ref64(q, torch.arange(5, 14), 500.0), 1e-5, "theta 500")
+        zero = rope(q, k, torch.zeros(9, dtype=torch.long, device=device))
+        assert torch.equal(zero[0], q) and torch.equal(zero[1], k)
+
+
+def test_output_layout_and_nothing_saved_but_positions(device):
+    """Outputs are [B, T, H, D] buffers seen as [B, H, T, D] (the projection's layout); autograd
+    keeps only the positions (rotating the gradients back needs nothing else)."""
+    gen = torch.Generator().manual_seed(5)
+    q, k = projected(2, 3, 17, 64, torch.float32, device, gen)
+    pos = torch.arange(17, device=device).expand(2, 17)
+    nbytes, (qo, ko) = saved_tensor_bytes(lambda: rope(q, k, pos))
+    assert nbytes == pos.untyped_storage().nbytes()
+    assert qo.stride() == ko.stride() == (17 * 3 * 64, 64, 3 * 64, 1)
+    # contiguous inputs (a gradient, a cache's keys) are read in place too
+    assert_close_rel(rope(q.contiguous(), k.contiguous(), pos)[1], ko, 0.0, "contiguous input")
+
+
+def test_empty_inputs(device):
+    q = torch.randn(2, 3, 0, 16, device=device, requires_grad=True)
+    qo, ko = rope(q, q, 0)
+    assert qo.shape == (2, 3, 0, 16)
+    (qo.sum() + ko.sum()).backward()
+    assert q.grad.shape == q.shape
+
+
+def test_bad_input_is_refused_by_name(device):
+    q = torch.randn(2, 3, 5, 16, device=device)
+    pos = torch.arange(5, device=device)
+    with pytest.raises(ValueError, match="head_dim 15 must be even"):
+        rope(q[..., :15], q[..., :15], pos)
+    with pytest.raises(ValueError, match="head_dim 258 must be even .* at most 256"):
+        rope(torch.randn(1, 1, 2, 258, device=device), torch.randn(1, 1, 2, 258, device=device), 0)
+    with pytest.raises(TypeError, match="q has dtype int64"):
+        rope(q.long(), q.long(), pos)
+    with pytest.raises(TypeError, match="dtype mismatch: q is float32, k is bfloat16"):
+        rope(q, q.bfloat16(), pos)
+    with pytest.raises(ValueError, match=r"q \(2, 3, 5, 16\) and k \(2, 3, 4, 16\) must have the same shape"):
+        rope(q, q[:, :, :4], pos)
+    with pytest.raises(ValueError, match="q must have 4 dims"):
+        rope(q[0], q[0], pos)
+    with pytest.raises(ValueError, match="tensors on different devices: q is on .*, k is on meta"):
+        rope(q, torch.empty(2, 3, 5, 16, device="meta"), pos)
+    with pytest.raises(ValueError, match="positions is on meta"):
+        rope(q, q, torch.arange(5, device="meta"))
+    with pytest.raises(TypeError, match="positions must hold integers .* got dtype torch.float32"):
+        rope(q, q, pos.float())
+    with pytest.raises(ValueError, match=r"positions must be \[T\] = \[5\] or \[B, T\] = \[2, 5\], got \(3, 5\)"):
+        rope(q, q, pos.expand(3, 5))
+    with pytest.raises(TypeError, match="positions must be an int .* got list"):
+        rope(q, q, [0, 1, 2, 3, 4])
+    for theta in (0.0, -1.0, float("inf")):
+        with pytest.raises(ValueError, match="theta must be a finite number > 0"):
+            rope(q, q, pos, theta=theta)
+    with pytest.raises(TypeError, match="theta must be a number"):
+        rope(q, q, pos, theta="1e4")
+    # the op itself checks what its kernel reads
+    with pytest.raises(ValueError, match="positions has shape"):
+        torch.ops.tritongpt.rope_fwd(q, q, pos, 10000.0)
+
+
+def test_torch_compile_fullgraph(device):
+    gen = torch.Generator().manual_seed(6)
+    q, k = projected(2, 3, 17, 64, torch.float32, device, gen)
+    pos = doc_positions(2, 17, gen).to(device)
+
+    def f(q, k, pos):
+        qo, ko = rope(q, k, pos)
+        return (qo * ko).sum()
+
+    got = torch.compile(f, backend="aot_eager", fullgraph=True)(q, k, pos)
+    got.backward()
+    grads = q.grad.clone(), k.grad.clone()
+    q.grad = k.grad = None
+    want = f(q, k, pos)
+    want.backward()
+    assert_close_rel(got.detach(), want.detach(), 1e-6, "compiled rope")
+    assert_close_rel(grads[0], q.grad, 1e-6, "compiled dq")
+    assert_close_rel(grads[1], k.grad, 1e-6, "compiled dk")
+
+
+def test_double_backward_is_refused(device):
+    q = torch.randn(1, 2, 5, 16, device=device, requires_grad=True)
+    qo, ko = rope(q, q, 0)
+    with pytest.raises(RuntimeError, match="rope: the Triton kernel has no second derivative"):
+        torch.autograd.grad((qo * ko).sum(), q, create_graph=True)
+
+
+def test_attention_rotates_q_and_k_by_their_positions():
+    """MultiHeadAttention with RoPE against the textbook in float64: project, rotate q and k by
+    the float64 formula, causal softmax attention, output projection (a rotation skipped, or one
+    of the wrong convention, fails here, where a model with none would pass the parity tests)."""
+    torch.manual_seed(7)
+    att = MultiHeadAttention(48, 3, 24, rope_theta=100.0).double()
+    x = torch.randn(2, 13, 48, dtype=torch.float64)
+    pos = torch.arange(13) + 4
+    B, T, H, D = 2, 13, 3, 16
+
+    def heads(t):
+        return t.view(B, T, H, D).transpose(1, 2)
+
+    q, k, v = (heads(lin(x)) for lin in (att.W_query, att.W_key, att.W_value))
+    q, k = ref64(q, pos, 100.0), ref64(k, pos, 100.0)
+    scores = (q @ k.transpose(-2, -1) / math.sqrt(D)).masked_fill(torch.ones(T, T).triu(1).bool(), float("-inf"))
+    want = att.out_proj((scores.softmax(-1) @ v).transpose(1, 2).reshape(B, T, 48))
+    assert_close_rel(att(x, positions=pos), want, 1e-6, "attention with rope")
+    plain = MultiHeadAttention(48, 3, 24).double()
+    plain.load_state_dict(att.state_dict())
+    assert report(plain(x), want)[1] > 1e-3
