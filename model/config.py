@@ -1,4 +1,5 @@
 """Model configurations: the GPT-2 and GPT-Neo families by name, plus small presets that train on a CPU."""
+import math
 from dataclasses import asdict, dataclass, fields, replace
 
 import numpy as np
@@ -8,6 +9,7 @@ from tritongpt.errors import UserError
 
 
 WINDOW_LAYERS = ("all", "odd")  # which layers GPTConfig.attention_window makes local
+POSITION_ENCODINGS = ("learned", "rope")  # GPTConfig.position_encoding
 
 
 @dataclass
@@ -38,7 +40,12 @@ class GPTConfig:
     # local layers: "all", or "odd" (layers 1, 3, 5, ...: GPT-Neo's alternation with global layers).
     attention_window: int = 0
     window_layers: str = "all"
-    kernels: str = "reference"  # "reference" | "triton" | "auto" | comma list of layernorm,mlp,attention,cross_entropy
+    # Position encoding: "learned" absolute embeddings added to the tokens' (GPT-2's pos_emb), or
+    # "rope", rotary embeddings of each head's queries and keys (GPT-NeoX, Llama, modded-nanogpt):
+    # no pos_emb parameter then, and rope_theta is the base of the rotation frequencies.
+    position_encoding: str = "learned"
+    rope_theta: float = 10000.0
+    kernels: str = "reference"  # "reference" | "triton" | "auto" | a comma list of toggle.KERNEL_NAMES
     # LoRA (model/lora.py): rank 0 is none; else the targets' weights are W + (alpha / rank) B A
     lora_rank: int = 0
     lora_alpha: float = 16.0
@@ -67,6 +74,16 @@ class GPTConfig:
         if self.window_layers not in WINDOW_LAYERS:
             raise UserError(f"GPTConfig.window_layers must be one of {', '.join(WINDOW_LAYERS)}, "
                             f"got {self.window_layers!r}")
+        if self.position_encoding not in POSITION_ENCODINGS:
+            raise UserError(f"GPTConfig.position_encoding must be one of {', '.join(POSITION_ENCODINGS)}, "
+                            f"got {self.position_encoding!r}")
+        if not is_real(self.rope_theta) or not math.isfinite(self.rope_theta) or self.rope_theta <= 0:
+            raise UserError(f"GPTConfig.rope_theta must be a finite number > 0 (the base of RoPE's frequencies), "
+                            f"got {self.rope_theta!r}")
+        self.rope_theta = float(self.rope_theta)
+        if self.position_encoding == "rope" and self.head_dim % 2:
+            raise UserError(f"RoPE rotates pairs of dimensions: head_dim {self.head_dim} (n_embd {self.n_embd} / "
+                            f"n_head {self.n_head}) must be even")
         for name in ("bias", "tie_weights", "scale_attention", "qkv_bias"):
             value = getattr(self, name)
             # a bool or numpy's; not a string ("False" would read as true) or a number

@@ -1,4 +1,5 @@
-"""GPTModel: token + position embeddings, a stack of TransformerBlocks, final LayerNorm, LM head."""
+"""GPTModel: token + position embeddings (or RoPE in the attention), a stack of TransformerBlocks,
+final LayerNorm, LM head."""
 import copy
 import json
 import math
@@ -12,7 +13,8 @@ import torch.utils.checkpoint
 from tritongpt._types import is_int, is_real, loss_options
 from tritongpt.errors import UserError
 from tritongpt.model.config import GPTConfig
-from tritongpt.model.layers import FeedForward, LayerNorm, MultiHeadAttention, TransformerBlock, document_starts
+from tritongpt.model.layers import (FeedForward, LayerNorm, MultiHeadAttention, Rotary, TransformerBlock,
+                                    document_starts)
 from tritongpt.model.toggle import resolve_kernels, spec_string
 
 
@@ -65,7 +67,9 @@ class GPTModel(nn.Module):
         # the same config object must not change with them
         cfg = self.config = copy.copy(cfg)
         self.tok_emb = nn.Embedding(cfg.padded_vocab_size, cfg.n_embd)
-        self.pos_emb = nn.Embedding(cfg.context_length, cfg.n_embd)
+        # GPT-2's learned absolute positions; with RoPE the attention rotates q and k instead, and
+        # there is no such parameter (nor a pos_emb.weight in the state_dict)
+        self.pos_emb = nn.Embedding(cfg.context_length, cfg.n_embd) if cfg.position_encoding == "learned" else None
         self.drop_emb = nn.Dropout(cfg.dropout)
         self.trf_blocks = nn.ModuleList(TransformerBlock(cfg, i) for i in range(cfg.n_layer))
         self.final_norm = LayerNorm(cfg.n_embd)
@@ -110,7 +114,8 @@ class GPTModel(nn.Module):
     # -- the toggle -------------------------------------------------------------------------
     def set_kernels(self, spec, check_device: bool = True):
         """Pick the path: "reference", "triton", "auto", or a subset of
-        {"layernorm", "mlp", "attention", "cross_entropy"} (the last is the loss in forward(targets=)).
+        {"layernorm", "mlp", "attention", "cross_entropy", "rope"} (cross_entropy is the loss in
+        forward(targets=); rope rotates q and k when GPTConfig.position_encoding is "rope").
 
         Only flags change; the parameters (and so the state_dict) stay exactly as they are.
         check_device=False skips the check that the weights' device can run Triton (CUDA, or
@@ -124,6 +129,12 @@ class GPTModel(nn.Module):
                 raise UserError(f"the Triton attention supports head dims {SUPPORTED_HEAD_DIMS}, and this "
                                 f"model's is {self.config.head_dim} (n_embd {self.config.n_embd} / n_head "
                                 f"{self.config.n_head}): leave 'attention' out of the kernels")
+        if "rope" in names and self.config.position_encoding == "rope":
+            from tritongpt.kernels.rope import MAX_HEAD_DIM
+
+            if self.config.head_dim > MAX_HEAD_DIM:
+                raise UserError(f"the Triton RoPE supports head dims up to {MAX_HEAD_DIM}, and this model's is "
+                                f"{self.config.head_dim}: leave 'rope' out of the kernels")
         for m in self.modules():
             if isinstance(m, LayerNorm):
                 m.use_triton = "layernorm" in names
@@ -131,6 +142,8 @@ class GPTModel(nn.Module):
                 m.use_triton = "mlp" in names
             elif isinstance(m, MultiHeadAttention):
                 m.use_triton = "attention" in names
+            elif isinstance(m, Rotary):
+                m.use_triton = "rope" in names
         self.kernels = names
         self.config.kernels = spec_string(names)
         return self
@@ -191,16 +204,20 @@ class GPTModel(nn.Module):
         if doc_ids is not None:
             self._check_doc_ids(idx, doc_ids, cache)
             pos = pos - document_starts(doc_ids)  # [B, T]: each document from position 0
-        x = self.drop_emb(self.tok_emb(idx) + self.pos_emb(pos))
+        if self.pos_emb is not None:
+            x, rope_pos = self.drop_emb(self.tok_emb(idx) + self.pos_emb(pos)), None
+        else:  # RoPE: the positions go to each attention, which rotates q and k by them
+            x, rope_pos = self.drop_emb(self.tok_emb(idx)), pos
         recompute = self.activation_checkpointing and torch.is_grad_enabled()
         mlp_out = None  # the last block's MLP output: the LayerNorm after it adds it to x
         for block in self.trf_blocks:
             if recompute and cache is None:  # (a cache refuses gradients anyway)
                 if mlp_out is not None:  # added here, so that a checkpoint keeps one tensor, not two
                     x = x + mlp_out
-                x, mlp_out = torch.utils.checkpoint.checkpoint(block, x, None, doc_ids, use_reentrant=False)
+                x, mlp_out = torch.utils.checkpoint.checkpoint(block, x, None, doc_ids, None, rope_pos,
+                                                               use_reentrant=False)
             else:
-                x, mlp_out = block(x, cache, doc_ids, mlp_out)
+                x, mlp_out = block(x, cache, doc_ids, mlp_out, rope_pos)
         if cache is not None:
             cache.pos += T
         return self.final_norm(x) if mlp_out is None else self.final_norm.add_and_norm(x, mlp_out)[1]
@@ -331,9 +348,10 @@ class GPTModel(nn.Module):
         return KVCache(self.config, batch_size, max_len, w.device, dtype)
 
     def num_params(self, non_embedding: bool = False) -> int:
-        """Unique parameters (a tied head counts once); optionally without position embeddings."""
+        """Unique parameters (a tied head counts once); optionally without position embeddings
+        (a RoPE model has none to leave out)."""
         n = sum(p.numel() for p in self.parameters())
-        if non_embedding:
+        if non_embedding and self.pos_emb is not None:
             n -= self.pos_emb.weight.numel()
         return n
 

@@ -280,16 +280,17 @@ class TransformerBlock(nn.Module):
         self.norm1 = LayerNorm(cfg.n_embd)
         self.att = MultiHeadAttention(cfg.n_embd, cfg.n_head, cfg.context_length, cfg.dropout,
                                       cfg.bias, layer_idx, cfg.layer_window(layer_idx), cfg.scale_attention,
-                                      cfg.qkv_bias)
+                                      cfg.qkv_bias, cfg.rope_theta if cfg.position_encoding == "rope" else None)
         self.norm2 = LayerNorm(cfg.n_embd)
         self.ff = FeedForward(cfg.n_embd, cfg.dropout, cfg.bias)
 
-    def forward(self, x, cache=None, doc_ids=None, mlp_out=None):
+    def forward(self, x, cache=None, doc_ids=None, mlp_out=None, positions=None):
         """x: the residual stream; mlp_out: the previous block's MLP output, not yet added (None
-        for the first block). -> (x, this block's MLP output): the block's output is their sum."""
+        for the first block); positions: the tokens' positions, for RoPE. -> (x, this block's MLP
+        output): the block's output is their sum."""
         if mlp_out is None:
             h = self.norm1(x)
         else:
             x, h = self.norm1.add_and_norm(x, mlp_out)  # x + mlp_out, and the LayerNorm of it
-        x, h = self.norm2.add_and_norm(x, self.att(h, cache, doc_ids))
+        x, h = self.norm2.add_and_norm(x, self.att(h, cache, doc_ids, positions))
         return x, self.ff(h)

@@ -13,7 +13,7 @@ import torch
 from tritongpt._env import triton_interpreting
 from tritongpt.errors import UserError
 
-KERNEL_NAMES = ("layernorm", "mlp", "attention", "cross_entropy")
+KERNEL_NAMES = ("layernorm", "mlp", "attention", "cross_entropy", "rope")
 DOT_KERNELS = ("mlp", "attention")  # built on tl.dot: tensor cores from compute capability 8.0
 
 

@@ -300,7 +300,8 @@ def test_auto_leaves_the_dot_kernels_out_below_ampere(monkeypatch, capsys):
     from tritongpt.train.common import note_slow_kernels
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    for cap, want in (((7, 0), {"layernorm", "cross_entropy"}), ((7, 5), {"layernorm", "cross_entropy"}),
+    no_dot = {"layernorm", "cross_entropy", "rope"}
+    for cap, want in (((7, 0), no_dot), ((7, 5), no_dot),
                       ((8, 0), set(KERNEL_NAMES)), ((9, 0), set(KERNEL_NAMES))):
         monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None, c=cap: c)
         assert resolve_kernels("auto", "cuda") == want, cap
@@ -332,7 +333,7 @@ def test_spec_string_round_trips_every_kernel_subset():
 def test_toggle_resolution_and_state_dict_unchanged():
     assert resolve_kernels("reference", "cpu") == frozenset()
     assert resolve_kernels("auto", "cpu") == frozenset()
-    assert resolve_kernels("auto", "cuda") == {"layernorm", "mlp", "attention", "cross_entropy"}
+    assert resolve_kernels("auto", "cuda") == {"layernorm", "mlp", "attention", "cross_entropy", "rope"}
     assert resolve_kernels("layernorm,mlp", "cpu") == {"layernorm", "mlp"}
     assert resolve_kernels({"attention"}, "cpu") == {"attention"}
     with pytest.raises(UserError, match="unknown kernel"):
@@ -579,11 +580,12 @@ def test_untied_head_stays_its_own_through_moves_and_load(tmp_path):
 
 def test_each_kernel_name_turns_on_exactly_its_modules():
     """set_kernels({name}) flips use_triton on that name's module type and no other (attention
-    was only ever checked with all four on)."""
+    was only ever checked with all four on; rope: a RoPE model's Rotary modules)."""
+    from tritongpt.model.layers import Rotary
     from tritongpt.model.toggle import KERNEL_NAMES
 
-    m = GPTModel(GPTConfig(**dict(SMALL, n_head=2)))
-    kinds = {"layernorm": LayerNorm, "mlp": FeedForward, "attention": MultiHeadAttention}
+    m = GPTModel(GPTConfig(**dict(SMALL, n_head=2), position_encoding="rope"))
+    kinds = {"layernorm": LayerNorm, "mlp": FeedForward, "attention": MultiHeadAttention, "rope": Rotary}
     for name in KERNEL_NAMES:
         m.set_kernels({name})
         assert m.kernels == {name} and m.config.kernels == name

@@ -1,5 +1,6 @@
 """RoPE: the Triton kernel (kernels/rope.py) against a float64 formula and against the reference
-(model/layers.py apply_rotary / Rotary, in MultiHeadAttention).
+(model/layers.py apply_rotary / Rotary), then a RoPE model (GPTConfig.position_encoding="rope")
+on both paths, with the KV cache, packed documents, save/load and torch.compile.
 
 On CPU the kernel runs through Triton's interpreter: a few programs per call.
 """
@@ -9,9 +10,16 @@ import pytest
 import torch
 
 from parity import assert_close_rel, report
+from tritongpt.errors import UserError
 from tritongpt.kernels._common import saved_tensor_bytes
 from tritongpt.kernels.rope import rope
+from tritongpt.model.config import GPTConfig
+from tritongpt.model.gpt import GPTModel
 from tritongpt.model.layers import MultiHeadAttention, apply_rotary, document_starts
+from tritongpt.train.generate import generate
+
+TINY = dict(vocab_size=67, context_length=24, n_embd=32, n_layer=2, n_head=2, position_encoding="rope")
+
 
 def ref64(x, positions, theta=10000.0):
     """The rotation in float64 throughout (angles too): pairs (i, i + D/2), angle pos * theta^(-2i/D)."""
@@ -231,6 +239,48 @@ def test_double_backward_is_refused(device):
         torch.autograd.grad((qo * ko).sum(), q, create_graph=True)
 
 
+# -- the model -------------------------------------------------------------------------------------
+def _randomize(model):
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return model
+
+
+def _rope_model(device, seed=0, **cfg):
+    torch.manual_seed(seed)
+    return _randomize(GPTModel(GPTConfig(**{**TINY, **cfg}))).to(device)
+
+
+def _loss_and_grads(model, idx, targets, doc_ids=None):
+    model.zero_grad(set_to_none=True)
+    with torch.no_grad():
+        logits = model(idx, doc_ids=doc_ids)
+    loss = model(idx, targets=targets, doc_ids=doc_ids)
+    loss.backward()
+    return logits, loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("kernels", ["triton", "rope"])
+def test_model_paths_agree_with_rope(kernels, device):
+    """The whole RoPE model, reference path against the Triton one (all kernels, or the rope kernel
+    alone): logits, loss and every parameter's gradient, with packed documents too."""
+    model = _rope_model(device)
+    idx = torch.randint(0, 67, (2, 19), device=device)
+    targets = torch.randint(0, 67, (2, 19), device=device)
+    doc_ids = torch.tensor([[0] * 5 + [1] * 9 + [2] * 5, [0] * 19], device=device)
+    for docs in (None, doc_ids):
+        ref = _loss_and_grads(model.set_kernels("reference"), idx, targets, docs)
+        got = _loss_and_grads(model.set_kernels(kernels), idx, targets, docs)
+        assert_close_rel(got[0], ref[0], 1e-5, "logits")
+        assert_close_rel(got[1], ref[1], 1e-5, "loss")
+        for name, g in ref[2].items():
+            # the key bias too: rotated by its position, it is no longer a shift shared by a row of
+            # scores (zero gradient without RoPE: test_model_paths), so its gradient is compared
+            assert_close_rel(got[2][name], g, 1e-4, f"grad {name}")
+    assert model.set_kernels(kernels).config.kernels == kernels
+
+
 def test_attention_rotates_q_and_k_by_their_positions():
     """MultiHeadAttention with RoPE against the textbook in float64: project, rotate q and k by
     the float64 formula, causal softmax attention, output projection (a rotation skipped, or one
@@ -252,3 +302,113 @@ def test_attention_rotates_q_and_k_by_their_positions():
     plain = MultiHeadAttention(48, 3, 24).double()
     plain.load_state_dict(att.state_dict())
     assert report(plain(x), want)[1] > 1e-3
+
+
+@pytest.mark.parametrize("path", ["reference", "triton"])
+def test_kv_cache_decode_gives_the_whole_sequences_logits(path, device):
+    """Keys are cached rotated (at their own positions): a prefill then one token at a time over
+    the cache gives the logits of the whole sequence at once (float64 on the reference path)."""
+    model = _rope_model(device, seed=1).set_kernels(path).eval()
+    if path == "reference":
+        model = model.double()
+    idx = torch.randint(0, 67, (2, 17), device=device)
+    with torch.no_grad():
+        whole = model(idx)
+        cache = model.new_cache(2)
+        steps = [model(idx[:, :6], cache)] + [model(idx[:, t:t + 1], cache) for t in range(6, 17)]
+    assert_close_rel(torch.cat(steps, 1), whole, 1e-12 if path == "reference" else 1e-5, f"{path} cached logits")
+
+
+def test_greedy_generation_same_tokens_on_both_paths(device):
+    model = _rope_model(device, seed=2).eval()
+    prompt = torch.randint(0, 67, (2, 5), device=device)
+    assert torch.equal(generate(model.set_kernels("reference"), prompt, 12),
+                       generate(model.set_kernels("triton"), prompt, 12))
+
+
+@pytest.mark.parametrize("path", ["reference", "triton"])
+def test_a_packed_row_is_its_documents_alone(path, device):
+    """With doc_ids each document's rotation counts from its own start: a packed row gives each
+    document's logits as it has them alone."""
+    model = _rope_model(device, seed=3).set_kernels(path)
+    if path == "reference":
+        model = model.double()
+    lengths = [6, 1, 11, 3]
+    idx = torch.randint(0, 67, (1, sum(lengths)), device=device)
+    doc_ids = torch.tensor([[d % 2 for d, n in enumerate(lengths) for _ in range(n)]], device=device)
+    with torch.no_grad():
+        packed = model(idx, doc_ids=doc_ids)
+        at = 0
+        for n in lengths:
+            alone = model(idx[:, at:at + n])
+            assert_close_rel(packed[:, at:at + n], alone, 1e-12 if path == "reference" else 1e-5, f"{n} logits")
+            at += n
+
+
+def test_save_load_round_trip_and_no_pos_emb(tmp_path):
+    """A RoPE model has no pos_emb (in parameters, state_dict or file); its config and theta are
+    saved and read back, and the loaded model computes the same logits."""
+    model = _rope_model("cpu", seed=4, rope_theta=500.0)
+    learned = GPTModel(GPTConfig(**{**TINY, "position_encoding": "learned"}))
+    assert model.pos_emb is None and not any("pos_emb" in k for k in model.state_dict())
+    assert learned.num_params() - model.num_params() == 24 * 32
+    assert model.num_params(non_embedding=True) == model.num_params()
+    model.save(tmp_path / "m.safetensors")
+    back = GPTModel.load(tmp_path / "m.safetensors")
+    assert (back.config.position_encoding, back.config.rope_theta) == ("rope", 500.0)
+    assert [b.att.rotary.theta for b in back.trf_blocks] == [500.0, 500.0]
+    idx = torch.randint(0, 67, (2, 9))
+    with torch.no_grad():
+        assert torch.equal(back(idx), model(idx))
+    # a rope file's weights do not fit a learned model (no pos_emb.weight): refused by name
+    from tritongpt.model.gpt import load_saved_weights
+
+    with pytest.raises(UserError, match="do not fit its saved model config.*pos_emb.weight"):
+        load_saved_weights(learned, tmp_path / "m.safetensors")
+
+
+def test_config_fields_checked_and_old_configs_read_as_learned():
+    old = {k: v for k, v in GPTConfig(**{**TINY, "position_encoding": "learned"}).to_dict().items()
+           if k not in ("position_encoding", "rope_theta")}
+    cfg = GPTConfig.from_dict(old)
+    assert (cfg.position_encoding, cfg.rope_theta) == ("learned", 10000.0)
+    assert GPTModel(cfg).pos_emb is not None
+    with pytest.raises(UserError, match="GPTConfig.position_encoding must be one of learned, rope, got 'alibi'"):
+        GPTConfig(**{**TINY, "position_encoding": "alibi"})
+    for bad in (0, -1.0, float("nan"), float("inf"), "1e4", True):
+        with pytest.raises(UserError, match="GPTConfig.rope_theta must be a finite number > 0"):
+            GPTConfig(**{**TINY, "rope_theta": bad})
+    with pytest.raises(UserError, match="head_dim 3 .* must be even"):
+        GPTConfig(**{**TINY, "n_embd": 6})
+    GPTConfig(**{**TINY, "n_embd": 6, "position_encoding": "learned"})  # odd heads are fine without RoPE
+    import numpy as np
+
+    assert type(GPTConfig(**TINY, rope_theta=np.float32(500.0)).rope_theta) is float  # saved as JSON
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_rope_model_on_triton_path_compiles_in_one_graph(checkpointing, device):
+    model = _rope_model(device, seed=5).set_kernels("triton").set_activation_checkpointing(checkpointing)
+    idx = torch.randint(0, 67, (2, 19), device=device)
+    targets = torch.randint(0, 67, (2, 19), device=device)
+    loss = torch.compile(model, backend="aot_eager", fullgraph=True)(idx, targets=targets)
+    loss.backward()
+    got = loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    loss = model(idx, targets=targets)
+    loss.backward()
+    assert_close_rel(got[0], loss.detach(), 1e-6, "compiled loss")
+    for n, p in model.named_parameters():
+        assert_close_rel(got[1][n], p.grad, 1e-5, f"compiled grad {n}")
+
+
+def test_activation_checkpointing_keeps_the_rotation(device):
+    """The checkpointed blocks get the positions too (packed documents: per token)."""
+    model = _rope_model(device, seed=6)
+    idx = torch.randint(0, 67, (2, 15), device=device)
+    doc_ids = torch.tensor([[0] * 7 + [1] * 8] * 2, device=device)
+    ref = _loss_and_grads(model, idx, idx, doc_ids)
+    got = _loss_and_grads(model.set_activation_checkpointing(True), idx, idx, doc_ids)
+    assert_close_rel(got[1], ref[1], 1e-6, "checkpointed loss")
+    for name, g in ref[2].items():
+        assert_close_rel(got[2][name], g, 1e-5, f"checkpointed grad {name}")

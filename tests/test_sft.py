@@ -13,6 +13,7 @@ from parity import assert_close_rel
 from tritongpt.errors import UserError
 from tritongpt.model.config import GPTConfig
 from tritongpt.model.gpt import GPTModel, lm_loss
+from tritongpt.model.toggle import KERNEL_NAMES
 from tritongpt.train import sft, tasks
 from tritongpt.train.loop import TrainArgs, Trainer
 from tritongpt.train.sft import Example, collate, format_prompt
@@ -472,7 +473,7 @@ def test_triton_path_runs_the_same_sft_steps(tmp_path):
                           name="sft")
         losses[path] = torch.tensor(trainer.fit()["losses"], dtype=torch.float64)
         weights[path] = model.state_dict()
-        assert model.kernels == (frozenset({"layernorm", "mlp", "attention", "cross_entropy"}) if path == "triton" else frozenset())
+        assert model.kernels == (frozenset(KERNEL_NAMES) if path == "triton" else frozenset())
     assert len(losses["reference"]) == 3 and torch.isfinite(losses["reference"]).all()
     assert_close_rel(losses["triton"], losses["reference"], 1e-4, "sft losses (triton vs reference)")
     for name, ref in weights["reference"].items():
@@ -1244,7 +1245,7 @@ def test_packed_loss_is_the_sum_of_the_examples_alone(path):
         mixed = sum(float(sft.sft_loss(model, (x, y))[0]) for x, y, _ in packed)
     assert abs(mixed - float(sums[1])) > 1e-4 * abs(float(sums[1]))  # 7e-4 here, 10x the tolerance
     if path == "triton":
-        assert model.kernels == frozenset({"layernorm", "mlp", "attention", "cross_entropy"})
+        assert model.kernels == frozenset(KERNEL_NAMES)
 
 def _packed_sft_as_rank(rank, out, rec, port, state):
     """One of two torchrun-like gloo processes running one packed SFT step through the Trainer."""

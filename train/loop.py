@@ -188,7 +188,7 @@ def add_train_args(parser: argparse.ArgumentParser, **defaults):
             g.add_argument(flag, default=d, help="auto | cpu | cuda (default %(default)s)")
         elif f.name == "kernels":
             g.add_argument(flag, default=d, help="reference | triton | auto | comma list of "
-                                                 "layernorm,mlp,attention,cross_entropy (default %(default)s)")
+                                                 "layernorm,mlp,attention,cross_entropy,rope (default %(default)s)")
         else:
             g.add_argument(flag, type=type(d), default=d,
                            help=f"{_HELP.get(f.name, f.name)} (default %(default)s)")

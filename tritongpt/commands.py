@@ -14,7 +14,7 @@ def add_model_args(p, default_model="tiny", default_text=None):
     p.add_argument("--kernels", default="auto",
                    help="reference | triton | auto (Triton on CUDA, reference on CPU; before Ampere no "
                         "Triton MLP or attention) | "
-                        "comma list of layernorm,mlp,attention,cross_entropy (default %(default)s)")
+                        "comma list of layernorm,mlp,attention,cross_entropy,rope (default %(default)s)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda (default %(default)s)")
 
 
