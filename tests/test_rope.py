@@ -412,3 +412,97 @@ def test_activation_checkpointing_keeps_the_rotation(device):
     assert_close_rel(got[1], ref[1], 1e-6, "checkpointed loss")
     for name, g in ref[2].items():
         assert_close_rel(got[2][name], g, 1e-5, f"checkpointed grad {name}")
+
+
+def test_pad_vocab_and_lora_keep_a_rope_model():
+    """What rebuilds or wraps a model (pad_vocab, LoRA's attach and merge) keeps it RoPE, with its
+    logits: they touched pos_emb's neighbours, never pos_emb itself."""
+    from tritongpt.model.lora import add_lora, merge_lora
+
+    model = _rope_model("cpu", seed=8, rope_theta=700.0).eval()
+    idx = torch.randint(0, 67, (2, 9))
+    with torch.no_grad():
+        want = model(idx)
+        padded = model.pad_vocab(16)
+        assert padded.config.position_encoding == "rope" and padded.pos_emb is None
+        assert_close_rel(padded(idx), want, 1e-6, "padded rope model")
+        add_lora(model, 2)
+        assert_close_rel(model(idx), want, 1e-6, "rope model with a zero LoRA update")
+        merge_lora(model)
+        assert model.trf_blocks[0].att.rotary.theta == 700.0
+
+
+# -- the command line --------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    from types import SimpleNamespace
+
+    from tritongpt.train.data import load_text
+    from tritongpt.train.tokenizer import BPETokenizer
+
+    d = tmp_path_factory.mktemp("corpus")
+    text = load_text("pydoc")[:16000]
+    (d / "small.txt").write_text(text)
+    BPETokenizer.train(text, 300, name="small").save(d / "tok.json")
+    return SimpleNamespace(text=d / "small.txt", tok=d / "tok.json", cache=d / "cache")
+
+
+def test_pretrain_position_encoding_rope_end_to_end(corpus, tmp_path, capsys, one_thread):
+    """pretrain --position-encoding rope --rope-theta: a RoPE model, saved as one; --init keeps it
+    (and refuses another encoding or theta); a resume with other flags is refused by the shared
+    check; the export to GPT-2 is refused; info shows it; GPT-2's weights cannot become RoPE."""
+    from tritongpt.cli import main
+
+    def argv(out, *extra):
+        return ["pretrain", "--data", str(corpus.text), "--tokenizer", str(corpus.tok), "--cache-dir",
+                str(corpus.cache), "--out-dir", str(out), "--device", "cpu", "--kernels", "reference",
+                "--block-size", "32", "--batch-size", "4", "--sample-tokens", "0", "--log-every", "0",
+                "--eval-every", "0", *extra]
+
+    rope_flags = ("--position-encoding", "rope", "--rope-theta", "500")
+    assert main(argv(tmp_path / "rope", "--max-steps", "1", *rope_flags)) == 0
+    assert ", RoPE (theta 500)) on cpu" in capsys.readouterr().out
+    weights = tmp_path / "rope" / "ckpt-0000001" / "model.safetensors"
+    model = GPTModel.load(weights)
+    assert (model.config.position_encoding, model.config.rope_theta, model.pos_emb) == ("rope", 500.0, None)
+    # --init keeps the model's own positions; another encoding or theta would change what it computes
+    init = ("--init", str(tmp_path / "rope"), "--max-steps", "1")
+    for flag, given, has in (("--position-encoding", "learned", "rope"), ("--rope-theta", "1000", "500")):
+        assert main(argv(tmp_path / "again", *init, flag, given)) == 2
+        assert f"{flag} {given} would change what --init's model computes (its {flag[2:].replace('-', '_')} is " \
+               f"{has})" in capsys.readouterr().err
+    assert main(argv(tmp_path / "again", *init, *rope_flags)) == 0
+    assert GPTModel.load(tmp_path / "again" / "ckpt-0000001" / "model.safetensors").config.rope_theta == 500.0
+    capsys.readouterr()
+    # a resume builds the model from the flags: without them it would go on as another model
+    more = ("--max-steps", "2", "--resume")
+    assert main(argv(tmp_path / "rope", *more)) == 2
+    assert "--resume: " in (err := capsys.readouterr().err)
+    assert "model rotates q and k (RoPE, theta 500), this run's model learns position embeddings: pass " \
+           "--position-encoding rope --rope-theta 500" in err
+    assert main(argv(tmp_path / "rope", *more, "--position-encoding", "rope")) == 2
+    assert "this run's model rotates q and k (RoPE, theta 10000)" in capsys.readouterr().err
+    assert main(argv(tmp_path / "rope", *more, *rope_flags)) == 0
+    capsys.readouterr()
+    # --rope-theta without RoPE (its own or --init's) would do nothing: said, not ignored
+    for extra in ((), ("--position-encoding", "learned")):
+        assert main(argv(tmp_path / "bad", *extra, "--rope-theta", "500")) == 2
+        assert "--rope-theta 500 is RoPE's base: without --position-encoding rope" in capsys.readouterr().err
+    assert main(argv(tmp_path / "bad", "--position-encoding", "rope", "--rope-theta", "-1")) == 2
+    assert "--rope-theta must be a finite number > 0, got -1" in capsys.readouterr().err
+    # GPT-2's published weights learned their positions: refused before any download
+    assert main(argv(tmp_path / "bad", "--init", "gpt2-small", "--position-encoding", "rope")) == 2
+    assert "--init gpt2-small: GPT-2's weights were trained with learned position embeddings, not RoPE: " \
+           "--position-encoding rope cannot start from them" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # the flag's choices, at parsing
+        main(argv(tmp_path / "bad", "--position-encoding", "alibi"))
+    assert "--position-encoding: invalid choice: 'alibi'" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
+    # Hugging Face's GPT-2 has no RoPE: no export; info shows the model's own
+    assert main(["export", str(tmp_path / "rope"), "--out", str(tmp_path / "hf")]) == 2
+    assert "this model rotates q and k by their positions (position_encoding rope, rope_theta 500), where " \
+           "Hugging Face's GPT-2 learns position embeddings: it cannot be exported" in capsys.readouterr().err
+    assert not (tmp_path / "hf").exists()
+    assert main(["info", "--weights", str(tmp_path / "rope")]) == 0
+    out = capsys.readouterr().out
+    assert "  position_encoding rope\n" in out and "  rope_theta      500.0\n" in out

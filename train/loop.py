@@ -436,16 +436,23 @@ class Trainer:
         return self.last_ckpt
 
     def _check_same_function(self, ckpt, saved_cfg):
-        """The same weights' shapes, another function of them (a logit soft cap, local attention,
-        unscaled attention scores):
-        the run would go on as another model. A config from before a field reads as without it;
-        no saved config (a bare weights file) is not compared."""
+        """Another function of the weights (a logit soft cap, local attention, unscaled attention
+        scores, the position encoding: RoPE or learned, RoPE's theta): the run would go on as another
+        model. A config from before a field reads as without it; no saved config (a bare weights file)
+        is not compared."""
         cfg = self._cfg
         if cfg is None or not saved_cfg:
             return
         cap = saved_cfg.get("logit_softcap", 0.0)
         window, layers = saved_cfg.get("attention_window", 0), saved_cfg.get("window_layers", "all")
-        if cap != cfg.logit_softcap:
+        encoding, theta = saved_cfg.get("position_encoding", "learned"), saved_cfg.get("rope_theta", 10000.0)
+        if encoding != cfg.position_encoding or (encoding == "rope" and theta != cfg.rope_theta):
+            def positions(e, t):
+                return f"rotates q and k (RoPE, theta {t:g})" if e == "rope" else "learns position embeddings"
+
+            what = f"{positions(encoding, theta)}, this run's model {positions(cfg.position_encoding, cfg.rope_theta)}"
+            flags = f"--position-encoding {encoding}" + (f" --rope-theta {theta:g}" if encoding == "rope" else "")
+        elif cap != cfg.logit_softcap:
             what = f"soft-caps its logits at {cap:g}, this run's at {cfg.logit_softcap:g} (0: none)"
             flags = f"--logit-softcap {cap:g}"
         elif window != cfg.attention_window or (window and layers != cfg.window_layers):
@@ -479,9 +486,10 @@ class Trainer:
         if was != self.args.optimizer:  # its state (moments, momentum) is of the run's optimizer
             raise UserError(f"--resume: {ckpt}'s run trained with --optimizer {was}, not {self.args.optimizer}: "
                             f"pass --optimizer {was}")
-        common.load_checkpoint_weights(self.raw_model, ckpt, self.device, self._cfg, "model")
         saved_cfg = common.saved_model_config(ckpt / "model.safetensors")
+        # before the weights: a RoPE model's have no pos_emb, and the shapes' error would name --model
         self._check_same_function(ckpt, saved_cfg)
+        common.load_checkpoint_weights(self.raw_model, ckpt, self.device, self._cfg, "model")
         # dropout changes the run too but is the model's (pretrain --dropout), not a TrainArgs field:
         # compared with the model config saved beside the weights (a resume without --dropout
         # silently trained on at the preset's rate)

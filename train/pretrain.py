@@ -16,12 +16,13 @@ the model is a GPTModel whose vocabulary is the tokenizer's and which computes i
 (lm_loss, or the Triton cross-entropy on that path); the Trainer (train/loop.py) does the rest.
 """
 import argparse
+import math
 from pathlib import Path
 
 import torch
 
 from tritongpt.errors import UserError, note
-from tritongpt.model.config import WINDOW_LAYERS
+from tritongpt.model.config import POSITION_ENCODINGS, WINDOW_LAYERS
 
 DEFAULTS = dict(out_dir="runs/pretrain", max_steps=300, batch_size=16, grad_accum=1, lr=2e-3, min_lr=2e-4,
                 warmup_steps=30, weight_decay=0.1, eval_every=50, eval_batches=8, ckpt_every=100,
@@ -69,6 +70,14 @@ def add_args(p: argparse.ArgumentParser):
     p.add_argument("--window-layers", choices=WINDOW_LAYERS, default=None,
                    help="which layers --attention-window makes local: all, or odd (1, 3, 5, ...: GPT-Neo's "
                         "alternation with global layers) (default: all, or what --init's model has)")
+    p.add_argument("--position-encoding", choices=POSITION_ENCODINGS, default=None,
+                   help="positions for the new model: learned, GPT-2's absolute embeddings, or rope, rotary "
+                        "embeddings of each head's queries and keys (GPT-NeoX, Llama; GPTConfig.position_encoding: no "
+                        "position embedding parameter; the Triton path rotates q and k in one kernel). A RoPE model "
+                        "cannot be exported to Hugging Face's GPT-2. Default: learned, or what --init's model has")
+    p.add_argument("--rope-theta", type=float, default=None, metavar="T",
+                   help="RoPE's base: dimension pair i turns by position * T^(-2i/head_dim) (GPTConfig.rope_theta; "
+                        "default 10000, GPT-NeoX's and Llama 2's, or what --init's model has)")
     d.add_argument("--document-mask", action="store_true",
                    help="keep the documents of a training window apart: each token attends to its own document "
                         "only (split at <|endoftext|>, which opens each document), and positions count from its "
@@ -138,6 +147,7 @@ class DataPosition:
 
 
 NO_WINDOW = "--window-layers {} picks the layers --attention-window makes local: without a window it does nothing"
+NO_ROPE = "--rope-theta {:g} is RoPE's base: without --position-encoding rope (its own or --init's) it does nothing"
 
 
 def check_args(args, targs):
@@ -167,6 +177,11 @@ def check_args(args, targs):
                         f"got {args.attention_window}")
     if args.window_layers is not None and args.init is None and not args.attention_window:
         raise UserError(NO_WINDOW.format(args.window_layers))
+    if args.rope_theta is not None:
+        if not math.isfinite(args.rope_theta) or args.rope_theta <= 0:
+            raise UserError(f"--rope-theta must be a finite number > 0, got {args.rope_theta:g}")
+        if args.init is None and args.position_encoding != "rope":
+            raise UserError(NO_ROPE.format(args.rope_theta))
     data.check_text_field(args.data, args.text_field)
     if Path(str(args.data or "")).suffix == ".json":
         note(f"{args.data} is read as plain text, brackets and keys included (JSON records "
@@ -177,6 +192,7 @@ def check_args(args, targs):
     # load_splits' barrier, which every process reaches after its node's download
     hellaswag_examples(args, fetch=common.dist_env()[1] == 0)
     vocab_multiple(args)
+    refuse_rope_from_gpt2(args)
     common.set_seed(targs.seed)  # the preset's random weights (and --init tiny's)
     if args.init is not None:
         # --model only when given: it names the heads of a GPT-2 file without its config.json
@@ -187,7 +203,9 @@ def check_args(args, targs):
             model.set_dropout(args.dropout)
         if args.window_layers is not None and not (args.attention_window or model.config.attention_window):
             raise UserError(NO_WINDOW.format(args.window_layers))
-        for field in ("logit_softcap", "attention_window", "window_layers"):
+        if args.rope_theta is not None and (args.position_encoding or model.config.position_encoding) != "rope":
+            raise UserError(NO_ROPE.format(args.rope_theta))
+        for field in ("logit_softcap", "attention_window", "window_layers", "position_encoding", "rope_theta"):
             given, has = getattr(args, field), getattr(model.config, field)
             if given is not None and given != has:
                 show = (lambda v: f"{v:g}") if isinstance(has, float) else str
@@ -199,7 +217,8 @@ def check_args(args, targs):
         name = args.model or "tiny"
         cfg = get_config(name, vocab_size=model_vocab(name, tok, preset.vocab_size),
                          dropout=args.dropout, vocab_multiple=args.vocab_multiple, logit_softcap=args.logit_softcap,
-                         attention_window=args.attention_window, window_layers=args.window_layers)
+                         attention_window=args.attention_window, window_layers=args.window_layers,
+                         position_encoding=args.position_encoding, rope_theta=args.rope_theta)
         model = GPTModel(cfg)
     context = model.config.context_length
     block = context if args.block_size is None else args.block_size
@@ -211,6 +230,20 @@ def check_args(args, targs):
     if len(prompt_ids) > context:
         raise UserError(f"--prompt is {len(prompt_ids)} tokens; the context is {context}")
     return model, tok, block, prompt_ids
+
+
+def refuse_rope_from_gpt2(args):
+    """--init gpt2-small (a name: the published weights) with --position-encoding rope or --rope-theta:
+    refused before the download. GPT-2's weights are trained with learned position embeddings (wpe),
+    which a RoPE model has none of; its attention expects them in the residual stream."""
+    from tritongpt.train.gpt2_weights import HUB_REPOS
+
+    if args.init not in HUB_REPOS or Path(args.init).expanduser().exists():
+        return
+    if args.position_encoding == "rope" or args.rope_theta is not None:
+        flag = "--position-encoding rope" if args.position_encoding == "rope" else f"--rope-theta {args.rope_theta:g}"
+        raise UserError(f"--init {args.init}: GPT-2's weights were trained with learned position embeddings, "
+                        f"not RoPE: {flag} cannot start from them (leave it out, or train a RoPE model without --init)")
 
 
 def hellaswag_examples(args, fetch: bool = True) -> list | None:
@@ -288,13 +321,14 @@ def print_header(args, targs, model, tok, block, splits, trainer):
     cfg, n_train, n_val = model.config, len(splits["train"]), len(splits["val"])
     padded = f" padded to {cfg.padded_vocab_size}" if cfg.padded_vocab_size != cfg.vocab_size else ""
     local = f", local attention over {cfg.attention_window} positions in {cfg.window_layers} layers"
+    rope = f", RoPE (theta {cfg.rope_theta:g})" if cfg.position_encoding == "rope" else ""
     print(f"pretrain: {model_name(args)} ({model.num_params() / 1e6:.2f}M params, vocab {cfg.vocab_size}{padded}, "
           f"context {cfg.context_length}"
           f"{f', trained on {block}-token blocks' if block != cfg.context_length else ''}"
           f"{f', logits soft-capped at {cfg.logit_softcap:g}' if cfg.logit_softcap else ''}"
           f"{local if cfg.attention_window else ''}"
           f"{', attention scores unscaled' if not cfg.scale_attention else ''}"
-          f"{', no q/k/v biases' if cfg.bias and not cfg.qkv_bias else ''}) "
+          f"{', no q/k/v biases' if cfg.bias and not cfg.qkv_bias else ''}{rope}) "
           f"on {trainer.device} ({str(trainer.dtype).replace('torch.', '')}, kernels {cfg.kernels}"
           f"{', ' + str(trainer.world_size) + ' processes' if trainer.ddp else ''})")
     per_step = targs.batch_size * targs.grad_accum * trainer.world_size
