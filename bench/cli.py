@@ -147,7 +147,7 @@ def add_cli(sub):
                    help="torch CPU threads for the CPU-side timings (default: torch's choice)")
     k = p.add_argument_group("kernels")
     k.add_argument("--ops", default="layernorm,mlp,attention,cross_entropy,lm_head_loss,doc_attention,"
-                                   "window_attention,add_layernorm,lm_head_loss_smooth_z,lm_head_loss_softcap",
+                                   "window_attention,add_layernorm,rope,lm_head_loss_smooth_z,lm_head_loss_softcap",
                    help="comma list (default: all of %(default)s; lm_head_loss_smooth_z is the LM head + loss with "
                         "label smoothing 0.1 and z-loss 1e-4, lm_head_loss_softcap with the logits soft-capped to "
                         "30 tanh(logits / 30))")

@@ -97,6 +97,14 @@ def add_layernorm_bytes(m: int, n: int, stream_elem: int, delta_elem: int, mode:
     return {"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd + bwd}[_check_mode(mode)]
 
 
+def rope_bytes(tokens: int, heads: int, head_dim: int, elem: int, mode: str) -> int:
+    """The least memory traffic of RoPE on q and k ([tokens, heads, head_dim] each): forward reads
+    both and writes both rotated; backward the same for their gradients (positions, and cos/sin or
+    their table, not counted)."""
+    one = 4 * tokens * heads * head_dim * elem
+    return {"fwd": one, "bwd": one, "fwd+bwd": 2 * one}[_check_mode(mode)]
+
+
 def lm_head_flops(n: int, c: int, v: int, mode: str) -> int:
     """LM head on n rows: [n, c] @ [c, v] forward; backward two such products (dhidden, dweight).
     The softmax is elementwise and left out."""

@@ -5,7 +5,7 @@ pass every test on a CPU machine and still fail to build for a GPU, spill regist
 memory, or ask for more shared memory than an SM has. This check catches those on any machine:
 
   1. capture  The real launchers (`_fwd_launch` / `_bwd_launch` in kernels/layernorm.py,
-              mlp.py, attention.py and cross_entropy.py) run on meta tensors (shapes, dtypes and strides, no
+              mlp.py, attention.py and cross_entropy.py, `_launch` in rope.py) run on meta tensors (shapes, dtypes and strides, no
               data) at GPT-2 sizes. Each `kernel[grid](...)` is recorded instead of launched,
               with exactly the arguments a GPU run would pass.
   2. configs  For an autotuned kernel, the configs its autotuner would time for that launch
@@ -108,7 +108,7 @@ def capture(quick=False, half="bfloat16"):
     from triton.runtime.autotuner import Autotuner
     from triton.runtime.jit import JITFunction
 
-    from tritongpt.kernels import attention, cross_entropy, layernorm, mlp
+    from tritongpt.kernels import attention, cross_entropy, layernorm, mlp, rope
 
     launches, case = [], [""]
 
@@ -177,6 +177,14 @@ def capture(quick=False, half="bfloat16"):
                             o, lse = attention._fwd_launch(q, k, k, True, d ** -0.5, p, seed, starts, starts)
                             attention._bwd_launch(torch.empty_like(o), q, k, k, o, lse, True, d ** -0.5, p, seed,
                                                   starts, starts)
+
+            for d in ((64,) if quick else (64, 128, 256)):  # RoPE of q and k: GPT-2's heads, the widest it takes
+                case[0] = f"rope {name} {TOKENS} tokens hd{d}"
+                heads, batch = max(768 // d, 1), TOKENS // ATTN_SEQ
+                q = torch.empty(batch, ATTN_SEQ, heads, d, dtype=dt, **meta).transpose(1, 2)
+                positions = torch.empty(batch, ATTN_SEQ, dtype=torch.int64, **meta)
+                for inverse in (False, True):  # forward, and backward's rotation by -angle
+                    rope._launch(q, q, positions, 10000.0, inverse)
     finally:
         JITFunction.run, Autotuner.run, layernorm._sm_count = saved
     return launches

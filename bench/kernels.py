@@ -11,8 +11,8 @@ Providers per op (a provider that cannot run gives a "skipped: why" row, never a
                 lm_head_loss_softcap: F.linear, c * tanh(logits / c), F.cross_entropy)
     compile     torch.compile of the reference module
     triton      ours: tritongpt.kernels.* (imported lazily)
-    liger       Liger-Kernel's LayerNorm, cross-entropy and fused linear cross-entropy, when
-                liger_kernel is installed
+    liger       Liger-Kernel's LayerNorm, cross-entropy, fused linear cross-entropy and RoPE
+                (liger_rotary_pos_emb), when liger_kernel is installed
     flash-attn  Tri Dao's flash-attn package (FlashAttention-2, `flash_attn.flash_attn_func`) and
     flash-attn-3  its Hopper build (FlashAttention-3, `flash_attn_interface.flash_attn_func`),
                 when installed; they take [B, T, H, D] and fp16/bf16 only
@@ -28,6 +28,11 @@ the same FLOPs are counted. lm_head_loss_softcap is the plain one on logits soft
 c * tanh(logits / c), c = 30 (Gemma 2's and modded-nanogpt's; GPTConfig.logit_softcap, the kernels'
 and Liger's softcap), the same FLOPs counted too. They run last of all, the soft cap after the
 other, so a time budget that runs out drops the soft cap first, then smoothing and z-loss.
+rope rotates q and k [B, H, T, D] (views of the projection's [B, T, H, D], as the model makes them)
+at positions 0..T-1: the reference Rotary module (cos/sin made each call, as the model does), it
+compiled, ours (cos/sin in the kernel) and Liger's liger_rotary_pos_emb, which reads HF-style
+cos/sin tables [1, T, D] in q's dtype, made once before the timing (a model makes them once per
+forward): its rows leave that out.
 Modes: fwd (inputs require grad, as in training), bwd (backward of a kept graph,
 retain_graph=True), fwd+bwd. Backward starts from a random gradient, or from 1 for a loss (as
 loss.backward() does). Gradients are reset to None before each timed call.
@@ -35,7 +40,7 @@ loss.backward() does). Gradients are reset to None before each timed call.
 import torch
 import torch.nn.functional as F
 
-from tritongpt.bench.common import (MODES, add_layernorm_bytes, attention_flops, cross_entropy_bytes,
+from tritongpt.bench.common import (MODES, add_layernorm_bytes, attention_flops, cross_entropy_bytes, rope_bytes,
                                     document_attention_flops,
                                     dtype_name, gbps, is_ok, layernorm_bytes, lm_head_flops,
                                     make_row, matmul_flops, mlp_flops, reason_of,
@@ -69,6 +74,8 @@ PROVIDERS = {
     "doc_attention": ("reference", "sdpa-mask", "flex", "triton"),
     # local attention over the last attn_window positions (GPTConfig.attention_window)
     "window_attention": ("reference", "sdpa-mask", "flex", "triton", *FLASH_ATTN),
+    # rotary embeddings of q and k (GPTConfig.position_encoding "rope")
+    "rope": ("reference", "compile", "triton", "liger"),
 }
 DOCUMENTS_PER_ROW = 8  # doc_attention: random lengths, this many per sequence
 SMOOTH_Z = dict(label_smoothing=0.1, z_loss=1e-4)  # lm_head_loss_smooth_z's options (1e-4: PaLM's z-loss)
@@ -81,12 +88,14 @@ FULL_SIZES = dict(ln_rows=16384, ln_widths=(768, 1024, 1280, 1600),
                   mlp_rows=16384, mlp_widths=(768, 1024, 1280, 1600),
                   attn_seqlens=(256, 512, 1024, 2048, 4096, 8192), attn_head_dims=(64, 128),
                   attn_window=256, attn_tokens=16384, attn_width=2048,
-                  ce_rows=16384, ce_vocabs=(50257,), head_widths=(768,))
+                  ce_rows=16384, ce_vocabs=(50257,), head_widths=(768,),
+                  rope_tokens=16384, rope_seq_len=1024, rope_heads=(12, 16), rope_head_dim=64)
 QUICK_SIZES = dict(ln_rows=4096, ln_widths=(768, 1600),
                    mlp_rows=4096, mlp_widths=(768,),
                    attn_seqlens=(1024,), attn_head_dims=(64,),
                    attn_window=256, attn_tokens=8192, attn_width=2048,
-                   ce_rows=4096, ce_vocabs=(50257,), head_widths=(768,))
+                   ce_rows=4096, ce_vocabs=(50257,), head_widths=(768,),
+                   rope_tokens=16384, rope_seq_len=1024, rope_heads=(12,), rope_head_dim=64)
 
 
 def randn(*shape, device, dtype, scale=1.0, requires_grad=True):
@@ -420,6 +429,41 @@ def lm_head_loss_providers(h, w, t):
 
     return _lm_head_variant_providers(h, w, t, lambda h, w, t: lm_loss(F.linear(h, w)[None], t[None]),
                                       lambda h, w, t: F.cross_entropy(F.linear(h, w), t), {}, {})
+
+
+def rope_providers(q, k, theta=10000.0, leaves=None):
+    """q, k [B, H, T, D] at positions 0..T-1 -> (q, k) rotated (half-split, as Llama's). leaves: the
+    tensors whose gradients to reset, when q and k are views of them (default q and k)."""
+    from tritongpt.model.layers import Rotary, rope_inv_freq
+
+    T, D = q.shape[2], q.shape[3]
+    pos = torch.arange(T, device=q.device)
+    leaves = list(leaves) if leaves is not None else [q, k]
+
+    def reference():
+        m = Rotary(D, theta)
+        return (lambda: m(q, k, pos)), leaves
+
+    def compiled():
+        cm = _fresh_compile(Rotary(D, theta))
+        return (lambda: cm(q, k, pos)), leaves
+
+    def triton_op():
+        fn, why = try_import("tritongpt.kernels.rope", "rope")
+        if fn is None:
+            raise Unavailable(why)
+        return (lambda: fn(q, k, pos, theta)), leaves
+
+    def liger():
+        fn, why = try_import("liger_kernel.transformers.rope", "liger_rotary_pos_emb")
+        if fn is None:
+            raise Unavailable(why)
+        # HF's tables: the angles twice over (one copy per half), in q's dtype, [1, T, D]
+        angles = pos.float()[:, None] * rope_inv_freq(D, theta, q.device)
+        cos, sin = (torch.cat([f, f], -1)[None].to(q.dtype) for f in (angles.cos(), angles.sin()))
+        return (lambda: fn(q, k, cos, sin)), leaves
+
+    return {"reference": reference, "compile": compiled, "triton": triton_op, "liger": liger}
 
 
 def positional_args(function, **values) -> list:
@@ -876,6 +920,24 @@ def sweep_lm_head_loss_softcap(timer, budget, rows_n, widths, vocabs, dtype, mod
                           timer, budget, rows_n, widths, vocabs, dtype, modes, providers, options)
 
 
+def sweep_rope(timer, budget, tokens, seq_len, heads, head_dim, dtype, modes=MODES, providers=None):
+    """q and k of `heads` heads of head_dim, tokens = batch x seq_len, each a [B, H, T, D] view of a
+    [B, T, H, D] tensor, as the attention's projection gives them; bytes: q and k read and written."""
+    out = []
+    dev = timer.device
+    b = max(1, tokens // seq_len)
+    for h in heads:
+        cfg = {"batch": b, "heads": h, "seq_len": seq_len, "head_dim": head_dim, "dtype": dtype_name(dtype)}
+        leaves = [randn(b, seq_len, h, head_dim, device=dev, dtype=dtype) for _ in range(2)]
+        q, k = (t.transpose(1, 2) for t in leaves)
+        elem = q.element_size()
+        out += bench_providers("rope", cfg, rope_providers(q, k, leaves=leaves), modes, timer, budget,
+                               lambda m: {"bytes": rope_bytes(b * seq_len, h, head_dim, elem, m)}, providers)
+        del q, k, leaves
+        timer.cleanup()
+    return out
+
+
 def _sweep_lm_head(op, make_providers, timer, budget, rows_n, widths, vocabs, dtype, modes, providers, options=None):
     out = []
     dev = timer.device
@@ -919,6 +981,7 @@ def _sweep_plan(sizes, part):
             "add_layernorm": [sizes["ln_widths"]] if part == "rest" else [],
             "cross_entropy": [sizes["ce_vocabs"]] if part == "rest" else [],
             "lm_head_loss": [sizes["head_widths"]] if part == "rest" else [],
+            "rope": [sizes["rope_heads"]] if part == "rest" else [],
             # with label smoothing and z-loss, then soft-capped: last of all (_run_plan), the first a short
             # budget drops
             "lm_head_loss_smooth_z": [sizes["head_widths"]] if part == "rest" else [],
@@ -928,7 +991,7 @@ def _sweep_plan(sizes, part):
 
 def run_kernels(timer, budget, dtype=torch.bfloat16,
                 ops=("layernorm", "mlp", "attention", "cross_entropy", "lm_head_loss", "doc_attention",
-                     "window_attention", "add_layernorm", "lm_head_loss_smooth_z", "lm_head_loss_softcap"),
+                     "window_attention", "add_layernorm", "rope", "lm_head_loss_smooth_z", "lm_head_loss_softcap"),
                 modes=MODES, providers=None, sizes=None, ceiling_sizes=None, log=print):
     """All sweeps plus the ceilings; returns (rows, ceilings).
 
@@ -992,6 +1055,10 @@ def _run_plan(rows, timer, budget, dtype, ops, modes, sizes, groups, log):
                 log(f"local attention over {sizes['attn_window']} positions{label}: T {list(seqlens)} ...")
                 rows += sweep_window_attention(timer, budget, seqlens, head_dims, dtype, sizes["attn_window"],
                                                sizes["attn_tokens"], sizes["attn_width"], modes, provs)
+            for heads in plan["rope"] if "rope" in ops else ():
+                log(f"rope{label}: heads {list(heads)} of {sizes['rope_head_dim']}, {sizes['rope_tokens']} tokens ...")
+                rows += sweep_rope(timer, budget, sizes["rope_tokens"], sizes["rope_seq_len"], heads,
+                                   sizes["rope_head_dim"], dtype, modes, provs)
         # the LM head + loss variants after every other row, compiled ones too, each whole in turn
         late = (("lm_head_loss_smooth_z", sweep_lm_head_loss_smooth_z,
                  f"label smoothing {SMOOTH_Z['label_smoothing']}, z-loss {SMOOTH_Z['z_loss']}"),
@@ -1013,7 +1080,8 @@ def sort_rows(rows):
         order = PROVIDERS.get(r["op"], ())
         prov = order.index(r["provider"]) if r["provider"] in order else len(order)
         c = r["config"]
-        cfg = (c.get("head_dim", 0), c.get("seq_len", 0), c.get("width", 0), c.get("vocab", 0), c.get("rows", 0))
+        cfg = (c.get("head_dim", 0), c.get("seq_len", 0), c.get("width", 0), c.get("vocab", 0), c.get("rows", 0),
+               c.get("heads", 0))
         return (ops.index(r["op"]) if r["op"] in ops else len(ops), r.get("mode") == "saved", cfg, prov,
                 mode_order.get(r.get("mode"), 9))
 

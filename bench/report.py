@@ -326,6 +326,7 @@ def plot_kernels(rows, ceilings, out_dir) -> list:
              "attention": ("seq_len", "tflops", "TFLOPS", "matmul"),
              "doc_attention": ("seq_len", "tflops", "TFLOPS", "matmul"),
              "window_attention": ("seq_len", "tflops", "TFLOPS", "matmul"),
+             "rope": ("heads", "gbps", "GB/s", "copy"),
              "cross_entropy": ("vocab", "gbps", "GB/s", "copy"),
              "lm_head_loss": ("vocab", "tflops", "TFLOPS", "matmul"),
              "lm_head_loss_smooth_z": ("vocab", "tflops", "TFLOPS", "matmul"),

@@ -89,8 +89,9 @@ def _rope_kernel(Q, K, QO, KO, Pos, InvFreq, T, n_heads, n_tblocks,
 def _block_t(T: int, half: int) -> int:
     if triton_interpreting():
         return min(triton.next_power_of_2(max(T, 1)), 64)  # the interpreter pays per program: few, big
-    # ~2K fp32 values per half-tile: enough loads in flight at 4 warps without spilling
-    return max(1, min(triton.next_power_of_2(max(T, 1)), 4096 // triton.next_power_of_2(half)))
+    # 2K values per half-tile at 4 warps: 16 a thread for each of x1, x2, cos, sin (4K made 160
+    # registers a thread in the sm_90 build, bench compile: too few warps per SM to hide latency)
+    return max(1, min(triton.next_power_of_2(max(T, 1)), 2048 // triton.next_power_of_2(half)))
 
 
 @on_tensor_device

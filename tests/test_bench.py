@@ -416,16 +416,18 @@ def test_run_kernels_end_to_end_on_cpu():
         CpuTimer(reps=1), Budget(None), torch.float32, providers=("reference", "torch", "sdpa-flash"),
         sizes=dict(ln_rows=8, ln_widths=(40, 24), mlp_rows=8, mlp_widths=(8,), attn_seqlens=(32, 16),
                    attn_head_dims=(8,), attn_tokens=32, attn_width=16, attn_window=20, ce_rows=8, ce_vocabs=(30,),
-                   head_widths=(12,)),
+                   head_widths=(12,), rope_tokens=32, rope_seq_len=16, rope_heads=(2, 3), rope_head_dim=8),
         ceiling_sizes=dict(copy_bytes=1 << 16, matmul_n=32, dtype=torch.float32), log=lambda s: None)
     assert ceil["copy"]["gbps"] > 0 and ceil["matmul"]["tflops"] > 0
     assert all(r["status"] == "ok" for r in rows), [r["status"] for r in rows if r["status"] != "ok"]
     timed = [r for r in rows if r["mode"] != "saved"]
     # layernorm, mlp, attention, cross_entropy, lm_head_loss, documents (reference), a window of 20 (reference,
     # T=32 only: at 16 it would be causal attention), residual add + layernorm, lm_head_loss with label
-    # smoothing and z-loss, lm_head_loss on soft-capped logits
+    # smoothing and z-loss, lm_head_loss on soft-capped logits, rope at 2 and 3 heads (reference)
     assert len(timed) == (2 * 2 * 3 + 1 * 2 * 3 + 2 * 2 * 3 + 1 * 2 * 3 + 1 * 2 * 3 + 2 * 3 + 3 + 2 * 2 * 3 + 1 * 2 * 3
-                          + 1 * 2 * 3)
+                          + 1 * 2 * 3 + 2 * 3)
+    assert [(r["config"]["batch"], r["config"]["heads"]) for r in timed if r["op"] == "rope"] == \
+        [(2, 2)] * 3 + [(2, 3)] * 3
     assert {(r["config"]["seq_len"], r["config"]["window"]) for r in timed if r["op"] == "window_attention"} == \
         {(32, 20)}
     assert [(r["config"]["label_smoothing"], r["config"]["z_loss"]) for r in timed
@@ -437,7 +439,8 @@ def test_run_kernels_end_to_end_on_cpu():
     assert [r["config"]["seq_len"] for r in att][:6] == [16] * 6
     assert att[0]["config"]["batch"] == 2 and att[0]["config"]["heads"] == 2
     for r in timed:
-        key = "pct_of_copy_bw" if r["op"] in ("layernorm", "add_layernorm", "cross_entropy") else "pct_of_matmul"
+        by_bytes = r["op"] in ("layernorm", "add_layernorm", "cross_entropy", "rope")
+        key = "pct_of_copy_bw" if by_bytes else "pct_of_matmul"
         assert r[key] > 0
     assert {r["provider"] for r in rows if r["mode"] == "saved"} == {"reference", "torch"}
 
@@ -833,7 +836,7 @@ def test_gpu_command_flow_with_cpu_stand_ins(tmp_path, monkeypatch, capsys):
     k = report.validate_result(json.loads((folder / "kernels.json").read_text()))
     t = report.validate_result(json.loads((folder / "train.json").read_text()))
     assert {r["op"] for r in k["rows"]} == {"layernorm", "mlp", "attention", "cross_entropy", "lm_head_loss",
-                                            "doc_attention", "window_attention", "add_layernorm",
+                                            "doc_attention", "window_attention", "add_layernorm", "rope",
                                             "lm_head_loss_smooth_z", "lm_head_loss_softcap"}
     ce = [r for r in k["rows"] if r["op"] == "cross_entropy" and r["provider"] == "torch"]
     assert len(ce) == 3 and all(r["status"] == "ok" and r["gbps"] > 0 for r in ce), ce
@@ -1238,6 +1241,45 @@ def test_window_attention_rows_time_each_provider_on_the_same_band(device):
     if device.type != "cuda":
         assert by["flex", "fwd"]["status"].startswith("skipped: FlexAttention is timed on CUDA only")
         assert by["flash-attn", "fwd"]["status"].startswith("skipped: ")
+
+
+def test_rope_rows_time_each_provider_on_the_same_rotation(device, monkeypatch):
+    """rope: the reference module, ours and Liger's (a stand-in with its signature, reading HF's
+    [1, T, D] cos/sin tables) rotate the same q and k views; the bytes are q and k read and written
+    (twice for fwd+bwd)."""
+    import sys
+    import types
+
+    from tritongpt.model.layers import apply_rotary
+
+    def liger_rotary_pos_emb(q, k, cos, sin, position_ids=None, unsqueeze_dim=1):  # HF's apply_rotary_pos_emb
+        cos, sin = cos.unsqueeze(unsqueeze_dim), sin.unsqueeze(unsqueeze_dim)
+
+        def rotate_half(x):
+            return torch.cat([-x[..., x.shape[-1] // 2:], x[..., :x.shape[-1] // 2]], -1)
+        return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+
+    fake = types.ModuleType("liger_kernel.transformers.rope")
+    fake.liger_rotary_pos_emb = liger_rotary_pos_emb
+    monkeypatch.setitem(sys.modules, "liger_kernel.transformers.rope", fake)
+    leaves = [kernels.randn(2, 37, 3, 16, device=device, dtype=torch.float32) for _ in range(2)]
+    q, k = (t.transpose(1, 2) for t in leaves)
+    pos = torch.arange(37, device=device)
+    want = apply_rotary(q, pos), apply_rotary(k, pos)
+    for name, build in kernels.rope_providers(q, k, leaves=leaves).items():
+        if name == "compile":
+            continue  # inductor's CPU compiler takes minutes here; it compiles this same module
+        forward, reset = build()
+        got = forward()
+        assert len(reset) == 2 and all(a is b for a, b in zip(reset, leaves))  # q and k are views of them
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5, msg=name)
+    rows = kernels.sweep_rope(CpuTimer(reps=1), Budget(None), 32, 16, (3,), 8, torch.bfloat16,
+                              providers=("reference",))
+    by = {r["mode"]: r for r in rows}
+    assert all(r["status"] == "ok" for r in rows) and by["fwd"]["config"]["batch"] == 2
+    assert {m: r["bytes"] for m, r in by.items()} == {"fwd": 4 * 32 * 3 * 8 * 2, "bwd": 4 * 32 * 3 * 8 * 2,
+                                                      "fwd+bwd": 8 * 32 * 3 * 8 * 2}
 
 
 def test_window_attention_gives_flash_attn_the_band_as_window_size(monkeypatch):
@@ -1813,7 +1855,8 @@ def test_every_provider_builder_is_in_the_sweep():
              "lm_head_loss_softcap": kernels.lm_head_loss_softcap_providers(x, torch.zeros(5, 8), t),
              "doc_attention": kernels.doc_attention_providers(q, q, q, [3, 1]),
              "window_attention": kernels.window_attention_providers(q, q, q, 2),
-             "add_layernorm": kernels.add_layernorm_providers(x, x, x[0], x[0])}
+             "add_layernorm": kernels.add_layernorm_providers(x, x, x[0], x[0]),
+             "rope": kernels.rope_providers(q, q)}
     assert set(built) == set(kernels.PROVIDERS)
     for op, builders in built.items():
         assert set(kernels.PROVIDERS[op]) == set(builders), op
@@ -2060,7 +2103,7 @@ def test_lm_head_variants_run_last_of_all_the_soft_cap_last(monkeypatch):
     sweeps = {"layernorm": "sweep_layernorm", "mlp": "sweep_mlp", "attention": "sweep_attention",
               "cross_entropy": "sweep_cross_entropy", "lm_head_loss": "sweep_lm_head_loss",
               "add_layernorm": "sweep_add_layernorm", "doc_attention": "sweep_doc_attention",
-              "window_attention": "sweep_window_attention",
+              "window_attention": "sweep_window_attention", "rope": "sweep_rope",
               "lm_head_loss_smooth_z": "sweep_lm_head_loss_smooth_z",
               "lm_head_loss_softcap": "sweep_lm_head_loss_softcap"}
     for op, name in sweeps.items():
