@@ -130,7 +130,7 @@ def test_eval_command_on_both_paths(tmp_path, capsys):
         results.append(json.loads(capsys.readouterr().out))
     ref, tri = results
     assert ref["tokens"] == 149 and ref["split"] == "val" and ref["tokenizer"] == "t"
-    assert tri["kernels"] == ["attention", "cross_entropy", "layernorm", "mlp"]
+    assert tri["kernels"] == ["attention", "cross_entropy", "layernorm", "mlp", "rope"]
     assert tri["loss"] == pytest.approx(ref["loss"], rel=1e-5)
     ids = tok.encode(text)
     n_val = len(ids) - (len(ids) - round(len(ids) * 0.1))

@@ -170,7 +170,7 @@ def test_the_command_scores_a_run(tok, tmp_path, capsys, monkeypatch):
     assert main(base + ["--json", "--max-examples", "3", "--kernels", "triton"]) == 0
     tri = json.loads(capsys.readouterr().out)
     ref = hellaswag.score(model, tok, examples[:3])
-    assert tri["kernels"] == ["attention", "cross_entropy", "layernorm", "mlp"]
+    assert tri["kernels"] == ["attention", "cross_entropy", "layernorm", "mlp", "rope"]
     assert (tri["acc"], tri["acc_norm"]) == (ref["acc"], ref["acc_norm"])
     assert main(base) == 0
     out = capsys.readouterr().out
