@@ -193,7 +193,9 @@ def test_config_json_that_disagrees_or_names_another_variant_is_refused(tmp_path
                          ({"n_layer": 2}, "says n_layer 2, but the weights have 3"),
                          # near misses count: eps 1e-6 or unscaled scores load and compute other numbers
                          ({"layer_norm_epsilon": 1e-6}, "layer_norm_epsilon 1e-06"),
-                         ({"scale_attn_weights": False}, "scale_attn_weights False")):
+                         ({"scale_attn_weights": False}, "scale_attn_weights False"),
+                         # another family's config (load_checkpoint hands GPT-Neo's to gpt_neo_weights)
+                         ({"model_type": "gpt_neox"}, "says model_type 'gpt_neox': not a GPT-2 model")):
         (tmp_path / "config.json").write_text(json.dumps({**good, **change}))
         with pytest.raises(UserError, match=said):
             load_gpt2_safetensors(path)

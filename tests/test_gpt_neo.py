@@ -19,10 +19,11 @@ VOCAB, CTX, WINDOW, T = 50, 16, 4, 13  # T > WINDOW: the local layers mask somet
 ALTERNATING = [[["global", "local"], 1], [["global"], 1]]  # 3 layers: global, local, global
 
 
-def _hf_model(folder, attention_types=ALTERNATING, n_layer=3, vocab=VOCAB, tie=True, save_config=True):
+def _hf_model(folder, attention_types=ALTERNATING, n_layer=3, vocab=VOCAB, tie=True, save_config=True,
+              window=WINDOW):
     torch.manual_seed(0)
     cfg = transformers.GPTNeoConfig(vocab_size=vocab, max_position_embeddings=CTX, hidden_size=32, num_layers=n_layer,
-                                    num_heads=2, attention_types=attention_types, window_size=WINDOW,
+                                    num_heads=2, attention_types=attention_types, window_size=window,
                                     resid_dropout=0.0, embed_dropout=0.0, attention_dropout=0.0,
                                     tie_word_embeddings=tie, bos_token_id=0, eos_token_id=0)
     hf = transformers.GPTNeoForCausalLM(cfg).eval()
@@ -176,11 +177,15 @@ def test_presets_have_the_published_parameter_counts():
     ({"intermediate_size": 100}, "intermediate_size 100"),
     ({"window_size": 0}, "window_size 0"),
     ({"attention_types": [[["local", "global"], 1], [["local"], 1]]}, "attention_types makes layers"),
+    ({"attention_types": [[["global"], 1], [["local"], 2]]}, "attention_types makes layers"),
     ({"attention_types": [[["global", "local"], 2]]}, "attention_types gives 4 layers, the weights have 3"),
+    ({"attention_types": [[["global"], 2]]}, "attention_types gives 2 layers, the weights have 3"),
     ({"attention_types": [[["global", "sparse"], 1], [["global"], 1]]}, "attention_types names 'sparse'"),
     ({"attention_types": [["global", 3]]}, r"attention_types .* is not a list of \[\[kinds...\], times\]"),
     ({"hidden_size": 64}, "hidden_size 64, but the weights have 32"),
     ({"max_position_embeddings": 32}, "max_position_embeddings 32, but the weights have 16"),
+    ({"num_layers": 4}, "num_layers 4, but the weights have 3"),
+    ({"num_heads": None}, "config.json names no num_heads"),
 ])
 def test_config_json_naming_what_this_model_does_not_compute_is_refused(tmp_path, edit, said):
     _, path = _hf_model(tmp_path)
@@ -190,9 +195,60 @@ def test_config_json_naming_what_this_model_does_not_compute_is_refused(tmp_path
         load_checkpoint(path)
 
 
+def test_a_config_json_without_gpt_neo_config_defaults_reads_them_as_transformers_does(tmp_path):
+    """A hand-written config.json may leave out what GPTNeoConfig defaults (gelu_new, eps 1e-5, window
+    256; attention_types: 24 layers, global and local in turn) or say the MLP width outright:
+    transformers' own model from the same folder is the reference."""
+    _, path = _hf_model(tmp_path)
+    defaulted = ("activation_function", "layer_norm_epsilon", "window_size", "intermediate_size")
+    cfg = {k: v for k, v in json.loads((tmp_path / "config.json").read_text()).items() if k not in defaulted}
+    (tmp_path / "config.json").write_text(json.dumps({**cfg, "intermediate_size": 4 * 32}))
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    model = load_checkpoint(path).eval()
+    assert (model.config.attention_window, model.config.window_layers) == (hf.config.window_size, "odd") == (256, "odd")
+    idx = torch.randint(0, VOCAB, (2, T))
+    with torch.no_grad():
+        assert_close_rel(model(idx), hf(idx).logits, 1e-5, "defaults' logits")
+    del cfg["attention_types"]
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(UserError, match="attention_types gives 24 layers, the weights have 3"):
+        load_checkpoint(path)
+
+
+def test_without_config_json_a_file_of_a_published_shape_reads_as_that_model(tmp_path, monkeypatch, capsys):
+    """No config.json: the heads are --model's, else those of the GPT-Neo size of the file's width
+    and depth; the local layers GPT-Neo's (256 positions, the odd layers). A stand-in preset of
+    the tiny model's shape plays the published size (a real one is 125M parameters)."""
+    from tritongpt.model import config
+    from tritongpt.train import gpt_neo_weights
+
+    monkeypatch.setitem(config.PRESETS, "neo-tiny", dict(n_embd=32, n_layer=3, n_head=2))
+    hf, path = _hf_model(tmp_path, window=256, save_config=False)
+    idx = torch.randint(0, VOCAB, (2, T))
+    for name in ("neo-tiny", None):
+        if name is None:  # the published sizes by width and depth
+            monkeypatch.setitem(gpt_neo_weights.HUB_REPOS, "neo-tiny", "example/neo-tiny")
+        model = load_checkpoint(path, name).eval()
+        c = model.config
+        assert (c.n_head, c.attention_window, c.window_layers, c.scale_attention, c.qkv_bias) == \
+            (2, 256, "odd", False, False), name
+        assert "read as GPT-Neo with 2 heads and local attention over 256 positions in the odd layers" in \
+            capsys.readouterr().err
+        with torch.no_grad():
+            assert_close_rel(model(idx), hf(idx).logits, 1e-5, f"no config.json, --model {name}")
+
+
 def test_without_config_json_the_heads_come_from_model(tmp_path, capsys):
-    """The tensors are recognised by their names; the heads and local layers are in no tensor."""
+    """The tensors are recognised by their names; the heads and local layers are in no tensor. (A
+    tensor of another rank is refused by name, not unpacked into a width.)"""
+    from safetensors.torch import load_file, save_file
+
     _, path = _hf_model(tmp_path, save_config=False)
+    bad = tmp_path / "bad" / "model.safetensors"
+    bad.parent.mkdir()
+    save_file({**load_file(path), "transformer.wpe.weight": torch.zeros(CTX)}, str(bad))
+    with pytest.raises(UserError, match=r"tensor wpe.weight has shape \(16,\)"):
+        load_checkpoint(bad)
     with pytest.raises(UserError, match="cannot tell the heads and local layers"):
         load_checkpoint(path)
     with pytest.raises(UserError, match="width 32 and 3 layers, but --model gpt-neo-125m has 768 and 12"):
@@ -200,8 +256,9 @@ def test_without_config_json_the_heads_come_from_model(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("overrides", [{}, {"window_layers": "all"}, {"attention_window": 0, "n_layer": 2},
-                                       {"bias": False, "tie_weights": False, "vocab_multiple": 16}],
-                         ids=["odd", "all-local", "no-window", "no-bias-untied-padded"])
+                                       {"bias": False, "tie_weights": False, "vocab_multiple": 16},
+                                       {"bias": False, "qkv_bias": True}],
+                         ids=["odd", "all-local", "no-window", "no-bias-untied-padded", "no-bias-qkv-bias-default"])
 def test_export_round_trip(tmp_path, overrides):
     """ours -> GPT-Neo folder -> GPTNeoForCausalLM's logits are ours; load_checkpoint reads it back."""
     from tritongpt.train.gpt_neo_weights import export_gpt_neo
@@ -210,6 +267,8 @@ def test_export_round_trip(tmp_path, overrides):
     paths = export_gpt_neo(model, tmp_path, eos_token_id=7)
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
     assert type(hf).__name__ == "GPTNeoForCausalLM" and hf.config.eos_token_id == 7
+    # said, not left to the tensors: told tied, transformers (5.24) keeps a file's own lm_head only with a warning
+    assert hf.config.tie_word_embeddings == model.config.tie_weights
     idx = torch.randint(0, VOCAB, (2, T))
     with torch.no_grad():
         ours = model(idx)
@@ -220,6 +279,9 @@ def test_export_round_trip(tmp_path, overrides):
     assert (c.attention_window, c.window_layers if c.attention_window else "-", c.tie_weights) == \
         (model.config.attention_window, model.config.window_layers if model.config.attention_window else "-",
          model.config.tie_weights)
+    with pytest.raises(UserError, match="already holds a model"):
+        export_gpt_neo(model, tmp_path)
+    (tmp_path / "config.json").unlink()  # either file is one to keep
     with pytest.raises(UserError, match="already holds a model"):
         export_gpt_neo(model, tmp_path)
 
@@ -278,6 +340,23 @@ def test_export_command_picks_the_family_and_refuses_what_neither_computes(tmp_p
         assert not (tmp_path / "refused").exists()
 
 
+def test_export_adapter_of_a_gpt_neo_lora_run_is_refused_by_name_before_any_file_goes(tmp_path, capsys):
+    """--adapter writes peft adapters for GPT-2 only: a GPT-Neo LoRA run's is refused for its unscaled
+    scores, first (not for a missing --base), and an earlier export in --out is left as it was."""
+    from tritongpt import cli
+    from tritongpt.model.lora import add_lora
+
+    run, _ = _run(tmp_path, add_lora(_random_neo(vocab_size=280), 2))
+    out = tmp_path / "out"
+    assert cli.main(["export", str(run), "--out", str(out)]) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    capsys.readouterr()
+    assert cli.main(["export", str(run), "--adapter", "--out", str(out), "--overwrite"]) == 2
+    assert "(scale_attention False), which Hugging Face's GPT-2 does: it cannot be exported as a peft adapter " \
+           "for GPT-2" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
 def test_gpt2_export_and_adapters_refuse_unscaled_scores(tmp_path):
     from tritongpt.train.gpt2_weights import export_gpt2, export_peft_adapter
 
@@ -288,6 +367,19 @@ def test_gpt2_export_and_adapters_refuse_unscaled_scores(tmp_path):
     with pytest.raises(UserError, match="scale_attention False.* cannot be exported as a peft adapter for GPT-2"):
         export_peft_adapter(model, tmp_path / "adapter", "gpt2")
     assert not (tmp_path / "gpt2").exists() and not (tmp_path / "adapter").exists()
+
+
+def test_gpt_neo_export_refuses_what_gpt_neo_does_not_compute(tmp_path):
+    """export_gpt_neo itself (not only `tritongpt export`'s choice of family) refuses scaled scores,
+    q/k/v biases and a logit soft cap, before any file is written."""
+    from tritongpt.train.gpt_neo_weights import export_gpt_neo
+
+    for overrides, said in (({"scale_attention": True}, r"scales its attention scores by 1/sqrt\(head_dim\)"),
+                            ({"qkv_bias": True}, r"projections have biases \(qkv_bias True\)"),
+                            ({"logit_softcap": 5.0}, r"soft-caps its logits \(logit_softcap 5\)")):
+        with pytest.raises(UserError, match=said + ".* cannot be exported as a GPT-Neo folder"):
+            export_gpt_neo(_random_neo(**overrides), tmp_path / "neo")
+        assert not (tmp_path / "neo").exists()
 
 
 def test_hub_names_download_weights_config_and_tokenizer(tmp_path, monkeypatch, capsys):
