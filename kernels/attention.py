@@ -40,6 +40,17 @@ Algorithm (Dao, "FlashAttention-2", 2023). Per (batch, head), with S = scale * Q
             (and an end per key, j + W), so it rides on the document bounds, intersected with
             them when both are given. The same skipping makes a layer cost O(T W), not O(T^2):
             only the tiles that cross the band's lower edge or the diagonal are masked.
+  GQA/MQA   k, v may have fewer heads than q (Hkv dividing H; Llama's 32 over 8, MQA's one):
+            query head h reads KV head h // (H / Hkv). The forward and dQ pass only change that
+            index (no repeat_interleave copy of K and V). dK/dV of a KV head is the sum over the
+            H / Hkv query heads of its group: its dK/dV program (one key tile of one KV head)
+            streams the query tiles of each query head of the group in turn into the same
+            registers. The masks do not depend on the head, so the tile ranges are computed once;
+            no atomics, no [B, H, Tk, D] scratch and no reduction launch. flash-attn 2 instead
+            writes dK/dV per query head into such a scratch and sums it after (more memory, and a
+            grid H / Hkv times wider). The cost here: the dK/dV grid has Hkv, not H, rows of
+            programs, each H / Hkv times longer, which underfills a GPU when B * Hkv * Tk / BLOCK_N
+            is small (MQA at short T). The dropout counter stays that of the query head.
   head dim  16, 32, 64, 80, 96, 128; 80 and 96 are padded to 128 inside the kernel with masks.
   NaN/inf   in q or k behave as in PyTorch; a NaN in v reaches the rows whose visited KV tiles
             hold it (PyTorch's P @ V spreads it to every row, 0 * NaN; exact math, to the rows
@@ -176,21 +187,22 @@ def _doc_tile_range(starts, offs_m, Tq, Tk, full_hi, BLOCK_N: tl.constexpr):
     return q_start, tl.minimum(lo, full_hi), mid
 
 
-@triton.jit(do_not_specialize=["seed", "H"])
+@triton.jit(do_not_specialize=["seed", "H", "GROUP"])
 def _attn_fwd(Q, K, V, O, LSE, STARTS, seed, qk_scale, dropout_p, keep_scale,
               stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
               stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_om, stride_sb,
-              H, Tq, Tk, Q_BUCKET,
+              H, GROUP, Tq, Tk, Q_BUCKET,
               HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
               IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr, HAS_DOCS: tl.constexpr,
               PRECISION: tl.constexpr):
-    """Grid (cdiv(Tq, BLOCK_M), H, B). Writes O and the base-2 logsumexp of the scaled scores."""
+    """Grid (cdiv(Tq, BLOCK_M), H, B). Writes O and the base-2 logsumexp of the scaled scores.
+    Query head h reads KV head h // GROUP (GROUP = H / Hkv query heads share one)."""
     start_m = tl.program_id(0) * BLOCK_M
     h, b = tl.program_id(1).to(tl.int64), tl.program_id(2).to(tl.int64)
     bh = b * H + h
     q_base = Q + b * stride_qb + h * stride_qh
-    k_base = K + b * stride_kb + h * stride_kh
-    v_base = V + b * stride_vb + h * stride_vh
+    k_base = K + b * stride_kb + (h // GROUP) * stride_kh
+    v_base = V + b * stride_vb + (h // GROUP) * stride_vh
     o_base = O + b * stride_ob + h * stride_oh
     rng_base = bh.to(tl.int64) * Tq * Tk
 
@@ -273,29 +285,24 @@ def _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_ptr, delta_ptr, starts, s
     return dk, dv
 
 
-@triton.jit(do_not_specialize=["seed", "H"])
+@triton.jit(do_not_specialize=["seed", "H", "GROUP"])
 def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, Delta, STARTS, ENDS, seed, qk_scale, sm_scale, dropout_p, keep_scale,
                    stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
                    stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_dom, stride_sb,
                    stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh, stride_dvn,
-                   H, Tq, Tk, Q_BUCKET,
+                   H, GROUP, Tq, Tk, Q_BUCKET,
                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                    IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr, HAS_DOCS: tl.constexpr,
                    PRECISION: tl.constexpr):
-    """Grid (cdiv(Tk, BLOCK_N), H, B). dV = P'^T dO, dK = scale * dS^T Q for one key tile."""
+    """Grid (cdiv(Tk, BLOCK_N), Hkv, B). dV = P'^T dO, dK = scale * dS^T Q for one key tile of KV
+    head kv_h, summed over the GROUP query heads that read it (kv_h * GROUP + g)."""
     start_n = tl.program_id(0) * BLOCK_N
-    h, b = tl.program_id(1).to(tl.int64), tl.program_id(2).to(tl.int64)
-    bh = b * H + h
-    q_base = Q + b * stride_qb + h * stride_qh
-    do_base = DO + b * stride_dob + h * stride_doh
-    lse_ptr = LSE + bh.to(tl.int64) * Tq
-    delta_ptr = Delta + bh.to(tl.int64) * Tq
-    rng_base = bh.to(tl.int64) * Tq * Tk
+    kv_h, b = tl.program_id(1).to(tl.int64), tl.program_id(2).to(tl.int64)
 
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    k = _load_rows(K + b * stride_kb + h * stride_kh, offs_n, Tk, stride_kn, offs_d, HEAD_DIM, BLOCK_D)
-    v = _load_rows(V + b * stride_vb + h * stride_vh, offs_n, Tk, stride_vn, offs_d, HEAD_DIM, BLOCK_D)
+    k = _load_rows(K + b * stride_kb + kv_h * stride_kh, offs_n, Tk, stride_kn, offs_d, HEAD_DIM, BLOCK_D)
+    v = _load_rows(V + b * stride_vb + kv_h * stride_vh, offs_n, Tk, stride_vn, offs_d, HEAD_DIM, BLOCK_D)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
 
@@ -324,21 +331,30 @@ def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, Delta, STARTS, ENDS, seed, qk_scale
     else:
         hi = Tq
         full_hi = Tq
-    dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_ptr, delta_ptr, starts, stride_qm, stride_dom,
-                             offs_n, offs_d, lo, full_lo, Tq, Tk, qk_scale, seed, rng_base, dropout_p,
-                             keep_scale, HEAD_DIM, BLOCK_D, BLOCK_M, True, HAS_DROPOUT, HAS_DOCS, PRECISION)
-    dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_ptr, delta_ptr, starts, stride_qm, stride_dom,
-                             offs_n, offs_d, full_lo, full_hi, Tq, Tk, qk_scale, seed, rng_base, dropout_p,
-                             keep_scale, HEAD_DIM, BLOCK_D, BLOCK_M, False, HAS_DROPOUT, HAS_DOCS, PRECISION)
-    if HAS_DOCS:
-        dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_ptr, delta_ptr, starts, stride_qm,
-                                 stride_dom, offs_n, offs_d, full_hi, hi, Tq, Tk, qk_scale, seed, rng_base,
-                                 dropout_p, keep_scale, HEAD_DIM, BLOCK_D, BLOCK_M, True, HAS_DROPOUT, HAS_DOCS,
-                                 PRECISION)
+    # The query heads of the group one after the other, into the same registers: their masks and
+    # so the tile ranges above are the same, only Q, dO, L, Delta and the dropout counters differ.
+    for g in range(0, GROUP):
+        bh = b * H + kv_h * GROUP + g
+        q_base = Q + b * stride_qb + (kv_h * GROUP + g) * stride_qh
+        do_base = DO + b * stride_dob + (kv_h * GROUP + g) * stride_doh
+        lse_ptr = LSE + bh * Tq
+        delta_ptr = Delta + bh * Tq
+        rng_base = bh * Tq * Tk
+        dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_ptr, delta_ptr, starts, stride_qm, stride_dom,
+                                 offs_n, offs_d, lo, full_lo, Tq, Tk, qk_scale, seed, rng_base, dropout_p,
+                                 keep_scale, HEAD_DIM, BLOCK_D, BLOCK_M, True, HAS_DROPOUT, HAS_DOCS, PRECISION)
+        dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_ptr, delta_ptr, starts, stride_qm, stride_dom,
+                                 offs_n, offs_d, full_lo, full_hi, Tq, Tk, qk_scale, seed, rng_base, dropout_p,
+                                 keep_scale, HEAD_DIM, BLOCK_D, BLOCK_M, False, HAS_DROPOUT, HAS_DOCS, PRECISION)
+        if HAS_DOCS:
+            dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_ptr, delta_ptr, starts, stride_qm,
+                                     stride_dom, offs_n, offs_d, full_hi, hi, Tq, Tk, qk_scale, seed, rng_base,
+                                     dropout_p, keep_scale, HEAD_DIM, BLOCK_D, BLOCK_M, True, HAS_DROPOUT, HAS_DOCS,
+                                     PRECISION)
 
-    _store_rows(DK + b * stride_dkb + h * stride_dkh, dk * sm_scale, offs_n, Tk, stride_dkn, offs_d,
+    _store_rows(DK + b * stride_dkb + kv_h * stride_dkh, dk * sm_scale, offs_n, Tk, stride_dkn, offs_d,
                 HEAD_DIM, BLOCK_D)
-    _store_rows(DV + b * stride_dvb + h * stride_dvh, dv, offs_n, Tk, stride_dvn, offs_d, HEAD_DIM, BLOCK_D)
+    _store_rows(DV + b * stride_dvb + kv_h * stride_dvh, dv, offs_n, Tk, stride_dvn, offs_d, HEAD_DIM, BLOCK_D)
 
 
 @triton.jit
@@ -370,12 +386,12 @@ def _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn, o
     return dq
 
 
-@triton.jit(do_not_specialize=["seed", "H"])
+@triton.jit(do_not_specialize=["seed", "H", "GROUP"])
 def _attn_bwd_dq(Q, K, V, DO, DQ, LSE, Delta, STARTS, ENDS, seed, qk_scale, sm_scale, dropout_p, keep_scale,
                  stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
                  stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_dom, stride_sb,
                  stride_dqb, stride_dqh, stride_dqm,
-                 H, Tq, Tk, Q_BUCKET,
+                 H, GROUP, Tq, Tk, Q_BUCKET,
                  HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                  IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr, HAS_DOCS: tl.constexpr,
                  PRECISION: tl.constexpr):
@@ -383,8 +399,8 @@ def _attn_bwd_dq(Q, K, V, DO, DQ, LSE, Delta, STARTS, ENDS, seed, qk_scale, sm_s
     start_m = tl.program_id(0) * BLOCK_M
     h, b = tl.program_id(1).to(tl.int64), tl.program_id(2).to(tl.int64)
     bh = b * H + h
-    k_base = K + b * stride_kb + h * stride_kh
-    v_base = V + b * stride_vb + h * stride_vh
+    k_base = K + b * stride_kb + (h // GROUP) * stride_kh  # query head h reads KV head h // GROUP
+    v_base = V + b * stride_vb + (h // GROUP) * stride_vh
     rng_base = bh.to(tl.int64) * Tq * Tk
 
     offs_m = start_m + tl.arange(0, BLOCK_M)
@@ -440,14 +456,15 @@ def _prune_streamed_rows(configs, named_args, **kwargs):
     return kept or configs[-1:]
 
 
-def _tuned(configs, prune):
-    """Autotune on a GPU; under the interpreter, launch with the fixed small tile instead."""
+def _tuned(configs, prune, key=()):
+    """Autotune on a GPU; under the interpreter, launch with the fixed small tile instead.
+    key: launch arguments besides the shared ones that change what the best tile is."""
     if INTERPRET:
         return lambda fn: fn
     cfgs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in configs]
     # Q_BUCKET (next power of two of Tq, capped) instead of Tq/Tk: decode grows Tk by one per
     # token and must not re-tune every step. Tensor dtypes join the key automatically.
-    return triton.autotune(cfgs, key=["HEAD_DIM", "IS_CAUSAL", "HAS_DROPOUT", "HAS_DOCS", "Q_BUCKET"],
+    return triton.autotune(cfgs, key=["HEAD_DIM", "IS_CAUSAL", "HAS_DROPOUT", "HAS_DOCS", "Q_BUCKET", *key],
                            prune_configs_by={"early_config_prune": prune})
 
 
@@ -464,7 +481,7 @@ _attn_fwd_run = autotuned("attention.forward", _tuned(
      (16, 128, 4, 3), (16, 64, 4, 3), (16, 32, 4, 2)], _prune_query_tile)(_attn_fwd))
 _attn_bwd_dkdv_run = autotuned("attention.backward_dkdv", _tuned(
     [(32, 128, 8, 3), (64, 128, 8, 3), (64, 64, 8, 3), (32, 64, 8, 3),
-     (32, 64, 4, 4), (16, 64, 4, 3), (16, 32, 4, 2)], _prune_streamed_rows)(_attn_bwd_dkdv))
+     (32, 64, 4, 4), (16, 64, 4, 3), (16, 32, 4, 2)], _prune_streamed_rows, key=["GROUP"])(_attn_bwd_dkdv))
 _attn_bwd_dq_run = autotuned("attention.backward_dq", _tuned(
     [(128, 32, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3), (64, 64, 8, 3), (32, 32, 4, 2),
      (16, 64, 4, 3), (16, 32, 4, 2)], _prune_query_tile)(_attn_bwd_dq))
@@ -524,13 +541,14 @@ def _fwd_launch(q, k, v, causal, softmax_scale, dropout_p, seed, starts=None, en
     _check_head_span(q=q, k=k, v=v, o=o)
     if B * H * Tq == 0:
         return o, lse
+    group = H // k.shape[1]
     grid = lambda meta: (triton.cdiv(Tq, meta["BLOCK_M"]), H, B)  # noqa: E731
     starts_arg, _, stride_sb = _doc_args(q, starts, ends)
     _attn_fwd_run[grid](
         q, k, v, o, lse, starts_arg, _seed_value(seed), softmax_scale * LOG2E, dropout_p, 1.0 / (1.0 - dropout_p),
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1), o.stride(2), stride_sb,
-        H, Tq, Tk, _q_bucket(Tq), **_kernel_flags(q, causal, dropout_p, starts), **_fixed_blocks())
+        H, group, Tq, Tk, _q_bucket(Tq), **_kernel_flags(q, causal, dropout_p, starts), **_fixed_blocks())
     return o, lse
 
 
@@ -538,7 +556,7 @@ def _fwd_launch(q, k, v, causal, softmax_scale, dropout_p, seed, starts=None, en
 def _bwd_launch(do, q, k, v, o, lse, causal, softmax_scale, dropout_p, seed, starts=None, ends=None):
     do, q, k, v = (_last_dim_contiguous(t) for t in (do, q, k, v))
     B, H, Tq, D = q.shape
-    Tk = k.shape[2]
+    Hkv, Tk = k.shape[1], k.shape[2]
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     # q, k, v (the same after _last_dim_contiguous) and o were checked in forward; dq, dk, dv are
     # empty_like of them, so no wider: only the incoming gradient is new
@@ -555,14 +573,14 @@ def _bwd_launch(do, q, k, v, o, lse, causal, softmax_scale, dropout_p, seed, sta
     common = (starts_arg, ends_arg, _seed_value(seed), softmax_scale * LOG2E, softmax_scale, dropout_p,
               1.0 / (1.0 - dropout_p), q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
               v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2), stride_sb)
-    _attn_bwd_dkdv_run[lambda meta: (triton.cdiv(Tk, meta["BLOCK_N"]), H, B)](
+    _attn_bwd_dkdv_run[lambda meta: (triton.cdiv(Tk, meta["BLOCK_N"]), Hkv, B)](
         q, k, v, do, dk, dv, lse, delta, *common,
         dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
-        H, Tq, Tk, _q_bucket(Tq), **flags, **_fixed_blocks())
+        H, H // Hkv, Tq, Tk, _q_bucket(Tq), **flags, **_fixed_blocks())
     _attn_bwd_dq_run[lambda meta: (triton.cdiv(Tq, meta["BLOCK_M"]), H, B)](
         q, k, v, do, dq, lse, delta, *common,
         dq.stride(0), dq.stride(1), dq.stride(2),
-        H, Tq, Tk, _q_bucket(Tq), **flags, **_fixed_blocks())
+        H, H // Hkv, Tq, Tk, _q_bucket(Tq), **flags, **_fixed_blocks())
     return dq, dk, dv
 
 
@@ -644,11 +662,17 @@ def _check_shapes(q, k, v, causal, dropout_p):
     op, so also for a caller who calls it directly (it returns the logsumexp too), where a head
     dim the kernels lack or Tq > Tk with causal gave garbage."""
     (B, H, Tq, D), (Bk, Hk, Tk, Dk) = q.shape, k.shape
+    if k.shape[1] != v.shape[1]:
+        raise ValueError(f"k and v must have the same number of heads, got k {tuple(k.shape)} and v {tuple(v.shape)}")
     if k.shape != v.shape:
         raise ValueError(f"k and v must have the same shape, got k {tuple(k.shape)} and v {tuple(v.shape)}")
-    if (Bk, Hk, Dk) != (B, H, D):
-        raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} must agree on batch, heads and head_dim "
+    if (Bk, Dk) != (B, D):
+        raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} must agree on batch and head_dim "
                          "(layout [B, H, T, D])")
+    if Hk != H and (Hk == 0 or H % Hk):
+        raise ValueError(f"q's heads ({H}) must be a multiple of k's and v's ({Hk}): each group of H / Hkv query "
+                         f"heads shares one KV head (grouped-query attention); got q {tuple(q.shape)}, "
+                         f"k {tuple(k.shape)}")
     if D not in SUPPORTED_HEAD_DIMS:
         raise ValueError(f"head_dim {D} is not supported; flash_attention supports {SUPPORTED_HEAD_DIMS}")
     if causal and Tq > Tk:
@@ -720,8 +744,10 @@ def flash_attention(q, k, v, causal=True, softmax_scale=None, dropout_p=0.0, see
                     window=None):
     """softmax(q k^T * scale + mask) with dropout, @ v, without the Tq x Tk matrix. Differentiable.
 
-    q: [B, H, Tq, D]; k, v: [B, H, Tk, D], any strides (unit stride on D is fastest), bf16/fp16/fp32
-    (under torch.autocast, cast to the autocast dtype first, as for SDPA).
+    q: [B, H, Tq, D]; k, v: [B, Hkv, Tk, D], any strides (unit stride on D is fastest), bf16/fp16/fp32
+    (under torch.autocast, cast to the autocast dtype first, as for SDPA). Hkv < H: grouped-query
+    attention (Hkv = 1: multi-query), H a multiple of Hkv, query head h reads KV head h // (H / Hkv),
+    as SDPA's enable_gqa=True and flash-attn; dk, dv come back [B, Hkv, Tk, D].
     causal: bottom-right aligned (query i is position Tk - Tq + i), needs Tq <= Tk.
     softmax_scale: a finite float, default 1/sqrt(D) (not a tensor: scale q for a learnable one).
     dropout_p: on the attention weights, scaled by 1/(1-p);

@@ -708,7 +708,9 @@ def test_bad_inputs(device, monkeypatch):
         flash_attention(q[0], k[0], v[0])
     with pytest.raises(ValueError, match="same shape"):
         flash_attention(q, k, v[:, :, :5])
-    with pytest.raises(ValueError, match="must agree on batch, heads and head_dim"):
+    with pytest.raises(ValueError, match="must agree on batch and head_dim"):
+        flash_attention(q, torch.cat([k, k], 0), torch.cat([v, v], 0))
+    with pytest.raises(ValueError, match=r"q's heads \(1\) must be a multiple of k's and v's \(2\)"):
         flash_attention(q, torch.cat([k, k], 1), torch.cat([v, v], 1))
     with pytest.raises(ValueError, match="Tq <= Tk"):
         flash_attention(q, k[:, :, :5], v[:, :, :5])
