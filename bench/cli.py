@@ -68,12 +68,31 @@ def kernel_sizes(args, quick=False):
             if getattr(args, key) <= 0:
                 raise UserError(f"--{key.replace('_', '-')} must be a positive integer, got {getattr(args, key)}")
             sizes[key] = getattr(args, key)
-    for key in ("ln_widths", "mlp_widths", "attn_seqlens", "attn_head_dims", "ce_vocabs", "head_widths"):
+    for key in ("ln_widths", "mlp_widths", "attn_seqlens", "attn_head_dims", "gqa_seqlens", "ce_vocabs",
+                "head_widths"):
         if getattr(args, key) is not None:
             sizes[key] = _ints(getattr(args, key), key.replace("_", "-"))
+    if args.gqa_heads is not None:
+        sizes["gqa_heads"] = _gqa_heads(args.gqa_heads)
     if args.warmup_ms < 0 or args.rep_ms <= 0:
         raise UserError(f"--warmup-ms must be >= 0 and --rep-ms positive, got {args.warmup_ms} and {args.rep_ms}")
     return sizes
+
+
+def _gqa_heads(text):
+    """--gqa-heads 32:8:128,12:1:64 -> ((32, 8, 128), (12, 1, 64)), each H a multiple of Hkv."""
+    shapes = []
+    for item in (s.strip() for s in text.split(",") if s.strip()):
+        parts = item.split(":")
+        if len(parts) != 3 or not all(p.strip().isdigit() and int(p) > 0 for p in parts):
+            raise UserError(f"--gqa-heads takes query heads:KV heads:head dim, positive integers, got {item!r}")
+        h, h_kv, d = map(int, parts)
+        if h % h_kv:
+            raise UserError(f"--gqa-heads {item}: the query heads ({h}) must be a multiple of the KV heads ({h_kv})")
+        shapes.append((h, h_kv, d))
+    if not shapes:
+        raise UserError(f"--gqa-heads lists no shape, got {text!r}")
+    return tuple(shapes)
 
 
 def train_names(args):
@@ -147,10 +166,11 @@ def add_cli(sub):
                    help="torch CPU threads for the CPU-side timings (default: torch's choice)")
     k = p.add_argument_group("kernels")
     k.add_argument("--ops", default="layernorm,mlp,attention,cross_entropy,lm_head_loss,doc_attention,"
-                                   "window_attention,add_layernorm,rope,lm_head_loss_smooth_z,lm_head_loss_softcap",
+                                   "window_attention,add_layernorm,rope,lm_head_loss_smooth_z,lm_head_loss_softcap,"
+                                   "gqa_attention",
                    help="comma list (default: all of %(default)s; lm_head_loss_smooth_z is the LM head + loss with "
                         "label smoothing 0.1 and z-loss 1e-4, lm_head_loss_softcap with the logits soft-capped to "
-                        "30 tanh(logits / 30))")
+                        "30 tanh(logits / 30), gqa_attention causal attention with fewer KV heads than query heads)")
     k.add_argument("--modes", default="fwd,bwd,fwd+bwd", help="comma list (default: all of %(default)s)")
     k.add_argument("--providers", default=None, help=f"subset of {','.join(ALL_PROVIDERS)}")
     k.add_argument("--ln-rows", type=int, default=None,
@@ -168,6 +188,11 @@ def add_cli(sub):
     k.add_argument("--attn-window", type=int, default=None,
                    help=f"window_attention: positions each query sees (default {FULL_SIZES['attn_window']}, "
                         "GPT-Neo's); timed at the --attn-seqlens longer than it")
+    k.add_argument("--gqa-seqlens", default=None,
+                   help=f"gqa_attention's lengths (default {','.join(map(str, FULL_SIZES['gqa_seqlens']))})")
+    k.add_argument("--gqa-heads", default=None,
+                   help="gqa_attention's shapes as query heads:KV heads:head dim, e.g. the default "
+                        f"{','.join(':'.join(map(str, s)) for s in FULL_SIZES['gqa_heads'])} (Llama's, then MQA)")
     k.add_argument("--ce-rows", type=int, default=None,
                    help=f"tokens per cross-entropy config (default {FULL_SIZES['ce_rows']})")
     k.add_argument("--ce-vocabs", default=None, help="e.g. 50257,50304")

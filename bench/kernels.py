@@ -19,6 +19,12 @@ Providers per op (a provider that cannot run gives a "skipped: why" row, never a
 doc_attention and window_attention are causal attention with a mask of their own (packed documents,
 a window of the last attn_window positions): against SDPA given the mask as a tensor, FlexAttention
 with its block mask, and (the window) flash-attn's window_size.
+gqa_attention is causal attention with fewer KV heads than query heads (Llama's 32 over 8 at
+head dim 128; MQA's 12 over 1): SDPA with enable_gqa=True on each backend (one that does not take
+it gives a failed row), SDPA on k, v repeat_interleave'd to every head (sdpa-repeat, the copy
+timed too), the reference and torch.compile of it, ours and flash-attn (both take the KV heads as
+they are). Its FLOPs are attention's for the query heads. It runs last of all: a short budget
+drops it first.
 lm_head_loss is hidden [N, C] -> logits [N, V] -> mean loss; ours and Liger's make the gradients
 during forward (so their "fwd" includes backward's matmuls): compare fwd+bwd and peak memory.
 So does Liger's cross_entropy (it writes the gradient over the logits in forward).
@@ -76,6 +82,8 @@ PROVIDERS = {
     "window_attention": ("reference", "sdpa-mask", "flex", "triton", *FLASH_ATTN),
     # rotary embeddings of q and k (GPTConfig.position_encoding "rope")
     "rope": ("reference", "compile", "triton", "liger"),
+    # grouped-query / multi-query attention: k, v with fewer heads than q (GPTConfig.n_kv_head)
+    "gqa_attention": ("reference", *SDPA_BACKENDS, "sdpa-repeat", "compile", "triton", *FLASH_ATTN),
 }
 DOCUMENTS_PER_ROW = 8  # doc_attention: random lengths, this many per sequence
 SMOOTH_Z = dict(label_smoothing=0.1, z_loss=1e-4)  # lm_head_loss_smooth_z's options (1e-4: PaLM's z-loss)
@@ -89,13 +97,15 @@ FULL_SIZES = dict(ln_rows=16384, ln_widths=(768, 1024, 1280, 1600),
                   attn_seqlens=(256, 512, 1024, 2048, 4096, 8192), attn_head_dims=(64, 128),
                   attn_window=256, attn_tokens=16384, attn_width=2048,
                   ce_rows=16384, ce_vocabs=(50257,), head_widths=(768,),
-                  rope_tokens=16384, rope_seq_len=1024, rope_heads=(12, 16), rope_head_dim=64)
+                  rope_tokens=16384, rope_seq_len=1024, rope_heads=(12, 16), rope_head_dim=64,
+                  gqa_seqlens=(512, 1024, 2048, 4096, 8192), gqa_heads=((32, 8, 128), (12, 1, 64)))
 QUICK_SIZES = dict(ln_rows=4096, ln_widths=(768, 1600),
                    mlp_rows=4096, mlp_widths=(768,),
                    attn_seqlens=(1024,), attn_head_dims=(64,),
                    attn_window=256, attn_tokens=8192, attn_width=2048,
                    ce_rows=4096, ce_vocabs=(50257,), head_widths=(768,),
-                   rope_tokens=16384, rope_seq_len=1024, rope_heads=(12,), rope_head_dim=64)
+                   rope_tokens=16384, rope_seq_len=1024, rope_heads=(12,), rope_head_dim=64,
+                   gqa_seqlens=(1024,), gqa_heads=((32, 8, 128), (12, 1, 64)))
 
 
 def randn(*shape, device, dtype, scale=1.0, requires_grad=True):
@@ -385,6 +395,51 @@ def window_attention_providers(q, k, v, window):
            "flex": _flex(q, k, v, sliding_window), "triton": _ours_attention(q, k, v, causal=True, window=window)}
     out.update({name: _flash_attn(q, k, v, *where, causal=True, window_size=(window - 1, 0))
                 for name, where in FLASH_ATTN.items()})
+    return out
+
+
+def gqa_attention_providers(q, k, v):
+    """Causal attention, q [B, H, T, D] over k, v [B, Hkv, T, D] (query head h reads KV head
+    h // (H / Hkv)): the reference module's attention on k, v repeat_interleave'd to H heads, and
+    torch.compile of that; SDPA with enable_gqa=True pinned to each backend; SDPA on the repeated
+    k, v; flash_attention and flash-attn on the Hkv heads as they are."""
+    from tritongpt.model.layers import MultiHeadAttention
+
+    B, H, T, D = q.shape
+    group = H // k.shape[1]
+
+    def repeated(attend):
+        return lambda: attend(q, k.repeat_interleave(group, 1), v.repeat_interleave(group, 1))
+
+    def reference():
+        m = MultiHeadAttention(H * D, H, T).to(q.device).eval()
+        return repeated(m.attend), [q, k, v]
+
+    def compiled():
+        m = MultiHeadAttention(H * D, H, T).to(q.device).eval()
+        cf = _fresh_compile(lambda a, b, c: m.attend(a, b.repeat_interleave(group, 1), c.repeat_interleave(group, 1)))
+        return (lambda: cf(q, k, v)), [q, k, v]
+
+    def sdpa(backend_name):
+        def build():
+            from torch.nn.attention import SDPBackend, sdpa_kernel
+
+            backend = getattr(SDPBackend, backend_name, None)
+            if backend is None:
+                raise Unavailable(f"this torch has no SDPBackend.{backend_name}")
+
+            def f():
+                with sdpa_kernel(backend):
+                    return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+            return f, [q, k, v]
+        return build
+
+    def sdpa_repeat():
+        return repeated(lambda a, b, c: F.scaled_dot_product_attention(a, b, c, is_causal=True)), [q, k, v]
+
+    out = {"reference": reference, **{name: sdpa(backend) for name, backend in SDPA_BACKENDS.items()},
+           "sdpa-repeat": sdpa_repeat, "compile": compiled, "triton": _ours_attention(q, k, v, causal=True)}
+    out.update({name: _flash_attn(q, k, v, *where, causal=True) for name, where in FLASH_ATTN.items()})
     return out
 
 
@@ -862,6 +917,27 @@ def sweep_window_attention(timer, budget, seqlens, head_dims, dtype, window=256,
                                    head_dims, dtype, tokens, width, modes, providers)
 
 
+def sweep_gqa_attention(timer, budget, seqlens, heads, dtype, tokens=16384, modes=MODES, providers=None):
+    """Grouped-query attention at each (H, Hkv, D) of heads and each length, batch * T = tokens;
+    the FLOPs are causal attention's over the H query heads (4 B H T^2 D / 2 forward)."""
+    out = []
+    dev = timer.device
+    for h, h_kv, d in heads:
+        for t in seqlens:
+            b = max(1, tokens // t)
+            cfg = {"batch": b, "heads": h, "kv_heads": h_kv, "seq_len": t, "head_dim": d, "causal": True,
+                   "dtype": dtype_name(dtype)}
+            q = randn(b, h, t, d, device=dev, dtype=dtype)
+            k, v = (randn(b, h_kv, t, d, device=dev, dtype=dtype) for _ in range(2))
+            why = scores_too_big(b, h, t, dtype, dev)
+            out += bench_providers("gqa_attention", cfg, gqa_attention_providers(q, k, v), modes, timer, budget,
+                                   lambda m: {"flops": attention_flops(b, h, t, t, d, True, m)}, providers,
+                                   {"reference": why, "compile": why} if why else {})
+            del q, k, v
+            timer.cleanup()
+    return out
+
+
 def _sweep_masked_attention(op, case, timer, budget, seqlens, head_dims, dtype, tokens, width, modes, providers):
     """Causal attention with a mask of its own, over sweep_attention's shapes: case(q, k, v) ->
     (the row's config beyond the shape, the providers, the work of a mode)."""
@@ -985,13 +1061,16 @@ def _sweep_plan(sizes, part):
             # with label smoothing and z-loss, then soft-capped: last of all (_run_plan), the first a short
             # budget drops
             "lm_head_loss_smooth_z": [sizes["head_widths"]] if part == "rest" else [],
-            "lm_head_loss_softcap": [sizes["head_widths"]] if part == "rest" else []}
+            "lm_head_loss_softcap": [sizes["head_widths"]] if part == "rest" else [],
+            # grouped-query attention: after everything else (_run_plan)
+            "gqa_attention": [(sizes["gqa_seqlens"], sizes["gqa_heads"])] if part == "rest" else []}
     return {op: [a for a in args if a] for op, args in plan.items()}
 
 
 def run_kernels(timer, budget, dtype=torch.bfloat16,
                 ops=("layernorm", "mlp", "attention", "cross_entropy", "lm_head_loss", "doc_attention",
-                     "window_attention", "add_layernorm", "rope", "lm_head_loss_smooth_z", "lm_head_loss_softcap"),
+                     "window_attention", "add_layernorm", "rope", "lm_head_loss_smooth_z", "lm_head_loss_softcap",
+                     "gqa_attention"),
                 modes=MODES, providers=None, sizes=None, ceiling_sizes=None, log=print):
     """All sweeps plus the ceilings; returns (rows, ceilings).
 
@@ -999,7 +1078,8 @@ def run_kernels(timer, budget, dtype=torch.bfloat16,
     (seconds of compiling per shape) after the other providers, so that when the time budget
     runs out it is the wider sweep's compiled baselines that go missing. lm_head_loss_smooth_z, then
     lm_head_loss_softcap (variants of lm_head_loss) come after all of those, each whole (every
-    provider's, compiled ones too) before the next, so a short budget drops the soft cap first.
+    provider's, compiled ones too) before the next, and gqa_attention after them (the newest op),
+    so a short budget drops it first, then the soft cap.
     """
     sizes = dict(FULL_SIZES, **(sizes or {}))
     log("measuring ceilings (device copy bandwidth, bf16 matmul) ...")
@@ -1069,6 +1149,11 @@ def _run_plan(rows, timer, budget, dtype, ops, modes, sizes, groups, log):
                 for widths in plan[op] if op in ops else ():
                     log(f"lm-head + loss, {what}{label}: width {list(widths)}, vocab {list(sizes['ce_vocabs'])} ...")
                     rows += sweep(timer, budget, sizes["ce_rows"], widths, sizes["ce_vocabs"], dtype, modes, provs)
+        for provs, label in groups:
+            for seqlens, heads in plan["gqa_attention"] if "gqa_attention" in ops else ():
+                shapes = ", ".join(f"{h} over {h_kv} heads D={d}" for h, h_kv, d in heads)
+                log(f"grouped-query attention ({part}{label}): {shapes}, T {list(seqlens)} ...")
+                rows += sweep_gqa_attention(timer, budget, seqlens, heads, dtype, sizes["attn_tokens"], modes, provs)
 
 
 def sort_rows(rows):

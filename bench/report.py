@@ -150,8 +150,8 @@ def fmt_bytes(n):
 
 
 def config_text(cfg: dict) -> str:
-    short = {"rows": "M", "width": "N", "hidden": "H4", "batch": "B", "heads": "H", "seq_len": "T",
-             "head_dim": "D"}
+    short = {"rows": "M", "width": "N", "hidden": "H4", "batch": "B", "heads": "H", "kv_heads": "Hkv",
+             "seq_len": "T", "head_dim": "D"}
     skip = {"dtype", "causal", "hidden", "steps", "warmup_steps", "n_params_non_embedding", "threads"}
     return " ".join(f"{short.get(k, k)}={v}" for k, v in cfg.items() if k not in skip)
 
@@ -327,6 +327,7 @@ def plot_kernels(rows, ceilings, out_dir) -> list:
              "doc_attention": ("seq_len", "tflops", "TFLOPS", "matmul"),
              "window_attention": ("seq_len", "tflops", "TFLOPS", "matmul"),
              "rope": ("heads", "gbps", "GB/s", "copy"),
+             "gqa_attention": ("seq_len", "tflops", "TFLOPS", "matmul"),
              "cross_entropy": ("vocab", "gbps", "GB/s", "copy"),
              "lm_head_loss": ("vocab", "tflops", "TFLOPS", "matmul"),
              "lm_head_loss_smooth_z": ("vocab", "tflops", "TFLOPS", "matmul"),

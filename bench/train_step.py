@@ -61,21 +61,24 @@ def sdpa_attend(self, q, k, v, doc_ids=None):
     Equal lengths use is_causal=True (top-left = bottom-right then); with a KV cache (Tq < Tk)
     the module's own bottom-right mask is passed, inverted (SDPA's True means "attend"), and
     with packed documents that mask and the document mask; with a window (local attention) the
-    window's mask too.
+    window's mask too. Fewer KV heads than query heads (GPTConfig.n_kv_head): enable_gqa.
     """
     from tritongpt.model.layers import document_index, outside_window
 
     Tq, Tk = q.size(-2), k.size(-2)
     p = self.attn_drop.p if self.training else 0.0
+    gqa = k.size(1) != q.size(1)
     if Tq == Tk and doc_ids is None and not self.window:
-        return F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True, scale=self.softmax_scale)
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True, scale=self.softmax_scale,
+                                              enable_gqa=gqa)
     allowed = ~self.mask[Tk - Tq:Tk, :Tk]
     if self.window:
         allowed = allowed & ~outside_window(Tq, Tk, self.window, q.device)
     if doc_ids is not None:
         doc = document_index(doc_ids)
         allowed = allowed & (doc[:, Tk - Tq:, None] == doc[:, None, :])[:, None]  # [B, 1, Tq, Tk]
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=p, scale=self.softmax_scale)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=p, scale=self.softmax_scale,
+                                          enable_gqa=gqa)
 
 
 def use_sdpa_attention(model):

@@ -416,18 +416,22 @@ def test_run_kernels_end_to_end_on_cpu():
         CpuTimer(reps=1), Budget(None), torch.float32, providers=("reference", "torch", "sdpa-flash"),
         sizes=dict(ln_rows=8, ln_widths=(40, 24), mlp_rows=8, mlp_widths=(8,), attn_seqlens=(32, 16),
                    attn_head_dims=(8,), attn_tokens=32, attn_width=16, attn_window=20, ce_rows=8, ce_vocabs=(30,),
-                   head_widths=(12,), rope_tokens=32, rope_seq_len=16, rope_heads=(2, 3), rope_head_dim=8),
+                   head_widths=(12,), rope_tokens=32, rope_seq_len=16, rope_heads=(2, 3), rope_head_dim=8,
+                   gqa_seqlens=(16,), gqa_heads=((4, 2, 8),)),
         ceiling_sizes=dict(copy_bytes=1 << 16, matmul_n=32, dtype=torch.float32), log=lambda s: None)
     assert ceil["copy"]["gbps"] > 0 and ceil["matmul"]["tflops"] > 0
     assert all(r["status"] == "ok" for r in rows), [r["status"] for r in rows if r["status"] != "ok"]
     timed = [r for r in rows if r["mode"] != "saved"]
     # layernorm, mlp, attention, cross_entropy, lm_head_loss, documents (reference), a window of 20 (reference,
     # T=32 only: at 16 it would be causal attention), residual add + layernorm, lm_head_loss with label
-    # smoothing and z-loss, lm_head_loss on soft-capped logits, rope at 2 and 3 heads (reference)
+    # smoothing and z-loss, lm_head_loss on soft-capped logits, rope at 2 and 3 heads (reference),
+    # grouped-query attention (reference, sdpa-flash)
     assert len(timed) == (2 * 2 * 3 + 1 * 2 * 3 + 2 * 2 * 3 + 1 * 2 * 3 + 1 * 2 * 3 + 2 * 3 + 3 + 2 * 2 * 3 + 1 * 2 * 3
-                          + 1 * 2 * 3 + 2 * 3)
+                          + 1 * 2 * 3 + 2 * 3 + 2 * 3)
     assert [(r["config"]["batch"], r["config"]["heads"]) for r in timed if r["op"] == "rope"] == \
         [(2, 2)] * 3 + [(2, 3)] * 3
+    assert {(r["config"]["heads"], r["config"]["kv_heads"], r["config"]["head_dim"]) for r in timed
+            if r["op"] == "gqa_attention"} == {(4, 2, 8)}
     assert {(r["config"]["seq_len"], r["config"]["window"]) for r in timed if r["op"] == "window_attention"} == \
         {(32, 20)}
     assert [(r["config"]["label_smoothing"], r["config"]["z_loss"]) for r in timed
@@ -459,6 +463,8 @@ def test_target_configurations_are_measured_first_and_exactly_once():
     assert first["lm_head_loss_softcap"] == [] and rest["lm_head_loss_softcap"] == [full["head_widths"]]
     for op in ("doc_attention", "window_attention"):  # after the targets, at the first head dim only
         assert first[op] == [] and rest[op] == [(full["attn_seqlens"], full["attn_head_dims"][:1])]
+    assert first["gqa_attention"] == [] and rest["gqa_attention"] == [(full["gqa_seqlens"], full["gqa_heads"])]
+    assert full["gqa_heads"] == ((32, 8, 128), (12, 1, 64)) and full["gqa_seqlens"] == (512, 1024, 2048, 4096, 8192)
     for op, key in (("layernorm", "ln_widths"), ("mlp", "mlp_widths")):
         done = [w for plan in (first, rest) for args in plan[op] for w in args]
         assert sorted(done) == sorted(full[key])
@@ -826,7 +832,7 @@ def test_gpu_command_flow_with_cpu_stand_ins(tmp_path, monkeypatch, capsys):
         "--providers", "reference,torch,sdpa-flash", "--ln-rows", "8", "--ln-widths", "16",
         "--mlp-rows", "8", "--mlp-widths", "8", "--attn-seqlens", "16", "--attn-head-dims", "8",
         "--attn-tokens", "32", "--attn-width", "16", "--attn-window", "8", "--ce-rows", "8", "--ce-vocabs", "20",
-        "--head-widths", "8"])
+        "--head-widths", "8", "--gqa-seqlens", "16", "--gqa-heads", "4:2:8,3:1:8"])
     assert bcli._run_gpu(args) == 0
     assert seen["models"] == ("gpt2-small",) and seen["steps"] == 4 and seen["peak"] > 0
     assert seen["providers"] == train_step.TRAIN_PROVIDERS
@@ -837,7 +843,9 @@ def test_gpu_command_flow_with_cpu_stand_ins(tmp_path, monkeypatch, capsys):
     t = report.validate_result(json.loads((folder / "train.json").read_text()))
     assert {r["op"] for r in k["rows"]} == {"layernorm", "mlp", "attention", "cross_entropy", "lm_head_loss",
                                             "doc_attention", "window_attention", "add_layernorm", "rope",
-                                            "lm_head_loss_smooth_z", "lm_head_loss_softcap"}
+                                            "lm_head_loss_smooth_z", "lm_head_loss_softcap", "gqa_attention"}
+    assert {(r["config"]["heads"], r["config"]["kv_heads"]) for r in k["rows"] if r["op"] == "gqa_attention"} == \
+        {(4, 2), (3, 1)}
     ce = [r for r in k["rows"] if r["op"] == "cross_entropy" and r["provider"] == "torch"]
     assert len(ce) == 3 and all(r["status"] == "ok" and r["gbps"] > 0 for r in ce), ce
     assert t["peak_flops_source"] == "float32 matmul 32^3 measured in this run"
@@ -908,9 +916,17 @@ def test_kernel_sizes_dtype_and_budget_are_checked_before_the_cpu_timings(monkey
         (["kernels", "--dtype", "fp64"], "unknown dtype 'fp64'"),
         (["train", "--dtype", "int8"], "unknown dtype 'int8'"),
         (["all", "--max-minutes", "nan"], "--max-minutes must be a positive number"),
-        (["kernels", "--max-minutes", "0"], "--max-minutes must be a positive number")))
-    sizes = bcli.kernel_sizes(parser.parse_args(["bench", "kernels", "--ln-rows", "8", "--head-widths", "8,16"]))
+        (["kernels", "--max-minutes", "0"], "--max-minutes must be a positive number"),
+        (["kernels", "--gqa-heads", "32:8"], "--gqa-heads takes query heads:KV heads:head dim, positive integers, "
+                                             "got '32:8'"),
+        (["kernels", "--gqa-heads", "32:0:128"], "got '32:0:128'"),
+        (["kernels", "--gqa-heads", "12:5:64"], r"the query heads \(12\) must be a multiple of the KV heads \(5\)"),
+        (["kernels", "--gqa-heads", ","], "--gqa-heads lists no shape"),
+        (["kernels", "--gqa-seqlens", "0"], "--gqa-seqlens must list positive")))
+    sizes = bcli.kernel_sizes(parser.parse_args(["bench", "kernels", "--ln-rows", "8", "--head-widths", "8,16",
+                                                 "--gqa-heads", "8:2:64, 4:1:80", "--gqa-seqlens", "256"]))
     assert sizes["ln_rows"] == 8 and sizes["head_widths"] == (8, 16)
+    assert sizes["gqa_heads"] == ((8, 2, 64), (4, 1, 80)) and sizes["gqa_seqlens"] == (256,)
     assert sizes["mlp_rows"] == kernels.FULL_SIZES["mlp_rows"]
 
 
@@ -1280,6 +1296,48 @@ def test_rope_rows_time_each_provider_on_the_same_rotation(device, monkeypatch):
     assert all(r["status"] == "ok" for r in rows) and by["fwd"]["config"]["batch"] == 2
     assert {m: r["bytes"] for m, r in by.items()} == {"fwd": 4 * 32 * 3 * 8 * 2, "bwd": 4 * 32 * 3 * 8 * 2,
                                                       "fwd+bwd": 8 * 32 * 3 * 8 * 2}
+
+
+def test_gqa_attention_rows_time_each_provider_on_the_same_grouped_heads(device):
+    """gqa_attention: every provider computes query head h over KV head h // (H / Hkv) (the SDPA
+    backends with enable_gqa=True where they take it; flash-attn where installed), from k, v with
+    Hkv heads; the FLOPs are causal attention's over the H query heads."""
+    from tritongpt.bench.common import attention_flops
+
+    q = kernels.randn(2, 6, 37, 16, device=device, dtype=torch.float32)
+    k, v = (kernels.randn(2, 2, 37, 16, device=device, dtype=torch.float32) for _ in range(2))
+    builders = kernels.gqa_attention_providers(q, k, v)
+    outs = {name: build()[0]() for name, build in builders.items()
+            if name in ("reference", "sdpa-flash", "sdpa-repeat", "triton")}
+    future = torch.ones(37, 37, dtype=torch.bool, device=device).triu(1)
+    kv = [t[:, [0, 0, 0, 1, 1, 1]] for t in (k, v)]  # heads 0-2 read KV head 0, 3-5 KV head 1
+    want = torch.softmax((q @ kv[0].transpose(-2, -1) / 4).masked_fill(future, float("-inf")), -1) @ kv[1]
+    for name, o in outs.items():
+        assert torch.allclose(o, want, atol=1e-5), name
+    rows = kernels.sweep_gqa_attention(CpuTimer(reps=1), Budget(None), (16,), ((4, 2, 8), (3, 1, 16)),
+                                       torch.float32, tokens=32, providers=("sdpa-repeat", "triton", "flash-attn"))
+    by = {(r["config"]["heads"], r["provider"], r["mode"]): r for r in rows}
+    assert {(r["config"]["batch"], r["config"]["kv_heads"], r["config"]["head_dim"]) for r in rows} == \
+        {(2, 2, 8), (2, 1, 16)}
+    assert by[4, "sdpa-repeat", "fwd"]["flops"] == attention_flops(2, 4, 16, 16, 8, True, "fwd") == 4 * 2 * 4 * 16 ** 2 * 8 / 2
+    assert by[3, "triton", "fwd+bwd"]["flops"] == attention_flops(2, 3, 16, 16, 16, True, "fwd+bwd")
+    assert by[4, "sdpa-repeat", "fwd"]["status"] == "ok" and by[3, "triton", "bwd"]["status"] == "ok"
+    if device.type != "cuda":
+        assert by[4, "flash-attn", "fwd"]["status"].startswith("skipped: ")
+
+
+def test_gqa_attention_gives_flash_attn_the_kv_heads_as_they_are(monkeypatch):
+    """flash-attn takes fewer KV heads natively: no repeat before it, [B, T, Hkv, D] as given."""
+    seen = []
+
+    def fake_flash_attn_func(q, k, v, **options):
+        seen.append((k.shape, v.shape, options))
+        return q
+    monkeypatch.setitem(sys.modules, "flash_attn", types.SimpleNamespace(flash_attn_func=fake_flash_attn_func))
+    q = kernels.randn(1, 4, 9, 16, device="cpu", dtype=torch.bfloat16)
+    k = kernels.randn(1, 1, 9, 16, device="cpu", dtype=torch.bfloat16)
+    f, _ = kernels.gqa_attention_providers(q, k, k)["flash-attn"]()
+    assert torch.equal(f(), q) and seen == [((1, 9, 1, 16), (1, 9, 1, 16), dict(causal=True))]
 
 
 def test_window_attention_gives_flash_attn_the_band_as_window_size(monkeypatch):
@@ -1856,7 +1914,8 @@ def test_every_provider_builder_is_in_the_sweep():
              "doc_attention": kernels.doc_attention_providers(q, q, q, [3, 1]),
              "window_attention": kernels.window_attention_providers(q, q, q, 2),
              "add_layernorm": kernels.add_layernorm_providers(x, x, x[0], x[0]),
-             "rope": kernels.rope_providers(q, q)}
+             "rope": kernels.rope_providers(q, q),
+             "gqa_attention": kernels.gqa_attention_providers(q, q[:, :1], q[:, :1])}
     assert set(built) == set(kernels.PROVIDERS)
     for op, builders in built.items():
         assert set(kernels.PROVIDERS[op]) == set(builders), op
@@ -2105,19 +2164,21 @@ def test_lm_head_variants_run_last_of_all_the_soft_cap_last(monkeypatch):
               "add_layernorm": "sweep_add_layernorm", "doc_attention": "sweep_doc_attention",
               "window_attention": "sweep_window_attention", "rope": "sweep_rope",
               "lm_head_loss_smooth_z": "sweep_lm_head_loss_smooth_z",
-              "lm_head_loss_softcap": "sweep_lm_head_loss_softcap"}
+              "lm_head_loss_softcap": "sweep_lm_head_loss_softcap", "gqa_attention": "sweep_gqa_attention"}
     for op, name in sweeps.items():
         monkeypatch.setattr(kernels, name, lambda *a, op=op: calls.append((op, "compile" in a[-1])) or [])
     monkeypatch.setattr(kernels, "measure_ceilings", lambda timer, **k: {})
     kernels.run_kernels(CpuTimer(reps=1), Budget(None), log=lambda s: None)
-    assert calls[-4:] == [("lm_head_loss_smooth_z", False), ("lm_head_loss_smooth_z", True),
-                          ("lm_head_loss_softcap", False), ("lm_head_loss_softcap", True)]
-    assert {op for op, _ in calls[:-4]} == set(sweeps) - {"lm_head_loss_smooth_z", "lm_head_loss_softcap"}
-    assert ("doc_attention", True) in calls[:-4]
+    assert calls[-6:] == [("lm_head_loss_smooth_z", False), ("lm_head_loss_smooth_z", True),
+                          ("lm_head_loss_softcap", False), ("lm_head_loss_softcap", True),
+                          ("gqa_attention", False), ("gqa_attention", True)]  # the newest op after them all
+    assert {op for op, _ in calls[:-6]} == set(sweeps) - {"lm_head_loss_smooth_z", "lm_head_loss_softcap",
+                                                           "gqa_attention"}
+    assert ("doc_attention", True) in calls[:-6]
     parser = cli.build_parser()
     default_ops = parser.parse_args(["bench", "kernels"]).ops.split(",")
     assert default_ops == list(inspect.signature(kernels.run_kernels).parameters["ops"].default)
-    assert default_ops[-2:] == ["lm_head_loss_smooth_z", "lm_head_loss_softcap"]
+    assert default_ops[-3:] == ["lm_head_loss_smooth_z", "lm_head_loss_softcap", "gqa_attention"]
     ops, _, _ = bcli.kernel_names(parser.parse_args(["bench", "kernels", "--ops", "lm_head_loss_softcap"]))
     assert ops == ("lm_head_loss_softcap",)
 
