@@ -19,6 +19,10 @@ class GPTConfig:
     n_embd: int = 768
     n_layer: int = 12
     n_head: int = 12
+    # Grouped-query attention (Llama 2/3, Mistral; 1: multi-query): the keys and values have
+    # n_kv_head heads, each shared by n_head / n_kv_head query heads, so W_key, W_value and the KV
+    # cache shrink by that factor. 0: as many as n_head (GPT-2).
+    n_kv_head: int = 0
     dropout: float = 0.0
     bias: bool = True          # biases in Linear layers (GPT-2 has them)
     # GPT-Neo's attention differs from GPT-2's in two ways: its scores are q.k, not q.k / sqrt(head_dim)
@@ -60,6 +64,10 @@ class GPTConfig:
             setattr(self, name, int(value))
         if self.n_embd % self.n_head:
             raise UserError(f"GPTConfig.n_embd={self.n_embd} is not divisible by n_head={self.n_head}")
+        if not is_int(self.n_kv_head) or self.n_kv_head < 0 or (self.n_kv_head and self.n_head % self.n_kv_head):
+            raise UserError(f"GPTConfig.n_kv_head must divide n_head={self.n_head} (0: as many as n_head), "
+                            f"got {self.n_kv_head!r}")
+        self.n_kv_head = int(self.n_kv_head)
         if not is_real(self.dropout) or not 0.0 <= self.dropout < 1.0:
             raise UserError(f"GPTConfig.dropout must be in [0, 1), got {self.dropout!r}")
         self.dropout = float(self.dropout)
@@ -101,6 +109,11 @@ class GPTConfig:
     @property
     def head_dim(self) -> int:
         return self.n_embd // self.n_head
+
+    @property
+    def kv_heads(self) -> int:
+        """How many key/value heads each layer has: n_kv_head, or n_head when it is 0."""
+        return self.n_kv_head or self.n_head
 
     def layer_window(self, layer_idx: int) -> int:
         """The attention window of layer layer_idx: attention_window if it is a local layer, else 0."""

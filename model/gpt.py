@@ -19,7 +19,8 @@ from tritongpt.model.toggle import resolve_kernels, spec_string
 
 
 class KVCache:
-    """Preallocated keys and values of every layer, [n_layer, B, n_head, max_len, head_dim].
+    """Preallocated keys and values of every layer, [n_layer, B, kv_heads, max_len, head_dim]
+    (kv_heads: n_kv_head, or n_head; grouped-query attention keeps a cache n_head / n_kv_head smaller).
 
     `pos` is how many positions are filled. A layer writes its new keys at [pos, pos+T) and
     attends over [0, pos+T); the model advances `pos` once all layers have run.
@@ -33,7 +34,7 @@ class KVCache:
                             f"got {max_len!r}")
         if not is_int(batch_size) or batch_size < 1:
             raise UserError(f"KV cache batch_size must be a positive int, got {batch_size!r}")
-        shape = (cfg.n_layer, batch_size, cfg.n_head, self.max_len, cfg.head_dim)
+        shape = (cfg.n_layer, batch_size, cfg.kv_heads, self.max_len, cfg.head_dim)
         self.k = torch.empty(shape, device=device, dtype=dtype)
         self.v = torch.empty(shape, device=device, dtype=dtype)
         self.pos = 0

@@ -186,16 +186,18 @@ class MultiHeadAttention(nn.Module):
 
     def __init__(self, n_embd: int, n_head: int, context_length: int, dropout: float = 0.0,
                  bias: bool = True, layer_idx: int = 0, window: int = 0, scale: bool = True,
-                 qkv_bias: bool = True, rope_theta: float | None = None):
+                 qkv_bias: bool = True, rope_theta: float | None = None, n_kv_head: int = 0):
         super().__init__()
         assert n_embd % n_head == 0, "n_embd must be divisible by n_head"
         self.n_head, self.head_dim, self.layer_idx = n_head, n_embd // n_head, layer_idx
+        self.n_kv_head = n_kv_head or n_head  # fewer: grouped-query attention (1: multi-query)
+        assert n_head % self.n_kv_head == 0, "n_head must be a multiple of n_kv_head"
         self.window = window
         # scale False: GPT-Neo's scores q.k, unscaled (its training kept them in range without)
         self.softmax_scale = 1.0 / math.sqrt(self.head_dim) if scale else 1.0
         self.W_query = nn.Linear(n_embd, n_embd, bias=bias and qkv_bias)
-        self.W_key = nn.Linear(n_embd, n_embd, bias=bias and qkv_bias)
-        self.W_value = nn.Linear(n_embd, n_embd, bias=bias and qkv_bias)
+        self.W_key = nn.Linear(n_embd, self.n_kv_head * self.head_dim, bias=bias and qkv_bias)
+        self.W_value = nn.Linear(n_embd, self.n_kv_head * self.head_dim, bias=bias and qkv_bias)
         self.out_proj = nn.Linear(n_embd, n_embd, bias=bias)
         self.rotary = None if rope_theta is None else Rotary(self.head_dim, rope_theta)
         self.attn_drop = nn.Dropout(dropout)  # both paths read its p (the Triton one in-kernel)
@@ -222,7 +224,10 @@ class MultiHeadAttention(nn.Module):
         1 / sqrt(d) when the model does not scale its scores: GPT-Neo).
         doc_ids [B, Tk]: packed documents, each a run of equal ids; a query also may not see the
         keys of another document (the document mask). self.window W > 0: nor keys W or more
-        positions back (the local mask)."""
+        positions back (the local mask). k, v with fewer heads than q (grouped-query attention):
+        each KV head is repeated for the n_head / n_kv_head query heads that share it."""
+        if k.size(1) != q.size(1):
+            k, v = (t.repeat_interleave(q.size(1) // k.size(1), dim=1) for t in (k, v))
         Tq, Tk = q.size(-2), k.size(-2)
         # fp16 scores in fp32 (q.k past 65504 was inf, its softmax row NaN), also under autocast,
         # which would cast the matmul back to fp16
@@ -245,8 +250,8 @@ class MultiHeadAttention(nn.Module):
         B, T, C = x.shape
         # (B, T, C) -> (B, n_head, T, head_dim)
         q = self.W_query(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
-        k = self.W_key(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
-        v = self.W_value(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
+        k = self.W_key(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        v = self.W_value(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
         if self.rotary is not None:
             if positions is None:
                 start = cache.pos if cache is not None else 0
@@ -280,7 +285,8 @@ class TransformerBlock(nn.Module):
         self.norm1 = LayerNorm(cfg.n_embd)
         self.att = MultiHeadAttention(cfg.n_embd, cfg.n_head, cfg.context_length, cfg.dropout,
                                       cfg.bias, layer_idx, cfg.layer_window(layer_idx), cfg.scale_attention,
-                                      cfg.qkv_bias, cfg.rope_theta if cfg.position_encoding == "rope" else None)
+                                      cfg.qkv_bias, cfg.rope_theta if cfg.position_encoding == "rope" else None,
+                                      cfg.kv_heads)
         self.norm2 = LayerNorm(cfg.n_embd)
         self.ff = FeedForward(cfg.n_embd, cfg.dropout, cfg.bias)
 

@@ -1642,6 +1642,17 @@ def test_load_state_mapped_reads_the_same_and_names_a_damaged_file_alike(tmp_pat
         load_state(tmp_path, mmap=True)
 
 
+def test_a_resume_refuses_another_n_kv_head_by_name(tmp_path):
+    """Fewer key/value heads change W_key's and W_value's shapes: the weights do not load, and the
+    error names the field and the flag, not only torch's size mismatch."""
+    gb = make_get_batch(synthetic_tokens(), 2)
+    Trainer(tiny_model(n_kv_head=1), args_for(tmp_path, max_steps=1), loss_fn, gb).fit()
+    with pytest.raises(UserError, match=r"does not fit this model: the checkpoint's model has n_kv_head 1 \(this "
+                                        r"run: 0\); pass the --n-kv-head it was trained with$"):
+        Trainer(tiny_model(), args_for(tmp_path, max_steps=1, resume="latest"), loss_fn, gb).fit()
+    Trainer(tiny_model(n_kv_head=1), args_for(tmp_path, max_steps=2, resume="latest"), loss_fn, gb).fit()
+
+
 def test_a_resume_refuses_another_attention_window(tmp_path):
     """A window (or other local layers) is another function of the same weights, as a cap is. Between
     two dense models window_layers means nothing and is not compared."""

@@ -701,6 +701,34 @@ def test_logit_softcap_makes_a_soft_capped_model_kept_by_init(corpus, tmp_path, 
     assert main(["pretrain", *argv(corpus, tmp_path / "capped", *short[:-2], *more, "--logit-softcap", "15")]) == 0
 
 
+def test_n_kv_head_makes_a_grouped_query_model_kept_by_init_and_resume(corpus, tmp_path, capsys):
+    """--n-kv-head builds the new model with fewer key/value heads (saved with it); with --init it
+    may only repeat the model's own, and a resume without it is refused by name (the weights'
+    shapes differ); a count that does not divide the heads is refused before any work."""
+    short = ("--sample-tokens", "0", "--log-every", "0", "--eval-every", "0", "--max-steps", "1")
+    assert main(["pretrain", *argv(corpus, tmp_path / "gqa", *short, "--n-kv-head", "2")]) == 0
+    assert ", 2 key/value heads for 4 query heads) on cpu" in capsys.readouterr().out
+    model = GPTModel.load(tmp_path / "gqa" / "ckpt-0000001" / "model.safetensors")
+    assert model.config.n_kv_head == 2 and model.trf_blocks[0].att.W_key.weight.shape == (64, 128)
+    init = ("--init", str(tmp_path / "gqa"))
+    for given in ("1", "0", "4"):  # (0 and 4: as many as the heads, GPT-2's)
+        assert main(["pretrain", *argv(corpus, tmp_path / "again", *short, *init, "--n-kv-head", given)]) == 2
+        assert f"--n-kv-head {given} would change the shapes of --init's weights (its n_kv_head is 2, with 4 " \
+               "heads)" in capsys.readouterr().err
+    assert main(["pretrain", *argv(corpus, tmp_path / "again", *short, *init, "--n-kv-head", "2")]) == 0
+    more = ("--max-steps", "2", "--resume")
+    assert main(["pretrain", *argv(corpus, tmp_path / "gqa", *short[:-2], *more)]) == 2
+    assert "the checkpoint's model has n_kv_head 2 (this run: 0); pass the --n-kv-head it was trained with" in \
+        capsys.readouterr().err
+    assert main(["pretrain", *argv(corpus, tmp_path / "gqa", *short[:-2], *more, "--n-kv-head", "2")]) == 0
+    capsys.readouterr()
+    for bad, msg in (("3", "--n-kv-head 3 must divide tiny's 4 heads"),
+                     ("-1", "--n-kv-head must be >= 0 (0: as many as the heads), got -1")):
+        assert main(["pretrain", *argv(corpus, tmp_path / "bad", *short, "--n-kv-head", bad)]) == 2
+        assert msg in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
+
+
 def test_attention_window_makes_a_local_model_kept_by_init(corpus, tmp_path, capsys):
     """--attention-window / --window-layers build the new model with local attention (saved with it);
     with --init they may only repeat the model's own; a bad window is refused before any work."""

@@ -612,8 +612,10 @@ def config_difference(weights_file, config) -> str:
     keys = [k for k in saved if k in now and saved[k] != now[k] and k not in ("kernels", "dropout")]
     diffs = [f"{k} {saved[k]} (this run: {now[k]})" for k in keys]
     flags = []
-    if any(not k.startswith("lora_") for k in keys):
+    if any(not k.startswith("lora_") and k != "n_kv_head" for k in keys):
         flags.append("--model (and --vocab-multiple)")
+    if "n_kv_head" in keys:  # pretrain --n-kv-head: the key and value projections' shapes
+        flags.append("--n-kv-head")
     if any(k.startswith("lora_") for k in keys):  # a LoRA run's checkpoint holds A and B too
         flags.append("--lora-rank, --lora-alpha and --lora-targets")
     return ("the checkpoint's model has " + ", ".join(diffs) +

@@ -286,8 +286,9 @@ def hf_config(cfg: GPTConfig, eos_token_id: int | None = None) -> dict:
 
 def refuse_not_gpt2(model: GPTModel, what: str) -> None:
     """Hugging Face's GPT-2 has no logit soft cap, no local attention, no RoPE (it learns its
-    position embeddings, wpe) and scales its scores by 1/sqrt(head_dim): with the weights alone it
-    would give other logits. (q/k/v without biases it can be: zero ones.)"""
+    position embeddings, wpe), no grouped-query attention and scales its scores by 1/sqrt(head_dim):
+    with the weights alone it would give other logits (or, for fewer KV heads, not load). (q/k/v
+    without biases it can be: zero ones.)"""
     cfg = model.config
     if cfg.position_encoding != "learned":
         raise UserError(f"this model rotates q and k by their positions (position_encoding {cfg.position_encoding}, "
@@ -304,6 +305,10 @@ def refuse_not_gpt2(model: GPTModel, what: str) -> None:
                         f"window_layers {cfg.window_layers}), which Hugging Face's GPT-2 does not: "
                         f"it cannot be exported as {what} (nor as GPT-Neo, whose local attention comes with "
                         "unscaled scores: scale_attention False)")
+    if cfg.kv_heads < cfg.n_head:
+        raise UserError(f"this model has grouped-query attention (n_kv_head {cfg.n_kv_head} key/value heads for "
+                        f"{cfg.n_head} query heads), which Hugging Face's GPT-2 does not: it cannot be exported "
+                        f"as {what}")
 
 
 def export_gpt2(model: GPTModel, out_dir, eos_token_id: int | None = None, overwrite: bool = False) -> list:

@@ -67,6 +67,11 @@ def add_args(p: argparse.ArgumentParser):
                         "positions only, itself included (GPTConfig.attention_window; GPT-3's locally banded layers, "
                         "GPT-Neo's local ones with 256); the Triton kernel skips the tiles outside the window. Such a "
                         "model cannot be exported to Hugging Face's GPT-2. Default: none (0), or what --init's has")
+    p.add_argument("--n-kv-head", type=int, default=None, metavar="N",
+                   help="grouped-query attention for the new model: N key/value heads, each shared by n_head / N "
+                        "query heads (GPTConfig.n_kv_head; Llama's 8 of 32, 1: multi-query); W_key, W_value and the "
+                        "KV cache shrink by n_head / N. Such a model cannot be exported to Hugging Face's GPT-2. "
+                        "Default: as many as the heads (0), or what --init's has")
     p.add_argument("--window-layers", choices=WINDOW_LAYERS, default=None,
                    help="which layers --attention-window makes local: all, or odd (1, 3, 5, ...: GPT-Neo's "
                         "alternation with global layers) (default: all, or what --init's model has)")
@@ -182,6 +187,10 @@ def check_args(args, targs):
             raise UserError(f"--rope-theta must be a finite number > 0, got {args.rope_theta:g}")
         if args.init is None and args.position_encoding != "rope":
             raise UserError(NO_ROPE.format(args.rope_theta))
+    if args.n_kv_head is not None and args.n_kv_head < 0:
+        raise UserError(f"--n-kv-head must be >= 0 (0: as many as the heads), got {args.n_kv_head}")
+    if args.n_kv_head and preset is not None and preset.n_head % args.n_kv_head:
+        raise UserError(f"--n-kv-head {args.n_kv_head} must divide {args.model or 'tiny'}'s {preset.n_head} heads")
     data.check_text_field(args.data, args.text_field)
     if Path(str(args.data or "")).suffix == ".json":
         note(f"{args.data} is read as plain text, brackets and keys included (JSON records "
@@ -211,6 +220,10 @@ def check_args(args, targs):
                 show = (lambda v: f"{v:g}") if isinstance(has, float) else str
                 raise UserError(f"--{field.replace('_', '-')} {show(given)} would change what --init's model "
                                 f"computes (its {field} is {show(has)}): leave the flag out")
+        if args.n_kv_head is not None and (args.n_kv_head or model.config.n_head) != model.config.kv_heads:
+            raise UserError(f"--n-kv-head {args.n_kv_head} would change the shapes of --init's weights (its "
+                            f"n_kv_head is {model.config.n_kv_head}, with {model.config.n_head} heads): leave the "
+                            "flag out")
         tok = pick_tokenizer(args.tokenizer, args.init, model.config.vocab_size)
     else:
         tok = get_tokenizer(args.tokenizer or "default")
@@ -218,7 +231,8 @@ def check_args(args, targs):
         cfg = get_config(name, vocab_size=model_vocab(name, tok, preset.vocab_size),
                          dropout=args.dropout, vocab_multiple=args.vocab_multiple, logit_softcap=args.logit_softcap,
                          attention_window=args.attention_window, window_layers=args.window_layers,
-                         position_encoding=args.position_encoding, rope_theta=args.rope_theta)
+                         position_encoding=args.position_encoding, rope_theta=args.rope_theta,
+                         n_kv_head=args.n_kv_head)
         model = GPTModel(cfg)
     context = model.config.context_length
     block = context if args.block_size is None else args.block_size
@@ -322,13 +336,14 @@ def print_header(args, targs, model, tok, block, splits, trainer):
     padded = f" padded to {cfg.padded_vocab_size}" if cfg.padded_vocab_size != cfg.vocab_size else ""
     local = f", local attention over {cfg.attention_window} positions in {cfg.window_layers} layers"
     rope = f", RoPE (theta {cfg.rope_theta:g})" if cfg.position_encoding == "rope" else ""
+    gqa = f", {cfg.kv_heads} key/value heads for {cfg.n_head} query heads" if cfg.kv_heads < cfg.n_head else ""
     print(f"pretrain: {model_name(args)} ({model.num_params() / 1e6:.2f}M params, vocab {cfg.vocab_size}{padded}, "
           f"context {cfg.context_length}"
           f"{f', trained on {block}-token blocks' if block != cfg.context_length else ''}"
           f"{f', logits soft-capped at {cfg.logit_softcap:g}' if cfg.logit_softcap else ''}"
           f"{local if cfg.attention_window else ''}"
           f"{', attention scores unscaled' if not cfg.scale_attention else ''}"
-          f"{', no q/k/v biases' if cfg.bias and not cfg.qkv_bias else ''}{rope}) "
+          f"{', no q/k/v biases' if cfg.bias and not cfg.qkv_bias else ''}{rope}{gqa}) "
           f"on {trainer.device} ({str(trainer.dtype).replace('torch.', '')}, kernels {cfg.kernels}"
           f"{', ' + str(trainer.world_size) + ' processes' if trainer.ddp else ''})")
     per_step = targs.batch_size * targs.grad_accum * trainer.world_size
