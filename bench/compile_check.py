@@ -171,6 +171,12 @@ def capture(quick=False, half="bfloat16"):
                         o, lse = attention._fwd_launch(q, k, k, True, d ** -0.5, p, seed)
                         if tq > 1:  # decode runs forward only
                             attention._bwd_launch(torch.empty_like(o), q, k, k, o, lse, True, d ** -0.5, p, seed)
+                        if tq > 1 and p == 0.0:  # grouped-query (one KV head): dK/dV's group loop, its own binary
+                            case[0] = f"attention {name} hd{d} Tq={tq} Tk={ATTN_SEQ} kv_heads=1"
+                            o, lse = attention._fwd_launch(q, k[:, :1], k[:, :1], True, d ** -0.5, p, seed)
+                            attention._bwd_launch(torch.empty_like(o), q, k[:, :1], k[:, :1], o, lse, True, d ** -0.5,
+                                                  p, seed)
+                            case[0] = f"attention {name} hd{d} Tq={tq} Tk={ATTN_SEQ}"
                         if tq > 1 and d == 64:  # packed documents (GPT-2's head dim): their own binaries
                             case[0] += " documents"
                             starts = torch.empty(batch, ATTN_SEQ, dtype=torch.int32, **meta)

@@ -50,7 +50,9 @@ Algorithm (Dao, "FlashAttention-2", 2023). Per (batch, head), with S = scale * Q
             writes dK/dV per query head into such a scratch and sums it after (more memory, and a
             grid H / Hkv times wider). The cost here: the dK/dV grid has Hkv, not H, rows of
             programs, each H / Hkv times longer, which underfills a GPU when B * Hkv * Tk / BLOCK_N
-            is small (MQA at short T). The dropout counter stays that of the query head.
+            is small (MQA at short T). The dropout counter stays that of the query head. dK/dV
+            specializes on GROUP == 1: the loop then folds away and multi-head attention keeps
+            its registers (sm_90, offline: the loop's binary takes up to ~70 more per thread).
   head dim  16, 32, 64, 80, 96, 128; 80 and 96 are padded to 128 inside the kernel with masks.
   NaN/inf   in q or k behave as in PyTorch; a NaN in v reaches the rows whose visited KV tiles
             hold it (PyTorch's P @ V spreads it to every row, 0 * NaN; exact math, to the rows
@@ -285,7 +287,7 @@ def _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_ptr, delta_ptr, starts, s
     return dk, dv
 
 
-@triton.jit(do_not_specialize=["seed", "H", "GROUP"])
+@triton.jit(do_not_specialize=["seed", "H"])
 def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, Delta, STARTS, ENDS, seed, qk_scale, sm_scale, dropout_p, keep_scale,
                    stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
                    stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_dom, stride_sb,
