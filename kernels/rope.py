@@ -21,8 +21,8 @@ rotated by the angle pos * theta^(-2i/D):
     (and HF's Llama), so both paths rotate by the same fp32 angles.
   * Backward: the rotation is orthogonal, so the gradient of the input is the incoming gradient
     rotated by -angle (sin negated): the same kernel, and nothing saved but the positions.
-  * Layout: q and k are [B, H, T, D] with any strides (the projection's view + transpose is read in
-    place, not copied); the outputs are [B, T, H, D] buffers returned as [B, H, T, D] views, the
+  * Layout: q is [B, H, T, D] and k [B, Hkv, T, D] (Hkv < H under grouped-query attention) with any
+    strides (the projection's view + transpose is read in place, not copied); the outputs are [B, T, H, D] buffers returned as [B, H, T, D] views, the
     projection's layout, so merging heads and the KV cache's copy see what they saw before.
     Math is fp32; the result is rounded once to the input's dtype (bf16/fp16/fp32).
 
@@ -62,12 +62,13 @@ def _rotate_heads(X, Y, cos, sin, b, t, t_ok, i, i_ok, n_heads,
 
 
 @triton.jit
-def _rope_kernel(Q, K, QO, KO, Pos, InvFreq, T, n_heads, n_tblocks,
+def _rope_kernel(Q, K, QO, KO, Pos, InvFreq, T, n_heads, n_kv_heads, n_tblocks,
                  sqb, sqh, sqt, sqd, skb, skh, skt, skd,
-                 sob, soh, sot, sod, spb, spt,
+                 sob, soh, sot, sod, skob, skoh, skot, skod, spb, spt,
                  HALF: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_HALF: tl.constexpr, INVERSE: tl.constexpr):
     """Program p rotates tokens [tb * BLOCK_T, ...) of sequence b (p = b * n_tblocks + tb), all the
-    heads of q and of k. INVERSE: by -angle (the backward pass). QO and KO share one layout."""
+    heads of q and the n_kv_heads of k (fewer under grouped-query attention). INVERSE: by -angle
+    (the backward pass)."""
     pid = tl.program_id(0)
     b = (pid // n_tblocks).to(tl.int64)
     t = (pid % n_tblocks) * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -83,7 +84,7 @@ def _rope_kernel(Q, K, QO, KO, Pos, InvFreq, T, n_heads, n_tblocks,
     if INVERSE:
         sin = -sin
     _rotate_heads(Q, QO, cos, sin, b, t, t_ok, i, i_ok, n_heads, sqb, sqh, sqt, sqd, sob, soh, sot, sod, HALF)
-    _rotate_heads(K, KO, cos, sin, b, t, t_ok, i, i_ok, n_heads, skb, skh, skt, skd, sob, soh, sot, sod, HALF)
+    _rotate_heads(K, KO, cos, sin, b, t, t_ok, i, i_ok, n_kv_heads, skb, skh, skt, skd, skob, skoh, skot, skod, HALF)
 
 
 def _block_t(T: int, half: int) -> int:
@@ -98,16 +99,17 @@ def _block_t(T: int, half: int) -> int:
 def _launch(q, k, positions, theta, inverse):
     """-> (q, k) rotated by +-angle into new [B, T, H, D] buffers, returned as [B, H, T, D] views."""
     B, H, T, D = q.shape
+    Hkv = k.shape[1]
     qo = torch.empty((B, T, H, D), dtype=q.dtype, device=q.device).transpose(1, 2)
-    ko = torch.empty((B, T, H, D), dtype=k.dtype, device=k.device).transpose(1, 2)
+    ko = torch.empty((B, T, Hkv, D), dtype=k.dtype, device=k.device).transpose(1, 2)
     if qo.numel() == 0:
         return qo, ko
     half = D // 2
     block_t = _block_t(T, half)
     n_tblocks = triton.cdiv(T, block_t)
     _rope_kernel[(B * n_tblocks,)](
-        q, k, qo, ko, positions, rope_inv_freq(D, theta, q.device), T, H, n_tblocks,
-        *q.stride(), *k.stride(), *qo.stride(), *positions.stride(),
+        q, k, qo, ko, positions, rope_inv_freq(D, theta, q.device), T, H, Hkv, n_tblocks,
+        *q.stride(), *k.stride(), *qo.stride(), *ko.stride(), *positions.stride(),
         HALF=half, BLOCK_T=block_t, BLOCK_HALF=triton.next_power_of_2(half), INVERSE=inverse,
         num_warps=1 if triton_interpreting() else 4)
     return qo, ko
@@ -118,8 +120,9 @@ def _check_op_args(q, k, positions, theta):
     check_tensor(q, "q", ndim=4)
     check_tensor(k, "k", ndim=4)
     check_same_dtype(q=q, k=k)
-    if q.shape != k.shape:
-        raise ValueError(f"rope: q {tuple(q.shape)} and k {tuple(k.shape)} must have the same shape [B, H, T, D]")
+    if (q.shape[0], *q.shape[2:]) != (k.shape[0], *k.shape[2:]):
+        raise ValueError(f"rope: q {tuple(q.shape)} and k {tuple(k.shape)} must have the same batch, length and "
+                         "head_dim [B, H, T, D] (k may have fewer heads: grouped-query attention)")
     D = q.shape[-1]
     if D % 2 or not 2 <= D <= MAX_HEAD_DIM:
         raise ValueError(f"rope: head_dim {D} must be even (pairs i, i + D/2) and at most {MAX_HEAD_DIM}")
@@ -149,7 +152,7 @@ def _rope_bwd(dq: torch.Tensor, dk: torch.Tensor, positions: torch.Tensor, theta
 def _fake(q, k, positions, theta):
     # the launcher's allocation: [B, T, H, D] buffers seen as [B, H, T, D]
     B, H, T, D = q.shape
-    return q.new_empty((B, T, H, D)).transpose(1, 2), k.new_empty((B, T, H, D)).transpose(1, 2)
+    return q.new_empty((B, T, H, D)).transpose(1, 2), k.new_empty((B, T, k.shape[1], D)).transpose(1, 2)
 
 
 _rope_fwd.register_fake(_fake)
@@ -197,7 +200,8 @@ def _checked_positions(positions, q):
 def rope(q: torch.Tensor, k: torch.Tensor, positions, theta: float = 10000.0):
     """(q, k) rotated by RoPE's angles, half-split (GPT-NeoX / Llama). Differentiable.
 
-    q, k: [B, H, T, D], one shape and dtype (bf16/fp16/fp32), any strides; D even, <= 256.
+    q: [B, H, T, D], k: [B, Hkv, T, D] (Hkv may be fewer: grouped-query attention), one dtype
+    (bf16/fp16/fp32), any strides; D even, <= 256.
     positions: each token's position, an int start offset (positions start .. start + T - 1), an
     integer tensor [T], or [B, T]. theta: the base of the frequencies (10000: GPT-NeoX's, Llama 2's).
     Returns [B, H, T, D] views of new [B, T, H, D] buffers, in q's dtype.

@@ -333,7 +333,9 @@ def test_export_command_picks_the_family_and_refuses_what_neither_computes(tmp_p
                                                  "which GPT-Neo's have not: it cannot be exported as a GPT-Neo folder"),
                             ({"logit_softcap": 5.0}, "logit_softcap 5), which Hugging Face's GPT-Neo does not"),
                             ({"position_encoding": "rope"}, "(position_encoding rope), where Hugging Face's GPT-Neo "
-                                                            "learns position embeddings")):
+                                                            "learns position embeddings"),
+                            ({"n_kv_head": 1}, "grouped-query attention (n_kv_head 1 key/value heads for 2 query heads), "
+                                               "which Hugging Face's GPT-Neo does not")):
         bad, _ = _run(tmp_path, _random_neo(vocab_size=280, **overrides), "bad")
         assert cli.main(["export", str(bad), "--out", str(tmp_path / "refused"), "--overwrite"]) == 2
         assert said in capsys.readouterr().err

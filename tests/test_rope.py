@@ -92,6 +92,23 @@ def test_kernel_fp32_against_float64(D, T, kind, device):
         assert_close_rel(a, b, 1e-5, f"{name} D={D} T={T} {kind}")
 
 
+@pytest.mark.parametrize("kv_heads", [1, 2])
+def test_kernel_rotates_k_with_fewer_heads_than_q(kv_heads, device):
+    """Grouped-query attention (GPTConfig.n_kv_head): k has fewer heads than q, each rotated at its
+    tokens' positions, forward and both gradients against float64, q and k from one projection."""
+    gen = torch.Generator().manual_seed(kv_heads)
+    B, H, T, D = 2, 4, 19, 16
+    x = torch.randn(B, T, (H + kv_heads) * D, generator=gen).to(device)
+    q = x[..., :H * D].view(B, T, H, D).transpose(1, 2).detach().requires_grad_()
+    k = x[..., H * D:].view(B, T, kv_heads, D).transpose(1, 2).detach().requires_grad_()
+    given, pos = positions_for("documents", B, T, gen)
+    got = run_and_grads(lambda q, k: rope(q, k, given.to(device)), q, k, gen)
+    assert got[1].shape == (B, kv_heads, T, D) and got[3].shape == (B, kv_heads, T, D)
+    want = float64_results(q, k, pos, got[4], got[5])
+    for name, a, b in zip(NAMES, got, want):
+        assert_close_rel(a, b, 1e-5, f"{name} {H} over {kv_heads} heads")
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("D", [16, 80])
 def test_kernel_half_precision_within_twice_the_reference_error(D, dtype, device):
@@ -188,7 +205,8 @@ def test_bad_input_is_refused_by_name(device):
         rope(q.long(), q.long(), pos)
     with pytest.raises(TypeError, match="dtype mismatch: q is float32, k is bfloat16"):
         rope(q, q.bfloat16(), pos)
-    with pytest.raises(ValueError, match=r"q \(2, 3, 5, 16\) and k \(2, 3, 4, 16\) must have the same shape"):
+    with pytest.raises(ValueError, match=r"q \(2, 3, 5, 16\) and k \(2, 3, 4, 16\) must have the same batch, "
+                                         r"length and head_dim"):
         rope(q, q[:, :, :4], pos)
     with pytest.raises(ValueError, match="q must have 4 dims"):
         rope(q[0], q[0], pos)
@@ -261,11 +279,12 @@ def _loss_and_grads(model, idx, targets, doc_ids=None):
     return logits, loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
 
 
-@pytest.mark.parametrize("kernels", ["triton", "rope"])
-def test_model_paths_agree_with_rope(kernels, device):
+@pytest.mark.parametrize("kernels,n_kv_head", [("triton", 0), ("rope", 0), ("triton", 1)])
+def test_model_paths_agree_with_rope(kernels, n_kv_head, device):
     """The whole RoPE model, reference path against the Triton one (all kernels, or the rope kernel
-    alone): logits, loss and every parameter's gradient, with packed documents too."""
-    model = _rope_model(device)
+    alone; and with one KV head: multi-query attention, k rotated with fewer heads than q): logits,
+    loss and every parameter's gradient, with packed documents too."""
+    model = _rope_model(device, n_kv_head=n_kv_head)
     idx = torch.randint(0, 67, (2, 19), device=device)
     targets = torch.randint(0, 67, (2, 19), device=device)
     doc_ids = torch.tensor([[0] * 5 + [1] * 9 + [2] * 5, [0] * 19], device=device)

@@ -195,6 +195,10 @@ def refuse_not_gpt_neo(model: GPTModel, what: str) -> None:
     if cfg.logit_softcap:
         raise UserError(f"this model soft-caps its logits (logit_softcap {cfg.logit_softcap:g}), which "
                         f"Hugging Face's GPT-Neo does not: it cannot be exported as {what}")
+    if cfg.kv_heads < cfg.n_head:
+        raise UserError(f"this model has grouped-query attention (n_kv_head {cfg.n_kv_head} key/value heads for "
+                        f"{cfg.n_head} query heads), which Hugging Face's GPT-Neo does not: it cannot be exported "
+                        f"as {what}")
     if cfg.scale_attention:
         raise UserError("this model scales its attention scores by 1/sqrt(head_dim) (scale_attention True), "
                         f"which GPT-Neo does not: it cannot be exported as {what}")
