@@ -15,7 +15,7 @@ from tritongpt.kernels._common import saved_tensor_bytes
 from tritongpt.kernels.rope import rope
 from tritongpt.model.config import GPTConfig
 from tritongpt.model.gpt import GPTModel
-from tritongpt.model.layers import MultiHeadAttention, apply_rotary, document_starts
+from tritongpt.model.layers import MultiHeadAttention, apply_rotary, document_starts, rope_inv_freq
 from tritongpt.train.generate import generate
 
 TINY = dict(vocab_size=67, context_length=24, n_embd=32, n_layer=2, n_head=2, position_encoding="rope")
@@ -128,6 +128,46 @@ def test_kernel_half_precision_within_twice_the_reference_error(D, dtype, device
         assert ours <= 2 * theirs + 1e-6, (name, ours, theirs)
 
 
+def test_kernel_many_token_tiles_and_another_theta_backward(device):
+    """More tokens than one program's tile (the interpreter's is 64: 3 tiles, the last partial) and
+    theta 500 in backward too (the Function saves it): forward and both gradients against float64."""
+    gen = torch.Generator().manual_seed(11)
+    q, k = projected(2, 2, 150, 16, torch.float32, device, gen)
+    pos = doc_positions(2, 150, gen).to(device)
+    got = run_and_grads(lambda q, k: rope(q, k, pos, theta=500.0), q, k, gen)
+    q64, k64 = (t.detach().double().cpu().requires_grad_() for t in (q, k))
+    want = ref64(q64, pos, 500.0), ref64(k64, pos, 500.0)
+    torch.autograd.backward(want, (got[4].double().cpu(), got[5].double().cpu()))
+    for name, a, b in zip(NAMES, got, (*[w.detach() for w in want], q64.grad, k64.grad)):
+        assert_close_rel(a, b, 1e-5, f"{name} T=150 theta 500")
+
+
+def test_kernel_and_reference_share_fp32_angles_far_along(device):
+    """At positions past fp16's exact integers (2048) both paths rotate by the fp32 angle
+    pos * inv_freq: against float64 cos/sin of that very angle, < 1e-5 (the float64 angle itself
+    differs by ~pos * 6e-8 radians there)."""
+    gen = torch.Generator().manual_seed(12)
+    q, k = projected(2, 3, 9, 16, torch.float32, device, gen)
+    pos = torch.arange(70001, 70010, device=device)
+    a = (pos.float()[:, None] * rope_inv_freq(16, 10000.0, device)).double().cpu()
+    x = q.detach().double().cpu()
+    x1, x2 = x[..., :8], x[..., 8:]
+    want = torch.cat([x1 * a.cos() - x2 * a.sin(), x2 * a.cos() + x1 * a.sin()], -1)
+    with torch.no_grad():
+        assert_close_rel(rope(q, k, pos)[0], want, 1e-5, "kernel at 70000")
+        assert_close_rel(apply_rotary(q, pos), want, 1e-5, "apply_rotary at 70000")
+
+
+def test_reference_module_rounds_once_in_half_precision(device):
+    """apply_rotary on bf16/fp16 computes in fp32 and rounds once: bitwise the fp32 result rounded."""
+    gen = torch.Generator().manual_seed(13)
+    q, _ = projected(2, 3, 37, 64, torch.float32, device, gen)
+    pos = doc_positions(2, 37, gen).to(device)
+    for dtype in (torch.bfloat16, torch.float16):
+        x = q.detach().to(dtype)
+        assert torch.equal(apply_rotary(x, pos), apply_rotary(x.float(), pos).to(dtype)), dtype
+
+
 def test_reference_module_against_float64(device):
     """apply_rotary itself (fp32 angles, as the kernel's): fp32 within 1e-5 of float64, and a
     float64 input stays float64."""
@@ -218,6 +258,8 @@ def test_bad_input_is_refused_by_name(device):
         rope(q, q, pos.float())
     with pytest.raises(ValueError, match=r"positions must be \[T\] = \[5\] or \[B, T\] = \[2, 5\], got \(3, 5\)"):
         rope(q, q, pos.expand(3, 5))
+    with pytest.raises(ValueError, match=r"positions must be \[T\] = \[5\] or \[B, T\] = \[2, 5\], got \(4,\)"):
+        rope(q, q, pos[:4])
     with pytest.raises(TypeError, match="positions must be an int .* got list"):
         rope(q, q, [0, 1, 2, 3, 4])
     for theta in (0.0, -1.0, float("inf")):
@@ -284,7 +326,7 @@ def test_model_paths_agree_with_rope(kernels, n_kv_head, device):
     """The whole RoPE model, reference path against the Triton one (all kernels, or the rope kernel
     alone; and with one KV head: multi-query attention, k rotated with fewer heads than q): logits,
     loss and every parameter's gradient, with packed documents too."""
-    model = _rope_model(device, n_kv_head=n_kv_head)
+    model = _rope_model(device, rope_theta=500.0, n_kv_head=n_kv_head)  # the Rotary's own theta reaches the kernel
     idx = torch.randint(0, 67, (2, 19), device=device)
     targets = torch.randint(0, 67, (2, 19), device=device)
     doc_ids = torch.tensor([[0] * 5 + [1] * 9 + [2] * 5, [0] * 19], device=device)
@@ -321,6 +363,37 @@ def test_attention_rotates_q_and_k_by_their_positions():
     plain = MultiHeadAttention(48, 3, 24).double()
     plain.load_state_dict(att.state_dict())
     assert report(plain(x), want)[1] > 1e-3
+
+
+def test_attention_alone_counts_positions_from_its_cache():
+    """MultiHeadAttention without positions rotates from the cache's fill (not from 0): a prefill
+    then single tokens over a KVCache give the whole sequence's output (float64)."""
+    from tritongpt.model.gpt import KVCache
+
+    torch.manual_seed(8)
+    cfg = GPTConfig(**{**TINY, "n_embd": 48, "n_head": 3, "n_layer": 1})
+    att = MultiHeadAttention(48, 3, 24, rope_theta=100.0).double()
+    x = torch.randn(2, 13, 48, dtype=torch.float64)
+    with torch.no_grad():
+        whole = att(x)
+        cache = KVCache(cfg, 2, dtype=torch.float64)
+        steps = []
+        for a, b in ((0, 5),) + tuple((t, t + 1) for t in range(5, 13)):
+            steps.append(att(x[:, a:b], cache))
+            cache.pos = b
+    assert_close_rel(torch.cat(steps, 1), whole, 1e-12, "attention over its cache")
+
+
+def test_set_kernels_rope_head_dim_limit():
+    """The Triton RoPE takes head dims up to 256: a model of 256 picks it, one of 258 is refused by name."""
+    from tritongpt.kernels.rope import MAX_HEAD_DIM
+
+    ok = GPTModel(GPTConfig(**{**TINY, "n_embd": MAX_HEAD_DIM, "n_head": 1, "n_layer": 1}))
+    assert ok.set_kernels("rope").trf_blocks[0].att.rotary.use_triton
+    big = GPTModel(GPTConfig(**{**TINY, "n_embd": MAX_HEAD_DIM + 2, "n_head": 1, "n_layer": 1}))
+    with pytest.raises(UserError, match="the Triton RoPE supports head dims up to 256, and this model's is 258"):
+        big.set_kernels("rope")
+    assert big.set_kernels("layernorm").kernels == {"layernorm"}  # the rest of the Triton path still runs
 
 
 @pytest.mark.parametrize("path", ["reference", "triton"])
@@ -422,15 +495,17 @@ def test_rope_model_on_triton_path_compiles_in_one_graph(checkpointing, device):
 
 
 def test_activation_checkpointing_keeps_the_rotation(device):
-    """The checkpointed blocks get the positions too (packed documents: per token)."""
-    model = _rope_model(device, seed=6)
+    """The checkpointed blocks get the positions too (packed documents: per token). In float64:
+    positions from the row's start instead would move a document's q and k by one shared angle,
+    which the scores cancel up to rounding (~1e-7 in fp32), so only float64 sees it."""
+    model = _rope_model(device, seed=6).double()
     idx = torch.randint(0, 67, (2, 15), device=device)
     doc_ids = torch.tensor([[0] * 7 + [1] * 8] * 2, device=device)
     ref = _loss_and_grads(model, idx, idx, doc_ids)
     got = _loss_and_grads(model.set_activation_checkpointing(True), idx, idx, doc_ids)
-    assert_close_rel(got[1], ref[1], 1e-6, "checkpointed loss")
+    assert_close_rel(got[1], ref[1], 1e-12, "checkpointed loss")
     for name, g in ref[2].items():
-        assert_close_rel(got[2][name], g, 1e-5, f"checkpointed grad {name}")
+        assert_close_rel(got[2][name], g, 1e-10, f"checkpointed grad {name}")
 
 
 def test_pad_vocab_and_lora_keep_a_rope_model():
@@ -513,6 +588,14 @@ def test_pretrain_position_encoding_rope_end_to_end(corpus, tmp_path, capsys, on
     assert main(argv(tmp_path / "bad", "--init", "gpt2-small", "--position-encoding", "rope")) == 2
     assert "--init gpt2-small: GPT-2's weights were trained with learned position embeddings, not RoPE: " \
            "--position-encoding rope cannot start from them" in capsys.readouterr().err
+    assert main(argv(tmp_path / "bad", "--init", "gpt2-small", "--rope-theta", "500")) == 2
+    assert "--init gpt2-small: GPT-2's weights were trained with learned position embeddings, not RoPE: " \
+           "--rope-theta 500 cannot start from them" in capsys.readouterr().err
+    # --init of a learned model: --rope-theta (even RoPE's default) would do nothing
+    assert main(argv(tmp_path / "learned", "--max-steps", "1")) == 0
+    capsys.readouterr()
+    assert main(argv(tmp_path / "bad", "--init", str(tmp_path / "learned"), "--rope-theta", "10000")) == 2
+    assert "--rope-theta 10000 is RoPE's base: without --position-encoding rope" in capsys.readouterr().err
     with pytest.raises(SystemExit):  # the flag's choices, at parsing
         main(argv(tmp_path / "bad", "--position-encoding", "alibi"))
     assert "--position-encoding: invalid choice: 'alibi'" in capsys.readouterr().err
