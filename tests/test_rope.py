@@ -95,12 +95,15 @@ def test_kernel_fp32_against_float64(D, T, kind, device):
 @pytest.mark.parametrize("kv_heads", [1, 2])
 def test_kernel_rotates_k_with_fewer_heads_than_q(kv_heads, device):
     """Grouped-query attention (GPTConfig.n_kv_head): k has fewer heads than q, each rotated at its
-    tokens' positions, forward and both gradients against float64, q and k from one projection."""
+    tokens' positions, forward and both gradients against float64. q and k in other layouts: q a
+    transposed view with every other element of D (stride 2), k contiguous [B, Hkv, T, D], so a
+    kernel reading one with the other's strides, or writing with the input's, fails."""
     gen = torch.Generator().manual_seed(kv_heads)
     B, H, T, D = 2, 4, 19, 16
-    x = torch.randn(B, T, (H + kv_heads) * D, generator=gen).to(device)
-    q = x[..., :H * D].view(B, T, H, D).transpose(1, 2).detach().requires_grad_()
-    k = x[..., H * D:].view(B, T, kv_heads, D).transpose(1, 2).detach().requires_grad_()
+    x = torch.randn(B, T, H, 2 * D, generator=gen).to(device)
+    q = x[..., ::2].transpose(1, 2).detach().requires_grad_()
+    k = torch.randn(B, kv_heads, T, D, generator=gen).to(device).requires_grad_()
+    assert q.stride(-1) == 2 and k.is_contiguous() and q.stride(1) != k.stride(1)
     given, pos = positions_for("documents", B, T, gen)
     got = run_and_grads(lambda q, k: rope(q, k, given.to(device)), q, k, gen)
     assert got[1].shape == (B, kv_heads, T, D) and got[3].shape == (B, kv_heads, T, D)
