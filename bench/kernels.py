@@ -249,6 +249,23 @@ def mlp_providers(x, w1, b1, w2, b2):
     return {"reference": reference, "torch": torch_op, "compile": compiled, "triton": triton_op}
 
 
+def _sdpa_on(backend_name, q, k, v, **options):
+    """A provider builder: F.scaled_dot_product_attention(q, k, v, **options) pinned to one backend
+    (SDPBackend.<backend_name>), Unavailable where this torch has no such backend."""
+    def build():
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        backend = getattr(SDPBackend, backend_name, None)
+        if backend is None:
+            raise Unavailable(f"this torch has no SDPBackend.{backend_name}")
+
+        def f():
+            with sdpa_kernel(backend):
+                return F.scaled_dot_product_attention(q, k, v, **options)
+        return f, [q, k, v]
+    return build
+
+
 def attention_providers(q, k, v, causal=True):
     from tritongpt.model.layers import MultiHeadAttention
 
@@ -265,18 +282,7 @@ def attention_providers(q, k, v, causal=True):
         return (lambda: m.attend(q, k, v)), [q, k, v]
 
     def sdpa(backend_name):
-        def build():
-            from torch.nn.attention import SDPBackend, sdpa_kernel
-
-            backend = getattr(SDPBackend, backend_name, None)
-            if backend is None:
-                raise Unavailable(f"this torch has no SDPBackend.{backend_name}")
-
-            def f():
-                with sdpa_kernel(backend):
-                    return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
-            return f, [q, k, v]
-        return build
+        return _sdpa_on(backend_name, q, k, v, is_causal=causal)
 
     def compiled():
         m = module()
@@ -421,18 +427,7 @@ def gqa_attention_providers(q, k, v):
         return (lambda: cf(q, k, v)), [q, k, v]
 
     def sdpa(backend_name):
-        def build():
-            from torch.nn.attention import SDPBackend, sdpa_kernel
-
-            backend = getattr(SDPBackend, backend_name, None)
-            if backend is None:
-                raise Unavailable(f"this torch has no SDPBackend.{backend_name}")
-
-            def f():
-                with sdpa_kernel(backend):
-                    return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-            return f, [q, k, v]
-        return build
+        return _sdpa_on(backend_name, q, k, v, is_causal=True, enable_gqa=True)
 
     def sdpa_repeat():
         return repeated(lambda a, b, c: F.scaled_dot_product_attention(a, b, c, is_causal=True)), [q, k, v]

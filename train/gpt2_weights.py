@@ -315,18 +315,24 @@ def export_gpt2(model: GPTModel, out_dir, eos_token_id: int | None = None, overw
     """Write model as a Hugging Face GPT-2 folder: model.safetensors and config.json, which
     transformers.GPT2LMHeadModel.from_pretrained(out_dir) and load_checkpoint both read.
     Returns the paths written; refuses to replace them unless overwrite."""
+    refuse_not_gpt2(model, "a GPT-2 folder")
+    return write_hf_folder(out_dir, lambda: _hf_tensors(model), hf_config(model.config, eos_token_id), overwrite)
+
+
+def write_hf_folder(out_dir, tensors, config: dict, overwrite: bool = False) -> list:
+    """model.safetensors (tensors(): made once the folder is known to be free) and config.json in
+    out_dir, as transformers' from_pretrained reads them (GPT-2's or GPT-Neo's). -> the paths."""
     from safetensors.torch import save_file
 
-    refuse_not_gpt2(model, "a GPT-2 folder")
     out = Path(out_dir)
     paths = [out / "model.safetensors", out / "config.json"]
     if not overwrite and any(p.exists() for p in paths):
         raise UserError(f"{out} already holds a model (model.safetensors / config.json): pass --overwrite "
                         "or another folder")
     out.mkdir(parents=True, exist_ok=True)
-    save_file(_hf_tensors(model), str(paths[0]), metadata={"format": "pt"})  # transformers requires format=pt
+    save_file(tensors(), str(paths[0]), metadata={"format": "pt"})  # transformers requires format=pt
     readable_like_other_files(paths[0])
-    paths[1].write_text(json.dumps(hf_config(model.config, eos_token_id), indent=2) + "\n", encoding="utf-8")
+    paths[1].write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
     return paths
 
 

@@ -9,7 +9,6 @@ ours, and q, k and v are apart as ours: the tensors only change names. load_chec
 (gpt2_weights.py) hands a GPT-Neo file here; `export_gpt_neo` writes the inverse, a folder
 transformers' GPTNeoForCausalLM.from_pretrained loads.
 """
-import json
 import re
 from pathlib import Path
 
@@ -17,8 +16,8 @@ import torch
 
 from tritongpt.errors import UserError, note, read_json_object
 from tritongpt.model.config import GPTConfig, get_config
-from tritongpt.model.gpt import GPTModel, readable_like_other_files
-from tritongpt.train.gpt2_weights import _read_tensors, hub_download, model_with_tensors
+from tritongpt.model.gpt import GPTModel
+from tritongpt.train.gpt2_weights import _read_tensors, hub_download, model_with_tensors, write_hf_folder
 
 HUB_REPOS = {
     "gpt-neo-125m": "EleutherAI/gpt-neo-125m",
@@ -247,16 +246,5 @@ def export_gpt_neo(model: GPTModel, out_dir, eos_token_id: int | None = None, ov
     """Write model as a Hugging Face GPT-Neo folder: model.safetensors and config.json, which
     transformers.GPTNeoForCausalLM.from_pretrained(out_dir) and load_checkpoint both read.
     Returns the paths written; refuses to replace them unless overwrite."""
-    from safetensors.torch import save_file
-
     refuse_not_gpt_neo(model, "a GPT-Neo folder")
-    out = Path(out_dir)
-    paths = [out / "model.safetensors", out / "config.json"]
-    if not overwrite and any(p.exists() for p in paths):
-        raise UserError(f"{out} already holds a model (model.safetensors / config.json): pass --overwrite "
-                        "or another folder")
-    out.mkdir(parents=True, exist_ok=True)
-    save_file(_hf_tensors(model), str(paths[0]), metadata={"format": "pt"})  # transformers requires format=pt
-    readable_like_other_files(paths[0])
-    paths[1].write_text(json.dumps(hf_config(model.config, eos_token_id), indent=2) + "\n", encoding="utf-8")
-    return paths
+    return write_hf_folder(out_dir, lambda: _hf_tensors(model), hf_config(model.config, eos_token_id), overwrite)
