@@ -50,9 +50,11 @@ Algorithm (Dao, "FlashAttention-2", 2023). Per (batch, head), with S = scale * Q
             writes dK/dV per query head into such a scratch and sums it after (more memory, and a
             grid H / Hkv times wider). The cost here: the dK/dV grid has Hkv, not H, rows of
             programs, each H / Hkv times longer, which underfills a GPU when B * Hkv * Tk / BLOCK_N
-            is small (MQA at short T). The dropout counter stays that of the query head. dK/dV
-            specializes on GROUP == 1: the loop then folds away and multi-head attention keeps
-            its registers (sm_90, offline: the loop's binary takes up to ~70 more per thread).
+            is small (MQA at short T). The dropout counter stays that of the query head. Every
+            pass specializes on GROUP == 1 (Triton's specialization of an int argument equal to 1):
+            the loop and the h // GROUP fold away, and multi-head attention keeps its registers
+            (sm_90, offline: a shared binary took up to ~70 more a thread in dK/dV and dQ, ~40 in
+            forward).
   head dim  16, 32, 64, 80, 96, 128; 80 and 96 are padded to 128 inside the kernel with masks.
   NaN/inf   in q or k behave as in PyTorch; a NaN in v reaches the rows whose visited KV tiles
             hold it (PyTorch's P @ V spreads it to every row, 0 * NaN; exact math, to the rows
@@ -189,7 +191,7 @@ def _doc_tile_range(starts, offs_m, Tq, Tk, full_hi, BLOCK_N: tl.constexpr):
     return q_start, tl.minimum(lo, full_hi), mid
 
 
-@triton.jit(do_not_specialize=["seed", "H", "GROUP"])
+@triton.jit(do_not_specialize=["seed", "H"])
 def _attn_fwd(Q, K, V, O, LSE, STARTS, seed, qk_scale, dropout_p, keep_scale,
               stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
               stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_om, stride_sb,
@@ -388,7 +390,7 @@ def _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn, o
     return dq
 
 
-@triton.jit(do_not_specialize=["seed", "H", "GROUP"])
+@triton.jit(do_not_specialize=["seed", "H"])
 def _attn_bwd_dq(Q, K, V, DO, DQ, LSE, Delta, STARTS, ENDS, seed, qk_scale, sm_scale, dropout_p, keep_scale,
                  stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
                  stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_dom, stride_sb,
