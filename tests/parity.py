@@ -39,3 +39,13 @@ def assert_close_mixed(out: torch.Tensor, ref: torch.Tensor, rel_tol: float, abs
     print(f"{name}: max_abs={max_abs:.3e} rel={rel:.3e} error={err:.3e} (bound {bound:.3e})")
     assert err <= bound, f"{name}: error {err:.3e} > {rel_tol:.0e} * ||ref|| + {abs_floor:.1e} (rel {rel:.3e})"
     return max_abs, rel
+
+
+def decode_token_by_token(model, idx, prefill: int = 6):
+    """(logits of idx run at once, logits of a prefill of `prefill` tokens then one token at a time
+    over the KV cache, the cache), under no_grad: the two must agree."""
+    with torch.no_grad():
+        whole = model(idx)
+        cache = model.new_cache(idx.shape[0])
+        steps = [model(idx[:, :prefill], cache)] + [model(idx[:, t:t + 1], cache) for t in range(prefill, idx.shape[1])]
+    return whole, torch.cat(steps, 1), cache

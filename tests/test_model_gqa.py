@@ -7,7 +7,7 @@ Triton's interpreter without a GPU.
 import pytest
 import torch
 
-from parity import assert_close_rel
+from parity import assert_close_rel, decode_token_by_token
 from test_model_paths import _compare_paths, _packed, _randomize
 from tritongpt.errors import UserError
 from tritongpt.model.config import GPTConfig
@@ -57,12 +57,9 @@ def test_gqa_kv_cache_holds_n_kv_head_heads_and_decodes_as_the_whole_sequence(pa
     if path == "reference":
         model = model.double()
     idx = torch.randint(0, 67, (2, 17), device=device)
-    with torch.no_grad():
-        whole = model(idx)
-        cache = model.new_cache(2)
-        assert cache.k.shape == cache.v.shape == (2, 2, 1, 24, 16)  # [n_layer, B, n_kv_head, max_len, head_dim]
-        steps = [model(idx[:, :6], cache)] + [model(idx[:, t:t + 1], cache) for t in range(6, 17)]
-    assert_close_rel(torch.cat(steps, 1), whole, 1e-12 if path == "reference" else 1e-5, f"{path} cached logits")
+    whole, cached, cache = decode_token_by_token(model, idx)
+    assert cache.k.shape == cache.v.shape == (2, 2, 1, 24, 16)  # [n_layer, B, n_kv_head, max_len, head_dim]
+    assert_close_rel(cached, whole, 1e-12 if path == "reference" else 1e-5, f"{path} cached logits")
 
 
 @pytest.mark.parametrize("n_kv_head", [1, 2])

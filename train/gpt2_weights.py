@@ -37,19 +37,25 @@ def _read_tensors(path) -> dict:
     return {k.removeprefix("transformer."): v for k, v in tensors.items()}
 
 
-def _infer_config(sd: dict, path: Path, model_name: str | None) -> GPTConfig:
+def tensor_shapes(sd: dict, path: Path, family: str) -> tuple:
+    """(vocab, width, context, layers) from a Hugging Face GPT-2 or GPT-Neo state dict (the two
+    name wte, wpe, ln_f and h.<i> alike), each missing or misshapen tensor named."""
     for key in ("wte.weight", "wpe.weight", "ln_f.weight"):
         if key not in sd:
-            raise UserError(f"{path} is not a GPT-2 safetensors file: missing tensor {key!r}")
-    for key in ("wte.weight", "wpe.weight"):
-        if sd[key].dim() != 2:
-            raise UserError(f"{path}: tensor {key} has shape {tuple(sd[key].shape)}, expected [rows, width]")
+            raise UserError(f"{path} is not a {family} safetensors file: missing tensor {key!r}")
+        want = 1 if key == "ln_f.weight" else 2
+        if sd[key].dim() != want:
+            raise UserError(f"{path}: tensor {key} has shape {tuple(sd[key].shape)}, expected "
+                            + ("[width]" if want == 1 else "[rows, width]"))
     vocab, n_embd = sd["wte.weight"].shape
-    ctx = sd["wpe.weight"].shape[0]
     layers = [int(m.group(1)) for k in sd if (m := re.match(r"h\.(\d+)\.", k))]
     if not layers:
-        raise UserError(f"{path} is not a GPT-2 safetensors file: no transformer blocks (h.0..., h.1...)")
-    n_layer = 1 + max(layers)
+        raise UserError(f"{path} is not a {family} safetensors file: no transformer blocks (h.0..., h.1...)")
+    return vocab, n_embd, sd["wpe.weight"].shape[0], 1 + max(layers)
+
+
+def _infer_config(sd: dict, path: Path, model_name: str | None) -> GPTConfig:
+    vocab, n_embd, ctx, n_layer = tensor_shapes(sd, path, "GPT-2")
     # The heads are not in the tensors' shapes. In order: config.json beside the file, then
     # model_name -- only if its width and depth are the file's (a wrong head count loads
     # without error but computes something else) -- then the GPT-2 size of this width and depth.

@@ -9,7 +9,6 @@ ours, and q, k and v are apart as ours: the tensors only change names. load_chec
 (gpt2_weights.py) hands a GPT-Neo file here; `export_gpt_neo` writes the inverse, a folder
 transformers' GPTNeoForCausalLM.from_pretrained loads.
 """
-import re
 from pathlib import Path
 
 import torch
@@ -17,7 +16,8 @@ import torch
 from tritongpt.errors import UserError, note, read_json_object
 from tritongpt.model.config import GPTConfig, get_config
 from tritongpt.model.gpt import GPTModel
-from tritongpt.train.gpt2_weights import _read_tensors, hub_download, model_with_tensors, write_hf_folder
+from tritongpt.train.gpt2_weights import (_read_tensors, hub_download, model_with_tensors, tensor_shapes,
+                                          write_hf_folder)
 
 HUB_REPOS = {
     "gpt-neo-125m": "EleutherAI/gpt-neo-125m",
@@ -97,17 +97,7 @@ def _check_hf_config(cfg_json: Path, vocab: int, ctx: int, n_embd: int, n_layer:
 
 
 def _infer_config(sd: dict, path: Path, model_name: str | None) -> GPTConfig:
-    for key in ("wte.weight", "wpe.weight", "ln_f.weight"):
-        if key not in sd:
-            raise UserError(f"{path} is not a GPT-Neo safetensors file: missing tensor {key!r}")
-        if sd[key].dim() != (1 if key == "ln_f.weight" else 2):
-            raise UserError(f"{path}: tensor {key} has shape {tuple(sd[key].shape)}")
-    vocab, n_embd = sd["wte.weight"].shape
-    ctx = sd["wpe.weight"].shape[0]
-    layers = [int(m.group(1)) for k in sd if (m := re.match(r"h\.(\d+)\.", k))]
-    if not layers:
-        raise UserError(f"{path} is not a GPT-Neo safetensors file: no transformer blocks (h.0..., h.1...)")
-    n_layer = 1 + max(layers)
+    vocab, n_embd, ctx, n_layer = tensor_shapes(sd, path, "GPT-Neo")
     cfg_json = path.parent / "config.json"
     if cfg_json.is_file():
         attn = _check_hf_config(cfg_json, vocab, ctx, n_embd, n_layer)
