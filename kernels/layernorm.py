@@ -1,8 +1,9 @@
-"""LayerNorm in Triton: forward (y, mean, rstd) and backward (dx, dweight, dbias).
+"""LayerNorm and RMSNorm in Triton: forward (y, mean, rstd) and backward (dx, dweight, dbias).
 
-Reference module: `tritongpt.model.layers.LayerNorm` (y = (x - mean) / sqrt(var + eps) * w + b,
-biased variance over the last dimension; `LayerNorm.add_and_norm` for add_layer_norm). Triton's 05-layer-norm tutorial with three changes:
-each program owns a contiguous group of rows and walks through it, a row is one tile (one pass
+Reference modules: `tritongpt.model.layers.LayerNorm` (y = (x - mean) / sqrt(var + eps) * w + b,
+biased variance over the last dimension; `LayerNorm.add_and_norm` for add_layer_norm) and
+`tritongpt.model.layers.RMSNorm` (rms_norm, add_rms_norm: below). Triton's 05-layer-norm tutorial
+with three changes: each program owns a contiguous group of rows and walks through it, a row is one tile (one pass
 over x, not a loop over column blocks), and dweight/dbias are per-program partial sums (the
 tutorial reduces them through lock-protected buffers):
 
@@ -31,11 +32,18 @@ tutorial reduces them through lock-protected buffers):
     that is not s's (a bf16 sublayer on an fp32 stream): autograd would add, then cast, in two
     more passes.
 
+  * RMSNorm (Llama, Gemma, modded-nanogpt): y = x / sqrt(mean(x^2) + eps) * w, through the same two
+    kernels with the constexpr IS_RMS: forward skips the mean (rstd is of mean(x^2)) and stores rstd
+    alone; backward's x_hat is x * rstd and dx = rstd * (w*dy - x_hat * mean(x_hat*w*dy)), without
+    LayerNorm's mean(w*dy) term; only dweight's partials. IS_RMS False compiles to LayerNorm's
+    binaries as they were (the same PTX for every launch bench/compile_check.py captures, sm_90).
+
 Public API: `layer_norm(x, weight, bias, eps=1e-5)` and `add_layer_norm(x, delta, weight, bias,
-eps=1e-5) -> (s, y)`. They are built from torch.library custom ops
-(`tritongpt::layer_norm_fwd` / `layer_norm_bwd`, and `add_layer_norm_fwd` / `add_layer_norm_bwd`,
-with fake impls) inside an
-autograd.Function, so it runs under torch.compile (the ops stay opaque calls in the graph).
+eps=1e-5) -> (s, y)`; `rms_norm(x, weight, eps=1e-5)` and `add_rms_norm(x, delta, weight, eps=1e-5)`.
+They are built from torch.library custom ops (`tritongpt::layer_norm_fwd` / `layer_norm_bwd`, and
+`add_layer_norm_fwd` / `add_layer_norm_bwd`, with fake impls; RMSNorm's `rms_norm_fwd` / `rms_norm_bwd`,
+`add_rms_norm_fwd` / `add_rms_norm_bwd`) inside an autograd.Function, so it runs under torch.compile (the
+ops stay opaque calls in the graph).
 """
 import functools
 from typing import Optional
@@ -57,9 +65,11 @@ MAX_WIDTH = 8192  # one row must fit in one tile (registers/SRAM); wider rows ar
 def _layer_norm_fwd_kernel(X, D, S, Y, W, B, Mean, Rstd, stride_x, stride_d, stride_s, stride_y, M, N,
                            rows_per_prog, eps,
                            HAS_BIAS: tl.constexpr, HAS_ADD: tl.constexpr,
-                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IS_RMS: tl.constexpr):
     """One program normalizes rows [pid*rows_per_prog, ...), BLOCK_M rows per step.
-    HAS_ADD: the rows normalized are S = X + D (written out, in S's dtype), not X."""
+    HAS_ADD: the rows normalized are S = X + D (written out, in S's dtype), not X.
+    IS_RMS: RMSNorm, y = x * rstd * w with rstd = 1 / sqrt(mean(x^2) + eps): no mean, no Mean
+    stored, no bias (HAS_BIAS False)."""
     pid = tl.program_id(0)
     row_start = pid * rows_per_prog
     row_end = tl.minimum(row_start + rows_per_prog, M)
@@ -78,7 +88,8 @@ def _layer_norm_fwd_kernel(X, D, S, Y, W, B, Mean, Rstd, stride_x, stride_d, str
         # Statistics of x - x0, x0 = the row's first value (shifted data): a constant row gives
         # exactly 0 (sum(x)/N is off by an ulp, which rstd = 1/sqrt(eps) magnified to 0.2 at
         # eps 1e-12), and a row whose mean is large next to its spread keeps its precision.
-        x0 = tl.load(X + rows64 * stride_x, mask=row_ok, other=0.0).to(tl.float32)
+        if not IS_RMS:
+            x0 = tl.load(X + rows64 * stride_x, mask=row_ok, other=0.0).to(tl.float32)
         if HAS_ADD:
             # The sum is rounded to S's dtype before it is normalized: the caller holds S in that
             # dtype, and LayerNorm(x + d) on the unfused path normalizes the rounded sum too.
@@ -86,13 +97,19 @@ def _layer_norm_fwd_kernel(X, D, S, Y, W, B, Mean, Rstd, stride_x, stride_d, str
             s = cast(x + d, S.dtype.element_ty)
             tl.store(S + rows64[:, None] * stride_s + cols[None, :], s, mask=mask)
             x = s.to(tl.float32)
-            d0 = tl.load(D + rows64 * stride_d, mask=row_ok, other=0.0).to(tl.float32)
-            x0 = cast(x0 + d0, S.dtype.element_ty).to(tl.float32)
-        xs = tl.where(mask, x - x0[:, None], 0.0)
-        mean_s = tl.sum(xs, axis=1) / N
-        xc = tl.where(mask, xs - mean_s[:, None], 0.0)
-        mean = x0 + mean_s
-        var = tl.sum(xc * xc, axis=1) / N  # biased variance, as in GPT-2
+            if not IS_RMS:
+                d0 = tl.load(D + rows64 * stride_d, mask=row_ok, other=0.0).to(tl.float32)
+                x0 = cast(x0 + d0, S.dtype.element_ty).to(tl.float32)
+        if IS_RMS:
+            # nothing to centre: xc is x itself and var its mean square (masked columns load 0)
+            xc = x
+            var = tl.sum(xc * xc, axis=1) / N
+        else:
+            xs = tl.where(mask, x - x0[:, None], 0.0)
+            mean_s = tl.sum(xs, axis=1) / N
+            xc = tl.where(mask, xs - mean_s[:, None], 0.0)
+            mean = x0 + mean_s
+            var = tl.sum(xc * xc, axis=1) / N  # biased variance, as in GPT-2
         # A spread past ~1.8e19 squares to inf in fp32: rstd would be 0 and y the bias, a finite
         # wrong answer. NaN says so instead, as PyTorch's LayerNorm does (no second pass for a
         # row that large: it means the model has diverged).
@@ -101,7 +118,8 @@ def _layer_norm_fwd_kernel(X, D, S, Y, W, B, Mean, Rstd, stride_x, stride_d, str
         if HAS_BIAS:
             y = y + b[None, :]
         tl.store(Y + rows64[:, None] * stride_y + cols[None, :], cast(y, Y.dtype.element_ty), mask=mask)
-        tl.store(Mean + rows, mean, mask=row_ok)
+        if not IS_RMS:
+            tl.store(Mean + rows, mean, mask=row_ok)
         tl.store(Rstd + rows, rstd, mask=row_ok)
 
 
@@ -109,8 +127,9 @@ def _layer_norm_fwd_kernel(X, D, S, Y, W, B, Mean, Rstd, stride_x, stride_d, str
 def _layer_norm_bwd_kernel(X, DY, DS, W, Mean, Rstd, DX, DX2, DW_part, DB_part,
                            stride_x, stride_dy, stride_ds, stride_dx, stride_dx2, M, N, rows_per_prog,
                            HAS_DS: tl.constexpr, HAS_DX2: tl.constexpr,
-                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IS_RMS: tl.constexpr):
     """dx for rows [pid*rows_per_prog, ...), plus this program's partial sums of dW and dB.
+    IS_RMS: RMSNorm's backward, x_hat = x * rstd and no mean term in dx; no Mean read, no dB.
     HAS_DS: X was a residual sum S = x + delta that is used elsewhere too; its gradient from
     there, DS, is added to dx here rather than by autograd in another pass. HAS_DX2: dx is
     stored a second time in DX2's dtype (delta's gradient, when delta's dtype is not S's),
@@ -122,7 +141,8 @@ def _layer_norm_bwd_kernel(X, DY, DS, W, Mean, Rstd, DX, DX2, DW_part, DB_part,
     col_ok = cols < N
     w = tl.load(W + cols, mask=col_ok, other=0.0).to(tl.float32)
     dw_acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    db_acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if not IS_RMS:
+        db_acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for r0 in range(row_start, row_end, BLOCK_M):
         rows = r0 + tl.arange(0, BLOCK_M)
         row_ok = rows < row_end
@@ -130,29 +150,40 @@ def _layer_norm_bwd_kernel(X, DY, DS, W, Mean, Rstd, DX, DX2, DW_part, DB_part,
         rows64 = rows.to(tl.int64)
         x = tl.load(X + rows64[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         dy = tl.load(DY + rows64[:, None] * stride_dy + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        mean = tl.load(Mean + rows, mask=row_ok, other=0.0)
-        rstd = tl.load(Rstd + rows, mask=row_ok, other=0.0)
-        # x_hat is recomputed rather than saved: one fp32 load of x is cheaper than a stored copy.
-        # The saved mean is rounded to fp32, an ulp of its size: at a mean of 1e4 that is 1e-3,
-        # a tenth of a 1e-2 spread, and x - mean would carry it into every x_hat (dw 2.5e-2
-        # relative). x - mean is exact or nearly so (x and mean are close), so its row mean is
-        # that rounding: take it out, as forward's shifted statistics did.
-        xm = tl.where(mask, x - mean[:, None], 0.0)
-        xc = tl.where(mask, xm - (tl.sum(xm, axis=1) / N)[:, None], 0.0)
-        xhat = xc * rstd[:, None]
-        wdy = w[None, :] * dy
-        c1 = tl.sum(xhat * wdy, axis=1) / N
-        c2 = tl.sum(wdy, axis=1) / N
-        dx = (wdy - (xhat * c1[:, None] + c2[:, None])) * rstd[:, None]
+        if IS_RMS:
+            # y = x * rstd * w: dx = rstd * (w*dy - x_hat * mean(x_hat*w*dy)), without LayerNorm's
+            # mean(w*dy) term (no mean was subtracted)
+            rstd = tl.load(Rstd + rows, mask=row_ok, other=0.0)
+            xhat = x * rstd[:, None]
+            wdy = w[None, :] * dy
+            c1 = tl.sum(xhat * wdy, axis=1) / N
+            dx = (wdy - xhat * c1[:, None]) * rstd[:, None]
+        else:
+            mean = tl.load(Mean + rows, mask=row_ok, other=0.0)
+            rstd = tl.load(Rstd + rows, mask=row_ok, other=0.0)
+            # x_hat is recomputed rather than saved: one fp32 load of x is cheaper than a stored copy.
+            # The saved mean is rounded to fp32, an ulp of its size: at a mean of 1e4 that is 1e-3,
+            # a tenth of a 1e-2 spread, and x - mean would carry it into every x_hat (dw 2.5e-2
+            # relative). x - mean is exact or nearly so (x and mean are close), so its row mean is
+            # that rounding: take it out, as forward's shifted statistics did.
+            xm = tl.where(mask, x - mean[:, None], 0.0)
+            xc = tl.where(mask, xm - (tl.sum(xm, axis=1) / N)[:, None], 0.0)
+            xhat = xc * rstd[:, None]
+            wdy = w[None, :] * dy
+            c1 = tl.sum(xhat * wdy, axis=1) / N
+            c2 = tl.sum(wdy, axis=1) / N
+            dx = (wdy - (xhat * c1[:, None] + c2[:, None])) * rstd[:, None]
         if HAS_DS:
             dx += tl.load(DS + rows64[:, None] * stride_ds + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         tl.store(DX + rows64[:, None] * stride_dx + cols[None, :], cast(dx, DX.dtype.element_ty), mask=mask)
         if HAS_DX2:
             tl.store(DX2 + rows64[:, None] * stride_dx2 + cols[None, :], cast(dx, DX2.dtype.element_ty), mask=mask)
         dw_acc += dy * xhat
-        db_acc += dy
+        if not IS_RMS:
+            db_acc += dy
     tl.store(DW_part + pid * N + cols, tl.sum(dw_acc, axis=0), mask=col_ok)
-    tl.store(DB_part + pid * N + cols, tl.sum(db_acc, axis=0), mask=col_ok)
+    if not IS_RMS:
+        tl.store(DB_part + pid * N + cols, tl.sum(db_acc, axis=0), mask=col_ok)
 
 
 @functools.lru_cache(maxsize=None)
@@ -184,31 +215,34 @@ def _launch_shape(M: int, N: int, backward: bool, device: torch.device):
 # Launchers: allocate outputs and launch; the custom ops below check the device first.
 # (bench/compile_check.py calls these on meta tensors to compile the exact launches for sm_90.)
 @on_tensor_device
-def _fwd_launch(x, weight, bias, eps, delta=None):
+def _fwd_launch(x, weight, bias, eps, delta=None, rms=False):
     """-> (y, mean, rstd); with delta, the rows normalized are s = x + delta: -> (s, y, mean, rstd),
-    s and y in the dtype x + delta has in torch (fp32 + bf16 -> fp32)."""
+    s and y in the dtype x + delta has in torch (fp32 + bf16 -> fp32). rms: RMSNorm (bias None),
+    mean is None."""
     M, N = x.shape
     out_dtype = x.dtype if delta is None else torch.promote_types(x.dtype, delta.dtype)
     s = None if delta is None else torch.empty(x.shape, device=x.device, dtype=out_dtype)
     y = torch.empty(x.shape, device=x.device, dtype=out_dtype)
-    mean = torch.empty(M, device=x.device, dtype=torch.float32)
+    mean = None if rms else torch.empty(M, device=x.device, dtype=torch.float32)
     rstd = torch.empty(M, device=x.device, dtype=torch.float32)
     if M > 0:
         n_prog, rows_per_prog, BLOCK_M, BLOCK_N, num_warps = _launch_shape(M, N, False, x.device)
         _layer_norm_fwd_kernel[(n_prog,)](
             x, x if delta is None else delta, y if s is None else s, y,
-            weight, bias if bias is not None else weight, mean, rstd,
+            weight, bias if bias is not None else weight, rstd if rms else mean, rstd,
             x.stride(0), x.stride(0) if delta is None else delta.stride(0), y.stride(0), y.stride(0),
             M, N, rows_per_prog, float(eps),  # a Python float: fp32 in Triton
             HAS_BIAS=bias is not None, HAS_ADD=delta is not None,
-            BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, num_warps=num_warps)
+            BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, IS_RMS=rms, num_warps=num_warps)
     return (y, mean, rstd) if delta is None else (s, y, mean, rstd)
 
 
 @on_tensor_device
 def _bwd_launch(dy, x, weight, mean, rstd, ds=None, dx2_dtype=None):
     """-> (dx, dweight, dbias). ds (x's gradient from its other uses, when x is a residual sum)
-    is added into dx; dx2_dtype: dx is also written in that dtype: -> (dx, dx2, dweight, dbias)."""
+    is added into dx; dx2_dtype: dx is also written in that dtype: -> (dx, dx2, dweight, dbias).
+    mean None: RMSNorm's backward, and dbias is None."""
+    rms = mean is None
     M, N = x.shape
     dy = dy if dy.stride(-1) == 1 else dy.contiguous()
     if ds is not None and ds.stride(-1) != 1:
@@ -216,22 +250,24 @@ def _bwd_launch(dy, x, weight, mean, rstd, ds=None, dx2_dtype=None):
     dx = torch.empty(x.shape, device=x.device, dtype=x.dtype)
     dx2 = None if dx2_dtype is None else torch.empty(x.shape, device=x.device, dtype=dx2_dtype)
     if M == 0:
-        dw, db = torch.zeros_like(weight), torch.zeros_like(weight)
+        dw, db = torch.zeros_like(weight), None if rms else torch.zeros_like(weight)
     else:
         n_prog, rows_per_prog, BLOCK_M, BLOCK_N, num_warps = _launch_shape(M, N, True, x.device)
         dw_part = torch.empty((n_prog, N), device=x.device, dtype=torch.float32)
-        db_part = torch.empty((n_prog, N), device=x.device, dtype=torch.float32)
+        db_part = dw_part if rms else torch.empty((n_prog, N), device=x.device, dtype=torch.float32)
         _layer_norm_bwd_kernel[(n_prog,)](
-            x, dy, dy if ds is None else ds, weight, mean, rstd, dx, dx if dx2 is None else dx2, dw_part, db_part,
+            x, dy, dy if ds is None else ds, weight, rstd if rms else mean, rstd, dx, dx if dx2 is None else dx2,
+            dw_part, db_part,
             x.stride(0), dy.stride(0), dy.stride(0) if ds is None else ds.stride(0), dx.stride(0),
             dx.stride(0), M, N, rows_per_prog,
             HAS_DS=ds is not None, HAS_DX2=dx2 is not None,
-            BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, num_warps=num_warps)
-        dw, db = dw_part.sum(0).to(weight.dtype), db_part.sum(0).to(weight.dtype)
+            BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, IS_RMS=rms, num_warps=num_warps)
+        dw = dw_part.sum(0).to(weight.dtype)
+        db = None if rms else db_part.sum(0).to(weight.dtype)
     return (dx, dw, db) if dx2 is None else (dx, dx2, dw, db)
 
 
-def _check_op_layout(x, weight, bias=None):
+def _check_op_layout(x, weight, bias=None, ops="layer_norm"):
     """What the kernels assume of their inputs; layer_norm() arranges it, a direct call of the
     op must too (a transposed x was read as if row-major: garbage, no error)."""
     check_tensor(x, "x", ndim=2)
@@ -241,14 +277,14 @@ def _check_op_layout(x, weight, bias=None):
         check_tensor(bias, "bias", shape=(N,))
     for name, t in (("x", x), ("weight", weight), ("bias", bias)):
         if t is not None and t.shape[-1] > 1 and t.stride(-1) != 1:
-            raise ValueError(f"tritongpt::layer_norm ops read {name} with unit stride on its last dim, got strides "
-                             f"{t.stride()} (call layer_norm(), which copies, or pass .contiguous())")
+            raise ValueError(f"tritongpt::{ops} ops read {name} with unit stride on its last dim, got strides "
+                             f"{t.stride()} (call {ops}(), which copies, or pass .contiguous())")
 
 
-def _check_bwd_args(dy, x, weight, ds):
-    """What both backward ops check: dy (and ds, when given) of x's shape, x laid out as forward's."""
+def _check_bwd_args(dy, x, weight, ds, ops="layer_norm"):
+    """What the backward ops check: dy (and ds, when given) of x's shape, x laid out as forward's."""
     check_runnable(dy, "dy")
-    _check_op_layout(x, weight)
+    _check_op_layout(x, weight, ops=ops)
     check_tensor(dy, "dy", shape=x.shape)
     if ds is not None:
         check_tensor(ds, "ds", shape=x.shape)
@@ -318,6 +354,70 @@ def _(dy, s, weight, mean, rstd, ds, delta_dtype):
             torch.empty_like(weight))
 
 
+# RMSNorm's ops: the same kernels with IS_RMS, no bias, no mean (forward saves rstd alone).
+@torch.library.custom_op("tritongpt::rms_norm_fwd", mutates_args=())
+def _rms_norm_fwd(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [M, N] with unit stride on the last dim -> (y [M, N] x.dtype, rstd [M] fp32)."""
+    check_runnable(x, "x")
+    _check_op_layout(x, weight, ops="rms_norm")
+    y, _, rstd = _fwd_launch(x, weight, None, eps, rms=True)
+    return y, rstd
+
+
+@_rms_norm_fwd.register_fake
+def _(x, weight, eps):
+    return torch.empty_like(x), x.new_empty(x.shape[0], dtype=torch.float32)
+
+
+@torch.library.custom_op("tritongpt::add_rms_norm_fwd", mutates_args=())
+def _add_rms_norm_fwd(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor,
+                      eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x, delta [M, N] -> (s = x + delta, y = RMSNorm(s), rstd); s and y in x + delta's dtype."""
+    check_runnable(x, "x")
+    _check_op_layout(x, weight, ops="rms_norm")
+    _check_op_layout(delta, weight, ops="rms_norm")
+    check_tensor(delta, "delta", shape=x.shape)
+    s, y, _, rstd = _fwd_launch(x, weight, None, eps, delta=delta, rms=True)
+    return s, y, rstd
+
+
+@_add_rms_norm_fwd.register_fake
+def _(x, delta, weight, eps):
+    dtype = torch.promote_types(x.dtype, delta.dtype)
+    return (x.new_empty(x.shape, dtype=dtype), x.new_empty(x.shape, dtype=dtype),
+            x.new_empty(x.shape[0], dtype=torch.float32))
+
+
+@torch.library.custom_op("tritongpt::rms_norm_bwd", mutates_args=())
+def _rms_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor,
+                  ds: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """-> (dx [M, N] in x.dtype, dweight [N] in weight.dtype); ds added into dx as layer_norm_bwd's."""
+    _check_bwd_args(dy, x, weight, ds, ops="rms_norm")
+    dx, dw, _ = _bwd_launch(dy, x, weight, None, rstd, ds)
+    return dx, dw
+
+
+@_rms_norm_bwd.register_fake
+def _(dy, x, weight, rstd, ds=None):
+    return torch.empty_like(x), torch.empty_like(weight)
+
+
+@torch.library.custom_op("tritongpt::add_rms_norm_bwd", mutates_args=())
+def _add_rms_norm_bwd(dy: torch.Tensor, s: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor,
+                      ds: Optional[torch.Tensor], delta_dtype: torch.dtype
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """rms_norm_bwd for s = x + delta when delta's dtype is not s's: -> (dx in s.dtype, ddelta in
+    delta_dtype, dweight), as add_layer_norm_bwd."""
+    _check_bwd_args(dy, s, weight, ds, ops="rms_norm")
+    dx, ddelta, dw, _ = _bwd_launch(dy, s, weight, None, rstd, ds, dx2_dtype=delta_dtype)
+    return dx, ddelta, dw
+
+
+@_add_rms_norm_bwd.register_fake
+def _(dy, s, weight, rstd, ds, delta_dtype):
+    return torch.empty_like(s), s.new_empty(s.shape, dtype=delta_dtype), torch.empty_like(weight)
+
+
 def _rows(t):
     """[..., N] -> [M, N] with unit stride on the last dim (what the kernels read); a copy only
     when needed."""
@@ -377,6 +477,51 @@ class AddLayerNormFunction(torch.autograd.Function):
         return dx.view(ctx.shape), ddelta.view(ctx.shape), dw, (db if ctx.has_bias else None), None
 
 
+class RMSNormFunction(torch.autograd.Function):
+    """LayerNormFunction for RMSNorm: saves x, weight and the fp32 per-row rstd (no mean, no bias)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, eps):
+        x2 = _rows(x)
+        y, rstd = torch.ops.tritongpt.rms_norm_fwd(x2, weight, eps)
+        ctx.save_for_backward(x2, weight, rstd)
+        return y.view(x.shape)
+
+    @staticmethod
+    def backward(ctx, dy):
+        first_order_only("rms_norm")
+        x2, weight, rstd = ctx.saved_tensors
+        dx, dw = torch.ops.tritongpt.rms_norm_bwd(dy.reshape(x2.shape), x2, weight, rstd)
+        return dx.view(dy.shape), dw, None
+
+
+class AddRMSNormFunction(torch.autograd.Function):
+    """AddLayerNormFunction for RMSNorm: s = x + delta and y = RMSNorm(s) in one pass; saves s,
+    weight and rstd; backward adds s's other gradient (ds) into dx in the same kernel."""
+
+    @staticmethod
+    def forward(ctx, x, delta, weight, eps):
+        s, y, rstd = torch.ops.tritongpt.add_rms_norm_fwd(_rows(x), _rows(delta), weight, eps)
+        ctx.save_for_backward(s, weight, rstd)
+        ctx.shape, ctx.delta_dtype = x.shape, delta.dtype
+        ctx.set_materialize_grads(False)
+        return s.view(x.shape), y.view(x.shape)
+
+    @staticmethod
+    def backward(ctx, ds, dy):
+        first_order_only("add_rms_norm")
+        s, weight, rstd = ctx.saved_tensors
+        if dy is None:
+            return ds, ds, None, None
+        dy, ds = dy.reshape(s.shape), None if ds is None else ds.reshape(s.shape)
+        if ctx.delta_dtype == s.dtype:
+            dx, dw = torch.ops.tritongpt.rms_norm_bwd(dy, s, weight, rstd, ds)
+            ddelta = dx
+        else:
+            dx, ddelta, dw = torch.ops.tritongpt.add_rms_norm_bwd(dy, s, weight, rstd, ds, ctx.delta_dtype)
+        return dx.view(ctx.shape), ddelta.view(ctx.shape), dw, None
+
+
 def _check_args(fn: str, x, weight, bias, eps):
     check_tensor(x, "x")
     if x.dim() == 0:
@@ -427,4 +572,28 @@ def add_layer_norm(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, b
     return AddLayerNormFunction.apply(x, delta, _unit_stride(weight), _unit_stride(bias), float(eps))
 
 
-__all__ = ["layer_norm", "add_layer_norm", "LayerNormFunction", "AddLayerNormFunction", "MAX_WIDTH"]
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-5):
+    """RMSNorm over the last dim of x: x / sqrt(mean(x^2) + eps) * weight (no mean subtracted, no
+    bias; Llama's, Gemma's). Reference: `tritongpt.model.layers.RMSNorm`. Differentiable; dtypes
+    as layer_norm's."""
+    no_func_transform("rms_norm")
+    _check_args("rms_norm", x, weight, None, eps)
+    check_same_device(x=x, weight=weight)
+    return RMSNormFunction.apply(x, _unit_stride(weight), float(eps))
+
+
+def add_rms_norm(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float = 1e-5):
+    """(s, y) = (x + delta, RMSNorm(x + delta)) in one kernel, as add_layer_norm. Reference:
+    `RMSNorm.add_and_norm` (model/layers.py). Differentiable."""
+    no_func_transform("add_rms_norm")
+    _check_args("add_rms_norm", x, weight, None, eps)
+    check_tensor(delta, "delta")
+    if delta.shape != x.shape:
+        raise ValueError(f"add_rms_norm: delta has shape {tuple(delta.shape)}, x {tuple(x.shape)}; "
+                         "they must match (no broadcasting)")
+    check_same_device(x=x, delta=delta, weight=weight)
+    return AddRMSNormFunction.apply(x, delta, _unit_stride(weight), float(eps))
+
+
+__all__ = ["layer_norm", "add_layer_norm", "rms_norm", "add_rms_norm", "LayerNormFunction", "AddLayerNormFunction",
+           "RMSNormFunction", "AddRMSNormFunction", "MAX_WIDTH"]

@@ -5,6 +5,7 @@ Each module is the textbook version. The modules that have a Triton twin carry a
 a state_dict moves freely between the two paths.
 
     LayerNorm           <->  kernels/layernorm.py   (layer_norm; add_and_norm <-> add_layer_norm)
+    RMSNorm             <->  kernels/layernorm.py   (rms_norm; add_and_norm <-> add_rms_norm: the same kernels, IS_RMS)
     FeedForward         <->  kernels/mlp.py         (gelu_mlp: Linear+bias+GELU fused, GELU recomputed in backward)
     MultiHeadAttention  <->  kernels/attention.py   (flash_attention: only the attention core is swapped)
     Rotary (apply_rotary) <-> kernels/rope.py       (rope: q and k rotated in one launch)
@@ -68,6 +69,38 @@ class LayerNorm(nn.Module):
             from tritongpt.kernels.layernorm import add_layer_norm
 
             return add_layer_norm(x, delta, self.weight, self.bias, self.eps)
+        x = x + delta
+        return x, self(x)
+
+
+class RMSNorm(nn.Module):
+    """y = x / sqrt(mean(x^2) + eps) * weight, over the last dimension (Llama, Gemma,
+    modded-nanogpt): LayerNorm without the mean subtracted and without a bias.
+
+    Triton twin: kernels/layernorm.py `rms_norm` (the LayerNorm kernels with IS_RMS)."""
+
+    def __init__(self, n_embd: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(n_embd))
+        self.use_triton = False
+
+    def forward(self, x):
+        if self.use_triton:
+            from tritongpt.kernels.layernorm import rms_norm
+
+            return rms_norm(x, self.weight, self.eps)
+        xf = _fp32_if_fp16(x)  # an fp16 mean square overflows past |x| = 256, as LayerNorm's variance
+        x_hat = (xf * torch.rsqrt((xf * xf).mean(dim=-1, keepdim=True) + self.eps)).to(x.dtype)
+        return x_hat * self.weight
+
+    def add_and_norm(self, x, delta):
+        """(x + delta, RMSNorm(x + delta)), as LayerNorm.add_and_norm. Triton twin:
+        kernels/layernorm.py `add_rms_norm`."""
+        if self.use_triton:
+            from tritongpt.kernels.layernorm import add_rms_norm
+
+            return add_rms_norm(x, delta, self.weight, self.eps)
         x = x + delta
         return x, self(x)
 

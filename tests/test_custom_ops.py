@@ -31,6 +31,21 @@ def _layer_norm_args(device, gen):
             "add_layer_norm_bwd no ds": (torch.randn_like(s), s, w, s_mean, s_rstd, None, torch.float16)}
 
 
+def _rms_norm_args(device, gen):
+    x, w = _randn(7, 24, device=device, gen=gen), _randn(24, device=device, gen=gen)
+    y, rstd = ops.rms_norm_fwd(x, w, 1e-5)
+    d = _randn(7, 24, device=device, gen=gen, dtype=torch.bfloat16)  # an fp32 stream + a bf16 sublayer
+    s, _, s_rstd = ops.add_rms_norm_fwd(x, d, w, 1e-5)
+    return {"rms_norm_fwd": (x, w, 1e-5), "rms_norm_fwd bf16 x, fp32 weight": (x.bfloat16(), w, 1e-5),
+            "rms_norm_bwd": (torch.randn_like(y), x, w, rstd),
+            # the weight's gradient in the weight's dtype, as the fake impl says
+            "rms_norm_bwd bf16 weight": (torch.randn_like(y), x, w.bfloat16(), rstd),
+            "add_rms_norm_fwd": (x, d, w, 1e-5), "add_rms_norm_fwd fp16+fp32": (x.half(), d.float(), w, 1e-5),
+            "rms_norm_bwd ds": (torch.randn_like(s), s, w, s_rstd, torch.randn_like(s)),
+            "add_rms_norm_bwd": (torch.randn_like(s), s, w, s_rstd, torch.randn_like(s), torch.bfloat16),
+            "add_rms_norm_bwd no ds": (torch.randn_like(s), s, w, s_rstd, None, torch.float16)}
+
+
 def _mlp_args(device, gen):
     shapes = ((5, 12), (20, 12), (20,), (12, 20), (12,))
     x, w1, b1, w2, b2 = (_randn(*shape, device=device, gen=gen) for shape in shapes)
@@ -77,12 +92,17 @@ def _rope_args(device, gen):
             "rope_bwd": (q.bfloat16(), k.bfloat16(), per_token.int(), 10000.0)}
 
 
-MAKERS = {"layer_norm": _layer_norm_args, "mlp": _mlp_args, "cross_entropy": _cross_entropy_args,
-          "attention": _attention_args, "rope": _rope_args}
+MAKERS = {"layer_norm": _layer_norm_args, "rms_norm": _rms_norm_args, "mlp": _mlp_args,
+          "cross_entropy": _cross_entropy_args, "attention": _attention_args, "rope": _rope_args}
 OPS = [(kernel, op) for kernel, names in (("layer_norm", ("layer_norm_fwd", "layer_norm_bwd", "add_layer_norm_fwd",
                                                          "add_layer_norm_fwd fp16+fp32",
                                                          "layer_norm_bwd ds", "add_layer_norm_bwd",
                                                          "add_layer_norm_bwd no ds")),
+                                          ("rms_norm", ("rms_norm_fwd", "rms_norm_fwd bf16 x, fp32 weight",
+                                                        "rms_norm_bwd", "rms_norm_bwd bf16 weight",
+                                                        "add_rms_norm_fwd", "add_rms_norm_fwd fp16+fp32",
+                                                        "rms_norm_bwd ds", "add_rms_norm_bwd",
+                                                        "add_rms_norm_bwd no ds")),
                                           ("mlp", ("gelu_mlp_fwd", "gelu_mlp_bwd")),
                                           ("cross_entropy", ("checked_targets", "cross_entropy_fwd",
                                                              "cross_entropy_bwd", "cross_entropy_fwd smoothed+z",

@@ -6,7 +6,7 @@ import torch
 
 from tritongpt.kernels.attention import flash_attention
 from tritongpt.kernels.cross_entropy import cross_entropy, linear_cross_entropy
-from tritongpt.kernels.layernorm import add_layer_norm, layer_norm
+from tritongpt.kernels.layernorm import add_layer_norm, add_rms_norm, layer_norm, rms_norm
 from tritongpt.kernels.mlp import gelu_mlp
 
 
@@ -21,6 +21,8 @@ def _calls(device):
     return {
         "layer_norm": (lambda x: layer_norm(x, w, b).sum(), rand(2, 3, 16)),
         "add_layer_norm": (lambda x: add_layer_norm(x, x * 2, w, b)[1].sum(), rand(2, 3, 16)),
+        "rms_norm": (lambda x: rms_norm(x, w).sum(), rand(2, 3, 16)),
+        "add_rms_norm": (lambda x: add_rms_norm(x, x * 2, w)[1].sum(), rand(2, 3, 16)),
         "gelu_mlp": (lambda x: gelu_mlp(x, W1, b1, W2, b2).sum(), rand(2, 3, 16)),
         "cross_entropy": (lambda x: cross_entropy(x, targets[: x.shape[-2]]), rand(2, 3, 30)),
         "linear_cross_entropy": (lambda x: linear_cross_entropy(x, head, targets[: x.shape[-2]]), rand(2, 3, 16)),
@@ -28,8 +30,8 @@ def _calls(device):
     }
 
 
-@pytest.mark.parametrize("kernel", ["layer_norm", "add_layer_norm", "gelu_mlp", "cross_entropy", "linear_cross_entropy",
-                                    "flash_attention"])
+@pytest.mark.parametrize("kernel", ["layer_norm", "add_layer_norm", "rms_norm", "add_rms_norm", "gelu_mlp",
+                                    "cross_entropy", "linear_cross_entropy", "flash_attention"])
 def test_func_transforms_name_the_kernel(device, kernel):
     fn, x = _calls(device)[kernel]
     transforms = {"grad": lambda: torch.func.grad(fn)(x[0]),

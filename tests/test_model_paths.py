@@ -321,7 +321,7 @@ def test_double_backward_is_refused_by_every_kernel(device):
     LayerNorm and fused LM head), and the reference path is the one that has it."""
     from tritongpt.kernels.attention import flash_attention
     from tritongpt.kernels.cross_entropy import cross_entropy, linear_cross_entropy
-    from tritongpt.kernels.layernorm import add_layer_norm, layer_norm
+    from tritongpt.kernels.layernorm import add_layer_norm, add_rms_norm, layer_norm, rms_norm
     from tritongpt.kernels.mlp import gelu_mlp
 
     torch.manual_seed(7)
@@ -332,6 +332,8 @@ def test_double_backward_is_refused_by_every_kernel(device):
     logits = r(6, 20)
     cases = {"layer_norm": (lambda: layer_norm(x, w, b), x),
              "add_layer_norm": (lambda: add_layer_norm(x, x.exp(), w, b)[1], x),
+             "rms_norm": (lambda: rms_norm(x, w), x),
+             "add_rms_norm": (lambda: add_rms_norm(x, x.exp(), w)[1], x),
              "gelu_mlp": (lambda: gelu_mlp(x, r(24, 16), None, r(16, 24), None), x),
              "flash_attention": (lambda: flash_attention(q, k, v, causal=True), q),
              "cross_entropy": (lambda: cross_entropy(logits, t), logits),
