@@ -10,6 +10,7 @@ from tritongpt.errors import UserError
 
 WINDOW_LAYERS = ("all", "odd")  # which layers GPTConfig.attention_window makes local
 POSITION_ENCODINGS = ("learned", "rope")  # GPTConfig.position_encoding
+NORMS = ("layernorm", "rmsnorm")  # GPTConfig.norm
 
 
 @dataclass
@@ -49,6 +50,10 @@ class GPTConfig:
     # no pos_emb parameter then, and rope_theta is the base of the rotation frequencies.
     position_encoding: str = "learned"
     rope_theta: float = 10000.0
+    # Every norm of the model (each block's two and the final one): "layernorm", GPT-2's
+    # (x - mean) / std * weight + bias, or "rmsnorm", x / rms(x) * weight (Llama, Gemma, modded-nanogpt:
+    # no mean subtracted, no bias parameter). Both with eps 1e-5 (GPT-2's, Llama 2's and 3's).
+    norm: str = "layernorm"
     kernels: str = "reference"  # "reference" | "triton" | "auto" | a comma list of toggle.KERNEL_NAMES
     # LoRA (model/lora.py): rank 0 is none; else the targets' weights are W + (alpha / rank) B A
     lora_rank: int = 0
@@ -85,6 +90,8 @@ class GPTConfig:
         if self.position_encoding not in POSITION_ENCODINGS:
             raise UserError(f"GPTConfig.position_encoding must be one of {', '.join(POSITION_ENCODINGS)}, "
                             f"got {self.position_encoding!r}")
+        if self.norm not in NORMS:
+            raise UserError(f"GPTConfig.norm must be one of {', '.join(NORMS)}, got {self.norm!r}")
         if not is_real(self.rope_theta) or not math.isfinite(self.rope_theta) or self.rope_theta <= 0:
             raise UserError(f"GPTConfig.rope_theta must be a finite number > 0 (the base of RoPE's frequencies), "
                             f"got {self.rope_theta!r}")

@@ -1,5 +1,5 @@
 """GPTModel: token + position embeddings (or RoPE in the attention), a stack of TransformerBlocks,
-final LayerNorm, LM head."""
+final norm (LayerNorm, or RMSNorm: GPTConfig.norm), LM head."""
 import copy
 import json
 import math
@@ -13,8 +13,8 @@ import torch.utils.checkpoint
 from tritongpt._types import is_int, is_real, loss_options
 from tritongpt.errors import UserError
 from tritongpt.model.config import GPTConfig
-from tritongpt.model.layers import (FeedForward, LayerNorm, MultiHeadAttention, Rotary, TransformerBlock,
-                                    document_starts)
+from tritongpt.model.layers import (FeedForward, LayerNorm, MultiHeadAttention, RMSNorm, Rotary, TransformerBlock,
+                                    document_starts, make_norm)
 from tritongpt.model.toggle import resolve_kernels, spec_string
 
 
@@ -73,7 +73,7 @@ class GPTModel(nn.Module):
         self.pos_emb = nn.Embedding(cfg.context_length, cfg.n_embd) if cfg.position_encoding == "learned" else None
         self.drop_emb = nn.Dropout(cfg.dropout)
         self.trf_blocks = nn.ModuleList(TransformerBlock(cfg, i) for i in range(cfg.n_layer))
-        self.final_norm = LayerNorm(cfg.n_embd)
+        self.final_norm = make_norm(cfg)
         self.out_head = nn.Linear(cfg.n_embd, cfg.padded_vocab_size, bias=False)
         if cfg.tie_weights:
             self.out_head.weight = self.tok_emb.weight
@@ -116,7 +116,8 @@ class GPTModel(nn.Module):
     def set_kernels(self, spec, check_device: bool = True):
         """Pick the path: "reference", "triton", "auto", or a subset of
         {"layernorm", "mlp", "attention", "cross_entropy", "rope"} (cross_entropy is the loss in
-        forward(targets=); rope rotates q and k when GPTConfig.position_encoding is "rope").
+        forward(targets=); rope rotates q and k when GPTConfig.position_encoding is "rope";
+        layernorm switches the model's norms, whichever GPTConfig.norm makes them: LayerNorm or RMSNorm).
 
         Only flags change; the parameters (and so the state_dict) stay exactly as they are.
         check_device=False skips the check that the weights' device can run Triton (CUDA, or
@@ -137,7 +138,7 @@ class GPTModel(nn.Module):
                 raise UserError(f"the Triton RoPE supports head dims up to {MAX_HEAD_DIM}, and this model's is "
                                 f"{self.config.head_dim}: leave 'rope' out of the kernels")
         for m in self.modules():
-            if isinstance(m, LayerNorm):
+            if isinstance(m, (LayerNorm, RMSNorm)):
                 m.use_triton = "layernorm" in names
             elif isinstance(m, FeedForward):
                 m.use_triton = "mlp" in names

@@ -105,6 +105,14 @@ class RMSNorm(nn.Module):
         return x, self(x)
 
 
+NORM_MODULES = {"layernorm": LayerNorm, "rmsnorm": RMSNorm}  # by GPTConfig.norm (config.NORMS)
+
+
+def make_norm(cfg):
+    """The norm GPTConfig.norm names, of width n_embd: a block's two and the model's final one."""
+    return NORM_MODULES[cfg.norm](cfg.n_embd)
+
+
 class GELU(nn.Module):
     """GELU with GPT-2's tanh approximation: 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))."""
 
@@ -306,6 +314,7 @@ class MultiHeadAttention(nn.Module):
 
 class TransformerBlock(nn.Module):
     """Pre-LN block: x + attention(LN(x)), then x + MLP(LN(x)). Dropout lives in the sublayers.
+    LN is GPTConfig.norm's: LayerNorm (GPT-2) or RMSNorm (Llama); both have add_and_norm.
 
     Each residual add is made by the LayerNorm that reads the sum (LayerNorm.add_and_norm): on
     the Triton path the add then shares that LayerNorm's pass over memory, as llm.c's fused
@@ -315,12 +324,12 @@ class TransformerBlock(nn.Module):
 
     def __init__(self, cfg, layer_idx: int = 0):
         super().__init__()
-        self.norm1 = LayerNorm(cfg.n_embd)
+        self.norm1 = make_norm(cfg)
         self.att = MultiHeadAttention(cfg.n_embd, cfg.n_head, cfg.context_length, cfg.dropout,
                                       cfg.bias, layer_idx, cfg.layer_window(layer_idx), cfg.scale_attention,
                                       cfg.qkv_bias, cfg.rope_theta if cfg.position_encoding == "rope" else None,
                                       cfg.kv_heads)
-        self.norm2 = LayerNorm(cfg.n_embd)
+        self.norm2 = make_norm(cfg)
         self.ff = FeedForward(cfg.n_embd, cfg.dropout, cfg.bias)
 
     def forward(self, x, cache=None, doc_ids=None, mlp_out=None, positions=None):

@@ -3,6 +3,9 @@
 A spec is "reference", "triton", "auto" (Triton on CUDA, reference on CPU), or a set /
 comma-separated list of kernel names. The answer is a frozenset of the kernels to use.
 
+"layernorm" names the model's norm layers whichever they are (GPTConfig.norm): LayerNorm or RMSNorm
+run through the same Triton kernels (kernels/layernorm.py), so an RMSNorm model has no name of its own.
+
 On a GPU older than Ampere (compute capability < 8.0: V100, T4) Triton compiles tl.dot to
 scalar FMAs, not tensor-core MMAs (checked offline for sm_75: bench/results/sm75-offline), so
 there "auto" keeps only the kernels without a dot (the LayerNorm and the fused loss, whose

@@ -9,8 +9,11 @@ import pytest
 import torch
 
 from parity import assert_close_mixed, assert_close_rel
+from tritongpt.errors import UserError
 from tritongpt.kernels.layernorm import MAX_WIDTH, add_rms_norm, rms_norm
-from tritongpt.model.layers import RMSNorm
+from tritongpt.model.config import GPTConfig
+from tritongpt.model.gpt import GPTModel
+from tritongpt.model.layers import LayerNorm, RMSNorm
 
 TOL = {torch.float32: 1e-4, torch.bfloat16: 1e-2, torch.float16: 1e-2}
 
@@ -415,6 +418,167 @@ def test_module_fp16_mean_square_does_not_overflow():
     assert_close_rel(y, ref64(x64, w64), 1e-2, "fp16 y")
     assert_close_rel(x.grad, x64.grad, 1e-2, "fp16 dx")
     assert_close_rel(m.weight.grad, w64.grad, 1e-2, "fp16 dweight")
+
+
+# -- the model: GPTConfig.norm = "rmsnorm" ---------------------------------------------------------
+# bias-free, as Llama: W_key's bias has a zero gradient (a shift shared by a row of scores) that
+# only rounding makes, and no relative tolerance holds for it
+TINY = dict(vocab_size=67, context_length=24, n_embd=48, n_layer=2, n_head=3, bias=False, norm="rmsnorm")
+
+
+def _rms_model(device, seed=0, **cfg):
+    torch.manual_seed(seed)
+    model = GPTModel(GPTConfig(**{**TINY, **cfg}))
+    with torch.no_grad():
+        for p in model.parameters():  # away from the init: norm weights of 1 would hide a swapped one
+            p.add_(torch.randn_like(p) * 0.05)
+    return model.to(device)
+
+
+def _loss_and_grads(model, idx, targets):
+    model.zero_grad(set_to_none=True)
+    with torch.no_grad():
+        logits = model(idx)
+    loss = model(idx, targets=targets)
+    loss.backward()
+    return logits, loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+def test_every_norm_of_the_model_is_rms():
+    """Each block's two norms and the final one are RMSNorms with eps 1e-5 (weights only: no norm
+    bias in the state_dict); the default, and a config from before the field, stay LayerNorm."""
+    model = GPTModel(GPTConfig(**TINY))
+    norms = [m for m in model.modules() if isinstance(m, (LayerNorm, RMSNorm))]
+    assert len(norms) == 2 * 2 + 1 and all(type(m) is RMSNorm for m in norms)
+    assert all(m.eps == 1e-5 for m in norms)  # GPT-2's eps, and Llama 2's and 3's
+    assert not any("norm" in k and k.endswith("bias") for k in model.state_dict())
+    assert model.num_params() == GPTModel(GPTConfig(**{**TINY, "norm": "layernorm"})).num_params() - 5 * 48  # biases
+    old = {k: v for k, v in GPTConfig(**TINY).to_dict().items() if k != "norm"}
+    cfg = GPTConfig.from_dict(old)
+    assert cfg.norm == "layernorm"
+    assert all(type(m) is LayerNorm for m in GPTModel(cfg).modules() if isinstance(m, (LayerNorm, RMSNorm)))
+
+
+def test_config_norm_checked_by_name():
+    for bad in ("RMSNorm", "batchnorm", None, 1):
+        with pytest.raises(UserError, match=f"GPTConfig.norm must be one of layernorm, rmsnorm, got {bad!r}"):
+            GPTConfig(**{**TINY, "norm": bad})
+
+
+@pytest.mark.parametrize("kernels,positions", [("triton", "learned"), ("layernorm", "learned"), ("triton", "rope")])
+def test_model_paths_agree(kernels, positions, device):
+    """The whole RMSNorm model (and a Llama-shaped one: RoPE, no biases), reference path against the
+    Triton one (all kernels, or the 'layernorm' kernel alone, which switches the RMSNorms): logits,
+    loss and every parameter's gradient; and the reference path against the model in float64."""
+    model = _rms_model(device, position_encoding=positions)
+    idx = torch.randint(0, 67, (2, 19), device=device)
+    targets = torch.randint(0, 67, (2, 19), device=device)
+    ref = _loss_and_grads(model.set_kernels("reference"), idx, targets)
+    got = _loss_and_grads(model.set_kernels(kernels), idx, targets)
+    assert all(m.use_triton for m in model.modules() if isinstance(m, RMSNorm))
+    assert_close_rel(got[0], ref[0], 1e-5, "logits")
+    assert_close_rel(got[1], ref[1], 1e-5, "loss")
+    for name, g in ref[2].items():
+        assert_close_rel(got[2][name], g, 1e-4, f"grad {name}")
+    want = _loss_and_grads(model.set_kernels("reference").double(), idx, targets)
+    assert_close_rel(ref[1], want[1], 1e-5, "fp32 loss vs float64")
+    for name, g in want[2].items():
+        assert_close_rel(ref[2][name], g, 1e-4, f"fp32 grad {name} vs float64")
+
+
+def test_triton_model_compiles_in_one_graph(device):
+    model = _rms_model(device, seed=5).set_kernels("triton")
+    idx = torch.randint(0, 67, (2, 19), device=device)
+    loss = torch.compile(model, backend="aot_eager", fullgraph=True)(idx, targets=idx)
+    loss.backward()
+    got = loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    loss = model(idx, targets=idx)
+    loss.backward()
+    assert_close_rel(got[0], loss.detach(), 1e-6, "compiled loss")
+    for n, p in model.named_parameters():
+        assert_close_rel(got[1][n], p.grad, 1e-5, f"compiled grad {n}")
+
+
+def test_save_load_round_trip(tmp_path):
+    model = _rms_model("cpu", seed=4)
+    model.save(tmp_path / "m.safetensors")
+    back = GPTModel.load(tmp_path / "m.safetensors")
+    assert back.config.norm == "rmsnorm" and type(back.final_norm) is RMSNorm
+    idx = torch.randint(0, 67, (2, 9))
+    with torch.no_grad():
+        assert torch.equal(back(idx), model(idx))
+
+
+def test_export_to_gpt2_and_gpt_neo_refused_by_name(tmp_path):
+    from tritongpt.train.gpt2_weights import export_gpt2
+    from tritongpt.train.gpt_neo_weights import export_gpt_neo
+
+    model = _rms_model("cpu")
+    with pytest.raises(UserError, match="this model normalizes with rmsnorm .*Hugging Face's GPT-2 has LayerNorms"):
+        export_gpt2(model, tmp_path / "gpt2")
+    neo = _rms_model("cpu", scale_attention=False, qkv_bias=False)  # all GPT-Neo has, but the norm
+    with pytest.raises(UserError, match="this model normalizes with rmsnorm .*Hugging Face's GPT-Neo has LayerNorms"):
+        export_gpt_neo(neo, tmp_path / "neo")
+    assert not (tmp_path / "gpt2").exists() and not (tmp_path / "neo").exists()
+
+
+def test_pretrain_norm_rmsnorm_end_to_end(tmp_path, capsys, one_thread):
+    """pretrain --norm rmsnorm: an RMSNorm model, saved as one; --init keeps it (and refuses
+    another norm); a resume without the flag is refused by name; GPT-2's and GPT-Neo's published
+    weights cannot start one; the export to GPT-2 is refused."""
+    from tritongpt.cli import main
+    from tritongpt.train.data import load_text
+    from tritongpt.train.tokenizer import BPETokenizer
+
+    text = load_text("pydoc")[:16000]
+    (tmp_path / "small.txt").write_text(text)
+    BPETokenizer.train(text, 300, name="small").save(tmp_path / "tok.json")
+
+    def argv(out, *extra):
+        return ["pretrain", "--data", str(tmp_path / "small.txt"), "--tokenizer", str(tmp_path / "tok.json"),
+                "--cache-dir", str(tmp_path / "cache"), "--out-dir", str(out), "--device", "cpu",
+                "--kernels", "reference", "--block-size", "32", "--batch-size", "4", "--sample-tokens", "0",
+                "--log-every", "0", "--eval-every", "0", *extra]
+
+    assert main(argv(tmp_path / "rms", "--max-steps", "1", "--norm", "rmsnorm")) == 0
+    assert ", RMSNorm) on cpu" in capsys.readouterr().out
+    model = GPTModel.load(tmp_path / "rms" / "ckpt-0000001" / "model.safetensors")
+    assert model.config.norm == "rmsnorm" and type(model.trf_blocks[0].norm1) is RMSNorm
+    # --init keeps the model's norm; another would change what it computes
+    init = ("--init", str(tmp_path / "rms"), "--max-steps", "1")
+    assert main(argv(tmp_path / "again", *init, "--norm", "layernorm")) == 2
+    assert "--norm layernorm would change what --init's model computes (its norm is rmsnorm)" in \
+        capsys.readouterr().err
+    assert main(argv(tmp_path / "again", *init)) == 0
+    assert GPTModel.load(tmp_path / "again" / "ckpt-0000001" / "model.safetensors").config.norm == "rmsnorm"
+    capsys.readouterr()
+    # a resume builds the model from the flags: without --norm it would go on as a LayerNorm model
+    more = ("--max-steps", "2", "--resume")
+    assert main(argv(tmp_path / "rms", *more)) == 2
+    assert "model normalizes with rmsnorm, this run's model with layernorm: pass --norm rmsnorm" in \
+        capsys.readouterr().err
+    assert main(argv(tmp_path / "rms", *more, "--norm", "rmsnorm")) == 0
+    capsys.readouterr()
+    # a LayerNorm run resumed with --norm rmsnorm: refused the other way round
+    assert main(argv(tmp_path / "ln", "--max-steps", "1")) == 0
+    capsys.readouterr()
+    assert main(argv(tmp_path / "ln", *more, "--norm", "rmsnorm")) == 2
+    assert "model normalizes with layernorm, this run's model with rmsnorm: pass --norm layernorm" in \
+        capsys.readouterr().err
+    # the published GPT-2 and GPT-Neo weights have LayerNorms: refused before any download
+    for name in ("gpt2-small", "gpt-neo-125m"):
+        assert main(argv(tmp_path / "bad", "--init", name, "--norm", "rmsnorm")) == 2
+        assert f"--init {name}: its published weights were trained with LayerNorm (a mean and a bias): " \
+               "--norm rmsnorm cannot start from them" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(argv(tmp_path / "bad", "--norm", "batchnorm"))
+    assert "--norm: invalid choice: 'batchnorm'" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
+    assert main(["export", str(tmp_path / "rms"), "--out", str(tmp_path / "hf")]) == 2
+    assert "this model normalizes with rmsnorm (GPTConfig.norm), where Hugging Face's GPT-2 has LayerNorms: it " \
+           "cannot be exported" in capsys.readouterr().err
+    assert not (tmp_path / "hf").exists()
 
 
 # -- GPT-2 sizes on a GPU ----------------------------------------------------------------------------

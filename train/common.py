@@ -170,10 +170,10 @@ def set_rng_state(state: dict):
 
 # -- optimizer and schedule -------------------------------------------------------------------
 def param_groups(model: nn.Module, weight_decay: float):
-    """Decay the matrices of Linear layers; never biases, LayerNorm parameters or embeddings."""
+    """Decay the matrices of Linear layers; never biases, norm parameters (LayerNorm, RMSNorm) or embeddings."""
     no_decay_ids = set()
     for module in model.modules():
-        if isinstance(module, nn.Embedding) or type(module).__name__ == "LayerNorm":
+        if isinstance(module, nn.Embedding) or type(module).__name__ in ("LayerNorm", "RMSNorm"):
             no_decay_ids.update(id(p) for p in module.parameters(recurse=False))
     decay, no_decay, seen = [], [], set()
     for name, p in model.named_parameters():

@@ -292,7 +292,8 @@ def hf_config(cfg: GPTConfig, eos_token_id: int | None = None) -> dict:
 
 def refuse_not_gpt2(model: GPTModel, what: str) -> None:
     """Hugging Face's GPT-2 has no logit soft cap, no local attention, no RoPE (it learns its
-    position embeddings, wpe), no grouped-query attention and scales its scores by 1/sqrt(head_dim):
+    position embeddings, wpe), no grouped-query attention, no RMSNorm (its ln_1, ln_2 and ln_f are
+    LayerNorms) and scales its scores by 1/sqrt(head_dim):
     with the weights alone it would give other logits (or, for fewer KV heads, not load). (q/k/v
     without biases it can be: zero ones.)"""
     cfg = model.config
@@ -300,6 +301,9 @@ def refuse_not_gpt2(model: GPTModel, what: str) -> None:
         raise UserError(f"this model rotates q and k by their positions (position_encoding {cfg.position_encoding}, "
                         f"rope_theta {cfg.rope_theta:g}), where Hugging Face's GPT-2 learns position embeddings: "
                         f"it cannot be exported as {what}")
+    if cfg.norm != "layernorm":
+        raise UserError(f"this model normalizes with {cfg.norm} (GPTConfig.norm), where Hugging Face's GPT-2 has "
+                        f"LayerNorms: it cannot be exported as {what}")
     if cfg.logit_softcap:
         raise UserError(f"this model soft-caps its logits (logit_softcap {cfg.logit_softcap:g}), which "
                         f"Hugging Face's GPT-2 does not: it cannot be exported as {what}")

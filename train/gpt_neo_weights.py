@@ -174,13 +174,16 @@ def hub_tokenizer(name) -> Path | None:
 
 # -- export: the inverse of _our_tensors -----------------------------------------------------------
 def refuse_not_gpt_neo(model: GPTModel, what: str) -> None:
-    """Hugging Face's GPT-Neo learns position embeddings, has no logit soft cap, unscaled scores and
-    q/k/v without biases: another model's weights would give it other logits. (Any window GPTConfig
-    has it can say.)"""
+    """Hugging Face's GPT-Neo learns position embeddings, has LayerNorms (no RMSNorm), no logit soft
+    cap, unscaled scores and q/k/v without biases: another model's weights would give it other
+    logits. (Any window GPTConfig has it can say.)"""
     cfg = model.config
     if cfg.position_encoding != "learned":
         raise UserError(f"this model rotates q and k by their positions (position_encoding {cfg.position_encoding}), "
                         f"where Hugging Face's GPT-Neo learns position embeddings: it cannot be exported as {what}")
+    if cfg.norm != "layernorm":
+        raise UserError(f"this model normalizes with {cfg.norm} (GPTConfig.norm), where Hugging Face's GPT-Neo has "
+                        f"LayerNorms: it cannot be exported as {what}")
     if cfg.logit_softcap:
         raise UserError(f"this model soft-caps its logits (logit_softcap {cfg.logit_softcap:g}), which "
                         f"Hugging Face's GPT-Neo does not: it cannot be exported as {what}")

@@ -437,9 +437,9 @@ class Trainer:
 
     def _check_same_function(self, ckpt, saved_cfg):
         """Another function of the weights (a logit soft cap, local attention, unscaled attention
-        scores, the position encoding: RoPE or learned, RoPE's theta): the run would go on as another
-        model. A config from before a field reads as without it; no saved config (a bare weights file)
-        is not compared."""
+        scores, the position encoding: RoPE or learned, RoPE's theta, the norm: LayerNorm or RMSNorm):
+        the run would go on as another model. A config from before a field reads as without it; no
+        saved config (a bare weights file) is not compared."""
         cfg = self._cfg
         if cfg is None or not saved_cfg:
             return
@@ -452,6 +452,9 @@ class Trainer:
 
             what = f"{positions(encoding, theta)}, this run's model {positions(cfg.position_encoding, cfg.rope_theta)}"
             flags = f"--position-encoding {encoding}" + (f" --rope-theta {theta:g}" if encoding == "rope" else "")
+        elif saved_cfg.get("norm", "layernorm") != cfg.norm:
+            what = f"normalizes with {saved_cfg['norm']}, this run's model with {cfg.norm}"
+            flags = f"--norm {saved_cfg['norm']}"
         elif cap != cfg.logit_softcap:
             what = f"soft-caps its logits at {cap:g}, this run's at {cfg.logit_softcap:g} (0: none)"
             flags = f"--logit-softcap {cap:g}"

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from tritongpt.errors import UserError, note
-from tritongpt.model.config import POSITION_ENCODINGS, WINDOW_LAYERS
+from tritongpt.model.config import NORMS, POSITION_ENCODINGS, WINDOW_LAYERS
 
 DEFAULTS = dict(out_dir="runs/pretrain", max_steps=300, batch_size=16, grad_accum=1, lr=2e-3, min_lr=2e-4,
                 warmup_steps=30, weight_decay=0.1, eval_every=50, eval_batches=8, ckpt_every=100,
@@ -80,6 +80,11 @@ def add_args(p: argparse.ArgumentParser):
                         "embeddings of each head's queries and keys (GPT-NeoX, Llama; GPTConfig.position_encoding: no "
                         "position embedding parameter; the Triton path rotates q and k in one kernel). A RoPE model "
                         "cannot be exported to Hugging Face's GPT-2. Default: learned, or what --init's model has")
+    p.add_argument("--norm", choices=NORMS, default=None,
+                   help="every norm of the new model (each block's two and the final one): layernorm, GPT-2's, or "
+                        "rmsnorm, x / rms(x) * weight without a mean or a bias (Llama, Gemma; GPTConfig.norm; the "
+                        "Triton path runs it through the LayerNorm kernel, the 'layernorm' of --kernels). Such a model "
+                        "cannot be exported to Hugging Face's GPT-2. Default: layernorm, or what --init's model has")
     p.add_argument("--rope-theta", type=float, default=None, metavar="T",
                    help="RoPE's base: dimension pair i turns by position * T^(-2i/head_dim) (GPTConfig.rope_theta; "
                         "default 10000, GPT-NeoX's and Llama 2's, or what --init's model has)")
@@ -202,6 +207,7 @@ def check_args(args, targs):
     hellaswag_examples(args, fetch=common.dist_env()[1] == 0)
     vocab_multiple(args)
     refuse_rope_from_gpt2(args)
+    refuse_rmsnorm_from_published(args)
     common.set_seed(targs.seed)  # the preset's random weights (and --init tiny's)
     if args.init is not None:
         # --model only when given: it names the heads of a GPT-2 file without its config.json
@@ -214,7 +220,8 @@ def check_args(args, targs):
             raise UserError(NO_WINDOW.format(args.window_layers))
         if args.rope_theta is not None and (args.position_encoding or model.config.position_encoding) != "rope":
             raise UserError(NO_ROPE.format(args.rope_theta))
-        for field in ("logit_softcap", "attention_window", "window_layers", "position_encoding", "rope_theta"):
+        for field in ("logit_softcap", "attention_window", "window_layers", "position_encoding", "rope_theta",
+                      "norm"):
             given, has = getattr(args, field), getattr(model.config, field)
             if given is not None and given != has:
                 show = (lambda v: f"{v:g}") if isinstance(has, float) else str
@@ -232,7 +239,7 @@ def check_args(args, targs):
                          dropout=args.dropout, vocab_multiple=args.vocab_multiple, logit_softcap=args.logit_softcap,
                          attention_window=args.attention_window, window_layers=args.window_layers,
                          position_encoding=args.position_encoding, rope_theta=args.rope_theta,
-                         n_kv_head=args.n_kv_head)
+                         n_kv_head=args.n_kv_head, norm=args.norm)
         model = GPTModel(cfg)
     context = model.config.context_length
     block = context if args.block_size is None else args.block_size
@@ -258,6 +265,19 @@ def refuse_rope_from_gpt2(args):
         flag = "--position-encoding rope" if args.position_encoding == "rope" else f"--rope-theta {args.rope_theta:g}"
         raise UserError(f"--init {args.init}: GPT-2's weights were trained with learned position embeddings, "
                         f"not RoPE: {flag} cannot start from them (leave it out, or train a RoPE model without --init)")
+
+
+def refuse_rmsnorm_from_published(args):
+    """--init gpt2-small or gpt-neo-125m (a name: the published weights) with --norm rmsnorm: refused
+    before the download. Their norms are LayerNorms, whose biases an RMSNorm has no place for."""
+    from tritongpt.train import gpt_neo_weights
+    from tritongpt.train.gpt2_weights import HUB_REPOS
+
+    published = args.init in HUB_REPOS or args.init in gpt_neo_weights.HUB_REPOS
+    if args.norm == "rmsnorm" and published and not Path(args.init).expanduser().exists():
+        raise UserError(f"--init {args.init}: its published weights were trained with LayerNorm (a mean and a bias): "
+                        "--norm rmsnorm cannot start from them (leave it out, or train an RMSNorm model without "
+                        "--init)")
 
 
 def hellaswag_examples(args, fetch: bool = True) -> list | None:
@@ -337,6 +357,7 @@ def print_header(args, targs, model, tok, block, splits, trainer):
     local = f", local attention over {cfg.attention_window} positions in {cfg.window_layers} layers"
     rope = f", RoPE (theta {cfg.rope_theta:g})" if cfg.position_encoding == "rope" else ""
     gqa = f", {cfg.kv_heads} key/value heads for {cfg.n_head} query heads" if cfg.kv_heads < cfg.n_head else ""
+    gqa += ", RMSNorm" if cfg.norm == "rmsnorm" else ""
     print(f"pretrain: {model_name(args)} ({model.num_params() / 1e6:.2f}M params, vocab {cfg.vocab_size}{padded}, "
           f"context {cfg.context_length}"
           f"{f', trained on {block}-token blocks' if block != cfg.context_length else ''}"
