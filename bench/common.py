@@ -73,27 +73,31 @@ def window_attention_flops(b: int, h: int, t: int, window: int, d: int, mode: st
     return attention_flops(b, h, 1, 1, d, False, mode) * (t * window - window * window / 2)
 
 
-def layernorm_bytes(m: int, n: int, elem: int, mode: str, param_elem: int | None = None) -> int:
+def layernorm_bytes(m: int, n: int, elem: int, mode: str, param_elem: int | None = None, bias: bool = True) -> int:
     """The least memory traffic a LayerNorm over [m, n] can do (statistics not counted).
 
     forward reads x, weight, bias and writes y; backward reads x, dy, weight and writes dx,
-    dweight, dbias.
+    dweight, dbias. bias False: RMSNorm's, which has no bias to read or gradient to write.
     """
     pe = elem if param_elem is None else param_elem
-    fwd = 2 * m * n * elem + 2 * n * pe
-    bwd = 3 * m * n * elem + 3 * n * pe
+    params = 2 if bias else 1
+    fwd = 2 * m * n * elem + params * n * pe
+    bwd = 3 * m * n * elem + (params + 1) * n * pe
     return {"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd + bwd}[_check_mode(mode)]
 
 
-def add_layernorm_bytes(m: int, n: int, stream_elem: int, delta_elem: int, mode: str, param_elem: int = 4) -> int:
+def add_layernorm_bytes(m: int, n: int, stream_elem: int, delta_elem: int, mode: str, param_elem: int = 4,
+                        bias: bool = True) -> int:
     """The least memory traffic of s = x + delta, y = LayerNorm(s) over [m, n], x and s in the
     residual stream's dtype (stream_elem bytes), delta in the sublayer's (statistics not counted).
 
     forward reads x, delta, weight, bias and writes s, y; backward reads dy, ds (s's gradient from
     its other uses), s and weight, and writes the gradients of x and delta, dweight and dbias.
+    bias False: RMSNorm's (add_rmsnorm).
     """
-    fwd = m * n * (3 * stream_elem + delta_elem) + 2 * n * param_elem
-    bwd = m * n * (4 * stream_elem + delta_elem) + 3 * n * param_elem
+    params = 2 if bias else 1
+    fwd = m * n * (3 * stream_elem + delta_elem) + params * n * param_elem
+    bwd = m * n * (4 * stream_elem + delta_elem) + (params + 1) * n * param_elem
     return {"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd + bwd}[_check_mode(mode)]
 
 

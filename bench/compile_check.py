@@ -4,10 +4,10 @@ Why: the CPU interpreter proves the kernels' arithmetic but compiles nothing, so
 pass every test on a CPU machine and still fail to build for a GPU, spill registers to local
 memory, or ask for more shared memory than an SM has. This check catches those on any machine:
 
-  1. capture  The real launchers (`_fwd_launch` / `_bwd_launch` in kernels/layernorm.py,
-              mlp.py, attention.py and cross_entropy.py, `_launch` in rope.py) run on meta tensors (shapes, dtypes and strides, no
-              data) at GPT-2 sizes. Each `kernel[grid](...)` is recorded instead of launched,
-              with exactly the arguments a GPU run would pass.
+  1. capture  The real launchers (`_fwd_launch` / `_bwd_launch` in kernels/layernorm.py, for LayerNorm
+              and RMSNorm, mlp.py, attention.py and cross_entropy.py, `_launch` in rope.py) run on meta
+              tensors (shapes, dtypes and strides, no data) at GPT-2 sizes. Each `kernel[grid](...)`
+              is recorded instead of launched, with exactly the arguments a GPU run would pass.
   2. configs  For an autotuned kernel, the configs its autotuner would time for that launch
               (after its early prune); for a plain kernel, the one launch as made.
   3. compile  Triton's own compiler and the ptxas it ships build each (launch, config) for the
@@ -136,6 +136,14 @@ def capture(quick=False, half="bfloat16"):
                 stream = torch.empty(TOKENS, n, dtype=torch.float32, **meta)
                 s, _, mean, rstd = layernorm._fwd_launch(stream, w, w, 1e-5, delta=x)
                 layernorm._bwd_launch(torch.empty_like(s), s, w, mean, rstd, ds=torch.empty_like(s),
+                                      dx2_dtype=None if dt == torch.float32 else dt)
+                # RMSNorm (GPTConfig.norm "rmsnorm"): the same kernels with IS_RMS, alone and after the add
+                case[0] = f"rmsnorm {name} {TOKENS}x{n}"
+                _, _, rstd = layernorm._fwd_launch(x, w, None, 1e-5, rms=True)
+                layernorm._bwd_launch(torch.empty_like(x), x, w, None, rstd)
+                case[0] += " residual add"
+                s, _, _, rstd = layernorm._fwd_launch(stream, w, None, 1e-5, delta=x, rms=True)
+                layernorm._bwd_launch(torch.empty_like(s), s, w, None, rstd, ds=torch.empty_like(s),
                                       dx2_dtype=None if dt == torch.float32 else dt)
 
             c = MLP_WIDTH

@@ -1,9 +1,9 @@
 """Kernel benchmarks: LayerNorm, GELU-MLP, attention, the LM loss and the LM head + loss (plain,
-with label smoothing and z-loss, and on soft-capped logits), every provider on the same random data.
+with label smoothing and z-loss, and on soft-capped logits), RMSNorm, every provider on the same random data.
 
 Providers per op (a provider that cannot run gives a "skipped: why" row, never a crash):
     reference   the textbook module from model/layers.py (the loss: model/gpt.py lm_loss), eager
-    torch       PyTorch's own op: F.layer_norm | addmm + F.gelu(tanh) + addmm |
+    torch       PyTorch's own op: F.layer_norm | F.rms_norm | addmm + F.gelu(tanh) + addmm |
                 F.scaled_dot_product_attention pinned to one backend with sdpa_kernel
                 (sdpa-flash, sdpa-cudnn, sdpa-efficient) | F.cross_entropy on the bf16 logits
                 (lm_head_loss: F.linear then F.cross_entropy; lm_head_loss_smooth_z: the same with
@@ -11,8 +11,9 @@ Providers per op (a provider that cannot run gives a "skipped: why" row, never a
                 lm_head_loss_softcap: F.linear, c * tanh(logits / c), F.cross_entropy)
     compile     torch.compile of the reference module
     triton      ours: tritongpt.kernels.* (imported lazily)
-    liger       Liger-Kernel's LayerNorm, cross-entropy, fused linear cross-entropy and RoPE
-                (liger_rotary_pos_emb), when liger_kernel is installed
+    liger       Liger-Kernel's LayerNorm, RMSNorm (LigerRMSNorm, casting_mode "llama": rstd in fp32,
+                x_hat cast to x's dtype before the weight, as ours), cross-entropy, fused linear
+                cross-entropy and RoPE (liger_rotary_pos_emb), when liger_kernel is installed
     flash-attn  Tri Dao's flash-attn package (FlashAttention-2, `flash_attn.flash_attn_func`) and
     flash-attn-3  its Hopper build (FlashAttention-3, `flash_attn_interface.flash_attn_func`),
                 when installed; they take [B, T, H, D] and fp16/bf16 only
@@ -23,8 +24,10 @@ gqa_attention is causal attention with fewer KV heads than query heads (Llama's 
 head dim 128; MQA's 12 over 1): SDPA with enable_gqa=True on each backend (one that does not take
 it gives a failed row), SDPA on k, v repeat_interleave'd to every head (sdpa-repeat, the copy
 timed too), the reference and torch.compile of it, ours and flash-attn (both take the KV heads as
-they are). Its FLOPs are attention's for the query heads. It runs last of all: a short budget
-drops it first.
+they are). Its FLOPs are attention's for the query heads. It runs after every op above.
+rmsnorm and add_rmsnorm are layernorm and add_layernorm for RMSNorm (GPTConfig.norm "rmsnorm": no mean,
+no bias): the same widths and rows, bytes without the bias. They run last of all (the newest ops):
+a short budget drops them first.
 lm_head_loss is hidden [N, C] -> logits [N, V] -> mean loss; ours and Liger's make the gradients
 during forward (so their "fwd" includes backward's matmuls): compare fwd+bwd and peak memory.
 So does Liger's cross_entropy (it writes the gradient over the logits in forward).
@@ -84,6 +87,9 @@ PROVIDERS = {
     "rope": ("reference", "compile", "triton", "liger"),
     # grouped-query / multi-query attention: k, v with fewer heads than q (GPTConfig.n_kv_head)
     "gqa_attention": ("reference", *SDPA_BACKENDS, "sdpa-repeat", "compile", "triton", *FLASH_ATTN),
+    # RMSNorm (GPTConfig.norm "rmsnorm"), alone and after a block's residual add
+    "rmsnorm": ("reference", "torch", "compile", "triton", "liger"),
+    "add_rmsnorm": ("reference", "torch", "compile", "triton"),
 }
 DOCUMENTS_PER_ROW = 8  # doc_attention: random lengths, this many per sequence
 SMOOTH_Z = dict(label_smoothing=0.1, z_loss=1e-4)  # lm_head_loss_smooth_z's options (1e-4: PaLM's z-loss)
@@ -122,13 +128,15 @@ def _fresh_compile(fn):
 
 # -- providers: each builder returns (forward callable, leaf tensors whose grads to reset) ------------
 def _layer_norm_module(w, b, eps):
-    """The reference LayerNorm holding w and b (a fresh module per provider)."""
-    from tritongpt.model.layers import LayerNorm
+    """The reference LayerNorm holding w and b (a fresh module per provider); b None: the
+    reference RMSNorm holding w."""
+    from tritongpt.model.layers import LayerNorm, RMSNorm
 
-    m = LayerNorm(w.shape[0], eps).to(w.device, w.dtype)
+    m = (RMSNorm if b is None else LayerNorm)(w.shape[0], eps).to(w.device, w.dtype)
     with torch.no_grad():
         m.weight.copy_(w)
-        m.bias.copy_(b)
+        if b is not None:
+            m.bias.copy_(b)
     return m
 
 
@@ -211,6 +219,74 @@ def add_layernorm_providers(x, d, w, b, eps=1e-5):
 
     return {"reference": reference, "torch": torch_op, "compile": compiled, "triton": triton_op,
             "flash-attn": flash_attn}
+
+
+def rmsnorm_providers(x, w, eps=1e-5):
+    """RMSNorm: the reference module, torch's F.rms_norm, the module compiled, ours and Liger's."""
+    def reference():
+        m = _layer_norm_module(w, None, eps)
+        return (lambda: m(x)), [x, *m.parameters()]
+
+    def torch_op():
+        if not hasattr(F, "rms_norm"):
+            raise Unavailable("this torch has no F.rms_norm (2.4+)")
+        return (lambda: F.rms_norm(x, (x.shape[-1],), w, eps)), [x, w]
+
+    def compiled():
+        m = _layer_norm_module(w, None, eps)
+        cm = _fresh_compile(m)
+        return (lambda: cm(x)), [x, *m.parameters()]
+
+    def triton_op():
+        fn, why = try_import("tritongpt.kernels.layernorm", "rms_norm")
+        if fn is None:
+            raise Unavailable(why)
+        return (lambda: fn(x, w, eps)), [x, w]
+
+    def liger():
+        cls, why = try_import("liger_kernel.transformers.rms_norm", "LigerRMSNorm")
+        if cls is None:
+            raise Unavailable(why)
+        # casting_mode "llama" is ours; offset 0: y = x_hat * w, not Gemma's x_hat * (1 + w). By name:
+        # its defaults have changed between versions (casting_mode "gemma" in some)
+        m = cls(x.shape[-1], eps=eps, offset=0.0, casting_mode="llama").to(w.device, w.dtype)
+        if hasattr(m, "in_place"):
+            m.in_place = False  # its backward would write dx into dy, which every timed backward reuses
+        with torch.no_grad():
+            m.weight.copy_(w)
+        return (lambda: m(x)), [x, *m.parameters()]
+
+    return {"reference": reference, "torch": torch_op, "compile": compiled, "triton": triton_op, "liger": liger}
+
+
+def add_rmsnorm_providers(x, d, w, eps=1e-5):
+    """(x + d, RMSNorm(x + d)), as add_layernorm_providers: the module's add_and_norm, x + d then
+    F.rms_norm, the module compiled, and the fused kernel (x the stream, d the sublayer output)."""
+    def reference():
+        m = _layer_norm_module(w, None, eps)
+        return (lambda: m.add_and_norm(x, d)), [x, d, *m.parameters()]
+
+    def torch_op():
+        if not hasattr(F, "rms_norm"):
+            raise Unavailable("this torch has no F.rms_norm (2.4+)")
+
+        def f():
+            s = x + d
+            return s, F.rms_norm(s, (x.shape[-1],), w, eps)
+        return f, [x, d, w]
+
+    def compiled():
+        m = _layer_norm_module(w, None, eps)
+        cf = _fresh_compile(m.add_and_norm)
+        return (lambda: cf(x, d)), [x, d, *m.parameters()]
+
+    def triton_op():
+        fn, why = try_import("tritongpt.kernels.layernorm", "add_rms_norm")
+        if fn is None:
+            raise Unavailable(why)
+        return (lambda: fn(x, d, w, eps)), [x, d, w]
+
+    return {"reference": reference, "torch": torch_op, "compile": compiled, "triton": triton_op}
 
 
 def mlp_providers(x, w1, b1, w2, b2):
@@ -804,6 +880,39 @@ def sweep_add_layernorm(timer, budget, rows_m, widths, dtype, modes=MODES, provi
     return out
 
 
+def sweep_rmsnorm(timer, budget, rows_m, widths, dtype, modes=MODES, providers=None):
+    """sweep_layernorm for RMSNorm: the same rows and widths, x and weight in dtype."""
+    out = []
+    dev = timer.device
+    elem = torch.empty((), dtype=dtype).element_size()
+    for n in widths:
+        m = layernorm_rows(rows_m, n, elem, dev)
+        cfg = {"rows": m, "width": n, "dtype": dtype_name(dtype)}
+        x, w = randn(m, n, device=dev, dtype=dtype), randn(n, device=dev, dtype=dtype)
+        out += bench_providers("rmsnorm", cfg, rmsnorm_providers(x, w), modes, timer, budget,
+                               lambda mode: {"bytes": layernorm_bytes(m, n, elem, mode, bias=False)}, providers)
+        del x, w
+        timer.cleanup()
+    return out
+
+
+def sweep_add_rmsnorm(timer, budget, rows_m, widths, dtype, modes=MODES, providers=None):
+    """sweep_add_layernorm for RMSNorm: an fp32 stream, the sublayer output in dtype, fp32 weight."""
+    out = []
+    dev = timer.device
+    elem = torch.empty((), dtype=dtype).element_size()
+    for n in widths:
+        m = layernorm_rows(rows_m, n, 4, dev)
+        cfg = {"rows": m, "width": n, "dtype": dtype_name(dtype), "stream": "fp32"}
+        x, d = randn(m, n, device=dev, dtype=torch.float32), randn(m, n, device=dev, dtype=dtype)
+        w = randn(n, device=dev, dtype=torch.float32)
+        out += bench_providers("add_rmsnorm", cfg, add_rmsnorm_providers(x, d, w), modes, timer, budget,
+                               lambda mode: {"bytes": add_layernorm_bytes(m, n, 4, elem, mode, bias=False)}, providers)
+        del x, d, w
+        timer.cleanup()
+    return out
+
+
 def sweep_mlp(timer, budget, rows_m, widths, dtype, modes=MODES, providers=None):
     out = []
     dev = timer.device
@@ -1057,15 +1166,18 @@ def _sweep_plan(sizes, part):
             # budget drops
             "lm_head_loss_smooth_z": [sizes["head_widths"]] if part == "rest" else [],
             "lm_head_loss_softcap": [sizes["head_widths"]] if part == "rest" else [],
-            # grouped-query attention: after everything else (_run_plan)
-            "gqa_attention": [(sizes["gqa_seqlens"], sizes["gqa_heads"])] if part == "rest" else []}
+            # grouped-query attention: after everything above (_run_plan)
+            "gqa_attention": [(sizes["gqa_seqlens"], sizes["gqa_heads"])] if part == "rest" else [],
+            # RMSNorm, alone then after the residual add, at LayerNorm's widths: last of all
+            "rmsnorm": [sizes["ln_widths"]] if part == "rest" else [],
+            "add_rmsnorm": [sizes["ln_widths"]] if part == "rest" else []}
     return {op: [a for a in args if a] for op, args in plan.items()}
 
 
 def run_kernels(timer, budget, dtype=torch.bfloat16,
                 ops=("layernorm", "mlp", "attention", "cross_entropy", "lm_head_loss", "doc_attention",
                      "window_attention", "add_layernorm", "rope", "lm_head_loss_smooth_z", "lm_head_loss_softcap",
-                     "gqa_attention"),
+                     "gqa_attention", "rmsnorm", "add_rmsnorm"),
                 modes=MODES, providers=None, sizes=None, ceiling_sizes=None, log=print):
     """All sweeps plus the ceilings; returns (rows, ceilings).
 
@@ -1073,8 +1185,9 @@ def run_kernels(timer, budget, dtype=torch.bfloat16,
     (seconds of compiling per shape) after the other providers, so that when the time budget
     runs out it is the wider sweep's compiled baselines that go missing. lm_head_loss_smooth_z, then
     lm_head_loss_softcap (variants of lm_head_loss) come after all of those, each whole (every
-    provider's, compiled ones too) before the next, and gqa_attention after them (the newest op),
-    so a short budget drops it first, then the soft cap.
+    provider's, compiled ones too) before the next, gqa_attention after them, and rmsnorm then
+    add_rmsnorm after it (the newest ops), so a short budget drops them first, then gqa_attention,
+    then the soft cap.
     """
     sizes = dict(FULL_SIZES, **(sizes or {}))
     log("measuring ceilings (device copy bandwidth, bf16 matmul) ...")
@@ -1149,6 +1262,12 @@ def _run_plan(rows, timer, budget, dtype, ops, modes, sizes, groups, log):
                 shapes = ", ".join(f"{h} over {h_kv} heads D={d}" for h, h_kv, d in heads)
                 log(f"grouped-query attention ({part}{label}): {shapes}, T {list(seqlens)} ...")
                 rows += sweep_gqa_attention(timer, budget, seqlens, heads, dtype, sizes["attn_tokens"], modes, provs)
+        for op, sweep, what in (("rmsnorm", sweep_rmsnorm, "rmsnorm"),
+                                ("add_rmsnorm", sweep_add_rmsnorm, "residual add + rmsnorm")):
+            for provs, label in groups:
+                for widths in plan[op] if op in ops else ():
+                    log(f"{what} ({part}{label}): widths {list(widths)} x {sizes['ln_rows']}+ rows ...")
+                    rows += sweep(timer, budget, sizes["ln_rows"], widths, dtype, modes, provs)
 
 
 def sort_rows(rows):

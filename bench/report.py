@@ -322,6 +322,8 @@ def plot_kernels(rows, ceilings, out_dir) -> list:
     paths = []
     specs = {"layernorm": ("width", "gbps", "GB/s", "copy"),
              "add_layernorm": ("width", "gbps", "GB/s", "copy"),
+             "rmsnorm": ("width", "gbps", "GB/s", "copy"),
+             "add_rmsnorm": ("width", "gbps", "GB/s", "copy"),
              "mlp": ("width", "tflops", "TFLOPS", "matmul"),
              "attention": ("seq_len", "tflops", "TFLOPS", "matmul"),
              "doc_attention": ("seq_len", "tflops", "TFLOPS", "matmul"),

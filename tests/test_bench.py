@@ -47,6 +47,9 @@ def test_layernorm_bytes_and_rates():
     assert common.layernorm_bytes(m, n, 2, "bwd") == 3 * m * n * 2 + 3 * n * 2
     assert common.layernorm_bytes(m, n, 2, "fwd+bwd") == 5 * m * n * 2 + 5 * n * 2
     assert common.layernorm_bytes(4, 8, 2, "fwd", param_elem=4) == 2 * 32 * 2 + 2 * 8 * 4
+    # RMSNorm's: no bias to read in forward, no dbias to write in backward
+    assert common.layernorm_bytes(m, n, 2, "fwd", bias=False) == 2 * m * n * 2 + n * 2
+    assert common.layernorm_bytes(m, n, 2, "bwd", bias=False) == 3 * m * n * 2 + 2 * n * 2
     assert common.gbps(2e9, 2.0) == pytest.approx(1000.0)
     assert common.tflops(3e12, 1500.0) == pytest.approx(2.0)
 
@@ -57,6 +60,87 @@ def test_add_layernorm_bytes():
     assert common.add_layernorm_bytes(m, n, 4, 2, "fwd") == m * n * (4 + 2 + 4 + 4) + 2 * n * 4
     assert common.add_layernorm_bytes(m, n, 4, 2, "bwd") == m * n * (4 + 4 + 4 + 4 + 2) + 3 * n * 4
     assert common.add_layernorm_bytes(m, n, 2, 2, "fwd+bwd", 2) == m * n * 2 * 9 + 5 * n * 2
+    assert common.add_layernorm_bytes(m, n, 4, 2, "fwd", bias=False) == m * n * (4 + 2 + 4 + 4) + n * 4
+    assert common.add_layernorm_bytes(m, n, 4, 2, "bwd", bias=False) == m * n * (4 + 4 + 4 + 4 + 2) + 2 * n * 4
+
+
+def test_rmsnorm_providers_compute_the_same_and_every_mode_times(device, monkeypatch):
+    """rmsnorm and add_rmsnorm: every provider (the module and its compile, F.rms_norm, ours through
+    the interpreter) gives the float64 formula's outputs and the same gradients for x, delta and the
+    weight; the sweeps count RMSNorm's bytes (no bias)."""
+    monkeypatch.setattr(kernels, "_fresh_compile", lambda fn: fn)  # no compiler to spare on the CPU
+    gen = torch.Generator().manual_seed(9)
+    x = (torch.randn(6, 40, generator=gen) + 0.5).to(device).requires_grad_()
+    d = torch.randn(6, 40, generator=gen).to(device, torch.bfloat16).requires_grad_()
+    w = (1 + 0.3 * torch.randn(40, generator=gen)).to(device).requires_grad_()
+    gs, gy = torch.randn(6, 40, generator=gen).to(device), torch.randn(6, 40, generator=gen).to(device)
+
+    def rms64(t):
+        t = t.detach().double()
+        return t / torch.sqrt((t * t).mean(-1, keepdim=True) + 1e-5) * w.detach().double()
+
+    for op, builders in (("rmsnorm", kernels.rmsnorm_providers(x, w)),
+                         ("add_rmsnorm", kernels.add_rmsnorm_providers(x, d, w))):
+        assert set(builders) == set(kernels.PROVIDERS[op])
+        results = {}
+        for name in ("reference", "torch", "compile", "triton"):
+            forward, leaves = builders[name]()
+            out = forward()
+            if op == "rmsnorm":
+                out.backward(gy)
+                want = rms64(x)
+            else:
+                torch.autograd.backward(out, (gs, gy))
+                assert torch.equal(out[0], x.detach() + d.detach().float()), name
+                out, want = out[1], rms64(x.detach() + d.detach().float())
+            assert torch.allclose(out.double(), want, atol=1e-5, rtol=1e-5), (op, name)
+            assert len(leaves) == (2 if op == "rmsnorm" else 3) and all(t.grad is not None for t in leaves), name
+            results[name] = [t.grad.clone() for t in leaves]
+            for t in leaves:
+                t.grad = None
+        for name, got in results.items():
+            for i, (g, e) in enumerate(zip(got, results["reference"], strict=True)):
+                assert torch.allclose(g.float(), e.float(), atol=1e-5, rtol=1e-4), (op, name, i)
+    rows = kernels.sweep_rmsnorm(CpuTimer(reps=1), Budget(None), 8, (24,), torch.float32, providers=("torch",))
+    assert {r["mode"]: r["bytes"] for r in rows} == {m: common.layernorm_bytes(8, 24, 4, m, bias=False)
+                                                     for m in ("fwd", "bwd", "fwd+bwd")}
+    rows = kernels.sweep_add_rmsnorm(CpuTimer(reps=1), Budget(None), 8, (24,), torch.bfloat16, providers=("torch",))
+    assert {r["mode"]: r["bytes"] for r in rows} == {m: common.add_layernorm_bytes(8, 24, 4, 2, m, bias=False)
+                                                     for m in ("fwd", "bwd", "fwd+bwd")}
+    assert all(r["status"] == "ok" and r["config"]["stream"] == "fp32" for r in rows)
+
+
+def test_rmsnorm_liger_provider_builds_llamas_rmsnorm(monkeypatch):
+    """Liger's LigerRMSNorm(hidden_size, eps, offset, casting_mode, ...) is built with Llama's casting
+    and no offset (Gemma's would compute x_hat * (1 + w)), by keyword (its defaults changed between
+    versions), holding our weight, and not in place (its backward would write dx into the dy every
+    timed backward reuses); without liger_kernel, a skipped row naming it."""
+    seen = {}
+
+    class LigerRMSNorm(torch.nn.Module):
+        def __init__(self, hidden_size, eps=1e-6, offset=0.0, casting_mode="gemma", init_fn="ones", in_place=True):
+            super().__init__()
+            seen.update(hidden_size=hidden_size, eps=eps, offset=offset, casting_mode=casting_mode)
+            self.weight = torch.nn.Parameter(torch.ones(hidden_size))
+            self.eps, self.offset, self.in_place = eps, offset, in_place
+
+        def forward(self, x):
+            seen["in_place"] = self.in_place
+            return F.rms_norm(x, x.shape[-1:], self.weight + self.offset, self.eps)
+
+    fake = types.ModuleType("liger_kernel.transformers.rms_norm")
+    fake.LigerRMSNorm = LigerRMSNorm
+    monkeypatch.setitem(sys.modules, "liger_kernel.transformers.rms_norm", fake)
+    gen = torch.Generator().manual_seed(10)
+    x, w = torch.randn(5, 16, generator=gen).requires_grad_(), torch.randn(16, generator=gen).requires_grad_()
+    forward, leaves = kernels.rmsnorm_providers(x, w)["liger"]()
+    y = forward()
+    assert seen == dict(hidden_size=16, eps=1e-5, offset=0.0, casting_mode="llama", in_place=False)
+    assert torch.allclose(y, F.rms_norm(x, (16,), w, 1e-5)) and leaves[0] is x and len(leaves) == 2
+    monkeypatch.setitem(sys.modules, "liger_kernel.transformers.rms_norm", None)
+    monkeypatch.setitem(sys.modules, "liger_kernel", None)
+    with pytest.raises(kernels.Unavailable, match="liger_kernel"):
+        kernels.rmsnorm_providers(x, w)["liger"]()
 
 
 def test_add_layernorm_providers_compute_the_same_and_every_mode_times(device):
@@ -425,9 +509,10 @@ def test_run_kernels_end_to_end_on_cpu():
     # layernorm, mlp, attention, cross_entropy, lm_head_loss, documents (reference), a window of 20 (reference,
     # T=32 only: at 16 it would be causal attention), residual add + layernorm, lm_head_loss with label
     # smoothing and z-loss, lm_head_loss on soft-capped logits, rope at 2 and 3 heads (reference),
-    # grouped-query attention (reference, sdpa-flash)
+    # grouped-query attention (reference, sdpa-flash), rmsnorm and residual add + rmsnorm at 2 widths
     assert len(timed) == (2 * 2 * 3 + 1 * 2 * 3 + 2 * 2 * 3 + 1 * 2 * 3 + 1 * 2 * 3 + 2 * 3 + 3 + 2 * 2 * 3 + 1 * 2 * 3
-                          + 1 * 2 * 3 + 2 * 3 + 2 * 3)
+                          + 1 * 2 * 3 + 2 * 3 + 2 * 3 + 2 * 2 * 3 + 2 * 2 * 3)
+    assert {r["config"]["width"] for r in timed if r["op"] in ("rmsnorm", "add_rmsnorm")} == {40, 24}
     assert [(r["config"]["batch"], r["config"]["heads"]) for r in timed if r["op"] == "rope"] == \
         [(2, 2)] * 3 + [(2, 3)] * 3
     assert {(r["config"]["heads"], r["config"]["kv_heads"], r["config"]["head_dim"]) for r in timed
@@ -443,7 +528,7 @@ def test_run_kernels_end_to_end_on_cpu():
     assert [r["config"]["seq_len"] for r in att][:6] == [16] * 6
     assert att[0]["config"]["batch"] == 2 and att[0]["config"]["heads"] == 2
     for r in timed:
-        by_bytes = r["op"] in ("layernorm", "add_layernorm", "cross_entropy", "rope")
+        by_bytes = r["op"] in ("layernorm", "add_layernorm", "cross_entropy", "rope", "rmsnorm", "add_rmsnorm")
         key = "pct_of_copy_bw" if by_bytes else "pct_of_matmul"
         assert r[key] > 0
     assert {r["provider"] for r in rows if r["mode"] == "saved"} == {"reference", "torch"}
@@ -464,6 +549,8 @@ def test_target_configurations_are_measured_first_and_exactly_once():
     for op in ("doc_attention", "window_attention"):  # after the targets, at the first head dim only
         assert first[op] == [] and rest[op] == [(full["attn_seqlens"], full["attn_head_dims"][:1])]
     assert first["gqa_attention"] == [] and rest["gqa_attention"] == [(full["gqa_seqlens"], full["gqa_heads"])]
+    for op in ("rmsnorm", "add_rmsnorm"):  # LayerNorm's widths, after every target
+        assert first[op] == [] and rest[op] == [full["ln_widths"]]
     assert full["gqa_heads"] == ((32, 8, 128), (12, 1, 64)) and full["gqa_seqlens"] == (512, 1024, 2048, 4096, 8192)
     for op, key in (("layernorm", "ln_widths"), ("mlp", "mlp_widths")):
         done = [w for plan in (first, rest) for args in plan[op] for w in args]
@@ -843,7 +930,8 @@ def test_gpu_command_flow_with_cpu_stand_ins(tmp_path, monkeypatch, capsys):
     t = report.validate_result(json.loads((folder / "train.json").read_text()))
     assert {r["op"] for r in k["rows"]} == {"layernorm", "mlp", "attention", "cross_entropy", "lm_head_loss",
                                             "doc_attention", "window_attention", "add_layernorm", "rope",
-                                            "lm_head_loss_smooth_z", "lm_head_loss_softcap", "gqa_attention"}
+                                            "lm_head_loss_smooth_z", "lm_head_loss_softcap", "gqa_attention",
+                                            "rmsnorm", "add_rmsnorm"}
     assert {(r["config"]["heads"], r["config"]["kv_heads"]) for r in k["rows"] if r["op"] == "gqa_attention"} == \
         {(4, 2), (3, 1)}
     ce = [r for r in k["rows"] if r["op"] == "cross_entropy" and r["provider"] == "torch"]
@@ -1915,7 +2003,9 @@ def test_every_provider_builder_is_in_the_sweep():
              "window_attention": kernels.window_attention_providers(q, q, q, 2),
              "add_layernorm": kernels.add_layernorm_providers(x, x, x[0], x[0]),
              "rope": kernels.rope_providers(q, q),
-             "gqa_attention": kernels.gqa_attention_providers(q, q[:, :1], q[:, :1])}
+             "gqa_attention": kernels.gqa_attention_providers(q, q[:, :1], q[:, :1]),
+             "rmsnorm": kernels.rmsnorm_providers(x, x[0]),
+             "add_rmsnorm": kernels.add_rmsnorm_providers(x, x, x[0])}
     assert set(built) == set(kernels.PROVIDERS)
     for op, builders in built.items():
         assert set(kernels.PROVIDERS[op]) == set(builders), op
@@ -2164,21 +2254,25 @@ def test_lm_head_variants_run_last_of_all_the_soft_cap_last(monkeypatch):
               "add_layernorm": "sweep_add_layernorm", "doc_attention": "sweep_doc_attention",
               "window_attention": "sweep_window_attention", "rope": "sweep_rope",
               "lm_head_loss_smooth_z": "sweep_lm_head_loss_smooth_z",
-              "lm_head_loss_softcap": "sweep_lm_head_loss_softcap", "gqa_attention": "sweep_gqa_attention"}
+              "lm_head_loss_softcap": "sweep_lm_head_loss_softcap", "gqa_attention": "sweep_gqa_attention",
+              "rmsnorm": "sweep_rmsnorm", "add_rmsnorm": "sweep_add_rmsnorm"}
     for op, name in sweeps.items():
         monkeypatch.setattr(kernels, name, lambda *a, op=op: calls.append((op, "compile" in a[-1])) or [])
     monkeypatch.setattr(kernels, "measure_ceilings", lambda timer, **k: {})
     kernels.run_kernels(CpuTimer(reps=1), Budget(None), log=lambda s: None)
-    assert calls[-6:] == [("lm_head_loss_smooth_z", False), ("lm_head_loss_smooth_z", True),
-                          ("lm_head_loss_softcap", False), ("lm_head_loss_softcap", True),
-                          ("gqa_attention", False), ("gqa_attention", True)]  # the newest op after them all
-    assert {op for op, _ in calls[:-6]} == set(sweeps) - {"lm_head_loss_smooth_z", "lm_head_loss_softcap",
-                                                           "gqa_attention"}
-    assert ("doc_attention", True) in calls[:-6]
+    assert calls[-10:] == [("lm_head_loss_smooth_z", False), ("lm_head_loss_smooth_z", True),
+                           ("lm_head_loss_softcap", False), ("lm_head_loss_softcap", True),
+                           ("gqa_attention", False), ("gqa_attention", True),
+                           ("rmsnorm", False), ("rmsnorm", True),
+                           ("add_rmsnorm", False), ("add_rmsnorm", True)]  # the newest ops after them all
+    assert {op for op, _ in calls[:-10]} == set(sweeps) - {"lm_head_loss_smooth_z", "lm_head_loss_softcap",
+                                                            "gqa_attention", "rmsnorm", "add_rmsnorm"}
+    assert ("doc_attention", True) in calls[:-10]
     parser = cli.build_parser()
     default_ops = parser.parse_args(["bench", "kernels"]).ops.split(",")
     assert default_ops == list(inspect.signature(kernels.run_kernels).parameters["ops"].default)
-    assert default_ops[-3:] == ["lm_head_loss_smooth_z", "lm_head_loss_softcap", "gqa_attention"]
+    assert default_ops[-5:] == ["lm_head_loss_smooth_z", "lm_head_loss_softcap", "gqa_attention", "rmsnorm",
+                                "add_rmsnorm"]
     ops, _, _ = bcli.kernel_names(parser.parse_args(["bench", "kernels", "--ops", "lm_head_loss_softcap"]))
     assert ops == ("lm_head_loss_softcap",)
 
