@@ -26,6 +26,10 @@ gelu_tanh(h) = 0.5 h (1 + tanh(z)), z = sqrt(2/pi) (h + 0.044715 h^3). Since 1 +
 2 sigmoid(2z), we evaluate gelu = h * s with s = sigmoid(2z): no tanh, no cancellation.
 gelu'(h) = s + h * 2 s (1 - s) * dz/dh.
 
+The same kernel carries the SwiGLU MLP's products too (kernels/swiglu.py: a second B operand
+and accumulator, the SiLU-gate epilogues EPI_SWIGLU / EPI_SWIGLU_GRAD, the B_SWIGLU prologue
+and SUM2, a second product summed into the same tile).
+
 Public API: `gelu_mlp(x, w1, b1, w2, b2)`. It is built from torch.library custom ops
 (`tritongpt::gelu_mlp_fwd` / `tritongpt::gelu_mlp_bwd`, with fake impls) inside an
 autograd.Function, so it runs under torch.compile (the ops stay opaque calls in the graph).
@@ -46,6 +50,8 @@ from tritongpt.kernels._common import (autocast_dtype, autotuned, cast, check_ru
 EPI_NONE = 0       # C = A @ B (+ bias)
 EPI_GELU = 1       # H = A @ B + bias; C = gelu(H)       (stores both)
 EPI_GELU_GRAD = 2  # C = (A @ B) * gelu'(AUX)             (AUX = saved pre-activation h)
+EPI_SWIGLU = 3     # G = A @ B + bias, U = A @ B2 + bias2; C = silu(G) * U   (stores all three)
+EPI_SWIGLU_GRAD = 4  # D = A @ B; C = D * AUX2 * silu'(AUX), C2 = D * silu(AUX)  (AUX = g, AUX2 = u)
 
 
 @triton.jit
@@ -69,6 +75,24 @@ def _gelu_grad(h):
     s = _gelu_s(h)
     dz = 0.7978845608028654 * (1.0 + 3.0 * 0.044715 * h * h)
     return s + 2.0 * h * s * (1.0 - s) * dz
+
+
+@triton.jit
+def _sigmoid(g):
+    e = tl.exp(-tl.abs(g))  # in (0, 1]: never overflows
+    return tl.where(g >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
+
+
+@triton.jit
+def _silu(g):
+    """silu(g) = g * sigmoid(g); g is fp32."""
+    return g * _sigmoid(g)
+
+
+@triton.jit
+def _silu_grad(g):
+    s = _sigmoid(g)
+    return s * (1.0 + g * (1.0 - s))
 
 
 def _matmul_configs():
@@ -98,18 +122,23 @@ def _bucket(n: int) -> int:
 # (1 when row-major, else a model width): the second Linear's forward (B = w2^T) and dx = dh @ w1
 # have the same sizes and, without biases, the same flags, but not the same best tile.
 @triton.autotune(configs=_matmul_configs(),
-                 key=["M_BUCKET", "N", "K_BUCKET", "EPILOGUE", "B_GELU", "HAS_BIAS", "stride_ak", "stride_bn"])
+                 key=["M_BUCKET", "N", "K_BUCKET", "EPILOGUE", "B_GELU", "B_SWIGLU", "SUM2", "HAS_BIAS",
+                      "stride_ak", "stride_bn"])
 @triton.jit
-def _matmul_kernel(A, B, C, Bias, Aux, Hout, M, N, K, M_BUCKET, K_BUCKET,
+def _matmul_kernel(A, B, C, Bias, Aux, Hout, A2, B2, Bias2, Aux2, Hout2, M, N, K, M_BUCKET, K_BUCKET,
                    stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn,
                    stride_xm, stride_xn,
                    HAS_BIAS: tl.constexpr, B_GELU: tl.constexpr, EPILOGUE: tl.constexpr,
-                   PRECISION: tl.constexpr,
+                   B_SWIGLU: tl.constexpr, SUM2: tl.constexpr, PRECISION: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                    GROUP_M: tl.constexpr):
-    """C[M, N] = A[M, K] @ B[K, N] with the fused prologue (B_GELU) / epilogue (EPILOGUE) above.
+    """C[M, N] = A[M, K] @ B[K, N] with the fused prologue (B_GELU, B_SWIGLU) / epilogue (EPILOGUE) above.
 
-    Aux/Hout share strides (stride_xm, stride_xn): Aux is read in EPI_GELU_GRAD, Hout written in EPI_GELU.
+    Aux/Hout/Aux2/Hout2 share strides (stride_xm, stride_xn): Aux is read in EPI_GELU_GRAD, Hout
+    written in EPI_GELU; the SwiGLU modes read or write the second pair too. The second operands
+    (SwiGLU only) share their first's strides: B2 is the up weight beside the gate's (EPI_SWIGLU),
+    u beside g (B_SWIGLU: B = silu(g) * u), or with A2 a second product added to the first (SUM2:
+    C = A @ B + A2 @ B2, dx = dg @ W_gate + du @ W_up).
     """
     pid = tl.program_id(0)
     num_m = tl.cdiv(M, BLOCK_M)
@@ -128,16 +157,35 @@ def _matmul_kernel(A, B, C, Bias, Aux, Hout, M, N, K, M_BUCKET, K_BUCKET,
     n_ok = offs_n < N
     a_ptrs = A + offs_m.to(tl.int64)[:, None] * stride_am + offs_k[None, :] * stride_ak
     b_ptrs = B + offs_k.to(tl.int64)[:, None] * stride_bk + offs_n[None, :] * stride_bn
+    b2_ptrs = B2 + offs_k.to(tl.int64)[:, None] * stride_bk + offs_n[None, :] * stride_bn
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc2 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)  # the up projection's (EPI_SWIGLU only)
     for k in range(0, tl.cdiv(K, BLOCK_K)):
         k_ok = offs_k < K - k * BLOCK_K
         a = tl.load(a_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
         b = tl.load(b_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
         if B_GELU:  # recompute a = gelu(h) on the fly instead of reading a saved copy
             b = cast(_gelu(b.to(tl.float32)), A.dtype.element_ty)
+        if B_SWIGLU:  # recompute a = silu(g) * u from the saved g (B) and u (B2)
+            u = tl.load(b2_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+            b = cast(_silu(b.to(tl.float32)) * u.to(tl.float32), A.dtype.element_ty)
         acc = dot(a, b, acc, PRECISION)
+        if EPILOGUE == 3:  # the same A tile times the up weight's matching columns
+            b2 = tl.load(b2_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+            acc2 = dot(a, b2, acc2, PRECISION)
         a_ptrs += BLOCK_K * stride_ak
         b_ptrs += BLOCK_K * stride_bk
+        b2_ptrs += BLOCK_K * stride_bk
+    if SUM2:  # + A2 @ B2 into the same accumulator
+        a_ptrs = A2 + offs_m.to(tl.int64)[:, None] * stride_am + offs_k[None, :] * stride_ak
+        b2_ptrs = B2 + offs_k.to(tl.int64)[:, None] * stride_bk + offs_n[None, :] * stride_bn
+        for k in range(0, tl.cdiv(K, BLOCK_K)):
+            k_ok = offs_k < K - k * BLOCK_K
+            a = tl.load(a_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+            b = tl.load(b2_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+            acc = dot(a, b, acc, PRECISION)
+            a_ptrs += BLOCK_K * stride_ak
+            b2_ptrs += BLOCK_K * stride_bk
 
     mask = m_ok[:, None] & n_ok[None, :]
     if HAS_BIAS:
@@ -151,6 +199,20 @@ def _matmul_kernel(A, B, C, Bias, Aux, Hout, M, N, K, M_BUCKET, K_BUCKET,
     elif EPILOGUE == 2:
         h = tl.load(Aux + x_off, mask=mask, other=0.0).to(tl.float32)
         acc = acc * _gelu_grad(h)
+    elif EPILOGUE == 3:
+        if HAS_BIAS:
+            acc2 += tl.load(Bias2 + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+        g = cast(acc, Hout.dtype.element_ty)
+        u = cast(acc2, Hout2.dtype.element_ty)
+        tl.store(Hout + x_off, g, mask=mask)
+        tl.store(Hout2 + x_off, u, mask=mask)
+        # of the *rounded* g and u, as the backward's recomputation of a (B_SWIGLU) sees them
+        acc = _silu(g.to(tl.float32)) * u.to(tl.float32)
+    elif EPILOGUE == 4:  # acc is da = dy @ W_down: dg to C, du to Hout2
+        g = tl.load(Aux + x_off, mask=mask, other=0.0).to(tl.float32)
+        u = tl.load(Aux2 + x_off, mask=mask, other=0.0).to(tl.float32)
+        tl.store(Hout2 + x_off, cast(acc * _silu(g), Hout2.dtype.element_ty), mask=mask)
+        acc = acc * u * _silu_grad(g)
     c_ptrs = C + offs_m.to(tl.int64)[:, None] * stride_cm + offs_n[None, :] * stride_cn
     tl.store(c_ptrs, cast(acc, C.dtype.element_ty), mask=mask)
 
@@ -159,16 +221,33 @@ autotuned("mlp.matmul", _matmul_kernel)
 
 
 @on_tensor_device
-def _matmul(a, b, bias=None, epilogue=EPI_NONE, aux=None, b_gelu=False):
-    """a [M, K] @ b [K, N] (any strides) -> new [M, N] tensor in a's dtype (+ h when EPI_GELU)."""
+def _matmul(a, b, bias=None, epilogue=EPI_NONE, aux=None, b_gelu=False, b2=None, bias2=None, aux2=None,
+            a2=None, b_swiglu=False):
+    """a [M, K] @ b [K, N] (any strides) -> new [M, N] tensor in a's dtype, and a second one: h
+    (EPI_GELU), (g, u) (EPI_SWIGLU), du (EPI_SWIGLU_GRAD), else None. The SwiGLU operands: b2
+    (b's layout), bias2, aux2 (u beside aux = g), a2 (a's layout: C = a @ b + a2 @ b2)."""
     M, K = a.shape
     N = b.shape[1]
-    c = torch.empty((M, N), device=a.device, dtype=a.dtype)
-    h = torch.empty((M, N), device=a.device, dtype=a.dtype) if epilogue == EPI_GELU else None
+
+    def new():
+        return torch.empty((M, N), device=a.device, dtype=a.dtype)
+
+    c = new()
+    h = new() if epilogue in (EPI_GELU, EPI_SWIGLU) else None
+    h2 = new() if epilogue in (EPI_SWIGLU, EPI_SWIGLU_GRAD) else None
+    extra = (h, h2) if epilogue == EPI_SWIGLU else (h2 if epilogue == EPI_SWIGLU_GRAD else h)
     if M == 0 or N == 0:
-        return c, h
+        return c, extra
     if K == 0:  # empty reduction: the kernel's k-loop would not run; keep the semantics explicit
         c.zero_()
+        if epilogue == EPI_SWIGLU:
+            h.copy_(bias if bias is not None else c)
+            h2.copy_(bias2 if bias2 is not None else c)
+            c = (torch.nn.functional.silu(h.float()) * h2.float()).to(c.dtype)
+            return c, extra
+        if epilogue == EPI_SWIGLU_GRAD:
+            h2.zero_()
+            return c, extra
         if bias is not None:
             c += bias
         if epilogue == EPI_GELU:
@@ -176,17 +255,32 @@ def _matmul(a, b, bias=None, epilogue=EPI_NONE, aux=None, b_gelu=False):
             c = torch.nn.functional.gelu(c.float(), approximate="tanh").to(c.dtype)
         elif epilogue == EPI_GELU_GRAD:
             c.zero_()
-        return c, h
-    x = h if h is not None else (aux if aux is not None else c)  # Hout / Aux share a layout
+        return c, extra
+    # Hout / Aux (and their second ones) share a layout: the outputs are new, the saved ones made so
+    outs = [t for t in (h, h2) if t is not None]
+    x = outs[0] if outs else (aux if aux is not None else c)
+    if aux2 is not None:
+        aux, aux2 = aux.contiguous(), aux2.contiguous()
+        x = aux
+    if b2 is not None and b2.stride() != b.stride():
+        b, b2 = b.contiguous(), b2.contiguous()
+    if a2 is not None and a2.stride() != a.stride():
+        a, a2 = a.contiguous(), a2.contiguous()
     bias = bias.contiguous() if bias is not None else None  # the kernel reads it at unit stride
+    bias2 = bias2.contiguous() if bias2 is not None else None
+    if (bias is None) != (bias2 is None) and epilogue == EPI_SWIGLU:  # one flag for both: zeros for a missing one
+        bias = bias if bias is not None else bias2.new_zeros(N)
+        bias2 = bias2 if bias2 is not None else bias.new_zeros(N)
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
     _matmul_kernel[grid](
-        a, b, c, bias if bias is not None else c, x, x, M, N, K, _bucket(M), _bucket(K),
+        a, b, c, bias if bias is not None else c, aux if aux is not None else x, h if h is not None else x,
+        a2 if a2 is not None else a, b2 if b2 is not None else b, bias2 if bias2 is not None else c,
+        aux2 if aux2 is not None else x, h2 if h2 is not None else x, M, N, K, _bucket(M), _bucket(K),
         a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0), c.stride(1),
         x.stride(0), x.stride(1),
-        HAS_BIAS=bias is not None, B_GELU=b_gelu, EPILOGUE=epilogue,
+        HAS_BIAS=bias is not None, B_GELU=b_gelu, EPILOGUE=epilogue, B_SWIGLU=b_swiglu, SUM2=a2 is not None,
         PRECISION="ieee" if a.dtype == torch.float32 else "tf32")  # tf32 only affects fp32 inputs
-    return c, h
+    return c, extra
 
 
 # Launchers: the products of the table at the top; the custom ops below check the device first.

@@ -11,6 +11,7 @@ from tritongpt.errors import UserError
 WINDOW_LAYERS = ("all", "odd")  # which layers GPTConfig.attention_window makes local
 POSITION_ENCODINGS = ("learned", "rope")  # GPTConfig.position_encoding
 NORMS = ("layernorm", "rmsnorm")  # GPTConfig.norm
+MLPS = ("gelu", "swiglu")  # GPTConfig.mlp
 
 
 @dataclass
@@ -54,6 +55,11 @@ class GPTConfig:
     # (x - mean) / std * weight + bias, or "rmsnorm", x / rms(x) * weight (Llama, Gemma, modded-nanogpt:
     # no mean subtracted, no bias parameter). Both with eps 1e-5 (GPT-2's, Llama 2's and 3's).
     norm: str = "layernorm"
+    # The MLP: "gelu", GPT-2's Linear(C -> 4C), GELU, Linear(4C -> C); or "swiglu", Llama's
+    # w_down(silu(w_gate x) * w_up x) with three matrices of hidden size mlp_hidden (0: Llama's
+    # rule, 2/3 of 4C rounded up to a multiple of 64, about GPT-2's parameter count: 2048 at C = 768).
+    mlp: str = "gelu"
+    mlp_hidden: int = 0
     kernels: str = "reference"  # "reference" | "triton" | "auto" | a comma list of toggle.KERNEL_NAMES
     # LoRA (model/lora.py): rank 0 is none; else the targets' weights are W + (alpha / rank) B A
     lora_rank: int = 0
@@ -99,6 +105,14 @@ class GPTConfig:
         if self.position_encoding == "rope" and self.head_dim % 2:
             raise UserError(f"RoPE rotates pairs of dimensions: head_dim {self.head_dim} (n_embd {self.n_embd} / "
                             f"n_head {self.n_head}) must be even")
+        if self.mlp not in MLPS:
+            raise UserError(f"GPTConfig.mlp must be one of {', '.join(MLPS)}, got {self.mlp!r}")
+        if not is_int(self.mlp_hidden) or self.mlp_hidden < 0:
+            raise UserError(f"GPTConfig.mlp_hidden must be an integer >= 0 (0: Llama's rule), got {self.mlp_hidden!r}")
+        self.mlp_hidden = int(self.mlp_hidden)
+        if self.mlp_hidden and self.mlp != "swiglu":
+            raise UserError(f"GPTConfig.mlp_hidden {self.mlp_hidden} is the SwiGLU MLP's hidden size; the GELU "
+                            f"MLP's is 4 n_embd: set mlp 'swiglu' or leave mlp_hidden 0")
         for name in ("bias", "tie_weights", "scale_attention", "qkv_bias"):
             value = getattr(self, name)
             # a bool or numpy's; not a string ("False" would read as true) or a number
@@ -116,6 +130,15 @@ class GPTConfig:
     @property
     def head_dim(self) -> int:
         return self.n_embd // self.n_head
+
+    @property
+    def ff_hidden(self) -> int:
+        """The MLP's hidden size: 4 n_embd (GELU), or mlp_hidden / Llama's rule (SwiGLU)."""
+        if self.mlp == "gelu":
+            return 4 * self.n_embd
+        from tritongpt.model.layers import swiglu_hidden
+
+        return self.mlp_hidden or swiglu_hidden(self.n_embd)
 
     @property
     def kv_heads(self) -> int:

@@ -13,8 +13,8 @@ import torch.utils.checkpoint
 from tritongpt._types import is_int, is_real, loss_options
 from tritongpt.errors import UserError
 from tritongpt.model.config import GPTConfig
-from tritongpt.model.layers import (FeedForward, LayerNorm, MultiHeadAttention, RMSNorm, Rotary, TransformerBlock,
-                                    document_starts, make_norm)
+from tritongpt.model.layers import (FeedForward, LayerNorm, MultiHeadAttention, RMSNorm, Rotary, SwiGLUFeedForward,
+                                    TransformerBlock, document_starts, make_norm)
 from tritongpt.model.toggle import resolve_kernels, spec_string
 
 
@@ -81,7 +81,7 @@ class GPTModel(nn.Module):
         # GPT-2: the projections that write into the residual stream get std 0.02/sqrt(2 n_layer),
         # so the stream's variance does not grow with depth.
         for name, p in self.named_parameters():
-            if name.endswith("out_proj.weight") or name.endswith("fc2.weight"):
+            if name.endswith(("out_proj.weight", "fc2.weight", "w_down.weight")):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
         with torch.no_grad():  # padding rows (cfg.vocab_multiple) are no token: zero, and never trained
             self.tok_emb.weight[cfg.vocab_size:].zero_()
@@ -117,7 +117,8 @@ class GPTModel(nn.Module):
         """Pick the path: "reference", "triton", "auto", or a subset of
         {"layernorm", "mlp", "attention", "cross_entropy", "rope"} (cross_entropy is the loss in
         forward(targets=); rope rotates q and k when GPTConfig.position_encoding is "rope";
-        layernorm switches the model's norms, whichever GPTConfig.norm makes them: LayerNorm or RMSNorm).
+        layernorm switches the model's norms, whichever GPTConfig.norm makes them: LayerNorm or RMSNorm;
+        mlp the model's MLP, GELU or SwiGLU as GPTConfig.mlp says).
 
         Only flags change; the parameters (and so the state_dict) stay exactly as they are.
         check_device=False skips the check that the weights' device can run Triton (CUDA, or
@@ -140,7 +141,7 @@ class GPTModel(nn.Module):
         for m in self.modules():
             if isinstance(m, (LayerNorm, RMSNorm)):
                 m.use_triton = "layernorm" in names
-            elif isinstance(m, FeedForward):
+            elif isinstance(m, (FeedForward, SwiGLUFeedForward)):
                 m.use_triton = "mlp" in names
             elif isinstance(m, MultiHeadAttention):
                 m.use_triton = "attention" in names

@@ -7,6 +7,7 @@ a state_dict moves freely between the two paths.
     LayerNorm           <->  kernels/layernorm.py   (layer_norm; add_and_norm <-> add_layer_norm)
     RMSNorm             <->  kernels/layernorm.py   (rms_norm; add_and_norm <-> add_rms_norm: the same kernels, IS_RMS)
     FeedForward         <->  kernels/mlp.py         (gelu_mlp: Linear+bias+GELU fused, GELU recomputed in backward)
+    SwiGLUFeedForward   <->  kernels/swiglu.py      (swiglu_mlp: gate and up in one pass, silu(g) * u fused)
     MultiHeadAttention  <->  kernels/attention.py   (flash_attention: only the attention core is swapped)
     Rotary (apply_rotary) <-> kernels/rope.py       (rope: q and k rotated in one launch)
     out_head + lm_loss (model/gpt.py) <->  kernels/cross_entropy.py (linear_cross_entropy: never all the logits at once)
@@ -16,6 +17,7 @@ import math
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 
 def _fp32_if_fp16(t):
@@ -142,6 +144,38 @@ class FeedForward(nn.Module):
 
             return self.drop(gelu_mlp(x, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias))
         return self.drop(self.fc2(self.act(self.fc1(x))))
+
+
+def swiglu_hidden(n_embd: int) -> int:
+    """Llama's hidden size for a SwiGLU MLP: 2/3 of GPT-2's 4C, so its three matrices hold about
+    GPT-2's two's 8 C^2 parameters, rounded up to a multiple of 64 (Llama rounds to 256, which
+    at a small width adds up to half again: C = 128 gives 384, not 512). C = 768 gives 2048 exactly."""
+    return -(-(8 * n_embd) // (3 * 64)) * 64
+
+
+class SwiGLUFeedForward(nn.Module):
+    """Llama's (PaLM's, Mistral's) MLP: w_down(silu(w_gate(x)) * w_up(x)), dropout.
+
+    silu(g) = g * sigmoid(g) gates the up projection elementwise (Shazeer 2020, "GLU Variants
+    Improve Transformer"). Triton twin: kernels/swiglu.py, which makes g and u in one pass over x,
+    fuses silu(g) * u into that matmul and keeps only g and u for backward (a is recomputed there).
+    """
+
+    def __init__(self, n_embd: int, hidden: int, dropout: float = 0.0, bias: bool = True):
+        super().__init__()
+        self.w_gate = nn.Linear(n_embd, hidden, bias=bias)
+        self.w_up = nn.Linear(n_embd, hidden, bias=bias)
+        self.w_down = nn.Linear(hidden, n_embd, bias=bias)
+        self.drop = nn.Dropout(dropout)
+        self.use_triton = False
+
+    def forward(self, x):
+        if self.use_triton:
+            from tritongpt.kernels.swiglu import swiglu_mlp
+
+            return self.drop(swiglu_mlp(x, self.w_gate.weight, self.w_gate.bias, self.w_up.weight, self.w_up.bias,
+                                        self.w_down.weight, self.w_down.bias))
+        return self.drop(self.w_down(F.silu(self.w_gate(x)) * self.w_up(x)))
 
 
 def rope_inv_freq(head_dim: int, theta: float, device=None) -> torch.Tensor:
@@ -315,6 +349,7 @@ class MultiHeadAttention(nn.Module):
 class TransformerBlock(nn.Module):
     """Pre-LN block: x + attention(LN(x)), then x + MLP(LN(x)). Dropout lives in the sublayers.
     LN is GPTConfig.norm's: LayerNorm (GPT-2) or RMSNorm (Llama); both have add_and_norm.
+    The MLP is GPT-2's (FeedForward) or Llama's (SwiGLUFeedForward), as GPTConfig.mlp says.
 
     Each residual add is made by the LayerNorm that reads the sum (LayerNorm.add_and_norm): on
     the Triton path the add then shares that LayerNorm's pass over memory, as llm.c's fused
@@ -330,7 +365,10 @@ class TransformerBlock(nn.Module):
                                       cfg.qkv_bias, cfg.rope_theta if cfg.position_encoding == "rope" else None,
                                       cfg.kv_heads)
         self.norm2 = make_norm(cfg)
-        self.ff = FeedForward(cfg.n_embd, cfg.dropout, cfg.bias)
+        if cfg.mlp == "swiglu":
+            self.ff = SwiGLUFeedForward(cfg.n_embd, cfg.ff_hidden, cfg.dropout, cfg.bias)
+        else:
+            self.ff = FeedForward(cfg.n_embd, cfg.dropout, cfg.bias)
 
     def forward(self, x, cache=None, doc_ids=None, mlp_out=None, positions=None):
         """x: the residual stream; mlp_out: the previous block's MLP output, not yet added (None

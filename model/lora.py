@@ -8,7 +8,8 @@ trained parameters of 125.8M, so 10.6 MB of optimizer state instead of 995 MB).
 The update is a parametrization of each chosen Linear's weight (torch.nn.utils.parametrize):
 reading `linear.weight` gives W + scale B A. Both paths run on that merged weight unchanged:
 nn.Linear's matmul, and the Triton kernels, which take the weights as tensors (model/layers.py
-hands fc1.weight and fc2.weight to kernels/mlp.py's gelu_mlp). Autograd carries the weight
+hands fc1.weight and fc2.weight to kernels/mlp.py's gelu_mlp, a SwiGLU MLP's w_gate, w_up and
+w_down to kernels/swiglu.py's swiglu_mlp). Autograd carries the weight
 gradient dW the matmul (or the kernel's backward) makes on to dB = scale dW A^T and
 dA = scale B^T dW. So LoRA has no kernel
 of its own: merging costs an [out, r] x [r, in] matmul per matrix per forward, r / tokens of
@@ -35,6 +36,9 @@ from tritongpt.errors import UserError
 from tritongpt.model.config import GPTConfig
 
 TARGETS = {"attn": ("att.W_query", "att.W_key", "att.W_value", "att.out_proj"), "mlp": ("ff.fc1", "ff.fc2")}
+# "mlp" on a SwiGLU model (GPTConfig.mlp): its three matrices, as peft's Llama recipes name gate_proj,
+# up_proj and down_proj; the kernel takes the merged weights like gelu_mlp's
+SWIGLU_MLP = ("ff.w_gate", "ff.w_up", "ff.w_down")
 
 
 class LoRAUpdate(nn.Module):
@@ -77,7 +81,7 @@ def lora_linears(model):
     cfg = model.config
     for i, block in enumerate(model.trf_blocks):
         for target in parse_targets(cfg.lora_targets):
-            for path in TARGETS[target]:
+            for path in SWIGLU_MLP if target == "mlp" and cfg.mlp == "swiglu" else TARGETS[target]:
                 module = block.get_submodule(path)
                 yield f"trf_blocks.{i}.{path}", module
 

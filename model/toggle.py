@@ -2,6 +2,8 @@
 
 A spec is "reference", "triton", "auto" (Triton on CUDA, reference on CPU), or a set /
 comma-separated list of kernel names. The answer is a frozenset of the kernels to use.
+"mlp" is the model's MLP, whichever GPTConfig.mlp builds: GPT-2's GELU one (kernels/mlp.py) or
+Llama's SwiGLU (kernels/swiglu.py, on the same matmul kernel); there is no separate name.
 
 "layernorm" names the model's norm layers whichever they are (GPTConfig.norm): LayerNorm or RMSNorm
 run through the same Triton kernels (kernels/layernorm.py), so an RMSNorm model has no name of its own.

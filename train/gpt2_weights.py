@@ -293,7 +293,7 @@ def hf_config(cfg: GPTConfig, eos_token_id: int | None = None) -> dict:
 def refuse_not_gpt2(model: GPTModel, what: str) -> None:
     """Hugging Face's GPT-2 has no logit soft cap, no local attention, no RoPE (it learns its
     position embeddings, wpe), no grouped-query attention, no RMSNorm (its ln_1, ln_2 and ln_f are
-    LayerNorms) and scales its scores by 1/sqrt(head_dim):
+    LayerNorms), no SwiGLU MLP and scales its scores by 1/sqrt(head_dim):
     with the weights alone it would give other logits (or, for fewer KV heads, not load). (q/k/v
     without biases it can be: zero ones.)"""
     cfg = model.config
@@ -319,6 +319,9 @@ def refuse_not_gpt2(model: GPTModel, what: str) -> None:
         raise UserError(f"this model has grouped-query attention (n_kv_head {cfg.n_kv_head} key/value heads for "
                         f"{cfg.n_head} query heads), which Hugging Face's GPT-2 does not: it cannot be exported "
                         f"as {what}")
+    if cfg.mlp != "gelu":
+        raise UserError(f"this model has a SwiGLU MLP (mlp {cfg.mlp}: w_gate, w_up, w_down, hidden {cfg.ff_hidden}), "
+                        f"where Hugging Face's GPT-2 has GELU's c_fc and c_proj: it cannot be exported as {what}")
 
 
 def export_gpt2(model: GPTModel, out_dir, eos_token_id: int | None = None, overwrite: bool = False) -> list:

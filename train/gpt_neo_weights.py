@@ -175,8 +175,8 @@ def hub_tokenizer(name) -> Path | None:
 # -- export: the inverse of _our_tensors -----------------------------------------------------------
 def refuse_not_gpt_neo(model: GPTModel, what: str) -> None:
     """Hugging Face's GPT-Neo learns position embeddings, has LayerNorms (no RMSNorm), no logit soft
-    cap, unscaled scores and q/k/v without biases: another model's weights would give it other
-    logits. (Any window GPTConfig has it can say.)"""
+    cap nor SwiGLU MLP, unscaled scores and q/k/v without biases: another model's weights would give
+    it other logits. (Any window GPTConfig has it can say.)"""
     cfg = model.config
     if cfg.position_encoding != "learned":
         raise UserError(f"this model rotates q and k by their positions (position_encoding {cfg.position_encoding}), "
@@ -191,6 +191,9 @@ def refuse_not_gpt_neo(model: GPTModel, what: str) -> None:
         raise UserError(f"this model has grouped-query attention (n_kv_head {cfg.n_kv_head} key/value heads for "
                         f"{cfg.n_head} query heads), which Hugging Face's GPT-Neo does not: it cannot be exported "
                         f"as {what}")
+    if cfg.mlp != "gelu":
+        raise UserError(f"this model has a SwiGLU MLP (mlp {cfg.mlp}: w_gate, w_up, w_down, hidden {cfg.ff_hidden}), "
+                        f"where Hugging Face's GPT-Neo has GELU's c_fc and c_proj: it cannot be exported as {what}")
     if cfg.scale_attention:
         raise UserError("this model scales its attention scores by 1/sqrt(head_dim) (scale_attention True), "
                         f"which GPT-Neo does not: it cannot be exported as {what}")

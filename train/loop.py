@@ -253,7 +253,8 @@ def peak_flops(device: torch.device) -> float | None:
 
 def flops_per_token(cfg, n_params: int, seq_len: int) -> float:
     """nanoGPT's estimate (PaLM appendix B): 6N for the matmuls, 12*L*H*Q*T for attention (forward
-    and backward: 3x attention_forward_flops, which counts a local layer by its window)."""
+    and backward: 3x attention_forward_flops, which counts a local layer by its window). N counts
+    every weight once, so a SwiGLU MLP's three [C, hidden] matrices are in it at their own hidden."""
     return 6 * n_params + 3 * attention_forward_flops(cfg, seq_len)
 
 
@@ -437,16 +438,27 @@ class Trainer:
 
     def _check_same_function(self, ckpt, saved_cfg):
         """Another function of the weights (a logit soft cap, local attention, unscaled attention
-        scores, the position encoding: RoPE or learned, RoPE's theta, the norm: LayerNorm or RMSNorm):
-        the run would go on as another model. A config from before a field reads as without it; no
-        saved config (a bare weights file) is not compared."""
+        scores, the position encoding: RoPE or learned, RoPE's theta, the norm: LayerNorm or RMSNorm)
+        or another MLP (GELU or SwiGLU, SwiGLU's hidden size: other weights too, named before their
+        shapes are): the run would go on as another model. A config from before a field reads as
+        without it; no saved config (a bare weights file) is not compared."""
+        from tritongpt.model.layers import swiglu_hidden
+
         cfg = self._cfg
         if cfg is None or not saved_cfg:
             return
         cap = saved_cfg.get("logit_softcap", 0.0)
         window, layers = saved_cfg.get("attention_window", 0), saved_cfg.get("window_layers", "all")
         encoding, theta = saved_cfg.get("position_encoding", "learned"), saved_cfg.get("rope_theta", 10000.0)
-        if encoding != cfg.position_encoding or (encoding == "rope" and theta != cfg.rope_theta):
+        mlp = saved_cfg.get("mlp", "gelu")
+        hidden = saved_cfg.get("mlp_hidden", 0) or swiglu_hidden(saved_cfg.get("n_embd", cfg.n_embd))
+        if mlp != cfg.mlp or (mlp == "swiglu" and hidden != cfg.ff_hidden):
+            def kind(m, h):
+                return f"has a SwiGLU MLP of hidden size {h}" if m == "swiglu" else "has a GELU MLP"
+
+            what = f"{kind(mlp, hidden)}, this run's model {kind(cfg.mlp, cfg.ff_hidden)}"
+            flags = f"--mlp {mlp}" + (f" --mlp-hidden {hidden}" if mlp == "swiglu" else "")
+        elif encoding != cfg.position_encoding or (encoding == "rope" and theta != cfg.rope_theta):
             def positions(e, t):
                 return f"rotates q and k (RoPE, theta {t:g})" if e == "rope" else "learns position embeddings"
 

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from tritongpt.errors import UserError, note
-from tritongpt.model.config import NORMS, POSITION_ENCODINGS, WINDOW_LAYERS
+from tritongpt.model.config import MLPS, NORMS, POSITION_ENCODINGS, WINDOW_LAYERS
 
 DEFAULTS = dict(out_dir="runs/pretrain", max_steps=300, batch_size=16, grad_accum=1, lr=2e-3, min_lr=2e-4,
                 warmup_steps=30, weight_decay=0.1, eval_every=50, eval_batches=8, ckpt_every=100,
@@ -88,6 +88,14 @@ def add_args(p: argparse.ArgumentParser):
     p.add_argument("--rope-theta", type=float, default=None, metavar="T",
                    help="RoPE's base: dimension pair i turns by position * T^(-2i/head_dim) (GPTConfig.rope_theta; "
                         "default 10000, GPT-NeoX's and Llama 2's, or what --init's model has)")
+    p.add_argument("--mlp", choices=MLPS, default=None,
+                   help="the new model's MLP: gelu, GPT-2's Linear(C -> 4C), GELU, Linear(4C -> C), or swiglu, Llama's "
+                        "w_down(silu(w_gate x) * w_up x) (GPTConfig.mlp; the Triton path makes gate and up in one pass "
+                        "and fuses silu(g) * u). A SwiGLU model cannot be exported to Hugging Face's GPT-2 or GPT-Neo. "
+                        "Default: gelu, or what --init's model has")
+    p.add_argument("--mlp-hidden", type=int, default=None, metavar="H",
+                   help="the SwiGLU MLP's hidden size (GPTConfig.mlp_hidden; default: Llama's rule, 2/3 of 4 n_embd "
+                        "rounded up to a multiple of 64, about GPT-2's MLP parameters: 2048 at n_embd 768)")
     d.add_argument("--document-mask", action="store_true",
                    help="keep the documents of a training window apart: each token attends to its own document "
                         "only (split at <|endoftext|>, which opens each document), and positions count from its "
@@ -158,6 +166,7 @@ class DataPosition:
 
 NO_WINDOW = "--window-layers {} picks the layers --attention-window makes local: without a window it does nothing"
 NO_ROPE = "--rope-theta {:g} is RoPE's base: without --position-encoding rope (its own or --init's) it does nothing"
+NO_SWIGLU = "--mlp-hidden {} is the SwiGLU MLP's hidden size: without --mlp swiglu it does nothing"
 
 
 def check_args(args, targs):
@@ -196,6 +205,11 @@ def check_args(args, targs):
         raise UserError(f"--n-kv-head must be >= 0 (0: as many as the heads), got {args.n_kv_head}")
     if args.n_kv_head and preset is not None and preset.n_head % args.n_kv_head:
         raise UserError(f"--n-kv-head {args.n_kv_head} must divide {args.model or 'tiny'}'s {preset.n_head} heads")
+    if args.mlp_hidden is not None:
+        if args.mlp_hidden <= 0:
+            raise UserError(f"--mlp-hidden must be a positive integer, got {args.mlp_hidden}")
+        if args.init is None and args.mlp != "swiglu":
+            raise UserError(NO_SWIGLU.format(args.mlp_hidden))
     data.check_text_field(args.data, args.text_field)
     if Path(str(args.data or "")).suffix == ".json":
         note(f"{args.data} is read as plain text, brackets and keys included (JSON records "
@@ -208,6 +222,7 @@ def check_args(args, targs):
     vocab_multiple(args)
     refuse_rope_from_gpt2(args)
     refuse_rmsnorm_from_published(args)
+    refuse_swiglu_from_gpt2(args)
     common.set_seed(targs.seed)  # the preset's random weights (and --init tiny's)
     if args.init is not None:
         # --model only when given: it names the heads of a GPT-2 file without its config.json
@@ -221,7 +236,7 @@ def check_args(args, targs):
         if args.rope_theta is not None and (args.position_encoding or model.config.position_encoding) != "rope":
             raise UserError(NO_ROPE.format(args.rope_theta))
         for field in ("logit_softcap", "attention_window", "window_layers", "position_encoding", "rope_theta",
-                      "norm"):
+                      "norm", "mlp"):
             given, has = getattr(args, field), getattr(model.config, field)
             if given is not None and given != has:
                 show = (lambda v: f"{v:g}") if isinstance(has, float) else str
@@ -231,6 +246,10 @@ def check_args(args, targs):
             raise UserError(f"--n-kv-head {args.n_kv_head} would change the shapes of --init's weights (its "
                             f"n_kv_head is {model.config.n_kv_head}, with {model.config.n_head} heads): leave the "
                             "flag out")
+        if args.mlp_hidden is not None and (model.config.mlp != "swiglu" or args.mlp_hidden != model.config.ff_hidden):
+            has = f"{model.config.mlp} MLP's hidden size is {model.config.ff_hidden}"
+            raise UserError(f"--mlp-hidden {args.mlp_hidden} would change the shapes of --init's weights (its "
+                            f"{has}): leave the flag out")
         tok = pick_tokenizer(args.tokenizer, args.init, model.config.vocab_size)
     else:
         tok = get_tokenizer(args.tokenizer or "default")
@@ -239,7 +258,7 @@ def check_args(args, targs):
                          dropout=args.dropout, vocab_multiple=args.vocab_multiple, logit_softcap=args.logit_softcap,
                          attention_window=args.attention_window, window_layers=args.window_layers,
                          position_encoding=args.position_encoding, rope_theta=args.rope_theta,
-                         n_kv_head=args.n_kv_head, norm=args.norm)
+                         n_kv_head=args.n_kv_head, norm=args.norm, mlp=args.mlp, mlp_hidden=args.mlp_hidden)
         model = GPTModel(cfg)
     context = model.config.context_length
     block = context if args.block_size is None else args.block_size
@@ -278,6 +297,19 @@ def refuse_rmsnorm_from_published(args):
         raise UserError(f"--init {args.init}: its published weights were trained with LayerNorm (a mean and a bias): "
                         "--norm rmsnorm cannot start from them (leave it out, or train an RMSNorm model without "
                         "--init)")
+
+
+def refuse_swiglu_from_gpt2(args):
+    """--init gpt2-small (the published weights) with --mlp swiglu or --mlp-hidden: refused before the
+    download. GPT-2's MLP is fc1, GELU, fc2: its weights have no gate to start a SwiGLU MLP from."""
+    from tritongpt.train.gpt2_weights import HUB_REPOS
+
+    if args.init not in HUB_REPOS or Path(args.init).expanduser().exists():
+        return
+    if args.mlp == "swiglu" or args.mlp_hidden is not None:
+        flag = "--mlp swiglu" if args.mlp == "swiglu" else f"--mlp-hidden {args.mlp_hidden}"
+        raise UserError(f"--init {args.init}: GPT-2's weights have a GELU MLP (fc1, fc2), not SwiGLU's gate, up and "
+                        f"down: {flag} cannot start from them (leave it out, or train a SwiGLU model without --init)")
 
 
 def hellaswag_examples(args, fetch: bool = True) -> list | None:
@@ -358,6 +390,7 @@ def print_header(args, targs, model, tok, block, splits, trainer):
     rope = f", RoPE (theta {cfg.rope_theta:g})" if cfg.position_encoding == "rope" else ""
     gqa = f", {cfg.kv_heads} key/value heads for {cfg.n_head} query heads" if cfg.kv_heads < cfg.n_head else ""
     gqa += ", RMSNorm" if cfg.norm == "rmsnorm" else ""
+    gqa += f", SwiGLU MLP (hidden {cfg.ff_hidden})" if cfg.mlp == "swiglu" else ""
     print(f"pretrain: {model_name(args)} ({model.num_params() / 1e6:.2f}M params, vocab {cfg.vocab_size}{padded}, "
           f"context {cfg.context_length}"
           f"{f', trained on {block}-token blocks' if block != cfg.context_length else ''}"

@@ -1,0 +1,552 @@
+"""SwiGLU MLP: the Triton kernel (kernels/swiglu.py) vs float64 and vs model.layers.SwiGLUFeedForward,
+and GPTConfig.mlp "swiglu" through the model, LoRA, pretrain, export and the FLOP count.
+
+On the CPU the kernels run in Triton's interpreter: matrices stay small (tens of programs);
+the CUDA-marked tests repeat the parity check at GPT-2 widths when a GPU is present.
+"""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from parity import assert_close_rel, report
+from test_model_paths import _compare_paths, _randomize
+from tritongpt.errors import UserError
+from tritongpt.kernels._common import saved_tensor_bytes
+from tritongpt.kernels.layernorm import layer_norm
+from tritongpt.kernels.mlp import _silu, _silu_grad
+from tritongpt.kernels.swiglu import swiglu_mlp
+from tritongpt.model.config import GPTConfig
+from tritongpt.model.gpt import GPTModel
+from tritongpt.model.layers import SwiGLUFeedForward, swiglu_hidden
+
+TOL = {torch.float32: 1e-4, torch.bfloat16: 1e-2, torch.float16: 1e-2}
+NAMES = ("dx", "dw_gate", "db_gate", "dw_up", "db_up", "dw_down", "db_down")
+
+
+def ref_swiglu(x, wg, bg, wu, bu, wd, bd):
+    """The formula, written out (run on float64 leaves for the reference)."""
+    g = F.linear(x, wg, bg)
+    return F.linear(g * torch.sigmoid(g) * F.linear(x, wu, bu), wd, bd)
+
+
+def make(M, C, H, dtype, device, gen, bias=True, lead=None):
+    # weights like nn.Linear's init, gate scaled up so g spans silu's curved region (|g| ~ 1-3)
+    x = torch.randn(*(lead or (M,)), C, generator=gen)
+    wg = torch.randn(H, C, generator=gen) * (1.5 / math.sqrt(C))
+    wu = torch.randn(H, C, generator=gen) / math.sqrt(C)
+    wd = torch.randn(C, H, generator=gen) / math.sqrt(H)
+    bg, bu, bd = (0.5 * torch.randn(n, generator=gen) if bias else None for n in (H, H, C))
+    return [t.to(device, dtype).requires_grad_() if t is not None else None for t in (x, wg, bg, wu, bu, wd, bd)]
+
+
+def check_parity(M, C, H, dtype, device, seed, bias=True, lead=None):
+    """Kernel vs float64: y and every gradient. 16-bit: the flat TOL or twice PyTorch's own error
+    in that dtype (F.linear + F.silu), whichever is larger."""
+    gen = torch.Generator().manual_seed(seed)
+    params = make(M, C, H, dtype, device, gen, bias, lead)
+    y = swiglu_mlp(*params)
+    assert y.dtype == dtype and y.shape == params[0].shape
+    dy = torch.randn(y.shape, generator=gen).to(device, dtype)
+    y.backward(dy)
+    leaves = [p.detach().double().requires_grad_() if p is not None else None for p in params]
+    y64 = ref_swiglu(*leaves)
+    y64.backward(dy.double())
+    tol = dict.fromkeys(("y",) + NAMES, TOL[dtype])
+    if dtype != torch.float32:
+        lp = [p.detach().clone().requires_grad_() if p is not None else None for p in params]
+        y_lp = ref_swiglu(*lp)
+        y_lp.backward(dy)
+        tol["y"] = max(tol["y"], 2 * report(y_lp, y64)[1])
+        for name, p, p64 in zip(NAMES, lp, leaves):
+            if p is not None:
+                tol[name] = max(tol[name], 2 * report(p.grad, p64.grad)[1])
+    assert_close_rel(y, y64, tol["y"], f"y {dtype} M={M} C={C} H={H}")
+    for name, p, p64 in zip(NAMES, params, leaves):
+        if p is not None:
+            assert p.grad is not None and p.grad.dtype == p.dtype, name
+            assert_close_rel(p.grad, p64.grad, tol[name], name)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("M,C,H", [(37, 48, 136), (1, 64, 128), (70, 40, 72)])
+def test_parity_fp64(M, C, H, dtype, device):
+    check_parity(M, C, H, dtype, device, seed=M + C + H + (dtype == torch.bfloat16))
+
+
+def test_fp16_leading_dims(device):
+    check_parity(None, 40, 104, torch.float16, device, seed=2, lead=(2, 3))
+
+
+def test_no_bias(device):
+    check_parity(37, 48, 136, torch.float32, device, seed=3, bias=False)
+
+
+def test_strided_views(device):
+    """Weights as callers may hand them over: w_up transposed (so its strides differ from
+    w_gate's, which the fused gate/up pass and dx's second product share), w_down transposed,
+    every-other-element biases, a slice of a wider x: the contiguous copies' answer."""
+    gen = torch.Generator().manual_seed(4)
+    M, C, H = 9, 24, 40
+    views = (torch.randn(M, 2 * C, generator=gen)[:, 1::2], torch.randn(H, C, generator=gen),
+             torch.randn(2 * H, generator=gen)[::2], torch.randn(C, H, generator=gen).t(),
+             torch.randn(H, generator=gen), torch.randn(H, C, generator=gen).t(), torch.randn(3 * C, generator=gen)[::3])
+    views = [t.to(device).requires_grad_() for t in views]
+    y = swiglu_mlp(*views)
+    dy = torch.randn(y.shape, generator=gen).to(device)
+    y.backward(dy)
+    leaves = [t.detach().double().contiguous().requires_grad_() for t in views]
+    y64 = ref_swiglu(*leaves)
+    y64.backward(dy.double())
+    assert_close_rel(y, y64, 1e-4, "y")
+    for name, t, t64 in zip(NAMES, views, leaves):
+        assert_close_rel(t.grad, t64.grad, 1e-4, name)
+
+
+@pytest.mark.parametrize("trainable", [
+    (True, False, False, False, False, False, False),  # every weight frozen: only dx
+    (True, False, False, True, True, False, False),    # gate and down frozen
+    (False, True, False, False, False, True, True),    # no dx, up frozen
+    (False, False, False, False, True, False, False),  # only the up bias trains
+])
+def test_frozen_weights_skip_their_products(trainable, device, monkeypatch):
+    """Backward makes only the gradients autograd asks for (the trainable ones match float64,
+    the frozen ones stay None) and launches only their products."""
+    from tritongpt.kernels import mlp, swiglu
+
+    gen = torch.Generator().manual_seed(13)
+    params = make(11, 24, 40, torch.float32, device, gen)
+    for p, train in zip(params, trainable):
+        p.requires_grad_(train)
+    y = swiglu_mlp(*params)
+    dy = torch.randn(y.shape, generator=gen).to(device)
+    launched = []
+    matmul = swiglu._matmul
+    monkeypatch.setattr(swiglu, "_matmul", lambda *a, **k: launched.append(k.get("epilogue", 0)) or matmul(*a, **k))
+    y.backward(dy)
+    need_dx, need_dwg, need_dbg, need_dwu, need_dbu, need_dwd, _ = trainable
+    need_da = need_dx or need_dwg or need_dbg or need_dwu or need_dbu
+    assert launched.count(mlp.EPI_SWIGLU_GRAD) == int(need_da)
+    assert len(launched) == int(need_da) + need_dx + need_dwg + need_dwu + need_dwd
+    leaves = [p.detach().double().requires_grad_(train) for p, train in zip(params, trainable)]
+    ref_swiglu(*leaves).backward(dy.double())
+    for name, p, p64, train in zip(NAMES, params, leaves, trainable):
+        if train:
+            assert_close_rel(p.grad, p64.grad, 1e-4, name)
+        else:
+            assert p.grad is None, name
+
+
+def _module_grads(ff, x, dy):
+    ff.zero_grad()
+    xi = x.clone().requires_grad_()
+    y = ff(xi)
+    y.backward(dy)
+    return [y, xi.grad] + [p.grad.clone() for p in ff.parameters()]
+
+
+def test_matches_reference_module(device):
+    """SwiGLUFeedForward (dropout 0) on both paths and the float64 module: y, dx, every parameter's
+    gradient (w_gate, b_gate, w_up, b_up, w_down, b_down)."""
+    torch.manual_seed(12)
+    ff = SwiGLUFeedForward(40, 104, dropout=0.0).to(device)
+    with torch.no_grad():
+        for p in ff.parameters():
+            p.add_(0.3 * torch.randn_like(p))  # non-zero biases, gates spanning silu's curve
+    x, dy = torch.randn(2, 9, 40).to(device), torch.randn(2, 9, 40).to(device)
+    ref = _module_grads(ff, x, dy)
+    ff.use_triton = True
+    tri = _module_grads(ff, x, dy)
+    ff64 = SwiGLUFeedForward(40, 104).double().to(device)
+    ff64.load_state_dict(ff.state_dict())
+    r64 = _module_grads(ff64, x.double(), dy.double())
+    names = ["y", "dx"] + [n for n, _ in ff.named_parameters()]
+    assert names[2:] == ["w_gate.weight", "w_gate.bias", "w_up.weight", "w_up.bias", "w_down.weight", "w_down.bias"]
+    for name, t, r, w in zip(names, tri, ref, r64):
+        assert_close_rel(t, w, 1e-4, f"{name} vs fp64 module")
+        assert_close_rel(r, w, 1e-4, f"{name} reference module vs fp64")
+
+
+def test_autocast_casts_like_linear(device):
+    gen = torch.Generator().manual_seed(4)
+    params = make(9, 32, 72, torch.float32, device, gen)
+    with torch.autocast(device.type, dtype=torch.bfloat16):
+        y = swiglu_mlp(*params)
+    assert y.dtype == torch.bfloat16
+    y.float().sum().backward()
+    assert all(p.grad.dtype == torch.float32 for p in params)
+    leaves = [p.detach().to(torch.bfloat16).double().requires_grad_() for p in params]
+    ref_swiglu(*leaves).sum().backward()
+    for name, p, p64 in zip(NAMES, params, leaves):
+        assert_close_rel(p.grad, p64.grad, 1e-2, f"{name} autocast")
+
+
+def test_saves_less_activation_memory(device):
+    """x, g and u are kept for backward; the eager reference also keeps silu(g) and a (measured)."""
+    gen = torch.Generator().manual_seed(5)
+    M, C, H = 16, 32, 88
+    x, *weights = make(M, C, H, torch.float32, device, gen)
+    ref_bytes, _ = saved_tensor_bytes(ref_swiglu, x, *weights, exclude=weights)
+    ours, _ = saved_tensor_bytes(swiglu_mlp, x, *weights, exclude=weights)
+    expected = (M * C + 2 * M * H) * 4  # x, g, u in fp32
+    print(f"saved activations: reference {ref_bytes} B, swiglu_mlp {ours} B")
+    assert ours == expected
+    assert ref_bytes >= expected + 2 * M * H * 4
+    ff = SwiGLUFeedForward(C, H).to(device)
+    ff_bytes, _ = saved_tensor_bytes(ff, x, exclude=tuple(ff.parameters()))
+    ff.use_triton = True
+    ff_ours, _ = saved_tensor_bytes(ff, x, exclude=tuple(ff.parameters()))
+    print(f"module: reference {ff_bytes} B, Triton {ff_ours} B")
+    assert ff_ours == expected < ff_bytes
+
+
+@triton.jit
+def silu_pair(G, A, D, n, BLOCK: tl.constexpr):
+    offs = tl.arange(0, BLOCK)
+    g = tl.load(G + offs, mask=offs < n, other=0.0)
+    tl.store(A + offs, _silu(g), mask=offs < n)
+    tl.store(D + offs, _silu_grad(g), mask=offs < n)
+
+
+def test_silu_and_its_derivative_in_triton_match_float64(device):
+    """The epilogues' silu and silu' alone, over g in [-30, 30], against autograd of float64's."""
+    g = torch.linspace(-30, 30, 1001, device=device)
+    a, d = torch.empty_like(g), torch.empty_like(g)
+    silu_pair[(1,)](g, a, d, g.numel(), BLOCK=1024)
+    g64 = g.double().cpu().requires_grad_()
+    a64 = g64 * torch.sigmoid(g64)
+    (d64,) = torch.autograd.grad(a64.sum(), g64)
+    assert (a.cpu().double() - a64.detach()).abs().max() < 1e-5  # |silu| up to 30: a few fp32 ulps
+    assert (d.cpu().double() - d64).abs().max() < 2e-6
+
+
+def test_forward_activation_is_silu_of_the_saved_g_times_u(device):
+    """Backward recomputes a = silu(g) * u from the saved (rounded) g and u for dW_down, so forward
+    must multiply by the same a, not by silu of the fp32 accumulators: in bf16 the two differ in
+    many entries of a, which no parity tolerance sees."""
+    from tritongpt.kernels import mlp
+
+    gen = torch.Generator().manual_seed(33)
+    x, wg, bg, wu, bu, _, _ = make(40, 48, 72, torch.bfloat16, device, gen)
+    with torch.no_grad():
+        a, (g, u) = mlp._matmul(x, wg.t(), bg, mlp.EPI_SWIGLU, b2=wu.t(), bias2=bu)
+    want = (F.silu(g.float()) * u.float()).to(torch.bfloat16)
+    differ = (a != want).float().mean().item()
+    print(f"entries of a that are not silu(saved g) * saved u: {differ:.2%}")
+    assert differ <= 0.01
+
+
+@pytest.mark.parametrize("C,H", [(0, 8), (5, 0)])
+def test_empty_feature_or_hidden_dims_match_pytorch(C, H, device, nan_filled_empty):
+    gen = torch.Generator().manual_seed(17)
+    params = [torch.randn(*shape, generator=gen).to(device).requires_grad_()
+              for shape in ((4, C), (H, C), (H,), (H, C), (H,), (C, H), (C,))]
+    leaves = [p.detach().double().requires_grad_() for p in params]
+    y, y64 = swiglu_mlp(*params), ref_swiglu(*leaves)
+    dy = torch.randn(y.shape, generator=gen).to(device)
+    y.backward(dy)
+    y64.backward(dy.double())
+    for name, got, want in zip(("y",) + NAMES, [y] + [p.grad for p in params], [y64] + [p.grad for p in leaves]):
+        assert got.shape == want.shape and torch.allclose(got.double(), want, atol=1e-5), name
+
+
+def test_meta_tensors_give_shapes():
+    m = [torch.empty(*s, device="meta") for s in ((2, 3, 8), (16, 8), (16,), (16, 8), (16,), (8, 16), (8,))]
+    y = swiglu_mlp(*m)
+    assert y.device.type == "meta" and y.shape == (2, 3, 8)
+
+
+# -- bad input: one clear error, never a wrong answer ------------------------------------------
+
+def _good(C=8, H=24):
+    return [torch.randn(3, C), torch.randn(H, C), torch.randn(H), torch.randn(H, C), torch.randn(H),
+            torch.randn(C, H), torch.randn(C)]
+
+
+@pytest.mark.parametrize("index,bad,match", [
+    (1, torch.randn(24, 9), r"w_gate has shape \(24, 9\), expected \(24, 8\)"),
+    (3, torch.randn(20, 8), r"w_up has shape \(20, 8\), expected \(24, 8\)"),
+    (5, torch.randn(24, 8), r"w_down has shape \(24, 8\), expected \(8, 24\)"),
+    (2, torch.randn(23), r"b_gate has shape \(23,\), expected \(24,\)"),
+    (4, torch.randn(25), r"b_up has shape \(25,\), expected \(24,\)"),
+    (6, torch.randn(9), r"b_down has shape \(9,\), expected \(8,\)"),
+    (1, torch.randn(24), r"w_gate must have 2 dims"),
+    (0, torch.tensor(1.0), r"x must have at least 1 dim"),
+])
+def test_rejects_shape_mismatch(index, bad, match):
+    args = _good()
+    args[index] = bad
+    with pytest.raises(ValueError, match=match):
+        swiglu_mlp(*args)
+
+
+def test_rejects_bad_dtypes_and_devices(monkeypatch):
+    args = _good()
+    args[0] = args[0].to(torch.int32)
+    with pytest.raises(TypeError, match="x has dtype int32"):
+        swiglu_mlp(*args)
+    args = _good()
+    args[3] = args[3].to(torch.bfloat16)
+    with pytest.raises(TypeError, match="dtype mismatch: x is float32, w_up is bfloat16"):
+        swiglu_mlp(*args)
+    args = _good()
+    args[5] = args[5].to("meta")
+    with pytest.raises(ValueError, match="different devices.*w_down is on meta"):
+        swiglu_mlp(*args)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(RuntimeError, match="set TRITON_INTERPRET=1 before importing triton"):
+        swiglu_mlp(*_good())
+
+
+def test_custom_ops_called_directly_check_shapes(device):
+    fwd, bwd = torch.ops.tritongpt.swiglu_mlp_fwd, torch.ops.tritongpt.swiglu_mlp_bwd
+    x, wg, bg, wu, bu, wd, bd = (t.to(device) for t in _good(12, 20))
+    x = torch.randn(5, 12, device=device)
+    with pytest.raises(ValueError, match=r"w_up has shape \(20, 10\), expected \(20, 12\)"):
+        fwd(x, wg, None, wu[:, :10], None, wd, None)
+    y, g, u = fwd(x, wg, bg, wu, bu, wd, bd)
+    with pytest.raises(ValueError, match=r"u has shape \(5, 12\), expected \(5, 20\)"):
+        bwd(torch.ones_like(y), x, g, u[:, :12], wg, wu, wd, [True] * 7)
+    with pytest.raises(TypeError, match="dtype mismatch: x is float32, g is float16"):
+        bwd(torch.ones_like(y), x, g.half(), u, wg, wu, wd, [True] * 7)
+    with pytest.raises(ValueError, match="needs must hold 7 flags"):
+        bwd(torch.ones_like(y), x, g, u, wg, wu, wd, [True] * 5)
+    torch.library.opcheck(fwd.default, (x, wg, bg, wu, None, wd, bd))
+    torch.library.opcheck(bwd.default, (torch.randn_like(y), x, g, u, wg, wu, wd, [True, False, True, True, False,
+                                                                                   True, False]))
+    with pytest.raises(Exception, match=r"w_gate has shape \(20, 10\)"):
+        torch.compile(lambda x, wg, wu, wd: fwd(x, wg, None, wu, None, wd, None), backend="eager", fullgraph=True)(
+            x, wg[:, :10], wu, wd)
+
+
+def test_torch_compile_block_fullgraph(device):
+    """A pre-LN SwiGLU sublayer (both custom ops) compiles as one graph and matches eager."""
+    gen = torch.Generator().manual_seed(6)
+    x, *weights = make(None, 24, 72, torch.float32, device, gen, lead=(2, 5))
+    lw = (1 + 0.1 * torch.randn(24, generator=gen)).to(device).requires_grad_()
+    lb = (0.1 * torch.randn(24, generator=gen)).to(device).requires_grad_()
+    params = (x, lw, lb, *weights)
+
+    def block(x, lw, lb, *w):
+        return x + swiglu_mlp(layer_norm(x, lw, lb), *w)
+
+    compiled = torch.compile(block, backend="aot_eager", fullgraph=True)
+    y = compiled(*params)
+    y.square().sum().backward()
+    got = [y.detach()] + [p.grad.clone() for p in params]
+    for p in params:
+        p.grad = None
+    y = block(*params)
+    y.square().sum().backward()
+    for i, (g, e) in enumerate(zip(got, [y] + [p.grad for p in params])):
+        assert_close_rel(g, e, 1e-6, f"compiled output/grad #{i}")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("C", [768, 1024, 1600])
+def test_gpt2_widths_cuda_bf16(C):
+    check_parity(4096, C, swiglu_hidden(C), torch.bfloat16, torch.device("cuda"), seed=C)
+
+
+@pytest.mark.cuda
+def test_odd_sizes_cuda():
+    dev = torch.device("cuda")
+    check_parity(4099, 768, 2048, torch.float32, dev, seed=1)
+    check_parity(1000, 100, 264, torch.float16, dev, seed=2)
+    check_parity(None, 1600, 4288, torch.bfloat16, dev, seed=3, lead=(3, 333))
+
+
+# -- the model option ---------------------------------------------------------------------------
+
+TINY4 = dict(vocab_size=67, context_length=24, n_embd=64, n_layer=2, n_head=4)
+
+
+def test_mlp_config(tmp_path):
+    """GPTConfig.mlp by name, mlp_hidden only for SwiGLU; Llama's rule; saved with the weights and
+    read back; a config from before the fields reads as GPT-2's GELU MLP."""
+    for bad in ("relu", "SwiGLU", None):
+        with pytest.raises(UserError, match="GPTConfig.mlp must be one of gelu, swiglu"):
+            GPTConfig(**TINY4, mlp=bad)
+    for bad in (-1, 2.5, True):
+        with pytest.raises(UserError, match="GPTConfig.mlp_hidden must be an integer >= 0"):
+            GPTConfig(**TINY4, mlp="swiglu", mlp_hidden=bad)
+    with pytest.raises(UserError, match="GPTConfig.mlp_hidden 100 is the SwiGLU MLP's hidden size"):
+        GPTConfig(**TINY4, mlp_hidden=100)
+    assert [swiglu_hidden(c) for c in (64, 128, 768, 1024, 1600)] == [192, 384, 2048, 2752, 4288]
+    assert GPTConfig(**TINY4).ff_hidden == 256 and GPTConfig(**TINY4, mlp="swiglu").ff_hidden == 192
+    model = GPTModel(GPTConfig(**TINY4, mlp="swiglu", mlp_hidden=136))
+    assert isinstance(model.trf_blocks[1].ff, SwiGLUFeedForward)
+    assert model.trf_blocks[1].ff.w_up.weight.shape == (136, 64)
+    model.save(tmp_path / "m.safetensors")
+    back = GPTModel.load(tmp_path / "m.safetensors")
+    assert (back.config.mlp, back.config.ff_hidden) == ("swiglu", 136)
+    assert torch.equal(back.trf_blocks[0].ff.w_gate.weight, model.trf_blocks[0].ff.w_gate.weight)
+    old = {k: v for k, v in GPTConfig(**TINY4).to_dict().items() if k not in ("mlp", "mlp_hidden")}
+    assert GPTConfig.from_dict(old).mlp == "gelu"
+    # GPT-2 small's parameters with either MLP: 3 x 768 x 2048 is 8 x 768^2, only the biases differ
+    with torch.device("meta"):
+        gelu, swiglu = (GPTModel(GPTConfig(mlp=m)).num_params() for m in ("gelu", "swiglu"))
+    assert swiglu - gelu == 12 * (2 * 2048 + 768 - 4 * 768 - 768)
+    # the residual-writing projection gets GPT-2's scaled init, as fc2 does
+    torch.manual_seed(0)
+    big = GPTModel(GPTConfig(**{**TINY4, "n_embd": 256}, mlp="swiglu"))
+    assert abs(big.trf_blocks[0].ff.w_down.weight.std().item() - 0.02 / math.sqrt(4)) < 1e-3
+    assert abs(big.trf_blocks[0].ff.w_up.weight.std().item() - 0.02) < 1e-3
+
+
+@pytest.mark.parametrize("bias,hidden", [(True, 0), (False, 136)])
+def test_swiglu_model_triton_path_matches_reference_fp32(bias, hidden, device):
+    """mlp="swiglu": logits, loss and every gradient (w_gate, w_up, w_down, ...) on both paths;
+    the toggle's "mlp" alone switches the SwiGLU MLP."""
+    from tritongpt.model.toggle import KERNEL_NAMES
+
+    assert KERNEL_NAMES == ("layernorm", "mlp", "attention", "cross_entropy", "rope")  # no new name
+    torch.manual_seed(20 + hidden)
+    model = _randomize(GPTModel(GPTConfig(**TINY4, mlp="swiglu", mlp_hidden=hidden, bias=bias))).to(device)
+    idx = torch.randint(0, 67, (2, 19), device=device)
+    _compare_paths(model, idx, torch.roll(idx, -1, 1), 1e-4)
+    model.set_kernels("mlp")
+    assert all(b.ff.use_triton for b in model.trf_blocks) and not model.trf_blocks[0].att.use_triton
+    model.set_kernels("attention")
+    assert not any(b.ff.use_triton for b in model.trf_blocks)
+
+
+def test_swiglu_model_compiles_in_one_graph(device):
+    torch.manual_seed(7)
+    model = _randomize(GPTModel(GPTConfig(**TINY4, mlp="swiglu"))).to(device).set_kernels("mlp")
+    idx = torch.randint(0, 67, (2, 19), device=device)
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    loss = compiled(idx, targets=torch.roll(idx, -1, 1))
+    assert_close_rel(loss.detach(), model(idx, targets=torch.roll(idx, -1, 1)).detach(), 1e-6, "compiled loss")
+
+
+def test_lora_on_a_swiglu_mlp(device):
+    """LoRA's "mlp" target on a SwiGLU model adapts w_gate, w_up and w_down (peft's gate_proj,
+    up_proj, down_proj); the Triton path gives the reference's A and B gradients; merging keeps
+    the logits."""
+    from tritongpt.model.lora import add_lora, lora_linears, merge_lora
+
+    torch.manual_seed(9)
+    model = _randomize(GPTModel(GPTConfig(**TINY4, mlp="swiglu"))).to(device)
+    add_lora(model, rank=4, targets="mlp")
+    names = [n.split(".", 2)[2] for n, _ in lora_linears(model)]
+    assert names == ["ff.w_gate", "ff.w_up", "ff.w_down"] * 2
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n.endswith("lora_B"):
+                p.normal_(0, 0.05)  # B starts at zero; a trained one gives gradients to A too
+    idx = torch.randint(0, 67, (2, 19), device=device)
+    grads = {}
+    for path in ("reference", "mlp"):
+        model.set_kernels(path).zero_grad()
+        model(idx, targets=torch.roll(idx, -1, 1)).backward()
+        grads[path] = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    assert len(grads["mlp"]) == 12  # A and B of 3 matrices in 2 blocks; nothing else trains
+    for n in grads["reference"]:
+        assert_close_rel(grads["mlp"][n], grads["reference"][n], 1e-4, n)
+    with torch.no_grad():
+        before = model.set_kernels("reference")(idx)
+        assert_close_rel(merge_lora(model)(idx), before, 1e-5, "merged logits")
+
+
+def test_export_refuses_a_swiglu_model():
+    from tritongpt.train.gpt2_weights import refuse_not_gpt2
+    from tritongpt.train.gpt_neo_weights import refuse_not_gpt_neo
+
+    model = GPTModel(GPTConfig(**TINY4, mlp="swiglu"))
+    with pytest.raises(UserError, match=r"this model has a SwiGLU MLP \(mlp swiglu: w_gate, w_up, w_down, hidden "
+                                        r"192\), where Hugging Face's GPT-2 has GELU's c_fc and c_proj: it cannot "
+                                        r"be exported as a GPT-2 folder"):
+        refuse_not_gpt2(model, "a GPT-2 folder")
+    neo = GPTModel(GPTConfig(**TINY4, mlp="swiglu", scale_attention=False, qkv_bias=False))
+    with pytest.raises(UserError, match=r"SwiGLU MLP .*where Hugging Face's GPT-Neo has GELU's c_fc and c_proj"):
+        refuse_not_gpt_neo(neo, "a GPT-Neo folder")
+    refuse_not_gpt2(GPTModel(GPTConfig(**TINY4)), "a GPT-2 folder")  # GELU: GPT-2 itself
+
+
+def test_flops_per_token_counts_swiglus_three_matrices():
+    """bench train's and the trainers' MFU count: 6 FLOPs a token per weight, so a SwiGLU layer's
+    MLP counts 6 x 3 C H (H its hidden size), not GPT-2's 6 x 8 C^2."""
+    from tritongpt.train.loop import attention_forward_flops, flops_per_token
+
+    for hidden in (0, 136):
+        cfg = GPTConfig(**TINY4, mlp="swiglu", mlp_hidden=hidden, bias=False)
+        n = GPTModel(cfg).num_params(non_embedding=True)
+        C, H, L, V = 64, cfg.ff_hidden, 2, 67
+        matrices = V * C + L * (4 * C * C + 3 * C * H)
+        norms = (2 * L + 1) * 2 * C
+        assert n == matrices + norms
+        assert flops_per_token(cfg, n, 19) == 6 * (matrices + norms) + 3 * attention_forward_flops(cfg, 19)
+
+
+# -- pretrain ------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    from types import SimpleNamespace
+
+    from tritongpt.train.data import load_text
+    from tritongpt.train.tokenizer import BPETokenizer
+
+    d = tmp_path_factory.mktemp("corpus")
+    text = load_text("pydoc")[:16000]
+    (d / "small.txt").write_text(text)
+    BPETokenizer.train(text, 300, name="small").save(d / "tok.json")
+    return SimpleNamespace(text=d / "small.txt", tok=d / "tok.json", cache=d / "cache")
+
+
+def test_pretrain_mlp_swiglu_end_to_end(corpus, tmp_path, capsys, one_thread):
+    """pretrain --mlp swiglu --mlp-hidden: a SwiGLU model, saved as one; --init keeps it (another
+    MLP refused by name); a resume with another MLP or hidden size refused by name before the
+    weights' shapes; export refused; info counts its parameters; GPT-2's weights cannot become one."""
+    from tritongpt.cli import main
+
+    def argv(out, *extra):
+        return ["pretrain", "--data", str(corpus.text), "--tokenizer", str(corpus.tok), "--cache-dir",
+                str(corpus.cache), "--out-dir", str(out), "--device", "cpu", "--kernels", "reference",
+                "--block-size", "32", "--batch-size", "4", "--sample-tokens", "0", "--log-every", "0",
+                "--eval-every", "0", *extra]
+
+    flags = ("--mlp", "swiglu", "--mlp-hidden", "200")
+    assert main(argv(tmp_path / "sw", "--max-steps", "1", *flags)) == 0
+    assert ", SwiGLU MLP (hidden 200)) on cpu" in capsys.readouterr().out
+    model = GPTModel.load(tmp_path / "sw" / "ckpt-0000001" / "model.safetensors")
+    assert (model.config.mlp, model.config.ff_hidden) == ("swiglu", 200)
+    init = ("--init", str(tmp_path / "sw"), "--max-steps", "1")
+    assert main(argv(tmp_path / "again", *init, "--mlp", "gelu")) == 2
+    assert "--mlp gelu would change what --init's model computes (its mlp is swiglu)" in capsys.readouterr().err
+    assert main(argv(tmp_path / "again", *init, "--mlp-hidden", "256")) == 2
+    assert "--mlp-hidden 256 would change the shapes of --init's weights (its swiglu MLP's hidden size is 200)" \
+        in capsys.readouterr().err
+    assert main(argv(tmp_path / "again", *init, *flags)) == 0
+    capsys.readouterr()
+    more = ("--max-steps", "2", "--resume")
+    assert main(argv(tmp_path / "sw", *more)) == 2
+    assert "model has a SwiGLU MLP of hidden size 200, this run's model has a GELU MLP: pass --mlp swiglu " \
+           "--mlp-hidden 200" in capsys.readouterr().err
+    assert main(argv(tmp_path / "sw", *more, "--mlp", "swiglu")) == 2
+    assert "this run's model has a SwiGLU MLP of hidden size 384" in capsys.readouterr().err
+    assert main(argv(tmp_path / "sw", *more, *flags)) == 0
+    capsys.readouterr()
+    assert main(argv(tmp_path / "bad", "--mlp-hidden", "200")) == 2
+    assert "--mlp-hidden 200 is the SwiGLU MLP's hidden size: without --mlp swiglu it does nothing" in \
+        capsys.readouterr().err
+    assert main(argv(tmp_path / "bad", "--mlp", "swiglu", "--mlp-hidden", "0")) == 2
+    assert "--mlp-hidden must be a positive integer, got 0" in capsys.readouterr().err
+    assert main(argv(tmp_path / "bad", "--init", "gpt2-small", "--mlp", "swiglu")) == 2
+    assert "--init gpt2-small: GPT-2's weights have a GELU MLP (fc1, fc2), not SwiGLU's gate, up and down: " \
+           "--mlp swiglu cannot start from them" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(argv(tmp_path / "bad", "--mlp", "relu"))
+    assert "--mlp: invalid choice: 'relu'" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
+    assert main(["export", str(tmp_path / "sw"), "--out", str(tmp_path / "hf")]) == 2
+    assert "this model has a SwiGLU MLP (mlp swiglu: w_gate, w_up, w_down, hidden 200)" in capsys.readouterr().err
+    assert not (tmp_path / "hf").exists()
+    assert main(["info", "--weights", str(tmp_path / "sw")]) == 0
+    out = capsys.readouterr().out
+    assert "  mlp             swiglu\n" in out and "  mlp_hidden      200\n" in out
+    assert f"parameters   {model.num_params():,} (" in out
