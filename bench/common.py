@@ -43,6 +43,13 @@ def mlp_flops(m: int, c: int, mode: str, hidden: int | None = None) -> int:
     return {"fwd": fwd, "bwd": 2 * fwd, "fwd+bwd": 3 * fwd}[_check_mode(mode)]
 
 
+def swiglu_flops(m: int, c: int, hidden: int, mode: str) -> int:
+    """SwiGLU MLP on m rows: x @ W_gate^T and x @ W_up^T ([c] -> [hidden]), then @ W_down^T
+    ([hidden] -> [c]); backward 2x forward, as mlp_flops. silu(g) * u is elementwise, left out."""
+    fwd = 2 * matmul_flops(m, hidden, c) + matmul_flops(m, c, hidden)
+    return {"fwd": fwd, "bwd": 2 * fwd, "fwd+bwd": 3 * fwd}[_check_mode(mode)]
+
+
 def attention_flops(b: int, h: int, tq: int, tk: int, d: int, causal: bool, mode: str) -> float:
     """Attention core: S = Q K^T and O = P V, 2*Tq*Tk*D FLOPs each, per (batch, head).
 

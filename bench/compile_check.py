@@ -108,7 +108,8 @@ def capture(quick=False, half="bfloat16"):
     from triton.runtime.autotuner import Autotuner
     from triton.runtime.jit import JITFunction
 
-    from tritongpt.kernels import attention, cross_entropy, layernorm, mlp, rope
+    from tritongpt.kernels import attention, cross_entropy, layernorm, mlp, rope, swiglu
+    from tritongpt.model.layers import swiglu_hidden
 
     launches, case = [], [""]
 
@@ -153,6 +154,13 @@ def capture(quick=False, half="bfloat16"):
             w2, b2 = torch.empty(c, 4 * c, dtype=dt, **meta), torch.empty(c, dtype=dt, **meta)
             _, h = mlp._fwd_launch(x, w1, b1, w2, b2)
             mlp._bwd_launch(torch.empty_like(x), x, h, w1, w2)
+            # the SwiGLU MLP (Llama's bias-free one): gate and up in one pass, its epilogues and
+            # prologue, dx's two products in one launch
+            hs = swiglu_hidden(c)
+            case[0] = f"swiglu {name} {TOKENS}x{c}->{hs}"
+            wg, wd = torch.empty(hs, c, dtype=dt, **meta), torch.empty(c, hs, dtype=dt, **meta)
+            _, g, u = swiglu._fwd_launch(x, wg, None, wg, None, wd, None)
+            swiglu._bwd_launch(torch.empty_like(x), x, g, u, wg, wg, wd)
 
             for width in (VOCAB, PADDED_VOCAB):  # GPT-2's rows, and rows padded to a multiple of 64
                 case[0] = f"cross_entropy {name} {TOKENS}x{width} ({VOCAB} classes)"

@@ -42,6 +42,11 @@ at positions 0..T-1: the reference Rotary module (cos/sin made each call, as the
 compiled, ours (cos/sin in the kernel) and Liger's liger_rotary_pos_emb, which reads HF-style
 cos/sin tables [1, T, D] in q's dtype, made once before the timing (a model makes them once per
 forward): its rows leave that out.
+swiglu is Llama's bias-free MLP, w_down(silu(w_gate x) * w_up x), at GPT-2's widths with Llama's
+hidden size (model/layers.py swiglu_hidden: 2048 at 768): the reference SwiGLUFeedForward, it
+compiled, ours (gate and up in one matmul pass, silu(g) * u in its epilogue) and Liger's
+LigerSwiGLUMLP, which runs the three matmuls as nn.Linear (cuBLAS) and fuses only silu(g) * u
+(LigerSiLUMulFunction). It runs last of all. Its saved rows: activation bytes kept for backward.
 Modes: fwd (inputs require grad, as in training), bwd (backward of a kept graph,
 retain_graph=True), fwd+bwd. Backward starts from a random gradient, or from 1 for a loss (as
 loss.backward() does). Gradients are reset to None before each timed call.
@@ -52,7 +57,7 @@ import torch.nn.functional as F
 from tritongpt.bench.common import (MODES, add_layernorm_bytes, attention_flops, cross_entropy_bytes, rope_bytes,
                                     document_attention_flops,
                                     dtype_name, gbps, is_ok, layernorm_bytes, lm_head_flops,
-                                    make_row, matmul_flops, mlp_flops, reason_of,
+                                    make_row, matmul_flops, mlp_flops, reason_of, swiglu_flops,
                                     tflops, try_import, window_attention_flops)
 from tritongpt.kernels._common import saved_tensor_bytes
 from tritongpt.train.common import is_oom
@@ -90,6 +95,8 @@ PROVIDERS = {
     # RMSNorm (GPTConfig.norm "rmsnorm"), alone and after a block's residual add
     "rmsnorm": ("reference", "torch", "compile", "triton", "liger"),
     "add_rmsnorm": ("reference", "torch", "compile", "triton"),
+    # Llama's SwiGLU MLP (GPTConfig.mlp "swiglu"), bias-free
+    "swiglu": ("reference", "compile", "triton", "liger"),
 }
 DOCUMENTS_PER_ROW = 8  # doc_attention: random lengths, this many per sequence
 SMOOTH_Z = dict(label_smoothing=0.1, z_loss=1e-4)  # lm_head_loss_smooth_z's options (1e-4: PaLM's z-loss)
@@ -323,6 +330,48 @@ def mlp_providers(x, w1, b1, w2, b2):
         return (lambda: fn(x, w1, b1, w2, b2)), [x, w1, b1, w2, b2]
 
     return {"reference": reference, "torch": torch_op, "compile": compiled, "triton": triton_op}
+
+
+def swiglu_providers(x, wg, wu, wd):
+    from tritongpt.model.layers import SwiGLUFeedForward
+
+    c, h = x.shape[-1], wg.shape[0]
+
+    def module():
+        m = SwiGLUFeedForward(c, h, bias=False).to(x.device, x.dtype)
+        with torch.no_grad():
+            for p, w in zip(m.parameters(), (wg, wu, wd)):
+                p.copy_(w)
+        return m
+
+    def reference():
+        m = module()
+        return (lambda: m(x)), [x, *m.parameters()]
+
+    def compiled():
+        m = module()
+        cm = _fresh_compile(m)
+        return (lambda: cm(x)), [x, *m.parameters()]
+
+    def triton_op():
+        fn, why = try_import("tritongpt.kernels.swiglu", "swiglu_mlp")
+        if fn is None:
+            raise Unavailable(why)
+        return (lambda: fn(x, wg, None, wu, None, wd, None)), [x, wg, wu, wd]
+
+    def liger():
+        cls, why = try_import("liger_kernel.transformers.swiglu", "LigerSwiGLUMLP")
+        if cls is None:
+            raise Unavailable(why)
+        from types import SimpleNamespace
+
+        m = cls(SimpleNamespace(hidden_size=c, intermediate_size=h, hidden_act="silu")).to(x.device, x.dtype)
+        with torch.no_grad():
+            for lin, w in ((m.gate_proj, wg), (m.up_proj, wu), (m.down_proj, wd)):
+                lin.weight.copy_(w)
+        return (lambda: m(x)), [x, *m.parameters()]
+
+    return {"reference": reference, "compile": compiled, "triton": triton_op, "liger": liger}
 
 
 def _sdpa_on(backend_name, q, k, v, **options):
@@ -933,23 +982,47 @@ def sweep_mlp(timer, budget, rows_m, widths, dtype, modes=MODES, providers=None)
     return out
 
 
-def mlp_saved_rows(cfg, builders, providers=None):
+def sweep_swiglu(timer, budget, rows_m, widths, dtype, modes=MODES, providers=None):
+    """Llama's bias-free SwiGLU MLP at each width, its hidden size by Llama's rule."""
+    from tritongpt.model.layers import swiglu_hidden
+
+    out = []
+    dev = timer.device
+    for c in widths:
+        h = swiglu_hidden(c)
+        cfg = {"rows": rows_m, "width": c, "hidden": h, "dtype": dtype_name(dtype), "bias": False}
+        x = randn(rows_m, c, device=dev, dtype=dtype)
+        wg = randn(h, c, device=dev, dtype=dtype, scale=c ** -0.5)
+        wu = randn(h, c, device=dev, dtype=dtype, scale=c ** -0.5)
+        wd = randn(c, h, device=dev, dtype=dtype, scale=h ** -0.5)
+        builders = swiglu_providers(x, wg, wu, wd)
+        out += bench_providers("swiglu", cfg, builders, modes, timer, budget,
+                               lambda m: {"flops": swiglu_flops(rows_m, c, h, m)}, providers)
+        out += mlp_saved_rows(cfg, builders, providers, op="swiglu")
+        del x, wg, wu, wd, builders
+        timer.cleanup()
+    return out
+
+
+def mlp_saved_rows(cfg, builders, providers=None, op="mlp"):
     """Activation memory: bytes autograd keeps for backward (parameters not counted)."""
     rows = []
-    for name in ("reference", "torch", "triton"):
+    for name in ("reference", "torch", "triton", "liger"):
+        if name not in builders:
+            continue
         if providers is not None and name not in providers:
             continue
         try:
             forward, leaves = builders[name]()
             params = leaves[1:]  # leaves[0] is the input x, which does count
             nbytes, y = saved_tensor_bytes(forward, exclude=params)
-            rows.append(make_row("kernels", "mlp", name, cfg, "saved", saved_bytes=nbytes,
+            rows.append(make_row("kernels", op, name, cfg, "saved", saved_bytes=nbytes,
                                  output_bytes=y.numel() * y.element_size()))
             del forward, leaves, y
         except Unavailable as e:
-            rows.append(make_row("kernels", "mlp", name, cfg, "saved", f"skipped: {e}"))
+            rows.append(make_row("kernels", op, name, cfg, "saved", f"skipped: {e}"))
         except Exception as e:
-            rows.append(make_row("kernels", "mlp", name, cfg, "saved", f"failed: {reason_of(e)}"))
+            rows.append(make_row("kernels", op, name, cfg, "saved", f"failed: {reason_of(e)}"))
     return rows
 
 
@@ -1168,16 +1241,18 @@ def _sweep_plan(sizes, part):
             "lm_head_loss_softcap": [sizes["head_widths"]] if part == "rest" else [],
             # grouped-query attention: after everything above (_run_plan)
             "gqa_attention": [(sizes["gqa_seqlens"], sizes["gqa_heads"])] if part == "rest" else [],
-            # RMSNorm, alone then after the residual add, at LayerNorm's widths: last of all
+            # RMSNorm, alone then after the residual add, at LayerNorm's widths
             "rmsnorm": [sizes["ln_widths"]] if part == "rest" else [],
-            "add_rmsnorm": [sizes["ln_widths"]] if part == "rest" else []}
+            "add_rmsnorm": [sizes["ln_widths"]] if part == "rest" else [],
+            # the SwiGLU MLP at the GELU-MLP's widths: last of all (_run_plan)
+            "swiglu": [sizes["mlp_widths"]] if part == "rest" else []}
     return {op: [a for a in args if a] for op, args in plan.items()}
 
 
 def run_kernels(timer, budget, dtype=torch.bfloat16,
                 ops=("layernorm", "mlp", "attention", "cross_entropy", "lm_head_loss", "doc_attention",
                      "window_attention", "add_layernorm", "rope", "lm_head_loss_smooth_z", "lm_head_loss_softcap",
-                     "gqa_attention", "rmsnorm", "add_rmsnorm"),
+                     "gqa_attention", "rmsnorm", "add_rmsnorm", "swiglu"),
                 modes=MODES, providers=None, sizes=None, ceiling_sizes=None, log=print):
     """All sweeps plus the ceilings; returns (rows, ceilings).
 
@@ -1185,9 +1260,9 @@ def run_kernels(timer, budget, dtype=torch.bfloat16,
     (seconds of compiling per shape) after the other providers, so that when the time budget
     runs out it is the wider sweep's compiled baselines that go missing. lm_head_loss_smooth_z, then
     lm_head_loss_softcap (variants of lm_head_loss) come after all of those, each whole (every
-    provider's, compiled ones too) before the next, gqa_attention after them, and rmsnorm then
-    add_rmsnorm after it (the newest ops), so a short budget drops them first, then gqa_attention,
-    then the soft cap.
+    provider's, compiled ones too) before the next, gqa_attention after them, then rmsnorm,
+    add_rmsnorm and swiglu (the newest ops), so a short budget drops swiglu first, then the
+    RMSNorms, then gqa_attention, then the soft cap.
     """
     sizes = dict(FULL_SIZES, **(sizes or {}))
     log("measuring ceilings (device copy bandwidth, bf16 matmul) ...")
@@ -1268,6 +1343,10 @@ def _run_plan(rows, timer, budget, dtype, ops, modes, sizes, groups, log):
                 for widths in plan[op] if op in ops else ():
                     log(f"{what} ({part}{label}): widths {list(widths)} x {sizes['ln_rows']}+ rows ...")
                     rows += sweep(timer, budget, sizes["ln_rows"], widths, dtype, modes, provs)
+        for provs, label in groups:
+            for widths in plan["swiglu"] if "swiglu" in ops else ():
+                log(f"swiglu-mlp ({part}{label}): widths {list(widths)} x {sizes['mlp_rows']} rows ...")
+                rows += sweep_swiglu(timer, budget, sizes["mlp_rows"], widths, dtype, modes, provs)
 
 
 def sort_rows(rows):

@@ -325,6 +325,7 @@ def plot_kernels(rows, ceilings, out_dir) -> list:
              "rmsnorm": ("width", "gbps", "GB/s", "copy"),
              "add_rmsnorm": ("width", "gbps", "GB/s", "copy"),
              "mlp": ("width", "tflops", "TFLOPS", "matmul"),
+             "swiglu": ("width", "tflops", "TFLOPS", "matmul"),
              "attention": ("seq_len", "tflops", "TFLOPS", "matmul"),
              "doc_attention": ("seq_len", "tflops", "TFLOPS", "matmul"),
              "window_attention": ("seq_len", "tflops", "TFLOPS", "matmul"),

@@ -509,10 +509,12 @@ def test_run_kernels_end_to_end_on_cpu():
     # layernorm, mlp, attention, cross_entropy, lm_head_loss, documents (reference), a window of 20 (reference,
     # T=32 only: at 16 it would be causal attention), residual add + layernorm, lm_head_loss with label
     # smoothing and z-loss, lm_head_loss on soft-capped logits, rope at 2 and 3 heads (reference),
-    # grouped-query attention (reference, sdpa-flash), rmsnorm and residual add + rmsnorm at 2 widths
+    # grouped-query attention (reference, sdpa-flash), rmsnorm and residual add + rmsnorm at 2 widths,
+    # the SwiGLU MLP (reference)
     assert len(timed) == (2 * 2 * 3 + 1 * 2 * 3 + 2 * 2 * 3 + 1 * 2 * 3 + 1 * 2 * 3 + 2 * 3 + 3 + 2 * 2 * 3 + 1 * 2 * 3
-                          + 1 * 2 * 3 + 2 * 3 + 2 * 3 + 2 * 2 * 3 + 2 * 2 * 3)
+                          + 1 * 2 * 3 + 2 * 3 + 2 * 3 + 2 * 2 * 3 + 2 * 2 * 3 + 3)
     assert {r["config"]["width"] for r in timed if r["op"] in ("rmsnorm", "add_rmsnorm")} == {40, 24}
+    assert [(r["config"]["width"], r["config"]["hidden"]) for r in timed if r["op"] == "swiglu"] == [(8, 64)] * 3
     assert [(r["config"]["batch"], r["config"]["heads"]) for r in timed if r["op"] == "rope"] == \
         [(2, 2)] * 3 + [(2, 3)] * 3
     assert {(r["config"]["heads"], r["config"]["kv_heads"], r["config"]["head_dim"]) for r in timed
@@ -532,6 +534,7 @@ def test_run_kernels_end_to_end_on_cpu():
         key = "pct_of_copy_bw" if by_bytes else "pct_of_matmul"
         assert r[key] > 0
     assert {r["provider"] for r in rows if r["mode"] == "saved"} == {"reference", "torch"}
+    assert [r["provider"] for r in rows if r["mode"] == "saved" and r["op"] == "swiglu"] == ["reference"]
 
 
 def test_target_configurations_are_measured_first_and_exactly_once():
@@ -551,6 +554,7 @@ def test_target_configurations_are_measured_first_and_exactly_once():
     assert first["gqa_attention"] == [] and rest["gqa_attention"] == [(full["gqa_seqlens"], full["gqa_heads"])]
     for op in ("rmsnorm", "add_rmsnorm"):  # LayerNorm's widths, after every target
         assert first[op] == [] and rest[op] == [full["ln_widths"]]
+    assert first["swiglu"] == [] and rest["swiglu"] == [full["mlp_widths"]] == [(768, 1024, 1280, 1600)]
     assert full["gqa_heads"] == ((32, 8, 128), (12, 1, 64)) and full["gqa_seqlens"] == (512, 1024, 2048, 4096, 8192)
     for op, key in (("layernorm", "ln_widths"), ("mlp", "mlp_widths")):
         done = [w for plan in (first, rest) for args in plan[op] for w in args]
@@ -579,6 +583,26 @@ def test_saved_activation_bytes_match_hand_count():
     # torch: x, fc1 output h, gelu(h). reference GELU also keeps tanh(.), 0.5*h and 1+tanh(.).
     assert got["torch"] == (m * c + 2 * m * 4 * c) * 4
     assert got["reference"] == (m * c + 5 * m * 4 * c) * 4
+
+
+def test_swiglu_flops_and_saved_bytes_match_hand_count():
+    """swiglu's FLOPs: three [c, hidden] matmuls forward, twice that backward. Its saved rows: the
+    reference keeps x, g, silu(g), u and a; ours x, g and u (bias-free, fp32)."""
+    from tritongpt.bench.common import swiglu_flops
+
+    assert swiglu_flops(16384, 768, 2048, "fwd") == 3 * 2 * 16384 * 768 * 2048
+    assert swiglu_flops(16384, 768, 2048, "fwd+bwd") == 3 * swiglu_flops(16384, 768, 2048, "fwd")
+    m, c, h = 8, 16, 40
+    torch.manual_seed(0)
+    ws = [kernels.randn(*s, device="cpu", dtype=torch.float32) for s in ((m, c), (h, c), (h, c), (c, h))]
+    rows = kernels.mlp_saved_rows({"width": c}, kernels.swiglu_providers(*ws), providers=("reference", "triton"),
+                                  op="swiglu")
+    got = {r["provider"]: r["saved_bytes"] for r in rows}
+    assert {r["op"] for r in rows} == {"swiglu"}
+    assert got["reference"] == (m * c + 4 * m * h) * 4
+    assert got["triton"] == (m * c + 2 * m * h) * 4
+    liger = kernels.mlp_saved_rows({"width": c}, kernels.swiglu_providers(*ws), providers=("liger",), op="swiglu")
+    assert liger[0]["status"] == "ok" or liger[0]["status"].startswith("skipped:")
 
 
 # -- the SDPA swap used by the reference+compile+sdpa baseline --------------------------------------
@@ -931,7 +955,7 @@ def test_gpu_command_flow_with_cpu_stand_ins(tmp_path, monkeypatch, capsys):
     assert {r["op"] for r in k["rows"]} == {"layernorm", "mlp", "attention", "cross_entropy", "lm_head_loss",
                                             "doc_attention", "window_attention", "add_layernorm", "rope",
                                             "lm_head_loss_smooth_z", "lm_head_loss_softcap", "gqa_attention",
-                                            "rmsnorm", "add_rmsnorm"}
+                                            "rmsnorm", "add_rmsnorm", "swiglu"}
     assert {(r["config"]["heads"], r["config"]["kv_heads"]) for r in k["rows"] if r["op"] == "gqa_attention"} == \
         {(4, 2), (3, 1)}
     ce = [r for r in k["rows"] if r["op"] == "cross_entropy" and r["provider"] == "torch"]
