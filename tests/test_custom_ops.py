@@ -9,6 +9,7 @@ import tritongpt.kernels.cross_entropy  # noqa: F401
 import tritongpt.kernels.layernorm  # noqa: F401
 import tritongpt.kernels.mlp  # noqa: F401
 import tritongpt.kernels.rope  # noqa: F401
+import tritongpt.kernels.swiglu  # noqa: F401
 
 ops = torch.ops.tritongpt
 
@@ -54,6 +55,15 @@ def _mlp_args(device, gen):
             "gelu_mlp_bwd": (torch.randn_like(y), x, h, w1, w2, [True, True, True, False, True])}
 
 
+def _swiglu_args(device, gen):
+    shapes = ((5, 12), (20, 12), (20,), (20, 12), (20,), (12, 20), (12,))
+    x, wg, bg, wu, bu, wd, bd = (_randn(*shape, device=device, gen=gen) for shape in shapes)
+    y, g, u = ops.swiglu_mlp_fwd(x, wg, bg, wu, bu, wd, bd)
+    return {"swiglu_mlp_fwd": (x, wg, bg, wu, bu, wd, bd),
+            "swiglu_mlp_fwd no bias": (x, wg, None, wu, None, wd, None),
+            "swiglu_mlp_bwd": (torch.randn_like(y), x, g, u, wg, wu, wd, [True, True, False, True, True, False, True])}
+
+
 def _cross_entropy_args(device, gen):
     logits = _randn(6, 40, device=device, gen=gen)
     t = torch.randint(0, 37, (6,), generator=gen).to(device)
@@ -93,7 +103,8 @@ def _rope_args(device, gen):
 
 
 MAKERS = {"layer_norm": _layer_norm_args, "rms_norm": _rms_norm_args, "mlp": _mlp_args,
-          "cross_entropy": _cross_entropy_args, "attention": _attention_args, "rope": _rope_args}
+          "cross_entropy": _cross_entropy_args, "attention": _attention_args, "rope": _rope_args,
+          "swiglu": _swiglu_args}
 OPS = [(kernel, op) for kernel, names in (("layer_norm", ("layer_norm_fwd", "layer_norm_bwd", "add_layer_norm_fwd",
                                                          "add_layer_norm_fwd fp16+fp32",
                                                          "layer_norm_bwd ds", "add_layer_norm_bwd",
@@ -104,6 +115,7 @@ OPS = [(kernel, op) for kernel, names in (("layer_norm", ("layer_norm_fwd", "lay
                                                         "rms_norm_bwd ds", "add_rms_norm_bwd",
                                                         "add_rms_norm_bwd no ds")),
                                           ("mlp", ("gelu_mlp_fwd", "gelu_mlp_bwd")),
+                                          ("swiglu", ("swiglu_mlp_fwd", "swiglu_mlp_fwd no bias", "swiglu_mlp_bwd")),
                                           ("cross_entropy", ("checked_targets", "cross_entropy_fwd",
                                                              "cross_entropy_bwd", "cross_entropy_fwd smoothed+z",
                                                              "cross_entropy_bwd smoothed+z", "cross_entropy_fwd softcap",

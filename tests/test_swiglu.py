@@ -93,7 +93,8 @@ def test_strided_views(device):
     M, C, H = 9, 24, 40
     views = (torch.randn(M, 2 * C, generator=gen)[:, 1::2], torch.randn(H, C, generator=gen),
              torch.randn(2 * H, generator=gen)[::2], torch.randn(C, H, generator=gen).t(),
-             torch.randn(H, generator=gen), torch.randn(H, C, generator=gen).t(), torch.randn(3 * C, generator=gen)[::3])
+             torch.randn(H, generator=gen), torch.randn(H, C, generator=gen).t(),
+             torch.randn(3 * C, generator=gen)[::3])
     views = [t.to(device).requires_grad_() for t in views]
     y = swiglu_mlp(*views)
     dy = torch.randn(y.shape, generator=gen).to(device)
