@@ -1679,7 +1679,7 @@ def test_autotune_timings_read_tritons_saved_searches(tmp_path):
     # key's shape differs between a GPU and the interpreter: only the names are compared here)
     assert got["kernel"] == "attention.forward" and got["function"] == "_attn_fwd"
     assert report._tuned_kernel_names()["_matmul_kernel"] == ("mlp.matmul", [
-        "M_BUCKET", "N", "K_BUCKET", "EPILOGUE", "B_GELU", "HAS_BIAS", "stride_ak", "stride_bn"])
+        "M_BUCKET", "N", "K_BUCKET", "EPILOGUE", "B_GELU", "B_SWIGLU", "SUM2", "HAS_BIAS", "stride_ak", "stride_bn"])
     assert [t["config"]["BLOCK_M"] for t in got["timings"]] == [64, 32, 256]
     assert got["timings"][0] == {"config": {"BLOCK_M": 64, "num_warps": 4, "num_stages": 3}, "ms": [0.2, 0.19, 0.21]}
     assert got["timings"][2]["ms"] is None
@@ -2029,7 +2029,8 @@ def test_every_provider_builder_is_in_the_sweep():
              "rope": kernels.rope_providers(q, q),
              "gqa_attention": kernels.gqa_attention_providers(q, q[:, :1], q[:, :1]),
              "rmsnorm": kernels.rmsnorm_providers(x, x[0]),
-             "add_rmsnorm": kernels.add_rmsnorm_providers(x, x, x[0])}
+             "add_rmsnorm": kernels.add_rmsnorm_providers(x, x, x[0]),
+             "swiglu": kernels.swiglu_providers(x, torch.zeros(24, 8), torch.zeros(24, 8), torch.zeros(8, 24))}
     assert set(built) == set(kernels.PROVIDERS)
     for op, builders in built.items():
         assert set(kernels.PROVIDERS[op]) == set(builders), op
@@ -2279,24 +2280,19 @@ def test_lm_head_variants_run_last_of_all_the_soft_cap_last(monkeypatch):
               "window_attention": "sweep_window_attention", "rope": "sweep_rope",
               "lm_head_loss_smooth_z": "sweep_lm_head_loss_smooth_z",
               "lm_head_loss_softcap": "sweep_lm_head_loss_softcap", "gqa_attention": "sweep_gqa_attention",
-              "rmsnorm": "sweep_rmsnorm", "add_rmsnorm": "sweep_add_rmsnorm"}
+              "rmsnorm": "sweep_rmsnorm", "add_rmsnorm": "sweep_add_rmsnorm", "swiglu": "sweep_swiglu"}
     for op, name in sweeps.items():
         monkeypatch.setattr(kernels, name, lambda *a, op=op: calls.append((op, "compile" in a[-1])) or [])
     monkeypatch.setattr(kernels, "measure_ceilings", lambda timer, **k: {})
     kernels.run_kernels(CpuTimer(reps=1), Budget(None), log=lambda s: None)
-    assert calls[-10:] == [("lm_head_loss_smooth_z", False), ("lm_head_loss_smooth_z", True),
-                           ("lm_head_loss_softcap", False), ("lm_head_loss_softcap", True),
-                           ("gqa_attention", False), ("gqa_attention", True),
-                           ("rmsnorm", False), ("rmsnorm", True),
-                           ("add_rmsnorm", False), ("add_rmsnorm", True)]  # the newest ops after them all
-    assert {op for op, _ in calls[:-10]} == set(sweeps) - {"lm_head_loss_smooth_z", "lm_head_loss_softcap",
-                                                            "gqa_attention", "rmsnorm", "add_rmsnorm"}
-    assert ("doc_attention", True) in calls[:-10]
+    newest = ["lm_head_loss_smooth_z", "lm_head_loss_softcap", "gqa_attention", "rmsnorm", "add_rmsnorm", "swiglu"]
+    assert calls[-12:] == [(op, compiled) for op in newest for compiled in (False, True)]  # after them all
+    assert {op for op, _ in calls[:-12]} == set(sweeps) - set(newest)
+    assert ("doc_attention", True) in calls[:-12]
     parser = cli.build_parser()
     default_ops = parser.parse_args(["bench", "kernels"]).ops.split(",")
     assert default_ops == list(inspect.signature(kernels.run_kernels).parameters["ops"].default)
-    assert default_ops[-5:] == ["lm_head_loss_smooth_z", "lm_head_loss_softcap", "gqa_attention", "rmsnorm",
-                                "add_rmsnorm"]
+    assert default_ops[-6:] == newest
     ops, _, _ = bcli.kernel_names(parser.parse_args(["bench", "kernels", "--ops", "lm_head_loss_softcap"]))
     assert ops == ("lm_head_loss_softcap",)
 
