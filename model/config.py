@@ -53,8 +53,10 @@ class GPTConfig:
     rope_theta: float = 10000.0
     # Every norm of the model (each block's two and the final one): "layernorm", GPT-2's
     # (x - mean) / std * weight + bias, or "rmsnorm", x / rms(x) * weight (Llama, Gemma, modded-nanogpt:
-    # no mean subtracted, no bias parameter). Both with eps 1e-5 (GPT-2's, Llama 2's and 3's).
+    # no mean subtracted, no bias parameter). norm_eps is added to the variance or the mean square:
+    # 1e-5 is GPT-2's and Llama 2's and 3's (a Llama's config.json may say 1e-6).
     norm: str = "layernorm"
+    norm_eps: float = 1e-5
     # The MLP: "gelu", GPT-2's Linear(C -> 4C), GELU, Linear(4C -> C); or "swiglu", Llama's
     # w_down(silu(w_gate x) * w_up x) with three matrices of hidden size mlp_hidden (0: Llama's
     # rule, 2/3 of 4C rounded up to a multiple of 64, about GPT-2's parameter count: 2048 at C = 768).
@@ -98,6 +100,9 @@ class GPTConfig:
                             f"got {self.position_encoding!r}")
         if self.norm not in NORMS:
             raise UserError(f"GPTConfig.norm must be one of {', '.join(NORMS)}, got {self.norm!r}")
+        if not is_real(self.norm_eps) or not math.isfinite(self.norm_eps) or not 0 < self.norm_eps < 1:
+            raise UserError(f"GPTConfig.norm_eps must be a number in (0, 1), got {self.norm_eps!r}")
+        self.norm_eps = float(self.norm_eps)
         if not is_real(self.rope_theta) or not math.isfinite(self.rope_theta) or self.rope_theta <= 0:
             raise UserError(f"GPTConfig.rope_theta must be a finite number > 0 (the base of RoPE's frequencies), "
                             f"got {self.rope_theta!r}")

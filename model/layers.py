@@ -112,7 +112,7 @@ NORM_MODULES = {"layernorm": LayerNorm, "rmsnorm": RMSNorm}  # by GPTConfig.norm
 
 def make_norm(cfg):
     """The norm GPTConfig.norm names, of width n_embd: a block's two and the model's final one."""
-    return NORM_MODULES[cfg.norm](cfg.n_embd)
+    return NORM_MODULES[cfg.norm](cfg.n_embd, cfg.norm_eps)
 
 
 class GELU(nn.Module):

@@ -115,7 +115,7 @@ def is_hf_file(path) -> bool:
 
 def load_checkpoint(path, model_name: str | None = None, merge: bool = True) -> GPTModel:
     """A tritongpt checkpoint (file, checkpoint folder or run folder: its newest) or a Hugging
-    Face GPT-2 or GPT-Neo model.safetensors (model_name: the preset, when no config.json says the heads).
+    Face GPT-2, GPT-Neo or Llama model.safetensors (model_name: the preset, when no config.json says the heads).
     A LoRA checkpoint comes merged unless merge is False, and so does a peft adapter folder: its
     base with the update (load_peft_adapter)."""
     from tritongpt.train.common import resolve_checkpoint
@@ -125,9 +125,12 @@ def load_checkpoint(path, model_name: str | None = None, merge: bool = True) -> 
         return load_peft_adapter(adapter_folder(path))
     if str(path).endswith(".safetensors") and is_hf_file(path):
         from tritongpt.train.gpt_neo_weights import is_gpt_neo_file, load_gpt_neo_safetensors
+        from tritongpt.train.llama_weights import is_llama_file, load_llama_safetensors
 
         if is_gpt_neo_file(path):
             return load_gpt_neo_safetensors(path, model_name)
+        if is_llama_file(path):
+            return load_llama_safetensors(path)
         return load_gpt2_safetensors(path, model_name)
     model = GPTModel.load(path)
     if model.config.lora_rank and merge:  # used, not trained on: the plain model its LoRA update makes
@@ -319,6 +322,9 @@ def refuse_not_gpt2(model: GPTModel, what: str) -> None:
         raise UserError(f"this model has grouped-query attention (n_kv_head {cfg.n_kv_head} key/value heads for "
                         f"{cfg.n_head} query heads), which Hugging Face's GPT-2 does not: it cannot be exported "
                         f"as {what}")
+    if cfg.norm_eps != 1e-5:
+        raise UserError(f"this model's norms add eps {cfg.norm_eps:g} (GPTConfig.norm_eps), where Hugging Face's "
+                        f"GPT-2 adds 1e-05: it cannot be exported as {what}")
     if cfg.mlp != "gelu":
         raise UserError(f"this model has a SwiGLU MLP (mlp {cfg.mlp}: w_gate, w_up, w_down, hidden {cfg.ff_hidden}), "
                         f"where Hugging Face's GPT-2 has GELU's c_fc and c_proj: it cannot be exported as {what}")

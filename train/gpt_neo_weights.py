@@ -194,6 +194,9 @@ def refuse_not_gpt_neo(model: GPTModel, what: str) -> None:
     if cfg.mlp != "gelu":
         raise UserError(f"this model has a SwiGLU MLP (mlp {cfg.mlp}: w_gate, w_up, w_down, hidden {cfg.ff_hidden}), "
                         f"where Hugging Face's GPT-Neo has GELU's c_fc and c_proj: it cannot be exported as {what}")
+    if cfg.norm_eps != 1e-5:
+        raise UserError(f"this model's norms add eps {cfg.norm_eps:g} (GPTConfig.norm_eps), where GPT-Neo's add "
+                        f"1e-05: it cannot be exported as {what}")
     if cfg.scale_attention:
         raise UserError("this model scales its attention scores by 1/sqrt(head_dim) (scale_attention True), "
                         f"which GPT-Neo does not: it cannot be exported as {what}")

@@ -294,6 +294,7 @@ def cmd_export(args):
     from tritongpt.train.gpt2_weights import (adapter_base, export_gpt2, export_peft_adapter, load_checkpoint,
                                               refuse_not_gpt2)
     from tritongpt.train.gpt_neo_weights import export_gpt_neo, refuse_not_gpt_neo
+    from tritongpt.train.llama_weights import export_llama, refuse_not_llama
     from tritongpt.train.sft import pick_tokenizer
     from tritongpt.train.tokenizer import EOT, EXPORT_TOKENIZER, RUN_TOKENIZER, is_ours
 
@@ -320,11 +321,15 @@ def cmd_export(args):
         raise UserError(f"{out} already holds {', '.join(taken)}: pass --overwrite or another --out")
     model = load_checkpoint(source, merge=not args.adapter)
     cfg = model.config
-    # unscaled attention scores are GPT-Neo's (with or without its local layers); scaled ones GPT-2's.
-    # Refused before any file goes. (peft targets GPT-Neo's q/k/v apart: its adapters are not written here.)
-    neo = not cfg.scale_attention and not args.adapter
-    family = "GPT-Neo" if neo else "GPT-2"
-    if neo:
+    # RMSNorm or a SwiGLU MLP make a Llama; else unscaled attention scores are GPT-Neo's (with or
+    # without its local layers), scaled ones GPT-2's. Refused before any file goes. (peft targets
+    # GPT-Neo's and Llama's q/k/v apart from GPT-2's c_attn: their adapters are not written here.)
+    llama = (cfg.norm == "rmsnorm" or cfg.mlp == "swiglu") and not args.adapter
+    neo = not cfg.scale_attention and not args.adapter and not llama
+    family = "Llama" if llama else "GPT-Neo" if neo else "GPT-2"
+    if llama:
+        refuse_not_llama(model, "a Llama folder")
+    elif neo:
         refuse_not_gpt_neo(model, "a GPT-Neo folder")
     else:
         refuse_not_gpt2(model, "a peft adapter for GPT-2" if args.adapter else "a GPT-2 folder")
@@ -348,7 +353,8 @@ def cmd_export(args):
     if args.adapter:
         paths = export_peft_adapter(model, out, base)
     else:
-        paths = (export_gpt_neo if neo else export_gpt2)(model, out, tok.special_tokens.get(EOT))
+        export = export_llama if llama else export_gpt_neo if neo else export_gpt2
+        paths = export(model, out, tok.special_tokens.get(EOT))
         fmt = run_template(args.checkpoint)
         if fmt is not None:  # `tritongpt chat --weights OUT` prompts it as the run was tuned
             config = json.loads((out / "config.json").read_text(encoding="utf-8"))

@@ -1,0 +1,233 @@
+"""Llama: a model with RMSNorm, a SwiGLU MLP, RoPE and grouped-query attention is Hugging Face's
+LlamaForCausalLM. Its weights load into GPTModel with transformers' logits on both kernel paths,
+export back to a folder transformers reads, and what this model does not compute is refused by
+name. Tiny random LlamaForCausalLM models (heads of 16: the Triton attention's smallest head dim),
+saved to tmp_path: nothing downloaded."""
+import json
+
+import pytest
+import torch
+
+from parity import assert_close_rel
+from tritongpt.errors import UserError
+from tritongpt.model.config import GPTConfig
+from tritongpt.model.gpt import GPTModel
+from tritongpt.train.gpt2_weights import load_checkpoint
+
+transformers = pytest.importorskip("transformers")
+
+VOCAB, CTX, T = 53, 40, 23
+
+
+def _hf_model(folder, tie=False, bias=False, kv_heads=2, **config):
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=88, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=kv_heads, max_position_embeddings=CTX,
+                                   rms_norm_eps=1e-6, tie_word_embeddings=tie, attention_bias=bias, mlp_bias=bias,
+                                   rope_parameters={"rope_type": "default", "rope_theta": 5000.0},
+                                   bos_token_id=0, eos_token_id=0, **config)
+    hf = transformers.LlamaForCausalLM(cfg).double().eval()
+    with torch.no_grad():  # random init has unit norms and zero biases: make every tensor count
+        for p in hf.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+    hf.save_pretrained(folder)
+    return hf, folder / "model.safetensors"
+
+
+@pytest.mark.parametrize("kw", [{}, {"tie": True, "kv_heads": 1}, {"bias": True, "kv_heads": 4}],
+                         ids=["gqa-untied", "mqa-tied", "mha-biases"])
+def test_logits_match_transformers_on_both_paths(tmp_path, kw):
+    """transformers' logits in float64 within ~1e-7 (its RoPE angles are fp32, computed as
+    1 / base^(2i/D), ours as base^(-2i/D) rounded once: the last bits of the angles differ),
+    and the Triton path's in fp32."""
+    hf, path = _hf_model(tmp_path, **kw)
+    model = load_checkpoint(path).double().eval()
+    c = model.config
+    assert (c.norm, c.mlp, c.position_encoding, c.rope_theta, c.norm_eps, c.mlp_hidden, c.kv_heads, c.bias,
+            c.tie_weights) == ("rmsnorm", "swiglu", "rope", 5000.0, 1e-6, 88, kw.get("kv_heads", 2),
+                               kw.get("bias", False), kw.get("tie", False))
+    idx = torch.randint(0, VOCAB, (2, T))
+    with torch.no_grad():
+        want = hf(idx).logits
+        assert_close_rel(model(idx), want, 1e-6, "reference path")
+        model.float().set_kernels("triton")
+        assert_close_rel(model(idx).double(), want, 1e-5, "triton path")
+
+
+def test_kv_cache_decode_and_greedy_tokens_match(tmp_path):
+    from parity import decode_token_by_token
+    from tritongpt.train.generate import generate
+
+    hf, path = _hf_model(tmp_path)
+    model = load_checkpoint(path).double().eval()
+    idx = torch.randint(0, VOCAB, (1, 9))
+    with torch.no_grad():
+        whole, decoded, cache = decode_token_by_token(model, idx)
+        assert_close_rel(decoded, hf(idx).logits, 1e-6, "decoded over the cache")
+        assert_close_rel(decoded, whole, 1e-12, "decoded against the whole sequence")
+        assert cache.k[0].shape[1] == 2  # the KV heads (GQA): the cache is n_head / n_kv_head smaller
+    ours = generate(model, idx[:, :3], 10)
+    theirs = hf.generate(idx[:, :3], max_new_tokens=10, do_sample=False, pad_token_id=0)
+    assert torch.equal(ours, theirs)
+
+
+def _random_llama(**overrides):
+    """Our own model in Llama's shape, every tensor random."""
+    torch.manual_seed(0)
+    cfg = dict(vocab_size=VOCAB, context_length=CTX, n_embd=64, n_layer=2, n_head=4, n_kv_head=2, bias=False,
+               position_encoding="rope", rope_theta=500.0, norm="rmsnorm", mlp="swiglu", mlp_hidden=72)
+    model = GPTModel(GPTConfig(**{**cfg, **overrides})).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+        model.tok_emb.weight[model.config.vocab_size:] = 0  # padding rows (vocab_multiple) stay zero
+    return model
+
+
+@pytest.mark.parametrize("overrides", [{}, {"tie_weights": False, "vocab_multiple": 16, "norm_eps": 1e-6},
+                                       {"bias": True, "qkv_bias": False, "n_kv_head": 0}],
+                         ids=["tied", "untied-padded-eps", "biases-but-qkv"])
+def test_export_round_trip(tmp_path, overrides):
+    """ours -> Llama folder -> LlamaForCausalLM's logits are ours; load_checkpoint reads it back
+    with the same config (a bias=True model without q/k/v biases goes out with zero ones)."""
+    from tritongpt.train.llama_weights import export_llama
+
+    model = _random_llama(**overrides).double()
+    paths = export_llama(model, tmp_path, eos_token_id=7)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float64).eval()
+    assert type(hf).__name__ == "LlamaForCausalLM" and hf.config.eos_token_id == 7
+    assert hf.config.tie_word_embeddings == model.config.tie_weights
+    idx = torch.randint(0, VOCAB, (2, T))
+    with torch.no_grad():
+        ours = model(idx)
+        assert_close_rel(hf(idx).logits, ours, 1e-6, "exported logits")
+        back = load_checkpoint(paths[0]).double().eval()
+        assert_close_rel(back(idx), ours, 1e-12, "loaded back")
+    want = {k: v for k, v in model.config.to_dict().items() if k not in ("vocab_multiple", "qkv_bias")}
+    assert {k: v for k, v in back.config.to_dict().items() if k in want} == want
+    with pytest.raises(UserError, match="already holds a model"):
+        export_llama(model, tmp_path)
+
+
+@pytest.mark.parametrize("edit, said", [
+    ({"rope_parameters": {"rope_type": "llama3", "rope_theta": 5000.0, "factor": 8.0}},
+     "rope_parameters of type 'llama3'; this model computes unscaled RoPE ('default') only"),
+    ({"rope_parameters": None, "rope_scaling": {"type": "linear", "factor": 2.0}},
+     "rope_scaling of type 'linear'"),
+    ({"hidden_act": "gelu"}, "hidden_act 'gelu'; this model's SwiGLU computes 'silu' only"),
+    ({"head_dim": 32}, "head_dim 32; this model's is hidden_size / num_attention_heads (16) only"),
+    ({"mlp_bias": True}, "attention_bias False and mlp_bias True"),
+    ({"sliding_window": 8}, "sliding_window 8"),
+    ({"intermediate_size": 96}, "says intermediate_size 96, but the weights have 88"),
+    ({"num_hidden_layers": 3}, "says num_hidden_layers 3, but the weights have 2"),
+    ({"rope_parameters": {"rope_type": "default", "rope_theta": -1.0}}, "rope_theta -1.0"),
+])
+def test_config_json_naming_what_this_model_does_not_compute_is_refused(tmp_path, edit, said):
+    _, path = _hf_model(tmp_path)
+    cfg_json = tmp_path / "config.json"
+    d = json.loads(cfg_json.read_text())
+    d.update(edit)
+    cfg_json.write_text(json.dumps(d))
+    with pytest.raises(UserError, match="config.json (has|says) ") as e:
+        load_checkpoint(path)
+    assert said in str(e.value)
+
+
+def test_older_config_json_with_rope_theta_and_without_rms_norm_eps_reads_as_transformers_does(tmp_path):
+    """transformers 4.x wrote rope_theta, not rope_parameters; a config.json without rms_norm_eps
+    means LlamaConfig's default, 1e-6."""
+    _, path = _hf_model(tmp_path)
+    cfg_json = tmp_path / "config.json"
+    d = json.loads(cfg_json.read_text())
+    del d["rope_parameters"], d["rms_norm_eps"]
+    cfg_json.write_text(json.dumps({**d, "rope_theta": 321.0}))
+    c = load_checkpoint(path).config
+    assert (c.rope_theta, c.norm_eps) == (321.0, transformers.LlamaConfig().rms_norm_eps) == (321.0, 1e-6)
+
+
+def test_a_llama_file_without_its_config_json_is_refused_by_name(tmp_path):
+    _, path = _hf_model(tmp_path)
+    (tmp_path / "config.json").unlink()
+    with pytest.raises(UserError, match="looks like a Llama model, whose heads, RoPE base and norm eps are in its "
+                                        "config.json: put that file beside it"):
+        load_checkpoint(path)
+
+
+def _run(tmp_path, model, name="run"):
+    from tritongpt.train.tokenizer import BPETokenizer, save_run_tokenizer
+
+    run = tmp_path / name
+    tok = BPETokenizer.train(" ".join(f"a cat {i} sat on mat {i * 7}." for i in range(200)), 280, name="tiny")
+    save_run_tokenizer(tok, run)
+    model.save(run / "model.safetensors")
+    return run, tok
+
+
+def test_export_command_writes_a_llama_folder_and_refuses_what_llama_does_not_compute(tmp_path, capsys):
+    """`tritongpt export` of an RMSNorm + SwiGLU model writes a Llama folder with the run's tokenizer
+    (generate then gives the same greedy text from either); an RMSNorm or SwiGLU model with another
+    of GPT-2's pieces is refused as a Llama, naming that piece, before anything is written."""
+    from tritongpt import cli
+
+    run, tok = _run(tmp_path, _random_llama(vocab_size=280))
+    out = tmp_path / "llama"
+    assert cli.main(["export", str(run), "--out", str(out)]) == 0
+    assert "Llama with 2 layers" in capsys.readouterr().out
+    assert json.loads((out / "config.json").read_text())["model_type"] == "llama"
+    assert transformers.AutoTokenizer.from_pretrained(out)("a cat")["input_ids"] == tok.encode("a cat")
+    texts = []
+    for weights in (run / "model.safetensors", out / "model.safetensors"):
+        assert cli.main(["generate", "--weights", str(weights), "--prompt", "a cat", "--temperature", "0",
+                         "--max-new-tokens", "6", "--device", "cpu", "--kernels", "reference"]) == 0
+        texts.append(capsys.readouterr().out)
+    assert texts[0] == texts[1] and texts[0].startswith("a cat")
+
+    for overrides, said in (({"position_encoding": "learned"}, "learns position embeddings (position_encoding "
+                                                               "learned), where Llama rotates q and k (RoPE)"),
+                            ({"norm": "layernorm"}, "normalizes with layernorm, where Llama has RMSNorms"),
+                            ({"mlp": "gelu", "mlp_hidden": 0}, "has a GELU MLP, where Llama's is SwiGLU"),
+                            ({"scale_attention": False}, "does not scale its attention scores by 1/sqrt(head_dim)"),
+                            ({"attention_window": 8}, "has local attention (attention_window 8)"),
+                            ({"logit_softcap": 5.0}, "soft-caps its logits (logit_softcap 5)")):
+        bad, _ = _run(tmp_path, _random_llama(vocab_size=280, **overrides), "bad")
+        assert cli.main(["export", str(bad), "--out", str(tmp_path / "refused"), "--overwrite"]) == 2
+        err = capsys.readouterr().err
+        assert said in err and "it cannot be exported as a Llama folder" in err
+        assert not (tmp_path / "refused").exists()
+
+
+def test_gpt2_and_gpt_neo_exports_refuse_another_norm_eps():
+    from tritongpt.train.gpt2_weights import refuse_not_gpt2
+    from tritongpt.train.gpt_neo_weights import refuse_not_gpt_neo
+
+    model = GPTModel(GPTConfig(vocab_size=VOCAB, context_length=8, n_embd=16, n_layer=1, n_head=1, norm_eps=1e-6))
+    with pytest.raises(UserError, match=r"norms add eps 1e-06 \(GPTConfig.norm_eps\), where Hugging Face's GPT-2 adds"):
+        refuse_not_gpt2(model, "a GPT-2 folder")
+    model.config.scale_attention, model.config.qkv_bias = False, False
+    with pytest.raises(UserError, match=r"norms add eps 1e-06 \(GPTConfig.norm_eps\), where GPT-Neo's add 1e-05"):
+        refuse_not_gpt_neo(model, "a GPT-Neo folder")
+
+
+@pytest.mark.parametrize("eps", [0, -1e-5, 1.0, float("nan"), "1e-5", True])
+def test_norm_eps_is_checked(eps):
+    with pytest.raises(UserError, match=r"GPTConfig.norm_eps must be a number in \(0, 1\)"):
+        GPTConfig(norm_eps=eps)
+
+
+def test_the_norms_add_norm_eps_on_both_paths():
+    """A tiny eps against a large one on rows of small spread: the norm's output moves, on the
+    reference path and the kernel alike (eps reaches both)."""
+    torch.manual_seed(0)
+    x = torch.randn(3, 5, 16) * 1e-3
+    for norm in ("layernorm", "rmsnorm"):
+        outs = {}
+        for eps in (1e-6, 1e-5):
+            model = GPTModel(GPTConfig(vocab_size=VOCAB, context_length=8, n_embd=16, n_layer=1, n_head=1, norm=norm,
+                                       norm_eps=eps))
+            for kernels in ("reference", "layernorm"):
+                model.set_kernels(kernels)
+                outs[eps, kernels] = model.final_norm(x)
+        for kernels in ("reference", "layernorm"):
+            assert (outs[1e-6, kernels] - outs[1e-5, kernels]).abs().max() > 0.1, (norm, kernels)
+        for eps in (1e-6, 1e-5):
+            assert_close_rel(outs[eps, "layernorm"], outs[eps, "reference"], 1e-5, f"{norm} eps {eps}")

@@ -1,0 +1,194 @@
+"""Llama-architecture weights (Hugging Face's LlamaForCausalLM layout) into GPTModel, and back out.
+
+A Llama is a GPTModel with norm "rmsnorm", mlp "swiglu", position_encoding "rope", no biases
+and, often, fewer key/value heads (n_kv_head): every piece is already a GPTConfig field, so the
+tensors only change names. Hugging Face's q_proj and k_proj rows are in rotate_half's order
+(dimension i pairs with i + head_dim / 2), which is our apply_rotary's and kernels/rope.py's, so
+no row is permuted. What a config.json asks that this model does not compute (rope scaling, a
+head_dim other than hidden_size / heads, an activation other than SiLU, biases on only some
+layers) is refused by name.
+
+The tokenizers of published Llamas (SentencePiece, or a byte-level BPE with another pre-tokenizer)
+are not ones tritongpt's BPE encoder reproduces, so this is for models trained here and for
+Llama-shaped models used on token ids: `export` writes a Llama folder transformers loads with the
+same logits, and load_checkpoint (gpt2_weights.py) reads one back.
+"""
+import math
+from pathlib import Path
+
+import torch
+
+from tritongpt.errors import UserError, read_json_object
+from tritongpt.model.config import GPTConfig
+from tritongpt.model.gpt import GPTModel, unreadable_safetensors
+from tritongpt.train.gpt2_weights import model_with_tensors, write_hf_folder
+
+# each block's tensors: ours, then Hugging Face's (under "layers.{i}.")
+_LAYER = (("norm1", "input_layernorm"), ("norm2", "post_attention_layernorm"), ("att.W_query", "self_attn.q_proj"),
+          ("att.W_key", "self_attn.k_proj"), ("att.W_value", "self_attn.v_proj"), ("att.out_proj", "self_attn.o_proj"),
+          ("ff.w_gate", "mlp.gate_proj"), ("ff.w_up", "mlp.up_proj"), ("ff.w_down", "mlp.down_proj"))
+_NORMS = ("norm1", "norm2")
+
+
+def _read_tensors(path) -> dict:
+    from safetensors.torch import load_file
+
+    try:
+        tensors = load_file(str(path))
+    except Exception as e:
+        raise unreadable_safetensors(path, e) from None
+    return {k.removeprefix("model."): v for k, v in tensors.items()}  # LlamaForCausalLM's "model.layers.0..."
+
+
+def is_llama_file(path) -> bool:
+    """A Hugging Face Llama model.safetensors: its config.json says model_type llama, or without
+    one, its tensors have Llama's names (mlp.gate_proj)."""
+    from safetensors import safe_open
+
+    cfg_json = Path(path).parent / "config.json"
+    if cfg_json.is_file() and "model_type" in (d := read_json_object(cfg_json)):
+        return d["model_type"] == "llama"
+    with safe_open(str(path), framework="pt") as f:
+        return any(".mlp.gate_proj." in k for k in f.keys())
+
+
+def _rope_theta(d: dict, cfg_json) -> float:
+    """RoPE's base from transformers 5's rope_parameters or the older rope_theta / rope_scaling;
+    any scaling (linear, dynamic, yarn, llama3...) is another function of the positions."""
+    params = d.get("rope_parameters") if isinstance(d.get("rope_parameters"), dict) else {}
+    scaling = d.get("rope_scaling") if isinstance(d.get("rope_scaling"), dict) else {}
+    for where, p in (("rope_parameters", params), ("rope_scaling", scaling)):
+        kind = p.get("rope_type", p.get("type", "default"))
+        if kind != "default":
+            raise UserError(f"{cfg_json} has {where} of type {kind!r}; this model computes unscaled RoPE ('default') only")
+    theta = params.get("rope_theta", d.get("rope_theta", 10000.0))
+    if isinstance(theta, bool) or not isinstance(theta, (int, float)) or not math.isfinite(theta) or theta <= 0:
+        raise UserError(f"{cfg_json} has rope_theta {theta!r}; it must be a number > 0")
+    if d.get("partial_rotary_factor", 1.0) != 1.0:
+        raise UserError(f"{cfg_json} has partial_rotary_factor {d['partial_rotary_factor']!r}; this model rotates "
+                        "every dimension of a head (1.0) only")
+    return float(theta)
+
+
+def _check_hf_config(cfg_json: Path, sd: dict) -> GPTConfig:
+    """The GPTConfig of a Llama config.json, checked against the tensors beside it."""
+    d = read_json_object(cfg_json)
+    for key in ("hidden_size", "num_hidden_layers", "num_attention_heads"):
+        if key not in d:
+            raise UserError(f"{cfg_json} names no {key}")
+    try:
+        vocab, n_embd = sd["embed_tokens.weight"].shape
+        hidden = sd["layers.0.mlp.gate_proj.weight"].shape[0]
+    except KeyError as e:
+        raise UserError(f"{cfg_json.parent}: not a Llama model, missing tensor {e.args[0]!r}") from None
+    n_layer = 1 + max((int(k.split(".")[1]) for k in sd if k.startswith("layers.")), default=-1)
+    for key, have in (("vocab_size", vocab), ("hidden_size", n_embd), ("num_hidden_layers", n_layer),
+                      ("intermediate_size", hidden)):
+        if key in d and d[key] != have:
+            raise UserError(f"{cfg_json} says {key} {d[key]!r}, but the weights have {have}")
+    n_head = d["num_attention_heads"]
+    n_kv_head = d.get("num_key_value_heads") or n_head
+    if d.get("hidden_act", "silu") != "silu":
+        raise UserError(f"{cfg_json} has hidden_act {d['hidden_act']!r}; this model's SwiGLU computes 'silu' only")
+    if d.get("head_dim") not in (None, n_embd // n_head):
+        raise UserError(f"{cfg_json} has head_dim {d['head_dim']!r}; this model's is hidden_size / "
+                        f"num_attention_heads ({n_embd // n_head}) only")
+    attention_bias, mlp_bias = bool(d.get("attention_bias", False)), bool(d.get("mlp_bias", False))
+    if attention_bias != mlp_bias:
+        raise UserError(f"{cfg_json} has attention_bias {attention_bias} and mlp_bias {mlp_bias}; this model's "
+                        "linear layers have biases all or none (GPTConfig.bias)")
+    if d.get("sliding_window"):
+        raise UserError(f"{cfg_json} has sliding_window {d['sliding_window']!r}; a Llama attends to the whole context")
+    return GPTConfig(vocab_size=vocab, context_length=d.get("max_position_embeddings", 2048), n_embd=n_embd,
+                     n_layer=n_layer, n_head=n_head, n_kv_head=0 if n_kv_head == n_head else n_kv_head,
+                     bias=attention_bias,
+                     position_encoding="rope", rope_theta=_rope_theta(d, cfg_json), norm="rmsnorm",
+                     norm_eps=d.get("rms_norm_eps", 1e-6), mlp="swiglu", mlp_hidden=hidden,
+                     tie_weights="lm_head.weight" not in sd or torch.equal(sd["lm_head.weight"], sd["embed_tokens.weight"]))
+
+
+def _our_tensors(sd: dict, cfg: GPTConfig) -> dict:
+    """Hugging Face Llama tensors under our parameter names (KeyError: a tensor the file lacks)."""
+    ours = {"tok_emb.weight": sd["embed_tokens.weight"], "final_norm.weight": sd["norm.weight"]}
+    if not cfg.tie_weights:
+        ours["out_head.weight"] = sd["lm_head.weight"]
+    for i in range(cfg.n_layer):
+        for mine, theirs in _LAYER:
+            ours[f"trf_blocks.{i}.{mine}.weight"] = sd[f"layers.{i}.{theirs}.weight"]
+            if cfg.bias and mine not in _NORMS:
+                ours[f"trf_blocks.{i}.{mine}.bias"] = sd[f"layers.{i}.{theirs}.bias"]
+    return ours
+
+
+def load_llama_safetensors(path) -> GPTModel:
+    """GPTModel with the weights of a Hugging Face Llama model.safetensors and its config.json
+    beside it (the heads, RoPE's base and the norm's eps are in no tensor)."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"Llama weights file not found: {path}")
+    cfg_json = path.parent / "config.json"
+    if not cfg_json.is_file():
+        raise UserError(f"{path} looks like a Llama model, whose heads, RoPE base and norm eps are in its "
+                        "config.json: put that file beside it")
+    sd = _read_tensors(path)
+    cfg = _check_hf_config(cfg_json, sd)
+    return model_with_tensors(cfg, lambda: _our_tensors(sd, cfg), path)
+
+
+# -- export: the inverse of _our_tensors -----------------------------------------------------------
+def refuse_not_llama(model: GPTModel, what: str) -> None:
+    """Hugging Face's Llama rotates q and k (RoPE, no position embeddings), normalizes with RMSNorm,
+    has a SwiGLU MLP, scales its scores by 1/sqrt(head_dim) over the whole context and has no
+    logit soft cap: another model's weights would give it other logits."""
+    cfg = model.config
+    for differs, why in ((cfg.position_encoding != "rope", "learns position embeddings (position_encoding "
+                          f"{cfg.position_encoding}), where Llama rotates q and k (RoPE)"),
+                         (cfg.norm != "rmsnorm", f"normalizes with {cfg.norm}, where Llama has RMSNorms"),
+                         (cfg.mlp != "swiglu", f"has a {cfg.mlp.upper()} MLP, where Llama's is SwiGLU"),
+                         (not cfg.scale_attention, "does not scale its attention scores by 1/sqrt(head_dim), "
+                          "which Llama does"),
+                         (bool(cfg.attention_window), f"has local attention (attention_window {cfg.attention_window}),"
+                          " where Llama attends to the whole context"),
+                         (bool(cfg.logit_softcap), f"soft-caps its logits (logit_softcap {cfg.logit_softcap:g}), "
+                          "which Llama does not")):
+        if differs:
+            raise UserError(f"this model {why}: it cannot be exported as {what}")
+
+
+def _hf_tensors(model: GPTModel) -> dict:
+    """Our parameters under LlamaForCausalLM's names; zero q/k/v biases for a qkv_bias False model
+    with biases elsewhere (Llama's attention_bias is all four or none); the padding rows dropped."""
+    cfg = model.config
+    sd = {k: v.detach() for k, v in model.state_dict().items()}
+    V = cfg.vocab_size
+    hf = {"embed_tokens.weight": sd["tok_emb.weight"][:V], "norm.weight": sd["final_norm.weight"]}
+    for i in range(cfg.n_layer):
+        for mine, theirs in _LAYER:
+            w = hf[f"layers.{i}.{theirs}.weight"] = sd[f"trf_blocks.{i}.{mine}.weight"]
+            if cfg.bias and mine not in _NORMS:
+                hf[f"layers.{i}.{theirs}.bias"] = sd.get(f"trf_blocks.{i}.{mine}.bias", w.new_zeros(w.shape[0]))
+    out = {"model." + k: v for k, v in hf.items()}
+    if not cfg.tie_weights:
+        out["lm_head.weight"] = sd["out_head.weight"][:V]
+    return {k: v.to("cpu", memory_format=torch.contiguous_format, copy=True) for k, v in out.items()}
+
+
+def hf_config(cfg: GPTConfig, eos_token_id: int | None = None) -> dict:
+    """LlamaConfig fields (config.json) for this model; what _check_hf_config reads back. RoPE's
+    base is written both ways: rope_parameters (transformers 5) and rope_theta (4.x)."""
+    return {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "vocab_size": cfg.vocab_size,
+            "max_position_embeddings": cfg.context_length, "hidden_size": cfg.n_embd,
+            "intermediate_size": cfg.ff_hidden, "num_hidden_layers": cfg.n_layer,
+            "num_attention_heads": cfg.n_head, "num_key_value_heads": cfg.kv_heads, "head_dim": cfg.head_dim,
+            "hidden_act": "silu", "rms_norm_eps": cfg.norm_eps, "attention_bias": cfg.bias, "mlp_bias": cfg.bias,
+            "rope_theta": cfg.rope_theta, "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
+            "rope_scaling": None, "attention_dropout": 0.0, "tie_word_embeddings": cfg.tie_weights,
+            "bos_token_id": eos_token_id, "eos_token_id": eos_token_id}
+
+
+def export_llama(model: GPTModel, out_dir, eos_token_id: int | None = None, overwrite: bool = False) -> list:
+    """Write model as a Hugging Face Llama folder: model.safetensors and config.json, which
+    transformers.LlamaForCausalLM.from_pretrained(out_dir) and load_checkpoint both read.
+    Returns the paths written; refuses to replace them unless overwrite."""
+    refuse_not_llama(model, "a Llama folder")
+    return write_hf_folder(out_dir, lambda: _hf_tensors(model), hf_config(model.config, eos_token_id), overwrite)
