@@ -231,3 +231,55 @@ def test_the_norms_add_norm_eps_on_both_paths():
             assert (outs[1e-6, kernels] - outs[1e-5, kernels]).abs().max() > 0.1, (norm, kernels)
         for eps in (1e-6, 1e-5):
             assert_close_rel(outs[eps, "layernorm"], outs[eps, "reference"], 1e-5, f"{norm} eps {eps}")
+
+
+def test_pretrain_a_llama_export_it_and_resume_it(tmp_path, capsys):
+    """A practitioner's path: pretrain --norm rmsnorm --mlp swiglu --position-encoding rope --n-kv-head
+    --no-bias builds a Llama; export writes a folder transformers runs with our logits; --init of
+    that folder (its config.json's eps, 1e-6 here) trains on; a resume whose flags would build another
+    model (biases, or the default eps) is refused by name."""
+    from tritongpt.cli import main
+    from tritongpt.train.data import load_text
+    from tritongpt.train.tokenizer import BPETokenizer
+
+    text = load_text("pydoc")[:16000]
+    (tmp_path / "small.txt").write_text(text)
+    BPETokenizer.train(text, 300, name="small").save(tmp_path / "tok.json")
+    llama = ("--norm", "rmsnorm", "--mlp", "swiglu", "--position-encoding", "rope", "--n-kv-head", "1", "--no-bias")
+
+    def argv(out, *extra):
+        return ["pretrain", "--data", str(tmp_path / "small.txt"), "--tokenizer", str(tmp_path / "tok.json"),
+                "--cache-dir", str(tmp_path / "cache"), "--out-dir", str(out), "--device", "cpu",
+                "--kernels", "reference", "--block-size", "32", "--batch-size", "4", "--sample-tokens", "0",
+                "--log-every", "0", "--eval-every", "0", "--max-steps", "1", *extra]
+
+    assert main(argv(tmp_path / "run", *llama)) == 0
+    model = load_checkpoint(tmp_path / "run").eval()
+    c = model.config
+    assert (c.norm, c.mlp, c.position_encoding, c.kv_heads, c.bias) == ("rmsnorm", "swiglu", "rope", 1, False)
+    assert not [n for n, _ in model.named_parameters() if n.endswith(".bias")]
+    assert main(["export", str(tmp_path / "run"), "--out", str(tmp_path / "hf")]) == 0
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    assert type(hf).__name__ == "LlamaForCausalLM"
+    idx = torch.randint(0, 300, (2, 17))
+    with torch.no_grad():
+        assert_close_rel(hf(idx).logits, model(idx), 1e-5, "transformers on the export")
+    capsys.readouterr()
+    # a resume builds the model from the flags: with biases it would be another model
+    more = ("--max-steps", "2", "--resume")
+    assert main(argv(tmp_path / "run", *llama[:-1], *more)) == 2
+    assert "model has no biases, this run's model has biases in its linear layers: pass --no-bias" in \
+        capsys.readouterr().err
+    assert main(argv(tmp_path / "run", *llama, *more)) == 0
+    # --init keeps the folder's own function: biases would change its shapes
+    cfg_json = tmp_path / "hf" / "config.json"
+    cfg_json.write_text(json.dumps({**json.loads(cfg_json.read_text()), "rms_norm_eps": 1e-6}))
+    capsys.readouterr()
+    assert main(argv(tmp_path / "tuned", "--init", str(tmp_path / "hf"), "--bias")) == 2
+    assert "--bias would change the shapes of --init's weights (its linear layers have none)" in capsys.readouterr().err
+    assert main(argv(tmp_path / "tuned", "--init", str(tmp_path / "hf"))) == 0
+    assert load_checkpoint(tmp_path / "tuned").config.norm_eps == 1e-6
+    capsys.readouterr()
+    assert main(argv(tmp_path / "tuned", *llama, *more)) == 2  # the flags' model adds GPT-2's 1e-5
+    assert "model adds eps 1e-06 in its norms, this run's model 1e-05: pass the run's own --init" in \
+        capsys.readouterr().err

@@ -438,7 +438,8 @@ class Trainer:
 
     def _check_same_function(self, ckpt, saved_cfg):
         """Another function of the weights (a logit soft cap, local attention, unscaled attention
-        scores, the position encoding: RoPE or learned, RoPE's theta, the norm: LayerNorm or RMSNorm)
+        scores, the position encoding: RoPE or learned, RoPE's theta, the norm: LayerNorm or RMSNorm,
+        and its eps, biases or none)
         or another MLP (GELU or SwiGLU, SwiGLU's hidden size: other weights too, named before their
         shapes are): the run would go on as another model. A config from before a field reads as
         without it; no saved config (a bare weights file) is not compared."""
@@ -467,6 +468,15 @@ class Trainer:
         elif saved_cfg.get("norm", "layernorm") != cfg.norm:
             what = f"normalizes with {saved_cfg['norm']}, this run's model with {cfg.norm}"
             flags = f"--norm {saved_cfg['norm']}"
+        elif saved_cfg.get("norm_eps", 1e-5) != cfg.norm_eps:
+            what = f"adds eps {saved_cfg['norm_eps']:g} in its norms, this run's model {cfg.norm_eps:g}"
+            flags = "the run's own --init"
+        elif saved_cfg.get("bias", True) != cfg.bias:
+            def has(on):
+                return "has biases in its linear layers" if on else "has no biases"
+
+            what = f"{has(saved_cfg['bias'])}, this run's model {has(cfg.bias)}"
+            flags = "--bias" if saved_cfg["bias"] else "--no-bias"
         elif cap != cfg.logit_softcap:
             what = f"soft-caps its logits at {cap:g}, this run's at {cfg.logit_softcap:g} (0: none)"
             flags = f"--logit-softcap {cap:g}"

@@ -79,20 +79,26 @@ def add_args(p: argparse.ArgumentParser):
                    help="positions for the new model: learned, GPT-2's absolute embeddings, or rope, rotary "
                         "embeddings of each head's queries and keys (GPT-NeoX, Llama; GPTConfig.position_encoding: no "
                         "position embedding parameter; the Triton path rotates q and k in one kernel). A RoPE model "
-                        "cannot be exported to Hugging Face's GPT-2. Default: learned, or what --init's model has")
+                        "cannot be exported to Hugging Face's GPT-2; with --norm rmsnorm, --mlp swiglu and --no-bias "
+                        "it is a Llama, which export writes. Default: learned, or what --init's model has")
     p.add_argument("--norm", choices=NORMS, default=None,
                    help="every norm of the new model (each block's two and the final one): layernorm, GPT-2's, or "
                         "rmsnorm, x / rms(x) * weight without a mean or a bias (Llama, Gemma; GPTConfig.norm; the "
                         "Triton path runs it through the LayerNorm kernel, the 'layernorm' of --kernels). Such a model "
-                        "cannot be exported to Hugging Face's GPT-2. Default: layernorm, or what --init's model has")
+                        "is exported as a Llama, not as GPT-2 or GPT-Neo. Default: layernorm, or what --init's model "
+                        "has")
     p.add_argument("--rope-theta", type=float, default=None, metavar="T",
                    help="RoPE's base: dimension pair i turns by position * T^(-2i/head_dim) (GPTConfig.rope_theta; "
                         "default 10000, GPT-NeoX's and Llama 2's, or what --init's model has)")
     p.add_argument("--mlp", choices=MLPS, default=None,
                    help="the new model's MLP: gelu, GPT-2's Linear(C -> 4C), GELU, Linear(4C -> C), or swiglu, Llama's "
                         "w_down(silu(w_gate x) * w_up x) (GPTConfig.mlp; the Triton path makes gate and up in one pass "
-                        "and fuses silu(g) * u). A SwiGLU model cannot be exported to Hugging Face's GPT-2 or GPT-Neo. "
+                        "and fuses silu(g) * u). A SwiGLU model is exported as a Llama, not as GPT-2 or GPT-Neo. "
                         "Default: gelu, or what --init's model has")
+    p.add_argument("--bias", action=argparse.BooleanOptionalAction, default=None,
+                   help="biases in the new model's linear layers (GPTConfig.bias): GPT-2 has them; --no-bias drops "
+                        "them all, as Llama, PaLM and modded-nanogpt do. Default: the preset's (biases), or what "
+                        "--init's model has")
     p.add_argument("--mlp-hidden", type=int, default=None, metavar="H",
                    help="the SwiGLU MLP's hidden size (GPTConfig.mlp_hidden; default: Llama's rule, 2/3 of 4 n_embd "
                         "rounded up to a multiple of 64, about GPT-2's MLP parameters: 2048 at n_embd 768)")
@@ -242,6 +248,9 @@ def check_args(args, targs):
                 show = (lambda v: f"{v:g}") if isinstance(has, float) else str
                 raise UserError(f"--{field.replace('_', '-')} {show(given)} would change what --init's model "
                                 f"computes (its {field} is {show(has)}): leave the flag out")
+        if args.bias is not None and args.bias != model.config.bias:
+            raise UserError(f"--{'' if args.bias else 'no-'}bias would change the shapes of --init's weights (its "
+                            f"linear layers have {'biases' if model.config.bias else 'none'}): leave the flag out")
         if args.n_kv_head is not None and (args.n_kv_head or model.config.n_head) != model.config.kv_heads:
             raise UserError(f"--n-kv-head {args.n_kv_head} would change the shapes of --init's weights (its "
                             f"n_kv_head is {model.config.n_kv_head}, with {model.config.n_head} heads): leave the "
@@ -258,7 +267,8 @@ def check_args(args, targs):
                          dropout=args.dropout, vocab_multiple=args.vocab_multiple, logit_softcap=args.logit_softcap,
                          attention_window=args.attention_window, window_layers=args.window_layers,
                          position_encoding=args.position_encoding, rope_theta=args.rope_theta,
-                         n_kv_head=args.n_kv_head, norm=args.norm, mlp=args.mlp, mlp_hidden=args.mlp_hidden)
+                         n_kv_head=args.n_kv_head, norm=args.norm, mlp=args.mlp, mlp_hidden=args.mlp_hidden,
+                         bias=args.bias)
         model = GPTModel(cfg)
     context = model.config.context_length
     block = context if args.block_size is None else args.block_size
