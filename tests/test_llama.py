@@ -37,9 +37,9 @@ def _hf_model(folder, tie=False, bias=False, kv_heads=2, **config):
 @pytest.mark.parametrize("kw", [{}, {"tie": True, "kv_heads": 1}, {"bias": True, "kv_heads": 4}],
                          ids=["gqa-untied", "mqa-tied", "mha-biases"])
 def test_logits_match_transformers_on_both_paths(tmp_path, kw):
-    """transformers' logits in float64 within ~1e-7 (its RoPE angles are fp32, computed as
-    1 / base^(2i/D), ours as base^(-2i/D) rounded once: the last bits of the angles differ),
-    and the Triton path's in fp32."""
+    """transformers' logits in float64 within ~6e-7 (it computes RMSNorm in fp32 whatever the
+    weights' dtype, and RoPE's inverse frequencies as 1 / base^(2i/D) in fp32, ours base^(-2i/D)
+    rounded once: their last bits differ), and the Triton path's in fp32."""
     hf, path = _hf_model(tmp_path, **kw)
     model = load_checkpoint(path).double().eval()
     c = model.config
@@ -49,7 +49,7 @@ def test_logits_match_transformers_on_both_paths(tmp_path, kw):
     idx = torch.randint(0, VOCAB, (2, T))
     with torch.no_grad():
         want = hf(idx).logits
-        assert_close_rel(model(idx), want, 1e-6, "reference path")
+        assert_close_rel(model(idx), want, 2e-6, "reference path")
         model.float().set_kernels("triton")
         assert_close_rel(model(idx).double(), want, 1e-5, "triton path")
 
@@ -63,7 +63,7 @@ def test_kv_cache_decode_and_greedy_tokens_match(tmp_path):
     idx = torch.randint(0, VOCAB, (1, 9))
     with torch.no_grad():
         whole, decoded, cache = decode_token_by_token(model, idx)
-        assert_close_rel(decoded, hf(idx).logits, 1e-6, "decoded over the cache")
+        assert_close_rel(decoded, hf(idx).logits, 2e-6, "decoded over the cache")
         assert_close_rel(decoded, whole, 1e-12, "decoded against the whole sequence")
         assert cache.k[0].shape[1] == 2  # the KV heads (GQA): the cache is n_head / n_kv_head smaller
     ours = generate(model, idx[:, :3], 10)
@@ -100,7 +100,7 @@ def test_export_round_trip(tmp_path, overrides):
     idx = torch.randint(0, VOCAB, (2, T))
     with torch.no_grad():
         ours = model(idx)
-        assert_close_rel(hf(idx).logits, ours, 1e-6, "exported logits")
+        assert_close_rel(hf(idx).logits, ours, 2e-6, "exported logits")
         back = load_checkpoint(paths[0]).double().eval()
         assert_close_rel(back(idx), ours, 1e-12, "loaded back")
     want = {k: v for k, v in model.config.to_dict().items() if k not in ("vocab_multiple", "qkv_bias")}
