@@ -7,6 +7,7 @@ Without CUDA it says so, runs the CPU-side timings and writes files only when --
 `tritongpt bench compile` needs no GPU: it builds every kernel launch for sm_90 and reports
 registers, spills and shared memory (bench/compile_check.py).
 """
+import argparse
 import sys
 import time
 
@@ -117,14 +118,19 @@ def train_names(args):
     other = sorted(set(_batches(args.batch, models) or {}) - set(models))
     if other:
         raise UserError(f"--batch names {', '.join(other)}, not among the models benchmarked ({', '.join(models)})")
-    train_model_flags(args)
+    train_model_flags(args, models)
     return models, provs
 
 
-def train_model_flags(args):
-    """--attention-window, --window-layers and --logit-softcap, checked as pretrain checks them, and
-    a window the sequence fits in refused: its rows would time plain GPT-2's attention."""
+def train_model_flags(args, models=()):
+    """--attention-window, --window-layers, --logit-softcap and Llama's --norm to --bias, checked as
+    pretrain checks them (--n-kv-head against every model's heads), and a window the sequence fits in
+    refused: its rows would time plain GPT-2's attention."""
+    import math
+
     from tritongpt._types import softcap_value
+    from tritongpt.bench.train_step import train_config
+    from tritongpt.model.config import get_config
 
     try:
         softcap_value(args.logit_softcap, "--logit-softcap")
@@ -139,12 +145,38 @@ def train_model_flags(args):
     if args.attention_window >= args.seq_len:
         raise UserError(f"--attention-window {args.attention_window} is not below --seq-len {args.seq_len}: "
                         "every position would see the whole context, as in plain GPT-2")
+    if args.rope_theta is not None:
+        if not math.isfinite(args.rope_theta) or args.rope_theta <= 0:
+            raise UserError(f"--rope-theta must be a finite number > 0, got {args.rope_theta:g}")
+        if args.position_encoding != "rope":
+            raise UserError(f"--rope-theta {args.rope_theta:g} is RoPE's base: without --position-encoding rope "
+                            "it does nothing")
+    if args.mlp_hidden is not None:
+        if args.mlp_hidden <= 0:
+            raise UserError(f"--mlp-hidden must be a positive integer, got {args.mlp_hidden}")
+        if args.mlp != "swiglu":
+            raise UserError(f"--mlp-hidden {args.mlp_hidden} is the SwiGLU MLP's hidden size: without --mlp swiglu "
+                            "it does nothing")
+    if args.n_kv_head is not None and args.n_kv_head < 0:
+        raise UserError(f"--n-kv-head must be >= 0 (0: as many as the heads), got {args.n_kv_head}")
+    for m in models:
+        heads = get_config(m).n_head
+        if args.n_kv_head and heads % args.n_kv_head:
+            raise UserError(f"--n-kv-head {args.n_kv_head} must divide {m}'s {heads} heads")
+        train_config(m, args.seq_len, **model_flags(args))  # anything else GPTConfig refuses (by name), now
+
+
+def model_flags(args) -> dict:
+    """bench train's model flags (train_step.MODEL_FLAGS) as run_train takes them."""
+    from tritongpt.bench.train_step import MODEL_FLAGS
+
+    return {k: getattr(args, k) for k in MODEL_FLAGS}
 
 
 def add_cli(sub):
     from tritongpt.bench.kernels import ALL_PROVIDERS, FULL_SIZES
     from tritongpt.bench.train_step import TRAIN_PROVIDERS
-    from tritongpt.model.config import WINDOW_LAYERS
+    from tritongpt.model.config import MLPS, NORMS, POSITION_ENCODINGS, WINDOW_LAYERS
 
     p = sub.add_parser("bench", help="benchmarks: kernels, training step, CPU-side timings",
                        description=__doc__.split("\n\n")[1])
@@ -221,6 +253,29 @@ def add_cli(sub):
     t.add_argument("--logit-softcap", type=float, default=0.0, metavar="C",
                    help="soft-cap the logits to C tanh(logits / C) in every provider's loss "
                         "(GPTConfig.logit_softcap; Gemma 2's 30; default 0: none)")
+    # Llama's shape, with pretrain's names: every provider times the same model
+    t.add_argument("--norm", choices=NORMS, default=None,
+                   help="every norm of the model: layernorm, GPT-2's, or rmsnorm, x / rms(x) * weight without a mean "
+                        "or a bias (Llama; GPTConfig.norm) (default: the preset's, layernorm)")
+    t.add_argument("--mlp", choices=MLPS, default=None,
+                   help="the MLP: gelu, GPT-2's, or swiglu, Llama's w_down(silu(w_gate x) * w_up x) (GPTConfig.mlp) "
+                        "(default: the preset's, gelu)")
+    t.add_argument("--mlp-hidden", type=int, default=None, metavar="H",
+                   help="the SwiGLU MLP's hidden size (GPTConfig.mlp_hidden; default: Llama's rule, 2/3 of 4 n_embd "
+                        "rounded up to a multiple of 64: 2048 at n_embd 768)")
+    t.add_argument("--position-encoding", choices=POSITION_ENCODINGS, default=None,
+                   help="learned, GPT-2's absolute embeddings, or rope, rotary embeddings of each head's queries and "
+                        "keys (GPT-NeoX, Llama; GPTConfig.position_encoding) (default: the preset's, learned)")
+    t.add_argument("--rope-theta", type=float, default=None, metavar="T",
+                   help="RoPE's base: dimension pair i turns by position * T^(-2i/head_dim) (GPTConfig.rope_theta; "
+                        "default 10000, GPT-NeoX's and Llama 2's)")
+    t.add_argument("--n-kv-head", type=int, default=None, metavar="N",
+                   help="grouped-query attention: N key/value heads, each shared by n_head / N query heads "
+                        "(GPTConfig.n_kv_head; Llama's 8 of 32, 1: multi-query); must divide every --models "
+                        "entry's heads (default: as many as the heads)")
+    t.add_argument("--bias", action=argparse.BooleanOptionalAction, default=None,
+                   help="biases in the linear layers (GPTConfig.bias): GPT-2 has them; --no-bias drops them all, "
+                        "as Llama does (default: the preset's, biases)")
     t.add_argument("--peak-tflops", type=float, default=None,
                    help="MFU denominator; default: the GPU's dense bf16 datasheet peak (as the trainers use), "
                         "else the bf16 matmul measured in this run")
@@ -384,8 +439,7 @@ def _run_gpu(args):
                          _batches(args.batch, models), args.seq_len,
                          _or(args.warmup_steps, 2 if args.quick else 3),
                          _or(args.steps, 4 if args.quick else 10), peak, log=log,
-                         vocab_multiple=args.vocab_multiple, attention_window=args.attention_window,
-                         window_layers=args.window_layers, logit_softcap=args.logit_softcap)
+                         **model_flags(args))
         targets = train_targets(rows) if "gpt2-small" in models else []
         res = make_result("train", env, rows, targets, ceilings, settings, time.perf_counter() - t0,
                           peak_flops=peak, peak_flops_source=source, autotune=new_choices())

@@ -156,22 +156,45 @@ def config_text(cfg: dict) -> str:
     return " ".join(f"{short.get(k, k)}={v}" for k, v in cfg.items() if k not in skip)
 
 
-# a train row's config fields that make its model other than GPT-2 as published (train_step.model_variant)
+# a train row's config fields that make its model other than GPT-2 as published (train_step.model_variant):
+# VARIANT_KEYS, and Llama's shape, ARCH_KEYS, which the models line puts in words
 VARIANT_KEYS = ("padded_vocab", "attention_window", "window_layers", "logit_softcap")
+ARCH_KEYS = ("norm", "mlp", "mlp_hidden", "position_encoding", "rope_theta", "n_kv_head", "bias")
 
 
-def variant_text(config: dict) -> str:
-    """A row config's VARIANT_KEYS as text (" attention_window=256 window_layers=odd"), or ""."""
-    return "".join(f" {k}={config[k]}" for k in VARIANT_KEYS if k in config)
+def variant_text(config: dict, keys=VARIANT_KEYS + ARCH_KEYS) -> str:
+    """A row config's variant fields as text (" attention_window=256 window_layers=odd"), or ""."""
+    return "".join(f" {k}={config[k]}" for k in keys if k in config)
+
+
+def architecture_text(config: dict) -> str:
+    """A row config's ARCH_KEYS in words ("RMSNorm, SwiGLU (hidden 2048), RoPE (theta 10000), 4 KV heads,
+    no biases"), or ""."""
+    name = {"rmsnorm": "RMSNorm", "swiglu": "SwiGLU", "rope": "RoPE"}
+    words = []
+    if "norm" in config:
+        words.append(name.get(config["norm"], config["norm"]))
+    if "mlp" in config:
+        words.append(f"{name.get(config['mlp'], config['mlp'])} (hidden {config.get('mlp_hidden')})")
+    if "position_encoding" in config:
+        pe = config["position_encoding"]
+        words.append(f"{name.get(pe, pe)} (theta {config.get('rope_theta'):g})")
+    if "n_kv_head" in config:
+        words.append(f"{config['n_kv_head']} KV heads")
+    if config.get("bias") is False:
+        words.append("no biases")
+    return ", ".join(words)
 
 
 def models_line(rows) -> str:
     """The models a training section timed, each named with its variant fields (every provider of a
-    run times the same one), so a local model's table is not read as plain GPT-2's."""
+    run times the same one), so a local or Llama-shaped model's table is not read as plain GPT-2's."""
     seen = []
     for r in rows:
         c = r.get("config") or {}
-        text = c.get("model", "?") + (variant_text(c) or " (the preset as it is)")
+        arch = architecture_text(c)
+        text = c.get("model", "?") + (variant_text(c, VARIANT_KEYS) + (f" with {arch}" if arch else "")
+                                      or " (the preset as it is)")
         if text not in seen:
             seen.append(text)
     return "Models timed, the same for every provider: " + "; ".join(seen) if seen else ""

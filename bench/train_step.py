@@ -26,6 +26,11 @@ swap adds the window's mask, the Triton kernel takes the window); the soft cap t
 (lm_loss on GPTModel.logits, or the fused Triton loss's softcap). MFU counts a local layer's
 attention by its visible pairs (train/loop.py's flops_per_token, the trainers' own MFU count), as
 bench/common.py's window_attention_flops does.
+Llama's shape (`--norm rmsnorm --mlp swiglu [--mlp-hidden H] --position-encoding rope [--rope-theta T]
+--n-kv-head N --no-bias`, pretrain's flags) reaches every provider through the model too: the SDPA swap
+gets q and k already rotated and the KV heads as they are (enable_gqa); the Triton path runs its RMSNorm,
+SwiGLU and RoPE kernels. MFU's 6N counts the model's own parameters: SwiGLU's three matrices, GQA's
+narrower W_key and W_value, no pos_emb and no biases.
 
 Reported per provider: step time (median of CUDA-event timings, 20/80 quantiles), tokens/s,
 MFU, peak memory. MFU = model FLOPs per second / a peak: by default the GPU's dense bf16
@@ -102,10 +107,16 @@ def use_sdpa_attention(model):
 
 
 # -- the model timed -------------------------------------------------------------------------------------
+# bench train's model flags: GPTConfig fields over the preset's (None or absent: the preset's)
+MODEL_FLAGS = ("vocab_multiple", "attention_window", "window_layers", "logit_softcap", "norm", "mlp", "mlp_hidden",
+               "position_encoding", "rope_theta", "n_kv_head", "bias")
+
+
 def model_variant(cfg) -> dict:
-    """What makes cfg's model other than GPT-2 as published, for a row's config (so a local or capped
-    model's row is never read as plain GPT-2's): a padded vocabulary, local attention (the window and
-    its layers), a logit soft cap. {} for GPT-2."""
+    """What makes cfg's model other than GPT-2 as published, for a row's config (so a local, capped or
+    Llama-shaped model's row is never read as plain GPT-2's): a padded vocabulary, local attention (the
+    window and its layers), a logit soft cap, RMSNorm, the SwiGLU MLP (its hidden size as built), RoPE
+    (its theta), fewer KV heads, no biases. {} for GPT-2."""
     out = {}
     if cfg.padded_vocab_size != cfg.vocab_size:
         out["padded_vocab"] = cfg.padded_vocab_size
@@ -113,6 +124,16 @@ def model_variant(cfg) -> dict:
         out.update(attention_window=cfg.attention_window, window_layers=cfg.window_layers)
     if cfg.logit_softcap:
         out["logit_softcap"] = cfg.logit_softcap
+    if cfg.norm != "layernorm":
+        out["norm"] = cfg.norm
+    if cfg.mlp != "gelu":
+        out.update(mlp=cfg.mlp, mlp_hidden=cfg.ff_hidden)
+    if cfg.position_encoding != "learned":
+        out.update(position_encoding=cfg.position_encoding, rope_theta=cfg.rope_theta)
+    if cfg.kv_heads != cfg.n_head:
+        out["n_kv_head"] = cfg.kv_heads
+    if not cfg.bias:
+        out["bias"] = False
     return out
 
 
@@ -140,7 +161,12 @@ def build(name, cfg, device, seed=0):
 
     base, flags = parse_provider(name)
     if base == "triton":
-        for mod, fn in (("layernorm", "layer_norm"), ("mlp", "gelu_mlp"), ("attention", "flash_attention")):
+        kernels = [("layernorm", "layer_norm"), ("mlp", "gelu_mlp"), ("attention", "flash_attention")]
+        if cfg.mlp == "swiglu":
+            kernels.append(("swiglu", "swiglu_mlp"))
+        if cfg.position_encoding == "rope":
+            kernels.append(("rope", "rope"))
+        for mod, fn in kernels:
             obj, why = try_import(f"tritongpt.kernels.{mod}", fn)
             if obj is None:
                 raise Unavailable(why)
@@ -199,23 +225,20 @@ def time_steps(step, n, device):
     return times
 
 
-def train_config(model_name, seq_len, vocab_size=None, vocab_multiple=1, attention_window=0, window_layers=None,
-                 logit_softcap=0.0):
-    """The GPTConfig a run times: the preset with the run's context and model flags (None: the preset's)."""
+def train_config(model_name, seq_len, vocab_size=None, **model):
+    """The GPTConfig a run times: the preset with the run's context and model flags (MODEL_FLAGS; None:
+    the preset's)."""
     from tritongpt.model.config import get_config
 
-    return get_config(model_name, vocab_size=vocab_size, context_length=max(seq_len, 1), vocab_multiple=vocab_multiple,
-                      attention_window=attention_window, window_layers=window_layers, logit_softcap=logit_softcap)
+    return get_config(model_name, vocab_size=vocab_size, context_length=max(seq_len, 1), **model)
 
 
 def bench_train_provider(name, model_name, batch, seq_len, device, dtype, warmup_steps, steps,
-                         peak_flops=None, vocab_size=None, seed=0, vocab_multiple=1, attention_window=0,
-                         window_layers=None, logit_softcap=0.0):
+                         peak_flops=None, vocab_size=None, seed=0, **model):
     """One row: step time, tokens/s, MFU and memory of `name` on `model_name` (with the model flags)."""
     from tritongpt.bench.common import dtype_name
 
-    cfg = train_config(model_name, seq_len, vocab_size, vocab_multiple, attention_window, window_layers,
-                       logit_softcap)
+    cfg = train_config(model_name, seq_len, vocab_size, **model)
     cfg_row = {"model": model_name, "batch": batch, "seq_len": seq_len, "dtype": dtype_name(dtype),
                "steps": steps, "warmup_steps": warmup_steps, **model_variant(cfg)}
     g = torch.Generator().manual_seed(seed)  # the same batch for every provider
@@ -287,15 +310,12 @@ def bench_train_provider(name, model_name, batch, seq_len, device, dtype, warmup
 
 def run_train(device, budget, dtype=torch.bfloat16, models=("gpt2-small", "gpt2-medium"),
               providers=TRAIN_PROVIDERS, batch=None, seq_len=1024, warmup_steps=3, steps=10,
-              peak_flops=None, vocab_size=None, log=print, vocab_multiple=1, attention_window=0,
-              window_layers=None, logit_softcap=0.0):
-    """Every provider on every model (each with the model flags: vocab_multiple to logit_softcap);
+              peak_flops=None, vocab_size=None, log=print, **model_flags):
+    """Every provider on every model (each with the model flags, MODEL_FLAGS: vocab_multiple to bias);
     rows in model-major order (124M first: the targets)."""
     rows = []
     for p in providers:
         parse_provider(p)
-    model_flags = dict(vocab_multiple=vocab_multiple, attention_window=attention_window, window_layers=window_layers,
-                       logit_softcap=logit_softcap)
     cost = {}  # provider -> (seconds it took, n_layer) on the previous model
     for model_name in models:
         b = (batch or {}).get(model_name) or DEFAULT_BATCH.get(model_name, 8)

@@ -923,10 +923,8 @@ def test_gpu_command_flow_with_cpu_stand_ins(tmp_path, monkeypatch, capsys):
     _cpu_stand_ins(monkeypatch)
     seen = {}
 
-    def fake_train(device, budget, dtype, models, providers, batch, seq_len, warmup, steps, peak, log,
-                   vocab_multiple, attention_window, window_layers, logit_softcap):
-        seen.update(models=models, providers=providers, peak=peak, steps=steps, vocab_multiple=vocab_multiple,
-                    model=(attention_window, window_layers, logit_softcap))
+    def fake_train(device, budget, dtype, models, providers, batch, seq_len, warmup, steps, peak, log, **model):
+        seen.update(models=models, providers=providers, peak=peak, steps=steps, flags=model)
         return [make_row("train", "step", p, {"model": m, "batch": 1, "seq_len": seq_len}, "fwd+bwd",
                          ms=10.0, tokens_per_s=100.0, mfu=0.1, peak_mem_bytes=1 << 20)
                 for m in models for p in providers]
@@ -947,8 +945,10 @@ def test_gpu_command_flow_with_cpu_stand_ins(tmp_path, monkeypatch, capsys):
     assert bcli._run_gpu(args) == 0
     assert seen["models"] == ("gpt2-small",) and seen["steps"] == 4 and seen["peak"] > 0
     assert seen["providers"] == train_step.TRAIN_PROVIDERS
-    assert seen["vocab_multiple"] == 1  # GPT-2 as published unless --vocab-multiple says otherwise
-    assert seen["model"] == (0, None, 0.0)  # ... and --attention-window, --window-layers, --logit-softcap
+    # GPT-2 as published unless --vocab-multiple, --attention-window, ..., --bias say otherwise
+    assert seen["flags"] == dict(vocab_multiple=1, attention_window=0, window_layers=None, logit_softcap=0.0,
+                                 norm=None, mlp=None, mlp_hidden=None, position_encoding=None, rope_theta=None,
+                                 n_kv_head=None, bias=None)
     (folder,) = tmp_path.iterdir()
     k = report.validate_result(json.loads((folder / "kernels.json").read_text()))
     t = report.validate_result(json.loads((folder / "train.json").read_text()))
@@ -1074,6 +1074,40 @@ def test_training_flags_are_checked_before_the_cpu_timings(monkeypatch):
     assert (args.attention_window, args.window_layers, args.logit_softcap) == (256, "odd", 30.0)
     with pytest.raises(SystemExit):  # its choices, at parsing (as pretrain's)
         parser.parse_args(["bench", "train", "--attention-window", "256", "--window-layers", "even"])
+
+
+def test_llama_flags_are_checked_before_the_cpu_timings(monkeypatch):
+    """bench train's --norm, --mlp, --mlp-hidden, --position-encoding, --rope-theta, --n-kv-head and
+    --bias: refused by name as pretrain refuses them, before any work; --n-kv-head against the heads of
+    every --models entry (3 divides gpt2-small's 12, not gpt2-medium's 16), and a flag that would do
+    nothing (a theta without RoPE, a hidden size without SwiGLU) rather than time a model it does not name."""
+    from tritongpt.bench import cli as bcli
+
+    parser = refused_before_the_cpu_timings(monkeypatch, (
+        (["train", "--n-kv-head", "5"], "--n-kv-head 5 must divide gpt2-small's 12 heads"),
+        (["train", "--n-kv-head", "3"], "--n-kv-head 3 must divide gpt2-medium's 16 heads"),
+        (["all", "--quick", "--models", "tiny", "--n-kv-head", "3"], "--n-kv-head 3 must divide tiny's 4 heads"),
+        (["train", "--n-kv-head", "-1"], r"--n-kv-head must be >= 0 \(0: as many as the heads\), got -1"),
+        (["train", "--mlp-hidden", "2048"], "--mlp-hidden 2048 is the SwiGLU MLP's hidden size: without --mlp "
+                                            "swiglu it does nothing"),
+        (["train", "--mlp", "gelu", "--mlp-hidden", "2048"], "without --mlp swiglu it does nothing"),
+        (["train", "--mlp", "swiglu", "--mlp-hidden", "0"], "--mlp-hidden must be a positive integer, got 0"),
+        (["train", "--rope-theta", "500000"], "--rope-theta 500000 is RoPE's base: without --position-encoding "
+                                              "rope it does nothing"),
+        (["all", "--position-encoding", "rope", "--rope-theta", "0"], "--rope-theta must be a finite number > 0"),
+        (["train", "--position-encoding", "rope", "--rope-theta", "nan"], "--rope-theta must be a finite number > 0"),
+        (["train", "--position-encoding", "rope", "--rope-theta", "inf"], "--rope-theta must be a finite number > 0")))
+    args = parser.parse_args(["bench", "train", "--norm", "rmsnorm", "--mlp", "swiglu", "--mlp-hidden", "2000",
+                              "--position-encoding", "rope", "--rope-theta", "500000", "--n-kv-head", "4",
+                              "--no-bias"])
+    assert bcli.train_names(args) == (("gpt2-small", "gpt2-medium"), train_step.TRAIN_PROVIDERS)
+    assert {k: v for k, v in bcli.model_flags(args).items() if v is not None} == dict(
+        vocab_multiple=1, attention_window=0, logit_softcap=0.0, norm="rmsnorm", mlp="swiglu", mlp_hidden=2000,
+        position_encoding="rope", rope_theta=500000.0, n_kv_head=4, bias=False)
+    assert bcli.model_flags(parser.parse_args(["bench", "train", "--bias"]))["bias"] is True
+    for bad in (["--norm", "batchnorm"], ["--mlp", "relu"], ["--position-encoding", "alibi"]):
+        with pytest.raises(SystemExit):  # their choices, at parsing (as pretrain's)
+            parser.parse_args(["bench", "train", *bad])
 
 
 def test_out_that_cannot_be_a_folder_is_refused_before_any_work(tmp_path, monkeypatch, capsys):
@@ -2392,7 +2426,8 @@ def _variant_loss64(cfg, x, y, scale):
     with torch.no_grad():
         for p in model.parameters():
             p.mul_(scale)
-    loss = model(x, targets=y)
+    # the cross-entropy in float64 too (the model's own lm_loss takes it in fp32)
+    loss = F.cross_entropy(model(x).flatten(0, 1), y.flatten())
     loss.backward()
     return loss.detach(), {n: p.grad for n, p in model.named_parameters()}
 
@@ -2434,6 +2469,46 @@ def test_every_train_provider_computes_the_same_variant_model(monkeypatch):
             if "W_key.bias" in n:  # softmax ignores a shift every key shares: a gradient of ~0, judged absolutely
                 assert ref.abs().max() < 1e-12 and diff.abs().max() < 1e-6, (name, n, diff.abs().max())
                 continue
+            err = (diff.norm() / ref.norm()).item()
+            assert err < 1e-4, (name, n, err, diff.abs().max().item())
+
+
+def test_every_train_provider_computes_the_same_llama_model(monkeypatch):
+    """bench train --norm rmsnorm --mlp swiglu --position-encoding rope --n-kv-head N --no-bias: every
+    provider of the step times the same Llama-shaped model. A tiny one (4 query heads sharing 2 KV heads,
+    SwiGLU hidden 48, RoPE theta 500, no biases, 13 positions): each provider's loss and every parameter's
+    gradient are the float64 reference model's. The SDPA swap gets q and k rotated and the KV heads as
+    they are (a swap that paired query heads with the wrong KV head, or a path that turned by Llama's
+    theta 10000, is far past the tolerance); the Triton path runs its RMSNorm, SwiGLU and RoPE kernels
+    through the interpreter. torch.compile is stood in for by the model it would get."""
+    from dataclasses import replace
+
+    from tritongpt.model.config import GPTConfig
+
+    monkeypatch.setattr(torch, "compile", lambda model: model)
+    cfg = GPTConfig(vocab_size=97, context_length=24, n_embd=64, n_layer=2, n_head=4, n_kv_head=2, norm="rmsnorm",
+                    mlp="swiglu", mlp_hidden=48, position_encoding="rope", rope_theta=500.0, bias=False)
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randint(0, 97, (2, 13), generator=g), torch.randint(0, 97, (2, 13), generator=g)
+    want, want_grads = _variant_loss64(cfg, x, y, scale=5.0)
+    loss, grads = _variant_loss64(replace(cfg, rope_theta=10000.0), x, y, scale=5.0)
+    assert abs(loss - want) / want > 1e-3
+    assert max((grads[n] - want_grads[n]).norm() / want_grads[n].norm() for n in grads) > 0.1
+    assert not any(n.endswith("bias") or "pos_emb" in n for n in want_grads)
+    assert want_grads["trf_blocks.0.att.W_key.weight"].shape == (2 * 16, 64)  # 2 KV heads of 16
+    for name in train_step.TRAIN_PROVIDERS:
+        model, run, _ = train_step.build(name, cfg, torch.device("cpu"))
+        with torch.no_grad():
+            for p in model.parameters():
+                p.mul_(5.0)
+        loss = run(x, targets=y)
+        loss.backward()
+        rel = (abs(loss.double() - want) / want).item()
+        assert rel < 1e-5, (name, rel)
+        params = dict(model.named_parameters())
+        assert set(params) == set(want_grads)
+        for n, p in params.items():
+            diff, ref = p.grad.double() - want_grads[n], want_grads[n]
             err = (diff.norm() / ref.norm()).item()
             assert err < 1e-4, (name, n, err, diff.abs().max().item())
 
@@ -2529,6 +2604,95 @@ def test_bench_train_variant_writes_the_model_into_the_json_and_markdown(tmp_pat
     assert line + "\n" in md
     plain = [make_row("train", "step", "triton", {"model": "gpt2-small"}, "fwd+bwd", ms=1.0)]
     assert report.models_line(plain) == "Models timed, the same for every provider: gpt2-small (the preset as it is)"
+
+
+LLAMA_FLAGS = ["--norm", "rmsnorm", "--mlp", "swiglu", "--position-encoding", "rope", "--n-kv-head", "4", "--no-bias"]
+
+
+def test_bench_train_llama_names_the_model_in_rows_log_targets_and_markdown(tmp_path, monkeypatch):
+    """`bench train` with Llama's flags as on a GPU, the step run on the CPU: the rows' config, the
+    settings, the markdown's table and its models line name the model timed (the SwiGLU hidden size as
+    built: Llama's rule when --mlp-hidden is left out), and so do run_train's log line, a row it skips
+    unrun and the targets' config; a GPT-2 row names none of it."""
+    from tritongpt.bench import cli as bcli
+    from tritongpt.cli import build_parser
+
+    _cpu_stand_ins(monkeypatch)
+    real = train_step.run_train
+    monkeypatch.setattr(train_step, "run_train", lambda device, *a, **k: real(torch.device("cpu"), *a, **k))
+    args = build_parser().parse_args([
+        "bench", "train", "--out", str(tmp_path), "--no-plots", "--models", "tiny", "--train-providers", "reference",
+        "--batch", "1", "--seq-len", "16", "--steps", "1", "--warmup-steps", "0", "--dtype", "fp32",
+        "--peak-tflops", "1", "--norm", "rmsnorm", "--mlp", "swiglu", "--mlp-hidden", "200", "--position-encoding",
+        "rope", "--rope-theta", "500", "--n-kv-head", "2", "--no-bias"])
+    assert bcli._run_gpu(args) == 0
+    (folder,) = tmp_path.iterdir()
+    t = report.validate_result(json.loads((folder / "train.json").read_text()))
+    (row,) = t["rows"]
+    llama = {"norm": "rmsnorm", "mlp": "swiglu", "mlp_hidden": 200, "position_encoding": "rope", "rope_theta": 500.0,
+             "n_kv_head": 2, "bias": False}
+    assert row["status"] == "ok" and {k: row["config"].get(k) for k in llama} == llama
+    assert {k: t["settings"][k] for k in llama} == llama
+    md = (folder / "train.md").read_text()
+    assert ("| step | model=tiny B=1 T=16 norm=rmsnorm mlp=swiglu mlp_hidden=200 position_encoding=rope "
+            "rope_theta=500.0 n_kv_head=2 bias=False |") in md
+    assert ("Models timed, the same for every provider: tiny with RMSNorm, SwiGLU (hidden 200), RoPE (theta 500), "
+            "2 KV heads, no biases\n") in md
+    # gpt2-small as a Llama (Llama's rule: 2048 hidden at C = 768), padded: run_train's log, skips, targets
+    seen, lines = [], []
+
+    def fake(name, model_name, batch, seq_len, *a, **k):
+        seen.append(k)
+        cfg = {"model": model_name, "batch": batch, "seq_len": seq_len, **train_step.model_variant(
+            train_step.train_config(model_name, seq_len, **k))}
+        return make_row("train", "step", name, cfg, "fwd+bwd", ms=1.0, tokens_per_s=1.0)
+
+    monkeypatch.setattr(train_step, "bench_train_provider", fake)
+    flags = bcli.model_flags(build_parser().parse_args(["bench", "train", "--vocab-multiple", "64", *LLAMA_FLAGS]))
+    rows = real(torch.device("cpu"), Budget(None), models=("gpt2-small",), providers=("triton",), log=lines.append,
+                **flags)
+    skipped = real(torch.device("cpu"), Budget(0), models=("gpt2-small",), providers=("triton",),
+                   log=lambda s: None, **flags)
+    assert seen == [flags]
+    text = ("gpt2-small padded_vocab=50304 norm=rmsnorm mlp=swiglu mlp_hidden=2048 position_encoding=rope "
+            "rope_theta=10000.0 n_kv_head=4 bias=False")
+    assert lines[0] == text.replace("gpt2-small", "train step: gpt2-small") + " B=16 T=1024 triton ..."
+    assert {t["config"] for t in train_step.train_targets(rows)} == {text.replace(" padded", " B=16 T=1024 padded")}
+    assert report.models_line(rows + skipped) == (
+        "Models timed, the same for every provider: gpt2-small padded_vocab=50304 with RMSNorm, SwiGLU "
+        "(hidden 2048), RoPE (theta 10000), 4 KV heads, no biases")
+    assert skipped[0]["config"] == rows[0]["config"]
+    # a preset's own heads (--n-kv-head 12 of 12) and biases are GPT-2's: nothing named
+    plain = train_step.train_config("gpt2-small", 1024, n_kv_head=12, bias=True, norm="layernorm", mlp="gelu",
+                                    position_encoding="learned")
+    assert train_step.model_variant(plain) == {}
+
+
+def test_llama_step_flops_count_its_own_matrices_by_hand():
+    """MFU's 6N on a Llama-shaped tiny (C = 128, 4 layers, 4 query heads of 32 sharing 2 KV heads,
+    SwiGLU hidden 200, RoPE, no biases, V = 4096 tied): a layer has W_query and out_proj C^2 each, W_key
+    and W_value C * 64 each (the KV heads' width, not C), w_gate, w_up and w_down C * 200 each (three,
+    not GPT-2's two), two RMSNorm weights C (no biases); then the final norm's C and the tied embedding
+    V C; no pos_emb to leave out. Attention's 12 C T a layer counts every query head (GQA shares keys,
+    not scores). The checkpointed step's HFU adds each block's forward once more."""
+    from tritongpt.model.config import get_config
+    from tritongpt.train.loop import flops_per_token
+
+    C, L, T, V, KV, HID = 128, 4, 16, 4096, 2 * 32, 200
+    layer = 2 * C * C + 2 * C * KV + 3 * C * HID + 2 * C
+    n = L * layer + C + V * C
+    assert n == 1_029_248
+    flags = dict(norm="rmsnorm", mlp="swiglu", mlp_hidden=HID, position_encoding="rope", n_kv_head=2, bias=False)
+    assert flops_per_token(get_config("tiny", **flags), n, T) == 6 * n + 12 * L * C * T == 6_273_792
+    cpu = torch.device("cpu")
+    row = train_step.bench_train_provider("reference", "tiny", 2, T, cpu, torch.float32, 0, 1, peak_flops=1e12,
+                                          **flags)
+    ckpt = train_step.bench_train_provider("reference+ckpt", "tiny", 2, T, cpu, torch.float32, 0, 1,
+                                           peak_flops=1e12, **flags)
+    assert row["status"] == ckpt["status"] == "ok"
+    assert row["config"]["n_params_non_embedding"] == n and row["flops_per_token"] == 6_273_792
+    assert row["mfu"] == pytest.approx(6_273_792 * row["tokens_per_s"] / 1e12)
+    assert ckpt["hw_flops_per_token"] == 6_273_792 + L * (2 * layer + 4 * C * T)
 
 
 def test_gpu_session_window_times_gpt2_small_with_neos_window_into_its_own_folder(tmp_path):
