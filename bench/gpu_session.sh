@@ -4,14 +4,19 @@
 # lent H100/H200 for ~15 minutes a session, at most 10 a call), so everything is time-boxed
 # and every result lands in $OUT/session.tgz.
 #
-#   TRITONGPT_GIT_COMMIT=<hash of HEAD> bash bench/gpu_session.sh [all|tests|bench|padded|lora|window]   (default: all)
+#   TRITONGPT_GIT_COMMIT=<hash of HEAD> bash bench/gpu_session.sh [all|tests|bench|padded|lora|window|llama]
+#   (default: all)
 #   padded (not part of all): the GPT-2 124M training step again with the vocabulary padded to
 #   50304 (--vocab-multiple 64, every provider alike), into results-vocab64/ in the archive
 #   lora (not part of all): the GPT-2 124M training step with and without a rank-8 LoRA update
 #   (model/lora.py), eager reference and Triton, into results-lora/
-#   window (not part of all; the last of the extra runs, so a short budget drops it first): the GPT-2 124M
+#   window (not part of all): the GPT-2 124M
 #   training step with GPT-Neo's local attention, a window of 256 in the odd layers (--attention-window 256
 #   --window-layers odd, every provider alike), into results-window/
+#   llama (not part of all; the last of the extra runs, so a short budget drops it first): the GPT-2 124M
+#   training step with Llama's shape at GPT-2's widths: RMSNorm,
+#   SwiGLU (hidden 2048), RoPE, 4 KV heads for the 12 query heads, no biases (--norm rmsnorm --mlp swiglu
+#   --position-encoding rope --n-kv-head 4 --no-bias, every provider alike), into results-llama/
 #   env: OUT (default ./gpu-out), WORK (default /tmp/tritongpt-gpu), WARM_SECONDS (90),
 #        TEST_SECONDS (120), BENCH_MINUTES (4), PYTHON (python3)
 # The device gets a copy of the working tree without .git, so name the commit: results record it.
@@ -163,5 +168,8 @@ if [ "$what" = lora ]; then
 fi
 if [ "$what" = window ]; then
     extra_train_bench window --attention-window 256 --window-layers odd
+fi
+if [ "$what" = llama ]; then
+    extra_train_bench llama --norm rmsnorm --mlp swiglu --position-encoding rope --n-kv-head 4 --no-bias
 fi
 exit $rc

@@ -2695,10 +2695,15 @@ def test_llama_step_flops_count_its_own_matrices_by_hand():
     assert ckpt["hw_flops_per_token"] == 6_273_792 + L * (2 * layer + 4 * C * T)
 
 
-def test_gpu_session_window_times_gpt2_small_with_neos_window_into_its_own_folder(tmp_path):
-    """`bash bench/gpu_session.sh window` (an extra run, as padded and lora are) runs `bench train` on
-    GPT-2 124M with a window of 256 in the odd layers into results-window/, within its budget and
-    hard limit, and packs it; its flags pass bench train's own checks. Python is a stand-in that
+@pytest.mark.parametrize("mode, flags, model", [
+    ("window", ["--attention-window", "256", "--window-layers", "odd"],
+     dict(attention_window=256, window_layers="odd")),
+    ("llama", LLAMA_FLAGS, dict(norm="rmsnorm", mlp="swiglu", position_encoding="rope", n_kv_head=4, bias=False))])
+def test_gpu_session_extra_train_modes_time_gpt2_small_into_their_own_folder(tmp_path, mode, flags, model):
+    """`bash bench/gpu_session.sh window` and `... llama` (extra runs, as padded and lora are) run `bench
+    train` on GPT-2 124M with GPT-Neo's window of 256 in the odd layers, or with Llama's shape (RMSNorm,
+    SwiGLU, RoPE, 4 KV heads, no biases), into results-<mode>/, within its budget and hard limit, and pack
+    it; the flags pass bench train's own checks and reach the model flags. Python is a stand-in that
     records its arguments (no install, no GPU)."""
     import os
     import shutil
@@ -2715,17 +2720,17 @@ def test_gpu_session_window_times_gpt2_small_with_neos_window_into_its_own_folde
     work = tmp_path / "work"
     env = {**os.environ, "PYTHON": str(stub), "OUT": str(tmp_path / "out"), "WORK": str(work), "BENCH_MINUTES": "0.5"}
     script = Path(__file__).resolve().parent.parent / "bench" / "gpu_session.sh"
-    done = subprocess.run(["bash", str(script), "window"], env=env, capture_output=True, text=True, timeout=120)
+    done = subprocess.run(["bash", str(script), mode], env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stdout + done.stderr
     runs = [c.split("\x1f")[:-1] for c in calls.read_text().split("\x1e") if c]
     (bench,) = [c[2:] for c in runs if c[:2] == ["-m", "tritongpt.cli"]]
-    assert bench == ["bench", "train", "--models", "gpt2-small", "--attention-window", "256", "--window-layers", "odd",
-                     "--max-minutes", "0.5", "--out", f"{work}/results-window"]
+    assert bench == ["bench", "train", "--models", "gpt2-small", *flags, "--max-minutes", "0.5", "--out",
+                     f"{work}/results-{mode}"]
     assert not any("pytest" in c for c in runs)  # the CUDA tests (and bench all) are not part of it
     args = build_parser().parse_args(bench)
     assert bcli.train_names(args) == (("gpt2-small",), train_step.TRAIN_PROVIDERS)
-    assert (args.attention_window, args.window_layers) == (256, "odd")
-    assert "== tritongpt bench train --attention-window 256 --window-layers odd" in done.stdout
+    assert {k: v for k, v in bcli.model_flags(args).items() if k in model} == model
+    assert f"== tritongpt bench train {' '.join(flags)}" in done.stdout
     assert (tmp_path / "out" / "session.tgz").is_file()
 
 
