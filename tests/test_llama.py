@@ -121,6 +121,10 @@ def test_export_round_trip(tmp_path, overrides):
     ({"intermediate_size": 96}, "says intermediate_size 96, but the weights have 88"),
     ({"num_hidden_layers": 3}, "says num_hidden_layers 3, but the weights have 2"),
     ({"rope_parameters": {"rope_type": "default", "rope_theta": -1.0}}, "rope_theta -1.0"),
+    ({"rope_parameters": {"rope_type": "default", "rope_theta": 0}}, "rope_theta 0; it must be a number > 0"),
+    ({"partial_rotary_factor": 0.5}, "partial_rotary_factor 0.5; this model rotates every dimension"),
+    ({"vocab_size": 64}, "says vocab_size 64, but the weights have 53"),
+    ({"hidden_size": 32}, "says hidden_size 32, but the weights have 64"),
 ])
 def test_config_json_naming_what_this_model_does_not_compute_is_refused(tmp_path, edit, said):
     _, path = _hf_model(tmp_path)
@@ -143,6 +147,58 @@ def test_older_config_json_with_rope_theta_and_without_rms_norm_eps_reads_as_tra
     cfg_json.write_text(json.dumps({**d, "rope_theta": 321.0}))
     c = load_checkpoint(path).config
     assert (c.rope_theta, c.norm_eps) == (321.0, transformers.LlamaConfig().rms_norm_eps) == (321.0, 1e-6)
+
+
+@pytest.mark.parametrize("key", ["hidden_size", "num_hidden_layers", "num_attention_heads"])
+def test_config_json_without_a_size_it_needs_is_refused_by_name(tmp_path, key):
+    _, path = _hf_model(tmp_path)
+    cfg_json = tmp_path / "config.json"
+    cfg_json.write_text(json.dumps({k: v for k, v in json.loads(cfg_json.read_text()).items() if k != key}))
+    with pytest.raises(UserError, match=f"config.json names no {key}"):
+        load_checkpoint(path)
+
+
+def test_rope_parameters_theta_wins_over_a_stale_rope_theta_as_in_transformers(tmp_path):
+    """A config.json with both (an older file edited by transformers 5): rope_parameters is what
+    LlamaConfig reads, and so does load_checkpoint."""
+    _, path = _hf_model(tmp_path)
+    cfg_json = tmp_path / "config.json"
+    d = {**json.loads(cfg_json.read_text()), "rope_theta": 321.0}
+    cfg_json.write_text(json.dumps(d))
+    theirs = transformers.LlamaConfig(**d).rope_parameters["rope_theta"]
+    assert load_checkpoint(path).config.rope_theta == theirs == 5000.0
+
+
+def test_an_untied_file_whose_head_is_its_embedding_loads_tied(tmp_path):
+    """lm_head.weight equal to embed_tokens.weight (a tied model saved untied): one matrix, as the
+    GPT-2 reader does; the logits are transformers'."""
+    hf, path = _hf_model(tmp_path)
+    with torch.no_grad():
+        hf.lm_head.weight.copy_(hf.model.embed_tokens.weight)
+    hf.save_pretrained(tmp_path)
+    model = load_checkpoint(path).double().eval()
+    assert model.config.tie_weights and model.out_head.weight is model.tok_emb.weight
+    idx = torch.randint(0, VOCAB, (2, T))
+    with torch.no_grad():
+        assert_close_rel(model(idx), hf(idx).logits, 1e-6, "tied from an untied file")
+
+
+def test_another_model_type_and_a_sharded_folder_are_refused_by_name(tmp_path):
+    """A Mistral or Qwen2 config.json is not read as GPT-2's tensor names (once: "missing tensor
+    'wte.weight'"); a sharded save_pretrained folder is named as such (once: "no checkpoint found")."""
+    _, path = _hf_model(tmp_path / "mistral")
+    cfg_json = tmp_path / "mistral" / "config.json"
+    cfg_json.write_text(json.dumps({**json.loads(cfg_json.read_text()), "model_type": "mistral"}))
+    with pytest.raises(UserError, match="config.json says model_type 'mistral': not a GPT-2 model \\(tritongpt reads "
+                                        "Hugging Face's gpt2, gpt_neo and llama models\\)"):
+        load_checkpoint(path)
+    hf, _ = _hf_model(tmp_path / "sharded")
+    hf.save_pretrained(tmp_path / "sharded", max_shard_size="20KB")
+    (tmp_path / "sharded" / "model.safetensors").unlink(missing_ok=True)  # the unsharded one, if left
+    assert (tmp_path / "sharded" / "model.safetensors.index.json").is_file()
+    with pytest.raises(UserError, match="sharded Hugging Face checkpoint \\(model.safetensors.index.json\\): "
+                                        "tritongpt reads one model.safetensors"):
+        load_checkpoint(tmp_path / "sharded")
 
 
 def test_a_llama_file_without_its_config_json_is_refused_by_name(tmp_path):
@@ -194,6 +250,14 @@ def test_export_command_writes_a_llama_folder_and_refuses_what_llama_does_not_co
         err = capsys.readouterr().err
         assert said in err and "it cannot be exported as a Llama folder" in err
         assert not (tmp_path / "refused").exists()
+
+    # a LoRA run of a Llama: peft adapters are written for GPT-2 bases only; the merged model is a Llama
+    lora, _ = _run(tmp_path, _random_llama(vocab_size=280, lora_rank=2), "lora")
+    assert cli.main(["export", str(lora), "--adapter", "--out", str(tmp_path / "adapter")]) == 2
+    assert "--adapter writes a peft adapter for Hugging Face's GPT-2, and this model is a Llama (norm rmsnorm, mlp " \
+           "swiglu): export it without --adapter, merged, as a Llama folder" in capsys.readouterr().err
+    assert not (tmp_path / "adapter").exists()
+    assert cli.main(["export", str(lora), "--out", str(tmp_path / "merged")]) == 0
 
 
 def test_gpt2_and_gpt_neo_exports_refuse_another_norm_eps():

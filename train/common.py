@@ -452,6 +452,9 @@ def resolve_checkpoint(path) -> Path:
         for name in ADAPTER_FILES:
             if (p / name).is_file():
                 return p / name
+    if (p / "model.safetensors.index.json").is_file():  # transformers' save_pretrained past max_shard_size
+        raise UserError(f"{p} holds a sharded Hugging Face checkpoint (model.safetensors.index.json): tritongpt reads "
+                        "one model.safetensors; save it as one (save_pretrained(..., max_shard_size=\"100GB\"))")
     latest = Checkpointer(p).latest()
     if latest is None:
         raise UserError(f"no checkpoint found at {path}")

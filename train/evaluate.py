@@ -196,7 +196,7 @@ def add_cli(sub):
                        description=__doc__.split("\n\n")[0])
     add_model_args(p, default_model=None)
     p.add_argument("--weights", required=True,
-                   help="tritongpt checkpoint (file, checkpoint or run folder) or Hugging Face GPT-2 / GPT-Neo "
+                   help="tritongpt checkpoint (file, checkpoint or run folder) or Hugging Face GPT-2 / GPT-Neo / Llama "
                         "model.safetensors (or its folder)")
     p.add_argument("--data", default=None, help="a file, a folder of .txt files, a .jsonl file, a .bin of uint16 token "
                                                 "ids or a folder with train.bin and val.bin (nanoGPT's), or 'pydoc' / "

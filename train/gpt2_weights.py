@@ -89,13 +89,21 @@ _HF_MUST = {"activation_function": ({"gelu_new", "gelu_pytorch_tanh", "gelu_fast
             "scale_attn_by_inverse_layer_idx": ({False}, False)}
 
 
+def _gpt2_config_json(cfg_json: Path) -> dict:
+    """config.json of a file load_checkpoint did not hand to GPT-Neo's or Llama's reader: another
+    model_type (Mistral, Qwen2...) is named here, before its tensors are looked up under GPT-2's names."""
+    d = read_json_object(cfg_json)
+    if d.get("model_type", "gpt2") != "gpt2":
+        raise UserError(f"{cfg_json} says model_type {d['model_type']!r}: not a GPT-2 model (tritongpt reads "
+                        "Hugging Face's gpt2, gpt_neo and llama models)")
+    return d
+
+
 def _check_hf_config(cfg_json: Path, vocab: int, ctx: int, n_embd: int, n_layer: int) -> dict:
     """config.json beside a GPT-2 file: readable, agreeing with the tensors' shapes, and naming
     no variant this model does not compute (another activation or eps would load silently and
     give other numbers)."""
-    d = read_json_object(cfg_json)
-    if d.get("model_type", "gpt2") != "gpt2":  # GPT-Neo's go to gpt_neo_weights (load_checkpoint)
-        raise UserError(f"{cfg_json} says model_type {d['model_type']!r}: not a GPT-2 model")
+    d = _gpt2_config_json(cfg_json)
     for key, have in (("vocab_size", vocab), ("n_positions", ctx), ("n_embd", n_embd), ("n_layer", n_layer)):
         if key in d and d[key] != have:
             raise UserError(f"{cfg_json} says {key} {d[key]!r}, but the weights have {have}")
@@ -176,6 +184,8 @@ def load_gpt2_safetensors(path, model_name: str | None = None) -> GPTModel:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"GPT-2 weights file not found: {path}")
+    if (path.parent / "config.json").is_file():
+        _gpt2_config_json(path.parent / "config.json")
     sd = _read_tensors(path)
     cfg = _infer_config(sd, path, model_name)
     return model_with_tensors(cfg, lambda: _our_tensors(sd, cfg), path)

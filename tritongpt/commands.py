@@ -325,6 +325,9 @@ def cmd_export(args):
     # without its local layers), scaled ones GPT-2's. Refused before any file goes. (peft targets
     # GPT-Neo's and Llama's q/k/v apart from GPT-2's c_attn: their adapters are not written here.)
     llama = (cfg.norm == "rmsnorm" or cfg.mlp == "swiglu") and not args.adapter
+    if args.adapter and (cfg.norm == "rmsnorm" or cfg.mlp == "swiglu"):
+        raise UserError("--adapter writes a peft adapter for Hugging Face's GPT-2, and this model is a Llama "
+                        f"(norm {cfg.norm}, mlp {cfg.mlp}): export it without --adapter, merged, as a Llama folder")
     neo = not cfg.scale_attention and not args.adapter and not llama
     family = "Llama" if llama else "GPT-Neo" if neo else "GPT-2"
     if llama:
@@ -384,7 +387,8 @@ def add_generation_model_args(p):
     """The model flags of `generate` and `chat`: what load_generation_model reads."""
     add_model_args(p, default_model=None)
     p.add_argument("--weights",
-                   help="tritongpt checkpoint (file or run folder) or Hugging Face GPT-2 / GPT-Neo model.safetensors")
+                   help="tritongpt checkpoint (file or run folder) or Hugging Face GPT-2 / GPT-Neo / Llama "
+                        "model.safetensors")
     p.add_argument("--pretrained", action="store_true",
                    help="download GPT-2 or GPT-Neo weights from the Hub by --model name")
     p.add_argument("--tokenizer", help="default | gpt2 | path to a tokenizer JSON (default: the one saved with "
@@ -420,7 +424,7 @@ def add_cli(sub):
     p.add_argument("--model", default=None, help="preset name (default gpt2-small; with --weights, only to name the "
                                                  "heads of a GPT-2 file without its config.json)")
     p.add_argument("--weights", default=None, help="a checkpoint (file, checkpoint or run folder) or Hugging Face "
-                                                   "GPT-2 / GPT-Neo model.safetensors: its config and its run")
+                                                   "GPT-2 / GPT-Neo / Llama model.safetensors: its config and its run")
     p.add_argument("--untied", action="store_true", help="count a separate LM head")
     p.set_defaults(func=cmd_info)
 
@@ -440,8 +444,8 @@ def add_cli(sub):
     add_sampling_args(p, max_new_tokens=50, temperature=0.8, temperature_text="as nanoGPT's sample.py")
     p.set_defaults(func=cmd_generate)
 
-    p = sub.add_parser("export", help="write a checkpoint as a Hugging Face GPT-2 or GPT-Neo folder (transformers "
-                                      "loads it)")
+    p = sub.add_parser("export", help="write a checkpoint as a Hugging Face GPT-2, GPT-Neo or Llama folder "
+                                      "(transformers loads it)")
     p.add_argument("checkpoint",
                    help="tritongpt checkpoint: a model.safetensors, a checkpoint folder or a run folder (its newest)")
     p.add_argument("--out", required=True,
