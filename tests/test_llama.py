@@ -278,6 +278,16 @@ def test_norm_eps_is_checked(eps):
         GPTConfig(norm_eps=eps)
 
 
+def test_norm_eps_is_stored_as_a_python_float(tmp_path):
+    """A numpy eps (a config built from arrays) is kept as float: the config is saved as JSON."""
+    import numpy as np
+
+    cfg = GPTConfig(vocab_size=VOCAB, context_length=8, n_embd=16, n_layer=1, n_head=1, norm_eps=np.float32(1e-6))
+    assert type(cfg.norm_eps) is float
+    GPTModel(cfg).save(tmp_path / "m.safetensors")
+    assert GPTModel.load(tmp_path / "m.safetensors").config.norm_eps == cfg.norm_eps
+
+
 def test_the_norms_add_norm_eps_on_both_paths():
     """A tiny eps against a large one on rows of small spread: the norm's output moves, on the
     reference path and the kernel alike (eps reaches both)."""
@@ -295,6 +305,29 @@ def test_the_norms_add_norm_eps_on_both_paths():
             assert (outs[1e-6, kernels] - outs[1e-5, kernels]).abs().max() > 0.1, (norm, kernels)
         for eps in (1e-6, 1e-5):
             assert_close_rel(outs[eps, "layernorm"], outs[eps, "reference"], 1e-5, f"{norm} eps {eps}")
+
+
+def test_a_resume_reads_a_config_from_before_norm_eps_as_gpt2s():
+    """A checkpoint saved before GPTConfig.norm_eps (and norm, mlp) resumes as GPT-2's LayerNorm
+    with eps 1e-5; one without bias reads as biases: only a run whose flags build another model is
+    refused, by name (once: KeyError 'norm' for --norm rmsnorm on such a run)."""
+    from types import SimpleNamespace
+
+    from tritongpt.train.loop import Trainer
+
+    sizes = dict(vocab_size=VOCAB, context_length=8, n_embd=16, n_layer=1, n_head=1)
+    old = {k: v for k, v in GPTConfig(**sizes).to_dict().items() if k not in ("norm_eps", "norm", "mlp", "mlp_hidden")}
+    for cfg, refused in ((GPTConfig(**sizes), None), (GPTConfig(**sizes, norm_eps=1e-6), "adds eps 1e-05 in its norms"),
+                         (GPTConfig(**sizes, bias=False), "model has biases in its linear layers"),
+                         (GPTConfig(**sizes, norm="rmsnorm"), "normalizes with layernorm, this run's model with "
+                                                               "rmsnorm: pass --norm layernorm")):
+        trainer = SimpleNamespace(_cfg=cfg, name="pretrain")
+        for saved in (old, {k: v for k, v in old.items() if k != "bias"}):
+            if refused is None:
+                Trainer._check_same_function(trainer, "ckpt", saved)
+            else:
+                with pytest.raises(UserError, match=refused):
+                    Trainer._check_same_function(trainer, "ckpt", saved)
 
 
 def test_pretrain_a_llama_export_it_and_resume_it(tmp_path, capsys):

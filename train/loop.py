@@ -451,7 +451,8 @@ class Trainer:
         cap = saved_cfg.get("logit_softcap", 0.0)
         window, layers = saved_cfg.get("attention_window", 0), saved_cfg.get("window_layers", "all")
         encoding, theta = saved_cfg.get("position_encoding", "learned"), saved_cfg.get("rope_theta", 10000.0)
-        mlp = saved_cfg.get("mlp", "gelu")
+        mlp, norm = saved_cfg.get("mlp", "gelu"), saved_cfg.get("norm", "layernorm")
+        eps, bias = saved_cfg.get("norm_eps", 1e-5), saved_cfg.get("bias", True)
         hidden = saved_cfg.get("mlp_hidden", 0) or swiglu_hidden(saved_cfg.get("n_embd", cfg.n_embd))
         if mlp != cfg.mlp or (mlp == "swiglu" and hidden != cfg.ff_hidden):
             def kind(m, h):
@@ -465,18 +466,18 @@ class Trainer:
 
             what = f"{positions(encoding, theta)}, this run's model {positions(cfg.position_encoding, cfg.rope_theta)}"
             flags = f"--position-encoding {encoding}" + (f" --rope-theta {theta:g}" if encoding == "rope" else "")
-        elif saved_cfg.get("norm", "layernorm") != cfg.norm:
-            what = f"normalizes with {saved_cfg['norm']}, this run's model with {cfg.norm}"
-            flags = f"--norm {saved_cfg['norm']}"
-        elif saved_cfg.get("norm_eps", 1e-5) != cfg.norm_eps:
-            what = f"adds eps {saved_cfg['norm_eps']:g} in its norms, this run's model {cfg.norm_eps:g}"
+        elif norm != cfg.norm:
+            what = f"normalizes with {norm}, this run's model with {cfg.norm}"
+            flags = f"--norm {norm}"
+        elif eps != cfg.norm_eps:
+            what = f"adds eps {eps:g} in its norms, this run's model {cfg.norm_eps:g}"
             flags = "the run's own --init"
-        elif saved_cfg.get("bias", True) != cfg.bias:
+        elif bias != cfg.bias:
             def has(on):
                 return "has biases in its linear layers" if on else "has no biases"
 
-            what = f"{has(saved_cfg['bias'])}, this run's model {has(cfg.bias)}"
-            flags = "--bias" if saved_cfg["bias"] else "--no-bias"
+            what = f"{has(bias)}, this run's model {has(cfg.bias)}"
+            flags = "--bias" if bias else "--no-bias"
         elif cap != cfg.logit_softcap:
             what = f"soft-caps its logits at {cap:g}, this run's at {cfg.logit_softcap:g} (0: none)"
             flags = f"--logit-softcap {cap:g}"
