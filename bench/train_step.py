@@ -68,7 +68,7 @@ def sdpa_attend(self, q, k, v, doc_ids=None):
     with packed documents that mask and the document mask; with a window (local attention) the
     window's mask too. Fewer KV heads than query heads (GPTConfig.n_kv_head): enable_gqa.
     """
-    from tritongpt.model.layers import document_index, outside_window
+    from tritongpt.model.layers import document_index, in_the_future, outside_window
 
     Tq, Tk = q.size(-2), k.size(-2)
     p = self.attn_drop.p if self.training else 0.0
@@ -76,7 +76,7 @@ def sdpa_attend(self, q, k, v, doc_ids=None):
     if Tq == Tk and doc_ids is None and not self.window:
         return F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True, scale=self.softmax_scale,
                                               enable_gqa=gqa)
-    allowed = ~self.mask[Tk - Tq:Tk, :Tk]
+    allowed = ~in_the_future(Tq, Tk, q.device)
     if self.window:
         allowed = allowed & ~outside_window(Tq, Tk, self.window, q.device)
     if doc_ids is not None:

@@ -227,6 +227,14 @@ def document_index(doc_ids):
     return changes.cumsum(1)
 
 
+def in_the_future(Tq, Tk, device=None):
+    """The causal mask: [Tq, Tk] True where key j comes after query i (at position Tk - Tq + i,
+    the KV cache's alignment). Made per call at the sequence's size, not stored for the whole
+    context: a [context, context] buffer a layer would be 17 GB at Llama 3's 131072 positions."""
+    query_pos = torch.arange(Tk - Tq, Tk, device=device)[:, None]
+    return torch.arange(Tk, device=device)[None, :] > query_pos
+
+
 def outside_window(Tq, Tk, window, device=None):
     """Local attention over the last `window` positions: [Tq, Tk] True where key j is `window` or
     more positions before query i (at position Tk - Tq + i, the KV cache's alignment)."""
@@ -277,22 +285,7 @@ class MultiHeadAttention(nn.Module):
         self.rotary = None if rope_theta is None else Rotary(self.head_dim, rope_theta)
         self.attn_drop = nn.Dropout(dropout)  # both paths read its p (the Triton one in-kernel)
         self.resid_drop = nn.Dropout(dropout)
-        # True above the diagonal = "in the future". Not saved: it is not a weight.
-        self.register_buffer("mask", self._causal_mask(context_length), persistent=False)
         self.use_triton = False
-
-    @staticmethod
-    def _causal_mask(n, device=None):
-        return torch.triu(torch.ones(n, n, dtype=torch.bool, device=device), diagonal=1)
-
-    def _apply(self, fn, *args, **kwargs):
-        # Moves keep the mask, but one made on the meta device and moved with to_empty() is
-        # uninitialised memory: rebuild it wherever it lands (it is not a weight, nothing is lost).
-        was_meta = self.mask.is_meta
-        out = super()._apply(fn, *args, **kwargs)
-        if was_meta and not self.mask.is_meta:
-            self.mask = self._causal_mask(self.mask.size(0), self.mask.device)
-        return out
 
     def attend(self, q, k, v, doc_ids=None):
         """Textbook attention core: dropout(softmax(q k^T / sqrt(d) + causal mask)) v (without the
@@ -308,7 +301,7 @@ class MultiHeadAttention(nn.Module):
         # which would cast the matmul back to fp16
         with _autocast_off_for_fp16(q):
             scores = _fp32_if_fp16(q) @ _fp32_if_fp16(k).transpose(-2, -1) * self.softmax_scale
-        scores = scores.masked_fill(self.mask[Tk - Tq:Tk, :Tk], float("-inf"))
+        scores = scores.masked_fill(in_the_future(Tq, Tk, q.device), float("-inf"))
         if doc_ids is not None:
             doc = document_index(doc_ids)  # [B, Tk]: 0 for the first document of a row, 1 for the next...
             other_doc = doc[:, Tk - Tq:, None] != doc[:, None, :]  # [B, Tq, Tk]

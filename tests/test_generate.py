@@ -282,3 +282,22 @@ def test_sampling_reads_fp32_probabilities_from_bf16_logits(monkeypatch):
         want = torch.softmax(logits.double() / temperature, dim=-1)
         assert handed[0].dtype == torch.float32
         torch.testing.assert_close(handed[0].double(), want, atol=1e-6, rtol=0)
+
+
+def test_the_kv_cache_is_as_long_as_the_call_can_fill():
+    """A 131072-position model (Llama 3's context) decodes with a cache of prompt + new tokens, not
+    of the whole context (gigabytes at that size), and gives a 64-position model's tokens; past the
+    context the cache is the context, as before."""
+    torch.manual_seed(0)
+    cfg = dict(vocab_size=61, n_embd=32, n_layer=2, n_head=2, position_encoding="rope")
+    long = GPTModel(GPTConfig(context_length=131072, **cfg)).eval()
+    short = GPTModel(GPTConfig(context_length=64, **cfg)).eval()
+    short.load_state_dict(long.state_dict())
+    lengths = []
+    for m in (long, short):
+        made = m.new_cache
+        m.new_cache = lambda B, max_len=None, dtype=None, made=made: lengths.append(max_len) or made(B, max_len, dtype)
+    idx = torch.randint(0, 61, (2, 5))
+    assert torch.equal(generate(long, idx, 7), generate(short, idx, 7))
+    assert generate(short, idx, 70).shape == (2, 75)  # past the context: the window slides
+    assert lengths == [12, 12, 64]

@@ -55,14 +55,13 @@ def test_the_local_mask_is_transformers_own():
     KV cache's bottom-right alignment (the last Tq rows of the Tk x Tk mask)."""
     from transformers.models.gpt_neo.modeling_gpt_neo import GPTNeoSelfAttention
 
-    from tritongpt.model.layers import MultiHeadAttention, outside_window
+    from tritongpt.model.layers import in_the_future, outside_window
 
     hf = GPTNeoSelfAttention(transformers.GPTNeoConfig(max_position_embeddings=CTX, hidden_size=32, num_heads=2,
                                                        window_size=WINDOW), "local")
     theirs = hf.bias[0, 0]  # True: attended
-    causal = MultiHeadAttention._causal_mask(CTX)
     for Tq, Tk in ((CTX, CTX), (1, 9), (3, 11)):
-        ours = ~(causal[Tk - Tq:Tk, :Tk] | outside_window(Tq, Tk, WINDOW))
+        ours = ~(in_the_future(Tq, Tk) | outside_window(Tq, Tk, WINDOW))
         assert torch.equal(ours, theirs[Tk - Tq:Tk, :Tk]), (Tq, Tk)
     assert int(theirs[-1].sum()) == WINDOW
 

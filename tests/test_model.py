@@ -151,7 +151,7 @@ def test_targets_are_checked_alike_on_both_paths():
 def test_models_do_not_share_a_config_and_meta_init_works():
     """Each model has its own config (set_kernels/set_dropout on one left another built from
     the same object on the Triton path, dropout 0.3); a model built on the meta device and moved
-    with to_empty() gets a real causal mask and its tied head back."""
+    with to_empty() gets its tied head back and computes the real model's logits."""
     cfg = GPTConfig(**SMALL)
     a, b = GPTModel(cfg), GPTModel(cfg)
     a.set_kernels("layernorm").set_dropout(0.3)
@@ -170,8 +170,6 @@ def test_models_do_not_share_a_config_and_meta_init_works():
     assert m.out_head.weight is m.tok_emb.weight
     m.load_state_dict(real.state_dict())
     m.eval()
-    for block in m.trf_blocks:
-        assert torch.equal(block.att.mask, real.trf_blocks[0].att.mask)
     idx = torch.randint(0, 97, (2, 11))
     assert torch.equal(m(idx), real(idx))
 
@@ -915,3 +913,23 @@ def test_new_cache_takes_an_explicit_dtype_over_the_one_it_would_pick():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert m.new_cache(2).k.dtype == torch.bfloat16
         assert m.new_cache(2, dtype=torch.float32).k.dtype == torch.float32
+
+
+def test_the_causal_mask_is_made_per_call_not_stored_for_the_whole_context():
+    """in_the_future(Tq, Tk) is the last Tq rows of the Tk x Tk upper triangle (the KV cache's
+    alignment), and no layer keeps a [context, context] buffer: a 131072-position model (Llama 3's)
+    builds without one and runs a short sequence as the same weights at a 64-position context."""
+    from tritongpt.model.layers import in_the_future
+
+    for tq, tk in ((1, 1), (5, 5), (1, 9), (3, 11), (11, 11)):
+        full = torch.triu(torch.ones(tk, tk, dtype=torch.bool), diagonal=1)
+        assert torch.equal(in_the_future(tq, tk), full[tk - tq:]), (tq, tk)
+    torch.manual_seed(0)
+    small = dict(SMALL, position_encoding="rope")
+    long = GPTModel(GPTConfig(**dict(small, context_length=131072))).eval()
+    assert sum(b.numel() for b in long.buffers()) < 1_000_000
+    short = GPTModel(GPTConfig(**dict(small, context_length=64))).eval()
+    short.load_state_dict(long.state_dict())
+    idx = torch.randint(0, SMALL["vocab_size"], (2, 13))
+    with torch.no_grad():
+        assert torch.equal(long(idx), short(idx))

@@ -89,7 +89,8 @@ def generate(model, idx, max_new_tokens: int, temperature: float = 0.0, top_k: i
 def _generate(model, idx, max_new_tokens, temperature, top_k, top_p, eos_id, use_cache, generator, vocab_limit,
               on_token):
     ctx = model.config.context_length
-    cache = model.new_cache(idx.size(0)) if use_cache else None
+    # as long as this call can fill: a whole-context cache of a 131072-position model is gigabytes
+    cache = model.new_cache(idx.size(0), min(ctx, idx.size(1) + max_new_tokens)) if use_cache else None
     done = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
     fed = 0  # how many tokens of idx the cache already holds
     for _ in range(max_new_tokens):

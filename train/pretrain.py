@@ -398,7 +398,8 @@ def print_header(args, targs, model, tok, block, splits, trainer):
     padded = f" padded to {cfg.padded_vocab_size}" if cfg.padded_vocab_size != cfg.vocab_size else ""
     local = f", local attention over {cfg.attention_window} positions in {cfg.window_layers} layers"
     rope = f", RoPE (theta {cfg.rope_theta:g})" if cfg.position_encoding == "rope" else ""
-    gqa = f", {cfg.kv_heads} key/value heads for {cfg.n_head} query heads" if cfg.kv_heads < cfg.n_head else ""
+    gqa = f", {cfg.kv_heads} key/value head{'s' * (cfg.kv_heads > 1)} for {cfg.n_head} query heads" \
+        if cfg.kv_heads < cfg.n_head else ""
     gqa += ", RMSNorm" if cfg.norm == "rmsnorm" else ""
     gqa += f", SwiGLU MLP (hidden {cfg.ff_hidden})" if cfg.mlp == "swiglu" else ""
     print(f"pretrain: {model_name(args)} ({model.num_params() / 1e6:.2f}M params, vocab {cfg.vocab_size}{padded}, "
