@@ -49,3 +49,19 @@ def nan_filled_empty(monkeypatch):
             return out.fill_(float("nan")) if out.is_floating_point() else out
 
         monkeypatch.setattr(torch, name, poisoned)
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory):
+    """A slice of the embedded corpus as a text file, and a small BPE trained on it (for pretrain
+    runs in tests: parity.pretrain_argv)."""
+    from types import SimpleNamespace
+
+    from tritongpt.train.data import load_text
+    from tritongpt.train.tokenizer import BPETokenizer
+
+    d = tmp_path_factory.mktemp("corpus")
+    text = load_text("pydoc")[:16000]
+    (d / "small.txt").write_text(text)
+    BPETokenizer.train(text, 300, name="small").save(d / "tok.json")
+    return SimpleNamespace(text=d / "small.txt", tok=d / "tok.json", cache=d / "cache")

@@ -49,3 +49,22 @@ def decode_token_by_token(model, idx, prefill: int = 6):
         cache = model.new_cache(idx.shape[0])
         steps = [model(idx[:, :prefill], cache)] + [model(idx[:, t:t + 1], cache) for t in range(prefill, idx.shape[1])]
     return whole, torch.cat(steps, 1), cache
+
+
+def pretrain_argv(corpus, out, *extra):
+    """`tritongpt pretrain` on conftest's small corpus, quiet and tiny (block 32, batch 4), into out."""
+    return ["pretrain", "--data", str(corpus.text), "--tokenizer", str(corpus.tok), "--cache-dir", str(corpus.cache),
+            "--out-dir", str(out), "--device", "cpu", "--kernels", "reference", "--block-size", "32", "--batch-size",
+            "4", "--sample-tokens", "0", "--log-every", "0", "--eval-every", "0", *extra]
+
+
+def save_run(tmp_path, model, name="run"):
+    """A run folder holding model and a small BPE (280 tokens) trained on a toy text: what export,
+    generate and --init read. -> (folder, tokenizer)."""
+    from tritongpt.train.tokenizer import BPETokenizer, save_run_tokenizer
+
+    run = tmp_path / name
+    tok = BPETokenizer.train(" ".join(f"a cat {i} sat on mat {i * 7}." for i in range(200)), 280, name="tiny")
+    save_run_tokenizer(tok, run)
+    model.save(run / "model.safetensors")
+    return run, tok

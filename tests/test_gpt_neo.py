@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from parity import assert_close_rel, report
+from parity import assert_close_rel, report, save_run
 from tritongpt.errors import UserError
 from tritongpt.model.config import GPTConfig, get_config
 from tritongpt.model.gpt import GPTModel
@@ -285,16 +285,6 @@ def test_export_round_trip(tmp_path, overrides):
         export_gpt_neo(model, tmp_path)
 
 
-def _run(tmp_path, model, name="run"):
-    from tritongpt.train.tokenizer import BPETokenizer, save_run_tokenizer
-
-    run = tmp_path / name
-    tok = BPETokenizer.train(" ".join(f"a cat {i} sat on mat {i * 7}." for i in range(200)), 280, name="tiny")
-    save_run_tokenizer(tok, run)
-    model.save(run / "model.safetensors")
-    return run, tok
-
-
 def test_export_command_picks_the_family_and_refuses_what_neither_computes(tmp_path, capsys):
     """`tritongpt export`: an unscaled model without q/k/v biases becomes a GPT-Neo folder (with the
     run's tokenizer, which generate then finds: the same greedy text); a model with q/k/v biases off
@@ -302,7 +292,7 @@ def test_export_command_picks_the_family_and_refuses_what_neither_computes(tmp_p
     unscaled with q/k/v biases, is refused by name before anything is written."""
     from tritongpt import cli
 
-    run, tok = _run(tmp_path, _random_neo(vocab_size=280))
+    run, tok = save_run(tmp_path, _random_neo(vocab_size=280))
     out = tmp_path / "neo"
     assert cli.main(["export", str(run), "--out", str(out)]) == 0
     assert "GPT-Neo with 3 layers" in capsys.readouterr().out
@@ -316,7 +306,7 @@ def test_export_command_picks_the_family_and_refuses_what_neither_computes(tmp_p
         texts.append(capsys.readouterr().out)
     assert texts[0] == texts[1] and texts[0].startswith("a cat")
 
-    no_qkv_bias, _ = _run(tmp_path, _random_neo(vocab_size=280, scale_attention=True, attention_window=0), "gpt2")
+    no_qkv_bias, _ = save_run(tmp_path, _random_neo(vocab_size=280, scale_attention=True, attention_window=0), "gpt2")
     assert cli.main(["export", str(no_qkv_bias), "--out", str(tmp_path / "gpt2-out")]) == 0
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "gpt2-out").eval()
     assert type(hf).__name__ == "GPT2LMHeadModel"
@@ -335,7 +325,7 @@ def test_export_command_picks_the_family_and_refuses_what_neither_computes(tmp_p
                                                             "learns position embeddings"),
                             ({"n_kv_head": 1}, "grouped-query attention (n_kv_head 1 key/value heads for 2 query heads), "
                                                "which Hugging Face's GPT-Neo does not")):
-        bad, _ = _run(tmp_path, _random_neo(vocab_size=280, **overrides), "bad")
+        bad, _ = save_run(tmp_path, _random_neo(vocab_size=280, **overrides), "bad")
         assert cli.main(["export", str(bad), "--out", str(tmp_path / "refused"), "--overwrite"]) == 2
         assert said in capsys.readouterr().err
         assert not (tmp_path / "refused").exists()
@@ -347,7 +337,7 @@ def test_export_adapter_of_a_gpt_neo_lora_run_is_refused_by_name_before_any_file
     from tritongpt import cli
     from tritongpt.model.lora import add_lora
 
-    run, _ = _run(tmp_path, add_lora(_random_neo(vocab_size=280), 2))
+    run, _ = save_run(tmp_path, add_lora(_random_neo(vocab_size=280), 2))
     out = tmp_path / "out"
     assert cli.main(["export", str(run), "--out", str(out)]) == 0
     before = {p.name: p.read_bytes() for p in out.iterdir()}
@@ -393,7 +383,7 @@ def test_hub_names_download_weights_config_and_tokenizer(tmp_path, monkeypatch, 
 
     snapshot = tmp_path / "snapshot"
     hf, _ = _hf_model(snapshot, vocab=280)
-    _, tok = _run(tmp_path, _random_neo(vocab_size=280))
+    _, tok = save_run(tmp_path, _random_neo(vocab_size=280))
     for name, text in tok.hf_files(CTX).items():
         (snapshot / name).write_text(text, encoding="utf-8")
     asked = []

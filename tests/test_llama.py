@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from parity import assert_close_rel
+from parity import assert_close_rel, pretrain_argv, save_run
 from tritongpt.errors import UserError
 from tritongpt.model.config import GPTConfig
 from tritongpt.model.gpt import GPTModel
@@ -209,23 +209,13 @@ def test_a_llama_file_without_its_config_json_is_refused_by_name(tmp_path):
         load_checkpoint(path)
 
 
-def _run(tmp_path, model, name="run"):
-    from tritongpt.train.tokenizer import BPETokenizer, save_run_tokenizer
-
-    run = tmp_path / name
-    tok = BPETokenizer.train(" ".join(f"a cat {i} sat on mat {i * 7}." for i in range(200)), 280, name="tiny")
-    save_run_tokenizer(tok, run)
-    model.save(run / "model.safetensors")
-    return run, tok
-
-
 def test_export_command_writes_a_llama_folder_and_refuses_what_llama_does_not_compute(tmp_path, capsys):
     """`tritongpt export` of an RMSNorm + SwiGLU model writes a Llama folder with the run's tokenizer
     (generate then gives the same greedy text from either); an RMSNorm or SwiGLU model with another
     of GPT-2's pieces is refused as a Llama, naming that piece, before anything is written."""
     from tritongpt import cli
 
-    run, tok = _run(tmp_path, _random_llama(vocab_size=280))
+    run, tok = save_run(tmp_path, _random_llama(vocab_size=280))
     out = tmp_path / "llama"
     assert cli.main(["export", str(run), "--out", str(out)]) == 0
     assert "Llama with 2 layers" in capsys.readouterr().out
@@ -245,14 +235,14 @@ def test_export_command_writes_a_llama_folder_and_refuses_what_llama_does_not_co
                             ({"scale_attention": False}, "does not scale its attention scores by 1/sqrt(head_dim)"),
                             ({"attention_window": 8}, "has local attention (attention_window 8)"),
                             ({"logit_softcap": 5.0}, "soft-caps its logits (logit_softcap 5)")):
-        bad, _ = _run(tmp_path, _random_llama(vocab_size=280, **overrides), "bad")
+        bad, _ = save_run(tmp_path, _random_llama(vocab_size=280, **overrides), "bad")
         assert cli.main(["export", str(bad), "--out", str(tmp_path / "refused"), "--overwrite"]) == 2
         err = capsys.readouterr().err
         assert said in err and "it cannot be exported as a Llama folder" in err
         assert not (tmp_path / "refused").exists()
 
     # a LoRA run of a Llama: peft adapters are written for GPT-2 bases only; the merged model is a Llama
-    lora, _ = _run(tmp_path, _random_llama(vocab_size=280, lora_rank=2), "lora")
+    lora, _ = save_run(tmp_path, _random_llama(vocab_size=280, lora_rank=2), "lora")
     assert cli.main(["export", str(lora), "--adapter", "--out", str(tmp_path / "adapter")]) == 2
     assert "--adapter writes a peft adapter for Hugging Face's GPT-2, and this model is a Llama (norm rmsnorm, mlp " \
            "swiglu): export it without --adapter, merged, as a Llama folder" in capsys.readouterr().err
@@ -330,25 +320,16 @@ def test_a_resume_reads_a_config_from_before_norm_eps_as_gpt2s():
                     Trainer._check_same_function(trainer, "ckpt", saved)
 
 
-def test_pretrain_a_llama_export_it_and_resume_it(tmp_path, capsys):
+def test_pretrain_a_llama_export_it_and_resume_it(corpus, tmp_path, capsys):
     """A practitioner's path: pretrain --norm rmsnorm --mlp swiglu --position-encoding rope --n-kv-head
     --no-bias builds a Llama; export writes a folder transformers runs with our logits; --init of
     that folder (its config.json's eps, 1e-6 here) trains on; a resume whose flags would build another
     model (biases, or the default eps) is refused by name."""
     from tritongpt.cli import main
-    from tritongpt.train.data import load_text
-    from tritongpt.train.tokenizer import BPETokenizer
-
-    text = load_text("pydoc")[:16000]
-    (tmp_path / "small.txt").write_text(text)
-    BPETokenizer.train(text, 300, name="small").save(tmp_path / "tok.json")
     llama = ("--norm", "rmsnorm", "--mlp", "swiglu", "--position-encoding", "rope", "--n-kv-head", "1", "--no-bias")
 
     def argv(out, *extra):
-        return ["pretrain", "--data", str(tmp_path / "small.txt"), "--tokenizer", str(tmp_path / "tok.json"),
-                "--cache-dir", str(tmp_path / "cache"), "--out-dir", str(out), "--device", "cpu",
-                "--kernels", "reference", "--block-size", "32", "--batch-size", "4", "--sample-tokens", "0",
-                "--log-every", "0", "--eval-every", "0", "--max-steps", "1", *extra]
+        return pretrain_argv(corpus, out, "--max-steps", "1", *extra)
 
     assert main(argv(tmp_path / "run", *llama)) == 0
     model = load_checkpoint(tmp_path / "run").eval()

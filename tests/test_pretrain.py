@@ -17,19 +17,6 @@ from tritongpt.train.pretrain import model_vocab, parse_args, pretrain
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    """A slice of the embedded corpus as a text file, and a small BPE trained on it."""
-    from tritongpt.train.data import load_text
-    from tritongpt.train.tokenizer import BPETokenizer
-
-    d = tmp_path_factory.mktemp("corpus")
-    text = load_text("pydoc")[:16000]
-    (d / "small.txt").write_text(text)
-    BPETokenizer.train(text, 300, name="small").save(d / "tok.json")
-    return SimpleNamespace(text=d / "small.txt", tok=d / "tok.json", cache=d / "cache")
-
-
 def argv(corpus, out, *extra):
     return ["--data", str(corpus.text), "--tokenizer", str(corpus.tok), "--cache-dir", str(corpus.cache),
             "--out-dir", str(out), "--device", "cpu", "--kernels", "reference", "--block-size", "32",

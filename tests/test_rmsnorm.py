@@ -8,7 +8,7 @@ repeat the check at GPT-2 sizes when a GPU is present.
 import pytest
 import torch
 
-from parity import assert_close_mixed, assert_close_rel
+from parity import assert_close_mixed, assert_close_rel, pretrain_argv
 from tritongpt.errors import UserError
 from tritongpt.kernels.layernorm import MAX_WIDTH, add_rms_norm, rms_norm
 from tritongpt.model.config import GPTConfig
@@ -523,23 +523,14 @@ def test_export_to_gpt2_and_gpt_neo_refused_by_name(tmp_path):
     assert not (tmp_path / "gpt2").exists() and not (tmp_path / "neo").exists()
 
 
-def test_pretrain_norm_rmsnorm_end_to_end(tmp_path, capsys, one_thread):
+def test_pretrain_norm_rmsnorm_end_to_end(corpus, tmp_path, capsys, one_thread):
     """pretrain --norm rmsnorm: an RMSNorm model, saved as one; --init keeps it (and refuses
     another norm); a resume without the flag is refused by name; GPT-2's and GPT-Neo's published
     weights cannot start one; the export to GPT-2 is refused."""
     from tritongpt.cli import main
-    from tritongpt.train.data import load_text
-    from tritongpt.train.tokenizer import BPETokenizer
-
-    text = load_text("pydoc")[:16000]
-    (tmp_path / "small.txt").write_text(text)
-    BPETokenizer.train(text, 300, name="small").save(tmp_path / "tok.json")
 
     def argv(out, *extra):
-        return ["pretrain", "--data", str(tmp_path / "small.txt"), "--tokenizer", str(tmp_path / "tok.json"),
-                "--cache-dir", str(tmp_path / "cache"), "--out-dir", str(out), "--device", "cpu",
-                "--kernels", "reference", "--block-size", "32", "--batch-size", "4", "--sample-tokens", "0",
-                "--log-every", "0", "--eval-every", "0", *extra]
+        return pretrain_argv(corpus, out, *extra)
 
     assert main(argv(tmp_path / "rms", "--max-steps", "1", "--norm", "rmsnorm")) == 0
     assert ", RMSNorm) on cpu" in capsys.readouterr().out

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from parity import assert_close_rel, report
+from parity import assert_close_rel, pretrain_argv, report
 from test_model_paths import _compare_paths, _randomize
 from tritongpt.errors import UserError
 from tritongpt.kernels._common import saved_tensor_bytes
@@ -485,20 +485,6 @@ def test_flops_per_token_counts_swiglus_three_matrices():
 
 # -- pretrain ------------------------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    from types import SimpleNamespace
-
-    from tritongpt.train.data import load_text
-    from tritongpt.train.tokenizer import BPETokenizer
-
-    d = tmp_path_factory.mktemp("corpus")
-    text = load_text("pydoc")[:16000]
-    (d / "small.txt").write_text(text)
-    BPETokenizer.train(text, 300, name="small").save(d / "tok.json")
-    return SimpleNamespace(text=d / "small.txt", tok=d / "tok.json", cache=d / "cache")
-
-
 def test_pretrain_mlp_swiglu_end_to_end(corpus, tmp_path, capsys, one_thread):
     """pretrain --mlp swiglu --mlp-hidden: a SwiGLU model, saved as one; --init keeps it (another
     MLP refused by name); a resume with another MLP or hidden size refused by name before the
@@ -506,10 +492,7 @@ def test_pretrain_mlp_swiglu_end_to_end(corpus, tmp_path, capsys, one_thread):
     from tritongpt.cli import main
 
     def argv(out, *extra):
-        return ["pretrain", "--data", str(corpus.text), "--tokenizer", str(corpus.tok), "--cache-dir",
-                str(corpus.cache), "--out-dir", str(out), "--device", "cpu", "--kernels", "reference",
-                "--block-size", "32", "--batch-size", "4", "--sample-tokens", "0", "--log-every", "0",
-                "--eval-every", "0", *extra]
+        return pretrain_argv(corpus, out, *extra)
 
     flags = ("--mlp", "swiglu", "--mlp-hidden", "200")
     assert main(argv(tmp_path / "sw", "--max-steps", "1", *flags)) == 0

@@ -18,8 +18,6 @@ from test_loop import args_for, loss_fn, make_get_batch, rows, synthetic_tokens,
 from test_rlhf import _tiny_rl_trainer
 from test_sft import CharTokenizer, train_args
 
-corpus = test_pretrain.corpus  # its fixture: a small text file and a BPE trained on it
-
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 KEYS = ("loss", "lr", "grad_norm", "val_loss")  # the loop's numbers compared per step
