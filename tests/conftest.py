@@ -21,6 +21,17 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    """Each test compiles from a clean slate: torch.compile keeps compiled frames per code object
+    (GPTModel.forward...) for the life of the process, and after 8 models' guards fail a
+    fullgraph compile in a later test of the same worker hits the recompile limit."""
+    yield
+    dynamo = sys.modules.get("torch._dynamo")
+    if dynamo is not None:
+        dynamo.reset()
+
+
 @pytest.fixture
 def device():
     """Where kernel tests run: the GPU when there is one, else the CPU through Triton's interpreter."""
