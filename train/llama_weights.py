@@ -60,7 +60,8 @@ def _rope_theta(d: dict, cfg_json) -> float:
     for where, p in (("rope_parameters", params), ("rope_scaling", scaling)):
         kind = p.get("rope_type", p.get("type", "default"))
         if kind != "default":
-            raise UserError(f"{cfg_json} has {where} of type {kind!r}; this model computes unscaled RoPE ('default') only")
+            raise UserError(f"{cfg_json} has {where} of type {kind!r}; this model computes unscaled RoPE "
+                            "('default') only")
     theta = params.get("rope_theta", d.get("rope_theta", 10000.0))
     if isinstance(theta, bool) or not isinstance(theta, (int, float)) or not math.isfinite(theta) or theta <= 0:
         raise UserError(f"{cfg_json} has rope_theta {theta!r}; it must be a number > 0")
@@ -104,7 +105,8 @@ def _check_hf_config(cfg_json: Path, sd: dict) -> GPTConfig:
                      bias=attention_bias,
                      position_encoding="rope", rope_theta=_rope_theta(d, cfg_json), norm="rmsnorm",
                      norm_eps=d.get("rms_norm_eps", 1e-6), mlp="swiglu", mlp_hidden=hidden,
-                     tie_weights="lm_head.weight" not in sd or torch.equal(sd["lm_head.weight"], sd["embed_tokens.weight"]))
+                     tie_weights="lm_head.weight" not in sd
+                     or torch.equal(sd["lm_head.weight"], sd["embed_tokens.weight"]))
 
 
 def _our_tensors(sd: dict, cfg: GPTConfig) -> dict:
