@@ -26,7 +26,8 @@ HUB_REPOS = {
 }
 
 
-def _read_tensors(path) -> dict:
+def _read_tensors(path, prefix: str = "transformer.") -> dict:
+    """A safetensors file's tensors, their names without the model class's prefix."""
     from safetensors.torch import load_file
 
     try:
@@ -34,7 +35,7 @@ def _read_tensors(path) -> dict:
     except Exception as e:  # a truncated or foreign file: safetensors' own error, in one line
         raise unreadable_safetensors(path, e) from None
     # Hub files name keys "h.0...", a saved GPT2LMHeadModel "transformer.h.0..."
-    return {k.removeprefix("transformer."): v for k, v in tensors.items()}
+    return {k.removeprefix(prefix): v for k, v in tensors.items()}
 
 
 def tensor_shapes(sd: dict, path: Path, family: str) -> tuple:

@@ -20,24 +20,14 @@ import torch
 
 from tritongpt.errors import UserError, read_json_object
 from tritongpt.model.config import GPTConfig
-from tritongpt.model.gpt import GPTModel, unreadable_safetensors
-from tritongpt.train.gpt2_weights import model_with_tensors, write_hf_folder
+from tritongpt.model.gpt import GPTModel
+from tritongpt.train.gpt2_weights import _read_tensors, model_with_tensors, write_hf_folder
 
 # each block's tensors: ours, then Hugging Face's (under "layers.{i}.")
 _LAYER = (("norm1", "input_layernorm"), ("norm2", "post_attention_layernorm"), ("att.W_query", "self_attn.q_proj"),
           ("att.W_key", "self_attn.k_proj"), ("att.W_value", "self_attn.v_proj"), ("att.out_proj", "self_attn.o_proj"),
           ("ff.w_gate", "mlp.gate_proj"), ("ff.w_up", "mlp.up_proj"), ("ff.w_down", "mlp.down_proj"))
 _NORMS = ("norm1", "norm2")
-
-
-def _read_tensors(path) -> dict:
-    from safetensors.torch import load_file
-
-    try:
-        tensors = load_file(str(path))
-    except Exception as e:
-        raise unreadable_safetensors(path, e) from None
-    return {k.removeprefix("model."): v for k, v in tensors.items()}  # LlamaForCausalLM's "model.layers.0..."
 
 
 def is_llama_file(path) -> bool:
@@ -132,7 +122,7 @@ def load_llama_safetensors(path) -> GPTModel:
     if not cfg_json.is_file():
         raise UserError(f"{path} looks like a Llama model, whose heads, RoPE base and norm eps are in its "
                         "config.json: put that file beside it")
-    sd = _read_tensors(path)
+    sd = _read_tensors(path, prefix="model.")  # LlamaForCausalLM's "model.layers.0..."
     cfg = _check_hf_config(cfg_json, sd)
     return model_with_tensors(cfg, lambda: _our_tensors(sd, cfg), path)
 
