@@ -61,6 +61,20 @@ def vocab_multiple(args):
     return args.vocab_multiple
 
 
+def _what_it_means(cfg, key, value) -> str:
+    """What a stored field that is not its own value stands for (0 = a rule, a setting another field
+    overrides), so that a reader of `info` does not have to know GPTConfig's conventions."""
+    from tritongpt.model.layers import swiglu_hidden
+
+    if key == "mlp_hidden" and cfg.mlp == "swiglu" and not value:
+        return f" (Llama's rule: {swiglu_hidden(cfg.n_embd)})"
+    if key == "n_kv_head" and not value:
+        return f" (as many as the heads: {cfg.n_head})"
+    if key == "qkv_bias" and value and not cfg.bias:
+        return " (no effect: bias False drops every bias)"
+    return ""
+
+
 def cmd_info(args):
     import torch
 
@@ -84,7 +98,7 @@ def cmd_info(args):
     print(f"model        {name}")
     for key, value in cfg.to_dict().items():
         if key != "kernels":
-            print(f"  {key + ' ':<16}{value}")  # a key of 16 letters (attention_window) keeps a space
+            print(f"  {key + ' ':<16}{value}{_what_it_means(cfg, key, value)}")  # a 16-letter key keeps a space
     print(f"parameters   {n:,} ({n / 1e6:.1f}M, {'tied' if cfg.tie_weights else 'untied'} LM head)")
     if args.weights:
         from tritongpt.train.common import saved_model_config
