@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from parity import assert_close_rel, pretrain_argv, save_run
+from parity import assert_close_rel, hf_llama, pretrain_argv, save_run
 from tritongpt.errors import UserError
 from tritongpt.model.config import GPTConfig
 from tritongpt.model.gpt import GPTModel
@@ -19,19 +19,8 @@ transformers = pytest.importorskip("transformers")
 VOCAB, CTX, T = 53, 40, 23
 
 
-def _hf_model(folder, tie=False, bias=False, kv_heads=2, **config):
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=88, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=kv_heads, max_position_embeddings=CTX,
-                                   rms_norm_eps=1e-6, tie_word_embeddings=tie, attention_bias=bias, mlp_bias=bias,
-                                   rope_parameters={"rope_type": "default", "rope_theta": 5000.0},
-                                   bos_token_id=0, eos_token_id=0, **config)
-    hf = transformers.LlamaForCausalLM(cfg).double().eval()
-    with torch.no_grad():  # random init has unit norms and zero biases: make every tensor count
-        for p in hf.parameters():
-            p.add_(torch.randn_like(p) * 0.3)
-    hf.save_pretrained(folder)
-    return hf, folder / "model.safetensors"
+def _hf_model(folder, **kw):
+    return hf_llama(folder, VOCAB, **kw)
 
 
 @pytest.mark.parametrize("kw", [{}, {"tie": True, "kv_heads": 1}, {"bias": True, "kv_heads": 4}],
