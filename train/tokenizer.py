@@ -46,6 +46,7 @@ _SAME_PATTERN = {
 EOT = "<|endoftext|>"
 DEFAULT_VOCAB_SIZE = 4096
 FORMAT = "tritongpt-bpe"
+HF_FORMAT = "tritongpt-hf-tokenizer"  # hf_tokenizer.FORMAT (that module imports the tokenizers library)
 
 
 # Text the pre-tokenising pattern must split without loss: letters of several scripts, digits,
@@ -755,11 +756,11 @@ def _hf_changed_since_export(folder: Path, ours: Path) -> bool:
     differ, transformers saved the folder since (tokens added, say), and its files are the ones
     the weights go with: ours would encode the added tokens as plain bytes."""
     try:
-        theirs = BPETokenizer.from_hf_folder(folder)
+        theirs = from_hf_folder(folder)
     except UserError as e:
         raise UserError(f"{folder} holds {ours.name} and Hugging Face tokenizer files that tritongpt cannot "
                         f"read ({e}): remove one of them, or pass --tokenizer") from None
-    if theirs.hash == BPETokenizer.load(ours).hash:
+    if theirs.hash == load_tokenizer(ours).hash:
         return False
     note(f"{folder}'s Hugging Face tokenizer files ({theirs.vocab_size} tokens) differ from {ours.name} "
          f"(written by tritongpt export): using the Hugging Face files, saved since")
@@ -767,7 +768,7 @@ def _hf_changed_since_export(folder: Path, ours: Path) -> bool:
 
 
 def is_hf_tokenizer_folder(path) -> bool:
-    """A folder holding Hugging Face's GPT-2 tokenizer files: vocab.json and merges.txt, or the
+    """A folder holding Hugging Face's tokenizer files: GPT-2's vocab.json and merges.txt, or the
     tokenizers library's tokenizer.json (not ours, which shares the name)."""
     p = Path(path)
     if not p.is_dir():
@@ -785,7 +786,60 @@ def is_ours(path) -> bool:
             d = json.load(f)
     except (OSError, ValueError):
         return True  # unreadable: let BPETokenizer.load say what is wrong with it
-    return isinstance(d, dict) and d.get("format") == FORMAT
+    return isinstance(d, dict) and d.get("format") in (FORMAT, HF_FORMAT)
+
+
+def load_tokenizer(path):
+    """Our saved tokenizer JSON: a BPETokenizer, or an HFTokenizer (format HF_FORMAT: a Hugging Face
+    tokenizer.json kept with its EOS, for a run started from such a folder)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            fmt = json.load(f).get("format")
+    except (OSError, ValueError, AttributeError):
+        fmt = None  # BPETokenizer.load says what is wrong with it
+    if fmt == HF_FORMAT:
+        from tritongpt.train.hf_tokenizer import HFTokenizer
+
+        return HFTokenizer.load(path)
+    return BPETokenizer.load(path)
+
+
+_NOTED = set()
+
+
+def from_hf_folder(folder):
+    """A Hugging Face tokenizer folder as BPETokenizer when it reproduces the ids (GPT-2's files),
+    else through the tokenizers library (HFTokenizer: SentencePiece-converted Llamas, byte-level BPEs
+    with other pre-tokenizers); which one is said once per folder."""
+    folder = Path(folder)
+    try:
+        return BPETokenizer.from_hf_folder(folder)
+    except UserError as e:
+        hf_json = folder / RUN_TOKENIZER
+        if not hf_json.is_file() or is_ours(hf_json):
+            raise
+        why = e
+    from tritongpt.train.hf_tokenizer import HFTokenizer
+
+    try:
+        tok = HFTokenizer.from_hf_folder(folder)
+    except UserError as e:
+        raise UserError(f"{e}; nor does tritongpt's BPE read it: {why}") from None
+    if str(folder.resolve()) not in _NOTED:
+        _NOTED.add(str(folder.resolve()))
+        note(f"{hf_json} is read by Hugging Face's tokenizers library ({tok.vocab_size} tokens, EOS "
+             f"{tok.eos_token!r}): tritongpt's BPE would give other ids ({why})")
+    return tok
+
+
+def eot_or_none(tok):
+    """The id that ends a text (our <|endoftext|>, a Hugging Face folder's EOS), or None."""
+    if isinstance(tok, BPETokenizer):
+        return tok.special_tokens.get(EOT)
+    try:
+        return tok.eot_id
+    except UserError:
+        return None
 
 
 def default_cache_dir(override=None) -> Path:
@@ -851,10 +905,11 @@ def gpt2_tokenizer() -> BPETokenizer:
     return BPETokenizer.from_tiktoken(enc, name="gpt2")
 
 
-def get_tokenizer(spec="default") -> BPETokenizer:
+def get_tokenizer(spec="default"):
     """"default" | "gpt2" | a saved tokenizer JSON | a run folder (its tokenizer.json) | a folder
-    with encoder.json + vocab.bpe (OpenAI's) or vocab.json + merges.txt (Hugging Face's)."""
-    if isinstance(spec, BPETokenizer):
+    with encoder.json + vocab.bpe (OpenAI's) or vocab.json + merges.txt or tokenizer.json (Hugging
+    Face's: an HFTokenizer where BPETokenizer would give other ids)."""
+    if hasattr(spec, "encode_batch"):  # a tokenizer already (BPETokenizer, HFTokenizer)
         return spec
     spec = "default" if spec is None else str(spec)
     if spec == "default":
@@ -870,13 +925,13 @@ def get_tokenizer(spec="default") -> BPETokenizer:
         if saved is None:
             raise UserError(f"tokenizer folder {p} must hold our {RUN_TOKENIZER} (a run folder), "
                             "GPT-2's encoder.json and vocab.bpe, or Hugging Face's vocab.json and merges.txt")
-        return BPETokenizer.from_hf_folder(saved) if saved.is_dir() else BPETokenizer.load(saved)
+        return from_hf_folder(saved) if saved.is_dir() else load_tokenizer(saved)
     if p.is_file():
         if p.name == RUN_TOKENIZER and not is_ours(p):
             # transformers' own tokenizer.json: its special tokens are named beside it, so read
             # the folder, as a folder given by name is read
-            return BPETokenizer.from_hf_folder(p.parent)
-        return BPETokenizer.load(p)
+            return from_hf_folder(p.parent)
+        return load_tokenizer(p)
     raise UserError(f"unknown tokenizer {spec!r}: use 'default', 'gpt2', a tokenizer .json file, "
                     f"or a folder with encoder.json and vocab.bpe")
 

@@ -229,7 +229,7 @@ def cmd_generate(args):
 
     from tritongpt.train.common import autocast
     from tritongpt.train.generate import generate
-    from tritongpt.train.tokenizer import EOT, DisallowedSpecialToken
+    from tritongpt.train.tokenizer import DisallowedSpecialToken, eot_or_none
 
     check_generation_args(args)
     if args.num_samples < 1:
@@ -241,7 +241,8 @@ def cmd_generate(args):
     try:
         ids = tok.encode(prompt, allowed_special="all" if args.allow_special else "none_raise")
     except DisallowedSpecialToken:
-        raise UserError("the prompt contains <|endoftext|>: pass --allow-special to encode it as the "
+        which = next(s for s in sorted(tok.special_tokens, key=len, reverse=True) if s in prompt)
+        raise UserError(f"the prompt contains {which}: pass --allow-special to encode it as the "
                         "special token") from None
     if not ids:
         raise UserError("the prompt is empty: pass --prompt (or --prompt-file) with some text")
@@ -249,7 +250,7 @@ def cmd_generate(args):
         raise UserError(f"prompt is {len(ids)} tokens; the model's context is {model.config.context_length}")
     idx = torch.tensor([ids] * args.num_samples, dtype=torch.long, device=device)  # one batch
     gen = torch.Generator(device=device).manual_seed(args.seed)
-    eot = tok.special_tokens.get(EOT)
+    eot = eot_or_none(tok)
     stream = TextStream(tok, ids, eot) if args.stream else None
     with autocast(device, dtype):  # the weights stay fp32; sampling reads fp32 probabilities
         out = generate(model, idx, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
@@ -268,20 +269,23 @@ def cmd_generate(args):
             print(tok.decode(row))
         if ended:
             which = f"sample {i + 1}: " if args.num_samples > 1 else ""
-            note(f"{which}the model ended the text ({EOT}) after {len(row) - len(ids)} new tokens")
+            note(f"{which}the model ended the text ({tok.decode([eot])}) after {len(row) - len(ids)} new tokens")
     return 0
 
 
 class TextStream:
     """generate's on_token for one sample: prints the text as its tokens are drawn. Bytes go
     through an incremental UTF-8 decoder, so a character split across tokens is printed whole,
-    once its last byte arrives, and the printed text is what decoding all the ids at once gives."""
+    once its last byte arrives, and the printed text is what decoding all the ids at once gives.
+    A Hugging Face tokenizer's tokens are no bytes of their own (SentencePiece's "▁"): its
+    stream_decoder hands out the text each id adds."""
 
     def __init__(self, tok, prompt_ids, eot):
         import codecs
 
         self.tok, self.eot = tok, eot
         self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self.text = tok.stream_decoder() if hasattr(tok, "stream_decoder") else None
         self.write(prompt_ids)
 
     def __call__(self, new):
@@ -290,10 +294,13 @@ class TextStream:
             self.write([i])
 
     def write(self, ids):
-        print(self.decoder.decode(self.tok.decode_bytes(ids)), end="", flush=True)
+        if self.text is not None:
+            print(self.text.write(ids), end="", flush=True)
+        else:
+            print(self.decoder.decode(self.tok.decode_bytes(ids)), end="", flush=True)
 
     def close(self):
-        print(self.decoder.decode(b"", final=True))
+        print(self.text.flush() if self.text is not None else self.decoder.decode(b"", final=True))
 
 
 def cmd_export(args):
@@ -310,7 +317,7 @@ def cmd_export(args):
     from tritongpt.train.gpt_neo_weights import export_gpt_neo, refuse_not_gpt_neo
     from tritongpt.train.llama_weights import export_llama, refuse_not_llama
     from tritongpt.train.sft import pick_tokenizer
-    from tritongpt.train.tokenizer import EOT, EXPORT_TOKENIZER, RUN_TOKENIZER, is_ours
+    from tritongpt.train.tokenizer import EXPORT_TOKENIZER, RUN_TOKENIZER, eot_or_none, is_ours
 
     if args.base is not None and not args.adapter:
         raise UserError("--base names the model an --adapter goes on: pass --adapter too")
@@ -371,7 +378,7 @@ def cmd_export(args):
         paths = export_peft_adapter(model, out, base)
     else:
         export = export_llama if llama else export_gpt_neo if neo else export_gpt2
-        paths = export(model, out, tok.special_tokens.get(EOT))
+        paths = export(model, out, eot_or_none(tok))
         fmt = run_template(args.checkpoint)
         if fmt is not None:  # `tritongpt chat --weights OUT` prompts it as the run was tuned
             config = json.loads((out / "config.json").read_text(encoding="utf-8"))

@@ -1,0 +1,286 @@
+"""Hugging Face tokenizers (tokenizer.json) of Llama-family folders: HFTokenizer gives
+transformers' ids on a SentencePiece-converted BPE (TinyLlama's and Llama 2's shape), a Llama 3
+and a SmolLM byte-level BPE, each trained here on a few KB; generate, sft --init and export use it
+end to end; a GPT-2 folder still gets BPETokenizer. Nothing downloaded."""
+import json
+import random
+
+import pytest
+
+from parity import hf_llama
+from tritongpt.errors import UserError
+from tritongpt.train.tokenizer import DisallowedSpecialToken, get_tokenizer
+
+tokenizers = pytest.importorskip("tokenizers")
+transformers = pytest.importorskip("transformers")
+
+LLAMA3_PAT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
+              r"|\s+(?!\S)|\s+")
+WORDS = ("the cat sat on a mat while 42 dogs ran past 1999 naïve café 東京 über straße 🙂 x=3.14 it's "
+         "Ελλάδα don't").split(" ")
+# (kind, EOS, BOS)
+KINDS = {"sentencepiece": ("</s>", "<s>"), "llama3": ("<|end_of_text|>", "<|begin_of_text|>"),
+         "smollm": ("<|endoftext|>", None)}
+FIXED = [" Hello  wörld 12345 🙂🎉\n\n\tx  ", "The cat sat. 3.14159 東京 💡🐍 Ελλάδα\r\n   end", "", " ", "\n\n",
+         "naïve\u00a0café\u200b, it's 2024!", "    leading spaces\ttabs\t\t\nand trailing   ", "零一二三 ١٢٣ 🏳️‍🌈"]
+
+
+def _corpus(seed=0, lines=300):
+    rng = random.Random(seed)
+    return "\n".join(" ".join(rng.choice(WORDS) for _ in range(12)) for _ in range(lines))
+
+
+def _random_texts(n, seed):
+    """Fresh text each run of the seed: words, digit runs, emoji, odd whitespace and letters never seen."""
+    rng = random.Random(seed)
+    pieces = WORDS + ["  ", "\n", "\t", "\r\n", "   \n ", "0123456789", "Ω≈ç√∫", "👩‍💻", "\u0301", "ß", "Q"]
+    return ["".join(rng.choice(pieces) + rng.choice(["", " "]) for _ in range(rng.randint(1, 30))) for _ in range(n)]
+
+
+def build_tokenizer(kind, vocab=400):
+    """A tokenizers.Tokenizer in the shape of a published Llama family's, trained on _corpus."""
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+
+    text = _corpus()
+    if kind == "sentencepiece":  # TinyLlama / Llama 2: "▁" for spaces, one prepended, bytes as <0xNN> tokens
+        tok = Tokenizer(models.BPE(byte_fallback=True, unk_token="<unk>", fuse_unk=True))
+        tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+        trainer = trainers.BpeTrainer(vocab_size=vocab, special_tokens=["<unk>", "<s>", "</s>"], show_progress=False)
+        tok.train_from_iterator(text.split("\n"), trainer)
+        # the 256 byte tokens after the specials, as in Llama 2's vocabulary (ids 3..258)
+        d = json.loads(tok.to_str())
+        ids = {t: i for i, t in enumerate(["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)])}
+        for t, _ in sorted(d["model"]["vocab"].items(), key=lambda kv: kv[1]):
+            ids.setdefault(t, len(ids))
+        d["model"]["vocab"] = ids
+        for a in d["added_tokens"]:
+            a["id"] = ids[a["content"]]
+        tok = Tokenizer.from_str(json.dumps(d))
+        tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                         decoders.Strip(" ", 1, 0)])
+        tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+        return tok
+    tok = Tokenizer(models.BPE())
+    if kind == "llama3":
+        tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(LLAMA3_PAT), behavior="isolated"),
+                                                     pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    else:  # SmolLM: every digit alone, then GPT-2's byte-level split
+        tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                                     pre_tokenizers.ByteLevel(add_prefix_space=False)])
+    tok.decoder = decoders.ByteLevel()
+    specials = ["<|begin_of_text|>", "<|end_of_text|>"] if kind == "llama3" else \
+        ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    tok.train_from_iterator([text], trainers.BpeTrainer(vocab_size=vocab, special_tokens=specials, show_progress=False,
+                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    if kind == "llama3":
+        tok.post_processor = processors.TemplateProcessing(single="<|begin_of_text|> $A",
+                                                           special_tokens=[("<|begin_of_text|>", 0)])
+    return tok
+
+
+def llama_folder(folder, kind, context=40):
+    """A folder as save_pretrained writes a Llama's: the tokenizer's files beside a tiny random
+    LlamaForCausalLM whose config.json names the same EOS. -> (folder, transformers' tokenizer, model)."""
+    eos, bos = KINDS[kind]
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=build_tokenizer(kind), eos_token=eos, bos_token=bos)
+    fast.save_pretrained(folder)
+    hf, _ = hf_llama(folder, len(fast), eos=fast.convert_tokens_to_ids(eos), context=context)
+    return folder, transformers.AutoTokenizer.from_pretrained(folder), hf
+
+
+@pytest.fixture(scope="module", params=list(KINDS))
+def folder(request, tmp_path_factory):
+    return llama_folder(tmp_path_factory.mktemp(request.param), request.param)
+
+
+def test_ids_match_transformers_and_decode_inverts_encode(folder):
+    """transformers' ids (add_special_tokens=False) on fixed and fresh random text, one by one and
+    batched; decode and the streamed decode give the text back; eot_id is the folder's EOS."""
+    path, theirs, _ = folder
+    tok = get_tokenizer(path)
+    assert type(tok).__name__ == "HFTokenizer"
+    assert tok.eot_id == theirs.eos_token_id and tok.vocab_size == len(theirs)
+    texts = FIXED + _random_texts(40, random.randrange(1 << 30))
+    want = [theirs(t, add_special_tokens=False)["input_ids"] for t in texts]
+    assert [tok.encode(t) for t in texts] == want
+    assert tok.encode_batch(texts) == want
+    for t, ids in zip(texts, want):
+        assert tok.decode(ids) == t  # all three are lossless (byte fallback, byte level)
+        stream = tok.stream_decoder()
+        assert "".join(stream.write([i]) for i in ids) + stream.flush() == t
+    # the Llama's own pipeline adds BOS where its post-processor says; we never do
+    if theirs.bos_token:
+        assert theirs("a cat")["input_ids"][0] == theirs.bos_token_id != tok.encode("a cat")[0]
+
+
+def test_special_tokens_follow_bpe_tokenizers_rules(folder):
+    """Text spelling the EOS is refused by default (as ours), read as text with "none", encoded as
+    the id with "all" or a set naming it (transformers' ids then)."""
+    path, theirs, _ = folder
+    tok = get_tokenizer(path)
+    eos = theirs.eos_token
+    text = f"a cat{eos} 12 dogs"
+    with pytest.raises(DisallowedSpecialToken, match=f"disallowed special token '{eos}' at character 5"):
+        tok.encode(text)
+    with pytest.raises(DisallowedSpecialToken):
+        tok.encode_batch(["fine", text])
+    whole = theirs(text, add_special_tokens=False)["input_ids"]
+    assert tok.eot_id in whole
+    assert tok.encode(text, allowed_special="all") == whole == tok.encode(text, allowed_special={eos})
+    plain = tok.encode(text, allowed_special="none")
+    assert tok.eot_id not in plain and tok.decode(plain) == text
+    with pytest.raises(UserError, match="unknown special token"):
+        tok.encode(text, allowed_special={"<nope>"})
+    with pytest.raises(UserError, match=f"token id {tok.vocab_size} is out of range"):
+        tok.decode([5, tok.vocab_size])
+
+
+def test_saved_with_a_run_and_read_back(folder, tmp_path):
+    """Our JSON (format tritongpt-hf-tokenizer) holds the tokenizer and its EOS: the same hash
+    and ids back, found in a run folder by get_tokenizer; an edit is refused by its hash."""
+    from tritongpt.train.tokenizer import is_ours, save_run_tokenizer, saved_tokenizer_path
+
+    path, _, _ = folder
+    tok = get_tokenizer(path)
+    saved = save_run_tokenizer(tok, tmp_path / "run")
+    assert is_ours(saved) and saved_tokenizer_path(tmp_path / "run") == saved
+    back = get_tokenizer(tmp_path / "run")
+    text = _random_texts(1, 7)[0]
+    assert (back.hash, back.eot_id, back.encode(text), repr(back)) == (tok.hash, tok.eot_id, tok.encode(text),
+                                                                      repr(tok))
+    d = json.loads(saved.read_text())
+    d["eos_token"] = next(s for s in tok.special_tokens if s != tok.eos_token)
+    saved.write_text(json.dumps(d))
+    with pytest.raises(UserError, match="content does not match its recorded hash"):
+        get_tokenizer(saved)
+
+
+def test_generate_on_the_llama_folder_gives_transformers_greedy_text(folder, tmp_path, capsys):
+    """A text prompt through `generate --weights folder`: the greedy tokens transformers draws,
+    printed as text (streamed or at once), stopping at the folder's EOS as transformers does (the
+    EOS row of the head is made the fifth new token's, a little larger, so the text does end)."""
+    import shutil
+
+    import torch
+
+    from tritongpt import cli
+
+    path, theirs, hf = folder
+    path = shutil.copytree(path, tmp_path / path.name)
+    prompt, eos = "the cat sat on 42", theirs.eos_token_id
+    ids = torch.tensor([theirs(prompt, add_special_tokens=False)["input_ids"]])
+    with torch.no_grad():
+        fifth = hf.generate(ids, max_new_tokens=5, do_sample=False, pad_token_id=eos)[0, -1]
+        hf.lm_head.weight[eos] = hf.lm_head.weight[fifth] * 1.05
+    hf.save_pretrained(path)
+    row = hf.generate(ids, max_new_tokens=12, do_sample=False, pad_token_id=eos)[0].tolist()
+    assert eos in row[ids.shape[1]:]
+    want = theirs.decode(row[:row.index(eos, ids.shape[1])])
+    for stream in ([], ["--stream"]):
+        assert cli.main(["generate", "--weights", str(path / "model.safetensors"), "--prompt", prompt,
+                         "--temperature", "0", "--max-new-tokens", "12", "--device", "cpu", "--kernels", "reference",
+                         *stream]) == 0
+        out = capsys.readouterr()
+        assert out.out == want + "\n" and f"the model ended the text ({theirs.eos_token})" in out.err
+
+
+def test_sft_init_saves_the_tokenizer_and_export_writes_it_for_transformers(tmp_path, capsys):
+    """sft --init on a SentencePiece Llama folder: the run saves the folder's tokenizer, generate on
+    its checkpoint finds it, and export writes tokenizer.json and tokenizer_config.json that
+    transformers.AutoTokenizer loads with the same ids and EOS (and tritongpt reads back)."""
+    from tritongpt import cli
+    from tritongpt.train.tokenizer import load_tokenizer
+
+    path, theirs, _ = llama_folder(tmp_path / "sentencepiece", "sentencepiece", context=512)
+    tok = get_tokenizer(path)
+    run = tmp_path / "run"
+    assert cli.main(["sft", "--init", str(path), "--n-train", "4", "--n-eval", "2", "--tasks", "first_word",
+                     "--max-steps", "1", "--batch-size", "2", "--device", "cpu", "--kernels", "reference",
+                     "--out-dir", str(run)]) == 0
+    assert load_tokenizer(run / "tokenizer.json").hash == tok.hash
+    capsys.readouterr()
+    prompt = "naïve café 東京"
+    assert cli.main(["generate", "--weights", str(run), "--prompt", prompt, "--max-new-tokens", "3",
+                     "--device", "cpu", "--kernels", "reference"]) == 0
+    assert capsys.readouterr().out.startswith(prompt)
+
+    out = tmp_path / "export"
+    assert cli.main(["export", str(run), "--out", str(out)]) == 0
+    exported = transformers.AutoTokenizer.from_pretrained(out)
+    texts = FIXED + _random_texts(20, random.randrange(1 << 30))
+    assert [exported(t, add_special_tokens=False)["input_ids"] for t in texts] == tok.encode_batch(texts)
+    assert exported.eos_token == "</s>" and exported.bos_token == "<s>"
+    assert json.loads((out / "config.json").read_text())["eos_token_id"] == tok.eot_id
+    assert get_tokenizer(out).hash == tok.hash
+
+
+def test_pretrain_init_and_tokenizer_of_a_folder_save_its_tokenizer_with_the_run(corpus, tmp_path):
+    """pretrain --init folder and pretrain --tokenizer folder (a fresh model of its vocabulary)
+    tokenise the text with the folder's tokenizer and save it with the run, which a resume reads."""
+    from tritongpt import cli
+    from tritongpt.train.gpt2_weights import load_checkpoint
+    from tritongpt.train.tokenizer import load_tokenizer
+
+    path, _, _ = llama_folder(tmp_path / "llama3", "llama3", context=64)
+    tok = get_tokenizer(path)
+
+    def pretrain(out, *flags):
+        return cli.main(["pretrain", "--data", str(corpus.text), "--cache-dir", str(corpus.cache), "--out-dir",
+                         str(tmp_path / out), "--device", "cpu", "--kernels", "reference", "--block-size", "32",
+                         "--batch-size", "2", "--sample-tokens", "0", "--log-every", "0", "--eval-every", "0", *flags])
+
+    assert pretrain("init", "--init", str(path), "--max-steps", "1") == 0
+    assert pretrain("fresh", "--tokenizer", str(path), "--max-steps", "1") == 0
+    for run in ("init", "fresh"):
+        assert load_tokenizer(tmp_path / run / "tokenizer.json").hash == tok.hash
+    assert load_checkpoint(tmp_path / "fresh").config.vocab_size == tok.vocab_size
+    assert pretrain("init", "--init", str(path), "--max-steps", "2", "--resume") == 0
+
+
+def test_a_gpt2_folder_still_gets_bpe_tokenizer(tmp_path):
+    """GPT-2's files, and the tokenizer.json transformers writes for them, stay BPETokenizer's."""
+    from tritongpt.train.tokenizer import BPETokenizer
+
+    bpe = BPETokenizer.train(_corpus(), 300, name="small")
+    bpe.save_hf(tmp_path / "gpt2")
+    transformers.AutoTokenizer.from_pretrained(tmp_path / "gpt2").save_pretrained(tmp_path / "fast")
+    assert (tmp_path / "fast" / "tokenizer.json").is_file()
+    for name in ("gpt2", "fast"):
+        tok = get_tokenizer(tmp_path / name)
+        assert isinstance(tok, BPETokenizer) and tok.hash == bpe.hash
+
+
+def test_damaged_files_and_a_missing_eos_are_named(tmp_path):
+    """A tokenizer.json that is no JSON, or that the library cannot read, names that file; a folder
+    naming no EOS anywhere is refused where the EOS is needed, naming where it looked; an EOS that
+    is no token names tokenizer_config.json."""
+    path, _, _ = llama_folder(tmp_path / "smollm", "smollm")
+    spec = (path / "tokenizer.json").read_text()
+    (path / "tokenizer.json").write_text(spec[:len(spec) // 2])
+    with pytest.raises(UserError, match=f"{path / 'tokenizer.json'}: not a tokenizer JSON file"):
+        get_tokenizer(path)
+    broken = json.loads(spec)
+    broken["model"]["merges"] = 42
+    (path / "tokenizer.json").write_text(json.dumps(broken))
+    with pytest.raises(UserError, match=f"{path / 'tokenizer.json'}: not a tokenizer the tokenizers library reads"):
+        get_tokenizer(path)
+    (path / "tokenizer.json").write_text(spec)
+
+    cfg = json.loads((path / "tokenizer_config.json").read_text())
+    (path / "tokenizer_config.json").write_text(json.dumps({**cfg, "eos_token": "<|nope|>"}))
+    with pytest.raises(UserError, match=r"tokenizer_config.json: eos_token '<\|nope\|>' is not a token of"):
+        get_tokenizer(path)
+    del cfg["eos_token"]
+    (path / "tokenizer_config.json").write_text(json.dumps(cfg))
+    assert get_tokenizer(path).eot_id == 0  # config.json's eos_token_id
+    model_cfg = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**model_cfg, "eos_token_id": None, "bos_token_id": None}))
+    (path / "generation_config.json").unlink(missing_ok=True)
+    tok = get_tokenizer(path)
+    with pytest.raises(UserError, match="names no end-of-text token: tokenizer_config.json has no eos_token, and "
+                                        "neither config.json nor generation_config.json an eos_token_id"):
+        tok.eot_id
+    from tritongpt import cli
+
+    assert cli.main(["sft", "--init", str(path), "--n-train", "4", "--n-eval", "2", "--tasks", "first_word",
+                     "--max-steps", "1", "--device", "cpu", "--out-dir", str(tmp_path / "run")]) == 2

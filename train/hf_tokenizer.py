@@ -1,0 +1,283 @@
+"""Hugging Face tokenizers (a model folder's tokenizer.json) through the `tokenizers` library.
+
+Published Llamas' tokenizers are not GPT-2's byte-level BPE: TinyLlama's and Llama 2's are
+SentencePiece converted to a BPE with a Metaspace normalizer ("▁" for spaces) and byte fallback
+(<0xE2> tokens for characters outside the vocabulary), SmolLM's and Llama 3's byte-level BPEs
+split text with other pre-tokenizers (digits one by one, Llama 3's regex). BPETokenizer refuses
+those; HFTokenizer hands them to `tokenizers` (the Rust library behind transformers' fast
+tokenizers), which gives transformers' ids by construction, and keeps BPETokenizer's interface
+(name, vocab_size, eot_id, special_tokens, encode/encode_batch/decode, hash, save/load).
+
+A run folder's tokenizer.json is then our own JSON (format "tritongpt-hf-tokenizer"): the
+tokenizer.json object as read, the EOS and BOS spellings, a name, an info dict and the hash.
+"""
+import hashlib
+import json
+import operator
+import os
+import re
+from pathlib import Path
+
+from tritongpt.errors import UserError, read_json_object
+
+FORMAT = "tritongpt-hf-tokenizer"
+# tokenizer.json's fields that do not decide ids under encode(add_special_tokens=False): the
+# lengths of a batch (we never pad or cut) and what post_process would add
+_NOT_IDS = ("truncation", "padding", "post_processor", "decoder", "version")
+
+
+def _library():
+    try:
+        import tokenizers
+    except ImportError:
+        raise UserError("this tokenizer.json needs Hugging Face's tokenizers library: pip install 'tokenizers>=0.15'") \
+            from None
+    return tokenizers
+
+
+def _token_name(value):
+    """tokenizer_config.json spells a token as a string or as {"content": ...} (an AddedToken)."""
+    if isinstance(value, dict):
+        value = value.get("content")
+    return value if isinstance(value, str) and value else None
+
+
+def _config_id(folder: Path, key: str):
+    """(id, file) of key (eos_token_id, bos_token_id) in config.json, else generation_config.json.
+    A list (Llama 3's instruct models end on several ids) gives its first."""
+    for name in ("config.json", "generation_config.json"):
+        path = folder / name
+        if path.is_file():
+            i = read_json_object(path).get(key)
+            i = i[0] if isinstance(i, list) and i else i
+            if isinstance(i, int) and not isinstance(i, bool):
+                return i, path
+    return None, None
+
+
+class HFTokenizer:
+    """A tokenizers.Tokenizer with BPETokenizer's interface.
+
+    encode never adds BOS/EOS (add_special_tokens=False): a Llama's own pipeline adds what its
+    post_processor says (Llama 2 and TinyLlama prepend <s>, Llama 3 <|begin_of_text|>, SmolLM
+    nothing); tritongpt's data, prompts and chats hold only the text's ids and the EOS it adds
+    itself between documents and after answers, as with our BPE.
+    """
+
+    def __init__(self, spec: dict, eos_token: str | None = None, bos_token: str | None = None, name: str = "hf",
+                 info: dict = None, where: str = "tokenizer.json", no_eos: str | None = None):
+        tokenizers = _library()
+        if not isinstance(spec, dict):
+            raise UserError(f"{where}: expected a JSON object, got {type(spec).__name__}")
+        try:
+            text = json.dumps(spec, ensure_ascii=False)
+            self._tok = tokenizers.Tokenizer.from_str(text)
+            self._plain = tokenizers.Tokenizer.from_str(text)  # the same, reading special spellings as text
+        except Exception as e:  # the library raises a bare Exception naming the field it could not read
+            raise UserError(f"{where}: not a tokenizer the tokenizers library reads ({str(e).splitlines()[0]})") \
+                from None
+        for t in (self._tok, self._plain):  # a file may ask to cut or pad: ids are never dropped or added here
+            t.no_truncation()
+            t.no_padding()
+        self._plain.encode_special_tokens = True
+        self.spec, self.name, self.where = spec, name, where
+        self.info = dict(info or {})
+        self.special_tokens = {t.content: i for i, t in sorted(self._tok.get_added_tokens_decoder().items())
+                               if t.special}
+        vocab = self._tok.get_vocab(with_added_tokens=True)
+        self.vocab_size = max(vocab.values(), default=-1) + 1
+        for what, token in (("eos_token", eos_token), ("bos_token", bos_token)):
+            if token is not None and self._tok.token_to_id(token) is None:
+                raise UserError(f"{where}: its {what} {token!r} is not a token of the tokenizer")
+        self.eos_token, self.bos_token = eos_token, bos_token
+        self._no_eos = no_eos or f"{where} names no end-of-text token"
+        self._hash = None
+
+    # -- construction --------------------------------------------------------------------------
+    @classmethod
+    def from_hf_folder(cls, folder) -> "HFTokenizer":
+        """A folder as transformers' save_pretrained writes it: tokenizer.json, and the EOS named by
+        tokenizer_config.json's eos_token, else config.json's or generation_config.json's
+        eos_token_id (BOS likewise, kept for export)."""
+        folder = Path(folder)
+        path = folder / "tokenizer.json"
+        if not path.is_file():
+            raise UserError(f"{folder} holds no tokenizer.json")
+        spec = read_json_object(path)
+        cfg_path = folder / "tokenizer_config.json"
+        cfg = read_json_object(cfg_path) if cfg_path.is_file() else {}
+        tok = cls(spec, name=folder.name, where=str(path), info={"source": str(folder)})
+        for key in ("eos", "bos"):
+            name = _token_name(cfg.get(f"{key}_token"))
+            if name is None:
+                i, where = _config_id(folder, f"{key}_token_id")
+                name = tok._tok.id_to_token(i) if i is not None else None
+                if i is not None and name is None:
+                    raise UserError(f"{where}: {key}_token_id {i} is not a token of {path}")
+            elif tok._tok.token_to_id(name) is None:
+                raise UserError(f"{cfg_path}: {key}_token {name!r} is not a token of {path}")
+            setattr(tok, f"{key}_token", name)
+        tok._no_eos = (f"{folder} names no end-of-text token: tokenizer_config.json has no eos_token, and neither "
+                       "config.json nor generation_config.json an eos_token_id")
+        return tok
+
+    # -- sizes and identity --------------------------------------------------------------------
+    @property
+    def eot_id(self) -> int:
+        """The EOS: what ends a document in our data and an answer in SFT and chat."""
+        if self.eos_token is None:
+            raise UserError(self._no_eos)
+        return self._tok.token_to_id(self.eos_token)
+
+    @property
+    def hash(self) -> str:
+        """sha256 of what decides the ids (tokenizer.json but its padding, truncation, post-processor
+        and decoder) and of the EOS, which our data puts between documents."""
+        if self._hash is None:
+            ids = {k: v for k, v in self.spec.items() if k not in _NOT_IDS}
+            blob = json.dumps({"tokenizer": ids, "eos_token": self.eos_token}, sort_keys=True, ensure_ascii=False)
+            self._hash = hashlib.sha256(blob.encode("utf-8")).hexdigest()
+        return self._hash
+
+    def __repr__(self):
+        return f"HFTokenizer(name={self.name!r}, vocab_size={self.vocab_size}, eos={self.eos_token!r})"
+
+    # -- encoding ------------------------------------------------------------------------------
+    def _check(self, text: str, allowed_special):
+        """BPETokenizer's rules: "none_raise" (default) refuses text spelling a special token, "none"
+        reads it as text, "all" or a set of names encode those as their ids (the rest refused)."""
+        from tritongpt.train.tokenizer import DisallowedSpecialToken, _alternation
+
+        if not isinstance(text, str):
+            raise TypeError(f"encode expects a str, got {type(text).__name__}")
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise UserError(f"the text holds invalid Unicode at character {e.start} ({text[e.start]!r}, a lone "
+                            "surrogate)") from None
+        if allowed_special in ("none", "all") or not self.special_tokens:
+            return
+        if allowed_special in ("none_raise", None):
+            allowed = set()
+        else:
+            allowed = {allowed_special} if isinstance(allowed_special, str) else set(allowed_special)
+            unknown = allowed - set(self.special_tokens)
+            if unknown:
+                raise UserError(f"unknown special token(s) {sorted(unknown)}; this tokenizer has "
+                                f"{sorted(self.special_tokens)}")
+        for m in _alternation(self.special_tokens).finditer(text):
+            if m.group() not in allowed:
+                raise DisallowedSpecialToken(
+                    f"text contains the disallowed special token {m.group()!r} at character {m.start()}; "
+                    f"pass allowed_special='all' (or {{{m.group()!r}}}) to encode it as one special token")
+
+    def encode(self, text: str, allowed_special="none_raise") -> list:
+        self._check(text, allowed_special)
+        tok = self._plain if allowed_special == "none" else self._tok
+        return tok.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts, allowed_special="none_raise", num_threads: int = 4) -> list:
+        texts = list(texts)
+        for t in texts:
+            self._check(t, allowed_special)
+        tok = self._plain if allowed_special == "none" else self._tok
+        return [e.ids for e in tok.encode_batch(texts, add_special_tokens=False)]
+
+    # -- decoding ------------------------------------------------------------------------------
+    def _ids(self, ids) -> list:
+        if hasattr(ids, "tolist"):
+            ids = ids.tolist()
+        try:
+            ids = [operator.index(i) for i in ids]
+        except TypeError as e:
+            raise UserError(f"token ids must be integers ({e})") from None
+        bad = next((i for i in ids if not 0 <= i < self.vocab_size), None)
+        if bad is not None:
+            raise UserError(f"token id {bad} is out of range for tokenizer {self.name!r} "
+                            f"(vocab size {self.vocab_size})")
+        return ids
+
+    def decode(self, ids) -> str:
+        """ids -> text, special tokens included, as transformers' decode(skip_special_tokens=False).
+        Bytes of a cut-off character become U+FFFD."""
+        return self._tok.decode(self._ids(ids), skip_special_tokens=False)
+
+    def stream_decoder(self) -> "TextSoFar":
+        """What generate's --stream prints: the text each new id adds (see TextSoFar)."""
+        return TextSoFar(self)
+
+    # -- files ---------------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        return {"format": FORMAT, "version": 1, "name": self.name, "vocab_size": self.vocab_size,
+                "eos_token": self.eos_token, "bos_token": self.bos_token, "info": self.info, "hash": self.hash,
+                "tokenizer": self.spec}
+
+    def save(self, path):
+        """Write our JSON atomically (a reader never sees half a file)."""
+        path = Path(path)
+        if path.is_dir():
+            raise UserError(f"{path} is a folder: name the tokenizer file to write (e.g. {path / 'tokenizer.json'})")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(self.to_dict(), f, ensure_ascii=False)
+        os.replace(tmp, path)
+        return path
+
+    @classmethod
+    def load(cls, path) -> "HFTokenizer":
+        path = Path(path)
+        d = read_json_object(path)
+        if d.get("format") != FORMAT:
+            raise UserError(f"{path}: not a tritongpt Hugging Face tokenizer file (expected format {FORMAT!r})")
+        for key in ("eos_token", "bos_token"):
+            if d.get(key) is not None and not isinstance(d[key], str):
+                raise UserError(f"{path}: field {key!r} must be a string or null, got {type(d[key]).__name__}")
+        if not isinstance(d.get("tokenizer"), dict):
+            raise UserError(f"{path}: field 'tokenizer' must be the tokenizer.json object")
+        tok = cls(d["tokenizer"], d.get("eos_token"), d.get("bos_token"), d.get("name", path.stem), d.get("info"),
+                  f"{path} (field 'tokenizer')", f"{path} names no end-of-text token (eos_token is null)")
+        if d.get("hash") not in (None, tok.hash):
+            raise UserError(f"{path}: content does not match its recorded hash (file edited or damaged)")
+        return tok
+
+    def hf_files(self, model_max_length: int | None = None, chat_template: str | None = None) -> dict:
+        """{file name: text}: tokenizer.json as read and a tokenizer_config.json naming EOS and BOS,
+        which transformers.AutoTokenizer loads with the same ids (add_special_tokens=False; with
+        True, the file's own post-processor adds what the model's pipeline adds)."""
+        config = {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": self.eos_token,
+                  "bos_token": self.bos_token, "model_max_length": model_max_length or 1_000_000_000_000,
+                  "clean_up_tokenization_spaces": False}
+        if chat_template is not None:
+            config["chat_template"] = chat_template
+        return {"tokenizer.json": json.dumps(self.spec, ensure_ascii=False, indent=2),
+                "tokenizer_config.json": json.dumps(config, indent=2, ensure_ascii=False) + "\n"}
+
+
+class TextSoFar:
+    """Streams decode(ids so far). A token's text is not its own decode (SentencePiece's "▁" is a
+    space except first), so each write decodes the ids and hands out what is new, holding back what
+    later ids may change: a run of byte-fallback tokens (<0xE2>...) is decoded together, valid bytes
+    turning to U+FFFD when the run ends in a broken character, and a trailing U+FFFD may be a
+    character cut between tokens. flush hands out the rest. (tokenizers' DecodeStream raises on
+    byte tokens that never make a character, which a random model draws.)"""
+
+    def __init__(self, tok: HFTokenizer):
+        self.tok, self.ids, self.shown = tok, [], ""
+        model = tok.spec.get("model") or {}
+        vocab = model.get("vocab") if model.get("byte_fallback") and isinstance(model.get("vocab"), dict) else {}
+        self.bytes = {i for t, i in vocab.items() if re.fullmatch(r"<0x[0-9A-Fa-f]{2}>", t)}
+
+    def write(self, ids) -> str:
+        self.ids += self.tok._ids(ids)
+        n = len(self.ids)
+        while n and self.ids[n - 1] in self.bytes:
+            n -= 1
+        text = self.tok.decode(self.ids[:n]).rstrip("\ufffd")
+        new = text[len(self.shown):] if text.startswith(self.shown) else ""
+        self.shown += new
+        return new
+
+    def flush(self) -> str:
+        text = self.tok.decode(self.ids)
+        return text[len(self.shown):] if text.startswith(self.shown) else ""
