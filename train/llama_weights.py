@@ -8,10 +8,11 @@ no row is permuted. What a config.json asks that this model does not compute (ro
 head_dim other than hidden_size / heads, an activation other than SiLU, biases on only some
 layers) is refused by name.
 
-The tokenizers of published Llamas (SentencePiece, or a byte-level BPE with another pre-tokenizer)
-are not ones tritongpt's BPE encoder reproduces, so this is for models trained here and for
-Llama-shaped models used on token ids: `export` writes a Llama folder transformers loads with the
-same logits, and load_checkpoint (gpt2_weights.py) reads one back.
+`export` writes a Llama folder transformers loads with the same logits, and load_checkpoint
+(gpt2_weights.py) reads one back. The tokenizers of published Llamas (SentencePiece converted to a
+BPE, or a byte-level BPE with another pre-tokenizer) are not ones tritongpt's BPE reproduces: the
+folder's tokenizer.json is read by Hugging Face's tokenizers library instead (hf_tokenizer.py), so
+such a model takes text too.
 """
 import math
 from pathlib import Path
