@@ -827,8 +827,9 @@ def from_hf_folder(folder):
         raise UserError(f"{e}; nor does tritongpt's BPE read it: {why}") from None
     if str(folder.resolve()) not in _NOTED:
         _NOTED.add(str(folder.resolve()))
+        reason = str(why).removeprefix(f"{hf_json} ").removesuffix(": tritongpt's encoder would give other ids")
         note(f"{hf_json} is read by Hugging Face's tokenizers library ({tok.vocab_size} tokens, EOS "
-             f"{tok.eos_token!r}): tritongpt's BPE would give other ids ({why})")
+             f"{tok.eos_token!r}): tritongpt's BPE would give other ids ({reason})")
     return tok
 
 
@@ -971,7 +972,8 @@ def cmd_encode(args):
     try:
         ids = tok.encode(text, allowed_special="all" if args.allow_special else "none_raise")
     except DisallowedSpecialToken:
-        raise UserError(f"the text contains {EOT}: pass --allow-special to encode it as the special token") from None
+        which = next(s for s in sorted(tok.special_tokens, key=len, reverse=True) if s in text)
+        raise UserError(f"the text contains {which}: pass --allow-special to encode it as the special token") from None
     print(" ".join(map(str, ids)))
     return 0
 
