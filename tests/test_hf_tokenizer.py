@@ -250,11 +250,17 @@ def test_a_gpt2_folder_still_gets_bpe_tokenizer(tmp_path):
         assert isinstance(tok, BPETokenizer) and tok.hash == bpe.hash
 
 
-def test_damaged_files_and_a_missing_eos_are_named(tmp_path):
+def test_damaged_files_and_a_missing_eos_are_named(tmp_path, capsys, monkeypatch):
     """A tokenizer.json that is no JSON, or that the library cannot read, names that file; a folder
     naming no EOS anywhere is refused where the EOS is needed, naming where it looked; an EOS that
-    is no token names tokenizer_config.json."""
+    is no token names tokenizer_config.json; without the tokenizers library, the error says so."""
+    import sys
+
     path, _, _ = llama_folder(tmp_path / "smollm", "smollm")
+    with monkeypatch.context() as m:
+        m.setitem(sys.modules, "tokenizers", None)  # import tokenizers raises ImportError
+        with pytest.raises(UserError, match=r"needs Hugging Face's tokenizers library: pip install"):
+            get_tokenizer(path)
     spec = (path / "tokenizer.json").read_text()
     (path / "tokenizer.json").write_text(spec[:len(spec) // 2])
     with pytest.raises(UserError, match=f"{path / 'tokenizer.json'}: not a tokenizer JSON file"):
@@ -284,3 +290,4 @@ def test_damaged_files_and_a_missing_eos_are_named(tmp_path):
 
     assert cli.main(["sft", "--init", str(path), "--n-train", "4", "--n-eval", "2", "--tasks", "first_word",
                      "--max-steps", "1", "--device", "cpu", "--out-dir", str(tmp_path / "run")]) == 2
+    assert f"error: {path} names no end-of-text token" in capsys.readouterr().err
