@@ -70,16 +70,13 @@ class HFTokenizer:
         if not isinstance(spec, dict):
             raise UserError(f"{where}: expected a JSON object, got {type(spec).__name__}")
         try:
-            text = json.dumps(spec, ensure_ascii=False)
-            self._tok = tokenizers.Tokenizer.from_str(text)
-            self._plain = tokenizers.Tokenizer.from_str(text)  # the same, reading special spellings as text
+            self._tok = tokenizers.Tokenizer.from_str(json.dumps(spec, ensure_ascii=False))
         except Exception as e:  # the library raises a bare Exception naming the field it could not read
             raise UserError(f"{where}: not a tokenizer the tokenizers library reads ({str(e).splitlines()[0]})") \
                 from None
-        for t in (self._tok, self._plain):  # a file may ask to cut or pad: ids are never dropped or added here
-            t.no_truncation()
-            t.no_padding()
-        self._plain.encode_special_tokens = True
+        self._tok.no_truncation()  # a file may ask to cut or pad: ids are never dropped or added here
+        self._tok.no_padding()
+        self._plain_tok = None
         self.spec, self.name, self.where = spec, name, where
         self.info = dict(info or {})
         self.special_tokens = {t.content: i for i, t in sorted(self._tok.get_added_tokens_decoder().items())
@@ -170,6 +167,16 @@ class HFTokenizer:
                 raise DisallowedSpecialToken(
                     f"text contains the disallowed special token {m.group()!r} at character {m.start()}; "
                     f"pass allowed_special='all' (or {{{m.group()!r}}}) to encode it as one special token")
+
+    @property
+    def _plain(self):
+        """The same tokenizer reading special spellings as text (allowed_special "none"), made on first use."""
+        if self._plain_tok is None:
+            import copy
+
+            self._plain_tok = copy.deepcopy(self._tok)
+            self._plain_tok.encode_special_tokens = True
+        return self._plain_tok
 
     def encode(self, text: str, allowed_special="none_raise") -> list:
         self._check(text, allowed_special)
