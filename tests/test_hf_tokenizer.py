@@ -184,6 +184,31 @@ def test_generate_on_the_llama_folder_gives_transformers_greedy_text(folder, tmp
         assert out.out == want + "\n" and f"the model ended the text ({theirs.eos_token})" in out.err
 
 
+def test_chat_on_the_llama_folder_answers_with_transformers_greedy_text(folder, monkeypatch, capsys):
+    """`chat --weights folder`: the turn is encoded with the folder's tokenizer as SFT encodes a
+    chat, and the answer printed (streamed) is transformers' greedy continuation of those ids,
+    decoded, up to the folder's EOS or the token budget."""
+    import io
+
+    import torch
+
+    from tritongpt import cli
+    from tritongpt.train import chat, formats
+
+    path, theirs, hf = folder
+    tok = get_tokenizer(path)
+    prompt_ids = formats.encode_prompt(tok, chat.Conversation("chat").prompt("the cat sat"))
+    with torch.no_grad():
+        row = hf.generate(torch.tensor([prompt_ids]), max_new_tokens=6, do_sample=False,
+                          pad_token_id=theirs.eos_token_id)[0, len(prompt_ids):].tolist()
+    if theirs.eos_token_id in row:
+        row = row[:row.index(theirs.eos_token_id)]
+    monkeypatch.setattr("sys.stdin", io.StringIO("the cat sat\n"))
+    assert cli.main(["chat", "--weights", str(path / "model.safetensors"), "--template", "chat", "--temperature",
+                     "0", "--max-new-tokens", "6", "--device", "cpu", "--kernels", "reference"]) == 0
+    assert capsys.readouterr().out == theirs.decode(row) + "\n"
+
+
 def test_sft_init_saves_the_tokenizer_and_export_writes_it_for_transformers(tmp_path, capsys):
     """sft --init on a SentencePiece Llama folder: the run saves the folder's tokenizer, generate on
     its checkpoint finds it, and export writes tokenizer.json and tokenizer_config.json that
@@ -214,7 +239,7 @@ def test_sft_init_saves_the_tokenizer_and_export_writes_it_for_transformers(tmp_
     assert get_tokenizer(out).hash == tok.hash
 
 
-def test_pretrain_init_and_tokenizer_of_a_folder_save_its_tokenizer_with_the_run(corpus, tmp_path):
+def test_pretrain_init_and_tokenizer_of_a_folder_save_its_tokenizer_with_the_run(corpus, tmp_path, capsys):
     """pretrain --init folder and pretrain --tokenizer folder (a fresh model of its vocabulary)
     tokenise the text with the folder's tokenizer and save it with the run, which a resume reads."""
     from tritongpt import cli
@@ -235,6 +260,16 @@ def test_pretrain_init_and_tokenizer_of_a_folder_save_its_tokenizer_with_the_run
         assert load_tokenizer(tmp_path / run / "tokenizer.json").hash == tok.hash
     assert load_checkpoint(tmp_path / "fresh").config.vocab_size == tok.vocab_size
     assert pretrain("init", "--init", str(path), "--max-steps", "2", "--resume") == 0
+    # eval's bits per byte counts the UTF-8 bytes of the scored tokens' text (ASCII: the byte-level
+    # decode of each window's ids concatenates to the whole text's)
+    text = " ".join(w for w in _corpus(seed=5, lines=8).split(" ") if w.isascii())
+    (tmp_path / "eval.txt").write_text(text, encoding="utf-8")
+    capsys.readouterr()
+    assert cli.main(["eval", "--weights", str(tmp_path / "init"), "--data", str(tmp_path / "eval.txt"), "--split",
+                     "all", "--kernels", "reference", "--device", "cpu", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["bits_per_byte"] > 0 and result["bytes"] == len(text.encode("utf-8")) - len(tok.decode(
+        tok.encode(text)[:1]))
 
 
 def test_a_gpt2_folder_still_gets_bpe_tokenizer(tmp_path):

@@ -209,6 +209,13 @@ class HFTokenizer:
         Bytes of a cut-off character become U+FFFD."""
         return self._tok.decode(self._ids(ids), skip_special_tokens=False)
 
+    def decode_bytes(self, ids) -> bytes:
+        """The UTF-8 bytes of decode(ids) (eval's bits per byte counts them). Tokens here spell no
+        bytes of their own, so a call's text is its ids decoded together: a SentencePiece decoder
+        drops the leading space of each call's text, and a character cut between calls counts as
+        U+FFFD's 3 bytes (eval decodes a window at a time: at most that much a window)."""
+        return self.decode(ids).encode("utf-8")
+
     def stream_decoder(self) -> "TextSoFar":
         """What generate's --stream prints: the text each new id adds (see TextSoFar)."""
         return TextSoFar(self)
