@@ -26,6 +26,7 @@ import torch
 from tqdm import tqdm
 
 from tritongpt.errors import UserError, note
+from tritongpt.train.tokenizer import TOKENIZER_CHOICES
 
 
 def windows(n_tokens: int, context: int, stride: int):
@@ -210,7 +211,7 @@ def add_cli(sub):
                         "all: every token (default %(default)s)")
     p.add_argument("--val-fraction", type=float, default=None,
                    help="the held-out tail's share, as pretrain's (default: the run's split, else 0.1)")
-    p.add_argument("--tokenizer", help="default | gpt2 | a tokenizer file or folder (default: the one saved with "
+    p.add_argument("--tokenizer", help=TOKENIZER_CHOICES + " (default: the one saved with "
                                        "--weights, else by vocab size)")
     p.add_argument("--stride", type=int, default=None,
                    help="tokens between window starts; smaller scores each token with more context "

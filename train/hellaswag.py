@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from tritongpt.errors import UserError
+from tritongpt.train.tokenizer import TOKENIZER_CHOICES
 
 URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"
 
@@ -186,7 +187,7 @@ def add_cli(sub):
     p.add_argument("--max-examples", type=int, default=None, help="score only the first N examples")
     p.add_argument("--batch-size", type=int, default=8, help="examples per forward, each its endings' rows "
                                                              "(default %(default)s)")
-    p.add_argument("--tokenizer", help="default | gpt2 | a tokenizer file or folder (default: the one saved with "
+    p.add_argument("--tokenizer", help=TOKENIZER_CHOICES + " (default: the one saved with "
                                        "--weights, else gpt2 for a 50257 vocab)")
     add_dtype_arg(p)
     p.add_argument("--cache-dir", default=None, help="where the downloaded file is kept (default: ~/.cache/tritongpt "

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from tritongpt.errors import UserError, note
+from tritongpt.train.tokenizer import TOKENIZER_CHOICES
 from tritongpt.model.config import MLPS, NORMS, POSITION_ENCODINGS, WINDOW_LAYERS
 
 DEFAULTS = dict(out_dir="runs/pretrain", max_steps=300, batch_size=16, grad_accum=1, lr=2e-3, min_lr=2e-4,
@@ -49,8 +50,8 @@ def add_args(p: argparse.ArgumentParser):
     d.add_argument("--text-field", default="text",
                    help="field holding the text in .jsonl rows (default %(default)s)")
     d.add_argument("--tokenizer", default=None,
-                   help="default (BPE-4096 on the embedded corpus) | gpt2 | path to a tokenizer JSON (default: "
-                        "default; with --init, the one saved with its run, else gpt2 for a 50257 vocab)")
+                   help=TOKENIZER_CHOICES + " (default: default, BPE-4096 on the embedded corpus; with --init, "
+                        "the one saved with its run, else gpt2 for a 50257 vocab)")
     d.add_argument("--block-size", type=int, default=None,
                    help="tokens per training sequence (default: the model's context length)")
     d.add_argument("--val-fraction", type=float, default=None,

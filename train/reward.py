@@ -22,6 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from tritongpt.errors import UserError, note
+from tritongpt.train.tokenizer import TOKENIZER_CHOICES
 from tritongpt.model.config import GPTConfig
 from tritongpt.model.gpt import GPTModel, save_safetensors
 from tritongpt.train.preference import encode_pairs, pair_batch
@@ -200,7 +201,7 @@ def add_data_args(p):
                    help="SFT checkpoint to start from: run folder, ckpt folder or .safetensors "
                         "(default: a random --model, for trying things out)")
     p.add_argument("--tokenizer", default=None,
-                   help="default | gpt2 | tokenizer .json (default: the --init run's saved tokenizer, "
+                   help=TOKENIZER_CHOICES + " (default: the --init run's saved tokenizer, "
                         "else by vocab size)")
     p.add_argument("--vocab-size", type=int, default=None, help="with no --init: the fresh model's vocab")
 

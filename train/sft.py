@@ -39,6 +39,7 @@ import torch.nn.functional as F
 
 from tritongpt.commands import add_lora_args, add_vocab_multiple_arg, apply_lora, vocab_multiple
 from tritongpt.errors import UserError, note
+from tritongpt.train.tokenizer import TOKENIZER_CHOICES
 from tritongpt.train import common, formats, tasks
 # encode_text and format_prompt live with the formats; the trainers and tests import them from here too
 from tritongpt.train.formats import encode_text, format_prompt
@@ -737,7 +738,7 @@ def add_cli(sub):
                                   "{prompt, completion} or all chats ({messages: [{role, content}, ...]}, or "
                                   "{prompt: [messages], completion: [one assistant message]}) "
                                   "(default: the embedded verifiable tasks)")
-    p.add_argument("--tokenizer", help="default | gpt2 | tokenizer .json (default: the run's saved tokenizer, "
+    p.add_argument("--tokenizer", help=TOKENIZER_CHOICES + " (default: the run's saved tokenizer, "
                                        "else gpt2 for a 50257 vocab, else default)")
     add_vocab_multiple_arg(p, None, "as the --init model has them")
     add_lora_args(p)

@@ -47,6 +47,9 @@ EOT = "<|endoftext|>"
 DEFAULT_VOCAB_SIZE = 4096
 FORMAT = "tritongpt-bpe"
 HF_FORMAT = "tritongpt-hf-tokenizer"  # hf_tokenizer.FORMAT (that module imports the tokenizers library)
+# what --tokenizer takes, in every command's help
+TOKENIZER_CHOICES = ("default | gpt2 | a tokenizer .json | a folder: a run's, OpenAI's encoder.json + vocab.bpe, or "
+                     "Hugging Face's vocab.json + merges.txt or tokenizer.json (a Llama's: through the tokenizers library)")
 
 
 # Text the pre-tokenising pattern must split without loss: letters of several scripts, digits,
@@ -925,7 +928,7 @@ def get_tokenizer(spec="default"):
         saved = saved_tokenizer_path(p)  # a run folder or one of its checkpoints
         if saved is None:
             raise UserError(f"tokenizer folder {p} must hold our {RUN_TOKENIZER} (a run folder), "
-                            "GPT-2's encoder.json and vocab.bpe, or Hugging Face's vocab.json and merges.txt")
+                            "GPT-2's encoder.json and vocab.bpe, or Hugging Face's vocab.json and merges.txt or tokenizer.json")
         return from_hf_folder(saved) if saved.is_dir() else load_tokenizer(saved)
     if p.is_file():
         if p.name == RUN_TOKENIZER and not is_ours(p):
@@ -934,7 +937,7 @@ def get_tokenizer(spec="default"):
             return from_hf_folder(p.parent)
         return load_tokenizer(p)
     raise UserError(f"unknown tokenizer {spec!r}: use 'default', 'gpt2', a tokenizer .json file, "
-                    f"or a folder with encoder.json and vocab.bpe")
+                    f"or a folder (a run's; encoder.json and vocab.bpe; Hugging Face's tokenizer files)")
 
 
 # -- command line: `tritongpt bpe train|encode|decode` -----------------------------------------------
@@ -997,7 +1000,7 @@ def add_cli(sub):
     t.set_defaults(func=cmd_train)
 
     e = bsub.add_parser("encode", help="print the token ids of some text")
-    e.add_argument("--tokenizer", default="default", help="default | gpt2 | tokenizer .json | folder with encoder.json + vocab.bpe")
+    e.add_argument("--tokenizer", default="default", help=TOKENIZER_CHOICES)
     src = e.add_mutually_exclusive_group(required=True)
     src.add_argument("--text", help="the text to encode")
     src.add_argument("--file", help="read the text from this file")
@@ -1005,6 +1008,6 @@ def add_cli(sub):
     e.set_defaults(func=cmd_encode)
 
     d = bsub.add_parser("decode", help="print the text of some token ids")
-    d.add_argument("--tokenizer", default="default", help="default | gpt2 | tokenizer .json | folder with encoder.json + vocab.bpe")
+    d.add_argument("--tokenizer", default="default", help=TOKENIZER_CHOICES)
     d.add_argument("--ids", type=int, nargs="+", required=True, help="token ids, separated by spaces")
     d.set_defaults(func=cmd_decode)

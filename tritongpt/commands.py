@@ -1,6 +1,7 @@
 """The `info`, `generate` and `export` subcommands."""
 
 from tritongpt.errors import UserError, note, read_json_object, read_text_file
+from tritongpt.train.tokenizer import TOKENIZER_CHOICES
 
 SAMPLE_SEPARATOR = "-" * 15  # between --num-samples texts, as nanoGPT's sample.py prints them
 
@@ -412,7 +413,7 @@ def add_generation_model_args(p):
                         "model.safetensors")
     p.add_argument("--pretrained", action="store_true",
                    help="download GPT-2 or GPT-Neo weights from the Hub by --model name")
-    p.add_argument("--tokenizer", help="default | gpt2 | path to a tokenizer JSON (default: the one saved with "
+    p.add_argument("--tokenizer", help=TOKENIZER_CHOICES + " (default: the one saved with "
                                        "--weights' run, else by vocab size)")
 
 
@@ -472,7 +473,7 @@ def add_cli(sub):
     p.add_argument("--out", required=True,
                    help="folder to write: model.safetensors, config.json and the tokenizer's vocab.json, merges.txt "
                         "and tokenizer_config.json")
-    p.add_argument("--tokenizer", help="default | gpt2 | path to a tokenizer JSON (default: the one saved with the "
+    p.add_argument("--tokenizer", help=TOKENIZER_CHOICES + " (default: the one saved with the "
                                        "checkpoint's run, else by vocab size)")
     p.add_argument("--adapter", action="store_true",
                    help="a LoRA run's update alone, as a peft adapter (adapter_model.safetensors, adapter_config.json) "
