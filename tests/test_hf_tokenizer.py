@@ -326,3 +326,56 @@ def test_damaged_files_and_a_missing_eos_are_named(tmp_path, capsys, monkeypatch
     assert cli.main(["sft", "--init", str(path), "--n-train", "4", "--n-eval", "2", "--tasks", "first_word",
                      "--max-steps", "1", "--device", "cpu", "--out-dir", str(tmp_path / "run")]) == 2
     assert f"error: {path} names no end-of-text token" in capsys.readouterr().err
+
+
+def test_a_hub_repo_id_is_fetched_and_read_as_its_folder(tmp_path, monkeypatch, capsys):
+    """--weights / --init owner/name (no such path here): its model.safetensors, config and
+    tokenizer files come from the Hub (hf_hub_download, faked from a folder the test makes), and
+    the commands read the fetched folder as the folder itself: the same generated text, the same
+    tokenizer saved with an sft run. A repo without one model.safetensors, or none at all, is named."""
+    import shutil
+
+    import huggingface_hub
+
+    from tritongpt import cli
+    from tritongpt.train.tokenizer import load_tokenizer
+
+    hub, cache, fetched = tmp_path / "hub", tmp_path / "cache", []
+    path, _, _ = llama_folder(hub / "someone" / "tiny-llama", "smollm", context=512)
+    (hub / "someone" / "sharded").mkdir()
+    shutil.copy(path / "config.json", hub / "someone" / "sharded" / "config.json")
+
+    class EntryNotFoundError(Exception):  # huggingface_hub's, by name: a repo without the file
+        pass
+
+    def fake_download(repo, filename, cache_dir=None, **kwargs):
+        if not (hub / repo).is_dir():
+            raise RuntimeError(f"no repo {repo}")
+        if not (hub / repo / filename).is_file():
+            raise EntryNotFoundError(filename)
+        fetched.append((repo, filename))
+        (cache / repo).mkdir(parents=True, exist_ok=True)
+        return str(shutil.copy(hub / repo / filename, cache / repo / filename))
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
+    monkeypatch.chdir(tmp_path)  # someone/tiny-llama is no path from here (hub/someone/... is)
+    flags = ["--prompt", "the cat sat on 42", "--temperature", "0", "--max-new-tokens", "6", "--device", "cpu",
+             "--kernels", "reference"]
+    assert cli.main(["generate", "--weights", str(path), *flags]) == 0
+    want = capsys.readouterr().out
+    assert cli.main(["generate", "--weights", "someone/tiny-llama", *flags]) == 0
+    out = capsys.readouterr()
+    assert out.out == want and f"someone/tiny-llama: the Hugging Face Hub's files, in {cache / 'someone' / 'tiny-llama'}" \
+        in out.err
+    assert {f for _, f in fetched} == {p.name for p in path.iterdir() if p.is_file()}  # weights, config, tokenizer
+
+    assert cli.main(["sft", "--init", "someone/tiny-llama", "--n-train", "4", "--n-eval", "2", "--tasks",
+                     "first_word", "--max-steps", "1", "--batch-size", "2", "--device", "cpu", "--kernels",
+                     "reference", "--out-dir", str(tmp_path / "run")]) == 0
+    assert load_tokenizer(tmp_path / "run" / "tokenizer.json").hash == get_tokenizer(path).hash
+    capsys.readouterr()
+    assert cli.main(["generate", "--weights", "someone/sharded", *flags]) == 2
+    assert "'someone/sharded' is no file or folder here, and as a Hugging Face Hub repo: someone/sharded has no " \
+           "model.safetensors" in capsys.readouterr().err
+    assert cli.main(["generate", "--weights", "someone/missing", *flags]) == 2
+    assert "could not fetch someone/missing from the Hugging Face Hub (offline?): RuntimeError" in capsys.readouterr().err

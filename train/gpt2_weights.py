@@ -241,9 +241,36 @@ def hub_download(repo: str, optional=(), cache_dir=None) -> str:
             except Exception:
                 pass
     except Exception as e:
+        if type(e).__name__ == "EntryNotFoundError":  # the repo is there, its weights are not one file
+            raise UserError(f"{repo} has no model.safetensors (weights sharded into model-0000N-of-0000M files, or "
+                            f"pytorch_model.bin, are not read); {_PASS_A_FILE}") from None
         raise UserError(f"could not fetch {repo} from the Hugging Face Hub (offline?): "
                         f"{type(e).__name__}; {_PASS_A_FILE}") from None
     return path
+
+
+# what a Hub repo named where a checkpoint goes brings beside its weights: the model's config and
+# tokenizer files (GPT-2's, or a Llama's tokenizer.json), each fetched when the repo has it
+HUB_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+             "special_tokens_map.json", "added_tokens.json", "vocab.json", "merges.txt")
+_REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+
+
+def is_hub_repo(spec) -> bool:
+    """owner/name given for a checkpoint (--init, --weights) that is no path here: a Hub repo id."""
+    return isinstance(spec, str) and _REPO_ID.fullmatch(spec) is not None and not Path(spec).expanduser().exists()
+
+
+def hub_folder(repo: str, cache_dir=None) -> Path:
+    """A Hugging Face Hub repo's model.safetensors with its config and tokenizer files (HUB_FILES),
+    fetched or taken from the local Hub cache: -> the snapshot folder, which load_checkpoint reads
+    (GPT-2, GPT-Neo or Llama, by its config.json) and where the tokenizer is found."""
+    try:
+        path = hub_download(repo, HUB_FILES, cache_dir)
+    except UserError as e:
+        raise UserError(f"{repo!r} is no file or folder here, and as a Hugging Face Hub repo: {e}") from None
+    note(f"{repo}: the Hugging Face Hub's files, in {Path(path).parent}")
+    return Path(path).parent
 
 
 def load_pretrained(name: str, cache_dir=None) -> GPTModel:

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from tritongpt.errors import UserError
-from tritongpt.train.tokenizer import TOKENIZER_CHOICES
+from tritongpt.train.tokenizer import HUB_REPO_HELP, TOKENIZER_CHOICES
 
 URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"
 
@@ -179,8 +179,8 @@ def add_cli(sub):
     add_model_args(p, default_model=None)
     p.add_argument("--weights", required=True,
                    help="tritongpt checkpoint (file, checkpoint or run folder), a Hugging Face GPT-2 or GPT-Neo "
-                        "model.safetensors, or a GPT-2 or GPT-Neo name (gpt2-small, gpt-neo-125m ...: downloads the "
-                        "weights)")
+                        "model.safetensors, a GPT-2 or GPT-Neo name (gpt2-small, gpt-neo-125m ...: downloads the "
+                        "weights), or " + HUB_REPO_HELP)
     p.add_argument("--data", default=None,
                    help="HellaSwag .jsonl (ctx, endings, label per line; default: the validation split, "
                         "downloaded once into the cache)")

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from tritongpt.errors import UserError, note
-from tritongpt.train.tokenizer import TOKENIZER_CHOICES
+from tritongpt.train.tokenizer import HUB_REPO_HELP, TOKENIZER_CHOICES
 from tritongpt.model.config import MLPS, NORMS, POSITION_ENCODINGS, WINDOW_LAYERS
 
 DEFAULTS = dict(out_dir="runs/pretrain", max_steps=300, batch_size=16, grad_accum=1, lr=2e-3, min_lr=2e-4,
@@ -39,7 +39,7 @@ def add_args(p: argparse.ArgumentParser):
                    help="start from these weights, not random ones (nanoGPT's init_from): a tritongpt checkpoint "
                         "(run folder, ckpt folder or .safetensors), a Hugging Face GPT-2, GPT-Neo or Llama "
                         "model.safetensors, or a GPT-2 or GPT-Neo name (gpt2-small, gpt-neo-125m ...: downloads the "
-                        "pretrained weights); the model's shape is theirs")
+                        "pretrained weights), or " + HUB_REPO_HELP + "; the model's shape is theirs")
     add_vocab_multiple_arg(p, 1, "1, no padding; with --init, as its weights have them")
     d = p.add_argument_group("data")
     d.add_argument("--data", default=None,

@@ -39,7 +39,7 @@ import torch.nn.functional as F
 
 from tritongpt.commands import add_lora_args, add_vocab_multiple_arg, apply_lora, vocab_multiple
 from tritongpt.errors import UserError, note
-from tritongpt.train.tokenizer import TOKENIZER_CHOICES
+from tritongpt.train.tokenizer import HUB_REPO_HELP, TOKENIZER_CHOICES
 from tritongpt.train import common, formats, tasks
 # encode_text and format_prompt live with the formats; the trainers and tests import them from here too
 from tritongpt.train.formats import encode_text, format_prompt
@@ -733,7 +733,8 @@ def add_cli(sub):
     p = sub.add_parser("sft", help="supervised fine-tuning on instruction records (default: embedded verifiable tasks)")
     p.add_argument("--init", required=True,
                    help="tritongpt checkpoint (run folder, ckpt folder or .safetensors), a GPT-2 or GPT-Neo name "
-                        "(gpt2-small, gpt-neo-125m ...: pretrained weights) or tiny/mini (random weights)")
+                        "(gpt2-small, gpt-neo-125m ...: pretrained weights), " + HUB_REPO_HELP
+                        + " or tiny/mini (random weights)")
     p.add_argument("--data", help=".json list or .jsonl of records, all {instruction, input, output}, all "
                                   "{prompt, completion} or all chats ({messages: [{role, content}, ...]}, or "
                                   "{prompt: [messages], completion: [one assistant message]}) "

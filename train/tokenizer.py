@@ -48,8 +48,11 @@ DEFAULT_VOCAB_SIZE = 4096
 FORMAT = "tritongpt-bpe"
 HF_FORMAT = "tritongpt-hf-tokenizer"  # hf_tokenizer.FORMAT (that module imports the tokenizers library)
 # what --tokenizer takes, in every command's help
-TOKENIZER_CHOICES = ("default | gpt2 | a tokenizer .json | a folder: a run's, OpenAI's encoder.json + vocab.bpe, or "
-                     "Hugging Face's vocab.json + merges.txt or tokenizer.json (a Llama's: through the tokenizers library)")
+TOKENIZER_CHOICES = ("default | gpt2 | a tokenizer .json | a folder: a run's, OpenAI's encoder.json + vocab.bpe, "
+                     "or Hugging Face's vocab.json + merges.txt or tokenizer.json (a Llama's: through the tokenizers "
+                     "library)")
+# what --init and --weights take beside paths and names (tritongpt/cli.py fetches it first)
+HUB_REPO_HELP = "a Hugging Face Hub repo id (owner/name: its model.safetensors, config and tokenizer fetched once)"
 
 
 # Text the pre-tokenising pattern must split without loss: letters of several scripts, digits,

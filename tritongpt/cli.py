@@ -31,6 +31,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def fetch_hub_repos(args):
+    """A Hugging Face Hub repo id (owner/name, no such path here) as --init or --weights: fetch its
+    files once, here, so that every later step (the weights, their tokenizer, the run's record)
+    reads a local folder, as for a model downloaded by hand."""
+    for flag in ("init", "weights"):
+        value = getattr(args, flag, None)
+        if isinstance(value, str) and "/" in value:  # (the import loads torch: not for every command)
+            from tritongpt.train.gpt2_weights import hub_folder, is_hub_repo
+
+            if is_hub_repo(value):
+                setattr(args, flag, str(hub_folder(value)))
+
+
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -38,6 +51,7 @@ def main(argv=None) -> int:
         parser.print_help()
         return 0
     try:
+        fetch_hub_repos(args)
         return args.func(args) or 0
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)

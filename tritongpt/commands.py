@@ -1,7 +1,7 @@
 """The `info`, `generate` and `export` subcommands."""
 
 from tritongpt.errors import UserError, note, read_json_object, read_text_file
-from tritongpt.train.tokenizer import TOKENIZER_CHOICES
+from tritongpt.train.tokenizer import HUB_REPO_HELP, TOKENIZER_CHOICES
 
 SAMPLE_SEPARATOR = "-" * 15  # between --num-samples texts, as nanoGPT's sample.py prints them
 
@@ -409,8 +409,8 @@ def add_generation_model_args(p):
     """The model flags of `generate` and `chat`: what load_generation_model reads."""
     add_model_args(p, default_model=None)
     p.add_argument("--weights",
-                   help="tritongpt checkpoint (file or run folder) or Hugging Face GPT-2 / GPT-Neo / Llama "
-                        "model.safetensors")
+                   help="tritongpt checkpoint (file or run folder), Hugging Face GPT-2 / GPT-Neo / Llama "
+                        "model.safetensors, or " + HUB_REPO_HELP)
     p.add_argument("--pretrained", action="store_true",
                    help="download GPT-2 or GPT-Neo weights from the Hub by --model name")
     p.add_argument("--tokenizer", help=TOKENIZER_CHOICES + " (default: the one saved with "
@@ -446,7 +446,8 @@ def add_cli(sub):
     p.add_argument("--model", default=None, help="preset name (default gpt2-small; with --weights, only to name the "
                                                  "heads of a GPT-2 file without its config.json)")
     p.add_argument("--weights", default=None, help="a checkpoint (file, checkpoint or run folder) or Hugging Face "
-                                                   "GPT-2 / GPT-Neo / Llama model.safetensors: its config and its run")
+                                                   "GPT-2 / GPT-Neo / Llama model.safetensors, or "
+                                                   + HUB_REPO_HELP + ": its config and its run")
     p.add_argument("--untied", action="store_true", help="count a separate LM head")
     p.set_defaults(func=cmd_info)
 
