@@ -14,7 +14,6 @@ tokenizer.json object as read, the EOS and BOS spellings, a name, an info dict a
 import hashlib
 import json
 import operator
-import os
 import re
 from pathlib import Path
 
@@ -227,16 +226,9 @@ class HFTokenizer:
                 "tokenizer": self.spec}
 
     def save(self, path):
-        """Write our JSON atomically (a reader never sees half a file)."""
-        path = Path(path)
-        if path.is_dir():
-            raise UserError(f"{path} is a folder: name the tokenizer file to write (e.g. {path / 'tokenizer.json'})")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(self.to_dict(), f, ensure_ascii=False)
-        os.replace(tmp, path)
-        return path
+        from tritongpt.train.tokenizer import save_tokenizer_json
+
+        return save_tokenizer_json(self.to_dict(), path)
 
     @classmethod
     def load(cls, path) -> "HFTokenizer":

@@ -250,6 +250,19 @@ def merge_ranks(word_freq: Counter, vocab_size: int, special_tokens=(EOT,), verb
     return ranks
 
 
+def save_tokenizer_json(d: dict, path, indent=None) -> Path:
+    """Write a tokenizer's JSON atomically (a reader never sees half a file)."""
+    path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{path} is a folder: name the tokenizer file to write (e.g. {path / 'tokenizer.json'})")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(d, f, ensure_ascii=False, indent=indent)
+    os.replace(tmp, path)
+    return path
+
+
 # -- the tokenizer -------------------------------------------------------------------------------
 def _read_gpt2_files(encoder_json, vocab_bpe):
     """(encoder.json as read, merges as [(where, "a b")]) of OpenAI's / Hugging Face's files."""
@@ -621,16 +634,7 @@ class BPETokenizer:
                 "tokens": [token_to_str(t) for t in self._id_to_bytes[:len(self.ranks)]]}
 
     def save(self, path):
-        """Write JSON atomically (a reader never sees half a file)."""
-        path = Path(path)
-        if path.is_dir():
-            raise UserError(f"{path} is a folder: name the tokenizer file to write (e.g. {path / 'tokenizer.json'})")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(self.to_dict(), f, ensure_ascii=False, indent=0)
-        os.replace(tmp, path)
-        return path
+        return save_tokenizer_json(self.to_dict(), path, indent=0)
 
     @classmethod
     def load(cls, path) -> "BPETokenizer":
