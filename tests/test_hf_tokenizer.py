@@ -340,7 +340,7 @@ def test_a_hub_repo_id_is_fetched_and_read_as_its_folder(tmp_path, monkeypatch, 
     from tritongpt import cli
     from tritongpt.train.tokenizer import load_tokenizer
 
-    hub, cache, fetched = tmp_path / "hub", tmp_path / "cache", []
+    hub, cache, fetched, asked = tmp_path / "hub", tmp_path / "cache", [], []
     path, _, _ = llama_folder(hub / "someone" / "tiny-llama", "smollm", context=512)
     (hub / "someone" / "sharded").mkdir()
     shutil.copy(path / "config.json", hub / "someone" / "sharded" / "config.json")
@@ -349,6 +349,7 @@ def test_a_hub_repo_id_is_fetched_and_read_as_its_folder(tmp_path, monkeypatch, 
         pass
 
     def fake_download(repo, filename, cache_dir=None, **kwargs):
+        asked.append(repo)
         if not (hub / repo).is_dir():
             raise RuntimeError(f"no repo {repo}")
         if not (hub / repo / filename).is_file():
@@ -379,3 +380,6 @@ def test_a_hub_repo_id_is_fetched_and_read_as_its_folder(tmp_path, monkeypatch, 
            "model.safetensors" in capsys.readouterr().err
     assert cli.main(["generate", "--weights", "someone/missing", *flags]) == 2
     assert "could not fetch someone/missing from the Hugging Face Hub (offline?): RuntimeError" in capsys.readouterr().err
+    # below a folder that is here (run/), a mistyped path: not asked of the Hub
+    assert cli.main(["generate", "--weights", "run/ckpt-9", *flags]) == 2
+    assert "run/ckpt-9" not in asked and "Hugging Face Hub" not in capsys.readouterr().err

@@ -257,8 +257,10 @@ _REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 
 
 def is_hub_repo(spec) -> bool:
-    """owner/name given for a checkpoint (--init, --weights) that is no path here: a Hub repo id."""
-    return isinstance(spec, str) and _REPO_ID.fullmatch(spec) is not None and not Path(spec).expanduser().exists()
+    """owner/name given for a checkpoint (--init, --weights) that is no path here: a Hub repo id.
+    Not when `owner` is a folder here (runs/sft2 mistyped is a path, not a repo to ask the Hub for)."""
+    return isinstance(spec, str) and _REPO_ID.fullmatch(spec) is not None and not Path(spec).expanduser().exists() \
+        and not Path(spec).expanduser().parent.is_dir()
 
 
 def hub_folder(repo: str, cache_dir=None) -> Path:
