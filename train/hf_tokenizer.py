@@ -13,11 +13,11 @@ tokenizer.json object as read, the EOS and BOS spellings, a name, an info dict a
 """
 import hashlib
 import json
-import operator
 import re
 from pathlib import Path
 
 from tritongpt.errors import UserError, read_json_object
+from tritongpt.train.tokenizer import TokenizerChecks, _alternation, save_tokenizer_json
 
 FORMAT = "tritongpt-hf-tokenizer"
 # tokenizer.json's fields that do not decide ids under encode(add_special_tokens=False): the
@@ -54,7 +54,7 @@ def _config_id(folder: Path, key: str):
     return None, None
 
 
-class HFTokenizer:
+class HFTokenizer(TokenizerChecks):
     """A tokenizers.Tokenizer with BPETokenizer's interface.
 
     encode never adds BOS/EOS (add_special_tokens=False): a Llama's own pipeline adds what its
@@ -80,6 +80,7 @@ class HFTokenizer:
         self.info = dict(info or {})
         self.special_tokens = {t.content: i for i, t in sorted(self._tok.get_added_tokens_decoder().items())
                                if t.special}
+        self._special_pat = _alternation(self.special_tokens) if self.special_tokens else None
         vocab = self._tok.get_vocab(with_added_tokens=True)
         self.vocab_size = max(vocab.values(), default=-1) + 1
         for what, token in (("eos_token", eos_token), ("bos_token", bos_token)):
@@ -140,32 +141,12 @@ class HFTokenizer:
 
     # -- encoding ------------------------------------------------------------------------------
     def _check(self, text: str, allowed_special):
-        """BPETokenizer's rules: "none_raise" (default) refuses text spelling a special token, "none"
-        reads it as text, "all" or a set of names encode those as their ids (the rest refused)."""
-        from tritongpt.train.tokenizer import DisallowedSpecialToken, _alternation
-
+        """BPETokenizer's rules (TokenizerChecks): "none_raise" (default) refuses text spelling a special
+        token, "none" reads it as text, "all" or a set of names encode those as their ids."""
         if not isinstance(text, str):
             raise TypeError(f"encode expects a str, got {type(text).__name__}")
-        try:
-            text.encode("utf-8")
-        except UnicodeEncodeError as e:
-            raise UserError(f"the text holds invalid Unicode at character {e.start} ({text[e.start]!r}, a lone "
-                            "surrogate)") from None
-        if allowed_special in ("none", "all") or not self.special_tokens:
-            return
-        if allowed_special in ("none_raise", None):
-            allowed = set()
-        else:
-            allowed = {allowed_special} if isinstance(allowed_special, str) else set(allowed_special)
-            unknown = allowed - set(self.special_tokens)
-            if unknown:
-                raise UserError(f"unknown special token(s) {sorted(unknown)}; this tokenizer has "
-                                f"{sorted(self.special_tokens)}")
-        for m in _alternation(self.special_tokens).finditer(text):
-            if m.group() not in allowed:
-                raise DisallowedSpecialToken(
-                    f"text contains the disallowed special token {m.group()!r} at character {m.start()}; "
-                    f"pass allowed_special='all' (or {{{m.group()!r}}}) to encode it as one special token")
+        self._check_unicode(text)
+        self._check_special(text, self._allowed(allowed_special), allowed_special)
 
     @property
     def _plain(self):
@@ -190,23 +171,10 @@ class HFTokenizer:
         return [e.ids for e in tok.encode_batch(texts, add_special_tokens=False)]
 
     # -- decoding ------------------------------------------------------------------------------
-    def _ids(self, ids) -> list:
-        if hasattr(ids, "tolist"):
-            ids = ids.tolist()
-        try:
-            ids = [operator.index(i) for i in ids]
-        except TypeError as e:
-            raise UserError(f"token ids must be integers ({e})") from None
-        bad = next((i for i in ids if not 0 <= i < self.vocab_size), None)
-        if bad is not None:
-            raise UserError(f"token id {bad} is out of range for tokenizer {self.name!r} "
-                            f"(vocab size {self.vocab_size})")
-        return ids
-
     def decode(self, ids) -> str:
         """ids -> text, special tokens included, as transformers' decode(skip_special_tokens=False).
         Bytes of a cut-off character become U+FFFD."""
-        return self._tok.decode(self._ids(ids), skip_special_tokens=False)
+        return self._tok.decode(self._checked_ids(ids), skip_special_tokens=False)
 
     def decode_bytes(self, ids) -> bytes:
         """The UTF-8 bytes of decode(ids) (eval's bits per byte counts them). Tokens here spell no
@@ -226,8 +194,6 @@ class HFTokenizer:
                 "tokenizer": self.spec}
 
     def save(self, path):
-        from tritongpt.train.tokenizer import save_tokenizer_json
-
         return save_tokenizer_json(self.to_dict(), path)
 
     @classmethod
@@ -275,7 +241,7 @@ class TextSoFar:
         self.bytes = {i for t, i in vocab.items() if re.fullmatch(r"<0x[0-9A-Fa-f]{2}>", t)}
 
     def write(self, ids) -> str:
-        self.ids += self.tok._ids(ids)
+        self.ids += self.tok._checked_ids(ids)
         n = len(self.ids)
         while n and self.ids[n - 1] in self.bytes:
             n -= 1

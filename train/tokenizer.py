@@ -79,7 +79,11 @@ def compile_pattern(pat_str, name: str = "bpe"):
 
 
 class DisallowedSpecialToken(UserError, ValueError):
-    """Text contains a special token's spelling but the caller did not allow special tokens."""
+    """Text contains a special token's spelling (.token) but the caller did not allow special tokens."""
+
+    def __init__(self, message: str, token: str):
+        super().__init__(message)
+        self.token = token
 
 
 def bytes_to_unicode() -> dict:
@@ -325,7 +329,65 @@ def _tokenizers_json_bpe(path):
     return model["vocab"], merges, added
 
 
-class BPETokenizer:
+class TokenizerChecks:
+    """The input checks both tokenizers share (BPETokenizer, hf_tokenizer.HFTokenizer): text spelling a
+    special token, text that is no Unicode, ids that are no tokens. Needs .special_tokens,
+    ._special_pat (their alternation, or None), .vocab_size and .name."""
+
+    def _checked_ids(self, ids) -> list:
+        """ids (a list, tensor or array) as Python ints, each a token id."""
+        if hasattr(ids, "tolist"):                  # a tensor or numpy array: Python numbers at once
+            ids = ids.tolist()
+        try:                                        # int() made 2.7 token 2 and "5" token 5
+            ids = [operator.index(i) for i in ids]
+        except TypeError as e:
+            raise UserError(f"token ids must be integers ({e})") from None
+        n = self.vocab_size
+        if ids and not 0 <= min(ids) <= max(ids) < n:
+            bad = next(i for i in ids if not 0 <= i < n)
+            raise UserError(f"token id {bad} is out of range for tokenizer {self.name!r} (vocab size {n})")
+        return ids
+
+    def _allowed(self, allowed_special) -> set:
+        """allowed_special -> the set of special tokens to encode as their ids.
+
+        "none_raise" (default): none, and text spelling one is an error; "none": none, their
+        spellings are ordinary text; "all"; or a set of names.
+        """
+        if allowed_special == "all":
+            return set(self.special_tokens)
+        if allowed_special in ("none_raise", None):
+            return set()
+        if allowed_special == "none":               # encode special spellings as ordinary text
+            return set()
+        allowed = {allowed_special} if isinstance(allowed_special, str) else set(allowed_special)
+        unknown = allowed - set(self.special_tokens)
+        if unknown:
+            raise UserError(f"unknown special token(s) {sorted(unknown)}; this tokenizer has {sorted(self.special_tokens)}")
+        return allowed
+
+    @staticmethod
+    def _check_unicode(text: str):
+        """A lone surrogate (from a broken JSON escape such as "\\ud83d") has no UTF-8 bytes: the
+        fast path would turn it into U+FFFD and the reference path fail, so both refuse it."""
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise UserError(f"the text holds invalid Unicode at character {e.start} ({text[e.start]!r}, a lone "
+                            "surrogate: a broken JSON escape, or bytes that are not UTF-8 in a "
+                            "command-line argument)") from None
+
+    def _check_special(self, text: str, allowed: set, allowed_special):
+        if allowed_special == "none" or not self._special_pat:
+            return
+        for m in self._special_pat.finditer(text):
+            if m.group() not in allowed:
+                raise DisallowedSpecialToken(
+                    f"text contains the disallowed special token {m.group()!r} at character {m.start()}; "
+                    f"pass allowed_special='all' (or {{{m.group()!r}}}) to encode it as one special token", m.group())
+
+
+class BPETokenizer(TokenizerChecks):
     """Byte-level BPE: `ranks` maps token bytes to ids 0..n-1; special tokens follow.
 
     encode (tiktoken) and encode_reference (plain Python) give the same ids, save on code points
@@ -480,45 +542,6 @@ class BPETokenizer:
     def __repr__(self):
         return f"BPETokenizer(name={self.name!r}, vocab_size={self.vocab_size})"
 
-    # -- special tokens ------------------------------------------------------------------------
-    def _allowed(self, allowed_special) -> set:
-        """allowed_special -> the set of special tokens to encode as their ids.
-
-        "none_raise" (default): none, and text spelling one is an error; "none": none, their
-        spellings are ordinary text; "all"; or a set of names.
-        """
-        if allowed_special == "all":
-            return set(self.special_tokens)
-        if allowed_special in ("none_raise", None):
-            return set()
-        if allowed_special == "none":               # encode special spellings as ordinary text
-            return set()
-        allowed = {allowed_special} if isinstance(allowed_special, str) else set(allowed_special)
-        unknown = allowed - set(self.special_tokens)
-        if unknown:
-            raise UserError(f"unknown special token(s) {sorted(unknown)}; this tokenizer has {sorted(self.special_tokens)}")
-        return allowed
-
-    @staticmethod
-    def _check_unicode(text: str):
-        """A lone surrogate (from a broken JSON escape such as "\\ud83d") has no UTF-8 bytes: the
-        fast path would turn it into U+FFFD and the reference path fail, so both refuse it."""
-        try:
-            text.encode("utf-8")
-        except UnicodeEncodeError as e:
-            raise UserError(f"the text holds invalid Unicode at character {e.start} ({text[e.start]!r}, a lone "
-                            "surrogate: a broken JSON escape, or bytes that are not UTF-8 in a "
-                            "command-line argument)") from None
-
-    def _check_special(self, text: str, allowed: set, allowed_special):
-        if allowed_special == "none" or not self._special_pat:
-            return
-        for m in self._special_pat.finditer(text):
-            if m.group() not in allowed:
-                raise DisallowedSpecialToken(
-                    f"text contains the disallowed special token {m.group()!r} at character {m.start()}; "
-                    f"pass allowed_special='all' (or {{{m.group()!r}}}) to encode it as one special token")
-
     # -- encoding: reference (plain Python) ----------------------------------------------------
     def _bpe(self, piece: bytes) -> list:
         """Merge one pre-tokenised word, lowest rank first (tiktoken's formulation of BPE)."""
@@ -604,18 +627,12 @@ class BPETokenizer:
 
     # -- decoding ------------------------------------------------------------------------------
     def decode_bytes(self, ids) -> bytes:
-        if hasattr(ids, "tolist"):                  # a tensor or numpy array: Python numbers at once
-            ids = ids.tolist()
-        try:                                        # int() made 2.7 token 2 and "5" token 5
-            ids = [operator.index(i) for i in ids]
-        except TypeError as e:
-            raise UserError(f"token ids must be integers ({e})") from None
-        n = self.vocab_size
-        if ids and not 0 <= min(ids) <= max(ids) < n:
-            bad = next(i for i in ids if not 0 <= i < n)
-            raise UserError(f"token id {bad} is out of range for tokenizer {self.name!r} (vocab size {n})")
         table = self._id_to_bytes
-        return b"".join([table[i] for i in ids])
+        return b"".join([table[i] for i in self._checked_ids(ids)])
+
+    def stream_decoder(self) -> "BytesSoFar":
+        """What generate's --stream prints: the text each new id adds (see BytesSoFar)."""
+        return BytesSoFar(self)
 
     def decode(self, ids) -> str:
         """ids -> text. Bytes that are not valid UTF-8 (a cut-off character) become U+FFFD."""
@@ -720,6 +737,25 @@ class BPETokenizer:
         for name, text in files.items():
             (out / name).write_text(text, encoding="utf-8")
         return [out / name for name in files]
+
+
+class BytesSoFar:
+    """Streams a BPETokenizer's text: token bytes through an incremental UTF-8 decoder, so a
+    character split across tokens is handed out whole, once its last byte arrives, and the text
+    handed out is what decoding all the ids at once gives. (hf_tokenizer.TextSoFar: the same for
+    tokens that are no bytes of their own.)"""
+
+    def __init__(self, tok: BPETokenizer):
+        import codecs
+
+        self.tok = tok
+        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def write(self, ids) -> str:
+        return self.decoder.decode(self.tok.decode_bytes(ids))
+
+    def flush(self) -> str:
+        return self.decoder.decode(b"", final=True)
 
 
 _JSON_KIND = {str: "string", list: "list", dict: "object"}
@@ -845,8 +881,6 @@ def from_hf_folder(folder):
 
 def eot_or_none(tok):
     """The id that ends a text (our <|endoftext|>, a Hugging Face folder's EOS), or None."""
-    if isinstance(tok, BPETokenizer):
-        return tok.special_tokens.get(EOT)
     try:
         return tok.eot_id
     except UserError:
@@ -920,7 +954,7 @@ def get_tokenizer(spec="default"):
     """"default" | "gpt2" | a saved tokenizer JSON | a run folder (its tokenizer.json) | a folder
     with encoder.json + vocab.bpe (OpenAI's) or vocab.json + merges.txt or tokenizer.json (Hugging
     Face's: an HFTokenizer where BPETokenizer would give other ids)."""
-    if hasattr(spec, "encode_batch"):  # a tokenizer already (BPETokenizer, HFTokenizer)
+    if isinstance(spec, TokenizerChecks):  # a tokenizer already (BPETokenizer, HFTokenizer)
         return spec
     spec = "default" if spec is None else str(spec)
     if spec == "default":
@@ -981,9 +1015,8 @@ def cmd_encode(args):
     text = args.text if args.text is not None else read_text_file(args.file)
     try:
         ids = tok.encode(text, allowed_special="all" if args.allow_special else "none_raise")
-    except DisallowedSpecialToken:
-        which = next(s for s in sorted(tok.special_tokens, key=len, reverse=True) if s in text)
-        raise UserError(f"the text contains {which}: pass --allow-special to encode it as the special token") from None
+    except DisallowedSpecialToken as e:
+        raise UserError(f"the text contains {e.token}: pass --allow-special to encode it as the special token") from None
     print(" ".join(map(str, ids)))
     return 0
 

@@ -241,9 +241,8 @@ def cmd_generate(args):
     model, tok, device, dtype, limit = load_generation_model(args)
     try:
         ids = tok.encode(prompt, allowed_special="all" if args.allow_special else "none_raise")
-    except DisallowedSpecialToken:
-        which = next(s for s in sorted(tok.special_tokens, key=len, reverse=True) if s in prompt)
-        raise UserError(f"the prompt contains {which}: pass --allow-special to encode it as the "
+    except DisallowedSpecialToken as e:
+        raise UserError(f"the prompt contains {e.token}: pass --allow-special to encode it as the "
                         "special token") from None
     if not ids:
         raise UserError("the prompt is empty: pass --prompt (or --prompt-file) with some text")
@@ -275,18 +274,12 @@ def cmd_generate(args):
 
 
 class TextStream:
-    """generate's on_token for one sample: prints the text as its tokens are drawn. Bytes go
-    through an incremental UTF-8 decoder, so a character split across tokens is printed whole,
-    once its last byte arrives, and the printed text is what decoding all the ids at once gives.
-    A Hugging Face tokenizer's tokens are no bytes of their own (SentencePiece's "▁"): its
-    stream_decoder hands out the text each id adds."""
+    """generate's on_token for one sample: prints the text as its tokens are drawn, through the
+    tokenizer's stream_decoder (a character split across tokens printed whole once complete), so
+    the printed text is what decoding all the ids at once gives."""
 
     def __init__(self, tok, prompt_ids, eot):
-        import codecs
-
-        self.tok, self.eot = tok, eot
-        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        self.text = tok.stream_decoder() if hasattr(tok, "stream_decoder") else None
+        self.eot, self.text = eot, tok.stream_decoder()
         self.write(prompt_ids)
 
     def __call__(self, new):
@@ -295,13 +288,10 @@ class TextStream:
             self.write([i])
 
     def write(self, ids):
-        if self.text is not None:
-            print(self.text.write(ids), end="", flush=True)
-        else:
-            print(self.decoder.decode(self.tok.decode_bytes(ids)), end="", flush=True)
+        print(self.text.write(ids), end="", flush=True)
 
     def close(self):
-        print(self.text.flush() if self.text is not None else self.decoder.decode(b"", final=True))
+        print(self.text.flush())
 
 
 def cmd_export(args):
