@@ -29,9 +29,12 @@ class GPTConfig:
     bias: bool = True          # biases in Linear layers (GPT-2 has them)
     # GPT-Neo's attention differs from GPT-2's in two ways: its scores are q.k, not q.k / sqrt(head_dim)
     # (scale_attention False), and its query, key and value projections have no bias (qkv_bias False;
-    # the output projection and the MLP keep theirs, as `bias` says).
+    # the output projection and the MLP keep theirs, as `bias` says). Qwen2's attention is the other
+    # way round: biases on the query, key and value projections and nowhere else (bias False,
+    # qkv_bias_only True). Which projections have one: has_qkv_bias, and `bias` for the rest.
     scale_attention: bool = True
     qkv_bias: bool = True
+    qkv_bias_only: bool = False
     tie_weights: bool = True   # LM head shares the token-embedding matrix (GPT-2 does)
     # Embedding and LM-head rows are padded to a multiple of this (64: GPT-2's 50257 -> 50304, as
     # nanoGPT and llm.c do) so the head's matmuls run on aligned shapes. The padding rows are
@@ -118,12 +121,16 @@ class GPTConfig:
         if self.mlp_hidden and self.mlp != "swiglu":
             raise UserError(f"GPTConfig.mlp_hidden {self.mlp_hidden} is the SwiGLU MLP's hidden size; the GELU "
                             f"MLP's is 4 n_embd: set mlp 'swiglu' or leave mlp_hidden 0")
-        for name in ("bias", "tie_weights", "scale_attention", "qkv_bias"):
+        for name in ("bias", "tie_weights", "scale_attention", "qkv_bias", "qkv_bias_only"):
             value = getattr(self, name)
             # a bool or numpy's; not a string ("False" would read as true) or a number
             if not isinstance(value, (bool, np.bool_)):
                 raise UserError(f"GPTConfig.{name} must be True or False, got {value!r}")
             setattr(self, name, bool(value))
+        if self.qkv_bias_only and self.bias:
+            raise UserError("GPTConfig.qkv_bias_only gives the query, key and value projections biases in a model "
+                            "without others (Qwen2's); with bias True they have them already (qkv_bias): set bias "
+                            "False or qkv_bias_only False")
         from tritongpt.model.lora import check_lora
         from tritongpt.model.toggle import resolve_kernels
 
@@ -135,6 +142,12 @@ class GPTConfig:
     @property
     def head_dim(self) -> int:
         return self.n_embd // self.n_head
+
+    @property
+    def has_qkv_bias(self) -> bool:
+        """Whether the query, key and value projections have biases: GPT-2's and Qwen2's do,
+        GPT-Neo's and Llama's do not."""
+        return (self.bias and self.qkv_bias) or self.qkv_bias_only
 
     @property
     def ff_hidden(self) -> int:

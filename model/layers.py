@@ -269,7 +269,7 @@ class MultiHeadAttention(nn.Module):
 
     def __init__(self, n_embd: int, n_head: int, context_length: int, dropout: float = 0.0,
                  bias: bool = True, layer_idx: int = 0, window: int = 0, scale: bool = True,
-                 qkv_bias: bool = True, rope_theta: float | None = None, n_kv_head: int = 0):
+                 qkv_bias: bool | None = None, rope_theta: float | None = None, n_kv_head: int = 0):
         super().__init__()
         assert n_embd % n_head == 0, "n_embd must be divisible by n_head"
         self.n_head, self.head_dim, self.layer_idx = n_head, n_embd // n_head, layer_idx
@@ -278,9 +278,10 @@ class MultiHeadAttention(nn.Module):
         self.window = window
         # scale False: GPT-Neo's scores q.k, unscaled (its training kept them in range without)
         self.softmax_scale = 1.0 / math.sqrt(self.head_dim) if scale else 1.0
-        self.W_query = nn.Linear(n_embd, n_embd, bias=bias and qkv_bias)
-        self.W_key = nn.Linear(n_embd, self.n_kv_head * self.head_dim, bias=bias and qkv_bias)
-        self.W_value = nn.Linear(n_embd, self.n_kv_head * self.head_dim, bias=bias and qkv_bias)
+        qkv_bias = bias if qkv_bias is None else qkv_bias  # None: as the other projections (GPT-2)
+        self.W_query = nn.Linear(n_embd, n_embd, bias=qkv_bias)
+        self.W_key = nn.Linear(n_embd, self.n_kv_head * self.head_dim, bias=qkv_bias)
+        self.W_value = nn.Linear(n_embd, self.n_kv_head * self.head_dim, bias=qkv_bias)
         self.out_proj = nn.Linear(n_embd, n_embd, bias=bias)
         self.rotary = None if rope_theta is None else Rotary(self.head_dim, rope_theta)
         self.attn_drop = nn.Dropout(dropout)  # both paths read its p (the Triton one in-kernel)
@@ -355,7 +356,7 @@ class TransformerBlock(nn.Module):
         self.norm1 = make_norm(cfg)
         self.att = MultiHeadAttention(cfg.n_embd, cfg.n_head, cfg.context_length, cfg.dropout,
                                       cfg.bias, layer_idx, cfg.layer_window(layer_idx), cfg.scale_attention,
-                                      cfg.qkv_bias, cfg.rope_theta if cfg.position_encoding == "rope" else None,
+                                      cfg.has_qkv_bias, cfg.rope_theta if cfg.position_encoding == "rope" else None,
                                       cfg.kv_heads)
         self.norm2 = make_norm(cfg)
         if cfg.mlp == "swiglu":

@@ -70,18 +70,22 @@ def save_run(tmp_path, model, name="run"):
     return run, tok
 
 
-def hf_llama(folder, vocab_size, tie=False, bias=False, kv_heads=2, eos=0, context=40, **config):
-    """A tiny random LlamaForCausalLM (float64, heads of 16) saved to folder, EOS and BOS id eos.
+def hf_llama(folder, vocab_size, tie=False, bias=False, kv_heads=2, eos=0, context=40, kind="llama", **config):
+    """A tiny random LlamaForCausalLM (kind "mistral", "qwen2": MistralForCausalLM,
+    Qwen2ForCausalLM; float64, heads of 16) saved to folder, EOS and BOS id eos.
     -> (the model, its model.safetensors)."""
     import transformers
 
     torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=88, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=kv_heads, max_position_embeddings=context,
-                                   rms_norm_eps=1e-6, tie_word_embeddings=tie, attention_bias=bias, mlp_bias=bias,
-                                   rope_parameters={"rope_type": "default", "rope_theta": 5000.0},
-                                   bos_token_id=eos, eos_token_id=eos, **config)
-    hf = transformers.LlamaForCausalLM(cfg).double().eval()
+    prefix = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2"}[kind]
+    if kind == "llama":
+        config = dict(attention_bias=bias, mlp_bias=bias, **config)
+    cfg = getattr(transformers, prefix + "Config")(
+        vocab_size=vocab_size, hidden_size=64, intermediate_size=88, num_hidden_layers=config.pop("layers", 2),
+        num_attention_heads=4, num_key_value_heads=kv_heads, max_position_embeddings=context, rms_norm_eps=1e-6,
+        tie_word_embeddings=tie, rope_parameters={"rope_type": "default", "rope_theta": 5000.0},
+        bos_token_id=eos, eos_token_id=eos, **config)
+    hf = getattr(transformers, prefix + "ForCausalLM")(cfg).double().eval()
     with torch.no_grad():  # random init has unit norms and zero biases: make every tensor count
         for p in hf.parameters():
             p.add_(torch.randn_like(p) * 0.3)

@@ -173,13 +173,13 @@ def test_an_untied_file_whose_head_is_its_embedding_loads_tied(tmp_path):
 
 
 def test_another_model_type_and_a_sharded_folder_are_refused_by_name(tmp_path):
-    """A Mistral or Qwen2 config.json is not read as GPT-2's tensor names (once: "missing tensor
-    'wte.weight'"); a sharded save_pretrained folder is named as such (once: "no checkpoint found")."""
-    _, path = _hf_model(tmp_path / "mistral")
-    cfg_json = tmp_path / "mistral" / "config.json"
-    cfg_json.write_text(json.dumps({**json.loads(cfg_json.read_text()), "model_type": "mistral"}))
-    with pytest.raises(UserError, match="config.json says model_type 'mistral': not a GPT-2 model \\(tritongpt reads "
-                                        "Hugging Face's gpt2, gpt_neo and llama models\\)"):
+    """A Gemma config.json is not read as GPT-2's tensor names (once: "missing tensor 'wte.weight'");
+    a sharded save_pretrained folder is named as such (once: "no checkpoint found")."""
+    _, path = _hf_model(tmp_path / "gemma")
+    cfg_json = tmp_path / "gemma" / "config.json"
+    cfg_json.write_text(json.dumps({**json.loads(cfg_json.read_text()), "model_type": "gemma"}))
+    with pytest.raises(UserError, match="config.json says model_type 'gemma': not a GPT-2 model \\(tritongpt reads "
+                                        "Hugging Face's gpt2, gpt_neo, llama, mistral and qwen2 models\\)"):
         load_checkpoint(path)
     hf, _ = _hf_model(tmp_path / "sharded")
     hf.save_pretrained(tmp_path / "sharded", max_shard_size="20KB")
@@ -222,7 +222,9 @@ def test_export_command_writes_a_llama_folder_and_refuses_what_llama_does_not_co
                             ({"norm": "layernorm"}, "normalizes with layernorm, where Llama has RMSNorms"),
                             ({"mlp": "gelu", "mlp_hidden": 0}, "has a GELU MLP, where Llama's is SwiGLU"),
                             ({"scale_attention": False}, "does not scale its attention scores by 1/sqrt(head_dim)"),
-                            ({"attention_window": 8}, "has local attention (attention_window 8)"),
+                            ({"attention_window": 8, "bias": True}, "has local attention (attention_window 8), "
+                             "where Llama attends to the whole context (a Mistral folder would take the window, but "
+                             "Mistral's projections have no biases)"),
                             ({"logit_softcap": 5.0}, "soft-caps its logits (logit_softcap 5)")):
         bad, _ = save_run(tmp_path, _random_llama(vocab_size=280, **overrides), "bad")
         assert cli.main(["export", str(bad), "--out", str(tmp_path / "refused"), "--overwrite"]) == 2

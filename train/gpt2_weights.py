@@ -91,12 +91,12 @@ _HF_MUST = {"activation_function": ({"gelu_new", "gelu_pytorch_tanh", "gelu_fast
 
 
 def _gpt2_config_json(cfg_json: Path) -> dict:
-    """config.json of a file load_checkpoint did not hand to GPT-Neo's or Llama's reader: another
-    model_type (Mistral, Qwen2...) is named here, before its tensors are looked up under GPT-2's names."""
+    """config.json of a file load_checkpoint did not hand to GPT-Neo's or Llama's (Mistral's, Qwen2's) reader: another
+    model_type (Qwen3, Gemma...) is named here, before its tensors are looked up under GPT-2's names."""
     d = read_json_object(cfg_json)
     if d.get("model_type", "gpt2") != "gpt2":
         raise UserError(f"{cfg_json} says model_type {d['model_type']!r}: not a GPT-2 model (tritongpt reads "
-                        "Hugging Face's gpt2, gpt_neo and llama models)")
+                        "Hugging Face's gpt2, gpt_neo, llama, mistral and qwen2 models)")
     return d
 
 
@@ -124,7 +124,8 @@ def is_hf_file(path) -> bool:
 
 def load_checkpoint(path, model_name: str | None = None, merge: bool = True) -> GPTModel:
     """A tritongpt checkpoint (file, checkpoint folder or run folder: its newest) or a Hugging
-    Face GPT-2, GPT-Neo or Llama model.safetensors (model_name: the preset, when no config.json says the heads).
+    Face GPT-2, GPT-Neo or Llama (Mistral, Qwen2) model.safetensors (model_name: the preset, when no
+    config.json says the heads).
     A LoRA checkpoint comes merged unless merge is False, and so does a peft adapter folder: its
     base with the update (load_peft_adapter)."""
     from tritongpt.train.common import resolve_checkpoint
@@ -266,7 +267,7 @@ def is_hub_repo(spec) -> bool:
 def hub_folder(repo: str, cache_dir=None) -> Path:
     """A Hugging Face Hub repo's model.safetensors with its config and tokenizer files (HUB_FILES),
     fetched or taken from the local Hub cache: -> the snapshot folder, which load_checkpoint reads
-    (GPT-2, GPT-Neo or Llama, by its config.json) and where the tokenizer is found."""
+    (GPT-2, GPT-Neo, Llama, Mistral or Qwen2, by its config.json) and where the tokenizer is found."""
     try:
         path = hub_download(repo, HUB_FILES, cache_dir)
     except UserError as e:

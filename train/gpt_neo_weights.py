@@ -200,8 +200,9 @@ def refuse_not_gpt_neo(model: GPTModel, what: str) -> None:
     if cfg.scale_attention:
         raise UserError("this model scales its attention scores by 1/sqrt(head_dim) (scale_attention True), "
                         f"which GPT-Neo does not: it cannot be exported as {what}")
-    if cfg.bias and cfg.qkv_bias:
-        raise UserError("this model's query, key and value projections have biases (qkv_bias True), which "
+    if cfg.has_qkv_bias:
+        field = "qkv_bias_only" if cfg.qkv_bias_only else "qkv_bias"
+        raise UserError(f"this model's query, key and value projections have biases ({field} True), which "
                         f"GPT-Neo's have not: it cannot be exported as {what}")
 
 

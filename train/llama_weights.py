@@ -1,18 +1,25 @@
-"""Llama-architecture weights (Hugging Face's LlamaForCausalLM layout) into GPTModel, and back out.
+"""Llama-architecture weights (Hugging Face's LlamaForCausalLM layout, which Mistral and Qwen2
+share) into GPTModel, and back out.
 
 A Llama is a GPTModel with norm "rmsnorm", mlp "swiglu", position_encoding "rope", no biases
 and, often, fewer key/value heads (n_kv_head): every piece is already a GPTConfig field, so the
 tensors only change names. Hugging Face's q_proj and k_proj rows are in rotate_half's order
 (dimension i pairs with i + head_dim / 2), which is our apply_rotary's and kernels/rope.py's, so
-no row is permuted. What a config.json asks that this model does not compute (rope scaling, a
-head_dim other than hidden_size / heads, an activation other than SiLU, biases on only some
-layers) is refused by name.
+no row is permuted. Two relatives differ from it in one field each, and are read and written too:
+- Mistral: a sliding window (config.json's sliding_window, in every layer; transformers' default
+  4096 when the key is absent) is our local attention: attention_window W, window_layers "all".
+  Both let query i see keys i - W + 1 .. i.
+- Qwen2 (and Qwen2.5): biases on q_proj, k_proj and v_proj only (qkv_bias_only). Its sliding
+  window (use_sliding_window, from layer max_window_layers on) is read when it covers all the
+  layers or the odd ones; no published Qwen2 uses one.
+What a config.json asks that this model does not compute (rope scaling, a head_dim other than
+hidden_size / heads, an activation other than SiLU, biases on only some layers) is refused by name.
 
-`export` writes a Llama folder transformers loads with the same logits, and load_checkpoint
-(gpt2_weights.py) reads one back. The tokenizers of published Llamas (SentencePiece converted to a
-BPE, or a byte-level BPE with another pre-tokenizer) are not ones tritongpt's BPE reproduces: the
-folder's tokenizer.json is read by Hugging Face's tokenizers library instead (hf_tokenizer.py), so
-such a model takes text too.
+`export` writes a Llama, Mistral or Qwen2 folder (whichever the model is) that transformers loads
+with the same logits, and load_checkpoint (gpt2_weights.py) reads one back. The tokenizers of
+published Llamas (SentencePiece converted to a BPE, or a byte-level BPE with another
+pre-tokenizer) are not ones tritongpt's BPE reproduces: the folder's tokenizer.json is read by
+Hugging Face's tokenizers library instead (hf_tokenizer.py), so such a model takes text too.
 """
 import math
 from pathlib import Path
@@ -29,16 +36,20 @@ _LAYER = (("norm1", "input_layernorm"), ("norm2", "post_attention_layernorm"), (
           ("att.W_key", "self_attn.k_proj"), ("att.W_value", "self_attn.v_proj"), ("att.out_proj", "self_attn.o_proj"),
           ("ff.w_gate", "mlp.gate_proj"), ("ff.w_up", "mlp.up_proj"), ("ff.w_down", "mlp.down_proj"))
 _NORMS = ("norm1", "norm2")
+_QKV = ("att.W_query", "att.W_key", "att.W_value")
+# model_type -> the class transformers builds; all three share LlamaForCausalLM's tensor names
+FAMILIES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+_NAMES = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2"}
 
 
 def is_llama_file(path) -> bool:
-    """A Hugging Face Llama model.safetensors: its config.json says model_type llama, or without
-    one, its tensors have Llama's names (mlp.gate_proj)."""
+    """A Hugging Face Llama, Mistral or Qwen2 model.safetensors: its config.json says that
+    model_type, or without one, its tensors have Llama's names (mlp.gate_proj)."""
     from safetensors import safe_open
 
     cfg_json = Path(path).parent / "config.json"
     if cfg_json.is_file() and "model_type" in (d := read_json_object(cfg_json)):
-        return d["model_type"] == "llama"
+        return d["model_type"] in FAMILIES
     with safe_open(str(path), framework="pt") as f:
         return any(".mlp.gate_proj." in k for k in f.keys())
 
@@ -60,6 +71,38 @@ def _rope_theta(d: dict, cfg_json) -> float:
         raise UserError(f"{cfg_json} has partial_rotary_factor {d['partial_rotary_factor']!r}; this model rotates "
                         "every dimension of a head (1.0) only")
     return float(theta)
+
+
+def _sliding_window(d: dict, kind: str, n_layer: int, cfg_json) -> tuple:
+    """(attention_window, window_layers) of a config.json as transformers reads it: Llama has no
+    window; Mistral's sliding_window covers every layer (4096 if the key is absent); Qwen2's
+    counts only with use_sliding_window, in the layers its layer_types (or, without one, layer
+    max_window_layers on) name "sliding_attention"."""
+    if kind == "llama":
+        if d.get("sliding_window"):
+            raise UserError(f"{cfg_json} has sliding_window {d['sliding_window']!r}; a Llama attends to the whole "
+                            "context")
+        return 0, "all"
+    window = d.get("sliding_window", 4096)
+    if kind == "qwen2" and not d.get("use_sliding_window", False):
+        window = None
+    if window is None:
+        return 0, "all"
+    if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+        raise UserError(f"{cfg_json} has sliding_window {window!r}; it must be a positive integer or null")
+    if kind == "mistral":
+        return window, "all"
+    first = d.get("max_window_layers", 28)
+    types = d.get("layer_types") or ["sliding_attention" if i >= first else "full_attention" for i in range(n_layer)]
+    local = [i for i, t in enumerate(types) if t == "sliding_attention"]
+    if not local:
+        return 0, "all"
+    if len(types) == n_layer and local == list(range(n_layer)):
+        return window, "all"
+    if len(types) == n_layer and local == list(range(1, n_layer, 2)):
+        return window, "odd"
+    raise UserError(f"{cfg_json} slides its window ({window}) over layers {local} of {n_layer}; this model's local "
+                    "layers are all of them or the odd ones (GPTConfig.window_layers)")
 
 
 def _check_hf_config(cfg_json: Path, sd: dict) -> GPTConfig:
@@ -85,15 +128,16 @@ def _check_hf_config(cfg_json: Path, sd: dict) -> GPTConfig:
     if d.get("head_dim") not in (None, n_embd // n_head):
         raise UserError(f"{cfg_json} has head_dim {d['head_dim']!r}; this model's is hidden_size / "
                         f"num_attention_heads ({n_embd // n_head}) only")
+    kind = d.get("model_type", "llama")
     attention_bias, mlp_bias = bool(d.get("attention_bias", False)), bool(d.get("mlp_bias", False))
-    if attention_bias != mlp_bias:
+    if kind == "llama" and attention_bias != mlp_bias:
         raise UserError(f"{cfg_json} has attention_bias {attention_bias} and mlp_bias {mlp_bias}; this model's "
                         "linear layers have biases all or none (GPTConfig.bias)")
-    if d.get("sliding_window"):
-        raise UserError(f"{cfg_json} has sliding_window {d['sliding_window']!r}; a Llama attends to the whole context")
+    bias = attention_bias and kind == "llama"  # Mistral's have none, Qwen2's are q/k/v's only, whatever it says
+    window, window_layers = _sliding_window(d, kind, n_layer, cfg_json)
     return GPTConfig(vocab_size=vocab, context_length=d.get("max_position_embeddings", 2048), n_embd=n_embd,
                      n_layer=n_layer, n_head=n_head, n_kv_head=0 if n_kv_head == n_head else n_kv_head,
-                     bias=attention_bias,
+                     bias=bias, qkv_bias_only=kind == "qwen2", attention_window=window, window_layers=window_layers,
                      position_encoding="rope", rope_theta=_rope_theta(d, cfg_json), norm="rmsnorm",
                      norm_eps=d.get("rms_norm_eps", 1e-6), mlp="swiglu", mlp_hidden=hidden,
                      tie_weights="lm_head.weight" not in sd
@@ -108,14 +152,14 @@ def _our_tensors(sd: dict, cfg: GPTConfig) -> dict:
     for i in range(cfg.n_layer):
         for mine, theirs in _LAYER:
             ours[f"trf_blocks.{i}.{mine}.weight"] = sd[f"layers.{i}.{theirs}.weight"]
-            if cfg.bias and mine not in _NORMS:
+            if cfg.has_qkv_bias if mine in _QKV else cfg.bias and mine not in _NORMS:
                 ours[f"trf_blocks.{i}.{mine}.bias"] = sd[f"layers.{i}.{theirs}.bias"]
     return ours
 
 
 def load_llama_safetensors(path) -> GPTModel:
-    """GPTModel with the weights of a Hugging Face Llama model.safetensors and its config.json
-    beside it (the heads, RoPE's base and the norm's eps are in no tensor)."""
+    """GPTModel with the weights of a Hugging Face Llama (Mistral, Qwen2) model.safetensors and its
+    config.json beside it (the heads, RoPE's base and the norm's eps are in no tensor)."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"Llama weights file not found: {path}")
@@ -129,28 +173,47 @@ def load_llama_safetensors(path) -> GPTModel:
 
 
 # -- export: the inverse of _our_tensors -----------------------------------------------------------
+def hf_family(cfg: GPTConfig) -> str:
+    """The model_type a Llama-shaped model is written as: qwen2 when its q/k/v alone have biases,
+    mistral when it has a sliding window (and no biases: Mistral's projections have none), else llama."""
+    if cfg.qkv_bias_only:
+        return "qwen2"
+    return "mistral" if cfg.attention_window and not cfg.bias else "llama"
+
+
+def family_name(cfg: GPTConfig) -> str:
+    """"Llama", "Mistral" or "Qwen2": what export writes this model as."""
+    return _NAMES[hf_family(cfg)]
+
+
 def refuse_not_llama(model: GPTModel, what: str) -> None:
     """Hugging Face's Llama rotates q and k (RoPE, no position embeddings), normalizes with RMSNorm,
     has a SwiGLU MLP, scales its scores by 1/sqrt(head_dim) over the whole context and has no
-    logit soft cap: another model's weights would give it other logits."""
+    logit soft cap: another model's weights would give it other logits. Mistral may slide a window
+    over every layer, Qwen2 too (Qwen2 from layer max_window_layers on: all of them, written here)."""
     cfg = model.config
+    family = family_name(cfg)
+    window = (f"has local attention (attention_window {cfg.attention_window}) in its {cfg.window_layers} layers, "
+              f"where {family}'s sliding window, if any, is in every layer" if family != "Llama" else
+              f"has local attention (attention_window {cfg.attention_window}), where Llama attends to the whole "
+              "context (a Mistral folder would take the window, but Mistral's projections have no biases)")
     for differs, why in ((cfg.position_encoding != "rope", "learns position embeddings (position_encoding "
-                          f"{cfg.position_encoding}), where Llama rotates q and k (RoPE)"),
-                         (cfg.norm != "rmsnorm", f"normalizes with {cfg.norm}, where Llama has RMSNorms"),
-                         (cfg.mlp != "swiglu", f"has a {cfg.mlp.upper()} MLP, where Llama's is SwiGLU"),
+                          f"{cfg.position_encoding}), where {family} rotates q and k (RoPE)"),
+                         (cfg.norm != "rmsnorm", f"normalizes with {cfg.norm}, where {family} has RMSNorms"),
+                         (cfg.mlp != "swiglu", f"has a {cfg.mlp.upper()} MLP, where {family}'s is SwiGLU"),
                          (not cfg.scale_attention, "does not scale its attention scores by 1/sqrt(head_dim), "
-                          "which Llama does"),
-                         (bool(cfg.attention_window), f"has local attention (attention_window {cfg.attention_window}),"
-                          " where Llama attends to the whole context"),
+                          f"which {family} does"),
+                         (bool(cfg.attention_window) and (family == "Llama" or cfg.window_layers != "all"), window),
                          (bool(cfg.logit_softcap), f"soft-caps its logits (logit_softcap {cfg.logit_softcap:g}), "
-                          "which Llama does not")):
+                          f"which {family} does not")):
         if differs:
             raise UserError(f"this model {why}: it cannot be exported as {what}")
 
 
 def _hf_tensors(model: GPTModel) -> dict:
-    """Our parameters under LlamaForCausalLM's names; zero q/k/v biases for a qkv_bias False model
-    with biases elsewhere (Llama's attention_bias is all four or none); the padding rows dropped."""
+    """Our parameters under LlamaForCausalLM's names (Mistral's and Qwen2's too); zero q/k/v biases
+    for a qkv_bias False model with biases elsewhere (Llama's attention_bias is all four or none);
+    the padding rows dropped."""
     cfg = model.config
     sd = {k: v.detach() for k, v in model.state_dict().items()}
     V = cfg.vocab_size
@@ -158,7 +221,7 @@ def _hf_tensors(model: GPTModel) -> dict:
     for i in range(cfg.n_layer):
         for mine, theirs in _LAYER:
             w = hf[f"layers.{i}.{theirs}.weight"] = sd[f"trf_blocks.{i}.{mine}.weight"]
-            if cfg.bias and mine not in _NORMS:
+            if mine not in _NORMS and (cfg.bias or mine in _QKV and cfg.qkv_bias_only):
                 hf[f"layers.{i}.{theirs}.bias"] = sd.get(f"trf_blocks.{i}.{mine}.bias", w.new_zeros(w.shape[0]))
     out = {"model." + k: v for k, v in hf.items()}
     if not cfg.tie_weights:
@@ -167,21 +230,31 @@ def _hf_tensors(model: GPTModel) -> dict:
 
 
 def hf_config(cfg: GPTConfig, eos_token_id: int | None = None) -> dict:
-    """LlamaConfig fields (config.json) for this model; what _check_hf_config reads back. RoPE's
-    base is written both ways: rope_parameters (transformers 5) and rope_theta (4.x)."""
-    return {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "vocab_size": cfg.vocab_size,
-            "max_position_embeddings": cfg.context_length, "hidden_size": cfg.n_embd,
-            "intermediate_size": cfg.ff_hidden, "num_hidden_layers": cfg.n_layer,
-            "num_attention_heads": cfg.n_head, "num_key_value_heads": cfg.kv_heads, "head_dim": cfg.head_dim,
-            "hidden_act": "silu", "rms_norm_eps": cfg.norm_eps, "attention_bias": cfg.bias, "mlp_bias": cfg.bias,
-            "rope_theta": cfg.rope_theta, "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
-            "rope_scaling": None, "attention_dropout": 0.0, "tie_word_embeddings": cfg.tie_weights,
-            "bos_token_id": eos_token_id, "eos_token_id": eos_token_id}
+    """LlamaConfig (MistralConfig, Qwen2Config) fields (config.json) for this model; what
+    _check_hf_config reads back. RoPE's base is written both ways: rope_parameters (transformers 5)
+    and rope_theta (4.x)."""
+    kind = hf_family(cfg)
+    d = {"model_type": kind, "architectures": [FAMILIES[kind]], "vocab_size": cfg.vocab_size,
+         "max_position_embeddings": cfg.context_length, "hidden_size": cfg.n_embd,
+         "intermediate_size": cfg.ff_hidden, "num_hidden_layers": cfg.n_layer,
+         "num_attention_heads": cfg.n_head, "num_key_value_heads": cfg.kv_heads, "head_dim": cfg.head_dim,
+         "hidden_act": "silu", "rms_norm_eps": cfg.norm_eps,
+         "rope_theta": cfg.rope_theta, "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
+         "rope_scaling": None, "attention_dropout": 0.0, "tie_word_embeddings": cfg.tie_weights,
+         "bos_token_id": eos_token_id, "eos_token_id": eos_token_id}
+    window = cfg.attention_window or None
+    if kind == "llama":
+        d.update(attention_bias=cfg.bias, mlp_bias=cfg.bias)
+    elif kind == "mistral":
+        d.update(sliding_window=window)
+    else:  # Qwen2's window starts at layer max_window_layers: 0, every layer
+        d.update(use_sliding_window=bool(window), sliding_window=window, max_window_layers=0 if window else cfg.n_layer)
+    return d
 
 
 def export_llama(model: GPTModel, out_dir, eos_token_id: int | None = None, overwrite: bool = False) -> list:
-    """Write model as a Hugging Face Llama folder: model.safetensors and config.json, which
-    transformers.LlamaForCausalLM.from_pretrained(out_dir) and load_checkpoint both read.
-    Returns the paths written; refuses to replace them unless overwrite."""
-    refuse_not_llama(model, "a Llama folder")
+    """Write model as a Hugging Face Llama, Mistral or Qwen2 folder (hf_family): model.safetensors
+    and config.json, which transformers.AutoModelForCausalLM.from_pretrained(out_dir) and
+    load_checkpoint both read. Returns the paths written; refuses to replace them unless overwrite."""
+    refuse_not_llama(model, f"a {family_name(model.config)} folder")
     return write_hf_folder(out_dir, lambda: _hf_tensors(model), hf_config(model.config, eos_token_id), overwrite)

@@ -439,7 +439,7 @@ class Trainer:
     def _check_same_function(self, ckpt, saved_cfg):
         """Another function of the weights (a logit soft cap, local attention, unscaled attention
         scores, the position encoding: RoPE or learned, RoPE's theta, the norm: LayerNorm or RMSNorm,
-        and its eps, biases or none)
+        and its eps, biases, on q/k/v only (Qwen2) or none)
         or another MLP (GELU or SwiGLU, SwiGLU's hidden size: other weights too, named before their
         shapes are): the run would go on as another model. A config from before a field reads as
         without it; no saved config (a bare weights file) is not compared."""
@@ -453,6 +453,7 @@ class Trainer:
         encoding, theta = saved_cfg.get("position_encoding", "learned"), saved_cfg.get("rope_theta", 10000.0)
         mlp, norm = saved_cfg.get("mlp", "gelu"), saved_cfg.get("norm", "layernorm")
         eps, bias = saved_cfg.get("norm_eps", 1e-5), saved_cfg.get("bias", True)
+        qkv_only = saved_cfg.get("qkv_bias_only", False)
         hidden = saved_cfg.get("mlp_hidden", 0) or swiglu_hidden(saved_cfg.get("n_embd", cfg.n_embd))
         if mlp != cfg.mlp or (mlp == "swiglu" and hidden != cfg.ff_hidden):
             def kind(m, h):
@@ -472,12 +473,14 @@ class Trainer:
         elif eps != cfg.norm_eps:
             what = f"adds eps {eps:g} in its norms, this run's model {cfg.norm_eps:g}"
             flags = "the run's own --init"
-        elif bias != cfg.bias:
-            def has(on):
-                return "has biases in its linear layers" if on else "has no biases"
+        elif (bias, qkv_only) != (cfg.bias, cfg.qkv_bias_only):
+            def has(on, qkv):
+                return "has biases in its linear layers" if on else "has biases on q/k/v only" if qkv else \
+                    "has no biases"
 
-            what = f"{has(bias)}, this run's model {has(cfg.bias)}"
-            flags = "--bias" if bias else "--no-bias"
+            what = f"{has(bias, qkv_only)}, this run's model {has(cfg.bias, cfg.qkv_bias_only)}"
+            # Qwen2's q/k/v-only biases have no flag: only an --init folder's config.json sets them
+            flags = "the run's own --init" if qkv_only or cfg.qkv_bias_only else "--bias" if bias else "--no-bias"
         elif cap != cfg.logit_softcap:
             what = f"soft-caps its logits at {cap:g}, this run's at {cfg.logit_softcap:g} (0: none)"
             flags = f"--logit-softcap {cap:g}"

@@ -37,9 +37,9 @@ def add_args(p: argparse.ArgumentParser):
     add_model_args(p, default_model=None, default_text="tiny; with --init, what its weights hold")
     p.add_argument("--init", default=None,
                    help="start from these weights, not random ones (nanoGPT's init_from): a tritongpt checkpoint "
-                        "(run folder, ckpt folder or .safetensors), a Hugging Face GPT-2, GPT-Neo or Llama "
-                        "model.safetensors, or a GPT-2 or GPT-Neo name (gpt2-small, gpt-neo-125m ...: downloads the "
-                        "pretrained weights), or " + HUB_REPO_HELP + "; the model's shape is theirs")
+                        "(run folder, ckpt folder or .safetensors), a Hugging Face GPT-2, GPT-Neo, Llama, Mistral or "
+                        "Qwen2 model.safetensors, or a GPT-2 or GPT-Neo name (gpt2-small, gpt-neo-125m ...: downloads "
+                        "the pretrained weights), or " + HUB_REPO_HELP + "; the model's shape is theirs")
     add_vocab_multiple_arg(p, 1, "1, no padding; with --init, as its weights have them")
     d = p.add_argument_group("data")
     d.add_argument("--data", default=None,
@@ -250,8 +250,10 @@ def check_args(args, targs):
                 raise UserError(f"--{field.replace('_', '-')} {show(given)} would change what --init's model "
                                 f"computes (its {field} is {show(has)}): leave the flag out")
         if args.bias is not None and args.bias != model.config.bias:
+            c = model.config
+            has = "biases" if c.bias else "biases on q/k/v only" if c.qkv_bias_only else "none"
             raise UserError(f"--{'' if args.bias else 'no-'}bias would change the shapes of --init's weights (its "
-                            f"linear layers have {'biases' if model.config.bias else 'none'}): leave the flag out")
+                            f"linear layers have {has}): leave the flag out")
         if args.n_kv_head is not None and (args.n_kv_head or model.config.n_head) != model.config.kv_heads:
             raise UserError(f"--n-kv-head {args.n_kv_head} would change the shapes of --init's weights (its "
                             f"n_kv_head is {model.config.n_kv_head}, with {model.config.n_head} heads): leave the "
@@ -409,7 +411,8 @@ def print_header(args, targs, model, tok, block, splits, trainer):
           f"{f', logits soft-capped at {cfg.logit_softcap:g}' if cfg.logit_softcap else ''}"
           f"{local if cfg.attention_window else ''}"
           f"{', attention scores unscaled' if not cfg.scale_attention else ''}"
-          f"{', no q/k/v biases' if cfg.bias and not cfg.qkv_bias else ''}{rope}{gqa}) "
+          f"{', no q/k/v biases' if cfg.bias and not cfg.qkv_bias else ''}"
+          f"{', biases on q/k/v only' if cfg.qkv_bias_only else ''}{rope}{gqa}) "
           f"on {trainer.device} ({str(trainer.dtype).replace('torch.', '')}, kernels {cfg.kernels}"
           f"{', ' + str(trainer.world_size) + ' processes' if trainer.ddp else ''})")
     per_step = targs.batch_size * targs.grad_accum * trainer.world_size

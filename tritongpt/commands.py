@@ -72,7 +72,8 @@ def _what_it_means(cfg, key, value) -> str:
     if key == "n_kv_head" and not value:
         return f" (as many as the heads: {cfg.n_head})"
     if key == "qkv_bias" and value and not cfg.bias:
-        return " (no effect: bias False drops every bias)"
+        return " (no effect: bias False drops every bias" + (", and qkv_bias_only gives q/k/v theirs)"
+                                                             if cfg.qkv_bias_only else ")")
     return ""
 
 
@@ -306,7 +307,7 @@ def cmd_export(args):
     from tritongpt.train.gpt2_weights import (adapter_base, export_gpt2, export_peft_adapter, load_checkpoint,
                                               refuse_not_gpt2)
     from tritongpt.train.gpt_neo_weights import export_gpt_neo, refuse_not_gpt_neo
-    from tritongpt.train.llama_weights import export_llama, refuse_not_llama
+    from tritongpt.train.llama_weights import export_llama, family_name, refuse_not_llama
     from tritongpt.train.sft import pick_tokenizer
     from tritongpt.train.tokenizer import EXPORT_TOKENIZER, RUN_TOKENIZER, eot_or_none, is_ours
 
@@ -333,17 +334,18 @@ def cmd_export(args):
         raise UserError(f"{out} already holds {', '.join(taken)}: pass --overwrite or another --out")
     model = load_checkpoint(source, merge=not args.adapter)
     cfg = model.config
-    # RMSNorm or a SwiGLU MLP make a Llama; else unscaled attention scores are GPT-Neo's (with or
-    # without its local layers), scaled ones GPT-2's. Refused before any file goes. (peft targets
-    # GPT-Neo's and Llama's q/k/v apart from GPT-2's c_attn: their adapters are not written here.)
+    # RMSNorm or a SwiGLU MLP make a Llama (or a Mistral, a Qwen2: hf_family); else unscaled attention
+    # scores are GPT-Neo's (with or without its local layers), scaled ones GPT-2's. Refused before any
+    # file goes. (peft targets GPT-Neo's and Llama's q/k/v apart from GPT-2's c_attn: their adapters
+    # are not written here.)
     llama = (cfg.norm == "rmsnorm" or cfg.mlp == "swiglu") and not args.adapter
     if args.adapter and (cfg.norm == "rmsnorm" or cfg.mlp == "swiglu"):
         raise UserError("--adapter writes a peft adapter for Hugging Face's GPT-2, and this model is a Llama "
                         f"(norm {cfg.norm}, mlp {cfg.mlp}): export it without --adapter, merged, as a Llama folder")
     neo = not cfg.scale_attention and not args.adapter and not llama
-    family = "Llama" if llama else "GPT-Neo" if neo else "GPT-2"
+    family = family_name(cfg) if llama else "GPT-Neo" if neo else "GPT-2"
     if llama:
-        refuse_not_llama(model, "a Llama folder")
+        refuse_not_llama(model, f"a {family} folder")
     elif neo:
         refuse_not_gpt_neo(model, "a GPT-Neo folder")
     else:
@@ -399,8 +401,8 @@ def add_generation_model_args(p):
     """The model flags of `generate` and `chat`: what load_generation_model reads."""
     add_model_args(p, default_model=None)
     p.add_argument("--weights",
-                   help="tritongpt checkpoint (file or run folder), Hugging Face GPT-2 / GPT-Neo / Llama "
-                        "model.safetensors, or " + HUB_REPO_HELP)
+                   help="tritongpt checkpoint (file or run folder), Hugging Face GPT-2 / GPT-Neo / "
+                        "Llama / Mistral / Qwen2 model.safetensors, or " + HUB_REPO_HELP)
     p.add_argument("--pretrained", action="store_true",
                    help="download GPT-2 or GPT-Neo weights from the Hub by --model name")
     p.add_argument("--tokenizer", help=TOKENIZER_CHOICES + " (default: the one saved with "
@@ -436,7 +438,7 @@ def add_cli(sub):
     p.add_argument("--model", default=None, help="preset name (default gpt2-small; with --weights, only to name the "
                                                  "heads of a GPT-2 file without its config.json)")
     p.add_argument("--weights", default=None, help="a checkpoint (file, checkpoint or run folder) or Hugging Face "
-                                                   "GPT-2 / GPT-Neo / Llama model.safetensors, or "
+                                                   "GPT-2 / GPT-Neo / Llama / Mistral / Qwen2 model.safetensors, or "
                                                    + HUB_REPO_HELP + ": its config and its run")
     p.add_argument("--untied", action="store_true", help="count a separate LM head")
     p.set_defaults(func=cmd_info)
@@ -457,8 +459,8 @@ def add_cli(sub):
     add_sampling_args(p, max_new_tokens=50, temperature=0.8, temperature_text="as nanoGPT's sample.py")
     p.set_defaults(func=cmd_generate)
 
-    p = sub.add_parser("export", help="write a checkpoint as a Hugging Face GPT-2, GPT-Neo or Llama folder "
-                                      "(transformers loads it)")
+    p = sub.add_parser("export", help="write a checkpoint as a Hugging Face GPT-2, GPT-Neo, Llama, Mistral or "
+                                      "Qwen2 folder (transformers loads it)")
     p.add_argument("checkpoint",
                    help="tritongpt checkpoint: a model.safetensors, a checkpoint folder or a run folder (its newest)")
     p.add_argument("--out", required=True,

@@ -1,0 +1,217 @@
+"""Mistral and Qwen2: Llama's two nearest relatives, each one GPTConfig field away from it.
+Mistral's sliding window is our local attention (attention_window, every layer); Qwen2's biases
+on q, k and v alone are qkv_bias_only. Their weights load with transformers' logits on both kernel
+paths, a KV-cache decode and greedy generation match, and export writes each back as its own
+model_type. Tiny random models saved to tmp_path (as tests/test_llama.py): nothing downloaded."""
+import json
+
+import pytest
+import torch
+
+from parity import assert_close_rel, decode_token_by_token, hf_llama, pretrain_argv
+from tritongpt.errors import UserError
+from tritongpt.model.config import GPTConfig
+from tritongpt.model.gpt import GPTModel
+from tritongpt.train.gpt2_weights import load_checkpoint
+
+transformers = pytest.importorskip("transformers")
+
+VOCAB, CTX, T = 53, 40, 23
+
+
+def _check_logits(hf, model, T=T):
+    """transformers' logits in float64 (as test_llama's: RMSNorm in fp32 there, RoPE's frequencies
+    rounded otherwise), and the Triton path's in fp32."""
+    idx = torch.randint(0, VOCAB, (2, T))
+    with torch.no_grad():
+        want = hf(idx).logits
+        assert_close_rel(model(idx), want, 2e-6, "reference path")
+        model.float().set_kernels("triton")
+        assert_close_rel(model(idx).double(), want, 1e-5, "triton path")
+        model.double().set_kernels("reference")
+
+
+@pytest.mark.parametrize("kw", [{}, {"tie": True, "kv_heads": 1}], ids=["gqa-untied", "mqa-tied"])
+def test_qwen2_loads_with_biases_on_q_k_v_only(tmp_path, kw):
+    hf, path = hf_llama(tmp_path, VOCAB, kind="qwen2", **kw)
+    model = load_checkpoint(path).double().eval()
+    c = model.config
+    assert (c.bias, c.qkv_bias_only, c.has_qkv_bias, c.attention_window, c.tie_weights) == \
+        (False, True, True, 0, kw.get("tie", False))
+    biases = sorted({n.split(".", 2)[2] for n, _ in model.named_parameters() if n.endswith(".bias")})
+    assert biases == ["att.W_key.bias", "att.W_query.bias", "att.W_value.bias"]
+    _check_logits(hf, model)
+
+
+def test_qwen2_kv_cache_decode_and_greedy_tokens_match(tmp_path):
+    hf, path = hf_llama(tmp_path, VOCAB, kind="qwen2")
+    model = load_checkpoint(path).double().eval()
+    idx = torch.randint(0, VOCAB, (1, 9))
+    with torch.no_grad():
+        whole, decoded, _ = decode_token_by_token(model, idx)
+        assert_close_rel(decoded, hf(idx).logits, 2e-6, "decoded over the cache")
+        assert_close_rel(decoded, whole, 1e-12, "decoded against the whole sequence")
+    from tritongpt.train.generate import generate
+
+    ours = generate(model, idx[:, :3], 10)
+    theirs = hf.generate(idx[:, :3], max_new_tokens=10, do_sample=False, pad_token_id=0)
+    assert torch.equal(ours, theirs)
+
+
+@pytest.mark.parametrize("window", [7, None], ids=["window-7", "no-window"])
+def test_mistral_sliding_window_is_our_local_attention(tmp_path, window):
+    """A window of 7 over 23 positions: query i sees keys i-6..i in both models (an off-by-one,
+    i-7..i, fails the logits); the KV-cache decode keeps the window too."""
+    hf, path = hf_llama(tmp_path, VOCAB, kind="mistral", sliding_window=window)
+    model = load_checkpoint(path).double().eval()
+    c = model.config
+    assert (c.attention_window, c.window_layers, c.bias, c.has_qkv_bias) == (window or 0, "all", False, False)
+    _check_logits(hf, model)
+    idx = torch.randint(0, VOCAB, (1, 15))
+    with torch.no_grad():
+        _, decoded, _ = decode_token_by_token(model, idx)
+        assert_close_rel(decoded, hf(idx).logits, 2e-6, "decoded over the cache")
+
+
+def test_mistral_without_sliding_window_key_reads_transformers_default(tmp_path):
+    """MistralConfig's sliding_window is 4096 when config.json does not name it."""
+    _, path = hf_llama(tmp_path, VOCAB, kind="mistral", sliding_window=7)
+    cfg_json = tmp_path / "config.json"
+    d = json.loads(cfg_json.read_text())
+    del d["sliding_window"]
+    cfg_json.write_text(json.dumps(d))
+    assert transformers.AutoConfig.from_pretrained(tmp_path).sliding_window == 4096
+    assert load_checkpoint(path).config.attention_window == 4096
+
+
+@pytest.mark.parametrize("edit, window, layers", [
+    ({"use_sliding_window": False, "sliding_window": 7}, 0, "all"),  # the window is off: every layer global
+    ({"use_sliding_window": True, "sliding_window": 7, "max_window_layers": 0}, 7, "all"),
+    ({"use_sliding_window": True, "sliding_window": 7, "max_window_layers": 2}, 0, "all"),  # from layer 2 of 2: none
+    ({"use_sliding_window": True, "sliding_window": 7, "layers": 4,
+      "layer_types": ["full_attention", "sliding_attention"] * 2}, 7, "odd"),
+], ids=["off", "all-layers", "past-the-last-layer", "odd-layers"])
+def test_qwen2_sliding_window_is_read_as_transformers_does(tmp_path, edit, window, layers):
+    hf, path = hf_llama(tmp_path, VOCAB, kind="qwen2", **edit)
+    model = load_checkpoint(path).double().eval()
+    assert (model.config.attention_window, model.config.window_layers) == (window, layers)
+    _check_logits(hf, model)
+
+
+def test_a_qwen2_window_over_other_layers_and_a_bad_window_are_refused_by_name(tmp_path):
+    _, path = hf_llama(tmp_path, VOCAB, kind="qwen2", layers=3, use_sliding_window=True, sliding_window=7,
+                       max_window_layers=1)
+    with pytest.raises(UserError, match=r"config.json slides its window \(7\) over layers \[1, 2\] of 3; this model's "
+                                        r"local layers are all of them or the odd ones"):
+        load_checkpoint(path)
+    cfg_json = tmp_path / "config.json"
+    for kind, bad in (("mistral", 0), ("mistral", "7"), ("qwen2", -1)):
+        d = json.loads(cfg_json.read_text())
+        cfg_json.write_text(json.dumps({**d, "model_type": kind, "sliding_window": bad, "max_window_layers": 0}))
+        with pytest.raises(UserError, match=f"has sliding_window {bad!r}; it must be a positive integer or null"):
+            load_checkpoint(path)
+
+
+def _random(**overrides):
+    """Our own Llama-shaped model, every tensor random."""
+    torch.manual_seed(0)
+    cfg = dict(vocab_size=VOCAB, context_length=CTX, n_embd=64, n_layer=2, n_head=4, n_kv_head=2, bias=False,
+               position_encoding="rope", rope_theta=500.0, norm="rmsnorm", mlp="swiglu", mlp_hidden=72)
+    model = GPTModel(GPTConfig(**{**cfg, **overrides})).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+    return model.double()
+
+
+@pytest.mark.parametrize("overrides, kind, cls", [
+    ({"qkv_bias_only": True}, "qwen2", "Qwen2ForCausalLM"),
+    ({"qkv_bias_only": True, "attention_window": 5, "tie_weights": False}, "qwen2", "Qwen2ForCausalLM"),
+    ({"attention_window": 5}, "mistral", "MistralForCausalLM"),
+], ids=["qwen2", "qwen2-window-untied", "mistral-window"])
+def test_export_round_trip(tmp_path, overrides, kind, cls):
+    """ours -> a folder of its own model_type -> transformers' logits are ours; load_checkpoint
+    reads it back with the same config."""
+    from tritongpt.train.llama_weights import export_llama
+
+    model = _random(**overrides)
+    paths = export_llama(model, tmp_path, eos_token_id=7)
+    assert json.loads((tmp_path / "config.json").read_text())["model_type"] == kind
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float64).eval()
+    assert type(hf).__name__ == cls
+    idx = torch.randint(0, VOCAB, (2, T))
+    with torch.no_grad():
+        ours = model(idx)
+        assert_close_rel(hf(idx).logits, ours, 2e-6, "exported logits")
+        back = load_checkpoint(paths[0]).double().eval()
+        assert_close_rel(back(idx), ours, 1e-12, "loaded back")
+    want = {k: v for k, v in model.config.to_dict().items() if k != "qkv_bias"}
+    assert {k: v for k, v in back.config.to_dict().items() if k in want} == want
+
+
+def test_what_none_of_the_three_computes_is_refused_by_name():
+    from tritongpt.train.llama_weights import refuse_not_llama
+
+    for overrides, said in (
+            ({"attention_window": 5, "window_layers": "odd"}, "has local attention (attention_window 5) in its odd "
+             "layers, where Mistral's sliding window, if any, is in every layer: it cannot be exported"),
+            ({"attention_window": 5, "window_layers": "odd", "qkv_bias_only": True}, "where Qwen2's sliding window"),
+            ({"attention_window": 5, "bias": True}, "where Llama attends to the whole context (a Mistral folder would "
+             "take the window, but Mistral's projections have no biases)"),
+            ({"qkv_bias_only": True, "norm": "layernorm"}, "normalizes with layernorm, where Qwen2 has RMSNorms")):
+        with pytest.raises(UserError) as e:
+            refuse_not_llama(_random(**overrides), "X")
+        assert said in str(e.value)
+    with pytest.raises(UserError, match="GPTConfig.qkv_bias_only gives the query, key and value projections biases "
+                                        "in a model without others"):
+        GPTConfig(bias=True, qkv_bias_only=True)
+    with pytest.raises(UserError, match="GPTConfig.qkv_bias_only must be True or False, got 'yes'"):
+        GPTConfig(bias=False, qkv_bias_only="yes")
+
+
+def test_qwen3_is_refused_by_model_type(tmp_path):
+    """Qwen3 (q and k normalized per head, a head_dim of its own) is not read under Qwen2's names."""
+    _, path = hf_llama(tmp_path, VOCAB, kind="qwen2")
+    cfg_json = tmp_path / "config.json"
+    cfg_json.write_text(json.dumps({**json.loads(cfg_json.read_text()), "model_type": "qwen3"}))
+    with pytest.raises(UserError, match="config.json says model_type 'qwen3': not a GPT-2 model \\(tritongpt reads "
+                                        "Hugging Face's gpt2, gpt_neo, llama, mistral and qwen2 models\\)"):
+        load_checkpoint(path)
+
+
+def test_pretrain_from_a_qwen2_folder_export_it_and_resume_it(corpus, tmp_path, capsys):
+    """A practitioner's path: --init a Qwen2 folder, train a step, export: a Qwen2 folder that
+    transformers runs with our logits; `info` names the biases; a resume whose flags would drop
+    the q/k/v biases is refused by name, and one with the run's --init goes on."""
+    from tritongpt.cli import main
+
+    hf_llama(tmp_path / "qwen", 300, kind="qwen2", context=64)
+    cfg_json = tmp_path / "qwen" / "config.json"  # GPT-2's eps, as the flags' model below has
+    cfg_json.write_text(json.dumps({**json.loads(cfg_json.read_text()), "rms_norm_eps": 1e-5}))
+
+    def argv(out, *extra):
+        return pretrain_argv(corpus, out, "--max-steps", "1", "--init", str(tmp_path / "qwen"), *extra)
+
+    assert main(argv(tmp_path / "run")) == 0
+    assert "context 64, trained on 32-token blocks, biases on q/k/v only" in capsys.readouterr().out
+    assert main(["export", str(tmp_path / "run"), "--out", str(tmp_path / "hf")]) == 0
+    assert "Qwen2 with 2 layers" in capsys.readouterr().out
+    model = load_checkpoint(tmp_path / "run").eval()
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    assert type(hf).__name__ == "Qwen2ForCausalLM"
+    idx = torch.randint(0, 300, (2, 17))
+    with torch.no_grad():
+        assert_close_rel(hf(idx).logits, model(idx), 1e-5, "transformers on the export")
+    assert main(["info", "--weights", str(tmp_path / "run")]) == 0
+    out = capsys.readouterr().out
+    assert "qkv_bias_only" in out and "and qkv_bias_only gives q/k/v theirs" in out
+    llama = ("--norm", "rmsnorm", "--mlp", "swiglu", "--mlp-hidden", "88", "--position-encoding", "rope",
+             "--rope-theta", "5000", "--no-bias")
+    more = ("--max-steps", "2", "--resume")
+    assert main(pretrain_argv(corpus, tmp_path / "run", *llama, *more)) == 2
+    assert "model has biases on q/k/v only, this run's model has no biases: pass the run's own --init" in \
+        capsys.readouterr().err
+    assert main(argv(tmp_path / "run", *more)) == 0
+    assert main(argv(tmp_path / "again", "--bias")) == 2
+    assert "--bias would change the shapes of --init's weights (its linear layers have biases on q/k/v only)" in \
+        capsys.readouterr().err
