@@ -340,7 +340,8 @@ def test_a_hub_repo_id_is_fetched_and_read_as_its_folder(tmp_path, monkeypatch, 
     """--weights / --init owner/name (no such path here): its model.safetensors, config and
     tokenizer files come from the Hub (hf_hub_download, faked from a folder the test makes), and
     the commands read the fetched folder as the folder itself: the same generated text, the same
-    tokenizer saved with an sft run. A repo without one model.safetensors, or none at all, is named."""
+    tokenizer saved with an sft run; a sharded repo's index and shards are fetched and give the
+    same text. A repo with neither, or none at all, is named."""
     import shutil
 
     import huggingface_hub
@@ -349,9 +350,11 @@ def test_a_hub_repo_id_is_fetched_and_read_as_its_folder(tmp_path, monkeypatch, 
     from tritongpt.train.tokenizer import load_tokenizer
 
     hub, cache, fetched, asked = tmp_path / "hub", tmp_path / "cache", [], []
-    path, _, _ = llama_folder(hub / "someone" / "tiny-llama", "smollm", context=512)
-    (hub / "someone" / "sharded").mkdir()
-    shutil.copy(path / "config.json", hub / "someone" / "sharded" / "config.json")
+    path, _, hf = llama_folder(hub / "someone" / "tiny-llama", "smollm", context=512)
+    shutil.copytree(path, hub / "someone" / "sharded", ignore=shutil.ignore_patterns("model.safetensors"))
+    hf.save_pretrained(hub / "someone" / "sharded", max_shard_size="40KB")
+    (hub / "someone" / "none").mkdir()
+    shutil.copy(path / "config.json", hub / "someone" / "none" / "config.json")
 
     class EntryNotFoundError(Exception):  # huggingface_hub's, by name: a repo without the file
         pass
@@ -383,9 +386,14 @@ def test_a_hub_repo_id_is_fetched_and_read_as_its_folder(tmp_path, monkeypatch, 
                      "reference", "--out-dir", str(tmp_path / "run")]) == 0
     assert load_tokenizer(tmp_path / "run" / "tokenizer.json").hash == get_tokenizer(path).hash
     capsys.readouterr()
-    assert cli.main(["generate", "--weights", "someone/sharded", *flags]) == 2
-    assert "'someone/sharded' is no file or folder here, and as a Hugging Face Hub repo: someone/sharded has no " \
-           "model.safetensors" in capsys.readouterr().err
+    fetched.clear()
+    assert cli.main(["generate", "--weights", "someone/sharded", *flags]) == 0
+    assert capsys.readouterr().out == want
+    shards = {f for _, f in fetched if f.startswith("model-")}
+    assert len(shards) > 1 and {"model.safetensors.index.json", "config.json", "tokenizer.json"} < {f for _, f in fetched}
+    assert cli.main(["generate", "--weights", "someone/none", *flags]) == 2
+    assert "'someone/none' is no file or folder here, and as a Hugging Face Hub repo: someone/none has no " \
+           "model.safetensors nor model.safetensors.index.json (pytorch_model.bin is not read)" in capsys.readouterr().err
     assert cli.main(["generate", "--weights", "someone/missing", *flags]) == 2
     assert "could not fetch someone/missing from the Hugging Face Hub (offline?): RuntimeError" in capsys.readouterr().err
     # below a folder that is here (run/), a mistyped path: not asked of the Hub

@@ -172,22 +172,34 @@ def test_an_untied_file_whose_head_is_its_embedding_loads_tied(tmp_path):
         assert_close_rel(model(idx), hf(idx).logits, 1e-6, "tied from an untied file")
 
 
-def test_another_model_type_and_a_sharded_folder_are_refused_by_name(tmp_path):
-    """A Gemma config.json is not read as GPT-2's tensor names (once: "missing tensor 'wte.weight'");
-    a sharded save_pretrained folder is named as such (once: "no checkpoint found")."""
+def test_another_model_type_is_refused_and_a_sharded_folder_is_read_whole(tmp_path):
+    """A Gemma config.json is not read as GPT-2's tensor names (once: "missing tensor 'wte.weight'").
+    A sharded save_pretrained folder (model.safetensors.index.json and its shards) loads with the
+    logits of the model saved; a shard missing, or named outside the folder, is named."""
     _, path = _hf_model(tmp_path / "gemma")
     cfg_json = tmp_path / "gemma" / "config.json"
     cfg_json.write_text(json.dumps({**json.loads(cfg_json.read_text()), "model_type": "gemma"}))
     with pytest.raises(UserError, match="config.json says model_type 'gemma': not a GPT-2 model \\(tritongpt reads "
                                         "Hugging Face's gpt2, gpt_neo, llama, mistral and qwen2 models\\)"):
         load_checkpoint(path)
-    hf, _ = _hf_model(tmp_path / "sharded")
-    hf.save_pretrained(tmp_path / "sharded", max_shard_size="20KB")
-    (tmp_path / "sharded" / "model.safetensors").unlink(missing_ok=True)  # the unsharded one, if left
-    assert (tmp_path / "sharded" / "model.safetensors.index.json").is_file()
-    with pytest.raises(UserError, match="sharded Hugging Face checkpoint \\(model.safetensors.index.json\\): "
-                                        "tritongpt reads one model.safetensors"):
-        load_checkpoint(tmp_path / "sharded")
+    folder = tmp_path / "sharded"
+    hf, _ = _hf_model(folder)
+    hf.save_pretrained(folder, max_shard_size="20KB")
+    (folder / "model.safetensors").unlink(missing_ok=True)  # the unsharded one, if left
+    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) > 2
+    idx = torch.randint(0, VOCAB, (2, T))
+    with torch.no_grad():
+        assert_close_rel(load_checkpoint(folder).double()(idx), hf(idx).logits, 2e-6, "sharded")
+    (folder / shards[1]).rename(tmp_path / shards[1])
+    with pytest.raises(UserError, match=f"model.safetensors.index.json names shard\\(s\\) that are not beside it: "
+                                        f"{shards[1]}"):
+        load_checkpoint(folder)
+    index["weight_map"]["lm_head.weight"] = "../" + shards[1]
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(UserError, match=f"names shard\\(s\\) outside its folder: ../{shards[1]}"):
+        load_checkpoint(folder)
 
 
 def test_a_llama_file_without_its_config_json_is_refused_by_name(tmp_path):

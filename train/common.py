@@ -440,7 +440,7 @@ def same_fingerprint(a, b) -> bool:
 
 def resolve_checkpoint(path) -> Path:
     """A checkpoint folder, a run folder (its newest checkpoint), or a .safetensors file; a peft
-    adapter folder: its weights file."""
+    adapter folder: its weights file; a sharded Hugging Face folder: its shard index."""
     p = Path(path)
     if p.is_file():
         return p
@@ -453,8 +453,7 @@ def resolve_checkpoint(path) -> Path:
             if (p / name).is_file():
                 return p / name
     if (p / "model.safetensors.index.json").is_file():  # transformers' save_pretrained past max_shard_size
-        raise UserError(f"{p} holds a sharded Hugging Face checkpoint (model.safetensors.index.json): tritongpt reads "
-                        "one model.safetensors; save it as one (save_pretrained(..., max_shard_size=\"100GB\"))")
+        return p / "model.safetensors.index.json"  # its shards are read together (gpt2_weights.shard_files)
     latest = Checkpointer(p).latest()
     if latest is None:
         raise UserError(f"no checkpoint found at {path}")

@@ -26,14 +26,60 @@ HUB_REPOS = {
 }
 
 
+# transformers' save_pretrained past max_shard_size (and the Hub's larger models): this index's
+# weight_map names, for every tensor, the model-0000i-of-0000N.safetensors beside it holding it
+SHARD_INDEX = "model.safetensors.index.json"
+
+
+def is_shard_index(path) -> bool:
+    return str(path).endswith(".safetensors.index.json")
+
+
+def _weight_map(index) -> dict:
+    """A shard index's weight_map (tensor name -> shard file name), checked to be one."""
+    wm = read_json_object(index).get("weight_map")
+    if not isinstance(wm, dict) or not wm or not all(isinstance(v, str) for v in wm.values()):
+        raise UserError(f"{index}: its weight_map must be an object of tensor names to shard file names")
+    return wm
+
+
+def shard_files(index) -> list:
+    """The shards a model.safetensors.index.json names, each a file beside it (a missing one named)."""
+    index = Path(index)
+    names = sorted(set(_weight_map(index).values()))
+    outside = [n for n in names if Path(n).name != n]
+    if outside:
+        raise UserError(f"{index} names shard(s) outside its folder: {', '.join(outside)}")
+    missing = [n for n in names if not (index.parent / n).is_file()]
+    if missing:
+        raise UserError(f"{index} names shard(s) that are not beside it: {', '.join(missing)}")
+    return [index.parent / n for n in names]
+
+
+def tensor_names(path) -> list:
+    """The tensor names of a safetensors file, or of every shard a shard index names."""
+    from safetensors import safe_open
+
+    if is_shard_index(path):
+        return list(_weight_map(path))
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return list(f.keys())
+    except Exception as e:
+        raise unreadable_safetensors(path, e) from None
+
+
 def _read_tensors(path, prefix: str = "transformer.") -> dict:
-    """A safetensors file's tensors, their names without the model class's prefix."""
+    """A safetensors file's tensors (or all of a shard index's shards'), their names without the
+    model class's prefix."""
     from safetensors.torch import load_file
 
-    try:
-        tensors = load_file(str(path))
-    except Exception as e:  # a truncated or foreign file: safetensors' own error, in one line
-        raise unreadable_safetensors(path, e) from None
+    tensors = {}
+    for file in shard_files(path) if is_shard_index(path) else [path]:
+        try:
+            tensors.update(load_file(str(file)))
+        except Exception as e:  # a truncated or foreign file: safetensors' own error, in one line
+            raise unreadable_safetensors(file, e) from None
     # Hub files name keys "h.0...", a saved GPT2LMHeadModel "transformer.h.0..."
     return {k.removeprefix(prefix): v for k, v in tensors.items()}
 
@@ -133,7 +179,7 @@ def load_checkpoint(path, model_name: str | None = None, merge: bool = True) -> 
     path = resolve_checkpoint(path)
     if adapter_folder(path) is not None:
         return load_peft_adapter(adapter_folder(path))
-    if str(path).endswith(".safetensors") and is_hf_file(path):
+    if is_shard_index(path) or str(path).endswith(".safetensors") and is_hf_file(path):
         from tritongpt.train.gpt_neo_weights import is_gpt_neo_file, load_gpt_neo_safetensors
         from tritongpt.train.llama_weights import is_llama_file, load_llama_safetensors
 
@@ -227,24 +273,38 @@ def load_gpt2_pretrained(name: str = "gpt2-small", cache_dir=None) -> GPTModel:
 
 
 def hub_download(repo: str, optional=(), cache_dir=None) -> str:
-    """repo's model.safetensors from the Hugging Face Hub (or the local Hub cache), and beside it
-    whichever `optional` files it has (config.json, tokenizer files). -> the weights' path."""
+    """repo's model.safetensors from the Hugging Face Hub (or the local Hub cache), or its shard
+    index and every shard it names, and beside them whichever `optional` files it has
+    (config.json, tokenizer files). -> the weights' path (the index, for shards)."""
     try:
         from huggingface_hub import hf_hub_download
     except ImportError:
         raise UserError("downloading weights needs huggingface_hub (pip install huggingface_hub); "
                         f"or {_PASS_A_FILE}") from None
+
+    def fetch(name):
+        return hf_hub_download(repo, name, cache_dir=cache_dir)
+
     try:
-        path = hf_hub_download(repo, "model.safetensors", cache_dir=cache_dir)
+        try:
+            path = fetch("model.safetensors")
+        except Exception as e:
+            if type(e).__name__ != "EntryNotFoundError":
+                raise
+            path = fetch(SHARD_INDEX)  # no single file: shards, or (EntryNotFoundError again) neither
+            for name in sorted(set(_weight_map(path).values())):
+                fetch(name)
         for name in optional:
             try:
-                hf_hub_download(repo, name, cache_dir=cache_dir)
+                fetch(name)
             except Exception:
                 pass
     except Exception as e:
-        if type(e).__name__ == "EntryNotFoundError":  # the repo is there, its weights are not one file
-            raise UserError(f"{repo} has no model.safetensors (weights sharded into model-0000N-of-0000M files, or "
-                            f"pytorch_model.bin, are not read); {_PASS_A_FILE}") from None
+        if type(e).__name__ == "EntryNotFoundError":  # the repo is there, its weights are in neither form
+            raise UserError(f"{repo} has no model.safetensors nor {SHARD_INDEX} (pytorch_model.bin is not "
+                            f"read); {_PASS_A_FILE}") from None
+        if isinstance(e, UserError):
+            raise
         raise UserError(f"could not fetch {repo} from the Hugging Face Hub (offline?): "
                         f"{type(e).__name__}; {_PASS_A_FILE}") from None
     return path

@@ -16,7 +16,7 @@ import torch
 from tritongpt.errors import UserError, note, read_json_object
 from tritongpt.model.config import GPTConfig, get_config
 from tritongpt.model.gpt import GPTModel
-from tritongpt.train.gpt2_weights import (_read_tensors, hub_download, model_with_tensors, tensor_shapes,
+from tritongpt.train.gpt2_weights import (_read_tensors, hub_download, model_with_tensors, tensor_names, tensor_shapes,
                                           write_hf_folder)
 
 HUB_REPOS = {
@@ -36,13 +36,10 @@ _LAYER = (("norm1", "ln_1"), ("norm2", "ln_2"), ("att.W_query", "attn.attention.
 def is_gpt_neo_file(path) -> bool:
     """A Hugging Face GPT-Neo model.safetensors: its config.json says model_type gpt_neo, or
     without one, its tensors have GPT-Neo's names (attn.attention.q_proj)."""
-    from safetensors import safe_open
-
     cfg_json = Path(path).parent / "config.json"
     if cfg_json.is_file() and "model_type" in (d := read_json_object(cfg_json)):
         return d["model_type"] == "gpt_neo"
-    with safe_open(str(path), framework="pt") as f:
-        return any(".attn.attention.q_proj." in k for k in f.keys())
+    return any(".attn.attention.q_proj." in k for k in tensor_names(path))
 
 
 def _attention_layers(d: dict, cfg_json) -> list:

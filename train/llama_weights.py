@@ -29,7 +29,7 @@ import torch
 from tritongpt.errors import UserError, read_json_object
 from tritongpt.model.config import GPTConfig
 from tritongpt.model.gpt import GPTModel
-from tritongpt.train.gpt2_weights import _read_tensors, model_with_tensors, write_hf_folder
+from tritongpt.train.gpt2_weights import _read_tensors, model_with_tensors, tensor_names, write_hf_folder
 
 # each block's tensors: ours, then Hugging Face's (under "layers.{i}.")
 _LAYER = (("norm1", "input_layernorm"), ("norm2", "post_attention_layernorm"), ("att.W_query", "self_attn.q_proj"),
@@ -45,13 +45,10 @@ _NAMES = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2"}
 def is_llama_file(path) -> bool:
     """A Hugging Face Llama, Mistral or Qwen2 model.safetensors: its config.json says that
     model_type, or without one, its tensors have Llama's names (mlp.gate_proj)."""
-    from safetensors import safe_open
-
     cfg_json = Path(path).parent / "config.json"
     if cfg_json.is_file() and "model_type" in (d := read_json_object(cfg_json)):
         return d["model_type"] in FAMILIES
-    with safe_open(str(path), framework="pt") as f:
-        return any(".mlp.gate_proj." in k for k in f.keys())
+    return any(".mlp.gate_proj." in k for k in tensor_names(path))
 
 
 def _rope_theta(d: dict, cfg_json) -> float:
