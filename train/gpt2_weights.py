@@ -241,8 +241,9 @@ def load_gpt2_safetensors(path, model_name: str | None = None) -> GPTModel:
 
 def model_with_tensors(cfg: GPTConfig, mapping, path) -> GPTModel:
     """GPTModel(cfg) holding mapping()'s tensors (our parameter names -> a file's tensors; a
-    KeyError names the tensor the file lacks): every parameter filled, each of its own shape."""
-    model = GPTModel(cfg)
+    KeyError names the tensor the file lacks): every parameter filled, each of its own shape
+    (built empty: no random init to overwrite; a parameter the mapping leaves out is refused)."""
+    model = GPTModel.empty(cfg)
     try:
         ours = mapping()
     except KeyError as e:  # the first tensor the mapping asked for and the file lacks
