@@ -72,7 +72,7 @@ class RewardModel(nn.Module):
             raise UserError(f"{path} is not a reward model checkpoint (train one with `tritongpt reward`)")
         cfg = saved_config(path, meta)
         cfg.kernels = "reference"
-        model = cls(GPTModel(cfg))
+        model = cls(GPTModel.empty(cfg))  # every tensor comes from the file
         load_saved_weights(model, path, map_location)
         if cfg.lora_rank:  # used, not trained on (RLHF scores with it): the merged backbone
             from tritongpt.model.lora import merge_lora
