@@ -1,7 +1,8 @@
 """Hugging Face tokenizers (tokenizer.json) of Llama-family folders: HFTokenizer gives
 transformers' ids on a SentencePiece-converted BPE (TinyLlama's and Llama 2's shape), a Llama 3,
-a SmolLM and a Qwen2 byte-level BPE (the last beside a Qwen2 model), each trained here on a few KB; generate, sft --init and export use it
-end to end; a GPT-2 folder still gets BPETokenizer. Nothing downloaded."""
+a SmolLM and a Qwen2 byte-level BPE (the last beside a Qwen2 model), each trained here on a few
+KB; generate, sft --init and export use it end to end; a GPT-2 folder still gets BPETokenizer.
+Nothing downloaded."""
 import json
 import random
 import unicodedata
@@ -390,10 +391,12 @@ def test_a_hub_repo_id_is_fetched_and_read_as_its_folder(tmp_path, monkeypatch, 
     assert cli.main(["generate", "--weights", "someone/sharded", *flags]) == 0
     assert capsys.readouterr().out == want
     shards = {f for _, f in fetched if f.startswith("model-")}
-    assert len(shards) > 1 and {"model.safetensors.index.json", "config.json", "tokenizer.json"} < {f for _, f in fetched}
+    assert len(shards) > 1
+    assert {"model.safetensors.index.json", "config.json", "tokenizer.json"} < {f for _, f in fetched}
     assert cli.main(["generate", "--weights", "someone/none", *flags]) == 2
     assert "'someone/none' is no file or folder here, and as a Hugging Face Hub repo: someone/none has no " \
-           "model.safetensors nor model.safetensors.index.json (pytorch_model.bin is not read)" in capsys.readouterr().err
+           "model.safetensors nor model.safetensors.index.json (pytorch_model.bin is not read)" in \
+           capsys.readouterr().err
     assert cli.main(["generate", "--weights", "someone/missing", *flags]) == 2
     assert "could not fetch someone/missing from the Hugging Face Hub (offline?): RuntimeError" in capsys.readouterr().err
     # below a folder that is here (run/), a mistyped path: not asked of the Hub

@@ -77,8 +77,9 @@ class Conversation:
             raise UserError("--system is empty")
         self.template, self.system, self.turns = template, system, []
 
-    def prompt(self, user: str, first: int = 0) -> tuple:
-        """(text, eot after it) parts: the turns from `first` on, then `user`, ready for an answer."""
+    def prompt(self, user: str, first: int = 0, tokenizer=None) -> tuple:
+        """(text, eot after it) parts: the turns from `first` on, then `user`, ready for an answer
+        (a chat in the tokenizer's own template if it has one: chat_template.py)."""
         if self.template == "completion":
             return ((user, False),)
         if self.template == "alpaca":
@@ -87,17 +88,17 @@ class Conversation:
         for u, a in self.turns[first:]:
             messages += [{"role": "user", "content": u}, {"role": "assistant", "content": a}]
         messages.append({"role": "user", "content": user})
-        return tuple((t, e) for t, e, _ in formats.chat_parts(messages))
+        return tuple((t, e) for t, e, _ in formats.chat_parts(messages, tokenizer=tokenizer))
 
     def fit(self, tokenizer, user: str, context: int, max_new_tokens: int):
         """(prompt ids, answer budget, how many oldest turns were dropped to leave room for
         --max-new-tokens, or for half the context where that is less: a long answer budget
         should not cost a short conversation its history)."""
         first, room = 0, min(max_new_tokens, context // 2)
-        ids = formats.encode_prompt(tokenizer, self.prompt(user))
+        ids = formats.encode_prompt(tokenizer, self.prompt(user, 0, tokenizer))
         while len(ids) + room > context and first < len(self.turns):
             first += 1
-            ids = formats.encode_prompt(tokenizer, self.prompt(user, first))
+            ids = formats.encode_prompt(tokenizer, self.prompt(user, first, tokenizer))
         budget = min(max_new_tokens, context - len(ids))
         if budget < 1:
             raise UserError(f"this message is {len(ids)} tokens in the {self.template} template; "
@@ -110,16 +111,16 @@ class Conversation:
 
 
 def reply(model, tokenizer, ids, budget, *, temperature=0.0, top_k=None, top_p=None, dtype=None, generator=None,
-          vocab_limit=None, stream: bool = True):
-    """Draw one answer after `ids` (printed as it comes, with stream): (its text up to the eot,
-    whether the model ended it)."""
+          vocab_limit=None, stream: bool = True, stop_id=None):
+    """Draw one answer after `ids` (printed as it comes, with stream): (its text up to the eot, or
+    stop_id (a chat template's end-of-turn token), whether the model ended it)."""
     import torch
 
     from tritongpt.commands import TextStream
     from tritongpt.train.common import autocast
     from tritongpt.train.generate import generate
 
-    eot = tokenizer.eot_id
+    eot = tokenizer.eot_id if stop_id is None else stop_id
     device = next(model.parameters()).device
     idx = torch.tensor([ids], dtype=torch.long, device=device)
     printer = TextStream(tokenizer, [], eot) if stream else None
@@ -168,15 +169,24 @@ def cmd_chat(args):
     check_generation_args(args)
     if args.max_new_tokens < 1:
         raise UserError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
+    model, tok, device, dtype, limit = load_generation_model(args)
     template = args.template
     if template == "auto":
         template = run_template(args.weights)
-        if template is None:
+        if template is None and getattr(tok, "chat_template", None) is not None:
+            template = "chat"
+            note(f"{args.weights or 'the model'} records no fine-tuning prompt format: using its tokenizer's own "
+                 "chat template")
+        elif template is None:
             template = "chat"
             note(f"{args.weights or 'the model'} records no fine-tuning prompt format (a pretrained model "
                  f"only continues text): using the chat template; pass --template to choose")
     conv = Conversation(template, args.system)
-    model, tok, device, dtype, limit = load_generation_model(args)
+    stop = None
+    if template == "chat" and getattr(tok, "chat_template", None) is not None:
+        from tritongpt.train.chat_template import turn_end_id
+
+        stop = turn_end_id(tok)
     gen = torch.Generator(device=device).manual_seed(args.seed)
     tty = sys.stdin.isatty()
     if tty:
@@ -214,7 +224,7 @@ def cmd_chat(args):
         if dropped:
             note(f"the conversation outgrew the context: its {dropped} oldest turn(s) are dropped")
         answer, ended = reply(model, tok, ids, budget, temperature=args.temperature, top_k=args.top_k,
-                              top_p=args.top_p, dtype=dtype, generator=gen, vocab_limit=limit)
+                              top_p=args.top_p, dtype=dtype, generator=gen, vocab_limit=limit, stop_id=stop)
         if not ended:
             note(f"the answer was cut at {budget} tokens (--max-new-tokens, or the context's end)")
         conv.add(user, answer, dropped)

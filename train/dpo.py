@@ -217,7 +217,7 @@ def cmd_dpo(args):
 
     check_lora(args.lora_rank, args.lora_alpha, args.lora_targets)
     check_beta(args.beta, args.loss_type, args.label_smoothing)  # before the slow set-up
-    targs, train, val, policy, tok = setup_preference_run(args)
+    targs, train, val, policy, tok = setup_preference_run(args, "dpo")
     ref = copy.deepcopy(policy)
     apply_lora(policy, args)  # the reference stays the whole --init model
     result = train_dpo(policy, ref, tok, train, val, targs, beta=args.beta, run_args=data_run_args(args),

@@ -212,9 +212,14 @@ def read_records(raw) -> list:
 
 
 # -- parts: text to encode, and what is learned --------------------------------------------------------
-def chat_parts(messages, learn_all: bool = True) -> list:
-    """(text, eot after it, learned) parts of a chat, by CHAT_TEMPLATE (see the module doc).
+def chat_parts(messages, learn_all: bool = True, tokenizer=None) -> list:
+    """(text, eot after it, learned) parts of a chat, by CHAT_TEMPLATE (see the module doc), or by
+    the tokenizer's own chat template when it has one (chat_template.template_parts).
     A chat that ends with a user message ends with the assistant header: a prompt to answer."""
+    if getattr(tokenizer, "chat_template", None) is not None:
+        from tritongpt.train.chat_template import template_parts
+
+        return template_parts(tokenizer, messages, learn_all)
     parts, head, last = [], "", len(messages) - 1
     for i, m in enumerate(messages):
         if m["role"] == "system":
@@ -227,18 +232,23 @@ def chat_parts(messages, learn_all: bool = True) -> list:
     return parts
 
 
-def record_parts(record, template=format_prompt) -> list:
+def record_parts(record, template=format_prompt, tokenizer=None) -> list:
     """Every part of a record, the response last. `template` is the Alpaca one except in tests
-    that need shorter prompts."""
+    that need shorter prompts; a chat is rendered by `tokenizer`'s own chat template if it has one."""
     if "messages" in record:
-        return chat_parts(record["messages"], record.get("learn_all", True))
+        return chat_parts(record["messages"], record.get("learn_all", True), tokenizer)
     prompt = record["prompt"] if "prompt" in record else template(record)
     return [(prompt, False, False), (record["output"], True, True)]
 
 
-def prompt_parts(record, template=format_prompt) -> tuple:
+def prompt_parts(record, template=format_prompt, tokenizer=None) -> tuple:
     """The parts before the final response: what generation starts from."""
-    return tuple((text, eot) for text, eot, _ in record_parts(record, template)[:-1])
+    parts = record_parts(record, template, tokenizer)
+    if parts[-1][2]:  # a learned answer last (a template may write more after it: dropped with it)
+        parts = parts[:-1]
+    else:
+        parts = parts[:max(i for i, p in enumerate(parts) if p[2])]
+    return tuple((text, eot) for text, eot, _ in parts)
 
 
 def as_prompt(parts):
@@ -266,8 +276,11 @@ def record_key(record, template=format_prompt) -> str:
 
 
 def encode_text(tokenizer, text: str) -> list:
-    # a special token's spelling inside user text is just text, never a control token
-    return tokenizer.encode(text, allowed_special="none")
+    # a special token's spelling inside user text is just text, never a control token; a chat
+    # template's own text (Rendered: <|im_start|>...) spells its tokens, and the messages in it none
+    from tritongpt.train.chat_template import Rendered
+
+    return tokenizer.encode(text, allowed_special="all" if isinstance(text, Rendered) else "none")
 
 
 def encode_prompt(tokenizer, prompt) -> list:

@@ -89,6 +89,17 @@ class HFTokenizer(TokenizerChecks):
         self.eos_token, self.bos_token = eos_token, bos_token
         self._no_eos = no_eos or f"{where} names no end-of-text token"
         self._hash = None
+        # the model's own chat template (chat_template.py), when its folder has one; a run keeps it
+        # only if its chats were rendered with it. Not part of the hash: it decides no text's ids.
+        self.chat_template = None
+
+    def without_chat_template(self) -> "HFTokenizer":
+        """This tokenizer without a chat template (a run whose chats are in tritongpt's)."""
+        import copy
+
+        tok = copy.copy(self)
+        tok.chat_template = None
+        return tok
 
     # -- construction --------------------------------------------------------------------------
     @classmethod
@@ -116,6 +127,9 @@ class HFTokenizer(TokenizerChecks):
             setattr(tok, f"{key}_token", name)
         tok._no_eos = (f"{folder} names no end-of-text token: tokenizer_config.json has no eos_token, and neither "
                        "config.json nor generation_config.json an eos_token_id")
+        from tritongpt.train.chat_template import template_from_config
+
+        tok.chat_template = template_from_config(cfg, str(cfg_path), folder)
         return tok
 
     # -- sizes and identity --------------------------------------------------------------------
@@ -191,6 +205,7 @@ class HFTokenizer(TokenizerChecks):
     def to_dict(self) -> dict:
         return {"format": FORMAT, "version": 1, "name": self.name, "vocab_size": self.vocab_size,
                 "eos_token": self.eos_token, "bos_token": self.bos_token, "info": self.info, "hash": self.hash,
+                **({"chat_template": self.chat_template} if self.chat_template is not None else {}),
                 "tokenizer": self.spec}
 
     def save(self, path):
@@ -211,6 +226,10 @@ class HFTokenizer(TokenizerChecks):
                   f"{path} (field 'tokenizer')", f"{path} names no end-of-text token (eos_token is null)")
         if d.get("hash") not in (None, tok.hash):
             raise UserError(f"{path}: content does not match its recorded hash (file edited or damaged)")
+        if d.get("chat_template") is not None and not isinstance(d["chat_template"], str):
+            raise UserError(f"{path}: field 'chat_template' must be a Jinja string or absent, got "
+                            f"{type(d['chat_template']).__name__}")
+        tok.chat_template = d.get("chat_template")
         return tok
 
     def hf_files(self, model_max_length: int | None = None, chat_template: str | None = None) -> dict:

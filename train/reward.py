@@ -215,10 +215,11 @@ def data_run_args(args) -> dict:
             "init": data_path(getattr(args, "init", None))}
 
 
-def setup_preference_run(args):
+def setup_preference_run(args, command: str):
     """What `reward` and `dpo` share: validated TrainArgs, the pairs (bad data fails before any
     slow work), the backbone from --init, and its tokenizer (saved beside the run)."""
     from tritongpt.train.chat import note_template_mismatch
+    from tritongpt.train.chat_template import without_template
     from tritongpt.train.common import check_out_dir, set_seed
     from tritongpt.train.loop import TrainArgs
     from tritongpt.train.preference import train_val_pairs
@@ -233,6 +234,7 @@ def setup_preference_run(args):
     note_template_mismatch([p.format for p in train + val], {"--init": args.init})
     backbone = build_backbone(args)
     tok = pick_tokenizer(args.tokenizer, args.init, backbone.config.vocab_size)
+    tok = without_template(tok, command, any(p.format == "chat" for p in train + val))
     save_run_tokenizer(tok, args.out_dir)
     return targs, train, val, backbone, tok
 
@@ -242,7 +244,7 @@ def cmd_reward(args):
     from tritongpt.model.lora import check_lora
 
     check_lora(args.lora_rank, args.lora_alpha, args.lora_targets)  # before the slow set-up
-    targs, train, val, backbone, tok = setup_preference_run(args)
+    targs, train, val, backbone, tok = setup_preference_run(args, "reward")
     model = RewardModel(apply_lora(backbone, args, "reward head"))  # the scalar head is new: it trains whole
     result = train_reward_model(model, tok, train, val, targs, run_args=data_run_args(args))
     if not result["is_main"]:  # DDP: rank 0 reports

@@ -744,6 +744,7 @@ def cmd_rlhf(args):
     from tritongpt.train.chat import note_template_mismatch
     from tritongpt.train.preference import train_val_pairs
     from tritongpt.train.reward import RewardModel, build_backbone, data_run_args
+    from tritongpt.train.chat_template import without_template
     from tritongpt.train.sft import pick_tokenizer
     from tritongpt.train.tokenizer import save_run_tokenizer
 
@@ -776,7 +777,8 @@ def cmd_rlhf(args):
     if not verify and reward_model.config.vocab_size != policy.config.vocab_size:
         raise UserError(f"reward model vocab ({reward_model.config.vocab_size}) differs from the "
                         f"policy's ({policy.config.vocab_size}): they must share a tokenizer")
-    tok = pick_tokenizer(args.tokenizer, args.init, policy.config.vocab_size)
+    tok = without_template(pick_tokenizer(args.tokenizer, args.init, policy.config.vocab_size), "rlhf",
+                           any(fmt == "chat" for _, _, fmt in train + val))
     if verify:
         answers = {}
         for prompt, answer, _ in train + val:  # a prompt a file gives several answers takes any of them

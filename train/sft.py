@@ -46,6 +46,7 @@ from tritongpt.train.formats import encode_text, format_prompt
 
 IGNORE_INDEX = -100
 DEFAULT_TASKS, DEFAULT_N_TRAIN, DEFAULT_N_EVAL = "all", 5000, 200  # the embedded tasks' flags
+CHAT_TEMPLATES = ("auto", "tritongpt")  # --chat-template
 
 
 # -- records ----------------------------------------------------------------------------------------
@@ -155,7 +156,7 @@ def encode_records(records, tokenizer, max_len: int, overlong: str = "drop", wha
     examples, kept, n_dropped, n_cut = [], [], 0, 0
     for rec in records:
         ids, prompt_len, context = [], None, []
-        for text, ends, learned in formats.record_parts(rec, template):
+        for text, ends, learned in formats.record_parts(rec, template, tokenizer):
             start = len(ids)
             ids += encode_text(tokenizer, text) + ([eot] if ends else [])
             if learned and prompt_len is None:
@@ -458,7 +459,11 @@ def greedy_responses(model, tokenizer, records, max_new_tokens: int = 32, batch_
     # a tokenizer smaller than the model's vocabulary (pick_tokenizer allows one) cannot decode
     # the rest: only its ids are drawn, as `tritongpt generate` does
     limit = tokenizer.vocab_size if tokenizer.vocab_size < model.config.vocab_size else None
-    prompts = [formats.encode_prompt(tokenizer, formats.prompt_parts(r, template)) for r in records]
+    if records and "messages" in records[0] and getattr(tokenizer, "chat_template", None) is not None:
+        from tritongpt.train.chat_template import turn_end_id
+
+        eot = turn_end_id(tokenizer)  # the model's template ends an answer with its own token (<|im_end|>)
+    prompts = [formats.encode_prompt(tokenizer, formats.prompt_parts(r, template, tokenizer)) for r in records]
     by_len = {}
     for i, p in enumerate(prompts):
         by_len.setdefault(len(p), []).append(i)
@@ -698,6 +703,12 @@ def cmd_sft(args):
         model = model.pad_vocab(args.vocab_multiple)
     apply_lora(model, args)
     tok = pick_tokenizer(args.tokenizer, args.init, model.config.vocab_size)
+    if getattr(tok, "chat_template", None) is not None:
+        if args.chat_template == "tritongpt":  # the run's tokenizer keeps a template only if its chats use it
+            tok = tok.without_chat_template()
+        else:
+            note("chats are rendered in the model's own chat template (its tokenizer's; --chat-template tritongpt "
+                 "for tritongpt's), answers learned through their end-of-turn token")
     if args.data:
         given = [f for f, v, d in (("--tasks", args.tasks, DEFAULT_TASKS), ("--n-train", args.n_train, DEFAULT_N_TRAIN),
                                    ("--n-eval", args.n_eval, DEFAULT_N_EVAL)) if v != d]
@@ -752,6 +763,10 @@ def add_cli(sub):
                         "answered once at the end (default %(default)s)")
     p.add_argument("--val-fraction", type=float, default=0.1,
                    help="share of a --data file held out, by prompt hash (default %(default)s)")
+    p.add_argument("--chat-template", choices=CHAT_TEMPLATES, default="auto",
+                   help="how chat records become text: auto, the model's own template when its tokenizer has one "
+                        "(tokenizer_config.json's chat_template: ChatML, Llama 3's...; else tritongpt's), or "
+                        "tritongpt's plain-text one (train/formats.py) (default %(default)s)")
     p.add_argument("--no-mask-prompt", action="store_true",
                    help="learn the prompt tokens (and a chat's user turns) too")
     p.add_argument("--overlong", choices=["drop", "truncate"], default="drop",

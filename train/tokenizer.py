@@ -394,6 +394,10 @@ class BPETokenizer(TokenizerChecks):
     that Unicode has not assigned yet (the two regex engines may class them differently);
     decode inverts both.
     """
+    chat_template = None  # GPT-2 has no chat template: chats are rendered in tritongpt's (formats.py)
+
+    def without_chat_template(self) -> "BPETokenizer":
+        return self
 
     def __init__(self, ranks: dict, special_tokens=None, pat_str: str = GPT2_PAT, name: str = "bpe",
                  info: dict = None, encoding=None):

@@ -358,10 +358,12 @@ def cmd_export(args):
             if (source.parent / "state.pt").is_file() else None
         base = adapter_base(args.base, init, strip_lora(copy.deepcopy(model)))
     tok = pick_tokenizer(args.tokenizer, args.checkpoint, cfg.vocab_size)
-    # a run tuned on chats: transformers' apply_chat_template writes them as it was trained
+    # a run tuned on chats: transformers' apply_chat_template writes them as it was trained (in the
+    # model's own template, which the run's tokenizer keeps only if its chats were rendered in it)
     chat = run_template(args.checkpoint) == "chat"
+    template = getattr(tok, "chat_template", None) or (HF_CHAT_TEMPLATE if chat else None)
     try:  # made before anything is written: a refusal must not leave a half export
-        tok_files = tok.hf_files(cfg.context_length, HF_CHAT_TEMPLATE if chat else None)
+        tok_files = tok.hf_files(cfg.context_length, template)
     except UserError as e:
         tok_files = {}
         note(f"the tokenizer is not exported: {e}")

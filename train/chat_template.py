@@ -1,0 +1,167 @@
+"""A model's own chat template: the Jinja text a Hugging Face tokenizer_config.json carries
+(ChatML for Qwen2 and SmolLM, Llama 3's header tokens, Zephyr's for TinyLlama-Chat...), rendered
+as transformers' apply_chat_template renders it, and cut into the parts SFT learns from.
+
+tritongpt's own chat template (formats.CHAT_TEMPLATE) is plain text with <|endoftext|> after
+each answer, for GPT-2, which has no role tokens. A published instruct model was tuned on its own
+template instead, and answers best in it: `sft` renders chat records with the tokenizer's template
+when it has one (--chat-template auto), and `chat` talks to a model through it.
+
+Parts: a template renders a whole conversation, so the answers are found by rendering it a turn
+at a time. For each assistant message i, render(messages[:i], add_generation_prompt=True) ends
+where the answer starts, and render(messages[:i + 1]) where it ends (its end-of-turn token
+included: what the model must learn to say to stop); both must be prefixes of the whole
+rendering, or the template rewrites earlier turns (Qwen3 drops their reasoning) and the answers
+cannot be told apart, which is refused by name. The rendered text holds the template's special
+tokens (<|im_start|>, <|eot_id|>) as text, encoded as their ids (Rendered); the messages' own
+text may spell none (refused, naming it), so a message can never forge a turn.
+"""
+import json
+from datetime import datetime
+
+from tritongpt.errors import UserError
+
+
+class Rendered(str):
+    """Text a chat template wrote: the special tokens it spells are those tokens
+    (formats.encode_text encodes it with allowed_special="all")."""
+
+
+def template_from_config(config: dict, where: str, folder=None) -> str | None:
+    """The chat template of a tokenizer_config.json (a string, or transformers' list of named
+    templates: the "default" one), else a chat_template.jinja / chat_template.json beside it."""
+    value = config.get("chat_template")
+    if isinstance(value, list):  # [{"name": "default", "template": ...}, {"name": "tool_use", ...}]
+        named = {t.get("name"): t.get("template") for t in value if isinstance(t, dict)}
+        value = named.get("default")
+    if value is None and folder is not None:
+        if (folder / "chat_template.jinja").is_file():
+            return (folder / "chat_template.jinja").read_text(encoding="utf-8")
+        if (folder / "chat_template.json").is_file():
+            from tritongpt.errors import read_json_object
+
+            value = read_json_object(folder / "chat_template.json").get("chat_template")
+            where = str(folder / "chat_template.json")
+    if value is not None and not isinstance(value, str):
+        raise UserError(f"{where}: chat_template must be a Jinja string, got {type(value).__name__}")
+    return value
+
+
+_ENVIRONMENTS = {}
+
+
+def _compiled(template: str):
+    """The template compiled as transformers compiles it: a sandbox, trim_blocks and lstrip_blocks,
+    loop controls, {% generation %} blocks (rendered as their body), raise_exception,
+    strftime_now and a tojson that does not escape HTML."""
+    if template in _ENVIRONMENTS:
+        return _ENVIRONMENTS[template]
+    import jinja2
+    from jinja2.ext import Extension
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    class Generation(Extension):  # {% generation %}...{% endgeneration %}: transformers marks answers with it
+        tags = {"generation"}
+
+        def parse(self, parser):
+            lineno = next(parser.stream).lineno
+            body = parser.parse_statements(["name:endgeneration"], drop_needle=True)
+            return jinja2.nodes.CallBlock(self.call_method("_body"), [], [], body).set_lineno(lineno)
+
+        def _body(self, caller):
+            return caller()
+
+    def raise_exception(message):
+        raise jinja2.exceptions.TemplateError(message)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                        extensions=[Generation, jinja2.ext.loopcontrols])
+    env.filters["tojson"] = lambda x, ensure_ascii=False, indent=None, separators=None, sort_keys=False: json.dumps(
+        x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+    env.globals.update(raise_exception=raise_exception, strftime_now=lambda fmt: datetime.now().strftime(fmt))
+    try:
+        compiled = env.from_string(template)
+    except jinja2.exceptions.TemplateSyntaxError as e:
+        raise UserError(f"the tokenizer's chat template is not valid Jinja (line {e.lineno}: {e.message})") from None
+    _ENVIRONMENTS[template] = compiled
+    return compiled
+
+
+def render(tokenizer, messages, add_generation_prompt: bool = False) -> str:
+    """messages rendered by tokenizer.chat_template, with the variables transformers gives it
+    (its special tokens' spellings: bos_token, eos_token...)."""
+    import jinja2
+
+    tokens = {f"{k}_token": getattr(tokenizer, f"{k}_token", None) or "" for k in ("bos", "eos")}
+    try:
+        return _compiled(tokenizer.chat_template).render(
+            messages=[dict(m) for m in messages], add_generation_prompt=add_generation_prompt, tools=None,
+            documents=None, **tokens)
+    except jinja2.exceptions.TemplateError as e:  # raise_exception's message: what the template refuses
+        raise UserError(f"the tokenizer's chat template refused this conversation: {e}") from None
+
+
+def _check_contents(tokenizer, messages):
+    """No message may spell a special token: in rendered text it would be that token."""
+    from tritongpt.train.tokenizer import DisallowedSpecialToken
+
+    for i, m in enumerate(messages):
+        try:
+            tokenizer._check_special(m["content"], set(), "none_raise")
+        except DisallowedSpecialToken as e:
+            raise UserError(f"message {i} ({m['role']}) spells the special token {e.token!r}: in the model's chat "
+                            "template it would be that token, not text") from None
+
+
+def template_parts(tokenizer, messages, learn_all: bool = True) -> list:
+    """(text, eot after it, learned) parts of a chat, as formats.chat_parts makes them, by the
+    tokenizer's own template (see the module doc): the answers (through their end-of-turn token)
+    learned, every other stretch of the rendering not; no eot is added (the template writes its
+    own). A chat that ends with a user message ends with the generation prompt: a prompt to answer."""
+    _check_contents(tokenizer, messages)
+    ends_with_user = messages[-1]["role"] != "assistant"
+    whole = render(tokenizer, messages, add_generation_prompt=ends_with_user)
+    parts, at, last = [], 0, len(messages) - 1
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        before = render(tokenizer, messages[:i], add_generation_prompt=True)
+        through = render(tokenizer, messages[:i + 1])
+        if not (whole.startswith(through) and through.startswith(before) and at <= len(before) < len(through)):
+            raise UserError("the tokenizer's chat template does not render a conversation as its turns one after "
+                            f"another (message {i}'s rendering is no prefix of the whole): the answers cannot be "
+                            "told apart; pass --chat-template tritongpt")
+        parts += [(Rendered(whole[at:len(before)]), False, False),
+                  (Rendered(whole[len(before):len(through)]), False, learn_all or i == last)]
+        at = len(through)
+    if at < len(whole) or not parts:
+        parts.append((Rendered(whole[at:]), False, False))
+    return [p for p in parts if p[0]]
+
+
+def turn_end_id(tokenizer) -> int:
+    """The id that ends an answer in the template (ChatML's <|im_end|>, Llama 3's <|eot_id|>, or
+    the EOS): the first token the template writes after an answer's text. Generation stops there."""
+    probe = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yes"}]
+    text = render(tokenizer, probe)
+    after = text[text.rfind("Yes") + len("Yes"):]
+    ids = tokenizer.encode(after, allowed_special="all")
+    if not ids:
+        return tokenizer.eot_id
+    if ids[0] not in tokenizer.special_tokens.values():
+        raise UserError(f"the tokenizer's chat template ends an answer with {after[:20]!r}, no special token: "
+                        "tritongpt cannot tell when an answer ends; pass --chat-template tritongpt")
+    return ids[0]
+
+
+def without_template(tokenizer, command: str, has_chats: bool):
+    """tokenizer without its chat template, for a command that renders chats in tritongpt's (dpo,
+    reward, rlhf: their prompts are formats.chat_parts' own), said in a note when it has chats: the
+    run's tokenizer then carries no template, so `chat` on the run talks to it as it was trained."""
+    if getattr(tokenizer, "chat_template", None) is None:
+        return tokenizer
+    if has_chats:
+        from tritongpt.errors import note
+
+        note(f"{command} renders chats in tritongpt's template, not the model's own (sft and chat can use that one)")
+    return tokenizer.without_chat_template()
