@@ -161,7 +161,7 @@ def test_sft_in_the_models_template_then_chat_and_export_keep_it(tmp_path, capsy
 
 
 def test_what_the_template_cannot_take_is_refused_by_name(tmp_path):
-    from tritongpt.train.chat_template import without_template
+    from tritongpt.train.chat_template import chat_template_for
 
     path, _, _ = chat_folder(tmp_path / "chatml", CHATML, "<|im_end|>")
     tok = get_tokenizer(path)
@@ -181,7 +181,8 @@ def test_what_the_template_cannot_take_is_refused_by_name(tmp_path):
     tok.chat_template = "{% for m in messages %}{{ m.content }}.{% endfor %}"
     with pytest.raises(UserError, match="ends an answer with '.', no special token"):
         turn_end_id(tok)
-    assert without_template(tok, "dpo", True).chat_template is None and tok.chat_template is not None
+    assert chat_template_for(tok, "dpo", "tritongpt", True).chat_template is None and tok.chat_template is not None
+    assert chat_template_for(tok, "dpo", "auto", True) is tok
 
 
 def test_a_conversation_in_chat_keeps_its_turns_in_the_template(tmp_path):
@@ -195,3 +196,49 @@ def test_a_conversation_in_chat_keeps_its_turns_in_the_template(tmp_path):
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "the cat sat"},
                 {"role": "assistant", "content": "on a mat"}, {"role": "user", "content": "and then?"}]
     assert dropped == 0 and ids == theirs.apply_chat_template(messages, add_generation_prompt=True, return_dict=False)
+
+
+def test_preference_pairs_dpo_reward_and_rlhf_use_the_models_template(tmp_path, capsys):
+    """A chat preference pair on a ChatML tokenizer: its prompt encodes as apply_chat_template's
+    generation prompt and each answer ends in <|im_end|>; with the template stripped
+    (--chat-template tritongpt), as before: our template, answers ending in the EOS. dpo, reward
+    and rlhf (a verifier; its responses stop at <|im_end|>) each run a step in the template, and
+    their tokenizer keeps it."""
+    from tritongpt.cli import main
+    from tritongpt.train.preference import encode_pairs, read_preference_file
+    from tritongpt.train.rlhf import TaskReward
+    from tritongpt.train.tokenizer import load_tokenizer
+
+    path, theirs, _ = chat_folder(tmp_path / "chatml", CHATML, "<|im_end|>")
+    tok = get_tokenizer(path)
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps({"prompt": [{"role": "user", "content": f"say {i}"}],
+                                        "chosen": [{"role": "assistant", "content": f"{i}"}],
+                                        "rejected": [{"role": "assistant", "content": f"{i + 1}"}]}) + "\n"
+                            for i in range(8)))
+    pair = read_preference_file(data)[3]
+    enc = encode_pairs([pair], tok, 128)[0]
+    im_end = theirs.convert_tokens_to_ids("<|im_end|>")
+    assert enc.prompt == theirs.apply_chat_template(list(pair.prompt.messages), add_generation_prompt=True,
+                                                    return_dict=False)
+    assert enc.chosen == tok.encode("3") + [im_end] and enc.rejected == tok.encode("4") + [im_end]
+    plain = encode_pairs([pair], tok.without_chat_template(), 128)[0]
+    assert tok.decode(plain.prompt) == "### User:\nsay 3\n\n### Assistant:\n" and plain.chosen[-1] == tok.eot_id
+    assert TaskReward(tok, {}, None, end_id=im_end).end_id == im_end
+    from tritongpt.train.chat_template import answer_end_id
+
+    assert answer_end_id(tok, pair.prompt) == im_end and answer_end_id(tok, "a text prompt") == tok.eot_id
+    assert answer_end_id(tok.without_chat_template(), pair.prompt) == tok.eot_id
+
+    flags = ["--init", str(path), "--data", str(data), "--device", "cpu", "--kernels", "reference",
+             "--val-fraction", "0"]
+    steps = ["--max-steps", "1", "--batch-size", "2", "--eval-every", "0"]
+    for command, extra in (("dpo", steps), ("reward", steps),
+                           ("rlhf", ["--reward", "exact", "--iterations", "1", "--prompts-per-iter", "2",
+                                     "--minibatch-size", "2", "--epochs", "1", "--max-new-tokens", "3",
+                                     "--eval-prompts", "2", "--eval-samples", "1"])):
+        assert main([command, *flags, *extra, "--out-dir", str(tmp_path / command)]) == 0, command
+        assert f"{command}: chats are rendered in the model's own chat template" in capsys.readouterr().err
+        assert load_tokenizer(tmp_path / command / "tokenizer.json").chat_template == CHATML
+    assert main(["dpo", *flags, *steps, "--chat-template", "tritongpt", "--out-dir", str(tmp_path / "ours")]) == 0
+    assert load_tokenizer(tmp_path / "ours" / "tokenizer.json").chat_template is None

@@ -286,12 +286,15 @@ def test_chat_preference_pairs_encode_their_prompt_as_sft_does(tmp_path):
     enc = encode_pairs([a], tok, 200)[0]
     assert enc.prompt == want and enc.chosen == [ord("3"), EOT] and enc.rejected == [ord("4"), EOT]
     assert prompt_ids([a.prompt, b.prompt], tok, 200) == [want]  # one prompt, once
-    # a single-turn chat's prompt is one text, as a string prompt is
+    # a single-turn chat's prompt is one text, which hashes and encodes as a string prompt does; it
+    # keeps its messages (formats.ChatPrompt), for a tokenizer with its own chat template
     one = {"prompt": [{"role": "user", "content": "Q"}], "chosen": [{"role": "assistant", "content": "a"}],
            "rejected": [{"role": "assistant", "content": "b"}]}
     path.write_text(json.dumps(one))
     (p,) = read_preference_file(path)
-    assert p.prompt == formats.USER_HEADER + "Q" + formats.ASSISTANT_HEADER
+    text = formats.USER_HEADER + "Q" + formats.ASSISTANT_HEADER
+    assert p.prompt == ((text, False),) and p.prompt.messages == ({"role": "user", "content": "Q"},)
+    assert formats.prompt_key(p.prompt) == text and formats.encode_prompt(tok, p.prompt) == formats.encode_text(tok, text)
 
 
 def test_chat_preference_splits_group_by_the_whole_prompt():

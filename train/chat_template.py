@@ -22,6 +22,9 @@ from datetime import datetime
 from tritongpt.errors import UserError
 
 
+CHOICES = ("auto", "tritongpt")  # --chat-template
+
+
 class Rendered(str):
     """Text a chat template wrote: the special tokens it spells are those tokens
     (formats.encode_text encodes it with allowed_special="all")."""
@@ -154,14 +157,38 @@ def turn_end_id(tokenizer) -> int:
     return ids[0]
 
 
-def without_template(tokenizer, command: str, has_chats: bool):
-    """tokenizer without its chat template, for a command that renders chats in tritongpt's (dpo,
-    reward, rlhf: their prompts are formats.chat_parts' own), said in a note when it has chats: the
-    run's tokenizer then carries no template, so `chat` on the run talks to it as it was trained."""
+
+def chat_template_for(tokenizer, command: str, choice: str, has_chats: bool):
+    """The tokenizer a run saves and renders its chats with: as it is (--chat-template auto: the
+    model's own template, when it has one), or without its template (tritongpt: ours). A note
+    says which, where the data has chats and the tokenizer a template; the run's tokenizer keeps
+    a template only if its chats are rendered in it, so `chat` and `export` use what it learned."""
     if getattr(tokenizer, "chat_template", None) is None:
         return tokenizer
-    if has_chats:
-        from tritongpt.errors import note
+    from tritongpt.errors import note
 
-        note(f"{command} renders chats in tritongpt's template, not the model's own (sft and chat can use that one)")
-    return tokenizer.without_chat_template()
+    if choice == "tritongpt":
+        return tokenizer.without_chat_template()
+    if has_chats:
+        note(f"{command}: chats are rendered in the model's own chat template (its tokenizer's; --chat-template "
+             "tritongpt for tritongpt's), answers ending in its end-of-turn token")
+    return tokenizer
+
+
+def add_chat_template_arg(p):
+    """--chat-template, for sft, reward, dpo and rlhf."""
+    p.add_argument("--chat-template", choices=CHOICES, default="auto",
+                   help="how chat records become text: auto, the model's own template when its tokenizer has one "
+                        "(tokenizer_config.json's chat_template: ChatML, Llama 3's...; else tritongpt's), or "
+                        "tritongpt's plain-text one (train/formats.py) (default %(default)s)")
+
+
+def answer_end_id(tokenizer, prompt) -> int:
+    """What ends an answer to `prompt`, as preference pairs and RLHF's responses end: the
+    template's end-of-turn token for a chat (formats.ChatPrompt) in a tokenizer with its own chat
+    template, else the eot that ends an answer in tritongpt's."""
+    from tritongpt.train.formats import ChatPrompt
+
+    if isinstance(prompt, ChatPrompt) and getattr(tokenizer, "chat_template", None) is not None:
+        return turn_end_id(tokenizer)
+    return tokenizer.eot_id

@@ -258,6 +258,24 @@ def as_prompt(parts):
     return parts[0][0] if len(parts) == 1 and not parts[0][1] else parts
 
 
+class ChatPrompt(tuple):
+    """A chat's prompt as preference pairs and RLHF keep it: its (text, eot after it) parts in
+    tritongpt's template (what hashes, splits and compares), and the messages they came from, so
+    that encode_prompt renders them in a tokenizer's own chat template where it has one."""
+
+    def __new__(cls, messages):
+        self = super().__new__(cls, ((t, e) for t, e, _ in chat_parts(messages)))
+        self.messages = tuple(messages)
+        return self
+
+
+def record_prompt(record, template=format_prompt):
+    """A record's prompt to store: a chat's as a ChatPrompt, else as_prompt of its prompt parts."""
+    if "messages" in record:
+        return ChatPrompt(record["messages"][:-1])
+    return as_prompt(prompt_parts(record, template))
+
+
 def prompt_key(prompt) -> str:
     """One string for a prompt (a text, or parts): what held-out splits hash and group by."""
     if isinstance(prompt, str):
@@ -284,7 +302,12 @@ def encode_text(tokenizer, text: str) -> list:
 
 
 def encode_prompt(tokenizer, prompt) -> list:
-    """Token ids of a prompt: a text, or (text, eot after it) parts."""
+    """Token ids of a prompt: a text, or (text, eot after it) parts; a ChatPrompt in the
+    tokenizer's own chat template when it has one."""
+    if isinstance(prompt, ChatPrompt) and getattr(tokenizer, "chat_template", None) is not None:
+        from tritongpt.train.chat_template import template_parts
+
+        prompt = tuple((t, e) for t, e, _ in template_parts(tokenizer, list(prompt.messages)))
     if isinstance(prompt, str):
         return encode_text(tokenizer, prompt)
     ids = []

@@ -27,6 +27,7 @@ import torch
 
 from tritongpt.errors import UserError, note
 from tritongpt.train import formats, tasks
+from tritongpt.train.chat_template import answer_end_id
 from tritongpt.train.formats import encode_prompt, encode_text, format_prompt
 from tritongpt.train.sft import read_json_records, split_by_prompt
 
@@ -53,7 +54,7 @@ def _chat_pair(rec, where: str) -> PreferencePair:
         prompt, answers = chosen[:-1], [chosen[-1]["content"], rejected[-1]["content"]]
     if answers[0] == answers[1]:
         raise UserError(f"{where}: 'chosen' and 'rejected' are identical")
-    return PreferencePair(formats.as_prompt(formats.chat_parts(prompt)), *answers, format="chat")
+    return PreferencePair(formats.ChatPrompt(prompt), *answers, format="chat")
 
 
 # -- reading records -----------------------------------------------------------------------------
@@ -155,8 +156,9 @@ def encode_pairs(pairs, tokenizer, max_len: int, what: str = "preference pairs")
     out, dropped = [], 0
     for p in pairs:
         prompt = encode_prompt(tokenizer, p.prompt)
-        chosen = encode_text(tokenizer, p.chosen) + [tokenizer.eot_id]
-        rejected = encode_text(tokenizer, p.rejected) + [tokenizer.eot_id]
+        end = answer_end_id(tokenizer, p.prompt)  # the eot, or a chat template's end of turn
+        chosen = encode_text(tokenizer, p.chosen) + [end]
+        rejected = encode_text(tokenizer, p.rejected) + [end]
         if not prompt or len(prompt) + max(len(chosen), len(rejected)) > max_len:
             dropped += 1
             continue

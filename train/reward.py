@@ -192,6 +192,9 @@ def add_data_args(p):
                         "or chats ({prompt: [messages], chosen: [answer], rejected: [answer]}, or chosen and "
                         "rejected message lists alike but for their last) (default: pairs built from the "
                         "embedded verifiable tasks)")
+    from tritongpt.train.chat_template import add_chat_template_arg
+
+    add_chat_template_arg(p)
     p.add_argument("--num-pairs", type=int, default=2000,
                    help="embedded training pairs (train split of the tasks) (default %(default)s)")
     p.add_argument("--val-fraction", type=float, default=0.1,
@@ -219,7 +222,7 @@ def setup_preference_run(args, command: str):
     """What `reward` and `dpo` share: validated TrainArgs, the pairs (bad data fails before any
     slow work), the backbone from --init, and its tokenizer (saved beside the run)."""
     from tritongpt.train.chat import note_template_mismatch
-    from tritongpt.train.chat_template import without_template
+    from tritongpt.train.chat_template import chat_template_for
     from tritongpt.train.common import check_out_dir, set_seed
     from tritongpt.train.loop import TrainArgs
     from tritongpt.train.preference import train_val_pairs
@@ -234,7 +237,7 @@ def setup_preference_run(args, command: str):
     note_template_mismatch([p.format for p in train + val], {"--init": args.init})
     backbone = build_backbone(args)
     tok = pick_tokenizer(args.tokenizer, args.init, backbone.config.vocab_size)
-    tok = without_template(tok, command, any(p.format == "chat" for p in train + val))
+    tok = chat_template_for(tok, command, args.chat_template, any(p.format == "chat" for p in train + val))
     save_run_tokenizer(tok, args.out_dir)
     return targs, train, val, backbone, tok
 

@@ -317,9 +317,10 @@ class TaskReward(nn.Module):
     is right); `match(response, answer)` is tasks.exact_match (equal after stripping) unless
     given. The scores are exact, so eval_reward is the held-out match rate."""
 
-    def __init__(self, tokenizer, answers: dict, config, match=tasks.exact_match):
+    def __init__(self, tokenizer, answers: dict, config, match=tasks.exact_match, end_id: int | None = None):
         super().__init__()
         self.tokenizer, self.match = tokenizer, match
+        self.end_id = tokenizer.eot_id if end_id is None else end_id  # a chat template's end of turn
         self.answers = {k: (v,) if isinstance(v, str) else tuple(v) for k, v in answers.items()}
         self.config = copy.copy(config)  # the policy's: cmd_rlhf compares the vocabulary and context
 
@@ -327,7 +328,7 @@ class TaskReward(nn.Module):
         pass  # no network to run
 
     def forward(self, idx, lengths, prompt_lens):
-        eot, out = self.tokenizer.eot_id, []
+        eot, out = self.end_id, []
         for row, start, end in zip(idx.tolist(), prompt_lens.tolist(), lengths.tolist()):
             response = row[start:end]
             if eot in response:
@@ -729,7 +730,7 @@ def verified_prompts(source, n: int, val_fraction: float, seed: int, verifier: s
         splits = [[(p.prompt, p.chosen, p.format) for p in ps]
                   for ps in train_val_pairs(source, n, val_fraction, seed)]
     else:
-        splits = [[(formats.as_prompt(formats.prompt_parts(r)), r["output"], formats.format_of(r)) for r in rs]
+        splits = [[(formats.record_prompt(r), r["output"], formats.format_of(r)) for r in rs]
                   for rs in sft.split_records(sft.read_records(source), val_fraction)]
     if VERIFIERS[verifier] is tasks.number_match:
         for prompt, answer, _ in splits[0] + splits[1]:
@@ -744,7 +745,7 @@ def cmd_rlhf(args):
     from tritongpt.train.chat import note_template_mismatch
     from tritongpt.train.preference import train_val_pairs
     from tritongpt.train.reward import RewardModel, build_backbone, data_run_args
-    from tritongpt.train.chat_template import without_template
+    from tritongpt.train.chat_template import answer_end_id, chat_template_for
     from tritongpt.train.sft import pick_tokenizer
     from tritongpt.train.tokenizer import save_run_tokenizer
 
@@ -777,20 +778,21 @@ def cmd_rlhf(args):
     if not verify and reward_model.config.vocab_size != policy.config.vocab_size:
         raise UserError(f"reward model vocab ({reward_model.config.vocab_size}) differs from the "
                         f"policy's ({policy.config.vocab_size}): they must share a tokenizer")
-    tok = without_template(pick_tokenizer(args.tokenizer, args.init, policy.config.vocab_size), "rlhf",
-                           any(fmt == "chat" for _, _, fmt in train + val))
+    tok = chat_template_for(pick_tokenizer(args.tokenizer, args.init, policy.config.vocab_size), "rlhf",
+                            args.chat_template, any(fmt == "chat" for _, _, fmt in train + val))
+    end = answer_end_id(tok, train[0][0])  # what ends a response: the eot, or a chat template's end of turn
     if verify:
         answers = {}
         for prompt, answer, _ in train + val:  # a prompt a file gives several answers takes any of them
             answers.setdefault(tuple(encode_prompt(tok, prompt)), []).append(answer)
-        reward_model = TaskReward(tok, answers, policy.config, match=VERIFIERS[args.reward])
+        reward_model = TaskReward(tok, answers, policy.config, match=VERIFIERS[args.reward], end_id=end)
     save_run_tokenizer(tok, a.out_dir)
     room = min(policy.config.context_length, reward_model.config.context_length) - a.max_new_tokens
     prompts = prompt_ids([p for p, _, _ in train], tok, room)
     eval_prompts = prompt_ids([p for p, _, _ in val or train], tok, room)[:a.eval_prompts]
     run_args = {**data_run_args(args), "verifier": ("exact" if args.reward == "tasks" else args.reward) if verify
                 else None}
-    trainer = RLHFTrainer(policy, ref, reward_model, prompts, eval_prompts, tok.eot_id, a,
+    trainer = RLHFTrainer(policy, ref, reward_model, prompts, eval_prompts, end, a,
                           run_args=run_args, prompt_format=train[0][2])
     result = trainer.fit()
     before = result["first_eval_reward"]

@@ -41,12 +41,12 @@ from tritongpt.commands import add_lora_args, add_vocab_multiple_arg, apply_lora
 from tritongpt.errors import UserError, note
 from tritongpt.train.tokenizer import HUB_REPO_HELP, TOKENIZER_CHOICES
 from tritongpt.train import common, formats, tasks
+from tritongpt.train.chat_template import add_chat_template_arg, chat_template_for
 # encode_text and format_prompt live with the formats; the trainers and tests import them from here too
 from tritongpt.train.formats import encode_text, format_prompt
 
 IGNORE_INDEX = -100
 DEFAULT_TASKS, DEFAULT_N_TRAIN, DEFAULT_N_EVAL = "all", 5000, 200  # the embedded tasks' flags
-CHAT_TEMPLATES = ("auto", "tritongpt")  # --chat-template
 
 
 # -- records ----------------------------------------------------------------------------------------
@@ -703,12 +703,6 @@ def cmd_sft(args):
         model = model.pad_vocab(args.vocab_multiple)
     apply_lora(model, args)
     tok = pick_tokenizer(args.tokenizer, args.init, model.config.vocab_size)
-    if getattr(tok, "chat_template", None) is not None:
-        if args.chat_template == "tritongpt":  # the run's tokenizer keeps a template only if its chats use it
-            tok = tok.without_chat_template()
-        else:
-            note("chats are rendered in the model's own chat template (its tokenizer's; --chat-template tritongpt "
-                 "for tritongpt's), answers learned through their end-of-turn token")
     if args.data:
         given = [f for f, v, d in (("--tasks", args.tasks, DEFAULT_TASKS), ("--n-train", args.n_train, DEFAULT_N_TRAIN),
                                    ("--n-eval", args.n_eval, DEFAULT_N_EVAL)) if v != d]
@@ -722,6 +716,7 @@ def cmd_sft(args):
               file=sys.stderr)
     else:
         train, val, test = task_splits(args.n_train, args.n_eval, args.seed, args.tasks)
+    tok = chat_template_for(tok, "sft", args.chat_template, any("messages" in r for r in train[:1]))
     result = run_sft(model, tok, train, val, test, targs, mask_prompt=not args.no_mask_prompt,
                      overlong=args.overlong, max_length=args.max_length, max_new_tokens=args.max_new_tokens,
                      eval_gen=args.eval_gen, eval_before=args.eval_before,
@@ -763,10 +758,7 @@ def add_cli(sub):
                         "answered once at the end (default %(default)s)")
     p.add_argument("--val-fraction", type=float, default=0.1,
                    help="share of a --data file held out, by prompt hash (default %(default)s)")
-    p.add_argument("--chat-template", choices=CHAT_TEMPLATES, default="auto",
-                   help="how chat records become text: auto, the model's own template when its tokenizer has one "
-                        "(tokenizer_config.json's chat_template: ChatML, Llama 3's...; else tritongpt's), or "
-                        "tritongpt's plain-text one (train/formats.py) (default %(default)s)")
+    add_chat_template_arg(p)
     p.add_argument("--no-mask-prompt", action="store_true",
                    help="learn the prompt tokens (and a chat's user turns) too")
     p.add_argument("--overlong", choices=["drop", "truncate"], default="drop",
