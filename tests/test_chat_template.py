@@ -242,3 +242,29 @@ def test_preference_pairs_dpo_reward_and_rlhf_use_the_models_template(tmp_path, 
         assert load_tokenizer(tmp_path / command / "tokenizer.json").chat_template == CHATML
     assert main(["dpo", *flags, *steps, "--chat-template", "tritongpt", "--out-dir", str(tmp_path / "ours")]) == 0
     assert load_tokenizer(tmp_path / "ours" / "tokenizer.json").chat_template is None
+
+
+def test_the_template_is_found_where_transformers_versions_put_it(tmp_path):
+    """tokenizer_config.json's chat_template (a string, as Qwen2.5's; or named templates: the
+    default one), else chat_template.jinja (transformers >= 4.43 saves it there), else
+    chat_template.json; a template that is no string is named. The Hub fetch asks for both files."""
+    import shutil
+
+    from tritongpt.train.chat_template import template_from_config
+    from tritongpt.train.gpt2_weights import HUB_FILES
+
+    assert {"chat_template.jinja", "chat_template.json", "tokenizer_config.json"} <= set(HUB_FILES)
+    path, _, _ = chat_folder(tmp_path / "chatml", CHATML, "<|im_end|>")
+    (path / "chat_template.jinja").unlink()
+    cfg_path = path / "tokenizer_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    assert get_tokenizer(path).chat_template is None
+    for value in (LLAMA3, [{"name": "tool_use", "template": ZEPHYR}, {"name": "default", "template": LLAMA3}]):
+        cfg_path.write_text(json.dumps({**cfg, "chat_template": value}))
+        shutil.rmtree(tmp_path / "copy", ignore_errors=True)
+        assert get_tokenizer(shutil.copytree(path, tmp_path / "copy")).chat_template == LLAMA3
+    cfg_path.write_text(json.dumps(cfg))
+    (path / "chat_template.json").write_text(json.dumps({"chat_template": ZEPHYR}))
+    assert template_from_config(cfg, "x", path) == ZEPHYR
+    with pytest.raises(UserError, match="x: chat_template must be a Jinja string, got int"):
+        template_from_config({"chat_template": 3}, "x")
