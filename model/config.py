@@ -25,6 +25,12 @@ class GPTConfig:
     # n_kv_head heads, each shared by n_head / n_kv_head query heads, so W_key, W_value and the KV
     # cache shrink by that factor. 0: as many as n_head (GPT-2).
     n_kv_head: int = 0
+    # Each head's width: 0, n_embd / n_head (GPT-2, Llama); or its own (Qwen3-0.6B: 16 heads of 128
+    # over n_embd 1024), the queries, keys and values then n_head * attention_head_dim wide.
+    attention_head_dim: int = 0
+    # Qwen3's (and OLMo 2's, Gemma 3's) q/k norm: each head's query and key normalized (GPTConfig.norm,
+    # over head_dim, weights of their own) before RoPE, which keeps the attention logits in range.
+    qk_norm: bool = False
     dropout: float = 0.0
     bias: bool = True          # biases in Linear layers (GPT-2 has them)
     # GPT-Neo's attention differs from GPT-2's in two ways: its scores are q.k, not q.k / sqrt(head_dim)
@@ -78,7 +84,11 @@ class GPTConfig:
             if not is_int(value) or value <= 0:
                 raise UserError(f"GPTConfig.{name} must be a positive integer, got {value!r}")
             setattr(self, name, int(value))
-        if self.n_embd % self.n_head:
+        if not is_int(self.attention_head_dim) or self.attention_head_dim < 0:
+            raise UserError(f"GPTConfig.attention_head_dim must be an integer >= 0 (0: n_embd / n_head), "
+                            f"got {self.attention_head_dim!r}")
+        self.attention_head_dim = int(self.attention_head_dim)
+        if self.n_embd % self.n_head and not self.attention_head_dim:
             raise UserError(f"GPTConfig.n_embd={self.n_embd} is not divisible by n_head={self.n_head}")
         if not is_int(self.n_kv_head) or self.n_kv_head < 0 or (self.n_kv_head and self.n_head % self.n_kv_head):
             raise UserError(f"GPTConfig.n_kv_head must divide n_head={self.n_head} (0: as many as n_head), "
@@ -121,7 +131,7 @@ class GPTConfig:
         if self.mlp_hidden and self.mlp != "swiglu":
             raise UserError(f"GPTConfig.mlp_hidden {self.mlp_hidden} is the SwiGLU MLP's hidden size; the GELU "
                             f"MLP's is 4 n_embd: set mlp 'swiglu' or leave mlp_hidden 0")
-        for name in ("bias", "tie_weights", "scale_attention", "qkv_bias", "qkv_bias_only"):
+        for name in ("bias", "tie_weights", "scale_attention", "qkv_bias", "qkv_bias_only", "qk_norm"):
             value = getattr(self, name)
             # a bool or numpy's; not a string ("False" would read as true) or a number
             if not isinstance(value, (bool, np.bool_)):
@@ -141,7 +151,8 @@ class GPTConfig:
 
     @property
     def head_dim(self) -> int:
-        return self.n_embd // self.n_head
+        """Each attention head's width: attention_head_dim, or n_embd / n_head when it is 0."""
+        return self.attention_head_dim or self.n_embd // self.n_head
 
     @property
     def has_qkv_bias(self) -> bool:

@@ -269,20 +269,25 @@ class MultiHeadAttention(nn.Module):
 
     def __init__(self, n_embd: int, n_head: int, context_length: int, dropout: float = 0.0,
                  bias: bool = True, layer_idx: int = 0, window: int = 0, scale: bool = True,
-                 qkv_bias: bool | None = None, rope_theta: float | None = None, n_kv_head: int = 0):
+                 qkv_bias: bool | None = None, rope_theta: float | None = None, n_kv_head: int = 0,
+                 head_dim: int = 0, qk_norm=None):
         super().__init__()
-        assert n_embd % n_head == 0, "n_embd must be divisible by n_head"
-        self.n_head, self.head_dim, self.layer_idx = n_head, n_embd // n_head, layer_idx
+        assert head_dim or n_embd % n_head == 0, "n_embd must be divisible by n_head"
+        # head_dim 0: n_embd / n_head; else its own (Qwen3), q, k and v n_head * head_dim wide
+        self.n_head, self.head_dim, self.layer_idx = n_head, head_dim or n_embd // n_head, layer_idx
         self.n_kv_head = n_kv_head or n_head  # fewer: grouped-query attention (1: multi-query)
         assert n_head % self.n_kv_head == 0, "n_head must be a multiple of n_kv_head"
         self.window = window
         # scale False: GPT-Neo's scores q.k, unscaled (its training kept them in range without)
         self.softmax_scale = 1.0 / math.sqrt(self.head_dim) if scale else 1.0
         qkv_bias = bias if qkv_bias is None else qkv_bias  # None: as the other projections (GPT-2)
-        self.W_query = nn.Linear(n_embd, n_embd, bias=qkv_bias)
+        self.W_query = nn.Linear(n_embd, n_head * self.head_dim, bias=qkv_bias)
         self.W_key = nn.Linear(n_embd, self.n_kv_head * self.head_dim, bias=qkv_bias)
         self.W_value = nn.Linear(n_embd, self.n_kv_head * self.head_dim, bias=qkv_bias)
-        self.out_proj = nn.Linear(n_embd, n_embd, bias=bias)
+        self.out_proj = nn.Linear(n_head * self.head_dim, n_embd, bias=bias)
+        # qk_norm(width) -> a norm module (Qwen3's RMSNorm): each head's q and k normalized before RoPE
+        self.q_norm = qk_norm(self.head_dim) if qk_norm is not None else None
+        self.k_norm = qk_norm(self.head_dim) if qk_norm is not None else None
         self.rotary = None if rope_theta is None else Rotary(self.head_dim, rope_theta)
         self.attn_drop = nn.Dropout(dropout)  # both paths read its p (the Triton one in-kernel)
         self.resid_drop = nn.Dropout(dropout)
@@ -316,10 +321,13 @@ class MultiHeadAttention(nn.Module):
     def forward(self, x, cache=None, doc_ids=None, positions=None):
         """positions [T] or [B, T]: each token's position, for RoPE (default: from the cache's
         fill, or 0)."""
-        B, T, C = x.shape
+        B, T, _ = x.shape
         # (B, T, C) -> (B, n_head, T, head_dim)
-        q = self.W_query(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
-        k = self.W_key(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        q = self.W_query(x).view(B, T, self.n_head, self.head_dim)
+        k = self.W_key(x).view(B, T, self.n_kv_head, self.head_dim)
+        if self.q_norm is not None:  # per head, over head_dim: on [B, T, heads, head_dim] as it comes
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
         v = self.W_value(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
         if self.rotary is not None:
             if positions is None:
@@ -336,7 +344,7 @@ class MultiHeadAttention(nn.Module):
                                   window=self.window or None)
         else:
             ctx = self.attend(q, k, v, doc_ids)
-        ctx = ctx.transpose(1, 2).reshape(B, T, C)
+        ctx = ctx.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)
         return self.resid_drop(self.out_proj(ctx))
 
 
@@ -357,7 +365,9 @@ class TransformerBlock(nn.Module):
         self.att = MultiHeadAttention(cfg.n_embd, cfg.n_head, cfg.context_length, cfg.dropout,
                                       cfg.bias, layer_idx, cfg.layer_window(layer_idx), cfg.scale_attention,
                                       cfg.has_qkv_bias, cfg.rope_theta if cfg.position_encoding == "rope" else None,
-                                      cfg.kv_heads)
+                                      cfg.kv_heads, cfg.attention_head_dim,
+                                      (lambda width: NORM_MODULES[cfg.norm](width, cfg.norm_eps)) if cfg.qk_norm
+                                      else None)
         self.norm2 = make_norm(cfg)
         if cfg.mlp == "swiglu":
             self.ff = SwiGLUFeedForward(cfg.n_embd, cfg.ff_hidden, cfg.dropout, cfg.bias)

@@ -71,13 +71,14 @@ def save_run(tmp_path, model, name="run"):
 
 
 def hf_llama(folder, vocab_size, tie=False, bias=False, kv_heads=2, eos=0, context=40, kind="llama", **config):
-    """A tiny random LlamaForCausalLM (kind "mistral", "qwen2": MistralForCausalLM,
-    Qwen2ForCausalLM; float64, heads of 16) saved to folder, EOS and BOS id eos.
+    """A tiny random LlamaForCausalLM (kind "mistral", "qwen2", "qwen3": MistralForCausalLM,
+    Qwen2ForCausalLM, Qwen3ForCausalLM; float64, heads of 16 unless head_dim says) saved to folder,
+    EOS and BOS id eos.
     -> (the model, its model.safetensors)."""
     import transformers
 
     torch.manual_seed(0)
-    prefix = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2"}[kind]
+    prefix = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3"}[kind]
     if kind == "llama":
         config = dict(attention_bias=bias, mlp_bias=bias, **config)
     cfg = getattr(transformers, prefix + "Config")(

@@ -104,7 +104,7 @@ def test_export_round_trip(tmp_path, overrides):
     ({"rope_parameters": None, "rope_scaling": {"type": "linear", "factor": 2.0}},
      "rope_scaling of type 'linear'"),
     ({"hidden_act": "gelu"}, "hidden_act 'gelu'; this model's SwiGLU computes 'silu' only"),
-    ({"head_dim": 32}, "head_dim 32; this model's is hidden_size / num_attention_heads (16) only"),
+    ({"head_dim": 32}, "says head_dim 32, but the weights have 16"),
     ({"mlp_bias": True}, "attention_bias False and mlp_bias True"),
     ({"sliding_window": 8}, "sliding_window 8"),
     ({"intermediate_size": 96}, "says intermediate_size 96, but the weights have 88"),
@@ -180,7 +180,7 @@ def test_another_model_type_is_refused_and_a_sharded_folder_is_read_whole(tmp_pa
     cfg_json = tmp_path / "gemma" / "config.json"
     cfg_json.write_text(json.dumps({**json.loads(cfg_json.read_text()), "model_type": "gemma"}))
     with pytest.raises(UserError, match="config.json says model_type 'gemma': not a GPT-2 model \\(tritongpt reads "
-                                        "Hugging Face's gpt2, gpt_neo, llama, mistral and qwen2 models\\)"):
+                                        "Hugging Face's gpt2, gpt_neo, llama, mistral, qwen2 and qwen3 models\\)"):
         load_checkpoint(path)
     folder = tmp_path / "sharded"
     hf, _ = _hf_model(folder)

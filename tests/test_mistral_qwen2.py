@@ -4,6 +4,7 @@ on q, k and v alone are qkv_bias_only. Their weights load with transformers' log
 paths, a KV-cache decode and greedy generation match, and export writes each back as its own
 model_type. Tiny random models saved to tmp_path (as tests/test_llama.py): nothing downloaded."""
 import json
+import re
 
 import pytest
 import torch
@@ -128,7 +129,9 @@ def _random(**overrides):
     ({"qkv_bias_only": True}, "qwen2", "Qwen2ForCausalLM"),
     ({"qkv_bias_only": True, "attention_window": 5, "tie_weights": False}, "qwen2", "Qwen2ForCausalLM"),
     ({"attention_window": 5}, "mistral", "MistralForCausalLM"),
-], ids=["qwen2", "qwen2-window-untied", "mistral-window"])
+    ({"qk_norm": True, "attention_head_dim": 32}, "qwen3", "Qwen3ForCausalLM"),
+    ({"attention_head_dim": 32, "tie_weights": False}, "llama", "LlamaForCausalLM"),
+], ids=["qwen2", "qwen2-window-untied", "mistral-window", "qwen3-head-32", "llama-head-32"])
 def test_export_round_trip(tmp_path, overrides, kind, cls):
     """ours -> a folder of its own model_type -> transformers' logits are ours; load_checkpoint
     reads it back with the same config."""
@@ -158,7 +161,9 @@ def test_what_none_of_the_three_computes_is_refused_by_name():
             ({"attention_window": 5, "window_layers": "odd", "qkv_bias_only": True}, "where Qwen2's sliding window"),
             ({"attention_window": 5, "bias": True}, "where Llama attends to the whole context (a Mistral folder would "
              "take the window, but Mistral's projections have no biases)"),
-            ({"qkv_bias_only": True, "norm": "layernorm"}, "normalizes with layernorm, where Qwen2 has RMSNorms")):
+            ({"qkv_bias_only": True, "norm": "layernorm"}, "normalizes with layernorm, where Qwen2 has RMSNorms"),
+            ({"qk_norm": True, "qkv_bias_only": True}, "has biases on q, k and v only (Qwen2's), where Qwen3"),
+            ({"qk_norm": True, "bias": True}, "has biases in its MLP, where Qwen3's has none")):
         with pytest.raises(UserError) as e:
             refuse_not_llama(_random(**overrides), "X")
         assert said in str(e.value)
@@ -167,15 +172,56 @@ def test_what_none_of_the_three_computes_is_refused_by_name():
         GPTConfig(bias=True, qkv_bias_only=True)
     with pytest.raises(UserError, match="GPTConfig.qkv_bias_only must be True or False, got 'yes'"):
         GPTConfig(bias=False, qkv_bias_only="yes")
+    with pytest.raises(UserError, match="GPTConfig.attention_head_dim must be an integer >= 0"):
+        GPTConfig(attention_head_dim=-1)
+    from tritongpt.train.gpt2_weights import refuse_not_gpt2
+    from tritongpt.train.gpt_neo_weights import refuse_not_gpt_neo
+
+    gpt2 = dict(vocab_size=VOCAB, context_length=CTX, n_embd=64, n_layer=1, n_head=4)
+    for overrides, said in (({"attention_head_dim": 32}, "this model's heads are 32 wide (attention_head_dim; 4 of "
+                             "them over n_embd 64), where Hugging Face's GPT-2 has n_embd / n_head"),
+                            ({"qk_norm": True}, "normalizes each head's q and k (qk_norm), which Hugging Face's "
+                             "GPT-2")):
+        with pytest.raises(UserError, match=re.escape(said)):
+            refuse_not_gpt2(GPTModel(GPTConfig(**gpt2, **overrides)), "X")
+        with pytest.raises(UserError, match=re.escape(said.replace("GPT-2", "GPT-Neo"))):
+            refuse_not_gpt_neo(GPTModel(GPTConfig(**gpt2, **overrides, scale_attention=False, qkv_bias=False)), "X")
 
 
-def test_qwen3_is_refused_by_model_type(tmp_path):
-    """Qwen3 (q and k normalized per head, a head_dim of its own) is not read under Qwen2's names."""
-    _, path = hf_llama(tmp_path, VOCAB, kind="qwen2")
+@pytest.mark.parametrize("head_dim", [32, 16], ids=["own-head-width", "hidden-over-heads"])
+def test_qwen3_loads_with_qk_norms_and_its_own_head_width(tmp_path, head_dim):
+    """Qwen3: each head's q and k RMSNorm-ed before RoPE (weights of their own), heads 32 wide over
+    a width of 64 (4 heads: q is 128 wide), no biases; transformers' logits on both paths (the
+    Triton path's RMSNorm kernel normalizes the heads too), the cache and greedy tokens."""
+    hf, path = hf_llama(tmp_path, VOCAB, kind="qwen3", head_dim=head_dim)
+    model = load_checkpoint(path).double().eval()
+    c = model.config
+    assert (c.qk_norm, c.head_dim, c.attention_head_dim, c.bias, c.has_qkv_bias) == \
+        (True, head_dim, 0 if head_dim == 16 else head_dim, False, False)
+    assert model.trf_blocks[0].att.W_query.weight.shape == (4 * head_dim, 64)
+    _check_logits(hf, model)
+    idx = torch.randint(0, VOCAB, (1, 9))
+    with torch.no_grad():
+        _, decoded, _ = decode_token_by_token(model, idx)
+        assert_close_rel(decoded, hf(idx).logits, 2e-6, "decoded over the cache")
+    from tritongpt.train.generate import generate
+
+    ours = generate(model, idx[:, :3], 8)
+    theirs = hf.generate(idx[:, :3], max_new_tokens=8, do_sample=False, pad_token_id=0)  # stops at its EOS, 0
+    assert torch.equal(ours[:, :theirs.shape[1]], theirs)
+
+
+def test_a_head_dim_the_weights_do_not_have_and_gemma_are_refused_by_name(tmp_path):
+    _, path = hf_llama(tmp_path, VOCAB, kind="qwen3", head_dim=32)
     cfg_json = tmp_path / "config.json"
-    cfg_json.write_text(json.dumps({**json.loads(cfg_json.read_text()), "model_type": "qwen3"}))
-    with pytest.raises(UserError, match="config.json says model_type 'qwen3': not a GPT-2 model \\(tritongpt reads "
-                                        "Hugging Face's gpt2, gpt_neo, llama, mistral and qwen2 models\\)"):
+    d = json.loads(cfg_json.read_text())
+    cfg_json.write_text(json.dumps({**d, "head_dim": 16}))
+    with pytest.raises(UserError, match="config.json says head_dim 16, but the weights have 32"):
+        load_checkpoint(path)
+    cfg_json.write_text(json.dumps({**d, "model_type": "gemma3_text"}))
+    with pytest.raises(UserError, match="config.json says model_type 'gemma3_text': not a GPT-2 model \\(tritongpt "
+                                        "reads Hugging Face's gpt2, gpt_neo, llama, mistral, qwen2 and qwen3 "
+                                        "models\\)"):
         load_checkpoint(path)
 
 

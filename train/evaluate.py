@@ -198,7 +198,7 @@ def add_cli(sub):
     add_model_args(p, default_model=None)
     p.add_argument("--weights", required=True,
                    help="tritongpt checkpoint (file, checkpoint or run folder) or Hugging Face GPT-2 / GPT-Neo / "
-                        "Llama / Mistral / Qwen2 model.safetensors (or its folder), or " + HUB_REPO_HELP)
+                        "Llama / Mistral / Qwen2 / Qwen3 model.safetensors (or its folder), or " + HUB_REPO_HELP)
     p.add_argument("--data", default=None, help="a file, a folder of .txt files, a .jsonl file, a .bin of uint16 token "
                                                 "ids or a folder with train.bin and val.bin (nanoGPT's), or 'pydoc' / "
                                                 "'stdlib' (default: a pretraining run's own data, else the "

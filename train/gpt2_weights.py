@@ -142,7 +142,7 @@ def _gpt2_config_json(cfg_json: Path) -> dict:
     d = read_json_object(cfg_json)
     if d.get("model_type", "gpt2") != "gpt2":
         raise UserError(f"{cfg_json} says model_type {d['model_type']!r}: not a GPT-2 model (tritongpt reads "
-                        "Hugging Face's gpt2, gpt_neo, llama, mistral and qwen2 models)")
+                        "Hugging Face's gpt2, gpt_neo, llama, mistral, qwen2 and qwen3 models)")
     return d
 
 
@@ -170,7 +170,7 @@ def is_hf_file(path) -> bool:
 
 def load_checkpoint(path, model_name: str | None = None, merge: bool = True) -> GPTModel:
     """A tritongpt checkpoint (file, checkpoint folder or run folder: its newest) or a Hugging
-    Face GPT-2, GPT-Neo or Llama (Mistral, Qwen2) model.safetensors (model_name: the preset, when no
+    Face GPT-2, GPT-Neo or Llama (Mistral, Qwen2, Qwen3) model.safetensors (model_name: the preset, when no
     config.json says the heads).
     A LoRA checkpoint comes merged unless merge is False, and so does a peft adapter folder: its
     base with the update (load_peft_adapter)."""
@@ -330,7 +330,7 @@ def is_hub_repo(spec) -> bool:
 def hub_folder(repo: str, cache_dir=None) -> Path:
     """A Hugging Face Hub repo's model.safetensors with its config and tokenizer files (HUB_FILES),
     fetched or taken from the local Hub cache: -> the snapshot folder, which load_checkpoint reads
-    (GPT-2, GPT-Neo, Llama, Mistral or Qwen2, by its config.json) and where the tokenizer is found."""
+    (GPT-2, GPT-Neo, Llama, Mistral, Qwen2 or Qwen3, by its config.json) and where the tokenizer is found."""
     try:
         path = hub_download(repo, HUB_FILES, cache_dir)
     except UserError as e:
@@ -432,6 +432,19 @@ def refuse_not_gpt2(model: GPTModel, what: str) -> None:
     if cfg.mlp != "gelu":
         raise UserError(f"this model has a SwiGLU MLP (mlp {cfg.mlp}: w_gate, w_up, w_down, hidden {cfg.ff_hidden}), "
                         f"where Hugging Face's GPT-2 has GELU's c_fc and c_proj: it cannot be exported as {what}")
+    refuse_other_heads(cfg, "GPT-2", what)
+
+
+def refuse_other_heads(cfg: GPTConfig, family: str, what: str) -> None:
+    """GPT-2's and GPT-Neo's heads are n_embd / n_head wide, and their q and k go to the scores as
+    projected: a Qwen3-style model (its own head width, q/k norms) is refused by name."""
+    if cfg.n_head * cfg.head_dim != cfg.n_embd:
+        raise UserError(f"this model's heads are {cfg.head_dim} wide (attention_head_dim; {cfg.n_head} of them over "
+                        f"n_embd {cfg.n_embd}), where Hugging Face's {family} has n_embd / n_head: it cannot be "
+                        f"exported as {what}")
+    if cfg.qk_norm:
+        raise UserError(f"this model normalizes each head's q and k (qk_norm), which Hugging Face's {family} does not: "
+                        f"it cannot be exported as {what}")
 
 
 def export_gpt2(model: GPTModel, out_dir, eos_token_id: int | None = None, overwrite: bool = False) -> list:

@@ -16,8 +16,8 @@ import torch
 from tritongpt.errors import UserError, note, read_json_object
 from tritongpt.model.config import GPTConfig, get_config
 from tritongpt.model.gpt import GPTModel
-from tritongpt.train.gpt2_weights import (_read_tensors, hub_download, model_with_tensors, tensor_names, tensor_shapes,
-                                          write_hf_folder)
+from tritongpt.train.gpt2_weights import (_read_tensors, hub_download, model_with_tensors, refuse_other_heads,
+                                          tensor_names, tensor_shapes, write_hf_folder)
 
 HUB_REPOS = {
     "gpt-neo-125m": "EleutherAI/gpt-neo-125m",
@@ -201,6 +201,7 @@ def refuse_not_gpt_neo(model: GPTModel, what: str) -> None:
         field = "qkv_bias_only" if cfg.qkv_bias_only else "qkv_bias"
         raise UserError(f"this model's query, key and value projections have biases ({field} True), which "
                         f"GPT-Neo's have not: it cannot be exported as {what}")
+    refuse_other_heads(cfg, "GPT-Neo", what)
 
 
 def _hf_tensors(model: GPTModel) -> dict:

@@ -1,22 +1,25 @@
-"""Llama-architecture weights (Hugging Face's LlamaForCausalLM layout, which Mistral and Qwen2
-share) into GPTModel, and back out.
+"""Llama-architecture weights (Hugging Face's LlamaForCausalLM layout, which Mistral, Qwen2 and
+Qwen3 share) into GPTModel, and back out.
 
 A Llama is a GPTModel with norm "rmsnorm", mlp "swiglu", position_encoding "rope", no biases
 and, often, fewer key/value heads (n_kv_head): every piece is already a GPTConfig field, so the
 tensors only change names. Hugging Face's q_proj and k_proj rows are in rotate_half's order
 (dimension i pairs with i + head_dim / 2), which is our apply_rotary's and kernels/rope.py's, so
-no row is permuted. Two relatives differ from it in one field each, and are read and written too:
+no row is permuted. Three relatives differ from it in a field or two, and are read and written too:
 - Mistral: a sliding window (config.json's sliding_window, in every layer; transformers' default
   4096 when the key is absent) is our local attention: attention_window W, window_layers "all".
   Both let query i see keys i - W + 1 .. i.
 - Qwen2 (and Qwen2.5): biases on q_proj, k_proj and v_proj only (qkv_bias_only). Its sliding
   window (use_sliding_window, from layer max_window_layers on) is read when it covers all the
   layers or the odd ones; no published Qwen2 uses one.
-What a config.json asks that this model does not compute (rope scaling, a head_dim other than
-hidden_size / heads, an activation other than SiLU, biases on only some layers) is refused by name.
+- Qwen3: no q/k/v biases, but each head's query and key RMSNorm-ed before RoPE (qk_norm), and a
+  head width of its own (attention_head_dim: Qwen3-0.6B's 16 heads of 128 over a width of 1024);
+  a Llama, Mistral or Qwen2 config.json's head_dim is read too.
+What a config.json asks that this model does not compute (rope scaling, a head_dim the weights do
+not have, an activation other than SiLU, biases on only some layers) is refused by name.
 
-`export` writes a Llama, Mistral or Qwen2 folder (whichever the model is) that transformers loads
-with the same logits, and load_checkpoint (gpt2_weights.py) reads one back. The tokenizers of
+`export` writes a Llama, Mistral, Qwen2 or Qwen3 folder (whichever the model is) that transformers
+loads with the same logits, and load_checkpoint (gpt2_weights.py) reads one back. The tokenizers of
 published Llamas (SentencePiece converted to a BPE, or a byte-level BPE with another
 pre-tokenizer) are not ones tritongpt's BPE reproduces: the folder's tokenizer.json is read by
 Hugging Face's tokenizers library instead (hf_tokenizer.py), so such a model takes text too.
@@ -38,12 +41,14 @@ _LAYER = (("norm1", "input_layernorm"), ("norm2", "post_attention_layernorm"), (
 _NORMS = ("norm1", "norm2")
 _QKV = ("att.W_query", "att.W_key", "att.W_value")
 # model_type -> the class transformers builds; all three share LlamaForCausalLM's tensor names
-FAMILIES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
-_NAMES = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2"}
+FAMILIES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
+            "qwen3": "Qwen3ForCausalLM"}
+_NAMES = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3"}
+_QK_NORMS = (("att.q_norm", "self_attn.q_norm"), ("att.k_norm", "self_attn.k_norm"))  # Qwen3's
 
 
 def is_llama_file(path) -> bool:
-    """A Hugging Face Llama, Mistral or Qwen2 model.safetensors: its config.json says that
+    """A Hugging Face Llama, Mistral, Qwen2 or Qwen3 model.safetensors: its config.json says that
     model_type, or without one, its tensors have Llama's names (mlp.gate_proj)."""
     cfg_json = Path(path).parent / "config.json"
     if cfg_json.is_file() and "model_type" in (d := read_json_object(cfg_json)):
@@ -81,7 +86,7 @@ def _sliding_window(d: dict, kind: str, n_layer: int, cfg_json) -> tuple:
                             "context")
         return 0, "all"
     window = d.get("sliding_window", 4096)
-    if kind == "qwen2" and not d.get("use_sliding_window", False):
+    if kind in ("qwen2", "qwen3") and not d.get("use_sliding_window", False):
         window = None
     if window is None:
         return 0, "all"
@@ -122,12 +127,15 @@ def _check_hf_config(cfg_json: Path, sd: dict) -> GPTConfig:
     n_kv_head = d.get("num_key_value_heads") or n_head
     if d.get("hidden_act", "silu") != "silu":
         raise UserError(f"{cfg_json} has hidden_act {d['hidden_act']!r}; this model's SwiGLU computes 'silu' only")
-    if d.get("head_dim") not in (None, n_embd // n_head):
-        raise UserError(f"{cfg_json} has head_dim {d['head_dim']!r}; this model's is hidden_size / "
-                        f"num_attention_heads ({n_embd // n_head}) only")
+    head_dim = sd["layers.0.self_attn.q_proj.weight"].shape[0] // n_head if "layers.0.self_attn.q_proj.weight" in sd \
+        else n_embd // n_head
+    if d.get("head_dim") not in (None, head_dim):
+        raise UserError(f"{cfg_json} says head_dim {d['head_dim']!r}, but the weights have {head_dim}")
     kind = d.get("model_type", "llama")
     attention_bias, mlp_bias = bool(d.get("attention_bias", False)), bool(d.get("mlp_bias", False))
-    if kind == "llama" and attention_bias != mlp_bias:
+    if kind == "qwen3" and attention_bias:  # Qwen3's MLP never has biases
+        mlp_bias = False
+    if kind in ("llama", "qwen3") and attention_bias != mlp_bias:
         raise UserError(f"{cfg_json} has attention_bias {attention_bias} and mlp_bias {mlp_bias}; this model's "
                         "linear layers have biases all or none (GPTConfig.bias)")
     bias = attention_bias and kind == "llama"  # Mistral's have none, Qwen2's are q/k/v's only, whatever it says
@@ -135,6 +143,7 @@ def _check_hf_config(cfg_json: Path, sd: dict) -> GPTConfig:
     return GPTConfig(vocab_size=vocab, context_length=d.get("max_position_embeddings", 2048), n_embd=n_embd,
                      n_layer=n_layer, n_head=n_head, n_kv_head=0 if n_kv_head == n_head else n_kv_head,
                      bias=bias, qkv_bias_only=kind == "qwen2", attention_window=window, window_layers=window_layers,
+                     attention_head_dim=0 if head_dim * n_head == n_embd else head_dim, qk_norm=kind == "qwen3",
                      position_encoding="rope", rope_theta=_rope_theta(d, cfg_json), norm="rmsnorm",
                      norm_eps=d.get("rms_norm_eps", 1e-6), mlp="swiglu", mlp_hidden=hidden,
                      tie_weights="lm_head.weight" not in sd
@@ -151,11 +160,13 @@ def _our_tensors(sd: dict, cfg: GPTConfig) -> dict:
             ours[f"trf_blocks.{i}.{mine}.weight"] = sd[f"layers.{i}.{theirs}.weight"]
             if cfg.has_qkv_bias if mine in _QKV else cfg.bias and mine not in _NORMS:
                 ours[f"trf_blocks.{i}.{mine}.bias"] = sd[f"layers.{i}.{theirs}.bias"]
+        for mine, theirs in _QK_NORMS if cfg.qk_norm else ():
+            ours[f"trf_blocks.{i}.{mine}.weight"] = sd[f"layers.{i}.{theirs}.weight"]
     return ours
 
 
 def load_llama_safetensors(path) -> GPTModel:
-    """GPTModel with the weights of a Hugging Face Llama (Mistral, Qwen2) model.safetensors and its
+    """GPTModel with the weights of a Hugging Face Llama (Mistral, Qwen2, Qwen3) model.safetensors and its
     config.json beside it (the heads, RoPE's base and the norm's eps are in no tensor)."""
     path = Path(path)
     if not path.is_file():
@@ -171,15 +182,18 @@ def load_llama_safetensors(path) -> GPTModel:
 
 # -- export: the inverse of _our_tensors -----------------------------------------------------------
 def hf_family(cfg: GPTConfig) -> str:
-    """The model_type a Llama-shaped model is written as: qwen2 when its q/k/v alone have biases,
-    mistral when it has a sliding window (and no biases: Mistral's projections have none), else llama."""
+    """The model_type a Llama-shaped model is written as: qwen3 when it normalizes q and k, qwen2 when
+    its q/k/v alone have biases, mistral when it has a sliding window (and no biases: Mistral's
+    projections have none), else llama."""
+    if cfg.qk_norm:
+        return "qwen3"
     if cfg.qkv_bias_only:
         return "qwen2"
     return "mistral" if cfg.attention_window and not cfg.bias else "llama"
 
 
 def family_name(cfg: GPTConfig) -> str:
-    """"Llama", "Mistral" or "Qwen2": what export writes this model as."""
+    """"Llama", "Mistral", "Qwen2" or "Qwen3": what export writes this model as."""
     return _NAMES[hf_family(cfg)]
 
 
@@ -202,7 +216,10 @@ def refuse_not_llama(model: GPTModel, what: str) -> None:
                           f"which {family} does"),
                          (bool(cfg.attention_window) and (family == "Llama" or cfg.window_layers != "all"), window),
                          (bool(cfg.logit_softcap), f"soft-caps its logits (logit_softcap {cfg.logit_softcap:g}), "
-                          f"which {family} does not")):
+                          f"which {family} does not"),
+                         (family == "Qwen3" and cfg.qkv_bias_only, "has biases on q, k and v only (Qwen2's), "
+                          "where Qwen3, which normalizes q and k as this model does, has none"),
+                         (family == "Qwen3" and cfg.bias, "has biases in its MLP, where Qwen3's has none")):
         if differs:
             raise UserError(f"this model {why}: it cannot be exported as {what}")
 
@@ -220,6 +237,8 @@ def _hf_tensors(model: GPTModel) -> dict:
             w = hf[f"layers.{i}.{theirs}.weight"] = sd[f"trf_blocks.{i}.{mine}.weight"]
             if mine not in _NORMS and (cfg.bias or mine in _QKV and cfg.qkv_bias_only):
                 hf[f"layers.{i}.{theirs}.bias"] = sd.get(f"trf_blocks.{i}.{mine}.bias", w.new_zeros(w.shape[0]))
+        for mine, theirs in _QK_NORMS if cfg.qk_norm else ():
+            hf[f"layers.{i}.{theirs}.weight"] = sd[f"trf_blocks.{i}.{mine}.weight"]
     out = {"model." + k: v for k, v in hf.items()}
     if not cfg.tie_weights:
         out["lm_head.weight"] = sd["out_head.weight"][:V]
@@ -227,7 +246,7 @@ def _hf_tensors(model: GPTModel) -> dict:
 
 
 def hf_config(cfg: GPTConfig, eos_token_id: int | None = None) -> dict:
-    """LlamaConfig (MistralConfig, Qwen2Config) fields (config.json) for this model; what
+    """LlamaConfig (MistralConfig, Qwen2Config, Qwen3Config) fields (config.json) for this model; what
     _check_hf_config reads back. RoPE's base is written both ways: rope_parameters (transformers 5)
     and rope_theta (4.x)."""
     kind = hf_family(cfg)
@@ -244,13 +263,15 @@ def hf_config(cfg: GPTConfig, eos_token_id: int | None = None) -> dict:
         d.update(attention_bias=cfg.bias, mlp_bias=cfg.bias)
     elif kind == "mistral":
         d.update(sliding_window=window)
-    else:  # Qwen2's window starts at layer max_window_layers: 0, every layer
+    else:  # Qwen2's and Qwen3's window starts at layer max_window_layers: 0, every layer
         d.update(use_sliding_window=bool(window), sliding_window=window, max_window_layers=0 if window else cfg.n_layer)
+        if kind == "qwen3":
+            d.update(attention_bias=False)
     return d
 
 
 def export_llama(model: GPTModel, out_dir, eos_token_id: int | None = None, overwrite: bool = False) -> list:
-    """Write model as a Hugging Face Llama, Mistral or Qwen2 folder (hf_family): model.safetensors
+    """Write model as a Hugging Face Llama, Mistral, Qwen2 or Qwen3 folder (hf_family): model.safetensors
     and config.json, which transformers.AutoModelForCausalLM.from_pretrained(out_dir) and
     load_checkpoint both read. Returns the paths written; refuses to replace them unless overwrite."""
     refuse_not_llama(model, f"a {family_name(model.config)} folder")

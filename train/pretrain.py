@@ -37,9 +37,9 @@ def add_args(p: argparse.ArgumentParser):
     add_model_args(p, default_model=None, default_text="tiny; with --init, what its weights hold")
     p.add_argument("--init", default=None,
                    help="start from these weights, not random ones (nanoGPT's init_from): a tritongpt checkpoint "
-                        "(run folder, ckpt folder or .safetensors), a Hugging Face GPT-2, GPT-Neo, Llama, Mistral or "
-                        "Qwen2 model.safetensors, or a GPT-2 or GPT-Neo name (gpt2-small, gpt-neo-125m ...: downloads "
-                        "the pretrained weights), or " + HUB_REPO_HELP + "; the model's shape is theirs")
+                        "(run folder, ckpt folder or .safetensors), a Hugging Face GPT-2, GPT-Neo, Llama, Mistral, "
+                        "Qwen2 or Qwen3 model.safetensors, or a GPT-2 or GPT-Neo name (gpt2-small, gpt-neo-125m ...: "
+                        "downloads the pretrained weights), or " + HUB_REPO_HELP + "; the model's shape is theirs")
     add_vocab_multiple_arg(p, 1, "1, no padding; with --init, as its weights have them")
     d = p.add_argument_group("data")
     d.add_argument("--data", default=None,
@@ -403,6 +403,8 @@ def print_header(args, targs, model, tok, block, splits, trainer):
     rope = f", RoPE (theta {cfg.rope_theta:g})" if cfg.position_encoding == "rope" else ""
     gqa = f", {cfg.kv_heads} key/value head{'s' * (cfg.kv_heads > 1)} for {cfg.n_head} query heads" \
         if cfg.kv_heads < cfg.n_head else ""
+    gqa += f", heads of {cfg.head_dim}" if cfg.attention_head_dim else ""
+    gqa += ", q/k norms" if cfg.qk_norm else ""
     gqa += ", RMSNorm" if cfg.norm == "rmsnorm" else ""
     gqa += f", SwiGLU MLP (hidden {cfg.ff_hidden})" if cfg.mlp == "swiglu" else ""
     print(f"pretrain: {model_name(args)} ({model.num_params() / 1e6:.2f}M params, vocab {cfg.vocab_size}{padded}, "

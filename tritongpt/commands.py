@@ -71,6 +71,8 @@ def _what_it_means(cfg, key, value) -> str:
         return f" (Llama's rule: {swiglu_hidden(cfg.n_embd)})"
     if key == "n_kv_head" and not value:
         return f" (as many as the heads: {cfg.n_head})"
+    if key == "attention_head_dim" and not value:
+        return f" (n_embd / n_head: {cfg.head_dim})"
     if key == "qkv_bias" and value and not cfg.bias:
         return " (no effect: bias False drops every bias" + (", and qkv_bias_only gives q/k/v theirs)"
                                                              if cfg.qkv_bias_only else ")")
@@ -404,7 +406,7 @@ def add_generation_model_args(p):
     add_model_args(p, default_model=None)
     p.add_argument("--weights",
                    help="tritongpt checkpoint (file or run folder), Hugging Face GPT-2 / GPT-Neo / "
-                        "Llama / Mistral / Qwen2 model.safetensors, or " + HUB_REPO_HELP)
+                        "Llama / Mistral / Qwen2 / Qwen3 model.safetensors, or " + HUB_REPO_HELP)
     p.add_argument("--pretrained", action="store_true",
                    help="download GPT-2 or GPT-Neo weights from the Hub by --model name")
     p.add_argument("--tokenizer", help=TOKENIZER_CHOICES + " (default: the one saved with "
@@ -440,8 +442,9 @@ def add_cli(sub):
     p.add_argument("--model", default=None, help="preset name (default gpt2-small; with --weights, only to name the "
                                                  "heads of a GPT-2 file without its config.json)")
     p.add_argument("--weights", default=None, help="a checkpoint (file, checkpoint or run folder) or Hugging Face "
-                                                   "GPT-2 / GPT-Neo / Llama / Mistral / Qwen2 model.safetensors, or "
-                                                   + HUB_REPO_HELP + ": its config and its run")
+                                                   "GPT-2 / GPT-Neo / Llama / Mistral / Qwen2 / Qwen3 "
+                                                   "model.safetensors, or " + HUB_REPO_HELP
+                                                   + ": its config and its run")
     p.add_argument("--untied", action="store_true", help="count a separate LM head")
     p.set_defaults(func=cmd_info)
 
