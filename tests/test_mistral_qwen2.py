@@ -261,3 +261,24 @@ def test_pretrain_from_a_qwen2_folder_export_it_and_resume_it(corpus, tmp_path, 
     assert main(argv(tmp_path / "again", "--bias")) == 2
     assert "--bias would change the shapes of --init's weights (its linear layers have biases on q/k/v only)" in \
         capsys.readouterr().err
+
+
+def test_a_qwen3_run_resumes_with_its_init_and_counts_its_wider_attention(corpus, tmp_path, capsys):
+    """pretrain --init a Qwen3 folder, then a resume whose flags build a Llama (no q/k norms, heads
+    of n_embd / n_head) is refused by name; MFU's attention FLOPs count the queries' own width
+    (4 heads of 32 over n_embd 64: twice nanoGPT's 4 C T)."""
+    from tritongpt.cli import main
+    from tritongpt.train.loop import attention_forward_flops
+
+    hf_llama(tmp_path / "qwen3", 300, kind="qwen3", head_dim=32, context=64)
+    cfg_json = tmp_path / "qwen3" / "config.json"
+    cfg_json.write_text(json.dumps({**json.loads(cfg_json.read_text()), "rms_norm_eps": 1e-5}))
+    assert main(pretrain_argv(corpus, tmp_path / "run", "--max-steps", "1", "--init", str(tmp_path / "qwen3"))) == 0
+    assert "heads of 32, q/k norms" in capsys.readouterr().out
+    cfg = load_checkpoint(tmp_path / "run").config
+    assert attention_forward_flops(cfg, 32) == 2 * 4 * 64 * 32 * cfg.n_layer
+    llama = ("--norm", "rmsnorm", "--mlp", "swiglu", "--mlp-hidden", "88", "--position-encoding", "rope",
+             "--rope-theta", "5000", "--no-bias", "--n-kv-head", "2")
+    assert main(pretrain_argv(corpus, tmp_path / "run", *llama, "--max-steps", "2", "--resume")) == 2
+    assert "model normalizes each head's q and k and has heads of 32, this run's model does not normalize each " \
+           "head's q and k and has heads of n_embd / n_head: pass the run's own --init" in capsys.readouterr().err

@@ -262,8 +262,9 @@ def attention_forward_flops(cfg, seq_len: int):
     """The forward's attention scores and weighted sum, per token, over every layer: nanoGPT's 4*C*T
     a layer that sees the whole context (the T x T square), a local layer's (window W < T) scaled by
     its share of the causal pairs, T W - W^2 / 2 of T^2 / 2 (bench/common.py's window_attention_flops
-    over attention_flops). An int when no layer is local within seq_len."""
-    dense = 4 * cfg.n_embd * seq_len
+    over attention_flops). An int when no layer is local within seq_len. C is the queries' width,
+    n_head x head_dim (n_embd, but where the heads have a width of their own: Qwen3)."""
+    dense = 4 * cfg.n_head * cfg.head_dim * seq_len
     total = 0
     for i in range(cfg.n_layer):
         w = cfg.layer_window(i)
@@ -454,6 +455,7 @@ class Trainer:
         mlp, norm = saved_cfg.get("mlp", "gelu"), saved_cfg.get("norm", "layernorm")
         eps, bias = saved_cfg.get("norm_eps", 1e-5), saved_cfg.get("bias", True)
         qkv_only = saved_cfg.get("qkv_bias_only", False)
+        qk_norm, head_dim = saved_cfg.get("qk_norm", False), saved_cfg.get("attention_head_dim", 0)
         hidden = saved_cfg.get("mlp_hidden", 0) or swiglu_hidden(saved_cfg.get("n_embd", cfg.n_embd))
         if mlp != cfg.mlp or (mlp == "swiglu" and hidden != cfg.ff_hidden):
             def kind(m, h):
@@ -491,6 +493,13 @@ class Trainer:
 
             what = f"{span(window, layers)}, this run's model {span(cfg.attention_window, cfg.window_layers)}"
             flags = f"--attention-window {window}" + (f" --window-layers {layers}" if window else "")
+        elif (qk_norm, head_dim) != (cfg.qk_norm, cfg.attention_head_dim):
+            def heads(norm, width):
+                return f"{'normalizes' if norm else 'does not normalize'} each head's q and k and has heads of " \
+                    f"{width or 'n_embd / n_head'}"
+
+            what = f"{heads(qk_norm, head_dim)}, this run's model {heads(cfg.qk_norm, cfg.attention_head_dim)}"
+            flags = "the run's own --init"  # Qwen3's: no flag makes them, only an --init folder's config.json
         elif saved_cfg.get("scale_attention", True) != cfg.scale_attention:
             def scaled(on):
                 return "scales its attention scores by 1/sqrt(head_dim)" if on else \
