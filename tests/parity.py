@@ -70,6 +70,20 @@ def save_run(tmp_path, model, name="run"):
     return run, tok
 
 
+def logits_match_transformers(hf, model, vocab_size: int, T: int):
+    """A float64 model's logits are transformers' (hf, float64) within 2e-6 relative on the
+    reference path (transformers computes RMSNorm in fp32 whatever the weights' dtype, and RoPE's
+    inverse frequencies as 1 / base^(2i/D) in fp32, ours base^(-2i/D) rounded once: their last bits
+    differ), and within 1e-5 on the Triton path in fp32; the model is left float64 on the reference."""
+    idx = torch.randint(0, vocab_size, (2, T))
+    with torch.no_grad():
+        want = hf(idx).logits
+        assert_close_rel(model(idx), want, 2e-6, "reference path")
+        model.float().set_kernels("triton")
+        assert_close_rel(model(idx).double(), want, 1e-5, "triton path")
+        model.double().set_kernels("reference")
+
+
 def hf_llama(folder, vocab_size, tie=False, bias=False, kv_heads=2, eos=0, context=40, kind="llama", **config):
     """A tiny random LlamaForCausalLM (kind "mistral", "qwen2", "qwen3": MistralForCausalLM,
     Qwen2ForCausalLM, Qwen3ForCausalLM; float64, heads of 16 unless head_dim says) saved to folder,

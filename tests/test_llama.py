@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from parity import assert_close_rel, hf_llama, pretrain_argv, save_run
+from parity import assert_close_rel, hf_llama, logits_match_transformers, pretrain_argv, save_run
 from tritongpt.errors import UserError
 from tritongpt.model.config import GPTConfig
 from tritongpt.model.gpt import GPTModel
@@ -35,19 +35,15 @@ def test_logits_match_transformers_on_both_paths(tmp_path, kw):
     assert (c.norm, c.mlp, c.position_encoding, c.rope_theta, c.norm_eps, c.mlp_hidden, c.kv_heads, c.bias,
             c.tie_weights) == ("rmsnorm", "swiglu", "rope", 5000.0, 1e-6, 88, kw.get("kv_heads", 2),
                                kw.get("bias", False), kw.get("tie", False))
-    idx = torch.randint(0, VOCAB, (2, T))
-    with torch.no_grad():
-        want = hf(idx).logits
-        assert_close_rel(model(idx), want, 2e-6, "reference path")
-        model.float().set_kernels("triton")
-        assert_close_rel(model(idx).double(), want, 1e-5, "triton path")
+    logits_match_transformers(hf, model, VOCAB, T)
 
 
-def test_kv_cache_decode_and_greedy_tokens_match(tmp_path):
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])  # Qwen2: its q/k/v biases (test_mistral_qwen2.py)
+def test_kv_cache_decode_and_greedy_tokens_match(tmp_path, kind):
     from parity import decode_token_by_token
     from tritongpt.train.generate import generate
 
-    hf, path = _hf_model(tmp_path)
+    hf, path = _hf_model(tmp_path, kind=kind)
     model = load_checkpoint(path).double().eval()
     idx = torch.randint(0, VOCAB, (1, 9))
     with torch.no_grad():
@@ -73,18 +69,25 @@ def _random_llama(**overrides):
     return model
 
 
-@pytest.mark.parametrize("overrides", [{}, {"tie_weights": False, "vocab_multiple": 16, "norm_eps": 1e-6},
-                                       {"bias": True, "qkv_bias": False, "n_kv_head": 0}],
-                         ids=["tied", "untied-padded-eps", "biases-but-qkv"])
-def test_export_round_trip(tmp_path, overrides):
-    """ours -> Llama folder -> LlamaForCausalLM's logits are ours; load_checkpoint reads it back
-    with the same config (a bias=True model without q/k/v biases goes out with zero ones)."""
-    from tritongpt.train.llama_weights import export_llama
+@pytest.mark.parametrize("overrides, kind", [
+    ({}, "llama"), ({"tie_weights": False, "vocab_multiple": 16, "norm_eps": 1e-6}, "llama"),
+    ({"bias": True, "qkv_bias": False, "n_kv_head": 0}, "llama"),
+    ({"attention_head_dim": 32, "tie_weights": False}, "llama"),
+    # Llama's relatives (test_mistral_qwen2.py): each written as its own model_type
+    ({"qkv_bias_only": True}, "qwen2"), ({"qkv_bias_only": True, "attention_window": 5, "tie_weights": False}, "qwen2"),
+    ({"attention_window": 5}, "mistral"), ({"qk_norm": True, "attention_head_dim": 32}, "qwen3"),
+], ids=["tied", "untied-padded-eps", "biases-but-qkv", "heads-of-32", "qwen2", "qwen2-window-untied", "mistral-window",
+        "qwen3-heads-of-32"])
+def test_export_round_trip(tmp_path, overrides, kind):
+    """ours -> a folder of its model_type -> transformers' logits are ours; load_checkpoint reads
+    it back with the same config (a bias=True model without q/k/v biases goes out with zero ones)."""
+    from tritongpt.train.llama_weights import FAMILIES, export_llama
 
     model = _random_llama(**overrides).double()
     paths = export_llama(model, tmp_path, eos_token_id=7)
+    assert json.loads((tmp_path / "config.json").read_text())["model_type"] == kind
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float64).eval()
-    assert type(hf).__name__ == "LlamaForCausalLM" and hf.config.eos_token_id == 7
+    assert type(hf).__name__ == FAMILIES[kind] and hf.config.eos_token_id == 7
     assert hf.config.tie_word_embeddings == model.config.tie_weights
     idx = torch.randint(0, VOCAB, (2, T))
     with torch.no_grad():

@@ -1,15 +1,17 @@
-"""Mistral and Qwen2: Llama's two nearest relatives, each one GPTConfig field away from it.
+"""Mistral, Qwen2 and Qwen3: Llama's nearest relatives, each a GPTConfig field or two away from it.
 Mistral's sliding window is our local attention (attention_window, every layer); Qwen2's biases
-on q, k and v alone are qkv_bias_only. Their weights load with transformers' logits on both kernel
-paths, a KV-cache decode and greedy generation match, and export writes each back as its own
-model_type. Tiny random models saved to tmp_path (as tests/test_llama.py): nothing downloaded."""
+on q, k and v alone are qkv_bias_only; Qwen3's q/k norms and head width are qk_norm and
+attention_head_dim. Their weights load with transformers' logits on both kernel paths, a KV-cache
+decode and greedy generation match (Qwen2's: tests/test_llama.py), and export writes each back as
+its own model_type (test_llama.py's round trips). Tiny random models saved to tmp_path: nothing
+downloaded."""
 import json
 import re
 
 import pytest
 import torch
 
-from parity import assert_close_rel, decode_token_by_token, hf_llama, pretrain_argv
+from parity import assert_close_rel, decode_token_by_token, hf_llama, logits_match_transformers, pretrain_argv
 from tritongpt.errors import UserError
 from tritongpt.model.config import GPTConfig
 from tritongpt.model.gpt import GPTModel
@@ -20,16 +22,8 @@ transformers = pytest.importorskip("transformers")
 VOCAB, CTX, T = 53, 40, 23
 
 
-def _check_logits(hf, model, T=T):
-    """transformers' logits in float64 (as test_llama's: RMSNorm in fp32 there, RoPE's frequencies
-    rounded otherwise), and the Triton path's in fp32."""
-    idx = torch.randint(0, VOCAB, (2, T))
-    with torch.no_grad():
-        want = hf(idx).logits
-        assert_close_rel(model(idx), want, 2e-6, "reference path")
-        model.float().set_kernels("triton")
-        assert_close_rel(model(idx).double(), want, 1e-5, "triton path")
-        model.double().set_kernels("reference")
+def _check_logits(hf, model):
+    logits_match_transformers(hf, model, VOCAB, T)
 
 
 @pytest.mark.parametrize("kw", [{}, {"tie": True, "kv_heads": 1}], ids=["gqa-untied", "mqa-tied"])
@@ -42,21 +36,6 @@ def test_qwen2_loads_with_biases_on_q_k_v_only(tmp_path, kw):
     biases = sorted({n.split(".", 2)[2] for n, _ in model.named_parameters() if n.endswith(".bias")})
     assert biases == ["att.W_key.bias", "att.W_query.bias", "att.W_value.bias"]
     _check_logits(hf, model)
-
-
-def test_qwen2_kv_cache_decode_and_greedy_tokens_match(tmp_path):
-    hf, path = hf_llama(tmp_path, VOCAB, kind="qwen2")
-    model = load_checkpoint(path).double().eval()
-    idx = torch.randint(0, VOCAB, (1, 9))
-    with torch.no_grad():
-        whole, decoded, _ = decode_token_by_token(model, idx)
-        assert_close_rel(decoded, hf(idx).logits, 2e-6, "decoded over the cache")
-        assert_close_rel(decoded, whole, 1e-12, "decoded against the whole sequence")
-    from tritongpt.train.generate import generate
-
-    ours = generate(model, idx[:, :3], 10)
-    theirs = hf.generate(idx[:, :3], max_new_tokens=10, do_sample=False, pad_token_id=0)
-    assert torch.equal(ours, theirs)
 
 
 @pytest.mark.parametrize("window", [7, None], ids=["window-7", "no-window"])
@@ -114,42 +93,10 @@ def test_a_qwen2_window_over_other_layers_and_a_bad_window_are_refused_by_name(t
 
 
 def _random(**overrides):
-    """Our own Llama-shaped model, every tensor random."""
-    torch.manual_seed(0)
-    cfg = dict(vocab_size=VOCAB, context_length=CTX, n_embd=64, n_layer=2, n_head=4, n_kv_head=2, bias=False,
-               position_encoding="rope", rope_theta=500.0, norm="rmsnorm", mlp="swiglu", mlp_hidden=72)
-    model = GPTModel(GPTConfig(**{**cfg, **overrides})).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.3)
-    return model.double()
+    """Our own Llama-shaped model (test_llama's, same vocabulary and context), every tensor random."""
+    from test_llama import _random_llama
 
-
-@pytest.mark.parametrize("overrides, kind, cls", [
-    ({"qkv_bias_only": True}, "qwen2", "Qwen2ForCausalLM"),
-    ({"qkv_bias_only": True, "attention_window": 5, "tie_weights": False}, "qwen2", "Qwen2ForCausalLM"),
-    ({"attention_window": 5}, "mistral", "MistralForCausalLM"),
-    ({"qk_norm": True, "attention_head_dim": 32}, "qwen3", "Qwen3ForCausalLM"),
-    ({"attention_head_dim": 32, "tie_weights": False}, "llama", "LlamaForCausalLM"),
-], ids=["qwen2", "qwen2-window-untied", "mistral-window", "qwen3-head-32", "llama-head-32"])
-def test_export_round_trip(tmp_path, overrides, kind, cls):
-    """ours -> a folder of its own model_type -> transformers' logits are ours; load_checkpoint
-    reads it back with the same config."""
-    from tritongpt.train.llama_weights import export_llama
-
-    model = _random(**overrides)
-    paths = export_llama(model, tmp_path, eos_token_id=7)
-    assert json.loads((tmp_path / "config.json").read_text())["model_type"] == kind
-    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float64).eval()
-    assert type(hf).__name__ == cls
-    idx = torch.randint(0, VOCAB, (2, T))
-    with torch.no_grad():
-        ours = model(idx)
-        assert_close_rel(hf(idx).logits, ours, 2e-6, "exported logits")
-        back = load_checkpoint(paths[0]).double().eval()
-        assert_close_rel(back(idx), ours, 1e-12, "loaded back")
-    want = {k: v for k, v in model.config.to_dict().items() if k != "qkv_bias"}
-    assert {k: v for k, v in back.config.to_dict().items() if k in want} == want
+    return _random_llama(**overrides).double()
 
 
 def test_what_none_of_the_three_computes_is_refused_by_name():
