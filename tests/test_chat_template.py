@@ -140,6 +140,8 @@ def test_sft_in_the_models_template_then_chat_and_export_keep_it(tmp_path, capsy
     assert "chats are rendered in the model's own chat template" in capsys.readouterr().err
     tok = load_tokenizer(tmp_path / "run" / "tokenizer.json")
     assert tok.chat_template == CHATML
+    assert cli.main(["info", "--weights", str(tmp_path / "run")]) == 0
+    assert "prompts      chat template, the model's own (its tokenizer's chat_template)" in capsys.readouterr().out
     record = {"messages": [{"role": "user", "content": "say 7"}, {"role": "assistant", "content": "7 7"}]}
     (example,), _ = encode_records([record], tok, 128)
     want = theirs.apply_chat_template(record["messages"], return_dict=False)
@@ -154,6 +156,9 @@ def test_sft_in_the_models_template_then_chat_and_export_keep_it(tmp_path, capsy
                      *flags]) == 0
     ours = load_tokenizer(tmp_path / "ours" / "tokenizer.json")
     assert ours.chat_template is None and ours.hash == tok.hash
+    capsys.readouterr()
+    assert cli.main(["info", "--weights", str(tmp_path / "ours")]) == 0
+    assert "prompts      chat template (what `tritongpt chat` prompts it with)" in capsys.readouterr().out
     (example,), _ = encode_records([record], ours, 128)
     assert ours.decode(example.ids) == "### User:\nsay 7\n\n### Assistant:\n7 7<|im_end|>"  # its EOS ends the answer
     assert cli.main(["export", str(tmp_path / "ours"), "--out", str(tmp_path / "hf-ours")]) == 0

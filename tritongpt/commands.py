@@ -135,6 +135,16 @@ def cmd_info(args):
     return 0
 
 
+def _has_chat_template(tokenizer_path) -> bool:
+    """Whether a run's saved tokenizer keeps a chat template (its chats were rendered in it)."""
+    from tritongpt.train.tokenizer import load_tokenizer
+
+    try:
+        return getattr(load_tokenizer(tokenizer_path), "chat_template", None) is not None
+    except UserError:
+        return False
+
+
 def run_lines(weights) -> list:
     """What a checkpoint's training state says of its run (trainer, step, precision, data, the
     tokenizer saved with it), for `info --weights`; a bare weight file has none."""
@@ -157,7 +167,9 @@ def run_lines(weights) -> list:
                     f"({str(state.get('precision', '?')).removeprefix('torch.')}, kernels {state.get('kernels', '?')}, "
                     f"{world} process{'es' if world != 1 else ''}){init}")
     if state.get("prompt_format"):
-        lines.insert(1, f"prompts      {state['prompt_format']} template (what `tritongpt chat` prompts it with)")
+        own = state["prompt_format"] == "chat" and tok is not None and _has_chat_template(tok)
+        lines.insert(1, f"prompts      {state['prompt_format']} template" + (", the model's own (its tokenizer's "
+                        "chat_template)" if own else "") + " (what `tritongpt chat` prompts it with)")
     options = lm_loss_text(a)
     if options:  # the run's objective was not the plain cross-entropy (--label-smoothing, --z-loss)
         lines.insert(1, f"objective    cross-entropy with {options}")
