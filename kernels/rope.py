@@ -14,7 +14,9 @@ rotated by the angle pos * theta^(-2i/D):
     writes the rotated halves. So the angles are paid once per token, not once per (token, head):
     2 H heads of 64 share them at GPT-2's shapes.
   * cos/sin in the kernel, not read from a table: the inverse frequencies (a [D/2] fp32 vector,
-    theta^(-2i/D) rounded once from float64, the same numbers the reference uses) and the
+    theta^(-2i/D) rounded once from float64, the same numbers the reference uses; stretched first
+    for a long context by GPTConfig.rope_scaling's linear or Llama 3 rule, which is all such a
+    scaling changes) and the
     positions are all it reads beyond q and k, so there is no [T, D/2] table to build, keep or
     index per call, and positions per token (packed documents, a KV cache's offset) cost nothing
     more than positions from 0. The angle pos * inv_freq is one fp32 product, as in the reference
@@ -26,7 +28,7 @@ rotated by the angle pos * theta^(-2i/D):
     projection's layout, so merging heads and the KV cache's copy see what they saw before.
     Math is fp32; the result is rounded once to the input's dtype (bf16/fp16/fp32).
 
-Public API: `rope(q, k, positions, theta=10000.0) -> (q_rot, k_rot)`. It is built from the torch
+Public API: `rope(q, k, positions, theta=10000.0, scaling=None) -> (q_rot, k_rot)`. It is built from the torch
 library custom ops `tritongpt::rope_fwd` / `tritongpt::rope_bwd` (with fake impls) inside an
 autograd.Function, so it runs under torch.compile (the ops stay opaque calls in the graph).
 """
@@ -40,6 +42,8 @@ from tritongpt._env import triton_interpreting
 from tritongpt._types import is_int, is_real
 from tritongpt.kernels._common import (cast, check_runnable, check_same_device, check_same_dtype, check_tensor,
                                        first_order_only, no_func_transform, on_tensor_device)
+from tritongpt.errors import UserError
+from tritongpt.model.config import check_rope_scaling
 from tritongpt.model.layers import rope_inv_freq
 
 MAX_HEAD_DIM = 256  # a head's two halves in registers: BLOCK_T x 128 fp32 values each
@@ -96,7 +100,7 @@ def _block_t(T: int, half: int) -> int:
 
 
 @on_tensor_device
-def _launch(q, k, positions, theta, inverse):
+def _launch(q, k, positions, inv_freq, inverse):
     """-> (q, k) rotated by +-angle into new [B, T, H, D] buffers, returned as [B, H, T, D] views."""
     B, H, T, D = q.shape
     Hkv = k.shape[1]
@@ -108,14 +112,14 @@ def _launch(q, k, positions, theta, inverse):
     block_t = _block_t(T, half)
     n_tblocks = triton.cdiv(T, block_t)
     _rope_kernel[(B * n_tblocks,)](
-        q, k, qo, ko, positions, rope_inv_freq(D, theta, q.device), T, H, Hkv, n_tblocks,
+        q, k, qo, ko, positions, inv_freq, T, H, Hkv, n_tblocks,
         *q.stride(), *k.stride(), *qo.stride(), *ko.stride(), *positions.stride(),
         HALF=half, BLOCK_T=block_t, BLOCK_HALF=triton.next_power_of_2(half), INVERSE=inverse,
         num_warps=1 if triton_interpreting() else 4)
     return qo, ko
 
 
-def _check_op_args(q, k, positions, theta):
+def _check_op_args(q, k, positions, inv_freq):
     """What the kernel reads, checked in the ops themselves, so also for a direct caller."""
     check_tensor(q, "q", ndim=4)
     check_tensor(k, "k", ndim=4)
@@ -128,28 +132,29 @@ def _check_op_args(q, k, positions, theta):
         raise ValueError(f"rope: head_dim {D} must be even (pairs i, i + D/2) and at most {MAX_HEAD_DIM}")
     check_tensor(positions, "positions", dtypes=(torch.int32, torch.int64), shape=(q.shape[0], q.shape[2]))
     check_same_device(q=q, k=k, positions=positions)
+    check_tensor(inv_freq, "inv_freq", dtypes=(torch.float32,), shape=(D // 2,))
+    check_same_device(q=q, inv_freq=inv_freq)
     check_runnable(q, "q")
-    if not is_real(theta) or not math.isfinite(theta) or theta <= 0:
-        raise ValueError(f"rope: theta must be a finite number > 0, got {theta!r}")
 
 
 @torch.library.custom_op("tritongpt::rope_fwd", mutates_args=())
-def _rope_fwd(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, theta: float
+def _rope_fwd(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor
               ) -> tuple[torch.Tensor, torch.Tensor]:
-    """q, k [B, H, T, D] (any strides), positions int [B, T] -> q and k rotated by pos * theta^(-2i/D)."""
-    _check_op_args(q, k, positions, theta)
-    return _launch(q, k, positions, theta, False)
+    """q, k [B, H, T, D] (any strides), positions int [B, T], inv_freq fp32 [D/2] -> q and k
+    rotated by pos * inv_freq (rope_inv_freq: theta^(-2i/D), perhaps rescaled)."""
+    _check_op_args(q, k, positions, inv_freq)
+    return _launch(q, k, positions, inv_freq, False)
 
 
 @torch.library.custom_op("tritongpt::rope_bwd", mutates_args=())
-def _rope_bwd(dq: torch.Tensor, dk: torch.Tensor, positions: torch.Tensor, theta: float
+def _rope_bwd(dq: torch.Tensor, dk: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor
               ) -> tuple[torch.Tensor, torch.Tensor]:
     """The gradients of rope_fwd's inputs: its outputs' gradients rotated by -angle."""
-    _check_op_args(dq, dk, positions, theta)
-    return _launch(dq, dk, positions, theta, True)
+    _check_op_args(dq, dk, positions, inv_freq)
+    return _launch(dq, dk, positions, inv_freq, True)
 
 
-def _fake(q, k, positions, theta):
+def _fake(q, k, positions, inv_freq):
     # the launcher's allocation: [B, T, H, D] buffers seen as [B, H, T, D]
     B, H, T, D = q.shape
     return q.new_empty((B, T, H, D)).transpose(1, 2), k.new_empty((B, T, k.shape[1], D)).transpose(1, 2)
@@ -160,19 +165,18 @@ _rope_bwd.register_fake(_fake)
 
 
 class RopeFunction(torch.autograd.Function):
-    """Saves the positions only: backward rotates the incoming gradients back."""
+    """Saves the positions and the frequencies only: backward rotates the incoming gradients back."""
 
     @staticmethod
-    def forward(ctx, q, k, positions, theta):
-        ctx.save_for_backward(positions)
-        ctx.theta = theta
-        return torch.ops.tritongpt.rope_fwd(q, k, positions, theta)
+    def forward(ctx, q, k, positions, inv_freq):
+        ctx.save_for_backward(positions, inv_freq)
+        return torch.ops.tritongpt.rope_fwd(q, k, positions, inv_freq)
 
     @staticmethod
     def backward(ctx, dq, dk):
         first_order_only("rope")
-        (positions,) = ctx.saved_tensors
-        dq, dk = torch.ops.tritongpt.rope_bwd(dq, dk, positions, ctx.theta)
+        positions, inv_freq = ctx.saved_tensors
+        dq, dk = torch.ops.tritongpt.rope_bwd(dq, dk, positions, inv_freq)
         return dq, dk, None, None
 
 
@@ -197,13 +201,14 @@ def _checked_positions(positions, q):
     return positions
 
 
-def rope(q: torch.Tensor, k: torch.Tensor, positions, theta: float = 10000.0):
+def rope(q: torch.Tensor, k: torch.Tensor, positions, theta: float = 10000.0, scaling: dict | None = None):
     """(q, k) rotated by RoPE's angles, half-split (GPT-NeoX / Llama). Differentiable.
 
     q: [B, H, T, D], k: [B, Hkv, T, D] (Hkv may be fewer: grouped-query attention), one dtype
     (bf16/fp16/fp32), any strides; D even, <= 256.
     positions: each token's position, an int start offset (positions start .. start + T - 1), an
     integer tensor [T], or [B, T]. theta: the base of the frequencies (10000: GPT-NeoX's, Llama 2's).
+    scaling: GPTConfig.rope_scaling (linear, Llama 3's), applied to the frequencies (scaled_inv_freq).
     Returns [B, H, T, D] views of new [B, T, H, D] buffers, in q's dtype.
     """
     no_func_transform("rope")
@@ -212,7 +217,17 @@ def rope(q: torch.Tensor, k: torch.Tensor, positions, theta: float = 10000.0):
     check_same_device(q=q, k=k)
     if not is_real(theta):
         raise TypeError(f"rope: theta must be a number, got {type(theta).__name__} {theta!r}")
-    return RopeFunction.apply(q, k, _checked_positions(positions, q), float(theta))
+    if not math.isfinite(theta) or theta <= 0:
+        raise ValueError(f"rope: theta must be a finite number > 0, got {theta!r}")
+    D = q.shape[-1]
+    if D % 2 or not 2 <= D <= MAX_HEAD_DIM:  # before the frequencies are made for it
+        raise ValueError(f"rope: head_dim {D} must be even (pairs i, i + D/2) and at most {MAX_HEAD_DIM}")
+    try:
+        scaling = check_rope_scaling(scaling, "rope: scaling")
+    except UserError as e:  # the kernels' bad arguments are ValueErrors
+        raise ValueError(str(e)) from None
+    inv_freq = rope_inv_freq(D, float(theta), q.device, scaling)
+    return RopeFunction.apply(q, k, _checked_positions(positions, q), inv_freq)
 
 
 __all__ = ["rope", "rope_inv_freq", "RopeFunction", "MAX_HEAD_DIM"]

@@ -60,6 +60,11 @@ class GPTConfig:
     # no pos_emb parameter then, and rope_theta is the base of the rotation frequencies.
     position_encoding: str = "learned"
     rope_theta: float = 10000.0
+    # RoPE's frequencies rescaled for a longer context than pretraining's (layers.scaled_inv_freq):
+    # None, {"rope_type": "linear", "factor": f} (every frequency / f), or Llama 3.1's and 3.2's
+    # {"rope_type": "llama3", "factor", "low_freq_factor", "high_freq_factor",
+    # "original_max_position_embeddings"}, as Hugging Face's rope_parameters spell them.
+    rope_scaling: dict | None = None
     # Every norm of the model (each block's two and the final one): "layernorm", GPT-2's
     # (x - mean) / std * weight + bias, or "rmsnorm", x / rms(x) * weight (Llama, Gemma, modded-nanogpt:
     # no mean subtracted, no bias parameter). norm_eps is added to the variance or the mean square:
@@ -120,6 +125,10 @@ class GPTConfig:
             raise UserError(f"GPTConfig.rope_theta must be a finite number > 0 (the base of RoPE's frequencies), "
                             f"got {self.rope_theta!r}")
         self.rope_theta = float(self.rope_theta)
+        self.rope_scaling = check_rope_scaling(self.rope_scaling, "GPTConfig.rope_scaling")
+        if self.rope_scaling and self.position_encoding != "rope":
+            raise UserError(f"GPTConfig.rope_scaling stretches RoPE's frequencies; this model has position_encoding "
+                            f"{self.position_encoding!r}: set it to 'rope' or leave rope_scaling None")
         if self.position_encoding == "rope" and self.head_dim % 2:
             raise UserError(f"RoPE rotates pairs of dimensions: head_dim {self.head_dim} (n_embd {self.n_embd} / "
                             f"n_head {self.n_head}) must be even")
@@ -194,6 +203,40 @@ class GPTConfig:
         if unknown:
             raise UserError(f"unknown GPTConfig field(s): {', '.join(unknown)}")
         return cls(**d)
+
+
+ROPE_SCALING_KEYS = {"linear": ("factor",),
+                     "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}
+
+
+def check_rope_scaling(scaling, where: str) -> dict | None:
+    """A RoPE scaling spec (GPTConfig.rope_scaling) checked and normalized: None, or a dict of its
+    rope_type and that type's keys (ROPE_SCALING_KEYS), each a finite number > 0 (floats; the
+    original context an int), llama3's high_freq_factor above its low one."""
+    if scaling is None:
+        return None
+    if not isinstance(scaling, dict):
+        raise UserError(f"{where} must be a dict (rope_type and its factors) or None, got {type(scaling).__name__}")
+    kind = scaling.get("rope_type")
+    if kind not in ROPE_SCALING_KEYS:
+        raise UserError(f"{where}: rope_type {kind!r} is not computed here; one of {', '.join(ROPE_SCALING_KEYS)}")
+    keys = ROPE_SCALING_KEYS[kind]
+    unknown = sorted(set(scaling) - set(keys) - {"rope_type"})
+    missing = [k for k in keys if k not in scaling]
+    if unknown or missing:
+        raise UserError(f"{where}: {kind} scaling takes {', '.join(keys)}"
+                        + (f"; missing {', '.join(missing)}" if missing else "")
+                        + (f"; unknown {', '.join(unknown)}" if unknown else ""))
+    out = {"rope_type": kind}
+    for k in keys:
+        v = scaling[k]
+        if not is_real(v) or not math.isfinite(v) or v <= 0:
+            raise UserError(f"{where}: {k} must be a finite number > 0, got {v!r}")
+        out[k] = int(v) if k == "original_max_position_embeddings" else float(v)
+    if kind == "llama3" and out["high_freq_factor"] <= out["low_freq_factor"]:
+        raise UserError(f"{where}: high_freq_factor {out['high_freq_factor']:g} must be above low_freq_factor "
+                        f"{out['low_freq_factor']:g}")
+    return out
 
 
 PRESETS = {

@@ -178,21 +178,44 @@ class SwiGLUFeedForward(nn.Module):
         return self.drop(self.w_down(F.silu(self.w_gate(x)) * self.w_up(x)))
 
 
-def rope_inv_freq(head_dim: int, theta: float, device=None) -> torch.Tensor:
-    """RoPE's inverse frequencies theta^(-2i/D), i < D/2, as fp32 [D/2]: computed in float64 and
-    rounded once, so this reference and the kernel (kernels/rope.py) use the same numbers."""
+def rope_inv_freq(head_dim: int, theta: float, device=None, scaling: dict | None = None) -> torch.Tensor:
+    """RoPE's inverse frequencies theta^(-2i/D), i < D/2, as fp32 [D/2], rescaled by `scaling`
+    (GPTConfig.rope_scaling) if given: computed in float64 and rounded once, so this reference
+    and the kernel (kernels/rope.py) use the same numbers."""
     i = torch.arange(0, head_dim, 2, dtype=torch.float64, device=device)
-    return (float(theta) ** (-i / head_dim)).float()
+    inv_freq = float(theta) ** (-i / head_dim)
+    return (inv_freq if scaling is None else scaled_inv_freq(inv_freq, scaling)).float()
 
 
-def apply_rotary(x, positions, theta: float = 10000.0):
+def scaled_inv_freq(inv_freq: torch.Tensor, scaling: dict) -> torch.Tensor:
+    """Inverse frequencies stretched for a longer context, as transformers computes them
+    (modeling_rope_utils): "linear" divides them all by factor (positions interpolated); "llama3"
+    (Llama 3.1, 3.2) divides the low ones by factor, keeps the high ones, and blends between:
+    a wavelength 2 pi / f past original_max_position_embeddings / low_freq_factor is stretched,
+    one under original_max_position_embeddings / high_freq_factor kept, and the ones between mix
+    the two by where they fall. The angles stay pos * inv_freq; nothing else changes."""
+    factor = scaling["factor"]
+    if scaling["rope_type"] == "linear":
+        return inv_freq / factor
+    low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
+    context = scaling["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv_freq
+    stretched = torch.where(wavelen > context / low, inv_freq / factor, inv_freq)
+    smooth = (context / wavelen - low) / (high - low)
+    blended = (1 - smooth) * stretched / factor + smooth * stretched
+    medium = (wavelen >= context / high) & (wavelen <= context / low)
+    return torch.where(medium, blended, stretched)
+
+
+def apply_rotary(x, positions, theta: float = 10000.0, scaling: dict | None = None):
     """Rotary position embedding (RoPE, Su et al. 2021) of x [..., T, D] at positions [T] or [B, T]
     (for x [B, H, T, D]), in the half-split convention of GPT-NeoX and Llama (`rotate_half`):
     dimensions i and i + D/2 form a pair, rotated by the angle pos * theta^(-2i/D). The angles,
     their cos/sin and the rotation are computed in fp32 (float64 for float64 x), the result is in
-    x's dtype. Triton twin: kernels/rope.py `rope` (q and k in one launch)."""
+    x's dtype. scaling: GPTConfig.rope_scaling's stretch of the frequencies (scaled_inv_freq).
+    Triton twin: kernels/rope.py `rope` (q and k in one launch)."""
     D = x.shape[-1]
-    angles = positions.float()[..., None] * rope_inv_freq(D, theta, x.device)  # [T or B x T, D/2], fp32
+    angles = positions.float()[..., None] * rope_inv_freq(D, theta, x.device, scaling)  # [T or B x T, D/2], fp32
     if angles.dim() == 3:  # per sequence: [B, 1, T, D/2], one row of angles for every head
         angles = angles[:, None]
     xf = x.to(torch.promote_types(x.dtype, torch.float32))
@@ -205,18 +228,19 @@ class Rotary(nn.Module):
     """RoPE of a head's queries and keys (apply_rotary to each); no parameters. Triton twin:
     kernels/rope.py `rope`, which rotates both in one launch and computes cos/sin in the kernel."""
 
-    def __init__(self, head_dim: int, theta: float = 10000.0):
+    def __init__(self, head_dim: int, theta: float = 10000.0, scaling: dict | None = None):
         super().__init__()
         assert head_dim % 2 == 0, "RoPE rotates pairs of dimensions: head_dim must be even"
-        self.head_dim, self.theta = head_dim, theta
+        self.head_dim, self.theta, self.scaling = head_dim, theta, scaling
         self.use_triton = False
 
     def forward(self, q, k, positions):
         if self.use_triton:
             from tritongpt.kernels.rope import rope
 
-            return rope(q, k, positions, self.theta)
-        return apply_rotary(q, positions, self.theta), apply_rotary(k, positions, self.theta)
+            return rope(q, k, positions, self.theta, self.scaling)
+        return (apply_rotary(q, positions, self.theta, self.scaling),
+                apply_rotary(k, positions, self.theta, self.scaling))
 
 
 def document_index(doc_ids):
@@ -270,7 +294,7 @@ class MultiHeadAttention(nn.Module):
     def __init__(self, n_embd: int, n_head: int, context_length: int, dropout: float = 0.0,
                  bias: bool = True, layer_idx: int = 0, window: int = 0, scale: bool = True,
                  qkv_bias: bool | None = None, rope_theta: float | None = None, n_kv_head: int = 0,
-                 head_dim: int = 0, qk_norm=None):
+                 head_dim: int = 0, qk_norm=None, rope_scaling: dict | None = None):
         super().__init__()
         assert head_dim or n_embd % n_head == 0, "n_embd must be divisible by n_head"
         # head_dim 0: n_embd / n_head; else its own (Qwen3), q, k and v n_head * head_dim wide
@@ -288,7 +312,7 @@ class MultiHeadAttention(nn.Module):
         # qk_norm(width) -> a norm module (Qwen3's RMSNorm): each head's q and k normalized before RoPE
         self.q_norm = qk_norm(self.head_dim) if qk_norm is not None else None
         self.k_norm = qk_norm(self.head_dim) if qk_norm is not None else None
-        self.rotary = None if rope_theta is None else Rotary(self.head_dim, rope_theta)
+        self.rotary = None if rope_theta is None else Rotary(self.head_dim, rope_theta, rope_scaling)
         self.attn_drop = nn.Dropout(dropout)  # both paths read its p (the Triton one in-kernel)
         self.resid_drop = nn.Dropout(dropout)
         self.use_triton = False
@@ -367,7 +391,7 @@ class TransformerBlock(nn.Module):
                                       cfg.has_qkv_bias, cfg.rope_theta if cfg.position_encoding == "rope" else None,
                                       cfg.kv_heads, cfg.attention_head_dim,
                                       (lambda width: NORM_MODULES[cfg.norm](width, cfg.norm_eps)) if cfg.qk_norm
-                                      else None)
+                                      else None, cfg.rope_scaling)
         self.norm2 = make_norm(cfg)
         if cfg.mlp == "swiglu":
             self.ff = SwiGLUFeedForward(cfg.n_embd, cfg.ff_hidden, cfg.dropout, cfg.bias)

@@ -98,7 +98,8 @@ def hf_llama(folder, vocab_size, tie=False, bias=False, kv_heads=2, eos=0, conte
     cfg = getattr(transformers, prefix + "Config")(
         vocab_size=vocab_size, hidden_size=64, intermediate_size=88, num_hidden_layers=config.pop("layers", 2),
         num_attention_heads=4, num_key_value_heads=kv_heads, max_position_embeddings=context, rms_norm_eps=1e-6,
-        tie_word_embeddings=tie, rope_parameters={"rope_type": "default", "rope_theta": 5000.0},
+        tie_word_embeddings=tie,
+        rope_parameters=config.pop("rope_parameters", {"rope_type": "default", "rope_theta": 5000.0}),
         bos_token_id=eos, eos_token_id=eos, **config)
     hf = getattr(transformers, prefix + "ForCausalLM")(cfg).double().eval()
     with torch.no_grad():  # random init has unit norms and zero biases: make every tensor count

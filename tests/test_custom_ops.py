@@ -98,8 +98,13 @@ def _rope_args(device, gen):
     k = _randn(2, 3, 7, 16, device=device, gen=gen)
     per_token = torch.randint(0, 9, (2, 7), generator=gen).to(device)
     shared = torch.arange(4, 11, device=device).expand(2, 7)
-    return {"rope_fwd": (q, k, per_token, 10000.0), "rope_fwd shared": (q, k, shared, 500.0),
-            "rope_bwd": (q.bfloat16(), k.bfloat16(), per_token.int(), 10000.0)}
+    from tritongpt.model.layers import rope_inv_freq
+
+    inv_freq, llama3 = rope_inv_freq(16, 10000.0, device), rope_inv_freq(16, 500.0, device, {
+        "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 64})
+    return {"rope_fwd": (q, k, per_token, inv_freq), "rope_fwd shared": (q, k, shared, llama3),
+            "rope_bwd": (q.bfloat16(), k.bfloat16(), per_token.int(), inv_freq)}
 
 
 MAKERS = {"layer_norm": _layer_norm_args, "rms_norm": _rms_norm_args, "mlp": _mlp_args,

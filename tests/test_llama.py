@@ -102,10 +102,14 @@ def test_export_round_trip(tmp_path, overrides, kind):
 
 
 @pytest.mark.parametrize("edit, said", [
-    ({"rope_parameters": {"rope_type": "llama3", "rope_theta": 5000.0, "factor": 8.0}},
-     "rope_parameters of type 'llama3'; this model computes unscaled RoPE ('default') only"),
-    ({"rope_parameters": None, "rope_scaling": {"type": "linear", "factor": 2.0}},
-     "rope_scaling of type 'linear'"),
+    ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 5000.0, "factor": 8.0}},
+     "rope_parameters of type 'yarn'; this model computes unscaled RoPE ('default'), or scaled by 'linear' or "
+     "'llama3'"),
+    ({"rope_parameters": None, "rope_scaling": {"type": "dynamic", "factor": 2.0}},
+     "rope_scaling of type 'dynamic'"),
+    ({"rope_parameters": {"rope_type": "llama3", "rope_theta": 5000.0, "factor": 8.0, "low_freq_factor": 4.0,
+                          "high_freq_factor": 1.0, "original_max_position_embeddings": 256}},
+     "high_freq_factor 1 must be above low_freq_factor 4"),
     ({"hidden_act": "gelu"}, "hidden_act 'gelu'; this model's SwiGLU computes 'silu' only"),
     ({"head_dim": 32}, "says head_dim 32, but the weights have 16"),
     ({"mlp_bias": True}, "attention_bias False and mlp_bias True"),
@@ -367,3 +371,36 @@ def test_pretrain_a_llama_export_it_and_resume_it(corpus, tmp_path, capsys):
     assert main(argv(tmp_path / "tuned", *llama, *more)) == 2  # the flags' model adds GPT-2's 1e-5
     assert "model adds eps 1e-06 in its norms, this run's model 1e-05: pass the run's own --init" in \
         capsys.readouterr().err
+
+
+LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 256}
+
+
+@pytest.mark.parametrize("scaling", [LLAMA3_ROPE, {"rope_type": "linear", "factor": 4.0}], ids=["llama3", "linear"])
+def test_scaled_rope_is_transformers(tmp_path, scaling):
+    """Llama 3.1's and 3.2's RoPE (rope_type llama3) and linear scaling: the inverse frequencies
+    are transformers' (heads of 16 at theta 5000 over an original context of 256: wavelengths
+    6.3 to 10800, so some kept, one blended, the rest stretched); a folder with it loads with
+    transformers' logits on both paths (the Triton kernel reads the same frequencies), and
+    exports back with it."""
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    from tritongpt.model.layers import rope_inv_freq
+    from tritongpt.train.llama_weights import export_llama
+
+    rope = {"rope_theta": 5000.0, **scaling}
+    hf, path = _hf_model(tmp_path / "in", rope_parameters=rope)
+    want, _ = ROPE_INIT_FUNCTIONS[scaling["rope_type"]](hf.config, "cpu")
+    ours = rope_inv_freq(16, 5000.0, "cpu", scaling)
+    assert_close_rel(ours.double(), want.double(), 1e-6, "inverse frequencies")
+    assert not torch.allclose(ours, rope_inv_freq(16, 5000.0, "cpu"))  # it did scale
+    model = load_checkpoint(path).double().eval()
+    assert model.config.rope_scaling == scaling
+    logits_match_transformers(hf, model, VOCAB, T)
+    export_llama(model, tmp_path / "out")
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float64).eval()
+    logits_match_transformers(back, load_checkpoint(tmp_path / "out").double().eval(), VOCAB, T)
+    with pytest.raises(UserError, match="GPTConfig.rope_scaling stretches RoPE's frequencies; this model has "
+                                        "position_encoding 'learned'"):
+        GPTConfig(rope_scaling=scaling)

@@ -194,7 +194,7 @@ def test_rotating_by_minus_the_angle_undoes_it(device):
         assert_close_rel(back[0], q, 1e-6, "q back")
         assert_close_rel(back[1], k, 1e-6, "k back")
         # the backward op is that inverse rotation
-        back = torch.ops.tritongpt.rope_bwd(qo, ko, pos, 10000.0)
+        back = torch.ops.tritongpt.rope_bwd(qo, ko, pos, rope_inv_freq(64, 10000.0, device))
         assert_close_rel(back[0], q, 1e-6, "rope_bwd(q)")
         assert_close_rel(apply_rotary(apply_rotary(q, pos), -pos), q, 1e-6, "reference back")
 
@@ -218,12 +218,12 @@ def test_position_forms_agree_and_theta_matters(device):
 
 def test_output_layout_and_nothing_saved_but_positions(device):
     """Outputs are [B, T, H, D] buffers seen as [B, H, T, D] (the projection's layout); autograd
-    keeps only the positions (rotating the gradients back needs nothing else)."""
+    keeps only the positions and the D/2 frequencies (rotating the gradients back needs nothing else)."""
     gen = torch.Generator().manual_seed(5)
     q, k = projected(2, 3, 17, 64, torch.float32, device, gen)
     pos = torch.arange(17, device=device).expand(2, 17)
     nbytes, (qo, ko) = saved_tensor_bytes(lambda: rope(q, k, pos))
-    assert nbytes == pos.untyped_storage().nbytes()
+    assert nbytes == pos.untyped_storage().nbytes() + 32 * 4
     assert qo.stride() == ko.stride() == (17 * 3 * 64, 64, 3 * 64, 1)
     # contiguous inputs (a gradient, a cache's keys) are read in place too
     assert_close_rel(rope(q.contiguous(), k.contiguous(), pos)[1], ko, 0.0, "contiguous input")
@@ -272,7 +272,12 @@ def test_bad_input_is_refused_by_name(device):
         rope(q, q, pos, theta="1e4")
     # the op itself checks what its kernel reads
     with pytest.raises(ValueError, match="positions has shape"):
-        torch.ops.tritongpt.rope_fwd(q, q, pos, 10000.0)
+        torch.ops.tritongpt.rope_fwd(q, q, pos, rope_inv_freq(q.shape[-1], 10000.0, device))
+    with pytest.raises(ValueError, match="inv_freq has shape"):
+        torch.ops.tritongpt.rope_fwd(q, q, pos.expand(q.shape[0], -1) if pos.dim() == 1 else pos,
+                                     rope_inv_freq(2 * q.shape[-1], 10000.0, device))
+    with pytest.raises(ValueError, match="rope: scaling: rope_type 'yarn' is not computed here"):
+        rope(q, q, pos, scaling={"rope_type": "yarn", "factor": 4.0})
 
 
 def test_torch_compile_fullgraph(device):

@@ -15,7 +15,8 @@ no row is permuted. Three relatives differ from it in a field or two, and are re
 - Qwen3: no q/k/v biases, but each head's query and key RMSNorm-ed before RoPE (qk_norm), and a
   head width of its own (attention_head_dim: Qwen3-0.6B's 16 heads of 128 over a width of 1024);
   a Llama, Mistral or Qwen2 config.json's head_dim is read too.
-What a config.json asks that this model does not compute (rope scaling, a head_dim the weights do
+RoPE scaled for a longer context (Llama 3.1's and 3.2's "llama3", or "linear") is GPTConfig.rope_scaling.
+What a config.json asks that this model does not compute (another RoPE scaling, a head_dim the weights do
 not have, an activation other than SiLU, biases on only some layers) is refused by name.
 
 `export` writes a Llama, Mistral, Qwen2 or Qwen3 folder (whichever the model is) that transformers
@@ -30,7 +31,7 @@ from pathlib import Path
 import torch
 
 from tritongpt.errors import UserError, read_json_object
-from tritongpt.model.config import GPTConfig
+from tritongpt.model.config import ROPE_SCALING_KEYS, GPTConfig, check_rope_scaling
 from tritongpt.model.gpt import GPTModel
 from tritongpt.train.gpt2_weights import _read_tensors, model_with_tensors, tensor_names, write_hf_folder
 
@@ -56,23 +57,32 @@ def is_llama_file(path) -> bool:
     return any(".mlp.gate_proj." in k for k in tensor_names(path))
 
 
-def _rope_theta(d: dict, cfg_json) -> float:
-    """RoPE's base from transformers 5's rope_parameters or the older rope_theta / rope_scaling;
-    any scaling (linear, dynamic, yarn, llama3...) is another function of the positions."""
+def _rope_theta(d: dict, cfg_json) -> tuple:
+    """(RoPE's base, its scaling: GPTConfig.rope_scaling) from transformers 5's rope_parameters or
+    the older rope_theta / rope_scaling. Linear and Llama 3's scalings stretch the frequencies
+    (layers.scaled_inv_freq); the others (dynamic, yarn, longrope...) are other functions of the
+    positions, refused by name."""
     params = d.get("rope_parameters") if isinstance(d.get("rope_parameters"), dict) else {}
-    scaling = d.get("rope_scaling") if isinstance(d.get("rope_scaling"), dict) else {}
-    for where, p in (("rope_parameters", params), ("rope_scaling", scaling)):
+    old = d.get("rope_scaling") if isinstance(d.get("rope_scaling"), dict) else {}
+    scaling = None
+    for where, p in (("rope_parameters", params), ("rope_scaling", old)):
         kind = p.get("rope_type", p.get("type", "default"))
-        if kind != "default":
-            raise UserError(f"{cfg_json} has {where} of type {kind!r}; this model computes unscaled RoPE "
-                            "('default') only")
+        if kind == "default":
+            continue
+        if kind not in ROPE_SCALING_KEYS:
+            raise UserError(f"{cfg_json} has {where} of type {kind!r}; this model computes unscaled RoPE ('default'), "
+                            f"or scaled by {' or '.join(map(repr, ROPE_SCALING_KEYS))}")
+        spec = {"rope_type": kind, **{k: p[k] for k in ROPE_SCALING_KEYS[kind] if k in p}}
+        if kind == "llama3" and "original_max_position_embeddings" not in spec:  # transformers' fallback
+            spec["original_max_position_embeddings"] = d.get("max_position_embeddings")
+        scaling = scaling or check_rope_scaling(spec, f"{cfg_json} has {where}")
     theta = params.get("rope_theta", d.get("rope_theta", 10000.0))
     if isinstance(theta, bool) or not isinstance(theta, (int, float)) or not math.isfinite(theta) or theta <= 0:
         raise UserError(f"{cfg_json} has rope_theta {theta!r}; it must be a number > 0")
     if d.get("partial_rotary_factor", 1.0) != 1.0:
         raise UserError(f"{cfg_json} has partial_rotary_factor {d['partial_rotary_factor']!r}; this model rotates "
                         "every dimension of a head (1.0) only")
-    return float(theta)
+    return float(theta), scaling
 
 
 def _sliding_window(d: dict, kind: str, n_layer: int, cfg_json) -> tuple:
@@ -140,11 +150,12 @@ def _check_hf_config(cfg_json: Path, sd: dict) -> GPTConfig:
                         "linear layers have biases all or none (GPTConfig.bias)")
     bias = attention_bias and kind == "llama"  # Mistral's have none, Qwen2's are q/k/v's only, whatever it says
     window, window_layers = _sliding_window(d, kind, n_layer, cfg_json)
+    theta, scaling = _rope_theta(d, cfg_json)
     return GPTConfig(vocab_size=vocab, context_length=d.get("max_position_embeddings", 2048), n_embd=n_embd,
                      n_layer=n_layer, n_head=n_head, n_kv_head=0 if n_kv_head == n_head else n_kv_head,
                      bias=bias, qkv_bias_only=kind == "qwen2", attention_window=window, window_layers=window_layers,
                      attention_head_dim=0 if head_dim * n_head == n_embd else head_dim, qk_norm=kind == "qwen3",
-                     position_encoding="rope", rope_theta=_rope_theta(d, cfg_json), norm="rmsnorm",
+                     position_encoding="rope", rope_theta=theta, rope_scaling=scaling, norm="rmsnorm",
                      norm_eps=d.get("rms_norm_eps", 1e-6), mlp="swiglu", mlp_hidden=hidden,
                      tie_weights="lm_head.weight" not in sd
                      or torch.equal(sd["lm_head.weight"], sd["embed_tokens.weight"]))
@@ -255,8 +266,9 @@ def hf_config(cfg: GPTConfig, eos_token_id: int | None = None) -> dict:
          "intermediate_size": cfg.ff_hidden, "num_hidden_layers": cfg.n_layer,
          "num_attention_heads": cfg.n_head, "num_key_value_heads": cfg.kv_heads, "head_dim": cfg.head_dim,
          "hidden_act": "silu", "rms_norm_eps": cfg.norm_eps,
-         "rope_theta": cfg.rope_theta, "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
-         "rope_scaling": None, "attention_dropout": 0.0, "tie_word_embeddings": cfg.tie_weights,
+         "rope_theta": cfg.rope_theta, "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta,
+                                                           **(cfg.rope_scaling or {})},
+         "rope_scaling": cfg.rope_scaling, "attention_dropout": 0.0, "tie_word_embeddings": cfg.tie_weights,
          "bos_token_id": eos_token_id, "eos_token_id": eos_token_id}
     window = cfg.attention_window or None
     if kind == "llama":

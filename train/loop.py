@@ -452,6 +452,7 @@ class Trainer:
         cap = saved_cfg.get("logit_softcap", 0.0)
         window, layers = saved_cfg.get("attention_window", 0), saved_cfg.get("window_layers", "all")
         encoding, theta = saved_cfg.get("position_encoding", "learned"), saved_cfg.get("rope_theta", 10000.0)
+        rope_scaling = saved_cfg.get("rope_scaling")
         mlp, norm = saved_cfg.get("mlp", "gelu"), saved_cfg.get("norm", "layernorm")
         eps, bias = saved_cfg.get("norm_eps", 1e-5), saved_cfg.get("bias", True)
         qkv_only = saved_cfg.get("qkv_bias_only", False)
@@ -463,12 +464,17 @@ class Trainer:
 
             what = f"{kind(mlp, hidden)}, this run's model {kind(cfg.mlp, cfg.ff_hidden)}"
             flags = f"--mlp {mlp}" + (f" --mlp-hidden {hidden}" if mlp == "swiglu" else "")
-        elif encoding != cfg.position_encoding or (encoding == "rope" and theta != cfg.rope_theta):
-            def positions(e, t):
-                return f"rotates q and k (RoPE, theta {t:g})" if e == "rope" else "learns position embeddings"
+        elif encoding != cfg.position_encoding or (encoding == "rope" and (theta, rope_scaling) != (cfg.rope_theta,
+                                                                                                   cfg.rope_scaling)):
+            def positions(e, t, s):
+                scaled = f", {s['rope_type']} scaling x{s['factor']:g}" if s else ""
+                return f"rotates q and k (RoPE, theta {t:g}{scaled})" if e == "rope" else "learns position embeddings"
 
-            what = f"{positions(encoding, theta)}, this run's model {positions(cfg.position_encoding, cfg.rope_theta)}"
+            what = (f"{positions(encoding, theta, rope_scaling)}, this run's model "
+                    f"{positions(cfg.position_encoding, cfg.rope_theta, cfg.rope_scaling)}")
             flags = f"--position-encoding {encoding}" + (f" --rope-theta {theta:g}" if encoding == "rope" else "")
+            if rope_scaling or cfg.rope_scaling:  # no flag scales RoPE: only an --init folder's config.json
+                flags = "the run's own --init"
         elif norm != cfg.norm:
             what = f"normalizes with {norm}, this run's model with {cfg.norm}"
             flags = f"--norm {norm}"

@@ -400,7 +400,8 @@ def print_header(args, targs, model, tok, block, splits, trainer):
     cfg, n_train, n_val = model.config, len(splits["train"]), len(splits["val"])
     padded = f" padded to {cfg.padded_vocab_size}" if cfg.padded_vocab_size != cfg.vocab_size else ""
     local = f", local attention over {cfg.attention_window} positions in {cfg.window_layers} layers"
-    rope = f", RoPE (theta {cfg.rope_theta:g})" if cfg.position_encoding == "rope" else ""
+    scaled = f", {cfg.rope_scaling['rope_type']} scaling x{cfg.rope_scaling['factor']:g}" if cfg.rope_scaling else ""
+    rope = f", RoPE (theta {cfg.rope_theta:g}{scaled})" if cfg.position_encoding == "rope" else ""
     gqa = f", {cfg.kv_heads} key/value head{'s' * (cfg.kv_heads > 1)} for {cfg.n_head} query heads" \
         if cfg.kv_heads < cfg.n_head else ""
     gqa += f", heads of {cfg.head_dim}" if cfg.attention_head_dim else ""
