@@ -205,8 +205,9 @@ def capture(quick=False, half="bfloat16"):
                 heads, batch = max(768 // d, 1), TOKENS // ATTN_SEQ
                 q = torch.empty(batch, ATTN_SEQ, heads, d, dtype=dt, **meta).transpose(1, 2)
                 positions = torch.empty(batch, ATTN_SEQ, dtype=torch.int64, **meta)
+                inv_freq = torch.empty(d // 2, dtype=torch.float32, **meta)  # rope_inv_freq's, scaled or not
                 for inverse in (False, True):  # forward, and backward's rotation by -angle
-                    rope._launch(q, q, positions, 10000.0, inverse)
+                    rope._launch(q, q, positions, inv_freq, inverse)
     finally:
         JITFunction.run, Autotuner.run, layernorm._sm_count = saved
     return launches
