@@ -157,7 +157,6 @@ def turn_end_id(tokenizer) -> int:
     return ids[0]
 
 
-
 def chat_template_for(tokenizer, command: str, choice: str, has_chats: bool):
     """The tokenizer a run saves and renders its chats with: as it is (--chat-template auto: the
     model's own template, when it has one), or without its template (tritongpt: ours). A note

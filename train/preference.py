@@ -153,10 +153,13 @@ class EncodedPair:
 
 def encode_pairs(pairs, tokenizer, max_len: int, what: str = "preference pairs") -> list[EncodedPair]:
     """Tokenize; pairs whose prompt + longer response exceed max_len are dropped (and counted)."""
-    out, dropped = [], 0
+    out, dropped, ends = [], 0, {}
     for p in pairs:
         prompt = encode_prompt(tokenizer, p.prompt)
-        end = answer_end_id(tokenizer, p.prompt)  # the eot, or a chat template's end of turn
+        chat = isinstance(p.prompt, formats.ChatPrompt)
+        if chat not in ends:  # the eot, or a chat template's end of turn (rendered once, not per pair)
+            ends[chat] = answer_end_id(tokenizer, p.prompt)
+        end = ends[chat]
         chosen = encode_text(tokenizer, p.chosen) + [end]
         rejected = encode_text(tokenizer, p.rejected) + [end]
         if not prompt or len(prompt) + max(len(chosen), len(rejected)) > max_len:
