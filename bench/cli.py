@@ -157,6 +157,8 @@ def train_model_flags(args, models=()):
         if args.mlp != "swiglu":
             raise UserError(f"--mlp-hidden {args.mlp_hidden} is the SwiGLU MLP's hidden size: without --mlp swiglu "
                             "it does nothing")
+    if args.attention_head_dim is not None and args.attention_head_dim <= 0:
+        raise UserError(f"--attention-head-dim must be a positive integer, got {args.attention_head_dim}")
     if args.n_kv_head is not None and args.n_kv_head < 0:
         raise UserError(f"--n-kv-head must be >= 0 (0: as many as the heads), got {args.n_kv_head}")
     for m in models:
@@ -276,6 +278,12 @@ def add_cli(sub):
     t.add_argument("--bias", action=argparse.BooleanOptionalAction, default=None,
                    help="biases in the linear layers (GPTConfig.bias): GPT-2 has them; --no-bias drops them all, "
                         "as Llama does (default: the preset's, biases)")
+    t.add_argument("--attention-head-dim", type=int, default=None, metavar="D",
+                   help="each head's width, its own (Qwen3's 128; GPTConfig.attention_head_dim): the queries and "
+                        "the attention output n_head x D wide (default: n_embd / n_head)")
+    t.add_argument("--qk-norm", action=argparse.BooleanOptionalAction, default=None,
+                   help="normalize each head's query and key before RoPE, with the model's norm (Qwen3; "
+                        "GPTConfig.qk_norm) (default: the preset's, none)")
     t.add_argument("--peak-tflops", type=float, default=None,
                    help="MFU denominator; default: the GPU's dense bf16 datasheet peak (as the trainers use), "
                         "else the bf16 matmul measured in this run")

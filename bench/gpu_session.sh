@@ -4,7 +4,7 @@
 # lent H100/H200 for ~15 minutes a session, at most 10 a call), so everything is time-boxed
 # and every result lands in $OUT/session.tgz.
 #
-#   TRITONGPT_GIT_COMMIT=<hash of HEAD> bash bench/gpu_session.sh [all|tests|bench|padded|lora|window|llama]
+#   TRITONGPT_GIT_COMMIT=<hash of HEAD> bash bench/gpu_session.sh [all|tests|bench|padded|lora|window|llama|qwen3]
 #   (default: all)
 #   padded (not part of all): the GPT-2 124M training step again with the vocabulary padded to
 #   50304 (--vocab-multiple 64, every provider alike), into results-vocab64/ in the archive
@@ -17,6 +17,8 @@
 #   training step with Llama's shape at GPT-2's widths: RMSNorm,
 #   SwiGLU (hidden 2048), RoPE, 4 KV heads for the 12 query heads, no biases (--norm rmsnorm --mlp swiglu
 #   --position-encoding rope --n-kv-head 4 --no-bias, every provider alike), into results-llama/
+#   qwen3 (not part of all; after llama): the llama run's model with Qwen3's attention: 12 heads of 128
+#   (1536 wide over GPT-2's 768) and q/k norms (--attention-head-dim 128 --qk-norm), into results-qwen3/
 #   env: OUT (default ./gpu-out), WORK (default /tmp/tritongpt-gpu), WARM_SECONDS (90),
 #        TEST_SECONDS (120), BENCH_MINUTES (4), PYTHON (python3)
 # The device gets a copy of the working tree without .git, so name the commit: results record it.
@@ -171,5 +173,9 @@ if [ "$what" = window ]; then
 fi
 if [ "$what" = llama ]; then
     extra_train_bench llama --norm rmsnorm --mlp swiglu --position-encoding rope --n-kv-head 4 --no-bias
+fi
+if [ "$what" = qwen3 ]; then
+    extra_train_bench qwen3 --norm rmsnorm --mlp swiglu --position-encoding rope --n-kv-head 4 --no-bias \
+        --attention-head-dim 128 --qk-norm
 fi
 exit $rc

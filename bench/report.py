@@ -159,7 +159,8 @@ def config_text(cfg: dict) -> str:
 # a train row's config fields that make its model other than GPT-2 as published (train_step.model_variant):
 # VARIANT_KEYS, and Llama's shape, ARCH_KEYS, which the models line puts in words
 VARIANT_KEYS = ("padded_vocab", "attention_window", "window_layers", "logit_softcap")
-ARCH_KEYS = ("norm", "mlp", "mlp_hidden", "position_encoding", "rope_theta", "n_kv_head", "bias")
+ARCH_KEYS = ("norm", "mlp", "mlp_hidden", "position_encoding", "rope_theta", "n_kv_head", "bias", "attention_head_dim",
+             "qk_norm")
 
 
 def variant_text(config: dict, keys=VARIANT_KEYS + ARCH_KEYS) -> str:
@@ -169,7 +170,7 @@ def variant_text(config: dict, keys=VARIANT_KEYS + ARCH_KEYS) -> str:
 
 def architecture_text(config: dict) -> str:
     """A row config's ARCH_KEYS in words ("RMSNorm, SwiGLU (hidden 2048), RoPE (theta 10000), 4 KV heads,
-    no biases"), or ""."""
+    no biases", and Qwen3's "heads of 128, q/k norms"), or ""."""
     name = {"rmsnorm": "RMSNorm", "swiglu": "SwiGLU", "rope": "RoPE"}
     words = []
     if "norm" in config:
@@ -183,6 +184,10 @@ def architecture_text(config: dict) -> str:
         words.append(f"{config['n_kv_head']} KV heads")
     if config.get("bias") is False:
         words.append("no biases")
+    if "attention_head_dim" in config:
+        words.append(f"heads of {config['attention_head_dim']}")
+    if config.get("qk_norm"):
+        words.append("q/k norms")
     return ", ".join(words)
 
 

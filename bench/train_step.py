@@ -109,14 +109,14 @@ def use_sdpa_attention(model):
 # -- the model timed -------------------------------------------------------------------------------------
 # bench train's model flags: GPTConfig fields over the preset's (None or absent: the preset's)
 MODEL_FLAGS = ("vocab_multiple", "attention_window", "window_layers", "logit_softcap", "norm", "mlp", "mlp_hidden",
-               "position_encoding", "rope_theta", "n_kv_head", "bias")
+               "position_encoding", "rope_theta", "n_kv_head", "bias", "attention_head_dim", "qk_norm")
 
 
 def model_variant(cfg) -> dict:
     """What makes cfg's model other than GPT-2 as published, for a row's config (so a local, capped or
     Llama-shaped model's row is never read as plain GPT-2's): a padded vocabulary, local attention (the
     window and its layers), a logit soft cap, RMSNorm, the SwiGLU MLP (its hidden size as built), RoPE
-    (its theta), fewer KV heads, no biases. {} for GPT-2."""
+    (its theta), fewer KV heads, no biases, Qwen3's heads of their own width and q/k norms. {} for GPT-2."""
     out = {}
     if cfg.padded_vocab_size != cfg.vocab_size:
         out["padded_vocab"] = cfg.padded_vocab_size
@@ -134,6 +134,10 @@ def model_variant(cfg) -> dict:
         out["n_kv_head"] = cfg.kv_heads
     if not cfg.bias:
         out["bias"] = False
+    if cfg.n_head * cfg.head_dim != cfg.n_embd:
+        out["attention_head_dim"] = cfg.head_dim
+    if cfg.qk_norm:
+        out["qk_norm"] = True
     return out
 
 

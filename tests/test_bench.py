@@ -2697,11 +2697,14 @@ def test_llama_step_flops_count_its_own_matrices_by_hand():
 @pytest.mark.parametrize("mode, flags, model", [
     ("window", ["--attention-window", "256", "--window-layers", "odd"],
      dict(attention_window=256, window_layers="odd")),
-    ("llama", LLAMA_FLAGS, dict(norm="rmsnorm", mlp="swiglu", position_encoding="rope", n_kv_head=4, bias=False))])
+    ("llama", LLAMA_FLAGS, dict(norm="rmsnorm", mlp="swiglu", position_encoding="rope", n_kv_head=4, bias=False)),
+    ("qwen3", LLAMA_FLAGS + ["--attention-head-dim", "128", "--qk-norm"],
+     dict(norm="rmsnorm", position_encoding="rope", n_kv_head=4, bias=False, attention_head_dim=128, qk_norm=True))])
 def test_gpu_session_extra_train_modes_time_gpt2_small_into_their_own_folder(tmp_path, mode, flags, model):
-    """`bash bench/gpu_session.sh window` and `... llama` (extra runs, as padded and lora are) run `bench
-    train` on GPT-2 124M with GPT-Neo's window of 256 in the odd layers, or with Llama's shape (RMSNorm,
-    SwiGLU, RoPE, 4 KV heads, no biases), into results-<mode>/, within its budget and hard limit, and pack
+    """`bash bench/gpu_session.sh window`, `... llama` and `... qwen3` (extra runs, as padded and lora
+    are) run `bench train` on GPT-2 124M with GPT-Neo's window of 256 in the odd layers, with Llama's
+    shape (RMSNorm, SwiGLU, RoPE, 4 KV heads, no biases), or that with Qwen3's attention (heads of 128,
+    q/k norms), into results-<mode>/, within its budget and hard limit, and pack
     it; the flags pass bench train's own checks and reach the model flags. Python is a stand-in that
     records its arguments (no install, no GPU)."""
     import os
@@ -3180,3 +3183,23 @@ def test_cpu_rows_record_the_threads_and_the_tokenizer_load_time(monkeypatch):
     monkeypatch.setattr(cpu, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
     fast, _ = cpu.bench_tokenizer("abcd" * 10, reps=1)
     assert fast["load_s"] == 2.5
+
+
+def test_a_qwen3_step_names_its_attention_and_counts_its_wider_heads():
+    """bench train --attention-head-dim 48 --qk-norm on tiny (4 heads of 48: queries 192 wide over
+    C = 128): the row names both, the models line says them in words, and MFU's attention FLOPs count
+    the queries' width (n_head x head_dim) where GPT-2's count C."""
+    from tritongpt.bench import report
+    from tritongpt.train.loop import attention_forward_flops
+
+    flags = dict(norm="rmsnorm", mlp="swiglu", position_encoding="rope", bias=False, attention_head_dim=48,
+                 qk_norm=True)
+    cpu = torch.device("cpu")
+    row = train_step.bench_train_provider("reference", "tiny", 2, 16, cpu, torch.float32, 0, 1, peak_flops=1e12,
+                                          **flags)
+    assert row["status"] == "ok"
+    assert {k: row["config"][k] for k in ("attention_head_dim", "qk_norm")} == {"attention_head_dim": 48,
+                                                                                "qk_norm": True}
+    assert report.models_line([row]).endswith("heads of 48, q/k norms")
+    cfg = train_step.train_config("tiny", 16, **flags)
+    assert attention_forward_flops(cfg, 16) == 4 * (4 * 48) * 16 * cfg.n_layer
