@@ -948,7 +948,7 @@ def test_gpu_command_flow_with_cpu_stand_ins(tmp_path, monkeypatch, capsys):
     # GPT-2 as published unless --vocab-multiple, --attention-window, ..., --bias say otherwise
     assert seen["flags"] == dict(vocab_multiple=1, attention_window=0, window_layers=None, logit_softcap=0.0,
                                  norm=None, mlp=None, mlp_hidden=None, position_encoding=None, rope_theta=None,
-                                 n_kv_head=None, bias=None)
+                                 n_kv_head=None, bias=None, attention_head_dim=None, qk_norm=None)
     (folder,) = tmp_path.iterdir()
     k = report.validate_result(json.loads((folder / "kernels.json").read_text()))
     t = report.validate_result(json.loads((folder / "train.json").read_text()))
