@@ -28,8 +28,8 @@ rotated by the angle pos * theta^(-2i/D):
     projection's layout, so merging heads and the KV cache's copy see what they saw before.
     Math is fp32; the result is rounded once to the input's dtype (bf16/fp16/fp32).
 
-Public API: `rope(q, k, positions, theta=10000.0, scaling=None) -> (q_rot, k_rot)`. It is built from the torch
-library custom ops `tritongpt::rope_fwd` / `tritongpt::rope_bwd` (with fake impls) inside an
+Public API: `rope(q, k, positions, theta=10000.0, scaling=None) -> (q_rot, k_rot)`. It is built
+from the torch library custom ops `tritongpt::rope_fwd` / `tritongpt::rope_bwd` (with fake impls) inside an
 autograd.Function, so it runs under torch.compile (the ops stay opaque calls in the graph).
 """
 import math
@@ -119,6 +119,11 @@ def _launch(q, k, positions, inv_freq, inverse):
     return qo, ko
 
 
+def _check_head_dim(D: int):
+    if D % 2 or not 2 <= D <= MAX_HEAD_DIM:
+        raise ValueError(f"rope: head_dim {D} must be even (pairs i, i + D/2) and at most {MAX_HEAD_DIM}")
+
+
 def _check_op_args(q, k, positions, inv_freq):
     """What the kernel reads, checked in the ops themselves, so also for a direct caller."""
     check_tensor(q, "q", ndim=4)
@@ -128,8 +133,7 @@ def _check_op_args(q, k, positions, inv_freq):
         raise ValueError(f"rope: q {tuple(q.shape)} and k {tuple(k.shape)} must have the same batch, length and "
                          "head_dim [B, H, T, D] (k may have fewer heads: grouped-query attention)")
     D = q.shape[-1]
-    if D % 2 or not 2 <= D <= MAX_HEAD_DIM:
-        raise ValueError(f"rope: head_dim {D} must be even (pairs i, i + D/2) and at most {MAX_HEAD_DIM}")
+    _check_head_dim(D)
     check_tensor(positions, "positions", dtypes=(torch.int32, torch.int64), shape=(q.shape[0], q.shape[2]))
     check_same_device(q=q, k=k, positions=positions)
     check_tensor(inv_freq, "inv_freq", dtypes=(torch.float32,), shape=(D // 2,))
@@ -220,8 +224,7 @@ def rope(q: torch.Tensor, k: torch.Tensor, positions, theta: float = 10000.0, sc
     if not math.isfinite(theta) or theta <= 0:
         raise ValueError(f"rope: theta must be a finite number > 0, got {theta!r}")
     D = q.shape[-1]
-    if D % 2 or not 2 <= D <= MAX_HEAD_DIM:  # before the frequencies are made for it
-        raise ValueError(f"rope: head_dim {D} must be even (pairs i, i + D/2) and at most {MAX_HEAD_DIM}")
+    _check_head_dim(D)  # before the frequencies are made for it
     try:
         scaling = check_rope_scaling(scaling, "rope: scaling")
     except UserError as e:  # the kernels' bad arguments are ValueErrors

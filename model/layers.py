@@ -289,8 +289,9 @@ class MultiHeadAttention(nn.Module):
     and keys are rotated by their positions (Rotary) after the projection, before the cache
     stores the keys: the cache holds them rotated, as Llama's does. With qk_norm (Qwen3) each
     head's query and key is normalized first; with head_dim (Qwen3's own width) the heads are
-    head_dim wide whatever n_embd is, so q and the merged heads are n_head x head_dim. Triton twin of the attention
-    core: kernels/attention.py (flash_attention), which never builds the Tq x Tk score matrix.
+    head_dim wide whatever n_embd is, so q and the merged heads are n_head x head_dim. Triton
+    twin of the attention core: kernels/attention.py (flash_attention), which never builds the
+    Tq x Tk score matrix.
     """
 
     def __init__(self, n_embd: int, n_head: int, context_length: int, dropout: float = 0.0,

@@ -452,8 +452,10 @@ def resolve_checkpoint(path) -> Path:
         for name in ADAPTER_FILES:
             if (p / name).is_file():
                 return p / name
-    if (p / "model.safetensors.index.json").is_file():  # transformers' save_pretrained past max_shard_size
-        return p / "model.safetensors.index.json"  # its shards are read together (gpt2_weights.shard_files)
+    from tritongpt.train.gpt2_weights import SHARD_INDEX
+
+    if (p / SHARD_INDEX).is_file():  # transformers' save_pretrained past max_shard_size
+        return p / SHARD_INDEX  # its shards are read together (gpt2_weights.shard_files)
     latest = Checkpointer(p).latest()
     if latest is None:
         raise UserError(f"no checkpoint found at {path}")

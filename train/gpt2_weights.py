@@ -137,8 +137,9 @@ _HF_MUST = {"activation_function": ({"gelu_new", "gelu_pytorch_tanh", "gelu_fast
 
 
 def _gpt2_config_json(cfg_json: Path) -> dict:
-    """config.json of a file load_checkpoint did not hand to GPT-Neo's or Llama's (Mistral's, Qwen2's) reader: another
-    model_type (Qwen3, Gemma...) is named here, before its tensors are looked up under GPT-2's names."""
+    """config.json of a file load_checkpoint did not hand to GPT-Neo's or the Llama family's reader:
+    another model_type (Gemma, Phi-3...) is named here, before its tensors are looked up under
+    GPT-2's names."""
     d = read_json_object(cfg_json)
     if d.get("model_type", "gpt2") != "gpt2":
         raise UserError(f"{cfg_json} says model_type {d['model_type']!r}: not a GPT-2 model (tritongpt reads "

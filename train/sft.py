@@ -455,14 +455,14 @@ def greedy_responses(model, tokenizer, records, max_new_tokens: int = 32, batch_
     from tritongpt.train.generate import generate
 
     device = next(model.parameters()).device
-    ctx, eot = model.config.context_length, tokenizer.eot_id
+    from tritongpt.train.chat_template import answer_end_id
+
+    # what ends an answer: the eot, or the model's chat template's own end of turn (<|im_end|>)
+    ctx = model.config.context_length
+    eot = answer_end_id(tokenizer, formats.record_prompt(records[0], template)) if records else tokenizer.eot_id
     # a tokenizer smaller than the model's vocabulary (pick_tokenizer allows one) cannot decode
     # the rest: only its ids are drawn, as `tritongpt generate` does
     limit = tokenizer.vocab_size if tokenizer.vocab_size < model.config.vocab_size else None
-    if records and "messages" in records[0] and getattr(tokenizer, "chat_template", None) is not None:
-        from tritongpt.train.chat_template import turn_end_id
-
-        eot = turn_end_id(tokenizer)  # the model's template ends an answer with its own token (<|im_end|>)
     prompts = [formats.encode_prompt(tokenizer, formats.prompt_parts(r, template, tokenizer)) for r in records]
     by_len = {}
     for i, p in enumerate(prompts):
