@@ -7,7 +7,8 @@ a state_dict moves freely between the two paths.
     LayerNorm           <->  kernels/layernorm.py   (layer_norm; add_and_norm <-> add_layer_norm)
     RMSNorm             <->  kernels/layernorm.py   (rms_norm; add_and_norm <-> add_rms_norm: the same kernels, IS_RMS)
     FeedForward         <->  kernels/mlp.py         (gelu_mlp: Linear+bias+GELU fused, GELU recomputed in backward)
-    SwiGLUFeedForward   <->  kernels/swiglu.py      (swiglu_mlp: gate and up in one pass, silu(g) * u fused)
+    SwiGLUFeedForward   <->  kernels/swiglu.py      (swiglu_mlp: gate and up in one pass, silu(g) * u fused;
+                                                     GeGLU's gelu(g) * u too)
     MultiHeadAttention  <->  kernels/attention.py   (flash_attention: only the attention core is swapped)
     Rotary (apply_rotary) <-> kernels/rope.py       (rope: q and k rotated in one launch)
     out_head + lm_loss (model/gpt.py) <->  kernels/cross_entropy.py (linear_cross_entropy: never all the logits at once)
@@ -153,16 +154,22 @@ def swiglu_hidden(n_embd: int) -> int:
     return -(-(8 * n_embd) // (3 * 64)) * 64
 
 
-class SwiGLUFeedForward(nn.Module):
-    """Llama's (PaLM's, Mistral's) MLP: w_down(silu(w_gate(x)) * w_up(x)), dropout.
+GATES = {"silu": F.silu, "gelu": lambda g: F.gelu(g, approximate="tanh")}  # a gated MLP's activation
 
-    silu(g) = g * sigmoid(g) gates the up projection elementwise (Shazeer 2020, "GLU Variants
+
+class SwiGLUFeedForward(nn.Module):
+    """Llama's (PaLM's, Mistral's) MLP: w_down(silu(w_gate(x)) * w_up(x)), dropout; with
+    activation "gelu", Gemma's GeGLU: w_down(gelu_tanh(w_gate(x)) * w_up(x)).
+
+    The activation of g gates the up projection elementwise (Shazeer 2020, "GLU Variants
     Improve Transformer"). Triton twin: kernels/swiglu.py, which makes g and u in one pass over x,
-    fuses silu(g) * u into that matmul and keeps only g and u for backward (a is recomputed there).
+    fuses act(g) * u into that matmul and keeps only g and u for backward (a is recomputed there).
     """
 
-    def __init__(self, n_embd: int, hidden: int, dropout: float = 0.0, bias: bool = True):
+    def __init__(self, n_embd: int, hidden: int, dropout: float = 0.0, bias: bool = True, activation: str = "silu"):
         super().__init__()
+        assert activation in GATES, f"activation must be one of {', '.join(GATES)}"
+        self.activation = activation
         self.w_gate = nn.Linear(n_embd, hidden, bias=bias)
         self.w_up = nn.Linear(n_embd, hidden, bias=bias)
         self.w_down = nn.Linear(hidden, n_embd, bias=bias)
@@ -174,8 +181,8 @@ class SwiGLUFeedForward(nn.Module):
             from tritongpt.kernels.swiglu import swiglu_mlp
 
             return self.drop(swiglu_mlp(x, self.w_gate.weight, self.w_gate.bias, self.w_up.weight, self.w_up.bias,
-                                        self.w_down.weight, self.w_down.bias))
-        return self.drop(self.w_down(F.silu(self.w_gate(x)) * self.w_up(x)))
+                                        self.w_down.weight, self.w_down.bias, activation=self.activation))
+        return self.drop(self.w_down(GATES[self.activation](self.w_gate(x)) * self.w_up(x)))
 
 
 def rope_inv_freq(head_dim: int, theta: float, device=None, scaling: dict | None = None) -> torch.Tensor:
