@@ -8,10 +8,11 @@ from tritongpt._types import is_int, is_real, softcap_value
 from tritongpt.errors import UserError
 
 
-WINDOW_LAYERS = ("all", "odd")  # which layers GPTConfig.attention_window makes local
+WINDOW_LAYERS = ("all", "odd")  # which layers GPTConfig.attention_window makes local (or a list of them)
 POSITION_ENCODINGS = ("learned", "rope")  # GPTConfig.position_encoding
 NORMS = ("layernorm", "rmsnorm")  # GPTConfig.norm
-MLPS = ("gelu", "swiglu")  # GPTConfig.mlp
+MLPS = ("gelu", "swiglu", "geglu")  # GPTConfig.mlp
+GATED_MLPS = ("swiglu", "geglu")  # three matrices, w_down(act(w_gate x) * w_up x)
 
 
 @dataclass
@@ -52,7 +53,8 @@ class GPTConfig:
     # Local attention (GPT-3's "locally banded" layers, GPT-Neo's local ones, Mistral's sliding
     # window): in a local layer a token attends to the last attention_window positions only,
     # itself included. 0: every layer sees the whole context (GPT-2). window_layers picks the
-    # local layers: "all", or "odd" (layers 1, 3, 5, ...: GPT-Neo's alternation with global layers).
+    # local layers: "all", "odd" (layers 1, 3, 5, ...: GPT-Neo's alternation with global layers),
+    # or a comma list of layer indices ("0,1,2,3,4,6,...": Gemma 3's five local layers to a global one).
     attention_window: int = 0
     window_layers: str = "all"
     # Position encoding: "learned" absolute embeddings added to the tokens' (GPT-2's pos_emb), or
@@ -65,6 +67,9 @@ class GPTConfig:
     # {"rope_type": "llama3", "factor", "low_freq_factor", "high_freq_factor",
     # "original_max_position_embeddings"}, as Hugging Face's rope_parameters spell them.
     rope_scaling: dict | None = None
+    # Gemma 3's two RoPEs: the local (windowed) layers rotate with this base, unscaled, and the global
+    # ones with rope_theta and rope_scaling (10000 and 1e6 in Gemma 3). 0: every layer as rope_theta says.
+    rope_local_theta: float = 0.0
     # Every norm of the model (each block's two and the final one): "layernorm", GPT-2's
     # (x - mean) / std * weight + bias, or "rmsnorm", x / rms(x) * weight (Llama, Gemma, modded-nanogpt:
     # no mean subtracted, no bias parameter). norm_eps is added to the variance or the mean square:
@@ -74,8 +79,16 @@ class GPTConfig:
     # The MLP: "gelu", GPT-2's Linear(C -> 4C), GELU, Linear(4C -> C); or "swiglu", Llama's
     # w_down(silu(w_gate x) * w_up x) with three matrices of hidden size mlp_hidden (0: Llama's
     # rule, 2/3 of 4C rounded up to a multiple of 64, about GPT-2's parameter count: 2048 at C = 768).
+    # "geglu" is Gemma's: SwiGLU's three matrices with GELU (tanh) for silu.
     mlp: str = "gelu"
     mlp_hidden: int = 0
+    # Gemma's two touches (Gemma 1, 2, 3): scale_embeddings multiplies the token embeddings by
+    # sqrt(n_embd) (rounded to their dtype, as Gemma does) before the first block; post_norms
+    # (Gemma 2, 3: "sandwich" norms) normalizes each sublayer's output before it joins the residual,
+    # x + norm(attention(norm(x))), with a norm of its own. Gemma's RMSNorm multiplies by (1 + w):
+    # its weights are read in as 1 + w and written out as w - 1, the same function (train/gemma_weights.py).
+    scale_embeddings: bool = False
+    post_norms: bool = False
     kernels: str = "reference"  # "reference" | "triton" | "auto" | a comma list of toggle.KERNEL_NAMES
     # LoRA (model/lora.py): rank 0 is none; else the targets' weights are W + (alpha / rank) B A
     lora_rank: int = 0
@@ -110,9 +123,7 @@ class GPTConfig:
             raise UserError(f"GPTConfig.attention_window must be an integer >= 0 (0: no local attention), "
                             f"got {self.attention_window!r}")
         self.attention_window = int(self.attention_window)
-        if self.window_layers not in WINDOW_LAYERS:
-            raise UserError(f"GPTConfig.window_layers must be one of {', '.join(WINDOW_LAYERS)}, "
-                            f"got {self.window_layers!r}")
+        self.window_layers = check_window_layers(self.window_layers, self.n_layer)
         if self.position_encoding not in POSITION_ENCODINGS:
             raise UserError(f"GPTConfig.position_encoding must be one of {', '.join(POSITION_ENCODINGS)}, "
                             f"got {self.position_encoding!r}")
@@ -126,6 +137,16 @@ class GPTConfig:
                             f"got {self.rope_theta!r}")
         self.rope_theta = float(self.rope_theta)
         self.rope_scaling = check_rope_scaling(self.rope_scaling, "GPTConfig.rope_scaling")
+        if not is_real(self.rope_local_theta) or not math.isfinite(self.rope_local_theta) or self.rope_local_theta < 0:
+            raise UserError(f"GPTConfig.rope_local_theta must be a finite number >= 0 (0: rope_theta in every layer), "
+                            f"got {self.rope_local_theta!r}")
+        self.rope_local_theta = float(self.rope_local_theta)
+        if self.rope_local_theta and (self.position_encoding != "rope" or not self.attention_window):
+            raise UserError(f"GPTConfig.rope_local_theta {self.rope_local_theta:g} is the RoPE base of the local "
+                            f"layers; this model has " + ("no local attention (attention_window 0)"
+                                                          if self.position_encoding == "rope" else
+                                                          f"position_encoding {self.position_encoding!r}")
+                            + ": leave it 0")
         if self.rope_scaling and self.position_encoding != "rope":
             raise UserError(f"GPTConfig.rope_scaling stretches RoPE's frequencies; this model has position_encoding "
                             f"{self.position_encoding!r}: set it to 'rope' or leave rope_scaling None")
@@ -137,10 +158,11 @@ class GPTConfig:
         if not is_int(self.mlp_hidden) or self.mlp_hidden < 0:
             raise UserError(f"GPTConfig.mlp_hidden must be an integer >= 0 (0: Llama's rule), got {self.mlp_hidden!r}")
         self.mlp_hidden = int(self.mlp_hidden)
-        if self.mlp_hidden and self.mlp != "swiglu":
-            raise UserError(f"GPTConfig.mlp_hidden {self.mlp_hidden} is the SwiGLU MLP's hidden size; the GELU "
-                            f"MLP's is 4 n_embd: set mlp 'swiglu' or leave mlp_hidden 0")
-        for name in ("bias", "tie_weights", "scale_attention", "qkv_bias", "qkv_bias_only", "qk_norm"):
+        if self.mlp_hidden and self.mlp not in GATED_MLPS:
+            raise UserError(f"GPTConfig.mlp_hidden {self.mlp_hidden} is the gated (SwiGLU, GeGLU) MLP's hidden size; "
+                            f"the GELU MLP's is 4 n_embd: set mlp 'swiglu' or 'geglu', or leave mlp_hidden 0")
+        for name in ("bias", "tie_weights", "scale_attention", "qkv_bias", "qkv_bias_only", "qk_norm",
+                     "scale_embeddings", "post_norms"):
             value = getattr(self, name)
             # a bool or numpy's; not a string ("False" would read as true) or a number
             if not isinstance(value, (bool, np.bool_)):
@@ -171,7 +193,7 @@ class GPTConfig:
 
     @property
     def ff_hidden(self) -> int:
-        """The MLP's hidden size: 4 n_embd (GELU), or mlp_hidden / Llama's rule (SwiGLU)."""
+        """The MLP's hidden size: 4 n_embd (GELU), or mlp_hidden / Llama's rule (SwiGLU, GeGLU)."""
         if self.mlp == "gelu":
             return 4 * self.n_embd
         from tritongpt.model.layers import swiglu_hidden
@@ -185,8 +207,23 @@ class GPTConfig:
 
     def layer_window(self, layer_idx: int) -> int:
         """The attention window of layer layer_idx: attention_window if it is a local layer, else 0."""
-        local = self.window_layers == "all" or layer_idx % 2 == 1
-        return self.attention_window if local else 0
+        return self.attention_window if layer_idx in self.local_layers else 0
+
+    @property
+    def local_layers(self) -> tuple:
+        """The indices of the layers window_layers names ("all", "odd" or its list)."""
+        if self.window_layers == "all":
+            return tuple(range(self.n_layer))
+        if self.window_layers == "odd":
+            return tuple(range(1, self.n_layer, 2))
+        return tuple(int(i) for i in self.window_layers.split(","))
+
+    def layer_rope(self, layer_idx: int) -> tuple:
+        """(RoPE's base, its scaling) in layer layer_idx: rope_local_theta unscaled in a local layer
+        when it is set (Gemma 3), else rope_theta and rope_scaling."""
+        if self.rope_local_theta and self.layer_window(layer_idx):
+            return self.rope_local_theta, None
+        return self.rope_theta, self.rope_scaling
 
     @property
     def padded_vocab_size(self) -> int:
@@ -203,6 +240,27 @@ class GPTConfig:
         if unknown:
             raise UserError(f"unknown GPTConfig field(s): {', '.join(unknown)}")
         return cls(**d)
+
+
+def check_window_layers(value, n_layer: int, where: str = "GPTConfig.window_layers") -> str:
+    """window_layers checked: "all", "odd", or a comma list of distinct layer indices below n_layer,
+    in increasing order (returned without spaces, a list that names every layer as "all")."""
+    if value in WINDOW_LAYERS:
+        return value
+    parts = value.split(",") if isinstance(value, str) else []
+    if not parts or not all(p.strip().isdigit() for p in parts):
+        raise UserError(f"{where} must be {', '.join(WINDOW_LAYERS)} or a comma list of layer indices "
+                        f"(\"0,1,2,3,4,6\"), got {value!r}")
+    layers = [int(p) for p in parts]
+    if layers != sorted(set(layers)) or layers[-1] >= n_layer:
+        raise UserError(f"{where} {value!r} must list distinct layers in increasing order, each below n_layer "
+                        f"{n_layer}")
+    return "all" if layers == list(range(n_layer)) else ",".join(map(str, layers))
+
+
+def window_layers_arg(text: str) -> str:
+    """--window-layers as given, spaces dropped ("0, 1" is "0,1"); GPTConfig checks it against n_layer."""
+    return text.replace(" ", "")
 
 
 ROPE_SCALING_KEYS = {"linear": ("factor",),

@@ -216,10 +216,13 @@ class GPTModel(nn.Module):
         if doc_ids is not None:
             self._check_doc_ids(idx, doc_ids, cache)
             pos = pos - document_starts(doc_ids)  # [B, T]: each document from position 0
+        x = self.tok_emb(idx)
+        if self.config.scale_embeddings:  # Gemma's sqrt(n_embd), rounded to the embeddings' dtype as Gemma's is
+            x = x * torch.tensor(math.sqrt(self.config.n_embd), dtype=x.dtype)
         if self.pos_emb is not None:
-            x, rope_pos = self.drop_emb(self.tok_emb(idx) + self.pos_emb(pos)), None
+            x, rope_pos = self.drop_emb(x + self.pos_emb(pos)), None
         else:  # RoPE: the positions go to each attention, which rotates q and k by them
-            x, rope_pos = self.drop_emb(self.tok_emb(idx)), pos
+            x, rope_pos = self.drop_emb(x), pos
         recompute = self.activation_checkpointing and torch.is_grad_enabled()
         mlp_out = None  # the last block's MLP output: the LayerNorm after it adds it to x
         for block in self.trf_blocks:

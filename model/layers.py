@@ -385,7 +385,9 @@ class MultiHeadAttention(nn.Module):
 class TransformerBlock(nn.Module):
     """Pre-LN block: x + attention(LN(x)), then x + MLP(LN(x)). Dropout lives in the sublayers.
     LN is GPTConfig.norm's: LayerNorm (GPT-2) or RMSNorm (Llama); both have add_and_norm.
-    The MLP is GPT-2's (FeedForward) or Llama's (SwiGLUFeedForward), as GPTConfig.mlp says.
+    The MLP is GPT-2's (FeedForward) or Llama's or Gemma's (SwiGLUFeedForward, silu or GELU), as
+    GPTConfig.mlp says. With GPTConfig.post_norms (Gemma 2, 3) each sublayer's output is normalized
+    too, by a norm of its own, before it joins the residual: x + LN(attention(LN(x))).
 
     Each residual add is made by the LayerNorm that reads the sum (LayerNorm.add_and_norm): on
     the Triton path the add then shares that LayerNorm's pass over memory, as llm.c's fused
@@ -396,15 +398,20 @@ class TransformerBlock(nn.Module):
     def __init__(self, cfg, layer_idx: int = 0):
         super().__init__()
         self.norm1 = make_norm(cfg)
+        theta, scaling = cfg.layer_rope(layer_idx)  # Gemma 3's local layers have a RoPE of their own
         self.att = MultiHeadAttention(cfg.n_embd, cfg.n_head, cfg.context_length, cfg.dropout,
                                       cfg.bias, layer_idx, cfg.layer_window(layer_idx), cfg.scale_attention,
-                                      cfg.has_qkv_bias, cfg.rope_theta if cfg.position_encoding == "rope" else None,
+                                      cfg.has_qkv_bias, theta if cfg.position_encoding == "rope" else None,
                                       cfg.kv_heads, cfg.attention_head_dim,
                                       (lambda width: NORM_MODULES[cfg.norm](width, cfg.norm_eps)) if cfg.qk_norm
-                                      else None, cfg.rope_scaling)
+                                      else None, scaling)
         self.norm2 = make_norm(cfg)
-        if cfg.mlp == "swiglu":
-            self.ff = SwiGLUFeedForward(cfg.n_embd, cfg.ff_hidden, cfg.dropout, cfg.bias)
+        # the sandwich's outer norms (Gemma's post_attention_layernorm and post_feedforward_layernorm)
+        self.post_att_norm = make_norm(cfg) if cfg.post_norms else None
+        self.post_ff_norm = make_norm(cfg) if cfg.post_norms else None
+        if cfg.mlp in ("swiglu", "geglu"):
+            self.ff = SwiGLUFeedForward(cfg.n_embd, cfg.ff_hidden, cfg.dropout, cfg.bias,
+                                        "gelu" if cfg.mlp == "geglu" else "silu")
         else:
             self.ff = FeedForward(cfg.n_embd, cfg.dropout, cfg.bias)
 
@@ -416,5 +423,9 @@ class TransformerBlock(nn.Module):
             h = self.norm1(x)
         else:
             x, h = self.norm1.add_and_norm(x, mlp_out)  # x + mlp_out, and the LayerNorm of it
-        x, h = self.norm2.add_and_norm(x, self.att(h, cache, doc_ids, positions))
-        return x, self.ff(h)
+        att_out = self.att(h, cache, doc_ids, positions)
+        if self.post_att_norm is not None:
+            att_out = self.post_att_norm(att_out)
+        x, h = self.norm2.add_and_norm(x, att_out)
+        ff_out = self.ff(h)
+        return x, ff_out if self.post_ff_norm is None else self.post_ff_norm(ff_out)

@@ -81,7 +81,7 @@ def lora_linears(model):
     cfg = model.config
     for i, block in enumerate(model.trf_blocks):
         for target in parse_targets(cfg.lora_targets):
-            for path in SWIGLU_MLP if target == "mlp" and cfg.mlp == "swiglu" else TARGETS[target]:
+            for path in SWIGLU_MLP if target == "mlp" and cfg.mlp in ("swiglu", "geglu") else TARGETS[target]:
                 module = block.get_submodule(path)
                 yield f"trf_blocks.{i}.{path}", module
 
