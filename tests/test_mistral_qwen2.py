@@ -158,17 +158,21 @@ def test_qwen3_loads_with_qk_norms_and_its_own_head_width(tmp_path, head_dim):
     assert torch.equal(ours[:, :theirs.shape[1]], theirs)
 
 
-def test_a_head_dim_the_weights_do_not_have_and_gemma_are_refused_by_name(tmp_path):
+def test_a_head_dim_the_weights_do_not_have_and_another_family_are_refused_by_name(tmp_path):
     _, path = hf_llama(tmp_path, VOCAB, kind="qwen3", head_dim=32)
     cfg_json = tmp_path / "config.json"
     d = json.loads(cfg_json.read_text())
     cfg_json.write_text(json.dumps({**d, "head_dim": 16}))
     with pytest.raises(UserError, match="config.json says head_dim 16, but the weights have 32"):
         load_checkpoint(path)
-    cfg_json.write_text(json.dumps({**d, "model_type": "gemma3_text"}))
-    with pytest.raises(UserError, match="config.json says model_type 'gemma3_text': not a GPT-2 model \\(tritongpt "
-                                        "reads Hugging Face's gpt2, gpt_neo, llama, mistral, qwen2 and qwen3 "
-                                        "models\\)"):
+    cfg_json.write_text(json.dumps({**d, "model_type": "olmo2"}))
+    with pytest.raises(UserError, match="config.json says model_type 'olmo2': not a GPT-2 model \\(tritongpt "
+                                        "reads Hugging Face's gpt2, gpt_neo, llama, mistral, qwen2, qwen3, gemma, "
+                                        "gemma2 and gemma3_text models\\)"):
+        load_checkpoint(path)
+    # Gemma 3's loader reads its own tensor names: a Qwen3 folder called one lacks the sandwich norms
+    cfg_json.write_text(json.dumps({**d, "model_type": "gemma3_text", "query_pre_attn_scalar": 32}))
+    with pytest.raises(UserError, match="missing tensor.*pre_feedforward_layernorm"):
         load_checkpoint(path)
 
 

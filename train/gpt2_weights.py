@@ -143,7 +143,8 @@ def _gpt2_config_json(cfg_json: Path) -> dict:
     d = read_json_object(cfg_json)
     if d.get("model_type", "gpt2") != "gpt2":
         raise UserError(f"{cfg_json} says model_type {d['model_type']!r}: not a GPT-2 model (tritongpt reads "
-                        "Hugging Face's gpt2, gpt_neo, llama, mistral, qwen2 and qwen3 models)")
+                        "Hugging Face's gpt2, gpt_neo, llama, mistral, qwen2, qwen3, gemma, gemma2 and gemma3_text "
+                        "models)")
     return d
 
 
@@ -171,8 +172,8 @@ def is_hf_file(path) -> bool:
 
 def load_checkpoint(path, model_name: str | None = None, merge: bool = True) -> GPTModel:
     """A tritongpt checkpoint (file, checkpoint folder or run folder: its newest) or a Hugging
-    Face GPT-2, GPT-Neo or Llama (Mistral, Qwen2, Qwen3) model.safetensors (model_name: the preset, when no
-    config.json says the heads).
+    Face GPT-2, GPT-Neo, Llama (Mistral, Qwen2, Qwen3) or Gemma model.safetensors (model_name: the preset,
+    when no config.json says the heads).
     A LoRA checkpoint comes merged unless merge is False, and so does a peft adapter folder: its
     base with the update (load_peft_adapter)."""
     from tritongpt.train.common import resolve_checkpoint
@@ -181,11 +182,14 @@ def load_checkpoint(path, model_name: str | None = None, merge: bool = True) -> 
     if adapter_folder(path) is not None:
         return load_peft_adapter(adapter_folder(path))
     if is_shard_index(path) or str(path).endswith(".safetensors") and is_hf_file(path):
+        from tritongpt.train.gemma_weights import is_gemma_file, load_gemma_safetensors
         from tritongpt.train.gpt_neo_weights import is_gpt_neo_file, load_gpt_neo_safetensors
         from tritongpt.train.llama_weights import is_llama_file, load_llama_safetensors
 
         if is_gpt_neo_file(path):
             return load_gpt_neo_safetensors(path, model_name)
+        if is_gemma_file(path):
+            return load_gemma_safetensors(path)
         if is_llama_file(path):
             return load_llama_safetensors(path)
         return load_gpt2_safetensors(path, model_name)
@@ -446,6 +450,20 @@ def refuse_other_heads(cfg: GPTConfig, family: str, what: str) -> None:
     if cfg.qk_norm:
         raise UserError(f"this model normalizes each head's q and k (qk_norm), which Hugging Face's {family} does not: "
                         f"it cannot be exported as {what}")
+    refuse_gemma_touches(cfg, family, what)
+
+
+def refuse_gemma_touches(cfg: GPTConfig, family: str, what: str) -> None:
+    """Gemma's scaled embeddings and sandwich norms, and local layers other than all or the odd ones,
+    which the other families' folders cannot say: refused by name."""
+    for differs, why in ((cfg.scale_embeddings, "scales its token embeddings by sqrt(n_embd) (scale_embeddings)"),
+                         (cfg.post_norms, "normalizes each sublayer's output too (post_norms: Gemma's sandwich "
+                          "norms)"),
+                         (bool(cfg.attention_window) and cfg.window_layers not in ("all", "odd"),
+                          f"has local attention in layers {cfg.window_layers} only")):
+        if differs:
+            raise UserError(f"this model {why}, which Hugging Face's {family} does not: it cannot be exported as "
+                            f"{what} (a Gemma folder may take it)")
 
 
 def export_gpt2(model: GPTModel, out_dir, eos_token_id: int | None = None, overwrite: bool = False) -> list:

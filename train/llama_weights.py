@@ -33,7 +33,8 @@ import torch
 from tritongpt.errors import UserError, read_json_object
 from tritongpt.model.config import ROPE_SCALING_KEYS, GPTConfig, check_rope_scaling
 from tritongpt.model.gpt import GPTModel
-from tritongpt.train.gpt2_weights import _read_tensors, model_with_tensors, tensor_names, write_hf_folder
+from tritongpt.train.gpt2_weights import (_read_tensors, model_with_tensors, refuse_gemma_touches, tensor_names,
+                                          write_hf_folder)
 
 # each block's tensors: ours, then Hugging Face's (under "layers.{i}.")
 _LAYER = (("norm1", "input_layernorm"), ("norm2", "post_attention_layernorm"), ("att.W_query", "self_attn.q_proj"),
@@ -230,9 +231,12 @@ def refuse_not_llama(model: GPTModel, what: str) -> None:
                           f"which {family} does not"),
                          (family == "Qwen3" and cfg.qkv_bias_only, "has biases on q, k and v only (Qwen2's), "
                           "where Qwen3, which normalizes q and k as this model does, has none"),
-                         (family == "Qwen3" and cfg.bias, "has biases in its MLP, where Qwen3's has none")):
+                         (family == "Qwen3" and cfg.bias, "has biases in its MLP, where Qwen3's has none"),
+                         (bool(cfg.rope_local_theta), f"rotates its local layers with a RoPE base of their own "
+                          f"(rope_local_theta {cfg.rope_local_theta:g}), where {family}'s layers share one")):
         if differs:
             raise UserError(f"this model {why}: it cannot be exported as {what}")
+    refuse_gemma_touches(cfg, family, what)
 
 
 def _hf_tensors(model: GPTModel) -> dict:

@@ -67,7 +67,7 @@ def _what_it_means(cfg, key, value) -> str:
     overrides), so that a reader of `info` does not have to know GPTConfig's conventions."""
     from tritongpt.model.layers import swiglu_hidden
 
-    if key == "mlp_hidden" and cfg.mlp == "swiglu" and not value:
+    if key == "mlp_hidden" and cfg.mlp in ("swiglu", "geglu") and not value:
         return f" (Llama's rule: {swiglu_hidden(cfg.n_embd)})"
     if key == "n_kv_head" and not value:
         return f" (as many as the heads: {cfg.n_head})"
@@ -320,6 +320,7 @@ def cmd_export(args):
     from tritongpt.train.formats import HF_CHAT_TEMPLATE
     from tritongpt.train.gpt2_weights import (adapter_base, export_gpt2, export_peft_adapter, load_checkpoint,
                                               refuse_not_gpt2)
+    from tritongpt.train import gemma_weights
     from tritongpt.train.gpt_neo_weights import export_gpt_neo, refuse_not_gpt_neo
     from tritongpt.train.llama_weights import export_llama, family_name, refuse_not_llama
     from tritongpt.train.sft import pick_tokenizer
@@ -348,17 +349,22 @@ def cmd_export(args):
         raise UserError(f"{out} already holds {', '.join(taken)}: pass --overwrite or another --out")
     model = load_checkpoint(source, merge=not args.adapter)
     cfg = model.config
-    # RMSNorm or a SwiGLU MLP make a Llama (or a Mistral, a Qwen2: hf_family); else unscaled attention
-    # scores are GPT-Neo's (with or without its local layers), scaled ones GPT-2's. Refused before any
-    # file goes. (peft targets GPT-Neo's and Llama's q/k/v apart from GPT-2's c_attn: their adapters
-    # are not written here.)
-    llama = (cfg.norm == "rmsnorm" or cfg.mlp == "swiglu") and not args.adapter
-    if args.adapter and (cfg.norm == "rmsnorm" or cfg.mlp == "swiglu"):
-        raise UserError("--adapter writes a peft adapter for Hugging Face's GPT-2, and this model is a Llama "
-                        f"(norm {cfg.norm}, mlp {cfg.mlp}): export it without --adapter, merged, as a Llama folder")
-    neo = not cfg.scale_attention and not args.adapter and not llama
-    family = family_name(cfg) if llama else "GPT-Neo" if neo else "GPT-2"
-    if llama:
+    # Gemma's touches (scaled embeddings, sandwich norms, GeGLU) make a Gemma; else RMSNorm or a SwiGLU
+    # MLP make a Llama (or a Mistral, a Qwen2: hf_family); else unscaled attention scores are GPT-Neo's
+    # (with or without its local layers), scaled ones GPT-2's. Refused before any file goes. (peft
+    # targets GPT-Neo's and Llama's q/k/v apart from GPT-2's c_attn: their adapters are not written here.)
+    gemma = gemma_weights.is_gemma_shaped(cfg) and not args.adapter
+    llama = (cfg.norm == "rmsnorm" or cfg.mlp == "swiglu") and not args.adapter and not gemma
+    if args.adapter and (cfg.norm == "rmsnorm" or cfg.mlp != "gelu" or gemma_weights.is_gemma_shaped(cfg)):
+        what = "a Gemma" if gemma_weights.is_gemma_shaped(cfg) else "a Llama"
+        raise UserError(f"--adapter writes a peft adapter for Hugging Face's GPT-2, and this model is {what} "
+                        f"(norm {cfg.norm}, mlp {cfg.mlp}): export it without --adapter, merged, as {what} folder")
+    neo = not cfg.scale_attention and not args.adapter and not llama and not gemma
+    family = gemma_weights.family_name(cfg) if gemma else family_name(cfg) if llama else \
+        "GPT-Neo" if neo else "GPT-2"
+    if gemma:
+        gemma_weights.refuse_not_gemma(model, f"a {family} folder")
+    elif llama:
         refuse_not_llama(model, f"a {family} folder")
     elif neo:
         refuse_not_gpt_neo(model, "a GPT-Neo folder")
@@ -386,7 +392,8 @@ def cmd_export(args):
     if args.adapter:
         paths = export_peft_adapter(model, out, base)
     else:
-        export = export_llama if llama else export_gpt_neo if neo else export_gpt2
+        export = gemma_weights.export_gemma if gemma else export_llama if llama else \
+            export_gpt_neo if neo else export_gpt2
         paths = export(model, out, eot_or_none(tok))
         fmt = run_template(args.checkpoint)
         if fmt is not None:  # `tritongpt chat --weights OUT` prompts it as the run was tuned

@@ -1,0 +1,295 @@
+"""Gemma 1, 2 and 3 (text): a Llama-shaped GPTModel with Gemma's touches, each a GPTConfig field
+(train/gemma_weights.py): the GeGLU MLP (mlp "geglu"), embeddings scaled by sqrt(n_embd)
+(scale_embeddings), RMSNorm's (1 + w) read as our w, the sandwich norms (post_norms), local layers
+by a list (window_layers), Gemma 3's q/k norms and the local layers' own RoPE base
+(rope_local_theta), Gemma 2's final logit soft cap. Tiny random transformers models saved to
+tmp_path (float64, every tensor jittered so each one counts): logits on both kernel paths, the
+KV-cache decode, greedy tokens, export round trips through transformers, a pretrain --init step;
+what this model does not compute refused by name. Nothing downloaded."""
+import json
+
+import pytest
+import torch
+
+from parity import assert_close_rel, decode_token_by_token, logits_match_transformers, pretrain_argv
+from tritongpt.errors import UserError
+from tritongpt.model.config import GPTConfig
+from tritongpt.model.gpt import GPTModel
+from tritongpt.train.gpt2_weights import load_checkpoint
+
+transformers = pytest.importorskip("transformers")
+
+VOCAB, CTX, T = 53, 40, 23
+# Gemma 3's two RoPEs, far apart so that swapping them fails the logits
+ROPE3 = {"full_attention": {"rope_type": "default", "rope_theta": 300.0},
+         "sliding_attention": {"rope_type": "default", "rope_theta": 20000.0}}
+
+
+def hf_gemma(folder, kind="gemma3_text", layers=7, kv_heads=1, head_dim=32, tie=True, vocab=VOCAB, context=CTX,
+             **config):
+    """A tiny random Gemma (GemmaForCausalLM, Gemma2ForCausalLM or Gemma3ForCausalLM) in float64,
+    saved to folder, EOS 1 and BOS 2. Gemma 3's default layer_types: five local layers to a global
+    one (layer 5 global of 7). -> (the model, its model.safetensors)."""
+    torch.manual_seed(0)
+    cls = {"gemma": "Gemma", "gemma2": "Gemma2", "gemma3_text": "Gemma3Text"}[kind]
+    if kind != "gemma":
+        config = {"query_pre_attn_scalar": head_dim, "sliding_window": 7, "attn_logit_softcapping": None,
+                  "final_logit_softcapping": None, **config}
+    if kind == "gemma3_text":
+        config.setdefault("rope_parameters", json.loads(json.dumps(ROPE3)))
+    else:
+        config.setdefault("rope_parameters", {"rope_type": "default", "rope_theta": 5000.0})
+    cfg = getattr(transformers, cls + "Config")(
+        vocab_size=vocab, hidden_size=64, intermediate_size=88, num_hidden_layers=layers, num_attention_heads=4,
+        num_key_value_heads=kv_heads, head_dim=head_dim, max_position_embeddings=context,
+        tie_word_embeddings=tie, bos_token_id=2, eos_token_id=1, pad_token_id=0, **{"rms_norm_eps": 1e-6, **config})
+    model_cls = "Gemma3ForCausalLM" if kind == "gemma3_text" else cls + "ForCausalLM"
+    hf = getattr(transformers, model_cls)(cfg).double().eval()
+    with torch.no_grad():  # zero norm weights (1 + 0) and unit embeddings would hide a mistake
+        for p in hf.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+    hf.save_pretrained(folder)
+    return hf, folder / "model.safetensors"
+
+
+def test_gemma3_loads_with_its_touches_and_matches_transformers(tmp_path):
+    hf, path = hf_gemma(tmp_path)
+    model = load_checkpoint(path).double().eval()
+    c = model.config
+    assert (c.mlp, c.scale_embeddings, c.post_norms, c.qk_norm, c.norm, c.head_dim, c.kv_heads) == \
+        ("geglu", True, True, True, "rmsnorm", 32, 1)
+    assert (c.attention_window, c.window_layers, c.rope_theta, c.rope_local_theta) == (7, "0,1,2,3,4,6", 300.0, 2e4)
+    assert [c.layer_window(i) for i in range(7)] == [7] * 5 + [0, 7]
+    assert [c.layer_rope(i)[0] for i in range(7)] == [2e4] * 5 + [300.0, 2e4]
+    # Gemma's RMSNorm weight w is our 1 + w (loaded into an fp32 model, then made float64)
+    w = hf.model.layers[0].pre_feedforward_layernorm.weight.detach()
+    assert torch.equal(model.trf_blocks[0].norm2.weight.detach(), (1 + w).float().double())
+    logits_match_transformers(hf, model, VOCAB, T)
+
+
+def test_gemma3_decodes_over_the_cache_and_generates_transformers_tokens(tmp_path):
+    hf, path = hf_gemma(tmp_path)
+    model = load_checkpoint(path).double().eval()
+    idx = torch.randint(0, VOCAB, (1, 15))
+    with torch.no_grad():
+        _, decoded, _ = decode_token_by_token(model, idx)
+        assert_close_rel(decoded, hf(idx).logits, 2e-6, "decoded over the cache")
+    from tritongpt.train.generate import generate
+
+    ours = generate(model, idx[:, :3], 12)
+    theirs = hf.generate(idx[:, :3], max_new_tokens=12, do_sample=False, pad_token_id=0, eos_token_id=None)
+    assert torch.equal(ours, theirs)
+
+
+@pytest.mark.parametrize("kind,kw", [("gemma", {"layers": 2, "head_dim": 16, "kv_heads": 2, "tie": False}),
+                                     ("gemma2", {"layers": 4, "head_dim": 16, "final_logit_softcapping": 5.0})],
+                         ids=["gemma1", "gemma2"])
+def test_gemma1_and_gemma2_match_transformers(tmp_path, kind, kw):
+    """Gemma 1: no sandwich norms (its post_attention_layernorm is the MLP's input norm, as Llama's),
+    no window, heads of 16 over n_embd 64 (n_embd / n_head). Gemma 2 (without its attention soft cap):
+    local layers 0 and 2 (the even ones), the final logits soft-capped at 5."""
+    hf, path = hf_gemma(tmp_path, kind, **kw)
+    model = load_checkpoint(path).double().eval()
+    c = model.config
+    if kind == "gemma":
+        assert (c.post_norms, c.attention_window, c.logit_softcap, c.tie_weights) == (False, 0, 0.0, False)
+    else:
+        assert (c.post_norms, c.attention_window, c.window_layers, c.logit_softcap, c.rope_local_theta) == \
+            (True, 7, "0,2", 5.0, 0.0)
+    logits_match_transformers(hf, model, VOCAB, T)
+
+
+@pytest.mark.parametrize("kind,kw", [("gemma3_text", {}), ("gemma", {"layers": 2, "head_dim": 16}),
+                                     ("gemma2", {"layers": 3, "head_dim": 16, "final_logit_softcapping": 5.0})],
+                         ids=["gemma3", "gemma1", "gemma2"])
+def test_export_round_trips_through_transformers(tmp_path, kind, kw):
+    """Loaded, exported, read by transformers' AutoModelForCausalLM: the same logits; its model_type
+    is the family's, the norms written as w - 1, and load_checkpoint reads the export back."""
+    from tritongpt.train.gemma_weights import export_gemma
+
+    hf, path = hf_gemma(tmp_path / "in", kind, **kw)
+    model = load_checkpoint(path).double().eval()
+    export_gemma(model, tmp_path / "out", eos_token_id=1)
+    d = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert d["model_type"] == kind
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float64).eval()
+    idx = torch.randint(0, VOCAB, (2, T))
+    with torch.no_grad():
+        assert_close_rel(back(idx).logits, hf(idx).logits, 2e-6, "exported, read by transformers")
+        assert_close_rel(back(idx).logits, model(idx), 2e-6, "exported, against ours")
+    again = load_checkpoint(tmp_path / "out" / "model.safetensors")
+    assert again.config == model.config.__class__(**{**model.config.to_dict(), "kernels": again.config.kernels})
+    with pytest.raises(UserError, match="already holds a model"):
+        export_gemma(model, tmp_path / "out")
+
+
+def test_gemma3_without_rope_parameters_reads_the_older_keys(tmp_path):
+    """A config.json from before transformers 5: rope_theta (global), rope_local_base_freq (local) and
+    rope_scaling (global only), as the Hub's Gemma 3 270M and 1B say them."""
+    hf, path = hf_gemma(tmp_path, rope_parameters={"full_attention": {"rope_type": "linear", "factor": 2.0,
+                                                                      "rope_theta": 300.0},
+                                                   "sliding_attention": {"rope_type": "default",
+                                                                         "rope_theta": 20000.0}})
+    cfg_json = tmp_path / "config.json"
+    d = json.loads(cfg_json.read_text())
+    d.pop("rope_parameters")
+    cfg_json.write_text(json.dumps({**d, "rope_theta": 300.0, "rope_local_base_freq": 20000.0,
+                                    "rope_scaling": {"rope_type": "linear", "factor": 2.0}}))
+    model = load_checkpoint(path).double().eval()
+    c = model.config
+    assert (c.rope_theta, c.rope_scaling, c.rope_local_theta) == (300.0, {"rope_type": "linear", "factor": 2.0}, 2e4)
+    assert c.layer_rope(5) == (300.0, c.rope_scaling) and c.layer_rope(0) == (2e4, None)
+    idx = torch.randint(0, VOCAB, (2, T))
+    with torch.no_grad():
+        assert_close_rel(model(idx), hf(idx).logits, 2e-6, "older keys")
+
+
+@pytest.mark.parametrize("change,match", [
+    ({"model_type": "gemma2", "attn_logit_softcapping": 50.0}, "soft-caps the attention scores"),
+    ({"query_pre_attn_scalar": 64}, "query_pre_attn_scalar"),
+    ({"use_bidirectional_attention": True}, "use_bidirectional_attention"),
+    ({"hidden_activation": "silu"}, "hidden_activation 'silu'"),
+    ({"model_type": "gemma3"}, "multimodal Gemma 3"),
+    ({"layer_types": ["sliding_attention"] * 3}, "for each of the 7 layers"),
+    ({"head_dim": 16}, "head_dim 16, but the weights have 32"),
+    ({"rope_parameters": {**ROPE3, "sliding_attention": {"rope_type": "linear", "factor": 2.0}}},
+     "scales the local layers' RoPE"),
+], ids=["attn-softcap", "query-scalar", "bidirectional", "activation", "multimodal", "layer-types", "head-dim",
+        "local-scaling"])
+def test_what_this_model_does_not_compute_is_refused_by_name(tmp_path, change, match):
+    _, path = hf_gemma(tmp_path, layers=7)
+    cfg_json = tmp_path / "config.json"
+    cfg_json.write_text(json.dumps({**json.loads(cfg_json.read_text()), **change}))
+    with pytest.raises(UserError, match=match):
+        load_checkpoint(path)
+
+
+def _gemma_like(**kw):
+    cfg = dict(vocab_size=VOCAB, context_length=CTX, n_embd=64, n_layer=3, n_head=4, n_kv_head=1,
+               attention_head_dim=32, position_encoding="rope", norm="rmsnorm", mlp="geglu", bias=False,
+               scale_embeddings=True, post_norms=True, qk_norm=True, attention_window=5, window_layers="0,2",
+               rope_theta=500.0, rope_local_theta=10000.0, norm_eps=1e-6)
+    cfg.update(kw)
+    return GPTModel(GPTConfig(**cfg))
+
+
+def test_a_model_built_here_exports_as_gemma3_and_other_exports_refuse_its_touches(tmp_path):
+    """A GPTModel made with Gemma 3's fields (not loaded) is written as Gemma 3, whose logits
+    transformers reproduces; GPT-2, GPT-Neo and Llama exports name what they cannot say."""
+    from tritongpt.train.gemma_weights import export_gemma
+    from tritongpt.train.gpt2_weights import export_gpt2
+    from tritongpt.train.gpt_neo_weights import export_gpt_neo
+    from tritongpt.train.llama_weights import export_llama
+
+    torch.manual_seed(1)
+    model = _gemma_like().double().eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    export_gemma(model, tmp_path / "g3")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "g3", dtype=torch.float64).eval()
+    idx = torch.randint(0, VOCAB, (2, T))
+    with torch.no_grad():
+        assert_close_rel(model(idx), hf(idx).logits, 2e-6, "built here, read by transformers")
+    with pytest.raises(UserError, match="RoPE base of their own"):
+        export_llama(_gemma_like(scale_embeddings=False, post_norms=False, qk_norm=False, mlp="swiglu",
+                                 window_layers="all"), tmp_path / "llama")
+    with pytest.raises(UserError, match="sandwich norms"):
+        export_llama(_gemma_like(scale_embeddings=False, mlp="swiglu", window_layers="all",
+                                 rope_local_theta=0.0), tmp_path / "llama")
+    with pytest.raises(UserError, match="local attention in layers 0,2 only"):
+        export_gpt_neo(GPTModel(GPTConfig(vocab_size=VOCAB, context_length=CTX, n_embd=64, n_layer=3, n_head=4,
+                                          attention_window=5, window_layers="0,2", scale_attention=False,
+                                          qkv_bias=False)), tmp_path / "neo")
+    with pytest.raises(UserError, match="scales its token embeddings"):
+        export_gpt2(GPTModel(GPTConfig(vocab_size=VOCAB, context_length=CTX, n_embd=64, n_layer=3, n_head=4,
+                                       scale_embeddings=True)), tmp_path / "gpt2")
+    with pytest.raises(UserError, match="GeGLU"):
+        export_gemma(_gemma_like(mlp="swiglu"), tmp_path / "no")
+    with pytest.raises(UserError, match="RoPE of their own"):
+        export_gemma(_gemma_like(qk_norm=False), tmp_path / "no")  # a Gemma 2 has one RoPE
+
+
+def test_window_layers_as_a_list_is_checked():
+    assert GPTConfig(n_layer=4, window_layers="0, 1,2,3").window_layers == "all"
+    for bad, match in (("2,1", "increasing"), ("0,4", "below n_layer 4"), ("0,,1", "comma list"),
+                       ("evens", "comma list"), ("1,1", "distinct")):
+        with pytest.raises(UserError, match=match):
+            GPTConfig(n_layer=4, window_layers=bad)
+    with pytest.raises(UserError, match="rope_local_theta 10000 is the RoPE base of the local layers; this model "
+                                        "has no local attention"):
+        GPTConfig(position_encoding="rope", rope_local_theta=1e4)
+
+
+@pytest.mark.parametrize("kernels", ["reference", "triton"])
+def test_gemma_fields_train_on_both_paths_with_the_same_gradients(kernels):
+    """One backward through every Gemma piece (scaled embeddings, q/k norms, sandwich norms, GeGLU,
+    two RoPEs, local layers by list): the Triton path's loss and every parameter's gradient are the
+    reference path's (fp32, within 1e-4 relative)."""
+    torch.manual_seed(2)
+    ref = _gemma_like().float()
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    idx = torch.randint(0, VOCAB, (2, 19))
+    targets = torch.randint(0, VOCAB, (2, 19))
+    model = _gemma_like().float()
+    model.load_state_dict(ref.state_dict())
+    model.set_kernels(kernels)
+    loss = model(idx, targets=targets)
+    loss.backward()
+    ref64 = _gemma_like().double()
+    ref64.load_state_dict(ref.state_dict())
+    want = ref64(idx, targets=targets)
+    want.backward()
+    assert_close_rel(loss.double().reshape(1), want.reshape(1), 1e-5, "loss")
+    grads = dict(ref64.named_parameters())
+    for name, p in model.named_parameters():
+        assert_close_rel(p.grad.double(), grads[name].grad, 1e-4, name)
+
+
+def test_pretrain_from_a_gemma3_folder_exports_back_as_gemma3_and_resumes_only_as_itself(corpus, tmp_path, capsys):
+    """--init a Gemma 3 folder, train a step, export: a Gemma 3 folder that transformers runs with our
+    logits; `info` names Gemma's fields; a resume whose flags would build a model without them is
+    refused by name."""
+    from tritongpt.cli import main
+
+    hf_gemma(tmp_path / "g", layers=3, vocab=300, context=64, rms_norm_eps=1e-5,
+             layer_types=["sliding_attention", "sliding_attention", "full_attention"])
+    assert main(pretrain_argv(corpus, tmp_path / "run", "--init", str(tmp_path / "g"), "--max-steps", "1")) == 0
+    model = load_checkpoint(tmp_path / "run").eval()
+    c = model.config
+    assert (c.mlp, c.scale_embeddings, c.post_norms, c.qk_norm, c.rope_local_theta) == ("geglu", True, True, True,
+                                                                                        2e4)
+    assert main(["export", str(tmp_path / "run"), "--out", str(tmp_path / "hf")]) == 0
+    assert "Gemma 3 with 3 layers" in capsys.readouterr().out
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["model_type"] == "gemma3_text"
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    idx = torch.randint(0, 300, (2, 17))
+    with torch.no_grad():
+        assert_close_rel(hf(idx).logits, model(idx), 1e-5, "transformers on the export")
+    assert main(["info", "--weights", str(tmp_path / "run")]) == 0
+    out = capsys.readouterr().out
+    assert "post_norms" in out and "scale_embeddings" in out and "rope_local_theta" in out
+    flags = ("--norm", "rmsnorm", "--mlp", "geglu", "--mlp-hidden", "88", "--position-encoding", "rope",
+             "--rope-theta", "300", "--no-bias", "--attention-window", "7", "--window-layers", "0,1")
+    assert main(pretrain_argv(corpus, tmp_path / "run", *flags, "--max-steps", "2", "--resume")) == 2
+    assert "model normalizes each head's q and k and has heads of 32, this run's model does not normalize" in \
+        capsys.readouterr().err
+
+
+def test_a_resume_that_would_drop_gemmas_touches_is_refused_by_name():
+    from types import SimpleNamespace
+
+    from tritongpt.train.loop import Trainer
+
+    gemma = _gemma_like().config
+    saved = gemma.to_dict()
+    Trainer._check_same_function(SimpleNamespace(_cfg=gemma, name="pretrain"), "ckpt", saved)
+    for change, refused in (({"post_norms": False}, "does not normalize each sublayer's output"),
+                            ({"scale_embeddings": False}, "does not scale its token embeddings"),
+                            ({"rope_local_theta": 0.0}, "has one RoPE for every layer"),
+                            ({"mlp": "swiglu"}, "has a GeGLU MLP of hidden size 192, this run's model has a SwiGLU")):
+        cfg = GPTConfig(**{**saved, **change})
+        with pytest.raises(UserError, match=refused):
+            Trainer._check_same_function(SimpleNamespace(_cfg=cfg, name="pretrain"), "ckpt", saved)

@@ -1,0 +1,293 @@
+"""Gemma weights (Hugging Face's GemmaForCausalLM, Gemma2ForCausalLM and Gemma3ForCausalLM: Gemma 3
+270M and 1B, the text-only ones) into GPTModel, and back out.
+
+A Gemma is a Llama-shaped GPTModel (RMSNorm, RoPE, no biases, grouped-query attention, heads of
+their own width: 256) with Gemma's touches, each a GPTConfig field:
+- the MLP is GeGLU, GELU (tanh) where Llama has silu: mlp "geglu";
+- the token embeddings are multiplied by sqrt(n_embd): scale_embeddings;
+- Gemma's RMSNorm multiplies by (1 + w), not w: its weights are read in as 1 + w and written out
+  as w - 1 (in fp32 at least: bf16 would round w's last bits away next to the 1), so the model is
+  the same function with our RMSNorm (and its kernel);
+- Gemma 2 and 3 normalize each sublayer's output too before it joins the residual (their
+  post_attention_layernorm and post_feedforward_layernorm; the MLP's input norm is then
+  pre_feedforward_layernorm, where Gemma 1 and Llama call it post_attention_layernorm): post_norms;
+- Gemma 2 and 3 slide a window over some layers (layer_types: Gemma 2's even ones, Gemma 3's five of
+  every six): attention_window with window_layers the list of them;
+- Gemma 3 normalizes each head's q and k (qk_norm, as Qwen3), and its local layers rotate with a
+  RoPE base of their own, 10000, unscaled (rope_local_theta), the global ones with rope_theta 1e6
+  and rope_scaling;
+- Gemma 2 soft-caps its final logits (logit_softcap).
+What this model does not compute is refused by name: Gemma 2's soft-capped attention scores
+(attn_logit_softcapping, 50 in every published Gemma 2), scores scaled by other than
+1/sqrt(head_dim) (query_pre_attn_scalar; Gemma 3 27B's 168 over heads of 128), bidirectional
+attention (EmbeddingGemma), and the multimodal Gemma 3 (4B and up: model_type "gemma3").
+"""
+import math
+from pathlib import Path
+
+import torch
+
+from tritongpt.errors import UserError, read_json_object
+from tritongpt.model.config import GPTConfig
+from tritongpt.model.gpt import GPTModel
+from tritongpt.train.gpt2_weights import _read_tensors, model_with_tensors, write_hf_folder
+from tritongpt.train.llama_weights import _rope_theta
+
+FAMILIES = {"gemma": "GemmaForCausalLM", "gemma2": "Gemma2ForCausalLM", "gemma3_text": "Gemma3ForCausalLM"}
+_NAMES = {"gemma": "Gemma", "gemma2": "Gemma 2", "gemma3_text": "Gemma 3"}
+_PROJECTIONS = (("att.W_query", "self_attn.q_proj"), ("att.W_key", "self_attn.k_proj"),
+                ("att.W_value", "self_attn.v_proj"), ("att.out_proj", "self_attn.o_proj"),
+                ("ff.w_gate", "mlp.gate_proj"), ("ff.w_up", "mlp.up_proj"), ("ff.w_down", "mlp.down_proj"))
+# each block's norms, ours then Hugging Face's: Gemma 1's two are Llama's; Gemma 2's and 3's four
+_NORMS_1 = (("norm1", "input_layernorm"), ("norm2", "post_attention_layernorm"))
+_NORMS_2 = (("norm1", "input_layernorm"), ("post_att_norm", "post_attention_layernorm"),
+            ("norm2", "pre_feedforward_layernorm"), ("post_ff_norm", "post_feedforward_layernorm"))
+_QK_NORMS = (("att.q_norm", "self_attn.q_norm"), ("att.k_norm", "self_attn.k_norm"))
+_GELU_TANH = ("gelu_pytorch_tanh", "gelu_new", "gelu_fast")  # transformers' names of GELU's tanh form
+
+
+def is_gemma_file(path) -> bool:
+    """A Hugging Face Gemma model.safetensors (or shard index): its config.json says a Gemma model_type
+    (the multimodal "gemma3" too, refused by name when loaded)."""
+    cfg_json = Path(path).parent / "config.json"
+    return cfg_json.is_file() and read_json_object(cfg_json).get("model_type") in (*FAMILIES, "gemma3")
+
+
+def _norms(cfg: GPTConfig) -> tuple:
+    return _NORMS_2 if cfg.post_norms else _NORMS_1
+
+
+def _sliding_window(d: dict, kind: str, n_layer: int, cfg_json) -> tuple:
+    """(attention_window, window_layers) as transformers reads a Gemma config.json: Gemma 1 has no
+    window; Gemma 2's and 3's slides over the layers layer_types names "sliding_attention" (without
+    one: Gemma 2's even layers, Gemma 3's all but every sliding_window_pattern-th, 6)."""
+    if kind == "gemma":
+        return 0, "all"
+    window = d.get("sliding_window", 4096)
+    if window is None:
+        return 0, "all"
+    if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+        raise UserError(f"{cfg_json} has sliding_window {window!r}; it must be a positive integer or null")
+    pattern = 2 if kind == "gemma2" else d.get("sliding_window_pattern", d.get("_sliding_window_pattern", 6))
+    types = d.get("layer_types") or ["sliding_attention" if (i + 1) % pattern else "full_attention"
+                                     for i in range(n_layer)]
+    if not isinstance(types, list) or len(types) != n_layer or \
+            not set(types) <= {"sliding_attention", "full_attention"}:
+        raise UserError(f"{cfg_json} has layer_types {types!r}; it must list 'sliding_attention' or "
+                        f"'full_attention' for each of the {n_layer} layers")
+    local = [i for i, t in enumerate(types) if t == "sliding_attention"]
+    return (window, ",".join(map(str, local))) if local else (0, "all")
+
+
+def _rope(d: dict, kind: str, cfg_json) -> tuple:
+    """(rope_theta, rope_scaling, rope_local_theta). Gemma 3's two RoPEs come as transformers 5's
+    rope_parameters per layer type ({"full_attention": ..., "sliding_attention": ...}), or as
+    rope_theta, rope_scaling (the global layers') and rope_local_base_freq (the local ones')."""
+    if kind != "gemma3_text":
+        theta, scaling = _rope_theta(d, cfg_json)
+        return theta, scaling, 0.0
+    params = d.get("rope_parameters") if isinstance(d.get("rope_parameters"), dict) else {}
+    full, local = params.get("full_attention") or {}, params.get("sliding_attention") or {}
+    theta, scaling = _rope_theta({"rope_parameters": full, "rope_scaling": d.get("rope_scaling"),
+                                  "rope_theta": full.get("rope_theta", d.get("rope_theta", 1_000_000.0)),
+                                  "max_position_embeddings": d.get("max_position_embeddings")}, cfg_json)
+    if local.get("rope_type", "default") != "default":
+        raise UserError(f"{cfg_json} scales the local layers' RoPE ({local['rope_type']!r}); this model rotates "
+                        "them unscaled (rope_local_theta)")
+    local_theta = local.get("rope_theta", d.get("rope_local_base_freq", 10_000.0))
+    if isinstance(local_theta, bool) or not isinstance(local_theta, (int, float)) or \
+            not math.isfinite(local_theta) or local_theta <= 0:
+        raise UserError(f"{cfg_json} has a local RoPE base {local_theta!r}; it must be a number > 0")
+    return theta, scaling, float(local_theta)
+
+
+def _check_hf_config(cfg_json: Path, sd: dict) -> GPTConfig:
+    """The GPTConfig of a Gemma config.json, checked against the tensors beside it; what this
+    model does not compute refused by name."""
+    d = read_json_object(cfg_json)
+    kind = d.get("model_type")
+    if kind == "gemma3":
+        raise UserError(f"{cfg_json} is a multimodal Gemma 3 (Gemma3ForConditionalGeneration: 4B and up, a vision "
+                        "tower beside the language model); the text-only Gemma 3 models (270M, 1B: model_type "
+                        "'gemma3_text') are read here")
+    for key in ("hidden_size", "num_hidden_layers", "num_attention_heads"):
+        if key not in d:
+            raise UserError(f"{cfg_json} names no {key}")
+    try:
+        vocab, n_embd = sd["embed_tokens.weight"].shape
+        hidden = sd["layers.0.mlp.gate_proj.weight"].shape[0]
+        q_rows = sd["layers.0.self_attn.q_proj.weight"].shape[0]
+    except KeyError as e:
+        raise UserError(f"{cfg_json.parent}: not a Gemma model, missing tensor {e.args[0]!r}") from None
+    n_layer = 1 + max((int(k.split(".")[1]) for k in sd if k.startswith("layers.")), default=-1)
+    for key, have in (("vocab_size", vocab), ("hidden_size", n_embd), ("num_hidden_layers", n_layer),
+                      ("intermediate_size", hidden)):
+        if key in d and d[key] != have:
+            raise UserError(f"{cfg_json} says {key} {d[key]!r}, but the weights have {have}")
+    n_head = d["num_attention_heads"]
+    n_kv_head = d.get("num_key_value_heads") or n_head
+    head_dim = q_rows // n_head
+    if d.get("head_dim") not in (None, head_dim):
+        raise UserError(f"{cfg_json} says head_dim {d['head_dim']!r}, but the weights have {head_dim}")
+    act_key = "hidden_act" if kind == "gemma" else "hidden_activation"
+    act = d.get(act_key) or "gelu_pytorch_tanh"
+    if act not in _GELU_TANH and not (kind == "gemma" and act == "gelu"):  # Gemma 1's legacy "gelu" means tanh
+        raise UserError(f"{cfg_json} has {act_key} {act!r}; this model's GeGLU computes GELU's tanh form "
+                        "('gelu_pytorch_tanh')")
+    if d.get("attention_bias"):
+        raise UserError(f"{cfg_json} has attention_bias true; Gemma's projections have no biases here")
+    if kind == "gemma2" and d.get("attn_logit_softcapping", 50.0) is not None:
+        raise UserError(f"{cfg_json} soft-caps the attention scores (attn_logit_softcapping "
+                        f"{d.get('attn_logit_softcapping', 50.0)!r}), which this model's attention does not compute")
+    if kind == "gemma3_text" and d.get("attn_logit_softcapping") is not None:
+        raise UserError(f"{cfg_json} soft-caps the attention scores (attn_logit_softcapping "
+                        f"{d['attn_logit_softcapping']!r}), which this model's attention does not compute")
+    scalar = d.get("query_pre_attn_scalar", head_dim if kind == "gemma" else 256)
+    if scalar != head_dim:
+        raise UserError(f"{cfg_json} scales the attention scores by query_pre_attn_scalar^-0.5 = {scalar!r}^-0.5; "
+                        f"this model scales them by 1/sqrt(head_dim) = 1/sqrt({head_dim}) only")
+    if d.get("use_bidirectional_attention"):
+        raise UserError(f"{cfg_json} has use_bidirectional_attention true (an embedding model); this model is causal")
+    cap = d.get("final_logit_softcapping", 30.0 if kind == "gemma2" else None)
+    window, window_layers = _sliding_window(d, kind, n_layer, cfg_json)
+    theta, scaling, local_theta = _rope(d, kind, cfg_json)
+    return GPTConfig(vocab_size=vocab, context_length=d.get("max_position_embeddings", 8192), n_embd=n_embd,
+                     n_layer=n_layer, n_head=n_head, n_kv_head=0 if n_kv_head == n_head else n_kv_head,
+                     attention_head_dim=0 if head_dim * n_head == n_embd else head_dim,
+                     qk_norm=kind == "gemma3_text", bias=False, attention_window=window,
+                     window_layers=window_layers, position_encoding="rope", rope_theta=theta, rope_scaling=scaling,
+                     rope_local_theta=local_theta if window else 0.0, norm="rmsnorm",
+                     norm_eps=d.get("rms_norm_eps", 1e-6), mlp="geglu", mlp_hidden=hidden, scale_embeddings=True,
+                     post_norms=kind != "gemma", logit_softcap=cap or 0.0,
+                     tie_weights="lm_head.weight" not in sd
+                     or torch.equal(sd["lm_head.weight"], sd["embed_tokens.weight"]))
+
+
+def _wide(w):
+    """w in fp32 at least: Gemma's RMSNorm weights are added to 1, which in bf16 would round w's last bits away."""
+    return w.to(torch.promote_types(w.dtype, torch.float32))
+
+
+def _plus_one(w):
+    return _wide(w) + 1
+
+
+def _our_tensors(sd: dict, cfg: GPTConfig) -> dict:
+    """Hugging Face Gemma tensors under our parameter names, the norms' as 1 + w (KeyError: a tensor
+    the file lacks)."""
+    ours = {"tok_emb.weight": sd["embed_tokens.weight"], "final_norm.weight": _plus_one(sd["norm.weight"])}
+    if not cfg.tie_weights:
+        ours["out_head.weight"] = sd["lm_head.weight"]
+    for i in range(cfg.n_layer):
+        for mine, theirs in _PROJECTIONS:
+            ours[f"trf_blocks.{i}.{mine}.weight"] = sd[f"layers.{i}.{theirs}.weight"]
+        for mine, theirs in _norms(cfg) + (_QK_NORMS if cfg.qk_norm else ()):
+            ours[f"trf_blocks.{i}.{mine}.weight"] = _plus_one(sd[f"layers.{i}.{theirs}.weight"])
+    return ours
+
+
+def load_gemma_safetensors(path) -> GPTModel:
+    """GPTModel with the weights of a Hugging Face Gemma (1, 2 or 3, text-only) model.safetensors (or
+    shard index) and its config.json beside it."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"Gemma weights file not found: {path}")
+    cfg_json = path.parent / "config.json"
+    sd = _read_tensors(path, prefix="model.")
+    cfg = _check_hf_config(cfg_json, sd)
+    return model_with_tensors(cfg, lambda: _our_tensors(sd, cfg), path)
+
+
+# -- export: the inverse of _our_tensors -----------------------------------------------------------
+def is_gemma_shaped(cfg: GPTConfig) -> bool:
+    """Whether a model has one of Gemma's touches (scaled embeddings, sandwich norms, GeGLU): export
+    writes it as a Gemma, or refuses."""
+    return cfg.scale_embeddings or cfg.post_norms or cfg.mlp == "geglu"
+
+
+def hf_family(cfg: GPTConfig) -> str:
+    """gemma3_text with q/k norms, gemma2 with sandwich norms without them, else gemma."""
+    return "gemma3_text" if cfg.qk_norm else "gemma2" if cfg.post_norms else "gemma"
+
+
+def family_name(cfg: GPTConfig) -> str:
+    return _NAMES[hf_family(cfg)]
+
+
+def refuse_not_gemma(model: GPTModel, what: str) -> None:
+    """What a Gemma of the family hf_family picks does not compute, by name."""
+    cfg = model.config
+    family = family_name(cfg)
+    kind = hf_family(cfg)
+    for differs, why in ((cfg.position_encoding != "rope", f"learns position embeddings, where {family} rotates q "
+                          "and k (RoPE)"),
+                         (cfg.norm != "rmsnorm", f"normalizes with {cfg.norm}, where {family} has RMSNorms"),
+                         (cfg.mlp != "geglu", f"has a {cfg.mlp} MLP, where {family}'s is GeGLU"),
+                         (not cfg.scale_embeddings, f"does not scale its token embeddings by sqrt(n_embd), which "
+                          f"{family} does"),
+                         (cfg.bias or cfg.qkv_bias_only, f"has biases, where {family}'s projections have none"),
+                         (not cfg.scale_attention, f"does not scale its attention scores, which {family} does"),
+                         (kind == "gemma" and bool(cfg.attention_window), "has local attention, which Gemma 1 "
+                          "does not (Gemma 2 and 3, with their sandwich norms: post_norms, do)"),
+                         (kind == "gemma" and bool(cfg.logit_softcap), "soft-caps its logits, which Gemma 1 does "
+                          "not"),
+                         (kind != "gemma3_text" and bool(cfg.rope_local_theta), f"rotates its local layers with a "
+                          f"RoPE of their own (rope_local_theta), which {family} does not (Gemma 3, with q/k norms, "
+                          "does)"),
+                         (kind == "gemma" and cfg.rope_scaling is not None, "scales RoPE, which Gemma 1 does not")):
+        if differs:
+            raise UserError(f"this model {why}: it cannot be exported as {what}")
+
+
+def _layer_types(cfg: GPTConfig) -> list:
+    return ["sliding_attention" if cfg.layer_window(i) else "full_attention" for i in range(cfg.n_layer)]
+
+
+def _hf_tensors(model: GPTModel) -> dict:
+    """Our parameters under Gemma's names, the norms' as w - 1 (in fp32 at least), the padding rows dropped."""
+    cfg = model.config
+    sd = {k: v.detach() for k, v in model.state_dict().items()}
+    V = cfg.vocab_size
+    hf = {"embed_tokens.weight": sd["tok_emb.weight"][:V], "norm.weight": _wide(sd["final_norm.weight"]) - 1}
+    for i in range(cfg.n_layer):
+        for mine, theirs in _PROJECTIONS:
+            hf[f"layers.{i}.{theirs}.weight"] = sd[f"trf_blocks.{i}.{mine}.weight"]
+        for mine, theirs in _norms(cfg) + (_QK_NORMS if cfg.qk_norm else ()):
+            hf[f"layers.{i}.{theirs}.weight"] = _wide(sd[f"trf_blocks.{i}.{mine}.weight"]) - 1
+    out = {"model." + k: v for k, v in hf.items()}
+    if not cfg.tie_weights:
+        out["lm_head.weight"] = sd["out_head.weight"][:V]
+    return {k: v.to("cpu", memory_format=torch.contiguous_format, copy=True) for k, v in out.items()}
+
+
+def hf_config(cfg: GPTConfig, eos_token_id: int | None = None, bos_token_id: int | None = None) -> dict:
+    """GemmaConfig (Gemma2Config, Gemma3TextConfig) fields for this model: what _check_hf_config reads back."""
+    kind = hf_family(cfg)
+    act = {"hidden_act" if kind == "gemma" else "hidden_activation": "gelu_pytorch_tanh"}
+    d = {"model_type": kind, "architectures": [FAMILIES[kind]], "vocab_size": cfg.vocab_size,
+         "max_position_embeddings": cfg.context_length, "hidden_size": cfg.n_embd,
+         "intermediate_size": cfg.ff_hidden, "num_hidden_layers": cfg.n_layer, "num_attention_heads": cfg.n_head,
+         "num_key_value_heads": cfg.kv_heads, "head_dim": cfg.head_dim, **act, "rms_norm_eps": cfg.norm_eps,
+         "attention_bias": False, "attention_dropout": 0.0, "tie_word_embeddings": cfg.tie_weights,
+         "bos_token_id": bos_token_id, "eos_token_id": eos_token_id, "pad_token_id": None}
+    rope = {"rope_type": "default", "rope_theta": cfg.rope_theta, **(cfg.rope_scaling or {})}
+    if kind == "gemma":
+        return {**d, "rope_theta": cfg.rope_theta, "rope_parameters": rope}
+    d.update(query_pre_attn_scalar=cfg.head_dim, attn_logit_softcapping=None,
+             final_logit_softcapping=cfg.logit_softcap or None, sliding_window=cfg.attention_window or None,
+             layer_types=_layer_types(cfg))
+    if kind == "gemma2":
+        return {**d, "rope_theta": cfg.rope_theta, "rope_parameters": rope}
+    local = {"rope_type": "default", "rope_theta": cfg.rope_local_theta or cfg.rope_theta}
+    if not cfg.rope_local_theta:  # one RoPE for every layer: the local ones as the global ones
+        local = rope
+    return {**d, "rope_parameters": {"full_attention": rope, "sliding_attention": local},
+            "use_bidirectional_attention": False}
+
+
+def export_gemma(model: GPTModel, out_dir, eos_token_id: int | None = None, overwrite: bool = False) -> list:
+    """Write model as a Hugging Face Gemma, Gemma 2 or Gemma 3 folder (hf_family): model.safetensors and
+    config.json, which transformers.AutoModelForCausalLM.from_pretrained(out_dir) and load_checkpoint
+    both read. Returns the paths written; refuses to replace them unless overwrite."""
+    refuse_not_gemma(model, f"a {family_name(model.config)} folder")
+    return write_hf_folder(out_dir, lambda: _hf_tensors(model), hf_config(model.config, eos_token_id), overwrite)
