@@ -154,9 +154,9 @@ def train_model_flags(args, models=()):
     if args.mlp_hidden is not None:
         if args.mlp_hidden <= 0:
             raise UserError(f"--mlp-hidden must be a positive integer, got {args.mlp_hidden}")
-        if args.mlp != "swiglu":
-            raise UserError(f"--mlp-hidden {args.mlp_hidden} is the SwiGLU MLP's hidden size: without --mlp swiglu "
-                            "it does nothing")
+        if args.mlp not in ("swiglu", "geglu"):
+            raise UserError(f"--mlp-hidden {args.mlp_hidden} is the SwiGLU or GeGLU MLP's hidden size: without --mlp "
+                            "swiglu or geglu it does nothing")
     if args.attention_head_dim is not None and args.attention_head_dim <= 0:
         raise UserError(f"--attention-head-dim must be a positive integer, got {args.attention_head_dim}")
     if args.n_kv_head is not None and args.n_kv_head < 0:
@@ -178,7 +178,7 @@ def model_flags(args) -> dict:
 def add_cli(sub):
     from tritongpt.bench.kernels import ALL_PROVIDERS, FULL_SIZES
     from tritongpt.bench.train_step import TRAIN_PROVIDERS
-    from tritongpt.model.config import MLPS, NORMS, POSITION_ENCODINGS, WINDOW_LAYERS
+    from tritongpt.model.config import MLPS, NORMS, POSITION_ENCODINGS, window_layers_arg
 
     p = sub.add_parser("bench", help="benchmarks: kernels, training step, CPU-side timings",
                        description=__doc__.split("\n\n")[1])
@@ -249,9 +249,9 @@ def add_cli(sub):
     t.add_argument("--attention-window", type=int, default=0, metavar="W",
                    help="time local attention: a token in a local layer attends to the last W positions only "
                         "(GPTConfig.attention_window; GPT-Neo's 256), every provider alike (default 0: none)")
-    t.add_argument("--window-layers", choices=WINDOW_LAYERS, default=None,
-                   help="which layers --attention-window makes local: all, or odd (1, 3, 5, ...: GPT-Neo's) "
-                        "(default: all)")
+    t.add_argument("--window-layers", type=window_layers_arg, default=None, metavar="all|odd|I,J,...",
+                   help="which layers --attention-window makes local: all, odd (1, 3, 5, ...: GPT-Neo's), or a "
+                        "comma list of layer indices (Gemma 3's: 0,1,2,3,4,6,...) (default: all)")
     t.add_argument("--logit-softcap", type=float, default=0.0, metavar="C",
                    help="soft-cap the logits to C tanh(logits / C) in every provider's loss "
                         "(GPTConfig.logit_softcap; Gemma 2's 30; default 0: none)")
@@ -260,11 +260,12 @@ def add_cli(sub):
                    help="every norm of the model: layernorm, GPT-2's, or rmsnorm, x / rms(x) * weight without a mean "
                         "or a bias (Llama; GPTConfig.norm) (default: the preset's, layernorm)")
     t.add_argument("--mlp", choices=MLPS, default=None,
-                   help="the MLP: gelu, GPT-2's, or swiglu, Llama's w_down(silu(w_gate x) * w_up x) (GPTConfig.mlp) "
+                   help="the MLP: gelu, GPT-2's, swiglu, Llama's w_down(silu(w_gate x) * w_up x), or geglu, Gemma's "
+                        "(GELU for silu) (GPTConfig.mlp) "
                         "(default: the preset's, gelu)")
     t.add_argument("--mlp-hidden", type=int, default=None, metavar="H",
-                   help="the SwiGLU MLP's hidden size (GPTConfig.mlp_hidden; default: Llama's rule, 2/3 of 4 n_embd "
-                        "rounded up to a multiple of 64: 2048 at n_embd 768)")
+                   help="the SwiGLU or GeGLU MLP's hidden size (GPTConfig.mlp_hidden; default: Llama's rule, 2/3 of 4 "
+                        "n_embd rounded up to a multiple of 64: 2048 at n_embd 768)")
     t.add_argument("--position-encoding", choices=POSITION_ENCODINGS, default=None,
                    help="learned, GPT-2's absolute embeddings, or rope, rotary embeddings of each head's queries and "
                         "keys (GPT-NeoX, Llama; GPTConfig.position_encoding) (default: the preset's, learned)")
@@ -284,6 +285,15 @@ def add_cli(sub):
     t.add_argument("--qk-norm", action=argparse.BooleanOptionalAction, default=None,
                    help="normalize each head's query and key before RoPE, with the model's norm (Qwen3; "
                         "GPTConfig.qk_norm) (default: the preset's, none)")
+    t.add_argument("--scale-embeddings", action=argparse.BooleanOptionalAction, default=None,
+                   help="multiply the token embeddings by sqrt(n_embd) (Gemma; GPTConfig.scale_embeddings) "
+                        "(default: the preset's, no)")
+    t.add_argument("--post-norms", action=argparse.BooleanOptionalAction, default=None,
+                   help="normalize each sublayer's output too before it joins the residual, with a norm of its "
+                        "own (Gemma 2 and 3's sandwich norms; GPTConfig.post_norms) (default: the preset's, no)")
+    t.add_argument("--rope-local-theta", type=float, default=None, metavar="T",
+                   help="RoPE's base in the local layers (Gemma 3's 10000 beside its global 1e6; "
+                        "GPTConfig.rope_local_theta) (default: rope_theta in every layer)")
     t.add_argument("--peak-tflops", type=float, default=None,
                    help="MFU denominator; default: the GPU's dense bf16 datasheet peak (as the trainers use), "
                         "else the bf16 matmul measured in this run")

@@ -4,7 +4,7 @@
 # lent H100/H200 for ~15 minutes a session, at most 10 a call), so everything is time-boxed
 # and every result lands in $OUT/session.tgz.
 #
-#   TRITONGPT_GIT_COMMIT=<hash of HEAD> bash bench/gpu_session.sh [all|tests|bench|padded|lora|window|llama|qwen3]
+#   TRITONGPT_GIT_COMMIT=<hash of HEAD> bash bench/gpu_session.sh [all|tests|bench|padded|lora|window|llama|qwen3|gemma3]
 #   (default: all)
 #   padded (not part of all): the GPT-2 124M training step again with the vocabulary padded to
 #   50304 (--vocab-multiple 64, every provider alike), into results-vocab64/ in the archive
@@ -19,6 +19,9 @@
 #   --position-encoding rope --n-kv-head 4 --no-bias, every provider alike), into results-llama/
 #   qwen3 (not part of all; after llama): the llama run's model with Qwen3's attention: 12 heads of 128
 #   (1536 wide over GPT-2's 768) and q/k norms (--attention-head-dim 128 --qk-norm), into results-qwen3/
+#   gemma3 (not part of all; after qwen3): Gemma 3's shape at GPT-2's depth and width: GeGLU, scaled
+#   embeddings, sandwich norms, q/k norms, 12 heads of 256 on one KV head, RoPE 1e6 in the global
+#   layers (5 and 11) and 10000 in the ten local ones, a window of 512, no biases, into results-gemma3/
 #   env: OUT (default ./gpu-out), WORK (default /tmp/tritongpt-gpu), WARM_SECONDS (90),
 #        TEST_SECONDS (120), BENCH_MINUTES (4), PYTHON (python3)
 # The device gets a copy of the working tree without .git, so name the commit: results record it.
@@ -177,5 +180,10 @@ fi
 if [ "$what" = qwen3 ]; then
     extra_train_bench qwen3 --norm rmsnorm --mlp swiglu --position-encoding rope --n-kv-head 4 --no-bias \
         --attention-head-dim 128 --qk-norm
+fi
+if [ "$what" = gemma3 ]; then
+    extra_train_bench gemma3 --norm rmsnorm --mlp geglu --position-encoding rope --rope-theta 1000000 \
+        --rope-local-theta 10000 --n-kv-head 1 --no-bias --attention-head-dim 256 --qk-norm --post-norms \
+        --scale-embeddings --attention-window 512 --window-layers 0,1,2,3,4,6,7,8,9,10
 fi
 exit $rc

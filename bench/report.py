@@ -160,7 +160,7 @@ def config_text(cfg: dict) -> str:
 # VARIANT_KEYS, and Llama's shape, ARCH_KEYS, which the models line puts in words
 VARIANT_KEYS = ("padded_vocab", "attention_window", "window_layers", "logit_softcap")
 ARCH_KEYS = ("norm", "mlp", "mlp_hidden", "position_encoding", "rope_theta", "n_kv_head", "bias", "attention_head_dim",
-             "qk_norm")
+             "qk_norm", "scale_embeddings", "post_norms", "rope_local_theta")
 
 
 def variant_text(config: dict, keys=VARIANT_KEYS + ARCH_KEYS) -> str:
@@ -170,8 +170,9 @@ def variant_text(config: dict, keys=VARIANT_KEYS + ARCH_KEYS) -> str:
 
 def architecture_text(config: dict) -> str:
     """A row config's ARCH_KEYS in words ("RMSNorm, SwiGLU (hidden 2048), RoPE (theta 10000), 4 KV heads,
-    no biases", and Qwen3's "heads of 128, q/k norms"), or ""."""
-    name = {"rmsnorm": "RMSNorm", "swiglu": "SwiGLU", "rope": "RoPE"}
+    no biases", Qwen3's "heads of 128, q/k norms", Gemma's "scaled embeddings, sandwich norms, local RoPE
+    theta 10000"), or ""."""
+    name = {"rmsnorm": "RMSNorm", "swiglu": "SwiGLU", "geglu": "GeGLU", "rope": "RoPE"}
     words = []
     if "norm" in config:
         words.append(name.get(config["norm"], config["norm"]))
@@ -188,6 +189,12 @@ def architecture_text(config: dict) -> str:
         words.append(f"heads of {config['attention_head_dim']}")
     if config.get("qk_norm"):
         words.append("q/k norms")
+    if config.get("scale_embeddings"):
+        words.append("scaled embeddings")
+    if config.get("post_norms"):
+        words.append("sandwich norms")
+    if "rope_local_theta" in config:
+        words.append(f"local RoPE theta {config['rope_local_theta']:g}")
     return ", ".join(words)
 
 

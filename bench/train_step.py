@@ -109,14 +109,16 @@ def use_sdpa_attention(model):
 # -- the model timed -------------------------------------------------------------------------------------
 # bench train's model flags: GPTConfig fields over the preset's (None or absent: the preset's)
 MODEL_FLAGS = ("vocab_multiple", "attention_window", "window_layers", "logit_softcap", "norm", "mlp", "mlp_hidden",
-               "position_encoding", "rope_theta", "n_kv_head", "bias", "attention_head_dim", "qk_norm")
+               "position_encoding", "rope_theta", "n_kv_head", "bias", "attention_head_dim", "qk_norm",
+               "scale_embeddings", "post_norms", "rope_local_theta")
 
 
 def model_variant(cfg) -> dict:
     """What makes cfg's model other than GPT-2 as published, for a row's config (so a local, capped or
     Llama-shaped model's row is never read as plain GPT-2's): a padded vocabulary, local attention (the
     window and its layers), a logit soft cap, RMSNorm, the SwiGLU MLP (its hidden size as built), RoPE
-    (its theta), fewer KV heads, no biases, Qwen3's heads of their own width and q/k norms. {} for GPT-2."""
+    (its theta), fewer KV heads, no biases, Qwen3's heads of their own width and q/k norms, Gemma's scaled
+    embeddings, sandwich norms and local layers' RoPE. {} for GPT-2."""
     out = {}
     if cfg.padded_vocab_size != cfg.vocab_size:
         out["padded_vocab"] = cfg.padded_vocab_size
@@ -138,6 +140,12 @@ def model_variant(cfg) -> dict:
         out["attention_head_dim"] = cfg.head_dim
     if cfg.qk_norm:
         out["qk_norm"] = True
+    if cfg.scale_embeddings:
+        out["scale_embeddings"] = True
+    if cfg.post_norms:
+        out["post_norms"] = True
+    if cfg.rope_local_theta:
+        out["rope_local_theta"] = cfg.rope_local_theta
     return out
 
 
@@ -166,7 +174,7 @@ def build(name, cfg, device, seed=0):
     base, flags = parse_provider(name)
     if base == "triton":
         kernels = [("layernorm", "layer_norm"), ("mlp", "gelu_mlp"), ("attention", "flash_attention")]
-        if cfg.mlp == "swiglu":
+        if cfg.mlp in ("swiglu", "geglu"):  # one kernel, either gate
             kernels.append(("swiglu", "swiglu_mlp"))
         if cfg.position_encoding == "rope":
             kernels.append(("rope", "rope"))

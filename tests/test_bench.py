@@ -2699,12 +2699,18 @@ def test_llama_step_flops_count_its_own_matrices_by_hand():
      dict(attention_window=256, window_layers="odd")),
     ("llama", LLAMA_FLAGS, dict(norm="rmsnorm", mlp="swiglu", position_encoding="rope", n_kv_head=4, bias=False)),
     ("qwen3", LLAMA_FLAGS + ["--attention-head-dim", "128", "--qk-norm"],
-     dict(norm="rmsnorm", position_encoding="rope", n_kv_head=4, bias=False, attention_head_dim=128, qk_norm=True))])
+     dict(norm="rmsnorm", position_encoding="rope", n_kv_head=4, bias=False, attention_head_dim=128, qk_norm=True)),
+    ("gemma3", ["--norm", "rmsnorm", "--mlp", "geglu", "--position-encoding", "rope", "--rope-theta", "1000000",
+                "--rope-local-theta", "10000", "--n-kv-head", "1", "--no-bias", "--attention-head-dim", "256",
+                "--qk-norm", "--post-norms", "--scale-embeddings", "--attention-window", "512", "--window-layers",
+                "0,1,2,3,4,6,7,8,9,10"],
+     dict(mlp="geglu", rope_local_theta=10000.0, n_kv_head=1, attention_head_dim=256, qk_norm=True, post_norms=True,
+          scale_embeddings=True, attention_window=512, window_layers="0,1,2,3,4,6,7,8,9,10"))])
 def test_gpu_session_extra_train_modes_time_gpt2_small_into_their_own_folder(tmp_path, mode, flags, model):
-    """`bash bench/gpu_session.sh window`, `... llama` and `... qwen3` (extra runs, as padded and lora
-    are) run `bench train` on GPT-2 124M with GPT-Neo's window of 256 in the odd layers, with Llama's
-    shape (RMSNorm, SwiGLU, RoPE, 4 KV heads, no biases), or that with Qwen3's attention (heads of 128,
-    q/k norms), into results-<mode>/, within its budget and hard limit, and pack
+    """`bash bench/gpu_session.sh window`, `... llama`, `... qwen3` and `... gemma3` (extra runs, as padded
+    and lora are) run `bench train` on GPT-2 124M with GPT-Neo's window of 256 in the odd layers, with Llama's
+    shape (RMSNorm, SwiGLU, RoPE, 4 KV heads, no biases), that with Qwen3's attention (heads of 128,
+    q/k norms), or Gemma 3's shape, into results-<mode>/, within its budget and hard limit, and pack
     it; the flags pass bench train's own checks and reach the model flags. Python is a stand-in that
     records its arguments (no install, no GPU)."""
     import os
@@ -3203,3 +3209,26 @@ def test_a_qwen3_step_names_its_attention_and_counts_its_wider_heads():
     assert report.models_line([row]).endswith("heads of 48, q/k norms")
     cfg = train_step.train_config("tiny", 16, **flags)
     assert attention_forward_flops(cfg, 16) == 4 * (4 * 48) * 16 * cfg.n_layer
+
+
+def test_a_gemma3_step_names_its_touches():
+    """bench train with Gemma 3's fields on tiny (GeGLU, scaled embeddings, sandwich and q/k norms, a
+    window in layers 0 and 1 with their own RoPE base): the row's config and the models line say them,
+    and MFU's attention FLOPs count the two local layers by their window."""
+    from tritongpt.bench import report
+    from tritongpt.train.loop import attention_forward_flops
+
+    flags = dict(norm="rmsnorm", mlp="geglu", position_encoding="rope", bias=False, qk_norm=True, post_norms=True,
+                 scale_embeddings=True, attention_window=4, window_layers="0,1", rope_local_theta=10000.0,
+                 rope_theta=1e6)
+    row = train_step.bench_train_provider("reference", "tiny", 2, 16, torch.device("cpu"), torch.float32, 0, 1,
+                                          peak_flops=1e12, **flags)
+    assert row["status"] == "ok"
+    c = row["config"]
+    assert (c["mlp"], c["scale_embeddings"], c["post_norms"], c["rope_local_theta"], c["window_layers"]) == \
+        ("geglu", True, True, 10000.0, "0,1")
+    assert report.models_line([row]).endswith("GeGLU (hidden 384), RoPE (theta 1e+06), no biases, q/k norms, "
+                                              "scaled embeddings, sandwich norms, local RoPE theta 10000")
+    cfg = train_step.train_config("tiny", 16, **flags)
+    dense = 4 * cfg.n_embd * 16
+    assert attention_forward_flops(cfg, 16) == 2 * dense * (16 * 4 - 8) / 128 + (cfg.n_layer - 2) * dense

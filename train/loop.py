@@ -440,9 +440,9 @@ class Trainer:
     def _check_same_function(self, ckpt, saved_cfg):
         """Another function of the weights (a logit soft cap, local attention, unscaled attention
         scores, the position encoding: RoPE or learned, RoPE's theta, the norm: LayerNorm or RMSNorm,
-        and its eps, biases, on q/k/v only (Qwen2) or none)
-        or another MLP (GELU or SwiGLU, SwiGLU's hidden size: other weights too, named before their
-        shapes are): the run would go on as another model. A config from before a field reads as
+        and its eps, biases, on q/k/v only (Qwen2) or none, Gemma's scaled embeddings, sandwich norms
+        and local RoPE) or another MLP (GELU, SwiGLU or GeGLU, the gated ones' hidden size: other weights
+        too, named before their shapes are): the run would go on as another model. A config from before a field reads as
         without it; no saved config (a bare weights file) is not compared."""
         from tritongpt.model.layers import swiglu_hidden
 
@@ -458,12 +458,14 @@ class Trainer:
         qkv_only = saved_cfg.get("qkv_bias_only", False)
         qk_norm, head_dim = saved_cfg.get("qk_norm", False), saved_cfg.get("attention_head_dim", 0)
         hidden = saved_cfg.get("mlp_hidden", 0) or swiglu_hidden(saved_cfg.get("n_embd", cfg.n_embd))
-        if mlp != cfg.mlp or (mlp == "swiglu" and hidden != cfg.ff_hidden):
+        gated = ("swiglu", "geglu")
+        if mlp != cfg.mlp or (mlp in gated and hidden != cfg.ff_hidden):
             def kind(m, h):
-                return f"has a SwiGLU MLP of hidden size {h}" if m == "swiglu" else "has a GELU MLP"
+                return f"has a {'SwiGLU' if m == 'swiglu' else 'GeGLU'} MLP of hidden size {h}" if m in gated \
+                    else "has a GELU MLP"
 
             what = f"{kind(mlp, hidden)}, this run's model {kind(cfg.mlp, cfg.ff_hidden)}"
-            flags = f"--mlp {mlp}" + (f" --mlp-hidden {hidden}" if mlp == "swiglu" else "")
+            flags = f"--mlp {mlp}" + (f" --mlp-hidden {hidden}" if mlp in gated else "")
         elif encoding != cfg.position_encoding or (encoding == "rope" and (theta, rope_scaling) != (cfg.rope_theta,
                                                                                                    cfg.rope_scaling)):
             def positions(e, t, s):
@@ -506,6 +508,18 @@ class Trainer:
 
             what = f"{heads(qk_norm, head_dim)}, this run's model {heads(cfg.qk_norm, cfg.attention_head_dim)}"
             flags = "the run's own --init"  # Qwen3's: no flag makes them, only an --init folder's config.json
+        elif (gemma := tuple(saved_cfg.get(k, False) for k in ("scale_embeddings", "post_norms"))
+              + (saved_cfg.get("rope_local_theta", 0.0),)) != (cfg.scale_embeddings, cfg.post_norms,
+                                                               cfg.rope_local_theta):
+            def touches(scaled, post, local):
+                return ", ".join([f"{'scales' if scaled else 'does not scale'} its token embeddings",
+                                  f"{'normalizes' if post else 'does not normalize'} each sublayer's output",
+                                  f"rotates its local layers with theta {local:g}" if local else
+                                  "has one RoPE for every layer"])
+
+            what = (f"{touches(*gemma)}; this run's model "
+                    f"{touches(cfg.scale_embeddings, cfg.post_norms, cfg.rope_local_theta)}")
+            flags = "the run's own --init"  # Gemma's: no flag makes them, only an --init folder's config.json
         elif saved_cfg.get("scale_attention", True) != cfg.scale_attention:
             def scaled(on):
                 return "scales its attention scores by 1/sqrt(head_dim)" if on else \

@@ -23,7 +23,7 @@ import torch
 
 from tritongpt.errors import UserError, note
 from tritongpt.train.tokenizer import HUB_REPO_HELP, TOKENIZER_CHOICES
-from tritongpt.model.config import MLPS, NORMS, POSITION_ENCODINGS, WINDOW_LAYERS
+from tritongpt.model.config import GATED_MLPS, MLPS, NORMS, POSITION_ENCODINGS, window_layers_arg
 
 DEFAULTS = dict(out_dir="runs/pretrain", max_steps=300, batch_size=16, grad_accum=1, lr=2e-3, min_lr=2e-4,
                 warmup_steps=30, weight_decay=0.1, eval_every=50, eval_batches=8, ckpt_every=100,
@@ -73,9 +73,10 @@ def add_args(p: argparse.ArgumentParser):
                         "query heads (GPTConfig.n_kv_head; Llama's 8 of 32, 1: multi-query); W_key, W_value and the "
                         "KV cache shrink by n_head / N. Such a model cannot be exported to Hugging Face's GPT-2. "
                         "Default: as many as the heads (0), or what --init's has")
-    p.add_argument("--window-layers", choices=WINDOW_LAYERS, default=None,
-                   help="which layers --attention-window makes local: all, or odd (1, 3, 5, ...: GPT-Neo's "
-                        "alternation with global layers) (default: all, or what --init's model has)")
+    p.add_argument("--window-layers", type=window_layers_arg, default=None, metavar="all|odd|I,J,...",
+                   help="which layers --attention-window makes local: all, odd (1, 3, 5, ...: GPT-Neo's "
+                        "alternation with global layers), or a comma list of layer indices (Gemma 3's five local "
+                        "layers to a global one: 0,1,2,3,4,6,...) (default: all, or what --init's model has)")
     p.add_argument("--position-encoding", choices=POSITION_ENCODINGS, default=None,
                    help="positions for the new model: learned, GPT-2's absolute embeddings, or rope, rotary "
                         "embeddings of each head's queries and keys (GPT-NeoX, Llama; GPTConfig.position_encoding: no "
@@ -93,16 +94,17 @@ def add_args(p: argparse.ArgumentParser):
                         "default 10000, GPT-NeoX's and Llama 2's, or what --init's model has)")
     p.add_argument("--mlp", choices=MLPS, default=None,
                    help="the new model's MLP: gelu, GPT-2's Linear(C -> 4C), GELU, Linear(4C -> C), or swiglu, Llama's "
-                        "w_down(silu(w_gate x) * w_up x) (GPTConfig.mlp; the Triton path makes gate and up in one pass "
-                        "and fuses silu(g) * u). A SwiGLU model is exported as a Llama, not as GPT-2 or GPT-Neo. "
+                        "w_down(silu(w_gate x) * w_up x), or geglu, Gemma's, GELU (tanh) for silu (GPTConfig.mlp; the "
+                        "Triton path makes gate and up in one pass and fuses act(g) * u). A SwiGLU model is exported "
+                        "as a Llama, a GeGLU one as a Gemma, not as GPT-2 or GPT-Neo. "
                         "Default: gelu, or what --init's model has")
     p.add_argument("--bias", action=argparse.BooleanOptionalAction, default=None,
                    help="biases in the new model's linear layers (GPTConfig.bias): GPT-2 has them; --no-bias drops "
                         "them all, as Llama, PaLM and modded-nanogpt do. Default: the preset's (biases), or what "
                         "--init's model has")
     p.add_argument("--mlp-hidden", type=int, default=None, metavar="H",
-                   help="the SwiGLU MLP's hidden size (GPTConfig.mlp_hidden; default: Llama's rule, 2/3 of 4 n_embd "
-                        "rounded up to a multiple of 64, about GPT-2's MLP parameters: 2048 at n_embd 768)")
+                   help="the SwiGLU or GeGLU MLP's hidden size (GPTConfig.mlp_hidden; default: Llama's rule, 2/3 "
+                        "of 4 n_embd rounded up to a multiple of 64, about GPT-2's MLP parameters: 2048 at n_embd 768)")
     d.add_argument("--document-mask", action="store_true",
                    help="keep the documents of a training window apart: each token attends to its own document "
                         "only (split at <|endoftext|>, which opens each document), and positions count from its "
@@ -173,7 +175,7 @@ class DataPosition:
 
 NO_WINDOW = "--window-layers {} picks the layers --attention-window makes local: without a window it does nothing"
 NO_ROPE = "--rope-theta {:g} is RoPE's base: without --position-encoding rope (its own or --init's) it does nothing"
-NO_SWIGLU = "--mlp-hidden {} is the SwiGLU MLP's hidden size: without --mlp swiglu it does nothing"
+NO_SWIGLU = "--mlp-hidden {} is the SwiGLU or GeGLU MLP's hidden size: without --mlp swiglu or geglu it does nothing"
 
 
 def check_args(args, targs):
@@ -215,7 +217,7 @@ def check_args(args, targs):
     if args.mlp_hidden is not None:
         if args.mlp_hidden <= 0:
             raise UserError(f"--mlp-hidden must be a positive integer, got {args.mlp_hidden}")
-        if args.init is None and args.mlp != "swiglu":
+        if args.init is None and args.mlp not in GATED_MLPS:
             raise UserError(NO_SWIGLU.format(args.mlp_hidden))
     data.check_text_field(args.data, args.text_field)
     if Path(str(args.data or "")).suffix == ".json":
@@ -258,7 +260,8 @@ def check_args(args, targs):
             raise UserError(f"--n-kv-head {args.n_kv_head} would change the shapes of --init's weights (its "
                             f"n_kv_head is {model.config.n_kv_head}, with {model.config.n_head} heads): leave the "
                             "flag out")
-        if args.mlp_hidden is not None and (model.config.mlp != "swiglu" or args.mlp_hidden != model.config.ff_hidden):
+        if args.mlp_hidden is not None and (model.config.mlp not in GATED_MLPS
+                                            or args.mlp_hidden != model.config.ff_hidden):
             has = f"{model.config.mlp} MLP's hidden size is {model.config.ff_hidden}"
             raise UserError(f"--mlp-hidden {args.mlp_hidden} would change the shapes of --init's weights (its "
                             f"{has}): leave the flag out")
@@ -313,14 +316,14 @@ def refuse_rmsnorm_from_published(args):
 
 
 def refuse_swiglu_from_gpt2(args):
-    """--init gpt2-small (the published weights) with --mlp swiglu or --mlp-hidden: refused before the
-    download. GPT-2's MLP is fc1, GELU, fc2: its weights have no gate to start a SwiGLU MLP from."""
+    """--init gpt2-small (the published weights) with --mlp swiglu/geglu or --mlp-hidden: refused before the
+    download. GPT-2's MLP is fc1, GELU, fc2: its weights have no gate to start a gated MLP from."""
     from tritongpt.train.gpt2_weights import HUB_REPOS
 
     if args.init not in HUB_REPOS or Path(args.init).expanduser().exists():
         return
-    if args.mlp == "swiglu" or args.mlp_hidden is not None:
-        flag = "--mlp swiglu" if args.mlp == "swiglu" else f"--mlp-hidden {args.mlp_hidden}"
+    if args.mlp in GATED_MLPS or args.mlp_hidden is not None:
+        flag = f"--mlp {args.mlp}" if args.mlp in GATED_MLPS else f"--mlp-hidden {args.mlp_hidden}"
         raise UserError(f"--init {args.init}: GPT-2's weights have a GELU MLP (fc1, fc2), not SwiGLU's gate, up and "
                         f"down: {flag} cannot start from them (leave it out, or train a SwiGLU model without --init)")
 
@@ -407,7 +410,11 @@ def print_header(args, targs, model, tok, block, splits, trainer):
     gqa += f", heads of {cfg.head_dim}" if cfg.attention_head_dim else ""
     gqa += ", q/k norms" if cfg.qk_norm else ""
     gqa += ", RMSNorm" if cfg.norm == "rmsnorm" else ""
-    gqa += f", SwiGLU MLP (hidden {cfg.ff_hidden})" if cfg.mlp == "swiglu" else ""
+    gqa += f", {'SwiGLU' if cfg.mlp == 'swiglu' else 'GeGLU'} MLP (hidden {cfg.ff_hidden})" if cfg.mlp in GATED_MLPS \
+        else ""
+    gqa += ", embeddings scaled by sqrt(n_embd)" if cfg.scale_embeddings else ""
+    gqa += ", sandwich norms" if cfg.post_norms else ""
+    gqa += f", local layers' RoPE theta {cfg.rope_local_theta:g}" if cfg.rope_local_theta else ""
     print(f"pretrain: {model_name(args)} ({model.num_params() / 1e6:.2f}M params, vocab {cfg.vocab_size}{padded}, "
           f"context {cfg.context_length}"
           f"{f', trained on {block}-token blocks' if block != cfg.context_length else ''}"
