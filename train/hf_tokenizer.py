@@ -141,6 +141,19 @@ class HFTokenizer(TokenizerChecks):
         return self._tok.token_to_id(self.eos_token)
 
     @property
+    def prepended_bos_id(self) -> int | None:
+        """The BOS id when this tokenizer's own pipeline (its post_processor: Gemma's, Llama 2's and 3's,
+        TinyLlama's) starts every text with it, else None. transformers' tokenizer(text) adds it and
+        our encode never does; `generate` puts it before a prompt, as the model always saw one there
+        (Gemma's text without it is much worse)."""
+        if self.bos_token is None:
+            return None
+        bos = self._tok.token_to_id(self.bos_token)
+        added = self._tok.encode("a", add_special_tokens=True).ids
+        return bos if added[:1] == [bos] and self._tok.encode("a", add_special_tokens=False).ids[:1] != [bos] \
+            else None
+
+    @property
     def hash(self) -> str:
         """sha256 of what decides the ids (tokenizer.json but its padding, truncation, post-processor
         and decoder) and of the EOS, which our data puts between documents."""

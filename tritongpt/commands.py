@@ -261,9 +261,12 @@ def cmd_generate(args):
                         "special token") from None
     if not ids:
         raise UserError("the prompt is empty: pass --prompt (or --prompt-file) with some text")
-    if len(ids) > model.config.context_length:  # a full window is fine: it predicts the next token
-        raise UserError(f"prompt is {len(ids)} tokens; the model's context is {model.config.context_length}")
-    idx = torch.tensor([ids] * args.num_samples, dtype=torch.long, device=device)  # one batch
+    # a Gemma's or Llama's own tokenizer starts every text with BOS: so does the prompt (not printed)
+    bos = getattr(tok, "prepended_bos_id", None)
+    lead = [bos] if bos is not None and ids[0] != bos else []
+    if len(lead + ids) > model.config.context_length:  # a full window is fine: it predicts the next token
+        raise UserError(f"prompt is {len(lead + ids)} tokens; the model's context is {model.config.context_length}")
+    idx = torch.tensor([lead + ids] * args.num_samples, dtype=torch.long, device=device)  # one batch
     gen = torch.Generator(device=device).manual_seed(args.seed)
     eot = eot_or_none(tok)
     stream = TextStream(tok, ids, eot) if args.stream else None
@@ -273,6 +276,7 @@ def cmd_generate(args):
     if stream:
         stream.close()
     for i, row in enumerate(out):
+        row = row[len(lead):]
         new = row[len(ids):]
         ended = eot in new  # a row that ended early is padded with more markers after its first
         if ended:
