@@ -2,7 +2,7 @@
 apply_chat_template renders it, cut into SFT's parts with the answers (through their end-of-turn
 token) learned, used by `sft` (--chat-template auto), `chat` and `export`; dpo, reward and rlhf
 keep tritongpt's. Templates in the shapes of Qwen2.5's and SmolLM2's (ChatML with a default
-system message), Llama 3's and Zephyr's (TinyLlama-Chat), on a tokenizer trained here beside a
+system message), Llama 3's, Zephyr's (TinyLlama-Chat) and Gemma 3's, on a tokenizer trained here beside a
 tiny random Qwen2ForCausalLM: nothing downloaded."""
 import io
 import json
@@ -31,10 +31,24 @@ ZEPHYR = ("{% for message in messages %}\n  {% if message['role'] == 'user' %}\n
           "message['content'] + eos_token }}\n  {% elif message['role'] == 'assistant' %}\n{{ '<|assistant|>\\n'  + message['content'] + eos_token }}\n"
           "  {% endif %}\n  {% if loop.last and add_generation_prompt %}\n{{ '<|assistant|>' }}\n  {% endif %}\n"
           "{% endfor %}")  # indented tags: lstrip_blocks drops the indent, as transformers' renderer does
+# Gemma 3's: BOS first, a system message folded into the first user turn, the assistant called "model",
+# turns ended by <end_of_turn> while the folder's EOS is <eos>
+GEMMA3 = ("{{ bos_token }}\n{%- if messages[0]['role'] == 'system' -%}{%- set first_user_prefix = "
+          "messages[0]['content'] + '\n\n' -%}{%- set loop_messages = messages[1:] -%}{%- else -%}"
+          "{%- set first_user_prefix = \"\" -%}{%- set loop_messages = messages -%}{%- endif -%}"
+          "{%- for message in loop_messages -%}{%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}"
+          "{{ raise_exception(\"Conversation roles must alternate user/assistant/user/assistant/...\") }}"
+          "{%- endif -%}{%- if (message['role'] == 'assistant') -%}{%- set role = \"model\" -%}{%- else -%}"
+          "{%- set role = message['role'] -%}{%- endif -%}"
+          "{{ '<start_of_turn>' + role + '\n' + (first_user_prefix if loop.first else \"\") }}"
+          "{{ message['content'] | trim }}{{ '<end_of_turn>\n' }}{%- endfor -%}"
+          "{%- if add_generation_prompt -%}{{'<start_of_turn>model\n'}}{%- endif -%}")
 TEMPLATES = {"chatml": (CHATML, "<|im_end|>"), "llama3": (LLAMA3, "<|eot_id|>"), "zephyr": (ZEPHYR, "</s>"),
-             "tritongpt": (formats.HF_CHAT_TEMPLATE, "<|endoftext|>")}
+             "tritongpt": (formats.HF_CHAT_TEMPLATE, "<|endoftext|>"), "gemma3": (GEMMA3, "<eos>")}
+TURN_ENDS = {"<eos>": "<end_of_turn>"}  # a folder's EOS -> its template's end of turn, where they differ
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|begin_of_text|>", "<|start_header_id|>",
-            "<|end_header_id|>", "<|eot_id|>", "<|user|>", "<|assistant|>", "<|system|>", "</s>"]
+            "<|end_header_id|>", "<|eot_id|>", "<|user|>", "<|assistant|>", "<|system|>", "</s>", "<eos>",
+            "<start_of_turn>", "<end_of_turn>"]
 CHATS = [
     [{"role": "user", "content": "the cat sat"}, {"role": "assistant", "content": "on a mat"}],
     [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "42 dogs?"},
@@ -86,7 +100,7 @@ def test_rendering_and_ids_are_transformers(folder):
         answers = [m["content"] for m in messages if m["role"] == "assistant"]
         learned = [t for t, _, learn in parts if learn]
         end = tok.decode([turn_end_id(tok)])
-        assert end == theirs.eos_token  # each folder's EOS is its template's end of turn (TEMPLATES)
+        assert end == TURN_ENDS.get(theirs.eos_token, theirs.eos_token)  # the template's end of turn
         assert len(learned) == len(answers) and all(t.strip().startswith(a.strip()) and end in t[len(a.strip()):]
                                                     for t, a in zip(learned, answers))
 
