@@ -365,8 +365,13 @@ def test_a_hub_repo_id_is_fetched_and_read_as_its_folder(tmp_path, monkeypatch, 
     class EntryNotFoundError(Exception):  # huggingface_hub's, by name: a repo without the file
         pass
 
+    class GatedRepoError(Exception):  # huggingface_hub's, by name: a license not accepted, or no token
+        pass
+
     def fake_download(repo, filename, cache_dir=None, **kwargs):
         asked.append(repo)
+        if repo == "google/gated":
+            raise GatedRepoError(repo)
         if not (hub / repo).is_dir():
             raise RuntimeError(f"no repo {repo}")
         if not (hub / repo / filename).is_file():
@@ -404,6 +409,9 @@ def test_a_hub_repo_id_is_fetched_and_read_as_its_folder(tmp_path, monkeypatch, 
            capsys.readouterr().err
     assert cli.main(["generate", "--weights", "someone/missing", *flags]) == 2
     assert "could not fetch someone/missing from the Hugging Face Hub (offline?): RuntimeError" in capsys.readouterr().err
+    assert cli.main(["generate", "--weights", "google/gated", *flags]) == 2
+    assert "google/gated is gated on the Hugging Face Hub: accept its license on https://huggingface.co/google/gated, " \
+           "then log in (`hf auth login`) or set HF_TOKEN" in capsys.readouterr().err
     # below a folder that is here (run/), a mistyped path: not asked of the Hub
     assert cli.main(["generate", "--weights", "run/ckpt-9", *flags]) == 2
     assert "run/ckpt-9" not in asked and "Hugging Face Hub" not in capsys.readouterr().err

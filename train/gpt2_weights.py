@@ -311,6 +311,10 @@ def hub_download(repo: str, optional=(), cache_dir=None) -> str:
                             f"read); {_PASS_A_FILE}") from None
         if isinstance(e, UserError):
             raise
+        if type(e).__name__ == "GatedRepoError":  # Gemma's and Llama's: a license to accept, a token to send
+            raise UserError(f"{repo} is gated on the Hugging Face Hub: accept its license on "
+                            f"https://huggingface.co/{repo}, then log in (`hf auth login`) or set HF_TOKEN; "
+                            f"or {_PASS_A_FILE}") from None
         raise UserError(f"could not fetch {repo} from the Hugging Face Hub (offline?): "
                         f"{type(e).__name__}; {_PASS_A_FILE}") from None
     return path
