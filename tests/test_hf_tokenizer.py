@@ -415,3 +415,32 @@ def test_a_hub_repo_id_is_fetched_and_read_as_its_folder(tmp_path, monkeypatch, 
     # below a folder that is here (run/), a mistyped path: not asked of the Hub
     assert cli.main(["generate", "--weights", "run/ckpt-9", *flags]) == 2
     assert "run/ckpt-9" not in asked and "Hugging Face Hub" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("kind", ["sentencepiece", "llama3", "smollm"])
+def test_sft_examples_and_prompts_start_with_bos_where_the_tokenizer_does(tmp_path, kind):
+    """SFT's examples, its held-out prompts and a preference pair's prompt start with BOS where the
+    folder's own pipeline starts every text with it (TinyLlama's <s>, Llama 3's <|begin_of_text|>), as
+    transformers' tokenizer(text) gives them; SmolLM's has none and gets none. The prompt's length counts
+    the BOS, so the answer is still what is learned."""
+    from tritongpt.train import formats
+    from tritongpt.train.sft import encode_records
+
+    path, theirs, _ = llama_folder(tmp_path / kind, kind)
+    tok = get_tokenizer(path)
+    record = {"prompt": "the cat sat on", "output": " 42 mats"}
+    (ex,), _ = encode_records([record], tok, 64)
+    bos = theirs.bos_token_id if kind != "smollm" else None
+    assert tok.prepended_bos_id == bos
+    want_prompt = theirs(record["prompt"])["input_ids"]  # transformers' pipeline: BOS added where it adds one
+    assert ex.ids[:ex.prompt_len] == want_prompt == formats.encode_prompt(tok, record["prompt"])
+    assert ex.ids[ex.prompt_len:] == theirs(record["output"], add_special_tokens=False)["input_ids"] + [tok.eot_id]
+    assert (ex.ids[0] == bos) == (bos is not None) and ex.ids.count(bos) == (bos is not None)
+    chat = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"},
+                         {"role": "user", "content": "and?"}, {"role": "assistant", "content": "so"}]}
+    (ex,), _ = encode_records([chat], tok, 512)
+    assert (ex.ids[0] == bos) == (bos is not None)
+    # the later user turn is context, not learned: its range moved with the BOS
+    (start, end), = ex.context
+    (text, ends), = [(t, e) for t, e, learned in formats.record_parts(chat, tokenizer=tok)[2:] if not learned]
+    assert ex.ids[start:end] == formats.encode_text(tok, text) + [tok.eot_id] * ends and "and?" in text

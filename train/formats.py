@@ -301,19 +301,28 @@ def encode_text(tokenizer, text: str) -> list:
     return tokenizer.encode(text, allowed_special="all" if isinstance(text, Rendered) else "none")
 
 
+def with_bos(tokenizer, ids: list) -> list:
+    """ids with the tokenizer's BOS first, where its own pipeline starts every text with one (Gemma's,
+    Llama 2's and 3's: HFTokenizer.prepended_bos_id) and they do not already (a chat template that
+    writes it): a sequence then starts as the model's pretraining text did. Else ids as they are."""
+    bos = getattr(tokenizer, "prepended_bos_id", None)
+    return [bos] + ids if bos is not None and ids[:1] != [bos] else ids
+
+
 def encode_prompt(tokenizer, prompt) -> list:
     """Token ids of a prompt: a text, or (text, eot after it) parts; a ChatPrompt in the
-    tokenizer's own chat template when it has one."""
+    tokenizer's own chat template when it has one. BOS first where the tokenizer starts texts
+    with one (with_bos), as SFT's examples do."""
     if isinstance(prompt, ChatPrompt) and getattr(tokenizer, "chat_template", None) is not None:
         from tritongpt.train.chat_template import template_parts
 
         prompt = tuple((t, e) for t, e, _ in template_parts(tokenizer, list(prompt.messages)))
     if isinstance(prompt, str):
-        return encode_text(tokenizer, prompt)
+        return with_bos(tokenizer, encode_text(tokenizer, prompt))
     ids = []
     for text, eot in prompt:
         ids += encode_text(tokenizer, text) + ([tokenizer.eot_id] if eot else [])
-    return ids
+    return with_bos(tokenizer, ids)
 
 
 def describe(record) -> str:

@@ -148,10 +148,12 @@ class HFTokenizer(TokenizerChecks):
         (Gemma's text without it is much worse)."""
         if self.bos_token is None:
             return None
-        bos = self._tok.token_to_id(self.bos_token)
-        added = self._tok.encode("a", add_special_tokens=True).ids
-        return bos if added[:1] == [bos] and self._tok.encode("a", add_special_tokens=False).ids[:1] != [bos] \
-            else None
+        if getattr(self, "_prepended_bos", (None,))[0] != self.bos_token:  # asked once per BOS spelling
+            bos = self._tok.token_to_id(self.bos_token)
+            added = self._tok.encode("a", add_special_tokens=True).ids
+            plain = self._tok.encode("a", add_special_tokens=False).ids
+            self._prepended_bos = (self.bos_token, bos if added[:1] == [bos] and plain[:1] != [bos] else None)
+        return self._prepended_bos[1]
 
     @property
     def hash(self) -> str:

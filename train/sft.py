@@ -163,6 +163,9 @@ def encode_records(records, tokenizer, max_len: int, overlong: str = "drop", wha
                 prompt_len = start
             elif not learned and prompt_len is not None and len(ids) > start:
                 context.append((start, len(ids)))
+        if len(full := formats.with_bos(tokenizer, ids)) > len(ids):  # BOS first, as the prompts get it
+            ids, context = full, [(a + 1, b + 1) for a, b in context]
+            prompt_len = prompt_len + 1 if prompt_len is not None else None
         if len(ids) > max_len + 1:
             if overlong == "drop" or prompt_len >= max_len + 1:
                 n_dropped += 1

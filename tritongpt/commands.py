@@ -244,6 +244,7 @@ def cmd_generate(args):
     import torch
 
     from tritongpt.train.common import autocast
+    from tritongpt.train.formats import with_bos
     from tritongpt.train.generate import generate
     from tritongpt.train.tokenizer import DisallowedSpecialToken, eot_or_none
 
@@ -262,8 +263,7 @@ def cmd_generate(args):
     if not ids:
         raise UserError("the prompt is empty: pass --prompt (or --prompt-file) with some text")
     # a Gemma's or Llama's own tokenizer starts every text with BOS: so does the prompt (not printed)
-    bos = getattr(tok, "prepended_bos_id", None)
-    lead = [bos] if bos is not None and ids[0] != bos else []
+    lead = with_bos(tok, ids)[:-len(ids)]
     if len(lead + ids) > model.config.context_length:  # a full window is fine: it predicts the next token
         raise UserError(f"prompt is {len(lead + ids)} tokens; the model's context is {model.config.context_length}")
     idx = torch.tensor([lead + ids] * args.num_samples, dtype=torch.long, device=device)  # one batch
