@@ -26,9 +26,10 @@ gelu_tanh(h) = 0.5 h (1 + tanh(z)), z = sqrt(2/pi) (h + 0.044715 h^3). Since 1 +
 2 sigmoid(2z), we evaluate gelu = h * s with s = sigmoid(2z): no tanh, no cancellation.
 gelu'(h) = s + h * 2 s (1 - s) * dz/dh.
 
-The same kernel carries the SwiGLU MLP's products too (kernels/swiglu.py: a second B operand
-and accumulator, the SiLU-gate epilogues EPI_SWIGLU / EPI_SWIGLU_GRAD, the B_SWIGLU prologue
-and SUM2, a second product summed into the same tile).
+The same kernel carries the gated MLPs' products too, SwiGLU's and GeGLU's (kernels/swiglu.py: a
+second B operand and accumulator, the gate epilogues EPI_SWIGLU / EPI_SWIGLU_GRAD, the B_SWIGLU
+prologue and SUM2, a second product summed into the same tile). GATE_GELU picks the gate's
+activation in those three: silu (Llama's SwiGLU) or gelu_tanh (Gemma's GeGLU).
 
 Public API: `gelu_mlp(x, w1, b1, w2, b2)`. It is built from torch.library custom ops
 (`tritongpt::gelu_mlp_fwd` / `tritongpt::gelu_mlp_bwd`, with fake impls) inside an
@@ -38,6 +39,7 @@ import math
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 
@@ -50,8 +52,10 @@ from tritongpt.kernels._common import (autocast_dtype, autotuned, cast, check_ru
 EPI_NONE = 0       # C = A @ B (+ bias)
 EPI_GELU = 1       # H = A @ B + bias; C = gelu(H)       (stores both)
 EPI_GELU_GRAD = 2  # C = (A @ B) * gelu'(AUX)             (AUX = saved pre-activation h)
-EPI_SWIGLU = 3     # G = A @ B + bias, U = A @ B2 + bias2; C = silu(G) * U   (stores all three)
-EPI_SWIGLU_GRAD = 4  # D = A @ B; C = D * AUX2 * silu'(AUX), C2 = D * silu(AUX)  (AUX = g, AUX2 = u)
+EPI_SWIGLU = 3     # G = A @ B + bias, U = A @ B2 + bias2; C = act(G) * U   (stores all three)
+EPI_SWIGLU_GRAD = 4  # D = A @ B; C = D * AUX2 * act'(AUX), C2 = D * act(AUX)  (AUX = g, AUX2 = u)
+# (act: silu, or gelu_tanh with GATE_GELU; the gated MLP's gate activations by name)
+GATES = ("silu", "gelu")
 
 
 @triton.jit
@@ -95,6 +99,25 @@ def _silu_grad(g):
     return s * (1.0 + g * (1.0 - s))
 
 
+@triton.jit
+def _gate_act(g, GATE_GELU: tl.constexpr):
+    """The gated MLP's activation of g (fp32): gelu_tanh for GeGLU, else silu."""
+    if GATE_GELU:
+        a = _gelu(g)
+    else:
+        a = _silu(g)
+    return a
+
+
+@triton.jit
+def _gate_act_grad(g, GATE_GELU: tl.constexpr):
+    if GATE_GELU:
+        d = _gelu_grad(g)
+    else:
+        d = _silu_grad(g)
+    return d
+
+
 def _matmul_configs():
     if triton_interpreting():
         # The interpreter costs per program and per tl.dot: one fixed, mid-sized tile (autotune
@@ -125,23 +148,24 @@ def _bucket(n: int) -> int:
 # (1 when row-major, else a model width): the second Linear's forward (B = w2^T) and dx = dh @ w1
 # have the same sizes and, without biases, the same flags, but not the same best tile.
 @triton.autotune(configs=_matmul_configs(),
-                 key=["M_BUCKET", "N", "K_BUCKET", "EPILOGUE", "B_GELU", "B_SWIGLU", "SUM2", "HAS_BIAS",
-                      "stride_ak", "stride_bn"])
+                 key=["M_BUCKET", "N", "K_BUCKET", "EPILOGUE", "B_GELU", "B_SWIGLU", "SUM2", "GATE_GELU",
+                      "HAS_BIAS", "stride_ak", "stride_bn"])
 @triton.jit
 def _matmul_kernel(A, B, C, Bias, Aux, Hout, A2, B2, Bias2, Aux2, Hout2, M, N, K, M_BUCKET, K_BUCKET,
                    stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn,
                    stride_xm, stride_xn,
                    HAS_BIAS: tl.constexpr, B_GELU: tl.constexpr, EPILOGUE: tl.constexpr,
-                   B_SWIGLU: tl.constexpr, SUM2: tl.constexpr, PRECISION: tl.constexpr,
+                   B_SWIGLU: tl.constexpr, SUM2: tl.constexpr, GATE_GELU: tl.constexpr,
+                   PRECISION: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                    GROUP_M: tl.constexpr):
     """C[M, N] = A[M, K] @ B[K, N] with the fused prologue (B_GELU, B_SWIGLU) / epilogue (EPILOGUE) above.
 
     Aux/Hout/Aux2/Hout2 share strides (stride_xm, stride_xn): Aux is read in EPI_GELU_GRAD, Hout
     written in EPI_GELU; the SwiGLU modes read or write the second pair too. The second operands
-    (SwiGLU only) share their first's strides: B2 is the up weight beside the gate's (EPI_SWIGLU),
-    u beside g (B_SWIGLU: B = silu(g) * u), or with A2 a second product added to the first (SUM2:
-    C = A @ B + A2 @ B2, dx = dg @ W_gate + du @ W_up).
+    (SwiGLU/GeGLU only) share their first's strides: B2 is the up weight beside the gate's (EPI_SWIGLU),
+    u beside g (B_SWIGLU: B = act(g) * u), or with A2 a second product added to the first (SUM2:
+    C = A @ B + A2 @ B2, dx = dg @ W_gate + du @ W_up). act is gelu_tanh if GATE_GELU, else silu.
     """
     pid = tl.program_id(0)
     num_m = tl.cdiv(M, BLOCK_M)
@@ -169,9 +193,9 @@ def _matmul_kernel(A, B, C, Bias, Aux, Hout, A2, B2, Bias2, Aux2, Hout2, M, N, K
         b = tl.load(b_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
         if B_GELU:  # recompute a = gelu(h) on the fly instead of reading a saved copy
             b = cast(_gelu(b.to(tl.float32)), A.dtype.element_ty)
-        if B_SWIGLU:  # recompute a = silu(g) * u from the saved g (B) and u (B2)
+        if B_SWIGLU:  # recompute a = act(g) * u from the saved g (B) and u (B2)
             u = tl.load(b2_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
-            b = cast(_silu(b.to(tl.float32)) * u.to(tl.float32), A.dtype.element_ty)
+            b = cast(_gate_act(b.to(tl.float32), GATE_GELU) * u.to(tl.float32), A.dtype.element_ty)
         acc = dot(a, b, acc, PRECISION)
         if EPILOGUE == 3:  # the same A tile times the up weight's matching columns
             b2 = tl.load(b2_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
@@ -210,12 +234,12 @@ def _matmul_kernel(A, B, C, Bias, Aux, Hout, A2, B2, Bias2, Aux2, Hout2, M, N, K
         tl.store(Hout + x_off, g, mask=mask)
         tl.store(Hout2 + x_off, u, mask=mask)
         # of the *rounded* g and u, as the backward's recomputation of a (B_SWIGLU) sees them
-        acc = _silu(g.to(tl.float32)) * u.to(tl.float32)
+        acc = _gate_act(g.to(tl.float32), GATE_GELU) * u.to(tl.float32)
     elif EPILOGUE == 4:  # acc is da = dy @ W_down: dg to C, du to Hout2
         g = tl.load(Aux + x_off, mask=mask, other=0.0).to(tl.float32)
         u = tl.load(Aux2 + x_off, mask=mask, other=0.0).to(tl.float32)
-        tl.store(Hout2 + x_off, cast(acc * _silu(g), Hout2.dtype.element_ty), mask=mask)
-        acc = acc * u * _silu_grad(g)
+        tl.store(Hout2 + x_off, cast(acc * _gate_act(g, GATE_GELU), Hout2.dtype.element_ty), mask=mask)
+        acc = acc * u * _gate_act_grad(g, GATE_GELU)
     c_ptrs = C + offs_m.to(tl.int64)[:, None] * stride_cm + offs_n[None, :] * stride_cn
     tl.store(c_ptrs, cast(acc, C.dtype.element_ty), mask=mask)
 
@@ -225,10 +249,13 @@ autotuned("mlp.matmul", _matmul_kernel)
 
 @on_tensor_device
 def _matmul(a, b, bias=None, epilogue=EPI_NONE, aux=None, b_gelu=False, b2=None, bias2=None, aux2=None,
-            a2=None, b_swiglu=False):
+            a2=None, b_swiglu=False, gate="silu"):
     """a [M, K] @ b [K, N] (any strides) -> new [M, N] tensor in a's dtype, and a second one: h
     (EPI_GELU), (g, u) (EPI_SWIGLU), du (EPI_SWIGLU_GRAD), else None. The SwiGLU operands: b2
-    (b's layout), bias2, aux2 (u beside aux = g), a2 (a's layout: C = a @ b + a2 @ b2)."""
+    (b's layout), bias2, aux2 (u beside aux = g), a2 (a's layout: C = a @ b + a2 @ b2). gate: the
+    activation of g in EPI_SWIGLU, EPI_SWIGLU_GRAD and b_swiglu, "silu" (SwiGLU) or "gelu" (GeGLU)."""
+    if gate not in GATES:
+        raise ValueError(f"gate must be one of {', '.join(GATES)}, got {gate!r}")
     M, K = a.shape
     N = b.shape[1]
 
@@ -246,7 +273,9 @@ def _matmul(a, b, bias=None, epilogue=EPI_NONE, aux=None, b_gelu=False, b2=None,
         if epilogue == EPI_SWIGLU:
             h.copy_(bias if bias is not None else c)
             h2.copy_(bias2 if bias2 is not None else c)
-            c = (torch.nn.functional.silu(h.float()) * h2.float()).to(c.dtype)
+            g = h.float()
+            act = F.gelu(g, approximate="tanh") if gate == "gelu" else F.silu(g)
+            c = (act * h2.float()).to(c.dtype)
             return c, extra
         if epilogue == EPI_SWIGLU_GRAD:
             h2.zero_()
@@ -255,7 +284,7 @@ def _matmul(a, b, bias=None, epilogue=EPI_NONE, aux=None, b_gelu=False, b2=None,
             c += bias
         if epilogue == EPI_GELU:
             h.copy_(c)
-            c = torch.nn.functional.gelu(c.float(), approximate="tanh").to(c.dtype)
+            c = F.gelu(c.float(), approximate="tanh").to(c.dtype)
         elif epilogue == EPI_GELU_GRAD:
             c.zero_()
         return c, extra
@@ -282,6 +311,7 @@ def _matmul(a, b, bias=None, epilogue=EPI_NONE, aux=None, b_gelu=False, b2=None,
         a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0), c.stride(1),
         x.stride(0), x.stride(1),
         HAS_BIAS=bias is not None, B_GELU=b_gelu, EPILOGUE=epilogue, B_SWIGLU=b_swiglu, SUM2=a2 is not None,
+        GATE_GELU=gate == "gelu",
         PRECISION="ieee" if a.dtype == torch.float32 else "tf32")  # tf32 only affects fp32 inputs
     return c, extra
 
