@@ -1,5 +1,6 @@
 """SwiGLU MLP: the Triton kernel (kernels/swiglu.py) vs float64 and vs model.layers.SwiGLUFeedForward,
-and GPTConfig.mlp "swiglu" through the model, LoRA, pretrain, export and the FLOP count.
+and GPTConfig.mlp "swiglu" through the model, LoRA, pretrain, export and the FLOP count. The kernel's
+GeGLU (activation "gelu": gelu_tanh gates u, Gemma's MLP) runs through the same parity tests.
 
 On the CPU the kernels run in Triton's interpreter: matrices stay small (tens of programs);
 the CUDA-marked tests repeat the parity check at GPT-2 widths when a GPU is present.
@@ -27,10 +28,14 @@ TOL = {torch.float32: 1e-4, torch.bfloat16: 1e-2, torch.float16: 1e-2}
 NAMES = ("dx", "dw_gate", "db_gate", "dw_up", "db_up", "dw_down", "db_down")
 
 
-def ref_swiglu(x, wg, bg, wu, bu, wd, bd):
+# The gate activations written out, not taken from F (the reference module uses F.silu / F.gelu)
+ACTS = {"silu": lambda g: g * torch.sigmoid(g),
+        "gelu": lambda g: 0.5 * g * (1 + torch.tanh(math.sqrt(2 / math.pi) * (g + 0.044715 * g ** 3)))}
+
+
+def ref_swiglu(x, wg, bg, wu, bu, wd, bd, activation="silu"):
     """The formula, written out (run on float64 leaves for the reference)."""
-    g = F.linear(x, wg, bg)
-    return F.linear(g * torch.sigmoid(g) * F.linear(x, wu, bu), wd, bd)
+    return F.linear(ACTS[activation](F.linear(x, wg, bg)) * F.linear(x, wu, bu), wd, bd)
 
 
 def make(M, C, H, dtype, device, gen, bias=True, lead=None):
@@ -43,46 +48,49 @@ def make(M, C, H, dtype, device, gen, bias=True, lead=None):
     return [t.to(device, dtype).requires_grad_() if t is not None else None for t in (x, wg, bg, wu, bu, wd, bd)]
 
 
-def check_parity(M, C, H, dtype, device, seed, bias=True, lead=None):
+def check_parity(M, C, H, dtype, device, seed, bias=True, lead=None, activation="silu"):
     """Kernel vs float64: y and every gradient. 16-bit: the flat TOL or twice PyTorch's own error
-    in that dtype (F.linear + F.silu), whichever is larger."""
+    in that dtype (F.linear + the activation), whichever is larger."""
     gen = torch.Generator().manual_seed(seed)
     params = make(M, C, H, dtype, device, gen, bias, lead)
-    y = swiglu_mlp(*params)
+    y = swiglu_mlp(*params, activation=activation)
     assert y.dtype == dtype and y.shape == params[0].shape
     dy = torch.randn(y.shape, generator=gen).to(device, dtype)
     y.backward(dy)
     leaves = [p.detach().double().requires_grad_() if p is not None else None for p in params]
-    y64 = ref_swiglu(*leaves)
+    y64 = ref_swiglu(*leaves, activation)
     y64.backward(dy.double())
     tol = dict.fromkeys(("y",) + NAMES, TOL[dtype])
     if dtype != torch.float32:
         lp = [p.detach().clone().requires_grad_() if p is not None else None for p in params]
-        y_lp = ref_swiglu(*lp)
+        y_lp = ref_swiglu(*lp, activation)
         y_lp.backward(dy)
         tol["y"] = max(tol["y"], 2 * report(y_lp, y64)[1])
         for name, p, p64 in zip(NAMES, lp, leaves):
             if p is not None:
                 tol[name] = max(tol[name], 2 * report(p.grad, p64.grad)[1])
-    assert_close_rel(y, y64, tol["y"], f"y {dtype} M={M} C={C} H={H}")
+    assert_close_rel(y, y64, tol["y"], f"y {activation} {dtype} M={M} C={C} H={H}")
     for name, p, p64 in zip(NAMES, params, leaves):
         if p is not None:
             assert p.grad is not None and p.grad.dtype == p.dtype, name
             assert_close_rel(p.grad, p64.grad, tol[name], name)
 
 
+@pytest.mark.parametrize("activation", ["silu", "gelu"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("M,C,H", [(37, 48, 136), (1, 64, 128), (70, 40, 72)])
-def test_parity_fp64(M, C, H, dtype, device):
-    check_parity(M, C, H, dtype, device, seed=M + C + H + (dtype == torch.bfloat16))
+def test_parity_fp64(M, C, H, dtype, activation, device):
+    check_parity(M, C, H, dtype, device, seed=M + C + H + (dtype == torch.bfloat16), activation=activation)
 
 
-def test_fp16_leading_dims(device):
-    check_parity(None, 40, 104, torch.float16, device, seed=2, lead=(2, 3))
+@pytest.mark.parametrize("activation", ["silu", "gelu"])
+def test_fp16_leading_dims(activation, device):
+    check_parity(None, 40, 104, torch.float16, device, seed=2, lead=(2, 3), activation=activation)
 
 
-def test_no_bias(device):
-    check_parity(37, 48, 136, torch.float32, device, seed=3, bias=False)
+@pytest.mark.parametrize("activation", ["silu", "gelu"])
+def test_no_bias(activation, device):
+    check_parity(37, 48, 136, torch.float32, device, seed=3, bias=False, activation=activation)
 
 
 def test_strided_views(device):
@@ -107,13 +115,14 @@ def test_strided_views(device):
         assert_close_rel(t.grad, t64.grad, 1e-4, name)
 
 
-@pytest.mark.parametrize("trainable", [
-    (True, False, False, False, False, False, False),  # every weight frozen: only dx
-    (True, False, False, True, True, False, False),    # gate and down frozen
-    (False, True, False, False, False, True, True),    # no dx, up frozen
-    (False, False, False, False, True, False, False),  # only the up bias trains
+@pytest.mark.parametrize("trainable,activation", [
+    ((True, False, False, False, False, False, False), "silu"),  # every weight frozen: only dx
+    ((True, False, False, True, True, False, False), "gelu"),    # gate and down frozen
+    ((False, True, False, False, False, True, True), "silu"),    # no dx, up frozen
+    ((False, True, False, False, False, True, True), "gelu"),
+    ((False, False, False, False, True, False, False), "gelu"),  # only the up bias trains
 ])
-def test_frozen_weights_skip_their_products(trainable, device, monkeypatch):
+def test_frozen_weights_skip_their_products(trainable, activation, device, monkeypatch):
     """Backward makes only the gradients autograd asks for (the trainable ones match float64,
     the frozen ones stay None) and launches only their products."""
     from tritongpt.kernels import mlp, swiglu
@@ -122,7 +131,7 @@ def test_frozen_weights_skip_their_products(trainable, device, monkeypatch):
     params = make(11, 24, 40, torch.float32, device, gen)
     for p, train in zip(params, trainable):
         p.requires_grad_(train)
-    y = swiglu_mlp(*params)
+    y = swiglu_mlp(*params, activation=activation)
     dy = torch.randn(y.shape, generator=gen).to(device)
     launched = []
     matmul = swiglu._matmul
@@ -133,7 +142,7 @@ def test_frozen_weights_skip_their_products(trainable, device, monkeypatch):
     assert launched.count(mlp.EPI_SWIGLU_GRAD) == int(need_da)
     assert len(launched) == int(need_da) + need_dx + need_dwg + need_dwu + need_dwd
     leaves = [p.detach().double().requires_grad_(train) for p, train in zip(params, trainable)]
-    ref_swiglu(*leaves).backward(dy.double())
+    ref_swiglu(*leaves, activation).backward(dy.double())
     for name, p, p64, train in zip(NAMES, params, leaves, trainable):
         if train:
             assert_close_rel(p.grad, p64.grad, 1e-4, name)
@@ -149,11 +158,13 @@ def _module_grads(ff, x, dy):
     return [y, xi.grad] + [p.grad.clone() for p in ff.parameters()]
 
 
-def test_matches_reference_module(device):
+@pytest.mark.parametrize("activation", ["silu", "gelu"])
+def test_matches_reference_module(activation, device):
     """SwiGLUFeedForward (dropout 0) on both paths and the float64 module: y, dx, every parameter's
-    gradient (w_gate, b_gate, w_up, b_up, w_down, b_down)."""
+    gradient (w_gate, b_gate, w_up, b_up, w_down, b_down); the float64 module against the formula
+    written out (for "gelu": gelu_tanh(g) * u, Gemma's GeGLU)."""
     torch.manual_seed(12)
-    ff = SwiGLUFeedForward(40, 104, dropout=0.0).to(device)
+    ff = SwiGLUFeedForward(40, 104, dropout=0.0, activation=activation).to(device)
     with torch.no_grad():
         for p in ff.parameters():
             p.add_(0.3 * torch.randn_like(p))  # non-zero biases, gates spanning silu's curve
@@ -161,9 +172,14 @@ def test_matches_reference_module(device):
     ref = _module_grads(ff, x, dy)
     ff.use_triton = True
     tri = _module_grads(ff, x, dy)
-    ff64 = SwiGLUFeedForward(40, 104).double().to(device)
+    ff64 = SwiGLUFeedForward(40, 104, activation=activation).double().to(device)
     ff64.load_state_dict(ff.state_dict())
     r64 = _module_grads(ff64, x.double(), dy.double())
+    leaves = [t.detach().clone().requires_grad_() for t in [x.double()] + list(ff64.parameters())]
+    y64 = ref_swiglu(*leaves, activation)
+    y64.backward(dy.double())
+    for name, got, want in zip(("y",) + NAMES, r64, [y64] + [t.grad for t in leaves]):
+        assert_close_rel(got, want, 1e-12, f"{name} fp64 module vs formula")
     names = ["y", "dx"] + [n for n, _ in ff.named_parameters()]
     assert names[2:] == ["w_gate.weight", "w_gate.bias", "w_up.weight", "w_up.bias", "w_down.weight", "w_down.bias"]
     for name, t, r, w in zip(names, tri, ref, r64):
@@ -224,34 +240,43 @@ def test_silu_and_its_derivative_in_triton_match_float64(device):
     assert (d.cpu().double() - d64).abs().max() < 2e-6
 
 
-def test_forward_activation_is_silu_of_the_saved_g_times_u(device):
-    """Backward recomputes a = silu(g) * u from the saved (rounded) g and u for dW_down, so forward
-    must multiply by the same a, not by silu of the fp32 accumulators: in bf16 the two differ in
+@pytest.mark.parametrize("activation", ["silu", "gelu"])
+def test_forward_activation_is_act_of_the_saved_g_times_u(activation, device):
+    """Backward recomputes a = act(g) * u from the saved (rounded) g and u for dW_down, so forward
+    must multiply by the same a, not by act of the fp32 accumulators: in bf16 the two differ in
     many entries of a, which no parity tolerance sees."""
     from tritongpt.kernels import mlp
 
     gen = torch.Generator().manual_seed(33)
     x, wg, bg, wu, bu, _, _ = make(40, 48, 72, torch.bfloat16, device, gen)
     with torch.no_grad():
-        a, (g, u) = mlp._matmul(x, wg.t(), bg, mlp.EPI_SWIGLU, b2=wu.t(), bias2=bu)
-    want = (F.silu(g.float()) * u.float()).to(torch.bfloat16)
+        a, (g, u) = mlp._matmul(x, wg.t(), bg, mlp.EPI_SWIGLU, b2=wu.t(), bias2=bu, gate=activation)
+    want = (ACTS[activation](g.double()) * u.double()).to(torch.bfloat16)
     differ = (a != want).float().mean().item()
-    print(f"entries of a that are not silu(saved g) * saved u: {differ:.2%}")
+    print(f"entries of a that are not {activation}(saved g) * saved u: {differ:.2%}")
     assert differ <= 0.01
 
 
+@pytest.mark.parametrize("activation", ["silu", "gelu"])
 @pytest.mark.parametrize("C,H", [(0, 8), (5, 0)])
-def test_empty_feature_or_hidden_dims_match_pytorch(C, H, device, nan_filled_empty):
+def test_empty_feature_or_hidden_dims_match_pytorch(C, H, activation, device, nan_filled_empty):
     gen = torch.Generator().manual_seed(17)
     params = [torch.randn(*shape, generator=gen).to(device).requires_grad_()
               for shape in ((4, C), (H, C), (H,), (H, C), (H,), (C, H), (C,))]
     leaves = [p.detach().double().requires_grad_() for p in params]
-    y, y64 = swiglu_mlp(*params), ref_swiglu(*leaves)
+    y, y64 = swiglu_mlp(*params, activation=activation), ref_swiglu(*leaves, activation)
     dy = torch.randn(y.shape, generator=gen).to(device)
     y.backward(dy)
     y64.backward(dy.double())
     for name, got, want in zip(("y",) + NAMES, [y] + [p.grad for p in params], [y64] + [p.grad for p in leaves]):
         assert got.shape == want.shape and torch.allclose(got.double(), want, atol=1e-5), name
+    if C == 0:  # y is empty then, so the gated product of the empty sum shows only in the launch's own a
+        from tritongpt.kernels import mlp
+
+        x, wg, bg, wu, bu = (p.detach() for p in params[:5])
+        a, (g, u) = mlp._matmul(x, wg.t(), bg, mlp.EPI_SWIGLU, b2=wu.t(), bias2=bu, gate=activation)
+        assert torch.equal(g, bg.expand(4, H)) and torch.equal(u, bu.expand(4, H))
+        assert torch.allclose(a.double(), ACTS[activation](g.double()) * u.double(), atol=1e-6)
 
 
 def test_meta_tensors_give_shapes():
@@ -302,6 +327,28 @@ def test_rejects_bad_dtypes_and_devices(monkeypatch):
         swiglu_mlp(*_good())
 
 
+def test_rejects_unknown_activation(device):
+    """swiglu_mlp and both ops, called directly and their fake impls (what torch.compile traces), name
+    the activation and the two there are."""
+    match = "activation must be one of 'silu', 'gelu', got 'relu'"
+    args = [t.to(device) for t in _good()]
+    with pytest.raises(ValueError, match=match):
+        swiglu_mlp(*args, activation="relu")
+    fwd, bwd = torch.ops.tritongpt.swiglu_mlp_fwd, torch.ops.tritongpt.swiglu_mlp_bwd
+    with pytest.raises(ValueError, match=match):
+        fwd(*args, "relu")
+    y, g, u = fwd(*args, "gelu")
+    x, wg, _, wu, _, wd, _ = args
+    with pytest.raises(ValueError, match=match):
+        bwd(torch.ones_like(y), x, g, u, wg, wu, wd, [True] * 7, "relu")
+    meta = [t.to("meta") for t in args]  # meta tensors reach the fake impls, which torch.compile traces with
+    with pytest.raises(ValueError, match=match):
+        fwd(*meta, "relu")
+    mx, mwg, _, mwu, _, mwd, _ = meta
+    with pytest.raises(ValueError, match=match):
+        bwd(torch.empty_like(mx), mx, g.to("meta"), u.to("meta"), mwg, mwu, mwd, [True] * 7, "relu")
+
+
 def test_custom_ops_called_directly_check_shapes(device):
     fwd, bwd = torch.ops.tritongpt.swiglu_mlp_fwd, torch.ops.tritongpt.swiglu_mlp_bwd
     x, wg, bg, wu, bu, wd, bd = (t.to(device) for t in _good(12, 20))
@@ -318,13 +365,17 @@ def test_custom_ops_called_directly_check_shapes(device):
     torch.library.opcheck(fwd.default, (x, wg, bg, wu, None, wd, bd))
     torch.library.opcheck(bwd.default, (torch.randn_like(y), x, g, u, wg, wu, wd, [True, False, True, True, False,
                                                                                    True, False]))
+    torch.library.opcheck(fwd.default, (x, wg, bg, wu, bu, wd, None, "gelu"))
+    y, g, u = fwd(x, wg, bg, wu, bu, wd, bd, "gelu")
+    torch.library.opcheck(bwd.default, (torch.randn_like(y), x, g, u, wg, wu, wd, [True] * 7, "gelu"))
     with pytest.raises(Exception, match=r"w_gate has shape \(20, 10\)"):
         torch.compile(lambda x, wg, wu, wd: fwd(x, wg, None, wu, None, wd, None), backend="eager", fullgraph=True)(
             x, wg[:, :10], wu, wd)
 
 
-def test_torch_compile_block_fullgraph(device):
-    """A pre-LN SwiGLU sublayer (both custom ops) compiles as one graph and matches eager."""
+@pytest.mark.parametrize("activation", ["silu", "gelu"])
+def test_torch_compile_block_fullgraph(activation, device):
+    """A pre-LN SwiGLU / GeGLU sublayer (both custom ops) compiles as one graph and matches eager."""
     gen = torch.Generator().manual_seed(6)
     x, *weights = make(None, 24, 72, torch.float32, device, gen, lead=(2, 5))
     lw = (1 + 0.1 * torch.randn(24, generator=gen)).to(device).requires_grad_()
@@ -332,7 +383,7 @@ def test_torch_compile_block_fullgraph(device):
     params = (x, lw, lb, *weights)
 
     def block(x, lw, lb, *w):
-        return x + swiglu_mlp(layer_norm(x, lw, lb), *w)
+        return x + swiglu_mlp(layer_norm(x, lw, lb), *w, activation=activation)
 
     compiled = torch.compile(block, backend="aot_eager", fullgraph=True)
     y = compiled(*params)
@@ -353,11 +404,12 @@ def test_gpt2_widths_cuda_bf16(C):
 
 
 @pytest.mark.cuda
-def test_odd_sizes_cuda():
+@pytest.mark.parametrize("activation", ["silu", "gelu"])
+def test_odd_sizes_cuda(activation):
     dev = torch.device("cuda")
-    check_parity(4099, 768, 2048, torch.float32, dev, seed=1)
-    check_parity(1000, 100, 264, torch.float16, dev, seed=2)
-    check_parity(None, 1600, 4288, torch.bfloat16, dev, seed=3, lead=(3, 333))
+    check_parity(4099, 768, 2048, torch.float32, dev, seed=1, activation=activation)
+    check_parity(1000, 100, 264, torch.float16, dev, seed=2, activation=activation)
+    check_parity(None, 1600, 4288, torch.bfloat16, dev, seed=3, lead=(3, 333), activation=activation)
 
 
 # -- the model option ---------------------------------------------------------------------------
