@@ -46,7 +46,13 @@ swiglu is Llama's bias-free MLP, w_down(silu(w_gate x) * w_up x), at GPT-2's wid
 hidden size (model/layers.py swiglu_hidden: 2048 at 768): the reference SwiGLUFeedForward, it
 compiled, ours (gate and up in one matmul pass, silu(g) * u in its epilogue) and Liger's
 LigerSwiGLUMLP, which runs the three matmuls as nn.Linear (cuBLAS) and fuses only silu(g) * u
-(LigerSiLUMulFunction). It runs last of all. Its saved rows: activation bytes kept for backward.
+(LigerSiLUMulFunction). Its saved rows: activation bytes kept for backward.
+geglu is Gemma's gated MLP, w_down(gelu_tanh(w_gate x) * w_up x), at swiglu's sizes (Llama's hidden
+rule, not Gemma's wider one, so the two ops' rows compare): the reference
+SwiGLUFeedForward(activation="gelu"), it compiled, ours (the same launches as swiglu, gelu_tanh in the
+gate's epilogues) and Liger's LigerGEGLUMLP (cuBLAS matmuls, gelu_tanh(g) * u fused: LigerGELUMulFunction).
+Its FLOPs are swiglu's: GELU's few extra elementwise FLOPs a gate entry are not counted, as silu's
+are not. swiglu then geglu run last of all, so a short budget drops geglu first.
 Modes: fwd (inputs require grad, as in training), bwd (backward of a kept graph,
 retain_graph=True), fwd+bwd. Backward starts from a random gradient, or from 1 for a loss (as
 loss.backward() does). Gradients are reset to None before each timed call.
@@ -97,7 +103,11 @@ PROVIDERS = {
     "add_rmsnorm": ("reference", "torch", "compile", "triton"),
     # Llama's SwiGLU MLP (GPTConfig.mlp "swiglu"), bias-free
     "swiglu": ("reference", "compile", "triton", "liger"),
+    # Gemma's GeGLU MLP: the same with gelu_tanh gating u (SwiGLUFeedForward(activation="gelu"))
+    "geglu": ("reference", "compile", "triton", "liger"),
 }
+# a gated MLP op -> its gate's activation (SwiGLUFeedForward's and swiglu_mlp's activation)
+GATED_MLPS = {"swiglu": "silu", "geglu": "gelu"}
 DOCUMENTS_PER_ROW = 8  # doc_attention: random lengths, this many per sequence
 SMOOTH_Z = dict(label_smoothing=0.1, z_loss=1e-4)  # lm_head_loss_smooth_z's options (1e-4: PaLM's z-loss)
 SOFTCAP = dict(softcap=30.0)  # lm_head_loss_softcap's logit soft cap (30: Gemma 2's final-logit cap)
@@ -332,13 +342,14 @@ def mlp_providers(x, w1, b1, w2, b2):
     return {"reference": reference, "torch": torch_op, "compile": compiled, "triton": triton_op}
 
 
-def swiglu_providers(x, wg, wu, wd):
+def swiglu_providers(x, wg, wu, wd, activation="silu"):
+    """The gated MLP's providers, activation "silu" (SwiGLU) or "gelu" (GeGLU: gelu_tanh)."""
     from tritongpt.model.layers import SwiGLUFeedForward
 
     c, h = x.shape[-1], wg.shape[0]
 
     def module():
-        m = SwiGLUFeedForward(c, h, bias=False).to(x.device, x.dtype)
+        m = SwiGLUFeedForward(c, h, bias=False, activation=activation).to(x.device, x.dtype)
         with torch.no_grad():
             for p, w in zip(m.parameters(), (wg, wu, wd)):
                 p.copy_(w)
@@ -357,15 +368,19 @@ def swiglu_providers(x, wg, wu, wd):
         fn, why = try_import("tritongpt.kernels.swiglu", "swiglu_mlp")
         if fn is None:
             raise Unavailable(why)
-        return (lambda: fn(x, wg, None, wu, None, wd, None)), [x, wg, wu, wd]
+        return (lambda: fn(x, wg, None, wu, None, wd, None, activation=activation)), [x, wg, wu, wd]
 
     def liger():
-        cls, why = try_import("liger_kernel.transformers.swiglu", "LigerSwiGLUMLP")
+        # hidden_act as transformers names them: Gemma's gelu_tanh is "gelu_pytorch_tanh", the one
+        # LigerGEGLUMLP accepts
+        module_name, cls_name, act = {"silu": ("swiglu", "LigerSwiGLUMLP", "silu"),
+                                      "gelu": ("geglu", "LigerGEGLUMLP", "gelu_pytorch_tanh")}[activation]
+        cls, why = try_import(f"liger_kernel.transformers.{module_name}", cls_name)
         if cls is None:
             raise Unavailable(why)
         from types import SimpleNamespace
 
-        m = cls(SimpleNamespace(hidden_size=c, intermediate_size=h, hidden_act="silu")).to(x.device, x.dtype)
+        m = cls(SimpleNamespace(hidden_size=c, intermediate_size=h, hidden_act=act)).to(x.device, x.dtype)
         with torch.no_grad():
             for lin, w in ((m.gate_proj, wg), (m.up_proj, wu), (m.down_proj, wd)):
                 lin.weight.copy_(w)
@@ -982,8 +997,9 @@ def sweep_mlp(timer, budget, rows_m, widths, dtype, modes=MODES, providers=None)
     return out
 
 
-def sweep_swiglu(timer, budget, rows_m, widths, dtype, modes=MODES, providers=None):
-    """Llama's bias-free SwiGLU MLP at each width, its hidden size by Llama's rule."""
+def sweep_swiglu(timer, budget, rows_m, widths, dtype, modes=MODES, providers=None, op="swiglu"):
+    """Llama's bias-free SwiGLU MLP at each width, its hidden size by Llama's rule; op "geglu":
+    Gemma's GeGLU at the same sizes."""
     from tritongpt.model.layers import swiglu_hidden
 
     out = []
@@ -995,13 +1011,19 @@ def sweep_swiglu(timer, budget, rows_m, widths, dtype, modes=MODES, providers=No
         wg = randn(h, c, device=dev, dtype=dtype, scale=c ** -0.5)
         wu = randn(h, c, device=dev, dtype=dtype, scale=c ** -0.5)
         wd = randn(c, h, device=dev, dtype=dtype, scale=h ** -0.5)
-        builders = swiglu_providers(x, wg, wu, wd)
-        out += bench_providers("swiglu", cfg, builders, modes, timer, budget,
+        builders = swiglu_providers(x, wg, wu, wd, GATED_MLPS[op])
+        # GeGLU's too: gelu's extra elementwise FLOPs are left out, as silu's are
+        out += bench_providers(op, cfg, builders, modes, timer, budget,
                                lambda m: {"flops": swiglu_flops(rows_m, c, h, m)}, providers)
-        out += mlp_saved_rows(cfg, builders, providers, op="swiglu")
+        out += mlp_saved_rows(cfg, builders, providers, op=op)
         del x, wg, wu, wd, builders
         timer.cleanup()
     return out
+
+
+def sweep_geglu(timer, budget, rows_m, widths, dtype, modes=MODES, providers=None):
+    """Gemma's gated MLP (gelu_tanh gate) at swiglu's sizes."""
+    return sweep_swiglu(timer, budget, rows_m, widths, dtype, modes, providers, op="geglu")
 
 
 def mlp_saved_rows(cfg, builders, providers=None, op="mlp"):
@@ -1244,15 +1266,16 @@ def _sweep_plan(sizes, part):
             # RMSNorm, alone then after the residual add, at LayerNorm's widths
             "rmsnorm": [sizes["ln_widths"]] if part == "rest" else [],
             "add_rmsnorm": [sizes["ln_widths"]] if part == "rest" else [],
-            # the SwiGLU MLP at the GELU-MLP's widths: last of all (_run_plan)
-            "swiglu": [sizes["mlp_widths"]] if part == "rest" else []}
+            # the SwiGLU MLP, then the GeGLU one, at the GELU-MLP's widths: last of all (_run_plan)
+            "swiglu": [sizes["mlp_widths"]] if part == "rest" else [],
+            "geglu": [sizes["mlp_widths"]] if part == "rest" else []}
     return {op: [a for a in args if a] for op, args in plan.items()}
 
 
 def run_kernels(timer, budget, dtype=torch.bfloat16,
                 ops=("layernorm", "mlp", "attention", "cross_entropy", "lm_head_loss", "doc_attention",
                      "window_attention", "add_layernorm", "rope", "lm_head_loss_smooth_z", "lm_head_loss_softcap",
-                     "gqa_attention", "rmsnorm", "add_rmsnorm", "swiglu"),
+                     "gqa_attention", "rmsnorm", "add_rmsnorm", "swiglu", "geglu"),
                 modes=MODES, providers=None, sizes=None, ceiling_sizes=None, log=print):
     """All sweeps plus the ceilings; returns (rows, ceilings).
 
@@ -1261,8 +1284,8 @@ def run_kernels(timer, budget, dtype=torch.bfloat16,
     runs out it is the wider sweep's compiled baselines that go missing. lm_head_loss_smooth_z, then
     lm_head_loss_softcap (variants of lm_head_loss) come after all of those, each whole (every
     provider's, compiled ones too) before the next, gqa_attention after them, then rmsnorm,
-    add_rmsnorm and swiglu (the newest ops), so a short budget drops swiglu first, then the
-    RMSNorms, then gqa_attention, then the soft cap.
+    add_rmsnorm, swiglu and geglu (the newest ops), so a short budget drops geglu first, then
+    swiglu, then the RMSNorms, then gqa_attention, then the soft cap.
     """
     sizes = dict(FULL_SIZES, **(sizes or {}))
     log("measuring ceilings (device copy bandwidth, bf16 matmul) ...")
@@ -1343,10 +1366,11 @@ def _run_plan(rows, timer, budget, dtype, ops, modes, sizes, groups, log):
                 for widths in plan[op] if op in ops else ():
                     log(f"{what} ({part}{label}): widths {list(widths)} x {sizes['ln_rows']}+ rows ...")
                     rows += sweep(timer, budget, sizes["ln_rows"], widths, dtype, modes, provs)
-        for provs, label in groups:
-            for widths in plan["swiglu"] if "swiglu" in ops else ():
-                log(f"swiglu-mlp ({part}{label}): widths {list(widths)} x {sizes['mlp_rows']} rows ...")
-                rows += sweep_swiglu(timer, budget, sizes["mlp_rows"], widths, dtype, modes, provs)
+        for op, sweep in (("swiglu", sweep_swiglu), ("geglu", sweep_geglu)):
+            for provs, label in groups:
+                for widths in plan[op] if op in ops else ():
+                    log(f"{op}-mlp ({part}{label}): widths {list(widths)} x {sizes['mlp_rows']} rows ...")
+                    rows += sweep(timer, budget, sizes["mlp_rows"], widths, dtype, modes, provs)
 
 
 def sort_rows(rows):

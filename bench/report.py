@@ -361,6 +361,7 @@ def plot_kernels(rows, ceilings, out_dir) -> list:
              "add_rmsnorm": ("width", "gbps", "GB/s", "copy"),
              "mlp": ("width", "tflops", "TFLOPS", "matmul"),
              "swiglu": ("width", "tflops", "TFLOPS", "matmul"),
+             "geglu": ("width", "tflops", "TFLOPS", "matmul"),
              "attention": ("seq_len", "tflops", "TFLOPS", "matmul"),
              "doc_attention": ("seq_len", "tflops", "TFLOPS", "matmul"),
              "window_attention": ("seq_len", "tflops", "TFLOPS", "matmul"),

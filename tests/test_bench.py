@@ -510,11 +510,12 @@ def test_run_kernels_end_to_end_on_cpu():
     # T=32 only: at 16 it would be causal attention), residual add + layernorm, lm_head_loss with label
     # smoothing and z-loss, lm_head_loss on soft-capped logits, rope at 2 and 3 heads (reference),
     # grouped-query attention (reference, sdpa-flash), rmsnorm and residual add + rmsnorm at 2 widths,
-    # the SwiGLU MLP (reference)
+    # the SwiGLU MLP and the GeGLU one (reference)
     assert len(timed) == (2 * 2 * 3 + 1 * 2 * 3 + 2 * 2 * 3 + 1 * 2 * 3 + 1 * 2 * 3 + 2 * 3 + 3 + 2 * 2 * 3 + 1 * 2 * 3
-                          + 1 * 2 * 3 + 2 * 3 + 2 * 3 + 2 * 2 * 3 + 2 * 2 * 3 + 3)
+                          + 1 * 2 * 3 + 2 * 3 + 2 * 3 + 2 * 2 * 3 + 2 * 2 * 3 + 3 + 3)
     assert {r["config"]["width"] for r in timed if r["op"] in ("rmsnorm", "add_rmsnorm")} == {40, 24}
-    assert [(r["config"]["width"], r["config"]["hidden"]) for r in timed if r["op"] == "swiglu"] == [(8, 64)] * 3
+    for op in ("swiglu", "geglu"):
+        assert [(r["config"]["width"], r["config"]["hidden"]) for r in timed if r["op"] == op] == [(8, 64)] * 3
     assert [(r["config"]["batch"], r["config"]["heads"]) for r in timed if r["op"] == "rope"] == \
         [(2, 2)] * 3 + [(2, 3)] * 3
     assert {(r["config"]["heads"], r["config"]["kv_heads"], r["config"]["head_dim"]) for r in timed
@@ -535,6 +536,7 @@ def test_run_kernels_end_to_end_on_cpu():
         assert r[key] > 0
     assert {r["provider"] for r in rows if r["mode"] == "saved"} == {"reference", "torch"}
     assert [r["provider"] for r in rows if r["mode"] == "saved" and r["op"] == "swiglu"] == ["reference"]
+    assert [r["provider"] for r in rows if r["mode"] == "saved" and r["op"] == "geglu"] == ["reference"]
 
 
 def test_target_configurations_are_measured_first_and_exactly_once():
@@ -554,7 +556,8 @@ def test_target_configurations_are_measured_first_and_exactly_once():
     assert first["gqa_attention"] == [] and rest["gqa_attention"] == [(full["gqa_seqlens"], full["gqa_heads"])]
     for op in ("rmsnorm", "add_rmsnorm"):  # LayerNorm's widths, after every target
         assert first[op] == [] and rest[op] == [full["ln_widths"]]
-    assert first["swiglu"] == [] and rest["swiglu"] == [full["mlp_widths"]] == [(768, 1024, 1280, 1600)]
+    for op in ("swiglu", "geglu"):
+        assert first[op] == [] and rest[op] == [full["mlp_widths"]] == [(768, 1024, 1280, 1600)]
     assert full["gqa_heads"] == ((32, 8, 128), (12, 1, 64)) and full["gqa_seqlens"] == (512, 1024, 2048, 4096, 8192)
     for op, key in (("layernorm", "ln_widths"), ("mlp", "mlp_widths")):
         done = [w for plan in (first, rest) for args in plan[op] for w in args]
@@ -603,6 +606,64 @@ def test_swiglu_flops_and_saved_bytes_match_hand_count():
     assert got["triton"] == (m * c + 2 * m * h) * 4
     liger = kernels.mlp_saved_rows({"width": c}, kernels.swiglu_providers(*ws), providers=("liger",), op="swiglu")
     assert liger[0]["status"] == "ok" or liger[0]["status"].startswith("skipped:")
+    # GeGLU's the same: F.gelu keeps its input g as F.silu does
+    rows = kernels.mlp_saved_rows({"width": c}, kernels.swiglu_providers(*ws, "gelu"),
+                                  providers=("reference", "triton"), op="geglu")
+    got = {r["provider"]: r["saved_bytes"] for r in rows}
+    assert {r["op"] for r in rows} == {"geglu"}
+    assert (got["reference"], got["triton"]) == ((m * c + 4 * m * h) * 4, (m * c + 2 * m * h) * 4)
+
+
+def test_geglu_providers_run_gemmas_mlp(monkeypatch):
+    """The geglu op's providers compute w_down(gelu_tanh(w_gate x) * w_up x), written out here in
+    float64: the reference module and ours; swiglu's give silu's. Liger's kernels do not run in
+    Triton's interpreter: its provider is checked to build Liger's GeGLU class, with transformers'
+    name for gelu_tanh and our weights (a stand-in class where liger_kernel is not installed)."""
+    import math
+
+    real_import, asked = kernels.try_import, []
+
+    def try_import(module, name):
+        if not module.startswith("liger_kernel"):
+            return real_import(module, name)
+        asked.append((module, name))
+
+        class Stand(torch.nn.Module):  # LigerGEGLUMLP's constructor: a config, three bias-free Linears
+            def __init__(self, config):
+                super().__init__()
+                h, i = config.hidden_size, config.intermediate_size
+                self.gate_proj, self.up_proj = (torch.nn.Linear(h, i, bias=False) for _ in range(2))
+                self.down_proj = torch.nn.Linear(i, h, bias=False)
+
+        class Recording(real_import(module, name)[0] or Stand):
+            def __init__(self, config):
+                asked.append(config.hidden_act)
+                super().__init__(config)
+        return Recording, None
+
+    monkeypatch.setattr(kernels, "try_import", try_import)
+
+    m, c, h = 6, 16, 40
+    torch.manual_seed(1)
+    x, wg, wu, wd = (kernels.randn(*s, device="cpu", dtype=torch.float32) for s in ((m, c), (h, c), (h, c), (c, h)))
+    g, u = x.double() @ wg.double().T, x.double() @ wu.double().T
+    gelu = 0.5 * g * (1 + torch.tanh(math.sqrt(2 / math.pi) * (g + 0.044715 * g ** 3)))
+    want = {"gelu": (gelu * u) @ wd.double().T, "silu": (g * torch.sigmoid(g) * u) @ wd.double().T}
+    for act, y64 in want.items():
+        for name, build in kernels.swiglu_providers(x, wg, wu, wd, act).items():
+            if name == "compile":
+                continue
+            try:
+                forward, leaves = build()
+            except kernels.Unavailable:
+                continue
+            if name == "liger":
+                assert all(torch.equal(p, w) for p, w in zip(leaves[1:], (wg, wu, wd))), act
+                continue
+            y = forward().detach().double()
+            assert ((y - y64).norm() / y64.norm()).item() < 1e-5, (act, name)
+    assert asked == [("liger_kernel.transformers.geglu", "LigerGEGLUMLP"), "gelu_pytorch_tanh",
+                     ("liger_kernel.transformers.swiglu", "LigerSwiGLUMLP"), "silu"]
 
 
 # -- the SDPA swap used by the reference+compile+sdpa baseline --------------------------------------
@@ -955,7 +1016,7 @@ def test_gpu_command_flow_with_cpu_stand_ins(tmp_path, monkeypatch, capsys):
     assert {r["op"] for r in k["rows"]} == {"layernorm", "mlp", "attention", "cross_entropy", "lm_head_loss",
                                             "doc_attention", "window_attention", "add_layernorm", "rope",
                                             "lm_head_loss_smooth_z", "lm_head_loss_softcap", "gqa_attention",
-                                            "rmsnorm", "add_rmsnorm", "swiglu"}
+                                            "rmsnorm", "add_rmsnorm", "swiglu", "geglu"}
     assert {(r["config"]["heads"], r["config"]["kv_heads"]) for r in k["rows"] if r["op"] == "gqa_attention"} == \
         {(4, 2), (3, 1)}
     ce = [r for r in k["rows"] if r["op"] == "cross_entropy" and r["provider"] == "torch"]
@@ -1712,7 +1773,8 @@ def test_autotune_timings_read_tritons_saved_searches(tmp_path):
     # key's shape differs between a GPU and the interpreter: only the names are compared here)
     assert got["kernel"] == "attention.forward" and got["function"] == "_attn_fwd"
     assert report._tuned_kernel_names()["_matmul_kernel"] == ("mlp.matmul", [
-        "M_BUCKET", "N", "K_BUCKET", "EPILOGUE", "B_GELU", "B_SWIGLU", "SUM2", "HAS_BIAS", "stride_ak", "stride_bn"])
+        "M_BUCKET", "N", "K_BUCKET", "EPILOGUE", "B_GELU", "B_SWIGLU", "SUM2", "GATE_GELU", "HAS_BIAS", "stride_ak",
+        "stride_bn"])
     assert [t["config"]["BLOCK_M"] for t in got["timings"]] == [64, 32, 256]
     assert got["timings"][0] == {"config": {"BLOCK_M": 64, "num_warps": 4, "num_stages": 3}, "ms": [0.2, 0.19, 0.21]}
     assert got["timings"][2]["ms"] is None
@@ -2063,7 +2125,8 @@ def test_every_provider_builder_is_in_the_sweep():
              "gqa_attention": kernels.gqa_attention_providers(q, q[:, :1], q[:, :1]),
              "rmsnorm": kernels.rmsnorm_providers(x, x[0]),
              "add_rmsnorm": kernels.add_rmsnorm_providers(x, x, x[0]),
-             "swiglu": kernels.swiglu_providers(x, torch.zeros(24, 8), torch.zeros(24, 8), torch.zeros(8, 24))}
+             "swiglu": kernels.swiglu_providers(x, torch.zeros(24, 8), torch.zeros(24, 8), torch.zeros(8, 24)),
+             "geglu": kernels.swiglu_providers(x, torch.zeros(24, 8), torch.zeros(24, 8), torch.zeros(8, 24), "gelu")}
     assert set(built) == set(kernels.PROVIDERS)
     for op, builders in built.items():
         assert set(kernels.PROVIDERS[op]) == set(builders), op
@@ -2313,19 +2376,21 @@ def test_lm_head_variants_run_last_of_all_the_soft_cap_last(monkeypatch):
               "window_attention": "sweep_window_attention", "rope": "sweep_rope",
               "lm_head_loss_smooth_z": "sweep_lm_head_loss_smooth_z",
               "lm_head_loss_softcap": "sweep_lm_head_loss_softcap", "gqa_attention": "sweep_gqa_attention",
-              "rmsnorm": "sweep_rmsnorm", "add_rmsnorm": "sweep_add_rmsnorm", "swiglu": "sweep_swiglu"}
+              "rmsnorm": "sweep_rmsnorm", "add_rmsnorm": "sweep_add_rmsnorm", "swiglu": "sweep_swiglu",
+              "geglu": "sweep_geglu"}
     for op, name in sweeps.items():
         monkeypatch.setattr(kernels, name, lambda *a, op=op: calls.append((op, "compile" in a[-1])) or [])
     monkeypatch.setattr(kernels, "measure_ceilings", lambda timer, **k: {})
     kernels.run_kernels(CpuTimer(reps=1), Budget(None), log=lambda s: None)
-    newest = ["lm_head_loss_smooth_z", "lm_head_loss_softcap", "gqa_attention", "rmsnorm", "add_rmsnorm", "swiglu"]
-    assert calls[-12:] == [(op, compiled) for op in newest for compiled in (False, True)]  # after them all
-    assert {op for op, _ in calls[:-12]} == set(sweeps) - set(newest)
-    assert ("doc_attention", True) in calls[:-12]
+    newest = ["lm_head_loss_smooth_z", "lm_head_loss_softcap", "gqa_attention", "rmsnorm", "add_rmsnorm", "swiglu",
+              "geglu"]
+    assert calls[-14:] == [(op, compiled) for op in newest for compiled in (False, True)]  # after them all
+    assert {op for op, _ in calls[:-14]} == set(sweeps) - set(newest)
+    assert ("doc_attention", True) in calls[:-14]
     parser = cli.build_parser()
     default_ops = parser.parse_args(["bench", "kernels"]).ops.split(",")
     assert default_ops == list(inspect.signature(kernels.run_kernels).parameters["ops"].default)
-    assert default_ops[-6:] == newest
+    assert default_ops[-7:] == newest
     ops, _, _ = bcli.kernel_names(parser.parse_args(["bench", "kernels", "--ops", "lm_head_loss_softcap"]))
     assert ops == ("lm_head_loss_softcap",)
 
