@@ -61,7 +61,10 @@ def _swiglu_args(device, gen):
     y, g, u = ops.swiglu_mlp_fwd(x, wg, bg, wu, bu, wd, bd)
     return {"swiglu_mlp_fwd": (x, wg, bg, wu, bu, wd, bd),
             "swiglu_mlp_fwd no bias": (x, wg, None, wu, None, wd, None),
-            "swiglu_mlp_bwd": (torch.randn_like(y), x, g, u, wg, wu, wd, [True, True, False, True, True, False, True])}
+            "swiglu_mlp_bwd": (torch.randn_like(y), x, g, u, wg, wu, wd, [True, True, False, True, True, False, True]),
+            # GeGLU: the activation, a str argument of both ops
+            "swiglu_mlp_fwd gelu": (x, wg, bg, wu, None, wd, bd, "gelu"),
+            "swiglu_mlp_bwd gelu": (torch.randn_like(y), x, g, u, wg, wu, wd, [True] * 7, "gelu")}
 
 
 def _cross_entropy_args(device, gen):
@@ -120,7 +123,9 @@ OPS = [(kernel, op) for kernel, names in (("layer_norm", ("layer_norm_fwd", "lay
                                                         "rms_norm_bwd ds", "add_rms_norm_bwd",
                                                         "add_rms_norm_bwd no ds")),
                                           ("mlp", ("gelu_mlp_fwd", "gelu_mlp_bwd")),
-                                          ("swiglu", ("swiglu_mlp_fwd", "swiglu_mlp_fwd no bias", "swiglu_mlp_bwd")),
+                                          ("swiglu", ("swiglu_mlp_fwd", "swiglu_mlp_fwd no bias",
+                                                      "swiglu_mlp_bwd", "swiglu_mlp_fwd gelu",
+                                                      "swiglu_mlp_bwd gelu")),
                                           ("cross_entropy", ("checked_targets", "cross_entropy_fwd",
                                                              "cross_entropy_bwd", "cross_entropy_fwd smoothed+z",
                                                              "cross_entropy_bwd smoothed+z", "cross_entropy_fwd softcap",
