@@ -161,6 +161,13 @@ def capture(quick=False, half="bfloat16"):
             wg, wd = torch.empty(hs, c, dtype=dt, **meta), torch.empty(c, hs, dtype=dt, **meta)
             _, g, u = swiglu._fwd_launch(x, wg, None, wg, None, wd, None)
             swiglu._bwd_launch(torch.empty_like(x), x, g, u, wg, wg, wd)
+            # Gemma's GeGLU: the same launches, gelu_tanh in the gate's epilogues and prologue (GATE_GELU);
+            # its plain products (down, dW_gate, dW_up, dx) are swiglu's above, so not compiled twice
+            case[0] = f"geglu {name} {TOKENS}x{c}->{hs}"
+            n = len(launches)
+            _, g, u = swiglu._fwd_launch(x, wg, None, wg, None, wd, None, activation="gelu")
+            swiglu._bwd_launch(torch.empty_like(x), x, g, u, wg, wg, wd, activation="gelu")
+            launches[n:] = [launch for launch in launches[n:] if launch.kwargs["GATE_GELU"]]
 
             for width in (VOCAB, PADDED_VOCAB):  # GPT-2's rows, and rows padded to a multiple of 64
                 case[0] = f"cross_entropy {name} {TOKENS}x{width} ({VOCAB} classes)"

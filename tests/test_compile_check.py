@@ -32,6 +32,10 @@ def test_every_kernel_launch_builds_for_sm90(tmp_path):
     assert all(launch["clean_config"] for launch in data["launches"]), data["launches"]
     for r in rows:
         assert r["status"] != "error", r
+    # GeGLU: the gate's forward and backward epilogues and dW_down's prologue with gelu_tanh (its plain
+    # products are swiglu's)
+    geglu = {r["variant"] for r in rows if r["case"].startswith("geglu")}
+    assert len(geglu) == 3 and all("GATE_GELU=True" in v for v in geglu), geglu
     # bf16 matmuls and attention must reach the tensor cores (wgmma/mma), or they will be slow
     for kernel in ("_matmul_kernel", "_attn_fwd", "_attn_bwd_dkdv", "_attn_bwd_dq"):
         bf16 = [r for r in rows if r["kernel"] == kernel and "bfloat16" in r["case"]]
