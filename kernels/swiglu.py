@@ -76,7 +76,7 @@ def _bwd_launch(dy, x, g, u, wg, wu, wd, needs=(True,) * 7, activation="silu"):
     return dx, dwg, dbg, dwu, dbu, dwd, dbd
 
 
-def check_activation(activation):
+def _check_activation(activation):
     if activation not in GATES:
         raise ValueError(f"activation must be one of {', '.join(map(repr, GATES))}, got {activation!r}")
 
@@ -108,14 +108,14 @@ def _swiglu_mlp_fwd(x: torch.Tensor, w_gate: torch.Tensor, b_gate: Optional[torc
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """x [M, C] -> (y [M, C], g [M, H], u [M, H]); the activation a = act(g) * u is freed on return."""
     check_runnable(x, "x")
-    check_activation(activation)
+    _check_activation(activation)
     _check_op_shapes(x, w_gate, b_gate, w_up, b_up, w_down, b_down)
     return _fwd_launch(x, w_gate, b_gate, w_up, b_up, w_down, b_down, activation)
 
 
 @_swiglu_mlp_fwd.register_fake
 def _(x, w_gate, b_gate, w_up, b_up, w_down, b_down, activation="silu"):
-    check_activation(activation)
+    _check_activation(activation)
     _check_op_shapes(x, w_gate, b_gate, w_up, b_up, w_down, b_down)
     M, H = x.shape[0], w_gate.shape[0]
     return x.new_empty((M, w_down.shape[0])), x.new_empty((M, H)), x.new_empty((M, H))
@@ -128,7 +128,7 @@ def _swiglu_mlp_bwd(dy: torch.Tensor, x: torch.Tensor, g: torch.Tensor, u: torch
                                torch.Tensor]:
     """-> (dx, dw_gate, db_gate, dw_up, db_up, dw_down, db_down); those not in needs come back empty."""
     check_runnable(dy, "dy")
-    check_activation(activation)
+    _check_activation(activation)
     _check_op_shapes(x, w_gate, None, w_up, None, w_down, None, dy=dy, g=g, u=u)
     if len(needs) != 7:
         raise ValueError(f"needs must hold 7 flags (dx, dw_gate, db_gate, dw_up, db_up, dw_down, db_down), "
@@ -138,7 +138,7 @@ def _swiglu_mlp_bwd(dy: torch.Tensor, x: torch.Tensor, g: torch.Tensor, u: torch
 
 @_swiglu_mlp_bwd.register_fake
 def _(dy, x, g, u, w_gate, w_up, w_down, needs, activation="silu"):
-    check_activation(activation)
+    _check_activation(activation)
     _check_op_shapes(x, w_gate, None, w_up, None, w_down, None, dy=dy, g=g, u=u)
     H = w_gate.shape[0]
     shapes = (x.shape, w_gate.shape, (H,), w_up.shape, (H,), w_down.shape, w_down.shape[:1])
@@ -179,7 +179,7 @@ def swiglu_mlp(x: torch.Tensor, w_gate: torch.Tensor, b_gate: Optional[torch.Ten
     autocast dtype first, as nn.Linear would be.
     """
     no_func_transform("swiglu_mlp")
-    check_activation(activation)
+    _check_activation(activation)
     args = (x, w_gate, b_gate, w_up, b_up, w_down, b_down)
     for name, t in zip(NAMES, args):
         if t is not None or not name.startswith("b_"):
