@@ -196,6 +196,8 @@ def add_cli(sub):
                    help="compile: compute capability x10 to build for (90 H100/H200, 80 A100, 86/89 RTX/L4)")
     p.add_argument("--workers", type=int, default=None,
                    help="compile: build processes (default: CPU count, at most 8)")
+    p.add_argument("--cases", default=None, metavar="REGEX",
+                   help="compile: only the launches whose case matches, e.g. 'attention .* hd256' (a partial check)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads for the CPU-side timings (default: torch's choice)")
     k = p.add_argument_group("kernels")
@@ -384,6 +386,7 @@ def _run_compile(args):
     cmd += ["--arch", str(args.arch)] + ["--quick"] * args.quick + ["--strict"] * args.strict
     cmd += ["--out", args.out] if args.out else []
     cmd += ["--workers", str(args.workers)] if args.workers is not None else []
+    cmd += ["--cases", args.cases] if args.cases is not None else []
     return subprocess.run(cmd, env={**os.environ, "TRITON_INTERPRET": "0"}).returncode
 
 

@@ -146,3 +146,29 @@ def test_a_launch_group_passes_only_when_each_of_its_launches_has_a_clean_config
     assert compile_check.verdicts(launches, jobs, rows) == {
         ("mlp", "_matmul_kernel", "EPILOGUE=1"): True, ("mlp", "_matmul_kernel", "EPILOGUE=0"): False,
         ("ln", "_ln", ""): True}
+
+
+def test_cases_picks_the_launches_it_names(monkeypatch):
+    """--cases REGEX compiles only the launches whose case it matches; one that matches nothing is refused."""
+    class FakeLaunch:
+        name = "_k"
+
+        def __init__(self, case):
+            self.case = case
+
+        def configs(self):
+            return []
+
+        def variant(self):
+            return ""
+
+    cases = ["attention bfloat16 hd256 Tq=1024", "attention bfloat16 hd128 Tq=1024", "rope bfloat16 hd256"]
+    monkeypatch.setattr(compile_check, "capture", lambda quick, half: [FakeLaunch(c) for c in cases])
+    _, judged = compile_check.run_check(90, cases=r"attention .* hd256", workers=1, log=lambda *a: None)
+    assert [case for case, _, _ in judged] == ["attention bfloat16 hd256 Tq=1024"]
+    _, judged = compile_check.run_check(90, workers=1, log=lambda *a: None)
+    assert len(judged) == 3
+    with pytest.raises(compile_check.UserError, match="--cases 'hd512' matches no launch"):
+        compile_check.run_check(90, cases="hd512", workers=1, log=lambda *a: None)
+    with pytest.raises(SystemExit):  # argparse's error, naming the pattern
+        compile_check.main(["--cases", "hd(256"])
