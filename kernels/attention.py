@@ -55,7 +55,9 @@ Algorithm (Dao, "FlashAttention-2", 2023). Per (batch, head), with S = scale * Q
             the loop and the h // GROUP fold away, and multi-head attention keeps its registers
             (sm_90, offline: a shared binary took up to ~70 more a thread in dK/dV and dQ, ~40 in
             forward).
-  head dim  16, 32, 64, 80, 96, 128; 80 and 96 are padded to 128 inside the kernel with masks.
+  head dim  16, 32, 64, 80, 96, 128, 256; 80 and 96 are padded to 128 inside the kernel with masks.
+            256 (Gemma's heads) autotunes over tiles of its own (TILES, tile_group): smaller, 2
+            stages, so that its K/V tiles fit 99 KB of shared memory and its accumulators do not spill.
   NaN/inf   in q or k behave as in PyTorch; a NaN in v reaches the rows whose visited KV tiles
             hold it (PyTorch's P @ V spreads it to every row, 0 * NaN; exact math, to the rows
             that attend to it).
@@ -81,7 +83,8 @@ from tritongpt.kernels._common import (autocast_dtype, autotuned, cast, check_ru
                                        on_tensor_device)
 
 MAX_GRID_YZ = 65535  # CUDA's limit on a grid's y and z sizes, where the heads and sequences go
-SUPPORTED_HEAD_DIMS = (16, 32, 64, 80, 96, 128)  # 16: tiny models; tl.dot needs K >= 16
+SUPPORTED_HEAD_DIMS = (16, 32, 64, 80, 96, 128, 256)  # 16: tiny models, tl.dot needs K >= 16; 256: Gemma
+WIDE_HEAD_DIM = 256  # from this padded head dim on, the autotuner times tiles of their own (tile_group)
 LOG2E = 1.4426950408889634  # kernels work in base 2: exp(x) = exp2(x * log2(e)), exp2 is one MUFU op
 FP32_MAX = 3.4028234663852886e38  # the scale reaches the kernels as an fp32 argument
 
@@ -460,35 +463,78 @@ def _prune_streamed_rows(configs, named_args, **kwargs):
     return kept or configs[-1:]
 
 
-def _tuned(configs, prune, key=()):
+def tile_group(block_d: int, dtype) -> str:
+    """Which of a kernel's tile lists (TILES) a launch times: head dims up to 128, or 256 in a
+    16-bit dtype or in fp32. A 256-wide head in a narrow tile spills or overflows 99 KB of shared
+    memory, a narrow head in a wide tile wastes the SM, and fp32 doubles every tile's bytes."""
+    if block_d < WIDE_HEAD_DIM:
+        return "narrow"
+    return "wide_fp32" if dtype == torch.float32 else "wide"
+
+
+def _tuned(tiles, prune, key=()):
     """Autotune on a GPU; under the interpreter, launch with the fixed small tile instead.
+    tiles: {tile_group: [(BLOCK_M, BLOCK_N, num_warps, num_stages)]}; each launch times only its
+    group's (before `prune`), so autotune compiles nothing that cannot fit its head dim.
     key: launch arguments besides the shared ones that change what the best tile is."""
     if INTERPRET:
         return lambda fn: fn
-    cfgs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in configs]
+    groups = {g: [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in t]
+              for g, t in tiles.items()}
+    group_of = {id(c): g for g, cfgs in groups.items() for c in cfgs}
+
+    def by_head_dim(configs, named_args, **kwargs):
+        group = tile_group(kwargs["BLOCK_D"], named_args["Q"].dtype)
+        return prune([c for c in configs if group_of[id(c)] == group], named_args, **kwargs)
+
     # Q_BUCKET (next power of two of Tq, capped) instead of Tq/Tk: decode grows Tk by one per
     # token and must not re-tune every step. Tensor dtypes join the key automatically.
-    return triton.autotune(cfgs, key=["HEAD_DIM", "IS_CAUSAL", "HAS_DROPOUT", "HAS_DOCS", "Q_BUCKET", *key],
-                           prune_configs_by={"early_config_prune": prune})
+    return triton.autotune([c for cfgs in groups.values() for c in cfgs],
+                           key=["HEAD_DIM", "IS_CAUSAL", "HAS_DROPOUT", "HAS_DOCS", "Q_BUCKET", *key],
+                           prune_configs_by={"early_config_prune": by_head_dim})
 
 
-# (BLOCK_M, BLOCK_N, num_warps, num_stages): H100 starting points from the Triton fused-attention
-# tutorial and FlashAttention-2. The 8-warp variants matter at head_dim 96/128 and with dropout
-# (Philox needs registers); BLOCK_M = 16 is for decode and short chunks. The small 2-stage tiles
-# are there for GPUs with 99 KB of shared memory per block (sm_86/89: RTX 30xx/40xx, L4), where
-# in fp32 every bigger tile is OutOfResources and autotune would have nothing left to launch.
+# (BLOCK_M, BLOCK_N, num_warps, num_stages), by tile_group. Narrow: H100 starting points from the
+# Triton fused-attention tutorial and FlashAttention-2. The 8-warp variants matter at head_dim
+# 96/128 and with dropout (Philox needs registers); BLOCK_M = 16 is for decode and short chunks.
+# The small 2-stage tiles are there for GPUs with 99 KB of shared memory per block (sm_86/89: RTX
+# 30xx/40xx, L4), where in fp32 every bigger tile is OutOfResources and autotune would have
+# nothing left to launch.
+# Wide (head dim 256, Gemma's): each K/V tile and accumulator row is twice head dim 128's, so
+# 2 stages, BLOCK_N <= 64 and 8 warps for the bigger tiles (FlashAttention-2 runs 256 at 64 x 64
+# forward, smaller in backward). Offline, none spills on sm_90/80/89; the 64-wide ones need
+# sm_90's or sm_80's shared memory, sm_89 keeps forward's BLOCK_N = 32 tiles, dK/dV's 16 x 64
+# and those of at most 32 x 32. Wide fp32 (ieee, no tensor cores): 16 rows in the streamed tiles
+# (K, V in forward and dQ; Q, dO in dK/dV), the ones that fit sm_89's 99 KB (bigger ones took
+# 20-100 s each to compile, to be refused there).
 # `tritongpt bench compile --arch 90|80|89` builds every entry for every launch: on each of those
 # architectures every launch keeps a config that fits and does not spill. The last entry of each
 # list is the fallback when pruning leaves nothing.
-_attn_fwd_run = autotuned("attention.forward", _tuned(
-    [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3), (32, 32, 4, 2),
-     (16, 128, 4, 3), (16, 64, 4, 3), (16, 32, 4, 2)], _prune_query_tile)(_attn_fwd))
+TILES = {
+    "forward": {
+        "narrow": [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3), (32, 32, 4, 2),
+                   (16, 128, 4, 3), (16, 64, 4, 3), (16, 32, 4, 2)],
+        "wide": [(128, 64, 8, 2), (64, 64, 8, 2), (64, 32, 4, 2), (64, 32, 8, 2), (32, 32, 4, 2),
+                 (16, 64, 4, 2), (16, 32, 4, 2), (16, 16, 4, 2)],
+        "wide_fp32": [(32, 16, 4, 2), (16, 16, 4, 2)],
+    },
+    "backward_dkdv": {
+        "narrow": [(32, 128, 8, 3), (64, 128, 8, 3), (64, 64, 8, 3), (32, 64, 8, 3),
+                   (32, 64, 4, 4), (16, 64, 4, 3), (16, 32, 4, 2)],
+        "wide": [(64, 64, 8, 2), (32, 64, 8, 2), (16, 64, 8, 2), (32, 32, 8, 2), (16, 32, 8, 2), (16, 32, 4, 2)],
+        "wide_fp32": [(16, 32, 8, 2), (16, 32, 4, 2), (16, 16, 4, 2)],
+    },
+    "backward_dq": {
+        "narrow": [(128, 32, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3), (64, 64, 8, 3), (32, 32, 4, 2),
+                   (16, 64, 4, 3), (16, 32, 4, 2)],
+        "wide": [(64, 64, 8, 2), (64, 32, 8, 2), (32, 32, 8, 2), (32, 32, 4, 2), (16, 32, 4, 2)],
+        "wide_fp32": [(32, 16, 4, 2), (16, 16, 4, 2)],
+    },
+}
+_attn_fwd_run = autotuned("attention.forward", _tuned(TILES["forward"], _prune_query_tile)(_attn_fwd))
 _attn_bwd_dkdv_run = autotuned("attention.backward_dkdv", _tuned(
-    [(32, 128, 8, 3), (64, 128, 8, 3), (64, 64, 8, 3), (32, 64, 8, 3),
-     (32, 64, 4, 4), (16, 64, 4, 3), (16, 32, 4, 2)], _prune_streamed_rows, key=["GROUP"])(_attn_bwd_dkdv))
-_attn_bwd_dq_run = autotuned("attention.backward_dq", _tuned(
-    [(128, 32, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3), (64, 64, 8, 3), (32, 32, 4, 2),
-     (16, 64, 4, 3), (16, 32, 4, 2)], _prune_query_tile)(_attn_bwd_dq))
+    TILES["backward_dkdv"], _prune_streamed_rows, key=["GROUP"])(_attn_bwd_dkdv))
+_attn_bwd_dq_run = autotuned("attention.backward_dq", _tuned(TILES["backward_dq"], _prune_query_tile)(_attn_bwd_dq))
 
 
 def _fixed_blocks():

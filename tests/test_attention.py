@@ -665,6 +665,40 @@ def test_window_custom_op_opcheck_and_compile(device):
     check_bounds_op_and_compile(q, k, v, starts, ends, window=6)
 
 
+# ----------------------------------------------------------------------------- head dim 256 (Gemma)
+HEAD_DIM_256 = {  # (B, H, Tq, Tk, flash_attention's masks and dropout): no length a multiple of 16
+    "causal": (1, 2, 37, 37, {}),
+    "not causal, a scale": (2, 1, 20, 33, dict(causal=False, softmax_scale=0.07)),
+    "window 9": (1, 1, 45, 45, dict(window=9)),
+    "documents and dropout, the last 13 of 41 keys": (1, 1, 13, 41, dict(doc_ids=runs([10, 25, 6]), dropout_p=0.25,
+                                                                        seed=5)),
+    "one query, decode": (1, 2, 1, 41, {}),
+}
+
+
+@pytest.mark.parametrize("case", list(HEAD_DIM_256))
+def test_fp32_head_dim_256_fwd_bwd(case, device):
+    """Gemma's 256-wide heads (one BLOCK_D = 256 tile, none padded): forward and every gradient
+    against float64, causal or not, a window, documents with dropout, and decode (one query, 41 keys)."""
+    B, H, Tq, Tk, masks = HEAD_DIM_256[case]
+    masks = {k: (m.to(device) if isinstance(m, torch.Tensor) else m) for k, m in masks.items()}
+    p, seed = masks.pop("dropout_p", 0.0), masks.pop("seed", None)
+    q, k, v = make_qkv(B, H, Tq, Tk, 256, torch.float32, device, seed=Tq * Tk)
+    do = torch.randn(B, H, Tq, 256, generator=torch.Generator().manual_seed(Tk)).to(device)
+    got = run_grads(lambda a, b, c: flash_attention(a, b, c, dropout_p=p, seed=seed, **masks), q, k, v, do)
+    keep = dropout_mask(seed, B, H, Tq, Tk, p, device) if p else None
+    ref = reference_grads(q, k, v, do, keep=keep, dropout_p=p, **masks)
+    for name, g, r in zip(NAMES, got, ref):
+        assert_close_rel(g, r, 1e-4, f"hd256 {case} {name}")
+    # the upper half of the head on its own: a kernel that kept only 128 columns would fail here
+    assert report(got[0][..., 128:], ref[0][..., 128:])[1] < 1e-4
+
+
+@pytest.mark.parametrize("Tq,Tk,masks", [(37, 37, {}), (19, 45, dict(window=17))])
+def test_bf16_head_dim_256_within_2x_of_torch_bf16(Tq, Tk, masks, device):
+    check_bf16_masked(1, 2, Tq, Tk, 256, Tq + Tk, "hd256", device=device, **masks)
+
+
 # ----------------------------------------------------------------------------- bad input
 def test_softmax_scale_must_be_a_finite_float(device):
     """A tensor scale (a learnable temperature) was read by float(): no gradient reached it, and
@@ -772,7 +806,7 @@ def test_refuses_a_head_too_long_for_32_bit_offsets():
 
 # ----------------------------------------------------------------------------- GPU (GPT-2 sizes)
 @pytest.mark.cuda
-@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("D", [64, 128, 256])
 def test_cuda_gpt2_sizes_bf16(D):
     B, H, T = 4, 12, 1024
     q, k, v = make_qkv(B, H, T, T, D, torch.bfloat16, torch.device("cuda"), seed=D)

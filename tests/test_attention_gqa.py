@@ -45,6 +45,8 @@ SHAPES = {
     "3 over 3 (MHA)": (2, 3, 3, 19, 19, 64),
     "4 over 2, the last 13 of 41 keys": (1, 4, 2, 13, 41, 64),
     "6 over 1 (MQA), decode": (2, 6, 1, 1, 41, 80),
+    "4 over 1, head dim 256 (Gemma 3 270M)": (1, 4, 1, 21, 21, 256),
+    "4 over 1, head dim 256, decode": (1, 4, 1, 1, 41, 256),
 }
 
 
@@ -65,6 +67,8 @@ def test_fp32_gqa_documents_window_and_dropout(device):
     check_gqa(1, 6, 1, 30, 30, 64, device, "window 9", window=9)
     check_gqa(1, 4, 2, 24, 40, 64, device, "dropout", dropout_p=0.25, seed=7)
     check_gqa(1, 4, 1, 13, 41, 80, device, "all three", dropout_p=0.2, seed=3, doc_ids=doc_ids, window=11)
+    check_gqa(1, 4, 1, 13, 41, 256, device, "all three, head dim 256", dropout_p=0.2, seed=3, doc_ids=doc_ids,
+              window=11)
 
 
 def test_fp32_gqa_kv_cache_slices(device):
@@ -87,11 +91,11 @@ def test_fp32_gqa_kv_cache_slices(device):
         assert_close_rel(g_, r, 1e-4, f"cache {name}")
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_half_gqa_within_2x_of_torch(dtype, device):
+@pytest.mark.parametrize("dtype,Hkv,D", [(torch.bfloat16, 2, 64), (torch.float16, 2, 64), (torch.bfloat16, 1, 256)])
+def test_half_gqa_within_2x_of_torch(dtype, Hkv, D, device):
     """bf16/fp16 out and every gradient within 2x the error of PyTorch's own attention in that
-    dtype (the same repeat_interleave reference) against float64."""
-    q, k, v, do = make_gqa(1, 4, 2, 29, 29, 64, dtype, device, seed=31)
+    dtype (the same repeat_interleave reference) against float64; Gemma 3 270M's heads in bf16."""
+    q, k, v, do = make_gqa(1, 4, Hkv, 29, 29, D, dtype, device, seed=31)
     got = run_grads(flash_attention, q, k, v, do)
     ref64 = run_grads(gqa_reference, q.double(), k.double(), v.double(), do.double())
     torch_half = run_grads(gqa_reference, q, k, v, do)

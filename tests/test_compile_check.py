@@ -148,6 +148,50 @@ def test_a_launch_group_passes_only_when_each_of_its_launches_has_a_clean_config
         ("ln", "_ln", ""): True}
 
 
+# The attention launches' autotune configs as the check sees them (after each kernel's prune),
+# in a fresh process with the interpreter off: under it nothing is autotuned.
+_TILE_PROBE = r"""
+import json
+from tritongpt.bench import compile_check as cc
+out = []
+for launch in cc.capture():
+    if launch.name in ("_attn_fwd", "_attn_bwd_dkdv", "_attn_bwd_dq"):
+        tiles = [(kw["BLOCK_M"], kw["BLOCK_N"], kw["num_warps"], kw["num_stages"]) for _, kw in launch.configs()]
+        out.append({"case": launch.case, "kernel": launch.name, "block_d": launch.kwargs["BLOCK_D"], "tiles": tiles})
+print(json.dumps(out))
+"""
+
+
+def test_head_dim_256_times_its_own_tiles():
+    """Head dim 256 (Gemma) autotunes over its own tiles only, in fp32 smaller ones still (the
+    others overflow sm_89's 99 KB or spill there), and the other head dims never time those:
+    each launch's configs after its prune, as the tuner would time them."""
+    import torch
+
+    from tritongpt.kernels.attention import TILES, tile_group
+
+    proc = subprocess.run([sys.executable, "-c", _TILE_PROBE], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "TRITON_INTERPRET": "0"})
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    launches = json.loads(proc.stdout.strip().splitlines()[-1])
+    kinds = {"_attn_fwd": "forward", "_attn_bwd_dkdv": "backward_dkdv", "_attn_bwd_dq": "backward_dq"}
+    seen = set()
+    for launch in launches:
+        dtype = torch.float32 if "float32" in launch["case"] else torch.bfloat16
+        group = tile_group(launch["block_d"], dtype)
+        seen.add((launch["kernel"], launch["block_d"], group))
+        tiles = {tuple(t) for t in launch["tiles"]}
+        assert tiles and tiles <= set(TILES[kinds[launch["kernel"]]][group]), (group, launch)
+        if launch["block_d"] == 256 and "Tq=1024" in launch["case"] and group == "wide":
+            assert len(tiles) > 1, launch  # a choice left for the tuner at full length
+    assert {(k, 256, g) for k in kinds for g in ("wide", "wide_fp32")} <= seen
+    decode = [launch for launch in launches if launch["block_d"] == 256 and "Tq=1 " in launch["case"] + " "]
+    assert decode and all(t[0] == 16 for launch in decode for t in launch["tiles"]), decode
+    for kind, groups in TILES.items():  # fp32 at 256: 16-row streamed tiles, the ones that fit sm_89's 99 KB
+        streamed = [m if kind == "backward_dkdv" else n for m, n, _, _ in groups["wide_fp32"]]
+        assert max(streamed) <= 16, kind
+
+
 def test_cases_picks_the_launches_it_names(monkeypatch):
     """--cases REGEX compiles only the launches whose case it matches; one that matches nothing is refused."""
     class FakeLaunch:
