@@ -231,7 +231,8 @@ def add_cli(sub):
                    help=f"gqa_attention's lengths (default {','.join(map(str, FULL_SIZES['gqa_seqlens']))})")
     k.add_argument("--gqa-heads", default=None,
                    help="gqa_attention's shapes as query heads:KV heads:head dim, e.g. the default "
-                        f"{','.join(':'.join(map(str, s)) for s in FULL_SIZES['gqa_heads'])} (Llama's, then MQA)")
+                        f"{','.join(':'.join(map(str, s)) for s in FULL_SIZES['gqa_heads'])} "
+                        "(Llama's, MQA, Gemma 3 270M's)")
     k.add_argument("--ce-rows", type=int, default=None,
                    help=f"tokens per cross-entropy config (default {FULL_SIZES['ce_rows']})")
     k.add_argument("--ce-vocabs", default=None, help="e.g. 50257,50304")

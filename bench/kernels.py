@@ -121,7 +121,7 @@ FULL_SIZES = dict(ln_rows=16384, ln_widths=(768, 1024, 1280, 1600),
                   attn_window=256, attn_tokens=16384, attn_width=2048,
                   ce_rows=16384, ce_vocabs=(50257,), head_widths=(768,),
                   rope_tokens=16384, rope_seq_len=1024, rope_heads=(12, 16), rope_head_dim=64,
-                  gqa_seqlens=(512, 1024, 2048, 4096, 8192), gqa_heads=((32, 8, 128), (12, 1, 64)))
+                  gqa_seqlens=(512, 1024, 2048, 4096, 8192), gqa_heads=((32, 8, 128), (12, 1, 64), (4, 1, 256)))
 QUICK_SIZES = dict(ln_rows=4096, ln_widths=(768, 1600),
                    mlp_rows=4096, mlp_widths=(768,),
                    attn_seqlens=(1024,), attn_head_dims=(64,),

@@ -558,7 +558,8 @@ def test_target_configurations_are_measured_first_and_exactly_once():
         assert first[op] == [] and rest[op] == [full["ln_widths"]]
     for op in ("swiglu", "geglu"):
         assert first[op] == [] and rest[op] == [full["mlp_widths"]] == [(768, 1024, 1280, 1600)]
-    assert full["gqa_heads"] == ((32, 8, 128), (12, 1, 64)) and full["gqa_seqlens"] == (512, 1024, 2048, 4096, 8192)
+    assert full["gqa_heads"] == ((32, 8, 128), (12, 1, 64), (4, 1, 256))
+    assert full["gqa_seqlens"] == (512, 1024, 2048, 4096, 8192)
     for op, key in (("layernorm", "ln_widths"), ("mlp", "mlp_widths")):
         done = [w for plan in (first, rest) for args in plan[op] for w in args]
         assert sorted(done) == sorted(full[key])
