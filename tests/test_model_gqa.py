@@ -35,6 +35,16 @@ def test_gqa_triton_path_matches_reference_fp32(n_kv_head, device):
     _compare_paths(model, idx, torch.roll(idx, -1, 1), 1e-4, doc_ids)
 
 
+def test_gemma_heads_256_wide_over_one_kv_head_on_the_triton_path(device):
+    """Gemma 3 270M's attention (4 query heads of 256 over 1 KV head, wider than n_embd): the
+    Triton path takes it, with the same logits, loss and every gradient as the reference."""
+    model = gqa_model(1, 7, attention_head_dim=256).to(device)
+    assert model.trf_blocks[0].att.W_key.weight.shape == (256, 64)
+    assert model.set_kernels("triton").kernels >= {"attention"}
+    idx = torch.randint(0, 67, (2, 19), device=device)
+    _compare_paths(model, idx, torch.roll(idx, -1, 1), 1e-4)
+
+
 @pytest.mark.parametrize("path", ["reference", "triton"])
 def test_gqa_is_mha_with_each_kv_head_repeated_for_its_group(path, device):
     """A model with n_kv_head 2 computes what the GPT-2 model with 4 KV heads does when KV heads
