@@ -31,7 +31,7 @@ from tritongpt.errors import UserError, read_json_object
 from tritongpt.model.config import GPTConfig
 from tritongpt.model.gpt import GPTModel
 from tritongpt.train.gpt2_weights import _read_tensors, model_with_tensors, write_hf_folder
-from tritongpt.train.llama_weights import _rope_theta
+from tritongpt.train.llama_weights import _rope_theta, hf_shapes
 
 FAMILIES = {"gemma": "GemmaForCausalLM", "gemma2": "Gemma2ForCausalLM", "gemma3_text": "Gemma3ForCausalLM"}
 _NAMES = {"gemma": "Gemma", "gemma2": "Gemma 2", "gemma3_text": "Gemma 3"}
@@ -110,25 +110,7 @@ def _check_hf_config(cfg_json: Path, sd: dict) -> GPTConfig:
         raise UserError(f"{cfg_json} is a multimodal Gemma 3 (Gemma3ForConditionalGeneration: 4B and up, a vision "
                         "tower beside the language model); the text-only Gemma 3 models (270M, 1B: model_type "
                         "'gemma3_text') are read here")
-    for key in ("hidden_size", "num_hidden_layers", "num_attention_heads"):
-        if key not in d:
-            raise UserError(f"{cfg_json} names no {key}")
-    try:
-        vocab, n_embd = sd["embed_tokens.weight"].shape
-        hidden = sd["layers.0.mlp.gate_proj.weight"].shape[0]
-        q_rows = sd["layers.0.self_attn.q_proj.weight"].shape[0]
-    except KeyError as e:
-        raise UserError(f"{cfg_json.parent}: not a Gemma model, missing tensor {e.args[0]!r}") from None
-    n_layer = 1 + max((int(k.split(".")[1]) for k in sd if k.startswith("layers.")), default=-1)
-    for key, have in (("vocab_size", vocab), ("hidden_size", n_embd), ("num_hidden_layers", n_layer),
-                      ("intermediate_size", hidden)):
-        if key in d and d[key] != have:
-            raise UserError(f"{cfg_json} says {key} {d[key]!r}, but the weights have {have}")
-    n_head = d["num_attention_heads"]
-    n_kv_head = d.get("num_key_value_heads") or n_head
-    head_dim = q_rows // n_head
-    if d.get("head_dim") not in (None, head_dim):
-        raise UserError(f"{cfg_json} says head_dim {d['head_dim']!r}, but the weights have {head_dim}")
+    vocab, n_embd, hidden, n_layer, n_head, n_kv_head, head_dim = hf_shapes(d, sd, cfg_json, "Gemma")
     act_key = "hidden_act" if kind == "gemma" else "hidden_activation"
     act = d.get(act_key) or "gelu_pytorch_tanh"
     if act not in _GELU_TANH and not (kind == "gemma" and act == "gelu"):  # Gemma 1's legacy "gelu" means tanh

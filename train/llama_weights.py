@@ -118,9 +118,9 @@ def _sliding_window(d: dict, kind: str, n_layer: int, cfg_json) -> tuple:
                     "layers are all of them or the odd ones (GPTConfig.window_layers)")
 
 
-def _check_hf_config(cfg_json: Path, sd: dict) -> GPTConfig:
-    """The GPTConfig of a Llama config.json, checked against the tensors beside it."""
-    d = read_json_object(cfg_json)
+def hf_shapes(d: dict, sd: dict, cfg_json: Path, family: str) -> tuple:
+    """(vocab, n_embd, mlp hidden, n_layer, n_head, n_kv_head, head_dim) of a Llama-named state dict
+    (Llama's relatives' and Gemma's), each checked against config.json's d where it names it."""
     for key in ("hidden_size", "num_hidden_layers", "num_attention_heads"):
         if key not in d:
             raise UserError(f"{cfg_json} names no {key}")
@@ -128,7 +128,7 @@ def _check_hf_config(cfg_json: Path, sd: dict) -> GPTConfig:
         vocab, n_embd = sd["embed_tokens.weight"].shape
         hidden = sd["layers.0.mlp.gate_proj.weight"].shape[0]
     except KeyError as e:
-        raise UserError(f"{cfg_json.parent}: not a Llama model, missing tensor {e.args[0]!r}") from None
+        raise UserError(f"{cfg_json.parent}: not a {family} model, missing tensor {e.args[0]!r}") from None
     n_layer = 1 + max((int(k.split(".")[1]) for k in sd if k.startswith("layers.")), default=-1)
     for key, have in (("vocab_size", vocab), ("hidden_size", n_embd), ("num_hidden_layers", n_layer),
                       ("intermediate_size", hidden)):
@@ -136,12 +136,19 @@ def _check_hf_config(cfg_json: Path, sd: dict) -> GPTConfig:
             raise UserError(f"{cfg_json} says {key} {d[key]!r}, but the weights have {have}")
     n_head = d["num_attention_heads"]
     n_kv_head = d.get("num_key_value_heads") or n_head
-    if d.get("hidden_act", "silu") != "silu":
-        raise UserError(f"{cfg_json} has hidden_act {d['hidden_act']!r}; this model's SwiGLU computes 'silu' only")
     head_dim = sd["layers.0.self_attn.q_proj.weight"].shape[0] // n_head if "layers.0.self_attn.q_proj.weight" in sd \
         else n_embd // n_head
     if d.get("head_dim") not in (None, head_dim):
         raise UserError(f"{cfg_json} says head_dim {d['head_dim']!r}, but the weights have {head_dim}")
+    return vocab, n_embd, hidden, n_layer, n_head, n_kv_head, head_dim
+
+
+def _check_hf_config(cfg_json: Path, sd: dict) -> GPTConfig:
+    """The GPTConfig of a Llama config.json, checked against the tensors beside it."""
+    d = read_json_object(cfg_json)
+    vocab, n_embd, hidden, n_layer, n_head, n_kv_head, head_dim = hf_shapes(d, sd, cfg_json, "Llama")
+    if d.get("hidden_act", "silu") != "silu":
+        raise UserError(f"{cfg_json} has hidden_act {d['hidden_act']!r}; this model's SwiGLU computes 'silu' only")
     kind = d.get("model_type", "llama")
     attention_bias, mlp_bias = bool(d.get("attention_bias", False)), bool(d.get("mlp_bias", False))
     if kind == "qwen3" and attention_bias:  # Qwen3's MLP never has biases
