@@ -78,12 +78,24 @@ def test_qwen2_sliding_window_is_read_as_transformers_does(tmp_path, edit, windo
     _check_logits(hf, model)
 
 
-def test_a_qwen2_window_over_other_layers_and_a_bad_window_are_refused_by_name(tmp_path):
-    _, path = hf_llama(tmp_path, VOCAB, kind="qwen2", layers=3, use_sliding_window=True, sliding_window=7,
-                       max_window_layers=1)
-    with pytest.raises(UserError, match=r"config.json slides its window \(7\) over layers \[1, 2\] of 3; this model's "
-                                        r"local layers are all of them or the odd ones"):
-        load_checkpoint(path)
+def test_a_qwen2_window_over_other_layers_is_a_list_and_a_bad_window_is_refused_by_name(tmp_path):
+    """Layers 1 and 2 of 3 (max_window_layers 1) are window_layers "1,2": transformers' logits; the
+    export writes them as layer_types, read back by transformers and by us alike."""
+    from tritongpt.train.llama_weights import export_llama
+
+    hf, path = hf_llama(tmp_path, VOCAB, kind="qwen2", layers=3, use_sliding_window=True, sliding_window=7,
+                        max_window_layers=1)
+    model = load_checkpoint(path).double().eval()
+    assert (model.config.attention_window, model.config.window_layers) == (7, "1,2")
+    _check_logits(hf, model)
+    export_llama(model, tmp_path / "out")
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["layer_types"] == \
+        ["full_attention", "sliding_attention", "sliding_attention"]
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float64).eval()
+    idx = torch.randint(0, VOCAB, (2, T))
+    with torch.no_grad():
+        assert_close_rel(back(idx).logits, model(idx), 2e-6, "exported window list")
+    assert load_checkpoint(tmp_path / "out" / "model.safetensors").config.window_layers == "1,2"
     cfg_json = tmp_path / "config.json"
     for kind, bad in (("mistral", 0), ("mistral", "7"), ("qwen2", -1)):
         d = json.loads(cfg_json.read_text())
@@ -105,7 +117,6 @@ def test_what_none_of_the_three_computes_is_refused_by_name():
     for overrides, said in (
             ({"attention_window": 5, "window_layers": "odd"}, "has local attention (attention_window 5) in its odd "
              "layers, where Mistral's sliding window, if any, is in every layer: it cannot be exported"),
-            ({"attention_window": 5, "window_layers": "odd", "qkv_bias_only": True}, "where Qwen2's sliding window"),
             ({"attention_window": 5, "bias": True}, "where Llama attends to the whole context (a Mistral folder would "
              "take the window, but Mistral's projections have no biases)"),
             ({"qkv_bias_only": True, "norm": "layernorm"}, "normalizes with layernorm, where Qwen2 has RMSNorms"),

@@ -457,13 +457,14 @@ def refuse_other_heads(cfg: GPTConfig, family: str, what: str) -> None:
     refuse_gemma_touches(cfg, family, what)
 
 
-def refuse_gemma_touches(cfg: GPTConfig, family: str, what: str) -> None:
-    """Gemma's scaled embeddings and sandwich norms, and local layers other than all or the odd ones,
-    which the other families' folders cannot say: refused by name."""
+def refuse_gemma_touches(cfg: GPTConfig, family: str, what: str, layer_types: bool = False) -> None:
+    """Gemma's scaled embeddings and sandwich norms, and (unless the family's config has layer_types:
+    Qwen2's, Qwen3's) local layers other than all or the odd ones, which the other families' folders
+    cannot say: refused by name."""
     for differs, why in ((cfg.scale_embeddings, "scales its token embeddings by sqrt(n_embd) (scale_embeddings)"),
                          (cfg.post_norms, "normalizes each sublayer's output too (post_norms: Gemma's sandwich "
                           "norms)"),
-                         (bool(cfg.attention_window) and cfg.window_layers not in ("all", "odd"),
+                         (bool(cfg.attention_window) and cfg.window_layers not in ("all", "odd") and not layer_types,
                           f"has local attention in layers {cfg.window_layers} only")):
         if differs:
             raise UserError(f"this model {why}, which Hugging Face's {family} does not: it cannot be exported as "

@@ -10,8 +10,8 @@ no row is permuted. Three relatives differ from it in a field or two, and are re
   4096 when the key is absent) is our local attention: attention_window W, window_layers "all".
   Both let query i see keys i - W + 1 .. i.
 - Qwen2 (and Qwen2.5): biases on q_proj, k_proj and v_proj only (qkv_bias_only). Its sliding
-  window (use_sliding_window, from layer max_window_layers on) is read when it covers all the
-  layers or the odd ones; no published Qwen2 uses one.
+  window (use_sliding_window, in the layers layer_types names, or from layer max_window_layers on)
+  is our window_layers, whichever layers those are; no published Qwen2 uses one.
 - Qwen3: no q/k/v biases, but each head's query and key RMSNorm-ed before RoPE (qk_norm), and a
   head width of its own (attention_head_dim: Qwen3-0.6B's 16 heads of 128 over a width of 1024);
   a Llama, Mistral or Qwen2 config.json's head_dim is read too.
@@ -114,8 +114,9 @@ def _sliding_window(d: dict, kind: str, n_layer: int, cfg_json) -> tuple:
         return window, "all"
     if len(types) == n_layer and local == list(range(1, n_layer, 2)):
         return window, "odd"
-    raise UserError(f"{cfg_json} slides its window ({window}) over layers {local} of {n_layer}; this model's local "
-                    "layers are all of them or the odd ones (GPTConfig.window_layers)")
+    if len(types) != n_layer:
+        raise UserError(f"{cfg_json} has {len(types)} layer_types for {n_layer} layers")
+    return window, ",".join(map(str, local))  # any other set: GPTConfig.window_layers' list
 
 
 def hf_shapes(d: dict, sd: dict, cfg_json: Path, family: str) -> tuple:
@@ -233,7 +234,8 @@ def refuse_not_llama(model: GPTModel, what: str) -> None:
                          (cfg.mlp != "swiglu", f"has a {cfg.mlp.upper()} MLP, where {family}'s is SwiGLU"),
                          (not cfg.scale_attention, "does not scale its attention scores by 1/sqrt(head_dim), "
                           f"which {family} does"),
-                         (bool(cfg.attention_window) and (family == "Llama" or cfg.window_layers != "all"), window),
+                         (bool(cfg.attention_window) and (family == "Llama" or family == "Mistral"
+                                                          and cfg.window_layers != "all"), window),
                          (bool(cfg.logit_softcap), f"soft-caps its logits (logit_softcap {cfg.logit_softcap:g}), "
                           f"which {family} does not"),
                          (family == "Qwen3" and cfg.qkv_bias_only, "has biases on q, k and v only (Qwen2's), "
@@ -243,7 +245,7 @@ def refuse_not_llama(model: GPTModel, what: str) -> None:
                           f"(rope_local_theta {cfg.rope_local_theta:g}), where {family}'s layers share one")):
         if differs:
             raise UserError(f"this model {why}: it cannot be exported as {what}")
-    refuse_gemma_touches(cfg, family, what)
+    refuse_gemma_touches(cfg, family, what, layer_types=family in ("Qwen2", "Qwen3"))
 
 
 def _hf_tensors(model: GPTModel) -> dict:
@@ -286,8 +288,10 @@ def hf_config(cfg: GPTConfig, eos_token_id: int | None = None) -> dict:
         d.update(attention_bias=cfg.bias, mlp_bias=cfg.bias)
     elif kind == "mistral":
         d.update(sliding_window=window)
-    else:  # Qwen2's and Qwen3's window starts at layer max_window_layers: 0, every layer
-        d.update(use_sliding_window=bool(window), sliding_window=window, max_window_layers=0 if window else cfg.n_layer)
+    else:  # Qwen2's and Qwen3's local layers: layer_types (older readers: from max_window_layers 0, all)
+        d.update(use_sliding_window=bool(window), sliding_window=window, max_window_layers=0 if window else cfg.n_layer,
+                 layer_types=["sliding_attention" if cfg.layer_window(i) else "full_attention"
+                              for i in range(cfg.n_layer)])
         if kind == "qwen3":
             d.update(attention_bias=False)
     return d
