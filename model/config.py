@@ -259,8 +259,14 @@ def check_window_layers(value, n_layer: int, where: str = "GPTConfig.window_laye
 
 
 def window_layers_arg(text: str) -> str:
-    """--window-layers as given, spaces dropped ("0, 1" is "0,1"); GPTConfig checks it against n_layer."""
-    return text.replace(" ", "")
+    """--window-layers, spaces dropped ("0, 1" is "0,1"): all, odd or a comma list of numbers, refused at
+    parsing otherwise; GPTConfig checks the list against n_layer."""
+    import argparse
+
+    text = text.replace(" ", "")
+    if text not in WINDOW_LAYERS and not all(p.isdigit() for p in text.split(",")):
+        raise argparse.ArgumentTypeError(f"all, odd or a comma list of layer indices (0,1,2,3,4,6), got {text!r}")
+    return text
 
 
 ROPE_SCALING_KEYS = {"linear": ("factor",),

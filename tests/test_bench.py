@@ -1010,7 +1010,8 @@ def test_gpu_command_flow_with_cpu_stand_ins(tmp_path, monkeypatch, capsys):
     # GPT-2 as published unless --vocab-multiple, --attention-window, ..., --bias say otherwise
     assert seen["flags"] == dict(vocab_multiple=1, attention_window=0, window_layers=None, logit_softcap=0.0,
                                  norm=None, mlp=None, mlp_hidden=None, position_encoding=None, rope_theta=None,
-                                 n_kv_head=None, bias=None, attention_head_dim=None, qk_norm=None)
+                                 n_kv_head=None, bias=None, attention_head_dim=None, qk_norm=None,
+                                 scale_embeddings=None, post_norms=None, rope_local_theta=None)
     (folder,) = tmp_path.iterdir()
     k = report.validate_result(json.loads((folder / "kernels.json").read_text()))
     t = report.validate_result(json.loads((folder / "train.json").read_text()))
@@ -1150,9 +1151,12 @@ def test_llama_flags_are_checked_before_the_cpu_timings(monkeypatch):
         (["train", "--n-kv-head", "3"], "--n-kv-head 3 must divide gpt2-medium's 16 heads"),
         (["all", "--quick", "--models", "tiny", "--n-kv-head", "3"], "--n-kv-head 3 must divide tiny's 4 heads"),
         (["train", "--n-kv-head", "-1"], r"--n-kv-head must be >= 0 \(0: as many as the heads\), got -1"),
-        (["train", "--mlp-hidden", "2048"], "--mlp-hidden 2048 is the SwiGLU MLP's hidden size: without --mlp "
-                                            "swiglu it does nothing"),
-        (["train", "--mlp", "gelu", "--mlp-hidden", "2048"], "without --mlp swiglu it does nothing"),
+        (["train", "--mlp-hidden", "2048"], "--mlp-hidden 2048 is the SwiGLU or GeGLU MLP's hidden size: without "
+                                            "--mlp swiglu or geglu it does nothing"),
+        (["train", "--mlp", "gelu", "--mlp-hidden", "2048"], "without --mlp swiglu or geglu it does nothing"),
+        (["train", "--attention-window", "256", "--window-layers", "0,12"], r"GPTConfig.window_layers '0,12' must "
+                                                                            "list distinct layers in increasing order, "
+                                                                            "each below n_layer 12"),
         (["train", "--mlp", "swiglu", "--mlp-hidden", "0"], "--mlp-hidden must be a positive integer, got 0"),
         (["train", "--rope-theta", "500000"], "--rope-theta 500000 is RoPE's base: without --position-encoding "
                                               "rope it does nothing"),

@@ -571,7 +571,8 @@ def test_attention_window_config(tmp_path):
     for bad in (-1, 2.5, True, "4"):
         with pytest.raises(UserError, match="GPTConfig.attention_window must be an integer >= 0"):
             GPTConfig(**TINY, attention_window=bad)
-    with pytest.raises(UserError, match="GPTConfig.window_layers must be one of all, odd, got 'even'"):
+    with pytest.raises(UserError, match="GPTConfig.window_layers must be all, odd or a comma list of layer indices "
+                                        "\\(\"0,1,2,3,4,6\"\\), got 'even'"):
         GPTConfig(**TINY, window_layers="even")
     model = GPTModel(GPTConfig(**TINY, attention_window=7, window_layers="odd"))
     model.save(tmp_path / "m.safetensors")

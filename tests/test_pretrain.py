@@ -748,5 +748,6 @@ def test_attention_window_makes_a_local_model_kept_by_init(corpus, tmp_path, cap
     assert "--attention-window must be >= 0 (0: every layer sees the whole context), got -2" in capsys.readouterr().err
     with pytest.raises(SystemExit):  # the flag's choices, at parsing
         main(["pretrain", *argv(corpus, tmp_path / "bad", *short, "--window-layers", "even")])
-    assert "--window-layers: invalid choice: 'even' (choose from" in capsys.readouterr().err
+    assert "--window-layers: all, odd or a comma list of layer indices (0,1,2,3,4,6), got 'even'" in \
+        capsys.readouterr().err
     assert not (tmp_path / "bad").exists()
