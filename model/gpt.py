@@ -1,6 +1,7 @@
 """GPTModel: token + position embeddings (or RoPE in the attention), a stack of TransformerBlocks,
 final norm (LayerNorm, or RMSNorm: GPTConfig.norm), LM head."""
 import copy
+import functools
 import json
 import math
 import os
@@ -16,6 +17,12 @@ from tritongpt.model.config import GPTConfig
 from tritongpt.model.layers import (FeedForward, LayerNorm, MultiHeadAttention, RMSNorm, Rotary, SwiGLUFeedForward,
                                     TransformerBlock, document_starts, make_norm)
 from tritongpt.model.toggle import resolve_kernels, spec_string
+
+
+@functools.lru_cache(maxsize=None)
+def _rounded(value: float, dtype) -> float:
+    """value rounded to dtype, as a Python float: made once per (value, dtype), not a tensor per step."""
+    return torch.tensor(value, dtype=dtype).item()
 
 
 class KVCache:
@@ -218,7 +225,7 @@ class GPTModel(nn.Module):
             pos = pos - document_starts(doc_ids)  # [B, T]: each document from position 0
         x = self.tok_emb(idx)
         if self.config.scale_embeddings:  # Gemma's sqrt(n_embd), rounded to the embeddings' dtype as Gemma's is
-            x = x * torch.tensor(math.sqrt(self.config.n_embd), dtype=x.dtype)
+            x = x * _rounded(math.sqrt(self.config.n_embd), x.dtype)
         if self.pos_emb is not None:
             x, rope_pos = self.drop_emb(x + self.pos_emb(pos)), None
         else:  # RoPE: the positions go to each attention, which rotates q and k by them

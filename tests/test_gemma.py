@@ -293,3 +293,22 @@ def test_a_resume_that_would_drop_gemmas_touches_is_refused_by_name():
         cfg = GPTConfig(**{**saved, **change})
         with pytest.raises(UserError, match=refused):
             Trainer._check_same_function(SimpleNamespace(_cfg=cfg, name="pretrain"), "ckpt", saved)
+
+
+def test_scaled_embeddings_round_the_factor_to_their_dtype_as_gemma_does():
+    """sqrt(40) = 6.3246 is 6.3125 in bf16: Gemma multiplies by the rounded factor (embed_scale.to(dtype)),
+    and so does scale_embeddings; the unrounded one would differ in most entries."""
+    import math
+
+    model = GPTModel(GPTConfig(vocab_size=VOCAB, context_length=CTX, n_embd=40, n_layer=1, n_head=2,
+                               scale_embeddings=True)).to(torch.bfloat16)
+    seen = []
+    model.trf_blocks[0].register_forward_pre_hook(lambda mod, args: seen.append(args[0]))
+    idx = torch.randint(0, VOCAB, (2, 9))
+    with torch.no_grad():
+        model(idx)
+        emb = model.tok_emb(idx) + model.pos_emb(torch.arange(9))
+        want = model.tok_emb(idx) * torch.tensor(math.sqrt(40), dtype=torch.bfloat16) + model.pos_emb(torch.arange(9))
+    assert torch.equal(seen[0], want)
+    assert not torch.equal(seen[0], model.tok_emb(idx) * math.sqrt(40) + model.pos_emb(torch.arange(9)))
+    assert not torch.equal(seen[0], emb)

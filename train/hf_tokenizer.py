@@ -89,6 +89,7 @@ class HFTokenizer(TokenizerChecks):
         self.eos_token, self.bos_token = eos_token, bos_token
         self._no_eos = no_eos or f"{where} names no end-of-text token"
         self._hash = None
+        self._prepended_bos = (None, None)  # (the BOS spelling it was asked for, prepended_bos_id's answer)
         # the model's own chat template (chat_template.py), when its folder has one; a run keeps it
         # only if its chats were rendered with it. Not part of the hash: it decides no text's ids.
         self.chat_template = None
@@ -148,7 +149,7 @@ class HFTokenizer(TokenizerChecks):
         (Gemma's text without it is much worse)."""
         if self.bos_token is None:
             return None
-        if getattr(self, "_prepended_bos", (None,))[0] != self.bos_token:  # asked once per BOS spelling
+        if self._prepended_bos[0] != self.bos_token:  # asked once per BOS spelling (from_hf_folder sets it late)
             bos = self._tok.token_to_id(self.bos_token)
             added = self._tok.encode("a", add_special_tokens=True).ids
             plain = self._tok.encode("a", add_special_tokens=False).ids

@@ -457,6 +457,8 @@ class Trainer:
         eps, bias = saved_cfg.get("norm_eps", 1e-5), saved_cfg.get("bias", True)
         qkv_only = saved_cfg.get("qkv_bias_only", False)
         qk_norm, head_dim = saved_cfg.get("qk_norm", False), saved_cfg.get("attention_head_dim", 0)
+        gemma = (saved_cfg.get("scale_embeddings", False), saved_cfg.get("post_norms", False),
+                 saved_cfg.get("rope_local_theta", 0.0))
         hidden = saved_cfg.get("mlp_hidden", 0) or swiglu_hidden(saved_cfg.get("n_embd", cfg.n_embd))
         gated = ("swiglu", "geglu")
         if mlp != cfg.mlp or (mlp in gated and hidden != cfg.ff_hidden):
@@ -508,9 +510,7 @@ class Trainer:
 
             what = f"{heads(qk_norm, head_dim)}, this run's model {heads(cfg.qk_norm, cfg.attention_head_dim)}"
             flags = "the run's own --init"  # Qwen3's: no flag makes them, only an --init folder's config.json
-        elif (gemma := tuple(saved_cfg.get(k, False) for k in ("scale_embeddings", "post_norms"))
-              + (saved_cfg.get("rope_local_theta", 0.0),)) != (cfg.scale_embeddings, cfg.post_norms,
-                                                               cfg.rope_local_theta):
+        elif gemma != (cfg.scale_embeddings, cfg.post_norms, cfg.rope_local_theta):
             def touches(scaled, post, local):
                 return ", ".join([f"{'scales' if scaled else 'does not scale'} its token embeddings",
                                   f"{'normalizes' if post else 'does not normalize'} each sublayer's output",

@@ -357,10 +357,11 @@ def cmd_export(args):
     # MLP make a Llama (or a Mistral, a Qwen2: hf_family); else unscaled attention scores are GPT-Neo's
     # (with or without its local layers), scaled ones GPT-2's. Refused before any file goes. (peft
     # targets GPT-Neo's and Llama's q/k/v apart from GPT-2's c_attn: their adapters are not written here.)
-    gemma = gemma_weights.is_gemma_shaped(cfg) and not args.adapter
+    gemma_shaped = gemma_weights.is_gemma_shaped(cfg)
+    gemma = gemma_shaped and not args.adapter
     llama = (cfg.norm == "rmsnorm" or cfg.mlp == "swiglu") and not args.adapter and not gemma
-    if args.adapter and (cfg.norm == "rmsnorm" or cfg.mlp != "gelu" or gemma_weights.is_gemma_shaped(cfg)):
-        what = "a Gemma" if gemma_weights.is_gemma_shaped(cfg) else "a Llama"
+    if args.adapter and (cfg.norm == "rmsnorm" or cfg.mlp != "gelu" or gemma_shaped):
+        what = "a Gemma" if gemma_shaped else "a Llama"
         raise UserError(f"--adapter writes a peft adapter for Hugging Face's GPT-2, and this model is {what} "
                         f"(norm {cfg.norm}, mlp {cfg.mlp}): export it without --adapter, merged, as {what} folder")
     neo = not cfg.scale_attention and not args.adapter and not llama and not gemma
