@@ -1058,3 +1058,124 @@ def test_validation_shards_may_spell_it_out(tmp_path, tok):
     want_val = ["Validation-000006", "fineweb_val_000003", "fineweb_valid_000004", "fineweb_validation_000005"]
     assert np.array_equal(np.asarray(td.val), np.concatenate([ids[n] for n in want_val]))
     assert np.array_equal(np.asarray(td.train), np.concatenate([ids[n] for n in sorted(set(names) - set(want_val))]))
+
+
+# -- BOS before each document, for tokenizers that prepend one (Gemma's, Llama's) -----------------
+@pytest.fixture(scope="module")
+def bos_toks():
+    """(a Llama 2-style HFTokenizer whose post-processor prepends <s>, the same tokenizer.json without
+    the post-processor, the tokenizers.Tokenizer itself): the two share HFTokenizer.hash."""
+    pytest.importorskip("tokenizers")
+    from test_hf_tokenizer import build_tokenizer
+    from tritongpt.train.hf_tokenizer import HFTokenizer
+
+    raw = build_tokenizer("sentencepiece")
+    spec = json.loads(raw.to_str())
+    with_bos = HFTokenizer(spec, eos_token="</s>", bos_token="<s>", name="llama2ish")
+    plain = HFTokenizer(dict(spec, post_processor=None), eos_token="</s>", bos_token="<s>", name="plain")
+    assert with_bos.prepended_bos_id == 1 and plain.prepended_bos_id is None
+    return with_bos, plain, raw
+
+
+def _random_docs(seed, n=7):
+    rng = np.random.default_rng(seed)
+    words = "the cat sat on a mat while 42 dogs ran past naïve café it's".split()
+    return [" ".join(rng.choice(words, int(rng.integers(1, 15)))) for _ in range(n)]
+
+
+def test_each_document_starts_with_bos_where_the_tokenizer_prepends_one(tmp_path, bos_toks):
+    """The token file is transformers' tokenizer(doc) (BOS added by the tokenizer's own pipeline) + EOS,
+    document after document, the last without an EOS; the meta records the BOS. A tokenizer that
+    prepends none writes each document's ids alone."""
+    tok, plain, raw = bos_toks
+    docs = _random_docs(np.random.SeedSequence().entropy % 2**32)
+    (tmp_path / "d.txt").write_text(EOT.join(docs), encoding="utf-8")
+    td = prepare_tokens(str(tmp_path / "d.txt"), tok, tmp_path / "c", val_fraction=0.0)
+    want = []
+    for i, d in enumerate(docs):
+        want += ([tok.eot_id] if i else []) + raw.encode(d, add_special_tokens=True).ids
+    assert want.count(1) == len(docs) and td.tokens.tolist() == want
+    assert td.meta["bos_id"] == 1 and td.meta["n_tokens"] == len(want)
+    td = prepare_tokens(str(tmp_path / "d.txt"), plain, tmp_path / "c2", val_fraction=0.0)
+    assert td.meta["bos_id"] is None and 1 not in td.tokens.tolist()
+    assert td.tokens.tolist() == [i for i in want if i != 1]
+
+
+def test_a_cache_written_without_bos_is_rebuilt_for_a_tokenizer_that_prepends_one(tmp_path, bos_toks, monkeypatch):
+    """HFTokenizer.hash leaves the post-processor out (it decides no text's ids), so a tokenizer.json
+    with and without the BOS-prepending post-processor have one hash: the cache's bos_id tells them
+    apart, in a given folder, found by the source's size and time, and in the default folders (each
+    its own, so switching back re-tokenises nothing). A cache from before bos_id was recorded has
+    none: rebuilt for the BOS tokenizer."""
+    tok, plain, _ = bos_toks
+    assert tok.hash == plain.hash
+    writes = []
+    real_write = data._write_tokens
+    monkeypatch.setattr(data, "_write_tokens", lambda *a: writes.append(a[1].name) or real_write(*a))
+    src, cache = tmp_path / "corpus.txt", tmp_path / "cache"
+    src.write_text(EOT.join(_random_docs(3)), encoding="utf-8")
+    bos_count = src.read_text().count(EOT) + 1
+
+    def ids(t, cache_dir=cache):
+        return prepare_tokens(str(src), t, cache_dir, val_fraction=0.0).tokens.tolist()
+
+    assert ids(plain).count(1) == 0 and ids(plain).count(1) == 0 and writes == ["plain"]
+    assert ids(tok).count(1) == bos_count and writes == ["plain", "llama2ish"]   # not the cache without BOS
+    assert ids(tok).count(1) == bos_count and len(writes) == 2                  # reused
+    assert ids(plain).count(1) == 0 and len(writes) == 3
+    # a cache from before bos_id was recorded (written without BOS): reused for the plain tokenizer only
+    meta = json.loads((cache / "tokens.json").read_text())
+    del meta["bos_id"]
+    (cache / "tokens.json").write_text(json.dumps(meta))
+    assert ids(plain).count(1) == 0 and len(writes) == 3
+    assert "bos_id" not in json.loads((cache / "tokens.json").read_text())
+    assert ids(tok).count(1) == bos_count and len(writes) == 4
+    # the default folders, found by the source's size and time: one each
+    monkeypatch.setenv("TRITONGPT_CACHE", str(tmp_path / "default"))
+    writes.clear()
+    for t in (tok, plain, tok, plain):
+        assert ids(t, None).count(1) == (bos_count if t is tok else 0)
+    assert writes == ["llama2ish", "plain"]
+    folders = sorted(p.name for p in (tmp_path / "default" / "tokens").iterdir())
+    assert len(folders) == 2 and sum(f.endswith("-bos1") for f in folders) == 1
+
+
+def test_a_gpt2_style_token_file_is_unchanged(tmp_path, tok, monkeypatch):
+    """Our BPE prepends nothing: the file's bytes are the documents' ids joined by EOS alone, as before
+    BOS was written anywhere, and a cache from before bos_id was recorded is still reused."""
+    docs = _random_docs(np.random.SeedSequence().entropy % 2**32)
+    (tmp_path / "d.txt").write_text(EOT.join(docs), encoding="utf-8")
+    td = prepare_tokens(str(tmp_path / "d.txt"), tok, tmp_path / "c")
+    want = []
+    for i, d in enumerate(docs):
+        want += ([tok.eot_id] if i else []) + tok.encode(d)
+    assert (tmp_path / "c" / "tokens.bin").read_bytes() == np.array(want, dtype=np.uint16).tobytes()
+    assert td.meta["bos_id"] is None
+    meta = json.loads((tmp_path / "c" / "tokens.json").read_text())
+    del meta["bos_id"], meta["source_stat"]
+    (tmp_path / "c" / "tokens.json").write_text(json.dumps(meta))
+    monkeypatch.setattr(data, "_write_tokens", lambda *a: pytest.fail("a GPT-2-style cache was rebuilt"))
+    assert prepare_tokens(str(tmp_path / "d.txt"), tok, tmp_path / "c").tokens.tolist() == want
+
+
+def test_with_bos_each_document_is_bos_to_eos():
+    """bos_id: the BOS opens a document (its position 0) and the EOS closes the one before, so each
+    document is BOS ... EOS; a window cut mid-document starts in document 0. Without it, the EOS opens."""
+    from tritongpt.train.data import document_ids
+
+    B, E = 1, 2
+    x = torch.tensor([[5, 6, E, B, 7, 8, E, B, E, B, 9],    # ... EOS | BOS doc EOS | BOS (empty) EOS | BOS 9
+                      [E, B, 7, 7, 7, 7, 7, 7, 7, E, B]])   # the window opens on the EOS before a BOS
+    assert document_ids(x, E, B).tolist() == [[0, 0, 0, 1, 1, 1, 1, 2, 2, 3, 3], [0, 1, 1, 1, 1, 1, 1, 1, 1, 1, 2]]
+    assert document_ids(x, E).tolist() == [[0, 0, 1, 1, 1, 1, 2, 2, 3, 3, 3], [1, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2]]
+    # random "BOS doc EOS" files: every BOS is its document's first token, every EOS its last
+    g = torch.Generator().manual_seed(int(torch.randint(1 << 30, (1,))))
+    ids = torch.randint(3, 50, (4, 64), generator=g)
+    ids[torch.rand(4, 64, generator=g) < 0.1] = E
+    ids[:, 1:][ids[:, :-1] == E] = B   # an EOS is followed by a BOS, as _write_tokens writes them
+    ids[:, 1:][(ids[:, :-1] != E) & (ids[:, 1:] == B)] = 7
+    doc = document_ids(ids, E, B)
+    opens = torch.ones_like(doc, dtype=torch.bool)
+    opens[:, 1:] = doc[:, 1:] != doc[:, :-1]
+    assert torch.equal(opens[:, 1:], ids[:, 1:] == B)
+    assert (doc[:, 1:][ids[:, :-1] == E] != doc[:, :-1][ids[:, :-1] == E]).all()

@@ -92,6 +92,32 @@ def test_with_documents_kept_apart_each_is_scored_from_its_own_start(stride):
     assert abs(got["loss"] - evaluate_tokens(model, tokens, stride=stride)["loss"]) > 1e-5
 
 
+@pytest.mark.parametrize("stride", [None, 6])
+def test_with_a_bos_before_each_document_each_is_scored_from_its_bos(stride):
+    """document_bos: tokens of "BOS doc EOS BOS doc ..." (a tokenizer that prepends BOS): each document
+    is scored as if alone from its BOS (position 0), its EOS the last of its inputs; the window's head
+    before the first BOS alone too. Split at the EOS instead, the figure differs."""
+    model, bos, eot = _model(), 1, 2
+    g = torch.Generator().manual_seed(int(torch.randint(1 << 30, (1,))))
+    tokens = torch.randint(3, 50, (61,), generator=g)
+    for p in (9, 11, 30, 44):  # an empty document (BOS EOS) too
+        tokens[p], tokens[p + 1] = eot, bos
+    got = evaluate_tokens(model, tokens, stride=stride, batch_size=3, document_eot=eot, document_bos=bos)
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for b, e, first in windows(61, 16, stride or 16):
+            cuts = [b] + [p for p in range(b + 1, e) if tokens[p] == bos] + [e]
+            for lo, hi in zip(cuts, cuts[1:]):  # inputs [lo, hi) alone predict targets lo+1 .. hi
+                logp = F.log_softmax(model(tokens[lo:hi][None]).double()[0], dim=-1)
+                for p in range(max(first, lo + 1), hi + 1):
+                    total -= float(logp[p - lo - 1, tokens[p]])
+                    count += 1
+    assert got["tokens"] == count == 60
+    assert got["loss"] == pytest.approx(total / count, rel=1e-6)
+    at_eot = evaluate_tokens(model, tokens, stride=stride, batch_size=3, document_eot=eot)["loss"]
+    assert abs(got["loss"] - at_eot) > 1e-5
+
+
 def test_one_window_when_the_context_holds_the_text():
     model = _model(context=64)
     tokens = torch.randint(0, 50, (40,))

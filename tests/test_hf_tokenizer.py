@@ -8,6 +8,7 @@ import random
 import unicodedata
 
 import pytest
+import torch
 
 from parity import hf_llama
 from tritongpt.errors import UserError
@@ -275,15 +276,73 @@ def test_pretrain_init_and_tokenizer_of_a_folder_save_its_tokenizer_with_the_run
     assert load_checkpoint(tmp_path / "fresh").config.vocab_size == tok.vocab_size
     assert pretrain("init", "--init", str(path), "--max-steps", "2", "--resume") == 0
     # eval's bits per byte counts the UTF-8 bytes of the scored tokens' text (ASCII: the byte-level
-    # decode of each window's ids concatenates to the whole text's)
+    # decode of each window's ids concatenates to the whole text's); the BOS before the document
+    # (Llama 3's <|begin_of_text|>) makes its first token a target too: every byte is scored
     text = " ".join(w for w in _corpus(seed=5, lines=8).split(" ") if w.isascii())
     (tmp_path / "eval.txt").write_text(text, encoding="utf-8")
     capsys.readouterr()
     assert cli.main(["eval", "--weights", str(tmp_path / "init"), "--data", str(tmp_path / "eval.txt"), "--split",
                      "all", "--kernels", "reference", "--device", "cpu", "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
-    assert result["bits_per_byte"] > 0 and result["bytes"] == len(text.encode("utf-8")) - len(tok.decode(
-        tok.encode(text)[:1]))
+    assert result["bits_per_byte"] > 0 and result["bytes"] == len(text.encode("utf-8"))
+
+
+def test_pretrain_and_eval_on_a_bos_tokenizer_keep_each_document_bos_to_eos(tmp_path, monkeypatch, capsys):
+    """pretrain --init of a folder whose tokenizer prepends BOS (Llama 3's <|begin_of_text|>, id 0):
+    --document-mask's documents open at their BOS (the EOS closes the one before), in training, its
+    evaluations and eval of the run; the sample's prompt starts with the BOS, as transformers'
+    tokenizer(prompt), which the printed sample leaves out."""
+    from tritongpt import cli
+    from tritongpt.model.gpt import GPTModel
+    from tritongpt.train import generate as generate_mod
+
+    path, theirs, _ = llama_folder(tmp_path / "llama3", "llama3", context=64)
+    tok = get_tokenizer(path)
+    bos = tok.prepended_bos_id
+    assert bos == theirs.bos_token_id == 0
+    docs = [_corpus(seed=s, lines=1) for s in range(40)]
+    (tmp_path / "docs.txt").write_text("<|endoftext|>".join(docs), encoding="utf-8")
+    seen, prompts = [], []
+    forward, generate = GPTModel.forward, generate_mod.generate
+
+    def spy(self, idx, *args, doc_ids=None, **kw):
+        if kw.get("targets") is not None:
+            seen.append((idx.clone(), doc_ids))
+        return forward(self, idx, *args, doc_ids=doc_ids, **kw)
+
+    monkeypatch.setattr(GPTModel, "forward", spy)
+    monkeypatch.setattr(generate_mod, "generate", lambda m, idx, *a, **k: prompts.append(idx.tolist()) or
+                        generate(m, idx, *a, **k))
+    run, cache = tmp_path / "run", str(tmp_path / "cache")
+    assert cli.main(["pretrain", "--init", str(path), "--data", str(tmp_path / "docs.txt"), "--cache-dir", cache,
+                     "--out-dir", str(run), "--device", "cpu", "--kernels", "reference", "--block-size", "48",
+                     "--batch-size", "4", "--max-steps", "2", "--eval-every", "1", "--eval-batches", "1",
+                     "--document-mask", "--prompt", "the cat sat", "--sample-tokens", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "BOS before each document" in out and "<|begin_of_text|>" not in out
+    assert prompts == [[theirs("the cat sat")["input_ids"]]]
+    assert cli.main(["eval", "--weights", str(run), "--cache-dir", cache, "--kernels", "reference", "--device",
+                     "cpu", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["document_mask"] is True
+    assert "note:" not in capsys.readouterr().err
+    assert len(seen) >= 4
+    for idx, doc_ids in seen:  # training, its evaluations, then eval's windows
+        opens = doc_ids[:, 1:] != doc_ids[:, :-1]
+        assert torch.equal(opens, idx[:, 1:] == bos)
+        after_eos = idx[:, :-1] == tok.eot_id
+        assert (idx[:, 1:][after_eos] == bos).all()  # "BOS doc EOS BOS doc": the data as written
+    assert sum(int((idx[:, 1:] == bos).sum()) for idx, _ in seen) >= len(seen)  # windows hold documents' starts
+    # a run from before the BOS was written (its record has no bos_id): its held-out tail is not where it
+    # was, which eval says
+    from tritongpt.train import evaluate
+
+    own = evaluate.pretrain_data(run)
+    assert own["bos_id"] == bos
+    monkeypatch.setattr(evaluate, "pretrain_data", lambda w: {k: v for k, v in own.items() if k != "bos_id"})
+    assert cli.main(["eval", "--weights", str(run), "--cache-dir", cache, "--kernels", "reference", "--device",
+                     "cpu", "--json"]) == 0
+    assert "trained on these documents with no BOS before each, the tokenizer now puts BOS id 0" in \
+        capsys.readouterr().err
 
 
 def test_a_gpt2_folder_still_gets_bpe_tokenizer(tmp_path):

@@ -378,16 +378,17 @@ def test_torchrun_two_cpu_processes_runs_the_real_cli(corpus, tmp_path):
 # -- mutation pass: the resume note, the data checks' edges, the flags' edges -----------------------
 def test_a_resume_is_told_exactly_when_its_data_differ(capsys):
     """The data position records the source, its split and block, the tokenizer and the data's
-    hash; a resume notes any change, and not the hashes older checkpoints lack or recorded as
-    the joined text's."""
+    hash and the BOS before its documents; a resume notes any change, and not the hashes older
+    checkpoints lack or recorded as the joined text's. A checkpoint from before the BOS was recorded
+    had none (a change only for a tokenizer that prepends one)."""
     from tritongpt.train.pretrain import DataPosition
 
     tok = SimpleNamespace(hash="t" * 64)
-    splits = {"train": list(range(100)), "source_hash": "docs", "joined_hash": "joined"}
+    splits = {"train": list(range(100)), "source_hash": "docs", "joined_hash": "joined", "bos_id": None}
     pos = DataPosition(SimpleNamespace(data=None, text_field="text", document_mask=False), tok, 32, splits)
     saved = pos.state_dict()
     assert saved == {"source": "pydoc", "text_field": "text", "train_tokens": 100, "block_size": 32,
-                     "tokenizer_hash": "t" * 64, "source_hash": "docs", "document_mask": False}
+                     "tokenizer_hash": "t" * 64, "source_hash": "docs", "document_mask": False, "bos_id": None}
 
     def told(d):
         pos.load_state_dict(d)
@@ -396,9 +397,16 @@ def test_a_resume_is_told_exactly_when_its_data_differ(capsys):
     assert told(saved) == ""
     assert told({k: v for k, v in saved.items() if k != "source_hash"}) == ""   # before source_hash was kept
     assert told(dict(saved, source_hash="joined")) == ""                        # before documents were apart
-    for change in ({"train_tokens": 99}, {"tokenizer_hash": "u" * 64}, {"block_size": 24}, {"source_hash": "x"}):
+    assert told({k: v for k, v in saved.items() if k != "bos_id"}) == ""        # before the BOS was recorded
+    for change in ({"train_tokens": 99}, {"tokenizer_hash": "u" * 64}, {"block_size": 24}, {"source_hash": "x"},
+                   {"bos_id": 0}):
         assert "note: resuming on different data than the checkpoint's" in told(dict(saved, **change)), change
     assert "(pydoc, 100 tokens, block 24): batches will differ" in told(dict(saved, block_size=24))
+    # a run whose tokenizer prepends BOS (id 0), resumed from a checkpoint written before BOS was
+    pos = DataPosition(SimpleNamespace(data=None, text_field="text", document_mask=False), tok, 32,
+                       dict(splits, bos_id=0))
+    assert told(pos.state_dict()) == "" and pos.state_dict()["bos_id"] == 0
+    assert "note: resuming on different data" in told({k: v for k, v in pos.state_dict().items() if k != "bos_id"})
 
 
 def test_the_data_checks_at_their_edges(tmp_path, capsys):

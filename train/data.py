@@ -5,7 +5,8 @@ nanoGPT's recipe: the whole corpus becomes one flat array of token ids on disk (
 the vocabulary fits, else uint32), documents separated by <|endoftext|>; the last
 `val_fraction` of it is the validation split. A batch is `batch_size` random windows of
 `block_size + 1` tokens: x is the window minus its last token, y minus its first, so
-y[t] is the token that follows x[..t].
+y[t] is the token that follows x[..t]. A tokenizer whose own pipeline starts every text with a BOS
+(Gemma's, Llama 2's and 3's) gets it before each document too: "BOS doc1 EOS BOS doc2 ...".
 
 Sources (`iter_documents`, `load_documents`, `load_text`):
   None / "pydoc"  Python's own reference docs (pydoc_data.topics, ~465 KB of English),
@@ -292,8 +293,18 @@ def token_dtype(vocab_size: int):
     return np.uint16 if vocab_size <= 2**16 else np.uint32
 
 
+def document_bos(tokenizer) -> int | None:
+    """The BOS every document of a token file starts with: the tokenizer's prepended_bos_id (Gemma's,
+    Llama 2's and 3's own pipelines start every text with it, and the model saw it there), None for
+    tokenizers that prepend nothing (GPT-2's BPE, Qwen's)."""
+    return getattr(tokenizer, "prepended_bos_id", None)
+
+
 def _meta_matches(meta: dict, want: dict, bin_path: Path) -> bool:
-    keys = ("format", "source_hash", "tokenizer_hash", "vocab_size", "dtype")
+    # bos_id: HFTokenizer.hash leaves the post-processor out (it decides no text's ids), so the hash
+    # alone would take a file written without BOS for a tokenizer that prepends one; caches from
+    # before bos_id was recorded have none, as a GPT-2 tokenizer's file still has none
+    keys = ("format", "source_hash", "tokenizer_hash", "vocab_size", "dtype", "bos_id")
     if any(meta.get(k) != want[k] for k in keys):
         return False
     n = meta.get("n_tokens")
@@ -302,8 +313,12 @@ def _meta_matches(meta: dict, want: dict, bin_path: Path) -> bool:
 
 
 def _write_tokens(docs, tokenizer, bin_path: Path, dtype) -> int:
-    """Tokenise document by document, appending to a temporary file; returns the token count."""
+    """Tokenise document by document, appending to a temporary file; returns the token count.
+    Documents are separated by EOS; where the tokenizer prepends a BOS each one starts with it too
+    ("BOS doc1 EOS BOS doc2 ...": transformers' tokenizer(doc) + EOS, one after the other)."""
     eot = np.array([tokenizer.eot_id], dtype=dtype)
+    bos = document_bos(tokenizer)
+    lead = np.array([] if bos is None else [bos], dtype=dtype)
     tmp = bin_path.with_name(f".{bin_path.name}.{os.getpid()}.tmp")
     n = 0
     docs, first = iter(docs), True
@@ -314,6 +329,8 @@ def _write_tokens(docs, tokenizer, bin_path: Path, dtype) -> int:
                 if not first:
                     f.write(eot.tobytes())
                     n += 1
+                f.write(lead.tobytes())
+                n += len(lead)
                 f.write(np.asarray(ids, dtype=dtype).tobytes())
                 n += len(ids)
                 first = False
@@ -560,6 +577,12 @@ def _read_meta(meta_path: Path):
     return meta if isinstance(meta, dict) else None
 
 
+def _tokenizer_key(want: dict) -> str:
+    """The tokenizer's part of a default cache folder's name: its hash, and the BOS where it prepends one
+    (the same tokenizer.json with and without a BOS-prepending post-processor keep their own files)."""
+    return want["tokenizer_hash"][:16] + ("" if want["bos_id"] is None else f"-bos{want['bos_id']}")
+
+
 def _cache_by_stat(cache_dir, want: dict, stat: dict):
     """The cache made from the source as it stands now (`_source_stat`), found without reading the
     source: (folder, meta), or None. cache_dir=None looks in the tritongpt cache's folders for
@@ -569,7 +592,7 @@ def _cache_by_stat(cache_dir, want: dict, stat: dict):
     else:
         from tritongpt.train.tokenizer import default_cache_dir
 
-        folders = sorted((default_cache_dir() / "tokens").glob(f"*-{want['tokenizer_hash'][:16]}"))
+        folders = sorted((default_cache_dir() / "tokens").glob(f"*-{_tokenizer_key(want)}"))
     for folder in folders:
         meta = _read_meta(folder / "tokens.json")
         if meta and meta.get("source_stat") == stat and _meta_matches(
@@ -588,7 +611,7 @@ def _tokenise(src: dict, tokenizer, cache_dir, want: dict, verbose: bool):
     if cache_dir is None:
         from tritongpt.train.tokenizer import default_cache_dir
 
-        cache_dir = default_cache_dir() / "tokens" / f"{want['source_hash'][:16]}-{want['tokenizer_hash'][:16]}"
+        cache_dir = default_cache_dir() / "tokens" / f"{want['source_hash'][:16]}-{_tokenizer_key(want)}"
     cache_dir = Path(cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
     bin_path, meta_path = cache_dir / "tokens.bin", cache_dir / "tokens.json"
@@ -631,7 +654,7 @@ def prepare_tokens(source, tokenizer, cache_dir=None, val_fraction: float | None
     src = source if isinstance(source, dict) else {"source": source}
     dtype = token_dtype(tokenizer.vocab_size)
     want = {"format": META_FORMAT, "tokenizer_hash": tokenizer.hash, "vocab_size": tokenizer.vocab_size,
-            "dtype": np.dtype(dtype).name}
+            "dtype": np.dtype(dtype).name, "bos_id": document_bos(tokenizer)}
     stat = _source_stat(src)  # before any read: a file changed while it is read is read again next time
     found = _cache_by_stat(cache_dir, want, stat) if stat else None
     cache_dir, meta = found or _tokenise(src, tokenizer, cache_dir, want, verbose)
@@ -652,12 +675,20 @@ def prepare_tokens(source, tokenizer, cache_dir=None, val_fraction: float | None
 
 
 # -- batches --------------------------------------------------------------------------------------
-def document_ids(x, eot_id: int):
-    """[B, T] document ids of token windows: each <|endoftext|> opens a document, as the token
-    before every document in llm.c's and build-nanogpt's shards (and GPT-2 samples from it
-    alone): the eot itself is position 0 of the document after it, whose first token it
-    predicts, and the document before ends with the token that predicts the eot."""
-    return (x == eot_id).long().cumsum(1)
+def document_ids(x, eot_id: int, bos_id: int | None = None):
+    """[B, T] document ids of token windows. Without a BOS (GPT-2's files): each <|endoftext|>
+    opens a document, as the token before every document in llm.c's and build-nanogpt's shards
+    (and GPT-2 samples from it alone): the eot itself is position 0 of the document after it,
+    whose first token it predicts, and the document before ends with the token that predicts the eot.
+
+    bos_id: the file's documents are "BOS doc EOS" (a tokenizer that prepends BOS: meta's bos_id;
+    token ids read in place, a .bin or shards, record none and are split at the EOS as written).
+    Then the BOS opens a document and the EOS closes the one before: each document is BOS ... EOS,
+    with the BOS at position 0, as a packed Llama/Gemma sequence with reset positions has it and as
+    the model saw every text start. (Split at the EOS instead, the BOS would sit at position 1 of a
+    document opened by the EOS, a place it never held.) The EOS's target is the next BOS, predicted
+    from its own document alone."""
+    return (x == (eot_id if bos_id is None else bos_id)).long().cumsum(1)
 
 
 def get_batch(tokens, batch_size: int, block_size: int, generator: torch.Generator = None, device="cpu"):

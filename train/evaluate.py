@@ -48,10 +48,12 @@ def windows(n_tokens: int, context: int, stride: int):
 
 @torch.no_grad()
 def evaluate_tokens(model, tokens, stride=None, batch_size: int = 8, dtype=None, token_bytes=None,
-                    progress: bool = False, document_eot: int | None = None) -> dict:
+                    progress: bool = False, document_eot: int | None = None,
+                    document_bos: int | None = None) -> dict:
     """Score tokens (a 1-D integer array or tensor) with model; see the module docstring.
     dtype: the autocast dtype (bf16, fp16), or fp32 / None for none. document_eot: keep each
-    window's documents apart, split at this id, as `pretrain --document-mask` trains.
+    window's documents apart, split at this id, as `pretrain --document-mask` trains; document_bos:
+    the tokens' documents are "BOS doc EOS" (data.document_ids: each opened by its BOS).
 
     token_bytes(ids) -> how many UTF-8 bytes those ids spell (bits per byte needs it). The
     model's own loss is used (model(idx, targets=..., reduction="sum")), so the toggle's path
@@ -77,6 +79,8 @@ def evaluate_tokens(model, tokens, stride=None, batch_size: int = 8, dtype=None,
     start = time.perf_counter()
     try:
         for group in tqdm(batches, desc="eval", unit="batch", disable=not progress, file=sys.stderr):
+            # a window that starts mid-document gets no BOS of its own (as the usual sliding-window
+            # perplexity): its tokens are the file's, each document's BOS where the document starts
             idx = torch.stack([tokens[b:e] for b, e, _ in group])
             targets = torch.stack([tokens[b + 1:e + 1] for b, e, _ in group])
             for row, (b, _, first) in enumerate(group):
@@ -84,7 +88,7 @@ def evaluate_tokens(model, tokens, stride=None, batch_size: int = 8, dtype=None,
                 if token_bytes is not None:
                     n_bytes += token_bytes(targets[row, first - (b + 1):].tolist())
             scored += int((targets != -100).sum())
-            doc_ids = None if document_eot is None else document_ids(idx, document_eot).to(device)
+            doc_ids = None if document_eot is None else document_ids(idx, document_eot, document_bos).to(device)
             with autocast(device, dtype):
                 total += model(idx.to(device), targets=targets.to(device), reduction="sum", doc_ids=doc_ids).double()
     finally:
@@ -143,19 +147,26 @@ def cmd_eval(args):
         if args.data is not None or not run:
             raise
         raise UserError(f"{e}; it is the data the run of {args.weights} trained on: pass --data") from None
+    # the run's own data in the run's own tokenizer (td was made with tok, so the run's record is what tok must match)
+    own_tokens = bool(run) and td.meta["source_hash"] == run["source_hash"] and \
+        run.get("tokenizer_hash", tok.hash) == tok.hash
     if args.split == "all":
         tokens = td.head(args.max_tokens)
     elif td.tokens is None:  # a nanoGPT folder: its val.bin is the held-out split, a run's own too
         tokens = td.val
-    elif run and td.meta["source_hash"] == run["source_hash"] and run.get("tokenizer_hash", tok.hash) == tok.hash:
-        # the run's own data in the run's own tokens (td was made with tok, so the run's record is
-        # what tok must match): its own split, unless --val-fraction asks for another
+    elif own_tokens and run.get("bos_id") == td.meta.get("bos_id"):
+        # ... and its documents' BOS as the run's: its own split, unless --val-fraction asks for another
         start = run["train_tokens"] if args.val_fraction is None else len(td.train)
         tokens = td.tokens[start:]
         if start < run["train_tokens"]:
             note(f"this val split starts at token {start:,}, inside the {run['train_tokens']:,} tokens "
                  "the model was trained on; without --val-fraction eval scores the run's own held-out tail")
     else:
+        if own_tokens:
+            then, now = ("no BOS" if i is None else f"BOS id {i}" for i in (run.get("bos_id"), td.meta.get("bos_id")))
+            note(f"the run of {args.weights} trained on these documents with {then} before each, the tokenizer now "
+                 f"puts {now} (runs from before tritongpt wrote a BOS had none): its held-out tail is not where it "
+                 f"was, so the last {fraction:g} is scored")
         tokens = td.val
         if not len(td.train):
             raise UserError(f"--val-fraction {fraction} leaves no tokens before the val split: use --split all")
@@ -173,7 +184,7 @@ def cmd_eval(args):
     document_mask = bool(run and run.get("document_mask")) if args.document_mask is None else args.document_mask
     result = evaluate_tokens(model, torch.from_numpy(tokens.astype("int64")), args.stride, args.batch_size,
                              pick_dtype(args.dtype, device), text_bytes, progress=not args.json,
-                             document_eot=tok.eot_id if document_mask else None)
+                             document_eot=tok.eot_id if document_mask else None, document_bos=td.meta.get("bos_id"))
     result.update(weights=str(args.weights), data=str(source or "pydoc"), split=args.split,
                   document_mask=document_mask,
                   tokenizer=tok.name, context=model.config.context_length,

@@ -59,8 +59,9 @@ class HFTokenizer(TokenizerChecks):
 
     encode never adds BOS/EOS (add_special_tokens=False): a Llama's own pipeline adds what its
     post_processor says (Llama 2 and TinyLlama prepend <s>, Llama 3 <|begin_of_text|>, SmolLM
-    nothing); tritongpt's data, prompts and chats hold only the text's ids and the EOS it adds
-    itself between documents and after answers, as with our BPE.
+    nothing); tritongpt's data, prompts and chats hold the text's ids, the EOS it adds itself between
+    documents and after answers, as with our BPE, and the BOS where prepended_bos_id says the
+    pipeline adds one (formats.with_bos, data._write_tokens).
     """
 
     def __init__(self, spec: dict, eos_token: str | None = None, bos_token: str | None = None, name: str = "hf",
@@ -145,8 +146,8 @@ class HFTokenizer(TokenizerChecks):
     def prepended_bos_id(self) -> int | None:
         """The BOS id when this tokenizer's own pipeline (its post_processor: Gemma's, Llama 2's and 3's,
         TinyLlama's) starts every text with it, else None. transformers' tokenizer(text) adds it and
-        our encode never does; `generate` puts it before a prompt, as the model always saw one there
-        (Gemma's text without it is much worse)."""
+        our encode never does; `generate` puts it before a prompt and pretraining data before each
+        document, as the model always saw one there (Gemma's text without it is much worse)."""
         if self.bos_token is None:
             return None
         if self._prepended_bos[0] != self.bos_token:  # asked once per BOS spelling (from_hf_folder sets it late)

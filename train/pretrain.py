@@ -160,15 +160,16 @@ class DataPosition:
         # document_mask: eval scores the run's windows as it trained on them
         return {"source": self.source, "text_field": self.text_field, "train_tokens": len(self.splits["train"]),
                 "block_size": self.block, "tokenizer_hash": self.tok.hash, "source_hash": self.splits["source_hash"],
-                "document_mask": self.document_mask}
+                "document_mask": self.document_mask, "bos_id": self.splits["bos_id"]}
 
     def load_state_dict(self, d):
         # checkpoints from before source_hash was recorded are compared without it, and
         # those from before documents were hashed apart by the joined text's hash
         mine = self.splits["source_hash"]
         same_source = d.get("source_hash", mine) in (mine, self.splits["joined_hash"])
-        theirs = (d.get("train_tokens"), d.get("tokenizer_hash"), d.get("block_size"))
-        if theirs != (len(self.splits["train"]), self.tok.hash, self.block) or not same_source:
+        # bos_id: checkpoints from before it was recorded were trained without one
+        theirs = (d.get("train_tokens"), d.get("tokenizer_hash"), d.get("block_size"), d.get("bos_id"))
+        if theirs != (len(self.splits["train"]), self.tok.hash, self.block, self.splits["bos_id"]) or not same_source:
             note(f"resuming on different data than the checkpoint's ({d.get('source')}, "
                  f"{d.get('train_tokens')} tokens, block {d.get('block_size')}): batches will differ")
 
@@ -186,6 +187,7 @@ def check_args(args, targs):
     from tritongpt.model.config import get_config
     from tritongpt.model.gpt import GPTModel
     from tritongpt.train import common, data
+    from tritongpt.train.formats import with_bos
     from tritongpt.train.generate import check_sampling
     from tritongpt.train.sft import load_init_model, pick_tokenizer
     from tritongpt.train.tokenizer import get_tokenizer
@@ -282,7 +284,8 @@ def check_args(args, targs):
         raise UserError(f"--block-size must be positive, got {block}")
     if block > context:
         raise UserError(f"--block-size {block} is longer than {model_name(args)}'s context length {context}")
-    prompt_ids = tok.encode(args.prompt, allowed_special="all") or [tok.eot_id]
+    # a Gemma's or Llama's tokenizer starts every text with BOS, as each document of the data does
+    prompt_ids = with_bos(tok, tok.encode(args.prompt, allowed_special="all")) or [tok.eot_id]
     if len(prompt_ids) > context:
         raise UserError(f"--prompt is {len(prompt_ids)} tokens; the context is {context}")
     return model, tok, block, prompt_ids
@@ -394,7 +397,8 @@ def load_splits(args, tok, block, batch_size, trainer) -> dict:
         note(f"the validation split ({n_val} tokens) is shorter than one block of {block}: "
              "evaluating on training windows")
     return dict(train=tokens.train, val=tokens.val, eval="val" if n_val >= block + 1 else "train",
-                source_hash=tokens.meta["source_hash"], joined_hash=tokens.meta.get("joined_hash"))
+                source_hash=tokens.meta["source_hash"], joined_hash=tokens.meta.get("joined_hash"),
+                bos_id=tokens.meta.get("bos_id"))
 
 
 def print_header(args, targs, model, tok, block, splits, trainer):
@@ -427,7 +431,8 @@ def print_header(args, targs, model, tok, block, splits, trainer):
           f"{', ' + str(trainer.world_size) + ' processes' if trainer.ddp else ''})")
     per_step = targs.batch_size * targs.grad_accum * trainer.world_size
     print(f"data: {args.data or 'the pydoc corpus'}: {n_train:,} training + {n_val:,} validation tokens "
-          f"({tok.name} tokenizer); {targs.max_steps} steps x {per_step} x {block} tokens"
+          f"({tok.name} tokenizer{', BOS before each document' if splits['bos_id'] is not None else ''}); "
+          f"{targs.max_steps} steps x {per_step} x {block} tokens"
           f"{', documents kept apart' if args.document_mask else ''}")
     options = lm_loss_text(vars(args))
     if options:  # the logged train loss is then the objective, not the cross-entropy val_loss reports
@@ -457,7 +462,7 @@ def pretrain(args) -> dict:
 
     def loss_fn(m, batch, **options):
         x, y = batch
-        doc_ids = data.document_ids(x, tok.eot_id) if args.document_mask else None
+        doc_ids = data.document_ids(x, tok.eot_id, splits["bos_id"]) if args.document_mask else None
         # the model computes its loss: the toggle covers the loss kernel too
         return m(x, targets=y, doc_ids=doc_ids, **options)
 
@@ -469,7 +474,8 @@ def pretrain(args) -> dict:
         gen = torch.Generator(device=trainer.device).manual_seed(targs.seed)
         out = generate(m, idx, args.sample_tokens, temperature=args.temperature, top_k=args.top_k,
                        generator=gen)  # KV cache on
-        return tok.decode(out[0].tolist())
+        row = out[0].tolist()
+        return tok.decode(row[1:] if row[0] == data.document_bos(tok) else row)  # the BOS not printed, as generate
 
     eval_fn = loss_eval_fn(loss_fn, get_eval_batch, targs.eval_batches, seed=targs.seed + 10_000)
     shared = hellaswag_eval_fn(lambda: hellaswag_examples(args), tok) if args.hellaswag else None
