@@ -251,3 +251,57 @@ def test_a_digit_string_label_with_spaces_is_read_as_its_index(tmp_path):
     path = tmp_path / "h.jsonl"
     path.write_text(json.dumps({"ctx": "A man", "endings": ["runs.", "sits.", "eats."], "label": " 2\n"}) + "\n")
     assert hellaswag.read_examples(path)[0]["label"] == 2
+
+
+@pytest.fixture(scope="module")
+def bos_tok():
+    """A Llama 2-style tokenizer whose own pipeline prepends <s> (id 1), and the tokenizers.Tokenizer itself."""
+    pytest.importorskip("tokenizers")
+    from test_hf_tokenizer import build_tokenizer
+    from tritongpt.train.hf_tokenizer import HFTokenizer
+
+    raw = build_tokenizer("sentencepiece")
+    tok = HFTokenizer(json.loads(raw.to_str()), eos_token="</s>", bos_token="<s>", name="llama2ish")
+    assert tok.prepended_bos_id == 1
+    return tok, raw
+
+
+def test_a_tokenizer_that_prepends_bos_gets_it_before_each_context(bos_tok):
+    """Each row is transformers' tokenizer(ctx) (BOS first) + the ending's ids; only the ending's tokens are
+    counted, at the places the BOS moved them to; the scores are those of each ending run alone after BOS +
+    context through the float64 model. A row past the context keeps its last tokens (the BOS goes first)."""
+    tok, raw = bos_tok
+    seed = int(torch.randint(1 << 30, (1,)))
+    examples = random_examples(12, seed=seed)
+    torch.manual_seed(seed)
+    model = GPTModel(GPTConfig(vocab_size=tok.vocab_size, context_length=128, n_embd=32, n_layer=2, n_head=2))
+    model64 = GPTModel(model.config).double().eval()
+    model64.load_state_dict(model.state_dict())
+    want = []
+    for ex in examples:
+        ctx = raw.encode(ex["ctx"], add_special_tokens=True).ids
+        assert ctx[0] == 1 and 1 not in ctx[1:]
+        inputs, targets = hellaswag.render(ex, tok, context=128)
+        sums, means = [], []
+        for i, ending in enumerate(ex["endings"]):
+            end = raw.encode(" " + ending, add_special_tokens=False).ids
+            row = ctx + end
+            assert len(row) <= 129
+            assert inputs[i, :len(row) - 1].tolist() == row[:-1]
+            assert targets[i, len(ctx) - 1:len(row) - 1].tolist() == end
+            assert targets[i, :len(ctx) - 1].eq(-100).all() and targets[i, len(row) - 1:].eq(-100).all()
+            with torch.no_grad():
+                logp = torch.log_softmax(model64(torch.tensor([row[:-1]])), dim=-1)[0]
+            nll = -logp[torch.arange(len(row) - 1), torch.tensor(row[1:])][-len(end):]
+            sums.append(float(nll.sum()))
+            means.append(float(nll.mean()))
+        want.append(torch.tensor([sums, means], dtype=torch.float64))
+    got = torch.stack([torch.stack(pair) for pair in hellaswag.ending_losses(model, tok, examples, 5)])
+    ref = torch.stack(want)
+    assert float((got - ref).norm() / ref.norm()) < 1e-5 and float((got - ref).abs().max()) < 1e-4
+    # a row past the context: its last tokens, the BOS cut with the context's head
+    ex = {"ctx": "the cat sat on a mat while dogs ran far away", "endings": ["home", "the river bank"], "label": 0}
+    inputs, targets = hellaswag.render(ex, tok, context=6)
+    end = raw.encode(" the river bank", add_special_tokens=False).ids
+    row = (raw.encode(ex["ctx"], add_special_tokens=True).ids + end)[-7:]
+    assert inputs[1].tolist() == row[:-1] and targets[1][targets[1] != -100].tolist() == end[-6:]

@@ -12,7 +12,9 @@ its answer (nothing to parse, so even a small model gets a number that moves):
 
 An example is one row per ending: context + " " + ending, with only the ending's targets
 counted; --batch-size examples go through one forward, right-padded. A row longer than the
-model's context keeps its last tokens.
+model's context keeps its last tokens. A tokenizer whose own pipeline starts every text with a BOS
+(Gemma's, Llama 2's and 3's) gets it before the context, as transformers' tokenizer(ctx) gives it
+(Gemma without it is much worse).
 """
 import json
 import sys
@@ -78,8 +80,10 @@ def read_examples(path) -> list:
 
 def render(example: dict, tok, context: int):
     """The rows of one example: (inputs [E, T], targets [E, T]) with -100 wherever a target is
-    not one of the ending's tokens (the context, the padding)."""
-    ctx = tok.encode(example["ctx"], allowed_special="none")
+    not one of the ending's tokens (the BOS, the context, the padding)."""
+    from tritongpt.train.formats import with_bos
+
+    ctx = with_bos(tok, tok.encode(example["ctx"], allowed_special="none"))
     rows, starts = [], []
     for ending in example["endings"]:
         end = tok.encode(" " + ending, allowed_special="none")  # endings follow the context after a space
