@@ -47,18 +47,11 @@ from tritongpt._env import triton_interpreting
 from tritongpt._types import is_int, loss_options, softcap_value
 from tritongpt.kernels._common import (autocast_dtype, cast, check_runnable, check_same_device, check_same_dtype,
                                        check_tensor, first_order_only, no_func_transform,
-                                       on_tensor_device)
+                                       on_tensor_device, tanh)
 
 INTERPRET = triton_interpreting()
 # exp(x) = exp2(x * log2(e)): exp2 is one MUFU instruction
 LOG2E = tl.constexpr(1.4426950408889634)
-
-
-@triton.jit
-def _tanh(u):
-    """tanh(u) as 2 sigmoid(2u) - 1 (tl has no tanh of its own that the interpreter runs too): exact
-    in the limits, and off by ~1e-7 absolute near 0, fp32's rounding of numbers near 1."""
-    return 2.0 * tl.sigmoid(2.0 * u) - 1.0
 
 
 @triton.jit
@@ -84,7 +77,7 @@ def _ce_fwd_kernel(X, T, Loss, RowMax, LogSum, stride_x, N, V, W, ignore_index, 
         # vectors; the padding columns are then set to -inf
         x = tl.load(x_rows + start + cols, mask=start + cols < W, other=float("-inf")).to(tl.float32)
         if HAS_CAP:
-            x = softcap * _tanh(x / softcap)
+            x = softcap * tanh(x / softcap)
         x = tl.where(start + cols < V, x, float("-inf"))
         m_new = tl.maximum(m, x)
         # A lane that has seen only -inf (past V, or -inf logits) rescales by a finite stand-in,
@@ -104,7 +97,7 @@ def _ce_fwd_kernel(X, T, Loss, RowMax, LogSum, stride_x, N, V, W, ignore_index, 
     known = (target >= 0) & (target < V)
     x_t = tl.load(X + rows.to(tl.int64) * stride_x + target, mask=counted & known, other=0.0).to(tl.float32)
     if HAS_CAP:
-        x_t = softcap * _tanh(x_t / softcap)
+        x_t = softcap * tanh(x_t / softcap)
     # (m - x_t) + log S, not (m + log S) - x_t: a confident right answer (x_t = m, S just above
     # 1) then keeps its small loss to fp32 precision instead of losing it to the size of m.
     loss = (m_row - x_t) + log_s
@@ -146,7 +139,7 @@ def _ce_bwd_kernel(X, T, RowMax, LogSum, G, DX, stride_x, stride_dx, N, V, W, ig
         mask = row_ok[:, None] & (start + cols < W)
         x = tl.load(X + rows64 * stride_x + start + cols, mask=mask, other=0.0).to(tl.float32)
         if HAS_CAP:
-            u = _tanh(x / softcap)
+            u = tanh(x / softcap)
             x = softcap * u
         p = tl.exp2(((x - m[:, None]) - log_s[:, None]) * LOG2E)
         if HAS_Z:
