@@ -58,12 +58,18 @@ Algorithm (Dao, "FlashAttention-2", 2023). Per (batch, head), with S = scale * Q
   head dim  16, 32, 64, 80, 96, 128, 256; 80 and 96 are padded to 128 inside the kernel with masks.
             256 (Gemma's heads) autotunes over tiles of its own (TILES, tile_group): smaller, 2
             stages, so that its K/V tiles fit 99 KB of shared memory and its accumulators do not spill.
+  softcap   (softcap=c, Gemma 2's attention logits) each scaled score is capped before the masks
+            and the softmax: s_c = c tanh(s / c); in base 2, (c log2 e) t with t = tanh(scale q.k / c),
+            and the saved L is the logsumexp of the capped scores. Backward recomputes t with S in
+            both passes (nothing more is stored): P from the capped S and L as above, dS_c =
+            P * (dP - Delta) is the gradient of the capped score, and dS = dS_c * (1 - t^2) goes
+            on into dQ and dK. A constexpr flag (HAS_SOFTCAP): without a cap the kernels are as before.
   NaN/inf   in q or k behave as in PyTorch; a NaN in v reaches the rows whose visited KV tiles
             hold it (PyTorch's P @ V spreads it to every row, 0 * NaN; exact math, to the rows
             that attend to it).
 
 Public API: `flash_attention(q, k, v, causal=True, softmax_scale=None, dropout_p=0.0, seed=None,
-doc_ids=None, window=None)`, `document_bounds(doc_ids)`, `window_bounds(window, Tk, ...)` and
+doc_ids=None, window=None, softcap=None)`, `document_bounds(doc_ids)`, `window_bounds(window, Tk, ...)` and
 `dropout_mask(seed, B, H, Tq, Tk, p, device)`.
 The kernels are registered as the custom ops `tritongpt::flash_attn_fwd` /
 `tritongpt::flash_attn_bwd` (fake impls + register_autograd, which plays the role of the
@@ -80,7 +86,7 @@ from tritongpt._env import triton_interpreting
 from tritongpt._types import is_int, is_real
 from tritongpt.kernels._common import (autocast_dtype, autotuned, cast, check_runnable, check_same_device,
                                        check_same_dtype, check_tensor, dot, first_order_only, no_func_transform,
-                                       on_tensor_device)
+                                       on_tensor_device, tanh)
 
 MAX_GRID_YZ = 65535  # CUDA's limit on a grid's y and z sizes, where the heads and sequences go
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 80, 96, 128, 256)  # 16: tiny models, tl.dot needs K >= 16; 256: Gemma
@@ -126,18 +132,34 @@ def _dropout_keep(seed, rng_base, rows, cols, Tk, dropout_p):
     return tl.rand(seed, offsets) >= dropout_p
 
 
+@triton.jit
+def _scores(q, k, qk_scale, softcap, PRECISION: tl.constexpr, HAS_SOFTCAP: tl.constexpr):
+    """Base-2 scores of a tile, q k * scale * log2(e), soft-capped with HAS_SOFTCAP: (c log2 e) * t,
+    t = tanh(scale q k / c) (softcap is c log2 e, so scale / c = qk_scale / softcap). -> (s, t);
+    backward takes the cap's slope 1 - t^2 from t (t is s itself without the cap, then unused)."""
+    qk = dot(q, k, None, PRECISION)
+    if HAS_SOFTCAP:
+        t = tanh(qk * (qk_scale / softcap))
+        s = softcap * t
+    else:
+        s = qk * qk_scale
+        t = s
+    return s, t
+
+
 # ----------------------------------------------------------------------------- forward
 @triton.jit
 def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, offs_m, offs_d, q_start,
-               lo, hi, Tq, Tk, qk_scale, seed, rng_base, dropout_p, keep_scale,
+               lo, hi, Tq, Tk, qk_scale, softcap, seed, rng_base, dropout_p, keep_scale,
                HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
                MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-               HAS_DOCS: tl.constexpr, PRECISION: tl.constexpr):
+               HAS_DOCS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, PRECISION: tl.constexpr):
     """Stream KV tiles [lo, hi) past one query tile (online softmax, base-2 logits)."""
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         k = _load_rows(k_base, offs_n, Tk, stride_kn, offs_d, HEAD_DIM, BLOCK_D)
-        s = dot(q, tl.trans(k), None, PRECISION) * qk_scale
+        s, _ = _scores(q, tl.trans(k), qk_scale, softcap, PRECISION, HAS_SOFTCAP)
+        # masked after the cap: a masked score is -inf whatever the cap
         if MASKED:  # only tiles on the diagonal, the ragged end of K or a document start pay for this
             valid = offs_n[None, :] < Tk
             if IS_CAUSAL:
@@ -195,13 +217,13 @@ def _doc_tile_range(starts, offs_m, Tq, Tk, full_hi, BLOCK_N: tl.constexpr):
 
 
 @triton.jit(do_not_specialize=["seed", "H"])
-def _attn_fwd(Q, K, V, O, LSE, STARTS, seed, qk_scale, dropout_p, keep_scale,
+def _attn_fwd(Q, K, V, O, LSE, STARTS, seed, qk_scale, softcap, dropout_p, keep_scale,
               stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
               stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_om, stride_sb,
               H, GROUP, Tq, Tk, Q_BUCKET,
               HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
               IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr, HAS_DOCS: tl.constexpr,
-              PRECISION: tl.constexpr):
+              HAS_SOFTCAP: tl.constexpr, PRECISION: tl.constexpr):
     """Grid (cdiv(Tq, BLOCK_M), H, B). Writes O and the base-2 logsumexp of the scaled scores.
     Query head h reads KV head h // GROUP (GROUP = H / Hkv query heads share one)."""
     start_m = tl.program_id(0) * BLOCK_M
@@ -225,16 +247,19 @@ def _attn_fwd(Q, K, V, O, LSE, STARTS, seed, qk_scale, dropout_p, keep_scale,
     if HAS_DOCS:  # KV tiles before the first row's document are skipped; [lo, mid) straddle a start
         q_start, lo, mid = _doc_tile_range(STARTS + b * stride_sb, offs_m, Tq, Tk, full_hi, BLOCK_N)
         acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, offs_m, offs_d,
-                                   q_start, lo, mid, Tq, Tk, qk_scale, seed, rng_base, dropout_p, keep_scale,
-                                   HEAD_DIM, BLOCK_D, BLOCK_N, True, IS_CAUSAL, HAS_DROPOUT, HAS_DOCS, PRECISION)
+                                   q_start, lo, mid, Tq, Tk, qk_scale, softcap, seed, rng_base, dropout_p, keep_scale,
+                                   HEAD_DIM, BLOCK_D, BLOCK_N, True, IS_CAUSAL, HAS_DROPOUT, HAS_DOCS,
+                                   HAS_SOFTCAP, PRECISION)
     else:
         q_start, mid = offs_m, 0
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, offs_m, offs_d,
-                               q_start, mid, full_hi, Tq, Tk, qk_scale, seed, rng_base, dropout_p, keep_scale,
-                               HEAD_DIM, BLOCK_D, BLOCK_N, False, IS_CAUSAL, HAS_DROPOUT, HAS_DOCS, PRECISION)
+                               q_start, mid, full_hi, Tq, Tk, qk_scale, softcap, seed, rng_base, dropout_p, keep_scale,
+                               HEAD_DIM, BLOCK_D, BLOCK_N, False, IS_CAUSAL, HAS_DROPOUT, HAS_DOCS,
+                               HAS_SOFTCAP, PRECISION)
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, offs_m, offs_d,
-                               q_start, full_hi, hi, Tq, Tk, qk_scale, seed, rng_base, dropout_p, keep_scale,
-                               HEAD_DIM, BLOCK_D, BLOCK_N, True, IS_CAUSAL, HAS_DROPOUT, HAS_DOCS, PRECISION)
+                               q_start, full_hi, hi, Tq, Tk, qk_scale, softcap, seed, rng_base, dropout_p, keep_scale,
+                               HEAD_DIM, BLOCK_D, BLOCK_N, True, IS_CAUSAL, HAS_DROPOUT, HAS_DOCS,
+                               HAS_SOFTCAP, PRECISION)
 
     acc = acc / l_i[:, None]
     _store_rows(o_base, acc, offs_m, Tq, stride_om, offs_d, HEAD_DIM, BLOCK_D)
@@ -259,10 +284,10 @@ def _attn_bwd_preprocess(O, DO, Delta, stride_ob, stride_oh, stride_om, stride_d
 
 @triton.jit
 def _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_ptr, delta_ptr, starts, stride_qm, stride_dom,
-                    offs_n, offs_d, lo, hi, Tq, Tk, qk_scale, seed, rng_base, dropout_p, keep_scale,
+                    offs_n, offs_d, lo, hi, Tq, Tk, qk_scale, softcap, seed, rng_base, dropout_p, keep_scale,
                     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
                     MASKED: tl.constexpr, HAS_DROPOUT: tl.constexpr, HAS_DOCS: tl.constexpr,
-                    PRECISION: tl.constexpr):
+                    HAS_SOFTCAP: tl.constexpr, PRECISION: tl.constexpr):
     """Stream query tiles [lo, hi) past one key tile; work in the transposed [BLOCK_N, BLOCK_M] frame."""
     for start_m in range(lo, hi, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
@@ -271,7 +296,7 @@ def _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_ptr, delta_ptr, starts, s
         # Rows past Tq load q = dO = 0, L = Delta = 0: their P is finite and their dS is 0.
         lse = tl.load(lse_ptr + offs_m, mask=offs_m < Tq, other=0.0)
         delta = tl.load(delta_ptr + offs_m, mask=offs_m < Tq, other=0.0)
-        s_t = dot(k, tl.trans(q), None, PRECISION) * qk_scale
+        s_t, t_t = _scores(k, tl.trans(q), qk_scale, softcap, PRECISION, HAS_SOFTCAP)
         p_t = tl.exp2(s_t - lse[None, :])
         if MASKED:  # causal diagonal or document-end tiles only (loop bounds guarantee IS_CAUSAL here)
             visible = offs_n[:, None] <= offs_m[None, :] + (Tk - Tq)
@@ -287,20 +312,22 @@ def _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_ptr, delta_ptr, starts, s
         else:
             pd_t = p_t
         dv = dot(cast(pd_t, do.dtype), do, dv, PRECISION)
-        ds_t = p_t * (dp_t - delta[None, :])
+        ds_t = p_t * (dp_t - delta[None, :])  # the gradient of the capped score
+        if HAS_SOFTCAP:
+            ds_t = ds_t * (1.0 - t_t * t_t)  # through the cap: d(c tanh(x / c))/dx
         dk = dot(cast(ds_t, q.dtype), q, dk, PRECISION)
     return dk, dv
 
 
 @triton.jit(do_not_specialize=["seed", "H"])
-def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, Delta, STARTS, ENDS, seed, qk_scale, sm_scale, dropout_p, keep_scale,
-                   stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
+def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, Delta, STARTS, ENDS, seed, qk_scale, softcap, sm_scale, dropout_p,
+                   keep_scale, stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
                    stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_dom, stride_sb,
                    stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh, stride_dvn,
                    H, GROUP, Tq, Tk, Q_BUCKET,
                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                    IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr, HAS_DOCS: tl.constexpr,
-                   PRECISION: tl.constexpr):
+                   HAS_SOFTCAP: tl.constexpr, PRECISION: tl.constexpr):
     """Grid (cdiv(Tk, BLOCK_N), Hkv, B). dV = P'^T dO, dK = scale * dS^T Q for one key tile of KV
     head kv_h, summed over the GROUP query heads that read it (kv_h * GROUP + g)."""
     start_n = tl.program_id(0) * BLOCK_N
@@ -348,16 +375,18 @@ def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, Delta, STARTS, ENDS, seed, qk_scale
         delta_ptr = Delta + bh * Tq
         rng_base = bh * Tq * Tk
         dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_ptr, delta_ptr, starts, stride_qm, stride_dom,
-                                 offs_n, offs_d, lo, full_lo, Tq, Tk, qk_scale, seed, rng_base, dropout_p,
-                                 keep_scale, HEAD_DIM, BLOCK_D, BLOCK_M, True, HAS_DROPOUT, HAS_DOCS, PRECISION)
+                                 offs_n, offs_d, lo, full_lo, Tq, Tk, qk_scale, softcap, seed, rng_base, dropout_p,
+                                 keep_scale, HEAD_DIM, BLOCK_D, BLOCK_M, True, HAS_DROPOUT, HAS_DOCS,
+                                 HAS_SOFTCAP, PRECISION)
         dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_ptr, delta_ptr, starts, stride_qm, stride_dom,
-                                 offs_n, offs_d, full_lo, full_hi, Tq, Tk, qk_scale, seed, rng_base, dropout_p,
-                                 keep_scale, HEAD_DIM, BLOCK_D, BLOCK_M, False, HAS_DROPOUT, HAS_DOCS, PRECISION)
+                                 offs_n, offs_d, full_lo, full_hi, Tq, Tk, qk_scale, softcap, seed, rng_base, dropout_p,
+                                 keep_scale, HEAD_DIM, BLOCK_D, BLOCK_M, False, HAS_DROPOUT, HAS_DOCS,
+                                 HAS_SOFTCAP, PRECISION)
         if HAS_DOCS:
             dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_ptr, delta_ptr, starts, stride_qm,
-                                     stride_dom, offs_n, offs_d, full_hi, hi, Tq, Tk, qk_scale, seed, rng_base,
+                                     stride_dom, offs_n, offs_d, full_hi, hi, Tq, Tk, qk_scale, softcap, seed, rng_base,
                                      dropout_p, keep_scale, HEAD_DIM, BLOCK_D, BLOCK_M, True, HAS_DROPOUT, HAS_DOCS,
-                                     PRECISION)
+                                     HAS_SOFTCAP, PRECISION)
 
     _store_rows(DK + b * stride_dkb + kv_h * stride_dkh, dk * sm_scale, offs_n, Tk, stride_dkn, offs_d,
                 HEAD_DIM, BLOCK_D)
@@ -366,16 +395,16 @@ def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, Delta, STARTS, ENDS, seed, qk_scale
 
 @triton.jit
 def _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn, offs_m, offs_d, q_start,
-                  lo, hi, Tq, Tk, qk_scale, seed, rng_base, dropout_p, keep_scale,
+                  lo, hi, Tq, Tk, qk_scale, softcap, seed, rng_base, dropout_p, keep_scale,
                   HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
                   MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-                  HAS_DOCS: tl.constexpr, PRECISION: tl.constexpr):
+                  HAS_DOCS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, PRECISION: tl.constexpr):
     """Stream KV tiles [lo, hi) past one query tile, accumulating dS K."""
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         k = _load_rows(k_base, offs_n, Tk, stride_kn, offs_d, HEAD_DIM, BLOCK_D)
         v = _load_rows(v_base, offs_n, Tk, stride_vn, offs_d, HEAD_DIM, BLOCK_D)
-        s = dot(q, tl.trans(k), None, PRECISION) * qk_scale
+        s, t = _scores(q, tl.trans(k), qk_scale, softcap, PRECISION, HAS_SOFTCAP)
         p = tl.exp2(s - lse[:, None])
         if MASKED:
             valid = offs_n[None, :] < Tk
@@ -389,19 +418,21 @@ def _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn, o
             keep = _dropout_keep(seed, rng_base, offs_m[:, None], offs_n[None, :], Tk, dropout_p)
             dp = tl.where(keep, dp * keep_scale, 0.0)
         ds = p * (dp - delta[:, None])
+        if HAS_SOFTCAP:
+            ds = ds * (1.0 - t * t)
         dq = dot(cast(ds, k.dtype), k, dq, PRECISION)
     return dq
 
 
 @triton.jit(do_not_specialize=["seed", "H"])
-def _attn_bwd_dq(Q, K, V, DO, DQ, LSE, Delta, STARTS, ENDS, seed, qk_scale, sm_scale, dropout_p, keep_scale,
+def _attn_bwd_dq(Q, K, V, DO, DQ, LSE, Delta, STARTS, ENDS, seed, qk_scale, softcap, sm_scale, dropout_p, keep_scale,
                  stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
                  stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_dom, stride_sb,
                  stride_dqb, stride_dqh, stride_dqm,
                  H, GROUP, Tq, Tk, Q_BUCKET,
                  HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                  IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr, HAS_DOCS: tl.constexpr,
-                 PRECISION: tl.constexpr):
+                 HAS_SOFTCAP: tl.constexpr, PRECISION: tl.constexpr):
     """Grid (cdiv(Tq, BLOCK_M), H, B). dQ = scale * dS K for one query tile; same KV skipping as forward."""
     start_m = tl.program_id(0) * BLOCK_M
     h, b = tl.program_id(1).to(tl.int64), tl.program_id(2).to(tl.int64)
@@ -422,16 +453,19 @@ def _attn_bwd_dq(Q, K, V, DO, DQ, LSE, Delta, STARTS, ENDS, seed, qk_scale, sm_s
     if HAS_DOCS:
         q_start, lo, mid = _doc_tile_range(STARTS + b * stride_sb, offs_m, Tq, Tk, full_hi, BLOCK_N)
         dq = _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn, offs_m, offs_d,
-                           q_start, lo, mid, Tq, Tk, qk_scale, seed, rng_base, dropout_p, keep_scale,
-                           HEAD_DIM, BLOCK_D, BLOCK_N, True, IS_CAUSAL, HAS_DROPOUT, HAS_DOCS, PRECISION)
+                           q_start, lo, mid, Tq, Tk, qk_scale, softcap, seed, rng_base, dropout_p, keep_scale,
+                           HEAD_DIM, BLOCK_D, BLOCK_N, True, IS_CAUSAL, HAS_DROPOUT, HAS_DOCS,
+                           HAS_SOFTCAP, PRECISION)
     else:
         q_start, mid = offs_m, 0
     dq = _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn, offs_m, offs_d,
-                       q_start, mid, full_hi, Tq, Tk, qk_scale, seed, rng_base, dropout_p, keep_scale,
-                       HEAD_DIM, BLOCK_D, BLOCK_N, False, IS_CAUSAL, HAS_DROPOUT, HAS_DOCS, PRECISION)
+                       q_start, mid, full_hi, Tq, Tk, qk_scale, softcap, seed, rng_base, dropout_p, keep_scale,
+                       HEAD_DIM, BLOCK_D, BLOCK_N, False, IS_CAUSAL, HAS_DROPOUT, HAS_DOCS,
+                       HAS_SOFTCAP, PRECISION)
     dq = _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn, offs_m, offs_d,
-                       q_start, full_hi, hi, Tq, Tk, qk_scale, seed, rng_base, dropout_p, keep_scale,
-                       HEAD_DIM, BLOCK_D, BLOCK_N, True, IS_CAUSAL, HAS_DROPOUT, HAS_DOCS, PRECISION)
+                       q_start, full_hi, hi, Tq, Tk, qk_scale, softcap, seed, rng_base, dropout_p, keep_scale,
+                       HEAD_DIM, BLOCK_D, BLOCK_N, True, IS_CAUSAL, HAS_DROPOUT, HAS_DOCS,
+                       HAS_SOFTCAP, PRECISION)
     _store_rows(DQ + b * stride_dqb + h * stride_dqh, dq * sm_scale, offs_m, Tq, stride_dqm, offs_d,
                 HEAD_DIM, BLOCK_D)
 
@@ -490,7 +524,7 @@ def _tuned(tiles, prune, key=()):
     # Q_BUCKET (next power of two of Tq, capped) instead of Tq/Tk: decode grows Tk by one per
     # token and must not re-tune every step. Tensor dtypes join the key automatically.
     return triton.autotune([c for cfgs in groups.values() for c in cfgs],
-                           key=["HEAD_DIM", "IS_CAUSAL", "HAS_DROPOUT", "HAS_DOCS", "Q_BUCKET", *key],
+                           key=["HEAD_DIM", "IS_CAUSAL", "HAS_DROPOUT", "HAS_DOCS", "HAS_SOFTCAP", "Q_BUCKET", *key],
                            prune_configs_by={"early_config_prune": by_head_dim})
 
 
@@ -541,10 +575,10 @@ def _fixed_blocks():
     return dict(BLOCK_M=INTERPRET_BLOCK, BLOCK_N=INTERPRET_BLOCK) if INTERPRET else {}
 
 
-def _kernel_flags(q, causal, dropout_p, starts=None):
+def _kernel_flags(q, causal, dropout_p, starts=None, softcap=0.0):
     D = q.shape[-1]
     return dict(HEAD_DIM=D, BLOCK_D=triton.next_power_of_2(D), IS_CAUSAL=bool(causal),
-                HAS_DROPOUT=dropout_p > 0.0, HAS_DOCS=starts is not None,
+                HAS_DROPOUT=dropout_p > 0.0, HAS_DOCS=starts is not None, HAS_SOFTCAP=softcap > 0.0,
                 PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
 
 
@@ -580,7 +614,7 @@ def _seed_value(seed: torch.Tensor) -> int:
 
 # ----------------------------------------------------------------------------- launchers
 @on_tensor_device
-def _fwd_launch(q, k, v, causal, softmax_scale, dropout_p, seed, starts=None, ends=None):
+def _fwd_launch(q, k, v, causal, softmax_scale, dropout_p, seed, starts=None, ends=None, softcap=0.0):
     q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
     B, H, Tq, D = q.shape
     Tk = k.shape[2]
@@ -595,15 +629,16 @@ def _fwd_launch(q, k, v, causal, softmax_scale, dropout_p, seed, starts=None, en
     grid = lambda meta: (triton.cdiv(Tq, meta["BLOCK_M"]), H, B)  # noqa: E731
     starts_arg, _, stride_sb = _doc_args(q, starts, ends)
     _attn_fwd_run[grid](
-        q, k, v, o, lse, starts_arg, _seed_value(seed), softmax_scale * LOG2E, dropout_p, 1.0 / (1.0 - dropout_p),
+        q, k, v, o, lse, starts_arg, _seed_value(seed), softmax_scale * LOG2E, softcap * LOG2E, dropout_p,
+        1.0 / (1.0 - dropout_p),
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1), o.stride(2), stride_sb,
-        H, group, Tq, Tk, _q_bucket(Tq), **_kernel_flags(q, causal, dropout_p, starts), **_fixed_blocks())
+        H, group, Tq, Tk, _q_bucket(Tq), **_kernel_flags(q, causal, dropout_p, starts, softcap), **_fixed_blocks())
     return o, lse
 
 
 @on_tensor_device
-def _bwd_launch(do, q, k, v, o, lse, causal, softmax_scale, dropout_p, seed, starts=None, ends=None):
+def _bwd_launch(do, q, k, v, o, lse, causal, softmax_scale, dropout_p, seed, starts=None, ends=None, softcap=0.0):
     do, q, k, v = (_last_dim_contiguous(t) for t in (do, q, k, v))
     B, H, Tq, D = q.shape
     Hkv, Tk = k.shape[1], k.shape[2]
@@ -613,14 +648,14 @@ def _bwd_launch(do, q, k, v, o, lse, causal, softmax_scale, dropout_p, seed, sta
     _check_head_span(do=do)
     if B * H * Tq * Tk == 0:
         return dq.zero_(), dk.zero_(), dv.zero_()
-    flags = _kernel_flags(q, causal, dropout_p, starts)
+    flags = _kernel_flags(q, causal, dropout_p, starts, softcap)
     delta = torch.empty((B, H, Tq), dtype=torch.float32, device=q.device)
     pre_block = INTERPRET_BLOCK if INTERPRET else 64
     _attn_bwd_preprocess[(triton.cdiv(Tq, pre_block), H, B)](
         o, do, delta, o.stride(0), o.stride(1), o.stride(2), do.stride(0), do.stride(1), do.stride(2),
         H, Tq, HEAD_DIM=D, BLOCK_D=flags["BLOCK_D"], BLOCK_M=pre_block)
     starts_arg, ends_arg, stride_sb = _doc_args(q, starts, ends)
-    common = (starts_arg, ends_arg, _seed_value(seed), softmax_scale * LOG2E, softmax_scale, dropout_p,
+    common = (starts_arg, ends_arg, _seed_value(seed), softmax_scale * LOG2E, softcap * LOG2E, softmax_scale, dropout_p,
               1.0 / (1.0 - dropout_p), q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
               v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2), stride_sb)
     _attn_bwd_dkdv_run[lambda meta: (triton.cdiv(Tk, meta["BLOCK_N"]), Hkv, B)](
@@ -642,19 +677,21 @@ def _bwd_launch(do, q, k, v, o, lse, causal, softmax_scale, dropout_p, seed, sta
 @torch.library.custom_op("tritongpt::flash_attn_fwd", mutates_args=())
 def _flash_attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, softmax_scale: float,
                     dropout_p: float, seed: torch.Tensor, starts: torch.Tensor | None = None,
-                    ends: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """-> (o [B, H, Tq, D], lse [B, H, Tq] fp32: the base-2 logsumexp of the scaled scores).
-    starts/ends: int32 [B, Tk], each position's document start and end (document_bounds)."""
+                    ends: torch.Tensor | None = None, softcap: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """-> (o [B, H, Tq, D], lse [B, H, Tq] fp32: the base-2 logsumexp of the scaled, capped scores).
+    starts/ends: int32 [B, Tk], each position's document start and end (document_bounds).
+    softcap: c > 0 caps each scaled score s to c * tanh(s / c); 0: no cap."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         check_tensor(t, name, ndim=4)
     check_same_dtype(q=q, k=k, v=v)
     _check_shapes(q, k, v, causal, dropout_p)
     _check_bounds(q, k, causal, starts, ends)
-    return _fwd_launch(q, k, v, causal, softmax_scale, dropout_p, seed, starts, ends)
+    _checked_softcap(softcap)
+    return _fwd_launch(q, k, v, causal, softmax_scale, dropout_p, seed, starts, ends, softcap)
 
 
 @_flash_attn_fwd.register_fake
-def _(q, k, v, causal, softmax_scale, dropout_p, seed, starts=None, ends=None):
+def _(q, k, v, causal, softmax_scale, dropout_p, seed, starts=None, ends=None, softcap=0.0):
     B, H, Tq, D = q.shape
     o = q.new_empty((B, Tq, H, D)).transpose(1, 2)
     return o, q.new_empty((B, H, Tq), dtype=torch.float32)
@@ -663,31 +700,32 @@ def _(q, k, v, causal, softmax_scale, dropout_p, seed, starts=None, ends=None):
 @torch.library.custom_op("tritongpt::flash_attn_bwd", mutates_args=())
 def _flash_attn_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
                     lse: torch.Tensor, causal: bool, softmax_scale: float, dropout_p: float,
-                    seed: torch.Tensor, starts: torch.Tensor | None = None,
-                    ends: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _bwd_launch(do, q, k, v, o, lse, causal, softmax_scale, dropout_p, seed, starts, ends)
+                    seed: torch.Tensor, starts: torch.Tensor | None = None, ends: torch.Tensor | None = None,
+                    softcap: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    _checked_softcap(softcap)
+    return _bwd_launch(do, q, k, v, o, lse, causal, softmax_scale, dropout_p, seed, starts, ends, softcap)
 
 
 @_flash_attn_bwd.register_fake
-def _(do, q, k, v, o, lse, causal, softmax_scale, dropout_p, seed, starts=None, ends=None):
+def _(do, q, k, v, o, lse, causal, softmax_scale, dropout_p, seed, starts=None, ends=None, softcap=0.0):
     # Same allocation calls as _bwd_launch, so fake and real strides agree.
     return torch.empty_like(_last_dim_contiguous(q)), torch.empty_like(_last_dim_contiguous(k)), \
         torch.empty_like(_last_dim_contiguous(v))
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, causal, softmax_scale, dropout_p, seed, starts, ends = inputs
+    q, k, v, causal, softmax_scale, dropout_p, seed, starts, ends, softcap = inputs
     o, lse = output
     ctx.save_for_backward(q, k, v, o, lse, seed, starts, ends)
-    ctx.causal, ctx.softmax_scale, ctx.dropout_p = causal, softmax_scale, dropout_p
+    ctx.causal, ctx.softmax_scale, ctx.dropout_p, ctx.softcap = causal, softmax_scale, dropout_p, softcap
 
 
 def _backward(ctx, grad_o, grad_lse):
     first_order_only("flash_attention")
     q, k, v, o, lse, seed, starts, ends = ctx.saved_tensors
     dq, dk, dv = _flash_attn_bwd(grad_o, q, k, v, o, lse, ctx.causal, ctx.softmax_scale, ctx.dropout_p, seed,
-                                 starts, ends)
-    return dq, dk, dv, None, None, None, None, None, None
+                                 starts, ends, ctx.softcap)
+    return dq, dk, dv, None, None, None, None, None, None, None  # q, k, v then the 7 other inputs
 
 
 _flash_attn_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -790,8 +828,25 @@ def _checked_scale(softmax_scale) -> float:
     return float(softmax_scale)
 
 
+def _checked_softcap(softcap) -> float:
+    """softcap as a float: None or 0 for no cap, else a finite real c > 0 (numpy's too); a bool, a
+    string or a tensor refused, as softmax_scale's are."""
+    if softcap is None:
+        return 0.0
+    if isinstance(softcap, torch.Tensor) or not is_real(softcap):
+        raise TypeError(f"softcap must be a float (the cap c of c * tanh(score / c)) or None, got "
+                        f"{type(softcap).__name__} {softcap!r}")
+    if not math.isfinite(softcap) or softcap < 0:
+        raise ValueError(f"softcap must be a finite number > 0 (0 or None: no cap), got {softcap!r}")
+    if softcap and not 1.0 / FP32_MAX < float(softcap) * LOG2E < FP32_MAX:
+        # the kernels take c * log2(e) in fp32 and divide by it: 0 or inf there made NaNs
+        raise ValueError(f"softcap {softcap!r} is out of range: the kernels take softcap * log2(e) and its "
+                         f"inverse in fp32 (between {1.0 / FP32_MAX:.4g} and {FP32_MAX:.4g})")
+    return float(softcap)
+
+
 def flash_attention(q, k, v, causal=True, softmax_scale=None, dropout_p=0.0, seed=None, doc_ids=None,
-                    window=None):
+                    window=None, softcap=None):
     """softmax(q k^T * scale + mask) with dropout, @ v, without the Tq x Tk matrix. Differentiable.
 
     q: [B, H, Tq, D]; k, v: [B, Hkv, Tk, D], any strides (unit stride on D is fastest), bf16/fp16/fp32
@@ -809,6 +864,8 @@ def flash_attention(q, k, v, causal=True, softmax_scale=None, dropout_p=0.0, see
     window: int >= 1, with causal: local attention, query i (at position p) sees only the last
     `window` positions, p - window < j <= p (flash-attn's window_size=(window - 1, 0); GPT-3's and
     GPT-Neo's local layers). KV tiles outside the band are skipped. None: no window.
+    softcap: a float c > 0: each scaled score s becomes c * tanh(s / c) before the masks and the
+    softmax (Gemma 2's attn_logit_softcapping, 50; flash-attn's softcap). None or 0: no cap.
     Returns [B, H, Tq, D] (a view of a [B, Tq, H, D] buffer, so merging heads is free).
     """
     no_func_transform("flash_attention", vmap_ok=True)
@@ -818,12 +875,14 @@ def flash_attention(q, k, v, causal=True, softmax_scale=None, dropout_p=0.0, see
         raise TypeError(f"dropout_p must be a float, got {type(dropout_p).__name__} {dropout_p!r}")
     q, k, v = _checked_inputs(q, k, v)
     scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else _checked_scale(softmax_scale)
+    softcap = _checked_softcap(softcap)
     dropout_p = float(dropout_p)
     starts, ends = (None, None) if doc_ids is None else document_bounds(_checked_doc_ids(doc_ids, q, k, causal))
     if window is not None:
         starts, ends = window_bounds(_checked_window(window, causal), k.shape[2], q.shape[0], q.device,
                                      starts, ends)
-    out, _ = _flash_attn_fwd(q, k, v, bool(causal), scale, dropout_p, _seed_tensor(seed, dropout_p), starts, ends)
+    out, _ = _flash_attn_fwd(q, k, v, bool(causal), scale, dropout_p, _seed_tensor(seed, dropout_p), starts, ends,
+                             softcap)
     return out
 
 
