@@ -841,7 +841,8 @@ def _checked_softcap(softcap) -> float:
     if softcap and not 1.0 / FP32_MAX < float(softcap) * LOG2E < FP32_MAX:
         # the kernels take c * log2(e) in fp32 and divide by it: 0 or inf there made NaNs
         raise ValueError(f"softcap {softcap!r} is out of range: the kernels take softcap * log2(e) and its "
-                         f"inverse in fp32 (between {1.0 / FP32_MAX:.4g} and {FP32_MAX:.4g})")
+                         f"inverse in fp32, so softcap must lie between {1.0 / FP32_MAX / LOG2E:.4g} and "
+                         f"{FP32_MAX / LOG2E:.4g}")
     return float(softcap)
 
 

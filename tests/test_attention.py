@@ -12,6 +12,7 @@ torch bf16 2.7e-3..4.4e-3, kernel 1.7e-3..2.7e-3 (P is rounded to bf16 once, sco
 so no absolute floor is needed (BF16_FLOOR = 0).
 """
 import math
+import re
 
 import pytest
 import torch
@@ -36,12 +37,14 @@ def same_document(doc_ids, Tq):
 
 
 def reference_attention(q, k, v, causal=True, softmax_scale=None, keep=None, dropout_p=0.0, doc_ids=None,
-                        window=None):
-    """softmax(q k^T * scale + bottom-right causal mask [+ document mask] [+ window]), dropout
-    with a given keep-mask, @ v."""
+                        window=None, softcap=None):
+    """softmax(q k^T * scale [soft-capped] + bottom-right causal mask [+ document mask] [+ window]),
+    dropout with a given keep-mask, @ v."""
     Tq, Tk = q.shape[-2], k.shape[-2]
     scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else softmax_scale
     scores = (q @ k.transpose(-2, -1)) * scale
+    if softcap:  # Gemma 2's attn_logit_softcapping: before the masks
+        scores = softcap * torch.tanh(scores / softcap)
     if causal:
         future = torch.arange(Tk)[None, :] > torch.arange(Tq)[:, None] + (Tk - Tq)
         scores = scores.masked_fill(future.to(scores.device), float("-inf"))
@@ -697,6 +700,108 @@ def test_fp32_head_dim_256_fwd_bwd(case, device):
 @pytest.mark.parametrize("Tq,Tk,masks", [(37, 37, {}), (19, 45, dict(window=17))])
 def test_bf16_head_dim_256_within_2x_of_torch_bf16(Tq, Tk, masks, device):
     check_bf16_masked(1, 2, Tq, Tk, 256, Tq + Tk, "hd256", device=device, **masks)
+
+
+# ----------------------------------------------------------------------------- soft cap (Gemma 2)
+SOFTCAP_CASES = {  # (B, H, Tq, Tk, D, flash_attention's arguments): no length a multiple of 16
+    "causal, c 3": (1, 2, 37, 37, 32, dict(softcap=3.0)),
+    "not causal, a scale, c 2": (2, 1, 21, 45, 64, dict(causal=False, softmax_scale=0.3, softcap=2.0)),
+    "the last 19 of 45 keys, c 4": (1, 2, 19, 45, 32, dict(softcap=4.0)),
+    "one query, decode, c 2": (1, 1, 1, 41, 32, dict(softcap=2.0)),
+    "documents, c 3": (2, 1, 45, 45, 16, dict(doc_ids=runs([7, 1, 19, 3, 15], [30, 2, 13]), softcap=3.0)),
+    "window 17, c 5": (1, 1, 40, 40, 64, dict(window=17, softcap=5.0)),
+    "dropout, head dim 80, c 3": (2, 1, 24, 40, 80, dict(dropout_p=0.3, seed=77, softcap=3.0)),
+    "head dim 256, window 9, c 4": (1, 1, 33, 33, 256, dict(window=9, softcap=4.0)),
+}
+
+
+@pytest.mark.parametrize("case", list(SOFTCAP_CASES))
+def test_fp32_softcap_fwd_bwd(case, device):
+    """softcap=c: every scaled score s becomes c tanh(s / c) before the masks, as the float64
+    reference computes it; forward and every gradient (dS through the cap's 1 - tanh^2), causal or
+    not, chunked prefill and decode, documents, a window, dropout against dropout_mask, head dims
+    80 (padded) and 256. q is doubled so the scores are a few units and the caps of 2..5 bend them."""
+    B, H, Tq, Tk, D, kw = SOFTCAP_CASES[case]
+    kw = {n: (a.to(device) if isinstance(a, torch.Tensor) else a) for n, a in kw.items()}
+    p, seed = kw.pop("dropout_p", 0.0), kw.pop("seed", None)
+    q, k, v = make_qkv(B, H, Tq, Tk, D, torch.float32, device, seed=Tq * Tk + D)
+    q = q * 2
+    do = torch.randn(B, H, Tq, D, generator=torch.Generator().manual_seed(Tq)).to(device)
+    got = run_grads(lambda a, b, c: flash_attention(a, b, c, dropout_p=p, seed=seed, **kw), q, k, v, do)
+    keep = dropout_mask(seed, B, H, Tq, Tk, p, device) if p else None
+    ref = reference_grads(q, k, v, do, keep=keep, dropout_p=p, **kw)
+    uncapped = reference_grads(q, k, v, do, keep=keep, dropout_p=p, **dict(kw, softcap=None))
+    for name, g, r, u in zip(NAMES, got, ref, uncapped):
+        assert_close_rel(g, r, 1e-4, f"softcap {case} {name}")
+        if name != "dv" or Tq > 1:  # the cap bends the answer (decode's dv: one row's weights, still bent)
+            assert report(u, r)[1] > 0.05, f"{case} {name}: the cap does not change it; the test cannot fail"
+
+
+@pytest.mark.parametrize("Tq,Tk,masks", [(37, 37, dict(softcap=2.0)), (19, 45, dict(window=17, softcap=3.0))])
+def test_bf16_softcap_within_2x_of_torch_bf16(Tq, Tk, masks, device):
+    check_bf16_masked(1, 2, Tq, Tk, 64, Tq + Tk, "softcap", device=device, **masks)
+
+
+def test_softcap_none_or_zero_is_no_cap_and_a_large_one_almost(device):
+    """None and 0 take the kernels without the cap (the same bits); a cap far above the scores
+    changes them by ~s^3 / (3 c^2) only. A tanh off by 1e-7 absolute near 0 (2 sigmoid(2u) - 1)
+    was off by 1e-7 c there: 1e-1 in every score at c = 1e6."""
+    q, k, v = make_qkv(1, 2, 29, 29, 32, torch.float32, device, seed=31)
+    do = torch.randn(1, 2, 29, 32, generator=torch.Generator().manual_seed(32)).to(device)
+    plain = run_grads(flash_attention, q, k, v, do)
+    for cap in (None, 0, 0.0):
+        for name, g, w in zip(NAMES, run_grads(lambda a, b, c: flash_attention(a, b, c, softcap=cap), q, k, v, do),
+                              plain):
+            assert torch.equal(g, w), f"softcap {cap!r} {name}"
+    ref = reference_grads(q, k, v, do)
+    for cap in (1e4, 1e6, 1e30):
+        for name, g, r in zip(NAMES, run_grads(lambda a, b, c: flash_attention(a, b, c, softcap=cap), q, k, v, do),
+                              ref):
+            assert_close_rel(g, r, 1e-5, f"softcap {cap:g} {name}")
+
+
+def test_softcap_custom_op_opcheck_and_compile(device):
+    """The ops take softcap last (old call sites keep working); opcheck with it, and torch.compile of
+    flash_attention(softcap=...) gives the eager bits."""
+    q, k, v = make_qkv(1, 1, 20, 20, 16, torch.float32, device, seed=15)
+    args = (q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), True, 0.25, 0.1, torch.tensor(5), None,
+            None, 2.5)
+    torch.library.opcheck(torch.ops.tritongpt.flash_attn_fwd.default, args)
+
+    def loss(a, b, c):
+        return flash_attention(a, b, c, softcap=2.5, dropout_p=0.1, seed=5).square().sum()
+
+    compiled = torch.compile(loss, backend="aot_eager", fullgraph=True)
+    eager = run_grads(lambda a, b, c: loss(a, b, c).reshape(1), q, k, v, torch.ones(1))
+    comp = run_grads(lambda a, b, c: compiled(a, b, c).reshape(1), q, k, v, torch.ones(1))
+    for name, e, c in zip(("loss", "dq", "dk", "dv"), eager, comp):
+        assert torch.equal(e, c), f"compiled {name} differs"
+
+
+def test_softcap_bad_values(device):
+    """softcap: None, 0 or a finite real > 0, refused by name otherwise (on the op too)."""
+    import numpy as np
+
+    q, k, v = make_qkv(1, 1, 8, 8, 16, torch.float32, device)
+    for bad in (True, "50", torch.tensor(50.0), [50.0]):
+        with pytest.raises(TypeError, match="softcap must be a float"):
+            flash_attention(q, k, v, softcap=bad)
+    for bad in (-1.0, -50, float("inf"), float("nan")):
+        with pytest.raises(ValueError, match=f"softcap must be a finite number > 0 .*, got {bad}"):
+            flash_attention(q, k, v, softcap=bad)
+    for bad in (1e-40, 3e38):  # c log2(e) or its inverse past fp32
+        with pytest.raises(ValueError, match=re.escape(f"softcap {bad!r} is out of range")):
+            flash_attention(q, k, v, softcap=bad)
+    op, seed = torch.ops.tritongpt.flash_attn_fwd, torch.tensor(0)
+    with pytest.raises(ValueError, match="softcap must be a finite number > 0"):
+        op(q, k, v, True, 0.25, 0.0, seed, None, None, -2.0)
+    o, lse = op(q, k, v, True, 0.25, 0.0, seed, None, None, 2.0)
+    with pytest.raises(ValueError, match="softcap must be a finite number > 0"):
+        torch.ops.tritongpt.flash_attn_bwd(torch.ones_like(o), q, k, v, o, lse, True, 0.25, 0.0, seed, None, None,
+                                           float("nan"))
+    want = flash_attention(q, k, v, softcap=2.0)  # numpy's numbers are numbers
+    assert torch.equal(flash_attention(q, k, v, softcap=np.float32(2.0)), want)
+    assert torch.equal(o, want)
 
 
 # ----------------------------------------------------------------------------- bad input
