@@ -71,6 +71,16 @@ def test_fp32_gqa_documents_window_and_dropout(device):
               window=11)
 
 
+def test_fp32_gqa_softcap(device):
+    """Gemma 2's soft cap with grouped heads: each query head's capped scores, and the dK/dV program
+    of a KV head applies each group member's 1 - tanh^2. A cap of 1.5 on scores of ~1 bends them."""
+    got = check_gqa(1, 4, 2, 19, 37, 64, device, "softcap 1.5, the last 19 of 37 keys", softcap=1.5)
+    q, k, v, do = make_gqa(1, 4, 2, 19, 37, 64, torch.float64, "cpu", seed=4 * 19 + 2)
+    assert report(got[0], gqa_reference(q, k, v))[1] > 0.05  # the cap bites: without it the answer differs
+    check_gqa(1, 6, 1, 13, 41, 80, device, "softcap 2, documents and dropout", dropout_p=0.2, seed=3, softcap=2.0,
+              doc_ids=torch.tensor([[0] * 9 + [1] * 20 + [2] * 12]).to(device))
+
+
 def test_fp32_gqa_kv_cache_slices(device):
     """k, v as slices of a preallocated [B, Hkv, Tmax, D] cache and q a head-split view of
     [B, Tq, H, D]: every stride comes from the views."""

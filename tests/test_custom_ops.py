@@ -89,10 +89,15 @@ def _attention_args(device, gen):
     o, lse = ops.flash_attn_fwd(q, k, v, True, 0.25, 0.1, seed)
     q4 = _randn(1, 4, 9, 16, device=device, gen=gen)  # grouped-query: 4 query heads over k's and v's 2
     o4, lse4 = ops.flash_attn_fwd(q4, k, v, True, 0.25, 0.1, seed)
+    # Gemma 2's soft cap: the last schema argument, after the (absent) document bounds
+    oc, lsec = ops.flash_attn_fwd(q4, k, v, True, 0.25, 0.1, seed, None, None, 2.0)
     return {"flash_attn_fwd": (q, k, v, True, 0.25, 0.1, seed),
             "flash_attn_bwd": (torch.randn_like(o), q, k, v, o, lse, True, 0.25, 0.1, seed),
             "flash_attn_fwd gqa": (q4, k, v, True, 0.25, 0.1, seed),
-            "flash_attn_bwd gqa": (torch.randn_like(o4), q4, k, v, o4, lse4, True, 0.25, 0.1, seed)}
+            "flash_attn_bwd gqa": (torch.randn_like(o4), q4, k, v, o4, lse4, True, 0.25, 0.1, seed),
+            "flash_attn_fwd softcap": (q4, k, v, True, 0.25, 0.1, seed, None, None, 2.0),
+            "flash_attn_bwd softcap": (torch.randn_like(oc), q4, k, v, oc, lsec, True, 0.25, 0.1, seed, None, None,
+                                       2.0)}
 
 
 def _rope_args(device, gen):
@@ -131,7 +136,8 @@ OPS = [(kernel, op) for kernel, names in (("layer_norm", ("layer_norm_fwd", "lay
                                                              "cross_entropy_bwd smoothed+z", "cross_entropy_fwd softcap",
                                                              "cross_entropy_bwd softcap")),
                                           ("attention", ("flash_attn_fwd", "flash_attn_bwd", "flash_attn_fwd gqa",
-                                                         "flash_attn_bwd gqa")),
+                                                         "flash_attn_bwd gqa", "flash_attn_fwd softcap",
+                                                         "flash_attn_bwd softcap")),
                                           ("rope", ("rope_fwd", "rope_fwd shared", "rope_bwd")))
        for op in names]
 
