@@ -53,6 +53,12 @@ SwiGLUFeedForward(activation="gelu"), it compiled, ours (the same launches as sw
 gate's epilogues) and Liger's LigerGEGLUMLP (cuBLAS matmuls, gelu_tanh(g) * u fused: LigerGELUMulFunction).
 Its FLOPs are swiglu's: GELU's few extra elementwise FLOPs a gate entry are not counted, as silu's
 are not. swiglu then geglu run last of all, so a short budget drops geglu first.
+softcap_attention is causal attention with each score soft-capped before the mask and softmax,
+c tanh(s / c), c = 50 (Gemma 2's attn_logit_softcapping), at attention's sizes: the eager math as
+Hugging Face's Gemma 2 runs it (the scores, the cap, the mask, an fp32 softmax cast back, @ v),
+torch.compile of it, FlexAttention with the cap as its score_mod and a causal block mask, ours
+(flash_attention(softcap=50)) and flash-attn's softcap. Its FLOPs are causal attention's (the tanh
+per score are not counted). It runs after geglu, the first a short budget drops.
 Modes: fwd (inputs require grad, as in training), bwd (backward of a kept graph,
 retain_graph=True), fwd+bwd. Backward starts from a random gradient, or from 1 for a loss (as
 loss.backward() does). Gradients are reset to None before each timed call.
@@ -105,12 +111,15 @@ PROVIDERS = {
     "swiglu": ("reference", "compile", "triton", "liger"),
     # Gemma's GeGLU MLP: the same with gelu_tanh gating u (SwiGLUFeedForward(activation="gelu"))
     "geglu": ("reference", "compile", "triton", "liger"),
+    # Gemma 2's attention logit soft-capping: c tanh(scores / c) before the causal mask (ATTN_SOFTCAP)
+    "softcap_attention": ("reference", "compile", "flex", "triton", *FLASH_ATTN),
 }
 # a gated MLP op -> its gate's activation (SwiGLUFeedForward's and swiglu_mlp's activation)
 GATED_MLPS = {"swiglu": "silu", "geglu": "gelu"}
 DOCUMENTS_PER_ROW = 8  # doc_attention: random lengths, this many per sequence
 SMOOTH_Z = dict(label_smoothing=0.1, z_loss=1e-4)  # lm_head_loss_smooth_z's options (1e-4: PaLM's z-loss)
 SOFTCAP = dict(softcap=30.0)  # lm_head_loss_softcap's logit soft cap (30: Gemma 2's final-logit cap)
+ATTN_SOFTCAP = 50.0  # softcap_attention's cap on the scores (Gemma 2's attn_logit_softcapping)
 ALL_PROVIDERS = tuple(sorted({p for v in PROVIDERS.values() for p in v}))
 
 # Sweeps. Full: what `tritongpt bench kernels` runs on a GPU. Quick: a smoke-sized subset that
@@ -454,8 +463,9 @@ def _flash_attn(q, k, v, module, name, **options):
     return build
 
 
-def _flex(q, k, v, mask_mod):
-    """A builder of FlexAttention (compiled, CUDA only) with the block mask of mask_mod(b, h, q_idx, kv_idx)."""
+def _flex(q, k, v, mask_mod, score_mod=None):
+    """A builder of FlexAttention (compiled, CUDA only) with the block mask of mask_mod(b, h, q_idx, kv_idx)
+    and score_mod(score, b, h, q_idx, kv_idx) if given."""
     def build():
         if q.device.type != "cuda":
             raise Unavailable("FlexAttention is timed on CUDA only (its CPU path is another compiler's)")
@@ -466,7 +476,7 @@ def _flex(q, k, v, mask_mod):
         T = q.shape[2]
         block_mask = create_block_mask(mask_mod, None, None, T, T, device=q.device)
         fn = _fresh_compile(flex_attention)
-        return (lambda: fn(q, k, v, block_mask=block_mask)), [q, k, v]
+        return (lambda: fn(q, k, v, score_mod=score_mod, block_mask=block_mask)), [q, k, v]
     return build
 
 
@@ -541,6 +551,40 @@ def window_attention_providers(q, k, v, window):
            "flex": _flex(q, k, v, sliding_window), "triton": _ours_attention(q, k, v, causal=True, window=window)}
     out.update({name: _flash_attn(q, k, v, *where, causal=True, window_size=(window - 1, 0))
                 for name, where in FLASH_ATTN.items()})
+    return out
+
+
+def softcap_attention_eager(q, k, v, softcap=ATTN_SOFTCAP):
+    """Causal attention with soft-capped scores as Hugging Face's eager Gemma 2 computes it: the scaled
+    scores, softcap * tanh(scores / softcap), the causal mask, softmax in fp32 cast back, @ v."""
+    T = q.shape[2]
+    scores = (q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5
+    scores = softcap * torch.tanh(scores / softcap)
+    future = torch.ones(T, T, dtype=torch.bool, device=q.device).triu(1)
+    scores = scores.masked_fill(future, float("-inf"))
+    return torch.softmax(scores, -1, dtype=torch.float32).to(q.dtype) @ v
+
+
+def softcap_attention_providers(q, k, v, softcap=ATTN_SOFTCAP):
+    """Causal attention with each score soft-capped at softcap (Gemma 2's 50): the eager math
+    (softcap_attention_eager) and torch.compile of it, FlexAttention with the cap as its score_mod
+    (compiled; CUDA), flash_attention(softcap=) and flash-attn's softcap."""
+    def reference():
+        return (lambda: softcap_attention_eager(q, k, v, softcap)), [q, k, v]
+
+    def compiled():
+        cf = _fresh_compile(softcap_attention_eager)
+        return (lambda: cf(q, k, v, softcap)), [q, k, v]
+
+    def causal(b, h, qi, ki):
+        return ki <= qi
+
+    def capped(score, b, h, qi, ki):
+        return softcap * torch.tanh(score / softcap)
+
+    out = {"reference": reference, "compile": compiled, "flex": _flex(q, k, v, causal, capped),
+           "triton": _ours_attention(q, k, v, causal=True, softcap=softcap)}
+    out.update({name: _flash_attn(q, k, v, *where, causal=True, softcap=softcap) for name, where in FLASH_ATTN.items()})
     return out
 
 
@@ -1116,6 +1160,18 @@ def sweep_window_attention(timer, budget, seqlens, head_dims, dtype, window=256,
                                    head_dims, dtype, tokens, width, modes, providers)
 
 
+def sweep_softcap_attention(timer, budget, seqlens, head_dims, dtype, tokens=16384, width=2048, modes=MODES,
+                            providers=None, softcap=ATTN_SOFTCAP):
+    """Causal attention with scores soft-capped at softcap (Gemma 2's 50), sized as sweep_attention; the
+    FLOPs are causal attention's (the cap's tanh per score are not counted)."""
+    def case(q, k, v):
+        b, h, t, d = q.shape
+        return ({"softcap": softcap}, softcap_attention_providers(q, k, v, softcap),
+                lambda m: {"flops": attention_flops(b, h, t, t, d, True, m)})
+    return _sweep_masked_attention("softcap_attention", case, timer, budget, seqlens, head_dims, dtype, tokens, width,
+                                   modes, providers)
+
+
 def sweep_gqa_attention(timer, budget, seqlens, heads, dtype, tokens=16384, modes=MODES, providers=None):
     """Grouped-query attention at each (H, Hkv, D) of heads and each length, batch * T = tokens;
     the FLOPs are causal attention's over the H query heads (4 B H T^2 D / 2 forward)."""
@@ -1150,7 +1206,7 @@ def _sweep_masked_attention(op, case, timer, budget, seqlens, head_dims, dtype, 
             cfg = {"batch": b, "heads": h, "seq_len": t, "head_dim": d, **extra, "dtype": dtype_name(dtype)}
             why = scores_too_big(b, h, t, dtype, dev)
             out += bench_providers(op, cfg, builders, modes, timer, budget, work, providers,
-                                   {"reference": why} if why else {})
+                                   {"reference": why, "compile": why} if why else {})
             del q, k, v, builders
             timer.cleanup()
     return out
@@ -1268,14 +1324,16 @@ def _sweep_plan(sizes, part):
             "add_rmsnorm": [sizes["ln_widths"]] if part == "rest" else [],
             # the SwiGLU MLP, then the GeGLU one, at the GELU-MLP's widths: last of all (_run_plan)
             "swiglu": [sizes["mlp_widths"]] if part == "rest" else [],
-            "geglu": [sizes["mlp_widths"]] if part == "rest" else []}
+            "geglu": [sizes["mlp_widths"]] if part == "rest" else [],
+            # Gemma 2's soft-capped attention at attention's sizes: after geglu, the first a short budget drops
+            "softcap_attention": [(sizes["attn_seqlens"], sizes["attn_head_dims"])] if part == "rest" else []}
     return {op: [a for a in args if a] for op, args in plan.items()}
 
 
 def run_kernels(timer, budget, dtype=torch.bfloat16,
                 ops=("layernorm", "mlp", "attention", "cross_entropy", "lm_head_loss", "doc_attention",
                      "window_attention", "add_layernorm", "rope", "lm_head_loss_smooth_z", "lm_head_loss_softcap",
-                     "gqa_attention", "rmsnorm", "add_rmsnorm", "swiglu", "geglu"),
+                     "gqa_attention", "rmsnorm", "add_rmsnorm", "swiglu", "geglu", "softcap_attention"),
                 modes=MODES, providers=None, sizes=None, ceiling_sizes=None, log=print):
     """All sweeps plus the ceilings; returns (rows, ceilings).
 
@@ -1284,8 +1342,9 @@ def run_kernels(timer, budget, dtype=torch.bfloat16,
     runs out it is the wider sweep's compiled baselines that go missing. lm_head_loss_smooth_z, then
     lm_head_loss_softcap (variants of lm_head_loss) come after all of those, each whole (every
     provider's, compiled ones too) before the next, gqa_attention after them, then rmsnorm,
-    add_rmsnorm, swiglu and geglu (the newest ops), so a short budget drops geglu first, then
-    swiglu, then the RMSNorms, then gqa_attention, then the soft cap.
+    add_rmsnorm, swiglu, geglu and softcap_attention (the newest ops), so a short budget drops
+    softcap_attention first, then geglu, then swiglu, then the RMSNorms, then gqa_attention, then
+    the LM head's soft cap.
     """
     sizes = dict(FULL_SIZES, **(sizes or {}))
     log("measuring ceilings (device copy bandwidth, bf16 matmul) ...")
@@ -1371,6 +1430,12 @@ def _run_plan(rows, timer, budget, dtype, ops, modes, sizes, groups, log):
                 for widths in plan[op] if op in ops else ():
                     log(f"{op}-mlp ({part}{label}): widths {list(widths)} x {sizes['mlp_rows']} rows ...")
                     rows += sweep(timer, budget, sizes["mlp_rows"], widths, dtype, modes, provs)
+        for provs, label in groups:
+            for seqlens, head_dims in plan["softcap_attention"] if "softcap_attention" in ops else ():
+                log(f"attention soft-capped at {ATTN_SOFTCAP:g} ({part}{label}): T {list(seqlens)}, "
+                    f"head_dim {list(head_dims)} ...")
+                rows += sweep_softcap_attention(timer, budget, seqlens, head_dims, dtype, sizes["attn_tokens"],
+                                                sizes["attn_width"], modes, provs)
 
 
 def sort_rows(rows):

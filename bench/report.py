@@ -367,6 +367,7 @@ def plot_kernels(rows, ceilings, out_dir) -> list:
              "window_attention": ("seq_len", "tflops", "TFLOPS", "matmul"),
              "rope": ("heads", "gbps", "GB/s", "copy"),
              "gqa_attention": ("seq_len", "tflops", "TFLOPS", "matmul"),
+             "softcap_attention": ("seq_len", "tflops", "TFLOPS", "matmul"),
              "cross_entropy": ("vocab", "gbps", "GB/s", "copy"),
              "lm_head_loss": ("vocab", "tflops", "TFLOPS", "matmul"),
              "lm_head_loss_smooth_z": ("vocab", "tflops", "TFLOPS", "matmul"),

@@ -510,9 +510,11 @@ def test_run_kernels_end_to_end_on_cpu():
     # T=32 only: at 16 it would be causal attention), residual add + layernorm, lm_head_loss with label
     # smoothing and z-loss, lm_head_loss on soft-capped logits, rope at 2 and 3 heads (reference),
     # grouped-query attention (reference, sdpa-flash), rmsnorm and residual add + rmsnorm at 2 widths,
-    # the SwiGLU MLP and the GeGLU one (reference)
+    # the SwiGLU MLP and the GeGLU one (reference), soft-capped attention at T 32 and 16 (reference)
     assert len(timed) == (2 * 2 * 3 + 1 * 2 * 3 + 2 * 2 * 3 + 1 * 2 * 3 + 1 * 2 * 3 + 2 * 3 + 3 + 2 * 2 * 3 + 1 * 2 * 3
-                          + 1 * 2 * 3 + 2 * 3 + 2 * 3 + 2 * 2 * 3 + 2 * 2 * 3 + 3 + 3)
+                          + 1 * 2 * 3 + 2 * 3 + 2 * 3 + 2 * 2 * 3 + 2 * 2 * 3 + 3 + 3 + 2 * 3)
+    assert [(r["config"]["seq_len"], r["config"]["head_dim"], r["config"]["softcap"]) for r in timed
+            if r["op"] == "softcap_attention"] == [(16, 8, 50.0)] * 3 + [(32, 8, 50.0)] * 3
     assert {r["config"]["width"] for r in timed if r["op"] in ("rmsnorm", "add_rmsnorm")} == {40, 24}
     for op in ("swiglu", "geglu"):
         assert [(r["config"]["width"], r["config"]["hidden"]) for r in timed if r["op"] == op] == [(8, 64)] * 3
@@ -558,6 +560,8 @@ def test_target_configurations_are_measured_first_and_exactly_once():
         assert first[op] == [] and rest[op] == [full["ln_widths"]]
     for op in ("swiglu", "geglu"):
         assert first[op] == [] and rest[op] == [full["mlp_widths"]] == [(768, 1024, 1280, 1600)]
+    assert first["softcap_attention"] == [] and rest["softcap_attention"] == [(full["attn_seqlens"],
+                                                                                full["attn_head_dims"])]
     assert full["gqa_heads"] == ((32, 8, 128), (12, 1, 64), (4, 1, 256))
     assert full["gqa_seqlens"] == (512, 1024, 2048, 4096, 8192)
     for op, key in (("layernorm", "ln_widths"), ("mlp", "mlp_widths")):
@@ -1018,7 +1022,7 @@ def test_gpu_command_flow_with_cpu_stand_ins(tmp_path, monkeypatch, capsys):
     assert {r["op"] for r in k["rows"]} == {"layernorm", "mlp", "attention", "cross_entropy", "lm_head_loss",
                                             "doc_attention", "window_attention", "add_layernorm", "rope",
                                             "lm_head_loss_smooth_z", "lm_head_loss_softcap", "gqa_attention",
-                                            "rmsnorm", "add_rmsnorm", "swiglu", "geglu"}
+                                            "rmsnorm", "add_rmsnorm", "swiglu", "geglu", "softcap_attention"}
     assert {(r["config"]["heads"], r["config"]["kv_heads"]) for r in k["rows"] if r["op"] == "gqa_attention"} == \
         {(4, 2), (3, 1)}
     ce = [r for r in k["rows"] if r["op"] == "cross_entropy" and r["provider"] == "torch"]
@@ -1535,6 +1539,61 @@ def test_gqa_attention_rows_time_each_provider_on_the_same_grouped_heads(device)
     assert by[4, "sdpa-repeat", "fwd"]["status"] == "ok" and by[3, "triton", "bwd"]["status"] == "ok"
     if device.type != "cuda":
         assert by[4, "flash-attn", "fwd"]["status"].startswith("skipped: ")
+
+
+def test_softcap_attention_rows_time_each_provider_on_the_same_capped_scores(device):
+    """softcap_attention: the eager math (which compile compiles) and ours compute causal attention on
+    c tanh(s / c), written out here in float64; FlexAttention is timed on CUDA only, flash-attn where
+    installed; the FLOPs are causal attention's; the rows carry the cap."""
+    from tritongpt.bench.common import attention_flops
+
+    gen = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(2, 2, 37, 16, generator=gen).to(device) for _ in range(3))
+    q = q * 3  # scores of a few units, so a cap of 2 bends them
+    builders = kernels.softcap_attention_providers(q, k, v, softcap=2.0)
+    q64, k64, v64 = (t.double() for t in (q, k, v))
+    scores = q64 @ k64.transpose(-2, -1) / 4
+    future = torch.ones(37, 37, dtype=torch.bool, device=device).triu(1)
+    want = torch.softmax((2.0 * torch.tanh(scores / 2.0)).masked_fill(future, float("-inf")), -1) @ v64
+    uncapped = torch.softmax(scores.masked_fill(future, float("-inf")), -1) @ v64
+    assert (want - uncapped).abs().max() > 0.1  # the cap bites
+    for name in ("reference", "triton"):
+        f, leaves = builders[name]()
+        assert torch.allclose(f().double(), want, atol=1e-5), name
+        assert all(t is u for t, u in zip(leaves, (q, k, v)))
+    rows = kernels.sweep_softcap_attention(CpuTimer(reps=1), Budget(None), (16,), (16,), torch.float32, tokens=32,
+                                           width=32, providers=("reference", "flex", "flash-attn"))
+    by = {(r["provider"], r["mode"]): r for r in rows}
+    assert {r["op"] for r in rows} == {"softcap_attention"}
+    assert {r["config"]["softcap"] for r in rows} == {kernels.ATTN_SOFTCAP} == {50.0}
+    assert by["reference", "fwd"]["status"] == "ok"
+    assert by["reference", "fwd+bwd"]["flops"] == attention_flops(2, 2, 16, 16, 16, True, "fwd+bwd")
+    if device.type != "cuda":
+        assert by["flex", "fwd"]["status"].startswith("skipped: FlexAttention is timed on CUDA only")
+        assert by["flash-attn", "fwd"]["status"].startswith("skipped: ")
+
+
+def test_softcap_attention_gives_flash_attn_and_flex_the_cap(monkeypatch):
+    """flash-attn (and FA3) take the cap as softcap=c with causal=True; FlexAttention's score_mod is
+    c tanh(score / c) (its causal block mask is the compiled function's, CUDA only)."""
+    seen = []
+
+    def fake_flash_attn_func(q, k, v, **options):
+        seen.append(options)
+        return q
+    monkeypatch.setitem(sys.modules, "flash_attn", types.SimpleNamespace(flash_attn_func=fake_flash_attn_func))
+    q = kernels.randn(1, 2, 9, 16, device="cpu", dtype=torch.bfloat16)
+    f, _ = kernels.softcap_attention_providers(q, q, q)["flash-attn"]()
+    assert torch.equal(f(), q) and seen == [dict(causal=True, softcap=50.0)]
+    flex = []
+    monkeypatch.setattr(kernels, "_flex", lambda q, k, v, mask_mod, score_mod=None: flex.append((mask_mod,
+                                                                                             score_mod)))
+    kernels.softcap_attention_providers(q, q, q, softcap=3.0)
+    (mask_mod, score_mod), = flex
+    s = torch.tensor([-40.0, -1.0, 0.5, 7.0])
+    assert torch.allclose(score_mod(s, 0, 0, 0, 0), 3.0 * torch.tanh(s / 3.0))
+    qi, ki = torch.arange(5)[:, None], torch.arange(5)[None, :]
+    assert torch.equal(mask_mod(0, 0, qi, ki), ki <= qi)
 
 
 def test_gqa_attention_gives_flash_attn_the_kv_heads_as_they_are(monkeypatch):
@@ -2131,7 +2190,8 @@ def test_every_provider_builder_is_in_the_sweep():
              "rmsnorm": kernels.rmsnorm_providers(x, x[0]),
              "add_rmsnorm": kernels.add_rmsnorm_providers(x, x, x[0]),
              "swiglu": kernels.swiglu_providers(x, torch.zeros(24, 8), torch.zeros(24, 8), torch.zeros(8, 24)),
-             "geglu": kernels.swiglu_providers(x, torch.zeros(24, 8), torch.zeros(24, 8), torch.zeros(8, 24), "gelu")}
+             "geglu": kernels.swiglu_providers(x, torch.zeros(24, 8), torch.zeros(24, 8), torch.zeros(8, 24), "gelu"),
+             "softcap_attention": kernels.softcap_attention_providers(q, q, q)}
     assert set(built) == set(kernels.PROVIDERS)
     for op, builders in built.items():
         assert set(kernels.PROVIDERS[op]) == set(builders), op
@@ -2382,20 +2442,20 @@ def test_lm_head_variants_run_last_of_all_the_soft_cap_last(monkeypatch):
               "lm_head_loss_smooth_z": "sweep_lm_head_loss_smooth_z",
               "lm_head_loss_softcap": "sweep_lm_head_loss_softcap", "gqa_attention": "sweep_gqa_attention",
               "rmsnorm": "sweep_rmsnorm", "add_rmsnorm": "sweep_add_rmsnorm", "swiglu": "sweep_swiglu",
-              "geglu": "sweep_geglu"}
+              "geglu": "sweep_geglu", "softcap_attention": "sweep_softcap_attention"}
     for op, name in sweeps.items():
         monkeypatch.setattr(kernels, name, lambda *a, op=op: calls.append((op, "compile" in a[-1])) or [])
     monkeypatch.setattr(kernels, "measure_ceilings", lambda timer, **k: {})
     kernels.run_kernels(CpuTimer(reps=1), Budget(None), log=lambda s: None)
     newest = ["lm_head_loss_smooth_z", "lm_head_loss_softcap", "gqa_attention", "rmsnorm", "add_rmsnorm", "swiglu",
-              "geglu"]
-    assert calls[-14:] == [(op, compiled) for op in newest for compiled in (False, True)]  # after them all
-    assert {op for op, _ in calls[:-14]} == set(sweeps) - set(newest)
-    assert ("doc_attention", True) in calls[:-14]
+              "geglu", "softcap_attention"]
+    assert calls[-16:] == [(op, compiled) for op in newest for compiled in (False, True)]  # after them all
+    assert {op for op, _ in calls[:-16]} == set(sweeps) - set(newest)
+    assert ("doc_attention", True) in calls[:-16]
     parser = cli.build_parser()
     default_ops = parser.parse_args(["bench", "kernels"]).ops.split(",")
     assert default_ops == list(inspect.signature(kernels.run_kernels).parameters["ops"].default)
-    assert default_ops[-7:] == newest
+    assert default_ops[-8:] == newest
     ops, _, _ = bcli.kernel_names(parser.parse_args(["bench", "kernels", "--ops", "lm_head_loss_softcap"]))
     assert ops == ("lm_head_loss_softcap",)
 
