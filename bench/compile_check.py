@@ -209,6 +209,13 @@ def capture(quick=False, half="bfloat16"):
                             o, lse = attention._fwd_launch(q, k, k, True, d ** -0.5, p, seed, starts, starts)
                             attention._bwd_launch(torch.empty_like(o), q, k, k, o, lse, True, d ** -0.5, p, seed,
                                                   starts, starts)
+                        if tq > 1 and p == 0.0 and dt == half and (d == 64 or not quick and d in (128, 256)):
+                            # Gemma 2's soft cap (HAS_SOFTCAP: a tanh per score, forward and both backward
+                            # passes): GPT-2's head dim, 27B's 128 and 2B/9B's 256, in the 16-bit dtype
+                            case[0] = f"attention {name} hd{d} Tq={tq} Tk={ATTN_SEQ} softcap=50"
+                            o, lse = attention._fwd_launch(q, k, k, True, d ** -0.5, p, seed, softcap=50.0)
+                            attention._bwd_launch(torch.empty_like(o), q, k, k, o, lse, True, d ** -0.5, p, seed,
+                                                  softcap=50.0)
 
             for d in ((64,) if quick else (64, 128, 256)):  # RoPE of q and k: GPT-2's heads, the widest it takes
                 case[0] = f"rope {name} {TOKENS} tokens hd{d}"

@@ -36,6 +36,12 @@ def test_every_kernel_launch_builds_for_sm90(tmp_path):
     # products are swiglu's)
     geglu = {r["variant"] for r in rows if r["case"].startswith("geglu")}
     assert len(geglu) == 3 and all("GATE_GELU=True" in v for v in geglu), geglu
+    # Gemma 2's attention soft cap: forward and both backward passes built with HAS_SOFTCAP, only in its case
+    capped = {(r["kernel"], r["variant"]) for r in rows
+              if "softcap=50" in r["case"] and r["kernel"] != "_attn_bwd_preprocess"}
+    assert {k for k, _ in capped} == {"_attn_fwd", "_attn_bwd_dkdv", "_attn_bwd_dq"}, capped
+    assert all("HAS_SOFTCAP=True" in v for _, v in capped), capped
+    assert not any("HAS_SOFTCAP=True" in r["variant"] for r in rows if "softcap" not in r["case"])
     # bf16 matmuls and attention must reach the tensor cores (wgmma/mma), or they will be slow
     for kernel in ("_matmul_kernel", "_attn_fwd", "_attn_bwd_dkdv", "_attn_bwd_dq"):
         bf16 = [r for r in rows if r["kernel"] == kernel and "bfloat16" in r["case"]]
