@@ -224,8 +224,8 @@ def _attn_fwd(Q, K, V, O, LSE, STARTS, seed, qk_scale, softcap, dropout_p, keep_
               HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
               IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr, HAS_DOCS: tl.constexpr,
               HAS_SOFTCAP: tl.constexpr, PRECISION: tl.constexpr):
-    """Grid (cdiv(Tq, BLOCK_M), H, B). Writes O and the base-2 logsumexp of the scaled scores.
-    Query head h reads KV head h // GROUP (GROUP = H / Hkv query heads share one)."""
+    """Grid (cdiv(Tq, BLOCK_M), H, B). Writes O and the base-2 logsumexp of the scaled (with HAS_SOFTCAP,
+    capped) scores. Query head h reads KV head h // GROUP (GROUP = H / Hkv query heads share one)."""
     start_m = tl.program_id(0) * BLOCK_M
     h, b = tl.program_id(1).to(tl.int64), tl.program_id(2).to(tl.int64)
     bh = b * H + h
