@@ -40,6 +40,12 @@ class GPTConfig:
     # way round: biases on the query, key and value projections and nowhere else (bias False,
     # qkv_bias_only True). Which projections have one: has_qkv_bias, and `bias` for the rest.
     scale_attention: bool = True
+    # The scores' scale is 1/sqrt(attention_scale_width): 0 is head_dim's (GPT-2, Llama). Gemma 2 27B and
+    # Gemma 3 27B scale by another width (their query_pre_attn_scalar: 144 and 168, over heads of 128).
+    attention_scale_width: int = 0
+    # Attention logit soft-capping (Gemma 2, Grok): each scaled score s becomes c * tanh(s / c) before
+    # the masks and the softmax (Gemma 2's attn_logit_softcapping, 50). 0: none.
+    attn_softcap: float = 0.0
     qkv_bias: bool = True
     qkv_bias_only: bool = False
     tie_weights: bool = True   # LM head shares the token-embedding matrix (GPT-2 does)
@@ -119,6 +125,14 @@ class GPTConfig:
             self.logit_softcap = softcap_value(self.logit_softcap, "GPTConfig.logit_softcap")
         except ValueError as e:
             raise UserError(str(e)) from None
+        try:
+            self.attn_softcap = softcap_value(self.attn_softcap, "GPTConfig.attn_softcap")
+        except ValueError as e:
+            raise UserError(str(e)) from None
+        if not is_int(self.attention_scale_width) or self.attention_scale_width < 0:
+            raise UserError(f"GPTConfig.attention_scale_width must be an integer >= 0 (0: head_dim), "
+                            f"got {self.attention_scale_width!r}")
+        self.attention_scale_width = int(self.attention_scale_width)
         if not is_int(self.attention_window) or self.attention_window < 0:
             raise UserError(f"GPTConfig.attention_window must be an integer >= 0 (0: no local attention), "
                             f"got {self.attention_window!r}")
@@ -168,6 +182,9 @@ class GPTConfig:
             if not isinstance(value, (bool, np.bool_)):
                 raise UserError(f"GPTConfig.{name} must be True or False, got {value!r}")
             setattr(self, name, bool(value))
+        if self.attention_scale_width and not self.scale_attention:
+            raise UserError(f"GPTConfig.attention_scale_width {self.attention_scale_width} sets the scale of the "
+                            "attention scores, which scale_attention False leaves unscaled: set one of them")
         if self.qkv_bias_only and self.bias:
             raise UserError("GPTConfig.qkv_bias_only gives the query, key and value projections biases in a model "
                             "without others (Qwen2's); with bias True they have them already (qkv_bias): set bias "

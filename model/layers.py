@@ -296,7 +296,9 @@ class MultiHeadAttention(nn.Module):
     and keys are rotated by their positions (Rotary) after the projection, before the cache
     stores the keys: the cache holds them rotated, as Llama's does. With qk_norm (Qwen3) each
     head's query and key is normalized first; with head_dim (Qwen3's own width) the heads are
-    head_dim wide whatever n_embd is, so q and the merged heads are n_head x head_dim. Triton
+    head_dim wide whatever n_embd is, so q and the merged heads are n_head x head_dim. Gemma's
+    two: scale_width, the scores scaled by 1/sqrt(scale_width) instead of 1/sqrt(head_dim)
+    (query_pre_attn_scalar), and softcap, the scores soft-capped (attn_logit_softcapping). Triton
     twin of the attention core: kernels/attention.py (flash_attention), which never builds the
     Tq x Tk score matrix.
     """
@@ -304,7 +306,8 @@ class MultiHeadAttention(nn.Module):
     def __init__(self, n_embd: int, n_head: int, context_length: int, dropout: float = 0.0,
                  bias: bool = True, layer_idx: int = 0, window: int = 0, scale: bool = True,
                  qkv_bias: bool | None = None, rope_theta: float | None = None, n_kv_head: int = 0,
-                 head_dim: int = 0, qk_norm=None, rope_scaling: dict | None = None):
+                 head_dim: int = 0, qk_norm=None, rope_scaling: dict | None = None, scale_width: int = 0,
+                 softcap: float = 0.0):
         super().__init__()
         assert head_dim or n_embd % n_head == 0, "n_embd must be divisible by n_head"
         # head_dim 0: n_embd / n_head; else its own (Qwen3), q, k and v n_head * head_dim wide
@@ -312,8 +315,10 @@ class MultiHeadAttention(nn.Module):
         self.n_kv_head = n_kv_head or n_head  # fewer: grouped-query attention (1: multi-query)
         assert n_head % self.n_kv_head == 0, "n_head must be a multiple of n_kv_head"
         self.window = window
-        # scale False: GPT-Neo's scores q.k, unscaled (its training kept them in range without)
-        self.softmax_scale = 1.0 / math.sqrt(self.head_dim) if scale else 1.0
+        # scale False: GPT-Neo's scores q.k, unscaled (its training kept them in range without);
+        # scale_width: Gemma's query_pre_attn_scalar, the scale 1/sqrt of a width other than head_dim's
+        self.softmax_scale = 1.0 / math.sqrt(scale_width or self.head_dim) if scale else 1.0
+        self.softcap = softcap  # > 0: each scaled score s read as softcap * tanh(s / softcap) (Gemma 2)
         qkv_bias = bias if qkv_bias is None else qkv_bias  # None: as the other projections (GPT-2)
         self.W_query = nn.Linear(n_embd, n_head * self.head_dim, bias=qkv_bias)
         self.W_key = nn.Linear(n_embd, self.n_kv_head * self.head_dim, bias=qkv_bias)
@@ -329,7 +334,8 @@ class MultiHeadAttention(nn.Module):
 
     def attend(self, q, k, v, doc_ids=None):
         """Textbook attention core: dropout(softmax(q k^T / sqrt(d) + causal mask)) v (without the
-        1 / sqrt(d) when the model does not scale its scores: GPT-Neo).
+        1 / sqrt(d) when the model does not scale its scores: GPT-Neo). With self.softcap c > 0 the
+        scaled scores s are soft-capped to c tanh(s / c) first (Gemma 2).
         doc_ids [B, Tk]: packed documents, each a run of equal ids; a query also may not see the
         keys of another document (the document mask). self.window W > 0: nor keys W or more
         positions back (the local mask). k, v with fewer heads than q (grouped-query attention):
@@ -341,6 +347,8 @@ class MultiHeadAttention(nn.Module):
         # which would cast the matmul back to fp16
         with _autocast_off_for_fp16(q):
             scores = _fp32_if_fp16(q) @ _fp32_if_fp16(k).transpose(-2, -1) * self.softmax_scale
+        if self.softcap:  # bounds the scores within (-c, c) before the masks' -inf
+            scores = self.softcap * torch.tanh(scores / self.softcap)
         scores = scores.masked_fill(in_the_future(Tq, Tk, q.device), float("-inf"))
         if doc_ids is not None:
             doc = document_index(doc_ids)  # [B, Tk]: 0 for the first document of a row, 1 for the next...
@@ -375,7 +383,7 @@ class MultiHeadAttention(nn.Module):
 
             p = self.attn_drop.p if self.training else 0.0
             ctx = flash_attention(q, k, v, causal=True, softmax_scale=self.softmax_scale, dropout_p=p, doc_ids=doc_ids,
-                                  window=self.window or None)
+                                  window=self.window or None, softcap=self.softcap or None)
         else:
             ctx = self.attend(q, k, v, doc_ids)
         ctx = ctx.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)
@@ -404,7 +412,8 @@ class TransformerBlock(nn.Module):
                                       cfg.has_qkv_bias, theta if cfg.position_encoding == "rope" else None,
                                       cfg.kv_heads, cfg.attention_head_dim,
                                       (lambda width: NORM_MODULES[cfg.norm](width, cfg.norm_eps)) if cfg.qk_norm
-                                      else None, scaling)
+                                      else None, scaling, scale_width=cfg.attention_scale_width,
+                                      softcap=cfg.attn_softcap)
         self.norm2 = make_norm(cfg)
         # the sandwich's outer norms (Gemma's post_attention_layernorm and post_feedforward_layernorm)
         self.post_att_norm = make_norm(cfg) if cfg.post_norms else None

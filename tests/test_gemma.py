@@ -100,19 +100,27 @@ def test_gemma1_and_gemma2_match_transformers(tmp_path, kind, kw):
 
 
 @pytest.mark.parametrize("kind,kw", [("gemma3_text", {}), ("gemma", {"layers": 2, "head_dim": 16}),
-                                     ("gemma2", {"layers": 3, "head_dim": 16, "final_logit_softcapping": 5.0})],
-                         ids=["gemma3", "gemma1", "gemma2"])
+                                     ("gemma2", {"layers": 3, "head_dim": 16, "final_logit_softcapping": 5.0}),
+                                     ("gemma2", {"layers": 3, "head_dim": 16, "attn_logit_softcapping": 1.0,
+                                                 "query_pre_attn_scalar": 24})],
+                         ids=["gemma3", "gemma1", "gemma2", "gemma2-capped"])
 def test_export_round_trips_through_transformers(tmp_path, kind, kw):
     """Loaded, exported, read by transformers' AutoModelForCausalLM: the same logits; its model_type
     is the family's, the norms written as w - 1, and load_checkpoint reads the export back."""
     from tritongpt.train.gemma_weights import export_gemma
 
     hf, path = hf_gemma(tmp_path / "in", kind, **kw)
+    hf.set_attn_implementation("eager")
     model = load_checkpoint(path).double().eval()
     export_gemma(model, tmp_path / "out", eos_token_id=1)
     d = json.loads((tmp_path / "out" / "config.json").read_text())
     assert d["model_type"] == kind
-    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float64).eval()
+    # eager: transformers' SDPA refuses the attention soft cap
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float64,
+                                                             attn_implementation="eager").eval()
+    assert (d.get("attn_logit_softcapping"), d.get("query_pre_attn_scalar")) == \
+        ((kw.get("attn_logit_softcapping"), kw.get("query_pre_attn_scalar", 16)) if kind == "gemma2" else
+         (None, None if kind == "gemma" else 32))
     idx = torch.randint(0, VOCAB, (2, T))
     with torch.no_grad():
         assert_close_rel(back(idx).logits, hf(idx).logits, 2e-6, "exported, read by transformers")
@@ -121,6 +129,110 @@ def test_export_round_trips_through_transformers(tmp_path, kind, kw):
     assert again.config == model.config.__class__(**{**model.config.to_dict(), "kernels": again.config.kernels})
     with pytest.raises(UserError, match="already holds a model"):
         export_gemma(model, tmp_path / "out")
+
+
+@pytest.mark.parametrize("kind,kw", [("gemma2", {"layers": 4, "head_dim": 16}),
+                                     ("gemma3_text", {"layers": 7, "head_dim": 32})], ids=["gemma2", "gemma3"])
+def test_attention_soft_cap_and_scale_width_match_transformers_on_both_paths(tmp_path, capsys, kind, kw):
+    """Gemma 2's attn_logit_softcapping (1 here, so that tanh bends the scores: the uncapped model is
+    far off) and the 27B models' query_pre_attn_scalar (a width other than head_dim's): logits on the
+    reference and Triton paths, and a decode over the KV cache (Tq < Tk in the kernel), are
+    transformers' (eager: its SDPA refuses the cap). Gemma 3's config has the cap's field, which
+    transformers' Gemma 3 never applies: read as no cap, noted."""
+    hf, path = hf_gemma(tmp_path, kind, attn_logit_softcapping=1.0, query_pre_attn_scalar=24, **kw)
+    hf.set_attn_implementation("eager")
+    model = load_checkpoint(path).double().eval()
+    assert (model.config.attn_softcap, model.config.attention_scale_width) == (1.0 if kind == "gemma2" else 0.0, 24)
+    assert ("attn_logit_softcapping 1.0, which Gemma 3 does not apply" in capsys.readouterr().err) == \
+        (kind == "gemma3_text")
+    assert [b.att.softmax_scale for b in model.trf_blocks] == pytest.approx([24 ** -0.5] * kw["layers"], rel=1e-15)
+    logits_match_transformers(hf, model, VOCAB, T)
+    idx = torch.randint(0, VOCAB, (2, 15))
+    with torch.no_grad():
+        want = hf(idx).logits
+        for kernels, dtype, tol in (("reference", torch.float64, 2e-6), ("triton", torch.float32, 1e-5)):
+            model.to(dtype).set_kernels(kernels)
+            _, decoded, _ = decode_token_by_token(model, idx)
+            assert_close_rel(decoded.double(), want, tol, f"decoded over the cache, {kernels}")
+        model.double().set_kernels("reference")
+        for b in model.trf_blocks:  # without the cap (Gemma 2) or with it (Gemma 3): far from transformers'
+            b.att.softcap = 1.0 - b.att.softcap
+        other = model(idx)
+    assert ((other - want).norm() / want.norm()).item() > 0.05
+
+
+def hf_gemma3_multimodal(folder, **text):
+    """A tiny random Gemma3ForConditionalGeneration (vision tower and projector beside the language model)
+    in float64, saved to folder. -> (the model, its model.safetensors)."""
+    torch.manual_seed(0)
+    text = dict(vocab_size=300, hidden_size=64, intermediate_size=88, num_hidden_layers=7, num_attention_heads=8,
+                num_key_value_heads=4, head_dim=256, sliding_window=7, max_position_embeddings=CTX,
+                rope_parameters=json.loads(json.dumps(ROPE3)), **text)
+    vision = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=2, image_size=28,
+                  patch_size=14)
+    cfg = transformers.Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4,
+                                    image_token_index=299, boi_token_index=297, eoi_token_index=298)
+    hf = transformers.Gemma3ForConditionalGeneration(cfg).double().eval()
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+    hf.save_pretrained(folder)
+    return hf, folder / "model.safetensors"
+
+
+def test_a_multimodal_gemma3_loads_as_its_language_model(tmp_path, capsys):
+    """Gemma 3 4B and up (Gemma3ForConditionalGeneration): its language model's tensors and text_config are
+    read, the vision tower left out (noted); the text logits are transformers' for the whole model. A
+    text_config trimmed as the Hub's 4B's is (widths, layers, window, RoPE scaling only) reads the rest as
+    Gemma3TextConfig's defaults: 8 heads of 256 over 4 KV heads, the 4B's."""
+    hf, path = hf_gemma3_multimodal(tmp_path)
+    model = load_checkpoint(path).double().eval()
+    assert "a multimodal Gemma 3; its language model is read, without the vision tower" in capsys.readouterr().err
+    c = model.config
+    assert (c.vocab_size, c.n_head, c.kv_heads, c.head_dim, c.window_layers, c.qk_norm, c.tie_weights) == \
+        (300, 8, 4, 256, "0,1,2,3,4,6", True, True)
+    idx = torch.randint(0, 297, (2, T))  # text tokens only
+    with torch.no_grad():
+        assert_close_rel(model(idx), hf(input_ids=idx).logits, 2e-6, "multimodal Gemma 3's text logits")
+    cfg_json = tmp_path / "config.json"
+    d = json.loads(cfg_json.read_text())
+    keep = ("hidden_size", "intermediate_size", "model_type", "num_hidden_layers", "rope_scaling", "sliding_window")
+    d["text_config"] = {k: v for k, v in d["text_config"].items() if k in keep}
+    cfg_json.write_text(json.dumps(d))
+    trimmed = load_checkpoint(path).config
+    assert (trimmed.n_head, trimmed.kv_heads, trimmed.head_dim, trimmed.context_length, trimmed.rope_theta,
+            trimmed.rope_local_theta, trimmed.attn_softcap, trimmed.attention_scale_width) == \
+        (8, 4, 256, 131072, 1e6, 1e4, 0.0, 0)
+    d["text_config"]["num_attention_heads"] = 4  # the defaults are only defaults: the file's own win
+    cfg_json.write_text(json.dumps(d))
+    with pytest.raises(UserError, match="head_dim 256, but the weights have 512"):
+        load_checkpoint(path)
+
+
+def test_attention_cap_and_scale_fields_are_checked_and_exports_that_cannot_say_them_refuse(tmp_path):
+    from tritongpt.train.gemma_weights import export_gemma
+    from tritongpt.train.llama_weights import export_llama
+
+    for bad, match in (({"attn_softcap": -1.0}, "attn_softcap must be a finite number >= 0"),
+                       ({"attn_softcap": float("inf")}, "attn_softcap must be a finite number >= 0"),
+                       ({"attention_scale_width": -2}, "attention_scale_width must be an integer >= 0"),
+                       ({"attention_scale_width": 1.5}, "attention_scale_width must be an integer >= 0"),
+                       ({"attention_scale_width": 64, "scale_attention": False}, "scale_attention False leaves")):
+        with pytest.raises(UserError, match=match):
+            GPTConfig(**bad)
+    llama = dict(scale_embeddings=False, post_norms=False, qk_norm=False, mlp="swiglu", window_layers="all",
+                 rope_local_theta=0.0)
+    with pytest.raises(UserError, match="soft-caps its attention scores at 50"):
+        export_llama(_gemma_like(**llama, attn_softcap=50.0), tmp_path / "llama")
+    with pytest.raises(UserError, match=r"scales its attention scores by 1/sqrt\(48\)"):
+        export_llama(_gemma_like(**llama, attention_scale_width=48), tmp_path / "llama")
+    gemma1 = dict(post_norms=False, qk_norm=False, attention_window=0, window_layers="all", rope_local_theta=0.0)
+    with pytest.raises(UserError, match="soft-caps its attention scores, which Gemma 3 does not"):
+        export_gemma(_gemma_like(attn_softcap=50.0), tmp_path / "g3")
+    with pytest.raises(UserError, match="soft-caps its attention scores, which Gemma does not"):
+        export_gemma(_gemma_like(**gemma1, attn_softcap=50.0), tmp_path / "g1")
+    with pytest.raises(UserError, match=r"scales its attention scores by 1/sqrt\(48\), where Gemma 1"):
+        export_gemma(_gemma_like(**gemma1, attention_scale_width=48), tmp_path / "g1")
 
 
 def test_gemma3_without_rope_parameters_reads_the_older_keys(tmp_path):
@@ -145,11 +257,11 @@ def test_gemma3_without_rope_parameters_reads_the_older_keys(tmp_path):
 
 
 @pytest.mark.parametrize("change,match", [
-    ({"model_type": "gemma2", "attn_logit_softcapping": 50.0}, "soft-caps the attention scores"),
-    ({"query_pre_attn_scalar": 64}, "query_pre_attn_scalar"),
+    ({"attn_logit_softcapping": -1.0}, "attn_logit_softcapping -1.0; it must be a number > 0 or null"),
+    ({"query_pre_attn_scalar": 1.5}, "query_pre_attn_scalar 1.5; it must be a positive integer"),
     ({"use_bidirectional_attention": True}, "use_bidirectional_attention"),
     ({"hidden_activation": "silu"}, "hidden_activation 'silu'"),
-    ({"model_type": "gemma3"}, "multimodal Gemma 3"),
+    ({"model_type": "gemma3"}, "multimodal Gemma 3 without a Gemma 3 text_config"),
     ({"layer_types": ["sliding_attention"] * 3}, "for each of the 7 layers"),
     ({"head_dim": 16}, "head_dim 16, but the weights have 32"),
     ({"rope_parameters": {**ROPE3, "sliding_attention": {"rope_type": "linear", "factor": 2.0}}},
@@ -289,6 +401,9 @@ def test_a_resume_that_would_drop_gemmas_touches_is_refused_by_name():
     for change, refused in (({"post_norms": False}, "does not normalize each sublayer's output"),
                             ({"scale_embeddings": False}, "does not scale its token embeddings"),
                             ({"rope_local_theta": 0.0}, "has one RoPE for every layer"),
+                            ({"attn_softcap": 20.0}, "soft-caps its attention scores at 0, this run's at 20"),
+                            ({"attention_scale_width": 48}, r"by 1/sqrt\(head_dim\), this run's model by "
+                                                            r"1/sqrt\(48\)"),
                             ({"mlp": "swiglu"}, "has a GeGLU MLP of hidden size 192, this run's model has a SwiGLU")):
         cfg = GPTConfig(**{**saved, **change})
         with pytest.raises(UserError, match=refused):
@@ -312,3 +427,22 @@ def test_scaled_embeddings_round_the_factor_to_their_dtype_as_gemma_does():
     assert torch.equal(seen[0], want)
     assert not torch.equal(seen[0], model.tok_emb(idx) * math.sqrt(40) + model.pos_emb(torch.arange(9)))
     assert not torch.equal(seen[0], emb)
+
+
+def test_pretrain_attn_softcap_builds_a_capped_model_and_resumes_only_as_it(corpus, tmp_path, capsys):
+    """pretrain --attn-softcap C: a new model whose attention scores are capped (saved in its config, said
+    at start); a resume without the flag, an --init that would change it and a negative cap refused by name."""
+    from tritongpt.cli import main
+
+    run = tmp_path / "run"
+    assert main(pretrain_argv(corpus, run, "--attn-softcap", "5", "--max-steps", "1")) == 0
+    assert "attention scores soft-capped at 5" in capsys.readouterr().out
+    assert load_checkpoint(run).config.attn_softcap == 5.0
+    assert main(pretrain_argv(corpus, run, "--max-steps", "2", "--resume")) == 2
+    assert "soft-caps its attention scores at 5, this run's at 0 (0: none): pass --attn-softcap 5" in \
+        capsys.readouterr().err
+    assert main(pretrain_argv(corpus, tmp_path / "b", "--init", str(run), "--attn-softcap", "7")) == 2
+    assert "--attn-softcap 7 would change what --init's model computes (its attn_softcap is 5)" in \
+        capsys.readouterr().err
+    assert main(pretrain_argv(corpus, tmp_path / "c", "--attn-softcap", "-1")) == 2
+    assert "--attn-softcap must be a finite number >= 0" in capsys.readouterr().err

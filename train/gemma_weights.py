@@ -16,18 +16,23 @@ their own width: 256) with Gemma's touches, each a GPTConfig field:
 - Gemma 3 normalizes each head's q and k (qk_norm, as Qwen3), and its local layers rotate with a
   RoPE base of their own, 10000, unscaled (rope_local_theta), the global ones with rope_theta 1e6
   and rope_scaling;
-- Gemma 2 soft-caps its final logits (logit_softcap).
-What this model does not compute is refused by name: Gemma 2's soft-capped attention scores
-(attn_logit_softcapping, 50 in every published Gemma 2), scores scaled by other than
-1/sqrt(head_dim) (query_pre_attn_scalar; Gemma 3 27B's 168 over heads of 128), bidirectional
-attention (EmbeddingGemma), and the multimodal Gemma 3 (4B and up: model_type "gemma3").
+- Gemma 2 soft-caps its final logits (logit_softcap) and its attention scores (attn_logit_softcapping,
+  50 in every published Gemma 2: attn_softcap; Gemma 3's config has the field too, which transformers
+  never applies: read as no cap, noted);
+- Gemma 2 and 3 scale the scores by query_pre_attn_scalar^-0.5, which is 1/sqrt(head_dim) except in
+  the 27B models (144 and 168 over heads of 128): attention_scale_width.
+The multimodal Gemma 3 (4B and up: Gemma3ForConditionalGeneration, model_type "gemma3") is read as
+its language model: the text_config (with Gemma3TextConfig's defaults where the published configs
+leave fields out) and the language_model's tensors; the vision tower and its projector are left out.
+What this model does not compute is refused by name: bidirectional attention (EmbeddingGemma), other
+activations, attention biases, a scaled local RoPE.
 """
 import math
 from pathlib import Path
 
 import torch
 
-from tritongpt.errors import UserError, read_json_object
+from tritongpt.errors import UserError, note, read_json_object
 from tritongpt.model.config import GPTConfig
 from tritongpt.model.gpt import GPTModel
 from tritongpt.train.gpt2_weights import _read_tensors, model_with_tensors, write_hf_folder
@@ -101,15 +106,51 @@ def _rope(d: dict, kind: str, cfg_json) -> tuple:
     return theta, scaling, float(local_theta)
 
 
+# Gemma3TextConfig's defaults for the fields a multimodal Gemma 3's text_config may leave out (the Hub's 4B
+# says only its widths, layers, window and RoPE scaling): the 4B's heads, 8 of 256 over 4 KV heads. The
+# vocabulary (262208) is the embedding's rows, read from the tensors.
+GEMMA3_TEXT_DEFAULTS = {"model_type": "gemma3_text", "num_attention_heads": 8,
+                        "num_key_value_heads": 4, "head_dim": 256, "max_position_embeddings": 131072,
+                        "query_pre_attn_scalar": 256, "sliding_window": 4096, "rms_norm_eps": 1e-6}
+# where a multimodal Gemma 3's language model keeps its tensors: the Hub's files (and transformers' saves),
+# and transformers 5's in-memory names
+_LANGUAGE_MODEL = ("language_model.model.", "model.language_model.")
+_LANGUAGE_HEAD = ("language_model.lm_head.weight", "lm_head.weight")
+
+
+def _text_config(d: dict, cfg_json: Path) -> dict:
+    """A config.json's language model fields: its own, or a multimodal Gemma 3's text_config over
+    GEMMA3_TEXT_DEFAULTS."""
+    if d.get("model_type") != "gemma3":
+        return d
+    text = d.get("text_config")
+    if not isinstance(text, dict) or text.get("model_type", "gemma3_text") != "gemma3_text":
+        raise UserError(f"{cfg_json} is a multimodal Gemma 3 without a Gemma 3 text_config (got "
+                        f"{type(text).__name__ if not isinstance(text, dict) else text.get('model_type')!r}); "
+                        "its language model's fields are read from there")
+    return {**GEMMA3_TEXT_DEFAULTS, **text, "model_type": "gemma3_text"}
+
+
+def _language_model_tensors(path: Path) -> dict:
+    """A multimodal Gemma 3's language model tensors, named as a Gemma3ForCausalLM's (without "model.");
+    the vision tower's and the projector's are left out."""
+    sd = _read_tensors(path, prefix="")
+    prefix = next((p for p in _LANGUAGE_MODEL if p + "embed_tokens.weight" in sd), None)
+    if prefix is None:
+        raise UserError(f"{path}: a multimodal Gemma 3 whose language model is not found: no "
+                        f"{' or '.join(p + 'embed_tokens.weight' for p in _LANGUAGE_MODEL)}")
+    out = {k.removeprefix(prefix): v for k, v in sd.items() if k.startswith(prefix)}
+    head = next((k for k in _LANGUAGE_HEAD if k in sd), None)
+    if head is not None:
+        out["lm_head.weight"] = sd[head]
+    return out
+
+
 def _check_hf_config(cfg_json: Path, sd: dict) -> GPTConfig:
-    """The GPTConfig of a Gemma config.json, checked against the tensors beside it; what this
-    model does not compute refused by name."""
-    d = read_json_object(cfg_json)
+    """The GPTConfig of a Gemma config.json (a multimodal Gemma 3's: its text_config), checked against
+    the tensors beside it; what this model does not compute refused by name."""
+    d = _text_config(read_json_object(cfg_json), cfg_json)
     kind = d.get("model_type")
-    if kind == "gemma3":
-        raise UserError(f"{cfg_json} is a multimodal Gemma 3 (Gemma3ForConditionalGeneration: 4B and up, a vision "
-                        "tower beside the language model); the text-only Gemma 3 models (270M, 1B: model_type "
-                        "'gemma3_text') are read here")
     vocab, n_embd, hidden, n_layer, n_head, n_kv_head, head_dim = hf_shapes(d, sd, cfg_json, "Gemma")
     act_key = "hidden_act" if kind == "gemma" else "hidden_activation"
     act = d.get(act_key) or "gelu_pytorch_tanh"
@@ -118,22 +159,26 @@ def _check_hf_config(cfg_json: Path, sd: dict) -> GPTConfig:
                         "('gelu_pytorch_tanh')")
     if d.get("attention_bias"):
         raise UserError(f"{cfg_json} has attention_bias true; Gemma's projections have no biases here")
-    if kind == "gemma2" and d.get("attn_logit_softcapping", 50.0) is not None:
-        raise UserError(f"{cfg_json} soft-caps the attention scores (attn_logit_softcapping "
-                        f"{d.get('attn_logit_softcapping', 50.0)!r}), which this model's attention does not compute")
-    if kind == "gemma3_text" and d.get("attn_logit_softcapping") is not None:
-        raise UserError(f"{cfg_json} soft-caps the attention scores (attn_logit_softcapping "
-                        f"{d['attn_logit_softcapping']!r}), which this model's attention does not compute")
-    scalar = d.get("query_pre_attn_scalar", head_dim if kind == "gemma" else 256)
-    if scalar != head_dim:
-        raise UserError(f"{cfg_json} scales the attention scores by query_pre_attn_scalar^-0.5 = {scalar!r}^-0.5; "
-                        f"this model scales them by 1/sqrt(head_dim) = 1/sqrt({head_dim}) only")
+    # Gemma 1 has neither field: its scores are scaled by 1/sqrt(head_dim), never capped
+    attn_cap = d.get("attn_logit_softcapping", 50.0 if kind == "gemma2" else None) if kind != "gemma" else None
+    if attn_cap is not None and (isinstance(attn_cap, bool) or not isinstance(attn_cap, (int, float))
+                                 or not math.isfinite(attn_cap) or attn_cap <= 0):
+        raise UserError(f"{cfg_json} has attn_logit_softcapping {attn_cap!r}; it must be a number > 0 or null")
+    if kind == "gemma3_text" and attn_cap is not None:  # transformers' Gemma 3 keeps the field but never applies it
+        note(f"{cfg_json} has attn_logit_softcapping {attn_cap!r}, which Gemma 3 does not apply (transformers' "
+             "Gemma3 attention ignores it): read without a cap")
+        attn_cap = None
+    scalar = d.get("query_pre_attn_scalar", 256) if kind != "gemma" else head_dim
+    if isinstance(scalar, bool) or not isinstance(scalar, (int, float)) or scalar != int(scalar) or scalar < 1:
+        raise UserError(f"{cfg_json} has query_pre_attn_scalar {scalar!r}; it must be a positive integer (the "
+                        "width whose 1/sqrt scales the attention scores)")
     if d.get("use_bidirectional_attention"):
         raise UserError(f"{cfg_json} has use_bidirectional_attention true (an embedding model); this model is causal")
     cap = d.get("final_logit_softcapping", 30.0 if kind == "gemma2" else None)
     window, window_layers = _sliding_window(d, kind, n_layer, cfg_json)
     theta, scaling, local_theta = _rope(d, kind, cfg_json)
     return GPTConfig(vocab_size=vocab, context_length=d.get("max_position_embeddings", 8192), n_embd=n_embd,
+                     attn_softcap=attn_cap or 0.0, attention_scale_width=0 if scalar == head_dim else int(scalar),
                      n_layer=n_layer, n_head=n_head, n_kv_head=0 if n_kv_head == n_head else n_kv_head,
                      attention_head_dim=0 if head_dim * n_head == n_embd else head_dim,
                      qk_norm=kind == "gemma3_text", bias=False, attention_window=window,
@@ -169,13 +214,18 @@ def _our_tensors(sd: dict, cfg: GPTConfig) -> dict:
 
 
 def load_gemma_safetensors(path) -> GPTModel:
-    """GPTModel with the weights of a Hugging Face Gemma (1, 2 or 3, text-only) model.safetensors (or
-    shard index) and its config.json beside it."""
+    """GPTModel with the weights of a Hugging Face Gemma (1, 2 or 3; a multimodal Gemma 3's language model)
+    model.safetensors (or shard index) and its config.json beside it."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"Gemma weights file not found: {path}")
     cfg_json = path.parent / "config.json"
-    sd = _read_tensors(path, prefix="model.")
+    if read_json_object(cfg_json).get("model_type") == "gemma3":
+        _text_config(read_json_object(cfg_json), cfg_json)  # a config without one refused before any tensor is read
+        sd = _language_model_tensors(path)
+        note(f"{path}: a multimodal Gemma 3; its language model is read, without the vision tower")
+    else:
+        sd = _read_tensors(path, prefix="model.")
     cfg = _check_hf_config(cfg_json, sd)
     return model_with_tensors(cfg, lambda: _our_tensors(sd, cfg), path)
 
@@ -216,7 +266,12 @@ def refuse_not_gemma(model: GPTModel, what: str) -> None:
                          (kind != "gemma3_text" and bool(cfg.rope_local_theta), f"rotates its local layers with a "
                           f"RoPE of their own (rope_local_theta), which {family} does not (Gemma 3, with q/k norms, "
                           "does)"),
-                         (kind == "gemma" and cfg.rope_scaling is not None, "scales RoPE, which Gemma 1 does not")):
+                         (kind == "gemma" and cfg.rope_scaling is not None, "scales RoPE, which Gemma 1 does not"),
+                         (kind != "gemma2" and bool(cfg.attn_softcap), f"soft-caps its attention scores, which "
+                          f"{family} does not (Gemma 2 does; transformers' Gemma 3 reads attn_logit_softcapping but "
+                          "never applies it)"),
+                         (kind == "gemma" and bool(cfg.attention_scale_width), "scales its attention scores by "
+                          f"1/sqrt({cfg.attention_scale_width}), where Gemma 1 scales them by 1/sqrt(head_dim)")):
         if differs:
             raise UserError(f"this model {why}: it cannot be exported as {what}")
 
@@ -255,7 +310,8 @@ def hf_config(cfg: GPTConfig, eos_token_id: int | None = None, bos_token_id: int
     rope = {"rope_type": "default", "rope_theta": cfg.rope_theta, **(cfg.rope_scaling or {})}
     if kind == "gemma":
         return {**d, "rope_theta": cfg.rope_theta, "rope_parameters": rope}
-    d.update(query_pre_attn_scalar=cfg.head_dim, attn_logit_softcapping=None,
+    d.update(query_pre_attn_scalar=cfg.attention_scale_width or cfg.head_dim,
+             attn_logit_softcapping=cfg.attn_softcap or None,
              final_logit_softcapping=cfg.logit_softcap or None, sliding_window=cfg.attention_window or None,
              layer_types=_layer_types(cfg))
     if kind == "gemma2":

@@ -458,14 +458,18 @@ def refuse_other_heads(cfg: GPTConfig, family: str, what: str) -> None:
 
 
 def refuse_gemma_touches(cfg: GPTConfig, family: str, what: str, layer_types: bool = False) -> None:
-    """Gemma's scaled embeddings and sandwich norms, and (unless the family's config has layer_types:
-    Qwen2's, Qwen3's) local layers other than all or the odd ones, which the other families' folders
-    cannot say: refused by name."""
+    """Gemma's scaled embeddings, sandwich norms, attention soft cap and scale width, and (unless the family's
+    config has layer_types: Qwen2's, Qwen3's) local layers other than all or the odd ones, which the other
+    families' folders cannot say: refused by name."""
     for differs, why in ((cfg.scale_embeddings, "scales its token embeddings by sqrt(n_embd) (scale_embeddings)"),
                          (cfg.post_norms, "normalizes each sublayer's output too (post_norms: Gemma's sandwich "
                           "norms)"),
                          (bool(cfg.attention_window) and cfg.window_layers not in ("all", "odd") and not layer_types,
-                          f"has local attention in layers {cfg.window_layers} only")):
+                          f"has local attention in layers {cfg.window_layers} only"),
+                         (bool(cfg.attn_softcap), f"soft-caps its attention scores at {cfg.attn_softcap:g} "
+                          "(attn_softcap)"),
+                         (bool(cfg.attention_scale_width), f"scales its attention scores by "
+                          f"1/sqrt({cfg.attention_scale_width}), not 1/sqrt(head_dim) (attention_scale_width)")):
         if differs:
             raise UserError(f"this model {why}, which Hugging Face's {family} does not: it cannot be exported as "
                             f"{what} (a Gemma folder may take it)")

@@ -440,9 +440,9 @@ class Trainer:
     def _check_same_function(self, ckpt, saved_cfg):
         """Another function of the weights (a logit soft cap, local attention, unscaled attention
         scores, the position encoding: RoPE or learned, RoPE's theta, the norm: LayerNorm or RMSNorm,
-        and its eps, biases, on q/k/v only (Qwen2) or none, Gemma's scaled embeddings, sandwich norms
-        and local RoPE) or another MLP (GELU, SwiGLU or GeGLU, the gated ones' hidden size: other weights
-        too, named before their shapes are): the run would go on as another model. A config from before a field reads as
+        and its eps, biases, on q/k/v only (Qwen2) or none, Gemma's scaled embeddings, sandwich norms,
+        local RoPE, attention soft cap and scale) or another MLP (GELU, SwiGLU or GeGLU, the gated ones'
+        hidden size: other weights too, named before their shapes are): the run would go on as another model. A config from before a field reads as
         without it; no saved config (a bare weights file) is not compared."""
         from tritongpt.model.layers import swiglu_hidden
 
@@ -450,6 +450,7 @@ class Trainer:
         if cfg is None or not saved_cfg:
             return
         cap = saved_cfg.get("logit_softcap", 0.0)
+        attn_cap, scale_width = saved_cfg.get("attn_softcap", 0.0), saved_cfg.get("attention_scale_width", 0)
         window, layers = saved_cfg.get("attention_window", 0), saved_cfg.get("window_layers", "all")
         encoding, theta = saved_cfg.get("position_encoding", "learned"), saved_cfg.get("rope_theta", 10000.0)
         rope_scaling = saved_cfg.get("rope_scaling")
@@ -520,6 +521,16 @@ class Trainer:
             what = (f"{touches(*gemma)}; this run's model "
                     f"{touches(cfg.scale_embeddings, cfg.post_norms, cfg.rope_local_theta)}")
             flags = "the run's own --init"  # Gemma's: no flag makes them, only an --init folder's config.json
+        elif attn_cap != cfg.attn_softcap:
+            what = f"soft-caps its attention scores at {attn_cap:g}, this run's at {cfg.attn_softcap:g} (0: none)"
+            flags = f"--attn-softcap {attn_cap:g}"
+        elif scale_width != cfg.attention_scale_width:
+            def width(w):
+                return f"1/sqrt({w})" if w else "1/sqrt(head_dim)"
+
+            what = f"scales its attention scores by {width(scale_width)}, this run's model by " \
+                f"{width(cfg.attention_scale_width)}"
+            flags = "the run's own --init"  # Gemma's query_pre_attn_scalar: only an --init folder's config.json
         elif saved_cfg.get("scale_attention", True) != cfg.scale_attention:
             def scaled(on):
                 return "scales its attention scores by 1/sqrt(head_dim)" if on else \

@@ -63,6 +63,10 @@ def add_args(p: argparse.ArgumentParser):
                    help="soft-cap the new model's logits to C tanh(logits / C) (GPTConfig.logit_softcap; Gemma 2 "
                         "uses 30, modded-nanogpt 15 to 30; in the loss and in sampling alike, and such a model cannot "
                         "be exported to Hugging Face's GPT-2; default: none, or what --init's model has)")
+    p.add_argument("--attn-softcap", type=float, default=None, metavar="C",
+                   help="soft-cap the new model's attention scores to C tanh(s / C) before the softmax "
+                        "(GPTConfig.attn_softcap; Gemma 2 uses 50; both kernel paths compute it; default: none, or "
+                        "what --init's model has)")
     p.add_argument("--attention-window", type=int, default=None, metavar="W",
                    help="local attention for the new model: a token in a local layer attends to the last W "
                         "positions only, itself included (GPTConfig.attention_window; GPT-3's locally banded layers, "
@@ -197,11 +201,12 @@ def check_args(args, targs):
     preset = get_config(args.model or "tiny") if args.init is None else None
     if args.dropout is not None and not 0.0 <= args.dropout < 1.0:
         raise UserError(f"--dropout must be in [0, 1), got {args.dropout}")
-    if args.logit_softcap is not None:
-        try:
-            softcap_value(args.logit_softcap, "--logit-softcap")
-        except ValueError as e:
-            raise UserError(str(e)) from None
+    for flag in ("logit_softcap", "attn_softcap"):
+        if getattr(args, flag) is not None:
+            try:
+                softcap_value(getattr(args, flag), "--" + flag.replace("_", "-"))
+            except ValueError as e:
+                raise UserError(str(e)) from None
     if args.attention_window is not None and args.attention_window < 0:
         raise UserError(f"--attention-window must be >= 0 (0: every layer sees the whole context), "
                         f"got {args.attention_window}")
@@ -246,8 +251,8 @@ def check_args(args, targs):
             raise UserError(NO_WINDOW.format(args.window_layers))
         if args.rope_theta is not None and (args.position_encoding or model.config.position_encoding) != "rope":
             raise UserError(NO_ROPE.format(args.rope_theta))
-        for field in ("logit_softcap", "attention_window", "window_layers", "position_encoding", "rope_theta",
-                      "norm", "mlp"):
+        for field in ("logit_softcap", "attn_softcap", "attention_window", "window_layers", "position_encoding",
+                      "rope_theta", "norm", "mlp"):
             given, has = getattr(args, field), getattr(model.config, field)
             if given is not None and given != has:
                 show = (lambda v: f"{v:g}") if isinstance(has, float) else str
@@ -273,6 +278,7 @@ def check_args(args, targs):
         name = args.model or "tiny"
         cfg = get_config(name, vocab_size=model_vocab(name, tok, preset.vocab_size),
                          dropout=args.dropout, vocab_multiple=args.vocab_multiple, logit_softcap=args.logit_softcap,
+                         attn_softcap=args.attn_softcap,
                          attention_window=args.attention_window, window_layers=args.window_layers,
                          position_encoding=args.position_encoding, rope_theta=args.rope_theta,
                          n_kv_head=args.n_kv_head, norm=args.norm, mlp=args.mlp, mlp_hidden=args.mlp_hidden,
@@ -419,6 +425,8 @@ def print_header(args, targs, model, tok, block, splits, trainer):
     gqa += ", embeddings scaled by sqrt(n_embd)" if cfg.scale_embeddings else ""
     gqa += ", sandwich norms" if cfg.post_norms else ""
     gqa += f", local layers' RoPE theta {cfg.rope_local_theta:g}" if cfg.rope_local_theta else ""
+    gqa += f", attention scores soft-capped at {cfg.attn_softcap:g}" if cfg.attn_softcap else ""
+    gqa += f", attention scaled by 1/sqrt({cfg.attention_scale_width})" if cfg.attention_scale_width else ""
     print(f"pretrain: {model_name(args)} ({model.num_params() / 1e6:.2f}M params, vocab {cfg.vocab_size}{padded}, "
           f"context {cfg.context_length}"
           f"{f', trained on {block}-token blocks' if block != cfg.context_length else ''}"
