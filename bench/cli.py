@@ -134,6 +134,8 @@ def train_model_flags(args, models=()):
 
     try:
         softcap_value(args.logit_softcap, "--logit-softcap")
+        if args.attn_softcap is not None:
+            softcap_value(args.attn_softcap, "--attn-softcap")
     except ValueError as e:
         raise UserError(str(e)) from None
     if args.attention_window < 0:
@@ -296,6 +298,9 @@ def add_cli(sub):
     t.add_argument("--post-norms", action=argparse.BooleanOptionalAction, default=None,
                    help="normalize each sublayer's output too before it joins the residual, with a norm of its "
                         "own (Gemma 2 and 3's sandwich norms; GPTConfig.post_norms) (default: the preset's, no)")
+    t.add_argument("--attn-softcap", type=float, default=None, metavar="C",
+                   help="soft-cap the attention scores to C tanh(s / C) (Gemma 2's 50; GPTConfig.attn_softcap): "
+                        "SDPA has no such cap, so reference+compile+sdpa is reported unavailable (default: none)")
     t.add_argument("--rope-local-theta", type=float, default=None, metavar="T",
                    help="RoPE's base in the local layers (Gemma 3's 10000 beside its global 1e6; "
                         "GPTConfig.rope_local_theta) (default: rope_theta in every layer)")

@@ -4,7 +4,8 @@
 # lent H100/H200 for ~15 minutes a session, at most 10 a call), so everything is time-boxed
 # and every result lands in $OUT/session.tgz.
 #
-#   TRITONGPT_GIT_COMMIT=<hash of HEAD> bash bench/gpu_session.sh [all|tests|bench|padded|lora|window|llama|qwen3|gemma3]
+#   TRITONGPT_GIT_COMMIT=<hash of HEAD> bash bench/gpu_session.sh \
+#     [all|tests|bench|padded|lora|window|llama|qwen3|gemma3|gemma2]
 #   (default: all)
 #   padded (not part of all): the GPT-2 124M training step again with the vocabulary padded to
 #   50304 (--vocab-multiple 64, every provider alike), into results-vocab64/ in the archive
@@ -22,6 +23,10 @@
 #   gemma3 (not part of all; after qwen3): Gemma 3's shape at GPT-2's depth and width: GeGLU, scaled
 #   embeddings, sandwich norms, q/k norms, 12 heads of 256 on one KV head, RoPE 1e6 in the global
 #   layers (5 and 11) and 10000 in the ten local ones, a window of 512, no biases, into results-gemma3/
+#   gemma2 (not part of all; after gemma3): Gemma 2's shape at GPT-2's depth and width: GeGLU, scaled
+#   embeddings, sandwich norms, 12 heads of 256 on 6 KV heads, the attention scores soft-capped at 50 and
+#   the logits at 30, a window of 512 in the even layers, into results-gemma2/; SDPA cannot cap the
+#   scores, so reference+compile (torch.compile of the eager math) is the baseline there
 #   env: OUT (default ./gpu-out), WORK (default /tmp/tritongpt-gpu), WARM_SECONDS (90),
 #        TEST_SECONDS (120), BENCH_MINUTES (4), PYTHON (python3)
 # The device gets a copy of the working tree without .git, so name the commit: results record it.
@@ -185,5 +190,11 @@ if [ "$what" = gemma3 ]; then
     extra_train_bench gemma3 --norm rmsnorm --mlp geglu --position-encoding rope --rope-theta 1000000 \
         --rope-local-theta 10000 --n-kv-head 1 --no-bias --attention-head-dim 256 --qk-norm --post-norms \
         --scale-embeddings --attention-window 512 --window-layers 0,1,2,3,4,6,7,8,9,10
+fi
+if [ "$what" = gemma2 ]; then
+    extra_train_bench gemma2 --norm rmsnorm --mlp geglu --position-encoding rope --n-kv-head 6 --no-bias \
+        --attention-head-dim 256 --post-norms --scale-embeddings --attention-window 512 \
+        --window-layers 0,2,4,6,8,10 --attn-softcap 50 --logit-softcap 30 \
+        --train-providers reference,triton,reference+compile,triton+compile
 fi
 exit $rc

@@ -1015,7 +1015,7 @@ def test_gpu_command_flow_with_cpu_stand_ins(tmp_path, monkeypatch, capsys):
     assert seen["flags"] == dict(vocab_multiple=1, attention_window=0, window_layers=None, logit_softcap=0.0,
                                  norm=None, mlp=None, mlp_hidden=None, position_encoding=None, rope_theta=None,
                                  n_kv_head=None, bias=None, attention_head_dim=None, qk_norm=None,
-                                 scale_embeddings=None, post_norms=None, rope_local_theta=None)
+                                 scale_embeddings=None, post_norms=None, rope_local_theta=None, attn_softcap=None)
     (folder,) = tmp_path.iterdir()
     k = report.validate_result(json.loads((folder / "kernels.json").read_text()))
     t = report.validate_result(json.loads((folder / "train.json").read_text()))
@@ -2521,6 +2521,25 @@ def test_train_speedup_threshold_at_its_edge():
         assert got["train step speedup vs reference+compile+sdpa"]["status"] == status, tok_s
 
 
+def test_a_soft_capped_models_speedup_is_against_compiled_eager_math():
+    """SDPA cannot soft-cap the attention scores: with attn_softcap the baseline is reference+compile,
+    named in the target; a plain model never falls back to it (a missing SDPA row is no baseline)."""
+    def step(provider, tok_s, cap):
+        row = _step("gpt2-small", provider, tok_s)
+        row["config"].update({"attn_softcap": cap} if cap else {})
+        return row
+
+    for cap in (50.0, 0.0):
+        rows = [step("reference+compile+sdpa", 0.0, cap), step("reference+compile", 100.0, cap),
+                step("triton", 150.0, cap)]
+        rows[0] = make_row("train", "step", "reference+compile+sdpa", rows[0]["config"], "fwd+bwd", "skipped: no cap")
+        got = {t["target"]: t for t in train_step.train_targets(rows)}
+        if cap:
+            assert got["train step speedup vs reference+compile"]["value"] == pytest.approx(1.5)
+        else:
+            assert got["train step speedup vs reference+compile+sdpa"]["value"] is None
+
+
 def test_train_step_with_a_non_finite_loss_is_a_failed_row(monkeypatch):
     """A step whose loss is nan measured nothing worth a number: a failed row, no tokens/s."""
     monkeypatch.setattr(train_step, "train_step", lambda *a, **k: torch.tensor(float("nan")))
@@ -2835,12 +2854,19 @@ def test_llama_step_flops_count_its_own_matrices_by_hand():
                 "--qk-norm", "--post-norms", "--scale-embeddings", "--attention-window", "512", "--window-layers",
                 "0,1,2,3,4,6,7,8,9,10"],
      dict(mlp="geglu", rope_local_theta=10000.0, n_kv_head=1, attention_head_dim=256, qk_norm=True, post_norms=True,
-          scale_embeddings=True, attention_window=512, window_layers="0,1,2,3,4,6,7,8,9,10"))])
+          scale_embeddings=True, attention_window=512, window_layers="0,1,2,3,4,6,7,8,9,10")),
+    ("gemma2", ["--norm", "rmsnorm", "--mlp", "geglu", "--position-encoding", "rope", "--n-kv-head", "6", "--no-bias",
+                "--attention-head-dim", "256", "--post-norms", "--scale-embeddings", "--attention-window", "512",
+                "--window-layers", "0,2,4,6,8,10", "--attn-softcap", "50", "--logit-softcap", "30",
+                "--train-providers", "reference,triton,reference+compile,triton+compile"],
+     dict(mlp="geglu", n_kv_head=6, attention_head_dim=256, post_norms=True, scale_embeddings=True,
+          attention_window=512, window_layers="0,2,4,6,8,10", attn_softcap=50.0, logit_softcap=30.0))])
 def test_gpu_session_extra_train_modes_time_gpt2_small_into_their_own_folder(tmp_path, mode, flags, model):
-    """`bash bench/gpu_session.sh window`, `... llama`, `... qwen3` and `... gemma3` (extra runs, as padded
-    and lora are) run `bench train` on GPT-2 124M with GPT-Neo's window of 256 in the odd layers, with Llama's
-    shape (RMSNorm, SwiGLU, RoPE, 4 KV heads, no biases), that with Qwen3's attention (heads of 128,
-    q/k norms), or Gemma 3's shape, into results-<mode>/, within its budget and hard limit, and pack
+    """`bash bench/gpu_session.sh window`, `... llama`, `... qwen3`, `... gemma3` and `... gemma2` (extra runs,
+    as padded and lora are) run `bench train` on GPT-2 124M with GPT-Neo's window of 256 in the odd layers, with
+    Llama's shape (RMSNorm, SwiGLU, RoPE, 4 KV heads, no biases), that with Qwen3's attention (heads of 128,
+    q/k norms), or Gemma 3's or Gemma 2's shape (its attention soft cap), into results-<mode>/, within its
+    budget and hard limit, and pack
     it; the flags pass bench train's own checks and reach the model flags. Python is a stand-in that
     records its arguments (no install, no GPU)."""
     import os
@@ -2866,7 +2892,8 @@ def test_gpu_session_extra_train_modes_time_gpt2_small_into_their_own_folder(tmp
                      f"{work}/results-{mode}"]
     assert not any("pytest" in c for c in runs)  # the CUDA tests (and bench all) are not part of it
     args = build_parser().parse_args(bench)
-    assert bcli.train_names(args) == (("gpt2-small",), train_step.TRAIN_PROVIDERS)
+    assert bcli.train_names(args) == (("gpt2-small",), train_step.TRAIN_PROVIDERS if mode != "gemma2" else
+                                      ("reference", "triton", "reference+compile", "triton+compile"))
     assert {k: v for k, v in bcli.model_flags(args).items() if k in model} == model
     assert f"== tritongpt bench train {' '.join(flags)}" in done.stdout
     assert (tmp_path / "out" / "session.tgz").is_file()
@@ -3362,3 +3389,22 @@ def test_a_gemma3_step_names_its_touches():
     cfg = train_step.train_config("tiny", 16, **flags)
     dense = 4 * cfg.n_embd * 16
     assert attention_forward_flops(cfg, 16) == 2 * dense * (16 * 4 - 8) / 128 + (cfg.n_layer - 2) * dense
+
+
+def test_a_gemma2_step_soft_caps_its_attention_and_sdpa_says_it_cannot():
+    """bench train --attn-softcap (Gemma 2's): the row's config and the models line say the cap; the
+    reference and Triton steps run it (CPU, the interpreter) with the same loss; SDPA, which has no score
+    cap, is reported unavailable with the reason instead of timing an uncapped model."""
+    from tritongpt.bench import report
+
+    flags = dict(norm="rmsnorm", mlp="geglu", position_encoding="rope", bias=False, post_norms=True,
+                 scale_embeddings=True, attn_softcap=2.0)
+    rows = {p: train_step.bench_train_provider(p, "tiny", 2, 16, torch.device("cpu"), torch.float32, 0, 1,
+                                               peak_flops=1e12, **flags)
+            for p in ("reference", "triton", "reference+sdpa")}
+    assert rows["reference"]["status"] == rows["triton"]["status"] == "ok"
+    assert rows["reference"]["config"]["attn_softcap"] == 2.0
+    assert "attn_softcap=2.0" in report.models_line([rows["reference"]])
+    assert rows["triton"]["final_loss"] == pytest.approx(rows["reference"]["final_loss"], rel=1e-4)
+    assert rows["reference+sdpa"]["status"] == ("skipped: F.scaled_dot_product_attention cannot soft-cap the scores "
+                                                "(attn_softcap 2); reference+compile times the eager math")
