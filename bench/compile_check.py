@@ -148,6 +148,14 @@ def capture(quick=False, half="bfloat16"):
                 s, _, _, rstd = layernorm._fwd_launch(stream, w, None, 1e-5, delta=x, rms=True)
                 layernorm._bwd_launch(torch.empty_like(s), s, w, None, rstd, ds=torch.empty_like(s),
                                       dx2_dtype=None if dt == torch.float32 else dt)
+            # Qwen3's and Gemma 3's q/k norms: RMSNorm over each head's width, one row per token and head
+            for d in (() if quick else (128, 256)):
+                rows = TOKENS * (768 // 64)
+                case[0] = f"rmsnorm {name} {rows}x{d} (q/k norm)"
+                x = torch.empty(rows, d, dtype=dt, **meta)
+                w = torch.empty(d, dtype=torch.float32, **meta)
+                _, _, rstd = layernorm._fwd_launch(x, w, None, 1e-6, rms=True)
+                layernorm._bwd_launch(torch.empty_like(x), x, w, None, rstd)
 
             c = MLP_WIDTH
             case[0] = f"mlp {name} {TOKENS}x{c}->{4 * c}"
