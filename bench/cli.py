@@ -301,6 +301,9 @@ def add_cli(sub):
     t.add_argument("--attn-softcap", type=float, default=None, metavar="C",
                    help="soft-cap the attention scores to C tanh(s / C) (Gemma 2's 50; GPTConfig.attn_softcap): "
                         "SDPA has no such cap, so reference+compile+sdpa is reported unavailable (default: none)")
+    t.add_argument("--nope-layers", type=window_layers_arg, default=None, metavar="I,J,...",
+                   help="layers whose q and k are not rotated (SmolLM3's NoPE layers, every fourth: 3,7,11; "
+                        "GPTConfig.nope_layers; needs --position-encoding rope) (default: RoPE in every layer)")
     t.add_argument("--rope-local-theta", type=float, default=None, metavar="T",
                    help="RoPE's base in the local layers (Gemma 3's 10000 beside its global 1e6; "
                         "GPTConfig.rope_local_theta) (default: rope_theta in every layer)")

@@ -161,7 +161,7 @@ def config_text(cfg: dict) -> str:
 VARIANT_KEYS = ("padded_vocab", "attention_window", "window_layers", "logit_softcap", "attn_softcap",
                 "attention_scale_width")
 ARCH_KEYS = ("norm", "mlp", "mlp_hidden", "position_encoding", "rope_theta", "n_kv_head", "bias", "attention_head_dim",
-             "qk_norm", "scale_embeddings", "post_norms", "rope_local_theta")
+             "qk_norm", "scale_embeddings", "post_norms", "rope_local_theta", "nope_layers")
 
 
 def variant_text(config: dict, keys=VARIANT_KEYS + ARCH_KEYS) -> str:
@@ -196,6 +196,8 @@ def architecture_text(config: dict) -> str:
         words.append("sandwich norms")
     if "rope_local_theta" in config:
         words.append(f"local RoPE theta {config['rope_local_theta']:g}")
+    if "nope_layers" in config:
+        words.append(f"no RoPE in layers {config['nope_layers']}")
     return ", ".join(words)
 
 

@@ -76,6 +76,9 @@ class GPTConfig:
     # Gemma 3's two RoPEs: the local (windowed) layers rotate with this base, unscaled, and the global
     # ones with rope_theta and rope_scaling (10000 and 1e6 in Gemma 3). 0: every layer as rope_theta says.
     rope_local_theta: float = 0.0
+    # NoPE layers (SmolLM3's every fourth): a comma list of the layers whose q and k are not rotated,
+    # attention there seeing no position but the causal mask's order. "": RoPE in every layer.
+    nope_layers: str = ""
     # Every norm of the model (each block's two and the final one): "layernorm", GPT-2's
     # (x - mean) / std * weight + bias, or "rmsnorm", x / rms(x) * weight (Llama, Gemma, modded-nanogpt:
     # no mean subtracted, no bias parameter). norm_eps is added to the variance or the mean square:
@@ -161,6 +164,12 @@ class GPTConfig:
                                                           if self.position_encoding == "rope" else
                                                           f"position_encoding {self.position_encoding!r}")
                             + ": leave it 0")
+        if self.nope_layers != "":
+            if self.position_encoding != "rope":
+                raise UserError(f"GPTConfig.nope_layers {self.nope_layers!r} names layers without RoPE; this model "
+                                f"has position_encoding {self.position_encoding!r}: set it to 'rope' or leave "
+                                "nope_layers empty")
+            self.nope_layers = check_window_layers(self.nope_layers, self.n_layer, "GPTConfig.nope_layers")
         if self.rope_scaling and self.position_encoding != "rope":
             raise UserError(f"GPTConfig.rope_scaling stretches RoPE's frequencies; this model has position_encoding "
                             f"{self.position_encoding!r}: set it to 'rope' or leave rope_scaling None")
@@ -229,11 +238,13 @@ class GPTConfig:
     @property
     def local_layers(self) -> tuple:
         """The indices of the layers window_layers names ("all", "odd" or its list)."""
-        if self.window_layers == "all":
-            return tuple(range(self.n_layer))
-        if self.window_layers == "odd":
-            return tuple(range(1, self.n_layer, 2))
-        return tuple(int(i) for i in self.window_layers.split(","))
+        return layer_list(self.window_layers, self.n_layer)
+
+    def layer_has_rope(self, layer_idx: int) -> bool:
+        """Whether layer layer_idx rotates q and k: RoPE models, except the nope_layers (SmolLM3's)."""
+        if self.position_encoding != "rope" or self.nope_layers == "":
+            return self.position_encoding == "rope"
+        return layer_idx not in layer_list(self.nope_layers, self.n_layer)
 
     def layer_rope(self, layer_idx: int) -> tuple:
         """(RoPE's base, its scaling) in layer layer_idx: rope_local_theta unscaled in a local layer
@@ -259,9 +270,19 @@ class GPTConfig:
         return cls(**d)
 
 
+def layer_list(value: str, n_layer: int) -> tuple:
+    """The indices a checked layer set names: "all", "odd" (1, 3, 5, ...) or a comma list."""
+    if value == "all":
+        return tuple(range(n_layer))
+    if value == "odd":
+        return tuple(range(1, n_layer, 2))
+    return tuple(int(i) for i in value.split(","))
+
+
 def check_window_layers(value, n_layer: int, where: str = "GPTConfig.window_layers") -> str:
-    """window_layers checked: "all", "odd", or a comma list of distinct layer indices below n_layer,
-    in increasing order (returned without spaces, a list that names every layer as "all")."""
+    """A layer set (window_layers, nope_layers) checked: "all", "odd", or a comma list of distinct layer
+    indices below n_layer, in increasing order (returned without spaces, a list that names every layer as
+    "all")."""
     if value in WINDOW_LAYERS:
         return value
     parts = value.split(",") if isinstance(value, str) else []

@@ -409,7 +409,7 @@ class TransformerBlock(nn.Module):
         theta, scaling = cfg.layer_rope(layer_idx)  # Gemma 3's local layers have a RoPE of their own
         self.att = MultiHeadAttention(cfg.n_embd, cfg.n_head, cfg.context_length, cfg.dropout,
                                       cfg.bias, layer_idx, cfg.layer_window(layer_idx), cfg.scale_attention,
-                                      cfg.has_qkv_bias, theta if cfg.position_encoding == "rope" else None,
+                                      cfg.has_qkv_bias, theta if cfg.layer_has_rope(layer_idx) else None,
                                       cfg.kv_heads, cfg.attention_head_dim,
                                       (lambda width: NORM_MODULES[cfg.norm](width, cfg.norm_eps)) if cfg.qk_norm
                                       else None, scaling, scale_width=cfg.attention_scale_width,

@@ -85,16 +85,18 @@ def logits_match_transformers(hf, model, vocab_size: int, T: int):
 
 
 def hf_llama(folder, vocab_size, tie=False, bias=False, kv_heads=2, eos=0, context=40, kind="llama", **config):
-    """A tiny random LlamaForCausalLM (kind "mistral", "qwen2", "qwen3": MistralForCausalLM,
-    Qwen2ForCausalLM, Qwen3ForCausalLM; float64, heads of 16 unless head_dim says) saved to folder,
+    """A tiny random LlamaForCausalLM (kind "mistral", "qwen2", "qwen3", "smollm3": MistralForCausalLM,
+    Qwen2ForCausalLM, Qwen3ForCausalLM, SmolLM3ForCausalLM; float64, heads of 16 unless head_dim says) saved to folder,
     EOS and BOS id eos.
     -> (the model, its model.safetensors)."""
     import transformers
 
     torch.manual_seed(0)
-    prefix = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3"}[kind]
-    if kind == "llama":
+    prefix = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3", "smollm3": "SmolLM3"}[kind]
+    if kind in ("llama", "smollm3"):
         config = dict(attention_bias=bias, mlp_bias=bias, **config)
+    if kind == "smollm3":  # its default pad id (128004) is past a tiny vocabulary
+        config.setdefault("pad_token_id", 0)
     cfg = getattr(transformers, prefix + "Config")(
         vocab_size=vocab_size, hidden_size=64, intermediate_size=88, num_hidden_layers=config.pop("layers", 2),
         num_attention_heads=4, num_key_value_heads=kv_heads, max_position_embeddings=context, rms_norm_eps=1e-6,

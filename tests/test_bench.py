@@ -1015,7 +1015,8 @@ def test_gpu_command_flow_with_cpu_stand_ins(tmp_path, monkeypatch, capsys):
     assert seen["flags"] == dict(vocab_multiple=1, attention_window=0, window_layers=None, logit_softcap=0.0,
                                  norm=None, mlp=None, mlp_hidden=None, position_encoding=None, rope_theta=None,
                                  n_kv_head=None, bias=None, attention_head_dim=None, qk_norm=None,
-                                 scale_embeddings=None, post_norms=None, rope_local_theta=None, attn_softcap=None)
+                                 scale_embeddings=None, post_norms=None, rope_local_theta=None, attn_softcap=None,
+                                 nope_layers=None)
     (folder,) = tmp_path.iterdir()
     k = report.validate_result(json.loads((folder / "kernels.json").read_text()))
     t = report.validate_result(json.loads((folder / "train.json").read_text()))
@@ -3408,3 +3409,17 @@ def test_a_gemma2_step_soft_caps_its_attention_and_sdpa_says_it_cannot():
     assert rows["triton"]["final_loss"] == pytest.approx(rows["reference"]["final_loss"], rel=1e-4)
     assert rows["reference+sdpa"]["status"] == ("skipped: F.scaled_dot_product_attention cannot soft-cap the scores "
                                                 "(attn_softcap 2); reference+compile times the eager math")
+
+
+def test_a_smollm3_step_names_its_nope_layers():
+    """bench train --nope-layers: the row's config and the models line say which layers have no RoPE, and
+    the model timed has no rotary there."""
+    from tritongpt.bench import report
+
+    flags = dict(position_encoding="rope", nope_layers="1,3")
+    row = train_step.bench_train_provider("reference", "tiny", 2, 16, torch.device("cpu"), torch.float32, 0, 1,
+                                          peak_flops=1e12, **flags)
+    assert row["status"] == "ok" and row["config"]["nope_layers"] == "1,3"
+    assert report.models_line([row]).endswith("no RoPE in layers 1,3")
+    cfg = train_step.train_config("tiny", 16, **flags)
+    assert [cfg.layer_has_rope(i) for i in range(cfg.n_layer)] == [True, False, True, False]

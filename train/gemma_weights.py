@@ -267,6 +267,8 @@ def refuse_not_gemma(model: GPTModel, what: str) -> None:
                           f"RoPE of their own (rope_local_theta), which {family} does not (Gemma 3, with q/k norms, "
                           "does)"),
                          (kind == "gemma" and cfg.rope_scaling is not None, "scales RoPE, which Gemma 1 does not"),
+                         (cfg.nope_layers != "", f"does not rotate q and k in layers {cfg.nope_layers} (nope_layers: "
+                          f"SmolLM3's), where every {family} layer does"),
                          (kind != "gemma2" and bool(cfg.attn_softcap), f"soft-caps its attention scores, which "
                           f"{family} does not (Gemma 2 does; transformers' Gemma 3 reads attn_logit_softcapping but "
                           "never applies it)"),

@@ -459,8 +459,9 @@ def refuse_other_heads(cfg: GPTConfig, family: str, what: str) -> None:
 
 def refuse_gemma_touches(cfg: GPTConfig, family: str, what: str, layer_types: bool = False) -> None:
     """Gemma's scaled embeddings, sandwich norms, attention soft cap and scale width, and (unless the family's
-    config has layer_types: Qwen2's, Qwen3's) local layers other than all or the odd ones, which the other
-    families' folders cannot say: refused by name."""
+    config has layer_types: Qwen2's, Qwen3's, SmolLM3's) local layers other than all or the odd ones, which the
+    other families' folders cannot say: refused by name. (SmolLM3's NoPE layers need RoPE, which GPT-2 and
+    GPT-Neo refuse first; a Llama-shaped model with them is written as a SmolLM3.)"""
     for differs, why in ((cfg.scale_embeddings, "scales its token embeddings by sqrt(n_embd) (scale_embeddings)"),
                          (cfg.post_norms, "normalizes each sublayer's output too (post_norms: Gemma's sandwich "
                           "norms)"),

@@ -5,7 +5,7 @@ A Llama is a GPTModel with norm "rmsnorm", mlp "swiglu", position_encoding "rope
 and, often, fewer key/value heads (n_kv_head): every piece is already a GPTConfig field, so the
 tensors only change names. Hugging Face's q_proj and k_proj rows are in rotate_half's order
 (dimension i pairs with i + head_dim / 2), which is our apply_rotary's and kernels/rope.py's, so
-no row is permuted. Three relatives differ from it in a field or two, and are read and written too:
+no row is permuted. Four relatives differ from it in a field or two, and are read and written too:
 - Mistral: a sliding window (config.json's sliding_window, in every layer; transformers' default
   4096 when the key is absent) is our local attention: attention_window W, window_layers "all".
   Both let query i see keys i - W + 1 .. i.
@@ -15,6 +15,9 @@ no row is permuted. Three relatives differ from it in a field or two, and are re
 - Qwen3: no q/k/v biases, but each head's query and key RMSNorm-ed before RoPE (qk_norm), and a
   head width of its own (attention_head_dim: Qwen3-0.6B's 16 heads of 128 over a width of 1024);
   a Llama, Mistral or Qwen2 config.json's head_dim is read too.
+- SmolLM3: no RoPE in every fourth layer (no_rope_layers, 0 where q and k are not rotated:
+  nope_layers), its sliding window, when use_sliding_window, in the layers layer_types names (by
+  default those NoPE layers).
 RoPE scaled for a longer context (Llama 3.1's and 3.2's "llama3", or "linear") is GPTConfig.rope_scaling.
 What a config.json asks that this model does not compute (another RoPE scaling, a head_dim the weights do
 not have, an activation other than SiLU, biases on only some layers) is refused by name.
@@ -44,8 +47,8 @@ _NORMS = ("norm1", "norm2")
 _QKV = ("att.W_query", "att.W_key", "att.W_value")
 # model_type -> the class transformers builds; all three share LlamaForCausalLM's tensor names
 FAMILIES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
-            "qwen3": "Qwen3ForCausalLM"}
-_NAMES = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3"}
+            "qwen3": "Qwen3ForCausalLM", "smollm3": "SmolLM3ForCausalLM"}
+_NAMES = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3", "smollm3": "SmolLM3"}
 _QK_NORMS = (("att.q_norm", "self_attn.q_norm"), ("att.k_norm", "self_attn.k_norm"))  # Qwen3's
 
 
@@ -88,16 +91,16 @@ def _rope_theta(d: dict, cfg_json) -> tuple:
 
 def _sliding_window(d: dict, kind: str, n_layer: int, cfg_json) -> tuple:
     """(attention_window, window_layers) of a config.json as transformers reads it: Llama has no
-    window; Mistral's sliding_window covers every layer (4096 if the key is absent); Qwen2's
-    counts only with use_sliding_window, in the layers its layer_types (or, without one, layer
-    max_window_layers on) name "sliding_attention"."""
+    window; Mistral's sliding_window covers every layer (4096 if the key is absent); Qwen2's (and
+    Qwen3's, SmolLM3's) counts only with use_sliding_window, in the layers its layer_types (or,
+    without one, layer max_window_layers on; SmolLM3's NoPE layers) name "sliding_attention"."""
     if kind == "llama":
         if d.get("sliding_window"):
             raise UserError(f"{cfg_json} has sliding_window {d['sliding_window']!r}; a Llama attends to the whole "
                             "context")
         return 0, "all"
-    window = d.get("sliding_window", 4096)
-    if kind in ("qwen2", "qwen3") and not d.get("use_sliding_window", False):
+    window = d.get("sliding_window", 4096 if kind == "mistral" else None)
+    if kind != "mistral" and not d.get("use_sliding_window", False):
         window = None
     if window is None:
         return 0, "all"
@@ -106,7 +109,12 @@ def _sliding_window(d: dict, kind: str, n_layer: int, cfg_json) -> tuple:
     if kind == "mistral":
         return window, "all"
     first = d.get("max_window_layers", 28)
-    types = d.get("layer_types") or ["sliding_attention" if i >= first else "full_attention" for i in range(n_layer)]
+    if kind == "smollm3":  # without layer_types, SmolLM3 slides its window over its NoPE layers
+        nope = _nope_layers(d, n_layer, cfg_json)
+        default = ["sliding_attention" if i in nope else "full_attention" for i in range(n_layer)]
+    else:
+        default = ["sliding_attention" if i >= first else "full_attention" for i in range(n_layer)]
+    types = d.get("layer_types") or default
     local = [i for i, t in enumerate(types) if t == "sliding_attention"]
     if not local:
         return 0, "all"
@@ -117,6 +125,22 @@ def _sliding_window(d: dict, kind: str, n_layer: int, cfg_json) -> tuple:
     if len(types) != n_layer:
         raise UserError(f"{cfg_json} has {len(types)} layer_types for {n_layer} layers")
     return window, ",".join(map(str, local))  # any other set: GPTConfig.window_layers' list
+
+
+def _nope_layers(d: dict, n_layer: int, cfg_json) -> tuple:
+    """SmolLM3's layers without RoPE: no_rope_layers, one 0 (no RoPE) or 1 (RoPE) per layer, or without it
+    every no_rope_layer_interval-th layer (4: layers 3, 7, 11, ...), as transformers fills it in."""
+    flags = d.get("no_rope_layers")
+    if flags is None:
+        every = d.get("no_rope_layer_interval", 4)
+        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+            raise UserError(f"{cfg_json} has no_rope_layer_interval {every!r}; it must be a positive integer")
+        flags = [int((i + 1) % every != 0) for i in range(n_layer)]
+    if not isinstance(flags, list) or len(flags) != n_layer or any(f not in (0, 1) or isinstance(f, bool)
+                                                                    for f in flags):
+        raise UserError(f"{cfg_json} has no_rope_layers {flags!r}; it must list 1 (RoPE) or 0 (none) for each of "
+                        f"the {n_layer} layers")
+    return tuple(i for i, f in enumerate(flags) if f == 0)
 
 
 def hf_shapes(d: dict, sd: dict, cfg_json: Path, family: str) -> tuple:
@@ -154,17 +178,20 @@ def _check_hf_config(cfg_json: Path, sd: dict) -> GPTConfig:
     attention_bias, mlp_bias = bool(d.get("attention_bias", False)), bool(d.get("mlp_bias", False))
     if kind == "qwen3" and attention_bias:  # Qwen3's MLP never has biases
         mlp_bias = False
-    if kind in ("llama", "qwen3") and attention_bias != mlp_bias:
+    if kind in ("llama", "qwen3", "smollm3") and attention_bias != mlp_bias:
         raise UserError(f"{cfg_json} has attention_bias {attention_bias} and mlp_bias {mlp_bias}; this model's "
                         "linear layers have biases all or none (GPTConfig.bias)")
-    bias = attention_bias and kind == "llama"  # Mistral's have none, Qwen2's are q/k/v's only, whatever it says
+    # Mistral's have none, Qwen2's are q/k/v's only, whatever it says
+    bias = attention_bias and kind in ("llama", "smollm3")
     window, window_layers = _sliding_window(d, kind, n_layer, cfg_json)
+    nope = _nope_layers(d, n_layer, cfg_json) if kind == "smollm3" else ()
     theta, scaling = _rope_theta(d, cfg_json)
     return GPTConfig(vocab_size=vocab, context_length=d.get("max_position_embeddings", 2048), n_embd=n_embd,
                      n_layer=n_layer, n_head=n_head, n_kv_head=0 if n_kv_head == n_head else n_kv_head,
                      bias=bias, qkv_bias_only=kind == "qwen2", attention_window=window, window_layers=window_layers,
                      attention_head_dim=0 if head_dim * n_head == n_embd else head_dim, qk_norm=kind == "qwen3",
                      position_encoding="rope", rope_theta=theta, rope_scaling=scaling, norm="rmsnorm",
+                     nope_layers=",".join(map(str, nope)),
                      norm_eps=d.get("rms_norm_eps", 1e-6), mlp="swiglu", mlp_hidden=hidden,
                      tie_weights="lm_head.weight" not in sd
                      or torch.equal(sd["lm_head.weight"], sd["embed_tokens.weight"]))
@@ -202,9 +229,12 @@ def load_llama_safetensors(path) -> GPTModel:
 
 # -- export: the inverse of _our_tensors -----------------------------------------------------------
 def hf_family(cfg: GPTConfig) -> str:
-    """The model_type a Llama-shaped model is written as: qwen3 when it normalizes q and k, qwen2 when
+    """The model_type a Llama-shaped model is written as: smollm3 when some layers have no RoPE (nope_layers),
+    qwen3 when it normalizes q and k, qwen2 when
     its q/k/v alone have biases, mistral when it has a sliding window (and no biases: Mistral's
     projections have none), else llama."""
+    if cfg.nope_layers:
+        return "smollm3"
     if cfg.qk_norm:
         return "qwen3"
     if cfg.qkv_bias_only:
@@ -213,7 +243,7 @@ def hf_family(cfg: GPTConfig) -> str:
 
 
 def family_name(cfg: GPTConfig) -> str:
-    """"Llama", "Mistral", "Qwen2" or "Qwen3": what export writes this model as."""
+    """"Llama", "Mistral", "Qwen2", "Qwen3" or "SmolLM3": what export writes this model as."""
     return _NAMES[hf_family(cfg)]
 
 
@@ -242,10 +272,14 @@ def refuse_not_llama(model: GPTModel, what: str) -> None:
                           "where Qwen3, which normalizes q and k as this model does, has none"),
                          (family == "Qwen3" and cfg.bias, "has biases in its MLP, where Qwen3's has none"),
                          (bool(cfg.rope_local_theta), f"rotates its local layers with a RoPE base of their own "
-                          f"(rope_local_theta {cfg.rope_local_theta:g}), where {family}'s layers share one")):
+                          f"(rope_local_theta {cfg.rope_local_theta:g}), where {family}'s layers share one"),
+                         (family == "SmolLM3" and cfg.qk_norm, "normalizes each head's q and k (Qwen3's qk_norm), "
+                          "where SmolLM3, which has layers without RoPE as this model does, does not"),
+                         (family == "SmolLM3" and cfg.qkv_bias_only, "has biases on q, k and v only (Qwen2's), "
+                          "where SmolLM3's linear layers have biases all or none")):
         if differs:
             raise UserError(f"this model {why}: it cannot be exported as {what}")
-    refuse_gemma_touches(cfg, family, what, layer_types=family in ("Qwen2", "Qwen3"))
+    refuse_gemma_touches(cfg, family, what, layer_types=family in ("Qwen2", "Qwen3", "SmolLM3"))
 
 
 def _hf_tensors(model: GPTModel) -> dict:
@@ -270,8 +304,8 @@ def _hf_tensors(model: GPTModel) -> dict:
 
 
 def hf_config(cfg: GPTConfig, eos_token_id: int | None = None) -> dict:
-    """LlamaConfig (MistralConfig, Qwen2Config, Qwen3Config) fields (config.json) for this model; what
-    _check_hf_config reads back. RoPE's base is written both ways: rope_parameters (transformers 5)
+    """LlamaConfig (MistralConfig, Qwen2Config, Qwen3Config, SmolLM3Config) fields (config.json) for this
+    model; what _check_hf_config reads back. RoPE's base is written both ways: rope_parameters (transformers 5)
     and rope_theta (4.x)."""
     kind = hf_family(cfg)
     d = {"model_type": kind, "architectures": [FAMILIES[kind]], "vocab_size": cfg.vocab_size,
@@ -282,10 +316,16 @@ def hf_config(cfg: GPTConfig, eos_token_id: int | None = None) -> dict:
          "rope_theta": cfg.rope_theta, "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta,
                                                            **(cfg.rope_scaling or {})},
          "rope_scaling": cfg.rope_scaling, "attention_dropout": 0.0, "tie_word_embeddings": cfg.tie_weights,
-         "bos_token_id": eos_token_id, "eos_token_id": eos_token_id}
+         # pad None: SmolLM3Config's default (128004) would be past a smaller vocabulary's embedding
+         "bos_token_id": eos_token_id, "eos_token_id": eos_token_id, "pad_token_id": None}
     window = cfg.attention_window or None
     if kind == "llama":
         d.update(attention_bias=cfg.bias, mlp_bias=cfg.bias)
+    elif kind == "smollm3":
+        d.update(attention_bias=cfg.bias, mlp_bias=cfg.bias, use_sliding_window=bool(window), sliding_window=window,
+                 layer_types=["sliding_attention" if cfg.layer_window(i) else "full_attention"
+                              for i in range(cfg.n_layer)],
+                 no_rope_layers=[int(cfg.layer_has_rope(i)) for i in range(cfg.n_layer)])
     elif kind == "mistral":
         d.update(sliding_window=window)
     else:  # Qwen2's and Qwen3's local layers: layer_types (older readers: from max_window_layers 0, all)

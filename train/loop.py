@@ -441,9 +441,10 @@ class Trainer:
         """Another function of the weights (a logit soft cap, local attention, unscaled attention
         scores, the position encoding: RoPE or learned, RoPE's theta, the norm: LayerNorm or RMSNorm,
         and its eps, biases, on q/k/v only (Qwen2) or none, Gemma's scaled embeddings, sandwich norms,
-        local RoPE, attention soft cap and scale) or another MLP (GELU, SwiGLU or GeGLU, the gated ones'
-        hidden size: other weights too, named before their shapes are): the run would go on as another model. A config from before a field reads as
-        without it; no saved config (a bare weights file) is not compared."""
+        local RoPE, attention soft cap and scale, SmolLM3's NoPE layers) or another MLP (GELU, SwiGLU or
+        GeGLU, the gated ones' hidden size: other weights too, named before their shapes are): the run would
+        go on as another model. A config from before a field reads as without it; no saved config (a bare
+        weights file) is not compared."""
         from tritongpt.model.layers import swiglu_hidden
 
         cfg = self._cfg
@@ -451,6 +452,7 @@ class Trainer:
             return
         cap = saved_cfg.get("logit_softcap", 0.0)
         attn_cap, scale_width = saved_cfg.get("attn_softcap", 0.0), saved_cfg.get("attention_scale_width", 0)
+        nope = saved_cfg.get("nope_layers", "")
         window, layers = saved_cfg.get("attention_window", 0), saved_cfg.get("window_layers", "all")
         encoding, theta = saved_cfg.get("position_encoding", "learned"), saved_cfg.get("rope_theta", 10000.0)
         rope_scaling = saved_cfg.get("rope_scaling")
@@ -531,6 +533,12 @@ class Trainer:
             what = f"scales its attention scores by {width(scale_width)}, this run's model by " \
                 f"{width(cfg.attention_scale_width)}"
             flags = "the run's own --init"  # Gemma's query_pre_attn_scalar: only an --init folder's config.json
+        elif nope != cfg.nope_layers:
+            def rotates(layers):
+                return f"rotates q and k in every layer but {layers}" if layers else "rotates q and k in every layer"
+
+            what = f"{rotates(nope)}, this run's model {rotates(cfg.nope_layers)}"
+            flags = f"--nope-layers {nope}" if nope else "the run's own flags (no --nope-layers)"
         elif saved_cfg.get("scale_attention", True) != cfg.scale_attention:
             def scaled(on):
                 return "scales its attention scores by 1/sqrt(head_dim)" if on else \

@@ -96,6 +96,10 @@ def add_args(p: argparse.ArgumentParser):
     p.add_argument("--rope-theta", type=float, default=None, metavar="T",
                    help="RoPE's base: dimension pair i turns by position * T^(-2i/head_dim) (GPTConfig.rope_theta; "
                         "default 10000, GPT-NeoX's and Llama 2's, or what --init's model has)")
+    p.add_argument("--nope-layers", type=window_layers_arg, default=None, metavar="I,J,...",
+                   help="layers of the new RoPE model whose q and k are not rotated (NoPE; GPTConfig.nope_layers): a "
+                        "comma list, odd or all (SmolLM3's every fourth: 3,7,11,...). Such a model is exported as a "
+                        "SmolLM3 (default: RoPE in every layer, or what --init's model has)")
     p.add_argument("--mlp", choices=MLPS, default=None,
                    help="the new model's MLP: gelu, GPT-2's Linear(C -> 4C), GELU, Linear(4C -> C), or swiglu, Llama's "
                         "w_down(silu(w_gate x) * w_up x), or geglu, Gemma's, GELU (tanh) for silu (GPTConfig.mlp; the "
@@ -252,7 +256,7 @@ def check_args(args, targs):
         if args.rope_theta is not None and (args.position_encoding or model.config.position_encoding) != "rope":
             raise UserError(NO_ROPE.format(args.rope_theta))
         for field in ("logit_softcap", "attn_softcap", "attention_window", "window_layers", "position_encoding",
-                      "rope_theta", "norm", "mlp"):
+                      "rope_theta", "norm", "mlp", "nope_layers"):
             given, has = getattr(args, field), getattr(model.config, field)
             if given is not None and given != has:
                 show = (lambda v: f"{v:g}") if isinstance(has, float) else str
@@ -281,6 +285,7 @@ def check_args(args, targs):
                          attn_softcap=args.attn_softcap,
                          attention_window=args.attention_window, window_layers=args.window_layers,
                          position_encoding=args.position_encoding, rope_theta=args.rope_theta,
+                         nope_layers=args.nope_layers,
                          n_kv_head=args.n_kv_head, norm=args.norm, mlp=args.mlp, mlp_hidden=args.mlp_hidden,
                          bias=args.bias)
         model = GPTModel(cfg)
@@ -426,6 +431,7 @@ def print_header(args, targs, model, tok, block, splits, trainer):
     gqa += ", sandwich norms" if cfg.post_norms else ""
     gqa += f", local layers' RoPE theta {cfg.rope_local_theta:g}" if cfg.rope_local_theta else ""
     gqa += f", attention scores soft-capped at {cfg.attn_softcap:g}" if cfg.attn_softcap else ""
+    gqa += f", no RoPE in layers {cfg.nope_layers}" if cfg.nope_layers else ""
     gqa += f", attention scaled by 1/sqrt({cfg.attention_scale_width})" if cfg.attention_scale_width else ""
     print(f"pretrain: {model_name(args)} ({model.num_params() / 1e6:.2f}M params, vocab {cfg.vocab_size}{padded}, "
           f"context {cfg.context_length}"
