@@ -503,3 +503,22 @@ def test_sft_examples_and_prompts_start_with_bos_where_the_tokenizer_does(tmp_pa
     (start, end), = ex.context
     (text, ends), = [(t, e) for t, e, learned in formats.record_parts(chat, tokenizer=tok)[2:] if not learned]
     assert ex.ids[start:end] == formats.encode_text(tok, text) + [tok.eot_id] * ends and "and?" in text
+
+
+@pytest.mark.parametrize("kind", ["llama3", "smollm"])
+def test_the_exported_tritongpt_template_writes_the_bos_sft_trained_with(tmp_path, kind):
+    """A run tuned on chats in tritongpt's template is exported with it as Jinja; transformers'
+    apply_chat_template adds no special tokens of its own, so where the tokenizer starts texts with a BOS
+    (Llama 3's) the template writes it: the ids are SFT's, BOS first; SmolLM's has none and its template
+    is HF_CHAT_TEMPLATE as it is."""
+    from tritongpt.train import formats
+    from tritongpt.train.sft import encode_records
+
+    path, theirs, _ = llama_folder(tmp_path / kind, kind)
+    tok = get_tokenizer(path)
+    chat = {"messages": [{"role": "user", "content": "hi there"}, {"role": "assistant", "content": "yo 42"}]}
+    (ex,), _ = encode_records([chat], tok, 512)
+    theirs.chat_template = formats.hf_chat_template(tok)
+    assert theirs.apply_chat_template(chat["messages"], return_dict=False) == ex.ids
+    assert (ex.ids[0] == theirs.bos_token_id) == (kind == "llama3")
+    assert (theirs.chat_template == formats.HF_CHAT_TEMPLATE) == (kind == "smollm")

@@ -301,6 +301,15 @@ def encode_text(tokenizer, text: str) -> list:
     return tokenizer.encode(text, allowed_special="all" if isinstance(text, Rendered) else "none")
 
 
+def hf_chat_template(tokenizer) -> str:
+    """HF_CHAT_TEMPLATE as export writes it for a run tuned with it: opened with {{ bos_token }} where
+    the tokenizer starts every text with a BOS (SFT's ids start with it: with_bos), since transformers'
+    apply_chat_template tokenizes the rendered text without adding special tokens."""
+    if getattr(tokenizer, "prepended_bos_id", None) is None:
+        return HF_CHAT_TEMPLATE
+    return "{{- bos_token -}}" + HF_CHAT_TEMPLATE
+
+
 def with_bos(tokenizer, ids: list) -> list:
     """ids with the tokenizer's BOS first, where its own pipeline starts every text with one (Gemma's,
     Llama 2's and 3's: HFTokenizer.prepended_bos_id) and they do not already (a chat template that

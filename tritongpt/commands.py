@@ -321,7 +321,7 @@ def cmd_export(args):
     from tritongpt.model.lora import strip_lora
     from tritongpt.train.chat import EXPORTED_FORMAT, run_template
     from tritongpt.train.common import load_state, resolve_checkpoint
-    from tritongpt.train.formats import HF_CHAT_TEMPLATE
+    from tritongpt.train.formats import hf_chat_template
     from tritongpt.train.gpt2_weights import (adapter_base, export_gpt2, export_peft_adapter, load_checkpoint,
                                               refuse_not_gpt2)
     from tritongpt.train import gemma_weights
@@ -386,7 +386,7 @@ def cmd_export(args):
     # a run tuned on chats: transformers' apply_chat_template writes them as it was trained (in the
     # model's own template, which the run's tokenizer keeps only if its chats were rendered in it)
     chat = run_template(args.checkpoint) == "chat"
-    template = getattr(tok, "chat_template", None) or (HF_CHAT_TEMPLATE if chat else None)
+    template = getattr(tok, "chat_template", None) or (hf_chat_template(tok) if chat else None)
     try:  # made before anything is written: a refusal must not leave a half export
         tok_files = tok.hf_files(cfg.context_length, template)
     except UserError as e:
