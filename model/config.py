@@ -13,6 +13,7 @@ POSITION_ENCODINGS = ("learned", "rope")  # GPTConfig.position_encoding
 NORMS = ("layernorm", "rmsnorm")  # GPTConfig.norm
 MLPS = ("gelu", "swiglu", "geglu")  # GPTConfig.mlp
 GATED_MLPS = ("swiglu", "geglu")  # three matrices, w_down(act(w_gate x) * w_up x)
+QK_NORM_WIDTHS = ("head", "all")  # GPTConfig.qk_norm_width
 
 
 @dataclass
@@ -29,8 +30,9 @@ class GPTConfig:
     # Each head's width: 0, n_embd / n_head (GPT-2, Llama); or its own (Qwen3-0.6B: 16 heads of 128
     # over n_embd 1024), the queries, keys and values then n_head * attention_head_dim wide.
     attention_head_dim: int = 0
-    # Qwen3's (and OLMo 2's, Gemma 3's) q/k norm: each head's query and key normalized (GPTConfig.norm,
+    # Qwen3's (and Gemma 3's) q/k norm: each head's query and key normalized (GPTConfig.norm,
     # over head_dim, weights of their own) before RoPE, which keeps the attention logits in range.
+    # OLMo 2's and 3's normalize the whole q and k instead: qk_norm_width "all".
     qk_norm: bool = False
     dropout: float = 0.0
     bias: bool = True          # biases in Linear layers (GPT-2 has them)
@@ -98,6 +100,14 @@ class GPTConfig:
     # its weights are read in as 1 + w and written out as w - 1, the same function (train/gemma_weights.py).
     scale_embeddings: bool = False
     post_norms: bool = False
+    # OLMo 2's and 3's blocks normalize after each sublayer only (post_norms without the input norms):
+    # x + norm(attention(x)), then x + norm(mlp(x)). pre_norms False: norm1 and norm2 are identities
+    # (layers.NoNorm, no weights); the final norm stays.
+    pre_norms: bool = True
+    # What qk_norm normalizes over: "head", each head's q and k over head_dim (Qwen3, Gemma 3), or
+    # "all", the whole projection before it splits into heads, n_head * head_dim wide for q and
+    # n_kv_head * head_dim for k (OLMo 2 and 3: one weight over every head).
+    qk_norm_width: str = "head"
     kernels: str = "reference"  # "reference" | "triton" | "auto" | a comma list of toggle.KERNEL_NAMES
     # LoRA (model/lora.py): rank 0 is none; else the targets' weights are W + (alpha / rank) B A
     lora_rank: int = 0
@@ -198,6 +208,7 @@ class GPTConfig:
             raise UserError("GPTConfig.qkv_bias_only gives the query, key and value projections biases in a model "
                             "without others (Qwen2's); with bias True they have them already (qkv_bias): set bias "
                             "False or qkv_bias_only False")
+        self._check_olmo_fields()
         from tritongpt.model.lora import check_lora
         from tritongpt.model.toggle import resolve_kernels
 
@@ -205,6 +216,22 @@ class GPTConfig:
         self.lora_rank, self.lora_alpha = int(self.lora_rank), float(self.lora_alpha)
 
         resolve_kernels(self.kernels, "cpu", check_device=False)  # the names only: a typo now, not later
+
+    def _check_olmo_fields(self):
+        """pre_norms and qk_norm_width (OLMo 2, 3): checked by name, as the other fields."""
+        if not isinstance(self.pre_norms, (bool, np.bool_)):
+            raise UserError(f"GPTConfig.pre_norms must be True or False, got {self.pre_norms!r}")
+        self.pre_norms = bool(self.pre_norms)
+        if not self.pre_norms and not self.post_norms:  # no norm left in the blocks: the residual would grow unchecked
+            raise UserError("GPTConfig.pre_norms False leaves a block's sublayers without a norm unless post_norms "
+                            "is True (OLMo 2's blocks normalize each sublayer's output): set post_norms True or "
+                            "pre_norms True")
+        if self.qk_norm_width not in QK_NORM_WIDTHS:
+            raise UserError(f"GPTConfig.qk_norm_width must be one of {', '.join(QK_NORM_WIDTHS)}, "
+                            f"got {self.qk_norm_width!r}")
+        if self.qk_norm_width != "head" and not self.qk_norm:
+            raise UserError(f"GPTConfig.qk_norm_width {self.qk_norm_width!r} says how q and k are normalized, and "
+                            "qk_norm is False: set qk_norm True or leave qk_norm_width 'head'")
 
     @property
     def head_dim(self) -> int:

@@ -9,7 +9,10 @@ a state_dict moves freely between the two paths.
     FeedForward         <->  kernels/mlp.py         (gelu_mlp: Linear+bias+GELU fused, GELU recomputed in backward)
     SwiGLUFeedForward   <->  kernels/swiglu.py      (swiglu_mlp: gate and up in one pass, silu(g) * u fused;
                                                      GeGLU's gelu(g) * u too)
-    MultiHeadAttention  <->  kernels/attention.py   (flash_attention: only the attention core is swapped)
+    MultiHeadAttention  <->  kernels/attention.py   (flash_attention: only the attention core is swapped;
+                                                     its q/k norms are RMSNorms: per head, or OLMo 2's rows
+                                                     of n_head * head_dim)
+    NoNorm              --   no kernel: OLMo 2's absent pre-norm, a plain residual add
     Rotary (apply_rotary) <-> kernels/rope.py       (rope: q and k rotated in one launch)
     out_head + lm_loss (model/gpt.py) <->  kernels/cross_entropy.py (linear_cross_entropy: never all the logits at once)
 """
@@ -106,6 +109,19 @@ class RMSNorm(nn.Module):
             return add_rms_norm(x, delta, self.weight, self.eps)
         x = x + delta
         return x, self(x)
+
+
+class NoNorm(nn.Module):
+    """The input norm a block without pre-norms (OLMo 2, 3: GPTConfig.pre_norms False) lacks: y = x,
+    and add_and_norm(x, delta) = (x + delta, x + delta), the residual add the norm would have made.
+    No weights; no kernel of its own (the add is PyTorch's on either path)."""
+
+    def forward(self, x):
+        return x
+
+    def add_and_norm(self, x, delta):
+        x = x + delta
+        return x, x
 
 
 NORM_MODULES = {"layernorm": LayerNorm, "rmsnorm": RMSNorm}  # by GPTConfig.norm (config.NORMS)
@@ -295,7 +311,8 @@ class MultiHeadAttention(nn.Module):
     than W - 1 positions back. With rope_theta (GPTConfig.position_encoding "rope") the queries
     and keys are rotated by their positions (Rotary) after the projection, before the cache
     stores the keys: the cache holds them rotated, as Llama's does. With qk_norm (Qwen3) each
-    head's query and key is normalized first; with head_dim (Qwen3's own width) the heads are
+    head's query and key is normalized first (qk_norm_all: OLMo 2's, the whole q and k before the
+    split into heads); with head_dim (Qwen3's own width) the heads are
     head_dim wide whatever n_embd is, so q and the merged heads are n_head x head_dim. Gemma's
     two: scale_width, the scores scaled by 1/sqrt(scale_width) instead of 1/sqrt(head_dim)
     (query_pre_attn_scalar), and softcap, the scores soft-capped (attn_logit_softcapping). Triton
@@ -307,7 +324,7 @@ class MultiHeadAttention(nn.Module):
                  bias: bool = True, layer_idx: int = 0, window: int = 0, scale: bool = True,
                  qkv_bias: bool | None = None, rope_theta: float | None = None, n_kv_head: int = 0,
                  head_dim: int = 0, qk_norm=None, rope_scaling: dict | None = None, scale_width: int = 0,
-                 softcap: float = 0.0):
+                 softcap: float = 0.0, qk_norm_all: bool = False):
         super().__init__()
         assert head_dim or n_embd % n_head == 0, "n_embd must be divisible by n_head"
         # head_dim 0: n_embd / n_head; else its own (Qwen3), q, k and v n_head * head_dim wide
@@ -324,9 +341,13 @@ class MultiHeadAttention(nn.Module):
         self.W_key = nn.Linear(n_embd, self.n_kv_head * self.head_dim, bias=qkv_bias)
         self.W_value = nn.Linear(n_embd, self.n_kv_head * self.head_dim, bias=qkv_bias)
         self.out_proj = nn.Linear(n_head * self.head_dim, n_embd, bias=bias)
-        # qk_norm(width) -> a norm module (Qwen3's RMSNorm): each head's q and k normalized before RoPE
-        self.q_norm = qk_norm(self.head_dim) if qk_norm is not None else None
-        self.k_norm = qk_norm(self.head_dim) if qk_norm is not None else None
+        # qk_norm(width) -> a norm module (Qwen3's RMSNorm): each head's q and k normalized before RoPE;
+        # qk_norm_all (OLMo 2's): the whole q and k, one norm over all their heads
+        self.qk_norm_all = qk_norm_all
+        q_width, k_width = (n_head * self.head_dim, self.n_kv_head * self.head_dim) if qk_norm_all else \
+            (self.head_dim, self.head_dim)
+        self.q_norm = qk_norm(q_width) if qk_norm is not None else None
+        self.k_norm = qk_norm(k_width) if qk_norm is not None else None
         self.rotary = None if rope_theta is None else Rotary(self.head_dim, rope_theta, rope_scaling)
         self.attn_drop = nn.Dropout(dropout)  # both paths read its p (the Triton one in-kernel)
         self.resid_drop = nn.Dropout(dropout)
@@ -365,9 +386,12 @@ class MultiHeadAttention(nn.Module):
         fill, or 0)."""
         B, T, _ = x.shape
         # (B, T, C) -> (B, n_head, T, head_dim)
-        q = self.W_query(x).view(B, T, self.n_head, self.head_dim)
-        k = self.W_key(x).view(B, T, self.n_kv_head, self.head_dim)
-        if self.q_norm is not None:  # per head, over head_dim: on [B, T, heads, head_dim] as it comes
+        q, k = self.W_query(x), self.W_key(x)
+        if self.q_norm is not None and self.qk_norm_all:  # OLMo 2's: over every head at once, before the split
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = q.view(B, T, self.n_head, self.head_dim)
+        k = k.view(B, T, self.n_kv_head, self.head_dim)
+        if self.q_norm is not None and not self.qk_norm_all:  # per head, over head_dim: on [B, T, heads, head_dim]
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = q.transpose(1, 2), k.transpose(1, 2)
         v = self.W_value(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
@@ -395,7 +419,8 @@ class TransformerBlock(nn.Module):
     LN is GPTConfig.norm's: LayerNorm (GPT-2) or RMSNorm (Llama); both have add_and_norm.
     The MLP is GPT-2's (FeedForward) or Llama's or Gemma's (SwiGLUFeedForward, silu or GELU), as
     GPTConfig.mlp says. With GPTConfig.post_norms (Gemma 2, 3) each sublayer's output is normalized
-    too, by a norm of its own, before it joins the residual: x + LN(attention(LN(x))).
+    too, by a norm of its own, before it joins the residual: x + LN(attention(LN(x))); without
+    GPTConfig.pre_norms (OLMo 2, 3) that outer norm is the only one: x + LN(attention(x)).
 
     Each residual add is made by the LayerNorm that reads the sum (LayerNorm.add_and_norm): on
     the Triton path the add then shares that LayerNorm's pass over memory, as llm.c's fused
@@ -405,7 +430,8 @@ class TransformerBlock(nn.Module):
 
     def __init__(self, cfg, layer_idx: int = 0):
         super().__init__()
-        self.norm1 = make_norm(cfg)
+        # OLMo 2's blocks have no input norms (pre_norms False): NoNorm still makes the residual adds
+        self.norm1 = make_norm(cfg) if cfg.pre_norms else NoNorm()
         theta, scaling = cfg.layer_rope(layer_idx)  # Gemma 3's local layers have a RoPE of their own
         self.att = MultiHeadAttention(cfg.n_embd, cfg.n_head, cfg.context_length, cfg.dropout,
                                       cfg.bias, layer_idx, cfg.layer_window(layer_idx), cfg.scale_attention,
@@ -413,8 +439,8 @@ class TransformerBlock(nn.Module):
                                       cfg.kv_heads, cfg.attention_head_dim,
                                       (lambda width: NORM_MODULES[cfg.norm](width, cfg.norm_eps)) if cfg.qk_norm
                                       else None, scaling, scale_width=cfg.attention_scale_width,
-                                      softcap=cfg.attn_softcap)
-        self.norm2 = make_norm(cfg)
+                                      softcap=cfg.attn_softcap, qk_norm_all=cfg.qk_norm_width == "all")
+        self.norm2 = make_norm(cfg) if cfg.pre_norms else NoNorm()
         # the sandwich's outer norms (Gemma's post_attention_layernorm and post_feedforward_layernorm)
         self.post_att_norm = make_norm(cfg) if cfg.post_norms else None
         self.post_ff_norm = make_norm(cfg) if cfg.post_norms else None

@@ -423,12 +423,12 @@ def print_header(args, targs, model, tok, block, splits, trainer):
     gqa = f", {cfg.kv_heads} key/value head{'s' * (cfg.kv_heads > 1)} for {cfg.n_head} query heads" \
         if cfg.kv_heads < cfg.n_head else ""
     gqa += f", heads of {cfg.head_dim}" if cfg.attention_head_dim else ""
-    gqa += ", q/k norms" if cfg.qk_norm else ""
+    gqa += (", q/k norms over all heads" if cfg.qk_norm_width == "all" else ", q/k norms") if cfg.qk_norm else ""
     gqa += ", RMSNorm" if cfg.norm == "rmsnorm" else ""
     gqa += f", {'SwiGLU' if cfg.mlp == 'swiglu' else 'GeGLU'} MLP (hidden {cfg.ff_hidden})" if cfg.mlp in GATED_MLPS \
         else ""
     gqa += ", embeddings scaled by sqrt(n_embd)" if cfg.scale_embeddings else ""
-    gqa += ", sandwich norms" if cfg.post_norms else ""
+    gqa += (", sandwich norms" if cfg.pre_norms else ", norms after each sublayer only") if cfg.post_norms else ""
     gqa += f", local layers' RoPE theta {cfg.rope_local_theta:g}" if cfg.rope_local_theta else ""
     gqa += f", attention scores soft-capped at {cfg.attn_softcap:g}" if cfg.attn_softcap else ""
     gqa += f", no RoPE in layers {cfg.nope_layers}" if cfg.nope_layers else ""
