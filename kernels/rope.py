@@ -212,7 +212,8 @@ def rope(q: torch.Tensor, k: torch.Tensor, positions, theta: float = 10000.0, sc
     (bf16/fp16/fp32), any strides; D even, <= 256.
     positions: each token's position, an int start offset (positions start .. start + T - 1), an
     integer tensor [T], or [B, T]. theta: the base of the frequencies (10000: GPT-NeoX's, Llama 2's).
-    scaling: GPTConfig.rope_scaling (linear, Llama 3's), applied to the frequencies (scaled_inv_freq).
+    scaling: GPTConfig.rope_scaling (linear, Llama 3's, YaRN's), applied to the frequencies (scaled_inv_freq;
+    YaRN's attention_factor is not applied here: MultiHeadAttention scales the scores by its square).
     Returns [B, H, T, D] views of new [B, T, H, D] buffers, in q's dtype.
     """
     no_func_transform("rope")

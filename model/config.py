@@ -71,9 +71,11 @@ class GPTConfig:
     position_encoding: str = "learned"
     rope_theta: float = 10000.0
     # RoPE's frequencies rescaled for a longer context than pretraining's (layers.scaled_inv_freq):
-    # None, {"rope_type": "linear", "factor": f} (every frequency / f), or Llama 3.1's and 3.2's
+    # None, {"rope_type": "linear", "factor": f} (every frequency / f), Llama 3.1's and 3.2's
     # {"rope_type": "llama3", "factor", "low_freq_factor", "high_freq_factor",
-    # "original_max_position_embeddings"}, as Hugging Face's rope_parameters spell them.
+    # "original_max_position_embeddings"}, or YaRN's (OLMo 3, Qwen3's long context) {"rope_type": "yarn",
+    # "factor", "original_max_position_embeddings", "beta_fast", "beta_slow", "attention_factor"},
+    # as Hugging Face's rope_parameters spell them.
     rope_scaling: dict | None = None
     # Gemma 3's two RoPEs: the local (windowed) layers rotate with this base, unscaled, and the global
     # ones with rope_theta and rope_scaling (10000 and 1e6 in Gemma 3). 0: every layer as rope_theta says.
@@ -335,7 +337,9 @@ def window_layers_arg(text: str) -> str:
 
 
 ROPE_SCALING_KEYS = {"linear": ("factor",),
-                     "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}
+                     "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+                     "yarn": ("factor", "original_max_position_embeddings", "beta_fast", "beta_slow",
+                              "attention_factor")}
 
 
 def check_rope_scaling(scaling, where: str) -> dict | None:
@@ -347,6 +351,8 @@ def check_rope_scaling(scaling, where: str) -> dict | None:
     if not isinstance(scaling, dict):
         raise UserError(f"{where} must be a dict (rope_type and its factors) or None, got {type(scaling).__name__}")
     kind = scaling.get("rope_type")
+    if kind == "yarn":
+        scaling = yarn_defaults(scaling, where)
     if kind not in ROPE_SCALING_KEYS:
         raise UserError(f"{where}: rope_type {kind!r} is not computed here; one of {', '.join(ROPE_SCALING_KEYS)}")
     keys = ROPE_SCALING_KEYS[kind]
@@ -366,6 +372,35 @@ def check_rope_scaling(scaling, where: str) -> dict | None:
         raise UserError(f"{where}: high_freq_factor {out['high_freq_factor']:g} must be above low_freq_factor "
                         f"{out['low_freq_factor']:g}")
     return out
+
+
+def yarn_defaults(scaling: dict, where: str) -> dict:
+    """A YaRN spec with transformers' defaults where it leaves them out (_compute_yarn_parameters): beta_fast
+    32, beta_slow 1, attention_factor 0.1 ln(factor) + 1 (1 for a factor <= 1). DeepSeek's mscale keys and
+    truncate false, which this model does not compute, are refused by name."""
+    check_rope_extras(scaling, "yarn", where)
+    out = {k: v for k, v in scaling.items() if k != "truncate"}
+    for key, default in (("beta_fast", 32.0), ("beta_slow", 1.0)):
+        if out.get(key) is None:  # transformers' `or`: absent or null
+            out[key] = default
+    factor = out.get("factor")
+    if out.get("attention_factor") is None and is_real(factor) and factor > 0:
+        out["attention_factor"] = 0.1 * math.log(factor) + 1.0 if factor > 1 else 1.0
+    return out
+
+
+def check_rope_extras(params: dict, kind: str, where: str) -> None:
+    """The keys of a config.json's RoPE scaling that GPTConfig.rope_scaling leaves out but that would change
+    the function: YaRN's mscale and mscale_all_dim (DeepSeek's attention factor) and truncate false."""
+    if kind != "yarn":
+        return
+    extra = [k for k in ("mscale", "mscale_all_dim") if params.get(k)]
+    if extra:
+        raise UserError(f"{where}: YaRN with {', '.join(extra)} (DeepSeek's attention factor) is not computed here; "
+                        "attention_factor, or the default 0.1 ln(factor) + 1, is")
+    if params.get("truncate", True) is not True:
+        raise UserError(f"{where}: YaRN with truncate {params['truncate']!r} is not computed here (the correction "
+                        "range's bounds are rounded out, truncate true)")
 
 
 PRESETS = {

@@ -207,19 +207,22 @@ def rope_inv_freq(head_dim: int, theta: float, device=None, scaling: dict | None
     and the kernel (kernels/rope.py) use the same numbers."""
     i = torch.arange(0, head_dim, 2, dtype=torch.float64, device=device)
     inv_freq = float(theta) ** (-i / head_dim)
-    return (inv_freq if scaling is None else scaled_inv_freq(inv_freq, scaling)).float()
+    return (inv_freq if scaling is None else scaled_inv_freq(inv_freq, scaling, theta)).float()
 
 
-def scaled_inv_freq(inv_freq: torch.Tensor, scaling: dict) -> torch.Tensor:
+def scaled_inv_freq(inv_freq: torch.Tensor, scaling: dict, theta: float | None = None) -> torch.Tensor:
     """Inverse frequencies stretched for a longer context, as transformers computes them
     (modeling_rope_utils): "linear" divides them all by factor (positions interpolated); "llama3"
     (Llama 3.1, 3.2) divides the low ones by factor, keeps the high ones, and blends between:
     a wavelength 2 pi / f past original_max_position_embeddings / low_freq_factor is stretched,
     one under original_max_position_embeddings / high_freq_factor kept, and the ones between mix
-    the two by where they fall. The angles stay pos * inv_freq; nothing else changes."""
+    the two by where they fall. The angles stay pos * inv_freq; "yarn" (theta: RoPE's base) is
+    yarn_inv_freq, whose attention_factor MultiHeadAttention applies."""
     factor = scaling["factor"]
     if scaling["rope_type"] == "linear":
         return inv_freq / factor
+    if scaling["rope_type"] == "yarn":
+        return yarn_inv_freq(inv_freq, scaling, theta)
     low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
     context = scaling["original_max_position_embeddings"]
     wavelen = 2 * math.pi / inv_freq
@@ -228,6 +231,26 @@ def scaled_inv_freq(inv_freq: torch.Tensor, scaling: dict) -> torch.Tensor:
     blended = (1 - smooth) * stretched / factor + smooth * stretched
     medium = (wavelen >= context / high) & (wavelen <= context / low)
     return torch.where(medium, blended, stretched)
+
+
+def yarn_inv_freq(inv_freq: torch.Tensor, scaling: dict, theta: float) -> torch.Tensor:
+    """YaRN's frequencies (Peng et al. 2023), as transformers' _compute_yarn_parameters: the dimensions that
+    turn more than beta_fast times over the original context keep their frequency, those under beta_slow
+    turns are divided by factor, and a linear ramp over the dimension index blends the ones between
+    (bounds rounded out: floor and ceil). Its attention_factor multiplies cos and sin, so the scores by
+    its square: MultiHeadAttention's softmax_scale takes that, on either kernel path."""
+    dim = 2 * inv_freq.numel()
+    context = scaling["original_max_position_embeddings"]
+
+    def correction_dim(rotations):  # the dimension whose wavelength fits `rotations` turns in the context
+        return dim * math.log(context / (rotations * 2 * math.pi)) / (2 * math.log(theta))
+
+    low = max(math.floor(correction_dim(scaling["beta_fast"])), 0)
+    high = min(math.ceil(correction_dim(scaling["beta_slow"])), dim - 1)
+    if low == high:
+        high += 0.001  # transformers' guard against a zero-width ramp
+    ramp = ((torch.arange(dim // 2, dtype=inv_freq.dtype, device=inv_freq.device) - low) / (high - low)).clamp(0, 1)
+    return inv_freq / scaling["factor"] * ramp + inv_freq * (1 - ramp)
 
 
 def apply_rotary(x, positions, theta: float = 10000.0, scaling: dict | None = None):
@@ -335,6 +358,9 @@ class MultiHeadAttention(nn.Module):
         # scale False: GPT-Neo's scores q.k, unscaled (its training kept them in range without);
         # scale_width: Gemma's query_pre_attn_scalar, the scale 1/sqrt of a width other than head_dim's
         self.softmax_scale = 1.0 / math.sqrt(scale_width or self.head_dim) if scale else 1.0
+        if rope_theta is not None and rope_scaling and rope_scaling["rope_type"] == "yarn":
+            # YaRN multiplies cos and sin by attention_factor: q.k by its square
+            self.softmax_scale *= rope_scaling["attention_factor"] ** 2
         self.softcap = softcap  # > 0: each scaled score s read as softcap * tanh(s / softcap) (Gemma 2)
         qkv_bias = bias if qkv_bias is None else qkv_bias  # None: as the other projections (GPT-2)
         self.W_query = nn.Linear(n_embd, n_head * self.head_dim, bias=qkv_bias)

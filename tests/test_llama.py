@@ -102,8 +102,8 @@ def test_export_round_trip(tmp_path, overrides, kind):
 
 
 @pytest.mark.parametrize("edit, said", [
-    ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 5000.0, "factor": 8.0}},
-     "rope_parameters of type 'yarn'; this model computes unscaled RoPE ('default'), or scaled by 'linear' or "
+    ({"rope_parameters": {"rope_type": "longrope", "rope_theta": 5000.0, "factor": 8.0}},
+     "rope_parameters of type 'longrope'; this model computes unscaled RoPE ('default'), or scaled by 'linear' or "
      "'llama3'"),
     ({"rope_parameters": None, "rope_scaling": {"type": "dynamic", "factor": 2.0}},
      "rope_scaling of type 'dynamic'"),

@@ -276,8 +276,8 @@ def test_bad_input_is_refused_by_name(device):
     with pytest.raises(ValueError, match="inv_freq has shape"):
         torch.ops.tritongpt.rope_fwd(q, q, pos.expand(q.shape[0], -1) if pos.dim() == 1 else pos,
                                      rope_inv_freq(2 * q.shape[-1], 10000.0, device))
-    with pytest.raises(ValueError, match="rope: scaling: rope_type 'yarn' is not computed here"):
-        rope(q, q, pos, scaling={"rope_type": "yarn", "factor": 4.0})
+    with pytest.raises(ValueError, match="rope: scaling: rope_type 'longrope' is not computed here"):
+        rope(q, q, pos, scaling={"rope_type": "longrope", "factor": 4.0})
 
 
 def test_torch_compile_fullgraph(device):

@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 
 from tritongpt.errors import UserError, read_json_object
-from tritongpt.model.config import ROPE_SCALING_KEYS, GPTConfig, check_rope_scaling
+from tritongpt.model.config import ROPE_SCALING_KEYS, GPTConfig, check_rope_extras, check_rope_scaling
 from tritongpt.model.gpt import GPTModel
 from tritongpt.train.gpt2_weights import (_read_tensors, model_with_tensors, refuse_gemma_touches, tensor_names,
                                           write_hf_folder)
@@ -63,9 +63,9 @@ def is_llama_file(path) -> bool:
 
 def _rope_theta(d: dict, cfg_json) -> tuple:
     """(RoPE's base, its scaling: GPTConfig.rope_scaling) from transformers 5's rope_parameters or
-    the older rope_theta / rope_scaling. Linear and Llama 3's scalings stretch the frequencies
-    (layers.scaled_inv_freq); the others (dynamic, yarn, longrope...) are other functions of the
-    positions, refused by name."""
+    the older rope_theta / rope_scaling. Linear, Llama 3's and YaRN's scalings stretch the frequencies
+    (layers.scaled_inv_freq; YaRN scales the scores too); the others (dynamic, longrope...) are other
+    functions of the positions, refused by name."""
     params = d.get("rope_parameters") if isinstance(d.get("rope_parameters"), dict) else {}
     old = d.get("rope_scaling") if isinstance(d.get("rope_scaling"), dict) else {}
     scaling = None
@@ -76,6 +76,7 @@ def _rope_theta(d: dict, cfg_json) -> tuple:
         if kind not in ROPE_SCALING_KEYS:
             raise UserError(f"{cfg_json} has {where} of type {kind!r}; this model computes unscaled RoPE ('default'), "
                             f"or scaled by {' or '.join(map(repr, ROPE_SCALING_KEYS))}")
+        check_rope_extras(p, kind, f"{cfg_json} has {where}")  # keys the filter below would drop
         spec = {"rope_type": kind, **{k: p[k] for k in ROPE_SCALING_KEYS[kind] if k in p}}
         if kind == "llama3" and "original_max_position_embeddings" not in spec:  # transformers' fallback
             spec["original_max_position_embeddings"] = d.get("max_position_embeddings")
