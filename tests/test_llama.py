@@ -187,8 +187,8 @@ def test_another_model_type_is_refused_and_a_sharded_folder_is_read_whole(tmp_pa
     cfg_json = tmp_path / "phi3" / "config.json"
     cfg_json.write_text(json.dumps({**json.loads(cfg_json.read_text()), "model_type": "phi3"}))
     with pytest.raises(UserError, match="config.json says model_type 'phi3': not a GPT-2 model \\(tritongpt reads "
-                                        "Hugging Face's gpt2, gpt_neo, llama, mistral, qwen2, qwen3, gemma, gemma2 "
-                                        "and gemma3_text models\\)"):
+                                        "Hugging Face's gpt2, gpt_neo, llama, mistral, qwen2, qwen3, gemma, gemma2, "
+                                        "gemma3_text, olmo2 and olmo3 models\\)"):
         load_checkpoint(path)
     folder = tmp_path / "sharded"
     hf, _ = _hf_model(folder)

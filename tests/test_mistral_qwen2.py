@@ -176,10 +176,14 @@ def test_a_head_dim_the_weights_do_not_have_and_another_family_are_refused_by_na
     cfg_json.write_text(json.dumps({**d, "head_dim": 16}))
     with pytest.raises(UserError, match="config.json says head_dim 16, but the weights have 32"):
         load_checkpoint(path)
-    cfg_json.write_text(json.dumps({**d, "model_type": "olmo2"}))
-    with pytest.raises(UserError, match="config.json says model_type 'olmo2': not a GPT-2 model \\(tritongpt "
+    cfg_json.write_text(json.dumps({**d, "model_type": "olmoe"}))
+    with pytest.raises(UserError, match="config.json says model_type 'olmoe': not a GPT-2 model \\(tritongpt "
                                         "reads Hugging Face's gpt2, gpt_neo, llama, mistral, qwen2, qwen3, gemma, "
-                                        "gemma2 and gemma3_text models\\)"):
+                                        "gemma2, gemma3_text, olmo2 and olmo3 models\\)"):
+        load_checkpoint(path)
+    # OLMo 2's loader reads its own block: a Qwen3 folder called one has input norms OLMo 2 has not
+    cfg_json.write_text(json.dumps({**d, "model_type": "olmo2"}))
+    with pytest.raises(UserError, match="tensor layers.0.input_layernorm is not OLMo 2's"):
         load_checkpoint(path)
     # Gemma 3's loader reads its own tensor names: a Qwen3 folder called one lacks the sandwich norms
     cfg_json.write_text(json.dumps({**d, "model_type": "gemma3_text", "query_pre_attn_scalar": 32}))

@@ -143,8 +143,8 @@ def _gpt2_config_json(cfg_json: Path) -> dict:
     d = read_json_object(cfg_json)
     if d.get("model_type", "gpt2") != "gpt2":
         raise UserError(f"{cfg_json} says model_type {d['model_type']!r}: not a GPT-2 model (tritongpt reads "
-                        "Hugging Face's gpt2, gpt_neo, llama, mistral, qwen2, qwen3, gemma, gemma2 and gemma3_text "
-                        "models)")
+                        "Hugging Face's gpt2, gpt_neo, llama, mistral, qwen2, qwen3, gemma, gemma2, gemma3_text, olmo2 "
+                        "and olmo3 models)")
     return d
 
 
@@ -172,7 +172,7 @@ def is_hf_file(path) -> bool:
 
 def load_checkpoint(path, model_name: str | None = None, merge: bool = True) -> GPTModel:
     """A tritongpt checkpoint (file, checkpoint folder or run folder: its newest) or a Hugging
-    Face GPT-2, GPT-Neo, Llama (Mistral, Qwen2, Qwen3) or Gemma model.safetensors (model_name: the preset,
+    Face GPT-2, GPT-Neo, Llama (Mistral, Qwen2, Qwen3), Gemma or OLMo model.safetensors (model_name: the preset,
     when no config.json says the heads).
     A LoRA checkpoint comes merged unless merge is False, and so does a peft adapter folder: its
     base with the update (load_peft_adapter)."""
@@ -185,11 +185,14 @@ def load_checkpoint(path, model_name: str | None = None, merge: bool = True) -> 
         from tritongpt.train.gemma_weights import is_gemma_file, load_gemma_safetensors
         from tritongpt.train.gpt_neo_weights import is_gpt_neo_file, load_gpt_neo_safetensors
         from tritongpt.train.llama_weights import is_llama_file, load_llama_safetensors
+        from tritongpt.train.olmo_weights import is_olmo_file, load_olmo_safetensors
 
         if is_gpt_neo_file(path):
             return load_gpt_neo_safetensors(path, model_name)
         if is_gemma_file(path):
             return load_gemma_safetensors(path)
+        if is_olmo_file(path):
+            return load_olmo_safetensors(path)
         if is_llama_file(path):
             return load_llama_safetensors(path)
         return load_gpt2_safetensors(path, model_name)
@@ -460,8 +463,9 @@ def refuse_other_heads(cfg: GPTConfig, family: str, what: str) -> None:
 def refuse_gemma_touches(cfg: GPTConfig, family: str, what: str, layer_types: bool = False) -> None:
     """Gemma's scaled embeddings, sandwich norms, attention soft cap and scale width, and (unless the family's
     config has layer_types: Qwen2's, Qwen3's, SmolLM3's) local layers other than all or the odd ones, which the
-    other families' folders cannot say: refused by name. (SmolLM3's NoPE layers need RoPE, which GPT-2 and
-    GPT-Neo refuse first; a Llama-shaped model with them is written as a SmolLM3.)"""
+    other families' folders cannot say: refused by name (OLMo's touches first). (SmolLM3's NoPE layers need
+    RoPE, which GPT-2 and GPT-Neo refuse first; a Llama-shaped model with them is written as a SmolLM3.)"""
+    refuse_olmo_touches(cfg, family, what)
     for differs, why in ((cfg.scale_embeddings, "scales its token embeddings by sqrt(n_embd) (scale_embeddings)"),
                          (cfg.post_norms, "normalizes each sublayer's output too (post_norms: Gemma's sandwich "
                           "norms)"),
@@ -474,6 +478,18 @@ def refuse_gemma_touches(cfg: GPTConfig, family: str, what: str, layer_types: bo
         if differs:
             raise UserError(f"this model {why}, which Hugging Face's {family} does not: it cannot be exported as "
                             f"{what} (a Gemma folder may take it)")
+
+
+def refuse_olmo_touches(cfg: GPTConfig, family: str, what: str) -> None:
+    """OLMo 2's and 3's blocks without input norms and q/k norms over the whole projection, which no other
+    family's folder can say: refused by name."""
+    for differs, why in ((not cfg.pre_norms, "does not normalize each sublayer's input (pre_norms False: OLMo 2's "
+                          "blocks)"),
+                         (cfg.qk_norm and cfg.qk_norm_width == "all", "normalizes q and k over all their heads at "
+                          "once (qk_norm_width 'all')")):
+        if differs:
+            raise UserError(f"this model {why}, which Hugging Face's {family} does not: it cannot be exported as "
+                            f"{what} (an OLMo folder may take it)")
 
 
 def export_gpt2(model: GPTModel, out_dir, eos_token_id: int | None = None, overwrite: bool = False) -> list:

@@ -441,10 +441,10 @@ class Trainer:
         """Another function of the weights (a logit soft cap, local attention, unscaled attention
         scores, the position encoding: RoPE or learned, RoPE's theta, the norm: LayerNorm or RMSNorm,
         and its eps, biases, on q/k/v only (Qwen2) or none, Gemma's scaled embeddings, sandwich norms,
-        local RoPE, attention soft cap and scale, SmolLM3's NoPE layers) or another MLP (GELU, SwiGLU or
-        GeGLU, the gated ones' hidden size: other weights too, named before their shapes are): the run would
-        go on as another model. A config from before a field reads as without it; no saved config (a bare
-        weights file) is not compared."""
+        local RoPE, attention soft cap and scale, SmolLM3's NoPE layers, OLMo's absent input norms and
+        whole-width q/k norms) or another MLP (GELU, SwiGLU or GeGLU, the gated ones' hidden size: other
+        weights too, named before their shapes are): the run would go on as another model. A config from
+        before a field reads as without it; no saved config (a bare weights file) is not compared."""
         from tritongpt.model.layers import swiglu_hidden
 
         cfg = self._cfg
@@ -462,6 +462,7 @@ class Trainer:
         qk_norm, head_dim = saved_cfg.get("qk_norm", False), saved_cfg.get("attention_head_dim", 0)
         gemma = (saved_cfg.get("scale_embeddings", False), saved_cfg.get("post_norms", False),
                  saved_cfg.get("rope_local_theta", 0.0))
+        olmo = saved_cfg.get("pre_norms", True), saved_cfg.get("qk_norm_width", "head")
         hidden = saved_cfg.get("mlp_hidden", 0) or swiglu_hidden(saved_cfg.get("n_embd", cfg.n_embd))
         gated = ("swiglu", "geglu")
         if mlp != cfg.mlp or (mlp in gated and hidden != cfg.ff_hidden):
@@ -523,6 +524,13 @@ class Trainer:
             what = (f"{touches(*gemma)}; this run's model "
                     f"{touches(cfg.scale_embeddings, cfg.post_norms, cfg.rope_local_theta)}")
             flags = "the run's own --init"  # Gemma's: no flag makes them, only an --init folder's config.json
+        elif olmo != (cfg.pre_norms, cfg.qk_norm_width):
+            def olmo_touches(pre, width):
+                return (f"{'normalizes' if pre else 'does not normalize'} each sublayer's input and normalizes q and k "
+                        + ("over all heads at once" if width == "all" else "per head (if at all)"))
+
+            what = f"{olmo_touches(*olmo)}, this run's model {olmo_touches(cfg.pre_norms, cfg.qk_norm_width)}"
+            flags = "the run's own --init"  # OLMo's: no flag makes them, only an --init folder's config.json
         elif attn_cap != cfg.attn_softcap:
             what = f"soft-caps its attention scores at {attn_cap:g}, this run's at {cfg.attn_softcap:g} (0: none)"
             flags = f"--attn-softcap {attn_cap:g}"

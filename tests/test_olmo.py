@@ -1,0 +1,345 @@
+"""OLMo 2 and OLMo 3: a Llama-shaped GPTModel whose blocks normalize after each sublayer only
+(post_norms without pre_norms) and whose q/k norms span the whole projection (qk_norm_width "all");
+OLMo 3 adds sliding layers by list and YaRN in its full-attention layers (train/olmo_weights.py).
+Tiny random transformers models saved to tmp_path (float64, every tensor jittered so each one
+counts): logits on both kernel paths, the KV-cache decode, greedy tokens, export round trips through
+transformers, a pretrain --init step; what this model does not compute refused by name. Nothing
+downloaded."""
+import json
+
+import pytest
+import torch
+
+from parity import assert_close_rel, decode_token_by_token, logits_match_transformers, pretrain_argv
+from tritongpt.errors import UserError
+from tritongpt.model.config import GPTConfig
+from tritongpt.model.gpt import GPTModel
+from tritongpt.model.layers import NoNorm
+from tritongpt.train.gpt2_weights import load_checkpoint
+
+transformers = pytest.importorskip("transformers")
+
+VOCAB, CTX, T = 53, 40, 23
+# OLMo 3's two RoPEs, far apart so that swapping them fails the logits
+ROPE3 = {"full_attention": {"rope_type": "default", "rope_theta": 300.0},
+         "sliding_attention": {"rope_type": "default", "rope_theta": 20000.0}}
+# YaRN over a 10-position original context, its betas set so that of the 8 frequencies of a head of 16,
+# 0-1 are kept, 5-7 divided by the factor, 2-4 blended, the ramp's bounds 1.5 and 4.5 rounded out to 1 and 5
+YARN = {"rope_type": "yarn", "rope_theta": 300.0, "factor": 4.0, "original_max_position_embeddings": 10,
+        "beta_fast": 0.55, "beta_slow": 0.065}
+
+
+def hf_olmo(folder, kind="olmo2", layers=4, kv_heads=2, tie=False, vocab=VOCAB, context=CTX, **config):
+    """A tiny random Olmo2ForCausalLM or Olmo3ForCausalLM in float64, saved to folder, EOS 1 and BOS 2.
+    OLMo 2: heads of 32 over n_embd 64 (attention_head_dim). OLMo 3: a window of 5 over its default
+    layer_types (layers 0-2 sliding, 3 full), two RoPE bases. -> (the model, its model.safetensors)."""
+    torch.manual_seed(0)
+    if kind == "olmo2":
+        config = {"head_dim": 32, "rope_parameters": {"rope_type": "default", "rope_theta": 5000.0}, **config}
+    else:
+        config = {"sliding_window": 5, "rope_parameters": json.loads(json.dumps(ROPE3)), **config}
+    cls = {"olmo2": "Olmo2", "olmo3": "Olmo3"}[kind]
+    cfg = getattr(transformers, cls + "Config")(
+        vocab_size=vocab, hidden_size=64, intermediate_size=88, num_hidden_layers=layers, num_attention_heads=4,
+        num_key_value_heads=kv_heads, max_position_embeddings=context, tie_word_embeddings=tie, bos_token_id=2,
+        eos_token_id=1, pad_token_id=0, **{"rms_norm_eps": 1e-6, **config})
+    hf = getattr(transformers, cls + "ForCausalLM")(cfg).double().eval()
+    with torch.no_grad():  # unit norm weights and unit embeddings would hide a mistake
+        for p in hf.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+    hf.save_pretrained(folder)
+    return hf, folder / "model.safetensors"
+
+
+def test_olmo2_loads_its_fields_and_matches_transformers(tmp_path):
+    hf, path = hf_olmo(tmp_path)
+    model = load_checkpoint(path).double().eval()
+    c = model.config
+    assert (c.pre_norms, c.post_norms, c.qk_norm, c.qk_norm_width, c.norm, c.mlp, c.bias) == \
+        (False, True, True, "all", "rmsnorm", "swiglu", False)
+    assert (c.head_dim, c.kv_heads, c.attention_window, c.rope_theta, c.tie_weights) == (32, 2, 0, 5000.0, False)
+    block = model.trf_blocks[0]
+    assert isinstance(block.norm1, NoNorm) and isinstance(block.norm2, NoNorm)
+    assert not any(".norm1." in n or ".norm2." in n for n, _ in model.named_parameters())
+    # one q norm over the 4 heads of 32, one k norm over the 2 KV heads of 32
+    assert block.att.q_norm.weight.shape == (128,) and block.att.k_norm.weight.shape == (64,)
+    logits_match_transformers(hf, model, VOCAB, T)
+
+
+def test_olmo3_loads_its_windows_and_two_ropes_and_matches_transformers(tmp_path):
+    hf, path = hf_olmo(tmp_path, "olmo3")
+    model = load_checkpoint(path).double().eval()
+    c = model.config
+    assert (c.attention_window, c.window_layers, c.rope_theta, c.rope_local_theta) == (5, "0,1,2", 300.0, 2e4)
+    assert [c.layer_window(i) for i in range(4)] == [5, 5, 5, 0]
+    logits_match_transformers(hf, model, VOCAB, T)
+
+
+def test_olmo3_yarn_matches_transformers_on_both_paths(tmp_path):
+    """YaRN in the full-attention layer (its ramp of frequencies and its attention factor, 1 + 0.1 ln 4 on
+    cos and sin), the sliding layers unscaled: logits on both paths and a decode over the KV cache."""
+    from tritongpt.model.layers import rope_inv_freq
+
+    hf, path = hf_olmo(tmp_path, "olmo3", rope_parameters={"full_attention": dict(YARN), "sliding_attention":
+                                                           {"rope_type": "default", "rope_theta": 300.0}})
+    model = load_checkpoint(path).double().eval()
+    c = model.config
+    assert c.rope_scaling == {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 10,
+                              "beta_fast": 0.55, "beta_slow": 0.065, "attention_factor": pytest.approx(1.1386294361)}
+    plain, scaled = rope_inv_freq(16, 300.0), rope_inv_freq(16, 300.0, scaling=c.rope_scaling)
+    assert torch.equal(scaled[:2], plain[:2]) and torch.allclose(scaled[5:], plain[5:] / 4)
+    assert ((scaled[2:5] < plain[2:5]) & (scaled[2:5] > plain[2:5] / 4)).all()
+    assert (c.rope_local_theta, c.layer_rope(0), c.layer_rope(3)) == (300.0, (300.0, None), (300.0, c.rope_scaling))
+    logits_match_transformers(hf, model, VOCAB, T)
+    idx = torch.randint(0, VOCAB, (1, 15))
+    with torch.no_grad():
+        _, decoded, _ = decode_token_by_token(model, idx)
+        assert_close_rel(decoded, hf(idx).logits, 2e-6, "decoded over the cache")
+
+
+@pytest.mark.parametrize("kind", ["olmo2", "olmo3"])
+def test_decodes_over_the_cache_and_generates_transformers_tokens(tmp_path, kind):
+    hf, path = hf_olmo(tmp_path, kind)
+    model = load_checkpoint(path).double().eval()
+    idx = torch.randint(0, VOCAB, (1, 15))
+    with torch.no_grad():
+        _, decoded, _ = decode_token_by_token(model, idx)
+        assert_close_rel(decoded, hf(idx).logits, 2e-6, "decoded over the cache")
+    from tritongpt.train.generate import generate
+
+    ours = generate(model, idx[:, :3], 12)
+    theirs = hf.generate(idx[:, :3], max_new_tokens=12, do_sample=False, pad_token_id=0, eos_token_id=None)
+    assert torch.equal(ours, theirs)
+
+
+@pytest.mark.parametrize("kind,kw", [("olmo2", {}), ("olmo2", {"head_dim": 16, "kv_heads": 4, "tie": True}),
+                                     ("olmo3", {}),
+                                     ("olmo3", {"rope_parameters": {"full_attention": dict(YARN), "sliding_attention":
+                                                                    {"rope_type": "default", "rope_theta": 300.0}},
+                                                "layer_types": ["full_attention", "sliding_attention"] * 2})],
+                         ids=["olmo2", "olmo2-tied", "olmo3", "olmo3-yarn"])
+def test_export_round_trips_through_transformers(tmp_path, kind, kw):
+    """Loaded, exported, read by transformers' AutoModelForCausalLM: the same logits, the family's
+    model_type, and load_checkpoint reads the export back to the same config."""
+    from tritongpt.train.olmo_weights import export_olmo
+
+    hf, path = hf_olmo(tmp_path / "in", kind, **kw)
+    model = load_checkpoint(path).double().eval()
+    export_olmo(model, tmp_path / "out", eos_token_id=1)
+    d = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert d["model_type"] == kind
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float64).eval()
+    assert type(back).__name__ == {"olmo2": "Olmo2ForCausalLM", "olmo3": "Olmo3ForCausalLM"}[kind]
+    idx = torch.randint(0, VOCAB, (2, T))
+    with torch.no_grad():
+        assert_close_rel(back(idx).logits, hf(idx).logits, 2e-6, "exported, read by transformers")
+        assert_close_rel(back(idx).logits, model(idx), 2e-6, "exported, against ours")
+    again = load_checkpoint(tmp_path / "out" / "model.safetensors")
+    assert again.config == GPTConfig(**{**model.config.to_dict(), "kernels": again.config.kernels})
+    with pytest.raises(UserError, match="already holds a model"):
+        export_olmo(model, tmp_path / "out")
+
+
+def test_sharded_and_flat_hub_configs_load(tmp_path):
+    """The Hub's OLMo 3 config.json says rope_theta and rope_scaling flat (not per layer type), and its large
+    models come in shards: both read, with transformers' logits."""
+    hf, _ = hf_olmo(tmp_path / "a", "olmo3", rope_parameters={"full_attention": {**YARN, "rope_theta": 5e5},
+                                                              "sliding_attention": {"rope_type": "default",
+                                                                                    "rope_theta": 5e5}})
+    hf.save_pretrained(tmp_path / "b", max_shard_size="40KB")
+    cfg_json = tmp_path / "b" / "config.json"
+    d = json.loads(cfg_json.read_text())
+    d.pop("rope_parameters")
+    flat = {k: v for k, v in YARN.items() if k != "rope_theta"}
+    cfg_json.write_text(json.dumps({**d, "rope_theta": 5e5, "rope_scaling": flat}))
+    index = tmp_path / "b" / "model.safetensors.index.json"
+    assert index.is_file() and len(set(json.loads(index.read_text())["weight_map"].values())) > 1
+    model = load_checkpoint(tmp_path / "b").double().eval()
+    c = model.config
+    assert (c.rope_theta, c.rope_local_theta, c.rope_scaling["rope_type"]) == (5e5, 5e5, "yarn")
+    again = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "b", dtype=torch.float64).eval()
+    idx = torch.randint(0, VOCAB, (2, T))
+    with torch.no_grad():
+        assert_close_rel(model(idx), hf(idx).logits, 2e-6, "shards, flat config")
+        assert_close_rel(again(idx).logits, hf(idx).logits, 2e-6, "transformers on the flat config")
+
+
+@pytest.mark.parametrize("kind,change,match", [
+    ("olmo2", {"attention_bias": True}, "attention_bias true; OLMo 2's projections have no biases"),
+    ("olmo2", {"hidden_act": "gelu"}, "hidden_act 'gelu'; this model's SwiGLU computes 'silu' only"),
+    ("olmo2", {"head_dim": 16}, "head_dim 16, but the weights have 32"),
+    ("olmo2", {"rope_parameters": {"rope_type": "dynamic", "rope_theta": 5000.0, "factor": 2.0}},
+     "rope_parameters of type 'dynamic'"),
+    ("olmo3", {"rope_parameters": {**ROPE3, "full_attention": {**YARN, "mscale": 1.0, "mscale_all_dim": 1.0}}},
+     "YaRN with mscale, mscale_all_dim"),
+    ("olmo3", {"rope_parameters": {**ROPE3, "sliding_attention": {"rope_type": "linear", "factor": 2.0}}},
+     "scales the sliding layers' RoPE"),
+    ("olmo3", {"layer_types": ["sliding_attention"] * 3}, "for each of the 4 layers"),
+    ("olmo3", {"sliding_window": None}, "sliding_window None and sliding layers"),
+], ids=["attention-bias", "activation", "head-dim", "dynamic-rope", "yarn-mscale", "local-scaling", "layer-types",
+        "no-window"])
+def test_what_this_model_does_not_compute_is_refused_by_name(tmp_path, kind, change, match):
+    _, path = hf_olmo(tmp_path, kind)
+    cfg_json = tmp_path / "config.json"
+    cfg_json.write_text(json.dumps({**json.loads(cfg_json.read_text()), **change}))
+    with pytest.raises(UserError, match=match):
+        load_checkpoint(path)
+
+
+def test_a_file_with_input_norms_under_olmos_name_is_refused(tmp_path):
+    """An OLMo config.json beside a Llama's tensors (input_layernorm) would load its q/k norms as missing at
+    best; the block's extra norm is named."""
+    from safetensors.torch import load_file, save_file
+
+    _, path = hf_olmo(tmp_path)
+    sd = load_file(str(path))
+    save_file({**sd, "model.layers.0.input_layernorm.weight": torch.ones(64, dtype=torch.float64)}, str(path),
+              metadata={"format": "pt"})
+    with pytest.raises(UserError, match="layers.0.input_layernorm is not OLMo 2's"):
+        load_checkpoint(path)
+
+
+def _olmo_like(**kw):
+    cfg = dict(vocab_size=VOCAB, context_length=CTX, n_embd=64, n_layer=3, n_head=4, n_kv_head=2,
+               attention_head_dim=32, position_encoding="rope", norm="rmsnorm", mlp="swiglu", bias=False,
+               post_norms=True, pre_norms=False, qk_norm=True, qk_norm_width="all", attention_window=5,
+               window_layers="0,1", rope_theta=500.0, norm_eps=1e-6)
+    cfg.update(kw)
+    return GPTModel(GPTConfig(**cfg))
+
+
+def test_the_fields_are_checked_by_name():
+    for bad, match in (({"pre_norms": "no"}, "pre_norms must be True or False"),
+                       ({"pre_norms": False}, "pre_norms False leaves a block's sublayers without a norm"),
+                       ({"qk_norm_width": "heads", "qk_norm": True}, "qk_norm_width must be one of head, all"),
+                       ({"qk_norm_width": "all"}, "qk_norm is False"),
+                       ({"position_encoding": "rope", "rope_scaling": {"rope_type": "yarn", "factor": 2.0}},
+                        "missing original_max_position_embeddings"),
+                       ({"position_encoding": "rope", "rope_scaling": {**YARN, "truncate": False}},
+                        "YaRN with truncate False")):
+        with pytest.raises(UserError, match=match):
+            GPTConfig(**bad)
+    # transformers' YaRN defaults: beta 32 and 1, attention factor 0.1 ln(factor) + 1
+    c = GPTConfig(position_encoding="rope", rope_scaling={"rope_type": "yarn", "factor": 8.0,
+                                                          "original_max_position_embeddings": 8192})
+    assert c.rope_scaling == {"rope_type": "yarn", "factor": 8.0, "original_max_position_embeddings": 8192,
+                              "beta_fast": 32.0, "beta_slow": 1.0, "attention_factor": pytest.approx(1.2079441542)}
+
+
+def test_a_model_built_here_exports_as_olmo3_and_other_exports_refuse_its_fields(tmp_path):
+    """A GPTModel made with OLMo's fields (not loaded) is written as OLMo 3, whose logits transformers
+    reproduces; the Llama, Gemma, GPT-2 and GPT-Neo exports name what they cannot say, and the OLMo one
+    what OLMo does not compute."""
+    from tritongpt.train.gemma_weights import export_gemma
+    from tritongpt.train.gpt2_weights import export_gpt2
+    from tritongpt.train.gpt_neo_weights import export_gpt_neo
+    from tritongpt.train.llama_weights import export_llama
+    from tritongpt.train.olmo_weights import export_olmo
+
+    torch.manual_seed(1)
+    model = _olmo_like().double().eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    export_olmo(model, tmp_path / "o3")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "o3", dtype=torch.float64).eval()
+    assert type(hf).__name__ == "Olmo3ForCausalLM"
+    idx = torch.randint(0, VOCAB, (2, T))
+    with torch.no_grad():
+        assert_close_rel(model(idx), hf(idx).logits, 2e-6, "built here, read by transformers")
+    with pytest.raises(UserError, match=r"does not normalize each sublayer's input \(pre_norms False"):
+        export_llama(_olmo_like(window_layers="all"), tmp_path / "llama")
+    with pytest.raises(UserError, match=r"normalizes q and k over all their heads at once"):
+        export_llama(_olmo_like(window_layers="all", pre_norms=True, post_norms=False), tmp_path / "llama")
+    with pytest.raises(UserError, match=r"pre_norms False.*Gemma 2"):
+        export_gemma(_olmo_like(mlp="geglu", scale_embeddings=True, qk_norm=False, qk_norm_width="head"),
+                     tmp_path / "gemma")
+    gpt2 = dict(vocab_size=VOCAB, context_length=CTX, n_embd=64, n_layer=2, n_head=4, post_norms=True,
+                pre_norms=False)
+    with pytest.raises(UserError, match="pre_norms False"):
+        export_gpt2(GPTModel(GPTConfig(**gpt2)), tmp_path / "gpt2")
+    with pytest.raises(UserError, match="pre_norms False"):
+        export_gpt_neo(GPTModel(GPTConfig(**gpt2, scale_attention=False, qkv_bias=False)), tmp_path / "neo")
+    for change, match in (({"mlp": "geglu"}, "has a geglu MLP, where OLMo 3's is SwiGLU"),
+                          ({"pre_norms": True}, "normalizes each sublayer's input"),
+                          ({"qk_norm_width": "head"}, "does not normalize the whole q and k"),
+                          ({"attn_softcap": 5.0}, "soft-caps its attention scores"),
+                          ({"attention_window": 0, "window_layers": "all", "bias": True}, "has biases, where OLMo 2")):
+        with pytest.raises(UserError, match=match):
+            export_olmo(_olmo_like(**change), tmp_path / "no")
+
+
+@pytest.mark.parametrize("kernels", ["reference", "triton"])
+def test_olmo_fields_train_on_both_paths_with_the_same_gradients(kernels):
+    """One backward through every OLMo piece (no input norms, whole-width q/k norms, post norms, local
+    layers by list, YaRN in the global layer): the loss and every parameter's gradient on either path
+    are the float64 reference's (fp32, within 1e-4 relative)."""
+    yarn = dict(YARN)
+    yarn.pop("rope_theta")
+    kw = dict(rope_scaling=yarn, rope_local_theta=500.0)
+    torch.manual_seed(2)
+    ref = _olmo_like(**kw).float()
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    idx = torch.randint(0, VOCAB, (2, 19))
+    targets = torch.randint(0, VOCAB, (2, 19))
+    model = _olmo_like(**kw).float()
+    model.load_state_dict(ref.state_dict())
+    model.set_kernels(kernels)
+    loss = model(idx, targets=targets)
+    loss.backward()
+    ref64 = _olmo_like(**kw).double()
+    ref64.load_state_dict(ref.state_dict())
+    want = ref64(idx, targets=targets)
+    want.backward()
+    assert_close_rel(loss.double().reshape(1), want.reshape(1), 1e-5, "loss")
+    grads = dict(ref64.named_parameters())
+    for name, p in model.named_parameters():
+        assert_close_rel(p.grad.double(), grads[name].grad, 1e-4, name)
+
+
+def test_a_resume_that_would_drop_olmos_fields_is_refused_by_name():
+    from types import SimpleNamespace
+
+    from tritongpt.train.loop import Trainer
+
+    olmo = _olmo_like().config
+    saved = olmo.to_dict()
+    Trainer._check_same_function(SimpleNamespace(_cfg=olmo, name="pretrain"), "ckpt", saved)
+    for change, refused in (({"pre_norms": True}, "does not normalize each sublayer's input and normalizes q and k "
+                                                  "over all heads at once, this run's model normalizes each"),
+                            ({"qk_norm_width": "head"}, "over all heads at once, this run's model does not normalize "
+                                                        "each sublayer's input and normalizes q and k per head")):
+        cfg = GPTConfig(**{**saved, **change})
+        with pytest.raises(UserError, match=refused):
+            Trainer._check_same_function(SimpleNamespace(_cfg=cfg, name="pretrain"), "ckpt", saved)
+
+
+def test_pretrain_from_an_olmo2_folder_exports_back_as_olmo2_and_resumes_only_as_itself(corpus, tmp_path, capsys):
+    """--init an OLMo 2 folder, train a step, export: an OLMo 2 folder that transformers runs with our
+    logits; `info` names OLMo's fields; a resume whose flags would build a Llama is refused by name."""
+    from tritongpt.cli import main
+
+    hf_olmo(tmp_path / "o", layers=2, vocab=300, context=64, rms_norm_eps=1e-5)
+    assert main(pretrain_argv(corpus, tmp_path / "run", "--init", str(tmp_path / "o"), "--max-steps", "1")) == 0
+    model = load_checkpoint(tmp_path / "run").eval()
+    c = model.config
+    assert (c.pre_norms, c.post_norms, c.qk_norm, c.qk_norm_width) == (False, True, True, "all")
+    assert main(["export", str(tmp_path / "run"), "--out", str(tmp_path / "hf")]) == 0
+    out = capsys.readouterr().out  # pretrain's header, then export's line
+    assert "q/k norms over all heads" in out and "norms after each sublayer only" in out
+    assert "OLMo 2 with 2 layers" in out
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["model_type"] == "olmo2"
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    idx = torch.randint(0, 300, (2, 17))
+    with torch.no_grad():
+        assert_close_rel(hf(idx).logits, model(idx), 1e-5, "transformers on the export")
+    assert main(["info", "--weights", str(tmp_path / "run")]) == 0
+    out = capsys.readouterr().out
+    assert "pre_norms       False" in out and "qk_norm_width   all" in out
+    flags = ("--norm", "rmsnorm", "--mlp", "swiglu", "--mlp-hidden", "88", "--position-encoding", "rope",
+             "--rope-theta", "5000", "--no-bias")
+    assert main(pretrain_argv(corpus, tmp_path / "run", *flags, "--max-steps", "2", "--resume")) == 2
+    assert "model normalizes each head's q and k and has heads of 32, this run's model does not normalize" in \
+        capsys.readouterr().err
