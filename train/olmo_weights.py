@@ -70,7 +70,8 @@ def _rope(d: dict, kind: str, window: int, cfg_json) -> tuple:
     full-attention layers' only."""
     params = d.get("rope_parameters") if isinstance(d.get("rope_parameters"), dict) else {}
     if kind == "olmo2" or "full_attention" not in params:
-        theta, scaling = _rope_theta(d, cfg_json)
+        # Olmo3Config's base when none is said is 500000, Olmo2Config's (as Llama's) 10000
+        theta, scaling = _rope_theta(d if kind == "olmo2" else {"rope_theta": OLMO3_THETA, **d}, cfg_json)
         if kind == "olmo2" or not window:
             return theta, scaling, 0.0
         if theta != OLMO3_THETA:  # Olmo3Config gives the local layers its default when rope_theta is flat
@@ -99,6 +100,8 @@ def _check_hf_config(cfg_json: Path, sd: dict) -> GPTConfig:
     model does not compute refused by name."""
     d = read_json_object(cfg_json)
     kind = d.get("model_type")
+    if kind not in FAMILIES:
+        raise UserError(f"{cfg_json} says model_type {kind!r}; an OLMo folder's is {' or '.join(FAMILIES)}")
     vocab, n_embd, hidden, n_layer, n_head, n_kv_head, head_dim = hf_shapes(d, sd, cfg_json, _NAMES[kind])
     if d.get("hidden_act", "silu") != "silu":
         raise UserError(f"{cfg_json} has hidden_act {d['hidden_act']!r}; this model's SwiGLU computes 'silu' only")
@@ -110,12 +113,13 @@ def _check_hf_config(cfg_json: Path, sd: dict) -> GPTConfig:
                             "normalize after each sublayer only")
     window, window_layers = _sliding_window(d, kind, n_layer, cfg_json)
     theta, scaling, local_theta = _rope(d, kind, window, cfg_json)
-    return GPTConfig(vocab_size=vocab, context_length=d.get("max_position_embeddings", 4096), n_embd=n_embd,
+    # Olmo2Config's and Olmo3Config's defaults where config.json says nothing: 2048 positions, eps 1e-5
+    return GPTConfig(vocab_size=vocab, context_length=d.get("max_position_embeddings", 2048), n_embd=n_embd,
                      n_layer=n_layer, n_head=n_head, n_kv_head=0 if n_kv_head == n_head else n_kv_head,
                      attention_head_dim=0 if head_dim * n_head == n_embd else head_dim, qk_norm=True,
                      qk_norm_width="all", bias=False, attention_window=window, window_layers=window_layers,
                      position_encoding="rope", rope_theta=theta, rope_scaling=scaling, rope_local_theta=local_theta,
-                     norm="rmsnorm", norm_eps=d.get("rms_norm_eps", 1e-6), mlp="swiglu", mlp_hidden=hidden,
+                     norm="rmsnorm", norm_eps=d.get("rms_norm_eps", 1e-5), mlp="swiglu", mlp_hidden=hidden,
                      post_norms=True, pre_norms=False,
                      tie_weights="lm_head.weight" not in sd
                      or torch.equal(sd["lm_head.weight"], sd["embed_tokens.weight"]))
