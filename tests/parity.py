@@ -51,6 +51,17 @@ def decode_token_by_token(model, idx, prefill: int = 6):
     return whole, torch.cat(steps, 1), cache
 
 
+def decodes_like(model, idx, want):
+    """A float64 model's decode over the KV cache (decode_token_by_token) gives want's logits on the
+    reference path (2e-6 relative) and, in fp32, on the Triton path (1e-5, Tq < Tk in the kernel); the
+    model is left float64 on the reference path."""
+    for kernels, dtype, tol in (("reference", torch.float64, 2e-6), ("triton", torch.float32, 1e-5)):
+        model.to(dtype).set_kernels(kernels)
+        _, decoded, _ = decode_token_by_token(model, idx)
+        assert_close_rel(decoded.double(), want, tol, f"decoded over the cache, {kernels}")
+    model.double().set_kernels("reference")
+
+
 def pretrain_argv(corpus, out, *extra):
     """`tritongpt pretrain` on conftest's small corpus, quiet and tiny (block 32, batch 4), into out."""
     return ["pretrain", "--data", str(corpus.text), "--tokenizer", str(corpus.tok), "--cache-dir", str(corpus.cache),

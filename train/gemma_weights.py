@@ -36,7 +36,7 @@ from tritongpt.errors import UserError, note, read_json_object
 from tritongpt.model.config import GPTConfig
 from tritongpt.model.gpt import GPTModel
 from tritongpt.train.gpt2_weights import _read_tensors, model_with_tensors, write_hf_folder
-from tritongpt.train.llama_weights import _rope_theta, hf_shapes
+from tritongpt.train.llama_weights import _rope_theta, hf_shapes, shape_fields
 
 FAMILIES = {"gemma": "GemmaForCausalLM", "gemma2": "Gemma2ForCausalLM", "gemma3_text": "Gemma3ForCausalLM"}
 _NAMES = {"gemma": "Gemma", "gemma2": "Gemma 2", "gemma3_text": "Gemma 3"}
@@ -151,7 +151,8 @@ def _check_hf_config(cfg_json: Path, sd: dict) -> GPTConfig:
     the tensors beside it; what this model does not compute refused by name."""
     d = _text_config(read_json_object(cfg_json), cfg_json)
     kind = d.get("model_type")
-    vocab, n_embd, hidden, n_layer, n_head, n_kv_head, head_dim = hf_shapes(d, sd, cfg_json, "Gemma")
+    shapes = hf_shapes(d, sd, cfg_json, "Gemma")
+    n_layer, head_dim = shapes[3], shapes[6]
     act_key = "hidden_act" if kind == "gemma" else "hidden_activation"
     act = d.get(act_key) or "gelu_pytorch_tanh"
     if act not in _GELU_TANH and not (kind == "gemma" and act == "gelu"):  # Gemma 1's legacy "gelu" means tanh
@@ -177,17 +178,13 @@ def _check_hf_config(cfg_json: Path, sd: dict) -> GPTConfig:
     cap = d.get("final_logit_softcapping", 30.0 if kind == "gemma2" else None)
     window, window_layers = _sliding_window(d, kind, n_layer, cfg_json)
     theta, scaling, local_theta = _rope(d, kind, cfg_json)
-    return GPTConfig(vocab_size=vocab, context_length=d.get("max_position_embeddings", 8192), n_embd=n_embd,
+    return GPTConfig(**shape_fields(shapes, sd), context_length=d.get("max_position_embeddings", 8192),
                      attn_softcap=attn_cap or 0.0, attention_scale_width=0 if scalar == head_dim else int(scalar),
-                     n_layer=n_layer, n_head=n_head, n_kv_head=0 if n_kv_head == n_head else n_kv_head,
-                     attention_head_dim=0 if head_dim * n_head == n_embd else head_dim,
                      qk_norm=kind == "gemma3_text", bias=False, attention_window=window,
                      window_layers=window_layers, position_encoding="rope", rope_theta=theta, rope_scaling=scaling,
                      rope_local_theta=local_theta if window else 0.0, norm="rmsnorm",
-                     norm_eps=d.get("rms_norm_eps", 1e-6), mlp="geglu", mlp_hidden=hidden, scale_embeddings=True,
-                     post_norms=kind != "gemma", logit_softcap=cap or 0.0,
-                     tie_weights="lm_head.weight" not in sd
-                     or torch.equal(sd["lm_head.weight"], sd["embed_tokens.weight"]))
+                     norm_eps=d.get("rms_norm_eps", 1e-6), mlp="geglu", scale_embeddings=True,
+                     post_norms=kind != "gemma", logit_softcap=cap or 0.0)
 
 
 def _wide(w):

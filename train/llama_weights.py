@@ -169,10 +169,22 @@ def hf_shapes(d: dict, sd: dict, cfg_json: Path, family: str) -> tuple:
     return vocab, n_embd, hidden, n_layer, n_head, n_kv_head, head_dim
 
 
+def shape_fields(shapes: tuple, sd: dict) -> dict:
+    """The GPTConfig fields hf_shapes' (vocab, n_embd, hidden, n_layer, n_head, n_kv_head, head_dim) give,
+    and whether the LM head is the embedding (no lm_head tensor, or an equal one): the Llama, Gemma and
+    OLMo readers' common part."""
+    vocab, n_embd, hidden, n_layer, n_head, n_kv_head, head_dim = shapes
+    return dict(vocab_size=vocab, n_embd=n_embd, mlp_hidden=hidden, n_layer=n_layer, n_head=n_head,
+                n_kv_head=0 if n_kv_head == n_head else n_kv_head,
+                attention_head_dim=0 if head_dim * n_head == n_embd else head_dim,
+                tie_weights="lm_head.weight" not in sd or torch.equal(sd["lm_head.weight"], sd["embed_tokens.weight"]))
+
+
 def _check_hf_config(cfg_json: Path, sd: dict) -> GPTConfig:
     """The GPTConfig of a Llama config.json, checked against the tensors beside it."""
     d = read_json_object(cfg_json)
-    vocab, n_embd, hidden, n_layer, n_head, n_kv_head, head_dim = hf_shapes(d, sd, cfg_json, "Llama")
+    shapes = hf_shapes(d, sd, cfg_json, "Llama")
+    n_layer = shapes[3]
     if d.get("hidden_act", "silu") != "silu":
         raise UserError(f"{cfg_json} has hidden_act {d['hidden_act']!r}; this model's SwiGLU computes 'silu' only")
     kind = d.get("model_type", "llama")
@@ -187,15 +199,11 @@ def _check_hf_config(cfg_json: Path, sd: dict) -> GPTConfig:
     window, window_layers = _sliding_window(d, kind, n_layer, cfg_json)
     nope = _nope_layers(d, n_layer, cfg_json) if kind == "smollm3" else ()
     theta, scaling = _rope_theta(d, cfg_json)
-    return GPTConfig(vocab_size=vocab, context_length=d.get("max_position_embeddings", 2048), n_embd=n_embd,
-                     n_layer=n_layer, n_head=n_head, n_kv_head=0 if n_kv_head == n_head else n_kv_head,
+    return GPTConfig(**shape_fields(shapes, sd), context_length=d.get("max_position_embeddings", 2048),
                      bias=bias, qkv_bias_only=kind == "qwen2", attention_window=window, window_layers=window_layers,
-                     attention_head_dim=0 if head_dim * n_head == n_embd else head_dim, qk_norm=kind == "qwen3",
-                     position_encoding="rope", rope_theta=theta, rope_scaling=scaling, norm="rmsnorm",
-                     nope_layers=",".join(map(str, nope)),
-                     norm_eps=d.get("rms_norm_eps", 1e-6), mlp="swiglu", mlp_hidden=hidden,
-                     tie_weights="lm_head.weight" not in sd
-                     or torch.equal(sd["lm_head.weight"], sd["embed_tokens.weight"]))
+                     qk_norm=kind == "qwen3", position_encoding="rope", rope_theta=theta, rope_scaling=scaling,
+                     norm="rmsnorm", nope_layers=",".join(map(str, nope)), norm_eps=d.get("rms_norm_eps", 1e-6),
+                     mlp="swiglu")
 
 
 def _our_tensors(sd: dict, cfg: GPTConfig) -> dict:

@@ -26,7 +26,7 @@ from tritongpt.errors import UserError, note, read_json_object
 from tritongpt.model.config import GPTConfig
 from tritongpt.model.gpt import GPTModel
 from tritongpt.train.gpt2_weights import _read_tensors, model_with_tensors, write_hf_folder
-from tritongpt.train.llama_weights import _rope_theta, hf_shapes
+from tritongpt.train.llama_weights import _rope_theta, hf_shapes, shape_fields
 
 FAMILIES = {"olmo2": "Olmo2ForCausalLM", "olmo3": "Olmo3ForCausalLM"}
 _NAMES = {"olmo2": "OLMo 2", "olmo3": "OLMo 3"}
@@ -102,7 +102,8 @@ def _check_hf_config(cfg_json: Path, sd: dict) -> GPTConfig:
     kind = d.get("model_type")
     if kind not in FAMILIES:
         raise UserError(f"{cfg_json} says model_type {kind!r}; an OLMo folder's is {' or '.join(FAMILIES)}")
-    vocab, n_embd, hidden, n_layer, n_head, n_kv_head, head_dim = hf_shapes(d, sd, cfg_json, _NAMES[kind])
+    shapes = hf_shapes(d, sd, cfg_json, _NAMES[kind])
+    n_layer = shapes[3]
     if d.get("hidden_act", "silu") != "silu":
         raise UserError(f"{cfg_json} has hidden_act {d['hidden_act']!r}; this model's SwiGLU computes 'silu' only")
     if d.get("attention_bias"):
@@ -114,15 +115,11 @@ def _check_hf_config(cfg_json: Path, sd: dict) -> GPTConfig:
     window, window_layers = _sliding_window(d, kind, n_layer, cfg_json)
     theta, scaling, local_theta = _rope(d, kind, window, cfg_json)
     # Olmo2Config's and Olmo3Config's defaults where config.json says nothing: 2048 positions, eps 1e-5
-    return GPTConfig(vocab_size=vocab, context_length=d.get("max_position_embeddings", 2048), n_embd=n_embd,
-                     n_layer=n_layer, n_head=n_head, n_kv_head=0 if n_kv_head == n_head else n_kv_head,
-                     attention_head_dim=0 if head_dim * n_head == n_embd else head_dim, qk_norm=True,
+    return GPTConfig(**shape_fields(shapes, sd), context_length=d.get("max_position_embeddings", 2048), qk_norm=True,
                      qk_norm_width="all", bias=False, attention_window=window, window_layers=window_layers,
                      position_encoding="rope", rope_theta=theta, rope_scaling=scaling, rope_local_theta=local_theta,
-                     norm="rmsnorm", norm_eps=d.get("rms_norm_eps", 1e-5), mlp="swiglu", mlp_hidden=hidden,
-                     post_norms=True, pre_norms=False,
-                     tie_weights="lm_head.weight" not in sd
-                     or torch.equal(sd["lm_head.weight"], sd["embed_tokens.weight"]))
+                     norm="rmsnorm", norm_eps=d.get("rms_norm_eps", 1e-5), mlp="swiglu", post_norms=True,
+                     pre_norms=False)
 
 
 def _our_tensors(sd: dict, cfg: GPTConfig) -> dict:
