@@ -76,8 +76,8 @@ def test_gqa_kv_cache_holds_n_kv_head_heads_and_decodes_as_the_whole_sequence(pa
 def test_gqa_greedy_decode_same_tokens_on_both_paths(n_kv_head, device):
     model = gqa_model(n_kv_head, 6).to(device).eval()
     prompt = torch.randint(0, 67, (2, 5), device=device)
-    assert torch.equal(generate(model.set_kernels("reference"), prompt, 12),
-                       generate(model.set_kernels("triton"), prompt, 12))
+    assert torch.equal(generate(model.set_kernels("reference"), prompt, 8),
+                       generate(model.set_kernels("triton"), prompt, 8))
 
 
 def test_gqa_model_compiles_in_one_graph(device):

@@ -372,7 +372,7 @@ def test_activation_checkpointing_same_step_less_saved(device, path):
     RNG state after the step are those of the plain model, while the blocks save nothing for
     backward but their input."""
     torch.manual_seed(5)
-    model = _randomize(GPTModel(GPTConfig(**{**TINY, "n_layer": 3}, dropout=0.2))).to(device).set_kernels(path)
+    model = _randomize(GPTModel(GPTConfig(**TINY, dropout=0.2))).to(device).set_kernels(path)
     idx = torch.randint(0, 67, (2, 19), device=device)
     targets = torch.randint(0, 67, (2, 19), device=device)
     results = {}
@@ -393,8 +393,8 @@ def test_activation_checkpointing_same_step_less_saved(device, path):
             continue
         assert_close_rel(ck_grads[n], plain_grads[n], 1e-5, f"grad {n} with activation checkpointing")
     # What is left is the embeddings', the final LayerNorm's, the head's and the loss's; each
-    # of the three blocks saved more than all of that.
-    per_block = (plain_saved - ck_saved) / 3
+    # of the two blocks saved more than all of that.
+    per_block = (plain_saved - ck_saved) / 2
     assert per_block > ck_saved, (plain_saved, ck_saved)
     with torch.no_grad():  # inference: nothing recorded, nothing recomputed, the same logits
         assert torch.equal(model.eval()(idx), model.set_activation_checkpointing(False)(idx))

@@ -1221,11 +1221,11 @@ def test_packed_loss_is_the_sum_of_the_examples_alone(path):
     torch.manual_seed(0)
     model = GPTModel(GPTConfig(vocab_size=129, context_length=24, n_embd=32, n_layer=2, n_head=2))
     model.set_kernels(path)
-    examples = packing_examples(12, seed=6, max_size=24)
+    examples = packing_examples(6, seed=5, max_size=24)
     data = sft.SFTData(examples, [], pad_id=128, batch_size=2, pack_len=24)
     packed = [data.get_batch("train")]
     packed += [data.get_batch("train") for _ in range(len(data._order) - 1)]
-    assert sum(x.shape[0] for x, _, _ in packed) < 12  # rows shared: something was packed
+    assert sum(x.shape[0] for x, _, _ in packed) < 6  # rows shared: something was packed
     sums, grads, counts = [], [], []
     for batches in (packed, [collate([e], pad_id=128) for e in examples]):
         model.zero_grad()
@@ -1243,7 +1243,7 @@ def test_packed_loss_is_the_sum_of_the_examples_alone(path):
     # the check has teeth: the same rows without doc_ids (examples seeing each other) differ
     with torch.no_grad():
         mixed = sum(float(sft.sft_loss(model, (x, y))[0]) for x, y, _ in packed)
-    assert abs(mixed - float(sums[1])) > 1e-4 * abs(float(sums[1]))  # 7e-4 here, 10x the tolerance
+    assert abs(mixed - float(sums[1])) > 1e-4 * abs(float(sums[1]))  # 4e-3 here; 1e-4 is 10x the tolerance
     if path == "triton":
         assert model.kernels == frozenset(KERNEL_NAMES)
 
