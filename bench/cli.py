@@ -180,7 +180,7 @@ def model_flags(args) -> dict:
 def add_cli(sub):
     from tritongpt.bench.kernels import ALL_PROVIDERS, FULL_SIZES
     from tritongpt.bench.train_step import TRAIN_PROVIDERS
-    from tritongpt.model.config import MLPS, NORMS, POSITION_ENCODINGS, window_layers_arg
+    from tritongpt.model.config import MLPS, NORMS, POSITION_ENCODINGS, QK_NORM_WIDTHS, window_layers_arg
 
     p = sub.add_parser("bench", help="benchmarks: kernels, training step, CPU-side timings",
                        description=__doc__.split("\n\n")[1])
@@ -298,6 +298,13 @@ def add_cli(sub):
     t.add_argument("--post-norms", action=argparse.BooleanOptionalAction, default=None,
                    help="normalize each sublayer's output too before it joins the residual, with a norm of its "
                         "own (Gemma 2 and 3's sandwich norms; GPTConfig.post_norms) (default: the preset's, no)")
+    t.add_argument("--pre-norms", action=argparse.BooleanOptionalAction, default=None,
+                   help="normalize each sublayer's input (GPT-2, Llama, Gemma); --no-pre-norms with --post-norms: "
+                        "OLMo 2's and 3's blocks, normalized after each sublayer only (GPTConfig.pre_norms) "
+                        "(default: the preset's, yes)")
+    t.add_argument("--qk-norm-width", choices=QK_NORM_WIDTHS, default=None,
+                   help="what --qk-norm normalizes over: each head (Qwen3, Gemma 3) or all heads of q and of k at "
+                        "once (OLMo 2 and 3; GPTConfig.qk_norm_width) (default: the preset's, head)")
     t.add_argument("--attn-softcap", type=float, default=None, metavar="C",
                    help="soft-cap the attention scores to C tanh(s / C) (Gemma 2's 50; GPTConfig.attn_softcap): "
                         "SDPA has no such cap, so reference+compile+sdpa is reported unavailable (default: none)")

@@ -5,7 +5,7 @@
 # and every result lands in $OUT/session.tgz.
 #
 #   TRITONGPT_GIT_COMMIT=<hash of HEAD> bash bench/gpu_session.sh \
-#     [all|tests|bench|padded|lora|window|llama|qwen3|gemma3|gemma2]
+#     [all|tests|bench|padded|lora|window|llama|qwen3|gemma3|gemma2|olmo|smollm3]
 #   (default: all)
 #   padded (not part of all): the GPT-2 124M training step again with the vocabulary padded to
 #   50304 (--vocab-multiple 64, every provider alike), into results-vocab64/ in the archive
@@ -27,6 +27,12 @@
 #   embeddings, sandwich norms, 12 heads of 256 on 6 KV heads, the attention scores soft-capped at 50 and
 #   the logits at 30, a window of 512 in the even layers, into results-gemma2/; SDPA cannot cap the
 #   scores, so reference+compile (torch.compile of the eager math) is the baseline there
+#   olmo (not part of all; after gemma2): OLMo 2's shape at GPT-2's depth and width: the llama run's
+#   RMSNorm, SwiGLU and RoPE (theta 500000) on 12 KV heads, each block normalized after its sublayers
+#   only and q/k norms over all heads at once (--no-pre-norms --post-norms --qk-norm --qk-norm-width all),
+#   into results-olmo/
+#   smollm3 (not part of all; after olmo): the llama run's model without RoPE in every fourth layer
+#   (--nope-layers 3,7,11: SmolLM3's NoPE layers), into results-smollm3/
 #   env: OUT (default ./gpu-out), WORK (default /tmp/tritongpt-gpu), WARM_SECONDS (90),
 #        TEST_SECONDS (120), BENCH_MINUTES (4), PYTHON (python3)
 # The device gets a copy of the working tree without .git, so name the commit: results record it.
@@ -196,5 +202,13 @@ if [ "$what" = gemma2 ]; then
         --attention-head-dim 256 --post-norms --scale-embeddings --attention-window 512 \
         --window-layers 0,2,4,6,8,10 --attn-softcap 50 --logit-softcap 30 \
         --train-providers reference,triton,reference+compile,triton+compile
+fi
+if [ "$what" = olmo ]; then
+    extra_train_bench olmo --norm rmsnorm --mlp swiglu --position-encoding rope --rope-theta 500000 --no-bias \
+        --qk-norm --qk-norm-width all --post-norms --no-pre-norms
+fi
+if [ "$what" = smollm3 ]; then
+    extra_train_bench smollm3 --norm rmsnorm --mlp swiglu --position-encoding rope --n-kv-head 4 --no-bias \
+        --nope-layers 3,7,11
 fi
 exit $rc

@@ -161,7 +161,8 @@ def config_text(cfg: dict) -> str:
 VARIANT_KEYS = ("padded_vocab", "attention_window", "window_layers", "logit_softcap", "attn_softcap",
                 "attention_scale_width")
 ARCH_KEYS = ("norm", "mlp", "mlp_hidden", "position_encoding", "rope_theta", "n_kv_head", "bias", "attention_head_dim",
-             "qk_norm", "scale_embeddings", "post_norms", "rope_local_theta", "nope_layers")
+             "qk_norm", "scale_embeddings", "post_norms", "rope_local_theta", "nope_layers", "pre_norms",
+             "qk_norm_width")
 
 
 def variant_text(config: dict, keys=VARIANT_KEYS + ARCH_KEYS) -> str:
@@ -189,11 +190,11 @@ def architecture_text(config: dict) -> str:
     if "attention_head_dim" in config:
         words.append(f"heads of {config['attention_head_dim']}")
     if config.get("qk_norm"):
-        words.append("q/k norms")
+        words.append("q/k norms over all heads" if config.get("qk_norm_width") == "all" else "q/k norms")
     if config.get("scale_embeddings"):
         words.append("scaled embeddings")
     if config.get("post_norms"):
-        words.append("sandwich norms")
+        words.append("norms after each sublayer only" if config.get("pre_norms") is False else "sandwich norms")
     if "rope_local_theta" in config:
         words.append(f"local RoPE theta {config['rope_local_theta']:g}")
     if "nope_layers" in config:

@@ -110,7 +110,8 @@ def use_sdpa_attention(model):
 # bench train's model flags: GPTConfig fields over the preset's (None or absent: the preset's)
 MODEL_FLAGS = ("vocab_multiple", "attention_window", "window_layers", "logit_softcap", "norm", "mlp", "mlp_hidden",
                "position_encoding", "rope_theta", "n_kv_head", "bias", "attention_head_dim", "qk_norm",
-               "scale_embeddings", "post_norms", "rope_local_theta", "attn_softcap", "nope_layers")
+               "scale_embeddings", "post_norms", "rope_local_theta", "attn_softcap", "nope_layers", "pre_norms",
+               "qk_norm_width")
 
 
 def model_variant(cfg) -> dict:
@@ -118,8 +119,8 @@ def model_variant(cfg) -> dict:
     Llama-shaped model's row is never read as plain GPT-2's): a padded vocabulary, local attention (the
     window and its layers), a logit soft cap, RMSNorm, the SwiGLU MLP (its hidden size as built), RoPE
     (its theta), fewer KV heads, no biases, Qwen3's heads of their own width and q/k norms, Gemma's scaled
-    embeddings, sandwich norms, local layers' RoPE, attention soft cap and scale, SmolLM3's NoPE layers. {}
-    for GPT-2."""
+    embeddings, sandwich norms, local layers' RoPE, attention soft cap and scale, SmolLM3's NoPE layers, OLMo's
+    blocks without input norms and q/k norms over all heads. {} for GPT-2."""
     out = {}
     if cfg.padded_vocab_size != cfg.vocab_size:
         out["padded_vocab"] = cfg.padded_vocab_size
@@ -153,6 +154,10 @@ def model_variant(cfg) -> dict:
         out["nope_layers"] = cfg.nope_layers
     if cfg.attention_scale_width:
         out["attention_scale_width"] = cfg.attention_scale_width
+    if not cfg.pre_norms:
+        out["pre_norms"] = False
+    if cfg.qk_norm and cfg.qk_norm_width != "head":
+        out["qk_norm_width"] = cfg.qk_norm_width
     return out
 
 

@@ -1016,7 +1016,7 @@ def test_gpu_command_flow_with_cpu_stand_ins(tmp_path, monkeypatch, capsys):
                                  norm=None, mlp=None, mlp_hidden=None, position_encoding=None, rope_theta=None,
                                  n_kv_head=None, bias=None, attention_head_dim=None, qk_norm=None,
                                  scale_embeddings=None, post_norms=None, rope_local_theta=None, attn_softcap=None,
-                                 nope_layers=None)
+                                 nope_layers=None, pre_norms=None, qk_norm_width=None)
     (folder,) = tmp_path.iterdir()
     k = report.validate_result(json.loads((folder / "kernels.json").read_text()))
     t = report.validate_result(json.loads((folder / "train.json").read_text()))
@@ -2861,12 +2861,20 @@ def test_llama_step_flops_count_its_own_matrices_by_hand():
                 "--window-layers", "0,2,4,6,8,10", "--attn-softcap", "50", "--logit-softcap", "30",
                 "--train-providers", "reference,triton,reference+compile,triton+compile"],
      dict(mlp="geglu", n_kv_head=6, attention_head_dim=256, post_norms=True, scale_embeddings=True,
-          attention_window=512, window_layers="0,2,4,6,8,10", attn_softcap=50.0, logit_softcap=30.0))])
+          attention_window=512, window_layers="0,2,4,6,8,10", attn_softcap=50.0, logit_softcap=30.0)),
+    ("olmo", ["--norm", "rmsnorm", "--mlp", "swiglu", "--position-encoding", "rope", "--rope-theta", "500000",
+              "--no-bias", "--qk-norm", "--qk-norm-width", "all", "--post-norms", "--no-pre-norms"],
+     dict(mlp="swiglu", rope_theta=5e5, bias=False, qk_norm=True, qk_norm_width="all", post_norms=True,
+          pre_norms=False)),
+    ("smollm3", LLAMA_FLAGS + ["--nope-layers", "3,7,11"],
+     dict(norm="rmsnorm", position_encoding="rope", n_kv_head=4, nope_layers="3,7,11"))])
 def test_gpu_session_extra_train_modes_time_gpt2_small_into_their_own_folder(tmp_path, mode, flags, model):
-    """`bash bench/gpu_session.sh window`, `... llama`, `... qwen3`, `... gemma3` and `... gemma2` (extra runs,
+    """`bash bench/gpu_session.sh window`, `... llama`, `... qwen3`, `... gemma3`, `... gemma2`, `... olmo` and
+    `... smollm3` (extra runs,
     as padded and lora are) run `bench train` on GPT-2 124M with GPT-Neo's window of 256 in the odd layers, with
     Llama's shape (RMSNorm, SwiGLU, RoPE, 4 KV heads, no biases), that with Qwen3's attention (heads of 128,
-    q/k norms), or Gemma 3's or Gemma 2's shape (its attention soft cap), into results-<mode>/, within its
+    q/k norms), or Gemma 3's or Gemma 2's shape (its attention soft cap), OLMo 2's (norms after each sublayer
+    only, q/k norms over all heads) or SmolLM3's NoPE layers, into results-<mode>/, within its
     budget and hard limit, and pack
     it; the flags pass bench train's own checks and reach the model flags. Python is a stand-in that
     records its arguments (no install, no GPU)."""
@@ -3367,6 +3375,21 @@ def test_a_qwen3_step_names_its_attention_and_counts_its_wider_heads():
     assert report.models_line([row]).endswith("heads of 48, q/k norms")
     cfg = train_step.train_config("tiny", 16, **flags)
     assert attention_forward_flops(cfg, 16) == 4 * (4 * 48) * 16 * cfg.n_layer
+
+
+def test_an_olmo_step_names_its_norms():
+    """bench train --no-pre-norms --post-norms --qk-norm --qk-norm-width all on tiny (OLMo 2's blocks): the row
+    records both fields and the models line says them in words, not as Gemma's sandwich or Qwen3's per-head norms."""
+    from tritongpt.bench import report
+
+    flags = dict(norm="rmsnorm", mlp="swiglu", position_encoding="rope", bias=False, qk_norm=True,
+                 qk_norm_width="all", post_norms=True, pre_norms=False)
+    row = train_step.bench_train_provider("reference", "tiny", 2, 16, torch.device("cpu"), torch.float32, 0, 1,
+                                          peak_flops=1e12, **flags)
+    assert row["status"] == "ok"
+    assert {k: row["config"][k] for k in ("pre_norms", "qk_norm_width", "post_norms")} == \
+        {"pre_norms": False, "qk_norm_width": "all", "post_norms": True}
+    assert report.models_line([row]).endswith("no biases, q/k norms over all heads, norms after each sublayer only")
 
 
 def test_a_gemma3_step_names_its_touches():
