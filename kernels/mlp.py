@@ -1,6 +1,6 @@
-"""GELU-MLP in Triton: y = gelu_tanh(x @ w1.T + b1) @ w2.T + b2, forward and backward.
+"""GELU-MLP in Triton: y = gelu(x @ w1.T + b1) @ w2.T + b2, forward and backward.
 
-Reference module: `tritongpt.model.layers.FeedForward` (fc1, GELU(tanh), fc2; dropout stays in
+Reference module: `tritongpt.model.layers.FeedForward` (fc1, GELU, fc2; dropout stays in
 the module). Every product below is one tiled matmul kernel (as in Triton's 03-matrix-
 multiplication tutorial): each program computes a BLOCK_M x BLOCK_N tile of the output,
 walking K in BLOCK_K steps; the A and B tiles of one step and the fp32 accumulator live in
@@ -25,13 +25,16 @@ holds; bf16/fp16 use tensor cores with fp32 accumulation.
 gelu_tanh(h) = 0.5 h (1 + tanh(z)), z = sqrt(2/pi) (h + 0.044715 h^3). Since 1 + tanh(z) =
 2 sigmoid(2z), we evaluate gelu = h * s with s = sigmoid(2z): no tanh, no cancellation.
 gelu'(h) = s + h * 2 s (1 - s) * dz/dh.
+With approximate "none" (GELU_ERF: GPT-NeoX's and Pythia's exact GELU, torch's F.gelu default) the
+epilogues use the erf form instead: gelu(h) = h Phi(h), Phi(h) = 0.5 (1 + erf(h / sqrt(2))), and
+gelu'(h) = Phi(h) + h phi(h), phi the standard normal density.
 
 The same kernel carries the gated MLPs' products too, SwiGLU's and GeGLU's (kernels/swiglu.py: a
 second B operand and accumulator, the gate epilogues EPI_SWIGLU / EPI_SWIGLU_GRAD, the B_SWIGLU
 prologue and SUM2, a second product summed into the same tile). GATE_GELU picks the gate's
 activation in those three: silu (Llama's SwiGLU) or gelu_tanh (Gemma's GeGLU).
 
-Public API: `gelu_mlp(x, w1, b1, w2, b2)`. It is built from torch.library custom ops
+Public API: `gelu_mlp(x, w1, b1, w2, b2, approximate="tanh")`. It is built from torch.library custom ops
 (`tritongpt::gelu_mlp_fwd` / `tritongpt::gelu_mlp_bwd`, with fake impls) inside an
 autograd.Function, so it runs under torch.compile (the ops stay opaque calls in the graph).
 """
@@ -56,6 +59,7 @@ EPI_SWIGLU = 3     # G = A @ B + bias, U = A @ B2 + bias2; C = act(G) * U   (sto
 EPI_SWIGLU_GRAD = 4  # D = A @ B; C = D * AUX2 * act'(AUX), C2 = D * act(AUX)  (AUX = g, AUX2 = u)
 # (act: silu, or gelu_tanh with GATE_GELU; the gated MLP's gate activations by name)
 GATES = ("silu", "gelu")
+APPROXIMATES = ("tanh", "none")  # the GELU MLP's GELU, as F.gelu names them: GPT-2's tanh form or exact erf
 
 
 @triton.jit
@@ -79,6 +83,38 @@ def _gelu_grad(h):
     s = _gelu_s(h)
     dz = 0.7978845608028654 * (1.0 + 3.0 * 0.044715 * h * h)
     return s + 2.0 * h * s * (1.0 - s) * dz
+
+
+@triton.jit
+def _gelu_erf(h):
+    """Exact GELU, h Phi(h) with Phi(h) = 0.5 (1 + erf(h / sqrt(2))); h is fp32 (0.7071067811865476 = 1/sqrt(2))."""
+    return 0.5 * h * (1.0 + tl.math.erf(h * 0.7071067811865476))
+
+
+@triton.jit
+def _gelu_erf_grad(h):
+    """Phi(h) + h phi(h), phi(h) = exp(-h^2 / 2) / sqrt(2 pi) (0.3989422804014327 = 1/sqrt(2 pi))."""
+    cdf = 0.5 * (1.0 + tl.math.erf(h * 0.7071067811865476))
+    return cdf + h * 0.3989422804014327 * tl.exp(-0.5 * h * h)
+
+
+@triton.jit
+def _gelu_act(h, GELU_ERF: tl.constexpr):
+    """The GELU MLP's activation of h (fp32): exact (erf) with GELU_ERF, else gelu_tanh."""
+    if GELU_ERF:
+        a = _gelu_erf(h)
+    else:
+        a = _gelu(h)
+    return a
+
+
+@triton.jit
+def _gelu_act_grad(h, GELU_ERF: tl.constexpr):
+    if GELU_ERF:
+        d = _gelu_erf_grad(h)
+    else:
+        d = _gelu_grad(h)
+    return d
 
 
 @triton.jit
@@ -149,14 +185,14 @@ def _bucket(n: int) -> int:
 # have the same sizes and, without biases, the same flags, but not the same best tile.
 @triton.autotune(configs=_matmul_configs(),
                  key=["M_BUCKET", "N", "K_BUCKET", "EPILOGUE", "B_GELU", "B_SWIGLU", "SUM2", "GATE_GELU",
-                      "HAS_BIAS", "stride_ak", "stride_bn"])
+                      "GELU_ERF", "HAS_BIAS", "stride_ak", "stride_bn"])
 @triton.jit
 def _matmul_kernel(A, B, C, Bias, Aux, Hout, A2, B2, Bias2, Aux2, Hout2, M, N, K, M_BUCKET, K_BUCKET,
                    stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn,
                    stride_xm, stride_xn,
                    HAS_BIAS: tl.constexpr, B_GELU: tl.constexpr, EPILOGUE: tl.constexpr,
                    B_SWIGLU: tl.constexpr, SUM2: tl.constexpr, GATE_GELU: tl.constexpr,
-                   PRECISION: tl.constexpr,
+                   GELU_ERF: tl.constexpr, PRECISION: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                    GROUP_M: tl.constexpr):
     """C[M, N] = A[M, K] @ B[K, N] with the fused prologue (B_GELU, B_SWIGLU) / epilogue (EPILOGUE) above.
@@ -166,6 +202,7 @@ def _matmul_kernel(A, B, C, Bias, Aux, Hout, A2, B2, Bias2, Aux2, Hout2, M, N, K
     (SwiGLU/GeGLU only) share their first's strides: B2 is the up weight beside the gate's (EPI_SWIGLU),
     u beside g (B_SWIGLU: B = act(g) * u), or with A2 a second product added to the first (SUM2:
     C = A @ B + A2 @ B2, dx = dg @ W_gate + du @ W_up). act is gelu_tanh if GATE_GELU, else silu.
+    GELU_ERF: the GELU MLP's modes (EPI_GELU, EPI_GELU_GRAD, B_GELU) take the exact erf GELU, not gelu_tanh.
     """
     pid = tl.program_id(0)
     num_m = tl.cdiv(M, BLOCK_M)
@@ -192,7 +229,7 @@ def _matmul_kernel(A, B, C, Bias, Aux, Hout, A2, B2, Bias2, Aux2, Hout2, M, N, K
         a = tl.load(a_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
         b = tl.load(b_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
         if B_GELU:  # recompute a = gelu(h) on the fly instead of reading a saved copy
-            b = cast(_gelu(b.to(tl.float32)), A.dtype.element_ty)
+            b = cast(_gelu_act(b.to(tl.float32), GELU_ERF), A.dtype.element_ty)
         if B_SWIGLU:  # recompute a = act(g) * u from the saved g (B) and u (B2)
             u = tl.load(b2_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
             b = cast(_gate_act(b.to(tl.float32), GATE_GELU) * u.to(tl.float32), A.dtype.element_ty)
@@ -222,10 +259,10 @@ def _matmul_kernel(A, B, C, Bias, Aux, Hout, A2, B2, Bias2, Aux2, Hout2, M, N, K
         h = cast(acc, Hout.dtype.element_ty)
         tl.store(Hout + x_off, h, mask=mask)
         # gelu of the *rounded* h, so the backward's recomputation sees exactly the same value
-        acc = _gelu(h.to(tl.float32))
+        acc = _gelu_act(h.to(tl.float32), GELU_ERF)
     elif EPILOGUE == 2:
         h = tl.load(Aux + x_off, mask=mask, other=0.0).to(tl.float32)
-        acc = acc * _gelu_grad(h)
+        acc = acc * _gelu_act_grad(h, GELU_ERF)
     elif EPILOGUE == 3:
         if HAS_BIAS:
             acc2 += tl.load(Bias2 + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
@@ -249,13 +286,15 @@ autotuned("mlp.matmul", _matmul_kernel)
 
 @on_tensor_device
 def _matmul(a, b, bias=None, epilogue=EPI_NONE, aux=None, b_gelu=False, b2=None, bias2=None, aux2=None,
-            a2=None, b_swiglu=False, gate="silu"):
+            a2=None, b_swiglu=False, gate="silu", approximate="tanh"):
     """a [M, K] @ b [K, N] (any strides) -> new [M, N] tensor in a's dtype, and a second one: h
     (EPI_GELU), (g, u) (EPI_SWIGLU), du (EPI_SWIGLU_GRAD), else None. The SwiGLU operands: b2
     (b's layout), bias2, aux2 (u beside aux = g), a2 (a's layout: C = a @ b + a2 @ b2). gate: the
-    activation of g in EPI_SWIGLU, EPI_SWIGLU_GRAD and b_swiglu, "silu" (SwiGLU) or "gelu" (GeGLU)."""
+    activation of g in EPI_SWIGLU, EPI_SWIGLU_GRAD and b_swiglu, "silu" (SwiGLU) or "gelu" (GeGLU).
+    approximate: the GELU of EPI_GELU, EPI_GELU_GRAD and b_gelu, "tanh" or "none" (exact erf)."""
     if gate not in GATES:
         raise ValueError(f"gate must be one of {', '.join(GATES)}, got {gate!r}")
+    check_approximate(approximate)
     M, K = a.shape
     N = b.shape[1]
 
@@ -284,7 +323,7 @@ def _matmul(a, b, bias=None, epilogue=EPI_NONE, aux=None, b_gelu=False, b2=None,
             c += bias
         if epilogue == EPI_GELU:
             h.copy_(c)
-            c = F.gelu(c.float(), approximate="tanh").to(c.dtype)
+            c = F.gelu(c.float(), approximate=approximate).to(c.dtype)
         elif epilogue == EPI_GELU_GRAD:
             c.zero_()
         return c, extra
@@ -311,23 +350,29 @@ def _matmul(a, b, bias=None, epilogue=EPI_NONE, aux=None, b_gelu=False, b2=None,
         a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0), c.stride(1),
         x.stride(0), x.stride(1),
         HAS_BIAS=bias is not None, B_GELU=b_gelu, EPILOGUE=epilogue, B_SWIGLU=b_swiglu, SUM2=a2 is not None,
-        GATE_GELU=gate == "gelu",
+        GATE_GELU=gate == "gelu", GELU_ERF=approximate == "none",
         PRECISION="ieee" if a.dtype == torch.float32 else "tf32")  # tf32 only affects fp32 inputs
     return c, extra
 
 
 # Launchers: the products of the table at the top; the custom ops below check the device first.
 # (bench/compile_check.py calls these on meta tensors to compile the exact launches for sm_90.)
-def _fwd_launch(x, w1, b1, w2, b2):
-    h_act, h = _matmul(x, w1.t(), b1, EPI_GELU)  # h_act is a = gelu(h)
+def check_approximate(approximate) -> None:
+    """approximate names a GELU this kernel computes: "tanh" (GPT-2's) or "none" (exact, erf)."""
+    if approximate not in APPROXIMATES:
+        raise ValueError(f"approximate must be one of {', '.join(APPROXIMATES)} (F.gelu's names), got {approximate!r}")
+
+
+def _fwd_launch(x, w1, b1, w2, b2, approximate="tanh"):
+    h_act, h = _matmul(x, w1.t(), b1, EPI_GELU, approximate=approximate)  # h_act is a = gelu(h)
     y, _ = _matmul(h_act, w2.t(), b2)
     return y, h
 
 
-def _bwd_launch(dy, x, h, w1, w2, needs=(True,) * 5):
+def _bwd_launch(dy, x, h, w1, w2, needs=(True,) * 5, approximate="tanh"):
     """-> (dx, dw1, db1, dw2, db2). needs: which of the five to make (autograd's
     needs_input_grad): with frozen weights their products are skipped (dW1 and dW2 are half of
-    backward's FLOPs); a gradient not made comes back as an empty tensor."""
+    backward's FLOPs); a gradient not made comes back as an empty tensor. approximate: the forward's GELU."""
     need_dx, need_dw1, need_db1, need_dw2, need_db2 = needs
 
     def skipped():
@@ -335,8 +380,8 @@ def _bwd_launch(dy, x, h, w1, w2, needs=(True,) * 5):
 
     dh = None
     if need_dx or need_dw1 or need_db1:
-        dh, _ = _matmul(dy, w2, epilogue=EPI_GELU_GRAD, aux=h)           # [M, H]
-    dw2 = _matmul(dy.t(), h, b_gelu=True)[0] if need_dw2 else skipped()  # [C, H] = dy^T gelu(h)
+        dh, _ = _matmul(dy, w2, epilogue=EPI_GELU_GRAD, aux=h, approximate=approximate)  # [M, H]
+    dw2 = _matmul(dy.t(), h, b_gelu=True, approximate=approximate)[0] if need_dw2 else skipped()  # dy^T gelu(h)
     dw1 = _matmul(dh.t(), x)[0] if need_dw1 else skipped()             # [H, C]
     dx = _matmul(dh, w1)[0] if need_dx else skipped()                  # [M, C]
     db1 = dh.sum(0, dtype=torch.float32).to(w1.dtype) if need_db1 else skipped()
@@ -370,33 +415,38 @@ def _check_op_shapes(x, w1, b1, w2, b2, **grads):
 
 @torch.library.custom_op("tritongpt::gelu_mlp_fwd", mutates_args=())
 def _gelu_mlp_fwd(x: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.Tensor], w2: torch.Tensor,
-                  b2: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+                  b2: Optional[torch.Tensor], approximate: str = "tanh") -> tuple[torch.Tensor, torch.Tensor]:
     """x [M, C] -> (y [M, C], h [M, H]); the activation a = gelu(h) is freed on return."""
     check_runnable(x, "x")
     _check_op_shapes(x, w1, b1, w2, b2)
-    return _fwd_launch(x, w1, b1, w2, b2)
+    check_approximate(approximate)
+    return _fwd_launch(x, w1, b1, w2, b2, approximate)
 
 
 @_gelu_mlp_fwd.register_fake
-def _(x, w1, b1, w2, b2):
+def _(x, w1, b1, w2, b2, approximate="tanh"):
     _check_op_shapes(x, w1, b1, w2, b2)
+    check_approximate(approximate)
     return x.new_empty((x.shape[0], w2.shape[0])), x.new_empty((x.shape[0], w1.shape[0]))
 
 
 @torch.library.custom_op("tritongpt::gelu_mlp_bwd", mutates_args=())
 def _gelu_mlp_bwd(dy: torch.Tensor, x: torch.Tensor, h: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor,
-                  needs: list[bool]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                  needs: list[bool], approximate: str = "tanh"
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """-> (dx, dw1, db1, dw2, db2); those not in needs come back empty."""
     check_runnable(dy, "dy")
     _check_op_shapes(x, w1, None, w2, None, dy=dy, h=h)
+    check_approximate(approximate)
     if len(needs) != 5:
         raise ValueError(f"needs must hold 5 flags (dx, dw1, db1, dw2, db2), got {len(needs)}")
-    return _bwd_launch(dy, x, h, w1, w2, needs)
+    return _bwd_launch(dy, x, h, w1, w2, needs, approximate)
 
 
 @_gelu_mlp_bwd.register_fake
-def _(dy, x, h, w1, w2, needs):
+def _(dy, x, h, w1, w2, needs, approximate="tanh"):
     _check_op_shapes(x, w1, None, w2, None, dy=dy, h=h)
+    check_approximate(approximate)
     # new_empty, not empty_like: the real op returns fresh contiguous tensors whatever x's strides
     shapes = (x.shape, w1.shape, w1.shape[:1], w2.shape, w2.shape[:1])
     return tuple(t.new_empty(shape if need else (0,))
@@ -407,11 +457,12 @@ class GeluMLPFunction(torch.autograd.Function):
     """Saves x and the pre-activation h only (plus the weights, which live anyway)."""
 
     @staticmethod
-    def forward(ctx, x, w1, b1, w2, b2):
+    def forward(ctx, x, w1, b1, w2, b2, approximate="tanh"):
         shape = x.shape
         x2 = x.reshape(math.prod(shape[:-1]), shape[-1])  # not -1: C may be 0
-        y, h = torch.ops.tritongpt.gelu_mlp_fwd(x2, w1, b1, w2, b2)
+        y, h = torch.ops.tritongpt.gelu_mlp_fwd(x2, w1, b1, w2, b2, approximate)
         ctx.save_for_backward(x2, h, w1, w2)
+        ctx.approximate = approximate
         return y.view(*shape[:-1], w2.shape[0])
 
     @staticmethod
@@ -419,21 +470,24 @@ class GeluMLPFunction(torch.autograd.Function):
         first_order_only("gelu_mlp")
         x2, h, w1, w2 = ctx.saved_tensors
         dy2 = dy.reshape(x2.shape[0], dy.shape[-1])
-        needs = list(ctx.needs_input_grad)  # False for a frozen weight and for a bias that is None
-        dx, dw1, db1, dw2, db2 = torch.ops.tritongpt.gelu_mlp_bwd(dy2, x2, h, w1, w2, needs)
+        needs = list(ctx.needs_input_grad[:5])  # False for a frozen weight and for a bias that is None
+        dx, dw1, db1, dw2, db2 = torch.ops.tritongpt.gelu_mlp_bwd(dy2, x2, h, w1, w2, needs, ctx.approximate)
         dx = dx.view(*dy.shape[:-1], x2.shape[-1]) if needs[0] else dx
-        return tuple(g if need else None for g, need in zip((dx, dw1, db1, dw2, db2), needs))
+        return tuple(g if need else None for g, need in zip((dx, dw1, db1, dw2, db2), needs)) + (None,)
 
 
 def gelu_mlp(x: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.Tensor], w2: torch.Tensor,
-             b2: Optional[torch.Tensor]) -> torch.Tensor:
-    """gelu_tanh(x @ w1.T + b1) @ w2.T + b2 over the last dim of x (any leading dims). Differentiable.
+             b2: Optional[torch.Tensor], approximate: str = "tanh") -> torch.Tensor:
+    """gelu(x @ w1.T + b1) @ w2.T + b2 over the last dim of x (any leading dims). Differentiable.
+
+    approximate: the GELU, "tanh" (GPT-2's gelu_new) or "none" (exact erf: GPT-NeoX's, Pythia's), as F.gelu says.
 
     w1 [H, C], w2 [C, H] (nn.Linear layout; H is usually 4C), b1 [H] / b2 [C] or None.
     All tensors share one dtype (fp32/bf16/fp16) and device. Under torch.autocast the inputs
     are cast to the autocast dtype first, as nn.Linear would be.
     """
     no_func_transform("gelu_mlp")
+    check_approximate(approximate)
     for name, t in (("x", x), ("w1", w1), ("b1", b1), ("w2", w2), ("b2", b2)):
         if t is not None or name in ("x", "w1", "w2"):
             check_tensor(t, name)
@@ -445,7 +499,7 @@ def gelu_mlp(x: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.Tensor], w2: 
         x, w1, w2 = x.to(dt), w1.to(dt), w2.to(dt)
         b1 = b1.to(dt) if b1 is not None else None
         b2 = b2.to(dt) if b2 is not None else None
-    return GeluMLPFunction.apply(x, w1, b1, w2, b2)  # shapes and dtypes: checked by the op
+    return GeluMLPFunction.apply(x, w1, b1, w2, b2, approximate)  # shapes and dtypes: checked by the op
 
 
 __all__ = ["gelu_mlp", "GeluMLPFunction"]

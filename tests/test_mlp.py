@@ -15,21 +15,24 @@ from hypothesis import strategies as st
 from parity import assert_close_mixed, assert_close_rel, report
 from tritongpt.kernels.layernorm import layer_norm
 from tritongpt.kernels._common import cast, saved_tensor_bytes
-from tritongpt.kernels.mlp import _gelu, _gelu_grad, gelu_mlp
+from tritongpt.kernels.mlp import _gelu, _gelu_act, _gelu_act_grad, _gelu_grad, gelu_mlp
 from tritongpt.model.layers import FeedForward
 
 TOL = {torch.float32: 1e-4, torch.bfloat16: 1e-2, torch.float16: 1e-2}
 
 
-def gelu64(x):
+def gelu64(x, approximate="tanh"):
+    """GELU written out: GPT-2's tanh form, or with approximate "none" the exact x Phi(x) (erf)."""
+    if approximate == "none":
+        return 0.5 * x * (1.0 + torch.erf(x / math.sqrt(2.0)))
     return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x ** 3)))
 
 
-def ref_mlp(x, w1, b1, w2, b2):
+def ref_mlp(x, w1, b1, w2, b2, approximate="tanh"):
     """The formula, written out (run it on float64 leaves for the reference)."""
     h = x @ w1.t()
     h = h + b1 if b1 is not None else h
-    y = gelu64(h) @ w2.t()
+    y = gelu64(h, approximate) @ w2.t()
     return y + b2 if b2 is not None else y
 
 
@@ -47,7 +50,7 @@ def make(M, C, H, dtype, device, gen, bias=True, lead=None):
 NAMES = ("dx", "dw1", "db1", "dw2", "db2")
 
 
-def torch_lowp_errors(params, dy, y64, leaves):
+def torch_lowp_errors(params, dy, y64, leaves, approximate="tanh"):
     """Relative errors of PyTorch's own low-precision MLP (F.linear + F.gelu in the same dtype)
     against float64: output and each gradient. Used as FlashAttention's rule for bf16/fp16: our
     error may be at most twice PyTorch's, which matters on tiny shapes where rounding y to 16 bits
@@ -55,7 +58,7 @@ def torch_lowp_errors(params, dy, y64, leaves):
     lp = [p.detach().clone().requires_grad_() if p is not None else None for p in params]
     x, w1, b1, w2, b2 = lp
     y = torch.nn.functional.linear(torch.nn.functional.gelu(torch.nn.functional.linear(x, w1, b1),
-                                                            approximate="tanh"), w2, b2)
+                                                            approximate=approximate), w2, b2)
     y.backward(dy)
     errs = {"y": report(y, y64)[1]}
     for name, p, p64 in zip(NAMES, lp, leaves):
@@ -64,25 +67,25 @@ def torch_lowp_errors(params, dy, y64, leaves):
     return errs
 
 
-def operands64(leaves, dy64):
+def operands64(leaves, dy64, approximate="tanh"):
     """The float64 operands of the MLP's last products, as 2-D matrices: x, w1, w2, dy, a = gelu(h)
     and dh = (dy @ w2) * gelu'(h)."""
     x, w1, b1, w2, _ = (t.detach() if t is not None else None for t in leaves)
     x, dy64 = x.reshape(-1, x.shape[-1]), dy64.reshape(-1, dy64.shape[-1])
     h = (x @ w1.t() + (b1 if b1 is not None else 0)).requires_grad_()
-    a = gelu64(h)
+    a = gelu64(h, approximate)
     (gelu_grad,) = torch.autograd.grad(a, h, torch.ones_like(a))
     return x, w1, w2, dy64, a.detach(), (dy64 @ w2) * gelu_grad
 
 
-def fp32_sum_floors(leaves, dy64):
+def fp32_sum_floors(leaves, dy64, approximate="tanh"):
     """What fp32 accumulation may cost each output, whatever the kernel: every output entry is a
     sum of K products, and its rounding error grows like sqrt(K) * 2^-24 times the sum of the
     products' sizes (K * 2^-24 at worst). That exceeds 1e-4 of the result only when the
     products cancel (the fuzz draws C = 1, H = 1: dw1 is then one sum of M signed terms; it once
     failed at 1.3e-4). Returns {name: 2 sqrt(K) u * ||(|A| @ |B|)||} for the last product of
     each output, from the float64 operands: a few 1e-6 of the result when nothing cancels."""
-    x, w1, w2, dy64, a, dh = operands64(leaves, dy64)
+    x, w1, w2, dy64, a, dh = operands64(leaves, dy64, approximate)
     M, H = x.shape[0], w1.shape[0]
     u = 2.0 ** -24
 
@@ -94,7 +97,7 @@ def fp32_sum_floors(leaves, dy64):
             "db2": 2 * M ** 0.5 * u * dy64.abs().sum(0).norm().item()}
 
 
-def rounding_floors(leaves, dy64, dtype):
+def rounding_floors(leaves, dy64, dtype, approximate="tanh"):
     """What rounding a = gelu(h) and dh = (dy @ w2) * gelu'(h) to the 16-bit dtype may cost, as
     PyTorch's own 16-bit MLP rounds them too: y and dw2 are sums of terms carrying a's rounding,
     dx, dw1 and db1 of terms carrying dh's, each off by a relative error up to u (2^-8 bf16,
@@ -102,7 +105,7 @@ def rounding_floors(leaves, dy64, dtype):
     those. It matters only when a sum cancels: db1 of H = 1 is one sum of M signed terms
     (M=18, C=29, H=1: -0.5703 from dh in bf16, -0.5237 exact), and PyTorch's error on the same
     draw, one sample of the same spread, may by chance be under half ours."""
-    x, w1, w2, dy64, a, dh = operands64(leaves, dy64)
+    x, w1, w2, dy64, a, dh = operands64(leaves, dy64, approximate)
     sigma = (2.0 ** -8 if dtype == torch.bfloat16 else 2.0 ** -11) / 3 ** 0.5
 
     def floor(A, B):  # for A @ B with A's entries rounded: 3 sigma * sqrt(sum over outputs of sum_k (A B)^2)
@@ -112,30 +115,31 @@ def rounding_floors(leaves, dy64, dtype):
             "db1": 3 * sigma * dh.norm().item(), "dw2": floor(dy64.t(), a), "db2": 0.0}
 
 
-def check_parity(M, C, H, dtype, device, seed, bias=True, lead=None, torch_rule=False):
+def check_parity(M, C, H, dtype, device, seed, bias=True, lead=None, torch_rule=False, approximate="tanh"):
     """Kernel vs float64, forward and every gradient. 16-bit tolerance is the flat TOL, or with
     torch_rule (the shape fuzz, which draws degenerate shapes such as C=1) max(TOL, 2x the error
-    of PyTorch's own low-precision MLP on the same inputs), above a floor for rounding to 16 bits."""
+    of PyTorch's own low-precision MLP on the same inputs), above a floor for rounding to 16 bits.
+    approximate: the GELU, kernel and reference alike ("none": exact erf)."""
     gen = torch.Generator().manual_seed(seed)
     params = make(M, C, H, dtype, device, gen, bias, lead)
-    y = gelu_mlp(*params)
+    y = gelu_mlp(*params, approximate=approximate)
     assert y.dtype == dtype and y.shape == params[0].shape
     dy = torch.randn(y.shape, generator=gen).to(device, dtype)
     y.backward(dy)
     leaves = [p.detach().double().requires_grad_() if p is not None else None for p in params]
-    y64 = ref_mlp(*leaves)
+    y64 = ref_mlp(*leaves, approximate=approximate)
     y64.backward(dy.double())
     tol = dict.fromkeys(("y",) + NAMES, TOL[dtype])
     if torch_rule and dtype != torch.float32:
         # No cap on PyTorch's own error: over 1,500 fuzz draws it stays under 1e-2 for 99.7% of
         # them but reaches 0.14 on degenerate ones (M=1, C=1: dx is one sum that cancels).
-        torch_errs = torch_lowp_errors(params, dy, y64, leaves)
+        torch_errs = torch_lowp_errors(params, dy, y64, leaves, approximate)
         tol.update({k: max(TOL[dtype], 2 * e) for k, e in torch_errs.items()})
-    floors = fp32_sum_floors(leaves, dy.double())
+    floors = fp32_sum_floors(leaves, dy.double(), approximate)
     if torch_rule and dtype != torch.float32:
         # the bound becomes max(tol * ||ref||, rounding floor): looser only where a sum cancels
         refs = {"y": y64, **{name: p64.grad for name, p64 in zip(NAMES, leaves) if p64 is not None}}
-        extra = rounding_floors(leaves, dy.double(), dtype)
+        extra = rounding_floors(leaves, dy.double(), dtype, approximate)
         floors = {k: f + max(0.0, extra[k] - tol[k] * refs[k].detach().norm().item()) if k in refs else f
                   for k, f in floors.items()}
     figures = {"y": assert_close_mixed(y, y64, tol["y"], floors["y"], f"y {dtype} M={M} C={C} H={H}")}
@@ -150,6 +154,59 @@ def check_parity(M, C, H, dtype, device, seed, bias=True, lead=None, torch_rule=
 @pytest.mark.parametrize("M,C,H", [(1, 64, 256), (37, 100, 400), (7, 48, 72)])
 def test_parity_fp64(M, C, H, dtype, device):
     check_parity(M, C, H, dtype, device, seed=M + C + H + (dtype == torch.bfloat16))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("M,C,H", [(1, 64, 256), (37, 100, 400), (7, 48, 72)])
+def test_exact_gelu_parity_fp64(M, C, H, dtype, device):
+    """approximate "none" (GPT-NeoX's exact GELU, GELU_ERF in the kernel): forward and dx, dW1, db1, dW2,
+    db2 against the float64 erf formula, odd shapes too."""
+    check_parity(M, C, H, dtype, device, seed=M + C + H + 5 * (dtype == torch.bfloat16), approximate="none")
+
+
+def test_exact_gelu_is_erf_not_tanh(device):
+    """The two GELUs differ by < 5e-4 anywhere, close to fp32 parity's 1e-4: in fp32 the exact-GELU MLP is
+    the erf formula's to 2e-6 relative in y and every gradient, and that formula is > 1e-5 from the tanh one's
+    (so a kernel that kept tanh fails here: db2 aside, which is sum(dy)); the bias-free case too, leading dims."""
+    for bias, lead in ((True, None), (False, (3, 5))):
+        gen = torch.Generator().manual_seed(21)
+        params = make(13, 40, 160, torch.float32, device, gen, bias, lead)
+        y = gelu_mlp(*params, approximate="none")
+        dy = torch.randn(y.shape, generator=gen).to(device)
+        y.backward(dy)
+        for approximate, near in (("none", True), ("tanh", False)):
+            leaves = [p.detach().double().requires_grad_() if p is not None else None for p in params]
+            y64 = ref_mlp(*leaves, approximate=approximate)
+            y64.backward(dy.double())
+            pairs = [("y", y, y64)] + [(n, p.grad, p64.grad) for n, p, p64 in zip(NAMES, params, leaves)
+                                       if p is not None]
+            for name, got, want in pairs:
+                rel = ((got.double() - want).norm() / want.norm()).item()
+                # db2 = sum(dy) does not see the GELU
+                assert (rel < 2e-6) if near else (rel > 1e-5 or name == "db2"), f"{name} vs {approximate}: {rel:.2e}"
+        for p in params:
+            if p is not None:
+                p.grad = None
+
+
+def test_exact_gelu_matches_reference_module_and_is_refused_misspelled(device):
+    """FeedForward(approximate "none") on both paths: the same output and gradients (the module hands its
+    GELU's form to the kernel); an unknown form is a ValueError naming approximate, in the API and the op."""
+    torch.manual_seed(4)
+    ff = FeedForward(24, approximate="none").to(device)
+    x = torch.randn(2, 5, 24, device=device, requires_grad=True)
+    want = ff(x)
+    grads = torch.autograd.grad(want.square().sum(), [x, *ff.parameters()])
+    ff.use_triton = True
+    got = ff(x)
+    assert_close_rel(got, want, 1e-5, "y")
+    for g, w in zip(torch.autograd.grad(got.square().sum(), [x, *ff.parameters()]), grads):
+        assert_close_rel(g, w, 1e-4, "grad")
+    w1, w2 = ff.fc1.weight, ff.fc2.weight
+    with pytest.raises(ValueError, match=r"approximate must be one of tanh, none .*got 'erf'"):
+        gelu_mlp(x, w1, None, w2, None, approximate="erf")
+    with pytest.raises(ValueError, match=r"approximate must be one of tanh, none"):
+        torch.ops.tritongpt.gelu_mlp_fwd(x.detach()[0], w1, None, w2, None, "exact")
 
 
 def test_fp16_leading_dims(device):
@@ -404,6 +461,11 @@ def test_custom_ops_called_directly_check_shapes(device):
     # gradients not asked for come back empty, as the fake impl says (a bias-free or frozen
     # second Linear: dW2 without dB2)
     torch.library.opcheck(bwd.default, (torch.randn_like(y), x, h, w1, w2, [True, True, False, True, False]))
+    # the exact GELU's argument, after the others: fake and real agree on it too
+    b1 = torch.randn(20, generator=gen).to(device)
+    torch.library.opcheck(fwd.default, (x, w1, b1, w2, None, "none"))
+    y, h = fwd(x, w1, b1, w2, None, "none")
+    torch.library.opcheck(bwd.default, (torch.randn_like(y), x, h, w1, w2, [True] * 5, "none"))
     with pytest.raises(TypeError, match="dtype mismatch: x is float32, dy is bfloat16"):
         bwd(torch.ones_like(y).bfloat16(), x, h, w1, w2, [True] * 5)
     with pytest.raises(TypeError, match="dtype mismatch: x is float32, h is float16"):
@@ -465,6 +527,15 @@ def gelu_pair(H, A, G, n, BLOCK: tl.constexpr):
 
 
 @triton.jit
+def gelu_erf_pair(H, A, G, n, BLOCK: tl.constexpr):
+    """The exact GELU and its derivative as the epilogues compute them (GELU_ERF)."""
+    offs = tl.arange(0, BLOCK)
+    h = tl.load(H + offs, mask=offs < n, other=0.0)
+    tl.store(A + offs, _gelu_act(h, True), mask=offs < n)
+    tl.store(G + offs, _gelu_act_grad(h, True), mask=offs < n)
+
+
+@triton.jit
 def to_bf16(X, Y, n, BLOCK: tl.constexpr):
     offs = tl.arange(0, BLOCK)
     x = tl.load(X + offs, mask=offs < n, other=0.0)
@@ -483,6 +554,20 @@ def test_gelu_and_its_derivative_in_triton_match_float64(device):
     (g64,) = torch.autograd.grad(a64.sum(), h64)
     assert (a.cpu().double() - a64.detach()).abs().max() < 2e-6
     assert (g.cpu().double() - g64).abs().max() < 2e-6
+
+
+def test_exact_gelu_and_its_derivative_in_triton_match_float64(device):
+    """erf GELU, h Phi(h), and Phi(h) + h phi(h), over h in [-8, 8], against autograd of the float64 erf
+    formula, within 1e-6 (the tanh form is up to 4.7e-4 away from it)."""
+    h = torch.linspace(-8, 8, 1001, device=device)
+    a, g = torch.empty_like(h), torch.empty_like(h)
+    gelu_erf_pair[(1,)](h, a, g, h.numel(), BLOCK=1024)
+    h64 = h.double().cpu().requires_grad_()
+    a64 = gelu64(h64, "none")
+    (g64,) = torch.autograd.grad(a64.sum(), h64)
+    assert (a.cpu().double() - a64.detach()).abs().max() < 1e-6
+    assert (g.cpu().double() - g64).abs().max() < 1e-6
+    assert (gelu64(h64, "tanh") - a64).abs().max() > 1e-4
 
 
 def test_bf16_cast_rounds_to_nearest_even(device):
