@@ -14,6 +14,7 @@ NORMS = ("layernorm", "rmsnorm")  # GPTConfig.norm
 MLPS = ("gelu", "swiglu", "geglu")  # GPTConfig.mlp
 GATED_MLPS = ("swiglu", "geglu")  # three matrices, w_down(act(w_gate x) * w_up x)
 QK_NORM_WIDTHS = ("head", "all")  # GPTConfig.qk_norm_width
+GELU_APPROXIMATES = ("tanh", "none")  # GPTConfig.gelu_approximate, as F.gelu(approximate=...) names them
 
 
 @dataclass
@@ -110,6 +111,12 @@ class GPTConfig:
     # "all", the whole projection before it splits into heads, n_head * head_dim wide for q and
     # n_kv_head * head_dim for k (OLMo 2 and 3: one weight over every head).
     qk_norm_width: str = "head"
+    # GPT-NeoX's (Pythia's, GPT-J's) parallel block: attention and MLP both read the block's input x, each
+    # through its own norm, x + attention(norm1(x)) + mlp(norm2(x)), one residual add where GPT-2 has two.
+    parallel_residual: bool = False
+    # The GELU MLP's GELU: "tanh", GPT-2's approximation (gelu_new), or "none", the exact x Phi(x) with erf
+    # (GPT-NeoX's and Pythia's "gelu"), as torch's F.gelu(approximate=...) names them.
+    gelu_approximate: str = "tanh"
     kernels: str = "reference"  # "reference" | "triton" | "auto" | a comma list of toggle.KERNEL_NAMES
     # LoRA (model/lora.py): rank 0 is none; else the targets' weights are W + (alpha / rank) B A
     lora_rank: int = 0
@@ -211,6 +218,7 @@ class GPTConfig:
                             "without others (Qwen2's); with bias True they have them already (qkv_bias): set bias "
                             "False or qkv_bias_only False")
         self._check_olmo_fields()
+        self._check_neox_fields()
         from tritongpt.model.lora import check_lora
         from tritongpt.model.toggle import resolve_kernels
 
@@ -234,6 +242,24 @@ class GPTConfig:
         if self.qk_norm_width != "head" and not self.qk_norm:
             raise UserError(f"GPTConfig.qk_norm_width {self.qk_norm_width!r} says how q and k are normalized, and "
                             "qk_norm is False: set qk_norm True or leave qk_norm_width 'head'")
+
+    def _check_neox_fields(self):
+        """parallel_residual and gelu_approximate (GPT-NeoX, Pythia): checked by name."""
+        if not isinstance(self.parallel_residual, (bool, np.bool_)):
+            raise UserError(f"GPTConfig.parallel_residual must be True or False, got {self.parallel_residual!r}")
+        self.parallel_residual = bool(self.parallel_residual)
+        if self.parallel_residual and (self.post_norms or not self.pre_norms):
+            # no family has both: where the sandwich's outer norms or OLMo's lone ones would go is undefined
+            raise UserError("GPTConfig.parallel_residual (GPT-NeoX's block: both sublayers read the block's input "
+                            "through their own norm) is built with input norms only: set post_norms False and "
+                            "pre_norms True, or parallel_residual False")
+        if self.gelu_approximate not in GELU_APPROXIMATES:
+            raise UserError(f"GPTConfig.gelu_approximate must be one of {', '.join(GELU_APPROXIMATES)}, "
+                            f"got {self.gelu_approximate!r}")
+        if self.gelu_approximate != "tanh" and self.mlp != "gelu":
+            raise UserError(f"GPTConfig.gelu_approximate {self.gelu_approximate!r} picks the GELU MLP's GELU; this "
+                            f"model's mlp is {self.mlp!r} (its gate keeps the tanh form): set mlp 'gelu' or leave "
+                            "gelu_approximate 'tanh'")
 
     @property
     def head_dim(self) -> int:

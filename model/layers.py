@@ -6,7 +6,8 @@ a state_dict moves freely between the two paths.
 
     LayerNorm           <->  kernels/layernorm.py   (layer_norm; add_and_norm <-> add_layer_norm)
     RMSNorm             <->  kernels/layernorm.py   (rms_norm; add_and_norm <-> add_rms_norm: the same kernels, IS_RMS)
-    FeedForward         <->  kernels/mlp.py         (gelu_mlp: Linear+bias+GELU fused, GELU recomputed in backward)
+    FeedForward         <->  kernels/mlp.py         (gelu_mlp: Linear+bias+GELU fused, GELU recomputed in backward;
+                                                     GELU: the tanh form or the exact one, approximate "none")
     SwiGLUFeedForward   <->  kernels/swiglu.py      (swiglu_mlp: gate and up in one pass, silu(g) * u fused;
                                                      GeGLU's gelu(g) * u too)
     MultiHeadAttention  <->  kernels/attention.py   (flash_attention: only the attention core is swapped;
@@ -133,24 +134,34 @@ def make_norm(cfg):
 
 
 class GELU(nn.Module):
-    """GELU with GPT-2's tanh approximation: 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))."""
+    """GELU with GPT-2's tanh approximation: 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))); with
+    approximate "none" the exact one, x Phi(x) = 0.5 x (1 + erf(x / sqrt(2))) (GPT-NeoX's, Pythia's "gelu").
+    Triton twin: kernels/mlp.py's epilogues (fused into FeedForward's first matmul, GELU_ERF for the erf)."""
+
+    def __init__(self, approximate: str = "tanh"):
+        super().__init__()
+        assert approximate in ("tanh", "none"), "approximate must be 'tanh' or 'none' (F.gelu's names)"
+        self.approximate = approximate
 
     def forward(self, x):
         xf = _fp32_if_fp16(x)  # in fp16, x^3 overflows past |x| = 40 and its gradient 3x^2 past 256
+        if self.approximate == "none":
+            return (0.5 * xf * (1.0 + torch.erf(xf / math.sqrt(2.0)))).to(x.dtype)
         return (0.5 * xf * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (xf + 0.044715 * xf.pow(3))))).to(x.dtype)
 
 
 class FeedForward(nn.Module):
-    """Position-wise MLP: Linear(C -> 4C), GELU, Linear(4C -> C), dropout.
+    """Position-wise MLP: Linear(C -> 4C), GELU, Linear(4C -> C), dropout. approximate: the GELU's
+    form, GPT-2's "tanh" or the exact "none" (GPTConfig.gelu_approximate).
 
     Triton twin: kernels/mlp.py, which fuses the first Linear's bias and the GELU into the
     matmul and keeps only the pre-activation for backward (GELU is recomputed there).
     """
 
-    def __init__(self, n_embd: int, dropout: float = 0.0, bias: bool = True):
+    def __init__(self, n_embd: int, dropout: float = 0.0, bias: bool = True, approximate: str = "tanh"):
         super().__init__()
         self.fc1 = nn.Linear(n_embd, 4 * n_embd, bias=bias)
-        self.act = GELU()
+        self.act = GELU(approximate)
         self.fc2 = nn.Linear(4 * n_embd, n_embd, bias=bias)
         self.drop = nn.Dropout(dropout)
         self.use_triton = False
@@ -159,7 +170,8 @@ class FeedForward(nn.Module):
         if self.use_triton:
             from tritongpt.kernels.mlp import gelu_mlp
 
-            return self.drop(gelu_mlp(x, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias))
+            return self.drop(gelu_mlp(x, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias,
+                                      self.act.approximate))
         return self.drop(self.fc2(self.act(self.fc1(x))))
 
 
@@ -447,6 +459,8 @@ class TransformerBlock(nn.Module):
     GPTConfig.mlp says. With GPTConfig.post_norms (Gemma 2, 3) each sublayer's output is normalized
     too, by a norm of its own, before it joins the residual: x + LN(attention(LN(x))); without
     GPTConfig.pre_norms (OLMo 2, 3) that outer norm is the only one: x + LN(attention(x)).
+    With GPTConfig.parallel_residual (GPT-NeoX, Pythia) both sublayers read the same x:
+    x + attention(LN1(x)) + MLP(LN2(x)) (parallel_forward).
 
     Each residual add is made by the LayerNorm that reads the sum (LayerNorm.add_and_norm): on
     the Triton path the add then shares that LayerNorm's pass over memory, as llm.c's fused
@@ -474,12 +488,15 @@ class TransformerBlock(nn.Module):
             self.ff = SwiGLUFeedForward(cfg.n_embd, cfg.ff_hidden, cfg.dropout, cfg.bias,
                                         "gelu" if cfg.mlp == "geglu" else "silu")
         else:
-            self.ff = FeedForward(cfg.n_embd, cfg.dropout, cfg.bias)
+            self.ff = FeedForward(cfg.n_embd, cfg.dropout, cfg.bias, cfg.gelu_approximate)
+        self.parallel = cfg.parallel_residual
 
     def forward(self, x, cache=None, doc_ids=None, mlp_out=None, positions=None):
         """x: the residual stream; mlp_out: the previous block's MLP output, not yet added (None
         for the first block); positions: the tokens' positions, for RoPE. -> (x, this block's MLP
         output): the block's output is their sum."""
+        if self.parallel:
+            return self.parallel_forward(x, cache, doc_ids, mlp_out, positions)
         if mlp_out is None:
             h = self.norm1(x)
         else:
@@ -490,3 +507,15 @@ class TransformerBlock(nn.Module):
         x, h = self.norm2.add_and_norm(x, att_out)
         ff_out = self.ff(h)
         return x, ff_out if self.post_ff_norm is None else self.post_ff_norm(ff_out)
+
+    def parallel_forward(self, x, cache=None, doc_ids=None, mlp_out=None, positions=None):
+        """GPT-NeoX's parallel block: attention and MLP read the same x through their own norms, and
+        their outputs go back together, x + attention(LN1(x)) + MLP(LN2(x)): the sum is handed on for
+        the next norm's fused add, as forward hands on the MLP output alone."""
+        if mlp_out is None:
+            h = self.norm1(x)
+        else:
+            x, h = self.norm1.add_and_norm(x, mlp_out)
+        att_out = self.att(h, cache, doc_ids, positions)
+        ff_out = self.ff(self.norm2(x))  # norm2 reads x itself, not x + att_out
+        return x, att_out + ff_out
