@@ -180,7 +180,8 @@ def model_flags(args) -> dict:
 def add_cli(sub):
     from tritongpt.bench.kernels import ALL_PROVIDERS, FULL_SIZES
     from tritongpt.bench.train_step import TRAIN_PROVIDERS
-    from tritongpt.model.config import MLPS, NORMS, POSITION_ENCODINGS, QK_NORM_WIDTHS, window_layers_arg
+    from tritongpt.model.config import (GELU_APPROXIMATES, MLPS, NORMS, POSITION_ENCODINGS, QK_NORM_WIDTHS,
+                                        window_layers_arg)
 
     p = sub.add_parser("bench", help="benchmarks: kernels, training step, CPU-side timings",
                        description=__doc__.split("\n\n")[1])
@@ -311,6 +312,12 @@ def add_cli(sub):
     t.add_argument("--nope-layers", type=window_layers_arg, default=None, metavar="I,J,...",
                    help="layers whose q and k are not rotated (SmolLM3's NoPE layers, every fourth: 3,7,11; "
                         "GPTConfig.nope_layers; needs --position-encoding rope) (default: RoPE in every layer)")
+    t.add_argument("--parallel-residual", action=argparse.BooleanOptionalAction, default=None,
+                   help="GPT-NeoX's (Pythia's) parallel blocks: attention and MLP both read the block's input, "
+                        "x + attn(ln1(x)) + mlp(ln2(x)) (GPTConfig.parallel_residual) (default: the preset's, no)")
+    t.add_argument("--gelu-approximate", choices=GELU_APPROXIMATES, default=None,
+                   help="the GELU MLP's GELU: tanh (GPT-2's) or none, the exact erf one (GPT-NeoX's, Pythia's; "
+                        "GPTConfig.gelu_approximate) (default: the preset's, tanh)")
     t.add_argument("--rope-local-theta", type=float, default=None, metavar="T",
                    help="RoPE's base in the local layers (Gemma 3's 10000 beside its global 1e6; "
                         "GPTConfig.rope_local_theta) (default: rope_theta in every layer)")

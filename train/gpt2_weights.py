@@ -143,8 +143,8 @@ def _gpt2_config_json(cfg_json: Path) -> dict:
     d = read_json_object(cfg_json)
     if d.get("model_type", "gpt2") != "gpt2":
         raise UserError(f"{cfg_json} says model_type {d['model_type']!r}: not a GPT-2 model (tritongpt reads "
-                        "Hugging Face's gpt2, gpt_neo, llama, mistral, qwen2, qwen3, gemma, gemma2, gemma3_text, olmo2 "
-                        "and olmo3 models)")
+                        "Hugging Face's gpt2, gpt_neo, llama, mistral, qwen2, qwen3, gemma, gemma2, gemma3_text, "
+                        "olmo2, olmo3 and gpt_neox models)")
     return d
 
 
@@ -172,8 +172,8 @@ def is_hf_file(path) -> bool:
 
 def load_checkpoint(path, model_name: str | None = None, merge: bool = True) -> GPTModel:
     """A tritongpt checkpoint (file, checkpoint folder or run folder: its newest) or a Hugging
-    Face GPT-2, GPT-Neo, Llama (Mistral, Qwen2, Qwen3), Gemma or OLMo model.safetensors (model_name: the preset,
-    when no config.json says the heads).
+    Face GPT-2, GPT-Neo, Llama (Mistral, Qwen2, Qwen3), Gemma, OLMo or GPT-NeoX model.safetensors (model_name:
+    the preset, when no config.json says the heads).
     A LoRA checkpoint comes merged unless merge is False, and so does a peft adapter folder: its
     base with the update (load_peft_adapter)."""
     from tritongpt.train.common import resolve_checkpoint
@@ -185,6 +185,7 @@ def load_checkpoint(path, model_name: str | None = None, merge: bool = True) -> 
         from tritongpt.train.gemma_weights import is_gemma_file, load_gemma_safetensors
         from tritongpt.train.gpt_neo_weights import is_gpt_neo_file, load_gpt_neo_safetensors
         from tritongpt.train.llama_weights import is_llama_file, load_llama_safetensors
+        from tritongpt.train.neox_weights import is_neox_file, load_neox_safetensors
         from tritongpt.train.olmo_weights import is_olmo_file, load_olmo_safetensors
 
         if is_gpt_neo_file(path):
@@ -193,6 +194,8 @@ def load_checkpoint(path, model_name: str | None = None, merge: bool = True) -> 
             return load_gemma_safetensors(path)
         if is_olmo_file(path):
             return load_olmo_safetensors(path)
+        if is_neox_file(path):
+            return load_neox_safetensors(path)
         if is_llama_file(path):
             return load_llama_safetensors(path)
         return load_gpt2_safetensors(path, model_name)
@@ -482,7 +485,8 @@ def refuse_gemma_touches(cfg: GPTConfig, family: str, what: str, layer_types: bo
 
 def refuse_olmo_touches(cfg: GPTConfig, family: str, what: str) -> None:
     """OLMo 2's and 3's blocks without input norms and q/k norms over the whole projection, which no other
-    family's folder can say: refused by name."""
+    family's folder can say: refused by name (GPT-NeoX's touches first)."""
+    refuse_neox_touches(cfg, family, what)
     for differs, why in ((not cfg.pre_norms, "does not normalize each sublayer's input (pre_norms False: OLMo 2's "
                           "blocks)"),
                          (cfg.qk_norm and cfg.qk_norm_width == "all", "normalizes q and k over all their heads at "
@@ -490,6 +494,17 @@ def refuse_olmo_touches(cfg: GPTConfig, family: str, what: str) -> None:
         if differs:
             raise UserError(f"this model {why}, which Hugging Face's {family} does not: it cannot be exported as "
                             f"{what} (an OLMo folder may take it)")
+
+
+def refuse_neox_touches(cfg: GPTConfig, family: str, what: str) -> None:
+    """GPT-NeoX's parallel blocks and exact GELU, which no other family's folder can say: refused by name."""
+    for differs, why in ((cfg.parallel_residual, "runs attention and MLP side by side on each block's input "
+                          "(parallel_residual: GPT-NeoX's blocks)"),
+                         (cfg.gelu_approximate != "tanh", f"computes the exact GELU (gelu_approximate "
+                          f"{cfg.gelu_approximate!r}), not the tanh one")):
+        if differs:
+            raise UserError(f"this model {why}, which Hugging Face's {family} does not: it cannot be exported as "
+                            f"{what} (a GPT-NeoX folder may take it)")
 
 
 def export_gpt2(model: GPTModel, out_dir, eos_token_id: int | None = None, overwrite: bool = False) -> list:

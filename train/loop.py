@@ -442,9 +442,10 @@ class Trainer:
         scores, the position encoding: RoPE or learned, RoPE's theta, the norm: LayerNorm or RMSNorm,
         and its eps, biases, on q/k/v only (Qwen2) or none, Gemma's scaled embeddings, sandwich norms,
         local RoPE, attention soft cap and scale, SmolLM3's NoPE layers, OLMo's absent input norms and
-        whole-width q/k norms) or another MLP (GELU, SwiGLU or GeGLU, the gated ones' hidden size: other
-        weights too, named before their shapes are): the run would go on as another model. A config from
-        before a field reads as without it; no saved config (a bare weights file) is not compared."""
+        whole-width q/k norms, GPT-NeoX's parallel blocks and exact GELU) or another MLP (GELU, SwiGLU or
+        GeGLU, the gated ones' hidden size: other weights too, named before their shapes are): the run would
+        go on as another model. A config from before a field reads as without it; no saved config (a bare
+        weights file) is not compared."""
         from tritongpt.model.layers import swiglu_hidden
 
         cfg = self._cfg
@@ -463,6 +464,7 @@ class Trainer:
         gemma = (saved_cfg.get("scale_embeddings", False), saved_cfg.get("post_norms", False),
                  saved_cfg.get("rope_local_theta", 0.0))
         olmo = saved_cfg.get("pre_norms", True), saved_cfg.get("qk_norm_width", "head")
+        neox = saved_cfg.get("parallel_residual", False), saved_cfg.get("gelu_approximate", "tanh")
         hidden = saved_cfg.get("mlp_hidden", 0) or swiglu_hidden(saved_cfg.get("n_embd", cfg.n_embd))
         gated = ("swiglu", "geglu")
         if mlp != cfg.mlp or (mlp in gated and hidden != cfg.ff_hidden):
@@ -531,6 +533,14 @@ class Trainer:
 
             what = f"{olmo_touches(*olmo)}, this run's model {olmo_touches(cfg.pre_norms, cfg.qk_norm_width)}"
             flags = "the run's own --init"  # OLMo's: no flag makes them, only an --init folder's config.json
+        elif neox != (cfg.parallel_residual, cfg.gelu_approximate):
+            def neox_touches(parallel, approximate):
+                return (f"{'runs attention and MLP in parallel' if parallel else 'runs attention then MLP'} and "
+                        f"computes the {'exact (erf)' if approximate == 'none' else 'tanh'} GELU")
+
+            now = neox_touches(cfg.parallel_residual, cfg.gelu_approximate)
+            what = f"{neox_touches(*neox)}, this run's model {now}"
+            flags = f"--{'' if neox[0] else 'no-'}parallel-residual --gelu-approximate {neox[1]}"
         elif attn_cap != cfg.attn_softcap:
             what = f"soft-caps its attention scores at {attn_cap:g}, this run's at {cfg.attn_softcap:g} (0: none)"
             flags = f"--attn-softcap {attn_cap:g}"

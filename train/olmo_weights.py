@@ -25,7 +25,7 @@ import torch
 from tritongpt.errors import UserError, note, read_json_object
 from tritongpt.model.config import GPTConfig
 from tritongpt.model.gpt import GPTModel
-from tritongpt.train.gpt2_weights import _read_tensors, model_with_tensors, write_hf_folder
+from tritongpt.train.gpt2_weights import _read_tensors, model_with_tensors, refuse_neox_touches, write_hf_folder
 from tritongpt.train.llama_weights import _rope_theta, hf_shapes, shape_fields
 
 FAMILIES = {"olmo2": "Olmo2ForCausalLM", "olmo3": "Olmo3ForCausalLM"}
@@ -164,6 +164,7 @@ def refuse_not_olmo(model: GPTModel, what: str) -> None:
     """What an OLMo of the family hf_family picks does not compute, by name."""
     cfg = model.config
     family = family_name(cfg)
+    refuse_neox_touches(cfg, family, what)
     for differs, why in ((cfg.position_encoding != "rope", f"learns position embeddings, where {family} rotates q "
                           "and k (RoPE)"),
                          (cfg.norm != "rmsnorm", f"normalizes with {cfg.norm}, where {family} has RMSNorms"),

@@ -23,7 +23,7 @@ import torch
 
 from tritongpt.errors import UserError, note
 from tritongpt.train.tokenizer import HUB_REPO_HELP, TOKENIZER_CHOICES
-from tritongpt.model.config import GATED_MLPS, MLPS, NORMS, POSITION_ENCODINGS, window_layers_arg
+from tritongpt.model.config import GATED_MLPS, GELU_APPROXIMATES, MLPS, NORMS, POSITION_ENCODINGS, window_layers_arg
 
 DEFAULTS = dict(out_dir="runs/pretrain", max_steps=300, batch_size=16, grad_accum=1, lr=2e-3, min_lr=2e-4,
                 warmup_steps=30, weight_decay=0.1, eval_every=50, eval_batches=8, ckpt_every=100,
@@ -67,6 +67,14 @@ def add_args(p: argparse.ArgumentParser):
                    help="soft-cap the new model's attention scores to C tanh(s / C) before the softmax "
                         "(GPTConfig.attn_softcap; Gemma 2 uses 50; both kernel paths compute it; default: none, or "
                         "what --init's model has)")
+    p.add_argument("--parallel-residual", action=argparse.BooleanOptionalAction, default=None,
+                   help="GPT-NeoX's (Pythia's) parallel blocks for the new model: attention and MLP both read each "
+                        "block's input through their own LayerNorm, x + attn(ln1(x)) + mlp(ln2(x)) "
+                        "(GPTConfig.parallel_residual; default: GPT-2's sequential blocks, or what --init's model has)")
+    p.add_argument("--gelu-approximate", choices=GELU_APPROXIMATES, default=None,
+                   help="the GELU MLP's GELU: tanh, GPT-2's approximation, or none, the exact erf one (GPT-NeoX's "
+                        "and Pythia's; GPTConfig.gelu_approximate; fused into the Triton MLP kernel too). Default: "
+                        "tanh, or what --init's model has")
     p.add_argument("--attention-window", type=int, default=None, metavar="W",
                    help="local attention for the new model: a token in a local layer attends to the last W "
                         "positions only, itself included (GPTConfig.attention_window; GPT-3's locally banded layers, "
@@ -256,7 +264,7 @@ def check_args(args, targs):
         if args.rope_theta is not None and (args.position_encoding or model.config.position_encoding) != "rope":
             raise UserError(NO_ROPE.format(args.rope_theta))
         for field in ("logit_softcap", "attn_softcap", "attention_window", "window_layers", "position_encoding",
-                      "rope_theta", "norm", "mlp", "nope_layers"):
+                      "rope_theta", "norm", "mlp", "nope_layers", "parallel_residual", "gelu_approximate"):
             given, has = getattr(args, field), getattr(model.config, field)
             if given is not None and given != has:
                 show = (lambda v: f"{v:g}") if isinstance(has, float) else str
@@ -285,7 +293,8 @@ def check_args(args, targs):
                          attn_softcap=args.attn_softcap,
                          attention_window=args.attention_window, window_layers=args.window_layers,
                          position_encoding=args.position_encoding, rope_theta=args.rope_theta,
-                         nope_layers=args.nope_layers,
+                         nope_layers=args.nope_layers, parallel_residual=args.parallel_residual,
+                         gelu_approximate=args.gelu_approximate,
                          n_kv_head=args.n_kv_head, norm=args.norm, mlp=args.mlp, mlp_hidden=args.mlp_hidden,
                          bias=args.bias)
         model = GPTModel(cfg)
@@ -433,6 +442,8 @@ def print_header(args, targs, model, tok, block, splits, trainer):
     gqa += f", attention scores soft-capped at {cfg.attn_softcap:g}" if cfg.attn_softcap else ""
     gqa += f", no RoPE in layers {cfg.nope_layers}" if cfg.nope_layers else ""
     gqa += f", attention scaled by 1/sqrt({cfg.attention_scale_width})" if cfg.attention_scale_width else ""
+    gqa += ", attention and MLP in parallel" if cfg.parallel_residual else ""
+    gqa += ", exact (erf) GELU" if cfg.gelu_approximate == "none" else ""
     print(f"pretrain: {model_name(args)} ({model.num_params() / 1e6:.2f}M params, vocab {cfg.vocab_size}{padded}, "
           f"context {cfg.context_length}"
           f"{f', trained on {block}-token blocks' if block != cfg.context_length else ''}"

@@ -324,7 +324,7 @@ def cmd_export(args):
     from tritongpt.train.formats import hf_chat_template
     from tritongpt.train.gpt2_weights import (adapter_base, export_gpt2, export_peft_adapter, load_checkpoint,
                                               refuse_not_gpt2)
-    from tritongpt.train import gemma_weights, olmo_weights
+    from tritongpt.train import gemma_weights, neox_weights, olmo_weights
     from tritongpt.train.gpt_neo_weights import export_gpt_neo, refuse_not_gpt_neo
     from tritongpt.train.llama_weights import export_llama, family_name, refuse_not_llama
     from tritongpt.train.sft import pick_tokenizer
@@ -361,16 +361,20 @@ def cmd_export(args):
     olmo = olmo_weights.is_olmo_shaped(cfg) and not args.adapter
     gemma_shaped = gemma_weights.is_gemma_shaped(cfg) or olmo_weights.is_olmo_shaped(cfg)
     gemma = gemma_shaped and not args.adapter and not olmo
+    # RoPE over LayerNorms and a GELU MLP (parallel blocks, exact GELU or neither) is GPT-NeoX's alone
+    neox = neox_weights.is_neox_shaped(cfg) and not args.adapter and not gemma and not olmo
     llama = (cfg.norm == "rmsnorm" or cfg.mlp == "swiglu") and not args.adapter and not gemma and not olmo
     if args.adapter and (cfg.norm == "rmsnorm" or cfg.mlp != "gelu" or gemma_shaped):
         what = "an OLMo" if olmo_weights.is_olmo_shaped(cfg) else "a Gemma" if gemma_shaped else "a Llama"
         raise UserError(f"--adapter writes a peft adapter for Hugging Face's GPT-2, and this model is {what} "
                         f"(norm {cfg.norm}, mlp {cfg.mlp}): export it without --adapter, merged, as {what} folder")
-    neo = not cfg.scale_attention and not args.adapter and not llama and not gemma and not olmo
+    neo = not cfg.scale_attention and not args.adapter and not llama and not gemma and not olmo and not neox
     family = olmo_weights.family_name(cfg) if olmo else gemma_weights.family_name(cfg) if gemma else \
-        family_name(cfg) if llama else "GPT-Neo" if neo else "GPT-2"
+        "GPT-NeoX" if neox else family_name(cfg) if llama else "GPT-Neo" if neo else "GPT-2"
     if olmo:
         olmo_weights.refuse_not_olmo(model, f"an {family} folder")
+    elif neox:
+        neox_weights.refuse_not_neox(model, "a GPT-NeoX folder")
     elif gemma:
         gemma_weights.refuse_not_gemma(model, f"a {family} folder")
     elif llama:
@@ -402,7 +406,7 @@ def cmd_export(args):
         paths = export_peft_adapter(model, out, base)
     else:
         export = olmo_weights.export_olmo if olmo else gemma_weights.export_gemma if gemma else \
-            export_llama if llama else export_gpt_neo if neo else export_gpt2
+            neox_weights.export_neox if neox else export_llama if llama else export_gpt_neo if neo else export_gpt2
         paths = export(model, out, eot_or_none(tok))
         fmt = run_template(args.checkpoint)
         if fmt is not None:  # `tritongpt chat --weights OUT` prompts it as the run was tuned

@@ -1,0 +1,217 @@
+"""GPT-NeoX and Pythia weights (EleutherAI: Hugging Face's GPTNeoXForCausalLM, model_type "gpt_neox") into
+GPTModel, and back out.
+
+A GPT-NeoX is a GPT-2 with RoPE (no position embeddings) and three differences:
+- its blocks are parallel (use_parallel_residual, Pythia's and NeoX-20B's): x + attention(ln1(x)) + mlp(ln2(x)),
+  GPTConfig.parallel_residual; use_parallel_residual false is GPT-2's sequential block;
+- its GELU is the exact one (hidden_act "gelu": x Phi(x) with erf), GPTConfig.gelu_approximate "none";
+  "gelu_new" and "gelu_pytorch_tanh" are GPT-2's tanh form;
+- one query_key_value projection laid out per head: its rows are, head after head, that head's q, k and v
+  (view(n_head, 3, head_dim, C)), not all the q rows then all the k rows as GPT-2's c_attn;
+and an LM head of its own (embed_out, no bias), untied unless tie_word_embeddings says so.
+What this model does not compute is refused by name: partial rotary (rotary_pct < 1: Pythia's 0.25, for now),
+RoPE scaling, another activation, attention_bias false (the MLP keeps its biases), an MLP wider or narrower
+than 4 hidden_size.
+"""
+from pathlib import Path
+
+import torch
+
+from tritongpt._types import is_real
+from tritongpt.errors import UserError, read_json_object
+from tritongpt.model.config import GPTConfig
+from tritongpt.model.gpt import GPTModel
+from tritongpt.train.gpt2_weights import _read_tensors, model_with_tensors, write_hf_folder
+
+MODEL_TYPE = "gpt_neox"
+# hidden_act -> GPTConfig.gelu_approximate
+ACTIVATIONS = {"gelu": "none", "gelu_new": "tanh", "gelu_pytorch_tanh": "tanh"}
+# each block's tensors with a weight and a bias: ours, then Hugging Face's (under "gpt_neox.layers.{i}.")
+_LAYER = (("norm1", "input_layernorm"), ("norm2", "post_attention_layernorm"), ("att.out_proj", "attention.dense"),
+          ("ff.fc1", "mlp.dense_h_to_4h"), ("ff.fc2", "mlp.dense_4h_to_h"))
+_QKV = ("att.W_query", "att.W_key", "att.W_value")
+
+
+def is_neox_file(path) -> bool:
+    """A Hugging Face GPT-NeoX (Pythia) model.safetensors (or shard index): its config.json says so."""
+    cfg_json = Path(path).parent / "config.json"
+    return cfg_json.is_file() and read_json_object(cfg_json).get("model_type") == MODEL_TYPE
+
+
+def _rope(d: dict, cfg_json) -> float:
+    """RoPE's base from transformers 5's rope_parameters or 4.x's rotary_emb_base; partial rotary and
+    scaled RoPE refused by name. transformers reads a config.json without rotary_pct as 0.25 (Pythia's)."""
+    params = d.get("rope_parameters") if isinstance(d.get("rope_parameters"), dict) else {}
+    scaling = d.get("rope_scaling") if isinstance(d.get("rope_scaling"), dict) else {}
+    for where, p in (("rope_parameters", params), ("rope_scaling", scaling)):
+        kind = p.get("rope_type", p.get("type", "default"))
+        if kind != "default":
+            raise UserError(f"{cfg_json} has {where} of type {kind!r}; this model reads GPT-NeoX's RoPE unscaled "
+                            "('default') only")
+    pct = params.get("partial_rotary_factor", d.get("rotary_pct", d.get("partial_rotary_factor", 0.25)))
+    if not is_real(pct) or pct != 1.0:
+        raise UserError(f"{cfg_json} has rotary_pct {pct!r} (partial rotary: only that share of each head's "
+                        "dimensions rotated); partial rotary is not supported yet, only rotary_pct 1.0")
+    theta = params.get("rope_theta", d.get("rotary_emb_base", d.get("rope_theta", 10000.0)))
+    if not is_real(theta) or not 0 < theta < float("inf"):
+        raise UserError(f"{cfg_json} has rotary_emb_base {theta!r}; it must be a number > 0")
+    return float(theta)
+
+
+def _check_hf_config(cfg_json: Path, sd: dict) -> GPTConfig:
+    """The GPTConfig of a GPT-NeoX config.json, checked against the tensors beside it; what this model
+    does not compute refused by name."""
+    d = read_json_object(cfg_json)
+    if d.get("model_type") != MODEL_TYPE:
+        raise UserError(f"{cfg_json} says model_type {d.get('model_type')!r}; a GPT-NeoX folder's is {MODEL_TYPE}")
+    for key in ("hidden_size", "num_hidden_layers", "num_attention_heads"):
+        if key not in d:
+            raise UserError(f"{cfg_json} names no {key}")
+    try:
+        vocab, n_embd = sd["embed_in.weight"].shape
+        hidden = sd["layers.0.mlp.dense_h_to_4h.weight"].shape[0]
+    except KeyError as e:
+        raise UserError(f"{cfg_json.parent}: not a GPT-NeoX model, missing tensor {e.args[0]!r}") from None
+    n_layer = 1 + max((int(k.split(".")[1]) for k in sd if k.startswith("layers.")), default=-1)
+    n_head = d["num_attention_heads"]
+    if isinstance(n_head, bool) or not isinstance(n_head, int) or n_head < 1 or n_embd % n_head:
+        raise UserError(f"{cfg_json} says num_attention_heads {n_head!r}, which does not divide the weights' width "
+                        f"{n_embd}")
+    for key, have in (("vocab_size", vocab), ("hidden_size", n_embd), ("num_hidden_layers", n_layer),
+                      ("intermediate_size", hidden)):
+        if key in d and d[key] != have:
+            raise UserError(f"{cfg_json} says {key} {d[key]!r}, but the weights have {have}")
+    if hidden != 4 * n_embd:
+        raise UserError(f"{cfg_json} has intermediate_size {hidden}; this model's GELU MLP is 4 hidden_size wide "
+                        f"({4 * n_embd})")
+    act = d.get("hidden_act", "gelu")
+    if act not in ACTIVATIONS:
+        raise UserError(f"{cfg_json} has hidden_act {act!r}; this model's GELU MLP computes "
+                        f"{', '.join(map(repr, ACTIVATIONS))} only")
+    if not d.get("attention_bias", True):
+        raise UserError(f"{cfg_json} has attention_bias false; this model gives the attention projections biases "
+                        "when the MLP has them (GPT-NeoX's MLP always does)")
+    if d.get("num_key_value_heads") not in (None, d["num_attention_heads"]):
+        raise UserError(f"{cfg_json} has num_key_value_heads {d['num_key_value_heads']!r}; GPT-NeoX's heads each "
+                        "have their own keys and values")
+    head = sd.get("embed_out.weight", sd.get("lm_head.weight"))
+    return GPTConfig(vocab_size=vocab, n_embd=n_embd, n_layer=n_layer, n_head=n_head,
+                     context_length=d.get("max_position_embeddings", 2048), position_encoding="rope",
+                     rope_theta=_rope(d, cfg_json), norm_eps=d.get("layer_norm_eps", 1e-5),
+                     tie_weights=head is None or torch.equal(head, sd["embed_in.weight"]),
+                     parallel_residual=d.get("use_parallel_residual", True), gelu_approximate=ACTIVATIONS[act])
+
+
+def _our_tensors(sd: dict, cfg: GPTConfig) -> dict:
+    """Hugging Face GPT-NeoX tensors under our parameter names (KeyError: a tensor the file lacks). Each
+    head's q, k and v rows lie together in query_key_value: split per head, then joined per projection."""
+    C, H = cfg.n_embd, cfg.n_head
+    ours = {"tok_emb.weight": sd["embed_in.weight"], "final_norm.weight": sd["final_layer_norm.weight"],
+            "final_norm.bias": sd["final_layer_norm.bias"]}
+    if not cfg.tie_weights:
+        ours["out_head.weight"] = sd["embed_out.weight"] if "embed_out.weight" in sd else sd["lm_head.weight"]
+    for i in range(cfg.n_layer):
+        h, b = f"layers.{i}.", f"trf_blocks.{i}."
+        w = sd[h + "attention.query_key_value.weight"].reshape(H, 3, C // H, C)
+        bias = sd[h + "attention.query_key_value.bias"].reshape(H, 3, C // H)
+        for j, name in enumerate(_QKV):
+            ours[b + name + ".weight"] = w[:, j].reshape(C, C)
+            ours[b + name + ".bias"] = bias[:, j].reshape(C)
+        for mine, theirs in _LAYER:
+            for kind in ("weight", "bias"):
+                ours[f"{b}{mine}.{kind}"] = sd[f"{h}{theirs}.{kind}"]
+    return ours
+
+
+def load_neox_safetensors(path) -> GPTModel:
+    """GPTModel with the weights of a Hugging Face GPT-NeoX (Pythia) model.safetensors (or shard index) and
+    its config.json beside it."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"GPT-NeoX weights file not found: {path}")
+    sd = _read_tensors(path, prefix="gpt_neox.")
+    cfg = _check_hf_config(path.parent / "config.json", sd)
+    return model_with_tensors(cfg, lambda: _our_tensors(sd, cfg), path)
+
+
+# -- export: the inverse of _our_tensors -----------------------------------------------------------
+def is_neox_shaped(cfg: GPTConfig) -> bool:
+    """RoPE over LayerNorms with a GELU MLP: GPT-NeoX's pieces, which export writes as a GPT-NeoX (or refuses)."""
+    return cfg.position_encoding == "rope" and cfg.norm == "layernorm" and cfg.mlp == "gelu"
+
+
+def refuse_not_neox(model: GPTModel, what: str) -> None:
+    """What Hugging Face's GPT-NeoX does not compute, by name."""
+    cfg = model.config
+    for differs, why in ((cfg.position_encoding != "rope", "learns position embeddings, where GPT-NeoX rotates q and "
+                          "k (RoPE)"),
+                         (cfg.norm != "layernorm", f"normalizes with {cfg.norm}, where GPT-NeoX has LayerNorms"),
+                         (cfg.mlp != "gelu", f"has a {cfg.mlp} MLP, where GPT-NeoX's is GELU"),
+                         (not cfg.bias or not cfg.qkv_bias, "has no biases on "
+                          + ("its linear layers" if not cfg.bias else "q, k and v") + ", where GPT-NeoX has them"),
+                         (not cfg.scale_attention, "does not scale its attention scores, which GPT-NeoX does"),
+                         (cfg.kv_heads < cfg.n_head, f"has grouped-query attention ({cfg.kv_heads} key/value heads), "
+                          "where GPT-NeoX's heads each have their own"),
+                         (cfg.head_dim * cfg.n_head != cfg.n_embd, f"has heads of {cfg.head_dim} (attention_head_dim), "
+                          "where GPT-NeoX's are n_embd / n_head wide"),
+                         (cfg.qk_norm, "normalizes q and k (qk_norm), which GPT-NeoX does not"),
+                         (bool(cfg.attention_window), f"has local attention (attention_window {cfg.attention_window}), "
+                          "where GPT-NeoX attends to the whole context"),
+                         (cfg.rope_scaling is not None, "scales RoPE's frequencies (rope_scaling), which this export "
+                          "does not write"),
+                         (cfg.nope_layers != "", f"has layers without RoPE ({cfg.nope_layers}), which GPT-NeoX "
+                          "does not"),
+                         (bool(cfg.rope_local_theta), "rotates its local layers with a RoPE base of their own"),
+                         (cfg.post_norms or not cfg.pre_norms, "normalizes each sublayer's output (post_norms) or not "
+                          "its input (pre_norms False), which GPT-NeoX does not"),
+                         (cfg.scale_embeddings, "scales its token embeddings, which GPT-NeoX does not"),
+                         (bool(cfg.logit_softcap), "soft-caps its logits, which GPT-NeoX does not"),
+                         (bool(cfg.attn_softcap), "soft-caps its attention scores, which GPT-NeoX does not"),
+                         (bool(cfg.attention_scale_width), f"scales its attention scores by "
+                          f"1/sqrt({cfg.attention_scale_width}), where GPT-NeoX scales them by 1/sqrt(head_dim)")):
+        if differs:
+            raise UserError(f"this model {why}: it cannot be exported as {what}")
+
+
+def _hf_tensors(model: GPTModel) -> dict:
+    """Our parameters under GPTNeoXForCausalLM's names, q, k and v interleaved per head, the padding rows dropped."""
+    cfg = model.config
+    C, H, V = cfg.n_embd, cfg.n_head, cfg.vocab_size
+    sd = {k: v.detach() for k, v in model.state_dict().items()}
+    hf = {"embed_in.weight": sd["tok_emb.weight"][:V], "final_layer_norm.weight": sd["final_norm.weight"],
+          "final_layer_norm.bias": sd["final_norm.bias"]}
+    for i in range(cfg.n_layer):
+        h, b = f"layers.{i}.", f"trf_blocks.{i}."
+        hf[h + "attention.query_key_value.weight"] = torch.stack(
+            [sd[f"{b}{name}.weight"].reshape(H, C // H, C) for name in _QKV], 1).reshape(3 * C, C)
+        hf[h + "attention.query_key_value.bias"] = torch.stack(
+            [sd[f"{b}{name}.bias"].reshape(H, C // H) for name in _QKV], 1).reshape(3 * C)
+        for mine, theirs in _LAYER:
+            for kind in ("weight", "bias"):
+                hf[f"{h}{theirs}.{kind}"] = sd[f"{b}{mine}.{kind}"]
+    out = {"gpt_neox." + k: v for k, v in hf.items()}
+    # the Hub's name, which transformers 4 and 5 both read; a tied model's is the embedding
+    out["embed_out.weight"] = sd["tok_emb.weight" if cfg.tie_weights else "out_head.weight"][:V]
+    return {k: v.to("cpu", memory_format=torch.contiguous_format, copy=True) for k, v in out.items()}
+
+
+def hf_config(cfg: GPTConfig, eos_token_id: int | None = None) -> dict:
+    """GPTNeoXConfig fields for this model: what _check_hf_config reads back. RoPE both ways: rope_parameters
+    (transformers 5) and rotary_pct / rotary_emb_base (4.x)."""
+    act = "gelu" if cfg.gelu_approximate == "none" else "gelu_new"
+    return {"model_type": MODEL_TYPE, "architectures": ["GPTNeoXForCausalLM"], "vocab_size": cfg.vocab_size,
+            "max_position_embeddings": cfg.context_length, "hidden_size": cfg.n_embd,
+            "intermediate_size": 4 * cfg.n_embd, "num_hidden_layers": cfg.n_layer,
+            "num_attention_heads": cfg.n_head, "hidden_act": act, "layer_norm_eps": cfg.norm_eps,
+            "use_parallel_residual": cfg.parallel_residual, "attention_bias": True, "attention_dropout": 0.0,
+            "hidden_dropout": 0.0, "tie_word_embeddings": cfg.tie_weights, "bos_token_id": eos_token_id,
+            "eos_token_id": eos_token_id, "pad_token_id": None, "rotary_pct": 1.0, "rotary_emb_base": cfg.rope_theta,
+            "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta, "partial_rotary_factor": 1.0}}
+
+
+def export_neox(model: GPTModel, out_dir, eos_token_id: int | None = None, overwrite: bool = False) -> list:
+    """Write model as a Hugging Face GPT-NeoX folder: model.safetensors and config.json, which
+    transformers.AutoModelForCausalLM.from_pretrained(out_dir) and load_checkpoint both read.
+    Returns the paths written; refuses to replace them unless overwrite."""
+    refuse_not_neox(model, "a GPT-NeoX folder")
+    return write_hf_folder(out_dir, lambda: _hf_tensors(model), hf_config(model.config, eos_token_id), overwrite)
