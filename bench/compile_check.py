@@ -164,6 +164,12 @@ def capture(quick=False, half="bfloat16"):
             w2, b2 = torch.empty(c, 4 * c, dtype=dt, **meta), torch.empty(c, dtype=dt, **meta)
             _, h = mlp._fwd_launch(x, w1, b1, w2, b2)
             mlp._bwd_launch(torch.empty_like(x), x, h, w1, w2)
+            if dt == half:  # GPT-NeoX's exact GELU (GELU_ERF): the three launches that compute a GELU
+                case[0] = f"mlp {name} {TOKENS}x{c}->{4 * c} exact gelu"
+                n = len(launches)
+                _, h = mlp._fwd_launch(x, w1, b1, w2, b2, approximate="none")
+                mlp._bwd_launch(torch.empty_like(x), x, h, w1, w2, approximate="none")
+                launches[n:] = [launch for launch in launches[n:] if launch.kwargs["GELU_ERF"]]
             # the SwiGLU MLP (Llama's bias-free one): gate and up in one pass, its epilogues and
             # prologue, dx's two products in one launch
             hs = swiglu_hidden(c)

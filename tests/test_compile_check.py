@@ -36,6 +36,11 @@ def test_every_kernel_launch_builds_for_sm90(tmp_path):
     # products are swiglu's)
     geglu = {r["variant"] for r in rows if r["case"].startswith("geglu")}
     assert len(geglu) == 3 and all("GATE_GELU=True" in v for v in geglu), geglu
+    # GPT-NeoX's exact GELU: the GELU MLP's forward epilogue, dh's epilogue and dW2's prologue built with
+    # GELU_ERF, only in its case
+    erf = {r["variant"] for r in rows if r["case"].endswith("exact gelu")}
+    assert len(erf) == 3 and all("GELU_ERF=True" in v for v in erf), erf
+    assert not any("GELU_ERF=True" in r["variant"] for r in rows if not r["case"].endswith("exact gelu"))
     # Gemma 2's attention soft cap: forward and both backward passes built with HAS_SOFTCAP, only in its case
     capped = {(r["kernel"], r["variant"]) for r in rows
               if "softcap=50" in r["case"] and r["kernel"] != "_attn_bwd_preprocess"}
