@@ -1016,7 +1016,8 @@ def test_gpu_command_flow_with_cpu_stand_ins(tmp_path, monkeypatch, capsys):
                                  norm=None, mlp=None, mlp_hidden=None, position_encoding=None, rope_theta=None,
                                  n_kv_head=None, bias=None, attention_head_dim=None, qk_norm=None,
                                  scale_embeddings=None, post_norms=None, rope_local_theta=None, attn_softcap=None,
-                                 nope_layers=None, pre_norms=None, qk_norm_width=None)
+                                 nope_layers=None, pre_norms=None, qk_norm_width=None, parallel_residual=None,
+                                 gelu_approximate=None)
     (folder,) = tmp_path.iterdir()
     k = report.validate_result(json.loads((folder / "kernels.json").read_text()))
     t = report.validate_result(json.loads((folder / "train.json").read_text()))
@@ -3446,3 +3447,20 @@ def test_a_smollm3_step_names_its_nope_layers():
     assert report.models_line([row]).endswith("no RoPE in layers 1,3")
     cfg = train_step.train_config("tiny", 16, **flags)
     assert [cfg.layer_has_rope(i) for i in range(cfg.n_layer)] == [True, False, True, False]
+
+
+def test_a_neox_step_names_its_parallel_blocks_and_exact_gelu():
+    """bench train --parallel-residual --gelu-approximate none: the row's config and the models line say so,
+    both paths train to the same loss, and the model timed has parallel blocks and the erf GELU."""
+    from tritongpt.bench import report
+
+    flags = dict(position_encoding="rope", parallel_residual=True, gelu_approximate="none")
+    rows = {p: train_step.bench_train_provider(p, "tiny", 2, 16, torch.device("cpu"), torch.float32, 0, 1,
+                                               peak_flops=1e12, **flags) for p in ("reference", "triton")}
+    assert all(r["status"] == "ok" for r in rows.values())
+    assert rows["reference"]["config"]["parallel_residual"] is True
+    assert rows["reference"]["config"]["gelu_approximate"] == "none"
+    assert report.models_line([rows["reference"]]).endswith("parallel attention and MLP, exact GELU")
+    assert rows["triton"]["final_loss"] == pytest.approx(rows["reference"]["final_loss"], rel=1e-4)
+    cfg = train_step.train_config("tiny", 16, **flags)
+    assert (cfg.parallel_residual, cfg.gelu_approximate) == (True, "none")
