@@ -75,8 +75,10 @@ class GPTConfig:
     # None, {"rope_type": "linear", "factor": f} (every frequency / f), Llama 3.1's and 3.2's
     # {"rope_type": "llama3", "factor", "low_freq_factor", "high_freq_factor",
     # "original_max_position_embeddings"}, or YaRN's (OLMo 3, Qwen3's long context) {"rope_type": "yarn",
-    # "factor", "original_max_position_embeddings", "beta_fast", "beta_slow", "attention_factor"},
-    # as Hugging Face's rope_parameters spell them.
+    # "factor", "original_max_position_embeddings", "beta_fast", "beta_slow", "attention_factor"}, or
+    # LongRoPE's (Phi-3, Phi-4-mini) {"rope_type": "longrope", "short_factor": [R/2 numbers], "long_factor":
+    # [R/2], "original_max_position_embeddings", "factor", "attention_factor"} (long_factor over a forward
+    # longer than the original context), as Hugging Face's rope_parameters spell them.
     rope_scaling: dict | None = None
     # Gemma 3's two RoPEs: the local (windowed) layers rotate with this base, unscaled, and the global
     # ones with rope_theta and rope_scaling (10000 and 1e6 in Gemma 3). 0: every layer as rope_theta says.
@@ -84,6 +86,10 @@ class GPTConfig:
     # NoPE layers (SmolLM3's every fourth): a comma list of the layers whose q and k are not rotated,
     # attention there seeing no position but the causal mask's order. "": RoPE in every layer.
     nope_layers: str = ""
+    # Partial rotary (GPT-NeoX/Pythia's rotary_pct, Phi's partial_rotary_factor, StableLM): only the first
+    # rotary_dim dimensions of each head are rotated, pairs i and i + rotary_dim/2 at frequencies over
+    # rotary_dim, and the rest pass through unchanged. 0: the whole head.
+    rotary_dim: int = 0
     # Every norm of the model (each block's two and the final one): "layernorm", GPT-2's
     # (x - mean) / std * weight + bias, or "rmsnorm", x / rms(x) * weight (Llama, Gemma, modded-nanogpt:
     # no mean subtracted, no bias parameter). norm_eps is added to the variance or the mean square:
@@ -192,9 +198,10 @@ class GPTConfig:
         if self.rope_scaling and self.position_encoding != "rope":
             raise UserError(f"GPTConfig.rope_scaling stretches RoPE's frequencies; this model has position_encoding "
                             f"{self.position_encoding!r}: set it to 'rope' or leave rope_scaling None")
-        if self.position_encoding == "rope" and self.head_dim % 2:
+        if self.position_encoding == "rope" and self.head_dim % 2 and not self.rotary_dim:
             raise UserError(f"RoPE rotates pairs of dimensions: head_dim {self.head_dim} (n_embd {self.n_embd} / "
                             f"n_head {self.n_head}) must be even")
+        self._check_partial_rotary()
         if self.mlp not in MLPS:
             raise UserError(f"GPTConfig.mlp must be one of {', '.join(MLPS)}, got {self.mlp!r}")
         if not is_int(self.mlp_hidden) or self.mlp_hidden < 0:
@@ -226,6 +233,22 @@ class GPTConfig:
         self.lora_rank, self.lora_alpha = int(self.lora_rank), float(self.lora_alpha)
 
         resolve_kernels(self.kernels, "cpu", check_device=False)  # the names only: a typo now, not later
+
+    def _check_partial_rotary(self):
+        """rotary_dim, and LongRoPE's factor lists against the pairs it rotates (its defaults filled in)."""
+        if not is_int(self.rotary_dim) or self.rotary_dim < 0:
+            raise UserError(f"GPTConfig.rotary_dim must be an integer >= 0 (0: the whole head), "
+                            f"got {self.rotary_dim!r}")
+        self.rotary_dim = int(self.rotary_dim)
+        if self.rotary_dim and self.position_encoding != "rope":
+            raise UserError(f"GPTConfig.rotary_dim {self.rotary_dim} is how much of a head RoPE rotates; this model "
+                            f"has position_encoding {self.position_encoding!r}: set it to 'rope' or leave rotary_dim 0")
+        if self.rotary_dim and (self.rotary_dim % 2 or not 2 <= self.rotary_dim <= self.head_dim):
+            raise UserError(f"GPTConfig.rotary_dim {self.rotary_dim} must be even (pairs i, i + rotary_dim/2) and "
+                            f"in [2, head_dim {self.head_dim}] (0: the whole head)")
+        if self.rope_scaling and self.rope_scaling["rope_type"] == "longrope":
+            self.rope_scaling = longrope_defaults(self.rope_scaling, "GPTConfig.rope_scaling", self.context_length,
+                                                  (self.rotary_dim or self.head_dim) // 2)
 
     def _check_olmo_fields(self):
         """pre_norms and qk_norm_width (OLMo 2, 3): checked by name, as the other fields."""
@@ -365,13 +388,18 @@ def window_layers_arg(text: str) -> str:
 ROPE_SCALING_KEYS = {"linear": ("factor",),
                      "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
                      "yarn": ("factor", "original_max_position_embeddings", "beta_fast", "beta_slow",
-                              "attention_factor")}
+                              "attention_factor"),
+                     "longrope": ("short_factor", "long_factor", "original_max_position_embeddings", "factor",
+                                  "attention_factor")}
+LONGROPE_OPTIONAL = ("factor", "attention_factor")  # GPTConfig fills them in (longrope_defaults)
+LONGROPE_LISTS = ("short_factor", "long_factor")
 
 
 def check_rope_scaling(scaling, where: str) -> dict | None:
     """A RoPE scaling spec (GPTConfig.rope_scaling) checked and normalized: None, or a dict of its
     rope_type and that type's keys (ROPE_SCALING_KEYS), each a finite number > 0 (floats; the
-    original context an int), llama3's high_freq_factor above its low one."""
+    original context an int; longrope's two factor lists of them), llama3's high_freq_factor above its
+    low one. longrope's factor and attention_factor may be left out (or null): longrope_defaults."""
     if scaling is None:
         return None
     if not isinstance(scaling, dict):
@@ -382,21 +410,61 @@ def check_rope_scaling(scaling, where: str) -> dict | None:
     if kind not in ROPE_SCALING_KEYS:
         raise UserError(f"{where}: rope_type {kind!r} is not computed here; one of {', '.join(ROPE_SCALING_KEYS)}")
     keys = ROPE_SCALING_KEYS[kind]
+    if kind == "longrope":  # absent and null are one (transformers' .get)
+        scaling = {k: v for k, v in scaling.items() if not (k in LONGROPE_OPTIONAL and v is None)}
     unknown = sorted(set(scaling) - set(keys) - {"rope_type"})
-    missing = [k for k in keys if k not in scaling]
+    missing = [k for k in keys if k not in scaling and not (kind == "longrope" and k in LONGROPE_OPTIONAL)]
     if unknown or missing:
         raise UserError(f"{where}: {kind} scaling takes {', '.join(keys)}"
                         + (f"; missing {', '.join(missing)}" if missing else "")
                         + (f"; unknown {', '.join(unknown)}" if unknown else ""))
     out = {"rope_type": kind}
     for k in keys:
+        if k not in scaling:
+            continue
         v = scaling[k]
+        if k in LONGROPE_LISTS:
+            out[k] = factor_list(v, f"{where}: {k}")
+            continue
         if not is_real(v) or not math.isfinite(v) or v <= 0:
             raise UserError(f"{where}: {k} must be a finite number > 0, got {v!r}")
         out[k] = int(v) if k == "original_max_position_embeddings" else float(v)
     if kind == "llama3" and out["high_freq_factor"] <= out["low_freq_factor"]:
         raise UserError(f"{where}: high_freq_factor {out['high_freq_factor']:g} must be above low_freq_factor "
                         f"{out['low_freq_factor']:g}")
+    if kind == "longrope" and len(out["short_factor"]) != len(out["long_factor"]):
+        raise UserError(f"{where}: short_factor has {len(out['short_factor'])} numbers and long_factor "
+                        f"{len(out['long_factor'])}: one for each rotated pair, both")
+    return out
+
+
+def factor_list(value, where: str) -> list:
+    """LongRoPE's short_factor or long_factor: a non-empty list of finite numbers > 0, as floats."""
+    if not isinstance(value, (list, tuple)) or not value:
+        raise UserError(f"{where} must be a non-empty list of numbers (one per rotated pair), got {value!r}")
+    for i, v in enumerate(value):
+        if not is_real(v) or not math.isfinite(v) or v <= 0:
+            raise UserError(f"{where}[{i}] must be a finite number > 0, got {v!r}")
+    return [float(v) for v in value]
+
+
+def longrope_defaults(scaling: dict, where: str, context_length: int, n_pairs: int) -> dict:
+    """A checked LongRoPE spec with transformers' defaults (_compute_longrope_parameters): factor the context
+    over the original one, attention_factor sqrt(1 + ln factor / ln original) (1 for a factor <= 1); its
+    lists checked against the n_pairs pairs RoPE rotates (rotary_dim / 2, or head_dim / 2)."""
+    n = len(scaling["short_factor"])
+    if n != n_pairs:
+        raise UserError(f"{where}: short_factor and long_factor have {n} numbers, and RoPE rotates {n_pairs} pairs "
+                        f"of each head (rotary_dim / 2, or head_dim / 2): one factor for each pair")
+    out = dict(scaling)
+    original = out["original_max_position_embeddings"]
+    out.setdefault("factor", context_length / original)
+    if "attention_factor" not in out:
+        if out["factor"] > 1 and original < 2:
+            raise UserError(f"{where}: original_max_position_embeddings {original} gives no attention_factor "
+                            "(ln 1 = 0 in its default): set attention_factor")
+        out["attention_factor"] = (math.sqrt(1 + math.log(out["factor"]) / math.log(original))
+                                   if out["factor"] > 1 else 1.0)
     return out
 
 

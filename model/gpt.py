@@ -15,7 +15,7 @@ from tritongpt._types import is_int, is_real, loss_options
 from tritongpt.errors import UserError
 from tritongpt.model.config import GPTConfig
 from tritongpt.model.layers import (FeedForward, LayerNorm, MultiHeadAttention, RMSNorm, Rotary, SwiGLUFeedForward,
-                                    TransformerBlock, document_starts, make_norm)
+                                    TransformerBlock, document_starts, make_norm, rope_seq_len)
 from tritongpt.model.toggle import resolve_kernels, spec_string
 
 
@@ -230,19 +230,29 @@ class GPTModel(nn.Module):
             x, rope_pos = self.drop_emb(x + self.pos_emb(pos)), None
         else:  # RoPE: the positions go to each attention, which rotates q and k by them
             x, rope_pos = self.drop_emb(x), pos
+        rope_len = self._rope_len(start, T, pos, doc_ids)
         recompute = self.activation_checkpointing and torch.is_grad_enabled()
         mlp_out = None  # the last block's MLP output: the LayerNorm after it adds it to x
         for block in self.trf_blocks:
             if recompute and cache is None:  # (a cache refuses gradients anyway)
                 if mlp_out is not None:  # added here, so that a checkpoint keeps one tensor, not two
                     x = x + mlp_out
-                x, mlp_out = torch.utils.checkpoint.checkpoint(block, x, None, doc_ids, None, rope_pos,
+                x, mlp_out = torch.utils.checkpoint.checkpoint(block, x, None, doc_ids, None, rope_pos, rope_len,
                                                                use_reentrant=False)
             else:
-                x, mlp_out = block(x, cache, doc_ids, mlp_out, rope_pos)
+                x, mlp_out = block(x, cache, doc_ids, mlp_out, rope_pos, rope_len)
         if cache is not None:
             cache.pos += T
         return self.final_norm(x) if mlp_out is None else self.final_norm.add_and_norm(x, mlp_out)[1]
+
+    def _rope_len(self, start, T, pos, doc_ids):
+        """LongRoPE's length for this forward, transformers' max(position_ids) + 1, once for every layer
+        (None for another RoPE: unused). Packed documents' positions are a tensor: one device sync a
+        forward, only under longrope; else start + T, known on the host."""
+        scaling = self.config.rope_scaling
+        if self.pos_emb is not None or not scaling or scaling["rope_type"] != "longrope":
+            return None
+        return start + T if doc_ids is None else rope_seq_len(pos, T)
 
     @staticmethod
     def _check_doc_ids(idx, doc_ids, cache):

@@ -213,23 +213,28 @@ class SwiGLUFeedForward(nn.Module):
         return self.drop(self.w_down(GATES[self.activation](self.w_gate(x)) * self.w_up(x)))
 
 
-def rope_inv_freq(head_dim: int, theta: float, device=None, scaling: dict | None = None) -> torch.Tensor:
+def rope_inv_freq(head_dim: int, theta: float, device=None, scaling: dict | None = None,
+                  seq_len: int | None = None) -> torch.Tensor:
     """RoPE's inverse frequencies theta^(-2i/D), i < D/2, as fp32 [D/2], rescaled by `scaling`
     (GPTConfig.rope_scaling) if given: computed in float64 and rounded once, so this reference
-    and the kernel (kernels/rope.py) use the same numbers."""
+    and the kernel (kernels/rope.py) use the same numbers. head_dim: the rotated width (GPTConfig.rotary_dim
+    under partial rotary: the frequencies are over it, not the head's). seq_len: LongRoPE's (rope_seq_len)."""
     i = torch.arange(0, head_dim, 2, dtype=torch.float64, device=device)
     inv_freq = float(theta) ** (-i / head_dim)
-    return (inv_freq if scaling is None else scaled_inv_freq(inv_freq, scaling, theta)).float()
+    return (inv_freq if scaling is None else scaled_inv_freq(inv_freq, scaling, theta, seq_len)).float()
 
 
-def scaled_inv_freq(inv_freq: torch.Tensor, scaling: dict, theta: float | None = None) -> torch.Tensor:
+def scaled_inv_freq(inv_freq: torch.Tensor, scaling: dict, theta: float | None = None,
+                    seq_len: int | None = None) -> torch.Tensor:
     """Inverse frequencies stretched for a longer context, as transformers computes them
     (modeling_rope_utils): "linear" divides them all by factor (positions interpolated); "llama3"
     (Llama 3.1, 3.2) divides the low ones by factor, keeps the high ones, and blends between:
     a wavelength 2 pi / f past original_max_position_embeddings / low_freq_factor is stretched,
     one under original_max_position_embeddings / high_freq_factor kept, and the ones between mix
     the two by where they fall. The angles stay pos * inv_freq; "yarn" (theta: RoPE's base) is
-    yarn_inv_freq, whose attention_factor MultiHeadAttention applies."""
+    yarn_inv_freq, whose attention_factor MultiHeadAttention applies; "longrope" is longrope_inv_freq."""
+    if scaling["rope_type"] == "longrope":
+        return longrope_inv_freq(inv_freq, scaling, seq_len)
     factor = scaling["factor"]
     if scaling["rope_type"] == "linear":
         return inv_freq / factor
@@ -265,19 +270,54 @@ def yarn_inv_freq(inv_freq: torch.Tensor, scaling: dict, theta: float) -> torch.
     return inv_freq / scaling["factor"] * ramp + inv_freq * (1 - ramp)
 
 
-def apply_rotary(x, positions, theta: float = 10000.0, scaling: dict | None = None):
+def longrope_inv_freq(inv_freq: torch.Tensor, scaling: dict, seq_len: int | None) -> torch.Tensor:
+    """LongRoPE's frequencies (Phi-3, Phi-3.5, Phi-4-mini), as transformers' _compute_longrope_parameters:
+    each divided by its own factor, long_factor's when the sequence is longer than
+    original_max_position_embeddings, else short_factor's. One vector for a whole forward: transformers picks
+    it from max(position_ids) + 1 (longrope_frequency_update), which seq_len is (rope_seq_len). Its
+    attention_factor multiplies cos and sin: MultiHeadAttention's softmax_scale takes its square, as YaRN's."""
+    long = seq_len is not None and seq_len > scaling["original_max_position_embeddings"]
+    ext = torch.tensor(scaling["long_factor" if long else "short_factor"], dtype=inv_freq.dtype, device=inv_freq.device)
+    return inv_freq / ext
+
+
+def rope_seq_len(positions, T: int) -> int:
+    """The length LongRoPE picks its vector by, transformers' max(position_ids) + 1: start + T for an int
+    start (a KV cache's fill); for a positions tensor int(max) + 1, which waits for the device (one sync)."""
+    if not isinstance(positions, torch.Tensor):
+        return int(positions) + T
+    return int(positions.max()) + 1 if positions.numel() else 0
+
+
+def is_longrope(scaling) -> bool:
+    return bool(scaling) and scaling["rope_type"] == "longrope"
+
+
+def apply_rotary(x, positions, theta: float = 10000.0, scaling: dict | None = None, rotary_dim: int = 0,
+                 seq_len: int | None = None, mscale: float = 1.0):
     """Rotary position embedding (RoPE, Su et al. 2021) of x [..., T, D] at positions [T] or [B, T]
     (for x [B, H, T, D]), in the half-split convention of GPT-NeoX and Llama (`rotate_half`):
     dimensions i and i + D/2 form a pair, rotated by the angle pos * theta^(-2i/D). The angles,
     their cos/sin and the rotation are computed in fp32 (float64 for float64 x), the result is in
-    x's dtype. scaling: GPTConfig.rope_scaling's stretch of the frequencies (scaled_inv_freq).
+    x's dtype. scaling: GPTConfig.rope_scaling's stretch of the frequencies (scaled_inv_freq; seq_len: LongRoPE's
+    length, max(positions) + 1 when None). rotary_dim R < D (partial rotary, GPT-NeoX's rotary_pct): only
+    x[..., :R] is rotated, pairs (i, i + R/2) at pos * theta^(-2i/R), and x[..., R:] passes through.
+    mscale: cos and sin multiplied by it (transformers' attention_scaling, under partial rotary).
     Triton twin: kernels/rope.py `rope` (q and k in one launch)."""
     D = x.shape[-1]
-    angles = positions.float()[..., None] * rope_inv_freq(D, theta, x.device, scaling)  # [T or B x T, D/2], fp32
+    if rotary_dim and rotary_dim != D:
+        return torch.cat([apply_rotary(x[..., :rotary_dim], positions, theta, scaling, 0, seq_len, mscale),
+                          x[..., rotary_dim:]], dim=-1)
+    if is_longrope(scaling) and seq_len is None:
+        seq_len = rope_seq_len(positions, 0)
+    # [T or B x T, D/2], fp32
+    angles = positions.float()[..., None] * rope_inv_freq(D, theta, x.device, scaling, seq_len)
     if angles.dim() == 3:  # per sequence: [B, 1, T, D/2], one row of angles for every head
         angles = angles[:, None]
     xf = x.to(torch.promote_types(x.dtype, torch.float32))
     cos, sin = angles.cos().to(xf.dtype), angles.sin().to(xf.dtype)
+    if mscale != 1.0:
+        cos, sin = cos * mscale, sin * mscale
     x1, x2 = xf[..., :D // 2], xf[..., D // 2:]
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
 
@@ -286,19 +326,26 @@ class Rotary(nn.Module):
     """RoPE of a head's queries and keys (apply_rotary to each); no parameters. Triton twin:
     kernels/rope.py `rope`, which rotates both in one launch and computes cos/sin in the kernel."""
 
-    def __init__(self, head_dim: int, theta: float = 10000.0, scaling: dict | None = None):
+    def __init__(self, head_dim: int, theta: float = 10000.0, scaling: dict | None = None, rotary_dim: int = 0,
+                 mscale: float = 1.0):
         super().__init__()
-        assert head_dim % 2 == 0, "RoPE rotates pairs of dimensions: head_dim must be even"
-        self.head_dim, self.theta, self.scaling = head_dim, theta, scaling
+        # rotary_dim: partial rotary, the first rotary_dim dimensions of a head rotated (0: all of them)
+        self.rotary_dim = rotary_dim or head_dim
+        assert self.rotary_dim % 2 == 0 and self.rotary_dim <= head_dim, \
+            "RoPE rotates pairs of dimensions: rotary_dim (or head_dim) must be even and at most head_dim"
+        self.head_dim, self.theta, self.scaling, self.mscale = head_dim, theta, scaling, mscale
         self.use_triton = False
 
-    def forward(self, q, k, positions):
+    def forward(self, q, k, positions, seq_len: int | None = None):
+        """seq_len: LongRoPE's length (GPTModel computes it once a forward); None: from positions here."""
+        if is_longrope(self.scaling) and seq_len is None:
+            seq_len = rope_seq_len(positions, q.shape[-2])
         if self.use_triton:
             from tritongpt.kernels.rope import rope
 
-            return rope(q, k, positions, self.theta, self.scaling)
-        return (apply_rotary(q, positions, self.theta, self.scaling),
-                apply_rotary(k, positions, self.theta, self.scaling))
+            return rope(q, k, positions, self.theta, self.scaling, self.rotary_dim, seq_len, self.mscale)
+        return (apply_rotary(q, positions, self.theta, self.scaling, self.rotary_dim, seq_len, self.mscale),
+                apply_rotary(k, positions, self.theta, self.scaling, self.rotary_dim, seq_len, self.mscale))
 
 
 def document_index(doc_ids):
@@ -359,7 +406,7 @@ class MultiHeadAttention(nn.Module):
                  bias: bool = True, layer_idx: int = 0, window: int = 0, scale: bool = True,
                  qkv_bias: bool | None = None, rope_theta: float | None = None, n_kv_head: int = 0,
                  head_dim: int = 0, qk_norm=None, rope_scaling: dict | None = None, scale_width: int = 0,
-                 softcap: float = 0.0, qk_norm_all: bool = False):
+                 softcap: float = 0.0, qk_norm_all: bool = False, rotary_dim: int = 0):
         super().__init__()
         assert head_dim or n_embd % n_head == 0, "n_embd must be divisible by n_head"
         # head_dim 0: n_embd / n_head; else its own (Qwen3), q, k and v n_head * head_dim wide
@@ -370,9 +417,14 @@ class MultiHeadAttention(nn.Module):
         # scale False: GPT-Neo's scores q.k, unscaled (its training kept them in range without);
         # scale_width: Gemma's query_pre_attn_scalar, the scale 1/sqrt of a width other than head_dim's
         self.softmax_scale = 1.0 / math.sqrt(scale_width or self.head_dim) if scale else 1.0
-        if rope_theta is not None and rope_scaling and rope_scaling["rope_type"] == "yarn":
-            # YaRN multiplies cos and sin by attention_factor: q.k by its square
-            self.softmax_scale *= rope_scaling["attention_factor"] ** 2
+        mscale = 1.0
+        if rope_theta is not None and rope_scaling and rope_scaling["rope_type"] in ("yarn", "longrope"):
+            # YaRN and LongRoPE multiply cos and sin by attention_factor: q.k by its square, or under partial
+            # rotary only the rotated columns' share of it (the pass-through ones are not scaled)
+            if rotary_dim and rotary_dim != self.head_dim:
+                mscale = rope_scaling["attention_factor"]
+            else:
+                self.softmax_scale *= rope_scaling["attention_factor"] ** 2
         self.softcap = softcap  # > 0: each scaled score s read as softcap * tanh(s / softcap) (Gemma 2)
         qkv_bias = bias if qkv_bias is None else qkv_bias  # None: as the other projections (GPT-2)
         self.W_query = nn.Linear(n_embd, n_head * self.head_dim, bias=qkv_bias)
@@ -386,7 +438,8 @@ class MultiHeadAttention(nn.Module):
             (self.head_dim, self.head_dim)
         self.q_norm = qk_norm(q_width) if qk_norm is not None else None
         self.k_norm = qk_norm(k_width) if qk_norm is not None else None
-        self.rotary = None if rope_theta is None else Rotary(self.head_dim, rope_theta, rope_scaling)
+        self.rotary = None if rope_theta is None else Rotary(self.head_dim, rope_theta, rope_scaling, rotary_dim,
+                                                                 mscale)
         self.attn_drop = nn.Dropout(dropout)  # both paths read its p (the Triton one in-kernel)
         self.resid_drop = nn.Dropout(dropout)
         self.use_triton = False
@@ -419,9 +472,9 @@ class MultiHeadAttention(nn.Module):
         weights = self.attn_drop(weights)
         return weights.to(v.dtype) @ v
 
-    def forward(self, x, cache=None, doc_ids=None, positions=None):
+    def forward(self, x, cache=None, doc_ids=None, positions=None, rope_len=None):
         """positions [T] or [B, T]: each token's position, for RoPE (default: from the cache's
-        fill, or 0)."""
+        fill, or 0). rope_len: LongRoPE's length (layers.rope_seq_len), None: from the positions."""
         B, T, _ = x.shape
         # (B, T, C) -> (B, n_head, T, head_dim)
         q, k = self.W_query(x), self.W_key(x)
@@ -437,7 +490,8 @@ class MultiHeadAttention(nn.Module):
             if positions is None:
                 start = cache.pos if cache is not None else 0
                 positions = torch.arange(start, start + T, device=x.device)
-            q, k = self.rotary(q, k, positions)
+                rope_len = start + T if rope_len is None else rope_len  # known on the host: no sync
+            q, k = self.rotary(q, k, positions, rope_len)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)  # keys/values of the whole prefix
         if self.use_triton:
@@ -479,7 +533,8 @@ class TransformerBlock(nn.Module):
                                       cfg.kv_heads, cfg.attention_head_dim,
                                       (lambda width: NORM_MODULES[cfg.norm](width, cfg.norm_eps)) if cfg.qk_norm
                                       else None, scaling, scale_width=cfg.attention_scale_width,
-                                      softcap=cfg.attn_softcap, qk_norm_all=cfg.qk_norm_width == "all")
+                                      softcap=cfg.attn_softcap, qk_norm_all=cfg.qk_norm_width == "all",
+                                      rotary_dim=cfg.rotary_dim)
         self.norm2 = make_norm(cfg) if cfg.pre_norms else NoNorm()
         # the sandwich's outer norms (Gemma's post_attention_layernorm and post_feedforward_layernorm)
         self.post_att_norm = make_norm(cfg) if cfg.post_norms else None
@@ -491,24 +546,24 @@ class TransformerBlock(nn.Module):
             self.ff = FeedForward(cfg.n_embd, cfg.dropout, cfg.bias, cfg.gelu_approximate)
         self.parallel = cfg.parallel_residual
 
-    def forward(self, x, cache=None, doc_ids=None, mlp_out=None, positions=None):
+    def forward(self, x, cache=None, doc_ids=None, mlp_out=None, positions=None, rope_len=None):
         """x: the residual stream; mlp_out: the previous block's MLP output, not yet added (None
         for the first block); positions: the tokens' positions, for RoPE. -> (x, this block's MLP
-        output): the block's output is their sum."""
+        output): the block's output is their sum. rope_len: LongRoPE's length, once per model forward."""
         if self.parallel:
-            return self.parallel_forward(x, cache, doc_ids, mlp_out, positions)
+            return self.parallel_forward(x, cache, doc_ids, mlp_out, positions, rope_len)
         if mlp_out is None:
             h = self.norm1(x)
         else:
             x, h = self.norm1.add_and_norm(x, mlp_out)  # x + mlp_out, and the LayerNorm of it
-        att_out = self.att(h, cache, doc_ids, positions)
+        att_out = self.att(h, cache, doc_ids, positions, rope_len)
         if self.post_att_norm is not None:
             att_out = self.post_att_norm(att_out)
         x, h = self.norm2.add_and_norm(x, att_out)
         ff_out = self.ff(h)
         return x, ff_out if self.post_ff_norm is None else self.post_ff_norm(ff_out)
 
-    def parallel_forward(self, x, cache=None, doc_ids=None, mlp_out=None, positions=None):
+    def parallel_forward(self, x, cache=None, doc_ids=None, mlp_out=None, positions=None, rope_len=None):
         """GPT-NeoX's parallel block: attention and MLP read the same x through their own norms, and
         their outputs go back together, x + attention(LN1(x)) + MLP(LN2(x)): the sum is handed on for
         the next norm's fused add, as forward hands on the MLP output alone."""
@@ -516,6 +571,6 @@ class TransformerBlock(nn.Module):
             h = self.norm1(x)
         else:
             x, h = self.norm1.add_and_norm(x, mlp_out)
-        att_out = self.att(h, cache, doc_ids, positions)
+        att_out = self.att(h, cache, doc_ids, positions, rope_len)
         ff_out = self.ff(self.norm2(x))  # norm2 reads x itself, not x + att_out
         return x, att_out + ff_out

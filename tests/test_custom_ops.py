@@ -111,8 +111,11 @@ def _rope_args(device, gen):
     inv_freq, llama3 = rope_inv_freq(16, 10000.0, device), rope_inv_freq(16, 500.0, device, {
         "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
         "original_max_position_embeddings": 64})
+    partial = rope_inv_freq(6, 10000.0, device)  # rotary_dim 6 of 16: three pairs, ten columns passed through
     return {"rope_fwd": (q, k, per_token, inv_freq), "rope_fwd shared": (q, k, shared, llama3),
-            "rope_bwd": (q.bfloat16(), k.bfloat16(), per_token.int(), inv_freq)}
+            "rope_bwd": (q.bfloat16(), k.bfloat16(), per_token.int(), inv_freq),
+            "rope_fwd partial": (q, k, per_token, partial, 6),
+            "rope_bwd partial": (q.bfloat16(), k.bfloat16(), shared, partial, 6)}
 
 
 MAKERS = {"layer_norm": _layer_norm_args, "rms_norm": _rms_norm_args, "mlp": _mlp_args,
@@ -138,7 +141,8 @@ OPS = [(kernel, op) for kernel, names in (("layer_norm", ("layer_norm_fwd", "lay
                                           ("attention", ("flash_attn_fwd", "flash_attn_bwd", "flash_attn_fwd gqa",
                                                          "flash_attn_bwd gqa", "flash_attn_fwd softcap",
                                                          "flash_attn_bwd softcap")),
-                                          ("rope", ("rope_fwd", "rope_fwd shared", "rope_bwd")))
+                                          ("rope", ("rope_fwd", "rope_fwd shared", "rope_bwd", "rope_fwd partial",
+                                                    "rope_bwd partial")))
        for op in names]
 
 

@@ -102,9 +102,12 @@ def test_export_round_trip(tmp_path, overrides, kind):
 
 
 @pytest.mark.parametrize("edit, said", [
-    ({"rope_parameters": {"rope_type": "longrope", "rope_theta": 5000.0, "factor": 8.0}},
-     "rope_parameters of type 'longrope'; this model computes unscaled RoPE ('default'), or scaled by 'linear' or "
+    ({"rope_parameters": {"rope_type": "dynamic", "rope_theta": 5000.0, "factor": 8.0}},
+     "rope_parameters of type 'dynamic'; this model computes unscaled RoPE ('default'), or scaled by 'linear' or "
      "'llama3'"),
+    ({"rope_parameters": {"rope_type": "longrope", "rope_theta": 5000.0, "factor": 8.0}},
+     "rope_parameters: longrope scaling takes short_factor, long_factor, original_max_position_embeddings, factor, "
+     "attention_factor; missing short_factor, long_factor, original_max_position_embeddings"),
     ({"rope_parameters": None, "rope_scaling": {"type": "dynamic", "factor": 2.0}},
      "rope_scaling of type 'dynamic'"),
     ({"rope_parameters": {"rope_type": "llama3", "rope_theta": 5000.0, "factor": 8.0, "low_freq_factor": 4.0,

@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from parity import assert_close_rel, report, decode_token_by_token
+from parity import assert_close_rel, decode_token_by_token, decodes_like, logits_match_transformers, report
 from tritongpt.errors import UserError
 from tritongpt.kernels._common import saved_tensor_bytes
 from tritongpt.kernels.rope import rope
@@ -21,10 +21,16 @@ from tritongpt.train.generate import generate
 TINY = dict(vocab_size=67, context_length=24, n_embd=32, n_layer=2, n_head=2, position_encoding="rope")
 
 
-def ref64(x, positions, theta=10000.0):
-    """The rotation in float64 throughout (angles too): pairs (i, i + D/2), angle pos * theta^(-2i/D)."""
+def ref64(x, positions, theta=10000.0, rotary_dim=0, ext=None):
+    """The rotation in float64 throughout (angles too): pairs (i, i + D/2), angle pos * theta^(-2i/D).
+    rotary_dim R: the first R dimensions so (pairs i, i + R/2, theta^(-2i/R)), the rest as they are;
+    ext: LongRoPE's factors, each frequency divided by its own."""
+    if rotary_dim:
+        return torch.cat([ref64(x[..., :rotary_dim], positions, theta, 0, ext), x.double().cpu()[..., rotary_dim:]], -1)
     D = x.shape[-1]
     inv = theta ** (-torch.arange(0, D, 2, dtype=torch.float64) / D)
+    if ext is not None:
+        inv = inv / torch.tensor(ext, dtype=torch.float64)
     a = positions.double().cpu()[..., None] * inv
     if a.dim() == 3:
         a = a[:, None]
@@ -66,9 +72,9 @@ def run_and_grads(fn, q, k, gen):
     return qo.detach(), ko.detach(), q.grad.clone(), k.grad.clone(), dq, dk
 
 
-def float64_results(q, k, pos, dq, dk):
+def float64_results(q, k, pos, dq, dk, rotary_dim=0):
     q64, k64 = (t.detach().double().cpu().requires_grad_() for t in (q, k))
-    qo, ko = ref64(q64, pos), ref64(k64, pos)
+    qo, ko = ref64(q64, pos, rotary_dim=rotary_dim), ref64(k64, pos, rotary_dim=rotary_dim)
     torch.autograd.backward((qo, ko), (dq.double().cpu(), dk.double().cpu()))
     return qo.detach(), ko.detach(), q64.grad, k64.grad
 
@@ -276,8 +282,8 @@ def test_bad_input_is_refused_by_name(device):
     with pytest.raises(ValueError, match="inv_freq has shape"):
         torch.ops.tritongpt.rope_fwd(q, q, pos.expand(q.shape[0], -1) if pos.dim() == 1 else pos,
                                      rope_inv_freq(2 * q.shape[-1], 10000.0, device))
-    with pytest.raises(ValueError, match="rope: scaling: rope_type 'longrope' is not computed here"):
-        rope(q, q, pos, scaling={"rope_type": "longrope", "factor": 4.0})
+    with pytest.raises(ValueError, match="rope: scaling: rope_type 'dynamic' is not computed here"):
+        rope(q, q, pos, scaling={"rope_type": "dynamic", "factor": 4.0})
 
 
 def test_torch_compile_fullgraph(device):
@@ -613,3 +619,333 @@ def test_pretrain_position_encoding_rope_end_to_end(corpus, tmp_path, capsys, on
     assert main(["info", "--weights", str(tmp_path / "rope")]) == 0
     out = capsys.readouterr().out
     assert "  position_encoding rope\n" in out and "  rope_theta      500.0\n" in out
+
+
+# -- partial rotary (GPTConfig.rotary_dim) ---------------------------------------------------------
+@pytest.mark.parametrize("kind", ["tensor", "documents"])
+@pytest.mark.parametrize("D,R", [(16, 6), (64, 16), (80, 48)])
+def test_partial_rotary_kernel_against_float64(D, R, kind, device):
+    """rotary_dim R < D: the first R columns rotated (pairs i, i + R/2 at pos * theta^(-2i/R)), the
+    rest passed through, forward and both gradients, GQA (4 q heads over 2), T = 37 (a partial
+    token tile), positions [T] and [B, T]: fp32 < 1e-5 of float64; the pass-through columns, and
+    their gradients, are the input's bits."""
+    gen = torch.Generator().manual_seed(D + R)
+    B, T = 2, 37
+    q = torch.randn(B, T, 4, D, generator=gen).to(device).transpose(1, 2).requires_grad_()
+    k = torch.randn(B, 2, T, D, generator=gen).to(device).requires_grad_()
+    given, pos = positions_for(kind, B, T, gen)
+    got = run_and_grads(lambda q, k: rope(q, k, given.to(device), rotary_dim=R), q, k, gen)
+    want = float64_results(q, k, pos, got[4], got[5], rotary_dim=R)
+    for name, a, b in zip(NAMES, got, want):
+        assert_close_rel(a, b, 1e-5, f"{name} D={D} R={R} {kind}")
+    for a, b in ((got[0], q), (got[1], k), (got[2], got[4]), (got[3], got[5])):
+        assert torch.equal(a[..., R:], b.detach()[..., R:])
+    assert report(got[0][..., :R], q.detach()[..., :R])[1] > 0.1  # it did rotate
+    ref = run_and_grads(lambda q, k: (apply_rotary(q, given.to(device), rotary_dim=R),
+                                      apply_rotary(k, given.to(device), rotary_dim=R)), q, k, gen)
+    for name, a, b in zip(NAMES, ref, float64_results(q, k, pos, ref[4], ref[5], rotary_dim=R)):
+        assert_close_rel(a, b, 1e-5, f"apply_rotary {name} D={D} R={R}")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_partial_rotary_half_precision_within_twice_the_reference_error(dtype, device):
+    gen = torch.Generator().manual_seed(21)
+    q, k = projected(2, 3, 37, 64, dtype, device, gen)
+    pos = doc_positions(2, 37, gen).to(device)
+    got = run_and_grads(lambda q, k: rope(q, k, pos, rotary_dim=16), q, k, gen)
+    ref = run_and_grads(lambda q, k: (apply_rotary(q, pos, rotary_dim=16), apply_rotary(k, pos, rotary_dim=16)),
+                        q, k, gen)
+    want = float64_results(q, k, pos, got[4], got[5], 16)
+    ref_want = float64_results(q, k, pos, ref[4], ref[5], 16)
+    assert torch.equal(got[0][..., 16:], q.detach()[..., 16:]) and torch.equal(got[1][..., 16:], k.detach()[..., 16:])
+    for name, a, r, b, rb in zip(NAMES, got, ref, want, ref_want):
+        assert a.dtype == dtype
+        ours, theirs = report(a, b)[1], report(r, rb)[1]
+        print(f"{name} {dtype} R=16 of 64: kernel rel {ours:.2e}, reference module rel {theirs:.2e}")
+        assert ours <= 2 * theirs + 1e-6, (name, ours, theirs)
+
+
+def test_partial_rotary_is_transformers_gpt_neox(device):
+    """GPT-NeoX's own RoPE (rotary_pct 0.25 of heads of 64: 16 rotated) on the same q and k: our
+    reference and kernel rotate alike (fp32, < 1e-5; transformers' frequencies are fp32 powers)."""
+    transformers = pytest.importorskip("transformers")
+    from transformers.models.gpt_neox import modeling_gpt_neox as neox
+
+    cfg = transformers.GPTNeoXConfig(hidden_size=128, num_attention_heads=2, rotary_pct=0.25, rotary_emb_base=500,
+                                     max_position_embeddings=64)
+    gen = torch.Generator().manual_seed(22)
+    q, k = (t.detach() for t in projected(2, 2, 29, 64, torch.float32, "cpu", gen))
+    pos = doc_positions(2, 29, gen)
+    cos, sin = neox.GPTNeoXRotaryEmbedding(cfg)(q, pos)
+    assert cos.shape[-1] == 16
+    want = neox.apply_rotary_pos_emb(q, k, cos, sin)
+    for name, got in (("apply_rotary", (apply_rotary(q, pos, 500.0, rotary_dim=16),
+                                        apply_rotary(k, pos, 500.0, rotary_dim=16))),
+                      ("rope kernel", rope(q.to(device), k.to(device), pos.to(device), 500.0, rotary_dim=16))):
+        for a, b, what in zip(got, want, "qk"):
+            assert_close_rel(a.cpu(), b, 1e-5, f"{name} {what} vs GPT-NeoX")
+
+
+def test_whole_head_rotary_dim_is_the_plain_rotation(device):
+    gen = torch.Generator().manual_seed(23)
+    q, k = projected(2, 3, 9, 16, torch.float32, device, gen)
+    with torch.no_grad():
+        plain = rope(q, k, 3)
+        for r in (None, 0, 16):
+            for a, b in zip(rope(q, k, 3, rotary_dim=r), plain):
+                assert torch.equal(a, b), r
+        pos = torch.arange(3, 12, device=device)
+        assert torch.equal(apply_rotary(q, pos, rotary_dim=16), apply_rotary(q, pos))
+
+
+def test_partial_rotary_bad_arguments_are_refused_by_name(device):
+    q = torch.randn(2, 3, 5, 16, device=device)
+    pos = torch.arange(5, device=device)
+    for bad in (5, 18, -2, 2.0):
+        with pytest.raises(ValueError, match=f"rope: rotary_dim {bad!r} must be an even int in \\[2, head_dim 16\\]"):
+            rope(q, q, pos, rotary_dim=bad)
+    # an odd head is fine when an even part of it is rotated
+    odd = torch.randn(1, 1, 4, 7, device=device)
+    assert torch.equal(rope(odd, odd, 0, rotary_dim=4)[0][..., 4:], odd[..., 4:])
+    with pytest.raises(ValueError, match="head_dim 258 must be at most 256"):
+        rope(torch.randn(1, 1, 2, 258, device=device), torch.randn(1, 1, 2, 258, device=device), 0, rotary_dim=8)
+    with pytest.raises(ValueError, match=r"inv_freq has shape \(8,\)"):  # the op checks R/2 frequencies
+        torch.ops.tritongpt.rope_fwd(q, q, pos.expand(2, 5), rope_inv_freq(16, 10000.0, device), 6)
+    with pytest.raises(ValueError, match="rotary_dim 7 must be an even int"):
+        torch.ops.tritongpt.rope_bwd(q, q, pos.expand(2, 5), rope_inv_freq(6, 10000.0, device), 7)
+
+
+# -- LongRoPE (rope_scaling "longrope", Phi-3 / Phi-4-mini) -------------------------------------------
+SHORT = [1.0, 1.1, 1.3, 1.7]  # 4 pairs: rotary_dim 8 of heads of 16
+LONG = [1.2, 2.5, 4.0, 7.5]
+LONGROPE = {"rope_type": "longrope", "short_factor": SHORT, "long_factor": LONG, "original_max_position_embeddings": 8}
+PHI = dict(TINY, n_layer=2, n_kv_head=1, norm="rmsnorm", mlp="swiglu", mlp_hidden=48, bias=False, tie_weights=False,
+           rope_theta=500.0, rotary_dim=8, rope_scaling=LONGROPE)
+
+
+def _phi3(rotary=0.5, **extra):
+    """A tiny random Phi3ForCausalLM (float64: heads of 16, one KV head, partial_rotary_factor 0.5, LongRoPE
+    over an original context of 8 in 24) and our GPTModel with its weights (PHI)."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.Phi3Config(vocab_size=67, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                  num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=24,
+                                  original_max_position_embeddings=8, pad_token_id=0, tie_word_embeddings=False,
+                                  rope_parameters={"rope_type": "longrope", "rope_theta": 500.0, "short_factor": SHORT,
+                                                   "long_factor": LONG, "partial_rotary_factor": rotary,
+                                                   "original_max_position_embeddings": 8, **extra})
+    hf = transformers.Phi3ForCausalLM(cfg).double().eval()
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    ours = GPTModel(GPTConfig(**{**PHI, "rope_scaling": {**LONGROPE, **extra}})).double().eval()
+    sd = {"tok_emb.weight": hf.model.embed_tokens.weight, "final_norm.weight": hf.model.norm.weight,
+          "out_head.weight": hf.lm_head.weight}
+    for i, layer in enumerate(hf.model.layers):
+        q, k, v = layer.self_attn.qkv_proj.weight.split([32, 16, 16])
+        gate, up = layer.mlp.gate_up_proj.weight.chunk(2)
+        sd.update({f"trf_blocks.{i}.{n}.weight": w for n, w in (
+            ("norm1", layer.input_layernorm.weight), ("norm2", layer.post_attention_layernorm.weight),
+            ("att.W_query", q), ("att.W_key", k), ("att.W_value", v), ("att.out_proj", layer.self_attn.o_proj.weight),
+            ("ff.w_gate", gate), ("ff.w_up", up), ("ff.w_down", layer.mlp.down_proj.weight))})
+    ours.load_state_dict(sd)
+    return hf, ours
+
+
+def test_longrope_inverse_frequencies_are_transformers():
+    """_compute_longrope_parameters' frequencies (short at lengths up to the original 8, long from 9:
+    the switch at exactly original + 1), over rotary_dim 8 of heads of 16 (partial_rotary_factor 0.5),
+    and its attention factor sqrt(1 + ln 3 / ln 8) (factor 24 / 8), which GPTConfig fills in."""
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    hf, ours = _phi3()
+    cfg = ours.config.rope_scaling
+    assert cfg["factor"] == 3.0 and cfg["attention_factor"] == pytest.approx(math.sqrt(1 + math.log(3) / math.log(8)))
+    for seq_len, vector in ((None, SHORT), (1, SHORT), (8, SHORT), (9, LONG), (24, LONG)):
+        want, factor = ROPE_INIT_FUNCTIONS["longrope"](hf.config, "cpu", seq_len=seq_len)
+        got = rope_inv_freq(8, 500.0, "cpu", cfg, seq_len)
+        assert_close_rel(got.double(), want.double(), 1e-6, f"inverse frequencies at {seq_len}")
+        assert_close_rel(got.double(), 500.0 ** (-torch.arange(0, 8, 2) / 8) / torch.tensor(vector), 1e-6, "formula")
+        assert factor == pytest.approx(cfg["attention_factor"], rel=1e-15)
+    # transformers multiplies cos and sin by it, so under partial rotary only the rotated columns' share
+    # of q.k by its square: the rotation's mscale, not the softmax scale
+    att = ours.trf_blocks[0].att
+    assert (att.softmax_scale, att.rotary.mscale) == (0.25, cfg["attention_factor"])
+    whole = GPTModel(GPTConfig(**{**PHI, "rotary_dim": 0, "rope_scaling": {**LONGROPE, "short_factor": SHORT * 2,
+                                                                           "long_factor": LONG * 2}}))
+    assert whole.trf_blocks[0].att.rotary.mscale == 1.0  # whole heads: the scale's a^2, as YaRN's
+    assert whole.trf_blocks[0].att.softmax_scale == pytest.approx(cfg["attention_factor"] ** 2 / 4)
+    # the whole forward's vector, from max(position_ids) + 1, as transformers' longrope_frequency_update
+    for last, vector in ((7, SHORT), (8, LONG)):
+        rotary = transformers_rotary(hf)
+        rotary(torch.zeros(1, dtype=torch.float64), torch.tensor([[0, last]]))
+        assert_close_rel(rotary.inv_freq.double(), 500.0 ** (-torch.arange(0, 8, 2) / 8) / torch.tensor(vector),
+                         1e-6, f"transformers at max position {last}")
+
+
+def transformers_rotary(hf):
+    return type(hf.model.rotary_emb)(hf.config)
+
+
+@pytest.mark.parametrize("T", [6, 8, 9, 14])
+def test_longrope_model_is_transformers_phi3_on_both_paths(T):
+    """A tiny Phi-3 (partial rotary, GQA, LongRoPE over 8 positions) in our model: transformers' logits
+    at lengths up to the original context (short factors) and past it (long ones, in every position),
+    reference path in float64 (2e-6) and Triton path in fp32 (1e-5)."""
+    hf, ours = _phi3()
+    logits_match_transformers(hf, ours, 67, T)
+
+
+def test_longrope_decode_over_the_cache_is_transformers():
+    """A prefill of 6 tokens (under the original 8), then one token at a time to 14: transformers' forward
+    over its cache rotates each new token by the vector of its own forward's length (max position + 1:
+    long from position 8 on) and keeps the cached keys as they were rotated (short); so do we, on both
+    paths. (transformers' Phi3ForCausalLM.generate instead drops its cache once when a sequence passes the
+    original context and runs it again whole: the generate loop's choice, not the model's.) The decoded
+    logits past 8 then differ from the whole sequence's at once."""
+    from transformers import DynamicCache
+
+    hf, ours = _phi3()
+    idx = torch.randint(0, 67, (2, 14))
+    with torch.no_grad():
+        cache = DynamicCache(config=hf.config)
+        want = torch.cat([hf(idx[:, :6], cache=cache, use_cache=True).logits]
+                         + [hf(idx[:, t:t + 1], cache=cache, use_cache=True).logits for t in range(6, 14)], 1)
+    decodes_like(ours, idx, want)
+    with torch.no_grad():
+        assert_close_rel(ours(idx[:, :8]), want[:, :8], 2e-6, "up to 8 tokens: the short vector")
+        whole = ours(idx)
+    assert report(want[:, 8:], whole[:, 8:])[1] > 1e-3  # the cached keys' short rotation shows
+
+
+@pytest.mark.parametrize("kernels,kw", [("triton", {}), ("rope", dict(n_layer=3, nope_layers="0", attention_window=4,
+                                                                     window_layers="1", rope_local_theta=50.0))],
+                         ids=["longrope", "nope+gemma3-local"])
+def test_longrope_partial_rotary_model_paths_agree(kernels, kw, device):
+    """A tiny model with rotary_dim 8 of 16 and LongRoPE over 8 positions, reference path against Triton in
+    fp32 (every kernel, or the rope kernel alone in layer 2 beside a NoPE layer 0 and Gemma 3's unscaled
+    local layer 1), at
+    6 tokens (short) and 13 (long; with packed documents too, their positions a tensor: the length from its
+    max, 9): logits, loss and every gradient (1e-4)."""
+    model = _rope_model(device, seed=9, **{**PHI, **kw})
+    for T, doc_ids in ((6, None), (13, None), (13, torch.tensor([[0] * 4 + [1] * 9, [0] * 13], device=device))):
+        idx = torch.randint(0, 67, (2, T), device=device)
+        targets = torch.randint(0, 67, (2, T), device=device)
+        ref = _loss_and_grads(model.set_kernels("reference"), idx, targets, doc_ids)
+        got = _loss_and_grads(model.set_kernels(kernels), idx, targets, doc_ids)
+        assert_close_rel(got[0], ref[0], 1e-5, f"logits T={T}")
+        assert_close_rel(got[1], ref[1], 1e-5, f"loss T={T}")
+        for name, g in ref[2].items():
+            assert_close_rel(got[2][name], g, 1e-4, f"grad {name} T={T}")
+    # one vector for a whole forward: the first 6 tokens' logits change once the row is 13 long
+    with torch.no_grad():
+        idx = torch.randint(0, 67, (1, 13), device=device)
+        assert report(model(idx)[:, :6], model(idx[:, :6]))[1] > 1e-4
+
+
+def test_packed_documents_pick_the_vector_by_their_longest_position(device):
+    """With doc_ids the positions count from each document's start: a row of 13 tokens in documents of 5
+    and 8 is all short (max position 7), and each document's logits are its own alone."""
+    model = _rope_model(device, seed=10, **PHI).double()
+    idx = torch.randint(0, 67, (1, 13), device=device)
+    doc_ids = torch.tensor([[0] * 5 + [1] * 8], device=device)
+    with torch.no_grad():
+        packed = model(idx, doc_ids=doc_ids)
+        assert_close_rel(packed[:, :5], model(idx[:, :5]), 1e-12, "document 1")
+        assert_close_rel(packed[:, 5:], model(idx[:, 5:]), 1e-12, "document 2")
+
+
+def test_partial_rotary_and_longrope_config_checked_saved_and_loaded(tmp_path):
+    cfg = GPTConfig(**PHI)
+    assert (cfg.rotary_dim, cfg.rope_scaling["factor"]) == (8, 3.0)
+    assert GPTConfig(**{**PHI, "rope_scaling": {**LONGROPE, "factor": 0.5}}).rope_scaling["attention_factor"] == 1.0
+    given = {**LONGROPE, "factor": 4.0, "attention_factor": 1.25}
+    assert GPTConfig(**{**PHI, "rope_scaling": given}).rope_scaling == {**given, "original_max_position_embeddings": 8}
+    nulls = GPTConfig(**{**PHI, "rope_scaling": {**LONGROPE, "factor": None, "attention_factor": None}})
+    assert nulls.rope_scaling == cfg.rope_scaling  # a config.json's nulls are transformers' defaults
+    model = _rope_model("cpu", seed=11, **PHI)
+    model.save(tmp_path / "m.safetensors")
+    back = GPTModel.load(tmp_path / "m.safetensors")
+    assert back.config == model.config and back.trf_blocks[0].att.rotary.rotary_dim == 8
+    idx = torch.randint(0, 67, (2, 11))
+    with torch.no_grad():
+        assert torch.equal(back(idx), model(idx))
+    for kw, said in [
+            (dict(rotary_dim=7), "GPTConfig.rotary_dim 7 must be even .* in \\[2, head_dim 16\\]"),
+            (dict(rotary_dim=18), "GPTConfig.rotary_dim 18 must be even"),
+            (dict(rotary_dim=-2), "GPTConfig.rotary_dim must be an integer >= 0"),
+            (dict(rotary_dim=True), "GPTConfig.rotary_dim must be an integer >= 0"),
+            (dict(rotary_dim=8, position_encoding="learned", rope_scaling=None),
+             "GPTConfig.rotary_dim 8 is how much of a head RoPE rotates; this model has position_encoding 'learned'"),
+            (dict(rotary_dim=0), "short_factor and long_factor have 4 numbers, and RoPE rotates 8 pairs"),
+            (dict(rotary_dim=12), "short_factor and long_factor have 4 numbers, and RoPE rotates 6 pairs"),
+            (dict(rope_scaling={**LONGROPE, "long_factor": LONG[:3]}),
+             "short_factor has 4 numbers and long_factor 3"),
+            (dict(rope_scaling={**LONGROPE, "short_factor": [1.0, 0.0, 1.0, 1.0]}),
+             r"rope_scaling: short_factor\[1\] must be a finite number > 0, got 0.0"),
+            (dict(rope_scaling={**LONGROPE, "long_factor": [1.0, float("nan"), 1.0, 1.0]}),
+             r"long_factor\[1\] must be a finite number > 0"),
+            (dict(rope_scaling={**LONGROPE, "long_factor": "1,2,3,4"}), "long_factor must be a non-empty list"),
+            (dict(rope_scaling={**LONGROPE, "short_factor": []}), "short_factor must be a non-empty list"),
+            (dict(rope_scaling={k: v for k, v in LONGROPE.items() if k != "long_factor"}),
+             "longrope scaling takes short_factor, long_factor, original_max_position_embeddings, factor, "
+             "attention_factor; missing long_factor"),
+            (dict(rope_scaling={**LONGROPE, "beta_fast": 32.0}), "unknown beta_fast"),
+            (dict(rope_scaling={**LONGROPE, "factor": -1.0}), "factor must be a finite number > 0"),
+            (dict(rope_scaling={**LONGROPE, "attention_factor": 0}), "attention_factor must be a finite number > 0"),
+            (dict(rope_scaling={**LONGROPE, "original_max_position_embeddings": 1}),
+             "original_max_position_embeddings 1 gives no attention_factor")]:
+        with pytest.raises(UserError, match=said):
+            GPTConfig(**{**PHI, **kw})
+    # odd heads take a partial rotary of an even width
+    assert GPTConfig(**{**TINY, "n_embd": 6, "n_head": 2, "rotary_dim": 2}).head_dim == 3
+    q = torch.randn(1, 2, 5, 16)
+    with pytest.raises(ValueError, match="rope: scaling: short_factor and long_factor have 4 numbers, and 8 pairs"):
+        rope(q, q, 0, scaling=LONGROPE)
+    with pytest.raises(TypeError, match="rope: seq_len must be an int, got str"):
+        rope(q, q, 0, scaling=LONGROPE, rotary_dim=8, seq_len="9")
+
+
+def test_rope_kernel_longrope_seq_len(device):
+    """rope() with LongRoPE: an int start's length is start + T, a tensor's its max + 1, and seq_len given
+    overrides both; the vector is the reference's (float64 formula, < 1e-5)."""
+    gen = torch.Generator().manual_seed(24)
+    q, k = projected(2, 2, 5, 16, torch.float32, device, gen)
+    with torch.no_grad():
+        for given, pos, seq_len, ext in ((3, torch.arange(3, 8), None, SHORT), (4, torch.arange(4, 9), None, LONG),
+                                         (0, torch.arange(5), 9, LONG),
+                                         (torch.tensor([0, 1, 8, 2, 3]), None, None, LONG),
+                                         (torch.tensor([0, 1, 7, 2, 3]), None, None, SHORT)):
+            pos = given if pos is None else pos
+            got = rope(q, k, given.to(device) if isinstance(given, torch.Tensor) else given, 500.0, LONGROPE, 8,
+                       seq_len)
+            assert_close_rel(got[0], ref64(q, pos, 500.0, 8, ext), 1e-5, f"{given} {seq_len}")
+            ref = apply_rotary(q, pos.to(device), 500.0, LONGROPE, 8, seq_len)
+            assert_close_rel(ref, ref64(q, pos, 500.0, 8, ext), 1e-5, f"apply_rotary {given} {seq_len}")
+
+
+def test_attention_alone_picks_the_longrope_vector_from_its_cache():
+    """MultiHeadAttention without positions (or a length) over a KVCache: LongRoPE's length is the cache's
+    fill + T, as from explicit positions (their max + 1); past the original 8 the vector is the long one."""
+    from tritongpt.model.gpt import KVCache
+
+    torch.manual_seed(12)
+    cfg = GPTConfig(**{**PHI, "n_layer": 1})
+    scaling = cfg.rope_scaling
+    att = MultiHeadAttention(32, 2, 24, rope_theta=500.0, rope_scaling=scaling, rotary_dim=8,
+                             n_kv_head=1).double()
+    x = torch.randn(2, 13, 32, dtype=torch.float64)
+    with torch.no_grad():
+        outs = {}
+        for how in ("cache fill", "positions"):
+            cache = KVCache(cfg, 2, dtype=torch.float64)
+            steps = []
+            for a, b in ((0, 6),) + tuple((t, t + 1) for t in range(6, 13)):
+                pos = None if how == "cache fill" else torch.arange(a, b)
+                steps.append(att(x[:, a:b], cache, positions=pos))
+                cache.pos = b
+            outs[how] = torch.cat(steps, 1)
+        assert torch.equal(outs["cache fill"], outs["positions"])
+        pos = torch.tensor([7, 8])
+        short, long = att(x[:, 7:9], positions=pos, rope_len=8), att(x[:, 7:9], positions=pos)
+        assert report(short, long)[1] > 1e-3  # a length of 8 would rotate by the short vector
