@@ -239,6 +239,16 @@ def capture(quick=False, half="bfloat16"):
                 inv_freq = torch.empty(d // 2, dtype=torch.float32, **meta)  # rope_inv_freq's, scaled or not
                 for inverse in (False, True):  # forward, and backward's rotation by -angle
                     rope._launch(q, q, positions, inv_freq, inverse)
+            # partial rotary in the 16-bit dtype (the rotated half R/2 wide, the rest copied: PASS): GPT-NeoX's
+            # quarter of 64, and Phi-4-mini's 96 of 128 with LongRoPE's attention factor on cos and sin (SCALED)
+            for d, r, mscale in (((64, 16, 1.0), (128, 96, 1.19)) if dt == half else ()):
+                case[0] = f"rope {name} {TOKENS} tokens hd{d} rotary{r}" + (f" mscale={mscale}" if mscale != 1 else "")
+                heads, batch = max(768 // d, 1), TOKENS // ATTN_SEQ
+                q = torch.empty(batch, ATTN_SEQ, heads, d, dtype=dt, **meta).transpose(1, 2)
+                positions = torch.empty(batch, ATTN_SEQ, dtype=torch.int64, **meta)
+                inv_freq = torch.empty(r // 2, dtype=torch.float32, **meta)
+                for inverse in (False, True):
+                    rope._launch(q, q, positions, inv_freq, inverse, r, mscale)
     finally:
         JITFunction.run, Autotuner.run, layernorm._sm_count = saved
     return launches

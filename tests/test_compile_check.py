@@ -47,6 +47,13 @@ def test_every_kernel_launch_builds_for_sm90(tmp_path):
     assert {k for k, _ in capped} == {"_attn_fwd", "_attn_bwd_dkdv", "_attn_bwd_dq"}, capped
     assert all("HAS_SOFTCAP=True" in v for _, v in capped), capped
     assert not any("HAS_SOFTCAP=True" in r["variant"] for r in rows if "softcap" not in r["case"])
+    # partial rotary (GPTConfig.rotary_dim): its launches copy the pass-through columns (PASS), and scale cos and
+    # sin only with an attention factor (SCALED); whole heads build without either
+    partial = [r["variant"] for r in rows if "rotary" in r["case"]]
+    assert len(partial) == 4 and all("PASS=" in v for v in partial), partial
+    assert sum("SCALED=True" in v for v in partial) == 2, partial
+    assert not any("PASS=" in r["variant"] or "SCALED" in r["variant"] for r in rows
+                   if r["kernel"] == "_rope_kernel" and "rotary" not in r["case"])
     # bf16 matmuls and attention must reach the tensor cores (wgmma/mma), or they will be slow
     for kernel in ("_matmul_kernel", "_attn_fwd", "_attn_bwd_dkdv", "_attn_bwd_dq"):
         bf16 = [r for r in rows if r["kernel"] == kernel and "bfloat16" in r["case"]]
