@@ -949,3 +949,41 @@ def test_attention_alone_picks_the_longrope_vector_from_its_cache():
         pos = torch.tensor([7, 8])
         short, long = att(x[:, 7:9], positions=pos, rope_len=8), att(x[:, 7:9], positions=pos)
         assert report(short, long)[1] > 1e-3  # a length of 8 would rotate by the short vector
+
+
+def test_mscale_scales_the_rotated_columns_only_and_compiles(device):
+    """mscale a (transformers' attention_scaling under partial rotary): the rotated columns times a, the
+    pass-through ones as they are, forward and both gradients against float64 (< 1e-5), the reference's
+    too; the op with it in one torch.compile graph gives the eager numbers."""
+    gen = torch.Generator().manual_seed(25)
+    q, k = projected(2, 3, 13, 16, torch.float32, device, gen)
+    pos = doc_positions(2, 13, gen).to(device)
+    got = run_and_grads(lambda q, k: rope(q, k, pos, rotary_dim=6, mscale=1.3), q, k, gen)
+    ref = run_and_grads(lambda q, k: (apply_rotary(q, pos, rotary_dim=6, mscale=1.3),
+                                      apply_rotary(k, pos, rotary_dim=6, mscale=1.3)), q, k, gen)
+    for res in (got, ref):
+        q64, k64 = (t.detach().double().cpu().requires_grad_() for t in (q, k))
+        want = [ref64(t, pos, rotary_dim=6) for t in (q64, k64)]
+        want = [torch.cat([w[..., :6] * 1.3, w[..., 6:]], -1) for w in want]
+        torch.autograd.backward(want, (res[4].double().cpu(), res[5].double().cpu()))
+        for name, a, b in zip(NAMES, res, (*[w.detach() for w in want], q64.grad, k64.grad)):
+            assert_close_rel(a, b, 1e-5, f"{name} mscale 1.3")
+    assert torch.equal(got[0][..., 6:], q.detach()[..., 6:])
+
+    def f(q, k, pos):
+        qo, ko = rope(q, k, pos, rotary_dim=6, mscale=1.3)
+        return (qo * ko).sum()
+
+    q.grad = k.grad = None
+    compiled = torch.compile(f, backend="aot_eager", fullgraph=True)(q, k, pos)
+    compiled.backward()
+    grads = q.grad.clone(), k.grad.clone()
+    q.grad = k.grad = None
+    eager = f(q, k, pos)
+    eager.backward()
+    assert_close_rel(compiled.detach(), eager.detach(), 1e-6, "compiled")
+    assert_close_rel(grads[0], q.grad, 1e-6, "compiled dq")
+    assert_close_rel(grads[1], k.grad, 1e-6, "compiled dk")
+    for bad in (0.0, -1.0, float("nan")):
+        with pytest.raises(ValueError, match="rope: mscale must be a finite number > 0"):
+            rope(q, k, pos, rotary_dim=6, mscale=bad)
