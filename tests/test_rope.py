@@ -555,7 +555,8 @@ def corpus(tmp_path_factory):
 def test_pretrain_position_encoding_rope_end_to_end(corpus, tmp_path, capsys, one_thread):
     """pretrain --position-encoding rope --rope-theta: a RoPE model, saved as one; --init keeps it
     (and refuses another encoding or theta); a resume with other flags is refused by the shared
-    check; the export to GPT-2 is refused; info shows it; GPT-2's weights cannot become RoPE."""
+    check; the export is a GPT-NeoX folder (transformers' logits); info shows it; GPT-2's weights cannot become
+    RoPE."""
     from tritongpt.cli import main
 
     def argv(out, *extra):
@@ -611,11 +612,18 @@ def test_pretrain_position_encoding_rope_end_to_end(corpus, tmp_path, capsys, on
         main(argv(tmp_path / "bad", "--position-encoding", "alibi"))
     assert "--position-encoding: invalid choice: 'alibi'" in capsys.readouterr().err
     assert not (tmp_path / "bad").exists()
-    # Hugging Face's GPT-2 has no RoPE: no export; info shows the model's own
-    assert main(["export", str(tmp_path / "rope"), "--out", str(tmp_path / "hf")]) == 2
-    assert "this model rotates q and k by their positions (position_encoding rope, rope_theta 500), where " \
-           "Hugging Face's GPT-2 learns position embeddings: it cannot be exported" in capsys.readouterr().err
-    assert not (tmp_path / "hf").exists()
+    # Hugging Face's GPT-2 has no RoPE, but its GPT-NeoX is a GPT-2 with RoPE (sequential blocks, tanh GELU):
+    # the export is a GPT-NeoX folder, which transformers runs with our logits; info shows the model's own
+    assert main(["export", str(tmp_path / "rope"), "--out", str(tmp_path / "hf")]) == 0
+    assert "GPT-NeoX with" in capsys.readouterr().out
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    from tritongpt.train.gpt2_weights import load_checkpoint
+
+    model = load_checkpoint(tmp_path / "rope").eval()  # the run's newest checkpoint, as export read it
+    idx = torch.randint(0, model.config.vocab_size, (2, 17))
+    with torch.no_grad():
+        assert_close_rel(hf(idx).logits, model(idx), 1e-5, "a RoPE GPT-2 exported as GPT-NeoX")
     assert main(["info", "--weights", str(tmp_path / "rope")]) == 0
     out = capsys.readouterr().out
     assert "  position_encoding rope\n" in out and "  rope_theta      500.0\n" in out

@@ -245,12 +245,13 @@ def family_name(cfg: GPTConfig) -> str:
 
 def refuse_not_gemma(model: GPTModel, what: str) -> None:
     """What a Gemma of the family hf_family picks does not compute, by name."""
-    from tritongpt.train.gpt2_weights import refuse_olmo_touches
+    from tritongpt.train.gpt2_weights import refuse_olmo_touches, refuse_phi3_touches
 
     cfg = model.config
     family = family_name(cfg)
     kind = hf_family(cfg)
     refuse_olmo_touches(cfg, family, what)
+    refuse_phi3_touches(cfg, family, what)
     for differs, why in ((cfg.position_encoding != "rope", f"learns position embeddings, where {family} rotates q "
                           "and k (RoPE)"),
                          (cfg.norm != "rmsnorm", f"normalizes with {cfg.norm}, where {family} has RMSNorms"),

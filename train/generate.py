@@ -86,6 +86,17 @@ def generate(model, idx, max_new_tokens: int, temperature: float = 0.0, top_k: i
         model.train(was_training)
 
 
+def crosses_longrope(cfg, cached: int, length: int) -> bool:
+    """Whether a LongRoPE model (Phi-3's 128k ones) whose cache holds `cached` positions, all within the original
+    context and so rotated with the short factors, now runs `length` positions, past it: the long factors rotate
+    every position then, so the cache is computed again, as transformers' Phi-3 generate does (once)."""
+    scaling = cfg.rope_scaling
+    if not scaling or scaling["rope_type"] != "longrope":
+        return False
+    original = scaling["original_max_position_embeddings"]
+    return cached <= original < length
+
+
 def _generate(model, idx, max_new_tokens, temperature, top_k, top_p, eos_id, use_cache, generator, vocab_limit,
               on_token):
     ctx = model.config.context_length
@@ -97,8 +108,9 @@ def _generate(model, idx, max_new_tokens, temperature, top_k, top_p, eos_id, use
         if cache is None:
             logits = model(idx[:, -ctx:])
         else:
-            if cache.pos == 0 or idx.size(1) > ctx:
-                # (re)prefill: first step, or the window is full and positions must shift
+            if cache.pos == 0 or idx.size(1) > ctx or crosses_longrope(model.config, cache.pos, idx.size(1)):
+                # (re)prefill: first step, the window is full and positions must shift, or LongRoPE's factors
+                # switch from short to long and the cached keys' rotation with them
                 cache.reset()
                 window = idx[:, -ctx:]
                 logits = model(window, cache)

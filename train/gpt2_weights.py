@@ -144,7 +144,7 @@ def _gpt2_config_json(cfg_json: Path) -> dict:
     if d.get("model_type", "gpt2") != "gpt2":
         raise UserError(f"{cfg_json} says model_type {d['model_type']!r}: not a GPT-2 model (tritongpt reads "
                         "Hugging Face's gpt2, gpt_neo, llama, mistral, qwen2, qwen3, gemma, gemma2, gemma3_text, "
-                        "olmo2, olmo3 and gpt_neox models)")
+                        "olmo2, olmo3, gpt_neox and phi3 models)")
     return d
 
 
@@ -172,8 +172,8 @@ def is_hf_file(path) -> bool:
 
 def load_checkpoint(path, model_name: str | None = None, merge: bool = True) -> GPTModel:
     """A tritongpt checkpoint (file, checkpoint folder or run folder: its newest) or a Hugging
-    Face GPT-2, GPT-Neo, Llama (Mistral, Qwen2, Qwen3), Gemma, OLMo or GPT-NeoX model.safetensors (model_name:
-    the preset, when no config.json says the heads).
+    Face GPT-2, GPT-Neo, Llama (Mistral, Qwen2, Qwen3), Gemma, OLMo, GPT-NeoX or Phi-3 model.safetensors
+    (model_name: the preset, when no config.json says the heads).
     A LoRA checkpoint comes merged unless merge is False, and so does a peft adapter folder: its
     base with the update (load_peft_adapter)."""
     from tritongpt.train.common import resolve_checkpoint
@@ -187,6 +187,7 @@ def load_checkpoint(path, model_name: str | None = None, merge: bool = True) -> 
         from tritongpt.train.llama_weights import is_llama_file, load_llama_safetensors
         from tritongpt.train.neox_weights import is_neox_file, load_neox_safetensors
         from tritongpt.train.olmo_weights import is_olmo_file, load_olmo_safetensors
+        from tritongpt.train.phi3_weights import is_phi3_file, load_phi3_safetensors
 
         if is_gpt_neo_file(path):
             return load_gpt_neo_safetensors(path, model_name)
@@ -196,6 +197,8 @@ def load_checkpoint(path, model_name: str | None = None, merge: bool = True) -> 
             return load_olmo_safetensors(path)
         if is_neox_file(path):
             return load_neox_safetensors(path)
+        if is_phi3_file(path):
+            return load_phi3_safetensors(path)
         if is_llama_file(path):
             return load_llama_safetensors(path)
         return load_gpt2_safetensors(path, model_name)
@@ -505,6 +508,18 @@ def refuse_neox_touches(cfg: GPTConfig, family: str, what: str) -> None:
         if differs:
             raise UserError(f"this model {why}, which Hugging Face's {family} does not: it cannot be exported as "
                             f"{what} (a GPT-NeoX folder may take it)")
+
+
+def refuse_phi3_touches(cfg: GPTConfig, family: str, what: str) -> None:
+    """A partial rotary (rotary_dim) and LongRoPE, which a Llama-shaped model can say in a Phi-3 folder only:
+    refused by name. (GPT-2 and GPT-Neo refuse RoPE itself; GPT-NeoX writes a partial rotary as rotary_pct.)"""
+    for differs, why in ((bool(cfg.rotary_dim), f"rotates only {cfg.rotary_dim} of each head's {cfg.head_dim} "
+                          "dimensions (rotary_dim)"),
+                         ((cfg.rope_scaling or {}).get("rope_type") == "longrope", "scales RoPE by LongRoPE (its short "
+                          "and long factors)")):
+        if differs:
+            raise UserError(f"this model {why}, which Hugging Face's {family} does not: it cannot be exported as "
+                            f"{what} (a Phi-3 folder may take it)")
 
 
 def export_gpt2(model: GPTModel, out_dir, eos_token_id: int | None = None, overwrite: bool = False) -> list:

@@ -36,8 +36,8 @@ import torch
 from tritongpt.errors import UserError, read_json_object
 from tritongpt.model.config import ROPE_SCALING_KEYS, GPTConfig, check_rope_extras, check_rope_scaling
 from tritongpt.model.gpt import GPTModel
-from tritongpt.train.gpt2_weights import (_read_tensors, model_with_tensors, refuse_gemma_touches, tensor_names,
-                                          write_hf_folder)
+from tritongpt.train.gpt2_weights import (_read_tensors, model_with_tensors, refuse_gemma_touches,
+                                          refuse_phi3_touches, tensor_names, write_hf_folder)
 
 # each block's tensors: ours, then Hugging Face's (under "layers.{i}.")
 _LAYER = (("norm1", "input_layernorm"), ("norm2", "post_attention_layernorm"), ("att.W_query", "self_attn.q_proj"),
@@ -88,6 +88,18 @@ def _rope_theta(d: dict, cfg_json) -> tuple:
         raise UserError(f"{cfg_json} has partial_rotary_factor {d['partial_rotary_factor']!r}; this model rotates "
                         "every dimension of a head (1.0) only")
     return float(theta), scaling
+
+
+def partial_rotary_dim(factor, head_dim: int, where: str) -> int:
+    """GPTConfig.rotary_dim of a partial rotary factor (Phi-4-mini's partial_rotary_factor 0.75, Pythia's
+    rotary_pct 0.25): int(head_dim * factor) dimensions rotated, as transformers rounds; 0 for the whole head."""
+    if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not 0 < factor <= 1:
+        raise UserError(f"{where} partial rotary factor {factor!r}; it must be a number in (0, 1]")
+    rotary = int(head_dim * factor)
+    if rotary % 2 or rotary < 2:
+        raise UserError(f"{where} partial rotary factor {factor!r}: {rotary} of head_dim {head_dim} rotated, where "
+                        "RoPE needs an even number >= 2 of dimensions")
+    return 0 if rotary == head_dim else rotary
 
 
 def _sliding_window(d: dict, kind: str, n_layer: int, cfg_json) -> tuple:
@@ -256,13 +268,13 @@ def family_name(cfg: GPTConfig) -> str:
     return _NAMES[hf_family(cfg)]
 
 
-def refuse_not_llama(model: GPTModel, what: str) -> None:
+def refuse_not_llama(model: GPTModel, what: str, family: str | None = None) -> None:
     """Hugging Face's Llama rotates q and k (RoPE, no position embeddings), normalizes with RMSNorm,
     has a SwiGLU MLP, scales its scores by 1/sqrt(head_dim) over the whole context and has no
     logit soft cap: another model's weights would give it other logits. Mistral may slide a window
     over every layer, Qwen2 too (Qwen2 from layer max_window_layers on: all of them, written here)."""
     cfg = model.config
-    family = family_name(cfg)
+    family = family or family_name(cfg)
     window = (f"has local attention (attention_window {cfg.attention_window}) in its {cfg.window_layers} layers, "
               f"where {family}'s sliding window, if any, is in every layer" if family != "Llama" else
               f"has local attention (attention_window {cfg.attention_window}), where Llama attends to the whole "
@@ -289,6 +301,8 @@ def refuse_not_llama(model: GPTModel, what: str) -> None:
         if differs:
             raise UserError(f"this model {why}: it cannot be exported as {what}")
     refuse_gemma_touches(cfg, family, what, layer_types=family in ("Qwen2", "Qwen3", "SmolLM3"))
+    if family != "Phi-3":
+        refuse_phi3_touches(cfg, family, what)
 
 
 def _hf_tensors(model: GPTModel) -> dict:

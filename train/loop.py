@@ -439,7 +439,7 @@ class Trainer:
 
     def _check_same_function(self, ckpt, saved_cfg):
         """Another function of the weights (a logit soft cap, local attention, unscaled attention
-        scores, the position encoding: RoPE or learned, RoPE's theta, the norm: LayerNorm or RMSNorm,
+        scores, the position encoding: RoPE or learned, RoPE's theta, scaling and rotated width, the norm: LayerNorm or RMSNorm,
         and its eps, biases, on q/k/v only (Qwen2) or none, Gemma's scaled embeddings, sandwich norms,
         local RoPE, attention soft cap and scale, SmolLM3's NoPE layers, OLMo's absent input norms and
         whole-width q/k norms, GPT-NeoX's parallel blocks and exact GELU) or another MLP (GELU, SwiGLU or
@@ -456,7 +456,7 @@ class Trainer:
         nope = saved_cfg.get("nope_layers", "")
         window, layers = saved_cfg.get("attention_window", 0), saved_cfg.get("window_layers", "all")
         encoding, theta = saved_cfg.get("position_encoding", "learned"), saved_cfg.get("rope_theta", 10000.0)
-        rope_scaling = saved_cfg.get("rope_scaling")
+        rope_scaling, rotary = saved_cfg.get("rope_scaling"), saved_cfg.get("rotary_dim", 0)
         mlp, norm = saved_cfg.get("mlp", "gelu"), saved_cfg.get("norm", "layernorm")
         eps, bias = saved_cfg.get("norm_eps", 1e-5), saved_cfg.get("bias", True)
         qkv_only = saved_cfg.get("qkv_bias_only", False)
@@ -474,17 +474,19 @@ class Trainer:
 
             what = f"{kind(mlp, hidden)}, this run's model {kind(cfg.mlp, cfg.ff_hidden)}"
             flags = f"--mlp {mlp}" + (f" --mlp-hidden {hidden}" if mlp in gated else "")
-        elif encoding != cfg.position_encoding or (encoding == "rope" and (theta, rope_scaling) != (cfg.rope_theta,
-                                                                                                   cfg.rope_scaling)):
-            def positions(e, t, s):
+        elif encoding != cfg.position_encoding or (encoding == "rope" and (theta, rope_scaling, rotary) != (
+                cfg.rope_theta, cfg.rope_scaling, cfg.rotary_dim)):
+            def positions(e, t, s, r):
                 scaled = f", {s['rope_type']} scaling x{s['factor']:g}" if s else ""
-                return f"rotates q and k (RoPE, theta {t:g}{scaled})" if e == "rope" else "learns position embeddings"
+                partial = f", {r} dimensions of each head" if r else ""
+                return f"rotates q and k (RoPE, theta {t:g}{scaled}{partial})" if e == "rope" else \
+                    "learns position embeddings"
 
-            what = (f"{positions(encoding, theta, rope_scaling)}, this run's model "
-                    f"{positions(cfg.position_encoding, cfg.rope_theta, cfg.rope_scaling)}")
+            what = (f"{positions(encoding, theta, rope_scaling, rotary)}, this run's model "
+                    f"{positions(cfg.position_encoding, cfg.rope_theta, cfg.rope_scaling, cfg.rotary_dim)}")
             flags = f"--position-encoding {encoding}" + (f" --rope-theta {theta:g}" if encoding == "rope" else "")
-            if rope_scaling or cfg.rope_scaling:  # no flag scales RoPE: only an --init folder's config.json
-                flags = "the run's own --init"
+            if rope_scaling or cfg.rope_scaling or rotary or cfg.rotary_dim:  # no flag scales RoPE or makes it
+                flags = "the run's own --init"  # partial: only an --init folder's config.json
         elif norm != cfg.norm:
             what = f"normalizes with {norm}, this run's model with {cfg.norm}"
             flags = f"--norm {norm}"

@@ -25,7 +25,8 @@ import torch
 from tritongpt.errors import UserError, note, read_json_object
 from tritongpt.model.config import GPTConfig
 from tritongpt.model.gpt import GPTModel
-from tritongpt.train.gpt2_weights import _read_tensors, model_with_tensors, refuse_neox_touches, write_hf_folder
+from tritongpt.train.gpt2_weights import (_read_tensors, model_with_tensors, refuse_neox_touches, refuse_phi3_touches,
+                                          write_hf_folder)
 from tritongpt.train.llama_weights import _rope_theta, hf_shapes, shape_fields
 
 FAMILIES = {"olmo2": "Olmo2ForCausalLM", "olmo3": "Olmo3ForCausalLM"}
@@ -165,6 +166,7 @@ def refuse_not_olmo(model: GPTModel, what: str) -> None:
     cfg = model.config
     family = family_name(cfg)
     refuse_neox_touches(cfg, family, what)
+    refuse_phi3_touches(cfg, family, what)
     for differs, why in ((cfg.position_encoding != "rope", f"learns position embeddings, where {family} rotates q "
                           "and k (RoPE)"),
                          (cfg.norm != "rmsnorm", f"normalizes with {cfg.norm}, where {family} has RMSNorms"),

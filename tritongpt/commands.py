@@ -313,6 +313,34 @@ class TextStream:
         print(self.text.flush())
 
 
+def export_target(cfg) -> tuple:
+    """(family, refuse, export): the Hugging Face folder `export` writes this model as, the first whose touches
+    it has: OLMo's (no input norms, q/k norms over all heads: an OLMo has post_norms too), then Gemma's (scaled
+    embeddings, sandwich norms, GeGLU...), Phi-3's (a partial rotary or LongRoPE on a Llama), a Llama's (RMSNorm
+    or SwiGLU: or a Mistral, a Qwen2... as hf_family says), GPT-Neo's (unscaled attention scores), GPT-NeoX's
+    (RoPE over LayerNorms and a GELU MLP), else GPT-2. refuse(model, what) names what that family cannot say."""
+    from tritongpt.train import gemma_weights, gpt2_weights, gpt_neo_weights, llama_weights, neox_weights, \
+        olmo_weights, phi3_weights
+
+    if olmo_weights.is_olmo_shaped(cfg):
+        return olmo_weights.family_name(cfg), olmo_weights.refuse_not_olmo, olmo_weights.export_olmo
+    if gemma_weights.is_gemma_shaped(cfg):
+        return gemma_weights.family_name(cfg), gemma_weights.refuse_not_gemma, gemma_weights.export_gemma
+    if cfg.norm == "rmsnorm" or cfg.mlp == "swiglu":
+        if phi3_weights.is_phi3_shaped(cfg):
+            return "Phi-3", phi3_weights.refuse_not_phi3, phi3_weights.export_phi3
+        return llama_weights.family_name(cfg), llama_weights.refuse_not_llama, llama_weights.export_llama
+    if not cfg.scale_attention:
+        return "GPT-Neo", gpt_neo_weights.refuse_not_gpt_neo, gpt_neo_weights.export_gpt_neo
+    if neox_weights.is_neox_shaped(cfg):
+        return "GPT-NeoX", neox_weights.refuse_not_neox, neox_weights.export_neox
+    return "GPT-2", gpt2_weights.refuse_not_gpt2, gpt2_weights.export_gpt2
+
+
+def article(name: str) -> str:
+    return "an" if name.startswith("OLMo") else "a"
+
+
 def cmd_export(args):
     import copy
     import json
@@ -322,11 +350,7 @@ def cmd_export(args):
     from tritongpt.train.chat import EXPORTED_FORMAT, run_template
     from tritongpt.train.common import load_state, resolve_checkpoint
     from tritongpt.train.formats import hf_chat_template
-    from tritongpt.train.gpt2_weights import (adapter_base, export_gpt2, export_peft_adapter, load_checkpoint,
-                                              refuse_not_gpt2)
-    from tritongpt.train import gemma_weights, neox_weights, olmo_weights
-    from tritongpt.train.gpt_neo_weights import export_gpt_neo, refuse_not_gpt_neo
-    from tritongpt.train.llama_weights import export_llama, family_name, refuse_not_llama
+    from tritongpt.train.gpt2_weights import adapter_base, export_peft_adapter, load_checkpoint, refuse_not_gpt2
     from tritongpt.train.sft import pick_tokenizer
     from tritongpt.train.tokenizer import EXPORT_TOKENIZER, RUN_TOKENIZER, eot_or_none, is_ours
 
@@ -353,36 +377,20 @@ def cmd_export(args):
         raise UserError(f"{out} already holds {', '.join(taken)}: pass --overwrite or another --out")
     model = load_checkpoint(source, merge=not args.adapter)
     cfg = model.config
-    # Gemma's touches (scaled embeddings, sandwich norms, GeGLU) make a Gemma; else RMSNorm or a SwiGLU
-    # MLP make a Llama (or a Mistral, a Qwen2: hf_family); else unscaled attention scores are GPT-Neo's
-    # (with or without its local layers), scaled ones GPT-2's. Refused before any file goes. (peft
-    # targets GPT-Neo's and Llama's q/k/v apart from GPT-2's c_attn: their adapters are not written here.)
-    # OLMo's touches (no input norms, q/k norms over the whole projection) come first: an OLMo has post_norms too
-    olmo = olmo_weights.is_olmo_shaped(cfg) and not args.adapter
-    gemma_shaped = gemma_weights.is_gemma_shaped(cfg) or olmo_weights.is_olmo_shaped(cfg)
-    gemma = gemma_shaped and not args.adapter and not olmo
-    # RoPE over LayerNorms and a GELU MLP (parallel blocks, exact GELU or neither) is GPT-NeoX's alone
-    neox = neox_weights.is_neox_shaped(cfg) and not args.adapter and not gemma and not olmo
-    llama = (cfg.norm == "rmsnorm" or cfg.mlp == "swiglu") and not args.adapter and not gemma and not olmo
-    if args.adapter and (cfg.norm == "rmsnorm" or cfg.mlp != "gelu" or gemma_shaped):
-        what = "an OLMo" if olmo_weights.is_olmo_shaped(cfg) else "a Gemma" if gemma_shaped else "a Llama"
-        raise UserError(f"--adapter writes a peft adapter for Hugging Face's GPT-2, and this model is {what} "
-                        f"(norm {cfg.norm}, mlp {cfg.mlp}): export it without --adapter, merged, as {what} folder")
-    neo = not cfg.scale_attention and not args.adapter and not llama and not gemma and not olmo and not neox
-    family = olmo_weights.family_name(cfg) if olmo else gemma_weights.family_name(cfg) if gemma else \
-        "GPT-NeoX" if neox else family_name(cfg) if llama else "GPT-Neo" if neo else "GPT-2"
-    if olmo:
-        olmo_weights.refuse_not_olmo(model, f"an {family} folder")
-    elif neox:
-        neox_weights.refuse_not_neox(model, "a GPT-NeoX folder")
-    elif gemma:
-        gemma_weights.refuse_not_gemma(model, f"a {family} folder")
-    elif llama:
-        refuse_not_llama(model, f"a {family} folder")
-    elif neo:
-        refuse_not_gpt_neo(model, "a GPT-Neo folder")
+    # a peft adapter is GPT-2's (peft targets GPT-Neo's and Llama's q/k/v apart from GPT-2's c_attn: their
+    # adapters are not written here); a whole model goes as the family export_target picks. Refused before any
+    # file goes.
+    if args.adapter:
+        shaped = export_target(cfg)[0]
+        if cfg.norm == "rmsnorm" or cfg.mlp != "gelu" or shaped.startswith(("OLMo", "Gemma")):
+            what = f"{article(shaped)} {shaped}"
+            raise UserError(f"--adapter writes a peft adapter for Hugging Face's GPT-2, and this model is {what} "
+                            f"(norm {cfg.norm}, mlp {cfg.mlp}): export it without --adapter, merged, as {what} folder")
+        family, export = "GPT-2", None
+        refuse_not_gpt2(model, "a peft adapter for GPT-2")
     else:
-        refuse_not_gpt2(model, "a peft adapter for GPT-2" if args.adapter else "a GPT-2 folder")
+        family, refuse, export = export_target(cfg)
+        refuse(model, f"{article(family)} {family} folder")
     if args.adapter:
         if not cfg.lora_rank:
             raise UserError(f"--adapter: {source} holds no LoRA update (a run trained with --lora-rank has one): "
@@ -405,8 +413,6 @@ def cmd_export(args):
     if args.adapter:
         paths = export_peft_adapter(model, out, base)
     else:
-        export = olmo_weights.export_olmo if olmo else gemma_weights.export_gemma if gemma else \
-            neox_weights.export_neox if neox else export_llama if llama else export_gpt_neo if neo else export_gpt2
         paths = export(model, out, eot_or_none(tok))
         fmt = run_template(args.checkpoint)
         if fmt is not None:  # `tritongpt chat --weights OUT` prompts it as the run was tuned
