@@ -37,13 +37,16 @@ def hf_neox(folder, parallel=True, act="gelu", layers=3, vocab=VOCAB, context=CT
     return hf, folder / "model.safetensors"
 
 
-@pytest.mark.parametrize("parallel,act", [(True, "gelu"), (False, "gelu"), (True, "gelu_new")],
-                         ids=["parallel-erf", "sequential-erf", "parallel-tanh"])
-def test_loads_its_fields_and_matches_transformers_on_both_paths(tmp_path, parallel, act):
-    hf, path = hf_neox(tmp_path, parallel, act)
+@pytest.mark.parametrize("parallel,act,pct", [(True, "gelu", 0.25), (False, "gelu", 1.0), (True, "gelu_new", 0.5)],
+                         ids=["pythia", "sequential-erf", "parallel-tanh"])
+def test_loads_its_fields_and_matches_transformers_on_both_paths(tmp_path, parallel, act, pct):
+    """Pythia's shape (parallel blocks, exact GELU, 4 of each head's 16 dimensions rotated: rotary_pct 0.25),
+    a sequential block over whole heads, and the tanh GELU over half heads."""
+    hf, path = hf_neox(tmp_path, parallel, act, rotary_pct=pct)
     model = load_checkpoint(path).double().eval()
     c = model.config
     assert (c.parallel_residual, c.gelu_approximate) == (parallel, "none" if act == "gelu" else "tanh")
+    assert c.rotary_dim == (0 if pct == 1.0 else int(16 * pct))
     assert (c.position_encoding, c.rope_theta, c.norm, c.mlp, c.bias, c.has_qkv_bias, c.norm_eps) == \
         ("rope", 500.0, "layernorm", "gelu", True, True, 1e-6)
     assert (c.n_layer, c.n_head, c.head_dim, c.tie_weights, c.context_length) == (3, 4, 16, False, CTX)
@@ -53,7 +56,7 @@ def test_loads_its_fields_and_matches_transformers_on_both_paths(tmp_path, paral
 
 @pytest.mark.parametrize("parallel", [True, False], ids=["parallel", "sequential"])
 def test_decodes_over_the_cache_and_generates_transformers_tokens(tmp_path, parallel):
-    hf, path = hf_neox(tmp_path, parallel)
+    hf, path = hf_neox(tmp_path, parallel, rotary_pct=0.25)
     model = load_checkpoint(path).double().eval()
     idx = torch.randint(0, VOCAB, (1, 15))
     with torch.no_grad():
@@ -72,12 +75,13 @@ def test_export_round_trips_through_transformers(tmp_path, parallel, act, tie):
     load_checkpoint reads the export back to the same config."""
     from tritongpt.train.neox_weights import export_neox
 
-    hf, path = hf_neox(tmp_path / "in", parallel, act, tie=tie)
+    pct = 0.25 if parallel and not tie else 1.0
+    hf, path = hf_neox(tmp_path / "in", parallel, act, tie=tie, rotary_pct=pct)
     model = load_checkpoint(path).double().eval()
     assert model.config.tie_weights == tie
     export_neox(model, tmp_path / "out", eos_token_id=1)
     d = json.loads((tmp_path / "out" / "config.json").read_text())
-    assert (d["model_type"], d["use_parallel_residual"], d["rotary_pct"]) == ("gpt_neox", parallel, 1.0)
+    assert (d["model_type"], d["use_parallel_residual"], d["rotary_pct"]) == ("gpt_neox", parallel, pct)
     back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float64).eval()
     assert type(back).__name__ == "GPTNeoXForCausalLM"
     idx = torch.randint(0, VOCAB, (2, T))
@@ -114,9 +118,9 @@ def test_sharded_and_hub_style_configs_load(tmp_path):
 
 
 @pytest.mark.parametrize("change,match", [
-    ({"rotary_pct": 0.25}, r"rotary_pct 0.25 \(partial rotary.*not supported yet"),
-    ({"rope_parameters": {"rope_type": "default", "rope_theta": 500.0, "partial_rotary_factor": 0.5}},
-     r"rotary_pct 0.5 \(partial rotary"),
+    ({"rotary_pct": 0.35}, r"partial rotary factor 0.35: 5 of head_dim 16 rotated"),
+    ({"rope_parameters": {"rope_type": "default", "rope_theta": 500.0, "partial_rotary_factor": 1.5}},
+     r"partial rotary factor 1.5; it must be a number in \(0, 1\]"),
     ({"rope_parameters": {"rope_type": "linear", "rope_theta": 500.0, "factor": 2.0}},
      "rope_parameters of type 'linear'"),
     ({"rope_scaling": {"type": "dynamic", "factor": 2.0}}, "rope_scaling of type 'dynamic'"),
@@ -137,14 +141,20 @@ def test_what_this_model_does_not_compute_is_refused_by_name(tmp_path, change, m
 
 
 def test_a_config_without_rotary_pct_is_read_as_transformers_reads_it(tmp_path):
-    """GPTNeoXConfig's rotary_pct default is 0.25: a config.json that says none is partial rotary, refused."""
+    """GPTNeoXConfig's rotary_pct default is 0.25: a config.json that says none rotates a quarter of each head,
+    in transformers and here alike."""
     _, path = hf_neox(tmp_path)
     cfg_json = tmp_path / "config.json"
     d = json.loads(cfg_json.read_text())
     d.pop("rope_parameters")
+    d.pop("rotary_pct", None)
     cfg_json.write_text(json.dumps(d))
-    with pytest.raises(UserError, match=r"rotary_pct 0.25 \(partial rotary"):
-        load_checkpoint(path)
+    model = load_checkpoint(path).double().eval()
+    assert model.config.rotary_dim == 4
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float64).eval()
+    idx = torch.randint(0, VOCAB, (2, T))
+    with torch.no_grad():
+        assert_close_rel(model(idx), hf(idx).logits, 2e-6, "no rotary_pct: a quarter of each head rotated")
 
 
 def test_an_mlp_of_another_width_is_refused(tmp_path):

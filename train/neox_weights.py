@@ -8,9 +8,9 @@ A GPT-NeoX is a GPT-2 with RoPE (no position embeddings) and three differences:
   "gelu_new" and "gelu_pytorch_tanh" are GPT-2's tanh form;
 - one query_key_value projection laid out per head: its rows are, head after head, that head's q, k and v
   (view(n_head, 3, head_dim, C)), not all the q rows then all the k rows as GPT-2's c_attn;
-and an LM head of its own (embed_out, no bias), untied unless tie_word_embeddings says so.
-What this model does not compute is refused by name: partial rotary (rotary_pct < 1: Pythia's 0.25, for now),
-RoPE scaling, another activation, attention_bias false (the MLP keeps its biases), an MLP wider or narrower
+and an LM head of its own (embed_out, no bias), untied unless tie_word_embeddings says so. Its RoPE turns only
+the first rotary_pct of each head's dimensions (Pythia's 0.25: 16 of 64), GPTConfig.rotary_dim.
+What this model does not compute is refused by name: RoPE scaling, another activation, attention_bias false (the MLP keeps its biases), an MLP wider or narrower
 than 4 hidden_size.
 """
 from pathlib import Path
@@ -22,6 +22,7 @@ from tritongpt.errors import UserError, read_json_object
 from tritongpt.model.config import GPTConfig
 from tritongpt.model.gpt import GPTModel
 from tritongpt.train.gpt2_weights import _read_tensors, model_with_tensors, write_hf_folder
+from tritongpt.train.llama_weights import partial_rotary_dim
 
 MODEL_TYPE = "gpt_neox"
 # hidden_act -> GPTConfig.gelu_approximate
@@ -38,9 +39,10 @@ def is_neox_file(path) -> bool:
     return cfg_json.is_file() and read_json_object(cfg_json).get("model_type") == MODEL_TYPE
 
 
-def _rope(d: dict, cfg_json) -> float:
-    """RoPE's base from transformers 5's rope_parameters or 4.x's rotary_emb_base; partial rotary and
-    scaled RoPE refused by name. transformers reads a config.json without rotary_pct as 0.25 (Pythia's)."""
+def _rope(d: dict, head_dim: int, cfg_json) -> tuple:
+    """(RoPE's base, GPTConfig.rotary_dim) from transformers 5's rope_parameters or 4.x's rotary_emb_base and
+    rotary_pct (partial rotary: that share of each head's dimensions rotated; transformers reads a config.json
+    without one as 0.25, Pythia's); scaled RoPE refused by name."""
     params = d.get("rope_parameters") if isinstance(d.get("rope_parameters"), dict) else {}
     scaling = d.get("rope_scaling") if isinstance(d.get("rope_scaling"), dict) else {}
     for where, p in (("rope_parameters", params), ("rope_scaling", scaling)):
@@ -49,13 +51,11 @@ def _rope(d: dict, cfg_json) -> float:
             raise UserError(f"{cfg_json} has {where} of type {kind!r}; this model reads GPT-NeoX's RoPE unscaled "
                             "('default') only")
     pct = params.get("partial_rotary_factor", d.get("rotary_pct", d.get("partial_rotary_factor", 0.25)))
-    if not is_real(pct) or pct != 1.0:
-        raise UserError(f"{cfg_json} has rotary_pct {pct!r} (partial rotary: only that share of each head's "
-                        "dimensions rotated); partial rotary is not supported yet, only rotary_pct 1.0")
+    rotary = partial_rotary_dim(pct, head_dim, f"{cfg_json} has a")
     theta = params.get("rope_theta", d.get("rotary_emb_base", d.get("rope_theta", 10000.0)))
     if not is_real(theta) or not 0 < theta < float("inf"):
         raise UserError(f"{cfg_json} has rotary_emb_base {theta!r}; it must be a number > 0")
-    return float(theta)
+    return float(theta), rotary
 
 
 def _check_hf_config(cfg_json: Path, sd: dict) -> GPTConfig:
@@ -95,9 +95,10 @@ def _check_hf_config(cfg_json: Path, sd: dict) -> GPTConfig:
         raise UserError(f"{cfg_json} has num_key_value_heads {d['num_key_value_heads']!r}; GPT-NeoX's heads each "
                         "have their own keys and values")
     head = sd.get("embed_out.weight", sd.get("lm_head.weight"))
+    theta, rotary = _rope(d, n_embd // n_head, cfg_json)
     return GPTConfig(vocab_size=vocab, n_embd=n_embd, n_layer=n_layer, n_head=n_head,
                      context_length=d.get("max_position_embeddings", 2048), position_encoding="rope",
-                     rope_theta=_rope(d, cfg_json), norm_eps=d.get("layer_norm_eps", 1e-5),
+                     rope_theta=theta, rotary_dim=rotary, norm_eps=d.get("layer_norm_eps", 1e-5),
                      tie_weights=head is None or torch.equal(head, sd["embed_in.weight"]),
                      parallel_residual=d.get("use_parallel_residual", True), gelu_approximate=ACTIVATIONS[act])
 
@@ -199,14 +200,15 @@ def hf_config(cfg: GPTConfig, eos_token_id: int | None = None) -> dict:
     """GPTNeoXConfig fields for this model: what _check_hf_config reads back. RoPE both ways: rope_parameters
     (transformers 5) and rotary_pct / rotary_emb_base (4.x)."""
     act = "gelu" if cfg.gelu_approximate == "none" else "gelu_new"
+    pct = cfg.rotary_dim / cfg.head_dim if cfg.rotary_dim else 1.0  # int(head_dim * pct) reads rotary_dim back
     return {"model_type": MODEL_TYPE, "architectures": ["GPTNeoXForCausalLM"], "vocab_size": cfg.vocab_size,
             "max_position_embeddings": cfg.context_length, "hidden_size": cfg.n_embd,
             "intermediate_size": 4 * cfg.n_embd, "num_hidden_layers": cfg.n_layer,
             "num_attention_heads": cfg.n_head, "hidden_act": act, "layer_norm_eps": cfg.norm_eps,
             "use_parallel_residual": cfg.parallel_residual, "attention_bias": True, "attention_dropout": 0.0,
             "hidden_dropout": 0.0, "tie_word_embeddings": cfg.tie_weights, "bos_token_id": eos_token_id,
-            "eos_token_id": eos_token_id, "pad_token_id": None, "rotary_pct": 1.0, "rotary_emb_base": cfg.rope_theta,
-            "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta, "partial_rotary_factor": 1.0}}
+            "eos_token_id": eos_token_id, "pad_token_id": None, "rotary_pct": pct, "rotary_emb_base": cfg.rope_theta,
+            "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta, "partial_rotary_factor": pct}}
 
 
 def export_neox(model: GPTModel, out_dir, eos_token_id: int | None = None, overwrite: bool = False) -> list:
