@@ -312,6 +312,9 @@ def add_cli(sub):
     t.add_argument("--nope-layers", type=window_layers_arg, default=None, metavar="I,J,...",
                    help="layers whose q and k are not rotated (SmolLM3's NoPE layers, every fourth: 3,7,11; "
                         "GPTConfig.nope_layers; needs --position-encoding rope) (default: RoPE in every layer)")
+    t.add_argument("--rotary-dim", type=int, default=None, metavar="R",
+                   help="rotate only the first R dimensions of each head (Pythia's 16 of 64; GPTConfig.rotary_dim; "
+                        "needs --position-encoding rope) (default: the whole head)")
     t.add_argument("--parallel-residual", action=argparse.BooleanOptionalAction, default=None,
                    help="GPT-NeoX's (Pythia's) parallel blocks: attention and MLP both read the block's input, "
                         "x + attn(ln1(x)) + mlp(ln2(x)) (GPTConfig.parallel_residual) (default: the preset's, no)")

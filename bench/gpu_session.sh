@@ -5,7 +5,7 @@
 # and every result lands in $OUT/session.tgz.
 #
 #   TRITONGPT_GIT_COMMIT=<hash of HEAD> bash bench/gpu_session.sh \
-#     [all|tests|bench|padded|lora|window|llama|qwen3|gemma3|gemma2|olmo|smollm3]
+#     [all|tests|bench|padded|lora|window|llama|qwen3|gemma3|gemma2|olmo|smollm3|pythia]
 #   (default: all)
 #   padded (not part of all): the GPT-2 124M training step again with the vocabulary padded to
 #   50304 (--vocab-multiple 64, every provider alike), into results-vocab64/ in the archive
@@ -33,6 +33,9 @@
 #   into results-olmo/
 #   smollm3 (not part of all; after olmo): the llama run's model without RoPE in every fourth layer
 #   (--nope-layers 3,7,11: SmolLM3's NoPE layers), into results-smollm3/
+#   pythia (not part of all; after smollm3): Pythia's shape at GPT-2's depth and width: RoPE on 16 of each
+#   head's 64 dimensions, attention and MLP in parallel, the exact GELU (LayerNorms and biases as GPT-2's),
+#   into results-pythia/
 #   env: OUT (default ./gpu-out), WORK (default /tmp/tritongpt-gpu), WARM_SECONDS (90),
 #        TEST_SECONDS (120), BENCH_MINUTES (4), PYTHON (python3)
 # The device gets a copy of the working tree without .git, so name the commit: results record it.
@@ -210,5 +213,8 @@ fi
 if [ "$what" = smollm3 ]; then
     extra_train_bench smollm3 --norm rmsnorm --mlp swiglu --position-encoding rope --n-kv-head 4 --no-bias \
         --nope-layers 3,7,11
+fi
+if [ "$what" = pythia ]; then
+    extra_train_bench pythia --position-encoding rope --rotary-dim 16 --parallel-residual --gelu-approximate none
 fi
 exit $rc

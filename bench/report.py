@@ -162,7 +162,7 @@ VARIANT_KEYS = ("padded_vocab", "attention_window", "window_layers", "logit_soft
                 "attention_scale_width")
 ARCH_KEYS = ("norm", "mlp", "mlp_hidden", "position_encoding", "rope_theta", "n_kv_head", "bias", "attention_head_dim",
              "qk_norm", "scale_embeddings", "post_norms", "rope_local_theta", "nope_layers", "pre_norms",
-             "qk_norm_width", "parallel_residual", "gelu_approximate")
+             "qk_norm_width", "parallel_residual", "gelu_approximate", "rotary_dim")
 
 
 def variant_text(config: dict, keys=VARIANT_KEYS + ARCH_KEYS) -> str:
@@ -182,7 +182,8 @@ def architecture_text(config: dict) -> str:
         words.append(f"{name.get(config['mlp'], config['mlp'])} (hidden {config.get('mlp_hidden')})")
     if "position_encoding" in config:
         pe = config["position_encoding"]
-        words.append(f"{name.get(pe, pe)} (theta {config.get('rope_theta'):g})")
+        rotated = f", {config['rotary_dim']} dimensions of each head" if config.get("rotary_dim") else ""
+        words.append(f"{name.get(pe, pe)} (theta {config.get('rope_theta'):g}{rotated})")
     if "n_kv_head" in config:
         words.append(f"{config['n_kv_head']} KV heads")
     if config.get("bias") is False:

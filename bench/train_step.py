@@ -111,7 +111,7 @@ def use_sdpa_attention(model):
 MODEL_FLAGS = ("vocab_multiple", "attention_window", "window_layers", "logit_softcap", "norm", "mlp", "mlp_hidden",
                "position_encoding", "rope_theta", "n_kv_head", "bias", "attention_head_dim", "qk_norm",
                "scale_embeddings", "post_norms", "rope_local_theta", "attn_softcap", "nope_layers", "pre_norms",
-               "qk_norm_width", "parallel_residual", "gelu_approximate")
+               "qk_norm_width", "parallel_residual", "gelu_approximate", "rotary_dim")
 
 
 def model_variant(cfg) -> dict:
@@ -120,8 +120,8 @@ def model_variant(cfg) -> dict:
     window and its layers), a logit soft cap, RMSNorm, the SwiGLU MLP (its hidden size as built), RoPE
     (its theta), fewer KV heads, no biases, Qwen3's heads of their own width and q/k norms, Gemma's scaled
     embeddings, sandwich norms, local layers' RoPE, attention soft cap and scale, SmolLM3's NoPE layers, OLMo's
-    blocks without input norms and q/k norms over all heads, GPT-NeoX's parallel blocks and exact GELU. {} for
-    GPT-2."""
+    blocks without input norms and q/k norms over all heads, GPT-NeoX's parallel blocks, exact GELU and partial
+    rotary. {} for GPT-2."""
     out = {}
     if cfg.padded_vocab_size != cfg.vocab_size:
         out["padded_vocab"] = cfg.padded_vocab_size
@@ -159,6 +159,8 @@ def model_variant(cfg) -> dict:
         out["pre_norms"] = False
     if cfg.qk_norm and cfg.qk_norm_width != "head":
         out["qk_norm_width"] = cfg.qk_norm_width
+    if cfg.rotary_dim:
+        out["rotary_dim"] = cfg.rotary_dim
     if cfg.parallel_residual:
         out["parallel_residual"] = True
     if cfg.gelu_approximate != "tanh":

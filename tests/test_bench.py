@@ -1017,7 +1017,7 @@ def test_gpu_command_flow_with_cpu_stand_ins(tmp_path, monkeypatch, capsys):
                                  n_kv_head=None, bias=None, attention_head_dim=None, qk_norm=None,
                                  scale_embeddings=None, post_norms=None, rope_local_theta=None, attn_softcap=None,
                                  nope_layers=None, pre_norms=None, qk_norm_width=None, parallel_residual=None,
-                                 gelu_approximate=None)
+                                 gelu_approximate=None, rotary_dim=None)
     (folder,) = tmp_path.iterdir()
     k = report.validate_result(json.loads((folder / "kernels.json").read_text()))
     t = report.validate_result(json.loads((folder / "train.json").read_text()))
@@ -2868,14 +2868,18 @@ def test_llama_step_flops_count_its_own_matrices_by_hand():
      dict(mlp="swiglu", rope_theta=5e5, bias=False, qk_norm=True, qk_norm_width="all", post_norms=True,
           pre_norms=False)),
     ("smollm3", LLAMA_FLAGS + ["--nope-layers", "3,7,11"],
-     dict(norm="rmsnorm", position_encoding="rope", n_kv_head=4, nope_layers="3,7,11"))])
+     dict(norm="rmsnorm", position_encoding="rope", n_kv_head=4, nope_layers="3,7,11")),
+    ("pythia", ["--position-encoding", "rope", "--rotary-dim", "16", "--parallel-residual", "--gelu-approximate",
+                "none"],
+     dict(position_encoding="rope", rotary_dim=16, parallel_residual=True, gelu_approximate="none"))])
 def test_gpu_session_extra_train_modes_time_gpt2_small_into_their_own_folder(tmp_path, mode, flags, model):
-    """`bash bench/gpu_session.sh window`, `... llama`, `... qwen3`, `... gemma3`, `... gemma2`, `... olmo` and
-    `... smollm3` (extra runs,
+    """`bash bench/gpu_session.sh window`, `... llama`, `... qwen3`, `... gemma3`, `... gemma2`, `... olmo`,
+    `... smollm3` and `... pythia` (extra runs,
     as padded and lora are) run `bench train` on GPT-2 124M with GPT-Neo's window of 256 in the odd layers, with
     Llama's shape (RMSNorm, SwiGLU, RoPE, 4 KV heads, no biases), that with Qwen3's attention (heads of 128,
     q/k norms), or Gemma 3's or Gemma 2's shape (its attention soft cap), OLMo 2's (norms after each sublayer
-    only, q/k norms over all heads) or SmolLM3's NoPE layers, into results-<mode>/, within its
+    only, q/k norms over all heads), SmolLM3's NoPE layers or Pythia's (RoPE on 16 of 64 dimensions, parallel
+    blocks, exact GELU), into results-<mode>/, within its
     budget and hard limit, and pack
     it; the flags pass bench train's own checks and reach the model flags. Python is a stand-in that
     records its arguments (no install, no GPU)."""
@@ -3450,17 +3454,20 @@ def test_a_smollm3_step_names_its_nope_layers():
 
 
 def test_a_neox_step_names_its_parallel_blocks_and_exact_gelu():
-    """bench train --parallel-residual --gelu-approximate none: the row's config and the models line say so,
+    """bench train --parallel-residual --gelu-approximate none --rotary-dim 8 (Pythia's pieces): the row's config
+    and the models line say so,
     both paths train to the same loss, and the model timed has parallel blocks and the erf GELU."""
     from tritongpt.bench import report
 
-    flags = dict(position_encoding="rope", parallel_residual=True, gelu_approximate="none")
+    flags = dict(position_encoding="rope", parallel_residual=True, gelu_approximate="none", rotary_dim=8)
     rows = {p: train_step.bench_train_provider(p, "tiny", 2, 16, torch.device("cpu"), torch.float32, 0, 1,
                                                peak_flops=1e12, **flags) for p in ("reference", "triton")}
     assert all(r["status"] == "ok" for r in rows.values())
     assert rows["reference"]["config"]["parallel_residual"] is True
     assert rows["reference"]["config"]["gelu_approximate"] == "none"
-    assert report.models_line([rows["reference"]]).endswith("parallel attention and MLP, exact GELU")
+    assert rows["reference"]["config"]["rotary_dim"] == 8
+    assert report.models_line([rows["reference"]]).endswith("RoPE (theta 10000, 8 dimensions of each head), "
+                                                            "parallel attention and MLP, exact GELU")
     assert rows["triton"]["final_loss"] == pytest.approx(rows["reference"]["final_loss"], rel=1e-4)
     cfg = train_step.train_config("tiny", 16, **flags)
     assert (cfg.parallel_residual, cfg.gelu_approximate) == (True, "none")

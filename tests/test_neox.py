@@ -298,14 +298,15 @@ def test_pretrain_from_a_neox_folder_exports_back_and_resumes_only_as_itself(cor
     logits; `info` names the fields; a resume whose flags would build sequential blocks is refused by name."""
     from tritongpt.cli import main
 
-    hf_neox(tmp_path / "nx", layers=2, vocab=300, context=64, layer_norm_eps=1e-5)
+    hf_neox(tmp_path / "nx", layers=2, vocab=300, context=64, layer_norm_eps=1e-5, rotary_pct=0.25)
     assert main(pretrain_argv(corpus, tmp_path / "run", "--init", str(tmp_path / "nx"), "--max-steps", "1")) == 0
     model = load_checkpoint(tmp_path / "run").eval()
     c = model.config
-    assert (c.parallel_residual, c.gelu_approximate, c.position_encoding) == (True, "none", "rope")
+    assert (c.parallel_residual, c.gelu_approximate, c.position_encoding, c.rotary_dim) == (True, "none", "rope", 4)
     assert main(["export", str(tmp_path / "run"), "--out", str(tmp_path / "hf")]) == 0
     out = capsys.readouterr().out  # pretrain's header, then export's line
     assert "attention and MLP in parallel" in out and "exact (erf) GELU" in out
+    assert "RoPE on 4 of each head's 16 dimensions" in out
     assert "GPT-NeoX with 2 layers" in out
     assert json.loads((tmp_path / "hf" / "config.json").read_text())["model_type"] == "gpt_neox"
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
@@ -318,8 +319,15 @@ def test_pretrain_from_a_neox_folder_exports_back_and_resumes_only_as_itself(cor
     flags = ("--position-encoding", "rope", "--rope-theta", "500", "--no-parallel-residual", "--gelu-approximate",
              "none")
     assert main(pretrain_argv(corpus, tmp_path / "run", *flags, "--max-steps", "2", "--resume")) == 2
+    assert "(RoPE, theta 500, 4 dimensions of each head), this run's model rotates q and k (RoPE, theta 500): " \
+        "pass --position-encoding rope --rope-theta 500 --rotary-dim 4" in capsys.readouterr().err
+    flags += ("--rotary-dim", "4")
+    assert main(pretrain_argv(corpus, tmp_path / "run", *flags, "--max-steps", "2", "--resume")) == 2
     assert "runs attention and MLP in parallel and computes the exact (erf) GELU, this run's model runs attention " \
         "then MLP" in capsys.readouterr().err
     assert main(pretrain_argv(corpus, tmp_path / "run2", "--init", str(tmp_path / "nx"), "--gelu-approximate",
                               "tanh", "--max-steps", "1")) == 2
     assert "--gelu-approximate tanh would change what --init's model computes" in capsys.readouterr().err
+    assert main(pretrain_argv(corpus, tmp_path / "run2", "--init", str(tmp_path / "nx"), "--rotary-dim", "8",
+                              "--max-steps", "1")) == 2
+    assert "--rotary-dim 8 would change what --init's model computes (its rotary_dim is 4)" in capsys.readouterr().err

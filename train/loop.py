@@ -484,9 +484,10 @@ class Trainer:
 
             what = (f"{positions(encoding, theta, rope_scaling, rotary)}, this run's model "
                     f"{positions(cfg.position_encoding, cfg.rope_theta, cfg.rope_scaling, cfg.rotary_dim)}")
-            flags = f"--position-encoding {encoding}" + (f" --rope-theta {theta:g}" if encoding == "rope" else "")
-            if rope_scaling or cfg.rope_scaling or rotary or cfg.rotary_dim:  # no flag scales RoPE or makes it
-                flags = "the run's own --init"  # partial: only an --init folder's config.json
+            flags = f"--position-encoding {encoding}" + (f" --rope-theta {theta:g}" if encoding == "rope" else "") \
+                + (f" --rotary-dim {rotary}" if rotary else "")
+            if rope_scaling or cfg.rope_scaling:  # no flag scales RoPE: only an --init folder's config.json
+                flags = "the run's own --init"
         elif norm != cfg.norm:
             what = f"normalizes with {norm}, this run's model with {cfg.norm}"
             flags = f"--norm {norm}"

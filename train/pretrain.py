@@ -108,6 +108,11 @@ def add_args(p: argparse.ArgumentParser):
                    help="layers of the new RoPE model whose q and k are not rotated (NoPE; GPTConfig.nope_layers): a "
                         "comma list, odd or all (SmolLM3's every fourth: 3,7,11,...). Such a model is exported as a "
                         "SmolLM3 (default: RoPE in every layer, or what --init's model has)")
+    p.add_argument("--rotary-dim", type=int, default=None, metavar="R",
+                   help="rotate only the first R dimensions of each head (partial rotary: Pythia's 16 of 64, "
+                        "GPTConfig.rotary_dim; even, at most the head's width; needs --position-encoding rope). Such "
+                        "a model is exported as a GPT-NeoX (LayerNorms, GELU) or a Phi-3 (RMSNorm, SwiGLU) "
+                        "(default: the whole head, or what --init's model has)")
     p.add_argument("--mlp", choices=MLPS, default=None,
                    help="the new model's MLP: gelu, GPT-2's Linear(C -> 4C), GELU, Linear(4C -> C), or swiglu, Llama's "
                         "w_down(silu(w_gate x) * w_up x), or geglu, Gemma's, GELU (tanh) for silu (GPTConfig.mlp; the "
@@ -264,7 +269,8 @@ def check_args(args, targs):
         if args.rope_theta is not None and (args.position_encoding or model.config.position_encoding) != "rope":
             raise UserError(NO_ROPE.format(args.rope_theta))
         for field in ("logit_softcap", "attn_softcap", "attention_window", "window_layers", "position_encoding",
-                      "rope_theta", "norm", "mlp", "nope_layers", "parallel_residual", "gelu_approximate"):
+                      "rope_theta", "norm", "mlp", "nope_layers", "parallel_residual", "gelu_approximate",
+                      "rotary_dim"):
             given, has = getattr(args, field), getattr(model.config, field)
             if given is not None and given != has:
                 show = (lambda v: f"{v:g}") if isinstance(has, float) else str
@@ -293,7 +299,8 @@ def check_args(args, targs):
                          attn_softcap=args.attn_softcap,
                          attention_window=args.attention_window, window_layers=args.window_layers,
                          position_encoding=args.position_encoding, rope_theta=args.rope_theta,
-                         nope_layers=args.nope_layers, parallel_residual=args.parallel_residual,
+                         nope_layers=args.nope_layers, rotary_dim=args.rotary_dim,
+                         parallel_residual=args.parallel_residual,
                          gelu_approximate=args.gelu_approximate,
                          n_kv_head=args.n_kv_head, norm=args.norm, mlp=args.mlp, mlp_hidden=args.mlp_hidden,
                          bias=args.bias)
@@ -441,6 +448,7 @@ def print_header(args, targs, model, tok, block, splits, trainer):
     gqa += f", local layers' RoPE theta {cfg.rope_local_theta:g}" if cfg.rope_local_theta else ""
     gqa += f", attention scores soft-capped at {cfg.attn_softcap:g}" if cfg.attn_softcap else ""
     gqa += f", no RoPE in layers {cfg.nope_layers}" if cfg.nope_layers else ""
+    gqa += f", RoPE on {cfg.rotary_dim} of each head's {cfg.head_dim} dimensions" if cfg.rotary_dim else ""
     gqa += f", attention scaled by 1/sqrt({cfg.attention_scale_width})" if cfg.attention_scale_width else ""
     gqa += ", attention and MLP in parallel" if cfg.parallel_residual else ""
     gqa += ", exact (erf) GELU" if cfg.gelu_approximate == "none" else ""
