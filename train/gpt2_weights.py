@@ -144,7 +144,7 @@ def _gpt2_config_json(cfg_json: Path) -> dict:
     if d.get("model_type", "gpt2") != "gpt2":
         raise UserError(f"{cfg_json} says model_type {d['model_type']!r}: not a GPT-2 model (tritongpt reads "
                         "Hugging Face's gpt2, gpt_neo, llama, mistral, qwen2, qwen3, gemma, gemma2, gemma3_text, "
-                        "olmo2, olmo3, gpt_neox and phi3 models)")
+                        "olmo2, olmo3, gpt_neox, phi3 and stablelm models)")
     return d
 
 
@@ -172,7 +172,7 @@ def is_hf_file(path) -> bool:
 
 def load_checkpoint(path, model_name: str | None = None, merge: bool = True) -> GPTModel:
     """A tritongpt checkpoint (file, checkpoint folder or run folder: its newest) or a Hugging
-    Face GPT-2, GPT-Neo, Llama (Mistral, Qwen2, Qwen3), Gemma, OLMo, GPT-NeoX or Phi-3 model.safetensors
+    Face GPT-2, GPT-Neo, Llama (Mistral, Qwen2, Qwen3), Gemma, OLMo, GPT-NeoX, Phi-3 or StableLM model.safetensors
     (model_name: the preset, when no config.json says the heads).
     A LoRA checkpoint comes merged unless merge is False, and so does a peft adapter folder: its
     base with the update (load_peft_adapter)."""
@@ -188,6 +188,7 @@ def load_checkpoint(path, model_name: str | None = None, merge: bool = True) -> 
         from tritongpt.train.neox_weights import is_neox_file, load_neox_safetensors
         from tritongpt.train.olmo_weights import is_olmo_file, load_olmo_safetensors
         from tritongpt.train.phi3_weights import is_phi3_file, load_phi3_safetensors
+        from tritongpt.train.stablelm_weights import is_stablelm_file, load_stablelm_safetensors
 
         if is_gpt_neo_file(path):
             return load_gpt_neo_safetensors(path, model_name)
@@ -199,6 +200,8 @@ def load_checkpoint(path, model_name: str | None = None, merge: bool = True) -> 
             return load_neox_safetensors(path)
         if is_phi3_file(path):
             return load_phi3_safetensors(path)
+        if is_stablelm_file(path):
+            return load_stablelm_safetensors(path)
         if is_llama_file(path):
             return load_llama_safetensors(path)
         return load_gpt2_safetensors(path, model_name)

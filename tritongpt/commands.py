@@ -316,16 +316,18 @@ class TextStream:
 def export_target(cfg) -> tuple:
     """(family, refuse, export): the Hugging Face folder `export` writes this model as, the first whose touches
     it has: OLMo's (no input norms, q/k norms over all heads: an OLMo has post_norms too), then Gemma's (scaled
-    embeddings, sandwich norms, GeGLU...), Phi-3's (a partial rotary or LongRoPE on a Llama), a Llama's (RMSNorm
-    or SwiGLU: or a Mistral, a Qwen2... as hf_family says), GPT-Neo's (unscaled attention scores), GPT-NeoX's
+    embeddings, sandwich norms, GeGLU...), StableLM's (LayerNorms with SwiGLU), Phi-3's (a partial rotary or
+    LongRoPE on a Llama), a Llama's (RMSNorm or SwiGLU: or a Mistral, a Qwen2... as hf_family says), GPT-Neo's (unscaled attention scores), GPT-NeoX's
     (RoPE over LayerNorms and a GELU MLP), else GPT-2. refuse(model, what) names what that family cannot say."""
     from tritongpt.train import gemma_weights, gpt2_weights, gpt_neo_weights, llama_weights, neox_weights, \
-        olmo_weights, phi3_weights
+        olmo_weights, phi3_weights, stablelm_weights
 
     if olmo_weights.is_olmo_shaped(cfg):
         return olmo_weights.family_name(cfg), olmo_weights.refuse_not_olmo, olmo_weights.export_olmo
     if gemma_weights.is_gemma_shaped(cfg):
         return gemma_weights.family_name(cfg), gemma_weights.refuse_not_gemma, gemma_weights.export_gemma
+    if stablelm_weights.is_stablelm_shaped(cfg):
+        return "StableLM", stablelm_weights.refuse_not_stablelm, stablelm_weights.export_stablelm
     if cfg.norm == "rmsnorm" or cfg.mlp == "swiglu":
         if phi3_weights.is_phi3_shaped(cfg):
             return "Phi-3", phi3_weights.refuse_not_phi3, phi3_weights.export_phi3
