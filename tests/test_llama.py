@@ -223,7 +223,8 @@ def test_a_llama_file_without_its_config_json_is_refused_by_name(tmp_path):
 def test_export_command_writes_a_llama_folder_and_refuses_what_llama_does_not_compute(tmp_path, capsys):
     """`tritongpt export` of an RMSNorm + SwiGLU model writes a Llama folder with the run's tokenizer
     (generate then gives the same greedy text from either); an RMSNorm or SwiGLU model with another
-    of GPT-2's pieces is refused as a Llama, naming that piece, before anything is written."""
+    of GPT-2's pieces is refused as a Llama, naming that piece, before anything is written (with LayerNorms it
+    is StableLM's, and written as one)."""
     from tritongpt import cli
 
     run, tok = save_run(tmp_path, _random_llama(vocab_size=280))
@@ -241,7 +242,6 @@ def test_export_command_writes_a_llama_folder_and_refuses_what_llama_does_not_co
 
     for overrides, said in (({"position_encoding": "learned"}, "learns position embeddings (position_encoding "
                                                                "learned), where Llama rotates q and k (RoPE)"),
-                            ({"norm": "layernorm"}, "normalizes with layernorm, where Llama has RMSNorms"),
                             ({"mlp": "gelu", "mlp_hidden": 0}, "has a GELU MLP, where Llama's is SwiGLU"),
                             ({"scale_attention": False}, "does not scale its attention scores by 1/sqrt(head_dim)"),
                             ({"attention_window": 8, "bias": True}, "has local attention (attention_window 8), "
@@ -253,6 +253,10 @@ def test_export_command_writes_a_llama_folder_and_refuses_what_llama_does_not_co
         err = capsys.readouterr().err
         assert said in err and "it cannot be exported as a Llama folder" in err
         assert not (tmp_path / "refused").exists()
+    # LayerNorms with SwiGLU are StableLM's pieces: such a model goes out as a StableLM, not a Llama
+    layernorm, _ = save_run(tmp_path, _random_llama(vocab_size=280, norm="layernorm"), "layernorm")
+    assert cli.main(["export", str(layernorm), "--out", str(tmp_path / "stablelm")]) == 0
+    assert "StableLM with" in capsys.readouterr().out
 
     # a LoRA run of a Llama: peft adapters are written for GPT-2 bases only; the merged model is a Llama
     lora, _ = save_run(tmp_path, _random_llama(vocab_size=280, lora_rank=2), "lora")
