@@ -96,9 +96,11 @@ def test_export_round_trips_through_transformers(tmp_path, kw):
      "rope_parameters of type 'linear'"),
     ({"rope_parameters": {"rope_type": "default", "rope_theta": 500.0, "partial_rotary_factor": 0.2}},
      "partial rotary factor 0.2: 3 of head_dim 16 rotated"),
+    ({"rope_parameters": {"rope_type": "default", "rope_theta": -1.0, "partial_rotary_factor": 0.25}},
+     r"a RoPE base -1.0 \(rope_theta\); it must be a number > 0"),
     ({"use_qkv_bias": False}, "use_qkv_bias false, but the weights have q_proj's bias"),
     ({"model_type": "stablelm_epoch"}, "model_type 'stablelm_epoch'"),
-], ids=["parallel", "qk-layernorm", "activation", "linear-rope", "odd-rotary", "qkv-bias", "epoch"])
+], ids=["parallel", "qk-layernorm", "activation", "linear-rope", "odd-rotary", "theta", "qkv-bias", "epoch"])
 def test_what_this_model_does_not_compute_is_refused_by_name(tmp_path, change, match):
     _, path = hf_stablelm(tmp_path)
     cfg_json = tmp_path / "config.json"

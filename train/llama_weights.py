@@ -102,6 +102,30 @@ def partial_rotary_dim(factor, head_dim: int, where: str) -> int:
     return 0 if rotary == head_dim else rotary
 
 
+def unscaled_partial_rope(d: dict, head_dim: int, cfg_json, family: str, theta_keys=("rope_theta",),
+                          factor_keys=("partial_rotary_factor",)) -> tuple:
+    """(RoPE's base, GPTConfig.rotary_dim) of a family whose RoPE is unscaled and turns the first share of each
+    head (GPT-NeoX's, StableLM's: 0.25 when config.json says none, as transformers reads both): from
+    transformers 5's rope_parameters, else the older flat keys (GPT-NeoX's rotary_emb_base and rotary_pct);
+    a scaled RoPE refused by name."""
+    params = d.get("rope_parameters") if isinstance(d.get("rope_parameters"), dict) else {}
+    scaling = d.get("rope_scaling") if isinstance(d.get("rope_scaling"), dict) else {}
+    for where, p in (("rope_parameters", params), ("rope_scaling", scaling)):
+        kind = p.get("rope_type", p.get("type", "default"))
+        if kind != "default":
+            raise UserError(f"{cfg_json} has {where} of type {kind!r}; this model reads {family}'s RoPE unscaled "
+                            "('default') only")
+
+    def first(keys, default):
+        return next((d[k] for k in keys if k in d), default)
+
+    theta = params.get("rope_theta", first(theta_keys, 10000.0))
+    if isinstance(theta, bool) or not isinstance(theta, (int, float)) or not math.isfinite(theta) or theta <= 0:
+        raise UserError(f"{cfg_json} has a RoPE base {theta!r} ({' or '.join(theta_keys)}); it must be a number > 0")
+    factor = params.get("partial_rotary_factor", first(factor_keys, 0.25))
+    return float(theta), partial_rotary_dim(factor, head_dim, f"{cfg_json} has a")
+
+
 def _sliding_window(d: dict, kind: str, n_layer: int, cfg_json) -> tuple:
     """(attention_window, window_layers) of a config.json as transformers reads it: Llama has no
     window; Mistral's sliding_window covers every layer (4096 if the key is absent); Qwen2's (and

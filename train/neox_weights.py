@@ -17,12 +17,11 @@ from pathlib import Path
 
 import torch
 
-from tritongpt._types import is_real
 from tritongpt.errors import UserError, read_json_object
 from tritongpt.model.config import GPTConfig
 from tritongpt.model.gpt import GPTModel
 from tritongpt.train.gpt2_weights import _read_tensors, model_with_tensors, write_hf_folder
-from tritongpt.train.llama_weights import partial_rotary_dim
+from tritongpt.train.llama_weights import unscaled_partial_rope
 
 MODEL_TYPE = "gpt_neox"
 # hidden_act -> GPTConfig.gelu_approximate
@@ -37,25 +36,6 @@ def is_neox_file(path) -> bool:
     """A Hugging Face GPT-NeoX (Pythia) model.safetensors (or shard index): its config.json says so."""
     cfg_json = Path(path).parent / "config.json"
     return cfg_json.is_file() and read_json_object(cfg_json).get("model_type") == MODEL_TYPE
-
-
-def _rope(d: dict, head_dim: int, cfg_json) -> tuple:
-    """(RoPE's base, GPTConfig.rotary_dim) from transformers 5's rope_parameters or 4.x's rotary_emb_base and
-    rotary_pct (partial rotary: that share of each head's dimensions rotated; transformers reads a config.json
-    without one as 0.25, Pythia's); scaled RoPE refused by name."""
-    params = d.get("rope_parameters") if isinstance(d.get("rope_parameters"), dict) else {}
-    scaling = d.get("rope_scaling") if isinstance(d.get("rope_scaling"), dict) else {}
-    for where, p in (("rope_parameters", params), ("rope_scaling", scaling)):
-        kind = p.get("rope_type", p.get("type", "default"))
-        if kind != "default":
-            raise UserError(f"{cfg_json} has {where} of type {kind!r}; this model reads GPT-NeoX's RoPE unscaled "
-                            "('default') only")
-    pct = params.get("partial_rotary_factor", d.get("rotary_pct", d.get("partial_rotary_factor", 0.25)))
-    rotary = partial_rotary_dim(pct, head_dim, f"{cfg_json} has a")
-    theta = params.get("rope_theta", d.get("rotary_emb_base", d.get("rope_theta", 10000.0)))
-    if not is_real(theta) or not 0 < theta < float("inf"):
-        raise UserError(f"{cfg_json} has rotary_emb_base {theta!r}; it must be a number > 0")
-    return float(theta), rotary
 
 
 def _check_hf_config(cfg_json: Path, sd: dict) -> GPTConfig:
@@ -95,7 +75,9 @@ def _check_hf_config(cfg_json: Path, sd: dict) -> GPTConfig:
         raise UserError(f"{cfg_json} has num_key_value_heads {d['num_key_value_heads']!r}; GPT-NeoX's heads each "
                         "have their own keys and values")
     head = sd.get("embed_out.weight", sd.get("lm_head.weight"))
-    theta, rotary = _rope(d, n_embd // n_head, cfg_json)
+    # transformers 4's names first (the Hub's Pythia configs); rotary_pct 0.25 when absent, as transformers
+    theta, rotary = unscaled_partial_rope(d, n_embd // n_head, cfg_json, "GPT-NeoX",
+                                          ("rotary_emb_base", "rope_theta"), ("rotary_pct", "partial_rotary_factor"))
     return GPTConfig(vocab_size=vocab, n_embd=n_embd, n_layer=n_layer, n_head=n_head,
                      context_length=d.get("max_position_embeddings", 2048), position_encoding="rope",
                      rope_theta=theta, rotary_dim=rotary, norm_eps=d.get("layer_norm_eps", 1e-5),

@@ -9,7 +9,6 @@ What this model does not compute is refused by name: the parallel block with one
 (use_parallel_residual, StableLM 2 12B's), per-head q/k LayerNorms with weights of each head's own
 (qk_layernorm), another activation, scaled RoPE, a head_dim the weights do not have.
 """
-import math
 from pathlib import Path
 
 import torch
@@ -20,7 +19,7 @@ from tritongpt.model.gpt import GPTModel
 from tritongpt.train.gpt2_weights import _read_tensors, model_with_tensors, refuse_gemma_touches, write_hf_folder
 from tritongpt.train.llama_weights import _hf_tensors as _llama_hf_tensors
 from tritongpt.train.llama_weights import _our_tensors as _llama_tensors
-from tritongpt.train.llama_weights import hf_shapes, partial_rotary_dim, shape_fields
+from tritongpt.train.llama_weights import hf_shapes, shape_fields, unscaled_partial_rope
 
 MODEL_TYPE, ARCHITECTURE = "stablelm", "StableLmForCausalLM"
 # the norms' biases, which Llama's RMSNorms do not have: ours, then StableLM's (under "layers.{i}.")
@@ -31,23 +30,6 @@ def is_stablelm_file(path) -> bool:
     """A Hugging Face StableLM model.safetensors or shard index: its config.json says model_type stablelm."""
     cfg_json = Path(path).parent / "config.json"
     return cfg_json.is_file() and read_json_object(cfg_json).get("model_type") == MODEL_TYPE
-
-
-def _rope(d: dict, head_dim: int, cfg_json) -> tuple:
-    """(RoPE's base, GPTConfig.rotary_dim) from rope_parameters (transformers 5) or rope_theta and
-    partial_rotary_factor (4.x; StableLmConfig's default factor is 0.25); scaled RoPE refused by name."""
-    params = d.get("rope_parameters") if isinstance(d.get("rope_parameters"), dict) else {}
-    scaling = d.get("rope_scaling") if isinstance(d.get("rope_scaling"), dict) else {}
-    for where, p in (("rope_parameters", params), ("rope_scaling", scaling)):
-        kind = p.get("rope_type", p.get("type", "default"))
-        if kind != "default":
-            raise UserError(f"{cfg_json} has {where} of type {kind!r}; this model reads StableLM's RoPE unscaled "
-                            "('default') only")
-    theta = params.get("rope_theta", d.get("rope_theta", 10000.0))
-    if isinstance(theta, bool) or not isinstance(theta, (int, float)) or not math.isfinite(theta) or theta <= 0:
-        raise UserError(f"{cfg_json} has rope_theta {theta!r}; it must be a number > 0")
-    factor = params.get("partial_rotary_factor", d.get("partial_rotary_factor", 0.25))
-    return float(theta), partial_rotary_dim(factor, head_dim, f"{cfg_json} has a")
 
 
 def _check_hf_config(cfg_json: Path, sd: dict) -> GPTConfig:
@@ -68,7 +50,7 @@ def _check_hf_config(cfg_json: Path, sd: dict) -> GPTConfig:
     if d.get("qk_layernorm"):
         raise UserError(f"{cfg_json} has qk_layernorm true (a LayerNorm of each head's q and k with weights of "
                         "that head's own), which this model does not compute")
-    theta, rotary = _rope(d, head_dim, cfg_json)
+    theta, rotary = unscaled_partial_rope(d, head_dim, cfg_json, "StableLM")
     qkv_bias = bool(d.get("use_qkv_bias", False))
     if qkv_bias != ("layers.0.self_attn.q_proj.bias" in sd):
         raise UserError(f"{cfg_json} has use_qkv_bias {str(qkv_bias).lower()}, but the weights "
