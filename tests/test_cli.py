@@ -60,19 +60,20 @@ def test_info_counts_parameters(capsys):
 
 
 def test_info_says_what_a_zero_or_overridden_field_stands_for(tmp_path, capsys):
-    """mlp_hidden 0 is Llama's rule, n_kv_head 0 one KV head per head, and qkv_bias is inert
-    without biases: info says the value the model has, not only the stored 0 or True."""
+    """mlp_hidden 0 is Llama's rule, n_kv_head 0 one KV head per head, rotary_dim 0 the whole head, and qkv_bias
+    is inert without biases: info says the value the model has, not only the stored 0 or True."""
     cfg = GPTConfig(vocab_size=64, context_length=16, n_embd=96, n_layer=1, n_head=6, n_kv_head=0, bias=False,
-                    mlp="swiglu", norm="rmsnorm")
+                    mlp="swiglu", norm="rmsnorm", position_encoding="rope")
     GPTModel(cfg).save(tmp_path / "w.safetensors")
     assert main(["info", "--weights", str(tmp_path / "w.safetensors")]) == 0
     out = capsys.readouterr().out
     assert "  mlp_hidden      0 (Llama's rule: 256)\n" in out
     assert "  n_kv_head       0 (as many as the heads: 6)\n" in out
     assert "  qkv_bias        True (no effect: bias False drops every bias)\n" in out
+    assert "  rotary_dim      0 (the whole head: 16)\n" in out
     assert main(["info", "--model", "gpt2-small"]) == 0
-    out = capsys.readouterr().out  # GPT-2: biases, GELU: nothing to explain but the KV heads
-    assert "  mlp_hidden      0\n" in out and "  qkv_bias        True\n" in out
+    out = capsys.readouterr().out  # GPT-2: biases, GELU, learned positions: nothing to explain but the KV heads
+    assert "  mlp_hidden      0\n" in out and "  qkv_bias        True\n" in out and "  rotary_dim      0\n" in out
 
 
 def test_info_on_a_checkpoint_says_its_config_and_its_run(saved_model, tmp_path, capsys):

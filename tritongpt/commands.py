@@ -73,6 +73,8 @@ def _what_it_means(cfg, key, value) -> str:
         return f" (as many as the heads: {cfg.n_head})"
     if key == "attention_head_dim" and not value:
         return f" (n_embd / n_head: {cfg.head_dim})"
+    if key == "rotary_dim" and not value and cfg.position_encoding == "rope":
+        return f" (the whole head: {cfg.head_dim})"
     if key == "qkv_bias" and value and not cfg.bias:
         return " (no effect: bias False drops every bias" + (", and qkv_bias_only gives q/k/v theirs)"
                                                              if cfg.qkv_bias_only else ")")
