@@ -510,6 +510,13 @@ def test_gpt2_sizes_cuda_bf16(C):
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("C", [768, 2048])
+def test_pythia_sizes_cuda_bf16_exact_gelu(C):
+    """The exact (erf) GELU at Pythia 160M's and 1.4B's widths, bf16, forward and every gradient."""
+    check_parity(4096, C, 4 * C, torch.bfloat16, torch.device("cuda"), seed=C + 1, approximate="none")
+
+
+@pytest.mark.cuda
 def test_odd_sizes_cuda():
     dev = torch.device("cuda")
     check_parity(4099, 768, 3072, torch.float32, dev, seed=1)

@@ -995,3 +995,30 @@ def test_mscale_scales_the_rotated_columns_only_and_compiles(device):
     for bad in (0.0, -1.0, float("nan")):
         with pytest.raises(ValueError, match="rope: mscale must be a finite number > 0"):
             rope(q, k, pos, rotary_dim=6, mscale=bad)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("H,Hkv,D,R,mscale", [(16, 16, 128, 32, 1.0), (24, 8, 128, 96, 1.19)],
+                         ids=["pythia-1.4b", "phi-4-mini"])
+def test_cuda_partial_rotary_at_model_sizes_bf16(H, Hkv, D, R, mscale):
+    """Pythia 1.4B's heads (32 of 128 rotated) and Phi-4-mini's (96 of 128, 24 query heads over 8, LongRoPE's
+    attention factor as mscale) at T = 2048 in bf16, where the GPU's token tiles (_block_t's register
+    budget, which the interpreter never takes) are sized: within twice the reference module's error of
+    float64, forward and both gradients, and the pass-through columns the input's bits."""
+    dev = torch.device("cuda")
+    gen = torch.Generator().manual_seed(D + R)
+    B, T = 2, 2048
+    q = torch.randn(B, T, H, D, generator=gen).to(dev, torch.bfloat16).transpose(1, 2).requires_grad_()
+    k = torch.randn(B, T, Hkv, D, generator=gen).to(dev, torch.bfloat16).transpose(1, 2).requires_grad_()
+    pos = doc_positions(B, T, gen).to(dev)
+    got = run_and_grads(lambda q, k: rope(q, k, pos, rotary_dim=R, mscale=mscale), q, k, gen)
+    ref = run_and_grads(lambda q, k: (apply_rotary(q, pos, rotary_dim=R, mscale=mscale),
+                                      apply_rotary(k, pos, rotary_dim=R, mscale=mscale)), q, k, gen)
+    q64, k64 = (t.detach().double().cpu().requires_grad_() for t in (q, k))
+    want = [ref64(t, pos.cpu(), rotary_dim=R) for t in (q64, k64)]
+    want = [torch.cat([w[..., :R] * mscale, w[..., R:]], -1) for w in want]
+    torch.autograd.backward(want, (got[4].double().cpu(), got[5].double().cpu()))
+    for name, a, r, b in zip(NAMES, got, ref, (*[w.detach() for w in want], q64.grad, k64.grad)):
+        ours, theirs = report(a.cpu(), b)[1], report(r.cpu(), b)[1]
+        assert ours <= 2 * theirs + 1e-6, (name, ours, theirs)
+    assert torch.equal(got[0][..., R:], q.detach()[..., R:]) and torch.equal(got[1][..., R:], k.detach()[..., R:])
