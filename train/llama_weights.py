@@ -61,6 +61,13 @@ def is_llama_file(path) -> bool:
     return any(".mlp.gate_proj." in k for k in tensor_names(path))
 
 
+def checked_rope_base(theta, what: str, note: str = "") -> float:
+    """RoPE's base as read from a config.json (what: "<file> has rope_theta"), a finite number > 0, as a float."""
+    if isinstance(theta, bool) or not isinstance(theta, (int, float)) or not math.isfinite(theta) or theta <= 0:
+        raise UserError(f"{what} {theta!r}{note}; it must be a number > 0")
+    return float(theta)
+
+
 def _rope_theta(d: dict, cfg_json) -> tuple:
     """(RoPE's base, its scaling: GPTConfig.rope_scaling) from transformers 5's rope_parameters or
     the older rope_theta / rope_scaling. Linear, Llama 3's and YaRN's scalings stretch the frequencies
@@ -81,9 +88,7 @@ def _rope_theta(d: dict, cfg_json) -> tuple:
         if kind == "llama3" and "original_max_position_embeddings" not in spec:  # transformers' fallback
             spec["original_max_position_embeddings"] = d.get("max_position_embeddings")
         scaling = scaling or check_rope_scaling(spec, f"{cfg_json} has {where}")
-    theta = params.get("rope_theta", d.get("rope_theta", 10000.0))
-    if isinstance(theta, bool) or not isinstance(theta, (int, float)) or not math.isfinite(theta) or theta <= 0:
-        raise UserError(f"{cfg_json} has rope_theta {theta!r}; it must be a number > 0")
+    theta = checked_rope_base(params.get("rope_theta", d.get("rope_theta", 10000.0)), f"{cfg_json} has rope_theta")
     if d.get("partial_rotary_factor", 1.0) != 1.0:
         raise UserError(f"{cfg_json} has partial_rotary_factor {d['partial_rotary_factor']!r}; this model rotates "
                         "every dimension of a head (1.0) only")
@@ -119,11 +124,10 @@ def unscaled_partial_rope(d: dict, head_dim: int, cfg_json, family: str, theta_k
     def first(keys, default):
         return next((d[k] for k in keys if k in d), default)
 
-    theta = params.get("rope_theta", first(theta_keys, 10000.0))
-    if isinstance(theta, bool) or not isinstance(theta, (int, float)) or not math.isfinite(theta) or theta <= 0:
-        raise UserError(f"{cfg_json} has a RoPE base {theta!r} ({' or '.join(theta_keys)}); it must be a number > 0")
+    theta = checked_rope_base(params.get("rope_theta", first(theta_keys, 10000.0)), f"{cfg_json} has a RoPE base",
+                              f" ({' or '.join(theta_keys)})")
     factor = params.get("partial_rotary_factor", first(factor_keys, 0.25))
-    return float(theta), partial_rotary_dim(factor, head_dim, f"{cfg_json} has a")
+    return theta, partial_rotary_dim(factor, head_dim, f"{cfg_json} has a")
 
 
 def _sliding_window(d: dict, kind: str, n_layer: int, cfg_json) -> tuple:

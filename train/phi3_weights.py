@@ -15,7 +15,6 @@ parameters take them) and concatenated on the way out. What else a Phi config sa
 What this model does not compute is refused by name: another activation, a head_dim the weights do
 not have, another RoPE scaling, fused tensors whose rows do not split into the heads config.json says.
 """
-import math
 from pathlib import Path
 
 import torch
@@ -24,7 +23,8 @@ from tritongpt.errors import UserError, read_json_object
 from tritongpt.model.config import GPTConfig, check_rope_scaling
 from tritongpt.model.gpt import GPTModel
 from tritongpt.train.gpt2_weights import _read_tensors, model_with_tensors, write_hf_folder
-from tritongpt.train.llama_weights import _our_tensors, hf_shapes, partial_rotary_dim, refuse_not_llama, shape_fields
+from tritongpt.train.llama_weights import (_our_tensors, checked_rope_base, hf_shapes, partial_rotary_dim,
+                                           refuse_not_llama, shape_fields)
 
 MODEL_TYPE, ARCHITECTURE = "phi3", "Phi3ForCausalLM"
 LONGROPE_ALIASES = ("longrope", "su", "yarn")  # Phi3Config reads the two older names as longrope
@@ -78,9 +78,7 @@ def _rope(d: dict, cfg_json) -> tuple:
     original_max_position_embeddings (top level in Phi-3's configs) and the optional factor and
     attention_factor."""
     params = d.get("rope_parameters") if isinstance(d.get("rope_parameters"), dict) else {}
-    theta = params.get("rope_theta", d.get("rope_theta", 10000.0))
-    if isinstance(theta, bool) or not isinstance(theta, (int, float)) or not math.isfinite(theta) or theta <= 0:
-        raise UserError(f"{cfg_json} has rope_theta {theta!r}; it must be a number > 0")
+    theta = checked_rope_base(params.get("rope_theta", d.get("rope_theta", 10000.0)), f"{cfg_json} has rope_theta")
     old = d.get("rope_scaling") if isinstance(d.get("rope_scaling"), dict) else {}
     for where, p in (("rope_parameters", params), ("rope_scaling", old)):
         kind = p.get("rope_type", p.get("type", "default"))
@@ -98,8 +96,8 @@ def _rope(d: dict, cfg_json) -> tuple:
         for key in ("short_factor", "long_factor"):
             if key not in spec:
                 raise UserError(f"{cfg_json} has {where} of type {kind!r} without {key}; LongRoPE needs both lists")
-        return float(theta), check_rope_scaling(spec, f"{cfg_json} has {where}")
-    return float(theta), None
+        return theta, check_rope_scaling(spec, f"{cfg_json} has {where}")
+    return theta, None
 
 
 def _check_hf_config(cfg_json: Path, sd: dict) -> GPTConfig:
