@@ -41,23 +41,29 @@ def assert_close_mixed(out: torch.Tensor, ref: torch.Tensor, rel_tol: float, abs
     return max_abs, rel
 
 
-def decode_token_by_token(model, idx, prefill: int = 6):
-    """(logits of idx run at once, logits of a prefill of `prefill` tokens then one token at a time
-    over the KV cache, the cache), under no_grad: the two must agree."""
+def decode_token_by_token(model, idx, prefill: int = 6, singles: int | None = None, whole: bool = True):
+    """(logits of idx run at once (None with whole False), logits of a prefill of `prefill` tokens, then
+    `singles` tokens one at a time over the KV cache (None: every other token) and the rest as one chunk
+    over it, the cache), under no_grad: the two must agree."""
+    T = idx.shape[1]
+    stop = T if singles is None else min(T, prefill + singles)
     with torch.no_grad():
-        whole = model(idx)
+        at_once = model(idx) if whole else None
         cache = model.new_cache(idx.shape[0])
-        steps = [model(idx[:, :prefill], cache)] + [model(idx[:, t:t + 1], cache) for t in range(prefill, idx.shape[1])]
-    return whole, torch.cat(steps, 1), cache
+        steps = [model(idx[:, :prefill], cache)] + [model(idx[:, t:t + 1], cache) for t in range(prefill, stop)]
+        if stop < T:  # a chunk after the single tokens: Tq > 1 over a filled cache
+            steps.append(model(idx[:, stop:], cache))
+    return at_once, torch.cat(steps, 1), cache
 
 
 def decodes_like(model, idx, want):
     """A float64 model's decode over the KV cache (decode_token_by_token) gives want's logits on the
-    reference path (2e-6 relative) and, in fp32, on the Triton path (1e-5, Tq < Tk in the kernel); the
-    model is left float64 on the reference path."""
-    for kernels, dtype, tol in (("reference", torch.float64, 2e-6), ("triton", torch.float32, 1e-5)):
+    reference path (2e-6 relative, token by token) and, in fp32, on the Triton path (1e-5, Tq < Tk in the
+    kernel: three single tokens then a chunk, each launch costing the interpreter time); the model is left
+    float64 on the reference path."""
+    for kernels, dtype, tol, singles in (("reference", torch.float64, 2e-6, None), ("triton", torch.float32, 1e-5, 3)):
         model.to(dtype).set_kernels(kernels)
-        _, decoded, _ = decode_token_by_token(model, idx)
+        _, decoded, _ = decode_token_by_token(model, idx, singles=singles, whole=False)
         assert_close_rel(decoded.double(), want, tol, f"decoded over the cache, {kernels}")
     model.double().set_kernels("reference")
 

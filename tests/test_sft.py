@@ -1219,7 +1219,7 @@ def test_packed_loss_is_the_sum_of_the_examples_alone(path):
     on each example alone, unpacked (and so are its gradients), fp32, on both kernel paths. Without
     doc_ids reaching the model the examples of a row would see each other and it would not be."""
     torch.manual_seed(0)
-    model = GPTModel(GPTConfig(vocab_size=129, context_length=24, n_embd=32, n_layer=2, n_head=2))
+    model = GPTModel(GPTConfig(vocab_size=129, context_length=24, n_embd=32, n_layer=1, n_head=2))
     model.set_kernels(path)
     examples = packing_examples(6, seed=5, max_size=24)
     data = sft.SFTData(examples, [], pad_id=128, batch_size=2, pack_len=24)
@@ -1243,7 +1243,8 @@ def test_packed_loss_is_the_sum_of_the_examples_alone(path):
     # the check has teeth: the same rows without doc_ids (examples seeing each other) differ
     with torch.no_grad():
         mixed = sum(float(sft.sft_loss(model, (x, y))[0]) for x, y, _ in packed)
-    assert abs(mixed - float(sums[1])) > 1e-4 * abs(float(sums[1]))  # 4e-3 here; 1e-4 is 10x the tolerance
+    gap = abs(mixed - float(sums[1])) / abs(float(sums[1]))
+    assert gap > 1e-4  # 2.5e-3 here; 1e-4 is 10x the tolerance
     if path == "triton":
         assert model.kernels == frozenset(KERNEL_NAMES)
 
