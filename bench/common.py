@@ -108,11 +108,11 @@ def add_layernorm_bytes(m: int, n: int, stream_elem: int, delta_elem: int, mode:
     return {"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd + bwd}[_check_mode(mode)]
 
 
-def rope_bytes(tokens: int, heads: int, head_dim: int, elem: int, mode: str) -> int:
-    """The least memory traffic of RoPE on q and k ([tokens, heads, head_dim] each): forward reads
-    both and writes both rotated; backward the same for their gradients (positions, and cos/sin or
-    their table, not counted)."""
-    one = 4 * tokens * heads * head_dim * elem
+def rope_bytes(tokens: int, heads: int, head_dim: int, elem: int, mode: str, kv_heads: int | None = None) -> int:
+    """The least memory traffic of RoPE on q and k ([tokens, heads, head_dim] each; k kv_heads wide when given):
+    forward reads both and writes both rotated; backward the same for their gradients (positions, and cos/sin or
+    their table, not counted). Under partial rotary the pass-through columns are read and written too."""
+    one = 2 * tokens * (heads + (heads if kv_heads is None else kv_heads)) * head_dim * elem
     return {"fwd": one, "bwd": one, "fwd+bwd": 2 * one}[_check_mode(mode)]
 
 

@@ -58,11 +58,24 @@ c tanh(s / c), c = 50 (Gemma 2's attn_logit_softcapping), at attention's sizes: 
 Hugging Face's Gemma 2 runs it (the scores, the cap, the mask, an fp32 softmax cast back, @ v),
 torch.compile of it, FlexAttention with the cap as its score_mod and a causal block mask, ours
 (flash_attention(softcap=50)) and flash-attn's softcap. Its FLOPs are causal attention's (the tanh
-per score are not counted). It runs after geglu, the first a short budget drops.
+per score are not counted). It runs after geglu.
+mlp_exact_gelu is the GELU MLP with the exact erf GELU (GPT-NeoX's, Pythia's, Falcon's; GPTConfig.gelu_approximate
+"none") at mlp's sizes and FLOP count: the reference FeedForward(approximate="none"), addmm + F.gelu(approximate=
+"none") + addmm, its torch.compile and ours (gelu_mlp(approximate="none"): the erf in the same epilogues); Liger has
+no GELU MLP (as for mlp, no row). Its saved rows as mlp's.
+rope_partial is RoPE on the first rotary_dim columns of each head, the rest passed through (GPTConfig.rotary_dim):
+Pythia's heads (12 of 64 rotating 16, the small Pythias'; 16 of 128 rotating 32, 1.4B's: rotary_pct 0.25) and
+Phi-4-mini's (24 query heads over 8 KV heads of 128, rotating 96, cos and sin times LongRoPE's attention factor,
+mscale) at rope's tokens: the reference Rotary(rotary_dim=, mscale=), it compiled and ours (rope(rotary_dim=,
+mscale=)); Liger's liger_rotary_pos_emb rotates whole heads only, so its rows are skipped, saying so. Bytes: q and
+k read and written whole (the pass-through columns are copied too). mlp_exact_gelu then rope_partial run last of
+all (after softcap_attention), so a short budget drops rope_partial first.
 Modes: fwd (inputs require grad, as in training), bwd (backward of a kept graph,
 retain_graph=True), fwd+bwd. Backward starts from a random gradient, or from 1 for a loss (as
 loss.backward() does). Gradients are reset to None before each timed call.
 """
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -113,6 +126,10 @@ PROVIDERS = {
     "geglu": ("reference", "compile", "triton", "liger"),
     # Gemma 2's attention logit soft-capping: c tanh(scores / c) before the causal mask (ATTN_SOFTCAP)
     "softcap_attention": ("reference", "compile", "flex", "triton", *FLASH_ATTN),
+    # the GELU MLP with the exact erf GELU (GPTConfig.gelu_approximate "none": GPT-NeoX, Pythia, Falcon)
+    "mlp_exact_gelu": ("reference", "torch", "compile", "triton"),
+    # partial rotary: RoPE on the first rotary_dim columns of each head (GPTConfig.rotary_dim: Pythia, Phi-4-mini)
+    "rope_partial": ("reference", "compile", "triton", "liger"),
 }
 # a gated MLP op -> its gate's activation (SwiGLUFeedForward's and swiglu_mlp's activation)
 GATED_MLPS = {"swiglu": "silu", "geglu": "gelu"}
@@ -120,6 +137,11 @@ DOCUMENTS_PER_ROW = 8  # doc_attention: random lengths, this many per sequence
 SMOOTH_Z = dict(label_smoothing=0.1, z_loss=1e-4)  # lm_head_loss_smooth_z's options (1e-4: PaLM's z-loss)
 SOFTCAP = dict(softcap=30.0)  # lm_head_loss_softcap's logit soft cap (30: Gemma 2's final-logit cap)
 ATTN_SOFTCAP = 50.0  # softcap_attention's cap on the scores (Gemma 2's attn_logit_softcapping)
+# a GELU MLP op -> its GELU, as F.gelu names them (FeedForward's and gelu_mlp's approximate)
+GELU_MLPS = {"mlp": "tanh", "mlp_exact_gelu": "none"}
+# Phi-4-mini's LongRoPE attention factor, transformers' default for its 131072 positions over the original 4096
+# (model/config.py longrope_defaults): under partial rotary it multiplies cos and sin (rope's mscale)
+PHI4_MINI_MSCALE = math.sqrt(1 + math.log(131072 / 4096) / math.log(4096))
 ALL_PROVIDERS = tuple(sorted({p for v in PROVIDERS.values() for p in v}))
 
 # Sweeps. Full: what `tritongpt bench kernels` runs on a GPU. Quick: a smoke-sized subset that
@@ -130,14 +152,19 @@ FULL_SIZES = dict(ln_rows=16384, ln_widths=(768, 1024, 1280, 1600),
                   attn_window=256, attn_tokens=16384, attn_width=2048,
                   ce_rows=16384, ce_vocabs=(50257,), head_widths=(768,),
                   rope_tokens=16384, rope_seq_len=1024, rope_heads=(12, 16), rope_head_dim=64,
-                  gqa_seqlens=(512, 1024, 2048, 4096, 8192), gqa_heads=((32, 8, 128), (12, 1, 64), (4, 1, 256)))
+                  gqa_seqlens=(512, 1024, 2048, 4096, 8192), gqa_heads=((32, 8, 128), (12, 1, 64), (4, 1, 256)),
+                  # rope_partial: (query heads, KV heads, head dim, rotary_dim, mscale) at rope's tokens and length:
+                  # Pythia 160M's, Pythia 1.4B's, Phi-4-mini's
+                  rope_partial_heads=((12, 12, 64, 16, 1.0), (16, 16, 128, 32, 1.0),
+                                      (24, 8, 128, 96, PHI4_MINI_MSCALE)))
 QUICK_SIZES = dict(ln_rows=4096, ln_widths=(768, 1600),
                    mlp_rows=4096, mlp_widths=(768,),
                    attn_seqlens=(1024,), attn_head_dims=(64,),
                    attn_window=256, attn_tokens=8192, attn_width=2048,
                    ce_rows=4096, ce_vocabs=(50257,), head_widths=(768,),
                    rope_tokens=16384, rope_seq_len=1024, rope_heads=(12,), rope_head_dim=64,
-                   gqa_seqlens=(1024,), gqa_heads=((32, 8, 128), (12, 1, 64)))
+                   gqa_seqlens=(1024,), gqa_heads=((32, 8, 128), (12, 1, 64)),
+                   rope_partial_heads=((12, 12, 64, 16, 1.0), (24, 8, 128, 96, PHI4_MINI_MSCALE)))
 
 
 def randn(*shape, device, dtype, scale=1.0, requires_grad=True):
@@ -315,11 +342,12 @@ def add_rmsnorm_providers(x, d, w, eps=1e-5):
     return {"reference": reference, "torch": torch_op, "compile": compiled, "triton": triton_op}
 
 
-def mlp_providers(x, w1, b1, w2, b2):
+def mlp_providers(x, w1, b1, w2, b2, approximate="tanh"):
+    """The GELU MLP's providers, approximate "tanh" (GPT-2's GELU, mlp) or "none" (exact erf, mlp_exact_gelu)."""
     from tritongpt.model.layers import FeedForward
 
     def module():
-        m = FeedForward(x.shape[-1]).to(x.device, x.dtype)
+        m = FeedForward(x.shape[-1], approximate=approximate).to(x.device, x.dtype)
         with torch.no_grad():
             m.fc1.weight.copy_(w1)
             m.fc1.bias.copy_(b1)
@@ -334,7 +362,7 @@ def mlp_providers(x, w1, b1, w2, b2):
     def torch_op():
         def f():
             h = torch.addmm(b1, x, w1.t())
-            return torch.addmm(b2, F.gelu(h, approximate="tanh"), w2.t())
+            return torch.addmm(b2, F.gelu(h, approximate=approximate), w2.t())
         return f, [x, w1, b1, w2, b2]
 
     def compiled():
@@ -346,7 +374,7 @@ def mlp_providers(x, w1, b1, w2, b2):
         fn, why = try_import("tritongpt.kernels.mlp", "gelu_mlp")
         if fn is None:
             raise Unavailable(why)
-        return (lambda: fn(x, w1, b1, w2, b2)), [x, w1, b1, w2, b2]
+        return (lambda: fn(x, w1, b1, w2, b2, approximate)), [x, w1, b1, w2, b2]
 
     return {"reference": reference, "torch": torch_op, "compile": compiled, "triton": triton_op}
 
@@ -700,6 +728,41 @@ def rope_providers(q, k, theta=10000.0, leaves=None):
     return {"reference": reference, "compile": compiled, "triton": triton_op, "liger": liger}
 
 
+def rope_partial_providers(q, k, rotary_dim, mscale=1.0, theta=10000.0, leaves=None):
+    """q [B, H, T, D], k [B, Hkv, T, D] at positions 0..T-1 -> (q, k) with their first rotary_dim columns rotated
+    (pairs i, i + rotary_dim / 2; cos and sin times mscale) and the rest passed through: the reference Rotary
+    module, it compiled and ours. Liger's rope has no partial rotary: its builder says so. leaves: as
+    rope_providers'."""
+    from tritongpt.model.layers import Rotary
+
+    D = q.shape[3]
+    pos = torch.arange(q.shape[2], device=q.device)
+    leaves = list(leaves) if leaves is not None else [q, k]
+
+    def module():
+        return Rotary(D, theta, rotary_dim=rotary_dim, mscale=mscale)
+
+    def reference():
+        m = module()
+        return (lambda: m(q, k, pos)), leaves
+
+    def compiled():
+        cm = _fresh_compile(module())
+        return (lambda: cm(q, k, pos)), leaves
+
+    def triton_op():
+        fn, why = try_import("tritongpt.kernels.rope", "rope")
+        if fn is None:
+            raise Unavailable(why)
+        return (lambda: fn(q, k, pos, theta, rotary_dim=rotary_dim, mscale=mscale)), leaves
+
+    def liger():
+        raise Unavailable(f"Liger's liger_rotary_pos_emb rotates whole heads: no partial rotary (rotary_dim "
+                          f"{rotary_dim} of {D})")
+
+    return {"reference": reference, "compile": compiled, "triton": triton_op, "liger": liger}
+
+
 def positional_args(function, **values) -> list:
     """The arguments, all positional, of an autograd Function's forward (apply takes no keywords,
     nor fills in defaults here): `values` by parameter name, every other parameter its default.
@@ -1021,7 +1084,8 @@ def sweep_add_rmsnorm(timer, budget, rows_m, widths, dtype, modes=MODES, provide
     return out
 
 
-def sweep_mlp(timer, budget, rows_m, widths, dtype, modes=MODES, providers=None):
+def sweep_mlp(timer, budget, rows_m, widths, dtype, modes=MODES, providers=None, op="mlp"):
+    """The GELU MLP at each width (hidden 4 C); op "mlp_exact_gelu": with the exact erf GELU, at the same sizes."""
     out = []
     dev = timer.device
     for c in widths:
@@ -1032,10 +1096,11 @@ def sweep_mlp(timer, budget, rows_m, widths, dtype, modes=MODES, providers=None)
         b1 = randn(4 * c, device=dev, dtype=dtype, scale=0.02)
         w2 = randn(c, 4 * c, device=dev, dtype=dtype, scale=(4 * c) ** -0.5)
         b2 = randn(c, device=dev, dtype=dtype, scale=0.02)
-        builders = mlp_providers(x, w1, b1, w2, b2)
-        out += bench_providers("mlp", cfg, builders, modes, timer, budget,
+        builders = mlp_providers(x, w1, b1, w2, b2, GELU_MLPS[op])
+        # the erf's few elementwise FLOPs are left out, as tanh's are
+        out += bench_providers(op, cfg, builders, modes, timer, budget,
                                lambda m: {"flops": mlp_flops(rows_m, c, m)}, providers)
-        out += mlp_saved_rows(cfg, builders, providers)
+        out += mlp_saved_rows(cfg, builders, providers, op=op)
         del x, w1, b1, w2, b2, builders
         timer.cleanup()
     return out
@@ -1063,6 +1128,11 @@ def sweep_swiglu(timer, budget, rows_m, widths, dtype, modes=MODES, providers=No
         del x, wg, wu, wd, builders
         timer.cleanup()
     return out
+
+
+def sweep_mlp_exact_gelu(timer, budget, rows_m, widths, dtype, modes=MODES, providers=None):
+    """The GELU MLP with the exact erf GELU (GPT-NeoX's, Pythia's) at mlp's sizes."""
+    return sweep_mlp(timer, budget, rows_m, widths, dtype, modes, providers, op="mlp_exact_gelu")
 
 
 def sweep_geglu(timer, budget, rows_m, widths, dtype, modes=MODES, providers=None):
@@ -1269,6 +1339,27 @@ def sweep_rope(timer, budget, tokens, seq_len, heads, head_dim, dtype, modes=MOD
     return out
 
 
+def sweep_rope_partial(timer, budget, tokens, seq_len, heads, dtype, modes=MODES, providers=None):
+    """Partial rotary at each (H, Hkv, D, rotary_dim, mscale) of heads, q and k [B, H|Hkv, T, D] views of
+    [B, T, H|Hkv, D] tensors as sweep_rope's; bytes: q and k read and written whole (the pass-through columns are
+    copied), not only the rotated ones."""
+    out = []
+    dev = timer.device
+    b = max(1, tokens // seq_len)
+    for h, h_kv, d, r, mscale in heads:
+        cfg = {"batch": b, "heads": h, "kv_heads": h_kv, "seq_len": seq_len, "head_dim": d, "rotary_dim": r,
+               "mscale": mscale, "dtype": dtype_name(dtype)}
+        leaves = [randn(b, seq_len, n, d, device=dev, dtype=dtype) for n in (h, h_kv)]
+        q, k = (t.transpose(1, 2) for t in leaves)
+        elem = q.element_size()
+        builders = rope_partial_providers(q, k, r, mscale, leaves=leaves)
+        out += bench_providers("rope_partial", cfg, builders, modes, timer, budget,
+                               lambda m: {"bytes": rope_bytes(b * seq_len, h, d, elem, m, kv_heads=h_kv)}, providers)
+        del q, k, leaves, builders
+        timer.cleanup()
+    return out
+
+
 def _sweep_lm_head(op, make_providers, timer, budget, rows_n, widths, vocabs, dtype, modes, providers, options=None):
     out = []
     dev = timer.device
@@ -1325,15 +1416,19 @@ def _sweep_plan(sizes, part):
             # the SwiGLU MLP, then the GeGLU one, at the GELU-MLP's widths: last of all (_run_plan)
             "swiglu": [sizes["mlp_widths"]] if part == "rest" else [],
             "geglu": [sizes["mlp_widths"]] if part == "rest" else [],
-            # Gemma 2's soft-capped attention at attention's sizes: after geglu, the first a short budget drops
-            "softcap_attention": [(sizes["attn_seqlens"], sizes["attn_head_dims"])] if part == "rest" else []}
+            # Gemma 2's soft-capped attention at attention's sizes: after geglu
+            "softcap_attention": [(sizes["attn_seqlens"], sizes["attn_head_dims"])] if part == "rest" else [],
+            # the exact-GELU MLP at mlp's widths, then partial rotary at rope's tokens: last of all (_run_plan)
+            "mlp_exact_gelu": [sizes["mlp_widths"]] if part == "rest" else [],
+            "rope_partial": [sizes["rope_partial_heads"]] if part == "rest" else []}
     return {op: [a for a in args if a] for op, args in plan.items()}
 
 
 def run_kernels(timer, budget, dtype=torch.bfloat16,
                 ops=("layernorm", "mlp", "attention", "cross_entropy", "lm_head_loss", "doc_attention",
                      "window_attention", "add_layernorm", "rope", "lm_head_loss_smooth_z", "lm_head_loss_softcap",
-                     "gqa_attention", "rmsnorm", "add_rmsnorm", "swiglu", "geglu", "softcap_attention"),
+                     "gqa_attention", "rmsnorm", "add_rmsnorm", "swiglu", "geglu", "softcap_attention",
+                     "mlp_exact_gelu", "rope_partial"),
                 modes=MODES, providers=None, sizes=None, ceiling_sizes=None, log=print):
     """All sweeps plus the ceilings; returns (rows, ceilings).
 
@@ -1342,9 +1437,9 @@ def run_kernels(timer, budget, dtype=torch.bfloat16,
     runs out it is the wider sweep's compiled baselines that go missing. lm_head_loss_smooth_z, then
     lm_head_loss_softcap (variants of lm_head_loss) come after all of those, each whole (every
     provider's, compiled ones too) before the next, gqa_attention after them, then rmsnorm,
-    add_rmsnorm, swiglu, geglu and softcap_attention (the newest ops), so a short budget drops
-    softcap_attention first, then geglu, then swiglu, then the RMSNorms, then gqa_attention, then
-    the LM head's soft cap.
+    add_rmsnorm, swiglu, geglu, softcap_attention, mlp_exact_gelu and rope_partial (the newest ops), so a
+    short budget drops rope_partial first, then mlp_exact_gelu, then softcap_attention, then geglu, then
+    swiglu, then the RMSNorms, then gqa_attention, then the LM head's soft cap.
     """
     sizes = dict(FULL_SIZES, **(sizes or {}))
     log("measuring ceilings (device copy bandwidth, bf16 matmul) ...")
@@ -1436,6 +1531,17 @@ def _run_plan(rows, timer, budget, dtype, ops, modes, sizes, groups, log):
                     f"head_dim {list(head_dims)} ...")
                 rows += sweep_softcap_attention(timer, budget, seqlens, head_dims, dtype, sizes["attn_tokens"],
                                                 sizes["attn_width"], modes, provs)
+        for provs, label in groups:
+            for widths in plan["mlp_exact_gelu"] if "mlp_exact_gelu" in ops else ():
+                log(f"gelu-mlp, exact erf GELU ({part}{label}): widths {list(widths)} x {sizes['mlp_rows']} rows ...")
+                rows += sweep_mlp_exact_gelu(timer, budget, sizes["mlp_rows"], widths, dtype, modes, provs)
+        for provs, label in groups:
+            for heads in plan["rope_partial"] if "rope_partial" in ops else ():
+                shapes = ", ".join(f"{h} over {h_kv} heads D={d} rotating {r}" + (f" mscale {m:.4g}" if m != 1 else "")
+                                   for h, h_kv, d, r, m in heads)
+                log(f"rope, partial rotary ({part}{label}): {shapes}, {sizes['rope_tokens']} tokens ...")
+                rows += sweep_rope_partial(timer, budget, sizes["rope_tokens"], sizes["rope_seq_len"], heads, dtype,
+                                           modes, provs)
 
 
 def sort_rows(rows):

@@ -377,6 +377,8 @@ def plot_kernels(rows, ceilings, out_dir) -> list:
              "rope": ("heads", "gbps", "GB/s", "copy"),
              "gqa_attention": ("seq_len", "tflops", "TFLOPS", "matmul"),
              "softcap_attention": ("seq_len", "tflops", "TFLOPS", "matmul"),
+             "mlp_exact_gelu": ("width", "tflops", "TFLOPS", "matmul"),
+             "rope_partial": ("heads", "gbps", "GB/s", "copy"),
              "cross_entropy": ("vocab", "gbps", "GB/s", "copy"),
              "lm_head_loss": ("vocab", "tflops", "TFLOPS", "matmul"),
              "lm_head_loss_smooth_z": ("vocab", "tflops", "TFLOPS", "matmul"),

@@ -501,7 +501,8 @@ def test_run_kernels_end_to_end_on_cpu():
         sizes=dict(ln_rows=8, ln_widths=(40, 24), mlp_rows=8, mlp_widths=(8,), attn_seqlens=(32, 16),
                    attn_head_dims=(8,), attn_tokens=32, attn_width=16, attn_window=20, ce_rows=8, ce_vocabs=(30,),
                    head_widths=(12,), rope_tokens=32, rope_seq_len=16, rope_heads=(2, 3), rope_head_dim=8,
-                   gqa_seqlens=(16,), gqa_heads=((4, 2, 8),)),
+                   gqa_seqlens=(16,), gqa_heads=((4, 2, 8),),
+                   rope_partial_heads=((2, 2, 8, 4, 1.0), (4, 2, 16, 12, 1.5))),
         ceiling_sizes=dict(copy_bytes=1 << 16, matmul_n=32, dtype=torch.float32), log=lambda s: None)
     assert ceil["copy"]["gbps"] > 0 and ceil["matmul"]["tflops"] > 0
     assert all(r["status"] == "ok" for r in rows), [r["status"] for r in rows if r["status"] != "ok"]
@@ -510,9 +511,15 @@ def test_run_kernels_end_to_end_on_cpu():
     # T=32 only: at 16 it would be causal attention), residual add + layernorm, lm_head_loss with label
     # smoothing and z-loss, lm_head_loss on soft-capped logits, rope at 2 and 3 heads (reference),
     # grouped-query attention (reference, sdpa-flash), rmsnorm and residual add + rmsnorm at 2 widths,
-    # the SwiGLU MLP and the GeGLU one (reference), soft-capped attention at T 32 and 16 (reference)
+    # the SwiGLU MLP and the GeGLU one (reference), soft-capped attention at T 32 and 16 (reference), the exact-GELU
+    # MLP (reference, torch), partial rotary at 2 shapes (reference)
     assert len(timed) == (2 * 2 * 3 + 1 * 2 * 3 + 2 * 2 * 3 + 1 * 2 * 3 + 1 * 2 * 3 + 2 * 3 + 3 + 2 * 2 * 3 + 1 * 2 * 3
-                          + 1 * 2 * 3 + 2 * 3 + 2 * 3 + 2 * 2 * 3 + 2 * 2 * 3 + 3 + 3 + 2 * 3)
+                          + 1 * 2 * 3 + 2 * 3 + 2 * 3 + 2 * 2 * 3 + 2 * 2 * 3 + 3 + 3 + 2 * 3 + 2 * 3 + 2 * 3)
+    assert [(r["provider"], r["config"]["width"]) for r in timed if r["op"] == "mlp_exact_gelu"] == \
+        [("reference", 8)] * 3 + [("torch", 8)] * 3
+    assert [(r["config"]["heads"], r["config"]["kv_heads"], r["config"]["head_dim"], r["config"]["rotary_dim"],
+             r["config"]["mscale"]) for r in timed if r["op"] == "rope_partial"] == \
+        [(2, 2, 8, 4, 1.0)] * 3 + [(4, 2, 16, 12, 1.5)] * 3
     assert [(r["config"]["seq_len"], r["config"]["head_dim"], r["config"]["softcap"]) for r in timed
             if r["op"] == "softcap_attention"] == [(16, 8, 50.0)] * 3 + [(32, 8, 50.0)] * 3
     assert {r["config"]["width"] for r in timed if r["op"] in ("rmsnorm", "add_rmsnorm")} == {40, 24}
@@ -533,12 +540,15 @@ def test_run_kernels_end_to_end_on_cpu():
     assert [r["config"]["seq_len"] for r in att][:6] == [16] * 6
     assert att[0]["config"]["batch"] == 2 and att[0]["config"]["heads"] == 2
     for r in timed:
-        by_bytes = r["op"] in ("layernorm", "add_layernorm", "cross_entropy", "rope", "rmsnorm", "add_rmsnorm")
+        by_bytes = r["op"] in ("layernorm", "add_layernorm", "cross_entropy", "rope", "rmsnorm", "add_rmsnorm",
+                               "rope_partial")
         key = "pct_of_copy_bw" if by_bytes else "pct_of_matmul"
         assert r[key] > 0
     assert {r["provider"] for r in rows if r["mode"] == "saved"} == {"reference", "torch"}
     assert [r["provider"] for r in rows if r["mode"] == "saved" and r["op"] == "swiglu"] == ["reference"]
     assert [r["provider"] for r in rows if r["mode"] == "saved" and r["op"] == "geglu"] == ["reference"]
+    assert [r["provider"] for r in rows if r["mode"] == "saved" and r["op"] == "mlp_exact_gelu"] == \
+        ["reference", "torch"]
 
 
 def test_target_configurations_are_measured_first_and_exactly_once():
@@ -562,6 +572,8 @@ def test_target_configurations_are_measured_first_and_exactly_once():
         assert first[op] == [] and rest[op] == [full["mlp_widths"]] == [(768, 1024, 1280, 1600)]
     assert first["softcap_attention"] == [] and rest["softcap_attention"] == [(full["attn_seqlens"],
                                                                                 full["attn_head_dims"])]
+    assert first["mlp_exact_gelu"] == [] and rest["mlp_exact_gelu"] == [full["mlp_widths"]]
+    assert first["rope_partial"] == [] and rest["rope_partial"] == [full["rope_partial_heads"]]
     assert full["gqa_heads"] == ((32, 8, 128), (12, 1, 64), (4, 1, 256))
     assert full["gqa_seqlens"] == (512, 1024, 2048, 4096, 8192)
     for op, key in (("layernorm", "ln_widths"), ("mlp", "mlp_widths")):
@@ -669,6 +681,41 @@ def test_geglu_providers_run_gemmas_mlp(monkeypatch):
             assert ((y - y64).norm() / y64.norm()).item() < 1e-5, (act, name)
     assert asked == [("liger_kernel.transformers.geglu", "LigerGEGLUMLP"), "gelu_pytorch_tanh",
                      ("liger_kernel.transformers.swiglu", "LigerSwiGLUMLP"), "silu"]
+
+
+def test_mlp_exact_gelu_providers_run_the_erf_gelu(device):
+    """mlp_exact_gelu's providers compute fc2(x Phi(x)) of fc1, the exact erf GELU written out here in float64,
+    closer to it by far than to GPT-2's tanh form (a provider left on tanh would fail); its rows are mlp's sizes
+    and FLOPs under their own op, saved rows included (ours keeps x and h only)."""
+    m, c = 6, 16
+    torch.manual_seed(2)
+    x = kernels.randn(m, c, device=device, dtype=torch.float32)
+    w1 = kernels.randn(4 * c, c, device=device, dtype=torch.float32, scale=0.5)  # h of spread ~2: the forms differ
+    b1, b2 = (kernels.randn(n, device=device, dtype=torch.float32, scale=0.1) for n in (4 * c, c))
+    w2 = kernels.randn(c, 4 * c, device=device, dtype=torch.float32, scale=(4 * c) ** -0.5)
+    h = x.double() @ w1.double().T + b1.double()
+    erf = 0.5 * h * (1 + torch.erf(h / math.sqrt(2)))
+    tanh = 0.5 * h * (1 + torch.tanh(math.sqrt(2 / math.pi) * (h + 0.044715 * h ** 3)))
+    want, tanh_y = ((a @ w2.double().T + b2.double()) for a in (erf, tanh))
+    assert ((want - tanh_y).norm() / want.norm()).item() > 1e-4  # the two GELUs' MLPs tell apart here
+    builders = kernels.mlp_providers(x, w1, b1, w2, b2, "none")
+    assert set(builders) == set(kernels.PROVIDERS["mlp_exact_gelu"])
+    for name, build in builders.items():
+        if name == "compile":
+            continue  # inductor's CPU compiler takes minutes here; it compiles the reference module
+        y = build()[0]().detach().double()
+        assert ((y - want).norm() / want.norm()).item() < 2e-6, name
+    rows = kernels.sweep_mlp_exact_gelu(CpuTimer(reps=1), Budget(None), 8, (8,), torch.float32, modes=("fwd",),
+                                        providers=("reference", "torch", "triton"))
+    assert {r["op"] for r in rows} == {"mlp_exact_gelu"} and all(r["status"] == "ok" for r in rows)
+    assert [(r["provider"], r["config"]["width"], r["config"]["hidden"], r.get("flops")) for r in rows
+            if r["mode"] == "fwd"] == [(p, 8, 32, common.mlp_flops(8, 8, "fwd"))
+                                       for p in ("reference", "torch", "triton")]
+    saved = {r["provider"]: r["saved_bytes"] for r in rows if r["mode"] == "saved"}
+    # the reference's erf GELU keeps x and four [M, 4C] tensors (erf's input, 0.5 h, 1 + erf, a), the tanh form
+    # five (test_saved_activation_bytes_match_hand_count): the sweep built the erf one
+    assert saved == {"reference": (8 * 8 + 4 * 8 * 32) * 4, "torch": (8 * 8 + 2 * 8 * 32) * 4,
+                     "triton": (8 * 8 + 8 * 32) * 4}
 
 
 # -- the SDPA swap used by the reference+compile+sdpa baseline --------------------------------------
@@ -987,6 +1034,9 @@ def test_gpu_command_flow_with_cpu_stand_ins(tmp_path, monkeypatch, capsys):
     from tritongpt.bench import cli as bcli
 
     _cpu_stand_ins(monkeypatch)
+    # rope_partial's quick shapes (16k tokens of heads of 128) have no size flag: tiny ones here, the same kinds
+    # (a whole-head count, then fewer KV heads with an mscale), as the CPU's reference takes seconds a mode on those
+    monkeypatch.setitem(kernels.QUICK_SIZES, "rope_partial_heads", ((2, 2, 8, 4, 1.0), (4, 2, 16, 12, 1.5)))
     seen = {}
 
     def fake_train(device, budget, dtype, models, providers, batch, seq_len, warmup, steps, peak, log, **model):
@@ -1024,9 +1074,12 @@ def test_gpu_command_flow_with_cpu_stand_ins(tmp_path, monkeypatch, capsys):
     assert {r["op"] for r in k["rows"]} == {"layernorm", "mlp", "attention", "cross_entropy", "lm_head_loss",
                                             "doc_attention", "window_attention", "add_layernorm", "rope",
                                             "lm_head_loss_smooth_z", "lm_head_loss_softcap", "gqa_attention",
-                                            "rmsnorm", "add_rmsnorm", "swiglu", "geglu", "softcap_attention"}
+                                            "rmsnorm", "add_rmsnorm", "swiglu", "geglu", "softcap_attention",
+                                            "mlp_exact_gelu", "rope_partial"}
     assert {(r["config"]["heads"], r["config"]["kv_heads"]) for r in k["rows"] if r["op"] == "gqa_attention"} == \
         {(4, 2), (3, 1)}
+    assert {(r["config"]["heads"], r["config"]["rotary_dim"]) for r in k["rows"] if r["op"] == "rope_partial"} == \
+        {(2, 4), (4, 12)}
     ce = [r for r in k["rows"] if r["op"] == "cross_entropy" and r["provider"] == "torch"]
     assert len(ce) == 3 and all(r["status"] == "ok" and r["gbps"] > 0 for r in ce), ce
     assert t["peak_flops_source"] == "float32 matmul 32^3 measured in this run"
@@ -1513,6 +1566,66 @@ def test_rope_rows_time_each_provider_on_the_same_rotation(device, monkeypatch):
     assert all(r["status"] == "ok" for r in rows) and by["fwd"]["config"]["batch"] == 2
     assert {m: r["bytes"] for m, r in by.items()} == {"fwd": 4 * 32 * 3 * 8 * 2, "bwd": 4 * 32 * 3 * 8 * 2,
                                                       "fwd+bwd": 8 * 32 * 3 * 8 * 2}
+
+
+def partial_rotary64(x, rotary_dim, mscale, theta=10000.0):
+    """x [B, H, T, D] at positions 0..T-1 in float64: the first rotary_dim columns rotated (pairs i, i + R/2 at
+    pos theta^(-2i/R), cos and sin times mscale), the rest as they are."""
+    r, t = rotary_dim, x.shape[2]
+    angles = torch.arange(t, dtype=torch.float64)[:, None] * theta ** (-torch.arange(0, r, 2, dtype=torch.float64) / r)
+    cos, sin = angles.cos() * mscale, angles.sin() * mscale
+    x = x.detach().double().cpu()
+    x1, x2 = x[..., :r // 2], x[..., r // 2:r]
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin, x[..., r:]], -1)
+
+
+def test_rope_partial_rows_rotate_part_of_each_head(device):
+    """rope_partial: the reference module and ours rotate the first rotary_dim columns of each head (cos and sin
+    times mscale) of q [B, H, T, D] and k [B, Hkv, T, D] (views of the projection's layout) and pass the rest
+    through, as written out here in float64; Liger's rows say it has no partial rotary; the bytes are q's and k's
+    whole heads read and written, k over its Hkv heads."""
+    leaves = [kernels.randn(2, 37, n, 16, device=device, dtype=torch.float32) for n in (6, 2)]
+    q, k = (t.transpose(1, 2) for t in leaves)
+    want = [partial_rotary64(t, 8, 1.19) for t in (q, k)]
+    for name, build in kernels.rope_partial_providers(q, k, 8, mscale=1.19, leaves=leaves).items():
+        if name == "compile":
+            continue  # inductor's CPU compiler takes minutes here; it compiles this same module
+        if name == "liger":
+            with pytest.raises(kernels.Unavailable, match="no partial rotary"):
+                build()
+            continue
+        forward, reset = build()
+        assert len(reset) == 2 and all(a is b for a, b in zip(reset, leaves))
+        for a, b in zip(forward(), want):
+            torch.testing.assert_close(a.double().cpu(), b, atol=1e-5, rtol=1e-5, msg=name)
+    rows = kernels.sweep_rope_partial(CpuTimer(reps=1), Budget(None), 32, 16, ((6, 2, 16, 4, 1.5),), torch.bfloat16,
+                                      providers=("reference", "triton", "liger"))
+    by = {(r["provider"], r["mode"]): r for r in rows}
+    assert {r["op"] for r in rows} == {"rope_partial"} and len(rows) == 9
+    assert by["reference", "fwd"]["config"] == {"batch": 2, "heads": 6, "kv_heads": 2, "seq_len": 16, "head_dim": 16,
+                                                "rotary_dim": 4, "mscale": 1.5, "dtype": "bf16"}
+    for p in ("reference", "triton"):
+        assert {m: by[p, m]["bytes"] for m in common.MODES} == {"fwd": 2 * 32 * 8 * 16 * 2, "bwd": 2 * 32 * 8 * 16 * 2,
+                                                                 "fwd+bwd": 4 * 32 * 8 * 16 * 2}
+        assert all(by[p, m]["status"] == "ok" for m in common.MODES)
+    assert all(by["liger", m]["status"].startswith("skipped: Liger's liger_rotary_pos_emb rotates whole heads")
+               for m in common.MODES)
+
+
+def test_rope_partial_sizes_are_pythias_and_phi4_minis_heads():
+    """The full sweep's partial rotary shapes: Pythia 160M's (12 heads of 64 rotating 16) and 1.4B's (16 of 128
+    rotating 32), rotary_pct 0.25, and Phi-4-mini's (24 over 8 KV heads of 128 rotating 96), whose mscale is the
+    attention factor the model's LongRoPE default gives for its 131072 positions over 4096; quick keeps the
+    smallest and Phi-4-mini's."""
+    from tritongpt.model.config import longrope_defaults
+
+    factors = dict(short_factor=[1.0] * 48, long_factor=[1.0] * 48, original_max_position_embeddings=4096)
+    phi = longrope_defaults(factors, "test", 131072, 48)["attention_factor"]
+    assert kernels.FULL_SIZES["rope_partial_heads"] == ((12, 12, 64, 16, 1.0), (16, 16, 128, 32, 1.0),
+                                                        (24, 8, 128, 96, phi))
+    assert kernels.QUICK_SIZES["rope_partial_heads"] == ((12, 12, 64, 16, 1.0), (24, 8, 128, 96, phi))
+    for h, h_kv, d, r, _ in kernels.FULL_SIZES["rope_partial_heads"]:
+        assert h % h_kv == 0 and r % 2 == 0 and r < d
 
 
 def test_gqa_attention_rows_time_each_provider_on_the_same_grouped_heads(device):
@@ -2157,6 +2270,32 @@ def test_kernel_plots_draw_each_ops_own_ceiling(tmp_path, monkeypatch):
     assert sorted(p.name for p in paths) == ["add_layernorm.png", "layernorm.png", "mlp.png"]
 
 
+def test_exact_gelu_mlp_and_partial_rotary_get_their_plots(tmp_path, monkeypatch):
+    """mlp_exact_gelu is plotted in TFLOPS against the matmul ceiling by width, rope_partial in GB/s against the
+    copy ceiling by heads, a panel row per head dim (Pythia 160M's 64, then 128: Pythia 1.4B's and Phi-4-mini's)."""
+    import matplotlib.axes
+
+    drawn, real, real_title = [], matplotlib.axes.Axes.axhline, matplotlib.axes.Axes.set_title
+
+    def axhline(self, y=0, *a, **k):
+        drawn.append(k.get("label"))
+        return real(self, y, *a, **k)
+
+    def set_title(self, title, *a, **k):  # a panel's title comes after its ceiling line
+        drawn[-1] = (title, drawn[-1])
+        return real_title(self, title, *a, **k)
+
+    monkeypatch.setattr(matplotlib.axes.Axes, "axhline", axhline)
+    monkeypatch.setattr(matplotlib.axes.Axes, "set_title", set_title)
+    rope = [_k("rope_partial", "triton", "fwd", {"heads": h, "kv_heads": kv, "head_dim": d, "rotary_dim": r},
+               ms=1.0, gbps=900.0) for h, kv, d, r in ((12, 12, 64, 16), (16, 16, 128, 32), (24, 8, 128, 96))]
+    rows = [_k("mlp_exact_gelu", "triton", "fwd", {"rows": 8, "width": 16}, ms=1.0, tflops=50.0), *rope]
+    paths = report.plot_kernels(rows, {"copy": {"gbps": 2000.0}, "matmul": {"tflops": 400.0}}, tmp_path)
+    assert sorted(p.name for p in paths) == ["mlp_exact_gelu.png", "rope_partial.png"]
+    assert drawn == [("mlp_exact_gelu fwd", "matmul ceiling"), ("rope_partial fwd D=64", "copy ceiling"),
+                     ("rope_partial fwd D=128", "copy ceiling")]
+
+
 @pytest.mark.parametrize("slow_median, fast_median", [([0.30, 0.10, 0.31], [0.20, 0.19, 0.21]),   # a lucky p20
                                                        ([0.30, 0.29, 0.31], [0.20, 0.19, 0.50])])  # a noisy p80
 def test_autotune_timings_rank_configs_by_their_median(tmp_path, slow_median, fast_median):
@@ -2193,7 +2332,10 @@ def test_every_provider_builder_is_in_the_sweep():
              "add_rmsnorm": kernels.add_rmsnorm_providers(x, x, x[0]),
              "swiglu": kernels.swiglu_providers(x, torch.zeros(24, 8), torch.zeros(24, 8), torch.zeros(8, 24)),
              "geglu": kernels.swiglu_providers(x, torch.zeros(24, 8), torch.zeros(24, 8), torch.zeros(8, 24), "gelu"),
-             "softcap_attention": kernels.softcap_attention_providers(q, q, q)}
+             "softcap_attention": kernels.softcap_attention_providers(q, q, q),
+             "mlp_exact_gelu": kernels.mlp_providers(x, torch.zeros(32, 8), torch.zeros(32), torch.zeros(8, 32), x[0],
+                                                     "none"),
+             "rope_partial": kernels.rope_partial_providers(q, q[:, :1], 4)}
     assert set(built) == set(kernels.PROVIDERS)
     for op, builders in built.items():
         assert set(kernels.PROVIDERS[op]) == set(builders), op
@@ -2444,20 +2586,21 @@ def test_lm_head_variants_run_last_of_all_the_soft_cap_last(monkeypatch):
               "lm_head_loss_smooth_z": "sweep_lm_head_loss_smooth_z",
               "lm_head_loss_softcap": "sweep_lm_head_loss_softcap", "gqa_attention": "sweep_gqa_attention",
               "rmsnorm": "sweep_rmsnorm", "add_rmsnorm": "sweep_add_rmsnorm", "swiglu": "sweep_swiglu",
-              "geglu": "sweep_geglu", "softcap_attention": "sweep_softcap_attention"}
+              "geglu": "sweep_geglu", "softcap_attention": "sweep_softcap_attention",
+              "mlp_exact_gelu": "sweep_mlp_exact_gelu", "rope_partial": "sweep_rope_partial"}
     for op, name in sweeps.items():
         monkeypatch.setattr(kernels, name, lambda *a, op=op: calls.append((op, "compile" in a[-1])) or [])
     monkeypatch.setattr(kernels, "measure_ceilings", lambda timer, **k: {})
     kernels.run_kernels(CpuTimer(reps=1), Budget(None), log=lambda s: None)
     newest = ["lm_head_loss_smooth_z", "lm_head_loss_softcap", "gqa_attention", "rmsnorm", "add_rmsnorm", "swiglu",
-              "geglu", "softcap_attention"]
-    assert calls[-16:] == [(op, compiled) for op in newest for compiled in (False, True)]  # after them all
-    assert {op for op, _ in calls[:-16]} == set(sweeps) - set(newest)
-    assert ("doc_attention", True) in calls[:-16]
+              "geglu", "softcap_attention", "mlp_exact_gelu", "rope_partial"]
+    assert calls[-20:] == [(op, compiled) for op in newest for compiled in (False, True)]  # after them all
+    assert {op for op, _ in calls[:-20]} == set(sweeps) - set(newest)
+    assert ("doc_attention", True) in calls[:-20]
     parser = cli.build_parser()
     default_ops = parser.parse_args(["bench", "kernels"]).ops.split(",")
     assert default_ops == list(inspect.signature(kernels.run_kernels).parameters["ops"].default)
-    assert default_ops[-8:] == newest
+    assert default_ops[-10:] == newest
     ops, _, _ = bcli.kernel_names(parser.parse_args(["bench", "kernels", "--ops", "lm_head_loss_softcap"]))
     assert ops == ("lm_head_loss_softcap",)
 
