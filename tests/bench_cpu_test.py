@@ -69,6 +69,47 @@ def test_bench_reference_mlp_fwd_bwd(benchmark):
     assert y.shape == x.shape and torch.isfinite(x.grad).all()
 
 
+def test_bench_reference_exact_gelu_mlp_fwd_bwd(benchmark):
+    """bench kernels' mlp_exact_gelu reference (GPT-NeoX's erf GELU), checked against F.gelu(approximate="none")."""
+    import torch.nn.functional as F
+
+    from tritongpt.model.layers import FeedForward
+
+    torch.manual_seed(0)
+    ff = FeedForward(128, approximate="none")
+    x = torch.randn(256, 128, requires_grad=True)
+
+    def run():
+        x.grad = None
+        y = ff(x)
+        y.sum().backward()
+        return y
+
+    y = benchmark.pedantic(run, **ROUNDS)
+    ref = ff.fc2(F.gelu(ff.fc1(x), approximate="none"))
+    assert torch.allclose(y, ref, atol=1e-5) and torch.isfinite(x.grad).all()
+
+
+def test_bench_reference_partial_rotary_fwd_bwd(benchmark):
+    """bench kernels' rope_partial reference at Pythia's 16 of 64 columns: the other 48 pass through."""
+    from tritongpt.model.layers import Rotary, apply_rotary
+
+    torch.manual_seed(0)
+    rot = Rotary(64, rotary_dim=16)
+    q, k = (torch.randn(2, 4, 128, 64, requires_grad=True) for _ in range(2))
+    pos = torch.arange(128)
+
+    def run():
+        q.grad = k.grad = None
+        qr, kr = rot(q, k, pos)
+        (qr.sum() + kr.sum()).backward()
+        return qr
+
+    qr = benchmark.pedantic(run, **ROUNDS)
+    assert torch.equal(qr[..., 16:], q[..., 16:])
+    assert torch.allclose(qr[..., :16], apply_rotary(q[..., :16], pos), atol=1e-6)
+
+
 def test_bench_reference_attention_core(benchmark):
     from tritongpt.model.layers import MultiHeadAttention
 
