@@ -3,7 +3,8 @@ and (linear_cross_entropy, at the end of this file) the LM head fused with it, s
 logits never exist whole.
 
 Reference: `tritongpt.model.gpt.lm_loss` (F.cross_entropy on the logits upcast to fp32), after
-`GPTModel.out_head` for the fused version.
+`GPTModel.out_head` for the fused version (its bias too, when the head has one: GPTConfig.head_bias, Phi-1/1.5/2
+and GPT-J's; the fused version adds it to each chunk's logits and sums each chunk's dlogits into its gradient).
 
 Why: the language-model loss reads a [tokens, vocab] matrix (16k x 50257 for a GPT-2 step:
 1.6 GB in bf16). The reference upcasts it to fp32, keeps the fp32 log-softmax for backward and
@@ -45,6 +46,7 @@ import triton.language as tl
 
 from tritongpt._env import triton_interpreting
 from tritongpt._types import is_int, loss_options, softcap_value
+from tritongpt.errors import UserError
 from tritongpt.kernels._common import (autocast_dtype, cast, check_runnable, check_same_device, check_same_dtype,
                                        check_tensor, first_order_only, no_func_transform,
                                        on_tensor_device, tanh)
@@ -395,22 +397,25 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, targets, ignore_index, reduction, chunk_rows, n_classes, grad_enabled,
-                label_smoothing=0.0, z_loss=0.0, softcap=0.0):
+                label_smoothing=0.0, z_loss=0.0, softcap=0.0, bias=None):
         N = hidden.shape[0]
         device = hidden.device.type
         # the matmul dtype nn.Linear would use: the autocast dtype, else the inputs' own
         dt = autocast_dtype(hidden.device) or hidden.dtype
         h, w = hidden.to(dt), weight.to(dt)
+        b = None if bias is None else bias.to(dt)  # nn.Linear's bias under autocast: the matmul's dtype
         # needs_input_grad only says requires_grad: under no_grad (evaluation) a head weight still
         # requires grad, and the gradient work would triple the head's cost for nothing
         want_dh, want_dw = grad_enabled and ctx.needs_input_grad[0], grad_enabled and ctx.needs_input_grad[1]
-        defer = dt == torch.float16 and (want_dh or want_dw)
+        want_db = grad_enabled and b is not None and ctx.needs_input_grad[11]
+        defer = dt == torch.float16 and (want_dh or want_dw or want_db)
         # d(loss)/d(row loss): 1/n for the mean (n = counted targets, kept on the device), 1 for the sum
         n = (targets != ignore_index).sum()
         g = (1.0 / n).float() if reduction == "mean" else torch.ones((), device=hidden.device)
         loss_rows = torch.empty(N, device=hidden.device, dtype=torch.float32)
         row_max, log_sum = (torch.empty_like(loss_rows) for _ in range(2))
         dh, dw = _head_grad_buffers(h, weight, want_dh and not defer, want_dw and not defer)
+        db = _bias_grad_buffer(bias, want_db and not defer)
         g_rows = g.expand(min(N, chunk_rows)).contiguous()  # each row's upstream gradient, made once
         options = ignore_index, n_classes, label_smoothing, z_loss, softcap
         with torch.autocast(device, enabled=False):  # the dtypes are chosen above
@@ -418,38 +423,42 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
                 e = min(N, s + chunk_rows)
                 # all W columns: a padded W keeps the matmuls on multiples of 64; the CE kernels
                 # treat columns past n_classes as absent and give them a zero gradient
-                logits = h[s:e] @ w.t()
+                logits = _chunk_logits(h[s:e], w, b)
                 loss_rows[s:e], row_max[s:e], log_sum[s:e] = torch.ops.tritongpt.cross_entropy_fwd(
                     logits, targets[s:e], *options)
-                if dh is not None or dw is not None:
-                    _chunk_grads(dh, dw, logits, h, w, g_rows, targets, row_max, log_sum, s, e, options)
+                if dh is not None or dw is not None or db is not None:
+                    _chunk_grads(dh, dw, logits, h, w, g_rows, targets, row_max, log_sum, s, e, options, db)
                 del logits  # before the next chunk's logits are allocated: one chunk alive at a time
-        ctx.dtypes = hidden.dtype, weight.dtype
-        ctx.deferred = (want_dh, want_dw, chunk_rows, options) if defer else None
+        ctx.dtypes = hidden.dtype, weight.dtype, None if bias is None else bias.dtype
+        ctx.deferred = (want_dh, want_dw, want_db, chunk_rows, options) if defer else None
         if defer:
-            ctx.save_for_backward(h, w, targets, row_max, log_sum, g)
+            ctx.save_for_backward(h, w, b, targets, row_max, log_sum, g)
         else:
-            ctx.save_for_backward(dh, dw)
+            ctx.save_for_backward(dh, dw, db)
         return loss_rows.sum() * g
 
     @staticmethod
     def backward(ctx, grad_loss):
         first_order_only("linear_cross_entropy")  # made from saved numbers: no graph to differentiate again
-        h_dtype, w_dtype = ctx.dtypes
+        h_dtype, w_dtype, b_dtype = ctx.dtypes
         if ctx.deferred is None:
-            dh, dw = ctx.saved_tensors
+            dh, dw, db = ctx.saved_tensors
             return (None if dh is None else (dh * grad_loss).to(h_dtype),
-                    None if dw is None else (dw * grad_loss).to(w_dtype), *[None] * 9)
-        want_dh, want_dw, chunk_rows, options = ctx.deferred
-        h, w, targets, row_max, log_sum, g = ctx.saved_tensors
+                    None if dw is None else (dw * grad_loss).to(w_dtype), *[None] * 9,
+                    None if db is None else (db * grad_loss).to(b_dtype))
+        want_dh, want_dw, want_db, chunk_rows, options = ctx.deferred
+        h, w, b, targets, row_max, log_sum, g = ctx.saved_tensors
         N = h.shape[0]
         dh, dw = _head_grad_buffers(h, w, want_dh, want_dw)
+        db = _bias_grad_buffer(b, want_db)
         g_rows = (grad_loss.float() * g).expand(min(N, chunk_rows)).contiguous()  # the loss scale included
         with torch.autocast(h.device.type, enabled=False):
             for s in range(0, N, chunk_rows):
                 e = min(N, s + chunk_rows)
-                _chunk_grads(dh, dw, h[s:e] @ w.t(), h, w, g_rows, targets, row_max, log_sum, s, e, options)
-        return (None if dh is None else dh.to(h_dtype), None if dw is None else dw.to(w_dtype), *[None] * 9)
+                _chunk_grads(dh, dw, _chunk_logits(h[s:e], w, b), h, w, g_rows, targets, row_max, log_sum, s, e,
+                             options, db)
+        return (None if dh is None else dh.to(h_dtype), None if dw is None else dw.to(w_dtype), *[None] * 9,
+                None if db is None else db.to(b_dtype))
 
 
 def _head_grad_buffers(h, weight, want_dh, want_dw):
@@ -458,8 +467,19 @@ def _head_grad_buffers(h, weight, want_dh, want_dw):
             torch.zeros(weight.shape, device=weight.device, dtype=torch.float32) if want_dw else None)
 
 
-def _chunk_grads(dh, dw, logits, h, w, g_rows, targets, row_max, log_sum, s, e, options):
-    """Rows s:e's dlogits from their logits and forward statistics, into dh[s:e] and dw.
+def _bias_grad_buffer(bias, want_db):
+    """dbias in fp32, summed over chunks (the head's bias, GPTConfig.head_bias), or None."""
+    return torch.zeros(bias.shape, device=bias.device, dtype=torch.float32) if want_db else None
+
+
+def _chunk_logits(h, w, b):
+    """One chunk's logits h @ w.T, plus the bias in the same call when the head has one."""
+    return h @ w.t() if b is None else torch.addmm(b, h, w.t())
+
+
+def _chunk_grads(dh, dw, logits, h, w, g_rows, targets, row_max, log_sum, s, e, options, db=None):
+    """Rows s:e's dlogits from their logits and forward statistics, into dh[s:e], dw and db (the bias's gradient:
+    dlogits' column sums; the padding columns' dlogits are zero, so theirs stays zero).
     options: (ignore_index, n_classes, label_smoothing, z_loss, softcap), as the ops take them."""
     dlogits = torch.ops.tritongpt.cross_entropy_bwd(g_rows[:e - s], logits, targets[s:e], row_max[s:e],
                                                     log_sum[s:e], *options)
@@ -467,18 +487,21 @@ def _chunk_grads(dh, dw, logits, h, w, g_rows, targets, row_max, log_sum, s, e, 
         dh[s:e] = dlogits @ w
     if dw is not None:
         dw += (dlogits.t() @ h[s:e]).float()
+    if db is not None:
+        db += dlogits.sum(0, dtype=torch.float32)
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                          ignore_index: int = -100, reduction: str = "mean", chunk_rows: int | None = None,
                          vocab_size: int | None = None, label_smoothing: float = 0.0, z_loss: float = 0.0,
-                         softcap: float = 0.0):
+                         softcap: float = 0.0, bias: torch.Tensor | None = None):
     """cross_entropy(hidden @ weight.T, targets) for reduction "mean" or "sum", never holding all
     the logits: at most chunk_rows rows of them (default: 2^27 logits) at a time. Differentiable
-    in hidden and weight. Reference: lm_loss(out_head(hidden), targets).
+    in hidden, weight and bias. Reference: lm_loss(out_head(hidden), targets).
 
-    hidden: [..., C] (e.g. the final LayerNorm's output), weight: [W, C] (the LM head, bias-free
-    as in GPT-2), targets: hidden's leading shape. Under autocast the matmuls run in the autocast
+    hidden: [..., C] (e.g. the final LayerNorm's output), weight: [W, C] (the LM head), targets: hidden's
+    leading shape. bias: None (GPT-2's head has none) or [W] in weight's dtype (Phi-1/1.5/2's and GPT-J's
+    lm_head.bias: the logits are hidden @ weight.T + bias). Under autocast the matmuls run in the autocast
     dtype, as nn.Linear's would. vocab_size: the classes, when weight's rows past it pad the
     vocabulary (GPTConfig.vocab_multiple): the loss is then that of the logits [..., :vocab_size]
     and the padding rows get a zero gradient (default: all W rows are classes). label_smoothing,
@@ -505,6 +528,7 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
     softcap = softcap_value(softcap)
     if autocast_dtype(hidden.device) is None:
         check_same_dtype(hidden=hidden, weight=weight)
+    _check_bias(bias, weight)
     n_classes = _n_classes(vocab_size, V, "weight has {V} rows")
     chunk = chunk_rows if chunk_rows is not None else max(1, CHUNK_ELEMENTS // V)
     if not is_int(chunk) or chunk < 1:
@@ -513,7 +537,23 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
     h2 = hidden.reshape(math.prod(hidden.shape[:-1]), C)  # not -1: C may be 0
     t1 = torch.ops.tritongpt.checked_targets(targets, n_classes, ignore_index)
     return LinearCrossEntropyFunction.apply(h2, weight, t1, ignore_index, reduction, chunk, n_classes,
-                                            torch.is_grad_enabled(), label_smoothing, z_loss, softcap)
+                                            torch.is_grad_enabled(), label_smoothing, z_loss, softcap, bias)
+
+
+def _check_bias(bias, weight):
+    """The LM head's bias: None, or a [W] tensor beside weight [W, C], in its dtype, on its device."""
+    if bias is None:
+        return
+    if not isinstance(bias, torch.Tensor):
+        raise UserError(f"linear_cross_entropy: bias must be a torch.Tensor or None, got {type(bias).__name__}")
+    if tuple(bias.shape) != (weight.shape[0],):
+        raise UserError(f"linear_cross_entropy: bias has shape {tuple(bias.shape)}; expected ({weight.shape[0]},), "
+                        f"one per row of weight {tuple(weight.shape)}")
+    if bias.dtype != weight.dtype:
+        raise UserError(f"linear_cross_entropy: bias is {str(bias.dtype).replace('torch.', '')}, weight "
+                        f"{str(weight.dtype).replace('torch.', '')}: give them one dtype")
+    if bias.device != weight.device:
+        raise UserError(f"linear_cross_entropy: bias is on {bias.device}, weight on {weight.device}")
 
 
 __all__ = ["cross_entropy", "CrossEntropyFunction", "linear_cross_entropy", "LinearCrossEntropyFunction"]

@@ -123,6 +123,12 @@ class GPTConfig:
     # The GELU MLP's GELU: "tanh", GPT-2's approximation (gelu_new), or "none", the exact x Phi(x) with erf
     # (GPT-NeoX's and Pythia's "gelu"), as torch's F.gelu(approximate=...) names them.
     gelu_approximate: str = "tanh"
+    # Phi-1/1.5/2's (GPT-J's, Falcon-7B's) parallel block has one norm: h = norm1(x), x + attention(h) + mlp(h).
+    # Valid with parallel_residual only; the block then has no norm2 (no norm2.* weights).
+    shared_norm: bool = False
+    # A bias on the LM head (Phi-1/1.5/2's lm_head.bias, GPT-J's), added to every logit; tied weights keep it
+    # as a parameter of its own. The padding rows' entries (vocab_multiple) are zero and never trained.
+    head_bias: bool = False
     kernels: str = "reference"  # "reference" | "triton" | "auto" | a comma list of toggle.KERNEL_NAMES
     # LoRA (model/lora.py): rank 0 is none; else the targets' weights are W + (alpha / rank) B A
     lora_rank: int = 0
@@ -267,7 +273,8 @@ class GPTConfig:
                             "qk_norm is False: set qk_norm True or leave qk_norm_width 'head'")
 
     def _check_neox_fields(self):
-        """parallel_residual and gelu_approximate (GPT-NeoX, Pythia): checked by name."""
+        """parallel_residual and gelu_approximate (GPT-NeoX, Pythia), shared_norm and head_bias (Phi-1/1.5/2, GPT-J):
+        checked by name."""
         if not isinstance(self.parallel_residual, (bool, np.bool_)):
             raise UserError(f"GPTConfig.parallel_residual must be True or False, got {self.parallel_residual!r}")
         self.parallel_residual = bool(self.parallel_residual)
@@ -276,6 +283,13 @@ class GPTConfig:
             raise UserError("GPTConfig.parallel_residual (GPT-NeoX's block: both sublayers read the block's input "
                             "through their own norm) is built with input norms only: set post_norms False and "
                             "pre_norms True, or parallel_residual False")
+        for name in ("shared_norm", "head_bias"):
+            if not isinstance(getattr(self, name), (bool, np.bool_)):
+                raise UserError(f"GPTConfig.{name} must be True or False, got {getattr(self, name)!r}")
+            setattr(self, name, bool(getattr(self, name)))
+        if self.shared_norm and not self.parallel_residual:
+            raise UserError("GPTConfig.shared_norm (Phi's, GPT-J's and Falcon's block: attention and MLP read one "
+                            "norm's output) is a parallel block's: set parallel_residual True or shared_norm False")
         if self.gelu_approximate not in GELU_APPROXIMATES:
             raise UserError(f"GPTConfig.gelu_approximate must be one of {', '.join(GELU_APPROXIMATES)}, "
                             f"got {self.gelu_approximate!r}")

@@ -81,7 +81,8 @@ class GPTModel(nn.Module):
         self.drop_emb = nn.Dropout(cfg.dropout)
         self.trf_blocks = nn.ModuleList(TransformerBlock(cfg, i) for i in range(cfg.n_layer))
         self.final_norm = make_norm(cfg)
-        self.out_head = nn.Linear(cfg.n_embd, cfg.padded_vocab_size, bias=False)
+        # head_bias (Phi-1/1.5/2, GPT-J): a bias on every logit, its own parameter even when the weight is tied
+        self.out_head = nn.Linear(cfg.n_embd, cfg.padded_vocab_size, bias=cfg.head_bias)
         if cfg.tie_weights:
             self.out_head.weight = self.tok_emb.weight
         self.apply(self._init_weights)
@@ -92,7 +93,7 @@ class GPTModel(nn.Module):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
         with torch.no_grad():  # padding rows (cfg.vocab_multiple) are no token: zero, and never trained
             self.tok_emb.weight[cfg.vocab_size:].zero_()
-            self.out_head.weight[cfg.vocab_size:].zero_()
+            self.out_head.weight[cfg.vocab_size:].zero_()  # (the head's bias starts zero: _init_weights)
         self.kernels = frozenset()
         # names only: a model is built on the CPU and may be moved to a GPU before it runs
         self.set_kernels(cfg.kernels, check_device=False)
@@ -306,7 +307,7 @@ class GPTModel(nn.Module):
             return linear_cross_entropy(self.hidden(idx, cache, doc_ids), self.out_head.weight, targets,
                                         ignore_index, reduction, vocab_size=self.config.vocab_size,
                                         label_smoothing=label_smoothing, z_loss=z_loss,
-                                        softcap=self.config.logit_softcap)
+                                        softcap=self.config.logit_softcap, bias=self.out_head.bias)
         h = self.hidden(idx, cache, doc_ids)
         if triton_loss:  # per-token losses: the kernel reads the padded rows whole, aligned
             from tritongpt.kernels.cross_entropy import cross_entropy
@@ -333,7 +334,8 @@ class GPTModel(nn.Module):
 
     def logits(self, h):
         """The LM head on hidden states (from hidden()): logits [..., vocab_size], a view that leaves
-        a padded head's extra columns out (they are no token), for every caller alike; soft-capped
+        a padded head's extra columns out (they are no token), for every caller alike; with the head's bias
+        when GPTConfig.head_bias (Phi-1/1.5/2), as every loss path adds it; soft-capped
         to c * tanh(logits / c) when GPTConfig.logit_softcap is c > 0 (the Triton loss does the same
         inside its kernels: kernels/cross_entropy.py, softcap)."""
         logits = self.out_head(h)
@@ -356,9 +358,10 @@ class GPTModel(nn.Module):
         cfg = replace(self.config, vocab_multiple=multiple, kernels="reference")  # checks multiple
         V, Vp = cfg.vocab_size, cfg.padded_vocab_size
         state = self.state_dict()
-        for key in ("tok_emb.weight", "out_head.weight"):  # the tied head's key too: same tensor
-            rows = state[key][:V]
-            state[key] = torch.cat([rows, rows.new_zeros(Vp - V, rows.shape[1])])
+        for key in ("tok_emb.weight", "out_head.weight", "out_head.bias"):  # the tied head's key too: same tensor
+            if key in state:  # a bias only with GPTConfig.head_bias
+                rows = state[key][:V]
+                state[key] = torch.cat([rows, rows.new_zeros(Vp - V, *rows.shape[1:])])
         with torch.random.fork_rng(devices=[]):  # the throwaway init must not shift the caller's RNG
             new = GPTModel(cfg)
         new.load_state_dict(state)

@@ -15,7 +15,8 @@ a state_dict moves freely between the two paths.
                                                      of n_head * head_dim)
     NoNorm              --   no kernel: OLMo 2's absent pre-norm, a plain residual add
     Rotary (apply_rotary) <-> kernels/rope.py       (rope: q and k rotated in one launch)
-    out_head + lm_loss (model/gpt.py) <->  kernels/cross_entropy.py (linear_cross_entropy: never all the logits at once)
+    out_head + lm_loss (model/gpt.py) <->  kernels/cross_entropy.py (linear_cross_entropy: never all the logits at once;
+                                                     its bias too, GPTConfig.head_bias)
 """
 import contextlib
 import math
@@ -514,7 +515,8 @@ class TransformerBlock(nn.Module):
     too, by a norm of its own, before it joins the residual: x + LN(attention(LN(x))); without
     GPTConfig.pre_norms (OLMo 2, 3) that outer norm is the only one: x + LN(attention(x)).
     With GPTConfig.parallel_residual (GPT-NeoX, Pythia) both sublayers read the same x:
-    x + attention(LN1(x)) + MLP(LN2(x)) (parallel_forward).
+    x + attention(LN1(x)) + MLP(LN2(x)) (parallel_forward); with GPTConfig.shared_norm too (Phi-1/1.5/2, GPT-J,
+    Falcon-7B) through one norm, x + attention(LN1(x)) + MLP(LN1(x)), and the block has no norm2.
 
     Each residual add is made by the LayerNorm that reads the sum (LayerNorm.add_and_norm): on
     the Triton path the add then shares that LayerNorm's pass over memory, as llm.c's fused
@@ -535,7 +537,8 @@ class TransformerBlock(nn.Module):
                                       else None, scaling, scale_width=cfg.attention_scale_width,
                                       softcap=cfg.attn_softcap, qk_norm_all=cfg.qk_norm_width == "all",
                                       rotary_dim=cfg.rotary_dim)
-        self.norm2 = make_norm(cfg) if cfg.pre_norms else NoNorm()
+        # shared_norm (Phi-1/1.5/2, GPT-J, Falcon-7B): the MLP reads norm1's output too, and there is no norm2
+        self.norm2 = None if cfg.shared_norm else make_norm(cfg) if cfg.pre_norms else NoNorm()
         # the sandwich's outer norms (Gemma's post_attention_layernorm and post_feedforward_layernorm)
         self.post_att_norm = make_norm(cfg) if cfg.post_norms else None
         self.post_ff_norm = make_norm(cfg) if cfg.post_norms else None
@@ -566,11 +569,12 @@ class TransformerBlock(nn.Module):
     def parallel_forward(self, x, cache=None, doc_ids=None, mlp_out=None, positions=None, rope_len=None):
         """GPT-NeoX's parallel block: attention and MLP read the same x through their own norms, and
         their outputs go back together, x + attention(LN1(x)) + MLP(LN2(x)): the sum is handed on for
-        the next norm's fused add, as forward hands on the MLP output alone."""
+        the next norm's fused add, as forward hands on the MLP output alone. Without norm2 (shared_norm:
+        Phi-1/1.5/2, GPT-J, Falcon-7B) both read LN1(x): x + attention(LN1(x)) + MLP(LN1(x))."""
         if mlp_out is None:
             h = self.norm1(x)
         else:
             x, h = self.norm1.add_and_norm(x, mlp_out)
         att_out = self.att(h, cache, doc_ids, positions, rope_len)
-        ff_out = self.ff(self.norm2(x))  # norm2 reads x itself, not x + att_out
+        ff_out = self.ff(h if self.norm2 is None else self.norm2(x))  # norm2 reads x itself, not x + att_out
         return x, att_out + ff_out

@@ -1034,6 +1034,96 @@ def test_linear_bad_input_says_what(call, err, match):
         call(h, w, t)
 
 
+# -- the LM head's bias (GPTConfig.head_bias: Phi-1/1.5/2, GPT-J) --------------------------------
+def check_linear_bias_parity(dtype, device, seed, options=(), chunk_rows=10, V=277, pad=35, reduction="mean"):
+    """linear_cross_entropy(..., bias=b) against float64 torch on (h @ W.T + b)[:, :V]: loss, dh, dW and db;
+    37 rows in chunks of 10 (a ragged last one), every 4th row ignored, pad padding rows past the V classes."""
+    options = dict(options)
+    h, w, t, V, gen = padded_head_case(seed, dtype, device, logit_scale=3.0, V=V, pad=pad, C=23)
+    b = (torch.randn(V + pad, generator=gen) * 2.0).to(device, dtype).requires_grad_()
+    g = torch.rand((), generator=gen).item() + 0.5  # a fresh upstream gradient
+    loss = linear_cross_entropy(h, w, t, IGNORE, reduction, chunk_rows=chunk_rows, vocab_size=V, bias=b, **options)
+    (loss * g).backward()
+    h64, w64, b64 = (a.detach().double().requires_grad_() for a in (h, w, b))
+    logits64 = (h64 @ w64.t() + b64)[:, :V]
+    cap = options.get("softcap", 0.0)
+    if cap:
+        logits64 = cap * torch.tanh(logits64 / cap)
+    ref = smoothed_z_loss64(logits64, t, options.get("label_smoothing", 0.0), options.get("z_loss", 0.0), reduction)
+    (ref * g).backward()
+    tol = TOL[dtype]
+    assert b.grad.dtype == dtype
+    assert_close_rel(loss, ref, tol, f"fused loss with a bias {options}")
+    assert_close_rel(h.grad, h64.grad, tol, "dhidden")
+    assert_close_rel(w.grad, w64.grad, tol, "dweight")
+    assert_close_rel(b.grad, b64.grad, tol, "dbias")
+    assert torch.count_nonzero(b.grad[V:]) == 0 and torch.count_nonzero(w.grad[V:]) == 0  # padding: none
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_linear_head_bias_parity_fp64(dtype, reduction, device):
+    # fp16 makes its gradients in backward from recomputed logits (the deferred path): the bias must be in those
+    check_linear_bias_parity(dtype, device, 41, reduction=reduction)
+
+
+@pytest.mark.parametrize("options", [{"label_smoothing": 0.15}, {"z_loss": 2e-2}, {"softcap": 8.0}],
+                         ids=["smoothing", "z-loss", "softcap"])
+def test_linear_head_bias_with_each_loss_option(options, device):
+    check_linear_bias_parity(torch.float32, device, 43, options.items())
+
+
+def test_linear_head_bias_whole_tiles_of_padding_one_chunk(device):
+    check_linear_bias_parity(torch.float32, device, 44, chunk_rows=None, V=100, pad=200)
+
+
+@pytest.mark.parametrize("make,match", [
+    (lambda w: w[:, 0][:-1], r"bias has shape \(39,\); expected \(40,\)"),
+    (lambda w: w[:2], r"bias has shape \(2, 8\)"),
+    (lambda w: w[:, 0].double(), "bias is float64, weight float32"),
+    (lambda w: w[:, 0].tolist(), "bias must be a torch.Tensor or None, got list"),
+    (lambda w: w[:, 0].to("meta"), "bias is on meta, weight on cpu"),
+], ids=["length", "2d", "dtype", "list", "device"])
+def test_linear_bad_head_bias_says_what(make, match):
+    from tritongpt.errors import UserError
+
+    h, w, t = torch.randn(6, 8), torch.randn(40, 8), torch.randint(0, 40, (6,))
+    with pytest.raises(UserError, match=match):
+        linear_cross_entropy(h, w, t, bias=make(w))
+
+
+def test_model_head_bias_loss_on_every_path():
+    """GPTConfig.head_bias: the reference lm_loss, the fused head (mean, sum) and the per-token kernel (none) on a
+    padded vocabulary give the float64 objective's loss and the same gradients, the head's bias's included (its
+    padding entries none); pad_vocab keeps the logits, the bias padded with zeros."""
+    from tritongpt.model.config import GPTConfig
+    from tritongpt.model.gpt import GPTModel
+
+    torch.manual_seed(6)
+    model = GPTModel(GPTConfig(vocab_size=70, context_length=12, n_embd=16, n_layer=1, n_head=2, vocab_multiple=32,
+                               head_bias=True))
+    assert model.out_head.bias.shape == (96,) and torch.count_nonzero(model.out_head.bias) == 0
+    with torch.no_grad():
+        model.out_head.bias[:70] = torch.randn(70) * 3.0
+    idx, y = torch.randint(0, 70, (3, 11)), torch.randint(0, 70, (3, 11))
+    y[0, :4] = IGNORE
+    w = torch.rand(3, 11)
+    with torch.no_grad():
+        logits64 = model.double()(idx)
+        no_bias = model.hidden(idx) @ model.out_head.weight.t()
+    assert_close_rel(logits64 - no_bias[..., :70], model.out_head.bias[:70].expand(3, 11, 70), 1e-12, "the bias")
+    model.float()
+    for reduction in ("mean", "sum", "none"):
+        assert_model_paths_agree(model, idx, y, w, reduction, logits64, label_smoothing=0.1)
+        assert torch.count_nonzero(model.out_head.bias.grad[70:]) == 0
+    unpadded = model.pad_vocab(1)
+    assert unpadded.out_head.bias.shape == (70,)
+    padded = unpadded.pad_vocab(64)
+    assert torch.count_nonzero(padded.out_head.bias[70:]) == 0
+    with torch.no_grad():
+        assert_close_rel(padded(idx), model(idx), 1e-6, "pad_vocab with a head bias")
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_gpt2_vocab_cuda(dtype):
