@@ -322,6 +322,12 @@ def add_cli(sub):
     t.add_argument("--parallel-residual", action=argparse.BooleanOptionalAction, default=None,
                    help="GPT-NeoX's (Pythia's) parallel blocks: attention and MLP both read the block's input, "
                         "x + attn(ln1(x)) + mlp(ln2(x)) (GPTConfig.parallel_residual) (default: the preset's, no)")
+    t.add_argument("--shared-norm", action=argparse.BooleanOptionalAction, default=None,
+                   help="Phi-1/1.5/2's (GPT-J's) parallel blocks on one norm: x + attn(ln1(x)) + mlp(ln1(x)) "
+                        "(GPTConfig.shared_norm; with --parallel-residual) (default: the preset's, no)")
+    t.add_argument("--head-bias", action=argparse.BooleanOptionalAction, default=None,
+                   help="a bias on the LM head (Phi-1/1.5/2's, GPT-J's; GPTConfig.head_bias) (default: the preset's, "
+                        "no)")
     t.add_argument("--gelu-approximate", choices=GELU_APPROXIMATES, default=None,
                    help="the GELU MLP's GELU: tanh (GPT-2's) or none, the exact erf one (GPT-NeoX's, Pythia's; "
                         "GPTConfig.gelu_approximate) (default: the preset's, tanh)")

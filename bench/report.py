@@ -162,7 +162,7 @@ VARIANT_KEYS = ("padded_vocab", "attention_window", "window_layers", "logit_soft
                 "attention_scale_width")
 ARCH_KEYS = ("norm", "mlp", "mlp_hidden", "position_encoding", "rope_theta", "n_kv_head", "bias", "attention_head_dim",
              "qk_norm", "scale_embeddings", "post_norms", "rope_local_theta", "nope_layers", "pre_norms",
-             "qk_norm_width", "parallel_residual", "gelu_approximate", "rotary_dim")
+             "qk_norm_width", "parallel_residual", "gelu_approximate", "rotary_dim", "shared_norm", "head_bias")
 
 
 def variant_text(config: dict, keys=VARIANT_KEYS + ARCH_KEYS) -> str:
@@ -201,7 +201,9 @@ def architecture_text(config: dict) -> str:
     if "nope_layers" in config:
         words.append(f"no RoPE in layers {config['nope_layers']}")
     if config.get("parallel_residual"):
-        words.append("parallel attention and MLP")
+        words.append("parallel attention and MLP" + (" on one norm" if config.get("shared_norm") else ""))
+    if config.get("head_bias"):
+        words.append("LM-head bias")
     if config.get("gelu_approximate") == "none":
         words.append("exact GELU")
     return ", ".join(words)

@@ -111,7 +111,7 @@ def use_sdpa_attention(model):
 MODEL_FLAGS = ("vocab_multiple", "attention_window", "window_layers", "logit_softcap", "norm", "mlp", "mlp_hidden",
                "position_encoding", "rope_theta", "n_kv_head", "bias", "attention_head_dim", "qk_norm",
                "scale_embeddings", "post_norms", "rope_local_theta", "attn_softcap", "nope_layers", "pre_norms",
-               "qk_norm_width", "parallel_residual", "gelu_approximate", "rotary_dim")
+               "qk_norm_width", "parallel_residual", "gelu_approximate", "rotary_dim", "shared_norm", "head_bias")
 
 
 def model_variant(cfg) -> dict:
@@ -121,7 +121,7 @@ def model_variant(cfg) -> dict:
     (its theta), fewer KV heads, no biases, Qwen3's heads of their own width and q/k norms, Gemma's scaled
     embeddings, sandwich norms, local layers' RoPE, attention soft cap and scale, SmolLM3's NoPE layers, OLMo's
     blocks without input norms and q/k norms over all heads, GPT-NeoX's parallel blocks, exact GELU and partial
-    rotary. {} for GPT-2."""
+    rotary, Phi's shared norm and LM-head bias. {} for GPT-2."""
     out = {}
     if cfg.padded_vocab_size != cfg.vocab_size:
         out["padded_vocab"] = cfg.padded_vocab_size
@@ -165,6 +165,10 @@ def model_variant(cfg) -> dict:
         out["parallel_residual"] = True
     if cfg.gelu_approximate != "tanh":
         out["gelu_approximate"] = cfg.gelu_approximate
+    if cfg.shared_norm:
+        out["shared_norm"] = True
+    if cfg.head_bias:
+        out["head_bias"] = True
     return out
 
 

@@ -465,6 +465,7 @@ class Trainer:
                  saved_cfg.get("rope_local_theta", 0.0))
         olmo = saved_cfg.get("pre_norms", True), saved_cfg.get("qk_norm_width", "head")
         neox = saved_cfg.get("parallel_residual", False), saved_cfg.get("gelu_approximate", "tanh")
+        phi = saved_cfg.get("shared_norm", False), saved_cfg.get("head_bias", False)
         hidden = saved_cfg.get("mlp_hidden", 0) or swiglu_hidden(saved_cfg.get("n_embd", cfg.n_embd))
         gated = ("swiglu", "geglu")
         if mlp != cfg.mlp or (mlp in gated and hidden != cfg.ff_hidden):
@@ -544,6 +545,13 @@ class Trainer:
             now = neox_touches(cfg.parallel_residual, cfg.gelu_approximate)
             what = f"{neox_touches(*neox)}, this run's model {now}"
             flags = f"--{'' if neox[0] else 'no-'}parallel-residual --gelu-approximate {neox[1]}"
+        elif phi != (cfg.shared_norm, cfg.head_bias):
+            def phi_touches(shared, bias):
+                return (f"{'reads one norm in both sublayers' if shared else 'has a norm for each sublayer'} and "
+                        f"{'has a bias on its LM head' if bias else 'no LM-head bias'}")
+
+            what = f"{phi_touches(*phi)}, this run's model {phi_touches(cfg.shared_norm, cfg.head_bias)}"
+            flags = f"--{'' if phi[0] else 'no-'}shared-norm --{'' if phi[1] else 'no-'}head-bias"
         elif attn_cap != cfg.attn_softcap:
             what = f"soft-caps its attention scores at {attn_cap:g}, this run's at {cfg.attn_softcap:g} (0: none)"
             flags = f"--attn-softcap {attn_cap:g}"

@@ -71,6 +71,13 @@ def add_args(p: argparse.ArgumentParser):
                    help="GPT-NeoX's (Pythia's) parallel blocks for the new model: attention and MLP both read each "
                         "block's input through their own LayerNorm, x + attn(ln1(x)) + mlp(ln2(x)) "
                         "(GPTConfig.parallel_residual; default: GPT-2's sequential blocks, or what --init's model has)")
+    p.add_argument("--shared-norm", action=argparse.BooleanOptionalAction, default=None,
+                   help="Phi-1/1.5/2's (GPT-J's) parallel blocks with one LayerNorm: x + attn(ln1(x)) + mlp(ln1(x)), "
+                        "no second norm (GPTConfig.shared_norm; with --parallel-residual only; default: no, or what "
+                        "--init's model has)")
+    p.add_argument("--head-bias", action=argparse.BooleanOptionalAction, default=None,
+                   help="a bias on the new model's LM head, as Phi-1/1.5/2 and GPT-J have (GPTConfig.head_bias; in "
+                        "the fused Triton loss too; default: no, or what --init's model has)")
     p.add_argument("--gelu-approximate", choices=GELU_APPROXIMATES, default=None,
                    help="the GELU MLP's GELU: tanh, GPT-2's approximation, or none, the exact erf one (GPT-NeoX's "
                         "and Pythia's; GPTConfig.gelu_approximate; fused into the Triton MLP kernel too). Default: "
@@ -270,7 +277,7 @@ def check_args(args, targs):
             raise UserError(NO_ROPE.format(args.rope_theta))
         for field in ("logit_softcap", "attn_softcap", "attention_window", "window_layers", "position_encoding",
                       "rope_theta", "norm", "mlp", "nope_layers", "parallel_residual", "gelu_approximate",
-                      "rotary_dim"):
+                      "rotary_dim", "shared_norm", "head_bias"):
             given, has = getattr(args, field), getattr(model.config, field)
             if given is not None and given != has:
                 show = (lambda v: f"{v:g}") if isinstance(has, float) else str
@@ -301,7 +308,8 @@ def check_args(args, targs):
                          position_encoding=args.position_encoding, rope_theta=args.rope_theta,
                          nope_layers=args.nope_layers, rotary_dim=args.rotary_dim,
                          parallel_residual=args.parallel_residual,
-                         gelu_approximate=args.gelu_approximate,
+                         gelu_approximate=args.gelu_approximate, shared_norm=args.shared_norm,
+                         head_bias=args.head_bias,
                          n_kv_head=args.n_kv_head, norm=args.norm, mlp=args.mlp, mlp_hidden=args.mlp_hidden,
                          bias=args.bias)
         model = GPTModel(cfg)
@@ -450,7 +458,9 @@ def print_header(args, targs, model, tok, block, splits, trainer):
     gqa += f", no RoPE in layers {cfg.nope_layers}" if cfg.nope_layers else ""
     gqa += f", RoPE on {cfg.rotary_dim} of each head's {cfg.head_dim} dimensions" if cfg.rotary_dim else ""
     gqa += f", attention scaled by 1/sqrt({cfg.attention_scale_width})" if cfg.attention_scale_width else ""
-    gqa += ", attention and MLP in parallel" if cfg.parallel_residual else ""
+    gqa += (", attention and MLP in parallel" + (" on one norm" if cfg.shared_norm else "")) \
+        if cfg.parallel_residual else ""
+    gqa += ", LM-head bias" if cfg.head_bias else ""
     gqa += ", exact (erf) GELU" if cfg.gelu_approximate == "none" else ""
     print(f"pretrain: {model_name(args)} ({model.num_params() / 1e6:.2f}M params, vocab {cfg.vocab_size}{padded}, "
           f"context {cfg.context_length}"
