@@ -144,7 +144,7 @@ def _gpt2_config_json(cfg_json: Path) -> dict:
     if d.get("model_type", "gpt2") != "gpt2":
         raise UserError(f"{cfg_json} says model_type {d['model_type']!r}: not a GPT-2 model (tritongpt reads "
                         "Hugging Face's gpt2, gpt_neo, llama, mistral, qwen2, qwen3, gemma, gemma2, gemma3_text, "
-                        "olmo2, olmo3, gpt_neox, phi3 and stablelm models)")
+                        "olmo2, olmo3, gpt_neox, phi, phi3 and stablelm models)")
     return d
 
 
@@ -172,7 +172,8 @@ def is_hf_file(path) -> bool:
 
 def load_checkpoint(path, model_name: str | None = None, merge: bool = True) -> GPTModel:
     """A tritongpt checkpoint (file, checkpoint folder or run folder: its newest) or a Hugging
-    Face GPT-2, GPT-Neo, Llama (Mistral, Qwen2, Qwen3), Gemma, OLMo, GPT-NeoX, Phi-3 or StableLM model.safetensors
+    Face GPT-2, GPT-Neo, Llama (Mistral, Qwen2, Qwen3), Gemma, OLMo, GPT-NeoX, Phi-1/1.5/2, Phi-3 or StableLM
+    model.safetensors
     (model_name: the preset, when no config.json says the heads).
     A LoRA checkpoint comes merged unless merge is False, and so does a peft adapter folder: its
     base with the update (load_peft_adapter)."""
@@ -188,6 +189,7 @@ def load_checkpoint(path, model_name: str | None = None, merge: bool = True) -> 
         from tritongpt.train.neox_weights import is_neox_file, load_neox_safetensors
         from tritongpt.train.olmo_weights import is_olmo_file, load_olmo_safetensors
         from tritongpt.train.phi3_weights import is_phi3_file, load_phi3_safetensors
+        from tritongpt.train.phi_weights import is_phi_file, load_phi_safetensors
         from tritongpt.train.stablelm_weights import is_stablelm_file, load_stablelm_safetensors
 
         if is_gpt_neo_file(path):
@@ -200,6 +202,8 @@ def load_checkpoint(path, model_name: str | None = None, merge: bool = True) -> 
             return load_neox_safetensors(path)
         if is_phi3_file(path):
             return load_phi3_safetensors(path)
+        if is_phi_file(path):
+            return load_phi_safetensors(path)
         if is_stablelm_file(path):
             return load_stablelm_safetensors(path)
         if is_llama_file(path):
@@ -503,7 +507,9 @@ def refuse_olmo_touches(cfg: GPTConfig, family: str, what: str) -> None:
 
 
 def refuse_neox_touches(cfg: GPTConfig, family: str, what: str) -> None:
-    """GPT-NeoX's parallel blocks and exact GELU, which no other family's folder can say: refused by name."""
+    """GPT-NeoX's parallel blocks and exact GELU, which no other family's folder can say: refused by name
+    (Phi's touches first)."""
+    refuse_phi_touches(cfg, family, what)
     for differs, why in ((cfg.parallel_residual, "runs attention and MLP side by side on each block's input "
                           "(parallel_residual: GPT-NeoX's blocks)"),
                          (cfg.gelu_approximate != "tanh", f"computes the exact GELU (gelu_approximate "
@@ -511,6 +517,17 @@ def refuse_neox_touches(cfg: GPTConfig, family: str, what: str) -> None:
         if differs:
             raise UserError(f"this model {why}, which Hugging Face's {family} does not: it cannot be exported as "
                             f"{what} (a GPT-NeoX folder may take it)")
+
+
+def refuse_phi_touches(cfg: GPTConfig, family: str, what: str) -> None:
+    """Phi-1/1.5/2's one norm for both sublayers of a parallel block and bias on the LM head, which no other
+    family's folder this model writes can say: refused by name."""
+    for differs, why in ((cfg.shared_norm, "reads one norm's output in both sublayers of its parallel blocks "
+                          "(shared_norm: Phi's and GPT-J's blocks)"),
+                         (cfg.head_bias, "has a bias on its LM head (head_bias)")):
+        if differs:
+            raise UserError(f"this model {why}, which Hugging Face's {family} does not: it cannot be exported as "
+                            f"{what} (a Phi folder may take it)")
 
 
 def refuse_phi3_touches(cfg: GPTConfig, family: str, what: str) -> None:

@@ -319,10 +319,11 @@ def export_target(cfg) -> tuple:
     """(family, refuse, export): the Hugging Face folder `export` writes this model as, the first whose touches
     it has: OLMo's (no input norms, q/k norms over all heads: an OLMo has post_norms too), then Gemma's (scaled
     embeddings, sandwich norms, GeGLU...), StableLM's (LayerNorms with SwiGLU), Phi-3's (a partial rotary or
-    LongRoPE on a Llama), a Llama's (RMSNorm or SwiGLU: or a Mistral, a Qwen2... as hf_family says), GPT-Neo's (unscaled attention scores), GPT-NeoX's
-    (RoPE over LayerNorms and a GELU MLP), else GPT-2. refuse(model, what) names what that family cannot say."""
+    LongRoPE on a Llama), a Llama's (RMSNorm or SwiGLU: or a Mistral, a Qwen2... as hf_family says),
+    GPT-Neo's (unscaled attention scores), Phi's (RoPE over LayerNorms and a GELU MLP, with one norm in a
+    parallel block or an LM-head bias), GPT-NeoX's (RoPE over LayerNorms and a GELU MLP), else GPT-2. refuse(model, what) names what that family cannot say."""
     from tritongpt.train import gemma_weights, gpt2_weights, gpt_neo_weights, llama_weights, neox_weights, \
-        olmo_weights, phi3_weights, stablelm_weights
+        olmo_weights, phi3_weights, phi_weights, stablelm_weights
 
     if olmo_weights.is_olmo_shaped(cfg):
         return olmo_weights.family_name(cfg), olmo_weights.refuse_not_olmo, olmo_weights.export_olmo
@@ -336,6 +337,8 @@ def export_target(cfg) -> tuple:
         return llama_weights.family_name(cfg), llama_weights.refuse_not_llama, llama_weights.export_llama
     if not cfg.scale_attention:
         return "GPT-Neo", gpt_neo_weights.refuse_not_gpt_neo, gpt_neo_weights.export_gpt_neo
+    if phi_weights.is_phi_shaped(cfg):
+        return "Phi", phi_weights.refuse_not_phi, phi_weights.export_phi
     if neox_weights.is_neox_shaped(cfg):
         return "GPT-NeoX", neox_weights.refuse_not_neox, neox_weights.export_neox
     return "GPT-2", gpt2_weights.refuse_not_gpt2, gpt2_weights.export_gpt2
