@@ -183,13 +183,13 @@ def test_an_untied_file_whose_head_is_its_embedding_loads_tied(tmp_path):
 
 
 def test_another_model_type_is_refused_and_a_sharded_folder_is_read_whole(tmp_path):
-    """A Phi-2 config.json is not read as GPT-2's tensor names (once: "missing tensor 'wte.weight'").
+    """A Mamba config.json is not read as GPT-2's tensor names (once: "missing tensor 'wte.weight'").
     A sharded save_pretrained folder (model.safetensors.index.json and its shards) loads with the
     logits of the model saved; a shard missing, or named outside the folder, is named."""
-    _, path = _hf_model(tmp_path / "phi")
-    cfg_json = tmp_path / "phi" / "config.json"
-    cfg_json.write_text(json.dumps({**json.loads(cfg_json.read_text()), "model_type": "phi"}))
-    with pytest.raises(UserError, match="config.json says model_type 'phi': not a GPT-2 model \\(tritongpt reads "
+    _, path = _hf_model(tmp_path / "mamba")
+    cfg_json = tmp_path / "mamba" / "config.json"
+    cfg_json.write_text(json.dumps({**json.loads(cfg_json.read_text()), "model_type": "mamba"}))
+    with pytest.raises(UserError, match="config.json says model_type 'mamba': not a GPT-2 model \\(tritongpt reads "
                                         "Hugging Face's gpt2, gpt_neo, llama, .* and stablelm models\\)"):
         load_checkpoint(path)
     folder = tmp_path / "sharded"
