@@ -345,17 +345,20 @@ def test_pretrain_from_a_phi_folder_exports_back_as_phi(corpus, tmp_path, capsys
 
 def test_pretrain_and_bench_train_flags_build_the_fields(corpus, tmp_path, capsys):
     """pretrain --parallel-residual --shared-norm --head-bias builds the fields (--shared-norm alone is refused by
-    name); bench train's row and models line say them (the reference row only: both paths' gradients are
+    name; the header is test_pretrain_from_a_phi_folder_exports_back_as_phi's); bench train's row and models line say them (the reference row only: both paths' gradients are
     test_phi_fields_train_on_both_paths_with_the_same_gradients', and a Triton step of `tiny` takes 10 s here)."""
     from tritongpt.bench import cli as bcli
     from tritongpt.bench import report, train_step
     from tritongpt.cli import build_parser, main
 
+    from tritongpt.train.loop import TrainArgs
+    from tritongpt.train.pretrain import check_args, parse_args
+
     assert main(pretrain_argv(corpus, tmp_path / "alone", "--shared-norm", "--max-steps", "1")) == 2
-    assert "shared_norm" in capsys.readouterr().err
-    assert main(pretrain_argv(corpus, tmp_path / "run", "--position-encoding", "rope", "--parallel-residual",
-                              "--shared-norm", "--head-bias", "--max-steps", "1")) == 0
-    c = load_checkpoint(tmp_path / "run").config
+    assert "GPTConfig.shared_norm" in capsys.readouterr().err
+    a = parse_args(["--tokenizer", str(corpus.tok), "--position-encoding", "rope", "--parallel-residual",
+                    "--shared-norm", "--head-bias"])
+    c = check_args(a, TrainArgs.from_namespace(a))[0].config  # the model pretrain would train
     assert (c.parallel_residual, c.shared_norm, c.head_bias) == (True, True, True)
     flags = dict(position_encoding="rope", parallel_residual=True, shared_norm=True, head_bias=True)
     row = train_step.bench_train_provider("reference", "tiny", 2, 16, torch.device("cpu"), torch.float32, 0, 1,
