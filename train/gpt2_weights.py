@@ -183,8 +183,10 @@ def load_checkpoint(path, model_name: str | None = None, merge: bool = True) -> 
     if adapter_folder(path) is not None:
         return load_peft_adapter(adapter_folder(path))
     if is_shard_index(path) or str(path).endswith(".safetensors") and is_hf_file(path):
+        from tritongpt.train.falcon_weights import is_falcon_file, load_falcon_safetensors
         from tritongpt.train.gemma_weights import is_gemma_file, load_gemma_safetensors
         from tritongpt.train.gpt_neo_weights import is_gpt_neo_file, load_gpt_neo_safetensors
+        from tritongpt.train.gptj_weights import is_gptj_file, load_gptj_safetensors
         from tritongpt.train.llama_weights import is_llama_file, load_llama_safetensors
         from tritongpt.train.neox_weights import is_neox_file, load_neox_safetensors
         from tritongpt.train.olmo_weights import is_olmo_file, load_olmo_safetensors
@@ -202,6 +204,10 @@ def load_checkpoint(path, model_name: str | None = None, merge: bool = True) -> 
             return load_neox_safetensors(path)
         if is_phi3_file(path):
             return load_phi3_safetensors(path)
+        if is_gptj_file(path):
+            return load_gptj_safetensors(path)
+        if is_falcon_file(path):
+            return load_falcon_safetensors(path)
         if is_phi_file(path):
             return load_phi_safetensors(path)
         if is_stablelm_file(path):
@@ -522,12 +528,12 @@ def refuse_neox_touches(cfg: GPTConfig, family: str, what: str) -> None:
 def refuse_phi_touches(cfg: GPTConfig, family: str, what: str) -> None:
     """Phi-1/1.5/2's one norm for both sublayers of a parallel block and bias on the LM head, which no other
     family's folder this model writes can say: refused by name."""
-    for differs, why in ((cfg.shared_norm, "reads one norm's output in both sublayers of its parallel blocks "
-                          "(shared_norm: Phi's and GPT-J's blocks)"),
-                         (cfg.head_bias, "has a bias on its LM head (head_bias)")):
+    for differs, why, takers in ((cfg.shared_norm, "reads one norm's output in both sublayers of its parallel blocks "
+                                  "(shared_norm: Phi's, GPT-J's and Falcon-7B's blocks)", "Phi, GPT-J or Falcon"),
+                                 (cfg.head_bias, "has a bias on its LM head (head_bias)", "Phi or GPT-J")):
         if differs:
             raise UserError(f"this model {why}, which Hugging Face's {family} does not: it cannot be exported as "
-                            f"{what} (a Phi folder may take it)")
+                            f"{what} (a {takers} folder may take it)")
 
 
 def refuse_phi3_touches(cfg: GPTConfig, family: str, what: str) -> None:

@@ -37,8 +37,9 @@ def add_args(p: argparse.ArgumentParser):
     add_model_args(p, default_model=None, default_text="tiny; with --init, what its weights hold")
     p.add_argument("--init", default=None,
                    help="start from these weights, not random ones (nanoGPT's init_from): a tritongpt checkpoint "
-                        "(run folder, ckpt folder or .safetensors), a Hugging Face GPT-2, GPT-Neo, Llama, Mistral, "
-                        "Qwen2 or Qwen3 model.safetensors, or a GPT-2 or GPT-Neo name (gpt2-small, gpt-neo-125m ...: "
+                        "(run folder, ckpt folder or .safetensors), a Hugging Face model.safetensors (GPT-2, GPT-Neo, "
+                        "GPT-NeoX/Pythia, GPT-J, Falcon, Phi, Phi-3, Llama, Mistral, Qwen2/3, SmolLM3, Gemma, OLMo, "
+                        "StableLM), or a GPT-2 or GPT-Neo name (gpt2-small, gpt-neo-125m ...: "
                         "downloads the pretrained weights), or " + HUB_REPO_HELP + "; the model's shape is theirs")
     add_vocab_multiple_arg(p, 1, "1, no padding; with --init, as its weights have them")
     d = p.add_argument_group("data")

@@ -320,10 +320,12 @@ def export_target(cfg) -> tuple:
     it has: OLMo's (no input norms, q/k norms over all heads: an OLMo has post_norms too), then Gemma's (scaled
     embeddings, sandwich norms, GeGLU...), StableLM's (LayerNorms with SwiGLU), Phi-3's (a partial rotary or
     LongRoPE on a Llama), a Llama's (RMSNorm or SwiGLU: or a Mistral, a Qwen2... as hf_family says),
-    GPT-Neo's (unscaled attention scores), Phi's (RoPE over LayerNorms and a GELU MLP, with one norm in a
-    parallel block or an LM-head bias), GPT-NeoX's (RoPE over LayerNorms and a GELU MLP), else GPT-2. refuse(model, what) names what that family cannot say."""
-    from tritongpt.train import gemma_weights, gpt2_weights, gpt_neo_weights, llama_weights, neox_weights, \
-        olmo_weights, phi3_weights, phi_weights, stablelm_weights
+    GPT-Neo's (unscaled attention scores); then, for RoPE over LayerNorms and a GELU MLP: GPT-J's (a shared-norm
+    parallel block, an LM-head bias, no q/k/v biases), Falcon's (the exact GELU, no LM-head bias, and a shared
+    norm, grouped key/value heads or no biases), Phi's (one norm in a parallel block or an LM-head bias),
+    GPT-NeoX's; else GPT-2. refuse(model, what) names what that family cannot say."""
+    from tritongpt.train import falcon_weights, gemma_weights, gpt2_weights, gpt_neo_weights, gptj_weights, \
+        llama_weights, neox_weights, olmo_weights, phi3_weights, phi_weights, stablelm_weights
 
     if olmo_weights.is_olmo_shaped(cfg):
         return olmo_weights.family_name(cfg), olmo_weights.refuse_not_olmo, olmo_weights.export_olmo
@@ -337,6 +339,10 @@ def export_target(cfg) -> tuple:
         return llama_weights.family_name(cfg), llama_weights.refuse_not_llama, llama_weights.export_llama
     if not cfg.scale_attention:
         return "GPT-Neo", gpt_neo_weights.refuse_not_gpt_neo, gpt_neo_weights.export_gpt_neo
+    if gptj_weights.is_gptj_shaped(cfg):
+        return "GPT-J", gptj_weights.refuse_not_gptj, gptj_weights.export_gptj
+    if falcon_weights.is_falcon_shaped(cfg):
+        return "Falcon", falcon_weights.refuse_not_falcon, falcon_weights.export_falcon
     if phi_weights.is_phi_shaped(cfg):
         return "Phi", phi_weights.refuse_not_phi, phi_weights.export_phi
     if neox_weights.is_neox_shaped(cfg):

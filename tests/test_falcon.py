@@ -1,0 +1,143 @@
+"""Falcon: RoPE over LayerNorms, the exact GELU, multi-query or grouped attention with q, k and v fused in each
+architecture's own layout, and three blocks (Falcon-7B's one shared norm, the new architecture's two parallel
+norms, a sequential one) (train/falcon_weights.py). Tiny random FalconForCausalLMs saved to tmp_path
+(float64, every tensor jittered so each one counts): logits on both kernel paths, the KV-cache decode, greedy
+tokens, export round trips through transformers, a pretrain --init step; what this model does not compute
+refused by name. Nothing downloaded."""
+import json
+
+import pytest
+import torch
+
+from parity import assert_close_rel, decodes_like, logits_match_transformers, pretrain_argv
+from tritongpt.errors import UserError
+from tritongpt.train.gpt2_weights import load_checkpoint
+
+transformers = pytest.importorskip("transformers")
+
+VOCAB, CTX, T = 53, 40, 23
+# config.json's block and attention: Falcon-7B's, Falcon-40B's (and 180B's), the new architecture with one
+# norm, an old sequential one with a key/value head per query head, and 7B's with biases
+KINDS = {"7b": dict(new_decoder_architecture=False, multi_query=True, parallel_attn=True),
+         "40b": dict(new_decoder_architecture=True, num_kv_heads=2, parallel_attn=True),
+         "new-one-norm": dict(new_decoder_architecture=True, num_kv_heads=2, num_ln_in_parallel_attn=1),
+         "sequential": dict(new_decoder_architecture=False, multi_query=False, parallel_attn=False),
+         "7b-bias": dict(new_decoder_architecture=False, multi_query=True, parallel_attn=True, bias=True)}
+
+
+def hf_falcon(folder, kind="7b", layers=2, vocab=VOCAB, context=CTX, **config):
+    """A tiny random FalconForCausalLM in float64 (4 heads of 16 over 64, RoPE base 500), saved to folder, EOS
+    and BOS 1. -> (the model, its model.safetensors)."""
+    torch.manual_seed(0)
+    cfg = transformers.FalconConfig(vocab_size=vocab, hidden_size=64, num_hidden_layers=layers, num_attention_heads=4,
+                                    max_position_embeddings=context, layer_norm_epsilon=1e-6, bos_token_id=1,
+                                    eos_token_id=1, rope_parameters={"rope_type": "default", "rope_theta": 500.0},
+                                    **{**KINDS[kind], **config})
+    hf = transformers.FalconForCausalLM(cfg).double().eval()
+    with torch.no_grad():  # unit norm weights and zero biases would hide a mistake
+        for p in hf.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+    hf.save_pretrained(folder)
+    return hf, folder / "model.safetensors"
+
+
+@pytest.mark.parametrize("kind,want", [("7b", (True, True, 1, False)), ("40b", (True, False, 2, False)),
+                                       ("new-one-norm", (True, True, 2, False)), ("sequential", (False, False, 4, False)),
+                                       ("7b-bias", (True, True, 1, True))], ids=list(KINDS))
+def test_loads_its_blocks_and_matches_transformers_on_both_paths(tmp_path, kind, want):
+    hf, path = hf_falcon(tmp_path, kind)
+    model = load_checkpoint(path).double().eval()
+    c = model.config
+    assert (c.parallel_residual, c.shared_norm, c.kv_heads, c.bias) == want
+    assert (c.has_qkv_bias, c.gelu_approximate, c.rope_theta, c.rotary_dim, c.tie_weights, c.head_bias) == \
+        (want[3], "none", 500.0, 0, True, False)
+    logits_match_transformers(hf, model, VOCAB, T)
+
+
+def test_decodes_over_the_cache_and_generates_transformers_tokens(tmp_path):
+    hf, path = hf_falcon(tmp_path, "40b")
+    model = load_checkpoint(path).double().eval()
+    idx = torch.randint(0, VOCAB, (1, 13))
+    with torch.no_grad():
+        decodes_like(model, idx, hf(idx).logits)
+    from tritongpt.train.generate import generate
+
+    ours = generate(model, idx[:, :3], 10)
+    theirs = hf.generate(idx[:, :3], max_new_tokens=10, do_sample=False, pad_token_id=0, eos_token_id=None)
+    assert torch.equal(ours, theirs)
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_export_round_trips_through_transformers(tmp_path, kind):
+    """Loaded, exported, read by transformers' AutoModelForCausalLM: the same logits (q, k and v fused in the
+    layout the written architecture reads), and load_checkpoint reads the export back to the same config."""
+    from tritongpt.train.falcon_weights import export_falcon
+
+    hf, path = hf_falcon(tmp_path / "in", kind)
+    model = load_checkpoint(path).double().eval()
+    export_falcon(model, tmp_path / "out", eos_token_id=1)
+    d = json.loads((tmp_path / "out" / "config.json").read_text())  # the architecture the folder came in
+    assert (d["model_type"], d["new_decoder_architecture"]) == ("falcon", KINDS[kind]["new_decoder_architecture"])
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float64).eval()
+    assert type(back).__name__ == "FalconForCausalLM"
+    idx = torch.randint(0, VOCAB, (2, T))
+    with torch.no_grad():
+        assert_close_rel(back(idx).logits, hf(idx).logits, 2e-6, "exported, read by transformers")
+    again = load_checkpoint(tmp_path / "out" / "model.safetensors")
+    assert again.config.to_dict() == {**model.config.to_dict(), "kernels": again.config.kernels}
+
+
+@pytest.mark.parametrize("change,match", [
+    ({"alibi": True}, "alibi true"),
+    ({"activation": "relu"}, "activation 'relu'; this model's Falcon MLP computes 'gelu'"),
+    ({"ffn_hidden_size": 100}, r"an MLP 256 wide \(ffn_hidden_size 100\)"),
+    ({"num_attention_heads": 8}, "query_key_value has 96 rows; 8 query heads over 1 key/value heads of 8 need 80"),
+    ({"rope_parameters": {"rope_type": "linear", "rope_theta": 500.0, "factor": 2.0}},
+     "rope_parameters of type 'linear'"),
+    ({"model_type": "RefinedWebModel"}, "the remote-code Falcon format"),
+], ids=["alibi", "activation", "mlp-width", "heads", "scaled-rope", "remote-code"])
+def test_what_this_model_does_not_compute_is_refused_by_name(tmp_path, change, match):
+    _, path = hf_falcon(tmp_path)
+    cfg_json = tmp_path / "config.json"
+    cfg_json.write_text(json.dumps({**json.loads(cfg_json.read_text()), **change}))
+    with pytest.raises(UserError, match=match):
+        load_checkpoint(path)
+
+
+def test_pretrain_from_a_falcon_folder_then_export_picks_falcon(tmp_path, corpus):
+    """One step of `pretrain --init <Falcon-7B-shaped folder>`, then `export`: the run's model goes out as a
+    Falcon (its shared norm and single key/value head are no GPT-NeoX), which transformers reads."""
+    from tritongpt.cli import main
+
+    hf_falcon(tmp_path / "in", vocab=300, context=64)
+    run = tmp_path / "run"
+    assert main(pretrain_argv(corpus, run, "--init", str(tmp_path / "in"), "--max-steps", "1")) == 0
+    model = load_checkpoint(run).eval()
+    assert (model.config.shared_norm, model.config.kv_heads) == (True, 1)
+    assert main(["export", str(run), "--out", str(tmp_path / "out")]) == 0
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["model_type"] == "falcon"
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    idx = torch.randint(0, 300, (2, 17))
+    with torch.no_grad():
+        assert_close_rel(back(idx).logits, model(idx), 1e-5, "transformers on the export")
+
+
+@pytest.mark.parametrize("fields,family", [
+    (dict(shared_norm=True, n_kv_head=1, bias=False), "Falcon"),
+    (dict(bias=False), "Falcon"),
+    (dict(n_kv_head=2), "Falcon"),
+    ({}, "GPT-NeoX"),
+    (dict(shared_norm=True, gelu_approximate="tanh"), "Phi"),
+    (dict(shared_norm=True, head_bias=True), "Phi"),
+    (dict(shared_norm=True, head_bias=True, qkv_bias=False), "GPT-J"),
+], ids=["falcon-7b", "no-bias", "gqa", "neox", "tanh-is-phi", "phi", "gptj"])
+def test_export_picks_the_family_that_says_the_model(fields, family):
+    """RoPE over LayerNorms and a GELU MLP in parallel blocks: Falcon's touches (one norm, grouped heads, no
+    biases) with its exact GELU go to Falcon; GPT-NeoX's two norms with biases to GPT-NeoX; an LM-head bias or
+    the tanh GELU to Phi (or GPT-J, without q/k/v biases)."""
+    from tritongpt.commands import export_target
+    from tritongpt.model.config import GPTConfig
+
+    cfg = GPTConfig(**{**dict(vocab_size=VOCAB, n_embd=64, n_layer=1, n_head=4, position_encoding="rope",
+                              parallel_residual=True, gelu_approximate="none"), **fields})
+    assert export_target(cfg)[0] == family

@@ -1,0 +1,260 @@
+"""Falcon weights (TII's Falcon-7B, 40B, 180B: Hugging Face's FalconForCausalLM, model_type "falcon") into
+GPTModel, and back out.
+
+A Falcon is a GPT-2 with RoPE over whole heads (no position embeddings), the exact GELU (gelu_approximate
+"none"), no biases (bias False; config.json's bias true gives every projection one) and an LM head tied to the
+embeddings, in one of three blocks:
+- Falcon-7B's (parallel_attn, the old decoder architecture): one LayerNorm read by attention and MLP side by
+  side, x + attention(ln(x)) + mlp(ln(x)): GPTConfig.parallel_residual and shared_norm (GPT-J's block);
+- Falcon-40B's and 180B's (new_decoder_architecture): two LayerNorms, ln_attn and ln_mlp, side by side:
+  parallel_residual (GPT-NeoX's block); num_ln_in_parallel_attn 1 shares one, as the 7B;
+- parallel_attn false: GPT-2's sequential block (input_layernorm, then post_attention_layernorm).
+Its attention is multi-query in the 7B (multi_query: one key/value head) and grouped in the new architecture
+(num_kv_heads), q, k and v fused in query_key_value in a layout of each architecture's own (_qkv_rows).
+What this model does not compute is refused by name: ALiBi (Falcon-RW's), another activation, an MLP wider or
+narrower than 4 hidden_size, a scaled RoPE, the remote-code folders' model types (RefinedWeb).
+"""
+from pathlib import Path
+
+import torch
+
+from tritongpt._types import is_int
+from tritongpt.errors import UserError, read_json_object
+from tritongpt.model.config import GPTConfig
+from tritongpt.model.gpt import GPTModel
+from tritongpt.train.gpt2_weights import _read_tensors, model_with_tensors, write_hf_folder
+from tritongpt.train.llama_weights import unscaled_partial_rope
+
+MODEL_TYPE = "falcon"
+REMOTE_CODE_TYPES = ("RefinedWeb", "RefinedWebModel")
+# each block's tensors with a weight (and a bias if config.json's bias): ours, then Hugging Face's
+_PROJ = (("att.out_proj", "self_attention.dense"), ("ff.fc1", "mlp.dense_h_to_4h"), ("ff.fc2", "mlp.dense_4h_to_h"))
+_QKV = ("att.W_query", "att.W_key", "att.W_value")
+
+
+def is_falcon_file(path) -> bool:
+    """A Hugging Face Falcon model.safetensors (or shard index): its config.json says so (the remote-code
+    RefinedWeb types too, to be refused by name)."""
+    cfg_json = Path(path).parent / "config.json"
+    return cfg_json.is_file() and read_json_object(cfg_json).get("model_type") in (MODEL_TYPE, *REMOTE_CODE_TYPES)
+
+
+def _norms(d: dict) -> tuple:
+    """(our norms' Hugging Face names (norm1, norm2 or None for a shared one), parallel_residual) of a
+    Falcon config.json's block, as FalconDecoderLayer builds it."""
+    if not d.get("parallel_attn", True):
+        return ("input_layernorm", "post_attention_layernorm"), False
+    if d.get("new_decoder_architecture") and d.get("num_ln_in_parallel_attn") in (None, 2):
+        return ("ln_attn", "ln_mlp"), True
+    return ("input_layernorm", None), True
+
+
+def _check_hf_config(cfg_json: Path, sd: dict) -> GPTConfig:
+    """The GPTConfig of a Falcon config.json, checked against the tensors beside it; what this model does not
+    compute refused by name."""
+    d = read_json_object(cfg_json)
+    kind = d.get("model_type")
+    if kind in REMOTE_CODE_TYPES:
+        raise UserError(f"{cfg_json} says model_type {kind!r}, the remote-code Falcon format: take the folder's "
+                        "transformers-format revision (model_type 'falcon'), which this loader reads")
+    if kind != MODEL_TYPE:
+        raise UserError(f"{cfg_json} says model_type {kind!r}; a Falcon folder's is {MODEL_TYPE}")
+    if d.get("alibi"):
+        raise UserError(f"{cfg_json} has alibi true (Falcon-RW's ALiBi position biases); this model encodes positions "
+                        "by RoPE or learned embeddings")
+    try:
+        vocab, n_embd = sd["word_embeddings.weight"].shape
+        hidden = sd["h.0.mlp.dense_h_to_4h.weight"].shape[0]
+        qkv_rows = sd["h.0.self_attention.query_key_value.weight"].shape[0]
+    except KeyError as e:
+        raise UserError(f"{cfg_json.parent}: not a Falcon model, missing tensor {e.args[0]!r}") from None
+    n_layer = 1 + max((int(k.split(".")[1]) for k in sd if k.startswith("h.")), default=-1)
+    n_head = d.get("num_attention_heads", 71)
+    if not is_int(n_head) or n_head < 1 or n_embd % n_head:
+        raise UserError(f"{cfg_json} says num_attention_heads {n_head!r}, which does not divide the weights' width "
+                        f"{n_embd}")
+    for key, have in (("vocab_size", vocab), ("hidden_size", n_embd), ("num_hidden_layers", n_layer)):
+        if key in d and d[key] != have:
+            raise UserError(f"{cfg_json} says {key} {d[key]!r}, but the weights have {have}")
+    if d.get("ffn_hidden_size") not in (None, hidden) or hidden != 4 * n_embd:
+        raise UserError(f"{cfg_json} has an MLP {hidden} wide (ffn_hidden_size {d.get('ffn_hidden_size')!r}); this "
+                        f"model's GELU MLP is 4 hidden_size wide ({4 * n_embd})")
+    if d.get("activation", "gelu") != "gelu":
+        raise UserError(f"{cfg_json} has activation {d['activation']!r}; this model's Falcon MLP computes 'gelu' "
+                        "(the exact one) only")
+    if d.get("new_decoder_architecture"):
+        kv = d.get("num_kv_heads") or n_head
+    else:
+        kv = 1 if d.get("multi_query", True) else n_head
+    if not is_int(kv) or kv < 1 or n_head % kv:
+        raise UserError(f"{cfg_json} says num_kv_heads {kv!r}, which does not divide num_attention_heads {n_head}")
+    head_dim = n_embd // n_head
+    if qkv_rows != (n_head + 2 * kv) * head_dim:
+        raise UserError(f"{cfg_json.parent}: query_key_value has {qkv_rows} rows; {n_head} query heads over {kv} "
+                        f"key/value heads of {head_dim} need {(n_head + 2 * kv) * head_dim}")
+    # whole heads unless rope_parameters says a factor (no Falcon does; refused below)
+    theta, rotary = unscaled_partial_rope({"partial_rotary_factor": 1.0, **d}, head_dim, cfg_json, "Falcon")
+    if rotary:
+        raise UserError(f"{cfg_json} has a partial rotary factor; Falcon rotates whole heads")
+    names, parallel = _norms(d)
+    head = sd.get("lm_head.weight")
+    return GPTConfig(vocab_size=vocab, n_embd=n_embd, n_layer=n_layer, n_head=n_head, n_kv_head=kv,
+                     context_length=d.get("max_position_embeddings", 2048), position_encoding="rope",
+                     rope_theta=theta, norm_eps=d.get("layer_norm_epsilon", 1e-5), bias=bool(d.get("bias", False)),
+                     tie_weights=head is None or torch.equal(head, sd["word_embeddings.weight"]),
+                     parallel_residual=parallel, shared_norm=parallel and names[1] is None, gelu_approximate="none")
+
+
+def _qkv_rows(cfg: GPTConfig, new_arch: bool) -> tuple:
+    """Index tensors of query_key_value's rows that are q's, k's and v's (in our heads' order). The new
+    architecture lays them out per key/value group: the group's query heads, then its key, then its value;
+    the old one (multi-query, or a head each) all the queries first, then the keys, then the values (a head
+    each: per head, as GPT-NeoX's)."""
+    H, G, D = cfg.n_head, cfg.kv_heads, cfg.head_dim
+    if new_arch:
+        rows = torch.arange((H + 2 * G) * D).reshape(G, H // G + 2, D)
+        return rows[:, :-2].reshape(-1), rows[:, -2].reshape(-1), rows[:, -1].reshape(-1)
+    if G == 1:
+        rows = torch.arange((H + 2) * D)
+        return rows[:H * D], rows[H * D:(H + 1) * D], rows[(H + 1) * D:]
+    rows = torch.arange(3 * H * D).reshape(H, 3, D)
+    return rows[:, 0].reshape(-1), rows[:, 1].reshape(-1), rows[:, 2].reshape(-1)
+
+
+def _our_tensors(sd: dict, cfg: GPTConfig, d: dict) -> dict:
+    """Hugging Face Falcon tensors under our parameter names (KeyError: a tensor the file lacks)."""
+    names, _ = _norms(d)
+    kinds = ("weight", "bias") if cfg.bias else ("weight",)
+    ours = {"tok_emb.weight": sd["word_embeddings.weight"], "final_norm.weight": sd["ln_f.weight"],
+            "final_norm.bias": sd["ln_f.bias"]}
+    if not cfg.tie_weights:
+        ours["out_head.weight"] = sd["lm_head.weight"]
+    split = _qkv_rows(cfg, bool(d.get("new_decoder_architecture")))
+    for i in range(cfg.n_layer):
+        h, b = f"h.{i}.", f"trf_blocks.{i}."
+        for kind in kinds:
+            fused = sd[f"{h}self_attention.query_key_value.{kind}"]
+            for name, rows in zip(_QKV, split):
+                ours[f"{b}{name}.{kind}"] = fused[rows]
+            for mine, theirs in _PROJ:
+                ours[f"{b}{mine}.{kind}"] = sd[f"{h}{theirs}.{kind}"]
+        for mine, theirs in zip(("norm1", "norm2"), names):
+            if theirs is not None:
+                for kind in ("weight", "bias"):
+                    ours[f"{b}{mine}.{kind}"] = sd[f"{h}{theirs}.{kind}"]
+    return ours
+
+
+def load_falcon_safetensors(path) -> GPTModel:
+    """GPTModel with the weights of a Hugging Face Falcon model.safetensors (or shard index) and its
+    config.json beside it."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"Falcon weights file not found: {path}")
+    sd = _read_tensors(path, prefix="transformer.")
+    cfg_json = path.parent / "config.json"
+    cfg = _check_hf_config(cfg_json, sd)
+    d = read_json_object(cfg_json)
+    return model_with_tensors(cfg, lambda: _our_tensors(sd, cfg, d), path)
+
+
+# -- export: the inverse of _our_tensors -----------------------------------------------------------
+def is_falcon_shaped(cfg: GPTConfig) -> bool:
+    """RoPE over LayerNorms with the exact-GELU MLP, no LM-head bias, and one of Falcon's touches a GPT-NeoX
+    cannot say (a shared norm, fewer key/value heads than query heads, no biases): what export writes as a
+    Falcon (or refuses)."""
+    return (cfg.position_encoding == "rope" and cfg.norm == "layernorm" and cfg.mlp == "gelu"
+            and cfg.gelu_approximate == "none" and not cfg.head_bias
+            and (cfg.shared_norm or cfg.kv_heads < cfg.n_head or not cfg.bias))
+
+
+def refuse_not_falcon(model: GPTModel, what: str) -> None:
+    """What Hugging Face's Falcon does not compute, by name."""
+    cfg = model.config
+    for differs, why in ((cfg.position_encoding != "rope", "learns position embeddings, where Falcon rotates q and k "
+                          "(RoPE)"),
+                         (bool(cfg.rotary_dim), f"rotates only {cfg.rotary_dim} of each head's dimensions, where "
+                          "Falcon rotates whole heads"),
+                         (cfg.norm != "layernorm", f"normalizes with {cfg.norm}, where Falcon has LayerNorms"),
+                         (cfg.mlp != "gelu", f"has a {cfg.mlp} MLP, where Falcon's is GELU"),
+                         (cfg.gelu_approximate != "none", "computes the tanh GELU, where Falcon's is the exact one"),
+                         (cfg.bias != cfg.has_qkv_bias, "has biases on some projections only, where Falcon has them "
+                          "on all or none"),
+                         (cfg.head_bias, "has an LM-head bias, which Falcon does not"),
+                         (not cfg.parallel_residual and 1 < cfg.kv_heads < cfg.n_head, "has sequential blocks over "
+                          "grouped-query attention, which no Falcon block computes"),
+                         (not cfg.scale_attention, "does not scale its attention scores, which Falcon does"),
+                         (cfg.head_dim * cfg.n_head != cfg.n_embd, f"has heads of {cfg.head_dim} (attention_head_dim), "
+                          "where Falcon's are n_embd / n_head wide"),
+                         (cfg.qk_norm, "normalizes q and k (qk_norm), which Falcon does not"),
+                         (bool(cfg.attention_window), f"has local attention (attention_window {cfg.attention_window}), "
+                          "where Falcon attends to the whole context"),
+                         (cfg.rope_scaling is not None, "scales RoPE's frequencies (rope_scaling), which this export "
+                          "does not write"),
+                         (cfg.nope_layers != "", f"has layers without RoPE ({cfg.nope_layers}), which Falcon does not"),
+                         (bool(cfg.rope_local_theta), "rotates its local layers with a RoPE base of their own"),
+                         (cfg.post_norms or not cfg.pre_norms, "normalizes each sublayer's output (post_norms) or not "
+                          "its input (pre_norms False), which Falcon does not"),
+                         (cfg.scale_embeddings, "scales its token embeddings, which Falcon does not"),
+                         (bool(cfg.logit_softcap), "soft-caps its logits, which Falcon does not"),
+                         (bool(cfg.attn_softcap), "soft-caps its attention scores, which Falcon does not"),
+                         (bool(cfg.attention_scale_width), f"scales its attention scores by "
+                          f"1/sqrt({cfg.attention_scale_width}), where Falcon scales them by 1/sqrt(head_dim)")):
+        if differs:
+            raise UserError(f"this model {why}: it cannot be exported as {what}")
+
+
+def hf_config(cfg: GPTConfig, eos_token_id: int | None = None) -> dict:
+    """FalconConfig fields for this model (what _check_hf_config reads back): the new decoder architecture
+    for two parallel norms or grouped key/value heads, else the old one (multi-query for one key/value head)."""
+    G, H = cfg.kv_heads, cfg.n_head
+    new_arch = cfg.parallel_residual and (not cfg.shared_norm or 1 < G < H)
+    d = {"model_type": MODEL_TYPE, "architectures": ["FalconForCausalLM"], "vocab_size": cfg.vocab_size,
+         "max_position_embeddings": cfg.context_length, "hidden_size": cfg.n_embd, "ffn_hidden_size": 4 * cfg.n_embd,
+         "num_hidden_layers": cfg.n_layer, "num_attention_heads": H, "num_kv_heads": G, "activation": "gelu",
+         "layer_norm_epsilon": cfg.norm_eps, "bias": cfg.bias, "alibi": False, "new_decoder_architecture": new_arch,
+         "multi_query": G == 1 and H > 1, "parallel_attn": cfg.parallel_residual,
+         "num_ln_in_parallel_attn": (1 if cfg.shared_norm else 2) if new_arch else None, "hidden_dropout": 0.0,
+         "attention_dropout": 0.0, "tie_word_embeddings": cfg.tie_weights, "bos_token_id": eos_token_id,
+         "eos_token_id": eos_token_id, "pad_token_id": None, "rope_theta": cfg.rope_theta,
+         "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta}}
+    return d
+
+
+def _hf_tensors(model: GPTModel, d: dict) -> dict:
+    """Our parameters under FalconForCausalLM's names, q, k and v fused in the layout d's architecture reads,
+    the padding rows dropped."""
+    cfg = model.config
+    V = cfg.vocab_size
+    names, _ = _norms(d)
+    sd = {k: v.detach() for k, v in model.state_dict().items()}
+    hf = {"word_embeddings.weight": sd["tok_emb.weight"][:V], "ln_f.weight": sd["final_norm.weight"],
+          "ln_f.bias": sd["final_norm.bias"]}
+    split = _qkv_rows(cfg, d["new_decoder_architecture"])
+    for i in range(cfg.n_layer):
+        h, b = f"h.{i}.", f"trf_blocks.{i}."
+        for kind in ("weight", "bias") if cfg.bias else ("weight",):
+            parts = [sd[f"{b}{name}.{kind}"] for name in _QKV]
+            fused = parts[0].new_empty((sum(p.shape[0] for p in parts), *parts[0].shape[1:]))
+            for part, rows in zip(parts, split):
+                fused[rows] = part
+            hf[f"{h}self_attention.query_key_value.{kind}"] = fused
+            for mine, theirs in _PROJ:
+                hf[f"{h}{theirs}.{kind}"] = sd[f"{b}{mine}.{kind}"]
+        for mine, theirs in zip(("norm1", "norm2"), names):
+            if theirs is not None:
+                for kind in ("weight", "bias"):
+                    hf[f"{h}{theirs}.{kind}"] = sd[f"{b}{mine}.{kind}"]
+    out = {"transformer." + k: v for k, v in hf.items()}
+    if not cfg.tie_weights:
+        out["lm_head.weight"] = sd["out_head.weight"][:V]
+    return {k: v.to("cpu", memory_format=torch.contiguous_format, copy=True) for k, v in out.items()}
+
+
+def export_falcon(model: GPTModel, out_dir, eos_token_id: int | None = None, overwrite: bool = False) -> list:
+    """Write model as a Hugging Face Falcon folder: model.safetensors and config.json, which
+    transformers.AutoModelForCausalLM.from_pretrained(out_dir) and load_checkpoint both read.
+    Returns the paths written; refuses to replace them unless overwrite."""
+    refuse_not_falcon(model, "a Falcon folder")
+    d = hf_config(model.config, eos_token_id)
+    return write_hf_folder(out_dir, lambda: _hf_tensors(model, d), d, overwrite)
