@@ -42,7 +42,8 @@ def hf_falcon(folder, kind="7b", layers=2, vocab=VOCAB, context=CTX, **config):
 
 
 @pytest.mark.parametrize("kind,want", [("7b", (True, True, 1, False)), ("40b", (True, False, 2, False)),
-                                       ("new-one-norm", (True, True, 2, False)), ("sequential", (False, False, 4, False)),
+                                       ("new-one-norm", (True, True, 2, False)),
+                                       ("sequential", (False, False, 4, False)),
                                        ("7b-bias", (True, True, 1, True))], ids=list(KINDS))
 def test_loads_its_blocks_and_matches_transformers_on_both_paths(tmp_path, kind, want):
     hf, path = hf_falcon(tmp_path, kind)

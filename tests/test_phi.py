@@ -254,7 +254,8 @@ def test_a_model_built_here_exports_as_phi_and_other_exports_refuse_its_fields(t
     shared = {"parallel_residual": True, "shared_norm": True}
     for fields, match in ((shared, r"one norm's output .*shared_norm.*{} does not"),
                           ({"head_bias": True}, r"bias on its LM head \(head_bias\), which .*{} does not")):
-        with pytest.raises(UserError, match=match.format("GPT-2") + r".*a Phi(, GPT-J or Falcon| or GPT-J) folder may take it"):
+        takers = r".*a Phi(, GPT-J or Falcon| or GPT-J) folder may take it"
+        with pytest.raises(UserError, match=match.format("GPT-2") + takers):
             export_gpt2(GPTModel(GPTConfig(**gpt2, **fields)), tmp_path / "gpt2")
         with pytest.raises(UserError, match=match.format("GPT-Neo")):
             export_gpt_neo(GPTModel(GPTConfig(**gpt2, **fields, scale_attention=False, qkv_bias=False)),
@@ -345,7 +346,8 @@ def test_pretrain_from_a_phi_folder_exports_back_as_phi(corpus, tmp_path, capsys
 
 def test_pretrain_and_bench_train_flags_build_the_fields(corpus, tmp_path, capsys):
     """pretrain --parallel-residual --shared-norm --head-bias builds the fields (--shared-norm alone is refused by
-    name; the header is test_pretrain_from_a_phi_folder_exports_back_as_phi's); bench train's row and models line say them (the reference row only: both paths' gradients are
+    name; the header is test_pretrain_from_a_phi_folder_exports_back_as_phi's); bench train's row and models line
+    say them (the reference row only: both paths' gradients are
     test_phi_fields_train_on_both_paths_with_the_same_gradients', and a Triton step of `tiny` takes 10 s here)."""
     from tritongpt.bench import cli as bcli
     from tritongpt.bench import report, train_step

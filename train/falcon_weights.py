@@ -22,7 +22,7 @@ from tritongpt._types import is_int
 from tritongpt.errors import UserError, read_json_object
 from tritongpt.model.config import GPTConfig
 from tritongpt.model.gpt import GPTModel
-from tritongpt.train.gpt2_weights import _read_tensors, model_with_tensors, write_hf_folder
+from tritongpt.train.gpt2_weights import _read_tensors, model_with_tensors, plain_block_refusals, write_hf_folder
 from tritongpt.train.llama_weights import unscaled_partial_rope
 
 MODEL_TYPE = "falcon"
@@ -183,23 +183,10 @@ def refuse_not_falcon(model: GPTModel, what: str) -> None:
                          (cfg.head_bias, "has an LM-head bias, which Falcon does not"),
                          (not cfg.parallel_residual and 1 < cfg.kv_heads < cfg.n_head, "has sequential blocks over "
                           "grouped-query attention, which no Falcon block computes"),
-                         (not cfg.scale_attention, "does not scale its attention scores, which Falcon does"),
-                         (cfg.head_dim * cfg.n_head != cfg.n_embd, f"has heads of {cfg.head_dim} (attention_head_dim), "
-                          "where Falcon's are n_embd / n_head wide"),
                          (cfg.qk_norm, "normalizes q and k (qk_norm), which Falcon does not"),
-                         (bool(cfg.attention_window), f"has local attention (attention_window {cfg.attention_window}), "
-                          "where Falcon attends to the whole context"),
                          (cfg.rope_scaling is not None, "scales RoPE's frequencies (rope_scaling), which this export "
                           "does not write"),
-                         (cfg.nope_layers != "", f"has layers without RoPE ({cfg.nope_layers}), which Falcon does not"),
-                         (bool(cfg.rope_local_theta), "rotates its local layers with a RoPE base of their own"),
-                         (cfg.post_norms or not cfg.pre_norms, "normalizes each sublayer's output (post_norms) or not "
-                          "its input (pre_norms False), which Falcon does not"),
-                         (cfg.scale_embeddings, "scales its token embeddings, which Falcon does not"),
-                         (bool(cfg.logit_softcap), "soft-caps its logits, which Falcon does not"),
-                         (bool(cfg.attn_softcap), "soft-caps its attention scores, which Falcon does not"),
-                         (bool(cfg.attention_scale_width), f"scales its attention scores by "
-                          f"1/sqrt({cfg.attention_scale_width}), where Falcon scales them by 1/sqrt(head_dim)")):
+                         *plain_block_refusals(cfg, "Falcon")):
         if differs:
             raise UserError(f"this model {why}: it cannot be exported as {what}")
 

@@ -536,6 +536,26 @@ def refuse_phi_touches(cfg: GPTConfig, family: str, what: str) -> None:
                             f"{what} (a {takers} folder may take it)")
 
 
+def plain_block_refusals(cfg: GPTConfig, family: str) -> tuple:
+    """(differs, why) rows for what the GPT-2-like RoPE families (GPT-NeoX, Phi, GPT-J, Falcon) all lack, in their
+    refuse_not_* tables: heads n_embd / n_head wide, scores scaled by 1/sqrt(head_dim) and uncapped over the whole
+    context, RoPE in every layer with one base, norms before the sublayers only, plain embeddings and logits."""
+    return ((not cfg.scale_attention, f"does not scale its attention scores, which {family} does"),
+            (cfg.head_dim * cfg.n_head != cfg.n_embd, f"has heads of {cfg.head_dim} (attention_head_dim), where "
+             f"{family}'s are n_embd / n_head wide"),
+            (bool(cfg.attention_window), f"has local attention (attention_window {cfg.attention_window}), where "
+             f"{family} attends to the whole context"),
+            (cfg.nope_layers != "", f"has layers without RoPE ({cfg.nope_layers}), which {family} does not"),
+            (bool(cfg.rope_local_theta), "rotates its local layers with a RoPE base of their own"),
+            (cfg.post_norms or not cfg.pre_norms, "normalizes each sublayer's output (post_norms) or not its input "
+             f"(pre_norms False), which {family} does not"),
+            (cfg.scale_embeddings, f"scales its token embeddings, which {family} does not"),
+            (bool(cfg.logit_softcap), f"soft-caps its logits, which {family} does not"),
+            (bool(cfg.attn_softcap), f"soft-caps its attention scores, which {family} does not"),
+            (bool(cfg.attention_scale_width), f"scales its attention scores by 1/sqrt({cfg.attention_scale_width}), "
+             f"where {family} scales them by 1/sqrt(head_dim)"))
+
+
 def refuse_phi3_touches(cfg: GPTConfig, family: str, what: str) -> None:
     """A partial rotary (rotary_dim) and LongRoPE, which a Llama-shaped model can say in a Phi-3 folder only:
     refused by name. (GPT-2 and GPT-Neo refuse RoPE itself; GPT-NeoX writes a partial rotary as rotary_pct.)"""

@@ -27,7 +27,7 @@ from tritongpt._types import is_int
 from tritongpt.errors import UserError, read_json_object
 from tritongpt.model.config import GPTConfig
 from tritongpt.model.gpt import GPTModel
-from tritongpt.train.gpt2_weights import _read_tensors, model_with_tensors, write_hf_folder
+from tritongpt.train.gpt2_weights import _read_tensors, model_with_tensors, plain_block_refusals, write_hf_folder
 
 MODEL_TYPE = "gptj"
 # activation_function -> GPTConfig.gelu_approximate
@@ -147,25 +147,12 @@ def refuse_not_gptj(model: GPTModel, what: str) -> None:
                           "(one LayerNorm read by attention and MLP side by side: parallel_residual and shared_norm)"),
                          (not cfg.head_bias, "has no LM-head bias, where GPT-J has one"),
                          (cfg.tie_weights, "ties its LM head to the token embeddings, where GPT-J's is its own"),
-                         (not cfg.scale_attention, "does not scale its attention scores, which GPT-J does"),
                          (cfg.kv_heads < cfg.n_head, f"has grouped-query attention ({cfg.kv_heads} key/value heads), "
                           "where GPT-J's heads each have their own"),
-                         (cfg.head_dim * cfg.n_head != cfg.n_embd, f"has heads of {cfg.head_dim} (attention_head_dim), "
-                          "where GPT-J's are n_embd / n_head wide"),
                          (cfg.qk_norm, "normalizes q and k (qk_norm), which GPT-J does not"),
-                         (bool(cfg.attention_window), f"has local attention (attention_window {cfg.attention_window}), "
-                          "where GPT-J attends to the whole context"),
                          (cfg.rope_scaling is not None, "scales RoPE's frequencies (rope_scaling), which GPT-J does "
                           "not"),
-                         (cfg.nope_layers != "", f"has layers without RoPE ({cfg.nope_layers}), which GPT-J does not"),
-                         (bool(cfg.rope_local_theta), "rotates its local layers with a RoPE base of their own"),
-                         (cfg.post_norms or not cfg.pre_norms, "normalizes each sublayer's output (post_norms) or not "
-                          "its input (pre_norms False), which GPT-J does not"),
-                         (cfg.scale_embeddings, "scales its token embeddings, which GPT-J does not"),
-                         (bool(cfg.logit_softcap), "soft-caps its logits, which GPT-J does not"),
-                         (bool(cfg.attn_softcap), "soft-caps its attention scores, which GPT-J does not"),
-                         (bool(cfg.attention_scale_width), f"scales its attention scores by "
-                          f"1/sqrt({cfg.attention_scale_width}), where GPT-J scales them by 1/sqrt(head_dim)")):
+                         *plain_block_refusals(cfg, "GPT-J")):
         if differs:
             raise UserError(f"this model {why}: it cannot be exported as {what}")
 

@@ -10,8 +10,8 @@ A GPT-NeoX is a GPT-2 with RoPE (no position embeddings) and three differences:
   (view(n_head, 3, head_dim, C)), not all the q rows then all the k rows as GPT-2's c_attn;
 and an LM head of its own (embed_out, no bias), untied unless tie_word_embeddings says so. Its RoPE turns only
 the first rotary_pct of each head's dimensions (Pythia's 0.25: 16 of 64), GPTConfig.rotary_dim.
-What this model does not compute is refused by name: RoPE scaling, another activation, attention_bias false (the MLP keeps its biases), an MLP wider or narrower
-than 4 hidden_size.
+What this model does not compute is refused by name: RoPE scaling, another activation, attention_bias false (the
+MLP keeps its biases), an MLP wider or narrower than 4 hidden_size.
 """
 from pathlib import Path
 
@@ -20,7 +20,8 @@ import torch
 from tritongpt.errors import UserError, read_json_object
 from tritongpt.model.config import GPTConfig
 from tritongpt.model.gpt import GPTModel
-from tritongpt.train.gpt2_weights import _read_tensors, model_with_tensors, refuse_phi_touches, write_hf_folder
+from tritongpt.train.gpt2_weights import (_read_tensors, model_with_tensors, plain_block_refusals, refuse_phi_touches,
+                                          write_hf_folder)
 from tritongpt.train.llama_weights import unscaled_partial_rope
 
 MODEL_TYPE = "gpt_neox"
@@ -133,26 +134,12 @@ def refuse_not_neox(model: GPTModel, what: str) -> None:
                          (cfg.mlp != "gelu", f"has a {cfg.mlp} MLP, where GPT-NeoX's is GELU"),
                          (not cfg.bias or not cfg.qkv_bias, "has no biases on "
                           + ("its linear layers" if not cfg.bias else "q, k and v") + ", where GPT-NeoX has them"),
-                         (not cfg.scale_attention, "does not scale its attention scores, which GPT-NeoX does"),
                          (cfg.kv_heads < cfg.n_head, f"has grouped-query attention ({cfg.kv_heads} key/value heads), "
                           "where GPT-NeoX's heads each have their own"),
-                         (cfg.head_dim * cfg.n_head != cfg.n_embd, f"has heads of {cfg.head_dim} (attention_head_dim), "
-                          "where GPT-NeoX's are n_embd / n_head wide"),
                          (cfg.qk_norm, "normalizes q and k (qk_norm), which GPT-NeoX does not"),
-                         (bool(cfg.attention_window), f"has local attention (attention_window {cfg.attention_window}), "
-                          "where GPT-NeoX attends to the whole context"),
                          (cfg.rope_scaling is not None, "scales RoPE's frequencies (rope_scaling), which this export "
                           "does not write"),
-                         (cfg.nope_layers != "", f"has layers without RoPE ({cfg.nope_layers}), which GPT-NeoX "
-                          "does not"),
-                         (bool(cfg.rope_local_theta), "rotates its local layers with a RoPE base of their own"),
-                         (cfg.post_norms or not cfg.pre_norms, "normalizes each sublayer's output (post_norms) or not "
-                          "its input (pre_norms False), which GPT-NeoX does not"),
-                         (cfg.scale_embeddings, "scales its token embeddings, which GPT-NeoX does not"),
-                         (bool(cfg.logit_softcap), "soft-caps its logits, which GPT-NeoX does not"),
-                         (bool(cfg.attn_softcap), "soft-caps its attention scores, which GPT-NeoX does not"),
-                         (bool(cfg.attention_scale_width), f"scales its attention scores by "
-                          f"1/sqrt({cfg.attention_scale_width}), where GPT-NeoX scales them by 1/sqrt(head_dim)")):
+                         *plain_block_refusals(cfg, "GPT-NeoX")):
         if differs:
             raise UserError(f"this model {why}: it cannot be exported as {what}")
 

@@ -23,7 +23,7 @@ import torch
 from tritongpt.errors import UserError, read_json_object
 from tritongpt.model.config import GPTConfig
 from tritongpt.model.gpt import GPTModel
-from tritongpt.train.gpt2_weights import _read_tensors, model_with_tensors, write_hf_folder
+from tritongpt.train.gpt2_weights import _read_tensors, model_with_tensors, plain_block_refusals, write_hf_folder
 from tritongpt.train.llama_weights import unscaled_partial_rope
 from tritongpt.train.neox_weights import ACTIVATIONS
 
@@ -151,24 +151,11 @@ def refuse_not_phi(model: GPTModel, what: str) -> None:
                           "(RoPE)"),
                          (cfg.norm != "layernorm", f"normalizes with {cfg.norm}, where Phi has LayerNorms"),
                          (cfg.mlp != "gelu", f"has a {cfg.mlp} MLP, where Phi's is GELU"),
-                         (not cfg.scale_attention, "does not scale its attention scores, which Phi does"),
-                         (cfg.head_dim * cfg.n_head != cfg.n_embd, f"has heads of {cfg.head_dim} (attention_head_dim), "
-                          "where Phi's are n_embd / n_head wide"),
                          (cfg.qk_norm and cfg.qk_norm_width != "head", "normalizes q and k over all heads at once "
                           "(qk_norm_width 'all'), where Phi's qk_layernorm is per head"),
-                         (bool(cfg.attention_window), f"has local attention (attention_window {cfg.attention_window}), "
-                          "where Phi attends to the whole context"),
                          (cfg.rope_scaling is not None, "scales RoPE's frequencies (rope_scaling), which this export "
                           "does not write"),
-                         (cfg.nope_layers != "", f"has layers without RoPE ({cfg.nope_layers}), which Phi does not"),
-                         (bool(cfg.rope_local_theta), "rotates its local layers with a RoPE base of their own"),
-                         (cfg.post_norms or not cfg.pre_norms, "normalizes each sublayer's output (post_norms) or not "
-                          "its input (pre_norms False), which Phi does not"),
-                         (cfg.scale_embeddings, "scales its token embeddings, which Phi does not"),
-                         (bool(cfg.logit_softcap), "soft-caps its logits, which Phi does not"),
-                         (bool(cfg.attn_softcap), "soft-caps its attention scores, which Phi does not"),
-                         (bool(cfg.attention_scale_width), f"scales its attention scores by "
-                          f"1/sqrt({cfg.attention_scale_width}), where Phi scales them by 1/sqrt(head_dim)")):
+                         *plain_block_refusals(cfg, "Phi")):
         if differs:
             raise UserError(f"this model {why}: it cannot be exported as {what}")
 
