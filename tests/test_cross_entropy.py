@@ -1163,3 +1163,23 @@ def test_per_token_logprobs_through_the_model_on_both_paths():
 def test_linear_gpt2_sizes_cuda(pad):
     check_linear_parity((4099,), 768, 50257, torch.bfloat16, torch.device("cuda"), seed=4, chunk_rows=None,
                         pad=pad)
+
+
+@pytest.mark.cuda
+def test_linear_head_bias_phi2_sizes_cuda():
+    """Phi-2's LM head (2560 wide, 51200 classes, bf16) with its bias over 4099 rows, in the default chunks (the
+    GPU's tiles and several chunks, which the interpreter's small cases never reach): loss, dh, dW and db against
+    float64 within bf16's bound."""
+    gen = torch.Generator().manual_seed(46)
+    N, C, V, dev = 4099, 2560, 51200, torch.device("cuda")
+    h = torch.randn(N, C, generator=gen).to(dev, torch.bfloat16).requires_grad_()
+    w = (torch.randn(V, C, generator=gen) * C ** -0.5 * 3.0).to(dev, torch.bfloat16).requires_grad_()
+    b = torch.randn(V, generator=gen).to(dev, torch.bfloat16).requires_grad_()
+    t = torch.randint(0, V, (N,), generator=gen).to(dev)
+    loss = linear_cross_entropy(h, w, t, bias=b)
+    loss.backward()
+    h64, w64, b64 = (a.detach().double().requires_grad_() for a in (h, w, b))
+    ref = F.cross_entropy(h64 @ w64.t() + b64, t)
+    ref.backward()
+    for got, want, what in ((loss, ref, "loss"), (h.grad, h64.grad, "dh"), (w.grad, w64.grad, "dW"), (b.grad, b64.grad, "db")):
+        assert_close_rel(got, want, TOL[torch.bfloat16], what)
