@@ -1,5 +1,6 @@
 """Kernel benchmarks: LayerNorm, GELU-MLP, attention, the LM loss and the LM head + loss (plain,
-with label smoothing and z-loss, and on soft-capped logits), RMSNorm, every provider on the same random data.
+with label smoothing and z-loss, on soft-capped logits, and with a head bias), RMSNorm, every provider on the same
+random data.
 
 Providers per op (a provider that cannot run gives a "skipped: why" row, never a crash):
     reference   the textbook module from model/layers.py (the loss: model/gpt.py lm_loss), eager
@@ -8,7 +9,8 @@ Providers per op (a provider that cannot run gives a "skipped: why" row, never a
                 (sdpa-flash, sdpa-cudnn, sdpa-efficient) | F.cross_entropy on the bf16 logits
                 (lm_head_loss: F.linear then F.cross_entropy; lm_head_loss_smooth_z: the same with
                 label_smoothing, plus z_loss * the mean of logsumexp(logits)^2, written plainly;
-                lm_head_loss_softcap: F.linear, c * tanh(logits / c), F.cross_entropy)
+                lm_head_loss_softcap: F.linear, c * tanh(logits / c), F.cross_entropy;
+                lm_head_loss_bias: F.linear(h, w, b), F.cross_entropy)
     compile     torch.compile of the reference module
     triton      ours: tritongpt.kernels.* (imported lazily)
     liger       Liger-Kernel's LayerNorm, RMSNorm (LigerRMSNorm, casting_mode "llama": rstd in fp32,
@@ -69,7 +71,13 @@ Phi-4-mini's (24 query heads over 8 KV heads of 128, rotating 96, cos and sin ti
 mscale) at rope's tokens: the reference Rotary(rotary_dim=, mscale=), it compiled and ours (rope(rotary_dim=,
 mscale=)); Liger's liger_rotary_pos_emb rotates whole heads only, so its rows are skipped, saying so. Bytes: q and
 k read and written whole (the pass-through columns are copied too). mlp_exact_gelu then rope_partial run last of
-all (after softcap_attention), so a short budget drops rope_partial first.
+all (after softcap_attention).
+lm_head_loss_bias is lm_head_loss with a bias b [V] on the LM head (GPTConfig.head_bias: Phi-1/1.5/2's and GPT-J's
+lm_head.bias), logits h @ w.T + b: the reference lm_loss(F.linear(h, w, b)), F.linear(h, w, b) + F.cross_entropy,
+torch.compile of the reference, ours (linear_cross_entropy(bias=b): the bias added to each chunk's logits, its
+gradient the chunks' column sums of dlogits) and Liger's fused linear cross-entropy given its bias argument. Every
+provider also returns db. The same FLOPs as lm_head_loss are counted (the N x V bias adds are not). It runs after
+rope_partial, last of all, so a short budget drops it first.
 Modes: fwd (inputs require grad, as in training), bwd (backward of a kept graph,
 retain_graph=True), fwd+bwd. Backward starts from a random gradient, or from 1 for a loss (as
 loss.backward() does). Gradients are reset to None before each timed call.
@@ -130,6 +138,8 @@ PROVIDERS = {
     "mlp_exact_gelu": ("reference", "torch", "compile", "triton"),
     # partial rotary: RoPE on the first rotary_dim columns of each head (GPTConfig.rotary_dim: Pythia, Phi-4-mini)
     "rope_partial": ("reference", "compile", "triton", "liger"),
+    # the LM head + loss with a bias on the head (GPTConfig.head_bias: Phi-1/1.5/2, GPT-J)
+    "lm_head_loss_bias": ("reference", "torch", "compile", "triton", "liger"),
 }
 # a gated MLP op -> its gate's activation (SwiGLUFeedForward's and swiglu_mlp's activation)
 GATED_MLPS = {"swiglu": "silu", "geglu": "gelu"}
@@ -816,37 +826,52 @@ def lm_head_loss_softcap_providers(h, w, t, softcap=SOFTCAP["softcap"]):
                                       dict(softcap=softcap), dict(softcap=softcap))
 
 
-def _lm_head_variant_providers(h, w, t, model_loss, plain_loss, options, liger_options):
+def lm_head_loss_bias_providers(h, w, t, b):
+    """lm_head_loss_providers' LM head + mean loss with a bias b [V] on the head, logits h @ w.T + b
+    (GPTConfig.head_bias: Phi-1/1.5/2, GPT-J), in every provider; b is a leaf too (db timed and checked)."""
+    from tritongpt.model.gpt import lm_loss
+
+    return _lm_head_variant_providers(h, w, t, lambda h, w, t, b: lm_loss(F.linear(h, w, b)[None], t[None]),
+                                      lambda h, w, t, b: F.cross_entropy(F.linear(h, w, b), t), {}, {}, bias=b)
+
+
+def _lm_head_variant_providers(h, w, t, model_loss, plain_loss, options, liger_options, bias=None):
     """The providers of the LM head + mean loss, plain or with a training option: model_loss(h, w, t) the
     model's reference path (eager, and what torch.compile gets), plain_loss(h, w, t) PyTorch's ops
     written plainly, options linear_cross_entropy's keywords, liger_options those of Liger's fused
-    linear cross-entropy by its forward's parameter names (one this version lacks: a skipped row)."""
+    linear cross-entropy by its forward's parameter names (one this version lacks: a skipped row).
+    bias: the head's bias [V], or None; when given, the losses take it as a fourth argument and it is a leaf."""
+    # the bias goes in only when there is one, so the bias-free ops call every provider as before
+    args, leaves = ((h, w, t), [h, w]) if bias is None else ((h, w, t, bias), [h, w, bias])
+    if bias is not None:
+        options, liger_options = dict(options, bias=bias), dict(liger_options, bias=bias)
+
     def reference():
-        return (lambda: model_loss(h, w, t)), [h, w]
+        return (lambda: model_loss(*args)), leaves
 
     def torch_op():
-        return (lambda: plain_loss(h, w, t)), [h, w]
+        return (lambda: plain_loss(*args)), leaves
 
     def compiled():
         fn = _fresh_compile(model_loss)
-        return (lambda: fn(h, w, t)), [h, w]
+        return (lambda: fn(*args)), leaves
 
     def triton_op():
         fn, why = try_import("tritongpt.kernels.cross_entropy", "linear_cross_entropy")
         if fn is None:
             raise Unavailable(why)
-        return (lambda: fn(h, w, t, **options)), [h, w]
+        return (lambda: fn(h, w, t, **options)), leaves
 
     def liger():
         fn, why = try_import("liger_kernel.ops.fused_linear_cross_entropy", "LigerFusedLinearCrossEntropyFunction")
         if fn is None:
             raise Unavailable(why)
-        args = positional_args(fn, _input=h, weight=w, target=t, **liger_options)
+        liger_args = positional_args(fn, _input=h, weight=w, target=t, **liger_options)
 
         def f():
-            out = fn.apply(*args)
+            out = fn.apply(*liger_args)
             return out[0] if isinstance(out, (tuple, list)) else out  # (loss, z_loss, ...) in newer versions
-        return f, [h, w]
+        return f, leaves
 
     return {"reference": reference, "torch": torch_op, "compile": compiled,
             "triton": triton_op, "liger": liger}
@@ -1321,6 +1346,13 @@ def sweep_lm_head_loss_softcap(timer, budget, rows_n, widths, vocabs, dtype, mod
                           timer, budget, rows_n, widths, vocabs, dtype, modes, providers, options)
 
 
+def sweep_lm_head_loss_bias(timer, budget, rows_n, widths, vocabs, dtype, modes=MODES, providers=None):
+    """sweep_lm_head_loss with a bias [V] on the head (each row's config says head_bias): the same matmuls,
+    the same FLOPs counted (the bias adds are not)."""
+    return _sweep_lm_head("lm_head_loss_bias", lm_head_loss_bias_providers, timer, budget, rows_n, widths, vocabs,
+                          dtype, modes, providers, {"head_bias": True})
+
+
 def sweep_rope(timer, budget, tokens, seq_len, heads, head_dim, dtype, modes=MODES, providers=None):
     """q and k of `heads` heads of head_dim, tokens = batch x seq_len, each a [B, H, T, D] view of a
     [B, T, H, D] tensor, as the attention's projection gives them; bytes: q and k read and written."""
@@ -1369,10 +1401,12 @@ def _sweep_lm_head(op, make_providers, timer, budget, rows_n, widths, vocabs, dt
             h = randn(rows_n, c, device=dev, dtype=dtype)
             w = randn(v, c, device=dev, dtype=dtype, scale=c ** -0.5 * 3.0)
             t = torch.randint(0, v, (rows_n,), device=dev)
-            out += bench_providers(op, cfg, make_providers(h, w, t), modes, timer, budget,
+            # the head's bias, for the op that has one: std 1 against the logits' 3, enough to move the loss
+            extra = (randn(v, device=dev, dtype=dtype),) if cfg.get("head_bias") else ()
+            out += bench_providers(op, cfg, make_providers(h, w, t, *extra), modes, timer, budget,
                                    lambda m: {"flops": lm_head_flops(rows_n, c, v, m)}, providers,
                                    grads_in_forward=("triton", "liger"))
-            del h, w, t
+            del h, w, t, extra
             timer.cleanup()
     return out
 
@@ -1420,7 +1454,9 @@ def _sweep_plan(sizes, part):
             "softcap_attention": [(sizes["attn_seqlens"], sizes["attn_head_dims"])] if part == "rest" else [],
             # the exact-GELU MLP at mlp's widths, then partial rotary at rope's tokens: last of all (_run_plan)
             "mlp_exact_gelu": [sizes["mlp_widths"]] if part == "rest" else [],
-            "rope_partial": [sizes["rope_partial_heads"]] if part == "rest" else []}
+            "rope_partial": [sizes["rope_partial_heads"]] if part == "rest" else [],
+            # the LM head with a bias after them all: the first a short budget drops
+            "lm_head_loss_bias": [sizes["head_widths"]] if part == "rest" else []}
     return {op: [a for a in args if a] for op, args in plan.items()}
 
 
@@ -1428,7 +1464,7 @@ def run_kernels(timer, budget, dtype=torch.bfloat16,
                 ops=("layernorm", "mlp", "attention", "cross_entropy", "lm_head_loss", "doc_attention",
                      "window_attention", "add_layernorm", "rope", "lm_head_loss_smooth_z", "lm_head_loss_softcap",
                      "gqa_attention", "rmsnorm", "add_rmsnorm", "swiglu", "geglu", "softcap_attention",
-                     "mlp_exact_gelu", "rope_partial"),
+                     "mlp_exact_gelu", "rope_partial", "lm_head_loss_bias"),
                 modes=MODES, providers=None, sizes=None, ceiling_sizes=None, log=print):
     """All sweeps plus the ceilings; returns (rows, ceilings).
 
@@ -1437,9 +1473,9 @@ def run_kernels(timer, budget, dtype=torch.bfloat16,
     runs out it is the wider sweep's compiled baselines that go missing. lm_head_loss_smooth_z, then
     lm_head_loss_softcap (variants of lm_head_loss) come after all of those, each whole (every
     provider's, compiled ones too) before the next, gqa_attention after them, then rmsnorm,
-    add_rmsnorm, swiglu, geglu, softcap_attention, mlp_exact_gelu and rope_partial (the newest ops), so a
-    short budget drops rope_partial first, then mlp_exact_gelu, then softcap_attention, then geglu, then
-    swiglu, then the RMSNorms, then gqa_attention, then the LM head's soft cap.
+    add_rmsnorm, swiglu, geglu, softcap_attention, mlp_exact_gelu, rope_partial and lm_head_loss_bias (the newest
+    ops), so a short budget drops lm_head_loss_bias first, then rope_partial, then mlp_exact_gelu, then
+    softcap_attention, then geglu, then swiglu, then the RMSNorms, then gqa_attention, then the LM head's soft cap.
     """
     sizes = dict(FULL_SIZES, **(sizes or {}))
     log("measuring ceilings (device copy bandwidth, bf16 matmul) ...")
@@ -1542,6 +1578,12 @@ def _run_plan(rows, timer, budget, dtype, ops, modes, sizes, groups, log):
                 log(f"rope, partial rotary ({part}{label}): {shapes}, {sizes['rope_tokens']} tokens ...")
                 rows += sweep_rope_partial(timer, budget, sizes["rope_tokens"], sizes["rope_seq_len"], heads, dtype,
                                            modes, provs)
+        for provs, label in groups:
+            for widths in plan["lm_head_loss_bias"] if "lm_head_loss_bias" in ops else ():
+                log(f"lm-head + loss, head bias ({part}{label}): width {list(widths)}, "
+                    f"vocab {list(sizes['ce_vocabs'])} ...")
+                rows += sweep_lm_head_loss_bias(timer, budget, sizes["ce_rows"], widths, sizes["ce_vocabs"], dtype,
+                                                modes, provs)
 
 
 def sort_rows(rows):

@@ -512,9 +512,10 @@ def test_run_kernels_end_to_end_on_cpu():
     # smoothing and z-loss, lm_head_loss on soft-capped logits, rope at 2 and 3 heads (reference),
     # grouped-query attention (reference, sdpa-flash), rmsnorm and residual add + rmsnorm at 2 widths,
     # the SwiGLU MLP and the GeGLU one (reference), soft-capped attention at T 32 and 16 (reference), the exact-GELU
-    # MLP (reference, torch), partial rotary at 2 shapes (reference)
+    # MLP (reference, torch), partial rotary at 2 shapes (reference), lm_head_loss with a head bias
     assert len(timed) == (2 * 2 * 3 + 1 * 2 * 3 + 2 * 2 * 3 + 1 * 2 * 3 + 1 * 2 * 3 + 2 * 3 + 3 + 2 * 2 * 3 + 1 * 2 * 3
-                          + 1 * 2 * 3 + 2 * 3 + 2 * 3 + 2 * 2 * 3 + 2 * 2 * 3 + 3 + 3 + 2 * 3 + 2 * 3 + 2 * 3)
+                          + 1 * 2 * 3 + 2 * 3 + 2 * 3 + 2 * 2 * 3 + 2 * 2 * 3 + 3 + 3 + 2 * 3 + 2 * 3 + 2 * 3
+                          + 1 * 2 * 3)
     assert [(r["provider"], r["config"]["width"]) for r in timed if r["op"] == "mlp_exact_gelu"] == \
         [("reference", 8)] * 3 + [("torch", 8)] * 3
     assert [(r["config"]["heads"], r["config"]["kv_heads"], r["config"]["head_dim"], r["config"]["rotary_dim"],
@@ -534,6 +535,8 @@ def test_run_kernels_end_to_end_on_cpu():
     assert [(r["config"]["label_smoothing"], r["config"]["z_loss"]) for r in timed
             if r["op"] == "lm_head_loss_smooth_z"] == [(0.1, 1e-4)] * 6
     assert [r["config"]["softcap"] for r in timed if r["op"] == "lm_head_loss_softcap"] == [30.0] * 6
+    assert [(r["provider"], r["config"]["head_bias"], r["config"]["width"], r["config"]["vocab"]) for r in timed
+            if r["op"] == "lm_head_loss_bias"] == [("reference", True, 12, 30)] * 3 + [("torch", True, 12, 30)] * 3
     assert {r["config"]["documents"] for r in timed if r["op"] == "doc_attention"} == {8}
     assert [r["config"]["width"] for r in timed[:6]] == [24] * 6  # sorted by size
     att = [r for r in timed if r["op"] == "attention"]
@@ -574,6 +577,7 @@ def test_target_configurations_are_measured_first_and_exactly_once():
                                                                                 full["attn_head_dims"])]
     assert first["mlp_exact_gelu"] == [] and rest["mlp_exact_gelu"] == [full["mlp_widths"]]
     assert first["rope_partial"] == [] and rest["rope_partial"] == [full["rope_partial_heads"]]
+    assert first["lm_head_loss_bias"] == [] and rest["lm_head_loss_bias"] == [full["head_widths"]]
     assert full["gqa_heads"] == ((32, 8, 128), (12, 1, 64), (4, 1, 256))
     assert full["gqa_seqlens"] == (512, 1024, 2048, 4096, 8192)
     for op, key in (("layernorm", "ln_widths"), ("mlp", "mlp_widths")):
@@ -1075,7 +1079,7 @@ def test_gpu_command_flow_with_cpu_stand_ins(tmp_path, monkeypatch, capsys):
                                             "doc_attention", "window_attention", "add_layernorm", "rope",
                                             "lm_head_loss_smooth_z", "lm_head_loss_softcap", "gqa_attention",
                                             "rmsnorm", "add_rmsnorm", "swiglu", "geglu", "softcap_attention",
-                                            "mlp_exact_gelu", "rope_partial"}
+                                            "mlp_exact_gelu", "rope_partial", "lm_head_loss_bias"}
     assert {(r["config"]["heads"], r["config"]["kv_heads"]) for r in k["rows"] if r["op"] == "gqa_attention"} == \
         {(4, 2), (3, 1)}
     assert {(r["config"]["heads"], r["config"]["rotary_dim"]) for r in k["rows"] if r["op"] == "rope_partial"} == \
@@ -2296,6 +2300,27 @@ def test_exact_gelu_mlp_and_partial_rotary_get_their_plots(tmp_path, monkeypatch
                      ("rope_partial fwd D=128", "copy ceiling")]
 
 
+def test_lm_head_bias_gets_its_plot(tmp_path, monkeypatch):
+    """lm_head_loss_bias is plotted as its siblings are: TFLOPS by vocabulary against the matmul ceiling, a line
+    per provider, a panel per mode."""
+    import matplotlib.axes
+
+    lines, ceilings = [], []
+    real_plot, real_hline = matplotlib.axes.Axes.plot, matplotlib.axes.Axes.axhline
+    monkeypatch.setattr(matplotlib.axes.Axes, "plot",
+                        lambda self, *a, **k: lines.append((k.get("label"), list(a[0]), list(a[1])))
+                        or real_plot(self, *a, **k))
+    monkeypatch.setattr(matplotlib.axes.Axes, "axhline",
+                        lambda self, y=0, *a, **k: ceilings.append((k.get("label"), y)) or real_hline(self, y, *a, **k))
+    rows = [_k("lm_head_loss_bias", p, m, {"rows": 8, "width": 16, "vocab": v, "head_bias": True}, ms=1.0,
+               tflops=tf) for p, m, v, tf in (("triton", "fwd", 64, 40.0), ("triton", "fwd", 32, 30.0),
+                                              ("torch", "fwd", 64, 20.0), ("torch", "fwd+bwd", 64, 25.0))]
+    paths = report.plot_kernels(rows, {"copy": {"gbps": 2000.0}, "matmul": {"tflops": 400.0}}, tmp_path)
+    assert [p.name for p in paths] == ["lm_head_loss_bias.png"]
+    assert sorted(lines) == [("torch", [64], [20.0]), ("torch", [64], [25.0]), ("triton", [32, 64], [30.0, 40.0])]
+    assert ceilings == [("matmul ceiling", 400.0)] * 2
+
+
 @pytest.mark.parametrize("slow_median, fast_median", [([0.30, 0.10, 0.31], [0.20, 0.19, 0.21]),   # a lucky p20
                                                        ([0.30, 0.29, 0.31], [0.20, 0.19, 0.50])])  # a noisy p80
 def test_autotune_timings_rank_configs_by_their_median(tmp_path, slow_median, fast_median):
@@ -2335,7 +2360,8 @@ def test_every_provider_builder_is_in_the_sweep():
              "softcap_attention": kernels.softcap_attention_providers(q, q, q),
              "mlp_exact_gelu": kernels.mlp_providers(x, torch.zeros(32, 8), torch.zeros(32), torch.zeros(8, 32), x[0],
                                                      "none"),
-             "rope_partial": kernels.rope_partial_providers(q, q[:, :1], 4)}
+             "rope_partial": kernels.rope_partial_providers(q, q[:, :1], 4),
+             "lm_head_loss_bias": kernels.lm_head_loss_bias_providers(x, torch.zeros(5, 8), t, torch.zeros(5))}
     assert set(built) == set(kernels.PROVIDERS)
     for op, builders in built.items():
         assert set(kernels.PROVIDERS[op]) == set(builders), op
@@ -2378,11 +2404,11 @@ def test_lm_head_sweep_counts_our_fused_forward_as_fwd_plus_bwd():
     assert "flops" not in by["bwd"] and "tflops" not in by["bwd"]
 
 
-def _lm_head_loss64(h, w, t, label_smoothing=0.0, z_loss=0.0, softcap=0.0):
+def _lm_head_loss64(h, w, t, label_smoothing=0.0, z_loss=0.0, softcap=0.0, bias=None):
     """The objective written out in float64: (1 - s) * NLL + s * the mean of -log p over the
-    vocabulary, plus z_loss * logsumexp(logits)^2, averaged over the rows; the logits soft-capped
-    to softcap * tanh(logits / softcap) first when softcap > 0."""
-    logits = F.linear(h.double(), w.double())
+    vocabulary, plus z_loss * logsumexp(logits)^2, averaged over the rows; the logits h @ w.T (+ bias)
+    soft-capped to softcap * tanh(logits / softcap) first when softcap > 0."""
+    logits = F.linear(h.double(), w.double(), None if bias is None else bias.double())
     if softcap:
         logits = softcap * torch.tanh(logits / softcap)
     logp = logits.log_softmax(-1)
@@ -2391,27 +2417,29 @@ def _lm_head_loss64(h, w, t, label_smoothing=0.0, z_loss=0.0, softcap=0.0):
     return per_row.mean()
 
 
-def _fake_liger_forward(ctx, h, w, t, label_smoothing, lse_square_scale, softcap, defaults):
-    """Liger's plan (the gradients made in forward, scaled in backward) on the options it was
-    given (softcap None: no cap); every other argument must be that parameter's default (a
-    shifted order would not be)."""
+def _fake_liger_forward(ctx, h, w, t, bias, label_smoothing, lse_square_scale, softcap, defaults):
+    """Liger's plan (the gradients made in forward, scaled in backward) on the bias and options it was
+    given (bias None: none; softcap None: no cap); every other argument must be that parameter's default
+    (a shifted order would not be)."""
     assert all(v is None for v in defaults[:-2]) and defaults[-2:] == (-100, "mean"), defaults
     with torch.enable_grad():
         hh, ww = h.detach().requires_grad_(), w.detach().requires_grad_()
-        logits = F.linear(hh, ww).float()
+        bb = bias.detach().requires_grad_() if bias is not None else None
+        logits = F.linear(hh, ww, bb).float()
         if softcap is not None:
             logits = softcap * torch.tanh(logits / softcap)
         loss = (F.cross_entropy(logits, t, label_smoothing=label_smoothing)
                 + lse_square_scale * torch.logsumexp(logits, -1).square().mean())
-        gh, gw = torch.autograd.grad(loss, (hh, ww))
-    ctx.save_for_backward(gh, gw)
-    ctx.n_inputs = 3 + 3 + len(defaults)
+        grads = torch.autograd.grad(loss, (hh, ww) + ((bb,) if bb is not None else ()))
+    ctx.save_for_backward(*grads)
+    ctx.n_inputs = 4 + 3 + len(defaults)
     return loss.detach()
 
 
 def _fake_liger_backward(ctx, grad):
-    gh, gw = ctx.saved_tensors
-    return (gh * grad, gw * grad) + (None,) * (ctx.n_inputs - 2)
+    gh, gw, *gb = ctx.saved_tensors
+    # in forward's order: _input, weight, target, bias, then the options
+    return (gh * grad, gw * grad, None, gb[0] * grad if gb else None) + (None,) * (ctx.n_inputs - 4)
 
 
 class _OldLiger(torch.autograd.Function):
@@ -2419,8 +2447,8 @@ class _OldLiger(torch.autograd.Function):
     @staticmethod
     def forward(ctx, _input, weight, target, bias=None, ignore_index=-100, lse_square_scale=0.0,
                 label_smoothing=0.0, reduction="mean", softcap=None):
-        return _fake_liger_forward(ctx, _input, weight, target, label_smoothing, lse_square_scale, softcap,
-                                   (bias, ignore_index, reduction))
+        return _fake_liger_forward(ctx, _input, weight, target, bias, label_smoothing, lse_square_scale, softcap,
+                                   (ignore_index, reduction))
 
     @staticmethod
     def backward(ctx, grad):
@@ -2433,8 +2461,8 @@ class _NewLiger(torch.autograd.Function):
     def forward(ctx, _input, weight, target, bias=None, ce_weight=None, ignore_index=-100, lse_square_scale=0.0,
                 label_smoothing=0.0, reduction="mean", softcap=None, return_z_loss=False, accum_dtype=None):
         assert return_z_loss is False
-        loss = _fake_liger_forward(ctx, _input, weight, target, label_smoothing, lse_square_scale, softcap,
-                                   (bias, ce_weight, accum_dtype, ignore_index, reduction))
+        loss = _fake_liger_forward(ctx, _input, weight, target, bias, label_smoothing, lse_square_scale, softcap,
+                                   (ce_weight, accum_dtype, ignore_index, reduction))
         ctx.n_inputs += 1  # return_z_loss
         return loss, None
 
@@ -2459,28 +2487,31 @@ def _with_fake_liger(monkeypatch, function):
 LM_HEAD_VARIANTS = {
     "lm_head_loss": ("lm_head_loss_providers", "sweep_lm_head_loss", None),
     "lm_head_loss_smooth_z": ("lm_head_loss_smooth_z_providers", "sweep_lm_head_loss_smooth_z", "SMOOTH_Z"),
-    "lm_head_loss_softcap": ("lm_head_loss_softcap_providers", "sweep_lm_head_loss_softcap", "SOFTCAP")}
+    "lm_head_loss_softcap": ("lm_head_loss_softcap_providers", "sweep_lm_head_loss_softcap", "SOFTCAP"),
+    "lm_head_loss_bias": ("lm_head_loss_bias_providers", "sweep_lm_head_loss_bias", None)}
 
 
 @pytest.mark.parametrize("op, want_options, liger", [
     ("lm_head_loss", {}, _OldLiger), ("lm_head_loss", {}, _NewLiger),
     ("lm_head_loss_smooth_z", {"label_smoothing": 0.1, "z_loss": 1e-4}, _NewLiger),
-    ("lm_head_loss_softcap", {"softcap": 30.0}, _NewLiger)])
+    ("lm_head_loss_softcap", {"softcap": 30.0}, _NewLiger),
+    ("lm_head_loss_bias", {"head_bias": True}, _OldLiger), ("lm_head_loss_bias", {"head_bias": True}, _NewLiger)])
 def test_lm_head_variant_sweep_every_provider_computes_the_same_loss_and_gradients(monkeypatch, op, want_options,
                                                                                    liger):
     """The sweep of an LM head + loss, plain or a variant, on the CPU (ours through the interpreter,
     torch.compile and Liger stood in for): every provider gives the float64 objective's loss and
     gradients with the op's options (none; label smoothing 0.1 and z-loss 1e-4; the logits soft-capped
-    at 30), so one that drops an option fails; the rows name the options and count the LM head's FLOPs
-    (three matmuls in forward for the fused ones). The plain op's Liger goes through the variants'
-    helper too, so a Liger that returns its loss alone (_OldLiger) works there (indexing it failed)."""
+    at 30; a bias on the head, its gradient too), so one that drops an option fails; the rows name the
+    options and count the LM head's FLOPs (three matmuls in forward for the fused ones). The plain op's
+    Liger goes through the variants' helper too, so a Liger that returns its loss alone (_OldLiger) works
+    there (indexing it failed); the bias goes in Liger's bias place in either order."""
     builder, sweep, constant = LM_HEAD_VARIANTS[op]
     monkeypatch.setattr(kernels, "_fresh_compile", lambda fn: fn)  # the function torch.compile would get
     _with_fake_liger(monkeypatch, liger)
     real, built = getattr(kernels, builder), []
 
-    def keep(h, w, t, **options):
-        built.append((h, w, t, options, real(h, w, t, **options)))
+    def keep(h, w, t, *bias, **options):
+        built.append((h, w, t, bias, options, real(h, w, t, *bias, **options)))
         return built[-1][-1]
 
     monkeypatch.setattr(kernels, builder, keep)
@@ -2494,15 +2525,21 @@ def test_lm_head_variant_sweep_every_provider_computes_the_same_loss_and_gradien
     for p in ("triton", "liger"):
         assert by[(p, "fwd")]["flops"] == 3 * (2 * N * C * V) and "flops" not in by[(p, "bwd")]
     assert by[("torch", "fwd")]["flops"] == 2 * N * C * V and by[("torch", "bwd")]["flops"] == 2 * (2 * N * C * V)
-    (h, w, t, options, builders), = built
-    assert options == (getattr(kernels, constant) if constant else {}) == want_options
-    h64, w64 = h.detach().double().requires_grad_(), w.detach().double().requires_grad_()
-    want = _lm_head_loss64(h64, w64, t, **options)
-    want_grads = torch.autograd.grad(want, (h64, w64))
+    (h, w, t, bias, options, builders), = built
+    assert options == (getattr(kernels, constant) if constant else {})
+    assert {**options, **({"head_bias": True} if bias else {})} == want_options
+    assert len(bias) == (op == "lm_head_loss_bias") and all(b.shape == (V,) and b.dtype == w.dtype for b in bias)
+    inputs64 = [x.detach().double().requires_grad_() for x in (h, w, *bias)]
+    h64, w64, b64 = *inputs64[:2], (inputs64[2] if bias else None)
+    want = _lm_head_loss64(h64, w64, t, **options, bias=b64)
+    want_grads = torch.autograd.grad(want, inputs64)
     for name in options:  # each option moves the loss
-        assert abs(want - _lm_head_loss64(h64, w64, t, **{**options, name: 0.0})) > 1e-3, name
+        assert abs(want - _lm_head_loss64(h64, w64, t, **{**options, name: 0.0}, bias=b64)) > 1e-3, name
+    if bias:  # so does the bias
+        assert abs(want - _lm_head_loss64(h64, w64, t, **options)) > 1e-3
     for name, build in builders.items():
         forward, leaves = build()
+        assert len(leaves) == len(inputs64) and all(a is b for a, b in zip(leaves, (h, w, *bias))), name
         loss = forward()
         grads = torch.autograd.grad(loss, leaves)
         torch.testing.assert_close(loss.double(), want.detach(), rtol=1e-6, atol=1e-6, msg=lambda m: f"{name}: {m}")
@@ -2569,10 +2606,23 @@ def test_lm_head_softcap_skips_a_liger_without_the_cap(monkeypatch, liger, why):
     assert row["op"] == "lm_head_loss_softcap" and row["status"].startswith(f"skipped: {why}"), row["status"]
 
 
+def test_lm_head_bias_skips_a_missing_liger_saying_why(monkeypatch):
+    """No Liger installed: the head-bias op's liger row is skipped naming what failed to import, the other
+    providers' rows still measured."""
+    monkeypatch.setitem(sys.modules, "liger_kernel", None)  # a None entry fails the import
+    rows = kernels.sweep_lm_head_loss_bias(CpuTimer(reps=1), Budget(None), 4, (8,), (20,), torch.float32,
+                                           modes=("fwd",), providers=("torch", "liger"))
+    by = {r["provider"]: r for r in rows}
+    assert by["torch"]["status"] == "ok" and by["torch"]["config"]["head_bias"] is True
+    assert by["liger"]["status"].startswith("skipped: liger_kernel.ops.fused_linear_cross_entropy."
+                                            "LigerFusedLinearCrossEntropyFunction not importable"), by["liger"]
+
+
 def test_lm_head_variants_run_last_of_all_the_soft_cap_last(monkeypatch):
     """lm_head_loss_smooth_z, then lm_head_loss_softcap (both on by default, in the CLI's --ops
     too), run after every other op's rows, the compiled baselines of the rest included, each whole
-    in turn: a GPU session whose budget runs out loses the soft cap first, then smoothing and z-loss."""
+    in turn, then the newer ops, lm_head_loss_bias the very last: a GPU session whose budget runs out
+    loses the head bias first."""
     import inspect
 
     from tritongpt import cli
@@ -2587,20 +2637,21 @@ def test_lm_head_variants_run_last_of_all_the_soft_cap_last(monkeypatch):
               "lm_head_loss_softcap": "sweep_lm_head_loss_softcap", "gqa_attention": "sweep_gqa_attention",
               "rmsnorm": "sweep_rmsnorm", "add_rmsnorm": "sweep_add_rmsnorm", "swiglu": "sweep_swiglu",
               "geglu": "sweep_geglu", "softcap_attention": "sweep_softcap_attention",
-              "mlp_exact_gelu": "sweep_mlp_exact_gelu", "rope_partial": "sweep_rope_partial"}
+              "mlp_exact_gelu": "sweep_mlp_exact_gelu", "rope_partial": "sweep_rope_partial",
+              "lm_head_loss_bias": "sweep_lm_head_loss_bias"}
     for op, name in sweeps.items():
         monkeypatch.setattr(kernels, name, lambda *a, op=op: calls.append((op, "compile" in a[-1])) or [])
     monkeypatch.setattr(kernels, "measure_ceilings", lambda timer, **k: {})
     kernels.run_kernels(CpuTimer(reps=1), Budget(None), log=lambda s: None)
     newest = ["lm_head_loss_smooth_z", "lm_head_loss_softcap", "gqa_attention", "rmsnorm", "add_rmsnorm", "swiglu",
-              "geglu", "softcap_attention", "mlp_exact_gelu", "rope_partial"]
-    assert calls[-20:] == [(op, compiled) for op in newest for compiled in (False, True)]  # after them all
-    assert {op for op, _ in calls[:-20]} == set(sweeps) - set(newest)
-    assert ("doc_attention", True) in calls[:-20]
+              "geglu", "softcap_attention", "mlp_exact_gelu", "rope_partial", "lm_head_loss_bias"]
+    assert calls[-22:] == [(op, compiled) for op in newest for compiled in (False, True)]  # after them all
+    assert {op for op, _ in calls[:-22]} == set(sweeps) - set(newest)
+    assert ("doc_attention", True) in calls[:-22]
     parser = cli.build_parser()
     default_ops = parser.parse_args(["bench", "kernels"]).ops.split(",")
     assert default_ops == list(inspect.signature(kernels.run_kernels).parameters["ops"].default)
-    assert default_ops[-10:] == newest
+    assert default_ops[-11:] == newest
     ops, _, _ = bcli.kernel_names(parser.parse_args(["bench", "kernels", "--ops", "lm_head_loss_softcap"]))
     assert ops == ("lm_head_loss_softcap",)
 
