@@ -5,7 +5,7 @@
 # and every result lands in $OUT/session.tgz.
 #
 #   TRITONGPT_GIT_COMMIT=<hash of HEAD> bash bench/gpu_session.sh \
-#     [all|tests|bench|padded|lora|window|llama|qwen3|gemma3|gemma2|olmo|smollm3|pythia]
+#     [all|tests|bench|padded|lora|window|llama|qwen3|gemma3|gemma2|olmo|smollm3|pythia|phi|falcon]
 #   (default: all)
 #   padded (not part of all): the GPT-2 124M training step again with the vocabulary padded to
 #   50304 (--vocab-multiple 64, every provider alike), into results-vocab64/ in the archive
@@ -36,6 +36,12 @@
 #   pythia (not part of all; after smollm3): Pythia's shape at GPT-2's depth and width: RoPE on 16 of each
 #   head's 64 dimensions, attention and MLP in parallel, the exact GELU (LayerNorms and biases as GPT-2's),
 #   into results-pythia/
+#   phi (not part of all; after pythia): Phi-2's shape at GPT-2's depth and width: RoPE on 32 of each head's 64
+#   dimensions, parallel blocks on one shared LayerNorm, the tanh GELU (GPT-2's) and a bias on the LM head
+#   (the fused loss's bias path), into results-phi/
+#   falcon (not part of all; after phi): Falcon-7B's shape at GPT-2's depth and width: RoPE on whole heads,
+#   parallel blocks on one shared LayerNorm, one KV head for the 12 query heads (multi-query), the exact GELU,
+#   no biases, into results-falcon/
 #   env: OUT (default ./gpu-out), WORK (default /tmp/tritongpt-gpu), WARM_SECONDS (90),
 #        TEST_SECONDS (120), BENCH_MINUTES (4), PYTHON (python3)
 # The device gets a copy of the working tree without .git, so name the commit: results record it.
@@ -216,5 +222,12 @@ if [ "$what" = smollm3 ]; then
 fi
 if [ "$what" = pythia ]; then
     extra_train_bench pythia --position-encoding rope --rotary-dim 16 --parallel-residual --gelu-approximate none
+fi
+if [ "$what" = phi ]; then
+    extra_train_bench phi --position-encoding rope --rotary-dim 32 --parallel-residual --shared-norm --head-bias
+fi
+if [ "$what" = falcon ]; then
+    extra_train_bench falcon --position-encoding rope --parallel-residual --shared-norm --n-kv-head 1 \
+        --gelu-approximate none --no-bias
 fi
 exit $rc
