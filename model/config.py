@@ -129,6 +129,16 @@ class GPTConfig:
     # A bias on the LM head (Phi-1/1.5/2's lm_head.bias, GPT-J's), added to every logit; tied weights keep it
     # as a parameter of its own. The padding rows' entries (vocab_multiple) are zero and never trained.
     head_bias: bool = False
+    # Mixture of experts (Mixtral, Qwen3-MoE, OLMoE): each block's MLP is n_experts gated MLPs (mlp "swiglu" or
+    # "geglu", hidden size mlp_hidden each) and a router; every token goes through its experts_per_token
+    # highest-scoring experts, their outputs summed with the router's softmax weights, renormalized over the
+    # chosen k when moe_norm_topk (Mixtral's; Qwen3-MoE's norm_topk_prob; OLMoE's is False). moe_aux_loss: the
+    # coefficient of the router's load-balancing loss (Switch Transformer's, transformers'
+    # load_balancing_loss_func) added to the training loss; 0: none. n_experts 0: a dense MLP.
+    n_experts: int = 0
+    experts_per_token: int = 2
+    moe_norm_topk: bool = True
+    moe_aux_loss: float = 0.0
     kernels: str = "reference"  # "reference" | "triton" | "auto" | a comma list of toggle.KERNEL_NAMES
     # LoRA (model/lora.py): rank 0 is none; else the targets' weights are W + (alpha / rank) B A
     lora_rank: int = 0
@@ -232,6 +242,7 @@ class GPTConfig:
                             "False or qkv_bias_only False")
         self._check_olmo_fields()
         self._check_neox_fields()
+        self._check_moe_fields()
         from tritongpt.model.lora import check_lora
         from tritongpt.model.toggle import resolve_kernels
 
@@ -297,6 +308,35 @@ class GPTConfig:
             raise UserError(f"GPTConfig.gelu_approximate {self.gelu_approximate!r} picks the GELU MLP's GELU; this "
                             f"model's mlp is {self.mlp!r} (its gate keeps the tanh form): set mlp 'gelu' or leave "
                             "gelu_approximate 'tanh'")
+
+    def _check_moe_fields(self):
+        """n_experts, experts_per_token, moe_norm_topk and moe_aux_loss (Mixtral, Qwen3-MoE, OLMoE): checked by name."""
+        for name, low in (("n_experts", 0), ("experts_per_token", 1)):
+            value = getattr(self, name)
+            if not is_int(value) or value < low:
+                raise UserError(f"GPTConfig.{name} must be an integer >= {low}, got {value!r}")
+            setattr(self, name, int(value))
+        if not isinstance(self.moe_norm_topk, (bool, np.bool_)):
+            raise UserError(f"GPTConfig.moe_norm_topk must be True or False, got {self.moe_norm_topk!r}")
+        self.moe_norm_topk = bool(self.moe_norm_topk)
+        if not is_real(self.moe_aux_loss) or not math.isfinite(self.moe_aux_loss) or self.moe_aux_loss < 0:
+            raise UserError(f"GPTConfig.moe_aux_loss must be a finite number >= 0 (0: no load-balancing loss), "
+                            f"got {self.moe_aux_loss!r}")
+        self.moe_aux_loss = float(self.moe_aux_loss)
+        if not self.n_experts:
+            if self.moe_aux_loss:
+                raise UserError(f"GPTConfig.moe_aux_loss {self.moe_aux_loss:g} balances a router's load, and this "
+                                "model has none (n_experts 0): set n_experts or leave moe_aux_loss 0")
+            return
+        if self.mlp not in GATED_MLPS:
+            raise UserError(f"GPTConfig.n_experts {self.n_experts}: the experts are gated MLPs (mlp 'swiglu' or "
+                            f"'geglu'), and this model's mlp is {self.mlp!r}: set mlp or leave n_experts 0")
+        if self.experts_per_token > self.n_experts:
+            raise UserError(f"GPTConfig.experts_per_token {self.experts_per_token} is more than the n_experts "
+                            f"{self.n_experts} there are")
+        if self.lora_rank and "mlp" in [t.strip() for t in str(self.lora_targets).split(",")]:
+            raise UserError("GPTConfig.lora_targets 'mlp' adapts the dense MLP's matrices, and this model's MLPs are "
+                            f"{self.n_experts} experts (n_experts), which LoRA does not adapt: set lora_targets 'attn'")
 
     @property
     def head_dim(self) -> int:

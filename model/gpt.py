@@ -14,8 +14,9 @@ import torch.utils.checkpoint
 from tritongpt._types import is_int, is_real, loss_options
 from tritongpt.errors import UserError
 from tritongpt.model.config import GPTConfig
-from tritongpt.model.layers import (FeedForward, LayerNorm, MultiHeadAttention, RMSNorm, Rotary, SwiGLUFeedForward,
-                                    TransformerBlock, document_starts, make_norm, rope_seq_len)
+from tritongpt.model.layers import (FeedForward, LayerNorm, MoEFeedForward, MultiHeadAttention, RMSNorm, Rotary,
+                                    SwiGLUFeedForward, TransformerBlock, document_starts, load_balancing_loss,
+                                    make_norm, rope_seq_len)
 from tritongpt.model.toggle import resolve_kernels, spec_string
 
 
@@ -89,7 +90,7 @@ class GPTModel(nn.Module):
         # GPT-2: the projections that write into the residual stream get std 0.02/sqrt(2 n_layer),
         # so the stream's variance does not grow with depth.
         for name, p in self.named_parameters():
-            if name.endswith(("out_proj.weight", "fc2.weight", "w_down.weight")):
+            if name.endswith(("out_proj.weight", "fc2.weight", "w_down.weight", "ff.w_down")):  # (MoE's: ff.w_down)
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
         with torch.no_grad():  # padding rows (cfg.vocab_multiple) are no token: zero, and never trained
             self.tok_emb.weight[cfg.vocab_size:].zero_()
@@ -158,7 +159,7 @@ class GPTModel(nn.Module):
         for m in self.modules():
             if isinstance(m, (LayerNorm, RMSNorm)):
                 m.use_triton = "layernorm" in names
-            elif isinstance(m, (FeedForward, SwiGLUFeedForward)):
+            elif isinstance(m, (FeedForward, SwiGLUFeedForward, MoEFeedForward)):
                 m.use_triton = "mlp" in names
             elif isinstance(m, MultiHeadAttention):
                 m.use_triton = "attention" in names
@@ -297,7 +298,21 @@ class GPTModel(nn.Module):
         on the Triton path (kernels/cross_entropy.py) the LM head and the loss fused, the logits
         made a chunk of rows at a time and never whole (per-token losses: the fused
         cross-entropy on the logits, which never makes an fp32 copy of them).
+        A mixture-of-experts model's mean loss gets GPTConfig.moe_aux_loss times its routers' load-balancing loss.
         """
+        loss = self._forward(idx, cache, targets, ignore_index, reduction, doc_ids, label_smoothing, z_loss)
+        if targets is not None and self.config.moe_aux_loss and reduction == "mean":
+            loss = loss + self.config.moe_aux_loss * self.router_aux_loss()
+        return loss
+
+    def router_aux_loss(self):
+        """The load-balancing loss (layers.load_balancing_loss) of the last forward's routers, every layer's
+        tokens together; what forward(targets=) adds times GPTConfig.moe_aux_loss to the mean loss (not to
+        per-token or summed losses: those score, not train). None for a dense model."""
+        logits = [b.ff.router_logits for b in self.trf_blocks if isinstance(b.ff, MoEFeedForward)]
+        return load_balancing_loss(logits, self.config.experts_per_token) if logits else None
+
+    def _forward(self, idx, cache, targets, ignore_index, reduction, doc_ids, label_smoothing, z_loss):
         if targets is not None:
             targets = self._checked_targets(idx, targets)
         triton_loss = targets is not None and "cross_entropy" in self.kernels

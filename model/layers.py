@@ -10,6 +10,8 @@ a state_dict moves freely between the two paths.
                                                      GELU: the tanh form or the exact one, approximate "none")
     SwiGLUFeedForward   <->  kernels/swiglu.py      (swiglu_mlp: gate and up in one pass, silu(g) * u fused;
                                                      GeGLU's gelu(g) * u too)
+    MoEFeedForward      <->  kernels/swiglu.py      (routing in torch; each expert's tokens through swiglu_mlp, one
+                                                     launch set per expert with tokens)
     MultiHeadAttention  <->  kernels/attention.py   (flash_attention: only the attention core is swapped;
                                                      its q/k norms are RMSNorms: per head, or OLMo 2's rows
                                                      of n_head * head_dim)
@@ -32,6 +34,11 @@ def _fp32_if_fp16(t):
     F.gelu, SDPA) compute in fp32 and the Triton kernels do too. bf16 has fp32's range, and
     fp32/fp64 stay as they are."""
     return t.float() if t.dtype == torch.float16 else t
+
+
+def _fp32_if_half(t):
+    """t in fp32 when it is fp16 or bf16, else unchanged (fp32, fp64)."""
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
 
 
 def _autocast_off_for_fp16(t):
@@ -212,6 +219,88 @@ class SwiGLUFeedForward(nn.Module):
             return self.drop(swiglu_mlp(x, self.w_gate.weight, self.w_gate.bias, self.w_up.weight, self.w_up.bias,
                                         self.w_down.weight, self.w_down.bias, activation=self.activation))
         return self.drop(self.w_down(GATES[self.activation](self.w_gate(x)) * self.w_up(x)))
+
+
+class MoEFeedForward(nn.Module):
+    """Mixture-of-experts MLP (Mixtral, Qwen3-MoE, OLMoE): n_experts gated MLPs and a router.
+
+    router [E, C] scores each token; softmax over the E scores (fp32); the token goes to its top_k experts with
+    those probabilities as weights, renormalized to sum to 1 over the k when norm_topk (Mixtral's). Expert e
+    computes act(x Wg_e^T) * (x Wu_e^T) Wd_e^T on the tokens routed to it (no biases), each output is scaled by
+    its weight and index_add'ed back to its token's row. The experts are stacked parameters w_gate, w_up
+    [E, H, C] and w_down [E, C, H], the layout transformers keeps (gate_up_proj split in two).
+
+    The router's logits of the last forward stay on the module (router_logits, [tokens, E]) for the
+    load-balancing loss (load_balancing_loss), which GPTModel.forward adds when GPTConfig.moe_aux_loss is set.
+
+    Triton twin: the same routing in torch, then each expert's gathered tokens through kernels/swiglu.py's
+    swiglu_mlp with that expert's weight slices: one launch set per expert that has tokens. A grouped-GEMM
+    kernel over all experts at once (one launch, tokens sorted by expert) is the next step.
+    """
+
+    def __init__(self, n_embd: int, hidden: int, n_experts: int, top_k: int, norm_topk: bool = True,
+                 dropout: float = 0.0, activation: str = "silu"):
+        super().__init__()
+        assert activation in GATES, f"activation must be one of {', '.join(GATES)}"
+        assert 1 <= top_k <= n_experts, "top_k must be in [1, n_experts]"
+        self.activation, self.n_experts, self.top_k, self.norm_topk = activation, n_experts, top_k, norm_topk
+        self.router = nn.Linear(n_embd, n_experts, bias=False)
+        self.w_gate = nn.Parameter(torch.empty(n_experts, hidden, n_embd))
+        self.w_up = nn.Parameter(torch.empty(n_experts, hidden, n_embd))
+        self.w_down = nn.Parameter(torch.empty(n_experts, n_embd, hidden))
+        for w in (self.w_gate, self.w_up, self.w_down):  # GPTModel scales w_down's std by depth, as Linear's
+            nn.init.normal_(w, mean=0.0, std=0.02)
+        self.drop = nn.Dropout(dropout)
+        self.use_triton = False
+        self.router_logits = None
+
+    def route(self, x):
+        """x [N, C] -> (router logits [N, E], weights [N, k] (fp32 at least), experts [N, k])."""
+        logits = self.router(x)
+        probs = torch.softmax(_fp32_if_half(logits), dim=-1)  # in fp32 at least, as transformers' routers
+        weights, experts = probs.topk(self.top_k, dim=-1)
+        if self.norm_topk:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        return logits, weights, experts
+
+    def forward(self, x):
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])
+        logits, weights, experts = self.route(x)
+        self.router_logits = logits
+        out = torch.zeros_like(x)
+        for e in range(self.n_experts):
+            token, slot = torch.where(experts == e)
+            if token.numel() == 0:  # no launch for an idle expert (its gradient slice stays zero)
+                continue
+            xe = x[token]
+            if self.use_triton:
+                from tritongpt.kernels.swiglu import swiglu_mlp
+
+                ye = swiglu_mlp(xe, self.w_gate[e], None, self.w_up[e], None, self.w_down[e], None,
+                                activation=self.activation)
+            else:
+                ye = (GATES[self.activation](xe @ self.w_gate[e].t()) * (xe @ self.w_up[e].t())) @ self.w_down[e].t()
+            out = out.index_add(0, token, ye * weights[token, slot, None].to(ye.dtype))
+        return self.drop(out.view(shape))
+
+
+def load_balancing_loss(router_logits, top_k: int):
+    """Switch Transformer's load-balancing loss over layers' router logits (a list of [N, E]), as transformers'
+    load_balancing_loss_func computes it: E * sum_e f_e P_e, f_e the share of the top-k assignments expert e
+    got and P_e its mean router probability, both averaged over every layer's tokens together. 1 per chosen
+    expert (k) when the load is even; the gradient flows through P only (f counts)."""
+    n_experts = router_logits[0].shape[-1]
+    counts = _fp32_if_half(router_logits[0]).new_zeros(n_experts)
+    prob_sum = torch.zeros_like(counts)
+    rows = 0
+    for logits in router_logits:
+        probs = torch.softmax(_fp32_if_half(logits), dim=-1)
+        chosen = probs.topk(top_k, dim=-1).indices
+        counts = counts + F.one_hot(chosen, n_experts).sum(dim=(0, 1)).to(counts.dtype)
+        prob_sum = prob_sum + probs.sum(0)
+        rows += probs.shape[0]
+    return n_experts * torch.sum((counts / rows) * (prob_sum / rows))
 
 
 def rope_inv_freq(head_dim: int, theta: float, device=None, scaling: dict | None = None,
@@ -511,8 +600,9 @@ class TransformerBlock(nn.Module):
     """Pre-LN block: x + attention(LN(x)), then x + MLP(LN(x)). Dropout lives in the sublayers.
     LN is GPTConfig.norm's: LayerNorm (GPT-2) or RMSNorm (Llama); both have add_and_norm.
     The MLP is GPT-2's (FeedForward) or Llama's or Gemma's (SwiGLUFeedForward, silu or GELU), as
-    GPTConfig.mlp says. With GPTConfig.post_norms (Gemma 2, 3) each sublayer's output is normalized
-    too, by a norm of its own, before it joins the residual: x + LN(attention(LN(x))); without
+    GPTConfig.mlp says; with GPTConfig.n_experts, experts of that gated MLP and a router (MoEFeedForward).
+    With GPTConfig.post_norms (Gemma 2, 3) each sublayer's output is normalized too, by a norm of its own,
+    before it joins the residual: x + LN(attention(LN(x))); without
     GPTConfig.pre_norms (OLMo 2, 3) that outer norm is the only one: x + LN(attention(x)).
     With GPTConfig.parallel_residual (GPT-NeoX, Pythia) both sublayers read the same x:
     x + attention(LN1(x)) + MLP(LN2(x)) (parallel_forward); with GPTConfig.shared_norm too (Phi-1/1.5/2, GPT-J,
@@ -542,7 +632,10 @@ class TransformerBlock(nn.Module):
         # the sandwich's outer norms (Gemma's post_attention_layernorm and post_feedforward_layernorm)
         self.post_att_norm = make_norm(cfg) if cfg.post_norms else None
         self.post_ff_norm = make_norm(cfg) if cfg.post_norms else None
-        if cfg.mlp in ("swiglu", "geglu"):
+        if cfg.n_experts:
+            self.ff = MoEFeedForward(cfg.n_embd, cfg.ff_hidden, cfg.n_experts, cfg.experts_per_token, cfg.moe_norm_topk,
+                                     cfg.dropout, "gelu" if cfg.mlp == "geglu" else "silu")
+        elif cfg.mlp in ("swiglu", "geglu"):
             self.ff = SwiGLUFeedForward(cfg.n_embd, cfg.ff_hidden, cfg.dropout, cfg.bias,
                                         "gelu" if cfg.mlp == "geglu" else "silu")
         else:

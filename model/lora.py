@@ -92,6 +92,10 @@ def add_lora(model, rank: int, alpha: float = 16.0, targets: str = "attn,mlp"):
     check_lora(rank, alpha, targets)
     if rank == 0:
         return model
+    if model.config.n_experts and "mlp" in parse_targets(targets):
+        raise UserError(f"LoRA target 'mlp' adapts the dense MLP's matrices, and this model's MLPs are "
+                        f"{model.config.n_experts} experts (n_experts), which LoRA does not adapt: pass --lora-targets "
+                        "attn")
     if has_lora(model):
         raise UserError("the model has LoRA already: merge_lora() it first to add another")
     if rank > model.config.n_embd:
