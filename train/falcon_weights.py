@@ -22,7 +22,8 @@ from tritongpt._types import is_int
 from tritongpt.errors import UserError, read_json_object
 from tritongpt.model.config import GPTConfig
 from tritongpt.model.gpt import GPTModel
-from tritongpt.train.gpt2_weights import _read_tensors, model_with_tensors, plain_block_refusals, write_hf_folder
+from tritongpt.train.gpt2_weights import (_read_tensors, model_with_tensors, plain_block_refusals, refuse_moe_touches,
+                                          write_hf_folder)
 from tritongpt.train.llama_weights import unscaled_partial_rope
 
 MODEL_TYPE = "falcon"
@@ -171,6 +172,7 @@ def is_falcon_shaped(cfg: GPTConfig) -> bool:
 def refuse_not_falcon(model: GPTModel, what: str) -> None:
     """What Hugging Face's Falcon does not compute, by name."""
     cfg = model.config
+    refuse_moe_touches(cfg, "Falcon", what)
     for differs, why in ((cfg.position_encoding != "rope", "learns position embeddings, where Falcon rotates q and k "
                           "(RoPE)"),
                          (bool(cfg.rotary_dim), f"rotates only {cfg.rotary_dim} of each head's dimensions, where "

@@ -245,9 +245,10 @@ def family_name(cfg: GPTConfig) -> str:
 
 def refuse_not_gemma(model: GPTModel, what: str) -> None:
     """What a Gemma of the family hf_family picks does not compute, by name."""
-    from tritongpt.train.gpt2_weights import refuse_olmo_touches, refuse_phi3_touches
+    from tritongpt.train.gpt2_weights import refuse_moe_touches, refuse_olmo_touches, refuse_phi3_touches
 
     cfg = model.config
+    refuse_moe_touches(cfg, family_name(cfg), what)
     family = family_name(cfg)
     kind = hf_family(cfg)
     refuse_olmo_touches(cfg, family, what)

@@ -144,7 +144,7 @@ def _gpt2_config_json(cfg_json: Path) -> dict:
     if d.get("model_type", "gpt2") != "gpt2":
         raise UserError(f"{cfg_json} says model_type {d['model_type']!r}: not a GPT-2 model (tritongpt reads "
                         "Hugging Face's gpt2, gpt_neo, llama, mistral, qwen2, qwen3, gemma, gemma2, gemma3_text, "
-                        "olmo2, olmo3, gpt_neox, phi, phi3 and stablelm models)")
+                        "olmo2, olmo3, gpt_neox, phi, phi3, stablelm, mixtral, qwen3_moe and olmoe models)")
     return d
 
 
@@ -172,8 +172,8 @@ def is_hf_file(path) -> bool:
 
 def load_checkpoint(path, model_name: str | None = None, merge: bool = True) -> GPTModel:
     """A tritongpt checkpoint (file, checkpoint folder or run folder: its newest) or a Hugging
-    Face GPT-2, GPT-Neo, Llama (Mistral, Qwen2, Qwen3), Gemma, OLMo, GPT-NeoX, Phi-1/1.5/2, Phi-3 or StableLM
-    model.safetensors
+    Face GPT-2, GPT-Neo, Llama (Mistral, Qwen2, Qwen3), Gemma, OLMo, GPT-NeoX, Phi-1/1.5/2, Phi-3, StableLM or
+    mixture-of-experts (Mixtral, Qwen3-MoE, OLMoE) model.safetensors
     (model_name: the preset, when no config.json says the heads).
     A LoRA checkpoint comes merged unless merge is False, and so does a peft adapter folder: its
     base with the update (load_peft_adapter)."""
@@ -188,6 +188,7 @@ def load_checkpoint(path, model_name: str | None = None, merge: bool = True) -> 
         from tritongpt.train.gpt_neo_weights import is_gpt_neo_file, load_gpt_neo_safetensors
         from tritongpt.train.gptj_weights import is_gptj_file, load_gptj_safetensors
         from tritongpt.train.llama_weights import is_llama_file, load_llama_safetensors
+        from tritongpt.train.moe_weights import is_moe_file, load_moe_safetensors
         from tritongpt.train.neox_weights import is_neox_file, load_neox_safetensors
         from tritongpt.train.olmo_weights import is_olmo_file, load_olmo_safetensors
         from tritongpt.train.phi3_weights import is_phi3_file, load_phi3_safetensors
@@ -212,6 +213,8 @@ def load_checkpoint(path, model_name: str | None = None, merge: bool = True) -> 
             return load_phi_safetensors(path)
         if is_stablelm_file(path):
             return load_stablelm_safetensors(path)
+        if is_moe_file(path):
+            return load_moe_safetensors(path)
         if is_llama_file(path):
             return load_llama_safetensors(path)
         return load_gpt2_safetensors(path, model_name)
@@ -435,6 +438,7 @@ def refuse_not_gpt2(model: GPTModel, what: str) -> None:
     with the weights alone it would give other logits (or, for fewer KV heads, not load). (q/k/v
     without biases it can be: zero ones.)"""
     cfg = model.config
+    refuse_moe_touches(cfg, "GPT-2", what)
     if cfg.position_encoding != "learned":
         raise UserError(f"this model rotates q and k by their positions (position_encoding {cfg.position_encoding}, "
                         f"rope_theta {cfg.rope_theta:g}), where Hugging Face's GPT-2 learns position embeddings: "
@@ -554,6 +558,15 @@ def plain_block_refusals(cfg: GPTConfig, family: str) -> tuple:
             (bool(cfg.attn_softcap), f"soft-caps its attention scores, which {family} does not"),
             (bool(cfg.attention_scale_width), f"scales its attention scores by 1/sqrt({cfg.attention_scale_width}), "
              f"where {family} scales them by 1/sqrt(head_dim)"))
+
+
+def refuse_moe_touches(cfg: GPTConfig, family: str, what: str) -> None:
+    """Mixture-of-experts MLPs (n_experts), which only a Mixtral, Qwen3-MoE or OLMoE folder can say: refused by
+    name, before the MLP's other fields (a MoE model's gated MLP would be named a SwiGLU one otherwise)."""
+    if cfg.n_experts:
+        raise UserError(f"this model's MLPs are {cfg.n_experts} experts with a router (n_experts: a mixture of "
+                        f"experts), which Hugging Face's {family} does not have: it cannot be exported as {what} (a "
+                        "Mixtral, Qwen3-MoE or OLMoE folder may take it)")
 
 
 def refuse_phi3_touches(cfg: GPTConfig, family: str, what: str) -> None:

@@ -16,8 +16,8 @@ import torch
 from tritongpt.errors import UserError, note, read_json_object
 from tritongpt.model.config import GPTConfig, get_config
 from tritongpt.model.gpt import GPTModel
-from tritongpt.train.gpt2_weights import (_read_tensors, hub_download, model_with_tensors, refuse_other_heads,
-                                          tensor_names, tensor_shapes, write_hf_folder)
+from tritongpt.train.gpt2_weights import (_read_tensors, hub_download, model_with_tensors, refuse_moe_touches,
+                                          refuse_other_heads, tensor_names, tensor_shapes, write_hf_folder)
 
 HUB_REPOS = {
     "gpt-neo-125m": "EleutherAI/gpt-neo-125m",
@@ -175,6 +175,7 @@ def refuse_not_gpt_neo(model: GPTModel, what: str) -> None:
     cap nor SwiGLU MLP, unscaled scores and q/k/v without biases: another model's weights would give
     it other logits. (Any window GPTConfig has it can say.)"""
     cfg = model.config
+    refuse_moe_touches(cfg, "GPT-Neo", what)
     if cfg.position_encoding != "learned":
         raise UserError(f"this model rotates q and k by their positions (position_encoding {cfg.position_encoding}), "
                         f"where Hugging Face's GPT-Neo learns position embeddings: it cannot be exported as {what}")

@@ -27,7 +27,8 @@ from tritongpt._types import is_int
 from tritongpt.errors import UserError, read_json_object
 from tritongpt.model.config import GPTConfig
 from tritongpt.model.gpt import GPTModel
-from tritongpt.train.gpt2_weights import _read_tensors, model_with_tensors, plain_block_refusals, write_hf_folder
+from tritongpt.train.gpt2_weights import (_read_tensors, model_with_tensors, plain_block_refusals, refuse_moe_touches,
+                                          write_hf_folder)
 
 MODEL_TYPE = "gptj"
 # activation_function -> GPTConfig.gelu_approximate
@@ -135,6 +136,7 @@ def is_gptj_shaped(cfg: GPTConfig) -> bool:
 def refuse_not_gptj(model: GPTModel, what: str) -> None:
     """What Hugging Face's GPT-J does not compute, by name."""
     cfg = model.config
+    refuse_moe_touches(cfg, "GPT-J", what)
     for differs, why in ((cfg.position_encoding != "rope", "learns position embeddings, where GPT-J rotates q and k "
                           "(RoPE)"),
                          (cfg.rope_theta != 10000.0, f"rotates with the RoPE base {cfg.rope_theta:g}, where GPT-J's is "

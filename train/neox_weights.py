@@ -20,8 +20,8 @@ import torch
 from tritongpt.errors import UserError, read_json_object
 from tritongpt.model.config import GPTConfig
 from tritongpt.model.gpt import GPTModel
-from tritongpt.train.gpt2_weights import (_read_tensors, model_with_tensors, plain_block_refusals, refuse_phi_touches,
-                                          write_hf_folder)
+from tritongpt.train.gpt2_weights import (_read_tensors, model_with_tensors, plain_block_refusals, refuse_moe_touches,
+                                          refuse_phi_touches, write_hf_folder)
 from tritongpt.train.llama_weights import unscaled_partial_rope
 
 MODEL_TYPE = "gpt_neox"
@@ -127,6 +127,7 @@ def is_neox_shaped(cfg: GPTConfig) -> bool:
 def refuse_not_neox(model: GPTModel, what: str) -> None:
     """What Hugging Face's GPT-NeoX does not compute, by name."""
     cfg = model.config
+    refuse_moe_touches(cfg, "GPT-NeoX", what)
     refuse_phi_touches(cfg, "GPT-NeoX", what)
     for differs, why in ((cfg.position_encoding != "rope", "learns position embeddings, where GPT-NeoX rotates q and "
                           "k (RoPE)"),

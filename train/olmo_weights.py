@@ -25,8 +25,8 @@ import torch
 from tritongpt.errors import UserError, note, read_json_object
 from tritongpt.model.config import GPTConfig
 from tritongpt.model.gpt import GPTModel
-from tritongpt.train.gpt2_weights import (_read_tensors, model_with_tensors, refuse_neox_touches, refuse_phi3_touches,
-                                          write_hf_folder)
+from tritongpt.train.gpt2_weights import (_read_tensors, model_with_tensors, refuse_moe_touches, refuse_neox_touches,
+                                          refuse_phi3_touches, write_hf_folder)
 from tritongpt.train.llama_weights import _rope_theta, hf_shapes, shape_fields
 
 FAMILIES = {"olmo2": "Olmo2ForCausalLM", "olmo3": "Olmo3ForCausalLM"}
@@ -164,6 +164,7 @@ def family_name(cfg: GPTConfig) -> str:
 def refuse_not_olmo(model: GPTModel, what: str) -> None:
     """What an OLMo of the family hf_family picks does not compute, by name."""
     cfg = model.config
+    refuse_moe_touches(cfg, family_name(cfg), what)
     family = family_name(cfg)
     refuse_neox_touches(cfg, family, what)
     refuse_phi3_touches(cfg, family, what)

@@ -23,7 +23,8 @@ import torch
 from tritongpt.errors import UserError, read_json_object
 from tritongpt.model.config import GPTConfig
 from tritongpt.model.gpt import GPTModel
-from tritongpt.train.gpt2_weights import _read_tensors, model_with_tensors, plain_block_refusals, write_hf_folder
+from tritongpt.train.gpt2_weights import (_read_tensors, model_with_tensors, plain_block_refusals, refuse_moe_touches,
+                                          write_hf_folder)
 from tritongpt.train.llama_weights import unscaled_partial_rope
 from tritongpt.train.neox_weights import ACTIVATIONS
 
@@ -143,6 +144,7 @@ def is_phi_shaped(cfg: GPTConfig) -> bool:
 def refuse_not_phi(model: GPTModel, what: str) -> None:
     """What Hugging Face's Phi does not compute, by name. (A bias it lacks is written as zeros: the same function.)"""
     cfg = model.config
+    refuse_moe_touches(cfg, "Phi", what)
     for differs, why in ((not cfg.parallel_residual, "runs attention then MLP, where Phi's blocks run them side by "
                           "side (parallel_residual)"),
                          (cfg.parallel_residual and not cfg.shared_norm, "normalizes each sublayer's input with a "

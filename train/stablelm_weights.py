@@ -16,7 +16,8 @@ import torch
 from tritongpt.errors import UserError, read_json_object
 from tritongpt.model.config import GPTConfig
 from tritongpt.model.gpt import GPTModel
-from tritongpt.train.gpt2_weights import _read_tensors, model_with_tensors, refuse_gemma_touches, write_hf_folder
+from tritongpt.train.gpt2_weights import (_read_tensors, model_with_tensors, refuse_gemma_touches, refuse_moe_touches,
+                                          write_hf_folder)
 from tritongpt.train.llama_weights import _hf_tensors as _llama_hf_tensors
 from tritongpt.train.llama_weights import _our_tensors as _llama_tensors
 from tritongpt.train.llama_weights import hf_shapes, shape_fields, unscaled_partial_rope
@@ -91,6 +92,7 @@ def is_stablelm_shaped(cfg: GPTConfig) -> bool:
 def refuse_not_stablelm(model: GPTModel, what: str) -> None:
     """What Hugging Face's StableLM does not compute, by name."""
     cfg = model.config
+    refuse_moe_touches(cfg, "StableLM", what)
     for differs, why in ((cfg.position_encoding != "rope", "learns position embeddings, where StableLM rotates q "
                           "and k (RoPE)"),
                          (cfg.norm != "layernorm", f"normalizes with {cfg.norm}, where StableLM has LayerNorms"),

@@ -1,0 +1,261 @@
+"""Mixture-of-experts weights (Mixtral, Qwen3-MoE, OLMoE) into GPTModel, and back out.
+
+Each is a Llama-shaped model whose MLPs are GPTConfig.n_experts SwiGLU experts and a router (MoEFeedForward):
+- Mixtral: Mistral's attention (its sliding window, null in the published configs), a router per block
+  (block_sparse_moe.gate) and experts w1 (gate), w3 (up), w2 (down); the top k weights renormalized.
+- Qwen3-MoE: Qwen3's attention (per-head q/k RMSNorms), mlp.gate and mlp.experts.{e}.gate_proj / up_proj /
+  down_proj of hidden size moe_intermediate_size; renormalized when norm_topk_prob. Every layer MoE: a
+  config.json with dense layers (mlp_only_layers, decoder_sparse_step) is refused by name.
+- OLMoE: Qwen3-MoE's tensor names, q/k RMSNorms over the whole projection (qk_norm_width "all"), the top k
+  weights not renormalized (norm_topk_prob false); clip_qkv refused.
+The Hub's folders hold one tensor per expert (those names); transformers 5 merges them into gate_up_proj
+[E, 2H, C] and down_proj [E, C, H] when it loads and splits them back when it saves, so either layout is read
+here and the per-expert one is written. What a config.json asks that this model does not compute (shared
+experts, another router, biases, another activation) is refused by name.
+"""
+from pathlib import Path
+
+import torch
+
+from tritongpt.errors import UserError, read_json_object
+from tritongpt.model.config import GPTConfig
+from tritongpt.model.gpt import GPTModel
+from tritongpt.train.gpt2_weights import _read_tensors, model_with_tensors, tensor_names, write_hf_folder
+from tritongpt.train.llama_weights import _rope_theta, _sliding_window, hf_shapes, shape_fields
+
+FAMILIES = {"mixtral": "MixtralForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM", "olmoe": "OlmoeForCausalLM"}
+_NAMES = {"mixtral": "Mixtral", "qwen3_moe": "Qwen3-MoE", "olmoe": "OLMoE"}
+FAMILY_NAMES = tuple(_NAMES.values())
+# (router, the expert names of gate, up, down) under "layers.{i}.": Mixtral's, then Qwen3-MoE's and OLMoE's
+_MOE = {"mixtral": ("block_sparse_moe", ("w1", "w3", "w2")),
+        "qwen3_moe": ("mlp", ("gate_proj", "up_proj", "down_proj")),
+        "olmoe": ("mlp", ("gate_proj", "up_proj", "down_proj"))}
+_ATT = (("norm1", "input_layernorm"), ("norm2", "post_attention_layernorm"), ("att.W_query", "self_attn.q_proj"),
+        ("att.W_key", "self_attn.k_proj"), ("att.W_value", "self_attn.v_proj"), ("att.out_proj", "self_attn.o_proj"))
+_QK_NORMS = (("att.q_norm", "self_attn.q_norm"), ("att.k_norm", "self_attn.k_norm"))
+# config.json keys of other MoE designs, refused by name when they would change the function
+_SHARED = ("shared_expert_intermediate_size", "n_shared_experts", "num_shared_experts")
+
+
+def is_moe_file(path) -> bool:
+    """A Hugging Face Mixtral, Qwen3-MoE or OLMoE model.safetensors: its config.json says that model_type, or
+    without one, its tensors have Mixtral's names (block_sparse_moe)."""
+    cfg_json = Path(path).parent / "config.json"
+    if cfg_json.is_file() and "model_type" in (d := read_json_object(cfg_json)):
+        return d["model_type"] in FAMILIES
+    return any(".block_sparse_moe." in k for k in tensor_names(path))
+
+
+def _experts(sd: dict, i: int, kind: str, n_experts: int, path) -> tuple:
+    """Layer i's experts as stacked (gate [E, H, C], up [E, H, C], down [E, C, H]): from the Hub's one tensor per
+    expert, or transformers' merged gate_up_proj and down_proj."""
+    block, (gate, up, down) = _MOE[kind]
+    merged = f"layers.{i}.{block}.experts.gate_up_proj"
+    if merged in sd:
+        gate_up = sd[merged]
+        if gate_up.dim() != 3 or gate_up.shape[1] % 2:
+            raise UserError(f"{path}: {merged} has shape {tuple(gate_up.shape)}, not [experts, 2 hidden, width]")
+        h = gate_up.shape[1] // 2
+        return gate_up[:, :h], gate_up[:, h:], sd[f"layers.{i}.{block}.experts.down_proj"]
+    names = [f"layers.{i}.{block}.experts.{e}.{{}}.weight" for e in range(n_experts)]
+    return tuple(torch.stack([sd[n.format(which)] for n in names]) for which in (gate, up, down))
+
+
+def _count_experts(sd: dict, kind: str, path) -> int:
+    block = _MOE[kind][0]
+    router = sd.get(f"layers.0.{block}.gate.weight")
+    if router is None:
+        raise UserError(f"{path}: not a {_NAMES[kind]} model, missing tensor 'layers.0.{block}.gate.weight' "
+                        "(the router)")
+    return router.shape[0]
+
+
+def _refuse(d: dict, kind: str, cfg_json) -> None:
+    """What a config.json asks that this model does not compute, by name."""
+    name = _NAMES[kind]
+    if d.get("hidden_act", "silu") != "silu":
+        raise UserError(f"{cfg_json} has hidden_act {d['hidden_act']!r}; this model's experts compute 'silu' only")
+    for key in _SHARED:
+        if d.get(key):
+            raise UserError(f"{cfg_json} has {key} {d[key]!r} (shared experts beside the routed ones, as Qwen2-MoE's "
+                            f"and DeepSeek's); {name} and this model route every token to its top k experts only")
+    if d.get("attention_bias") or d.get("mlp_bias"):
+        raise UserError(f"{cfg_json} has attention_bias {d.get('attention_bias')!r} and mlp_bias "
+                        f"{d.get('mlp_bias')!r}; this model reads {name} without biases only")
+    if kind == "qwen3_moe":
+        if d.get("mlp_only_layers") or d.get("decoder_sparse_step", 1) != 1:
+            raise UserError(f"{cfg_json} has mlp_only_layers {d.get('mlp_only_layers')!r} and decoder_sparse_step "
+                            f"{d.get('decoder_sparse_step', 1)!r}: dense layers among the MoE ones, where this model's "
+                            "layers are all MoE (mlp_only_layers [] and decoder_sparse_step 1)")
+    if kind == "olmoe" and d.get("clip_qkv") is not None:
+        raise UserError(f"{cfg_json} has clip_qkv {d['clip_qkv']!r}; this model does not clamp q, k and v")
+    if d.get("router_type", "topk") != "topk" or d.get("scoring_func", "softmax") != "softmax":
+        raise UserError(f"{cfg_json} has router_type {d.get('router_type', 'topk')!r} and scoring_func "
+                        f"{d.get('scoring_func', 'softmax')!r}; this model's router is a softmax then top k")
+
+
+def _check_hf_config(cfg_json: Path, sd: dict) -> GPTConfig:
+    """The GPTConfig of a Mixtral, Qwen3-MoE or OLMoE config.json, checked against the tensors beside it."""
+    d = read_json_object(cfg_json)
+    kind = d.get("model_type", "mixtral")
+    _refuse(d, kind, cfg_json)
+    n_experts = _count_experts(sd, kind, cfg_json.parent)
+    gate0 = _experts(sd, 0, kind, n_experts, cfg_json.parent)[0][0]
+    for key in ("num_local_experts", "num_experts"):
+        if key in d and d[key] != n_experts:
+            raise UserError(f"{cfg_json} says {key} {d[key]!r}, but the router scores {n_experts} experts")
+    # hf_shapes reads a dense MLP's width: the experts' is intermediate_size (Mixtral's, OLMoE's) or
+    # moe_intermediate_size (Qwen3-MoE's, whose intermediate_size is the dense layers' it has none of)
+    width_key = "moe_intermediate_size" if kind == "qwen3_moe" else "intermediate_size"
+    shapes = hf_shapes({k: v for k, v in d.items() if k != "intermediate_size"} | (
+        {"intermediate_size": d[width_key]} if width_key in d else {}),
+        {**sd, "layers.0.mlp.gate_proj.weight": gate0}, cfg_json, _NAMES[kind])
+    k = d.get("num_experts_per_tok", 2)
+    window, layers = (_sliding_window(d, "mistral", shapes[3], cfg_json) if kind == "mixtral" else
+                      (d.get("sliding_window") or 0, "all") if kind == "qwen3_moe" and d.get("use_sliding_window")
+                      else (0, "all"))
+    theta, scaling = _rope_theta(d, cfg_json)
+    norm_topk = True if kind == "mixtral" else d.get("norm_topk_prob", False)
+    return GPTConfig(**shape_fields(shapes, sd), context_length=d.get("max_position_embeddings", 2048), bias=False,
+                     attention_window=window, window_layers=layers, qk_norm=kind != "mixtral",
+                     qk_norm_width="all" if kind == "olmoe" else "head", position_encoding="rope", rope_theta=theta,
+                     rope_scaling=scaling, norm="rmsnorm", norm_eps=d.get("rms_norm_eps", 1e-6), mlp="swiglu",
+                     n_experts=n_experts, experts_per_token=k, moe_norm_topk=norm_topk)
+
+
+def _our_tensors(sd: dict, cfg: GPTConfig, kind: str, path) -> dict:
+    """Hugging Face MoE tensors under our parameter names (KeyError: a tensor the file lacks)."""
+    ours = {"tok_emb.weight": sd["embed_tokens.weight"], "final_norm.weight": sd["norm.weight"]}
+    if not cfg.tie_weights:
+        ours["out_head.weight"] = sd["lm_head.weight"]
+    block = _MOE[kind][0]
+    for i in range(cfg.n_layer):
+        for mine, theirs in _ATT + (_QK_NORMS if cfg.qk_norm else ()):
+            ours[f"trf_blocks.{i}.{mine}.weight"] = sd[f"layers.{i}.{theirs}.weight"]
+        ours[f"trf_blocks.{i}.ff.router.weight"] = sd[f"layers.{i}.{block}.gate.weight"]
+        gate, up, down = _experts(sd, i, kind, cfg.n_experts, path)
+        ours[f"trf_blocks.{i}.ff.w_gate"], ours[f"trf_blocks.{i}.ff.w_up"] = gate, up
+        ours[f"trf_blocks.{i}.ff.w_down"] = down
+    return ours
+
+
+def load_moe_safetensors(path) -> GPTModel:
+    """GPTModel with the weights of a Hugging Face Mixtral, Qwen3-MoE or OLMoE model.safetensors (or shard index)
+    and its config.json beside it."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"MoE weights file not found: {path}")
+    cfg_json = path.parent / "config.json"
+    if not cfg_json.is_file():
+        raise UserError(f"{path} looks like a mixture-of-experts model, whose heads, experts per token and RoPE "
+                        "base are in its config.json: put that file beside it")
+    sd = _read_tensors(path, prefix="model.")
+    kind = read_json_object(cfg_json).get("model_type", "mixtral")
+    cfg = _check_hf_config(cfg_json, sd)
+    return model_with_tensors(cfg, lambda: _our_tensors(sd, cfg, kind, path), path)
+
+
+# -- export ------------------------------------------------------------------------------------------------
+def hf_family(cfg: GPTConfig) -> str:
+    """The model_type a MoE model is written as: olmoe with q/k norms over the whole projection, qwen3_moe with
+    per-head ones, else mixtral."""
+    if cfg.qk_norm:
+        return "olmoe" if cfg.qk_norm_width == "all" else "qwen3_moe"
+    return "mixtral"
+
+
+def family_name(cfg: GPTConfig) -> str:
+    return _NAMES[hf_family(cfg)]
+
+
+def refuse_not_moe(model: GPTModel, what: str) -> None:
+    """A MoE model that Mixtral, Qwen3-MoE or OLMoE cannot say, refused by name: the Llama-shaped fields
+    (refuse_not_llama's), then the family's router (Mixtral always renormalizes the top k) and window."""
+    from dataclasses import replace
+
+    from tritongpt.train.llama_weights import refuse_not_llama
+
+    cfg = model.config
+    family = family_name(cfg)
+    if not cfg.n_experts:
+        raise UserError(f"this model has a dense MLP (n_experts 0): it cannot be exported as {what}")
+    for differs, why in ((cfg.mlp != "swiglu", f"has {cfg.mlp.upper()} experts, where {family}'s are SwiGLU"),
+                         (cfg.bias or cfg.qkv_bias_only, f"has biases, where {family} has none"),
+                         (family == "Mixtral" and not cfg.moe_norm_topk, "does not renormalize its top k router "
+                          "weights (moe_norm_topk False), which Mixtral always does (Qwen3-MoE and OLMoE may not)"),
+                         (family == "Mixtral" and cfg.attention_window and cfg.window_layers != "all",
+                          f"has local attention in layers {cfg.window_layers} only, where Mixtral's window is in "
+                          "every layer"),
+                         (family == "OLMoE" and bool(cfg.attention_window), "has local attention, which OLMoE "
+                          "does not"),
+                         (family == "Qwen3-MoE" and cfg.attention_window and cfg.window_layers != "all",
+                          f"has local attention in layers {cfg.window_layers} only, where Qwen3-MoE's window is in "
+                          "every layer")):
+        if differs:
+            raise UserError(f"this model {why}: it cannot be exported as {what}")
+    # the attention is a Mistral's (Mixtral), a Qwen3's (Qwen3-MoE) or an OLMo-style one (OLMoE): Llama's checks
+    # on a dense twin, less the OLMo q/k norm OLMoE has
+    dense = replace(cfg, n_experts=0, moe_aux_loss=0.0, qk_norm_width="head")
+    refuse_not_llama(_Shell(dense), what, family)
+
+
+class _Shell:
+    """A stand-in with a .config, for a refusal that reads the model's config only."""
+
+    def __init__(self, config):
+        self.config = config
+
+
+def _hf_tensors(model: GPTModel) -> dict:
+    """Our parameters under the family's Hub names, one tensor per expert; the padding rows dropped."""
+    cfg = model.config
+    kind = hf_family(cfg)
+    block, (gate, up, down) = _MOE[kind]
+    sd = {k: v.detach() for k, v in model.state_dict().items()}
+    V = cfg.vocab_size
+    hf = {"embed_tokens.weight": sd["tok_emb.weight"][:V], "norm.weight": sd["final_norm.weight"]}
+    for i in range(cfg.n_layer):
+        for mine, theirs in _ATT + (_QK_NORMS if cfg.qk_norm else ()):
+            hf[f"layers.{i}.{theirs}.weight"] = sd[f"trf_blocks.{i}.{mine}.weight"]
+        hf[f"layers.{i}.{block}.gate.weight"] = sd[f"trf_blocks.{i}.ff.router.weight"]
+        for ours, theirs in (("w_gate", gate), ("w_up", up), ("w_down", down)):
+            for e, w in enumerate(sd[f"trf_blocks.{i}.ff.{ours}"]):
+                hf[f"layers.{i}.{block}.experts.{e}.{theirs}.weight"] = w
+    out = {"model." + k: v for k, v in hf.items()}
+    if not cfg.tie_weights:
+        out["lm_head.weight"] = sd["out_head.weight"][:V]
+    return {k: v.to("cpu", memory_format=torch.contiguous_format, copy=True) for k, v in out.items()}
+
+
+def hf_config(cfg: GPTConfig, eos_token_id: int | None = None) -> dict:
+    """MixtralConfig, Qwen3MoeConfig or OlmoeConfig fields (config.json) for this model; what _check_hf_config
+    reads back."""
+    kind = hf_family(cfg)
+    d = {"model_type": kind, "architectures": [FAMILIES[kind]], "vocab_size": cfg.vocab_size,
+         "max_position_embeddings": cfg.context_length, "hidden_size": cfg.n_embd,
+         "intermediate_size": cfg.ff_hidden, "num_hidden_layers": cfg.n_layer,
+         "num_attention_heads": cfg.n_head, "num_key_value_heads": cfg.kv_heads, "head_dim": cfg.head_dim,
+         "hidden_act": "silu", "rms_norm_eps": cfg.norm_eps, "num_experts_per_tok": cfg.experts_per_token,
+         "rope_theta": cfg.rope_theta, "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta,
+                                                           **(cfg.rope_scaling or {})},
+         "rope_scaling": cfg.rope_scaling, "attention_dropout": 0.0, "tie_word_embeddings": cfg.tie_weights,
+         "router_aux_loss_coef": cfg.moe_aux_loss, "output_router_logits": False,
+         "bos_token_id": eos_token_id, "eos_token_id": eos_token_id, "pad_token_id": None}
+    window = cfg.attention_window or None
+    if kind == "mixtral":
+        d.update(num_local_experts=cfg.n_experts, sliding_window=window, router_jitter_noise=0.0)
+    elif kind == "qwen3_moe":
+        d.update(num_experts=cfg.n_experts, moe_intermediate_size=cfg.ff_hidden, norm_topk_prob=cfg.moe_norm_topk,
+                 decoder_sparse_step=1, mlp_only_layers=[], use_sliding_window=bool(window), sliding_window=window,
+                 attention_bias=False)
+    else:
+        d.update(num_experts=cfg.n_experts, norm_topk_prob=cfg.moe_norm_topk, clip_qkv=None, attention_bias=False)
+    return d
+
+
+def export_moe(model: GPTModel, out_dir, eos_token_id: int | None = None, overwrite: bool = False) -> list:
+    """Write model as a Hugging Face Mixtral, Qwen3-MoE or OLMoE folder (hf_family): model.safetensors and
+    config.json, which transformers.AutoModelForCausalLM.from_pretrained(out_dir) and load_checkpoint both read.
+    Returns the paths written; refuses to replace them unless overwrite."""
+    refuse_not_moe(model, f"{'an' if hf_family(model.config) == 'olmoe' else 'a'} {family_name(model.config)} folder")
+    return write_hf_folder(out_dir, lambda: _hf_tensors(model), hf_config(model.config, eos_token_id), overwrite)
