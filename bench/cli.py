@@ -329,6 +329,15 @@ def add_cli(sub):
     t.add_argument("--head-bias", action=argparse.BooleanOptionalAction, default=None,
                    help="a bias on the LM head (Phi-1/1.5/2's, GPT-J's; GPTConfig.head_bias) (default: the preset's, "
                         "no)")
+    t.add_argument("--n-experts", type=int, default=None, metavar="E",
+                   help="a mixture of experts: E SwiGLU/GeGLU experts and a router per block (GPTConfig.n_experts; "
+                        "with --mlp swiglu or geglu; the Triton path runs swiglu_mlp once per expert) (default: the "
+                        "preset's, a dense MLP)")
+    t.add_argument("--experts-per-token", type=int, default=None, metavar="K",
+                   help="the router's top k (GPTConfig.experts_per_token) (default: 2)")
+    t.add_argument("--moe-aux-loss", type=float, default=None, metavar="COEF",
+                   help="the routers' load-balancing loss added to the timed loss times COEF (GPTConfig.moe_aux_loss) "
+                        "(default: none)")
     t.add_argument("--gelu-approximate", choices=GELU_APPROXIMATES, default=None,
                    help="the GELU MLP's GELU: tanh (GPT-2's) or none, the exact erf one (GPT-NeoX's, Pythia's; "
                         "GPTConfig.gelu_approximate) (default: the preset's, tanh)")

@@ -162,7 +162,8 @@ VARIANT_KEYS = ("padded_vocab", "attention_window", "window_layers", "logit_soft
                 "attention_scale_width")
 ARCH_KEYS = ("norm", "mlp", "mlp_hidden", "position_encoding", "rope_theta", "n_kv_head", "bias", "attention_head_dim",
              "qk_norm", "scale_embeddings", "post_norms", "rope_local_theta", "nope_layers", "pre_norms",
-             "qk_norm_width", "parallel_residual", "gelu_approximate", "rotary_dim", "shared_norm", "head_bias")
+             "qk_norm_width", "parallel_residual", "gelu_approximate", "rotary_dim", "shared_norm", "head_bias",
+             "n_experts", "experts_per_token", "moe_aux_loss")
 
 
 def variant_text(config: dict, keys=VARIANT_KEYS + ARCH_KEYS) -> str:
@@ -206,6 +207,9 @@ def architecture_text(config: dict) -> str:
         words.append("LM-head bias")
     if config.get("gelu_approximate") == "none":
         words.append("exact GELU")
+    if config.get("n_experts"):
+        aux = f", aux loss {config['moe_aux_loss']:g}" if config.get("moe_aux_loss") else ""
+        words.append(f"{config['n_experts']} experts (top {config.get('experts_per_token')}{aux})")
     return ", ".join(words)
 
 

@@ -111,7 +111,8 @@ def use_sdpa_attention(model):
 MODEL_FLAGS = ("vocab_multiple", "attention_window", "window_layers", "logit_softcap", "norm", "mlp", "mlp_hidden",
                "position_encoding", "rope_theta", "n_kv_head", "bias", "attention_head_dim", "qk_norm",
                "scale_embeddings", "post_norms", "rope_local_theta", "attn_softcap", "nope_layers", "pre_norms",
-               "qk_norm_width", "parallel_residual", "gelu_approximate", "rotary_dim", "shared_norm", "head_bias")
+               "qk_norm_width", "parallel_residual", "gelu_approximate", "rotary_dim", "shared_norm", "head_bias",
+               "n_experts", "experts_per_token", "moe_aux_loss")
 
 
 def model_variant(cfg) -> dict:
@@ -121,7 +122,7 @@ def model_variant(cfg) -> dict:
     (its theta), fewer KV heads, no biases, Qwen3's heads of their own width and q/k norms, Gemma's scaled
     embeddings, sandwich norms, local layers' RoPE, attention soft cap and scale, SmolLM3's NoPE layers, OLMo's
     blocks without input norms and q/k norms over all heads, GPT-NeoX's parallel blocks, exact GELU and partial
-    rotary, Phi's shared norm and LM-head bias. {} for GPT-2."""
+    rotary, Phi's shared norm and LM-head bias, a mixture of experts (Mixtral's). {} for GPT-2."""
     out = {}
     if cfg.padded_vocab_size != cfg.vocab_size:
         out["padded_vocab"] = cfg.padded_vocab_size
@@ -169,6 +170,10 @@ def model_variant(cfg) -> dict:
         out["shared_norm"] = True
     if cfg.head_bias:
         out["head_bias"] = True
+    if cfg.n_experts:
+        out.update(n_experts=cfg.n_experts, experts_per_token=cfg.experts_per_token)
+        if cfg.moe_aux_loss:
+            out["moe_aux_loss"] = cfg.moe_aux_loss
     return out
 
 

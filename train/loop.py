@@ -254,7 +254,10 @@ def peak_flops(device: torch.device) -> float | None:
 def flops_per_token(cfg, n_params: int, seq_len: int) -> float:
     """nanoGPT's estimate (PaLM appendix B): 6N for the matmuls, 12*L*H*Q*T for attention (forward
     and backward: 3x attention_forward_flops, which counts a local layer by its window). N counts
-    every weight once, so a SwiGLU MLP's three [C, hidden] matrices are in it at their own hidden."""
+    every weight once, so a SwiGLU MLP's three [C, hidden] matrices are in it at their own hidden; of a mixture
+    of experts, a token meets its experts_per_token experts only, so the others' are left out."""
+    if cfg.n_experts:
+        n_params -= cfg.n_layer * (cfg.n_experts - cfg.experts_per_token) * 3 * cfg.n_embd * cfg.ff_hidden
     return 6 * n_params + 3 * attention_forward_flops(cfg, seq_len)
 
 
@@ -466,6 +469,7 @@ class Trainer:
         olmo = saved_cfg.get("pre_norms", True), saved_cfg.get("qk_norm_width", "head")
         neox = saved_cfg.get("parallel_residual", False), saved_cfg.get("gelu_approximate", "tanh")
         phi = saved_cfg.get("shared_norm", False), saved_cfg.get("head_bias", False)
+        moe = saved_cfg.get("n_experts", 0), saved_cfg.get("experts_per_token", 2), saved_cfg.get("moe_norm_topk", True)
         hidden = saved_cfg.get("mlp_hidden", 0) or swiglu_hidden(saved_cfg.get("n_embd", cfg.n_embd))
         gated = ("swiglu", "geglu")
         if mlp != cfg.mlp or (mlp in gated and hidden != cfg.ff_hidden):
@@ -575,6 +579,16 @@ class Trainer:
 
             what = f"{scaled(not cfg.scale_attention)}, this run's model {scaled(cfg.scale_attention)}"
             flags = "the run's own --model"
+        elif moe != (cfg.n_experts, cfg.experts_per_token, cfg.moe_norm_topk) and (moe[0] or cfg.n_experts):
+            def experts(n, k, norm):
+                return (f"routes each token to {k} of {n} experts"
+                        + (" (weights renormalized)" if norm else " (weights not renormalized)")) if n else \
+                    "has a dense MLP"
+
+            now = experts(cfg.n_experts, cfg.experts_per_token, cfg.moe_norm_topk)
+            what = f"{experts(*moe)}, this run's model {now}"
+            flags = f"--n-experts {moe[0]} --experts-per-token {moe[1]}" if moe[2] == cfg.moe_norm_topk else \
+                "the run's own --init"  # moe_norm_topk: no flag makes it, only an --init folder's config.json
         else:
             return
         fix = f"pass {flags}" if self.name == "pretrain" else "resume with the run's own --init"
@@ -604,6 +618,9 @@ class Trainer:
         if self._cfg is not None and saved_dropout is not None:
             now_args, names = {**now_args, "dropout": self._cfg.dropout}, names + ("dropout",)
             state = {**state, "args": {**state.get("args", {}), "dropout": saved_dropout}}
+        if self._cfg is not None and saved_cfg.get("n_experts"):  # the aux loss's weight, likewise
+            now_args, names = {**now_args, "moe_aux_loss": self._cfg.moe_aux_loss}, names + ("moe_aux_loss",)
+            state = {**state, "args": {**state.get("args", {}), "moe_aux_loss": saved_cfg.get("moe_aux_loss", 0.0)}}
         common.check_resume(ckpt, state, now_args, names, "step", "--max-steps", str(self.dtype),
                             say=self.is_main, kernels=self._kernels())
         if state["step"] == self.args.max_steps and self.is_main:

@@ -134,6 +134,19 @@ def add_args(p: argparse.ArgumentParser):
     p.add_argument("--mlp-hidden", type=int, default=None, metavar="H",
                    help="the SwiGLU or GeGLU MLP's hidden size (GPTConfig.mlp_hidden; default: Llama's rule, 2/3 "
                         "of 4 n_embd rounded up to a multiple of 64, about GPT-2's MLP parameters: 2048 at n_embd 768)")
+    p.add_argument("--n-experts", type=int, default=None, metavar="E",
+                   help="a mixture of experts for the new model: each block's MLP is E SwiGLU or GeGLU experts (of "
+                        "--mlp-hidden each) and a router, every token through its --experts-per-token best "
+                        "(GPTConfig.n_experts; Mixtral's, Qwen3-MoE's; with --mlp swiglu or geglu). Default: a dense "
+                        "MLP (0), or what --init's model has")
+    p.add_argument("--experts-per-token", type=int, default=None, metavar="K",
+                   help="how many experts each token goes through (GPTConfig.experts_per_token, the router's top "
+                        "k; default 2, or what --init's model has)")
+    p.add_argument("--moe-aux-loss", type=float, default=None, metavar="COEF",
+                   help="add COEF times the routers' load-balancing loss (Switch Transformer's, transformers' "
+                        "load_balancing_loss_func; Mixtral trains with 0.02) to the training loss "
+                        "(GPTConfig.moe_aux_loss; a mixture-of-experts model only; default: none, or what --init's "
+                        "model has)")
     d.add_argument("--document-mask", action="store_true",
                    help="keep the documents of a training window apart: each token attends to its own document "
                         "only (split at <|endoftext|>, which opens each document), and positions count from its "
@@ -278,7 +291,7 @@ def check_args(args, targs):
             raise UserError(NO_ROPE.format(args.rope_theta))
         for field in ("logit_softcap", "attn_softcap", "attention_window", "window_layers", "position_encoding",
                       "rope_theta", "norm", "mlp", "nope_layers", "parallel_residual", "gelu_approximate",
-                      "rotary_dim", "shared_norm", "head_bias"):
+                      "rotary_dim", "shared_norm", "head_bias", "n_experts", "experts_per_token"):
             given, has = getattr(args, field), getattr(model.config, field)
             if given is not None and given != has:
                 show = (lambda v: f"{v:g}") if isinstance(has, float) else str
@@ -298,6 +311,10 @@ def check_args(args, targs):
             has = f"{model.config.mlp} MLP's hidden size is {model.config.ff_hidden}"
             raise UserError(f"--mlp-hidden {args.mlp_hidden} would change the shapes of --init's weights (its "
                             f"{has}): leave the flag out")
+        if args.moe_aux_loss is not None:  # a training objective, not the function: --init's may change
+            from dataclasses import replace
+
+            model.config.moe_aux_loss = replace(model.config, moe_aux_loss=args.moe_aux_loss).moe_aux_loss
         tok = pick_tokenizer(args.tokenizer, args.init, model.config.vocab_size)
     else:
         tok = get_tokenizer(args.tokenizer or "default")
@@ -310,7 +327,8 @@ def check_args(args, targs):
                          nope_layers=args.nope_layers, rotary_dim=args.rotary_dim,
                          parallel_residual=args.parallel_residual,
                          gelu_approximate=args.gelu_approximate, shared_norm=args.shared_norm,
-                         head_bias=args.head_bias,
+                         head_bias=args.head_bias, n_experts=args.n_experts,
+                         experts_per_token=args.experts_per_token, moe_aux_loss=args.moe_aux_loss,
                          n_kv_head=args.n_kv_head, norm=args.norm, mlp=args.mlp, mlp_hidden=args.mlp_hidden,
                          bias=args.bias)
         model = GPTModel(cfg)
@@ -463,6 +481,9 @@ def print_header(args, targs, model, tok, block, splits, trainer):
         if cfg.parallel_residual else ""
     gqa += ", LM-head bias" if cfg.head_bias else ""
     gqa += ", exact (erf) GELU" if cfg.gelu_approximate == "none" else ""
+    renorm = ", renormalized" if cfg.moe_norm_topk else ""
+    aux = f", load-balancing loss x{cfg.moe_aux_loss:g}" if cfg.moe_aux_loss else ""
+    gqa += f", {cfg.n_experts} experts (top {cfg.experts_per_token}{renorm}{aux})" if cfg.n_experts else ""
     print(f"pretrain: {model_name(args)} ({model.num_params() / 1e6:.2f}M params, vocab {cfg.vocab_size}{padded}, "
           f"context {cfg.context_length}"
           f"{f', trained on {block}-token blocks' if block != cfg.context_length else ''}"
