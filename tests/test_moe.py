@@ -1,0 +1,360 @@
+"""Mixture-of-experts MLPs (GPTConfig.n_experts: layers.MoEFeedForward, its Triton path through
+kernels/swiglu.py per expert) and the Mixtral, Qwen3-MoE and OLMoE folders (train/moe_weights.py).
+Tiny models (2 layers, 4 experts, top 2, n_embd 64, experts of 32): the module against a float64 loop
+over tokens, both kernel paths' logits, loss and every gradient, the load-balancing loss against
+transformers' load_balancing_loss_func; tiny random transformers models saved to tmp_path (float64,
+every tensor jittered): logits on both paths, the KV-cache decode, greedy tokens, export round trips,
+refusals by name, a pretrain --init step. Nothing downloaded."""
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from parity import assert_close_rel, decodes_like, logits_match_transformers, pretrain_argv
+from tritongpt.errors import UserError
+from tritongpt.model.config import GPTConfig
+from tritongpt.model.gpt import GPTModel
+from tritongpt.model.layers import MoEFeedForward
+from tritongpt.train.gpt2_weights import load_checkpoint
+
+VOCAB, CTX, T = 53, 40, 19
+E, K, C, H = 4, 2, 64, 32
+
+
+def moe_config(**kw):
+    return GPTConfig(**{**dict(vocab_size=VOCAB, context_length=CTX, n_embd=C, n_layer=2, n_head=4, n_kv_head=2,
+                               mlp="swiglu", mlp_hidden=H, n_experts=E, experts_per_token=K, position_encoding="rope",
+                               norm="rmsnorm", bias=False, tie_weights=False), **kw})
+
+
+def loop_moe(moe, x):
+    """The MoE output token by token in float64: softmax over the router's scores, the k largest, their
+    weights renormalized (norm_topk) or not, each chosen expert's act(x Wg^T) * (x Wu^T) Wd^T times its weight."""
+    act = {"silu": F.silu, "gelu": lambda g: F.gelu(g, approximate="tanh")}[moe.activation]
+    out = torch.zeros_like(x)
+    for n in range(x.shape[0]):
+        p = torch.softmax(x[n] @ moe.router.weight.t(), -1)
+        order = sorted(range(moe.n_experts), key=lambda e: -p[e].item())[:moe.top_k]
+        total = sum(p[e] for e in order) if moe.norm_topk else 1.0
+        for e in order:
+            h = act(moe.w_gate[e] @ x[n]) * (moe.w_up[e] @ x[n])
+            out[n] += p[e] / total * (moe.w_down[e] @ h)
+    return out
+
+
+@pytest.mark.parametrize("top_k,norm_topk,activation", [(2, True, "silu"), (2, False, "silu"), (1, True, "gelu"),
+                                                        (3, False, "gelu")])
+def test_the_module_is_a_float64_loop_over_tokens(top_k, norm_topk, activation):
+    torch.manual_seed(0)
+    moe = MoEFeedForward(C, H, E, top_k, norm_topk, activation=activation).double()
+    with torch.no_grad():
+        moe.router.weight.normal_(0, 0.5)  # spread the scores: each top k is a clear choice
+    x = torch.randn(3, 5, C, dtype=torch.float64)
+    with torch.no_grad():
+        got = moe(x)
+        assert moe.router_logits.shape == (15, E)
+        assert_close_rel(got.view(15, C), loop_moe(moe, x.view(15, C)), 1e-12, "MoE against the loop")
+
+
+def _idle_expert_model(**kw):
+    """A fp32 model whose routers leave some expert without a token in some layer for a (2, 5) batch: the seed
+    is searched, as which expert idles depends on it. -> (model, idx, targets)."""
+    for seed in range(100):
+        torch.manual_seed(seed)
+        model = GPTModel(moe_config(**kw))
+        idx, targets = torch.randint(0, VOCAB, (2, 5)), torch.randint(0, VOCAB, (2, 5))
+        with torch.no_grad():
+            model(idx)
+        used = [b.ff.router_logits.softmax(-1).topk(K).indices.unique().numel() for b in model.trf_blocks]
+        if min(used) < E:
+            return model, idx, targets
+    raise AssertionError("no seed idles an expert")
+
+
+def test_reference_and_triton_paths_agree_on_loss_and_every_gradient():
+    """fp32, aux loss on: the logits, the loss and every parameter's gradient (the routers' and the idle
+    expert's zero slice included) within 1e-4 relative."""
+    model, idx, targets = _idle_expert_model(moe_aux_loss=0.05)
+    results = {}
+    for kernels in ("reference", "triton"):
+        model.set_kernels(kernels)
+        model.zero_grad()
+        with torch.no_grad():
+            logits = model(idx)
+        loss = model(idx, targets=targets)
+        loss.backward()
+        results[kernels] = logits, loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+    (l_ref, loss_ref, g_ref), (l_tri, loss_tri, g_tri) = results["reference"], results["triton"]
+    assert_close_rel(l_tri, l_ref, 1e-4, "logits")
+    assert_close_rel(loss_tri, loss_ref, 1e-4, "loss")
+    assert set(g_ref) == set(g_tri) and "trf_blocks.0.ff.router.weight" in g_ref
+    for name in g_ref:
+        assert_close_rel(g_tri[name], g_ref[name], 1e-4, name)
+    assert g_ref["trf_blocks.1.ff.router.weight"].abs().sum() > 0
+
+
+def test_the_aux_loss_is_transformers_load_balancing_loss():
+    """router_aux_loss on a forward's router logits is transformers' load_balancing_loss_func on them (value and
+    gradient as a function of the logits), and forward(targets=) adds moe_aux_loss times it to the mean loss."""
+    pytest.importorskip("transformers")
+    from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
+
+    from tritongpt.model.layers import load_balancing_loss
+
+    torch.manual_seed(1)
+    model = GPTModel(moe_config(moe_aux_loss=0.03))
+    with torch.no_grad():
+        for b in model.trf_blocks:
+            b.ff.router.weight.normal_(0, 0.3)  # an uneven load: the loss well above its even value k
+    idx, targets = torch.randint(0, VOCAB, (3, 7)), torch.randint(0, VOCAB, (3, 7))
+    with_aux = model(idx, targets=targets)
+    logits = [b.ff.router_logits.detach().clone().requires_grad_() for b in model.trf_blocks]
+    ours = load_balancing_loss(logits, K)
+    theirs = load_balancing_loss_func(tuple(logits), E, K)
+    assert_close_rel(ours, theirs, 1e-6, "aux loss")
+    assert ours.item() > K * 1.01
+    dours, dtheirs = torch.autograd.grad(ours, logits), torch.autograd.grad(theirs, logits)
+    for i, (a, b) in enumerate(zip(dours, dtheirs)):
+        assert_close_rel(a, b, 1e-6, f"aux loss gradient, layer {i}")
+    model.config.moe_aux_loss = 0.0
+    plain = model(idx, targets=targets)
+    assert math.isclose(with_aux.item() - plain.item(), 0.03 * ours.item(), rel_tol=1e-5)
+    assert model(idx, targets=targets, reduction="none").shape == (3, 7)  # per-token losses: no aux term
+
+
+def test_activation_checkpointing_and_a_saved_model_keep_the_function(tmp_path):
+    torch.manual_seed(2)
+    model = GPTModel(moe_config(moe_aux_loss=0.1, moe_norm_topk=False, experts_per_token=3))
+    idx = torch.randint(0, VOCAB, (2, 9))
+    grads = []
+    for on in (False, True):
+        model.set_activation_checkpointing(on)
+        model.zero_grad()
+        model(idx, targets=idx).backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+    for name in grads[0]:
+        assert_close_rel(grads[1][name], grads[0][name], 1e-6, name)
+    model.save(tmp_path / "m.safetensors")
+    back = GPTModel.load(tmp_path / "m.safetensors")
+    assert (back.config.n_experts, back.config.experts_per_token, back.config.moe_norm_topk,
+            back.config.moe_aux_loss) == (E, 3, False, 0.1)
+    with torch.no_grad():
+        assert torch.equal(back.eval()(idx), model.eval()(idx))
+
+
+@pytest.mark.parametrize("change,match", [
+    ({"n_experts": -1}, "GPTConfig.n_experts must be an integer >= 0"),
+    ({"n_experts": 2.5}, "GPTConfig.n_experts must be an integer"),
+    ({"experts_per_token": 0}, "GPTConfig.experts_per_token must be an integer >= 1"),
+    ({"experts_per_token": 5}, "experts_per_token 5 is more than the n_experts 4"),
+    ({"moe_norm_topk": "yes"}, "GPTConfig.moe_norm_topk must be True or False"),
+    ({"moe_aux_loss": -0.1}, "GPTConfig.moe_aux_loss must be a finite number >= 0"),
+    ({"moe_aux_loss": float("nan")}, "GPTConfig.moe_aux_loss must be a finite number"),
+    ({"n_experts": 0, "moe_aux_loss": 0.01}, "moe_aux_loss 0.01 balances a router's load.*n_experts 0"),
+    ({"mlp": "gelu", "mlp_hidden": 0}, "n_experts 4: the experts are gated MLPs.*mlp is 'gelu'"),
+    ({"lora_rank": 4}, "lora_targets 'mlp'.*4 experts \\(n_experts\\)"),
+])
+def test_the_fields_are_checked_by_name(change, match):
+    with pytest.raises(UserError, match=match):
+        moe_config(**change)
+
+
+def test_lora_adapts_the_attention_and_refuses_the_experts():
+    from tritongpt.model.lora import add_lora
+
+    model = GPTModel(moe_config())
+    with pytest.raises(UserError, match="LoRA target 'mlp'.*4 experts.*--lora-targets attn"):
+        add_lora(model, 4, targets="attn,mlp")
+    add_lora(model, 4, targets="attn")
+    idx = torch.randint(0, VOCAB, (1, 6))
+    model(idx, targets=idx).backward()
+    assert model.trf_blocks[0].att.W_query.parametrizations.weight[0].lora_B.grad is not None
+    assert model.trf_blocks[0].ff.w_gate.grad is None  # frozen
+
+
+# -- Mixtral, Qwen3-MoE, OLMoE folders -------------------------------------------------------------------
+KINDS = ("mixtral", "qwen3_moe", "olmoe")
+CLASSES = {"mixtral": "Mixtral", "qwen3_moe": "Qwen3Moe", "olmoe": "Olmoe"}
+
+
+def hf_moe(folder, kind="mixtral", layers=2, vocab=VOCAB, context=CTX, **config):
+    """A tiny random MixtralForCausalLM, Qwen3MoeForCausalLM or OlmoeForCausalLM in float64 (4 experts of 32, top
+    2, heads of 16, 2 KV heads; Qwen3-MoE's top 2 renormalized), saved to folder, EOS 1 and BOS 2.
+    -> (the model, its model.safetensors)."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    experts = {"num_local_experts": E} if kind == "mixtral" else {"num_experts": E}
+    if kind == "qwen3_moe":
+        experts.update(moe_intermediate_size=H, norm_topk_prob=True)
+    cls = CLASSES[kind]
+    cfg = getattr(transformers, cls + "Config")(
+        vocab_size=vocab, hidden_size=C, intermediate_size=H, num_hidden_layers=layers, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=context, tie_word_embeddings=False, num_experts_per_tok=K,
+        bos_token_id=2, eos_token_id=1, pad_token_id=0, experts_implementation="eager",  # grouped_mm: no float64
+        **{"rms_norm_eps": 1e-6, **experts, **config})
+    hf = getattr(transformers, cls + "ForCausalLM")(cfg).double().eval()
+    with torch.no_grad():  # unit norm weights and zero routers would hide a mistake
+        for p in hf.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+    hf.save_pretrained(folder)
+    return hf, folder / "model.safetensors"
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_folder_loads_its_fields_and_matches_transformers_on_both_paths(tmp_path, kind):
+    hf, path = hf_moe(tmp_path, kind)
+    model = load_checkpoint(path).double().eval()
+    c = model.config
+    assert (c.n_experts, c.experts_per_token, c.ff_hidden, c.mlp, c.norm, c.bias, c.kv_heads) == \
+        (E, K, H, "swiglu", "rmsnorm", False, 2)
+    assert c.moe_norm_topk == (kind != "olmoe")
+    assert (c.qk_norm, c.qk_norm_width) == {"mixtral": (False, "head"), "qwen3_moe": (True, "head"),
+                                            "olmoe": (True, "all")}[kind]
+    logits_match_transformers(hf, model, VOCAB, T)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_decodes_over_the_cache_and_generates_transformers_tokens(tmp_path, kind):
+    from tritongpt.train.generate import generate
+
+    hf, path = hf_moe(tmp_path, kind)
+    model = load_checkpoint(path).double().eval()
+    idx = torch.randint(0, VOCAB, (1, 12))
+    with torch.no_grad():
+        want = hf(idx).logits
+    decodes_like(model, idx, want)
+    ours = generate(model, idx[:, :3], 10)
+    theirs = hf.generate(idx[:, :3], max_new_tokens=10, do_sample=False, pad_token_id=0, eos_token_id=None)
+    assert torch.equal(ours, theirs)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_export_round_trips_through_transformers(tmp_path, kind):
+    """Loaded, exported (one tensor per expert, the Hub's names), read by transformers' AutoModelForCausalLM: the
+    same logits and model_type; load_checkpoint reads it back to the same config; transformers' fused layout
+    (gate_up_proj, down_proj) is read too."""
+    from safetensors.torch import load_file, save_file
+
+    from tritongpt.train.moe_weights import export_moe
+
+    transformers = pytest.importorskip("transformers")
+    hf, path = hf_moe(tmp_path / "in", kind)
+    model = load_checkpoint(path).double().eval()
+    export_moe(model, tmp_path / "out", eos_token_id=1)
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["model_type"] == kind
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float64,
+                                                             experts_implementation="eager").eval()
+    assert type(back).__name__ == CLASSES[kind] + "ForCausalLM"
+    idx = torch.randint(0, VOCAB, (2, T))
+    with torch.no_grad():
+        want = hf(idx).logits
+        assert_close_rel(back(idx).logits, want, 2e-6, "exported, read by transformers")
+    again = load_checkpoint(tmp_path / "out" / "model.safetensors")
+    assert again.config == GPTConfig(**{**model.config.to_dict(), "kernels": again.config.kernels})
+    # the fused layout: gate_up_proj [E, 2H, C] (gate rows first) and down_proj [E, C, H]
+    sd = load_file(path)
+    block = "block_sparse_moe" if kind == "mixtral" else "mlp"
+    gate, up, down = ("w1", "w3", "w2") if kind == "mixtral" else ("gate_proj", "up_proj", "down_proj")
+    for i in range(2):
+        pre = f"model.layers.{i}.{block}.experts"
+        names = [[f"{pre}.{e}.{w}.weight" for e in range(E)] for w in (gate, up, down)]
+        sd[f"{pre}.gate_up_proj"] = torch.cat([torch.stack([sd.pop(n) for n in names[0]]),
+                                               torch.stack([sd.pop(n) for n in names[1]])], 1)
+        sd[f"{pre}.down_proj"] = torch.stack([sd.pop(n) for n in names[2]])
+    save_file(sd, path)
+    fused = load_checkpoint(path).double().eval()
+    with torch.no_grad():
+        assert_close_rel(fused(idx), want, 2e-6, "the fused layout")
+
+
+@pytest.mark.parametrize("kind,change,match", [
+    ("qwen3_moe", {"shared_expert_intermediate_size": 16}, "shared_expert_intermediate_size 16 \\(shared experts"),
+    ("mixtral", {"scoring_func": "sigmoid"}, "scoring_func 'sigmoid'.*softmax then top k"),
+    ("qwen3_moe", {"mlp_only_layers": [1]}, "mlp_only_layers \\[1\\].*dense layers among the MoE ones"),
+    ("qwen3_moe", {"decoder_sparse_step": 2}, "decoder_sparse_step 2: dense layers"),
+    ("olmoe", {"clip_qkv": 8.0}, "clip_qkv 8.0; this model does not clamp"),
+    ("mixtral", {"hidden_act": "gelu"}, "hidden_act 'gelu'; this model's experts compute 'silu' only"),
+    ("mixtral", {"num_local_experts": 8}, "num_local_experts 8, but the router scores 4 experts"),
+    ("qwen3_moe", {"moe_intermediate_size": 48}, "intermediate_size 48, but the weights have 32"),
+])
+def test_what_this_model_does_not_compute_is_refused_by_name(tmp_path, kind, change, match):
+    _, path = hf_moe(tmp_path, kind)
+    cfg_json = tmp_path / "config.json"
+    cfg_json.write_text(json.dumps({**json.loads(cfg_json.read_text()), **change}))
+    with pytest.raises(UserError, match=match):
+        load_checkpoint(path)
+
+
+def test_other_exports_refuse_experts_and_the_moe_export_refuses_what_its_families_lack(tmp_path):
+    from tritongpt.commands import export_target
+    from tritongpt.train.gpt2_weights import export_gpt2
+    from tritongpt.train.llama_weights import export_llama
+    from tritongpt.train.olmo_weights import export_olmo
+
+    model = GPTModel(moe_config())
+    assert export_target(model.config)[0] == "Mixtral"
+    assert export_target(moe_config(qk_norm=True))[0] == "Qwen3-MoE"
+    assert export_target(moe_config(qk_norm=True, qk_norm_width="all"))[0] == "OLMoE"
+    for export, family in ((export_gpt2, "GPT-2"), (export_llama, "Llama"), (export_olmo, "OLMo 2")):
+        with pytest.raises(UserError, match=f"4 experts with a router \\(n_experts.*Hugging Face's {family} does "
+                                            "not have: it cannot be exported"):
+            export(model, tmp_path / "x")
+    refuse = export_target(model.config)[1]
+    for change, match in (({"moe_norm_topk": False}, "does not renormalize its top k.*Mixtral always does"),
+                          ({"mlp": "geglu"}, "has GEGLU experts, where Mixtral's are SwiGLU"),
+                          ({"bias": True}, "has biases, where Mixtral has none"),
+                          ({"attention_window": 4, "window_layers": "odd"}, "layers odd only, where Mixtral's"),
+                          ({"logit_softcap": 30.0}, "soft-caps its logits")):
+        other = GPTModel(moe_config(**change))
+        with pytest.raises(UserError, match=match):
+            export_target(other.config)[1](other, "a Mixtral folder")
+    refuse(model, "a Mixtral folder")  # a plain one passes
+
+
+def test_pretrain_from_a_mixtral_folder_trains_and_exports_back(corpus, tmp_path, capsys):
+    """--init a Mixtral folder with --moe-aux-loss, train a step, export: a Mixtral folder that transformers runs
+    with our logits; `info` shows the MoE fields; --n-experts that differs from --init's is refused by name."""
+    from tritongpt.cli import main
+
+    transformers = pytest.importorskip("transformers")
+    hf_moe(tmp_path / "m", vocab=300, context=64, rms_norm_eps=1e-5)
+    assert main(pretrain_argv(corpus, tmp_path / "run", "--init", str(tmp_path / "m"), "--max-steps", "1",
+                              "--moe-aux-loss", "0.01")) == 0
+    out = capsys.readouterr().out
+    assert "4 experts (top 2" in out
+    model = load_checkpoint(tmp_path / "run").eval()
+    assert (model.config.n_experts, model.config.moe_aux_loss) == (E, 0.01)
+    assert main(["export", str(tmp_path / "run"), "--out", str(tmp_path / "hf")]) == 0
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["model_type"] == "mixtral"
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    idx = torch.randint(0, 300, (2, 17))
+    with torch.no_grad():
+        assert_close_rel(hf(idx).logits, model(idx), 1e-5, "transformers on the export")
+    assert main(["info", "--weights", str(tmp_path / "run")]) == 0
+    out = capsys.readouterr().out
+    assert "n_experts       4" in out and "moe_aux_loss    0.01" in out
+    assert main(pretrain_argv(corpus, tmp_path / "run2", "--init", str(tmp_path / "m"), "--max-steps", "1",
+                              "--n-experts", "8")) == 2
+    assert "--n-experts 8 would change what --init's model computes (its n_experts is 4)" in capsys.readouterr().err
+
+
+def test_a_resume_that_would_change_the_experts_is_refused_by_name():
+    from types import SimpleNamespace
+
+    from tritongpt.train.loop import Trainer, flops_per_token
+
+    saved = moe_config().to_dict()
+    Trainer._check_same_function(SimpleNamespace(_cfg=moe_config(), name="pretrain"), "ckpt", saved)
+    for change, refused in (({"n_experts": 0}, "routes each token to 2 of 4 experts \\(weights renormalized\\), this "
+                                               "run's model has a dense MLP: pass --n-experts 4 --experts-per-token 2"),
+                            ({"experts_per_token": 1}, "this run's model routes each token to 1 of 4 experts"),
+                            ({"moe_norm_topk": False}, "\\(weights not renormalized\\): pass the run's own --init")):
+        cfg = moe_config(**change)
+        with pytest.raises(UserError, match=refused):
+            Trainer._check_same_function(SimpleNamespace(_cfg=cfg, name="pretrain"), "ckpt", saved)
+    # MFU's 6N counts the experts a token meets: top 2 of 4 is a dense MLP's two experts' worth
+    model, dense = GPTModel(moe_config()), GPTModel(moe_config(n_experts=2))
+    assert flops_per_token(model.config, model.num_params(), 8) == \
+        flops_per_token(dense.config, dense.num_params(), 8) + 6 * 2 * (E - 2) * C
