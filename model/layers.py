@@ -281,7 +281,7 @@ class MoEFeedForward(nn.Module):
                                 activation=self.activation)
             else:
                 ye = (GATES[self.activation](xe @ self.w_gate[e].t()) * (xe @ self.w_up[e].t())) @ self.w_down[e].t()
-            out = out.index_add(0, token, ye * weights[token, slot, None].to(ye.dtype))
+            out.index_add_(0, token, ye * weights[token, slot, None].to(ye.dtype))  # in place: no [N, C] per expert
         return self.drop(out.view(shape))
 
 
