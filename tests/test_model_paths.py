@@ -279,7 +279,8 @@ def test_whole_model_on_triton_path_compiles_in_one_graph(device, vocab_multiple
     ops with fake impls, so Dynamo captures forward and loss without a graph break (a local
     model's window bounds too)."""
     torch.manual_seed(4)
-    cfg = GPTConfig(**TINY, vocab_multiple=vocab_multiple, attention_window=window)
+    # one block: every op in the graph, half the interpreter's launches
+    cfg = GPTConfig(**{**TINY, "n_layer": 1}, vocab_multiple=vocab_multiple, attention_window=window)
     model = _randomize(GPTModel(cfg)).to(device).set_kernels("triton")
     idx = torch.randint(0, 67, (2, 19), device=device)
     targets = torch.randint(0, 67, (2, 19), device=device)
