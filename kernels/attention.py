@@ -64,13 +64,20 @@ Algorithm (Dao, "FlashAttention-2", 2023). Per (batch, head), with S = scale * Q
             both passes (nothing more is stored): P from the capped S and L as above, dS_c =
             P * (dP - Delta) is the gradient of the capped score, and dS = dS_c * (1 - t^2) goes
             on into dQ and dK. A constexpr flag (HAS_SOFTCAP): without a cap the kernels are as before.
+  alibi     (alibi_slopes, fp32 [H]: BLOOM, MPT, Falcon-RW, Baichuan-13B) query head h adds m_h (j - i)
+            to each scaled (after the cap, if any) score, before the masks and the softmax, i being the
+            query's position Tk - Tq + i as for the causal mask, so a decode row gets the bias its row of
+            the whole sequence gets; <= 0 where causal. The saved L includes it; the bias is a constant,
+            so both backward passes only add it again to the recomputed S (dS is unchanged). It masks
+            nothing: the tile skipping is as before. Base 2: the kernels scale the slope by log2 e. A
+            constexpr flag (HAS_ALIBI): without slopes the kernels are as before.
   NaN/inf   in q or k behave as in PyTorch; a NaN in v reaches the rows whose visited KV tiles
             hold it (PyTorch's P @ V spreads it to every row, 0 * NaN; exact math, to the rows
             that attend to it).
 
 Public API: `flash_attention(q, k, v, causal=True, softmax_scale=None, dropout_p=0.0, seed=None,
-doc_ids=None, window=None, softcap=None)`, `document_bounds(doc_ids)`, `window_bounds(window, Tk, ...)` and
-`dropout_mask(seed, B, H, Tq, Tk, p, device)`.
+doc_ids=None, window=None, softcap=None, alibi_slopes=None)`, `document_bounds(doc_ids)`,
+`window_bounds(window, Tk, ...)` and `dropout_mask(seed, B, H, Tq, Tk, p, device)`.
 The kernels are registered as the custom ops `tritongpt::flash_attn_fwd` /
 `tritongpt::flash_attn_bwd` (fake impls + register_autograd, which plays the role of the
 autograd.Function), so torch.compile treats the attention as one opaque differentiable op
@@ -147,18 +154,36 @@ def _scores(q, k, qk_scale, softcap, PRECISION: tl.constexpr, HAS_SOFTCAP: tl.co
     return s, t
 
 
+@triton.jit
+def _alibi_slope(ALIBI, h, HAS_ALIBI: tl.constexpr):
+    """Query head h's ALiBi slope in base 2 (slope * log2 e, as the scores); 0 (unused) without ALiBi."""
+    if HAS_ALIBI:
+        return tl.load(ALIBI + h) * 1.4426950408889634
+    else:
+        return 0.0
+
+
+@triton.jit
+def _alibi_bias(slope, q_pos, k_pos):
+    """ALiBi's bias slope * (j - i) for query position i and key position j (<= 0 where causal)."""
+    return slope * (k_pos - q_pos).to(tl.float32)
+
+
 # ----------------------------------------------------------------------------- forward
 @triton.jit
 def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, offs_m, offs_d, q_start,
-               lo, hi, Tq, Tk, qk_scale, softcap, seed, rng_base, dropout_p, keep_scale,
+               lo, hi, Tq, Tk, qk_scale, softcap, slope, seed, rng_base, dropout_p, keep_scale,
                HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
                MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-               HAS_DOCS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, PRECISION: tl.constexpr):
+               HAS_DOCS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
+               PRECISION: tl.constexpr):
     """Stream KV tiles [lo, hi) past one query tile (online softmax, base-2 logits)."""
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         k = _load_rows(k_base, offs_n, Tk, stride_kn, offs_d, HEAD_DIM, BLOCK_D)
         s, _ = _scores(q, tl.trans(k), qk_scale, softcap, PRECISION, HAS_SOFTCAP)
+        if HAS_ALIBI:  # after the cap, at query i's position Tk - Tq + i (a decode row sees its own bias)
+            s += _alibi_bias(slope, offs_m[:, None] + (Tk - Tq), offs_n[None, :])
         # masked after the cap: a masked score is -inf whatever the cap
         if MASKED:  # only tiles on the diagonal, the ragged end of K or a document start pay for this
             valid = offs_n[None, :] < Tk
@@ -217,13 +242,13 @@ def _doc_tile_range(starts, offs_m, Tq, Tk, full_hi, BLOCK_N: tl.constexpr):
 
 
 @triton.jit(do_not_specialize=["seed", "H"])
-def _attn_fwd(Q, K, V, O, LSE, STARTS, seed, qk_scale, softcap, dropout_p, keep_scale,
+def _attn_fwd(Q, K, V, O, LSE, STARTS, ALIBI, seed, qk_scale, softcap, dropout_p, keep_scale,
               stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
               stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_om, stride_sb,
               H, GROUP, Tq, Tk, Q_BUCKET,
               HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
               IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr, HAS_DOCS: tl.constexpr,
-              HAS_SOFTCAP: tl.constexpr, PRECISION: tl.constexpr):
+              HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, PRECISION: tl.constexpr):
     """Grid (cdiv(Tq, BLOCK_M), H, B). Writes O and the base-2 logsumexp of the scaled (with HAS_SOFTCAP,
     capped) scores. Query head h reads KV head h // GROUP (GROUP = H / Hkv query heads share one)."""
     start_m = tl.program_id(0) * BLOCK_M
@@ -234,6 +259,7 @@ def _attn_fwd(Q, K, V, O, LSE, STARTS, seed, qk_scale, softcap, dropout_p, keep_
     v_base = V + b * stride_vb + (h // GROUP) * stride_vh
     o_base = O + b * stride_ob + h * stride_oh
     rng_base = bh.to(tl.int64) * Tq * Tk
+    slope = _alibi_slope(ALIBI, h, HAS_ALIBI)
 
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
@@ -247,19 +273,20 @@ def _attn_fwd(Q, K, V, O, LSE, STARTS, seed, qk_scale, softcap, dropout_p, keep_
     if HAS_DOCS:  # KV tiles before the first row's document are skipped; [lo, mid) straddle a start
         q_start, lo, mid = _doc_tile_range(STARTS + b * stride_sb, offs_m, Tq, Tk, full_hi, BLOCK_N)
         acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, offs_m, offs_d,
-                                   q_start, lo, mid, Tq, Tk, qk_scale, softcap, seed, rng_base, dropout_p, keep_scale,
+                                   q_start, lo, mid, Tq, Tk, qk_scale, softcap, slope, seed, rng_base, dropout_p,
+                                   keep_scale,
                                    HEAD_DIM, BLOCK_D, BLOCK_N, True, IS_CAUSAL, HAS_DROPOUT, HAS_DOCS,
-                                   HAS_SOFTCAP, PRECISION)
+                                   HAS_SOFTCAP, HAS_ALIBI, PRECISION)
     else:
         q_start, mid = offs_m, 0
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, offs_m, offs_d,
-                               q_start, mid, full_hi, Tq, Tk, qk_scale, softcap, seed, rng_base, dropout_p, keep_scale,
-                               HEAD_DIM, BLOCK_D, BLOCK_N, False, IS_CAUSAL, HAS_DROPOUT, HAS_DOCS,
-                               HAS_SOFTCAP, PRECISION)
+                               q_start, mid, full_hi, Tq, Tk, qk_scale, softcap, slope, seed, rng_base, dropout_p,
+                               keep_scale, HEAD_DIM, BLOCK_D, BLOCK_N, False, IS_CAUSAL, HAS_DROPOUT, HAS_DOCS,
+                               HAS_SOFTCAP, HAS_ALIBI, PRECISION)
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, offs_m, offs_d,
-                               q_start, full_hi, hi, Tq, Tk, qk_scale, softcap, seed, rng_base, dropout_p, keep_scale,
-                               HEAD_DIM, BLOCK_D, BLOCK_N, True, IS_CAUSAL, HAS_DROPOUT, HAS_DOCS,
-                               HAS_SOFTCAP, PRECISION)
+                               q_start, full_hi, hi, Tq, Tk, qk_scale, softcap, slope, seed, rng_base, dropout_p,
+                               keep_scale, HEAD_DIM, BLOCK_D, BLOCK_N, True, IS_CAUSAL, HAS_DROPOUT, HAS_DOCS,
+                               HAS_SOFTCAP, HAS_ALIBI, PRECISION)
 
     acc = acc / l_i[:, None]
     _store_rows(o_base, acc, offs_m, Tq, stride_om, offs_d, HEAD_DIM, BLOCK_D)
@@ -284,10 +311,10 @@ def _attn_bwd_preprocess(O, DO, Delta, stride_ob, stride_oh, stride_om, stride_d
 
 @triton.jit
 def _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_ptr, delta_ptr, starts, stride_qm, stride_dom,
-                    offs_n, offs_d, lo, hi, Tq, Tk, qk_scale, softcap, seed, rng_base, dropout_p, keep_scale,
+                    offs_n, offs_d, lo, hi, Tq, Tk, qk_scale, softcap, slope, seed, rng_base, dropout_p, keep_scale,
                     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
                     MASKED: tl.constexpr, HAS_DROPOUT: tl.constexpr, HAS_DOCS: tl.constexpr,
-                    HAS_SOFTCAP: tl.constexpr, PRECISION: tl.constexpr):
+                    HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, PRECISION: tl.constexpr):
     """Stream query tiles [lo, hi) past one key tile; work in the transposed [BLOCK_N, BLOCK_M] frame."""
     for start_m in range(lo, hi, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
@@ -297,6 +324,8 @@ def _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_ptr, delta_ptr, starts, s
         lse = tl.load(lse_ptr + offs_m, mask=offs_m < Tq, other=0.0)
         delta = tl.load(delta_ptr + offs_m, mask=offs_m < Tq, other=0.0)
         s_t, t_t = _scores(k, tl.trans(q), qk_scale, softcap, PRECISION, HAS_SOFTCAP)
+        if HAS_ALIBI:  # a constant: P is recomputed with it, dS is unchanged
+            s_t += _alibi_bias(slope, offs_m[None, :] + (Tk - Tq), offs_n[:, None])
         p_t = tl.exp2(s_t - lse[None, :])
         if MASKED:  # causal diagonal or document-end tiles only (loop bounds guarantee IS_CAUSAL here)
             visible = offs_n[:, None] <= offs_m[None, :] + (Tk - Tq)
@@ -320,14 +349,14 @@ def _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_ptr, delta_ptr, starts, s
 
 
 @triton.jit(do_not_specialize=["seed", "H"])
-def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, Delta, STARTS, ENDS, seed, qk_scale, softcap, sm_scale, dropout_p,
+def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, Delta, STARTS, ENDS, ALIBI, seed, qk_scale, softcap, sm_scale, dropout_p,
                    keep_scale, stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
                    stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_dom, stride_sb,
                    stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh, stride_dvn,
                    H, GROUP, Tq, Tk, Q_BUCKET,
                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                    IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr, HAS_DOCS: tl.constexpr,
-                   HAS_SOFTCAP: tl.constexpr, PRECISION: tl.constexpr):
+                   HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, PRECISION: tl.constexpr):
     """Grid (cdiv(Tk, BLOCK_N), Hkv, B). dV = P'^T dO, dK = scale * dS^T Q for one key tile of KV
     head kv_h, summed over the GROUP query heads that read it (kv_h * GROUP + g)."""
     start_n = tl.program_id(0) * BLOCK_N
@@ -374,19 +403,20 @@ def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, Delta, STARTS, ENDS, seed, qk_scale
         lse_ptr = LSE + bh * Tq
         delta_ptr = Delta + bh * Tq
         rng_base = bh * Tq * Tk
+        slope = _alibi_slope(ALIBI, kv_h * GROUP + g, HAS_ALIBI)
         dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_ptr, delta_ptr, starts, stride_qm, stride_dom,
-                                 offs_n, offs_d, lo, full_lo, Tq, Tk, qk_scale, softcap, seed, rng_base, dropout_p,
-                                 keep_scale, HEAD_DIM, BLOCK_D, BLOCK_M, True, HAS_DROPOUT, HAS_DOCS,
-                                 HAS_SOFTCAP, PRECISION)
+                                 offs_n, offs_d, lo, full_lo, Tq, Tk, qk_scale, softcap, slope, seed, rng_base,
+                                 dropout_p, keep_scale, HEAD_DIM, BLOCK_D, BLOCK_M, True, HAS_DROPOUT, HAS_DOCS,
+                                 HAS_SOFTCAP, HAS_ALIBI, PRECISION)
         dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_ptr, delta_ptr, starts, stride_qm, stride_dom,
-                                 offs_n, offs_d, full_lo, full_hi, Tq, Tk, qk_scale, softcap, seed, rng_base, dropout_p,
-                                 keep_scale, HEAD_DIM, BLOCK_D, BLOCK_M, False, HAS_DROPOUT, HAS_DOCS,
-                                 HAS_SOFTCAP, PRECISION)
+                                 offs_n, offs_d, full_lo, full_hi, Tq, Tk, qk_scale, softcap, slope, seed,
+                                 rng_base, dropout_p, keep_scale, HEAD_DIM, BLOCK_D, BLOCK_M, False, HAS_DROPOUT,
+                                 HAS_DOCS, HAS_SOFTCAP, HAS_ALIBI, PRECISION)
         if HAS_DOCS:
             dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_ptr, delta_ptr, starts, stride_qm,
-                                     stride_dom, offs_n, offs_d, full_hi, hi, Tq, Tk, qk_scale, softcap, seed, rng_base,
-                                     dropout_p, keep_scale, HEAD_DIM, BLOCK_D, BLOCK_M, True, HAS_DROPOUT, HAS_DOCS,
-                                     HAS_SOFTCAP, PRECISION)
+                                     stride_dom, offs_n, offs_d, full_hi, hi, Tq, Tk, qk_scale, softcap, slope,
+                                     seed, rng_base, dropout_p, keep_scale, HEAD_DIM, BLOCK_D, BLOCK_M, True,
+                                     HAS_DROPOUT, HAS_DOCS, HAS_SOFTCAP, HAS_ALIBI, PRECISION)
 
     _store_rows(DK + b * stride_dkb + kv_h * stride_dkh, dk * sm_scale, offs_n, Tk, stride_dkn, offs_d,
                 HEAD_DIM, BLOCK_D)
@@ -395,16 +425,19 @@ def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, Delta, STARTS, ENDS, seed, qk_scale
 
 @triton.jit
 def _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn, offs_m, offs_d, q_start,
-                  lo, hi, Tq, Tk, qk_scale, softcap, seed, rng_base, dropout_p, keep_scale,
+                  lo, hi, Tq, Tk, qk_scale, softcap, slope, seed, rng_base, dropout_p, keep_scale,
                   HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
                   MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-                  HAS_DOCS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, PRECISION: tl.constexpr):
+                  HAS_DOCS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
+                  PRECISION: tl.constexpr):
     """Stream KV tiles [lo, hi) past one query tile, accumulating dS K."""
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         k = _load_rows(k_base, offs_n, Tk, stride_kn, offs_d, HEAD_DIM, BLOCK_D)
         v = _load_rows(v_base, offs_n, Tk, stride_vn, offs_d, HEAD_DIM, BLOCK_D)
         s, t = _scores(q, tl.trans(k), qk_scale, softcap, PRECISION, HAS_SOFTCAP)
+        if HAS_ALIBI:
+            s += _alibi_bias(slope, offs_m[:, None] + (Tk - Tq), offs_n[None, :])
         p = tl.exp2(s - lse[:, None])
         if MASKED:
             valid = offs_n[None, :] < Tk
@@ -425,14 +458,14 @@ def _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn, o
 
 
 @triton.jit(do_not_specialize=["seed", "H"])
-def _attn_bwd_dq(Q, K, V, DO, DQ, LSE, Delta, STARTS, ENDS, seed, qk_scale, softcap, sm_scale, dropout_p, keep_scale,
-                 stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
+def _attn_bwd_dq(Q, K, V, DO, DQ, LSE, Delta, STARTS, ENDS, ALIBI, seed, qk_scale, softcap, sm_scale, dropout_p,
+                 keep_scale, stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
                  stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_dom, stride_sb,
                  stride_dqb, stride_dqh, stride_dqm,
                  H, GROUP, Tq, Tk, Q_BUCKET,
                  HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                  IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr, HAS_DOCS: tl.constexpr,
-                 HAS_SOFTCAP: tl.constexpr, PRECISION: tl.constexpr):
+                 HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, PRECISION: tl.constexpr):
     """Grid (cdiv(Tq, BLOCK_M), H, B). dQ = scale * dS K for one query tile; same KV skipping as forward."""
     start_m = tl.program_id(0) * BLOCK_M
     h, b = tl.program_id(1).to(tl.int64), tl.program_id(2).to(tl.int64)
@@ -440,6 +473,7 @@ def _attn_bwd_dq(Q, K, V, DO, DQ, LSE, Delta, STARTS, ENDS, seed, qk_scale, soft
     k_base = K + b * stride_kb + (h // GROUP) * stride_kh  # query head h reads KV head h // GROUP
     v_base = V + b * stride_vb + (h // GROUP) * stride_vh
     rng_base = bh.to(tl.int64) * Tq * Tk
+    slope = _alibi_slope(ALIBI, h, HAS_ALIBI)
 
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
@@ -453,19 +487,19 @@ def _attn_bwd_dq(Q, K, V, DO, DQ, LSE, Delta, STARTS, ENDS, seed, qk_scale, soft
     if HAS_DOCS:
         q_start, lo, mid = _doc_tile_range(STARTS + b * stride_sb, offs_m, Tq, Tk, full_hi, BLOCK_N)
         dq = _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn, offs_m, offs_d,
-                           q_start, lo, mid, Tq, Tk, qk_scale, softcap, seed, rng_base, dropout_p, keep_scale,
+                           q_start, lo, mid, Tq, Tk, qk_scale, softcap, slope, seed, rng_base, dropout_p, keep_scale,
                            HEAD_DIM, BLOCK_D, BLOCK_N, True, IS_CAUSAL, HAS_DROPOUT, HAS_DOCS,
-                           HAS_SOFTCAP, PRECISION)
+                           HAS_SOFTCAP, HAS_ALIBI, PRECISION)
     else:
         q_start, mid = offs_m, 0
     dq = _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn, offs_m, offs_d,
-                       q_start, mid, full_hi, Tq, Tk, qk_scale, softcap, seed, rng_base, dropout_p, keep_scale,
+                       q_start, mid, full_hi, Tq, Tk, qk_scale, softcap, slope, seed, rng_base, dropout_p, keep_scale,
                        HEAD_DIM, BLOCK_D, BLOCK_N, False, IS_CAUSAL, HAS_DROPOUT, HAS_DOCS,
-                       HAS_SOFTCAP, PRECISION)
+                       HAS_SOFTCAP, HAS_ALIBI, PRECISION)
     dq = _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn, offs_m, offs_d,
-                       q_start, full_hi, hi, Tq, Tk, qk_scale, softcap, seed, rng_base, dropout_p, keep_scale,
+                       q_start, full_hi, hi, Tq, Tk, qk_scale, softcap, slope, seed, rng_base, dropout_p, keep_scale,
                        HEAD_DIM, BLOCK_D, BLOCK_N, True, IS_CAUSAL, HAS_DROPOUT, HAS_DOCS,
-                       HAS_SOFTCAP, PRECISION)
+                       HAS_SOFTCAP, HAS_ALIBI, PRECISION)
     _store_rows(DQ + b * stride_dqb + h * stride_dqh, dq * sm_scale, offs_m, Tq, stride_dqm, offs_d,
                 HEAD_DIM, BLOCK_D)
 
@@ -524,7 +558,8 @@ def _tuned(tiles, prune, key=()):
     # Q_BUCKET (next power of two of Tq, capped) instead of Tq/Tk: decode grows Tk by one per
     # token and must not re-tune every step. Tensor dtypes join the key automatically.
     return triton.autotune([c for cfgs in groups.values() for c in cfgs],
-                           key=["HEAD_DIM", "IS_CAUSAL", "HAS_DROPOUT", "HAS_DOCS", "HAS_SOFTCAP", "Q_BUCKET", *key],
+                           key=["HEAD_DIM", "IS_CAUSAL", "HAS_DROPOUT", "HAS_DOCS", "HAS_SOFTCAP", "HAS_ALIBI",
+                                "Q_BUCKET", *key],
                            prune_configs_by={"early_config_prune": by_head_dim})
 
 
@@ -575,10 +610,11 @@ def _fixed_blocks():
     return dict(BLOCK_M=INTERPRET_BLOCK, BLOCK_N=INTERPRET_BLOCK) if INTERPRET else {}
 
 
-def _kernel_flags(q, causal, dropout_p, starts=None, softcap=0.0):
+def _kernel_flags(q, causal, dropout_p, starts=None, softcap=0.0, alibi=None):
     D = q.shape[-1]
     return dict(HEAD_DIM=D, BLOCK_D=triton.next_power_of_2(D), IS_CAUSAL=bool(causal),
                 HAS_DROPOUT=dropout_p > 0.0, HAS_DOCS=starts is not None, HAS_SOFTCAP=softcap > 0.0,
+                HAS_ALIBI=alibi is not None,
                 PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
 
 
@@ -593,6 +629,11 @@ def _doc_args(q, starts, ends):
     if starts.stride() != ends.stride():
         starts, ends = starts.contiguous(), ends.contiguous()
     return starts, ends, starts.stride(0)
+
+
+def _alibi_arg(q, alibi):
+    """The slopes as the kernels index them (unit stride); without ALiBi a never-read stand-in."""
+    return torch.zeros(1, dtype=torch.float32, device=q.device) if alibi is None else alibi.contiguous()
 
 
 def _q_bucket(Tq):
@@ -614,7 +655,7 @@ def _seed_value(seed: torch.Tensor) -> int:
 
 # ----------------------------------------------------------------------------- launchers
 @on_tensor_device
-def _fwd_launch(q, k, v, causal, softmax_scale, dropout_p, seed, starts=None, ends=None, softcap=0.0):
+def _fwd_launch(q, k, v, causal, softmax_scale, dropout_p, seed, starts=None, ends=None, softcap=0.0, alibi=None):
     q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
     B, H, Tq, D = q.shape
     Tk = k.shape[2]
@@ -629,16 +670,18 @@ def _fwd_launch(q, k, v, causal, softmax_scale, dropout_p, seed, starts=None, en
     grid = lambda meta: (triton.cdiv(Tq, meta["BLOCK_M"]), H, B)  # noqa: E731
     starts_arg, _, stride_sb = _doc_args(q, starts, ends)
     _attn_fwd_run[grid](
-        q, k, v, o, lse, starts_arg, _seed_value(seed), softmax_scale * LOG2E, softcap * LOG2E, dropout_p,
-        1.0 / (1.0 - dropout_p),
+        q, k, v, o, lse, starts_arg, _alibi_arg(q, alibi), _seed_value(seed), softmax_scale * LOG2E,
+        softcap * LOG2E, dropout_p, 1.0 / (1.0 - dropout_p),
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1), o.stride(2), stride_sb,
-        H, group, Tq, Tk, _q_bucket(Tq), **_kernel_flags(q, causal, dropout_p, starts, softcap), **_fixed_blocks())
+        H, group, Tq, Tk, _q_bucket(Tq), **_kernel_flags(q, causal, dropout_p, starts, softcap, alibi),
+        **_fixed_blocks())
     return o, lse
 
 
 @on_tensor_device
-def _bwd_launch(do, q, k, v, o, lse, causal, softmax_scale, dropout_p, seed, starts=None, ends=None, softcap=0.0):
+def _bwd_launch(do, q, k, v, o, lse, causal, softmax_scale, dropout_p, seed, starts=None, ends=None, softcap=0.0,
+                alibi=None):
     do, q, k, v = (_last_dim_contiguous(t) for t in (do, q, k, v))
     B, H, Tq, D = q.shape
     Hkv, Tk = k.shape[1], k.shape[2]
@@ -648,16 +691,17 @@ def _bwd_launch(do, q, k, v, o, lse, causal, softmax_scale, dropout_p, seed, sta
     _check_head_span(do=do)
     if B * H * Tq * Tk == 0:
         return dq.zero_(), dk.zero_(), dv.zero_()
-    flags = _kernel_flags(q, causal, dropout_p, starts, softcap)
+    flags = _kernel_flags(q, causal, dropout_p, starts, softcap, alibi)
     delta = torch.empty((B, H, Tq), dtype=torch.float32, device=q.device)
     pre_block = INTERPRET_BLOCK if INTERPRET else 64
     _attn_bwd_preprocess[(triton.cdiv(Tq, pre_block), H, B)](
         o, do, delta, o.stride(0), o.stride(1), o.stride(2), do.stride(0), do.stride(1), do.stride(2),
         H, Tq, HEAD_DIM=D, BLOCK_D=flags["BLOCK_D"], BLOCK_M=pre_block)
     starts_arg, ends_arg, stride_sb = _doc_args(q, starts, ends)
-    common = (starts_arg, ends_arg, _seed_value(seed), softmax_scale * LOG2E, softcap * LOG2E, softmax_scale, dropout_p,
-              1.0 / (1.0 - dropout_p), q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-              v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2), stride_sb)
+    common = (starts_arg, ends_arg, _alibi_arg(q, alibi), _seed_value(seed), softmax_scale * LOG2E, softcap * LOG2E,
+              softmax_scale, dropout_p, 1.0 / (1.0 - dropout_p), q.stride(0), q.stride(1), q.stride(2),
+              k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1),
+              do.stride(2), stride_sb)
     _attn_bwd_dkdv_run[lambda meta: (triton.cdiv(Tk, meta["BLOCK_N"]), Hkv, B)](
         q, k, v, do, dk, dv, lse, delta, *common,
         dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
@@ -677,21 +721,24 @@ def _bwd_launch(do, q, k, v, o, lse, causal, softmax_scale, dropout_p, seed, sta
 @torch.library.custom_op("tritongpt::flash_attn_fwd", mutates_args=())
 def _flash_attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, softmax_scale: float,
                     dropout_p: float, seed: torch.Tensor, starts: torch.Tensor | None = None,
-                    ends: torch.Tensor | None = None, softcap: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """-> (o [B, H, Tq, D], lse [B, H, Tq] fp32: the base-2 logsumexp of the scaled, capped scores).
+                    ends: torch.Tensor | None = None, softcap: float = 0.0,
+                    alibi: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """-> (o [B, H, Tq, D], lse [B, H, Tq] fp32: the base-2 logsumexp of the scaled, capped, biased scores).
     starts/ends: int32 [B, Tk], each position's document start and end (document_bounds).
-    softcap: c > 0 caps each scaled score s to c * tanh(s / c); 0: no cap."""
+    softcap: c > 0 caps each scaled score s to c * tanh(s / c); 0: no cap.
+    alibi: fp32 [H], query head h's ALiBi slope m: the score of query position i, key j gets + m (j - i)."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         check_tensor(t, name, ndim=4)
     check_same_dtype(q=q, k=k, v=v)
     _check_shapes(q, k, v, causal, dropout_p)
     _check_bounds(q, k, causal, starts, ends)
     _checked_softcap(softcap)
-    return _fwd_launch(q, k, v, causal, softmax_scale, dropout_p, seed, starts, ends, softcap)
+    _check_alibi(q, alibi)
+    return _fwd_launch(q, k, v, causal, softmax_scale, dropout_p, seed, starts, ends, softcap, alibi)
 
 
 @_flash_attn_fwd.register_fake
-def _(q, k, v, causal, softmax_scale, dropout_p, seed, starts=None, ends=None, softcap=0.0):
+def _(q, k, v, causal, softmax_scale, dropout_p, seed, starts=None, ends=None, softcap=0.0, alibi=None):
     B, H, Tq, D = q.shape
     o = q.new_empty((B, Tq, H, D)).transpose(1, 2)
     return o, q.new_empty((B, H, Tq), dtype=torch.float32)
@@ -701,31 +748,34 @@ def _(q, k, v, causal, softmax_scale, dropout_p, seed, starts=None, ends=None, s
 def _flash_attn_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
                     lse: torch.Tensor, causal: bool, softmax_scale: float, dropout_p: float,
                     seed: torch.Tensor, starts: torch.Tensor | None = None, ends: torch.Tensor | None = None,
-                    softcap: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                    softcap: float = 0.0, alibi: torch.Tensor | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     _checked_softcap(softcap)
-    return _bwd_launch(do, q, k, v, o, lse, causal, softmax_scale, dropout_p, seed, starts, ends, softcap)
+    _check_alibi(q, alibi, finite=False)  # forward checked its values
+    return _bwd_launch(do, q, k, v, o, lse, causal, softmax_scale, dropout_p, seed, starts, ends, softcap, alibi)
 
 
 @_flash_attn_bwd.register_fake
-def _(do, q, k, v, o, lse, causal, softmax_scale, dropout_p, seed, starts=None, ends=None, softcap=0.0):
+def _(do, q, k, v, o, lse, causal, softmax_scale, dropout_p, seed, starts=None, ends=None, softcap=0.0, alibi=None):
     # Same allocation calls as _bwd_launch, so fake and real strides agree.
     return torch.empty_like(_last_dim_contiguous(q)), torch.empty_like(_last_dim_contiguous(k)), \
         torch.empty_like(_last_dim_contiguous(v))
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, causal, softmax_scale, dropout_p, seed, starts, ends, softcap = inputs
+    q, k, v, causal, softmax_scale, dropout_p, seed, starts, ends, softcap, alibi = inputs
     o, lse = output
-    ctx.save_for_backward(q, k, v, o, lse, seed, starts, ends)
+    ctx.save_for_backward(q, k, v, o, lse, seed, starts, ends, alibi)
     ctx.causal, ctx.softmax_scale, ctx.dropout_p, ctx.softcap = causal, softmax_scale, dropout_p, softcap
 
 
 def _backward(ctx, grad_o, grad_lse):
     first_order_only("flash_attention")
-    q, k, v, o, lse, seed, starts, ends = ctx.saved_tensors
+    q, k, v, o, lse, seed, starts, ends, alibi = ctx.saved_tensors
     dq, dk, dv = _flash_attn_bwd(grad_o, q, k, v, o, lse, ctx.causal, ctx.softmax_scale, ctx.dropout_p, seed,
-                                 starts, ends, ctx.softcap)
-    return dq, dk, dv, None, None, None, None, None, None, None  # q, k, v then the 7 other inputs
+                                 starts, ends, ctx.softcap, alibi)
+    # q, k, v then the 8 other inputs (the ALiBi slopes are constants: no gradient)
+    return dq, dk, dv, None, None, None, None, None, None, None, None
 
 
 _flash_attn_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -846,8 +896,21 @@ def _checked_softcap(softcap) -> float:
     return float(softcap)
 
 
+def _check_alibi(q, alibi, finite=True):
+    """The ALiBi slopes as the kernels read them: fp32 [H] on q's device, one per query head, finite."""
+    if alibi is None:
+        return
+    H = q.shape[1]
+    if alibi.dtype != torch.float32 or tuple(alibi.shape) != (H,) or alibi.device != q.device:
+        raise ValueError(f"alibi_slopes must be float32 [H] = [{H}] (one slope per query head) on {q.device}, "
+                         f"got {alibi.dtype} {tuple(alibi.shape)} on {alibi.device}")
+    # (one sync per call on a GPU, for H numbers: a NaN slope made every row NaN)
+    if finite and not torch.isfinite(alibi).all():
+        raise ValueError(f"alibi_slopes must be finite, got {alibi.tolist()}")
+
+
 def flash_attention(q, k, v, causal=True, softmax_scale=None, dropout_p=0.0, seed=None, doc_ids=None,
-                    window=None, softcap=None):
+                    window=None, softcap=None, alibi_slopes=None):
     """softmax(q k^T * scale + mask) with dropout, @ v, without the Tq x Tk matrix. Differentiable.
 
     q: [B, H, Tq, D]; k, v: [B, Hkv, Tk, D], any strides (unit stride on D is fastest), bf16/fp16/fp32
@@ -867,6 +930,9 @@ def flash_attention(q, k, v, causal=True, softmax_scale=None, dropout_p=0.0, see
     GPT-Neo's local layers). KV tiles outside the band are skipped. None: no window.
     softcap: a float c > 0: each scaled score s becomes c * tanh(s / c) before the masks and the
     softmax (Gemma 2's attn_logit_softcapping, 50; flash-attn's softcap). None or 0: no cap.
+    alibi_slopes: fp32 [H], one slope m_h per query head (alibi_slopes(H) in model/layers.py):
+    ALiBi adds m_h (j - i) to the scaled (and capped) score of query position i (Tk - Tq + i, as
+    for the mask) and key j, before the masks; flash-attn's alibi_slopes. A constant: no gradient.
     Returns [B, H, Tq, D] (a view of a [B, Tq, H, D] buffer, so merging heads is free).
     """
     no_func_transform("flash_attention", vmap_ok=True)
@@ -877,13 +943,17 @@ def flash_attention(q, k, v, causal=True, softmax_scale=None, dropout_p=0.0, see
     q, k, v = _checked_inputs(q, k, v)
     scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else _checked_scale(softmax_scale)
     softcap = _checked_softcap(softcap)
+    if alibi_slopes is not None and not isinstance(alibi_slopes, torch.Tensor):
+        raise TypeError(f"alibi_slopes must be a float32 tensor [H] or None, got {type(alibi_slopes).__name__}")
+    # here too: slopes on another device (meta) would send the op to that device's (fake) kernel
+    _check_alibi(q, alibi_slopes, finite=False)
     dropout_p = float(dropout_p)
     starts, ends = (None, None) if doc_ids is None else document_bounds(_checked_doc_ids(doc_ids, q, k, causal))
     if window is not None:
         starts, ends = window_bounds(_checked_window(window, causal), k.shape[2], q.shape[0], q.device,
                                      starts, ends)
     out, _ = _flash_attn_fwd(q, k, v, bool(causal), scale, dropout_p, _seed_tensor(seed, dropout_p), starts, ends,
-                             softcap)
+                             softcap, alibi_slopes)
     return out
 
 

@@ -37,14 +37,18 @@ def same_document(doc_ids, Tq):
 
 
 def reference_attention(q, k, v, causal=True, softmax_scale=None, keep=None, dropout_p=0.0, doc_ids=None,
-                        window=None, softcap=None):
-    """softmax(q k^T * scale [soft-capped] + bottom-right causal mask [+ document mask] [+ window]),
+                        window=None, softcap=None, alibi_slopes=None):
+    """softmax(q k^T * scale [soft-capped] [+ ALiBi] + bottom-right causal mask [+ document mask] [+ window]),
     dropout with a given keep-mask, @ v."""
     Tq, Tk = q.shape[-2], k.shape[-2]
     scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else softmax_scale
     scores = (q @ k.transpose(-2, -1)) * scale
     if softcap:  # Gemma 2's attn_logit_softcapping: before the masks
         scores = softcap * torch.tanh(scores / softcap)
+    if alibi_slopes is not None:  # m_h (j - i), query i at position Tk - Tq + i, written out by loops
+        bias = torch.tensor([[[m * (j - (Tk - Tq + i)) for j in range(Tk)] for i in range(Tq)]
+                             for m in alibi_slopes.tolist()], dtype=torch.float64)
+        scores = scores + bias.to(scores)
     if causal:
         future = torch.arange(Tk)[None, :] > torch.arange(Tq)[:, None] + (Tk - Tq)
         scores = scores.masked_fill(future.to(scores.device), float("-inf"))
@@ -802,6 +806,130 @@ def test_softcap_bad_values(device):
     want = flash_attention(q, k, v, softcap=2.0)  # numpy's numbers are numbers
     assert torch.equal(flash_attention(q, k, v, softcap=np.float32(2.0)), want)
     assert torch.equal(o, want)
+
+
+# ----------------------------------------------------------------------------- ALiBi (BLOOM, MPT)
+ALIBI_CASES = {  # (B, H, Hkv, Tq, Tk, D, slopes: "model" for alibi_slopes(H) else random, flash_attention's arguments)
+    "H 6, T 37": (1, 6, 6, 37, 37, 32, "model", {}),
+    "GQA 6 over 2, T 37": (1, 6, 2, 37, 37, 16, "model", {}),
+    "the last 5 of 37 keys, GQA 6 over 3": (1, 6, 3, 5, 37, 32, "model", {}),
+    "one query, decode": (1, 2, 2, 1, 41, 32, "random", {}),
+    "documents": (2, 1, 1, 45, 45, 16, "random", dict(doc_ids=runs([7, 1, 19, 3, 15], [30, 2, 13]))),
+    "window 9, softcap 3": (1, 2, 2, 37, 37, 32, "random", dict(window=9, softcap=3.0)),
+    "not causal, a scale": (1, 2, 2, 21, 45, 32, "random", dict(causal=False, softmax_scale=0.3)),
+    "dropout, head dim 80": (1, 2, 1, 24, 40, 80, "random", dict(dropout_p=0.3, seed=77)),
+}
+
+
+def alibi_case(case, dtype, device):
+    """q, k, v, do, the slopes and the other arguments of an ALIBI_CASES entry."""
+    from tritongpt.model.layers import alibi_slopes
+
+    B, H, Hkv, Tq, Tk, D, which, kw = ALIBI_CASES[case]
+    kw = {n: (a.to(device) if isinstance(a, torch.Tensor) else a) for n, a in kw.items()}
+    q, k, v = make_qkv(B, H, Tq, Tk, D, dtype, device, seed=Tq * Tk + D)
+    k, v = k[:, :Hkv].contiguous(), v[:, :Hkv].contiguous()
+    # random slopes of 0.1..0.6: a bias of a few units over a few dozen positions, in every head
+    g = torch.Generator().manual_seed(Tk)
+    slopes = alibi_slopes(H) if which == "model" else torch.rand(H, generator=g) * 0.5 + 0.1
+    do = torch.randn(B, H, Tq, D, generator=g).to(device=device, dtype=dtype)
+    return q, k, v, do, slopes.to(device), kw
+
+
+def alibi_reference_grads(q, k, v, do, dtype=torch.float64, **kw):
+    """reference_grads with KV heads repeated for their query heads (dk, dv summed over the group)."""
+    group = q.shape[1] // k.shape[1]
+    return run_grads(lambda a, b, c: reference_attention(a, b.repeat_interleave(group, 1),
+                                                         c.repeat_interleave(group, 1), **kw),
+                     q.to(dtype), k.to(dtype), v.to(dtype), do)
+
+
+@pytest.mark.parametrize("case", list(ALIBI_CASES))
+def test_fp32_alibi_fwd_bwd(case, device):
+    """alibi_slopes: each scaled score of query position i (Tk - Tq + i) and key j gets m_h (j - i),
+    as the float64 reference adds it; forward and every gradient, 6 heads (the non-power-of-two
+    slopes), GQA, chunked prefill and decode, documents, a window with a soft cap (the bias after
+    the cap), non-causal, dropout. Without the bias the reference is far off, so the test can fail."""
+    q, k, v, do, slopes, kw = alibi_case(case, torch.float32, device)
+    p, seed = kw.pop("dropout_p", 0.0), kw.pop("seed", None)
+    B, H, Tq, Tk = q.shape[0], q.shape[1], q.shape[2], k.shape[2]
+    got = run_grads(lambda a, b, c: flash_attention(a, b, c, dropout_p=p, seed=seed, alibi_slopes=slopes, **kw),
+                    q, k, v, do)
+    keep = dropout_mask(seed, B, H, Tq, Tk, p, device) if p else None
+    ref = alibi_reference_grads(q, k, v, do, keep=keep, dropout_p=p, alibi_slopes=slopes.cpu(), **kw)
+    plain = alibi_reference_grads(q, k, v, do, keep=keep, dropout_p=p, **kw)
+    for name, g, r, u in zip(NAMES, got, ref, plain):
+        assert_close_rel(g, r, 1e-4, f"alibi {case} {name}")
+        assert report(u, r)[1] > 0.02, f"{case} {name}: the bias does not change it; the test cannot fail"
+
+
+@pytest.mark.parametrize("case", ["GQA 6 over 2, T 37", "the last 5 of 37 keys, GQA 6 over 3"])
+def test_bf16_alibi_within_1e_2(case, device):
+    """bf16 with ALiBi against float64: within 1e-2 relative, and within 2x PyTorch's own bf16."""
+    q, k, v, do, slopes, kw = alibi_case(case, torch.bfloat16, device)
+    got = run_grads(lambda a, b, c: flash_attention(a, b, c, alibi_slopes=slopes, **kw), q, k, v, do)
+    ref = alibi_reference_grads(q, k, v, do, alibi_slopes=slopes.cpu(), **kw)
+    torch_bf16 = alibi_reference_grads(q, k, v, do, dtype=torch.bfloat16, alibi_slopes=slopes.cpu(), **kw)
+    for name, g, r, t in zip(NAMES, got, ref, torch_bf16):
+        _, rel = assert_close_rel(g, r, 1e-2, f"bf16 alibi {case} {name}")
+        assert rel <= 2 * report(t, r)[1], f"bf16 alibi {name}: {rel:.3e} > 2 x torch's"
+
+
+def test_alibi_decode_rows_equal_the_whole_sequence(device):
+    """A chunk of the last Tq queries over all Tk keys (the KV cache's call) gives the rows the whole
+    sequence gives them: the bias follows positions Tk - Tq + i, not the chunk's own indices."""
+    from tritongpt.model.layers import alibi_slopes
+
+    q, k, v = make_qkv(1, 6, 37, 37, 32, torch.float32, device, seed=6)
+    slopes = alibi_slopes(6).to(device)
+    whole = flash_attention(q, k, v, alibi_slopes=slopes)
+    for Tq in (1, 3, 20):
+        chunk = flash_attention(q[:, :, -Tq:], k, v, alibi_slopes=slopes)
+        assert_close_rel(chunk, whole[:, :, -Tq:], 1e-5, f"alibi chunk of {Tq}")
+
+
+def test_alibi_custom_op_opcheck_and_compile(device):
+    """The ops take the slopes last (old call sites keep working); opcheck with them, and torch.compile
+    of flash_attention(alibi_slopes=...) gives the eager bits."""
+    q, k, v = make_qkv(1, 2, 20, 20, 16, torch.float32, device, seed=15)
+    slopes = torch.tensor([0.25, 0.5], device=device)
+    args = (q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), True, 0.25, 0.1, torch.tensor(5), None,
+            None, 0.0, slopes)
+    torch.library.opcheck(torch.ops.tritongpt.flash_attn_fwd.default, args)
+
+    def loss(a, b, c):
+        return flash_attention(a, b, c, alibi_slopes=slopes, dropout_p=0.1, seed=5).square().sum()
+
+    compiled = torch.compile(loss, backend="aot_eager", fullgraph=True)
+    eager = run_grads(lambda a, b, c: loss(a, b, c).reshape(1), q, k, v, torch.ones(1))
+    comp = run_grads(lambda a, b, c: compiled(a, b, c).reshape(1), q, k, v, torch.ones(1))
+    for name, e, c in zip(("loss", "dq", "dk", "dv"), eager, comp):
+        assert torch.equal(e, c), f"compiled {name} differs"
+
+
+def test_alibi_bad_slopes(device):
+    """alibi_slopes: None or a finite fp32 [H] tensor on q's device, refused by name otherwise (the op too)."""
+    q, k, v = make_qkv(1, 2, 8, 8, 16, torch.float32, device)
+    with pytest.raises(TypeError, match="alibi_slopes must be a float32 tensor"):
+        flash_attention(q, k, v, alibi_slopes=[0.5, 0.25])
+    for bad in (torch.ones(3, device=device), torch.ones(1, 2, device=device), torch.ones(2, dtype=torch.float64,
+                                                                                          device=device),
+                torch.ones(2, dtype=torch.bfloat16, device=device), torch.ones(2, device="meta")):
+        with pytest.raises(ValueError, match=re.escape("alibi_slopes must be float32 [H] = [2]")):
+            flash_attention(q, k, v, alibi_slopes=bad)
+    for bad in (float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="alibi_slopes must be finite"):
+            flash_attention(q, k, v, alibi_slopes=torch.tensor([0.5, bad], device=device))
+    op, seed, slopes = torch.ops.tritongpt.flash_attn_fwd, torch.tensor(0), torch.tensor([0.5, 0.25], device=device)
+    with pytest.raises(ValueError, match="alibi_slopes must be float32"):
+        op(q, k, v, True, 0.25, 0.0, seed, None, None, 0.0, slopes[:1])
+    o, lse = op(q, k, v, True, 0.25, 0.0, seed, None, None, 0.0, slopes)
+    with pytest.raises(ValueError, match="alibi_slopes must be float32"):
+        torch.ops.tritongpt.flash_attn_bwd(torch.ones_like(o), q, k, v, o, lse, True, 0.25, 0.0, seed, None, None,
+                                           0.0, slopes.double())
+    assert torch.equal(o, flash_attention(q, k, v, alibi_slopes=slopes))
+    # a strided view is read by its values
+    assert torch.equal(flash_attention(q, k, v, alibi_slopes=torch.tensor([0.5, 9.0, 0.25], device=device)[::2]), o)
 
 
 # ----------------------------------------------------------------------------- bad input
