@@ -280,8 +280,9 @@ def add_cli(sub):
                    help="the SwiGLU or GeGLU MLP's hidden size (GPTConfig.mlp_hidden; default: Llama's rule, 2/3 of 4 "
                         "n_embd rounded up to a multiple of 64: 2048 at n_embd 768)")
     t.add_argument("--position-encoding", choices=POSITION_ENCODINGS, default=None,
-                   help="learned, GPT-2's absolute embeddings, or rope, rotary embeddings of each head's queries and "
-                        "keys (GPT-NeoX, Llama; GPTConfig.position_encoding) (default: the preset's, learned)")
+                   help="learned, GPT-2's absolute embeddings, rope, rotary embeddings of each head's queries and "
+                        "keys (GPT-NeoX, Llama), or alibi, a per-head linear bias by distance on the scores (BLOOM, "
+                        "MPT) (GPTConfig.position_encoding; default: the preset's, learned)")
     t.add_argument("--rope-theta", type=float, default=None, metavar="T",
                    help="RoPE's base: dimension pair i turns by position * T^(-2i/head_dim) (GPTConfig.rope_theta; "
                         "default 10000, GPT-NeoX's and Llama 2's)")

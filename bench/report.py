@@ -175,7 +175,7 @@ def architecture_text(config: dict) -> str:
     """A row config's ARCH_KEYS in words ("RMSNorm, SwiGLU (hidden 2048), RoPE (theta 10000), 4 KV heads,
     no biases", Qwen3's "heads of 128, q/k norms", Gemma's "scaled embeddings, sandwich norms, local RoPE
     theta 10000"), or ""."""
-    name = {"rmsnorm": "RMSNorm", "swiglu": "SwiGLU", "geglu": "GeGLU", "rope": "RoPE"}
+    name = {"rmsnorm": "RMSNorm", "swiglu": "SwiGLU", "geglu": "GeGLU", "rope": "RoPE", "alibi": "ALiBi"}
     words = []
     if "norm" in config:
         words.append(name.get(config["norm"], config["norm"]))
@@ -184,7 +184,9 @@ def architecture_text(config: dict) -> str:
     if "position_encoding" in config:
         pe = config["position_encoding"]
         rotated = f", {config['rotary_dim']} dimensions of each head" if config.get("rotary_dim") else ""
-        words.append(f"{name.get(pe, pe)} (theta {config.get('rope_theta'):g}{rotated})")
+        # ALiBi has no base (its rows carry no rope_theta)
+        words.append(f"{name.get(pe, pe)} (theta {config['rope_theta']:g}{rotated})" if "rope_theta" in config
+                     else name.get(pe, pe))
     if "n_kv_head" in config:
         words.append(f"{config['n_kv_head']} KV heads")
     if config.get("bias") is False:

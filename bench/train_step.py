@@ -66,14 +66,15 @@ def sdpa_attend(self, q, k, v, doc_ids=None):
     Equal lengths use is_causal=True (top-left = bottom-right then); with a KV cache (Tq < Tk)
     the module's own bottom-right mask is passed, inverted (SDPA's True means "attend"), and
     with packed documents that mask and the document mask; with a window (local attention) the
-    window's mask too. Fewer KV heads than query heads (GPTConfig.n_kv_head): enable_gqa.
+    window's mask too. Fewer KV heads than query heads (GPTConfig.n_kv_head): enable_gqa. ALiBi
+    (GPTConfig.position_encoding "alibi"): a float mask, the bias where allowed and -inf elsewhere.
     """
-    from tritongpt.model.layers import document_index, in_the_future, outside_window
+    from tritongpt.model.layers import alibi_bias, document_index, in_the_future, outside_window
 
     Tq, Tk = q.size(-2), k.size(-2)
     p = self.attn_drop.p if self.training else 0.0
     gqa = k.size(1) != q.size(1)
-    if Tq == Tk and doc_ids is None and not self.window:
+    if Tq == Tk and doc_ids is None and not self.window and self.alibi is None:
         return F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True, scale=self.softmax_scale,
                                               enable_gqa=gqa)
     allowed = ~in_the_future(Tq, Tk, q.device)
@@ -82,6 +83,8 @@ def sdpa_attend(self, q, k, v, doc_ids=None):
     if doc_ids is not None:
         doc = document_index(doc_ids)
         allowed = allowed & (doc[:, Tk - Tq:, None] == doc[:, None, :])[:, None]  # [B, 1, Tq, Tk]
+    if self.alibi is not None:  # SDPA adds a float mask to the scaled scores, as attend adds the bias
+        allowed = torch.where(allowed, alibi_bias(self.alibi_slopes(), Tq, Tk), float("-inf")).to(q.dtype)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=p, scale=self.softmax_scale,
                                           enable_gqa=gqa)
 
@@ -135,7 +138,9 @@ def model_variant(cfg) -> dict:
     if cfg.mlp != "gelu":
         out.update(mlp=cfg.mlp, mlp_hidden=cfg.ff_hidden)
     if cfg.position_encoding != "learned":
-        out.update(position_encoding=cfg.position_encoding, rope_theta=cfg.rope_theta)
+        out["position_encoding"] = cfg.position_encoding
+    if cfg.position_encoding == "rope":
+        out["rope_theta"] = cfg.rope_theta
     if cfg.kv_heads != cfg.n_head:
         out["n_kv_head"] = cfg.kv_heads
     if not cfg.bias:

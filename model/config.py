@@ -9,7 +9,7 @@ from tritongpt.errors import UserError
 
 
 WINDOW_LAYERS = ("all", "odd")  # which layers GPTConfig.attention_window makes local (or a list of them)
-POSITION_ENCODINGS = ("learned", "rope")  # GPTConfig.position_encoding
+POSITION_ENCODINGS = ("learned", "rope", "alibi")  # GPTConfig.position_encoding
 NORMS = ("layernorm", "rmsnorm")  # GPTConfig.norm
 MLPS = ("gelu", "swiglu", "geglu")  # GPTConfig.mlp
 GATED_MLPS = ("swiglu", "geglu")  # three matrices, w_down(act(w_gate x) * w_up x)
@@ -68,7 +68,9 @@ class GPTConfig:
     window_layers: str = "all"
     # Position encoding: "learned" absolute embeddings added to the tokens' (GPT-2's pos_emb), or
     # "rope", rotary embeddings of each head's queries and keys (GPT-NeoX, Llama, modded-nanogpt):
-    # no pos_emb parameter then, and rope_theta is the base of the rotation frequencies.
+    # no pos_emb parameter then, and rope_theta is the base of the rotation frequencies. Or "alibi"
+    # (BLOOM, MPT): no position parameters nor rotation, each head's scores get a linear bias
+    # -m_h (i - j) by distance, m_h from layers.alibi_slopes (the RoPE fields are refused then).
     position_encoding: str = "learned"
     rope_theta: float = 10000.0
     # RoPE's frequencies rescaled for a longer context than pretraining's (layers.scaled_inv_freq):
@@ -377,6 +379,14 @@ class GPTConfig:
         if self.position_encoding != "rope" or self.nope_layers == "":
             return self.position_encoding == "rope"
         return layer_idx not in layer_list(self.nope_layers, self.n_layer)
+
+    def positions_said(self) -> str:
+        """What this model does with positions, as an export's refusal says it (\"this model ...\")."""
+        if self.position_encoding == "alibi":
+            return "biases each head's attention scores by distance (ALiBi, position_encoding alibi)"
+        if self.position_encoding == "rope":
+            return "rotates q and k by their positions (position_encoding rope)"
+        return "learns position embeddings (position_encoding learned)"
 
     def layer_rope(self, layer_idx: int) -> tuple:
         """(RoPE's base, its scaling) in layer layer_idx: rope_local_theta unscaled in a local layer

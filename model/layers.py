@@ -470,6 +470,26 @@ def document_starts(doc_ids):
     return torch.where(first, pos, 0).cummax(1).values
 
 
+def alibi_slopes(n_head: int) -> torch.Tensor:
+    """ALiBi's per-head slopes (Press et al. 2022), fp32 [n_head]: 2^(-8 (h + 1) / n_head) for a power of
+    two; otherwise BLOOM's and MPT's rule, the slopes of the power of two below, then every other slope
+    of twice as many heads (transformers' build_alibi_tensor)."""
+    low = 2 ** int(math.floor(math.log2(n_head)))
+
+    def geometric(n):
+        return [2.0 ** (-8.0 * (h + 1) / n) for h in range(n)]
+
+    slopes = geometric(low) + geometric(2 * low)[0::2][:n_head - low]
+    return torch.tensor(slopes, dtype=torch.float32)
+
+
+def alibi_bias(slopes, Tq: int, Tk: int, dtype=torch.float32):
+    """[H, Tq, Tk]: m_h (j - i) for query i at position Tk - Tq + i (bottom-right, as the causal mask)
+    and key j; <= 0 at every visible key, 0 on the diagonal."""
+    dist = torch.arange(Tk, device=slopes.device) - torch.arange(Tk - Tq, Tk, device=slopes.device)[:, None]
+    return slopes.to(dtype)[:, None, None] * dist.to(dtype)
+
+
 class MultiHeadAttention(nn.Module):
     """Causal multi-head self-attention.
 
@@ -496,7 +516,7 @@ class MultiHeadAttention(nn.Module):
                  bias: bool = True, layer_idx: int = 0, window: int = 0, scale: bool = True,
                  qkv_bias: bool | None = None, rope_theta: float | None = None, n_kv_head: int = 0,
                  head_dim: int = 0, qk_norm=None, rope_scaling: dict | None = None, scale_width: int = 0,
-                 softcap: float = 0.0, qk_norm_all: bool = False, rotary_dim: int = 0):
+                 softcap: float = 0.0, qk_norm_all: bool = False, rotary_dim: int = 0, alibi: bool = False):
         super().__init__()
         assert head_dim or n_embd % n_head == 0, "n_embd must be divisible by n_head"
         # head_dim 0: n_embd / n_head; else its own (Qwen3), q, k and v n_head * head_dim wide
@@ -530,6 +550,9 @@ class MultiHeadAttention(nn.Module):
         self.k_norm = qk_norm(k_width) if qk_norm is not None else None
         self.rotary = None if rope_theta is None else Rotary(self.head_dim, rope_theta, rope_scaling, rotary_dim,
                                                                  mscale)
+        # alibi (BLOOM, MPT): each head's scores get ALiBi's bias; the slopes are a function of n_head, not
+        # state (non-persistent: no state_dict entry)
+        self.register_buffer("alibi", alibi_slopes(n_head) if alibi else None, persistent=False)
         self.attn_drop = nn.Dropout(dropout)  # both paths read its p (the Triton one in-kernel)
         self.resid_drop = nn.Dropout(dropout)
         self.use_triton = False
@@ -551,6 +574,8 @@ class MultiHeadAttention(nn.Module):
             scores = _fp32_if_fp16(q) @ _fp32_if_fp16(k).transpose(-2, -1) * self.softmax_scale
         if self.softcap:  # bounds the scores within (-c, c) before the masks' -inf
             scores = self.softcap * torch.tanh(scores / self.softcap)
+        if self.alibi is not None:  # after the cap, before the masks; at least fp32 (m (j - i) reaches m T)
+            scores = scores + alibi_bias(self.alibi_slopes(), Tq, Tk, torch.promote_types(scores.dtype, torch.float32))
         scores = scores.masked_fill(in_the_future(Tq, Tk, q.device), float("-inf"))
         if doc_ids is not None:
             doc = document_index(doc_ids)  # [B, Tk]: 0 for the first document of a row, 1 for the next...
@@ -561,6 +586,12 @@ class MultiHeadAttention(nn.Module):
         weights = torch.softmax(scores, dim=-1)
         weights = self.attn_drop(weights)
         return weights.to(v.dtype) @ v
+
+    def alibi_slopes(self):
+        """The ALiBi slopes in fp32: the buffer, or anew where model.to(dtype) rounded it."""
+        if self.alibi.dtype == torch.float32:
+            return self.alibi
+        return alibi_slopes(self.n_head).to(self.alibi.device)
 
     def forward(self, x, cache=None, doc_ids=None, positions=None, rope_len=None):
         """positions [T] or [B, T]: each token's position, for RoPE (default: from the cache's
@@ -589,7 +620,8 @@ class MultiHeadAttention(nn.Module):
 
             p = self.attn_drop.p if self.training else 0.0
             ctx = flash_attention(q, k, v, causal=True, softmax_scale=self.softmax_scale, dropout_p=p, doc_ids=doc_ids,
-                                  window=self.window or None, softcap=self.softcap or None)
+                                  window=self.window or None, softcap=self.softcap or None,
+                                  alibi_slopes=None if self.alibi is None else self.alibi_slopes())
         else:
             ctx = self.attend(q, k, v, doc_ids)
         ctx = ctx.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)
@@ -626,7 +658,8 @@ class TransformerBlock(nn.Module):
                                       (lambda width: NORM_MODULES[cfg.norm](width, cfg.norm_eps)) if cfg.qk_norm
                                       else None, scaling, scale_width=cfg.attention_scale_width,
                                       softcap=cfg.attn_softcap, qk_norm_all=cfg.qk_norm_width == "all",
-                                      rotary_dim=cfg.rotary_dim)
+                                      rotary_dim=cfg.rotary_dim,
+                                      alibi=cfg.position_encoding == "alibi")
         # shared_norm (Phi-1/1.5/2, GPT-J, Falcon-7B): the MLP reads norm1's output too, and there is no norm2
         self.norm2 = None if cfg.shared_norm else make_norm(cfg) if cfg.pre_norms else NoNorm()
         # the sandwich's outer norms (Gemma's post_attention_layernorm and post_feedforward_layernorm)

@@ -1234,7 +1234,7 @@ def test_llama_flags_are_checked_before_the_cpu_timings(monkeypatch):
         vocab_multiple=1, attention_window=0, logit_softcap=0.0, norm="rmsnorm", mlp="swiglu", mlp_hidden=2000,
         position_encoding="rope", rope_theta=500000.0, n_kv_head=4, bias=False)
     assert bcli.model_flags(parser.parse_args(["bench", "train", "--bias"]))["bias"] is True
-    for bad in (["--norm", "batchnorm"], ["--mlp", "relu"], ["--position-encoding", "alibi"]):
+    for bad in (["--norm", "batchnorm"], ["--mlp", "relu"], ["--position-encoding", "xpos"]):
         with pytest.raises(SystemExit):  # their choices, at parsing (as pretrain's)
             parser.parse_args(["bench", "train", *bad])
 

@@ -476,8 +476,8 @@ def test_config_fields_checked_and_old_configs_read_as_learned():
     cfg = GPTConfig.from_dict(old)
     assert (cfg.position_encoding, cfg.rope_theta) == ("learned", 10000.0)
     assert GPTModel(cfg).pos_emb is not None
-    with pytest.raises(UserError, match="GPTConfig.position_encoding must be one of learned, rope, got 'alibi'"):
-        GPTConfig(**{**TINY, "position_encoding": "alibi"})
+    with pytest.raises(UserError, match="GPTConfig.position_encoding must be one of learned, rope, alibi, got 'xpos'"):
+        GPTConfig(**{**TINY, "position_encoding": "xpos"})
     for bad in (0, -1.0, float("nan"), float("inf"), "1e4", True):
         with pytest.raises(UserError, match="GPTConfig.rope_theta must be a finite number > 0"):
             GPTConfig(**{**TINY, "rope_theta": bad})
@@ -610,8 +610,8 @@ def test_pretrain_position_encoding_rope_end_to_end(corpus, tmp_path, capsys, on
     assert main(argv(tmp_path / "bad", "--init", str(tmp_path / "learned"), "--rope-theta", "10000")) == 2
     assert "--rope-theta 10000 is RoPE's base: without --position-encoding rope" in capsys.readouterr().err
     with pytest.raises(SystemExit):  # the flag's choices, at parsing
-        main(argv(tmp_path / "bad", "--position-encoding", "alibi"))
-    assert "--position-encoding: invalid choice: 'alibi'" in capsys.readouterr().err
+        main(argv(tmp_path / "bad", "--position-encoding", "xpos"))
+    assert "--position-encoding: invalid choice: 'xpos'" in capsys.readouterr().err
     assert not (tmp_path / "bad").exists()
     # Hugging Face's GPT-2 has no RoPE, but its GPT-NeoX is a GPT-2 with RoPE (sequential blocks, tanh GELU):
     # the export is a GPT-NeoX folder, which transformers runs with our logits; info shows the model's own

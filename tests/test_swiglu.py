@@ -582,8 +582,8 @@ def test_pretrain_mlp_swiglu_end_to_end(corpus, tmp_path, capsys, one_thread):
     assert not (tmp_path / "bad").exists()
     assert main(["export", str(tmp_path / "sw"), "--out", str(tmp_path / "hf")]) == 2
     # a SwiGLU model over LayerNorms goes out as a StableLM, which rotates q and k where this one learns positions
-    assert "this model learns position embeddings, where StableLM rotates q and k (RoPE): it cannot be exported as " \
-           "a StableLM folder" in capsys.readouterr().err
+    assert "this model learns position embeddings (position_encoding learned), where StableLM rotates q and k (RoPE): " \
+           "it cannot be exported as a StableLM folder" in capsys.readouterr().err
     assert not (tmp_path / "hf").exists()
     assert main(["info", "--weights", str(tmp_path / "sw")]) == 0
     out = capsys.readouterr().out

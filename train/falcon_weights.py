@@ -173,7 +173,7 @@ def refuse_not_falcon(model: GPTModel, what: str) -> None:
     """What Hugging Face's Falcon does not compute, by name."""
     cfg = model.config
     refuse_moe_touches(cfg, "Falcon", what)
-    for differs, why in ((cfg.position_encoding != "rope", "learns position embeddings, where Falcon rotates q and k "
+    for differs, why in ((cfg.position_encoding != "rope", f"{cfg.positions_said()}, where Falcon rotates q and k "
                           "(RoPE)"),
                          (bool(cfg.rotary_dim), f"rotates only {cfg.rotary_dim} of each head's dimensions, where "
                           "Falcon rotates whole heads"),

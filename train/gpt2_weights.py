@@ -440,8 +440,7 @@ def refuse_not_gpt2(model: GPTModel, what: str) -> None:
     cfg = model.config
     refuse_moe_touches(cfg, "GPT-2", what)
     if cfg.position_encoding != "learned":
-        raise UserError(f"this model rotates q and k by their positions (position_encoding {cfg.position_encoding}, "
-                        f"rope_theta {cfg.rope_theta:g}), where Hugging Face's GPT-2 learns position embeddings: "
+        raise UserError(f"this model {cfg.positions_said()}, where Hugging Face's GPT-2 learns position embeddings: "
                         f"it cannot be exported as {what}")
     if cfg.norm != "layernorm":
         raise UserError(f"this model normalizes with {cfg.norm} (GPTConfig.norm), where Hugging Face's GPT-2 has "

@@ -177,8 +177,8 @@ def refuse_not_gpt_neo(model: GPTModel, what: str) -> None:
     cfg = model.config
     refuse_moe_touches(cfg, "GPT-Neo", what)
     if cfg.position_encoding != "learned":
-        raise UserError(f"this model rotates q and k by their positions (position_encoding {cfg.position_encoding}), "
-                        f"where Hugging Face's GPT-Neo learns position embeddings: it cannot be exported as {what}")
+        raise UserError(f"this model {cfg.positions_said()}, where Hugging Face's GPT-Neo learns position embeddings: "
+                        f"it cannot be exported as {what}")
     if cfg.norm != "layernorm":
         raise UserError(f"this model normalizes with {cfg.norm} (GPTConfig.norm), where Hugging Face's GPT-Neo has "
                         f"LayerNorms: it cannot be exported as {what}")

@@ -137,7 +137,7 @@ def refuse_not_gptj(model: GPTModel, what: str) -> None:
     """What Hugging Face's GPT-J does not compute, by name."""
     cfg = model.config
     refuse_moe_touches(cfg, "GPT-J", what)
-    for differs, why in ((cfg.position_encoding != "rope", "learns position embeddings, where GPT-J rotates q and k "
+    for differs, why in ((cfg.position_encoding != "rope", f"{cfg.positions_said()}, where GPT-J rotates q and k "
                           "(RoPE)"),
                          (cfg.rope_theta != 10000.0, f"rotates with the RoPE base {cfg.rope_theta:g}, where GPT-J's is "
                           "10000"),

@@ -311,8 +311,8 @@ def refuse_not_llama(model: GPTModel, what: str, family: str | None = None) -> N
               f"where {family}'s sliding window, if any, is in every layer" if family != "Llama" else
               f"has local attention (attention_window {cfg.attention_window}), where Llama attends to the whole "
               "context (a Mistral folder would take the window, but Mistral's projections have no biases)")
-    for differs, why in ((cfg.position_encoding != "rope", "learns position embeddings (position_encoding "
-                          f"{cfg.position_encoding}), where {family} rotates q and k (RoPE)"),
+    for differs, why in ((cfg.position_encoding != "rope", f"{cfg.positions_said()}, where {family} rotates q and k "
+                          "(RoPE)"),
                          (cfg.norm != "rmsnorm", f"normalizes with {cfg.norm}, where {family} has RMSNorms"),
                          (cfg.mlp != "swiglu", f"has a {cfg.mlp.upper()} MLP, where {family}'s is SwiGLU"),
                          (not cfg.scale_attention, "does not scale its attention scores by 1/sqrt(head_dim), "

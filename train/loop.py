@@ -484,6 +484,8 @@ class Trainer:
             def positions(e, t, s, r):
                 scaled = f", {s['rope_type']} scaling x{s['factor']:g}" if s else ""
                 partial = f", {r} dimensions of each head" if r else ""
+                if e == "alibi":
+                    return "biases its attention scores by distance (ALiBi)"
                 return f"rotates q and k (RoPE, theta {t:g}{scaled}{partial})" if e == "rope" else \
                     "learns position embeddings"
 

@@ -129,7 +129,7 @@ def refuse_not_neox(model: GPTModel, what: str) -> None:
     cfg = model.config
     refuse_moe_touches(cfg, "GPT-NeoX", what)
     refuse_phi_touches(cfg, "GPT-NeoX", what)
-    for differs, why in ((cfg.position_encoding != "rope", "learns position embeddings, where GPT-NeoX rotates q and "
+    for differs, why in ((cfg.position_encoding != "rope", f"{cfg.positions_said()}, where GPT-NeoX rotates q and "
                           "k (RoPE)"),
                          (cfg.norm != "layernorm", f"normalizes with {cfg.norm}, where GPT-NeoX has LayerNorms"),
                          (cfg.mlp != "gelu", f"has a {cfg.mlp} MLP, where GPT-NeoX's is GELU"),

@@ -168,7 +168,7 @@ def refuse_not_olmo(model: GPTModel, what: str) -> None:
     family = family_name(cfg)
     refuse_neox_touches(cfg, family, what)
     refuse_phi3_touches(cfg, family, what)
-    for differs, why in ((cfg.position_encoding != "rope", f"learns position embeddings, where {family} rotates q "
+    for differs, why in ((cfg.position_encoding != "rope", f"{cfg.positions_said()}, where {family} rotates q "
                           "and k (RoPE)"),
                          (cfg.norm != "rmsnorm", f"normalizes with {cfg.norm}, where {family} has RMSNorms"),
                          (cfg.mlp != "swiglu", f"has a {cfg.mlp} MLP, where {family}'s is SwiGLU"),

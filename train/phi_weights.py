@@ -149,7 +149,7 @@ def refuse_not_phi(model: GPTModel, what: str) -> None:
                           "side (parallel_residual)"),
                          (cfg.parallel_residual and not cfg.shared_norm, "normalizes each sublayer's input with a "
                           "norm of its own, where Phi's parallel blocks have one (shared_norm)"),
-                         (cfg.position_encoding != "rope", "learns position embeddings, where Phi rotates q and k "
+                         (cfg.position_encoding != "rope", f"{cfg.positions_said()}, where Phi rotates q and k "
                           "(RoPE)"),
                          (cfg.norm != "layernorm", f"normalizes with {cfg.norm}, where Phi has LayerNorms"),
                          (cfg.mlp != "gelu", f"has a {cfg.mlp} MLP, where Phi's is GELU"),

@@ -100,7 +100,9 @@ def add_args(p: argparse.ArgumentParser):
     p.add_argument("--position-encoding", choices=POSITION_ENCODINGS, default=None,
                    help="positions for the new model: learned, GPT-2's absolute embeddings, or rope, rotary "
                         "embeddings of each head's queries and keys (GPT-NeoX, Llama; GPTConfig.position_encoding: no "
-                        "position embedding parameter; the Triton path rotates q and k in one kernel). A RoPE model "
+                        "position embedding parameter; the Triton path rotates q and k in one kernel), or alibi, "
+                        "a per-head linear bias on the scores by distance (BLOOM, MPT; inside the attention "
+                        "kernel; no export writes it). A RoPE model "
                         "cannot be exported to Hugging Face's GPT-2; with --norm rmsnorm, --mlp swiglu and --no-bias "
                         "it is a Llama, which export writes. Default: learned, or what --init's model has")
     p.add_argument("--norm", choices=NORMS, default=None,
@@ -353,10 +355,13 @@ def refuse_rope_from_gpt2(args):
 
     if args.init not in HUB_REPOS or Path(args.init).expanduser().exists():
         return
-    if args.position_encoding == "rope" or args.rope_theta is not None:
-        flag = "--position-encoding rope" if args.position_encoding == "rope" else f"--rope-theta {args.rope_theta:g}"
+    if args.position_encoding in ("rope", "alibi") or args.rope_theta is not None:
+        pe = args.position_encoding or "rope"
+        flag = f"--position-encoding {pe}" if args.position_encoding else f"--rope-theta {args.rope_theta:g}"
+        name = "ALiBi" if pe == "alibi" else "RoPE"
         raise UserError(f"--init {args.init}: GPT-2's weights were trained with learned position embeddings, "
-                        f"not RoPE: {flag} cannot start from them (leave it out, or train a RoPE model without --init)")
+                        f"not {name}: {flag} cannot start from them (leave it out, or train a {name} model without "
+                        "--init)")
 
 
 def refuse_rmsnorm_from_published(args):
@@ -462,7 +467,8 @@ def print_header(args, targs, model, tok, block, splits, trainer):
     padded = f" padded to {cfg.padded_vocab_size}" if cfg.padded_vocab_size != cfg.vocab_size else ""
     local = f", local attention over {cfg.attention_window} positions in {cfg.window_layers} layers"
     scaled = f", {cfg.rope_scaling['rope_type']} scaling x{cfg.rope_scaling['factor']:g}" if cfg.rope_scaling else ""
-    rope = f", RoPE (theta {cfg.rope_theta:g}{scaled})" if cfg.position_encoding == "rope" else ""
+    rope = f", RoPE (theta {cfg.rope_theta:g}{scaled})" if cfg.position_encoding == "rope" else \
+        ", ALiBi" * (cfg.position_encoding == "alibi")
     gqa = f", {cfg.kv_heads} key/value head{'s' * (cfg.kv_heads > 1)} for {cfg.n_head} query heads" \
         if cfg.kv_heads < cfg.n_head else ""
     gqa += f", heads of {cfg.head_dim}" if cfg.attention_head_dim else ""

@@ -93,7 +93,7 @@ def refuse_not_stablelm(model: GPTModel, what: str) -> None:
     """What Hugging Face's StableLM does not compute, by name."""
     cfg = model.config
     refuse_moe_touches(cfg, "StableLM", what)
-    for differs, why in ((cfg.position_encoding != "rope", "learns position embeddings, where StableLM rotates q "
+    for differs, why in ((cfg.position_encoding != "rope", f"{cfg.positions_said()}, where StableLM rotates q "
                           "and k (RoPE)"),
                          (cfg.norm != "layernorm", f"normalizes with {cfg.norm}, where StableLM has LayerNorms"),
                          (cfg.mlp != "swiglu", f"has a {cfg.mlp} MLP, where StableLM's is SwiGLU"),
