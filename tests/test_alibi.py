@@ -245,3 +245,18 @@ def test_bench_sdpa_attend_adds_the_bias(Tq, Tk):
     q = torch.randn(2, 12, Tq, 8, generator=g)
     k, v = (torch.randn(2, 4, Tk, 8, generator=g) for _ in range(2))
     assert_close_rel(sdpa_attend(att, q, k, v), att.attend(q, k, v), 1e-5, "SDPA with ALiBi")
+
+
+def test_bias_is_relative_to_the_query_position():
+    """alibi_bias [H, Tq, Tk] is m_h (j - i) with i the query's position in the cache (Tk - Tq + i0): 0 at the
+    query's own key, m_h times minus the distance behind it. (A bias counted from the chunk's own row differs by a
+    constant per row, which the softmax cannot see: attention outputs cannot catch it, so it is checked here.)"""
+    from tritongpt.model.layers import alibi_bias
+
+    slopes = alibi_slopes(6)
+    for Tq, Tk in ((5, 5), (3, 11), (1, 9)):
+        bias = alibi_bias(slopes, Tq, Tk)
+        want = torch.tensor([[[float(m) * (j - (Tk - Tq + i)) for j in range(Tk)] for i in range(Tq)]
+                             for m in slopes])
+        assert torch.equal(bias, want)
+        assert bias[:, torch.arange(Tq), Tk - Tq + torch.arange(Tq)].eq(0).all()
