@@ -230,6 +230,14 @@ def capture(quick=False, half="bfloat16"):
                             o, lse = attention._fwd_launch(q, k, k, True, d ** -0.5, p, seed, softcap=50.0)
                             attention._bwd_launch(torch.empty_like(o), q, k, k, o, lse, True, d ** -0.5, p, seed,
                                                   softcap=50.0)
+                        if tq > 1 and p == 0.0 and dt == half and d == 64:
+                            # ALiBi (HAS_ALIBI: a bias per score in forward and both backward passes), at
+                            # GPT-2's head dim in the 16-bit dtype (BLOOM's and MPT's heads are 64 or 128)
+                            case[0] = f"attention {name} hd{d} Tq={tq} Tk={ATTN_SEQ} alibi"
+                            slopes = torch.empty(heads, dtype=torch.float32, **meta)
+                            o, lse = attention._fwd_launch(q, k, k, True, d ** -0.5, p, seed, alibi=slopes)
+                            attention._bwd_launch(torch.empty_like(o), q, k, k, o, lse, True, d ** -0.5, p, seed,
+                                                  alibi=slopes)
 
             for d in ((64,) if quick else (64, 128, 256)):  # RoPE of q and k: GPT-2's heads, the widest it takes
                 case[0] = f"rope {name} {TOKENS} tokens hd{d}"

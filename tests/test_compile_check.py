@@ -47,6 +47,12 @@ def test_every_kernel_launch_builds_for_sm90(tmp_path):
     assert {k for k, _ in capped} == {"_attn_fwd", "_attn_bwd_dkdv", "_attn_bwd_dq"}, capped
     assert all("HAS_SOFTCAP=True" in v for _, v in capped), capped
     assert not any("HAS_SOFTCAP=True" in r["variant"] for r in rows if "softcap" not in r["case"])
+    # ALiBi likewise: HAS_ALIBI in the three passes of its case only
+    biased = {(r["kernel"], r["variant"]) for r in rows if r["case"].endswith(" alibi")
+              and r["kernel"] != "_attn_bwd_preprocess"}
+    assert {k for k, _ in biased} == {"_attn_fwd", "_attn_bwd_dkdv", "_attn_bwd_dq"}, biased
+    assert all("HAS_ALIBI=True" in v for _, v in biased), biased
+    assert not any("HAS_ALIBI=True" in r["variant"] for r in rows if not r["case"].endswith(" alibi"))
     # partial rotary (GPTConfig.rotary_dim): its launches copy the pass-through columns (PASS), and scale cos and
     # sin only with an attention factor (SCALED); whole heads build without either
     partial = [r["variant"] for r in rows if "rotary" in r["case"]]
