@@ -920,6 +920,12 @@ def test_alibi_bad_slopes(device):
     for bad in (float("nan"), float("inf")):
         with pytest.raises(ValueError, match="alibi_slopes must be finite"):
             flash_attention(q, k, v, alibi_slopes=torch.tensor([0.5, bad], device=device))
+    # the values are read once per tensor while unchanged: an in-place write is read again
+    slopes = torch.tensor([0.5, 0.25], device=device)
+    flash_attention(q, k, v, alibi_slopes=slopes)
+    slopes[1] = float("nan")
+    with pytest.raises(ValueError, match="alibi_slopes must be finite"):
+        flash_attention(q, k, v, alibi_slopes=slopes)
     op, seed, slopes = torch.ops.tritongpt.flash_attn_fwd, torch.tensor(0), torch.tensor([0.5, 0.25], device=device)
     with pytest.raises(ValueError, match="alibi_slopes must be float32"):
         op(q, k, v, True, 0.25, 0.0, seed, None, None, 0.0, slopes[:1])
