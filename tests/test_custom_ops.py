@@ -91,13 +91,19 @@ def _attention_args(device, gen):
     o4, lse4 = ops.flash_attn_fwd(q4, k, v, True, 0.25, 0.1, seed)
     # Gemma 2's soft cap: the last schema argument, after the (absent) document bounds
     oc, lsec = ops.flash_attn_fwd(q4, k, v, True, 0.25, 0.1, seed, None, None, 2.0)
+    # ALiBi's slopes, fp32 [H]: the schema argument after the soft cap
+    slopes = torch.tensor([0.5, 0.25, 0.125, 0.0625], device=device)
+    oa, lsea = ops.flash_attn_fwd(q4, k, v, True, 0.25, 0.1, seed, None, None, 0.0, slopes)
     return {"flash_attn_fwd": (q, k, v, True, 0.25, 0.1, seed),
             "flash_attn_bwd": (torch.randn_like(o), q, k, v, o, lse, True, 0.25, 0.1, seed),
             "flash_attn_fwd gqa": (q4, k, v, True, 0.25, 0.1, seed),
             "flash_attn_bwd gqa": (torch.randn_like(o4), q4, k, v, o4, lse4, True, 0.25, 0.1, seed),
             "flash_attn_fwd softcap": (q4, k, v, True, 0.25, 0.1, seed, None, None, 2.0),
             "flash_attn_bwd softcap": (torch.randn_like(oc), q4, k, v, oc, lsec, True, 0.25, 0.1, seed, None, None,
-                                       2.0)}
+                                       2.0),
+            "flash_attn_fwd alibi": (q4, k, v, True, 0.25, 0.1, seed, None, None, 0.0, slopes),
+            "flash_attn_bwd alibi": (torch.randn_like(oa), q4, k, v, oa, lsea, True, 0.25, 0.1, seed, None, None,
+                                     0.0, slopes)}
 
 
 def _rope_args(device, gen):
@@ -140,7 +146,8 @@ OPS = [(kernel, op) for kernel, names in (("layer_norm", ("layer_norm_fwd", "lay
                                                              "cross_entropy_bwd softcap")),
                                           ("attention", ("flash_attn_fwd", "flash_attn_bwd", "flash_attn_fwd gqa",
                                                          "flash_attn_bwd gqa", "flash_attn_fwd softcap",
-                                                         "flash_attn_bwd softcap")),
+                                                         "flash_attn_bwd softcap", "flash_attn_fwd alibi",
+                                                         "flash_attn_bwd alibi")),
                                           ("rope", ("rope_fwd", "rope_fwd shared", "rope_bwd", "rope_fwd partial",
                                                     "rope_bwd partial")))
        for op in names]
