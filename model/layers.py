@@ -553,6 +553,7 @@ class MultiHeadAttention(nn.Module):
         # alibi (BLOOM, MPT): each head's scores get ALiBi's bias; the slopes are a function of n_head, not
         # state (non-persistent: no state_dict entry)
         self.register_buffer("alibi", alibi_slopes(n_head) if alibi else None, persistent=False)
+        self._alibi_fp32 = {}  # device -> fp32 slopes, once model.to(dtype) has rounded the buffer
         self.attn_drop = nn.Dropout(dropout)  # both paths read its p (the Triton one in-kernel)
         self.resid_drop = nn.Dropout(dropout)
         self.use_triton = False
@@ -588,10 +589,15 @@ class MultiHeadAttention(nn.Module):
         return weights.to(v.dtype) @ v
 
     def alibi_slopes(self):
-        """The ALiBi slopes in fp32: the buffer, or anew where model.to(dtype) rounded it."""
+        """The ALiBi slopes in fp32: the buffer, or where model.to(dtype) rounded it, an fp32 copy made once per
+        device and kept (flash_attention reads a slopes tensor's values once, to check them: a new tensor every
+        call would sync a GPU in every layer)."""
         if self.alibi.dtype == torch.float32:
             return self.alibi
-        return alibi_slopes(self.n_head).to(self.alibi.device)
+        device = self.alibi.device
+        if device not in self._alibi_fp32:
+            self._alibi_fp32[device] = alibi_slopes(self.n_head).to(device)
+        return self._alibi_fp32[device]
 
     def forward(self, x, cache=None, doc_ids=None, positions=None, rope_len=None):
         """positions [T] or [B, T]: each token's position, for RoPE (default: from the cache's

@@ -71,6 +71,8 @@ def test_reference_attend_is_alibi_by_hand(Tq, Tk):
     assert torch.equal(att.alibi_slopes(), alibi_slopes(12))
     att.bfloat16()  # rounded by a cast: the slopes come back exact in fp32
     assert torch.equal(att.alibi_slopes(), alibi_slopes(12))
+    # one tensor from call to call: flash_attention reads a slopes tensor's values once (a GPU sync), not per call
+    assert att.alibi_slopes() is att.alibi_slopes()
 
 
 def test_both_paths_agree(one_thread):
