@@ -50,10 +50,9 @@ def _norms(d: dict) -> tuple:
     return ("input_layernorm", None), True
 
 
-def _check_hf_config(cfg_json: Path, sd: dict) -> GPTConfig:
-    """The GPTConfig of a Falcon config.json, checked against the tensors beside it; what this model does not
-    compute refused by name."""
-    d = read_json_object(cfg_json)
+def _check_hf_config(cfg_json: Path, d: dict, sd: dict) -> GPTConfig:
+    """The GPTConfig of a Falcon config.json (d, its contents), checked against the tensors beside it; what this
+    model does not compute refused by name."""
     kind = d.get("model_type")
     if kind in REMOTE_CODE_TYPES:
         raise UserError(f"{cfg_json} says model_type {kind!r}, the remote-code Falcon format: take the folder's "
@@ -154,8 +153,8 @@ def load_falcon_safetensors(path) -> GPTModel:
         raise UserError(f"Falcon weights file not found: {path}")
     sd = _read_tensors(path, prefix="transformer.")
     cfg_json = path.parent / "config.json"
-    cfg = _check_hf_config(cfg_json, sd)
     d = read_json_object(cfg_json)
+    cfg = _check_hf_config(cfg_json, d, sd)
     return model_with_tensors(cfg, lambda: _our_tensors(sd, cfg, d), path)
 
 
@@ -198,16 +197,15 @@ def hf_config(cfg: GPTConfig, eos_token_id: int | None = None) -> dict:
     for two parallel norms or grouped key/value heads, else the old one (multi-query for one key/value head)."""
     G, H = cfg.kv_heads, cfg.n_head
     new_arch = cfg.parallel_residual and (not cfg.shared_norm or 1 < G < H)
-    d = {"model_type": MODEL_TYPE, "architectures": ["FalconForCausalLM"], "vocab_size": cfg.vocab_size,
-         "max_position_embeddings": cfg.context_length, "hidden_size": cfg.n_embd, "ffn_hidden_size": 4 * cfg.n_embd,
-         "num_hidden_layers": cfg.n_layer, "num_attention_heads": H, "num_kv_heads": G, "activation": "gelu",
-         "layer_norm_epsilon": cfg.norm_eps, "bias": cfg.bias, "alibi": False, "new_decoder_architecture": new_arch,
-         "multi_query": G == 1 and H > 1, "parallel_attn": cfg.parallel_residual,
-         "num_ln_in_parallel_attn": (1 if cfg.shared_norm else 2) if new_arch else None, "hidden_dropout": 0.0,
-         "attention_dropout": 0.0, "tie_word_embeddings": cfg.tie_weights, "bos_token_id": eos_token_id,
-         "eos_token_id": eos_token_id, "pad_token_id": None, "rope_theta": cfg.rope_theta,
-         "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta}}
-    return d
+    return {"model_type": MODEL_TYPE, "architectures": ["FalconForCausalLM"], "vocab_size": cfg.vocab_size,
+            "max_position_embeddings": cfg.context_length, "hidden_size": cfg.n_embd, "ffn_hidden_size": 4 * cfg.n_embd,
+            "num_hidden_layers": cfg.n_layer, "num_attention_heads": H, "num_kv_heads": G, "activation": "gelu",
+            "layer_norm_epsilon": cfg.norm_eps, "bias": cfg.bias, "alibi": False, "new_decoder_architecture": new_arch,
+            "multi_query": G == 1 and H > 1, "parallel_attn": cfg.parallel_residual,
+            "num_ln_in_parallel_attn": (1 if cfg.shared_norm else 2) if new_arch else None, "hidden_dropout": 0.0,
+            "attention_dropout": 0.0, "tie_word_embeddings": cfg.tie_weights, "bos_token_id": eos_token_id,
+            "eos_token_id": eos_token_id, "pad_token_id": None, "rope_theta": cfg.rope_theta,
+            "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta}}
 
 
 def _hf_tensors(model: GPTModel, d: dict) -> dict:
