@@ -77,7 +77,16 @@ lm_head.bias), logits h @ w.T + b: the reference lm_loss(F.linear(h, w, b)), F.l
 torch.compile of the reference, ours (linear_cross_entropy(bias=b): the bias added to each chunk's logits, its
 gradient the chunks' column sums of dlogits) and Liger's fused linear cross-entropy given its bias argument. Every
 provider also returns db. The same FLOPs as lm_head_loss are counted (the N x V bias adds are not). It runs after
-rope_partial, last of all, so a short budget drops it first.
+rope_partial.
+alibi_attention is causal attention with ALiBi's biases (BLOOM's, MPT's; GPTConfig.position_encoding "alibi"):
+query head h adds m_h (j - i) to each scaled score, m the model's slopes (layers.alibi_slopes(H)), at attention's
+sizes: the reference module's attend (the bias built as a [H, T, T] fp32 tensor each call, as the model does),
+torch.compile of it, SDPA given the bias plus the causal -inf as a float mask made once before the timing (in q's
+dtype, as SDPA requires: a bf16 bias is coarse, 16 apart at 4096, as transformers' BLOOM's in bf16 is; its
+memory, H T^2 elements, is not counted), FlexAttention with the bias as its score_mod and a causal block mask, ours
+(flash_attention(alibi_slopes=): the bias made in registers per tile) and flash-attn's alibi_slopes; FlashAttention-3
+has no ALiBi (its rows say so). Its FLOPs are causal attention's (the bias adds are not counted). It runs after
+lm_head_loss_bias, last of all, so a short budget drops it first.
 Modes: fwd (inputs require grad, as in training), bwd (backward of a kept graph,
 retain_graph=True), fwd+bwd. Backward starts from a random gradient, or from 1 for a loss (as
 loss.backward() does). Gradients are reset to None before each timed call.
@@ -140,6 +149,8 @@ PROVIDERS = {
     "rope_partial": ("reference", "compile", "triton", "liger"),
     # the LM head + loss with a bias on the head (GPTConfig.head_bias: Phi-1/1.5/2, GPT-J)
     "lm_head_loss_bias": ("reference", "torch", "compile", "triton", "liger"),
+    # ALiBi's per-head linear position biases on causal attention (GPTConfig.position_encoding "alibi": BLOOM, MPT)
+    "alibi_attention": ("reference", "sdpa-mask", "compile", "flex", "triton", *FLASH_ATTN),
 }
 # a gated MLP op -> its gate's activation (SwiGLUFeedForward's and swiglu_mlp's activation)
 GATED_MLPS = {"swiglu": "silu", "geglu": "gelu"}
@@ -624,6 +635,47 @@ def softcap_attention_providers(q, k, v, softcap=ATTN_SOFTCAP):
            "triton": _ours_attention(q, k, v, causal=True, softcap=softcap)}
     out.update({name: _flash_attn(q, k, v, *where, causal=True, softcap=softcap) for name, where in FLASH_ATTN.items()})
     return out
+
+
+def alibi_attention_providers(q, k, v):
+    """Causal attention with ALiBi's biases m_h (j - i), m = alibi_slopes(H): the reference module's attend
+    (MultiHeadAttention(alibi=True)) and torch.compile of it, SDPA with the bias and the causal mask as one float
+    mask in q's dtype, FlexAttention with the bias as its score_mod (compiled; CUDA), flash_attention(alibi_slopes=)
+    and flash-attn's alibi_slopes (which adds -m |i - j| to the scaled scores: the same under the causal mask)."""
+    from tritongpt.model.layers import MultiHeadAttention, alibi_bias, alibi_slopes
+
+    B, H, T, D = q.shape
+    slopes = alibi_slopes(H).to(q.device)
+
+    def module():
+        return MultiHeadAttention(H * D, H, T, alibi=True).to(q.device).eval()
+
+    def reference():
+        m = module()
+        return (lambda: m.attend(q, k, v)), [q, k, v]
+
+    def compiled():
+        cf = _fresh_compile(module().attend)
+        return (lambda: cf(q, k, v)), [q, k, v]
+
+    def sdpa_mask():
+        future = torch.ones(T, T, dtype=torch.bool, device=q.device).triu(1)
+        mask = alibi_bias(slopes, T, T).masked_fill(future, float("-inf")).to(q.dtype)
+        return (lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask)), [q, k, v]
+
+    def causal(b, h, qi, ki):
+        return ki <= qi
+
+    def biased(score, b, h, qi, ki):
+        return score + slopes[h] * (ki - qi)
+
+    def flash_attn_3():
+        raise Unavailable("FlashAttention-3 (flash_attn_interface.flash_attn_func) has no ALiBi: no alibi_slopes")
+
+    return {"reference": reference, "sdpa-mask": sdpa_mask, "compile": compiled, "flex": _flex(q, k, v, causal, biased),
+            "triton": _ours_attention(q, k, v, causal=True, alibi_slopes=slopes),
+            "flash-attn": _flash_attn(q, k, v, *FLASH_ATTN["flash-attn"], causal=True, alibi_slopes=slopes),
+            "flash-attn-3": flash_attn_3}
 
 
 def gqa_attention_providers(q, k, v):
@@ -1267,6 +1319,18 @@ def sweep_softcap_attention(timer, budget, seqlens, head_dims, dtype, tokens=163
                                    modes, providers)
 
 
+def sweep_alibi_attention(timer, budget, seqlens, head_dims, dtype, tokens=16384, width=2048, modes=MODES,
+                          providers=None):
+    """Causal attention with ALiBi's biases (alibi_slopes of the heads), sized as sweep_attention; the FLOPs are
+    causal attention's (the bias adds are not counted)."""
+    def case(q, k, v):
+        b, h, t, d = q.shape
+        return ({"alibi": True}, alibi_attention_providers(q, k, v),
+                lambda m: {"flops": attention_flops(b, h, t, t, d, True, m)})
+    return _sweep_masked_attention("alibi_attention", case, timer, budget, seqlens, head_dims, dtype, tokens, width,
+                                   modes, providers)
+
+
 def sweep_gqa_attention(timer, budget, seqlens, heads, dtype, tokens=16384, modes=MODES, providers=None):
     """Grouped-query attention at each (H, Hkv, D) of heads and each length, batch * T = tokens;
     the FLOPs are causal attention's over the H query heads (4 B H T^2 D / 2 forward)."""
@@ -1456,7 +1520,9 @@ def _sweep_plan(sizes, part):
             "mlp_exact_gelu": [sizes["mlp_widths"]] if part == "rest" else [],
             "rope_partial": [sizes["rope_partial_heads"]] if part == "rest" else [],
             # the LM head with a bias after them all: the first a short budget drops
-            "lm_head_loss_bias": [sizes["head_widths"]] if part == "rest" else []}
+            "lm_head_loss_bias": [sizes["head_widths"]] if part == "rest" else [],
+            # ALiBi attention at attention's sizes, the newest: the first a short budget drops
+            "alibi_attention": [(sizes["attn_seqlens"], sizes["attn_head_dims"])] if part == "rest" else []}
     return {op: [a for a in args if a] for op, args in plan.items()}
 
 
@@ -1464,7 +1530,7 @@ def run_kernels(timer, budget, dtype=torch.bfloat16,
                 ops=("layernorm", "mlp", "attention", "cross_entropy", "lm_head_loss", "doc_attention",
                      "window_attention", "add_layernorm", "rope", "lm_head_loss_smooth_z", "lm_head_loss_softcap",
                      "gqa_attention", "rmsnorm", "add_rmsnorm", "swiglu", "geglu", "softcap_attention",
-                     "mlp_exact_gelu", "rope_partial", "lm_head_loss_bias"),
+                     "mlp_exact_gelu", "rope_partial", "lm_head_loss_bias", "alibi_attention"),
                 modes=MODES, providers=None, sizes=None, ceiling_sizes=None, log=print):
     """All sweeps plus the ceilings; returns (rows, ceilings).
 
@@ -1473,8 +1539,9 @@ def run_kernels(timer, budget, dtype=torch.bfloat16,
     runs out it is the wider sweep's compiled baselines that go missing. lm_head_loss_smooth_z, then
     lm_head_loss_softcap (variants of lm_head_loss) come after all of those, each whole (every
     provider's, compiled ones too) before the next, gqa_attention after them, then rmsnorm,
-    add_rmsnorm, swiglu, geglu, softcap_attention, mlp_exact_gelu, rope_partial and lm_head_loss_bias (the newest
-    ops), so a short budget drops lm_head_loss_bias first, then rope_partial, then mlp_exact_gelu, then
+    add_rmsnorm, swiglu, geglu, softcap_attention, mlp_exact_gelu, rope_partial, lm_head_loss_bias and alibi_attention
+    (the newest ops), so a short budget drops alibi_attention first, then lm_head_loss_bias, then rope_partial, then
+    mlp_exact_gelu, then
     softcap_attention, then geglu, then swiglu, then the RMSNorms, then gqa_attention, then the LM head's soft cap.
     """
     sizes = dict(FULL_SIZES, **(sizes or {}))
@@ -1584,6 +1651,11 @@ def _run_plan(rows, timer, budget, dtype, ops, modes, sizes, groups, log):
                     f"vocab {list(sizes['ce_vocabs'])} ...")
                 rows += sweep_lm_head_loss_bias(timer, budget, sizes["ce_rows"], widths, sizes["ce_vocabs"], dtype,
                                                 modes, provs)
+        for provs, label in groups:
+            for seqlens, head_dims in plan["alibi_attention"] if "alibi_attention" in ops else ():
+                log(f"attention with ALiBi ({part}{label}): T {list(seqlens)}, head_dim {list(head_dims)} ...")
+                rows += sweep_alibi_attention(timer, budget, seqlens, head_dims, dtype, sizes["attn_tokens"],
+                                              sizes["attn_width"], modes, provs)
 
 
 def sort_rows(rows):

@@ -391,7 +391,8 @@ def plot_kernels(rows, ceilings, out_dir) -> list:
              "lm_head_loss": ("vocab", "tflops", "TFLOPS", "matmul"),
              "lm_head_loss_smooth_z": ("vocab", "tflops", "TFLOPS", "matmul"),
              "lm_head_loss_softcap": ("vocab", "tflops", "TFLOPS", "matmul"),
-             "lm_head_loss_bias": ("vocab", "tflops", "TFLOPS", "matmul")}
+             "lm_head_loss_bias": ("vocab", "tflops", "TFLOPS", "matmul"),
+             "alibi_attention": ("seq_len", "tflops", "TFLOPS", "matmul")}
     for op, (xkey, ykey, ylabel, ceil_key) in specs.items():
         op_rows = [r for r in rows if r["op"] == op and is_ok(r) and r.get(ykey) is not None]
         if not op_rows:

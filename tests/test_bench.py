@@ -512,10 +512,11 @@ def test_run_kernels_end_to_end_on_cpu():
     # smoothing and z-loss, lm_head_loss on soft-capped logits, rope at 2 and 3 heads (reference),
     # grouped-query attention (reference, sdpa-flash), rmsnorm and residual add + rmsnorm at 2 widths,
     # the SwiGLU MLP and the GeGLU one (reference), soft-capped attention at T 32 and 16 (reference), the exact-GELU
-    # MLP (reference, torch), partial rotary at 2 shapes (reference), lm_head_loss with a head bias
+    # MLP (reference, torch), partial rotary at 2 shapes (reference), lm_head_loss with a head bias, ALiBi attention
+    # at T 32 and 16 (reference)
     assert len(timed) == (2 * 2 * 3 + 1 * 2 * 3 + 2 * 2 * 3 + 1 * 2 * 3 + 1 * 2 * 3 + 2 * 3 + 3 + 2 * 2 * 3 + 1 * 2 * 3
                           + 1 * 2 * 3 + 2 * 3 + 2 * 3 + 2 * 2 * 3 + 2 * 2 * 3 + 3 + 3 + 2 * 3 + 2 * 3 + 2 * 3
-                          + 1 * 2 * 3)
+                          + 1 * 2 * 3 + 2 * 3)
     assert [(r["provider"], r["config"]["width"]) for r in timed if r["op"] == "mlp_exact_gelu"] == \
         [("reference", 8)] * 3 + [("torch", 8)] * 3
     assert [(r["config"]["heads"], r["config"]["kv_heads"], r["config"]["head_dim"], r["config"]["rotary_dim"],
@@ -523,6 +524,8 @@ def test_run_kernels_end_to_end_on_cpu():
         [(2, 2, 8, 4, 1.0)] * 3 + [(4, 2, 16, 12, 1.5)] * 3
     assert [(r["config"]["seq_len"], r["config"]["head_dim"], r["config"]["softcap"]) for r in timed
             if r["op"] == "softcap_attention"] == [(16, 8, 50.0)] * 3 + [(32, 8, 50.0)] * 3
+    assert [(r["provider"], r["config"]["seq_len"], r["config"]["alibi"]) for r in timed
+            if r["op"] == "alibi_attention"] == [("reference", 16, True)] * 3 + [("reference", 32, True)] * 3
     assert {r["config"]["width"] for r in timed if r["op"] in ("rmsnorm", "add_rmsnorm")} == {40, 24}
     for op in ("swiglu", "geglu"):
         assert [(r["config"]["width"], r["config"]["hidden"]) for r in timed if r["op"] == op] == [(8, 64)] * 3
@@ -578,6 +581,8 @@ def test_target_configurations_are_measured_first_and_exactly_once():
     assert first["mlp_exact_gelu"] == [] and rest["mlp_exact_gelu"] == [full["mlp_widths"]]
     assert first["rope_partial"] == [] and rest["rope_partial"] == [full["rope_partial_heads"]]
     assert first["lm_head_loss_bias"] == [] and rest["lm_head_loss_bias"] == [full["head_widths"]]
+    assert first["alibi_attention"] == [] and rest["alibi_attention"] == [(full["attn_seqlens"],
+                                                                            full["attn_head_dims"])]
     assert full["gqa_heads"] == ((32, 8, 128), (12, 1, 64), (4, 1, 256))
     assert full["gqa_seqlens"] == (512, 1024, 2048, 4096, 8192)
     for op, key in (("layernorm", "ln_widths"), ("mlp", "mlp_widths")):
@@ -1080,7 +1085,8 @@ def test_gpu_command_flow_with_cpu_stand_ins(tmp_path, monkeypatch, capsys):
                                             "doc_attention", "window_attention", "add_layernorm", "rope",
                                             "lm_head_loss_smooth_z", "lm_head_loss_softcap", "gqa_attention",
                                             "rmsnorm", "add_rmsnorm", "swiglu", "geglu", "softcap_attention",
-                                            "mlp_exact_gelu", "rope_partial", "lm_head_loss_bias"}
+                                            "mlp_exact_gelu", "rope_partial", "lm_head_loss_bias",
+                                            "alibi_attention"}
     assert {(r["config"]["heads"], r["config"]["kv_heads"]) for r in k["rows"] if r["op"] == "gqa_attention"} == \
         {(4, 2), (3, 1)}
     assert {(r["config"]["heads"], r["config"]["rotary_dim"]) for r in k["rows"] if r["op"] == "rope_partial"} == \
@@ -1691,6 +1697,72 @@ def test_softcap_attention_rows_time_each_provider_on_the_same_capped_scores(dev
     if device.type != "cuda":
         assert by["flex", "fwd"]["status"].startswith("skipped: FlexAttention is timed on CUDA only")
         assert by["flash-attn", "fwd"]["status"].startswith("skipped: ")
+
+
+def test_alibi_attention_rows_time_each_provider_on_the_same_biased_scores(device):
+    """alibi_attention: the reference module, SDPA's float mask and ours compute causal attention on scores plus
+    m_h (j - i), written out here in float64 with BLOOM's slopes for 6 heads (not a power of two); FlexAttention
+    is timed on CUDA only, flash-attn where installed, FlashAttention-3 never (no ALiBi); the FLOPs are causal
+    attention's."""
+    from tritongpt.bench.common import attention_flops
+
+    gen = torch.Generator().manual_seed(5)
+    T = 37
+    q, k, v = (torch.randn(1, 6, T, 16, generator=gen).to(device) for _ in range(3))
+    builders = kernels.alibi_attention_providers(q, k, v)
+    q64, k64, v64 = (t.double() for t in (q, k, v))
+    # transformers' BLOOM slopes for 6 heads: the 4-head rule's, then every other one of the 8-head rule's
+    slopes = torch.tensor([2.0 ** -2, 2.0 ** -4, 2.0 ** -6, 2.0 ** -8, 2.0 ** -1, 2.0 ** -3], dtype=torch.float64)
+    pos = torch.arange(T, dtype=torch.float64)
+    bias = slopes[:, None, None] * (pos[None, None, :] - pos[None, :, None])
+    future = torch.ones(T, T, dtype=torch.bool).triu(1)
+    scores = q64 @ k64.transpose(-2, -1) / 4
+    want = torch.softmax((scores + bias.to(device)).masked_fill(future.to(device), float("-inf")), -1) @ v64
+    plain = torch.softmax(scores.masked_fill(future.to(device), float("-inf")), -1) @ v64
+    assert (want - plain).abs().max() > 0.1  # the bias bites
+    for name in ("reference", "sdpa-mask", "triton"):
+        f, leaves = builders[name]()
+        assert torch.allclose(f().double(), want, atol=1e-5), name
+        assert all(t is u for t, u in zip(leaves, (q, k, v)))
+    rows = kernels.sweep_alibi_attention(CpuTimer(reps=1), Budget(None), (16,), (16,), torch.float32, tokens=32,
+                                         width=32, providers=("reference", "flex", "flash-attn", "flash-attn-3"))
+    by = {(r["provider"], r["mode"]): r for r in rows}
+    assert {r["op"] for r in rows} == {"alibi_attention"}
+    assert by["reference", "fwd"]["status"] == "ok"
+    assert by["reference", "fwd+bwd"]["flops"] == attention_flops(2, 2, 16, 16, 16, True, "fwd+bwd")
+    assert by["flash-attn-3", "fwd"]["status"] == ("skipped: FlashAttention-3 (flash_attn_interface.flash_attn_func) "
+                                                   "has no ALiBi: no alibi_slopes")
+    if device.type != "cuda":
+        assert by["flex", "fwd"]["status"].startswith("skipped: FlexAttention is timed on CUDA only")
+        assert by["flash-attn", "fwd"]["status"].startswith("skipped: ")
+
+
+def test_alibi_attention_gives_flash_attn_and_flex_the_slopes(monkeypatch):
+    """flash-attn takes the model's slopes as alibi_slopes (fp32 [H]) with causal=True; FlexAttention's score_mod
+    adds m_h (kv - q) to the score."""
+    from tritongpt.model.layers import alibi_slopes
+
+    seen = []
+
+    def fake_flash_attn_func(q, k, v, **options):
+        seen.append(options)
+        return q
+    monkeypatch.setitem(sys.modules, "flash_attn", types.SimpleNamespace(flash_attn_func=fake_flash_attn_func))
+    q = kernels.randn(1, 4, 9, 16, device="cpu", dtype=torch.bfloat16)
+    f, _ = kernels.alibi_attention_providers(q, q, q)["flash-attn"]()
+    assert torch.equal(f(), q)
+    (options,) = seen
+    assert options.pop("causal") is True and options.pop("alibi_slopes").tolist() == alibi_slopes(4).tolist()
+    assert options == {}
+    flex = []
+    monkeypatch.setattr(kernels, "_flex", lambda q, k, v, mask_mod, score_mod=None: flex.append((mask_mod,
+                                                                                             score_mod)))
+    kernels.alibi_attention_providers(q, q, q)
+    (mask_mod, score_mod), = flex
+    s = torch.tensor([-4.0, 0.5, 7.0])
+    assert torch.allclose(score_mod(s, 0, 1, 5, 2), s - 3 * alibi_slopes(4)[1])
+    qi, ki = torch.arange(5)[:, None], torch.arange(5)[None, :]
+    assert torch.equal(mask_mod(0, 0, qi, ki), ki <= qi)
 
 
 def test_softcap_attention_gives_flash_attn_and_flex_the_cap(monkeypatch):
@@ -2362,7 +2434,8 @@ def test_every_provider_builder_is_in_the_sweep():
              "mlp_exact_gelu": kernels.mlp_providers(x, torch.zeros(32, 8), torch.zeros(32), torch.zeros(8, 32), x[0],
                                                      "none"),
              "rope_partial": kernels.rope_partial_providers(q, q[:, :1], 4),
-             "lm_head_loss_bias": kernels.lm_head_loss_bias_providers(x, torch.zeros(5, 8), t, torch.zeros(5))}
+             "lm_head_loss_bias": kernels.lm_head_loss_bias_providers(x, torch.zeros(5, 8), t, torch.zeros(5)),
+             "alibi_attention": kernels.alibi_attention_providers(q, q, q)}
     assert set(built) == set(kernels.PROVIDERS)
     for op, builders in built.items():
         assert set(kernels.PROVIDERS[op]) == set(builders), op
@@ -2639,20 +2712,20 @@ def test_lm_head_variants_run_last_of_all_the_soft_cap_last(monkeypatch):
               "rmsnorm": "sweep_rmsnorm", "add_rmsnorm": "sweep_add_rmsnorm", "swiglu": "sweep_swiglu",
               "geglu": "sweep_geglu", "softcap_attention": "sweep_softcap_attention",
               "mlp_exact_gelu": "sweep_mlp_exact_gelu", "rope_partial": "sweep_rope_partial",
-              "lm_head_loss_bias": "sweep_lm_head_loss_bias"}
+              "lm_head_loss_bias": "sweep_lm_head_loss_bias", "alibi_attention": "sweep_alibi_attention"}
     for op, name in sweeps.items():
         monkeypatch.setattr(kernels, name, lambda *a, op=op: calls.append((op, "compile" in a[-1])) or [])
     monkeypatch.setattr(kernels, "measure_ceilings", lambda timer, **k: {})
     kernels.run_kernels(CpuTimer(reps=1), Budget(None), log=lambda s: None)
     newest = ["lm_head_loss_smooth_z", "lm_head_loss_softcap", "gqa_attention", "rmsnorm", "add_rmsnorm", "swiglu",
-              "geglu", "softcap_attention", "mlp_exact_gelu", "rope_partial", "lm_head_loss_bias"]
-    assert calls[-22:] == [(op, compiled) for op in newest for compiled in (False, True)]  # after them all
-    assert {op for op, _ in calls[:-22]} == set(sweeps) - set(newest)
-    assert ("doc_attention", True) in calls[:-22]
+              "geglu", "softcap_attention", "mlp_exact_gelu", "rope_partial", "lm_head_loss_bias", "alibi_attention"]
+    assert calls[-24:] == [(op, compiled) for op in newest for compiled in (False, True)]  # after them all
+    assert {op for op, _ in calls[:-24]} == set(sweeps) - set(newest)
+    assert ("doc_attention", True) in calls[:-24]
     parser = cli.build_parser()
     default_ops = parser.parse_args(["bench", "kernels"]).ops.split(",")
     assert default_ops == list(inspect.signature(kernels.run_kernels).parameters["ops"].default)
-    assert default_ops[-11:] == newest
+    assert default_ops[-12:] == newest
     ops, _, _ = bcli.kernel_names(parser.parse_args(["bench", "kernels", "--ops", "lm_head_loss_softcap"]))
     assert ops == ("lm_head_loss_softcap",)
 
