@@ -317,6 +317,16 @@ def test_a_model_built_here_exports_as_gemma3_and_other_exports_refuse_its_touch
         export_gemma(_gemma_like(mlp="swiglu"), tmp_path / "no")
     with pytest.raises(UserError, match="RoPE of their own"):
         export_gemma(_gemma_like(qk_norm=False), tmp_path / "no")  # a Gemma 2 has one RoPE
+    with pytest.raises(UserError, match=r"does not normalize its sublayers' outputs \(post_norms\), which Gemma 3's"):
+        export_gemma(_gemma_like(post_norms=False), tmp_path / "no")
+    # no local layer: transformers' Gemma 2 and 3 still build a sliding mask, from the context's window written
+    for change in ({"qk_norm": False}, {}):
+        model = _gemma_like(attention_window=0, window_layers="all", rope_local_theta=0.0, **change).double().eval()
+        export_gemma(model, tmp_path / "global", overwrite=True)
+        hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "global", dtype=torch.float64).eval()
+        with torch.no_grad():
+            assert_close_rel(model(idx), hf(idx).logits, 2e-6, f"no local layer, {type(hf).__name__}")
+        assert load_checkpoint(tmp_path / "global").config.attention_window == 0
 
 
 def test_window_layers_as_a_list_is_checked():

@@ -306,7 +306,8 @@ def test_other_exports_refuse_experts_and_the_moe_export_refuses_what_its_famili
                           ({"mlp": "geglu"}, "has GEGLU experts, where Mixtral's are SwiGLU"),
                           ({"bias": True}, "has biases, where Mixtral has none"),
                           ({"attention_window": 4, "window_layers": "odd"}, "layers odd only, where Mixtral's"),
-                          ({"logit_softcap": 30.0}, "soft-caps its logits")):
+                          ({"logit_softcap": 30.0}, "soft-caps its logits"),
+                          ({"nope_layers": "1"}, r"has layers without RoPE \(1\), which Mixtral does not")):
         other = GPTModel(moe_config(**change))
         with pytest.raises(UserError, match=match):
             export_target(other.config)[1](other, "a Mixtral folder")

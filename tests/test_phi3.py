@@ -192,8 +192,10 @@ def _phi4_like(**kw):
 
 def test_a_model_built_here_exports_as_phi3_and_other_exports_refuse_its_rope(tmp_path):
     """`export` writes a Llama-shaped model with a partial rotary or LongRoPE as Phi-3 (transformers reproduces
-    its logits); the Llama, Gemma and OLMo folders, which cannot say either, refuse them by name, and the Phi-3
-    one what Phi-3 does not compute. A resume that would change the rotated width is refused by name."""
+    its logits), and one with heads of 24 over n_embd 64 (config.json's head_dim; not with LongRoPE, whose factor
+    lists Phi3Config sizes by n_embd / n_head); the Llama, Gemma and OLMo folders, which cannot say either, refuse
+    them by name, and the Phi-3 one what Phi-3 does not compute (RoPE scaled otherwise than by LongRoPE too:
+    Phi3Config refuses it). A resume that would change the rotated width is refused by name."""
     from types import SimpleNamespace
 
     from tritongpt.commands import export_target
@@ -204,18 +206,23 @@ def test_a_model_built_here_exports_as_phi3_and_other_exports_refuse_its_rope(tm
     from tritongpt.train.phi3_weights import export_phi3
 
     torch.manual_seed(1)
-    model = _phi4_like().double().eval()
+    model, wide = _phi4_like().double().eval(), _phi4_like(attention_head_dim=24, rope_scaling=None).double().eval()
     with torch.no_grad():
-        for p in model.parameters():
+        for p in [*model.parameters(), *wide.parameters()]:
             p.add_(torch.randn_like(p) * 0.1)
-    assert export_target(model.config)[0] == "Phi-3"
+    assert export_target(model.config)[0] == export_target(wide.config)[0] == "Phi-3"
     assert export_target(_phi4_like(rotary_dim=0, rope_scaling=None).config)[0] == "Llama"
     export_phi3(model, tmp_path / "p")
+    export_phi3(wide, tmp_path / "w")
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "p", dtype=torch.float64).eval()
     for length in (7, T):
         idx = torch.randint(0, VOCAB, (2, length))
         with torch.no_grad():
             assert_close_rel(model(idx), hf(idx).logits, 2e-6, f"built here, read by transformers, T={length}")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "w", dtype=torch.float64).eval()
+    with torch.no_grad():
+        assert_close_rel(wide(idx), hf(idx).logits, 2e-6, "heads of 24, read by transformers")
+    assert load_checkpoint(tmp_path / "w").config.head_dim == 24
     for change, match in (({}, r"rotates only 12 of each head's 16 dimensions \(rotary_dim\).*Llama.*Phi-3 folder"),
                           ({"rotary_dim": 0}, "scales RoPE by LongRoPE.*Llama")):
         with pytest.raises(UserError, match=match):
@@ -227,7 +234,10 @@ def test_a_model_built_here_exports_as_phi3_and_other_exports_refuse_its_rope(tm
     for change, match in (({"bias": True}, "has biases, where Phi-3's projections have none"),
                           ({"qk_norm": True}, "normalizes q and k"),
                           ({"attention_window": 5, "window_layers": "odd"}, "in layers odd only"),
-                          ({"logit_softcap": 5.0}, "soft-caps its logits")):
+                          ({"logit_softcap": 5.0}, "soft-caps its logits"),
+                          ({"rope_scaling": {"rope_type": "linear", "factor": 2.0}},
+                           "scales RoPE as 'linear', where Phi-3's config takes LongRoPE only"),
+                          ({"attention_head_dim": 24}, "has heads of 24 and LongRoPE.*n_embd / n_head")):
         with pytest.raises(UserError, match=match):
             export_phi3(_phi4_like(**change), tmp_path / "no")
     saved = model.config.to_dict()

@@ -261,6 +261,8 @@ def refuse_not_gemma(model: GPTModel, what: str) -> None:
                           f"{family} does"),
                          (cfg.bias or cfg.qkv_bias_only, f"has biases, where {family}'s projections have none"),
                          (not cfg.scale_attention, f"does not scale its attention scores, which {family} does"),
+                         (kind != "gemma" and not cfg.post_norms, "does not normalize its sublayers' outputs "
+                          f"(post_norms), which {family}'s sandwich norms do"),
                          (kind == "gemma" and bool(cfg.attention_window), "has local attention, which Gemma 1 "
                           "does not (Gemma 2 and 3, with their sandwich norms: post_norms, do)"),
                          (kind == "gemma" and bool(cfg.logit_softcap), "soft-caps its logits, which Gemma 1 does "
@@ -316,8 +318,10 @@ def hf_config(cfg: GPTConfig, eos_token_id: int | None = None, bos_token_id: int
         return {**d, "rope_theta": cfg.rope_theta, "rope_parameters": rope}
     d.update(query_pre_attn_scalar=cfg.attention_scale_width or cfg.head_dim,
              attn_logit_softcapping=cfg.attn_softcap or None,
-             final_logit_softcapping=cfg.logit_softcap or None, sliding_window=cfg.attention_window or None,
-             layer_types=_layer_types(cfg))
+             final_logit_softcapping=cfg.logit_softcap or None,
+             # transformers' Gemma 2 and 3 build a sliding mask whatever layer_types say, and fail without a
+             # window: a model with none gets the context's, which no full_attention layer reads
+             sliding_window=cfg.attention_window or cfg.context_length, layer_types=_layer_types(cfg))
     if kind == "gemma2":
         return {**d, "rope_theta": cfg.rope_theta, "rope_parameters": rope}
     local = {"rope_type": "default", "rope_theta": cfg.rope_local_theta or cfg.rope_theta}

@@ -181,6 +181,9 @@ def refuse_not_moe(model: GPTModel, what: str) -> None:
         raise UserError(f"this model has a dense MLP (n_experts 0): it cannot be exported as {what}")
     for differs, why in ((cfg.mlp != "swiglu", f"has {cfg.mlp.upper()} experts, where {family}'s are SwiGLU"),
                          (cfg.bias or cfg.qkv_bias_only, f"has biases, where {family} has none"),
+                         # refuse_not_llama below takes them as SmolLM3's, a dense family
+                         (cfg.nope_layers != "", f"has layers without RoPE ({cfg.nope_layers}), which {family} "
+                          "does not"),
                          (family == "Mixtral" and not cfg.moe_norm_topk, "does not renormalize its top k router "
                           "weights (moe_norm_topk False), which Mixtral always does (Qwen3-MoE and OLMoE may not)"),
                          (family == "Mixtral" and cfg.attention_window and cfg.window_layers != "all",

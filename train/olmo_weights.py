@@ -179,6 +179,8 @@ def refuse_not_olmo(model: GPTModel, what: str) -> None:
                           f"{family} does"),
                          (not cfg.qk_norm or cfg.qk_norm_width != "all", f"does not normalize the whole q and k "
                           f"(qk_norm with qk_norm_width 'all'), which {family} does"),
+                         (cfg.nope_layers != "", f"has layers without RoPE ({cfg.nope_layers}), which {family} "
+                          "does not"),
                          (cfg.scale_embeddings, f"scales its token embeddings, which {family} does not"),
                          (bool(cfg.logit_softcap), f"soft-caps its logits, which {family} does not"),
                          (bool(cfg.attn_softcap), f"soft-caps its attention scores, which {family} does not"),

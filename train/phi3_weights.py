@@ -148,6 +148,12 @@ def refuse_not_phi3(model: GPTModel, what: str) -> None:
                          (cfg.qk_norm, "normalizes q and k (qk_norm), which Phi-3 does not"),
                          (bool(cfg.nope_layers), f"has layers without RoPE ({cfg.nope_layers}), where Phi-3 rotates "
                           "in every layer"),
+                         ((cfg.rope_scaling or {}).get("rope_type", "longrope") != "longrope",
+                          f"scales RoPE as {(cfg.rope_scaling or {}).get('rope_type')!r}, where Phi-3's config takes "
+                          "LongRoPE only"),
+                         (cfg.rope_scaling is not None and cfg.head_dim * cfg.n_head != cfg.n_embd,
+                          f"has heads of {cfg.head_dim} and LongRoPE, whose factor lists Phi3Config sizes by "
+                          "n_embd / n_head (a Phi-3 with wider or narrower heads rotates them unscaled only)"),
                          (bool(cfg.attention_window) and cfg.window_layers != "all",
                           f"has local attention in layers {cfg.window_layers} only, where Phi-3's sliding window "
                           "covers every layer")):
@@ -188,7 +194,8 @@ def hf_config(cfg: GPTConfig, eos_token_id: int | None = None) -> dict:
     return {"model_type": MODEL_TYPE, "architectures": [ARCHITECTURE], "vocab_size": cfg.vocab_size,
             "max_position_embeddings": cfg.context_length, "hidden_size": cfg.n_embd,
             "intermediate_size": cfg.ff_hidden, "num_hidden_layers": cfg.n_layer, "num_attention_heads": cfg.n_head,
-            "num_key_value_heads": cfg.kv_heads, "hidden_act": "silu", "rms_norm_eps": cfg.norm_eps,
+            "num_key_value_heads": cfg.kv_heads, "head_dim": cfg.head_dim, "hidden_act": "silu",
+            "rms_norm_eps": cfg.norm_eps,
             "original_max_position_embeddings": scaling.get("original_max_position_embeddings", cfg.context_length),
             "rope_theta": cfg.rope_theta, "partial_rotary_factor": factor, "rope_parameters": rope,
             "rope_scaling": cfg.rope_scaling, "sliding_window": cfg.attention_window or None,
