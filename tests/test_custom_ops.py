@@ -8,6 +8,7 @@ import tritongpt.kernels.attention  # noqa: F401  (registers the ops)
 import tritongpt.kernels.cross_entropy  # noqa: F401
 import tritongpt.kernels.layernorm  # noqa: F401
 import tritongpt.kernels.mlp  # noqa: F401
+import tritongpt.kernels.moe  # noqa: F401
 import tritongpt.kernels.rope  # noqa: F401
 import tritongpt.kernels.swiglu  # noqa: F401
 
@@ -65,6 +66,18 @@ def _swiglu_args(device, gen):
             # GeGLU: the activation, a str argument of both ops
             "swiglu_mlp_fwd gelu": (x, wg, bg, wu, None, wd, bd, "gelu"),
             "swiglu_mlp_bwd gelu": (torch.randn_like(y), x, g, u, wg, wu, wd, [True] * 7, "gelu")}
+
+
+def _moe_args(device, gen):
+    # 9 tokens, 3 experts (expert 2 idle), k 2; int32 ids once (the router's are int64)
+    x, wg, wu, wd = (_randn(*shape, device=device, gen=gen) for shape in ((9, 12), (3, 20, 12), (3, 20, 12),
+                                                                          (3, 12, 20)))
+    experts = torch.stack([torch.randperm(2, generator=gen) for _ in range(9)]).to(device)
+    y, g, u, order, offsets = ops.moe_mlp_fwd(x, experts, wg, wu, wd)
+    saved = (experts, g, u, order, offsets, wg, wu, wd)
+    return {"moe_mlp_fwd": (x, experts, wg, wu, wd), "moe_mlp_fwd int32 gelu": (x, experts.int(), wg, wu, wd, "gelu"),
+            "moe_mlp_bwd": (torch.randn_like(y), x, *saved, [True] * 4),
+            "moe_mlp_bwd frozen w_up": (torch.randn_like(y), x, *saved, [True, True, False, True], "gelu")}
 
 
 def _cross_entropy_args(device, gen):
@@ -126,7 +139,7 @@ def _rope_args(device, gen):
 
 MAKERS = {"layer_norm": _layer_norm_args, "rms_norm": _rms_norm_args, "mlp": _mlp_args,
           "cross_entropy": _cross_entropy_args, "attention": _attention_args, "rope": _rope_args,
-          "swiglu": _swiglu_args}
+          "swiglu": _swiglu_args, "moe": _moe_args}
 OPS = [(kernel, op) for kernel, names in (("layer_norm", ("layer_norm_fwd", "layer_norm_bwd", "add_layer_norm_fwd",
                                                          "add_layer_norm_fwd fp16+fp32",
                                                          "layer_norm_bwd ds", "add_layer_norm_bwd",
@@ -140,6 +153,8 @@ OPS = [(kernel, op) for kernel, names in (("layer_norm", ("layer_norm_fwd", "lay
                                           ("swiglu", ("swiglu_mlp_fwd", "swiglu_mlp_fwd no bias",
                                                       "swiglu_mlp_bwd", "swiglu_mlp_fwd gelu",
                                                       "swiglu_mlp_bwd gelu")),
+                                          ("moe", ("moe_mlp_fwd", "moe_mlp_fwd int32 gelu", "moe_mlp_bwd",
+                                                   "moe_mlp_bwd frozen w_up")),
                                           ("cross_entropy", ("checked_targets", "cross_entropy_fwd",
                                                              "cross_entropy_bwd", "cross_entropy_fwd smoothed+z",
                                                              "cross_entropy_bwd smoothed+z", "cross_entropy_fwd softcap",

@@ -1,0 +1,152 @@
+"""The grouped-GEMM mixture-of-experts kernel (kernels/moe.py) against a float64 loop over experts:
+y and every gradient, an idle expert, one expert with every token, GeGLU, frozen weights, the refusals.
+The module through both paths is tests/test_moe.py's; the ops' opcheck is tests/test_custom_ops.py's.
+
+Sizes are odd on purpose (37 tokens, 5 experts, C 48, H 40): under the interpreter the tiles are 32
+wide, so experts' rows end mid-tile, tiles cross from one expert's rows into the next's, and every
+product takes a partial second K step.
+"""
+import math
+
+import pytest
+import torch
+
+from parity import assert_close_rel
+from tritongpt.kernels.moe import moe_mlp
+
+N, E, K, C, H = 37, 5, 2, 48, 40
+TOL = {torch.float32: 1e-4, torch.bfloat16: 1e-2, torch.float16: 1e-2}
+ACTS = {"silu": lambda g: g * torch.sigmoid(g),
+        "gelu": lambda g: 0.5 * g * (1 + torch.tanh(math.sqrt(2 / math.pi) * (g + 0.044715 * g ** 3)))}
+
+
+def ref_moe(x, experts, wg, wu, wd, activation="silu"):
+    """y [N, k, C] written out expert by expert (run on float64 leaves)."""
+    y = x.new_zeros(*experts.shape, wd.shape[1])
+    for e in range(wg.shape[0]):
+        token, slot = torch.where(experts == e)
+        xe = x[token]
+        ye = (ACTS[activation](xe @ wg[e].t()) * (xe @ wu[e].t())) @ wd[e].t()
+        y = y.index_put((token, slot), ye)
+    return y
+
+
+def make(dtype, device, gen, idle=(E - 1,), everyone=None):
+    """Fresh inputs; each token's k distinct experts drawn among those not idle; `everyone` takes slot 0
+    of every token (its rows span two tiles and a part of a third)."""
+    x = torch.randn(N, C, generator=gen)
+    wg = torch.randn(E, H, C, generator=gen) * (1.5 / math.sqrt(C))  # g spans silu's curved region
+    wu = torch.randn(E, H, C, generator=gen) / math.sqrt(C)
+    wd = torch.randn(E, C, H, generator=gen) / math.sqrt(H)
+    busy = torch.tensor([e for e in range(E) if e not in idle and e != everyone])
+    experts = torch.stack([busy[torch.randperm(len(busy), generator=gen)[:K]] for _ in range(N)])
+    if everyone is not None:
+        experts[:, 0] = everyone
+    params = [t.to(device, dtype).requires_grad_() for t in (x, wg, wu, wd)]
+    return params, experts.to(device)
+
+
+def check_parity(dtype, device, seed, activation="silu", frozen=(), **routing):
+    """Kernel vs float64: y and the gradients autograd asks for; the idle experts' are exactly zero."""
+    gen = torch.Generator().manual_seed(seed)
+    params, experts = make(dtype, device, gen, **routing)
+    for i in frozen:
+        params[i].requires_grad_(False)
+    y = moe_mlp(params[0], experts, *params[1:], activation=activation)
+    assert y.dtype == dtype and y.shape == (N, K, C)
+    dy = torch.randn(y.shape, generator=gen).to(device, dtype)
+    y.backward(dy)
+    leaves = [p.detach().double().requires_grad_() for p in params]
+    y_ref = ref_moe(leaves[0], experts, *leaves[1:], activation=activation)
+    y_ref.backward(dy.double())
+    assert_close_rel(y, y_ref, TOL[dtype], f"{dtype} {activation} y")
+    for i, name in enumerate(("dx", "dw_gate", "dw_up", "dw_down")):
+        if i in frozen:
+            assert params[i].grad is None, name
+            continue
+        assert params[i].grad.dtype == dtype, name
+        assert_close_rel(params[i].grad, leaves[i].grad, TOL[dtype], f"{dtype} {activation} {name}")
+        if i:
+            for e in routing.get("idle", (E - 1,)):
+                assert torch.equal(params[i].grad[e], torch.zeros_like(params[i].grad[e])), f"{name} idle {e}"
+    return params, experts, dy
+
+
+@pytest.mark.parametrize("dtype,activation", [(torch.float32, "silu"), (torch.bfloat16, "silu"),
+                                              (torch.float16, "silu"), (torch.float32, "gelu")])
+def test_forward_and_every_gradient_match_float64(dtype, activation, device):
+    params, experts, dy = check_parity(dtype, device, seed=1, activation=activation)
+    if dtype == torch.float32 and activation == "silu":  # dx's k rows are summed in a fixed order: no atomics
+        grads = [p.grad for p in params]
+        again = [p.detach().requires_grad_() for p in params]
+        moe_mlp(again[0], experts, *again[1:]).backward(dy)
+        assert all(torch.equal(a.grad, g) for a, g in zip(again, grads))
+
+
+def test_one_expert_takes_every_token_and_two_are_idle(device):
+    check_parity(torch.float32, device, seed=2, idle=(1, 3), everyone=2)
+
+
+@pytest.mark.parametrize("frozen", [(1,), (0, 2)], ids=["w_gate frozen", "x and w_up frozen"])
+def test_frozen_inputs_get_no_gradient_and_the_rest_stay_right(frozen, device):
+    check_parity(torch.float32, device, seed=3, frozen=frozen)
+
+
+def test_the_combine_outside_gives_the_router_weights_their_gradient(device):
+    """out = sum_k w y: the weights' gradient is sum_c dout y, which needs y unweighted per slot."""
+    gen = torch.Generator().manual_seed(4)
+    params, experts = make(torch.float32, device, gen)
+    w = torch.rand(N, K, generator=gen).to(device).requires_grad_()
+    dout = torch.randn(N, C, generator=gen).to(device)
+    ((moe_mlp(params[0], experts, *params[1:]) * w[..., None]).sum(1) * dout).sum().backward()
+    leaves = [p.detach().double() for p in params]
+    w_ref = w.detach().double().requires_grad_()
+    ((ref_moe(leaves[0], experts, *leaves[1:]) * w_ref[..., None]).sum(1) * dout.double()).sum().backward()
+    assert_close_rel(w.grad, w_ref.grad, 1e-4, "routing weights' grad")
+
+
+def test_no_tokens_gives_empty_output_and_zero_weight_gradients(device):
+    gen = torch.Generator().manual_seed(5)
+    params, _ = make(torch.float32, device, gen)
+    x = params[0][:0].detach().requires_grad_()
+    y = moe_mlp(x, torch.zeros(0, K, dtype=torch.long, device=device), *params[1:])
+    assert y.shape == (0, K, C)
+    y.sum().backward()
+    assert all(torch.equal(p.grad, torch.zeros_like(p)) for p in params[1:])
+
+
+def _good(device):
+    params, experts = make(torch.float32, device, torch.Generator().manual_seed(6))
+    return [p.detach() for p in params[:1]] + [experts] + [p.detach() for p in params[1:]]
+
+
+@pytest.mark.parametrize("index,bad,error,match", [
+    (1, torch.full((N, K), E), ValueError, rf"experts holds id {E}, outside \[0, {E}\) \(w_gate has {E} experts\)"),
+    (1, -torch.ones(N, K, dtype=torch.long), ValueError, r"experts holds id -1, outside \[0, 5\)"),
+    (1, torch.zeros(N, K), TypeError, r"experts has dtype float32; expected one of: int64, int32"),
+    (1, torch.zeros(N + 1, K, dtype=torch.long), ValueError,
+     rf"experts has shape \({N + 1}, {K}\), expected \({N}, k\)"),
+    (1, torch.zeros(N, dtype=torch.long), ValueError, r"experts must have 2 dims"),
+    (2, torch.randn(E, H, C + 1), ValueError, rf"w_gate has shape \({E}, {H}, {C + 1}\), expected \({E}, {H}, {C}\)"),
+    (3, torch.randn(E + 1, H, C), ValueError, rf"w_up has shape \({E + 1}, {H}, {C}\), expected \({E}, {H}, {C}\)"),
+    (4, torch.randn(E, H, C), ValueError, rf"w_down has shape \({E}, {H}, {C}\), expected \({E}, {C}, {H}\)"),
+    (2, torch.randn(H, C), ValueError, r"w_gate must have 3 dims"),
+    (4, torch.randn(E, C, H, dtype=torch.bfloat16), TypeError, r"dtype mismatch: x is float32, w_down is bfloat16"),
+    (0, torch.randn(N, C, dtype=torch.float64), TypeError, r"x has dtype float64"),
+])
+def test_bad_inputs_are_refused_by_name(index, bad, error, match, device):
+    args = _good(device)
+    args[index] = bad.to(device)
+    with pytest.raises(error, match=match):
+        moe_mlp(*args)
+
+
+def test_unknown_activation_and_devices_are_refused(device):
+    args = _good(device)
+    with pytest.raises(ValueError, match="activation must be one of 'silu', 'gelu', got 'relu'"):
+        moe_mlp(*args, activation="relu")
+    with pytest.raises(ValueError, match="activation must be one of 'silu', 'gelu', got 'relu'"):
+        torch.ops.tritongpt.moe_mlp_fwd(*[t.to("meta") for t in args], "relu")  # the fake impl, as compile traces
+    args[4] = args[4].to("meta")
+    with pytest.raises(ValueError, match="different devices.*w_down is on meta"):
+        moe_mlp(*args)
