@@ -233,9 +233,9 @@ class MoEFeedForward(nn.Module):
     The router's logits of the last forward stay on the module (router_logits, [tokens, E]) for the
     load-balancing loss (load_balancing_loss), which GPTModel.forward adds when GPTConfig.moe_aux_loss is set.
 
-    Triton twin: the same routing in torch, then each expert's gathered tokens through kernels/swiglu.py's
-    swiglu_mlp with that expert's weight slices: one launch set per expert that has tokens. A grouped-GEMM
-    kernel over all experts at once (one launch, tokens sorted by expert) is the next step.
+    Triton twin: the same routing in torch, then every expert at once through kernels/moe.py's moe_mlp (grouped
+    GEMMs over the assignments sorted by expert: two launches forward, four backward, whatever E), which gives
+    each token's k outputs unweighted; the weighted sum over k is torch's, as the router's gradient flows there.
     """
 
     def __init__(self, n_embd: int, hidden: int, n_experts: int, top_k: int, norm_topk: bool = True,
@@ -268,19 +268,21 @@ class MoEFeedForward(nn.Module):
         x = x.reshape(-1, shape[-1])
         logits, weights, experts = self.route(x)
         self.router_logits = logits
+        if self.use_triton:
+            from tritongpt.kernels.moe import moe_mlp
+
+            # y [N, k, C] unweighted; the weighted sum stays here so the router gets its gradient through it.
+            # top-k's ids are in range by construction: no check (it would read a flag back from the GPU)
+            y = moe_mlp(x, experts, self.w_gate, self.w_up, self.w_down, self.activation, check_experts=False)
+            out = (y * weights[..., None].to(y.dtype)).sum(1)
+            return self.drop(out.view(shape))
         out = torch.zeros_like(x)
         for e in range(self.n_experts):
             token, slot = torch.where(experts == e)
-            if token.numel() == 0:  # no launch for an idle expert (its gradient slice stays zero)
+            if token.numel() == 0:  # skip an idle expert (its gradient slice stays zero)
                 continue
             xe = x[token]
-            if self.use_triton:
-                from tritongpt.kernels.swiglu import swiglu_mlp
-
-                ye = swiglu_mlp(xe, self.w_gate[e], None, self.w_up[e], None, self.w_down[e], None,
-                                activation=self.activation)
-            else:
-                ye = (GATES[self.activation](xe @ self.w_gate[e].t()) * (xe @ self.w_up[e].t())) @ self.w_down[e].t()
+            ye = (GATES[self.activation](xe @ self.w_gate[e].t()) * (xe @ self.w_up[e].t())) @ self.w_down[e].t()
             out.index_add_(0, token, ye * weights[token, slot, None].to(ye.dtype))  # in place: no [N, C] per expert
         return self.drop(out.view(shape))
 

@@ -73,9 +73,18 @@ def _idle_expert_model(**kw):
     raise AssertionError("no seed idles an expert")
 
 
-def test_reference_and_triton_paths_agree_on_loss_and_every_gradient():
+def test_reference_and_triton_paths_agree_on_loss_and_every_gradient(monkeypatch):
     """fp32, aux loss on: the logits, the loss and every parameter's gradient (the routers' and the idle
-    expert's zero slice included) within 1e-4 relative."""
+    expert's zero slice included) within 1e-4 relative. The Triton path is one grouped moe_mlp call a layer."""
+    import tritongpt.kernels.moe as moe
+
+    calls, real = [], moe.moe_mlp
+
+    def counted(x, experts, *args, **kw):
+        calls.append(tuple(experts.shape))
+        return real(x, experts, *args, **kw)
+
+    monkeypatch.setattr(moe, "moe_mlp", counted)
     model, idx, targets = _idle_expert_model(moe_aux_loss=0.05)
     results = {}
     for kernels in ("reference", "triton"):
@@ -87,6 +96,7 @@ def test_reference_and_triton_paths_agree_on_loss_and_every_gradient():
         loss.backward()
         results[kernels] = logits, loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
     (l_ref, loss_ref, g_ref), (l_tri, loss_tri, g_tri) = results["reference"], results["triton"]
+    assert calls == [(idx.numel(), K)] * (2 * len(model.trf_blocks))  # two forwards, each layer once
     assert_close_rel(l_tri, l_ref, 1e-4, "logits")
     assert_close_rel(loss_tri, loss_ref, 1e-4, "loss")
     assert set(g_ref) == set(g_tri) and "trf_blocks.0.ff.router.weight" in g_ref

@@ -150,3 +150,20 @@ def test_unknown_activation_and_devices_are_refused(device):
     args[4] = args[4].to("meta")
     with pytest.raises(ValueError, match="different devices.*w_down is on meta"):
         moe_mlp(*args)
+
+
+def test_the_module_compiles_in_one_graph_through_the_kernel(device):
+    """MoEFeedForward's Triton path under torch.compile(fullgraph=True): no graph break (no host read of
+    the routing), the same output and input gradient as eager."""
+    from tritongpt.model.layers import MoEFeedForward
+
+    torch.manual_seed(7)
+    moe = MoEFeedForward(C, H, E, K).to(device)
+    moe.use_triton = True
+    x = torch.randn(3, 7, C, device=device, requires_grad=True)
+    y = torch.compile(moe, fullgraph=True, backend="aot_eager")(x)
+    y.sum().backward()
+    dx, x.grad = x.grad, None
+    y_eager = moe(x)
+    y_eager.sum().backward()
+    assert torch.equal(y, y_eager) and torch.equal(dx, x.grad)
