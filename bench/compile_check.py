@@ -5,7 +5,7 @@ pass every test on a CPU machine and still fail to build for a GPU, spill regist
 memory, or ask for more shared memory than an SM has. This check catches those on any machine:
 
   1. capture  The real launchers (`_fwd_launch` / `_bwd_launch` in kernels/layernorm.py, for LayerNorm
-              and RMSNorm, mlp.py, attention.py and cross_entropy.py, `_launch` in rope.py) run on meta
+              and RMSNorm, mlp.py, swiglu.py, moe.py, attention.py and cross_entropy.py, `_launch` in rope.py) run on meta
               tensors (shapes, dtypes and strides, no data) at GPT-2 sizes. Each `kernel[grid](...)`
               is recorded instead of launched, with exactly the arguments a GPU run would pass.
   2. configs  For an autotuned kernel, the configs its autotuner would time for that launch
@@ -110,7 +110,7 @@ def capture(quick=False, half="bfloat16"):
     from triton.runtime.autotuner import Autotuner
     from triton.runtime.jit import JITFunction
 
-    from tritongpt.kernels import attention, cross_entropy, layernorm, mlp, rope, swiglu
+    from tritongpt.kernels import attention, cross_entropy, layernorm, mlp, moe, rope, swiglu
     from tritongpt.model.layers import swiglu_hidden
 
     launches, case = [], [""]
@@ -184,6 +184,14 @@ def capture(quick=False, half="bfloat16"):
             _, g, u = swiglu._fwd_launch(x, wg, None, wg, None, wd, None, activation="gelu")
             swiglu._bwd_launch(torch.empty_like(x), x, g, u, wg, wg, wd, activation="gelu")
             launches[n:] = [launch for launch in launches[n:] if launch.kwargs["GATE_GELU"]]
+            # the mixture-of-experts MLP (Mixtral's 8 experts, top 2) at swiglu's widths: its grouped
+            # products (x gathered, rows scattered back, the expert found from the offsets) and the
+            # per-expert weight gradients
+            case[0] = f"moe {name} {TOKENS}x{c}->{hs} E=8 k=2"
+            experts = torch.empty(TOKENS, 2, dtype=torch.int64, **meta)
+            wg, wd = torch.empty(8, hs, c, dtype=dt, **meta), torch.empty(8, c, hs, dtype=dt, **meta)
+            y, g, u, order, offsets = moe._fwd_launch(x, experts, wg, wg, wd)
+            moe._bwd_launch(torch.empty_like(y), x, g, u, order, offsets, wg, wg, wd)
 
             for width in (VOCAB, PADDED_VOCAB):  # GPT-2's rows, and rows padded to a multiple of 64
                 case[0] = f"cross_entropy {name} {TOKENS}x{width} ({VOCAB} classes)"

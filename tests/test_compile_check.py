@@ -15,7 +15,7 @@ from tritongpt.bench import compile_check
 PTXAS = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
 KERNELS = {"_layer_norm_fwd_kernel", "_layer_norm_bwd_kernel", "_matmul_kernel", "_attn_fwd",
            "_attn_bwd_preprocess", "_attn_bwd_dkdv", "_attn_bwd_dq", "_ce_fwd_kernel", "_ce_bwd_kernel",
-           "_rope_kernel"}
+           "_rope_kernel", "_grouped_kernel", "_expert_grad_kernel"}
 
 
 @pytest.mark.skipif(not PTXAS.exists(), reason="this Triton build ships no ptxas")
@@ -36,6 +36,15 @@ def test_every_kernel_launch_builds_for_sm90(tmp_path):
     # products are swiglu's)
     geglu = {r["variant"] for r in rows if r["case"].startswith("geglu")}
     assert len(geglu) == 3 and all("GATE_GELU=True" in v for v in geglu), geglu
+    # the mixture-of-experts MLP: forward's gate+up (x gathered) and down (rows scattered back), backward's dg/du
+    # epilogue (dy gathered) and dx's two products, and the per-expert weight gradients (dW_down's a recomputed)
+    moe = {(r["kernel"], r["variant"]) for r in rows if r["case"].startswith("moe")}
+    assert len(moe) == 6, moe
+    assert {v.split(" PRECISION")[0] for k, v in moe if k == "_grouped_kernel"} == {
+        "GATHER_A=True SCATTER_C=False EPILOGUE=3 SUM2=False GATE_GELU=False",
+        "GATHER_A=False SCATTER_C=True EPILOGUE=0 SUM2=False GATE_GELU=False",
+        "GATHER_A=True SCATTER_C=False EPILOGUE=4 SUM2=False GATE_GELU=False",
+        "GATHER_A=False SCATTER_C=True EPILOGUE=0 SUM2=True GATE_GELU=False"}, moe
     # GPT-NeoX's exact GELU: the GELU MLP's forward epilogue, dh's epilogue and dW2's prologue built with
     # GELU_ERF, only in its case
     erf = {r["variant"] for r in rows if r["case"].endswith("exact gelu")}
@@ -61,7 +70,8 @@ def test_every_kernel_launch_builds_for_sm90(tmp_path):
     assert not any("PASS=" in r["variant"] or "SCALED" in r["variant"] for r in rows
                    if r["kernel"] == "_rope_kernel" and "rotary" not in r["case"])
     # bf16 matmuls and attention must reach the tensor cores (wgmma/mma), or they will be slow
-    for kernel in ("_matmul_kernel", "_attn_fwd", "_attn_bwd_dkdv", "_attn_bwd_dq"):
+    for kernel in ("_matmul_kernel", "_grouped_kernel", "_expert_grad_kernel", "_attn_fwd", "_attn_bwd_dkdv",
+                   "_attn_bwd_dq"):
         bf16 = [r for r in rows if r["kernel"] == kernel and "bfloat16" in r["case"]]
         assert bf16 and all(r["tensor_core_ops"] > 0 for r in bf16), kernel
     # a padded vocabulary's rows are 16-byte aligned: the loss kernels read them as vectors, with
