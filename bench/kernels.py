@@ -86,7 +86,15 @@ dtype, as SDPA requires: a bf16 bias is coarse, 16 apart at 4096, as transformer
 memory, H T^2 elements, is not counted), FlexAttention with the bias as its score_mod and a causal block mask, ours
 (flash_attention(alibi_slopes=): the bias made in registers per tile) and flash-attn's alibi_slopes; FlashAttention-3
 has no ALiBi (its rows say so). Its FLOPs are causal attention's (the bias adds are not counted). It runs after
-lm_head_loss_bias, last of all, so a short budget drops it first.
+lm_head_loss_bias.
+moe_mlp is the mixture-of-experts MLP's experts and combine (Mixtral's 8 experts, top 2, scaled to fit: C 1024,
+H 3584, 4096 tokens), routing fixed beforehand (random router probabilities, top k renormalized), out = sum_k w[n, k]
+expert_k(x[n]), differentiable in x, the routing weights and the stacked expert weights: the reference loop of
+MoEFeedForward (each expert's tokens gathered, three matmuls, index_add'ed back scaled: eager PyTorch), swiglu-loop
+(the same loop, each expert through swiglu_mlp: the Triton path before the grouped kernel, one launch set per
+expert) and ours (moe_mlp: grouped GEMMs over the assignments sorted by expert, then the weighted sum in torch).
+Its FLOPs are swiglu's on N k rows (what the experts compute; the router and the combine are not counted). It runs
+after alibi_attention, last of all, so a short budget drops it first.
 Modes: fwd (inputs require grad, as in training), bwd (backward of a kept graph,
 retain_graph=True), fwd+bwd. Backward starts from a random gradient, or from 1 for a loss (as
 loss.backward() does). Gradients are reset to None before each timed call.
@@ -151,6 +159,9 @@ PROVIDERS = {
     "lm_head_loss_bias": ("reference", "torch", "compile", "triton", "liger"),
     # ALiBi's per-head linear position biases on causal attention (GPTConfig.position_encoding "alibi": BLOOM, MPT)
     "alibi_attention": ("reference", "sdpa-mask", "compile", "flex", "triton", *FLASH_ATTN),
+    # the mixture-of-experts MLP (GPTConfig.n_experts): the eager loop over experts, that loop through swiglu_mlp
+    # (one launch set per expert), and the grouped-GEMM kernel
+    "moe_mlp": ("reference", "swiglu-loop", "triton"),
 }
 # a gated MLP op -> its gate's activation (SwiGLUFeedForward's and swiglu_mlp's activation)
 GATED_MLPS = {"swiglu": "silu", "geglu": "gelu"}
@@ -177,7 +188,9 @@ FULL_SIZES = dict(ln_rows=16384, ln_widths=(768, 1024, 1280, 1600),
                   # rope_partial: (query heads, KV heads, head dim, rotary_dim, mscale) at rope's tokens and length:
                   # Pythia 160M's, Pythia 1.4B's, Phi-4-mini's
                   rope_partial_heads=((12, 12, 64, 16, 1.0), (16, 16, 128, 32, 1.0),
-                                      (24, 8, 128, 96, PHI4_MINI_MSCALE)))
+                                      (24, 8, 128, 96, PHI4_MINI_MSCALE)),
+                  # moe_mlp: (tokens, experts, top k, width, hidden): Mixtral's 8 and 2 at a quarter of its widths
+                  moe_shapes=((4096, 8, 2, 1024, 3584),))
 QUICK_SIZES = dict(ln_rows=4096, ln_widths=(768, 1600),
                    mlp_rows=4096, mlp_widths=(768,),
                    attn_seqlens=(1024,), attn_head_dims=(64,),
@@ -185,7 +198,8 @@ QUICK_SIZES = dict(ln_rows=4096, ln_widths=(768, 1600),
                    ce_rows=4096, ce_vocabs=(50257,), head_widths=(768,),
                    rope_tokens=16384, rope_seq_len=1024, rope_heads=(12,), rope_head_dim=64,
                    gqa_seqlens=(1024,), gqa_heads=((32, 8, 128), (12, 1, 64)),
-                   rope_partial_heads=((12, 12, 64, 16, 1.0), (24, 8, 128, 96, PHI4_MINI_MSCALE)))
+                   rope_partial_heads=((12, 12, 64, 16, 1.0), (24, 8, 128, 96, PHI4_MINI_MSCALE)),
+                   moe_shapes=((2048, 8, 2, 768, 2048),))
 
 
 def randn(*shape, device, dtype, scale=1.0, requires_grad=True):
@@ -445,6 +459,48 @@ def swiglu_providers(x, wg, wu, wd, activation="silu"):
         return (lambda: m(x)), [x, *m.parameters()]
 
     return {"reference": reference, "compile": compiled, "triton": triton_op, "liger": liger}
+
+
+def _moe_loop(x, experts, weights, wg, wu, wd, expert_mlp):
+    """MoEFeedForward's loop with the routing given: each expert's tokens through expert_mlp(xe, e), scaled by
+    their weights and index_add'ed back."""
+    out = torch.zeros_like(x)
+    for e in range(wg.shape[0]):
+        token, slot = torch.where(experts == e)
+        if token.numel():
+            ye = expert_mlp(x[token], e)
+            out.index_add_(0, token, ye * weights[token, slot, None].to(ye.dtype))
+    return out
+
+
+def moe_providers(x, experts, weights, wg, wu, wd):
+    """The mixture-of-experts MLP's providers on a fixed routing: experts [N, k] ids, weights [N, k] (fp32, a
+    leaf: the router's gradient flows through it), stacked wg, wu [E, H, C], wd [E, C, H]."""
+    leaves = [x, wg, wu, wd, weights]
+
+    def reference():
+        eager = lambda xe, e: (F.silu(xe @ wg[e].t()) * (xe @ wu[e].t())) @ wd[e].t()  # noqa: E731
+        return (lambda: _moe_loop(x, experts, weights, wg, wu, wd, eager)), leaves
+
+    def swiglu_loop():
+        fn, why = try_import("tritongpt.kernels.swiglu", "swiglu_mlp")
+        if fn is None:
+            raise Unavailable(why)
+        per_expert = lambda xe, e: fn(xe, wg[e], None, wu[e], None, wd[e], None)  # noqa: E731
+        return (lambda: _moe_loop(x, experts, weights, wg, wu, wd, per_expert)), leaves
+
+    def triton_op():
+        fn, why = try_import("tritongpt.kernels.moe", "moe_mlp")
+        if fn is None:
+            raise Unavailable(why)
+
+        def run():
+            y = fn(x, experts, wg, wu, wd, check_experts=False)  # top-k's ids, as MoEFeedForward passes them
+            return (y * weights[..., None].to(y.dtype)).sum(1)
+
+        return run, leaves
+
+    return {"reference": reference, "swiglu-loop": swiglu_loop, "triton": triton_op}
 
 
 def _sdpa_on(backend_name, q, k, v, **options):
@@ -1217,6 +1273,27 @@ def sweep_geglu(timer, budget, rows_m, widths, dtype, modes=MODES, providers=Non
     return sweep_swiglu(timer, budget, rows_m, widths, dtype, modes, providers, op="geglu")
 
 
+def sweep_moe_mlp(timer, budget, shapes, dtype, modes=MODES, providers=None):
+    """The mixture-of-experts MLP at each (tokens, experts, top k, width, hidden) of shapes."""
+    out = []
+    dev = timer.device
+    for n, e, k, c, h in shapes:
+        cfg = {"rows": n, "experts": e, "top_k": k, "width": c, "hidden": h, "dtype": dtype_name(dtype)}
+        x = randn(n, c, device=dev, dtype=dtype)
+        wg = randn(e, h, c, device=dev, dtype=dtype, scale=c ** -0.5)
+        wu = randn(e, h, c, device=dev, dtype=dtype, scale=c ** -0.5)
+        wd = randn(e, c, h, device=dev, dtype=dtype, scale=h ** -0.5)
+        weights, experts = torch.softmax(torch.randn(n, e, device=dev), dim=-1).topk(k, dim=-1)
+        weights = (weights / weights.sum(-1, keepdim=True)).requires_grad_()
+        builders = moe_providers(x, experts, weights, wg, wu, wd)
+        out += bench_providers("moe_mlp", cfg, builders, modes, timer, budget,
+                               lambda m: {"flops": swiglu_flops(n * k, c, h, m)}, providers)
+        out += mlp_saved_rows(cfg, builders, providers, op="moe_mlp")
+        del x, wg, wu, wd, weights, experts, builders
+        timer.cleanup()
+    return out
+
+
 def mlp_saved_rows(cfg, builders, providers=None, op="mlp"):
     """Activation memory: bytes autograd keeps for backward (parameters not counted)."""
     rows = []
@@ -1519,10 +1596,11 @@ def _sweep_plan(sizes, part):
             # the exact-GELU MLP at mlp's widths, then partial rotary at rope's tokens: last of all (_run_plan)
             "mlp_exact_gelu": [sizes["mlp_widths"]] if part == "rest" else [],
             "rope_partial": [sizes["rope_partial_heads"]] if part == "rest" else [],
-            # the LM head with a bias after them all: the first a short budget drops
+            # the LM head with a bias after them all, then ALiBi attention at attention's sizes, then the mixture of
+            # experts: the first a short budget drops
             "lm_head_loss_bias": [sizes["head_widths"]] if part == "rest" else [],
-            # ALiBi attention at attention's sizes, the newest: the first a short budget drops
-            "alibi_attention": [(sizes["attn_seqlens"], sizes["attn_head_dims"])] if part == "rest" else []}
+            "alibi_attention": [(sizes["attn_seqlens"], sizes["attn_head_dims"])] if part == "rest" else [],
+            "moe_mlp": [sizes["moe_shapes"]] if part == "rest" else []}
     return {op: [a for a in args if a] for op, args in plan.items()}
 
 
@@ -1530,7 +1608,7 @@ def run_kernels(timer, budget, dtype=torch.bfloat16,
                 ops=("layernorm", "mlp", "attention", "cross_entropy", "lm_head_loss", "doc_attention",
                      "window_attention", "add_layernorm", "rope", "lm_head_loss_smooth_z", "lm_head_loss_softcap",
                      "gqa_attention", "rmsnorm", "add_rmsnorm", "swiglu", "geglu", "softcap_attention",
-                     "mlp_exact_gelu", "rope_partial", "lm_head_loss_bias", "alibi_attention"),
+                     "mlp_exact_gelu", "rope_partial", "lm_head_loss_bias", "alibi_attention", "moe_mlp"),
                 modes=MODES, providers=None, sizes=None, ceiling_sizes=None, log=print):
     """All sweeps plus the ceilings; returns (rows, ceilings).
 
@@ -1539,10 +1617,10 @@ def run_kernels(timer, budget, dtype=torch.bfloat16,
     runs out it is the wider sweep's compiled baselines that go missing. lm_head_loss_smooth_z, then
     lm_head_loss_softcap (variants of lm_head_loss) come after all of those, each whole (every
     provider's, compiled ones too) before the next, gqa_attention after them, then rmsnorm,
-    add_rmsnorm, swiglu, geglu, softcap_attention, mlp_exact_gelu, rope_partial, lm_head_loss_bias and alibi_attention
-    (the newest ops), so a short budget drops alibi_attention first, then lm_head_loss_bias, then rope_partial, then
-    mlp_exact_gelu, then
-    softcap_attention, then geglu, then swiglu, then the RMSNorms, then gqa_attention, then the LM head's soft cap.
+    add_rmsnorm, swiglu, geglu, softcap_attention, mlp_exact_gelu, rope_partial, lm_head_loss_bias, alibi_attention
+    and moe_mlp (the newest ops), so a short budget drops moe_mlp first, then alibi_attention, then
+    lm_head_loss_bias, then rope_partial, then mlp_exact_gelu, then softcap_attention, then geglu, then swiglu, then
+    the RMSNorms, then gqa_attention, then the LM head's soft cap.
     """
     sizes = dict(FULL_SIZES, **(sizes or {}))
     log("measuring ceilings (device copy bandwidth, bf16 matmul) ...")
@@ -1656,6 +1734,11 @@ def _run_plan(rows, timer, budget, dtype, ops, modes, sizes, groups, log):
                 log(f"attention with ALiBi ({part}{label}): T {list(seqlens)}, head_dim {list(head_dims)} ...")
                 rows += sweep_alibi_attention(timer, budget, seqlens, head_dims, dtype, sizes["attn_tokens"],
                                               sizes["attn_width"], modes, provs)
+        for provs, label in groups:
+            for shapes in plan["moe_mlp"] if "moe_mlp" in ops else ():
+                what = ", ".join(f"{n} tokens, {e} experts top {k}, {c}->{h}" for n, e, k, c, h in shapes)
+                log(f"mixture-of-experts mlp ({part}{label}): {what} ...")
+                rows += sweep_moe_mlp(timer, budget, shapes, dtype, modes, provs)
 
 
 def sort_rows(rows):

@@ -502,7 +502,7 @@ def test_run_kernels_end_to_end_on_cpu():
                    attn_head_dims=(8,), attn_tokens=32, attn_width=16, attn_window=20, ce_rows=8, ce_vocabs=(30,),
                    head_widths=(12,), rope_tokens=32, rope_seq_len=16, rope_heads=(2, 3), rope_head_dim=8,
                    gqa_seqlens=(16,), gqa_heads=((4, 2, 8),),
-                   rope_partial_heads=((2, 2, 8, 4, 1.0), (4, 2, 16, 12, 1.5))),
+                   rope_partial_heads=((2, 2, 8, 4, 1.0), (4, 2, 16, 12, 1.5)), moe_shapes=((12, 3, 2, 8, 16),)),
         ceiling_sizes=dict(copy_bytes=1 << 16, matmul_n=32, dtype=torch.float32), log=lambda s: None)
     assert ceil["copy"]["gbps"] > 0 and ceil["matmul"]["tflops"] > 0
     assert all(r["status"] == "ok" for r in rows), [r["status"] for r in rows if r["status"] != "ok"]
@@ -513,10 +513,13 @@ def test_run_kernels_end_to_end_on_cpu():
     # grouped-query attention (reference, sdpa-flash), rmsnorm and residual add + rmsnorm at 2 widths,
     # the SwiGLU MLP and the GeGLU one (reference), soft-capped attention at T 32 and 16 (reference), the exact-GELU
     # MLP (reference, torch), partial rotary at 2 shapes (reference), lm_head_loss with a head bias, ALiBi attention
-    # at T 32 and 16 (reference)
+    # at T 32 and 16 (reference), the mixture-of-experts MLP (reference)
     assert len(timed) == (2 * 2 * 3 + 1 * 2 * 3 + 2 * 2 * 3 + 1 * 2 * 3 + 1 * 2 * 3 + 2 * 3 + 3 + 2 * 2 * 3 + 1 * 2 * 3
                           + 1 * 2 * 3 + 2 * 3 + 2 * 3 + 2 * 2 * 3 + 2 * 2 * 3 + 3 + 3 + 2 * 3 + 2 * 3 + 2 * 3
-                          + 1 * 2 * 3 + 2 * 3)
+                          + 1 * 2 * 3 + 2 * 3 + 3)
+    assert [(r["provider"], r["config"]["rows"], r["config"]["experts"], r["config"]["top_k"], r["config"]["width"],
+             r["config"]["hidden"], r["flops"]) for r in timed if r["op"] == "moe_mlp"] == \
+        [("reference", 12, 3, 2, 8, 16, m * 3 * 2 * 24 * 8 * 16) for m in (1, 2, 3)]
     assert [(r["provider"], r["config"]["width"]) for r in timed if r["op"] == "mlp_exact_gelu"] == \
         [("reference", 8)] * 3 + [("torch", 8)] * 3
     assert [(r["config"]["heads"], r["config"]["kv_heads"], r["config"]["head_dim"], r["config"]["rotary_dim"],
@@ -555,6 +558,7 @@ def test_run_kernels_end_to_end_on_cpu():
     assert [r["provider"] for r in rows if r["mode"] == "saved" and r["op"] == "geglu"] == ["reference"]
     assert [r["provider"] for r in rows if r["mode"] == "saved" and r["op"] == "mlp_exact_gelu"] == \
         ["reference", "torch"]
+    assert [r["provider"] for r in rows if r["mode"] == "saved" and r["op"] == "moe_mlp"] == ["reference"]
 
 
 def test_target_configurations_are_measured_first_and_exactly_once():
@@ -583,6 +587,7 @@ def test_target_configurations_are_measured_first_and_exactly_once():
     assert first["lm_head_loss_bias"] == [] and rest["lm_head_loss_bias"] == [full["head_widths"]]
     assert first["alibi_attention"] == [] and rest["alibi_attention"] == [(full["attn_seqlens"],
                                                                             full["attn_head_dims"])]
+    assert first["moe_mlp"] == [] and rest["moe_mlp"] == [full["moe_shapes"]] == [((4096, 8, 2, 1024, 3584),)]
     assert full["gqa_heads"] == ((32, 8, 128), (12, 1, 64), (4, 1, 256))
     assert full["gqa_seqlens"] == (512, 1024, 2048, 4096, 8192)
     for op, key in (("layernorm", "ln_widths"), ("mlp", "mlp_widths")):
@@ -638,6 +643,40 @@ def test_swiglu_flops_and_saved_bytes_match_hand_count():
     got = {r["provider"]: r["saved_bytes"] for r in rows}
     assert {r["op"] for r in rows} == {"geglu"}
     assert (got["reference"], got["triton"]) == ((m * c + 4 * m * h) * 4, (m * c + 2 * m * h) * 4)
+
+
+def test_moe_mlp_providers_agree_and_ours_saves_less():
+    """moe_mlp's three providers (the eager loop, the loop through swiglu_mlp, the grouped kernel: both Triton
+    ones in the interpreter) give one output and one gradient for x, the routing weights and each expert
+    weight, on a routing that leaves an expert idle; the sweep times all three, FLOPs swiglu's on N k rows;
+    the kernel saves x, g and u (the loop's eager experts keep x's gathered rows, g, silu(g), u and a)."""
+    torch.manual_seed(0)
+    n, e, k, c, h = 11, 4, 2, 8, 24
+    x, wg, wu, wd = (kernels.randn(*s, device="cpu", dtype=torch.float32) for s in ((n, c), (e, h, c), (e, h, c),
+                                                                                     (e, c, h)))
+    experts = torch.stack([torch.randperm(e - 1)[:k] for _ in range(n)])  # expert e - 1 gets no token
+    weights = torch.rand(n, k).requires_grad_()
+    builders = kernels.moe_providers(x, experts, weights, wg, wu, wd)
+    dout = torch.randn(n, c)
+    results = {}
+    for name, build in builders.items():
+        forward, leaves = build()
+        for t in leaves:
+            t.grad = None
+        y = forward()
+        y.backward(dout)
+        results[name] = [y.detach()] + [t.grad.clone() for t in leaves]
+    for name in ("swiglu-loop", "triton"):
+        for got, want in zip(results[name], results["reference"]):
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    assert torch.equal(results["triton"][2][e - 1], torch.zeros(h, c))  # the idle expert's dW_gate
+    rows = kernels.sweep_moe_mlp(CpuTimer(reps=1), Budget(None), ((n, e, k, c, h),), torch.float32,
+                                 modes=("fwd+bwd",))
+    timed = {r["provider"]: r for r in rows if r["mode"] == "fwd+bwd"}
+    assert set(timed) == {"reference", "swiglu-loop", "triton"} and all(r["status"] == "ok" for r in rows)
+    assert all(r["flops"] == 3 * 3 * 2 * n * k * c * h for r in timed.values())
+    saved = {r["provider"]: r["saved_bytes"] for r in rows if r["mode"] == "saved"}
+    assert saved["triton"] < saved["reference"]
 
 
 def test_geglu_providers_run_gemmas_mlp(monkeypatch):
@@ -2712,20 +2751,22 @@ def test_lm_head_variants_run_last_of_all_the_soft_cap_last(monkeypatch):
               "rmsnorm": "sweep_rmsnorm", "add_rmsnorm": "sweep_add_rmsnorm", "swiglu": "sweep_swiglu",
               "geglu": "sweep_geglu", "softcap_attention": "sweep_softcap_attention",
               "mlp_exact_gelu": "sweep_mlp_exact_gelu", "rope_partial": "sweep_rope_partial",
-              "lm_head_loss_bias": "sweep_lm_head_loss_bias", "alibi_attention": "sweep_alibi_attention"}
+              "lm_head_loss_bias": "sweep_lm_head_loss_bias", "alibi_attention": "sweep_alibi_attention",
+              "moe_mlp": "sweep_moe_mlp"}
     for op, name in sweeps.items():
         monkeypatch.setattr(kernels, name, lambda *a, op=op: calls.append((op, "compile" in a[-1])) or [])
     monkeypatch.setattr(kernels, "measure_ceilings", lambda timer, **k: {})
     kernels.run_kernels(CpuTimer(reps=1), Budget(None), log=lambda s: None)
     newest = ["lm_head_loss_smooth_z", "lm_head_loss_softcap", "gqa_attention", "rmsnorm", "add_rmsnorm", "swiglu",
-              "geglu", "softcap_attention", "mlp_exact_gelu", "rope_partial", "lm_head_loss_bias", "alibi_attention"]
-    assert calls[-24:] == [(op, compiled) for op in newest for compiled in (False, True)]  # after them all
-    assert {op for op, _ in calls[:-24]} == set(sweeps) - set(newest)
-    assert ("doc_attention", True) in calls[:-24]
+              "geglu", "softcap_attention", "mlp_exact_gelu", "rope_partial", "lm_head_loss_bias", "alibi_attention",
+              "moe_mlp"]
+    assert calls[-26:] == [(op, compiled) for op in newest for compiled in (False, True)]  # after them all
+    assert {op for op, _ in calls[:-26]} == set(sweeps) - set(newest)
+    assert ("doc_attention", True) in calls[:-26]
     parser = cli.build_parser()
     default_ops = parser.parse_args(["bench", "kernels"]).ops.split(",")
     assert default_ops == list(inspect.signature(kernels.run_kernels).parameters["ops"].default)
-    assert default_ops[-12:] == newest
+    assert default_ops[-13:] == newest
     ops, _, _ = bcli.kernel_names(parser.parse_args(["bench", "kernels", "--ops", "lm_head_loss_softcap"]))
     assert ops == ("lm_head_loss_softcap",)
 
