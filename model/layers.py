@@ -10,8 +10,8 @@ a state_dict moves freely between the two paths.
                                                      GELU: the tanh form or the exact one, approximate "none")
     SwiGLUFeedForward   <->  kernels/swiglu.py      (swiglu_mlp: gate and up in one pass, silu(g) * u fused;
                                                      GeGLU's gelu(g) * u too)
-    MoEFeedForward      <->  kernels/swiglu.py      (routing in torch; each expert's tokens through swiglu_mlp, one
-                                                     launch set per expert with tokens)
+    MoEFeedForward      <->  kernels/moe.py         (routing in torch; moe_mlp: every expert in grouped GEMMs over
+                                                     the assignments sorted by expert, the weighted sum in torch)
     MultiHeadAttention  <->  kernels/attention.py   (flash_attention: only the attention core is swapped;
                                                      its q/k norms are RMSNorms: per head, or OLMo 2's rows
                                                      of n_head * head_dim)
