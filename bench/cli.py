@@ -75,6 +75,8 @@ def kernel_sizes(args, quick=False):
             sizes[key] = _ints(getattr(args, key), key.replace("_", "-"))
     if args.gqa_heads is not None:
         sizes["gqa_heads"] = _gqa_heads(args.gqa_heads)
+    if args.moe_shapes is not None:
+        sizes["moe_shapes"] = _moe_shapes(args.moe_shapes)
     if args.warmup_ms < 0 or args.rep_ms <= 0:
         raise UserError(f"--warmup-ms must be >= 0 and --rep-ms positive, got {args.warmup_ms} and {args.rep_ms}")
     return sizes
@@ -93,6 +95,23 @@ def _gqa_heads(text):
         shapes.append((h, h_kv, d))
     if not shapes:
         raise UserError(f"--gqa-heads lists no shape, got {text!r}")
+    return tuple(shapes)
+
+
+def _moe_shapes(text):
+    """--moe-shapes 4096:8:2:1024:3584 -> ((4096, 8, 2, 1024, 3584),): tokens, experts, top k <= experts, width,
+    hidden."""
+    shapes = []
+    for item in (s.strip() for s in text.split(",") if s.strip()):
+        parts = item.split(":")
+        if len(parts) != 5 or not all(p.strip().isdigit() and int(p) > 0 for p in parts):
+            raise UserError(f"--moe-shapes takes tokens:experts:top k:width:hidden, positive integers, got {item!r}")
+        shape = tuple(map(int, parts))
+        if shape[2] > shape[1]:
+            raise UserError(f"--moe-shapes {item}: top k ({shape[2]}) must be at most the experts ({shape[1]})")
+        shapes.append(shape)
+    if not shapes:
+        raise UserError(f"--moe-shapes lists no shape, got {text!r}")
     return tuple(shapes)
 
 
@@ -245,6 +264,10 @@ def add_cli(sub):
                    help="gqa_attention's shapes as query heads:KV heads:head dim, e.g. the default "
                         f"{','.join(':'.join(map(str, s)) for s in FULL_SIZES['gqa_heads'])} "
                         "(Llama's, MQA, Gemma 3 270M's)")
+    k.add_argument("--moe-shapes", default=None,
+                   help="moe_mlp's shapes as tokens:experts:top k:width:hidden, e.g. the default "
+                        f"{','.join(':'.join(map(str, s)) for s in FULL_SIZES['moe_shapes'])} (Mixtral's 8 "
+                        "experts top 2 at a quarter of its widths)")
     k.add_argument("--ce-rows", type=int, default=None,
                    help=f"tokens per cross-entropy config (default {FULL_SIZES['ce_rows']})")
     k.add_argument("--ce-vocabs", default=None, help="e.g. 50257,50304")

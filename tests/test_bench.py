@@ -1105,7 +1105,7 @@ def test_gpu_command_flow_with_cpu_stand_ins(tmp_path, monkeypatch, capsys):
         "--providers", "reference,torch,sdpa-flash", "--ln-rows", "8", "--ln-widths", "16",
         "--mlp-rows", "8", "--mlp-widths", "8", "--attn-seqlens", "16", "--attn-head-dims", "8",
         "--attn-tokens", "32", "--attn-width", "16", "--attn-window", "8", "--ce-rows", "8", "--ce-vocabs", "20",
-        "--head-widths", "8", "--gqa-seqlens", "16", "--gqa-heads", "4:2:8,3:1:8"])
+        "--head-widths", "8", "--gqa-seqlens", "16", "--gqa-heads", "4:2:8,3:1:8", "--moe-shapes", "12:3:2:8:16"])
     assert bcli._run_gpu(args) == 0
     assert seen["models"] == ("gpt2-small",) and seen["steps"] == 4 and seen["peak"] > 0
     assert seen["providers"] == train_step.TRAIN_PROVIDERS
@@ -1125,9 +1125,11 @@ def test_gpu_command_flow_with_cpu_stand_ins(tmp_path, monkeypatch, capsys):
                                             "lm_head_loss_smooth_z", "lm_head_loss_softcap", "gqa_attention",
                                             "rmsnorm", "add_rmsnorm", "swiglu", "geglu", "softcap_attention",
                                             "mlp_exact_gelu", "rope_partial", "lm_head_loss_bias",
-                                            "alibi_attention"}
+                                            "alibi_attention", "moe_mlp"}
     assert {(r["config"]["heads"], r["config"]["kv_heads"]) for r in k["rows"] if r["op"] == "gqa_attention"} == \
         {(4, 2), (3, 1)}
+    assert {(r["config"]["rows"], r["config"]["experts"], r["config"]["top_k"]) for r in k["rows"]
+            if r["op"] == "moe_mlp"} == {(12, 3, 2)}
     assert {(r["config"]["heads"], r["config"]["rotary_dim"]) for r in k["rows"] if r["op"] == "rope_partial"} == \
         {(2, 4), (4, 12)}
     ce = [r for r in k["rows"] if r["op"] == "cross_entropy" and r["provider"] == "torch"]
@@ -1206,10 +1208,16 @@ def test_kernel_sizes_dtype_and_budget_are_checked_before_the_cpu_timings(monkey
         (["kernels", "--gqa-heads", "32:0:128"], "got '32:0:128'"),
         (["kernels", "--gqa-heads", "12:5:64"], r"the query heads \(12\) must be a multiple of the KV heads \(5\)"),
         (["kernels", "--gqa-heads", ","], "--gqa-heads lists no shape"),
-        (["kernels", "--gqa-seqlens", "0"], "--gqa-seqlens must list positive")))
+        (["kernels", "--gqa-seqlens", "0"], "--gqa-seqlens must list positive"),
+        (["kernels", "--moe-shapes", "4096:8:2:1024"], "--moe-shapes takes tokens:experts:top k:width:hidden, "
+                                                       "positive integers, got '4096:8:2:1024'"),
+        (["kernels", "--moe-shapes", "64:4:5:8:16"], r"top k \(5\) must be at most the experts \(4\)"),
+        (["kernels", "--moe-shapes", ","], "--moe-shapes lists no shape")))
     sizes = bcli.kernel_sizes(parser.parse_args(["bench", "kernels", "--ln-rows", "8", "--head-widths", "8,16",
-                                                 "--gqa-heads", "8:2:64, 4:1:80", "--gqa-seqlens", "256"]))
+                                                 "--gqa-heads", "8:2:64, 4:1:80", "--gqa-seqlens", "256",
+                                                 "--moe-shapes", "64:4:2:8:16"]))
     assert sizes["ln_rows"] == 8 and sizes["head_widths"] == (8, 16)
+    assert sizes["moe_shapes"] == ((64, 4, 2, 8, 16),)
     assert sizes["gqa_heads"] == ((8, 2, 64), (4, 1, 80)) and sizes["gqa_seqlens"] == (256,)
     assert sizes["mlp_rows"] == kernels.FULL_SIZES["mlp_rows"]
 
@@ -2474,7 +2482,9 @@ def test_every_provider_builder_is_in_the_sweep():
                                                      "none"),
              "rope_partial": kernels.rope_partial_providers(q, q[:, :1], 4),
              "lm_head_loss_bias": kernels.lm_head_loss_bias_providers(x, torch.zeros(5, 8), t, torch.zeros(5)),
-             "alibi_attention": kernels.alibi_attention_providers(q, q, q)}
+             "alibi_attention": kernels.alibi_attention_providers(q, q, q),
+             "moe_mlp": kernels.moe_providers(x, t[:, None], torch.ones(4, 1), torch.zeros(1, 24, 8),
+                                              torch.zeros(1, 24, 8), torch.zeros(1, 8, 24))}
     assert set(built) == set(kernels.PROVIDERS)
     for op, builders in built.items():
         assert set(kernels.PROVIDERS[op]) == set(builders), op
