@@ -40,9 +40,10 @@ Public API: `moe_mlp(x, experts, w_gate, w_up, w_down, activation="silu") -> y [
 the custom ops `tritongpt::moe_mlp_fwd` / `tritongpt::moe_mlp_bwd` (with fake impls) inside an
 autograd.Function, so it runs under torch.compile as opaque calls in one graph. Expert ids out of
 [0, E) are refused by moe_mlp (one device-to-host read of a flag; MoEFeedForward's top-k ids are in
-range by construction and skip it); the ops themselves never read outside the weights for any ids.
+range by construction and skip it); the ops themselves never read outside the weights for any ids, but
+leave the rows of an id out of range unwritten.
+Tested in tests/test_moe_kernel.py against a float64 loop over experts.
 """
-
 import torch
 import triton
 import triton.language as tl
