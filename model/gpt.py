@@ -15,8 +15,8 @@ from tritongpt._types import is_int, is_real, loss_options
 from tritongpt.errors import UserError
 from tritongpt.model.config import GPTConfig
 from tritongpt.model.layers import (FeedForward, LayerNorm, MoEFeedForward, MultiHeadAttention, RMSNorm, Rotary,
-                                    SwiGLUFeedForward, TransformerBlock, document_starts, load_balancing_loss,
-                                    make_norm, rope_seq_len)
+                                    SwiGLUFeedForward, TransformerBlock, alibi_slopes, document_starts,
+                                    load_balancing_loss, make_norm, rope_seq_len)
 from tritongpt.model.toggle import resolve_kernels, spec_string
 
 
@@ -111,7 +111,12 @@ class GPTModel(nn.Module):
         delay (9.8 s of the 16.6 s a 0.6B-parameter Qwen2-shaped folder took to load on a 2-core CPU)."""
         with torch.device("meta"):
             model = cls(cfg)
-        return model.to_empty(device="cpu")
+        model = model.to_empty(device="cpu")
+        with torch.no_grad():  # to_empty leaves buffers uninitialised too: ALiBi's slopes are in no state_dict
+            for m in model.modules():
+                if isinstance(m, MultiHeadAttention) and m.alibi is not None:
+                    m.alibi.copy_(alibi_slopes(m.n_head))
+        return model
 
     def _apply(self, fn, *args, **kwargs):
         # A move that makes new tensors (to_empty() after building on the meta device) gives

@@ -262,3 +262,13 @@ def test_bias_is_relative_to_the_query_position():
                              for m in slopes])
         assert torch.equal(bias, want)
         assert bias[:, torch.arange(Tq), Tk - Tq + torch.arange(Tq)].eq(0).all()
+
+
+def test_an_empty_built_model_has_its_slopes():
+    """GPTModel.empty (what every loader builds) fills ALiBi's slopes, a buffer in no state_dict that to_empty
+    leaves uninitialised: fp32 models read the buffer itself."""
+    from tritongpt.model.gpt import GPTModel
+
+    model = GPTModel.empty(_alibi_like(n_head=4).config)
+    for block in model.trf_blocks:
+        assert torch.equal(block.att.alibi, alibi_slopes(4))
