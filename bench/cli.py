@@ -356,6 +356,12 @@ def add_cli(sub):
     t.add_argument("--head-bias", action=argparse.BooleanOptionalAction, default=None,
                    help="a bias on the LM head (Phi-1/1.5/2's, GPT-J's; GPTConfig.head_bias) (default: the preset's, "
                         "no)")
+    t.add_argument("--embed-norm", action=argparse.BooleanOptionalAction, default=None,
+                   help="a norm on the token embeddings before the first block (BLOOM's; GPTConfig.embed_norm) "
+                        "(default: the preset's, no)")
+    t.add_argument("--norm-bias", action=argparse.BooleanOptionalAction, default=None,
+                   help="biases on the LayerNorms (GPTConfig.norm_bias; --no-norm-bias: MPT's, none) (default: the "
+                        "preset's, yes)")
     t.add_argument("--n-experts", type=int, default=None, metavar="E",
                    help="a mixture of experts: E SwiGLU/GeGLU experts and a router per block (GPTConfig.n_experts; "
                         "with --mlp swiglu or geglu; the Triton path runs swiglu_mlp once per expert) (default: the "

@@ -131,6 +131,12 @@ class GPTConfig:
     # A bias on the LM head (Phi-1/1.5/2's lm_head.bias, GPT-J's), added to every logit; tied weights keep it
     # as a parameter of its own. The padding rows' entries (vocab_multiple) are zero and never trained.
     head_bias: bool = False
+    # BLOOM's word_embeddings_layernorm: a norm (GPTConfig.norm, weights of its own) applied to the token
+    # embeddings before the first block.
+    embed_norm: bool = False
+    # Whether the LayerNorms have biases: MPT's have none (its LayerNorms' bias is None). Only LayerNorm has one:
+    # with norm "rmsnorm" it stays True.
+    norm_bias: bool = True
     # Mixture of experts (Mixtral, Qwen3-MoE, OLMoE): each block's MLP is n_experts gated MLPs (mlp "swiglu" or
     # "geglu", hidden size mlp_hidden each) and a router; every token goes through its experts_per_token
     # highest-scoring experts, their outputs summed with the router's softmax weights, renormalized over the
@@ -286,8 +292,8 @@ class GPTConfig:
                             "qk_norm is False: set qk_norm True or leave qk_norm_width 'head'")
 
     def _check_neox_fields(self):
-        """parallel_residual and gelu_approximate (GPT-NeoX, Pythia), shared_norm and head_bias (Phi-1/1.5/2, GPT-J):
-        checked by name."""
+        """parallel_residual and gelu_approximate (GPT-NeoX, Pythia), shared_norm and head_bias (Phi-1/1.5/2, GPT-J),
+        embed_norm (BLOOM) and norm_bias (MPT): checked by name."""
         if not isinstance(self.parallel_residual, (bool, np.bool_)):
             raise UserError(f"GPTConfig.parallel_residual must be True or False, got {self.parallel_residual!r}")
         self.parallel_residual = bool(self.parallel_residual)
@@ -296,13 +302,16 @@ class GPTConfig:
             raise UserError("GPTConfig.parallel_residual (GPT-NeoX's block: both sublayers read the block's input "
                             "through their own norm) is built with input norms only: set post_norms False and "
                             "pre_norms True, or parallel_residual False")
-        for name in ("shared_norm", "head_bias"):
+        for name in ("shared_norm", "head_bias", "embed_norm", "norm_bias"):
             if not isinstance(getattr(self, name), (bool, np.bool_)):
                 raise UserError(f"GPTConfig.{name} must be True or False, got {getattr(self, name)!r}")
             setattr(self, name, bool(getattr(self, name)))
         if self.shared_norm and not self.parallel_residual:
             raise UserError("GPTConfig.shared_norm (Phi's, GPT-J's and Falcon's block: attention and MLP read one "
                             "norm's output) is a parallel block's: set parallel_residual True or shared_norm False")
+        if not self.norm_bias and self.norm != "layernorm":
+            raise UserError(f"GPTConfig.norm_bias False drops the LayerNorms' biases; this model's norm is "
+                            f"{self.norm!r}, which has none: leave norm_bias True")
         if self.gelu_approximate not in GELU_APPROXIMATES:
             raise UserError(f"GPTConfig.gelu_approximate must be one of {', '.join(GELU_APPROXIMATES)}, "
                             f"got {self.gelu_approximate!r}")

@@ -79,6 +79,8 @@ class GPTModel(nn.Module):
         # GPT-2's learned absolute positions; with RoPE the attention rotates q and k instead, and
         # there is no such parameter (nor a pos_emb.weight in the state_dict)
         self.pos_emb = nn.Embedding(cfg.context_length, cfg.n_embd) if cfg.position_encoding == "learned" else None
+        # BLOOM's word_embeddings_layernorm: the embeddings normalized before the first block
+        self.embed_norm = make_norm(cfg) if cfg.embed_norm else None
         self.drop_emb = nn.Dropout(cfg.dropout)
         self.trf_blocks = nn.ModuleList(TransformerBlock(cfg, i) for i in range(cfg.n_layer))
         self.final_norm = make_norm(cfg)
@@ -233,6 +235,8 @@ class GPTModel(nn.Module):
         x = self.tok_emb(idx)
         if self.config.scale_embeddings:  # Gemma's sqrt(n_embd), rounded to the embeddings' dtype as Gemma's is
             x = x * _rounded(math.sqrt(self.config.n_embd), x.dtype)
+        if self.embed_norm is not None:
+            x = self.embed_norm(x)
         if self.pos_emb is not None:
             x, rope_pos = self.drop_emb(x + self.pos_emb(pos)), None
         else:  # RoPE: the positions go to each attention, which rotates q and k by them

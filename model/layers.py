@@ -54,14 +54,15 @@ def _autocast_off_for_fp16(t):
 class LayerNorm(nn.Module):
     """y = (x - mean) / sqrt(var + eps) * weight + bias, over the last dimension.
 
-    The variance is the biased one (divide by N), as in GPT-2. Triton twin: kernels/layernorm.py.
+    The variance is the biased one (divide by N), as in GPT-2. bias False: no bias parameter (MPT's).
+    Triton twin: kernels/layernorm.py.
     """
 
-    def __init__(self, n_embd: int, eps: float = 1e-5):
+    def __init__(self, n_embd: int, eps: float = 1e-5, bias: bool = True):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(n_embd))
-        self.bias = nn.Parameter(torch.zeros(n_embd))
+        self.bias = nn.Parameter(torch.zeros(n_embd)) if bias else None
         self.use_triton = False
 
     def forward(self, x):
@@ -75,7 +76,7 @@ class LayerNorm(nn.Module):
         # the mean of squares, not Tensor.var: that warns on a batch of zero-length sequences
         var = (xc * xc).mean(dim=-1, keepdim=True)
         x_hat = (xc / torch.sqrt(var + self.eps)).to(x.dtype)
-        return x_hat * self.weight + self.bias
+        return x_hat * self.weight if self.bias is None else x_hat * self.weight + self.bias
 
     def add_and_norm(self, x, delta):
         """(x + delta, LayerNorm(x + delta)): a residual add and the LayerNorm that reads it.
@@ -136,9 +137,12 @@ class NoNorm(nn.Module):
 NORM_MODULES = {"layernorm": LayerNorm, "rmsnorm": RMSNorm}  # by GPTConfig.norm (config.NORMS)
 
 
-def make_norm(cfg):
-    """The norm GPTConfig.norm names, of width n_embd: a block's two and the model's final one."""
-    return NORM_MODULES[cfg.norm](cfg.n_embd, cfg.norm_eps)
+def make_norm(cfg, width: int = 0):
+    """The norm GPTConfig.norm names, of width n_embd: a block's two, the model's final one (and BLOOM's
+    embed_norm; width: a q/k norm's); a LayerNorm without a bias when GPTConfig.norm_bias is False."""
+    if cfg.norm == "layernorm":
+        return LayerNorm(width or cfg.n_embd, cfg.norm_eps, bias=cfg.norm_bias)
+    return NORM_MODULES[cfg.norm](width or cfg.n_embd, cfg.norm_eps)
 
 
 class GELU(nn.Module):
@@ -663,7 +667,7 @@ class TransformerBlock(nn.Module):
                                       cfg.bias, layer_idx, cfg.layer_window(layer_idx), cfg.scale_attention,
                                       cfg.has_qkv_bias, theta if cfg.layer_has_rope(layer_idx) else None,
                                       cfg.kv_heads, cfg.attention_head_dim,
-                                      (lambda width: NORM_MODULES[cfg.norm](width, cfg.norm_eps)) if cfg.qk_norm
+                                      (lambda width: make_norm(cfg, width)) if cfg.qk_norm
                                       else None, scaling, scale_width=cfg.attention_scale_width,
                                       softcap=cfg.attn_softcap, qk_norm_all=cfg.qk_norm_width == "all",
                                       rotary_dim=cfg.rotary_dim,

@@ -37,7 +37,7 @@ from tritongpt.errors import UserError, read_json_object
 from tritongpt.model.config import ROPE_SCALING_KEYS, GPTConfig, check_rope_extras, check_rope_scaling
 from tritongpt.model.gpt import GPTModel
 from tritongpt.train.gpt2_weights import (_read_tensors, model_with_tensors, refuse_gemma_touches, refuse_moe_touches,
-                                          refuse_phi3_touches, tensor_names, write_hf_folder)
+                                          refuse_norm_touches, refuse_phi3_touches, tensor_names, write_hf_folder)
 
 # each block's tensors: ours, then Hugging Face's (under "layers.{i}.")
 _LAYER = (("norm1", "input_layernorm"), ("norm2", "post_attention_layernorm"), ("att.W_query", "self_attn.q_proj"),
@@ -307,6 +307,8 @@ def refuse_not_llama(model: GPTModel, what: str, family: str | None = None) -> N
 
     if family not in FAMILY_NAMES:  # the MoE families' refusals check a dense twin of the model
         refuse_moe_touches(cfg, family, what)
+    else:
+        refuse_norm_touches(cfg, family, what)
     window = (f"has local attention (attention_window {cfg.attention_window}) in its {cfg.window_layers} layers, "
               f"where {family}'s sliding window, if any, is in every layer" if family != "Llama" else
               f"has local attention (attention_window {cfg.attention_window}), where Llama attends to the whole "

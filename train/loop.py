@@ -445,10 +445,10 @@ class Trainer:
         scores, the position encoding: RoPE or learned, RoPE's theta, scaling and rotated width, the norm: LayerNorm or RMSNorm,
         and its eps, biases, on q/k/v only (Qwen2) or none, Gemma's scaled embeddings, sandwich norms,
         local RoPE, attention soft cap and scale, SmolLM3's NoPE layers, OLMo's absent input norms and
-        whole-width q/k norms, GPT-NeoX's parallel blocks and exact GELU) or another MLP (GELU, SwiGLU or
-        GeGLU, the gated ones' hidden size: other weights too, named before their shapes are): the run would
-        go on as another model. A config from before a field reads as without it; no saved config (a bare
-        weights file) is not compared."""
+        whole-width q/k norms, GPT-NeoX's parallel blocks and exact GELU, BLOOM's embedding norm, MPT's
+        bias-free LayerNorms) or another MLP (GELU, SwiGLU or GeGLU, the gated ones' hidden size: other weights
+        too, named before their shapes are): the run would go on as another model. A config from before a field
+        reads as without it; no saved config (a bare weights file) is not compared."""
         from tritongpt.model.layers import swiglu_hidden
 
         cfg = self._cfg
@@ -469,6 +469,7 @@ class Trainer:
         olmo = saved_cfg.get("pre_norms", True), saved_cfg.get("qk_norm_width", "head")
         neox = saved_cfg.get("parallel_residual", False), saved_cfg.get("gelu_approximate", "tanh")
         phi = saved_cfg.get("shared_norm", False), saved_cfg.get("head_bias", False)
+        norms = saved_cfg.get("embed_norm", False), saved_cfg.get("norm_bias", True)
         moe = saved_cfg.get("n_experts", 0), saved_cfg.get("experts_per_token", 2), saved_cfg.get("moe_norm_topk", True)
         hidden = saved_cfg.get("mlp_hidden", 0) or swiglu_hidden(saved_cfg.get("n_embd", cfg.n_embd))
         gated = ("swiglu", "geglu")
@@ -558,6 +559,13 @@ class Trainer:
 
             what = f"{phi_touches(*phi)}, this run's model {phi_touches(cfg.shared_norm, cfg.head_bias)}"
             flags = f"--{'' if phi[0] else 'no-'}shared-norm --{'' if phi[1] else 'no-'}head-bias"
+        elif norms != (cfg.embed_norm, cfg.norm_bias):
+            def norm_touches(embed, biased):
+                return (f"{'normalizes' if embed else 'does not normalize'} its token embeddings and has LayerNorms "
+                        f"{'with' if biased else 'without'} biases")
+
+            what = f"{norm_touches(*norms)}, this run's model {norm_touches(cfg.embed_norm, cfg.norm_bias)}"
+            flags = f"--{'' if norms[0] else 'no-'}embed-norm --{'' if norms[1] else 'no-'}norm-bias"
         elif attn_cap != cfg.attn_softcap:
             what = f"soft-caps its attention scores at {attn_cap:g}, this run's at {cfg.attn_softcap:g} (0: none)"
             flags = f"--attn-softcap {attn_cap:g}"

@@ -79,6 +79,12 @@ def add_args(p: argparse.ArgumentParser):
     p.add_argument("--head-bias", action=argparse.BooleanOptionalAction, default=None,
                    help="a bias on the new model's LM head, as Phi-1/1.5/2 and GPT-J have (GPTConfig.head_bias; in "
                         "the fused Triton loss too; default: no, or what --init's model has)")
+    p.add_argument("--embed-norm", action=argparse.BooleanOptionalAction, default=None,
+                   help="a norm on the new model's token embeddings before the first block, as BLOOM has "
+                        "(word_embeddings_layernorm; GPTConfig.embed_norm; default: no, or what --init's model has)")
+    p.add_argument("--norm-bias", action=argparse.BooleanOptionalAction, default=None,
+                   help="biases on the new model's LayerNorms (GPTConfig.norm_bias; --no-norm-bias: none, as MPT's; "
+                        "default: yes, or what --init's model has)")
     p.add_argument("--gelu-approximate", choices=GELU_APPROXIMATES, default=None,
                    help="the GELU MLP's GELU: tanh, GPT-2's approximation, or none, the exact erf one (GPT-NeoX's "
                         "and Pythia's; GPTConfig.gelu_approximate; fused into the Triton MLP kernel too). Default: "
@@ -293,7 +299,8 @@ def check_args(args, targs):
             raise UserError(NO_ROPE.format(args.rope_theta))
         for field in ("logit_softcap", "attn_softcap", "attention_window", "window_layers", "position_encoding",
                       "rope_theta", "norm", "mlp", "nope_layers", "parallel_residual", "gelu_approximate",
-                      "rotary_dim", "shared_norm", "head_bias", "n_experts", "experts_per_token"):
+                      "rotary_dim", "shared_norm", "head_bias", "embed_norm", "norm_bias", "n_experts",
+                      "experts_per_token"):
             given, has = getattr(args, field), getattr(model.config, field)
             if given is not None and given != has:
                 show = (lambda v: f"{v:g}") if isinstance(has, float) else str
@@ -329,7 +336,8 @@ def check_args(args, targs):
                          nope_layers=args.nope_layers, rotary_dim=args.rotary_dim,
                          parallel_residual=args.parallel_residual,
                          gelu_approximate=args.gelu_approximate, shared_norm=args.shared_norm,
-                         head_bias=args.head_bias, n_experts=args.n_experts,
+                         head_bias=args.head_bias, embed_norm=args.embed_norm, norm_bias=args.norm_bias,
+                         n_experts=args.n_experts,
                          experts_per_token=args.experts_per_token, moe_aux_loss=args.moe_aux_loss,
                          n_kv_head=args.n_kv_head, norm=args.norm, mlp=args.mlp, mlp_hidden=args.mlp_hidden,
                          bias=args.bias)
@@ -486,6 +494,8 @@ def print_header(args, targs, model, tok, block, splits, trainer):
     gqa += (", attention and MLP in parallel" + (" on one norm" if cfg.shared_norm else "")) \
         if cfg.parallel_residual else ""
     gqa += ", LM-head bias" if cfg.head_bias else ""
+    gqa += ", a norm on the embeddings" if cfg.embed_norm else ""
+    gqa += ", LayerNorms without biases" if not cfg.norm_bias else ""
     gqa += ", exact (erf) GELU" if cfg.gelu_approximate == "none" else ""
     renorm = ", renormalized" if cfg.moe_norm_topk else ""
     aux = f", load-balancing loss x{cfg.moe_aux_loss:g}" if cfg.moe_aux_loss else ""
