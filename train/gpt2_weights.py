@@ -173,7 +173,7 @@ def is_hf_file(path) -> bool:
 def load_checkpoint(path, model_name: str | None = None, merge: bool = True) -> GPTModel:
     """A tritongpt checkpoint (file, checkpoint folder or run folder: its newest) or a Hugging
     Face GPT-2, GPT-Neo, Llama (Mistral, Qwen2, Qwen3), Gemma, OLMo, GPT-NeoX, Phi-1/1.5/2, Phi-3, StableLM, GPT-J,
-    Falcon, BLOOM or
+    Falcon, BLOOM, MPT or
     mixture-of-experts (Mixtral, Qwen3-MoE, OLMoE) model.safetensors
     (model_name: the preset, when no config.json says the heads).
     A LoRA checkpoint comes merged unless merge is False, and so does a peft adapter folder: its
@@ -191,6 +191,7 @@ def load_checkpoint(path, model_name: str | None = None, merge: bool = True) -> 
         from tritongpt.train.gptj_weights import is_gptj_file, load_gptj_safetensors
         from tritongpt.train.llama_weights import is_llama_file, load_llama_safetensors
         from tritongpt.train.moe_weights import is_moe_file, load_moe_safetensors
+        from tritongpt.train.mpt_weights import is_mpt_file, load_mpt_safetensors
         from tritongpt.train.neox_weights import is_neox_file, load_neox_safetensors
         from tritongpt.train.olmo_weights import is_olmo_file, load_olmo_safetensors
         from tritongpt.train.phi3_weights import is_phi3_file, load_phi3_safetensors
@@ -213,6 +214,8 @@ def load_checkpoint(path, model_name: str | None = None, merge: bool = True) -> 
             return load_falcon_safetensors(path)
         if is_bloom_file(path):
             return load_bloom_safetensors(path)
+        if is_mpt_file(path):
+            return load_mpt_safetensors(path)
         if is_phi_file(path):
             return load_phi_safetensors(path)
         if is_stablelm_file(path):

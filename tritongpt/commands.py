@@ -323,23 +323,25 @@ class TextStream:
 
 def export_target(cfg) -> tuple:
     """(family, refuse, export): the Hugging Face folder `export` writes this model as, the first whose touches it has:
-    Mixtral's, Qwen3-MoE's or OLMoE's for a mixture of experts (n_experts), BLOOM's (ALiBi with embed_norm), OLMo's
-    (no input norms, q/k norms over all heads: an OLMo has post_norms too), then Gemma's (scaled embeddings,
-    sandwich norms, GeGLU...), StableLM's (LayerNorms with SwiGLU), Phi-3's (a partial rotary or LongRoPE on a
-    Llama), a Llama's (RMSNorm or SwiGLU: or a Mistral, a Qwen2... as hf_family says), GPT-Neo's (unscaled
-    attention scores); then, for RoPE over LayerNorms and a GELU MLP: GPT-J's (a shared-norm parallel block, an
-    LM-head bias, no q/k/v biases), Falcon's (the exact GELU, no LM-head bias, and a shared norm, grouped
-    key/value heads or no biases), Phi's (one norm in a parallel block or an LM-head bias), GPT-NeoX's; else
-    GPT-2. An ALiBi model none of them takes falls through to a family that refuses ALiBi by
+    Mixtral's, Qwen3-MoE's or OLMoE's for a mixture of experts (n_experts), BLOOM's (ALiBi with embed_norm), MPT's
+    (ALiBi without biases), OLMo's (no input norms, q/k norms over all heads: an OLMo has post_norms too), then
+    Gemma's (scaled embeddings, sandwich norms, GeGLU...), StableLM's (LayerNorms with SwiGLU), Phi-3's (a partial
+    rotary or LongRoPE on a Llama), a Llama's (RMSNorm or SwiGLU: or a Mistral, a Qwen2... as hf_family says),
+    GPT-Neo's (unscaled attention scores); then, for RoPE over LayerNorms and a GELU MLP: GPT-J's (a shared-norm
+    parallel block, an LM-head bias, no q/k/v biases), Falcon's (the exact GELU, no LM-head bias, and a shared
+    norm, grouped key/value heads or no biases), Phi's (one norm in a parallel block or an LM-head bias),
+    GPT-NeoX's; else GPT-2. An ALiBi model none of them takes falls through to a family that refuses ALiBi by
     name. refuse(model, what) names what that family cannot say."""
     from tritongpt.train import bloom_weights, falcon_weights, gemma_weights, gpt2_weights, gpt_neo_weights, \
-        gptj_weights, llama_weights, moe_weights, neox_weights, olmo_weights, phi3_weights, phi_weights, \
-        stablelm_weights
+        gptj_weights, llama_weights, moe_weights, mpt_weights, neox_weights, olmo_weights, phi3_weights, \
+        phi_weights, stablelm_weights
 
     if cfg.n_experts:  # only these write experts; each refuses the rest by name
         return moe_weights.family_name(cfg), moe_weights.refuse_not_moe, moe_weights.export_moe
     if bloom_weights.is_bloom_shaped(cfg):
         return "BLOOM", bloom_weights.refuse_not_bloom, bloom_weights.export_bloom
+    if mpt_weights.is_mpt_shaped(cfg):
+        return "MPT", mpt_weights.refuse_not_mpt, mpt_weights.export_mpt
     if olmo_weights.is_olmo_shaped(cfg):
         return olmo_weights.family_name(cfg), olmo_weights.refuse_not_olmo, olmo_weights.export_olmo
     if gemma_weights.is_gemma_shaped(cfg):
