@@ -356,6 +356,9 @@ def add_cli(sub):
     t.add_argument("--head-bias", action=argparse.BooleanOptionalAction, default=None,
                    help="a bias on the LM head (Phi-1/1.5/2's, GPT-J's; GPTConfig.head_bias) (default: the preset's, "
                         "no)")
+    t.add_argument("--alibi-scaled", action=argparse.BooleanOptionalAction, default=None,
+                   help="Falcon-RW's ALiBi, added before the scores' scale (GPTConfig.alibi_scaled; with "
+                        "--position-encoding alibi) (default: the preset's, no)")
     t.add_argument("--embed-norm", action=argparse.BooleanOptionalAction, default=None,
                    help="a norm on the token embeddings before the first block (BLOOM's; GPTConfig.embed_norm) "
                         "(default: the preset's, no)")

@@ -163,7 +163,7 @@ VARIANT_KEYS = ("padded_vocab", "attention_window", "window_layers", "logit_soft
 ARCH_KEYS = ("norm", "mlp", "mlp_hidden", "position_encoding", "rope_theta", "n_kv_head", "bias", "attention_head_dim",
              "qk_norm", "scale_embeddings", "post_norms", "rope_local_theta", "nope_layers", "pre_norms",
              "qk_norm_width", "parallel_residual", "gelu_approximate", "rotary_dim", "shared_norm", "head_bias",
-             "embed_norm", "norm_bias", "n_experts", "experts_per_token", "moe_aux_loss")
+             "embed_norm", "norm_bias", "alibi_scaled", "n_experts", "experts_per_token", "moe_aux_loss")
 
 
 def variant_text(config: dict, keys=VARIANT_KEYS + ARCH_KEYS) -> str:
@@ -211,6 +211,8 @@ def architecture_text(config: dict) -> str:
         words.append("embedding norm")
     if config.get("norm_bias") is False:
         words.append("no norm biases")
+    if config.get("alibi_scaled"):
+        words.append("ALiBi scaled with the scores")
     if config.get("gelu_approximate") == "none":
         words.append("exact GELU")
     if config.get("n_experts"):

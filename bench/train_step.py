@@ -115,7 +115,7 @@ MODEL_FLAGS = ("vocab_multiple", "attention_window", "window_layers", "logit_sof
                "position_encoding", "rope_theta", "n_kv_head", "bias", "attention_head_dim", "qk_norm",
                "scale_embeddings", "post_norms", "rope_local_theta", "attn_softcap", "nope_layers", "pre_norms",
                "qk_norm_width", "parallel_residual", "gelu_approximate", "rotary_dim", "shared_norm", "head_bias",
-               "embed_norm", "norm_bias", "n_experts", "experts_per_token", "moe_aux_loss")
+               "embed_norm", "norm_bias", "alibi_scaled", "n_experts", "experts_per_token", "moe_aux_loss")
 
 
 def model_variant(cfg) -> dict:
@@ -125,8 +125,8 @@ def model_variant(cfg) -> dict:
     (its theta), fewer KV heads, no biases, Qwen3's heads of their own width and q/k norms, Gemma's scaled
     embeddings, sandwich norms, local layers' RoPE, attention soft cap and scale, SmolLM3's NoPE layers, OLMo's
     blocks without input norms and q/k norms over all heads, GPT-NeoX's parallel blocks, exact GELU and partial
-    rotary, Phi's shared norm and LM-head bias, BLOOM's embedding norm, MPT's bias-free LayerNorms, a mixture of
-    experts (Mixtral's). {} for GPT-2."""
+    rotary, Phi's shared norm and LM-head bias, BLOOM's embedding norm, MPT's bias-free LayerNorms, Falcon-RW's
+    scaled ALiBi, a mixture of experts (Mixtral's). {} for GPT-2."""
     out = {}
     if cfg.padded_vocab_size != cfg.vocab_size:
         out["padded_vocab"] = cfg.padded_vocab_size
@@ -180,6 +180,8 @@ def model_variant(cfg) -> dict:
         out["embed_norm"] = True
     if not cfg.norm_bias:
         out["norm_bias"] = False
+    if cfg.alibi_scaled:
+        out["alibi_scaled"] = True
     if cfg.n_experts:
         out.update(n_experts=cfg.n_experts, experts_per_token=cfg.experts_per_token)
         if cfg.moe_aux_loss:

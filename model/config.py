@@ -73,6 +73,9 @@ class GPTConfig:
     # -m_h (i - j) by distance, m_h from layers.alibi_slopes (the RoPE fields are refused then).
     position_encoding: str = "learned"
     rope_theta: float = 10000.0
+    # Falcon-RW's ALiBi: the bias added to the scores before their 1/sqrt(head_dim) scale, so the slopes are
+    # divided by sqrt(head_dim) (True); False: BLOOM's and MPT's, added to the scaled scores.
+    alibi_scaled: bool = False
     # RoPE's frequencies rescaled for a longer context than pretraining's (layers.scaled_inv_freq):
     # None, {"rope_type": "linear", "factor": f} (every frequency / f), Llama 3.1's and 3.2's
     # {"rope_type": "llama3", "factor", "low_freq_factor", "high_freq_factor",
@@ -293,7 +296,7 @@ class GPTConfig:
 
     def _check_neox_fields(self):
         """parallel_residual and gelu_approximate (GPT-NeoX, Pythia), shared_norm and head_bias (Phi-1/1.5/2, GPT-J),
-        embed_norm (BLOOM) and norm_bias (MPT): checked by name."""
+        embed_norm (BLOOM), norm_bias (MPT) and alibi_scaled (Falcon-RW): checked by name."""
         if not isinstance(self.parallel_residual, (bool, np.bool_)):
             raise UserError(f"GPTConfig.parallel_residual must be True or False, got {self.parallel_residual!r}")
         self.parallel_residual = bool(self.parallel_residual)
@@ -302,13 +305,16 @@ class GPTConfig:
             raise UserError("GPTConfig.parallel_residual (GPT-NeoX's block: both sublayers read the block's input "
                             "through their own norm) is built with input norms only: set post_norms False and "
                             "pre_norms True, or parallel_residual False")
-        for name in ("shared_norm", "head_bias", "embed_norm", "norm_bias"):
+        for name in ("shared_norm", "head_bias", "embed_norm", "norm_bias", "alibi_scaled"):
             if not isinstance(getattr(self, name), (bool, np.bool_)):
                 raise UserError(f"GPTConfig.{name} must be True or False, got {getattr(self, name)!r}")
             setattr(self, name, bool(getattr(self, name)))
         if self.shared_norm and not self.parallel_residual:
             raise UserError("GPTConfig.shared_norm (Phi's, GPT-J's and Falcon's block: attention and MLP read one "
                             "norm's output) is a parallel block's: set parallel_residual True or shared_norm False")
+        if self.alibi_scaled and self.position_encoding != "alibi":
+            raise UserError(f"GPTConfig.alibi_scaled scales ALiBi's slopes; this model has position_encoding "
+                            f"{self.position_encoding!r}: set it to 'alibi' or leave alibi_scaled False")
         if not self.norm_bias and self.norm != "layernorm":
             raise UserError(f"GPTConfig.norm_bias False drops the LayerNorms' biases; this model's norm is "
                             f"{self.norm!r}, which has none: leave norm_bias True")
@@ -392,7 +398,8 @@ class GPTConfig:
     def positions_said(self) -> str:
         """What this model does with positions, as an export's refusal says it (\"this model ...\")."""
         if self.position_encoding == "alibi":
-            return "biases each head's attention scores by distance (ALiBi, position_encoding alibi)"
+            scaled = ", added before the scores' scale: alibi_scaled, Falcon-RW's" if self.alibi_scaled else ""
+            return f"biases each head's attention scores by distance (ALiBi, position_encoding alibi{scaled})"
         if self.position_encoding == "rope":
             return "rotates q and k by their positions (position_encoding rope)"
         return "learns position embeddings (position_encoding learned)"

@@ -15,7 +15,7 @@ from tritongpt._types import is_int, is_real, loss_options
 from tritongpt.errors import UserError
 from tritongpt.model.config import GPTConfig
 from tritongpt.model.layers import (FeedForward, LayerNorm, MoEFeedForward, MultiHeadAttention, RMSNorm, Rotary,
-                                    SwiGLUFeedForward, TransformerBlock, alibi_slopes, document_starts,
+                                    SwiGLUFeedForward, TransformerBlock, document_starts,
                                     load_balancing_loss, make_norm, rope_seq_len)
 from tritongpt.model.toggle import resolve_kernels, spec_string
 
@@ -117,7 +117,7 @@ class GPTModel(nn.Module):
         with torch.no_grad():  # to_empty leaves buffers uninitialised too: ALiBi's slopes are in no state_dict
             for m in model.modules():
                 if isinstance(m, MultiHeadAttention) and m.alibi is not None:
-                    m.alibi.copy_(alibi_slopes(m.n_head))
+                    m.alibi.copy_(m.fresh_alibi_slopes())
         return model
 
     def _apply(self, fn, *args, **kwargs):

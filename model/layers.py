@@ -522,7 +522,8 @@ class MultiHeadAttention(nn.Module):
                  bias: bool = True, layer_idx: int = 0, window: int = 0, scale: bool = True,
                  qkv_bias: bool | None = None, rope_theta: float | None = None, n_kv_head: int = 0,
                  head_dim: int = 0, qk_norm=None, rope_scaling: dict | None = None, scale_width: int = 0,
-                 softcap: float = 0.0, qk_norm_all: bool = False, rotary_dim: int = 0, alibi: bool = False):
+                 softcap: float = 0.0, qk_norm_all: bool = False, rotary_dim: int = 0, alibi: bool = False,
+                 alibi_scale: float = 1.0):
         super().__init__()
         assert head_dim or n_embd % n_head == 0, "n_embd must be divisible by n_head"
         # head_dim 0: n_embd / n_head; else its own (Qwen3), q, k and v n_head * head_dim wide
@@ -557,8 +558,9 @@ class MultiHeadAttention(nn.Module):
         self.rotary = None if rope_theta is None else Rotary(self.head_dim, rope_theta, rope_scaling, rotary_dim,
                                                                  mscale)
         # alibi (BLOOM, MPT): each head's scores get ALiBi's bias; the slopes are a function of n_head, not
-        # state (non-persistent: no state_dict entry)
-        self.register_buffer("alibi", alibi_slopes(n_head) if alibi else None, persistent=False)
+        # state (non-persistent: no state_dict entry). alibi_scale multiplies them (Falcon-RW's 1/sqrt(head_dim))
+        self.alibi_scale = alibi_scale
+        self.register_buffer("alibi", self.fresh_alibi_slopes() if alibi else None, persistent=False)
         self._alibi_fp32 = {}  # device -> fp32 slopes, once model.to(dtype) has rounded the buffer
         self.attn_drop = nn.Dropout(dropout)  # both paths read its p (the Triton one in-kernel)
         self.resid_drop = nn.Dropout(dropout)
@@ -602,8 +604,12 @@ class MultiHeadAttention(nn.Module):
             return self.alibi
         device = self.alibi.device
         if device not in self._alibi_fp32:
-            self._alibi_fp32[device] = alibi_slopes(self.n_head).to(device)
+            self._alibi_fp32[device] = self.fresh_alibi_slopes().to(device)
         return self._alibi_fp32[device]
+
+    def fresh_alibi_slopes(self):
+        """This attention's ALiBi slopes, made anew in fp32 on the CPU (alibi_slopes times alibi_scale)."""
+        return alibi_slopes(self.n_head) * self.alibi_scale
 
     def forward(self, x, cache=None, doc_ids=None, positions=None, rope_len=None):
         """positions [T] or [B, T]: each token's position, for RoPE (default: from the cache's
@@ -671,7 +677,8 @@ class TransformerBlock(nn.Module):
                                       else None, scaling, scale_width=cfg.attention_scale_width,
                                       softcap=cfg.attn_softcap, qk_norm_all=cfg.qk_norm_width == "all",
                                       rotary_dim=cfg.rotary_dim,
-                                      alibi=cfg.position_encoding == "alibi")
+                                      alibi=cfg.position_encoding == "alibi",
+                                      alibi_scale=1 / math.sqrt(cfg.head_dim) if cfg.alibi_scaled else 1.0)
         # shared_norm (Phi-1/1.5/2, GPT-J, Falcon-7B): the MLP reads norm1's output too, and there is no norm2
         self.norm2 = None if cfg.shared_norm else make_norm(cfg) if cfg.pre_norms else NoNorm()
         # the sandwich's outer norms (Gemma's post_attention_layernorm and post_feedforward_layernorm)

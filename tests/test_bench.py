@@ -1116,8 +1116,8 @@ def test_gpu_command_flow_with_cpu_stand_ins(tmp_path, monkeypatch, capsys):
                                  scale_embeddings=None, post_norms=None, rope_local_theta=None, attn_softcap=None,
                                  nope_layers=None, pre_norms=None, qk_norm_width=None, parallel_residual=None,
                                  gelu_approximate=None, rotary_dim=None, shared_norm=None, head_bias=None,
-                                 embed_norm=None, norm_bias=None, n_experts=None, experts_per_token=None,
-                                 moe_aux_loss=None)
+                                 embed_norm=None, norm_bias=None, alibi_scaled=None, n_experts=None,
+                                 experts_per_token=None, moe_aux_loss=None)
     (folder,) = tmp_path.iterdir()
     k = report.validate_result(json.loads((folder / "kernels.json").read_text()))
     t = report.validate_result(json.loads((folder / "train.json").read_text()))

@@ -22,7 +22,9 @@ KINDS = {"7b": dict(new_decoder_architecture=False, multi_query=True, parallel_a
          "40b": dict(new_decoder_architecture=True, num_kv_heads=2, parallel_attn=True),
          "new-one-norm": dict(new_decoder_architecture=True, num_kv_heads=2, num_ln_in_parallel_attn=1),
          "sequential": dict(new_decoder_architecture=False, multi_query=False, parallel_attn=False),
-         "7b-bias": dict(new_decoder_architecture=False, multi_query=True, parallel_attn=True, bias=True)}
+         "7b-bias": dict(new_decoder_architecture=False, multi_query=True, parallel_attn=True, bias=True),
+         # Falcon-RW-1B's: ALiBi, sequential blocks, a key/value head per query head, biases
+         "rw": dict(new_decoder_architecture=False, multi_query=False, parallel_attn=False, bias=True, alibi=True)}
 
 
 def hf_falcon(folder, kind="7b", layers=2, vocab=VOCAB, context=CTX, **config):
@@ -44,14 +46,17 @@ def hf_falcon(folder, kind="7b", layers=2, vocab=VOCAB, context=CTX, **config):
 @pytest.mark.parametrize("kind,want", [("7b", (True, True, 1, False)), ("40b", (True, False, 2, False)),
                                        ("new-one-norm", (True, True, 2, False)),
                                        ("sequential", (False, False, 4, False)),
-                                       ("7b-bias", (True, True, 1, True))], ids=list(KINDS))
+                                       ("7b-bias", (True, True, 1, True)), ("rw", (False, False, 4, True))],
+                         ids=list(KINDS))
 def test_loads_its_blocks_and_matches_transformers_on_both_paths(tmp_path, kind, want):
     hf, path = hf_falcon(tmp_path, kind)
     model = load_checkpoint(path).double().eval()
     c = model.config
     assert (c.parallel_residual, c.shared_norm, c.kv_heads, c.bias) == want
-    assert (c.has_qkv_bias, c.gelu_approximate, c.rope_theta, c.rotary_dim, c.tie_weights, c.head_bias) == \
-        (want[3], "none", 500.0, 0, True, False)
+    assert (c.has_qkv_bias, c.gelu_approximate, c.rotary_dim, c.tie_weights, c.head_bias) == \
+        (want[3], "none", 0, True, False)
+    rope = ("alibi", True, 10000.0) if kind == "rw" else ("rope", False, 500.0)  # RW's: ALiBi, RoPE's base unread
+    assert (c.position_encoding, c.alibi_scaled, c.rope_theta) == rope
     logits_match_transformers(hf, model, VOCAB, T)
 
 
@@ -89,20 +94,66 @@ def test_export_round_trips_through_transformers(tmp_path, kind):
 
 
 @pytest.mark.parametrize("change,match", [
-    ({"alibi": True}, "alibi true"),
     ({"activation": "relu"}, "activation 'relu'; this model's Falcon MLP computes 'gelu'"),
     ({"ffn_hidden_size": 100}, r"an MLP 256 wide \(ffn_hidden_size 100\)"),
     ({"num_attention_heads": 8}, "query_key_value has 96 rows; 8 query heads over 1 key/value heads of 8 need 80"),
     ({"rope_parameters": {"rope_type": "linear", "rope_theta": 500.0, "factor": 2.0}},
      "rope_parameters of type 'linear'"),
     ({"model_type": "RefinedWebModel"}, "the remote-code Falcon format"),
-], ids=["alibi", "activation", "mlp-width", "heads", "scaled-rope", "remote-code"])
+], ids=["activation", "mlp-width", "heads", "scaled-rope", "remote-code"])
 def test_what_this_model_does_not_compute_is_refused_by_name(tmp_path, change, match):
     _, path = hf_falcon(tmp_path)
     cfg_json = tmp_path / "config.json"
     cfg_json.write_text(json.dumps({**json.loads(cfg_json.read_text()), **change}))
     with pytest.raises(UserError, match=match):
         load_checkpoint(path)
+
+
+@pytest.mark.parametrize("kind", ["rw", "7b"])
+def test_falcon_rw_alibi_is_scaled_with_the_scores(tmp_path, kind):
+    """Falcon-RW (alibi true): ALiBi with its slopes divided by sqrt(head_dim) (alibi_scaled), transformers'
+    logits on both paths (4 heads: slopes powers of two, which transformers' bf16 bias keeps exact), the
+    KV-cache decode, greedy tokens (the export round trip: test_export_round_trips_through_transformers[rw]).
+    Also on Falcon-7B's multi-query parallel block with alibi true."""
+    from tritongpt.train.generate import generate
+
+    hf, path = hf_falcon(tmp_path / "in", kind, alibi=True)
+    model = load_checkpoint(path).double().eval()
+    c = model.config
+    assert (c.position_encoding, c.alibi_scaled, c.kv_heads) == ("alibi", True, 4 if kind == "rw" else 1)
+    assert torch.allclose(model.trf_blocks[0].att.alibi_slopes(), torch.tensor([2.0 ** -2, 2 ** -4, 2 ** -6,
+                                                                                2 ** -8]) / 4)
+    logits_match_transformers(hf, model, VOCAB, T)
+    idx = torch.randint(0, VOCAB, (1, 13))
+    with torch.no_grad():
+        decodes_like(model, idx, hf(idx).logits)
+    theirs = hf.generate(idx[:, :3], max_new_tokens=8, do_sample=False, pad_token_id=0, eos_token_id=None)
+    assert torch.equal(generate(model, idx[:, :3], 8), theirs)
+
+
+def test_alibi_scaled_is_refused_where_it_means_nothing_and_by_bloom_and_mpt(tmp_path):
+    """alibi_scaled needs ALiBi; BLOOM's and MPT's exports name it; export_target sends it to Falcon even
+    without biases (MPT's shape otherwise)."""
+    from tritongpt.commands import export_target
+    from tritongpt.model.config import GPTConfig
+    from tritongpt.model.gpt import GPTModel
+    from tritongpt.train.bloom_weights import refuse_not_bloom
+    from tritongpt.train.mpt_weights import refuse_not_mpt
+
+    with pytest.raises(UserError, match="GPTConfig.alibi_scaled scales ALiBi's slopes; this model has "
+                                        "position_encoding 'rope'"):
+        GPTConfig(position_encoding="rope", alibi_scaled=True)
+    base = dict(vocab_size=VOCAB, n_embd=64, n_layer=1, n_head=4, position_encoding="alibi", alibi_scaled=True)
+    with pytest.raises(UserError, match=r"adds ALiBi's bias before the scores' 1/sqrt\(head_dim\) scale "
+                                        r"\(alibi_scaled, Falcon-RW's\), where BLOOM adds it after"):
+        refuse_not_bloom(GPTModel(GPTConfig(**base, embed_norm=True)), "a BLOOM folder")
+    mpt = GPTConfig(**base, bias=False, norm_bias=False, gelu_approximate="none")
+    with pytest.raises(UserError, match="where MPT adds it after"):
+        refuse_not_mpt(GPTModel(mpt), "an MPT folder")
+    assert export_target(mpt)[0] == "Falcon"
+    family, refuse, _ = export_target(GPTConfig(**{**base, "alibi_scaled": False}))
+    with pytest.raises(UserError, match=r"ALiBi, position_encoding alibi\)"):
+        refuse(GPTModel(GPTConfig(**{**base, "alibi_scaled": False})), "x")
 
 
 def test_pretrain_from_a_falcon_folder_then_export_picks_falcon(tmp_path, corpus):
@@ -142,3 +193,35 @@ def test_export_picks_the_family_that_says_the_model(fields, family):
     cfg = GPTConfig(**{**dict(vocab_size=VOCAB, n_embd=64, n_layer=1, n_head=4, position_encoding="rope",
                               parallel_residual=True, gelu_approximate="none"), **fields})
     assert export_target(cfg)[0] == family
+
+
+def test_alibi_scaled_is_threaded(corpus):
+    """pretrain --position-encoding alibi --alibi-scaled builds Falcon-RW's attention; bench train takes the flag
+    and its row says it; the resume check names the flag."""
+    from types import SimpleNamespace
+
+    from tritongpt.bench import cli as bcli
+    from tritongpt.bench import report as breport
+    from tritongpt.bench import train_step
+    from tritongpt.cli import build_parser
+    from tritongpt.model.config import GPTConfig
+    from tritongpt.train.loop import Trainer, TrainArgs
+    from tritongpt.train.pretrain import check_args, parse_args
+
+    a = parse_args(["--tokenizer", str(corpus.tok), "--position-encoding", "alibi", "--alibi-scaled"])
+    model = check_args(a, TrainArgs.from_namespace(a))[0]
+    att = model.trf_blocks[0].att
+    assert model.config.alibi_scaled and torch.allclose(att.alibi_slopes() * att.head_dim ** 0.5,
+                                                        torch.tensor([2.0 ** (-8 * (h + 1) / 4) for h in range(4)]))
+    args = build_parser().parse_args(["bench", "train", "--position-encoding", "alibi", "--alibi-scaled"])
+    assert bcli.model_flags(args)["alibi_scaled"] is True
+    row = train_step.bench_train_provider("reference", "tiny", 2, 16, torch.device("cpu"), torch.float32, 0, 1,
+                                          peak_flops=1e12, vocab_size=64, position_encoding="alibi",
+                                          alibi_scaled=True)
+    assert row["status"] == "ok" and row["config"]["alibi_scaled"] is True
+    assert "ALiBi scaled with the scores" in breport.models_line([row])
+    saved = GPTConfig(vocab_size=VOCAB, n_embd=64, n_layer=1, n_head=4, position_encoding="alibi", alibi_scaled=True)
+    plain = GPTConfig(vocab_size=VOCAB, n_embd=64, n_layer=1, n_head=4, position_encoding="alibi")
+    with pytest.raises(UserError, match="adds ALiBi's bias before the scores' scale, this run's model adds ALiBi's "
+                                        "bias after.*--alibi-scaled"):
+        Trainer._check_same_function(SimpleNamespace(_cfg=plain, name="pretrain"), "ckpt", saved.to_dict())

@@ -133,6 +133,8 @@ def refuse_not_bloom(model: GPTModel, what: str) -> None:
     refuse_moe_touches(cfg, "BLOOM", what, embed_norm=True)
     for differs, why in ((cfg.position_encoding != "alibi", f"{cfg.positions_said()}, where BLOOM biases its "
                           "attention scores by distance (ALiBi)"),
+                         (cfg.alibi_scaled, "adds ALiBi's bias before the scores' 1/sqrt(head_dim) scale "
+                          "(alibi_scaled, Falcon-RW's), where BLOOM adds it after"),
                          (not cfg.embed_norm, "does not normalize its token embeddings (embed_norm), which BLOOM "
                           "does"),
                          (cfg.norm != "layernorm", f"normalizes with {cfg.norm}, where BLOOM has LayerNorms"),

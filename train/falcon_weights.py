@@ -11,8 +11,14 @@ embeddings, in one of three blocks:
 - parallel_attn false: GPT-2's sequential block (input_layernorm, then post_attention_layernorm).
 Its attention is multi-query in the 7B (multi_query: one key/value head) and grouped in the new architecture
 (num_kv_heads), q, k and v fused in query_key_value in a layout of each architecture's own (_qkv_rows).
-What this model does not compute is refused by name: ALiBi (Falcon-RW's), another activation, an MLP wider or
-narrower than 4 hidden_size, a scaled RoPE, the remote-code folders' model types (RefinedWeb).
+Falcon-RW (alibi true) has ALiBi instead of RoPE, added to the scores before their 1/sqrt(head_dim) scale (in
+transformers' SDPA path the mask carries alibi / sqrt(head_dim)): position_encoding "alibi" with alibi_scaled,
+the slopes divided by sqrt(head_dim). transformers builds the bias in bf16 (slopes.bfloat16() * positions):
+exact for 1, 2, 4 or 8 heads (slopes powers of two) up to 256 positions, rounded otherwise, where ours stays
+fp32. (transformers 5's eager Falcon adds the ALiBi bias twice, once in the scores and once in the mask; its
+default SDPA path, which tests compare with, adds it once.)
+What this model does not compute is refused by name: another activation, an MLP wider or narrower than 4
+hidden_size, a scaled RoPE, the remote-code folders' model types (RefinedWeb).
 """
 from pathlib import Path
 
@@ -59,9 +65,6 @@ def _check_hf_config(cfg_json: Path, d: dict, sd: dict) -> GPTConfig:
                         "transformers-format revision (model_type 'falcon'), which this loader reads")
     if kind != MODEL_TYPE:
         raise UserError(f"{cfg_json} says model_type {kind!r}; a Falcon folder's is {MODEL_TYPE}")
-    if d.get("alibi"):
-        raise UserError(f"{cfg_json} has alibi true (Falcon-RW's ALiBi position biases); this model encodes positions "
-                        "by RoPE or learned embeddings")
     try:
         vocab, n_embd = sd["word_embeddings.weight"].shape
         hidden = sd["h.0.mlp.dense_h_to_4h.weight"].shape[0]
@@ -92,15 +95,18 @@ def _check_hf_config(cfg_json: Path, d: dict, sd: dict) -> GPTConfig:
     if qkv_rows != (n_head + 2 * kv) * head_dim:
         raise UserError(f"{cfg_json.parent}: query_key_value has {qkv_rows} rows; {n_head} query heads over {kv} "
                         f"key/value heads of {head_dim} need {(n_head + 2 * kv) * head_dim}")
-    # whole heads unless rope_parameters says a factor (no Falcon does; refused below)
-    theta, rotary = unscaled_partial_rope({"partial_rotary_factor": 1.0, **d}, head_dim, cfg_json, "Falcon")
-    if rotary:
-        raise UserError(f"{cfg_json} has a partial rotary factor; Falcon rotates whole heads")
+    if d.get("alibi"):  # Falcon-RW: no rotation, ALiBi scaled with the scores
+        positions = dict(position_encoding="alibi", alibi_scaled=True)
+    else:  # whole heads unless rope_parameters says a factor (no Falcon does; refused below)
+        theta, rotary = unscaled_partial_rope({"partial_rotary_factor": 1.0, **d}, head_dim, cfg_json, "Falcon")
+        if rotary:
+            raise UserError(f"{cfg_json} has a partial rotary factor; Falcon rotates whole heads")
+        positions = dict(position_encoding="rope", rope_theta=theta)
     names, parallel = _norms(d)
     head = sd.get("lm_head.weight")
     return GPTConfig(vocab_size=vocab, n_embd=n_embd, n_layer=n_layer, n_head=n_head, n_kv_head=kv,
-                     context_length=d.get("max_position_embeddings", 2048), position_encoding="rope",
-                     rope_theta=theta, norm_eps=d.get("layer_norm_epsilon", 1e-5), bias=bool(d.get("bias", False)),
+                     context_length=d.get("max_position_embeddings", 2048), **positions,
+                     norm_eps=d.get("layer_norm_epsilon", 1e-5), bias=bool(d.get("bias", False)),
                      tie_weights=head is None or torch.equal(head, sd["word_embeddings.weight"]),
                      parallel_residual=parallel, shared_norm=parallel and names[1] is None, gelu_approximate="none")
 
@@ -160,20 +166,22 @@ def load_falcon_safetensors(path) -> GPTModel:
 
 # -- export: the inverse of _our_tensors -----------------------------------------------------------
 def is_falcon_shaped(cfg: GPTConfig) -> bool:
-    """RoPE over LayerNorms with the exact-GELU MLP, no LM-head bias, and one of Falcon's touches a GPT-NeoX
-    cannot say (a shared norm, fewer key/value heads than query heads, no biases): what export writes as a
-    Falcon (or refuses)."""
-    return (cfg.position_encoding == "rope" and cfg.norm == "layernorm" and cfg.mlp == "gelu"
-            and cfg.gelu_approximate == "none" and not cfg.head_bias
-            and (cfg.shared_norm or cfg.kv_heads < cfg.n_head or not cfg.bias))
+    """Falcon-RW's scaled ALiBi (alibi_scaled), or RoPE over LayerNorms with the exact-GELU MLP, no LM-head bias,
+    and one of Falcon's touches a GPT-NeoX cannot say (a shared norm, fewer key/value heads than query heads, no
+    biases): what export writes as a Falcon (or refuses)."""
+    return cfg.alibi_scaled or (cfg.position_encoding == "rope" and cfg.norm == "layernorm" and cfg.mlp == "gelu"
+                                and cfg.gelu_approximate == "none" and not cfg.head_bias
+                                and (cfg.shared_norm or cfg.kv_heads < cfg.n_head or not cfg.bias))
 
 
 def refuse_not_falcon(model: GPTModel, what: str) -> None:
     """What Hugging Face's Falcon does not compute, by name."""
     cfg = model.config
     refuse_moe_touches(cfg, "Falcon", what)
-    for differs, why in ((cfg.position_encoding != "rope", f"{cfg.positions_said()}, where Falcon rotates q and k "
-                          "(RoPE)"),
+    rw = cfg.position_encoding == "alibi" and cfg.alibi_scaled  # Falcon-RW's positions
+    for differs, why in ((cfg.position_encoding != "rope" and not rw, f"{cfg.positions_said()}, where Falcon "
+                          "rotates q and k (RoPE) or, Falcon-RW, adds ALiBi's bias before the scores' scale "
+                          "(alibi_scaled)"),
                          (bool(cfg.rotary_dim), f"rotates only {cfg.rotary_dim} of each head's dimensions, where "
                           "Falcon rotates whole heads"),
                          (cfg.norm != "layernorm", f"normalizes with {cfg.norm}, where Falcon has LayerNorms"),
@@ -200,7 +208,8 @@ def hf_config(cfg: GPTConfig, eos_token_id: int | None = None) -> dict:
     return {"model_type": MODEL_TYPE, "architectures": ["FalconForCausalLM"], "vocab_size": cfg.vocab_size,
             "max_position_embeddings": cfg.context_length, "hidden_size": cfg.n_embd, "ffn_hidden_size": 4 * cfg.n_embd,
             "num_hidden_layers": cfg.n_layer, "num_attention_heads": H, "num_kv_heads": G, "activation": "gelu",
-            "layer_norm_epsilon": cfg.norm_eps, "bias": cfg.bias, "alibi": False, "new_decoder_architecture": new_arch,
+            "layer_norm_epsilon": cfg.norm_eps, "bias": cfg.bias,
+            "alibi": cfg.position_encoding == "alibi", "new_decoder_architecture": new_arch,
             "multi_query": G == 1 and H > 1, "parallel_attn": cfg.parallel_residual,
             "num_ln_in_parallel_attn": (1 if cfg.shared_norm else 2) if new_arch else None, "hidden_dropout": 0.0,
             "attention_dropout": 0.0, "tie_word_embeddings": cfg.tie_weights, "bos_token_id": eos_token_id,

@@ -446,9 +446,9 @@ class Trainer:
         and its eps, biases, on q/k/v only (Qwen2) or none, Gemma's scaled embeddings, sandwich norms,
         local RoPE, attention soft cap and scale, SmolLM3's NoPE layers, OLMo's absent input norms and
         whole-width q/k norms, GPT-NeoX's parallel blocks and exact GELU, BLOOM's embedding norm, MPT's
-        bias-free LayerNorms) or another MLP (GELU, SwiGLU or GeGLU, the gated ones' hidden size: other weights
-        too, named before their shapes are): the run would go on as another model. A config from before a field
-        reads as without it; no saved config (a bare weights file) is not compared."""
+        bias-free LayerNorms, Falcon-RW's scaled ALiBi) or another MLP (GELU, SwiGLU or GeGLU, the gated ones'
+        hidden size: other weights too, named before their shapes are): the run would go on as another model. A
+        config from before a field reads as without it; no saved config (a bare weights file) is not compared."""
         from tritongpt.model.layers import swiglu_hidden
 
         cfg = self._cfg
@@ -470,6 +470,7 @@ class Trainer:
         neox = saved_cfg.get("parallel_residual", False), saved_cfg.get("gelu_approximate", "tanh")
         phi = saved_cfg.get("shared_norm", False), saved_cfg.get("head_bias", False)
         norms = saved_cfg.get("embed_norm", False), saved_cfg.get("norm_bias", True)
+        alibi_scaled = saved_cfg.get("alibi_scaled", False)
         moe = saved_cfg.get("n_experts", 0), saved_cfg.get("experts_per_token", 2), saved_cfg.get("moe_norm_topk", True)
         hidden = saved_cfg.get("mlp_hidden", 0) or swiglu_hidden(saved_cfg.get("n_embd", cfg.n_embd))
         gated = ("swiglu", "geglu")
@@ -559,6 +560,12 @@ class Trainer:
 
             what = f"{phi_touches(*phi)}, this run's model {phi_touches(cfg.shared_norm, cfg.head_bias)}"
             flags = f"--{'' if phi[0] else 'no-'}shared-norm --{'' if phi[1] else 'no-'}head-bias"
+        elif alibi_scaled != cfg.alibi_scaled and encoding == cfg.position_encoding == "alibi":
+            def alibi_at(scaled):
+                return f"adds ALiBi's bias {'before' if scaled else 'after'} the scores' scale"
+
+            what = f"{alibi_at(alibi_scaled)}, this run's model {alibi_at(cfg.alibi_scaled)}"
+            flags = f"--{'' if alibi_scaled else 'no-'}alibi-scaled"
         elif norms != (cfg.embed_norm, cfg.norm_bias):
             def norm_touches(embed, biased):
                 return (f"{'normalizes' if embed else 'does not normalize'} its token embeddings and has LayerNorms "

@@ -119,9 +119,10 @@ def load_mpt_safetensors(path) -> GPTModel:
 
 # -- export: the inverse of _our_tensors -----------------------------------------------------------
 def is_mpt_shaped(cfg: GPTConfig) -> bool:
-    """ALiBi without biases (on the projections or the norms) and without BLOOM's embedding norm: what export
-    writes as an MPT (or refuses)."""
-    return cfg.position_encoding == "alibi" and not cfg.embed_norm and not (cfg.bias and cfg.norm_bias)
+    """ALiBi without biases (on the projections or the norms), without BLOOM's embedding norm or Falcon-RW's
+    scaled slopes: what export writes as an MPT (or refuses)."""
+    return (cfg.position_encoding == "alibi" and not cfg.embed_norm and not cfg.alibi_scaled
+            and not (cfg.bias and cfg.norm_bias))
 
 
 def refuse_not_mpt(model: GPTModel, what: str) -> None:
@@ -131,6 +132,8 @@ def refuse_not_mpt(model: GPTModel, what: str) -> None:
     H = cfg.n_head
     for differs, why in ((cfg.position_encoding != "alibi", f"{cfg.positions_said()}, where MPT biases its "
                           "attention scores by distance (ALiBi)"),
+                         (cfg.alibi_scaled, "adds ALiBi's bias before the scores' 1/sqrt(head_dim) scale "
+                          "(alibi_scaled, Falcon-RW's), where MPT adds it after"),
                          (cfg.norm != "layernorm", f"normalizes with {cfg.norm}, where MPT has LayerNorms"),
                          (cfg.norm_bias, "has LayerNorm biases, where MPT's LayerNorms have none (norm_bias False)"),
                          (cfg.bias or cfg.has_qkv_bias, "has projection biases, where MPT (no_bias) has none"),

@@ -79,6 +79,10 @@ def add_args(p: argparse.ArgumentParser):
     p.add_argument("--head-bias", action=argparse.BooleanOptionalAction, default=None,
                    help="a bias on the new model's LM head, as Phi-1/1.5/2 and GPT-J have (GPTConfig.head_bias; in "
                         "the fused Triton loss too; default: no, or what --init's model has)")
+    p.add_argument("--alibi-scaled", action=argparse.BooleanOptionalAction, default=None,
+                   help="Falcon-RW's ALiBi: the bias added before the scores' 1/sqrt(head_dim) scale, so the slopes "
+                        "divided by sqrt(head_dim) (GPTConfig.alibi_scaled; with --position-encoding alibi; default: "
+                        "no, or what --init's model has)")
     p.add_argument("--embed-norm", action=argparse.BooleanOptionalAction, default=None,
                    help="a norm on the new model's token embeddings before the first block, as BLOOM has "
                         "(word_embeddings_layernorm; GPTConfig.embed_norm; default: no, or what --init's model has)")
@@ -299,7 +303,8 @@ def check_args(args, targs):
             raise UserError(NO_ROPE.format(args.rope_theta))
         for field in ("logit_softcap", "attn_softcap", "attention_window", "window_layers", "position_encoding",
                       "rope_theta", "norm", "mlp", "nope_layers", "parallel_residual", "gelu_approximate",
-                      "rotary_dim", "shared_norm", "head_bias", "embed_norm", "norm_bias", "n_experts",
+                      "rotary_dim", "shared_norm", "head_bias", "embed_norm", "norm_bias", "alibi_scaled",
+                      "n_experts",
                       "experts_per_token"):
             given, has = getattr(args, field), getattr(model.config, field)
             if given is not None and given != has:
@@ -337,6 +342,7 @@ def check_args(args, targs):
                          parallel_residual=args.parallel_residual,
                          gelu_approximate=args.gelu_approximate, shared_norm=args.shared_norm,
                          head_bias=args.head_bias, embed_norm=args.embed_norm, norm_bias=args.norm_bias,
+                         alibi_scaled=args.alibi_scaled,
                          n_experts=args.n_experts,
                          experts_per_token=args.experts_per_token, moe_aux_loss=args.moe_aux_loss,
                          n_kv_head=args.n_kv_head, norm=args.norm, mlp=args.mlp, mlp_hidden=args.mlp_hidden,
@@ -476,7 +482,7 @@ def print_header(args, targs, model, tok, block, splits, trainer):
     local = f", local attention over {cfg.attention_window} positions in {cfg.window_layers} layers"
     scaled = f", {cfg.rope_scaling['rope_type']} scaling x{cfg.rope_scaling['factor']:g}" if cfg.rope_scaling else ""
     rope = f", RoPE (theta {cfg.rope_theta:g}{scaled})" if cfg.position_encoding == "rope" else \
-        ", ALiBi" * (cfg.position_encoding == "alibi")
+        (", ALiBi" + " (scaled with the scores)" * cfg.alibi_scaled) * (cfg.position_encoding == "alibi")
     gqa = f", {cfg.kv_heads} key/value head{'s' * (cfg.kv_heads > 1)} for {cfg.n_head} query heads" \
         if cfg.kv_heads < cfg.n_head else ""
     gqa += f", heads of {cfg.head_dim}" if cfg.attention_head_dim else ""
