@@ -157,6 +157,8 @@ def train_model_flags(args, models=()):
             softcap_value(args.attn_softcap, "--attn-softcap")
     except ValueError as e:
         raise UserError(str(e)) from None
+    if args.logit_scale is not None and not (math.isfinite(args.logit_scale) and args.logit_scale > 0):
+        raise UserError(f"--logit-scale must be a finite number > 0 (1: unscaled logits), got {args.logit_scale}")
     if args.attention_window < 0:
         raise UserError(f"--attention-window must be >= 0 (0: every layer sees the whole context), "
                         f"got {args.attention_window}")
@@ -294,6 +296,9 @@ def add_cli(sub):
     t.add_argument("--logit-softcap", type=float, default=0.0, metavar="C",
                    help="soft-cap the logits to C tanh(logits / C) in every provider's loss "
                         "(GPTConfig.logit_softcap; Gemma 2's 30; default 0: none)")
+    t.add_argument("--logit-scale", type=float, default=None, metavar="S",
+                   help="multiply the logits by S in every provider (GPTConfig.logit_scale; Cohere's 0.0625; "
+                        "default: 1, none)")
     # Llama's shape, with pretrain's names: every provider times the same model
     t.add_argument("--norm", choices=NORMS, default=None,
                    help="every norm of the model: layernorm, GPT-2's, or rmsnorm, x / rms(x) * weight without a mean "

@@ -158,7 +158,7 @@ def config_text(cfg: dict) -> str:
 
 # a train row's config fields that make its model other than GPT-2 as published (train_step.model_variant):
 # VARIANT_KEYS, and Llama's shape, ARCH_KEYS, which the models line puts in words
-VARIANT_KEYS = ("padded_vocab", "attention_window", "window_layers", "logit_softcap", "attn_softcap",
+VARIANT_KEYS = ("padded_vocab", "attention_window", "window_layers", "logit_softcap", "logit_scale", "attn_softcap",
                 "attention_scale_width")
 ARCH_KEYS = ("norm", "mlp", "mlp_hidden", "position_encoding", "rope_theta", "n_kv_head", "bias", "attention_head_dim",
              "qk_norm", "scale_embeddings", "post_norms", "rope_local_theta", "nope_layers", "pre_norms",

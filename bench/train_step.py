@@ -111,8 +111,8 @@ def use_sdpa_attention(model):
 
 # -- the model timed -------------------------------------------------------------------------------------
 # bench train's model flags: GPTConfig fields over the preset's (None or absent: the preset's)
-MODEL_FLAGS = ("vocab_multiple", "attention_window", "window_layers", "logit_softcap", "norm", "mlp", "mlp_hidden",
-               "position_encoding", "rope_theta", "n_kv_head", "bias", "attention_head_dim", "qk_norm",
+MODEL_FLAGS = ("vocab_multiple", "attention_window", "window_layers", "logit_softcap", "logit_scale", "norm", "mlp",
+               "mlp_hidden", "position_encoding", "rope_theta", "n_kv_head", "bias", "attention_head_dim", "qk_norm",
                "scale_embeddings", "post_norms", "rope_local_theta", "attn_softcap", "nope_layers", "pre_norms",
                "qk_norm_width", "parallel_residual", "gelu_approximate", "rotary_dim", "shared_norm", "head_bias",
                "embed_norm", "norm_bias", "alibi_scaled", "n_experts", "experts_per_token", "moe_aux_loss")
@@ -121,8 +121,8 @@ MODEL_FLAGS = ("vocab_multiple", "attention_window", "window_layers", "logit_sof
 def model_variant(cfg) -> dict:
     """What makes cfg's model other than GPT-2 as published, for a row's config (so a local, capped or
     Llama-shaped model's row is never read as plain GPT-2's): a padded vocabulary, local attention (the
-    window and its layers), a logit soft cap, RMSNorm, the SwiGLU MLP (its hidden size as built), RoPE
-    (its theta), fewer KV heads, no biases, Qwen3's heads of their own width and q/k norms, Gemma's scaled
+    window and its layers), a logit soft cap, a logit scale (Cohere's), RMSNorm, the SwiGLU MLP (its hidden size as
+    built), RoPE (its theta), fewer KV heads, no biases, Qwen3's heads of their own width and q/k norms, Gemma's scaled
     embeddings, sandwich norms, local layers' RoPE, attention soft cap and scale, SmolLM3's NoPE layers, OLMo's
     blocks without input norms and q/k norms over all heads, GPT-NeoX's parallel blocks, exact GELU and partial
     rotary, Phi's shared norm and LM-head bias, BLOOM's embedding norm, MPT's bias-free LayerNorms, Falcon-RW's
@@ -134,6 +134,8 @@ def model_variant(cfg) -> dict:
         out.update(attention_window=cfg.attention_window, window_layers=cfg.window_layers)
     if cfg.logit_softcap:
         out["logit_softcap"] = cfg.logit_softcap
+    if cfg.logit_scale != 1.0:
+        out["logit_scale"] = cfg.logit_scale
     if cfg.norm != "layernorm":
         out["norm"] = cfg.norm
     if cfg.mlp != "gelu":

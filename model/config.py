@@ -59,6 +59,10 @@ class GPTConfig:
     # Logit soft-capping (Gemma 2, modded-nanogpt): the LM head's logits become c * tanh(logits / c),
     # bounded by c, in the loss and in sampling alike. 0: none (GPT-2 has none).
     logit_softcap: float = 0.0
+    # Scaled logits (Cohere's Command R: 0.0625): the LM head's logits times logit_scale, before a soft cap. The
+    # model multiplies the head's input by it, (s h) W^T = s (h W^T): one [tokens, C] product, the same in every
+    # logits and loss path. 1: none.
+    logit_scale: float = 1.0
     # Local attention (GPT-3's "locally banded" layers, GPT-Neo's local ones, Mistral's sliding
     # window): in a local layer a token attends to the last attention_window positions only,
     # itself included. 0: every layer sees the whole context (GPT-2). window_layers picks the
@@ -184,6 +188,14 @@ class GPTConfig:
             self.attn_softcap = softcap_value(self.attn_softcap, "GPTConfig.attn_softcap")
         except ValueError as e:
             raise UserError(str(e)) from None
+        if not is_real(self.logit_scale) or not math.isfinite(self.logit_scale) or self.logit_scale <= 0:
+            raise UserError(f"GPTConfig.logit_scale must be a finite number > 0 (1: unscaled logits), "
+                            f"got {self.logit_scale!r}")
+        self.logit_scale = float(self.logit_scale)
+        if self.logit_scale != 1.0 and self.head_bias:
+            # scaling the head's input would scale h W^T but not the bias; no family has both
+            raise UserError(f"GPTConfig.logit_scale {self.logit_scale:g} with head_bias: the scale is applied to the "
+                            "LM head's input, which would leave the bias unscaled; set one of them only")
         if not is_int(self.attention_scale_width) or self.attention_scale_width < 0:
             raise UserError(f"GPTConfig.attention_scale_width must be an integer >= 0 (0: head_dim), "
                             f"got {self.attention_scale_width!r}")

@@ -328,15 +328,17 @@ class GPTModel(nn.Module):
         if triton_loss and reduction != "none":
             from tritongpt.kernels.cross_entropy import linear_cross_entropy
 
-            return linear_cross_entropy(self.hidden(idx, cache, doc_ids), self.out_head.weight, targets,
-                                        ignore_index, reduction, vocab_size=self.config.vocab_size,
-                                        label_smoothing=label_smoothing, z_loss=z_loss,
+            h = self._head_input(self.hidden(idx, cache, doc_ids))
+            return linear_cross_entropy(h, self.out_head.weight, targets, ignore_index, reduction,
+                                        vocab_size=self.config.vocab_size, label_smoothing=label_smoothing,
+                                        z_loss=z_loss,
                                         softcap=self.config.logit_softcap, bias=self.out_head.bias)
         h = self.hidden(idx, cache, doc_ids)
         if triton_loss:  # per-token losses: the kernel reads the padded rows whole, aligned
             from tritongpt.kernels.cross_entropy import cross_entropy
 
-            return cross_entropy(self.out_head(h), targets, ignore_index, reduction, vocab_size=self.config.vocab_size,
+            return cross_entropy(self.out_head(self._head_input(h)), targets, ignore_index, reduction,
+                                 vocab_size=self.config.vocab_size,
                                  label_smoothing=label_smoothing, z_loss=z_loss, softcap=self.config.logit_softcap)
         logits = self.logits(h)
         if targets is None:
@@ -361,13 +363,19 @@ class GPTModel(nn.Module):
         a padded head's extra columns out (they are no token), for every caller alike; with the head's bias
         when GPTConfig.head_bias (Phi-1/1.5/2), as every loss path adds it; soft-capped
         to c * tanh(logits / c) when GPTConfig.logit_softcap is c > 0 (the Triton loss does the same
-        inside its kernels: kernels/cross_entropy.py, softcap)."""
-        logits = self.out_head(h)
+        inside its kernels: kernels/cross_entropy.py, softcap); scaled by GPTConfig.logit_scale first (Cohere's)."""
+        logits = self.out_head(self._head_input(h))
         if self.config.logit_softcap:
             cap = self.config.logit_softcap
             logits = cap * torch.tanh(logits / cap)
         V = self.config.vocab_size
         return logits if logits.shape[-1] == V else logits[..., :V]
+
+    def _head_input(self, h):
+        """h as every LM-head path reads it: times GPTConfig.logit_scale when set, (s h) W^T = s (h W^T), so the
+        fused head + loss kernel computes scaled logits unchanged (a bias, which the config refuses with a scale,
+        would stay unscaled)."""
+        return h * self.config.logit_scale if self.config.logit_scale != 1.0 else h
 
     def pad_vocab(self, multiple: int) -> "GPTModel":
         """This model with its embedding and LM head rows padded to a multiple of `multiple`

@@ -254,7 +254,7 @@ def test_a_model_built_here_exports_as_phi_and_other_exports_refuse_its_fields(t
     shared = {"parallel_residual": True, "shared_norm": True}
     for fields, match in ((shared, r"one norm's output .*shared_norm.*{} does not"),
                           ({"head_bias": True}, r"bias on its LM head \(head_bias\), which .*{} does not")):
-        takers = r".*a Phi(, GPT-J or Falcon| or GPT-J) folder may take it"
+        takers = r".*a Phi(, GPT-J, Falcon or Cohere| or GPT-J) folder may take it"
         with pytest.raises(UserError, match=match.format("GPT-2") + takers):
             export_gpt2(GPTModel(GPTConfig(**gpt2, **fields)), tmp_path / "gpt2")
         with pytest.raises(UserError, match=match.format("GPT-Neo")):

@@ -173,7 +173,7 @@ def is_hf_file(path) -> bool:
 def load_checkpoint(path, model_name: str | None = None, merge: bool = True) -> GPTModel:
     """A tritongpt checkpoint (file, checkpoint folder or run folder: its newest) or a Hugging
     Face GPT-2, GPT-Neo, Llama (Mistral, Qwen2, Qwen3), Gemma, OLMo, GPT-NeoX, Phi-1/1.5/2, Phi-3, StableLM, GPT-J,
-    Falcon, BLOOM, MPT or
+    Falcon, BLOOM, MPT, Cohere (Cohere2) or
     mixture-of-experts (Mixtral, Qwen3-MoE, OLMoE) model.safetensors
     (model_name: the preset, when no config.json says the heads).
     A LoRA checkpoint comes merged unless merge is False, and so does a peft adapter folder: its
@@ -185,6 +185,7 @@ def load_checkpoint(path, model_name: str | None = None, merge: bool = True) -> 
         return load_peft_adapter(adapter_folder(path))
     if is_shard_index(path) or str(path).endswith(".safetensors") and is_hf_file(path):
         from tritongpt.train.bloom_weights import is_bloom_file, load_bloom_safetensors
+        from tritongpt.train.cohere_weights import is_cohere_file, load_cohere_safetensors
         from tritongpt.train.falcon_weights import is_falcon_file, load_falcon_safetensors
         from tritongpt.train.gemma_weights import is_gemma_file, load_gemma_safetensors
         from tritongpt.train.gpt_neo_weights import is_gpt_neo_file, load_gpt_neo_safetensors
@@ -216,6 +217,8 @@ def load_checkpoint(path, model_name: str | None = None, merge: bool = True) -> 
             return load_bloom_safetensors(path)
         if is_mpt_file(path):
             return load_mpt_safetensors(path)
+        if is_cohere_file(path):
+            return load_cohere_safetensors(path)
         if is_phi_file(path):
             return load_phi_safetensors(path)
         if is_stablelm_file(path):
@@ -539,7 +542,8 @@ def refuse_phi_touches(cfg: GPTConfig, family: str, what: str) -> None:
     """Phi-1/1.5/2's one norm for both sublayers of a parallel block and bias on the LM head, which no other
     family's folder this model writes can say: refused by name."""
     for differs, why, takers in ((cfg.shared_norm, "reads one norm's output in both sublayers of its parallel blocks "
-                                  "(shared_norm: Phi's, GPT-J's and Falcon-7B's blocks)", "Phi, GPT-J or Falcon"),
+                                  "(shared_norm: Phi's, GPT-J's, Falcon-7B's and Cohere's blocks)",
+                                  "Phi, GPT-J, Falcon or Cohere"),
                                  (cfg.head_bias, "has a bias on its LM head (head_bias)", "Phi or GPT-J")):
         if differs:
             raise UserError(f"this model {why}, which Hugging Face's {family} does not: it cannot be exported as "
@@ -567,11 +571,12 @@ def plain_block_refusals(cfg: GPTConfig, family: str) -> tuple:
 
 
 def refuse_moe_touches(cfg: GPTConfig, family: str, what: str, embed_norm: bool = False,
-                       bias_free_norms: bool = False) -> None:
+                       bias_free_norms: bool = False, logit_scale: bool = False) -> None:
     """Mixture-of-experts MLPs (n_experts), which only a Mixtral, Qwen3-MoE or OLMoE folder can say: refused by
     name, before the MLP's other fields (a MoE model's gated MLP would be named a SwiGLU one otherwise). Then
-    refuse_norm_touches (embed_norm, bias_free_norms: the family has BLOOM's embedding norm, MPT's norms)."""
-    refuse_norm_touches(cfg, family, what, embed_norm, bias_free_norms)
+    refuse_norm_touches (embed_norm, bias_free_norms, logit_scale: the family has BLOOM's embedding norm, MPT's
+    and Cohere's norms, Cohere's scaled logits)."""
+    refuse_norm_touches(cfg, family, what, embed_norm, bias_free_norms, logit_scale)
     if cfg.n_experts:
         raise UserError(f"this model's MLPs are {cfg.n_experts} experts with a router (n_experts: a mixture of "
                         f"experts), which Hugging Face's {family} does not have: it cannot be exported as {what} (a "
@@ -579,13 +584,16 @@ def refuse_moe_touches(cfg: GPTConfig, family: str, what: str, embed_norm: bool 
 
 
 def refuse_norm_touches(cfg: GPTConfig, family: str, what: str, embed_norm: bool = False,
-                        bias_free_norms: bool = False) -> None:
-    """BLOOM's norm on the token embeddings (embed_norm) and MPT's LayerNorms without biases (norm_bias False),
-    which only their folders say: refused by name (embed_norm, bias_free_norms: the family has them)."""
+                        bias_free_norms: bool = False, logit_scale: bool = False) -> None:
+    """BLOOM's norm on the token embeddings (embed_norm), MPT's and Cohere's LayerNorms without biases (norm_bias
+    False) and Cohere's scaled logits (logit_scale), which only their folders say: refused by name (embed_norm,
+    bias_free_norms, logit_scale: the family has them)."""
     for differs, why, where in ((cfg.embed_norm and not embed_norm, "normalizes its token embeddings (embed_norm, "
                                  "BLOOM's word_embeddings_layernorm)", "a BLOOM"),
                                 (not cfg.norm_bias and not bias_free_norms, "has LayerNorms without biases "
-                                 "(norm_bias False)", "an MPT")):
+                                 "(norm_bias False)", "an MPT or Cohere"),
+                                (cfg.logit_scale != 1.0 and not logit_scale, f"scales its logits (logit_scale "
+                                 f"{cfg.logit_scale:g})", "a Cohere")):
         if differs:
             raise UserError(f"this model {why}, which Hugging Face's {family} does not: it cannot be exported as "
                             f"{what} ({where} folder may take it)")

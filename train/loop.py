@@ -455,6 +455,7 @@ class Trainer:
         if cfg is None or not saved_cfg:
             return
         cap = saved_cfg.get("logit_softcap", 0.0)
+        logit_scale = saved_cfg.get("logit_scale", 1.0)
         attn_cap, scale_width = saved_cfg.get("attn_softcap", 0.0), saved_cfg.get("attention_scale_width", 0)
         nope = saved_cfg.get("nope_layers", "")
         window, layers = saved_cfg.get("attention_window", 0), saved_cfg.get("window_layers", "all")
@@ -514,6 +515,9 @@ class Trainer:
         elif cap != cfg.logit_softcap:
             what = f"soft-caps its logits at {cap:g}, this run's at {cfg.logit_softcap:g} (0: none)"
             flags = f"--logit-softcap {cap:g}"
+        elif logit_scale != cfg.logit_scale:
+            what = f"scales its logits by {logit_scale:g}, this run's by {cfg.logit_scale:g} (1: unscaled)"
+            flags = f"--logit-scale {logit_scale:g}"
         elif window != cfg.attention_window or (window and layers != cfg.window_layers):
             def span(w, which):
                 return f"attends over the last {w} positions in {which} layers" if w else \

@@ -64,6 +64,10 @@ def add_args(p: argparse.ArgumentParser):
                    help="soft-cap the new model's logits to C tanh(logits / C) (GPTConfig.logit_softcap; Gemma 2 "
                         "uses 30, modded-nanogpt 15 to 30; in the loss and in sampling alike, and such a model cannot "
                         "be exported to Hugging Face's GPT-2; default: none, or what --init's model has)")
+    p.add_argument("--logit-scale", type=float, default=None, metavar="S",
+                   help="multiply the new model's logits by S (GPTConfig.logit_scale; Cohere's Command R uses 0.0625; "
+                        "applied to the LM head's input on both kernel paths; such a model exports as a Cohere only; "
+                        "default: 1, or what --init's model has)")
     p.add_argument("--attn-softcap", type=float, default=None, metavar="C",
                    help="soft-cap the new model's attention scores to C tanh(s / C) before the softmax "
                         "(GPTConfig.attn_softcap; Gemma 2 uses 50; both kernel paths compute it; default: none, or "
@@ -257,6 +261,8 @@ def check_args(args, targs):
                 softcap_value(getattr(args, flag), "--" + flag.replace("_", "-"))
             except ValueError as e:
                 raise UserError(str(e)) from None
+    if args.logit_scale is not None and not (math.isfinite(args.logit_scale) and args.logit_scale > 0):
+        raise UserError(f"--logit-scale must be a finite number > 0 (1: unscaled logits), got {args.logit_scale}")
     if args.attention_window is not None and args.attention_window < 0:
         raise UserError(f"--attention-window must be >= 0 (0: every layer sees the whole context), "
                         f"got {args.attention_window}")
@@ -301,11 +307,10 @@ def check_args(args, targs):
             raise UserError(NO_WINDOW.format(args.window_layers))
         if args.rope_theta is not None and (args.position_encoding or model.config.position_encoding) != "rope":
             raise UserError(NO_ROPE.format(args.rope_theta))
-        for field in ("logit_softcap", "attn_softcap", "attention_window", "window_layers", "position_encoding",
-                      "rope_theta", "norm", "mlp", "nope_layers", "parallel_residual", "gelu_approximate",
-                      "rotary_dim", "shared_norm", "head_bias", "embed_norm", "norm_bias", "alibi_scaled",
-                      "n_experts",
-                      "experts_per_token"):
+        for field in ("logit_softcap", "logit_scale", "attn_softcap", "attention_window", "window_layers",
+                      "position_encoding", "rope_theta", "norm", "mlp", "nope_layers", "parallel_residual",
+                      "gelu_approximate", "rotary_dim", "shared_norm", "head_bias", "embed_norm", "norm_bias",
+                      "alibi_scaled", "n_experts", "experts_per_token"):
             given, has = getattr(args, field), getattr(model.config, field)
             if given is not None and given != has:
                 show = (lambda v: f"{v:g}") if isinstance(has, float) else str
@@ -335,6 +340,7 @@ def check_args(args, targs):
         name = args.model or "tiny"
         cfg = get_config(name, vocab_size=model_vocab(name, tok, preset.vocab_size),
                          dropout=args.dropout, vocab_multiple=args.vocab_multiple, logit_softcap=args.logit_softcap,
+                         logit_scale=args.logit_scale,
                          attn_softcap=args.attn_softcap,
                          attention_window=args.attention_window, window_layers=args.window_layers,
                          position_encoding=args.position_encoding, rope_theta=args.rope_theta,
@@ -510,6 +516,7 @@ def print_header(args, targs, model, tok, block, splits, trainer):
           f"context {cfg.context_length}"
           f"{f', trained on {block}-token blocks' if block != cfg.context_length else ''}"
           f"{f', logits soft-capped at {cfg.logit_softcap:g}' if cfg.logit_softcap else ''}"
+          f"{f', logits scaled by {cfg.logit_scale:g}' if cfg.logit_scale != 1 else ''}"
           f"{local if cfg.attention_window else ''}"
           f"{', attention scores unscaled' if not cfg.scale_attention else ''}"
           f"{', no q/k/v biases' if cfg.bias and not cfg.qkv_bias else ''}"

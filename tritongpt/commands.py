@@ -325,16 +325,17 @@ def export_target(cfg) -> tuple:
     """(family, refuse, export): the Hugging Face folder `export` writes this model as, the first whose touches it has:
     Mixtral's, Qwen3-MoE's or OLMoE's for a mixture of experts (n_experts), BLOOM's (ALiBi with embed_norm), MPT's
     (ALiBi without biases), OLMo's (no input norms, q/k norms over all heads: an OLMo has post_norms too), then
-    Gemma's (scaled embeddings, sandwich norms, GeGLU...), StableLM's (LayerNorms with SwiGLU), Phi-3's (a partial
-    rotary or LongRoPE on a Llama), a Llama's (RMSNorm or SwiGLU: or a Mistral, a Qwen2... as hf_family says),
-    GPT-Neo's (unscaled attention scores); then, for RoPE over LayerNorms and a GELU MLP: GPT-J's (a shared-norm
-    parallel block, an LM-head bias, no q/k/v biases), Falcon's (the exact GELU, no LM-head bias, and a shared
-    norm, grouped key/value heads or no biases), Phi's (one norm in a parallel block or an LM-head bias),
+    Gemma's (scaled embeddings, sandwich norms, GeGLU...), Cohere's (a SwiGLU MLP in a shared-norm parallel block
+    over LayerNorms, or scaled logits; Cohere2's with local layers), StableLM's (LayerNorms with SwiGLU), Phi-3's
+    (a partial rotary or LongRoPE on a Llama), a Llama's (RMSNorm or SwiGLU: or a Mistral, a Qwen2... as
+    hf_family says), GPT-Neo's (unscaled attention scores); then, for RoPE over LayerNorms and a GELU MLP: GPT-J's
+    (a shared-norm parallel block, an LM-head bias, no q/k/v biases), Falcon's (the exact GELU, no LM-head bias,
+    and a shared norm, grouped key/value heads or no biases), Phi's (one norm in a parallel block or an LM-head bias),
     GPT-NeoX's; else GPT-2. An ALiBi model none of them takes falls through to a family that refuses ALiBi by
     name. refuse(model, what) names what that family cannot say."""
-    from tritongpt.train import bloom_weights, falcon_weights, gemma_weights, gpt2_weights, gpt_neo_weights, \
-        gptj_weights, llama_weights, moe_weights, mpt_weights, neox_weights, olmo_weights, phi3_weights, \
-        phi_weights, stablelm_weights
+    from tritongpt.train import bloom_weights, cohere_weights, falcon_weights, gemma_weights, gpt2_weights, \
+        gpt_neo_weights, gptj_weights, llama_weights, moe_weights, mpt_weights, neox_weights, olmo_weights, \
+        phi3_weights, phi_weights, stablelm_weights
 
     if cfg.n_experts:  # only these write experts; each refuses the rest by name
         return moe_weights.family_name(cfg), moe_weights.refuse_not_moe, moe_weights.export_moe
@@ -346,6 +347,9 @@ def export_target(cfg) -> tuple:
         return olmo_weights.family_name(cfg), olmo_weights.refuse_not_olmo, olmo_weights.export_olmo
     if gemma_weights.is_gemma_shaped(cfg):
         return gemma_weights.family_name(cfg), gemma_weights.refuse_not_gemma, gemma_weights.export_gemma
+    if cohere_weights.is_cohere_shaped(cfg):
+        family = "Cohere2" if cohere_weights.hf_family(cfg) == "cohere2" else "Cohere"
+        return family, cohere_weights.refuse_not_cohere, cohere_weights.export_cohere
     if stablelm_weights.is_stablelm_shaped(cfg):
         return "StableLM", stablelm_weights.refuse_not_stablelm, stablelm_weights.export_stablelm
     if cfg.norm == "rmsnorm" or cfg.mlp == "swiglu":
