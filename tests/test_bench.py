@@ -1111,7 +1111,7 @@ def test_gpu_command_flow_with_cpu_stand_ins(tmp_path, monkeypatch, capsys):
     assert seen["providers"] == train_step.TRAIN_PROVIDERS
     # GPT-2 as published unless --vocab-multiple, --attention-window, ..., --bias say otherwise
     assert seen["flags"] == dict(vocab_multiple=1, attention_window=0, window_layers=None, logit_softcap=0.0,
-                                 norm=None, mlp=None, mlp_hidden=None, position_encoding=None, rope_theta=None,
+                                 logit_scale=None, norm=None, mlp=None, mlp_hidden=None, position_encoding=None, rope_theta=None,
                                  n_kv_head=None, bias=None, attention_head_dim=None, qk_norm=None,
                                  scale_embeddings=None, post_norms=None, rope_local_theta=None, attn_softcap=None,
                                  nope_layers=None, pre_norms=None, qk_norm_width=None, parallel_residual=None,
