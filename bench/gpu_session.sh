@@ -5,7 +5,7 @@
 # and every result lands in $OUT/session.tgz.
 #
 #   TRITONGPT_GIT_COMMIT=<hash of HEAD> bash bench/gpu_session.sh \
-#     [all|tests|bench|padded|lora|window|llama|qwen3|gemma3|gemma2|olmo|smollm3|pythia|phi|falcon|moe]
+#     [all|tests|bench|padded|lora|window|llama|qwen3|gemma3|gemma2|olmo|smollm3|pythia|phi|falcon|moe|bloom]
 #   (default: all)
 #   padded (not part of all): the GPT-2 124M training step again with the vocabulary padded to
 #   50304 (--vocab-multiple 64, every provider alike), into results-vocab64/ in the archive
@@ -45,6 +45,8 @@
 #   moe (not part of all; after falcon): the llama run's model with Mixtral's mixture of experts in every block: 8
 #   SwiGLU experts of hidden 2688 (Mixtral's 3.5 x n_embd), each token routed to 2 (the grouped-GEMM kernel,
 #   kernels/moe.py, on the Triton path; MFU counts the 2 experts a token meets), into results-moe/
+#   bloom (not part of all; after moe): BLOOM's shape at GPT-2's depth and width: ALiBi (the flash kernel's
+#   HAS_ALIBI) and a LayerNorm on the token embeddings, into results-bloom/
 #   env: OUT (default ./gpu-out), WORK (default /tmp/tritongpt-gpu), WARM_SECONDS (90),
 #        TEST_SECONDS (120), BENCH_MINUTES (4), PYTHON (python3)
 # The device gets a copy of the working tree without .git, so name the commit: results record it.
@@ -236,5 +238,8 @@ fi
 if [ "$what" = moe ]; then
     extra_train_bench moe --norm rmsnorm --mlp swiglu --position-encoding rope --n-kv-head 4 --no-bias \
         --n-experts 8 --experts-per-token 2 --mlp-hidden 2688
+fi
+if [ "$what" = bloom ]; then
+    extra_train_bench bloom --position-encoding alibi --embed-norm
 fi
 exit $rc

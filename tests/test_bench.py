@@ -3201,17 +3201,18 @@ def test_llama_step_flops_count_its_own_matrices_by_hand():
      dict(position_encoding="rope", rotary_dim=None, parallel_residual=True, shared_norm=True, n_kv_head=1,
           gelu_approximate="none", bias=False, head_bias=None)),
     ("moe", LLAMA_FLAGS + ["--n-experts", "8", "--experts-per-token", "2", "--mlp-hidden", "2688"],
-     dict(norm="rmsnorm", mlp="swiglu", n_kv_head=4, bias=False, n_experts=8, experts_per_token=2, mlp_hidden=2688))])
+     dict(norm="rmsnorm", mlp="swiglu", n_kv_head=4, bias=False, n_experts=8, experts_per_token=2, mlp_hidden=2688)),
+    ("bloom", ["--position-encoding", "alibi", "--embed-norm"], dict(position_encoding="alibi", embed_norm=True))])
 def test_gpu_session_extra_train_modes_time_gpt2_small_into_their_own_folder(tmp_path, mode, flags, model):
     """`bash bench/gpu_session.sh window`, `... llama`, `... qwen3`, `... gemma3`, `... gemma2`, `... olmo`,
-    `... smollm3`, `... pythia`, `... phi`, `... falcon` and `... moe` (extra runs,
+    `... smollm3`, `... pythia`, `... phi`, `... falcon`, `... moe` and `... bloom` (extra runs,
     as padded and lora are) run `bench train` on GPT-2 124M with GPT-Neo's window of 256 in the odd layers, with
     Llama's shape (RMSNorm, SwiGLU, RoPE, 4 KV heads, no biases), that with Qwen3's attention (heads of 128,
     q/k norms), or Gemma 3's or Gemma 2's shape (its attention soft cap), OLMo 2's (norms after each sublayer
     only, q/k norms over all heads), SmolLM3's NoPE layers, Pythia's (RoPE on 16 of 64 dimensions, parallel
     blocks, exact GELU), Phi-2's (RoPE on 32 of 64, parallel blocks on one shared norm, tanh GELU, an LM-head
     bias), Falcon-7B's (RoPE on whole heads, one shared norm, one KV head, exact GELU, no biases) or Llama's with
-    Mixtral's experts (8 of hidden 2688, top 2), into
+    Mixtral's experts (8 of hidden 2688, top 2) or BLOOM's (ALiBi, an embedding LayerNorm), into
     results-<mode>/, within its
     budget and hard limit, and pack
     it; the flags pass bench train's own checks and reach the model flags. Python is a stand-in that
