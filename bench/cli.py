@@ -341,8 +341,9 @@ def add_cli(sub):
                         "OLMo 2's and 3's blocks, normalized after each sublayer only (GPTConfig.pre_norms) "
                         "(default: the preset's, yes)")
     t.add_argument("--qk-norm-width", choices=QK_NORM_WIDTHS, default=None,
-                   help="what --qk-norm normalizes over: each head (Qwen3, Gemma 3) or all heads of q and of k at "
-                        "once (OLMo 2 and 3; GPTConfig.qk_norm_width) (default: the preset's, head)")
+                   help="what --qk-norm normalizes over: each head with one weight for all (head: Qwen3, Gemma 3), all "
+                        "heads of q and of k at once (all: OLMo 2 and 3), or each head with weights of its own (each: "
+                        "StableLM 2 12B, Command R+) (GPTConfig.qk_norm_width) (default: the preset's, head)")
     t.add_argument("--attn-softcap", type=float, default=None, metavar="C",
                    help="soft-cap the attention scores to C tanh(s / C) (Gemma 2's 50; GPTConfig.attn_softcap): "
                         "SDPA has no such cap, so reference+compile+sdpa is reported unavailable (default: none)")

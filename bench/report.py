@@ -194,7 +194,8 @@ def architecture_text(config: dict) -> str:
     if "attention_head_dim" in config:
         words.append(f"heads of {config['attention_head_dim']}")
     if config.get("qk_norm"):
-        words.append("q/k norms over all heads" if config.get("qk_norm_width") == "all" else "q/k norms")
+        words.append({"all": "q/k norms over all heads", "each": "per-head q/k norms"}.get(config.get("qk_norm_width"),
+                                                                                           "q/k norms"))
     if config.get("scale_embeddings"):
         words.append("scaled embeddings")
     if config.get("post_norms"):

@@ -13,7 +13,7 @@ POSITION_ENCODINGS = ("learned", "rope", "alibi")  # GPTConfig.position_encoding
 NORMS = ("layernorm", "rmsnorm")  # GPTConfig.norm
 MLPS = ("gelu", "swiglu", "geglu")  # GPTConfig.mlp
 GATED_MLPS = ("swiglu", "geglu")  # three matrices, w_down(act(w_gate x) * w_up x)
-QK_NORM_WIDTHS = ("head", "all")  # GPTConfig.qk_norm_width
+QK_NORM_WIDTHS = ("head", "all", "each")  # GPTConfig.qk_norm_width
 GELU_APPROXIMATES = ("tanh", "none")  # GPTConfig.gelu_approximate, as F.gelu(approximate=...) names them
 
 
@@ -124,7 +124,9 @@ class GPTConfig:
     pre_norms: bool = True
     # What qk_norm normalizes over: "head", each head's q and k over head_dim (Qwen3, Gemma 3), or
     # "all", the whole projection before it splits into heads, n_head * head_dim wide for q and
-    # n_kv_head * head_dim for k (OLMo 2 and 3: one weight over every head).
+    # n_kv_head * head_dim for k (OLMo 2 and 3: one weight over every head), or "each", over head_dim as
+    # "head" but with a weight of each head's own, [n_head, head_dim] for q and [n_kv_head, head_dim] for k
+    # (StableLM 2 12B, Command R+). "each" norms never have a bias, whatever norm_bias says: neither family's has.
     qk_norm_width: str = "head"
     # GPT-NeoX's (Pythia's, GPT-J's) parallel block: attention and MLP both read the block's input x, each
     # through its own norm, x + attention(norm1(x)) + mlp(norm2(x)), one residual add where GPT-2 has two.

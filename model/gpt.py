@@ -14,8 +14,8 @@ import torch.utils.checkpoint
 from tritongpt._types import is_int, is_real, loss_options
 from tritongpt.errors import UserError
 from tritongpt.model.config import GPTConfig
-from tritongpt.model.layers import (FeedForward, LayerNorm, MoEFeedForward, MultiHeadAttention, RMSNorm, Rotary,
-                                    SwiGLUFeedForward, TransformerBlock, document_starts,
+from tritongpt.model.layers import (FeedForward, LayerNorm, MoEFeedForward, MultiHeadAttention, PerHeadNorm, RMSNorm,
+                                    Rotary, SwiGLUFeedForward, TransformerBlock, document_starts,
                                     load_balancing_loss, make_norm, rope_seq_len)
 from tritongpt.model.toggle import resolve_kernels, spec_string
 
@@ -164,7 +164,7 @@ class GPTModel(nn.Module):
                 raise UserError(f"the Triton RoPE supports head dims up to {MAX_HEAD_DIM}, and this model's is "
                                 f"{self.config.head_dim}: leave 'rope' out of the kernels")
         for m in self.modules():
-            if isinstance(m, (LayerNorm, RMSNorm)):
+            if isinstance(m, (LayerNorm, RMSNorm, PerHeadNorm)):
                 m.use_triton = "layernorm" in names
             elif isinstance(m, (FeedForward, SwiGLUFeedForward, MoEFeedForward)):
                 m.use_triton = "mlp" in names

@@ -134,6 +134,35 @@ class NoNorm(nn.Module):
         return x, x
 
 
+class PerHeadNorm(nn.Module):
+    """A q or k norm with weights of each head's own (GPTConfig.qk_norm_width "each": StableLM 2 12B's
+    StableLmLayerNormPerHead, Command R+'s CohereLayerNorm over (heads, head_dim)): on [..., heads, head_dim],
+    each row normalized over head_dim (LayerNorm, or RMSNorm with rms), then times weight [heads, head_dim].
+    No bias: neither family has one. Triton path: the LayerNorm/RMSNorm kernel with a ones weight, the
+    per-head weight multiplied after in torch (autograd gives its gradient)."""
+
+    def __init__(self, n_heads: int, head_dim: int, eps: float = 1e-5, rms: bool = False):
+        super().__init__()
+        self.eps, self.rms = eps, rms
+        self.weight = nn.Parameter(torch.ones(n_heads, head_dim))
+        self.use_triton = False
+
+    def forward(self, x):
+        if x.shape[-2:] != self.weight.shape:
+            raise ValueError(f"PerHeadNorm: x ends in {tuple(x.shape[-2:])}, the weight is {tuple(self.weight.shape)}")
+        if self.use_triton:
+            from tritongpt.kernels.layernorm import layer_norm, rms_norm
+
+            ones = torch.ones(x.size(-1), device=x.device, dtype=self.weight.dtype)
+            x_hat = rms_norm(x, ones, self.eps) if self.rms else layer_norm(x, ones, None, self.eps)
+            return x_hat * self.weight
+        xf = _fp32_if_fp16(x)  # fp16 overflows, as LayerNorm's and RMSNorm's
+        if not self.rms:
+            xf = xf - xf.mean(dim=-1, keepdim=True)
+        x_hat = (xf * torch.rsqrt((xf * xf).mean(dim=-1, keepdim=True) + self.eps)).to(x.dtype)
+        return x_hat * self.weight
+
+
 NORM_MODULES = {"layernorm": LayerNorm, "rmsnorm": RMSNorm}  # by GPTConfig.norm (config.NORMS)
 
 
@@ -143,6 +172,14 @@ def make_norm(cfg, width: int = 0):
     if cfg.norm == "layernorm":
         return LayerNorm(width or cfg.n_embd, cfg.norm_eps, bias=cfg.norm_bias)
     return NORM_MODULES[cfg.norm](width or cfg.n_embd, cfg.norm_eps)
+
+
+def qk_norm_factory(cfg):
+    """The q/k norms' maker MultiHeadAttention calls: width -> make_norm's, or with qk_norm_width "each"
+    (heads, head_dim) -> a PerHeadNorm of GPTConfig.norm's kind (bias-free, whatever norm_bias says)."""
+    if cfg.qk_norm_width == "each":
+        return lambda heads, head_dim: PerHeadNorm(heads, head_dim, cfg.norm_eps, rms=cfg.norm == "rmsnorm")
+    return lambda width: make_norm(cfg, width)
 
 
 class GELU(nn.Module):
@@ -523,7 +560,7 @@ class MultiHeadAttention(nn.Module):
                  qkv_bias: bool | None = None, rope_theta: float | None = None, n_kv_head: int = 0,
                  head_dim: int = 0, qk_norm=None, rope_scaling: dict | None = None, scale_width: int = 0,
                  softcap: float = 0.0, qk_norm_all: bool = False, rotary_dim: int = 0, alibi: bool = False,
-                 alibi_scale: float = 1.0):
+                 alibi_scale: float = 1.0, qk_norm_each: bool = False):
         super().__init__()
         assert head_dim or n_embd % n_head == 0, "n_embd must be divisible by n_head"
         # head_dim 0: n_embd / n_head; else its own (Qwen3), q, k and v n_head * head_dim wide
@@ -553,8 +590,11 @@ class MultiHeadAttention(nn.Module):
         self.qk_norm_all = qk_norm_all
         q_width, k_width = (n_head * self.head_dim, self.n_kv_head * self.head_dim) if qk_norm_all else \
             (self.head_dim, self.head_dim)
-        self.q_norm = qk_norm(q_width) if qk_norm is not None else None
-        self.k_norm = qk_norm(k_width) if qk_norm is not None else None
+        if qk_norm is not None and qk_norm_each:  # StableLM 2 12B's, Command R+'s: a weight per head
+            self.q_norm, self.k_norm = qk_norm(n_head, self.head_dim), qk_norm(self.n_kv_head, self.head_dim)
+        else:
+            self.q_norm = qk_norm(q_width) if qk_norm is not None else None
+            self.k_norm = qk_norm(k_width) if qk_norm is not None else None
         self.rotary = None if rope_theta is None else Rotary(self.head_dim, rope_theta, rope_scaling, rotary_dim,
                                                                  mscale)
         # alibi (BLOOM, MPT): each head's scores get ALiBi's bias; the slopes are a function of n_head, not
@@ -673,12 +713,13 @@ class TransformerBlock(nn.Module):
                                       cfg.bias, layer_idx, cfg.layer_window(layer_idx), cfg.scale_attention,
                                       cfg.has_qkv_bias, theta if cfg.layer_has_rope(layer_idx) else None,
                                       cfg.kv_heads, cfg.attention_head_dim,
-                                      (lambda width: make_norm(cfg, width)) if cfg.qk_norm
-                                      else None, scaling, scale_width=cfg.attention_scale_width,
+                                      qk_norm_factory(cfg) if cfg.qk_norm else None, scaling,
+                                      scale_width=cfg.attention_scale_width,
                                       softcap=cfg.attn_softcap, qk_norm_all=cfg.qk_norm_width == "all",
                                       rotary_dim=cfg.rotary_dim,
                                       alibi=cfg.position_encoding == "alibi",
-                                      alibi_scale=1 / math.sqrt(cfg.head_dim) if cfg.alibi_scaled else 1.0)
+                                      alibi_scale=1 / math.sqrt(cfg.head_dim) if cfg.alibi_scaled else 1.0,
+                                      qk_norm_each=cfg.qk_norm_width == "each")
         # shared_norm (Phi-1/1.5/2, GPT-J, Falcon-7B): the MLP reads norm1's output too, and there is no norm2
         self.norm2 = None if cfg.shared_norm else make_norm(cfg) if cfg.pre_norms else NoNorm()
         # the sandwich's outer norms (Gemma's post_attention_layernorm and post_feedforward_layernorm)

@@ -173,7 +173,7 @@ def param_groups(model: nn.Module, weight_decay: float):
     """Decay the matrices of Linear layers; never biases, norm parameters (LayerNorm, RMSNorm) or embeddings."""
     no_decay_ids = set()
     for module in model.modules():
-        if isinstance(module, nn.Embedding) or type(module).__name__ in ("LayerNorm", "RMSNorm"):
+        if isinstance(module, nn.Embedding) or type(module).__name__ in ("LayerNorm", "RMSNorm", "PerHeadNorm"):
             no_decay_ids.update(id(p) for p in module.parameters(recurse=False))
     decay, no_decay, seen = [], [], set()
     for name, p in model.named_parameters():
@@ -303,13 +303,16 @@ def shard_by_size(sizes: list, n: int) -> list:
 
 def block_matrices(model: nn.Module) -> list:
     """The trainable 2-D parameters of the transformer blocks (attention's q, k, v and output
-    projections, the MLP's two weights): what Muon orthogonalizes."""
-    from tritongpt.model.layers import TransformerBlock
+    projections, the MLP's two weights): what Muon orthogonalizes. Not the per-head q/k norms' [heads, head_dim]
+    weights (qk_norm_width "each"): 2-D, but scales, not a matrix."""
+    from tritongpt.model.layers import PerHeadNorm, TransformerBlock
 
     found = {}
     for block in model.modules():
         if isinstance(block, TransformerBlock):
-            found.update({id(p): p for p in block.parameters() if p.requires_grad and p.dim() == 2})
+            norms = {id(p) for m in block.modules() if isinstance(m, PerHeadNorm) for p in m.parameters()}
+            found.update({id(p): p for p in block.parameters() if p.requires_grad and p.dim() == 2
+                          and id(p) not in norms})
     return list(found.values())
 
 

@@ -571,12 +571,12 @@ def plain_block_refusals(cfg: GPTConfig, family: str) -> tuple:
 
 
 def refuse_moe_touches(cfg: GPTConfig, family: str, what: str, embed_norm: bool = False,
-                       bias_free_norms: bool = False, logit_scale: bool = False) -> None:
+                       bias_free_norms: bool = False, logit_scale: bool = False, per_head_qk: bool = False) -> None:
     """Mixture-of-experts MLPs (n_experts), which only a Mixtral, Qwen3-MoE or OLMoE folder can say: refused by
     name, before the MLP's other fields (a MoE model's gated MLP would be named a SwiGLU one otherwise). Then
     refuse_norm_touches (embed_norm, bias_free_norms, logit_scale: the family has BLOOM's embedding norm, MPT's
-    and Cohere's norms, Cohere's scaled logits)."""
-    refuse_norm_touches(cfg, family, what, embed_norm, bias_free_norms, logit_scale)
+    and Cohere's norms, Cohere's scaled logits, per_head_qk: StableLM's and Cohere's q/k norms of each head's own)."""
+    refuse_norm_touches(cfg, family, what, embed_norm, bias_free_norms, logit_scale, per_head_qk)
     if cfg.n_experts:
         raise UserError(f"this model's MLPs are {cfg.n_experts} experts with a router (n_experts: a mixture of "
                         f"experts), which Hugging Face's {family} does not have: it cannot be exported as {what} (a "
@@ -584,10 +584,13 @@ def refuse_moe_touches(cfg: GPTConfig, family: str, what: str, embed_norm: bool 
 
 
 def refuse_norm_touches(cfg: GPTConfig, family: str, what: str, embed_norm: bool = False,
-                        bias_free_norms: bool = False, logit_scale: bool = False) -> None:
+                        bias_free_norms: bool = False, logit_scale: bool = False, per_head_qk: bool = False) -> None:
     """BLOOM's norm on the token embeddings (embed_norm), MPT's and Cohere's LayerNorms without biases (norm_bias
-    False) and Cohere's scaled logits (logit_scale), which only their folders say: refused by name (embed_norm,
-    bias_free_norms, logit_scale: the family has them)."""
+    False), Cohere's scaled logits (logit_scale) and StableLM 2 12B's and Command R+'s q/k norms with weights of
+    each head's own (qk_norm_width "each"), which only their folders say: refused by name (embed_norm,
+    bias_free_norms, logit_scale, per_head_qk: the family has them)."""
+    if not per_head_qk:
+        refuse_per_head_qk(cfg, family, what)
     for differs, why, where in ((cfg.embed_norm and not embed_norm, "normalizes its token embeddings (embed_norm, "
                                  "BLOOM's word_embeddings_layernorm)", "a BLOOM"),
                                 (not cfg.norm_bias and not bias_free_norms, "has LayerNorms without biases "
@@ -597,6 +600,16 @@ def refuse_norm_touches(cfg: GPTConfig, family: str, what: str, embed_norm: bool
         if differs:
             raise UserError(f"this model {why}, which Hugging Face's {family} does not: it cannot be exported as "
                             f"{what} ({where} folder may take it)")
+
+
+def refuse_per_head_qk(cfg: GPTConfig, family: str, what: str) -> None:
+    """q/k norms with weights of each head's own (qk_norm_width "each": [heads, head_dim], where the other
+    families' q_norm is one [head_dim] or [n_head * head_dim] weight), which only StableLM's and Cohere's folders
+    say: refused by name, never written in a wrong shape."""
+    if cfg.qk_norm and cfg.qk_norm_width == "each":
+        raise UserError(f"this model normalizes each head's q and k with weights of that head's own (qk_norm_width "
+                        f"'each'), which Hugging Face's {family} does not: it cannot be exported as {what} (a "
+                        "StableLM or Cohere folder may take it)")
 
 
 def refuse_phi3_touches(cfg: GPTConfig, family: str, what: str) -> None:

@@ -253,10 +253,12 @@ def _our_tensors(sd: dict, cfg: GPTConfig) -> dict:
         ours["out_head.weight"] = sd["lm_head.weight"]
     for i in range(cfg.n_layer):
         for mine, theirs in _LAYER:
+            if mine == "norm2" and cfg.shared_norm:  # StableLM 2 12B's parallel blocks: one norm
+                continue
             ours[f"trf_blocks.{i}.{mine}.weight"] = sd[f"layers.{i}.{theirs}.weight"]
             if cfg.has_qkv_bias if mine in _QKV else cfg.bias and mine not in _NORMS:
                 ours[f"trf_blocks.{i}.{mine}.bias"] = sd[f"layers.{i}.{theirs}.bias"]
-        for mine, theirs in _QK_NORMS if cfg.qk_norm else ():
+        for mine, theirs in _QK_NORMS if cfg.qk_norm and cfg.qk_norm_width != "each" else ():  # (StableLM's: its own)
             ours[f"trf_blocks.{i}.{mine}.weight"] = sd[f"layers.{i}.{theirs}.weight"]
     return ours
 
@@ -349,10 +351,12 @@ def _hf_tensors(model: GPTModel) -> dict:
     hf = {"embed_tokens.weight": sd["tok_emb.weight"][:V], "norm.weight": sd["final_norm.weight"]}
     for i in range(cfg.n_layer):
         for mine, theirs in _LAYER:
+            if mine == "norm2" and cfg.shared_norm:
+                continue
             w = hf[f"layers.{i}.{theirs}.weight"] = sd[f"trf_blocks.{i}.{mine}.weight"]
             if mine not in _NORMS and (cfg.bias or mine in _QKV and cfg.qkv_bias_only):
                 hf[f"layers.{i}.{theirs}.bias"] = sd.get(f"trf_blocks.{i}.{mine}.bias", w.new_zeros(w.shape[0]))
-        for mine, theirs in _QK_NORMS if cfg.qk_norm else ():
+        for mine, theirs in _QK_NORMS if cfg.qk_norm and cfg.qk_norm_width != "each" else ():
             hf[f"layers.{i}.{theirs}.weight"] = sd[f"trf_blocks.{i}.{mine}.weight"]
     out = {"model." + k: v for k, v in hf.items()}
     if not cfg.tie_weights:

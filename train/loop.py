@@ -545,7 +545,8 @@ class Trainer:
         elif olmo != (cfg.pre_norms, cfg.qk_norm_width):
             def olmo_touches(pre, width):
                 return (f"{'normalizes' if pre else 'does not normalize'} each sublayer's input and normalizes q and k "
-                        + ("over all heads at once" if width == "all" else "per head (if at all)"))
+                        + {"all": "over all heads at once", "each": "per head with weights of each head's own"}.get(
+                            width, "per head (if at all)"))
 
             what = f"{olmo_touches(*olmo)}, this run's model {olmo_touches(cfg.pre_norms, cfg.qk_norm_width)}"
             flags = "the run's own --init"  # OLMo's: no flag makes them, only an --init folder's config.json

@@ -20,7 +20,8 @@ import torch
 from tritongpt.errors import UserError, read_json_object
 from tritongpt.model.config import GPTConfig
 from tritongpt.model.gpt import GPTModel
-from tritongpt.train.gpt2_weights import _read_tensors, model_with_tensors, tensor_names, write_hf_folder
+from tritongpt.train.gpt2_weights import (_read_tensors, model_with_tensors, refuse_per_head_qk, tensor_names,
+                                          write_hf_folder)
 from tritongpt.train.llama_weights import _rope_theta, _sliding_window, hf_shapes, shape_fields
 
 FAMILIES = {"mixtral": "MixtralForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM", "olmoe": "OlmoeForCausalLM"}
@@ -179,6 +180,7 @@ def refuse_not_moe(model: GPTModel, what: str) -> None:
     family = family_name(cfg)
     if not cfg.n_experts:
         raise UserError(f"this model has a dense MLP (n_experts 0): it cannot be exported as {what}")
+    refuse_per_head_qk(cfg, family, what)  # before the dense twin below forgets it
     for differs, why in ((cfg.mlp != "swiglu", f"has {cfg.mlp.upper()} experts, where {family}'s are SwiGLU"),
                          (cfg.bias or cfg.qkv_bias_only, f"has biases, where {family} has none"),
                          # refuse_not_llama below takes them as SmolLM3's, a dense family

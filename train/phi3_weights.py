@@ -22,7 +22,7 @@ import torch
 from tritongpt.errors import UserError, read_json_object
 from tritongpt.model.config import GPTConfig, check_rope_scaling
 from tritongpt.model.gpt import GPTModel
-from tritongpt.train.gpt2_weights import _read_tensors, model_with_tensors, write_hf_folder
+from tritongpt.train.gpt2_weights import _read_tensors, model_with_tensors, refuse_per_head_qk, write_hf_folder
 from tritongpt.train.llama_weights import (_our_tensors, checked_rope_base, hf_shapes, partial_rotary_dim,
                                            refuse_not_llama, shape_fields)
 
@@ -144,6 +144,7 @@ def is_phi3_shaped(cfg: GPTConfig) -> bool:
 def refuse_not_phi3(model: GPTModel, what: str) -> None:
     """Phi-3 is a Llama whose sliding window, if any, covers every layer, with neither biases nor q/k norms."""
     cfg = model.config
+    refuse_per_head_qk(cfg, "Phi-3", what)
     for differs, why in ((cfg.bias or cfg.qkv_bias_only, "has biases, where Phi-3's projections have none"),
                          (cfg.qk_norm, "normalizes q and k (qk_norm), which Phi-3 does not"),
                          (bool(cfg.nope_layers), f"has layers without RoPE ({cfg.nope_layers}), where Phi-3 rotates "

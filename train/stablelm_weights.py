@@ -4,11 +4,15 @@ model_type "stablelm") into GPTModel, and back out.
 A StableLM is a Llama (SwiGLU, RoPE, Llama's tensor names) with three differences, each a GPTConfig field:
 - LayerNorms (with biases) where Llama has RMSNorms: norm "layernorm";
 - RoPE on the first quarter of each head only (partial_rotary_factor 0.25: 16 of 64 dimensions): rotary_dim;
-- biases on q, k and v alone when use_qkv_bias (StableLM 2's), as Qwen2: qkv_bias_only; none elsewhere.
-What this model does not compute is refused by name: the parallel block with one shared norm
-(use_parallel_residual, StableLM 2 12B's), per-head q/k LayerNorms with weights of each head's own
-(qk_layernorm), another activation, scaled RoPE, a head_dim the weights do not have.
+- biases on q, k and v alone when use_qkv_bias (StableLM 2's), as Qwen2: qkv_bias_only; none elsewhere;
+- StableLM 2 12B's two: use_parallel_residual, attention and MLP beside each other on one norm (parallel_residual
+  and shared_norm: no post_attention_layernorm), and qk_layernorm, a bias-free LayerNorm of each head's q and k
+  with weights of that head's own (q_layernorm.norms.{h}.weight, stacked into qk_norm_width "each"'s
+  [heads, head_dim] weight; k's over the KV heads).
+What this model does not compute is refused by name: another activation, scaled RoPE, a head_dim the weights do
+not have.
 """
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -25,6 +29,9 @@ from tritongpt.train.llama_weights import hf_shapes, shape_fields, unscaled_part
 MODEL_TYPE, ARCHITECTURE = "stablelm", "StableLmForCausalLM"
 # the norms' biases, which Llama's RMSNorms do not have: ours, then StableLM's (under "layers.{i}.")
 _NORMS = (("norm1", "input_layernorm"), ("norm2", "post_attention_layernorm"))
+# StableLM 2 12B's per-head q/k LayerNorms: ours [heads, head_dim], theirs one [head_dim] weight per head
+_QK_NORMS = (("att.q_norm", "self_attn.q_layernorm", lambda cfg: cfg.n_head),
+             ("att.k_norm", "self_attn.k_layernorm", lambda cfg: cfg.kv_heads))
 
 
 def is_stablelm_file(path) -> bool:
@@ -45,12 +52,13 @@ def _check_hf_config(cfg_json: Path, sd: dict) -> GPTConfig:
                         "hidden_size / num_attention_heads wide")
     if d.get("hidden_act", "silu") != "silu":
         raise UserError(f"{cfg_json} has hidden_act {d['hidden_act']!r}; this model's SwiGLU computes 'silu' only")
-    if d.get("use_parallel_residual"):
-        raise UserError(f"{cfg_json} has use_parallel_residual true (StableLM 2 12B's block: attention and MLP "
-                        "beside each other on one shared norm), which this model does not compute")
-    if d.get("qk_layernorm"):
-        raise UserError(f"{cfg_json} has qk_layernorm true (a LayerNorm of each head's q and k with weights of "
-                        "that head's own), which this model does not compute")
+    parallel, qk_norm = bool(d.get("use_parallel_residual", False)), bool(d.get("qk_layernorm", False))
+    if parallel == ("layers.0.post_attention_layernorm.weight" in sd):
+        raise UserError(f"{cfg_json} has use_parallel_residual {str(parallel).lower()}, but the weights "
+                        f"{'have' if parallel else 'lack'} post_attention_layernorm (a parallel block has one norm)")
+    if qk_norm != ("layers.0.self_attn.q_layernorm.norms.0.weight" in sd):
+        raise UserError(f"{cfg_json} has qk_layernorm {str(qk_norm).lower()}, but the weights "
+                        f"{'lack' if qk_norm else 'have'} q_layernorm's")
     theta, rotary = unscaled_partial_rope(d, head_dim, cfg_json, "StableLM")
     qkv_bias = bool(d.get("use_qkv_bias", False))
     if qkv_bias != ("layers.0.self_attn.q_proj.bias" in sd):
@@ -59,16 +67,22 @@ def _check_hf_config(cfg_json: Path, sd: dict) -> GPTConfig:
     # StableLmConfig's defaults where config.json says nothing: 4096 positions, eps 1e-5
     return GPTConfig(**shape_fields(shapes, sd), context_length=d.get("max_position_embeddings", 4096), bias=False,
                      qkv_bias_only=qkv_bias, position_encoding="rope", rope_theta=theta, rotary_dim=rotary,
-                     norm="layernorm", norm_eps=d.get("layer_norm_eps", 1e-5), mlp="swiglu")
+                     norm="layernorm", norm_eps=d.get("layer_norm_eps", 1e-5), mlp="swiglu",
+                     parallel_residual=parallel, shared_norm=parallel, qk_norm=qk_norm,
+                     qk_norm_width="each" if qk_norm else "head")
 
 
 def _our_tensors(sd: dict, cfg: GPTConfig) -> dict:
-    """StableLM's tensors under our parameter names: Llama's, and the LayerNorms' biases."""
+    """StableLM's tensors under our parameter names: Llama's, the LayerNorms' biases (no norm2 in a parallel
+    block) and the per-head q/k norms' weights, stacked [heads, head_dim]."""
     ours = _llama_tensors(sd, cfg)
     ours["final_norm.bias"] = sd["norm.bias"]
     for i in range(cfg.n_layer):
-        for mine, theirs in _NORMS:
+        for mine, theirs in _NORMS[:1] if cfg.shared_norm else _NORMS:
             ours[f"trf_blocks.{i}.{mine}.bias"] = sd[f"layers.{i}.{theirs}.bias"]
+        for mine, theirs, heads in _QK_NORMS if cfg.qk_norm else ():
+            ours[f"trf_blocks.{i}.{mine}.weight"] = torch.stack(
+                [sd[f"layers.{i}.{theirs}.norms.{h}.weight"] for h in range(heads(cfg))])
     return ours
 
 
@@ -92,7 +106,7 @@ def is_stablelm_shaped(cfg: GPTConfig) -> bool:
 def refuse_not_stablelm(model: GPTModel, what: str) -> None:
     """What Hugging Face's StableLM does not compute, by name."""
     cfg = model.config
-    refuse_moe_touches(cfg, "StableLM", what)
+    refuse_moe_touches(cfg, "StableLM", what, per_head_qk=True)
     for differs, why in ((cfg.position_encoding != "rope", f"{cfg.positions_said()}, where StableLM rotates q "
                           "and k (RoPE)"),
                          (cfg.norm != "layernorm", f"normalizes with {cfg.norm}, where StableLM has LayerNorms"),
@@ -101,7 +115,12 @@ def refuse_not_stablelm(model: GPTModel, what: str) -> None:
                          (not cfg.scale_attention, "does not scale its attention scores, which StableLM does"),
                          (cfg.head_dim * cfg.n_head != cfg.n_embd, f"has heads of {cfg.head_dim} "
                           "(attention_head_dim), where StableLM's are n_embd / n_head wide"),
-                         (cfg.qk_norm, "normalizes q and k (qk_norm), which this export does not write"),
+                         (cfg.qk_norm and cfg.qk_norm_width != "each", "normalizes q and k with one weight for "
+                          f"every head (qk_norm_width {cfg.qk_norm_width!r}), where StableLM's q/k norms have a weight "
+                          "of each head's own ('each')"),
+                         (cfg.parallel_residual and not cfg.shared_norm, "runs attention and MLP beside each other "
+                          "on two norms, where StableLM's parallel block has one (shared_norm)"),
+                         (cfg.shared_norm and not cfg.parallel_residual, "shares a norm without a parallel block"),
                          (bool(cfg.attention_window), f"has local attention (attention_window "
                           f"{cfg.attention_window}), where StableLM attends to the whole context"),
                          (cfg.rope_scaling is not None, "scales RoPE's frequencies (rope_scaling), which this "
@@ -112,7 +131,10 @@ def refuse_not_stablelm(model: GPTModel, what: str) -> None:
                          (bool(cfg.logit_softcap), "soft-caps its logits, which StableLM does not")):
         if differs:
             raise UserError(f"this model {why}: it cannot be exported as {what}")
-    refuse_gemma_touches(cfg, "StableLM", what)
+    # StableLM 2 12B's parallel block on one norm is StableLM's own; the other families' touches refused as usual
+    parallel = cfg.parallel_residual and cfg.shared_norm
+    refuse_gemma_touches(replace(cfg, parallel_residual=False, shared_norm=False) if parallel else cfg, "StableLM",
+                         what)
 
 
 def _hf_tensors(model: GPTModel) -> dict:
@@ -122,8 +144,11 @@ def _hf_tensors(model: GPTModel) -> dict:
     out = _llama_hf_tensors(model)
     out["model.norm.bias"] = sd["final_norm.bias"]
     for i in range(cfg.n_layer):
-        for mine, theirs in _NORMS:
+        for mine, theirs in _NORMS[:1] if cfg.shared_norm else _NORMS:
             out[f"model.layers.{i}.{theirs}.bias"] = sd[f"trf_blocks.{i}.{mine}.bias"]
+        for mine, theirs, _ in _QK_NORMS if cfg.qk_norm else ():
+            for h, w in enumerate(sd[f"trf_blocks.{i}.{mine}.weight"]):
+                out[f"model.layers.{i}.{theirs}.norms.{h}.weight"] = w
     return {k: v.to("cpu", memory_format=torch.contiguous_format, copy=True) for k, v in out.items()}
 
 
@@ -135,7 +160,8 @@ def hf_config(cfg: GPTConfig, eos_token_id: int | None = None) -> dict:
             "max_position_embeddings": cfg.context_length, "hidden_size": cfg.n_embd,
             "intermediate_size": cfg.ff_hidden, "num_hidden_layers": cfg.n_layer, "num_attention_heads": cfg.n_head,
             "num_key_value_heads": cfg.kv_heads, "hidden_act": "silu", "layer_norm_eps": cfg.norm_eps,
-            "use_qkv_bias": cfg.qkv_bias_only, "qk_layernorm": False, "use_parallel_residual": False,
+            "use_qkv_bias": cfg.qkv_bias_only, "qk_layernorm": cfg.qk_norm,
+            "use_parallel_residual": cfg.parallel_residual,
             "hidden_dropout": 0.0, "attention_dropout": 0.0, "tie_word_embeddings": cfg.tie_weights,
             "bos_token_id": eos_token_id, "eos_token_id": eos_token_id, "pad_token_id": None,
             "rope_theta": cfg.rope_theta, "partial_rotary_factor": factor,
