@@ -1,6 +1,7 @@
 """Cohere (Command R, Aya) and Cohere2 (Command R7B): parallel blocks on one bias-free LayerNorm, scaled logits
 (GPTConfig.logit_scale), RoPE in Cohere's interleaved pairs (q and k rows reordered per head), Cohere2's sliding
-layers with RoPE and its global layers without (train/cohere_weights.py). Tiny random CohereForCausalLM and
+layers with RoPE and its global layers without, Command R+'s per-head q/k norms (use_qk_norm: qk_norm_width "each",
+reordered along head_dim as q's and k's rows) (train/cohere_weights.py). Tiny random CohereForCausalLM and
 Cohere2ForCausalLM models saved to tmp_path (float64, every tensor jittered so each one counts): logits on both
 kernel paths, the KV-cache decode, greedy tokens, export round trips through transformers; what this model does
 not compute refused by name; the logit scale on both loss paths. Nothing downloaded."""
@@ -89,20 +90,53 @@ def test_export_round_trips_through_transformers(tmp_path, kind):
 
 
 @pytest.mark.parametrize("kind,change,match", [
-    ("cohere", {"use_qk_norm": True}, "use_qk_norm true"),
+    ("cohere", {"use_qk_norm": True}, "use_qk_norm true, but the weights lack q_norm's"),
+    ("cohere", {"use_qk_norm": False}, "use_qk_norm false, but the weights have q_norm's"),
     ("cohere", {"hidden_act": "gelu"}, "hidden_act 'gelu'"),
     ("cohere", {"attention_bias": True}, "attention_bias true"),
     ("cohere", {"logit_scale": 0.0}, "logit_scale 0.0; it must be a number > 0"),
     ("cohere", {"rope_parameters": {"rope_type": "dynamic", "rope_theta": 500.0, "factor": 2.0}}, "type 'dynamic'"),
     ("cohere2", {"layer_types": ["full_attention"] * 4}, "no sliding_attention layer"),
     ("cohere2", {"layer_types": ["sliding_attention"] * 3}, "for each of the 4 layers"),
-], ids=["qk-norm", "activation", "attention-bias", "logit-scale", "dynamic-rope", "no-sliding", "layer-types"])
+], ids=["qk-norm", "qk-norm-weights", "activation", "attention-bias", "logit-scale", "dynamic-rope", "no-sliding",
+        "layer-types"])
 def test_what_this_model_does_not_compute_is_refused_by_name(tmp_path, kind, change, match):
-    _, path = hf_cohere(tmp_path, kind, **({"use_qk_norm": True} if "use_qk_norm" in change else {}))
+    _, path = hf_cohere(tmp_path, kind, **({"use_qk_norm": True} if change.get("use_qk_norm") is False else {}))
     cfg_json = tmp_path / "config.json"
     cfg_json.write_text(json.dumps({**json.loads(cfg_json.read_text()), **change}))
     with pytest.raises(UserError, match=match):
         load_checkpoint(path)
+
+
+def test_command_r_plus_qk_norms_load_reordered_match_transformers_and_export_back(tmp_path):
+    """Command R+'s use_qk_norm: q_norm [4, 16] and k_norm [2, 16] (over the KV heads), each head's weight
+    reordered along head_dim as its q and k rows are (even dimensions first): logits on both paths and the decode
+    over the KV cache are transformers'; the export puts the order back, transformers reads it with the same
+    logits, and load_checkpoint reads it back to the same config."""
+    from tritongpt.commands import export_target
+    from tritongpt.train.cohere_weights import export_cohere
+
+    hf, path = hf_cohere(tmp_path / "in", use_qk_norm=True)
+    model = load_checkpoint(path).double().eval()
+    c = model.config
+    assert (c.qk_norm, c.qk_norm_width, c.norm_bias) == (True, "each", False)
+    att, theirs = model.trf_blocks[1].att, hf.model.layers[1].self_attn
+    assert (att.q_norm.weight.shape, att.k_norm.weight.shape) == ((4, 16), (2, 16))
+    assert torch.allclose(att.q_norm.weight[2, :8], theirs.q_norm.weight[2, 0::2], atol=1e-6)  # even dims first
+    assert torch.allclose(att.k_norm.weight[1, 8:], theirs.k_norm.weight[1, 1::2], atol=1e-6)
+    logits_match_transformers(hf, model, VOCAB, T)
+    idx = torch.randint(0, VOCAB, (1, 13))
+    with torch.no_grad():
+        decodes_like(model, idx, hf(idx).logits)
+    assert export_target(model.config)[0] == "Cohere"
+    export_cohere(model, tmp_path / "out", eos_token_id=1)
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["use_qk_norm"] is True
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float64).eval()
+    idx = torch.randint(0, VOCAB, (2, T))
+    with torch.no_grad():
+        assert_close_rel(back(idx).logits, hf(idx).logits, 2e-6, "q/k norms exported, read by transformers")
+    again = load_checkpoint(tmp_path / "out" / "model.safetensors")
+    assert again.config == GPTConfig(**{**model.config.to_dict(), "kernels": again.config.kernels})
 
 
 def _cohere_like(**kw):
@@ -176,7 +210,11 @@ def test_a_model_built_here_exports_as_cohere_and_other_exports_refuse_its_field
             export(_cohere_like(**kw), tmp_path / "no")
     for change, match in (({"norm_bias": True}, "LayerNorms without biases"),
                           ({"parallel_residual": False, "shared_norm": False}, "beside each other on one norm"),
-                          ({"qk_norm": True}, "normalizes q and k"),
+                          ({"qk_norm": True}, r"normalizes q and k with one weight for every head \(qk_norm_width "
+                                              r"'head'\), where Cohere's q/k norms"),
+                          ({"qk_norm": True, "qk_norm_width": "each", "attention_window": 5, "nope_layers": "1",
+                            "window_layers": "0"}, r"that head's own \(qk_norm_width 'each'\), which Hugging Face's "
+                                                   "Cohere2 does not"),
                           ({"nope_layers": "1"}, r"layers without RoPE \(1\) and no local attention"),
                           ({"attention_window": 5, "window_layers": "0"}, "rotates q and k in layers other than its "
                                                                            "local ones"),

@@ -14,8 +14,11 @@ each a GPTConfig field:
   dimensions, so the model computes Cohere's function exactly;
 - Cohere2 (Command R7B) slides a window over the layers layer_types names "sliding_attention" and rotates q
   and k in those only: attention_window and window_layers for the sliding ones, nope_layers for the others.
-What this model does not compute is refused by name: use_qk_norm (Command R+'s per-head q/k LayerNorms, with
-weights of each head's own), attention biases, another activation, a head_dim the weights do not have.
+- Command R+'s use_qk_norm: a bias-free LayerNorm of each head's q and k with weights of that head's own (q_norm
+  [heads, head_dim], k_norm over the KV heads): qk_norm_width "each", each weight's head_dim reordered as q's and
+  k's rows are (a norm over head_dim is blind to their order, its weight is not), and put back on export.
+What this model does not compute is refused by name: attention biases, another activation, a head_dim the
+weights do not have.
 """
 from pathlib import Path
 
@@ -34,6 +37,8 @@ _LAYER = (("norm1", "input_layernorm"), ("att.W_query", "self_attn.q_proj"), ("a
           ("att.W_value", "self_attn.v_proj"), ("att.out_proj", "self_attn.o_proj"), ("ff.w_gate", "mlp.gate_proj"),
           ("ff.w_up", "mlp.up_proj"), ("ff.w_down", "mlp.down_proj"))
 _ROTATED = ("att.W_query", "att.W_key")  # their rows reordered per head: Cohere's RoPE pairs -> ours
+# Command R+'s q/k norms, [heads, head_dim]: reordered along head_dim as q's and k's rows
+_QK_NORMS = (("att.q_norm", "self_attn.q_norm"), ("att.k_norm", "self_attn.k_norm"))
 
 
 def is_cohere_file(path) -> bool:
@@ -87,9 +92,10 @@ def _check_hf_config(cfg_json: Path, sd: dict) -> GPTConfig:
                         "hidden_size / num_attention_heads wide")
     if d.get("hidden_act", "silu") != "silu":
         raise UserError(f"{cfg_json} has hidden_act {d['hidden_act']!r}; this model's SwiGLU computes 'silu' only")
-    if d.get("use_qk_norm"):
-        raise UserError(f"{cfg_json} has use_qk_norm true (Command R+'s LayerNorms of each head's q and k, with "
-                        "weights of that head's own), which this model does not compute")
+    qk_norm = kind == "cohere" and bool(d.get("use_qk_norm", False))  # (Cohere2Config has none)
+    if qk_norm != ("layers.0.self_attn.q_norm.weight" in sd):
+        raise UserError(f"{cfg_json} has use_qk_norm {str(qk_norm).lower()}, but the weights "
+                        f"{'lack' if qk_norm else 'have'} q_norm's")
     if d.get("attention_bias") or "layers.0.self_attn.q_proj.bias" in sd:
         raise UserError(f"{cfg_json} has attention_bias true; this model reads Cohere's bias-free projections only")
     if "layers.0.post_attention_layernorm.weight" in sd or "layers.0.input_layernorm.bias" in sd:
@@ -102,7 +108,8 @@ def _check_hf_config(cfg_json: Path, sd: dict) -> GPTConfig:
     return GPTConfig(**shape_fields(shapes, sd), context_length=d.get("max_position_embeddings", 8192), bias=False,
                      position_encoding="rope", rope_theta=theta, rope_scaling=scaling, norm="layernorm",
                      norm_bias=False, norm_eps=d.get("layer_norm_eps", 1e-5), mlp="swiglu", parallel_residual=True,
-                     shared_norm=True, logit_scale=float(scale), **_windows(d, kind, n_layer, cfg_json))
+                     shared_norm=True, logit_scale=float(scale), qk_norm=qk_norm,
+                     qk_norm_width="each" if qk_norm else "head", **_windows(d, kind, n_layer, cfg_json))
 
 
 def _our_tensors(sd: dict, cfg: GPTConfig) -> dict:
@@ -119,6 +126,8 @@ def _our_tensors(sd: dict, cfg: GPTConfig) -> dict:
             if mine in _ROTATED:
                 w = w.reshape(-1, D, C)[:, order].reshape(-1, C)
             ours[f"trf_blocks.{i}.{mine}.weight"] = w
+        for mine, theirs in _QK_NORMS if cfg.qk_norm else ():
+            ours[f"trf_blocks.{i}.{mine}.weight"] = sd[f"layers.{i}.{theirs}.weight"][:, order]
     return ours
 
 
@@ -135,9 +144,11 @@ def load_cohere_safetensors(path) -> GPTModel:
 
 # -- export: the inverse of _our_tensors -----------------------------------------------------------
 def is_cohere_shaped(cfg: GPTConfig) -> bool:
-    """A SwiGLU MLP beside the attention on one LayerNorm, or scaled logits: Cohere's pieces (a StableLM has
-    sequential blocks and plain logits), which export writes as a Cohere (or refuses)."""
-    return cfg.mlp == "swiglu" and (cfg.logit_scale != 1.0 or cfg.norm == "layernorm" and cfg.shared_norm)
+    """A SwiGLU MLP beside the attention on one bias-free LayerNorm, or scaled logits: Cohere's pieces (a StableLM
+    has plain logits, and norms with biases in its parallel blocks: StableLM 2 12B's), which export writes as a
+    Cohere (or refuses)."""
+    return cfg.mlp == "swiglu" and (cfg.logit_scale != 1.0 or cfg.norm == "layernorm" and cfg.shared_norm
+                                    and not cfg.norm_bias)
 
 
 def hf_family(cfg: GPTConfig) -> str:
@@ -151,7 +162,7 @@ def refuse_not_cohere(model: GPTModel, what: str) -> None:
 
     cfg = model.config
     family = "Cohere2" if hf_family(cfg) == "cohere2" else "Cohere"
-    refuse_moe_touches(cfg, family, what, bias_free_norms=True, logit_scale=True)
+    refuse_moe_touches(cfg, family, what, bias_free_norms=True, logit_scale=True, per_head_qk=family == "Cohere")
     refuse_phi3_touches(cfg, family, what)
     mismatched = any(bool(cfg.layer_window(i)) != cfg.layer_has_rope(i) for i in range(cfg.n_layer))
     for differs, why in ((cfg.position_encoding != "rope", f"{cfg.positions_said()}, where {family} rotates q "
@@ -167,7 +178,9 @@ def refuse_not_cohere(model: GPTModel, what: str) -> None:
                          (not cfg.scale_attention, f"does not scale its attention scores, which {family} does"),
                          (cfg.head_dim * cfg.n_head != cfg.n_embd, f"has heads of {cfg.head_dim} "
                           f"(attention_head_dim), where {family}'s are n_embd / n_head wide"),
-                         (cfg.qk_norm, f"normalizes q and k (qk_norm), which this {family} export does not write"),
+                         (cfg.qk_norm and cfg.qk_norm_width != "each", f"normalizes q and k with one weight for "
+                          f"every head (qk_norm_width {cfg.qk_norm_width!r}), where {family}'s q/k norms (Command R+'s "
+                          "use_qk_norm) have a weight of each head's own ('each')"),
                          (family == "Cohere" and bool(cfg.nope_layers), f"has layers without RoPE "
                           f"({cfg.nope_layers}) and no local attention, where a Cohere rotates in every layer (Cohere2 "
                           "leaves its global layers unrotated)"),
@@ -201,6 +214,8 @@ def _hf_tensors(model: GPTModel) -> dict:
             if mine in _ROTATED:
                 w = w.reshape(-1, D, C)[:, back].reshape(-1, C)
             hf[f"layers.{i}.{theirs}.weight"] = w
+        for mine, theirs in _QK_NORMS if cfg.qk_norm else ():
+            hf[f"layers.{i}.{theirs}.weight"] = sd[f"trf_blocks.{i}.{mine}.weight"][:, back]
     out = {"model." + k: v for k, v in hf.items()}
     if not cfg.tie_weights:
         out["lm_head.weight"] = sd["out_head.weight"][:V]
@@ -216,7 +231,7 @@ def hf_config(cfg: GPTConfig, eos_token_id: int | None = None) -> dict:
          "max_position_embeddings": cfg.context_length, "hidden_size": cfg.n_embd,
          "intermediate_size": cfg.ff_hidden, "num_hidden_layers": cfg.n_layer, "num_attention_heads": cfg.n_head,
          "num_key_value_heads": cfg.kv_heads, "hidden_act": "silu", "layer_norm_eps": cfg.norm_eps,
-         "logit_scale": cfg.logit_scale, "attention_bias": False, "attention_dropout": 0.0, "use_qk_norm": False,
+         "logit_scale": cfg.logit_scale, "attention_bias": False, "attention_dropout": 0.0, "use_qk_norm": cfg.qk_norm,
          "tie_word_embeddings": cfg.tie_weights, "rope_theta": cfg.rope_theta, "rope_scaling": cfg.rope_scaling,
          "rope_parameters": rope, "bos_token_id": eos_token_id, "eos_token_id": eos_token_id, "pad_token_id": None}
     if kind == "cohere2":
