@@ -118,9 +118,6 @@ def refuse_not_stablelm(model: GPTModel, what: str) -> None:
                          (cfg.qk_norm and cfg.qk_norm_width != "each", "normalizes q and k with one weight for "
                           f"every head (qk_norm_width {cfg.qk_norm_width!r}), where StableLM's q/k norms have a weight "
                           "of each head's own ('each')"),
-                         (cfg.parallel_residual and not cfg.shared_norm, "runs attention and MLP beside each other "
-                          "on two norms, where StableLM's parallel block has one (shared_norm)"),
-                         (cfg.shared_norm and not cfg.parallel_residual, "shares a norm without a parallel block"),
                          (bool(cfg.attention_window), f"has local attention (attention_window "
                           f"{cfg.attention_window}), where StableLM attends to the whole context"),
                          (cfg.rope_scaling is not None, "scales RoPE's frequencies (rope_scaling), which this "
@@ -131,7 +128,8 @@ def refuse_not_stablelm(model: GPTModel, what: str) -> None:
                          (bool(cfg.logit_softcap), "soft-caps its logits, which StableLM does not")):
         if differs:
             raise UserError(f"this model {why}: it cannot be exported as {what}")
-    # StableLM 2 12B's parallel block on one norm is StableLM's own; the other families' touches refused as usual
+    # StableLM 2 12B's parallel block on one norm is StableLM's own; GPT-NeoX's on two norms and the other
+    # families' touches refused as usual
     parallel = cfg.parallel_residual and cfg.shared_norm
     refuse_gemma_touches(replace(cfg, parallel_residual=False, shared_norm=False) if parallel else cfg, "StableLM",
                          what)
