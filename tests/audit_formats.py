@@ -55,6 +55,9 @@ EXPORT_BASES = {
     "Falcon-RW": dict(position_encoding="alibi", alibi_scaled=True, gelu_approximate="none"),
     "Cohere": dict(COHERE, tie_weights=True),
     "Cohere2": dict(COHERE, attention_window=8, window_layers="0", nope_layers="1"),
+    "Command R+": dict(COHERE, qk_norm=True, qk_norm_width="each"),
+    "StableLM 2 12B": dict(LLAMA, norm="layernorm", rotary_dim=4, parallel_residual=True, shared_norm=True,
+                           qk_norm=True, qk_norm_width="each"),
 }
 VARIANTS = dict(
     n_kv_head=[1, 2, 4], attention_head_dim=[16], qk_norm=[True, False], bias=[True, False],
@@ -67,7 +70,7 @@ VARIANTS = dict(
                        original_max_position_embeddings=16)],
     rope_local_theta=[5000.0], nope_layers=["1"], rotary_dim=[4, 0], norm=["layernorm", "rmsnorm"], norm_eps=[1e-6],
     norm_bias=[False, True], embed_norm=[True, False], mlp=["gelu", "swiglu", "geglu"], mlp_hidden=[40],
-    scale_embeddings=[True, False], post_norms=[True, False], pre_norms=[False, True], qk_norm_width=["all", "head"],
+    scale_embeddings=[True, False], post_norms=[True, False], pre_norms=[False, True], qk_norm_width=["all", "head", "each"],
     parallel_residual=[True, False], gelu_approximate=["none", "tanh"], shared_norm=[True, False],
     head_bias=[True, False], n_experts=[4, 0], experts_per_token=[1, 3], moe_norm_topk=[False, True],
     moe_aux_loss=[0.01])
