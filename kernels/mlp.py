@@ -154,6 +154,27 @@ def _gate_act_grad(g, GATE_GELU: tl.constexpr):
     return d
 
 
+@triton.jit
+def _swiglu_epilogue(acc, acc2, Hout, Hout2, x_off, mask, GATE_GELU: tl.constexpr):
+    """EPI_SWIGLU: g = acc and u = acc2 stored rounded (saved for backward) -> a = act(g) * u of the *rounded*
+    g and u, as the backward's recomputation of a (B_SWIGLU) sees them. kernels/moe.py's epilogue too."""
+    g = cast(acc, Hout.dtype.element_ty)
+    u = cast(acc2, Hout2.dtype.element_ty)
+    tl.store(Hout + x_off, g, mask=mask)
+    tl.store(Hout2 + x_off, u, mask=mask)
+    return _gate_act(g.to(tl.float32), GATE_GELU) * u.to(tl.float32)
+
+
+@triton.jit
+def _swiglu_grad_epilogue(da, Aux, Aux2, Hout2, x_off, mask, GATE_GELU: tl.constexpr):
+    """EPI_SWIGLU_GRAD: da = dy @ W_down, g and u read back from Aux and Aux2; du = da * act(g) stored to Hout2
+    -> dg = da * u * act'(g). kernels/moe.py's epilogue too."""
+    g = tl.load(Aux + x_off, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(Aux2 + x_off, mask=mask, other=0.0).to(tl.float32)
+    tl.store(Hout2 + x_off, cast(da * _gate_act(g, GATE_GELU), Hout2.dtype.element_ty), mask=mask)
+    return da * u * _gate_act_grad(g, GATE_GELU)
+
+
 def _matmul_configs():
     if triton_interpreting():
         # The interpreter costs per program and per tl.dot: one fixed, mid-sized tile (autotune
@@ -266,17 +287,9 @@ def _matmul_kernel(A, B, C, Bias, Aux, Hout, A2, B2, Bias2, Aux2, Hout2, M, N, K
     elif EPILOGUE == 3:
         if HAS_BIAS:
             acc2 += tl.load(Bias2 + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-        g = cast(acc, Hout.dtype.element_ty)
-        u = cast(acc2, Hout2.dtype.element_ty)
-        tl.store(Hout + x_off, g, mask=mask)
-        tl.store(Hout2 + x_off, u, mask=mask)
-        # of the *rounded* g and u, as the backward's recomputation of a (B_SWIGLU) sees them
-        acc = _gate_act(g.to(tl.float32), GATE_GELU) * u.to(tl.float32)
+        acc = _swiglu_epilogue(acc, acc2, Hout, Hout2, x_off, mask, GATE_GELU)
     elif EPILOGUE == 4:  # acc is da = dy @ W_down: dg to C, du to Hout2
-        g = tl.load(Aux + x_off, mask=mask, other=0.0).to(tl.float32)
-        u = tl.load(Aux2 + x_off, mask=mask, other=0.0).to(tl.float32)
-        tl.store(Hout2 + x_off, cast(acc * _gate_act(g, GATE_GELU), Hout2.dtype.element_ty), mask=mask)
-        acc = acc * u * _gate_act_grad(g, GATE_GELU)
+        acc = _swiglu_grad_epilogue(acc, Aux, Aux2, Hout2, x_off, mask, GATE_GELU)
     c_ptrs = C + offs_m.to(tl.int64)[:, None] * stride_cm + offs_n[None, :] * stride_cn
     tl.store(c_ptrs, cast(acc, C.dtype.element_ty), mask=mask)
 

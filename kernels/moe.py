@@ -52,7 +52,8 @@ from tritongpt._env import triton_interpreting
 from tritongpt.kernels._common import (autocast_dtype, autotuned, cast, check_runnable, check_same_device,
                                        check_same_dtype, check_tensor, dot, first_order_only, no_func_transform,
                                        on_tensor_device)
-from tritongpt.kernels.mlp import EPI_NONE, EPI_SWIGLU, EPI_SWIGLU_GRAD, GATES, _bucket, _gate_act, _gate_act_grad
+from tritongpt.kernels.mlp import (EPI_NONE, EPI_SWIGLU, EPI_SWIGLU_GRAD, GATES, _bucket, _gate_act, _swiglu_epilogue,
+                                   _swiglu_grad_epilogue)
 
 NAMES = ("x", "experts", "w_gate", "w_up", "w_down")
 ID_DTYPES = (torch.int64, torch.int32)
@@ -152,17 +153,9 @@ def _grouped_kernel(A, AIdx, B, C, CIdx, Offsets, Aux, Hout, A2, B2, Aux2, Hout2
     mask = m_ok[:, None] & n_ok[None, :]
     x_off = rows.to(tl.int64)[:, None] * stride_xm + offs_n[None, :] * stride_xn
     if EPILOGUE == 3:
-        g = cast(acc, Hout.dtype.element_ty)
-        u = cast(acc2, Hout2.dtype.element_ty)
-        tl.store(Hout + x_off, g, mask=mask)
-        tl.store(Hout2 + x_off, u, mask=mask)
-        # of the *rounded* g and u, as the backward's recomputation of a sees them
-        acc = _gate_act(g.to(tl.float32), GATE_GELU) * u.to(tl.float32)
+        acc = _swiglu_epilogue(acc, acc2, Hout, Hout2, x_off, mask, GATE_GELU)
     elif EPILOGUE == 4:  # acc is da = dy @ Wd_e: dg to C, du to Hout2
-        g = tl.load(Aux + x_off, mask=mask, other=0.0).to(tl.float32)
-        u = tl.load(Aux2 + x_off, mask=mask, other=0.0).to(tl.float32)
-        tl.store(Hout2 + x_off, cast(acc * _gate_act(g, GATE_GELU), Hout2.dtype.element_ty), mask=mask)
-        acc = acc * u * _gate_act_grad(g, GATE_GELU)
+        acc = _swiglu_grad_epilogue(acc, Aux, Aux2, Hout2, x_off, mask, GATE_GELU)
     if SCATTER_C:
         c_rows = tl.load(CIdx + rows, mask=m_ok, other=0).to(tl.int64)
     else:

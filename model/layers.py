@@ -146,6 +146,7 @@ class PerHeadNorm(nn.Module):
         self.eps, self.rms = eps, rms
         self.weight = nn.Parameter(torch.ones(n_heads, head_dim))
         self.use_triton = False
+        self._ones = {}  # (device, dtype) -> the kernel's unit weight, made once rather than every forward
 
     def forward(self, x):
         if x.shape[-2:] != self.weight.shape:
@@ -153,7 +154,10 @@ class PerHeadNorm(nn.Module):
         if self.use_triton:
             from tritongpt.kernels.layernorm import layer_norm, rms_norm
 
-            ones = torch.ones(x.size(-1), device=x.device, dtype=self.weight.dtype)
+            key = (x.device, self.weight.dtype)
+            if key not in self._ones:
+                self._ones[key] = torch.ones(x.size(-1), device=x.device, dtype=self.weight.dtype)
+            ones = self._ones[key]
             x_hat = rms_norm(x, ones, self.eps) if self.rms else layer_norm(x, ones, None, self.eps)
             return x_hat * self.weight
         xf = _fp32_if_fp16(x)  # fp16 overflows, as LayerNorm's and RMSNorm's

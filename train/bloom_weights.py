@@ -7,7 +7,7 @@ A BLOOM is a GPT-2 with these differences:
   cumsum, so a left-padded row counts from its first real token); ours by m_h (j - i). For an unpadded row the
   two differ by m_h i, a constant along each query's row, which the softmax does not see;
 - a LayerNorm on the token embeddings before the first block (word_embeddings_layernorm): embed_norm;
-- q, k and v fused in query_key_value, laid out per head: [H, 3, D] rows (_qkv_rows);
+- q, k and v fused in query_key_value, laid out per head: [H, 3, D] rows (gpt2_weights.per_head_qkv_rows);
 - the tanh GELU (bloom_gelu_forward, GPT-2's gelu_new), an MLP 4 hidden_size wide, biases everywhere, a tied
   LM head.
 pretraining_tp > 1 alone changes nothing in transformers' BLOOM. What this model does not compute is refused by
@@ -23,8 +23,8 @@ from tritongpt._types import is_int
 from tritongpt.errors import UserError, read_json_object
 from tritongpt.model.config import GPTConfig
 from tritongpt.model.gpt import GPTModel
-from tritongpt.train.gpt2_weights import (_read_tensors, model_with_tensors, plain_block_refusals, refuse_moe_touches,
-                                          write_hf_folder)
+from tritongpt.train.gpt2_weights import (_read_tensors, model_with_tensors, per_head_qkv_rows, plain_block_refusals,
+                                          refuse_moe_touches, write_hf_folder)
 
 MODEL_TYPE = "bloom"
 # BLOOM has no position table; the context it was trained at (2048) unless config.json says one (seq_length)
@@ -81,14 +81,6 @@ def _check_hf_config(cfg_json: Path, d: dict, sd: dict) -> GPTConfig:
                      gelu_approximate="tanh")
 
 
-def _qkv_rows(cfg: GPTConfig) -> tuple:
-    """Index tensors of query_key_value's rows that are q's, k's and v's: per head, its q, k and v rows
-    ([H, 3, D], as BloomAttention._reshape views them)."""
-    H, D = cfg.n_head, cfg.head_dim
-    rows = torch.arange(3 * H * D).reshape(H, 3, D)
-    return rows[:, 0].reshape(-1), rows[:, 1].reshape(-1), rows[:, 2].reshape(-1)
-
-
 def _our_tensors(sd: dict, cfg: GPTConfig) -> dict:
     """Hugging Face BLOOM tensors under our parameter names (KeyError: a tensor the file lacks)."""
     ours = {"tok_emb.weight": sd["word_embeddings.weight"]}
@@ -97,7 +89,7 @@ def _our_tensors(sd: dict, cfg: GPTConfig) -> dict:
         ours[f"final_norm.{kind}"] = sd[f"ln_f.{kind}"]
     if not cfg.tie_weights:
         ours["out_head.weight"] = sd["lm_head.weight"]
-    split = _qkv_rows(cfg)
+    split = per_head_qkv_rows(cfg.n_head, cfg.head_dim)  # [H, 3, D], as BloomAttention._reshape views them
     for i in range(cfg.n_layer):
         h, b = f"h.{i}.", f"trf_blocks.{i}."
         for kind in ("weight", "bias"):
@@ -173,7 +165,7 @@ def _hf_tensors(model: GPTModel) -> dict:
     for kind in ("weight", "bias"):
         hf[f"word_embeddings_layernorm.{kind}"] = sd[f"embed_norm.{kind}"]
         hf[f"ln_f.{kind}"] = sd[f"final_norm.{kind}"]
-    split = _qkv_rows(cfg)
+    split = per_head_qkv_rows(cfg.n_head, cfg.head_dim)
     for i in range(cfg.n_layer):
         h, b = f"h.{i}.", f"trf_blocks.{i}."
         for kind in ("weight", "bias"):

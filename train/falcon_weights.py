@@ -28,8 +28,8 @@ from tritongpt._types import is_int
 from tritongpt.errors import UserError, read_json_object
 from tritongpt.model.config import GPTConfig
 from tritongpt.model.gpt import GPTModel
-from tritongpt.train.gpt2_weights import (_read_tensors, model_with_tensors, plain_block_refusals, refuse_moe_touches,
-                                          write_hf_folder)
+from tritongpt.train.gpt2_weights import (_read_tensors, model_with_tensors, per_head_qkv_rows, plain_block_refusals,
+                                          refuse_moe_touches, write_hf_folder)
 from tritongpt.train.llama_weights import unscaled_partial_rope
 
 MODEL_TYPE = "falcon"
@@ -123,8 +123,7 @@ def _qkv_rows(cfg: GPTConfig, new_arch: bool) -> tuple:
     if G == 1:
         rows = torch.arange((H + 2) * D)
         return rows[:H * D], rows[H * D:(H + 1) * D], rows[(H + 1) * D:]
-    rows = torch.arange(3 * H * D).reshape(H, 3, D)
-    return rows[:, 0].reshape(-1), rows[:, 1].reshape(-1), rows[:, 2].reshape(-1)
+    return per_head_qkv_rows(H, D)
 
 
 def _our_tensors(sd: dict, cfg: GPTConfig, d: dict) -> dict:

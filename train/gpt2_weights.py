@@ -550,6 +550,13 @@ def refuse_phi_touches(cfg: GPTConfig, family: str, what: str) -> None:
                             f"{what} (a {takers} folder may take it)")
 
 
+def per_head_qkv_rows(n_head: int, head_dim: int) -> tuple:
+    """Index tensors of a fused query_key_value's q, k and v rows when it is laid out per head, [H, 3, D] (each
+    head's q, k, v rows together: BLOOM's, Falcon's old architecture with a key/value head each, GPT-NeoX's)."""
+    rows = torch.arange(3 * n_head * head_dim).reshape(n_head, 3, head_dim)
+    return rows[:, 0].reshape(-1), rows[:, 1].reshape(-1), rows[:, 2].reshape(-1)
+
+
 def plain_block_refusals(cfg: GPTConfig, family: str) -> tuple:
     """(differs, why) rows for what the GPT-2-like RoPE families (GPT-NeoX, Phi, GPT-J, Falcon) all lack, in their
     refuse_not_* tables: heads n_embd / n_head wide, scores scaled by 1/sqrt(head_dim) and uncapped over the whole
