@@ -3763,8 +3763,8 @@ def test_a_gemma2_step_soft_caps_its_attention_and_sdpa_says_it_cannot():
     flags = dict(norm="rmsnorm", mlp="geglu", position_encoding="rope", bias=False, post_norms=True,
                  scale_embeddings=True, attn_softcap=2.0)
     rows = {p: train_step.bench_train_provider(p, "tiny", 2, 16, torch.device("cpu"), torch.float32, 0, 1,
-                                               peak_flops=1e12, **flags)
-            for p in ("reference", "triton", "reference+sdpa")}
+                                               peak_flops=1e12, vocab_size=256, n_layer=2, **flags)
+            for p in ("reference", "triton", "reference+sdpa")}  # 2 layers, 256 tokens: the interpreter's time
     assert rows["reference"]["status"] == rows["triton"]["status"] == "ok"
     assert rows["reference"]["config"]["attn_softcap"] == 2.0
     assert "attn_softcap=2.0" in report.models_line([rows["reference"]])
@@ -3795,7 +3795,8 @@ def test_a_neox_step_names_its_parallel_blocks_and_exact_gelu():
 
     flags = dict(position_encoding="rope", parallel_residual=True, gelu_approximate="none", rotary_dim=8)
     rows = {p: train_step.bench_train_provider(p, "tiny", 2, 16, torch.device("cpu"), torch.float32, 0, 1,
-                                               peak_flops=1e12, **flags) for p in ("reference", "triton")}
+                                               peak_flops=1e12, vocab_size=256, n_layer=2, **flags)
+            for p in ("reference", "triton")}  # 2 layers, 256 tokens: the interpreter's time
     assert all(r["status"] == "ok" for r in rows.values())
     assert rows["reference"]["config"]["parallel_residual"] is True
     assert rows["reference"]["config"]["gelu_approximate"] == "none"

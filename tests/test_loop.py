@@ -1107,7 +1107,7 @@ def test_mfu_pieces(monkeypatch):
 # -- one loop, both paths -----------------------------------------------------------------------------------
 @pytest.mark.parametrize("dtype", ["fp32", "fp16"])
 def test_triton_path_tracks_reference_losses_through_the_loop(tmp_path, dtype):
-    """20 steps on each path from the same weights and batches; fp16 with loss scaling on both
+    """12 steps on each path from the same weights and batches; fp16 with loss scaling on both
     (the fused LM head then makes its gradients in backward, from the scaled upstream one)."""
     pytest.importorskip("tritongpt.kernels.attention")
     pytest.importorskip("tritongpt.kernels.mlp")
@@ -1116,15 +1116,15 @@ def test_triton_path_tracks_reference_losses_through_the_loop(tmp_path, dtype):
     base = tiny_model(5, n_layer=1, n_head=1)  # head_dim 32; one layer: the interpreter is slow
     out = {}
     for path in ("reference", "triton"):
-        a = args_for(tmp_path / path, max_steps=20, batch_size=2, kernels=path, lr=1e-2, min_lr=1e-3, dtype=dtype)
+        a = args_for(tmp_path / path, max_steps=12, batch_size=2, kernels=path, lr=1e-2, min_lr=1e-3, dtype=dtype)
         t = Trainer(copy.deepcopy(base), a, loss_fn, make_get_batch(tokens, 2))
         assert t.raw_model.kernels == (frozenset() if path == "reference" else set(KERNEL_NAMES))
         out[path] = t.fit()["losses"]
     ref, tri = torch.tensor(out["reference"]), torch.tensor(out["triton"])
     rel = ((tri - ref).abs() / ref.abs()).max().item()
-    print(f"20 steps, {dtype}: reference {ref[0]:.4f} -> {ref[-1]:.4f}, triton {tri[0]:.4f} -> {tri[-1]:.4f}, "
+    print(f"12 steps, {dtype}: reference {ref[0]:.4f} -> {ref[-1]:.4f}, triton {tri[0]:.4f} -> {tri[-1]:.4f}, "
           f"max rel diff {rel:.2e}")
-    assert ref[-1] < ref[0] - 0.3  # it learned something, so the comparison means something
+    assert ref[-1] < ref[0] - 0.2  # it learned something (0.31 in 12 steps), so the comparison means something
     assert rel < 1e-3
 
 

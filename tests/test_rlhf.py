@@ -1115,8 +1115,8 @@ def test_reward_resume_names_changed_data(data, tmp_path, capsys):
 
 
 # -- the Triton path ------------------------------------------------------------------------------
-def _ppo_iteration_on_both_paths(cfg, prompts, eot_id, device, **rl):
-    """One PPO iteration (rollouts, scoring, 2 epochs of minibatch updates) per kernel path,
+def _ppo_iteration_on_both_paths(cfg, prompts, eot_id, device, epochs=2, **rl):
+    """One PPO iteration (rollouts, scoring, epochs of minibatch updates) per kernel path,
     from the same weights and seeds; every figure of the Triton run is compared in fp32."""
     torch.manual_seed(5)
     policy = GPTModel(cfg).to(device)
@@ -1127,7 +1127,7 @@ def _ppo_iteration_on_both_paths(cfg, prompts, eot_id, device, **rl):
     value_w = torch.randn(1, cfg.n_embd, device=device) * 0.3
     runs = {}
     for kernels in ("reference", "triton"):
-        args = RLArgs(algo="ppo", iterations=1, epochs=2, lr=1e-3, device=str(device), kernels=kernels,
+        args = RLArgs(algo="ppo", iterations=1, epochs=epochs, lr=1e-3, device=str(device), kernels=kernels,
                       seed=0, dtype="fp32", **rl)
         trainer = RLHFTrainer(copy.deepcopy(policy), copy.deepcopy(policy), copy.deepcopy(rm), prompts,
                               prompts[:1], eot_id, args, log=False)
@@ -1180,7 +1180,7 @@ def test_one_ppo_iteration_triton_path_matches_reference(data):
     tok, train, _ = data
     prompts = [tok.encode(p.prompt) for p in train[:8]]
     _ppo_iteration_on_both_paths(tiny_config(tok.vocab_size), prompts, tok.eot_id, torch.device("cpu"),
-                                 prompts_per_iter=2, group_size=2, max_new_tokens=4, minibatch_size=2)
+                                 prompts_per_iter=2, group_size=2, max_new_tokens=3, minibatch_size=2, epochs=1)
 
 
 @pytest.mark.cuda
