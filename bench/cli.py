@@ -13,6 +13,7 @@ import time
 
 from tritongpt.commands import add_vocab_multiple_arg, vocab_multiple
 from tritongpt.errors import UserError
+from tritongpt.cli import command_help
 
 WHATS = ("kernels", "train", "all", "cpu", "compile")
 
@@ -204,7 +205,7 @@ def add_cli(sub):
     from tritongpt.model.config import (GELU_APPROXIMATES, MLPS, NORMS, POSITION_ENCODINGS, QK_NORM_WIDTHS,
                                         window_layers_arg)
 
-    p = sub.add_parser("bench", help="benchmarks: kernels, training step, CPU-side timings",
+    p = sub.add_parser("bench", help=command_help("bench"),
                        description=__doc__.split("\n\n")[1])
     p.add_argument("what", choices=WHATS, help="kernels | train | all (both) | cpu (CPU-side timings) | "
                    "compile (build every kernel launch for sm_90 offline: registers, spills, shared memory)")

@@ -1,11 +1,12 @@
 """The command line: help, info, generate, and one-line errors for bad input."""
+import argparse
 import subprocess
 import sys
 
 import pytest
 import torch
 
-from tritongpt.cli import main
+from tritongpt.cli import command_help, main
 from tritongpt.errors import UserError
 from tritongpt.model.config import GPTConfig
 from tritongpt.model.gpt import GPTModel
@@ -15,14 +16,46 @@ from tritongpt.train.data import load_text
 
 @pytest.mark.parametrize("module", ["tritongpt.cli", "tritongpt"])
 def test_help_lists_every_command(module):
-    """`python -m tritongpt.cli` (torchrun's form) and `python -m tritongpt` are the `tritongpt` script."""
-    out = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True, text=True)
+    """`python -m tritongpt.cli` (torchrun's form) and `python -m tritongpt` are the `tritongpt` script; its
+    help lists every command with its line without importing torch (a command imports its own module only)."""
+    code = (f"import runpy, sys; sys.argv = ['tritongpt', '--help']\n"
+            f"try:\n    runpy.run_module({module!r}, run_name='__main__')\n"
+            f"except SystemExit as e:\n    print('exit', e.code, 'torch' in sys.modules)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
+    assert out.stdout.rstrip().endswith("exit 0 False"), out.stdout  # printed, and torch never imported
+    flat = " ".join(out.stdout.split())  # argparse wraps the lines
     for cmd in ("info", "generate", "bpe", "pretrain", "sft", "reward", "rlhf", "dpo", "bench", "export", "eval",
-                "hellaswag"):
-        assert cmd in out.stdout, cmd
-    bad = subprocess.run([sys.executable, "-m", module, "generate"], capture_output=True, text=True)
-    assert bad.returncode == 2 and "--prompt" in bad.stderr  # its exit status is main()'s
+                "hellaswag", "chat"):
+        assert f"{cmd} {' '.join(command_help(cmd).split())}" in flat, cmd
+    if module == "tritongpt":  # (one launch of the two: each imports torch, ~3 s)
+        bad = subprocess.run([sys.executable, "-m", module, "generate"], capture_output=True, text=True)
+        assert bad.returncode == 2 and "--prompt" in bad.stderr  # its exit status is main()'s
+
+
+def test_every_command_is_its_modules_and_a_command_builds_its_own_only():
+    """build_parser() is the whole command line: each COMMANDS entry is defined (with its function) by the
+    module it names, which shows the same help line; build_parser([name]) imports only name's module and
+    lists the others by name (no options, no function), and main() runs a command through it."""
+    from tritongpt.cli import COMMANDS, build_parser, main
+
+    def commands(parser):
+        return next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+
+    full = commands(build_parser())
+    assert list(full.choices) != [] and set(full.choices) == set(COMMANDS)
+    def runs(parser):  # a function, or actions of its own that have one (bpe's)
+        subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+        return parser.get_default("func") is not None or bool(subs) and all(map(runs, subs[0].choices.values()))
+
+    assert all(runs(full.choices[c]) for c in COMMANDS)
+    assert {a.dest: a.help for a in full._choices_actions} == {c: line for c, (_, line) in COMMANDS.items()}
+    only = commands(build_parser(["bpe"]))
+    assert set(only.choices) == set(COMMANDS)
+    assert commands(only.choices["bpe"]).choices.keys() == {"train", "encode", "decode"}  # bpe's own, whole
+    assert runs(only.choices["bpe"]) and not runs(only.choices["pretrain"])
+    assert len(only.choices["pretrain"]._actions) == 1  # -h alone
+    assert main(["bpe", "encode", "--text", "hi"]) == 0
 
 
 def test_every_flag_and_argument_has_a_help_text():

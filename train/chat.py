@@ -19,6 +19,7 @@ import sys
 
 from tritongpt.errors import UserError, note
 from tritongpt.train import formats
+from tritongpt.cli import command_help
 
 TEMPLATES = ("auto",) + formats.FORMATS
 QUOTE = '"""'  # opens and closes a message of several lines
@@ -234,7 +235,7 @@ def cmd_chat(args):
 def add_cli(sub):
     from tritongpt.commands import add_generation_model_args, add_sampling_args
 
-    p = sub.add_parser("chat", help="talk to a fine-tuned model, a message a turn, in the template it was tuned on")
+    p = sub.add_parser("chat", help=command_help("chat"))
     add_generation_model_args(p)
     p.add_argument("--template", default="auto", choices=TEMPLATES,
                    help="how a line becomes a prompt: chat (turns, train/formats.py), alpaca (an instruction), "

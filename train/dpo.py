@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from tritongpt.errors import UserError
 from tritongpt.train import common
 from tritongpt.train.preference import encode_pairs, pair_batch, sequence_logprobs
+from tritongpt.cli import command_help
 
 
 LOSS_TYPES = ("sigmoid", "hinge", "ipo")
@@ -237,7 +238,7 @@ def add_cli(sub):
     from tritongpt.train.loop import add_train_args
     from tritongpt.train.reward import add_data_args
 
-    p = sub.add_parser("dpo", help="Direct Preference Optimization against a frozen SFT reference")
+    p = sub.add_parser("dpo", help=command_help("dpo"))
     add_model_args(p, default_model=None, default_text="tiny, with no --init")
     add_data_args(p)
     add_vocab_multiple_arg(p, None, "as the --init model has them")

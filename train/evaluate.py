@@ -27,6 +27,7 @@ from tqdm import tqdm
 
 from tritongpt.errors import UserError, note
 from tritongpt.train.tokenizer import HUB_REPO_HELP, TOKENIZER_CHOICES
+from tritongpt.cli import command_help
 
 
 def windows(n_tokens: int, context: int, stride: int):
@@ -204,7 +205,7 @@ def cmd_eval(args):
 def add_cli(sub):
     from tritongpt.commands import add_model_args
 
-    p = sub.add_parser("eval", help="loss, perplexity and bits per byte of a model on a corpus",
+    p = sub.add_parser("eval", help=command_help("eval"),
                        description=__doc__.split("\n\n")[0])
     add_model_args(p, default_model=None)
     p.add_argument("--weights", required=True,

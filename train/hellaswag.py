@@ -27,6 +27,7 @@ from tqdm import tqdm
 
 from tritongpt.errors import UserError
 from tritongpt.train.tokenizer import HUB_REPO_HELP, TOKENIZER_CHOICES
+from tritongpt.cli import command_help
 
 URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"
 
@@ -178,7 +179,7 @@ def cmd_hellaswag(args):
 def add_cli(sub):
     from tritongpt.commands import add_dtype_arg, add_model_args
 
-    p = sub.add_parser("hellaswag", help="multiple-choice accuracy on HellaSwag (acc, acc_norm)",
+    p = sub.add_parser("hellaswag", help=command_help("hellaswag"),
                        description=__doc__.split("\n\n")[0])
     add_model_args(p, default_model=None)
     p.add_argument("--weights", required=True,

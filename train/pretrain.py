@@ -24,6 +24,7 @@ import torch
 from tritongpt.errors import UserError, note
 from tritongpt.train.tokenizer import HUB_REPO_HELP, TOKENIZER_CHOICES
 from tritongpt.model.config import GATED_MLPS, GELU_APPROXIMATES, MLPS, NORMS, POSITION_ENCODINGS, window_layers_arg
+from tritongpt.cli import command_help
 
 DEFAULTS = dict(out_dir="runs/pretrain", max_steps=300, batch_size=16, grad_accum=1, lr=2e-3, min_lr=2e-4,
                 warmup_steps=30, weight_decay=0.1, eval_every=50, eval_batches=8, ckpt_every=100,
@@ -619,7 +620,7 @@ def cmd_pretrain(args):
 
 
 def add_cli(sub):
-    p = sub.add_parser("pretrain", help="pretrain a GPT on a text corpus (default: tiny model, embedded corpus)",
+    p = sub.add_parser("pretrain", help=command_help("pretrain"),
                        description="Pretrain a GPT on a text corpus (default: the tiny preset on the "
                                    "embedded pydoc corpus).")
     add_args(p)

@@ -26,6 +26,7 @@ from tritongpt.train.tokenizer import TOKENIZER_CHOICES
 from tritongpt.model.config import GPTConfig
 from tritongpt.model.gpt import GPTModel, save_safetensors
 from tritongpt.train.preference import encode_pairs, pair_batch
+from tritongpt.cli import command_help
 
 KIND = "reward_model"
 
@@ -264,7 +265,7 @@ def add_cli(sub):
     from tritongpt.commands import add_lora_args, add_model_args
     from tritongpt.train.loop import add_train_args
 
-    p = sub.add_parser("reward", help="train a reward model (Bradley-Terry) on preference pairs")
+    p = sub.add_parser("reward", help=command_help("reward"))
     add_model_args(p, default_model=None, default_text="tiny, with no --init")
     add_data_args(p)
     add_lora_args(p)

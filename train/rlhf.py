@@ -63,6 +63,7 @@ from tritongpt.train import common, tasks
 from tritongpt.train.generate import generate
 from tritongpt.train.preference import (encode_prompt, model_token_logprobs, next_token_logprobs, pad_sequences,
                                         pick_next_tokens, response_mask, token_logprobs)
+from tritongpt.cli import command_help
 
 
 # Flags that change what a resumed run computes (--iterations does not: the learning rate is
@@ -840,7 +841,7 @@ def add_cli(sub):
     from tritongpt.commands import add_lora_args, add_model_args, add_vocab_multiple_arg
     from tritongpt.train.reward import add_data_args
 
-    p = sub.add_parser("rlhf", help="RLHF against a reward model: PPO or GRPO",
+    p = sub.add_parser("rlhf", help=command_help("rlhf"),
                        description="PPO (value head, GAE, per-token KL penalty in the reward) or GRPO "
                                    "(group-relative advantages, k3 KL in the loss) on an SFT policy, "
                                    "scored by a reward model from `tritongpt reward`.")

@@ -44,6 +44,7 @@ from tritongpt.train import common, formats, tasks
 from tritongpt.train.chat_template import add_chat_template_arg, chat_template_for
 # encode_text and format_prompt live with the formats; the trainers and tests import them from here too
 from tritongpt.train.formats import encode_text, format_prompt
+from tritongpt.cli import command_help
 
 IGNORE_INDEX = -100
 DEFAULT_TASKS, DEFAULT_N_TRAIN, DEFAULT_N_EVAL = "all", 5000, 200  # the embedded tasks' flags
@@ -739,7 +740,7 @@ def cmd_sft(args):
 def add_cli(sub):
     from tritongpt.train.loop import add_lm_loss_args, add_train_args
 
-    p = sub.add_parser("sft", help="supervised fine-tuning on instruction records (default: embedded verifiable tasks)")
+    p = sub.add_parser("sft", help=command_help("sft"))
     p.add_argument("--init", required=True,
                    help="tritongpt checkpoint (run folder, ckpt folder or .safetensors), a GPT-2 or GPT-Neo name "
                         "(gpt2-small, gpt-neo-125m ...: pretrained weights), " + HUB_REPO_HELP

@@ -30,6 +30,7 @@ from pathlib import Path
 import regex
 
 from tritongpt.errors import UserError, note, read_json_object, read_text_file
+from tritongpt.cli import command_help
 
 # GPT-2's pre-tokeniser: contractions, letters, digits, other symbols (each may take one
 # leading space), then whitespace. `\s+(?!\S)` leaves the last space of a run to start the
@@ -1031,7 +1032,7 @@ def cmd_decode(args):
 
 
 def add_cli(sub):
-    p = sub.add_parser("bpe", help="train, apply or invert a byte-level BPE tokenizer")
+    p = sub.add_parser("bpe", help=command_help("bpe"))
     bsub = p.add_subparsers(dest="bpe_command", metavar="ACTION", required=True)
 
     t = bsub.add_parser("train", help="learn BPE merges on a corpus and save them as JSON")

@@ -5,29 +5,46 @@ import sys
 
 from tritongpt.errors import UserError
 
-# Each module defines add_cli(subparsers), which adds its subcommand(s).
-COMMAND_MODULES = [
-    "tritongpt.commands",
-    "tritongpt.bench.cli",
-    "tritongpt.train.tokenizer",
-    "tritongpt.train.pretrain",
-    "tritongpt.train.sft",
-    "tritongpt.train.reward",
-    "tritongpt.train.rlhf",
-    "tritongpt.train.dpo",
-    "tritongpt.train.evaluate",
-    "tritongpt.train.hellaswag",
-    "tritongpt.train.chat",
-]
+# Each command: the module whose add_cli(subparsers) defines it, and its line in `tritongpt --help`. The lines
+# live here, and each add_cli reads its own (command_help), so that the top-level help lists every command
+# without importing a module (they import torch: ~2 s), and a command imports only its own module.
+COMMANDS = {
+    "info": ("tritongpt.commands", "config, parameter count, and whether Triton and CUDA are usable"),
+    "generate": ("tritongpt.commands", "generate text from a prompt"),
+    "export": ("tritongpt.commands", "write a checkpoint as a Hugging Face folder that transformers loads (GPT-2, "
+               "Llama, Qwen, Gemma and the other families the README lists)"),
+    "bench": ("tritongpt.bench.cli", "benchmarks: kernels, training step, CPU-side timings"),
+    "bpe": ("tritongpt.train.tokenizer", "train, apply or invert a byte-level BPE tokenizer"),
+    "pretrain": ("tritongpt.train.pretrain", "pretrain a GPT on a text corpus (default: tiny model, embedded corpus)"),
+    "sft": ("tritongpt.train.sft", "supervised fine-tuning on instruction records (default: embedded verifiable "
+            "tasks)"),
+    "reward": ("tritongpt.train.reward", "train a reward model (Bradley-Terry) on preference pairs"),
+    "rlhf": ("tritongpt.train.rlhf", "RLHF against a reward model: PPO or GRPO"),
+    "dpo": ("tritongpt.train.dpo", "Direct Preference Optimization against a frozen SFT reference"),
+    "eval": ("tritongpt.train.evaluate", "loss, perplexity and bits per byte of a model on a corpus"),
+    "hellaswag": ("tritongpt.train.hellaswag", "multiple-choice accuracy on HellaSwag (acc, acc_norm)"),
+    "chat": ("tritongpt.train.chat", "talk to a fine-tuned model, a message a turn, in the template it was tuned on"),
+}
 
 
-def build_parser() -> argparse.ArgumentParser:
+def command_help(name: str) -> str:
+    """The line `tritongpt --help` shows for command `name` (its module's add_parser help)."""
+    return COMMANDS[name][1]
+
+
+def build_parser(commands=None) -> argparse.ArgumentParser:
+    """The whole command line (commands None), or with only the named commands' modules imported: the others
+    are listed by name and help line, without their options (what `tritongpt --help` needs)."""
     parser = argparse.ArgumentParser(
         prog="tritongpt",
         description="GPT-2 from scratch: reference PyTorch modules and Triton kernels behind one toggle.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name in COMMAND_MODULES:
-        importlib.import_module(name).add_cli(sub)
+    wanted = COMMANDS if commands is None else [c for c in commands if c in COMMANDS]
+    for module in dict.fromkeys(COMMANDS[c][0] for c in wanted):
+        importlib.import_module(module).add_cli(sub)
+    for name, (_, line) in COMMANDS.items():
+        if name not in sub.choices:
+            sub.add_parser(name, help=line)
     return parser
 
 
@@ -45,7 +62,9 @@ def fetch_hub_repos(args):
 
 
 def main(argv=None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    # the command is the first word that is not an option (the top level has -h alone)
+    parser = build_parser([a for a in argv if not a.startswith("-")][:1])
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()

@@ -2,6 +2,7 @@
 
 from tritongpt.errors import UserError, note, read_json_object, read_text_file
 from tritongpt.train.tokenizer import HUB_REPO_HELP, TOKENIZER_CHOICES
+from tritongpt.cli import command_help
 
 SAMPLE_SEPARATOR = "-" * 15  # between --num-samples texts, as nanoGPT's sample.py prints them
 
@@ -485,7 +486,7 @@ def add_generation_model_args(p):
 
 def add_dtype_arg(p):
     """--dtype of the commands that only run a model (generate, chat, hellaswag)."""
-    from tritongpt.train.common import DTYPES  # torch is imported for the parser anyway (the trainers')
+    from tritongpt.train.common import DTYPES  # (imports torch, which generate, chat and hellaswag run on anyway)
 
     p.add_argument("--dtype", default="auto", choices=DTYPES,
                    help="autocast dtype: auto = bf16 on CUDA (fp16 before Ampere), fp32 on CPU (default %(default)s)")
@@ -508,7 +509,7 @@ def add_sampling_args(p, max_new_tokens: int, temperature: float, temperature_te
 
 def add_cli(sub):
 
-    p = sub.add_parser("info", help="config, parameter count, and whether Triton and CUDA are usable")
+    p = sub.add_parser("info", help=command_help("info"))
     p.add_argument("--model", default=None, help="preset name (default gpt2-small; with --weights, only to name the "
                                                  "heads of a GPT-2 file without its config.json)")
     p.add_argument("--weights", default=None, help="a checkpoint (file, checkpoint or run folder) or Hugging Face "
@@ -518,7 +519,7 @@ def add_cli(sub):
     p.add_argument("--untied", action="store_true", help="count a separate LM head")
     p.set_defaults(func=cmd_info)
 
-    p = sub.add_parser("generate", help="generate text from a prompt")
+    p = sub.add_parser("generate", help=command_help("generate"))
     add_generation_model_args(p)
     prompt = p.add_mutually_exclusive_group(required=True)
     prompt.add_argument("--prompt", help="the text to continue (no trailing space: BPE tokens carry "
@@ -534,8 +535,7 @@ def add_cli(sub):
     add_sampling_args(p, max_new_tokens=50, temperature=0.8, temperature_text="as nanoGPT's sample.py")
     p.set_defaults(func=cmd_generate)
 
-    p = sub.add_parser("export", help="write a checkpoint as a Hugging Face GPT-2, GPT-Neo, Llama, Mistral or "
-                                      "Qwen2 folder (transformers loads it)")
+    p = sub.add_parser("export", help=command_help("export"))
     p.add_argument("checkpoint",
                    help="tritongpt checkpoint: a model.safetensors, a checkpoint folder or a run folder (its newest)")
     p.add_argument("--out", required=True,
