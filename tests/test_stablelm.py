@@ -165,11 +165,11 @@ def test_per_head_qk_norms_agree_on_both_paths_with_every_gradient(norm):
     row of the [heads, head_dim] weight, checked against F.layer_norm / F.rms_norm head by head); the Triton path's
     (the norm kernel with a ones weight, the weight multiplied in torch) gives the float64 reference's loss and
     every gradient, the [heads, head_dim] weights' too (fp32, 1e-4), and a decode over the KV cache gives the
-    whole sequence's logits on both paths."""
+    whole sequence's logits on both paths. (One layer: the interpreter's time.)"""
     import torch.nn.functional as F
 
     torch.manual_seed(3)
-    ref = _per_head_like(norm=norm).float()
+    ref = _per_head_like(norm=norm, n_layer=1).float()
     with torch.no_grad():
         for p in ref.parameters():
             p.add_(torch.randn_like(p) * 0.3)
@@ -179,13 +179,13 @@ def test_per_head_qk_norms_agree_on_both_paths_with_every_gradient(norm):
                             F.rms_norm(x[:, :, h], (16,), qn.weight[h], 1e-6)) for h in range(4)], 2)
     assert_close_rel(qn(x), by_head, 1e-6, "each head's own norm")
     idx, targets = torch.randint(0, VOCAB, (2, 19)), torch.randint(0, VOCAB, (2, 19))
-    ref64 = _per_head_like(norm=norm).double()
+    ref64 = _per_head_like(norm=norm, n_layer=1).double()
     ref64.load_state_dict(ref.state_dict())
     want = ref64(idx, targets=targets)
     want.backward()
     grads = dict(ref64.named_parameters())
     for kernels in ("reference", "triton"):
-        model = _per_head_like(norm=norm).float()
+        model = _per_head_like(norm=norm, n_layer=1).float()
         model.load_state_dict(ref.state_dict())
         model.set_kernels(kernels)
         loss = model(idx, targets=targets)
