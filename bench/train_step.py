@@ -74,7 +74,7 @@ def sdpa_attend(self, q, k, v, doc_ids=None):
     Tq, Tk = q.size(-2), k.size(-2)
     p = self.attn_drop.p if self.training else 0.0
     gqa = k.size(1) != q.size(1)
-    if Tq == Tk and doc_ids is None and not self.window and self.alibi is None:
+    if Tq == Tk and doc_ids is None and not self.window and not self.alibi:
         return F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True, scale=self.softmax_scale,
                                               enable_gqa=gqa)
     allowed = ~in_the_future(Tq, Tk, q.device)
@@ -83,8 +83,8 @@ def sdpa_attend(self, q, k, v, doc_ids=None):
     if doc_ids is not None:
         doc = document_index(doc_ids)
         allowed = allowed & (doc[:, Tk - Tq:, None] == doc[:, None, :])[:, None]  # [B, 1, Tq, Tk]
-    if self.alibi is not None:  # SDPA adds a float mask to the scaled scores, as attend adds the bias
-        allowed = torch.where(allowed, alibi_bias(self.alibi_slopes(), Tq, Tk), float("-inf")).to(q.dtype)
+    if self.alibi:  # SDPA adds a float mask to the scaled scores, as attend adds the bias
+        allowed = torch.where(allowed, alibi_bias(self.alibi_slopes(q.device), Tq, Tk), float("-inf")).to(q.dtype)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=p, scale=self.softmax_scale,
                                           enable_gqa=gqa)
 

@@ -601,11 +601,11 @@ class MultiHeadAttention(nn.Module):
             self.k_norm = qk_norm(k_width) if qk_norm is not None else None
         self.rotary = None if rope_theta is None else Rotary(self.head_dim, rope_theta, rope_scaling, rotary_dim,
                                                                  mscale)
-        # alibi (BLOOM, MPT): each head's scores get ALiBi's bias; the slopes are a function of n_head, not
-        # state (non-persistent: no state_dict entry). alibi_scale multiplies them (Falcon-RW's 1/sqrt(head_dim))
-        self.alibi_scale = alibi_scale
-        self.register_buffer("alibi", self.fresh_alibi_slopes() if alibi else None, persistent=False)
-        self._alibi_fp32 = {}  # device -> fp32 slopes, once model.to(dtype) has rounded the buffer
+        # alibi (BLOOM, MPT): each head's scores get ALiBi's bias. Its slopes are a function of n_head times
+        # alibi_scale (Falcon-RW's 1/sqrt(head_dim)), not state: no parameter or buffer (which model.to(dtype) would
+        # round, and a model built on the meta device leave unset), but an fp32 copy made once per device
+        self.alibi, self.alibi_scale = alibi, alibi_scale
+        self._alibi_slopes = {}  # device -> alibi_slopes(n_head) * alibi_scale, fp32
         self.attn_drop = nn.Dropout(dropout)  # both paths read its p (the Triton one in-kernel)
         self.resid_drop = nn.Dropout(dropout)
         self.use_triton = False
@@ -627,8 +627,9 @@ class MultiHeadAttention(nn.Module):
             scores = _fp32_if_fp16(q) @ _fp32_if_fp16(k).transpose(-2, -1) * self.softmax_scale
         if self.softcap:  # bounds the scores within (-c, c) before the masks' -inf
             scores = self.softcap * torch.tanh(scores / self.softcap)
-        if self.alibi is not None:  # after the cap, before the masks; at least fp32 (m (j - i) reaches m T)
-            scores = scores + alibi_bias(self.alibi_slopes(), Tq, Tk, torch.promote_types(scores.dtype, torch.float32))
+        if self.alibi:  # after the cap, before the masks; at least fp32 (m (j - i) reaches m T)
+            scores = scores + alibi_bias(self.alibi_slopes(q.device), Tq, Tk,
+                                         torch.promote_types(scores.dtype, torch.float32))
         scores = scores.masked_fill(in_the_future(Tq, Tk, q.device), float("-inf"))
         if doc_ids is not None:
             doc = document_index(doc_ids)  # [B, Tk]: 0 for the first document of a row, 1 for the next...
@@ -640,20 +641,14 @@ class MultiHeadAttention(nn.Module):
         weights = self.attn_drop(weights)
         return weights.to(v.dtype) @ v
 
-    def alibi_slopes(self):
-        """The ALiBi slopes in fp32: the buffer, or where model.to(dtype) rounded it, an fp32 copy made once per
-        device and kept (flash_attention reads a slopes tensor's values once, to check them: a new tensor every
+    def alibi_slopes(self, device="cpu"):
+        """This attention's ALiBi slopes on device, fp32 [n_head] (alibi_slopes times alibi_scale), made once per
+        device and kept: flash_attention reads a slopes tensor's values once, to check them (a new tensor every
         call would sync a GPU in every layer)."""
-        if self.alibi.dtype == torch.float32:
-            return self.alibi
-        device = self.alibi.device
-        if device not in self._alibi_fp32:
-            self._alibi_fp32[device] = self.fresh_alibi_slopes().to(device)
-        return self._alibi_fp32[device]
-
-    def fresh_alibi_slopes(self):
-        """This attention's ALiBi slopes, made anew in fp32 on the CPU (alibi_slopes times alibi_scale)."""
-        return alibi_slopes(self.n_head) * self.alibi_scale
+        device = torch.device(device)
+        if device not in self._alibi_slopes:
+            self._alibi_slopes[device] = (alibi_slopes(self.n_head) * self.alibi_scale).to(device)
+        return self._alibi_slopes[device]
 
     def forward(self, x, cache=None, doc_ids=None, positions=None, rope_len=None):
         """positions [T] or [B, T]: each token's position, for RoPE (default: from the cache's
@@ -683,7 +678,7 @@ class MultiHeadAttention(nn.Module):
             p = self.attn_drop.p if self.training else 0.0
             ctx = flash_attention(q, k, v, causal=True, softmax_scale=self.softmax_scale, dropout_p=p, doc_ids=doc_ids,
                                   window=self.window or None, softcap=self.softcap or None,
-                                  alibi_slopes=None if self.alibi is None else self.alibi_slopes())
+                                  alibi_slopes=self.alibi_slopes(q.device) if self.alibi else None)
         else:
             ctx = self.attend(q, k, v, doc_ids)
         ctx = ctx.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)

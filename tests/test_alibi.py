@@ -59,7 +59,7 @@ def test_reference_attend_is_alibi_by_hand(Tq, Tk):
     """MultiHeadAttention.attend with alibi against the float64 loop (a KV cache's Tq < Tk too): the
     bias follows the query's absolute position; without the slopes the answer is far off."""
     att = MultiHeadAttention(96, 12, 16, alibi=True)  # 12: slopes 2^(-k/2) too
-    assert att.alibi.dtype == torch.float32
+    assert att.alibi is True and not list(att.buffers())  # the slopes are no state: made per device
     att.double()
     g = torch.Generator().manual_seed(Tq)
     q, k, v = (torch.randn(2, 12, T, 8, generator=g, dtype=torch.float64) for T in (Tq, Tk, Tk))
@@ -103,7 +103,7 @@ def test_both_paths_agree(one_thread):
         assert_close_rel(grads[name], g, 1e-4, f"grad {name}")
     model.set_kernels("reference")
     for blk in model.trf_blocks:  # the same weights without the bias: other logits, so the test can fail
-        blk.att.alibi = None
+        blk.att.alibi = False
     with torch.no_grad():
         assert report(model(idx), ref_logits)[1] > 1e-2
 
@@ -196,7 +196,7 @@ def test_pretrain_and_bench_train_take_alibi(corpus, tmp_path, capsys):
     a = parse_args(["--tokenizer", str(corpus.tok), "--position-encoding", "alibi"])
     model = check_args(a, TrainArgs.from_namespace(a))[0]
     assert model.config.position_encoding == "alibi" and model.pos_emb is None
-    assert all(blk.att.alibi is not None and blk.att.rotary is None for blk in model.trf_blocks)
+    assert all(blk.att.alibi and blk.att.rotary is None for blk in model.trf_blocks)
     assert cli_main(pretrain_argv(corpus, tmp_path / "run", "--init", "gpt2-small", "--position-encoding",
                                   "alibi")) == 2
     assert "GPT-2's weights were trained with learned position embeddings, not ALiBi: --position-encoding alibi " \
@@ -266,10 +266,24 @@ def test_bias_is_relative_to_the_query_position():
 
 
 def test_an_empty_built_model_has_its_slopes():
-    """GPTModel.empty (what every loader builds) fills ALiBi's slopes, a buffer in no state_dict that to_empty
-    leaves uninitialised: fp32 models read the buffer itself."""
+    """GPTModel.empty (what every loader builds: on the meta device, then to_empty, which leaves buffers
+    unset) gives ALiBi's slopes: the model has no buffer, the slopes are made from n_head when first asked."""
     from tritongpt.model.gpt import GPTModel
 
     model = GPTModel.empty(_alibi_like(n_head=4).config)
+    assert not list(model.buffers())
     for block in model.trf_blocks:
-        assert torch.equal(block.att.alibi, alibi_slopes(4))
+        assert torch.equal(block.att.alibi_slopes(), alibi_slopes(4))
+
+
+def test_an_alibi_model_compiles_in_one_graph_from_its_first_call():
+    """torch.compile(fullgraph=True) traces the slopes' per-device cache on the first call (nothing made yet): no
+    graph break, the eager loss, and the slopes kept for the next call."""
+    from tritongpt.model.gpt import GPTModel
+
+    torch.manual_seed(0)
+    model = _randomize(GPTModel(GPTConfig(**{**TINY, "n_layer": 1})))
+    idx = torch.randint(0, 67, (2, 19))
+    loss = torch.compile(model, backend="aot_eager", fullgraph=True)(idx, targets=idx)
+    assert list(model.trf_blocks[0].att._alibi_slopes) == [torch.device("cpu")]
+    assert_close_rel(loss, model(idx, targets=idx), 1e-6, "compiled loss")
