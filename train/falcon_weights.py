@@ -28,7 +28,7 @@ from tritongpt._types import is_int
 from tritongpt.errors import UserError, read_json_object
 from tritongpt.model.config import GPTConfig
 from tritongpt.model.gpt import GPTModel
-from tritongpt.train.gpt2_weights import (_read_tensors, model_with_tensors, per_head_qkv_rows, plain_block_refusals,
+from tritongpt.train.gpt2_weights import (_read_tensors, fuse_rows, model_with_tensors, per_head_qkv_rows, plain_block_refusals,
                                           refuse_moe_touches, write_hf_folder)
 from tritongpt.train.llama_weights import unscaled_partial_rope
 
@@ -229,11 +229,8 @@ def _hf_tensors(model: GPTModel, d: dict) -> dict:
     for i in range(cfg.n_layer):
         h, b = f"h.{i}.", f"trf_blocks.{i}."
         for kind in ("weight", "bias") if cfg.bias else ("weight",):
-            parts = [sd[f"{b}{name}.{kind}"] for name in _QKV]
-            fused = parts[0].new_empty((sum(p.shape[0] for p in parts), *parts[0].shape[1:]))
-            for part, rows in zip(parts, split):
-                fused[rows] = part
-            hf[f"{h}self_attention.query_key_value.{kind}"] = fused
+            hf[f"{h}self_attention.query_key_value.{kind}"] = fuse_rows([sd[f"{b}{name}.{kind}"] for name in _QKV],
+                                                                          split)
             for mine, theirs in _PROJ:
                 hf[f"{h}{theirs}.{kind}"] = sd[f"{b}{mine}.{kind}"]
         for mine, theirs in zip(("norm1", "norm2"), names):

@@ -557,6 +557,15 @@ def per_head_qkv_rows(n_head: int, head_dim: int) -> tuple:
     return rows[:, 0].reshape(-1), rows[:, 1].reshape(-1), rows[:, 2].reshape(-1)
 
 
+def fuse_rows(parts, rows) -> torch.Tensor:
+    """The fused tensor a split by rows came from (per_head_qkv_rows' or another): parts[i] (a weight or a
+    bias) written at rows[i]; what a fused query_key_value's export writes."""
+    fused = parts[0].new_empty((sum(p.shape[0] for p in parts), *parts[0].shape[1:]))
+    for part, r in zip(parts, rows):
+        fused[r] = part
+    return fused
+
+
 def plain_block_refusals(cfg: GPTConfig, family: str) -> tuple:
     """(differs, why) rows for what the GPT-2-like RoPE families (GPT-NeoX, Phi, GPT-J, Falcon) all lack, in their
     refuse_not_* tables: heads n_embd / n_head wide, scores scaled by 1/sqrt(head_dim) and uncapped over the whole

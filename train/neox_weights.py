@@ -20,8 +20,8 @@ import torch
 from tritongpt.errors import UserError, read_json_object
 from tritongpt.model.config import GPTConfig
 from tritongpt.model.gpt import GPTModel
-from tritongpt.train.gpt2_weights import (_read_tensors, model_with_tensors, plain_block_refusals, refuse_moe_touches,
-                                          refuse_phi_touches, write_hf_folder)
+from tritongpt.train.gpt2_weights import (_read_tensors, fuse_rows, model_with_tensors, per_head_qkv_rows,
+                                          plain_block_refusals, refuse_moe_touches, refuse_phi_touches, write_hf_folder)
 from tritongpt.train.llama_weights import unscaled_partial_rope
 
 MODEL_TYPE = "gpt_neox"
@@ -89,20 +89,18 @@ def _check_hf_config(cfg_json: Path, sd: dict) -> GPTConfig:
 def _our_tensors(sd: dict, cfg: GPTConfig) -> dict:
     """Hugging Face GPT-NeoX tensors under our parameter names (KeyError: a tensor the file lacks). Each
     head's q, k and v rows lie together in query_key_value: split per head, then joined per projection."""
-    C, H = cfg.n_embd, cfg.n_head
     ours = {"tok_emb.weight": sd["embed_in.weight"], "final_norm.weight": sd["final_layer_norm.weight"],
             "final_norm.bias": sd["final_layer_norm.bias"]}
     if not cfg.tie_weights:
         ours["out_head.weight"] = sd["embed_out.weight"] if "embed_out.weight" in sd else sd["lm_head.weight"]
+    split = per_head_qkv_rows(cfg.n_head, cfg.head_dim)
     for i in range(cfg.n_layer):
         h, b = f"layers.{i}.", f"trf_blocks.{i}."
-        w = sd[h + "attention.query_key_value.weight"].reshape(H, 3, C // H, C)
-        bias = sd[h + "attention.query_key_value.bias"].reshape(H, 3, C // H)
-        for j, name in enumerate(_QKV):
-            ours[b + name + ".weight"] = w[:, j].reshape(C, C)
-            ours[b + name + ".bias"] = bias[:, j].reshape(C)
-        for mine, theirs in _LAYER:
-            for kind in ("weight", "bias"):
+        for kind in ("weight", "bias"):
+            fused = sd[f"{h}attention.query_key_value.{kind}"]
+            for name, rows in zip(_QKV, split):
+                ours[f"{b}{name}.{kind}"] = fused[rows]
+            for mine, theirs in _LAYER:
                 ours[f"{b}{mine}.{kind}"] = sd[f"{h}{theirs}.{kind}"]
     return ours
 
@@ -148,18 +146,16 @@ def refuse_not_neox(model: GPTModel, what: str) -> None:
 def _hf_tensors(model: GPTModel) -> dict:
     """Our parameters under GPTNeoXForCausalLM's names, q, k and v interleaved per head, the padding rows dropped."""
     cfg = model.config
-    C, H, V = cfg.n_embd, cfg.n_head, cfg.vocab_size
+    V = cfg.vocab_size
+    split = per_head_qkv_rows(cfg.n_head, cfg.head_dim)
     sd = {k: v.detach() for k, v in model.state_dict().items()}
     hf = {"embed_in.weight": sd["tok_emb.weight"][:V], "final_layer_norm.weight": sd["final_norm.weight"],
           "final_layer_norm.bias": sd["final_norm.bias"]}
     for i in range(cfg.n_layer):
         h, b = f"layers.{i}.", f"trf_blocks.{i}."
-        hf[h + "attention.query_key_value.weight"] = torch.stack(
-            [sd[f"{b}{name}.weight"].reshape(H, C // H, C) for name in _QKV], 1).reshape(3 * C, C)
-        hf[h + "attention.query_key_value.bias"] = torch.stack(
-            [sd[f"{b}{name}.bias"].reshape(H, C // H) for name in _QKV], 1).reshape(3 * C)
-        for mine, theirs in _LAYER:
-            for kind in ("weight", "bias"):
+        for kind in ("weight", "bias"):
+            hf[f"{h}attention.query_key_value.{kind}"] = fuse_rows([sd[f"{b}{name}.{kind}"] for name in _QKV], split)
+            for mine, theirs in _LAYER:
                 hf[f"{h}{theirs}.{kind}"] = sd[f"{b}{mine}.{kind}"]
     out = {"gpt_neox." + k: v for k, v in hf.items()}
     # the Hub's name, which transformers 4 and 5 both read; a tied model's is the embedding
