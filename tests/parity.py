@@ -56,12 +56,13 @@ def decode_token_by_token(model, idx, prefill: int = 6, singles: int | None = No
     return at_once, torch.cat(steps, 1), cache
 
 
-def decodes_like(model, idx, want):
+def decodes_like(model, idx, want, singles: int = 1):
     """A float64 model's decode over the KV cache (decode_token_by_token) gives want's logits on the
     reference path (2e-6 relative, token by token) and, in fp32, on the Triton path (1e-5, Tq < Tk in the
-    kernel: one single token then a chunk, each launch costing the interpreter time); the model is left
+    kernel: `singles` single tokens then a chunk, each launch costing the interpreter time); the model is left
     float64 on the reference path."""
-    for kernels, dtype, tol, singles in (("reference", torch.float64, 2e-6, None), ("triton", torch.float32, 1e-5, 1)):
+    for kernels, dtype, tol, singles in (("reference", torch.float64, 2e-6, None),
+                                         ("triton", torch.float32, 1e-5, singles)):
         model.to(dtype).set_kernels(kernels)
         _, decoded, _ = decode_token_by_token(model, idx, singles=singles, whole=False)
         assert_close_rel(decoded.double(), want, tol, f"decoded over the cache, {kernels}")

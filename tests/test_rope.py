@@ -820,7 +820,7 @@ def test_longrope_decode_over_the_cache_is_transformers():
         cache = DynamicCache(config=hf.config)
         want = torch.cat([hf(idx[:, :6], cache=cache, use_cache=True).logits]
                          + [hf(idx[:, t:t + 1], cache=cache, use_cache=True).logits for t in range(6, 14)], 1)
-    decodes_like(ours, idx, want)
+    decodes_like(ours, idx, want, singles=3)  # single tokens past the crossing at 8: a chunk there is all long
     with torch.no_grad():
         assert_close_rel(ours(idx[:, :8]), want[:, :8], 2e-6, "up to 8 tokens: the short vector")
         whole = ours(idx)
