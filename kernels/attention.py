@@ -57,7 +57,8 @@ Algorithm (Dao, "FlashAttention-2", 2023). Per (batch, head), with S = scale * Q
             forward).
   head dim  16, 32, 64, 80, 96, 128, 256; 80 and 96 are padded to 128 inside the kernel with masks.
             256 (Gemma's heads) autotunes over tiles of its own (TILES, tile_group): smaller, 2
-            stages, so that its K/V tiles fit 99 KB of shared memory and its accumulators do not spill.
+            stages, so that its K/V tiles fit 99 KB of shared memory and its accumulators do not spill;
+            a one-stage 16 x 16 backward tile for a T4's 64 KB (fp16; fp32 dK/dV there needs 65 KB).
   softcap   (softcap=c, Gemma 2's attention logits) each scaled score is capped before the masks
             and the softmax: s_c = c tanh(s / c); in base 2, (c log2 e) t with t = tanh(scale q.k / c),
             and the saved L is the logsumexp of the capped scores. Backward recomputes t with S in
@@ -522,7 +523,8 @@ def _prune_query_tile(configs, named_args, **kwargs):
     """Forward and dQ own a BLOCK_M tile of queries: a tile much taller than Tq (decode: Tq = 1)
     wastes the tensor cores, and a 16-row tile is only worth timing for short query chunks."""
     rows = named_args["Q_BUCKET"]
-    kept = [c for c in configs if c.kwargs["BLOCK_M"] <= max(16, rows) and (c.kwargs["BLOCK_M"] > 16 or rows <= 64)]
+    kept = [c for c in configs if c.kwargs["BLOCK_M"] <= max(16, rows) and (c.kwargs["BLOCK_M"] > 16 or rows <= 64)
+            or c.num_stages == 1]  # a one-stage tile is the one that fits a T4's 64 KB: kept at every length
     return kept or configs[-1:]
 
 
@@ -577,6 +579,11 @@ def _tuned(tiles, prune, key=()):
 # and those of at most 32 x 32. Wide fp32 (ieee, no tensor cores): 16 rows in the streamed tiles
 # (K, V in forward and dQ; Q, dO in dK/dV), the ones that fit sm_89's 99 KB (bigger ones took
 # 20-100 s each to compile, to be refused there).
+# (16, 16, 4, 1) in the wide backward lists: one stage (no pipelined copy of the next tile), the only
+# dK/dV and dQ tile at head dim 256 that fits sm_75's 64 KB of shared memory in fp16 (T4: 48 KB;
+# `bench compile --arch 75` found every other one over it, so a Gemma backward on a T4 had nothing to
+# launch), and in fp32 dQ's at full length within 64 KB (V100's 96 KB took no fp32 dQ tile the prune left);
+# the prune keeps it at every length. fp32 dK/dV at 256 needs 65 KB whatever the tile: not on a T4.
 # `tritongpt bench compile --arch 90|80|89` builds every entry for every launch: on each of those
 # architectures every launch keeps a config that fits and does not spill. The last entry of each
 # list is the fallback when pruning leaves nothing.
@@ -591,14 +598,15 @@ TILES = {
     "backward_dkdv": {
         "narrow": [(32, 128, 8, 3), (64, 128, 8, 3), (64, 64, 8, 3), (32, 64, 8, 3),
                    (32, 64, 4, 4), (16, 64, 4, 3), (16, 32, 4, 2)],
-        "wide": [(64, 64, 8, 2), (32, 64, 8, 2), (16, 64, 8, 2), (32, 32, 8, 2), (16, 32, 8, 2), (16, 32, 4, 2)],
+        "wide": [(64, 64, 8, 2), (32, 64, 8, 2), (16, 64, 8, 2), (32, 32, 8, 2), (16, 32, 8, 2), (16, 32, 4, 2),
+                 (16, 16, 4, 1)],
         "wide_fp32": [(16, 32, 8, 2), (16, 32, 4, 2), (16, 16, 4, 2)],
     },
     "backward_dq": {
         "narrow": [(128, 32, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3), (64, 64, 8, 3), (32, 32, 4, 2),
                    (16, 64, 4, 3), (16, 32, 4, 2)],
-        "wide": [(64, 64, 8, 2), (64, 32, 8, 2), (32, 32, 8, 2), (32, 32, 4, 2), (16, 32, 4, 2)],
-        "wide_fp32": [(32, 16, 4, 2), (16, 16, 4, 2)],
+        "wide": [(64, 64, 8, 2), (64, 32, 8, 2), (32, 32, 8, 2), (32, 32, 4, 2), (16, 32, 4, 2), (16, 16, 4, 1)],
+        "wide_fp32": [(32, 16, 4, 2), (16, 16, 4, 2), (16, 16, 4, 1)],
     },
 }
 _attn_fwd_run = autotuned("attention.forward", _tuned(TILES["forward"], _prune_query_tile)(_attn_fwd))

@@ -199,7 +199,8 @@ print(json.dumps(out))
 def test_head_dim_256_times_its_own_tiles():
     """Head dim 256 (Gemma) autotunes over its own tiles only, in fp32 smaller ones still (the
     others overflow sm_89's 99 KB or spill there), and the other head dims never time those:
-    each launch's configs after its prune, as the tuner would time them."""
+    each launch's configs after its prune, as the tuner would time them. Its dQ (and 16-bit dK/dV) launches
+    keep the one-stage 16 x 16 tile at every length (the only one within sm_75's 64 KB)."""
     import torch
 
     from tritongpt.kernels.attention import TILES, tile_group
@@ -218,6 +219,9 @@ def test_head_dim_256_times_its_own_tiles():
         assert tiles and tiles <= set(TILES[kinds[launch["kernel"]]][group]), (group, launch)
         if launch["block_d"] == 256 and "Tq=1024" in launch["case"] and group == "wide":
             assert len(tiles) > 1, launch  # a choice left for the tuner at full length
+        if launch["block_d"] == 256 and (launch["kernel"] == "_attn_bwd_dq" or
+                                         launch["kernel"] == "_attn_bwd_dkdv" and group == "wide"):
+            assert (16, 16, 4, 1) in tiles, launch  # the tile within a T4's 64 KB, at every length
     assert {(k, 256, g) for k in kinds for g in ("wide", "wide_fp32")} <= seen
     decode = [launch for launch in launches if launch["block_d"] == 256 and "Tq=1 " in launch["case"] + " "]
     assert decode and all(t[0] == 16 for launch in decode for t in launch["tiles"]), decode
