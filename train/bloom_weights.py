@@ -23,8 +23,8 @@ from tritongpt._types import is_int
 from tritongpt.errors import UserError, read_json_object
 from tritongpt.model.config import GPTConfig
 from tritongpt.model.gpt import GPTModel
-from tritongpt.train.gpt2_weights import (_read_tensors, fuse_rows, model_with_tensors, per_head_qkv_rows, plain_block_refusals,
-                                          refuse_moe_touches, write_hf_folder)
+from tritongpt.train.gpt2_weights import (_read_tensors, fuse_rows, model_with_tensors, per_head_qkv_rows,
+                                          plain_block_refusals, refuse_moe_touches, weights_file, write_hf_folder)
 
 MODEL_TYPE = "bloom"
 # BLOOM has no position table; the context it was trained at (2048) unless config.json says one (seq_length)
@@ -104,9 +104,7 @@ def _our_tensors(sd: dict, cfg: GPTConfig) -> dict:
 def load_bloom_safetensors(path) -> GPTModel:
     """GPTModel with the weights of a Hugging Face BLOOM model.safetensors (or shard index) and its config.json
     beside it."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"BLOOM weights file not found: {path}")
+    path = weights_file(path, "BLOOM")
     sd = _read_tensors(path, prefix="transformer.")
     cfg_json = path.parent / "config.json"
     cfg = _check_hf_config(cfg_json, read_json_object(cfg_json), sd)

@@ -27,7 +27,8 @@ import torch
 from tritongpt.errors import UserError, read_json_object
 from tritongpt.model.config import GPTConfig
 from tritongpt.model.gpt import GPTModel
-from tritongpt.train.gpt2_weights import _read_tensors, model_with_tensors, refuse_moe_touches, write_hf_folder
+from tritongpt.train.gpt2_weights import (_read_tensors, model_with_tensors, refuse_moe_touches, weights_file,
+                                          write_hf_folder)
 from tritongpt.train.gptj_weights import half_split_order
 from tritongpt.train.llama_weights import _rope_theta, hf_shapes, shape_fields
 
@@ -134,9 +135,7 @@ def _our_tensors(sd: dict, cfg: GPTConfig) -> dict:
 def load_cohere_safetensors(path) -> GPTModel:
     """GPTModel with the weights of a Hugging Face Cohere (or Cohere2) model.safetensors (or shard index) and
     its config.json beside it."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"Cohere weights file not found: {path}")
+    path = weights_file(path, "Cohere")
     sd = _read_tensors(path, prefix="model.")
     cfg = _check_hf_config(path.parent / "config.json", sd)
     return model_with_tensors(cfg, lambda: _our_tensors(sd, cfg), path)

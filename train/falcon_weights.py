@@ -28,8 +28,8 @@ from tritongpt._types import is_int
 from tritongpt.errors import UserError, read_json_object
 from tritongpt.model.config import GPTConfig
 from tritongpt.model.gpt import GPTModel
-from tritongpt.train.gpt2_weights import (_read_tensors, fuse_rows, model_with_tensors, per_head_qkv_rows, plain_block_refusals,
-                                          refuse_moe_touches, write_hf_folder)
+from tritongpt.train.gpt2_weights import (_read_tensors, fuse_rows, model_with_tensors, per_head_qkv_rows,
+                                          plain_block_refusals, refuse_moe_touches, weights_file, write_hf_folder)
 from tritongpt.train.llama_weights import unscaled_partial_rope
 
 MODEL_TYPE = "falcon"
@@ -153,9 +153,7 @@ def _our_tensors(sd: dict, cfg: GPTConfig, d: dict) -> dict:
 def load_falcon_safetensors(path) -> GPTModel:
     """GPTModel with the weights of a Hugging Face Falcon model.safetensors (or shard index) and its
     config.json beside it."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"Falcon weights file not found: {path}")
+    path = weights_file(path, "Falcon")
     sd = _read_tensors(path, prefix="transformer.")
     cfg_json = path.parent / "config.json"
     d = read_json_object(cfg_json)

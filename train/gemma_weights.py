@@ -35,7 +35,7 @@ import torch
 from tritongpt.errors import UserError, note, read_json_object
 from tritongpt.model.config import GPTConfig
 from tritongpt.model.gpt import GPTModel
-from tritongpt.train.gpt2_weights import _read_tensors, model_with_tensors, write_hf_folder
+from tritongpt.train.gpt2_weights import _read_tensors, model_with_tensors, weights_file, write_hf_folder
 from tritongpt.train.llama_weights import _rope_theta, hf_shapes, shape_fields
 
 FAMILIES = {"gemma": "GemmaForCausalLM", "gemma2": "Gemma2ForCausalLM", "gemma3_text": "Gemma3ForCausalLM"}
@@ -213,9 +213,7 @@ def _our_tensors(sd: dict, cfg: GPTConfig) -> dict:
 def load_gemma_safetensors(path) -> GPTModel:
     """GPTModel with the weights of a Hugging Face Gemma (1, 2 or 3; a multimodal Gemma 3's language model)
     model.safetensors (or shard index) and its config.json beside it."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"Gemma weights file not found: {path}")
+    path = weights_file(path, "Gemma")
     cfg_json = path.parent / "config.json"
     if read_json_object(cfg_json).get("model_type") == "gemma3":
         _text_config(read_json_object(cfg_json), cfg_json)  # a config without one refused before any tensor is read

@@ -69,6 +69,14 @@ def tensor_names(path) -> list:
         raise unreadable_safetensors(path, e) from None
 
 
+def weights_file(path, family: str) -> Path:
+    """path as a Path, refused by name (family's weights) when no such file is there: each loader's first step."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{family} weights file not found: {path}")
+    return path
+
+
 def _read_tensors(path, prefix: str = "transformer.") -> dict:
     """A safetensors file's tensors (or all of a shard index's shards'), their names without the
     model class's prefix."""
@@ -269,9 +277,7 @@ def _our_tensors(sd: dict, cfg: GPTConfig) -> dict:
 
 def load_gpt2_safetensors(path, model_name: str | None = None) -> GPTModel:
     """GPTModel with the weights of a Hugging Face GPT-2 model.safetensors."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"GPT-2 weights file not found: {path}")
+    path = weights_file(path, "GPT-2")
     if (path.parent / "config.json").is_file():
         _gpt2_config_json(path.parent / "config.json")
     sd = _read_tensors(path)

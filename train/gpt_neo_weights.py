@@ -17,7 +17,8 @@ from tritongpt.errors import UserError, note, read_json_object
 from tritongpt.model.config import GPTConfig, get_config
 from tritongpt.model.gpt import GPTModel
 from tritongpt.train.gpt2_weights import (_read_tensors, hub_download, model_with_tensors, refuse_moe_touches,
-                                          refuse_other_heads, tensor_names, tensor_shapes, write_hf_folder)
+                                          refuse_other_heads, tensor_names, tensor_shapes, weights_file,
+                                          write_hf_folder)
 
 HUB_REPOS = {
     "gpt-neo-125m": "EleutherAI/gpt-neo-125m",
@@ -136,9 +137,7 @@ def _our_tensors(sd: dict, cfg: GPTConfig) -> dict:
 def load_gpt_neo_safetensors(path, model_name: str | None = None) -> GPTModel:
     """GPTModel with the weights of a Hugging Face GPT-Neo model.safetensors (its config.json
     beside it says the heads and the local layers; else model_name, or the published size)."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"GPT-Neo weights file not found: {path}")
+    path = weights_file(path, "GPT-Neo")
     sd = _read_tensors(path)
     cfg = _infer_config(sd, path, model_name)
     return model_with_tensors(cfg, lambda: _our_tensors(sd, cfg), path)

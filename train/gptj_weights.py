@@ -28,7 +28,7 @@ from tritongpt.errors import UserError, read_json_object
 from tritongpt.model.config import GPTConfig
 from tritongpt.model.gpt import GPTModel
 from tritongpt.train.gpt2_weights import (_read_tensors, model_with_tensors, plain_block_refusals, refuse_moe_touches,
-                                          write_hf_folder)
+                                          weights_file, write_hf_folder)
 
 MODEL_TYPE = "gptj"
 # activation_function -> GPTConfig.gelu_approximate
@@ -117,9 +117,7 @@ def _our_tensors(sd: dict, cfg: GPTConfig) -> dict:
 def load_gptj_safetensors(path) -> GPTModel:
     """GPTModel with the weights of a Hugging Face GPT-J model.safetensors (or shard index) and its
     config.json beside it."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"GPT-J weights file not found: {path}")
+    path = weights_file(path, "GPT-J")
     sd = _read_tensors(path, prefix="transformer.")
     cfg = _check_hf_config(path.parent / "config.json", sd)
     return model_with_tensors(cfg, lambda: _our_tensors(sd, cfg), path)

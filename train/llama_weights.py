@@ -37,7 +37,8 @@ from tritongpt.errors import UserError, read_json_object
 from tritongpt.model.config import ROPE_SCALING_KEYS, GPTConfig, check_rope_extras, check_rope_scaling
 from tritongpt.model.gpt import GPTModel
 from tritongpt.train.gpt2_weights import (_read_tensors, model_with_tensors, refuse_gemma_touches, refuse_moe_touches,
-                                          refuse_norm_touches, refuse_phi3_touches, tensor_names, write_hf_folder)
+                                          refuse_norm_touches, refuse_phi3_touches, tensor_names, weights_file,
+                                          write_hf_folder)
 
 # each block's tensors: ours, then Hugging Face's (under "layers.{i}.")
 _LAYER = (("norm1", "input_layernorm"), ("norm2", "post_attention_layernorm"), ("att.W_query", "self_attn.q_proj"),
@@ -266,9 +267,7 @@ def _our_tensors(sd: dict, cfg: GPTConfig) -> dict:
 def load_llama_safetensors(path) -> GPTModel:
     """GPTModel with the weights of a Hugging Face Llama (Mistral, Qwen2, Qwen3) model.safetensors and its
     config.json beside it (the heads, RoPE's base and the norm's eps are in no tensor)."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"Llama weights file not found: {path}")
+    path = weights_file(path, "Llama")
     cfg_json = path.parent / "config.json"
     if not cfg_json.is_file():
         raise UserError(f"{path} looks like a Llama model, whose heads, RoPE base and norm eps are in its "

@@ -21,7 +21,7 @@ from tritongpt.errors import UserError, read_json_object
 from tritongpt.model.config import GPTConfig
 from tritongpt.model.gpt import GPTModel
 from tritongpt.train.gpt2_weights import (_read_tensors, model_with_tensors, refuse_per_head_qk, tensor_names,
-                                          write_hf_folder)
+                                          weights_file, write_hf_folder)
 from tritongpt.train.llama_weights import _rope_theta, _sliding_window, hf_shapes, shape_fields
 
 FAMILIES = {"mixtral": "MixtralForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM", "olmoe": "OlmoeForCausalLM"}
@@ -143,9 +143,7 @@ def _our_tensors(sd: dict, cfg: GPTConfig, kind: str, path) -> dict:
 def load_moe_safetensors(path) -> GPTModel:
     """GPTModel with the weights of a Hugging Face Mixtral, Qwen3-MoE or OLMoE model.safetensors (or shard index)
     and its config.json beside it."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"MoE weights file not found: {path}")
+    path = weights_file(path, "MoE")
     cfg_json = path.parent / "config.json"
     if not cfg_json.is_file():
         raise UserError(f"{path} looks like a mixture-of-experts model, whose heads, experts per token and RoPE "

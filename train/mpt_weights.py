@@ -27,7 +27,7 @@ from tritongpt.errors import UserError, read_json_object
 from tritongpt.model.config import GPTConfig
 from tritongpt.model.gpt import GPTModel
 from tritongpt.train.gpt2_weights import (_read_tensors, model_with_tensors, plain_block_refusals, refuse_moe_touches,
-                                          write_hf_folder)
+                                          weights_file, write_hf_folder)
 
 MODEL_TYPE = "mpt"
 # each block's tensors (weights only): ours, then Hugging Face's (under "blocks.{i}.")
@@ -108,9 +108,7 @@ def _our_tensors(sd: dict, cfg: GPTConfig) -> dict:
 def load_mpt_safetensors(path) -> GPTModel:
     """GPTModel with the weights of a Hugging Face MPT model.safetensors (or shard index) and its config.json
     beside it."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"MPT weights file not found: {path}")
+    path = weights_file(path, "MPT")
     sd = _read_tensors(path, prefix="transformer.")
     cfg_json = path.parent / "config.json"
     cfg = _check_hf_config(cfg_json, read_json_object(cfg_json), sd)

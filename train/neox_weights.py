@@ -21,7 +21,8 @@ from tritongpt.errors import UserError, read_json_object
 from tritongpt.model.config import GPTConfig
 from tritongpt.model.gpt import GPTModel
 from tritongpt.train.gpt2_weights import (_read_tensors, fuse_rows, model_with_tensors, per_head_qkv_rows,
-                                          plain_block_refusals, refuse_moe_touches, refuse_phi_touches, write_hf_folder)
+                                          plain_block_refusals, refuse_moe_touches, refuse_phi_touches, weights_file,
+                                          write_hf_folder)
 from tritongpt.train.llama_weights import unscaled_partial_rope
 
 MODEL_TYPE = "gpt_neox"
@@ -108,9 +109,7 @@ def _our_tensors(sd: dict, cfg: GPTConfig) -> dict:
 def load_neox_safetensors(path) -> GPTModel:
     """GPTModel with the weights of a Hugging Face GPT-NeoX (Pythia) model.safetensors (or shard index) and
     its config.json beside it."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"GPT-NeoX weights file not found: {path}")
+    path = weights_file(path, "GPT-NeoX")
     sd = _read_tensors(path, prefix="gpt_neox.")
     cfg = _check_hf_config(path.parent / "config.json", sd)
     return model_with_tensors(cfg, lambda: _our_tensors(sd, cfg), path)

@@ -26,7 +26,7 @@ from tritongpt.errors import UserError, note, read_json_object
 from tritongpt.model.config import GPTConfig
 from tritongpt.model.gpt import GPTModel
 from tritongpt.train.gpt2_weights import (_read_tensors, model_with_tensors, refuse_moe_touches, refuse_neox_touches,
-                                          refuse_phi3_touches, write_hf_folder)
+                                          refuse_phi3_touches, weights_file, write_hf_folder)
 from tritongpt.train.llama_weights import _rope_theta, hf_shapes, shape_fields
 
 FAMILIES = {"olmo2": "Olmo2ForCausalLM", "olmo3": "Olmo3ForCausalLM"}
@@ -137,9 +137,7 @@ def _our_tensors(sd: dict, cfg: GPTConfig) -> dict:
 def load_olmo_safetensors(path) -> GPTModel:
     """GPTModel with the weights of a Hugging Face OLMo 2 or 3 model.safetensors (or shard index) and
     its config.json beside it."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"OLMo weights file not found: {path}")
+    path = weights_file(path, "OLMo")
     sd = _read_tensors(path, prefix="model.")
     cfg = _check_hf_config(path.parent / "config.json", sd)
     return model_with_tensors(cfg, lambda: _our_tensors(sd, cfg), path)

@@ -22,7 +22,8 @@ import torch
 from tritongpt.errors import UserError, read_json_object
 from tritongpt.model.config import GPTConfig, check_rope_scaling
 from tritongpt.model.gpt import GPTModel
-from tritongpt.train.gpt2_weights import _read_tensors, model_with_tensors, refuse_per_head_qk, write_hf_folder
+from tritongpt.train.gpt2_weights import (_read_tensors, model_with_tensors, refuse_per_head_qk, weights_file,
+                                          write_hf_folder)
 from tritongpt.train.llama_weights import (_our_tensors, checked_rope_base, hf_shapes, partial_rotary_dim,
                                            refuse_not_llama, shape_fields)
 
@@ -125,9 +126,7 @@ def _check_hf_config(cfg_json: Path, sd: dict) -> GPTConfig:
 def load_phi3_safetensors(path) -> GPTModel:
     """GPTModel with the weights of a Hugging Face Phi-3 (Phi-4) model.safetensors (or shard index) and its
     config.json beside it."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"Phi-3 weights file not found: {path}")
+    path = weights_file(path, "Phi-3")
     cfg_json = path.parent / "config.json"
     sd = _unfused(_read_tensors(path, prefix="model."), read_json_object(cfg_json), cfg_json)
     cfg = _check_hf_config(cfg_json, sd)

@@ -24,7 +24,7 @@ from tritongpt.errors import UserError, read_json_object
 from tritongpt.model.config import GPTConfig
 from tritongpt.model.gpt import GPTModel
 from tritongpt.train.gpt2_weights import (_read_tensors, model_with_tensors, plain_block_refusals, refuse_moe_touches,
-                                          write_hf_folder)
+                                          weights_file, write_hf_folder)
 from tritongpt.train.llama_weights import unscaled_partial_rope
 from tritongpt.train.neox_weights import ACTIVATIONS
 
@@ -124,9 +124,7 @@ def _our_tensors(sd: dict, cfg: GPTConfig) -> dict:
 def load_phi_safetensors(path) -> GPTModel:
     """GPTModel with the weights of a Hugging Face Phi-1/1.5/2 model.safetensors (or shard index) and its
     config.json beside it."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"Phi weights file not found: {path}")
+    path = weights_file(path, "Phi")
     # lm_head.* keep their names; the rest lose PhiForCausalLM's "model."
     sd = _read_tensors(path, prefix="model.")
     cfg = _check_hf_config(path.parent / "config.json", sd)

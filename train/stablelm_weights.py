@@ -21,7 +21,7 @@ from tritongpt.errors import UserError, read_json_object
 from tritongpt.model.config import GPTConfig
 from tritongpt.model.gpt import GPTModel
 from tritongpt.train.gpt2_weights import (_read_tensors, model_with_tensors, refuse_gemma_touches, refuse_moe_touches,
-                                          write_hf_folder)
+                                          weights_file, write_hf_folder)
 from tritongpt.train.llama_weights import _hf_tensors as _llama_hf_tensors
 from tritongpt.train.llama_weights import _our_tensors as _llama_tensors
 from tritongpt.train.llama_weights import hf_shapes, shape_fields, unscaled_partial_rope
@@ -89,9 +89,7 @@ def _our_tensors(sd: dict, cfg: GPTConfig) -> dict:
 def load_stablelm_safetensors(path) -> GPTModel:
     """GPTModel with the weights of a Hugging Face StableLM model.safetensors (or shard index) and its
     config.json beside it."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"StableLM weights file not found: {path}")
+    path = weights_file(path, "StableLM")
     sd = _read_tensors(path, prefix="model.")
     cfg = _check_hf_config(path.parent / "config.json", sd)
     return model_with_tensors(cfg, lambda: _our_tensors(sd, cfg), path)
