@@ -1,5 +1,6 @@
 """Hugging Face GPT-2 weights load into GPTModel and give the same logits and greedy tokens."""
 import json
+import re
 
 import pytest
 import torch
@@ -477,3 +478,17 @@ def test_a_model_with_local_attention_is_not_exported(tmp_path, window_layers):
     with pytest.raises(UserError, match="local attention .* cannot be exported as a peft adapter for GPT-2"):
         export_peft_adapter(model, tmp_path / "adapter", "gpt2")
     assert not (tmp_path / "direct").exists() and not (tmp_path / "adapter").exists()
+
+
+@pytest.mark.parametrize("module,family", [
+    ("gpt2", "GPT-2"), ("gpt_neo", "GPT-Neo"), ("llama", "Llama"), ("gemma", "Gemma"), ("olmo", "OLMo"),
+    ("phi", "Phi"), ("phi3", "Phi-3"), ("neox", "GPT-NeoX"), ("gptj", "GPT-J"), ("falcon", "Falcon"),
+    ("bloom", "BLOOM"), ("mpt", "MPT"), ("cohere", "Cohere"), ("stablelm", "StableLM"), ("moe", "MoE")])
+def test_every_loader_names_a_missing_weights_file(module, family, tmp_path):
+    """Each family's load_*_safetensors refuses a path with no file by its family's name (weights_file)."""
+    import importlib
+
+    mod = importlib.import_module(f"tritongpt.train.{module}_weights")
+    missing = tmp_path / "model.safetensors"
+    with pytest.raises(UserError, match=f"^{re.escape(family)} weights file not found: {re.escape(str(missing))}$"):
+        getattr(mod, f"load_{module}_safetensors")(missing)
