@@ -111,20 +111,49 @@ def check_runnable(t, name: str = "input"):
     raise ValueError(f"{name} is on {t.device}; Triton kernels run on CUDA, or on CPU with TRITON_INTERPRET=1")
 
 
+def device_name(device: torch.device) -> str:
+    """A GPU's name and architecture ("NVIDIA T4 (sm_75)"), for messages about what it cannot run."""
+    if device.type != "cuda":
+        return f"{device} (Triton's interpreter)" if device.type == "cpu" else str(device)
+    major, minor = torch.cuda.get_device_capability(device)
+    return f"{torch.cuda.get_device_name(device)} (sm_{major}{minor})"
+
+
+def out_of_resources(launch_name: str, tensors, error) -> RuntimeError:
+    """The error for a launch whose every tile was too big for this GPU. Autotune skips a config
+    that does not fit (OutOfResources) and launches the best of the rest; when none fits, it
+    launches one anyway and Triton raises its own message, which names neither the kernel nor
+    the input that asked for it (attention backward at head dim 256 in fp32 on a T4's 64 KB)."""
+    inputs = ", ".join(f"{str(t.dtype).replace('torch.', '')} {list(t.shape)}" for t in tensors[:3])
+    device = tensors[0].device if tensors else torch.device("cpu")
+    return RuntimeError(
+        f"{launch_name}: no tile of this Triton kernel fits {device_name(device)} for inputs {inputs} "
+        f"({error}). A 16-bit dtype (--dtype bf16/fp16) halves each tile, a smaller head dim or width "
+        "shrinks it; or use the reference path (--kernels reference, model.set_kernels('reference')).")
+
+
 def on_tensor_device(launch):
-    """Decorate a launcher so its kernels run on its first tensor argument's GPU.
+    """Decorate a launcher so its kernels run on its first tensor argument's GPU, and a launch
+    with no tile that fits the GPU says which kernel and which inputs (out_of_resources).
 
     Triton launches on the *current* CUDA device, not on the tensors' one: inputs on cuda:1
     while cuda:0 is current would run on the wrong GPU. DDP sets each rank's device, but a
     caller using several GPUs in one process need not.
     """
+    stem = launch.__name__.strip("_").replace("launch", "").strip("_")  # _bwd_launch -> bwd
+    part = {"fwd": "forward", "bwd": "backward", "mask": "dropout mask"}.get(stem, stem)
+    name = ".".join(filter(None, [launch.__module__.rsplit(".", 1)[-1], part]))  # attention.backward
+
     @functools.wraps(launch)
     def run(*args, **kwargs):
-        t = next((a for a in args if isinstance(a, torch.Tensor)), None)
-        if t is not None and t.device.type == "cuda" and t.device.index != torch.cuda.current_device():
-            with torch.cuda.device(t.device):
-                return launch(*args, **kwargs)
-        return launch(*args, **kwargs)
+        tensors = [a for a in args if isinstance(a, torch.Tensor)]
+        try:
+            if tensors and tensors[0].device.type == "cuda" and tensors[0].device.index != torch.cuda.current_device():
+                with torch.cuda.device(tensors[0].device):
+                    return launch(*args, **kwargs)
+            return launch(*args, **kwargs)
+        except triton.OutOfResources as e:
+            raise out_of_resources(name, tensors, e) from e
 
     return run
 

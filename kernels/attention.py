@@ -583,7 +583,8 @@ def _tuned(tiles, prune, key=()):
 # dK/dV and dQ tile at head dim 256 that fits sm_75's 64 KB of shared memory in fp16 (T4: 48 KB;
 # `bench compile --arch 75` found every other one over it, so a Gemma backward on a T4 had nothing to
 # launch), and fp32 dQ's at full length within 64 KB (sm_70's 96 KB fits the 2-stage ones: `--arch 70`);
-# the prune keeps it at every length. fp32 dK/dV at 256 needs 65 KB whatever the tile: not on a T4.
+# the prune keeps it at every length. fp32 dK/dV at 256 needs 65 KB whatever the tile: not on a T4
+# (the launch says so, naming the kernel and inputs: _common.out_of_resources).
 # `tritongpt bench compile --arch 90|80|89` builds every entry for every launch: on each of those
 # architectures every launch keeps a config that fits and does not spill. The last entry of each
 # list is the fallback when pruning leaves nothing.

@@ -1043,6 +1043,38 @@ def test_refuses_a_head_too_long_for_32_bit_offsets():
         _fwd_launch(ok, big, ok, True, 0.125, 0.0, torch.tensor(0))
 
 
+def test_no_tile_that_fits_the_gpu_is_said_by_kernel_and_inputs(device, monkeypatch):
+    """When autotune finds no tile within a GPU's shared memory (fp32 dK/dV at head dim 256 on a T4:
+    66,560 B of 65,536, from `bench compile --arch 75`), Triton launches one anyway and raises its
+    own OutOfResources, naming neither kernel nor input. The launcher says which kernel, for which
+    inputs, and what to use instead. Triton's error is stood in for (no GPU here is that small);
+    the forward before it runs for real."""
+    import triton
+
+    from tritongpt.kernels import attention
+    from tritongpt.kernels._common import device_name
+
+    class NoTileFits:  # what a launch of the autotuned dK/dV kernel raises on such a GPU
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                raise triton.OutOfResources(66560, 65536, "shared memory")
+            return launch
+
+    monkeypatch.setattr(attention, "_attn_bwd_dkdv_run", NoTileFits())
+    q, k, v = (t.requires_grad_() for t in make_qkv(1, 2, 3, 3, 256, torch.float32, device))
+    out = flash_attention(q, k, v)
+    assert torch.isfinite(out).all()
+    with pytest.raises(RuntimeError) as caught:
+        out.sum().backward()
+    message = str(caught.value)
+    where = device_name(q.device)  # "NVIDIA T4 (sm_75)" on a GPU
+    assert (where == "cpu (Triton's interpreter)") if device.type == "cpu" else re.fullmatch(r".+ \(sm_\d+\)", where)
+    assert message.startswith(f"attention.backward: no tile of this Triton kernel fits {where} for inputs "
+                              "float32 [1, 2, 3, 256], float32 [1, 2, 3, 256]")
+    assert "Required: 66560, Hardware limit: 65536" in message and "--kernels reference" in message
+    assert isinstance(caught.value.__cause__, triton.OutOfResources)
+
+
 # ----------------------------------------------------------------------------- GPU (GPT-2 sizes)
 @pytest.mark.cuda
 @pytest.mark.parametrize("D", [64, 128, 256])
