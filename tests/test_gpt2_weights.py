@@ -88,6 +88,73 @@ def test_bad_files(tmp_path):
         load_gpt2_safetensors(tmp_path / "flat.safetensors")  # was "ValueError: not enough values to unpack"
 
 
+class _Touch:
+    """A pickle that would create a file when unpickled: weights_only must refuse to run it."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        import pathlib
+
+        return pathlib.Path.touch, (pathlib.Path(self.path),)
+
+
+def test_a_pytorch_model_bin_folder_loads_as_its_safetensors_does(tmp_path):
+    """Hub repos saved before safetensors hold pytorch_model.bin (or its shards and their index): such a
+    folder loads through load_checkpoint with the logits of the model saved, the file read with torch's
+    weights_only (tensors only: a pickle that would run code is refused, and runs none). A folder with
+    both forms reads the safetensors one, as transformers does. A damaged file, or one holding anything
+    but a dict of named tensors, is refused naming the file."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from tritongpt.train.gpt2_weights import load_checkpoint
+
+    hf, path = _hf_model(tmp_path / "st")
+    idx = torch.randint(0, 101, (2, 17))
+    with torch.no_grad():
+        want = hf(idx).logits
+
+    def logits_of(folder):
+        with torch.no_grad():
+            return load_checkpoint(folder).eval()(idx)
+
+    single, sharded = tmp_path / "bin", tmp_path / "sharded"
+    for folder in (single, sharded):
+        folder.mkdir()
+        shutil.copy(tmp_path / "st" / "config.json", folder)
+    torch.save(hf.state_dict(), single / "pytorch_model.bin")  # older save_pretrained's: lm_head.weight too
+    assert report(logits_of(single), want)[1] < 1e-5
+    sd = load_file(str(path))  # transformers' own names ("transformer." prefix or not), split in two shards
+    keys, weight_map = list(sd), {}
+    for i, part in enumerate((keys[:len(keys) // 2], keys[len(keys) // 2:])):
+        name = f"pytorch_model-0000{i + 1}-of-00002.bin"
+        torch.save({k: sd[k] for k in part}, sharded / name)
+        weight_map.update(dict.fromkeys(part, name))
+    (sharded / "pytorch_model.bin.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    assert report(logits_of(sharded), want)[1] < 1e-5
+    torch.save({k: v + 1.0 for k, v in sd.items()}, tmp_path / "st" / "pytorch_model.bin")  # other weights
+    assert report(logits_of(tmp_path / "st"), want)[1] < 1e-5  # the safetensors file is the one read
+
+    bad = single / "pytorch_model.bin"
+    bad.write_bytes(bad.read_bytes()[:4000])
+    with pytest.raises(UserError, match=f"{re.escape(str(bad))} is not a readable PyTorch weights file "
+                                        r"\(RuntimeError"):
+        load_checkpoint(single)
+    torch.save([torch.randn(2)], bad)
+    with pytest.raises(UserError, match="is not a PyTorch weights file: it holds a list, not a dict of named tensors"):
+        load_checkpoint(single)
+    torch.save({**sd, "step": 3}, bad)
+    with pytest.raises(UserError, match="is not a PyTorch weights file: its entry 'step' is a int, not a tensor"):
+        load_checkpoint(single)
+    torch.save({**sd, "wte.weight": _Touch(tmp_path / "ran")}, bad)
+    with pytest.raises(UserError, match=r"is not a readable PyTorch weights file \(UnpicklingError: Weights only"):
+        load_checkpoint(single)
+    assert not (tmp_path / "ran").exists()
+
+
 def test_a_missing_layer_tensor_is_named(tmp_path):
     from safetensors.torch import load_file, save_file
 
@@ -174,7 +241,7 @@ def test_offline_download_is_a_clear_error(tmp_path, monkeypatch):
     # The hub reads the variable once, at import: if another test imported it first (transformers
     # does), only the constant stops the real network attempt (~23 s of timeouts here).
     monkeypatch.setattr(hub.constants, "HF_HUB_OFFLINE", True, raising=False)
-    with pytest.raises(UserError, match=r"could not fetch .*pass the file's path \(--weights for generate, --init"):
+    with pytest.raises(UserError, match=r"could not fetch .*pass their path \(--weights for generate, --init"):
         load_gpt2_pretrained("gpt2-small", cache_dir=tmp_path)
 
 

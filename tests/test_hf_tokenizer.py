@@ -406,7 +406,8 @@ def test_a_hub_repo_id_is_fetched_and_read_as_its_folder(tmp_path, monkeypatch, 
     tokenizer files come from the Hub (hf_hub_download, faked from a folder the test makes), and
     the commands read the fetched folder as the folder itself: the same generated text, the same
     tokenizer saved with an sft run; a sharded repo's index and shards are fetched and give the
-    same text. A repo with neither, or none at all, is named."""
+    same text, and so does a repo from before safetensors (pytorch_model.bin alone). A repo with no
+    weights, or none at all, is named."""
     import shutil
 
     import huggingface_hub
@@ -418,6 +419,8 @@ def test_a_hub_repo_id_is_fetched_and_read_as_its_folder(tmp_path, monkeypatch, 
     path, _, hf = llama_folder(hub / "someone" / "tiny-llama", "smollm", context=512)
     shutil.copytree(path, hub / "someone" / "sharded", ignore=shutil.ignore_patterns("model.safetensors"))
     hf.save_pretrained(hub / "someone" / "sharded", max_shard_size="40KB")
+    shutil.copytree(path, hub / "someone" / "old", ignore=shutil.ignore_patterns("model.safetensors"))
+    torch.save(hf.state_dict(), hub / "someone" / "old" / "pytorch_model.bin")  # a repo from before safetensors
     (hub / "someone" / "none").mkdir()
     shutil.copy(path / "config.json", hub / "someone" / "none" / "config.json")
 
@@ -462,10 +465,15 @@ def test_a_hub_repo_id_is_fetched_and_read_as_its_folder(tmp_path, monkeypatch, 
     shards = {f for _, f in fetched if f.startswith("model-")}
     assert len(shards) > 1
     assert {"model.safetensors.index.json", "config.json", "tokenizer.json"} < {f for _, f in fetched}
+    fetched.clear()
+    assert cli.main(["generate", "--weights", "someone/old", *flags]) == 0
+    assert capsys.readouterr().out == want
+    assert {"pytorch_model.bin", "config.json", "tokenizer.json"} < {f for _, f in fetched}
+    assert not any(f.startswith("model") for _, f in fetched)  # asked for, not there
     assert cli.main(["generate", "--weights", "someone/none", *flags]) == 2
-    assert "'someone/none' is no file or folder here, and as a Hugging Face Hub repo: someone/none has no " \
-           "model.safetensors nor model.safetensors.index.json (pytorch_model.bin is not read)" in \
-           capsys.readouterr().err
+    assert "'someone/none' is no file or folder here, and as a Hugging Face Hub repo: someone/none has none of " \
+           "model.safetensors, model.safetensors.index.json, pytorch_model.bin, pytorch_model.bin.index.json; " \
+           "download the weights elsewhere and pass their path" in capsys.readouterr().err
     assert cli.main(["generate", "--weights", "someone/missing", *flags]) == 2
     assert "could not fetch someone/missing from the Hugging Face Hub (offline?): RuntimeError" in capsys.readouterr().err
     assert cli.main(["generate", "--weights", "google/gated", *flags]) == 2

@@ -442,23 +442,23 @@ def same_fingerprint(a, b) -> bool:
 
 
 def resolve_checkpoint(path) -> Path:
-    """A checkpoint folder, a run folder (its newest checkpoint), or a .safetensors file; a peft
-    adapter folder: its weights file; a sharded Hugging Face folder: its shard index."""
+    """A checkpoint folder, a run folder (its newest checkpoint), or a weights file; a peft adapter
+    folder: its weights file; a Hugging Face folder: its model.safetensors, else its shard index (shards
+    are read together: gpt2_weights.shard_files), else its pytorch_model.bin or that one's index."""
+    from tritongpt.train.gpt2_weights import ADAPTER_FILES, WEIGHT_FILES
+
     p = Path(path)
     if p.is_file():
         return p
     if (p / "model.safetensors").is_file():
         return p / "model.safetensors"
     if (p / "adapter_config.json").is_file():
-        from tritongpt.train.gpt2_weights import ADAPTER_FILES
-
         for name in ADAPTER_FILES:
             if (p / name).is_file():
                 return p / name
-    from tritongpt.train.gpt2_weights import SHARD_INDEX
-
-    if (p / SHARD_INDEX).is_file():  # transformers' save_pretrained past max_shard_size
-        return p / SHARD_INDEX  # its shards are read together (gpt2_weights.shard_files)
+    for name in WEIGHT_FILES[1:]:
+        if (p / name).is_file():
+            return p / name
     latest = Checkpointer(p).latest()
     if latest is None:
         raise UserError(f"no checkpoint found at {path}")

@@ -29,10 +29,44 @@ HUB_REPOS = {
 # transformers' save_pretrained past max_shard_size (and the Hub's larger models): this index's
 # weight_map names, for every tensor, the model-0000i-of-0000N.safetensors beside it holding it
 SHARD_INDEX = "model.safetensors.index.json"
+# PyTorch's pickled weights, what save_pretrained wrote before safetensors and what some Hub repos still
+# hold alone; read after the safetensors forms, as transformers does, and only through weights_only
+BIN_FILE, BIN_INDEX = "pytorch_model.bin", "pytorch_model.bin.index.json"
+WEIGHT_FILES = ("model.safetensors", SHARD_INDEX, BIN_FILE, BIN_INDEX)  # a Hugging Face folder's, first found
 
 
 def is_shard_index(path) -> bool:
-    return str(path).endswith(".safetensors.index.json")
+    return str(path).endswith((".safetensors.index.json", ".bin.index.json"))
+
+
+def is_torch_bin(path) -> bool:
+    """A pytorch_model.bin (or a shard of one) rather than a safetensors file."""
+    return Path(path).suffix == ".bin"
+
+
+def read_torch_bin(path) -> dict:
+    """A pytorch_model.bin's tensors, unpickled with weights_only (tensors and plain containers, no
+    code run: a pickle asking for anything else is refused) and memory-mapped where the file allows.
+    A file that is not such a dict of named tensors is a UserError naming it."""
+    def load(mmap):
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+
+    try:
+        try:
+            tensors = load(True)
+        except RuntimeError:  # torch.save's legacy (pre-zip) format cannot be mapped: read it whole
+            tensors = load(False)
+    except Exception as e:
+        first = str(e).splitlines()[0].split(". ")[0] if str(e) else ""
+        raise UserError(f"{path} is not a readable PyTorch weights file ({type(e).__name__}: {first})") from None
+    if not isinstance(tensors, dict):
+        raise UserError(f"{path} is not a PyTorch weights file: it holds a {type(tensors).__name__}, "
+                        "not a dict of named tensors")
+    for k, v in tensors.items():
+        if not isinstance(k, str) or not isinstance(v, torch.Tensor):
+            raise UserError(f"{path} is not a PyTorch weights file: its entry {k!r} is a {type(v).__name__}, "
+                            "not a tensor")
+    return tensors
 
 
 def _weight_map(index) -> dict:
@@ -44,7 +78,8 @@ def _weight_map(index) -> dict:
 
 
 def shard_files(index) -> list:
-    """The shards a model.safetensors.index.json names, each a file beside it (a missing one named)."""
+    """The shards a model.safetensors.index.json (or pytorch_model.bin.index.json) names, each a file
+    beside it (a missing one named)."""
     index = Path(index)
     names = sorted(set(_weight_map(index).values()))
     outside = [n for n in names if Path(n).name != n]
@@ -57,11 +92,13 @@ def shard_files(index) -> list:
 
 
 def tensor_names(path) -> list:
-    """The tensor names of a safetensors file, or of every shard a shard index names."""
+    """The tensor names of a safetensors file (or a pytorch_model.bin), or of every shard a shard index names."""
     from safetensors import safe_open
 
     if is_shard_index(path):
         return list(_weight_map(path))
+    if is_torch_bin(path):
+        return list(read_torch_bin(path))
     try:
         with safe_open(str(path), framework="pt") as f:
             return list(f.keys())
@@ -78,12 +115,15 @@ def weights_file(path, family: str) -> Path:
 
 
 def _read_tensors(path, prefix: str = "transformer.") -> dict:
-    """A safetensors file's tensors (or all of a shard index's shards'), their names without the
-    model class's prefix."""
+    """A safetensors file's tensors (or a pytorch_model.bin's, or all of a shard index's shards'), their
+    names without the model class's prefix."""
     from safetensors.torch import load_file
 
     tensors = {}
     for file in shard_files(path) if is_shard_index(path) else [path]:
+        if is_torch_bin(file):
+            tensors.update(read_torch_bin(file))
+            continue
         try:
             tensors.update(load_file(str(file)))
         except Exception as e:  # a truncated or foreign file: safetensors' own error, in one line
@@ -182,7 +222,7 @@ def load_checkpoint(path, model_name: str | None = None, merge: bool = True) -> 
     """A tritongpt checkpoint (file, checkpoint folder or run folder: its newest) or a Hugging
     Face GPT-2, GPT-Neo, Llama (Mistral, Qwen2, Qwen3), Gemma, OLMo, GPT-NeoX, Phi-1/1.5/2, Phi-3, StableLM, GPT-J,
     Falcon, BLOOM, MPT, Cohere (Cohere2) or
-    mixture-of-experts (Mixtral, Qwen3-MoE, OLMoE) model.safetensors
+    mixture-of-experts (Mixtral, Qwen3-MoE, OLMoE) model.safetensors, shard index or pytorch_model.bin
     (model_name: the preset, when no config.json says the heads).
     A LoRA checkpoint comes merged unless merge is False, and so does a peft adapter folder: its
     base with the update (load_peft_adapter)."""
@@ -191,7 +231,7 @@ def load_checkpoint(path, model_name: str | None = None, merge: bool = True) -> 
     path = resolve_checkpoint(path)
     if adapter_folder(path) is not None:
         return load_peft_adapter(adapter_folder(path))
-    if is_shard_index(path) or str(path).endswith(".safetensors") and is_hf_file(path):
+    if is_shard_index(path) or is_torch_bin(path) or str(path).endswith(".safetensors") and is_hf_file(path):
         from tritongpt.train.bloom_weights import is_bloom_file, load_bloom_safetensors
         from tritongpt.train.cohere_weights import is_cohere_file, load_cohere_safetensors
         from tritongpt.train.falcon_weights import is_falcon_file, load_falcon_safetensors
@@ -308,7 +348,7 @@ def model_with_tensors(cfg: GPTConfig, mapping, path) -> GPTModel:
     return model
 
 
-_PASS_A_FILE = "download model.safetensors elsewhere and pass the file's path (--weights for generate, --init " \
+_PASS_A_FILE = "download the weights elsewhere and pass their path (--weights for generate, --init " \
                "for the trainers)"
 
 
@@ -320,9 +360,10 @@ def load_gpt2_pretrained(name: str = "gpt2-small", cache_dir=None) -> GPTModel:
 
 
 def hub_download(repo: str, optional=(), cache_dir=None) -> str:
-    """repo's model.safetensors from the Hugging Face Hub (or the local Hub cache), or its shard
-    index and every shard it names, and beside them whichever `optional` files it has
-    (config.json, tokenizer files). -> the weights' path (the index, for shards)."""
+    """repo's weights from the Hugging Face Hub (or the local Hub cache): the first of WEIGHT_FILES it has
+    (model.safetensors, its shard index, pytorch_model.bin, that one's index; an index with every shard it
+    names), and beside them whichever `optional` files it has (config.json, tokenizer files).
+    -> the weights' path (the index, for shards)."""
     try:
         from huggingface_hub import hf_hub_download
     except ImportError:
@@ -333,12 +374,14 @@ def hub_download(repo: str, optional=(), cache_dir=None) -> str:
         return hf_hub_download(repo, name, cache_dir=cache_dir)
 
     try:
-        try:
-            path = fetch("model.safetensors")
-        except Exception as e:
-            if type(e).__name__ != "EntryNotFoundError":
-                raise
-            path = fetch(SHARD_INDEX)  # no single file: shards, or (EntryNotFoundError again) neither
+        for name in WEIGHT_FILES:
+            try:
+                path = fetch(name)
+                break
+            except Exception as e:
+                if type(e).__name__ != "EntryNotFoundError" or name == WEIGHT_FILES[-1]:
+                    raise  # offline, gated, ...; or (EntryNotFoundError) the repo has none of them
+        if is_shard_index(path):
             for name in sorted(set(_weight_map(path).values())):
                 fetch(name)
         for name in optional:
@@ -348,8 +391,7 @@ def hub_download(repo: str, optional=(), cache_dir=None) -> str:
                 pass
     except Exception as e:
         if type(e).__name__ == "EntryNotFoundError":  # the repo is there, its weights are in neither form
-            raise UserError(f"{repo} has no model.safetensors nor {SHARD_INDEX} (pytorch_model.bin is not "
-                            f"read); {_PASS_A_FILE}") from None
+            raise UserError(f"{repo} has none of {', '.join(WEIGHT_FILES)}; {_PASS_A_FILE}") from None
         if isinstance(e, UserError):
             raise
         if type(e).__name__ == "GatedRepoError":  # Gemma's and Llama's: a license to accept, a token to send

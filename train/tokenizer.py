@@ -53,7 +53,7 @@ TOKENIZER_CHOICES = ("default | gpt2 | a tokenizer .json | a folder: a run's, Op
                      "or Hugging Face's vocab.json + merges.txt or tokenizer.json (a Llama's: through the tokenizers "
                      "library)")
 # what --init and --weights take beside paths and names (tritongpt/cli.py fetches it first)
-HUB_REPO_HELP = "a Hugging Face Hub repo id (owner/name: its model.safetensors, config and tokenizer fetched once)"
+HUB_REPO_HELP = "a Hugging Face Hub repo id (owner/name: its weights, config and tokenizer fetched once)"
 
 
 # Text the pre-tokenising pattern must split without loss: letters of several scripts, digits,
