@@ -2,9 +2,10 @@
 y and every gradient, an idle expert, one expert with every token, GeGLU, frozen weights, the refusals.
 The module through both paths is tests/test_moe.py's; the ops' opcheck is tests/test_custom_ops.py's.
 
-Sizes are odd on purpose (37 tokens, 5 experts, C 48, H 40): under the interpreter the tiles are 32
-wide, so experts' rows end mid-tile, tiles cross from one expert's rows into the next's, and every
-product takes a partial second K step.
+Sizes are odd on purpose (37 tokens, 5 experts, C 72, H 40): under the interpreter the tiles are 32
+wide, so experts' rows end mid-tile, tiles cross from one expert's rows into the next's, every
+product takes a partial second K step, and a weight gradient's grid is 3 x 2 tiles, not square (a
+square one hides its tile index's row and column swapped).
 """
 import math
 
@@ -14,7 +15,7 @@ import torch
 from parity import assert_close_rel
 from tritongpt.kernels.moe import moe_mlp
 
-N, E, K, C, H = 37, 5, 2, 48, 40
+N, E, K, C, H = 37, 5, 2, 72, 40
 TOL = {torch.float32: 1e-4, torch.bfloat16: 1e-2, torch.float16: 1e-2}
 ACTS = {"silu": lambda g: g * torch.sigmoid(g),
         "gelu": lambda g: 0.5 * g * (1 + torch.tanh(math.sqrt(2 / math.pi) * (g + 0.044715 * g ** 3)))}
@@ -31,9 +32,10 @@ def ref_moe(x, experts, wg, wu, wd, activation="silu"):
     return y
 
 
-def make(dtype, device, gen, idle=(E - 1,), everyone=None):
+def make(dtype, device, gen, idle=(E - 1,), everyone=None, up_view=False):
     """Fresh inputs; each token's k distinct experts drawn among those not idle; `everyone` takes slot 0
-    of every token (its rows span two tiles and a part of a third)."""
+    of every token (its rows span two tiles and a part of a third). up_view: w_up a transposed view,
+    strides unlike w_gate's (the launchers make the pair contiguous: the kernel has one set of strides)."""
     x = torch.randn(N, C, generator=gen)
     wg = torch.randn(E, H, C, generator=gen) * (1.5 / math.sqrt(C))  # g spans silu's curved region
     wu = torch.randn(E, H, C, generator=gen) / math.sqrt(C)
@@ -42,8 +44,10 @@ def make(dtype, device, gen, idle=(E - 1,), everyone=None):
     experts = torch.stack([busy[torch.randperm(len(busy), generator=gen)[:K]] for _ in range(N)])
     if everyone is not None:
         experts[:, 0] = everyone
-    params = [t.to(device, dtype).requires_grad_() for t in (x, wg, wu, wd)]
-    return params, experts.to(device)
+    params = [t.to(device, dtype) for t in (x, wg, wu, wd)]
+    if up_view:
+        params[2] = params[2].transpose(1, 2).contiguous().transpose(1, 2)
+    return [p.requires_grad_() for p in params], experts.to(device)
 
 
 def check_parity(dtype, device, seed, activation="silu", frozen=(), **routing):
@@ -84,10 +88,13 @@ def test_forward_and_every_gradient_match_float64(dtype, activation, device):
 
 
 def test_one_expert_takes_every_token_and_two_are_idle(device):
-    check_parity(torch.float32, device, seed=2, idle=(1, 3), everyone=2)
+    """w_up is a transposed view here too (strides unlike w_gate's, with which it shares a launch)."""
+    params, _, _ = check_parity(torch.float32, device, seed=2, idle=(1, 3), everyone=2, up_view=True)
+    assert params[2].stride() != params[1].stride()
 
 
-@pytest.mark.parametrize("frozen", [(1,), (0, 2)], ids=["w_gate frozen", "x and w_up frozen"])
+@pytest.mark.parametrize("frozen", [(1,), (0, 2), (0, 1, 3)],
+                         ids=["w_gate frozen", "x and w_up frozen", "only w_up trains"])
 def test_frozen_inputs_get_no_gradient_and_the_rest_stay_right(frozen, device):
     check_parity(torch.float32, device, seed=3, frozen=frozen)
 
@@ -127,6 +134,8 @@ def _good(device):
     (1, torch.zeros(N + 1, K, dtype=torch.long), ValueError,
      rf"experts has shape \({N + 1}, {K}\), expected \({N}, k\)"),
     (1, torch.zeros(N, dtype=torch.long), ValueError, r"experts must have 2 dims"),
+    (1, torch.zeros(N, 0, dtype=torch.long), ValueError,
+     rf"experts has shape \({N}, 0\), expected \({N}, k\) with k >= 1"),
     (2, torch.randn(E, H, C + 1), ValueError, rf"w_gate has shape \({E}, {H}, {C + 1}\), expected \({E}, {H}, {C}\)"),
     (3, torch.randn(E + 1, H, C), ValueError, rf"w_up has shape \({E + 1}, {H}, {C}\), expected \({E}, {H}, {C}\)"),
     (4, torch.randn(E, H, C), ValueError, rf"w_down has shape \({E}, {H}, {C}\), expected \({E}, {C}, {H}\)"),
@@ -150,6 +159,40 @@ def test_unknown_activation_and_devices_are_refused(device):
     args[4] = args[4].to("meta")
     with pytest.raises(ValueError, match="different devices.*w_down is on meta"):
         moe_mlp(*args)
+
+
+def test_the_ops_refuse_what_moe_mlp_checks_before_them(device):
+    """The ops are public too (torch.ops.tritongpt.*): no experts, an unknown activation, a dy of another
+    dtype and a needs list of another length are refused there by name, before any launch; so are a
+    second derivative and torch.func, which the kernel does not give."""
+    x, experts, wg, wu, wd = _good(device)
+    with pytest.raises(ValueError, match=r"w_gate has no experts \(shape \[0, H, C\]\)"):
+        moe_mlp(x, experts, wg[:0], wu[:0], wd[:0], check_experts=False)
+    with pytest.raises(ValueError, match="activation must be one of 'silu', 'gelu', got 'relu'"):
+        torch.ops.tritongpt.moe_mlp_fwd(x, experts, wg, wu, wd, "relu")
+    y, *saved = torch.ops.tritongpt.moe_mlp_fwd(x, experts, wg, wu, wd)
+    bwd_args = (x, experts, *saved, wg, wu, wd)
+    with pytest.raises(TypeError, match="dtype mismatch: x is float32, dy is bfloat16"):
+        torch.ops.tritongpt.moe_mlp_bwd(torch.randn_like(y).bfloat16(), *bwd_args, [True] * 4)
+    with pytest.raises(ValueError, match=r"needs must hold 4 flags \(dx, dw_gate, dw_up, dw_down\), got 3"):
+        torch.ops.tritongpt.moe_mlp_bwd(torch.randn_like(y), *bwd_args, [True] * 3)
+    x.requires_grad_()
+    with pytest.raises(RuntimeError, match="moe_mlp: the Triton kernel has no second derivative"):
+        torch.autograd.grad(moe_mlp(x, experts, wg, wu, wd).square().sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="moe_mlp: the Triton kernel does not support torch.func"):
+        torch.func.grad(lambda t: moe_mlp(t, experts, wg, wu, wd).sum())(x.detach())
+
+
+def test_autocast_casts_x_and_the_weights_first(device):
+    """fp32 leaves under bf16 autocast: the kernel runs on their bf16 casts (the same y as the casts given
+    by hand), and the gradients come back to the fp32 leaves in fp32."""
+    params, experts = make(torch.float32, device, torch.Generator().manual_seed(8))
+    with torch.autocast(device.type, dtype=torch.bfloat16):
+        y = moe_mlp(params[0], experts, *params[1:])
+    assert y.dtype == torch.bfloat16
+    assert torch.equal(y, moe_mlp(params[0].bfloat16(), experts, *[p.bfloat16() for p in params[1:]]))
+    y.float().sum().backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in params)
 
 
 def test_the_module_compiles_in_one_graph_through_the_kernel(device):
