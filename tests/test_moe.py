@@ -122,6 +122,8 @@ def test_the_aux_loss_is_transformers_load_balancing_loss():
     with_aux = model(idx, targets=targets)
     logits = [b.ff.router_logits.detach().clone().requires_grad_() for b in model.trf_blocks]
     ours = load_balancing_loss(logits, K)
+    load_balancing_loss([b.ff.router_logits for b in model.trf_blocks], K).backward()  # the kept logits' graph
+    assert all(b.ff.router.weight.grad.abs().sum() > 0 for b in model.trf_blocks), "the aux loss misses a router"
     theirs = load_balancing_loss_func(tuple(logits), E, K)
     assert_close_rel(ours, theirs, 1e-6, "aux loss")
     assert ours.item() > K * 1.01
@@ -152,6 +154,42 @@ def test_activation_checkpointing_and_a_saved_model_keep_the_function(tmp_path):
             back.config.moe_aux_loss) == (E, 3, False, 0.1)
     with torch.no_grad():
         assert torch.equal(back.eval()(idx), model.eval()(idx))
+
+
+def test_a_half_module_routes_on_fp32_probabilities():
+    """A bf16 module's softmax is taken in fp32, as transformers' routers do: its weights come back fp32 and are
+    the fp32 softmax of the bf16 logits (bf16's own would round each weight to 8 bits)."""
+    torch.manual_seed(3)
+    moe = MoEFeedForward(C, H, E, K).bfloat16()
+    with torch.no_grad():
+        moe.router.weight.normal_(0, 0.5)
+    logits, weights, experts = moe.route(torch.randn(11, C).bfloat16())
+    want, chosen = torch.softmax(logits.float(), -1).topk(K, dim=-1)
+    assert weights.dtype == torch.float32 and torch.equal(experts, chosen)
+    assert torch.equal(weights, want / want.sum(-1, keepdim=True))
+
+
+def test_the_triton_path_keeps_the_modules_activation_and_dropout():
+    """GeGLU experts through the kernel match the reference path; in training both paths drop the output at the
+    module's rate (p 0.5: about half the entries zeroed, the rest doubled), and eval drops nothing."""
+    torch.manual_seed(4)
+    moe = MoEFeedForward(C, H, E, K, dropout=0.5, activation="gelu").eval()
+    with torch.no_grad():
+        moe.router.weight.normal_(0, 0.5)
+        moe.w_gate.normal_(0, 0.3)  # g over gelu's curved region, where it is far from silu
+        x = torch.randn(2, 7, C)
+        ref = moe(x)
+        moe.use_triton = True
+        assert_close_rel(moe(x), ref, 1e-4, "GeGLU experts: Triton path against the reference")
+        moe.train()
+        for use_triton in (True, False):
+            moe.use_triton = use_triton
+            y = moe(x)
+            kept = y != 0
+            assert 0.3 < kept.float().mean() < 0.7, f"use_triton {use_triton}: no dropout"
+            assert_close_rel(y[kept], 2 * ref[kept], 1e-4, f"use_triton {use_triton}: the kept entries")
+    ff = GPTModel(moe_config(mlp="geglu", moe_norm_topk=False)).trf_blocks[0].ff  # what GPTConfig sets
+    assert (ff.activation, ff.norm_topk) == ("gelu", False)
 
 
 @pytest.mark.parametrize("change,match", [
@@ -223,6 +261,12 @@ def test_a_folder_loads_its_fields_and_matches_transformers_on_both_paths(tmp_pa
     assert (c.qk_norm, c.qk_norm_width) == {"mixtral": (False, "head"), "qwen3_moe": (True, "head"),
                                             "olmoe": (True, "all")}[kind]
     logits_match_transformers(hf, model, VOCAB, T)
+    # the fields tiny folders all share are read too: another top k and another norm eps
+    cfg_json = tmp_path / "config.json"
+    cfg_json.write_text(json.dumps({**json.loads(cfg_json.read_text()), "num_experts_per_tok": 3,
+                                    "rms_norm_eps": 1e-5}))
+    c = load_checkpoint(path).config
+    assert (c.experts_per_token, c.norm_eps) == (3, 1e-5)
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -277,6 +321,11 @@ def test_export_round_trips_through_transformers(tmp_path, kind):
     fused = load_checkpoint(path).double().eval()
     with torch.no_grad():
         assert_close_rel(fused(idx), want, 2e-6, "the fused layout")
+    sd[f"{pre}.gate_up_proj"] = sd[f"{pre}.gate_up_proj"][:, 1:].contiguous()  # 2H - 1 rows: no halves
+    save_file(sd, path)
+    odd = rf"layers.1.{block}.experts.gate_up_proj has shape \({E}, {2 * H - 1}, {C}\), not \[experts, 2 hidden"
+    with pytest.raises(UserError, match=odd):
+        load_checkpoint(path)
 
 
 @pytest.mark.parametrize("kind,change,match", [
@@ -288,6 +337,9 @@ def test_export_round_trips_through_transformers(tmp_path, kind):
     ("mixtral", {"hidden_act": "gelu"}, "hidden_act 'gelu'; this model's experts compute 'silu' only"),
     ("mixtral", {"num_local_experts": 8}, "num_local_experts 8, but the router scores 4 experts"),
     ("qwen3_moe", {"moe_intermediate_size": 48}, "intermediate_size 48, but the weights have 32"),
+    ("olmoe", {"num_experts": 8}, "num_experts 8, but the router scores 4 experts"),
+    ("olmoe", {"attention_bias": True}, "attention_bias True and mlp_bias None; this model reads OLMoE without biases"),
+    ("mixtral", {"router_type": "expert_choice"}, "router_type 'expert_choice' and scoring_func 'softmax'"),
 ])
 def test_what_this_model_does_not_compute_is_refused_by_name(tmp_path, kind, change, match):
     _, path = hf_moe(tmp_path, kind)
@@ -317,7 +369,11 @@ def test_other_exports_refuse_experts_and_the_moe_export_refuses_what_its_famili
                           ({"bias": True}, "has biases, where Mixtral has none"),
                           ({"attention_window": 4, "window_layers": "odd"}, "layers odd only, where Mixtral's"),
                           ({"logit_softcap": 30.0}, "soft-caps its logits"),
-                          ({"nope_layers": "1"}, r"has layers without RoPE \(1\), which Mixtral does not")):
+                          ({"nope_layers": "1"}, r"has layers without RoPE \(1\), which Mixtral does not"),
+                          ({"qk_norm": True, "qk_norm_width": "all", "attention_window": 4},
+                           "has local attention, which OLMoE does not"),
+                          ({"qk_norm": True, "attention_window": 4, "window_layers": "odd"},
+                           "local attention in layers odd only, where Qwen3-MoE's window is in every layer")):
         other = GPTModel(moe_config(**change))
         with pytest.raises(UserError, match=match):
             export_target(other.config)[1](other, "a Mixtral folder")
