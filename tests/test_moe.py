@@ -307,6 +307,14 @@ def test_export_round_trips_through_transformers(tmp_path, kind):
         assert_close_rel(back(idx).logits, want, 2e-6, "exported, read by transformers")
     again = load_checkpoint(tmp_path / "out" / "model.safetensors")
     assert again.config == GPTConfig(**{**model.config.to_dict(), "kernels": again.config.kernels})
+    if kind != "mixtral":  # Qwen3-MoE and OLMoE renormalize the top k or not: the export says which the model does
+        cfg_json = tmp_path / "in" / "config.json"
+        saved = cfg_json.read_text()
+        for norm in (True, False):
+            cfg_json.write_text(json.dumps({**json.loads(saved), "norm_topk_prob": norm}))
+            export_moe(load_checkpoint(path), tmp_path / f"out-{norm}", eos_token_id=1)
+            assert json.loads((tmp_path / f"out-{norm}" / "config.json").read_text())["norm_topk_prob"] is norm
+        cfg_json.write_text(saved)
     # the fused layout: gate_up_proj [E, 2H, C] (gate rows first) and down_proj [E, C, H]
     sd = load_file(path)
     block = "block_sparse_moe" if kind == "mixtral" else "mlp"
@@ -373,7 +381,9 @@ def test_other_exports_refuse_experts_and_the_moe_export_refuses_what_its_famili
                           ({"qk_norm": True, "qk_norm_width": "all", "attention_window": 4},
                            "has local attention, which OLMoE does not"),
                           ({"qk_norm": True, "attention_window": 4, "window_layers": "odd"},
-                           "local attention in layers odd only, where Qwen3-MoE's window is in every layer")):
+                           "local attention in layers odd only, where Qwen3-MoE's window is in every layer"),
+                          ({"qk_norm": True, "qk_norm_width": "each"},
+                           "weights of that head's own .*which Hugging Face's Qwen3-MoE does not")):
         other = GPTModel(moe_config(**change))
         with pytest.raises(UserError, match=match):
             export_target(other.config)[1](other, "a Mixtral folder")
