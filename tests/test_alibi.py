@@ -38,9 +38,9 @@ def test_slopes_are_blooms(H):
         assert got.tolist() == [torch.tensor(2.0 ** (-8 * (h + 1) / H)).item() for h in range(H)]
 
 
-def hand_alibi_attention(q, k, v, slopes, scale):
+def hand_alibi_attention(q, k, v, slopes, scale, softcap=0.0):
     """float64 causal attention with ALiBi, one score at a time: q.k * scale - m_h (i - j) for query
-    position i = Tk - Tq + i0 and key j <= i."""
+    position i = Tk - Tq + i0 and key j <= i (with softcap c, the scaled q.k capped to c tanh(. / c) first)."""
     B, H, Tq, D = q.shape
     Tk = k.shape[2]
     out = torch.zeros_like(q)
@@ -48,8 +48,10 @@ def hand_alibi_attention(q, k, v, slopes, scale):
         for h in range(H):
             for i0 in range(Tq):
                 i = Tk - Tq + i0
-                s = torch.tensor([float(q[b, h, i0] @ k[b, h, j]) * scale - float(slopes[h]) * (i - j)
-                                  for j in range(i + 1)], dtype=torch.float64)
+                s = torch.tensor([float(q[b, h, i0] @ k[b, h, j]) * scale for j in range(i + 1)], dtype=torch.float64)
+                if softcap:
+                    s = softcap * torch.tanh(s / softcap)
+                s = s - float(slopes[h]) * (i - torch.arange(i + 1, dtype=torch.float64))
                 out[b, h, i0] = torch.softmax(s, 0) @ v[b, h, :i + 1]
     return out
 
@@ -73,6 +75,10 @@ def test_reference_attend_is_alibi_by_hand(Tq, Tk):
     assert torch.equal(att.alibi_slopes(), alibi_slopes(12))
     # one tensor from call to call: flash_attention reads a slopes tensor's values once (a GPU sync), not per call
     assert att.alibi_slopes() is att.alibi_slopes()
+    # with a soft cap the bias comes after it (as flash_attention adds it): capped before, the answer differs
+    capped = MultiHeadAttention(96, 12, 16, alibi=True, softcap=1.5).double()
+    want = hand_alibi_attention(q, k, v, alibi_slopes(12), capped.softmax_scale, softcap=1.5)
+    assert_close_rel(capped.attend(q, k, v), want, 1e-12, "attend with ALiBi after a soft cap")
 
 
 def test_both_paths_agree(one_thread):
