@@ -101,6 +101,21 @@ def test_what_this_model_does_not_compute_is_refused_by_name(tmp_path, change, m
         load_checkpoint(path)
 
 
+def test_config_json_aliases_are_read(tmp_path):
+    """BloomConfig's attribute_map: num_attention_heads for n_head and n_embed for hidden_size, as transformers
+    reads a config.json that spells them so (6 heads: a default of 8 would not divide 96)."""
+    _, path = hf_bloom(tmp_path, 6, 96)
+    cfg_json = tmp_path / "config.json"
+    d = json.loads(cfg_json.read_text())
+    d["num_attention_heads"], d["n_embed"] = d.pop("n_head"), d.pop("hidden_size") + 1
+    cfg_json.write_text(json.dumps(d))
+    with pytest.raises(UserError, match="says hidden_size 97, but the weights have 96"):
+        load_checkpoint(path)
+    d["n_embed"] = 96
+    cfg_json.write_text(json.dumps(d))
+    assert load_checkpoint(path).config.n_head == 6
+
+
 def test_slow_but_exact_is_refused_and_plain_tensor_parallel_reads(tmp_path):
     """pretraining_tp 2 alone changes nothing in transformers' BLOOM (read as usual, the same logits); with
     slow_but_exact it sums the output projections in slices without their biases, another function: refused."""
@@ -112,6 +127,12 @@ def test_slow_but_exact_is_refused_and_plain_tensor_parallel_reads(tmp_path):
     hf_bloom(tmp_path, pretraining_tp=2, slow_but_exact=True)
     with pytest.raises(UserError, match="slow_but_exact true with pretraining_tp 2"):
         load_checkpoint(path)
+    # slow_but_exact alone (pretraining_tp absent: BloomConfig's 1) is the plain function: read
+    cfg_json = tmp_path / "config.json"
+    d = json.loads(cfg_json.read_text())
+    del d["pretraining_tp"]
+    cfg_json.write_text(json.dumps(d))
+    assert load_checkpoint(path).config.position_encoding == "alibi"
 
 
 def test_pretrain_from_a_bloom_folder_then_export_picks_bloom(tmp_path, corpus):

@@ -98,14 +98,50 @@ def test_export_round_trips_through_transformers(tmp_path, kind):
     ("cohere", {"rope_parameters": {"rope_type": "dynamic", "rope_theta": 500.0, "factor": 2.0}}, "type 'dynamic'"),
     ("cohere2", {"layer_types": ["full_attention"] * 4}, "no sliding_attention layer"),
     ("cohere2", {"layer_types": ["sliding_attention"] * 3}, "for each of the 4 layers"),
+    ("cohere2", {"layer_types": ["sliding_attention"] * 3 + ["chunked_attention"]}, "'full_attention' for each"),
+    ("cohere2", {"sliding_window": 0}, "sliding_window 0; it must be a positive integer"),
 ], ids=["qk-norm", "qk-norm-weights", "activation", "attention-bias", "logit-scale", "dynamic-rope", "no-sliding",
-        "layer-types"])
+        "layer-types", "layer-type-name", "window"])
 def test_what_this_model_does_not_compute_is_refused_by_name(tmp_path, kind, change, match):
     _, path = hf_cohere(tmp_path, kind, **({"use_qk_norm": True} if change.get("use_qk_norm") is False else {}))
     cfg_json = tmp_path / "config.json"
     cfg_json.write_text(json.dumps({**json.loads(cfg_json.read_text()), **change}))
     with pytest.raises(UserError, match=match):
         load_checkpoint(path)
+
+
+def test_heads_narrower_than_the_width_are_refused(tmp_path):
+    """Cohere's heads are hidden_size / num_attention_heads wide (transformers' CohereAttention): a folder whose
+    q/k/v/o weights have heads of 8 over a width of 64 with 4 heads is refused by name, not loaded as another
+    model."""
+    from safetensors.torch import load_file, save_file
+
+    _, path = hf_cohere(tmp_path)
+    sd = load_file(path)
+    for name, t in sd.items():
+        if name.endswith(("q_proj.weight", "k_proj.weight", "v_proj.weight")):
+            sd[name] = t[:t.shape[0] // 2].contiguous()
+        elif name.endswith("o_proj.weight"):
+            sd[name] = t[:, :t.shape[1] // 2].contiguous()
+    save_file(sd, path, metadata={"format": "pt"})
+    with pytest.raises(UserError, match="heads of 8 over a width of 64; Cohere's heads are hidden_size / "):
+        load_checkpoint(path)
+
+
+def test_cohere2_without_layer_types_reads_its_pattern(tmp_path):
+    """A Cohere2 config.json without layer_types: every sliding_window_pattern-th layer full (Cohere2Config's
+    default 4: the fourth of 4), the rest sliding, as transformers reads it; use_qk_norm, not Cohere2's, unread."""
+    _, path = hf_cohere(tmp_path, "cohere2")
+    cfg_json = tmp_path / "config.json"
+    d = {k: v for k, v in json.loads(cfg_json.read_text()).items()
+         if k not in ("layer_types", "sliding_window_pattern", "_sliding_window_pattern")}
+    for pattern, want in ((None, ("0,1,2", "3")), (2, ("0,2", "1,3"))):
+        cfg_json.write_text(json.dumps(d if pattern is None else {**d, "sliding_window_pattern": pattern}))
+        c = load_checkpoint(path).config
+        assert (c.window_layers, c.nope_layers) == want, pattern
+    # Cohere2Config has no use_qk_norm (Command R+'s): a stray one is not read, the folder has no q/k norms
+    cfg_json.write_text(json.dumps({**d, "use_qk_norm": True}))
+    assert not load_checkpoint(path).config.qk_norm
 
 
 def test_command_r_plus_qk_norms_load_reordered_match_transformers_and_export_back(tmp_path):

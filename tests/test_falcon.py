@@ -109,6 +109,36 @@ def test_what_this_model_does_not_compute_is_refused_by_name(tmp_path, change, m
         load_checkpoint(path)
 
 
+def test_a_config_without_the_block_fields_is_falcon_7bs(tmp_path):
+    """FalconConfig's defaults, as transformers reads a config.json that omits them: parallel_attn and multi_query
+    true, the old architecture, so one shared norm and one key/value head (Falcon-7B's block); the new
+    architecture without num_ln_in_parallel_attn has two norms (transformers' FalconDecoderLayer)."""
+    _, path = hf_falcon(tmp_path, "7b")
+    cfg_json = tmp_path / "config.json"
+    d = json.loads(cfg_json.read_text())
+    for key in ("parallel_attn", "multi_query", "new_decoder_architecture", "num_kv_heads"):
+        d.pop(key, None)
+    cfg_json.write_text(json.dumps(d))
+    c = load_checkpoint(path).config
+    assert (c.parallel_residual, c.shared_norm, c.kv_heads) == (True, True, 1)
+    # Falcon-40B's own config.json has no num_ln_in_parallel_attn: the new architecture's two norms
+    _, path = hf_falcon(tmp_path, "40b")
+    d = json.loads(cfg_json.read_text())
+    del d["num_ln_in_parallel_attn"]
+    cfg_json.write_text(json.dumps(d))
+    c = load_checkpoint(path).config
+    assert (c.parallel_residual, c.shared_norm, c.kv_heads) == (True, False, 2)
+    _, path = hf_falcon(tmp_path, "40b", num_kv_heads=4)  # without num_kv_heads: a key/value head per query head
+    d = json.loads(cfg_json.read_text())
+    del d["num_kv_heads"]
+    cfg_json.write_text(json.dumps(d))
+    assert load_checkpoint(path).config.kv_heads == 4
+    del d["num_attention_heads"]  # FalconConfig's 71 (Falcon-7B's), which 64 wide weights do not divide into
+    cfg_json.write_text(json.dumps(d))
+    with pytest.raises(UserError, match="num_attention_heads 71, which does not divide the weights' width 64"):
+        load_checkpoint(path)
+
+
 @pytest.mark.parametrize("kind", ["rw", "7b"])
 def test_falcon_rw_alibi_is_scaled_with_the_scores(tmp_path, kind):
     """Falcon-RW (alibi true): ALiBi with its slopes divided by sqrt(head_dim) (alibi_scaled), transformers'

@@ -99,6 +99,22 @@ def test_what_this_model_does_not_compute_is_refused_by_name(tmp_path, change, m
         load_checkpoint(path)
 
 
+@pytest.mark.parametrize("extra,match", [("transformer.wpe.weight", "a learned position table"),
+                                         ("transformer.blocks.0.attn.Wqkv.bias", "holds biases")],
+                         ids=["wpe", "bias"])
+def test_tensors_an_mpt_does_not_have_are_refused(tmp_path, extra, match):
+    """A position table beside ALiBi or a bias tensor (a no_bias MPT has none): refused by the file's tensors,
+    whatever config.json says."""
+    from safetensors.torch import load_file, save_file
+
+    _, path = hf_mpt(tmp_path)
+    sd = load_file(path)
+    sd[extra] = torch.randn(CTX if "wpe" in extra else 3 * 64, 64, dtype=torch.float64)
+    save_file(sd, path, metadata={"format": "pt"})
+    with pytest.raises(UserError, match=match):
+        load_checkpoint(path)
+
+
 @pytest.mark.parametrize("H", [2, 6, 8, 12, 48])
 def test_slopes_are_mpts(H):
     """MPT's rule (the next power of two's slopes, odd positions first, at alibi_bias_max 8) is BLOOM's, ours, for
