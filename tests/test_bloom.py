@@ -116,6 +116,23 @@ def test_config_json_aliases_are_read(tmp_path):
     assert load_checkpoint(path).config.n_head == 6
 
 
+def test_an_mlp_not_4_hidden_size_wide_is_refused_by_name(tmp_path):
+    """BLOOM's MLP is 4 hidden_size wide (no config field says otherwise): a folder whose dense_h_to_4h has half
+    as many rows is refused by the MLP's name, before any tensor is read into the model."""
+    from safetensors.torch import load_file, save_file
+
+    _, path = hf_bloom(tmp_path)
+    sd = load_file(path)
+    for name, t in sd.items():
+        if ".dense_h_to_4h." in name:
+            sd[name] = t[:t.shape[0] // 2].contiguous()
+        elif name.endswith("dense_4h_to_h.weight"):
+            sd[name] = t[:, :t.shape[1] // 2].contiguous()
+    save_file(sd, path, metadata={"format": "pt"})
+    with pytest.raises(UserError, match=r"dense_h_to_4h has 128 rows; BLOOM's MLP is 4 hidden_size wide \(256\)"):
+        load_checkpoint(path)
+
+
 def test_slow_but_exact_is_refused_and_plain_tensor_parallel_reads(tmp_path):
     """pretraining_tp 2 alone changes nothing in transformers' BLOOM (read as usual, the same logits); with
     slow_but_exact it sums the output projections in slices without their biases, another function: refused."""

@@ -87,8 +87,9 @@ def test_export_round_trips_through_transformers(tmp_path, tie):
     ({"no_bias": False}, "no_bias False"),
     ({"expansion_ratio": 2}, "expansion_ratio 2"),
     ({"n_heads": 5}, "n_heads 5, which does not divide the weights' width 64"),
+    ({"n_layers": 3}, "n_layers 3, but the weights have 2"),
 ], ids=["clip-qkv", "qk-ln", "softmax-scale", "alibi-bias-max", "no-alibi", "prefix-lm", "multiquery",
-        "logit-scale", "biases", "expansion", "heads-mismatch"])
+        "logit-scale", "biases", "expansion", "heads-mismatch", "layers"])
 def test_what_this_model_does_not_compute_is_refused_by_name(tmp_path, change, match):
     _, path = hf_mpt(tmp_path)
     cfg_json = tmp_path / "config.json"
