@@ -102,7 +102,8 @@ def test_export_round_trips_through_transformers(tmp_path, kind):
     ({"model_type": "RefinedWebModel"}, "the remote-code Falcon format"),
     ({"new_decoder_architecture": True, "num_kv_heads": 3}, "num_kv_heads 3, which does not divide "
                                                             "num_attention_heads 4"),
-], ids=["activation", "mlp-width", "heads", "scaled-rope", "remote-code", "kv-heads"])
+    ({"partial_rotary_factor": 0.5}, "has a partial rotary factor; Falcon rotates whole heads"),
+], ids=["activation", "mlp-width", "heads", "scaled-rope", "remote-code", "kv-heads", "partial-rotary"])
 def test_what_this_model_does_not_compute_is_refused_by_name(tmp_path, change, match):
     _, path = hf_falcon(tmp_path)
     cfg_json = tmp_path / "config.json"
