@@ -131,7 +131,7 @@ def test_heads_narrower_than_the_width_are_refused(tmp_path):
 def test_cohere2_without_layer_types_reads_its_pattern(tmp_path):
     """A Cohere2 config.json without layer_types: every sliding_window_pattern-th layer full (Cohere2Config's
     default 4: the fourth of 4), the rest sliding, as transformers reads it; use_qk_norm, not Cohere2's, unread;
-    without logit_scale, the config class's 0.0625."""
+    without logit_scale and max_position_embeddings, the config class's 0.0625 and 8192."""
     _, path = hf_cohere(tmp_path, "cohere2")
     cfg_json = tmp_path / "config.json"
     d = {k: v for k, v in json.loads(cfg_json.read_text()).items()
@@ -139,9 +139,10 @@ def test_cohere2_without_layer_types_reads_its_pattern(tmp_path):
     for pattern, want in ((None, ("0,1,2", "3")), (2, ("0,2", "1,3"))):
         cfg_json.write_text(json.dumps(d if pattern is None else {**d, "sliding_window_pattern": pattern}))
         c = load_checkpoint(path).config
-        assert (c.window_layers, c.nope_layers) == want, pattern
-    cfg_json.write_text(json.dumps({k: v for k, v in d.items() if k != "logit_scale"}))
-    assert load_checkpoint(path).config.logit_scale == 0.0625  # Cohere2Config's default, Command R's
+        assert (c.window_layers, c.nope_layers, c.context_length) == (*want, CTX), pattern
+    cfg_json.write_text(json.dumps({k: v for k, v in d.items() if k not in ("logit_scale", "max_position_embeddings")}))
+    c = load_checkpoint(path).config  # the config class's defaults: Command R's
+    assert (c.logit_scale, c.context_length) == (0.0625, 8192)
     # Cohere2Config has no use_qk_norm (Command R+'s): a stray one is not read, the folder has no q/k norms
     cfg_json.write_text(json.dumps({**d, "use_qk_norm": True}))
     assert not load_checkpoint(path).config.qk_norm

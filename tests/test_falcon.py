@@ -177,6 +177,8 @@ def test_alibi_scaled_is_refused_where_it_means_nothing_and_by_bloom_and_mpt(tmp
                                         "position_encoding 'rope'"):
         GPTConfig(position_encoding="rope", alibi_scaled=True)
     base = dict(vocab_size=VOCAB, n_embd=64, n_layer=1, n_head=4, position_encoding="alibi", alibi_scaled=True)
+    with pytest.raises(UserError, match="GPTConfig.alibi_scaled must be True or False, got 'yes'"):
+        GPTConfig(**{**base, "alibi_scaled": "yes"})
     with pytest.raises(UserError, match=r"adds ALiBi's bias before the scores' 1/sqrt\(head_dim\) scale "
                                         r"\(alibi_scaled, Falcon-RW's\), where BLOOM adds it after"):
         refuse_not_bloom(GPTModel(GPTConfig(**base, embed_norm=True)), "a BLOOM folder")
