@@ -128,6 +128,20 @@ def test_heads_narrower_than_the_width_are_refused(tmp_path):
         load_checkpoint(path)
 
 
+@pytest.mark.parametrize("extra", ["model.layers.0.post_attention_layernorm.weight", "model.layers.0.input_layernorm.bias"])
+def test_a_norm_a_cohere_block_does_not_have_is_refused(tmp_path, extra):
+    """A Cohere block has one bias-free LayerNorm before its parallel attention and MLP: a folder whose tensors
+    add a post-attention norm or a norm bias is another model, refused by name rather than loaded without it."""
+    from safetensors.torch import load_file, save_file
+
+    _, path = hf_cohere(tmp_path)
+    sd = load_file(path)
+    sd[extra] = torch.randn(sd["model.layers.0.input_layernorm.weight"].shape, dtype=torch.float64)
+    save_file(sd, path, metadata={"format": "pt"})
+    with pytest.raises(UserError, match="a post_attention_layernorm or a norm bias, which a Cohere block"):
+        load_checkpoint(path)
+
+
 def test_cohere2_without_layer_types_reads_its_pattern(tmp_path):
     """A Cohere2 config.json without layer_types: every sliding_window_pattern-th layer full (Cohere2Config's
     default 4: the fourth of 4), the rest sliding, as transformers reads it; use_qk_norm, not Cohere2's, unread;
