@@ -345,8 +345,10 @@ def test_model_loss_uses_the_kernels_only_on_their_path(monkeypatch):
     assert model.config.kernels == "cross_entropy"
     ours = model(idx, targets=idx)  # the mean: LM head and loss fused
     ours_rows = model(idx, targets=idx, reduction="none")  # per token: the loss on the logits
-    assert calls == ["LinearCrossEntropyFunction", "CrossEntropyFunction"]
+    ours_sum = model(idx, targets=idx, reduction="sum")  # the sum is fused too: only "none" needs the logits
+    assert calls == ["LinearCrossEntropyFunction", "CrossEntropyFunction", "LinearCrossEntropyFunction"]
     assert_close_rel(ours, ref, 1e-5, "model loss")
+    assert_close_rel(ours_sum, ref_rows.sum(), 1e-5, "model summed loss")
     assert_close_rel(ours_rows, ref_rows, 1e-5, "model per-token losses")
 
 
