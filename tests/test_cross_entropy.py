@@ -1094,6 +1094,35 @@ def test_linear_bad_head_bias_says_what(make, match):
         linear_cross_entropy(h, w, t, bias=make(w))
 
 
+def test_linear_head_bias_gradient_is_made_only_when_wanted_and_in_fp16_waits_for_backward(monkeypatch, device):
+    """A trainable head bias, the only trainable input: under no_grad no dlogits kernel runs (an evaluation pays
+    for the loss only); under fp16 autocast its gradient waits for backward, as dhidden's and dweight's do (the
+    loss scale only arrives there), and carries that scale."""
+    import tritongpt.kernels.cross_entropy as ce
+
+    launches = []
+    real = ce._bwd_launch
+    monkeypatch.setattr(ce, "_bwd_launch", lambda *a, **k: launches.append(1) or real(*a, **k))
+    gen = torch.Generator().manual_seed(45)
+    h, w = torch.randn(13, 16, generator=gen).to(device), (torch.randn(70, 16, generator=gen) * 0.5).to(device)
+    b = torch.randn(70, generator=gen).to(device).requires_grad_()
+    t = torch.randint(0, 70, (13,), generator=gen)
+    t[::4] = IGNORE
+    t = t.to(device)
+    with torch.no_grad():
+        linear_cross_entropy(h, w, t, chunk_rows=5, bias=b)
+    assert launches == []
+    with torch.autocast(device.type, dtype=torch.float16):
+        loss = linear_cross_entropy(h, w, t, chunk_rows=5, bias=b)
+    assert launches == []  # deferred: nothing made in forward
+    (loss * 1024.0).backward()
+    assert len(launches) == 3  # one per chunk, in backward
+    b64 = b.detach().double().requires_grad_()
+    (F.cross_entropy(h.double() @ w.double().t() + b64, t, ignore_index=IGNORE) * 1024.0).backward()
+    assert b.grad.dtype == torch.float32
+    assert_close_rel(b.grad, b64.grad, 1e-2, "dbias under fp16 autocast")
+
+
 def test_model_head_bias_loss_on_every_path():
     """GPTConfig.head_bias: the reference lm_loss, the fused head (mean, sum) and the per-token kernel (none) on a
     padded vocabulary give the float64 objective's loss and the same gradients, the head's bias's included (its
