@@ -226,6 +226,9 @@ def test_logit_scale_on_both_loss_paths_and_its_checks():
     grads = dict(ref.named_parameters())
     for name, p in model.named_parameters():
         assert_close_rel(p.grad.double(), grads[name].grad, 1e-4, name)
+    with torch.no_grad():  # per-token losses: the kernel on the (scaled) logits, not the fused head
+        assert_close_rel(model(idx, targets=targets, reduction="none").double(),
+                         ref(idx, targets=targets, reduction="none"), 1e-5, "per-token losses")
     for bad, match in ((0.0, "logit_scale must be a finite number > 0"), (float("nan"), "finite number > 0"),
                        (True, "finite number > 0")):
         with pytest.raises(UserError, match=match):
