@@ -284,6 +284,8 @@ def test_custom_ops_called_directly_check_their_inputs(device):
         fwd(x.t().contiguous().t(), t, IGNORE, 40)
     with pytest.raises(ValueError, match=r"n_classes must be in \[1, 40\]"):
         fwd(x, t, IGNORE, 41)
+    with pytest.raises(ValueError, match=r"n_classes must be in \[1, 40\] \(logits have 40 columns\), got 0"):
+        fwd(x, t, IGNORE, 0)  # no class at all: every row's loss would be nan
     with pytest.raises(TypeError, match="targets has dtype float32"):
         fwd(x, t.float(), IGNORE, 40)
     with pytest.raises(ValueError, match=r"logits must have 2 dims, got shape \(1, 6, 40\)"):
