@@ -128,7 +128,8 @@ def test_heads_narrower_than_the_width_are_refused(tmp_path):
         load_checkpoint(path)
 
 
-@pytest.mark.parametrize("extra", ["model.layers.0.post_attention_layernorm.weight", "model.layers.0.input_layernorm.bias"])
+@pytest.mark.parametrize("extra", ["model.layers.0.post_attention_layernorm.weight",
+                                   "model.layers.0.input_layernorm.bias"])
 def test_a_norm_a_cohere_block_does_not_have_is_refused(tmp_path, extra):
     """A Cohere block has one bias-free LayerNorm before its parallel attention and MLP: a folder whose tensors
     add a post-attention norm or a norm bias is another model, refused by name rather than loaded without it."""
