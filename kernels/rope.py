@@ -140,7 +140,7 @@ def _launch(q, k, positions, inv_freq, inverse, rotary_dim=0, mscale=1.0):
     Hkv = k.shape[1]
     qo = torch.empty((B, T, H, D), dtype=q.dtype, device=q.device).transpose(1, 2)
     ko = torch.empty((B, T, Hkv, D), dtype=k.dtype, device=k.device).transpose(1, 2)
-    if qo.numel() == 0:
+    if B * T == 0:  # no token, no program (a q of no heads still has k's to rotate: they were left unwritten)
         return qo, ko
     R = rotary_dim or D
     half, n_pass = R // 2, D - R

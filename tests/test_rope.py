@@ -241,6 +241,14 @@ def test_empty_inputs(device):
     assert qo.shape == (2, 3, 0, 16)
     (qo.sum() + ko.sum()).backward()
     assert q.grad.shape == q.shape
+    # a q of no heads leaves k's rotation to do (it was returned unwritten, torch.empty's garbage), and k of none q's
+    gen = torch.Generator().manual_seed(26)
+    x = torch.randn(2, 3, 5, 16, generator=gen).to(device)
+    for q, k in ((x[:, :0], x), (x, x[:, :0])):
+        qo, ko = rope(q, k, 4)
+        assert (qo.shape, ko.shape) == (q.shape, k.shape)
+        for got, want in ((qo, q), (ko, k)):
+            assert_close_rel(got, ref64(want, torch.arange(4, 9)), 1e-5, "the side with heads")
 
 
 def test_bad_input_is_refused_by_name(device):
