@@ -258,6 +258,8 @@ def test_bad_input_is_refused_by_name(device):
         rope(q[..., :15], q[..., :15], pos)
     with pytest.raises(ValueError, match="head_dim 258 must be even .* at most 256"):
         rope(torch.randn(1, 1, 2, 258, device=device), torch.randn(1, 1, 2, 258, device=device), 0)
+    widest = torch.randn(1, 1, 2, 256, device=device)  # the limit itself is taken
+    assert_close_rel(rope(widest, widest, 5)[0], ref64(widest, torch.arange(5, 7)), 1e-5, "head_dim 256")
     with pytest.raises(TypeError, match="q has dtype int64"):
         rope(q.long(), q.long(), pos)
     with pytest.raises(TypeError, match="dtype mismatch: q is float32, k is bfloat16"):
@@ -265,6 +267,8 @@ def test_bad_input_is_refused_by_name(device):
     with pytest.raises(ValueError, match=r"q \(2, 3, 5, 16\) and k \(2, 3, 4, 16\) must have the same batch, "
                                          r"length and head_dim"):
         rope(q, q[:, :, :4], pos)
+    with pytest.raises(ValueError, match=r"q \(2, 3, 5, 16\) and k \(1, 3, 5, 16\) must have the same batch"):
+        rope(q, q[:1], pos)
     with pytest.raises(ValueError, match="q must have 4 dims"):
         rope(q[0], q[0], pos)
     with pytest.raises(ValueError, match="tensors on different devices: q is on .*, k is on meta"):
@@ -730,6 +734,10 @@ def test_partial_rotary_bad_arguments_are_refused_by_name(device):
         torch.ops.tritongpt.rope_fwd(q, q, pos.expand(2, 5), rope_inv_freq(16, 10000.0, device), 6)
     with pytest.raises(ValueError, match="rotary_dim 7 must be an even int"):
         torch.ops.tritongpt.rope_bwd(q, q, pos.expand(2, 5), rope_inv_freq(6, 10000.0, device), 7)
+    with pytest.raises(ValueError, match="rope: mscale must be a finite number > 0, got 0.0"):  # the op's own check
+        torch.ops.tritongpt.rope_fwd(q, q, pos.expand(2, 5), rope_inv_freq(6, 10000.0, device), 6, 0.0)
+    # the narrowest rotation, one pair, is taken
+    assert_close_rel(rope(q, q, pos, rotary_dim=2)[0], ref64(q, pos, rotary_dim=2), 1e-5, "rotary_dim 2")
 
 
 # -- LongRoPE (rope_scaling "longrope", Phi-3 / Phi-4-mini) -------------------------------------------
@@ -986,6 +994,10 @@ def test_mscale_scales_the_rotated_columns_only_and_compiles(device):
         for name, a, b in zip(NAMES, res, (*[w.detach() for w in want], q64.grad, k64.grad)):
             assert_close_rel(a, b, 1e-5, f"{name} mscale 1.3")
     assert torch.equal(got[0][..., 6:], q.detach()[..., 6:])
+    with torch.no_grad():  # a factor under 1 scales too (whole heads: the same kernel branch)
+        want = ref64(q, pos) * 0.8
+        assert_close_rel(rope(q, k, pos, mscale=0.8)[0], want, 1e-5, "mscale 0.8")
+        assert_close_rel(apply_rotary(q, pos, mscale=0.8), want, 1e-5, "reference mscale 0.8")
 
     def f(q, k, pos):
         qo, ko = rope(q, k, pos, rotary_dim=6, mscale=1.3)
@@ -1001,7 +1013,7 @@ def test_mscale_scales_the_rotated_columns_only_and_compiles(device):
     assert_close_rel(compiled.detach(), eager.detach(), 1e-6, "compiled")
     assert_close_rel(grads[0], q.grad, 1e-6, "compiled dq")
     assert_close_rel(grads[1], k.grad, 1e-6, "compiled dk")
-    for bad in (0.0, -1.0, float("nan")):
+    for bad in (0.0, -1.0, float("nan"), "1.3"):  # a str, which float() would take, is refused by rope() itself
         with pytest.raises(ValueError, match="rope: mscale must be a finite number > 0"):
             rope(q, k, pos, rotary_dim=6, mscale=bad)
 
