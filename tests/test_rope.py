@@ -165,6 +165,9 @@ def test_kernel_and_reference_share_fp32_angles_far_along(device):
     with torch.no_grad():
         assert_close_rel(rope(q, k, pos)[0], want, 1e-5, "kernel at 70000")
         assert_close_rel(apply_rotary(q, pos), want, 1e-5, "apply_rotary at 70000")
+    # theta^(-2i/D) rounded once from float64, as documented (an fp32 power is an ulp off in 22 of these 40)
+    exact = torch.tensor([10000.0 ** (-2 * i / 80) for i in range(40)], dtype=torch.float64).float()
+    assert torch.equal(rope_inv_freq(80, 10000.0), exact)
 
 
 def test_reference_module_rounds_once_in_half_precision(device):
