@@ -236,6 +236,23 @@ def test_the_fields_are_checked_by_name():
                               "beta_fast": 32.0, "beta_slow": 1.0, "attention_factor": pytest.approx(1.2079441542)}
 
 
+@pytest.mark.parametrize("original,theta", [(8, 1e4), (1000, 10.0)], ids=["ramp-from-0", "ramp-to-the-last-dim"])
+def test_yarn_clamps_its_ramp_to_the_head_as_transformers(original, theta):
+    """transformers' default betas (32, 1) over a short original context put the ramp's low end below
+    dimension 0; at theta 10 over 1000 it spans dimensions 5 to 18 of 16: both ends clamped, as transformers does."""
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    from tritongpt.model.layers import rope_inv_freq
+
+    spec = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": original}
+    cfg = transformers.LlamaConfig(hidden_size=32, num_attention_heads=2, head_dim=16,
+                                   max_position_embeddings=4 * original, rope_parameters={**spec, "rope_theta": theta})
+    want, factor = ROPE_INIT_FUNCTIONS["yarn"](cfg, "cpu")
+    scaling = GPTConfig(position_encoding="rope", rope_scaling=spec).rope_scaling
+    assert scaling["attention_factor"] == pytest.approx(factor)
+    assert_close_rel(rope_inv_freq(16, theta, "cpu", scaling).double(), want.double(), 1e-6, "YaRN frequencies")
+
+
 def test_a_model_built_here_exports_as_olmo3_and_other_exports_refuse_its_fields(tmp_path):
     """A GPTModel made with OLMo's fields (not loaded) is written as OLMo 3, whose logits transformers
     reproduces; the Llama, Gemma, GPT-2 and GPT-Neo exports name what they cannot say, and the OLMo one
