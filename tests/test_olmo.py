@@ -234,6 +234,10 @@ def test_the_fields_are_checked_by_name():
                                                           "original_max_position_embeddings": 8192})
     assert c.rope_scaling == {"rope_type": "yarn", "factor": 8.0, "original_max_position_embeddings": 8192,
                               "beta_fast": 32.0, "beta_slow": 1.0, "attention_factor": pytest.approx(1.2079441542)}
+    # a factor <= 1 keeps the attention factor at 1 (transformers' get_mscale), and a null beta is an absent one
+    c = GPTConfig(position_encoding="rope", rope_scaling={"rope_type": "yarn", "factor": 0.5, "beta_fast": None,
+                                                          "original_max_position_embeddings": 64})
+    assert (c.rope_scaling["attention_factor"], c.rope_scaling["beta_fast"]) == (1.0, 32.0)
 
 
 @pytest.mark.parametrize("original,theta", [(8, 1e4), (1000, 10.0)], ids=["ramp-from-0", "ramp-to-the-last-dim"])
