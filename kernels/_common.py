@@ -146,14 +146,14 @@ def on_tensor_device(launch):
 
     @functools.wraps(launch)
     def run(*args, **kwargs):
-        tensors = [a for a in args if isinstance(a, torch.Tensor)]
+        t = next((a for a in args if isinstance(a, torch.Tensor)), None)
         try:
-            if tensors and tensors[0].device.type == "cuda" and tensors[0].device.index != torch.cuda.current_device():
-                with torch.cuda.device(tensors[0].device):
+            if t is not None and t.device.type == "cuda" and t.device.index != torch.cuda.current_device():
+                with torch.cuda.device(t.device):
                     return launch(*args, **kwargs)
             return launch(*args, **kwargs)
-        except triton.OutOfResources as e:
-            raise out_of_resources(name, tensors, e) from e
+        except triton.OutOfResources as e:  # the inputs are listed only then: nothing more on every launch
+            raise out_of_resources(name, [a for a in args if isinstance(a, torch.Tensor)], e) from e
 
     return run
 

@@ -873,13 +873,7 @@ def load_peft_adapter(folder, base: str | None = None) -> GPTModel:
     files = [folder / n for n in ADAPTER_FILES if (folder / n).is_file()]
     if not files:
         raise UserError(f"{folder}: an adapter_config.json without {' or '.join(ADAPTER_FILES)}")
-    if files[0].suffix == ".bin":
-        try:
-            tensors = torch.load(files[0], map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise UserError(f"{files[0]}: not a readable PyTorch weights file ({type(e).__name__}: {e})") from None
-    else:
-        tensors = _read_tensors(files[0])  # its keys start base_model.: no "transformer." to strip
+    tensors = _read_tensors(files[0])  # .safetensors or .bin; its keys start base_model.: no "transformer." to strip
     name = base if base is not None else config.get("base_model_name_or_path")
     if not name:
         raise UserError(f"{cfg_path} names no base_model_name_or_path: pass the base model")
