@@ -272,3 +272,104 @@ def add_cli(sub):
     add_train_args(p, out_dir="runs/reward", max_steps=300, batch_size=16, lr=1e-4, min_lr=1e-5,
                    warmup_steps=20, eval_every=50, ckpt_every=100, sample_every=0, weight_decay=0.0)
     p.set_defaults(func=cmd_reward)
+
+
+# -- export: a Hugging Face <Family>ForSequenceClassification folder ----------------------------------
+# the class transformers' AutoModelForSequenceClassification builds for each model_type an export writes;
+# OLMoE and Cohere (Cohere2) have none (tests check this table against transformers' own)
+SEQUENCE_CLASSIFIERS = {
+    "gpt2": "GPT2ForSequenceClassification", "gpt_neo": "GPTNeoForSequenceClassification",
+    "gptj": "GPTJForSequenceClassification", "gpt_neox": "GPTNeoXForSequenceClassification",
+    "falcon": "FalconForSequenceClassification", "phi": "PhiForSequenceClassification",
+    "phi3": "Phi3ForSequenceClassification", "stablelm": "StableLmForSequenceClassification",
+    "llama": "LlamaForSequenceClassification", "mistral": "MistralForSequenceClassification",
+    "qwen2": "Qwen2ForSequenceClassification", "qwen3": "Qwen3ForSequenceClassification",
+    "smollm3": "SmolLM3ForSequenceClassification", "gemma": "GemmaForSequenceClassification",
+    "gemma2": "Gemma2ForSequenceClassification", "gemma3_text": "Gemma3TextForSequenceClassification",
+    "olmo": "OlmoForSequenceClassification", "olmo2": "Olmo2ForSequenceClassification",
+    "olmo3": "Olmo3ForSequenceClassification", "bloom": "BloomForSequenceClassification",
+    "mpt": "MptForSequenceClassification", "mixtral": "MixtralForSequenceClassification",
+    "qwen3_moe": "Qwen3MoeForSequenceClassification",
+}
+NO_CLASSIFIER = ("OLMoE", "Cohere", "Cohere2")  # export_target's family names whose model_type has none
+# the LM head's tensors in the families' causal-LM files (GPT-NeoX calls its head embed_out): a classifier has
+# `score` in their place
+LM_HEAD_TENSORS = ("lm_head.weight", "lm_head.bias", "embed_out.weight")
+
+
+def is_reward_checkpoint(path) -> bool:
+    """A tritongpt reward model's .safetensors (what RewardModel.load reads), not a policy's."""
+    from tritongpt.model.gpt import safetensors_metadata
+
+    return str(path).endswith(".safetensors") and safetensors_metadata(path).get("kind") == KIND
+
+
+def refuse_no_classifier(family: str) -> None:
+    if family in NO_CLASSIFIER:
+        raise UserError(f"this reward model's backbone is {family}'s, and transformers has no "
+                        f"{family.replace('-', '')}ForSequenceClassification to read its score: it cannot be "
+                        "exported (a backbone of another family can)")
+
+
+def fold_head_bias(model: RewardModel) -> float:
+    """Moves the head's bias b into the final norm's bias, where Hugging Face's classifiers (whose score Linear
+    has none) still add it: head(LN(x)) = w . (g x^ + beta) + b = w . (g x^ + beta + b w / |w|^2). Returns the
+    b that could not go (no norm bias: an RMSNorm's, a bias-free LayerNorm's), which the exported scores lack.
+    (Bradley-Terry's loss sees only score differences: b stays at its zero init but for float rounding.)"""
+    b = model.head.bias.detach().double()
+    norm_bias = getattr(model.backbone.final_norm, "bias", None)
+    w = model.head.weight.detach().double()[0]
+    if float(b) == 0.0 or norm_bias is None or not bool(w.any()):
+        return float(b)
+    with torch.no_grad():
+        norm_bias.copy_((norm_bias.double() + b * w / w.dot(w)).to(norm_bias.dtype))
+        model.head.bias.zero_()
+    return 0.0
+
+
+def pad_token_for(tok_files: dict, end_ids) -> tuple:
+    """(id, text) of the token the exported folder pads with: Hugging Face's classifiers read the score at the
+    last token that is not config.pad_token_id, so it must not be one our scores are read at (the EOS, a chat
+    template's end of turn: end_ids). A pad-like special token of the tokenizer if it has one, else its
+    lowest-numbered ordinary token (only ever seen after the scored one, by which causal attention is blind
+    to it). (0 with no text when the tokenizer is not exported.)"""
+    vocab, specials = {}, {}
+    if "tokenizer.json" in tok_files:
+        spec = json.loads(tok_files["tokenizer.json"])
+        model_vocab = spec.get("model", {}).get("vocab", {})
+        vocab = dict(model_vocab) if isinstance(model_vocab, dict) else {v[0]: i for i, v in enumerate(model_vocab)}
+        specials = {t["content"]: t["id"] for t in spec.get("added_tokens", [])}
+    elif "vocab.json" in tok_files:
+        vocab = json.loads(tok_files["vocab.json"])
+        specials = {t: vocab[t] for t in vocab if t.startswith("<|") and t.endswith("|>")}
+    for text, i in sorted(specials.items(), key=lambda kv: kv[1]):
+        if "pad" in text.lower() and i not in end_ids:
+            return i, text
+    plain = sorted((i, text) for text, i in vocab.items() if text not in specials and i not in end_ids)
+    if plain:
+        return plain[0]
+    return next(i for i in range(len(end_ids) + 1) if i not in end_ids), None
+
+
+def export_reward_model(model: RewardModel, out_dir, export, eos_token_id, pad_token_id: int) -> list:
+    """model as a Hugging Face <Family>ForSequenceClassification folder: the family's causal-LM export (export,
+    as commands.export_target picks it) with the LM head replaced by `score` (the head's weight; its bias folded
+    first, fold_head_bias), config.json's architectures, one label and pad_token_id. -> the paths written."""
+    from pathlib import Path
+
+    from safetensors.torch import load_file, save_file
+
+    paths = export(model.backbone, out_dir, eos_token_id)
+    out = Path(out_dir)
+    config = json.loads((out / "config.json").read_text(encoding="utf-8"))
+    name = SEQUENCE_CLASSIFIERS.get(config["model_type"])
+    if name is None:  # NO_CLASSIFIER refused it before: an export of a new model_type not in the table
+        raise UserError(f"no Hugging Face sequence classifier is known for model_type {config['model_type']!r}")
+    tensors = {k: v for k, v in load_file(str(out / "model.safetensors")).items() if k not in LM_HEAD_TENSORS}
+    dtype = next(iter(tensors.values())).dtype
+    tensors["score.weight"] = model.head.weight.detach().to("cpu", dtype, copy=True).contiguous()
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    config.update(architectures=[name], id2label={"0": "LABEL_0"}, label2id={"LABEL_0": 0},
+                  pad_token_id=pad_token_id)
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    return paths

@@ -386,6 +386,9 @@ def cmd_export(args):
     from tritongpt.train.gpt2_weights import adapter_base, export_peft_adapter, load_checkpoint, refuse_not_gpt2
     from tritongpt.train.sft import pick_tokenizer
     from tritongpt.train.tokenizer import EXPORT_TOKENIZER, RUN_TOKENIZER, eot_or_none, is_ours
+    from tritongpt.train.chat_template import turn_end_id
+    from tritongpt.train.reward import (RewardModel, export_reward_model, fold_head_bias, is_reward_checkpoint,
+                                        pad_token_for, refuse_no_classifier)
 
     if args.base is not None and not args.adapter:
         raise UserError("--base names the model an --adapter goes on: pass --adapter too")
@@ -408,8 +411,13 @@ def cmd_export(args):
     taken = [n for n in hf_files if (out / n).exists()]
     if taken and not args.overwrite:
         raise UserError(f"{out} already holds {', '.join(taken)}: pass --overwrite or another --out")
-    model = load_checkpoint(source, merge=not args.adapter)
-    cfg = model.config
+    reward = is_reward_checkpoint(source)
+    if reward and args.adapter:
+        raise UserError(f"--adapter: {source} is a reward model, whose scalar head a peft adapter for a causal LM "
+                        "cannot hold: export it without --adapter, whole (merged), as a sequence classifier")
+    model = RewardModel.load(source) if reward else load_checkpoint(source, merge=not args.adapter)
+    backbone = model.backbone if reward else model
+    cfg = backbone.config
     # a peft adapter is GPT-2's (peft targets GPT-Neo's and Llama's q/k/v apart from GPT-2's c_attn: their
     # adapters are not written here); a whole model goes as the family export_target picks. Refused before any
     # file goes.
@@ -423,7 +431,9 @@ def cmd_export(args):
         refuse_not_gpt2(model, "a peft adapter for GPT-2")
     else:
         family, refuse, export = export_target(cfg)
-        refuse(model, f"{article(family)} {family} folder")
+        refuse(backbone, f"{article(family)} {family} folder")
+        if reward:
+            refuse_no_classifier(family)
     if args.adapter:
         if not cfg.lora_rank:
             raise UserError(f"--adapter: {source} holds no LoRA update (a run trained with --lora-rank has one): "
@@ -441,10 +451,22 @@ def cmd_export(args):
     except UserError as e:
         tok_files = {}
         note(f"the tokenizer is not exported: {e}")
+    if reward:  # Hugging Face's classifier reads the score at the last token that is not its pad token
+        eot = eot_or_none(tok)
+        turn_end = turn_end_id(tok) if getattr(tok, "chat_template", None) is not None else None
+        ends = {i for i in (eot, turn_end) if i is not None}
+        pad_id, pad_text = pad_token_for(tok_files, ends)
+        if "tokenizer_config.json" in tok_files and pad_text is not None:
+            tok_config = json.loads(tok_files["tokenizer_config.json"])
+            tok_files["tokenizer_config.json"] = json.dumps({**tok_config, "pad_token": pad_text}, indent=2,
+                                                            ensure_ascii=False) + "\n"
+        unfolded = fold_head_bias(model)
     for name in taken:  # an earlier export's (or model's) files would be read as this one's
         (out / name).unlink()
     if args.adapter:
         paths = export_peft_adapter(model, out, base)
+    elif reward:
+        paths = export_reward_model(model, out, export, eot_or_none(tok), pad_id)
     else:
         paths = export(model, out, eot_or_none(tok))
         fmt = run_template(args.checkpoint)
@@ -463,8 +485,19 @@ def cmd_export(args):
         print(f"load it with peft.AutoPeftModelForCausalLM.from_pretrained({str(out)!r}), or "
               f"peft.PeftModel.from_pretrained(GPT2LMHeadModel.from_pretrained({base!r}), {str(out)!r})")
         return 0
-    print(f"wrote {out}/ ({', '.join(p.name for p in paths)}): {family} with {cfg.n_layer} layers, {cfg.n_head} heads, "
+    what = f"a reward model on {family}'s backbone" if reward else family
+    print(f"wrote {out}/ ({', '.join(p.name for p in paths)}): {what} with {cfg.n_layer} layers, {cfg.n_head} heads, "
           f"width {cfg.n_embd}, vocabulary {cfg.vocab_size}, context {cfg.context_length}")
+    if reward:
+        if unfolded:
+            note(f"the reward head's bias ({unfolded:.6g}) has no place in Hugging Face's {family} classifier (its "
+                 "score has no bias, its final norm none to fold it into): the exported scores are this model's "
+                 "minus it (their differences, all Bradley-Terry trains on, are the same)")
+        end = "the chat template's end of turn" if chat else "the end-of-text token"
+        print(f"load it with transformers.AutoModelForSequenceClassification.from_pretrained({str(out)!r}): it "
+              f"scores a prompt and response written as in training and closed by {end}, as tritongpt's "
+              f"reward model does; pad on the right with its pad token (id {pad_id}), which is never scored")
+        return 0
     how = (" (and AutoTokenizer" + (", whose apply_chat_template writes chats in the template the run was "
                                      "tuned on" if chat else "") + ")") if tok_files else ""
     print(f"load it with transformers.AutoModelForCausalLM.from_pretrained({str(out)!r}){how}, or "
