@@ -8,7 +8,6 @@ import torch
 from audit_formats import EXPORT_BASES, TINY
 from parity import assert_close_rel
 from tritongpt.commands import export_target
-from tritongpt.errors import UserError
 from tritongpt.model.config import GPTConfig
 from tritongpt.model.gpt import GPTModel
 from tritongpt.train.reward import (NO_CLASSIFIER, SEQUENCE_CLASSIFIERS, RewardModel, export_reward_model,
