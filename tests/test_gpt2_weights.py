@@ -149,6 +149,9 @@ def test_a_pytorch_model_bin_folder_loads_as_its_safetensors_does(tmp_path):
     torch.save({**sd, "step": 3}, bad)
     with pytest.raises(UserError, match="is not a PyTorch weights file: its entry 'step' is a int, not a tensor"):
         load_checkpoint(single)
+    torch.save({k: v for k, v in sd.items() if not k.endswith("wte.weight")}, bad)
+    with pytest.raises(UserError, match="pytorch_model.bin is not a GPT-2 weights file: missing tensor 'wte.weight'"):
+        load_checkpoint(single)
     torch.save({**sd, "wte.weight": _Touch(tmp_path / "ran")}, bad)
     with pytest.raises(UserError, match=r"is not a readable PyTorch weights file \(UnpicklingError: Weights only"):
         load_checkpoint(single)

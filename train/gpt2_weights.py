@@ -137,7 +137,7 @@ def tensor_shapes(sd: dict, path: Path, family: str) -> tuple:
     name wte, wpe, ln_f and h.<i> alike), each missing or misshapen tensor named."""
     for key in ("wte.weight", "wpe.weight", "ln_f.weight"):
         if key not in sd:
-            raise UserError(f"{path} is not a {family} safetensors file: missing tensor {key!r}")
+            raise UserError(f"{path} is not a {family} weights file: missing tensor {key!r}")
         want = 1 if key == "ln_f.weight" else 2
         if sd[key].dim() != want:
             raise UserError(f"{path}: tensor {key} has shape {tuple(sd[key].shape)}, expected "
@@ -145,7 +145,7 @@ def tensor_shapes(sd: dict, path: Path, family: str) -> tuple:
     vocab, n_embd = sd["wte.weight"].shape
     layers = [int(m.group(1)) for k in sd if (m := re.match(r"h\.(\d+)\.", k))]
     if not layers:
-        raise UserError(f"{path} is not a {family} safetensors file: no transformer blocks (h.0..., h.1...)")
+        raise UserError(f"{path} is not a {family} weights file: no transformer blocks (h.0..., h.1...)")
     return vocab, n_embd, sd["wpe.weight"].shape[0], 1 + max(layers)
 
 
