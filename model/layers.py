@@ -474,9 +474,12 @@ class Rotary(nn.Module):
         self.use_triton = False
 
     def forward(self, q, k, positions, seq_len: int | None = None):
-        """seq_len: LongRoPE's length (GPTModel computes it once a forward); None: from positions here."""
+        """positions: [T] or [B, T], or an int start (T tokens from it), as `rope` takes them. seq_len: LongRoPE's
+        length (GPTModel computes it once a forward); None: from positions here."""
         if is_longrope(self.scaling) and seq_len is None:
             seq_len = rope_seq_len(positions, q.shape[-2])
+        if not isinstance(positions, torch.Tensor) and not self.use_triton:  # rope() takes a start as it is
+            positions = torch.arange(positions, positions + q.shape[-2], device=q.device)
         if self.use_triton:
             from tritongpt.kernels.rope import rope
 

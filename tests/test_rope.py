@@ -952,6 +952,23 @@ def test_rope_kernel_longrope_seq_len(device):
             assert_close_rel(ref, ref64(q, pos, 500.0, 8, ext), 1e-5, f"apply_rotary {given} {seq_len}")
 
 
+@pytest.mark.parametrize("use_triton", [False, True], ids=["reference", "triton"])
+def test_rotary_module_alone_takes_longrope_length_from_an_int_start_and_its_tokens(use_triton, device):
+    """Rotary(q, k, start) with no length, q [B, H, T, D] with H != T: the length is start + T (tokens, not
+    heads): start 4 and 5 tokens is 9, past the original 8 (the long vector; 4 + 3 heads would be short)."""
+    from tritongpt.model.layers import Rotary
+
+    gen = torch.Generator().manual_seed(25)
+    q, k = projected(2, 3, 5, 16, torch.float32, device, gen)
+    rot = Rotary(16, 500.0, LONGROPE, 8)
+    rot.use_triton = use_triton
+    with torch.no_grad():
+        got_q, got_k = rot(q, k, 4)
+    pos = torch.arange(4, 9)
+    assert_close_rel(got_q, ref64(q, pos, 500.0, 8, LONG), 1e-5, "q")
+    assert_close_rel(got_k, ref64(k, pos, 500.0, 8, LONG), 1e-5, "k")
+
+
 def test_attention_alone_picks_the_longrope_vector_from_its_cache():
     """MultiHeadAttention without positions (or a length) over a KVCache: LongRoPE's length is the cache's
     fill + T, as from explicit positions (their max + 1); past the original 8 the vector is the long one."""
