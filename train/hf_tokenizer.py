@@ -8,16 +8,21 @@ those; HFTokenizer hands them to `tokenizers` (the Rust library behind transform
 tokenizers), which gives transformers' ids by construction, and keeps BPETokenizer's interface
 (name, vocab_size, eot_id, special_tokens, encode/encode_batch/decode, hash, save/load).
 
+A folder with no tokenizer.json but SentencePiece's tokenizer.model (older Llama and Mistral
+conversions, T5-style folders) is converted by transformers, as its AutoTokenizer converts it, to
+the same kind of spec (spec_from_sentencepiece); from there on it is a tokenizer.json like any other.
+
 A run folder's tokenizer.json is then our own JSON (format "tritongpt-hf-tokenizer"): the
-tokenizer.json object as read, the EOS and BOS spellings, a name, an info dict and the hash.
+tokenizer.json object as read (or converted), the EOS and BOS spellings, a name, an info dict and the hash.
 """
 import hashlib
+import importlib
 import json
 import re
 from pathlib import Path
 
 from tritongpt.errors import UserError, read_json_object
-from tritongpt.train.tokenizer import TokenizerChecks, _alternation, save_tokenizer_json
+from tritongpt.train.tokenizer import SPM_MODEL, TokenizerChecks, _alternation, save_tokenizer_json
 
 FORMAT = "tritongpt-hf-tokenizer"
 # tokenizer.json's fields that do not decide ids under encode(add_special_tokens=False): the
@@ -32,6 +37,51 @@ def _library():
         raise UserError("this tokenizer.json needs Hugging Face's tokenizers library: pip install 'tokenizers>=0.15'") \
             from None
     return tokenizers
+
+
+# what converting a tokenizer.model takes (pyproject's "sentencepiece" extra): (module, pip requirement).
+# transformers converts; its SentencePiece reader needs both sentencepiece and protobuf.
+SPM_LIBRARIES = (("transformers", "transformers>=4.40"), ("sentencepiece", "sentencepiece>=0.2"),
+                 ("google.protobuf", "protobuf>=3.20"))
+
+
+def spec_from_sentencepiece(folder: Path) -> tuple:
+    """The tokenizers-library spec (a tokenizer.json object) transformers makes of folder's
+    SentencePiece tokenizer.model: AutoTokenizer reads the folder as the class its
+    tokenizer_config.json (or config.json's model type) names, converting the model as it does for
+    any folder without tokenizer.json, and its backend tokenizer is the spec.
+    -> (spec, what read it: "transformers <version> <class>")."""
+    path = folder / SPM_MODEL
+    missing = []
+    for module, requirement in SPM_LIBRARIES:
+        try:
+            importlib.import_module(module)
+        except ImportError:
+            missing.append(requirement)
+    if missing:
+        raise UserError(f"{path} is a SentencePiece tokenizer (and {folder} has no tokenizer.json): converting it "
+                        f"needs {' and '.join(missing)}: pip install {' '.join(repr(r) for r in missing)} "
+                        "(tritongpt's sentencepiece extra)")
+    import sentencepiece
+    import transformers
+
+    try:  # sentencepiece's own check first: transformers 5 reads a file it cannot parse as a tiktoken one
+        sentencepiece.SentencePieceProcessor(model_file=str(path))
+    except Exception as e:  # RuntimeError, naming what is wrong (no ModelProto, no <unk>, ...)
+        raise UserError(f"{path}: not a SentencePiece model ({(str(e).splitlines() or [''])[0]})") from None
+    try:
+        # trust_remote_code=False: a tokenizer class of the folder's own code is refused, never run
+        # (transformers 4 would otherwise ask on a terminal)
+        fast = transformers.AutoTokenizer.from_pretrained(str(folder), local_files_only=True,
+                                                          trust_remote_code=False)
+    except Exception as e:  # ValueError, OSError, ...: its first line says what it missed
+        raise UserError(f"{path}: transformers could not convert it ({type(e).__name__}: "
+                        f"{(str(e).splitlines() or [''])[0]})") from None
+    backend = getattr(fast, "backend_tokenizer", None)
+    if backend is None:  # transformers 4 without a converter for the class falls back to its Python tokenizer
+        raise UserError(f"{path}: transformers reads it as {type(fast).__name__}, which has no tokenizers-library "
+                        "form to convert it to")
+    return json.loads(backend.to_str()), f"transformers {transformers.__version__} {type(fast).__name__}"
 
 
 def _token_name(value):
@@ -106,17 +156,22 @@ class HFTokenizer(TokenizerChecks):
     # -- construction --------------------------------------------------------------------------
     @classmethod
     def from_hf_folder(cls, folder) -> "HFTokenizer":
-        """A folder as transformers' save_pretrained writes it: tokenizer.json, and the EOS named by
+        """A folder as transformers' save_pretrained writes it: tokenizer.json (else SentencePiece's
+        tokenizer.model, converted by transformers: spec_from_sentencepiece), and the EOS named by
         tokenizer_config.json's eos_token, else config.json's or generation_config.json's
         eos_token_id (BOS likewise, kept for export)."""
         folder = Path(folder)
-        path = folder / "tokenizer.json"
-        if not path.is_file():
-            raise UserError(f"{folder} holds no tokenizer.json")
-        spec = read_json_object(path)
+        path, info = folder / "tokenizer.json", {"source": str(folder)}
+        if path.is_file():
+            spec = read_json_object(path)
+        elif (folder / SPM_MODEL).is_file():
+            path = folder / SPM_MODEL
+            spec, info["converted_by"] = spec_from_sentencepiece(folder)
+        else:
+            raise UserError(f"{folder} holds no tokenizer.json (nor SentencePiece's {SPM_MODEL})")
         cfg_path = folder / "tokenizer_config.json"
         cfg = read_json_object(cfg_path) if cfg_path.is_file() else {}
-        tok = cls(spec, name=folder.name, where=str(path), info={"source": str(folder)})
+        tok = cls(spec, name=folder.name, where=str(path), info=info)
         for key in ("eos", "bos"):
             name = _token_name(cfg.get(f"{key}_token"))
             if name is None:

@@ -26,7 +26,8 @@ not have, an activation other than SiLU, biases on only some layers) is refused 
 loads with the same logits, and load_checkpoint (gpt2_weights.py) reads one back. The tokenizers of
 published Llamas (SentencePiece converted to a BPE, or a byte-level BPE with another
 pre-tokenizer) are not ones tritongpt's BPE reproduces: the folder's tokenizer.json is read by
-Hugging Face's tokenizers library instead (hf_tokenizer.py), so such a model takes text too.
+Hugging Face's tokenizers library instead (hf_tokenizer.py), so such a model takes text too; a folder
+with SentencePiece's tokenizer.model and no tokenizer.json is first converted by transformers.
 """
 import math
 from pathlib import Path

@@ -51,7 +51,7 @@ HF_FORMAT = "tritongpt-hf-tokenizer"  # hf_tokenizer.FORMAT (that module imports
 # what --tokenizer takes, in every command's help
 TOKENIZER_CHOICES = ("default | gpt2 | a tokenizer .json | a folder: a run's, OpenAI's encoder.json + vocab.bpe, "
                      "or Hugging Face's vocab.json + merges.txt or tokenizer.json (a Llama's: through the tokenizers "
-                     "library)")
+                     "library) or SentencePiece's tokenizer.model (converted by transformers)")
 # what --init and --weights take beside paths and names (tritongpt/cli.py fetches it first)
 HUB_REPO_HELP = "a Hugging Face Hub repo id (owner/name: its weights, config and tokenizer fetched once)"
 
@@ -770,6 +770,9 @@ _JSON_KIND = {str: "string", list: "list", dict: "object"}
 RUN_TOKENIZER = "tokenizer.json"  # a run folder's tokenizer, read back by every later stage
 # ours again in `tritongpt export`'s folder, where tokenizer.json would be read by Hugging Face
 EXPORT_TOKENIZER = "tritongpt_tokenizer.json"
+# SentencePiece's model: the tokenizer of a Hugging Face folder saved without tokenizer.json (older
+# Llama and Mistral conversions, T5-style folders), which transformers converts (hf_tokenizer.py)
+SPM_MODEL = "tokenizer.model"
 
 
 def save_run_tokenizer(tok, out_dir):
@@ -819,13 +822,21 @@ def _hf_changed_since_export(folder: Path, ours: Path) -> bool:
 
 
 def is_hf_tokenizer_folder(path) -> bool:
-    """A folder holding Hugging Face's tokenizer files: GPT-2's vocab.json and merges.txt, or the
-    tokenizers library's tokenizer.json (not ours, which shares the name)."""
+    """A folder holding Hugging Face's tokenizer files: GPT-2's vocab.json and merges.txt, the
+    tokenizers library's tokenizer.json (not ours, which shares the name), or SentencePiece's tokenizer.model."""
     p = Path(path)
     if not p.is_dir():
         return False
     return ((p / "vocab.json").is_file() and (p / "merges.txt").is_file()) or \
-        ((p / RUN_TOKENIZER).is_file() and not is_ours(p / RUN_TOKENIZER))
+        ((p / RUN_TOKENIZER).is_file() and not is_ours(p / RUN_TOKENIZER)) or is_sentencepiece_folder(p)
+
+
+def is_sentencepiece_folder(path) -> bool:
+    """A Hugging Face folder whose tokenizer is only SentencePiece's tokenizer.model: no tokenizer.json
+    (transformers reads that one first), nor GPT-2's vocab.json and merges.txt."""
+    p = Path(path)
+    return (p / SPM_MODEL).is_file() and not (p / RUN_TOKENIZER).is_file() and \
+        not ((p / "vocab.json").is_file() and (p / "merges.txt").is_file())
 
 
 def is_ours(path) -> bool:
@@ -861,8 +872,18 @@ _NOTED = set()
 def from_hf_folder(folder):
     """A Hugging Face tokenizer folder as BPETokenizer when it reproduces the ids (GPT-2's files),
     else through the tokenizers library (HFTokenizer: SentencePiece-converted Llamas, byte-level BPEs
-    with other pre-tokenizers); which one is said once per folder."""
+    with other pre-tokenizers; a bare tokenizer.model converted by transformers); which one is said
+    once per folder."""
     folder = Path(folder)
+    if is_sentencepiece_folder(folder):
+        from tritongpt.train.hf_tokenizer import HFTokenizer
+
+        tok = HFTokenizer.from_hf_folder(folder)
+        if str(folder.resolve()) not in _NOTED:
+            _NOTED.add(str(folder.resolve()))
+            note(f"{folder / SPM_MODEL} (no tokenizer.json beside it) is converted by {tok.info['converted_by']} "
+                 f"and read by Hugging Face's tokenizers library ({tok.vocab_size} tokens, EOS {tok.eos_token!r})")
+        return tok
     try:
         return BPETokenizer.from_hf_folder(folder)
     except UserError as e:
@@ -958,7 +979,8 @@ def gpt2_tokenizer() -> BPETokenizer:
 def get_tokenizer(spec="default"):
     """"default" | "gpt2" | a saved tokenizer JSON | a run folder (its tokenizer.json) | a folder
     with encoder.json + vocab.bpe (OpenAI's) or vocab.json + merges.txt or tokenizer.json (Hugging
-    Face's: an HFTokenizer where BPETokenizer would give other ids)."""
+    Face's: an HFTokenizer where BPETokenizer would give other ids) or tokenizer.model (SentencePiece's,
+    converted by transformers to an HFTokenizer)."""
     if isinstance(spec, TokenizerChecks):  # a tokenizer already (BPETokenizer, HFTokenizer)
         return spec
     spec = "default" if spec is None else str(spec)
@@ -974,12 +996,15 @@ def get_tokenizer(spec="default"):
         saved = saved_tokenizer_path(p)  # a run folder or one of its checkpoints
         if saved is None:
             raise UserError(f"tokenizer folder {p} must hold our {RUN_TOKENIZER} (a run folder), "
-                            "GPT-2's encoder.json and vocab.bpe, or Hugging Face's vocab.json and merges.txt or tokenizer.json")
+                            "GPT-2's encoder.json and vocab.bpe, or Hugging Face's vocab.json and merges.txt or "
+                            f"tokenizer.json or {SPM_MODEL}")
         return from_hf_folder(saved) if saved.is_dir() else load_tokenizer(saved)
     if p.is_file():
         if p.name == RUN_TOKENIZER and not is_ours(p):
             # transformers' own tokenizer.json: its special tokens are named beside it, so read
             # the folder, as a folder given by name is read
+            return from_hf_folder(p.parent)
+        if p.name == SPM_MODEL:  # SentencePiece's: likewise its folder, which names its special tokens
             return from_hf_folder(p.parent)
         return load_tokenizer(p)
     raise UserError(f"unknown tokenizer {spec!r}: use 'default', 'gpt2', a tokenizer .json file, "
