@@ -404,7 +404,7 @@ def cmd_export(args):
     # what transformers reads in a model folder: all of it replaced, none of it left from before
     # (a peft adapter's config would make from_pretrained load its base model plus the adapter)
     hf_files = ("model.safetensors", "config.json", "vocab.json", "merges.txt", "tokenizer_config.json",
-                EXPORT_TOKENIZER, RUN_TOKENIZER, "special_tokens_map.json", "added_tokens.json",
+                EXPORT_TOKENIZER, RUN_TOKENIZER, "tokenizer.model", "special_tokens_map.json", "added_tokens.json",
                 "generation_config.json", "model.safetensors.index.json", "pytorch_model.bin",
                 "pytorch_model.bin.index.json", "chat_template.jinja", "chat_template.json",
                 "adapter_config.json", "adapter_model.safetensors", "adapter_model.bin")
