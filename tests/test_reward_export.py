@@ -156,3 +156,31 @@ def test_the_pad_token_is_never_one_a_score_is_read_at():
                "added_tokens": [{"id": 2, "content": "</s>"}]}
     assert pad_token_for({"tokenizer.json": json.dumps(unigram)}, {0, 2}) == (1, "▁a")
     assert pad_token_for({}, {0}) == (1, None) and pad_token_for({}, {5}) == (0, None)
+
+
+def test_a_lora_reward_model_exports_merged(tmp_path):
+    """A reward run trained with --lora-rank saves W, A and B; the export is the merged backbone's classifier."""
+    from tritongpt.model.lora import add_lora
+    from tritongpt.train.reward import pad_token_for
+
+    cfg = GPTConfig(**TINY, **EXPORT_BASES["Llama"])
+    rm = random_reward_model(cfg)
+    with torch.no_grad():
+        rm.head.bias.zero_()
+    add_lora(rm.backbone, 2, 8.0)
+    with torch.no_grad():  # B starts at zero: an update that changes the scores
+        for name, p in rm.backbone.named_parameters():
+            if name.endswith("lora_B"):
+                p.add_(torch.randn_like(p) * 0.3)
+    eot = cfg.vocab_size - 1
+    idx, lengths = padded_batch(cfg.vocab_size, eot, 0, [9, 16, 4])
+    with torch.no_grad():
+        ours = rm.eval()(idx, lengths)
+    rm.save(tmp_path / "rm.safetensors")
+    loaded = RewardModel.load(tmp_path / "rm.safetensors")
+    assert not loaded.config.lora_rank  # merged on load
+    _, _, export = export_target(loaded.config)
+    assert pad_token_for({}, {eot}) == (0, None)
+    export_reward_model(loaded, tmp_path / "hf", export, eot, 0)
+    theirs, _ = hf_scores(tmp_path / "hf", idx, lengths)
+    assert_close_rel(theirs, ours, 1e-5, "merged LoRA reward model's scores")
