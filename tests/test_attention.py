@@ -173,6 +173,31 @@ def test_matches_reference_module_core(device):
     assert_close_rel(flash_attention(q, k, v), ref, 1e-4, "vs MultiHeadAttention.attend")
 
 
+def test_matches_reference_module_core_with_every_mask(device):
+    """attend with grouped KV heads, a window, a soft cap and packed documents, for queries that are
+    the last 13 of 41 keys (the model refuses doc_ids with a cache, but attend is flash_attention's
+    reference and the kernel takes them): attend's document mask must sit at the queries' positions
+    Tk - Tq + i too. Each mask alone changes the answer."""
+    from tritongpt.model.layers import MultiHeadAttention
+
+    mha = MultiHeadAttention(n_embd=64, n_head=4, context_length=64, window=11, n_kv_head=2, softcap=1.5).double()
+    doc_ids = runs([6, 17, 18], ids=[3, 1, 3])
+    g = torch.Generator().manual_seed(41)
+    q = (torch.randn(1, 4, 13, 16, generator=g) * 2).to(device)
+    k, v = (torch.randn(1, 2, 41, 16, generator=g).to(device) for _ in range(2))
+    ref = mha.attend(q.double().cpu(), k.double().cpu(), v.double().cpu(), doc_ids)
+    masks = dict(window=11, softcap=1.5, doc_ids=doc_ids.to(device))
+    got = flash_attention(q, k, v, softmax_scale=mha.softmax_scale, **masks)
+    assert_close_rel(got, ref, 1e-4, "vs MultiHeadAttention.attend with every mask")
+    # each mask bites (the documents: the windows of positions 28..33 reach back past their document's start, 23)
+    for attr in ("window", "softcap", "doc_ids"):
+        plain = MultiHeadAttention(n_embd=64, n_head=4, context_length=64, window=0 if attr == "window" else 11,
+                                   n_kv_head=2, softcap=0.0 if attr == "softcap" else 1.5).double()
+        args = (t.double().cpu() for t in (q, k, v))
+        less = plain.attend(*args, None if attr == "doc_ids" else doc_ids)
+        assert report(less, ref)[1] > 0.01, f"without {attr} attend gives the same: the test cannot fail"
+
+
 def test_backward_of_sum_zero_stride_grad(device):
     """out.sum().backward() hands the kernel an expanded dO with all strides 0."""
     q, k, v = make_qkv(1, 2, 20, 20, 32, torch.float32, device, seed=4)
@@ -493,6 +518,8 @@ def test_documents_bad_input(device):
         flash_attention(q, k, v, doc_ids=ids.bool())
     with pytest.raises(TypeError, match="doc_ids must be an integer tensor"):
         flash_attention(q, k, v, doc_ids=[[0] * 12] * 2)
+    with pytest.raises(ValueError, match=f"doc_ids is on meta, q on {device.type}: they must share a device"):
+        flash_attention(q, k, v, doc_ids=ids.to("meta"))
     op, seed = torch.ops.tritongpt.flash_attn_fwd, torch.tensor(0)
     starts = torch.zeros(2, 12, dtype=torch.int32, device=device)
     with pytest.raises(ValueError, match="need both starts and ends"):
@@ -716,6 +743,7 @@ SOFTCAP_CASES = {  # (B, H, Tq, Tk, D, flash_attention's arguments): no length a
     "window 17, c 5": (1, 1, 40, 40, 64, dict(window=17, softcap=5.0)),
     "dropout, head dim 80, c 3": (2, 1, 24, 40, 80, dict(dropout_p=0.3, seed=77, softcap=3.0)),
     "head dim 256, window 9, c 4": (1, 1, 33, 33, 256, dict(window=9, softcap=4.0)),
+    "a cap below 1, c 0.6": (1, 1, 21, 21, 16, dict(softcap=0.6)),  # (a flag from c > 1 took it as no cap)
 }
 
 
