@@ -644,6 +644,27 @@ def test_window_skips_the_tiles_outside_it(device):
     assert torch.isnan(flash_attention(q, k, v)[:, :, late]).all()
 
 
+@pytest.mark.filterwarnings("ignore:All-NaN slice encountered:RuntimeWarning")  # the interpreter's, on NaN rows
+@pytest.mark.filterwarnings("ignore:invalid value encountered in subtract:RuntimeWarning")
+def test_window_skips_the_tiles_outside_it_in_every_pass(device):
+    """As above for the backward passes too, with queries the last 45 of 61 keys (a ragged query tile):
+    forward and dQ never read the KV tiles before every row's window (NaN keys and values there do
+    not reach the late rows' output and dq), dK/dV never reads the query tiles past every key's
+    window (NaN queries there do not reach the first keys' dk, dv). Reading them would change no
+    finite answer, only the cost (a window's layer is O(T W)): NaN is what makes the reads show."""
+    q, k, v = make_qkv(1, 1, 45, 61, 16, torch.float32, device, seed=7)
+    do = torch.randn(1, 1, 45, 16, generator=torch.Generator().manual_seed(8)).to(device)
+    late = slice(32, 45)  # positions 48.. with a window of 20 see keys 29.. only
+    k[:, :, :16], v[:, :, :16] = float("nan"), float("nan")
+    out, dq, _, _ = run_grads(lambda a, b, c: flash_attention(a, b, c, window=20), q, k, v, do)
+    assert torch.isfinite(out[:, :, late]).all() and torch.isfinite(dq[:, :, late]).all()
+    q, k, v = make_qkv(1, 1, 45, 61, 16, torch.float32, device, seed=7)
+    q[:, :, late] = float("nan")  # keys 0..15 are seen by positions up to 34 only: rows up to 18
+    _, _, dk, dv = run_grads(lambda a, b, c: flash_attention(a, b, c, window=20), q, k, v, do)
+    assert torch.isfinite(dk[:, :, :16]).all() and torch.isfinite(dv[:, :, :16]).all()
+    assert torch.isnan(run_grads(flash_attention, q, k, v, do)[2][:, :, :16]).all()  # the dense kernel reads them
+
+
 def test_bf16_window_within_2x_of_torch_bf16(device):
     B, H, Tq, Tk, D, window = WINDOW_LAYOUTS["window 17, a tile and one"]
     check_bf16_masked(B, H, Tq, Tk, D, 22, "window", device=device, window=window)
