@@ -1064,6 +1064,9 @@ def test_bad_inputs(device, monkeypatch):
         flash_attention(many, many, many)
     with pytest.raises(ValueError, match="batch x heads = 65536"):
         dropout_mask(1, 4096, 16, 2, 2, 0.1, device)
+    for p in (1.0, -0.1):  # the kernel's range: p = 1 kept nothing, a negative p everything
+        with pytest.raises(ValueError, match=rf"p must be in \[0, 1\), got {p}"):
+            dropout_mask(1, 1, 1, 2, 2, p, device)
     if device.type == "cpu":
         monkeypatch.setenv("TRITON_INTERPRET", "0")
         with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
