@@ -163,6 +163,27 @@ def test_fp32_k_and_v_with_different_layouts(device):
     check_fp32(q, k, v, tag="k/v layouts")
 
 
+def test_fp32_q_k_v_split_from_one_fused_projection(device):
+    """q, k, v as GPT-2's c_attn output splits them: views of one [B, T, 3, H, D] buffer, none dense
+    (each holds a third of it), so torch.empty_like(q) gives dq strides of its own, not q's: each
+    gradient must be written with its own strides. The gradient of the fused leaf against float64."""
+    B, H, T, D = 2, 2, 21, 32
+    fused = torch.randn(B, T, 3 * H * D, generator=torch.Generator().manual_seed(23)).to(device)
+    do = torch.randn(B, H, T, D, generator=torch.Generator().manual_seed(24)).to(device)
+
+    def grads(fn, dtype):
+        leaf = fused.to(dtype, copy=True).requires_grad_()
+        q, k, v = (t.transpose(1, 2) for t in leaf.view(B, T, 3, H, D).unbind(2))
+        assert all(torch.empty_like(t).stride() != t.stride() for t in (q, k, v))  # not dense
+        out = fn(q, k, v)
+        out.backward(do.to(dtype))
+        return out.detach(), leaf.grad
+
+    for name, g, r in zip(("out", "dfused"), grads(flash_attention, torch.float32),
+                          grads(reference_attention, torch.float64)):
+        assert_close_rel(g, r, 1e-4, f"fused q, k, v {name}")
+
+
 def test_matches_reference_module_core(device):
     """Same numbers as MultiHeadAttention.attend, the textbook core this kernel replaces."""
     from tritongpt.model.layers import MultiHeadAttention
