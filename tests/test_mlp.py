@@ -207,6 +207,12 @@ def test_exact_gelu_matches_reference_module_and_is_refused_misspelled(device):
         gelu_mlp(x, w1, None, w2, None, approximate="erf")
     with pytest.raises(ValueError, match=r"approximate must be one of tanh, none"):
         torch.ops.tritongpt.gelu_mlp_fwd(x.detach()[0], w1, None, w2, None, "exact")
+    # the fake impls, which torch.compile traces with, refuse it too (meta tensors reach them)
+    mx, mw1, mw2 = (t.detach().to("meta") for t in (x[0], w1, w2))
+    with pytest.raises(ValueError, match=r"approximate must be one of tanh, none"):
+        torch.ops.tritongpt.gelu_mlp_fwd(mx, mw1, None, mw2, None, "exact")
+    with pytest.raises(ValueError, match=r"approximate must be one of tanh, none"):
+        torch.ops.tritongpt.gelu_mlp_bwd(mx, mx, torch.empty(5, 96, device="meta"), mw1, mw2, [True] * 5, "exact")
 
 
 def test_fp16_leading_dims(device):
@@ -613,15 +619,17 @@ def test_forward_activation_is_gelu_of_the_saved_h(device):
     assert differ <= 0.01
 
 
-@pytest.mark.parametrize("C,H", [(0, 8), (5, 0)])
-def test_empty_feature_or_hidden_dims_match_pytorch(C, H, device, nan_filled_empty):
+@pytest.mark.parametrize("C,H,approximate", [(0, 8, "tanh"), (5, 0, "tanh"), (0, 8, "none")])
+def test_empty_feature_or_hidden_dims_match_pytorch(C, H, approximate, device, nan_filled_empty):
     """No input features (y = GELU(b1) @ w2^T + b2) or no hidden units (y = b2): PyTorch's
-    answers and gradients, not a reshape error (nor a buffer no kernel wrote)."""
+    answers and gradients, not a reshape error (nor a buffer no kernel wrote). With C = 0 the GELU
+    of b1 is torch's, outside the kernel: the exact one too (mutation audit: that branch's tanh
+    GELU for approximate "none" passed every test)."""
     gen = torch.Generator().manual_seed(17)
     params = [torch.randn(*shape, generator=gen).to(device).requires_grad_()
               for shape in ((4, C), (H, C), (H,), (C, H), (C,))]
     leaves = [p.detach().double().requires_grad_() for p in params]
-    y, y64 = gelu_mlp(*params), ref_mlp(*leaves)
+    y, y64 = gelu_mlp(*params, approximate=approximate), ref_mlp(*leaves, approximate)
     dy = torch.randn(y.shape, generator=gen).to(device)
     y.backward(dy)
     y64.backward(dy.double())
@@ -659,3 +667,21 @@ def test_autotune_key_tells_operand_layouts_apart(monkeypatch):
     w2_t = keys[((64, 16), w2.t().stride())]   # second Linear forward
     w1_b = keys[((64, 16), w1.stride())]       # dx = dh @ w1
     assert w2_t != w1_b
+
+
+def test_autotune_key_holds_every_flag():
+    """Each constexpr flag changes what a program loads and holds (EPILOGUE 3 has two accumulators,
+    B_SWIGLU three tiles a stage, SUM2 a second K loop), so a tile tuned for one mode may not fit
+    another: every one is in the autotune key. Not in it: the tuned meta-parameters, and PRECISION,
+    which follows the dtype, which the autotuner adds to the key itself (mutation audit: dropping
+    GATE_GELU, GELU_ERF, B_SWIGLU, SUM2 or EPILOGUE from the key passed every test)."""
+    import inspect
+
+    from tritongpt.kernels import mlp
+
+    kernel = mlp._matmul_kernel
+    fn = getattr(kernel.fn, "fn", kernel.fn)  # the Python function, under the interpreter or not
+    flags = {name for name, p in inspect.signature(fn).parameters.items() if p.annotation is tl.constexpr}
+    tuned = {"BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "PRECISION"}
+    assert {"EPILOGUE", "B_SWIGLU", "GATE_GELU", "GELU_ERF"} <= flags  # the signature was read
+    assert flags - tuned <= set(kernel.keys), f"not in the autotune key: {sorted(flags - tuned - set(kernel.keys))}"
