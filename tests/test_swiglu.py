@@ -96,12 +96,13 @@ def test_no_bias(activation, device):
 def test_strided_views(device):
     """Weights as callers may hand them over: w_up transposed (so its strides differ from
     w_gate's, which the fused gate/up pass and dx's second product share), w_down transposed,
-    every-other-element biases, a slice of a wider x: the contiguous copies' answer."""
+    every-other-element biases (b_up too: the kernel reads both at unit stride, each is made
+    contiguous on its own), a slice of a wider x: the contiguous copies' answer."""
     gen = torch.Generator().manual_seed(4)
     M, C, H = 9, 24, 40
     views = (torch.randn(M, 2 * C, generator=gen)[:, 1::2], torch.randn(H, C, generator=gen),
              torch.randn(2 * H, generator=gen)[::2], torch.randn(C, H, generator=gen).t(),
-             torch.randn(H, generator=gen), torch.randn(H, C, generator=gen).t(),
+             torch.randn(H, 2, generator=gen)[:, 1], torch.randn(H, C, generator=gen).t(),
              torch.randn(3 * C, generator=gen)[::3])
     views = [t.to(device).requires_grad_() for t in views]
     y = swiglu_mlp(*views)
@@ -121,6 +122,7 @@ def test_strided_views(device):
     ((False, True, False, False, False, True, True), "silu"),    # no dx, up frozen
     ((False, True, False, False, False, True, True), "gelu"),
     ((False, False, False, False, True, False, False), "gelu"),  # only the up bias trains
+    ((False, False, True, False, False, False, False), "silu"),  # only the gate bias trains
 ])
 def test_frozen_weights_skip_their_products(trainable, activation, device, monkeypatch):
     """Backward makes only the gradients autograd asks for (the trainable ones match float64,
@@ -148,6 +150,26 @@ def test_frozen_weights_skip_their_products(trainable, activation, device, monke
             assert_close_rel(p.grad, p64.grad, 1e-4, name)
         else:
             assert p.grad is None, name
+
+
+@pytest.mark.parametrize("missing,activation", [(2, "silu"), (4, "gelu")])
+def test_gate_bias_without_up_bias_and_back(missing, activation, device):
+    """b_gate without b_up, or b_up without b_gate: the fused gate/up pass has one bias flag for both,
+    so the missing bias must go in as zeros, not as the other one (mutation audit: reading the
+    present bias for the missing one passed every test). y and every gradient against float64."""
+    gen = torch.Generator().manual_seed(21 + missing)
+    params = make(13, 24, 40, torch.float32, device, gen)
+    params[missing] = None
+    y = swiglu_mlp(*params, activation=activation)
+    dy = torch.randn(y.shape, generator=gen).to(device)
+    y.backward(dy)
+    leaves = [p.detach().double().requires_grad_() if p is not None else None for p in params]
+    y64 = ref_swiglu(*leaves, activation)
+    y64.backward(dy.double())
+    assert_close_rel(y, y64, 1e-4, "y")
+    for name, p, p64 in zip(NAMES, params, leaves):
+        if p is not None:
+            assert_close_rel(p.grad, p64.grad, 1e-4, name)
 
 
 def _module_grads(ff, x, dy):
@@ -368,6 +390,14 @@ def test_custom_ops_called_directly_check_shapes(device):
     torch.library.opcheck(fwd.default, (x, wg, bg, wu, bu, wd, None, "gelu"))
     y, g, u = fwd(x, wg, bg, wu, bu, wd, bd, "gelu")
     torch.library.opcheck(bwd.default, (torch.randn_like(y), x, g, u, wg, wu, wd, [True] * 7, "gelu"))
+    # g and u in other layouts than the forward's (column-major, or one of them only): the same gradients
+    # (the epilogue reads both with one pair of strides; mutation audit: not making them contiguous passed)
+    dy = torch.randn_like(y)
+    want = bwd(dy, x, g, u, wg, wu, wd, [True] * 7, "gelu")
+    gc, uc = g.t().contiguous().t(), u.t().contiguous().t()  # column-major copies
+    for gs, us in ((gc, u), (g, uc), (gc, uc)):
+        for name, got, w in zip(NAMES, bwd(dy, x, gs, us, wg, wu, wd, [True] * 7, "gelu"), want):
+            assert torch.equal(got, w), name
     with pytest.raises(Exception, match=r"w_gate has shape \(20, 10\)"):
         torch.compile(lambda x, wg, wu, wd: fwd(x, wg, None, wu, None, wd, None), backend="eager", fullgraph=True)(
             x, wg[:, :10], wu, wd)
