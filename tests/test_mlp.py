@@ -623,8 +623,8 @@ def test_forward_activation_is_gelu_of_the_saved_h(device):
 def test_empty_feature_or_hidden_dims_match_pytorch(C, H, approximate, device, nan_filled_empty):
     """No input features (y = GELU(b1) @ w2^T + b2) or no hidden units (y = b2): PyTorch's
     answers and gradients, not a reshape error (nor a buffer no kernel wrote). With C = 0 the GELU
-    of b1 is torch's, outside the kernel: the exact one too (mutation audit: that branch's tanh
-    GELU for approximate "none" passed every test)."""
+    of b1 is torch's, outside the kernel, and y is empty: checked on the launch's own a, the exact
+    GELU too (mutation audit: that branch's tanh GELU for approximate "none" passed every test)."""
     gen = torch.Generator().manual_seed(17)
     params = [torch.randn(*shape, generator=gen).to(device).requires_grad_()
               for shape in ((4, C), (H, C), (H,), (C, H), (C,))]
@@ -636,6 +636,13 @@ def test_empty_feature_or_hidden_dims_match_pytorch(C, H, approximate, device, n
     assert y.shape == (4, C)
     for name, got, want in zip(("y",) + NAMES, [y] + [p.grad for p in params], [y64] + [p.grad for p in leaves]):
         assert got.shape == want.shape and torch.allclose(got.double(), want, atol=1e-5), name
+    if C == 0:
+        from tritongpt.kernels import mlp
+
+        x, w1, b1 = (p.detach() for p in params[:3])
+        a, h = mlp._matmul(x, w1.t(), b1, mlp.EPI_GELU, approximate=approximate)
+        assert torch.equal(h, b1.expand(4, H))
+        assert torch.allclose(a.double(), gelu64(h.double(), approximate), atol=1e-6)
 
 
 def test_meta_tensors_give_shapes():
