@@ -369,6 +369,10 @@ def test_rejects_unknown_activation(device):
     mx, mwg, _, mwu, _, mwd, _ = meta
     with pytest.raises(ValueError, match=match):
         bwd(torch.empty_like(mx), mx, g.to("meta"), u.to("meta"), mwg, mwu, mwd, [True] * 7, "relu")
+    # the reference module refuses it when built, not at its first forward (mutation audit: without its assert
+    # passed every test)
+    with pytest.raises(AssertionError, match="activation must be one of silu, gelu"):
+        SwiGLUFeedForward(8, 24, activation="relu")
 
 
 def test_custom_ops_called_directly_check_shapes(device):
