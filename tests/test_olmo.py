@@ -143,7 +143,7 @@ def test_export_round_trips_through_transformers(tmp_path, kind, kw):
 def test_sharded_and_flat_hub_configs_load(tmp_path):
     """The Hub's OLMo 3 config.json says rope_theta and rope_scaling flat (not per layer type), and its large
     models come in shards: both read, with transformers' logits. What a config.json leaves out is read as
-    Olmo3Config's defaults: a RoPE base of 500000, eps 1e-5."""
+    Olmo3Config's defaults: a RoPE base of 500000, eps 1e-5, all but every 4th layer sliding over 4096 positions."""
     hf, _ = hf_olmo(tmp_path / "a", "olmo3", rope_parameters={"full_attention": {**YARN, "rope_theta": 5e5},
                                                               "sliding_attention": {"rope_type": "default",
                                                                                     "rope_theta": 5e5}})
@@ -164,12 +164,14 @@ def test_sharded_and_flat_hub_configs_load(tmp_path):
         assert_close_rel(model(idx), hf(idx).logits, 2e-6, "shards, flat config")
         assert_close_rel(again(idx).logits, hf(idx).logits, 2e-6, "transformers on the flat config")
     d = json.loads(cfg_json.read_text())
-    for key in ("rope_theta", "rms_norm_eps", "max_position_embeddings"):
+    for key in ("rope_theta", "rms_norm_eps", "max_position_embeddings", "layer_types", "sliding_window"):
         d.pop(key)
     cfg_json.write_text(json.dumps(d))
     model = load_checkpoint(tmp_path / "b").double().eval()
     assert (model.config.rope_theta, model.config.norm_eps, model.config.context_length) == (5e5, 1e-5, 2048)
     again = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "b", dtype=torch.float64).eval()
+    # without layer_types and sliding_window: Olmo3Config's, all but every 4th layer sliding over 4096 positions
+    assert (model.config.window_layers, model.config.attention_window) == ("0,1,2", again.config.sliding_window)
     with torch.no_grad():
         assert_close_rel(model(idx), again(idx).logits, 2e-6, "a config.json without theta, eps, context")
 
