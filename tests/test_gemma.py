@@ -232,6 +232,28 @@ def test_attention_cap_and_scale_fields_are_checked_and_exports_that_cannot_say_
         export_gemma(_gemma_like(**gemma1, attention_scale_width=48), tmp_path / "g1")
 
 
+@pytest.mark.parametrize("kind,kw", [("gemma2", {"layers": 3, "head_dim": 16}), ("gemma3_text", {})],
+                         ids=["gemma2", "gemma3"])
+def test_a_config_without_caps_window_or_layer_types_is_read_as_transformers_reads_it(tmp_path, kind, kw):
+    """What a Gemma 2 or 3 config.json leaves out is its config class's default: Gemma 2's caps 50 (attention)
+    and 30 (logits), its even layers sliding; Gemma 3's five local layers to a global one, no caps; both a
+    window of 4096 and query_pre_attn_scalar 256. Compared field by field with transformers' AutoConfig."""
+    _, path = hf_gemma(tmp_path, kind, **kw)
+    cfg_json = tmp_path / "config.json"
+    d = json.loads(cfg_json.read_text())
+    for key in ("attn_logit_softcapping", "final_logit_softcapping", "query_pre_attn_scalar", "sliding_window",
+                "layer_types"):
+        d.pop(key)
+    cfg_json.write_text(json.dumps(d))
+    c, theirs = load_checkpoint(path).config, transformers.AutoConfig.from_pretrained(tmp_path)
+    assert (c.attn_softcap, c.logit_softcap) == ((50.0, 30.0) if kind == "gemma2" else (0.0, 0.0))
+    assert (c.attn_softcap, c.logit_softcap) == (theirs.attn_logit_softcapping or 0.0,
+                                                 theirs.final_logit_softcapping or 0.0)
+    assert (c.attention_scale_width, c.attention_window) == (theirs.query_pre_attn_scalar, theirs.sliding_window)
+    assert [bool(c.layer_window(i)) for i in range(c.n_layer)] == \
+        [t == "sliding_attention" for t in theirs.layer_types]
+
+
 def test_gemma3_without_rope_parameters_reads_the_older_keys(tmp_path):
     """A config.json from before transformers 5: rope_theta (global), rope_local_base_freq (local) and
     rope_scaling (global only), as the Hub's Gemma 3 270M and 1B say them."""
