@@ -124,6 +124,18 @@ def test_what_this_model_does_not_compute_is_refused_by_name(tmp_path, change, m
         load_gptj_safetensors(path)
 
 
+def test_a_config_without_rotary_dim_is_read_as_transformers_reads_it(tmp_path):
+    """GPTJConfig's rotary_dim is 64 when config.json says none: wider than these heads of 16, refused by name."""
+    _, path = hf_gptj(tmp_path)
+    cfg_json = tmp_path / "config.json"
+    d = json.loads(cfg_json.read_text())
+    d.pop("rotary_dim")
+    cfg_json.write_text(json.dumps(d))
+    assert transformers.AutoConfig.from_pretrained(tmp_path).rotary_dim == 64
+    with pytest.raises(UserError, match=r"rotary_dim 64; it must be an even number of dimensions in \[2, 16\]"):
+        load_checkpoint(path)
+
+
 def test_other_exports_refuse_it_and_it_refuses_what_gptj_cannot_say(tmp_path):
     from tritongpt.model.config import GPTConfig
     from tritongpt.model.gpt import GPTModel
