@@ -128,8 +128,9 @@ def test_sharded_and_hub_style_configs_load(tmp_path):
     ({"attention_bias": False}, "attention_bias false"),
     ({"intermediate_size": 100}, "intermediate_size 100, but the weights have 256"),
     ({"num_attention_heads": 5}, "num_attention_heads 5, which does not divide the weights. width 64"),
+    ({"num_key_value_heads": 2}, "num_key_value_heads 2; GPT-NeoX's heads each have their own"),
 ], ids=["rotary-pct", "partial-factor", "linear-rope", "dynamic-rope", "activation", "attention-bias",
-        "mlp-width", "heads"])
+        "mlp-width", "heads", "kv-heads"])
 def test_what_this_model_does_not_compute_is_refused_by_name(tmp_path, change, match):
     _, path = hf_neox(tmp_path)
     cfg_json = tmp_path / "config.json"
