@@ -103,7 +103,10 @@ def test_export_round_trips_through_transformers(tmp_path, kw):
      r"a RoPE base -1.0 \(rope_theta\); it must be a number > 0"),
     ({"use_qkv_bias": False}, "use_qkv_bias false, but the weights have q_proj's bias"),
     ({"model_type": "stablelm_epoch"}, "model_type 'stablelm_epoch'"),
-], ids=["parallel", "qk-layernorm", "activation", "linear-rope", "odd-rotary", "theta", "qkv-bias", "epoch"])
+    # q_proj's 64 rows over 5 heads: heads of 12, which do not make the width
+    ({"num_attention_heads": 5}, "heads of 12 over a width of 64; StableLM's heads are hidden_size / "),
+], ids=["parallel", "qk-layernorm", "activation", "linear-rope", "odd-rotary", "theta", "qkv-bias", "epoch",
+        "heads"])
 def test_what_this_model_does_not_compute_is_refused_by_name(tmp_path, change, match):
     _, path = hf_stablelm(tmp_path)
     cfg_json = tmp_path / "config.json"
