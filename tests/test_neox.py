@@ -158,6 +158,22 @@ def test_a_config_without_rotary_pct_is_read_as_transformers_reads_it(tmp_path):
         assert_close_rel(model(idx), hf(idx).logits, 2e-6, "no rotary_pct: a quarter of each head rotated")
 
 
+def test_a_head_saved_as_lm_head_reads_as_embed_out(tmp_path):
+    """transformers 5 names GPT-NeoX's head lm_head (the Hub's files embed_out, which it renames on reading): a
+    file that says lm_head.weight is read as the untied head it is, with transformers' logits."""
+    from safetensors.torch import load_file, save_file
+
+    hf, path = hf_neox(tmp_path)
+    sd = load_file(path)
+    sd["lm_head.weight"] = sd.pop("embed_out.weight")
+    save_file(sd, path, metadata={"format": "pt"})
+    model = load_checkpoint(path).double().eval()
+    assert not model.config.tie_weights
+    idx = torch.randint(0, VOCAB, (2, T))
+    with torch.no_grad():
+        assert_close_rel(model(idx), hf(idx).logits, 2e-6, "a head named lm_head")
+
+
 def test_an_mlp_of_another_width_is_refused(tmp_path):
     _, path = hf_neox(tmp_path / "w", intermediate_size=96)
     with pytest.raises(UserError, match=r"intermediate_size 96; this model's GELU MLP is 4 hidden_size wide \(256\)"):
