@@ -48,7 +48,7 @@ def test_loads_its_fields_and_matches_transformers_on_both_paths(tmp_path, qkv_b
     model = load_checkpoint(path).double().eval()
     c = model.config
     assert (c.norm, c.mlp, c.bias, c.qkv_bias_only, c.rotary_dim, c.rope_theta, c.kv_heads, c.norm_eps) == \
-        ("layernorm", "swiglu", False, qkv_bias, 4, 500.0, 2, 1e-6)
+        ("layernorm", "swiglu", False, qkv_bias, 4, 500.0, 2, 1e-6) and c.context_length == CTX
     assert model.trf_blocks[1].att.W_key.bias is not None if qkv_bias else model.trf_blocks[1].att.W_key.bias is None
     logits_match_transformers(hf, model, VOCAB, T)
     idx = torch.randint(0, VOCAB, (1, 15))
@@ -245,16 +245,19 @@ def test_per_head_qk_norms_are_checked_and_other_exports_refuse_them_by_name(tmp
 
 def test_a_config_without_the_rotary_factor_is_read_as_transformers_reads_it(tmp_path):
     """StableLmConfig's partial_rotary_factor default is 0.25: a config.json that says none rotates a quarter
-    of each head, in transformers and here alike."""
+    of each head, in transformers and here alike; without max_position_embeddings or layer_norm_eps, 4096 and
+    1e-5, as StableLmConfig's."""
     _, path = hf_stablelm(tmp_path, rope_parameters={"rope_type": "default", "rope_theta": 500.0,
                                                      "partial_rotary_factor": 0.5})
     cfg_json = tmp_path / "config.json"
     d = json.loads(cfg_json.read_text())
-    d.pop("rope_parameters")
+    for key in ("rope_parameters", "max_position_embeddings", "layer_norm_eps"):
+        d.pop(key)
     cfg_json.write_text(json.dumps({**d, "rope_theta": 500.0}))
     model = load_checkpoint(path).double().eval()
-    assert model.config.rotary_dim == 4
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float64).eval()
+    assert (model.config.rotary_dim, model.config.context_length, model.config.norm_eps) == \
+        (4, hf.config.max_position_embeddings, hf.config.layer_norm_eps) == (4, 4096, 1e-5)
     idx = torch.randint(0, VOCAB, (2, T))
     with torch.no_grad():
         assert_close_rel(model(idx), hf(idx).logits, 2e-6, "no partial_rotary_factor: a quarter rotated")
