@@ -260,8 +260,8 @@ def test_yarn_clamps_its_ramp_to_the_head_as_transformers(original, theta):
 
 
 def test_a_model_built_here_exports_as_olmo3_and_other_exports_refuse_its_fields(tmp_path):
-    """A GPTModel made with OLMo's fields (not loaded) is written as OLMo 3, whose logits transformers
-    reproduces; the Llama, Gemma, GPT-2 and GPT-Neo exports name what they cannot say, and the OLMo one
+    """A GPTModel made with OLMo's fields (not loaded; YaRN in every layer) is written as OLMo 3, whose logits
+    transformers reproduces and load_checkpoint reads back to the same config; the Llama, Gemma, GPT-2 and GPT-Neo exports name what they cannot say, and the OLMo one
     what OLMo does not compute."""
     from tritongpt.train.gemma_weights import export_gemma
     from tritongpt.train.gpt2_weights import export_gpt2
@@ -270,7 +270,8 @@ def test_a_model_built_here_exports_as_olmo3_and_other_exports_refuse_its_fields
     from tritongpt.train.olmo_weights import export_olmo
 
     torch.manual_seed(1)
-    model = _olmo_like().double().eval()
+    # YaRN in every layer, the local ones too (no rope_local_theta): written as one RoPE for both layer types
+    model = _olmo_like(rope_scaling={k: v for k, v in YARN.items() if k != "rope_theta"}).double().eval()
     with torch.no_grad():
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.1)
@@ -280,6 +281,8 @@ def test_a_model_built_here_exports_as_olmo3_and_other_exports_refuse_its_fields
     idx = torch.randint(0, VOCAB, (2, T))
     with torch.no_grad():
         assert_close_rel(model(idx), hf(idx).logits, 2e-6, "built here, read by transformers")
+    again = load_checkpoint(tmp_path / "o3" / "model.safetensors").config  # the MLP's width read as said
+    assert again == GPTConfig(**{**model.config.to_dict(), "kernels": again.kernels, "mlp_hidden": again.ff_hidden})
     with pytest.raises(UserError, match=r"does not normalize each sublayer's input \(pre_norms False"):
         export_llama(_olmo_like(window_layers="all"), tmp_path / "llama")
     with pytest.raises(UserError, match=r"normalizes q and k over all their heads at once"):
