@@ -261,8 +261,8 @@ def test_yarn_clamps_its_ramp_to_the_head_as_transformers(original, theta):
 
 def test_a_model_built_here_exports_as_olmo3_and_other_exports_refuse_its_fields(tmp_path):
     """A GPTModel made with OLMo's fields (not loaded; YaRN in every layer) is written as OLMo 3, whose logits
-    transformers reproduces and load_checkpoint reads back to the same config; the Llama, Gemma, GPT-2 and GPT-Neo exports name what they cannot say, and the OLMo one
-    what OLMo does not compute."""
+    transformers reproduces and load_checkpoint reads back to the same config; the Llama, Gemma, GPT-2 and
+    GPT-Neo exports name what they cannot say, and the OLMo one what OLMo does not compute."""
     from tritongpt.train.gemma_weights import export_gemma
     from tritongpt.train.gpt2_weights import export_gpt2
     from tritongpt.train.gpt_neo_weights import export_gpt_neo
