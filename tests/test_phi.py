@@ -94,6 +94,10 @@ def test_export_round_trips_through_transformers(tmp_path, factor, kv_heads, tie
         assert_close_rel(back(idx).logits, model(idx), 2e-6, "exported, against ours")
     again = load_checkpoint(tmp_path / "out" / "model.safetensors")
     assert again.config == GPTConfig(**{**model.config.to_dict(), "kernels": again.config.kernels})
+    # transformers 4.x reads the flat keys (rope_theta, partial_rotary_factor) alone: without rope_parameters, the
+    # same config
+    (tmp_path / "out" / "config.json").write_text(json.dumps({k: v for k, v in d.items() if k != "rope_parameters"}))
+    assert load_checkpoint(tmp_path / "out" / "model.safetensors").config == again.config
     with pytest.raises(UserError, match="already holds a model"):
         export_phi(model, tmp_path / "out")
 
