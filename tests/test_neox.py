@@ -81,7 +81,8 @@ def test_export_round_trips_through_transformers(tmp_path, parallel, act, tie):
     assert model.config.tie_weights == tie
     export_neox(model, tmp_path / "out", eos_token_id=1)
     d = json.loads((tmp_path / "out" / "config.json").read_text())
-    assert (d["model_type"], d["use_parallel_residual"], d["rotary_pct"]) == ("gpt_neox", parallel, pct)
+    assert (d["model_type"], d["use_parallel_residual"], d["rotary_pct"], d["tie_word_embeddings"]) == \
+        ("gpt_neox", parallel, pct, tie)
     back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float64).eval()
     assert type(back).__name__ == "GPTNeoXForCausalLM"
     idx = torch.randint(0, VOCAB, (2, T))
