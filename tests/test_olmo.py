@@ -176,6 +176,19 @@ def test_sharded_and_flat_hub_configs_load(tmp_path):
         assert_close_rel(model(idx), again(idx).logits, 2e-6, "a config.json without theta, eps, context")
 
 
+def test_a_sliding_rope_without_its_base_is_read_as_transformers_reads_it(tmp_path):
+    """An OLMo 3 config.json whose sliding_attention RoPE says no rope_theta: Olmo3Config gives it its default
+    base, 500000, not the full-attention layers' (300 here)."""
+    _, path = hf_olmo(tmp_path, "olmo3")
+    cfg_json = tmp_path / "config.json"
+    d = json.loads(cfg_json.read_text())
+    del d["rope_parameters"]["sliding_attention"]["rope_theta"]
+    cfg_json.write_text(json.dumps(d))
+    c = load_checkpoint(path).config
+    theirs = transformers.AutoConfig.from_pretrained(tmp_path).rope_parameters["sliding_attention"]["rope_theta"]
+    assert (c.rope_theta, c.rope_local_theta) == (300.0, theirs) == (300.0, 5e5)
+
+
 @pytest.mark.parametrize("kind,change,match", [
     ("olmo2", {"attention_bias": True}, "attention_bias true; OLMo 2's projections have no biases"),
     ("olmo2", {"hidden_act": "gelu"}, "hidden_act 'gelu'; this model's SwiGLU computes 'silu' only"),
