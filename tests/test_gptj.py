@@ -44,7 +44,8 @@ def test_loads_its_fields_and_matches_transformers_on_both_paths(tmp_path, rotar
     assert (c.parallel_residual, c.shared_norm, c.head_bias, c.tie_weights) == (True, True, True, False)
     assert (c.rotary_dim, c.rope_theta, c.gelu_approximate) == (0 if rotary == 16 else rotary, 10000.0,
                                                                "tanh" if act == "gelu_new" else "none")
-    assert (c.bias, c.has_qkv_bias, c.norm_eps, c.n_layer, c.head_dim) == (True, False, 1e-6, 2, 16)
+    assert (c.bias, c.has_qkv_bias, c.norm_eps, c.n_layer, c.head_dim, c.context_length) == \
+        (True, False, 1e-6, 2, 16, CTX)
     assert not hasattr(model.trf_blocks[0], "norm2") or model.trf_blocks[0].norm2 is None
     assert torch.count_nonzero(model.trf_blocks[0].att.out_proj.bias) == 0
     logits_match_transformers(hf, model, VOCAB, T)
