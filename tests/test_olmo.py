@@ -57,7 +57,8 @@ def test_olmo2_loads_its_fields_and_matches_transformers(tmp_path):
     c = model.config
     assert (c.pre_norms, c.post_norms, c.qk_norm, c.qk_norm_width, c.norm, c.mlp, c.bias) == \
         (False, True, True, "all", "rmsnorm", "swiglu", False)
-    assert (c.head_dim, c.kv_heads, c.attention_window, c.rope_theta, c.tie_weights) == (32, 2, 0, 5000.0, False)
+    assert (c.head_dim, c.kv_heads, c.attention_window, c.rope_theta, c.tie_weights, c.context_length) == \
+        (32, 2, 0, 5000.0, False, CTX)
     block = model.trf_blocks[0]
     assert isinstance(block.norm1, NoNorm) and isinstance(block.norm2, NoNorm)
     assert not any(".norm1." in n or ".norm2." in n for n, _ in model.named_parameters())
