@@ -277,6 +277,7 @@ def test_gemma3_without_rope_parameters_reads_the_older_keys(tmp_path):
 
 @pytest.mark.parametrize("change,match", [
     ({"attn_logit_softcapping": -1.0}, "attn_logit_softcapping -1.0; it must be a number > 0 or null"),
+    ({"attention_bias": True}, "attention_bias true; Gemma's projections have no biases here"),
     ({"query_pre_attn_scalar": 1.5}, "query_pre_attn_scalar 1.5; it must be a positive integer"),
     ({"use_bidirectional_attention": True}, "use_bidirectional_attention"),
     ({"hidden_activation": "silu"}, "hidden_activation 'silu'"),
@@ -285,8 +286,8 @@ def test_gemma3_without_rope_parameters_reads_the_older_keys(tmp_path):
     ({"head_dim": 16}, "head_dim 16, but the weights have 32"),
     ({"rope_parameters": {**ROPE3, "sliding_attention": {"rope_type": "linear", "factor": 2.0}}},
      "scales the local layers' RoPE"),
-], ids=["attn-softcap", "query-scalar", "bidirectional", "activation", "multimodal", "layer-types", "head-dim",
-        "local-scaling"])
+], ids=["attn-softcap", "attention-bias", "query-scalar", "bidirectional", "activation", "multimodal", "layer-types",
+        "head-dim", "local-scaling"])
 def test_what_this_model_does_not_compute_is_refused_by_name(tmp_path, change, match):
     _, path = hf_gemma(tmp_path, layers=7)
     cfg_json = tmp_path / "config.json"
