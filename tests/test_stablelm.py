@@ -67,7 +67,8 @@ def test_greedy_tokens_are_transformers(tmp_path):
     assert torch.equal(ours, theirs)
 
 
-@pytest.mark.parametrize("kw", [{}, {"qkv_bias": False, "tie": True, "kv_heads": 4}], ids=["stablelm2", "tied"])
+@pytest.mark.parametrize("kw", [{}, {"qkv_bias": False, "tie": True, "kv_heads": 4, "rope_parameters": {
+    "rope_type": "default", "rope_theta": 500.0, "partial_rotary_factor": 1.0}}], ids=["stablelm2", "tied-whole-heads"])
 def test_export_round_trips_through_transformers(tmp_path, kw):
     """Loaded, exported (`export` picks StableLM for LayerNorms with SwiGLU), read by transformers'
     AutoModelForCausalLM: the same logits, and load_checkpoint reads the export back to the same config."""
@@ -79,7 +80,8 @@ def test_export_round_trips_through_transformers(tmp_path, kw):
     assert export_target(model.config)[0] == "StableLM"
     export_stablelm(model, tmp_path / "out", eos_token_id=1)
     d = json.loads((tmp_path / "out" / "config.json").read_text())
-    assert (d["model_type"], d["partial_rotary_factor"]) == ("stablelm", 0.25)
+    assert (d["model_type"], d["partial_rotary_factor"]) == \
+        ("stablelm", kw.get("rope_parameters", {}).get("partial_rotary_factor", 0.25))
     back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float64).eval()
     assert type(back).__name__ == "StableLmForCausalLM"
     idx = torch.randint(0, VOCAB, (2, T))
@@ -219,6 +221,7 @@ def test_per_head_qk_norms_are_checked_and_other_exports_refuse_them_by_name(tmp
     from tritongpt.train.neox_weights import export_neox
     from tritongpt.train.olmo_weights import export_olmo
     from tritongpt.train.phi3_weights import export_phi3
+    from tritongpt.train.stablelm_weights import export_stablelm
 
     with pytest.raises(UserError, match="qk_norm_width must be one of head, all, each"):
         GPTConfig(qk_norm=True, qk_norm_width="heads")
@@ -240,6 +243,8 @@ def test_per_head_qk_norms_are_checked_and_other_exports_refuse_them_by_name(tmp
                        (export_gpt2, dict(mlp="gelu", bias=True, position_encoding="learned"))):
         with pytest.raises(UserError, match=r"weights of that head's own \(qk_norm_width 'each'\).*StableLM or Cohere"):
             export(_per_head_like(**kw), tmp_path / "no")
+    with pytest.raises(UserError, match=r"one weight for every head \(qk_norm_width 'head'\)"):
+        export_stablelm(_per_head_like(qk_norm_width="head"), tmp_path / "no")
     saved = _per_head_like().config.to_dict()
     cfg = GPTConfig(**{**saved, "qk_norm_width": "head"})
     with pytest.raises(UserError, match="per head with weights of each head's own, this run's model normalizes .* "
