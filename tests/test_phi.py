@@ -71,21 +71,22 @@ def test_decodes_over_the_cache_and_generates_transformers_tokens(tmp_path):
     assert torch.equal(ours, theirs)
 
 
-@pytest.mark.parametrize("factor,kv_heads,tie", [(0.5, None, False), (0.4, 2, True)], ids=["phi-1", "gqa-tied"])
-def test_export_round_trips_through_transformers(tmp_path, factor, kv_heads, tie):
+@pytest.mark.parametrize("factor,kv_heads,tie,act", [(0.5, None, False, "gelu_new"), (0.4, 2, True, "gelu")],
+                         ids=["phi-1", "gqa-tied-erf"])
+def test_export_round_trips_through_transformers(tmp_path, factor, kv_heads, tie, act):
     """Loaded, exported, read by transformers' AutoModelForCausalLM: the same logits, model_type phi, and
     load_checkpoint reads the export back to the same config (a tied head keeps its own bias)."""
     from tritongpt.train.phi_weights import export_phi
 
-    hf, path = hf_phi(tmp_path / "in", factor, kv_heads, tie_word_embeddings=tie)
+    hf, path = hf_phi(tmp_path / "in", factor, kv_heads, act=act, tie_word_embeddings=tie)
     model = load_checkpoint(path).double().eval()
     assert model.config.tie_weights == tie
     assert (model.out_head.weight is model.tok_emb.weight) == tie and model.out_head.bias.abs().sum() > 0
     export_phi(model, tmp_path / "out", eos_token_id=2)
     d = json.loads((tmp_path / "out" / "config.json").read_text())
     # rotary_dim / head_dim: 0.4 of 16 is 6 rotated, written back as 0.375
-    assert (d["model_type"], int(16 * d["partial_rotary_factor"]), d["num_key_value_heads"]) == \
-        ("phi", int(16 * factor), kv_heads or 4)
+    assert (d["model_type"], int(16 * d["partial_rotary_factor"]), d["num_key_value_heads"], d["hidden_act"]) == \
+        ("phi", int(16 * factor), kv_heads or 4, act)
     back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float64).eval()
     assert type(back).__name__ == "PhiForCausalLM"
     idx = torch.randint(0, VOCAB, (2, T))
