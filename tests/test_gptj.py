@@ -75,20 +75,23 @@ def test_decodes_over_the_cache_and_generates_transformers_tokens(tmp_path):
     assert torch.equal(ours, theirs)
 
 
-def test_export_round_trips_through_transformers_with_the_output_bias_folded(tmp_path):
+@pytest.mark.parametrize("rotary,act", [(8, "gelu_new"), (16, "gelu")], ids=["half-heads", "whole-heads-erf"])
+def test_export_round_trips_through_transformers_with_the_output_bias_folded(tmp_path, rotary, act):
     """Loaded, its attention output's bias made nonzero (as training makes it), exported, read by
     transformers' AutoModelForCausalLM: the same logits as ours (the bias folded into fc_out's: a GPT-J has
     no other place for it), q and k in GPT-J's order again; load_checkpoint reads the export back."""
+    from tritongpt.model.config import GPTConfig
     from tritongpt.train.gptj_weights import export_gptj
 
-    hf, path = hf_gptj(tmp_path / "in")
+    hf, path = hf_gptj(tmp_path / "in", rotary, act)
     model = load_checkpoint(path).double().eval()
     with torch.no_grad():
         for b in model.trf_blocks:
             b.att.out_proj.bias.normal_(0, 0.3)
     export_gptj(model, tmp_path / "out", eos_token_id=1)
     d = json.loads((tmp_path / "out" / "config.json").read_text())
-    assert (d["model_type"], d["rotary_dim"], d["tie_word_embeddings"]) == ("gptj", 8, False)
+    assert (d["model_type"], d["rotary_dim"], d["activation_function"], d["tie_word_embeddings"]) == \
+        ("gptj", rotary, act, False)
     back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float64).eval()
     assert type(back).__name__ == "GPTJForCausalLM"
     for name in ("q_proj", "k_proj"):  # GPT-J's row order again (loaded through fp32: to its rounding)
@@ -98,7 +101,7 @@ def test_export_round_trips_through_transformers_with_the_output_bias_folded(tmp
     with torch.no_grad():
         assert_close_rel(back(idx).logits, model(idx), 2e-6, "exported, against ours")
     again = load_checkpoint(tmp_path / "out" / "model.safetensors").double().eval()
-    assert again.config.rotary_dim == 8
+    assert again.config == GPTConfig(**{**model.config.to_dict(), "kernels": again.config.kernels})
     with torch.no_grad():
         # the folded bias b_o + b_2 is read back in fp32, as load_checkpoint reads every weight (the rest of
         # model's were fp32 values already): 9e-10 here
