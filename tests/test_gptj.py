@@ -155,7 +155,9 @@ def test_other_exports_refuse_it_and_it_refuses_what_gptj_cannot_say(tmp_path):
         export_gpt2(model, tmp_path / "gpt2")
     for change, match in (({"rope_theta": 500.0}, "RoPE base 500, where GPT-J's is 10000"),
                           ({"n_kv_head": 2}, "grouped-query attention"),
-                          ({"tie_weights": True}, "ties its LM head")):
+                          ({"tie_weights": True}, "ties its LM head"),
+                          ({"qkv_bias": True}, "has biases on q, k and v, where GPT-J has none"),
+                          ({"head_bias": False}, "has no LM-head bias, where GPT-J has one")):
         other = GPTModel(GPTConfig(**{**model.config.to_dict(), **change}))
         with pytest.raises(UserError, match=match):
             export_gptj(other, tmp_path / "x")
