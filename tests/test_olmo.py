@@ -315,6 +315,7 @@ def test_a_model_built_here_exports_as_olmo3_and_other_exports_refuse_its_fields
                           ({"qk_norm_width": "head"}, "does not normalize the whole q and k"),
                           ({"attn_softcap": 5.0}, "soft-caps its attention scores"),
                           ({"nope_layers": "1"}, r"has layers without RoPE \(1\), which OLMo 3 does not"),
+                          ({"attention_scale_width": 24}, r"scales its attention scores by 1/sqrt\(24\)"),
                           ({"attention_window": 0, "window_layers": "all", "bias": True}, "has biases, where OLMo 2")):
         with pytest.raises(UserError, match=match):
             export_olmo(_olmo_like(**change), tmp_path / "no")
