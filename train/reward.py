@@ -359,6 +359,8 @@ def export_reward_model(model: RewardModel, out_dir, export, eos_token_id, pad_t
 
     from safetensors.torch import load_file, save_file
 
+    from tritongpt.model.gpt import readable_like_other_files
+
     paths = export(model.backbone, out_dir, eos_token_id)
     out = Path(out_dir)
     config = json.loads((out / "config.json").read_text(encoding="utf-8"))
@@ -369,6 +371,7 @@ def export_reward_model(model: RewardModel, out_dir, export, eos_token_id, pad_t
     dtype = next(iter(tensors.values())).dtype
     tensors["score.weight"] = model.head.weight.detach().to("cpu", dtype, copy=True).contiguous()
     save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    readable_like_other_files(out / "model.safetensors")  # a new file again: the family export's mode redone
     config.update(architectures=[name], id2label={"0": "LABEL_0"}, label2id={"LABEL_0": 0},
                   pad_token_id=pad_token_id)
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")

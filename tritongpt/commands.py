@@ -466,7 +466,7 @@ def cmd_export(args):
     if args.adapter:
         paths = export_peft_adapter(model, out, base)
     elif reward:
-        paths = export_reward_model(model, out, export, eot_or_none(tok), pad_id)
+        paths = export_reward_model(model, out, export, eot, pad_id)
     else:
         paths = export(model, out, eot_or_none(tok))
         fmt = run_template(args.checkpoint)
