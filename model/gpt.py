@@ -437,7 +437,8 @@ class GPTModel(nn.Module):
         meta = safetensors_metadata(path)
         if meta.get("kind") == "reward_model":
             raise UserError(f"{path} is a reward model (a scalar head, not an LM head): "
-                            "pass it as --reward, or load it with tritongpt.train.reward.RewardModel.load")
+                            "pass it as --reward (or to `reward --init`, to train it on), or load it with "
+                            "tritongpt.train.reward.RewardModel.load")
         if "config" not in meta:
             raise UserError(f"{path} has no tritongpt config in its metadata "
                             "(for Hugging Face GPT-2 files use tritongpt.train.gpt2_weights)")

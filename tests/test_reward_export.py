@@ -75,6 +75,8 @@ def test_each_familys_classifier_gives_the_reward_models_scores(family, tmp_path
     print(f"{family}: {type(hf).__name__}, head bias left out {unfolded:g}")
     assert_close_rel(theirs + unfolded, ours, 1e-5, f"{family} classifier scores")
     assert not torch.allclose(theirs[1:], theirs[:-1])  # each row read at its own last token
+    with torch.no_grad():  # and read back (rlhf --reward): transformers' scores again
+        assert_close_rel(RewardModel.load(tmp_path).eval()(idx, lengths), theirs, 1e-5, f"{family} read back")
 
 
 def test_the_classifier_table_is_transformers_own():

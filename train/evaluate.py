@@ -1,4 +1,5 @@
-"""`tritongpt eval`: a model's loss, perplexity and bits per byte on a corpus.
+"""`tritongpt eval`: a model's loss, perplexity and bits per byte on a corpus (a reward model's pairwise
+accuracy on preference pairs: eval_reward_model).
 
 Default text: a pretraining run's own held-out tail (the checkpoint records its data and how
 many tokens it trained on), else the embedded corpus's last 10%. The text is tokenised once
@@ -117,14 +118,66 @@ def pretrain_data(weights) -> dict | None:
     return data if isinstance(data, dict) and all(k in data for k in keys) else None
 
 
+# the flags of a language model's eval that a reward model's has no use for
+_LM_ONLY = ("text_field", "stride", "max_tokens", "cache_dir", "document_mask")
+
+
+def eval_reward_model(args, device, dtype) -> dict:
+    """`eval --weights REWARD_MODEL`: how often it scores the chosen answer above the rejected one (accuracy),
+    the Bradley-Terry loss and the mean margin r_chosen - r_rejected, on preference pairs: --data's (--split val:
+    the pairs `reward --data` holds out at this --val-fraction, by prompt hash; all: every pair), else the embedded
+    tasks' held-out pairs (200, from prompts `reward` never trains on)."""
+    from tritongpt.train.chat_template import chat_template_for
+    from tritongpt.train.common import autocast
+    from tritongpt.train.preference import encode_pairs, read_preference_file, split_pairs, train_val_pairs
+    from tritongpt.train.reward import RewardModel, pairwise_metrics
+    from tritongpt.train.sft import pick_tokenizer
+
+    given = [f"--{k.replace('_', '-')}" for k in _LM_ONLY if getattr(args, k) is not None]
+    if given:
+        raise UserError(f"{', '.join(given)}: for a language model's eval; {args.weights} is a reward model, scored "
+                        "on preference pairs")
+    rm = RewardModel.load(args.weights, map_location=device, kernels=args.kernels).eval()
+    tok = pick_tokenizer(args.tokenizer, args.weights, rm.config.vocab_size)
+    fraction = 0.1 if args.val_fraction is None else args.val_fraction
+    if args.data is None:
+        pairs = train_val_pairs(None, 2000, 0.1)[1]
+    elif args.split == "all":
+        pairs = read_preference_file(args.data)
+    else:
+        pairs = split_pairs(read_preference_file(args.data), fraction)[1]
+        if not pairs:
+            raise UserError(f"--val-fraction {fraction} holds out none of the pairs of {args.data}: use --split all")
+    tok = chat_template_for(tok, "reward", None, any(p.format == "chat" for p in pairs))
+    encoded = encode_pairs(pairs, tok, rm.config.context_length)
+    if not encoded:
+        raise UserError(f"no pair of {args.data or 'the embedded tasks'} fits the reward model's context "
+                        f"({rm.config.context_length} tokens)")
+    with torch.no_grad(), autocast(device, dtype):
+        result = pairwise_metrics(rm, encoded, tok.eot_id, args.batch_size)
+    return {"pairs": len(encoded), **result, "weights": str(args.weights),
+            "data": str(args.data or "embedded tasks"), "split": "val" if args.data is None else args.split,
+            "tokenizer": tok.name, "kernels": sorted(rm.backbone.kernels) or ["reference"], "device": str(device)}
+
+
 def cmd_eval(args):
     from tritongpt.train import data
     from tritongpt.train.common import pick_device, pick_dtype
     from tritongpt.train.gpt2_weights import load_checkpoint
+    from tritongpt.train.reward import is_reward_model
     from tritongpt.train.sft import pick_tokenizer
 
     if args.batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, got {args.batch_size}")
+    if is_reward_model(args.weights):
+        device = pick_device(args.device)
+        result = eval_reward_model(args, device, pick_dtype(args.dtype, device))
+        if args.json:
+            print(json.dumps(result, indent=1))
+        else:
+            print(f"{result['pairs']:,} preference pairs of {result['data']} ({result['split']}): accuracy "
+                  f"{result['acc']:.4f}, loss {result['loss']:.4f}, mean margin {result['margin']:.4f}")
+        return 0
     if args.max_tokens is not None and args.max_tokens < 2:
         raise UserError(f"--max-tokens must be at least 2, got {args.max_tokens}")
     fraction = 0.1 if args.val_fraction is None else args.val_fraction
@@ -210,11 +263,16 @@ def add_cli(sub):
     add_model_args(p, default_model=None)
     p.add_argument("--weights", required=True,
                    help="tritongpt checkpoint (file, checkpoint or run folder) or Hugging Face GPT-2 / GPT-Neo / "
-                        "Llama / Mistral / Qwen2 / Qwen3 model.safetensors (or its folder), or " + HUB_REPO_HELP)
+                        "Llama / Mistral / Qwen2 / Qwen3 model.safetensors (or its folder), or " + HUB_REPO_HELP +
+                        "; a reward model (a `tritongpt reward` run, or a Hugging Face "
+                        "<Family>ForSequenceClassification) is scored on preference pairs instead: accuracy, "
+                        "Bradley-Terry loss, mean margin")
     p.add_argument("--data", default=None, help="a file, a folder of .txt files, a .jsonl file, a .bin of uint16 token "
                                                 "ids or a folder with train.bin and val.bin (nanoGPT's), or 'pydoc' / "
                                                 "'stdlib' (default: a pretraining run's own data, else the "
-                                                "embedded pydoc corpus)")
+                                                "embedded pydoc corpus); for a reward model, a preference file "
+                                                "as `reward --data` takes (default: the embedded tasks' "
+                                                "held-out pairs)")
     p.add_argument("--text-field", default=None, help="field holding the text in .jsonl rows (default: the "
                                                       "one a pretraining run's own data was read from, else text)")
     p.add_argument("--split", choices=("val", "all"), default="val",

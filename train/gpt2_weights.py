@@ -9,6 +9,8 @@ we split into W_query, W_key and W_value. The LM head is tied to the token embed
 import json
 import os
 import re
+from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
 
 import torch
@@ -129,7 +131,65 @@ def _read_tensors(path, prefix: str = "transformer.") -> dict:
         except Exception as e:  # a truncated or foreign file: safetensors' own error, in one line
             raise unreadable_safetensors(file, e) from None
     # Hub files name keys "h.0...", a saved GPT2LMHeadModel "transformer.h.0..."
-    return {k.removeprefix(prefix): v for k, v in tensors.items()}
+    tensors = {k.removeprefix(prefix): v for k, v in tensors.items()}
+    held = _CLASSIFIER.get()
+    return tensors if held is None else _classifier_as_causal_lm(tensors, held, path)
+
+
+# -- a Hugging Face <Family>ForSequenceClassification (a reward model) --------------------------------------
+# Its tensors are its causal LM's but for the LM head, which it lacks, and its `score.weight` [num_labels, C].
+# Read as a causal LM, the missing head would pass for a tied one, a wrong model without a word: load_checkpoint
+# refuses such a file, and train/reward.py reads it under `reading_classifier()`, where _read_tensors sets
+# score.weight aside and gives every family's reader the head it expects: the embedding itself (the readers that
+# look then find a tied head), and for GPT-J and Phi, whose readers take a head bias always, a zero one (MPT's
+# refuses any bias). A reward model never calls that head.
+_CLASSIFIER: ContextVar = ContextVar("tritongpt_classifier", default=None)
+_EMBEDDINGS = ("wte.weight", "embed_tokens.weight", "word_embeddings.weight", "embed_in.weight")
+_HEAD_BIAS = ("gptj", "phi")  # model_types
+SCORE = "score.weight"
+
+
+@contextmanager
+def reading_classifier():
+    """Within: the weights the loaders read are a sequence classifier's; yields the dict that receives its score."""
+    held = {}
+    token = _CLASSIFIER.set(held)
+    try:
+        yield held
+    finally:
+        _CLASSIFIER.reset(token)
+
+
+def _classifier_as_causal_lm(tensors: dict, held: dict, path) -> dict:
+    if SCORE not in tensors:
+        raise UserError(f"{path} has no {SCORE!r}: not a sequence classifier (a reward model's scalar head)")
+    heads = [k for k in tensors if k.startswith(("lm_head.", "embed_out."))]
+    if heads:
+        raise UserError(f"{path} has both a {SCORE!r} and an LM head ({heads[0]!r}): neither a sequence classifier "
+                        "nor a causal LM as transformers saves them")
+    embedding = next((k for k in _EMBEDDINGS if k in tensors), None)
+    if embedding is None:
+        raise UserError(f"{path}: no token embedding ({' or '.join(map(repr, _EMBEDDINGS))}) beside {SCORE!r}")
+    held[SCORE] = tensors.pop(SCORE)
+    emb = tensors[embedding]
+    cfg_json = Path(path).parent / "config.json"
+    if cfg_json.is_file() and read_json_object(cfg_json).get("model_type") in _HEAD_BIAS:
+        tensors["lm_head.bias"] = emb.new_zeros(emb.shape[0])
+    return {**tensors, "lm_head.weight": emb}
+
+
+def classifier_name(path) -> str | None:
+    """What a Hugging Face weights file is when it is a sequence classifier: the class its config.json's
+    architectures names (<Family>ForSequenceClassification), or, with no architectures there, "a sequence
+    classifier" when its tensors have score.weight and no LM head; None for anything else."""
+    cfg_json = Path(path).parent / "config.json"
+    arch = read_json_object(cfg_json).get("architectures") if cfg_json.is_file() else None
+    if isinstance(arch, list) and arch:
+        return next((a for a in arch if isinstance(a, str) and a.endswith("ForSequenceClassification")), None)
+    names = tensor_names(path)
+    if SCORE in names and not any(k.endswith(("lm_head.weight", "embed_out.weight")) for k in names):
+        return "a sequence classifier"
+    return None
 
 
 def tensor_shapes(sd: dict, path: Path, family: str) -> tuple:
@@ -218,6 +278,11 @@ def is_hf_file(path) -> bool:
     return meta.get("format") != "tritongpt" or "config" not in meta
 
 
+def is_hf_weights(path) -> bool:
+    """A Hugging Face weights file (a shard index, a pytorch_model.bin, or a .safetensors tritongpt did not write)."""
+    return is_shard_index(path) or is_torch_bin(path) or str(path).endswith(".safetensors") and is_hf_file(path)
+
+
 def load_checkpoint(path, model_name: str | None = None, merge: bool = True) -> GPTModel:
     """A tritongpt checkpoint (file, checkpoint folder or run folder: its newest) or a Hugging
     Face GPT-2, GPT-Neo, Llama (Mistral, Qwen2, Qwen3), Gemma, OLMo, GPT-NeoX, Phi-1/1.5/2, Phi-3, StableLM, GPT-J,
@@ -231,7 +296,12 @@ def load_checkpoint(path, model_name: str | None = None, merge: bool = True) -> 
     path = resolve_checkpoint(path)
     if adapter_folder(path) is not None:
         return load_peft_adapter(adapter_folder(path))
-    if is_shard_index(path) or is_torch_bin(path) or str(path).endswith(".safetensors") and is_hf_file(path):
+    if is_hf_weights(path):
+        if _CLASSIFIER.get() is None and (name := classifier_name(path)) is not None:
+            raise UserError(f"{path} is {name if name.startswith('a ') else 'a ' + name} (a reward model or "
+                            "classifier: a score head, no LM head), not a causal LM: a reward model is "
+                            "`rlhf --reward`'s (or `reward --init`'s, to train it on; in Python, "
+                            "tritongpt.train.reward.RewardModel.load)")
         from tritongpt.train.bloom_weights import is_bloom_file, load_bloom_safetensors
         from tritongpt.train.cohere_weights import is_cohere_file, load_cohere_safetensors
         from tritongpt.train.falcon_weights import is_falcon_file, load_falcon_safetensors

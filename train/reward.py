@@ -16,6 +16,7 @@ metadata) written by the shared Trainer; RewardModel.load reads it back for RLHF
 """
 import json
 import math
+from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -63,25 +64,58 @@ class RewardModel(nn.Module):
 
     @classmethod
     def load(cls, path, map_location="cpu", kernels=None) -> "RewardModel":
-        """A reward model from a .safetensors file, a checkpoint folder or a run folder."""
+        """A reward model from a .safetensors file, a checkpoint folder or a run folder, or a Hugging Face
+        <Family>ForSequenceClassification folder (what `export` writes of one, or TRL's RewardTrainer saves)."""
         from tritongpt.model.gpt import load_saved_weights, safetensors_metadata, saved_config
         from tritongpt.train.common import resolve_checkpoint
+        from tritongpt.train.gpt2_weights import is_hf_weights
 
         path = resolve_checkpoint(path)
-        meta = safetensors_metadata(path)
-        if meta.get("kind") != KIND or "config" not in meta:
-            raise UserError(f"{path} is not a reward model checkpoint (train one with `tritongpt reward`)")
-        cfg = saved_config(path, meta)
-        cfg.kernels = "reference"
-        model = cls(GPTModel.empty(cfg))  # every tensor comes from the file
-        load_saved_weights(model, path, map_location)
-        if cfg.lora_rank:  # used, not trained on (RLHF scores with it): the merged backbone
-            from tritongpt.model.lora import merge_lora
+        ours = str(path).endswith(".safetensors") and safetensors_metadata(path).get("format") == "tritongpt"
+        if not ours and is_hf_weights(path):
+            model = cls.from_hugging_face(path)
+        else:
+            meta = safetensors_metadata(path)
+            if meta.get("kind") != KIND or "config" not in meta:
+                raise UserError(f"{path} is not a reward model checkpoint (train one with `tritongpt reward`)")
+            cfg = saved_config(path, meta)
+            cfg.kernels = "reference"
+            model = cls(GPTModel.empty(cfg))  # every tensor comes from the file
+            load_saved_weights(model, path, map_location)
+            if cfg.lora_rank:  # used, not trained on (RLHF scores with it): the merged backbone
+                from tritongpt.model.lora import merge_lora
 
-            merge_lora(model.backbone)
+                merge_lora(model.backbone)
         model.to(map_location)
         if kernels is not None:
             model.set_kernels(kernels)
+        return model
+
+
+    @classmethod
+    def from_hugging_face(cls, path) -> "RewardModel":
+        """A Hugging Face <Family>ForSequenceClassification's weights file with one label: its backbone read by the
+        family's own reader (gpt2_weights.load_checkpoint), its `score` (no bias) our head. transformers reads the
+        score at the last token that is not the pad; ours at `lengths - 1`: the same token on right-padded rows."""
+        from tritongpt.model.gpt import check_finite_weights
+        from tritongpt.train.gpt2_weights import SCORE, classifier_name, load_checkpoint, reading_classifier
+
+        name = classifier_name(path)
+        if name is None:
+            raise UserError(f"{path} is a Hugging Face model with no sequence classifier's score head, not a reward "
+                            "model (a <Family>ForSequenceClassification with one label; or train one with "
+                            "`tritongpt reward`)")
+        with reading_classifier() as held:
+            backbone = load_checkpoint(path)
+        score, C = held[SCORE], backbone.config.n_embd
+        if score.shape != (1, C):
+            raise UserError(f"{path}: {SCORE} has shape {tuple(score.shape)}; a reward model's is (1, {C}): one "
+                            f"label, one score per sequence ({name.removeprefix('a ')}: {score.shape[0]} labels)")
+        model = cls(backbone)
+        with torch.no_grad():
+            model.head.weight.copy_(score)
+            model.head.bias.zero_()  # transformers' score has none
+        check_finite_weights(model.head, path)
         return model
 
 
@@ -163,6 +197,30 @@ def train_reward_model(model: RewardModel, tokenizer, train_pairs, val_pairs, ar
 
 
 # -- CLI ----------------------------------------------------------------------------------------
+def refuse_fresh_model_flags(args):
+    """The --init model has its own size and vocabulary: --model and --vocab-size would be dropped without a word."""
+    given = [f"--{k.replace('_', '-')} {v}" for k, v in (("model", args.model), ("vocab_size", args.vocab_size))
+             if v is not None]
+    if given:
+        raise UserError(f"{' and '.join(given)} with --init: the model is the --init checkpoint's, of its own "
+                        "size and vocabulary; leave them out (they shape a fresh model, with no --init)")
+
+
+def is_reward_model(path) -> bool:
+    """Whether path holds what RewardModel.load reads: a `tritongpt reward` checkpoint (file, checkpoint or run
+    folder) or a Hugging Face sequence classifier."""
+    from tritongpt.train.common import resolve_checkpoint
+    from tritongpt.train.gpt2_weights import classifier_name, is_hf_weights
+
+    if not path or not Path(path).expanduser().exists():
+        return False
+    try:
+        file = resolve_checkpoint(Path(path).expanduser())
+    except UserError:  # no checkpoint there: the --init reader says so
+        return False
+    return classifier_name(file) is not None if is_hf_weights(file) else is_reward_checkpoint(file)
+
+
 def build_backbone(args):
     """The reward/policy backbone: an SFT checkpoint (--init; anything `tritongpt sft --init` takes)
     or, for trying things out, a randomly initialised --model preset."""
@@ -173,12 +231,7 @@ def build_backbone(args):
     if args.init:
         from tritongpt.train.sft import load_init_model
 
-        # the --init model has its own size and vocabulary: these would be dropped without a word
-        given = [f"--{k.replace('_', '-')} {v}" for k, v in (("model", args.model), ("vocab_size", args.vocab_size))
-                 if v is not None]
-        if given:
-            raise UserError(f"{' and '.join(given)} with --init: the model is the --init checkpoint's, of its own "
-                            "size and vocabulary; leave them out (they shape a fresh model, with no --init)")
+        refuse_fresh_model_flags(args)
         model = load_init_model(args.init)
         return model if multiple is None else model.pad_vocab(multiple)
     preset = args.model or "tiny"
@@ -202,7 +255,9 @@ def add_data_args(p):
                    help="held-out pairs: this share of --num-pairs from the tasks' val split, or of a "
                         "--data file (default %(default)s)")
     p.add_argument("--init", default=None,
-                   help="SFT checkpoint to start from: run folder, ckpt folder or .safetensors "
+                   help="SFT checkpoint to start from: run folder, ckpt folder or .safetensors; `reward` also "
+                        "takes a reward model (a `tritongpt reward` checkpoint, or a Hugging Face "
+                        "<Family>ForSequenceClassification) and trains it on, its head too "
                         "(default: a random --model, for trying things out)")
     p.add_argument("--tokenizer", default=None,
                    help=TOKENIZER_CHOICES + " (default: the --init run's saved tokenizer, "
@@ -221,7 +276,8 @@ def data_run_args(args) -> dict:
 
 def setup_preference_run(args, command: str):
     """What `reward` and `dpo` share: validated TrainArgs, the pairs (bad data fails before any
-    slow work), the backbone from --init, and its tokenizer (saved beside the run)."""
+    slow work), the backbone from --init (for `reward`, a whole RewardModel when --init is one), and its
+    tokenizer (saved beside the run)."""
     from tritongpt.train.chat import note_template_mismatch
     from tritongpt.train.chat_template import chat_template_for
     from tritongpt.train.common import check_out_dir, set_seed
@@ -236,7 +292,11 @@ def setup_preference_run(args, command: str):
     check_out_dir(targs.out_dir, targs.resume, targs.overwrite)  # before the tokenizer is written there
     train, val = train_val_pairs(args.data, args.num_pairs, args.val_fraction, args.seed)
     note_template_mismatch([p.format for p in train + val], {"--init": args.init})
-    backbone = build_backbone(args)
+    if command == "reward" and is_reward_model(args.init):  # a reward model to train on, its head with it
+        refuse_fresh_model_flags(args)
+        backbone = RewardModel.load(args.init)
+    else:
+        backbone = build_backbone(args)
     tok = pick_tokenizer(args.tokenizer, args.init, backbone.config.vocab_size)
     tok = chat_template_for(tok, command, args.chat_template, any(p.format == "chat" for p in train + val))
     save_run_tokenizer(tok, args.out_dir)
@@ -248,8 +308,12 @@ def cmd_reward(args):
     from tritongpt.model.lora import check_lora
 
     check_lora(args.lora_rank, args.lora_alpha, args.lora_targets)  # before the slow set-up
-    targs, train, val, backbone, tok = setup_preference_run(args, "reward")
-    model = RewardModel(apply_lora(backbone, args, "reward head"))  # the scalar head is new: it trains whole
+    targs, train, val, init, tok = setup_preference_run(args, "reward")
+    if isinstance(init, RewardModel):  # --init a reward model (ours, or a Hugging Face classifier): its head trains on
+        apply_lora(init.backbone, args, "--init's reward head")
+        model = init.train()
+    else:
+        model = RewardModel(apply_lora(init, args, "new reward head"))  # the scalar head is new: it trains whole
     result = train_reward_model(model, tok, train, val, targs, run_args=data_run_args(args))
     if not result["is_main"]:  # DDP: rank 0 reports
         return 0

@@ -57,7 +57,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from tritongpt.errors import UserError
+from tritongpt.errors import UserError, note
 from tritongpt.model.gpt import GPTModel
 from tritongpt.train import common, tasks
 from tritongpt.train.generate import generate
@@ -742,6 +742,18 @@ def verified_prompts(source, n: int, val_fraction: float, seed: int, verifier: s
     return splits
 
 
+def note_other_tokenizer(reward: str, tok) -> None:
+    """A note when the tokenizer saved with the reward model (its run's, or a Hugging Face folder's) encodes other
+    ids than the policy's: the vocab sizes can agree while the ids mean other text, and every score is then off."""
+    from tritongpt.train.sft import _hash_of
+    from tritongpt.train.tokenizer import saved_tokenizer_path
+
+    saved = saved_tokenizer_path(reward)
+    if saved is not None and _hash_of(saved) not in (None, tok.hash):
+        note(f"the tokenizer saved with --reward {reward} ({saved}) is not the policy's: the reward model will score "
+             "the policy's token ids as if they were its own (pass a reward model trained on the policy's tokenizer)")
+
+
 def cmd_rlhf(args):
     from tritongpt.train.chat import note_template_mismatch
     from tritongpt.train.preference import train_val_pairs
@@ -775,12 +787,14 @@ def cmd_rlhf(args):
     reward_model = None if verify else RewardModel.load(args.reward, map_location=device)
     ref = copy.deepcopy(policy)
     # the reference stays the whole --init model; PPO's value head trains whole
-    apply_lora(policy, args, "value head" if a.algo == "ppo" else None)
+    apply_lora(policy, args, "new value head" if a.algo == "ppo" else None)
     if not verify and reward_model.config.vocab_size != policy.config.vocab_size:
         raise UserError(f"reward model vocab ({reward_model.config.vocab_size}) differs from the "
                         f"policy's ({policy.config.vocab_size}): they must share a tokenizer")
-    tok = chat_template_for(pick_tokenizer(args.tokenizer, args.init, policy.config.vocab_size), "rlhf",
-                            args.chat_template, any(fmt == "chat" for _, _, fmt in train + val))
+    tok = pick_tokenizer(args.tokenizer, args.init, policy.config.vocab_size)
+    if not verify:
+        note_other_tokenizer(args.reward, tok)
+    tok = chat_template_for(tok, "rlhf", args.chat_template, any(fmt == "chat" for _, _, fmt in train + val))
     end = answer_end_id(tok, train[0][0])  # what ends a response: the eot, or a chat template's end of turn
     if verify:
         answers = {}
@@ -849,9 +863,11 @@ def add_cli(sub):
     add_data_args(p)  # prompts come from the preference data (embedded tasks by default)
     add_vocab_multiple_arg(p, None, "as the --init model has them")
     add_lora_args(p)
-    p.add_argument("--reward", help="reward model checkpoint (from `tritongpt reward`): file, checkpoint or run "
-                                    "folder; or a verifier, 1 for a response that matches its prompt's reference "
-                                    "answer and 0 otherwise (RL with verifiable rewards): `exact` (the whole "
+    p.add_argument("--reward", help="reward model: a checkpoint of `tritongpt reward` (file, checkpoint or run "
+                                    "folder), or a Hugging Face <Family>ForSequenceClassification with one label "
+                                    "(a folder or Hub repo id, as TRL's RewardTrainer saves; it must share the "
+                                    "policy's tokenizer); or a verifier, 1 for a response that matches its "
+                                    "prompt's reference answer and 0 otherwise (RL with verifiable rewards): `exact` (the whole "
                                     "answer, stripped; `tasks` is the same) or `number` (its last number, as "
                                     "GSM8K's `#### 72`). The references: the embedded tasks' answers, or --data's "
                                     "(SFT records' completions, preference pairs' chosen answers). A folder of "

@@ -49,10 +49,10 @@ def build_parser(commands=None) -> argparse.ArgumentParser:
 
 
 def fetch_hub_repos(args):
-    """A Hugging Face Hub repo id (owner/name, no such path here) as --init or --weights: fetch its
-    files once, here, so that every later step (the weights, their tokenizer, the run's record)
-    reads a local folder, as for a model downloaded by hand."""
-    for flag in ("init", "weights"):
+    """A Hugging Face Hub repo id (owner/name, no such path here) as --init, --weights or --reward (a reward
+    model): fetch its files once, here, so that every later step (the weights, their tokenizer, the run's
+    record) reads a local folder, as for a model downloaded by hand."""
+    for flag in ("init", "weights", "reward"):
         value = getattr(args, flag, None)
         if isinstance(value, str) and "/" in value:  # (the import loads torch: not for every command)
             from tritongpt.train.gpt2_weights import hub_folder, is_hub_repo

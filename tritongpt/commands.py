@@ -40,9 +40,9 @@ def add_lora_args(p):
                         "(default %(default)s)")
 
 
-def apply_lora(model, args, new_head: str | None = None):
-    """--lora-rank's LoRA on `model` (in place), with a line on what it trains; new_head: a head
-    the trainer adds afterwards, which trains whole (reward's, PPO's value head)."""
+def apply_lora(model, args, whole_head: str | None = None):
+    """--lora-rank's LoRA on `model` (in place), with a line on what it trains; whole_head: a head
+    beside it, which trains whole (reward's, new or --init's; PPO's new value head)."""
     import sys
 
     from tritongpt.model.lora import add_lora
@@ -52,7 +52,7 @@ def apply_lora(model, args, new_head: str | None = None):
         trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
         print(f"LoRA rank {args.lora_rank} (alpha {args.lora_alpha:g}) on {model.config.lora_targets}: "
               f"{trained:,} of {model.num_params():,} parameters train"
-              + (f", and the new {new_head} whole" if new_head else ""), file=sys.stderr)
+              + (f", and the {whole_head} whole" if whole_head else ""), file=sys.stderr)
     return model
 
 
