@@ -103,6 +103,32 @@ def test_export_round_trips_through_transformers(tmp_path, factor, kv_heads, tie
         export_phi(model, tmp_path / "out")
 
 
+@pytest.mark.parametrize("change,said", [({"qk_norm": True}, {"qk_layernorm": True, "partial_rotary_factor": 0.5}),
+                                         ({"rotary_dim": 0}, {"qk_layernorm": False, "partial_rotary_factor": 1.0})],
+                         ids=["qk-layernorm", "whole-head-rotary"])
+def test_qk_norm_and_whole_head_rotary_export_round_trip_through_transformers(tmp_path, change, said):
+    """Two fields the loaded round trips above do not write: per-head q/k LayerNorms (qk_layernorm, tensors of
+    their own) and rotary_dim 0, the whole head rotated (partial_rotary_factor 1.0). A model built with each is
+    read by PhiForCausalLM with no missing or unexpected tensor (a dropped q/k norm would load as a fresh one,
+    silently) and gives our logits."""
+    from tritongpt.train.phi_weights import export_phi
+
+    torch.manual_seed(7)
+    model = _jittered(_phi_like(**change).double(), 0.3).eval()
+    export_phi(model, tmp_path / "out")
+    back, info = transformers.PhiForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float64,
+                                                             output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    idx = torch.randint(0, VOCAB, (2, T))
+    with torch.no_grad():
+        assert_close_rel(back.eval()(idx).logits, model(idx), 2e-6, "exported, against ours")
+    # and the fields by name: what config.json says
+    d = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert {k: d[k] for k in said} == said and d["rope_parameters"]["partial_rotary_factor"] == \
+        said["partial_rotary_factor"]
+    assert load_checkpoint(tmp_path / "out" / "model.safetensors").config.rotary_dim == model.config.rotary_dim
+
+
 def test_sharded_and_hub_style_configs_load(tmp_path):
     """The Hub's Phi-2 config.json (transformers 4.x) says partial_rotary_factor and rope_theta at the top level,
     rope_scaling null and num_key_value_heads null, and large models come in shards: both read, with transformers'
