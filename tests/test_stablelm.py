@@ -121,6 +121,26 @@ def test_what_this_model_does_not_compute_is_refused_by_name(tmp_path, change, m
         load_checkpoint(path)
 
 
+@pytest.mark.parametrize("change,match", [
+    ({"parallel_residual": True}, r"runs attention and MLP side by side .*GPT-NeoX's blocks.*cannot be exported as a "
+     r"StableLM folder \(a GPT-NeoX folder may take it\)"),
+    ({"attention_window": 8}, r"has local attention \(attention_window 8\), where StableLM attends to the whole "
+     "context: it cannot be exported as a StableLM folder"),
+], ids=["two-norm-parallel", "sliding-window"])
+def test_the_export_refuses_what_stablelm_does_not_compute_by_name(tmp_path, change, match):
+    """StableLM 2 12B's parallel block reads one norm (shared_norm): GPT-NeoX's, a norm per sublayer, has no
+    StableLM config (its post_attention_layernorm would go unread), and no StableLM attends through a sliding
+    window. Both refused by name, nothing written; the same model without the field exports."""
+    from tritongpt.train.stablelm_weights import export_stablelm
+
+    base = dict(vocab_size=VOCAB, context_length=CTX, n_embd=64, n_layer=2, n_head=4, n_kv_head=2,
+                position_encoding="rope", rotary_dim=4, norm="layernorm", mlp="swiglu", bias=False, tie_weights=False)
+    export_stablelm(GPTModel(GPTConfig(**base)), tmp_path / "base")
+    with pytest.raises(UserError, match=match):
+        export_stablelm(GPTModel(GPTConfig(**base, **change)), tmp_path / "no")
+    assert not (tmp_path / "no").exists()
+
+
 TWELVE_B = dict(qk_layernorm=True, use_parallel_residual=True)  # StableLM 2 12B's two
 
 
