@@ -6,6 +6,7 @@ counts): logits on both kernel paths, the KV-cache decode, greedy tokens, export
 transformers, a pretrain --init step; what this model does not compute refused by name. Nothing
 downloaded."""
 import json
+import math
 
 import pytest
 import torch
@@ -319,6 +320,51 @@ def test_a_model_built_here_exports_as_olmo3_and_other_exports_refuse_its_fields
                           ({"attention_window": 0, "window_layers": "all", "bias": True}, "has biases, where OLMo 2")):
         with pytest.raises(UserError, match=match):
             export_olmo(_olmo_like(**change), tmp_path / "no")
+
+
+@pytest.mark.parametrize("change,match", [
+    ({"rotary_dim": 8}, r"rotates only 8 of each head's 32 dimensions \(rotary_dim\)"),
+    ({"rope_scaling": {"rope_type": "longrope", "short_factor": [1.5] * 16, "long_factor": [3.0] * 16,
+                       "original_max_position_embeddings": 10}},
+     r"scales RoPE by LongRoPE \(its short and long factors\)"),
+], ids=["partial-rotary", "longrope"])
+def test_the_olmo_export_refuses_phi3s_fields_by_name(tmp_path, change, match):
+    """OLMo rotates whole heads with plain or YaRN frequencies: a partial rotary and LongRoPE (Phi-3's, which
+    refuse_phi3_touches names) would be written as a RoPE OLMo computes otherwise. Refused, nothing written."""
+    from tritongpt.train.olmo_weights import export_olmo
+
+    with pytest.raises(UserError, match=match + r", which Hugging Face's OLMo 3 does not: it cannot be exported as "
+                       r"an OLMo 3 folder \(a Phi-3 folder may take it\)"):
+        export_olmo(_olmo_like(**change), tmp_path / "no")
+    assert not (tmp_path / "no").exists()
+
+
+@pytest.mark.parametrize("scaling", [None, {k: v for k, v in YARN.items() if k != "rope_theta"}], ids=["plain", "yarn"])
+def test_the_flat_rope_scaling_says_the_models_yarn_or_null(tmp_path, scaling):
+    """transformers 4.x and the Hub's OLMo 3 configs say RoPE flat (rope_theta, rope_scaling: the full-attention
+    layers' scaling, the sliding ones unscaled), beside transformers 5's rope_parameters: the export's flat
+    rope_scaling is the model's YaRN (the attention factor GPTConfig fills in included) or null, and a config.json
+    without rope_parameters reads back to this model, by transformers and by load_checkpoint. (Base 500000, the
+    one transformers 5's Olmo3Config gives the sliding layers when it reads the flat keys.)"""
+    from tritongpt.train.olmo_weights import export_olmo
+
+    torch.manual_seed(2)
+    model = _olmo_like(rope_theta=5e5, rope_scaling=scaling, rope_local_theta=5e5 if scaling else 0.0).double().eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    export_olmo(model, tmp_path / "o3")
+    cfg_json = tmp_path / "o3" / "config.json"
+    d = json.loads(cfg_json.read_text())
+    want = scaling and {**scaling, "attention_factor": pytest.approx(0.1 * math.log(4.0) + 1)}
+    assert (d["rope_theta"], d["rope_scaling"]) == (5e5, want)
+    cfg_json.write_text(json.dumps({k: v for k, v in d.items() if k != "rope_parameters"}))
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "o3", dtype=torch.float64).eval()
+    idx = torch.randint(0, VOCAB, (2, T))
+    with torch.no_grad():
+        assert_close_rel(model(idx), hf(idx).logits, 2e-6, "the flat RoPE fields, read by transformers")
+    again = load_checkpoint(tmp_path / "o3" / "model.safetensors").config
+    assert again == GPTConfig(**{**model.config.to_dict(), "kernels": again.kernels, "mlp_hidden": again.ff_hidden})
 
 
 @pytest.mark.parametrize("kernels", ["reference", "triton"])
