@@ -352,6 +352,31 @@ def test_a_model_built_here_exports_as_gemma3_and_other_exports_refuse_its_touch
         assert load_checkpoint(tmp_path / "global").config.attention_window == 0
 
 
+GEMMA1 = dict(post_norms=False, qk_norm=False, attention_window=0, window_layers="all", rope_local_theta=0.0)
+
+
+@pytest.mark.parametrize("kind,kw", [("gemma", GEMMA1), ("gemma3_text", {})], ids=["gemma1", "gemma3"])
+def test_the_export_writes_the_models_norm_eps(tmp_path, kind, kw):
+    """An rms_norm_eps hard-coded to Gemma's 1e-6 passes the round trips of models of 1e-6, and a 1e-5 hides under
+    a float32 tolerance: a model of 1e-3 (large enough that a wrong eps moves transformers' logits far past this
+    float64 tolerance) is written with its eps, which transformers reads to our logits."""
+    from tritongpt.train.gemma_weights import export_gemma
+
+    torch.manual_seed(4)
+    model = _gemma_like(norm_eps=1e-3, **kw).double().eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    export_gemma(model, tmp_path / "g")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "g", dtype=torch.float64).eval()
+    idx = torch.randint(0, VOCAB, (2, T))
+    with torch.no_grad():
+        assert_close_rel(model(idx), hf(idx).logits, 2e-6, f"norm_eps 1e-3, read by transformers' {kind}")
+    d = json.loads((tmp_path / "g" / "config.json").read_text())
+    assert (d["model_type"], d["rms_norm_eps"]) == (kind, 1e-3)
+    assert load_checkpoint(tmp_path / "g" / "model.safetensors").config.norm_eps == 1e-3
+
+
 def test_window_layers_as_a_list_is_checked():
     assert GPTConfig(n_layer=4, window_layers="0, 1,2,3").window_layers == "all"
     for bad, match in (("2,1", "increasing"), ("0,4", "below n_layer 4"), ("0,,1", "comma list"),
