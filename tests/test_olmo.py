@@ -367,6 +367,19 @@ def test_the_flat_rope_scaling_says_the_models_yarn_or_null(tmp_path, scaling):
     assert again == GPTConfig(**{**model.config.to_dict(), "kernels": again.kernels, "mlp_hidden": again.ff_hidden})
 
 
+def test_yarn_in_the_sliding_layers_too_is_noted_at_export(tmp_path, capsys):
+    """A model that scales every layer's RoPE (no rope_local_theta) has no flat form (the flat rope_scaling is the
+    full-attention layers' only): its export says so; one with the sliding layers unscaled, or none, does not."""
+    from tritongpt.train.olmo_weights import export_olmo
+
+    yarn = {k: v for k, v in YARN.items() if k != "rope_theta"}
+    export_olmo(_olmo_like(rope_scaling=yarn), tmp_path / "all")
+    assert "scales the sliding-window layers' RoPE too (yarn)" in capsys.readouterr().err
+    export_olmo(_olmo_like(rope_scaling=yarn, rope_local_theta=500.0), tmp_path / "full")
+    export_olmo(_olmo_like(rope_scaling=yarn, window_layers="all", attention_window=0), tmp_path / "none")
+    assert "sliding-window layers" not in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("kernels", ["reference", "triton"])
 def test_olmo_fields_train_on_both_paths_with_the_same_gradients(kernels):
     """One backward through every OLMo piece (no input norms, whole-width q/k norms, post norms, local

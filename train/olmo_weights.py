@@ -231,4 +231,10 @@ def export_olmo(model: GPTModel, out_dir, eos_token_id: int | None = None, overw
     which transformers.AutoModelForCausalLM.from_pretrained(out_dir) and load_checkpoint both read.
     Returns the paths written; refuses to replace them unless overwrite."""
     refuse_not_olmo(model, f"an {family_name(model.config)} folder")
+    cfg = model.config
+    if cfg.rope_scaling and not cfg.rope_local_theta and any(cfg.layer_window(i) for i in range(cfg.n_layer)):
+        # the flat keys say the full-attention layers' scaling only (the local ones unscaled): no flat form says this
+        note(f"this model scales the sliding-window layers' RoPE too ({cfg.rope_scaling.get('rope_type')}): "
+             "transformers 5 reads that from config.json's rope_parameters, but a reader of the flat keys alone "
+             "(transformers 4's Olmo3) rotates those layers unscaled, another model")
     return write_hf_folder(out_dir, lambda: _hf_tensors(model), hf_config(model.config, eos_token_id), overwrite)
