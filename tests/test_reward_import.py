@@ -218,6 +218,10 @@ def test_reward_init_trains_a_reward_model_on_with_its_head(smollm, tmp_path, ca
     score = load_file(rm / "model.safetensors")["score.weight"]
     assert cli.main(["reward", "--init", str(rm), *flags, "--out-dir", str(tmp_path / "a")]) == 0
     head = RewardModel.load(tmp_path / "a").head
+    capsys.readouterr()
+    assert cli.main(["info", "--weights", str(tmp_path / "a")]) == 0
+    out = capsys.readouterr().out
+    assert "reward model a scalar head" in out and "run          reward, step 1 of 1" in out, out
     assert 0 < (head.weight - score).abs().max() < 3e-4 and not head.bias.any()  # B-T: no gradient to the bias
     assert cli.main(["reward", "--init", str(tmp_path / "a"), *flags, "--out-dir", str(tmp_path / "b"),
                      "--lora-rank", "2"]) == 0
@@ -271,3 +275,17 @@ def test_eval_scores_a_reward_model_on_preference_pairs(smollm, tmp_path, capsys
     assert "preference pairs of embedded tasks (val): accuracy" in capsys.readouterr().out
     assert cli.main(["eval", *flags, "--stride", "4", "--max-tokens", "9"]) == 2
     assert "--stride, --max-tokens: for a language model's eval" in capsys.readouterr().err
+
+
+def test_info_describes_a_reward_model_without_its_lm_head(smollm, capsys):
+    """`info --weights` a classifier folder: its backbone's config, and the parameters transformers counts (the
+    backbone and its score; ours has the head's bias too), with no LM head."""
+    from tritongpt import cli
+
+    _, rm_dir = smollm
+    assert cli.main(["info", "--weights", str(rm_dir)]) == 0
+    out = capsys.readouterr().out
+    hf = transformers.AutoModelForSequenceClassification.from_pretrained(rm_dir)
+    n = hf.num_parameters() + 1
+    assert f"parameters   {n:,} ({n / 1e6:.1f}M, without an LM head)\n" in out
+    assert "reward model a scalar head Linear(64, 1) on this backbone" in out and "  n_embd          64\n" in out

@@ -99,9 +99,13 @@ def cmd_info(args):
         from tritongpt.train.common import resolve_checkpoint
         from tritongpt.train.gpt2_weights import load_checkpoint
 
+        from tritongpt.train.reward import RewardModel, is_reward_model
+
         if args.untied:
             raise UserError("--untied counts a preset with its own LM head; --weights has the head it has")
-        model = load_checkpoint(args.weights, args.model)  # --model: the heads of a GPT-2 file without config.json
+        reward = RewardModel.load(args.weights) if is_reward_model(args.weights) else None
+        # --model: the heads of a GPT-2 file without config.json
+        model = reward.backbone if reward else load_checkpoint(args.weights, args.model)
         cfg, n, name = model.config, model.num_params(), str(resolve_checkpoint(args.weights))
     else:
         cfg = get_config(args.model or "gpt2-small", tie_weights=not args.untied)
@@ -112,7 +116,13 @@ def cmd_info(args):
     for key, value in cfg.to_dict().items():
         if key != "kernels":
             print(f"  {key + ' ':<16}{value}{_what_it_means(cfg, key, value)}")  # a 16-letter key keeps a space
-    print(f"parameters   {n:,} ({n / 1e6:.1f}M, {'tied' if cfg.tie_weights else 'untied'} LM head)")
+    if args.weights and reward:  # its LM head is never used (a Hugging Face classifier's is only stood in)
+        n = sum(p.numel() for p in reward.parameters()) - (0 if cfg.tie_weights else model.out_head.weight.numel())
+        print(f"parameters   {n:,} ({n / 1e6:.1f}M, without an LM head)")
+        print(f"reward model a scalar head Linear({cfg.n_embd}, 1) on this backbone: one score per sequence, read at "
+              "its last token")
+    else:
+        print(f"parameters   {n:,} ({n / 1e6:.1f}M, {'tied' if cfg.tie_weights else 'untied'} LM head)")
     if args.weights:
         from tritongpt.train.common import saved_model_config
 
