@@ -2170,13 +2170,86 @@ def test_dpo_with_another_loss_raises_the_margin_and_a_resume_names_it(data, tmp
     assert f"--loss-type sigmoid ({loss_type}), --label-smoothing 0.1 (0.0)" in capsys.readouterr().err
 
 
+def test_reference_free_losses_against_their_formulas():
+    """SimPO: -log sigmoid(beta (l_c - l_r) - gamma) on mean token log-probs l, with cDPO's smoothing; ORPO: the
+    chosen NLL minus beta log sigmoid of the log odds ratio, odds = p / (1 - p), p = exp(l) (float64 by hand, with
+    log1p(-exp(l))); both ignore any reference; ORPO's odds stay finite for a certain answer (l = 0)."""
+    import torch.nn.functional as F
+
+    from tritongpt.train.dpo import dpo_loss, log_odds
+
+    g = torch.Generator().manual_seed(5)
+    lp = -3 * torch.rand(10, generator=g, dtype=torch.float64) - 0.01
+    pc, pr = lp.chunk(2)
+    beta, gamma, eps, nll = 2.5, 0.7, 0.2, torch.tensor(1.3, dtype=torch.float64)
+    z = beta * (pc - pr) - gamma
+    odds = (pc - torch.log1p(-torch.exp(pc))) - (pr - torch.log1p(-torch.exp(pr)))
+    for kind, smoothing, want in (
+            ("simpo", 0.0, -F.logsigmoid(z)),
+            ("simpo", eps, -(1 - eps) * F.logsigmoid(z) - eps * F.logsigmoid(-z)),
+            ("orpo", 0.0, nll - beta * F.logsigmoid(odds))):
+        for ref in (None, torch.randn(10, generator=g, dtype=torch.float64)):
+            loss, margins = dpo_loss(lp, ref, beta, kind, smoothing, gamma, nll)
+            assert loss.item() == pytest.approx(want.mean().item(), rel=1e-12), kind
+            torch.testing.assert_close(margins, beta * (pc - pr))
+    certain = torch.tensor([0.0, -1e-9, -0.5])
+    assert torch.isfinite(log_odds(certain)).all() and log_odds(certain)[0] > 13
+    x = torch.tensor([-0.3], dtype=torch.float64)
+    assert log_odds(x).item() == pytest.approx(math.log(math.exp(-0.3) / (1 - math.exp(-0.3))), rel=1e-12)
+
+
+def test_orpos_nll_is_the_chosen_answers_token_weighted_mean():
+    from tritongpt.train.dpo import policy_terms
+    from tritongpt.train.preference import EncodedPair, model_token_logprobs, pair_batch
+
+    torch.manual_seed(17)
+    model = GPTModel(GPTConfig(vocab_size=23, context_length=16, n_embd=32, n_layer=1, n_head=2)).eval()
+    enc = [EncodedPair([1, 2, 3], [4, 5, 22], [6, 22]), EncodedPair([7, 8], [9, 22], [10, 11, 12, 22])]
+    idx, _, mask = pair_batch(enc, 22)
+    lp, nll = policy_terms(model, idx, mask, "orpo")
+    tok = model_token_logprobs(model, idx)
+    chosen = [tok[0, 2:5], tok[1, 1:3]]  # each chosen answer's tokens (eot included): 3 and 2 of them
+    assert nll.item() == pytest.approx(-torch.cat(chosen).mean().item(), rel=1e-6)
+    assert lp[0].item() == pytest.approx(chosen[0].mean().item(), rel=1e-6)
+    assert policy_terms(model, idx, mask, "simpo")[1] is None
+
+
+@pytest.mark.parametrize("loss_type", ["simpo", "orpo"])
+def test_a_reference_free_loss_trains_without_a_reference(data, tmp_path, capsys, loss_type):
+    """No reference model at all (None): the held-out margin and accuracy rise; ORPO's SFT term raises the chosen
+    answers' log-probs too. The CLI builds none either, and refuses --simpo-gamma for another loss."""
+    from tritongpt.cli import main
+    from tritongpt.train.dpo import train_dpo
+
+    tok, train, val = data
+    torch.manual_seed(4)
+    policy = GPTModel(tiny_config(tok.vocab_size))
+    args = TrainArgs(out_dir=str(tmp_path), max_steps=40, batch_size=16, lr=3e-3, min_lr=3e-4, warmup_steps=5,
+                     eval_every=40, ckpt_every=0, log_every=0, weight_decay=0.0, device="cpu", kernels="reference",
+                     seed=0)
+    beta = 2.0  # SimPO's paper's smallest; ORPO's lambda weighs the odds ratio against its SFT term
+    train_dpo(policy, None, tok, train, val[:64], args, beta=beta, loss_type=loss_type)
+    rows = [r for r in MetricsLog(tmp_path / "metrics.jsonl").rows() if "val_margin" in r]
+    print(f"dpo {loss_type}: held-out margin {rows[0]['val_margin']:.3f} -> {rows[-1]['val_margin']:.3f}, "
+          f"acc {rows[0]['val_acc']:.3f} -> {rows[-1]['val_acc']:.3f}, chosen reward "
+          f"{rows[0]['val_chosen_reward']:.3f} -> {rows[-1]['val_chosen_reward']:.3f}")
+    assert rows[-1]["val_margin"] > rows[0]["val_margin"] + 0.05 and rows[-1]["val_acc"] > rows[0]["val_acc"] + 0.1
+    if loss_type == "orpo":
+        assert rows[-1]["val_chosen_reward"] > rows[0]["val_chosen_reward"]
+    flags = ["dpo", "--model", "tiny", "--num-pairs", "8", "--max-steps", "1", "--batch-size", "4", "--device", "cpu",
+             "--kernels", "reference", "--eval-every", "0", "--loss-type", loss_type]
+    assert main([*flags, "--out-dir", str(tmp_path / "cli")]) == 0
+    assert main([*flags[:-1], "sigmoid", "--simpo-gamma", "1.0", "--out-dir", str(tmp_path / "no")]) == 2
+    assert "--simpo-gamma is SimPO's target margin; --loss-type sigmoid has none" in capsys.readouterr().err
+
+
 def test_dpo_refuses_a_label_smoothing_it_cannot_use(tmp_path, capsys):
     from tritongpt.cli import main
 
     for extra, said in ((["--label-smoothing", "0.5"], "--label-smoothing must be in [0, 0.5)"),
                         (["--label-smoothing", "-0.1"], "--label-smoothing must be in [0, 0.5)"),
                         (["--loss-type", "ipo", "--label-smoothing", "0.1"],
-                         "--label-smoothing is the sigmoid loss's (cDPO); --loss-type ipo has none")):
+                         "--label-smoothing is the sigmoid and simpo losses' (cDPO); --loss-type ipo has none")):
         # one short step, not the default 300: a regression here fails in seconds, not minutes
         assert main(["dpo", "--model", "tiny", "--num-pairs", "8", "--max-steps", "1", "--out-dir", str(tmp_path / "d"),
                      *extra]) == 2
