@@ -1,5 +1,6 @@
 """Generation: cached == uncached, overflow of the context window, stopping, sampling filters."""
 import math
+import re
 
 import numpy as np
 import pytest
@@ -301,3 +302,100 @@ def test_the_kv_cache_is_as_long_as_the_call_can_fill():
     assert torch.equal(generate(long, idx, 7), generate(short, idx, 7))
     assert generate(short, idx, 70).shape == (2, 75)  # past the context: the window slides
     assert lengths == [12, 12, 64]
+
+
+# -- min-p and the repetition penalty, in transformers' order ------------------------------------------------
+@pytest.mark.parametrize("warp", [dict(temperature=0.7, top_k=20, top_p=0.9, min_p=0.05, repetition_penalty=1.3),
+                                  dict(temperature=1.3, min_p=0.2), dict(temperature=1.0, repetition_penalty=0.8),
+                                  dict(temperature=0.0, repetition_penalty=1.7)],
+                         ids=["all", "min_p", "encouraged", "greedy"])
+def test_sampling_draws_from_transformers_distribution(warp):
+    """The logits sample_next draws from give transformers' processed scores' distribution (its
+    RepetitionPenaltyLogitsProcessor, then Temperature, TopK, TopP and MinP warpers): the same tokens kept and the
+    same probabilities; greedy keeps the penalty alone."""
+    transformers = pytest.importorskip("transformers")
+    from tritongpt.train.generate import sampling_logits
+
+    g = torch.Generator().manual_seed(3)
+    V = 101
+    logits = torch.randn(4, V, generator=g) * 3
+    seen = torch.randint(0, V, (4, 9), generator=g)
+    seen[:, 1] = seen[:, 0]  # an id seen twice is penalized once
+    seen[:, 2] = logits.argmax(-1)  # the likeliest token seen: greedy may pick another
+    ours = sampling_logits(logits.clone(), seen=seen, **warp)
+    hf = logits.clone()
+    steps = []
+    if warp.get("repetition_penalty"):
+        steps.append(transformers.RepetitionPenaltyLogitsProcessor(warp["repetition_penalty"]))
+    if warp["temperature"]:
+        steps.append(transformers.TemperatureLogitsWarper(warp["temperature"]))
+        for key, cls in (("top_k", transformers.TopKLogitsWarper), ("top_p", transformers.TopPLogitsWarper),
+                         ("min_p", transformers.MinPLogitsWarper)):
+            if warp.get(key) is not None:
+                steps.append(cls(warp[key]))
+    for step in steps:
+        hf = step(seen, hf)
+    assert torch.equal(torch.isinf(ours), torch.isinf(hf))
+    torch.testing.assert_close(torch.softmax(ours, -1), torch.softmax(hf.float(), -1), rtol=1e-5, atol=1e-7)
+    if warp["temperature"] == 0.0:
+        picked = sample_next(logits, **warp, seen=seen)
+        assert torch.equal(picked[:, 0], hf.argmax(-1)) and not torch.equal(picked[:, 0], logits.argmax(-1))
+
+
+def test_generate_penalizes_every_id_of_the_row_so_far(model):
+    """Greedy with a repetition penalty, step by step: each token is the argmax of the uncached logits with every
+    id of the prompt and of the tokens drawn so far penalized once (by hand); ids past a vocab_limit are left out."""
+    from tritongpt.train.generate import penalize_repeats
+
+    torch.manual_seed(8)
+    idx = torch.randint(0, 61, (2, 4))
+    out = generate(model, idx, 7, temperature=0.0, repetition_penalty=2.5)
+    assert not torch.equal(out, generate(model, idx, 7, temperature=0.0))  # the penalty changed something
+    with torch.no_grad():
+        for t in range(4, out.size(1)):
+            logits = model(out[:, :t])[:, -1].float()
+            for r in range(2):
+                for i in set(out[r, :t].tolist()):
+                    v = logits[r, i]
+                    logits[r, i] = v / 2.5 if v > 0 else v * 2.5
+            assert torch.equal(out[:, t], logits.argmax(-1)), t
+    few = torch.randn(2, 5)
+    torch.testing.assert_close(penalize_repeats(few, torch.tensor([[7, 1], [60, 9]]), 2.0),
+                               torch.stack([torch.cat([few[0, :1], few[0, 1:2] / 2 if few[0, 1] > 0 else
+                                                       few[0, 1:2] * 2, few[0, 2:]]), few[1]]))
+
+
+def test_min_p_and_repetition_penalty_are_checked_by_name(model, capsys):
+    from tritongpt import cli
+
+    for bad, said in ((dict(min_p=1.5), "min_p must be in [0, 1], got 1.5"),
+                      (dict(min_p=-0.1), "min_p must be in [0, 1]"),
+                      (dict(repetition_penalty=0.0), "repetition_penalty must be a finite number > 0 (1 = none)"),
+                      (dict(repetition_penalty=math.inf), "repetition_penalty must be a finite number > 0")):
+        with pytest.raises(UserError, match=re.escape(said)):
+            generate(model, torch.randint(0, 61, (1, 3)), 2, temperature=1.0, **bad)
+    assert cli.main(["generate", "--model", "tiny", "--prompt", "the", "--min-p", "2", "--device", "cpu"]) == 2
+    assert "--min-p must be in [0, 1], got 2.0" in capsys.readouterr().err
+    assert cli.main(["generate", "--model", "tiny", "--prompt", "the", "--max-new-tokens", "4", "--device", "cpu",
+                     "--kernels", "reference", "--min-p", "0.1", "--repetition-penalty", "1.2"]) == 0
+
+
+@pytest.mark.parametrize("command", ["generate", "chat"])
+def test_the_commands_pass_min_p_and_the_repetition_penalty_on(command, monkeypatch, capsys):
+    import io
+
+    from tritongpt import cli
+    from tritongpt.train import generate as gen
+
+    seen, real = [], gen.generate
+
+    def spy(*args, **kw):
+        seen.append((kw.get("min_p"), kw.get("repetition_penalty")))
+        return real(*args, **kw)
+
+    monkeypatch.setattr(gen, "generate", spy)
+    monkeypatch.setattr("sys.stdin", io.StringIO("Hi\n/quit\n"))
+    flags = ["--model", "tiny", "--device", "cpu", "--kernels", "reference", "--max-new-tokens", "3",
+             "--min-p", "0.1", "--repetition-penalty", "1.3"]
+    assert cli.main([command, *flags, *(["--prompt", "the"] if command == "generate" else [])]) == 0
+    assert seen == [(0.1, 1.3)]

@@ -112,7 +112,7 @@ class Conversation:
 
 
 def reply(model, tokenizer, ids, budget, *, temperature=0.0, top_k=None, top_p=None, dtype=None, generator=None,
-          vocab_limit=None, stream: bool = True, stop_id=None):
+          vocab_limit=None, stream: bool = True, stop_id=None, min_p=None, repetition_penalty=None):
     """Draw one answer after `ids` (printed as it comes, with stream): (its text up to the eot, or
     stop_id (a chat template's end-of-turn token), whether the model ended it)."""
     import torch
@@ -127,7 +127,8 @@ def reply(model, tokenizer, ids, budget, *, temperature=0.0, top_k=None, top_p=N
     printer = TextStream(tokenizer, [], eot) if stream else None
     with autocast(device, dtype):
         out = generate(model, idx, budget, temperature=temperature, top_k=top_k, top_p=top_p,
-                       eos_id=eot, generator=generator, vocab_limit=vocab_limit, on_token=printer)
+                       eos_id=eot, generator=generator, vocab_limit=vocab_limit, on_token=printer, min_p=min_p,
+                       repetition_penalty=repetition_penalty)
     if printer:
         printer.close()
     new = out[0, len(ids):].tolist()
@@ -225,7 +226,8 @@ def cmd_chat(args):
         if dropped:
             note(f"the conversation outgrew the context: its {dropped} oldest turn(s) are dropped")
         answer, ended = reply(model, tok, ids, budget, temperature=args.temperature, top_k=args.top_k,
-                              top_p=args.top_p, dtype=dtype, generator=gen, vocab_limit=limit, stop_id=stop)
+                              top_p=args.top_p, dtype=dtype, generator=gen, vocab_limit=limit, stop_id=stop,
+                              min_p=args.min_p, repetition_penalty=args.repetition_penalty)
         if not ended:
             note(f"the answer was cut at {budget} tokens (--max-new-tokens, or the context's end)")
         conv.add(user, answer, dropped)

@@ -1,4 +1,7 @@
-"""Text generation: greedy, temperature, top-k and top-p sampling, with a preallocated KV cache.
+"""Text generation: greedy, temperature, top-k, top-p and min-p sampling and a repetition penalty, with a
+preallocated KV cache. The logits go through them in transformers' generate's order: the repetition penalty
+(on the raw logits, greedy too), then temperature, top-k, top-p, min-p; the same settings draw from the same
+distribution.
 
 With the cache, the prompt is run once (prefill) and each new token costs one position.
 Positions are absolute (learned embeddings), so when the window is full it cannot slide:
@@ -14,7 +17,7 @@ from tritongpt.errors import UserError
 
 
 def check_sampling(temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
-                   flags: bool = False) -> None:
+                   flags: bool = False, min_p: float | None = None, repetition_penalty: float | None = None) -> None:
     """The sampling settings, checked before any work (also those greedy decoding ignores: a
     typo should not wait for the first sample). flags: name them as command-line flags."""
     name = (lambda n: "--" + n.replace("_", "-")) if flags else (lambda n: n)
@@ -24,16 +27,52 @@ def check_sampling(temperature: float = 0.0, top_k: int | None = None, top_p: fl
         raise UserError(f"{name('top_k')} must be a positive integer, got {top_k!r}")
     if top_p is not None and (not is_real(top_p) or not 0.0 < top_p <= 1.0):
         raise UserError(f"{name('top_p')} must be in (0, 1], got {top_p!r}")
+    if min_p is not None and (not is_real(min_p) or not 0.0 <= min_p <= 1.0):
+        raise UserError(f"{name('min_p')} must be in [0, 1], got {min_p!r}")
+    if repetition_penalty is not None and (not is_real(repetition_penalty) or
+                                           not (math.isfinite(repetition_penalty) and repetition_penalty > 0)):
+        raise UserError(f"{name('repetition_penalty')} must be a finite number > 0 (1 = none), "
+                        f"got {repetition_penalty!r}")
+
+
+def penalize_repeats(logits, seen, penalty: float):
+    """CTRL's repetition penalty (Keskar et al. 2019), as transformers' RepetitionPenaltyLogitsProcessor: every
+    token id in seen [B, T] (the prompt and what was drawn) has its logit divided by penalty where positive and
+    multiplied by it where negative, so a penalty > 1 makes it less likely either way. Ids past the logits
+    (a vocab_limit) are left out."""
+    logits = logits.float()
+    V = logits.size(-1)
+    # which ids were seen, one mark each however often: an id past V marks a spare column, dropped
+    marks = torch.zeros(logits.size(0), V + 1, dtype=torch.bool, device=logits.device)
+    marks = marks.scatter(-1, seen.clamp(max=V), True)[:, :V]
+    return torch.where(marks, torch.where(logits > 0, logits / penalty, logits * penalty), logits)
 
 
 def sample_next(logits, temperature: float = 0.0, top_k: int | None = None,
-                top_p: float | None = None, generator: torch.Generator | None = None):
-    """Pick one token per row from logits [B, V]. temperature 0 means greedy (argmax)."""
-    check_sampling(temperature, top_k, top_p)
+                top_p: float | None = None, generator: torch.Generator | None = None, min_p: float | None = None,
+                repetition_penalty: float | None = None, seen=None):
+    """Pick one token per row from logits [B, V]. temperature 0 means greedy (argmax). seen [B, T]: the ids a
+    repetition_penalty applies to."""
+    logits = sampling_logits(logits, temperature, top_k, top_p, min_p, repetition_penalty, seen)
+    if temperature < torch.finfo(torch.float32).tiny:
+        return logits.argmax(dim=-1, keepdim=True)
+    probs = torch.softmax(logits, dim=-1)
+    return torch.multinomial(probs, num_samples=1, generator=generator)
+
+
+def sampling_logits(logits, temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
+                    min_p: float | None = None, repetition_penalty: float | None = None, seen=None):
+    """The logits [B, V] sample_next draws from (softmax of them): penalized, tempered and cut, -inf for a token
+    it never draws. Greedy (temperature 0): only penalized."""
+    check_sampling(temperature, top_k, top_p, min_p=min_p, repetition_penalty=repetition_penalty)
+    if repetition_penalty is not None and repetition_penalty != 1.0:
+        if seen is None:
+            raise UserError("a repetition_penalty needs the ids seen so far (seen)")
+        logits = penalize_repeats(logits, seen, repetition_penalty)
     # below fp32's smallest normal number the division rounds the temperature to 0: greedy is
     # the limit it tends to anyway
     if temperature < torch.finfo(torch.float32).tiny:
-        return logits.argmax(dim=-1, keepdim=True)
+        return logits
     logits = logits.float()
     # from the row's max down: a tiny temperature then gives -inf, never inf - inf = nan
     logits = (logits - logits.amax(dim=-1, keepdim=True)) / temperature
@@ -52,19 +91,24 @@ def sample_next(logits, temperature: float = 0.0, top_k: int | None = None,
         above = torch.cat([torch.zeros_like(probs[:, :1]), probs.cumsum(dim=-1)[:, :-1]], dim=-1)
         sorted_logits = sorted_logits.masked_fill(above >= top_p, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
-    probs = torch.softmax(logits, dim=-1)
-    return torch.multinomial(probs, num_samples=1, generator=generator)
+    if min_p:
+        # min-p (Nguyen et al. 2024): drop what is less likely than min_p times the likeliest token
+        probs = torch.softmax(logits, dim=-1)
+        logits = logits.masked_fill(probs < min_p * probs.amax(dim=-1, keepdim=True), float("-inf"))
+    return logits
 
 
 @torch.no_grad()
 def generate(model, idx, max_new_tokens: int, temperature: float = 0.0, top_k: int | None = None,
              top_p: float | None = None, eos_id: int | None = None, use_cache: bool = True,
-             generator: torch.Generator | None = None, vocab_limit: int | None = None, on_token=None):
+             generator: torch.Generator | None = None, vocab_limit: int | None = None, on_token=None,
+             min_p: float | None = None, repetition_penalty: float | None = None):
     """Extend idx [B, T] by up to max_new_tokens tokens; rows stop after emitting eos_id.
 
     Returns [B, T + n]. Rows that finished early are padded with eos_id. vocab_limit: only ids
     below it are drawn (a tokenizer smaller than the model's vocabulary cannot decode the rest).
     on_token: called with each step's new tokens [B, 1] as they are drawn (to stream the text).
+    repetition_penalty: on every id of the row so far, the prompt's included (transformers' too).
     """
     if not isinstance(idx, torch.Tensor) or idx.is_floating_point() or idx.is_complex():
         what = f"a {idx.dtype} tensor" if isinstance(idx, torch.Tensor) else type(idx).__name__
@@ -74,14 +118,15 @@ def generate(model, idx, max_new_tokens: int, temperature: float = 0.0, top_k: i
     # an int (numpy's too): a float or None failed in range() or a comparison with a bare TypeError
     if not is_int(max_new_tokens) or max_new_tokens < 0:
         raise UserError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
-    check_sampling(temperature, top_k, top_p)
+    check_sampling(temperature, top_k, top_p, min_p=min_p, repetition_penalty=repetition_penalty)
     if vocab_limit is not None and (not is_int(vocab_limit) or vocab_limit <= 0):  # it slices the logits
         raise UserError(f"vocab_limit must be a positive integer, got {vocab_limit!r}")
     was_training = model.training
     model.eval()
     try:
-        return _generate(model, idx, max_new_tokens, temperature, top_k, top_p, eos_id, use_cache, generator,
-                         vocab_limit, on_token)
+        warp = dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                    repetition_penalty=repetition_penalty)
+        return _generate(model, idx, max_new_tokens, warp, eos_id, use_cache, generator, vocab_limit, on_token)
     finally:
         model.train(was_training)
 
@@ -97,8 +142,7 @@ def crosses_longrope(cfg, cached: int, length: int) -> bool:
     return cached <= original < length
 
 
-def _generate(model, idx, max_new_tokens, temperature, top_k, top_p, eos_id, use_cache, generator, vocab_limit,
-              on_token):
+def _generate(model, idx, max_new_tokens, warp: dict, eos_id, use_cache, generator, vocab_limit, on_token):
     ctx = model.config.context_length
     # as long as this call can fill: a whole-context cache of a 131072-position model is gigabytes
     cache = model.new_cache(idx.size(0), min(ctx, idx.size(1) + max_new_tokens)) if use_cache else None
@@ -120,7 +164,7 @@ def _generate(model, idx, max_new_tokens, temperature, top_k, top_p, eos_id, use
             else:
                 logits = model(idx[:, fed:], cache)
                 fed = idx.size(1)
-        nxt = sample_next(logits[:, -1, :vocab_limit], temperature, top_k, top_p, generator)
+        nxt = sample_next(logits[:, -1, :vocab_limit], generator=generator, seen=idx, **warp)
         if eos_id is not None:
             nxt = torch.where(done.unsqueeze(1), torch.full_like(nxt, eos_id), nxt)
             done |= nxt.squeeze(1) == eos_id

@@ -215,7 +215,8 @@ def check_generation_args(args):
         if args.model not in names:
             raise UserError(f"--pretrained downloads GPT-2 or GPT-Neo by --model name ({'|'.join(names)}), "
                             f"not {args.model!r}")
-    check_sampling(args.temperature, args.top_k, args.top_p, flags=True)
+    check_sampling(args.temperature, args.top_k, args.top_p, flags=True, min_p=args.min_p,
+                   repetition_penalty=args.repetition_penalty)
     check_seed(args.seed)
 
 
@@ -291,7 +292,8 @@ def cmd_generate(args):
     stream = TextStream(tok, ids, eot) if args.stream else None
     with autocast(device, dtype):  # the weights stay fp32; sampling reads fp32 probabilities
         out = generate(model, idx, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                       top_p=args.top_p, eos_id=eot, generator=gen, vocab_limit=limit, on_token=stream).tolist()
+                       top_p=args.top_p, eos_id=eot, generator=gen, vocab_limit=limit, on_token=stream,
+                       min_p=args.min_p, repetition_penalty=args.repetition_penalty).tolist()
     if stream:
         stream.close()
     for i, row in enumerate(out):
@@ -544,6 +546,11 @@ def add_sampling_args(p, max_new_tokens: int, temperature: float, temperature_te
     p.add_argument("--top-k", type=int, default=None, help="sample among the k likeliest tokens only")
     p.add_argument("--top-p", type=float, default=None,
                    help="sample among the likeliest tokens whose probabilities sum to p (after --top-k)")
+    p.add_argument("--min-p", type=float, default=None,
+                   help="sample among the tokens at least this share as likely as the likeliest (after --top-p)")
+    p.add_argument("--repetition-penalty", type=float, default=None,
+                   help="> 1 makes every token already in the text (prompt included) less likely, as transformers' "
+                        "repetition_penalty (1.1-1.3 is usual; greedy decoding too)")
     p.add_argument("--seed", type=int, default=1337,
                    help="seeds the sampling, and the weights of a model without --weights/--pretrained "
                         "(default %(default)s)")
