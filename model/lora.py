@@ -73,7 +73,8 @@ def check_lora(rank, alpha, targets):
         raise UserError(f"--lora-rank must be an integer >= 0 (0: no LoRA), got {rank!r}")
     if not is_real(alpha) or not math.isfinite(alpha) or alpha <= 0:
         raise UserError(f"--lora-alpha must be a positive number, got {alpha!r}")
-    parse_targets(targets)
+    if targets is not None:  # None: the command's default, chosen by the model
+        parse_targets(targets)
 
 
 def lora_linears(model):

@@ -289,7 +289,9 @@ def test_apply_lora_reports_only_lora_and_the_flags_default_to_none(tmp_path, ca
     assert sum(p.numel() for p in model.parameters() if p.requires_grad) == 2304
     for argv in (["sft", "--init", "x"], ["dpo"]):
         a = build_parser().parse_args(argv)
-        assert (a.lora_rank, a.lora_alpha, a.lora_targets) == (0, 16.0, "attn,mlp"), argv
+        assert (a.lora_rank, a.lora_alpha, a.lora_targets) == (0, 16.0, None), argv  # None: apply_lora's choice
+    model = apply_lora(small(), Namespace(lora_rank=2, lora_alpha=4.0, lora_targets=None))
+    assert model.config.lora_targets == "attn,mlp" and "experts" not in capsys.readouterr().err
     # a bad LoRA flag is named before any model loads (the --init here does not exist)
     for cmd in ("sft", "dpo"):
         assert main([cmd, "--init", str(tmp_path / "none"), "--lora-alpha", "0", "--out-dir", str(tmp_path / cmd)]) == 2

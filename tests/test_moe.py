@@ -209,6 +209,20 @@ def test_the_fields_are_checked_by_name(change, match):
         moe_config(**change)
 
 
+def test_the_commands_default_lora_targets_leave_the_experts_out(capsys):
+    """No --lora-targets on a mixture-of-experts model: LoRA on the attention, said (the dense default, attn,mlp,
+    would be refused); named targets are still the user's."""
+    from argparse import Namespace
+
+    from tritongpt.commands import apply_lora
+
+    model = apply_lora(GPTModel(moe_config()), Namespace(lora_rank=2, lora_alpha=4.0, lora_targets=None))
+    assert model.config.lora_targets == "attn"
+    assert "LoRA on the attention only: this model's MLPs are 4 experts" in capsys.readouterr().err
+    with pytest.raises(UserError, match="LoRA target 'mlp'.*4 experts"):
+        apply_lora(GPTModel(moe_config()), Namespace(lora_rank=2, lora_alpha=4.0, lora_targets="mlp"))
+
+
 def test_lora_adapts_the_attention_and_refuses_the_experts():
     from tritongpt.model.lora import add_lora
 

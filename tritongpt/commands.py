@@ -35,9 +35,10 @@ def add_lora_args(p):
                         "merged everywhere they are only used; default 0: full fine-tuning)")
     p.add_argument("--lora-alpha", type=float, default=16.0,
                    help="LoRA's update is scaled by alpha / rank (default %(default)s)")
-    p.add_argument("--lora-targets", default="attn,mlp",
+    p.add_argument("--lora-targets", default=None,
                    help="the matrices LoRA adapts: attn (query, key, value, output), mlp (both), or both "
-                        "(default %(default)s)")
+                        "(default: attn,mlp; attn for a mixture-of-experts model, whose experts LoRA does not "
+                        "adapt)")
 
 
 def apply_lora(model, args, whole_head: str | None = None):
@@ -47,7 +48,13 @@ def apply_lora(model, args, whole_head: str | None = None):
 
     from tritongpt.model.lora import add_lora
 
-    add_lora(model, args.lora_rank, args.lora_alpha, args.lora_targets)
+    targets = args.lora_targets
+    if targets is None:  # the default: every dense matrix there is
+        targets = "attn" if model.config.n_experts else "attn,mlp"
+        if model.config.n_experts and args.lora_rank:
+            note(f"LoRA on the attention only: this model's MLPs are {model.config.n_experts} experts, which LoRA "
+                 "does not adapt (they stay frozen)")
+    add_lora(model, args.lora_rank, args.lora_alpha, targets)
     if args.lora_rank:
         trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
         print(f"LoRA rank {args.lora_rank} (alpha {args.lora_alpha:g}) on {model.config.lora_targets}: "
