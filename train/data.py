@@ -12,7 +12,9 @@ Sources (`iter_documents`, `load_documents`, `load_text`):
   None / "pydoc"  Python's own reference docs (pydoc_data.topics, ~465 KB of English),
                   shipped with every CPython: a corpus that needs no download.
   "stdlib"        the standard library's .py files (first STDLIB_MAX_BYTES, in sorted walk order).
-  a path          a text file, a folder of .txt files, or a .jsonl file with a text field.
+  a path          a text file, a folder of .txt files, or a .jsonl or .parquet file with a text field
+                  (a .parquet: the Hugging Face Hub's datasets, FineWeb's shards; read a batch of rows
+                  at a time).
   a .bin file     token ids already made: uint16, no header, as nanoGPT's prepare.py writes its
                   train.bin (GPT-2 ids: pass the gpt2 tokenizer). It is read in place, as one
                   flat array like the rest (its last val_fraction is the validation split)
@@ -25,7 +27,7 @@ Sources (`iter_documents`, `load_documents`, `load_text`):
                   or a folder of them: the shards with "val" (or "valid", "validation") as a word of
                   their names are the validation split, the others training, in name order, read in
                   place as one array (ShardedTokens; `prepare_tokens` only).
-Documents: each .py file, each .jsonl record, each .txt file, and within a .txt file the parts
+Documents: each .py file, each .jsonl record or .parquet row, each .txt file, and within a .txt file the parts
 between literal <|endoftext|> markers, wherever on a line they stand (how GPT-2-style text dumps
 mark them). In a .jsonl record or a .py file that spelling is text, tokenised as ordinary
 characters, never as the separator.
@@ -147,6 +149,17 @@ def _jsonl_docs(path: Path, text_field: str):
             raise UserError(f"{path}: not UTF-8 text ({e.reason})") from None
 
 
+def _parquet_docs(path: Path, text_field: str):
+    """The text column of each row of a .parquet file, a batch of rows at a time."""
+    from tritongpt.train.parquet import parquet_texts
+
+    for row, value in parquet_texts(path, text_field):
+        if not isinstance(value, str):
+            what = "null" if value is None else f"a {type(value).__name__}"
+            raise UserError(f"{path}: row {row}: column {text_field!r} is {what}, expected a string")
+        yield value
+
+
 def _txt_files(folder: Path) -> list:
     files = []
     for p in sorted(folder.rglob("*.txt")):
@@ -162,10 +175,10 @@ def _txt_files(folder: Path) -> list:
 
 
 def check_text_field(source, text_field):
-    """A text field other than the default names a .jsonl field: on any other source it would be
-    ignored and the whole file read as text, so it is refused (before any slow work)."""
-    if text_field not in (None, "text") and Path(str(source or "")).suffix != ".jsonl":
-        raise UserError(f"--text-field applies to .jsonl data (one JSON object per line); "
+    """A text field other than the default names a .jsonl field (a .parquet column): on any other source it
+    would be ignored and the whole file read as text, so it is refused (before any slow work)."""
+    if text_field not in (None, "text") and Path(str(source or "")).suffix not in (".jsonl", ".parquet"):
+        raise UserError(f"--text-field applies to .jsonl data (one JSON object per line) and .parquet columns; "
                         f"{source or 'the pydoc corpus'} is read as plain text")
 
 
@@ -210,10 +223,11 @@ def iter_documents(source=None, text_field: str = "text"):
         for p in _txt_files(path):
             yield from _split_eot(p)
     elif path.is_file():
-        yield from _jsonl_docs(path, text_field) if path.suffix == ".jsonl" else _split_eot(path)
+        readers = {".jsonl": _jsonl_docs, ".parquet": _parquet_docs}
+        yield from readers[path.suffix](path, text_field) if path.suffix in readers else _split_eot(path)
     else:
         raise UserError(f"data source not found: {source} (use 'pydoc', 'stdlib', a text file, "
-                        f"a folder of .txt files or a .jsonl file)")
+                        f"a folder of .txt files, a .jsonl or a .parquet file)")
 
 
 def empty_corpus_error(source) -> UserError:

@@ -267,14 +267,16 @@ def add_cli(sub):
                         "; a reward model (a `tritongpt reward` run, or a Hugging Face "
                         "<Family>ForSequenceClassification) is scored on preference pairs instead: accuracy, "
                         "Bradley-Terry loss, mean margin")
-    p.add_argument("--data", default=None, help="a file, a folder of .txt files, a .jsonl file, a .bin of uint16 token "
-                                                "ids or a folder with train.bin and val.bin (nanoGPT's), or 'pydoc' / "
+    p.add_argument("--data", default=None, help="a file, a folder of .txt files, a .jsonl or .parquet file, a .bin "
+                                                "of uint16 token ids or a folder with train.bin and val.bin "
+                                                "(nanoGPT's), or 'pydoc' / "
                                                 "'stdlib' (default: a pretraining run's own data, else the "
                                                 "embedded pydoc corpus); for a reward model, a preference file "
                                                 "as `reward --data` takes (default: the embedded tasks' "
                                                 "held-out pairs)")
-    p.add_argument("--text-field", default=None, help="field holding the text in .jsonl rows (default: the "
-                                                      "one a pretraining run's own data was read from, else text)")
+    p.add_argument("--text-field", default=None, help="field holding the text in .jsonl rows or a .parquet's "
+                                                      "column (default: the one a pretraining run's own data was "
+                                                      "read from, else text)")
     p.add_argument("--split", choices=("val", "all"), default="val",
                    help="val: the held-out tail (a pretraining run's own, on its data; a nanoGPT folder's "
                         "val.bin; else --val-fraction); "

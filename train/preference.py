@@ -41,7 +41,17 @@ class PreferencePair:
 
 
 def _chat_pair(rec, where: str) -> PreferencePair:
-    """A conversational record: the prompt's messages, and one assistant answer each side."""
+    """A conversational record: the prompt's messages, and one assistant answer each side. A string prompt beside
+    whole chats (HuggingFaceH4/ultrafeedback_binarized's shape) is those chats' last user message: checked, and the
+    chats' own messages are the prompt."""
+    whole = all(isinstance(rec[k], list) and len(rec[k]) > 1 for k in ("chosen", "rejected"))
+    if isinstance(rec.get("prompt"), str) and whole:
+        pair = _chat_pair({k: v for k, v in rec.items() if k != "prompt"}, where)
+        last_user = [m["content"] for m in pair.prompt.messages if m["role"] == "user"][-1]
+        if last_user.strip() != rec["prompt"].strip():
+            raise UserError(f"{where}: field 'prompt' is not the chats' last user message (the chats are read whole: "
+                            "a string prompt beside them must be that message)")
+        return pair
     if "prompt" in rec:
         prompt = formats.check_messages(rec["prompt"], where, "prompt", ends_with="user")
         answers = [formats.one_answer(rec, key, where) for key in ("chosen", "rejected")]
@@ -87,7 +97,7 @@ def _record_to_pair(rec, where: str, template) -> PreferencePair:
 
 
 def read_preference_file(path, template=None) -> list[PreferencePair]:
-    """Pairs from a .json (list of records) or .jsonl file; errors name the file and record.
+    """Pairs from a .json (list of records), .jsonl or .parquet file; errors name the file and record.
     Chats and text prompts do not mix in one file (the two string forms may, as they always could)."""
     pairs, first = [], None
     for where, rec in read_json_records(path, what="preference file"):

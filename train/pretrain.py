@@ -45,12 +45,12 @@ def add_args(p: argparse.ArgumentParser):
     add_vocab_multiple_arg(p, 1, "1, no padding; with --init, as its weights have them")
     d = p.add_argument_group("data")
     d.add_argument("--data", default=None,
-                   help="training text: a file, a folder of .txt files, a .jsonl file, or 'pydoc' / "
+                   help="training text: a file, a folder of .txt files, a .jsonl or .parquet file, or 'pydoc' / "
                         "'stdlib' (default: the embedded pydoc corpus); or token ids already made, a .bin of "
                         "uint16 as nanoGPT's prepare.py writes, or its folder with train.bin and val.bin (read in "
                         "place, any size; with --tokenizer gpt2)")
     d.add_argument("--text-field", default="text",
-                   help="field holding the text in .jsonl rows (default %(default)s)")
+                   help="field holding the text in .jsonl rows (a .parquet's column) (default %(default)s)")
     d.add_argument("--tokenizer", default=None,
                    help=TOKENIZER_CHOICES + " (default: default, BPE-4096 on the embedded corpus; with --init, "
                         "the one saved with its run, else gpt2 for a 50257 vocab)")

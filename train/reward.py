@@ -242,7 +242,8 @@ def build_backbone(args):
 
 def add_data_args(p):
     p.add_argument("--data", default=None,
-                   help="preference pairs: JSON/JSONL file of {prompt|instruction[,input], chosen, rejected}, "
+                   help="preference pairs: a .json, .jsonl or .parquet file of {prompt|instruction[,input], chosen, "
+                        "rejected}, "
                         "or chats ({prompt: [messages], chosen: [answer], rejected: [answer]}, or chosen and "
                         "rejected message lists alike but for their last) (default: pairs built from the "
                         "embedded verifiable tasks)")

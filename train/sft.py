@@ -52,7 +52,8 @@ DEFAULT_TASKS, DEFAULT_N_TRAIN, DEFAULT_N_EVAL = "all", 5000, 200  # the embedde
 
 # -- records ----------------------------------------------------------------------------------------
 def read_json_records(path, what: str = "data file") -> list:
-    """(where, record) pairs from a .json list or a .jsonl file; `where` names the file and index.
+    """(where, record) pairs from a .json list, a .jsonl file or a .parquet file (a row a record: the Hugging Face
+    Hub's datasets); `where` names the file and index.
 
     Shared with the preference data (train/preference.py) so every trainer reports a bad
     record the same way: "<file>: record 3 (line 4): ...".
@@ -60,8 +61,16 @@ def read_json_records(path, what: str = "data file") -> list:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{what} not found: {path}")
+    if path.suffix == ".parquet":
+        from tritongpt.train.parquet import parquet_records
+
+        raw = [(f"{path}: record {i}", rec) for i, rec in enumerate(parquet_records(path))]
+        if not raw:
+            raise UserError(f"{path}: no records")
+        return raw
     if path.suffix not in (".json", ".jsonl"):
-        raise UserError(f"{path}: expected a .json (list of records) or .jsonl (one record a line) file")
+        raise UserError(f"{path}: expected a .json (list of records), .jsonl (one record a line) or .parquet (a "
+                        "row a record) file")
     try:
         # utf-8-sig: a byte-order mark (as Windows editors write) is dropped, as pretrain's
         # readers do; json.loads refuses one ("Unexpected UTF-8 BOM")
@@ -745,7 +754,7 @@ def add_cli(sub):
                    help="tritongpt checkpoint (run folder, ckpt folder or .safetensors), a GPT-2 or GPT-Neo name "
                         "(gpt2-small, gpt-neo-125m ...: pretrained weights), " + HUB_REPO_HELP
                         + " or tiny/mini (random weights)")
-    p.add_argument("--data", help=".json list or .jsonl of records, all {instruction, input, output}, all "
+    p.add_argument("--data", help=".json list, .jsonl or .parquet of records, all {instruction, input, output}, all "
                                   "{prompt, completion} or all chats ({messages: [{role, content}, ...]}, or "
                                   "{prompt: [messages], completion: [one assistant message]}) "
                                   "(default: the embedded verifiable tasks)")

@@ -1,0 +1,125 @@
+"""Parquet data (the Hugging Face Hub's datasets): records for sft, reward, dpo and rlhf, and text for pretrain, eval
+and bpe, read as the same records and documents as the .jsonl holding them."""
+import json
+import sys
+
+import pytest
+
+from tritongpt.errors import UserError
+
+pa = pytest.importorskip("pyarrow")
+pq = pytest.importorskip("pyarrow.parquet")
+
+
+def write_both(tmp_path, name, records, **parquet):
+    """records as a .jsonl and as a .parquet (one table: a column per field, null where a record has none)."""
+    jsonl = tmp_path / f"{name}.jsonl"
+    jsonl.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in records) + "\n", encoding="utf-8")
+    columns = list(dict.fromkeys(k for r in records for k in r))  # from_pylist would take the first row's alone
+    table = pa.Table.from_pylist([{k: r.get(k) for k in columns} for r in records])
+    pq.write_table(table, tmp_path / f"{name}.parquet", **parquet)
+    return jsonl, tmp_path / f"{name}.parquet"
+
+
+def test_sft_records_read_alike_from_parquet(tmp_path):
+    """Alpaca records (one without "input": null in the table, left out again), chats (a list of structs) and
+    prompt-completion records, as Hub datasets hold them."""
+    from tritongpt.train.sft import read_records
+
+    alpaca = [{"instruction": "Add 2 and 3.", "input": "", "output": "5"},
+              {"instruction": "Name a colour.", "output": "Red — or ünïcode 🙂"},
+              {"instruction": "Sort these.", "input": "b a c", "output": "a b c"}]
+    chats = [{"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+                           {"role": "assistant", "content": "Hello."}]},
+             {"messages": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}]}]
+    completions = [{"prompt": "The sky is", "completion": " blue."}, {"prompt": "Water is", "completion": " wet."}]
+    for name, records in (("alpaca", alpaca), ("chats", chats), ("completions", completions)):
+        jsonl, parquet = write_both(tmp_path, name, records)
+        assert read_records(parquet) == read_records(jsonl), name
+
+
+def test_preference_pairs_read_alike_from_parquet(tmp_path):
+    """HuggingFaceH4/ultrafeedback_binarized's shape: a prompt string, chosen and rejected as whole chats (the
+    prompt's user message and the answer; the string prompt beside them was refused before), and scores."""
+    from tritongpt.train.preference import read_preference_file
+
+    def chat(q, a):
+        return [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
+
+    records = [{"prompt": q, "chosen": chat(q, good), "rejected": chat(q, bad), "score_chosen": 8.0,
+                "score_rejected": 3.5} for q, good, bad in (("What is 7*6?", "42", "41"),
+                                                            ("Capital of France?", "Paris.", "Lyon."),
+                                                            ("Say hi.", "Hi!", "No."))]
+    jsonl, parquet = write_both(tmp_path, "prefs", records)
+    pairs = read_preference_file(parquet)
+    assert pairs == read_preference_file(jsonl) and len(pairs) == 3 and pairs[0].format == "chat"
+    assert pairs[1].prompt.messages == ({"role": "user", "content": "Capital of France?"},)
+    assert (pairs[1].chosen, pairs[1].rejected) == ("Paris.", "Lyon.")
+    # text pairs mixing the prompt and instruction forms: each row's null column is no field of its record
+    mixed = [{"prompt": "Q: 1+1?", "chosen": "2", "rejected": "3"},
+             {"instruction": "Spell cat.", "input": "", "chosen": "c-a-t", "rejected": "k-a-t"}]
+    jsonl, parquet = write_both(tmp_path, "mixed", mixed)
+    assert read_preference_file(parquet) == read_preference_file(jsonl)
+    # the string prompt is checked against the chats it stands beside
+    records[2]["prompt"] = "Say bye."
+    _, parquet = write_both(tmp_path, "other", records)
+    with pytest.raises(UserError, match=r"other.parquet: record 2: field 'prompt' is not the chats' last user message"):
+        read_preference_file(parquet)
+
+
+def test_pretraining_text_streams_from_a_parquet_column(tmp_path):
+    """A batch of rows at a time across row groups, in order; --text-field names another column; a missing column
+    and a null or non-string value are named with the file and row."""
+    from tritongpt.train.data import check_text_field, load_documents
+    from tritongpt.train.parquet import parquet_texts
+
+    docs = [f"document {i}: " + "naïve words " * (i % 5) + "🙂" * (i % 3) for i in range(23)]
+    records = [{"id": i, "text": d, "body": d.upper()} for i, d in enumerate(docs)]
+    jsonl, parquet = write_both(tmp_path, "corpus", records, row_group_size=4)
+    assert pq.ParquetFile(parquet).num_row_groups == 6
+    assert load_documents(str(parquet)) == load_documents(str(jsonl)) == docs
+    assert [v for _, v in parquet_texts(parquet, "text", batch_rows=3)] == docs
+    assert load_documents(str(parquet), "body") == [d.upper() for d in docs]
+    check_text_field(str(parquet), "body")  # a .parquet's column may be named
+    with pytest.raises(UserError, match=r"corpus.parquet: no column 'txt' \(found \['id', 'text', 'body'\]\); "
+                                        r"name the right one with --text-field"):
+        load_documents(str(parquet), "txt")
+    with pytest.raises(UserError, match=r"row 0: column 'id' is a int, expected a string"):
+        load_documents(str(parquet), "id")
+    pq.write_table(pa.Table.from_pylist([{"text": "a"}, {"text": None}]), tmp_path / "nulls.parquet")
+    with pytest.raises(UserError, match=r"nulls.parquet: row 1: column 'text' is null, expected a string"):
+        load_documents(str(tmp_path / "nulls.parquet"))
+
+
+def test_eval_scores_a_parquet_corpus_as_its_jsonl(tmp_path, capsys):
+    """The CLI end to end (tokenised, cached and windowed as any corpus): the same figures from either file."""
+    from tritongpt import cli
+    from tritongpt.model.config import GPTConfig
+    from tritongpt.model.gpt import GPTModel
+
+    records = [{"text": f"The cat number {i} sat on the mat and looked at {i * 3} birds."} for i in range(40)]
+    jsonl, parquet = write_both(tmp_path, "corpus", records)
+    weights = tmp_path / "m.safetensors"
+    GPTModel(GPTConfig(vocab_size=4096, context_length=32, n_embd=32, n_layer=1, n_head=2)).save(weights)
+    results = []
+    for data in (jsonl, parquet):
+        assert cli.main(["eval", "--weights", str(weights), "--data", str(data), "--split", "all", "--tokenizer",
+                         "default", "--device", "cpu", "--json", "--cache-dir", str(tmp_path / "c")]) == 0
+        results.append(json.loads(capsys.readouterr().out))
+    assert results[0]["tokens"] == results[1]["tokens"] > 100 and results[0]["loss"] == results[1]["loss"]
+
+
+def test_what_cannot_be_read_is_named(tmp_path, monkeypatch):
+    from tritongpt.train.sft import read_records
+
+    bad = tmp_path / "broken.parquet"
+    bad.write_bytes(b"PAR1 not really a parquet file")
+    with pytest.raises(UserError, match=r"broken.parquet is not a readable Parquet file \("):
+        read_records(bad)
+    pq.write_table(pa.table({"prompt": pa.array([], pa.string())}), tmp_path / "empty.parquet")
+    with pytest.raises(UserError, match="empty.parquet: no records"):
+        read_records(tmp_path / "empty.parquet")
+    monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)  # as if pyarrow were not installed
+    _, parquet = write_both(tmp_path, "ok", [{"prompt": "a", "completion": "b"}])
+    with pytest.raises(UserError, match=r"ok.parquet: reading .parquet files needs pyarrow: pip install pyarrow"):
+        read_records(parquet)

@@ -1,0 +1,57 @@
+"""Parquet data files, the format the Hugging Face Hub serves datasets in (a dataset repo's
+data/train-00000-of-00001.parquet): records for sft, reward, dpo and rlhf (each row a record, its nested
+lists and structs as JSON's lists and objects) and text for pretrain, eval and bpe (one column, read a
+batch of rows at a time, so a corpus larger than memory streams). Read with pyarrow, the `[parquet]` extra."""
+from pathlib import Path
+
+from tritongpt.errors import UserError
+
+SUFFIX = ".parquet"
+
+
+def _pyarrow_parquet(path):
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise UserError(f"{path}: reading .parquet files needs pyarrow: pip install pyarrow "
+                        "(or pip install -e \".[parquet]\")") from None
+    return pq
+
+
+def _open(path: Path):
+    pq = _pyarrow_parquet(path)
+    try:
+        return pq.ParquetFile(path)
+    except Exception as e:  # pyarrow's ArrowInvalid and kin: a truncated or foreign file
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise UserError(f"{path} is not a readable Parquet file ({first})") from None
+
+
+def _without_nulls(value):
+    """A Parquet table has every column in every row, null where a record had none; and a list of structs has
+    every struct's fields in each. Null fields are dropped, as the JSON record would not have them."""
+    if isinstance(value, dict):
+        return {k: _without_nulls(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [_without_nulls(v) for v in value]
+    return value
+
+
+def parquet_records(path) -> list:
+    """Every row of a .parquet file as a dict (column name -> value; null fields left out)."""
+    path = Path(path)
+    return [_without_nulls(row) for row in _open(path).read().to_pylist()]
+
+
+def parquet_texts(path, column: str, batch_rows: int = 1024):
+    """(row number, value) of one column, a batch of rows at a time; the column must exist."""
+    path = Path(path)
+    f = _open(path)
+    names = f.schema_arrow.names
+    if column not in names:
+        raise UserError(f"{path}: no column {column!r} (found {names}); name the right one with --text-field")
+    row = 0
+    for batch in f.iter_batches(batch_size=batch_rows, columns=[column]):
+        for value in batch.column(0).to_pylist():
+            yield row, value
+            row += 1
