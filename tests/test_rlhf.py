@@ -2520,16 +2520,17 @@ def test_dpo_refuses_an_unknown_loss_type_or_a_smoothing_it_cannot_use_by_name(d
     args = TrainArgs(out_dir=str(tmp_path / "d"), max_steps=1, batch_size=2, lr=1e-3, warmup_steps=0, eval_every=0,
                      ckpt_every=0, log_every=0, weight_decay=0.0, device="cpu", kernels="reference", seed=0)
     for bad in ("dpo", "IPO", "ipo_mean", ""):
-        said = f"--loss-type must be one of sigmoid, hinge, ipo, got {bad!r}"
+        said = f"--loss-type must be one of sigmoid, hinge, ipo, simpo, orpo, got {bad!r}"
         with pytest.raises(UserError, match=re.escape(said)):
             dpo_loss(policy_logp, ref_logp, 0.1, bad)
         with pytest.raises(UserError, match=re.escape(said)):
             train_dpo(policy, copy.deepcopy(policy), tok, train[:4], None, args, loss_type=bad)
         assert not (tmp_path / "d").exists()
-    no_smoothing = "--label-smoothing is the sigmoid loss's (cDPO); --loss-type {} has none"
+    no_smoothing = "--label-smoothing is the sigmoid and simpo losses' (cDPO); --loss-type {} has none"
     for kind, eps, said in (("sigmoid", float("nan"), "--label-smoothing must be in [0, 0.5)"),
                             ("sigmoid", 0.5, "--label-smoothing must be in [0, 0.5)"),
-                            ("hinge", 0.1, no_smoothing.format("hinge")), ("ipo", 0.1, no_smoothing.format("ipo"))):
+                            ("hinge", 0.1, no_smoothing.format("hinge")), ("ipo", 0.1, no_smoothing.format("ipo")),
+                            ("orpo", 0.1, no_smoothing.format("orpo"))):
         with pytest.raises(UserError, match=re.escape(said)):
             check_beta(0.1, kind, eps)
         with pytest.raises(UserError, match=re.escape(said)):
@@ -2537,6 +2538,10 @@ def test_dpo_refuses_an_unknown_loss_type_or_a_smoothing_it_cannot_use_by_name(d
         assert not (tmp_path / "d").exists()
     check_beta(0.1, "sigmoid", 0.49)  # the bounds it takes
     check_beta(0.1, "hinge", 0.0)
+    check_beta(2.0, "simpo", 0.2, simpo_gamma=0.0)
+    for gamma in (-0.5, float("nan"), float("inf")):
+        with pytest.raises(UserError, match="--simpo-gamma must be a finite number >= 0"):
+            check_beta(2.0, "simpo", 0.0, simpo_gamma=gamma)
 
 
 def test_dpo_cli_hands_its_loss_type_and_label_smoothing_to_training(tmp_path, monkeypatch, capsys):
