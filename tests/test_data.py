@@ -70,7 +70,7 @@ def test_load_text_errors(tmp_path):
     with pytest.raises(UserError, match="empty"):
         load_text(tmp_path / "empty.txt")
     (tmp_path / "nodocs").mkdir()
-    with pytest.raises(UserError, match=r"nodocs has no .txt files$"):        # and no word of token ids
+    with pytest.raises(UserError, match=r"nodocs has no .txt or .parquet files$"):  # and no word of token ids
         load_text(tmp_path / "nodocs")
     (tmp_path / "bin.txt").write_bytes(b"ok \xff\xfe")
     with pytest.raises(UserError, match="bin.txt: not UTF-8"):
@@ -430,7 +430,8 @@ def test_a_nanogpt_folder_refuses_what_would_be_read_wrongly(tmp_path, tok, caps
     with pytest.raises(UserError, match=rf"val.bin: token id {tok.vocab_size} is past"):
         prepare_tokens(str(folder), tok)
     (folder / "input.txt").unlink()
-    with pytest.raises(UserError, match=r"has no .txt files \(its train.bin holds token ids: pretrain and eval"):
+    with pytest.raises(UserError, match=r"has no .txt or .parquet files \(its train.bin holds token ids: pretrain "
+                                        r"and eval"):
         load_text(str(folder))
 
 

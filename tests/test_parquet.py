@@ -123,3 +123,35 @@ def test_what_cannot_be_read_is_named(tmp_path, monkeypatch):
     _, parquet = write_both(tmp_path, "ok", [{"prompt": "a", "completion": "b"}])
     with pytest.raises(UserError, match=r"ok.parquet: reading .parquet files needs pyarrow: pip install pyarrow"):
         read_records(parquet)
+
+
+def test_a_folder_of_parquet_shards_is_one_corpus_of_one_split(tmp_path):
+    """FineWeb's sample folders: every shard in name order (nested folders too), --text-field naming the column;
+    a folder that mixes a held-out split's shards with the training ones, or .txt with .parquet, is refused."""
+    from tritongpt.train.data import check_text_field, iter_documents, load_documents, prepare_tokens
+    from tritongpt.train.tokenizer import get_tokenizer
+
+    docs = [f"shard text {i} with words and numbers {i * i}" for i in range(15)]
+    folder = tmp_path / "fineweb"
+    (folder / "sub").mkdir(parents=True)
+    shards = (("000_00000", docs[:6]), ("000_00001", docs[6:11]), ("sub/001_00000", docs[11:]))
+    for k, (name, part) in enumerate(shards):
+        pq.write_table(pa.Table.from_pylist([{"text": d, "url": f"u{k}"} for d in part]), folder / f"{name}.parquet")
+    assert load_documents(str(folder)) == docs
+    check_text_field(str(folder), "url")
+    assert list(iter_documents(str(folder), "url")) == ["u0"] * 6 + ["u1"] * 5 + ["u2"] * 4
+    td = prepare_tokens({"source": str(folder), "text_field": "text"}, get_tokenizer("default"),
+                        cache_dir=tmp_path / "cache", val_fraction=0.1)
+    assert len(td.train) + len(td.val) > 100
+    hub = tmp_path / "data"
+    hub.mkdir()
+    for split in ("train", "test"):
+        pq.write_table(pa.Table.from_pylist([{"text": split}]), hub / f"{split}-00000-of-00001.parquet")
+    with pytest.raises(UserError, match=r"folder .*data mixes splits: test-00000-of-00001.parquet is held-out data "
+                                        r"beside train-00000-of-00001.parquet"):
+        load_documents(str(hub))
+    (hub / "test-00000-of-00001.parquet").unlink()
+    assert load_documents(str(hub)) == ["train"]
+    (hub / "notes.txt").write_text("x")
+    with pytest.raises(UserError, match="holds both .txt and .parquet files"):
+        load_documents(str(hub))

@@ -14,7 +14,7 @@ Sources (`iter_documents`, `load_documents`, `load_text`):
   "stdlib"        the standard library's .py files (first STDLIB_MAX_BYTES, in sorted walk order).
   a path          a text file, a folder of .txt files, or a .jsonl or .parquet file with a text field
                   (a .parquet: the Hugging Face Hub's datasets, FineWeb's shards; read a batch of rows
-                  at a time).
+                  at a time), or a folder of .parquet files (of one split) read in name order.
   a .bin file     token ids already made: uint16, no header, as nanoGPT's prepare.py writes its
                   train.bin (GPT-2 ids: pass the gpt2 tokenizer). It is read in place, as one
                   flat array like the rest (its last val_fraction is the validation split)
@@ -37,6 +37,7 @@ import hashlib
 import itertools
 import json
 import os
+import re
 import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
@@ -160,24 +161,47 @@ def _parquet_docs(path: Path, text_field: str):
         yield value
 
 
-def _txt_files(folder: Path) -> list:
+def _files_of(folder: Path, pattern: str) -> list:
     files = []
-    for p in sorted(folder.rglob("*.txt")):
+    for p in sorted(folder.rglob(pattern)):
         if p.is_symlink() and not p.exists():
             raise UserError(f"{p}: a broken link (its target does not exist)")
         if p.is_file():  # not a folder that happens to be named *.txt
             files.append(p)
+    return files
+
+
+# words of a file name that say it holds an evaluation split (a Hub dataset's data/test-00000-of-00001.parquet)
+_HELD_OUT_WORDS = {"test", "validation", "valid", "val", "dev", "eval"}
+
+
+def _txt_files(folder: Path) -> list:
+    """A text folder's files: its .txt files, or else its .parquet files (a Hub dataset's shards, FineWeb's), in
+    name order, all of one split."""
+    files = _files_of(folder, "*.txt")
+    parquet = _files_of(folder, "*.parquet")
+    if files and parquet:
+        raise UserError(f"folder {folder} holds both .txt and .parquet files: pass a folder of one kind, or a file")
+    if parquet:
+        held = [p for p in parquet if _HELD_OUT_WORDS & set(re.split(r"[^a-z]+", p.stem.lower()))]
+        if held and len(held) < len(parquet):
+            raise UserError(f"folder {folder} mixes splits: {held[0].name} is held-out data beside "
+                            f"{next(p for p in parquet if p not in held).name}; pass the training files alone (a "
+                            "folder of them, or one file)")
+        files = parquet
     if not files:
         ids = " (its train.bin holds token ids: pretrain and eval read the folder as --data)" \
             if _is_token_folder(folder) else ""
-        raise UserError(f"folder {folder} has no .txt files{ids}")
+        raise UserError(f"folder {folder} has no .txt or .parquet files{ids}")
     return files
 
 
 def check_text_field(source, text_field):
     """A text field other than the default names a .jsonl field (a .parquet column): on any other source it
     would be ignored and the whole file read as text, so it is refused (before any slow work)."""
-    if text_field not in (None, "text") and Path(str(source or "")).suffix not in (".jsonl", ".parquet"):
+    path = Path(str(source or "")).expanduser()
+    parquet = path.suffix == ".parquet" or path.is_dir() and any(path.rglob("*.parquet"))
+    if text_field not in (None, "text") and path.suffix != ".jsonl" and not parquet:
         raise UserError(f"--text-field applies to .jsonl data (one JSON object per line) and .parquet columns; "
                         f"{source or 'the pydoc corpus'} is read as plain text")
 
@@ -221,7 +245,7 @@ def iter_documents(source=None, text_field: str = "text"):
                         "tokenizer is trained on text")
     if path.is_dir():
         for p in _txt_files(path):
-            yield from _split_eot(p)
+            yield from _parquet_docs(p, text_field) if p.suffix == ".parquet" else _split_eot(p)
     elif path.is_file():
         readers = {".jsonl": _jsonl_docs, ".parquet": _parquet_docs}
         yield from readers[path.suffix](path, text_field) if path.suffix in readers else _split_eot(path)

@@ -45,7 +45,8 @@ def add_args(p: argparse.ArgumentParser):
     add_vocab_multiple_arg(p, 1, "1, no padding; with --init, as its weights have them")
     d = p.add_argument_group("data")
     d.add_argument("--data", default=None,
-                   help="training text: a file, a folder of .txt files, a .jsonl or .parquet file, or 'pydoc' / "
+                   help="training text: a file, a folder of .txt (or .parquet) files, a .jsonl or .parquet file, "
+                        "or 'pydoc' / "
                         "'stdlib' (default: the embedded pydoc corpus); or token ids already made, a .bin of "
                         "uint16 as nanoGPT's prepare.py writes, or its folder with train.bin and val.bin (read in "
                         "place, any size; with --tokenizer gpt2)")
