@@ -488,6 +488,20 @@ def test_grpo_advantages_are_the_group_standardized_scores_on_every_response_tok
     ro = compute_advantages(ro, RLArgs(algo="grpo"))
     want = torch.tensor([-1.0, 1.0, -1.0, 1.0]) / (1 + 1e-4 / torch.tensor([1.0, 1.0, 2.0, 2.0]))
     torch.testing.assert_close(ro.advantages, want.unsqueeze(1) * mask)
+    ro = compute_advantages(ro, RLArgs(algo="grpo", scale_rewards="none"))  # Dr. GRPO: centered only
+    torch.testing.assert_close(ro.advantages, torch.tensor([-1.0, 1.0, -2.0, 2.0]).unsqueeze(1) * mask)
+
+
+def test_the_grpo_loss_type_reaches_the_minibatch_loss():
+    """Responses of 3 tokens each: bnpo equals grpo, and dr_grpo is their sum over 2 x max_new_tokens tokens."""
+    policy, idx, mask, logp = _response_masked_policy(value_head=False)
+    ro = Rollout(idx, torch.tensor([5, 5]), torch.tensor([8, 8]), mask, torch.tensor([0, 0]),
+                 logp=logp, ref_logp=logp + 0.1, advantages=torch.randn(2, 1) * mask)
+    losses = {kind: minibatch_loss(policy, ro, torch.arange(2), RLArgs(algo="grpo", loss_type=kind,
+                                                                      max_new_tokens=12))[0].item()
+              for kind in ("grpo", "bnpo", "dr_grpo")}
+    assert losses["bnpo"] == pytest.approx(losses["grpo"], rel=1e-6)
+    assert losses["dr_grpo"] == pytest.approx(losses["grpo"] * 3 / 12, rel=1e-6) and losses["grpo"] != 0
 
 
 def test_the_value_of_a_target_is_read_before_the_target_token():
@@ -891,6 +905,49 @@ def test_rl_raises_the_reward_models_score_with_bounded_kl(data, easy_reward, tm
     reloaded = GPTModel.load(tmp_path / f"ckpt-{8:07d}" / "model.safetensors")
     for p, q in zip(reloaded.parameters(), trainer.policy.parameters()):
         assert torch.equal(p, q)
+
+
+def test_dr_grpo_raises_the_reward_models_score(data, easy_reward, tmp_path):
+    """Dr. GRPO (--loss-type dr_grpo --scale-rewards none) learns as GRPO does on the same set-up."""
+    trainer = _rl_setup(data, easy_reward, tmp_path, "grpo", group_size=4, prompts_per_iter=4, loss_type="dr_grpo",
+                        scale_rewards="none")
+    result = trainer.fit()
+    before, after = result["first_eval_reward"], result["eval_reward"]
+    print(f"dr_grpo: eval reward {before:.3f} -> {after:.3f}, eval KL {result['eval_kl']:.3f}")
+    assert after > before + 0.3 and 0.0 < result["eval_kl"] < 5.0
+
+
+def test_grpo_variants_against_hand_formulas():
+    """scale_rewards: the centered scores divided by the group's std, the batch's, or nothing; loss_type: a
+    response's token mean then the mean (grpo), the mean over all tokens (bnpo), the sum over (responses x
+    max_new_tokens) (dr_grpo). Only GRPO takes them, and only their names."""
+    from tritongpt.train.rlhf import grpo_aggregate
+
+    scores = torch.tensor([1.0, 3.0, 2.0, 0.5, 0.5, 4.0, -1.0])
+    group = torch.tensor([0, 0, 0, 1, 1, 1, 1])
+    centered = scores - torch.tensor([2.0] * 3 + [1.0] * 4)
+    std = torch.tensor([(2 / 3) ** 0.5] * 3 + [((0.25 + 0.25 + 9 + 4) / 4) ** 0.5] * 4)
+    eps = 1e-4
+    torch.testing.assert_close(group_advantages(scores, group), centered / (std + eps))
+    torch.testing.assert_close(group_advantages(scores, group, scale="group"), centered / (std + eps))
+    batch_std = ((scores - scores.mean()) ** 2).mean() ** 0.5
+    torch.testing.assert_close(group_advantages(scores, group, scale="batch"), centered / (batch_std + eps))
+    torch.testing.assert_close(group_advantages(scores, group, scale="none"), centered)
+    g = torch.Generator().manual_seed(2)
+    per_token = torch.randn(3, 6, generator=g)
+    mask = torch.tensor([[0, 1, 1, 1, 0, 0], [0, 0, 1, 0, 0, 0], [1, 1, 1, 1, 1, 1]], dtype=torch.bool)
+    rows = [per_token[r][mask[r]] for r in range(3)]
+    assert grpo_aggregate(per_token, mask, "grpo", 8).item() == pytest.approx(
+        sum(r.mean().item() for r in rows) / 3, rel=1e-6)
+    assert grpo_aggregate(per_token, mask, "bnpo", 8).item() == pytest.approx(torch.cat(rows).mean().item(), rel=1e-6)
+    assert grpo_aggregate(per_token, mask, "dr_grpo", 8).item() == pytest.approx(
+        torch.cat(rows).sum().item() / (3 * 8), rel=1e-6)
+    for change, said in ((dict(algo="grpo", loss_type="dapo"), "--loss-type must be one of grpo, bnpo, dr_grpo"),
+                         (dict(algo="grpo", scale_rewards="std"), "--scale-rewards must be one of group, batch, none"),
+                         (dict(algo="ppo", loss_type="bnpo"), "--loss-type bnpo is GRPO's"),
+                         (dict(algo="ppo", scale_rewards="none"), "--scale-rewards none is GRPO's")):
+        with pytest.raises(UserError, match=re.escape(said)):
+            RLArgs(**change).validate()
 
 
 def test_ppo_resume_is_exact_and_drops_rows_logged_after_the_checkpoint(data, easy_reward, tmp_path):

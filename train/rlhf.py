@@ -70,7 +70,17 @@ from tritongpt.cli import command_help
 # constant), named in a note when a resume changes them; the precision is compared as resolved.
 TRAJECTORY_ARGS = ("algo", "prompts_per_iter", "group_size", "max_new_tokens", "missing_eot_penalty", "temperature",
                    "top_k", "epochs", "minibatch_size", "lr", "weight_decay", "grad_clip", "kl_coef", "clip_eps",
-                   "value_clip", "vf_coef", "ent_coef", "gamma", "lam", "seed")
+                   "value_clip", "vf_coef", "ent_coef", "gamma", "lam", "seed", "loss_type", "scale_rewards")
+# GRPO's variants, by TRL's GRPOConfig names. loss_type: how the per-token losses of a minibatch become one
+#   grpo     each response's token mean, then the mean over responses (DeepSeekMath's; a long response's tokens
+#            weigh less)
+#   bnpo     the mean over every response token of the minibatch (DAPO's token-level loss, one gradient step here)
+#   dr_grpo  the sum over response tokens / (responses x max_new_tokens), a constant (Dr. GRPO, Liu et al. 2025:
+#            no length bias)
+# scale_rewards: what a response's centered score r - mean_G is divided by: group (its group's std, GRPO's),
+#   batch (the whole rollout's std) or none (Dr. GRPO: no difficulty bias from near-constant groups)
+GRPO_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo")
+SCALE_REWARDS = ("group", "batch", "none")
 
 
 # --reward NAME: a verifier in the reward model's place (TaskReward); `tasks` is stop 27's name
@@ -116,6 +126,8 @@ class RLArgs:
     ent_coef: float = 0.0
     gamma: float = 1.0
     lam: float = 0.95
+    loss_type: str = "grpo"      # GRPO: grpo | bnpo | dr_grpo (GRPO_LOSS_TYPES)
+    scale_rewards: str = "group"  # GRPO: group | batch | none
     eval_every: int = 5          # 0 = only before and after
     eval_prompts: int = 16
     eval_samples: int = 2        # sampled responses per eval prompt
@@ -147,6 +159,13 @@ class RLArgs:
                      "eval_prompts", "eval_samples"):
             if getattr(self, name) <= 0:
                 raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        for name, value, choices in (("loss_type", self.loss_type, GRPO_LOSS_TYPES),
+                                     ("scale_rewards", self.scale_rewards, SCALE_REWARDS)):
+            flag = "--" + name.replace("_", "-")
+            if value not in choices:
+                raise UserError(f"{flag} must be one of {', '.join(choices)}, got {value!r}")
+            if self.algo == "ppo" and value != choices[0]:
+                raise UserError(f"{flag} {value} is GRPO's; PPO's advantages come from GAE and whitening")
         if self.group_size < 0 or (self.algo == "grpo" and self.samples_per_prompt < 2):
             raise UserError(f"--group-size must be >= 2 for GRPO (a group needs a spread), got {self.group_size}")
         for name in ("kl_coef", "clip_eps", "value_clip", "vf_coef", "ent_coef", "weight_decay",
@@ -299,12 +318,17 @@ def gae(rewards, values, mask, gamma: float, lam: float):
     return adv, (adv + values) * m
 
 
-def group_advantages(scores, group, eps: float = 1e-4):
-    """(r - mean) / (std + eps) within each prompt's group of responses: [N]."""
+def group_advantages(scores, group, eps: float = 1e-4, scale: str = "group"):
+    """(r - mean) / (std + eps) within each prompt's group of responses: [N]. scale: whose std divides (group:
+    the group's; batch: all the scores'; none: no division, r - mean alone)."""
     _, member, counts = group.unique(return_inverse=True, return_counts=True)  # member: row -> group
     n = counts.to(scores.dtype)
     mean = torch.zeros_like(n).index_add_(0, member, scores) / n
     centered = scores - mean[member]
+    if scale == "none":
+        return centered
+    if scale == "batch":
+        return centered / (scores.std(unbiased=False) + eps)
     std = (torch.zeros_like(n).index_add_(0, member, centered ** 2) / n).sqrt()  # biased, as GRPO
     return centered / (std[member] + eps)
 
@@ -381,8 +405,17 @@ def compute_advantages(ro: Rollout, args: RLArgs, score_norm=(0.0, 1.0)) -> Roll
         adv, ro.returns = gae(rewards, ro.values, ro.mask, args.gamma, args.lam)
         ro.advantages = masked_whiten(adv, ro.mask)
     else:
-        ro.advantages = group_advantages(ro.scores, ro.group).unsqueeze(1) * m
+        ro.advantages = group_advantages(ro.scores, ro.group, scale=args.scale_rewards).unsqueeze(1) * m
     return ro
+
+
+def grpo_aggregate(per_token, mask, loss_type: str, max_new_tokens: int):
+    """A minibatch's per-token losses [B, T-1] as one (GRPO_LOSS_TYPES)."""
+    if loss_type == "grpo":
+        return masked_mean(per_token, mask, dim=1).mean()  # token mean per response, then mean
+    if loss_type == "bnpo":
+        return masked_mean(per_token, mask)
+    return (per_token * mask).sum() / (per_token.size(0) * max_new_tokens)  # dr_grpo
 
 
 def minibatch_loss(model: PolicyWithValue, ro: Rollout, sel, args: RLArgs):
@@ -415,7 +448,7 @@ def minibatch_loss(model: PolicyWithValue, ro: Rollout, sel, args: RLArgs):
         k3 = torch.exp(d) - d - 1
         per_token = pg + args.kl_coef * k3
         policy_loss = masked_mean(pg, mask)
-        loss = masked_mean(per_token, mask, dim=1).mean()  # token mean per response, then mean
+        loss = grpo_aggregate(per_token, mask, args.loss_type, args.max_new_tokens)
         stats["kl_k3"] = masked_mean(k3, mask).item()
     if args.ent_coef:
         loss = loss - args.ent_coef * entropy
@@ -841,6 +874,11 @@ _HELP = {
     "ent_coef": "entropy bonus weight",
     "gamma": "PPO discount",
     "lam": "PPO GAE lambda",
+    "loss_type": "GRPO: how a minibatch's token losses become one: grpo (each response's mean, then the mean), "
+                 "bnpo (the mean over all its tokens, DAPO's), dr_grpo (their sum / (responses x max-new-tokens), "
+                 "Dr. GRPO's)",
+    "scale_rewards": "GRPO: divide each centered score by its group's std (group), the rollout's (batch), or not "
+                     "at all (none, Dr. GRPO's)",
     "eval_every": "score the fixed eval prompts every N iterations (0 = first and last only)",
     "eval_prompts": "held-out prompts in the fixed eval set",
     "eval_samples": "sampled responses per eval prompt",
@@ -867,19 +905,20 @@ def add_cli(sub):
                                     "folder), or a Hugging Face <Family>ForSequenceClassification with one label "
                                     "(a folder or Hub repo id, as TRL's RewardTrainer saves; it must share the "
                                     "policy's tokenizer); or a verifier, 1 for a response that matches its "
-                                    "prompt's reference answer and 0 otherwise (RL with verifiable rewards): `exact` (the whole "
-                                    "answer, stripped; `tasks` is the same) or `number` (its last number, as "
-                                    "GSM8K's `#### 72`). The references: the embedded tasks' answers, or --data's "
-                                    "(SFT records' completions, preference pairs' chosen answers). A folder of "
-                                    "one of those names: ./exact")
+                                    "prompt's reference answer and 0 otherwise (RL with verifiable rewards): "
+                                    "`exact` (the whole answer, stripped; `tasks` is the same) or `number` (its "
+                                    "last number, as GSM8K's `#### 72`). The references: the embedded tasks' "
+                                    "answers, or --data's (SFT records' completions, preference pairs' chosen "
+                                    "answers). A folder of one of those names: ./exact")
     d = RLArgs()
+    choices = {"dtype": common.DTYPES, "loss_type": GRPO_LOSS_TYPES, "scale_rewards": SCALE_REWARDS}
     g = p.add_argument_group("rl")
     g.add_argument("--algo", choices=["ppo", "grpo"], default=d.algo, help="(default %(default)s)")
     for f in fields(RLArgs):
         if f.name in ("algo", "device", "kernels", "top_k", "resume", "overwrite", "activation_checkpointing",
                       *common.TRACKING_FIELDS):  # common.add_tracking_args' flags, below
             continue
-        kw = {"choices": common.DTYPES} if f.name == "dtype" else {}
+        kw = {"choices": choices[f.name]} if f.name in choices else {}
         g.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default,
                        help=f"{_HELP.get(f.name, f.name)} (default %(default)s)", **kw)
     g.add_argument("--top-k", type=int, default=None,
