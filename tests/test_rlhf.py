@@ -2202,16 +2202,22 @@ def test_ipo_reads_each_responses_mean_token_log_prob():
     torch.testing.assert_close(mean, total / counts)
 
 
-@pytest.mark.parametrize("loss_type", ["hinge", "ipo"])
-def test_dpo_with_another_loss_raises_the_margin_and_a_resume_names_it(data, tmp_path, capsys, loss_type):
-    from tritongpt.train.dpo import train_dpo
-
+def _dpo_40_steps(data, tmp_path):
+    """(tok, train, val, policy, args): 40 steps of a tiny policy at a high lr, evaluated at the end."""
     tok, train, val = data
     torch.manual_seed(4)
     policy = GPTModel(tiny_config(tok.vocab_size))
     args = TrainArgs(out_dir=str(tmp_path), max_steps=40, batch_size=16, lr=3e-3, min_lr=3e-4, warmup_steps=5,
                      eval_every=40, ckpt_every=0, log_every=0, weight_decay=0.0, device="cpu", kernels="reference",
                      seed=0)
+    return tok, train, val, policy, args
+
+
+@pytest.mark.parametrize("loss_type", ["hinge", "ipo"])
+def test_dpo_with_another_loss_raises_the_margin_and_a_resume_names_it(data, tmp_path, capsys, loss_type):
+    from tritongpt.train.dpo import train_dpo
+
+    tok, train, val, policy, args = _dpo_40_steps(data, tmp_path)
     beta = 0.1 if loss_type == "hinge" else 0.5
     result = train_dpo(copy.deepcopy(policy), copy.deepcopy(policy), tok, train, val[:64], args, beta=beta,
                        loss_type=loss_type)
@@ -2278,12 +2284,7 @@ def test_a_reference_free_loss_trains_without_a_reference(data, tmp_path, capsys
     from tritongpt.cli import main
     from tritongpt.train.dpo import train_dpo
 
-    tok, train, val = data
-    torch.manual_seed(4)
-    policy = GPTModel(tiny_config(tok.vocab_size))
-    args = TrainArgs(out_dir=str(tmp_path), max_steps=40, batch_size=16, lr=3e-3, min_lr=3e-4, warmup_steps=5,
-                     eval_every=40, ckpt_every=0, log_every=0, weight_decay=0.0, device="cpu", kernels="reference",
-                     seed=0)
+    tok, train, val, policy, args = _dpo_40_steps(data, tmp_path)
     beta = 2.0  # SimPO's paper's smallest; ORPO's lambda weighs the odds ratio against its SFT term
     train_dpo(policy, None, tok, train, val[:64], args, beta=beta, loss_type=loss_type)
     rows = [r for r in MetricsLog(tmp_path / "metrics.jsonl").rows() if "val_margin" in r]
