@@ -289,3 +289,14 @@ def test_info_describes_a_reward_model_without_its_lm_head(smollm, capsys):
     n = hf.num_parameters() + 1
     assert f"parameters   {n:,} ({n / 1e6:.1f}M, without an LM head)\n" in out
     assert "reward model a scalar head Linear(64, 1) on this backbone" in out and "  n_embd          64\n" in out
+
+
+def test_info_leaves_out_a_stand_in_lm_head_bias(tmp_path, capsys):
+    """A Phi classifier reads with a zero LM head bias stood in (its reader takes one always): never used, so not a
+    parameter `info` counts, as the head's weight is not."""
+    from tritongpt import cli
+
+    hf = hf_classifier(hf_configs()["phi"], tmp_path)
+    assert cli.main(["info", "--weights", str(tmp_path)]) == 0
+    n = hf.num_parameters() + 1  # and our head's bias
+    assert f"parameters   {n:,} ({n / 1e6:.1f}M, without an LM head)\n" in capsys.readouterr().out

@@ -124,7 +124,9 @@ def cmd_info(args):
         if key != "kernels":
             print(f"  {key + ' ':<16}{value}{_what_it_means(cfg, key, value)}")  # a 16-letter key keeps a space
     if args.weights and reward:  # its LM head is never used (a Hugging Face classifier's is only stood in)
-        n = sum(p.numel() for p in reward.parameters()) - (0 if cfg.tie_weights else model.out_head.weight.numel())
+        head = model.out_head  # its bias too: a GPT-J or Phi classifier's is a stand-in, zeros
+        n = sum(p.numel() for p in reward.parameters()) - (0 if cfg.tie_weights else head.weight.numel()) \
+            - (0 if head.bias is None else head.bias.numel())
         print(f"parameters   {n:,} ({n / 1e6:.1f}M, without an LM head)")
         print(f"reward model a scalar head Linear({cfg.n_embd}, 1) on this backbone: one score per sequence, read at "
               "its last token")
