@@ -2261,6 +2261,25 @@ def test_reference_free_losses_against_their_formulas():
     assert log_odds(x).item() == pytest.approx(math.log(math.exp(-0.3) / (1 - math.exp(-0.3))), rel=1e-12)
 
 
+def test_a_simpo_resume_with_its_default_gamma_spelled_out_is_the_same_run(data, tmp_path, capsys):
+    """--simpo-gamma 0.5 is the default's value: a resume that spells it out (or leaves out an explicit 0.5) goes on
+    as the run was, with no note that it changed."""
+    from tritongpt.train.dpo import SIMPO_GAMMA, train_dpo
+
+    tok, train, _ = data
+    torch.manual_seed(4)
+    policy = GPTModel(tiny_config(tok.vocab_size))
+    args = TrainArgs(out_dir=str(tmp_path), max_steps=1, batch_size=4, lr=1e-3, warmup_steps=0, eval_every=0,
+                     ckpt_every=0, log_every=0, weight_decay=0.0, device="cpu", kernels="reference", seed=0)
+    train_dpo(copy.deepcopy(policy), None, tok, train[:8], None, args, beta=2.0, loss_type="simpo")
+    for step, gamma in ((2, SIMPO_GAMMA), (3, None)):
+        capsys.readouterr()
+        args.resume, args.max_steps = "latest", step
+        train_dpo(copy.deepcopy(policy), None, tok, train[:8], None, args, beta=2.0, loss_type="simpo",
+                  simpo_gamma=gamma)
+        assert "simpo-gamma" not in capsys.readouterr().err
+
+
 def test_orpos_nll_is_the_chosen_answers_token_weighted_mean():
     from tritongpt.train.dpo import policy_terms
     from tritongpt.train.preference import EncodedPair, model_token_logprobs, pair_batch

@@ -266,7 +266,10 @@ def train_dpo(policy, ref, tokenizer, train_pairs, val_pairs, args, beta: float 
     trainer = Trainer(policy, args, make_loss_fn(beta, loss_type, label_smoothing, gamma), get_batch,
                       eval_fn=eval_fn, name="dpo", data_state=FrozenReference(ref),
                       run_args={**(run_args or {}), "beta": beta, "loss_type": loss_type,
-                                "label_smoothing": label_smoothing, "simpo_gamma": simpo_gamma},
+                                # the value used (None: no SimPO), not as spelled: a resume naming the default
+                                # is the same run
+                                "label_smoothing": label_smoothing, "simpo_gamma": gamma if loss_type == "simpo"
+                                else None},
                       prompt_format=train_pairs[0].format if train_pairs else None)
     result = trainer.fit()
     if trainer.is_main:  # loss.png has the losses; margins and accuracy get their own plot
