@@ -24,7 +24,8 @@ per-token log-prob l(x, y), their implicit reward beta * l(x, y) and m = beta * 
 
     simpo    -log sigmoid(m - gamma), SimPO (Meng et al. 2024): a length-normalized reward and a
              target margin gamma (--simpo-gamma); --label-smoothing as the sigmoid loss's (TRL's
-             CPOTrainer with loss_type simpo)
+             CPOTrainer with loss_type simpo and cpo_alpha 0: its default cpo_alpha 1 adds the chosen
+             answer's NLL, CPO-SimPO)
     orpo     NLL(chosen) - beta * log sigmoid(log odds(chosen) - log odds(rejected)), ORPO (Hong et
              al. 2024): SFT on the chosen answer (its mean token NLL over the batch's chosen tokens)
              plus an odds-ratio penalty, odds(y) = p / (1 - p) with p = exp(l(x, y)); beta is the
