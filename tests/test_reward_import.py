@@ -119,14 +119,31 @@ def test_what_is_not_a_one_label_classifier_is_refused_by_name(tmp_path):
     (tmp_path / "bare" / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(UserError, match="is a sequence classifier .*not a causal LM"):
         load_checkpoint(tmp_path / "bare")
+    (tmp_path / "bare" / "config.json").write_text(json.dumps({**cfg, "architectures": ["SomeoneElsesRewardModel"]}))
+    with pytest.raises(UserError, match="is a sequence classifier .*not a causal LM"):  # a class no causal LM's
+        load_checkpoint(tmp_path / "bare")
     assert RewardModel.load(tmp_path / "bare").head.weight.shape == (1, 32)
     # a classifier's config over a score beside an LM head: neither, as transformers saves them
-    (tmp_path / "bare" / "config.json").write_text(json.dumps({**cfg, "architectures": ["GPT2ForSequenceClassification"]}))
+    classifier = {**cfg, "architectures": ["GPT2ForSequenceClassification"]}
+    (tmp_path / "bare" / "config.json").write_text(json.dumps(classifier))
     file = tmp_path / "bare" / "model.safetensors"
     tensors = load_file(file)
     save_file({**tensors, "lm_head.weight": tensors["transformer.wte.weight"].clone()}, file, {"format": "pt"})
     with pytest.raises(UserError, match="has both a 'score.weight' and an LM head"):
         RewardModel.load(tmp_path / "bare")
+
+
+def test_a_token_classifier_is_neither_a_causal_lm_nor_a_reward_model(tmp_path):
+    """A <Family>ForTokenClassification has a score head and no LM head too: refused as both, by its class name
+    (its config names the class, so the tensors are looked at only where no causal LM is named)."""
+    config = hf_configs()["qwen2"]
+    config.num_labels = 3
+    torch.manual_seed(0)
+    transformers.AutoModelForTokenClassification.from_config(config).save_pretrained(tmp_path)
+    with pytest.raises(UserError, match="is a Qwen2ForTokenClassification .*not a causal LM"):
+        load_checkpoint(tmp_path)
+    with pytest.raises(UserError, match="is a Qwen2ForTokenClassification: a score for every token"):
+        RewardModel.load(tmp_path)
 
 
 def test_generate_refuses_a_classifier_as_its_weights(tmp_path, capsys):
@@ -300,3 +317,40 @@ def test_info_leaves_out_a_stand_in_lm_head_bias(tmp_path, capsys):
     assert cli.main(["info", "--weights", str(tmp_path)]) == 0
     n = hf.num_parameters() + 1  # and our head's bias
     assert f"parameters   {n:,} ({n / 1e6:.1f}M, without an LM head)\n" in capsys.readouterr().out
+
+
+def test_eval_of_a_reward_run_defaults_to_the_pairs_it_held_out(tmp_path, capsys):
+    """A `reward` run's own --data, --val-fraction, --num-pairs and --seed are eval's defaults: the embedded tasks'
+    round(40 x 0.25) held-out pairs, a file's by-prompt split at the run's fraction; a run that held none out is told
+    how to score it; --model is refused for a reward model."""
+    from tritongpt import cli
+    from tritongpt.train.preference import read_preference_file, split_pairs
+
+    flags = ["--model", "tiny", "--max-steps", "1", "--batch-size", "4", "--eval-every", "0", "--device", "cpu",
+             "--kernels", "reference"]
+    assert cli.main(["reward", *flags, "--num-pairs", "40", "--val-fraction", "0.25", "--out-dir",
+                     str(tmp_path / "a")]) == 0
+    capsys.readouterr()
+    assert cli.main(["eval", "--weights", str(tmp_path / "a"), "--device", "cpu", "--json"]) == 0
+    got = json.loads(capsys.readouterr().out)
+    assert (got["pairs"], got["data"], got["val_fraction"]) == (10, "embedded tasks", 0.25)
+    words = "alpha beta gamma delta epsilon zeta eta theta".split()
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("\n".join(json.dumps({"prompt": f"{a} {b}?", "chosen": a, "rejected": b})
+                              for a in words for b in words if a != b))
+    assert cli.main(["reward", *flags, "--data", str(data), "--val-fraction", "0.3", "--out-dir",
+                     str(tmp_path / "b")]) == 0
+    capsys.readouterr()
+    assert cli.main(["eval", "--weights", str(tmp_path / "b"), "--device", "cpu", "--json"]) == 0
+    got = json.loads(capsys.readouterr().out)
+    want = len(split_pairs(read_preference_file(data), 0.3)[1])
+    assert (got["pairs"], got["data"], got["val_fraction"]) == (want, str(data.resolve()), 0.3) and 0 < want < 56
+    assert cli.main(["reward", *flags, "--data", str(data), "--val-fraction", "0", "--out-dir",
+                     str(tmp_path / "c")]) == 0
+    capsys.readouterr()
+    assert cli.main(["eval", "--weights", str(tmp_path / "c"), "--device", "cpu"]) == 2
+    assert "holds out none of the pairs of" in capsys.readouterr().err
+    assert cli.main(["eval", "--weights", str(tmp_path / "c"), "--device", "cpu", "--split", "all"]) == 0
+    assert "56 preference pairs of" in capsys.readouterr().out
+    assert cli.main(["eval", "--weights", str(tmp_path / "c"), "--device", "cpu", "--model", "tiny"]) == 2
+    assert "--model: for a language model's eval" in capsys.readouterr().err

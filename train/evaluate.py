@@ -119,14 +119,27 @@ def pretrain_data(weights) -> dict | None:
 
 
 # the flags of a language model's eval that a reward model's has no use for
-_LM_ONLY = ("text_field", "stride", "max_tokens", "cache_dir", "document_mask")
+_LM_ONLY = ("model", "text_field", "stride", "max_tokens", "cache_dir", "document_mask")
+
+
+def reward_run(weights) -> dict:
+    """The flags a `tritongpt reward` checkpoint records of its run (data, num_pairs, val_fraction, seed), or {}
+    for other checkpoints (a Hugging Face classifier, a bare weights file)."""
+    from tritongpt.train.common import load_state, resolve_checkpoint
+
+    state_dir = resolve_checkpoint(weights).parent
+    if not (state_dir / "state.pt").is_file():
+        return {}
+    args = load_state(state_dir, mmap=True).get("args")  # (only `reward` writes a reward model's state)
+    return args if isinstance(args, dict) else {}
 
 
 def eval_reward_model(args, device, dtype) -> dict:
     """`eval --weights REWARD_MODEL`: how often it scores the chosen answer above the rejected one (accuracy),
     the Bradley-Terry loss and the mean margin r_chosen - r_rejected, on preference pairs: --data's (--split val:
     the pairs `reward --data` holds out at this --val-fraction, by prompt hash; all: every pair), else the embedded
-    tasks' held-out pairs (200, from prompts `reward` never trains on)."""
+    tasks' held-out pairs (from prompts `reward` never trains on). A `reward` run's own data, --val-fraction,
+    --num-pairs and --seed are the defaults, so it is scored on the pairs it held out."""
     from tritongpt.train.chat_template import chat_template_for
     from tritongpt.train.common import autocast
     from tritongpt.train.preference import encode_pairs, read_preference_file, split_pairs, train_val_pairs
@@ -137,27 +150,32 @@ def eval_reward_model(args, device, dtype) -> dict:
     if given:
         raise UserError(f"{', '.join(given)}: for a language model's eval; {args.weights} is a reward model, scored "
                         "on preference pairs")
+    run = reward_run(args.weights)
+    data = args.data if args.data is not None else run.get("data")
+    fraction = args.val_fraction if args.val_fraction is not None else run.get("val_fraction", 0.1)
     rm = RewardModel.load(args.weights, map_location=device, kernels=args.kernels).eval()
     tok = pick_tokenizer(args.tokenizer, args.weights, rm.config.vocab_size)
-    fraction = 0.1 if args.val_fraction is None else args.val_fraction
-    if args.data is None:
-        pairs = train_val_pairs(None, 2000, 0.1)[1]
+    if data is None:  # the tasks' val split: prompts the train split never has (--split all: the same)
+        pairs = train_val_pairs(None, run.get("num_pairs", 2000), fraction, run.get("seed", 0))[1]
     elif args.split == "all":
-        pairs = read_preference_file(args.data)
+        pairs = read_preference_file(data)
     else:
-        pairs = split_pairs(read_preference_file(args.data), fraction)[1]
-        if not pairs:
-            raise UserError(f"--val-fraction {fraction} holds out none of the pairs of {args.data}: use --split all")
+        pairs = split_pairs(read_preference_file(data), fraction)[1]
+    if not pairs:
+        raise UserError(f"--val-fraction {fraction:g} holds out none of the pairs of {data or 'the embedded tasks'}"
+                        f"{' (the run held none out)' if args.val_fraction is None and run else ''}: pass a "
+                        "--val-fraction, or --data with --split all")
     tok = chat_template_for(tok, "reward", None, any(p.format == "chat" for p in pairs))
     encoded = encode_pairs(pairs, tok, rm.config.context_length)
     if not encoded:
-        raise UserError(f"no pair of {args.data or 'the embedded tasks'} fits the reward model's context "
+        raise UserError(f"no pair of {data or 'the embedded tasks'} fits the reward model's context "
                         f"({rm.config.context_length} tokens)")
     with torch.no_grad(), autocast(device, dtype):
         result = pairwise_metrics(rm, encoded, tok.eot_id, args.batch_size)
     return {"pairs": len(encoded), **result, "weights": str(args.weights),
-            "data": str(args.data or "embedded tasks"), "split": "val" if args.data is None else args.split,
-            "tokenizer": tok.name, "kernels": sorted(rm.backbone.kernels) or ["reference"], "device": str(device)}
+            "data": str(data or "embedded tasks"), "split": "val" if data is None else args.split,
+            "val_fraction": fraction, "tokenizer": tok.name, "kernels": sorted(rm.backbone.kernels) or ["reference"],
+            "device": str(device)}
 
 
 def cmd_eval(args):

@@ -179,13 +179,16 @@ def _classifier_as_causal_lm(tensors: dict, held: dict, path) -> dict:
 
 
 def classifier_name(path) -> str | None:
-    """What a Hugging Face weights file is when it is a sequence classifier: the class its config.json's
-    architectures names (<Family>ForSequenceClassification), or, with no architectures there, "a sequence
-    classifier" when its tensors have score.weight and no LM head; None for anything else."""
+    """What a Hugging Face weights file is when it is a classifier (a score head, no LM head): the class its
+    config.json's architectures names (<Family>ForSequenceClassification, or ForTokenClassification), or, where
+    they name no causal LM, "a sequence classifier" when its tensors have score.weight and no LM head; None for
+    anything else."""
     cfg_json = Path(path).parent / "config.json"
     arch = read_json_object(cfg_json).get("architectures") if cfg_json.is_file() else None
-    if isinstance(arch, list) and arch:
-        return next((a for a in arch if isinstance(a, str) and a.endswith("ForSequenceClassification")), None)
+    arch = [a for a in arch if isinstance(a, str)] if isinstance(arch, list) else []
+    named = next((a for a in arch if a.endswith(("ForSequenceClassification", "ForTokenClassification"))), None)
+    if named or any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in arch):
+        return named
     names = tensor_names(path)
     if SCORE in names and not any(k.endswith(("lm_head.weight", "embed_out.weight")) for k in names):
         return "a sequence classifier"

@@ -105,6 +105,9 @@ class RewardModel(nn.Module):
             raise UserError(f"{path} is a Hugging Face model with no sequence classifier's score head, not a reward "
                             "model (a <Family>ForSequenceClassification with one label; or train one with "
                             "`tritongpt reward`)")
+        if name.endswith("ForTokenClassification"):
+            raise UserError(f"{path} is a {name}: a score for every token, not one for a sequence; a reward model is "
+                            "a <Family>ForSequenceClassification with one label")
         with reading_classifier() as held:
             backbone = load_checkpoint(path)
         score, C = held[SCORE], backbone.config.n_embd
