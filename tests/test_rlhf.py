@@ -2255,6 +2255,8 @@ def test_reference_free_losses_against_their_formulas():
             loss, margins = dpo_loss(lp, ref, beta, kind, smoothing, gamma, nll)
             assert loss.item() == pytest.approx(want.mean().item(), rel=1e-12), kind
             torch.testing.assert_close(margins, beta * (pc - pr))
+    with pytest.raises(UserError, match="the orpo loss needs chosen_nll"):
+        dpo_loss(lp, None, beta, "orpo")
     certain = torch.tensor([0.0, -1e-9, -0.5])
     assert torch.isfinite(log_odds(certain)).all() and log_odds(certain)[0] > 13
     x = torch.tensor([-0.3], dtype=torch.float64)
@@ -2316,6 +2318,8 @@ def test_a_reference_free_loss_trains_without_a_reference(data, tmp_path, capsys
     flags = ["dpo", "--model", "tiny", "--num-pairs", "8", "--max-steps", "1", "--batch-size", "4", "--device", "cpu",
              "--kernels", "reference", "--eval-every", "0", "--loss-type", loss_type]
     assert main([*flags, "--out-dir", str(tmp_path / "cli")]) == 0
+    with pytest.raises(UserError, match="--loss-type sigmoid compares the policy with a reference model"):
+        train_dpo(policy, None, tok, train[:4], None, args, loss_type="sigmoid")
     assert main([*flags[:-1], "sigmoid", "--simpo-gamma", "1.0", "--out-dir", str(tmp_path / "no")]) == 2
     assert "--simpo-gamma is SimPO's target margin; --loss-type sigmoid has none" in capsys.readouterr().err
 

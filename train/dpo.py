@@ -84,6 +84,8 @@ def dpo_loss(policy_logp, ref_logp, beta: float, loss_type: str = "sigmoid", lab
     elif loss_type == "ipo":
         losses = (h - 1 / (2 * beta)) ** 2
     elif loss_type == "orpo":
+        if chosen_nll is None:
+            raise UserError("the orpo loss needs chosen_nll, the chosen answers' NLL (policy_terms gives it)")
         losses = chosen_nll - beta * F.logsigmoid(log_odds(pc) - log_odds(pr))
     else:
         raise UserError(f"--loss-type must be one of {', '.join(LOSS_TYPES)}, got {loss_type!r}")
@@ -233,6 +235,8 @@ def train_dpo(policy, ref, tokenizer, train_pairs, val_pairs, args, beta: float 
     pad = tokenizer.eot_id
     if loss_type in REFERENCE_FREE:
         ref = None
+    elif ref is None:
+        raise UserError(f"--loss-type {loss_type} compares the policy with a reference model: pass one (ref)")
     else:
         ref = ref.to(device).eval().requires_grad_(False)
         if args.kernels is not None:
