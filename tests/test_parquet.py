@@ -155,3 +155,29 @@ def test_a_folder_of_parquet_shards_is_one_corpus_of_one_split(tmp_path):
     (hub / "notes.txt").write_text("x")
     with pytest.raises(UserError, match="holds both .txt and .parquet files"):
         load_documents(str(hub))
+
+
+def test_a_folder_of_parquet_shards_is_one_list_of_records(tmp_path):
+    """Records (sft, reward, dpo, rlhf) from a folder of shards: every shard in path order (nested folders too), a
+    record named by its shard and row; a folder mixing splits, or holding no .parquet, is refused by name."""
+    from tritongpt.train.preference import read_preference_file
+    from tritongpt.train.sft import read_json_records, read_records
+
+    recs = [{"prompt": f"Say {w}.", "completion": w} for w in ("hi", "yes", "no", "ok", "up", "go", "on")]
+    folder = tmp_path / "data"
+    (folder / "x").mkdir(parents=True)
+    for name, part in (("train-00001-of-00003", recs[3:5]), ("train-00000-of-00003", recs[:3]),
+                       ("x/train-00002-of-00003", recs[5:])):
+        write_both(folder, name, part)
+    for p in folder.rglob("*.jsonl"):
+        p.unlink()
+    assert read_records(folder) == read_records(write_both(tmp_path, "all", recs)[0])
+    where = [w for w, _ in read_json_records(folder)]
+    assert where[3] == f"{folder / 'train-00001-of-00003.parquet'}: record 0"
+    assert where[-1] == f"{folder / 'x' / 'train-00002-of-00003.parquet'}: record 1"
+    write_both(folder, "test-00000-of-00001", recs[:1])[0].unlink()
+    with pytest.raises(UserError, match=r"data mixes splits: test-00000-of-00001.parquet is held-out data beside"):
+        read_preference_file(folder)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match=r"preference file .*empty is a folder with no .parquet files"):
+        read_preference_file(tmp_path / "empty")

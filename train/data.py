@@ -175,20 +175,27 @@ def _files_of(folder: Path, pattern: str) -> list:
 _HELD_OUT_WORDS = {"test", "validation", "valid", "val", "dev", "eval"}
 
 
+def parquet_shards(folder: Path) -> list:
+    """A folder's .parquet files (a Hub dataset's shards), in name order, all of one split: a folder that mixes
+    held-out shards (test-*, validation-*) with training ones is refused by name. Text (_txt_files) and records
+    (sft.read_json_records) read a folder through this."""
+    parquet = _files_of(folder, "*.parquet")
+    held = [p for p in parquet if _HELD_OUT_WORDS & set(re.split(r"[^a-z]+", p.stem.lower()))]
+    if held and len(held) < len(parquet):
+        raise UserError(f"folder {folder} mixes splits: {held[0].name} is held-out data beside "
+                        f"{next(p for p in parquet if p not in held).name}; pass the training files alone (a "
+                        "folder of them, or one file)")
+    return parquet
+
+
 def _txt_files(folder: Path) -> list:
     """A text folder's files: its .txt files, or else its .parquet files (a Hub dataset's shards, FineWeb's), in
     name order, all of one split."""
     files = _files_of(folder, "*.txt")
-    parquet = _files_of(folder, "*.parquet")
+    parquet = parquet_shards(folder)
     if files and parquet:
         raise UserError(f"folder {folder} holds both .txt and .parquet files: pass a folder of one kind, or a file")
-    if parquet:
-        held = [p for p in parquet if _HELD_OUT_WORDS & set(re.split(r"[^a-z]+", p.stem.lower()))]
-        if held and len(held) < len(parquet):
-            raise UserError(f"folder {folder} mixes splits: {held[0].name} is held-out data beside "
-                            f"{next(p for p in parquet if p not in held).name}; pass the training files alone (a "
-                            "folder of them, or one file)")
-        files = parquet
+    files = files or parquet
     if not files:
         ids = " (its train.bin holds token ids: pretrain and eval read the folder as --data)" \
             if _is_token_folder(folder) else ""

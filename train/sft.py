@@ -52,13 +52,26 @@ DEFAULT_TASKS, DEFAULT_N_TRAIN, DEFAULT_N_EVAL = "all", 5000, 200  # the embedde
 
 # -- records ----------------------------------------------------------------------------------------
 def read_json_records(path, what: str = "data file") -> list:
-    """(where, record) pairs from a .json list, a .jsonl file or a .parquet file (a row a record: the Hugging Face
-    Hub's datasets); `where` names the file and index.
+    """(where, record) pairs from a .json list, a .jsonl file, a .parquet file (a row a record: the Hugging Face
+    Hub's datasets) or a folder of .parquet shards (all of one split, read in name order as one list: a Hub
+    dataset's data/ folder, or what a Hub dataset id as --data is fetched into); `where` names the file and index.
 
     Shared with the preference data (train/preference.py) so every trainer reports a bad
     record the same way: "<file>: record 3 (line 4): ...".
     """
     path = Path(path)
+    if path.is_dir():
+        from tritongpt.train.data import parquet_shards
+        from tritongpt.train.parquet import parquet_records
+
+        shards = parquet_shards(path)  # the one-split guard pretraining text has
+        if not shards:
+            raise UserError(f"{what} {path} is a folder with no .parquet files (records are read from a .json, "
+                            ".jsonl or .parquet file, or a folder of .parquet shards)")
+        raw = [(f"{shard}: record {i}", rec) for shard in shards for i, rec in enumerate(parquet_records(shard))]
+        if not raw:
+            raise UserError(f"{path}: no records in its {len(shards)} .parquet file(s)")
+        return raw
     if not path.is_file():
         raise UserError(f"{what} not found: {path}")
     if path.suffix == ".parquet":
