@@ -48,10 +48,14 @@ def build_parser(commands=None) -> argparse.ArgumentParser:
     return parser
 
 
+# the commands whose --data may be a Hugging Face Hub dataset id
+DATASET_COMMANDS = ("pretrain", "sft", "reward", "dpo", "rlhf", "eval")
+
+
 def fetch_hub_repos(args):
     """A Hugging Face Hub repo id (owner/name, no such path here) as --init, --weights or --reward (a reward
-    model): fetch its files once, here, so that every later step (the weights, their tokenizer, the run's
-    record) reads a local folder, as for a model downloaded by hand."""
+    model), or a Hub dataset id as --data: fetch its files once, here, so that every later step (the weights,
+    their tokenizer, the data, the run's record) reads a local folder, as for files downloaded by hand."""
     for flag in ("init", "weights", "reward"):
         value = getattr(args, flag, None)
         if isinstance(value, str) and "/" in value:  # (the import loads torch: not for every command)
@@ -59,6 +63,14 @@ def fetch_hub_repos(args):
 
             if is_hub_repo(value):
                 setattr(args, flag, str(hub_folder(value)))
+    # --data as a Hub dataset id (owner/name, owner/name/config): its train split's .parquet files, fetched into
+    # a folder of their own, which every trainer reads as a folder of shards (hellaswag's --data is its own file)
+    data = getattr(args, "data", None)
+    if getattr(args, "command", None) in DATASET_COMMANDS and isinstance(data, str) and "/" in data:
+        from tritongpt.train.hub_datasets import hub_dataset_folder, is_hub_dataset
+
+        if is_hub_dataset(data):
+            args.data = str(hub_dataset_folder(data))
 
 
 def main(argv=None) -> int:

@@ -1,0 +1,131 @@
+"""A Hugging Face Hub dataset repo id as --data (owner/name, or owner/name/config): the train split's .parquet
+files of the config, fetched once into a folder of their own, which --data then names (the trainers read a
+folder of .parquet shards as one split: sft.read_json_records, data.iter_documents).
+
+The Hub's dataset layouts (its parquet files, as `datasets` writes them and the Hub's converter does):
+    data/train-00000-of-00002.parquet       one config ("default"), split in the file name
+    main/train-00000-of-00001.parquet       a config a folder (openai/gsm8k's main/ and socratic/)
+    main/train/0000.parquet                 a config a folder, the split a folder in it
+"""
+import os
+import re
+import shutil
+from pathlib import Path
+
+from tritongpt.errors import UserError, note
+
+SPLIT = "train"
+DEFAULT_CONFIG = "default"  # the Hub's name for a repo's one config when it has no folder of its own
+_DATASET_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+(/[\w.-]+)?")
+# a --data that ends like this is a file meant here, mistyped or missing, not a repo to ask the Hub for
+_FILE_SUFFIXES = (".json", ".jsonl", ".parquet", ".txt", ".bin", ".npy", ".csv")
+_PASS_FILES = "download its .parquet files elsewhere and pass them (a file, or a folder of one split's)"
+
+
+def is_hub_dataset(spec) -> bool:
+    """owner/name or owner/name/config given as --data that is no path here: a Hub dataset id. Not when `owner` is
+    a folder here (data/train.jsonl mistyped is a path), nor when it ends in a data file's suffix."""
+    if not isinstance(spec, str) or _DATASET_ID.fullmatch(spec) is None or spec.lower().endswith(_FILE_SUFFIXES):
+        return False
+    return not Path(spec).expanduser().exists() and not Path(spec.split("/")[0]).expanduser().exists()
+
+
+def _split_and_config(path: str):
+    """(config, split) of a repo's .parquet file by the layouts above; the split is the file name's first word
+    (train-00000-of-00002, train_prefs-...), or its folder's name when the name is a number alone (0000)."""
+    parts = path.split("/")
+    stem = parts[-1][:-len(".parquet")]
+    head = stem.split("-")[0]
+    if re.fullmatch(r"[\d_]+", head) and len(parts) > 1:  # main/train/0000.parquet
+        split, config = parts[-2], parts[:-2]
+    else:
+        split, config = head, parts[:-1]
+    config = "/".join(config)
+    return (DEFAULT_CONFIG if config in ("", "data") else config), split
+
+
+def _listed(names, n: int = 8) -> str:
+    names = sorted(names)
+    return ", ".join(names[:n]) + (f" and {len(names) - n} more" if len(names) > n else "")
+
+
+def train_files(repo: str, files, config=None) -> list:
+    """The repo paths of the train split's .parquet files of `config` (None: the repo's one config), in name
+    order; refused, naming what the repo has, when it has no .parquet, several configs and none named, no such
+    config, or no train split."""
+    parquet = [f for f in files if f.endswith(".parquet")]
+    if not parquet:
+        raise UserError(f"the Hub dataset {repo} has no .parquet files (it has {_listed(files) or 'no files'}); "
+                        f"{_PASS_FILES}")
+    by_config = {}
+    for f in parquet:
+        c, split = _split_and_config(f)
+        by_config.setdefault(c, {}).setdefault(split, []).append(f)
+    if config is None:
+        if len(by_config) > 1:
+            raise UserError(f"the Hub dataset {repo} has several configs ({_listed(by_config)}): name one, as "
+                            f"{repo}/{sorted(by_config)[0]}")
+        config = next(iter(by_config))
+    if config not in by_config:
+        raise UserError(f"the Hub dataset {repo} has no config {config!r} (its configs: {_listed(by_config)})")
+    splits = by_config[config]
+    if SPLIT not in splits:
+        raise UserError(f"the Hub dataset {repo} (config {config}) has no {SPLIT} split of .parquet files (its "
+                        f"splits: {_listed(splits)}; its files: {_listed(sum(splits.values(), []))}); {_PASS_FILES}")
+    return sorted(splits[SPLIT])
+
+
+def _hub_error(repo: str, e: Exception) -> UserError:
+    names = {c.__name__ for c in type(e).__mro__}  # huggingface_hub's errors, by name (as hub_download reads them)
+    if "GatedRepoError" in names:  # a subclass of RepositoryNotFoundError: checked first
+        return UserError(f"the Hub dataset {repo} is gated: accept its terms on https://huggingface.co/datasets/"
+                         f"{repo}, then log in (`hf auth login`) or set HF_TOKEN; or {_PASS_FILES}")
+    if "RepositoryNotFoundError" in names:
+        return UserError(f"there is no dataset {repo} on the Hugging Face Hub (or it is private: log in, or set "
+                         "HF_TOKEN)")
+    return UserError(f"could not fetch the dataset {repo} from the Hugging Face Hub (offline?): {type(e).__name__}; "
+                     f"{_PASS_FILES}")
+
+
+def _link(target: Path, link: Path):
+    """link -> target, replacing what was there in one step (ranks of one run may fetch at once); a copy where
+    the system makes no links (Windows without the privilege)."""
+    link.parent.mkdir(parents=True, exist_ok=True)
+    tmp = link.with_name(f".{link.name}.{os.getpid()}.tmp")
+    try:
+        os.symlink(Path(target).resolve(), tmp)
+    except OSError:
+        shutil.copyfile(target, tmp)
+    os.replace(tmp, link)
+
+
+def hub_dataset_folder(spec: str, cache_dir=None) -> Path:
+    """--data owner/name[/config]: the train split's .parquet files of the config, fetched (or taken from the
+    local Hub cache) and linked into a folder of their own, <Hub cache>/tritongpt-datasets/owner--name/config/train
+    (the Hub's snapshot folder may hold other splits' files, fetched by `datasets`). -> that folder."""
+    try:
+        from huggingface_hub import constants, hf_hub_download, list_repo_files
+    except ImportError:
+        raise UserError(f"{spec}: fetching a Hub dataset needs huggingface_hub (pip install huggingface_hub); or "
+                        f"{_PASS_FILES}") from None
+    parts = spec.split("/")
+    repo, config = "/".join(parts[:2]), (parts[2] if len(parts) == 3 else None)
+    try:
+        names = train_files(repo, list_repo_files(repo, repo_type="dataset"), config)
+        paths = [Path(hf_hub_download(repo, name, repo_type="dataset", cache_dir=cache_dir)) for name in names]
+    except UserError as e:
+        raise UserError(f"{spec!r} is no file or folder here, and as a Hugging Face Hub dataset: {e}") from None
+    except Exception as e:
+        raise UserError(f"{spec!r} is no file or folder here, and as a Hugging Face Hub dataset: "
+                        f"{_hub_error(repo, e)}") from None
+    config = config or _split_and_config(names[0])[0]
+    folder = Path(cache_dir or constants.HF_HUB_CACHE) / "tritongpt-datasets" / repo.replace("/", "--") / config / SPLIT
+    wanted = {folder / name for name in names}  # the repo's paths kept: shard names, and their order
+    if folder.is_dir():
+        for old in folder.rglob("*.parquet"):  # a shard of an earlier revision that this one lacks
+            if old not in wanted:
+                old.unlink(missing_ok=True)
+    for name, path in zip(names, paths):
+        _link(path, folder / name)
+    note(f"{spec}: the Hugging Face Hub dataset's {SPLIT} split ({len(names)} .parquet file(s)), in {folder}")
+    return folder
