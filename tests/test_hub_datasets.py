@@ -19,6 +19,14 @@ class RepositoryNotFoundError(Exception):
     pass
 
 
+class OfflineModeIsEnabled(ConnectionError):  # HF_HUB_OFFLINE=1
+    pass
+
+
+class LocalEntryNotFoundError(Exception):
+    pass
+
+
 def write_parquet(path, records):
     path.parent.mkdir(parents=True, exist_ok=True)
     columns = list(dict.fromkeys(k for r in records for k in r))
@@ -29,7 +37,8 @@ def write_parquet(path, records):
 @pytest.fixture
 def hub(tmp_path, monkeypatch):
     """The Hub's dataset repos as folders hub/owner/name; downloads land in a snapshot folder of the cache, as
-    huggingface_hub's do (with a test split `datasets` fetched there before: no part of --data's folder).
+    huggingface_hub's do (with a test split `datasets` fetched there before: no part of --data's folder). While a
+    file hub/OFFLINE exists the Hub cannot be reached, and the cache answers what it holds.
     -> (hub folder, cache folder, the files fetched)."""
     import huggingface_hub
     from huggingface_hub import constants
@@ -37,8 +46,13 @@ def hub(tmp_path, monkeypatch):
     hub, cache = tmp_path / "hub", tmp_path / "cache"
     fetched = []
 
+    def snapshot_of(repo, cache_dir):
+        return (cache_dir or cache) / ("datasets--" + repo.replace("/", "--")) / "snapshots" / "abc"
+
     def repo_folder(repo, repo_type):
         assert repo_type == "dataset"
+        if (hub / "OFFLINE").exists():
+            raise OfflineModeIsEnabled(repo)
         if repo == "owner/gated":
             raise GatedRepoError(repo)
         if not (hub / repo).is_dir():
@@ -49,10 +63,18 @@ def hub(tmp_path, monkeypatch):
         folder = repo_folder(repo, repo_type)
         return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
 
+    def fake_snapshot(repo, repo_type=None, cache_dir=None, local_files_only=False, **kwargs):
+        assert repo_type == "dataset" and local_files_only
+        if not snapshot_of(repo, cache_dir).is_dir():
+            raise LocalEntryNotFoundError(repo)
+        return str(snapshot_of(repo, cache_dir))
+
     def fake_download(repo, filename, repo_type=None, cache_dir=None, **kwargs):
+        snapshot = snapshot_of(repo, cache_dir)
+        if (hub / "OFFLINE").exists() and (snapshot / filename).is_file():
+            return str(snapshot / filename)  # the cache answers, as huggingface_hub's does offline
         src = repo_folder(repo, repo_type) / filename
         fetched.append((repo, filename))
-        snapshot = (cache_dir or cache) / ("datasets--" + repo.replace("/", "--")) / "snapshots" / "abc"
         (snapshot / filename).parent.mkdir(parents=True, exist_ok=True)
         for other in src.parent.glob("test*.parquet"):  # what another tool fetched beside it
             shutil.copy(other, (snapshot / filename).parent / other.name)
@@ -60,6 +82,7 @@ def hub(tmp_path, monkeypatch):
 
     monkeypatch.setattr(huggingface_hub, "list_repo_files", fake_list)
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot)
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
     monkeypatch.chdir(tmp_path)  # owner/name is no path from here (hub/owner/name is)
     return hub, cache, fetched
@@ -144,12 +167,12 @@ def test_a_config_is_named_as_a_third_part_and_several_are_refused_unnamed(hub):
         repo / "main" / "train-00000-of-00001.parquet")
 
 
-def test_a_repo_without_train_parquet_or_unreachable_is_named(hub):
+def test_a_repo_without_train_parquet_or_unreachable_is_named(hub, capsys):
     """No .parquet at all: its files named; parquet of other splits only: the splits named; gated and missing
-    repos named as such."""
+    repos named as such (a missing one though the cache holds it)."""
     from tritongpt.train.hub_datasets import hub_dataset_folder
 
-    hub, _, fetched = hub
+    hub, cache, fetched = hub
     (hub / "owner" / "raw").mkdir(parents=True)
     (hub / "owner" / "raw" / "data.jsonl").write_text('{"text": "hi"}\n')
     (hub / "owner" / "raw" / "README.md").write_text("# raw\n")
@@ -162,8 +185,12 @@ def test_a_repo_without_train_parquet_or_unreachable_is_named(hub):
         hub_dataset_folder("owner/evalonly")
     with pytest.raises(UserError, match="the Hub dataset owner/gated is gated"):
         hub_dataset_folder("owner/gated")
+    # the Hub's answer stands though the cache holds the repo (its cache stands in only where the Hub cannot answer)
+    write_parquet(cache / "datasets--owner--missing" / "snapshots" / "abc" / "data" / "train-00000-of-00001.parquet",
+                  [{"text": "x"}])
     with pytest.raises(UserError, match="there is no dataset owner/missing on the Hugging Face Hub"):
         hub_dataset_folder("owner/missing")
+    assert "could not list" not in capsys.readouterr().err
     assert not fetched
 
 
@@ -233,3 +260,33 @@ def test_pretrain_and_eval_text_from_a_hub_id(hub, corpus, tmp_path, capsys, one
     assert str(folder) in out.out + out.err
     assert main(["eval", "--weights", str(tmp_path / "hub"), "--data", "owner/corpus", "--cache-dir",
                  str(tmp_path / "tc"), "--device", "cpu", "--kernels", "reference"]) == 0
+
+
+def test_a_split_named_in_a_repo_of_one_config_and_a_repo_fetched_before_read_offline(hub, capsys):
+    """HuggingFaceH4/ultrafeedback_binarized's layout (train_prefs, train_sft, test_prefs: no `train`): refused
+    naming its splits, read by owner/name/train_prefs. Offline, a repo fetched before reads from the cache (noted);
+    one never fetched names the Hub's error."""
+    from tritongpt.train.hub_datasets import hub_dataset_folder
+    from tritongpt.train.preference import read_preference_file
+
+    hub, cache, fetched = hub
+    data = hub / "owner" / "uf" / "data"
+    train = write_parquet(data / "train_prefs-00000-of-00001.parquet", prefs(["hi", "yes"]))
+    write_parquet(data / "train_sft-00000-of-00001.parquet", prefs(["sft"]))
+    write_parquet(data / "test_prefs-00000-of-00001.parquet", prefs(["held"]))
+    with pytest.raises(UserError, match=r"has no train split of .parquet files \(its splits: test_prefs, "
+                                        r"train_prefs, train_sft; name one as owner/uf/train_prefs;"):
+        hub_dataset_folder("owner/uf")
+    folder = hub_dataset_folder("owner/uf/train_prefs")
+    assert folder == cache / "tritongpt-datasets" / "owner--uf" / "default" / "train_prefs"
+    assert read_preference_file(folder) == read_preference_file(train)
+    capsys.readouterr()
+    fetched.clear()
+    (hub / "OFFLINE").touch()
+    assert read_preference_file(hub_dataset_folder("owner/uf/train_prefs")) == read_preference_file(train)
+    assert "owner/uf: the Hugging Face Hub could not list its files (OfflineModeIsEnabled); reading those of its " \
+           "snapshot in the local Hub cache" in capsys.readouterr().err and not fetched
+    write_parquet(hub / "owner" / "new" / "data" / "train-00000-of-00001.parquet", prefs(["x"]))
+    with pytest.raises(UserError, match=r"could not fetch the dataset owner/new from the Hugging Face Hub "
+                                        r"\(offline\?\): OfflineModeIsEnabled"):
+        hub_dataset_folder("owner/new")

@@ -1,6 +1,8 @@
 """A Hugging Face Hub dataset repo id as --data (owner/name, or owner/name/config): the train split's .parquet
 files of the config, fetched once into a folder of their own, which --data then names (the trainers read a
-folder of .parquet shards as one split: sft.read_json_records, data.iter_documents).
+folder of .parquet shards as one split: sft.read_json_records, data.iter_documents). In a repo of one config
+the third part may name a split instead (HuggingFaceH4/ultrafeedback_binarized/train_prefs). Offline, a repo
+fetched before is read from the local Hub cache.
 
 The Hub's dataset layouts (its parquet files, as `datasets` writes them and the Hub's converter does):
     data/train-00000-of-00002.parquet       one config ("default"), split in the file name
@@ -49,10 +51,11 @@ def _listed(names, n: int = 8) -> str:
     return ", ".join(names[:n]) + (f" and {len(names) - n} more" if len(names) > n else "")
 
 
-def train_files(repo: str, files, config=None) -> list:
-    """The repo paths of the train split's .parquet files of `config` (None: the repo's one config), in name
-    order; refused, naming what the repo has, when it has no .parquet, several configs and none named, no such
-    config, or no train split."""
+def train_files(repo: str, files, part=None):
+    """(config, split, the repo paths of its .parquet files in name order): the train split of config `part` (None:
+    the repo's one config), or, in a repo of one config, the split `part` names (HuggingFaceH4's train_prefs);
+    refused, naming what the repo has, when it has no .parquet, several configs and none named, no such config,
+    or no train split."""
     parquet = [f for f in files if f.endswith(".parquet")]
     if not parquet:
         raise UserError(f"the Hub dataset {repo} has no .parquet files (it has {_listed(files) or 'no files'}); "
@@ -61,6 +64,9 @@ def train_files(repo: str, files, config=None) -> list:
     for f in parquet:
         c, split = _split_and_config(f)
         by_config.setdefault(c, {}).setdefault(split, []).append(f)
+    config, split = part, SPLIT
+    if len(by_config) == 1 and part is not None and part not in by_config and part in next(iter(by_config.values())):
+        config, split = next(iter(by_config)), part  # a split named where a config would be: the only config's
     if config is None:
         if len(by_config) > 1:
             raise UserError(f"the Hub dataset {repo} has several configs ({_listed(by_config)}): name one, as "
@@ -69,10 +75,13 @@ def train_files(repo: str, files, config=None) -> list:
     if config not in by_config:
         raise UserError(f"the Hub dataset {repo} has no config {config!r} (its configs: {_listed(by_config)})")
     splits = by_config[config]
-    if SPLIT not in splits:
-        raise UserError(f"the Hub dataset {repo} (config {config}) has no {SPLIT} split of .parquet files (its "
-                        f"splits: {_listed(splits)}; its files: {_listed(sum(splits.values(), []))}); {_PASS_FILES}")
-    return sorted(splits[SPLIT])
+    if split not in splits:
+        like = sorted(splits, key=lambda name: (not name.startswith(SPLIT), name))[0]  # train_prefs before test_*
+        other = f"; name one as {repo}/{like}" if len(by_config) == 1 else ""
+        raise UserError(f"the Hub dataset {repo} (config {config}) has no {split} split of .parquet files (its "
+                        f"splits: {_listed(splits)}{other}; its files: {_listed(sum(splits.values(), []))}); "
+                        f"{_PASS_FILES}")
+    return config, split, sorted(splits[split])
 
 
 def _hub_error(repo: str, e: Exception) -> UserError:
@@ -93,33 +102,54 @@ def _link(target: Path, link: Path):
     link.parent.mkdir(parents=True, exist_ok=True)
     tmp = link.with_name(f".{link.name}.{os.getpid()}.tmp")
     try:
-        os.symlink(Path(target).resolve(), tmp)
+        os.symlink(Path(target).absolute(), tmp)
     except OSError:
         shutil.copyfile(target, tmp)
     os.replace(tmp, link)
 
 
-def hub_dataset_folder(spec: str, cache_dir=None) -> Path:
-    """--data owner/name[/config]: the train split's .parquet files of the config, fetched (or taken from the
-    local Hub cache) and linked into a folder of their own, <Hub cache>/tritongpt-datasets/owner--name/config/train
-    (the Hub's snapshot folder may hold other splits' files, fetched by `datasets`). -> that folder."""
+def _repo_files(repo: str, cache_dir=None) -> list:
+    """The dataset repo's files, as the Hub lists them; where the Hub cannot be asked (HF_HUB_OFFLINE, no network),
+    those of the repo's snapshot in the local Hub cache, noted, so that data fetched before reads again offline
+    (hf_hub_download then answers from the cache too, as for a model's files)."""
+    from huggingface_hub import list_repo_files, snapshot_download
+
     try:
-        from huggingface_hub import constants, hf_hub_download, list_repo_files
+        return list_repo_files(repo, repo_type="dataset")
+    except Exception as e:
+        if {"GatedRepoError", "RepositoryNotFoundError"} & {c.__name__ for c in type(e).__mro__}:
+            raise  # the Hub answered: no cache stands in for that
+        why = type(e).__name__
+        try:
+            snapshot = Path(snapshot_download(repo, repo_type="dataset", cache_dir=cache_dir, local_files_only=True))
+        except Exception:
+            raise e from None  # nothing cached either: the Hub's error is the one to name
+    note(f"{repo}: the Hugging Face Hub could not list its files ({why}); reading those of its snapshot in the "
+         f"local Hub cache, {snapshot}")
+    return sorted(p.relative_to(snapshot).as_posix() for p in snapshot.rglob("*") if p.is_file())
+
+
+def hub_dataset_folder(spec: str, cache_dir=None) -> Path:
+    """--data owner/name[/config]: the train split's .parquet files of the config (or of the split named, in a
+    repo of one config: train_files), fetched (or taken from the local Hub cache) and linked into a folder of their
+    own, <Hub cache>/tritongpt-datasets/owner--name/config/split (the Hub's snapshot folder may hold other splits'
+    files, fetched by `datasets`). -> that folder."""
+    try:
+        from huggingface_hub import constants, hf_hub_download
     except ImportError:
         raise UserError(f"{spec}: fetching a Hub dataset needs huggingface_hub (pip install huggingface_hub); or "
                         f"{_PASS_FILES}") from None
     parts = spec.split("/")
-    repo, config = "/".join(parts[:2]), (parts[2] if len(parts) == 3 else None)
+    repo, part = "/".join(parts[:2]), (parts[2] if len(parts) == 3 else None)
     try:
-        names = train_files(repo, list_repo_files(repo, repo_type="dataset"), config)
+        config, split, names = train_files(repo, _repo_files(repo, cache_dir), part)
         paths = [Path(hf_hub_download(repo, name, repo_type="dataset", cache_dir=cache_dir)) for name in names]
     except UserError as e:
         raise UserError(f"{spec!r} is no file or folder here, and as a Hugging Face Hub dataset: {e}") from None
     except Exception as e:
         raise UserError(f"{spec!r} is no file or folder here, and as a Hugging Face Hub dataset: "
                         f"{_hub_error(repo, e)}") from None
-    config = config or _split_and_config(names[0])[0]
-    folder = Path(cache_dir or constants.HF_HUB_CACHE) / "tritongpt-datasets" / repo.replace("/", "--") / config / SPLIT
+    folder = Path(cache_dir or constants.HF_HUB_CACHE) / "tritongpt-datasets" / repo.replace("/", "--") / config / split
     wanted = {folder / name for name in names}  # the repo's paths kept: shard names, and their order
     if folder.is_dir():
         for old in folder.rglob("*.parquet"):  # a shard of an earlier revision that this one lacks
@@ -127,5 +157,5 @@ def hub_dataset_folder(spec: str, cache_dir=None) -> Path:
                 old.unlink(missing_ok=True)
     for name, path in zip(names, paths):
         _link(path, folder / name)
-    note(f"{spec}: the Hugging Face Hub dataset's {SPLIT} split ({len(names)} .parquet file(s)), in {folder}")
+    note(f"{spec}: the Hugging Face Hub dataset's {split} split ({len(names)} .parquet file(s)), in {folder}")
     return folder
