@@ -399,3 +399,73 @@ def test_the_commands_pass_min_p_and_the_repetition_penalty_on(command, monkeypa
              "--min-p", "0.1", "--repetition-penalty", "1.3"]
     assert cli.main([command, *flags, *(["--prompt", "the"] if command == "generate" else [])]) == 0
     assert seen == [(0.1, 1.3)]
+
+
+# -- --stop ---------------------------------------------------------------------------------------------------
+def test_a_stop_callback_ends_rows_as_an_eos_does(model):
+    """generate(stop=...): a row it marks done is padded with eos_id from the next step, the call ends when every
+    row is done, and the cache changes nothing."""
+    torch.manual_seed(12)
+    idx = torch.randint(0, 60, (3, 4))
+
+    def stop(rows):  # row r is done once it holds r + 2 new tokens
+        return torch.tensor([rows.size(1) - 4 >= r + 2 for r in range(3)])
+
+    outs = [generate(model, idx, 10, temperature=1.0, eos_id=60, generator=torch.Generator().manual_seed(1),
+                     stop=stop, use_cache=c) for c in (True, False)]
+    assert torch.equal(outs[0], outs[1]) and outs[0].shape == (3, 4 + 4)  # row 2 done after 4 new tokens
+    for r in range(3):
+        assert (outs[0][r, 4 + r + 2:] == 60).all()
+    # no eos at all: the stop alone ends the call
+    assert generate(model, idx, 10, temperature=1.0, stop=stop).shape == (3, 8)
+
+
+def test_the_generate_command_stops_at_a_stop_text_streamed_or_not(capsys, monkeypatch):
+    """--stop: the printed text ends before the first stop string in the new text (not in the prompt), streamed
+    or not, the same text either way; several stops: the earliest; backslash escapes read; bad ones named."""
+    from tritongpt import cli
+    from tritongpt.commands import cut_at_stop, stop_strings
+    from tritongpt.train import generate as gen
+
+    lengths, real = [], gen.generate
+
+    def spy(*args, **kw):
+        out = real(*args, **kw)
+        lengths.append(out.size(1))
+        return out
+
+    monkeypatch.setattr(gen, "generate", spy)
+    flags = ["generate", "--model", "tiny", "--prompt", "The cat", "--temperature", "0", "--max-new-tokens", "30",
+             "--device", "cpu", "--kernels", "reference"]
+    assert cli.main(flags) == 0
+    whole = capsys.readouterr().out.rstrip("\n")
+    new = whole[len("The cat"):]
+    stop = new[9:12]
+    want = "The cat" + new[:new.index(stop)]
+    assert len(want) < len(whole)
+    for extra in ([], ["--stream"]):
+        assert cli.main([*flags, "--stop", stop, "--stop", new[-3:], *extra]) == 0
+        out = capsys.readouterr()
+        assert out.out == want + "\n" and f"the text stopped at --stop {stop!r}" in out.err, (extra, out)
+    assert lengths[1] == lengths[2] < lengths[0], lengths  # the drawing ended at the stop, not at --max-new-tokens
+    assert stop_strings(["\\n\\n", "a\\tb", "é"]) == ["\n\n", "a\tb", "é"]
+    assert cut_at_stop("ab\n\ncd\n", ["cd", "\n"]) == ("ab", "\n") and cut_at_stop("abc", ["x"]) == ("abc", None)
+    for bad, said in (("", "an empty text would stop every sample"), ("\\x4", "a broken backslash escape")):
+        assert cli.main([*flags, "--stop", bad]) == 2
+        assert said in capsys.readouterr().err
+
+
+def test_a_stop_cut_keeps_the_continuations_leading_space(tmp_path):
+    """A SentencePiece-style tokenizer decodes a text's first "▁word" without its space: the continuation is read
+    off the whole row's decoding, where the space is."""
+    pytest.importorskip("transformers")
+    from test_hf_tokenizer import llama_folder
+    from tritongpt.commands import continuation
+    from tritongpt.train.tokenizer import get_tokenizer
+
+    folder, _, _ = llama_folder(tmp_path / "sp", "sentencepiece", context=64)
+    tok = get_tokenizer(folder)
+    ids = tok.encode("the cat")
+    new = tok.encode("sat on")  # "▁sat ▁on": SentencePiece's dummy prefix
+    assert tok.decode(new) == "sat on" and tok.decode(ids + new) == "the cat sat on"  # the decoder's Strip
+    assert continuation(tok, ids, new) == " sat on"

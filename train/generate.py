@@ -102,13 +102,15 @@ def sampling_logits(logits, temperature: float = 0.0, top_k: int | None = None, 
 def generate(model, idx, max_new_tokens: int, temperature: float = 0.0, top_k: int | None = None,
              top_p: float | None = None, eos_id: int | None = None, use_cache: bool = True,
              generator: torch.Generator | None = None, vocab_limit: int | None = None, on_token=None,
-             min_p: float | None = None, repetition_penalty: float | None = None):
+             min_p: float | None = None, repetition_penalty: float | None = None, stop=None):
     """Extend idx [B, T] by up to max_new_tokens tokens; rows stop after emitting eos_id.
 
     Returns [B, T + n]. Rows that finished early are padded with eos_id. vocab_limit: only ids
     below it are drawn (a tokenizer smaller than the model's vocabulary cannot decode the rest).
     on_token: called with each step's new tokens [B, 1] as they are drawn (to stream the text).
     repetition_penalty: on every id of the row so far, the prompt's included (transformers' too).
+    stop: called with the rows so far [B, T + n] after each step, returns which rows are finished [B] (a stop
+    string drawn, say): those stop as at eos_id (padded with it where there is one).
     """
     if not isinstance(idx, torch.Tensor) or idx.is_floating_point() or idx.is_complex():
         what = f"a {idx.dtype} tensor" if isinstance(idx, torch.Tensor) else type(idx).__name__
@@ -126,7 +128,7 @@ def generate(model, idx, max_new_tokens: int, temperature: float = 0.0, top_k: i
     try:
         warp = dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                     repetition_penalty=repetition_penalty)
-        return _generate(model, idx, max_new_tokens, warp, eos_id, use_cache, generator, vocab_limit, on_token)
+        return _generate(model, idx, max_new_tokens, warp, eos_id, use_cache, generator, vocab_limit, on_token, stop)
     finally:
         model.train(was_training)
 
@@ -142,7 +144,7 @@ def crosses_longrope(cfg, cached: int, length: int) -> bool:
     return cached <= original < length
 
 
-def _generate(model, idx, max_new_tokens, warp: dict, eos_id, use_cache, generator, vocab_limit, on_token):
+def _generate(model, idx, max_new_tokens, warp: dict, eos_id, use_cache, generator, vocab_limit, on_token, stop):
     ctx = model.config.context_length
     # as long as this call can fill: a whole-context cache of a 131072-position model is gigabytes
     cache = model.new_cache(idx.size(0), min(ctx, idx.size(1) + max_new_tokens)) if use_cache else None
@@ -171,6 +173,8 @@ def _generate(model, idx, max_new_tokens, warp: dict, eos_id, use_cache, generat
         idx = torch.cat([idx, nxt], dim=1)
         if on_token is not None:
             on_token(nxt)
-        if eos_id is not None and bool(done.all()):
+        if stop is not None:
+            done |= stop(idx).to(done.device)
+        if (eos_id is not None or stop is not None) and bool(done.all()):
             break
     return idx

@@ -282,6 +282,7 @@ def cmd_generate(args):
         raise UserError(f"--num-samples must be at least 1, got {args.num_samples}")
     if args.stream and args.num_samples > 1:
         raise UserError("--stream prints one text as it is drawn: it takes --num-samples 1")
+    stops = stop_strings(args.stop)
     prompt = args.prompt if args.prompt is not None else read_text_file(args.prompt_file)
     model, tok, device, dtype, limit = load_generation_model(args)
     try:
@@ -298,11 +299,18 @@ def cmd_generate(args):
     idx = torch.tensor([lead + ids] * args.num_samples, dtype=torch.long, device=device)  # one batch
     gen = torch.Generator(device=device).manual_seed(args.seed)
     eot = eot_or_none(tok)
-    stream = TextStream(tok, ids, eot) if args.stream else None
+    stream = TextStream(tok, ids, eot, stops) if args.stream else None
+    start, prompt_text = len(lead + ids), tok.decode(ids)
+
+    def stopped(rows):  # which rows' new text holds a stop string (the whole new text, decoded each step)
+        return torch.tensor([cut_at_stop(continuation(tok, ids, r[start:]), stops)[1] is not None
+                             for r in rows.tolist()])
+
     with autocast(device, dtype):  # the weights stay fp32; sampling reads fp32 probabilities
         out = generate(model, idx, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                        top_p=args.top_p, eos_id=eot, generator=gen, vocab_limit=limit, on_token=stream,
-                       min_p=args.min_p, repetition_penalty=args.repetition_penalty).tolist()
+                       min_p=args.min_p, repetition_penalty=args.repetition_penalty,
+                       stop=stopped if stops else None).tolist()
     if stream:
         stream.close()
     for i, row in enumerate(out):
@@ -310,16 +318,49 @@ def cmd_generate(args):
         new = row[len(ids):]
         ended = eot in new  # a row that ended early is padded with more markers after its first
         if ended:
-            row = row[:len(ids) + new.index(eot)]
+            new = new[:new.index(eot)]
+        text, cut = cut_at_stop(continuation(tok, ids, new), stops)
         if i:
             print(SAMPLE_SEPARATOR)
         if not stream:
             # the text, without the marker that ended it (as Hugging Face's text-generation pipeline)
-            print(tok.decode(row))
-        if ended:
-            which = f"sample {i + 1}: " if args.num_samples > 1 else ""
-            note(f"{which}the model ended the text ({tok.decode([eot])}) after {len(row) - len(ids)} new tokens")
+            print(prompt_text + text if cut else tok.decode(ids + new))
+        which = f"sample {i + 1}: " if args.num_samples > 1 else ""
+        if cut:
+            note(f"{which}the text stopped at --stop {cut!r}")
+        elif ended:
+            note(f"{which}the model ended the text ({tok.decode([eot])}) after {len(new)} new tokens")
     return 0
+
+
+def continuation(tok, ids, new) -> str:
+    """The text `new` adds after the prompt `ids`, as decoding the whole row spells it: a SentencePiece decoder
+    drops the space of a text's first word, which decoding `new` alone would lose."""
+    prompt, whole = tok.decode(ids), tok.decode(ids + new)
+    return whole[len(prompt):] if whole.startswith(prompt) else tok.decode(new)
+
+
+def stop_strings(values) -> list:
+    """--stop's texts, backslash escapes read (a shell passes "\\n" as two characters); an empty one is refused."""
+    stops = []
+    for value in values or []:
+        try:
+            text = value.encode("latin-1", "backslashreplace").decode("unicode_escape")
+        except UnicodeDecodeError as e:
+            raise UserError(f"--stop {value!r}: a broken backslash escape ({e.reason})") from None
+        if not text:
+            raise UserError("--stop '': an empty text would stop every sample at once")
+        stops.append(text)
+    return stops
+
+
+def cut_at_stop(text: str, stops) -> tuple:
+    """(text before the first stop string in it, that stop) or (text, None)."""
+    hits = [(text.find(s), s) for s in stops if s in text]
+    if not hits:
+        return text, None
+    at, stop = min(hits)
+    return text[:at], stop
 
 
 class TextStream:
@@ -327,20 +368,29 @@ class TextStream:
     tokenizer's stream_decoder (a character split across tokens printed whole once complete), so
     the printed text is what decoding all the ids at once gives."""
 
-    def __init__(self, tok, prompt_ids, eot):
-        self.eot, self.text = eot, tok.stream_decoder()
-        self.write(prompt_ids)
+    def __init__(self, tok, prompt_ids, eot, stops=()):
+        self.eot, self.text, self.stops = eot, tok.stream_decoder(), list(stops)
+        print(self.text.write(prompt_ids), end="", flush=True)
+        # the new text not printed yet: a stop string may be starting in it (its first len - 1 characters)
+        self.new, self.printed, self.done = "", 0, False
+        self.hold = max((len(s) for s in self.stops), default=1) - 1
 
     def __call__(self, new):
         i = int(new[0, 0])
-        if i != self.eot:  # the marker that ends the text is not printed (nothing follows it)
-            self.write([i])
+        if i != self.eot and not self.done:  # the marker that ends the text is not printed (nothing follows it)
+            self.write(self.text.write([i]))
 
-    def write(self, ids):
-        print(self.text.write(ids), end="", flush=True)
+    def write(self, chunk: str, final: bool = False):
+        self.new += chunk
+        text, cut = cut_at_stop(self.new, self.stops)
+        end = len(text) if cut or final else max(self.printed, len(self.new) - self.hold)
+        print(self.new[self.printed:end], end="", flush=True)
+        self.printed, self.done = end, bool(cut)
 
     def close(self):
-        print(self.text.flush())
+        if not self.done:
+            self.write(self.text.flush(), final=True)
+        print()
 
 
 def export_target(cfg) -> tuple:
@@ -591,6 +641,9 @@ def add_cli(sub):
                    help=f"texts to draw from the prompt, in one batch, printed with {SAMPLE_SEPARATOR} between them "
                         "(default %(default)s)")
     p.add_argument("--stream", action="store_true", help="print the text as it is drawn, token by token")
+    p.add_argument("--stop", action="append", default=None, metavar="TEXT",
+                   help="end a text where the new text holds TEXT, which is not printed (as vLLM's and OpenAI's "
+                        "stop); repeat it for several (backslash escapes: --stop '\\n\\n')")
     add_sampling_args(p, max_new_tokens=50, temperature=0.8, temperature_text="as nanoGPT's sample.py")
     p.set_defaults(func=cmd_generate)
 
