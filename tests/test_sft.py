@@ -1364,3 +1364,52 @@ def test_cli_sft_packing_trains_and_a_resume_names_the_flag(tmp_path, capsys):
     assert "--packing False (True)" in err, err
     assert "sft: --packing" not in err
 
+
+
+def test_neftune_noise_is_uniform_within_its_bound_in_training_only(tmp_path, capsys, monkeypatch):
+    """neftune_hook: the token embeddings [B, L, d] move by at most alpha / sqrt(L d), every element (the noise is
+    as wide as the bound), in train mode only; run_sft trains with it (another first loss than without) and leaves
+    the model without it; the CLI passes the flag on and refuses a negative or nan alpha."""
+    from tritongpt.cli import main
+    from tritongpt.train import sft
+
+    torch.manual_seed(0)
+    model = GPTModel(GPTConfig(vocab_size=97, context_length=32, n_embd=48, n_layer=1, n_head=2))
+    idx = torch.randint(0, 97, (3, 11))
+    clean = model.tok_emb(idx)
+    handle = model.tok_emb.register_forward_hook(sft.neftune_hook(5.0))
+    bound = 5.0 / math.sqrt(11 * 48)
+    diff = model.tok_emb(idx) - clean
+    assert diff.abs().max() <= bound and diff.abs().max() > 0.9 * bound and (diff != 0).all()
+    assert abs(diff.mean().item()) < bound / 10  # centred
+    model.eval()
+    assert torch.equal(model.tok_emb(idx), clean)
+    handle.remove()
+    seen = {}
+    monkeypatch.setattr(sft, "run_sft", lambda *a, **k: seen.update(k) or {"is_main": False})
+    flags = ["sft", "--init", "tiny", "--n-train", "4", "--n-eval", "2", "--tasks", "first_word", "--out-dir",
+             str(tmp_path / "cli")]
+    assert main([*flags, "--neftune-noise-alpha", "5"]) == 0 and seen["neftune_alpha"] == 5.0
+    for bad in ("-1", "nan"):
+        assert main([*flags, "--neftune-noise-alpha", bad]) == 2
+        assert "--neftune-noise-alpha must be a finite number >= 0" in capsys.readouterr().err
+
+
+def test_sft_with_neftune_trains_on_noisy_embeddings_and_returns_a_clean_model(tmp_path):
+    from tritongpt.train import sft
+    from tritongpt.train.loop import TrainArgs
+    from tritongpt.train.tasks import generate_tasks
+    from tritongpt.train.tokenizer import get_tokenizer
+
+    tok = get_tokenizer("default")
+    recs = generate_tasks(12, seed=3, families=["first_word"])
+    losses = []
+    for alpha in (0.0, 5.0):
+        torch.manual_seed(1)
+        model = GPTModel(GPTConfig(vocab_size=tok.vocab_size, context_length=256, n_embd=32, n_layer=1, n_head=2))
+        args = TrainArgs(out_dir=str(tmp_path / str(alpha)), max_steps=1, batch_size=4, eval_every=0, ckpt_every=0,
+                         sample_every=0, log_every=1, device="cpu", kernels="reference", seed=0)
+        result = sft.run_sft(model, tok, recs[:8], recs[8:], recs[8:], args, sample=False, neftune_alpha=alpha)
+        losses.append(result["first_loss"])
+        assert not model.tok_emb._forward_hooks  # the hook is gone with the run
+    assert losses[0] != losses[1] and abs(losses[0] - losses[1]) < 0.5

@@ -30,6 +30,7 @@ are saved as JSON.
 import bisect
 import functools
 import json
+import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from tritongpt.commands import add_lora_args, add_vocab_multiple_arg, apply_lora, vocab_multiple
+from tritongpt._types import is_real
 from tritongpt.errors import UserError, note
 from tritongpt.train.tokenizer import HUB_REPO_HELP, TOKENIZER_CHOICES
 from tritongpt.train import common, formats, tasks
@@ -600,12 +602,32 @@ def pick_tokenizer(spec, init, vocab_size: int):
     return tok
 
 
+# -- NEFTune ---------------------------------------------------------------------------------------------
+def neftune_hook(alpha: float):
+    """NEFTune (Jain et al. 2023), as transformers' Trainer adds it (its neftune_noise_alpha): in training, the token
+    embeddings [B, L, d] get uniform noise in +-alpha / sqrt(L d); evaluation and generation (eval mode) none.
+    A forward hook on the embedding module, so both kernel paths see the same noisy input."""
+    def hook(module, args, output):
+        if not module.training:
+            return output
+        bound = alpha / math.sqrt(output.size(1) * output.size(2))
+        return output + torch.empty_like(output).uniform_(-bound, bound)
+
+    return hook
+
+
+def check_neftune(alpha):
+    if not is_real(alpha) or not math.isfinite(alpha) or alpha < 0:
+        raise UserError(f"--neftune-noise-alpha must be a finite number >= 0 (0: none; the paper uses 5), "
+                        f"got {alpha!r}")
+
+
 # -- the run --------------------------------------------------------------------------------------------
 def run_sft(model, tokenizer, train_records, val_records, test_records, args, *, mask_prompt: bool = True,
             overlong: str = "drop", max_length: int | None = None, max_new_tokens: int = 32,
             eval_gen: int = 32, eval_before: bool = False, sample: bool = True,
             template=format_prompt, run_args: dict | None = None, loss_options: dict | None = None,
-            packing: bool = False) -> dict:
+            packing: bool = False, neftune_alpha: float = 0.0) -> dict:
     """Fine-tune `model` with the shared Trainer; evaluate; save responses.json in args.out_dir.
 
     val_records give the held-out loss (and a quick exact match on the first eval_gen of them
@@ -614,6 +636,7 @@ def run_sft(model, tokenizer, train_records, val_records, test_records, args, *,
     run_args: the data flags (--data, ...) for the Trainer to name when a resume changes them.
     loss_options: {label_smoothing, z_loss} for the training loss (evaluations score plain CE).
     packing: train on rows of max_len tokens packed with whole examples (SFTData's pack_len).
+    neftune_alpha: NEFTune's noise on the token embeddings while training (neftune_hook; 0: none).
     """
     from tritongpt.train.loop import Trainer
 
@@ -645,7 +668,8 @@ def run_sft(model, tokenizer, train_records, val_records, test_records, args, *,
                       eval_fn=eval_fn if val else None,
                       sample_fn=sample_fn if sample and val_kept else None, name="sft", data_state=data,
                       run_args={**(run_args or {}), "no_mask_prompt": not mask_prompt, "overlong": overlong,
-                                "max_length": max_length, "packing": packing, **loss_options},
+                                "max_length": max_length, "packing": packing, **loss_options,
+                                **({"neftune_noise_alpha": neftune_alpha} if neftune_alpha else {})},
                       prompt_format=formats.format_of(train_records[0]))
     out_dir = Path(args.out_dir)
     if trainer.is_main:
@@ -673,7 +697,12 @@ def run_sft(model, tokenizer, train_records, val_records, test_records, args, *,
         _, before = run_eval("before")
         trainer.clear_old_run()  # --overwrite: before this row, not at fit(), which would delete it
         trainer.metrics.log(step=0, test_exact_match=before)
-    result = trainer.fit(finish_tracking=False)  # the trackers get the test row below too
+    noise = model.tok_emb.register_forward_hook(neftune_hook(neftune_alpha)) if neftune_alpha else None
+    try:
+        result = trainer.fit(finish_tracking=False)  # the trackers get the test row below too
+    finally:
+        if noise is not None:  # the model goes back as it came (its answers below are noise-free: eval mode)
+            noise.remove()
     result["exact_match_before"] = before
     with trainer.metrics.finishing():
         if trainer.is_main and test_kept:
@@ -717,6 +746,7 @@ def cmd_sft(args):
     targs = TrainArgs.from_namespace(args)
     targs.validate()
     loss_options = lm_loss_options(args)
+    check_neftune(args.neftune_noise_alpha)
     check_lora(args.lora_rank, args.lora_alpha, args.lora_targets)  # before the model loads
     for name in ("max_new_tokens", "n_train"):
         if getattr(args, name) < 1:
@@ -748,7 +778,7 @@ def cmd_sft(args):
                      eval_gen=args.eval_gen, eval_before=args.eval_before,
                      run_args={"data": common.data_path(args.data), "tasks": args.tasks, "n_train": args.n_train,
                                "val_fraction": args.val_fraction, "init": common.data_path(args.init)},
-                     loss_options=loss_options, packing=args.packing)
+                     loss_options=loss_options, packing=args.packing, neftune_alpha=args.neftune_noise_alpha)
     if not result["is_main"]:  # DDP: rank 0 reports
         return 0
     if result.get("exact_match") is not None:
@@ -790,12 +820,16 @@ def add_cli(sub):
     p.add_argument("--overlong", choices=["drop", "truncate"], default="drop",
                    help="records longer than the context (default %(default)s)")
     p.add_argument("--max-length", type=int, default=None, help="cap on tokens per example (default: the context)")
+    p.add_argument("--neftune-noise-alpha", type=float, default=0.0, metavar="ALPHA",
+                   help="NEFTune: uniform noise of +-ALPHA/sqrt(length x width) on the token embeddings while "
+                        "training (its paper and transformers' Trainer: 5; 0 = none) (default %(default)s)")
     p.add_argument("--packing", action="store_true",
                    help="train on --batch-size rows of exactly the context (or --max-length) tokens, each packed "
                         "with whole examples that attend only to themselves, positions restarting at each one (TRL's "
                         "packing=True, padding-free), instead of length-grouped padded batches: the same loss per "
                         "response token; held-out batches stay unpacked; prints the epoch's padding both ways")
-    p.add_argument("--max-new-tokens", type=int, default=32, help="response budget when evaluating (default %(default)s)")
+    p.add_argument("--max-new-tokens", type=int, default=32,
+                   help="response budget when evaluating (default %(default)s)")
     p.add_argument("--eval-gen", type=int, default=32,
                    help="held-out records answered at each evaluation (default %(default)s)")
     p.add_argument("--eval-before", action="store_true", help="also answer the held-out set before training")
