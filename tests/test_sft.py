@@ -155,7 +155,7 @@ def test_read_records_and_malformed_errors(tmp_path):
     with pytest.raises(UserError, match="data file not found"):
         sft.read_records(tmp_path / "missing.json")
     (tmp_path / "d.txt").write_text("x")
-    with pytest.raises(UserError, match=r"expected a .json .* or .jsonl"):
+    with pytest.raises(UserError, match=r"expected a .json .*, .jsonl .* or .parquet .* file"):
         sft.read_records(tmp_path / "d.txt")
 
 
