@@ -91,7 +91,6 @@ class RewardModel(nn.Module):
             model.set_kernels(kernels)
         return model
 
-
     @classmethod
     def from_hugging_face(cls, path) -> "RewardModel":
         """A Hugging Face <Family>ForSequenceClassification's weights file with one label: its backbone read by the
