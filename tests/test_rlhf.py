@@ -2282,6 +2282,35 @@ def test_a_simpo_resume_with_its_default_gamma_spelled_out_is_the_same_run(data,
         assert "simpo-gamma" not in capsys.readouterr().err
 
 
+def test_rpo_adds_alpha_times_the_chosen_nll_to_any_loss_but_orpos():
+    """--rpo-alpha a: the loss plus a times the chosen answers' mean token NLL, the margins unchanged; policy_terms
+    makes the NLL for it; ORPO (which has it already), a negative or a nan alpha are refused."""
+    from tritongpt.train.dpo import check_beta, dpo_loss, policy_terms
+    from tritongpt.train.preference import EncodedPair, pair_batch
+
+    g = torch.Generator().manual_seed(8)
+    lp, ref = -3 * torch.rand(8, generator=g, dtype=torch.float64), -3 * torch.rand(8, generator=g, dtype=torch.float64)
+    nll = torch.tensor(0.7, dtype=torch.float64)
+    for kind in ("sigmoid", "hinge", "ipo", "simpo"):
+        plain, m = dpo_loss(lp, ref, 0.5, kind)
+        rpo, m2 = dpo_loss(lp, ref, 0.5, kind, chosen_nll=nll, rpo_alpha=2.0)
+        assert rpo.item() == pytest.approx(plain.item() + 2.0 * 0.7, rel=1e-12) and torch.equal(m, m2), kind
+    with pytest.raises(UserError, match="rpo_alpha needs chosen_nll"):
+        dpo_loss(lp, ref, 0.5, "sigmoid", rpo_alpha=1.0)
+    torch.manual_seed(17)
+    model = GPTModel(GPTConfig(vocab_size=23, context_length=16, n_embd=32, n_layer=1, n_head=2)).eval()
+    idx, _, mask = pair_batch([EncodedPair([1, 2, 3], [4, 5, 22], [6, 22])], 22)
+    assert policy_terms(model, idx, mask, "sigmoid")[1] is None
+    assert policy_terms(model, idx, mask, "sigmoid", 1.0)[1].item() == pytest.approx(
+        policy_terms(model, idx, mask, "orpo")[1].item())
+    check_beta(0.1, "sigmoid", rpo_alpha=1.0)
+    for kind, alpha, said in (("orpo", 1.0, "--rpo-alpha adds the chosen answers' NLL, which ORPO's loss holds"),
+                              ("sigmoid", -1.0, "--rpo-alpha must be a finite number >= 0"),
+                              ("sigmoid", float("nan"), "--rpo-alpha must be a finite number >= 0")):
+        with pytest.raises(UserError, match=re.escape(said)):
+            check_beta(0.1, kind, rpo_alpha=alpha)
+
+
 def test_orpos_nll_is_the_chosen_answers_token_weighted_mean():
     from tritongpt.train.dpo import policy_terms
     from tritongpt.train.preference import EncodedPair, model_token_logprobs, pair_batch
@@ -2299,7 +2328,7 @@ def test_orpos_nll_is_the_chosen_answers_token_weighted_mean():
 
 
 @pytest.mark.parametrize("loss_type", ["simpo", "orpo"])
-def test_a_reference_free_loss_trains_without_a_reference(data, tmp_path, capsys, loss_type):
+def test_a_reference_free_loss_trains_without_a_reference(data, tmp_path, capsys, monkeypatch, loss_type):
     """No reference model at all (None): the held-out margin and accuracy rise; ORPO's SFT term raises the chosen
     answers' log-probs too. The CLI builds none either, and refuses --simpo-gamma for another loss."""
     from tritongpt.cli import main
@@ -2322,6 +2351,13 @@ def test_a_reference_free_loss_trains_without_a_reference(data, tmp_path, capsys
         train_dpo(policy, None, tok, train[:4], None, args, loss_type="sigmoid")
     assert main([*flags[:-1], "sigmoid", "--simpo-gamma", "1.0", "--out-dir", str(tmp_path / "no")]) == 2
     assert "--simpo-gamma is SimPO's target margin; --loss-type sigmoid has none" in capsys.readouterr().err
+    if loss_type == "simpo":  # --rpo-alpha reaches training (CPO-SimPO's NLL term, in effect)
+        import tritongpt.train.dpo as dpo
+
+        seen, real = {}, dpo.train_dpo
+        monkeypatch.setattr(dpo, "train_dpo", lambda *a, **k: seen.update(k) or real(*a, **k))
+        assert main([*flags, "--rpo-alpha", "1.5", "--out-dir", str(tmp_path / "rpo")]) == 0
+        assert seen["rpo_alpha"] == 1.5
 
 
 def test_dpo_refuses_a_label_smoothing_it_cannot_use(tmp_path, capsys):

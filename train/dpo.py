@@ -31,6 +31,9 @@ per-token log-prob l(x, y), their implicit reward beta * l(x, y) and m = beta * 
              plus an odds-ratio penalty, odds(y) = p / (1 - p) with p = exp(l(x, y)); beta is the
              paper's lambda (TRL's ORPOTrainer)
 
+--rpo-alpha a adds a times the chosen answers' NLL (as ORPO's) to any loss but ORPO's own: RPO (Pang et al.
+2024; TRL's rpo_alpha), DPO kept from lowering the chosen answers' likelihood along with the rejected ones'.
+
 The reference never changes, so its log-probs are computed once for every pair before
 training (one forward each) and travel with the batches.
 
@@ -66,9 +69,10 @@ def log_odds(logp):
 
 
 def dpo_loss(policy_logp, ref_logp, beta: float, loss_type: str = "sigmoid", label_smoothing: float = 0.0,
-             simpo_gamma: float = SIMPO_GAMMA, chosen_nll=None):
+             simpo_gamma: float = SIMPO_GAMMA, chosen_nll=None, rpo_alpha: float = 0.0):
     """policy_logp, ref_logp: [2B] (chosen rows, then rejected; ref_logp None for a reference-free loss).
-    chosen_nll: ORPO's SFT term, the chosen answers' mean token NLL. Returns (loss, margins [B])."""
+    chosen_nll: ORPO's SFT term (and RPO's, times rpo_alpha), the chosen answers' mean token NLL.
+    Returns (loss, margins [B])."""
     pc, pr = policy_logp.chunk(2)
     if loss_type in REFERENCE_FREE:
         h = pc - pr
@@ -89,6 +93,10 @@ def dpo_loss(policy_logp, ref_logp, beta: float, loss_type: str = "sigmoid", lab
         losses = chosen_nll - beta * F.logsigmoid(log_odds(pc) - log_odds(pr))
     else:
         raise UserError(f"--loss-type must be one of {', '.join(LOSS_TYPES)}, got {loss_type!r}")
+    if rpo_alpha:
+        if chosen_nll is None:
+            raise UserError("rpo_alpha needs chosen_nll, the chosen answers' NLL (policy_terms gives it)")
+        losses = losses + rpo_alpha * chosen_nll
     return losses.mean(), margins
 
 
@@ -98,12 +106,12 @@ def response_logprobs(model, idx, mask, mean: bool = False):
     return lp / mask.sum(-1) if mean else lp
 
 
-def policy_terms(model, idx, mask, loss_type: str):
-    """(log-probs [2B] as the loss reads them, ORPO's chosen NLL or None) from one forward: the NLL is the
-    chosen answers' token-weighted mean over the batch, as TRL's ORPOTrainer's cross-entropy on them."""
+def policy_terms(model, idx, mask, loss_type: str, rpo_alpha: float = 0.0):
+    """(log-probs [2B] as the loss reads them, ORPO's (or RPO's) chosen NLL or None) from one forward: the NLL is
+    the chosen answers' token-weighted mean over the batch, as TRL's ORPOTrainer's cross-entropy on them."""
     total, counts = sequence_logprobs(model, idx, mask), mask.sum(-1)
     lp = total / counts if loss_type in PER_TOKEN else total
-    if loss_type != "orpo":
+    if loss_type != "orpo" and not rpo_alpha:
         return lp, None
     chosen, chosen_counts = total.chunk(2)[0], counts.chunk(2)[0]
     return lp, -chosen.sum() / chosen_counts.sum()
@@ -162,18 +170,19 @@ class FrozenReference:
 
 
 def make_loss_fn(beta: float, loss_type: str = "sigmoid", label_smoothing: float = 0.0,
-                 simpo_gamma: float = SIMPO_GAMMA):
+                 simpo_gamma: float = SIMPO_GAMMA, rpo_alpha: float = 0.0):
     def loss_fn(model, batch):
         idx, mask, ref = batch
-        lp, nll = policy_terms(model, idx, mask, loss_type)
-        return dpo_loss(lp, ref, beta, loss_type, label_smoothing, simpo_gamma, nll)[0]
+        lp, nll = policy_terms(model, idx, mask, loss_type, rpo_alpha)
+        return dpo_loss(lp, ref, beta, loss_type, label_smoothing, simpo_gamma, nll, rpo_alpha)[0]
 
     return loss_fn
 
 
 @torch.no_grad()
 def dpo_metrics(model, data: DPOData, beta: float, limit: int | None = None, batch_size: int = 32,
-                loss_type: str = "sigmoid", label_smoothing: float = 0.0, simpo_gamma: float = SIMPO_GAMMA) -> dict:
+                loss_type: str = "sigmoid", label_smoothing: float = 0.0, simpo_gamma: float = SIMPO_GAMMA,
+                rpo_alpha: float = 0.0) -> dict:
     """Mean loss, margin, accuracy and chosen/rejected implicit rewards over (the first limit) pairs (ORPO's
     loss: each batch's, its NLL a mean over that batch's chosen tokens, weighted by its pairs)."""
     device = next(model.parameters()).device
@@ -182,9 +191,9 @@ def dpo_metrics(model, data: DPOData, beta: float, limit: int | None = None, bat
     for i in range(0, n, batch_size):
         rows = list(range(i, min(n, i + batch_size)))
         idx, mask, ref = data.batch(rows, device)
-        lp, nll = policy_terms(model, idx, mask, loss_type)
+        lp, nll = policy_terms(model, idx, mask, loss_type, rpo_alpha)
         lp = lp.float()
-        l, m = dpo_loss(lp, ref, beta, loss_type, label_smoothing, simpo_gamma, nll)
+        l, m = dpo_loss(lp, ref, beta, loss_type, label_smoothing, simpo_gamma, nll, rpo_alpha)
         pc, pr = lp.chunk(2)
         c, r = (0.0, 0.0) if ref is None else ref.chunk(2)
         loss += l.item() * len(rows)
@@ -196,7 +205,8 @@ def dpo_metrics(model, data: DPOData, beta: float, limit: int | None = None, bat
             "rejected_reward": rr / n}
 
 
-def check_beta(beta, loss_type: str = "sigmoid", label_smoothing: float = 0.0, simpo_gamma=None):
+def check_beta(beta, loss_type: str = "sigmoid", label_smoothing: float = 0.0, simpo_gamma=None,
+               rpo_alpha: float = 0.0):
     if not 0 < beta < math.inf:
         raise UserError(f"--beta must be positive and finite, got {beta}")
     if loss_type not in LOSS_TYPES:
@@ -212,11 +222,15 @@ def check_beta(beta, loss_type: str = "sigmoid", label_smoothing: float = 0.0, s
             raise UserError(f"--simpo-gamma is SimPO's target margin; --loss-type {loss_type} has none")
         if not 0 <= simpo_gamma < math.inf:
             raise UserError(f"--simpo-gamma must be a finite number >= 0, got {simpo_gamma}")
+    if not 0 <= rpo_alpha < math.inf:
+        raise UserError(f"--rpo-alpha must be a finite number >= 0 (0: none), got {rpo_alpha}")
+    if rpo_alpha and loss_type == "orpo":
+        raise UserError("--rpo-alpha adds the chosen answers' NLL, which ORPO's loss holds already")
 
 
 def train_dpo(policy, ref, tokenizer, train_pairs, val_pairs, args, beta: float = 0.1,
               run_args: dict | None = None, loss_type: str = "sigmoid", label_smoothing: float = 0.0,
-              simpo_gamma: float | None = None):
+              simpo_gamma: float | None = None, rpo_alpha: float = 0.0):
     """Fit the policy with the shared Trainer (ref frozen; None for a reference-free loss, which ignores
     one given). Returns the Trainer's final dict.
 
@@ -226,7 +240,7 @@ def train_dpo(policy, ref, tokenizer, train_pairs, val_pairs, args, beta: float 
     """
     from tritongpt.train.loop import Trainer
 
-    check_beta(beta, loss_type, label_smoothing, simpo_gamma)
+    check_beta(beta, loss_type, label_smoothing, simpo_gamma, rpo_alpha)
     gamma = SIMPO_GAMMA if simpo_gamma is None else simpo_gamma
     mean = loss_type in PER_TOKEN
     device = common.pick_device(args.device)
@@ -261,20 +275,21 @@ def train_dpo(policy, ref, tokenizer, train_pairs, val_pairs, args, beta: float 
         return train.batch(rows)
 
     def eval_fn(model):
-        out, kind = {}, dict(loss_type=loss_type, label_smoothing=label_smoothing, simpo_gamma=gamma)
+        out, kind = {}, dict(loss_type=loss_type, label_smoothing=label_smoothing, simpo_gamma=gamma,
+                             rpo_alpha=rpo_alpha)
         if val is not None:
             out.update({f"val_{k}": v for k, v in dpo_metrics(model, val, beta, **kind).items()})
         t = dpo_metrics(model, train, beta, limit=256, **kind)
         out.update(train_margin=t["margin"], train_acc=t["acc"])
         return out
 
-    trainer = Trainer(policy, args, make_loss_fn(beta, loss_type, label_smoothing, gamma), get_batch,
+    trainer = Trainer(policy, args, make_loss_fn(beta, loss_type, label_smoothing, gamma, rpo_alpha), get_batch,
                       eval_fn=eval_fn, name="dpo", data_state=FrozenReference(ref),
                       run_args={**(run_args or {}), "beta": beta, "loss_type": loss_type,
                                 # the value used (None: no SimPO), not as spelled: a resume naming the default
                                 # is the same run
                                 "label_smoothing": label_smoothing, "simpo_gamma": gamma if loss_type == "simpo"
-                                else None},
+                                else None, **({"rpo_alpha": rpo_alpha} if rpo_alpha else {})},
                       prompt_format=train_pairs[0].format if train_pairs else None)
     result = trainer.fit()
     if trainer.is_main:  # loss.png has the losses; margins and accuracy get their own plot
@@ -289,12 +304,13 @@ def cmd_dpo(args):
     from tritongpt.train.reward import data_run_args, setup_preference_run
 
     check_lora(args.lora_rank, args.lora_alpha, args.lora_targets)
-    check_beta(args.beta, args.loss_type, args.label_smoothing, args.simpo_gamma)  # before the slow set-up
+    check_beta(args.beta, args.loss_type, args.label_smoothing, args.simpo_gamma, args.rpo_alpha)  # before the set-up
     targs, train, val, policy, tok = setup_preference_run(args, "dpo")
     ref = None if args.loss_type in REFERENCE_FREE else copy.deepcopy(policy)
     apply_lora(policy, args)  # the reference stays the whole --init model
     result = train_dpo(policy, ref, tok, train, val, targs, beta=args.beta, run_args=data_run_args(args),
-                       loss_type=args.loss_type, label_smoothing=args.label_smoothing, simpo_gamma=args.simpo_gamma)
+                       loss_type=args.loss_type, label_smoothing=args.label_smoothing, simpo_gamma=args.simpo_gamma,
+                       rpo_alpha=args.rpo_alpha)
     if not result.get("is_main", True):  # DDP: rank 0 reports
         return 0
     if "val_margin" in result:
@@ -327,6 +343,9 @@ def add_cli(sub):
                         "swapped, in [0, 0.5) (default %(default)s)")
     p.add_argument("--simpo-gamma", type=float, default=None,
                    help=f"SimPO's target reward margin gamma (default {SIMPO_GAMMA}, TRL's)")
+    p.add_argument("--rpo-alpha", type=float, default=0.0,
+                   help="RPO: add this times the chosen answers' NLL to the loss (TRL's rpo_alpha; its paper uses 1; "
+                        "0 = none; not with orpo, whose loss has it) (default %(default)s)")
     add_train_args(p, out_dir="runs/dpo", max_steps=300, batch_size=16, lr=1e-5, min_lr=1e-6,
                    warmup_steps=20, eval_every=50, ckpt_every=100, sample_every=0, weight_decay=0.0)
     p.set_defaults(func=cmd_dpo)
