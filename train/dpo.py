@@ -73,6 +73,9 @@ def dpo_loss(policy_logp, ref_logp, beta: float, loss_type: str = "sigmoid", lab
     """policy_logp, ref_logp: [2B] (chosen rows, then rejected; ref_logp None for a reference-free loss).
     chosen_nll: ORPO's SFT term (and RPO's, times rpo_alpha), the chosen answers' mean token NLL.
     Returns (loss, margins [B])."""
+    if chosen_nll is None and (loss_type == "orpo" or rpo_alpha):
+        raise UserError(f"{'rpo_alpha' if rpo_alpha else 'the orpo loss'} needs chosen_nll, the chosen answers' NLL "
+                        "(policy_terms gives it)")
     pc, pr = policy_logp.chunk(2)
     if loss_type in REFERENCE_FREE:
         h = pc - pr
@@ -88,14 +91,10 @@ def dpo_loss(policy_logp, ref_logp, beta: float, loss_type: str = "sigmoid", lab
     elif loss_type == "ipo":
         losses = (h - 1 / (2 * beta)) ** 2
     elif loss_type == "orpo":
-        if chosen_nll is None:
-            raise UserError("the orpo loss needs chosen_nll, the chosen answers' NLL (policy_terms gives it)")
         losses = chosen_nll - beta * F.logsigmoid(log_odds(pc) - log_odds(pr))
     else:
         raise UserError(f"--loss-type must be one of {', '.join(LOSS_TYPES)}, got {loss_type!r}")
     if rpo_alpha:
-        if chosen_nll is None:
-            raise UserError("rpo_alpha needs chosen_nll, the chosen answers' NLL (policy_terms gives it)")
         losses = losses + rpo_alpha * chosen_nll
     return losses.mean(), margins
 

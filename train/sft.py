@@ -62,27 +62,20 @@ def read_json_records(path, what: str = "data file") -> list:
     record the same way: "<file>: record 3 (line 4): ...".
     """
     path = Path(path)
-    if path.is_dir():
+    if path.is_dir() or path.is_file() and path.suffix == ".parquet":
         from tritongpt.train.data import parquet_shards
         from tritongpt.train.parquet import parquet_records
 
-        shards = parquet_shards(path)  # the one-split guard pretraining text has
+        shards = parquet_shards(path) if path.is_dir() else [path]  # the one-split guard pretraining text has
         if not shards:
             raise UserError(f"{what} {path} is a folder with no .parquet files (records are read from a .json, "
                             ".jsonl or .parquet file, or a folder of .parquet shards)")
         raw = [(f"{shard}: record {i}", rec) for shard in shards for i, rec in enumerate(parquet_records(shard))]
         if not raw:
-            raise UserError(f"{path}: no records in its {len(shards)} .parquet file(s)")
+            raise UserError(f"{path}: no records")
         return raw
     if not path.is_file():
         raise UserError(f"{what} not found: {path}")
-    if path.suffix == ".parquet":
-        from tritongpt.train.parquet import parquet_records
-
-        raw = [(f"{path}: record {i}", rec) for i, rec in enumerate(parquet_records(path))]
-        if not raw:
-            raise UserError(f"{path}: no records")
-        return raw
     if path.suffix not in (".json", ".jsonl"):
         raise UserError(f"{path}: expected a .json (list of records), .jsonl (one record a line) or .parquet (a "
                         "row a record) file")

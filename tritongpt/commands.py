@@ -303,7 +303,7 @@ def cmd_generate(args):
     start, prompt_text = len(lead + ids), tok.decode(ids)
 
     def stopped(rows):  # which rows' new text holds a stop string (the whole new text, decoded each step)
-        return torch.tensor([cut_at_stop(continuation(tok, ids, r[start:]), stops)[1] is not None
+        return torch.tensor([cut_at_stop(continuation(tok, ids, r[start:], prompt_text), stops)[1] is not None
                              for r in rows.tolist()])
 
     with autocast(device, dtype):  # the weights stay fp32; sampling reads fp32 probabilities
@@ -319,7 +319,7 @@ def cmd_generate(args):
         ended = eot in new  # a row that ended early is padded with more markers after its first
         if ended:
             new = new[:new.index(eot)]
-        text, cut = cut_at_stop(continuation(tok, ids, new), stops)
+        text, cut = cut_at_stop(continuation(tok, ids, new, prompt_text), stops)
         if i:
             print(SAMPLE_SEPARATOR)
         if not stream:
@@ -333,10 +333,11 @@ def cmd_generate(args):
     return 0
 
 
-def continuation(tok, ids, new) -> str:
-    """The text `new` adds after the prompt `ids`, as decoding the whole row spells it: a SentencePiece decoder
-    drops the space of a text's first word, which decoding `new` alone would lose."""
-    prompt, whole = tok.decode(ids), tok.decode(ids + new)
+def continuation(tok, ids, new, prompt=None) -> str:
+    """The text `new` adds after the prompt `ids` (prompt: its decoding, where the caller has it), as decoding the
+    whole row spells it: a SentencePiece decoder drops the space of a text's first word, which decoding `new`
+    alone would lose."""
+    prompt, whole = tok.decode(ids) if prompt is None else prompt, tok.decode(ids + new)
     return whole[len(prompt):] if whole.startswith(prompt) else tok.decode(new)
 
 
