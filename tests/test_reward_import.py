@@ -218,7 +218,20 @@ def test_rlhf_takes_a_hub_classifier_sharing_the_policys_tokenizer(smollm, tmp_p
     note_other_tokenizer(str(other), get_tokenizer(policy))
     assert "the tokenizer saved with --reward" in capsys.readouterr().err
     note_other_tokenizer(str(policy), get_tokenizer(policy))
-    assert "is not the policy's" not in capsys.readouterr().err
+    assert "the tokenizer saved with --reward" not in capsys.readouterr().err
+    # the policy's tokenizer.json with another EOS (a base model's and its chat model's): the same ids, noted as
+    # another end token, not as other ids
+    chat = tmp_path / "chat"
+    shutil.copytree(policy, chat)
+    config = json.loads((chat / "tokenizer_config.json").read_text())
+    config["eos_token"] = "<|im_end|>"
+    (chat / "tokenizer_config.json").write_text(json.dumps(config))
+    theirs, ours = get_tokenizer(chat), get_tokenizer(policy)
+    assert theirs.eot_id != ours.eot_id and theirs.ids_hash == ours.ids_hash
+    note_other_tokenizer(str(chat), ours)
+    err = capsys.readouterr().err
+    assert "encodes as the policy's but ends a text with token" in err and "is not the policy's" not in err, err
+    assert f"token {theirs.eot_id} ('<|im_end|>'), the policy's with {ours.eot_id} ('<|endoftext|>')" in err, err
 
 
 def test_reward_init_trains_a_reward_model_on_with_its_head(smollm, tmp_path, capsys):

@@ -217,10 +217,20 @@ class HFTokenizer(TokenizerChecks):
         """sha256 of what decides the ids (tokenizer.json but its padding, truncation, post-processor
         and decoder) and of the EOS, which our data puts between documents."""
         if self._hash is None:
-            ids = {k: v for k, v in self.spec.items() if k not in _NOT_IDS}
-            blob = json.dumps({"tokenizer": ids, "eos_token": self.eos_token}, sort_keys=True, ensure_ascii=False)
+            blob = json.dumps({"tokenizer": self._ids_spec(), "eos_token": self.eos_token}, sort_keys=True,
+                              ensure_ascii=False)
             self._hash = hashlib.sha256(blob.encode("utf-8")).hexdigest()
         return self._hash
+
+    @property
+    def ids_hash(self) -> str:
+        """The hash of what decides a text's ids alone, the EOS aside: two folders of one tokenizer.json, one
+        tokenizer_config.json naming another EOS (a base model's and its chat model's), give equal ids_hash."""
+        blob = json.dumps(self._ids_spec(), sort_keys=True, ensure_ascii=False)
+        return hashlib.sha256(blob.encode("utf-8")).hexdigest()
+
+    def _ids_spec(self) -> dict:
+        return {k: v for k, v in self.spec.items() if k not in _NOT_IDS}
 
     def __repr__(self):
         return f"HFTokenizer(name={self.name!r}, vocab_size={self.vocab_size}, eos={self.eos_token!r})"

@@ -777,14 +777,24 @@ def verified_prompts(source, n: int, val_fraction: float, seed: int, verifier: s
 
 def note_other_tokenizer(reward: str, tok) -> None:
     """A note when the tokenizer saved with the reward model (its run's, or a Hugging Face folder's) encodes other
-    ids than the policy's: the vocab sizes can agree while the ids mean other text, and every score is then off."""
-    from tritongpt.train.sft import _hash_of
+    ids than the policy's: the vocab sizes can agree while the ids mean other text, and every score is then off.
+    One of the same ids but another end token (a base model's tokenizer and its chat model's) gets its own note:
+    the reward model learned to score answers at its end token, and the policy's responses end at another."""
+    from tritongpt.train.sft import load_quietly
     from tritongpt.train.tokenizer import saved_tokenizer_path
 
     saved = saved_tokenizer_path(reward)
-    if saved is not None and _hash_of(saved) not in (None, tok.hash):
+    other = None if saved is None else load_quietly(saved)
+    if other is None:
+        return
+    if getattr(other, "ids_hash", other.hash) != getattr(tok, "ids_hash", tok.hash):
         note(f"the tokenizer saved with --reward {reward} ({saved}) is not the policy's: the reward model will score "
              "the policy's token ids as if they were its own (pass a reward model trained on the policy's tokenizer)")
+    elif other.eot_id != tok.eot_id:
+        note(f"the tokenizer saved with --reward {reward} ({saved}) encodes as the policy's but ends a text with "
+             f"token {other.eot_id} ({other.decode([other.eot_id])!r}), the policy's with {tok.eot_id} "
+             f"({tok.decode([tok.eot_id])!r}): the reward model scores each response at the policy's end token, "
+             "which it did not learn to score at")
 
 
 def cmd_rlhf(args):

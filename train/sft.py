@@ -559,12 +559,12 @@ def load_init_model(init: str, model_name: str | None = None):
                     f"({', '.join([*HUB_REPOS, *gpt_neo_weights.HUB_REPOS])}) or a preset ({', '.join(PRESETS)})")
 
 
-def _hash_of(spec):
-    """The tokenizer's hash, or None where it does not load (it only decides a note)."""
+def load_quietly(spec):
+    """The tokenizer, or None where it does not load (it only decides a note)."""
     from tritongpt.train.tokenizer import get_tokenizer
 
     try:
-        return get_tokenizer(spec).hash
+        return get_tokenizer(spec)
     except (UserError, ValueError, TypeError, KeyError, AttributeError, OSError):
         return None
 
@@ -586,7 +586,7 @@ def pick_tokenizer(spec, init, vocab_size: int):
     else:
         spec = spec or ("gpt2" if vocab_size == 50257 else "default")
         tok = get_tokenizer(spec)
-        if saved is not None and spec != saved and _hash_of(saved) != tok.hash:
+        if saved is not None and spec != saved and getattr(load_quietly(saved), "hash", None) != tok.hash:
             note(f"--tokenizer {spec} is not the tokenizer saved with the run of {init} ({saved}); "
                  "the model was trained on that one's token ids")
     if tok.vocab_size > vocab_size:
