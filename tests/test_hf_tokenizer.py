@@ -490,6 +490,8 @@ def test_a_hub_repo_id_is_fetched_and_read_as_its_folder(tmp_path, monkeypatch, 
     path, _, hf = llama_folder(hub / "someone" / "tiny-llama", "smollm", context=512)
     shutil.copytree(path, hub / "someone" / "sharded", ignore=shutil.ignore_patterns("model.safetensors"))
     hf.save_pretrained(hub / "someone" / "sharded", max_shard_size="40KB")
+    # SentencePiece's file beside tokenizer.json (Llama 2's and Gemma's repos have both): not fetched, never read
+    (hub / "someone" / "sharded" / "tokenizer.model").write_bytes(b"not read")
     shutil.copytree(path, hub / "someone" / "old", ignore=shutil.ignore_patterns("model.safetensors"))
     torch.save(hf.state_dict(), hub / "someone" / "old" / "pytorch_model.bin")  # a repo from before safetensors
     (hub / "someone" / "none").mkdir()
@@ -517,6 +519,7 @@ def test_a_hub_repo_id_is_fetched_and_read_as_its_folder(tmp_path, monkeypatch, 
     shards = {f for _, f in fetched if f.startswith("model-")}
     assert len(shards) > 1
     assert {"model.safetensors.index.json", "config.json", "tokenizer.json"} < {f for _, f in fetched}
+    assert "tokenizer.model" not in {f for _, f in fetched}
     fetched.clear()
     assert cli.main(["generate", "--weights", "someone/old", *flags]) == 0
     assert capsys.readouterr().out == want

@@ -457,9 +457,13 @@ def hub_download(repo: str, optional=(), cache_dir=None) -> str:
         if is_shard_index(path):
             for name in sorted(set(_weight_map(path).values())):
                 fetch(name)
+        got = set()
         for name in optional:
+            if name == "tokenizer.model" and "tokenizer.json" in got:
+                continue  # SentencePiece's, read only where a repo has no tokenizer.json (Gemma's: 4 MB unused)
             try:
                 fetch(name)
+                got.add(name)
             except Exception:
                 pass
     except Exception as e:
