@@ -445,7 +445,11 @@ class EntryNotFoundError(Exception):  # huggingface_hub's, by name: a repo witho
     pass
 
 
-class GatedRepoError(Exception):  # huggingface_hub's, by name: a license not accepted, or no token
+class RepositoryNotFoundError(Exception):  # huggingface_hub's, by name: no such repo (or a private one)
+    pass
+
+
+class GatedRepoError(RepositoryNotFoundError):  # huggingface_hub's, by name: a license not accepted, or no token
     pass
 
 
@@ -462,6 +466,8 @@ def fake_hub(monkeypatch, hub, cache):
         asked.append(repo)
         if repo == "google/gated":
             raise GatedRepoError(repo)
+        if repo == "someone/private":
+            raise RepositoryNotFoundError(repo)
         if not (hub / repo).is_dir():
             raise RuntimeError(f"no repo {repo}")
         if not (hub / repo / filename).is_file():
@@ -532,8 +538,11 @@ def test_a_hub_repo_id_is_fetched_and_read_as_its_folder(tmp_path, monkeypatch, 
     assert cli.main(["generate", "--weights", "someone/missing", *flags]) == 2
     assert "could not fetch someone/missing from the Hugging Face Hub (offline?): RuntimeError" in capsys.readouterr().err
     assert cli.main(["generate", "--weights", "google/gated", *flags]) == 2
-    assert "google/gated is gated on the Hugging Face Hub: accept its license on https://huggingface.co/google/gated, " \
+    assert "google/gated is gated on the Hugging Face Hub: accept its terms on https://huggingface.co/google/gated, " \
            "then log in (`hf auth login`) or set HF_TOKEN" in capsys.readouterr().err
+    assert cli.main(["generate", "--weights", "someone/private", *flags]) == 2
+    assert "there is no model someone/private on the Hugging Face Hub (or it is private: log in, or set HF_TOKEN)" \
+        in capsys.readouterr().err
     # below a folder that is here (run/), a mistyped path: not asked of the Hub
     assert cli.main(["generate", "--weights", "run/ckpt-9", *flags]) == 2
     assert "run/ckpt-9" not in asked and "Hugging Face Hub" not in capsys.readouterr().err

@@ -183,7 +183,8 @@ def test_a_repo_without_train_parquet_or_unreachable_is_named(hub, capsys):
     write_parquet(hub / "owner" / "evalonly" / "data" / "test-00000-of-00001.parquet", [{"text": "x"}])
     with pytest.raises(UserError, match=r"\(config default\) has no train split of .parquet files \(its splits: test;"):
         hub_dataset_folder("owner/evalonly")
-    with pytest.raises(UserError, match="the Hub dataset owner/gated is gated"):
+    with pytest.raises(UserError, match="the dataset owner/gated is gated on the Hugging Face Hub: accept its terms "
+                                        "on https://huggingface.co/datasets/owner/gated"):
         hub_dataset_folder("owner/gated")
     # the Hub's answer stands though the cache holds the repo (its cache stands in only where the Hub cannot answer)
     write_parquet(cache / "datasets--owner--missing" / "snapshots" / "abc" / "data" / "train-00000-of-00001.parquet",

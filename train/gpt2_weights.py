@@ -471,13 +471,25 @@ def hub_download(repo: str, optional=(), cache_dir=None) -> str:
             raise UserError(f"{repo} has none of {', '.join(WEIGHT_FILES)}; {_PASS_A_FILE}") from None
         if isinstance(e, UserError):
             raise
-        if type(e).__name__ == "GatedRepoError":  # Gemma's and Llama's: a license to accept, a token to send
-            raise UserError(f"{repo} is gated on the Hugging Face Hub: accept its license on "
-                            f"https://huggingface.co/{repo}, then log in (`hf auth login`) or set HF_TOKEN; "
-                            f"or {_PASS_A_FILE}") from None
-        raise UserError(f"could not fetch {repo} from the Hugging Face Hub (offline?): "
-                        f"{type(e).__name__}; {_PASS_A_FILE}") from None
+        raise hub_error(repo, e, _PASS_A_FILE) from None
     return path
+
+
+def hub_error(repo: str, e: Exception, remedy: str, dataset: bool = False) -> UserError:
+    """What huggingface_hub raised while fetching a model's (or a dataset's) files, as the UserError to show. Its
+    errors are told apart by class name (as hub_download reads them): a gated repo (Gemma's, Llama's: terms to
+    accept, a token to send; GatedRepoError subclasses RepositoryNotFoundError: checked first), a repo the Hub
+    does not know (or will not show without a token), or anything else (offline, mostly)."""
+    names = {c.__name__ for c in type(e).__mro__}
+    what, url = (f"the dataset {repo}", f"https://huggingface.co/datasets/{repo}") if dataset else \
+        (repo, f"https://huggingface.co/{repo}")
+    if "GatedRepoError" in names:
+        return UserError(f"{what} is gated on the Hugging Face Hub: accept its terms on {url}, then log in "
+                         f"(`hf auth login`) or set HF_TOKEN; or {remedy}")
+    if "RepositoryNotFoundError" in names:
+        return UserError(f"there is no {'dataset' if dataset else 'model'} {repo} on the Hugging Face Hub (or it is "
+                         "private: log in, or set HF_TOKEN)")
+    return UserError(f"could not fetch {what} from the Hugging Face Hub (offline?): {type(e).__name__}; {remedy}")
 
 
 # what a Hub repo named where a checkpoint goes brings beside its weights: the model's config and

@@ -15,6 +15,7 @@ import shutil
 from pathlib import Path
 
 from tritongpt.errors import UserError, note
+from tritongpt.train.gpt2_weights import hub_error
 
 SPLIT = "train"
 DEFAULT_CONFIG = "default"  # the Hub's name for a repo's one config when it has no folder of its own
@@ -84,18 +85,6 @@ def train_files(repo: str, files, part=None):
     return config, split, sorted(splits[split])
 
 
-def _hub_error(repo: str, e: Exception) -> UserError:
-    names = {c.__name__ for c in type(e).__mro__}  # huggingface_hub's errors, by name (as hub_download reads them)
-    if "GatedRepoError" in names:  # a subclass of RepositoryNotFoundError: checked first
-        return UserError(f"the Hub dataset {repo} is gated: accept its terms on https://huggingface.co/datasets/"
-                         f"{repo}, then log in (`hf auth login`) or set HF_TOKEN; or {_PASS_FILES}")
-    if "RepositoryNotFoundError" in names:
-        return UserError(f"there is no dataset {repo} on the Hugging Face Hub (or it is private: log in, or set "
-                         "HF_TOKEN)")
-    return UserError(f"could not fetch the dataset {repo} from the Hugging Face Hub (offline?): {type(e).__name__}; "
-                     f"{_PASS_FILES}")
-
-
 def _link(target: Path, link: Path):
     """link -> target, replacing what was there in one step (ranks of one run may fetch at once); a copy where
     the system makes no links (Windows without the privilege)."""
@@ -148,7 +137,7 @@ def hub_dataset_folder(spec: str, cache_dir=None) -> Path:
         raise UserError(f"{spec!r} is no file or folder here, and as a Hugging Face Hub dataset: {e}") from None
     except Exception as e:
         raise UserError(f"{spec!r} is no file or folder here, and as a Hugging Face Hub dataset: "
-                        f"{_hub_error(repo, e)}") from None
+                        f"{hub_error(repo, e, _PASS_FILES, dataset=True)}") from None
     folder = Path(cache_dir or constants.HF_HUB_CACHE) / "tritongpt-datasets" / repo.replace("/", "--") / config / split
     wanted = {folder / name for name in names}  # the repo's paths kept: shard names, and their order
     if folder.is_dir():
