@@ -99,8 +99,14 @@ def _record_to_pair(rec, where: str, template) -> PreferencePair:
 def read_preference_file(path, template=None) -> list[PreferencePair]:
     """Pairs from a .json (list of records), .jsonl or .parquet file; errors name the file and record.
     Chats and text prompts do not mix in one file (the two string forms may, as they always could)."""
+    return preference_pairs(read_json_records(path, what="preference file"), template)
+
+
+def preference_pairs(raw, template=None) -> list[PreferencePair]:
+    """Pairs from (where, record) pairs as read_json_records gives them (KTO reads a file once, then looks at its
+    records to tell pairs from unpaired examples)."""
     pairs, first = [], None
-    for where, rec in read_json_records(path, what="preference file"):
+    for where, rec in raw:
         pairs.append(_record_to_pair(rec, where, template))
         if first is None:
             first = where
@@ -161,17 +167,20 @@ class EncodedPair:
     rejected: list
 
 
+def encode_answers(tokenizer, prompt, answers, ends: dict):
+    """(prompt ids, [answer ids + the end token] for each answer): the layout above. ends caches the end token of a
+    chat and of a text prompt (the eot, or a chat template's end of turn: rendered once, not per prompt)."""
+    chat = isinstance(prompt, formats.ChatPrompt)
+    if chat not in ends:
+        ends[chat] = answer_end_id(tokenizer, prompt)
+    return encode_prompt(tokenizer, prompt), [encode_text(tokenizer, a) + [ends[chat]] for a in answers]
+
+
 def encode_pairs(pairs, tokenizer, max_len: int, what: str = "preference pairs") -> list[EncodedPair]:
     """Tokenize; pairs whose prompt + longer response exceed max_len are dropped (and counted)."""
     out, dropped, ends = [], 0, {}
     for p in pairs:
-        prompt = encode_prompt(tokenizer, p.prompt)
-        chat = isinstance(p.prompt, formats.ChatPrompt)
-        if chat not in ends:  # the eot, or a chat template's end of turn (rendered once, not per pair)
-            ends[chat] = answer_end_id(tokenizer, p.prompt)
-        end = ends[chat]
-        chosen = encode_text(tokenizer, p.chosen) + [end]
-        rejected = encode_text(tokenizer, p.rejected) + [end]
+        prompt, (chosen, rejected) = encode_answers(tokenizer, p.prompt, (p.chosen, p.rejected), ends)
         if not prompt or len(prompt) + max(len(chosen), len(rejected)) > max_len:
             dropped += 1
             continue
@@ -212,8 +221,14 @@ def pair_batch(encoded: list, pad_id: int, device="cpu"):
 
     Returns idx [2B, T], lengths [2B], mask [2B, T-1] (response targets).
     """
-    seqs = [e.prompt + e.chosen for e in encoded] + [e.prompt + e.rejected for e in encoded]
-    prompt_lens = torch.tensor([len(e.prompt) for e in encoded] * 2, dtype=torch.long, device=device)
+    prompts = [e.prompt for e in encoded] * 2
+    return response_batch(prompts, [e.chosen for e in encoded] + [e.rejected for e in encoded], pad_id, device)
+
+
+def response_batch(prompts: list, responses: list, pad_id: int, device="cpu"):
+    """Row i is prompts[i] + responses[i], right-padded: idx [B, T], lengths [B], mask [B, T-1] (response targets)."""
+    seqs = [p + r for p, r in zip(prompts, responses)]
+    prompt_lens = torch.tensor([len(p) for p in prompts], dtype=torch.long, device=device)
     idx, lengths = pad_sequences(seqs, pad_id, device)
     return idx, lengths, response_mask(prompt_lens, lengths, idx.size(1))
 

@@ -242,12 +242,16 @@ def build_backbone(args):
     return GPTModel(get_config(preset, vocab_size=args.vocab_size, vocab_multiple=multiple or 1))
 
 
-def add_data_args(p):
+def add_data_args(p, unpaired: bool = False):
+    """unpaired: kto's, which also takes unpaired examples (and makes two of each pair)."""
+    kto = ("; or unpaired examples, {prompt, completion, label: true|false} (a chat's prompt a message list, its "
+           "completion [answer]); a pair makes two, (prompt, chosen, true) and (prompt, rejected, false)") \
+        if unpaired else ""
     p.add_argument("--data", default=None,
                    help="preference pairs: a .json, .jsonl or .parquet file of {prompt|instruction[,input], chosen, "
                         "rejected}, "
                         "or chats ({prompt: [messages], chosen: [answer], rejected: [answer]}, or chosen and "
-                        "rejected message lists alike but for their last) (default: pairs built from the "
+                        f"rejected message lists alike but for their last){kto} (default: pairs built from the "
                         "embedded verifiable tasks)")
     from tritongpt.train.chat_template import add_chat_template_arg
 
@@ -269,7 +273,7 @@ def add_data_args(p):
 
 
 def data_run_args(args) -> dict:
-    """The data flags of `reward`, `dpo` and `rlhf` that a resume names when they change, and the
+    """The data flags of `reward`, `dpo`, `kto` and `rlhf` that a resume names when they change, and the
     --init the run started from (`export --adapter` puts a LoRA run's update on it)."""
     from tritongpt.train.common import data_path
 
@@ -277,10 +281,11 @@ def data_run_args(args) -> dict:
             "init": data_path(getattr(args, "init", None))}
 
 
-def setup_preference_run(args, command: str):
-    """What `reward` and `dpo` share: validated TrainArgs, the pairs (bad data fails before any
+def setup_preference_run(args, command: str, read_data=None):
+    """What `reward`, `dpo` and `kto` share: validated TrainArgs, the pairs (bad data fails before any
     slow work), the backbone from --init (for `reward`, a whole RewardModel when --init is one), and its
-    tokenizer (saved beside the run)."""
+    tokenizer (saved beside the run). read_data(args) -> (train, held-out): other items than pairs (KTO's
+    unpaired examples), each with the .format of its prompt."""
     from tritongpt.train.chat import note_template_mismatch
     from tritongpt.train.chat_template import chat_template_for
     from tritongpt.train.common import check_out_dir, set_seed
@@ -293,7 +298,8 @@ def setup_preference_run(args, command: str):
     targs = TrainArgs.from_namespace(args)
     targs.validate()
     check_out_dir(targs.out_dir, targs.resume, targs.overwrite)  # before the tokenizer is written there
-    train, val = train_val_pairs(args.data, args.num_pairs, args.val_fraction, args.seed)
+    train, val = (read_data(args) if read_data else
+                  train_val_pairs(args.data, args.num_pairs, args.val_fraction, args.seed))
     note_template_mismatch([p.format for p in train + val], {"--init": args.init})
     if command == "reward" and is_reward_model(args.init):  # a reward model to train on, its head with it
         refuse_fresh_model_flags(args)
