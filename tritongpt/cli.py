@@ -21,6 +21,8 @@ COMMANDS = {
     "reward": ("tritongpt.train.reward", "train a reward model (Bradley-Terry) on preference pairs"),
     "rlhf": ("tritongpt.train.rlhf", "RLHF against a reward model: PPO or GRPO"),
     "dpo": ("tritongpt.train.dpo", "Direct Preference Optimization against a frozen SFT reference"),
+    "kto": ("tritongpt.train.kto", "Kahneman-Tversky Optimization on desirable and undesirable examples (or pairs) "
+            "against a frozen SFT reference"),
     "eval": ("tritongpt.train.evaluate", "loss, perplexity and bits per byte of a model on a corpus"),
     "hellaswag": ("tritongpt.train.hellaswag", "multiple-choice accuracy on HellaSwag (acc, acc_norm)"),
     "chat": ("tritongpt.train.chat", "talk to a fine-tuned model, a message a turn, in the template it was tuned on"),
@@ -49,7 +51,7 @@ def build_parser(commands=None) -> argparse.ArgumentParser:
 
 
 # the commands whose --data may be a Hugging Face Hub dataset id
-DATASET_COMMANDS = ("pretrain", "sft", "reward", "dpo", "rlhf", "eval")
+DATASET_COMMANDS = ("pretrain", "sft", "reward", "dpo", "kto", "rlhf", "eval")
 
 
 def fetch_hub_repos(args):
