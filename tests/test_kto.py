@@ -1,0 +1,393 @@
+"""KTO (`tritongpt kto`, train/kto.py): the loss against a float64 formula, the mismatched pairs, the unpaired
+reader and the unpairing of pairs, and runs that move the held-out rewards the way the labels say."""
+import copy
+import json
+import math
+
+import pytest
+import torch
+
+from tritongpt.errors import UserError
+from tritongpt.model.config import GPTConfig, get_config
+from tritongpt.model.gpt import GPTModel
+from tritongpt.train.common import MetricsLog
+from tritongpt.train.loop import TrainArgs
+from tritongpt.train.preference import PreferencePair, task_preferences
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+# -- the loss -------------------------------------------------------------------------------------------
+def _sigmoid(z):
+    return 1 / (1 + math.exp(-z))
+
+
+def _kto_by_hand(p, r, labels, pkl, rkl, beta, kind, dw, uw):
+    """The loss in float64, example by example (TRL's formulas)."""
+    kl = max(0.0, sum(a - b for a, b in zip(pkl, rkl)) / len(pkl)) if kind == "kto" else 0.0
+    losses = []
+    for lp, ref, good in zip(p, r, labels):
+        x = lp - ref
+        if kind == "kto":
+            loss = 1 - _sigmoid(beta * (x - kl)) if good else 1 - _sigmoid(beta * (kl - x))
+        else:
+            loss = 1 - _sigmoid(beta * x) if good else _sigmoid(beta * x)
+        losses.append((dw if good else uw) * loss)
+    return sum(losses) / len(losses), kl
+
+
+@pytest.mark.parametrize("kind", ["kto", "apo_zero_unpaired"])
+@pytest.mark.parametrize("labels", [[True, False, True, False, False], [True] * 5, [False] * 5],
+                         ids=["mixed", "desirable", "undesirable"])
+@pytest.mark.parametrize("kl_sign", [1.0, -1.0], ids=["kl>0", "kl<0 clamped"])
+def test_kto_loss_against_a_float64_formula(kind, labels, kl_sign):
+    from tritongpt.train.kto import kto_loss
+
+    beta, dw, uw = 0.7, 1.6, 0.45
+    p = [-3.0, -7.5, -1.0, -4.2, -2.0]
+    r = [-3.5, -6.0, -2.5, -1.0, -2.6]
+    rkl = [-9.0, -8.0, -7.5, -10.0, -6.0]
+    pkl = [b + kl_sign * d for b, d in zip(rkl, [1.5, 0.5, 2.0, 0.25, 0.75])]  # mean log-ratio +-1.0
+    want, kl = _kto_by_hand(p, r, labels, pkl, rkl, beta, kind, dw, uw)
+    pt = torch.tensor(p, requires_grad=True)
+    pklt = torch.tensor(pkl, requires_grad=True)
+    loss, rewards, z0 = kto_loss(pt, torch.tensor(r), torch.tensor(labels), beta, kind, pklt, torch.tensor(rkl),
+                                 dw, uw)
+    assert loss.item() == pytest.approx(want, rel=1e-6, abs=1e-7)
+    torch.testing.assert_close(rewards, beta * (pt - torch.tensor(r)))
+    if kind == "kto":
+        assert z0.item() == pytest.approx(kl, abs=1e-6) and (kl == 0.0) == (kl_sign < 0)
+    else:
+        assert z0 is None
+    loss.backward()
+    assert pklt.grad is None, "no gradient may flow through the KL estimate"
+    # the policy's gradient is the formula's with z0 a constant
+    pd = torch.tensor(p, dtype=torch.float64, requires_grad=True)
+    x = pd - torch.tensor(r, dtype=torch.float64)
+    lab = torch.tensor(labels)
+    if kind == "kto":
+        d, u = 1 - torch.sigmoid(beta * (x - kl)), 1 - torch.sigmoid(beta * (kl - x))
+    else:
+        d, u = 1 - torch.sigmoid(beta * x), torch.sigmoid(beta * x)
+    torch.where(lab, dw * d, uw * u).mean().backward()
+    torch.testing.assert_close(pt.grad.double(), pd.grad, rtol=1e-5, atol=1e-7)
+
+
+def test_kto_loss_needs_the_kl_logprobs_and_a_known_type():
+    from tritongpt.train.kto import kto_loss
+
+    one = torch.zeros(2)
+    with pytest.raises(UserError, match="the kto loss needs the mismatched pairs' log-probs"):
+        kto_loss(one, one, torch.tensor([True, False]), 0.1, "kto")
+    with pytest.raises(UserError, match="--loss-type must be one of kto, apo_zero_unpaired, got 'sigmoid'"):
+        kto_loss(one, one, torch.tensor([True, False]), 0.1, "sigmoid", one, one)
+
+
+# -- mismatched pairs --------------------------------------------------------------------------------------
+def test_mismatched_partners_rotate_by_one_within_each_chunk():
+    """TRL's _get_kl_dataset: completions [y0, y1, y2] of a chunk become [y2, y0, y1]: x_i with y_{i-1}."""
+    from tritongpt.train.kto import EncodedExample, KTOData, mismatched_partners
+
+    assert mismatched_partners(7, 3) == [2, 0, 1, 5, 3, 4, 6]
+    assert mismatched_partners(4, 4) == [3, 0, 1, 2]
+    assert mismatched_partners(3, 8) == [2, 0, 1]
+    enc = [EncodedExample([1, 2], [10, 9], True), EncodedExample([3], [11, 12, 13, 9], False),
+           EncodedExample([4, 5, 6], [14, 9], True)]
+    data = KTOData(enc, chunk=3, max_len=6, pad_id=9)
+    # prompt 0 with example 2's completion, 1 with 0's, 2 with 1's (cut to fit 6 tokens after a 3-token prompt)
+    assert data.kl_completions == [[14, 9], [10, 9], [11, 12, 13]]
+    idx, mask, kl_idx, kl_mask = data.inputs([2, 0])
+    assert kl_idx[0, :6].tolist() == [4, 5, 6, 11, 12, 13] and kl_mask[0].tolist() == [False, False, True, True, True]
+    assert kl_idx[1, :4].tolist() == [1, 2, 14, 9] and kl_mask[1].sum() == 2
+
+
+def test_unpaired_pairs_are_never_their_own_kl_partners():
+    """The unpairing's order (a block's chosen answers, then its rejected ones) keeps a pair's two halves apart:
+    no prompt is scored with its own pair's other answer."""
+    from tritongpt.train.kto import mismatched_partners, unpair
+
+    pairs = [PreferencePair(f"p{i}", f"good {i}", f"bad {i}") for i in range(300)]
+    ex = unpair(pairs, block=128)
+    assert [e.label for e in ex[:256]] == [True] * 128 + [False] * 128
+    assert [(e.prompt, e.completion) for e in ex[:2]] == [("p0", "good 0"), ("p1", "good 1")]
+    assert (ex[128].prompt, ex[128].completion, ex[128].pair) == ("p0", "bad 0", 0)
+    for chunk in (16, 5):
+        for i, j in enumerate(mismatched_partners(len(ex), chunk)):
+            assert ex[i].pair != ex[j].pair, (chunk, i, j)
+
+
+# -- data ---------------------------------------------------------------------------------------------------
+def _write(path, records):
+    if path.suffix == ".jsonl":
+        path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    else:
+        path.write_text(json.dumps(records))
+    return path
+
+
+GOOD = [{"prompt": "2 + 2 =", "completion": " 4", "label": True},
+        {"prompt": "2 + 2 =", "completion": " 5", "label": False},
+        {"prompt": "Capital of France?", "completion": " Paris", "label": True}]
+
+
+@pytest.mark.parametrize("suffix", [".json", ".jsonl", ".parquet"])
+def test_unpaired_files_are_read(tmp_path, suffix):
+    from tritongpt.train.kto import UnpairedExample, train_val_examples
+
+    path = tmp_path / f"u{suffix}"
+    if suffix == ".parquet":
+        pa = pytest.importorskip("pyarrow")
+        import pyarrow.parquet as pq
+
+        pq.write_table(pa.Table.from_pylist(GOOD), path)
+    else:
+        _write(path, GOOD)
+    train, val = train_val_examples(str(path), val_fraction=0.0)
+    assert val == [] and train == [UnpairedExample(r["prompt"], r["completion"], r["label"]) for r in GOOD]
+    assert all(e.pair is None for e in train)
+    # held out by prompt: both answers to "2 + 2 =" on one side
+    train, val = train_val_examples(str(path), val_fraction=0.5)
+    assert len(train) and len(val) and {e.prompt for e in train}.isdisjoint({e.prompt for e in val})
+
+
+def test_unpaired_chats_are_read(tmp_path):
+    from tritongpt.train.kto import train_val_examples
+
+    path = _write(tmp_path / "chat.jsonl", [
+        {"prompt": [{"role": "user", "content": "Hi"}], "completion": [{"role": "assistant", "content": "Hello"}],
+         "label": True},
+        {"prompt": [{"role": "system", "content": "Be terse."}, {"role": "user", "content": "Hi"}],
+         "completion": [{"role": "assistant", "content": "Go away"}], "label": False}])
+    train, _ = train_val_examples(str(path), val_fraction=0.0)
+    assert [(e.completion, e.label, e.format) for e in train] == [("Hello", True, "chat"), ("Go away", False, "chat")]
+    assert train[1].prompt.messages[0] == {"role": "system", "content": "Be terse."}
+
+
+@pytest.mark.parametrize("bad,message", [
+    ({"completion": " 4", "label": True}, "missing field 'prompt'"),
+    ({"prompt": "q", "label": True}, "missing field 'completion'"),
+    ({"prompt": "q", "completion": " 4"}, "missing field 'label'"),
+    ({"prompt": "q", "completion": " 4", "label": 1}, "field 'label' must be true (desirable) or false "
+                                                      "(undesirable), got 1"),
+    ({"prompt": "q", "completion": " 4", "label": "true"}, "field 'label' must be true (desirable) or false "
+                                                           "(undesirable), got 'true'"),
+    ({"prompt": "q", "completion": "", "label": True}, "field 'completion' must be a non-empty string"),
+    ({"prompt": "q", "completion": " \n", "label": False}, "field 'completion' must be a non-empty string"),
+    ({"prompt": "", "completion": "a", "label": False}, "field 'prompt' must be a non-empty string"),
+    ({"prompt": [{"role": "user", "content": "q"}], "completion": [{"role": "assistant", "content": " "}],
+      "label": True}, "completion[0]: field 'content' is empty"),
+    ({"prompt": [{"role": "user", "content": "q"}], "completion": "a", "label": True},
+     "field 'completion' must be a list of one assistant message"),
+    ([1, 2], "expected a JSON object, got list"),
+])
+def test_bad_unpaired_records_are_refused_naming_file_record_and_field(tmp_path, bad, message):
+    from tritongpt.train.kto import train_val_examples
+
+    path = _write(tmp_path / "bad.jsonl", [GOOD[0], bad])
+    with pytest.raises(UserError) as e:
+        train_val_examples(str(path))
+    assert str(e.value).startswith(f"{path}: record 1 (line 2): {message}"), str(e.value)
+
+
+def test_an_unpaired_file_holds_chats_or_text_prompts_not_both(tmp_path):
+    from tritongpt.train.kto import train_val_examples
+
+    path = _write(tmp_path / "mixed.json", [GOOD[0], {"prompt": [{"role": "user", "content": "q"}],
+                                                      "completion": [{"role": "assistant", "content": "a"}],
+                                                      "label": True}])
+    with pytest.raises(UserError, match=r"record 1 is a chat record but .*record 0 is completion"):
+        train_val_examples(str(path))
+
+
+def test_pairs_are_unpaired_and_held_out_by_pair(tmp_path):
+    """A pairs file (and the embedded pairs) as dpo reads them: two examples a pair, its halves on one side of the
+    held-out split, chosen True and rejected False."""
+    from tritongpt.train.kto import train_val_examples
+    from tritongpt.train.preference import read_preference_file, split_pairs
+
+    recs = [{"prompt": f"Question {i}?", "chosen": f" right {i}", "rejected": f" wrong {i}"} for i in range(40)]
+    path = _write(tmp_path / "pairs.jsonl", recs)
+    train, val = train_val_examples(str(path), val_fraction=0.25)
+    want_train, want_val = split_pairs(read_preference_file(path), 0.25)
+    assert len(train) == 2 * len(want_train) and len(val) == 2 * len(want_val) and val
+    for side, pairs in ((train, want_train), (val, want_val)):
+        got = {(e.prompt, e.completion, e.label) for e in side}
+        assert got == {(p.prompt, p.chosen, True) for p in pairs} | {(p.prompt, p.rejected, False) for p in pairs}
+        assert all(sum(e.pair == f.pair for f in side) == 2 for e in side)
+    assert {e.prompt for e in train}.isdisjoint({e.prompt for e in val})
+    train, val = train_val_examples(None, n=20, val_fraction=0.2)  # the embedded pairs
+    assert len(train) == 2 * len(task_preferences(20, split="train")) and len(val) == 2 * len(task_preferences(
+        4, split="val"))
+    assert train[0].label and not train[len(train) // 2].label and train[0].pair == train[len(train) // 2].pair
+
+
+# -- metrics -------------------------------------------------------------------------------------------------
+def test_kto_metrics_by_hand():
+    """Rewards beta * (policy - reference) log-probs, z0 over the whole set, the margin of the class means, and
+    the accuracy over pairs whose two halves are both there."""
+    from tritongpt.train.kto import EncodedExample, KTOData, cache_reference, kto_metrics, logprobs
+
+    torch.manual_seed(3)
+    cfg = GPTConfig(vocab_size=23, context_length=16, n_embd=32, n_layer=1, n_head=2)
+    ref, policy = GPTModel(cfg).eval(), GPTModel(cfg).eval()
+    with torch.no_grad():  # rewards (and z0) of nats, not the thousandths two random inits differ by
+        ref.tok_emb.weight.mul_(30)
+    enc = [EncodedExample([1, 2, 3], [4, 5, 22], True, 0), EncodedExample([7, 8], [9, 22], True, 1),
+           EncodedExample([1, 2, 3], [6, 22], False, 0), EncodedExample([7, 8], [10, 11, 12, 22], False, 1),
+           EncodedExample([13], [14, 22], True, None)]
+    data = cache_reference(ref, KTOData(enc, 3, 16, 22), torch.device("cpu"))
+    assert kto_metrics(ref, data, 0.3) == {"loss": 0.5, "kl": 0.0, "desirable_reward": 0.0,
+                                           "undesirable_reward": 0.0, "margin": 0.0, "acc": 0.0}
+    with torch.no_grad():
+        p, pk = logprobs(policy, *data.inputs(range(5)))
+        r, rk = logprobs(ref, *data.inputs(range(5)))
+    beta, x = 0.3, (p - r).double()
+    rew = beta * x
+    kl = max(0.0, (pk - rk).double().mean().item())
+    got = kto_metrics(policy, data, beta, desirable_weight=2.0, batch_size=2)
+    want_loss = _kto_by_hand(p.tolist(), r.tolist(), [e.label for e in enc], pk.tolist(), rk.tolist(), beta, "kto",
+                             2.0, 1.0)[0]
+    close = dict(rel=1e-4, abs=1e-5)
+    assert got["loss"] == pytest.approx(want_loss, **close) and got["kl"] == pytest.approx(kl, **close)
+    d, u = rew[[0, 1, 4]].mean().item(), rew[[2, 3]].mean().item()
+    assert got["desirable_reward"] == pytest.approx(d, **close)
+    assert got["undesirable_reward"] == pytest.approx(u, **close)
+    assert got["margin"] == pytest.approx(d - u, **close) and abs(d - u) > 0.05 and kl > 1
+    assert got["acc"] == ((rew[0] > rew[2]).item() + (rew[1] > rew[3]).item()) / 2
+    assert set(kto_metrics(policy, data, beta, limit=3)) == {"loss", "kl", "desirable_reward", "undesirable_reward",
+                                                              "margin", "acc"}
+    half = kto_metrics(policy, data, beta, limit=2)  # two desirable examples, no pair whole
+    assert set(half) == {"loss", "kl", "desirable_reward"}
+    apo = kto_metrics(policy, data, beta, loss_type="apo_zero_unpaired")
+    assert "kl" not in apo and apo["margin"] == pytest.approx(d - u, **close)
+
+
+def test_the_class_balance_note(capsys):
+    from tritongpt.train.kto import note_class_balance
+
+    note_class_balance(100, 100, 1.0, 1.0)
+    note_class_balance(100, 80, 1.0, 1.0)  # 1.25: in [1, 4/3]
+    assert capsys.readouterr().err == ""
+    note_class_balance(100, 300, 1.0, 1.0)
+    err = capsys.readouterr().err
+    assert "note: kto: desirable_weight * 100 desirable / (undesirable_weight * 300 undesirable) = 0.333, " \
+           "outside [1, 4/3]" in err and "--desirable-weight in [3, 4]" in err, err
+    note_class_balance(100, 100, 1.0, 0.5)
+    assert "= 2, outside" in capsys.readouterr().err
+    note_class_balance(5, 0, 1.0, 1.0)
+    assert "every training example is desirable" in capsys.readouterr().err
+
+
+# -- training ------------------------------------------------------------------------------------------------
+FAMILIES = "commas_to_spaces,spaces_to_commas,uppercase,lowercase,count_words"  # test_rlhf's: learnable fast
+CTX = 48
+
+
+@pytest.fixture(scope="module")
+def tasks():
+    from test_rlhf import WordTokenizer, compact_template
+
+    train = task_preferences(600, seed=0, template=compact_template, split="train", families=FAMILIES)
+    val = task_preferences(120, seed=0, template=compact_template, split="val", families=FAMILIES)
+    tok = WordTokenizer([p.prompt + p.chosen + p.rejected for p in train + val])
+    return tok, train, val
+
+
+def test_kto_raises_the_held_out_margin_from_zero(tasks, tmp_path, loss_type="kto"):
+    """The embedded task pairs, unpaired: after 80 steps the desirable (correct) answers' rewards are above the
+    undesirable ones' on held-out prompts, from exactly 0 at step 0."""
+    from tritongpt.train.kto import train_kto, unpair
+
+    tok, train, val = tasks
+    torch.manual_seed(4)
+    policy = GPTModel(GPTConfig(vocab_size=tok.vocab_size, context_length=CTX, n_embd=32, n_layer=2, n_head=1))
+    args = TrainArgs(out_dir=str(tmp_path), max_steps=80, batch_size=16, lr=3e-3, min_lr=3e-4, warmup_steps=5,
+                     eval_every=80, ckpt_every=0, log_every=0, weight_decay=0.0, device="cpu", kernels="reference",
+                     seed=0)
+    result = train_kto(policy, copy.deepcopy(policy), tok, unpair(train), unpair(val[:64]), args, beta=0.5,
+                       loss_type=loss_type)
+    rows = [r for r in MetricsLog(tmp_path / "metrics.jsonl").rows() if "val_margin" in r]
+    first, last = rows[0], rows[-1]
+    print(f"{loss_type}: held-out margin {first['val_margin']:.3f} -> {last['val_margin']:.3f}, acc "
+          f"{last['val_acc']:.3f}, kl {last.get('val_kl')}; train margin {last['train_margin']:.3f}")
+    assert first["step"] == 0 and first["val_desirable_reward"] == 0.0 and first["val_undesirable_reward"] == 0.0
+    assert first["val_acc"] == 0.0 and first["val_loss"] == 0.5 and first.get("val_kl", 0.0) == 0.0
+    assert ("val_kl" in first) == (loss_type == "kto")
+    assert result["first_loss"] == pytest.approx(0.5, abs=1e-6)  # 1 - sigmoid(0), policy == reference
+    assert last["train_margin"] > 0.3
+    assert last["val_margin"] > 0.2 and last["val_acc"] >= 0.6
+    assert result["val_margin"] == last["val_margin"]
+
+
+# -- the command line -----------------------------------------------------------------------------------------
+def _tiny_init(tmp_path):
+    torch.manual_seed(0)
+    init = tmp_path / "init" / "model.safetensors"
+    init.parent.mkdir()
+    model = GPTModel(get_config("tiny", vocab_size=4100, n_layer=1, n_embd=64, n_head=2))
+    model.save(init)
+    return init, model
+
+
+def test_kto_cli_trains_resumes_and_refuses_another_reference(tmp_path, capsys):
+    """`tritongpt kto` on the embedded default: it trains, names its checkpoint, resumes (naming a changed beta and
+    weight), and refuses a resume whose --init is no longer the run's reference."""
+    from tritongpt.cli import main
+
+    init, model = _tiny_init(tmp_path)
+    out = tmp_path / "run"
+    argv = ["kto", "--init", str(init), "--num-pairs", "8", "--val-fraction", "0.5", "--batch-size", "4",
+            "--eval-every", "1", "--device", "cpu", "--kernels", "reference", "--out-dir", str(out)]
+    assert main([*argv, "--max-steps", "1"]) == 0
+    said = capsys.readouterr().out
+    assert "kto: held-out reward margin" in said and "pairwise accuracy" in said and str(out / "ckpt-0000001") in said
+    rows = MetricsLog(out / "metrics.jsonl").rows()
+    assert rows[0]["step"] == 0 and rows[0]["val_margin"] == 0.0 and rows[0]["val_loss"] == 0.5
+    assert main([*argv, "--max-steps", "2", "--resume", "--beta", "0.2", "--desirable-weight", "1.2"]) == 0
+    err = capsys.readouterr().err
+    assert "--beta 0.2 (0.1), --desirable-weight 1.2 (1.0)" in err, err
+    assert (out / "ckpt-0000002" / "model.safetensors").exists()
+    with torch.no_grad():
+        model.tok_emb.weight[5, 0] += 1e-3  # a step more of SFT
+    model.save(init)
+    assert main([*argv, "--max-steps", "3", "--resume", "--beta", "0.2", "--desirable-weight", "1.2"]) == 2
+    assert "--resume: --init is not the model this run's reference was" in capsys.readouterr().err
+
+
+def test_kto_cli_on_an_unpaired_file_moves_the_held_out_rewards_apart(tmp_path, capsys):
+    """An unpaired file whose desirable answers share a word the undesirable ones lack: a few steps lift the
+    held-out desirable rewards over the undesirable ones (no pairs: no accuracy)."""
+    from tritongpt.cli import main
+
+    init, _ = _tiny_init(tmp_path)
+    recs = [{"prompt": f"Item {i}:", "completion": " yes" if i % 2 else " no", "label": bool(i % 2)} for i in range(48)]
+    data = _write(tmp_path / "u.jsonl", recs)
+    out = tmp_path / "run"
+    assert main(["kto", "--init", str(init), "--data", str(data), "--val-fraction", "0.25", "--batch-size", "8",
+                 "--max-steps", "6", "--warmup-steps", "0", "--lr", "3e-3", "--beta", "0.5", "--eval-every", "6",
+                 "--device", "cpu", "--kernels", "reference", "--out-dir", str(out)]) == 0
+    said = capsys.readouterr().out
+    rows = [r for r in MetricsLog(out / "metrics.jsonl").rows() if "val_margin" in r]
+    print(said, rows[-1])
+    assert rows[0]["val_margin"] == 0.0 and rows[-1]["val_margin"] > 0.5
+    assert "val_acc" not in rows[-1] and "pairwise accuracy" not in said and "kto: held-out reward margin" in said
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--beta", "0"], "--beta must be positive and finite, got 0.0"),
+    (["--beta", "nan"], "--beta must be positive and finite, got nan"),
+    (["--desirable-weight", "0"], "--desirable-weight must be positive and finite, got 0.0"),
+    (["--desirable-weight", "inf"], "--desirable-weight must be positive and finite, got inf"),
+    (["--undesirable-weight", "-1"], "--undesirable-weight must be positive and finite, got -1.0"),
+    (["--undesirable-weight", "nan"], "--undesirable-weight must be positive and finite, got nan"),
+])
+def test_kto_cli_refuses_bad_flag_values(tmp_path, capsys, flags, message):
+    from tritongpt.cli import main
+
+    out = tmp_path / "run"
+    assert main(["kto", "--model", "tiny", "--num-pairs", "8", "--out-dir", str(out), *flags]) == 2
+    assert f"error: {message}" in capsys.readouterr().err
+    assert not out.exists()  # refused before the set-up writes anything
+    with pytest.raises(SystemExit):
+        main(["kto", "--loss-type", "sigmoid"])
+    assert "invalid choice: 'sigmoid'" in capsys.readouterr().err
