@@ -45,7 +45,7 @@ def test_help_lists_every_command(module):
     assert out.returncode == 0, out.stderr
     assert out.stdout.rstrip().endswith("exit 0 False"), out.stdout  # printed, and torch never imported
     flat = " ".join(out.stdout.split())  # argparse wraps the lines
-    for cmd in ("info", "generate", "bpe", "pretrain", "sft", "reward", "rlhf", "dpo", "bench", "export", "eval",
+    for cmd in ("info", "generate", "bpe", "pretrain", "sft", "reward", "rlhf", "dpo", "kto", "bench", "export", "eval",
                 "hellaswag", "chat"):
         assert f"{cmd} {' '.join(command_help(cmd).split())}" in flat, cmd
     if module == "tritongpt":  # (one launch of the two: each imports torch, ~3 s)

@@ -391,3 +391,32 @@ def test_kto_cli_refuses_bad_flag_values(tmp_path, capsys, flags, message):
     with pytest.raises(SystemExit):
         main(["kto", "--loss-type", "sigmoid"])
     assert "invalid choice: 'sigmoid'" in capsys.readouterr().err
+
+
+def test_kto_takes_a_hub_dataset_id_as_data(monkeypatch):
+    """kto is a DATASET_COMMANDS one: --data owner/name is fetched (as dpo's is) into a folder of .parquet shards,
+    which the reader takes (read_json_records)."""
+    import argparse
+
+    import tritongpt.train.hub_datasets as hub
+    from tritongpt.cli import fetch_hub_repos
+
+    monkeypatch.setattr(hub, "is_hub_dataset", lambda name: name == "trl-lib/kto-mix-14k")
+    monkeypatch.setattr(hub, "hub_dataset_folder", lambda name: f"/fetched/{name}")
+    args = argparse.Namespace(command="kto", data="trl-lib/kto-mix-14k")
+    fetch_hub_repos(args)
+    assert args.data == "/fetched/trl-lib/kto-mix-14k"
+
+
+def test_a_folder_of_parquet_shards_is_read(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    from tritongpt.train.kto import train_val_examples
+
+    (tmp_path / "data").mkdir()
+    pq.write_table(pa.Table.from_pylist(GOOD[:2]), tmp_path / "data" / "train-00000-of-00002.parquet")
+    pq.write_table(pa.Table.from_pylist(GOOD[2:]), tmp_path / "data" / "train-00001-of-00002.parquet")
+    train, _ = train_val_examples(str(tmp_path / "data"), val_fraction=0.0)
+    assert [(e.prompt, e.completion, e.label) for e in train] == [(r["prompt"], r["completion"], r["label"])
+                                                                  for r in GOOD]
