@@ -254,6 +254,11 @@ def test_kto_metrics_by_hand():
     assert got["undesirable_reward"] == pytest.approx(u, **close)
     assert got["margin"] == pytest.approx(d - u, **close) and abs(d - u) > 0.05 and kl > 1
     assert got["acc"] == ((rew[0] > rew[2]).item() + (rew[1] > rew[3]).item()) / 2
+    # the training loss of a batch of all five: the same figure (z0 over the batch)
+    from tritongpt.train.kto import make_loss_fn
+
+    assert make_loss_fn(beta, "kto", 2.0, 1.0)(policy, data.batch([0, 1, 2, 3, 4])).item() == \
+        pytest.approx(want_loss, **close)
     assert set(kto_metrics(policy, data, beta, limit=3)) == {"loss", "kl", "desirable_reward", "undesirable_reward",
                                                               "margin", "acc"}
     half = kto_metrics(policy, data, beta, limit=2)  # two desirable examples, no pair whole
@@ -317,6 +322,21 @@ def test_kto_raises_the_held_out_margin_from_zero(tasks, tmp_path, loss_type="kt
     assert last["train_margin"] > 0.3
     assert last["val_margin"] > 0.2 and last["val_acc"] >= 0.6
     assert result["val_margin"] == last["val_margin"]
+
+
+def test_kto_policy_runs_without_dropout_like_its_cached_reference(tasks, tmp_path):
+    """With dropout in the config the first loss is still exactly 1 - sigmoid(0): policy == reference, both
+    dropout-free."""
+    from tritongpt.train.kto import train_kto, unpair
+
+    tok, train, _ = tasks
+    torch.manual_seed(4)
+    policy = GPTModel(GPTConfig(vocab_size=tok.vocab_size, context_length=CTX, n_embd=32, n_layer=2, n_head=1,
+                                dropout=0.3))
+    args = TrainArgs(out_dir=str(tmp_path), max_steps=1, batch_size=8, lr=1e-3, warmup_steps=0, eval_every=0,
+                     ckpt_every=0, log_every=0, weight_decay=0.0, device="cpu", kernels="reference", seed=0)
+    result = train_kto(policy, copy.deepcopy(policy), tok, unpair(train[:16]), None, args, beta=0.1)
+    assert result["first_loss"] == pytest.approx(0.5, abs=1e-6) and policy.config.dropout == 0.0
 
 
 # -- the command line -----------------------------------------------------------------------------------------
@@ -420,3 +440,11 @@ def test_a_folder_of_parquet_shards_is_read(tmp_path):
     train, _ = train_val_examples(str(tmp_path / "data"), val_fraction=0.0)
     assert [(e.prompt, e.completion, e.label) for e in train] == [(r["prompt"], r["completion"], r["label"])
                                                                   for r in GOOD]
+
+
+def test_a_first_record_without_its_label_is_told_so_not_that_it_is_no_pair(tmp_path):
+    from tritongpt.train.kto import train_val_examples
+
+    path = _write(tmp_path / "u.jsonl", [{"prompt": "q", "completion": " a"}, GOOD[0]])
+    with pytest.raises(UserError, match=r"record 0 \(line 1\): missing field 'label'"):
+        train_val_examples(str(path))
