@@ -301,7 +301,7 @@ def tasks():
 def test_kto_raises_the_held_out_margin_from_zero(tasks, tmp_path, loss_type="kto"):
     """The embedded task pairs, unpaired: after 80 steps the desirable (correct) answers' rewards are above the
     undesirable ones' on held-out prompts, from exactly 0 at step 0."""
-    from tritongpt.train.kto import train_kto, unpair
+    from tritongpt.train.kto import KTOData, cache_reference, encode_examples, kto_metrics, train_kto, unpair
 
     tok, train, val = tasks
     torch.manual_seed(4)
@@ -309,8 +309,8 @@ def test_kto_raises_the_held_out_margin_from_zero(tasks, tmp_path, loss_type="kt
     args = TrainArgs(out_dir=str(tmp_path), max_steps=80, batch_size=16, lr=3e-3, min_lr=3e-4, warmup_steps=5,
                      eval_every=80, ckpt_every=0, log_every=0, weight_decay=0.0, device="cpu", kernels="reference",
                      seed=0)
-    result = train_kto(policy, copy.deepcopy(policy), tok, unpair(train), unpair(val[:64]), args, beta=0.5,
-                       loss_type=loss_type)
+    ref = copy.deepcopy(policy)
+    result = train_kto(policy, ref, tok, unpair(train), unpair(val[:64]), args, beta=0.5, loss_type=loss_type)
     rows = [r for r in MetricsLog(tmp_path / "metrics.jsonl").rows() if "val_margin" in r]
     first, last = rows[0], rows[-1]
     print(f"{loss_type}: held-out margin {first['val_margin']:.3f} -> {last['val_margin']:.3f}, acc "
@@ -322,6 +322,17 @@ def test_kto_raises_the_held_out_margin_from_zero(tasks, tmp_path, loss_type="kt
     assert last["train_margin"] > 0.3
     assert last["val_margin"] > 0.2 and last["val_acc"] >= 0.6
     assert result["val_margin"] == last["val_margin"]
+    # the eval's figures are the metrics of their names, on the final model: val_* of the held-out examples,
+    # train_* of the first 256 training ones
+    m = {}
+    for name, examples in (("val", unpair(val[:64])), ("train", unpair(train))):
+        data = KTOData(encode_examples(examples, tok, CTX), args.batch_size, CTX, tok.eot_id)
+        m[name] = kto_metrics(policy.eval(), cache_reference(ref, data, torch.device("cpu")), 0.5, limit=(
+            256 if name == "train" else None))
+    for k, v in m["val"].items():
+        assert result[f"val_{k}"] == pytest.approx(v, rel=1e-5, abs=1e-6), k
+    for k in ("margin", "kl", "acc"):
+        assert result[f"train_{k}"] == pytest.approx(m["train"][k], rel=1e-5, abs=1e-6), k
 
 
 def test_kto_policy_runs_without_dropout_like_its_cached_reference(tasks, tmp_path):
