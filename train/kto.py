@@ -15,7 +15,7 @@ reference, estimated on the batch:
 
 where (x, y') is a mismatched pair: x with another example's completion, so that log pi - log pi_ref of it is a
 sample of KL(pi(.|x) || pi_ref(.|x)) that says nothing about y being good or bad. z0 is a baseline, not something
-to optimise (TRL computes it under no_grad; the clamp keeps a noisy negative estimate from rewarding a drop).
+to optimise (TRL computes it under no_grad), and a KL is never negative: a negative estimate is noise, clamped.
 --loss-type apo_zero_unpaired (APO-zero, D'Oosterlinck et al. 2024) drops z0: desirable 1 - sigmoid(beta * r),
 undesirable sigmoid(beta * r). The loss is the mean over the batch of desirable_weight * (desirable losses) and
 undesirable_weight * (undesirable losses): a batch of one class only is as right as a mixed one.
@@ -29,13 +29,16 @@ to fit the context after x (TRL truncates too). A chunk of one example is paired
 Data: records {prompt, completion, label} (TRL's unpaired preference format; a chat's prompt a message list and
 its completion one assistant message), or the pairs every other preference command takes (--data as dpo takes it,
 or the embedded task pairs): each pair becomes (prompt, chosen, True) and (prompt, rejected, False), as TRL's
-unpair_preference_dataset does, in blocks of UNPAIR_BLOCK pairs, chosen ones then rejected ones (its map batches:
-rotation neighbours are then other pairs' answers, and the first 256 training examples, which the eval reads, hold
-both classes). Pairs are held out as dpo holds them out, before unpairing: a pair's halves stay on one side.
+unpair_preference_dataset does, in blocks of UNPAIR_BLOCK pairs, chosen ones then rejected ones (as its map
+batches of 1000: rotation neighbours are then other pairs' answers; 128 here, so that the first 256 training
+examples, which the eval reads, are 128 whole pairs). Pairs are held out as dpo holds them out, before
+unpairing: a pair's halves stay on one side.
 
 Reported (eval_fn, on held-out examples and the first 256 training ones): the loss, z0 (kl), the mean reward of
 desirable and of undesirable examples, their difference (margin), and for unpaired pairs the pairwise accuracy
-(reward of chosen > reward of rejected). All rewards are exactly 0 at step 0 (policy == reference).
+(reward of chosen > reward of rejected). All rewards are exactly 0 at step 0 (policy == reference). The eval's
+z0 is one estimate over the whole set it measures, not one per eval batch: a figure that does not depend on the
+eval's batch size. (Under torchrun each rank's z0 is its own batch's; TRL averages it over the processes.)
 """
 import copy
 import math
