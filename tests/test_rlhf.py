@@ -972,7 +972,7 @@ def test_ppo_resume_is_exact_and_drops_rows_logged_after_the_checkpoint(data, ea
     assert math.isfinite(done["eval_reward"]) and math.isfinite(done["eval_kl"])
 
 
-@pytest.mark.parametrize("command", ["reward", "dpo", "rlhf"])
+@pytest.mark.parametrize("command", ["reward", "dpo", "kto", "rlhf"])
 def test_a_refused_run_writes_nothing_into_the_folder(command, tmp_path, capsys):
     """The folder check comes before the run's tokenizer is written beside the old run's
     checkpoints (a refused run used to replace it)."""
@@ -988,7 +988,7 @@ def test_a_refused_run_writes_nothing_into_the_folder(command, tmp_path, capsys)
     assert (old / "tokenizer.json").read_text() == "the old run's"
 
 
-@pytest.mark.parametrize("command", ["reward", "dpo", "rlhf"])
+@pytest.mark.parametrize("command", ["reward", "dpo", "kto", "rlhf"])
 @pytest.mark.parametrize("flag", [["--model", "gpt2-small"], ["--vocab-size", "300"]])
 def test_init_refuses_the_flags_of_a_fresh_model(command, flag, tmp_path, capsys):
     """--model and --vocab-size shape the random backbone made with no --init; with --init they were
@@ -1309,7 +1309,7 @@ def test_reward_rejects_zero_length():
         rm(torch.randint(0, 50, (1, 5)), torch.tensor([0]))
 
 
-@pytest.mark.parametrize("command", ["dpo", "rlhf"])
+@pytest.mark.parametrize("command", ["dpo", "kto", "rlhf"])
 def test_dpo_and_rlhf_pad_the_vocabulary_of_their_init(command, tmp_path):
     """--vocab-multiple pads the --init model's embedding and LM head, as sft's does: the run is
     the unpadded one (same losses, same gradient norms) and its checkpoints keep the padding."""
@@ -1366,7 +1366,7 @@ def test_dpo_resume_refuses_another_reference(tmp_path, capsys):
     assert "--resume: --init is not the model this run's reference was (its weights differ)" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("command", ["reward", "dpo", "rlhf"])
+@pytest.mark.parametrize("command", ["reward", "dpo", "kto", "rlhf"])
 def test_a_run_tuned_on_another_template_than_the_data_is_noted(command, tmp_path, capsys):
     """The embedded pairs are Alpaca prompts: an --init (or rlhf's --reward) tuned on chats gets a
     note naming both templates; one tuned on Alpaca, or with no template saved, gets none."""

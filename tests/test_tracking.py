@@ -244,7 +244,7 @@ def test_sft_reports_its_rows_before_and_after_training(tmp_path):
 
 
 # -- flags and errors ----------------------------------------------------------------------------------------
-TRAINERS = ("pretrain", "sft", "reward", "dpo", "rlhf")
+TRAINERS = ("pretrain", "sft", "reward", "dpo", "kto", "rlhf")
 
 
 @pytest.mark.parametrize("command", TRAINERS)
