@@ -6,6 +6,7 @@ DPO margin on pairs before and after. The Triton test runs one whole PPO iterati
 (rollouts with the KV cache, scoring, several minibatch updates) on both kernel paths.
 """
 import argparse
+import collections
 import copy
 import json
 import math
@@ -1290,15 +1291,23 @@ def test_pairwise_metrics_and_bt_loss_by_hand(monkeypatch):
             super().__init__()
             self.p = nn.Parameter(torch.zeros(()))
 
-        def forward(self, idx, lengths):
-            return torch.tensor([c for c, _ in idx] + [r for _, r in idx])
+        def forward(self, idx, lengths):  # idx: the chunk of Scored pairs, their scores given
+            return torch.tensor([p.c for p in idx] + [p.r for p in idx])
 
+    Scored = collections.namedtuple("Scored", "c r margin", defaults=(0.0,))
     monkeypatch.setattr(reward, "pair_batch", lambda chunk, pad, device=None: (chunk, None, None))
-    m = reward.pairwise_metrics(Stub(), [(1.0, 0.0), (0.0, 2.0), (0.5, 0.5)], 0, batch_size=2)
+    m = reward.pairwise_metrics(Stub(), [Scored(1.0, 0.0), Scored(0.0, 2.0), Scored(0.5, 0.5)], 0, batch_size=2)
     sp1, sp2 = math.log1p(math.exp(-1)), math.log1p(math.exp(2))
     assert m["acc"] == pytest.approx(1 / 3)          # a tie is not a win
     assert m["margin"] == pytest.approx(-1 / 3)
     assert m["loss"] == pytest.approx((sp1 + sp2 + math.log(2)) / 3)  # 1.04445
+    assert m["score"] == pytest.approx((0.5 + 1.0 + 0.5) / 3)
+    # with the pairs' own margins: -log sigmoid(c - r - margin), in batches of 2 and 1 alike
+    m = reward.pairwise_metrics(Stub(), [Scored(1.0, 0.0, 0.5), Scored(0.0, 2.0, -1.0), Scored(0.5, 0.5, 2.0)], 0,
+                                batch_size=2)
+    assert m["loss"] == pytest.approx((math.log1p(math.exp(-0.5)) + math.log1p(math.exp(1.0)) +
+                                       math.log1p(math.exp(2.0))) / 3)
+    assert m["acc"] == pytest.approx(1 / 3) and m["margin"] == pytest.approx(-1 / 3)  # the scores' own
     loss = reward.bradley_terry_loss(torch.tensor([1.0, 0.0]), torch.tensor([0.0, 2.0]))
     assert loss.item() == pytest.approx((sp1 + sp2) / 2)  # 1.22010
 
@@ -2358,6 +2367,11 @@ def test_a_reference_free_loss_trains_without_a_reference(data, tmp_path, capsys
         monkeypatch.setattr(dpo, "train_dpo", lambda *a, **k: seen.update(k) or real(*a, **k))
         assert main([*flags, "--rpo-alpha", "1.5", "--out-dir", str(tmp_path / "rpo")]) == 0
         assert seen["rpo_alpha"] == 1.5
+        capsys.readouterr()
+        resume = [*flags, "--out-dir", str(tmp_path / "rpo"), "--resume"]
+        resume[resume.index("--max-steps") + 1] = "2"
+        assert main(resume) == 0  # without it: named (it was recorded only when given)
+        assert "--rpo-alpha 0.0 (1.5)" in capsys.readouterr().err
 
 
 def test_dpo_refuses_a_label_smoothing_it_cannot_use(tmp_path, capsys):

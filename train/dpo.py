@@ -288,7 +288,7 @@ def train_dpo(policy, ref, tokenizer, train_pairs, val_pairs, args, beta: float 
                                 # the value used (None: no SimPO), not as spelled: a resume naming the default
                                 # is the same run
                                 "label_smoothing": label_smoothing, "simpo_gamma": gamma if loss_type == "simpo"
-                                else None, **({"rpo_alpha": rpo_alpha} if rpo_alpha else {})},
+                                else None, "rpo_alpha": rpo_alpha},  # 0 too: a resume dropping it is named
                       prompt_format=train_pairs[0].format if train_pairs else None)
     result = trainer.fit()
     if trainer.is_main:  # loss.png has the losses; margins and accuracy get their own plot

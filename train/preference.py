@@ -20,6 +20,7 @@ Token layout of one response (shared by every trainer here):
 The prompt and the response are encoded separately, as SFT does, so a response generated
 after a prompt during RLHF tokenizes the same way. The reward is read at the last token (eot).
 """
+import math
 import random
 from dataclasses import dataclass, field
 
@@ -38,6 +39,7 @@ class PreferencePair:
     chosen: str
     rejected: str
     format: str = field(default="completion", compare=False)  # of the prompt: formats.FORMATS
+    margin: float | None = None  # a record's own: how much better chosen is (Llama 2's; the reward loss's)
 
 
 def _chat_pair(rec, where: str) -> PreferencePair:
@@ -69,6 +71,17 @@ def _chat_pair(rec, where: str) -> PreferencePair:
 
 # -- reading records -----------------------------------------------------------------------------
 def _record_to_pair(rec, where: str, template) -> PreferencePair:
+    pair = _prompt_and_answers(rec, where, template)
+    if "margin" in rec:  # TRL's RewardTrainer's margin column: -log sigmoid(r_chosen - r_rejected - margin)
+        m = rec["margin"]
+        if isinstance(m, bool) or not isinstance(m, (int, float)) or not math.isfinite(m):
+            raise UserError(f"{where}: field 'margin' must be a finite number (how much better 'chosen' is), "
+                            f"got {m!r}")
+        pair.margin = float(m)
+    return pair
+
+
+def _prompt_and_answers(rec, where: str, template) -> PreferencePair:
     if not isinstance(rec, dict):
         raise UserError(f"{where}: expected a JSON object, got {type(rec).__name__}")
     for key in ("chosen", "rejected"):
@@ -114,6 +127,9 @@ def preference_pairs(raw, template=None) -> list[PreferencePair]:
             raise UserError(f"{where} is {formats.with_article(pairs[-1].format)} record but {first} is "
                             f"{pairs[0].format}: "
                             f"a file holds chats or text prompts, not both")
+        elif (pairs[-1].margin is None) != (pairs[0].margin is None):
+            which, other = (where, first) if pairs[0].margin is not None else (first, where)
+            raise UserError(f"{which} has no 'margin' but {other} has one: give every pair a margin, or none")
     return pairs
 
 
@@ -165,6 +181,7 @@ class EncodedPair:
     prompt: list      # prompt token ids
     chosen: list      # response ids, eot included
     rejected: list
+    margin: float = 0.0  # the pair's margin (PreferencePair.margin; 0: none)
 
 
 def encode_answers(tokenizer, prompt, answers, ends: dict):
@@ -184,7 +201,7 @@ def encode_pairs(pairs, tokenizer, max_len: int, what: str = "preference pairs")
         if not prompt or len(prompt) + max(len(chosen), len(rejected)) > max_len:
             dropped += 1
             continue
-        out.append(EncodedPair(prompt, chosen, rejected))
+        out.append(EncodedPair(prompt, chosen, rejected, p.margin or 0.0))
     if not out:
         raise UserError(f"none of the {len(pairs)} {what} fit in {max_len} tokens")
     if dropped:

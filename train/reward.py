@@ -121,9 +121,20 @@ class RewardModel(nn.Module):
         return model
 
 
-def bradley_terry_loss(r_chosen, r_rejected):
-    """-log sigmoid(r_chosen - r_rejected), averaged over pairs."""
+def bradley_terry_loss(r_chosen, r_rejected, margin=None):
+    """-log sigmoid(r_chosen - r_rejected), averaged over pairs; with each pair's margin [B] (Llama 2's: how much
+    better chosen is, from its raters' scale), -log sigmoid(r_chosen - r_rejected - margin), as TRL's
+    RewardTrainer takes a `margin` column: a pair rated far apart must be scored far apart."""
+    if margin is not None:
+        r_rejected = r_rejected + margin
     return -F.logsigmoid(r_chosen - r_rejected).mean()
+
+
+def centering_loss(r_chosen, r_rejected):
+    """mean((r_chosen + r_rejected)^2), TRL's center_rewards_coefficient term (Eisenstein et al. 2023): Bradley-Terry
+    sees only differences, so the scores may drift as a whole; this pulls their mean toward 0, which makes scores
+    of different runs (and PPO's rewards, unnormalized) comparable."""
+    return ((r_chosen + r_rejected) ** 2).mean()
 
 
 def pair_rewards(model, batch):
@@ -133,23 +144,43 @@ def pair_rewards(model, batch):
     return r.chunk(2)
 
 
-def reward_loss_fn(model, batch):
-    return bradley_terry_loss(*pair_rewards(model, batch))
+def make_reward_loss(center_rewards_coefficient: float = 0.0):
+    """The training loss of a batch (idx, lengths, margins [B] or None): Bradley-Terry, plus the centering term."""
+    def loss_fn(model, batch):
+        rc, rr = pair_rewards(model, batch)
+        loss = bradley_terry_loss(rc, rr, batch[2])
+        if center_rewards_coefficient:
+            loss = loss + center_rewards_coefficient * centering_loss(rc, rr)
+        return loss
+
+    return loss_fn
+
+
+reward_loss_fn = make_reward_loss()
+
+
+def pair_margins(encoded, device="cpu"):
+    """The pairs' margins [B], or None where none has one (the plain Bradley-Terry loss)."""
+    if not any(e.margin for e in encoded):
+        return None
+    return torch.tensor([e.margin for e in encoded], dtype=torch.float32, device=device)
 
 
 @torch.no_grad()
 def pairwise_metrics(model, encoded, pad_id: int, batch_size: int = 32) -> dict:
-    """Accuracy (r_chosen > r_rejected), mean loss and mean margin over all given pairs."""
+    """Accuracy (r_chosen > r_rejected), mean Bradley-Terry loss (with the pairs' own margins, where they have
+    them), mean margin r_chosen - r_rejected and mean score (r_chosen + r_rejected) / 2 over all given pairs."""
     device = next(model.parameters()).device
-    correct, loss, margin, n = 0, 0.0, 0.0, 0
+    correct, loss, margin, score, n = 0, 0.0, 0.0, 0.0, 0
     for i in range(0, len(encoded), batch_size):
         chunk = encoded[i:i + batch_size]
         rc, rr = pair_rewards(model, pair_batch(chunk, pad_id, device))
         correct += (rc > rr).sum().item()
-        loss += -F.logsigmoid(rc - rr).sum().item()
+        loss += bradley_terry_loss(rc, rr, pair_margins(chunk, device)).item() * len(chunk)
         margin += (rc - rr).sum().item()
+        score += (rc + rr).sum().item() / 2
         n += len(chunk)
-    return {"acc": correct / n, "loss": loss / n, "margin": margin / n}
+    return {"acc": correct / n, "loss": loss / n, "margin": margin / n, "score": score / n}
 
 
 def make_get_batch(train, batch_size: int, pad_id: int):
@@ -157,20 +188,25 @@ def make_get_batch(train, batch_size: int, pad_id: int):
     batch_size random pairs, chosen rows first."""
     def get_batch(split, generator):
         pick = torch.randint(len(train), (batch_size,), generator=generator).tolist()
-        idx, lengths, _ = pair_batch([train[i] for i in pick], pad_id)
-        return idx, lengths
+        chosen = [train[i] for i in pick]
+        idx, lengths, _ = pair_batch(chosen, pad_id)
+        return idx, lengths, pair_margins(chosen)
 
     return get_batch
 
 
-def train_reward_model(model: RewardModel, tokenizer, train_pairs, val_pairs, args, run_args: dict | None = None):
+def train_reward_model(model: RewardModel, tokenizer, train_pairs, val_pairs, args, run_args: dict | None = None,
+                       center_rewards_coefficient: float = 0.0):
     """Fit with the shared Trainer; returns its final metrics dict (with val_acc, val_loss, val_margin).
 
     `args` is a loop.TrainArgs. Held-out pairwise accuracy is evaluated on every val pair at
-    each eval and at the end (keys val_acc, val_loss, val_margin). run_args: the data flags, for
-    the Trainer to name when a resume changes them.
+    each eval and at the end (keys val_acc, val_loss, val_margin, val_score). run_args: the data flags, for
+    the Trainer to name when a resume changes them. center_rewards_coefficient: TRL's, the weight of
+    centering_loss in the training loss (0: none).
     """
     from tritongpt.train.loop import Trainer
+
+    check_center_coefficient(center_rewards_coefficient)
 
     ctx = model.config.context_length
     train = encode_pairs(train_pairs, tokenizer, ctx, "training pairs")
@@ -181,13 +217,15 @@ def train_reward_model(model: RewardModel, tokenizer, train_pairs, val_pairs, ar
         out = {}
         if val:
             v = pairwise_metrics(m, val, pad)
-            out.update(val_loss=v["loss"], val_acc=v["acc"], val_margin=v["margin"])
+            out.update(val_loss=v["loss"], val_acc=v["acc"], val_margin=v["margin"], val_score=v["score"])
         t = pairwise_metrics(m, train[:256], pad)
         out.update(train_acc=t["acc"])
         return out
 
-    trainer = Trainer(model, args, reward_loss_fn, make_get_batch(train, args.batch_size, pad),
-                      eval_fn=eval_fn, name="reward", run_args=run_args,
+    # recorded when 0 too: a resume that drops it is named (a run from before the flag has no record: not compared)
+    run_args = {**(run_args or {}), "center_rewards_coefficient": center_rewards_coefficient}
+    trainer = Trainer(model, args, make_reward_loss(center_rewards_coefficient),
+                      make_get_batch(train, args.batch_size, pad), eval_fn=eval_fn, name="reward", run_args=run_args,
                       prompt_format=train_pairs[0].format if train_pairs else None)
     result = trainer.fit()
     if trainer.is_main:  # loss.png has the losses; accuracy gets its own plot
@@ -199,6 +237,12 @@ def train_reward_model(model: RewardModel, tokenizer, train_pairs, val_pairs, ar
 
 
 # -- CLI ----------------------------------------------------------------------------------------
+def check_center_coefficient(c):
+    if not 0 <= c < math.inf:
+        raise UserError(f"--center-rewards-coefficient must be a finite number >= 0 (0: none; TRL's examples use "
+                        f"0.01), got {c}")
+
+
 def refuse_fresh_model_flags(args):
     """The --init model has its own size and vocabulary: --model and --vocab-size would be dropped without a word."""
     given = [f"--{k.replace('_', '-')} {v}" for k, v in (("model", args.model), ("vocab_size", args.vocab_size))
@@ -317,13 +361,15 @@ def cmd_reward(args):
     from tritongpt.model.lora import check_lora
 
     check_lora(args.lora_rank, args.lora_alpha, args.lora_targets)  # before the slow set-up
+    check_center_coefficient(args.center_rewards_coefficient)
     targs, train, val, init, tok = setup_preference_run(args, "reward")
     if isinstance(init, RewardModel):  # --init a reward model (ours, or a Hugging Face classifier): its head trains on
         apply_lora(init.backbone, args, "--init's reward head")
         model = init.train()
     else:
         model = RewardModel(apply_lora(init, args, "new reward head"))  # the scalar head is new: it trains whole
-    result = train_reward_model(model, tok, train, val, targs, run_args=data_run_args(args))
+    result = train_reward_model(model, tok, train, val, targs, run_args=data_run_args(args),
+                                center_rewards_coefficient=args.center_rewards_coefficient)
     if not result["is_main"]:  # DDP: rank 0 reports
         return 0
     acc = result.get("val_acc")
@@ -342,6 +388,9 @@ def add_cli(sub):
     add_model_args(p, default_model=None, default_text="tiny, with no --init")
     add_data_args(p)
     add_lora_args(p)
+    p.add_argument("--center-rewards-coefficient", type=float, default=0.0, metavar="C",
+                   help="add C * mean((r_chosen + r_rejected)^2) to the loss, pulling the scores' mean toward 0 "
+                        "(TRL's center_rewards_coefficient, Eisenstein et al. 2023; 0: none) (default %(default)s)")
     add_train_args(p, out_dir="runs/reward", max_steps=300, batch_size=16, lr=1e-4, min_lr=1e-5,
                    warmup_steps=20, eval_every=50, ckpt_every=100, sample_every=0, weight_decay=0.0)
     p.set_defaults(func=cmd_reward)
