@@ -38,8 +38,18 @@ completions, or preference pairs' chosen answers. `exact` compares the whole ans
 its last number (GSM8K's). Nothing is learned about the judge then, and eval_reward is the
 held-out match rate.
 
+Several judges (TRL GRPOTrainer's reward_funcs and reward_weights): --reward is repeatable, and
+--reward-weights w1 w2 ... (default all 1) weighs them; a response's score is then the weighted sum
+        score = sum_i w_i * score_i
+of every judge's own score (WeightedReward), taken before anything else is done with it, by both
+algorithms. With a verifier among them, the prompts and reference answers are the verifier's (as for a
+verifier alone) and every reward model scores the responses to those same prompts. A weight may be
+negative (a judge to steer away from) or 0 (logged, not optimised); all 0 is refused, as is a judge
+given twice (a weight of 2 says that). One --reward with weight 1 is today's run, its record too.
+
 Both: --missing-eot-penalty takes a constant off the score of each response that max_new_tokens
-cut before its end-of-text (the reward model never saw an answer end there).
+cut before its end-of-text (the reward model never saw an answer end there); with several judges
+it comes off the weighted sum, once.
 
 Logged per iteration (metrics.jsonl + rlhf.png): reward (mean score of the rollouts, penalty
 included), kl (mean over responses of sum_t log pi - log pi_ref, measured at rollout time, the
@@ -47,6 +57,11 @@ same for both algorithms), entropy, clip_frac, value_loss (PPO), policy_loss, re
 ended (the fraction of responses that reached end-of-text), and every eval_every iterations
 eval_reward and eval_ended: the reward model's mean score (no penalty) on fixed held-out
 prompts, sampled with a fixed seed, so the numbers are comparable across iterations and runs.
+With several judges (or a weight other than 1), reward and eval_reward are the weighted sums, and
+each judge's own mean score is logged beside them (TRL's rewards/<func>/mean) as reward_<key> and
+eval_reward_<key>: key is a verifier's name (exact, number) or rm<i> for the reward model given as
+the i-th --reward (1-based, counting verifiers too), e.g. `--reward exact --reward runs/rm` logs
+reward_exact and reward_rm2. The per-judge means are raw scores: no weight, no penalty.
 """
 import copy
 import functools
@@ -225,7 +240,8 @@ class Rollout:
     lengths: torch.Tensor      # [N] prompt + response (through the first eot, if any)
     mask: torch.Tensor         # [N, T-1] bool: targets that are response tokens
     group: torch.Tensor        # [N] index of the prompt each response answers
-    scores: torch.Tensor = None     # [N] reward model
+    scores: torch.Tensor = None     # [N] reward model (several: the weighted sum)
+    judge_scores: torch.Tensor = None  # [N, judges] each judge's own score (a WeightedReward's)
     logp: torch.Tensor = None       # [N, T-1] log pi_old of each target
     ref_logp: torch.Tensor = None   # [N, T-1] log pi_ref
     values: torch.Tensor = None     # [N, T-1] PPO
@@ -366,12 +382,90 @@ class TaskReward(nn.Module):
         return torch.tensor(out, device=idx.device)
 
 
+def check_reward_weights(n: int, weights) -> list:
+    """--reward-weights as floats, one per --reward (None: all 1.0, TRL's default); a count of
+    another length, a non-finite weight or all of them 0 is a UserError naming the flag."""
+    if weights is None:
+        return [1.0] * n
+    weights = [float(w) for w in weights]
+    if len(weights) != n:
+        raise UserError(f"--reward-weights has {len(weights)} weight{'s' * (len(weights) != 1)} for {n} --reward "
+                        f"judge{'s' * (n != 1)}: give one weight per --reward, in their order")
+    bad = [w for w in weights if not math.isfinite(w)]
+    if bad:
+        raise UserError(f"--reward-weights must be finite numbers, got {bad[0]}")
+    if not any(weights):
+        raise UserError(f"--reward-weights are all 0 ({' '.join(f'{w:g}' for w in weights)}): the weighted sum "
+                        "would be 0 for every response, nothing to optimise; give at least one judge a weight")
+    return weights
+
+
+def judge_key(judge, i: int) -> str:
+    """The short name of the i-th judge (0-based) in logged keys: a built-in verifier's --reward name,
+    else verifier<i+1> (a verifier of one's own) or rm<i+1> (a reward model), i+1 its place among --reward."""
+    if isinstance(judge, TaskReward):
+        name = verifier_name(judge.match)
+        return name if name in VERIFIERS else f"verifier{i + 1}"
+    return f"rm{i + 1}"
+
+
+class WeightedReward(nn.Module):
+    """Several judges as one: a response's score is sum_i weights[i] * judges[i]'s score (TRL's
+    reward_funcs with reward_weights). `judges`: reward models and TaskRewards; `keys` name each in
+    the logged reward_<key> (default judge_key's, made unique by their place); `labels` name each
+    in messages (cmd_rlhf: the --reward values). scores() gives every judge's own scores, combine()
+    their weighted sum; a weight of 0 keeps its judge scored and logged, out of the sum."""
+
+    def __init__(self, judges, weights=None, keys=None, labels=None):
+        super().__init__()
+        self.judges = nn.ModuleList(judges)
+        self.weights = check_reward_weights(len(self.judges), weights)
+        if keys is None:
+            keys = []
+            for i, judge in enumerate(self.judges):
+                key = judge_key(judge, i)
+                keys.append(key if key not in keys else f"{key}{i + 1}")
+        self.keys, self.labels = list(keys), list(labels or keys)
+
+    def set_kernels(self, kernels):
+        for judge in self.judges:
+            judge.set_kernels(kernels)
+
+    def learned(self) -> bool:
+        """A reward model (not a verifier) counts in the sum: PPO normalizes the scores then."""
+        return any(w and not isinstance(j, TaskReward) for j, w in zip(self.judges, self.weights))
+
+    def scores(self, idx, lengths, prompt_lens) -> torch.Tensor:
+        """[N, judges]: each judge's own score of each response."""
+        return torch.stack([judge_scores(j, idx, lengths, prompt_lens) for j in self.judges], dim=1)
+
+    def combine(self, scores) -> torch.Tensor:
+        """[N]: sum_i w_i * scores[:, i]."""
+        total = torch.zeros_like(scores[:, 0])
+        for i, w in enumerate(self.weights):
+            total = total + w * scores[:, i]
+        return total
+
+    def forward(self, idx, lengths, prompt_lens):
+        return self.combine(self.scores(idx, lengths, prompt_lens))
+
+
+def judges_of(reward_model) -> list:
+    return list(reward_model.judges) if isinstance(reward_model, WeightedReward) else [reward_model]
+
+
+def judge_scores(judge, idx, lengths, prompt_lens) -> torch.Tensor:
+    """One judge's scores [N] (float): a verifier reads the prompts, a reward model the sequences."""
+    return judge(idx, lengths, prompt_lens) if isinstance(judge, TaskReward) else judge(idx, lengths).float()
+
+
 @torch.no_grad()
 def score_rollout(ro: Rollout, model: PolicyWithValue, ref: GPTModel, reward_model, temperature: float = 1.0,
                   chunk: int = 32) -> Rollout:
     """Fill in the reward model's scores, old and reference log-probs (both at the sampling
-    temperature), and values (PPO)."""
-    logp, ref_logp, values, scores = [], [], [], []
+    temperature), and values (PPO). A WeightedReward's scores are the weighted sums, and
+    ro.judge_scores [N, judges] every judge's own."""
+    logp, ref_logp, values, scores, per_judge = [], [], [], [], []
     for i in range(0, len(ro), chunk):
         idx, lengths = ro.idx[i:i + chunk], ro.lengths[i:i + chunk]
         logits, v = model(idx)
@@ -381,9 +475,13 @@ def score_rollout(ro: Rollout, model: PolicyWithValue, ref: GPTModel, reward_mod
                         else token_logprobs(ref(idx), idx, temperature))
         if v is not None:
             values.append(v)
-        scores.append(reward_model(idx, lengths, ro.prompt_lens[i:i + chunk]) if isinstance(reward_model, TaskReward)
-                      else reward_model(idx, lengths).float())
+        if isinstance(reward_model, WeightedReward):
+            per_judge.append(reward_model.scores(idx, lengths, ro.prompt_lens[i:i + chunk]))
+            scores.append(reward_model.combine(per_judge[-1]))
+        else:
+            scores.append(judge_scores(reward_model, idx, lengths, ro.prompt_lens[i:i + chunk]))
     ro.logp, ro.ref_logp, ro.scores = torch.cat(logp), torch.cat(ref_logp), torch.cat(scores)
+    ro.judge_scores = torch.cat(per_judge) if per_judge else None
     ro.values = torch.cat(values) if values else None
     return ro
 
@@ -395,6 +493,13 @@ def compute_advantages(ro: Rollout, args: RLArgs, score_norm=(0.0, 1.0)) -> Roll
     fixed from the first batch of the initial policy (Ziegler et al. 2019 normalize the reward
     model the same way), so the value head starts near its targets whatever the reward
     model's offset. Logged rewards are always the raw scores.
+
+    Several judges (WeightedReward): ro.scores is already their weighted sum, and it is what both
+    algorithms see. PPO normalizes that sum as it would one reward model's score when a reward model
+    with a nonzero weight is among the judges, and leaves it as it is (0, 1) when only verifiers count
+    (their 0/1 scores need none, and an all-wrong first batch would divide by a floor of 1e-3). The sum
+    is normalized, not each judge apart: the weights then set the judges' trade-off in their own units
+    for PPO as for GRPO (and TRL), and the logged reward stays an affine image of what PPO optimises.
     """
     m = ro.mask.float()
     if args.algo == "ppo":
@@ -474,6 +579,10 @@ class RLHFTrainer:
         self.run_args = dict(run_args or {})
         if isinstance(reward_model, TaskReward):  # built in Python: the verifier is still the run's judge
             self.run_args.setdefault("verifier", verifier_name(reward_model.match))
+        if isinstance(reward_model, WeightedReward):  # several judges: their list and weights, in --reward order
+            self.run_args.setdefault("rewards", [verifier_name(j.match) if isinstance(j, TaskReward) else None
+                                                 for j in reward_model.judges])
+            self.run_args.setdefault("reward_weights", list(reward_model.weights))
         self.prompt_format = prompt_format  # saved for `tritongpt chat` (the Trainer's doc)
         self.device = common.pick_device(args.device)
         self.dtype = common.pick_dtype(args.dtype, self.device)
@@ -497,7 +606,7 @@ class RLHFTrainer:
         if args.activation_checkpointing:  # the frozen models record no gradients: nothing to recompute
             policy.set_activation_checkpointing(True)
         if log:
-            common.note_slow_kernels([policy, self.ref, self.reward_model], self.device)
+            common.note_slow_kernels([policy, self.ref, *judges_of(self.reward_model)], self.device)
         # dropout would make log pi at update time differ from log pi at rollout time
         self.model.eval()
         self.optimizer = common.build_optimizer(self.model, args.lr, args.weight_decay, device=self.device)
@@ -508,6 +617,9 @@ class RLHFTrainer:
         # frozen: fingerprinted once, saved with every checkpoint, compared on --resume
         self.frozen_fingerprints = {"ref_fingerprint": common.weights_fingerprint(self.ref),
                                     "reward_fingerprint": common.weights_fingerprint(self.reward_model)}
+        if isinstance(self.reward_model, WeightedReward):  # each judge's too, to name the one that differs
+            self.frozen_fingerprints["reward_fingerprints"] = [common.weights_fingerprint(j)
+                                                               for j in self.reward_model.judges]
         self.checkpointer = common.Checkpointer(self.out_dir, keep=args.keep_ckpts)
         config = {"trainer": f"rlhf-{args.algo}", **vars(args), **self.run_args, "model": policy.config.to_dict()}
         self.metrics = common.MetricsLog(self.out_dir / "metrics.jsonl", enabled=log,
@@ -538,7 +650,8 @@ class RLHFTrainer:
             # details of RLHF with PPO", Huang et al. 2022; TRL's missing_eos_penalty). It is part
             # of the training score, from the first batch's normalization on.
             ro.scores = ro.scores - a.missing_eot_penalty * (~ro.ended(self.eot_id)).float()
-        if self.score_norm is None and isinstance(self.reward_model, TaskReward):
+        if self.score_norm is None and (isinstance(self.reward_model, TaskReward) or (
+                isinstance(self.reward_model, WeightedReward) and not self.reward_model.learned())):
             # 0 or 1 already; a first batch all wrong (std 0) would otherwise scale by 1 / 1e-3
             self.score_norm = (0.0, 1.0)
         if self.score_norm is None:
@@ -591,7 +704,7 @@ class RLHFTrainer:
         row = {"step": self.iteration, "reward": ro.scores.mean().item(),
                "reward_std": ro.scores.std().item() if len(ro) > 1 else 0.0,
                "kl": kl.mean().item(), "response_len": (ro.lengths - ro.prompt_lens).float().mean().item(),
-               "ended": ro.ended(self.eot_id).float().mean().item(), **stats}
+               "ended": ro.ended(self.eot_id).float().mean().item(), **self.judge_means(ro, "reward"), **stats}
         self.last_rollout = ro
         return row
 
@@ -607,7 +720,17 @@ class RLHFTrainer:
         kl = ((ro.logp - ro.ref_logp) * ro.mask).sum(1)
         # the reward model's own score, without --missing-eot-penalty: comparable across runs
         return {"eval_reward": ro.scores.mean().item(), "eval_kl": kl.mean().item(),
-                "eval_ended": ro.ended(self.eot_id).float().mean().item()}
+                "eval_ended": ro.ended(self.eot_id).float().mean().item(), **self.judge_means(ro, "eval_reward")}
+
+    @property
+    def judge_keys(self) -> list:
+        return self.reward_model.keys if isinstance(self.reward_model, WeightedReward) else []
+
+    def judge_means(self, ro: Rollout, prefix: str) -> dict:
+        """{prefix_<key>: each judge's mean score (raw: no weight, no penalty)}; {} for one judge alone."""
+        if ro.judge_scores is None:
+            return {}
+        return {f"{prefix}_{k}": ro.judge_scores[:, i].mean().item() for i, k in enumerate(self.judge_keys)}
 
     # -- checkpoints ------------------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -633,20 +756,39 @@ class RLHFTrainer:
             raise UserError(f"--resume: {ckpt} is not an rlhf --algo {self.args.algo} checkpoint")
         # The frozen models are rebuilt from --init and --reward: other ones would change the KL
         # and the rewards the run optimises, silently.
+        # Several judges (either run's): their lists are compared first, then each one's weights.
+        saved = state.get("args", {})
+        several = "rewards" in saved or "rewards" in self.run_args
         for key, flag in (("ref_fingerprint", "--init"), ("reward_fingerprint", "--reward")):
+            if several and key == "reward_fingerprint":
+                continue
             if key in state and not common.same_fingerprint(state[key], self.frozen_fingerprints[key]):
                 raise UserError(f"--resume: {flag} is not the model {ckpt}'s run started from (its "
                                 f"weights differ): pass the same {flag} as that run")
         # A verifier has no weights to tell apart; stop 27's runs (no key) verified exact match.
         no_weights = tuple(state.get("reward_fingerprint", ())) == (0.0, 0.0)
-        was, now = state.get("args", {}).get("verifier", "exact" if no_weights else None), self.run_args.get("verifier")
-        if "verifier" in self.run_args and was != now:
-            def judge(v):
-                return f"--reward {v}" if v else "a reward model"
+        was, now = saved.get("verifier", "exact" if no_weights else None), self.run_args.get("verifier")
+
+        def judge(v):
+            return f"--reward {v}" if v else "a reward model"
+        now_args = {**vars(self.args), **self.run_args}
+        if several:
+            was_all = list(saved["rewards"]) if "rewards" in saved else [was]
+            now_all = list(self.run_args["rewards"]) if "rewards" in self.run_args else [now]
+            if was_all != now_all:
+                raise UserError(f"--resume: {ckpt}'s run was judged by {' and '.join(map(judge, was_all))}, not "
+                                f"{' and '.join(map(judge, now_all))}: pass the same --reward flags as that run, "
+                                "in the same order")
+            self._check_judge_weights(state, ckpt)
+            # the weights are a flag's numbers, noted as a changed flag is (one judge's run had 1)
+            saved = {**saved, "reward_weights": list(saved.get("reward_weights", [1.0] * len(was_all)))}
+            now_args["reward_weights"] = list(self.run_args.get("reward_weights", [1.0] * len(now_all)))
+        elif "verifier" in self.run_args and was != now:
             raise UserError(f"--resume: {ckpt}'s run was judged by {judge(was)}, not {judge(now)}: pass the same "
                             f"--reward as that run")
         common.load_checkpoint_weights(self.policy, ckpt, self.device, self.policy.config, "policy")
-        common.check_resume(ckpt, state, {**vars(self.args), **self.run_args}, TRAJECTORY_ARGS + tuple(self.run_args),
+        names = TRAJECTORY_ARGS + tuple(self.run_args) + (("reward_weights",) if several else ())
+        common.check_resume(ckpt, {**state, "args": saved}, now_args, tuple(dict.fromkeys(names)),
                             "iteration", "--iterations",
                             str(self.dtype), say=self.log_enabled, kernels=self.policy.config.kernels)
         if self.model.value_head is not None:
@@ -661,10 +803,27 @@ class RLHFTrainer:
         self.history = self.metrics.truncate(self.iteration)
         return ckpt
 
+    def _check_judge_weights(self, state, ckpt):
+        """Several judges, the same list: each reward model's weights are those of the run's (the
+        reward_fingerprints of both), else the sum of all of theirs (reward_fingerprint)."""
+        was, now = state.get("reward_fingerprints"), self.frozen_fingerprints.get("reward_fingerprints")
+        if was is not None and now is not None and len(was) == len(now):
+            labels = self.reward_model.labels if isinstance(self.reward_model, WeightedReward) else [None]
+            for i, (a, b) in enumerate(zip(was, now)):
+                if not common.same_fingerprint(a, b):
+                    raise UserError(f"--resume: --reward {labels[i]} (--reward #{i + 1}) is not the model "
+                                    f"{ckpt}'s run was judged by (its weights differ): pass the same --reward as "
+                                    "that run")
+        elif "reward_fingerprint" in state and not common.same_fingerprint(
+                state["reward_fingerprint"], self.frozen_fingerprints["reward_fingerprint"]):
+            raise UserError(f"--resume: --reward is not the model {ckpt}'s run started from (its weights differ): "
+                            "pass the same --reward as that run")
+
     def plot(self):
         if self.log_enabled:
             common.plot_curves(self.metrics.rows(), self.plot_path,
-                               keys=("reward", "eval_reward", "kl", "value_loss", "entropy"),
+                               keys=("reward", "eval_reward", *(f"eval_reward_{k}" for k in self.judge_keys),
+                                     "kl", "value_loss", "entropy"),
                                title=f"rlhf ({self.args.algo})")
 
     def _log_row(self, row):
@@ -722,7 +881,12 @@ class RLHFTrainer:
                 else self.save_checkpoint()
             self.plot()
         rows = [r for r in self.history if "reward" in r]
-        return {"algo": a.algo, "iterations": self.iteration,
+        judges = {}
+        if self.judge_keys:  # several judges: each one's eval mean, first and last
+            judges = {"first_eval_judges": {k: first_eval[f"eval_reward_{k}"] for k in self.judge_keys}
+                      if first_eval else None,
+                      "eval_judges": {k: last_eval[f"eval_reward_{k}"] for k in self.judge_keys}}
+        return {**judges, "algo": a.algo, "iterations": self.iteration,
                 "first_eval_reward": first_eval["eval_reward"] if first_eval else None,
                 "eval_reward": last_eval["eval_reward"] if last_eval else None,
                 "eval_kl": last_eval["eval_kl"] if last_eval else None,
@@ -815,51 +979,102 @@ def cmd_rlhf(args):
     common.check_out_dir(a.out_dir, a.resume, a.overwrite)  # before the tokenizer is written there
     common.set_seed(a.seed)
     device = common.pick_device(a.device)
-    if not args.reward:
+    rewards = [args.reward] if isinstance(args.reward, str) else list(args.reward or [])
+    if not rewards:
         raise UserError("--reward is required: a reward model checkpoint from `tritongpt reward`, or a verifier: "
                         "`exact` or `number`")
-    verify = args.reward in VERIFIERS
-    if verify:  # (prompt, reference answer, format) triples
-        train, val = verified_prompts(args.data, args.num_pairs, args.val_fraction, a.seed, args.reward)
+    weights = check_reward_weights(len(rewards), getattr(args, "reward_weights", None))
+    check_distinct_rewards(rewards)
+    several = len(rewards) > 1 or weights != [1.0]  # else one judge, as before --reward was repeatable
+    verifiers = [r for r in rewards if r in VERIFIERS]
+    models = [r for r in rewards if r not in VERIFIERS]
+    verify = bool(verifiers)
+    if verify:  # (prompt, reference answer, format) triples; `number` checks that every answer has a number
+        numeric = [r for r in verifiers if VERIFIERS[r] is tasks.number_match]
+        train, val = verified_prompts(args.data, args.num_pairs, args.val_fraction, a.seed, (numeric or verifiers)[0])
     else:
         train, val = [[(p.prompt, p.chosen, p.format) for p in ps]
                       for ps in train_val_pairs(args.data, args.num_pairs, args.val_fraction, a.seed)]
-    note_template_mismatch([f for _, _, f in train + val], {"--init": args.init, "--reward": None if verify
-                                                              else args.reward})
+    formats_used = [f for _, _, f in train + val]
+    note_template_mismatch(formats_used, {"--init": args.init, "--reward": models[0] if models else None})
+    for r in models[1:]:
+        note_template_mismatch(formats_used, {"--reward": r})
     policy = build_backbone(args)
-    reward_model = None if verify else RewardModel.load(args.reward, map_location=device)
+    loaded = {r: RewardModel.load(r, map_location=device) for r in models}
     ref = copy.deepcopy(policy)
     # the reference stays the whole --init model; PPO's value head trains whole
     apply_lora(policy, args, "new value head" if a.algo == "ppo" else None)
-    if not verify and reward_model.config.vocab_size != policy.config.vocab_size:
-        raise UserError(f"reward model vocab ({reward_model.config.vocab_size}) differs from the "
-                        f"policy's ({policy.config.vocab_size}): they must share a tokenizer")
+    for r, rm in loaded.items():
+        if rm.config.vocab_size != policy.config.vocab_size:
+            raise UserError(f"{f'--reward {r}: ' if several else ''}reward model vocab ({rm.config.vocab_size}) "
+                            f"differs from the policy's ({policy.config.vocab_size}): they must share a tokenizer")
+    check_distinct_reward_models(loaded)
     tok = pick_tokenizer(args.tokenizer, args.init, policy.config.vocab_size)
-    if not verify:
-        note_other_tokenizer(args.reward, tok)
+    for r in models:
+        note_other_tokenizer(r, tok)
     tok = chat_template_for(tok, "rlhf", args.chat_template, any(fmt == "chat" for _, _, fmt in train + val))
     end = answer_end_id(tok, train[0][0])  # what ends a response: the eot, or a chat template's end of turn
-    if verify:
-        answers = {}
-        for prompt, answer, _ in train + val:  # a prompt a file gives several answers takes any of them
-            answers.setdefault(tuple(encode_prompt(tok, prompt)), []).append(answer)
-        reward_model = TaskReward(tok, answers, policy.config, match=VERIFIERS[args.reward], end_id=end)
+    answers = {}
+    for prompt, answer, _ in train + val if verify else ():  # a prompt a file gives several answers takes any
+        answers.setdefault(tuple(encode_prompt(tok, prompt)), []).append(answer)
+    judges = [TaskReward(tok, answers, policy.config, match=VERIFIERS[r], end_id=end) if r in VERIFIERS
+              else loaded[r] for r in rewards]
+    reward_model = WeightedReward(judges, weights, labels=rewards) if several else judges[0]
     save_run_tokenizer(tok, a.out_dir)
-    room = min(policy.config.context_length, reward_model.config.context_length) - a.max_new_tokens
+    room = min(policy.config.context_length, *(j.config.context_length for j in judges)) - a.max_new_tokens
     prompts = prompt_ids([p for p, _, _ in train], tok, room)
     eval_prompts = prompt_ids([p for p, _, _ in val or train], tok, room)[:a.eval_prompts]
-    run_args = {**data_run_args(args), "verifier": ("exact" if args.reward == "tasks" else args.reward) if verify
-                else None}
+    if several:  # the judges in --reward order (a reward model: None, told apart by its weights) and weights
+        run_args = {**data_run_args(args), "rewards": [("exact" if r == "tasks" else r) if r in VERIFIERS else None
+                                                       for r in rewards], "reward_weights": weights}
+    else:
+        run_args = {**data_run_args(args), "verifier": ("exact" if rewards[0] == "tasks" else rewards[0]) if verify
+                    else None}
     trainer = RLHFTrainer(policy, ref, reward_model, prompts, eval_prompts, end, a,
                           run_args=run_args, prompt_format=train[0][2])
     result = trainer.fit()
     before = result["first_eval_reward"]
     before = "(resumed)" if before is None else f"{before:.4f}"
-    what = f"eval {MATCHED[args.reward]} (the verifier's reward)" if verify else "eval reward"
-    print(f"rlhf ({a.algo}): {what} {before} -> {result['eval_reward']:.4f}, "
+    if several:  # the weighted sum, then each judge's own
+        keys = reward_model.keys
+        what = "eval reward " + " + ".join(f"{w:g} x {k}" for w, k in zip(weights, keys))
+        firsts = result.get("first_eval_judges") or {}
+        each = ", ".join(f"{k}{f' ({MATCHED[r]})' if r in VERIFIERS else ''} "
+                         f"{f'{firsts[k]:.4f}' if k in firsts else '(resumed)'} -> {result['eval_judges'][k]:.4f}"
+                         for k, r in zip(keys, rewards))
+        after = f"{result['eval_reward']:.4f} (each judge's: {each})"
+    else:
+        what = f"eval {MATCHED[rewards[0]]} (the verifier's reward)" if verify else "eval reward"
+        after = f"{result['eval_reward']:.4f}"
+    print(f"rlhf ({a.algo}): {what} {before} -> {after}, "
           f"KL to reference {result['eval_kl']:.4f} nats/response (a sampled estimate: "
           f"near 0 it can come out negative); checkpoint {result['checkpoint']}")
     return 0
+
+
+def check_distinct_rewards(rewards: list) -> None:
+    """A judge given twice is refused (a weight says how much it counts): a verifier by its name
+    (`tasks` is `exact`), a reward model by its path, resolved."""
+    seen = {}
+    for r in rewards:
+        key = ("exact" if r == "tasks" else r) if r in VERIFIERS else str(Path(r).resolve()) if Path(r).exists() else r
+        if key in seen:
+            same = f" (as --reward {seen[key]})" if seen[key] != r else ""
+            raise UserError(f"--reward {r} is given twice{same}: give each judge once, and --reward-weights to "
+                            "weigh it more")
+        seen[key] = r
+
+
+def check_distinct_reward_models(loaded: dict) -> None:
+    """Two --reward paths of the same weights (a run folder and its checkpoint) are one judge twice."""
+    prints = {}
+    for r, rm in loaded.items():
+        fp = common.weights_fingerprint(rm)
+        for other, ofp in prints.items():
+            if common.same_fingerprint(fp, ofp):
+                raise UserError(f"--reward {r} and --reward {other} are the same reward model (the same weights): "
+                                "give each judge once, and --reward-weights to weigh it more")
+        prints[r] = fp
 
 
 _HELP = {
@@ -911,15 +1126,21 @@ def add_cli(sub):
     add_data_args(p)  # prompts come from the preference data (embedded tasks by default)
     add_vocab_multiple_arg(p, None, "as the --init model has them")
     add_lora_args(p)
-    p.add_argument("--reward", help="reward model: a checkpoint of `tritongpt reward` (file, checkpoint or run "
-                                    "folder), or a Hugging Face <Family>ForSequenceClassification with one label "
-                                    "(a folder or Hub repo id, as TRL's RewardTrainer saves; it must share the "
-                                    "policy's tokenizer); or a verifier, 1 for a response that matches its "
-                                    "prompt's reference answer and 0 otherwise (RL with verifiable rewards): "
-                                    "`exact` (the whole answer, stripped; `tasks` is the same) or `number` (its "
-                                    "last number, as GSM8K's `#### 72`). The references: the embedded tasks' "
-                                    "answers, or --data's (SFT records' completions, preference pairs' chosen "
-                                    "answers). A folder of one of those names: ./exact")
+    p.add_argument("--reward", action="append", metavar="REWARD",
+                   help="a judge, repeatable (several: TRL's reward_funcs; a response's score is the weighted sum "
+                        "of their scores, see --reward-weights): a reward model, a checkpoint of `tritongpt reward` "
+                        "(file, checkpoint or run folder), or a Hugging Face <Family>ForSequenceClassification with "
+                        "one label (a folder or Hub repo id, as TRL's RewardTrainer saves; it must share the "
+                        "policy's tokenizer); or a verifier, 1 for a response that matches its prompt's reference "
+                        "answer and 0 otherwise (RL with verifiable rewards): `exact` (the whole answer, stripped; "
+                        "`tasks` is the same) or `number` (its last number, as GSM8K's `#### 72`). The references: "
+                        "the embedded tasks' answers, or --data's (SFT records' completions, preference pairs' "
+                        "chosen answers); with a verifier among several judges, every reward model scores the "
+                        "responses to the verifier's prompts. A folder of one of those names: ./exact")
+    p.add_argument("--reward-weights", nargs="+", type=float, default=None, metavar="W",
+                   help="one weight per --reward, in their order (TRL's reward_weights): the score is "
+                        "sum w_i * score_i; negative steers away from a judge, 0 logs it without optimising it, "
+                        "all 0 is refused (default: 1 each)")
     d = RLArgs()
     choices = {"dtype": common.DTYPES, "loss_type": GRPO_LOSS_TYPES, "scale_rewards": SCALE_REWARDS}
     g = p.add_argument_group("rl")

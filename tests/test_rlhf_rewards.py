@@ -1,0 +1,215 @@
+"""Several judges in one rlhf run: --reward A --reward B ... --reward-weights w1 w2 ... (TRL's reward_funcs
+and reward_weights). A response's score is sum_i w_i * score_i; each judge's own mean is logged beside it."""
+import copy
+import json
+
+import pytest
+import torch
+import torch.nn as nn
+
+from tritongpt.errors import UserError
+from tritongpt.model.config import GPTConfig, get_config
+from tritongpt.model.gpt import GPTModel
+from tritongpt.train import tasks
+from tritongpt.train.common import MetricsLog
+from tritongpt.train.reward import RewardModel
+from tritongpt.train.rlhf import (RLArgs, RLHFTrainer, TaskReward, WeightedReward, check_reward_weights,
+                                  compute_advantages, group_advantages)
+
+from test_rlhf import CTX, data, easy_reward, tiny_config  # noqa: F401 (module fixtures, reused)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+class Known(nn.Module):
+    """A stand-in reward model whose score is a known function of the sequence: f(idx, lengths)."""
+
+    def __init__(self, config, f):
+        super().__init__()
+        self.config, self.f = config, f
+        self.w = nn.Parameter(torch.ones(1))  # a weight to fingerprint
+
+    def set_kernels(self, kernels):
+        pass
+
+    def forward(self, idx, lengths):
+        return self.f(idx, lengths) * self.w.detach()
+
+
+class Digits:  # a tokenizer enough for a verifier: ids read as digits
+    eot_id = 22
+
+    def decode(self, ids):
+        return "".join(str(i % 10) for i in ids)
+
+
+def even(response, answer):
+    """A verifier of one's own: right when the response has an even number of digits."""
+    return len(response) % 2 == 0
+
+
+def _tiny(tmp_path, judge_of, weights, log=False, run_args=None, **kw):
+    """RLHFTrainer on random tiny models (vocab 23, prompts of 3 and 5 tokens) judged by
+    WeightedReward(judge_of(cfg, prompts), weights)."""
+    cfg = GPTConfig(vocab_size=23, context_length=16, n_embd=32, n_layer=1, n_head=2)
+    torch.manual_seed(13)
+    policy = GPTModel(cfg)
+    prompts = [torch.randint(0, 22, (3 + 2 * (i % 2),)).tolist() for i in range(6)]
+    base = dict(algo="grpo", out_dir=str(tmp_path), iterations=1, prompts_per_iter=4, max_new_tokens=4, epochs=1,
+                minibatch_size=4, lr=1e-2, eval_prompts=2, eval_samples=2, device="cpu", kernels="reference",
+                seed=0, dtype="fp32", ckpt_every=0)
+    base.update(kw)
+    judge = WeightedReward(judge_of(cfg, prompts), weights)
+    return RLHFTrainer(policy, copy.deepcopy(policy), judge, prompts, prompts[:2], 22, RLArgs(**base), log=log,
+                       run_args=run_args)
+
+
+def _length_and_first(cfg, prompts):
+    return [Known(cfg, lambda idx, lengths: lengths.float()), Known(cfg, lambda idx, lengths: idx[:, 0].float()),
+            TaskReward(Digits(), {tuple(p): "0" for p in prompts}, cfg, match=even)]
+
+
+@pytest.mark.parametrize("algo", ["grpo", "ppo"])
+def test_the_score_fed_to_the_advantages_is_the_weighted_sum_of_the_judges(tmp_path, algo):
+    """Stand-in judges of known scores (the sequence length, its first token, an even-length verifier):
+    the rollout's scores are 2 * len - 0.5 * first + 3 * even, every judge's own kept beside; the
+    advantages are those of that sum (GRPO's group standardization; PPO's, normalized by the sum's first
+    batch); the logged row's reward is the mean of the sum, each judge's mean logged by its key."""
+    weights = [2.0, -0.5, 3.0]
+    t = _tiny(tmp_path, _length_and_first, weights, algo=algo, prompts_per_iter=8)
+    ro = t.rollout()
+    even_by_hand = torch.tensor([float((n - p - int(row[n - 1] == 22)) % 2 == 0) for row, n, p in
+                                 zip(ro.idx.tolist(), ro.lengths.tolist(), ro.prompt_lens.tolist())])
+    want = 2.0 * ro.lengths.float() - 0.5 * ro.idx[:, 0].float() + 3.0 * even_by_hand
+    assert 0 < even_by_hand.sum() < len(ro)
+    assert torch.allclose(ro.scores, want)
+    assert torch.equal(ro.judge_scores[:, 2], even_by_hand)
+    assert torch.equal(ro.judge_scores[:, 0], ro.lengths.float())
+    if algo == "grpo":
+        adv = group_advantages(want, ro.group)
+        assert torch.allclose(ro.advantages, adv.unsqueeze(1) * ro.mask.float())
+    else:
+        assert t.score_norm == pytest.approx((want.mean().item(), want.std().item()))
+        again = compute_advantages(copy.copy(ro), t.args, (want.mean().item(), want.std().item()))
+        assert torch.allclose(ro.advantages, again.advantages)
+    row = t.step()
+    assert t.judge_keys == ["rm1", "rm2", "verifier3"]
+    means = [row[f"reward_{k}"] for k in t.judge_keys]
+    assert row["reward"] == pytest.approx(sum(w * m for w, m in zip(weights, means)), abs=1e-6)
+    ev = t.evaluate()
+    assert ev["eval_reward"] == pytest.approx(sum(w * ev[f"eval_reward_{k}"] for w, k in zip(weights, t.judge_keys)),
+                                              abs=1e-6)
+
+
+def test_ppo_normalizes_the_sum_only_when_a_reward_model_counts_in_it(tmp_path):
+    """Verifiers alone (or with reward models of weight 0): the sum is left as it is, (0, 1), as for one
+    verifier; a reward model of a nonzero weight: the first batch's mean and std of the sum."""
+    def verifier_and_rm(cfg, prompts):
+        return _length_and_first(cfg, prompts)[::2]  # the length "reward model" and the verifier
+
+    t = _tiny(tmp_path / "a", verifier_and_rm, [0.0, 2.0], algo="ppo")
+    t.rollout()
+    assert t.score_norm == (0.0, 1.0)
+    t = _tiny(tmp_path / "b", verifier_and_rm, [0.5, 2.0], algo="ppo")
+    ro = t.rollout()
+    assert t.score_norm == pytest.approx((ro.scores.mean().item(), ro.scores.std().item()))
+    assert t.score_norm[1] != 1.0
+
+
+def test_missing_eot_penalty_comes_off_the_weighted_sum_once(tmp_path):
+    runs = {}
+    for penalty in (0.0, 2.0):
+        runs[penalty] = _tiny(tmp_path / str(penalty), _length_and_first, [1.0, 1.0, 1.0], missing_eot_penalty=penalty,
+                              max_new_tokens=3).rollout()
+    ro0, ro2 = runs[0.0], runs[2.0]
+    cut = (~ro0.ended(22)).float()
+    assert 0 < cut.sum() < len(ro0)
+    assert torch.allclose(ro2.scores, ro0.scores - 2.0 * cut)
+    assert torch.equal(ro2.judge_scores, ro0.judge_scores)  # each judge's own: no penalty
+
+
+def test_reward_weights_are_checked():
+    assert check_reward_weights(2, None) == [1.0, 1.0]
+    assert check_reward_weights(2, [0, -1.5]) == [0.0, -1.5]  # one 0, one negative: allowed
+    for weights, msg in (([1.0], "--reward-weights has 1 weight for 2 --reward judges"),
+                         ([1.0, 2.0, 3.0], "--reward-weights has 3 weights for 2 --reward judges"),
+                         ([1.0, float("nan")], "--reward-weights must be finite numbers, got nan"),
+                         ([float("inf"), 1.0], "--reward-weights must be finite numbers, got inf"),
+                         ([0.0, -0.0], r"--reward-weights are all 0 \(0 -0\)")):
+        with pytest.raises(UserError, match=msg):
+            check_reward_weights(2, weights)
+    with pytest.raises(UserError, match="--reward-weights are all 0"):
+        WeightedReward([nn.Identity()], [0.0])
+
+
+# -- a verifier and a reward model, on the task data and a trained reward model ----------------------------------
+def _verified_run(data, easy_reward, tmp_path, weights, **kw):
+    tok, train, val = data
+    rm = copy.deepcopy(easy_reward[0])
+    torch.manual_seed(3)
+    policy = GPTModel(tiny_config(tok.vocab_size))
+    room = CTX - 6
+    prompts = [tok.encode(p.prompt) for p in train if len(tok.encode(p.prompt)) <= room][:64]
+    evals = [tok.encode(p.prompt) for p in val if len(tok.encode(p.prompt)) <= room][:4]
+    answers = {tuple(tok.encode(p.prompt)): p.chosen for p in train + val}
+    verifier = TaskReward(tok, answers, policy.config, match=even)
+    args = dict(algo="grpo", out_dir=str(tmp_path), iterations=2, prompts_per_iter=4, group_size=2, max_new_tokens=6,
+                epochs=1, minibatch_size=8, lr=3e-3, eval_every=1, eval_prompts=4, eval_samples=2, ckpt_every=0,
+                device="cpu", kernels="reference", seed=0)
+    args.update(kw)
+    judge = WeightedReward([verifier, rm], weights)
+    trainer = RLHFTrainer(policy, copy.deepcopy(policy), judge, prompts, evals, tok.eot_id, RLArgs(**args))
+    return trainer, trainer.fit()
+
+
+@pytest.mark.parametrize("weights", [[0.5, 2.0], [0.0, 1.0], [1.0, 0.0]])
+def test_a_verifier_and_a_reward_model_log_each_judges_mean_and_their_weighted_sum(data, easy_reward, tmp_path,
+                                                                                   weights):
+    """Every row (iterations and evals, in metrics.jsonl) has reward_<key> for each judge, and reward =
+    sum w_i * reward_<key_i>; a weight of 0 leaves its judge logged and out of the sum."""
+    trainer, result = _verified_run(data, easy_reward, tmp_path, weights)
+    rows = MetricsLog(tmp_path / "metrics.jsonl").rows()
+    train_rows = [r for r in rows if "reward" in r]
+    eval_rows = [r for r in rows if "eval_reward" in r]
+    assert len(train_rows) == 2 and len(eval_rows) == 3
+    for prefix, rs in (("reward", train_rows), ("eval_reward", eval_rows)):
+        for r in rs:
+            each = [r[f"{prefix}_verifier1"], r[f"{prefix}_rm2"]]
+            assert r[prefix] == pytest.approx(sum(w * m for w, m in zip(weights, each)), abs=1e-6)
+            assert 0.0 <= each[0] <= 1.0
+    assert any(0 < r["reward_verifier1"] < 1 for r in train_rows)  # a verifier that is not always the same
+    assert len({r["eval_reward_rm2"] for r in eval_rows}) > 1  # the reward model's score moved
+    assert result["eval_judges"] == {"verifier1": eval_rows[-1]["eval_reward_verifier1"],
+                                     "rm2": eval_rows[-1]["eval_reward_rm2"]}
+    state = torch.load(tmp_path / "ckpt-0000002" / "state.pt", weights_only=False)
+    assert state["args"]["rewards"] == [f"{__name__}.even", None]  # the judges, in order (None: a reward model)
+    assert state["args"]["reward_weights"] == weights and len(state["reward_fingerprints"]) == 2
+
+
+# -- two verifiers on the embedded tasks ---------------------------------------------------------------------------
+def test_exact_and_number_together_on_the_embedded_tasks(data):
+    """count_words' answers are numbers: a response that is the answer scores 1 + 1, one that ends with
+    it (a sentence) 0 + 1, a wrong one 0 + 0; the sum weighs them."""
+    from tritongpt.train.preference import task_preferences
+
+    tok, _, _ = data
+    pairs = [p for p in task_preferences(20, seed=0, template=lambda r: r["instruction"] + " " + r["input"] + " =",
+                                         split="train", families="count_words")]
+    answers = {tuple(tok.encode(p.prompt)): p.chosen for p in pairs}
+    cfg = tiny_config(tok.vocab_size)
+    judge = WeightedReward([TaskReward(tok, answers, cfg, match=tasks.exact_match),
+                            TaskReward(tok, answers, cfg, match=tasks.number_match)], [1.0, 0.25])
+    assert judge.keys == ["exact", "number"]
+    p = pairs[0]
+    rows, want = [], []
+    for response, scores in ((" " + p.chosen, [1.0, 1.0]), ("words " + p.chosen, [0.0, 1.0]),
+                             (p.rejected, [0.0, 0.0])):
+        rows.append(tok.encode(p.prompt) + tok.encode(response) + [tok.eot_id])
+        want.append(scores)
+    width = max(map(len, rows))
+    idx = torch.tensor([r + [tok.eot_id] * (width - len(r)) for r in rows])
+    lengths = torch.tensor([len(r) for r in rows])
+    prompt_lens = torch.full((3,), len(tok.encode(p.prompt)))
+    scores = judge.scores(idx, lengths, prompt_lens)
+    assert scores.tolist() == want
+    assert judge(idx, lengths, prompt_lens).tolist() == [1.25, 0.25, 0.0]
