@@ -16,7 +16,10 @@ from tritongpt.train.reward import RewardModel
 from tritongpt.train.rlhf import (RLArgs, RLHFTrainer, TaskReward, WeightedReward, check_reward_weights,
                                   compute_advantages, group_advantages)
 
-from test_rlhf import CTX, data, easy_reward, tiny_config  # noqa: F401 (module fixtures, reused)
+import test_rlhf
+from test_rlhf import CTX, tiny_config
+
+data, easy_reward = test_rlhf.data, test_rlhf.easy_reward  # test_rlhf's module fixtures, reused
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -213,3 +216,145 @@ def test_exact_and_number_together_on_the_embedded_tasks(data):
     scores = judge.scores(idx, lengths, prompt_lens)
     assert scores.tolist() == want
     assert judge(idx, lengths, prompt_lens).tolist() == [1.25, 0.25, 0.0]
+
+
+# -- the CLI: --reward A --reward B --reward-weights ... ---------------------------------------------------------
+def _cli_setup(tmp_path):
+    torch.manual_seed(0)
+    init = tmp_path / "init.safetensors"
+    GPTModel(get_config("tiny", vocab_size=4100, n_layer=1)).save(init)
+    RewardModel(GPTModel(get_config("tiny", vocab_size=4100, n_layer=1, context_length=100))).save(tmp_path / "rm.st")
+    return ["rlhf", "--init", str(init), "--num-pairs", "16", "--algo", "grpo", "--prompts-per-iter", "2",
+            "--group-size", "2", "--max-new-tokens", "4", "--epochs", "1", "--minibatch-size", "4",
+            "--eval-prompts", "2", "--eval-samples", "1", "--device", "cpu", "--seed", "0"]
+
+
+def test_rlhf_cli_with_a_verifier_and_a_reward_model(tmp_path, capsys, monkeypatch):
+    """`--reward exact --reward RM --reward-weights 0.5 2`: the verifier's prompts, every one the judges'
+    shorter context leaves room in; the rows and the final line name the sum and each judge; a resume
+    with other weights is noted as a changed flag is, one with other judges refused as another verifier is;
+    one --reward resumes a one-judge run as before (no per-judge keys, the same record)."""
+    from tritongpt.cli import main
+
+    argv = _cli_setup(tmp_path)
+    rm = str(tmp_path / "rm.st")
+    two = ["--reward", "exact", "--reward", rm, "--reward-weights", "0.5", "2", "--out-dir", str(tmp_path / "run")]
+    assert main([*argv, *two, "--iterations", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "rlhf (grpo): eval reward 0.5 x exact + 2 x rm2 " in out
+    assert "(each judge's: exact (exact match) " in out and ", rm2 " in out
+    rows = MetricsLog(tmp_path / "run" / "metrics.jsonl").rows()
+    for r in rows:
+        for prefix in ("reward", "eval_reward"):
+            if prefix in r:
+                assert r[prefix] == pytest.approx(0.5 * r[f"{prefix}_exact"] + 2 * r[f"{prefix}_rm2"], abs=1e-6)
+    state = torch.load(tmp_path / "run" / "ckpt-0000001" / "state.pt", weights_only=False)
+    assert state["args"]["rewards"] == ["exact", None] and state["args"]["reward_weights"] == [0.5, 2.0]
+    assert "verifier" not in state["args"]
+    assert main([*argv, *two[:4], "--reward-weights", "1", "2", *two[-2:], "--iterations", "2", "--resume"]) == 0
+    err = capsys.readouterr().err
+    assert "resuming with --reward-weights [1.0, 2.0] (the run had [0.5, 2.0])" in err
+    torch.manual_seed(1)
+    RewardModel(GPTModel(get_config("tiny", vocab_size=4100, n_layer=1))).save(tmp_path / "rm_b.st")
+    for judges, was in ((["--reward", rm, "--reward", "exact"], "a reward model and --reward exact"),
+                        (["--reward", "exact", "--reward", rm, "--reward", str(tmp_path / "rm_b.st")],
+                         "--reward exact and a reward model and a reward model"),
+                        (["--reward", "exact"], "--reward exact")):
+        assert main([*argv, *judges, *two[-2:], "--iterations", "3", "--resume"]) == 2
+        err = capsys.readouterr().err
+        assert f"was judged by --reward exact and a reward model, not {was}: pass the same --reward flags" in err, err
+    # another reward model in the same place: named
+    assert main([*argv, *two[:3], str(tmp_path / "rm_b.st"), *two[4:], "--iterations", "3", "--resume"]) == 2
+    assert f"--reward {tmp_path / 'rm_b.st'} (--reward #2) is not the model" in capsys.readouterr().err
+    # one judge: no per-judge keys; a one-judge run resumed with one weight of 2 is noted as a weight change
+    one = ["--reward", "exact", "--out-dir", str(tmp_path / "one")]
+    assert main([*argv, *one, "--iterations", "1"]) == 0
+    assert "rlhf (grpo): eval exact match (the verifier's reward)" in capsys.readouterr().out
+    keys = {k for r in MetricsLog(tmp_path / "one" / "metrics.jsonl").rows() for k in r}
+    assert "reward_std" in keys and not keys & {"reward_exact", "eval_reward_exact"}
+    state = torch.load(tmp_path / "one" / "ckpt-0000001" / "state.pt", weights_only=False)
+    assert state["args"]["verifier"] == "exact" and "rewards" not in state["args"]
+    assert main([*argv, *one, "--reward-weights", "2", "--iterations", "2", "--resume"]) == 0
+    assert "resuming with --reward-weights [2.0] (the run had [1.0])" in capsys.readouterr().err
+    assert main([*argv, *one, "--reward", rm, "--iterations", "3", "--resume"]) == 2
+    assert "was judged by --reward exact, not --reward exact and a reward model" in capsys.readouterr().err
+
+
+def test_rlhf_cli_room_and_prompts_with_a_verifier_among_the_judges(tmp_path, capsys, monkeypatch):
+    """The prompts and references are the verifier's; every prompt leaves max-new-tokens of room in the
+    shortest context of the policy (128) and the judges (the reward model's 100)."""
+    import tritongpt.train.rlhf as rlhf
+    from tritongpt.cli import main
+
+    seen = {}
+
+    class Stub:
+        def __init__(self, policy, ref, reward_model, prompts, eval_prompts, eot_id, args, **kw):
+            seen.update(judge=reward_model, prompts=prompts + eval_prompts, run_args=kw["run_args"])
+
+        def fit(self):
+            return {"first_eval_reward": 0.0, "eval_reward": 0.0, "eval_kl": 0.0, "checkpoint": None,
+                    "first_eval_judges": {"exact": 0.0, "rm2": 0.0}, "eval_judges": {"exact": 0.0, "rm2": 0.0}}
+
+    monkeypatch.setattr(rlhf, "RLHFTrainer", Stub)
+    argv = _cli_setup(tmp_path)
+    argv[argv.index("--num-pairs") + 1] = "40"
+    assert main([*argv, "--max-new-tokens", "24", "--reward", "exact", "--reward", str(tmp_path / "rm.st"),
+                 "--out-dir", str(tmp_path / "a")]) == 0
+    judge = seen["judge"]
+    assert isinstance(judge, WeightedReward) and judge.weights == [1.0, 1.0] and judge.keys == ["exact", "rm2"]
+    verifier, rm = judge.judges
+    assert isinstance(verifier, TaskReward) and isinstance(rm, RewardModel)
+    assert seen["prompts"] and all(tuple(p) in verifier.answers and len(p) <= 100 - 24 for p in seen["prompts"])
+    assert any(len(p) > 100 - 24 for p in verifier.answers)  # the reward model's context cut some
+    assert seen["run_args"]["rewards"] == ["exact", None] and seen["run_args"]["reward_weights"] == [1.0, 1.0]
+
+
+def test_rlhf_cli_refuses_bad_weights_and_a_judge_given_twice(tmp_path, capsys):
+    from tritongpt.cli import main
+
+    argv = [*_cli_setup(tmp_path), "--iterations", "1", "--out-dir", str(tmp_path / "run")]
+    rm = str(tmp_path / "rm.st")
+    shutil_copy = tmp_path / "rm_copy.st"
+    shutil_copy.write_bytes((tmp_path / "rm.st").read_bytes())
+    (tmp_path / "other").mkdir()
+    RewardModel(GPTModel(get_config("tiny", vocab_size=4000, n_layer=1))).save(tmp_path / "other" / "rm.st")
+    for flags, msg in (
+            (["--reward", "exact", "--reward", rm, "--reward-weights", "1"],
+             "--reward-weights has 1 weight for 2 --reward judges: give one weight per --reward"),
+            (["--reward", "exact", "--reward-weights", "1", "2"],
+             "--reward-weights has 2 weights for 1 --reward judge"),
+            (["--reward", "exact", "--reward", rm, "--reward-weights", "1", "nan"],
+             "--reward-weights must be finite numbers, got nan"),
+            (["--reward", "exact", "--reward", rm, "--reward-weights", "inf", "-0.5"],
+             "--reward-weights must be finite numbers, got inf"),
+            (["--reward", "exact", "--reward", rm, "--reward-weights", "0", "0"], "--reward-weights are all 0 (0 0)"),
+            (["--reward", "exact", "--reward", "exact"], "--reward exact is given twice: give each judge once"),
+            (["--reward", "tasks", "--reward", "exact"], "--reward exact is given twice (as --reward tasks)"),
+            (["--reward", rm, "--reward", f"{tmp_path}/./rm.st"],
+             f"--reward {tmp_path}/./rm.st is given twice (as --reward {rm})"),
+            (["--reward", rm, "--reward", str(shutil_copy)], f"--reward {shutil_copy} and --reward {rm} are the "
+                                                             "same reward model (the same weights)"),
+            (["--reward", "exact", "--reward", str(tmp_path / "other" / "rm.st")],
+             f"--reward {tmp_path / 'other' / 'rm.st'}: reward model vocab (4000) differs from the policy's (4100)"),
+            (["--reward", "exact", "--reward", "number"], "--reward number: the reference answer")):
+        assert main([*argv, *flags]) == 2, flags
+        err = capsys.readouterr().err
+        assert msg in err, (flags, err)
+        assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_rlhf_cli_exact_and_number_on_a_files_answers(tmp_path, capsys):
+    """Two verifiers on an SFT file of sums: the keys exact and number, reward = 1 x exact + 3 x number."""
+    from tritongpt.cli import main
+
+    nums = tmp_path / "sums.jsonl"
+    nums.write_text("".join(json.dumps({"prompt": f"{a} plus {b} is", "completion": f" {a + b}"}) + "\n"
+                            for a in range(6) for b in range(5)))
+    argv = [*_cli_setup(tmp_path), "--data", str(nums), "--reward", "exact", "--reward", "number",
+            "--reward-weights", "1", "3", "--iterations", "1", "--out-dir", str(tmp_path / "run")]
+    assert main(argv) == 0
+    assert "eval reward 1 x exact + 3 x number " in capsys.readouterr().out
+    rows = [r for r in MetricsLog(tmp_path / "run" / "metrics.jsonl").rows() if "reward" in r]
+    assert rows and all(r["reward"] == pytest.approx(r["reward_exact"] + 3 * r["reward_number"], abs=1e-6)
+                        for r in rows)
