@@ -341,7 +341,7 @@ def test_rlhf_cli_refuses_bad_weights_and_a_judge_given_twice(tmp_path, capsys):
         assert main([*argv, *flags]) == 2, flags
         err = capsys.readouterr().err
         assert msg in err, (flags, err)
-        assert not (tmp_path / "run" / "metrics.jsonl").exists()
+        assert not (tmp_path / "run").exists()  # refused before anything is written
 
 
 def test_rlhf_cli_exact_and_number_on_a_files_answers(tmp_path, capsys):

@@ -241,12 +241,12 @@ class Rollout:
     mask: torch.Tensor         # [N, T-1] bool: targets that are response tokens
     group: torch.Tensor        # [N] index of the prompt each response answers
     scores: torch.Tensor = None     # [N] reward model (several: the weighted sum)
-    judge_scores: torch.Tensor = None  # [N, judges] each judge's own score (a WeightedReward's)
     logp: torch.Tensor = None       # [N, T-1] log pi_old of each target
     ref_logp: torch.Tensor = None   # [N, T-1] log pi_ref
     values: torch.Tensor = None     # [N, T-1] PPO
     advantages: torch.Tensor = None  # [N, T-1]
     returns: torch.Tensor = None    # [N, T-1] PPO
+    judge_scores: torch.Tensor = None  # [N, judges] each judge's own score (a WeightedReward's)
 
     def __len__(self):
         return self.idx.size(0)
