@@ -2,6 +2,7 @@
 and reward_weights). A response's score is sum_i w_i * score_i; each judge's own mean is logged beside it."""
 import copy
 import json
+import shutil
 
 import pytest
 import torch
@@ -20,6 +21,14 @@ import test_rlhf
 from test_rlhf import CTX, tiny_config
 
 data, easy_reward = test_rlhf.data, test_rlhf.easy_reward  # test_rlhf's module fixtures, reused
+try:
+    import test_reward_import
+
+    smollm = test_reward_import.smollm  # a Hugging Face policy folder and classifier (needs transformers)
+except pytest.skip.Exception:  # no transformers: the one test that needs it is skipped
+    @pytest.fixture
+    def smollm():
+        pytest.skip("needs transformers")
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -358,3 +367,23 @@ def test_rlhf_cli_exact_and_number_on_a_files_answers(tmp_path, capsys):
     rows = [r for r in MetricsLog(tmp_path / "run" / "metrics.jsonl").rows() if "reward" in r]
     assert rows and all(r["reward"] == pytest.approx(r["reward_exact"] + 3 * r["reward_number"], abs=1e-6)
                         for r in rows)
+
+
+def test_rlhf_cli_fetches_a_hub_classifier_among_several_judges(smollm, tmp_path, monkeypatch, capsys):
+    """`--reward exact --reward owner/name`: the Hub repo is fetched as a lone --reward's is (cli.fetch_hub_repos
+    leaves the repeatable flag's list alone) and scores the verifier's prompts beside it."""
+    from test_hf_tokenizer import fake_hub
+    from tritongpt import cli
+
+    policy, rm = smollm
+    shutil.copytree(rm, tmp_path / "hub" / "someone" / "rm")
+    fake_hub(monkeypatch, tmp_path / "hub", tmp_path / "cache")
+    monkeypatch.chdir(tmp_path)  # someone/rm is no path from here
+    assert cli.main(["rlhf", "--init", str(policy), "--reward", "exact", "--reward", "someone/rm",
+                     "--reward-weights", "1", "0.5", "--iterations", "1", "--num-pairs", "8", "--prompts-per-iter",
+                     "2", "--minibatch-size", "2", "--epochs", "1", "--max-new-tokens", "4", "--eval-prompts", "2",
+                     "--eval-samples", "1", "--device", "cpu", "--kernels", "reference",
+                     "--out-dir", str(tmp_path / "rl")]) == 0
+    out = capsys.readouterr()
+    assert "rlhf (ppo): eval reward 1 x exact + 0.5 x rm2 " in out.out, out.err
+    assert "someone/rm: the Hugging Face Hub's files" in out.err and "is not the policy's" not in out.err
