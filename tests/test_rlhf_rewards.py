@@ -261,8 +261,9 @@ def test_rlhf_cli_with_a_verifier_and_a_reward_model(tmp_path, capsys, monkeypat
     assert state["args"]["rewards"] == ["exact", None] and state["args"]["reward_weights"] == [0.5, 2.0]
     assert "verifier" not in state["args"]
     assert main([*argv, *two[:4], "--reward-weights", "1", "2", *two[-2:], "--iterations", "2", "--resume"]) == 0
-    err = capsys.readouterr().err
+    out, err = capsys.readouterr()
     assert "resuming with --reward-weights [1.0, 2.0] (the run had [0.5, 2.0])" in err
+    assert "eval reward 1 x exact + 2 x rm2 (resumed) -> " in out and "exact (exact match) (resumed) -> " in out
     torch.manual_seed(1)
     RewardModel(GPTModel(get_config("tiny", vocab_size=4100, n_layer=1))).save(tmp_path / "rm_b.st")
     for judges, was in ((["--reward", rm, "--reward", "exact"], "a reward model and --reward exact"),
@@ -345,6 +346,8 @@ def test_rlhf_cli_refuses_bad_weights_and_a_judge_given_twice(tmp_path, capsys):
             (["--reward", rm, "--reward", str(shutil_copy)], f"--reward {shutil_copy} and --reward {rm} are the "
                                                              "same reward model (the same weights)"),
             (["--reward", "exact", "--reward", str(tmp_path / "other" / "rm.st")],
+             f"--reward {tmp_path / 'other' / 'rm.st'}: reward model vocab (4000) differs from the policy's (4100)"),
+            (["--reward", rm, "--reward", str(tmp_path / "other" / "rm.st")],  # the second reward model's too
              f"--reward {tmp_path / 'other' / 'rm.st'}: reward model vocab (4000) differs from the policy's (4100)"),
             (["--reward", "exact", "--reward", "number"], "--reward number: the reference answer")):
         assert main([*argv, *flags]) == 2, flags

@@ -564,7 +564,8 @@ def minibatch_loss(model: PolicyWithValue, ro: Rollout, sel, args: RLArgs):
 
 # -- the trainer ---------------------------------------------------------------------------------
 class RLHFTrainer:
-    """PPO or GRPO on `policy`, with `ref` frozen and `reward_model` as the only judge.
+    """PPO or GRPO on `policy`, with `ref` frozen and `reward_model` as the only judge (several judges:
+    a WeightedReward, whose weighted sum is the score; their list and weights go into the run record).
 
     prompts / eval_prompts: lists of token-id lists (each leaves room for max_new_tokens).
     `history` keeps every logged row; `fit()` returns a summary with the first and last eval.
