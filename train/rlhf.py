@@ -985,7 +985,6 @@ def cmd_rlhf(args):
         raise UserError("--reward is required: a reward model checkpoint from `tritongpt reward`, or a verifier: "
                         "`exact` or `number`")
     weights = check_reward_weights(len(rewards), getattr(args, "reward_weights", None))
-    rewards = [hub_reward(r) for r in rewards]  # cli.fetch_hub_repos fetches a str flag's, not a list's
     check_distinct_rewards(rewards)
     several = len(rewards) > 1 or weights != [1.0]  # else one judge, as before --reward was repeatable
     verifiers = [r for r in rewards if r in VERIFIERS]
@@ -1052,16 +1051,6 @@ def cmd_rlhf(args):
           f"KL to reference {result['eval_kl']:.4f} nats/response (a sampled estimate: "
           f"near 0 it can come out negative); checkpoint {result['checkpoint']}")
     return 0
-
-
-def hub_reward(reward: str) -> str:
-    """A Hugging Face Hub repo id (owner/name, no such path here) as a --reward: its local folder, fetched
-    once, as cli.fetch_hub_repos does for --init (it leaves a list alone: --reward is one, repeatable)."""
-    if reward in VERIFIERS or "/" not in reward:
-        return reward
-    from tritongpt.train.gpt2_weights import hub_folder, is_hub_repo
-
-    return str(hub_folder(reward)) if is_hub_repo(reward) else reward
 
 
 def check_distinct_rewards(rewards: list) -> None:

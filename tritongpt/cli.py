@@ -58,13 +58,18 @@ def fetch_hub_repos(args):
     """A Hugging Face Hub repo id (owner/name, no such path here) as --init, --weights or --reward (a reward
     model), or a Hub dataset id as --data: fetch its files once, here, so that every later step (the weights,
     their tokenizer, the data, the run's record) reads a local folder, as for files downloaded by hand."""
-    for flag in ("init", "weights", "reward"):
-        value = getattr(args, flag, None)
+    def fetched(value):
         if isinstance(value, str) and "/" in value:  # (the import loads torch: not for every command)
             from tritongpt.train.gpt2_weights import hub_folder, is_hub_repo
 
             if is_hub_repo(value):
-                setattr(args, flag, str(hub_folder(value)))
+                return str(hub_folder(value))
+        return value
+
+    for flag in ("init", "weights", "reward"):  # rlhf's --reward is a list (repeatable): each one fetched
+        value = getattr(args, flag, None)
+        if value is not None:
+            setattr(args, flag, [fetched(v) for v in value] if isinstance(value, list) else fetched(value))
     # --data as a Hub dataset id (owner/name, owner/name/config): its train split's .parquet files, fetched into
     # a folder of their own, which every trainer reads as a folder of shards (hellaswag's --data is its own file)
     data = getattr(args, "data", None)
