@@ -9,7 +9,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+torch.set_num_threads(int(os.environ.get('TG_THREADS', max(1, min(2, os.cpu_count() or 1)))))
 
 
 def pytest_collection_modifyitems(config, items):
