@@ -1,7 +1,10 @@
-"""Text generation: greedy, temperature, top-k, top-p and min-p sampling and a repetition penalty, with a
-preallocated KV cache. The logits go through them in transformers' generate's order: the repetition penalty
-(on the raw logits, greedy too), then temperature, top-k, top-p, min-p; the same settings draw from the same
-distribution.
+"""Text generation: greedy, temperature, top-k, top-p and min-p sampling, a repetition penalty, frequency and
+presence penalties and a no-repeat n-gram ban, with a preallocated KV cache. The logits go through them in
+this order, on the raw logits first (greedy decoding too): the repetition penalty, then the frequency and the
+presence penalty (vLLM's sampler order: repetition, frequency, presence), then the n-gram ban (after the
+repetition penalty, as in transformers' generate; it sets -inf, which the others leave at -inf, so its place
+among them changes nothing); then temperature, top-k, top-p, min-p. With transformers' settings the same
+settings draw from the same distribution.
 
 With the cache, the prompt is run once (prefill) and each new token costs one position.
 Positions are absolute (learned embeddings), so when the window is full it cannot slide:
@@ -17,7 +20,9 @@ from tritongpt.errors import UserError
 
 
 def check_sampling(temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
-                   flags: bool = False, min_p: float | None = None, repetition_penalty: float | None = None) -> None:
+                   flags: bool = False, min_p: float | None = None, repetition_penalty: float | None = None,
+                   frequency_penalty: float | None = None, presence_penalty: float | None = None,
+                   no_repeat_ngram_size: int | None = None) -> None:
     """The sampling settings, checked before any work (also those greedy decoding ignores: a
     typo should not wait for the first sample). flags: name them as command-line flags."""
     name = (lambda n: "--" + n.replace("_", "-")) if flags else (lambda n: n)
@@ -33,6 +38,13 @@ def check_sampling(temperature: float = 0.0, top_k: int | None = None, top_p: fl
                                            not (math.isfinite(repetition_penalty) and repetition_penalty > 0)):
         raise UserError(f"{name('repetition_penalty')} must be a finite number > 0 (1 = none), "
                         f"got {repetition_penalty!r}")
+    for key, value in (("frequency_penalty", frequency_penalty), ("presence_penalty", presence_penalty)):
+        # OpenAI's and vLLM's range
+        if value is not None and (not is_real(value) or not (math.isfinite(value) and -2.0 <= value <= 2.0)):
+            raise UserError(f"{name(key)} must be a number in [-2, 2] (0 = none), got {value!r}")
+    if no_repeat_ngram_size is not None and (not is_int(no_repeat_ngram_size) or no_repeat_ngram_size < 0):
+        raise UserError(f"{name('no_repeat_ngram_size')} must be an integer >= 0 (0 = off), "
+                        f"got {no_repeat_ngram_size!r}")
 
 
 def penalize_repeats(logits, seen, penalty: float):
@@ -48,12 +60,48 @@ def penalize_repeats(logits, seen, penalty: float):
     return torch.where(marks, torch.where(logits > 0, logits / penalty, logits * penalty), logits)
 
 
+def penalize_counts(logits, seen, start, frequency: float = 0.0, presence: float = 0.0):
+    """OpenAI's and vLLM's frequency and presence penalties: logit[t] -= frequency * count(t) + presence *
+    (count(t) > 0), count(t) how often t is among the row's GENERATED ids: those of seen [B, T] from column
+    start on (an int, or a [B] tensor where rows' prompts end at different columns); the prompt's ids do not
+    count (as vLLM's). Ids past the logits (a vocab_limit) are left out. In fp32 at least (float64 stays)."""
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    B, V = logits.shape
+    start = torch.as_tensor(start, device=seen.device).reshape(-1, 1)
+    counted = torch.arange(seen.size(1), device=seen.device) >= start  # [B, T] (or [1, T]): generated
+    # an id past V counts in a spare column, dropped
+    counts = torch.zeros(B, V + 1, dtype=logits.dtype, device=logits.device)
+    counts = counts.scatter_add(-1, seen.clamp(max=V), counted.expand_as(seen).to(logits.dtype))[:, :V]
+    return logits - frequency * counts - presence * (counts > 0).to(logits.dtype)
+
+
+def ban_repeated_ngrams(logits, seen, n: int):
+    """transformers' NoRepeatNGramLogitsProcessor: a token that would complete an n-gram already in the row
+    (seen [B, T], the prompt's ids included) gets -inf; n = 1 bans every id seen. Ids past the logits are left
+    out."""
+    B, V = logits.shape
+    T = seen.size(1)
+    if T + 1 < n:  # not even one n-gram can be completed yet
+        return logits
+    windows = seen.unfold(1, n, 1) if T >= n else seen.new_zeros(B, 0, n)  # [B, W, n]: every n-gram so far
+    # those whose first n - 1 ids are the row's last n - 1: their last id would repeat them
+    match = (windows[:, :, :-1] == seen[:, T - n + 1:].unsqueeze(1)).all(dim=-1)
+    banned = torch.where(match, windows[:, :, -1].clamp(max=V), V)  # unmatched -> the spare column
+    marks = torch.zeros(B, V + 1, dtype=torch.bool, device=logits.device)
+    marks = marks.scatter(-1, banned, True)[:, :V]
+    return logits.masked_fill(marks, float("-inf"))
+
+
 def sample_next(logits, temperature: float = 0.0, top_k: int | None = None,
                 top_p: float | None = None, generator: torch.Generator | None = None, min_p: float | None = None,
-                repetition_penalty: float | None = None, seen=None):
+                repetition_penalty: float | None = None, seen=None, frequency_penalty: float | None = None,
+                presence_penalty: float | None = None, no_repeat_ngram_size: int | None = None, generated_from=None):
     """Pick one token per row from logits [B, V]. temperature 0 means greedy (argmax). seen [B, T]: the ids a
-    repetition_penalty applies to."""
-    logits = sampling_logits(logits, temperature, top_k, top_p, min_p, repetition_penalty, seen)
+    repetition_penalty and no_repeat_ngram_size apply to; those from column generated_from on (an int or a [B]
+    tensor), the generated ones, are what frequency_penalty and presence_penalty count."""
+    logits = sampling_logits(logits, temperature, top_k, top_p, min_p, repetition_penalty, seen,
+                             frequency_penalty=frequency_penalty, presence_penalty=presence_penalty,
+                             no_repeat_ngram_size=no_repeat_ngram_size, generated_from=generated_from)
     if temperature < torch.finfo(torch.float32).tiny:
         return logits.argmax(dim=-1, keepdim=True)
     probs = torch.softmax(logits, dim=-1)
@@ -61,14 +109,27 @@ def sample_next(logits, temperature: float = 0.0, top_k: int | None = None,
 
 
 def sampling_logits(logits, temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
-                    min_p: float | None = None, repetition_penalty: float | None = None, seen=None):
+                    min_p: float | None = None, repetition_penalty: float | None = None, seen=None, *,
+                    frequency_penalty: float | None = None, presence_penalty: float | None = None,
+                    no_repeat_ngram_size: int | None = None, generated_from=None):
     """The logits [B, V] sample_next draws from (softmax of them): penalized, tempered and cut, -inf for a token
-    it never draws. Greedy (temperature 0): only penalized."""
-    check_sampling(temperature, top_k, top_p, min_p=min_p, repetition_penalty=repetition_penalty)
+    it never draws. Greedy (temperature 0): only penalized (and n-grams banned)."""
+    check_sampling(temperature, top_k, top_p, min_p=min_p, repetition_penalty=repetition_penalty,
+                   frequency_penalty=frequency_penalty, presence_penalty=presence_penalty,
+                   no_repeat_ngram_size=no_repeat_ngram_size)
     if repetition_penalty is not None and repetition_penalty != 1.0:
         if seen is None:
             raise UserError("a repetition_penalty needs the ids seen so far (seen)")
         logits = penalize_repeats(logits, seen, repetition_penalty)
+    if frequency_penalty or presence_penalty:
+        if seen is None or generated_from is None:
+            raise UserError("a frequency_penalty or presence_penalty needs the ids so far (seen) and where the "
+                            "generated ones start (generated_from)")
+        logits = penalize_counts(logits, seen, generated_from, frequency_penalty or 0.0, presence_penalty or 0.0)
+    if no_repeat_ngram_size:
+        if seen is None:
+            raise UserError("a no_repeat_ngram_size needs the ids seen so far (seen)")
+        logits = ban_repeated_ngrams(logits, seen, no_repeat_ngram_size)
     # below fp32's smallest normal number the division rounds the temperature to 0: greedy is
     # the limit it tends to anyway
     if temperature < torch.finfo(torch.float32).tiny:
@@ -102,13 +163,21 @@ def sampling_logits(logits, temperature: float = 0.0, top_k: int | None = None, 
 def generate(model, idx, max_new_tokens: int, temperature: float = 0.0, top_k: int | None = None,
              top_p: float | None = None, eos_id: int | None = None, use_cache: bool = True,
              generator: torch.Generator | None = None, vocab_limit: int | None = None, on_token=None,
-             min_p: float | None = None, repetition_penalty: float | None = None, stop=None):
+             min_p: float | None = None, repetition_penalty: float | None = None, stop=None,
+             frequency_penalty: float | None = None, presence_penalty: float | None = None,
+             no_repeat_ngram_size: int | None = None):
     """Extend idx [B, T] by up to max_new_tokens tokens; rows stop after emitting eos_id.
 
     Returns [B, T + n]. Rows that finished early are padded with eos_id. vocab_limit: only ids
     below it are drawn (a tokenizer smaller than the model's vocabulary cannot decode the rest).
     on_token: called with each step's new tokens [B, 1] as they are drawn (to stream the text).
     repetition_penalty: on every id of the row so far, the prompt's included (transformers' too).
+    frequency_penalty, presence_penalty (each in [-2, 2], 0 = none, as OpenAI's and vLLM's): logit[t] -= F *
+    count(t) + P * (count(t) > 0), count(t) how often t is among the ids this call generated in that row, the
+    prompt's NOT counted (vLLM's output tokens). Every row's generated ids start at column idx.size(1): prompts
+    of different lengths batched together must be left-padded to one width, their padding then counts as prompt.
+    no_repeat_ngram_size N: a token that would complete an N-gram already in the row (prompt included, as
+    transformers' no_repeat_ngram_size) is never drawn.
     stop: called with the rows so far [B, T + n] after each step, returns which rows are finished [B] (a stop
     string drawn, say): those stop as at eos_id (padded with it where there is one).
     """
@@ -120,14 +189,17 @@ def generate(model, idx, max_new_tokens: int, temperature: float = 0.0, top_k: i
     # an int (numpy's too): a float or None failed in range() or a comparison with a bare TypeError
     if not is_int(max_new_tokens) or max_new_tokens < 0:
         raise UserError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
-    check_sampling(temperature, top_k, top_p, min_p=min_p, repetition_penalty=repetition_penalty)
+    check_sampling(temperature, top_k, top_p, min_p=min_p, repetition_penalty=repetition_penalty,
+                   frequency_penalty=frequency_penalty, presence_penalty=presence_penalty,
+                   no_repeat_ngram_size=no_repeat_ngram_size)
     if vocab_limit is not None and (not is_int(vocab_limit) or vocab_limit <= 0):  # it slices the logits
         raise UserError(f"vocab_limit must be a positive integer, got {vocab_limit!r}")
     was_training = model.training
     model.eval()
     try:
         warp = dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
-                    repetition_penalty=repetition_penalty)
+                    repetition_penalty=repetition_penalty, frequency_penalty=frequency_penalty,
+                    presence_penalty=presence_penalty, no_repeat_ngram_size=no_repeat_ngram_size)
         return _generate(model, idx, max_new_tokens, warp, eos_id, use_cache, generator, vocab_limit, on_token, stop)
     finally:
         model.train(was_training)
@@ -150,6 +222,7 @@ def _generate(model, idx, max_new_tokens, warp: dict, eos_id, use_cache, generat
     cache = model.new_cache(idx.size(0), min(ctx, idx.size(1) + max_new_tokens)) if use_cache else None
     done = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
     fed = 0  # how many tokens of idx the cache already holds
+    start = idx.size(1)  # where every row's generated ids begin (what the frequency/presence penalties count)
     for _ in range(max_new_tokens):
         if cache is None:
             logits = model(idx[:, -ctx:])
@@ -166,7 +239,7 @@ def _generate(model, idx, max_new_tokens, warp: dict, eos_id, use_cache, generat
             else:
                 logits = model(idx[:, fed:], cache)
                 fed = idx.size(1)
-        nxt = sample_next(logits[:, -1, :vocab_limit], generator=generator, seen=idx, **warp)
+        nxt = sample_next(logits[:, -1, :vocab_limit], generator=generator, seen=idx, generated_from=start, **warp)
         if eos_id is not None:
             nxt = torch.where(done.unsqueeze(1), torch.full_like(nxt, eos_id), nxt)
             done |= nxt.squeeze(1) == eos_id
