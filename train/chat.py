@@ -112,7 +112,8 @@ class Conversation:
 
 
 def reply(model, tokenizer, ids, budget, *, temperature=0.0, top_k=None, top_p=None, dtype=None, generator=None,
-          vocab_limit=None, stream: bool = True, stop_id=None, min_p=None, repetition_penalty=None):
+          vocab_limit=None, stream: bool = True, stop_id=None, min_p=None, repetition_penalty=None,
+          frequency_penalty=None, presence_penalty=None, no_repeat_ngram_size=None):
     """Draw one answer after `ids` (printed as it comes, with stream): (its text up to the eot, or
     stop_id (a chat template's end-of-turn token), whether the model ended it)."""
     import torch
@@ -128,7 +129,8 @@ def reply(model, tokenizer, ids, budget, *, temperature=0.0, top_k=None, top_p=N
     with autocast(device, dtype):
         out = generate(model, idx, budget, temperature=temperature, top_k=top_k, top_p=top_p,
                        eos_id=eot, generator=generator, vocab_limit=vocab_limit, on_token=printer, min_p=min_p,
-                       repetition_penalty=repetition_penalty)
+                       repetition_penalty=repetition_penalty, frequency_penalty=frequency_penalty,
+                       presence_penalty=presence_penalty, no_repeat_ngram_size=no_repeat_ngram_size)
     if printer:
         printer.close()
     new = out[0, len(ids):].tolist()
@@ -166,7 +168,7 @@ def read_message(read_line):
 def cmd_chat(args):
     import torch
 
-    from tritongpt.commands import check_generation_args, load_generation_model
+    from tritongpt.commands import check_generation_args, load_generation_model, repeat_controls
 
     check_generation_args(args)
     if args.max_new_tokens < 1:
@@ -227,7 +229,8 @@ def cmd_chat(args):
             note(f"the conversation outgrew the context: its {dropped} oldest turn(s) are dropped")
         answer, ended = reply(model, tok, ids, budget, temperature=args.temperature, top_k=args.top_k,
                               top_p=args.top_p, dtype=dtype, generator=gen, vocab_limit=limit, stop_id=stop,
-                              min_p=args.min_p, repetition_penalty=args.repetition_penalty)
+                              min_p=args.min_p, repetition_penalty=args.repetition_penalty,
+                              **repeat_controls(args))
         if not ended:
             note(f"the answer was cut at {budget} tokens (--max-new-tokens, or the context's end)")
         conv.add(user, answer, dropped)

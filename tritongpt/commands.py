@@ -225,8 +225,15 @@ def check_generation_args(args):
             raise UserError(f"--pretrained downloads GPT-2 or GPT-Neo by --model name ({'|'.join(names)}), "
                             f"not {args.model!r}")
     check_sampling(args.temperature, args.top_k, args.top_p, flags=True, min_p=args.min_p,
-                   repetition_penalty=args.repetition_penalty)
+                   repetition_penalty=args.repetition_penalty, frequency_penalty=args.frequency_penalty,
+                   presence_penalty=args.presence_penalty, no_repeat_ngram_size=args.no_repeat_ngram_size)
     check_seed(args.seed)
+
+
+def repeat_controls(args) -> dict:
+    """generate()'s frequency_penalty, presence_penalty and no_repeat_ngram_size from the flags."""
+    return dict(frequency_penalty=args.frequency_penalty, presence_penalty=args.presence_penalty,
+                no_repeat_ngram_size=args.no_repeat_ngram_size)
 
 
 def load_generation_model(args):
@@ -310,7 +317,7 @@ def cmd_generate(args):
         out = generate(model, idx, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                        top_p=args.top_p, eos_id=eot, generator=gen, vocab_limit=limit, on_token=stream,
                        min_p=args.min_p, repetition_penalty=args.repetition_penalty,
-                       stop=stopped if stops else None).tolist()
+                       stop=stopped if stops else None, **repeat_controls(args)).tolist()
     if stream:
         stream.close()
     for i, row in enumerate(out):
@@ -611,6 +618,16 @@ def add_sampling_args(p, max_new_tokens: int, temperature: float, temperature_te
     p.add_argument("--repetition-penalty", type=float, default=None,
                    help="> 1 makes every token already in the text (prompt included) less likely, as transformers' "
                         "repetition_penalty (1.1-1.3 is usual; greedy decoding too)")
+    p.add_argument("--frequency-penalty", type=float, default=None,
+                   help="in [-2, 2]: subtracted from a token's logit once for each time it is in the text generated "
+                        "so far (not the prompt), as OpenAI's and vLLM's frequency_penalty; after "
+                        "--repetition-penalty, greedy decoding too")
+    p.add_argument("--presence-penalty", type=float, default=None,
+                   help="in [-2, 2]: subtracted from the logit of every token in the text generated so far (not "
+                        "the prompt), as OpenAI's and vLLM's presence_penalty; after --frequency-penalty")
+    p.add_argument("--no-repeat-ngram-size", type=int, default=None, metavar="N",
+                   help="never draw a token that would repeat an N-token sequence already in the text (prompt "
+                        "included), as transformers' no_repeat_ngram_size; 0 = off")
     p.add_argument("--seed", type=int, default=1337,
                    help="seeds the sampling, and the weights of a model without --weights/--pretrained "
                         "(default %(default)s)")
