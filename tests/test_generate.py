@@ -469,3 +469,169 @@ def test_a_stop_cut_keeps_the_continuations_leading_space(tmp_path):
     new = tok.encode("sat on")  # "▁sat ▁on": SentencePiece's dummy prefix
     assert tok.decode(new) == "sat on" and tok.decode(ids + new) == "the cat sat on"  # the decoder's Strip
     assert continuation(tok, ids, new) == " sat on"
+
+
+# -- frequency and presence penalties, no-repeat n-grams ------------------------------------------------------
+def hand_counts(logits, seen, starts, frequency, presence):
+    """logit[t] -= frequency * count(t) + presence * (count(t) > 0), count(t) over row r's ids from starts[r] on,
+    ids past the logits left out: a loop, in float64."""
+    out = logits.clone().double()
+    for r in range(seen.size(0)):
+        counts = {}
+        for i in seen[r, starts[r]:].tolist():
+            counts[i] = counts.get(i, 0) + 1
+        for i, c in counts.items():
+            if i < out.size(1):
+                out[r, i] -= frequency * c + presence
+    return out
+
+
+@pytest.mark.parametrize("frequency, presence", [(0.7, 0.0), (0.0, -0.4), (1.3, 0.9), (-2.0, 2.0)])
+def test_frequency_and_presence_penalties_count_only_each_rows_generated_ids(frequency, presence):
+    """Against a hand count, in float64: each row counts its own ids from where its prompt ends (rows whose prompts
+    end at different columns, one that generated nothing), the prompt's never; an id past the logits is left
+    out; after the repetition penalty (vLLM's order), greedy too."""
+    from tritongpt.train.generate import penalize_counts, penalize_repeats, sampling_logits
+
+    g = torch.Generator().manual_seed(5)
+    V = 13
+    logits = torch.randn(3, V, generator=g, dtype=torch.float64) * 3
+    seen = torch.randint(0, 6, (3, 10), generator=g)  # few ids: many repeats
+    seen[0, 7], seen[1, 9] = V + 2, 1  # past the logits (a vocab_limit); a repeat
+    starts = [2, 5, 10]
+    want = hand_counts(logits, seen, starts, frequency, presence)
+    got = penalize_counts(logits, seen, torch.tensor(starts), frequency, presence)
+    assert got.dtype == torch.float64
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+    assert torch.equal(got[2], logits[2])  # nothing generated: nothing penalized
+    # one start for every row (what generate() passes)
+    torch.testing.assert_close(penalize_counts(logits, seen, 4, frequency, presence),
+                               hand_counts(logits, seen, [4] * 3, frequency, presence), rtol=0, atol=1e-12)
+    # through sampling_logits, greedy: the repetition penalty first (on the raw logits, prompt included)
+    ours = sampling_logits(logits, 0.0, repetition_penalty=1.5, seen=seen, frequency_penalty=frequency,
+                           presence_penalty=presence, generated_from=torch.tensor(starts))
+    torch.testing.assert_close(ours, hand_counts(penalize_repeats(logits, seen, 1.5).double(), seen, starts,
+                                                 frequency, presence).float(), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 4, 9])
+def test_no_repeat_ngram_is_transformers(n):
+    """Against transformers' NoRepeatNGramLogitsProcessor on random ids (few of them: many repeated n-grams) and
+    logits, sequences shorter than n too; through sampling_logits, greedy and sampled."""
+    transformers = pytest.importorskip("transformers")
+    from tritongpt.train.generate import ban_repeated_ngrams, sampling_logits
+
+    g = torch.Generator().manual_seed(n)
+    V = 11
+    for T in (1, 2, 5, 8, 20):
+        seen = torch.randint(0, 4, (4, T), generator=g)
+        logits = torch.randn(4, V, generator=g)
+        want = transformers.NoRepeatNGramLogitsProcessor(n)(seen, logits.clone())
+        assert torch.equal(ban_repeated_ngrams(logits, seen, n), want), T
+        assert torch.equal(sampling_logits(logits, 0.0, seen=seen, no_repeat_ngram_size=n), want)
+        tempered = sampling_logits(logits, 0.9, seen=seen, no_repeat_ngram_size=n)
+        assert torch.equal(torch.isinf(tempered), torch.isinf(want))
+        if n <= 2 and T >= 5:
+            assert torch.isinf(want).any()  # the case is not empty
+    # an id past the logits (a vocab_limit) is left out
+    assert not torch.isinf(ban_repeated_ngrams(torch.zeros(1, 3), torch.tensor([[5, 5]]), 1)).any()
+
+
+class Prefers(torch.nn.Module):
+    """A model stand-in whose next-token logits are always `scores` (token 3 first, then 4, then 5)."""
+    config = type("Config", (), dict(context_length=64, rope_scaling=None))()
+
+    def forward(self, idx, cache=None):
+        scores = torch.zeros(idx.size(0), idx.size(1), 9)
+        scores[..., 3], scores[..., 4], scores[..., 5] = 5.0, 4.0, 3.0
+        return scores
+
+
+@pytest.mark.parametrize("warp, prompt, want", [
+    (dict(), [1, 2], [3, 3, 3, 3, 3]),
+    # 5 - 2 * count(3), 4 - 2 * count(4), 3 - 2 * count(5) (ties: the lower id); the prompt's 3s do not count
+    (dict(frequency_penalty=2.0), [3, 3, 3, 3], [3, 4, 3, 5, 4]),
+    (dict(presence_penalty=1.5), [3, 3, 3, 3], [3, 4, 3, 3, 3]),
+    (dict(frequency_penalty=0.6, presence_penalty=0.5), [1], [3, 4, 3, 3, 5]),
+    (dict(no_repeat_ngram_size=2), [1, 2], [3, 3, 4, 3, 5]),
+    (dict(no_repeat_ngram_size=2), [3, 3], [4, 3, 5, 3, 0]),  # the prompt's (3, 3) is banned at once
+    (dict(no_repeat_ngram_size=1), [3], [4, 5, 0, 1, 2]),
+])
+def test_greedy_generate_honours_the_penalties(warp, prompt, want):
+    """A stand-in that always prefers token 3: greedy repeats it forever without a penalty, and each penalty turns
+    it away exactly as counted by hand (cached and uncached paths alike)."""
+    idx = torch.tensor([prompt])
+    out = generate(Prefers(), idx, 5, temperature=0.0, use_cache=False, **warp)
+    assert out[0, len(prompt):].tolist() == want
+
+
+def test_generate_counts_each_rows_own_generated_ids_with_prompts_of_different_lengths(model):
+    """Two prompts of different lengths in one batch, the shorter left-padded (generate() takes one width): greedy
+    with frequency and presence penalties, step by step, is the argmax of the uncached logits less each row's own
+    counts of what it generated (by hand), not the other row's nor its prompt's (padding included)."""
+    torch.manual_seed(4)
+    pad = 0
+    prompts = [[7, 7, 9], [12, 5, 12, 30, 7]]
+    idx = torch.tensor([[pad] * 2 + prompts[0], prompts[1]])
+    warp = dict(frequency_penalty=1.7, presence_penalty=0.8)
+    out = generate(model, idx, 6, temperature=0.0, **warp)
+    assert not torch.equal(out, generate(model, idx, 6, temperature=0.0))  # the penalties changed something
+    assert torch.equal(out, generate(model, idx, 6, temperature=0.0, use_cache=False, **warp))
+    with torch.no_grad():
+        for t in range(5, out.size(1)):
+            logits = model(out[:, :t])[:, -1].double()
+            assert torch.equal(out[:, t], hand_counts(logits, out[:, :t], [5, 5], 1.7, 0.8).argmax(-1)), t
+
+
+def test_the_penalties_and_the_ngram_size_are_checked_by_name(model, capsys):
+    from tritongpt import cli
+
+    for bad, said in ((dict(frequency_penalty=2.5),
+                       "frequency_penalty must be a number in [-2, 2] (0 = none), got 2.5"),
+                      (dict(frequency_penalty=-2.01), "frequency_penalty must be a number in [-2, 2]"),
+                      (dict(frequency_penalty=math.nan), "frequency_penalty must be a number in [-2, 2]"),
+                      (dict(presence_penalty=math.inf), "presence_penalty must be a number in [-2, 2]"),
+                      (dict(presence_penalty=-3), "presence_penalty must be a number in [-2, 2]"),
+                      (dict(presence_penalty=True), "presence_penalty must be a number in [-2, 2]"),
+                      (dict(no_repeat_ngram_size=-1), "no_repeat_ngram_size must be an integer >= 0 (0 = off), got -1"),
+                      (dict(no_repeat_ngram_size=2.0), "no_repeat_ngram_size must be an integer >= 0"),
+                      (dict(no_repeat_ngram_size=True), "no_repeat_ngram_size must be an integer >= 0")):
+        for temperature in (0.0, 1.0):  # greedy decoding checks them too
+            with pytest.raises(UserError, match=re.escape(said)):
+                generate(model, torch.randint(0, 61, (1, 3)), 2, temperature=temperature, **bad)
+    # the ends of the range, and 0 / None: taken
+    generate(model, torch.randint(0, 61, (1, 3)), 2, frequency_penalty=-2, presence_penalty=2.0,
+             no_repeat_ngram_size=0)
+    base = ["generate", "--model", "tiny", "--prompt", "the", "--device", "cpu"]
+    for flag, value, said in (("--frequency-penalty", "3", "--frequency-penalty must be a number in [-2, 2]"),
+                              ("--presence-penalty", "nan", "--presence-penalty must be a number in [-2, 2]"),
+                              ("--no-repeat-ngram-size", "-1", "--no-repeat-ngram-size must be an integer >= 0")):
+        assert cli.main([*base, flag, value]) == 2
+        assert said in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # argparse: not an integer
+        cli.main([*base, "--no-repeat-ngram-size", "1.5"])
+    assert "--no-repeat-ngram-size: invalid int value: '1.5'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["generate", "chat"])
+def test_the_commands_pass_the_penalties_and_the_ngram_size_on(command, monkeypatch, capsys):
+    import io
+
+    from tritongpt import cli
+    from tritongpt.train import generate as gen
+
+    seen, real = [], gen.generate
+
+    def spy(*args, **kw):
+        seen.append((kw.get("frequency_penalty"), kw.get("presence_penalty"), kw.get("no_repeat_ngram_size")))
+        return real(*args, **kw)
+
+    monkeypatch.setattr(gen, "generate", spy)
+    monkeypatch.setattr("sys.stdin", io.StringIO("Hi\n/quit\n"))
+    flags = ["--model", "tiny", "--device", "cpu", "--kernels", "reference", "--max-new-tokens", "3",
+             "--frequency-penalty", "0.5", "--presence-penalty", "-0.25", "--no-repeat-ngram-size", "2"]
+    assert cli.main([command, *flags, *(["--prompt", "the"] if command == "generate" else [])]) == 0
+    assert seen == [(0.5, -0.25, 2)]
+    monkeypatch.setattr("sys.stdin", io.StringIO("Hi\n/quit\n"))
+    assert cli.main([command, *flags[:8], *(["--prompt", "the"] if command == "generate" else [])]) == 0
+    assert seen == [(0.5, -0.25, 2), (None, None, None)]  # off by default
