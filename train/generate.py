@@ -39,8 +39,8 @@ def check_sampling(temperature: float = 0.0, top_k: int | None = None, top_p: fl
         raise UserError(f"{name('repetition_penalty')} must be a finite number > 0 (1 = none), "
                         f"got {repetition_penalty!r}")
     for key, value in (("frequency_penalty", frequency_penalty), ("presence_penalty", presence_penalty)):
-        # OpenAI's and vLLM's range
-        if value is not None and (not is_real(value) or not (math.isfinite(value) and -2.0 <= value <= 2.0)):
+        # OpenAI's and vLLM's range (nan and infinities fail the comparison)
+        if value is not None and (not is_real(value) or not -2.0 <= value <= 2.0):
             raise UserError(f"{name(key)} must be a number in [-2, 2] (0 = none), got {value!r}")
     if no_repeat_ngram_size is not None and (not is_int(no_repeat_ngram_size) or no_repeat_ngram_size < 0):
         raise UserError(f"{name('no_repeat_ngram_size')} must be an integer >= 0 (0 = off), "
@@ -81,9 +81,9 @@ def ban_repeated_ngrams(logits, seen, n: int):
     out."""
     B, V = logits.shape
     T = seen.size(1)
-    if T + 1 < n:  # not even one n-gram can be completed yet
+    if T < n:  # no n-gram in the row yet: none to repeat
         return logits
-    windows = seen.unfold(1, n, 1) if T >= n else seen.new_zeros(B, 0, n)  # [B, W, n]: every n-gram so far
+    windows = seen.unfold(1, n, 1)  # [B, T - n + 1, n]: every n-gram so far
     # those whose first n - 1 ids are the row's last n - 1: their last id would repeat them
     match = (windows[:, :, :-1] == seen[:, T - n + 1:].unsqueeze(1)).all(dim=-1)
     banned = torch.where(match, windows[:, :, -1].clamp(max=V), V)  # unmatched -> the spare column
