@@ -619,12 +619,12 @@ def add_sampling_args(p, max_new_tokens: int, temperature: float, temperature_te
                    help="> 1 makes every token already in the text (prompt included) less likely, as transformers' "
                         "repetition_penalty (1.1-1.3 is usual; greedy decoding too)")
     p.add_argument("--frequency-penalty", type=float, default=None,
-                   help="in [-2, 2]: subtracted from a token's logit once for each time it is in the text generated "
-                        "so far (not the prompt), as OpenAI's and vLLM's frequency_penalty; after "
-                        "--repetition-penalty, greedy decoding too")
+                   help="F in [-2, 2]: a token's logit less F times how often it is in the text generated so far "
+                        "(not the prompt), as OpenAI's and vLLM's frequency_penalty; after --repetition-penalty, "
+                        "greedy decoding too")
     p.add_argument("--presence-penalty", type=float, default=None,
-                   help="in [-2, 2]: subtracted from the logit of every token in the text generated so far (not "
-                        "the prompt), as OpenAI's and vLLM's presence_penalty; after --frequency-penalty")
+                   help="P in [-2, 2]: the logit of every token in the text generated so far (not the prompt) less "
+                        "P, as OpenAI's and vLLM's presence_penalty; after --frequency-penalty")
     p.add_argument("--no-repeat-ngram-size", type=int, default=None, metavar="N",
                    help="never draw a token that would repeat an N-token sequence already in the text (prompt "
                         "included), as transformers' no_repeat_ngram_size; 0 = off")
