@@ -3,8 +3,8 @@ presence penalties and a no-repeat n-gram ban, with a preallocated KV cache. The
 this order, on the raw logits first (greedy decoding too): the repetition penalty, then the frequency and the
 presence penalty (vLLM's sampler order: repetition, frequency, presence), then the n-gram ban (after the
 repetition penalty, as in transformers' generate; it sets -inf, which the others leave at -inf, so its place
-among them changes nothing); then temperature, top-k, top-p, min-p. With transformers' settings the same
-settings draw from the same distribution.
+among them changes nothing); then temperature, top-k, top-p, min-p. Settings transformers' generate has (all
+but the frequency and presence penalties) draw from the distribution it draws from.
 
 With the cache, the prompt is run once (prefill) and each new token costs one position.
 Positions are absolute (learned embeddings), so when the window is full it cannot slide:
