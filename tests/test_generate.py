@@ -535,6 +535,10 @@ def test_no_repeat_ngram_is_transformers(n):
             assert torch.isinf(want).any()  # the case is not empty
     # an id past the logits (a vocab_limit) is left out
     assert not torch.isinf(ban_repeated_ngrams(torch.zeros(1, 3), torch.tensor([[5, 5]]), 1)).any()
+    # every id of a row banned: said, not multinomial's NaN error or greedy's id 0
+    assert torch.isinf(ban_repeated_ngrams(torch.zeros(2, 3), torch.tensor([[0, 1, 1], [0, 0, 0]]), 1)).sum() == 3
+    with pytest.raises(UserError, match=r"--no-repeat-ngram-size 1 bans every token of a row's vocabulary \(3\)"):
+        ban_repeated_ngrams(torch.zeros(2, 3), torch.tensor([[0, 1, 1], [2, 1, 0]]), 1)
 
 
 class Prefers(torch.nn.Module):

@@ -89,6 +89,9 @@ def ban_repeated_ngrams(logits, seen, n: int):
     banned = torch.where(match, windows[:, :, -1].clamp(max=V), V)  # unmatched -> the spare column
     marks = torch.zeros(B, V + 1, dtype=torch.bool, device=logits.device)
     marks = marks.scatter(-1, banned, True)[:, :V]
+    if bool(marks.all(dim=-1).any()):  # nothing left to draw: multinomial's NaN error, or greedy's id 0, otherwise
+        raise UserError(f"--no-repeat-ngram-size {n} bans every token of a row's vocabulary ({V}): the text has "
+                        "repeated all it may; use a larger N, or fewer new tokens")
     return logits.masked_fill(marks, float("-inf"))
 
 
