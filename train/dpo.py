@@ -320,16 +320,28 @@ def cmd_dpo(args):
     return 0
 
 
-def add_cli(sub):
+# the training flags' defaults of dpo and kto: an --init policy, tuned at a fine-tuning rate
+POLICY_TRAIN_DEFAULTS = dict(max_steps=300, batch_size=16, lr=1e-5, min_lr=1e-6, warmup_steps=20, eval_every=50,
+                             ckpt_every=100, sample_every=0, weight_decay=0.0)
+
+
+def add_policy_args(p, unpaired: bool = False):
+    """The flags dpo and kto share before their own: the --init policy (or a fresh --model), the preference data
+    (kto's unpaired examples too), --vocab-multiple and LoRA."""
     from tritongpt.commands import add_lora_args, add_model_args, add_vocab_multiple_arg
-    from tritongpt.train.loop import add_train_args
     from tritongpt.train.reward import add_data_args
 
-    p = sub.add_parser("dpo", help=command_help("dpo"))
     add_model_args(p, default_model=None, default_text="tiny, with no --init")
-    add_data_args(p)
+    add_data_args(p, unpaired=unpaired)
     add_vocab_multiple_arg(p, None, "as the --init model has them")
     add_lora_args(p)
+
+
+def add_cli(sub):
+    from tritongpt.train.loop import add_train_args
+
+    p = sub.add_parser("dpo", help=command_help("dpo"))
+    add_policy_args(p)
     p.add_argument("--beta", type=float, default=0.1,
                    help="DPO temperature beta; ORPO's lambda (the odds-ratio term's weight); SimPO's reward scale "
                         "(its paper uses 2 to 10) (default %(default)s)")
@@ -345,6 +357,5 @@ def add_cli(sub):
     p.add_argument("--rpo-alpha", type=float, default=0.0,
                    help="RPO: add this times the chosen answers' NLL to the loss (TRL's rpo_alpha; its paper uses 1; "
                         "0 = none; not with orpo, whose loss has it) (default %(default)s)")
-    add_train_args(p, out_dir="runs/dpo", max_steps=300, batch_size=16, lr=1e-5, min_lr=1e-6,
-                   warmup_steps=20, eval_every=50, ckpt_every=100, sample_every=0, weight_decay=0.0)
+    add_train_args(p, out_dir="runs/dpo", **POLICY_TRAIN_DEFAULTS)
     p.set_defaults(func=cmd_dpo)

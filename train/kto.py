@@ -412,15 +412,11 @@ def cmd_kto(args):
 
 
 def add_cli(sub):
-    from tritongpt.commands import add_lora_args, add_model_args, add_vocab_multiple_arg
+    from tritongpt.train.dpo import POLICY_TRAIN_DEFAULTS, add_policy_args
     from tritongpt.train.loop import add_train_args
-    from tritongpt.train.reward import add_data_args
 
     p = sub.add_parser("kto", help=command_help("kto"))
-    add_model_args(p, default_model=None, default_text="tiny, with no --init")
-    add_data_args(p, unpaired=True)
-    add_vocab_multiple_arg(p, None, "as the --init model has them")
-    add_lora_args(p)
+    add_policy_args(p, unpaired=True)
     p.add_argument("--beta", type=float, default=0.1, help="KTO temperature beta (default %(default)s)")
     p.add_argument("--loss-type", choices=LOSS_TYPES, default="kto",
                    help="kto: KTO's, rewards against the policy's KL from the reference (estimated on mismatched "
@@ -430,6 +426,5 @@ def add_cli(sub):
     p.add_argument("--undesirable-weight", type=float, default=1.0,
                    help="weight of the undesirable examples' losses; a note says when the weights times the class "
                         "counts are outside TRL's recommended ratio (default %(default)s)")
-    add_train_args(p, out_dir="runs/kto", max_steps=300, batch_size=16, lr=1e-5, min_lr=1e-6,
-                   warmup_steps=20, eval_every=50, ckpt_every=100, sample_every=0, weight_decay=0.0)
+    add_train_args(p, out_dir="runs/kto", **POLICY_TRAIN_DEFAULTS)
     p.set_defaults(func=cmd_kto)
