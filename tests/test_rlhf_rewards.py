@@ -374,7 +374,7 @@ def test_rlhf_cli_exact_and_number_on_a_files_answers(tmp_path, capsys):
 
 def test_rlhf_cli_fetches_a_hub_classifier_among_several_judges(smollm, tmp_path, monkeypatch, capsys):
     """`--reward exact --reward owner/name`: the Hub repo is fetched as a lone --reward's is (cli.fetch_hub_repos
-    leaves the repeatable flag's list alone) and scores the verifier's prompts beside it."""
+    fetches each of the repeatable flag's values) and scores the verifier's prompts beside it."""
     from test_hf_tokenizer import fake_hub
     from tritongpt import cli
 
