@@ -424,6 +424,22 @@ def test_kto_cli_refuses_bad_flag_values(tmp_path, capsys, flags, message):
     assert "invalid choice: 'sigmoid'" in capsys.readouterr().err
 
 
+def test_kto_refuses_a_batch_of_one_where_the_kl_term_needs_a_partner(tmp_path, capsys):
+    """A batch of one pairs each example with itself (a chunk of one), so z0 = max(0, r) is the example's own
+    reward and a desirable example above 0 gets no gradient at all: TRL refuses per_device_train_batch_size 1
+    for the kto loss (not apo_zero_unpaired, which has no KL term)."""
+    from tritongpt.cli import main
+    from tritongpt.train.kto import check_kto
+
+    out = tmp_path / "run"
+    assert main(["kto", "--model", "tiny", "--num-pairs", "8", "--batch-size", "1", "--grad-accum", "4",
+                 "--max-steps", "2", "--device", "cpu", "--out-dir", str(out)]) == 2
+    assert "error: kto: --batch-size must be at least 2 for --loss-type kto" in capsys.readouterr().err
+    assert not out.exists()
+    check_kto(0.1, "apo_zero_unpaired", batch_size=1)  # no KL term: a batch of one is fine
+    check_kto(0.1, "kto", batch_size=2)
+
+
 def test_kto_takes_a_hub_dataset_id_as_data(monkeypatch):
     """kto is a DATASET_COMMANDS one: --data owner/name is fetched (as dpo's is) into a folder of .parquet shards,
     which the reader takes (read_json_records)."""

@@ -84,10 +84,15 @@ def kto_loss(policy_logp, ref_logp, labels, beta: float, loss_type: str = "kto",
     return losses.mean(), beta * r, kl
 
 
-def check_kto(beta, loss_type: str = "kto", desirable_weight: float = 1.0, undesirable_weight: float = 1.0):
+def check_kto(beta, loss_type: str = "kto", desirable_weight: float = 1.0, undesirable_weight: float = 1.0,
+              batch_size: int | None = None):
     check_beta(beta)
     if loss_type not in LOSS_TYPES:
         raise UserError(f"--loss-type must be one of {', '.join(LOSS_TYPES)}, got {loss_type!r}")
+    if loss_type == "kto" and batch_size is not None and batch_size < 2:
+        # a chunk of one is its own mismatched pair: z0 = max(0, r), the example's own reward (TRL refuses too)
+        raise UserError(f"kto: --batch-size must be at least 2 for --loss-type kto, got {batch_size}: with one "
+                        "example a batch, its KL estimate is its own reward (raise --batch-size, lower --grad-accum)")
     for flag, w in (("--desirable-weight", desirable_weight), ("--undesirable-weight", undesirable_weight)):
         if not 0 < w < math.inf:
             raise UserError(f"{flag} must be positive and finite, got {w}")
@@ -334,7 +339,7 @@ def train_kto(policy, ref, tokenizer, train_examples, val_examples, args, beta: 
     """
     from tritongpt.train.loop import Trainer
 
-    check_kto(beta, loss_type, desirable_weight, undesirable_weight)
+    check_kto(beta, loss_type, desirable_weight, undesirable_weight, args.batch_size)
     if ref is None:
         raise UserError("KTO compares the policy with a reference model: pass one (ref)")
     device = common.pick_device(args.device)
@@ -388,7 +393,8 @@ def cmd_kto(args):
     from tritongpt.train.reward import data_run_args, setup_preference_run
 
     check_lora(args.lora_rank, args.lora_alpha, args.lora_targets)
-    check_kto(args.beta, args.loss_type, args.desirable_weight, args.undesirable_weight)  # before the set-up
+    check_kto(args.beta, args.loss_type, args.desirable_weight, args.undesirable_weight,
+              args.batch_size)  # before the set-up
     targs, train, val, policy, tok = setup_preference_run(
         args, "kto", lambda a: train_val_examples(a.data, a.num_pairs, a.val_fraction, a.seed))
     ref = copy.deepcopy(policy)
