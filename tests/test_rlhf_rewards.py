@@ -390,3 +390,24 @@ def test_rlhf_cli_fetches_a_hub_classifier_among_several_judges(smollm, tmp_path
     out = capsys.readouterr()
     assert "rlhf (ppo): eval reward 1 x exact + 0.5 x rm2 " in out.out, out.err
     assert "someone/rm: the Hugging Face Hub's files" in out.err and "is not the policy's" not in out.err
+
+
+def test_a_ppo_resume_with_other_weights_normalizes_the_new_sum(tmp_path, capsys):
+    """The saved (shift, scale) of PPO's scores is the first batch's of the run's weighted sum: a resume with
+    other weights optimises another sum, and a reward model that now counts (weight 0 -> 1) must be normalized
+    as the README says ('PPO normalises the sum when a reward model counts in it'), not left at (0, 1)."""
+    from tritongpt.cli import main
+
+    argv = [*_cli_setup(tmp_path), "--algo", "ppo", "--reward", "exact", "--reward", str(tmp_path / "rm.st"),
+            "--out-dir", str(tmp_path / "run")]
+    assert main([*argv, "--reward-weights", "1", "0", "--iterations", "1"]) == 0
+    state = torch.load(tmp_path / "run" / "ckpt-0000001" / "state.pt", weights_only=False)
+    assert state["score_norm"] == (0.0, 1.0)  # verifier alone counts: left as it is
+    assert main([*argv, "--reward-weights", "1", "1", "--iterations", "2", "--resume"]) == 0
+    assert "--reward-weights [1.0, 1.0] (the run had [1.0, 0.0])" in capsys.readouterr().err
+    state = torch.load(tmp_path / "run" / "ckpt-0000002" / "state.pt", weights_only=False)
+    assert state["score_norm"] != (0.0, 1.0)  # the new sum, with the reward model in it: normalized
+    # the same weights: the run's own normalization goes on
+    assert main([*argv, "--reward-weights", "1", "1", "--iterations", "3", "--resume"]) == 0
+    again = torch.load(tmp_path / "run" / "ckpt-0000003" / "state.pt", weights_only=False)
+    assert again["score_norm"] == state["score_norm"]

@@ -801,6 +801,10 @@ class RLHFTrainer:
         self.shuffle_gen.set_state(state["shuffle_gen"])
         self.iteration = state["iteration"]
         self.score_norm = state.get("score_norm")
+        if several and saved["reward_weights"] != now_args["reward_weights"]:
+            # PPO's (shift, scale) was the first batch's of the old weighted sum: the new one is normalized anew
+            # (or not at all, as for a fresh run, where no reward model counts in it)
+            self.score_norm = None
         self.history = self.metrics.truncate(self.iteration)
         return ckpt
 
