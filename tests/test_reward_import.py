@@ -231,7 +231,11 @@ def test_rlhf_takes_a_hub_classifier_sharing_the_policys_tokenizer(smollm, tmp_p
     note_other_tokenizer(str(chat), ours)
     err = capsys.readouterr().err
     assert "encodes as the policy's but ends a text with token" in err and "is not the policy's" not in err, err
-    assert f"token {theirs.eot_id} ('<|im_end|>'), the policy's with {ours.eot_id} ('<|endoftext|>')" in err, err
+    assert f"token {theirs.eot_id} ('<|im_end|>'), the policy's responses with {ours.eot_id} ('<|endoftext|>')" \
+        in err, err
+    # a ChatML run, whose responses end at <|im_end|>: the chat model's end token, no note
+    note_other_tokenizer(str(chat), ours, theirs.eot_id)
+    assert "the tokenizer saved with --reward" not in capsys.readouterr().err
 
 
 def test_reward_init_trains_a_reward_model_on_with_its_head(smollm, tmp_path, capsys):

@@ -80,7 +80,9 @@ def test_margins_are_read_with_their_pairs_and_bad_ones_refused(tmp_path):
     assert read_preference_file(path)[0].margin == 0.5
     path.write_text(json.dumps({k: v for k, v in recs[0].items() if k != "margin"}) + "\n")
     assert read_preference_file(path)[0].margin is None
-    for bad in ("3", True, None, float("nan"), float("inf"), [1]):
+    path.write_text(json.dumps({**recs[0], "margin": None}) + "\n")  # null: no margin (a Parquet null: no field)
+    assert read_preference_file(path)[0].margin is None
+    for bad in ("3", True, float("nan"), float("inf"), [1]):
         path.write_text(json.dumps({**recs[0], "margin": bad}) + "\n")
         with pytest.raises(UserError, match=rf"{path}: record 0 \(line 1\): field 'margin' must be a finite number"):
             read_preference_file(path)

@@ -72,7 +72,8 @@ def _chat_pair(rec, where: str) -> PreferencePair:
 # -- reading records -----------------------------------------------------------------------------
 def _record_to_pair(rec, where: str, template) -> PreferencePair:
     pair = _prompt_and_answers(rec, where, template)
-    if "margin" in rec:  # TRL's RewardTrainer's margin column: -log sigmoid(r_chosen - r_rejected - margin)
+    # TRL's RewardTrainer's margin column: -log sigmoid(r_c - r_r - margin); a null is none, as in a Parquet file
+    if rec.get("margin") is not None:
         m = rec["margin"]
         if isinstance(m, bool) or not isinstance(m, (int, float)) or not math.isfinite(m):
             raise UserError(f"{where}: field 'margin' must be a finite number (how much better 'chosen' is), "

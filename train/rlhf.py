@@ -944,11 +944,12 @@ def verified_prompts(source, n: int, val_fraction: float, seed: int, verifier: s
     return splits
 
 
-def note_other_tokenizer(reward: str, tok) -> None:
+def note_other_tokenizer(reward: str, tok, end: int | None = None) -> None:
     """A note when the tokenizer saved with the reward model (its run's, or a Hugging Face folder's) encodes other
     ids than the policy's: the vocab sizes can agree while the ids mean other text, and every score is then off.
-    One of the same ids but another end token (a base model's tokenizer and its chat model's) gets its own note:
-    the reward model learned to score answers at its end token, and the policy's responses end at another."""
+    One of the same ids but another end token than the one the policy's responses end at (`end`: the eot, or a chat
+    template's end of turn; None: tok's eot) gets its own note: the reward model learned to score answers at its
+    end token (a chat model's, <|im_end|>, beside its base model's <|endoftext|>: no note in a ChatML run)."""
     from tritongpt.train.sft import load_quietly
     from tritongpt.train.tokenizer import saved_tokenizer_path
 
@@ -959,10 +960,10 @@ def note_other_tokenizer(reward: str, tok) -> None:
     if getattr(other, "ids_hash", other.hash) != getattr(tok, "ids_hash", tok.hash):
         note(f"the tokenizer saved with --reward {reward} ({saved}) is not the policy's: the reward model will score "
              "the policy's token ids as if they were its own (pass a reward model trained on the policy's tokenizer)")
-    elif other.eot_id != tok.eot_id:
+    elif other.eot_id != (end := tok.eot_id if end is None else end):
         note(f"the tokenizer saved with --reward {reward} ({saved}) encodes as the policy's but ends a text with "
-             f"token {other.eot_id} ({other.decode([other.eot_id])!r}), the policy's with {tok.eot_id} "
-             f"({tok.decode([tok.eot_id])!r}): the reward model scores each response at the policy's end token, "
+             f"token {other.eot_id} ({other.decode([other.eot_id])!r}), the policy's responses with {end} "
+             f"({tok.decode([end])!r}): the reward model scores each response at the policy's end token, "
              "which it did not learn to score at")
 
 
@@ -1015,10 +1016,10 @@ def cmd_rlhf(args):
                             f"differs from the policy's ({policy.config.vocab_size}): they must share a tokenizer")
     check_distinct_reward_models(loaded)
     tok = pick_tokenizer(args.tokenizer, args.init, policy.config.vocab_size)
-    for r in models:
-        note_other_tokenizer(r, tok)
     tok = chat_template_for(tok, "rlhf", args.chat_template, any(fmt == "chat" for _, _, fmt in train + val))
     end = answer_end_id(tok, train[0][0])  # what ends a response: the eot, or a chat template's end of turn
+    for r in models:
+        note_other_tokenizer(r, tok, end)
     answers = {}
     for prompt, answer, _ in train + val if verify else ():  # a prompt a file gives several answers takes any
         answers.setdefault(tuple(encode_prompt(tok, prompt)), []).append(answer)
