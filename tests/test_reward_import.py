@@ -201,10 +201,14 @@ def test_rlhf_takes_a_hub_classifier_sharing_the_policys_tokenizer(smollm, tmp_p
     from tritongpt.train.rlhf import note_other_tokenizer
     from tritongpt.train.tokenizer import get_tokenizer
 
+    import tritongpt.train.rlhf as rlhf
+
     policy, rm = smollm
     shutil.copytree(rm, tmp_path / "hub" / "someone" / "rm")
     fake_hub(monkeypatch, tmp_path / "hub", tmp_path / "cache")
     monkeypatch.chdir(tmp_path)  # someone/rm is no path from here
+    ends, real = [], rlhf.note_other_tokenizer  # the check is given the end the run's responses have
+    monkeypatch.setattr(rlhf, "note_other_tokenizer", lambda r, tok, end=None: ends.append(end) or real(r, tok, end))
     assert cli.main(["rlhf", "--init", str(policy), "--reward", "someone/rm", "--iterations", "1",
                      "--prompts-per-iter", "2", "--minibatch-size", "2", "--epochs", "1", "--max-new-tokens", "4",
                      "--eval-prompts", "2", "--eval-samples", "1", "--device", "cpu", "--kernels", "reference",
@@ -213,6 +217,7 @@ def test_rlhf_takes_a_hub_classifier_sharing_the_policys_tokenizer(smollm, tmp_p
     assert "rlhf (ppo): eval reward" in out.out and "is not the policy's" not in out.err, out.err
     assert "someone/rm: the Hugging Face Hub's files" in out.err
     assert (tmp_path / "rl" / "ckpt-0000001").is_dir()
+    assert ends == [get_tokenizer(policy).eot_id]  # an Alpaca run's: the eot
     other, _, _ = llama_folder(tmp_path / "other", "qwen2")
     assert get_tokenizer(other).hash != get_tokenizer(policy).hash
     note_other_tokenizer(str(other), get_tokenizer(policy))
