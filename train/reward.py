@@ -295,16 +295,18 @@ def add_data_args(p, unpaired: bool = False):
                    help="preference pairs: a .json, .jsonl or .parquet file of {prompt|instruction[,input], chosen, "
                         "rejected}, "
                         "or chats ({prompt: [messages], chosen: [answer], rejected: [answer]}, or chosen and "
-                        f"rejected message lists alike but for their last){kto} (default: pairs built from the "
-                        "embedded verifiable tasks)")
+                        f"rejected message lists alike but for their last); a pair's optional margin (every pair "
+                        f"has one, or none) is `reward`'s, how much better chosen is{kto} (default: pairs built "
+                        "from the embedded verifiable tasks)")
     from tritongpt.train.chat_template import add_chat_template_arg
 
     add_chat_template_arg(p)
     p.add_argument("--num-pairs", type=int, default=2000,
                    help="embedded training pairs (train split of the tasks) (default %(default)s)")
+    held = "held-out pairs (or unpaired examples)" if unpaired else "held-out pairs"
     p.add_argument("--val-fraction", type=float, default=0.1,
-                   help="held-out pairs: this share of --num-pairs from the tasks' val split, or of a "
-                        "--data file (default %(default)s)")
+                   help=f"{held}: this share of --num-pairs from the tasks' val split, or of a --data file "
+                        "(default %(default)s)")
     p.add_argument("--init", default=None,
                    help="SFT checkpoint to start from: run folder, ckpt folder or .safetensors; `reward` also "
                         "takes a reward model (a `tritongpt reward` checkpoint, or a Hugging Face "
