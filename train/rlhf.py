@@ -47,6 +47,23 @@ verifier alone) and every reward model scores the responses to those same prompt
 negative (a judge to steer away from) or 0 (logged, not optimised); all 0 is refused, as is a judge
 given twice (a weight of 2 says that). One --reward with weight 1 is today's run, its record too.
 
+GRPO's variants (TRL GRPOConfig's names; --loss-type and --scale-rewards are described at GRPO_LOSS_TYPES):
+  --clip-eps-high E  (DAPO's clip-higher, Yu et al. 2025; TRL's epsilon_high) the ratio is clipped to
+        [1 - clip_eps, 1 + E], so a token the policy made likelier may rise further before its gradient stops;
+        clip_frac counts the ratios outside those bounds. The surrogate is PPO's too, and PPO takes it (VAPO,
+        Yue et al. 2025, runs clip-higher with a value head). Not given: E = clip_eps, the symmetric clip.
+  --mask-truncated  (TRL's mask_truncated_completions, DAPO's overlong filtering) a response that
+        max_new_tokens cut before its end-of-text leaves the loss: its tokens are masked out of the surrogate,
+        the k3 term, the entropy bonus and their logged statistics, and the minibatch is aggregated as if it
+        were not in it (grpo: the mean over the kept responses; bnpo: over their tokens; dr_grpo: / (kept x
+        max_new_tokens); none kept: a loss of 0). Its score still counts in its group's mean and std, as in TRL,
+        which masks after computing the advantages. GRPO only: PPO's value head and per-token KL rewards see
+        the cut responses (--missing-eot-penalty is the way to discourage them there).
+  --importance-sampling-level sequence  (GSPO, Zheng et al. 2025; TRL's importance_sampling_level) one ratio
+        per response, s = exp(mean over its response tokens of log pi - log pi_old), on every one of its tokens,
+        clipped to the same bounds (GSPO's paper: clip_eps 3e-4, clip_eps_high 4e-4, as the ratio of a mean is
+        near 1). GRPO only: GSPO weighs one advantage per response; PPO's are per token. token: today's.
+
 Both: --missing-eot-penalty takes a constant off the score of each response that max_new_tokens
 cut before its end-of-text (the reward model never saw an answer end there); with several judges
 it comes off the weighted sum, once.
@@ -85,7 +102,8 @@ from tritongpt.cli import command_help
 # constant), named in a note when a resume changes them; the precision is compared as resolved.
 TRAJECTORY_ARGS = ("algo", "prompts_per_iter", "group_size", "max_new_tokens", "missing_eot_penalty", "temperature",
                    "top_k", "epochs", "minibatch_size", "lr", "weight_decay", "grad_clip", "kl_coef", "clip_eps",
-                   "value_clip", "vf_coef", "ent_coef", "gamma", "lam", "seed", "loss_type", "scale_rewards")
+                   "value_clip", "vf_coef", "ent_coef", "gamma", "lam", "seed", "loss_type", "scale_rewards",
+                   "clip_eps_high", "mask_truncated", "importance_sampling_level")
 # GRPO's variants, by TRL's GRPOConfig names. loss_type: how the per-token losses of a minibatch become one
 #   grpo     each response's token mean, then the mean over responses (DeepSeekMath's; a long response's tokens
 #            weigh less)
@@ -96,6 +114,10 @@ TRAJECTORY_ARGS = ("algo", "prompts_per_iter", "group_size", "max_new_tokens", "
 #   batch (the whole rollout's std) or none (Dr. GRPO: no difficulty bias from near-constant groups)
 GRPO_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo")
 SCALE_REWARDS = ("group", "batch", "none")
+# importance_sampling_level (TRL's name): the ratio the surrogate clips, one per response token (token, PPO's and
+#   GRPO's) or one per response, exp of the mean over its tokens of log pi - log pi_old, on every one of them
+#   (sequence, GSPO's, Zheng et al. 2025)
+IMPORTANCE_SAMPLING_LEVELS = ("token", "sequence")
 
 
 # --reward NAME: a verifier in the reward model's place (TaskReward); `tasks` is stop 27's name
@@ -136,6 +158,7 @@ class RLArgs:
     grad_clip: float = 1.0
     kl_coef: float = 0.05        # PPO: per-token KL in the reward; GRPO: k3 KL in the loss
     clip_eps: float = 0.2
+    clip_eps_high: float | None = None  # the ratio's upper clip 1 + this (None: clip_eps; DAPO's clip-higher)
     value_clip: float = 0.2
     vf_coef: float = 0.5
     ent_coef: float = 0.0
@@ -143,6 +166,8 @@ class RLArgs:
     lam: float = 0.95
     loss_type: str = "grpo"      # GRPO: grpo | bnpo | dr_grpo (GRPO_LOSS_TYPES)
     scale_rewards: str = "group"  # GRPO: group | batch | none
+    mask_truncated: bool = False  # GRPO: responses cut at max_new_tokens left out of the loss
+    importance_sampling_level: str = "token"  # GRPO: token | sequence (GSPO)
     eval_every: int = 5          # 0 = only before and after
     eval_prompts: int = 16
     eval_samples: int = 2        # sampled responses per eval prompt
@@ -175,12 +200,19 @@ class RLArgs:
             if getattr(self, name) <= 0:
                 raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
         for name, value, choices in (("loss_type", self.loss_type, GRPO_LOSS_TYPES),
-                                     ("scale_rewards", self.scale_rewards, SCALE_REWARDS)):
+                                     ("scale_rewards", self.scale_rewards, SCALE_REWARDS),
+                                     ("importance_sampling_level", self.importance_sampling_level,
+                                      IMPORTANCE_SAMPLING_LEVELS)):
             flag = "--" + name.replace("_", "-")
             if value not in choices:
                 raise UserError(f"{flag} must be one of {', '.join(choices)}, got {value!r}")
             if self.algo == "ppo" and value != choices[0]:
                 raise UserError(f"{flag} {value} is GRPO's; PPO's advantages come from GAE and whitening")
+        if self.algo == "ppo" and self.mask_truncated:
+            raise UserError("--mask-truncated is GRPO's: PPO's value head learns the returns of the cut responses, "
+                            "and their per-token KL penalties are in its rewards (use --missing-eot-penalty)")
+        if self.clip_eps_high is not None and not (math.isfinite(self.clip_eps_high) and self.clip_eps_high > 0):
+            raise UserError(f"--clip-eps-high must be a finite number > 0, got {self.clip_eps_high}")
         if self.group_size < 0 or (self.algo == "grpo" and self.samples_per_prompt < 2):
             raise UserError(f"--group-size must be >= 2 for GRPO (a group needs a spread), got {self.group_size}")
         for name in ("kl_coef", "clip_eps", "value_clip", "vf_coef", "ent_coef", "weight_decay",
@@ -247,6 +279,7 @@ class Rollout:
     advantages: torch.Tensor = None  # [N, T-1]
     returns: torch.Tensor = None    # [N, T-1] PPO
     judge_scores: torch.Tensor = None  # [N, judges] each judge's own score (a WeightedReward's)
+    truncated: torch.Tensor = None  # [N] bool: max_new_tokens cut the response before its eot (--mask-truncated)
 
     def __len__(self):
         return self.idx.size(0)
@@ -289,7 +322,9 @@ def sample_responses(policy: GPTModel, prompts: list, n_samples: int, max_new_to
     idx, lengths = pad_sequences(seqs, eot_id, device)
     prompt_lens = torch.tensor([prompt_lens[k] for k in order], device=device)
     group = torch.tensor([groups[k] for k in order], device=device)
-    return Rollout(idx, prompt_lens, lengths, response_mask(prompt_lens, lengths, idx.size(1)), group)
+    ro = Rollout(idx, prompt_lens, lengths, response_mask(prompt_lens, lengths, idx.size(1)), group)
+    ro.truncated = ~ro.ended(eot_id)
+    return ro
 
 
 def masked_mean(x, mask, dim=None):
@@ -514,18 +549,32 @@ def compute_advantages(ro: Rollout, args: RLArgs, score_norm=(0.0, 1.0)) -> Roll
     return ro
 
 
-def grpo_aggregate(per_token, mask, loss_type: str, max_new_tokens: int):
-    """A minibatch's per-token losses [B, T-1] as one (GRPO_LOSS_TYPES)."""
-    if loss_type == "grpo":
-        return masked_mean(per_token, mask, dim=1).mean()  # token mean per response, then mean
+def grpo_aggregate(per_token, mask, loss_type: str, max_new_tokens: int, kept=None):
+    """A minibatch's per-token losses [B, T-1] as one (GRPO_LOSS_TYPES). kept [B] bool (--mask-truncated): the
+    responses that count, as if the others were not in the minibatch (mask is already False on theirs); none
+    kept gives 0."""
+    if kept is None:
+        n = per_token.size(0)
+        if loss_type == "grpo":
+            return masked_mean(per_token, mask, dim=1).mean()  # token mean per response, then mean
+    else:
+        n = kept.sum().clamp_min(1)
+        if loss_type == "grpo":
+            return masked_mean(per_token, mask, dim=1).sum() / n  # a dropped response's token mean is 0
     if loss_type == "bnpo":
         return masked_mean(per_token, mask)
-    return (per_token * mask).sum() / (per_token.size(0) * max_new_tokens)  # dr_grpo
+    return (per_token * mask).sum() / (n * max_new_tokens)  # dr_grpo
 
 
 def minibatch_loss(model: PolicyWithValue, ro: Rollout, sel, args: RLArgs):
     """The loss of one minibatch (indices sel into the rollout) and its statistics."""
     idx, mask = ro.idx[sel], ro.mask[sel]
+    kept = None
+    if args.mask_truncated:  # GRPO: the cut responses' tokens leave the loss (and the statistics of it)
+        if ro.truncated is None:
+            raise ValueError("mask_truncated needs the rollout's truncated responses (sample_responses fills them)")
+        kept = ~ro.truncated[sel]
+        mask = mask & kept.unsqueeze(1)
     logits, values = model(idx)
     logp, entropy = logprobs_and_entropy(logits, idx, entropy_grad=bool(args.ent_coef),
                                          temperature=args.temperature)
@@ -533,10 +582,19 @@ def minibatch_loss(model: PolicyWithValue, ro: Rollout, sel, args: RLArgs):
     old_logp, adv = ro.logp[sel], ro.advantages[sel]
     log_ratio = (logp - old_logp) * mask
     ratio = torch.exp(log_ratio)
-    pg = torch.maximum(-adv * ratio, -adv * ratio.clamp(1 - args.clip_eps, 1 + args.clip_eps))
+    is_ratio = ratio  # the ratio the surrogate clips
+    if args.importance_sampling_level == "sequence":  # GSPO: each response's mean log-ratio, on all its tokens
+        seq = log_ratio.sum(1, keepdim=True) / mask.sum(1, keepdim=True).clamp_min(1)
+        is_ratio = torch.exp(seq).expand_as(log_ratio)
+    high = args.clip_eps if args.clip_eps_high is None else args.clip_eps_high
+    pg = torch.maximum(-adv * is_ratio, -adv * is_ratio.clamp(1 - args.clip_eps, 1 + high))
     with torch.no_grad():
+        if args.clip_eps_high is None:
+            clipped = (is_ratio - 1).abs() > args.clip_eps
+        else:
+            clipped = (is_ratio < 1 - args.clip_eps) | (is_ratio > 1 + high)
         stats = {"entropy": entropy.item(),
-                 "clip_frac": masked_mean(((ratio - 1).abs() > args.clip_eps).float(), mask).item(),
+                 "clip_frac": masked_mean(clipped.float(), mask).item(),
                  "approx_kl": masked_mean((ratio - 1) - log_ratio, mask).item()}
     if args.algo == "ppo":
         policy_loss = masked_mean(pg, mask)
@@ -553,7 +611,7 @@ def minibatch_loss(model: PolicyWithValue, ro: Rollout, sel, args: RLArgs):
         k3 = torch.exp(d) - d - 1
         per_token = pg + args.kl_coef * k3
         policy_loss = masked_mean(pg, mask)
-        loss = grpo_aggregate(per_token, mask, args.loss_type, args.max_new_tokens)
+        loss = grpo_aggregate(per_token, mask, args.loss_type, args.max_new_tokens, kept)
         stats["kl_k3"] = masked_mean(k3, mask).item()
     if args.ent_coef:
         loss = loss - args.ent_coef * entropy
@@ -1099,7 +1157,11 @@ _HELP = {
     "weight_decay": "AdamW weight decay (matrices only)",
     "grad_clip": "clip the global gradient norm (0 = off)",
     "kl_coef": "KL weight: PPO per-token penalty in the reward, GRPO k3 term in the loss",
-    "clip_eps": "PPO/GRPO ratio clip",
+    "clip_eps": "PPO/GRPO ratio clip: the ratio is clipped to [1 - clip-eps, 1 + clip-eps] (the upper bound: "
+                "--clip-eps-high)",
+    "clip_eps_high": "PPO/GRPO: the ratio's upper clip bound 1 + E instead of 1 + clip-eps, the lower one staying "
+                     "1 - clip-eps (DAPO's clip-higher, TRL's epsilon_high; DAPO uses 0.28 with clip-eps 0.2; "
+                     "None: clip-eps, a symmetric clip)",
     "value_clip": "PPO value clip around the rollout-time values",
     "vf_coef": "PPO value-loss weight",
     "ent_coef": "entropy bonus weight",
@@ -1110,6 +1172,12 @@ _HELP = {
                  "Dr. GRPO's)",
     "scale_rewards": "GRPO: divide each centered score by its group's std (group), the rollout's (batch), or not "
                      "at all (none, Dr. GRPO's)",
+    "mask_truncated": "GRPO: leave the responses that max-new-tokens cut before their end-of-text out of the loss, "
+                      "as if not in their minibatch (TRL's mask_truncated_completions, DAPO's overlong filtering); "
+                      "their scores still count in their group's mean and std",
+    "importance_sampling_level": "GRPO: the ratio the surrogate clips: one per token (token) or one per response, "
+                                 "exp of the mean over its tokens of log pi - log pi_old, on all of them (sequence, "
+                                 "GSPO's; its paper clips far tighter, --clip-eps 3e-4 --clip-eps-high 4e-4)",
     "eval_every": "score the fixed eval prompts every N iterations (0 = first and last only)",
     "eval_prompts": "held-out prompts in the fixed eval set",
     "eval_samples": "sampled responses per eval prompt",
@@ -1148,15 +1216,20 @@ def add_cli(sub):
                         "sum w_i * score_i; negative steers away from a judge, 0 logs it without optimising it, "
                         "all 0 is refused (default: 1 each)")
     d = RLArgs()
-    choices = {"dtype": common.DTYPES, "loss_type": GRPO_LOSS_TYPES, "scale_rewards": SCALE_REWARDS}
+    choices = {"dtype": common.DTYPES, "loss_type": GRPO_LOSS_TYPES, "scale_rewards": SCALE_REWARDS,
+               "importance_sampling_level": IMPORTANCE_SAMPLING_LEVELS}
+    types = {"clip_eps_high": float}  # a default of None: the type is the flag's
     g = p.add_argument_group("rl")
     g.add_argument("--algo", choices=["ppo", "grpo"], default=d.algo, help="(default %(default)s)")
     for f in fields(RLArgs):
         if f.name in ("algo", "device", "kernels", "top_k", "resume", "overwrite", "activation_checkpointing",
                       *common.TRACKING_FIELDS):  # common.add_tracking_args' flags, below
             continue
+        if isinstance(f.default, bool):  # a switch, off by default
+            g.add_argument("--" + f.name.replace("_", "-"), action="store_true", help=_HELP.get(f.name, f.name))
+            continue
         kw = {"choices": choices[f.name]} if f.name in choices else {}
-        g.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default,
+        g.add_argument("--" + f.name.replace("_", "-"), type=types.get(f.name, type(f.default)), default=f.default,
                        help=f"{_HELP.get(f.name, f.name)} (default %(default)s)", **kw)
     g.add_argument("--top-k", type=int, default=None,
                    help="sample the rollouts from the top k tokens only (the log-probs, ratios and KL stay "
