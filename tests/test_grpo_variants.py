@@ -1,0 +1,280 @@
+"""GRPO's TRL GRPOConfig options in `tritongpt rlhf`: --clip-eps-high (DAPO's clip-higher), --mask-truncated
+(DAPO's overlong filtering) and --importance-sampling-level sequence (GSPO).
+
+The minibatch loss is checked against an independent float64 computation, written with Python loops over the
+responses, on a stand-in rollout whose "policy" is a tensor of logits: the loss, its statistics and its gradient
+with respect to those logits.
+"""
+import math
+import re
+
+import pytest
+import torch
+import torch.nn as nn
+
+from tritongpt.errors import UserError
+from tritongpt.model.config import GPTConfig
+from tritongpt.model.gpt import GPTModel
+from tritongpt.train.common import MetricsLog
+from tritongpt.train.rlhf import RLArgs, Rollout, minibatch_loss
+
+V, T = 11, 10  # vocab, tokens per row (T - 1 targets)
+
+
+class Logits(nn.Module):
+    """Stands in for PolicyWithValue: the logits (and PPO's values) of the rows of `idx` are the parameters;
+    a minibatch's rows are found by their tokens."""
+
+    def __init__(self, logits, idx):
+        super().__init__()
+        self.idx = idx
+        self.logits = nn.Parameter(logits.clone())
+        self.values = nn.Parameter(torch.zeros(logits.shape[:2]).narrow(1, 0, logits.size(1) - 1).clone())
+
+    def forward(self, idx):
+        rows = [next(i for i in range(len(self.idx)) if torch.equal(self.idx[i], r)) for r in idx]
+        return self.logits[rows], self.values[rows]
+
+
+def _logp64(logits, idx):
+    """log pi of every target, float64, written out: log_softmax of position t, read at token t + 1."""
+    lp = torch.log_softmax(logits[:, :-1].double(), dim=-1)
+    return lp.gather(-1, idx[:, 1:].unsqueeze(-1)).squeeze(-1)
+
+
+def _stand_in(log_ratios, adv_row, seed=0):
+    """Rows with responses of 6, 4, 2 and 1 tokens (the last targets of each row); log_ratios[i] are the wanted
+    log pi - log pi_old of row i's response tokens, adv_row each response's advantage."""
+    g = torch.Generator().manual_seed(seed)
+    lens = [len(r) for r in log_ratios]
+    B = len(lens)
+    idx = torch.randint(0, V, (B, T), generator=g)
+    mask = torch.zeros(B, T - 1, dtype=torch.bool)
+    for i, n in enumerate(lens):
+        mask[i, T - 1 - n:] = True
+    model = Logits(torch.randn(B, T, V, generator=g), idx)
+    with torch.no_grad():
+        now = _logp64(model.logits, idx)
+    lr = torch.zeros(B, T - 1, dtype=torch.float64)
+    for i, r in enumerate(log_ratios):
+        lr[i, T - 1 - len(r):] = torch.tensor(r, dtype=torch.float64)
+    old = (now - lr).float()
+    ref = (now + 0.3 * torch.randn(B, T - 1, generator=g, dtype=torch.float64)).float()
+    adv = torch.tensor(adv_row).unsqueeze(1) * mask
+    ro = Rollout(idx, torch.full((B,), 3), torch.full((B,), T), mask, torch.arange(B) // 2,
+                 logp=old, ref_logp=ref, advantages=adv, truncated=torch.zeros(B, dtype=torch.bool))
+    return model, ro
+
+
+def _reference(model, ro, rows, args):
+    """The loss in float64, one response at a time, and its gradient with respect to the logits; also the
+    clipped fraction and the policy loss (token means over the kept responses' tokens)."""
+    logits = model.logits.detach().clone().double().requires_grad_(True)
+    logp = _logp64(logits, ro.idx)
+    lo, hi = 1 - args.clip_eps, 1 + (args.clip_eps if args.clip_eps_high is None else args.clip_eps_high)
+    kept = [i for i in rows if not (args.mask_truncated and bool(ro.truncated[i]))]
+    per_resp, tokens, pgs, clipped = [], [], [], 0
+    for i in kept:
+        ts = ro.mask[i].nonzero().flatten().tolist()
+        lrs = [logp[i, t] - ro.logp[i, t].double() for t in ts]
+        a = float(ro.advantages[i, ts[0]])
+        if args.importance_sampling_level == "sequence":
+            s = torch.exp(sum(lrs) / len(lrs))
+            ratios = [s] * len(ts)
+        else:
+            ratios = [torch.exp(x) for x in lrs]
+        losses = []
+        for t, r in zip(ts, ratios):
+            pg = torch.maximum(-a * r, -a * r.clamp(lo, hi))
+            d = ro.ref_logp[i, t].double() - logp[i, t]
+            losses.append(pg + args.kl_coef * (torch.exp(d) - d - 1))
+            pgs.append(pg.item())
+            clipped += int(r.item() < lo or r.item() > hi)
+        per_resp.append(losses)
+        tokens += losses
+    zero = logits.sum() * 0
+    if args.loss_type == "grpo":
+        loss = sum((sum(ls) / len(ls) for ls in per_resp), zero) / max(len(per_resp), 1)
+    elif args.loss_type == "bnpo":
+        loss = sum(tokens, zero) / max(len(tokens), 1)
+    else:
+        loss = sum(tokens, zero) / (max(len(per_resp), 1) * args.max_new_tokens)
+    loss.backward()
+    n = max(len(pgs), 1)
+    return loss.item(), logits.grad, clipped / n, sum(pgs) / n
+
+
+def _check(model, ro, rows, args):
+    sel = torch.tensor(rows)
+    model.zero_grad()
+    loss, stats = minibatch_loss(model, ro, sel, args)
+    loss.backward()
+    want, grad, clip_frac, policy_loss = _reference(model, ro, rows, args)
+    assert loss.item() == pytest.approx(want, rel=1e-5, abs=1e-7)
+    assert stats["clip_frac"] == pytest.approx(clip_frac)
+    assert stats["policy_loss"] == pytest.approx(policy_loss, rel=1e-5, abs=1e-7)
+    torch.testing.assert_close(model.logits.grad.double(), grad, rtol=1e-4, atol=1e-7)
+    return loss, stats
+
+
+# ratios on both sides of 1 - 0.2 = 0.8 and of 1 + 0.3 = 1.3 (and 1.25: clipped by a symmetric 0.2 only)
+RATIOS = [[0.5, 0.79, 0.81, 1.25, 1.29, 1.31], [1.5, 0.7, 1.05, 1.28], [0.79, 1.31], [1.25]]
+ADV = [1.1, -0.7, -1.4, 0.9]
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo"])
+def test_clip_higher_against_a_float64_computation(loss_type):
+    """--clip-eps-high 0.3 with --clip-eps 0.2: the ratio is clipped to [0.8, 1.3]; clip_frac counts the tokens
+    outside those bounds (here 7 of 13, where the symmetric clip counts 11); PPO's surrogate takes it too."""
+    model, ro = _stand_in([[math.log(r) for r in row] for row in RATIOS], ADV)
+    args = RLArgs(algo="grpo", clip_eps=0.2, clip_eps_high=0.3, kl_coef=0.1, loss_type=loss_type, max_new_tokens=8)
+    _, stats = _check(model, ro, [0, 1, 2, 3], args)
+    assert stats["clip_frac"] == pytest.approx(7 / 13)
+    _, sym = _check(model, ro, [0, 1, 2, 3], RLArgs(algo="grpo", clip_eps=0.2, kl_coef=0.1, loss_type=loss_type,
+                                                    max_new_tokens=8))
+    assert sym["clip_frac"] == pytest.approx(11 / 13)
+    # a ratio of 1.25 with A > 0: inside [0.8, 1.3] it passes a gradient, above 1.2 (symmetric) it does not
+    one = [3]
+    for high, moves in ((0.3, True), (None, False)):
+        model.zero_grad()
+        loss, _ = minibatch_loss(model, ro, torch.tensor(one), RLArgs(algo="grpo", clip_eps=0.2, clip_eps_high=high,
+                                                                     kl_coef=0.0, loss_type=loss_type))
+        loss.backward()
+        assert (model.logits.grad.abs().max() > 0) == moves
+
+
+def test_ppo_takes_clip_higher_in_its_surrogate():
+    """PPO's policy loss is the same clipped surrogate: with --clip-eps-high it is the token mean of
+    max(-A r, -A clip(r, 1 - eps, 1 + eps_high))."""
+    model, ro = _stand_in([[math.log(r) for r in row] for row in RATIOS], ADV)
+    ro.values, ro.returns = torch.zeros(4, T - 1), torch.zeros(4, T - 1)
+    args = RLArgs(algo="ppo", clip_eps=0.2, clip_eps_high=0.3)
+    args.validate()
+    _, stats = minibatch_loss(model, ro, torch.arange(4), args)
+    _, _, clip_frac, policy_loss = _reference(model, ro, [0, 1, 2, 3], RLArgs(algo="grpo", clip_eps=0.2,
+                                                                               clip_eps_high=0.3))
+    assert stats["policy_loss"] == pytest.approx(policy_loss, rel=1e-5)
+    assert stats["clip_frac"] == pytest.approx(clip_frac) == pytest.approx(7 / 13)
+
+
+# per-response mean log-ratios on both sides of each bound of [0.9, 1.15], with zero-mean spread
+SEQ_MEANS = [math.log(0.85), math.log(1.2), math.log(1.05), math.log(0.95)]
+SPREAD = [[0.3, -0.2, 0.1, -0.4, 0.25, -0.05], [0.5, -0.1, 0.2, -0.6], [0.4, -0.4], [0.0]]
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo"])
+def test_sequence_level_ratios_against_a_float64_computation(loss_type):
+    """GSPO: s_i = exp(mean over response i's tokens of log pi - log pi_old), on each of its tokens, clipped as a
+    token's ratio is; the gradient flows through the mean. Rows 0 and 1 clip (s = 0.85 < 0.9 with A < 0 and
+    s = 1.2 > 1.15 with A > 0), rows 2 and 3 do not; per token, each row has ratios on both sides."""
+    model, ro = _stand_in([[m + d for d in row] for m, row in zip(SEQ_MEANS, SPREAD)], [-1.0, 0.8, 1.3, -0.6])
+    args = RLArgs(algo="grpo", clip_eps=0.1, clip_eps_high=0.15, kl_coef=0.05, loss_type=loss_type,
+                  importance_sampling_level="sequence", max_new_tokens=8)
+    _, stats = _check(model, ro, [0, 1, 2, 3], args)
+    assert stats["clip_frac"] == pytest.approx((6 + 4) / 13)  # the tokens of rows 0 and 1
+    # by hand for row 2 alone: its loss is -A s (unclipped), s the exp of its mean log-ratio
+    loss, _ = minibatch_loss(model, ro, torch.tensor([2]), RLArgs(algo="grpo", kl_coef=0.0, clip_eps=0.1,
+                                                                  clip_eps_high=0.15,
+                                                                  importance_sampling_level="sequence"))
+    assert loss.item() == pytest.approx(-1.3 * 1.05, rel=1e-5)
+    # a response of one token: the sequence ratio is the token's
+    one = dict(algo="grpo", kl_coef=0.05, loss_type=loss_type)
+    seq, _ = minibatch_loss(model, ro, torch.tensor([3]), RLArgs(**one, importance_sampling_level="sequence"))
+    tok, _ = minibatch_loss(model, ro, torch.tensor([3]), RLArgs(**one))
+    assert seq.item() == pytest.approx(tok.item(), rel=1e-6)
+
+
+@pytest.mark.parametrize("level", ["token", "sequence"])
+@pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo"])
+def test_masked_truncated_responses_leave_the_loss(loss_type, level):
+    """--mask-truncated: the loss of a minibatch with cut responses is the loss of its other responses alone
+    (grpo: their mean; bnpo: over their tokens; dr_grpo: / (kept x max_new_tokens)); all cut: 0, with a finite,
+    zero gradient, and statistics of 0."""
+    model, ro = _stand_in([[math.log(r) for r in row] for row in RATIOS], ADV)
+    ro.truncated = torch.tensor([False, True, False, True])
+    args = RLArgs(algo="grpo", clip_eps=0.2, clip_eps_high=0.3, kl_coef=0.1, loss_type=loss_type,
+                  max_new_tokens=8, importance_sampling_level=level)
+    loss, stats = _check(model, ro, [0, 1, 2, 3], RLArgs(**{**vars(args), "mask_truncated": True}))
+    alone, alone_stats = minibatch_loss(model, ro, torch.tensor([0, 2]), args)
+    assert loss.item() == pytest.approx(alone.item(), rel=1e-6)
+    for k in ("clip_frac", "policy_loss", "kl_k3", "entropy", "approx_kl"):
+        assert stats[k] == pytest.approx(alone_stats[k], rel=1e-6), k
+    model.zero_grad()
+    none, stats = minibatch_loss(model, ro, torch.tensor([1, 3]), RLArgs(**{**vars(args), "mask_truncated": True}))
+    none.backward()
+    assert none.item() == 0.0 and stats["loss"] == 0.0 and stats["clip_frac"] == 0.0
+    assert torch.isfinite(model.logits.grad).all() and model.logits.grad.abs().max() == 0
+    # without the flag the cut responses count
+    with_cut, _ = minibatch_loss(model, ro, torch.arange(4), args)
+    assert with_cut.item() != pytest.approx(alone.item(), rel=1e-3)
+
+
+@pytest.mark.parametrize("algo", ["ppo", "grpo"])
+def test_the_defaults_are_todays_loss_bit_for_bit(algo):
+    """The options at their defaults: the loss, its statistics and its gradient are those of an explicit
+    --clip-eps-high equal to --clip-eps, token-level ratios and no masking; --mask-truncated with no response
+    cut gives the same loss (to rounding), and the float64 computation agrees with the default."""
+    model, ro = _stand_in([[math.log(r) for r in row] for row in RATIOS], ADV)
+    ro.values, ro.returns = torch.zeros(4, T - 1), torch.randn(4, T - 1)
+    out = []
+    for args in (RLArgs(algo=algo), RLArgs(algo=algo, clip_eps_high=0.2, mask_truncated=False,
+                                           importance_sampling_level="token")):
+        model.zero_grad()
+        loss, stats = minibatch_loss(model, ro, torch.arange(4), args)
+        loss.backward()
+        out.append((loss.detach(), stats, model.logits.grad.clone()))
+    assert torch.equal(out[0][0], out[1][0]) and out[0][1] == out[1][1] and torch.equal(out[0][2], out[1][2])
+    if algo == "grpo":
+        masked, _ = minibatch_loss(model, ro, torch.arange(4), RLArgs(algo=algo, mask_truncated=True))
+        assert masked.item() == pytest.approx(out[0][0].item(), rel=1e-6)
+        _check(model, ro, [0, 1, 2, 3], RLArgs(algo=algo))
+
+
+@pytest.mark.parametrize("change, said", [
+    (dict(clip_eps_high=0.0), "--clip-eps-high must be a finite number > 0, got 0.0"),
+    (dict(clip_eps_high=-0.1), "--clip-eps-high must be a finite number > 0, got -0.1"),
+    (dict(clip_eps_high=float("nan")), "--clip-eps-high must be a finite number > 0, got nan"),
+    (dict(clip_eps_high=float("inf")), "--clip-eps-high must be a finite number > 0, got inf"),
+    (dict(importance_sampling_level="seq"), "--importance-sampling-level must be one of token, sequence, got 'seq'"),
+    (dict(algo="ppo", importance_sampling_level="sequence"), "--importance-sampling-level sequence is GRPO's"),
+    (dict(algo="ppo", mask_truncated=True), "--mask-truncated is GRPO's"),
+])
+def test_bad_values_and_ppo_refusals_name_the_flag(change, said):
+    with pytest.raises(UserError, match=re.escape(said)):
+        RLArgs(**{"algo": "grpo", **change}).validate()
+
+
+def test_rlhf_cli_grpo_with_all_three_and_a_resume_that_changes_one(tmp_path, capsys):
+    """One GRPO iteration through the CLI with --clip-eps-high, --mask-truncated and --importance-sampling-level
+    sequence (a random policy: most responses are cut, so minibatches with none kept are likely); the run record
+    holds them, a resume with another --clip-eps-high is noted, and bad values and PPO refusals exit 2."""
+    from tritongpt.cli import main
+
+    init = tmp_path / "init.safetensors"
+    torch.manual_seed(0)
+    GPTModel(GPTConfig(vocab_size=4096, context_length=128, n_embd=32, n_layer=1, n_head=2)).save(init)
+    argv = ["rlhf", "--init", str(init), "--tokenizer", "default", "--reward", "exact", "--algo", "grpo",
+            "--num-pairs", "40", "--prompts-per-iter", "2", "--group-size", "2", "--max-new-tokens", "4",
+            "--epochs", "1", "--minibatch-size", "2", "--eval-prompts", "2", "--eval-samples", "1",
+            "--device", "cpu", "--out-dir", str(tmp_path / "run"), "--mask-truncated",
+            "--importance-sampling-level", "sequence", "--clip-eps", "3e-4"]
+    assert main([*argv, "--clip-eps-high", "4e-4", "--iterations", "1"]) == 0
+    rows = [r for r in MetricsLog(tmp_path / "run" / "metrics.jsonl").rows() if "loss" in r]
+    assert rows and all(math.isfinite(r["loss"]) and 0 <= r["clip_frac"] <= 1 for r in rows)
+    # a random policy of 4096 tokens ends no response within 4: every one is cut, every minibatch keeps none
+    assert all(r["ended"] == 0 and r["loss"] == 0 and r["grad_norm"] == 0 for r in rows)
+    state = torch.load(tmp_path / "run" / "ckpt-0000001" / "state.pt", weights_only=False)
+    assert (state["args"]["clip_eps_high"], state["args"]["mask_truncated"],
+            state["args"]["importance_sampling_level"]) == (4e-4, True, "sequence")
+    capsys.readouterr()
+    assert main([*argv, "--clip-eps-high", "5e-4", "--iterations", "2", "--resume"]) == 0
+    assert "resuming with --clip-eps-high 0.0005 (the run had 0.0004)" in capsys.readouterr().err
+    for extra, said in ((["--clip-eps-high", "0"], "--clip-eps-high must be a finite number > 0, got 0.0"),
+                        (["--clip-eps-high", "nan"], "--clip-eps-high must be a finite number > 0, got nan"),
+                        (["--algo", "ppo"], "--importance-sampling-level sequence is GRPO's")):
+        assert main([*argv, *extra, "--out-dir", str(tmp_path / "bad")]) == 2
+        assert said in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
+    with pytest.raises(SystemExit):
+        main([*argv, "--importance-sampling-level", "seq"])
+    assert "invalid choice: 'seq'" in capsys.readouterr().err
