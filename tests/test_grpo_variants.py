@@ -16,7 +16,7 @@ from tritongpt.errors import UserError
 from tritongpt.model.config import GPTConfig
 from tritongpt.model.gpt import GPTModel
 from tritongpt.train.common import MetricsLog
-from tritongpt.train.rlhf import RLArgs, Rollout, minibatch_loss
+from tritongpt.train.rlhf import PolicyWithValue, RLArgs, Rollout, minibatch_loss
 
 V, T = 11, 10  # vocab, tokens per row (T - 1 targets)
 
@@ -246,14 +246,18 @@ def test_bad_values_and_ppo_refusals_name_the_flag(change, said):
 
 def test_rlhf_cli_grpo_with_all_three_and_a_resume_that_changes_one(tmp_path, capsys):
     """One GRPO iteration through the CLI with --clip-eps-high, --mask-truncated and --importance-sampling-level
-    sequence (a random policy: most responses are cut, so minibatches with none kept are likely); the run record
-    holds them, a resume with another --clip-eps-high is noted, and bad values and PPO refusals exit 2."""
+    sequence, judged by a random reward model (the advantages are not 0); a random policy cuts every response, so
+    every minibatch keeps none and its loss and gradient are 0. The run record holds the three, a resume with
+    another --clip-eps-high is noted, and bad values and PPO refusals exit 2."""
     from tritongpt.cli import main
+    from tritongpt.model.config import get_config
+    from tritongpt.train.reward import RewardModel
 
-    init = tmp_path / "init.safetensors"
+    init, rm = tmp_path / "init.safetensors", tmp_path / "rm.safetensors"
     torch.manual_seed(0)
-    GPTModel(GPTConfig(vocab_size=4096, context_length=128, n_embd=32, n_layer=1, n_head=2)).save(init)
-    argv = ["rlhf", "--init", str(init), "--tokenizer", "default", "--reward", "exact", "--algo", "grpo",
+    GPTModel(get_config("tiny", vocab_size=4100, n_layer=1)).save(init)
+    RewardModel(GPTModel(get_config("tiny", vocab_size=4100, n_layer=1))).save(rm)
+    argv = ["rlhf", "--init", str(init), "--reward", str(rm), "--algo", "grpo",
             "--num-pairs", "40", "--prompts-per-iter", "2", "--group-size", "2", "--max-new-tokens", "4",
             "--epochs", "1", "--minibatch-size", "2", "--eval-prompts", "2", "--eval-samples", "1",
             "--device", "cpu", "--out-dir", str(tmp_path / "run"), "--mask-truncated",
@@ -261,8 +265,7 @@ def test_rlhf_cli_grpo_with_all_three_and_a_resume_that_changes_one(tmp_path, ca
     assert main([*argv, "--clip-eps-high", "4e-4", "--iterations", "1"]) == 0
     rows = [r for r in MetricsLog(tmp_path / "run" / "metrics.jsonl").rows() if "loss" in r]
     assert rows and all(math.isfinite(r["loss"]) and 0 <= r["clip_frac"] <= 1 for r in rows)
-    # a random policy of 4096 tokens ends no response within 4: every one is cut, every minibatch keeps none
-    assert all(r["ended"] == 0 and r["loss"] == 0 and r["grad_norm"] == 0 for r in rows)
+    assert all(r["ended"] == 0 and r["loss"] == 0 and r["grad_norm"] == 0 and r["reward_std"] > 0 for r in rows)
     state = torch.load(tmp_path / "run" / "ckpt-0000001" / "state.pt", weights_only=False)
     assert (state["args"]["clip_eps_high"], state["args"]["mask_truncated"],
             state["args"]["importance_sampling_level"]) == (4e-4, True, "sequence")
@@ -278,3 +281,25 @@ def test_rlhf_cli_grpo_with_all_three_and_a_resume_that_changes_one(tmp_path, ca
     with pytest.raises(SystemExit):
         main([*argv, "--importance-sampling-level", "seq"])
     assert "invalid choice: 'seq'" in capsys.readouterr().err
+
+
+def test_sampled_rollouts_mark_the_responses_max_new_tokens_cut():
+    """sample_responses fills Rollout.truncated: True where max_new_tokens cut the response before its eot (the
+    rows --mask-truncated leaves out), False where the response ends with its eot; a hand-built rollout without
+    it is refused by --mask-truncated rather than read as none cut."""
+    from tritongpt.train.rlhf import sample_responses
+
+    torch.manual_seed(14)
+    policy = GPTModel(GPTConfig(vocab_size=23, context_length=16, n_embd=32, n_layer=1, n_head=2)).eval()
+    prompts = [[5, 6, 7, 8, 9], [1, 2], [3, 4, 5, 6, 7], [9, 9], [2, 4, 6]]
+    ro = sample_responses(policy, prompts, 3, 4, eot_id=7, generator=torch.Generator().manual_seed(0))
+    for r in range(len(ro)):
+        resp = ro.idx[r, ro.prompt_lens[r]:ro.lengths[r]].tolist()
+        assert bool(ro.truncated[r]) == (7 not in resp), f"row {r}: {resp}"
+        assert len(resp) == 4 or not ro.truncated[r]
+    assert 0 < int(ro.truncated.sum()) < len(ro), "want both kinds of response"
+    ro.truncated, ro.logp, ro.ref_logp = None, torch.zeros(15, 8), torch.zeros(15, 8)
+    ro.advantages = torch.zeros(15, 8)
+    with pytest.raises(ValueError, match="mask_truncated needs the rollout's truncated responses"):
+        minibatch_loss(PolicyWithValue(policy, value_head=False), ro, torch.arange(2),
+                       RLArgs(algo="grpo", mask_truncated=True))
