@@ -62,7 +62,8 @@ GRPO's variants (TRL GRPOConfig's names; --loss-type and --scale-rewards are des
   --importance-sampling-level sequence  (GSPO, Zheng et al. 2025; TRL's importance_sampling_level) one ratio
         per response, s = exp(mean over its response tokens of log pi - log pi_old), on every one of its tokens,
         clipped to the same bounds (GSPO's paper: clip_eps 3e-4, clip_eps_high 4e-4, as the ratio of a mean is
-        near 1). GRPO only: GSPO weighs one advantage per response; PPO's are per token. token: today's.
+        near 1); clip_frac counts every token of a clipped response. GRPO only: GSPO weighs one advantage
+        per response; PPO's are per token. token: today's.
 
 Both: --missing-eot-penalty takes a constant off the score of each response that max_new_tokens
 cut before its end-of-text (the reward model never saw an answer end there); with several judges
