@@ -618,11 +618,11 @@ def add_sampling_args(p, max_new_tokens: int, temperature: float, temperature_te
     p.add_argument("--repetition-penalty", type=float, default=None,
                    help="> 1 makes every token already in the text (prompt included) less likely, as transformers' "
                         "repetition_penalty (1.1-1.3 is usual; greedy decoding too)")
-    p.add_argument("--frequency-penalty", type=float, default=None,
+    p.add_argument("--frequency-penalty", type=float, default=None, metavar="F",
                    help="F in [-2, 2]: a token's logit less F times how often it is in the text generated so far "
                         "(not the prompt), as OpenAI's and vLLM's frequency_penalty; after --repetition-penalty, "
                         "greedy decoding too")
-    p.add_argument("--presence-penalty", type=float, default=None,
+    p.add_argument("--presence-penalty", type=float, default=None, metavar="P",
                    help="P in [-2, 2]: the logit of every token in the text generated so far (not the prompt) less "
                         "P, as OpenAI's and vLLM's presence_penalty; after --frequency-penalty")
     p.add_argument("--no-repeat-ngram-size", type=int, default=None, metavar="N",
