@@ -189,7 +189,7 @@ def test_sequence_level_ratios_against_a_float64_computation(loss_type):
 def test_masked_truncated_responses_leave_the_loss(loss_type, level):
     """--mask-truncated: the loss of a minibatch with cut responses is the loss of its other responses alone
     (grpo: their mean; bnpo: over their tokens; dr_grpo: / (kept x max_new_tokens)); all cut: 0, with a finite,
-    zero gradient, and statistics of 0."""
+    zero gradient, and no statistics of the kept tokens (there are none)."""
     model, ro = _stand_in([[math.log(r) for r in row] for row in RATIOS], ADV)
     ro.truncated = torch.tensor([False, True, False, True])
     args = RLArgs(algo="grpo", clip_eps=0.2, clip_eps_high=0.3, kl_coef=0.1, loss_type=loss_type,
@@ -202,7 +202,8 @@ def test_masked_truncated_responses_leave_the_loss(loss_type, level):
     model.zero_grad()
     none, stats = minibatch_loss(model, ro, torch.tensor([1, 3]), RLArgs(**{**vars(args), "mask_truncated": True}))
     none.backward()
-    assert none.item() == 0.0 and stats["loss"] == 0.0 and stats["clip_frac"] == 0.0
+    assert none.item() == 0.0 and stats["loss"] == 0.0
+    assert not {"clip_frac", "policy_loss", "kl_k3", "entropy", "approx_kl"} & set(stats)  # nothing kept to measure
     assert torch.isfinite(model.logits.grad).all() and model.logits.grad.abs().max() == 0
     # without the flag the cut responses count
     with_cut, _ = minibatch_loss(model, ro, torch.arange(4), args)
@@ -264,7 +265,8 @@ def test_rlhf_cli_grpo_with_all_three_and_a_resume_that_changes_one(tmp_path, ca
             "--importance-sampling-level", "sequence", "--clip-eps", "3e-4"]
     assert main([*argv, "--clip-eps-high", "4e-4", "--iterations", "1"]) == 0
     rows = [r for r in MetricsLog(tmp_path / "run" / "metrics.jsonl").rows() if "loss" in r]
-    assert rows and all(math.isfinite(r["loss"]) and 0 <= r["clip_frac"] <= 1 for r in rows)
+    # every response cut: no kept token, so no clip_frac (nor entropy) to log, rather than a 0
+    assert rows and all(math.isfinite(r["loss"]) and "clip_frac" not in r and "entropy" not in r for r in rows)
     assert all(r["ended"] == 0 and r["loss"] == 0 and r["grad_norm"] == 0 and r["reward_std"] > 0 for r in rows)
     state = torch.load(tmp_path / "run" / "ckpt-0000001" / "state.pt", weights_only=False)
     assert (state["args"]["clip_eps_high"], state["args"]["mask_truncated"],
@@ -303,3 +305,23 @@ def test_sampled_rollouts_mark_the_responses_max_new_tokens_cut():
     with pytest.raises(ValueError, match="mask_truncated needs the rollout's truncated responses"):
         minibatch_loss(PolicyWithValue(policy, value_head=False), ro, torch.arange(2),
                        RLArgs(algo="grpo", mask_truncated=True))
+
+
+def test_an_iterations_statistics_are_those_of_its_kept_responses(tmp_path):
+    """--mask-truncated: a minibatch whose every response was cut has no kept token to measure, so its entropy,
+    clip_frac, approx_kl, kl_k3 and policy_loss are not in update()'s means (they were 0s there, pulling the
+    iteration's logged entropy and KL toward 0 by the share of all-cut minibatches)."""
+    from test_rlhf import _tiny_rl_trainer
+
+    trainer = _tiny_rl_trainer(tmp_path, algo="grpo", group_size=2, minibatch_size=1, epochs=1,
+                               mask_truncated=True, ent_coef=0.01)
+    ro = trainer.rollout()
+    ro.truncated = torch.arange(len(ro)) % 2 == 1  # half the responses cut: half the minibatches all cut
+    out = trainer.update(ro)
+    assert len(trainer.update_log) == len(ro)
+    for key in ("entropy", "clip_frac", "approx_kl", "kl_k3", "policy_loss"):
+        vals = [s[key] for s in trainer.update_log if key in s]
+        assert len(vals) == len(ro) // 2, key  # the kept minibatches' only
+        assert out[key] == pytest.approx(sum(vals) / len(vals), rel=1e-6), key
+    assert out["entropy"] > 0
+    assert all("loss" in s for s in trainer.update_log)  # the loss (0 for an all-cut one) is each step's

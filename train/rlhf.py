@@ -618,6 +618,10 @@ def minibatch_loss(model: PolicyWithValue, ro: Rollout, sel, args: RLArgs):
         loss = loss - args.ent_coef * entropy
     stats["policy_loss"] = policy_loss.item()
     stats["loss"] = loss.item()
+    if kept is not None and not bool(kept.any()):
+        # no kept token to measure: these are left out of update()'s means rather than logged as 0s
+        for k in ("entropy", "clip_frac", "approx_kl", "kl_k3", "policy_loss"):
+            stats.pop(k, None)
     return loss, stats
 
 
