@@ -15,6 +15,14 @@ counted; --batch-size examples go through one forward, right-padded. A row longe
 model's context keeps its last tokens. A tokenizer whose own pipeline starts every text with a BOS
 (Gemma's, Llama 2's and 3's) gets it before the context, as transformers' tokenizer(ctx) gives it
 (Gemma without it is much worse).
+
+--data also reads other multiple-choice benchmarks as the Hugging Face Hub has them (.jsonl, .json or
+.parquet; the shape told by the first record's fields, a record of another shape refused):
+allenai/ai2_arc and allenai/openbookqa (question or question_stem, choices {text, label}, answerKey),
+ybisk/piqa (goal, sol1, sol2, label) and cais/mmlu-style (question, choices, answer). Their context is
+lm-eval-harness's cloze prompt "Question: {question}\nAnswer:", the choices the endings. acc_norm is
+still the mean loss per token, as for HellaSwag, not lm-eval's per-byte normalisation (acc_norm on
+ARC, OpenBookQA and PIQA there), so it will not match lm-eval's acc_norm exactly; acc is comparable.
 """
 import json
 import sys
@@ -55,26 +63,94 @@ def download(cache_dir=None, flag: str = "--data") -> Path:
     return path
 
 
+PROMPT = "Question: {}\nAnswer:"  # lm-eval-harness's ARC, PIQA and MMLU-style cloze prompt
+
+
+def _text(row, field, where, what="text"):
+    value = row.get(field)
+    if not isinstance(value, str) or not value.strip():
+        raise UserError(f"{where}: '{field}' must be the {what}, got {value!r}")
+    return value
+
+
+def _texts(value, field, where, what="texts"):
+    if not (isinstance(value, list) and len(value) >= 2 and all(isinstance(e, str) and e.strip() for e in value)):
+        raise UserError(f"{where}: '{field}' must be a list of at least 2 {what}, got {value!r}")
+    return value
+
+
+def _index(label, n, field, where):
+    if isinstance(label, str) and label.strip().isdigit():  # Hugging Face's Rowan/hellaswag: "0".."3"
+        label = int(label)
+    if isinstance(label, bool) or not isinstance(label, int) or not 0 <= label < n:
+        raise UserError(f"{where}: '{field}' must be the index of the right ending (0..{n - 1}), got {label!r}")
+    return label
+
+
+def _hellaswag(row, where):
+    ctx, endings = _text(row, "ctx", where, "context text"), _texts(row.get("endings"), "endings", where)
+    return ctx, endings, _index(row.get("label"), len(endings), "label", where)
+
+
+def _arc(row, where):  # ARC, and OpenBookQA's question_stem
+    q = _text(row, "question_stem" if "question_stem" in row else "question", where, "question text")
+    choices = row.get("choices")
+    if not isinstance(choices, dict):
+        raise UserError(f"{where}: 'choices' must be an object with 'text' and 'label' lists, got {choices!r}")
+    endings = _texts(choices.get("text"), "choices.text", where)
+    labels = choices.get("label")
+    if not (isinstance(labels, list) and len(labels) == len(endings) and all(isinstance(k, str) for k in labels)):
+        raise UserError(f"{where}: 'choices.label' must be a list of {len(endings)} labels (one a text), "
+                        f"got {labels!r}")
+    key = row.get("answerKey")
+    if not isinstance(key, str) or key.strip() not in labels:
+        raise UserError(f"{where}: 'answerKey' must be one of the choices' labels {labels}, got {key!r}")
+    return PROMPT.format(q), endings, labels.index(key.strip())
+
+
+def _piqa(row, where):
+    endings = [_text(row, "sol1", where, "first solution"), _text(row, "sol2", where, "second solution")]
+    return PROMPT.format(_text(row, "goal", where, "goal text")), endings, _index(row.get("label"), 2, "label", where)
+
+
+def _mmlu(row, where):
+    endings = _texts(row.get("choices"), "choices", where, "choice texts")
+    q = _text(row, "question", where, "question text")
+    return PROMPT.format(q), endings, _index(row.get("answer"), len(endings), "answer", where)
+
+
+# shape: (the fields that mark a record as one, its reader -> (ctx, endings, label))
+SHAPES = {"HellaSwag": (("ctx", "endings"), _hellaswag),
+          "ARC/OpenBookQA": (("answerKey", "question_stem"), _arc),
+          "PIQA": (("goal", "sol1", "sol2"), _piqa),
+          "MMLU": (("answer",), _mmlu)}
+
+
+def _shapes(row) -> list:
+    return [name for name, (marks, _) in SHAPES.items() if any(m in row for m in marks)]
+
+
 def read_examples(path) -> list:
-    """HellaSwag's .jsonl: per line an object with ctx (the context), endings (a list of strings)
-    and label (the index of the right one); other fields are ignored."""
+    """A multiple-choice file (.jsonl, .json or .parquet) as {ctx, endings, label} examples, its shape
+    (SHAPES) told by the first record's fields: HellaSwag's ctx, endings, label; ARC's and OpenBookQA's
+    question (or question_stem), choices {text, label} and answerKey; PIQA's goal, sol1, sol2, label;
+    MMLU's question, choices (texts), answer. Other fields are ignored; a record of another shape is refused."""
     from tritongpt.train.sft import read_json_records
 
-    examples = []
+    examples, shape = [], None
     for where, row in read_json_records(path, "HellaSwag file"):
         if not isinstance(row, dict):
             raise UserError(f"{where}: expected a JSON object, got {type(row).__name__}")
-        ctx, endings, label = row.get("ctx"), row.get("endings"), row.get("label")
-        if isinstance(label, str) and label.strip().isdigit():  # Hugging Face's Rowan/hellaswag: "0".."3"
-            label = int(label)
-        if not isinstance(ctx, str) or not ctx.strip():
-            raise UserError(f"{where}: 'ctx' must be the context text, got {ctx!r}")
-        if not (isinstance(endings, list) and len(endings) >= 2 and all(isinstance(e, str) and e.strip()
-                                                                       for e in endings)):
-            raise UserError(f"{where}: 'endings' must be a list of at least 2 texts, got {endings!r}")
-        if isinstance(label, bool) or not isinstance(label, int) or not 0 <= label < len(endings):
-            raise UserError(f"{where}: 'label' must be the index of the right ending "
-                            f"(0..{len(endings) - 1}), got {label!r}")
+        found = _shapes(row)
+        if shape is None:
+            if len(found) != 1:
+                raise UserError(f"{where}: not a record of one known shape (fields {sorted(row)}; read: HellaSwag's "
+                                "ctx/endings/label, ARC's question/choices/answerKey, OpenBookQA's question_stem/"
+                                "choices/answerKey, PIQA's goal/sol1/sol2/label, MMLU's question/choices/answer)")
+            shape = found[0]
+        elif found and shape not in found:
+            raise UserError(f"{where}: a {'/'.join(found)} record (fields {sorted(row)}) in a {shape} file")
+        ctx, endings, label = SHAPES[shape][1](row, where)
         examples.append({"ctx": ctx, "endings": endings, "label": label})
     return examples
 
@@ -188,7 +264,10 @@ def add_cli(sub):
                         "weights), or " + HUB_REPO_HELP)
     p.add_argument("--data", default=None,
                    help="HellaSwag .jsonl (ctx, endings, label per line; default: the validation split, "
-                        "downloaded once into the cache)")
+                        "downloaded once into the cache), or an ARC / OpenBookQA (question or question_stem, "
+                        "choices, answerKey), PIQA (goal, sol1, sol2, label) or MMLU-style (question, choices, "
+                        "answer) .jsonl, .json or .parquet, prompted 'Question: ...\\nAnswer:' as lm-eval-harness "
+                        "does (acc_norm: per token, not lm-eval's per byte)")
     p.add_argument("--max-examples", type=int, default=None, help="score only the first N examples")
     p.add_argument("--batch-size", type=int, default=8, help="examples per forward, each its endings' rows "
                                                              "(default %(default)s)")
