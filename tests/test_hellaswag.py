@@ -305,3 +305,115 @@ def test_a_tokenizer_that_prepends_bos_gets_it_before_each_context(bos_tok):
     end = raw.encode(" the river bank", add_special_tokens=False).ids
     row = (raw.encode(ex["ctx"], add_special_tokens=True).ids + end)[-7:]
     assert inputs[1].tolist() == row[:-1] and targets[1][targets[1] != -100].tolist() == end[-6:]
+
+
+# other benchmarks' records as the Hugging Face Hub has them (allenai/ai2_arc, allenai/openbookqa, ybisk/piqa,
+# cais/mmlu), and the {ctx, endings, label} example each becomes
+ARC = {"id": "Mercury_1", "question": "Which is a gas?", "answerKey": "B",
+       "choices": {"text": ["rock", "steam", "ice"], "label": ["A", "B", "C"]}}
+ARC_NUMERIC = dict(ARC, answerKey="3",
+                   choices={"text": ["rock", "steam", "ice", "wood"], "label": ["1", "2", "3", "4"]})
+OBQA = {"id": "7-980", "question_stem": "The sun is", "answerKey": "A",
+        "choices": {"text": ["a star", "a moon"], "label": ["A", "B"]}}
+PIQA = {"goal": "Open a jar", "sol1": "twist the lid", "sol2": "eat the lid", "label": 0}
+MMLU = {"question": "2 + 2 =", "subject": "math", "choices": ["3", "4", "5", "6"], "answer": 1}
+WANT = {"arc": {"ctx": "Question: Which is a gas?\nAnswer:", "endings": ["rock", "steam", "ice"], "label": 1},
+        "arc_numeric": {"ctx": "Question: Which is a gas?\nAnswer:", "endings": ["rock", "steam", "ice", "wood"],
+                        "label": 2},
+        "obqa": {"ctx": "Question: The sun is\nAnswer:", "endings": ["a star", "a moon"], "label": 0},
+        "piqa": {"ctx": "Question: Open a jar\nAnswer:", "endings": ["twist the lid", "eat the lid"], "label": 0},
+        "mmlu": {"ctx": "Question: 2 + 2 =\nAnswer:", "endings": ["3", "4", "5", "6"], "label": 1}}
+
+
+def _write(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_arc_openbookqa_piqa_and_mmlu_records_become_examples(tmp_path):
+    for name, rows in (("arc", [ARC]), ("arc_numeric", [ARC_NUMERIC]), ("obqa", [OBQA]), ("piqa", [PIQA]),
+                       ("mmlu", [MMLU])):
+        assert hellaswag.read_examples(_write(tmp_path / f"{name}.jsonl", rows)) == [WANT[name]], name
+    # ARC's numeric answerKey rows mixed with lettered ones, as in the real split; PIQA's label 1; MMLU's
+    # answer as a digit string
+    got = hellaswag.read_examples(_write(tmp_path / "mix.jsonl", [ARC, ARC_NUMERIC, dict(ARC, answerKey="C")]))
+    assert [ex["label"] for ex in got] == [1, 2, 2]
+    assert hellaswag.read_examples(_write(tmp_path / "p.jsonl", [dict(PIQA, label=1)]))[0]["label"] == 1
+    assert hellaswag.read_examples(_write(tmp_path / "m.jsonl", [dict(MMLU, answer="3")]))[0]["label"] == 3
+    (tmp_path / "arc.json").write_text(json.dumps([ARC, OBQA]))  # OpenBookQA is ARC's shape with question_stem
+    assert hellaswag.read_examples(tmp_path / "arc.json") == [WANT["arc"], WANT["obqa"]]
+
+
+def test_a_parquet_file_of_another_shape_is_read(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.Table.from_pylist([ARC, ARC_NUMERIC]), tmp_path / "arc.parquet")
+    assert hellaswag.read_examples(tmp_path / "arc.parquet") == [WANT["arc"], WANT["arc_numeric"]]
+    pq.write_table(pa.Table.from_pylist([MMLU]), tmp_path / "mmlu.parquet")
+    assert hellaswag.read_examples(tmp_path / "mmlu.parquet") == [WANT["mmlu"]]
+
+
+def test_a_bad_record_of_another_shape_is_named(tmp_path):
+    path = tmp_path / "b.jsonl"
+    cases = [(ARC, dict(ARC, answerKey="D"), r"'answerKey' must be one of the choices' labels \['A', 'B', 'C'\], "
+                                             "got 'D'"),
+             (ARC, {k: v for k, v in ARC.items() if k != "answerKey"}, "'answerKey' must be one of"),
+             (ARC, dict(ARC, answerKey=2), "'answerKey' must be one of"),
+             (ARC, dict(ARC, question=" "), "'question' must be the question text"),
+             (ARC, {k: v for k, v in ARC.items() if k != "question"}, "'question' must be the question text"),
+             (ARC, dict(ARC, choices=["rock", "steam"]), "'choices' must be an object with 'text' and 'label'"),
+             (ARC, dict(ARC, choices={"text": ["rock", ""], "label": ["A", "B"]}), "'choices.text' must be a list"),
+             (ARC, dict(ARC, choices={"text": ["a", "b", "c"], "label": ["A", "B"]}),
+              "'choices.label' must be a list of 3 labels"),
+             (OBQA, dict(OBQA, question_stem=""), "'question_stem' must be the question text"),
+             (PIQA, dict(PIQA, label=2), r"'label' must be the index of the right ending \(0..1\), got 2"),
+             (PIQA, dict(PIQA, label=True), "'label' must be the index"),
+             (PIQA, dict(PIQA, sol2=""), "'sol2' must be the second solution"),
+             (PIQA, {k: v for k, v in PIQA.items() if k != "sol1"}, "'sol1' must be the first solution"),
+             (PIQA, dict(PIQA, goal=None), "'goal' must be the goal text"),
+             (MMLU, dict(MMLU, answer=4), r"'answer' must be the index of the right ending \(0..3\), got 4"),
+             (MMLU, dict(MMLU, answer=-1), "'answer' must be the index"),
+             (MMLU, dict(MMLU, choices=["only"]), "'choices' must be a list of at least 2 choice texts"),
+             (MMLU, dict(MMLU, choices=["a", " "]), "'choices' must be a list of at least 2 choice texts"),
+             (MMLU, dict(MMLU, question=""), "'question' must be the question text")]
+    for good, bad, said in cases:
+        _write(path, [good, bad])
+        with pytest.raises(UserError, match=r"b.jsonl: record 1 \(line 2\): " + said):
+            hellaswag.read_examples(path)
+    # a file mixing shapes is refused at the first record of another
+    hs = {"ctx": "A man", "endings": ["runs.", "sits."], "label": 1}
+    for first, other, said in ((ARC, PIQA, "a PIQA record .* in a ARC/OpenBookQA file"),
+                               (hs, MMLU, "a MMLU record .* in a HellaSwag file"),
+                               (MMLU, hs, "a HellaSwag record .* in a MMLU file"),
+                               (PIQA, OBQA, "a ARC/OpenBookQA record .* in a PIQA file")):
+        _write(path, [first, first, other])
+        with pytest.raises(UserError, match=r"b.jsonl: record 2 \(line 3\): " + said):
+            hellaswag.read_examples(path)
+    # a first record of no known shape (or of two) is named with what is read
+    for first in ({"prompt": "x", "completion": "y"}, dict(PIQA, answer=1)):
+        _write(path, [first])
+        with pytest.raises(UserError, match=r"b.jsonl: record 0 \(line 1\): not a record of one known shape"):
+            hellaswag.read_examples(path)
+
+
+def test_the_command_scores_an_arc_file_as_its_converted_examples(tok, tmp_path, capsys):
+    torch.manual_seed(7)
+    model = GPTModel(GPTConfig(vocab_size=tok.vocab_size, context_length=32, n_embd=32, n_layer=2, n_head=2))
+    run = tmp_path / "run"
+    run.mkdir()
+    model.save(run / "model.safetensors")
+    tok.save(run / "tokenizer.json")
+    rows = []
+    for i, ex in enumerate(random_examples(16, seed=8)):
+        letters = "ABCD" if i % 3 else "1234"  # some of ARC's rows are numbered
+        rows.append({"id": str(i), "question": ex["ctx"], "answerKey": letters[ex["label"]],
+                     "choices": {"text": ex["endings"], "label": list(letters)}})
+    data = _write(tmp_path / "arc.jsonl", rows)
+    assert main(["hellaswag", "--weights", str(run), "--data", str(data), "--device", "cpu", "--json"]) == 0
+    got = json.loads(capsys.readouterr().out)
+    converted = [{"ctx": f"Question: {r['question']}\nAnswer:", "endings": r["choices"]["text"],
+                  "label": r["choices"]["label"].index(r["answerKey"])} for r in rows]
+    want = hellaswag.score(model, tok, converted)
+    assert (got["examples"], got["acc"], got["acc_norm"]) == (16, want["acc"], want["acc_norm"])
+    assert 0 < want["acc"] < 1 and 0 < want["acc_norm"] < 1  # not a figure a wrong label could match
