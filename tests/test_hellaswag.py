@@ -338,6 +338,7 @@ def test_arc_openbookqa_piqa_and_mmlu_records_become_examples(tmp_path):
     # answer as a digit string
     got = hellaswag.read_examples(_write(tmp_path / "mix.jsonl", [ARC, ARC_NUMERIC, dict(ARC, answerKey="C")]))
     assert [ex["label"] for ex in got] == [1, 2, 2]
+    assert hellaswag.read_examples(_write(tmp_path / "s.jsonl", [dict(ARC, answerKey=" C\n")]))[0]["label"] == 2
     assert hellaswag.read_examples(_write(tmp_path / "p.jsonl", [dict(PIQA, label=1)]))[0]["label"] == 1
     assert hellaswag.read_examples(_write(tmp_path / "m.jsonl", [dict(MMLU, answer="3")]))[0]["label"] == 3
     (tmp_path / "arc.json").write_text(json.dumps([ARC, OBQA]))  # OpenBookQA is ARC's shape with question_stem
@@ -360,6 +361,7 @@ def test_a_bad_record_of_another_shape_is_named(tmp_path):
                                              "got 'D'"),
              (ARC, {k: v for k, v in ARC.items() if k != "answerKey"}, "'answerKey' must be one of"),
              (ARC, dict(ARC, answerKey=2), "'answerKey' must be one of"),
+             (ARC_NUMERIC, dict(ARC_NUMERIC, answerKey=3), "'answerKey' must be one of"),  # a text, as the Hub has it
              (ARC, dict(ARC, question=" "), "'question' must be the question text"),
              (ARC, {k: v for k, v in ARC.items() if k != "question"}, "'question' must be the question text"),
              (ARC, dict(ARC, choices=["rock", "steam"]), "'choices' must be an object with 'text' and 'label'"),
