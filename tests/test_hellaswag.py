@@ -385,10 +385,10 @@ def test_a_bad_record_of_another_shape_is_named(tmp_path):
             hellaswag.read_examples(path)
     # a file mixing shapes is refused at the first record of another
     hs = {"ctx": "A man", "endings": ["runs.", "sits."], "label": 1}
-    for first, other, said in ((ARC, PIQA, "a PIQA record .* in a ARC/OpenBookQA file"),
-                               (hs, MMLU, "a MMLU record .* in a HellaSwag file"),
-                               (MMLU, hs, "a HellaSwag record .* in a MMLU file"),
-                               (PIQA, OBQA, "a ARC/OpenBookQA record .* in a PIQA file")):
+    for first, other, said in ((ARC, PIQA, "a record of PIQA's shape .* in a file of ARC/OpenBookQA's"),
+                               (hs, MMLU, "a record of MMLU's shape .* in a file of HellaSwag's"),
+                               (MMLU, hs, "a record of HellaSwag's shape .* in a file of MMLU's"),
+                               (PIQA, OBQA, "a record of ARC/OpenBookQA's shape .* in a file of PIQA's")):
         _write(path, [first, first, other])
         with pytest.raises(UserError, match=r"b.jsonl: record 2 \(line 3\): " + said):
             hellaswag.read_examples(path)

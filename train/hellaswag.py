@@ -149,7 +149,8 @@ def read_examples(path) -> list:
                                 "choices/answerKey, PIQA's goal/sol1/sol2/label, MMLU's question/choices/answer)")
             shape = found[0]
         elif found and shape not in found:
-            raise UserError(f"{where}: a {'/'.join(found)} record (fields {sorted(row)}) in a {shape} file")
+            raise UserError(f"{where}: a record of {'/'.join(found)}'s shape (fields {sorted(row)}) in a file of "
+                            f"{shape}'s: one benchmark a file")
         ctx, endings, label = SHAPES[shape][1](row, where)
         examples.append({"ctx": ctx, "endings": endings, "label": label})
     return examples
