@@ -168,7 +168,7 @@ def read_message(read_line):
 def cmd_chat(args):
     import torch
 
-    from tritongpt.commands import check_generation_args, load_generation_model, repeat_controls
+    from tritongpt.commands import check_generation_args, load_generation_model, sampling_controls
 
     check_generation_args(args)
     if args.max_new_tokens < 1:
@@ -229,8 +229,7 @@ def cmd_chat(args):
             note(f"the conversation outgrew the context: its {dropped} oldest turn(s) are dropped")
         answer, ended = reply(model, tok, ids, budget, temperature=args.temperature, top_k=args.top_k,
                               top_p=args.top_p, dtype=dtype, generator=gen, vocab_limit=limit, stop_id=stop,
-                              min_p=args.min_p, repetition_penalty=args.repetition_penalty,
-                              **repeat_controls(args))
+                              **sampling_controls(args))
         if not ended:
             note(f"the answer was cut at {budget} tokens (--max-new-tokens, or the context's end)")
         conv.add(user, answer, dropped)

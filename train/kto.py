@@ -49,7 +49,7 @@ import torch
 from tritongpt.errors import UserError, note
 from tritongpt.train import common, formats
 from tritongpt.train.dpo import FrozenReference, check_beta
-from tritongpt.train.preference import encode_answers, response_batch, sequence_logprobs
+from tritongpt.train.preference import encode_fitting, response_batch, sequence_logprobs
 from tritongpt.cli import command_help
 
 LOSS_TYPES = ("kto", "apo_zero_unpaired")
@@ -202,18 +202,8 @@ class EncodedExample:
 
 def encode_examples(examples, tokenizer, max_len: int, what: str = "examples") -> list[EncodedExample]:
     """Tokenize (preference.py's layout); examples whose prompt + completion exceed max_len are dropped (counted)."""
-    out, ends, dropped = [], {}, 0
-    for e in examples:
-        prompt, (completion,) = encode_answers(tokenizer, e.prompt, (e.completion,), ends)
-        if not prompt or len(prompt) + len(completion) > max_len:
-            dropped += 1
-            continue
-        out.append(EncodedExample(prompt, completion, e.label, e.pair))
-    if not out:
-        raise UserError(f"none of the {len(examples)} {what} fit in {max_len} tokens")
-    if dropped:
-        note(f"dropped {dropped} of {len(examples)} {what} longer than {max_len} tokens")
-    return out
+    return encode_fitting(examples, tokenizer, max_len, what, lambda e: (e.completion,),
+                          lambda e, prompt, answers: EncodedExample(prompt, answers[0], e.label, e.pair))
 
 
 def mismatched_partners(n: int, chunk: int) -> list[int]:

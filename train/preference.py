@@ -194,20 +194,27 @@ def encode_answers(tokenizer, prompt, answers, ends: dict):
     return encode_prompt(tokenizer, prompt), [encode_text(tokenizer, a) + [ends[chat]] for a in answers]
 
 
-def encode_pairs(pairs, tokenizer, max_len: int, what: str = "preference pairs") -> list[EncodedPair]:
-    """Tokenize; pairs whose prompt + longer response exceed max_len are dropped (and counted)."""
+def encode_fitting(items, tokenizer, max_len: int, what: str, answers, build) -> list:
+    """Tokenize each item's prompt and answers(item) (texts) in the layout above, build(item, prompt ids, answers'
+    ids) its record; items whose prompt + longest answer exceed max_len are dropped (and counted)."""
     out, dropped, ends = [], 0, {}
-    for p in pairs:
-        prompt, (chosen, rejected) = encode_answers(tokenizer, p.prompt, (p.chosen, p.rejected), ends)
-        if not prompt or len(prompt) + max(len(chosen), len(rejected)) > max_len:
+    for item in items:
+        prompt, encoded = encode_answers(tokenizer, item.prompt, answers(item), ends)
+        if not prompt or len(prompt) + max(map(len, encoded)) > max_len:
             dropped += 1
             continue
-        out.append(EncodedPair(prompt, chosen, rejected, p.margin or 0.0))
+        out.append(build(item, prompt, encoded))
     if not out:
-        raise UserError(f"none of the {len(pairs)} {what} fit in {max_len} tokens")
+        raise UserError(f"none of the {len(items)} {what} fit in {max_len} tokens")
     if dropped:
-        note(f"dropped {dropped} of {len(pairs)} {what} longer than {max_len} tokens")
+        note(f"dropped {dropped} of {len(items)} {what} longer than {max_len} tokens")
     return out
+
+
+def encode_pairs(pairs, tokenizer, max_len: int, what: str = "preference pairs") -> list[EncodedPair]:
+    """Tokenize; pairs whose prompt + longer response exceed max_len are dropped (and counted)."""
+    return encode_fitting(pairs, tokenizer, max_len, what, lambda p: (p.chosen, p.rejected),
+                          lambda p, prompt, answers: EncodedPair(prompt, *answers, p.margin or 0.0))
 
 
 def pad_sequences(seqs, pad_id: int, device="cpu"):

@@ -156,9 +156,6 @@ def make_reward_loss(center_rewards_coefficient: float = 0.0):
     return loss_fn
 
 
-reward_loss_fn = make_reward_loss()
-
-
 def pair_margins(encoded, device="cpu"):
     """The pairs' margins [B], or None where none has one (the plain Bradley-Terry loss)."""
     if not any(e.margin for e in encoded):

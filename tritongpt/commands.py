@@ -224,16 +224,15 @@ def check_generation_args(args):
         if args.model not in names:
             raise UserError(f"--pretrained downloads GPT-2 or GPT-Neo by --model name ({'|'.join(names)}), "
                             f"not {args.model!r}")
-    check_sampling(args.temperature, args.top_k, args.top_p, flags=True, min_p=args.min_p,
-                   repetition_penalty=args.repetition_penalty, frequency_penalty=args.frequency_penalty,
-                   presence_penalty=args.presence_penalty, no_repeat_ngram_size=args.no_repeat_ngram_size)
+    check_sampling(args.temperature, args.top_k, args.top_p, flags=True, **sampling_controls(args))
     check_seed(args.seed)
 
 
-def repeat_controls(args) -> dict:
-    """generate()'s frequency_penalty, presence_penalty and no_repeat_ngram_size from the flags."""
-    return dict(frequency_penalty=args.frequency_penalty, presence_penalty=args.presence_penalty,
-                no_repeat_ngram_size=args.no_repeat_ngram_size)
+def sampling_controls(args) -> dict:
+    """The sampling flags beyond temperature, top-k and top-p, as check_sampling and generate() name them (one list
+    for generate, chat and their checks)."""
+    return dict(min_p=args.min_p, repetition_penalty=args.repetition_penalty, frequency_penalty=args.frequency_penalty,
+                presence_penalty=args.presence_penalty, no_repeat_ngram_size=args.no_repeat_ngram_size)
 
 
 def load_generation_model(args):
@@ -316,8 +315,7 @@ def cmd_generate(args):
     with autocast(device, dtype):  # the weights stay fp32; sampling reads fp32 probabilities
         out = generate(model, idx, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                        top_p=args.top_p, eos_id=eot, generator=gen, vocab_limit=limit, on_token=stream,
-                       min_p=args.min_p, repetition_penalty=args.repetition_penalty,
-                       stop=stopped if stops else None, **repeat_controls(args)).tolist()
+                       stop=stopped if stops else None, **sampling_controls(args)).tolist()
     if stream:
         stream.close()
     for i, row in enumerate(out):
