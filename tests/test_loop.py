@@ -1570,6 +1570,21 @@ def test_check_resume_limit_precision_and_kernels_notes(tmp_path, capsys):
     assert capsys.readouterr().err == ""
 
 
+def test_unrecorded_flags_name_only_what_changes_a_run_older_than_them():
+    saved = {"lr": 0.1}  # a run from before the other flags were recorded
+    names = ("lr", "clip", "mask", "mode", "n", "none", "alpha")
+    now = {"lr": 0.2, "clip": 1.0, "mask": False, "mode": "sigmoid", "n": 0, "none": None, "alpha": 0.0}
+    # lr is recorded (a change of it is check_resume's other note); the rest are at their default or off
+    assert common.unrecorded_flags(saved, now, names, {"clip": 1.0, "mode": "sigmoid"}) == []
+    now = {**now, "clip": 0.5, "mask": True, "mode": "hinge", "n": 3, "alpha": 0.25}
+    assert common.unrecorded_flags(saved, now, names, {"clip": 1.0, "mode": "sigmoid"}) == [
+        "--clip 0.5", "--mask True", "--mode hinge", "--n 3", "--alpha 0.25"]
+    # a flag without a default is named when not off; one absent from the run's own args is not a flag of it
+    assert common.unrecorded_flags(saved, {"mode": "sigmoid"}, ("mode",), {}) == ["--mode sigmoid"]
+    assert common.unrecorded_flags(saved, {"other": 3}, ("mode",), {}) == []
+    assert common.unrecorded_flags({}, now, names, {}) == []  # no record at all: nothing to compare
+
+
 def test_check_resume_says_a_longer_wsd_run_is_extended_only_before_its_decay(tmp_path, capsys):
     """300 wsd steps decay from step 240, 600 from 480: a checkpoint at step 240 ran stable steps
     only, the same over 600 steps (the run is extended); at 242, steps 240 and 241 had decayed,

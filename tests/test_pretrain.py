@@ -75,6 +75,20 @@ def test_cli_short_job_learns_and_writes_metrics_plot_checkpoint_then_resumes(co
                                  "--sample-tokens", "0")])
     assert rc == 0 and "different data" not in capsys.readouterr().err
 
+    # a checkpoint older than a flag has no record of it (here --grad-clip's and --document-mask's, dropped):
+    # its default, or an "off" value, is what that run did, unnamed; another value is named
+    ck = common.Checkpointer(out).latest()
+    state = common.load_state(ck)
+    del state["args"]["grad_clip"], state["args"]["document_mask"]
+    torch.save(state, ck / "state.pt")
+    rc = main(["pretrain", *argv(corpus, out, "--max-steps", "35", "--resume", "--sample-tokens", "0")])
+    assert rc == 0 and "did not record" not in capsys.readouterr().err
+    rc = main(["pretrain", *argv(corpus, out, "--max-steps", "35", "--resume", "--sample-tokens", "0",
+                                 "--grad-clip", "0.5", "--document-mask")])
+    err = capsys.readouterr().err
+    assert rc == 0 and "resuming with --grad-clip 0.5, --document-mask True, which " in err, err
+    assert "did not record (its checkpoint is older than the flag)" in err
+
     # the same text with its paragraphs reordered: as many tokens, other windows; the resume says so
     paras = corpus.text.read_text().split("\n\n")
     other = tmp_path / "reordered.txt"

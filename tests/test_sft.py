@@ -1413,3 +1413,30 @@ def test_sft_with_neftune_trains_on_noisy_embeddings_and_returns_a_clean_model(t
         losses.append(result["first_loss"])
         assert not model.tok_emb._forward_hooks  # the hook is gone with the run
     assert losses[0] != losses[1] and abs(losses[0] - losses[1]) < 0.5
+
+
+def test_a_resume_names_a_neftune_alpha_set_or_dropped(tmp_path, capsys):
+    """NEFTune's alpha is recorded with the run, 0 included: a resume that adds the noise, or drops it, is
+    named (recorded only when set, a dropped alpha went unnamed)."""
+    from tritongpt.train import sft
+    from tritongpt.train.loop import TrainArgs
+    from tritongpt.train.tasks import generate_tasks
+    from tritongpt.train.tokenizer import get_tokenizer
+
+    tok = get_tokenizer("default")
+    recs = generate_tasks(8, seed=3, families=["first_word"])
+
+    def run(alpha, steps, name, resume=None):
+        torch.manual_seed(1)
+        model = GPTModel(GPTConfig(vocab_size=tok.vocab_size, context_length=256, n_embd=32, n_layer=1, n_head=2))
+        args = TrainArgs(out_dir=str(tmp_path / name), max_steps=steps, batch_size=4, eval_every=0, ckpt_every=0,
+                         sample_every=0, log_every=1, device="cpu", kernels="reference", seed=0, resume=resume)
+        sft.run_sft(model, tok, recs[:6], recs[6:], recs[6:], args, sample=False, neftune_alpha=alpha)
+        return capsys.readouterr().err
+
+    run(5.0, 1, "noisy")
+    # (the note's first flag is --max-steps: "the run had" goes with it)
+    assert "--neftune-noise-alpha 0.0 (5.0)" in run(0.0, 2, "noisy", resume="latest")
+    run(0.0, 1, "clean")
+    err = run(5.0, 2, "clean", resume="latest")
+    assert "--neftune-noise-alpha 5.0 (0.0)" in err and "did not record" not in err

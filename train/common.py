@@ -563,13 +563,14 @@ def same_rates_so_far(saved: dict, now: dict, steps: int) -> bool:
 
 
 def check_resume(ckpt, state: dict, now_args: dict, names, step_key: str, limit_flag: str, precision: str,
-                 say: bool, kernels: str | None = None) -> None:
+                 say: bool, kernels: str | None = None, defaults: dict | None = None) -> None:
     """The checks every trainer's --resume makes: the checkpoint is not past the run's end
     (state[step_key] vs now_args[limit]); a note naming the flags among `names` that differ from
     the checkpoint's run, and a different precision (bf16/fp32 as resolved, not as spelled), or,
     where --max-steps alone changed and left the wsd rates of the steps run so far as they were,
     that the run is extended; a note when the kernels (as resolved: `auto` is one or the other)
-    are not the run's."""
+    are not the run's; a note naming the flags among `names` set now that the checkpoint's record
+    lacks (unrecorded_flags: a flag newer than the checkpoint)."""
     limit = now_args[limit_flag.removeprefix("--").replace("-", "_")]
     if state[step_key] > limit:
         raise UserError(f"--resume: {ckpt} is at {step_key} {state[step_key]}, past {limit_flag} {limit}: "
@@ -589,11 +590,34 @@ def check_resume(ckpt, state: dict, now_args: dict, names, step_key: str, limit_
     elif parts and say:
         text = ", ".join(f"{now} ({'the run had ' if i == 0 else ''}{was})" for i, (now, was) in enumerate(parts))
         note(f"resuming with {text}: the run goes on differently from the one it was started as")
+    unrecorded = unrecorded_flags(saved, now_args, names, defaults or {})
+    if say and unrecorded:
+        note(f"resuming with {', '.join(unrecorded)}, which {ckpt}'s run did not record (its checkpoint is older "
+             "than the flag): if that run went without it, this one goes on differently")
     if say and kernels is not None and state.get("kernels", kernels) != kernels:
         # Same weights and math on either path, but not the same rounding: a rerun of the run
         # would not give its numbers bit for bit.
         note(f"resuming on the kernels {kernels} (the run had {state['kernels']}): the same model, "
              "its numbers agree with the run's path to rounding, not bit for bit")
+
+
+def unrecorded_flags(saved: dict, now_args: dict, names, defaults: dict) -> list:
+    """The flags among `names` (as "--flag value") that a resume sets but the checkpoint's run args lack. A
+    checkpoint written before a flag existed has no entry for it, and that run went as the flag's default does:
+    so a value equal to its default (`defaults`, a dataclass's), or, for a flag without one, an "off" value
+    (None, False, 0, empty), changes nothing and is not named. A checkpoint that recorded no args at all (one
+    made by hand) names nothing."""
+    if not saved:
+        return []
+    out = []
+    for k in names:
+        if k in saved or k not in now_args:
+            continue
+        v = now_args[k]
+        if (v == defaults[k]) if k in defaults else (v is None or v is False or v == 0 or v in ("", [], ())):
+            continue
+        out.append(f"--{k.replace('_', '-')} {v}")
+    return out
 
 
 def load_checkpoint_weights(module, ckpt: Path, device, config, what: str):

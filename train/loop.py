@@ -644,7 +644,8 @@ class Trainer:
             now_args, names = {**now_args, "moe_aux_loss": self._cfg.moe_aux_loss}, names + ("moe_aux_loss",)
             state = {**state, "args": {**state.get("args", {}), "moe_aux_loss": saved_cfg.get("moe_aux_loss", 0.0)}}
         common.check_resume(ckpt, state, now_args, names, "step", "--max-steps", str(self.dtype),
-                            say=self.is_main, kernels=self._kernels())
+                            say=self.is_main, kernels=self._kernels(),
+                            defaults={f.name: f.default for f in fields(TrainArgs)})
         if state["step"] == self.args.max_steps and self.is_main:
             note(f"{ckpt} is already at --max-steps {self.args.max_steps}: nothing to train, "
                  "evaluating it")

@@ -850,11 +850,14 @@ class RLHFTrainer:
         elif "verifier" in self.run_args and was != now:
             raise UserError(f"--resume: {ckpt}'s run was judged by {judge(was)}, not {judge(now)}: pass the same "
                             f"--reward as that run")
+        elif "verifier" in self.run_args:
+            saved = {**saved, "verifier": was}  # stop 27's, inferred: not a flag newer than the checkpoint
         common.load_checkpoint_weights(self.policy, ckpt, self.device, self.policy.config, "policy")
         names = TRAJECTORY_ARGS + tuple(self.run_args) + (("reward_weights",) if several else ())
         common.check_resume(ckpt, {**state, "args": saved}, now_args, tuple(dict.fromkeys(names)),
                             "iteration", "--iterations",
-                            str(self.dtype), say=self.log_enabled, kernels=self.policy.config.kernels)
+                            str(self.dtype), say=self.log_enabled, kernels=self.policy.config.kernels,
+                            defaults={f.name: f.default for f in fields(RLArgs)})
         if self.model.value_head is not None:
             self.model.value_head.load_state_dict(state["value_head"])
         self.optimizer.load_state_dict(state["optimizer"])

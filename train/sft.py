@@ -662,7 +662,7 @@ def run_sft(model, tokenizer, train_records, val_records, test_records, args, *,
                       sample_fn=sample_fn if sample and val_kept else None, name="sft", data_state=data,
                       run_args={**(run_args or {}), "no_mask_prompt": not mask_prompt, "overlong": overlong,
                                 "max_length": max_length, "packing": packing, **loss_options,
-                                **({"neftune_noise_alpha": neftune_alpha} if neftune_alpha else {})},
+                                "neftune_noise_alpha": neftune_alpha},
                       prompt_format=formats.format_of(train_records[0]))
     out_dir = Path(args.out_dir)
     if trainer.is_main:
