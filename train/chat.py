@@ -38,9 +38,16 @@ def run_template(weights) -> str | None:
 
     if weights is None:
         return None
-    ckpt = resolve_checkpoint(weights).parent
+    weights_file = resolve_checkpoint(weights)
+    ckpt = weights_file.parent
     if (ckpt / "state.pt").is_file():
         return load_state(ckpt, mmap=True).get("prompt_format")
+    if weights_file.suffix == ".safetensors":  # `merge` writes the format its models shared into the file
+        from tritongpt.model.gpt import safetensors_metadata
+
+        fmt = safetensors_metadata(weights_file).get("prompt_format")
+        if fmt in formats.FORMATS:
+            return fmt
     try:
         fmt = json.loads((ckpt / "config.json").read_text(encoding="utf-8")).get(EXPORTED_FORMAT)
     except (OSError, ValueError, AttributeError):  # none, not JSON, or not an object: no format recorded

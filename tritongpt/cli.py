@@ -26,6 +26,8 @@ COMMANDS = {
     "eval": ("tritongpt.train.evaluate", "loss, perplexity and bits per byte of a model on a corpus"),
     "hellaswag": ("tritongpt.train.hellaswag", "multiple-choice accuracy: HellaSwag, ARC, OpenBookQA, PIQA, MMLU"),
     "chat": ("tritongpt.train.chat", "talk to a fine-tuned model, a message a turn, in the template it was tuned on"),
+    "merge": ("tritongpt.train.merge", "merge checkpoints of one model into one (linear, slerp, task arithmetic, "
+              "TIES, DARE)"),
 }
 
 
@@ -55,9 +57,10 @@ DATASET_COMMANDS = ("pretrain", "sft", "reward", "dpo", "kto", "rlhf", "eval")
 
 
 def fetch_hub_repos(args):
-    """A Hugging Face Hub repo id (owner/name, no such path here) as --init, --weights or --reward (a reward
-    model), or a Hub dataset id as --data: fetch its files once, here, so that every later step (the weights,
-    their tokenizer, the data, the run's record) reads a local folder, as for files downloaded by hand."""
+    """A Hugging Face Hub repo id (owner/name, no such path here) as --init, --weights (merge's models), --reward (a
+    reward model) or --base (export's adapter base, merge's), or a Hub dataset id as --data: fetch its files once,
+    here, so that every later step (the weights, their tokenizer, the data, the run's record) reads a local folder,
+    as for files downloaded by hand."""
     def fetched(value):
         if isinstance(value, str) and "/" in value:  # (the import loads torch: not for every command)
             from tritongpt.train.gpt2_weights import hub_folder, is_hub_repo
@@ -66,7 +69,7 @@ def fetch_hub_repos(args):
                 return str(hub_folder(value))
         return value
 
-    for flag in ("init", "weights", "reward"):  # rlhf's --reward is a list (repeatable): each one fetched
+    for flag in ("init", "weights", "reward", "base"):  # rlhf's --reward is a list (repeatable): each one fetched
         value = getattr(args, flag, None)
         if value is not None:
             setattr(args, flag, [fetched(v) for v in value] if isinstance(value, list) else fetched(value))
