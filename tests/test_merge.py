@@ -142,6 +142,8 @@ def test_merge_command_linear_slerp_and_ties_of_checkpoints(tmp_path, tok, capsy
     recipe = json.loads(safetensors_metadata(out / "model.safetensors")["merge"])
     assert recipe["method"] == "linear" and recipe["coefficients"] == [1.0, 3.0] and recipe["models"] == paths[:2]
     assert (out / "tokenizer.json").is_file()
+    assert main(["info", "--weights", str(out)]) == 0  # info names the merge
+    assert f"(a merge: linear of {paths[0]}, {paths[1]} (coefficients [1.0, 3.0]))" in capsys.readouterr().out
     # the merge is a checkpoint like any: generate reads it with its tokenizer
     assert main(["generate", "--weights", str(out), "--prompt", "the cat", "--max-new-tokens", "3",
                  "--device", "cpu"]) == 0

@@ -184,6 +184,9 @@ def run_lines(weights) -> list:
     tok = saved_tokenizer_path(weights)
     lines = [f"tokenizer    {tok if tok is not None else '- (none saved with it: pass --tokenizer where it is used)'}"]
     if not (ckpt / "state.pt").is_file():
+        recipe = merge_recipe(resolve_checkpoint(weights))
+        if recipe is not None:  # `tritongpt merge`'s output: its models and method, in the file
+            return [f"run          - (a merge: {recipe})"] + lines
         return [f"run          - (no training state beside {ckpt.name}: a weights file only)"] + lines
     state = load_state(ckpt, mmap=True)
     a = state.get("args", {})
@@ -207,6 +210,25 @@ def run_lines(weights) -> list:
         lines.insert(1, f"data         {data.get('source')}: {data['train_tokens']:,} training tokens, "
                         f"{data.get('block_size')}-token blocks")
     return lines
+
+
+def merge_recipe(weights_file) -> str | None:
+    """How `tritongpt merge` made a weights file (its metadata's "merge"), in a line; None for any other file."""
+    import json
+
+    from tritongpt.model.gpt import safetensors_metadata
+
+    if weights_file.suffix != ".safetensors":
+        return None
+    try:
+        r = json.loads(safetensors_metadata(weights_file).get("merge", "null"))
+    except ValueError:
+        return None
+    if not isinstance(r, dict):
+        return None
+    opts = [f"{k} {r[k]}" for k in ("base", "coefficients", "t", "density", "scale")
+            if r.get(k) is not None and not (k == "scale" and r[k] == 1.0)]  # (the default scale: none)
+    return f"{r.get('method')} of {', '.join(map(str, r.get('models', [])))}" + (f" ({'; '.join(opts)})" * bool(opts))
 
 
 def check_generation_args(args):
