@@ -68,6 +68,14 @@ class KVCache:
     def reset(self):
         self.pos = 0
 
+    def crop(self, length: int):
+        """Keep the first `length` positions only (speculative decoding drops the keys of rejected draft tokens).
+        Nothing is erased: the next update writes from `length` on, and attention only reads [0, pos + T), so
+        the stale keys past it are never seen (either attention path)."""
+        if not is_int(length) or not 0 <= length <= self.pos:
+            raise UserError(f"a KV cache holding {self.pos} positions can be cropped to 0..{self.pos}, got {length!r}")
+        self.pos = int(length)
+
 
 class GPTModel(nn.Module):
     def __init__(self, cfg: GPTConfig):

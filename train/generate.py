@@ -10,6 +10,10 @@ With the cache, the prompt is run once (prefill) and each new token costs one po
 Positions are absolute (learned embeddings), so when the window is full it cannot slide:
 we crop to the last context_length tokens and prefill again, which gives exactly what the
 uncached model computes on the cropped window.
+
+Speculative decoding (draft=, Leviathan et al. 2023, Chen et al. 2023): a small draft model proposes
+num_draft_tokens tokens, the model scores them all in one forward and keeps those it would have drawn;
+greedy output is the model's own token for token, sampled output is distributed as the model's.
 """
 import math
 
@@ -168,7 +172,8 @@ def generate(model, idx, max_new_tokens: int, temperature: float = 0.0, top_k: i
              generator: torch.Generator | None = None, vocab_limit: int | None = None, on_token=None,
              min_p: float | None = None, repetition_penalty: float | None = None, stop=None,
              frequency_penalty: float | None = None, presence_penalty: float | None = None,
-             no_repeat_ngram_size: int | None = None):
+             no_repeat_ngram_size: int | None = None, draft=None, num_draft_tokens: int = 4,
+             stats: dict | None = None):
     """Extend idx [B, T] by up to max_new_tokens tokens; rows stop after emitting eos_id.
 
     Returns [B, T + n]. Rows that finished early are padded with eos_id. vocab_limit: only ids
@@ -183,6 +188,10 @@ def generate(model, idx, max_new_tokens: int, temperature: float = 0.0, top_k: i
     transformers' no_repeat_ngram_size) is never drawn.
     stop: called with the rows so far [B, T + n] after each step, returns which rows are finished [B] (a stop
     string drawn, say): those stop as at eos_id (padded with it where there is one).
+    draft: a smaller model of the same vocabulary for speculative decoding (one prompt row, with the cache, the
+    text within the model's context): it proposes num_draft_tokens tokens a step, which the model checks in one
+    forward. Every setting above applies as without it. stats: a dict, filled with the target forwards run and
+    the draft tokens proposed and accepted (accepted_per_forward: their mean a forward).
     """
     if not isinstance(idx, torch.Tensor) or idx.is_floating_point() or idx.is_complex():
         what = f"a {idx.dtype} tensor" if isinstance(idx, torch.Tensor) else type(idx).__name__
@@ -197,15 +206,50 @@ def generate(model, idx, max_new_tokens: int, temperature: float = 0.0, top_k: i
                    no_repeat_ngram_size=no_repeat_ngram_size)
     if vocab_limit is not None and (not is_int(vocab_limit) or vocab_limit <= 0):  # it slices the logits
         raise UserError(f"vocab_limit must be a positive integer, got {vocab_limit!r}")
-    was_training = model.training
+    if draft is not None:
+        check_draft(model, draft, idx, max_new_tokens, num_draft_tokens, use_cache)
+    was_training = model.training, draft is not None and draft.training
     model.eval()
+    if draft is not None:
+        draft.eval()
     try:
         warp = dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                     repetition_penalty=repetition_penalty, frequency_penalty=frequency_penalty,
                     presence_penalty=presence_penalty, no_repeat_ngram_size=no_repeat_ngram_size)
+        if draft is not None:
+            return _speculative(model, draft, idx, max_new_tokens, warp, eos_id, generator, vocab_limit, on_token,
+                                stop, num_draft_tokens, stats)
         return _generate(model, idx, max_new_tokens, warp, eos_id, use_cache, generator, vocab_limit, on_token, stop)
     finally:
-        model.train(was_training)
+        model.train(was_training[0])
+        if draft is not None:
+            draft.train(was_training[1])
+
+
+def check_draft(model, draft, idx, max_new_tokens: int, num_draft_tokens: int, use_cache: bool = True,
+                flags: bool = False) -> None:
+    """What speculative decoding needs, checked before any work. flags: name them as command-line flags."""
+    name = (lambda n: "--" + n.replace("_", "-")) if flags else (lambda n: n)
+    k_name = "--draft-tokens" if flags else "num_draft_tokens"
+    if not is_int(num_draft_tokens) or num_draft_tokens < 1:
+        raise UserError(f"{k_name} must be a positive integer, got {num_draft_tokens!r}")
+    if not use_cache:
+        raise UserError("a draft model needs the KV cache (use_cache=True): the model's cache is cropped back to "
+                        "the draft tokens it accepts")
+    if idx.size(0) != 1:
+        # rows would accept different numbers of draft tokens, and their caches fall out of step
+        raise UserError(f"speculative decoding ({name('draft')}) takes one prompt row, got a batch of {idx.size(0)}"
+                        + (" (--num-samples 1)" if flags else ""))
+    target_vocab, draft_vocab = model.config.vocab_size, getattr(getattr(draft, "config", None), "vocab_size", None)
+    if draft_vocab != target_vocab:
+        raise UserError(f"the {name('draft')} model's vocabulary has {draft_vocab} tokens, the model's "
+                        f"{target_vocab}: a draft must share the model's tokenizer")
+    ctx = model.config.context_length
+    if max_new_tokens and idx.size(1) + max_new_tokens - 1 > ctx:
+        # past the context the window slides and every step prefills it again: nothing left to speculate on
+        raise UserError(f"speculative decoding ({name('draft')}) keeps the text within the model's context: "
+                        f"prompt {idx.size(1)} + {name('max_new_tokens')} {max_new_tokens} - 1 > context length "
+                        f"{ctx} (without a draft the window slides)")
 
 
 def crosses_longrope(cfg, cached: int, length: int) -> bool:
@@ -253,4 +297,107 @@ def _generate(model, idx, max_new_tokens, warp: dict, eos_id, use_cache, generat
             done |= stop(idx).to(done.device)
         if (eos_id is not None or stop is not None) and bool(done.all()):
             break
+    return idx
+
+
+def _feed(model, cache, ids):
+    """The logits of the ids the cache does not hold yet (ids [1, n] the whole text so far), the cache
+    advanced over them. LongRoPE's switch from short to long factors computes the cache again, as _generate."""
+    if crosses_longrope(model.config, cache.pos, ids.size(1)):
+        cache.reset()
+    return model(ids[:, cache.pos:], cache)
+
+
+def _draw(logits, greedy: bool, generator):
+    """sample_next's draw from sampling_logits' logits [B, V]: [B, 1]."""
+    if greedy:
+        return logits.argmax(dim=-1, keepdim=True)
+    return torch.multinomial(torch.softmax(logits, dim=-1), num_samples=1, generator=generator)
+
+
+def accept_drafts(p_logits, q_logits, drafted, greedy: bool, generator=None):
+    """Speculative sampling's verdict on k draft tokens drafted [B, k]: p_logits [B, k + 1, V], the model's
+    logits at each drafted position and the one after, and q_logits [B, k, V], the draft's, both as
+    sampling_logits gives them (the distributions sample_next would draw from). Returns (n [B], the number of
+    leading draft tokens kept, and nxt [B, 1], the model's token after them).
+
+    Greedy: the draft tokens equal to the model's argmax, then the model's argmax. Sampling: x_j is kept with
+    probability min(1, p(x_j) / q(x_j)); at the first one refused, the token comes from norm(max(0, p - q)),
+    and after all k from p: each token is then distributed exactly as p (Leviathan et al. 2023, theorem 1)."""
+    k = drafted.size(1)
+    if greedy:
+        want = p_logits.argmax(dim=-1)  # [B, k + 1]
+        n = (want[:, :k] == drafted).long().cumprod(dim=-1).sum(dim=-1)
+        return n, want.gather(1, n.unsqueeze(1))
+    p = torch.softmax(p_logits.float(), dim=-1)
+    q = torch.softmax(q_logits.float(), dim=-1)
+    px = p[:, :k].gather(-1, drafted.unsqueeze(-1)).squeeze(-1)  # [B, k]
+    qx = q.gather(-1, drafted.unsqueeze(-1)).squeeze(-1)  # > 0: the draft drew x from q
+    r = torch.rand(px.shape, generator=generator, device=px.device)
+    # r < p / q, multiplied out (r uniform on [0, 1): probability min(1, p / q))
+    kept = r * qx < px
+    n = kept.long().cumprod(dim=-1).sum(dim=-1)  # the leading run of kept tokens
+    residual = (p[:, :k] - q).clamp(min=0)
+    # a refusal needs p(x) < q(x), so the residual has mass p - q elsewhere; fp32 rounding could leave none
+    residual = torch.where(residual.sum(dim=-1, keepdim=True) > 0, residual, p[:, :k])
+    # row b draws from its residual at n[b] where it refused a token, from p after the last when it kept all
+    dist = torch.cat([residual, p[:, k:]], dim=1)[torch.arange(p.size(0), device=p.device), n]
+    return n, torch.multinomial(dist, num_samples=1, generator=generator)
+
+
+def _speculative(model, draft, idx, max_new_tokens, warp: dict, eos_id, generator, vocab_limit, on_token, stop,
+                 num_draft_tokens: int, stats: dict | None):
+    """generate() with a draft model (check_draft's conditions hold: one row, the text within the context).
+
+    Both caches hold the text but its last token; each step the draft proposes k tokens, the model runs the
+    last token and them in one forward (k + 1 logits), and both caches are cropped back to the text kept."""
+    greedy = warp["temperature"] < torch.finfo(torch.float32).tiny
+    cap = idx.size(1) + max_new_tokens
+    cache = model.new_cache(1, min(model.config.context_length, cap))
+    draft_cache = draft.new_cache(1, min(draft.config.context_length, cap))
+    start = idx.size(1)  # where the generated ids begin (the frequency/presence penalties count from it)
+    forwards = proposed = accepted = 0
+    orig = model.config.rope_scaling and model.config.rope_scaling.get("original_max_position_embeddings")
+    longrope = bool(model.config.rope_scaling) and model.config.rope_scaling["rope_type"] == "longrope"
+    while idx.size(1) - start < max_new_tokens:
+        L = idx.size(1)
+        # the step's last token is the model's own: k + 1 new tokens at most; the model runs L + k positions,
+        # the draft L + k - 1, each within its context
+        k = min(num_draft_tokens, max_new_tokens - (L - start) - 1, model.config.context_length - L,
+                draft.config.context_length - L + 1)
+        if longrope and L <= orig:
+            # LongRoPE rotates a whole forward by its length's factors: the step must not cross the original
+            # context, or the positions before it would see the long factors _generate gave them the short ones
+            k = min(k, orig - L)
+        k = max(k, 0)
+        text, q_logits = idx, []
+        for _ in range(k):
+            logits = _feed(draft, draft_cache, text)[:, -1, :vocab_limit]
+            w = sampling_logits(logits, seen=text, generated_from=start, **warp)
+            q_logits.append(w)
+            text = torch.cat([text, _draw(w, greedy, generator)], dim=1)
+        logits = _feed(model, cache, text)[:, -(k + 1):, :vocab_limit]
+        # each position warped with the tokens before it: the penalties and the n-gram ban as _generate applies them
+        p_logits = torch.stack([sampling_logits(logits[:, j], seen=text[:, :L + j], generated_from=start, **warp)
+                                for j in range(k + 1)], dim=1)
+        q_logits = torch.stack(q_logits, dim=1) if k else p_logits[:, :0]
+        n, nxt = accept_drafts(p_logits, q_logits, text[:, L:], greedy, generator)
+        n = int(n)
+        forwards, proposed, accepted = forwards + 1, proposed + k, accepted + n
+        done = False
+        for tok in torch.cat([text[:, L:L + n], nxt], dim=1).split(1, dim=1):  # one at a time, as _generate
+            idx = torch.cat([idx, tok], dim=1)
+            if on_token is not None:
+                on_token(tok)
+            done = (eos_id is not None and int(tok) == eos_id) or (stop is not None and bool(stop(idx).any()))
+            if done:
+                break
+        if done:
+            break
+        # the caches keep the text before the model's token, which neither has run
+        cache.crop(L + n)
+        draft_cache.crop(min(draft_cache.pos, L + n))
+    if stats is not None:
+        stats.update(target_forwards=forwards, drafted=proposed, accepted=accepted,
+                     accepted_per_forward=accepted / forwards if forwards else 0.0)
     return idx

@@ -57,10 +57,10 @@ DATASET_COMMANDS = ("pretrain", "sft", "reward", "dpo", "kto", "rlhf", "eval")
 
 
 def fetch_hub_repos(args):
-    """A Hugging Face Hub repo id (owner/name, no such path here) as --init, --weights (merge's models), --reward (a
-    reward model) or --base (export's adapter base, merge's), or a Hub dataset id as --data: fetch its files once,
-    here, so that every later step (the weights, their tokenizer, the data, the run's record) reads a local folder,
-    as for files downloaded by hand."""
+    """A Hugging Face Hub repo id (owner/name, no such path here) as --init, --weights (merge's models), --draft,
+    --reward (a reward model) or --base (export's adapter base, merge's), or a Hub dataset id as --data: fetch its
+    files once, here, so that every later step (the weights, their tokenizer, the data, the run's record) reads a
+    local folder, as for files downloaded by hand."""
     def fetched(value):
         if isinstance(value, str) and "/" in value:  # (the import loads torch: not for every command)
             from tritongpt.train.gpt2_weights import hub_folder, is_hub_repo
@@ -69,7 +69,7 @@ def fetch_hub_repos(args):
                 return str(hub_folder(value))
         return value
 
-    for flag in ("init", "weights", "reward", "base"):  # rlhf's --reward is a list (repeatable): each one fetched
+    for flag in ("init", "weights", "draft", "reward", "base"):  # rlhf's --reward is a list (repeatable): each fetched
         value = getattr(args, flag, None)
         if value is not None:
             setattr(args, flag, [fetched(v) for v in value] if isinstance(value, list) else fetched(value))

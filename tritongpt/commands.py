@@ -310,9 +310,15 @@ def cmd_generate(args):
         raise UserError(f"--num-samples must be at least 1, got {args.num_samples}")
     if args.stream and args.num_samples > 1:
         raise UserError("--stream prints one text as it is drawn: it takes --num-samples 1")
+    if args.draft_tokens is not None and not args.draft:
+        raise UserError("--draft-tokens is how many tokens the --draft model proposes a step: pass --draft")
+    if args.draft and args.num_samples > 1:
+        raise UserError("--draft (speculative decoding) takes --num-samples 1: rows would keep different numbers "
+                        "of draft tokens")
     stops = stop_strings(args.stop)
     prompt = args.prompt if args.prompt is not None else read_text_file(args.prompt_file)
     model, tok, device, dtype, limit = load_generation_model(args)
+    draft = load_draft(args, model, tok, device) if args.draft else None
     try:
         ids = tok.encode(prompt, allowed_special="all" if args.allow_special else "none_raise")
     except DisallowedSpecialToken as e:
@@ -325,6 +331,12 @@ def cmd_generate(args):
     if len(lead + ids) > model.config.context_length:  # a full window is fine: it predicts the next token
         raise UserError(f"prompt is {len(lead + ids)} tokens; the model's context is {model.config.context_length}")
     idx = torch.tensor([lead + ids] * args.num_samples, dtype=torch.long, device=device)  # one batch
+    num_draft = 4 if args.draft_tokens is None else args.draft_tokens
+    if draft is not None:
+        from tritongpt.train.generate import check_draft
+
+        check_draft(model, draft, idx, args.max_new_tokens, num_draft, flags=True)
+    stats = {}
     gen = torch.Generator(device=device).manual_seed(args.seed)
     eot = eot_or_none(tok)
     stream = TextStream(tok, ids, eot, stops) if args.stream else None
@@ -337,9 +349,13 @@ def cmd_generate(args):
     with autocast(device, dtype):  # the weights stay fp32; sampling reads fp32 probabilities
         out = generate(model, idx, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                        top_p=args.top_p, eos_id=eot, generator=gen, vocab_limit=limit, on_token=stream,
-                       stop=stopped if stops else None, **sampling_controls(args)).tolist()
+                       stop=stopped if stops else None, draft=draft, num_draft_tokens=num_draft, stats=stats,
+                       **sampling_controls(args)).tolist()
     if stream:
         stream.close()
+    if draft is not None and stats["target_forwards"]:
+        note(f"speculative decoding: {stats['accepted_per_forward']:.2f} draft tokens accepted per forward of the "
+             f"model ({stats['accepted']} of {stats['drafted']} proposed, {stats['target_forwards']} forwards)")
     for i, row in enumerate(out):
         row = row[len(lead):]
         new = row[len(ids):]
@@ -358,6 +374,28 @@ def cmd_generate(args):
         elif ended:
             note(f"{which}the model ended the text ({tok.decode([eot])}) after {len(new)} new tokens")
     return 0
+
+
+def load_draft(args, model, tok, device):
+    """--draft's model, loaded as --weights is, on the model's device with --kernels: refused by name when its
+    vocabulary or the tokenizer saved with it is not the model's (its ids would mean other text)."""
+    from tritongpt.train.gpt2_weights import load_checkpoint
+    from tritongpt.train.sft import load_quietly
+    from tritongpt.train.tokenizer import saved_tokenizer_path
+
+    draft = load_checkpoint(args.draft)
+    if draft.config.vocab_size != model.config.vocab_size:
+        raise UserError(f"--draft {args.draft} has a vocabulary of {draft.config.vocab_size} tokens, the model "
+                        f"{model.config.vocab_size}: a draft must share the model's tokenizer")
+    saved = saved_tokenizer_path(args.draft)
+    other = None if saved is None else load_quietly(saved)
+    # the same size can hold other ids (the comparison rlhf's --reward makes; the EOS aside)
+    if other is not None and getattr(other, "ids_hash", other.hash) != getattr(tok, "ids_hash", tok.hash):
+        raise UserError(f"the tokenizer saved with --draft {args.draft} ({saved}) is not the model's: its ids "
+                        "mean other text (pass a draft trained on the model's tokenizer)")
+    draft.to(device).eval()
+    draft.set_kernels(args.kernels)
+    return draft
 
 
 def continuation(tok, ids, new, prompt=None) -> str:
@@ -683,6 +721,12 @@ def add_cli(sub):
                    help="end a text where the new text holds TEXT, which is not printed (as vLLM's and OpenAI's "
                         "stop); repeat it for several (backslash escapes: --stop '\\n\\n')")
     add_sampling_args(p, max_new_tokens=50, temperature=0.8, temperature_text="as nanoGPT's sample.py")
+    p.add_argument("--draft", default=None, metavar="W",
+                   help="speculative decoding: a smaller model of the same tokenizer (taken as --weights is) "
+                        "proposes tokens that the model checks several at a time; the same text greedy, the same "
+                        "distribution sampled (with --num-samples 1)")
+    p.add_argument("--draft-tokens", type=int, default=None, metavar="K",
+                   help="tokens the --draft model proposes a step (default 4)")
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("export", help=command_help("export"))

@@ -1,0 +1,272 @@
+"""Speculative decoding (generate(draft=...), `tritongpt generate --draft`): greedy output is the model's own,
+sampled output is distributed as the model's; the KV cache's crop; the refusals."""
+import math
+
+import pytest
+import torch
+
+from tritongpt.errors import UserError
+from tritongpt.model.config import GPTConfig
+from tritongpt.model.gpt import GPTModel
+from tritongpt.train.generate import accept_drafts, generate, sampling_logits
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(autouse=True)
+def no_grad():
+    with torch.no_grad():  # the tests' own forwards with a cache (generate() runs under it itself)
+        yield
+
+
+def tiny(seed, vocab=61, n_embd=32, n_layer=2, context=40, sharpen=1.0):
+    torch.manual_seed(seed)
+    model = GPTModel(GPTConfig(vocab_size=vocab, context_length=context, n_embd=n_embd, n_layer=n_layer,
+                               n_head=2)).eval()
+    with torch.no_grad():  # a random model's logits are near 0: scaled, its distributions are far from uniform
+        model.final_norm.weight.mul_(sharpen)
+    return model
+
+
+@pytest.fixture(scope="module")
+def target():
+    return tiny(0)
+
+
+@pytest.fixture(scope="module")
+def other():
+    return tiny(1, n_embd=16, n_layer=1)
+
+
+def test_crop_then_feed_equals_a_fresh_prefill(target):
+    ids = torch.randint(0, 61, (2, 12), generator=torch.Generator().manual_seed(3))
+    fresh = target(ids)
+    cache = target.new_cache(2, 20)
+    target(ids[:, :7], cache)
+    target(torch.randint(0, 61, (2, 5)), cache)  # draft tokens, rejected
+    cache.crop(7)
+    assert cache.pos == 7
+    assert torch.allclose(target(ids[:, 7:], cache), fresh[:, 7:], atol=1e-5)
+    cache.crop(0)
+    assert torch.allclose(target(ids, cache), fresh, atol=1e-5)
+    for bad in (-1, 13, 2.0, None):
+        with pytest.raises(UserError, match="cropped to 0..12"):
+            cache.crop(bad)
+
+
+@pytest.mark.parametrize("K", [1, 3, 4])
+def test_greedy_is_the_models_own_output(target, other, K):
+    """Token for token, for several prompts and lengths (mid-block cuts among them), with the model as its own draft
+    (every token kept: K accepted a forward) and with another model (some refused)."""
+    g = torch.Generator().manual_seed(K)
+    rejected = 0
+    for T, new in ((1, 0), (3, 1), (5, 7), (4, 2 * (K + 1)), (6, 23)):
+        idx = torch.randint(0, 61, (1, T), generator=g)
+        want = generate(target, idx, new)
+        for draft in (target, other):
+            stats = {}
+            assert torch.equal(generate(target, idx, new, draft=draft, num_draft_tokens=K, stats=stats), want)
+            if draft is target and new == 2 * (K + 1):  # whole blocks: every draft token kept
+                assert stats == dict(target_forwards=2, drafted=2 * K, accepted=2 * K, accepted_per_forward=K)
+            if draft is other:
+                rejected += stats["drafted"] - stats["accepted"]
+    assert rejected > 0
+
+
+@pytest.mark.parametrize("draft_is_target", [True, False])
+def test_greedy_stops_at_an_eos_inside_a_block(target, other, draft_is_target):
+    idx = torch.tensor([[5, 9, 2]])
+    plain = generate(target, idx, 12)[0, 3:].tolist()
+    eos = plain[2]  # the third new token: inside the first block of 4 draft tokens
+    want = generate(target, idx, 12, eos_id=eos)
+    assert want.size(1) == 3 + plain.index(eos) + 1
+    drawn = []
+    got = generate(target, idx, 12, eos_id=eos, draft=target if draft_is_target else other, num_draft_tokens=4,
+                   on_token=lambda t: drawn.append(int(t)))
+    assert torch.equal(got, want) and drawn == want[0, 3:].tolist()
+
+
+def test_greedy_with_penalties_ngram_ban_stop_and_vocab_limit(target, other):
+    idx = torch.tensor([[7, 3, 7, 3, 1]])
+    settings = [dict(repetition_penalty=1.5), dict(frequency_penalty=1.0, presence_penalty=0.5),
+                dict(no_repeat_ngram_size=2), dict(vocab_limit=40),
+                dict(stop=lambda rows: rows[:, -2:].sum(dim=1) > 90)]
+    for kw in settings:
+        want = generate(target, idx, 20, **kw)
+        for K in (2, 5):
+            assert torch.equal(generate(target, idx, 20, draft=other, num_draft_tokens=K, **kw), want), (kw, K)
+
+
+def test_greedy_on_the_triton_path(device):
+    """One case on the Triton kernels (the interpreter on a CPU): the model's output, and the crop's parity."""
+    cfg = dict(vocab_size=61, context_length=24, n_embd=32, n_layer=1, n_head=2, kernels="attention")
+    torch.manual_seed(0)
+    target = GPTModel(GPTConfig(**cfg)).to(device).eval()
+    torch.manual_seed(1)
+    draft = GPTModel(GPTConfig(**{**cfg, "n_embd": 16, "n_head": 1})).to(device).eval()
+    idx = torch.tensor([[4, 8, 15]], device=device)
+    stats = {}
+    want = generate(target, idx, 6)
+    assert torch.equal(generate(target, idx, 6, draft=draft, num_draft_tokens=2, stats=stats), want)
+    assert 0 < stats["accepted"] < stats["drafted"]  # some kept, some refused: both crops run
+    ids = torch.randint(0, 61, (1, 8), device=device)
+    cache = target.new_cache(1, 12)
+    target(ids[:, :5], cache)
+    target(ids[:, :3], cache)
+    cache.crop(5)
+    assert torch.allclose(target(ids[:, 5:], cache), target(ids)[:, 5:], atol=1e-4)
+
+
+# -- sampling: the model's distribution ------------------------------------------------------------------------
+
+V = 5
+WARP = dict(temperature=0.9, top_k=4)
+
+
+def tv_bound(cells: int, n: int, failure: float = 1e-6) -> float:
+    """An L1 distance the empirical distribution of n draws over `cells` outcomes exceeds with probability at
+    most `failure` (Bretagnolle-Huber-Carol: P(L1 >= x) <= 2^cells exp(-n x^2 / 2))."""
+    return math.sqrt(2 * (cells * math.log(2) + math.log(1 / failure)) / n)
+
+
+def warped_probs(model, rows):
+    return torch.softmax(sampling_logits(model(rows)[:, -1], **WARP), dim=-1)
+
+
+def exact_first_two(target, prompt):
+    """[V, V]: the model's probability of each first two tokens after prompt [1, T], as sample_next draws."""
+    p0 = warped_probs(target, prompt)[0]
+    after = torch.cat([prompt.expand(V, -1), torch.arange(V).unsqueeze(1)], dim=1)
+    return p0.unsqueeze(1) * warped_probs(target, after)
+
+
+@pytest.fixture(scope="module")
+def small():
+    # far apart: the draft's tokens are refused often, and a wrong acceptance rule shows
+    return tiny(2, vocab=V, n_embd=16, n_layer=1, context=8, sharpen=6.0), \
+        tiny(5, vocab=V, n_embd=16, n_layer=1, context=8, sharpen=6.0)
+
+
+def test_accept_drafts_draws_the_models_distribution(small):
+    """40000 speculative steps (K = 2) at once: the draft's tokens drawn from its warped distributions, the model's
+    verdict; a row that kept no token draws its second from the model. The first two tokens' distribution is the
+    model's to within what chance allows once in a million."""
+    target, draft = small
+    prompt = torch.tensor([[1, 3, 0]])
+    want = exact_first_two(target, prompt)
+    N, g = 40000, torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        rows = prompt.expand(N, -1)
+        q_logits = []
+        for _ in range(2):
+            w = sampling_logits(draft(rows)[:, -1], **WARP)
+            q_logits.append(w)
+            rows = torch.cat([rows, torch.multinomial(torch.softmax(w, -1), 1, generator=g)], dim=1)
+        logits = target(rows)[:, -3:]
+        p_logits = torch.stack([sampling_logits(logits[:, j], **WARP) for j in range(3)], dim=1)
+        n, nxt = accept_drafts(p_logits, torch.stack(q_logits, dim=1), rows[:, 3:], False, g)
+    nxt = nxt.squeeze(1)
+    assert 0.1 < (n < 2).float().mean() < 0.9  # refusals, and acceptances, both common
+    first = torch.where(n >= 1, rows[:, 3], nxt)
+    # n = 0: the second token is the next step's; drawn here from the model's exact conditional
+    after = torch.multinomial(want[first] / want[first].sum(-1, keepdim=True), 1, generator=g).squeeze(1)
+    second = torch.where(n >= 2, rows[:, 4], torch.where(n == 1, nxt, after))
+    seen = torch.bincount(first * V + second, minlength=V * V).double() / N
+    l1 = (seen - want.flatten().double()).abs().sum().item()
+    assert l1 < tv_bound(V * V, N), l1
+
+
+def test_generate_with_a_draft_samples_the_models_distribution(small):
+    """The whole path, generate() itself (fewer draws: one a call), a looser bound of the same certainty."""
+    target, draft = small
+    prompt = torch.tensor([[1, 3, 0]])
+    want = exact_first_two(target, prompt).flatten().double()
+    N, g = 1000, torch.Generator().manual_seed(1)
+    counts = torch.zeros(V * V, dtype=torch.double)
+    for _ in range(N):
+        out = generate(target, prompt, 2, generator=g, draft=draft, num_draft_tokens=3, **WARP)[0, 3:]
+        counts[out[0] * V + out[1]] += 1
+    l1 = (counts / N - want).abs().sum().item()
+    assert l1 < tv_bound(V * V, N), l1
+
+
+# -- refusals --------------------------------------------------------------------------------------------------
+
+def test_refusals(target, other):
+    idx = torch.tensor([[1, 2, 3]])
+    cases = [(dict(draft=other, num_draft_tokens=0), "num_draft_tokens must be a positive integer"),
+             (dict(draft=other, num_draft_tokens=2.0), "num_draft_tokens must be a positive integer"),
+             (dict(draft=other, use_cache=False), "needs the KV cache"),
+             (dict(draft=tiny(3, vocab=60)), "draft model's vocabulary has 60 tokens, the model's 61"),
+             (dict(draft=other, max_new_tokens=39), "prompt 3 \\+ max_new_tokens 39 - 1 > context length 40")]
+    for kw, said in cases:
+        kw = {"max_new_tokens": 5, **kw}
+        with pytest.raises(UserError, match=said):
+            generate(target, idx, **kw)
+    with pytest.raises(UserError, match="takes one prompt row, got a batch of 2"):
+        generate(target, idx.repeat(2, 1), 5, draft=other)
+    # the last token is drawn from the logits at position 40: the text may end one past the context
+    assert torch.equal(generate(target, idx, 38, draft=other), generate(target, idx, 38))
+
+
+# -- the command ---------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """A model of the embedded tokenizer's vocabulary and a smaller draft of it, saved as files."""
+    from tritongpt.model.config import get_config
+
+    folder = tmp_path_factory.mktemp("speculative")
+    cfg = get_config("tiny")
+    torch.manual_seed(0)
+    GPTModel(GPTConfig(**{**cfg.to_dict(), "n_layer": 2, "context_length": 64})).save(folder / "model.safetensors")
+    torch.manual_seed(1)
+    GPTModel(GPTConfig(vocab_size=cfg.vocab_size, context_length=64, n_embd=32, n_layer=1, n_head=2)).save(
+        folder / "draft.safetensors")
+    return folder
+
+
+def test_the_generate_command_with_a_draft(saved, capsys):
+    from tritongpt import cli
+
+    base = ["generate", "--weights", str(saved / "model.safetensors"), "--prompt", "The cat", "--device", "cpu",
+            "--max-new-tokens", "12", "--temperature", "0"]
+    assert cli.main(base) == 0
+    want = capsys.readouterr().out
+    for extra in ([], ["--draft-tokens", "2"]):
+        assert cli.main([*base, "--draft", str(saved / "draft.safetensors"), *extra]) == 0
+        out = capsys.readouterr()
+        assert out.out == want
+        assert "speculative decoding:" in out.err and "draft tokens accepted per forward of the model" in out.err
+    # the model as its own draft: every proposed token kept
+    assert cli.main([*base, "--draft", str(saved / "model.safetensors"), "--draft-tokens", "3"]) == 0
+    out = capsys.readouterr()
+    assert out.out == want and "3.00 draft tokens accepted per forward of the model (9 of 9 proposed, 3 forwards)" \
+        in out.err
+    assert cli.main([*base[:-2], "--temperature", "0.8", "--draft", str(saved / "draft.safetensors")]) == 0
+
+
+def test_the_generate_command_refuses_by_name(saved, tmp_path, capsys):
+    from tritongpt import cli
+    from tritongpt.train.tokenizer import BPETokenizer
+
+    base = ["generate", "--weights", str(saved / "model.safetensors"), "--prompt", "The cat", "--device", "cpu",
+            "--max-new-tokens", "4"]
+    draft = str(saved / "draft.safetensors")
+    torch.manual_seed(0)
+    GPTModel(GPTConfig(vocab_size=300, context_length=64, n_embd=32, n_layer=1, n_head=2)).save(
+        tmp_path / "small.safetensors")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "model.safetensors").write_bytes((saved / "draft.safetensors").read_bytes())
+    BPETokenizer.train(" ".join(f"word{i} other{i * 7}" for i in range(400)), 300).save(run / "tokenizer.json")
+    cases = [(["--draft-tokens", "2"], "--draft-tokens is how many tokens the --draft model proposes"),
+             (["--draft", draft, "--num-samples", "2"], "--draft (speculative decoding) takes --num-samples 1"),
+             (["--draft", draft, "--draft-tokens", "0"], "--draft-tokens must be a positive integer"),
+             (["--draft", str(tmp_path / "small.safetensors")], "has a vocabulary of 300 tokens, the model 4096"),
+             (["--draft", str(run / "model.safetensors")], "is not the model's: its ids mean other text"),
+             (["--draft", draft, "--max-new-tokens", "80"], "prompt 3 \\+ --max-new-tokens 80 - 1 > context")]
+    for extra, said in cases:
+        assert cli.main([*base, *extra]) == 2, extra
+        err = capsys.readouterr().err
+        assert said.replace("\\", "") in err, (extra, err)
