@@ -541,6 +541,33 @@ def test_no_repeat_ngram_is_transformers(n):
         ban_repeated_ngrams(torch.zeros(2, 3), torch.tensor([[0, 1, 1], [2, 1, 0]]), 1)
 
 
+class RowPrefers(torch.nn.Module):
+    """A model stand-in over 4 ids (0: the EOS) whose row 0 prefers the EOS and row 1 ids 2, then 3, then 0."""
+    config = type("Config", (), dict(context_length=64, rope_scaling=None))()
+
+    def forward(self, idx, cache=None):
+        scores = torch.zeros(idx.size(0), idx.size(1), 4)
+        scores[0, :, 0] = 5.0
+        scores[1, :, 2], scores[1, :, 3], scores[1, :, 0] = 5.0, 4.0, 3.0
+        return scores
+
+
+def test_a_finished_row_whose_every_token_is_banned_does_not_stop_the_others():
+    """no_repeat_ngram_size 1: row 0 has seen all 4 ids once it ends (its EOS too), while row 1 still draws; the
+    finished row is padded with the EOS, not an error (it was, whatever the live rows had left)."""
+    from tritongpt.train.generate import ban_repeated_ngrams
+
+    out = generate(RowPrefers(), torch.tensor([[1, 2, 3], [1, 1, 1]]), 5, eos_id=0, no_repeat_ngram_size=1,
+                   use_cache=False)
+    assert out.tolist() == [[1, 2, 3, 0, 0, 0], [1, 1, 1, 2, 3, 0]]
+    # the unit: a finished row keeps its logits; a live one with nothing left is still an error
+    seen, logits = torch.tensor([[0, 1, 2], [0, 0, 1]]), torch.randn(2, 3)
+    got = ban_repeated_ngrams(logits, seen, 1, live=torch.tensor([False, True]))
+    assert torch.equal(got[0], logits[0]) and torch.isinf(got[1]).tolist() == [True, True, False]
+    with pytest.raises(UserError, match="bans every token"):
+        ban_repeated_ngrams(logits, seen, 1, live=torch.tensor([True, True]))
+
+
 class Prefers(torch.nn.Module):
     """A model stand-in whose next-token logits are always `scores` (token 3 first, then 4, then 5)."""
     config = type("Config", (), dict(context_length=64, rope_scaling=None))()

@@ -79,10 +79,11 @@ def penalize_counts(logits, seen, start, frequency: float = 0.0, presence: float
     return logits - frequency * counts - presence * (counts > 0).to(logits.dtype)
 
 
-def ban_repeated_ngrams(logits, seen, n: int):
+def ban_repeated_ngrams(logits, seen, n: int, live=None):
     """transformers' NoRepeatNGramLogitsProcessor: a token that would complete an n-gram already in the row
     (seen [B, T], the prompt's ids included) gets -inf; n = 1 bans every id seen. Ids past the logits are left
-    out."""
+    out. live [B] (None: all): the rows still drawing; a finished row (its token replaced by the EOS) whose every
+    token is banned keeps its logits, where a live one is an error."""
     B, V = logits.shape
     T = seen.size(1)
     if T < n:  # no n-gram in the row yet: none to repeat
@@ -93,7 +94,11 @@ def ban_repeated_ngrams(logits, seen, n: int):
     banned = torch.where(match, windows[:, :, -1].clamp(max=V), V)  # unmatched -> the spare column
     marks = torch.zeros(B, V + 1, dtype=torch.bool, device=logits.device)
     marks = marks.scatter(-1, banned, True)[:, :V]
-    if bool(marks.all(dim=-1).any()):  # nothing left to draw: multinomial's NaN error, or greedy's id 0, otherwise
+    full = marks.all(dim=-1, keepdim=True)
+    if live is not None:
+        marks = marks & ~(full & ~live.view(-1, 1))
+        full = full & live.view(-1, 1)
+    if bool(full.any()):  # nothing left to draw: multinomial's NaN error, or greedy's id 0, otherwise
         raise UserError(f"--no-repeat-ngram-size {n} bans every token of a row's vocabulary ({V}): the text has "
                         "repeated all it may; use a larger N, or fewer new tokens")
     return logits.masked_fill(marks, float("-inf"))
@@ -102,13 +107,14 @@ def ban_repeated_ngrams(logits, seen, n: int):
 def sample_next(logits, temperature: float = 0.0, top_k: int | None = None,
                 top_p: float | None = None, generator: torch.Generator | None = None, min_p: float | None = None,
                 repetition_penalty: float | None = None, seen=None, frequency_penalty: float | None = None,
-                presence_penalty: float | None = None, no_repeat_ngram_size: int | None = None, generated_from=None):
+                presence_penalty: float | None = None, no_repeat_ngram_size: int | None = None, generated_from=None,
+                live=None):
     """Pick one token per row from logits [B, V]. temperature 0 means greedy (argmax). seen [B, T]: the ids a
     repetition_penalty and no_repeat_ngram_size apply to; those from column generated_from on (an int or a [B]
     tensor), the generated ones, are what frequency_penalty and presence_penalty count."""
     logits = sampling_logits(logits, temperature, top_k, top_p, min_p, repetition_penalty, seen,
                              frequency_penalty=frequency_penalty, presence_penalty=presence_penalty,
-                             no_repeat_ngram_size=no_repeat_ngram_size, generated_from=generated_from)
+                             no_repeat_ngram_size=no_repeat_ngram_size, generated_from=generated_from, live=live)
     if temperature < torch.finfo(torch.float32).tiny:
         return logits.argmax(dim=-1, keepdim=True)
     probs = torch.softmax(logits, dim=-1)
@@ -118,7 +124,7 @@ def sample_next(logits, temperature: float = 0.0, top_k: int | None = None,
 def sampling_logits(logits, temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
                     min_p: float | None = None, repetition_penalty: float | None = None, seen=None, *,
                     frequency_penalty: float | None = None, presence_penalty: float | None = None,
-                    no_repeat_ngram_size: int | None = None, generated_from=None):
+                    no_repeat_ngram_size: int | None = None, generated_from=None, live=None):
     """The logits [B, V] sample_next draws from (softmax of them): penalized, tempered and cut, -inf for a token
     it never draws. Greedy (temperature 0): only penalized (and n-grams banned)."""
     check_sampling(temperature, top_k, top_p, min_p=min_p, repetition_penalty=repetition_penalty,
@@ -136,7 +142,7 @@ def sampling_logits(logits, temperature: float = 0.0, top_k: int | None = None, 
     if no_repeat_ngram_size:
         if seen is None:
             raise UserError("a no_repeat_ngram_size needs the ids seen so far (seen)")
-        logits = ban_repeated_ngrams(logits, seen, no_repeat_ngram_size)
+        logits = ban_repeated_ngrams(logits, seen, no_repeat_ngram_size, live)
     # below fp32's smallest normal number the division rounds the temperature to 0: greedy is
     # the limit it tends to anyway
     if temperature < torch.finfo(torch.float32).tiny:
@@ -286,7 +292,8 @@ def _generate(model, idx, max_new_tokens, warp: dict, eos_id, use_cache, generat
             else:
                 logits = model(idx[:, fed:], cache)
                 fed = idx.size(1)
-        nxt = sample_next(logits[:, -1, :vocab_limit], generator=generator, seen=idx, generated_from=start, **warp)
+        nxt = sample_next(logits[:, -1, :vocab_limit], generator=generator, seen=idx, generated_from=start,
+                          live=~done, **warp)
         if eos_id is not None:
             nxt = torch.where(done.unsqueeze(1), torch.full_like(nxt, eos_id), nxt)
             done |= nxt.squeeze(1) == eos_id
