@@ -1,5 +1,6 @@
 """GRPO's TRL GRPOConfig options in `tritongpt rlhf`: --clip-eps-high (DAPO's clip-higher), --mask-truncated
-(DAPO's overlong filtering) and --importance-sampling-level sequence (GSPO).
+(DAPO's overlong filtering), --importance-sampling-level sequence (GSPO), --delta (INTELLECT-2's two-sided
+clipping) and --loss-type dapo (the rollout's token count as the divisor), and the sign-aware clip statistics.
 
 The minibatch loss is checked against an independent float64 computation, written with Python loops over the
 responses, on a stand-in rollout whose "policy" is a tensor of logits: the loss, its statistics and its gradient
@@ -68,12 +69,13 @@ def _stand_in(log_ratios, adv_row, seed=0):
 
 def _reference(model, ro, rows, args):
     """The loss in float64, one response at a time, and its gradient with respect to the logits; also the
-    clipped fraction and the policy loss (token means over the kept responses' tokens)."""
+    clipped fraction, the policy loss (token means over the kept responses' tokens) and {clip_frac_low,
+    clip_frac_high}: the tokens below 1 - eps with A < 0, above the upper bound with A > 0."""
     logits = model.logits.detach().clone().double().requires_grad_(True)
     logp = _logp64(logits, ro.idx)
     lo, hi = 1 - args.clip_eps, 1 + (args.clip_eps if args.clip_eps_high is None else args.clip_eps_high)
     kept = [i for i in rows if not (args.mask_truncated and bool(ro.truncated[i]))]
-    per_resp, tokens, pgs, clipped = [], [], [], 0
+    per_resp, tokens, pgs, clipped, low, high = [], [], [], 0, 0, 0
     for i in kept:
         ts = ro.mask[i].nonzero().flatten().tolist()
         lrs = [logp[i, t] - ro.logp[i, t].double() for t in ts]
@@ -85,11 +87,15 @@ def _reference(model, ro, rows, args):
             ratios = [torch.exp(x) for x in lrs]
         losses = []
         for t, r in zip(ts, ratios):
-            pg = torch.maximum(-a * r, -a * r.clamp(lo, hi))
+            # --delta: the unclipped term's ratio is min(r, delta), a constant above it
+            capped = r if args.delta is None or r.item() <= args.delta else torch.tensor(args.delta).double()
+            pg = torch.maximum(-a * capped, -a * r.clamp(lo, hi))
             d = ro.ref_logp[i, t].double() - logp[i, t]
             losses.append(pg + args.kl_coef * (torch.exp(d) - d - 1))
             pgs.append(pg.item())
             clipped += int(r.item() < lo or r.item() > hi)
+            low += int(r.item() < lo and a < 0)
+            high += int(r.item() > hi and a > 0)
         per_resp.append(losses)
         tokens += losses
     zero = logits.sum() * 0
@@ -97,11 +103,15 @@ def _reference(model, ro, rows, args):
         loss = sum((sum(ls) / len(ls) for ls in per_resp), zero) / max(len(per_resp), 1)
     elif args.loss_type == "bnpo":
         loss = sum(tokens, zero) / max(len(tokens), 1)
+    elif args.loss_type == "dapo":  # every response token of the rollout, cut or not, per minibatch of an epoch
+        n_all = sum(int(ro.mask[i].sum()) for i in range(len(ro)))
+        steps = -(-len(ro) // args.minibatch_size)
+        loss = sum(tokens, zero) / (n_all / steps)
     else:
         loss = sum(tokens, zero) / (max(len(per_resp), 1) * args.max_new_tokens)
     loss.backward()
     n = max(len(pgs), 1)
-    return loss.item(), logits.grad, clipped / n, sum(pgs) / n
+    return loss.item(), logits.grad, clipped / n, sum(pgs) / n, {"clip_frac_low": low / n, "clip_frac_high": high / n}
 
 
 def _check(model, ro, rows, args):
@@ -109,9 +119,11 @@ def _check(model, ro, rows, args):
     model.zero_grad()
     loss, stats = minibatch_loss(model, ro, sel, args)
     loss.backward()
-    want, grad, clip_frac, policy_loss = _reference(model, ro, rows, args)
+    want, grad, clip_frac, policy_loss, signed = _reference(model, ro, rows, args)
     assert loss.item() == pytest.approx(want, rel=1e-5, abs=1e-7)
     assert stats["clip_frac"] == pytest.approx(clip_frac)
+    for k, v in signed.items():
+        assert stats[k] == pytest.approx(v), k
     assert stats["policy_loss"] == pytest.approx(policy_loss, rel=1e-5, abs=1e-7)
     torch.testing.assert_close(model.logits.grad.double(), grad, rtol=1e-4, atol=1e-7)
     return loss, stats
@@ -151,8 +163,8 @@ def test_ppo_takes_clip_higher_in_its_surrogate():
     args = RLArgs(algo="ppo", clip_eps=0.2, clip_eps_high=0.3)
     args.validate()
     _, stats = minibatch_loss(model, ro, torch.arange(4), args)
-    _, _, clip_frac, policy_loss = _reference(model, ro, [0, 1, 2, 3], RLArgs(algo="grpo", clip_eps=0.2,
-                                                                               clip_eps_high=0.3))
+    _, _, clip_frac, policy_loss, _ = _reference(model, ro, [0, 1, 2, 3], RLArgs(algo="grpo", clip_eps=0.2,
+                                                                                  clip_eps_high=0.3))
     assert stats["policy_loss"] == pytest.approx(policy_loss, rel=1e-5)
     assert stats["clip_frac"] == pytest.approx(clip_frac) == pytest.approx(7 / 13)
 
@@ -325,3 +337,157 @@ def test_an_iterations_statistics_are_those_of_its_kept_responses(tmp_path):
         assert out[key] == pytest.approx(sum(vals) / len(vals), rel=1e-6), key
     assert out["entropy"] > 0
     assert all("loss" in s for s in trainer.update_log)  # the loss (0 for an all-cut one) is each step's
+
+
+# -- --delta, --loss-type dapo and the sign-aware clip statistics ------------------------------------------------
+@pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo", "dapo"])
+def test_delta_caps_the_unclipped_term_against_a_float64_computation(loss_type):
+    """--delta 1.4 with the clip [0.8, 1.3]: row 1 (A < 0) has a ratio of 1.5, whose unclipped term -A r is capped
+    at -A 1.4, a constant: its loss is smaller and its gradient stops; without --delta it is -A 1.5 and moves. A > 0
+    tokens above the cap (row 0's 1.31 is below it) are the clip's already. The same at the sequence level."""
+    model, ro = _stand_in([[math.log(r) for r in row] for row in RATIOS], ADV)
+    args = RLArgs(algo="grpo", clip_eps=0.2, clip_eps_high=0.3, delta=1.4, kl_coef=0.1, loss_type=loss_type,
+                  max_new_tokens=8, minibatch_size=2)
+    capped, _ = _check(model, ro, [0, 1, 2, 3], args)
+    free, _ = _check(model, ro, [0, 1, 2, 3], RLArgs(**{**vars(args), "delta": None}))
+    assert capped.item() < free.item()
+    for delta, moves in ((1.4, False), (None, True)):  # row 1's 1.5 token alone, no KL term
+        model.zero_grad()
+        only = RLArgs(algo="grpo", clip_eps=0.2, clip_eps_high=0.3, delta=delta, kl_coef=0.0, loss_type="bnpo")
+        loss, _ = minibatch_loss(model, ro, torch.tensor([1]), only)
+        loss.backward()
+        row = model.logits.grad[1]
+        # the 1.5 token is row 1's first response target (T - 1 - 4 = 5): position 5's logits
+        assert (row[5].abs().max() > 0) == moves
+        # -A max(min(r, delta), clip(r)) per token: 0.7 x (1.4 or 1.5, 0.8, 1.05, 1.28)
+        assert loss.item() == pytest.approx(0.7 * ((1.4 if delta else 1.5) + 0.8 + 1.05 + 1.28) / 4, rel=1e-5)
+    # sequence level: response means of 1.6 (A < 0: capped at 1.5) and 1.2 (A > 0: the clip's), 0.95 and 1.05
+    model, ro = _stand_in([[math.log(m) + d for d in row] for m, row in zip([1.6, 1.2, 0.95, 1.05], SPREAD)],
+                          [-1.0, 0.8, 1.3, -0.6])
+    seq = RLArgs(algo="grpo", clip_eps=0.1, clip_eps_high=0.15, delta=1.5, kl_coef=0.05, loss_type=loss_type,
+                 importance_sampling_level="sequence", max_new_tokens=8, minibatch_size=3)
+    capped, _ = _check(model, ro, [0, 1, 2, 3], seq)
+    free, _ = _check(model, ro, [0, 1, 2, 3], RLArgs(**{**vars(seq), "delta": None}))
+    assert capped.item() < free.item()
+    loss, _ = minibatch_loss(model, ro, torch.tensor([0]), RLArgs(**{**vars(seq), "kl_coef": 0.0, "loss_type": "grpo"}))
+    assert loss.item() == pytest.approx(1.0 * 1.5, rel=1e-6)  # -A min(s, delta) = 1.5, not 1.6
+
+
+def test_ppo_takes_delta_in_its_surrogate():
+    """PPO's policy loss is the same surrogate: with --delta it is the token mean of
+    max(-A min(r, delta), -A clip(r, 1 - eps, 1 + eps_high)), as --clip-eps-high is taken."""
+    model, ro = _stand_in([[math.log(r) for r in row] for row in RATIOS], ADV)
+    ro.values, ro.returns = torch.zeros(4, T - 1), torch.zeros(4, T - 1)
+    args = RLArgs(algo="ppo", clip_eps=0.2, clip_eps_high=0.3, delta=1.4)
+    args.validate()
+    _, stats = minibatch_loss(model, ro, torch.arange(4), args)
+    _, _, _, policy_loss, _ = _reference(model, ro, [0, 1, 2, 3], RLArgs(algo="grpo", clip_eps=0.2, clip_eps_high=0.3,
+                                                                         delta=1.4))
+    _, free = minibatch_loss(model, ro, torch.arange(4), RLArgs(algo="ppo", clip_eps=0.2, clip_eps_high=0.3))
+    assert stats["policy_loss"] == pytest.approx(policy_loss, rel=1e-5)
+    assert stats["policy_loss"] < free["policy_loss"]
+
+
+@pytest.mark.parametrize("level", ["token", "sequence"])
+@pytest.mark.parametrize("truncated", [False, True], ids=["all kept", "two cut"])
+def test_dapo_divides_by_the_rollouts_tokens_against_a_float64_computation(level, truncated):
+    """--loss-type dapo: each minibatch's summed token losses / (the rollout's 13 response tokens / 2 minibatches),
+    for minibatches of 7 and 6 tokens (rows of 6 + 1 and 4 + 2), where bnpo divides by 7 and 6. The count is taken
+    before --mask-truncated: the cut rows' tokens stay in it (TRL's num_items_in_batch is counted before masking).
+    An epoch's dapo losses sum to the mean over all 13 tokens times the minibatches; one minibatch: bnpo's loss."""
+    model, ro = _stand_in([[math.log(r) for r in row] for row in RATIOS], ADV)
+    ro.truncated = torch.tensor([False, True, False, True]) if truncated else ro.truncated
+    args = RLArgs(algo="grpo", clip_eps=0.2, clip_eps_high=0.3, kl_coef=0.1, loss_type="dapo", max_new_tokens=8,
+                  minibatch_size=2, importance_sampling_level=level, mask_truncated=truncated)
+    dapo = [_check(model, ro, rows, args)[0].item() for rows in ([0, 3], [1, 2])]
+    bnpo = [minibatch_loss(model, ro, torch.tensor(rows), RLArgs(**{**vars(args), "loss_type": "bnpo"}))[0].item()
+            for rows in ([0, 3], [1, 2])]
+    kept = {0: 6, 3: 1, 1: 4, 2: 2} if not truncated else {0: 6, 3: 0, 1: 0, 2: 2}
+    for d, b, rows in zip(dapo, bnpo, ([0, 3], [1, 2])):
+        n = sum(kept[r] for r in rows)
+        assert d == pytest.approx(b * n / 6.5, rel=1e-5)  # the same sum, over 6.5 instead of the kept tokens
+        assert d != pytest.approx(b, rel=1e-3)
+    whole = minibatch_loss(model, ro, torch.arange(4), RLArgs(**{**vars(args), "loss_type": "bnpo"}))[0].item()
+    assert sum(dapo) == pytest.approx(2 * whole * sum(kept.values()) / 13, rel=1e-5)
+    # a minibatch of the whole rollout: dapo is bnpo (all kept), or its sum over all 13 tokens (two cut)
+    one = RLArgs(**{**vars(args), "minibatch_size": 4})
+    d1 = _check(model, ro, [0, 1, 2, 3], one)[0].item()
+    assert d1 == pytest.approx(whole * sum(kept.values()) / 13, rel=1e-5)
+    # minibatches of 3: ceil(4 / 3) = 2 of them, the divisor 13 / 2 again
+    three = RLArgs(**{**vars(args), "minibatch_size": 3})
+    assert _check(model, ro, [0, 1, 2], three)[0].item() == pytest.approx(
+        minibatch_loss(model, ro, torch.tensor([0, 1, 2]), args)[0].item(), rel=1e-6)
+
+
+def test_sign_aware_clip_fractions_by_hand():
+    """clip_frac_low counts the tokens below 1 - eps whose advantage is negative, clip_frac_high those above
+    1 + eps_high whose advantage is positive (TRL's clip_ratio/low_mean and high_mean); clip_frac stays the
+    fraction outside the bounds, whatever the sign. Clip [0.8, 1.3], advantages +, -, +, +:
+        row 0 (A > 0)  0.5 0.79 0.81 1.25 1.29 1.31   high: 1.31
+        row 1 (A < 0)  1.5 0.7 1.05 1.28              low: 0.7
+        row 2 (A > 0)  0.79 1.31                      high: 1.31
+        row 3 (A > 0)  1.25
+    low 1/13, high 2/13, clip_frac 7/13; the iteration logs their means over its minibatches."""
+    model, ro = _stand_in([[math.log(r) for r in row] for row in RATIOS], [1.1, -0.7, 1.4, 0.9])
+    args = RLArgs(algo="grpo", clip_eps=0.2, clip_eps_high=0.3, kl_coef=0.1)
+    _, stats = _check(model, ro, [0, 1, 2, 3], args)
+    assert (stats["clip_frac_low"], stats["clip_frac_high"], stats["clip_frac"]) == pytest.approx((1 / 13, 2 / 13,
+                                                                                                  7 / 13))
+    _, stats = _check(model, ro, [1, 2], args)  # row 1 and 2's 6 tokens: 0.7 low, 1.31 high
+    assert (stats["clip_frac_low"], stats["clip_frac_high"]) == pytest.approx((1 / 6, 1 / 6))
+    # the symmetric clip [0.8, 1.2]: row 0's 1.25, 1.29 and row 3's 1.25 are now above it too (A > 0)
+    _, stats = _check(model, ro, [0, 1, 2, 3], RLArgs(algo="grpo", clip_eps=0.2, kl_coef=0.1))
+    assert (stats["clip_frac_low"], stats["clip_frac_high"]) == pytest.approx((1 / 13, 5 / 13))
+    # every response cut: nothing kept to measure, no statistic rather than a 0
+    ro.truncated = torch.ones(4, dtype=torch.bool)
+    _, stats = minibatch_loss(model, ro, torch.arange(4), RLArgs(**{**vars(args), "mask_truncated": True}))
+    assert not {"clip_frac_low", "clip_frac_high"} & set(stats)
+
+
+@pytest.mark.parametrize("change, said", [
+    (dict(delta=1.2), "--delta must be a finite number > 1 + --clip-eps-high (unset: --clip-eps) = 1.2, got 1.2"),
+    (dict(delta=1.25, clip_eps_high=0.28), "--delta must be a finite number > 1 + --clip-eps-high = 1.28, got 1.25"),
+    (dict(delta=0.5, clip_eps=0.1), "> 1 + --clip-eps-high (unset: --clip-eps) = 1.1, got 0.5"),
+    (dict(delta=float("nan")), "--delta must be a finite number > 1 + --clip-eps-high (unset: --clip-eps) = 1.2, "
+                               "got nan"),
+    (dict(delta=float("inf")), "got inf"),
+    (dict(algo="ppo", loss_type="dapo"), "--loss-type dapo is GRPO's"),
+    (dict(loss_type="DAPO"), "--loss-type must be one of grpo, bnpo, dr_grpo, dapo, got 'DAPO'"),
+])
+def test_delta_and_dapo_refusals_name_the_flags(change, said):
+    with pytest.raises(UserError, match=re.escape(said)):
+        RLArgs(**{"algo": "grpo", **change}).validate()
+    for ok in (dict(algo="grpo", delta=1.21), dict(algo="ppo", delta=4.0, clip_eps_high=0.28),
+               dict(algo="grpo", loss_type="dapo")):
+        RLArgs(**ok).validate()
+
+
+def test_rlhf_cli_grpo_dapo_with_delta_and_a_resume_that_changes_delta(tmp_path, capsys):
+    """One GRPO iteration through the CLI with --loss-type dapo --delta 4, judged by a random reward model (the
+    advantages are not 0): finite losses that move the policy, the sign-aware clip fractions logged beside
+    clip_frac, both flags in the run record, a resume with another --delta noted, and a bad --delta exits 2."""
+    from tritongpt.cli import main
+    from tritongpt.model.config import get_config
+    from tritongpt.train.reward import RewardModel
+
+    init, rm = tmp_path / "init.safetensors", tmp_path / "rm.safetensors"
+    torch.manual_seed(0)
+    GPTModel(get_config("tiny", vocab_size=4100, n_layer=1)).save(init)
+    RewardModel(GPTModel(get_config("tiny", vocab_size=4100, n_layer=1))).save(rm)
+    argv = ["rlhf", "--init", str(init), "--reward", str(rm), "--algo", "grpo", "--loss-type", "dapo",
+            "--num-pairs", "40", "--prompts-per-iter", "2", "--group-size", "2", "--max-new-tokens", "4",
+            "--epochs", "2", "--minibatch-size", "3", "--eval-prompts", "2", "--eval-samples", "1", "--lr", "1e-3",
+            "--device", "cpu", "--out-dir", str(tmp_path / "run")]
+    assert main([*argv, "--delta", "4", "--iterations", "1"]) == 0
+    rows = [r for r in MetricsLog(tmp_path / "run" / "metrics.jsonl").rows() if "loss" in r]
+    assert rows and all(math.isfinite(r["loss"]) and r["reward_std"] > 0 and r["grad_norm"] > 0 for r in rows)
+    assert all(0 <= r["clip_frac_low"] + r["clip_frac_high"] <= r["clip_frac"] + 1e-6 <= 1 + 1e-6 for r in rows)
+    state = torch.load(tmp_path / "run" / "ckpt-0000001" / "state.pt", weights_only=False)
+    assert (state["args"]["loss_type"], state["args"]["delta"]) == ("dapo", 4.0)
+    capsys.readouterr()
+    assert main([*argv, "--delta", "5", "--iterations", "2", "--resume"]) == 0
+    assert "resuming with --delta 5.0 (the run had 4.0)" in capsys.readouterr().err
+    assert main([*argv, "--delta", "1.1", "--out-dir", str(tmp_path / "bad")]) == 2
+    assert "--delta must be a finite number > 1 + --clip-eps-high (unset: --clip-eps) = 1.2, got 1.1" in \
+        capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()

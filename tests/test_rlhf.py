@@ -943,7 +943,7 @@ def test_grpo_variants_against_hand_formulas():
     assert grpo_aggregate(per_token, mask, "bnpo", 8).item() == pytest.approx(torch.cat(rows).mean().item(), rel=1e-6)
     assert grpo_aggregate(per_token, mask, "dr_grpo", 8).item() == pytest.approx(
         torch.cat(rows).sum().item() / (3 * 8), rel=1e-6)
-    for change, said in ((dict(algo="grpo", loss_type="dapo"), "--loss-type must be one of grpo, bnpo, dr_grpo"),
+    for change, said in ((dict(algo="grpo", loss_type="cispo"), "--loss-type must be one of grpo, bnpo, dr_grpo, dapo"),
                          (dict(algo="grpo", scale_rewards="std"), "--scale-rewards must be one of group, batch, none"),
                          (dict(algo="ppo", loss_type="bnpo"), "--loss-type bnpo is GRPO's"),
                          (dict(algo="ppo", scale_rewards="none"), "--scale-rewards none is GRPO's")):

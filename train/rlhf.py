@@ -64,6 +64,16 @@ GRPO's variants (TRL GRPOConfig's names; --loss-type and --scale-rewards are des
         clipped to the same bounds (GSPO's paper: clip_eps 3e-4, clip_eps_high 4e-4, as the ratio of a mean is
         near 1); clip_frac counts every token of a clipped response. GRPO only: GSPO weighs one advantage
         per response; PPO's are per token. token: today's.
+  --delta D  (INTELLECT-2's two-sided clipping, Prime Intellect 2025; TRL's delta) the surrogate's unclipped term
+        takes min(ratio, D): loss = max(-A min(r, D), -A clip(r, 1 - clip_eps, 1 + E)), as TRL clamps its coef_1,
+        at either importance-sampling level. It bounds the loss (and gradient) of a token with A < 0 whose ratio
+        ran far above 1, which the one-sided clip leaves unbounded. D must be > 1 + E (TRL recommends it; here it
+        is refused otherwise: a lower cap would stop the gradient of A > 0 tokens before the clip does). PPO takes
+        it, as it takes --clip-eps-high: the surrogate is shared. Not given: no cap, today's.
+  --loss-type dapo  (TRL's dapo) the minibatch's summed token losses divided by the rollout's response tokens per
+        minibatch (GRPO_LOSS_TYPES): TRL normalizes by num_items_in_batch, the generation batch's tokens over every
+        process, rescaled to one optimizer step; here the rollout is the generation batch and each minibatch one
+        step. The count is taken before --mask-truncated, as in TRL: the cut responses' tokens stay in it.
 
 Both: --missing-eot-penalty takes a constant off the score of each response that max_new_tokens
 cut before its end-of-text (the reward model never saw an answer end there); with several judges
@@ -71,7 +81,9 @@ it comes off the weighted sum, once.
 
 Logged per iteration (metrics.jsonl + rlhf.png): reward (mean score of the rollouts, penalty
 included), kl (mean over responses of sum_t log pi - log pi_ref, measured at rollout time, the
-same for both algorithms), entropy, clip_frac, value_loss (PPO), policy_loss, response_len,
+same for both algorithms), entropy, clip_frac (the ratios outside the clip bounds), clip_frac_low and
+clip_frac_high (TRL's clip_ratio/low_mean and high_mean: those the clip stops, below 1 - clip_eps with A < 0,
+above the upper bound with A > 0; per token), value_loss (PPO), policy_loss, response_len,
 ended (the fraction of responses that reached end-of-text), and every eval_every iterations
 eval_reward and eval_ended: the reward model's mean score (no penalty) on fixed held-out
 prompts, sampled with a fixed seed, so the numbers are comparable across iterations and runs.
@@ -104,16 +116,21 @@ from tritongpt.cli import command_help
 TRAJECTORY_ARGS = ("algo", "prompts_per_iter", "group_size", "max_new_tokens", "missing_eot_penalty", "temperature",
                    "top_k", "epochs", "minibatch_size", "lr", "weight_decay", "grad_clip", "kl_coef", "clip_eps",
                    "value_clip", "vf_coef", "ent_coef", "gamma", "lam", "seed", "loss_type", "scale_rewards",
-                   "clip_eps_high", "mask_truncated", "importance_sampling_level")
+                   "clip_eps_high", "mask_truncated", "importance_sampling_level", "delta")
 # GRPO's variants, by TRL's GRPOConfig names. loss_type: how the per-token losses of a minibatch become one
 #   grpo     each response's token mean, then the mean over responses (DeepSeekMath's; a long response's tokens
 #            weigh less)
 #   bnpo     the mean over every response token of the minibatch (DAPO's token-level loss, one gradient step here)
 #   dr_grpo  the sum over response tokens / (responses x max_new_tokens), a constant (Dr. GRPO, Liu et al. 2025:
 #            no length bias)
+#   dapo     the sum over the minibatch's response tokens / (the response tokens of the WHOLE rollout / its
+#            minibatches per epoch): TRL's dapo, whose num_items_in_batch counts the generation batch's tokens and
+#            whose normalizer is rescaled to one optimizer step's share of it (num_items_in_batch / processes x
+#            grad_accum / steps_per_generation). Every token of the rollout weighs the same, whichever minibatch
+#            it falls in; bnpo weighs a token of a minibatch of short responses more. One minibatch: bnpo's loss.
 # scale_rewards: what a response's centered score r - mean_G is divided by: group (its group's std, GRPO's),
 #   batch (the whole rollout's std) or none (Dr. GRPO: no difficulty bias from near-constant groups)
-GRPO_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo")
+GRPO_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
 SCALE_REWARDS = ("group", "batch", "none")
 # importance_sampling_level (TRL's name): the ratio the surrogate clips, one per response token (token, PPO's and
 #   GRPO's) or one per response, exp of the mean over its tokens of log pi - log pi_old, on every one of them
@@ -160,12 +177,13 @@ class RLArgs:
     kl_coef: float = 0.05        # PPO: per-token KL in the reward; GRPO: k3 KL in the loss
     clip_eps: float = 0.2
     clip_eps_high: float | None = None  # the ratio's upper clip 1 + this (None: clip_eps; DAPO's clip-higher)
+    delta: float | None = None   # the unclipped ratio term's cap (None: none; INTELLECT-2's two-sided clip)
     value_clip: float = 0.2
     vf_coef: float = 0.5
     ent_coef: float = 0.0
     gamma: float = 1.0
     lam: float = 0.95
-    loss_type: str = "grpo"      # GRPO: grpo | bnpo | dr_grpo (GRPO_LOSS_TYPES)
+    loss_type: str = "grpo"      # GRPO: grpo | bnpo | dr_grpo | dapo (GRPO_LOSS_TYPES)
     scale_rewards: str = "group"  # GRPO: group | batch | none
     mask_truncated: bool = False  # GRPO: responses cut at max_new_tokens left out of the loss
     importance_sampling_level: str = "token"  # GRPO: token | sequence (GSPO)
@@ -224,6 +242,15 @@ class RLArgs:
                      "missing_eot_penalty", "lr"):  # nan passes `< 0`, and nan or inf makes the loss nan
             if not math.isfinite(getattr(self, name)):
                 raise UserError(f"--{name.replace('_', '-')} must be a finite number, got {getattr(self, name)}")
+        if self.delta is not None:
+            # a cap at or below the upper clip bound 1 + eps_high would flatten the surrogate of a token with A > 0
+            # before the clip does (clip-higher undone) and, at <= 1, where the ratio has not moved at all.
+            # TRL only recommends delta > 1 + epsilon; a value that breaks the clip is refused here.
+            high = self.clip_eps if self.clip_eps_high is None else self.clip_eps_high
+            which = "--clip-eps-high" if self.clip_eps_high is not None else "--clip-eps-high (unset: --clip-eps)"
+            if not (math.isfinite(self.delta) and self.delta > 1 + high):
+                raise UserError(f"--delta must be a finite number > 1 + {which} = {1 + high:g}, got {self.delta}: "
+                                "it caps the unclipped ratio term above the ratio's upper clip bound")
         if not 0.0 <= self.gamma <= 1.0 or not 0.0 <= self.lam <= 1.0:
             raise UserError(f"--gamma and --lam must be in [0, 1], got {self.gamma}, {self.lam}")
         if not self.temperature > 0:
@@ -550,10 +577,14 @@ def compute_advantages(ro: Rollout, args: RLArgs, score_norm=(0.0, 1.0)) -> Roll
     return ro
 
 
-def grpo_aggregate(per_token, mask, loss_type: str, max_new_tokens: int, kept=None):
+def grpo_aggregate(per_token, mask, loss_type: str, max_new_tokens: int, kept=None, n_rollout=None):
     """A minibatch's per-token losses [B, T-1] as one (GRPO_LOSS_TYPES). kept [B] bool (--mask-truncated): the
     responses that count, as if the others were not in the minibatch (mask is already False on theirs); none
-    kept gives 0."""
+    kept gives 0. dapo: the sum / n_rollout, the rollout's response tokens per minibatch (minibatch_loss's)."""
+    if loss_type == "dapo":
+        if n_rollout is None:
+            raise ValueError("the dapo loss needs n_rollout, the rollout's response tokens per minibatch")
+        return (per_token * mask).sum() / n_rollout
     if kept is None:
         n = per_token.size(0)
         if loss_type == "grpo":
@@ -570,7 +601,13 @@ def grpo_aggregate(per_token, mask, loss_type: str, max_new_tokens: int, kept=No
 def minibatch_loss(model: PolicyWithValue, ro: Rollout, sel, args: RLArgs):
     """The loss of one minibatch (indices sel into the rollout) and its statistics."""
     idx, mask = ro.idx[sel], ro.mask[sel]
-    kept = None
+    kept, n_rollout = None, None
+    if args.loss_type == "dapo":
+        # TRL's num_items_in_batch: every response token of the rollout (the whole generation batch; rlhf runs
+        # in one process, check_one_process, so there is no other rank's count to all-reduce), counted BEFORE
+        # --mask-truncated masks the cut responses (TRL counts it before masking them too: their tokens stay in
+        # the divisor, out of the sum), over the minibatches one epoch takes (TRL: optimizer steps per generation)
+        n_rollout = ro.mask.sum().clamp_min(1) / math.ceil(len(ro) / args.minibatch_size)
     if args.mask_truncated:  # GRPO: the cut responses' tokens leave the loss (and the statistics of it)
         if ro.truncated is None:
             raise ValueError("mask_truncated needs the rollout's truncated responses (sample_responses fills them)")
@@ -588,14 +625,25 @@ def minibatch_loss(model: PolicyWithValue, ro: Rollout, sel, args: RLArgs):
         seq = log_ratio.sum(1, keepdim=True) / mask.sum(1, keepdim=True).clamp_min(1)
         is_ratio = torch.exp(seq).expand_as(log_ratio)
     high = args.clip_eps if args.clip_eps_high is None else args.clip_eps_high
-    pg = torch.maximum(-adv * is_ratio, -adv * is_ratio.clamp(1 - args.clip_eps, 1 + high))
+    # --delta (TRL's, INTELLECT-2's two-sided clip): the UNCLIPPED term's ratio is capped at delta, at either
+    # importance-sampling level, as TRL clamps coef_1 (its ratio) before the min. With A < 0 a ratio far above 1
+    # otherwise gives an unbounded loss -A r and gradient; with A > 0 the clipped term (<= 1 + high < delta) wins.
+    capped = is_ratio if args.delta is None else is_ratio.clamp(max=args.delta)
+    pg = torch.maximum(-adv * capped, -adv * is_ratio.clamp(1 - args.clip_eps, 1 + high))
     with torch.no_grad():
         if args.clip_eps_high is None:
             clipped = (is_ratio - 1).abs() > args.clip_eps
         else:
             clipped = (is_ratio < 1 - args.clip_eps) | (is_ratio > 1 + high)
+        # TRL's sign-aware clip statistics: the tokens whose gradient the clip actually stops, below the lower
+        # bound with A < 0 and above the upper one with A > 0 (clip_frac counts every ratio outside the bounds).
+        # Per token as clip_frac, also at the sequence level (TRL there takes the mean over responses).
+        low_stop = (is_ratio < 1 - args.clip_eps) & (adv < 0)
+        high_stop = (is_ratio > 1 + high) & (adv > 0)
         stats = {"entropy": entropy.item(),
                  "clip_frac": masked_mean(clipped.float(), mask).item(),
+                 "clip_frac_low": masked_mean(low_stop.float(), mask).item(),
+                 "clip_frac_high": masked_mean(high_stop.float(), mask).item(),
                  "approx_kl": masked_mean((ratio - 1) - log_ratio, mask).item()}
     if args.algo == "ppo":
         policy_loss = masked_mean(pg, mask)
@@ -612,7 +660,7 @@ def minibatch_loss(model: PolicyWithValue, ro: Rollout, sel, args: RLArgs):
         k3 = torch.exp(d) - d - 1
         per_token = pg + args.kl_coef * k3
         policy_loss = masked_mean(pg, mask)
-        loss = grpo_aggregate(per_token, mask, args.loss_type, args.max_new_tokens, kept)
+        loss = grpo_aggregate(per_token, mask, args.loss_type, args.max_new_tokens, kept, n_rollout)
         stats["kl_k3"] = masked_mean(k3, mask).item()
     if args.ent_coef:
         loss = loss - args.ent_coef * entropy
@@ -620,7 +668,7 @@ def minibatch_loss(model: PolicyWithValue, ro: Rollout, sel, args: RLArgs):
     stats["loss"] = loss.item()
     if kept is not None and not bool(kept.any()):
         # no kept token to measure: these are left out of update()'s means rather than logged as 0s
-        for k in ("entropy", "clip_frac", "approx_kl", "kl_k3", "policy_loss"):
+        for k in ("entropy", "clip_frac", "clip_frac_low", "clip_frac_high", "approx_kl", "kl_k3", "policy_loss"):
             stats.pop(k, None)
     return loss, stats
 
@@ -1170,14 +1218,18 @@ _HELP = {
     "clip_eps_high": "PPO/GRPO: the ratio's upper clip bound 1 + E instead of 1 + clip-eps, the lower one staying "
                      "1 - clip-eps (DAPO's clip-higher, TRL's epsilon_high; DAPO uses 0.28 with clip-eps 0.2; "
                      "None: clip-eps, a symmetric clip)",
+    "delta": "PPO/GRPO: cap the unclipped ratio term of the surrogate at D, so that a token with a negative "
+             "advantage whose ratio ran far above 1 has a bounded loss and gradient (INTELLECT-2's two-sided "
+             "clipping, TRL's delta; must be > 1 + clip-eps-high, e.g. 4 with the default clips; None: no cap)",
     "value_clip": "PPO value clip around the rollout-time values",
     "vf_coef": "PPO value-loss weight",
     "ent_coef": "entropy bonus weight",
     "gamma": "PPO discount",
     "lam": "PPO GAE lambda",
     "loss_type": "GRPO: how a minibatch's token losses become one: grpo (each response's mean, then the mean), "
-                 "bnpo (the mean over all its tokens, DAPO's), dr_grpo (their sum / (responses x max-new-tokens), "
-                 "Dr. GRPO's)",
+                 "bnpo (the mean over all its tokens), dr_grpo (their sum / (responses x max-new-tokens), "
+                 "Dr. GRPO's), dapo (their sum / the response tokens of the whole rollout per minibatch: every "
+                 "rollout token weighs the same, DAPO's token-level loss as TRL computes it)",
     "scale_rewards": "GRPO: divide each centered score by its group's std (group), the rollout's (batch), or not "
                      "at all (none, Dr. GRPO's)",
     "mask_truncated": "GRPO: leave the responses that max-new-tokens cut before their end-of-text out of the loss, "
@@ -1226,7 +1278,7 @@ def add_cli(sub):
     d = RLArgs()
     choices = {"dtype": common.DTYPES, "loss_type": GRPO_LOSS_TYPES, "scale_rewards": SCALE_REWARDS,
                "importance_sampling_level": IMPORTANCE_SAMPLING_LEVELS}
-    types = {"clip_eps_high": float}  # a default of None: the type is the flag's
+    types = {"clip_eps_high": float, "delta": float}  # a default of None: the type is the flag's
     g = p.add_argument_group("rl")
     g.add_argument("--algo", choices=["ppo", "grpo"], default=d.algo, help="(default %(default)s)")
     for f in fields(RLArgs):
