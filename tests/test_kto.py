@@ -475,3 +475,106 @@ def test_a_first_record_without_its_label_is_told_so_not_that_it_is_no_pair(tmp_
     path = _write(tmp_path / "u.jsonl", [{"prompt": "q", "completion": " a"}, GOOD[0]])
     with pytest.raises(UserError, match=r"record 0 \(line 1\): missing field 'label'"):
         train_val_examples(str(path))
+
+
+# -- z0 under torchrun ----------------------------------------------------------------------------------------
+def _kto_as_rank(rank, out, rec, port, kw):
+    """One of two torchrun-like gloo processes training KTO for two steps; records every z0 estimate: the rank's
+    own batch mean (unclamped), whether it was a training step's (averaged over the ranks), and the z0 used."""
+    from test_loop import _as_torchrun_rank
+    from test_rlhf import WordTokenizer, compact_template
+    from pathlib import Path
+
+    from tritongpt.train import kto
+
+    _as_torchrun_rank(rank, port)
+    pairs = task_preferences(24, seed=0, template=compact_template, split="train", families=FAMILIES)
+    tok = WordTokenizer([p.prompt + p.chosen + p.rejected for p in pairs])
+    torch.manual_seed(4)
+    policy = GPTModel(GPTConfig(vocab_size=tok.vocab_size, context_length=CTX, n_embd=32, n_layer=1, n_head=1))
+    ref = copy.deepcopy(policy)
+    with torch.no_grad():  # another reference: the KL estimates are not 0 from the first step
+        for p in ref.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(1)))
+    seen, estimate = [], kto.kl_estimate
+
+    def recording(policy_kl_logp, ref_kl_logp, across_ranks=False):
+        z0 = estimate(policy_kl_logp, ref_kl_logp, across_ranks)
+        seen.append((across_ranks, (policy_kl_logp - ref_kl_logp).mean().item(), z0.item()))
+        return z0
+
+    kto.kl_estimate = recording  # this child's module only
+    args = TrainArgs(out_dir=out, max_steps=3, batch_size=4, lr=1e-2, warmup_steps=0, eval_every=0, ckpt_every=0,
+                     log_every=0, weight_decay=0.0, device="cpu", kernels="reference", seed=0)
+    kto.train_kto(policy, ref, tok, kto.unpair(pairs), None, args, beta=0.5)
+    torch.save({"seen": seen, "params": torch.cat([p.detach().flatten() for p in policy.parameters()])},
+               Path(rec) / f"rank{rank}.pt")
+
+
+def test_kto_z0_under_torchrun_is_the_mean_over_the_ranks(tmp_path):
+    """Two gloo processes, each its own batches: every training step's z0 is the same on both ranks, the mean of
+    their own batch means, clamped at 0 after averaging (TRL: gather, mean, clamp), where each rank's own differs;
+    the evaluation (rank 0 alone) reduces nothing. The replicas stay equal."""
+    from test_loop import _run_ddp
+
+    r0, r1 = _run_ddp(tmp_path / "ddp", tmp_path / "rec", _kto_as_rank)
+    steps = [[s for s in r["seen"] if s[0]] for r in (r0, r1)]
+    assert len(steps[0]) == len(steps[1]) == 3
+    for (_, own0, z0), (_, own1, z1) in zip(*steps):
+        assert own0 != pytest.approx(own1, abs=1e-4)  # other batches, other estimates
+        assert z0 == z1 == pytest.approx(max(0.0, (own0 + own1) / 2), rel=1e-6, abs=1e-7)
+    assert any(s[2] > 0 for s in steps[0]), "every z0 clamped to 0: the test says nothing"
+    evals = [s for s in r0["seen"] if not s[0]]
+    assert evals and all(z == pytest.approx(max(0.0, own), abs=1e-7) for _, own, z in evals)
+    assert not [s for s in r1["seen"] if not s[0]]  # rank 1 runs no eval
+    assert torch.equal(r0["params"], r1["params"])
+
+
+def test_kto_loss_fn_in_one_process_is_todays_bit_for_bit():
+    """No process group: the training loss_fn's z0 is the batch's own clamped mean, its loss kto_loss's without
+    any averaging, bit for bit; loss_fn.kl exposes the z0 it used."""
+    from tritongpt.train.kto import kto_loss, make_loss_fn
+
+    g = torch.Generator().manual_seed(3)
+    policy = GPTModel(GPTConfig(vocab_size=19, context_length=12, n_embd=16, n_layer=1, n_head=1))
+    idx, kl_idx = torch.randint(0, 19, (4, 12), generator=g), torch.randint(0, 19, (4, 12), generator=g)
+    mask = torch.zeros(4, 11, dtype=torch.bool)
+    mask[:, 5:] = True
+    ref, ref_kl = torch.randn(4, generator=g) - 20, torch.randn(4, generator=g) - 40
+    labels = torch.tensor([True, False, True, False])
+    loss_fn = make_loss_fn(0.3)
+    loss = loss_fn(policy, (idx, mask, kl_idx, mask, labels, ref, ref_kl))
+    from tritongpt.train.preference import sequence_logprobs
+
+    lp, lp_kl = sequence_logprobs(policy, idx, mask).float(), sequence_logprobs(policy, kl_idx, mask).float()
+    want, _, z0 = kto_loss(lp, ref, labels, 0.3, "kto", lp_kl, ref_kl)
+    assert torch.equal(loss, want) and torch.equal(loss_fn.kl, z0)
+    assert torch.equal(z0, (lp_kl - ref_kl).mean().clamp(min=0)) and z0 > 0
+
+
+@pytest.mark.parametrize("own, other, want", [(-0.3, 0.5, 0.1), (0.3, -0.5, 0.0), (0.4, 0.2, 0.3)])
+def test_z0_is_clamped_after_averaging_over_the_ranks(monkeypatch, own, other, want):
+    """TRL's order: the ranks' means are averaged, then clamped (a rank's negative estimate pulls the mean down; it
+    is not clamped on its own first). A stand-in process group of two, the other rank's mean `other`."""
+    from tritongpt.train import kto
+
+    class TwoRanks:
+        ReduceOp = torch.distributed.ReduceOp
+
+        def is_available(self):
+            return True
+
+        def is_initialized(self):
+            return True
+
+        def get_world_size(self):
+            return 2
+
+        def all_reduce(self, t, op):
+            assert op == self.ReduceOp.SUM
+            t += other
+
+    monkeypatch.setattr(kto, "dist", TwoRanks())
+    policy, ref = torch.tensor([own - 1.0, own + 1.0]), torch.zeros(2)
+    assert kto.kl_estimate(policy, ref, across_ranks=True).item() == pytest.approx(want, abs=1e-7)
+    assert kto.kl_estimate(policy, ref).item() == pytest.approx(max(0.0, own), abs=1e-7)  # the eval's: its own

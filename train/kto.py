@@ -38,13 +38,19 @@ Reported (eval_fn, on held-out examples and the first 256 training ones): the lo
 desirable and of undesirable examples, their difference (margin), and for unpaired pairs the pairwise accuracy
 (reward of chosen > reward of rejected). All rewards are exactly 0 at step 0 (policy == reference). The eval's
 z0 is one estimate over the whole set it measures, not one per eval batch: a figure that does not depend on the
-eval's batch size. (Under torchrun each rank's z0 is its own batch's; TRL averages it over the processes.)
+eval's batch size.
+
+Under torchrun z0 is one estimate for the step: each rank's batch mean, averaged over the ranks (an all-reduce,
+detached), then clamped at 0, as TRL gathers each process's mean, takes their mean and clamps it. Each rank's own
+would give every rank another reference point for the same step, and a noisier one: a rank sees 1/world of the
+examples. The eval (rank 0 alone) estimates z0 on all it measures and reduces nothing. One process: unchanged.
 """
 import copy
 import math
 from dataclasses import dataclass, field
 
 import torch
+import torch.distributed as dist
 
 from tritongpt.errors import UserError, note
 from tritongpt.train import common, formats
@@ -58,20 +64,29 @@ BALANCE = (1.0, 4 / 3)  # TRL's recommended desirable_weight * n_desirable / (un
 
 
 # -- the loss --------------------------------------------------------------------------------------
-def kl_estimate(policy_kl_logp, ref_kl_logp):
-    """z0: the batch's mean log-ratio on mismatched pairs, detached, at least 0."""
-    return (policy_kl_logp - ref_kl_logp).mean().detach().clamp(min=0)
+def kl_estimate(policy_kl_logp, ref_kl_logp, across_ranks: bool = False):
+    """z0: the batch's mean log-ratio on mismatched pairs, detached, at least 0. across_ranks (training under
+    torchrun): the mean of every rank's batch mean, clamped after averaging (TRL: gather, mean, clamp); every rank
+    must call it then, as every rank does a training step."""
+    kl = (policy_kl_logp - ref_kl_logp).mean().detach()
+    if across_ranks and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        kl = kl.clone()  # all_reduce writes in place
+        dist.all_reduce(kl, op=dist.ReduceOp.SUM)
+        kl = kl / dist.get_world_size()
+    return kl.clamp(min=0)
 
 
 def kto_loss(policy_logp, ref_logp, labels, beta: float, loss_type: str = "kto", policy_kl_logp=None,
-             ref_kl_logp=None, desirable_weight: float = 1.0, undesirable_weight: float = 1.0):
-    """policy_logp, ref_logp, labels (bool: desirable): [B]; the KL log-probs [B] (kto's only).
-    Returns (loss, rewards beta * r [B], z0 (None for apo_zero_unpaired))."""
+             ref_kl_logp=None, desirable_weight: float = 1.0, undesirable_weight: float = 1.0,
+             kl_across_ranks: bool = False):
+    """policy_logp, ref_logp, labels (bool: desirable): [B]; the KL log-probs [B] (kto's only); kl_across_ranks:
+    z0 averaged over the torchrun ranks (kl_estimate). Returns (loss, rewards beta * r [B], z0 (None for
+    apo_zero_unpaired))."""
     r = policy_logp - ref_logp
     if loss_type == "kto":
         if policy_kl_logp is None or ref_kl_logp is None:
             raise UserError("the kto loss needs the mismatched pairs' log-probs (policy_kl_logp, ref_kl_logp)")
-        kl = kl_estimate(policy_kl_logp, ref_kl_logp)
+        kl = kl_estimate(policy_kl_logp, ref_kl_logp, kl_across_ranks)
         desirable, undesirable = 1 - torch.sigmoid(beta * (r - kl)), 1 - torch.sigmoid(beta * (kl - r))
     elif loss_type == "apo_zero_unpaired":
         kl = None
@@ -268,6 +283,8 @@ def cache_reference(ref, data: KTOData, device, dtype=torch.float32, kl: bool = 
 
 
 def make_loss_fn(beta: float, loss_type: str = "kto", desirable_weight: float = 1.0, undesirable_weight: float = 1.0):
+    """The Trainer's loss_fn. Its z0 is averaged over the torchrun ranks (every rank runs each training step);
+    loss_fn.kl holds the z0 (a detached tensor) of its last call, None for apo_zero_unpaired."""
     def loss_fn(model, batch):
         idx, mask, kl_idx, kl_mask, labels, ref, ref_kl = batch
         lp = sequence_logprobs(model, idx, mask).float()
@@ -275,8 +292,11 @@ def make_loss_fn(beta: float, loss_type: str = "kto", desirable_weight: float = 
         if loss_type == "kto":
             with torch.no_grad():  # z0 is a baseline, not optimised: no graph kept for it (TRL's no_grad)
                 policy_kl = sequence_logprobs(model, kl_idx, kl_mask).float()
-        return kto_loss(lp, ref, labels, beta, loss_type, policy_kl, ref_kl, desirable_weight, undesirable_weight)[0]
+        loss, _, loss_fn.kl = kto_loss(lp, ref, labels, beta, loss_type, policy_kl, ref_kl, desirable_weight,
+                                       undesirable_weight, kl_across_ranks=True)
+        return loss
 
+    loss_fn.kl = None
     return loss_fn
 
 
