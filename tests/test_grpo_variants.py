@@ -447,6 +447,7 @@ def test_sign_aware_clip_fractions_by_hand():
 @pytest.mark.parametrize("change, said", [
     (dict(delta=1.2), "--delta must be a finite number > 1 + --clip-eps-high (unset: --clip-eps) = 1.2, got 1.2"),
     (dict(delta=1.25, clip_eps_high=0.28), "--delta must be a finite number > 1 + --clip-eps-high = 1.28, got 1.25"),
+    (dict(delta=1.5, clip_eps_high=0.5), "--delta must be a finite number > 1 + --clip-eps-high = 1.5, got 1.5"),
     (dict(delta=0.5, clip_eps=0.1), "> 1 + --clip-eps-high (unset: --clip-eps) = 1.1, got 0.5"),
     (dict(delta=float("nan")), "--delta must be a finite number > 1 + --clip-eps-high (unset: --clip-eps) = 1.2, "
                                "got nan"),
