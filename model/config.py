@@ -63,6 +63,14 @@ class GPTConfig:
     # model multiplies the head's input by it, (s h) W^T = s (h W^T): one [tokens, C] product, the same in every
     # logits and loss path. 1: none.
     logit_scale: float = 1.0
+    # IBM Granite's muP multipliers (GraniteForCausalLM, GraniteMoeForCausalLM; muP-style training too):
+    # embedding_multiplier times the token embeddings (Granite 3's 12.0); residual_multiplier times each block's
+    # attention and MLP outputs before they join the residual stream (0.22); attention_multiplier the attention
+    # scores' scale itself, replacing 1/sqrt(head_dim) (0.015625; 0: the default scale). Granite's logits_scaling
+    # divides the logits: logit_scale is its inverse. 1, 1, 0: none.
+    embedding_multiplier: float = 1.0
+    residual_multiplier: float = 1.0
+    attention_multiplier: float = 0.0
     # Local attention (GPT-3's "locally banded" layers, GPT-Neo's local ones, Mistral's sliding
     # window): in a local layer a token attends to the last attention_window positions only,
     # itself included. 0: every layer sees the whole context (GPT-2). window_layers picks the
@@ -202,6 +210,7 @@ class GPTConfig:
             raise UserError(f"GPTConfig.attention_scale_width must be an integer >= 0 (0: head_dim), "
                             f"got {self.attention_scale_width!r}")
         self.attention_scale_width = int(self.attention_scale_width)
+        self._check_multipliers()
         if not is_int(self.attention_window) or self.attention_window < 0:
             raise UserError(f"GPTConfig.attention_window must be an integer >= 0 (0: no local attention), "
                             f"got {self.attention_window!r}")
@@ -261,6 +270,10 @@ class GPTConfig:
         if self.attention_scale_width and not self.scale_attention:
             raise UserError(f"GPTConfig.attention_scale_width {self.attention_scale_width} sets the scale of the "
                             "attention scores, which scale_attention False leaves unscaled: set one of them")
+        if self.attention_multiplier and not self.scale_attention:
+            raise UserError(f"GPTConfig.attention_multiplier {self.attention_multiplier:g} is the attention scores' "
+                            "scale, which scale_attention False leaves unscaled: set scale_attention True or leave "
+                            "attention_multiplier 0")
         if self.qkv_bias_only and self.bias:
             raise UserError("GPTConfig.qkv_bias_only gives the query, key and value projections biases in a model "
                             "without others (Qwen2's); with bias True they have them already (qkv_bias): set bias "
@@ -275,6 +288,23 @@ class GPTConfig:
         self.lora_rank, self.lora_alpha = int(self.lora_rank), float(self.lora_alpha)
 
         resolve_kernels(self.kernels, "cpu", check_device=False)  # the names only: a typo now, not later
+
+    def _check_multipliers(self):
+        """Granite's embedding_multiplier, residual_multiplier and attention_multiplier: finite numbers > 0 (the
+        attention's >= 0, 0 meaning 1/sqrt(head_dim)), and the attention's scale set once."""
+        for name in ("embedding_multiplier", "residual_multiplier"):
+            value = getattr(self, name)
+            if not is_real(value) or not math.isfinite(value) or value <= 0:
+                raise UserError(f"GPTConfig.{name} must be a finite number > 0 (1: none), got {value!r}")
+            setattr(self, name, float(value))
+        m = self.attention_multiplier
+        if not is_real(m) or not math.isfinite(m) or m < 0:
+            raise UserError(f"GPTConfig.attention_multiplier must be a finite number > 0, the attention scores' scale "
+                            f"(0: 1/sqrt(head_dim)), got {m!r}")
+        self.attention_multiplier = float(m)
+        if m and self.attention_scale_width:
+            raise UserError(f"GPTConfig.attention_multiplier {m:g} is the attention scores' scale, and "
+                            f"attention_scale_width {self.attention_scale_width} sets it too: set one of them")
 
     def _check_partial_rotary(self):
         """rotary_dim, and LongRoPE's factor lists against the pairs it rotates (its defaults filled in)."""

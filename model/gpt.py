@@ -238,6 +238,8 @@ class GPTModel(nn.Module):
         x = self.tok_emb(idx)
         if self.config.scale_embeddings:  # Gemma's sqrt(n_embd), rounded to the embeddings' dtype as Gemma's is
             x = x * _rounded(math.sqrt(self.config.n_embd), x.dtype)
+        if self.config.embedding_multiplier != 1.0:  # Granite's (muP's): the embeddings times a float
+            x = x * self.config.embedding_multiplier
         if self.embed_norm is not None:
             x = self.embed_norm(x)
         if self.pos_emb is not None:

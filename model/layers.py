@@ -567,7 +567,7 @@ class MultiHeadAttention(nn.Module):
                  qkv_bias: bool | None = None, rope_theta: float | None = None, n_kv_head: int = 0,
                  head_dim: int = 0, qk_norm=None, rope_scaling: dict | None = None, scale_width: int = 0,
                  softcap: float = 0.0, qk_norm_all: bool = False, rotary_dim: int = 0, alibi: bool = False,
-                 alibi_scale: float = 1.0, qk_norm_each: bool = False):
+                 alibi_scale: float = 1.0, qk_norm_each: bool = False, multiplier: float = 0.0):
         super().__init__()
         assert head_dim or n_embd % n_head == 0, "n_embd must be divisible by n_head"
         # head_dim 0: n_embd / n_head; else its own (Qwen3), q, k and v n_head * head_dim wide
@@ -578,6 +578,8 @@ class MultiHeadAttention(nn.Module):
         # scale False: GPT-Neo's scores q.k, unscaled (its training kept them in range without);
         # scale_width: Gemma's query_pre_attn_scalar, the scale 1/sqrt of a width other than head_dim's
         self.softmax_scale = 1.0 / math.sqrt(scale_width or self.head_dim) if scale else 1.0
+        if multiplier:  # Granite's attention_multiplier: the scale itself (the Triton kernel takes it as its own)
+            self.softmax_scale = multiplier
         mscale = 1.0
         if rope_theta is not None and rope_scaling and rope_scaling["rope_type"] in ("yarn", "longrope"):
             # YaRN and LongRoPE multiply cos and sin by attention_factor: q.k by its square, or under partial
@@ -699,6 +701,8 @@ class TransformerBlock(nn.Module):
     With GPTConfig.parallel_residual (GPT-NeoX, Pythia) both sublayers read the same x:
     x + attention(LN1(x)) + MLP(LN2(x)) (parallel_forward); with GPTConfig.shared_norm too (Phi-1/1.5/2, GPT-J,
     Falcon-7B) through one norm, x + attention(LN1(x)) + MLP(LN1(x)), and the block has no norm2.
+    With GPTConfig.residual_multiplier r != 1 (Granite's), each sublayer's output is multiplied by r before it
+    joins the residual: x + r attention(LN(x)), then x + r MLP(LN(x)) (parallel: x + r (attention + MLP)).
 
     Each residual add is made by the LayerNorm that reads the sum (LayerNorm.add_and_norm): on
     the Triton path the add then shares that LayerNorm's pass over memory, as llm.c's fused
@@ -721,7 +725,8 @@ class TransformerBlock(nn.Module):
                                       rotary_dim=cfg.rotary_dim,
                                       alibi=cfg.position_encoding == "alibi",
                                       alibi_scale=1 / math.sqrt(cfg.head_dim) if cfg.alibi_scaled else 1.0,
-                                      qk_norm_each=cfg.qk_norm_width == "each")
+                                      qk_norm_each=cfg.qk_norm_width == "each",
+                                      multiplier=cfg.attention_multiplier)
         # shared_norm (Phi-1/1.5/2, GPT-J, Falcon-7B): the MLP reads norm1's output too, and there is no norm2
         self.norm2 = None if cfg.shared_norm else make_norm(cfg) if cfg.pre_norms else NoNorm()
         # the sandwich's outer norms (Gemma's post_attention_layernorm and post_feedforward_layernorm)
@@ -736,6 +741,13 @@ class TransformerBlock(nn.Module):
         else:
             self.ff = FeedForward(cfg.n_embd, cfg.dropout, cfg.bias, cfg.gelu_approximate)
         self.parallel = cfg.parallel_residual
+        # Granite's residual_multiplier: each sublayer's output times it before it joins the residual stream
+        self.residual_multiplier = cfg.residual_multiplier
+
+    def _scaled(self, out):
+        """A sublayer's output as it joins the residual stream: times residual_multiplier (Granite's) when set. A
+        torch product on either kernel path, before the (fused, on the Triton path) add-and-norm that adds it."""
+        return out * self.residual_multiplier if self.residual_multiplier != 1.0 else out
 
     def forward(self, x, cache=None, doc_ids=None, mlp_out=None, positions=None, rope_len=None):
         """x: the residual stream; mlp_out: the previous block's MLP output, not yet added (None
@@ -750,9 +762,9 @@ class TransformerBlock(nn.Module):
         att_out = self.att(h, cache, doc_ids, positions, rope_len)
         if self.post_att_norm is not None:
             att_out = self.post_att_norm(att_out)
-        x, h = self.norm2.add_and_norm(x, att_out)
+        x, h = self.norm2.add_and_norm(x, self._scaled(att_out))
         ff_out = self.ff(h)
-        return x, ff_out if self.post_ff_norm is None else self.post_ff_norm(ff_out)
+        return x, self._scaled(ff_out if self.post_ff_norm is None else self.post_ff_norm(ff_out))
 
     def parallel_forward(self, x, cache=None, doc_ids=None, mlp_out=None, positions=None, rope_len=None):
         """GPT-NeoX's parallel block: attention and MLP read the same x through their own norms, and
@@ -765,4 +777,4 @@ class TransformerBlock(nn.Module):
             x, h = self.norm1.add_and_norm(x, mlp_out)
         att_out = self.att(h, cache, doc_ids, positions, rope_len)
         ff_out = self.ff(h if self.norm2 is None else self.norm2(x))  # norm2 reads x itself, not x + att_out
-        return x, att_out + ff_out
+        return x, self._scaled(att_out + ff_out)
