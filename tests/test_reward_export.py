@@ -84,9 +84,9 @@ def test_the_classifier_table_is_transformers_own():
 
     for model_type, cls in SEQUENCE_CLASSIFIERS.items():
         assert names.get(model_type) == cls, model_type
-    for model_type in ("olmoe", "cohere", "cohere2"):  # NO_CLASSIFIER's families
+    for model_type in ("olmoe", "cohere", "cohere2", "granite", "granitemoe"):  # NO_CLASSIFIER's families
         assert model_type not in names
-    assert set(NO_CLASSIFIER) == {"OLMoE", "Cohere", "Cohere2"}
+    assert set(NO_CLASSIFIER) == {"OLMoE", "Cohere", "Cohere2", "Granite", "GraniteMoe"}
 
 
 def test_export_command_writes_a_classifier_transformers_tokenizes_and_scores_alike(tmp_path, capsys):

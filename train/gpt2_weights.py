@@ -289,7 +289,7 @@ def is_hf_weights(path) -> bool:
 def load_checkpoint(path, model_name: str | None = None, merge: bool = True) -> GPTModel:
     """A tritongpt checkpoint (file, checkpoint folder or run folder: its newest) or a Hugging
     Face GPT-2, GPT-Neo, Llama (Mistral, Qwen2, Qwen3), Gemma, OLMo, GPT-NeoX, Phi-1/1.5/2, Phi-3, StableLM, GPT-J,
-    Falcon, BLOOM, MPT, Cohere (Cohere2) or
+    Falcon, BLOOM, MPT, Cohere (Cohere2), Granite (GraniteMoe) or
     mixture-of-experts (Mixtral, Qwen3-MoE, OLMoE) model.safetensors, shard index or pytorch_model.bin
     (model_name: the preset, when no config.json says the heads).
     A LoRA checkpoint comes merged unless merge is False, and so does a peft adapter folder: its
@@ -311,6 +311,7 @@ def load_checkpoint(path, model_name: str | None = None, merge: bool = True) -> 
         from tritongpt.train.gemma_weights import is_gemma_file, load_gemma_safetensors
         from tritongpt.train.gpt_neo_weights import is_gpt_neo_file, load_gpt_neo_safetensors
         from tritongpt.train.gptj_weights import is_gptj_file, load_gptj_safetensors
+        from tritongpt.train.granite_weights import is_granite_file, load_granite_safetensors
         from tritongpt.train.llama_weights import is_llama_file, load_llama_safetensors
         from tritongpt.train.moe_weights import is_moe_file, load_moe_safetensors
         from tritongpt.train.mpt_weights import is_mpt_file, load_mpt_safetensors
@@ -340,6 +341,8 @@ def load_checkpoint(path, model_name: str | None = None, merge: bool = True) -> 
             return load_mpt_safetensors(path)
         if is_cohere_file(path):
             return load_cohere_safetensors(path)
+        if is_granite_file(path):
+            return load_granite_safetensors(path)
         if is_phi_file(path):
             return load_phi_safetensors(path)
         if is_stablelm_file(path):
@@ -725,12 +728,13 @@ def plain_block_refusals(cfg: GPTConfig, family: str) -> tuple:
 
 
 def refuse_moe_touches(cfg: GPTConfig, family: str, what: str, embed_norm: bool = False,
-                       bias_free_norms: bool = False, logit_scale: bool = False, per_head_qk: bool = False) -> None:
+                       bias_free_norms: bool = False, logit_scale: bool = False, per_head_qk: bool = False,
+                       mup: bool = False) -> None:
     """Mixture-of-experts MLPs (n_experts), which only a Mixtral, Qwen3-MoE or OLMoE folder can say: refused by
     name, before the MLP's other fields (a MoE model's gated MLP would be named a SwiGLU one otherwise). Then
     refuse_norm_touches (embed_norm, bias_free_norms, logit_scale: the family has BLOOM's embedding norm, MPT's
     and Cohere's norms, Cohere's scaled logits, per_head_qk: StableLM's and Cohere's q/k norms of each head's own)."""
-    refuse_norm_touches(cfg, family, what, embed_norm, bias_free_norms, logit_scale, per_head_qk)
+    refuse_norm_touches(cfg, family, what, embed_norm, bias_free_norms, logit_scale, per_head_qk, mup)
     if cfg.n_experts:
         raise UserError(f"this model's MLPs are {cfg.n_experts} experts with a router (n_experts: a mixture of "
                         f"experts), which Hugging Face's {family} does not have: it cannot be exported as {what} (a "
@@ -738,11 +742,13 @@ def refuse_moe_touches(cfg: GPTConfig, family: str, what: str, embed_norm: bool 
 
 
 def refuse_norm_touches(cfg: GPTConfig, family: str, what: str, embed_norm: bool = False,
-                        bias_free_norms: bool = False, logit_scale: bool = False, per_head_qk: bool = False) -> None:
+                        bias_free_norms: bool = False, logit_scale: bool = False, per_head_qk: bool = False,
+                        mup: bool = False) -> None:
     """BLOOM's norm on the token embeddings (embed_norm), MPT's and Cohere's LayerNorms without biases (norm_bias
     False), Cohere's scaled logits (logit_scale) and StableLM 2 12B's and Command R+'s q/k norms with weights of
     each head's own (qk_norm_width "each"), which only their folders say: refused by name (embed_norm,
-    bias_free_norms, logit_scale, per_head_qk: the family has them)."""
+    bias_free_norms, logit_scale, per_head_qk: the family has them); Granite's muP multipliers (embedding_multiplier,
+    residual_multiplier, attention_multiplier) unless mup."""
     if not per_head_qk:
         refuse_per_head_qk(cfg, family, what)
     for differs, why, where in ((cfg.embed_norm and not embed_norm, "normalizes its token embeddings (embed_norm, "
@@ -750,7 +756,11 @@ def refuse_norm_touches(cfg: GPTConfig, family: str, what: str, embed_norm: bool
                                 (not cfg.norm_bias and not bias_free_norms, "has LayerNorms without biases "
                                  "(norm_bias False)", "an MPT or Cohere"),
                                 (cfg.logit_scale != 1.0 and not logit_scale, f"scales its logits (logit_scale "
-                                 f"{cfg.logit_scale:g})", "a Cohere")):
+                                 f"{cfg.logit_scale:g})", "a Cohere or Granite"),
+                                ((cfg.embedding_multiplier, cfg.residual_multiplier, cfg.attention_multiplier) !=
+                                 (1.0, 1.0, 0.0) and not mup, "has muP multipliers (embedding_multiplier "
+                                 f"{cfg.embedding_multiplier:g}, residual_multiplier {cfg.residual_multiplier:g}, "
+                                 f"attention_multiplier {cfg.attention_multiplier:g})", "a Granite")):
         if differs:
             raise UserError(f"this model {why}, which Hugging Face's {family} does not: it cannot be exported as "
                             f"{what} ({where} folder may take it)")

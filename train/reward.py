@@ -412,7 +412,7 @@ SEQUENCE_CLASSIFIERS = {
     "mpt": "MptForSequenceClassification", "mixtral": "MixtralForSequenceClassification",
     "qwen3_moe": "Qwen3MoeForSequenceClassification",
 }
-NO_CLASSIFIER = ("OLMoE", "Cohere", "Cohere2")  # export_target's family names whose model_type has none
+NO_CLASSIFIER = ("OLMoE", "Cohere", "Cohere2", "Granite", "GraniteMoe")  # export_target's family names whose model_type has none
 # the LM head's tensors in the families' causal-LM files (GPT-NeoX calls its head embed_out): a classifier has
 # `score` in their place
 LM_HEAD_TENSORS = ("lm_head.weight", "lm_head.bias", "embed_out.weight")
