@@ -456,6 +456,8 @@ class Trainer:
             return
         cap = saved_cfg.get("logit_softcap", 0.0)
         logit_scale = saved_cfg.get("logit_scale", 1.0)
+        mup = (saved_cfg.get("embedding_multiplier", 1.0), saved_cfg.get("residual_multiplier", 1.0),
+               saved_cfg.get("attention_multiplier", 0.0))  # Granite's (muP's) multipliers
         attn_cap, scale_width = saved_cfg.get("attn_softcap", 0.0), saved_cfg.get("attention_scale_width", 0)
         nope = saved_cfg.get("nope_layers", "")
         window, layers = saved_cfg.get("attention_window", 0), saved_cfg.get("window_layers", "all")
@@ -518,6 +520,15 @@ class Trainer:
         elif logit_scale != cfg.logit_scale:
             what = f"scales its logits by {logit_scale:g}, this run's by {cfg.logit_scale:g} (1: unscaled)"
             flags = f"--logit-scale {logit_scale:g}"
+        elif mup != (cfg.embedding_multiplier, cfg.residual_multiplier, cfg.attention_multiplier):
+            def multipliers(embedding, residual, attention):
+                return (f"multiplies its embeddings by {embedding:g} and its sublayer outputs by {residual:g} and "
+                        f"scales its attention scores by {f'{attention:g}' if attention else '1/sqrt(head_dim)'}")
+
+            now = multipliers(cfg.embedding_multiplier, cfg.residual_multiplier, cfg.attention_multiplier)
+            what = f"{multipliers(*mup)}, this run's model {now}"
+            flags = (f"--embedding-multiplier {mup[0]:g} --residual-multiplier {mup[1]:g}"
+                     + (f" --attention-multiplier {mup[2]:g}" if mup[2] else ""))
         elif window != cfg.attention_window or (window and layers != cfg.window_layers):
             def span(w, which):
                 return f"attends over the last {w} positions in {which} layers" if w else \

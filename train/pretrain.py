@@ -70,6 +70,17 @@ def add_args(p: argparse.ArgumentParser):
                    help="multiply the new model's logits by S (GPTConfig.logit_scale; Cohere's Command R uses 0.0625; "
                         "applied to the LM head's input on both kernel paths; such a model exports as a Cohere only; "
                         "default: 1, or what --init's model has)")
+    p.add_argument("--embedding-multiplier", type=float, default=None, metavar="M",
+                   help="multiply the new model's token embeddings by M (GPTConfig.embedding_multiplier: muP's input "
+                        "multiplier, Granite 3's 12.0; both kernel paths; default: 1, or what --init's model has)")
+    p.add_argument("--residual-multiplier", type=float, default=None, metavar="M",
+                   help="multiply each block's attention and MLP outputs by M before they join the residual stream "
+                        "(GPTConfig.residual_multiplier: muP's, Granite 3's 0.22; default: 1, or --init's)")
+    p.add_argument("--attention-multiplier", type=float, default=None, metavar="M",
+                   help="scale the attention scores by M in place of 1/sqrt(head_dim) (GPTConfig.attention_multiplier: "
+                        "muP's 1/head_dim, Granite 3's 0.015625; the Triton attention's softmax scale too; default: "
+                        "1/sqrt(head_dim), or --init's). A model with any of these multipliers exports as a Granite "
+                        "(GraniteMoe with --n-experts) only; Granite's logits_scaling L is --logit-scale 1/L")
     p.add_argument("--attn-softcap", type=float, default=None, metavar="C",
                    help="soft-cap the new model's attention scores to C tanh(s / C) before the softmax "
                         "(GPTConfig.attn_softcap; Gemma 2 uses 50; both kernel paths compute it; default: none, or "
@@ -265,6 +276,10 @@ def check_args(args, targs):
                 raise UserError(str(e)) from None
     if args.logit_scale is not None and not (math.isfinite(args.logit_scale) and args.logit_scale > 0):
         raise UserError(f"--logit-scale must be a finite number > 0 (1: unscaled logits), got {args.logit_scale}")
+    for flag in ("embedding_multiplier", "residual_multiplier", "attention_multiplier"):
+        value = getattr(args, flag)
+        if value is not None and not (math.isfinite(value) and value > 0):
+            raise UserError(f"--{flag.replace('_', '-')} must be a finite number > 0, got {value}")
     if args.attention_window is not None and args.attention_window < 0:
         raise UserError(f"--attention-window must be >= 0 (0: every layer sees the whole context), "
                         f"got {args.attention_window}")
@@ -309,7 +324,8 @@ def check_args(args, targs):
             raise UserError(NO_WINDOW.format(args.window_layers))
         if args.rope_theta is not None and (args.position_encoding or model.config.position_encoding) != "rope":
             raise UserError(NO_ROPE.format(args.rope_theta))
-        for field in ("logit_softcap", "logit_scale", "attn_softcap", "attention_window", "window_layers",
+        for field in ("logit_softcap", "logit_scale", "embedding_multiplier", "residual_multiplier",
+                      "attention_multiplier", "attn_softcap", "attention_window", "window_layers",
                       "position_encoding", "rope_theta", "norm", "mlp", "nope_layers", "parallel_residual",
                       "gelu_approximate", "rotary_dim", "shared_norm", "head_bias", "embed_norm", "norm_bias",
                       "alibi_scaled", "n_experts", "experts_per_token"):
@@ -342,7 +358,8 @@ def check_args(args, targs):
         name = args.model or "tiny"
         cfg = get_config(name, vocab_size=model_vocab(name, tok, preset.vocab_size),
                          dropout=args.dropout, vocab_multiple=args.vocab_multiple, logit_softcap=args.logit_softcap,
-                         logit_scale=args.logit_scale,
+                         logit_scale=args.logit_scale, embedding_multiplier=args.embedding_multiplier,
+                         residual_multiplier=args.residual_multiplier, attention_multiplier=args.attention_multiplier,
                          attn_softcap=args.attn_softcap,
                          attention_window=args.attention_window, window_layers=args.window_layers,
                          position_encoding=args.position_encoding, rope_theta=args.rope_theta,
@@ -499,6 +516,9 @@ def print_header(args, targs, model, tok, block, splits, trainer):
     gqa += f", {'SwiGLU' if cfg.mlp == 'swiglu' else 'GeGLU'} MLP (hidden {cfg.ff_hidden})" if cfg.mlp in GATED_MLPS \
         else ""
     gqa += ", embeddings scaled by sqrt(n_embd)" if cfg.scale_embeddings else ""
+    gqa += f", embeddings times {cfg.embedding_multiplier:g}" if cfg.embedding_multiplier != 1 else ""
+    gqa += f", sublayer outputs times {cfg.residual_multiplier:g}" if cfg.residual_multiplier != 1 else ""
+    gqa += f", attention scores scaled by {cfg.attention_multiplier:g}" if cfg.attention_multiplier else ""
     gqa += (", sandwich norms" if cfg.pre_norms else ", norms after each sublayer only") if cfg.post_norms else ""
     gqa += f", local layers' RoPE theta {cfg.rope_local_theta:g}" if cfg.rope_local_theta else ""
     gqa += f", attention scores soft-capped at {cfg.attn_softcap:g}" if cfg.attn_softcap else ""
