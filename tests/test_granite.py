@@ -81,20 +81,20 @@ def test_decodes_over_the_cache_and_generates_transformers_tokens(tmp_path, kind
 @pytest.mark.parametrize("kind", ["granite", "granitemoe"])
 def test_export_round_trips_through_transformers(tmp_path, kind):
     """Loaded, exported, read by transformers' AutoModelForCausalLM: the same logits, the multipliers written back
-    exactly as the folder had them (logits_scaling 3.0, not 1 / (1 / 3.0)), GraniteMoe's experts fused as the Hub's
-    input_linear; load_checkpoint reads the export back to the same config."""
+    exactly as the folder had them (logits_scaling 49.0, not 1 / (1 / 49.0) = 49.00000000000001), GraniteMoe's
+    experts fused as the Hub's input_linear; load_checkpoint reads the export back to the same config."""
     from safetensors import safe_open
 
     from tritongpt.commands import export_target
     from tritongpt.train.granite_weights import export_granite
 
-    hf, path = hf_granite(tmp_path / "in", kind)
+    hf, path = hf_granite(tmp_path / "in", kind, logits_scaling=49.0)
     model = load_checkpoint(path).double().eval()
     assert export_target(model.config)[0] == {"granite": "Granite", "granitemoe": "GraniteMoe"}[kind]
     export_granite(model, tmp_path / "out", eos_token_id=1)
     d = json.loads((tmp_path / "out" / "config.json").read_text())
     assert d["model_type"] == kind
-    assert {k: d[k] for k in MULTIPLIERS} == MULTIPLIERS
+    assert {k: d[k] for k in MULTIPLIERS} == {**MULTIPLIERS, "logits_scaling": 49.0}
     if kind == "granitemoe":
         with safe_open(str(tmp_path / "out" / "model.safetensors"), "pt") as f:
             assert f.get_slice("model.layers.1.block_sparse_moe.input_linear.weight").get_shape() == [5, 80, 48]
