@@ -934,7 +934,9 @@ def flash_attention(q, k, v, causal=True, softmax_scale=None, dropout_p=0.0, see
     attention (Hkv = 1: multi-query), H a multiple of Hkv, query head h reads KV head h // (H / Hkv),
     as SDPA's enable_gqa=True and flash-attn; dk, dv come back [B, Hkv, Tk, D].
     causal: bottom-right aligned (query i is position Tk - Tq + i), needs Tq <= Tk.
-    softmax_scale: a finite float, default 1/sqrt(D) (not a tensor: scale q for a learnable one).
+    softmax_scale: a finite float, default 1/sqrt(D) (not a tensor: scale q for a learnable one). The model passes
+        MultiHeadAttention.softmax_scale (model/layers.py): Gemma's 1/sqrt(query_pre_attn_scalar), Granite's
+        attention_multiplier (GPTConfig.attention_multiplier), each times YaRN's attention_factor squared under YaRN.
     dropout_p: on the attention weights, scaled by 1/(1-p);
     seed: int in [0, 2^31) for a reproducible mask (see dropout_mask), else drawn from torch's RNG
     (a seed tensor is taken modulo 2^31).

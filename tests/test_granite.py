@@ -296,6 +296,21 @@ def test_a_model_built_here_exports_as_granite_and_other_exports_refuse_its_fiel
             export_target(other.config)[1](other, "a Granite folder")
 
 
+def test_a_granite_reward_model_is_refused_by_name():
+    """transformers has no GraniteForSequenceClassification nor GraniteMoe's: the families export_target names are
+    NO_CLASSIFIER's, refused by name."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES as names
+
+    from tritongpt.commands import export_target
+    from tritongpt.train.reward import refuse_no_classifier
+
+    assert "granite" not in names and "granitemoe" not in names
+    for change, family in (({}, "Granite"), ({"n_experts": 3}, "GraniteMoe")):
+        assert export_target(_muP(**change))[0] == family
+        with pytest.raises(UserError, match=f"no {family}ForSequenceClassification to read its score"):
+            refuse_no_classifier(family)
+
+
 def test_pretrain_with_the_multipliers_trains_resumes_exports_and_generates(corpus, tmp_path, capsys):
     """pretrain --embedding-multiplier --residual-multiplier --attention-multiplier (with --logit-scale 0.125):
     recorded in the run's config, a resume that differs refused by name, `info` shows them, the export is a Granite
