@@ -40,27 +40,34 @@ from tritongpt.cli import command_help
 URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"
 
 
-def download(cache_dir=None, flag: str = "--data") -> Path:
-    """The validation split (10,042 examples, ~11 MB), fetched once into the tritongpt cache;
-    `flag`: the calling command's flag for the file instead (named when offline)."""
+def fetch_once(url: str, name: str, what: str, flag: str, cache_dir=None) -> Path:
+    """The file at `url`, fetched once into the tritongpt cache as `name` (a path under it) and read from there
+    after; written whole or not at all (a download cut short leaves nothing to be taken for the file). `what`
+    names it and `flag` the calling command's flag for a local copy instead, when the fetch fails (offline)."""
     import os
     import urllib.request
 
     from tritongpt.train.tokenizer import default_cache_dir
 
-    path = default_cache_dir(cache_dir) / "hellaswag" / "hellaswag_val.jsonl"
+    path = default_cache_dir(cache_dir) / name
     if path.is_file():
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        urllib.request.urlretrieve(URL, tmp)
+        urllib.request.urlretrieve(url, tmp)
     except OSError as e:
         tmp.unlink(missing_ok=True)
-        raise UserError(f"could not download HellaSwag from {URL} (offline?): {e}; pass {flag} with the "
-                        "hellaswag_val.jsonl file") from None
+        raise UserError(f"could not download {what} from {url} (offline?): {e}; pass {flag} with the "
+                        f"{path.name} file") from None
     os.replace(tmp, path)
     return path
+
+
+def download(cache_dir=None, flag: str = "--data") -> Path:
+    """The validation split (10,042 examples, ~11 MB), fetched once into the tritongpt cache;
+    `flag`: the calling command's flag for the file instead (named when offline)."""
+    return fetch_once(URL, "hellaswag/hellaswag_val.jsonl", "HellaSwag", flag, cache_dir)
 
 
 PROMPT = "Question: {}\nAnswer:"  # lm-eval-harness's ARC, PIQA and MMLU-style cloze prompt
