@@ -419,3 +419,127 @@ def test_the_command_scores_an_arc_file_as_its_converted_examples(tok, tmp_path,
     want = hellaswag.score(model, tok, converted)
     assert (got["examples"], got["acc"], got["acc_norm"]) == (16, want["acc"], want["acc_norm"])
     assert 0 < want["acc"] < 1 and 0 < want["acc_norm"] < 1  # not a figure a wrong label could match
+
+
+# allenai/winogrande's records: the answer a string, "" in its test split
+WINO = {"sentence": "The trophy did not fit in the case because the _ was too big.", "option1": "trophy",
+        "option2": "case", "answer": "1"}
+WINO_WANT = {"ctxs": ["The trophy did not fit in the case because the trophy",
+                      "The trophy did not fit in the case because the case"],
+             "ending": "was too big.", "label": 0}
+
+
+def random_winogrande(n, seed):
+    g = torch.Generator().manual_seed(seed)
+
+    def text(lo, hi):
+        k = int(torch.randint(lo, hi, (1,), generator=g))
+        return " ".join(WORDS[int(i)] for i in torch.randint(len(WORDS), (k,), generator=g))
+
+    # blanks mid-sentence and next to punctuation ("_'s"), as the real sentences have them
+    return [{"sentence": f"{text(2, 10)} _{' ' if i % 3 else chr(39) + 's '}{text(1, 8)}.", "option1": text(1, 3),
+             "option2": text(1, 4), "answer": "12"[int(torch.randint(2, (1,), generator=g))], "qID": str(i)}
+            for i in range(n)]
+
+
+def test_a_winogrande_record_is_two_contexts_and_one_ending(tmp_path):
+    assert hellaswag.read_shaped(_write(tmp_path / "w.jsonl", [WINO])) == ("WinoGrande", [WINO_WANT])
+    got = hellaswag.read_examples(_write(tmp_path / "w.jsonl", [dict(WINO, answer=" 2\n"), dict(WINO, answer="1")]))
+    assert [ex["label"] for ex in got] == [1, 0]
+    # the blank right before punctuation: the ending is the rest, stripped, after a space
+    ex = hellaswag.read_examples(_write(tmp_path / "w.jsonl", [dict(WINO, sentence="It was _'s turn  to go. ")]))[0]
+    assert ex["ctxs"] == ["It was trophy", "It was case"] and ex["ending"] == "'s turn  to go."
+    assert hellaswag.rows(ex) == [("It was trophy", "'s turn  to go."), ("It was case", "'s turn  to go.")]
+    piqa = WANT["piqa"]
+    assert hellaswag.rows(piqa) == [(piqa["ctx"], "twist the lid"), (piqa["ctx"], "eat the lid")]
+    # the shapes the other benchmarks' files are read as are named with them
+    for name, row in (("ARC/OpenBookQA", ARC), ("PIQA", PIQA), ("MMLU", MMLU),
+                      ("HellaSwag", {"ctx": "A", "endings": ["b", "c"], "label": 0})):
+        assert hellaswag.read_shaped(_write(tmp_path / "s.jsonl", [row]))[0] == name
+    with pytest.raises(UserError, match="multiple-choice file not found"):
+        hellaswag.read_shaped(tmp_path / "none.jsonl")
+
+
+def test_winogrande_is_scored_on_the_shared_ending_after_each_option(tok):
+    """lm-eval's partial scoring, computed directly: for each option, the float64 model run on
+    tokens(sentence[:i] + option) + tokens(" " + rest), -log p of the rest's tokens summed; the answer the
+    option with the smaller sum. Rows past the context keep their last tokens."""
+    torch.manual_seed(11)
+    model = GPTModel(GPTConfig(vocab_size=tok.vocab_size, context_length=20, n_embd=32, n_layer=2, n_head=2))
+    model64 = GPTModel(model.config).double().eval()
+    model64.load_state_dict(model.state_dict())
+    records = random_winogrande(24, seed=12)
+    examples = [hellaswag._winogrande(r, "w") for r in records]
+    want, right = [], 0
+    for r in records:
+        i = r["sentence"].index("_")
+        rest = tok.encode(" " + r["sentence"][i + 1:].strip())
+        sums = []
+        for option in (r["option1"], r["option2"]):
+            row = torch.tensor((tok.encode(r["sentence"][:i] + option) + rest)[-21:])
+            with torch.no_grad():
+                logp = torch.log_softmax(model64(row[None, :-1]), dim=-1)[0]
+            sums.append(float(-logp[torch.arange(len(row) - 1), row[1:]][-len(rest):].sum()))
+        want.append(sums)
+        right += min(range(2), key=sums.__getitem__) == int(r["answer"]) - 1
+    assert max(len(tok.encode(r["sentence"])) for r in records) > 21  # some rows are cut
+    for batch_size in (1, 5, 24):
+        got = torch.stack([total for total, _ in hellaswag.ending_losses(model, tok, examples, batch_size)])
+        assert torch.allclose(got, torch.tensor(want, dtype=torch.float64), rtol=1e-5, atol=1e-4), batch_size
+        result = hellaswag.score(model, tok, examples, batch_size=batch_size)
+        assert result["acc"] == right / 24 and "acc_norm" not in result
+    assert 0 < right < 24
+
+
+def test_a_bad_winogrande_record_is_named(tmp_path):
+    path = tmp_path / "w.jsonl"
+    no_answer = {k: v for k, v in WINO.items() if k != "answer"}
+    for bad, said in ((dict(WINO, answer=""), "'answer' must be \"1\" or \"2\" \\(the right option\\), got ''"),
+                      (no_answer, "'answer' must be \"1\" or \"2\""),
+                      (dict(WINO, answer="3"), "'answer' must be \"1\" or \"2\""),
+                      (dict(WINO, answer="0"), "'answer' must be \"1\" or \"2\""),
+                      (dict(WINO, answer=1), "'answer' must be \"1\" or \"2\""),
+                      (dict(WINO, sentence="No blank here."), "'sentence' must have one '_'"),
+                      (dict(WINO, sentence="Two _ blanks _ here."), "'sentence' must have one '_'"),
+                      (dict(WINO, sentence="It ends with _ "), "'sentence' must go on after its '_'"),
+                      (dict(WINO, sentence=""), "'sentence' must be the sentence"),
+                      (dict(WINO, option1=""), "'option1' must be the first option"),
+                      ({k: v for k, v in WINO.items() if k != "option2"}, "'option2' must be the second option")):
+        _write(path, [WINO, bad])
+        with pytest.raises(UserError, match=r"w.jsonl: record 1 \(line 2\): " + said):
+            hellaswag.read_examples(path)
+    hs = {"ctx": "A man", "endings": ["runs.", "sits."], "label": 1}
+    for first, other, said in ((WINO, MMLU, "a record of MMLU's shape .* in a file of WinoGrande's"),
+                               (MMLU, WINO, "a record of WinoGrande's shape .* in a file of MMLU's"),
+                               (hs, WINO, "a record of WinoGrande's shape .* in a file of HellaSwag's"),
+                               (WINO, PIQA, "a record of PIQA's shape .* in a file of WinoGrande's")):
+        _write(path, [first, other])
+        with pytest.raises(UserError, match=r"w.jsonl: record 1 \(line 2\): " + said):
+            hellaswag.read_examples(path)
+
+
+def test_the_command_scores_a_winogrande_file_and_names_it(tok, tmp_path, capsys):
+    torch.manual_seed(13)
+    model = GPTModel(GPTConfig(vocab_size=tok.vocab_size, context_length=32, n_embd=32, n_layer=2, n_head=2))
+    run = tmp_path / "run"
+    run.mkdir()
+    model.save(run / "model.safetensors")
+    tok.save(run / "tokenizer.json")
+    records = random_winogrande(14, seed=14)
+    data = _write(tmp_path / "wino.jsonl", records)
+    base = ["hellaswag", "--weights", str(run), "--data", str(data), "--device", "cpu"]
+    assert main(base + ["--json", "--batch-size", "3"]) == 0
+    got = json.loads(capsys.readouterr().out)
+    want = hellaswag.score(model, tok, [hellaswag._winogrande(r, "w") for r in records])
+    assert (got["examples"], got["acc"], got["benchmark"]) == (14, want["acc"], "WinoGrande")
+    assert "acc_norm" not in got and 0 < want["acc"] < 1
+    assert main(base) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"WinoGrande: 14 examples: acc {want['acc']:.4f}, no acc_norm: both options are scored "
+                          "on one ending")
+    # another benchmark's file is named by its shape, a missing one as a multiple-choice file
+    arc = _write(tmp_path / "arc.jsonl", [ARC, ARC_NUMERIC])
+    assert main(base[:3] + ["--data", str(arc), "--device", "cpu"]) == 0
+    assert capsys.readouterr().out.startswith("ARC/OpenBookQA: 2 examples: acc ")
+    assert main(base[:3] + ["--data", str(tmp_path / "none.jsonl"), "--device", "cpu"]) == 2
+    assert "multiple-choice file not found" in capsys.readouterr().err

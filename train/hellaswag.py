@@ -23,6 +23,13 @@ ybisk/piqa (goal, sol1, sol2, label) and cais/mmlu-style (question, choices, ans
 lm-eval-harness's cloze prompt "Question: {question}\nAnswer:", the choices the endings. acc_norm is
 still the mean loss per token, as for HellaSwag, not lm-eval's per-byte normalisation (acc_norm on
 ARC, OpenBookQA and PIQA there), so it will not match lm-eval's acc_norm exactly; acc is comparable.
+
+allenai/winogrande's records (sentence with one "_", option1, option2, answer "1" or "2") are scored as
+lm-eval-harness's winogrande task does, the other way round: each option fills the blank and ends its own
+context, sentence[:i] + option, and the rest of the sentence, " " + sentence[i + 1:].strip(), is the one ending
+scored after both; the option after which it is likelier is the answer. acc alone: the two choices share their
+ending, so a mean per token ranks them as the sum does (lm-eval reports acc alone too). The output names the
+benchmark read ("WinoGrande: ... acc"); HellaSwag's own keeps "hellaswag:".
 """
 import json
 import sys
@@ -96,7 +103,7 @@ def _index(label, n, field, where):
 
 def _hellaswag(row, where):
     ctx, endings = _text(row, "ctx", where, "context text"), _texts(row.get("endings"), "endings", where)
-    return ctx, endings, _index(row.get("label"), len(endings), "label", where)
+    return {"ctx": ctx, "endings": endings, "label": _index(row.get("label"), len(endings), "label", where)}
 
 
 def _arc(row, where):  # ARC, and OpenBookQA's question_stem
@@ -112,40 +119,72 @@ def _arc(row, where):  # ARC, and OpenBookQA's question_stem
     key = row.get("answerKey")
     if not isinstance(key, str) or key.strip() not in labels:
         raise UserError(f"{where}: 'answerKey' must be one of the choices' labels {labels}, got {key!r}")
-    return PROMPT.format(q), endings, labels.index(key.strip())
+    return {"ctx": PROMPT.format(q), "endings": endings, "label": labels.index(key.strip())}
 
 
 def _piqa(row, where):
     endings = [_text(row, "sol1", where, "first solution"), _text(row, "sol2", where, "second solution")]
-    return PROMPT.format(_text(row, "goal", where, "goal text")), endings, _index(row.get("label"), 2, "label", where)
+    return {"ctx": PROMPT.format(_text(row, "goal", where, "goal text")), "endings": endings,
+            "label": _index(row.get("label"), 2, "label", where)}
 
 
 def _mmlu(row, where):
     endings = _texts(row.get("choices"), "choices", where, "choice texts")
     q = _text(row, "question", where, "question text")
-    return PROMPT.format(q), endings, _index(row.get("answer"), len(endings), "answer", where)
+    return {"ctx": PROMPT.format(q), "endings": endings,
+            "label": _index(row.get("answer"), len(endings), "answer", where)}
 
 
-# shape: (the fields that mark a record as one, its reader -> (ctx, endings, label))
+def _winogrande(row, where):
+    """lm-eval-harness's partial scoring: each option fills the blank and ends its context, and the rest of the
+    sentence after the blank is the one ending both are scored on (its likelihood given each context)."""
+    sentence = _text(row, "sentence", where, "sentence")
+    if sentence.count("_") != 1:
+        raise UserError(f"{where}: 'sentence' must have one '_' (the blank an option fills), got {sentence!r}")
+    i = sentence.index("_")
+    ending = sentence[i + 1:].strip()
+    if not ending:
+        raise UserError(f"{where}: 'sentence' must go on after its '_' (the ending scored), got {sentence!r}")
+    options = [_text(row, "option1", where, "first option"), _text(row, "option2", where, "second option")]
+    answer = row.get("answer")
+    if not (isinstance(answer, str) and answer.strip() in ("1", "2")):  # the Hub's strings; "" in its test split
+        raise UserError(f"{where}: 'answer' must be \"1\" or \"2\" (the right option), got {answer!r}")
+    return {"ctxs": [sentence[:i] + option for option in options], "ending": ending, "label": int(answer) - 1}
+
+
+# shape: (the fields that mark a record as one, its reader -> an example: {ctx, endings, label}, or WinoGrande's
+# {ctxs, ending, label})
 SHAPES = {"HellaSwag": (("ctx", "endings"), _hellaswag),
           "ARC/OpenBookQA": (("answerKey", "question_stem"), _arc),
           "PIQA": (("goal", "sol1", "sol2"), _piqa),
+          "WinoGrande": (("option1", "option2"), _winogrande),
           "MMLU": (("answer",), _mmlu)}
 
 
 def _shapes(row) -> list:
-    return [name for name, (marks, _) in SHAPES.items() if any(m in row for m in marks)]
+    found = [name for name, (marks, _) in SHAPES.items() if any(m in row for m in marks)]
+    if "WinoGrande" in found and "MMLU" in found:  # WinoGrande's records have an answer too: not MMLU's mark there
+        found.remove("MMLU")
+    return found
 
 
-def read_examples(path) -> list:
-    """A multiple-choice file (.jsonl, .json or .parquet) as {ctx, endings, label} examples, its shape
+def read_examples(path, what: str = "HellaSwag file") -> list:
+    """A multiple-choice file's examples (read_shaped)."""
+    return read_shaped(path, what)[1]
+
+
+def read_shaped(path, what: str = "multiple-choice file") -> tuple:
+    """A multiple-choice file (.jsonl, .json or .parquet) as (its shape's name, its examples), the shape
     (SHAPES) told by the first record's fields: HellaSwag's ctx, endings, label; ARC's and OpenBookQA's
     question (or question_stem), choices {text, label} and answerKey; PIQA's goal, sol1, sol2, label;
-    MMLU's question, choices (texts), answer. Other fields are ignored; a record of another shape is refused."""
+    WinoGrande's sentence, option1, option2, answer; MMLU's question, choices (texts), answer. An example is
+    {ctx, endings, label}, one context and its endings; WinoGrande's is {ctxs, ending, label}, a context an
+    option and one ending (rows()). Other fields are ignored; a record of another shape is refused. `what`
+    names the file when it is missing."""
     from tritongpt.train.sft import read_json_records
 
     examples, shape = [], None
-    for where, row in read_json_records(path, "HellaSwag file"):
+    for where, row in read_json_records(path, what):
         if not isinstance(row, dict):
             raise UserError(f"{where}: expected a JSON object, got {type(row).__name__}")
         found = _shapes(row)
@@ -153,43 +192,56 @@ def read_examples(path) -> list:
             if len(found) != 1:
                 raise UserError(f"{where}: not a record of one known shape (fields {sorted(row)}; read: HellaSwag's "
                                 "ctx/endings/label, ARC's question/choices/answerKey, OpenBookQA's question_stem/"
-                                "choices/answerKey, PIQA's goal/sol1/sol2/label, MMLU's question/choices/answer)")
+                                "choices/answerKey, PIQA's goal/sol1/sol2/label, WinoGrande's sentence/option1/"
+                                "option2/answer, MMLU's question/choices/answer)")
             shape = found[0]
         elif found and shape not in found:
             raise UserError(f"{where}: a record of {'/'.join(found)}'s shape (fields {sorted(row)}) in a file of "
                             f"{shape}'s: one benchmark a file")
-        ctx, endings, label = SHAPES[shape][1](row, where)
-        examples.append({"ctx": ctx, "endings": endings, "label": label})
-    return examples
+        examples.append(SHAPES[shape][1](row, where))
+    return shape, examples
+
+
+def rows(example: dict) -> list:
+    """(context, ending) per choice: one context and each ending (HellaSwag and the others), or each context
+    and the one ending (WinoGrande's {ctxs, ending}); the choice's score is its ending's loss after its context."""
+    if "ctxs" in example:
+        return [(ctx, example["ending"]) for ctx in example["ctxs"]]
+    return [(example["ctx"], ending) for ending in example["endings"]]
 
 
 def render(example: dict, tok, context: int):
-    """The rows of one example: (inputs [E, T], targets [E, T]) with -100 wherever a target is
+    """The rows of one example (rows()): (inputs [E, T], targets [E, T]) with -100 wherever a target is
     not one of the ending's tokens (the BOS, the context, the padding)."""
     from tritongpt.train.formats import with_bos
 
-    ctx = with_bos(tok, tok.encode(example["ctx"], allowed_special="none"))
-    rows, starts = [], []
-    for ending in example["endings"]:
+    rows_, starts = [], []
+    for text, ending in rows(example):
+        ctx = with_bos(tok, tok.encode(text, allowed_special="none"))
         end = tok.encode(" " + ending, allowed_special="none")  # endings follow the context after a space
         row = (ctx + end)[-(context + 1):]  # one more than the context: inputs and targets overlap
-        rows.append(row)
+        rows_.append(row)
         starts.append(len(row) - len(end))   # the first target that is the ending's (may be cut: < 0)
-    width = max(map(len, rows)) - 1
-    inputs = torch.zeros(len(rows), width, dtype=torch.long)
-    targets = torch.full((len(rows), width), -100, dtype=torch.long)
-    for i, (row, start) in enumerate(zip(rows, starts)):
+    width = max(map(len, rows_)) - 1
+    inputs = torch.zeros(len(rows_), width, dtype=torch.long)
+    targets = torch.full((len(rows_), width), -100, dtype=torch.long)
+    for i, (row, start) in enumerate(zip(rows_, starts)):
         inputs[i, :len(row) - 1] = torch.tensor(row[:-1])
         first = max(start, 1) - 1             # target position t predicts row[t + 1]
         targets[i, first:len(row) - 1] = torch.tensor(row[first + 1:])
     return inputs, targets
 
 
-def ending_losses(model, tok, examples, batch_size: int = 8, dtype=None, progress: bool = False):
+def ending_losses(model, tok, examples, batch_size: int = 8, dtype=None, progress: bool = False,
+                  greedy: bool = False, desc: str = "hellaswag"):
     """Per example, in order: the summed and the mean loss of each ending's tokens after its
     context (two float64 CPU tensors [endings]), from the model's own loss, so the kernel toggle's
     path is what is measured. batch_size examples (each its endings' rows) go through one forward,
-    right-padded: causal attention keeps the padding out of the scored positions."""
+    right-padded: causal attention keeps the padding out of the scored positions.
+
+    greedy: a third tensor [endings], True where every token of the ending is the argmax after the tokens
+    before it (LAMBADA's accuracy). That needs the logits, which the fused Triton loss never makes whole:
+    the LM head then runs on the scored positions' hidden states alone, and the loss is their log-softmax."""
     from tritongpt.train.common import autocast
 
     if batch_size < 1:
@@ -198,31 +250,45 @@ def ending_losses(model, tok, examples, batch_size: int = 8, dtype=None, progres
     was_training = model.training
     model.eval()
     try:
-        for k in tqdm(range(0, len(examples), batch_size), desc="hellaswag", unit="batch", disable=not progress,
+        for k in tqdm(range(0, len(examples), batch_size), desc=desc, unit="batch", disable=not progress,
                       file=sys.stderr):
             rows = [render(ex, tok, model.config.context_length) for ex in examples[k:k + batch_size]]
             width = max(inputs.shape[1] for inputs, _ in rows)
             inputs = torch.cat([F.pad(i, (0, width - i.shape[1])) for i, _ in rows]).to(device)
             targets = torch.cat([F.pad(t, (0, width - t.shape[1]), value=-100) for _, t in rows]).to(device)
+            counted = targets != -100
             with torch.no_grad(), autocast(device, dtype):
-                losses = model(inputs, targets=targets, reduction="none").double()
+                if greedy:
+                    logits = model.logits(model.hidden(inputs)[counted]).float()
+                    want = targets[counted]
+                    losses = torch.zeros(targets.shape, dtype=torch.float64, device=device)
+                    losses[counted] = -torch.log_softmax(logits, dim=-1).gather(1, want[:, None])[:, 0].double()
+                    hit = torch.ones(targets.shape, dtype=torch.bool, device=device)
+                    hit[counted] = logits.argmax(dim=-1) == want
+                else:
+                    losses = model(inputs, targets=targets, reduction="none").double()
             total = losses.sum(dim=1)
-            mean = total / (targets != -100).sum(dim=1)
+            mean = total / counted.sum(dim=1)
             sizes = [i.shape[0] for i, _ in rows]
-            yield from zip(total.cpu().split(sizes), mean.cpu().split(sizes))  # one sync a batch
+            out = [total.cpu().split(sizes), mean.cpu().split(sizes)]  # one sync a batch
+            if greedy:
+                out.append(hit.all(dim=1).cpu().split(sizes))
+            yield from zip(*out)
     finally:
         model.train(was_training)
 
 
 def score(model, tok, examples, batch_size: int = 8, dtype=None, progress: bool = False,
           rank: int = 0, world_size: int = 1) -> dict:
-    """acc and acc_norm of `model` on `examples` (see the module docstring). Under
+    """acc and acc_norm of `model` on `examples` (see the module docstring; WinoGrande's examples, whose
+    choices share their ending, acc alone: the mean loss would rank them as the sum does). Under
     torch.distributed (world_size > 1, called on every rank) each rank scores every world_size-th
     example, as build-nanogpt shares them, and the counts are summed over the ranks: each rank
     returns the figures of all the examples."""
     start, right, right_norm = time.perf_counter(), 0, 0
     mine = examples[rank::world_size]
-    for i, (total, mean) in enumerate(ending_losses(model, tok, mine, batch_size, dtype, progress)):
+    desc = "winogrande" if examples and "ctxs" in examples[0] else "hellaswag"
+    for i, (total, mean) in enumerate(ending_losses(model, tok, mine, batch_size, dtype, progress, desc=desc)):
         right += int(total.argmin()) == mine[i]["label"]
         right_norm += int(mean.argmin()) == mine[i]["label"]
     if world_size > 1:
@@ -232,7 +298,10 @@ def score(model, tok, examples, batch_size: int = 8, dtype=None, progress: bool 
         dist.all_reduce(counts)  # NCCL's tensors live on the rank's GPU
         right, right_norm = counts.tolist()
     n = len(examples)
-    return {"examples": n, "acc": right / n, "acc_norm": right_norm / n, "seconds": time.perf_counter() - start}
+    result = {"examples": n, "acc": right / n, "acc_norm": right_norm / n, "seconds": time.perf_counter() - start}
+    if desc == "winogrande":
+        del result["acc_norm"]
+    return result
 
 
 def cmd_hellaswag(args):
@@ -243,20 +312,27 @@ def cmd_hellaswag(args):
         raise UserError(f"--max-examples must be at least 1, got {args.max_examples}")
     if args.batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, got {args.batch_size}")
-    examples = read_examples(args.data if args.data is not None else download(args.cache_dir))
+    if args.data is None:
+        shape, examples = read_shaped(download(args.cache_dir), "HellaSwag file")
+    else:
+        shape, examples = read_shaped(args.data)
     examples = examples[:args.max_examples]
     device = pick_device(args.device)
     model = load_init_model(args.weights, args.model).to(device)
     model.set_kernels(args.kernels)
     tok = pick_tokenizer(args.tokenizer, args.weights, model.config.vocab_size)
     result = score(model, tok, examples, args.batch_size, pick_dtype(args.dtype, device), progress=not args.json)
-    result.update(weights=str(args.weights), data=str(args.data or URL), tokenizer=tok.name,
+    result.update(benchmark=shape, weights=str(args.weights), data=str(args.data or URL), tokenizer=tok.name,
                   kernels=sorted(model.kernels) or ["reference"], device=str(device))
     if args.json:
         print(json.dumps(result, indent=1))
     else:
-        print(f"hellaswag: {result['examples']:,} examples: acc {result['acc']:.4f}, acc_norm "
-              f"{result['acc_norm']:.4f} ({result['seconds']:.1f} s)")
+        # HellaSwag's own line as before; another benchmark's file is named by its shape
+        name = "hellaswag" if shape == "HellaSwag" else shape
+        norm = (f"acc_norm {result['acc_norm']:.4f}" if "acc_norm" in result else
+                "no acc_norm: both options are scored on one ending")
+        print(f"{name}: {result['examples']:,} examples: acc {result['acc']:.4f}, {norm} "
+              f"({result['seconds']:.1f} s)")
     return 0
 
 
@@ -275,7 +351,8 @@ def add_cli(sub):
                         "downloaded once into the cache), or an ARC / OpenBookQA (question or question_stem, "
                         "choices, answerKey), PIQA (goal, sol1, sol2, label) or MMLU-style (question, choices, "
                         "answer) .jsonl, .json or .parquet, prompted 'Question: ...\\nAnswer:' as lm-eval-harness "
-                        "does (acc_norm: per token, not lm-eval's per byte)")
+                        "does (acc_norm: per token, not lm-eval's per byte), or a WinoGrande one (sentence, option1, "
+                        "option2, answer), scored as lm-eval's partial scoring does (acc only)")
     p.add_argument("--max-examples", type=int, default=None, help="score only the first N examples")
     p.add_argument("--batch-size", type=int, default=8, help="examples per forward, each its endings' rows "
                                                              "(default %(default)s)")

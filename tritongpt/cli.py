@@ -24,7 +24,8 @@ COMMANDS = {
     "kto": ("tritongpt.train.kto", "Kahneman-Tversky Optimization on desirable and undesirable examples (or pairs) "
             "against a frozen SFT reference"),
     "eval": ("tritongpt.train.evaluate", "loss, perplexity and bits per byte of a model on a corpus"),
-    "hellaswag": ("tritongpt.train.hellaswag", "multiple-choice accuracy: HellaSwag, ARC, OpenBookQA, PIQA, MMLU"),
+    "hellaswag": ("tritongpt.train.hellaswag", "multiple-choice accuracy: HellaSwag, ARC, OpenBookQA, PIQA, WinoGrande, "
+                  "MMLU"),
     "chat": ("tritongpt.train.chat", "talk to a fine-tuned model, a message a turn, in the template it was tuned on"),
     "merge": ("tritongpt.train.merge", "merge checkpoints of one model into one (linear, slerp, task arithmetic, "
               "TIES, DARE)"),
