@@ -449,10 +449,10 @@ def test_kto_takes_a_hub_dataset_id_as_data(monkeypatch):
     from tritongpt.cli import fetch_hub_repos
 
     monkeypatch.setattr(hub, "is_hub_dataset", lambda name: name == "trl-lib/kto-mix-14k")
-    monkeypatch.setattr(hub, "hub_dataset_folder", lambda name: f"/fetched/{name}")
+    monkeypatch.setattr(hub, "hub_dataset_folder", lambda name, split: f"/fetched/{name}/{split}")
     args = argparse.Namespace(command="kto", data="trl-lib/kto-mix-14k")
     fetch_hub_repos(args)
-    assert args.data == "/fetched/trl-lib/kto-mix-14k"
+    assert args.data == "/fetched/trl-lib/kto-mix-14k/train"
 
 
 def test_a_folder_of_parquet_shards_is_read(tmp_path):

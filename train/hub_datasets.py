@@ -52,22 +52,22 @@ def _listed(names, n: int = 8) -> str:
     return ", ".join(names[:n]) + (f" and {len(names) - n} more" if len(names) > n else "")
 
 
-def train_files(repo: str, files, part=None):
-    """(config, split, the repo paths of its .parquet files in name order): the train split of config `part` (None:
-    the repo's one config), or, in a repo of one config, the split `part` names (HuggingFaceH4's train_prefs);
-    refused, naming what the repo has, when it has no .parquet, several configs and none named, no such config,
-    or no train split."""
+def train_files(repo: str, files, part=None, split: str = SPLIT):
+    """(config, split, the repo paths of its .parquet files in name order): the train split (or `split`: LAMBADA's
+    test split) of config `part` (None: the repo's one config), or, in a repo of one config, the split `part` names
+    (HuggingFaceH4's train_prefs); refused, naming what the repo has, when it has no .parquet, several configs and
+    none named, no such config, or no such split."""
     parquet = [f for f in files if f.endswith(".parquet")]
     if not parquet:
         raise UserError(f"the Hub dataset {repo} has no .parquet files (it has {_listed(files) or 'no files'}); "
                         f"{_PASS_FILES}")
     by_config = {}
     for f in parquet:
-        c, split = _split_and_config(f)
-        by_config.setdefault(c, {}).setdefault(split, []).append(f)
-    config, split = part, SPLIT
+        c, in_split = _split_and_config(f)
+        by_config.setdefault(c, {}).setdefault(in_split, []).append(f)
+    config, wanted = part, split
     if len(by_config) == 1 and part is not None and part not in by_config and part in next(iter(by_config.values())):
-        config, split = next(iter(by_config)), part  # a split named where a config would be: the only config's
+        config, wanted = next(iter(by_config)), part  # a split named where a config would be: the only config's
     if config is None:
         if len(by_config) > 1:
             raise UserError(f"the Hub dataset {repo} has several configs ({_listed(by_config)}): name one, as "
@@ -76,13 +76,13 @@ def train_files(repo: str, files, part=None):
     if config not in by_config:
         raise UserError(f"the Hub dataset {repo} has no config {config!r} (its configs: {_listed(by_config)})")
     splits = by_config[config]
-    if split not in splits:
-        like = sorted(splits, key=lambda name: (not name.startswith(SPLIT), name))[0]  # train_prefs before test_*
+    if wanted not in splits:
+        like = sorted(splits, key=lambda name: (not name.startswith(split), name))[0]  # train_prefs before test_*
         other = f"; name one as {repo}/{like}" if len(by_config) == 1 else ""
-        raise UserError(f"the Hub dataset {repo} (config {config}) has no {split} split of .parquet files (its "
+        raise UserError(f"the Hub dataset {repo} (config {config}) has no {wanted} split of .parquet files (its "
                         f"splits: {_listed(splits)}{other}; its files: {_listed(sum(splits.values(), []))}); "
                         f"{_PASS_FILES}")
-    return config, split, sorted(splits[split])
+    return config, wanted, sorted(splits[wanted])
 
 
 def _link(target: Path, link: Path):
@@ -118,11 +118,11 @@ def _repo_files(repo: str, cache_dir=None) -> list:
     return sorted(p.relative_to(snapshot).as_posix() for p in snapshot.rglob("*") if p.is_file())
 
 
-def hub_dataset_folder(spec: str, cache_dir=None) -> Path:
-    """--data owner/name[/config]: the train split's .parquet files of the config (or of the split named, in a
-    repo of one config: train_files), fetched (or taken from the local Hub cache) and linked into a folder of their
-    own, <Hub cache>/tritongpt-datasets/owner--name/config/split (the Hub's snapshot folder may hold other splits'
-    files, fetched by `datasets`). -> that folder."""
+def hub_dataset_folder(spec: str, cache_dir=None, split: str = SPLIT) -> Path:
+    """--data owner/name[/config]: the train split's (or `split`'s) .parquet files of the config (or of the split
+    named, in a repo of one config: train_files), fetched (or taken from the local Hub cache) and linked into a
+    folder of their own, <Hub cache>/tritongpt-datasets/owner--name/config/split (the Hub's snapshot folder may
+    hold other splits' files, fetched by `datasets`). -> that folder."""
     try:
         from huggingface_hub import constants, hf_hub_download
     except ImportError:
@@ -131,7 +131,7 @@ def hub_dataset_folder(spec: str, cache_dir=None) -> Path:
     parts = spec.split("/")
     repo, part = "/".join(parts[:2]), (parts[2] if len(parts) == 3 else None)
     try:
-        config, split, names = train_files(repo, _repo_files(repo, cache_dir), part)
+        config, split, names = train_files(repo, _repo_files(repo, cache_dir), part, split)
         paths = [Path(hf_hub_download(repo, name, repo_type="dataset", cache_dir=cache_dir)) for name in names]
     except UserError as e:
         raise UserError(f"{spec!r} is no file or folder here, and as a Hugging Face Hub dataset: {e}") from None

@@ -24,8 +24,10 @@ COMMANDS = {
     "kto": ("tritongpt.train.kto", "Kahneman-Tversky Optimization on desirable and undesirable examples (or pairs) "
             "against a frozen SFT reference"),
     "eval": ("tritongpt.train.evaluate", "loss, perplexity and bits per byte of a model on a corpus"),
-    "hellaswag": ("tritongpt.train.hellaswag", "multiple-choice accuracy: HellaSwag, ARC, OpenBookQA, PIQA, WinoGrande, "
-                  "MMLU"),
+    "hellaswag": ("tritongpt.train.hellaswag", "multiple-choice accuracy: HellaSwag, ARC, OpenBookQA, PIQA, "
+                  "WinoGrande, MMLU"),
+    "lambada": ("tritongpt.train.lambada", "LAMBADA: last-word accuracy and perplexity, as lm-eval-harness's "
+                "lambada_openai scores them"),
     "chat": ("tritongpt.train.chat", "talk to a fine-tuned model, a message a turn, in the template it was tuned on"),
     "merge": ("tritongpt.train.merge", "merge checkpoints of one model into one (linear, slerp, task arithmetic, "
               "TIES, DARE)"),
@@ -53,8 +55,9 @@ def build_parser(commands=None) -> argparse.ArgumentParser:
     return parser
 
 
-# the commands whose --data may be a Hugging Face Hub dataset id
-DATASET_COMMANDS = ("pretrain", "sft", "reward", "dpo", "kto", "rlhf", "eval")
+# the commands whose --data may be a Hugging Face Hub dataset id, and the split each reads
+DATASET_COMMANDS = {"pretrain": "train", "sft": "train", "reward": "train", "dpo": "train", "kto": "train",
+                    "rlhf": "train", "eval": "train", "lambada": "test"}
 
 
 def fetch_hub_repos(args):
@@ -74,14 +77,15 @@ def fetch_hub_repos(args):
         value = getattr(args, flag, None)
         if value is not None:
             setattr(args, flag, [fetched(v) for v in value] if isinstance(value, list) else fetched(value))
-    # --data as a Hub dataset id (owner/name, owner/name/config): its train split's .parquet files, fetched into
-    # a folder of their own, which every trainer reads as a folder of shards (hellaswag's --data is its own file)
+    # --data as a Hub dataset id (owner/name, owner/name/config): its train split's .parquet files (lambada's: its
+    # test split, LAMBADA's only one), fetched into a folder of their own, which every trainer reads as a folder of
+    # shards (hellaswag's --data is its own file)
     data = getattr(args, "data", None)
     if getattr(args, "command", None) in DATASET_COMMANDS and isinstance(data, str) and "/" in data:
         from tritongpt.train.hub_datasets import hub_dataset_folder, is_hub_dataset
 
         if is_hub_dataset(data):
-            args.data = str(hub_dataset_folder(data))
+            args.data = str(hub_dataset_folder(data, split=DATASET_COMMANDS[args.command]))
 
 
 def main(argv=None) -> int:

@@ -1,0 +1,139 @@
+"""`tritongpt lambada`: LAMBADA (Paperno et al., 2016), the zero-shot benchmark GPT-2's paper reports,
+scored as lm-eval-harness's `lambada_openai` task scores it.
+
+Each text is a passage whose last word a reader can only guess from the whole passage. The data is
+OpenAI's detokenized test split (5,153 texts; the Hub's EleutherAI/lambada_openai, config default, is the
+same records), scored as lm-eval's task yaml says:
+
+    context   text.rsplit(" ", 1)[0]          (lm-eval: text.split(' ')[:-1] joined with ' ')
+    target    " " + the last word             (the space kept with the word, as GPT-2's BPE reads it)
+    acc       the share of texts whose every target token is the model's greedy argmax after the
+              tokens before it (lm-eval's is_greedy)
+    perplexity  exp(-mean over texts of the target's summed log-likelihood) (lm-eval's perplexity:
+              per text, not per token)
+
+GPT-2 124M gives about acc 0.325 and perplexity 40 (lm-eval's figures; the paper's 45.99 is another
+preprocessing). The context and the target are tokenized apart (HellaSwag's rows: hellaswag.render);
+lm-eval tokenizes context + target whole and splits at the context's length, which is the same ids for GPT-2's
+BPE (a space starts a new pre-token) but may differ by a merge for a SentencePiece tokenizer. A tokenizer
+whose pipeline starts every text with a BOS (Gemma's, Llama's) gets it before the context, as for HellaSwag.
+A context longer than the model's context window loses its first tokens (left-truncated, as lm-eval does); the
+target is kept whole. Texts are batched, right-padded; the logits are made only at the target's positions.
+"""
+import json
+
+from tritongpt.errors import UserError
+from tritongpt.train.tokenizer import HUB_REPO_HELP, TOKENIZER_CHOICES
+from tritongpt.cli import command_help
+
+URL = "https://openaipublic.blob.core.windows.net/gpt-2/data/lambada_test.jsonl"
+
+
+def download(cache_dir=None, flag: str = "--data"):
+    """OpenAI's LAMBADA test split (5,153 texts, ~1.8 MB), fetched once into the tritongpt cache."""
+    from tritongpt.train.hellaswag import fetch_once
+
+    return fetch_once(URL, "lambada/lambada_test.jsonl", "LAMBADA", flag, cache_dir)
+
+
+def split_text(text: str, where: str) -> tuple:
+    """(context, target) of a text as lm-eval's lambada_openai cuts it: the last word after the last space,
+    with that space (the target), and all before it (the context)."""
+    if not isinstance(text, str) or not text.strip():
+        raise UserError(f"{where}: 'text' must be the passage, got {text!r}")
+    if " " not in text:
+        raise UserError(f"{where}: 'text' has no space, so no last word to predict: {text[:80]!r}")
+    context, word = text.rsplit(" ", 1)
+    if not word:
+        raise UserError(f"{where}: 'text' ends with a space, so no last word to predict: {text[-80:]!r}")
+    if not context:
+        raise UserError(f"{where}: 'text' has nothing before its last word to predict it from: {text!r}")
+    return context, " " + word
+
+
+def read_texts(path, what: str = "LAMBADA file") -> list:
+    """A LAMBADA file (.jsonl as OpenAI's, .json, .parquet as the Hub's, or a folder of .parquet shards) as
+    {ctx, target} examples, a record's `text` cut by split_text; other fields are ignored."""
+    from tritongpt.train.sft import read_json_records
+
+    examples = []
+    for where, row in read_json_records(path, what):
+        if not isinstance(row, dict):
+            raise UserError(f"{where}: expected a JSON object with a 'text' field, got {type(row).__name__}")
+        if "text" not in row:
+            raise UserError(f"{where}: no 'text' field (fields {sorted(row)}); a LAMBADA record is "
+                            "{\"text\": passage}")
+        ctx, target = split_text(row["text"], where)
+        examples.append({"ctx": ctx, "target": target})
+    return examples
+
+
+def score(model, tok, examples, batch_size: int = 8, dtype=None, progress: bool = False) -> dict:
+    """acc and perplexity of `model` on `examples` (see the module docstring), through hellaswag's batching:
+    each text one row, its target the one ending (hellaswag.render adds the space: the target without it)."""
+    import math
+    import time
+
+    from tritongpt.train.hellaswag import ending_losses
+
+    start, right, nll = time.perf_counter(), 0, 0.0
+    rows = [{"ctx": ex["ctx"], "endings": [ex["target"][1:]]} for ex in examples]
+    for total, _, greedy in ending_losses(model, tok, rows, batch_size, dtype, progress, greedy=True,
+                                          desc="lambada"):
+        right += bool(greedy[0])
+        nll += float(total[0])
+    n = len(examples)
+    return {"examples": n, "acc": right / n, "perplexity": math.exp(nll / n), "seconds": time.perf_counter() - start}
+
+
+def cmd_lambada(args):
+    from tritongpt.train.common import pick_device, pick_dtype
+    from tritongpt.train.sft import load_init_model, pick_tokenizer
+
+    if args.limit is not None and args.limit < 1:
+        raise UserError(f"--limit must be at least 1, got {args.limit}")
+    if args.batch_size < 1:
+        raise UserError(f"--batch-size must be at least 1, got {args.batch_size}")
+    if args.data is None:
+        examples = read_texts(download(args.cache_dir))
+    else:
+        examples = read_texts(args.data, "LAMBADA --data file")
+    examples = examples[:args.limit]
+    device = pick_device(args.device)
+    model = load_init_model(args.weights, args.model).to(device)
+    model.set_kernels(args.kernels)
+    tok = pick_tokenizer(args.tokenizer, args.weights, model.config.vocab_size)
+    result = score(model, tok, examples, args.batch_size, pick_dtype(args.dtype, device), progress=not args.json)
+    result.update(weights=str(args.weights), data=str(args.data or URL), tokenizer=tok.name,
+                  kernels=sorted(model.kernels) or ["reference"], device=str(device))
+    if args.json:
+        print(json.dumps(result, indent=1))
+    else:
+        print(f"lambada: {result['examples']:,} examples: acc {result['acc']:.4f}, perplexity "
+              f"{result['perplexity']:.2f} ({result['seconds']:.1f} s)")
+    return 0
+
+
+def add_cli(sub):
+    from tritongpt.commands import add_dtype_arg, add_model_args
+
+    p = sub.add_parser("lambada", help=command_help("lambada"), description=__doc__.split("\n\n")[0])
+    add_model_args(p, default_model=None)
+    p.add_argument("--weights", required=True,
+                   help="tritongpt checkpoint (file, checkpoint or run folder), a Hugging Face GPT-2 or GPT-Neo "
+                        "model.safetensors, a GPT-2 or GPT-Neo name (gpt2-small, gpt-neo-125m ...: downloads the "
+                        "weights), or " + HUB_REPO_HELP)
+    p.add_argument("--data", default=None,
+                   help="LAMBADA texts: a .jsonl, .json or .parquet file (or a folder of .parquet shards) of records "
+                        "with a 'text' field, or a Hugging Face Hub dataset id (EleutherAI/lambada_openai/default: "
+                        "its test split); default: OpenAI's test split, downloaded once into the cache")
+    p.add_argument("--limit", "--max-examples", dest="limit", type=int, default=None,
+                   help="score only the first N texts")
+    p.add_argument("--batch-size", type=int, default=8, help="texts per forward (default %(default)s)")
+    p.add_argument("--tokenizer", help=TOKENIZER_CHOICES + " (default: the one saved with "
+                                       "--weights, else gpt2 for a 50257 vocab)")
+    add_dtype_arg(p)
+    p.add_argument("--cache-dir", default=None, help="where the downloaded file is kept (default: ~/.cache/tritongpt "
+                                                     "or $TRITONGPT_CACHE)")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.set_defaults(func=cmd_lambada)
