@@ -12,13 +12,14 @@ same records), scored as lm-eval's task yaml says:
     perplexity  exp(-mean over texts of the target's summed log-likelihood) (lm-eval's perplexity:
               per text, not per token)
 
-GPT-2 124M gives about acc 0.325 and perplexity 40 (lm-eval's figures; the paper's 45.99 is another
-preprocessing). The context and the target are tokenized apart (HellaSwag's rows: hellaswag.render);
-lm-eval tokenizes context + target whole and splits at the context's length, which is the same ids for GPT-2's
-BPE (a space starts a new pre-token) but may differ by a merge for a SentencePiece tokenizer. A tokenizer
-whose pipeline starts every text with a BOS (Gemma's, Llama's) gets it before the context, as for HellaSwag.
-A context longer than the model's context window loses its first tokens (left-truncated, as lm-eval does); the
-target is kept whole. Texts are batched, right-padded; the logits are made only at the target's positions.
+lm-eval-harness reports about acc 0.33 and perplexity 40 for GPT-2 124M (GPT-2's paper, 46% and 35.1,
+scored its own way: not comparable). The context and the target are tokenized apart (HellaSwag's rows:
+hellaswag.render); lm-eval tokenizes context + target whole and splits at the context's length, which is the
+same ids for GPT-2's BPE (a space starts a new pre-token) but may differ by a merge for a SentencePiece
+tokenizer. A tokenizer whose pipeline starts every text with a BOS (Gemma's, Llama's) gets it before the
+context, as for HellaSwag (lm-eval adds one for Gemma, else only when told to). A context longer than the
+model's context window loses its first tokens (left-truncated, as lm-eval does); the target is kept whole.
+Texts are batched, right-padded; the logits are made only at the target's positions.
 """
 import json
 
