@@ -1058,11 +1058,12 @@ def test_rl_run_folder_rules(data, easy_reward, tmp_path, capsys):
     _rl_setup(data, easy_reward, tmp_path, "ppo", resume="latest",
               **{**small, "iterations": 3, "lr": 1e-3, "kernels": "layernorm"}).fit()
     assert "note: resuming on the kernels layernorm (the run had reference)" in capsys.readouterr().err
-    # the data flags are cmd_rlhf's, not RLArgs': named too (a checkpoint without them: not compared); back
+    # the data flags are cmd_rlhf's, not RLArgs': named too (a checkpoint without them: named as unrecorded); back
     # on the reference kernels, whose note says "resuming on", so that the interpreter's iterations stay few
     _rl_setup(data, easy_reward, tmp_path, "ppo", resume="latest", run_args={"data": "a.json"},
               **{**small, "iterations": 4, "lr": 1e-3}).fit()
-    assert "resuming with" not in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "resuming with --data a.json, which" in err and "did not record" in err and "the run had" not in err
     _rl_setup(data, easy_reward, tmp_path, "ppo", resume="latest", run_args={"data": "b.json"},
               **{**small, "iterations": 5, "lr": 1e-3}).fit()
     assert "note: resuming with --data b.json (the run had a.json)" in capsys.readouterr().err

@@ -592,8 +592,8 @@ def check_resume(ckpt, state: dict, now_args: dict, names, step_key: str, limit_
         note(f"resuming with {text}: the run goes on differently from the one it was started as")
     unrecorded = unrecorded_flags(saved, now_args, names, defaults or {})
     if say and unrecorded:
-        note(f"resuming with {', '.join(unrecorded)}, which {ckpt}'s run did not record (its checkpoint is older "
-             "than the flag): if that run went without it, this one goes on differently")
+        note(f"resuming with {', '.join(unrecorded)}, which {ckpt}'s run did not record (a flag newer than the "
+             "checkpoint, or a run started without it): if that run went otherwise, this one goes on differently")
     if say and kernels is not None and state.get("kernels", kernels) != kernels:
         # Same weights and math on either path, but not the same rounding: a rerun of the run
         # would not give its numbers bit for bit.

@@ -136,10 +136,11 @@ def check_same_model(paths, models, kinds) -> None:
 def check_same_tokenizer(paths, models):
     """The tokenizer every model was saved with (pick_tokenizer's choice), the same ids for all, or a UserError."""
     from tritongpt.train.sft import pick_tokenizer
+    from tritongpt.train.tokenizer import same_ids
 
     toks = [pick_tokenizer(None, p, m.config.vocab_size) for p, m in zip(paths, models)]
     for p, tok in zip(paths[1:], toks[1:]):
-        if getattr(tok, "ids_hash", tok.hash) != getattr(toks[0], "ids_hash", toks[0].hash):
+        if not same_ids(tok, toks[0]):
             raise UserError(f"merge: {p}'s tokenizer is not {paths[0]}'s (other ids for the same text): a merge "
                             "would average the embeddings of different tokens")
     return toks[0]

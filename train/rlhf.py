@@ -1065,13 +1065,13 @@ def note_other_tokenizer(reward: str, tok, end: int | None = None) -> None:
     template's end of turn; None: tok's eot) gets its own note: the reward model learned to score answers at its
     end token (a chat model's, <|im_end|>, beside its base model's <|endoftext|>: no note in a ChatML run)."""
     from tritongpt.train.sft import load_quietly
-    from tritongpt.train.tokenizer import saved_tokenizer_path
+    from tritongpt.train.tokenizer import same_ids, saved_tokenizer_path
 
     saved = saved_tokenizer_path(reward)
     other = None if saved is None else load_quietly(saved)
     if other is None:
         return
-    if getattr(other, "ids_hash", other.hash) != getattr(tok, "ids_hash", tok.hash):
+    if not same_ids(other, tok):
         note(f"the tokenizer saved with --reward {reward} ({saved}) is not the policy's: the reward model will score "
              "the policy's token ids as if they were its own (pass a reward model trained on the policy's tokenizer)")
     elif other.eot_id != (end := tok.eot_id if end is None else end):

@@ -785,6 +785,13 @@ def save_run_tokenizer(tok, out_dir):
     return out / RUN_TOKENIZER
 
 
+def same_ids(a, b) -> bool:
+    """Do tokenizers a and b give the same ids for every text? A Hugging Face tokenizer compares what decides a
+    text's ids (ids_hash: one tokenizer.json beside another tokenizer_config.json's EOS counts as the same), ours
+    its whole hash. (rlhf's reward model, merge's models and generate's draft must share the policy's ids.)"""
+    return getattr(a, "ids_hash", a.hash) == getattr(b, "ids_hash", b.hash)
+
+
 def saved_tokenizer_path(init):
     """The tokenizer.json saved by the run that wrote the checkpoint `init` (a file, checkpoint
     folder or run folder), or None."""

@@ -381,7 +381,7 @@ def load_draft(args, model, tok, device):
     vocabulary or the tokenizer saved with it is not the model's (its ids would mean other text)."""
     from tritongpt.train.gpt2_weights import load_checkpoint
     from tritongpt.train.sft import load_quietly
-    from tritongpt.train.tokenizer import saved_tokenizer_path
+    from tritongpt.train.tokenizer import same_ids, saved_tokenizer_path
 
     draft = load_checkpoint(args.draft)
     if draft.config.vocab_size != model.config.vocab_size:
@@ -390,7 +390,7 @@ def load_draft(args, model, tok, device):
     saved = saved_tokenizer_path(args.draft)
     other = None if saved is None else load_quietly(saved)
     # the same size can hold other ids (the comparison rlhf's --reward makes; the EOS aside)
-    if other is not None and getattr(other, "ids_hash", other.hash) != getattr(tok, "ids_hash", tok.hash):
+    if other is not None and not same_ids(other, tok):
         raise UserError(f"the tokenizer saved with --draft {args.draft} ({saved}) is not the model's: its ids "
                         "mean other text (pass a draft trained on the model's tokenizer)")
     draft.to(device).eval()
