@@ -335,6 +335,8 @@ class Trainer:
     - run_args: {flag name: value} of the trainer's own flags that change what it computes (DPO's
       beta, SFT's data and prompt masking): saved with TrainArgs' and named on a resume that
       changes them, as TrainArgs' are.
+    - step_metrics: None, or a function called after each optimizer step whose dict of floats goes into
+      that step's metrics row (distillation's distill_ce and distill_kd: train/distill.py).
     - prompt_format: what a fine-tuning run's prompts looked like (train/formats.py: alpaca,
       completion or chat), saved so that `tritongpt chat` prompts the model the same way.
     - fit() returns: is_main, step, loss (last), first_loss, losses (this call's), the last eval dict's
@@ -346,7 +348,7 @@ class Trainer:
 
     def __init__(self, model, args: TrainArgs, loss_fn, get_batch, eval_fn=None, sample_fn=None, shared_eval_fn=None,
                  name: str = "pretrain", data_state=None, run_args: dict | None = None,
-                 prompt_format: str | None = None):
+                 prompt_format: str | None = None, step_metrics=None):
         args.validate()
         # before the process group exists: a refusal then leaves no threads behind
         self._clear_first = common.check_out_dir(args.out_dir, args.resume, args.overwrite)
@@ -355,6 +357,7 @@ class Trainer:
         self.prompt_format = prompt_format
         self.loss_fn, self.get_batch, self.eval_fn, self.sample_fn = loss_fn, get_batch, eval_fn, sample_fn
         self.shared_eval_fn = shared_eval_fn
+        self.step_metrics = step_metrics
         self.get_data_state, self.set_data_state = _data_hooks(data_state)
 
         self.rank, _, self.world_size = common.dist_env()  # DDP when launched by torchrun
@@ -930,6 +933,8 @@ class Trainer:
                "mem_gb": round(_mem_gb(self.device), 3), "dt": dt}
         if self.scaler.enabled:
             row.update(loss_scale=scale, skipped=skipped)
+        if self.step_metrics is not None:
+            row.update(self.step_metrics())
         return row
 
     def _mfu(self, tok_s, seq_len):

@@ -33,6 +33,7 @@ DEFAULTS = dict(out_dir="runs/pretrain", max_steps=300, batch_size=16, grad_accu
 
 def add_args(p: argparse.ArgumentParser):
     from tritongpt.commands import add_model_args, add_vocab_multiple_arg
+    from tritongpt.train.distill import add_distill_args
     from tritongpt.train.loop import add_lm_loss_args, add_train_args
 
     add_model_args(p, default_model=None, default_text="tiny; with --init, what its weights hold")
@@ -182,6 +183,7 @@ def add_args(p: argparse.ArgumentParser):
                         "start (Llama 3's document masking; GPT-2 and nanoGPT let a window run across documents); "
                         "eval scores such a run the same way")
     add_lm_loss_args(p)
+    add_distill_args(p)
     e = p.add_argument_group("evaluation")
     e.add_argument("--hellaswag", type=int, default=0, metavar="N",
                    help="at each evaluation also score the first N HellaSwag validation examples (acc and "
@@ -560,14 +562,17 @@ def pretrain(args) -> dict:
 
     Returns the Trainer's final dict plus first_val_loss, n_params, train_tokens, val_tokens.
     """
-    from tritongpt.train import common, data
+    from tritongpt.train import common, data, distill
     from tritongpt.train.generate import generate
     from tritongpt.train.loop import TrainArgs, Trainer, lm_loss_options, loss_eval_fn
     from tritongpt.train.tokenizer import RUN_TOKENIZER, save_run_tokenizer
 
     targs = TrainArgs.from_namespace(args)
     options = lm_loss_options(args)
+    distill_options = distill.distill_options(args)  # recorded without a teacher too: a resume names a change
     model, tok, block, prompt_ids = check_args(args, targs)
+    teacher = None if args.teacher is None else distill.load_teacher(
+        args.teacher, tok, block, f"--init {args.init}" if args.init else f"--tokenizer {args.tokenizer or 'default'}")
     splits = {}  # filled once the Trainer has set up the processes (rank 0 tokenises first)
 
     def get_batch(split, generator):
@@ -576,14 +581,21 @@ def pretrain(args) -> dict:
     def get_eval_batch(split, generator):
         return get_batch(splits["eval"], generator)
 
+    def doc_ids_of(x):
+        return data.document_ids(x, tok.eot_id, splits["bos_id"]) if args.document_mask else None
+
     def loss_fn(m, batch, **options):
         x, y = batch
-        doc_ids = data.document_ids(x, tok.eot_id, splits["bos_id"]) if args.document_mask else None
         # the model computes its loss: the toggle covers the loss kernel too
-        return m(x, targets=y, doc_ids=doc_ids, **options)
+        return m(x, targets=y, doc_ids=doc_ids_of(x), **options)
 
-    def train_loss_fn(m, batch):  # the objective; evaluations score the plain loss_fn
+    def objective(m, batch):
         return loss_fn(m, batch, **options)
+
+    # the objective; evaluations score the plain loss_fn. A teacher's run logs its loss's two parts
+    parts = distill.Parts()
+    train_loss_fn = objective if teacher is None else \
+        distill.pretrain_loss_fn(teacher, distill_options, tok.vocab_size, doc_ids_of, parts, **options)
 
     def sample_fn(m):
         idx = torch.tensor([prompt_ids], dtype=torch.long, device=trainer.device)
@@ -595,10 +607,17 @@ def pretrain(args) -> dict:
 
     eval_fn = loss_eval_fn(loss_fn, get_eval_batch, targs.eval_batches, seed=targs.seed + 10_000)
     shared = hellaswag_eval_fn(lambda: hellaswag_examples(args), tok) if args.hellaswag else None
+    position = DataPosition(args, tok, block, splits)
+    if teacher is not None:  # its fingerprint saved with the data position, compared on --resume
+        position = distill.WithTeacher(position, teacher, args.teacher)
     trainer = Trainer(model, targs, train_loss_fn, get_batch, eval_fn=eval_fn, shared_eval_fn=shared,
                       sample_fn=sample_fn if args.sample_tokens > 0 else None,
-                      name="pretrain", data_state=DataPosition(args, tok, block, splits),
-                      run_args={"init": common.data_path(args.init), "document_mask": args.document_mask, **options})
+                      name="pretrain", data_state=position,
+                      run_args={"init": common.data_path(args.init), "document_mask": args.document_mask, **options,
+                                **distill_options},
+                      step_metrics=parts.pop if teacher is not None else None)
+    if teacher is not None:
+        distill.place_teacher(teacher, trainer)
     try:
         splits.update(load_splits(args, tok, block, targs.batch_size, trainer))
     except BaseException:

@@ -620,7 +620,7 @@ def run_sft(model, tokenizer, train_records, val_records, test_records, args, *,
             overlong: str = "drop", max_length: int | None = None, max_new_tokens: int = 32,
             eval_gen: int = 32, eval_before: bool = False, sample: bool = True,
             template=format_prompt, run_args: dict | None = None, loss_options: dict | None = None,
-            packing: bool = False, neftune_alpha: float = 0.0) -> dict:
+            packing: bool = False, neftune_alpha: float = 0.0, teacher=None, distill: dict | None = None) -> dict:
     """Fine-tune `model` with the shared Trainer; evaluate; save responses.json in args.out_dir.
 
     val_records give the held-out loss (and a quick exact match on the first eval_gen of them
@@ -630,7 +630,10 @@ def run_sft(model, tokenizer, train_records, val_records, test_records, args, *,
     loss_options: {label_smoothing, z_loss} for the training loss (evaluations score plain CE).
     packing: train on rows of max_len tokens packed with whole examples (SFTData's pack_len).
     neftune_alpha: NEFTune's noise on the token embeddings while training (neftune_hook; 0: none).
+    teacher: a frozen model to distill from (train/distill.py's load_teacher), with distill: its options
+    (distill_options: recorded in the run's args, with or without a teacher).
     """
+    from tritongpt.train import distill as kd
     from tritongpt.train.loop import Trainer
 
     ctx = model.config.context_length
@@ -657,13 +660,20 @@ def run_sft(model, tokenizer, train_records, val_records, test_records, args, *,
         return f"{formats.describe(rec)} -> {pred!r} (gold {rec['output']!r})"
 
     loss_options = dict(loss_options or {})
-    trainer = Trainer(model, args, functools.partial(sft_loss, **loss_options), data.get_batch,
+    loss_fn, data_state, parts = functools.partial(sft_loss, **loss_options), data, kd.Parts()
+    if teacher is not None:  # the same (sum, count) over the response tokens, the teacher's divergence mixed in
+        loss_fn = kd.sft_loss_fn(teacher, distill, tokenizer.vocab_size, IGNORE_INDEX, parts, **loss_options)
+        data_state = kd.WithTeacher(data, teacher, distill["teacher"])
+    trainer = Trainer(model, args, loss_fn, data.get_batch,
                       eval_fn=eval_fn if val else None,
-                      sample_fn=sample_fn if sample and val_kept else None, name="sft", data_state=data,
+                      sample_fn=sample_fn if sample and val_kept else None, name="sft", data_state=data_state,
                       run_args={**(run_args or {}), "no_mask_prompt": not mask_prompt, "overlong": overlong,
                                 "max_length": max_length, "packing": packing, **loss_options,
-                                "neftune_noise_alpha": neftune_alpha},
-                      prompt_format=formats.format_of(train_records[0]))
+                                "neftune_noise_alpha": neftune_alpha, **(distill or {})},
+                      prompt_format=formats.format_of(train_records[0]),
+                      step_metrics=parts.pop if teacher is not None else None)
+    if teacher is not None:
+        kd.place_teacher(teacher, trainer)
     out_dir = Path(args.out_dir)
     if trainer.is_main:
         from tritongpt.train.tokenizer import save_run_tokenizer
@@ -732,6 +742,7 @@ def packing_line(data: SFTData, max_len: int) -> str:
 
 # -- command line -------------------------------------------------------------------------------------
 def cmd_sft(args):
+    from tritongpt.train.distill import distill_options, load_teacher
     from tritongpt.train.loop import TrainArgs, lm_loss_options
 
     from tritongpt.model.lora import check_lora
@@ -739,6 +750,7 @@ def cmd_sft(args):
     targs = TrainArgs.from_namespace(args)
     targs.validate()
     loss_options = lm_loss_options(args)
+    distill = distill_options(args)  # recorded without a teacher too: a resume names a change
     check_neftune(args.neftune_noise_alpha)
     check_lora(args.lora_rank, args.lora_alpha, args.lora_targets)  # before the model loads
     for name in ("max_new_tokens", "n_train"):
@@ -752,6 +764,11 @@ def cmd_sft(args):
         model = model.pad_vocab(args.vocab_multiple)
     apply_lora(model, args)
     tok = pick_tokenizer(args.tokenizer, args.init, model.config.vocab_size)
+    teacher = None
+    if args.teacher is not None:  # it must see the whole of an example: run_sft's max_len
+        ctx = model.config.context_length
+        teacher = load_teacher(args.teacher, tok, ctx if args.max_length is None else min(ctx, args.max_length),
+                               f"--init {args.init}")
     if args.data:
         given = [f for f, v, d in (("--tasks", args.tasks, DEFAULT_TASKS), ("--n-train", args.n_train, DEFAULT_N_TRAIN),
                                    ("--n-eval", args.n_eval, DEFAULT_N_EVAL)) if v != d]
@@ -771,7 +788,8 @@ def cmd_sft(args):
                      eval_gen=args.eval_gen, eval_before=args.eval_before,
                      run_args={"data": common.data_path(args.data), "tasks": args.tasks, "n_train": args.n_train,
                                "val_fraction": args.val_fraction, "init": common.data_path(args.init)},
-                     loss_options=loss_options, packing=args.packing, neftune_alpha=args.neftune_noise_alpha)
+                     loss_options=loss_options, packing=args.packing, neftune_alpha=args.neftune_noise_alpha,
+                     teacher=teacher, distill=distill)
     if not result["is_main"]:  # DDP: rank 0 reports
         return 0
     if result.get("exact_match") is not None:
@@ -783,6 +801,7 @@ def cmd_sft(args):
 
 
 def add_cli(sub):
+    from tritongpt.train.distill import add_distill_args
     from tritongpt.train.loop import add_lm_loss_args, add_train_args
 
     p = sub.add_parser("sft", help=command_help("sft"))
@@ -827,6 +846,7 @@ def add_cli(sub):
                    help="held-out records answered at each evaluation (default %(default)s)")
     p.add_argument("--eval-before", action="store_true", help="also answer the held-out set before training")
     add_lm_loss_args(p)
+    add_distill_args(p)
     add_train_args(p, out_dir="runs/sft", max_steps=500, batch_size=16, lr=1e-4, min_lr=1e-5, warmup_steps=20,
                    eval_every=100, ckpt_every=500, sample_every=100, log_every=50)
     p.set_defaults(func=cmd_sft)

@@ -62,9 +62,9 @@ DATASET_COMMANDS = {"pretrain": "train", "sft": "train", "reward": "train", "dpo
 
 def fetch_hub_repos(args):
     """A Hugging Face Hub repo id (owner/name, no such path here) as --init, --weights (merge's models), --draft,
-    --reward (a reward model) or --base (export's adapter base, merge's), or a Hub dataset id as --data: fetch its
-    files once, here, so that every later step (the weights, their tokenizer, the data, the run's record) reads a
-    local folder, as for files downloaded by hand."""
+    --reward (a reward model), --base (export's adapter base, merge's) or --teacher (distillation's), or a Hub
+    dataset id as --data: fetch its files once, here, so that every later step (the weights, their tokenizer, the
+    data, the run's record) reads a local folder, as for files downloaded by hand."""
     def fetched(value):
         if isinstance(value, str) and "/" in value:  # (the import loads torch: not for every command)
             from tritongpt.train.gpt2_weights import hub_folder, is_hub_repo
@@ -73,7 +73,8 @@ def fetch_hub_repos(args):
                 return str(hub_folder(value))
         return value
 
-    for flag in ("init", "weights", "draft", "reward", "base"):  # rlhf's --reward is a list (repeatable): each fetched
+    # rlhf's --reward is a list (repeatable): each one fetched
+    for flag in ("init", "weights", "draft", "reward", "base", "teacher"):
         value = getattr(args, flag, None)
         if value is not None:
             setattr(args, flag, [fetched(v) for v in value] if isinstance(value, list) else fetched(value))

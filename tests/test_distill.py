@@ -1,0 +1,287 @@
+"""Knowledge distillation (train/distill.py): the loss against float64 formulas, and `pretrain --teacher` /
+`sft --teacher` end to end (shortened): refusals, resume, the logged parts, and that distilling moves the
+student to the teacher."""
+import json
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from tritongpt.cli import main
+from tritongpt.errors import UserError
+from tritongpt.model.config import GPTConfig
+from tritongpt.model.gpt import GPTModel
+from tritongpt.train import distill
+from tritongpt.train.pretrain import parse_args, pretrain
+from tritongpt.train.tokenizer import BPETokenizer, get_tokenizer, save_run_tokenizer
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+# -- the loss against float64 formulas -----------------------------------------------------------------
+def reference(s, t, y, V, alpha, T, beta):
+    """float64, token by token, written from the definitions: (loss, ce, kd) means over y != -100."""
+    s, t = s.double(), t.double()
+    ces, kds = [], []
+    for b in range(y.shape[0]):
+        for i in range(y.shape[1]):
+            if y[b, i] == -100:
+                continue
+            ces.append(-torch.log_softmax(s[b, i], -1)[y[b, i]])
+            p = torch.softmax(t[b, i, :V] / T, -1)  # teacher
+            q = torch.softmax(s[b, i, :V] / T, -1)  # student
+            if beta == 0:
+                kds.append((p * (p / q).log()).sum())
+            elif beta == 1:
+                kds.append((q * (q / p).log()).sum())
+            else:
+                m = beta * p + (1 - beta) * q
+                kds.append(beta * (p * (p / m).log()).sum() + (1 - beta) * (q * (q / m).log()).sum())
+    ce, kd = torch.stack(ces).mean(), torch.stack(kds).mean()
+    return (1 - alpha) * ce + alpha * T * T * kd, ce, kd
+
+
+@pytest.mark.parametrize("beta", [0.0, 1.0, 0.3])
+def test_loss_and_gradients_match_float64_formulas(beta):
+    g = torch.Generator().manual_seed(0)
+    V = 9  # the tokenizer's ids; the student has 11 columns, the teacher 13 (padded rows differ)
+    s = (torch.randn(2, 5, 11, generator=g) * 2).requires_grad_()
+    t = torch.randn(2, 5, 13, generator=g) * 3
+    y = torch.randint(0, V, (2, 5), generator=g)
+    y[0, 1] = y[1, 3] = y[1, 4] = -100
+    loss, ce, kd = distill.distill_loss(s, t, y, V, alpha=0.3, temperature=2.0, beta=beta)
+    s64 = s.detach().double().requires_grad_()
+    want, want_ce, want_kd = reference(s64, t, y, V, 0.3, 2.0, beta)
+    for got, w in ((loss, want), (ce, want_ce), (kd, want_kd)):
+        assert abs(got.item() - w.item()) < 1e-5 * max(1.0, abs(w.item())), (got, w)
+    loss.backward()
+    want.backward()
+    assert torch.allclose(s.grad.double(), s64.grad, atol=1e-6, rtol=1e-5)
+    # masked positions and columns past the tokenizer's ids change nothing
+    s2, t2 = s.detach().clone(), t.clone()
+    s2[0, 1] += 5.0
+    t2[1, 3:] -= 7.0
+    t2[..., V:] = torch.randn(2, 5, 13 - V, generator=g) * 9
+    assert torch.equal(distill.distill_loss(s2, t2, y, V, 0.3, 2.0, beta)[2], kd.detach())
+    # the sum reduction is the mean times the count
+    total = distill.distill_loss(s.detach(), t, y, V, 0.3, 2.0, beta, reduction="sum")[0]
+    assert math.isclose(total.item(), loss.item() * (y != -100).sum().item(), rel_tol=1e-5)
+
+
+def test_divergences_are_zero_at_the_teacher_and_positive_elsewhere():
+    g = torch.Generator().manual_seed(1)
+    z = torch.randn(3, 7, generator=g)
+    for beta in (0.0, 0.3, 0.5, 1.0):
+        assert distill.divergence(z, z, 1.5, beta).abs().max() < 1e-6
+        assert (distill.divergence(z, torch.randn(3, 7, generator=g), 1.5, beta) > 0).all()
+
+
+# -- models and checkpoints ----------------------------------------------------------------------------
+def small(seed, vocab=300, context=128, head_scale=1.0, **kw):
+    torch.manual_seed(seed)
+    m = GPTModel(GPTConfig(**{"vocab_size": vocab, "context_length": context, "n_embd": 24, "n_layer": 2,
+                              "n_head": 2, "dropout": 0.0, **kw}))
+    with torch.no_grad():
+        m.out_head.weight.mul_(head_scale)  # a peaked teacher: a distribution the data alone would not teach
+    return m
+
+
+def write(model, folder, tok):
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save(folder / "model.safetensors", None)
+    save_run_tokenizer(tok, folder)
+    return str(folder)
+
+
+@pytest.fixture(scope="module")
+def ckpts(corpus, tmp_path_factory):
+    tok = get_tokenizer(str(corpus.tok))
+    d = tmp_path_factory.mktemp("ckpts")
+    from tritongpt.train.data import load_text
+
+    other = BPETokenizer.train(load_text("pydoc")[20000:36000], 300, name="other")  # other merges: other ids
+    return SimpleNamespace(
+        tok=tok, student=write(small(1), d / "student", tok),
+        teacher=write(small(2, vocab=310, n_embd=32, head_scale=5.0), d / "teacher", tok),
+        teacher2=write(small(3, vocab=310, head_scale=20.0), d / "teacher2", tok),
+        short=write(small(4, context=16), d / "short", tok),
+        other=write(small(5), d / "other", other))
+
+
+def pargs(corpus, ckpts, out, *extra):
+    return ["--data", str(corpus.text), "--cache-dir", str(corpus.cache), "--init", ckpts.student,
+            "--out-dir", str(out), "--device", "cpu", "--kernels", "reference", "--block-size", "32",
+            "--batch-size", "4", "--eval-every", "0", "--sample-tokens", "0", "--log-every", "0",
+            "--warmup-steps", "0", "--vocab-multiple", "64", *extra]
+
+
+def rows(out):
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_alpha_zero_is_the_plain_loss_and_the_parts_are_logged(corpus, ckpts, tmp_path):
+    plain = pretrain(parse_args(pargs(corpus, ckpts, tmp_path / "a", "--max-steps", "3", "--z-loss", "1e-3")))
+    zero = pretrain(parse_args(pargs(corpus, ckpts, tmp_path / "b", "--max-steps", "3", "--z-loss", "1e-3",
+                                     "--teacher", ckpts.teacher, "--distill-alpha", "0")))
+    assert zero["losses"] == plain["losses"]  # bit for bit: 1 * CE + 0 * D
+    half = pretrain(parse_args(pargs(corpus, ckpts, tmp_path / "c", "--max-steps", "2", "--teacher", ckpts.teacher,
+                                     "--distill-alpha", "0.3", "--distill-temperature", "2")))
+    for r in rows(tmp_path / "c"):
+        assert math.isclose(r["loss"], 0.7 * r["distill_ce"] + 0.3 * 4 * r["distill_kd"], rel_tol=1e-5)
+        assert r["distill_kd"] > 0
+    assert half["val_loss"] > 0  # evaluations: the plain CE (the eval_fn is unchanged)
+    assert all("distill_ce" not in r for r in rows(tmp_path / "a"))
+
+
+def held_out_kl(model, teacher, tok, text, V):
+    x = torch.tensor([tok.encode(text)[:32 * 8]]).view(8, 32)
+    with torch.no_grad():
+        return distill.divergence(model(x)[..., :V], teacher(x)[..., :V]).mean().item()
+
+
+def test_distilling_moves_the_student_to_the_teacher(corpus, ckpts, tmp_path, capsys):
+    from tritongpt.train.gpt2_weights import load_checkpoint
+
+    teacher, text = load_checkpoint(ckpts.teacher), corpus.text.read_text()[-3000:]
+    V = ckpts.tok.vocab_size
+    before = held_out_kl(load_checkpoint(ckpts.student), teacher, ckpts.tok, text, V)
+    after = {}
+    for name, extra in (("plain", []), ("kd", ["--teacher", ckpts.teacher, "--distill-alpha", "1"])):
+        pretrain(parse_args(pargs(corpus, ckpts, tmp_path / name, "--max-steps", "30", "--lr", "1e-2", *extra)))
+        after[name] = held_out_kl(load_checkpoint(tmp_path / name), teacher, ckpts.tok, text, V)
+    with capsys.disabled():
+        print(f"\nKL(teacher || student) on held-out text: start {before:.3f}, 30 steps of CE {after['plain']:.3f}, "
+              f"30 steps distilled (alpha 1) {after['kd']:.3f}")
+    # the data alone take the student away from this teacher; the teacher's targets bring it close
+    assert after["kd"] < 0.5 * before and after["kd"] < 0.1 * after["plain"]
+
+
+# -- document masking and packing reach the teacher; SFT counts the response tokens only ---------------
+class Spy(torch.nn.Module):
+    """A teacher that returns given logits and records what it was called with."""
+
+    def __init__(self, logits):
+        super().__init__()
+        self.logits, self.calls = logits, []
+
+    def forward(self, x, doc_ids=None):
+        self.calls.append(doc_ids)
+        return self.logits
+
+
+def test_sft_distills_the_counted_tokens_only_and_packing_reaches_the_teacher():
+    g = torch.Generator().manual_seed(0)
+    model = small(1, vocab=40, context=16)
+    x = torch.randint(0, 40, (2, 8), generator=g)
+    y = torch.randint(0, 40, (2, 8), generator=g)
+    y[:, :3] = -100  # the prompt
+    doc = torch.tensor([[0, 0, 0, 0, 1, 1, 1, 1]] * 2)
+    logits = torch.randn(2, 8, 40, generator=g)
+    opts = {"distill_alpha": 0.5, "distill_temperature": 1.0, "distill_beta": 0.0}
+    spy = Spy(logits)
+    fn = distill.sft_loss_fn(spy, opts, 40, -100)
+    loss, n = fn(model, (x, y, doc))
+    assert spy.calls[0] is doc and n.item() == 10
+    loss.backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    changed = logits.clone()
+    changed[:, :3] = torch.randn(2, 3, 40, generator=g) * 10  # the teacher's logits at prompt positions
+    loss2, _ = distill.sft_loss_fn(Spy(changed), opts, 40, -100)(model, (x, y, doc))
+    loss2.backward()
+    assert loss2.item() == loss.item()
+    assert all(torch.equal(a, p.grad) for a, p in zip(grads, model.parameters()))
+    # the teacher's logits at a response position do change it
+    changed[:, 5] += torch.randn(40, generator=g)
+    assert distill.sft_loss_fn(Spy(changed), opts, 40, -100)(model, (x, y, doc))[0].item() != loss.item()
+    # pretrain: --document-mask's ids go to the teacher too
+    spy = Spy(logits)
+    distill.pretrain_loss_fn(spy, opts, 40, lambda _: doc)(model, (x, y.clamp_min(0)))
+    assert spy.calls[0] is doc
+
+
+def sft_argv(ckpts, out, *extra):
+    data = out.parent / "says.jsonl"  # short records: the tasks' template is long in a 300-token BPE
+    data.write_text("".join(json.dumps({"prompt": f"Say {w}.", "completion": f" {w}"}) + "\n"
+                            for w in ("hi", "yes", "no", "ok", "up", "go", "on", "in", "at", "to") * 2))
+    return ["sft", "--init", ckpts.student, "--data", str(data), "--out-dir", str(out), "--batch-size", "4",
+            "--eval-every", "0", "--eval-gen", "0", "--sample-every", "0", "--max-new-tokens", "4",
+            "--device", "cpu", "--kernels", "reference", "--log-every", "0", *extra]
+
+
+def test_sft_with_a_teacher_runs_logs_and_records(ckpts, tmp_path):
+    out = tmp_path / "sft"
+    assert main(sft_argv(ckpts, out, "--max-steps", "2", "--teacher", ckpts.teacher, "--distill-beta", "0.5",
+                         "--packing")) == 0
+    r = rows(out)
+    steps = [x for x in r if "distill_kd" in x]
+    assert len(steps) == 2 and all(math.isclose(x["loss"], 0.5 * x["distill_ce"] + 0.5 * x["distill_kd"],
+                                                rel_tol=1e-5) for x in steps)
+    from tritongpt.train import common
+
+    state = common.load_state(common.resume_checkpoint(out, "latest"))
+    assert state["args"]["distill_beta"] == 0.5 and state["args"]["teacher"] == ckpts.teacher
+    assert "teacher_fingerprint" in state["data"][0]
+
+
+# -- refusals ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("flags,said", [
+    (["--distill-alpha", "0.2"], "--distill-alpha sets how --teacher's distillation mixes in: without --teacher"),
+    (["--distill-temperature", "2", "--distill-beta", "1"], "--distill-temperature, --distill-beta set how"),
+    (["--teacher", "T", "--distill-alpha", "1.5"], "--distill-alpha must be in [0, 1], got 1.5"),
+    (["--teacher", "T", "--distill-alpha", "nan"], "--distill-alpha must be in [0, 1], got nan"),
+    (["--teacher", "T", "--distill-alpha", "-0.1"], "--distill-alpha must be in [0, 1], got -0.1"),
+    (["--teacher", "T", "--distill-temperature", "0"], "--distill-temperature must be a finite number > 0, got 0"),
+    (["--teacher", "T", "--distill-temperature", "inf"], "--distill-temperature must be a finite number > 0"),
+    (["--teacher", "T", "--distill-beta", "1.01"], "--distill-beta must be in [0, 1], got 1.01"),
+    (["--teacher", "T", "--distill-beta", "-1"], "--distill-beta must be in [0, 1], got -1"),
+])
+def test_the_options_out_of_range_or_without_a_teacher_are_refused_by_name(flags, said):
+    with pytest.raises(UserError) as e:
+        distill.distill_options(parse_args(flags))
+    assert said in str(e.value)
+
+
+def test_refusals_from_the_command_line(corpus, ckpts, tmp_path, capsys):
+    cases = [
+        (["--teacher", ckpts.other], f"--teacher {ckpts.other}'s tokenizer (other) is not the student's "
+                                     f"(--init {ckpts.student}: small)"),
+        (["--teacher", ckpts.short], f"--teacher {ckpts.short}'s context length 16 is shorter than the training "
+                                     "block of 32 tokens"),
+        (["--teacher", str(tmp_path / "nothing")], "no checkpoint there"),
+        (["--teacher", "tiny"], "--teacher tiny: no checkpoint there"),
+        (["--distill-beta", "0.5"], "--distill-beta sets how --teacher's distillation mixes in"),
+    ]
+    for extra, said in cases:
+        assert main(["pretrain", *pargs(corpus, ckpts, tmp_path / "bad", "--max-steps", "1", *extra)]) == 2
+        assert said in capsys.readouterr().err
+        assert not (tmp_path / "bad").exists()
+    for extra, said in cases[:2] + cases[-1:]:
+        assert main(sft_argv(ckpts, tmp_path / "bad", "--max-steps", "1", "--max-length", "32", *extra)) == 2
+        assert said.replace("training block of 32 tokens", "training block of") in capsys.readouterr().err
+        assert not (tmp_path / "bad").exists()
+
+
+# -- resume ---------------------------------------------------------------------------------------------
+def test_a_resume_names_a_changed_alpha_and_refuses_another_teacher(corpus, ckpts, tmp_path, capsys):
+    import shutil
+
+    teacher = tmp_path / "teacher"
+    shutil.copytree(ckpts.teacher, teacher)
+    out = tmp_path / "run"
+    base = pargs(corpus, ckpts, out, "--teacher", str(teacher))
+    assert main(["pretrain", *base, "--max-steps", "1"]) == 0
+    capsys.readouterr()
+    assert main(["pretrain", *base, "--max-steps", "2", "--resume", "--distill-alpha", "0.3"]) == 0
+    assert "--max-steps 2 (the run had 1), --distill-alpha 0.3 (0.5)" in capsys.readouterr().err
+    # the run without a teacher had the defaults recorded: adding one is named
+    plain = pargs(corpus, ckpts, tmp_path / "plain")
+    assert main(["pretrain", *plain, "--max-steps", "1"]) == 0
+    capsys.readouterr()
+    assert main(["pretrain", *plain, "--max-steps", "2", "--resume", "--teacher", str(teacher)]) == 0
+    assert f"--teacher {teacher} (None)" in capsys.readouterr().err
+    # other weights at the teacher's path: refused
+    shutil.copy(ckpts.teacher2 + "/model.safetensors", teacher / "model.safetensors")
+    assert main(["pretrain", *base, "--max-steps", "3", "--resume"]) == 2
+    assert f"--teacher {teacher} is not the model this run distilled from" in capsys.readouterr().err
