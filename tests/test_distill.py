@@ -213,10 +213,10 @@ def sft_argv(ckpts, out, *extra):
 def test_sft_with_a_teacher_runs_logs_and_records(ckpts, tmp_path):
     out = tmp_path / "sft"
     assert main(sft_argv(ckpts, out, "--max-steps", "2", "--teacher", ckpts.teacher, "--distill-beta", "0.5",
-                         "--packing")) == 0
+                         "--distill-alpha", "0.25", "--packing")) == 0
     r = rows(out)
     steps = [x for x in r if "distill_kd" in x]
-    assert len(steps) == 2 and all(math.isclose(x["loss"], 0.5 * x["distill_ce"] + 0.5 * x["distill_kd"],
+    assert len(steps) == 2 and all(math.isclose(x["loss"], 0.75 * x["distill_ce"] + 0.25 * x["distill_kd"],
                                                 rel_tol=1e-5) for x in steps)
     from tritongpt.train import common
 
