@@ -195,6 +195,7 @@ def load_teacher(spec: str, tok, block: int, student: str):
     from tritongpt.train import gpt_neo_weights
     from tritongpt.train.gpt2_weights import HUB_REPOS
     from tritongpt.train.sft import load_init_model, pick_tokenizer
+    from tritongpt.train.tokenizer import same_ids
 
     named = spec in HUB_REPOS or spec in gpt_neo_weights.HUB_REPOS
     if not Path(spec).expanduser().exists() and not named:  # load_init_model would make a preset's random weights
@@ -202,7 +203,7 @@ def load_teacher(spec: str, tok, block: int, student: str):
                         "Hugging Face folder or Hub id, or a GPT-2 or GPT-Neo name)")
     teacher = load_init_model(spec)
     theirs = pick_tokenizer(None, spec, teacher.config.vocab_size)
-    if getattr(theirs, "ids_hash", theirs.hash) != getattr(tok, "ids_hash", tok.hash):
+    if not same_ids(theirs, tok):
         raise UserError(f"--teacher {spec}'s tokenizer ({theirs.name}) is not the student's ({student}: "
                         f"{tok.name}): other ids for the same text, so their next-token distributions cannot be "
                         "compared (distill from a teacher with the student's tokenizer)")
