@@ -773,3 +773,21 @@ def test_attention_window_makes_a_local_model_kept_by_init(corpus, tmp_path, cap
     assert "--window-layers: all, odd or a comma list of layer indices (0,1,2,3,4,6), got 'even'" in \
         capsys.readouterr().err
     assert not (tmp_path / "bad").exists()
+
+
+def test_hellaswag_data_of_winogrande_logs_acc_alone(corpus, tmp_path):
+    """--hellaswag-data may be any file hellaswag reads, WinoGrande's too, whose score has no acc_norm (both options
+    share their ending): the evaluation logs acc alone, not a KeyError at the first evaluation."""
+    from tritongpt.model.config import GPTConfig
+    from tritongpt.train.hellaswag import read_examples
+    from tritongpt.train.pretrain import hellaswag_eval_fn
+    from tritongpt.train.tokenizer import get_tokenizer
+
+    tok = get_tokenizer(str(corpus.tok))
+    data = tmp_path / "wino.jsonl"
+    data.write_text("".join(json.dumps({"sentence": f"The {w} did not fit in the case because the _ was too big.",
+                                        "option1": w, "option2": "case", "answer": "12"[i % 2]}) + "\n"
+                            for i, w in enumerate(("trophy", "ball", "book"))))
+    model = GPTModel(GPTConfig(vocab_size=tok.vocab_size, context_length=32, n_embd=16, n_layer=1, n_head=2))
+    got = hellaswag_eval_fn(read_examples(data), tok)(model, 0, 1)
+    assert set(got) == {"hellaswag_acc"} and 0 <= got["hellaswag_acc"] <= 1

@@ -464,7 +464,8 @@ def hellaswag_eval_fn(examples, tok):
     def run(model, rank, world_size):
         got = examples() if callable(examples) else examples
         result = hellaswag.score(model, tok, got, rank=rank, world_size=world_size)
-        return {"hellaswag_acc": result["acc"], "hellaswag_acc_norm": result["acc_norm"]}
+        # WinoGrande's options share their ending: acc alone (score gives no acc_norm)
+        return {f"hellaswag_{k}": result[k] for k in ("acc", "acc_norm") if k in result}
 
     return run
 
