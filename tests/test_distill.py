@@ -285,3 +285,19 @@ def test_a_resume_names_a_changed_alpha_and_refuses_another_teacher(corpus, ckpt
     shutil.copy(ckpts.teacher2 + "/model.safetensors", teacher / "model.safetensors")
     assert main(["pretrain", *base, "--max-steps", "3", "--resume"]) == 2
     assert f"--teacher {teacher} is not the model this run distilled from" in capsys.readouterr().err
+
+
+def test_place_teacher_names_the_teacher_and_closes_the_trainer_on_a_refusal():
+    """A teacher whose shape the trainer's kernels refuse: the error says --teacher, and the trainer's process
+    group is torn down (as a refusal of the data does), not left behind."""
+    closed = []
+    trainer = SimpleNamespace(device="cpu", args=SimpleNamespace(kernels="triton"), close=lambda: closed.append(1))
+
+    def refuse(kernels):
+        raise UserError("this model's head_dim 7 is not one the Triton attention takes")
+
+    teacher = GPTModel(GPTConfig(vocab_size=32, context_length=8, n_embd=8, n_layer=1, n_head=1))
+    teacher.set_kernels = refuse
+    with pytest.raises(UserError, match="^--teacher: this model's head_dim 7"):
+        distill.place_teacher(teacher, trainer)
+    assert closed == [1]

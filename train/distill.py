@@ -217,11 +217,20 @@ def load_teacher(spec: str, tok, block: int, student: str):
 
 
 def place_teacher(teacher, trainer) -> None:
-    """On the trainer's device, with its kernels (the loss function runs it under the trainer's autocast)."""
-    teacher.to(trainer.device)
-    if trainer.args.kernels is not None:
-        teacher.set_kernels(trainer.args.kernels)
-    teacher.eval()
+    """On the trainer's device, with its kernels (the loss function runs it under the trainer's autocast). A
+    refusal (kernels the teacher's shape cannot take) names the teacher, and closes the trainer's process group
+    first, as a refusal of the data does."""
+    try:
+        teacher.to(trainer.device)
+        if trainer.args.kernels is not None:
+            try:
+                teacher.set_kernels(trainer.args.kernels)
+            except UserError as e:
+                raise UserError(f"--teacher: {e}") from None
+        teacher.eval()
+    except BaseException:
+        trainer.close()
+        raise
 
 
 class WithTeacher:

@@ -191,7 +191,8 @@ def add_args(p: argparse.ArgumentParser):
                         "downloaded once, before training; 10042 is all of them; under torchrun each rank scores "
                         "its share; default 0: off)")
     e.add_argument("--hellaswag-data", default=None,
-                   help="the HellaSwag .jsonl to read instead of downloading it (with --hellaswag)")
+                   help="the HellaSwag .jsonl to read instead of downloading it, or another multiple-choice file "
+                        "`hellaswag --data` reads (ARC, OpenBookQA, PIQA, MMLU, WinoGrande) (with --hellaswag)")
     s = p.add_argument_group("samples")
     s.add_argument("--prompt", default="The", help="prompt for the samples printed while training "
                    "(no trailing space: BPE tokens carry their leading space)")
