@@ -351,3 +351,30 @@ def test_the_generate_command_refuses_by_name(saved, tmp_path, capsys):
         assert cli.main([*base, *extra]) == 2, extra
         err = capsys.readouterr().err
         assert said.replace("\\", "") in err, (extra, err)
+
+
+def test_chat_with_a_draft_answers_as_without_it(saved, monkeypatch, capsys):
+    """chat --draft: each greedy answer is the model's own, and the acceptance over the conversation is noted once
+    at its end (the model as its own draft keeps every proposed token); --draft-tokens alone is refused."""
+    import io
+
+    from tritongpt import cli
+
+    base = ["chat", "--weights", str(saved / "model.safetensors"), "--device", "cpu", "--template", "completion",
+            "--max-new-tokens", "7", "--temperature", "0"]
+    answers = []
+    for extra in ([], ["--draft", str(saved / "draft.safetensors")],
+                  ["--draft", str(saved / "model.safetensors"), "--draft-tokens", "2"]):
+        monkeypatch.setattr("sys.stdin", io.StringIO("The cat\nA dog\n"))
+        assert cli.main([*base, *extra]) == 0
+        out = capsys.readouterr()
+        answers.append(out.out)
+        assert out.err.count("speculative decoding:") == (1 if extra else 0), out.err
+        if "--draft-tokens" in extra:
+            # 7 tokens a reply: two steps of 2 kept + the model's own, then the 7th alone (no room to draft);
+            # summed over both replies
+            assert "1.33 draft tokens accepted per forward of the model (8 of 8 proposed, 6 forwards)" in out.err
+    assert answers[0] == answers[1] == answers[2] and answers[0].strip()
+    assert cli.main([*base, "--draft-tokens", "2"]) == 2
+    assert "--draft-tokens is how many tokens the --draft model proposes a step: pass --draft" in \
+        capsys.readouterr().err

@@ -120,9 +120,11 @@ class Conversation:
 
 def reply(model, tokenizer, ids, budget, *, temperature=0.0, top_k=None, top_p=None, dtype=None, generator=None,
           vocab_limit=None, stream: bool = True, stop_id=None, min_p=None, repetition_penalty=None,
-          frequency_penalty=None, presence_penalty=None, no_repeat_ngram_size=None):
+          frequency_penalty=None, presence_penalty=None, no_repeat_ngram_size=None, draft=None, num_draft_tokens=4,
+          stats=None):
     """Draw one answer after `ids` (printed as it comes, with stream): (its text up to the eot, or
-    stop_id (a chat template's end-of-turn token), whether the model ended it)."""
+    stop_id (a chat template's end-of-turn token), whether the model ended it). draft: a speculative decoding
+    draft model (generate()'s; stats: its acceptance, filled)."""
     import torch
 
     from tritongpt.commands import TextStream
@@ -137,7 +139,8 @@ def reply(model, tokenizer, ids, budget, *, temperature=0.0, top_k=None, top_p=N
         out = generate(model, idx, budget, temperature=temperature, top_k=top_k, top_p=top_p,
                        eos_id=eot, generator=generator, vocab_limit=vocab_limit, on_token=printer, min_p=min_p,
                        repetition_penalty=repetition_penalty, frequency_penalty=frequency_penalty,
-                       presence_penalty=presence_penalty, no_repeat_ngram_size=no_repeat_ngram_size)
+                       presence_penalty=presence_penalty, no_repeat_ngram_size=no_repeat_ngram_size, draft=draft,
+                       num_draft_tokens=num_draft_tokens, stats=stats)
     if printer:
         printer.close()
     new = out[0, len(ids):].tolist()
@@ -175,12 +178,18 @@ def read_message(read_line):
 def cmd_chat(args):
     import torch
 
-    from tritongpt.commands import check_generation_args, load_generation_model, sampling_controls
+    from tritongpt.commands import (check_generation_args, draft_note, load_draft, load_generation_model,
+                                    sampling_controls)
 
     check_generation_args(args)
     if args.max_new_tokens < 1:
         raise UserError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
+    if args.draft_tokens is not None and not args.draft:
+        raise UserError("--draft-tokens is how many tokens the --draft model proposes a step: pass --draft")
     model, tok, device, dtype, limit = load_generation_model(args)
+    draft = load_draft(args, model, tok, device) if args.draft else None
+    speculative = dict(draft=draft, num_draft_tokens=4 if args.draft_tokens is None else args.draft_tokens)
+    totals = {"target_forwards": 0, "drafted": 0, "accepted": 0}  # the acceptance over the whole conversation
     template = args.template
     if template == "auto":
         template = run_template(args.weights)
@@ -234,17 +243,21 @@ def cmd_chat(args):
             continue
         if dropped:
             note(f"the conversation outgrew the context: its {dropped} oldest turn(s) are dropped")
+        stats = {}
         answer, ended = reply(model, tok, ids, budget, temperature=args.temperature, top_k=args.top_k,
                               top_p=args.top_p, dtype=dtype, generator=gen, vocab_limit=limit, stop_id=stop,
-                              **sampling_controls(args))
+                              **sampling_controls(args), **speculative, stats=stats)
+        for k in totals:
+            totals[k] += stats.get(k, 0)
         if not ended:
             note(f"the answer was cut at {budget} tokens (--max-new-tokens, or the context's end)")
         conv.add(user, answer, dropped)
+    draft_note(totals)
     return 0
 
 
 def add_cli(sub):
-    from tritongpt.commands import add_generation_model_args, add_sampling_args
+    from tritongpt.commands import add_draft_args, add_generation_model_args, add_sampling_args
 
     p = sub.add_parser("chat", help=command_help("chat"))
     add_generation_model_args(p)
@@ -254,4 +267,5 @@ def add_cli(sub):
                         "(default %(default)s)")
     p.add_argument("--system", help="a system message to open the conversation (chat template only)")
     add_sampling_args(p, max_new_tokens=256, temperature=0.7, temperature_text="a little less random than generate's")
+    add_draft_args(p)
     p.set_defaults(func=cmd_chat)

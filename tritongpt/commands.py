@@ -353,9 +353,8 @@ def cmd_generate(args):
                        **sampling_controls(args)).tolist()
     if stream:
         stream.close()
-    if draft is not None and stats["target_forwards"]:
-        note(f"speculative decoding: {stats['accepted_per_forward']:.2f} draft tokens accepted per forward of the "
-             f"model ({stats['accepted']} of {stats['drafted']} proposed, {stats['target_forwards']} forwards)")
+    if draft is not None:
+        draft_note(stats)
     for i, row in enumerate(out):
         row = row[len(lead):]
         new = row[len(ids):]
@@ -374,6 +373,24 @@ def cmd_generate(args):
         elif ended:
             note(f"{which}the model ended the text ({tok.decode([eot])}) after {len(new)} new tokens")
     return 0
+
+
+def add_draft_args(p, extra: str = ""):
+    """generate's and chat's speculative decoding flags."""
+    p.add_argument("--draft", default=None, metavar="W",
+                   help="speculative decoding: a smaller model of the same tokenizer (taken as --weights is) "
+                        "proposes tokens that the model checks several at a time; the same text greedy, the same "
+                        f"distribution sampled{extra}")
+    p.add_argument("--draft-tokens", type=int, default=None, metavar="K",
+                   help="tokens the --draft model proposes a step (default 4)")
+
+
+def draft_note(stats: dict) -> None:
+    """The acceptance a speculative run had (generate()'s stats, or their sums over chat's replies)."""
+    if stats.get("target_forwards"):
+        note(f"speculative decoding: {stats['accepted'] / stats['target_forwards']:.2f} draft tokens accepted per "
+             f"forward of the model ({stats['accepted']} of {stats['drafted']} proposed, "
+             f"{stats['target_forwards']} forwards)")
 
 
 def load_draft(args, model, tok, device):
@@ -724,12 +741,7 @@ def add_cli(sub):
                    help="end a text where the new text holds TEXT, which is not printed (as vLLM's and OpenAI's "
                         "stop); repeat it for several (backslash escapes: --stop '\\n\\n')")
     add_sampling_args(p, max_new_tokens=50, temperature=0.8, temperature_text="as nanoGPT's sample.py")
-    p.add_argument("--draft", default=None, metavar="W",
-                   help="speculative decoding: a smaller model of the same tokenizer (taken as --weights is) "
-                        "proposes tokens that the model checks several at a time; the same text greedy, the same "
-                        "distribution sampled (with --num-samples 1)")
-    p.add_argument("--draft-tokens", type=int, default=None, metavar="K",
-                   help="tokens the --draft model proposes a step (default 4)")
+    add_draft_args(p, " (with --num-samples 1)")
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("export", help=command_help("export"))
