@@ -301,3 +301,21 @@ def test_place_teacher_names_the_teacher_and_closes_the_trainer_on_a_refusal():
     with pytest.raises(UserError, match="^--teacher: this model's head_dim 7"):
         distill.place_teacher(teacher, trainer)
     assert closed == [1]
+
+
+def test_a_mixture_of_experts_student_keeps_its_load_balancing_loss():
+    """An MoE student's distillation loss has its routers' load-balancing term, moe_aux_loss times it, as
+    forward(targets=) adds it to the mean loss; outside the (1 - A) CE + A T^2 D mix."""
+    torch.manual_seed(0)
+    cfg = dict(vocab_size=40, context_length=16, n_embd=16, n_layer=1, n_head=2, position_encoding="rope",
+               norm="rmsnorm", mlp="swiglu", bias=False)
+    student = GPTModel(GPTConfig(**cfg, n_experts=4, experts_per_token=2, moe_aux_loss=0.25))
+    teacher = GPTModel(GPTConfig(**cfg))
+    x, y = torch.randint(0, 40, (2, 11)), torch.randint(0, 40, (2, 11))
+    opts = {"distill_alpha": 0.4, "distill_temperature": 1.5, "distill_beta": 0.0}
+    got = distill.pretrain_loss_fn(teacher, opts, 37, lambda x: None)(student, (x, y))
+    with torch.no_grad():
+        t_logits = teacher(x)
+    mixed, _, _ = distill.distill_loss(student(x), t_logits, y, 37, 0.4, 1.5, 0.0)
+    aux = student.router_aux_loss()
+    assert aux > 0 and torch.allclose(got, mixed + 0.25 * aux, rtol=1e-6, atol=1e-7)
