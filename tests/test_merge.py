@@ -210,7 +210,8 @@ def merge_args(models, out, **kw):
     import argparse
 
     d = {"weights": [str(m) for m in models], "out": str(out), "method": "linear", "base": None,
-         "coefficients": None, "t": None, "density": None, "scale": 1.0, "seed": 0, "overwrite": False}
+         "coefficients": None, "t": None, "density": None, "scale": 1.0, "seed": 0, "overwrite": False,
+         "tokenizer": None}
     return argparse.Namespace(**{**d, **kw})
 
 
@@ -265,3 +266,25 @@ def test_merge_keeps_a_prompt_format_the_models_share(tmp_path, tok, capsys):
     assert main(["merge", a, c, "--out", str(tmp_path / "ac")]) == 0
     assert "different prompt formats (alpaca, chat): the merge records none" in capsys.readouterr().err
     assert run_template(tmp_path / "ac") is None
+
+
+def test_models_saved_without_a_tokenizer_merge_with_tokenizer(tmp_path, tok, capsys):
+    """Checkpoints with no tokenizer beside them (a bare model.safetensors, or GPT-2's tokenizer offline): the
+    refusal names --tokenizer, which merge takes; the models' saved tokenizers still win where they have one."""
+    paths = []
+    for i in (1, 2):
+        (tmp_path / f"n{i}").mkdir()
+        tiny(i).save(tmp_path / f"n{i}" / "model.safetensors")
+        paths.append(str(tmp_path / f"n{i}"))
+    assert main(["merge", *paths, "--out", str(tmp_path / "o")]) == 2
+    assert "(--tokenizer)" in capsys.readouterr().err
+    tok.save(tmp_path / "tok.json")
+    assert main(["merge", *paths, "--out", str(tmp_path / "o"), "--tokenizer", str(tmp_path / "tok.json")]) == 0
+    from tritongpt.train.tokenizer import get_tokenizer
+
+    assert get_tokenizer(str(tmp_path / "o")).hash == tok.hash  # saved with the merge, for generate and --init
+    # a model that saved another tokenizer is still refused: --tokenizer stands in only where none is saved
+    other_tok = BPETokenizer.train(TEXT.replace("cat", "bird").upper(), 300, name="other")
+    c = write(tiny(4), tmp_path / "c", other_tok)
+    assert main(["merge", paths[0], c, "--out", str(tmp_path / "o2"), "--tokenizer", str(tmp_path / "tok.json")]) == 2
+    assert "tokenizer is not" in capsys.readouterr().err

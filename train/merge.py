@@ -133,12 +133,17 @@ def check_same_model(paths, models, kinds) -> None:
                             "architecture and size merge, tensor by tensor")
 
 
-def check_same_tokenizer(paths, models):
-    """The tokenizer every model was saved with (pick_tokenizer's choice), the same ids for all, or a UserError."""
+def check_same_tokenizer(paths, models, spec=None):
+    """The tokenizer every model was saved with (pick_tokenizer's choice), the same ids for all, or a UserError.
+    spec (--tokenizer): the tokenizer of the models saved without one (a bare weights file; GPT-2's offline)."""
+    from tritongpt.train.gpt_neo_weights import hub_tokenizer
     from tritongpt.train.sft import pick_tokenizer
-    from tritongpt.train.tokenizer import same_ids
+    from tritongpt.train.tokenizer import same_ids, saved_tokenizer_path
 
-    toks = [pick_tokenizer(None, p, m.config.vocab_size) for p, m in zip(paths, models)]
+    def saved(p):
+        return saved_tokenizer_path(p) is not None or hub_tokenizer(p) is not None
+
+    toks = [pick_tokenizer(None if saved(p) else spec, p, m.config.vocab_size) for p, m in zip(paths, models)]
     for p, tok in zip(paths[1:], toks[1:]):
         if not same_ids(tok, toks[0]):
             raise UserError(f"merge: {p}'s tokenizer is not {paths[0]}'s (other ids for the same text): a merge "
@@ -222,7 +227,7 @@ def cmd_merge(args):
     loaded = [load_for_merge(p) for p in paths]
     models, kinds = [m for m, _ in loaded], [k for _, k in loaded]
     check_same_model(paths, models, kinds)
-    tok = check_same_tokenizer(paths, models)
+    tok = check_same_tokenizer(paths, models, args.tokenizer)
     formats = {run_template(p) for p in args.weights}
     fmt = formats.pop() if len(formats) == 1 else None
     if fmt is None and len(formats) > 1:
@@ -272,5 +277,8 @@ def add_cli(sub):
     p.add_argument("--scale", type=float, default=1.0,
                    help="the task-vector methods: multiply the merged difference by S (default %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="dare's random drops (default %(default)s)")
+    p.add_argument("--tokenizer", default=None,
+                   help="the tokenizer of models saved without one (default: the one saved with each model, else "
+                        "gpt2 for a 50257-token vocabulary, else default); saved with the merge")
     p.add_argument("--overwrite", action="store_true", help="replace a model.safetensors already in --out")
     p.set_defaults(func=cmd_merge)
