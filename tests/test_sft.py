@@ -1440,3 +1440,34 @@ def test_a_resume_names_a_neftune_alpha_set_or_dropped(tmp_path, capsys):
     run(0.0, 1, "clean")
     err = run(5.0, 2, "clean", resume="latest")
     assert "--neftune-noise-alpha 5.0 (0.0)" in err and "did not record" not in err
+
+
+def test_a_resume_at_every_default_names_no_unrecorded_flag(tmp_path, capsys):
+    """A checkpoint older than one of sft's own flags (here --overlong, dropped from its record) resumed with that
+    flag at its default ("drop", what the older run did): nothing to name. Another value is named."""
+    from tritongpt.train import common, sft
+    from tritongpt.train.loop import TrainArgs
+    from tritongpt.train.tasks import generate_tasks
+    from tritongpt.train.tokenizer import get_tokenizer
+
+    tok = get_tokenizer("default")
+    recs = generate_tasks(8, seed=3, families=["first_word"])
+
+    def run(steps, resume=None, **kw):
+        torch.manual_seed(1)
+        model = GPTModel(GPTConfig(vocab_size=tok.vocab_size, context_length=256, n_embd=32, n_layer=1, n_head=2))
+        args = TrainArgs(out_dir=str(tmp_path / "run"), max_steps=steps, batch_size=4, eval_every=0, ckpt_every=0,
+                         sample_every=0, log_every=1, device="cpu", kernels="reference", seed=0, resume=resume)
+        sft.run_sft(model, tok, recs[:6], recs[6:], recs[6:], args, sample=False, **kw)
+        return capsys.readouterr().err
+
+    run(1)
+    ck = common.Checkpointer(tmp_path / "run").latest()
+    state = common.load_state(ck)
+    del state["args"]["overlong"]
+    torch.save(state, ck / "state.pt")
+    assert "did not record" not in run(2, resume="latest")
+    state = common.load_state(common.Checkpointer(tmp_path / "run").latest())
+    del state["args"]["overlong"]
+    torch.save(state, common.Checkpointer(tmp_path / "run").latest() / "state.pt")
+    assert "resuming with --overlong truncate, which" in run(3, resume="latest", overlong="truncate")

@@ -289,7 +289,8 @@ def train_dpo(policy, ref, tokenizer, train_pairs, val_pairs, args, beta: float 
                                 # is the same run
                                 "label_smoothing": label_smoothing, "simpo_gamma": gamma if loss_type == "simpo"
                                 else None, "rpo_alpha": rpo_alpha},  # 0 too: a resume dropping it is named
-                      prompt_format=train_pairs[0].format if train_pairs else None)
+                      prompt_format=train_pairs[0].format if train_pairs else None,
+                      run_defaults={"beta": 0.1, "loss_type": "sigmoid"})
     result = trainer.fit()
     if trainer.is_main:  # loss.png has the losses; margins and accuracy get their own plot
         common.plot_curves(trainer.metrics.rows(), trainer.out_dir / "margin.png",

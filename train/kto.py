@@ -389,7 +389,9 @@ def train_kto(policy, ref, tokenizer, train_examples, val_examples, args, beta: 
                       eval_fn=eval_fn, name="kto", data_state=FrozenReference(ref),
                       run_args={**(run_args or {}), "beta": beta, "loss_type": loss_type,
                                 "desirable_weight": desirable_weight, "undesirable_weight": undesirable_weight},
-                      prompt_format=train_examples[0].format if train_examples else None)
+                      prompt_format=train_examples[0].format if train_examples else None,
+                      run_defaults={"beta": 0.1, "loss_type": "kto", "desirable_weight": 1.0,
+                                    "undesirable_weight": 1.0})
     result = trainer.fit()
     if trainer.is_main:  # loss.png has the losses; the rewards get their own plot
         common.plot_curves(trainer.metrics.rows(), trainer.out_dir / "margin.png",

@@ -348,12 +348,15 @@ class Trainer:
 
     def __init__(self, model, args: TrainArgs, loss_fn, get_batch, eval_fn=None, sample_fn=None, shared_eval_fn=None,
                  name: str = "pretrain", data_state=None, run_args: dict | None = None,
-                 prompt_format: str | None = None, step_metrics=None):
+                 prompt_format: str | None = None, step_metrics=None, run_defaults: dict | None = None):
         args.validate()
         # before the process group exists: a refusal then leaves no threads behind
         self._clear_first = common.check_out_dir(args.out_dir, args.resume, args.overwrite)
         self.args, self.name = args, name
         self.run_args = dict(run_args or {})
+        # the run_args' defaults that are not "off" (DPO's beta 0.1, sft's --overlong drop): what a checkpoint older
+        # than such a flag ran with, so a resume at that value names no unrecorded flag (common.unrecorded_flags)
+        self.run_defaults = dict(run_defaults or {})
         self.prompt_format = prompt_format
         self.loss_fn, self.get_batch, self.eval_fn, self.sample_fn = loss_fn, get_batch, eval_fn, sample_fn
         self.shared_eval_fn = shared_eval_fn
@@ -659,7 +662,7 @@ class Trainer:
             state = {**state, "args": {**state.get("args", {}), "moe_aux_loss": saved_cfg.get("moe_aux_loss", 0.0)}}
         common.check_resume(ckpt, state, now_args, names, "step", "--max-steps", str(self.dtype),
                             say=self.is_main, kernels=self._kernels(),
-                            defaults={f.name: f.default for f in fields(TrainArgs)})
+                            defaults={**{f.name: f.default for f in fields(TrainArgs)}, **self.run_defaults})
         if state["step"] == self.args.max_steps and self.is_main:
             note(f"{ckpt} is already at --max-steps {self.args.max_steps}: nothing to train, "
                  "evaluating it")

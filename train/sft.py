@@ -671,7 +671,7 @@ def run_sft(model, tokenizer, train_records, val_records, test_records, args, *,
                                 "max_length": max_length, "packing": packing, **loss_options,
                                 "neftune_noise_alpha": neftune_alpha, **(distill or {})},
                       prompt_format=formats.format_of(train_records[0]),
-                      step_metrics=parts.pop if teacher is not None else None)
+                      step_metrics=parts.pop if teacher is not None else None, run_defaults={"overlong": "drop"})
     if teacher is not None:
         kd.place_teacher(teacher, trainer)
     out_dir = Path(args.out_dir)
