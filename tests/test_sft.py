@@ -1443,8 +1443,9 @@ def test_a_resume_names_a_neftune_alpha_set_or_dropped(tmp_path, capsys):
 
 
 def test_a_resume_at_every_default_names_no_unrecorded_flag(tmp_path, capsys):
-    """A checkpoint older than one of sft's own flags (here --overlong, dropped from its record) resumed with that
-    flag at its default ("drop", what the older run did): nothing to name. Another value is named."""
+    """A checkpoint older than sft's own flags (here --overlong and the data flags, dropped from its record: those
+    were first recorded together) resumed with them at their defaults (what the older run did): nothing to name.
+    Another value is named."""
     from tritongpt.train import common, sft
     from tritongpt.train.loop import TrainArgs
     from tritongpt.train.tasks import generate_tasks
@@ -1458,13 +1459,15 @@ def test_a_resume_at_every_default_names_no_unrecorded_flag(tmp_path, capsys):
         model = GPTModel(GPTConfig(vocab_size=tok.vocab_size, context_length=256, n_embd=32, n_layer=1, n_head=2))
         args = TrainArgs(out_dir=str(tmp_path / "run"), max_steps=steps, batch_size=4, eval_every=0, ckpt_every=0,
                          sample_every=0, log_every=1, device="cpu", kernels="reference", seed=0, resume=resume)
-        sft.run_sft(model, tok, recs[:6], recs[6:], recs[6:], args, sample=False, **kw)
+        data = {"data": None, "tasks": sft.DEFAULT_TASKS, "n_train": sft.DEFAULT_N_TRAIN, "val_fraction": 0.1}
+        sft.run_sft(model, tok, recs[:6], recs[6:], recs[6:], args, sample=False, run_args=data, **kw)
         return capsys.readouterr().err
 
     run(1)
     ck = common.Checkpointer(tmp_path / "run").latest()
     state = common.load_state(ck)
-    del state["args"]["overlong"]
+    for k in ("overlong", "tasks", "n_train", "val_fraction"):
+        del state["args"][k]
     torch.save(state, ck / "state.pt")
     assert "did not record" not in run(2, resume="latest")
     state = common.load_state(common.Checkpointer(tmp_path / "run").latest())

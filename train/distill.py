@@ -43,6 +43,10 @@ from tritongpt.errors import UserError
 DEFAULT_ALPHA, DEFAULT_TEMPERATURE, DEFAULT_BETA = 0.5, 1.0, 0.0
 FLAGS = {"distill_alpha": "--distill-alpha", "distill_temperature": "--distill-temperature",
          "distill_beta": "--distill-beta"}
+# what a run without a teacher records, and so what a checkpoint from before these flags ran with (a resume at
+# them names nothing: common.unrecorded_flags)
+RUN_DEFAULTS = {"teacher": None, "distill_alpha": DEFAULT_ALPHA, "distill_temperature": DEFAULT_TEMPERATURE,
+                "distill_beta": DEFAULT_BETA}
 
 
 def add_distill_args(p: argparse.ArgumentParser) -> None:

@@ -282,6 +282,8 @@ def train_dpo(policy, ref, tokenizer, train_pairs, val_pairs, args, beta: float 
         out.update(train_margin=t["margin"], train_acc=t["acc"])
         return out
 
+    from tritongpt.train.reward import DATA_DEFAULTS
+
     trainer = Trainer(policy, args, make_loss_fn(beta, loss_type, label_smoothing, gamma, rpo_alpha), get_batch,
                       eval_fn=eval_fn, name="dpo", data_state=FrozenReference(ref),
                       run_args={**(run_args or {}), "beta": beta, "loss_type": loss_type,
@@ -290,7 +292,7 @@ def train_dpo(policy, ref, tokenizer, train_pairs, val_pairs, args, beta: float 
                                 "label_smoothing": label_smoothing, "simpo_gamma": gamma if loss_type == "simpo"
                                 else None, "rpo_alpha": rpo_alpha},  # 0 too: a resume dropping it is named
                       prompt_format=train_pairs[0].format if train_pairs else None,
-                      run_defaults={"beta": 0.1, "loss_type": "sigmoid"})
+                      run_defaults={**DATA_DEFAULTS, "beta": 0.1, "loss_type": "sigmoid"})
     result = trainer.fit()
     if trainer.is_main:  # loss.png has the losses; margins and accuracy get their own plot
         common.plot_curves(trainer.metrics.rows(), trainer.out_dir / "margin.png",

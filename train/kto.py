@@ -385,12 +385,14 @@ def train_kto(policy, ref, tokenizer, train_examples, val_examples, args, beta: 
         out.update({f"train_{k}": t[k] for k in ("margin", "kl", "acc") if k in t})
         return out
 
+    from tritongpt.train.reward import DATA_DEFAULTS
+
     trainer = Trainer(policy, args, make_loss_fn(beta, loss_type, desirable_weight, undesirable_weight), get_batch,
                       eval_fn=eval_fn, name="kto", data_state=FrozenReference(ref),
                       run_args={**(run_args or {}), "beta": beta, "loss_type": loss_type,
                                 "desirable_weight": desirable_weight, "undesirable_weight": undesirable_weight},
                       prompt_format=train_examples[0].format if train_examples else None,
-                      run_defaults={"beta": 0.1, "loss_type": "kto", "desirable_weight": 1.0,
+                      run_defaults={**DATA_DEFAULTS, "beta": 0.1, "loss_type": "kto", "desirable_weight": 1.0,
                                     "undesirable_weight": 1.0})
     result = trainer.fit()
     if trainer.is_main:  # loss.png has the losses; the rewards get their own plot

@@ -223,7 +223,7 @@ def train_reward_model(model: RewardModel, tokenizer, train_pairs, val_pairs, ar
     run_args = {**(run_args or {}), "center_rewards_coefficient": center_rewards_coefficient}
     trainer = Trainer(model, args, make_reward_loss(center_rewards_coefficient),
                       make_get_batch(train, args.batch_size, pad), eval_fn=eval_fn, name="reward", run_args=run_args,
-                      prompt_format=train_pairs[0].format if train_pairs else None)
+                      prompt_format=train_pairs[0].format if train_pairs else None, run_defaults=DATA_DEFAULTS)
     result = trainer.fit()
     if trainer.is_main:  # loss.png has the losses; accuracy gets its own plot
         from tritongpt.train.common import plot_curves
@@ -283,6 +283,10 @@ def build_backbone(args):
     return GPTModel(get_config(preset, vocab_size=args.vocab_size, vocab_multiple=multiple or 1))
 
 
+# data_run_args' defaults: what a run from before they were recorded went with (Trainer's run_defaults)
+DATA_DEFAULTS = {"num_pairs": 2000, "val_fraction": 0.1}
+
+
 def add_data_args(p, unpaired: bool = False):
     """unpaired: kto's, which also takes unpaired examples (and makes two of each pair)."""
     kto = ("; or unpaired examples, {prompt, completion, label: true|false} (a chat's prompt a message list, its "
@@ -298,10 +302,10 @@ def add_data_args(p, unpaired: bool = False):
     from tritongpt.train.chat_template import add_chat_template_arg
 
     add_chat_template_arg(p)
-    p.add_argument("--num-pairs", type=int, default=2000,
+    p.add_argument("--num-pairs", type=int, default=DATA_DEFAULTS["num_pairs"],
                    help="embedded training pairs (train split of the tasks) (default %(default)s)")
     held = "held-out pairs (or unpaired examples)" if unpaired else "held-out pairs"
-    p.add_argument("--val-fraction", type=float, default=0.1,
+    p.add_argument("--val-fraction", type=float, default=DATA_DEFAULTS["val_fraction"],
                    help=f"{held}: this share of --num-pairs from the tasks' val split, or of a --data file "
                         "(default %(default)s)")
     p.add_argument("--init", default=None,

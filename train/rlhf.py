@@ -902,10 +902,12 @@ class RLHFTrainer:
             saved = {**saved, "verifier": was}  # stop 27's, inferred: not a flag newer than the checkpoint
         common.load_checkpoint_weights(self.policy, ckpt, self.device, self.policy.config, "policy")
         names = TRAJECTORY_ARGS + tuple(self.run_args) + (("reward_weights",) if several else ())
+        from tritongpt.train.reward import DATA_DEFAULTS
+
         common.check_resume(ckpt, {**state, "args": saved}, now_args, tuple(dict.fromkeys(names)),
                             "iteration", "--iterations",
                             str(self.dtype), say=self.log_enabled, kernels=self.policy.config.kernels,
-                            defaults={f.name: f.default for f in fields(RLArgs)})
+                            defaults={**{f.name: f.default for f in fields(RLArgs)}, **DATA_DEFAULTS})
         if self.model.value_head is not None:
             self.model.value_head.load_state_dict(state["value_head"])
         self.optimizer.load_state_dict(state["optimizer"])

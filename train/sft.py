@@ -50,6 +50,8 @@ from tritongpt.cli import command_help
 
 IGNORE_INDEX = -100
 DEFAULT_TASKS, DEFAULT_N_TRAIN, DEFAULT_N_EVAL = "all", 5000, 200  # the embedded tasks' flags
+# the recorded flags' defaults that are not "off": what a run from before they were recorded went with
+RUN_DEFAULTS = {"overlong": "drop", "tasks": DEFAULT_TASKS, "n_train": DEFAULT_N_TRAIN, "val_fraction": 0.1}
 
 
 # -- records ----------------------------------------------------------------------------------------
@@ -671,7 +673,8 @@ def run_sft(model, tokenizer, train_records, val_records, test_records, args, *,
                                 "max_length": max_length, "packing": packing, **loss_options,
                                 "neftune_noise_alpha": neftune_alpha, **(distill or {})},
                       prompt_format=formats.format_of(train_records[0]),
-                      step_metrics=parts.pop if teacher is not None else None, run_defaults={"overlong": "drop"})
+                      step_metrics=parts.pop if teacher is not None else None,
+                      run_defaults={**RUN_DEFAULTS, **kd.RUN_DEFAULTS})
     if teacher is not None:
         kd.place_teacher(teacher, trainer)
     out_dir = Path(args.out_dir)
@@ -824,7 +827,7 @@ def add_cli(sub):
     p.add_argument("--n-eval", type=int, default=DEFAULT_N_EVAL,
                    help="embedded held-out records, each of val and test; the whole test split is "
                         "answered once at the end (default %(default)s)")
-    p.add_argument("--val-fraction", type=float, default=0.1,
+    p.add_argument("--val-fraction", type=float, default=RUN_DEFAULTS["val_fraction"],
                    help="share of a --data file held out, by prompt hash (default %(default)s)")
     add_chat_template_arg(p)
     p.add_argument("--no-mask-prompt", action="store_true",
