@@ -288,3 +288,29 @@ def test_models_saved_without_a_tokenizer_merge_with_tokenizer(tmp_path, tok, ca
     c = write(tiny(4), tmp_path / "c", other_tok)
     assert main(["merge", paths[0], c, "--out", str(tmp_path / "o2"), "--tokenizer", str(tmp_path / "tok.json")]) == 2
     assert "tokenizer is not" in capsys.readouterr().err
+
+
+def test_a_model_and_its_hugging_face_round_trip_are_one_architecture(tmp_path, tok):
+    """A config field whose 0 means a default (mlp_hidden, n_kv_head, attention_head_dim, rotary_dim, and
+    attention_multiplier's 1/sqrt(head_dim)) compares as the value it means: a model's export, read back, says
+    them explicitly, and is the same model. moe_aux_loss is how a MoE trains, not what it computes."""
+    llama = dict(position_encoding="rope", norm="rmsnorm", mlp="swiglu", bias=False)
+    plain = tiny(1, **llama)
+    cfg = plain.config
+    explicit = tiny(2, **llama, mlp_hidden=cfg.ff_hidden, n_kv_head=cfg.kv_heads, attention_head_dim=cfg.head_dim,
+                    rotary_dim=cfg.head_dim, attention_multiplier=1 / math.sqrt(cfg.head_dim))
+    a, b = write(plain, tmp_path / "a", tok), write(explicit, tmp_path / "b", tok)
+    assert main(["merge", a, b, "--out", str(tmp_path / "ab")]) == 0
+    out = GPTModel.load(tmp_path / "ab" / "model.safetensors")
+    for (n, p), x, y in zip(out.named_parameters(), plain.parameters(), explicit.parameters()):
+        assert torch.allclose(p, (x + y) / 2, atol=1e-6), n
+    # another value is another model still
+    wider = write(tiny(3, **llama, mlp_hidden=cfg.ff_hidden + 8), tmp_path / "w", tok)
+    with pytest.raises(UserError, match=r"mlp_hidden 72 \(.*: 64\)"):
+        merge.cmd_merge(merge_args([a, wider], tmp_path / "o"))
+    scaled = write(tiny(4, **llama, attention_multiplier=0.5), tmp_path / "s", tok)
+    with pytest.raises(UserError, match="attention_multiplier 0.5"):
+        merge.cmd_merge(merge_args([a, scaled], tmp_path / "o"))
+    moe = dict(llama, n_experts=2, experts_per_token=1)
+    m1, m2 = write(tiny(5, **moe), tmp_path / "m1", tok), write(tiny(6, **moe, moe_aux_loss=0.01), tmp_path / "m2", tok)
+    assert main(["merge", m1, m2, "--out", str(tmp_path / "moe")]) == 0

@@ -114,8 +114,27 @@ def load_for_merge(path):
     return load_checkpoint(path), "lm"
 
 
-# config fields that are not the model's function: how it runs (kernels) and how it trains (dropout)
-NOT_ARCHITECTURE = ("kernels", "dropout")
+# config fields that are not the model's function: how it runs (kernels) and how it trains (dropout, the MoE's
+# load-balancing weight)
+NOT_ARCHITECTURE = ("kernels", "dropout", "moe_aux_loss")
+
+
+DEFAULTED = ("mlp_hidden", "n_kv_head", "attention_head_dim", "rotary_dim", "attention_multiplier")  # 0: a default
+
+
+def architecture(cfg) -> dict:
+    """cfg's fields that say what the model computes, those whose 0 means a default as the value it means (a Hugging
+    Face folder, our export's too, says mlp_hidden, n_kv_head, attention_head_dim and the attention's scale
+    explicitly: the same model)."""
+    import math
+
+    d = {k: v for k, v in cfg.to_dict().items() if k not in NOT_ARCHITECTURE}
+    d.update(mlp_hidden=cfg.ff_hidden, n_kv_head=cfg.kv_heads, attention_head_dim=cfg.head_dim)
+    if cfg.position_encoding == "rope":
+        d["rotary_dim"] = cfg.rotary_dim or cfg.head_dim
+    if cfg.scale_attention and not cfg.attention_scale_width:
+        d["attention_multiplier"] = cfg.attention_multiplier or 1.0 / math.sqrt(cfg.head_dim)
+    return d
 
 
 def check_same_model(paths, models, kinds) -> None:
@@ -123,11 +142,12 @@ def check_same_model(paths, models, kinds) -> None:
     if len(set(kinds)) > 1:
         which = [f"{p} is {'a reward model' if k == 'reward' else 'a causal LM'}" for p, k in zip(paths, kinds)]
         raise UserError(f"merge: {'; '.join(which)}: merge causal LMs or reward models, not both")
-    first = {k: v for k, v in models[0].config.to_dict().items() if k not in NOT_ARCHITECTURE}
+    first, first_raw = architecture(models[0].config), models[0].config.to_dict()
     for p, m in zip(paths[1:], models[1:]):
-        cfg = {k: v for k, v in m.config.to_dict().items() if k not in NOT_ARCHITECTURE}
+        cfg, raw = architecture(m.config), m.config.to_dict()
+        # a default (0) in both that differs follows from a field named here (n_embd, n_head): not named itself
         diffs = [f"{k} {cfg.get(k)} ({paths[0]}: {first.get(k)})" for k in sorted(set(first) | set(cfg))
-                 if first.get(k) != cfg.get(k)]
+                 if first.get(k) != cfg.get(k) and (first_raw.get(k) or raw.get(k) or k not in DEFAULTED)]
         if diffs:
             raise UserError(f"merge: {p} is another model than {paths[0]}: {', '.join(diffs)}; only models of one "
                             "architecture and size merge, tensor by tensor")
