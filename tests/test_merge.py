@@ -253,6 +253,21 @@ def test_merge_refuses_other_models_tokenizers_and_bad_flags(tmp_path, tok, caps
     assert "is one of the models merged" in capsys.readouterr().err
     assert main(["merge", a, str(tmp_path / "nope"), "--out", str(tmp_path / "o")]) == 2
     assert "nope not found" in capsys.readouterr().err and not (tmp_path / "o").exists()
+    # nor a training run's folder or checkpoint (its own tokenizer.json, its newest checkpoint as --weights run/,
+    # a checkpoint's weights under its state.pt), as `export` refuses them
+    from tritongpt.train import common
+
+    run = tmp_path / "run"
+    ck = run / "ckpt-0000001"
+    ck.mkdir(parents=True)
+    tiny(5).save(ck / "model.safetensors")
+    torch.save({"step": 1}, ck / "state.pt")
+    before = (ck / "model.safetensors").read_bytes()
+    for target in (run, ck):
+        assert main(["merge", a, b, "--out", str(target), "--overwrite"]) == 2
+        assert "is a tritongpt run or checkpoint folder" in capsys.readouterr().err
+    assert (ck / "model.safetensors").read_bytes() == before and not (run / "model.safetensors").exists()
+    assert common.resolve_checkpoint(run) == ck / "model.safetensors"
 
 
 def test_merge_keeps_a_prompt_format_the_models_share(tmp_path, tok, capsys):

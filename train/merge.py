@@ -237,6 +237,11 @@ def cmd_merge(args):
     target = out / "model.safetensors"
     if out.exists() and not out.is_dir():
         raise UserError(f"merge --out {out} is a file: name a folder")
+    run_files = [n for n in ("state.pt", "metrics.jsonl") if (out / n).is_file()] + \
+        [p.name for p in out.glob("ckpt-*")][:1] if out.is_dir() else []
+    if run_files:  # its tokenizer.json replaced, its checkpoints shadowed (--weights run/), or its weights replaced
+        raise UserError(f"merge --out {out} is a tritongpt run or checkpoint folder ({', '.join(run_files)}): write "
+                        "the merge to a folder of its own")
     if target.exists() and not args.overwrite:
         raise UserError(f"merge --out {out} already holds a model.safetensors: --overwrite to replace it, or "
                         "another --out")
