@@ -239,6 +239,7 @@ def test_merge_refuses_other_models_tokenizers_and_bad_flags(tmp_path, tok, caps
         (dict(method="ties", base=a, density=0.0), r"--density must be in \(0, 1\]"),
         (dict(scale=2.0), "--scale multiplies the merged task vector"),
         (dict(method="task_arithmetic", base=a, scale=float("inf")), "--scale must be a finite number"),
+        (dict(method="dare_ties", base=a, seed=2**64), "--seed must be a 64-bit integer"),
     ]
     for kw, msg in cases:
         with pytest.raises(UserError, match=msg):

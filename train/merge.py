@@ -226,6 +226,9 @@ def check_merge_args(args) -> None:
                         "dare_ties)")
     if not torch.isfinite(torch.tensor(args.scale)):
         raise UserError(f"merge --scale must be a finite number, got {args.scale}")
+    from tritongpt.train.common import check_seed
+
+    check_seed(args.seed)  # dare's generator: torch's overflow error otherwise, after every model was read
 
 
 def cmd_merge(args):
