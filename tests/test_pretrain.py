@@ -80,6 +80,8 @@ def test_cli_short_job_learns_and_writes_metrics_plot_checkpoint_then_resumes(co
     ck = common.Checkpointer(out).latest()
     state = common.load_state(ck)
     del state["args"]["grad_clip"], state["args"]["document_mask"]
+    for k in ("teacher", "distill_alpha", "distill_temperature", "distill_beta"):  # (distillation's: at defaults)
+        del state["args"][k]
     torch.save(state, ck / "state.pt")
     rc = main(["pretrain", *argv(corpus, out, "--max-steps", "35", "--resume", "--sample-tokens", "0")])
     assert rc == 0 and "did not record" not in capsys.readouterr().err

@@ -617,7 +617,7 @@ def pretrain(args) -> dict:
                       name="pretrain", data_state=position,
                       run_args={"init": common.data_path(args.init), "document_mask": args.document_mask, **options,
                                 **distill_options},
-                      step_metrics=parts.pop if teacher is not None else None)
+                      step_metrics=parts.pop if teacher is not None else None, run_defaults=distill.RUN_DEFAULTS)
     if teacher is not None:
         distill.place_teacher(teacher, trainer)
     try:
