@@ -154,10 +154,12 @@ def test_greedy_stops_at_an_eos_inside_a_block(target, other, draft_is_target):
     eos = plain[2]  # the third new token: inside the first block of 4 draft tokens
     want = generate(target, idx, 12, eos_id=eos)
     assert want.size(1) == 3 + plain.index(eos) + 1
-    drawn = []
+    drawn, stats = [], {}
     got = generate(target, idx, 12, eos_id=eos, draft=target if draft_is_target else other, num_draft_tokens=4,
-                   on_token=lambda t: drawn.append(int(t)))
+                   on_token=lambda t: drawn.append(int(t)), stats=stats)
     assert torch.equal(got, want) and drawn == want[0, 3:].tolist()
+    if draft_is_target:  # all 4 proposed and accepted, the 3rd the EOS: the 4th, after it, is not counted as kept
+        assert stats["drafted"] == 4 and stats["accepted"] == plain.index(eos) + 1 == 3
 
 
 def test_greedy_with_penalties_ngram_ban_stop_and_vocab_limit(target, other):
@@ -378,3 +380,39 @@ def test_chat_with_a_draft_answers_as_without_it(saved, monkeypatch, capsys):
     assert cli.main([*base, "--draft-tokens", "2"]) == 2
     assert "--draft-tokens is how many tokens the --draft model proposes a step: pass --draft" in \
         capsys.readouterr().err
+
+
+class FixedOrder(torch.nn.Module):
+    """A model stand-in over 3 ids whose logits always rank `order` first to last, with a cache that only counts."""
+
+    def __init__(self, order):
+        super().__init__()
+        self.config = type("Config", (), dict(context_length=64, rope_scaling=None, vocab_size=3))()
+        self.scores = torch.zeros(3)
+        for rank, i in enumerate(order):
+            self.scores[i] = 3.0 - rank
+
+    def new_cache(self, batch, length):
+        return type("Cache", (), dict(pos=0, crop=lambda c, n: setattr(c, "pos", n),
+                                      reset=lambda c: setattr(c, "pos", 0)))()
+
+    def forward(self, idx, cache=None):
+        if cache is not None:
+            cache.pos += idx.size(1)
+        return self.scores.expand(idx.size(0), idx.size(1), 3).clone()
+
+
+def test_a_draft_path_the_ngram_ban_leaves_nothing_does_not_stop_generation():
+    """no_repeat_ngram_size 2 over 3 ids: the draft's own path (0, 0, 2, 0 after [0, 1]) reaches a token whose every
+    continuation repeats a bigram, a path the model never takes; drafting there raised "bans every token" where
+    plain decoding goes on. The draft now proposes unbanned, the model refuses it, and the text is plain decoding's."""
+    target, draft = FixedOrder([1, 2, 0]), FixedOrder([0, 1, 2])
+    idx = torch.tensor([[0, 1]])
+    want = generate(target, idx, 6, no_repeat_ngram_size=2)
+    assert want[0, 2:].tolist() == [1, 2, 1, 0, 2, 2]
+    got = generate(target, idx, 6, no_repeat_ngram_size=2, draft=draft, num_draft_tokens=5)
+    assert torch.equal(got, want)
+    # where the kept text itself leaves nothing (n = 1 over 3 ids: the 3rd new token), the error is plain decoding's
+    for d in (None, draft, target):
+        with pytest.raises(UserError, match="--no-repeat-ngram-size 1 bans every token"):
+            generate(target, torch.tensor([[1]]), 3, no_repeat_ngram_size=1, draft=d, num_draft_tokens=2)

@@ -366,6 +366,7 @@ def _speculative(model, draft, idx, max_new_tokens, warp: dict, eos_id, generato
     forwards = proposed = accepted = 0
     orig = model.config.rope_scaling and model.config.rope_scaling.get("original_max_position_embeddings")
     longrope = bool(model.config.rope_scaling) and model.config.rope_scaling["rope_type"] == "longrope"
+    ban = warp.get("no_repeat_ngram_size")
     while idx.size(1) - start < max_new_tokens:
         L = idx.size(1)
         # the step's last token is the model's own: k + 1 new tokens at most; the model runs L + k positions,
@@ -378,22 +379,28 @@ def _speculative(model, draft, idx, max_new_tokens, warp: dict, eos_id, generato
             k = min(k, orig - L)
         k = max(k, 0)
         text, q_logits = idx, []
+        no_row = torch.zeros(1, dtype=torch.bool, device=idx.device)
         for _ in range(k):
             logits = _feed(draft, draft_cache, text)[:, -1, :vocab_limit]
-            w = sampling_logits(logits, seen=text, generated_from=start, **warp)
+            # live False: where the n-gram ban leaves a drafted path nothing, its logits stay unbanned rather than
+            # raising (a path plain decoding may never take); raised below only if the text kept reaches it
+            w = sampling_logits(logits, seen=text, generated_from=start, live=no_row, **warp)
             q_logits.append(w)
             text = torch.cat([text, _draw(w, greedy, generator)], dim=1)
         logits = _feed(model, cache, text)[:, -(k + 1):, :vocab_limit]
         # each position warped with the tokens before it: the penalties and the n-gram ban as _generate applies them
-        p_logits = torch.stack([sampling_logits(logits[:, j], seen=text[:, :L + j], generated_from=start, **warp)
-                                for j in range(k + 1)], dim=1)
+        p_logits = torch.stack([sampling_logits(logits[:, j], seen=text[:, :L + j], generated_from=start,
+                                                live=no_row, **warp) for j in range(k + 1)], dim=1)
         q_logits = torch.stack(q_logits, dim=1) if k else p_logits[:, :0]
         n, nxt = accept_drafts(p_logits, q_logits, text[:, L:], greedy, generator)
         n = int(n)
-        forwards, proposed, accepted = forwards + 1, proposed + k, accepted + n
+        forwards, proposed = forwards + 1, proposed + k
         done = False
-        for tok in torch.cat([text[:, L:L + n], nxt], dim=1).split(1, dim=1):  # one at a time, as _generate
+        for j, tok in enumerate(torch.cat([text[:, L:L + n], nxt], dim=1).split(1, dim=1)):  # as _generate does
+            if ban:  # the kept text is plain decoding's: where the ban leaves it nothing here, plain decoding's error
+                ban_repeated_ngrams(logits[:, j], idx, ban)
             idx = torch.cat([idx, tok], dim=1)
+            accepted += j < n  # (draft tokens after an EOS or a stop are not counted)
             if on_token is not None:
                 on_token(tok)
             done = (eos_id is not None and int(tok) == eos_id) or (stop is not None and bool(stop(idx).any()))
