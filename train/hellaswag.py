@@ -304,26 +304,42 @@ def score(model, tok, examples, batch_size: int = 8, dtype=None, progress: bool 
     return result
 
 
-def cmd_hellaswag(args):
+def check_counts(limit, limit_flag: str, batch_size: int) -> None:
+    """hellaswag's and lambada's --max-examples/--limit and --batch-size, before any work."""
+    if limit is not None and limit < 1:
+        raise UserError(f"{limit_flag} must be at least 1, got {limit}")
+    if batch_size < 1:
+        raise UserError(f"--batch-size must be at least 1, got {batch_size}")
+
+
+def load_scorer(args):
+    """(model on its device with --kernels, tokenizer, device, dtype) for hellaswag's and lambada's scoring."""
     from tritongpt.train.common import pick_device, pick_dtype
     from tritongpt.train.sft import load_init_model, pick_tokenizer
 
-    if args.max_examples is not None and args.max_examples < 1:
-        raise UserError(f"--max-examples must be at least 1, got {args.max_examples}")
-    if args.batch_size < 1:
-        raise UserError(f"--batch-size must be at least 1, got {args.batch_size}")
+    device = pick_device(args.device)
+    model = load_init_model(args.weights, args.model).to(device)
+    model.set_kernels(args.kernels)
+    tok = pick_tokenizer(args.tokenizer, args.weights, model.config.vocab_size)
+    return model, tok, device, pick_dtype(args.dtype, device)
+
+
+def run_facts(args, model, tok, device, url: str) -> dict:
+    """What a scoring result is of (its --json record): the weights, data, tokenizer, kernels and device."""
+    return dict(weights=str(args.weights), data=str(args.data or url), tokenizer=tok.name,
+                kernels=sorted(model.kernels) or ["reference"], device=str(device))
+
+
+def cmd_hellaswag(args):
+    check_counts(args.max_examples, "--max-examples", args.batch_size)
     if args.data is None:
         shape, examples = read_shaped(download(args.cache_dir), "HellaSwag file")
     else:
         shape, examples = read_shaped(args.data)
     examples = examples[:args.max_examples]
-    device = pick_device(args.device)
-    model = load_init_model(args.weights, args.model).to(device)
-    model.set_kernels(args.kernels)
-    tok = pick_tokenizer(args.tokenizer, args.weights, model.config.vocab_size)
-    result = score(model, tok, examples, args.batch_size, pick_dtype(args.dtype, device), progress=not args.json)
-    result.update(benchmark=shape, weights=str(args.weights), data=str(args.data or URL), tokenizer=tok.name,
-                  kernels=sorted(model.kernels) or ["reference"], device=str(device))
+    model, tok, device, dtype = load_scorer(args)
+    result = score(model, tok, examples, args.batch_size, dtype, progress=not args.json)
+    result.update(benchmark=shape, **run_facts(args, model, tok, device, URL))
     if args.json:
         print(json.dumps(result, indent=1))
     else:
@@ -336,30 +352,35 @@ def cmd_hellaswag(args):
     return 0
 
 
-def add_cli(sub):
+def add_scoring_args(p, data_help: str, limit_flags, limit_help: str, batch_help: str):
+    """hellaswag's and lambada's flags: the model, --data, the count, the batch, the tokenizer, dtype, cache, JSON."""
     from tritongpt.commands import add_dtype_arg, add_model_args
 
-    p = sub.add_parser("hellaswag", help=command_help("hellaswag"),
-                       description=__doc__.split("\n\n")[0])
     add_model_args(p, default_model=None)
     p.add_argument("--weights", required=True,
                    help="tritongpt checkpoint (file, checkpoint or run folder), a Hugging Face GPT-2 or GPT-Neo "
                         "model.safetensors, a GPT-2 or GPT-Neo name (gpt2-small, gpt-neo-125m ...: downloads the "
                         "weights), or " + HUB_REPO_HELP)
-    p.add_argument("--data", default=None,
-                   help="HellaSwag .jsonl (ctx, endings, label per line; default: the validation split, "
-                        "downloaded once into the cache), or an ARC / OpenBookQA (question or question_stem, "
-                        "choices, answerKey), PIQA (goal, sol1, sol2, label) or MMLU-style (question, choices, "
-                        "answer) .jsonl, .json or .parquet, prompted 'Question: ...\\nAnswer:' as lm-eval-harness "
-                        "does (acc_norm: per token, not lm-eval's per byte), or a WinoGrande one (sentence, option1, "
-                        "option2, answer), scored as lm-eval's partial scoring does (acc only)")
-    p.add_argument("--max-examples", type=int, default=None, help="score only the first N examples")
-    p.add_argument("--batch-size", type=int, default=8, help="examples per forward, each its endings' rows "
-                                                             "(default %(default)s)")
+    p.add_argument("--data", default=None, help=data_help)
+    p.add_argument(*limit_flags, type=int, default=None, help=limit_help)
+    p.add_argument("--batch-size", type=int, default=8, help=batch_help + " (default %(default)s)")
     p.add_argument("--tokenizer", help=TOKENIZER_CHOICES + " (default: the one saved with "
                                        "--weights, else gpt2 for a 50257 vocab)")
     add_dtype_arg(p)
     p.add_argument("--cache-dir", default=None, help="where the downloaded file is kept (default: ~/.cache/tritongpt "
                                                      "or $TRITONGPT_CACHE)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
+
+
+def add_cli(sub):
+    p = sub.add_parser("hellaswag", help=command_help("hellaswag"),
+                       description=__doc__.split("\n\n")[0])
+    add_scoring_args(p, "HellaSwag .jsonl (ctx, endings, label per line; default: the validation split, "
+                        "downloaded once into the cache), or an ARC / OpenBookQA (question or question_stem, "
+                        "choices, answerKey), PIQA (goal, sol1, sol2, label) or MMLU-style (question, choices, "
+                        "answer) .jsonl, .json or .parquet, prompted 'Question: ...\\nAnswer:' as lm-eval-harness "
+                        "does (acc_norm: per token, not lm-eval's per byte), or a WinoGrande one (sentence, option1, "
+                        "option2, answer), scored as lm-eval's partial scoring does (acc only)",
+                     ("--max-examples",), "score only the first N examples",
+                     "examples per forward, each its endings' rows")
     p.set_defaults(func=cmd_hellaswag)

@@ -24,7 +24,6 @@ Texts are batched, right-padded; the logits are made only at the target's positi
 import json
 
 from tritongpt.errors import UserError
-from tritongpt.train.tokenizer import HUB_REPO_HELP, TOKENIZER_CHOICES
 from tritongpt.cli import command_help
 
 URL = "https://openaipublic.blob.core.windows.net/gpt-2/data/lambada_test.jsonl"
@@ -88,25 +87,17 @@ def score(model, tok, examples, batch_size: int = 8, dtype=None, progress: bool 
 
 
 def cmd_lambada(args):
-    from tritongpt.train.common import pick_device, pick_dtype
-    from tritongpt.train.sft import load_init_model, pick_tokenizer
+    from tritongpt.train.hellaswag import check_counts, load_scorer, run_facts
 
-    if args.limit is not None and args.limit < 1:
-        raise UserError(f"--limit must be at least 1, got {args.limit}")
-    if args.batch_size < 1:
-        raise UserError(f"--batch-size must be at least 1, got {args.batch_size}")
+    check_counts(args.limit, "--limit", args.batch_size)
     if args.data is None:
         examples = read_texts(download(args.cache_dir))
     else:
         examples = read_texts(args.data, "LAMBADA --data file")
     examples = examples[:args.limit]
-    device = pick_device(args.device)
-    model = load_init_model(args.weights, args.model).to(device)
-    model.set_kernels(args.kernels)
-    tok = pick_tokenizer(args.tokenizer, args.weights, model.config.vocab_size)
-    result = score(model, tok, examples, args.batch_size, pick_dtype(args.dtype, device), progress=not args.json)
-    result.update(weights=str(args.weights), data=str(args.data or URL), tokenizer=tok.name,
-                  kernels=sorted(model.kernels) or ["reference"], device=str(device))
+    model, tok, device, dtype = load_scorer(args)
+    result = score(model, tok, examples, args.batch_size, dtype, progress=not args.json)
+    result.update(run_facts(args, model, tok, device, URL))
     if args.json:
         print(json.dumps(result, indent=1))
     else:
@@ -116,25 +107,11 @@ def cmd_lambada(args):
 
 
 def add_cli(sub):
-    from tritongpt.commands import add_dtype_arg, add_model_args
+    from tritongpt.train.hellaswag import add_scoring_args
 
     p = sub.add_parser("lambada", help=command_help("lambada"), description=__doc__.split("\n\n")[0])
-    add_model_args(p, default_model=None)
-    p.add_argument("--weights", required=True,
-                   help="tritongpt checkpoint (file, checkpoint or run folder), a Hugging Face GPT-2 or GPT-Neo "
-                        "model.safetensors, a GPT-2 or GPT-Neo name (gpt2-small, gpt-neo-125m ...: downloads the "
-                        "weights), or " + HUB_REPO_HELP)
-    p.add_argument("--data", default=None,
-                   help="LAMBADA texts: a .jsonl, .json or .parquet file (or a folder of .parquet shards) of records "
+    add_scoring_args(p, "LAMBADA texts: a .jsonl, .json or .parquet file (or a folder of .parquet shards) of records "
                         "with a 'text' field, or a Hugging Face Hub dataset id (EleutherAI/lambada_openai/default: "
-                        "its test split); default: OpenAI's test split, downloaded once into the cache")
-    p.add_argument("--limit", "--max-examples", dest="limit", type=int, default=None,
-                   help="score only the first N texts")
-    p.add_argument("--batch-size", type=int, default=8, help="texts per forward (default %(default)s)")
-    p.add_argument("--tokenizer", help=TOKENIZER_CHOICES + " (default: the one saved with "
-                                       "--weights, else gpt2 for a 50257 vocab)")
-    add_dtype_arg(p)
-    p.add_argument("--cache-dir", default=None, help="where the downloaded file is kept (default: ~/.cache/tritongpt "
-                                                     "or $TRITONGPT_CACHE)")
-    p.add_argument("--json", action="store_true", help="print the result as JSON")
+                        "its test split); default: OpenAI's test split, downloaded once into the cache",
+                     ("--limit", "--max-examples"), "score only the first N texts", "texts per forward")
     p.set_defaults(func=cmd_lambada)
