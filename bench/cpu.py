@@ -104,6 +104,22 @@ def bench_model_train_step(model_name="tiny", batch=8, seq_len=None, reps=3):
                       lambda: train_step(model, model, opt, x, y, torch.device("cpu"), torch.float32), reps)
 
 
+def bench_generate(model_name="tiny", prompt_len=32, new_tokens=32, reps=3):
+    """Greedy decoding with the KV cache on the reference path (one row, fp32): the prompt's prefill, then
+    new_tokens steps of one position each. tokens_per_s counts the new tokens (no EOS ends the text early)."""
+    from tritongpt.train.generate import generate
+
+    model, conf, tokens = _cpu_model(model_name, 1, prompt_len, train=False)
+    conf["new_tokens"] = new_tokens
+    idx = tokens[:, :prompt_len]
+    try:
+        med, p20, p80 = time_cpu(lambda: generate(model, idx, new_tokens), reps=reps)
+    except Exception as e:
+        return make_row("cpu", "generate", "reference", conf, "decode", f"failed: {reason_of(e)}")
+    return make_row("cpu", "generate", "reference", conf, "decode", ms=med, ms_p20=p20, ms_p80=p80,
+                    tokens_per_s=new_tokens / (med * 1e-3))
+
+
 def mlp_saved_cpu(rows_m=64, width=48, providers=("reference", "torch", "triton")):
     """Saved-activation bytes of the GELU-MLP on the CPU (a count, not a timing: it holds on
     any device). The Triton provider runs through the interpreter at this small size."""
@@ -136,6 +152,8 @@ def run_cpu(quick=False, log=print):
         rows.append(bench_model_forward("mini", batch=4, reps=3))
     log("cpu: reference train step (tiny) ...")
     rows.append(bench_model_train_step("tiny", batch=8 if not quick else 4, reps=3 if not quick else 2))
+    log("cpu: greedy decoding with the KV cache (tiny) ...")
+    rows.append(bench_generate("tiny", new_tokens=32 if not quick else 8, reps=3 if not quick else 2))
     log("cpu: GELU-MLP saved activation bytes ...")
     provs = ("reference", "torch", "triton")
     rows += mlp_saved_cpu(providers=provs)

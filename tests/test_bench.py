@@ -1963,6 +1963,19 @@ def test_summary_leaves_out_an_earlier_file_it_cannot_read(tmp_path, saved):
     assert "| train MFU |" in text and "earlier run" not in text
 
 
+def test_cpu_decode_row_counts_the_new_tokens(monkeypatch):
+    """bench cpu's greedy decoding row: the new tokens a second, the prompt's length in its config; a failure
+    is a `failed:` row."""
+    from tritongpt.bench import cpu
+
+    row = cpu.bench_generate("tiny", prompt_len=8, new_tokens=5, reps=1)
+    assert row["status"] == "ok" and row["op"] == "generate" and row["config"]["seq_len"] == 8
+    assert row["config"]["new_tokens"] == 5 and row["tokens_per_s"] == pytest.approx(5 / (row["ms"] * 1e-3))
+    monkeypatch.setattr("tritongpt.train.generate.generate", lambda *a: 1 / 0)
+    assert cpu.bench_generate("tiny", prompt_len=8, new_tokens=5, reps=1)["status"].startswith(
+        "failed: ZeroDivisionError")
+
+
 def test_cpu_rates_use_batch_bytes_and_tokens():
     from tritongpt.bench import cpu
 
