@@ -382,6 +382,25 @@ def test_chat_with_a_draft_answers_as_without_it(saved, monkeypatch, capsys):
         capsys.readouterr().err
 
 
+def test_chat_refuses_a_bad_draft_tokens_by_its_flag_before_any_message(saved, monkeypatch, capsys):
+    """chat --draft-tokens 0 (or negative): refused up front naming --draft-tokens, as generate does; it was
+    generate()'s "num_draft_tokens must be ..." only at the first reply, after a message was typed."""
+    import io
+
+    from tritongpt import cli
+
+    read = []
+    monkeypatch.setattr("sys.stdin", type("In", (io.StringIO,), dict(
+        readline=lambda self: read.append(1) or io.StringIO.readline(self)))("The cat\n"))
+    for k in ("0", "-1"):
+        assert cli.main(["chat", "--weights", str(saved / "model.safetensors"), "--device", "cpu", "--template",
+                         "completion", "--max-new-tokens", "3", "--draft", str(saved / "draft.safetensors"),
+                         "--draft-tokens", k]) == 2
+        err = capsys.readouterr().err
+        assert f"--draft-tokens must be a positive integer, got {k}" in err, err
+    assert not read
+
+
 class FixedOrder(torch.nn.Module):
     """A model stand-in over 3 ids whose logits always rank `order` first to last, with a cache that only counts."""
 

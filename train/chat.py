@@ -186,6 +186,8 @@ def cmd_chat(args):
         raise UserError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
     if args.draft_tokens is not None and not args.draft:
         raise UserError("--draft-tokens is how many tokens the --draft model proposes a step: pass --draft")
+    if args.draft_tokens is not None and args.draft_tokens < 1:  # before any work, by its flag (as generate's)
+        raise UserError(f"--draft-tokens must be a positive integer, got {args.draft_tokens}")
     model, tok, device, dtype, limit = load_generation_model(args)
     draft = load_draft(args, model, tok, device) if args.draft else None
     speculative = dict(draft=draft, num_draft_tokens=4 if args.draft_tokens is None else args.draft_tokens)
