@@ -756,10 +756,61 @@ def get_batch(tokens, batch_size: int, block_size: int, generator: torch.Generat
     else:
         idx = starts.numpy()[:, None] + np.arange(block_size + 1)
         windows = torch.from_numpy(np.asarray(tokens[idx]).astype(np.int64))
-    x, y = windows[:, :-1], windows[:, 1:]
+    return _placed(windows[:, :-1], windows[:, 1:], device)
+
+
+def _placed(x, y, device):
     device = torch.device(device)
     if device.type == "cuda":
-        x, y = x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
+        return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
+    return x.contiguous().to(device), y.contiguous().to(device)
+
+
+# -- mixtures of sources ---------------------------------------------------------------------------
+def source_names(sources) -> list:
+    """Short, unique, filesystem-safe labels of a mixture's sources (val_loss_<name> in metrics.jsonl): the file's
+    stem or the folder's name ('pydoc' and 'stdlib' as themselves; a Hub dataset's folder, owner--name), with any
+    character but letters, digits, '-' and '_' made '_'; where two share a label, each gets its position (1-based)
+    appended: _1, _2."""
+    names = []
+    for source in sources:
+        path = Path(str(source or "pydoc")).expanduser()
+        parts = path.parts
+        # a Hub dataset's files lie in <cache>/tritongpt-datasets/owner--name/config/split: name the dataset
+        if "tritongpt-datasets" in parts[:-1]:
+            name = parts[parts.index("tritongpt-datasets") + 1]
+        else:
+            name = path.stem if path.is_file() else path.name
+        names.append(re.sub(r"[^A-Za-z0-9_-]", "_", name) or "data")
+    return [f"{n}_{i + 1}" if names.count(n) > 1 else n for i, n in enumerate(names)]
+
+
+def get_mixture_batch(arrays: list, weights, batch_size: int, block_size: int, generator: torch.Generator = None,
+                      device="cpu"):
+    """A batch of a data mixture: each row's source i is drawn with probability weights[i] (weights sum to 1),
+    then a random window within that source (get_batch's): a window never runs from one source into the next.
+    -> x, y [B, T] int64 and src [B], each row's source (its documents' markers may differ: document_ids_of_rows).
+
+    The same generator draws the sources then the windows (source by source), so a seeded generator gives
+    the same batches and its saved state resumes them."""
+    gen_device = generator.device if generator is not None else "cpu"
+    if len(arrays) == 1:  # nothing to draw: the generator gives get_batch's windows, as one --data has them
+        src = torch.zeros(batch_size, dtype=torch.long)
     else:
-        x, y = x.contiguous().to(device), y.contiguous().to(device)
-    return x, y
+        probs = torch.as_tensor(weights, dtype=torch.float64, device=gen_device)
+        src = torch.multinomial(probs, batch_size, replacement=True, generator=generator).cpu()
+    x = torch.empty(batch_size, block_size, dtype=torch.long)
+    y = torch.empty(batch_size, block_size, dtype=torch.long)
+    for i, tokens in enumerate(arrays):
+        rows = (src == i).nonzero().squeeze(1)
+        if len(rows):  # a source no row drew: no draw from the generator either
+            x[rows], y[rows] = get_batch(tokens, len(rows), block_size, generator)
+    x, y = _placed(x, y, device)
+    return x, y, src.to(x.device)
+
+
+def document_ids_of_rows(x, src, eot_id: int, bos_ids: list):
+    """document_ids for a mixture's rows: row r split at its own source's marker (bos_ids[src[r]], a text source's
+    BOS where its tokenizer prepends one; the EOS for token ids read in place, which record none)."""
+    marks = torch.tensor([eot_id if b is None else b for b in bos_ids], device=x.device)[src.to(x.device)]
+    return (x == marks[:, None]).long().cumsum(1)

@@ -704,11 +704,12 @@ class Trainer:
             self.raw_model.train(was)
 
     def _plot(self):
-        """loss.png: the training loss and every *loss column eval_fn logged (val_loss, ...)."""
+        """loss.png: the training loss and every *loss column eval_fn logged (val_loss, ...), and each source's of
+        a data mixture (pretrain's val_loss_<name>)."""
         rows = self.metrics.rows()
         keys = ["loss"]
         for r in rows:
-            keys += [k for k in r if k.endswith("loss") and k not in keys]
+            keys += [k for k in r if (k.endswith("loss") or k.startswith("val_loss_")) and k not in keys]
         common.plot_curves(rows, self.plot_path, keys=tuple(keys), title=self.name)
 
     def _log(self, msg):

@@ -45,12 +45,19 @@ def add_args(p: argparse.ArgumentParser):
                         "downloads the pretrained weights), or " + HUB_REPO_HELP + "; the model's shape is theirs")
     add_vocab_multiple_arg(p, 1, "1, no padding; with --init, as its weights have them")
     d = p.add_argument_group("data")
-    d.add_argument("--data", default=None,
+    d.add_argument("--data", default=None, action=DataArg,
                    help="training text: a file, a folder of .txt (or .parquet) files, a .jsonl or .parquet file, "
                         "or 'pydoc' / "
                         "'stdlib' (default: the embedded pydoc corpus); or token ids already made, a .bin of "
                         "uint16 as nanoGPT's prepare.py writes, or its folder with train.bin and val.bin (read in "
-                        "place, any size; with --tokenizer gpt2)")
+                        "place, any size; with --tokenizer gpt2). Repeat it to train on a mixture: each source "
+                        "tokenised, cached and split (--val-fraction) on its own, each batch row drawn from one of "
+                        "them (--data-weights), and each evaluated alone too (val_loss_<name>)")
+    d.add_argument("--data-weights", type=float, nargs="+", default=None, metavar="W",
+                   help="with several --data: one weight per source, in their order (finite, >= 0, not all 0; "
+                        "normalised): each batch row is drawn from source i with probability w_i / sum(w), then a "
+                        "random window within it (default: proportional to each source's training tokens, as if "
+                        "they were one corpus)")
     d.add_argument("--text-field", default="text",
                    help="field holding the text in .jsonl rows (a .parquet's column) (default %(default)s)")
     d.add_argument("--tokenizer", default=None,
@@ -205,6 +212,36 @@ def add_args(p: argparse.ArgumentParser):
     return p
 
 
+class DataArg(argparse.Action):
+    """--data repeated: one value stays a string (the run and its record as before mixtures), several make a list."""
+
+    def __call__(self, parser, namespace, value, option_string=None):
+        have = getattr(namespace, self.dest)
+        setattr(namespace, self.dest, value if have is None else (have if isinstance(have, list) else [have]) + [value])
+
+
+def mixture_sources(args) -> list | None:
+    """The sources of a mixture (several --data), or None for one source (today's single-corpus path)."""
+    return args.data if isinstance(args.data, list) else None
+
+
+def check_mixture(args):
+    """--data-weights' own errors, before any slow work: one finite weight >= 0 per --data, not all 0."""
+    sources, weights = mixture_sources(args), getattr(args, "data_weights", None)
+    if weights is None:
+        return
+    if sources is None:
+        raise UserError("--data-weights weighs the sources of a mixture: pass several --data (one weight each)")
+    if len(weights) != len(sources):
+        raise UserError(f"--data-weights: {len(weights)} weight{'s' * (len(weights) != 1)} for {len(sources)} --data "
+                        "sources (one each, in their order)")
+    for w in weights:
+        if not math.isfinite(w) or w < 0:
+            raise UserError(f"--data-weights must be finite numbers >= 0, got {w:g}")
+    if not any(weights):
+        raise UserError("--data-weights are all 0: no source to draw a batch from")
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     """The pretrain options on their own (for the Python API and tests): parse_args(["--max-steps", "5"])."""
     return add_args(argparse.ArgumentParser(prog="tritongpt pretrain")).parse_args(argv)
@@ -217,16 +254,20 @@ def model_vocab(model_name: str, tokenizer, preset_vocab: int) -> int:
     return tokenizer.vocab_size
 
 
+def recorded_source(source) -> str:
+    """A --data as the run records it: a path as an absolute one (eval finds the run's data from any folder; as
+    given, it was looked for relative to wherever eval ran), 'pydoc' for the embedded corpus."""
+    if source not in (None, "pydoc", "stdlib") and Path(source).expanduser().exists():
+        return str(Path(source).expanduser().resolve())
+    return str(source or "pydoc")
+
+
 class DataPosition:
     """Windows are random, so the position is the batch generator (saved by the Trainer); this
     records which token stream it indexes, to warn when a resume uses other data."""
 
     def __init__(self, args, tok, block, splits):
-        # a path as an absolute one: eval finds the run's data from any folder (as given, it
-        # was looked for relative to wherever eval ran)
-        self.source = str(args.data or "pydoc")
-        if args.data not in (None, "pydoc", "stdlib") and Path(args.data).expanduser().exists():
-            self.source = str(Path(args.data).expanduser().resolve())
+        self.source = recorded_source(args.data)
         self.text_field, self.tok, self.block, self.splits = args.text_field, tok, block, splits
         self.document_mask = args.document_mask
 
@@ -240,12 +281,39 @@ class DataPosition:
         # checkpoints from before source_hash was recorded are compared without it, and
         # those from before documents were hashed apart by the joined text's hash
         mine = self.splits["source_hash"]
-        same_source = d.get("source_hash", mine) in (mine, self.splits["joined_hash"])
+        same_source = d.get("source_hash", mine) in (mine, self.splits["joined_hash"]) and "sources" not in d
         # bos_id: checkpoints from before it was recorded were trained without one
         theirs = (d.get("train_tokens"), d.get("tokenizer_hash"), d.get("block_size"), d.get("bos_id"))
         if theirs != (len(self.splits["train"]), self.tok.hash, self.block, self.splits["bos_id"]) or not same_source:
             note(f"resuming on different data than the checkpoint's ({d.get('source')}, "
                  f"{d.get('train_tokens')} tokens, block {d.get('block_size')}): batches will differ")
+
+
+class MixturePosition:
+    """DataPosition for several --data: each source's record (path, hash, training tokens, BOS) and the weights,
+    so that a resume on other sources is named; other weights are named as a changed run arg (--data-weights)."""
+
+    def __init__(self, args, tok, block, splits):
+        self.sources = [recorded_source(s) for s in mixture_sources(args)]
+        self.text_field, self.tok, self.block, self.splits = args.text_field, tok, block, splits
+        self.document_mask = args.document_mask
+
+    def state_dict(self):
+        # no "source": eval finds no single corpus of the run to score (it names the mixture instead)
+        parts = self.splits["sources"]
+        return {"sources": [{"source": s, "name": p["name"], "train_tokens": len(p["train"]),
+                             "source_hash": p["source_hash"], "bos_id": p["bos_id"]} for s, p in zip(self.sources, parts)],
+                "weights": self.splits["weights"], "text_field": self.text_field,
+                "train_tokens": split_tokens(self.splits, "train"), "block_size": self.block,
+                "tokenizer_hash": self.tok.hash, "document_mask": self.document_mask}
+
+    def load_state_dict(self, d):
+        theirs = [(s.get("train_tokens"), s.get("source_hash"), s.get("bos_id")) for s in d.get("sources", [])]
+        mine = [(len(p["train"]), p["source_hash"], p["bos_id"]) for p in self.splits["sources"]]
+        if theirs != mine or (d.get("tokenizer_hash"), d.get("block_size")) != (self.tok.hash, self.block):
+            was = ", ".join(str(s.get("source")) for s in d["sources"]) if "sources" in d else d.get("source")
+            note(f"resuming on different data than the checkpoint's ({was}, {d.get('train_tokens')} tokens, block "
+                 f"{d.get('block_size')}): batches will differ")
 
 
 NO_WINDOW = "--window-layers {} picks the layers --attention-window makes local: without a window it does nothing"
@@ -302,10 +370,12 @@ def check_args(args, targs):
             raise UserError(f"--mlp-hidden must be a positive integer, got {args.mlp_hidden}")
         if args.init is None and args.mlp not in GATED_MLPS:
             raise UserError(NO_SWIGLU.format(args.mlp_hidden))
-    data.check_text_field(args.data, args.text_field)
-    if Path(str(args.data or "")).suffix == ".json":
-        note(f"{args.data} is read as plain text, brackets and keys included (JSON records "
-             "are read from .jsonl files, one object per line)")
+    check_mixture(args)
+    for source in mixture_sources(args) or [args.data]:
+        data.check_text_field(source, args.text_field)
+        if Path(str(source or "")).suffix == ".json":
+            note(f"{source} is read as plain text, brackets and keys included (JSON records "
+                 "are read from .jsonl files, one object per line)")
     check_sampling(args.temperature, args.top_k, flags=True)  # not at the first sample, steps later
     # a bad flag or file, or no network: now, not at the first evaluation. Under torchrun only each
     # node's first process downloads the file; the others read it at their first evaluation, past
@@ -503,10 +573,75 @@ def load_splits(args, tok, block, batch_size, trainer) -> dict:
                 bos_id=tokens.meta.get("bos_id"))
 
 
+def load_mixture(args, tok, block, batch_size, trainer) -> dict:
+    """load_splits for several --data: each source tokenised (or found cached) and split on its own, and checked
+    to hold a block -> {"sources": [its splits, as load_splits gives one source's, and its name], "weights": the
+    normalised --data-weights (default: each source's share of the training tokens)}."""
+    from tritongpt.train import data
+
+    sources = mixture_sources(args)
+    names = data.source_names(sources)
+    if trainer.ddp and not trainer.is_main:
+        torch.distributed.barrier()
+    made = []
+    for source, name in zip(sources, names):
+        # a --cache-dir is one source's folder (tokens.bin, tokens.json): each source its own inside it
+        cache = None if args.cache_dir is None else Path(args.cache_dir) / name
+        src = source if args.text_field == "text" else {"source": source, "text_field": args.text_field}
+        made.append(data.prepare_tokens(src, tok, cache, val_fraction=args.val_fraction))
+    if trainer.ddp and trainer.is_main:
+        torch.distributed.barrier()
+    parts = []
+    for source, name, tokens in zip(sources, names, made):
+        n_train, n_val = len(tokens.train), len(tokens.val)
+        if n_train < block + 1:  # its windows are drawn within it alone: it must hold one
+            raise UserError(f"--data {source}: a block of {block} tokens needs at least {block + 1} training tokens "
+                            f"but it has {n_train}; use a smaller --block-size, or more text in it, or leave it out")
+        if n_val < block + 1 and trainer.is_main:
+            note(f"--data {source}: its validation split ({n_val} tokens) is shorter than one block of {block}: "
+                 "evaluating it on its training windows")
+        parts.append(dict(name=name, source=source, train=tokens.train, val=tokens.val,
+                          eval="val" if n_val >= block + 1 else "train", source_hash=tokens.meta["source_hash"],
+                          joined_hash=tokens.meta.get("joined_hash"), bos_id=tokens.meta.get("bos_id")))
+    n_train = sum(len(p["train"]) for p in parts)
+    if batch_size * block > n_train:
+        raise UserError(f"a batch of {batch_size} x {block} tokens is larger than the training data "
+                        f"({n_train} tokens in {len(parts)} sources); lower --batch-size or --block-size")
+    weights = args.data_weights or [len(p["train"]) for p in parts]
+    return dict(sources=parts, weights=[w / sum(weights) for w in weights])
+
+
+def split_tokens(splits, split) -> int:
+    """The tokens of a split ("train", "val"), of every source of a mixture together."""
+    return sum(len(p[split]) for p in splits["sources"]) if "sources" in splits else len(splits[split])
+
+
+# Muennighoff et al. 2023 (Scaling Data-Constrained Language Models): up to ~4 epochs of repeated data are about
+# as good as new data; past that each repetition is worth less
+MANY_EPOCHS = 4
+
+
+def print_mixture(args, targs, tok, block, splits, trainer):
+    """The header's data lines of a mixture: each source's tokens, weight, and epochs over the planned steps (the
+    tokens drawn from it, its weight of every step's rows times the block, over its training tokens)."""
+    per_step = targs.batch_size * targs.grad_accum * trainer.world_size
+    parts = splits["sources"]
+    print(f"data: a mixture of {len(parts)} sources, {split_tokens(splits, 'train'):,} training + "
+          f"{split_tokens(splits, 'val'):,} validation tokens ({tok.name} tokenizer); {targs.max_steps} steps x "
+          f"{per_step} x {block} tokens, each row from one source{', documents kept apart' if args.document_mask else ''}")
+    for p, w in zip(parts, splits["weights"]):
+        epochs = targs.max_steps * per_step * block * w / len(p["train"])
+        many = f" (more than {MANY_EPOCHS}: repeated data is worth less past ~{MANY_EPOCHS} epochs, Muennighoff et al. " \
+            "2023)" if epochs > MANY_EPOCHS else ""
+        print(f"  {p['name']}: {p['source'] or 'the pydoc corpus'}: {len(p['train']):,} training + {len(p['val']):,} "
+              f"validation tokens{', BOS before each document' if p['bos_id'] is not None else ''}, weight {w:.3f}, "
+              f"{epochs:.2f} epochs{many}")
+
+
 def print_header(args, targs, model, tok, block, splits, trainer):
     from tritongpt.train.loop import lm_loss_text
 
-    cfg, n_train, n_val = model.config, len(splits["train"]), len(splits["val"])
+    cfg = model.config
     padded = f" padded to {cfg.padded_vocab_size}" if cfg.padded_vocab_size != cfg.vocab_size else ""
     local = f", local attention over {cfg.attention_window} positions in {cfg.window_layers} layers"
     scaled = f", {cfg.rope_scaling['rope_type']} scaling x{cfg.rope_scaling['factor']:g}" if cfg.rope_scaling else ""
@@ -550,10 +685,14 @@ def print_header(args, targs, model, tok, block, splits, trainer):
           f"on {trainer.device} ({str(trainer.dtype).replace('torch.', '')}, kernels {cfg.kernels}"
           f"{', ' + str(trainer.world_size) + ' processes' if trainer.ddp else ''})")
     per_step = targs.batch_size * targs.grad_accum * trainer.world_size
-    print(f"data: {args.data or 'the pydoc corpus'}: {n_train:,} training + {n_val:,} validation tokens "
-          f"({tok.name} tokenizer{', BOS before each document' if splits['bos_id'] is not None else ''}); "
-          f"{targs.max_steps} steps x {per_step} x {block} tokens"
-          f"{', documents kept apart' if args.document_mask else ''}")
+    if "sources" in splits:
+        print_mixture(args, targs, tok, block, splits, trainer)
+    else:
+        n_train, n_val = len(splits["train"]), len(splits["val"])
+        print(f"data: {args.data or 'the pydoc corpus'}: {n_train:,} training + {n_val:,} validation tokens "
+              f"({tok.name} tokenizer{', BOS before each document' if splits['bos_id'] is not None else ''}); "
+              f"{targs.max_steps} steps x {per_step} x {block} tokens"
+              f"{', documents kept apart' if args.document_mask else ''}")
     options = lm_loss_text(vars(args))
     if options:  # the logged train loss is then the objective, not the cross-entropy val_loss reports
         print(f"loss: cross-entropy with {options} (train loss; val loss is the plain cross-entropy)")
@@ -576,20 +715,37 @@ def pretrain(args) -> dict:
     teacher = None if args.teacher is None else distill.load_teacher(
         args.teacher, tok, block, f"--init {args.init}" if args.init else f"--tokenizer {args.tokenizer or 'default'}")
     splits = {}  # filled once the Trainer has set up the processes (rank 0 tokenises first)
+    mixture = mixture_sources(args)
 
     def get_batch(split, generator):
+        if mixture is not None:  # "eval": each source's evaluation split (its val, or train where val is short)
+            arrays = [p[p["eval"] if split == "eval" else split] for p in splits["sources"]]
+            return data.get_mixture_batch(arrays, splits["weights"], targs.batch_size, block, generator, trainer.device)
         return data.get_batch(splits[split], targs.batch_size, block, generator, trainer.device)
 
     def get_eval_batch(split, generator):
-        return get_batch(splits["eval"], generator)
+        return get_batch("eval" if mixture is not None else splits["eval"], generator)
 
-    def doc_ids_of(x):
-        return data.document_ids(x, tok.eot_id, splits["bos_id"]) if args.document_mask else None
+    def source_eval_batch(i):
+        """Source i's evaluation batches alone (val_loss_<name>): the windows one --data of it would score."""
+        def get(split, generator):
+            p = splits["sources"][i]
+            x, y = data.get_batch(p[p["eval"]], targs.batch_size, block, generator, trainer.device)
+            return x, y, torch.full((len(x),), i, device=x.device)
+
+        return get
+
+    def doc_ids_of(x, src=None):
+        if not args.document_mask:
+            return None
+        if src is not None:  # a mixture's rows, each split at its own source's marker
+            return data.document_ids_of_rows(x, src, tok.eot_id, [p["bos_id"] for p in splits["sources"]])
+        return data.document_ids(x, tok.eot_id, splits["bos_id"])
 
     def loss_fn(m, batch, **options):
-        x, y = batch
+        x, y, *src = batch  # a mixture's batches: each row's source too
         # the model computes its loss: the toggle covers the loss kernel too
-        return m(x, targets=y, doc_ids=doc_ids_of(x), **options)
+        return m(x, targets=y, doc_ids=doc_ids_of(x, *src), **options)
 
     def objective(m, batch):
         return loss_fn(m, batch, **options)
@@ -608,20 +764,34 @@ def pretrain(args) -> dict:
         return tok.decode(row[1:] if row[0] == data.document_bos(tok) else row)  # the BOS not printed, as generate
 
     eval_fn = loss_eval_fn(loss_fn, get_eval_batch, targs.eval_batches, seed=targs.seed + 10_000)
+    run_args = {"init": common.data_path(args.init), "document_mask": args.document_mask, **options,
+                **distill_options}
+    if mixture is not None:
+        # besides the combined val_loss, each source alone (the same seed: the batches its own run would score)
+        evals = [eval_fn] + [loss_eval_fn(loss_fn, source_eval_batch(i), targs.eval_batches, seed=targs.seed + 10_000,
+                                          key=f"val_loss_{name}") for i, name in enumerate(data.source_names(mixture))]
+
+        def eval_fn(m):
+            return {k: v for f in evals for k, v in f(m).items()}
+
+        # recorded where one --data records nothing new: a resume on other sources or weights names them
+        given = args.data_weights and [w / sum(args.data_weights) for w in args.data_weights]
+        run_args.update(data=[common.data_path(s) or "pydoc" for s in mixture], data_weights=given or None)
     shared = hellaswag_eval_fn(lambda: hellaswag_examples(args), tok) if args.hellaswag else None
-    position = DataPosition(args, tok, block, splits)
+    position = (DataPosition if mixture is None else MixturePosition)(args, tok, block, splits)
     if teacher is not None:  # its fingerprint saved with the data position, compared on --resume
         position = distill.WithTeacher(position, teacher, args.teacher)
     trainer = Trainer(model, targs, train_loss_fn, get_batch, eval_fn=eval_fn, shared_eval_fn=shared,
                       sample_fn=sample_fn if args.sample_tokens > 0 else None,
                       name="pretrain", data_state=position,
-                      run_args={"init": common.data_path(args.init), "document_mask": args.document_mask, **options,
-                                **distill_options},
+                      run_args=run_args,
                       step_metrics=parts.pop if teacher is not None else None, run_defaults=distill.RUN_DEFAULTS)
     if teacher is not None:
         distill.place_teacher(teacher, trainer)
     try:
-        splits.update(load_splits(args, tok, block, targs.batch_size, trainer))
+        splits.update((load_splits if mixture is None else load_mixture)(args, tok, block, targs.batch_size, trainer))
+        if mixture is not None:  # the weights as drawn (normalised; the default's from the tokens), for a resume
+            trainer.run_args["data_weights"] = splits["weights"]
     except BaseException:
         trainer.close()
         raise
@@ -639,7 +809,7 @@ def pretrain(args) -> dict:
     start = result["step"] - len(result["losses"])
     vals = [r["val_loss"] for r in trainer.metrics.rows() if "val_loss" in r and r.get("step", 0) >= start]
     result.update(first_val_loss=vals[0] if len(vals) > 1 else None, n_params=model.num_params(),
-                  train_tokens=len(splits["train"]), val_tokens=len(splits["val"]),
+                  train_tokens=split_tokens(splits, "train"), val_tokens=split_tokens(splits, "val"),
                   tokenizer_path=str(Path(targs.out_dir) / RUN_TOKENIZER))
     return result
 

@@ -81,12 +81,18 @@ def fetch_hub_repos(args):
     # --data as a Hub dataset id (owner/name, owner/name/config): its train split's .parquet files (lambada's: its
     # test split, LAMBADA's only one), fetched into a folder of their own, which every trainer reads as a folder of
     # shards (hellaswag's --data is its own file)
-    data = getattr(args, "data", None)
-    if getattr(args, "command", None) in DATASET_COMMANDS and isinstance(data, str) and "/" in data:
-        from tritongpt.train.hub_datasets import hub_dataset_folder, is_hub_dataset
+    # (pretrain's --data repeated, a mixture: a list, each one fetched)
+    def fetched_data(data):
+        if isinstance(data, str) and "/" in data:
+            from tritongpt.train.hub_datasets import hub_dataset_folder, is_hub_dataset
 
-        if is_hub_dataset(data):
-            args.data = str(hub_dataset_folder(data, split=DATASET_COMMANDS[args.command]))
+            if is_hub_dataset(data):
+                return str(hub_dataset_folder(data, split=DATASET_COMMANDS[args.command]))
+        return data
+
+    data = getattr(args, "data", None)
+    if getattr(args, "command", None) in DATASET_COMMANDS and data is not None:
+        args.data = [fetched_data(d) for d in data] if isinstance(data, list) else fetched_data(data)
 
 
 def main(argv=None) -> int:
