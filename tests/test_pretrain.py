@@ -18,7 +18,9 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def argv(corpus, out, *extra):
-    return ["--data", str(corpus.text), "--tokenizer", str(corpus.tok), "--cache-dir", str(corpus.cache),
+    # a --data among extra replaces the corpus (a second --data would make a mixture of the two)
+    data = [] if "--data" in extra else ["--data", str(corpus.text)]
+    return [*data, "--tokenizer", str(corpus.tok), "--cache-dir", str(corpus.cache),
             "--out-dir", str(out), "--device", "cpu", "--kernels", "reference", "--block-size", "32",
             "--batch-size", "4", *extra]
 
@@ -96,7 +98,7 @@ def test_cli_short_job_learns_and_writes_metrics_plot_checkpoint_then_resumes(co
     other = tmp_path / "reordered.txt"
     other.write_text("\n\n".join(paras[len(paras) // 2:] + paras[:len(paras) // 2]))
     rc = main(["pretrain", *argv(corpus, out, "--max-steps", "36", "--resume", "--eval-every", "0",
-                                 "--sample-tokens", "0"), "--data", str(other)])
+                                 "--sample-tokens", "0", "--data", str(other))])
     assert rc == 0
     assert "resuming on different data" in capsys.readouterr().err
 
@@ -105,8 +107,8 @@ def test_python_api_on_jsonl_with_a_text_field(corpus, tmp_path):
     docs = corpus.text.read_text().split("\n\n")
     jsonl = tmp_path / "docs.jsonl"
     jsonl.write_text("".join(json.dumps({"id": i, "body": d}) + "\n" for i, d in enumerate(docs)))
-    a = parse_args(argv(corpus, tmp_path, "--max-steps", "3", "--eval-every", "0", "--sample-tokens", "0")
-                   + ["--data", str(jsonl), "--text-field", "body", "--vocab-multiple", "64"])
+    a = parse_args(argv(corpus, tmp_path, "--max-steps", "3", "--eval-every", "0", "--sample-tokens", "0",
+                        "--data", str(jsonl), "--text-field", "body", "--vocab-multiple", "64"))
     r = pretrain(a)
     assert r["step"] == 3 and len(r["losses"]) == 3 and r["n_params"] > 0
     assert r["train_tokens"] > r["val_tokens"] > 0
@@ -173,7 +175,7 @@ def test_bad_input_is_one_line_user_error(corpus, tmp_path, capsys, extra, expec
     (tmp_path / "docs.jsonl").write_text('{"text": "a document"}\n')
     files = {"EMPTY": "empty.txt", "SHORT": "short.txt", "JSONL": "docs.jsonl"}
     extra = [str(tmp_path / files[x]) if x in files else x for x in extra]
-    rc = main(["pretrain", *argv(corpus, tmp_path / "run", "--max-steps", "2"), *extra])
+    rc = main(["pretrain", *argv(corpus, tmp_path / "run", "--max-steps", "2", *extra)])
     err = capsys.readouterr().err.strip()
     assert rc == 2, err
     assert err.startswith("error: ") and "\n" not in err and expect in err, err

@@ -114,6 +114,8 @@ def pretrain_data(weights) -> dict | None:
         return None
     data = load_state(state_dir, mmap=True).get("data")
     data = data[0] if isinstance(data, list) and data else data
+    if isinstance(data, dict) and "sources" in data:  # a mixture (several --data): no one corpus is the run's
+        return {"sources": data["sources"]}
     keys = ("source", "source_hash", "train_tokens")
     return data if isinstance(data, dict) and all(k in data for k in keys) else None
 
@@ -206,6 +208,11 @@ def cmd_eval(args):
     model.set_kernels(args.kernels)
     tok = pick_tokenizer(args.tokenizer, args.weights, model.config.vocab_size)
     run = pretrain_data(args.weights)
+    if run and "sources" in run:
+        if args.data is None:
+            raise UserError(f"{args.weights} was trained on a mixture of {len(run['sources'])} sources "
+                            f"({', '.join(str(s.get('source')) for s in run['sources'])}): pass --data, one of them")
+        run = None  # its sources' splits are not compared: --data is scored as given
     source = args.data if args.data is not None else (run["source"] if run else None)
     data.check_text_field(source, args.text_field)
     # the run's own .jsonl data is read from the field it trained on (checkpoints from before

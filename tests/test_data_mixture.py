@@ -1,0 +1,254 @@
+"""pretrain --data A --data B [--data-weights ...]: the rows' sources drawn by weight, windows within one source,
+one --data unchanged, per-source val losses, resume, the refusals and the header's epochs note."""
+import json
+import math
+import random
+import re
+import shutil
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from tritongpt.cli import fetch_hub_repos, main
+from tritongpt.errors import UserError
+from tritongpt.train import common, data
+from tritongpt.train.pretrain import parse_args, pretrain
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def two(tmp_path_factory):
+    """Two corpora of distinguishable tokens (words of a's, words of z's) and a BPE trained on both."""
+    from tritongpt.train.tokenizer import BPETokenizer
+
+    d = tmp_path_factory.mktemp("mix")
+    rng = random.Random(0)
+
+    def corpus(letter, words):
+        docs = [" ".join(letter * rng.randint(1, 5) for _ in range(40)) for _ in range(words // 40)]
+        return data.EOT.join(docs)
+
+    (d / "aaa.txt").write_text(corpus("a", 4000))
+    (d / "zzz.txt").write_text(corpus("z", 2000))
+    (d / "tiny.txt").write_text("a a a a")
+    BPETokenizer.train((d / "aaa.txt").read_text() + (d / "zzz.txt").read_text(), 270, name="az").save(d / "tok.json")
+    return SimpleNamespace(a=d / "aaa.txt", z=d / "zzz.txt", tiny=d / "tiny.txt", tok=d / "tok.json", dir=d)
+
+
+def argv(two, out, *extra, sources=None):
+    srcs = [two.a, two.z] if sources is None else sources
+    return ["--tokenizer", str(two.tok), "--cache-dir", str(two.dir / "cache"), "--out-dir", str(out),
+            "--device", "cpu", "--kernels", "reference", "--block-size", "16", "--batch-size", "4",
+            "--sample-tokens", "0", "--log-every", "0", "--eval-every", "0", "--eval-batches", "2",
+            *[a for s in srcs for a in ("--data", str(s))], *extra]
+
+
+def rows_of(out):
+    return common.MetricsLog(out / "metrics.jsonl").rows()
+
+
+def losses(out):
+    return [r["loss"] for r in rows_of(out) if "loss" in r]
+
+
+# -- batches ---------------------------------------------------------------------------------------
+def test_rows_drawn_by_weight_within_a_tight_bound_and_windows_stay_in_their_source():
+    """Rows from source i with probability w_i: over N rows the fraction is within Hoeffding's bound (fails by
+    chance < 1e-6); a weight 0 never draws its source; each window is a run of one source (A's ids 0..499, B's
+    1000..1299, C's 5000..5099: consecutive, never crossing); y is x shifted by one."""
+    arrays = [np.arange(500, dtype=np.uint16), np.arange(1000, 1300, dtype=np.uint16),
+              np.arange(5000, 5100, dtype=np.uint16)]
+    gen = torch.Generator().manual_seed(1)
+    counts, n = torch.zeros(3), 0
+    for _ in range(200):
+        x, y, src = data.get_mixture_batch(arrays, [0.8, 0.2, 0.0], 100, 8, gen)
+        assert torch.equal(x[:, 1:], y[:, :-1]) and torch.equal(y - x, torch.ones_like(x))  # contiguous windows
+        lo = torch.tensor([0, 1000, 5000])[src]
+        assert ((x >= lo[:, None]) & (y < lo[:, None] + torch.tensor([500, 300, 100])[src][:, None])).all()
+        counts += torch.bincount(src, minlength=3)
+        n += len(src)
+    t = math.sqrt(math.log(2 / 1e-6) / (2 * n))  # P(|f - p| >= t) <= 2 exp(-2 n t^2) = 1e-6
+    assert abs(counts[0] / n - 0.8) < t and abs(counts[1] / n - 0.2) < t, (counts, t)
+    assert counts[2] == 0
+
+
+def test_one_source_mixture_gives_get_batch_windows():
+    """A mixture of one source draws nothing for the rows: the same windows as get_batch, generator in step."""
+    tokens = np.arange(300, dtype=np.uint16)
+    g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    for _ in range(3):
+        x, y, src = data.get_mixture_batch([tokens], [1.0], 4, 8, g1)
+        x2, y2 = data.get_batch(tokens, 4, 8, g2)
+        assert torch.equal(x, x2) and torch.equal(y, y2) and not src.any()
+
+
+def test_document_ids_per_row_use_each_sources_marker():
+    x = torch.tensor([[5, 1, 2, 5], [5, 9, 1, 2]])
+    ids = data.document_ids_of_rows(x, torch.tensor([0, 1]), eot_id=5, bos_ids=[None, 9])
+    assert ids.tolist() == [[1, 1, 1, 2], [0, 1, 1, 1]]
+    assert torch.equal(data.document_ids_of_rows(x, torch.tensor([0, 0]), 5, [None]), data.document_ids(x, 5))
+
+
+def test_source_names_short_unique_filesystem_safe(tmp_path):
+    (tmp_path / "web text.jsonl").write_text("")
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "web text.jsonl").write_text("")
+    hub = tmp_path / "tritongpt-datasets" / "HuggingFaceFW--fineweb" / "default" / "train"
+    assert data.source_names([None, "stdlib", str(tmp_path / "web text.jsonl"), str(tmp_path / "b"), str(hub)]) == \
+        ["pydoc", "stdlib", "web_text", "b", "HuggingFaceFW--fineweb"]
+    assert data.source_names([str(tmp_path / "web text.jsonl"), str(tmp_path / "b" / "web text.jsonl")]) == \
+        ["web_text_1", "web_text_2"]
+
+
+def test_hub_ids_in_a_repeated_data_are_each_fetched(monkeypatch):
+    from tritongpt.train import hub_datasets
+
+    monkeypatch.setattr(hub_datasets, "is_hub_dataset", lambda s: s.startswith("owner/"))
+    monkeypatch.setattr(hub_datasets, "hub_dataset_folder", lambda s, split: f"/hub/{s.replace('/', '--')}/{split}")
+    args = parse_args(["--data", "owner/a", "--data", "local.txt"])
+    args.command = "pretrain"
+    fetch_hub_repos(args)
+    assert args.data == ["/hub/owner--a/train", "local.txt"]
+    one = parse_args(["--data", "owner/b"])
+    one.command = "pretrain"
+    fetch_hub_repos(one)
+    assert one.data == "/hub/owner--b/train"  # one --data: still a string
+
+
+# -- pretrain ------------------------------------------------------------------------------------------
+def test_one_data_keeps_its_record_and_a_one_source_mixture_trains_the_same(two, tmp_path):
+    """One --data parses as a string (the single-source path, its record and metrics keys unchanged); the mixture
+    code with that one source gives the same losses, val losses and weights bit for bit."""
+    args = parse_args(argv(two, tmp_path / "one", "--max-steps", "4", "--document-mask", sources=[two.a]))
+    assert args.data == str(two.a)
+    pretrain(args)
+    mix = parse_args(argv(two, tmp_path / "mix", "--max-steps", "4", "--document-mask", sources=[two.a]))
+    mix.data = [mix.data]
+    pretrain(mix)
+    assert losses(tmp_path / "one") == losses(tmp_path / "mix")
+    one_row, mix_row = rows_of(tmp_path / "one")[-1], rows_of(tmp_path / "mix")[-1]
+    assert one_row["val_loss"] == mix_row["val_loss"] == mix_row["val_loss_aaa"]
+    assert not any(k.startswith("val_loss_") for r in rows_of(tmp_path / "one") for k in r)
+    state = torch.load(tmp_path / "one" / "ckpt-0000004" / "state.pt", weights_only=False)
+    assert "data_weights" not in state["args"] and "sources" not in state["data"][0]
+    from safetensors.torch import load_file
+
+    w1 = load_file(tmp_path / "one" / "ckpt-0000004" / "model.safetensors")
+    w2 = load_file(tmp_path / "mix" / "ckpt-0000004" / "model.safetensors")
+    assert all(torch.equal(w1[k], w2[k]) for k in w1)
+
+
+def test_mixture_logs_each_sources_val_loss_equal_to_it_alone_and_resumes_exactly(two, tmp_path, capsys):
+    """Weights 0.8/0.2: val_loss and val_loss_<name> each evaluation; at step 0 each source's equals the val_loss
+    of a run on it alone (the same initial weights). 6 steps in one go = 3 + a resume to 6, bit for bit; a resume
+    with other weights names --data-weights, one with other sources says the data differs."""
+    full, half = tmp_path / "full", tmp_path / "half"
+    common_flags = ("--max-steps", "6", "--data-weights", "0.8", "0.2", "--eval-every", "3", "--ckpt-every", "3",
+                    "--document-mask")
+    assert main(["pretrain", *argv(two, full, *common_flags)]) == 0
+    header = capsys.readouterr().out
+    assert "a mixture of 2 sources" in header and "aaa: " in header and "weight 0.800" in header
+    rows = rows_of(full)
+    evals = [r for r in rows if "val_loss" in r]
+    assert [r["step"] for r in evals] == [0, 3, 6]
+    assert all({"val_loss_aaa", "val_loss_zzz"} <= set(r) for r in evals)
+    assert (full / "loss.png").is_file()
+    for src, name in ((two.a, "aaa"), (two.z, "zzz")):
+        alone = tmp_path / f"alone-{name}"
+        pretrain(parse_args(argv(two, alone, "--max-steps", "1", "--eval-every", "1", "--document-mask",
+                                 sources=[src])))
+        assert rows_of(alone)[0]["val_loss"] == evals[0][f"val_loss_{name}"]
+
+    # interrupted at step 3: the run's folder as its step-3 checkpoint left it
+    shutil.copytree(full, half)
+    shutil.rmtree(half / "ckpt-0000006")
+    capsys.readouterr()
+    assert main(["pretrain", *argv(two, half, "--resume", *common_flags)]) == 0
+    err = capsys.readouterr().err
+    assert "resuming with" not in err and "different data" not in err
+    assert losses(half) == losses(full)
+    assert [r["val_loss_zzz"] for r in rows_of(half) if "val_loss" in r] == [r["val_loss_zzz"] for r in evals]
+
+    assert main(["pretrain", *argv(two, half, "--max-steps", "8", "--resume", "--data-weights", "0.5", "0.5",
+                                   "--eval-every", "0", "--document-mask")]) == 0
+    err = capsys.readouterr().err
+    assert "--data-weights [0.5, 0.5] ([0.8, 0.2])" in err, err
+    assert main(["pretrain", *argv(two, half, "--max-steps", "9", "--resume", "--data-weights", "0.5", "0.5",
+                                   "--document-mask", sources=[two.a, two.a])]) == 0
+    err = capsys.readouterr().err
+    assert "different data than the checkpoint's" in err and "--data [" in err, err
+
+    # eval of the run: a mixture has no one corpus of its own, so --data is asked for by name
+    assert main(["eval", "--weights", str(full), "--device", "cpu"]) == 2
+    assert "trained on a mixture of 2 sources" in capsys.readouterr().err
+
+
+def test_default_weights_follow_the_tokens_and_the_header_notes_many_epochs(two, tmp_path, capsys):
+    """No --data-weights: each source's share of the training tokens (the concatenation's odds); the header's
+    epochs per source, and a note for one repeated more than 4 times."""
+    out = tmp_path / "run"
+    assert main(["pretrain", *argv(two, out, "--max-steps", "2")]) == 0
+    state = torch.load(out / "ckpt-0000002" / "state.pt", weights_only=False)
+    parts = state["data"][0]["sources"]
+    assert [p["name"] for p in parts] == ["aaa", "zzz"]
+    total = sum(p["train_tokens"] for p in parts)
+    assert state["args"]["data_weights"] == [p["train_tokens"] / total for p in parts]
+    printed = capsys.readouterr().out
+    assert "weight 0.6" in printed and "weight 0.3" in printed  # ~4000 and ~2000 words
+
+    assert main(["pretrain", *argv(two, tmp_path / "run0", "--max-steps", "2", "--data-weights", "0", "1")]) == 0
+    printed = capsys.readouterr().out
+    zzz = next(line for line in printed.splitlines() if line.strip().startswith("zzz:"))
+    aaa = next(line for line in printed.splitlines() if line.strip().startswith("aaa:"))
+    assert "weight 0.000, 0.00 epochs" in aaa and "more than 4" not in aaa
+    assert "weight 1.000" in zzz and "more than 4" not in zzz
+
+    # a plan of 5 epochs of each: noted (the header's function, without 300 steps of training)
+    from tritongpt.train.pretrain import print_mixture
+
+    splits = {"sources": [{"name": n, "source": n, "train": p["train_tokens"] * [0], "val": [], "bos_id": None}
+                          for n, p in zip(("aaa", "zzz"), parts)]}
+    splits["weights"] = [p["train_tokens"] / total for p in parts]
+    targs = SimpleNamespace(batch_size=4, grad_accum=1, max_steps=math.ceil(5 * total / 64))
+    print_mixture(SimpleNamespace(document_mask=False), targs, SimpleNamespace(name="az"), 16, splits,
+                  SimpleNamespace(world_size=1))
+    printed = capsys.readouterr().out
+    lines = [line for line in printed.splitlines() if line.startswith("  ")]
+    assert len(lines) == 2 and all("more than 4: repeated data is worth less" in line for line in lines), printed
+    assert all(re.search(r"5\.0\d epochs", line) for line in lines)
+
+
+# -- refusals --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("extra, sources, match", [
+    (("--data-weights", "1"), "one", "--data-weights weighs the sources of a mixture: pass several --data"),
+    (("--data-weights", "1", "2", "3"), None, "3 weights for 2 --data sources"),
+    (("--data-weights", "1", "-1"), None, "must be finite numbers >= 0, got -1"),
+    (("--data-weights", "1", "nan"), None, "must be finite numbers >= 0, got nan"),
+    (("--data-weights", "inf", "1"), None, "must be finite numbers >= 0, got inf"),
+    (("--data-weights", "0", "0"), None, "all 0: no source to draw"),
+    ((), "tiny", r"--data .*tiny.txt: a block of 16 tokens needs at least 17 training tokens but it has"),
+])
+def test_refusals_by_name(two, tmp_path, extra, sources, match):
+    srcs = {"one": [two.a], "tiny": [two.a, two.tiny], None: None}[sources]
+    with pytest.raises(UserError, match=match):
+        pretrain(parse_args(argv(two, tmp_path / "r", "--max-steps", "1", *extra, sources=srcs)))
+
+
+def test_token_ids_of_another_tokenizer_beside_text_refused(two, tmp_path):
+    """A nanoGPT .bin (GPT-2's ids) mixed with text read by a 270-token BPE: the ids past its vocabulary are
+    refused by name, before any step (the text sources' tokenizer is the run's one tokenizer)."""
+    (tmp_path / "train.bin").write_bytes(np.array([50000, 1, 2] * 20, dtype=np.uint16).tobytes())
+    with pytest.raises(UserError, match=r"train.bin: token id 50000 is past the az tokenizer.s 270 ids"):
+        pretrain(parse_args(argv(two, tmp_path / "r", "--max-steps", "1", sources=[two.a, tmp_path / "train.bin"])))
+
+
+def test_text_field_and_json_checks_per_source(two, tmp_path):
+    with pytest.raises(UserError, match="--text-field applies to .jsonl"):
+        pretrain(parse_args(argv(two, tmp_path / "r", "--text-field", "body")))
+    rows = [json.dumps({"body": "z z"})] * 3
+    (tmp_path / "x.jsonl").write_text("\n".join(rows))
+    with pytest.raises(UserError, match="--text-field applies to .jsonl"):
+        pretrain(parse_args(argv(two, tmp_path / "r", "--text-field", "body", sources=[tmp_path / "x.jsonl", two.a])))
