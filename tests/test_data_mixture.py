@@ -141,11 +141,16 @@ def test_one_data_keeps_its_record_and_a_one_source_mixture_trains_the_same(two,
     assert all(torch.equal(w1[k], w2[k]) for k in w1)
 
 
-def test_mixture_logs_each_sources_val_loss_equal_to_it_alone_and_resumes_exactly(two, tmp_path, capsys):
+def test_mixture_logs_each_sources_val_loss_equal_to_it_alone_and_resumes_exactly(two, tmp_path, capsys,
+                                                                                   monkeypatch):
     """Weights 0.8/0.2: val_loss and val_loss_<name> each evaluation; at step 0 each source's equals the val_loss
     of a run on it alone (the same initial weights). 6 steps in one go = 3 + a resume to 6, bit for bit; a resume
     with other weights names --data-weights, one with other sources says the data differs."""
     full, half = tmp_path / "full", tmp_path / "half"
+    plotted = []
+    real_plot = common.plot_curves
+    monkeypatch.setattr(common, "plot_curves", lambda rows, path, keys, title: plotted.append(keys) or
+                        real_plot(rows, path, keys, title))
     common_flags = ("--max-steps", "6", "--data-weights", "0.8", "0.2", "--eval-every", "3", "--ckpt-every", "3",
                     "--document-mask")
     assert main(["pretrain", *argv(two, full, *common_flags)]) == 0
@@ -155,7 +160,7 @@ def test_mixture_logs_each_sources_val_loss_equal_to_it_alone_and_resumes_exactl
     evals = [r for r in rows if "val_loss" in r]
     assert [r["step"] for r in evals] == [0, 3, 6]
     assert all({"val_loss_aaa", "val_loss_zzz"} <= set(r) for r in evals)
-    assert (full / "loss.png").is_file()
+    assert (full / "loss.png").is_file() and plotted[-1] == ("loss", "val_loss", "val_loss_aaa", "val_loss_zzz")
     for src, name in ((two.a, "aaa"), (two.z, "zzz")):
         alone = tmp_path / f"alone-{name}"
         pretrain(parse_args(argv(two, alone, "--max-steps", "1", "--eval-every", "1", "--document-mask",
@@ -180,6 +185,10 @@ def test_mixture_logs_each_sources_val_loss_equal_to_it_alone_and_resumes_exactl
                                    "--document-mask", sources=[two.a, two.a])]) == 0
     err = capsys.readouterr().err
     assert "different data than the checkpoint's" in err and "--data [" in err, err
+    # one --data after a mixture: its record names no sources' hashes, so the data is said to differ
+    assert main(["pretrain", *argv(two, half, "--max-steps", "10", "--resume", "--document-mask",
+                                   sources=[two.a])]) == 0
+    assert "different data than the checkpoint's" in capsys.readouterr().err
 
     # eval of the run: a mixture has no one corpus of its own, so --data is asked for by name
     assert main(["eval", "--weights", str(full), "--device", "cpu"]) == 2
@@ -230,6 +239,8 @@ def test_default_weights_follow_the_tokens_and_the_header_notes_many_epochs(two,
     (("--data-weights", "inf", "1"), None, "must be finite numbers >= 0, got inf"),
     (("--data-weights", "0", "0"), None, "all 0: no source to draw"),
     ((), "tiny", r"--data .*tiny.txt: a block of 16 tokens needs at least 17 training tokens but it has"),
+    (("--batch-size", "5000"), None, r"a batch of 5000 x 16 tokens is larger than the training data \(\d+ tokens in 2 "
+     r"sources\)"),
 ])
 def test_refusals_by_name(two, tmp_path, extra, sources, match):
     srcs = {"one": [two.a], "tiny": [two.a, two.tiny], None: None}[sources]
@@ -250,5 +261,24 @@ def test_text_field_and_json_checks_per_source(two, tmp_path):
         pretrain(parse_args(argv(two, tmp_path / "r", "--text-field", "body")))
     rows = [json.dumps({"body": "z z"})] * 3
     (tmp_path / "x.jsonl").write_text("\n".join(rows))
-    with pytest.raises(UserError, match="--text-field applies to .jsonl"):
+    with pytest.raises(UserError, match=r"--text-field applies to .jsonl .*; \S*aaa.txt is read as plain text$"):
         pretrain(parse_args(argv(two, tmp_path / "r", "--text-field", "body", sources=[tmp_path / "x.jsonl", two.a])))
+
+
+def test_a_source_whose_val_split_is_short_is_evaluated_on_its_training_windows(two, tmp_path, capsys):
+    """Each source split on its own: one whose held-out tail is shorter than a block is noted and scored on its
+    training windows (as one --data is); a .jsonl source read by its --text-field; the result counts every
+    source's tokens."""
+    (two.dir / "few.jsonl").write_text(json.dumps({"body": " ".join(["zz z"] * 30)}) + "\n")
+    (tmp_path / "x.jsonl").write_text(json.dumps({"body": (two.a.read_text()[:3000])}) + "\n")
+    r = pretrain(parse_args(argv(two, tmp_path / "r", "--max-steps", "1", "--text-field", "body",
+                                 sources=[tmp_path / "x.jsonl", two.dir / "few.jsonl"])))
+    err = capsys.readouterr().err
+    assert re.search(r"--data \S*few.jsonl: its validation split \(\d+ tokens\) is shorter than one block of 16: "
+                     "evaluating it on its training windows", err), err
+    assert "x.jsonl: its validation" not in err
+    row = rows_of(tmp_path / "r")[-1]
+    assert math.isfinite(row["val_loss_few"]) and math.isfinite(row["val_loss_x"])
+    state = torch.load(tmp_path / "r" / "ckpt-0000001" / "state.pt", weights_only=False)
+    n = [p["train_tokens"] for p in state["data"][0]["sources"]]
+    assert r["train_tokens"] == sum(n) and r["val_tokens"] > 0
