@@ -116,6 +116,7 @@ def test_hub_ids_in_a_repeated_data_are_each_fetched(monkeypatch):
     one.command = "pretrain"
     fetch_hub_repos(one)
     assert one.data == "/hub/owner--b/train"  # one --data: still a string
+    assert parse_args(["--data", "a", "--data", "b", "--data", "c"]).data == ["a", "b", "c"]
 
 
 # -- pretrain ------------------------------------------------------------------------------------------
@@ -151,15 +152,20 @@ def test_mixture_logs_each_sources_val_loss_equal_to_it_alone_and_resumes_exactl
     real_plot = common.plot_curves
     monkeypatch.setattr(common, "plot_curves", lambda rows, path, keys, title: plotted.append(keys) or
                         real_plot(rows, path, keys, title))
+    configs = []  # the run's args as trackers (--report-to) get them: the sources and the weights given
+    monkeypatch.setattr(common, "trackers_for", lambda args, config: configs.append(config))
     common_flags = ("--max-steps", "6", "--data-weights", "0.8", "0.2", "--eval-every", "3", "--ckpt-every", "3",
                     "--document-mask")
     assert main(["pretrain", *argv(two, full, *common_flags)]) == 0
     header = capsys.readouterr().out
+    assert configs[0]["data"] == [str(two.a), str(two.z)] and configs[0]["data_weights"] == [0.8, 0.2]
     assert "a mixture of 2 sources" in header and "aaa: " in header and "weight 0.800" in header
     rows = rows_of(full)
     evals = [r for r in rows if "val_loss" in r]
     assert [r["step"] for r in evals] == [0, 3, 6]
     assert all({"val_loss_aaa", "val_loss_zzz"} <= set(r) for r in evals)
+    # a --cache-dir holds each source's tokens in a folder of its own (one folder: each overwriting the other's)
+    assert all((two.dir / "cache" / name / "tokens.json").is_file() for name in ("aaa", "zzz"))
     assert (full / "loss.png").is_file() and plotted[-1] == ("loss", "val_loss", "val_loss_aaa", "val_loss_zzz")
     for src, name in ((two.a, "aaa"), (two.z, "zzz")):
         alone = tmp_path / f"alone-{name}"
@@ -193,6 +199,8 @@ def test_mixture_logs_each_sources_val_loss_equal_to_it_alone_and_resumes_exactl
     # eval of the run: a mixture has no one corpus of its own, so --data is asked for by name
     assert main(["eval", "--weights", str(full), "--device", "cpu"]) == 2
     assert "trained on a mixture of 2 sources" in capsys.readouterr().err
+    assert main(["eval", "--weights", str(full), "--device", "cpu", "--data", str(two.z), "--cache-dir",
+                 str(tmp_path / "ec")]) == 0  # scored as given
 
 
 def test_default_weights_follow_the_tokens_and_the_header_notes_many_epochs(two, tmp_path, capsys):
@@ -203,6 +211,7 @@ def test_default_weights_follow_the_tokens_and_the_header_notes_many_epochs(two,
     state = torch.load(out / "ckpt-0000002" / "state.pt", weights_only=False)
     parts = state["data"][0]["sources"]
     assert [p["name"] for p in parts] == ["aaa", "zzz"]
+    assert state["data"][0]["weights"] == state["args"]["data_weights"]
     total = sum(p["train_tokens"] for p in parts)
     assert state["args"]["data_weights"] == [p["train_tokens"] / total for p in parts]
     printed = capsys.readouterr().out
@@ -282,3 +291,50 @@ def test_a_source_whose_val_split_is_short_is_evaluated_on_its_training_windows(
     state = torch.load(tmp_path / "r" / "ckpt-0000001" / "state.pt", weights_only=False)
     n = [p["train_tokens"] for p in state["data"][0]["sources"]]
     assert r["train_tokens"] == sum(n) and r["val_tokens"] > 0
+
+
+def test_data_records_name_the_sources_and_what_a_resume_compares(two, tmp_path, monkeypatch, capsys):
+    """The mixture's record: each source's absolute path, hash, tokens, BOS; a resume's note when a source, the
+    tokenizer or the block differs; one --data's record compared with a mixture's is other data."""
+    from tritongpt.train.pretrain import DataPosition, MixturePosition
+
+    monkeypatch.chdir(two.dir)
+    tok = SimpleNamespace(hash="t1")
+    part = {"name": "aaa", "train": [0] * 50, "val": [0] * 5, "source_hash": "h", "joined_hash": "j", "bos_id": None}
+    args = SimpleNamespace(data=["aaa.txt", "pydoc"], text_field="text", document_mask=False)
+    mix = MixturePosition(args, tok, 16, {"sources": [part, dict(part, name="pydoc")], "weights": [0.5, 0.5]})
+    state = mix.state_dict()
+    assert [s["source"] for s in state["sources"]] == [str(two.a), "pydoc"] and state["train_tokens"] == 100
+    mix.load_state_dict(state)
+    assert "different data" not in capsys.readouterr().err
+    for other in ({"tokenizer_hash": "t2"}, {"block_size": 8},
+                  {"sources": [state["sources"][0], dict(state["sources"][1], source_hash="x")]}):
+        mix.load_state_dict({**state, **other})
+        assert "resuming on different data than the checkpoint's" in capsys.readouterr().err, other
+    one = DataPosition(SimpleNamespace(data="aaa.txt", text_field="text", document_mask=False), tok, 16,
+                       {**part, "train": [0] * 100})
+    one.load_state_dict({**state, "bos_id": None})  # the same token count, tokenizer and block: still a mixture's
+    assert "resuming on different data" in capsys.readouterr().err
+
+
+def test_document_masks_per_source_when_their_markers_differ(two, tmp_path, monkeypatch, capsys):
+    """A text source whose tokenizer puts a BOS before each document beside token ids read in place (no BOS,
+    split at the EOS): each row's documents are split at its own source's marker, so each source's val loss
+    (--document-mask) is the one its own run gives."""
+    from tritongpt.train.tokenizer import BPETokenizer
+
+    tok = BPETokenizer.load(two.tok)
+    (tmp_path / "ids.bin").write_bytes(np.array(tok.encode(two.z.read_text(), allowed_special="all"),
+                                                dtype=np.uint16).tobytes())
+    monkeypatch.setattr(BPETokenizer, "prepended_bos_id", 0, raising=False)  # byte 0: in neither text
+    flags = ("--max-steps", "1", "--eval-every", "1", "--document-mask", "--cache-dir", str(tmp_path / "c"))
+    pretrain(parse_args(argv(two, tmp_path / "mix", *flags, sources=[two.a, tmp_path / "ids.bin"])))
+    row = rows_of(tmp_path / "mix")[0]
+    lines = capsys.readouterr().out.splitlines()
+    assert "BOS before each document" in next(line for line in lines if line.startswith("  aaa:"))
+    assert "BOS" not in next(line for line in lines if line.startswith("  ids:"))
+    for src, name in ((two.a, "aaa"), (tmp_path / "ids.bin", "ids")):
+        pretrain(parse_args(argv(two, tmp_path / name, *flags, sources=[src])))
+        assert rows_of(tmp_path / name)[0]["val_loss"] == row[f"val_loss_{name}"], name
+    state = torch.load(tmp_path / "mix" / "ckpt-0000001" / "state.pt", weights_only=False)
+    assert [p["bos_id"] for p in state["data"][0]["sources"]] == [0, None]

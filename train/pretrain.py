@@ -633,7 +633,7 @@ def print_mixture(args, targs, tok, block, splits, trainer):
         epochs = targs.max_steps * per_step * block * w / len(p["train"])
         many = f" (more than {MANY_EPOCHS}: repeated data is worth less past ~{MANY_EPOCHS} epochs, Muennighoff et al. " \
             "2023)" if epochs > MANY_EPOCHS else ""
-        print(f"  {p['name']}: {p['source'] or 'the pydoc corpus'}: {len(p['train']):,} training + {len(p['val']):,} "
+        print(f"  {p['name']}: {p['source']}: {len(p['train']):,} training + {len(p['val']):,} "
               f"validation tokens{', BOS before each document' if p['bos_id'] is not None else ''}, weight {w:.3f}, "
               f"{epochs:.2f} epochs{many}")
 
