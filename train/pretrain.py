@@ -302,7 +302,8 @@ class MixturePosition:
         # no "source": eval finds no single corpus of the run to score (it names the mixture instead)
         parts = self.splits["sources"]
         return {"sources": [{"source": s, "name": p["name"], "train_tokens": len(p["train"]),
-                             "source_hash": p["source_hash"], "bos_id": p["bos_id"]} for s, p in zip(self.sources, parts)],
+                             "source_hash": p["source_hash"], "bos_id": p["bos_id"]}
+                            for s, p in zip(self.sources, parts)],
                 "weights": self.splits["weights"], "text_field": self.text_field,
                 "train_tokens": split_tokens(self.splits, "train"), "block_size": self.block,
                 "tokenizer_hash": self.tok.hash, "document_mask": self.document_mask}
@@ -628,11 +629,12 @@ def print_mixture(args, targs, tok, block, splits, trainer):
     parts = splits["sources"]
     print(f"data: a mixture of {len(parts)} sources, {split_tokens(splits, 'train'):,} training + "
           f"{split_tokens(splits, 'val'):,} validation tokens ({tok.name} tokenizer); {targs.max_steps} steps x "
-          f"{per_step} x {block} tokens, each row from one source{', documents kept apart' if args.document_mask else ''}")
+          f"{per_step} x {block} tokens, each row from one source"
+          f"{', documents kept apart' if args.document_mask else ''}")
     for p, w in zip(parts, splits["weights"]):
         epochs = targs.max_steps * per_step * block * w / len(p["train"])
-        many = f" (more than {MANY_EPOCHS}: repeated data is worth less past ~{MANY_EPOCHS} epochs, Muennighoff et al. " \
-            "2023)" if epochs > MANY_EPOCHS else ""
+        many = f" (more than {MANY_EPOCHS}: repeated data is worth less past ~{MANY_EPOCHS} epochs, " \
+            "Muennighoff et al. 2023)" if epochs > MANY_EPOCHS else ""
         print(f"  {p['name']}: {p['source']}: {len(p['train']):,} training + {len(p['val']):,} "
               f"validation tokens{', BOS before each document' if p['bos_id'] is not None else ''}, weight {w:.3f}, "
               f"{epochs:.2f} epochs{many}")
