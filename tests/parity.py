@@ -88,6 +88,22 @@ def save_run(tmp_path, model, name="run"):
     return run, tok
 
 
+def scoring_run(tmp_path, tok, seed: int, context_length: int):
+    """A run folder with a seeded random 2-layer GPT of tok's vocabulary and tok saved beside it (what hellaswag
+    and lambada read from --weights). -> (folder, model)."""
+    from tritongpt.model.config import GPTConfig
+    from tritongpt.model.gpt import GPTModel
+
+    torch.manual_seed(seed)
+    model = GPTModel(GPTConfig(vocab_size=tok.vocab_size, context_length=context_length, n_embd=32, n_layer=2,
+                               n_head=2))
+    run = tmp_path / "run"
+    run.mkdir()
+    model.save(run / "model.safetensors")
+    tok.save(run / "tokenizer.json")
+    return run, model
+
+
 def logits_match_transformers(hf, model, vocab_size: int, T: int):
     """A float64 model's logits are transformers' (hf, float64) within 2e-6 relative on the
     reference path (transformers computes RMSNorm in fp32 whatever the weights' dtype, and RoPE's

@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+from parity import scoring_run
 
 from tritongpt.cli import main
 from tritongpt.errors import UserError
@@ -150,12 +151,7 @@ def test_the_validation_split_is_downloaded_once(tmp_path, monkeypatch):
 def test_the_command_scores_a_run(tok, tmp_path, capsys, monkeypatch):
     """hellaswag --weights RUN --data FILE: the run's saved tokenizer, the same figures as
     score(), --max-examples, --json, --model and --tokenizer heeded; bad flags are one-line errors."""
-    torch.manual_seed(5)
-    model = GPTModel(GPTConfig(vocab_size=tok.vocab_size, context_length=24, n_embd=32, n_layer=2, n_head=2))
-    run = tmp_path / "run"
-    run.mkdir()
-    model.save(run / "model.safetensors")
-    tok.save(run / "tokenizer.json")
+    run, model = scoring_run(tmp_path, tok, 5, 24)
     examples = random_examples(12, seed=6)
     data = tmp_path / "val.jsonl"
     data.write_text("".join(json.dumps(e) + "\n" for e in examples))
@@ -400,12 +396,7 @@ def test_a_bad_record_of_another_shape_is_named(tmp_path):
 
 
 def test_the_command_scores_an_arc_file_as_its_converted_examples(tok, tmp_path, capsys):
-    torch.manual_seed(7)
-    model = GPTModel(GPTConfig(vocab_size=tok.vocab_size, context_length=32, n_embd=32, n_layer=2, n_head=2))
-    run = tmp_path / "run"
-    run.mkdir()
-    model.save(run / "model.safetensors")
-    tok.save(run / "tokenizer.json")
+    run, model = scoring_run(tmp_path, tok, 7, 32)
     rows = []
     for i, ex in enumerate(random_examples(16, seed=8)):
         letters = "ABCD" if i % 3 else "1234"  # some of ARC's rows are numbered
@@ -519,12 +510,7 @@ def test_a_bad_winogrande_record_is_named(tmp_path):
 
 
 def test_the_command_scores_a_winogrande_file_and_names_it(tok, tmp_path, capsys):
-    torch.manual_seed(13)
-    model = GPTModel(GPTConfig(vocab_size=tok.vocab_size, context_length=32, n_embd=32, n_layer=2, n_head=2))
-    run = tmp_path / "run"
-    run.mkdir()
-    model.save(run / "model.safetensors")
-    tok.save(run / "tokenizer.json")
+    run, model = scoring_run(tmp_path, tok, 13, 32)
     records = random_winogrande(14, seed=14)
     data = _write(tmp_path / "wino.jsonl", records)
     base = ["hellaswag", "--weights", str(run), "--data", str(data), "--device", "cpu"]

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from parity import scoring_run
 
 from tritongpt.cli import main
 from tritongpt.errors import UserError
@@ -178,12 +179,7 @@ def test_the_test_split_is_downloaded_once(tmp_path, monkeypatch):
 
 
 def test_the_command_scores_a_run(tok, tmp_path, capsys, monkeypatch):
-    torch.manual_seed(5)
-    model = GPTModel(GPTConfig(vocab_size=tok.vocab_size, context_length=24, n_embd=32, n_layer=2, n_head=2))
-    run = tmp_path / "run"
-    run.mkdir()
-    model.save(run / "model.safetensors")
-    tok.save(run / "tokenizer.json")
+    run, model = scoring_run(tmp_path, tok, 5, 24)
     texts = random_texts(9, seed=6)
     data = write_jsonl(tmp_path / "lambada.jsonl", [{"text": t} for t in texts])
     base = ["lambada", "--weights", str(run), "--data", str(data), "--device", "cpu"]
