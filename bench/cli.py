@@ -160,6 +160,10 @@ def train_model_flags(args, models=()):
         raise UserError(str(e)) from None
     if args.logit_scale is not None and not (math.isfinite(args.logit_scale) and args.logit_scale > 0):
         raise UserError(f"--logit-scale must be a finite number > 0 (1: unscaled logits), got {args.logit_scale}")
+    for flag in ("embedding_multiplier", "residual_multiplier", "attention_multiplier"):
+        value = getattr(args, flag)
+        if value is not None and not (math.isfinite(value) and value > 0):
+            raise UserError(f"--{flag.replace('_', '-')} must be a finite number > 0, got {value}")
     if args.attention_window < 0:
         raise UserError(f"--attention-window must be >= 0 (0: every layer sees the whole context), "
                         f"got {args.attention_window}")
@@ -387,6 +391,15 @@ def add_cli(sub):
     t.add_argument("--rope-local-theta", type=float, default=None, metavar="T",
                    help="RoPE's base in the local layers (Gemma 3's 10000 beside its global 1e6; "
                         "GPTConfig.rope_local_theta) (default: rope_theta in every layer)")
+    t.add_argument("--embedding-multiplier", type=float, default=None, metavar="M",
+                   help="token embeddings times M (Granite's muP input multiplier, 12.0 in Granite 3; "
+                        "GPTConfig.embedding_multiplier) (default: the preset's, 1)")
+    t.add_argument("--residual-multiplier", type=float, default=None, metavar="M",
+                   help="each block's attention and MLP outputs times M before they join the residual stream "
+                        "(Granite 3's 0.22; GPTConfig.residual_multiplier) (default: the preset's, 1)")
+    t.add_argument("--attention-multiplier", type=float, default=None, metavar="M",
+                   help="the attention scores' scale in place of 1/sqrt(head_dim) (Granite's; "
+                        "GPTConfig.attention_multiplier) (default: the preset's, 1/sqrt(head_dim))")
     t.add_argument("--peak-tflops", type=float, default=None,
                    help="MFU denominator; default: the GPU's dense bf16 datasheet peak (as the trainers use), "
                         "else the bf16 matmul measured in this run")

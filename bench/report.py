@@ -163,7 +163,8 @@ VARIANT_KEYS = ("padded_vocab", "attention_window", "window_layers", "logit_soft
 ARCH_KEYS = ("norm", "mlp", "mlp_hidden", "position_encoding", "rope_theta", "n_kv_head", "bias", "attention_head_dim",
              "qk_norm", "scale_embeddings", "post_norms", "rope_local_theta", "nope_layers", "pre_norms",
              "qk_norm_width", "parallel_residual", "gelu_approximate", "rotary_dim", "shared_norm", "head_bias",
-             "embed_norm", "norm_bias", "alibi_scaled", "n_experts", "experts_per_token", "moe_aux_loss")
+             "embed_norm", "norm_bias", "alibi_scaled", "n_experts", "experts_per_token", "moe_aux_loss",
+             "embedding_multiplier", "residual_multiplier", "attention_multiplier")
 
 
 def variant_text(config: dict, keys=VARIANT_KEYS + ARCH_KEYS) -> str:
@@ -219,6 +220,12 @@ def architecture_text(config: dict) -> str:
     if config.get("n_experts"):
         aux = f", aux loss {config['moe_aux_loss']:g}" if config.get("moe_aux_loss") else ""
         words.append(f"{config['n_experts']} experts (top {config.get('experts_per_token')}{aux})")
+    muP = [f"{what} x{config[key]:g}" for key, what in (("embedding_multiplier", "embeddings"),
+                                                        ("residual_multiplier", "residual branches"),
+                                                        ("attention_multiplier", "attention scores"))
+           if key in config]
+    if muP:
+        words.append("Granite's multipliers: " + ", ".join(muP))
     return ", ".join(words)
 
 

@@ -115,7 +115,8 @@ MODEL_FLAGS = ("vocab_multiple", "attention_window", "window_layers", "logit_sof
                "mlp_hidden", "position_encoding", "rope_theta", "n_kv_head", "bias", "attention_head_dim", "qk_norm",
                "scale_embeddings", "post_norms", "rope_local_theta", "attn_softcap", "nope_layers", "pre_norms",
                "qk_norm_width", "parallel_residual", "gelu_approximate", "rotary_dim", "shared_norm", "head_bias",
-               "embed_norm", "norm_bias", "alibi_scaled", "n_experts", "experts_per_token", "moe_aux_loss")
+               "embed_norm", "norm_bias", "alibi_scaled", "n_experts", "experts_per_token", "moe_aux_loss",
+               "embedding_multiplier", "residual_multiplier", "attention_multiplier")
 
 
 def model_variant(cfg) -> dict:
@@ -126,7 +127,7 @@ def model_variant(cfg) -> dict:
     embeddings, sandwich norms, local layers' RoPE, attention soft cap and scale, SmolLM3's NoPE layers, OLMo's
     blocks without input norms and q/k norms over all heads, GPT-NeoX's parallel blocks, exact GELU and partial
     rotary, Phi's shared norm and LM-head bias, BLOOM's embedding norm, MPT's bias-free LayerNorms, Falcon-RW's
-    scaled ALiBi, a mixture of experts (Mixtral's). {} for GPT-2."""
+    scaled ALiBi, a mixture of experts (Mixtral's), Granite's muP multipliers. {} for GPT-2."""
     out = {}
     if cfg.padded_vocab_size != cfg.vocab_size:
         out["padded_vocab"] = cfg.padded_vocab_size
@@ -188,6 +189,9 @@ def model_variant(cfg) -> dict:
         out.update(n_experts=cfg.n_experts, experts_per_token=cfg.experts_per_token)
         if cfg.moe_aux_loss:
             out["moe_aux_loss"] = cfg.moe_aux_loss
+    for field, plain in (("embedding_multiplier", 1.0), ("residual_multiplier", 1.0), ("attention_multiplier", 0.0)):
+        if getattr(cfg, field) != plain:
+            out[field] = getattr(cfg, field)
     return out
 
 

@@ -1117,7 +1117,8 @@ def test_gpu_command_flow_with_cpu_stand_ins(tmp_path, monkeypatch, capsys):
                                  nope_layers=None, pre_norms=None, qk_norm_width=None, parallel_residual=None,
                                  gelu_approximate=None, rotary_dim=None, shared_norm=None, head_bias=None,
                                  embed_norm=None, norm_bias=None, alibi_scaled=None, n_experts=None,
-                                 experts_per_token=None, moe_aux_loss=None)
+                                 experts_per_token=None, moe_aux_loss=None, embedding_multiplier=None,
+                                 residual_multiplier=None, attention_multiplier=None)
     (folder,) = tmp_path.iterdir()
     k = report.validate_result(json.loads((folder / "kernels.json").read_text()))
     t = report.validate_result(json.loads((folder / "train.json").read_text()))
@@ -2954,6 +2955,58 @@ def test_every_train_provider_computes_the_same_variant_model(monkeypatch):
                 continue
             err = (diff.norm() / ref.norm()).item()
             assert err < 1e-4, (name, n, err, diff.abs().max().item())
+
+
+def test_every_train_provider_computes_the_same_granite_model(monkeypatch):
+    """bench train --embedding-multiplier/--residual-multiplier/--attention-multiplier: every provider of the step
+    times the same Granite-shaped model (RoPE, RMSNorm, SwiGLU, the three muP multipliers), its loss and every
+    gradient the float64 reference model's; a model without any one multiplier is far from it, so a provider that
+    dropped one (the SDPA swap's scale, the Triton path's residual product) would fail. The row names them."""
+    from dataclasses import replace
+
+    from tritongpt import cli
+    from tritongpt.bench import cli as bcli
+    from tritongpt.errors import UserError
+    from tritongpt.model.config import GPTConfig
+
+    monkeypatch.setattr(torch, "compile", lambda model: model)
+    cfg = GPTConfig(vocab_size=97, context_length=24, n_embd=32, n_layer=2, n_head=2, norm="rmsnorm", mlp="swiglu",
+                    mlp_hidden=40, position_encoding="rope", bias=False, embedding_multiplier=6.0,
+                    residual_multiplier=0.3, attention_multiplier=0.5)
+    g = torch.Generator().manual_seed(2)
+    x, y = torch.randint(0, 97, (2, 13), generator=g), torch.randint(0, 97, (2, 13), generator=g)
+    want, want_grads = _variant_loss64(cfg, x, y, scale=3.0)
+    for other in (replace(cfg, embedding_multiplier=1.0), replace(cfg, residual_multiplier=1.0),
+                  replace(cfg, attention_multiplier=0.0)):
+        loss, grads = _variant_loss64(other, x, y, scale=3.0)
+        assert max((grads[n] - want_grads[n]).norm() / want_grads[n].norm() for n in grads) > 0.05
+    for name in train_step.TRAIN_PROVIDERS:
+        model, run, _ = train_step.build(name, cfg, torch.device("cpu"))
+        with torch.no_grad():
+            for p in model.parameters():
+                p.mul_(3.0)
+        loss = run(x, targets=y)
+        loss.backward()
+        assert (abs(loss.double() - want) / want).item() < 1e-5, name
+        for n, p in model.named_parameters():
+            err = ((p.grad.double() - want_grads[n]).norm() / want_grads[n].norm()).item()
+            assert err < 1e-4, (name, n, err)
+    args = cli.build_parser().parse_args(["bench", "train", "--embedding-multiplier", "12", "--residual-multiplier",
+                                          "0.22", "--attention-multiplier", "0.0078125"])
+    flags = bcli.model_flags(args)
+    assert (flags["embedding_multiplier"], flags["residual_multiplier"], flags["attention_multiplier"]) == \
+        (12.0, 0.22, 0.0078125)
+    row = train_step.bench_train_provider("reference", "tiny", 2, 16, torch.device("cpu"), torch.float32, 0, 1,
+                                          peak_flops=1e12, vocab_size=64, residual_multiplier=0.22,
+                                          attention_multiplier=0.0078125)
+    assert row["status"] == "ok"
+    assert (row["config"]["residual_multiplier"], row["config"]["attention_multiplier"]) == (0.22, 0.0078125)
+    assert "embedding_multiplier" not in row["config"]  # the preset's 1: plain
+    assert "Granite's multipliers: residual branches x0.22, attention scores x0.0078125" in report.models_line([row])
+    for flag, value in (("--embedding-multiplier", "0"), ("--residual-multiplier", "-1"),
+                        ("--attention-multiplier", "nan")):
+        with pytest.raises(UserError, match=f"{flag} must be a finite number > 0, got"):
+            bcli.cmd_bench(cli.build_parser().parse_args(["bench", "train", flag, value]))
 
 
 def test_every_train_provider_computes_the_same_llama_model(monkeypatch):
