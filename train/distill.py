@@ -26,6 +26,12 @@ Both models' logits are compared over the tokenizer's ids only: a padded vocabul
 between models. The teacher must give the same ids for the same text (its saved tokenizer is the
 student's) and see the whole training block (its context is at least as long).
 
+On-policy distillation (sft only: it needs prompts; GKD, Agarwal et al. 2024, as TRL's GKDTrainer.training_step
+and GKDConfig): --distill-seq-kd has the teacher answer every batch's prompts (sequence-level KD), then with
+probability --distill-lmbda the student answers them instead, sampled at --distill-gen-temperature, at most
+--distill-max-new-tokens (OnPolicy, below). A batch of the student's own answers is learned through A * T^2 * D
+alone: CE on them would teach the student its own samples (sft_loss_fn). Our lmbda defaults to 0 (TRL's 0.5).
+
 The distillation path asks the student for its logits (model(x)) and computes CE on them with the
 reference lm_loss: the Triton fused LM-head loss (which never makes the logits whole) is not used,
 so the step's memory is the logits' ([batch, block, vocab] for the student and the teacher, and a
@@ -41,12 +47,19 @@ import torch.nn.functional as F
 from tritongpt.errors import UserError
 
 DEFAULT_ALPHA, DEFAULT_TEMPERATURE, DEFAULT_BETA = 0.5, 1.0, 0.0
+# GKD's on-policy options (sft only): TRL's GKDConfig has lmbda 0.5, temperature 0.9 and max_new_tokens 128; our
+# lmbda is 0 (off) so that a run without the flag is plain distillation, as before it existed
+DEFAULT_LMBDA, DEFAULT_GEN_TEMPERATURE, DEFAULT_MAX_NEW_TOKENS = 0.0, 0.9, 128
 FLAGS = {"distill_alpha": "--distill-alpha", "distill_temperature": "--distill-temperature",
          "distill_beta": "--distill-beta"}
+GKD_FLAGS = {"distill_lmbda": "--distill-lmbda", "distill_seq_kd": "--distill-seq-kd",
+             "distill_gen_temperature": "--distill-gen-temperature",
+             "distill_max_new_tokens": "--distill-max-new-tokens"}
 # what a run without a teacher records, and so what a checkpoint from before these flags ran with (a resume at
 # them names nothing: common.unrecorded_flags)
 RUN_DEFAULTS = {"teacher": None, "distill_alpha": DEFAULT_ALPHA, "distill_temperature": DEFAULT_TEMPERATURE,
-                "distill_beta": DEFAULT_BETA}
+                "distill_beta": DEFAULT_BETA, "distill_lmbda": DEFAULT_LMBDA, "distill_seq_kd": False,
+                "distill_gen_temperature": DEFAULT_GEN_TEMPERATURE, "distill_max_new_tokens": DEFAULT_MAX_NEW_TOKENS}
 
 
 def add_distill_args(p: argparse.ArgumentParser) -> None:
@@ -67,15 +80,36 @@ def add_distill_args(p: argparse.ArgumentParser) -> None:
                    help="with --teacher: TRL GKD's generalized JSD, B in [0, 1]: 0 forward KL(teacher || "
                         "student), 1 reverse KL(student || teacher), between them the JSD with a mixture of "
                         f"(1 - B) student and B teacher (default {DEFAULT_BETA})")
+    g.add_argument("--distill-lmbda", type=float, default=None, metavar="L",
+                   help="with --teacher, sft only: GKD's on-policy share (TRL's lmbda): each micro-batch, with "
+                        "probability L (a draw seeded by --seed), has its answers replaced by the student's own "
+                        "samples to its prompts, and its loss is then A * T^2 * divergence over them (no CE: the "
+                        f"student's own samples are no target) (default {DEFAULT_LMBDA}: off; TRL's 0.5)")
+    g.add_argument("--distill-seq-kd", action="store_true", default=None,
+                   help="with --teacher, sft only: sequence-level KD (TRL GKD's seq_kd): the teacher answers every "
+                        "prompt first, and the batch learns its answers (before the --distill-lmbda draw)")
+    g.add_argument("--distill-gen-temperature", type=float, default=None, metavar="T",
+                   help="with --distill-lmbda or --distill-seq-kd: the sampling temperature of the generated "
+                        f"answers (0 = greedy) (default {DEFAULT_GEN_TEMPERATURE}, TRL's)")
+    g.add_argument("--distill-max-new-tokens", type=int, default=None, metavar="N",
+                   help="with --distill-lmbda or --distill-seq-kd: the generated answers' length cap (within "
+                        f"--max-length) (default {DEFAULT_MAX_NEW_TOKENS}, TRL's)")
 
 
-def distill_options(args) -> dict:
-    """{teacher, distill_alpha, distill_temperature, distill_beta}, checked, defaults filled in (the
-    run's record: a resume names a change). The options without --teacher are refused by name."""
+def distill_options(args, prompts: bool = False) -> dict:
+    """{teacher, distill_alpha, distill_temperature, distill_beta}, and with prompts (sft) GKD's {distill_lmbda,
+    distill_seq_kd, distill_gen_temperature, distill_max_new_tokens}, checked, defaults filled in (the run's record:
+    a resume names a change). The options without --teacher are refused by name, GKD's without prompts too."""
     teacher = getattr(args, "teacher", None)
     given = {k: getattr(args, k, None) for k in FLAGS}
+    gkd = {k: getattr(args, k, None) for k in GKD_FLAGS}
+    if not prompts:
+        stray = [GKD_FLAGS[k] for k, v in gkd.items() if v is not None]
+        if stray:
+            raise UserError(f"{', '.join(stray)}: on-policy distillation generates answers to prompts, and "
+                            "pretraining text has none (use them with sft --teacher)")
     if teacher is None:
-        stray = [FLAGS[k] for k, v in given.items() if v is not None]
+        stray = [{**FLAGS, **GKD_FLAGS}[k] for k, v in {**given, **gkd}.items() if v is not None]
         if stray:
             raise UserError(f"{', '.join(stray)} set{'s' if len(stray) == 1 else ''} how --teacher's "
                             "distillation mixes in: without --teacher it does nothing (pass --teacher W)")
@@ -90,8 +124,36 @@ def distill_options(args) -> dict:
         raise UserError(f"--distill-beta must be in [0, 1], got {beta}")
     from tritongpt.train import common
 
-    return {"teacher": common.data_path(teacher), "distill_alpha": alpha, "distill_temperature": temperature,
-            "distill_beta": beta}
+    out = {"teacher": common.data_path(teacher), "distill_alpha": alpha, "distill_temperature": temperature,
+           "distill_beta": beta}
+    return {**out, **gkd_options(gkd, alpha)} if prompts else out
+
+
+def gkd_options(gkd: dict, alpha: float) -> dict:
+    """distill_options' GKD part: given values (None: not given) checked, defaults filled in."""
+    lmbda = DEFAULT_LMBDA if gkd["distill_lmbda"] is None else gkd["distill_lmbda"]
+    seq_kd = bool(gkd["distill_seq_kd"])
+    temperature = gkd["distill_gen_temperature"]
+    max_new = gkd["distill_max_new_tokens"]
+    if not 0 <= lmbda <= 1:
+        raise UserError(f"--distill-lmbda must be in [0, 1], got {lmbda}")
+    if lmbda > 0 and alpha == 0:
+        raise UserError(f"--distill-lmbda {lmbda} with --distill-alpha 0: a batch of the student's own answers "
+                        "is learned through the divergence alone (A * T^2 * D), which A = 0 turns off")
+    if not (lmbda > 0 or seq_kd):
+        stray = [f for f, v in (("--distill-gen-temperature", temperature), ("--distill-max-new-tokens", max_new))
+                 if v is not None]
+        if stray:
+            raise UserError(f"{', '.join(stray)} set{'s' if len(stray) == 1 else ''} how answers are generated: "
+                            "without --distill-lmbda > 0 or --distill-seq-kd none is (pass one of them)")
+    temperature = DEFAULT_GEN_TEMPERATURE if temperature is None else temperature
+    max_new = DEFAULT_MAX_NEW_TOKENS if max_new is None else max_new
+    if not (temperature >= 0 and math.isfinite(temperature)):
+        raise UserError(f"--distill-gen-temperature must be a finite number >= 0 (0 = greedy), got {temperature}")
+    if max_new < 1:
+        raise UserError(f"--distill-max-new-tokens must be positive, got {max_new}")
+    return {"distill_lmbda": lmbda, "distill_seq_kd": seq_kd, "distill_gen_temperature": temperature,
+            "distill_max_new_tokens": max_new}
 
 
 # -- the loss ------------------------------------------------------------------------------------------
@@ -134,21 +196,34 @@ def unwrapped(model):
 
 class Parts:
     """The last optimizer step's CE and divergence, for the metrics row (distill_ce, distill_kd): sums and
-    counts over this process's micro-batches (under DDP, rank 0 logs its own share of the batch)."""
+    counts over this process's micro-batches (under DDP, rank 0 logs its own share of the batch).
 
-    def __init__(self):
-        self.sums = None
+    With GKD's on-policy batches (sft --distill-lmbda) the CE is over the other batches' tokens only (the
+    student's own answers have none: OnPolicy), and the row also has distill_on_policy, how many of the
+    step's micro-batches had the student's answers: the seeded draw, recorded."""
 
-    def add(self, ce, kd, n):
-        got = torch.stack([ce.detach().float(), kd.detach().float(), torch.as_tensor(n, device=ce.device).float()])
+    def __init__(self, on_policy: bool = False):
+        self.sums, self.on_policy, self.drawn = None, on_policy, 0
+
+    def add(self, ce, kd, n, student: bool = False):
+        """student: the batch's answers are the student's samples (ce is not part of its loss, and not counted)."""
+        n = torch.as_tensor(n, device=kd.device).float()
+        got = torch.stack([torch.zeros_like(n) if student else ce.detach().float(), kd.detach().float(), n,
+                           torch.zeros_like(n) if student else n])
         self.sums = got if self.sums is None else self.sums + got
+        self.drawn += student
 
     def pop(self) -> dict:
         if self.sums is None:
             return {}
-        ce, kd, n = self.sums.tolist()
+        ce, kd, n, n_ce = self.sums.tolist()
         self.sums = None
-        return {"distill_ce": ce / max(n, 1), "distill_kd": kd / max(n, 1)}
+        row = {"distill_kd": kd / max(n, 1)}
+        if n_ce:  # a step of the student's answers only has no CE to show
+            row["distill_ce"] = ce / n_ce
+        if self.on_policy:
+            row["distill_on_policy"], self.drawn = self.drawn, 0
+        return row
 
 
 def pretrain_loss_fn(teacher, opts: dict, vocab_size: int, doc_ids_of, parts: Parts | None = None, **loss_options):
@@ -172,20 +247,35 @@ def pretrain_loss_fn(teacher, opts: dict, vocab_size: int, doc_ids_of, parts: Pa
 
 
 def sft_loss_fn(teacher, opts: dict, vocab_size: int, ignore_index: int, parts: Parts | None = None,
-                **loss_options):
+                source=None, **loss_options):
     """SFT's training loss with a teacher: fn(model, (inputs, targets[, doc_ids])) -> (loss sum, count)
-    over the counted (response) targets, as sft_loss returns them (no aux loss: as sft_loss, a sum)."""
+    over the counted (response) targets, as sft_loss returns them (no aux loss: as sft_loss, a sum).
+
+    source: None, or OnPolicy's source(): "student" where the batch's answers are the student's own samples
+    (--distill-lmbda's draw); its loss is then alpha * T^2 * the divergence alone. Cross-entropy on them would
+    be self-training, the student learning to repeat its own samples; TRL's GKDTrainer has no CE at all. The
+    weight alpha stays, so that over the draws the divergence is alpha * T^2 * GKD's (1 - lmbda) data +
+    lmbda on-policy mix, and the CE (1 - alpha) * (1 - lmbda) of the data's. The teacher's answers (seq_kd)
+    keep the mix: CE on a teacher's samples is Kim and Rush's sequence-level KD."""
     def loss_fn(m, batch):
         inputs, targets = batch[0], batch[1]
         doc_ids = batch[2] if len(batch) > 2 else None  # --packing: each example kept apart, in both models
         with torch.no_grad():
             t_logits = teacher(inputs, doc_ids=doc_ids)
-        loss, ce, kd = distill_loss(m(inputs, doc_ids=doc_ids), t_logits, targets, vocab_size,
-                                    opts["distill_alpha"], opts["distill_temperature"], opts["distill_beta"],
-                                    ignore_index=ignore_index, reduction="sum", **loss_options)
+        alpha, temperature = opts["distill_alpha"], opts["distill_temperature"]
         n = (targets != ignore_index).sum()
+        student = source is not None and source() == "student"
+        logits = m(inputs, doc_ids=doc_ids)
+        if student:
+            d = divergence(logits[..., :vocab_size], t_logits[..., :vocab_size], temperature, opts["distill_beta"])
+            ce, kd = None, torch.where(targets != ignore_index, d, 0.0).sum()
+            loss = alpha * temperature ** 2 * kd
+        else:
+            loss, ce, kd = distill_loss(logits, t_logits, targets, vocab_size, alpha, temperature,
+                                        opts["distill_beta"], ignore_index=ignore_index, reduction="sum",
+                                        **loss_options)
         if parts is not None:
-            parts.add(ce, kd, n)
+            parts.add(ce, kd, n, student)
         return loss, n
 
     return loss_fn
@@ -259,3 +349,101 @@ class WithTeacher:
                             "differ): pass the run's teacher")
         if self.inner is not None:
             self.inner.load_state_dict({k: v for k, v in d.items() if k != "teacher_fingerprint"})
+
+
+# -- GKD's on-policy batches (sft --distill-lmbda, --distill-seq-kd) --------------------------------------
+def prompt_end(e) -> int:
+    """Where an SFT Example's last learned part starts: what an answer is generated after. A chat's earlier
+    turns are its prompt (TRL's GKD collator: every message but the last), a template's text after the last
+    answer is not (formats.prompt_parts)."""
+    return max([e.prompt_len] + [b for _, b in e.context if b < len(e.ids)])
+
+
+class OnPolicy:
+    """sft's training batches with GKD's generated answers (Agarwal et al. 2024; TRL's GKDTrainer.training_step):
+    get_batch is SFTData's, except that with seq_kd the teacher answers each example's prompt first, then with
+    probability lmbda the student does (over the teacher's, as TRL orders them). One draw a micro-batch (TRL
+    draws in training_step, which the Hugging Face Trainer calls once a micro-batch) from this object's own
+    generator, seeded by (--seed, rank) and saved with the data position, so a run and its resume draw alike
+    and the training RNG is untouched; the samples come from it too.
+
+    A generated answer is sampled (--distill-gen-temperature, 0 greedy) with the KV cache (generate(), which
+    runs the model in eval mode and gives it back in train mode), at most max_new_tokens, and the prompt plus it
+    at most the run's max_len + 1 tokens, as encode_records cuts the data's. It ends at the answer's end token
+    (the eot, or a chat template's end of turn), which stays a target as the data's does (TRL masks the pad
+    token, often that same EOS, so its students are not taught to stop); what is after it is padding. Prompts
+    of one length are generated together (no padding inside a prompt). source() tells the loss whose answers the
+    batch it just took holds: "data", "teacher" or "student".
+
+    data: an SFTData (unpacked); opts: distill_options'; end_id: what ends an answer; vocab_size: the
+    tokenizer's ids (a model's padded rows are never drawn)."""
+
+    def __init__(self, data, student, teacher, opts: dict, end_id: int, vocab_size: int, max_len: int,
+                 seed: int = 0, rank: int = 0):
+        self.data, self.student, self.teacher = data, student, teacher
+        self.lmbda, self.seq_kd = opts["distill_lmbda"], opts["distill_seq_kd"]
+        self.temperature, self.max_new_tokens = opts["distill_gen_temperature"], opts["distill_max_new_tokens"]
+        self.end_id, self.vocab_size, self.max_len = end_id, vocab_size, max_len
+        self.seed = (seed * 1_000_003 + 0x6B6E + rank) % 2 ** 62  # apart from the Trainer's seed + rank stream
+        self.device, self.dtype = torch.device("cpu"), torch.float32
+        self.generator = torch.Generator().manual_seed(self.seed)
+        self.last = "data"
+        if any(prompt_end(e) == 0 for e in data.train):
+            raise UserError("--distill-lmbda / --distill-seq-kd: a training record has an empty prompt, which "
+                            "nothing can be generated from")
+
+    def place(self, device, dtype) -> None:
+        """Generate on the trainer's device (its generator there) and under its autocast."""
+        self.device, self.dtype = torch.device(device), dtype
+        if self.generator.device != self.device:
+            state = self.generator.get_state() if self.device.type == "cpu" else None
+            self.generator = torch.Generator(self.device).manual_seed(self.seed)
+            if state is not None:
+                self.generator.set_state(state)
+
+    def source(self) -> str:
+        return self.last
+
+    def get_batch(self, split: str, generator=None):
+        examples = self.data.next_examples(split)
+        self.last = "data"
+        if self.seq_kd:
+            examples, self.last = self.answer(self.teacher, examples), "teacher"
+        # TRL: random.random() <= lmbda; strictly below here, so that lmbda 0 never draws
+        if self.lmbda > 0 and torch.rand((), generator=self.generator, device=self.device).item() < self.lmbda:
+            examples, self.last = self.answer(self.student, examples), "student"
+        return self.data.collate_train(examples)
+
+    @torch.no_grad()
+    def answer(self, model, examples) -> list:
+        """examples with their last answer replaced by model's sample to what comes before it."""
+        from tritongpt.train import common
+        from tritongpt.train.generate import generate
+        from tritongpt.train.sft import Example
+
+        cuts = [prompt_end(e) for e in examples]
+        by_len = {}
+        for i, c in enumerate(cuts):
+            by_len.setdefault(c, []).append(i)
+        out = list(examples)
+        limit = self.vocab_size if self.vocab_size < unwrapped(model).config.vocab_size else None
+        for cut, rows in sorted(by_len.items()):
+            budget = min(self.max_new_tokens, self.max_len + 1 - cut)
+            idx = torch.tensor([examples[i].ids[:cut] for i in rows], dtype=torch.long, device=self.device)
+            with common.autocast(self.device, self.dtype):
+                new = generate(model, idx, budget, temperature=self.temperature, eos_id=self.end_id,
+                               generator=self.generator, vocab_limit=limit)[:, cut:].tolist()
+            for i, ids in zip(rows, new):
+                if self.end_id in ids:  # the rest is the end token repeated, generate's padding
+                    ids = ids[:ids.index(self.end_id) + 1]
+                # the generated answer is all that is learned (TRL's labels: the tokens after the prompt)
+                out[i] = Example(examples[i].ids[:cut] + ids, cut)
+        return out
+
+    def state_dict(self) -> dict:
+        return {**self.data.state_dict(), "gkd_generator": self.generator.get_state()}
+
+    def load_state_dict(self, d: dict):
+        if "gkd_generator" in d:  # (a run started without generated answers has none: this run's fresh draws)
+            self.generator.set_state(d["gkd_generator"])
+        self.data.load_state_dict({k: v for k, v in d.items() if k != "gkd_generator"})
