@@ -318,3 +318,22 @@ def test_a_resumed_on_policy_run_draws_as_the_uninterrupted_one(task_ckpts, tmp_
     resumed = run(tmp_path / "half", 4, "--resume")
     assert [d for _, d in whole] == [d for _, d in resumed] and len({d for _, d in whole}) > 1
     assert all(math.isclose(a, b, rel_tol=1e-5) for (a, _), (b, _) in zip(whole, resumed))
+
+
+def test_a_checkpoint_from_before_the_flags_resumes_unnamed_at_their_defaults(task_ckpts, tmp_path, capsys):
+    import torch as _torch
+
+    from tritongpt.train import common
+
+    out = tmp_path / "old"
+    argv = sft_argv(task_ckpts, out, "--teacher", task_ckpts.teacher)
+    assert main([*argv, "--max-steps", "1"]) == 0
+    ck = common.Checkpointer(out).latest()
+    state = common.load_state(ck)
+    for k in distill.GKD_FLAGS:
+        del state["args"][k]
+    _torch.save(state, ck / "state.pt")
+    capsys.readouterr()
+    # the others, at their defaults now (no seq_kd, temperature 0.9, 128 tokens), are what that run did: unnamed
+    assert main([*argv, "--max-steps", "2", "--resume", "--distill-lmbda", "0.5"]) == 0
+    assert "resuming with --distill-lmbda 0.5, which " in capsys.readouterr().err
