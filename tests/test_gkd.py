@@ -177,6 +177,17 @@ def test_a_chats_earlier_turns_are_its_prompt_and_a_generator_state_resumes():
     op.load_state_dict(state)
     again = [op.get_batch("train") for _ in range(2)]
     assert all(torch.equal(a, b) for x, y in zip(after, again) for a, b in zip(x, y))
+    # a state from another device type's generator (a CUDA state is not a CPU one's 5056 bytes): fresh draws
+    # from the seed, said, not a crash at the resume
+    import contextlib
+    import io
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        op.load_state_dict({**state, "gkd_generator": torch.zeros(16, dtype=torch.uint8)})
+    assert "draws afresh from --seed" in out.getvalue()
+    fresh = torch.Generator().manual_seed(op.seed).get_state()
+    assert torch.equal(op.generator.get_state(), fresh)
 
 
 # -- the loss ----------------------------------------------------------------------------------------------

@@ -445,5 +445,11 @@ class OnPolicy:
 
     def load_state_dict(self, d: dict):
         if "gkd_generator" in d:  # (a run started without generated answers has none: this run's fresh draws)
-            self.generator.set_state(d["gkd_generator"])
+            try:
+                self.generator.set_state(d["gkd_generator"])
+            except (RuntimeError, ValueError):
+                # a CPU generator's state does not fit a CUDA one (or the reverse): the resume is on another device
+                print(f"note: the checkpoint's GKD draws were made on another device type than {self.device.type}; "
+                      "this run draws afresh from --seed (the loss is the same in expectation, not draw for draw)")
+                self.generator.manual_seed(self.seed)
         self.data.load_state_dict({k: v for k, v in d.items() if k != "gkd_generator"})
