@@ -194,10 +194,11 @@ def generate(model, idx, max_new_tokens: int, temperature: float = 0.0, top_k: i
     transformers' no_repeat_ngram_size) is never drawn.
     stop: called with the rows so far [B, T + n] after each step, returns which rows are finished [B] (a stop
     string drawn, say): those stop as at eos_id (padded with it where there is one).
-    draft: a smaller model of the same vocabulary for speculative decoding (one prompt row, with the cache, the
-    text within the model's context): it proposes num_draft_tokens tokens a step, which the model checks in one
-    forward. Every setting above applies as without it. stats: a dict, filled with the target forwards run and
-    the draft tokens proposed and accepted (accepted_per_forward: their mean a forward).
+    draft: a smaller model of the same vocabulary for speculative decoding (with the cache, the text within the
+    model's context): it proposes num_draft_tokens tokens a step, which the model checks in one forward over all
+    rows. Every setting above applies as without it. stats: a dict, filled with the target forwards run and the
+    draft tokens proposed and accepted, summed over the rows live at each (accepted_per_forward: their mean a
+    forward and row).
     """
     if not isinstance(idx, torch.Tensor) or idx.is_floating_point() or idx.is_complex():
         what = f"a {idx.dtype} tensor" if isinstance(idx, torch.Tensor) else type(idx).__name__
@@ -242,10 +243,6 @@ def check_draft(model, draft, idx, max_new_tokens: int, num_draft_tokens: int, u
     if not use_cache:
         raise UserError("a draft model needs the KV cache (use_cache=True): the model's cache is cropped back to "
                         "the draft tokens it accepts")
-    if idx.size(0) != 1:
-        # rows would accept different numbers of draft tokens, and their caches fall out of step
-        raise UserError(f"speculative decoding ({name('draft')}) takes one prompt row, got a batch of {idx.size(0)}"
-                        + (" (--num-samples 1)" if flags else ""))
     target_vocab, draft_vocab = model.config.vocab_size, getattr(getattr(draft, "config", None), "vocab_size", None)
     if draft_vocab != target_vocab:
         raise UserError(f"the {name('draft')} model's vocabulary has {draft_vocab} tokens, the model's "
@@ -354,19 +351,23 @@ def accept_drafts(p_logits, q_logits, drafted, greedy: bool, generator=None):
 
 def _speculative(model, draft, idx, max_new_tokens, warp: dict, eos_id, generator, vocab_limit, on_token, stop,
                  num_draft_tokens: int, stats: dict | None):
-    """generate() with a draft model (check_draft's conditions hold: one row, the text within the context).
+    """generate() with a draft model (check_draft's conditions hold: the text within the context), B rows at once.
 
-    Both caches hold the text but its last token; each step the draft proposes k tokens, the model runs the
-    last token and them in one forward (k + 1 logits), and both caches are cropped back to the text kept."""
+    Both caches hold the text but its last token; each step the draft proposes k tokens for every row (one draft
+    forward a position), the model runs the last token and them in one forward over all rows (k + 1 logits), and
+    both caches are cropped back to the text kept. The caches have one length for all rows, so every row keeps the
+    same number of new tokens a step: m + 1, m the fewest draft tokens a live row accepted (see keep_common)."""
     greedy = warp["temperature"] < torch.finfo(torch.float32).tiny
-    cap = idx.size(1) + max_new_tokens
-    cache = model.new_cache(1, min(model.config.context_length, cap))
-    draft_cache = draft.new_cache(1, min(draft.config.context_length, cap))
+    B, cap = idx.size(0), idx.size(1) + max_new_tokens
+    cache = model.new_cache(B, min(model.config.context_length, cap))
+    draft_cache = draft.new_cache(B, min(draft.config.context_length, cap))
     start = idx.size(1)  # where the generated ids begin (the frequency/presence penalties count from it)
-    forwards = proposed = accepted = 0
+    done = torch.zeros(B, dtype=torch.bool, device=idx.device)  # rows that ended (EOS, a stop), carried along
+    forwards = row_forwards = proposed = accepted = 0
     orig = model.config.rope_scaling and model.config.rope_scaling.get("original_max_position_embeddings")
     longrope = bool(model.config.rope_scaling) and model.config.rope_scaling["rope_type"] == "longrope"
     ban = warp.get("no_repeat_ngram_size")
+    no_row = torch.zeros(B, dtype=torch.bool, device=idx.device)
     while idx.size(1) - start < max_new_tokens:
         L = idx.size(1)
         # the step's last token is the model's own: k + 1 new tokens at most; the model runs L + k positions,
@@ -379,7 +380,6 @@ def _speculative(model, draft, idx, max_new_tokens, warp: dict, eos_id, generato
             k = min(k, orig - L)
         k = max(k, 0)
         text, q_logits = idx, []
-        no_row = torch.zeros(1, dtype=torch.bool, device=idx.device)
         for _ in range(k):
             logits = _feed(draft, draft_cache, text)[:, -1, :vocab_limit]
             # live False: where the n-gram ban leaves a drafted path nothing, its logits stay unbanned rather than
@@ -393,25 +393,53 @@ def _speculative(model, draft, idx, max_new_tokens, warp: dict, eos_id, generato
                                                 live=no_row, **warp) for j in range(k + 1)], dim=1)
         q_logits = torch.stack(q_logits, dim=1) if k else p_logits[:, :0]
         n, nxt = accept_drafts(p_logits, q_logits, text[:, L:], greedy, generator)
-        n = int(n)
-        forwards, proposed = forwards + 1, proposed + k
-        done = False
-        for j, tok in enumerate(torch.cat([text[:, L:L + n], nxt], dim=1).split(1, dim=1)):  # as _generate does
+        m, kept = keep_common(n, nxt, text[:, L:], done)
+        live = int((~done).sum())
+        forwards, row_forwards, proposed = forwards + 1, row_forwards + live, proposed + k * live
+        for j, tok in enumerate(kept.split(1, dim=1)):  # as _generate does, a token at a time
             if ban:  # the kept text is plain decoding's: where the ban leaves it nothing here, plain decoding's error
-                ban_repeated_ngrams(logits[:, j], idx, ban)
+                ban_repeated_ngrams(logits[:, j], idx, ban, live=~done)
+            if eos_id is not None:
+                tok = torch.where(done.unsqueeze(1), torch.full_like(tok, eos_id), tok)
+            # the draft tokens kept, a row's (m + 1)-th among them where it accepted it (not after an EOS or a stop)
+            accepted += int((~done & (n > j)).sum())
+            if eos_id is not None:
+                done |= tok.squeeze(1) == eos_id
             idx = torch.cat([idx, tok], dim=1)
-            accepted += j < n  # (draft tokens after an EOS or a stop are not counted)
             if on_token is not None:
                 on_token(tok)
-            done = (eos_id is not None and int(tok) == eos_id) or (stop is not None and bool(stop(idx).any()))
-            if done:
+            if stop is not None:
+                done |= stop(idx).to(done.device)
+            if (eos_id is not None or stop is not None) and bool(done.all()):
                 break
-        if done:
+        if (eos_id is not None or stop is not None) and bool(done.all()):
             break
-        # the caches keep the text before the model's token, which neither has run
-        cache.crop(L + n)
-        draft_cache.crop(min(draft_cache.pos, L + n))
+        # the caches keep the text before the step's last token, which neither has run
+        cache.crop(L + m)
+        draft_cache.crop(min(draft_cache.pos, L + m))
     if stats is not None:
+        # per row: a batch's figure is the mean over its rows, each counted for the forwards it was live in
         stats.update(target_forwards=forwards, drafted=proposed, accepted=accepted,
-                     accepted_per_forward=accepted / forwards if forwards else 0.0)
+                     accepted_per_forward=accepted / row_forwards if row_forwards else 0.0)
     return idx
+
+
+def keep_common(n, nxt, drafted, done):
+    """The tokens every row keeps this step, [B, m + 1], and m: the fewest draft tokens a live row accepted (n [B]
+    and nxt [B, 1] accept_drafts', drafted [B, k]; done [B] the rows already finished, which do not hold the others
+    back: their tokens become padding). Every row keeps its first m draft tokens, all accepted; then a row that
+    accepted exactly m takes its own next token nxt (the residual's draw, or the model's after all k), and a row
+    that accepted more keeps its (m + 1)-th draft token, which it accepted too.
+
+    Why that is the model's distribution (the standard argument for stopping speculative sampling early): a row's
+    speculative step emits y_0, y_1, ... one position at a time: y_j is draft x_j if kept (probability
+    min(1, p/q)), else a draw from norm(max(0, p - q)) that ends the step; given y_<j, each emitted y_j is
+    distributed as p(. | y_<j) (Leviathan et al. 2023, theorem 1, at position j). Ending the step after y_m
+    instead, m decided by the other rows (independent draws) or by the row's own past refusal, is a stopping
+    time: the tokens kept are still the model's own, token by token, and the next step starts afresh from them.
+    (transformers' and vLLM's batched speculative decoding pad rows to different lengths instead.)"""
+    live = ~done
+    m = int(n[live].min()) if bool(live.any()) else int(n.min())
+    own = n == m
+    last = torch.where(own.unsqueeze(1), nxt, drafted[:, m:m + 1]) if m < drafted.size(1) else nxt
+    return m, torch.cat([drafted[:, :m], last], dim=1)

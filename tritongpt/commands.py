@@ -312,9 +312,6 @@ def cmd_generate(args):
         raise UserError("--stream prints one text as it is drawn: it takes --num-samples 1")
     if args.draft_tokens is not None and not args.draft:
         raise UserError("--draft-tokens is how many tokens the --draft model proposes a step: pass --draft")
-    if args.draft and args.num_samples > 1:
-        raise UserError("--draft (speculative decoding) takes --num-samples 1: rows would keep different numbers "
-                        "of draft tokens")
     stops = stop_strings(args.stop)
     prompt = args.prompt if args.prompt is not None else read_text_file(args.prompt_file)
     model, tok, device, dtype, limit = load_generation_model(args)
@@ -354,7 +351,7 @@ def cmd_generate(args):
     if stream:
         stream.close()
     if draft is not None:
-        draft_note(stats)
+        draft_note(stats, args.num_samples)
     for i, row in enumerate(out):
         row = row[len(lead):]
         new = row[len(ids):]
@@ -385,12 +382,18 @@ def add_draft_args(p, extra: str = ""):
                    help="tokens the --draft model proposes a step (default 4)")
 
 
-def draft_note(stats: dict) -> None:
-    """The acceptance a speculative run had (generate()'s stats, or their sums over chat's replies)."""
+def draft_note(stats: dict, rows: int = 1) -> None:
+    """The acceptance a speculative run had (generate()'s stats, or their sums over chat's replies, one row):
+    with several rows, generate()'s mean a forward and row (rows that ended leave the count)."""
     if stats.get("target_forwards"):
-        note(f"speculative decoding: {stats['accepted'] / stats['target_forwards']:.2f} draft tokens accepted per "
-             f"forward of the model ({stats['accepted']} of {stats['drafted']} proposed, "
-             f"{stats['target_forwards']} forwards)")
+        if rows == 1:
+            note(f"speculative decoding: {stats['accepted'] / stats['target_forwards']:.2f} draft tokens accepted "
+                 f"per forward of the model ({stats['accepted']} of {stats['drafted']} proposed, "
+                 f"{stats['target_forwards']} forwards)")
+        else:
+            note(f"speculative decoding: {stats['accepted_per_forward']:.2f} draft tokens accepted per forward of "
+                 f"the model and sample ({stats['accepted']} of {stats['drafted']} proposed over {rows} samples, "
+                 f"{stats['target_forwards']} forwards)")
 
 
 def load_draft(args, model, tok, device):
@@ -741,7 +744,8 @@ def add_cli(sub):
                    help="end a text where the new text holds TEXT, which is not printed (as vLLM's and OpenAI's "
                         "stop); repeat it for several (backslash escapes: --stop '\\n\\n')")
     add_sampling_args(p, max_new_tokens=50, temperature=0.8, temperature_text="as nanoGPT's sample.py")
-    add_draft_args(p, " (with --num-samples 1)")
+    add_draft_args(p, " (--num-samples too: every sample keeps as many draft tokens a step as the one that keeps "
+                      "fewest)")
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("export", help=command_help("export"))
