@@ -610,3 +610,15 @@ def test_the_generate_command_with_a_draft_and_samples(saved, capsys):
     assert cli.main([*base, "--temperature", "1.0", "--seed", "3", "--draft", str(saved / "draft.safetensors")]) == 0
     texts = capsys.readouterr().out.split("\n---------------\n")
     assert len(texts) == 2 and texts[0] != texts[1]
+
+
+def test_a_finished_row_the_ngram_ban_leaves_nothing_is_padding_not_an_error():
+    """As generate's batches: row 0 ends (EOS 2) having seen every id, so no_repeat_ngram_size 1 bans all its next
+    tokens; it is padding now, not an error, while row 1 draws on."""
+    target = FixedOrder([1, 2, 0])
+    idx = torch.tensor([[0, 1], [0, 0]])
+    want = generate(target, idx, 3, eos_id=2, no_repeat_ngram_size=1)
+    assert want.tolist() == [[0, 1, 2, 2], [0, 0, 1, 2]]
+    for draft in (target, FixedOrder([0, 1, 2])):
+        got = generate(target, idx, 3, eos_id=2, no_repeat_ngram_size=1, draft=draft, num_draft_tokens=2)
+        assert torch.equal(got, want)
