@@ -575,10 +575,10 @@ def test_a_finished_row_does_not_hold_the_others_back(target):
     stats = {}
     got = generate(target, idx, new, eos_id=eos, draft=Blind(target, 0), num_draft_tokens=K, stats=stats)
     assert got.tolist() == alone(target, idx, new, pad=eos, eos_id=eos)
-    # the first step keeps 1 token (row 0 refused its first draft token; rows 1 and 2 keep their first, accepted),
-    # then two of K + 1, rows 1 and 2 alone live
-    assert stats == dict(target_forwards=3, drafted=3 * K + 2 * 2 * K, accepted=2 + 2 * 2 * K,
-                         accepted_per_forward=(2 + 4 * K) / 7)
+    # the first step keeps 1 token (row 0 refused its first draft token; rows 1 and 2 keep their first, accepted,
+    # as the step's own token), then two of K + 1, rows 1 and 2 alone live
+    assert stats == dict(target_forwards=3, drafted=3 * K + 2 * 2 * K, accepted=2 * 2 * K,
+                         accepted_per_forward=4 * K / 7)
     # the rule itself: the fewest of the live rows; past it a row's accepted draft token, at it its own token
     n, nxt = torch.tensor([0, 3, 1, 2]), torch.tensor([[50], [51], [52], [53]])
     drafted = torch.arange(16).view(4, 4)

@@ -401,8 +401,9 @@ def _speculative(model, draft, idx, max_new_tokens, warp: dict, eos_id, generato
                 ban_repeated_ngrams(logits[:, j], idx, ban, live=~done)
             if eos_id is not None:
                 tok = torch.where(done.unsqueeze(1), torch.full_like(tok, eos_id), tok)
-            # the draft tokens kept, a row's (m + 1)-th among them where it accepted it (not after an EOS or a stop)
-            accepted += int((~done & (n > j)).sum())
+            # the m draft tokens every row keeps (not after an EOS or a stop): a row's accepted (m + 1)-th is the step's
+            # own token in the place of the model's, so accepted_per_forward + 1 is the tokens a forward gives a row
+            accepted += int((~done).sum()) if j < m else 0
             if eos_id is not None:
                 done |= tok.squeeze(1) == eos_id
             idx = torch.cat([idx, tok], dim=1)
@@ -435,9 +436,10 @@ def keep_common(n, nxt, drafted, done):
     speculative step emits y_0, y_1, ... one position at a time: y_j is draft x_j if kept (probability
     min(1, p/q)), else a draw from norm(max(0, p - q)) that ends the step; given y_<j, each emitted y_j is
     distributed as p(. | y_<j) (Leviathan et al. 2023, theorem 1, at position j). Ending the step after y_m
-    instead, m decided by the other rows (independent draws) or by the row's own past refusal, is a stopping
-    time: the tokens kept are still the model's own, token by token, and the next step starts afresh from them.
-    (transformers' and vLLM's batched speculative decoding pad rows to different lengths instead.)"""
+    instead, m set by the other rows' draws (independent of this row's) or by this row's own refusal, is a stopping
+    rule that reads only what is drawn already: the tokens kept are still the model's own, token by token, and the
+    next step starts afresh from them. (transformers' assisted generation refuses a batch: generation/utils.py
+    _assisted_decoding, "only supported for batch_size = 1".)"""
     live = ~done
     m = int(n[live].min()) if bool(live.any()) else int(n.min())
     own = n == m
