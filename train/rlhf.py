@@ -1,6 +1,7 @@
-"""RLHF against a reward model (or a verifier): PPO (with a value head) and GRPO (group-relative, no critic).
+"""RLHF against a reward model (or a verifier): PPO (with a value head), GRPO (group-relative, no critic) and RLOO
+(REINFORCE leave-one-out, no critic).
 
-One iteration, both algorithms:
+One iteration, every algorithm:
 
   1. rollouts   sample responses to a batch of prompts from the current policy
                 (train.generate with its KV cache; on the Triton path that is the fused
@@ -29,6 +30,23 @@ its tokens; no value head. The KL to the reference is NOT in the reward: it is a
 kl_coef * k3 per token, with the unbiased, always-positive estimator
         k3 = pi_ref/pi - log(pi_ref/pi) - 1
 averaged over each response's tokens and then over responses, as in the paper.
+
+RLOO (Ahmadian et al. 2024, "Back to Basics: Revisiting REINFORCE Style Optimization for Learning from Human
+Feedback in LLMs"; as TRL's RLOOTrainer, trl/trainer/rloo_trainer.py, since v0.22 built like its GRPOTrainer):
+k >= 2 responses per prompt (--group-size, default 2 as TRL's num_generations) and no value head. A response is
+one action. The KL penalty is in its reward, for the whole sequence (reward shaping, not a loss term as GRPO's):
+        R_i = score_i - kl_coef * sum_t (log pi_old(a_t) - log pi_ref(a_t))
+with log pi_old the rollout's, and its advantage is R_i minus the mean of the OTHER k - 1 rewards of its prompt,
+        A_i = R_i - (sum_j R_j - R_i) / (k - 1)
+an unbiased baseline, since it does not depend on response i. --normalize-advantages (TRL's normalize_advantages)
+then standardizes the rollout's advantages, (A - mean) / (std + 1e-4); --reward-clip-range LO HI (TRL's
+reward_clip_range) clamps the score before the KL is taken off. The surrogate is PPO's clipped one with one ratio
+per response, the exp of the SUM over its tokens of log pi - log pi_old (the sequence's likelihood ratio;
+GSPO's is the mean), clipped to [1 - clip_eps, 1 + clip_eps_high], and the loss is the mean over the minibatch's
+responses of max(-A r, -A clip(r)). --mask-truncated gives a cut response a loss of 0 in that mean (TRL zeroes
+its tokens: ratio 1, no gradient), its KL stays in its reward (TRL's mask zeroes that too). Its clip statistics
+are per response, as TRL's. GRPO's --loss-type, --scale-rewards, --importance-sampling-level and --delta and
+PPO's value and GAE flags do not apply and are refused.
 
 The judge is a reward model from `tritongpt reward`, or, with --reward exact or number, a
 verifier (TaskReward): 1 for a response that matches its prompt's reference answer, else 0, as
@@ -81,7 +99,7 @@ it comes off the weighted sum, once.
 
 Logged per iteration (metrics.jsonl + rlhf.png): reward (mean score of the rollouts, penalty
 included), kl (mean over responses of sum_t log pi - log pi_ref, measured at rollout time, the
-same for both algorithms), entropy, clip_frac (the ratios outside the clip bounds), clip_frac_low and
+same for every algorithm), entropy, clip_frac (the ratios outside the clip bounds), clip_frac_low and
 clip_frac_high (TRL's clip_ratio/low_mean and high_mean: those the clip stops, below 1 - clip_eps with A < 0,
 above the upper bound with A > 0; per token), value_loss (PPO), policy_loss, response_len,
 ended (the fraction of responses that reached end-of-text), and every eval_every iterations
@@ -91,7 +109,9 @@ With several judges (or a weight other than 1), reward and eval_reward are the w
 each judge's own mean score is logged beside them (TRL's rewards/<func>/mean) as reward_<key> and
 eval_reward_<key>: key is a verifier's name (exact, number) or rm<i> for the reward model given as
 the i-th --reward (1-based, counting verifiers too), e.g. `--reward exact --reward runs/rm` logs
-reward_exact and reward_rm2. The per-judge means are raw scores: no weight, no penalty.
+reward_exact and reward_rm2. The per-judge means are raw scores: no weight, no penalty. RLOO also logs TRL's
+kl_token (the mean over every response token of log pi - log pi_ref) and frac_reward_zero_std (the prompts whose
+k shaped rewards are all equal: nothing to learn from them), and reward is the raw score, as TRL's.
 """
 import copy
 import functools
@@ -116,7 +136,8 @@ from tritongpt.cli import command_help
 TRAJECTORY_ARGS = ("algo", "prompts_per_iter", "group_size", "max_new_tokens", "missing_eot_penalty", "temperature",
                    "top_k", "epochs", "minibatch_size", "lr", "weight_decay", "grad_clip", "kl_coef", "clip_eps",
                    "value_clip", "vf_coef", "ent_coef", "gamma", "lam", "seed", "loss_type", "scale_rewards",
-                   "clip_eps_high", "mask_truncated", "importance_sampling_level", "delta")
+                   "clip_eps_high", "mask_truncated", "importance_sampling_level", "delta", "normalize_advantages",
+                   "reward_clip_range")
 # GRPO's variants, by TRL's GRPOConfig names. loss_type: how the per-token losses of a minibatch become one
 #   grpo     each response's token mean, then the mean over responses (DeepSeekMath's; a long response's tokens
 #            weigh less)
@@ -136,6 +157,7 @@ SCALE_REWARDS = ("group", "batch", "none")
 #   GRPO's) or one per response, exp of the mean over its tokens of log pi - log pi_old, on every one of them
 #   (sequence, GSPO's, Zheng et al. 2025)
 IMPORTANCE_SAMPLING_LEVELS = ("token", "sequence")
+ALGOS = ("ppo", "grpo", "rloo")
 
 
 # --reward NAME: a verifier in the reward model's place (TaskReward); `tasks` is stop 27's name
@@ -160,11 +182,11 @@ def verifier_name(match) -> str:
 
 @dataclass
 class RLArgs:
-    algo: str = "ppo"            # ppo | grpo
+    algo: str = "ppo"            # ppo | grpo | rloo
     out_dir: str = "runs/rlhf"
     iterations: int = 50
     prompts_per_iter: int = 16   # prompts per rollout batch
-    group_size: int = 0          # responses per prompt; 0 = 1 for PPO, 4 for GRPO
+    group_size: int = 0          # responses per prompt; 0 = 1 for PPO, 4 for GRPO, 2 for RLOO
     max_new_tokens: int = 24
     missing_eot_penalty: float = 0.0  # taken off the score of a response cut at max_new_tokens
     temperature: float = 1.0
@@ -174,7 +196,7 @@ class RLArgs:
     lr: float = 1e-5
     weight_decay: float = 0.0
     grad_clip: float = 1.0
-    kl_coef: float = 0.05        # PPO: per-token KL in the reward; GRPO: k3 KL in the loss
+    kl_coef: float = 0.05        # PPO: per-token KL in the reward; GRPO: k3 KL in the loss; RLOO: summed KL in it
     clip_eps: float = 0.2
     clip_eps_high: float | None = None  # the ratio's upper clip 1 + this (None: clip_eps; DAPO's clip-higher)
     delta: float | None = None   # the unclipped ratio term's cap (None: none; INTELLECT-2's two-sided clip)
@@ -187,6 +209,8 @@ class RLArgs:
     scale_rewards: str = "group"  # GRPO: group | batch | none
     mask_truncated: bool = False  # GRPO: responses cut at max_new_tokens left out of the loss
     importance_sampling_level: str = "token"  # GRPO: token | sequence (GSPO)
+    normalize_advantages: bool = False  # RLOO: the rollout's advantages standardized
+    reward_clip_range: tuple | None = None  # RLOO: (lo, hi) the score is clamped to before the KL shaping
     eval_every: int = 5          # 0 = only before and after
     eval_prompts: int = 16
     eval_samples: int = 2        # sampled responses per eval prompt
@@ -209,11 +233,34 @@ class RLArgs:
 
     @property
     def samples_per_prompt(self) -> int:
-        return self.group_size or (4 if self.algo == "grpo" else 1)
+        return self.group_size or {"grpo": 4, "rloo": 2}.get(self.algo, 1)
+
+    def _check_rloo_flags(self):
+        """RLOO's own flags (refused elsewhere), and the flags it has no use for (refused with it)."""
+        if self.algo != "rloo":
+            for flag, given in (("--normalize-advantages", self.normalize_advantages),
+                                ("--reward-clip-range", self.reward_clip_range is not None)):
+                if given:
+                    raise UserError(f"{flag} is RLOO's (TRL's RLOOConfig); --algo {self.algo} does not take it")
+        else:
+            defaults = {f.name: f.default for f in fields(self)}
+            # PPO's critic: RLOO has no value head and no per-token returns (a changed default was given)
+            given = [f"--{n.replace('_', '-')} {getattr(self, n)}" for n in ("value_clip", "vf_coef", "gamma", "lam")
+                     if getattr(self, n) != defaults[n]]
+            if self.delta is not None:
+                given.append(f"--delta {self.delta}")  # GRPO's two-sided clip: TRL's RLOO has no delta
+            if given:
+                raise UserError(f"{', '.join(given)}: not RLOO's (PPO's value head and GAE, GRPO's --delta); "
+                                "--algo rloo has no critic and clips one ratio per response")
+        if self.reward_clip_range is not None:
+            r = self.reward_clip_range
+            if len(r) != 2 or not all(math.isfinite(x) for x in r) or not r[0] < r[1]:
+                raise UserError(f"--reward-clip-range must be two finite numbers LO < HI, got "
+                                f"{' '.join(map(str, r))}")
 
     def validate(self):
-        if self.algo not in ("ppo", "grpo"):
-            raise UserError(f"--algo must be ppo or grpo, got {self.algo!r}")
+        if self.algo not in ALGOS:
+            raise UserError(f"--algo must be one of {', '.join(ALGOS)}, got {self.algo!r}")
         for name in ("iterations", "prompts_per_iter", "max_new_tokens", "epochs", "minibatch_size",
                      "eval_prompts", "eval_samples"):
             if getattr(self, name) <= 0:
@@ -227,6 +274,10 @@ class RLArgs:
                 raise UserError(f"{flag} must be one of {', '.join(choices)}, got {value!r}")
             if self.algo == "ppo" and value != choices[0]:
                 raise UserError(f"{flag} {value} is GRPO's; PPO's advantages come from GAE and whitening")
+            if self.algo == "rloo" and value != choices[0]:
+                raise UserError(f"{flag} {value} is GRPO's; RLOO's advantages are leave-one-out, and its loss is "
+                                "the mean over responses of one sequence-level ratio each (TRL's RLOOTrainer)")
+        self._check_rloo_flags()
         if self.algo == "ppo" and self.mask_truncated:
             raise UserError("--mask-truncated is GRPO's: PPO's value head learns the returns of the cut responses, "
                             "and their per-token KL penalties are in its rewards (use --missing-eot-penalty)")
@@ -234,6 +285,9 @@ class RLArgs:
             raise UserError(f"--clip-eps-high must be a finite number > 0, got {self.clip_eps_high}")
         if self.group_size < 0 or (self.algo == "grpo" and self.samples_per_prompt < 2):
             raise UserError(f"--group-size must be >= 2 for GRPO (a group needs a spread), got {self.group_size}")
+        if self.algo == "rloo" and self.samples_per_prompt < 2:
+            raise UserError(f"--group-size must be >= 2 for RLOO (a response's baseline is the mean of the other "
+                            f"responses to its prompt), got {self.group_size}")
         for name in ("kl_coef", "clip_eps", "value_clip", "vf_coef", "ent_coef", "weight_decay",
                      "grad_clip", "eval_every", "ckpt_every", "keep_ckpts", "missing_eot_penalty"):
             if getattr(self, name) < 0:
@@ -308,6 +362,8 @@ class Rollout:
     returns: torch.Tensor = None    # [N, T-1] PPO
     judge_scores: torch.Tensor = None  # [N, judges] each judge's own score (a WeightedReward's)
     truncated: torch.Tensor = None  # [N] bool: max_new_tokens cut the response before its eot (--mask-truncated)
+    rewards: torch.Tensor = None    # [N] RLOO: the shaped reward, score - kl_coef * the response's summed KL
+    seq_advantages: torch.Tensor = None  # [N] RLOO: one advantage per response
 
     def __len__(self):
         return self.idx.size(0)
@@ -410,6 +466,27 @@ def group_advantages(scores, group, eps: float = 1e-4, scale: str = "group"):
         return centered / (scores.std(unbiased=False) + eps)
     std = (torch.zeros_like(n).index_add_(0, member, centered ** 2) / n).sqrt()  # biased, as GRPO
     return centered / (std[member] + eps)
+
+
+def rloo_advantages(rewards, group, normalize: bool = False, eps: float = 1e-4):
+    """Each reward minus the mean of the OTHER rewards of its prompt's group: [N] (RLOO, TRL's RLOOTrainer);
+    every group needs >= 2 members. normalize: then (A - mean) / (std + eps) over all N, std unbiased (TRL's)."""
+    _, member, counts = group.unique(return_inverse=True, return_counts=True)
+    if int(counts.min()) < 2:
+        raise ValueError("RLOO needs >= 2 responses per prompt: a response's baseline is the others' mean")
+    total = torch.zeros(len(counts), dtype=rewards.dtype, device=rewards.device).index_add_(0, member, rewards)
+    adv = rewards - (total[member] - rewards) / (counts[member] - 1).to(rewards.dtype)
+    if normalize:
+        adv = (adv - adv.mean()) / (adv.std() + eps)
+    return adv
+
+
+def rloo_rewards(ro: "Rollout", kl_coef: float, clip_range=None):
+    """[N] TRL RLOOTrainer's shaped rewards: the score (clamped to clip_range), minus kl_coef times the response's
+    KL estimate, the sum over its tokens of log pi_old - log pi_ref (sampled from pi_old: its mean is the KL)."""
+    scores = ro.scores if clip_range is None else ro.scores.clamp(clip_range[0], clip_range[1])
+    kl = ((ro.logp - ro.ref_logp) * ro.mask).sum(1)
+    return scores - kl_coef * kl
 
 
 class TaskReward(nn.Module):
@@ -550,7 +627,8 @@ def score_rollout(ro: Rollout, model: PolicyWithValue, ref: GPTModel, reward_mod
 
 
 def compute_advantages(ro: Rollout, args: RLArgs, score_norm=(0.0, 1.0)) -> Rollout:
-    """PPO: per-token rewards, GAE, whitening; GRPO: group-standardized scores on every token.
+    """PPO: per-token rewards, GAE, whitening; GRPO: group-standardized scores on every token; RLOO: the
+    leave-one-out advantages of the KL-shaped rewards (rloo_rewards, rloo_advantages), on every token.
 
     PPO's score enters the reward as (score - shift) / scale with score_norm = (shift, scale),
     fixed from the first batch of the initial policy (Ziegler et al. 2019 normalize the reward
@@ -572,6 +650,10 @@ def compute_advantages(ro: Rollout, args: RLArgs, score_norm=(0.0, 1.0)) -> Roll
         rewards[torch.arange(len(ro), device=rewards.device), last] += (ro.scores - shift) / scale
         adv, ro.returns = gae(rewards, ro.values, ro.mask, args.gamma, args.lam)
         ro.advantages = masked_whiten(adv, ro.mask)
+    elif args.algo == "rloo":
+        ro.rewards = rloo_rewards(ro, args.kl_coef, args.reward_clip_range)
+        ro.seq_advantages = rloo_advantages(ro.rewards, ro.group, args.normalize_advantages)
+        ro.advantages = ro.seq_advantages.unsqueeze(1) * m
     else:
         ro.advantages = group_advantages(ro.scores, ro.group, scale=args.scale_rewards).unsqueeze(1) * m
     return ro
@@ -620,6 +702,8 @@ def minibatch_loss(model: PolicyWithValue, ro: Rollout, sel, args: RLArgs):
     old_logp, adv = ro.logp[sel], ro.advantages[sel]
     log_ratio = (logp - old_logp) * mask
     ratio = torch.exp(log_ratio)
+    if args.algo == "rloo":
+        return rloo_loss(log_ratio, ratio, mask, ro.seq_advantages[sel], kept, entropy, args)
     is_ratio = ratio  # the ratio the surrogate clips
     if args.importance_sampling_level == "sequence":  # GSPO: each response's mean log-ratio, on all its tokens
         seq = log_ratio.sum(1, keepdim=True) / mask.sum(1, keepdim=True).clamp_min(1)
@@ -671,6 +755,48 @@ def minibatch_loss(model: PolicyWithValue, ro: Rollout, sel, args: RLArgs):
         for k in ("entropy", "clip_frac", "clip_frac_low", "clip_frac_high", "approx_kl", "kl_k3", "policy_loss"):
             stats.pop(k, None)
     return loss, stats
+
+
+def rloo_loss(log_ratio, ratio, mask, adv, kept, entropy, args: RLArgs):
+    """TRL RLOOTrainer._compute_loss: one ratio per response, r = exp(sum over its tokens of log pi - log pi_old),
+    the clipped surrogate max(-A r, -A clip(r, 1 - clip_eps, 1 + clip_eps_high)), and its mean over the
+    minibatch's responses. log_ratio [B, T-1] is zero off the kept response tokens; adv [B]; kept [B] or None
+    (--mask-truncated: a cut response adds 0 and stays in the divisor, as its ratio-1, gradient-free term in TRL's
+    mean). The clip statistics are per response, over the kept ones, as TRL's clip_ratio/*."""
+    r = torch.exp(log_ratio.sum(1))
+    high = args.clip_eps if args.clip_eps_high is None else args.clip_eps_high
+    per_seq = torch.maximum(-adv * r, -adv * r.clamp(1 - args.clip_eps, 1 + high))
+    keep = torch.ones_like(adv, dtype=torch.bool) if kept is None else kept
+    loss = policy_loss = (per_seq * keep).mean()
+    with torch.no_grad():
+        k = keep.float()
+        n = k.sum().clamp_min(1)
+        low_stop, high_stop = (r < 1 - args.clip_eps) & (adv < 0), (r > 1 + high) & (adv > 0)
+        stats = {"entropy": entropy.item(),
+                 "clip_frac": (((r < 1 - args.clip_eps) | (r > 1 + high)).float() * k).sum().item() / n.item(),
+                 "clip_frac_low": (low_stop.float() * k).sum().item() / n.item(),
+                 "clip_frac_high": (high_stop.float() * k).sum().item() / n.item(),
+                 "approx_kl": masked_mean((ratio - 1) - log_ratio, mask).item(),
+                 "policy_loss": policy_loss.item()}
+    if args.ent_coef:
+        loss = loss - args.ent_coef * entropy
+    stats["loss"] = loss.item()
+    if not bool(keep.any()):
+        for key in ("entropy", "clip_frac", "clip_frac_low", "clip_frac_high", "approx_kl", "policy_loss"):
+            stats.pop(key)
+    return loss, stats
+
+
+def rloo_stats(ro: Rollout) -> dict:
+    """TRL RLOOTrainer's kl (the per-token mean of log pi - log pi_ref over every response token) and
+    frac_reward_zero_std (the share of prompts whose shaped rewards have a std of 0: all their advantages are 0)."""
+    _, member, counts = ro.group.unique(return_inverse=True, return_counts=True)
+    n = counts.to(ro.rewards.dtype)
+    mean = torch.zeros_like(n).index_add_(0, member, ro.rewards) / n
+    var = torch.zeros_like(n).index_add_(0, member, (ro.rewards - mean[member]) ** 2) / (n - 1)
+    std = var.sqrt()
+    return {"kl_token": masked_mean(ro.logp - ro.ref_logp, ro.mask).item(),
+            "frac_reward_zero_std": torch.isclose(std, torch.zeros_like(std)).float().mean().item()}
 
 
 # -- the trainer ---------------------------------------------------------------------------------
@@ -817,6 +943,8 @@ class RLHFTrainer:
                "reward_std": ro.scores.std().item() if len(ro) > 1 else 0.0,
                "kl": kl.mean().item(), "response_len": (ro.lengths - ro.prompt_lens).float().mean().item(),
                "ended": ro.ended(self.eot_id).float().mean().item(), **self.judge_means(ro, "reward"), **stats}
+        if self.args.algo == "rloo":
+            row.update(rloo_stats(ro))
         self.last_rollout = ro
         return row
 
@@ -1203,7 +1331,7 @@ _HELP = {
     "out_dir": "folder for metrics.jsonl, rlhf.png and checkpoints",
     "iterations": "rollout + update rounds",
     "prompts_per_iter": "prompts sampled per rollout batch",
-    "group_size": "responses per prompt (GRPO's G); 0 = 1 for PPO, 4 for GRPO",
+    "group_size": "responses per prompt (GRPO's G, RLOO's k; >= 2 for both); 0 = 1 for PPO, 4 for GRPO, 2 for RLOO",
     "max_new_tokens": "longest response; responses end at end-of-text",
     "missing_eot_penalty": "taken off the training score of a response that max-new-tokens cut before its "
                            "end-of-text (0 = off; the logged reward includes it, eval_reward does not)",
@@ -1214,7 +1342,8 @@ _HELP = {
     "lr": "AdamW learning rate (constant)",
     "weight_decay": "AdamW weight decay (matrices only)",
     "grad_clip": "clip the global gradient norm (0 = off)",
-    "kl_coef": "KL weight: PPO per-token penalty in the reward, GRPO k3 term in the loss",
+    "kl_coef": "KL weight: PPO per-token penalty in the reward, GRPO k3 term in the loss, RLOO the response's "
+               "summed log pi - log pi_ref taken off its reward",
     "clip_eps": "PPO/GRPO ratio clip: the ratio is clipped to [1 - clip-eps, 1 + clip-eps] (the upper bound: "
                 "--clip-eps-high)",
     "clip_eps_high": "PPO/GRPO: the ratio's upper clip bound 1 + E instead of 1 + clip-eps, the lower one staying "
@@ -1240,6 +1369,8 @@ _HELP = {
     "importance_sampling_level": "GRPO: the ratio the surrogate clips: one per token (token) or one per response, "
                                  "exp of the mean over its tokens of log pi - log pi_old, on all of them (sequence, "
                                  "GSPO's; its paper clips far tighter, --clip-eps 3e-4 --clip-eps-high 4e-4)",
+    "normalize_advantages": "RLOO: standardize the rollout's leave-one-out advantages, (A - mean) / (std + 1e-4) "
+                            "(TRL's normalize_advantages)",
     "eval_every": "score the fixed eval prompts every N iterations (0 = first and last only)",
     "eval_prompts": "held-out prompts in the fixed eval set",
     "eval_samples": "sampled responses per eval prompt",
@@ -1255,9 +1386,10 @@ def add_cli(sub):
     from tritongpt.train.reward import add_data_args
 
     p = sub.add_parser("rlhf", help=command_help("rlhf"),
-                       description="PPO (value head, GAE, per-token KL penalty in the reward) or GRPO "
-                                   "(group-relative advantages, k3 KL in the loss) on an SFT policy, "
-                                   "scored by a reward model from `tritongpt reward`.")
+                       description="PPO (value head, GAE, per-token KL penalty in the reward), GRPO "
+                                   "(group-relative advantages, k3 KL in the loss) or RLOO (leave-one-out "
+                                   "baseline, sequence KL in the reward) on an SFT policy, scored by a reward model "
+                                   "from `tritongpt reward` or a verifier.")
     add_model_args(p, default_model=None, default_text="tiny, with no --init")
     add_data_args(p)  # prompts come from the preference data (embedded tasks by default)
     add_vocab_multiple_arg(p, None, "as the --init model has them")
@@ -1282,10 +1414,11 @@ def add_cli(sub):
                "importance_sampling_level": IMPORTANCE_SAMPLING_LEVELS}
     types = {"clip_eps_high": float, "delta": float}  # a default of None: the type is the flag's
     g = p.add_argument_group("rl")
-    g.add_argument("--algo", choices=["ppo", "grpo"], default=d.algo, help="(default %(default)s)")
+    g.add_argument("--algo", choices=ALGOS, default=d.algo,
+                   help="ppo, grpo or rloo (REINFORCE leave-one-out, TRL's RLOOTrainer) (default %(default)s)")
     for f in fields(RLArgs):
         if f.name in ("algo", "device", "kernels", "top_k", "resume", "overwrite", "activation_checkpointing",
-                      *common.TRACKING_FIELDS):  # common.add_tracking_args' flags, below
+                      "reward_clip_range", *common.TRACKING_FIELDS):  # common.add_tracking_args' flags, below
             continue
         if isinstance(f.default, bool):  # a switch, off by default
             g.add_argument("--" + f.name.replace("_", "-"), action="store_true", help=_HELP.get(f.name, f.name))
@@ -1296,6 +1429,9 @@ def add_cli(sub):
     g.add_argument("--top-k", type=int, default=None,
                    help="sample the rollouts from the top k tokens only (the log-probs, ratios and KL stay "
                         "those of the whole vocabulary at --temperature, an approximation)")
+    g.add_argument("--reward-clip-range", nargs=2, type=float, default=None, metavar=("LO", "HI"),
+                   help="RLOO: clamp each score to [LO, HI] before the KL is taken off (TRL's reward_clip_range; "
+                        "default: no clamp)")
     g.add_argument("--overwrite", action="store_true", help=common.OVERWRITE_HELP)
     g.add_argument("--activation-checkpointing", action="store_true", help=common.ACTIVATION_CHECKPOINTING_HELP)
     g.add_argument("--resume", nargs="?", const="latest", default=None, metavar="CKPT",
