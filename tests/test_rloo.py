@@ -71,8 +71,8 @@ def _rollout(seed, n=6, T=9, k=3):
     return ro
 
 
-@pytest.mark.parametrize("clip_range", [None, (-0.5, 1.0)])
-def test_kl_shaping_is_beta_times_the_summed_log_ratio(clip_range):
+@pytest.mark.parametrize("clip_range, normalize", [(None, False), ((-0.5, 1.0), False), (None, True)])
+def test_kl_shaping_is_beta_times_the_summed_log_ratio(clip_range, normalize):
     """TRL: rewards - beta * sum over the response's tokens of (old per-token log-prob - reference's), the score
     clamped to reward_clip_range first; the advantages are those of the shaped rewards, on every response token."""
     ro, beta = _rollout(3), 0.37
@@ -86,9 +86,10 @@ def test_kl_shaping_is_beta_times_the_summed_log_ratio(clip_range):
     assert rloo_rewards(ro, beta, clip_range).tolist() == pytest.approx(want, rel=1e-12)
     if clip_range is not None:  # some scores really are clamped
         assert ((ro.scores < clip_range[0]) | (ro.scores > clip_range[1])).any()
-    compute_advantages(ro, RLArgs(algo="rloo", kl_coef=beta, reward_clip_range=clip_range))
+    compute_advantages(ro, RLArgs(algo="rloo", kl_coef=beta, reward_clip_range=clip_range,
+                                  normalize_advantages=normalize))
     assert ro.rewards.tolist() == pytest.approx(want, rel=1e-12)
-    adv = _loop_advantages(want, ro.group)
+    adv = _loop_advantages(want, ro.group, normalize)
     assert ro.seq_advantages.tolist() == pytest.approx(adv, rel=1e-12)
     for i in range(len(ro)):
         assert ro.advantages[i].tolist() == pytest.approx([adv[i] if m else 0.0 for m in ro.mask[i].tolist()])
@@ -163,13 +164,14 @@ def _reference(model, ro, rows, args):
 
 
 # sequence log-ratios on both sides of log(0.8) = -0.223 and log(1.3) = 0.262, advantages of both signs
+@pytest.mark.parametrize("rows", [[0, 1, 2, 3], [3, 0, 2]])
 @pytest.mark.parametrize("mask_truncated", [False, True])
 @pytest.mark.parametrize("seq, adv", [([-0.4, 0.5, 0.1, -0.05], [-1.3, 0.7, 2.1, -0.4]),
                                       ([0.4, -0.5, 0.2, 0.1], [0.9, -1.1, -0.6, 1.5])])
-def test_minibatch_loss_and_gradient_against_a_float64_formula(seq, adv, mask_truncated):
+def test_minibatch_loss_and_gradient_against_a_float64_formula(seq, adv, mask_truncated, rows):
+    """Rows 1 and 3 are cut: --mask-truncated gives them 0 in the mean over the minibatch's responses."""
     model, ro = _stand_in(seq, adv)
     args = RLArgs(algo="rloo", clip_eps=0.2, clip_eps_high=0.3, kl_coef=0.5, mask_truncated=mask_truncated)
-    rows = [0, 1, 2, 3]
     model.zero_grad()
     loss, stats = minibatch_loss(model, ro, torch.tensor(rows), args)
     loss.backward()
@@ -183,6 +185,21 @@ def test_minibatch_loss_and_gradient_against_a_float64_formula(seq, adv, mask_tr
     assert "kl_k3" not in stats  # the KL is in the reward, not a loss term: kl_coef changes nothing here
     loss0, _ = minibatch_loss(model, ro, torch.tensor(rows), RLArgs(**{**vars(args), "kl_coef": 0.0}))
     assert loss0.item() == loss.item()
+
+
+def test_logged_kl_token_and_frac_reward_zero_std_against_loops():
+    """TRL's kl: every response token's log pi - log pi_ref, averaged over all of them; frac_reward_zero_std: the
+    share of prompts whose shaped rewards are all equal (here one of the two, made so by hand)."""
+    from tritongpt.train.rlhf import rloo_stats
+
+    ro = _rollout(5)
+    compute_advantages(ro, RLArgs(algo="rloo", kl_coef=0.2))
+    ro.rewards[3:] = 0.25  # the second prompt's three responses: no spread
+    toks = [float(ro.logp[i, t] - ro.ref_logp[i, t]) for i in range(len(ro)) for t in range(ro.mask.size(1))
+            if ro.mask[i, t]]
+    got = rloo_stats(ro)
+    assert got["kl_token"] == pytest.approx(sum(toks) / len(toks), rel=1e-12)
+    assert got["frac_reward_zero_std"] == 0.5
 
 
 def test_the_ratio_is_the_sum_not_the_mean_of_the_token_log_ratios():
