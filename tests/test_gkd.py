@@ -348,3 +348,23 @@ def test_a_checkpoint_from_before_the_flags_resumes_unnamed_at_their_defaults(ta
     # the others, at their defaults now (no seq_kd, temperature 0.9, 128 tokens), are what that run did: unnamed
     assert main([*argv, "--max-steps", "2", "--resume", "--distill-lmbda", "0.5"]) == 0
     assert "resuming with --distill-lmbda 0.5, which " in capsys.readouterr().err
+
+
+def test_no_mask_prompt_still_learns_only_the_students_own_tokens_on_its_batches():
+    """--no-mask-prompt learns the data's prompts; a batch of the student's answers is GKD's on-policy term, over
+    the tokens it sampled only (TRL's GKD loss: the tokens after the prompt), not the data's prompt it was given."""
+    o = opts(lmbda=1.0, temperature=1.0, max_new=4)
+    data = SFTData(examples(4), [], PAD, batch_size=4, mask_prompt=False, seed=4, rank=0, world_size=1)
+    student, teacher = small(1, vocab=40, context=32), small(2, vocab=40, context=32)
+    op = distill.OnPolicy(data, student, teacher, o, END, V, max_len=16, seed=4)
+    plain = SFTData(examples(4), [], PAD, batch_size=4, seed=4, rank=0, world_size=1)
+    g = torch.Generator().manual_seed(op.seed)
+    for _ in range(2):
+        batch = op.get_batch("train")
+        torch.rand((), generator=g)
+        check_batch(batch, expected(student, plain.next_examples(), o, g))
+    # the data's own batches (lmbda 0) still learn the prompt
+    op = distill.OnPolicy(SFTData(examples(4), [], PAD, 4, mask_prompt=False, seed=4, rank=0, world_size=1),
+                          student, teacher, opts(lmbda=0.0), END, V, max_len=16, seed=4)
+    inputs, targets = op.get_batch("train")
+    assert (targets[:, 0] != -100).all()

@@ -372,8 +372,9 @@ class OnPolicy:
     at most the run's max_len + 1 tokens, as encode_records cuts the data's. It ends at the answer's end token
     (the eot, or a chat template's end of turn), which stays a target as the data's does (TRL masks the pad
     token, often that same EOS, so its students are not taught to stop); what is after it is padding. Prompts
-    of one length are generated together (no padding inside a prompt). source() tells the loss whose answers the
-    batch it just took holds: "data", "teacher" or "student".
+    of one length are generated together (no padding inside a prompt). Under --no-mask-prompt a batch of the
+    student's answers still learns them alone (the teacher's, as the data's, learn the prompt too). source()
+    tells the loss whose answers the batch it just took holds: "data", "teacher" or "student".
 
     data: an SFTData (unpacked); opts: distill_options'; end_id: what ends an answer; vocab_size: the
     tokenizer's ids (a model's padded rows are never drawn)."""
@@ -412,6 +413,12 @@ class OnPolicy:
         # TRL: random.random() <= lmbda; strictly below here, so that lmbda 0 never draws
         if self.lmbda > 0 and torch.rand((), generator=self.generator, device=self.device).item() < self.lmbda:
             examples, self.last = self.answer(self.student, examples), "student"
+            if not self.data.mask_prompt:
+                # --no-mask-prompt learns the data's prompts; GKD's on-policy term is over the student's own
+                # tokens only (TRL's loss: those after the prompt), not the data's prompt it was given
+                from tritongpt.train.sft import collate
+
+                return collate(examples, self.data.pad_id)
         return self.data.collate_train(examples)
 
     @torch.no_grad()
