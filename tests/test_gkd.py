@@ -368,3 +368,27 @@ def test_no_mask_prompt_still_learns_only_the_students_own_tokens_on_its_batches
                           student, teacher, opts(lmbda=0.0), END, V, max_len=16, seed=4)
     inputs, targets = op.get_batch("train")
     assert (targets[:, 0] != -100).all()
+
+
+def test_a_rank_new_at_the_resume_keeps_its_own_draws():
+    """A resume on more ranks than the run had gives a new rank the last saved rank's data state (its position in
+    the epoch); its GKD generator stays its own (--seed, rank) one, as the Trainer's does: two ranks drawing the
+    same lmbda draws and sampling noise would not be the run's independent draws."""
+    def op(rank):
+        data = SFTData(examples(0), [], PAD, batch_size=2, seed=0, rank=rank, world_size=2)
+        return distill.OnPolicy(data, None, None, opts(lmbda=0.5), END, V, max_len=16, seed=0, rank=rank)
+
+    saved = op(0)
+    torch.rand(7, generator=saved.generator)  # a run that has drawn
+    old, new = op(0), op(1)
+    fresh = new.generator.get_state()
+    old.load_state_dict(saved.state_dict())
+    new.load_state_dict(saved.state_dict())
+    assert torch.equal(old.generator.get_state(), saved.generator.get_state())  # its own rank's: resumed
+    assert torch.equal(new.generator.get_state(), fresh) and not torch.equal(fresh, saved.generator.get_state())
+    assert new.data.epoch_seed == saved.data.epoch_seed  # the data's position is still taken over
+    # rank 1's own state resumes on rank 1
+    torch.rand(3, generator=new.generator)
+    again = op(1)
+    again.load_state_dict(new.state_dict())
+    assert torch.equal(again.generator.get_state(), new.generator.get_state())

@@ -384,7 +384,7 @@ class OnPolicy:
         self.data, self.student, self.teacher = data, student, teacher
         self.lmbda, self.seq_kd = opts["distill_lmbda"], opts["distill_seq_kd"]
         self.temperature, self.max_new_tokens = opts["distill_gen_temperature"], opts["distill_max_new_tokens"]
-        self.end_id, self.vocab_size, self.max_len = end_id, vocab_size, max_len
+        self.end_id, self.vocab_size, self.max_len, self.rank = end_id, vocab_size, max_len, rank
         self.seed = (seed * 1_000_003 + 0x6B6E + rank) % 2 ** 62  # apart from the Trainer's seed + rank stream
         self.device, self.dtype = torch.device("cpu"), torch.float32
         self.generator = torch.Generator().manual_seed(self.seed)
@@ -448,10 +448,12 @@ class OnPolicy:
         return out
 
     def state_dict(self) -> dict:
-        return {**self.data.state_dict(), "gkd_generator": self.generator.get_state()}
+        return {**self.data.state_dict(), "gkd_generator": self.generator.get_state(), "gkd_rank": self.rank}
 
     def load_state_dict(self, d: dict):
-        if "gkd_generator" in d:  # (a run started without generated answers has none: this run's fresh draws)
+        # (a run started without generated answers has none: this run's fresh draws; a rank new at the resume gets
+        # the last saved rank's data state, and keeps its own draws, as the Trainer's generator does)
+        if "gkd_generator" in d and d.get("gkd_rank", self.rank) == self.rank:
             try:
                 self.generator.set_state(d["gkd_generator"])
             except (RuntimeError, ValueError):
@@ -459,4 +461,4 @@ class OnPolicy:
                 print(f"note: the checkpoint's GKD draws were made on another device type than {self.device.type}; "
                       "this run draws afresh from --seed (the loss is the same in expectation, not draw for draw)")
                 self.generator.manual_seed(self.seed)
-        self.data.load_state_dict({k: v for k, v in d.items() if k != "gkd_generator"})
+        self.data.load_state_dict({k: v for k, v in d.items() if k not in ("gkd_generator", "gkd_rank")})
