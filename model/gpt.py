@@ -76,6 +76,19 @@ class KVCache:
             raise UserError(f"a KV cache holding {self.pos} positions can be cropped to 0..{self.pos}, got {length!r}")
         self.pos = int(length)
 
+    def reorder(self, index):
+        """Row i becomes the old row index[i] (a LongTensor of batch_size row numbers, repeats allowed): beam search
+        keeps the beams whose continuations it chose, some twice, each with the keys of the text it extends."""
+        index = torch.as_tensor(index, device=self.k.device)
+        if index.dtype != torch.long or index.shape != (self.batch_size,):
+            raise UserError(f"a KV cache of {self.batch_size} rows is reordered by {self.batch_size} row numbers "
+                            f"(a long tensor), got {tuple(index.shape)} {index.dtype}")
+        if bool(((index < 0) | (index >= self.batch_size)).any()):
+            raise UserError(f"KV cache rows are 0..{self.batch_size - 1}, got {index.tolist()}")
+        # only the filled positions: those past pos are never read
+        self.k[:, :, :, :self.pos] = self.k[:, index, :, :self.pos]
+        self.v[:, :, :, :self.pos] = self.v[:, index, :, :self.pos]
+
 
 class GPTModel(nn.Module):
     def __init__(self, cfg: GPTConfig):

@@ -79,11 +79,12 @@ def penalize_counts(logits, seen, start, frequency: float = 0.0, presence: float
     return logits - frequency * counts - presence * (counts > 0).to(logits.dtype)
 
 
-def ban_repeated_ngrams(logits, seen, n: int, live=None):
+def ban_repeated_ngrams(logits, seen, n: int, live=None, strict: bool = True):
     """transformers' NoRepeatNGramLogitsProcessor: a token that would complete an n-gram already in the row
     (seen [B, T], the prompt's ids included) gets -inf; n = 1 bans every id seen. Ids past the logits are left
     out. live [B] (None: all): the rows still drawing; a finished row (its token replaced by the EOS) whose every
-    token is banned keeps its logits, where a live one is an error."""
+    token is banned keeps its logits, where a live one is an error. strict False: no error, such a row is all -inf
+    (a beam search beam, dropped for the others, as transformers' beam search leaves it)."""
     B, V = logits.shape
     T = seen.size(1)
     if T < n:  # no n-gram in the row yet: none to repeat
@@ -98,7 +99,7 @@ def ban_repeated_ngrams(logits, seen, n: int, live=None):
     if live is not None:
         marks = marks & ~(full & ~live.view(-1, 1))
         full = full & live.view(-1, 1)
-    if bool(full.any()):  # nothing left to draw: multinomial's NaN error, or greedy's id 0, otherwise
+    if strict and bool(full.any()):  # nothing left to draw: multinomial's NaN error, or greedy's id 0, otherwise
         raise UserError(f"--no-repeat-ngram-size {n} bans every token of a row's vocabulary ({V}): the text has "
                         "repeated all it may; use a larger N, or fewer new tokens")
     return logits.masked_fill(marks, float("-inf"))

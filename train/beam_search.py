@@ -1,0 +1,150 @@
+"""Beam search, as transformers' generate(num_beams=N) runs it (transformers 5.x generation/utils.py
+GenerationMixin._beam_search and its helpers _get_top_k_continuations, _get_running_beams_for_next_iteration,
+_update_finished_beams, _check_early_stop_heuristic, _beam_search_has_unfinished_sequences), step for step:
+
+- a beam's score is the sum of its tokens' log-softmax log-probabilities (fp32), after the logits processors
+  transformers applies to them: the repetition penalty, then the no-repeat n-gram ban (on the log-probabilities,
+  not the logits, as transformers' beam search does);
+- each step keeps the 2 * N best continuations over all N beams of a prompt: those ending in the EOS (or at
+  max_new_tokens) among the first N become finished hypotheses, scored sum_logprobs / (generated ** length_penalty),
+  generated counting the EOS; the N best others run on (a finished candidate outside the first N is dropped);
+- N finished hypotheses are kept per prompt, the best first; early_stopping True stops a prompt once it has N,
+  False once its best running beam, at its current length, cannot beat the worst of them, "never" the same with the
+  length that beam could still reach where length_penalty > 0 (transformers' heuristic, not an exact bound).
+
+The N beams of a prompt are rows of one batch and one KV cache: each step runs one forward over all of them (one
+new token a row) and the cache's rows are reordered to follow the beams kept.
+"""
+import torch
+
+from tritongpt._types import is_int, is_real
+from tritongpt.errors import UserError
+from tritongpt.train.generate import ban_repeated_ngrams, check_sampling, penalize_repeats
+
+EARLY_STOPPING = (True, False, "never")
+
+
+def check_beam_search(num_beams, length_penalty, early_stopping, num_return_sequences, flags: bool = False):
+    """The beam settings, checked before any work. flags: name them as command-line flags."""
+    name = (lambda n: "--" + n.replace("_", "-")) if flags else (lambda n: n)
+    if not is_int(num_beams) or num_beams < 1:
+        raise UserError(f"{name('num_beams')} must be a positive integer (1 = no beam search), got {num_beams!r}")
+    if not is_real(length_penalty) or length_penalty != length_penalty or abs(length_penalty) == float("inf"):
+        raise UserError(f"{name('length_penalty')} must be a finite number, got {length_penalty!r}")
+    # `is`: transformers tests `early_stopping is True`, so 1 would silently mean False there
+    if not any(early_stopping is e for e in EARLY_STOPPING):
+        raise UserError(f"{name('early_stopping')} must be True, False or 'never', got {early_stopping!r}")
+    if not is_int(num_return_sequences) or not 1 <= num_return_sequences <= num_beams:
+        raise UserError(f"{name('num_return_sequences')} must be an integer in [1, {name('num_beams')} "
+                        f"{num_beams}], got {num_return_sequences!r}")
+
+
+@torch.no_grad()
+def beam_search(model, idx, max_new_tokens: int, num_beams: int, length_penalty: float = 1.0,
+                early_stopping: bool | str = False, num_return_sequences: int = 1, eos_id: int | None = None,
+                use_cache: bool = True, vocab_limit: int | None = None, repetition_penalty: float | None = None,
+                no_repeat_ngram_size: int | None = None):
+    """Beam search from each row of idx [B, T] (the text within the model's context: no sliding window).
+
+    Returns (ids [B * R, T + n], scores [B * R]), R = num_return_sequences: each prompt's R best finished
+    hypotheses, best first, their scores transformers' sequences_scores; shorter ones padded with eos_id.
+    """
+    if not isinstance(idx, torch.Tensor) or idx.dim() != 2 or idx.size(1) == 0 or idx.is_floating_point():
+        raise UserError(f"prompt must be a non-empty [batch, time] tensor of token ids, got "
+                        f"{tuple(idx.shape) if isinstance(idx, torch.Tensor) else type(idx).__name__}")
+    if not is_int(max_new_tokens) or max_new_tokens < 0:
+        raise UserError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
+    check_beam_search(num_beams, length_penalty, early_stopping, num_return_sequences)
+    check_sampling(repetition_penalty=repetition_penalty, no_repeat_ngram_size=no_repeat_ngram_size)
+    if vocab_limit is not None and (not is_int(vocab_limit) or vocab_limit <= 0):
+        raise UserError(f"vocab_limit must be a positive integer, got {vocab_limit!r}")
+    B, T = idx.shape
+    ctx = model.config.context_length
+    if max_new_tokens and T + max_new_tokens - 1 > ctx:
+        # the beams' positions would shift every step: each would need its own prefill
+        raise UserError(f"beam search keeps the text within the model's context: prompt {T} + max_new_tokens "
+                        f"{max_new_tokens} - 1 > context length {ctx}")
+    if max_new_tokens == 0:
+        return idx.repeat_interleave(num_return_sequences, 0), torch.zeros(B * num_return_sequences)
+    was_training = model.training
+    model.eval()
+    try:
+        return _beam_search(model, idx, max_new_tokens, num_beams, float(length_penalty), early_stopping,
+                            num_return_sequences, eos_id, use_cache, vocab_limit, repetition_penalty,
+                            no_repeat_ngram_size)
+    finally:
+        model.train(was_training)
+
+
+def _beam_search(model, idx, max_new_tokens, N, length_penalty, early_stopping, R, eos_id, use_cache, vocab_limit,
+                 repetition_penalty, no_repeat_ngram_size):
+    B, T = idx.shape
+    dev = idx.device
+    K = 2 * N  # transformers' beams_to_keep, max(2, 1 + number of EOS ids) * N: enough to go on if N end
+    L = T + max_new_tokens
+    fill = -1 if eos_id is None else eos_id
+    run = torch.full((B, N, L), fill, dtype=torch.long, device=dev)  # running beams
+    run[:, :, :T] = idx.unsqueeze(1)
+    # all beams start as the prompt: only the first's continuations count at the first step
+    run_scores = torch.zeros(B, N, device=dev)
+    run_scores[:, 1:] = -1e9
+    # finished hypotheses: N a prompt, -1e9 an empty slot; lengths (generated tokens) to crop the output
+    fin, fin_scores = run.clone(), torch.full((B, N), -1e9, device=dev)
+    fin_len = torch.zeros(B, N, dtype=torch.long, device=dev)
+    fin_done = torch.zeros(B, N, dtype=torch.bool, device=dev)
+    unsatisfied = torch.ones(B, 1, dtype=torch.bool, device=dev)  # may a running beam still beat them
+    top_n = torch.arange(K, device=dev) < N  # only the first N candidates may finish
+    offset = torch.arange(B, device=dev).view(-1, 1) * N  # a prompt's first row in the flat batch
+    cache = model.new_cache(B * N, min(model.config.context_length, L)) if use_cache else None
+    for cur in range(T, L):  # cur: the beams' length
+        if cache is None:
+            logits = model(run[:, :, :cur].reshape(B * N, cur))
+        else:  # the first step prefills the prompt (in every row), then one token a step
+            logits = model(run[:, :, cache.pos:cur].reshape(B * N, -1), cache)
+        logp = torch.log_softmax(logits[:, -1, :vocab_limit].float(), dim=-1)
+        seen = run[:, :, :cur].reshape(B * N, cur)
+        if repetition_penalty is not None and repetition_penalty != 1.0:
+            logp = penalize_repeats(logp, seen, repetition_penalty)
+        if no_repeat_ngram_size:
+            # a beam with every token banned gets -inf throughout (transformers'), no error: the others go on
+            logp = ban_repeated_ngrams(logp, seen, no_repeat_ngram_size, strict=False)
+        V = logp.size(-1)
+        total = (logp.view(B, N, V) + run_scores.unsqueeze(-1)).view(B, N * V)
+        top_scores, top_idx = torch.topk(total, K)  # [B, K], best first
+        src = top_idx // V  # the beam each candidate continues
+        cand = run.gather(1, src.unsqueeze(-1).expand(B, K, L)).clone()
+        cand[:, :, cur] = top_idx % V
+        # transformers' stopping criteria: the EOS drawn, or max_length reached (every candidate then)
+        ends = torch.full((B, K), cur + 1 >= L, device=dev)
+        if eos_id is not None:
+            ends |= cand[:, :, cur] == eos_id
+        # the N best candidates that did not end run on
+        going = top_scores + ends.float() * -1e9
+        keep = torch.topk(going, N).indices
+        run = cand.gather(1, keep.unsqueeze(-1).expand(B, N, L))
+        run_scores = going.gather(1, keep)
+        # the ended ones among the first N join the finished, if they beat the worst kept (length penalized)
+        scores = top_scores / ((cur + 1 - T) ** length_penalty)
+        if early_stopping is True:
+            scores = scores + (fin_done.all(dim=1, keepdim=True)).float() * -1e9  # full: closed
+        scores = scores + (~unsatisfied).float() * -1e9
+        just = ends & top_n
+        scores = scores + (~just).float() * -1e9
+        best = torch.topk(torch.cat([fin_scores, scores], dim=1), N).indices
+        fin = torch.cat([fin, cand], dim=1).gather(1, best.unsqueeze(-1).expand(B, N, L))
+        fin_scores = torch.cat([fin_scores, scores], dim=1).gather(1, best)
+        fin_len = torch.cat([fin_len, torch.full((B, K), cur + 1 - T, device=dev)], dim=1).gather(1, best)
+        fin_done = torch.cat([fin_done, just], dim=1).gather(1, best)
+        if cache is not None:
+            cache.reorder((src.gather(1, keep) + offset).view(-1))
+        # transformers' heuristic: the best running beam at its length now ("never", length_penalty > 0: at the
+        # longest it may reach) against the worst finished, once every slot holds one
+        length = (L - T) if early_stopping == "never" and length_penalty > 0.0 else (cur + 1 - T)
+        possible = run_scores[:, :1] / (length ** length_penalty)
+        worst = torch.where(fin_done, fin_scores.min(dim=1, keepdim=True).values, -1e9)
+        unsatisfied = unsatisfied & (possible > worst).any(dim=-1, keepdim=True)
+        if not (bool(unsatisfied.any()) and not (bool(fin_done.all()) and early_stopping is True)
+                and not bool(ends.all())):
+            break
+    out = fin[:, :R].reshape(B * R, L)
+    return out[:, :T + int(fin_len[:, :R].max())], fin_scores[:, :R].reshape(B * R)
