@@ -5,6 +5,7 @@ from tritongpt.train.tokenizer import HUB_REPO_HELP, TOKENIZER_CHOICES
 from tritongpt.cli import command_help
 
 SAMPLE_SEPARATOR = "-" * 15  # between --num-samples texts, as nanoGPT's sample.py prints them
+GENERATE_TEMPERATURE = 0.8  # generate's sampling default, as nanoGPT's sample.py (beam search: 0)
 
 
 def add_model_args(p, default_model="tiny", default_text=None):
@@ -305,6 +306,7 @@ def cmd_generate(args):
     from tritongpt.train.generate import generate
     from tritongpt.train.tokenizer import DisallowedSpecialToken, eot_or_none
 
+    beams = check_beam_args(args)  # (first: it sets --temperature's default)
     check_generation_args(args)
     if args.num_samples < 1:
         raise UserError(f"--num-samples must be at least 1, got {args.num_samples}")
@@ -328,6 +330,10 @@ def cmd_generate(args):
     if len(lead + ids) > model.config.context_length:  # a full window is fine: it predicts the next token
         raise UserError(f"prompt is {len(lead + ids)} tokens; the model's context is {model.config.context_length}")
     idx = torch.tensor([lead + ids] * args.num_samples, dtype=torch.long, device=device)  # one batch
+    if beams is not None:
+        with autocast(device, dtype):
+            return print_beams(model, tok, idx, len(lead), args.max_new_tokens, beams, eot_or_none(tok), limit,
+                               **sampling_controls(args))
     num_draft = 4 if args.draft_tokens is None else args.draft_tokens
     if draft is not None:
         from tritongpt.train.generate import check_draft
@@ -369,6 +375,81 @@ def cmd_generate(args):
             note(f"{which}the text stopped at --stop {cut!r}")
         elif ended:
             note(f"{which}the model ended the text ({tok.decode([eot])}) after {len(new)} new tokens")
+    return 0
+
+
+def add_beam_args(p):
+    """generate's beam search flags (transformers' generate names, its defaults)."""
+    p.add_argument("--num-beams", type=int, default=1, metavar="N",
+                   help="beam search with N beams, as transformers' generate(num_beams=N): the N likeliest texts "
+                        "kept each step, deterministic (default %(default)s: off)")
+    p.add_argument("--length-penalty", type=float, default=None, metavar="A",
+                   help="a finished beam scores its log-probability / (new tokens ** A): A > 0 favours longer texts, "
+                        "A < 0 shorter ones (default 1.0, as transformers')")
+    p.add_argument("--early-stopping", default=None, choices=["true", "false", "never"],
+                   help="when beam search ends, as transformers' early_stopping: true once N beams have finished, "
+                        "false (default) once the best running beam at its length cannot beat them, never the same "
+                        "at the length it may still reach")
+    p.add_argument("--num-return-sequences", type=int, default=None, metavar="R",
+                   help="print the R best beams, best first, with their scores (at most --num-beams; default 1)")
+
+
+def check_beam_args(args):
+    """--num-beams and its flags, checked before any model is built; sets --temperature's default (0.8, 0 with
+    --num-beams). Returns beam_search's settings, or None without beam search."""
+    from tritongpt.train.beam_search import check_beam_search
+
+    given = [flag for flag, value in (("--length-penalty", args.length_penalty),
+                                      ("--early-stopping", args.early_stopping),
+                                      ("--num-return-sequences", args.num_return_sequences)) if value is not None]
+    if args.num_beams == 1:
+        if given:
+            raise UserError(f"{given[0]} is a beam search setting: pass --num-beams N (N > 1)")
+        if args.temperature is None:
+            args.temperature = GENERATE_TEMPERATURE
+        return None
+    if args.temperature is None:
+        args.temperature = 0.0
+    beams = dict(num_beams=args.num_beams, length_penalty=1.0 if args.length_penalty is None else args.length_penalty,
+                 early_stopping={"true": True, "false": False, None: False}.get(args.early_stopping, "never"),
+                 num_return_sequences=args.num_return_sequences or 1)
+    check_beam_search(**beams, flags=True)
+    # transformers' beam search with do_sample draws the beams; ours is deterministic, so sampling flags are refused
+    # rather than silently ignored, as are the flags generate()'s other paths alone implement
+    refused = [("--temperature", args.temperature), ("--top-k", args.top_k), ("--top-p", args.top_p),
+               ("--min-p", args.min_p), ("--frequency-penalty", args.frequency_penalty),
+               ("--presence-penalty", args.presence_penalty), ("--draft", args.draft),
+               ("--draft-tokens", args.draft_tokens), ("--stop", args.stop), ("--stream", args.stream),
+               ("--num-samples", args.num_samples != 1)]
+    for flag, value in refused:
+        if value:
+            raise UserError(f"--num-beams (beam search) does not take {flag}: it is deterministic, without "
+                            "sampling, stop strings, streaming or a draft (--num-return-sequences R prints R beams)")
+    return beams
+
+
+def print_beams(model, tok, idx, lead: int, max_new_tokens: int, beams: dict, eot, limit, **controls) -> int:
+    """generate --num-beams: the best beams' texts (as generate prints a sample) and their scores on stderr."""
+    from tritongpt.train.beam_search import beam_search
+
+    T, ctx = idx.size(1), model.config.context_length
+    if max_new_tokens and T + max_new_tokens - 1 > ctx:
+        raise UserError(f"--num-beams keeps the text within the model's context: prompt {T} + --max-new-tokens "
+                        f"{max_new_tokens} - 1 > context length {ctx}")
+    out, scores = beam_search(model, idx, max_new_tokens, **beams, eos_id=eot, vocab_limit=limit,
+                              repetition_penalty=controls["repetition_penalty"],
+                              no_repeat_ngram_size=controls["no_repeat_ngram_size"])
+    ids = idx[0, lead:].tolist()
+    for i, (row, score) in enumerate(zip(out.tolist(), scores.tolist())):
+        new = row[T:]
+        ended = eot is not None and eot in new
+        if ended:
+            new = new[:new.index(eot)]
+        if i:
+            print(SAMPLE_SEPARATOR)
+        print(tok.decode(ids + new))
+        end = f", the model ended the text ({tok.decode([eot])}) after {len(new)} new tokens" if ended else ""
+        note(f"beam {i + 1}: score {score:.6f}{end}")
     return 0
 
 
@@ -689,8 +770,10 @@ def add_sampling_args(p, max_new_tokens: int, temperature: float, temperature_te
     """The sampling flags of `generate` and `chat`, and the precision they run in."""
     p.add_argument("--max-new-tokens", type=int, default=max_new_tokens, help="at most this many (default "
                    "%(default)s); generation stops early at <|endoftext|>")
+    # temperature None: the command picks it (generate: 0.8 sampling, 0 with --num-beams), temperature_text says how
     p.add_argument("--temperature", type=float, default=temperature,
-                   help=f"sampling temperature (default %(default)s, {temperature_text}); 0 = greedy")
+                   help=f"sampling temperature (default {'%(default)s, ' * (temperature is not None)}"
+                        f"{temperature_text}); 0 = greedy")
     p.add_argument("--top-k", type=int, default=None, help="sample among the k likeliest tokens only")
     p.add_argument("--top-p", type=float, default=None,
                    help="sample among the likeliest tokens whose probabilities sum to p (after --top-k)")
@@ -743,9 +826,11 @@ def add_cli(sub):
     p.add_argument("--stop", action="append", default=None, metavar="TEXT",
                    help="end a text where the new text holds TEXT, which is not printed (as vLLM's and OpenAI's "
                         "stop); repeat it for several (backslash escapes: --stop '\\n\\n')")
-    add_sampling_args(p, max_new_tokens=50, temperature=0.8, temperature_text="as nanoGPT's sample.py")
+    add_sampling_args(p, max_new_tokens=50, temperature=None,
+                      temperature_text=f"{GENERATE_TEMPERATURE}, as nanoGPT's sample.py; 0 with --num-beams")
     add_draft_args(p, " (--num-samples too: every sample keeps as many draft tokens a step as the one that keeps "
                       "fewest)")
+    add_beam_args(p)
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("export", help=command_help("export"))
