@@ -1,0 +1,228 @@
+"""Beam search (train/beam_search.py, `tritongpt generate --num-beams`): token for token and score for score
+transformers' generate(num_beams=...) on a tiny GPT-2 both run; the cache's reorder; refusals; the command."""
+import pytest
+import torch
+
+from tritongpt.errors import UserError
+from tritongpt.model.config import GPTConfig
+from tritongpt.model.gpt import GPTModel
+from tritongpt.train.beam_search import beam_search
+from tritongpt.train.generate import generate
+
+V, T, NEW = 50, 5, 12
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory, one_thread):
+    """A random GPT-2 in transformers and the same weights loaded here (sharpened weights: the texts end at an EOS
+    it likes, at different lengths, so the early stopping and length penalty settings give different answers)."""
+    transformers = pytest.importorskip("transformers")
+    from tritongpt.train.gpt2_weights import load_gpt2_safetensors
+
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(vocab_size=V, n_positions=32, n_embd=32, n_layer=2, n_head=2, resid_pdrop=0.0,
+                                  embd_pdrop=0.0, attn_pdrop=0.0, activation_function="gelu_new", bos_token_id=0,
+                                  eos_token_id=0)
+    hf = transformers.GPT2LMHeadModel(cfg).eval()
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+    folder = tmp_path_factory.mktemp("beams")
+    hf.save_pretrained(folder)
+    return hf, load_gpt2_safetensors(folder / "model.safetensors").eval()
+
+
+def prompts(seed):
+    """Two fresh prompts [2, T]."""
+    return torch.randint(0, V, (2, T), generator=torch.Generator().manual_seed(seed))
+
+
+def theirs(hf, idx, eos, **kw):
+    out = hf.generate(idx, attention_mask=torch.ones_like(idx), do_sample=False, eos_token_id=eos, pad_token_id=eos,
+                      return_dict_in_generate=True, output_scores=True, **kw)
+    return out.sequences, out.sequences_scores
+
+
+def likes(model, idx, rank):
+    """An EOS the model likes after the first prompt: its rank-th likeliest next token (0: the likeliest)."""
+    return int(model(idx)[0, -1].argsort(descending=True)[rank])
+
+
+@pytest.mark.parametrize("num_beams", [2, 3, 4])
+@pytest.mark.parametrize("early_stopping", [False, True, "never"])
+def test_ids_and_scores_equal_transformers(pair, num_beams, early_stopping):
+    hf, model = pair
+    ended = shorter = 0
+    for seed, rank in ((1, 0), (2, 1), (3, 2)):
+        idx = prompts(seed)
+        eos = likes(model, idx, rank)
+        for lp in (1.0, 0.5, 2.0):
+            kw = dict(max_new_tokens=NEW, num_beams=num_beams, length_penalty=lp, early_stopping=early_stopping,
+                      num_return_sequences=num_beams)
+            ids, scores = beam_search(model, idx, eos_id=eos, **kw)
+            want_ids, want_scores = theirs(hf, idx, eos, **kw)
+            assert torch.equal(ids, want_ids), (seed, rank, lp)
+            assert torch.allclose(scores, want_scores, rtol=0, atol=1e-5), (seed, rank, lp)
+            ended += int((ids[:, T:] == eos).any())
+            shorter += ids.size(1) < T + NEW
+    assert ended > 3 and (early_stopping is not True or shorter)  # EOS was drawn, and True stopped early
+
+
+def test_the_settings_change_the_answer(pair):
+    """The cases above are ones where early_stopping and length_penalty matter (else a wrong one could pass)."""
+    _, model = pair
+    idx = prompts(1)
+    eos = likes(model, idx, 0)
+    runs = {(es, lp): beam_search(model, idx, NEW, 3, lp, es, 3, eos) for es in (False, True, "never")
+            for lp in (1.0, 0.5, 2.0)}
+    for a, b in (((False, 1.0), (True, 1.0)), ((False, 1.0), ("never", 1.0)), ((False, 1.0), (False, 2.0)),
+                 ((False, 1.0), (False, 0.5)), ((False, 2.0), ("never", 2.0))):
+        x, y = runs[a][0], runs[b][0]
+        assert x.shape != y.shape or not torch.equal(x, y), (a, b)
+
+
+@pytest.mark.parametrize("extra", [dict(repetition_penalty=1.3), dict(no_repeat_ngram_size=2),
+                                   dict(repetition_penalty=0.7, no_repeat_ngram_size=1)])
+def test_the_penalties_are_transformers_logits_processors(pair, extra):
+    """transformers applies them to the log-probabilities in beam search (not the logits): so do we."""
+    hf, model = pair
+    idx = prompts(3)
+    eos = likes(model, idx, 2)
+    kw = dict(max_new_tokens=NEW, num_beams=3, num_return_sequences=2, **extra)
+    ids, scores = beam_search(model, idx, eos_id=eos, **kw)
+    want_ids, want_scores = theirs(hf, idx, eos, **kw)
+    assert torch.equal(ids, want_ids) and torch.allclose(scores, want_scores, rtol=0, atol=1e-5)
+    assert not torch.equal(ids, beam_search(model, idx, NEW, 3, eos_id=eos, num_return_sequences=2)[0])
+
+
+def test_without_eos_and_without_cache(pair):
+    """No EOS: every beam runs to max_new_tokens; the cache-less path (the whole text each step) gives the same;
+    each prompt of a batch is searched as alone; one beam is greedy decoding."""
+    hf, model = pair
+    idx = prompts(5)
+    ids, scores = beam_search(model, idx, 8, 3, num_return_sequences=3)
+    # transformers needs an EOS id to pad with: give it one never drawn here (checked below)
+    want_ids, want_scores = theirs(hf, idx, V - 1, max_new_tokens=8, num_beams=3, num_return_sequences=3)
+    assert (ids[:, T:] != V - 1).all() and torch.equal(ids, want_ids)
+    assert torch.allclose(scores, want_scores, rtol=0, atol=1e-5)
+    uncached = beam_search(model, idx, 8, 3, num_return_sequences=3, use_cache=False)
+    assert torch.equal(uncached[0], ids) and torch.allclose(uncached[1], scores, rtol=0, atol=1e-5)
+    alone = beam_search(model, idx[1:], 8, 3, num_return_sequences=3)
+    assert torch.equal(alone[0], ids[3:]) and torch.allclose(alone[1], scores[3:], rtol=0, atol=1e-5)
+    assert torch.equal(beam_search(model, idx, 8, 1)[0], generate(model, idx, 8))
+    # the score is the summed log-probability of the new tokens / their number, recomputed from the logits in fp64
+    logp = torch.log_softmax(model(ids[:1, :-1]).double(), dim=-1)[0, T - 1:]
+    assert abs(logp.gather(1, ids[0, T:, None]).sum().item() / 8 - scores[0].item()) < 1e-5
+
+
+def test_reorder_moves_the_cache_rows():
+    torch.manual_seed(0)
+    model = GPTModel(GPTConfig(vocab_size=V, context_length=16, n_embd=32, n_layer=2, n_head=2)).eval()
+    ids = torch.randint(0, V, (3, 7))
+    order = torch.tensor([2, 2, 0])
+    with torch.no_grad():
+        cache = model.new_cache(3, 8)
+        model(ids[:, :5], cache)
+        cache.reorder(order)
+        got = model(ids[order, 5:], cache)
+        want = model(ids[order])[:, 5:]
+    assert torch.allclose(got, want, atol=1e-5)
+    for bad in (torch.tensor([0, 1]), torch.tensor([0, 1, 3]), torch.tensor([0.0, 1.0, 2.0])):
+        with pytest.raises(UserError, match="KV cache"):
+            cache.reorder(bad)
+
+
+def test_triton_path_gives_the_same_beams(device, one_thread):
+    cfg = dict(vocab_size=V, context_length=16, n_embd=32, n_layer=1, n_head=2)
+    torch.manual_seed(0)
+    ref = GPTModel(GPTConfig(**cfg)).to(device).eval()
+    tri = GPTModel(GPTConfig(**cfg, kernels="attention")).to(device).eval()
+    tri.load_state_dict(ref.state_dict())
+    idx = prompts(1).to(device)
+    eos = likes(ref, idx, 1)
+    want = beam_search(ref, idx, 6, 3, eos_id=eos, num_return_sequences=2)
+    got = beam_search(tri, idx, 6, 3, eos_id=eos, num_return_sequences=2)
+    assert torch.equal(got[0], want[0]) and torch.allclose(got[1], want[1], atol=1e-4)
+
+
+@pytest.mark.parametrize("kw,said", [
+    (dict(num_beams=0), "num_beams must be a positive integer"),
+    (dict(num_return_sequences=4), r"num_return_sequences must be an integer in \[1, num_beams 3\]"),
+    (dict(early_stopping=1), "early_stopping must be True, False or 'never'"),
+    (dict(length_penalty=float("nan")), "length_penalty must be a finite number"),
+    (dict(max_new_tokens=13), r"prompt 5 \+ max_new_tokens 13 - 1 > context length 16"),
+    (dict(no_repeat_ngram_size=-1), "no_repeat_ngram_size must be an integer >= 0"),
+])
+def test_refusals(kw, said):
+    model = GPTModel(GPTConfig(vocab_size=V, context_length=16, n_embd=32, n_layer=1, n_head=2))
+    args = {"max_new_tokens": 4, "num_beams": 3, **kw}
+    with pytest.raises(UserError, match=said):
+        beam_search(model, prompts(0), **args)
+
+
+# -- the command ---------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    from tritongpt.model.config import get_config
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("beam_cli") / "model.safetensors"
+    GPTModel(GPTConfig(**{**get_config("tiny").to_dict(), "n_layer": 1, "context_length": 32})).save(path)
+    return path
+
+
+def test_the_generate_command_prints_the_beams(saved, capsys, one_thread):
+    from tritongpt import cli
+    from tritongpt.commands import SAMPLE_SEPARATOR
+    from tritongpt.train.gpt2_weights import load_checkpoint
+    from tritongpt.train.sft import pick_tokenizer
+    from tritongpt.train.tokenizer import eot_or_none
+
+    base = ["generate", "--weights", str(saved), "--prompt", "The cat", "--device", "cpu", "--max-new-tokens", "6"]
+    assert cli.main([*base, "--num-beams", "3", "--num-return-sequences", "2", "--length-penalty", "0.5",
+                     "--early-stopping", "never"]) == 0
+    out = capsys.readouterr()
+    model = load_checkpoint(str(saved)).eval()
+    tok = pick_tokenizer(None, str(saved), model.config.vocab_size)
+    ids = tok.encode("The cat")
+    want, scores = beam_search(model, torch.tensor([ids]), 6, 3, 0.5, "never", 2, eot_or_none(tok))
+    texts = [tok.decode(row) for row in want.tolist()]
+    assert texts[0] != texts[1] and out.out == f"{texts[0]}\n{SAMPLE_SEPARATOR}\n{texts[1]}\n"
+    assert f"beam 1: score {scores[0].item():.6f}" in out.err and f"beam 2: score {scores[1].item():.6f}" in out.err
+    # --num-beams 1 is off: generate's own greedy (its temperature then defaults to sampling's 0.8)
+    assert cli.main([*base, "--num-beams", "1", "--temperature", "0"]) == 0
+    assert capsys.readouterr().out == tok.decode(generate(model, torch.tensor([ids]), 6)[0].tolist()) + "\n"
+
+
+@pytest.mark.parametrize("extra,said", [
+    (["--temperature", "0.7"], "--num-beams (beam search) does not take --temperature"),
+    (["--top-k", "5"], "does not take --top-k"),
+    (["--top-p", "0.9"], "does not take --top-p"),
+    (["--min-p", "0.1"], "does not take --min-p"),
+    (["--frequency-penalty", "0.5"], "does not take --frequency-penalty"),
+    (["--presence-penalty", "0.5"], "does not take --presence-penalty"),
+    (["--stop", "x"], "does not take --stop"),
+    (["--stream"], "does not take --stream"),
+    (["--draft", "d.safetensors"], "does not take --draft"),
+    (["--num-samples", "2"], "does not take --num-samples"),
+    (["--num-return-sequences", "4"], "--num-return-sequences must be an integer in [1, --num-beams 3]"),
+    (["--num-beams", "0"], "--num-beams must be a positive integer"),
+    (["--max-new-tokens", "40"], "prompt 3 + --max-new-tokens 40 - 1 > context length 32"),
+])
+def test_the_generate_command_refuses_by_name(saved, capsys, extra, said):
+    from tritongpt import cli
+
+    base = ["generate", "--weights", str(saved), "--prompt", "The cat", "--device", "cpu", "--max-new-tokens", "4",
+            "--num-beams", "3"]
+    assert cli.main([*base, *extra]) == 2
+    assert said in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flag", [["--length-penalty", "2"], ["--early-stopping", "true"],
+                                  ["--num-return-sequences", "2"]])
+def test_beam_flags_without_beams_are_refused(saved, capsys, flag):
+    from tritongpt import cli
+
+    assert cli.main(["generate", "--weights", str(saved), "--prompt", "x", "--device", "cpu", *flag]) == 2
+    assert f"{flag[0]} is a beam search setting: pass --num-beams N" in capsys.readouterr().err
