@@ -226,3 +226,16 @@ def test_beam_flags_without_beams_are_refused(saved, capsys, flag):
 
     assert cli.main(["generate", "--weights", str(saved), "--prompt", "x", "--device", "cpu", *flag]) == 2
     assert f"{flag[0]} is a beam search setting: pass --num-beams N" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("choice,value", [("true", True), ("false", False), ("never", "never"), (None, False)])
+def test_the_early_stopping_flag_is_transformers_value(choice, value):
+    """--early-stopping's text reaches beam_search as transformers' True / False / "never" (its tests `is True`)."""
+    from tritongpt.cli import build_parser
+    from tritongpt.commands import check_beam_args
+
+    flags = ["generate", "--prompt", "x", "--num-beams", "2"] + (["--early-stopping", choice] if choice else [])
+    args = build_parser().parse_args(flags)
+    beams = check_beam_args(args)
+    assert beams["early_stopping"] is value and args.temperature == 0.0
+    assert beams == dict(num_beams=2, length_penalty=1.0, early_stopping=value, num_return_sequences=1)
