@@ -207,7 +207,9 @@ def test_the_generate_command_prints_the_beams(saved, capsys, one_thread):
     (["--draft", "d.safetensors"], "does not take --draft"),
     (["--num-samples", "2"], "does not take --num-samples"),
     (["--num-return-sequences", "4"], "--num-return-sequences must be an integer in [1, --num-beams 3]"),
+    (["--num-return-sequences", "0"], "--num-return-sequences must be an integer in [1, --num-beams 3]"),
     (["--num-beams", "0"], "--num-beams must be a positive integer"),
+    (["--length-penalty", "inf"], "--length-penalty must be a finite number"),
     (["--max-new-tokens", "40"], "prompt 3 + --max-new-tokens 40 - 1 > context length 32"),
 ])
 def test_the_generate_command_refuses_by_name(saved, capsys, extra, said):

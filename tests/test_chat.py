@@ -314,7 +314,10 @@ def test_chat_and_generate_keep_their_own_sampling_defaults():
 
     c = build_parser().parse_args(["chat"])
     assert (c.template, c.max_new_tokens, c.temperature, c.seed) == ("auto", 256, 0.7, 1337)
+    from tritongpt.commands import check_beam_args
+
     g = build_parser().parse_args(["generate", "--prompt", "x"])
+    check_beam_args(g)  # generate's temperature depends on --num-beams: 0.8 without (0 with: test_beam_search.py)
     assert (g.max_new_tokens, g.temperature, g.seed) == (50, 0.8, 1337)
 
 

@@ -412,7 +412,7 @@ def check_beam_args(args):
         args.temperature = 0.0
     beams = dict(num_beams=args.num_beams, length_penalty=1.0 if args.length_penalty is None else args.length_penalty,
                  early_stopping={"true": True, "false": False, None: False}.get(args.early_stopping, "never"),
-                 num_return_sequences=args.num_return_sequences or 1)
+                 num_return_sequences=1 if args.num_return_sequences is None else args.num_return_sequences)
     check_beam_search(**beams, flags=True)
     # transformers' beam search with do_sample draws the beams; ours is deterministic, so sampling flags are refused
     # rather than silently ignored, as are the flags generate()'s other paths alone implement
