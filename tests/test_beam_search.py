@@ -115,6 +115,18 @@ def test_without_eos_and_without_cache(pair):
     assert abs(logp.gather(1, ids[0, T:, None]).sum().item() / 8 - scores[0].item()) < 1e-5
 
 
+def test_one_forward_a_step_over_every_beam(pair):
+    """The prompt is run once (in every beam's row), then each step one token a row: B * N rows, one forward."""
+    _, model = pair
+    shapes = []
+    hook = model.register_forward_pre_hook(lambda module, args: shapes.append(tuple(args[0].shape)))
+    try:
+        ids, _ = beam_search(model, prompts(5), 6, 3)
+    finally:
+        hook.remove()
+    assert ids.shape == (2, T + 6) and shapes == [(6, T)] + [(6, 1)] * 5
+
+
 def test_reorder_moves_the_cache_rows():
     torch.manual_seed(0)
     model = GPTModel(GPTConfig(vocab_size=V, context_length=16, n_embd=32, n_layer=2, n_head=2)).eval()
