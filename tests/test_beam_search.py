@@ -148,7 +148,7 @@ def test_triton_path_gives_the_same_beams(device, one_thread):
     cfg = dict(vocab_size=V, context_length=16, n_embd=32, n_layer=1, n_head=2)
     torch.manual_seed(0)
     ref = GPTModel(GPTConfig(**cfg)).to(device).eval()
-    tri = GPTModel(GPTConfig(**cfg, kernels="attention")).to(device).eval()
+    tri = GPTModel(GPTConfig(**cfg, kernels="triton")).to(device).eval()
     tri.load_state_dict(ref.state_dict())
     idx = prompts(1).to(device)
     eos = likes(ref, idx, 1)
