@@ -110,6 +110,7 @@ def test_without_eos_and_without_cache(pair):
     alone = beam_search(model, idx[1:], 8, 3, num_return_sequences=3)
     assert torch.equal(alone[0], ids[3:]) and torch.allclose(alone[1], scores[3:], rtol=0, atol=1e-5)
     assert torch.equal(beam_search(model, idx, 8, 1)[0], generate(model, idx, 8))
+    assert torch.equal(beam_search(model, idx, 0, 3, num_return_sequences=2)[0], idx.repeat_interleave(2, 0))
     # the score is the summed log-probability of the new tokens / their number, recomputed from the logits in fp64
     logp = torch.log_softmax(model(ids[:1, :-1]).double(), dim=-1)[0, T - 1:]
     assert abs(logp.gather(1, ids[0, T:, None]).sum().item() / 8 - scores[0].item()) < 1e-5

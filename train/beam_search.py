@@ -65,7 +65,7 @@ def beam_search(model, idx, max_new_tokens: int, num_beams: int, length_penalty:
         raise UserError(f"beam search keeps the text within the model's context: prompt {T} + max_new_tokens "
                         f"{max_new_tokens} - 1 > context length {ctx}")
     if max_new_tokens == 0:
-        return idx.repeat_interleave(num_return_sequences, 0), torch.zeros(B * num_return_sequences)
+        return idx.repeat_interleave(num_return_sequences, 0), torch.zeros(B * num_return_sequences, device=idx.device)
     was_training = model.training
     model.eval()
     try:
