@@ -344,3 +344,9 @@ def test_rloo_learns_to_prefer_a_rewarded_token(tmp_path):
     result = trainer.fit()
     # 1 of the 16 held-out samples at the start; GRPO's run of this set-up climbs the same way
     assert result["first_eval_reward"] < 0.1 and result["eval_reward"] > 0.6, result
+
+
+def test_a_negative_group_size_is_refused_as_rloos():
+    """--group-size -1 with --algo rloo names RLOO's rule (>= 2), not GRPO's."""
+    with pytest.raises(UserError, match=re.escape("--group-size must be >= 2 for RLOO (a response's baseline")):
+        RLArgs(algo="rloo", group_size=-1).validate()

@@ -283,11 +283,11 @@ class RLArgs:
                             "and their per-token KL penalties are in its rewards (use --missing-eot-penalty)")
         if self.clip_eps_high is not None and not (math.isfinite(self.clip_eps_high) and self.clip_eps_high > 0):
             raise UserError(f"--clip-eps-high must be a finite number > 0, got {self.clip_eps_high}")
-        if self.group_size < 0 or (self.algo == "grpo" and self.samples_per_prompt < 2):
-            raise UserError(f"--group-size must be >= 2 for GRPO (a group needs a spread), got {self.group_size}")
-        if self.algo == "rloo" and self.samples_per_prompt < 2:
+        if self.algo == "rloo" and self.samples_per_prompt < 2:  # first: a negative size is RLOO's error too
             raise UserError(f"--group-size must be >= 2 for RLOO (a response's baseline is the mean of the other "
                             f"responses to its prompt), got {self.group_size}")
+        if self.group_size < 0 or (self.algo == "grpo" and self.samples_per_prompt < 2):
+            raise UserError(f"--group-size must be >= 2 for GRPO (a group needs a spread), got {self.group_size}")
         for name in ("kl_coef", "clip_eps", "value_clip", "vf_coef", "ent_coef", "weight_decay",
                      "grad_clip", "eval_every", "ckpt_every", "keep_ckpts", "missing_eot_penalty"):
             if getattr(self, name) < 0:
