@@ -350,3 +350,24 @@ def test_a_negative_group_size_is_refused_as_rloos():
     """--group-size -1 with --algo rloo names RLOO's rule (>= 2), not GRPO's."""
     with pytest.raises(UserError, match=re.escape("--group-size must be >= 2 for RLOO (a response's baseline")):
         RLArgs(algo="rloo", group_size=-1).validate()
+
+
+def test_missing_eot_penalty_comes_off_after_the_reward_clip(tmp_path):
+    """--reward-clip-range clamps the judge's score; --missing-eot-penalty is then taken off a cut response's, as
+    the KL is: a clamp after it would give every cut response a score of LO or more, the penalty lost (all of it
+    for a response the judge already scored at LO or below). The shaped rewards against a loop over the judge's
+    own scores; the logged reward keeps the unclamped score minus the penalty."""
+    lo, hi, pen, beta = -0.02, 0.02, 0.5, 0.3
+    trainer = _tiny_trainer(tmp_path, missing_eot_penalty=pen, reward_clip_range=(lo, hi), max_new_tokens=3)
+    ro = trainer.rollout()
+    with torch.no_grad():
+        judge = trainer.reward_model(ro.idx, ro.lengths).double().tolist()
+    cut = (~ro.ended(22)).tolist()
+    assert any(cut) and not all(cut)
+    assert any(s < lo or s > hi for s in judge)
+    kl = [sum(float(ro.logp[i, t] - ro.ref_logp[i, t]) for t in range(ro.mask.size(1)) if ro.mask[i, t])
+          for i in range(len(ro))]
+    want = [min(max(s, lo), hi) - pen * c - beta * k for s, c, k in zip(judge, cut, kl)]
+    assert ro.rewards.tolist() == pytest.approx(want, rel=1e-5, abs=1e-6)
+    assert ro.scores.tolist() == pytest.approx([s - pen * c for s, c in zip(judge, cut)], rel=1e-5, abs=1e-6)
+    assert ro.seq_advantages.tolist() == pytest.approx(_loop_advantages(want, ro.group), rel=1e-4, abs=1e-5)

@@ -40,13 +40,13 @@ with log pi_old the rollout's, and its advantage is R_i minus the mean of the OT
         A_i = R_i - (sum_j R_j - R_i) / (k - 1)
 an unbiased baseline, since it does not depend on response i. --normalize-advantages (TRL's normalize_advantages)
 then standardizes the rollout's advantages, (A - mean) / (std + 1e-4); --reward-clip-range LO HI (TRL's
-reward_clip_range) clamps the score before the KL is taken off. The surrogate is PPO's clipped one with one ratio
-per response, the exp of the SUM over its tokens of log pi - log pi_old (the sequence's likelihood ratio;
-GSPO's is the mean), clipped to [1 - clip_eps, 1 + clip_eps_high], and the loss is the mean over the minibatch's
-responses of max(-A r, -A clip(r)). --mask-truncated gives a cut response a loss of 0 in that mean (TRL zeroes
-its tokens: ratio 1, no gradient), its KL stays in its reward (TRL's mask zeroes that too). Its clip statistics
-are per response, as TRL's. GRPO's --loss-type, --scale-rewards, --importance-sampling-level and --delta and
-PPO's value and GAE flags do not apply and are refused.
+reward_clip_range) clamps the score before the KL (and --missing-eot-penalty) is taken off. The surrogate is PPO's
+clipped one with one ratio per response, the exp of the SUM over its tokens of log pi - log pi_old (the sequence's
+likelihood ratio; GSPO's is the mean), clipped to [1 - clip_eps, 1 + clip_eps_high], and the loss is the mean over
+the minibatch's responses of max(-A r, -A clip(r)). --mask-truncated gives a cut response a loss of 0 in that mean
+(TRL zeroes its tokens: ratio 1, no gradient), its KL stays in its reward (TRL's mask zeroes that too). Its clip
+statistics are per response, as TRL's. GRPO's --loss-type, --scale-rewards, --importance-sampling-level and --delta
+and PPO's value and GAE flags do not apply and are refused.
 
 The judge is a reward model from `tritongpt reward`, or, with --reward exact or number, a
 verifier (TaskReward): 1 for a response that matches its prompt's reference answer, else 0, as
@@ -93,9 +93,9 @@ GRPO's variants (TRL GRPOConfig's names; --loss-type and --scale-rewards are des
         process, rescaled to one optimizer step; here the rollout is the generation batch and each minibatch one
         step. The count is taken before --mask-truncated, as in TRL: the cut responses' tokens stay in it.
 
-Both: --missing-eot-penalty takes a constant off the score of each response that max_new_tokens
-cut before its end-of-text (the reward model never saw an answer end there); with several judges
-it comes off the weighted sum, once.
+Every algorithm: --missing-eot-penalty takes a constant off the score of each response that max_new_tokens
+cut before its end-of-text (the reward model never saw an answer end there); with several judges it comes off
+the weighted sum, once (RLOO: after --reward-clip-range's clamp, which would otherwise take it back).
 
 Logged per iteration (metrics.jsonl + rlhf.png): reward (mean score of the rollouts, penalty
 included), kl (mean over responses of sum_t log pi - log pi_ref, measured at rollout time, the
@@ -364,6 +364,7 @@ class Rollout:
     truncated: torch.Tensor = None  # [N] bool: max_new_tokens cut the response before its eot (--mask-truncated)
     rewards: torch.Tensor = None    # [N] RLOO: the shaped reward, score - kl_coef * the response's summed KL
     seq_advantages: torch.Tensor = None  # [N] RLOO: one advantage per response
+    penalty: torch.Tensor = None    # [N] the --missing-eot-penalty in scores (RLOO clamps the score without it)
 
     def __len__(self):
         return self.idx.size(0)
@@ -483,8 +484,13 @@ def rloo_advantages(rewards, group, normalize: bool = False, eps: float = 1e-4):
 
 def rloo_rewards(ro: "Rollout", kl_coef: float, clip_range=None):
     """[N] TRL RLOOTrainer's shaped rewards: the score (clamped to clip_range), minus kl_coef times the response's
-    KL estimate, the sum over its tokens of log pi_old - log pi_ref (sampled from pi_old: its mean is the KL)."""
-    scores = ro.scores if clip_range is None else ro.scores.clamp(clip_range[0], clip_range[1])
+    KL estimate, the sum over its tokens of log pi_old - log pi_ref (sampled from pi_old: its mean is the KL).
+    The clamp is the judge's score's: --missing-eot-penalty (ro.penalty) comes off after it, as the KL does, or
+    the clamp would take back the penalty of a cut response scored near LO (all of it at LO or below)."""
+    scores = ro.scores
+    if clip_range is not None:
+        pen = 0.0 if ro.penalty is None else ro.penalty
+        scores = (scores + pen).clamp(clip_range[0], clip_range[1]) - pen
     kl = ((ro.logp - ro.ref_logp) * ro.mask).sum(1)
     return scores - kl_coef * kl
 
@@ -887,7 +893,8 @@ class RLHFTrainer:
             # trained on ends; the penalty teaches the policy to finish ("The N implementation
             # details of RLHF with PPO", Huang et al. 2022; TRL's missing_eos_penalty). It is part
             # of the training score, from the first batch's normalization on.
-            ro.scores = ro.scores - a.missing_eot_penalty * (~ro.ended(self.eot_id)).float()
+            ro.penalty = a.missing_eot_penalty * (~ro.ended(self.eot_id)).float()
+            ro.scores = ro.scores - ro.penalty
         if self.score_norm is None and (isinstance(self.reward_model, TaskReward) or (
                 isinstance(self.reward_model, WeightedReward) and not self.reward_model.learned())):
             # 0 or 1 already; a first batch all wrong (std 0) would otherwise scale by 1 / 1e-3
@@ -1430,8 +1437,8 @@ def add_cli(sub):
                    help="sample the rollouts from the top k tokens only (the log-probs, ratios and KL stay "
                         "those of the whole vocabulary at --temperature, an approximation)")
     g.add_argument("--reward-clip-range", nargs=2, type=float, default=None, metavar=("LO", "HI"),
-                   help="RLOO: clamp each score to [LO, HI] before the KL is taken off (TRL's reward_clip_range; "
-                        "default: no clamp)")
+                   help="RLOO: clamp each score to [LO, HI] before the KL and --missing-eot-penalty are taken off "
+                        "(TRL's reward_clip_range; default: no clamp)")
     g.add_argument("--overwrite", action="store_true", help=common.OVERWRITE_HELP)
     g.add_argument("--activation-checkpointing", action="store_true", help=common.ACTIVATION_CHECKPOINTING_HELP)
     g.add_argument("--resume", nargs="?", const="latest", default=None, metavar="CKPT",
