@@ -75,8 +75,8 @@ GRPO's variants (TRL GRPOConfig's names; --loss-type and --scale-rewards are des
         the k3 term, the entropy bonus and their logged statistics, and the minibatch is aggregated as if it
         were not in it (grpo: the mean over the kept responses; bnpo: over their tokens; dr_grpo: / (kept x
         max_new_tokens); none kept: a loss of 0). Its score still counts in its group's mean and std, as in TRL,
-        which masks after computing the advantages. GRPO only: PPO's value head and per-token KL rewards see
-        the cut responses (--missing-eot-penalty is the way to discourage them there).
+        which masks after computing the advantages. GRPO and RLOO (RLOO's, above): PPO's value head and
+        per-token KL rewards see the cut responses (--missing-eot-penalty is the way to discourage them there).
   --importance-sampling-level sequence  (GSPO, Zheng et al. 2025; TRL's importance_sampling_level) one ratio
         per response, s = exp(mean over its response tokens of log pi - log pi_old), on every one of its tokens,
         clipped to the same bounds (GSPO's paper: clip_eps 3e-4, clip_eps_high 4e-4, as the ratio of a mean is
@@ -807,7 +807,7 @@ def rloo_stats(ro: Rollout) -> dict:
 
 # -- the trainer ---------------------------------------------------------------------------------
 class RLHFTrainer:
-    """PPO or GRPO on `policy`, with `ref` frozen and `reward_model` as the only judge (several judges:
+    """PPO, GRPO or RLOO on `policy`, with `ref` frozen and `reward_model` as the only judge (several judges:
     a WeightedReward, whose weighted sum is the score; their list and weights go into the run record).
 
     prompts / eval_prompts: lists of token-id lists (each leaves room for max_new_tokens).
@@ -1351,9 +1351,9 @@ _HELP = {
     "grad_clip": "clip the global gradient norm (0 = off)",
     "kl_coef": "KL weight: PPO per-token penalty in the reward, GRPO k3 term in the loss, RLOO the response's "
                "summed log pi - log pi_ref taken off its reward",
-    "clip_eps": "PPO/GRPO ratio clip: the ratio is clipped to [1 - clip-eps, 1 + clip-eps] (the upper bound: "
-                "--clip-eps-high)",
-    "clip_eps_high": "PPO/GRPO: the ratio's upper clip bound 1 + E instead of 1 + clip-eps, the lower one staying "
+    "clip_eps": "PPO/GRPO/RLOO ratio clip (RLOO's: one per response): the ratio is clipped to [1 - clip-eps, "
+                "1 + clip-eps] (the upper bound: --clip-eps-high)",
+    "clip_eps_high": "PPO/GRPO/RLOO: the ratio's upper clip bound 1 + E instead of 1 + clip-eps, the lower one staying "
                      "1 - clip-eps (DAPO's clip-higher, TRL's epsilon_high; DAPO uses 0.28 with clip-eps 0.2; "
                      "None: clip-eps, a symmetric clip)",
     "delta": "PPO/GRPO: cap the unclipped ratio term of the surrogate at D, so that a token with a negative "
@@ -1370,9 +1370,10 @@ _HELP = {
                  "rollout token weighs the same, DAPO's token-level loss as TRL computes it)",
     "scale_rewards": "GRPO: divide each centered score by its group's std (group), the rollout's (batch), or not "
                      "at all (none, Dr. GRPO's)",
-    "mask_truncated": "GRPO: leave the responses that max-new-tokens cut before their end-of-text out of the loss, "
-                      "as if not in their minibatch (TRL's mask_truncated_completions, DAPO's overlong filtering); "
-                      "their scores still count in their group's mean and std",
+    "mask_truncated": "GRPO/RLOO: leave the responses that max-new-tokens cut before their end-of-text out of the "
+                      "loss, as if not in their minibatch (TRL's mask_truncated_completions, DAPO's overlong "
+                      "filtering; RLOO: a loss of 0 in the mean); their scores still count in their group's mean and "
+                      "std (RLOO: its baseline)",
     "importance_sampling_level": "GRPO: the ratio the surrogate clips: one per token (token) or one per response, "
                                  "exp of the mean over its tokens of log pi - log pi_old, on all of them (sequence, "
                                  "GSPO's; its paper clips far tighter, --clip-eps 3e-4 --clip-eps-high 4e-4)",
