@@ -19,7 +19,7 @@ COMMANDS = {
     "sft": ("tritongpt.train.sft", "supervised fine-tuning on instruction records (default: embedded verifiable "
             "tasks)"),
     "reward": ("tritongpt.train.reward", "train a reward model (Bradley-Terry) on preference pairs"),
-    "rlhf": ("tritongpt.train.rlhf", "RLHF against a reward model: PPO or GRPO"),
+    "rlhf": ("tritongpt.train.rlhf", "RLHF against a reward model (or a verifier): PPO, GRPO or RLOO"),
     "dpo": ("tritongpt.train.dpo", "Direct Preference Optimization against a frozen SFT reference"),
     "kto": ("tritongpt.train.kto", "Kahneman-Tversky Optimization on desirable and undesirable examples (or pairs) "
             "against a frozen SFT reference"),
