@@ -622,3 +622,22 @@ def test_a_finished_row_the_ngram_ban_leaves_nothing_is_padding_not_an_error():
     for draft in (target, FixedOrder([0, 1, 2])):
         got = generate(target, idx, 3, eos_id=2, no_repeat_ngram_size=1, draft=draft, num_draft_tokens=2)
         assert torch.equal(got, want)
+
+
+def test_batched_rows_up_to_the_context_limit(target, other):
+    """Several rows run to the last token the context allows (prompt + new - 1 = the context): each row is the
+    model's own greedy text alone, with a draft of the model's context and with one of a shorter context, whose
+    proposals stop once the text outgrows it (the model then runs a token a step); the caches never overflow."""
+    idx = torch.randint(0, 61, (3, 4), generator=torch.Generator().manual_seed(11))
+    new = 40 - 4 + 1
+    want = alone(target, idx, new)
+    short = tiny(4, n_embd=16, n_layer=1, context=12)
+    for draft, K in ((other, 3), (short, 4), (target, 5)):
+        stats = {}
+        got = generate(target, idx, new, draft=draft, num_draft_tokens=K, stats=stats)
+        assert got.tolist() == want, (K, got, want)
+        if draft is short:  # proposals only while the draft runs within its context (L + k - 1 <= 12): from
+            # L = 13 on, one token a forward, 28 forwards to the 41st position
+            assert 0 < stats["drafted"] <= 3 * 4 * 9 and stats["target_forwards"] >= 41 - 13
+        if draft is target:  # every proposal kept: K + 1 tokens a forward, the last step what is left
+            assert stats["target_forwards"] == -(-new // (K + 1)) and stats["accepted"] == stats["drafted"]
