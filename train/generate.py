@@ -306,7 +306,7 @@ def _generate(model, idx, max_new_tokens, warp: dict, eos_id, use_cache, generat
 
 
 def _feed(model, cache, ids):
-    """The logits of the ids the cache does not hold yet (ids [1, n] the whole text so far), the cache
+    """The logits of the ids the cache does not hold yet (ids [B, n] the whole text so far), the cache
     advanced over them. LongRoPE's switch from short to long factors computes the cache again, as _generate."""
     if crosses_longrope(model.config, cache.pos, ids.size(1)):
         cache.reset()
