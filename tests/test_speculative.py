@@ -600,13 +600,14 @@ def test_the_generate_command_with_a_draft_and_samples(saved, capsys):
     assert cli.main([*base, "--temperature", "0", "--draft", str(saved / "draft.safetensors")]) == 0
     out = capsys.readouterr()
     assert out.out == want
-    assert "draft tokens accepted per forward of the model and sample (" in out.err and "over 2 samples" in out.err
+    assert "draft tokens kept per forward of the model and sample, the fewest a sample accepted; each forward " \
+        "gave a sample one more (" in out.err and "over 2 samples" in out.err
     # the model as its own draft: every proposed token kept, K a forward and sample
     assert cli.main([*base, "--temperature", "0", "--draft", str(saved / "model.safetensors"),
                      "--draft-tokens", "3"]) == 0
     out = capsys.readouterr()
-    assert out.out == want and "3.00 draft tokens accepted per forward of the model and sample (18 of 18 " \
-        "proposed over 2 samples, 3 forwards)" in out.err
+    assert out.out == want and "3.00 draft tokens kept per forward of the model and sample, the fewest a sample " \
+        "accepted; each forward gave a sample one more (18 of 18 proposed over 2 samples, 3 forwards)" in out.err
     assert cli.main([*base, "--temperature", "1.0", "--seed", "3", "--draft", str(saved / "draft.safetensors")]) == 0
     texts = capsys.readouterr().out.split("\n---------------\n")
     assert len(texts) == 2 and texts[0] != texts[1]

@@ -472,8 +472,10 @@ def draft_note(stats: dict, rows: int = 1) -> None:
                  f"per forward of the model ({stats['accepted']} of {stats['drafted']} proposed, "
                  f"{stats['target_forwards']} forwards)")
         else:
-            note(f"speculative decoding: {stats['accepted_per_forward']:.2f} draft tokens accepted per forward of "
-                 f"the model and sample ({stats['accepted']} of {stats['drafted']} proposed over {rows} samples, "
+            # every row keeps the m draft tokens the live row that kept fewest accepted, and one token more
+            note(f"speculative decoding: {stats['accepted_per_forward']:.2f} draft tokens kept per forward of "
+                 f"the model and sample, the fewest a sample accepted; each forward gave a sample one more "
+                 f"({stats['accepted']} of {stats['drafted']} proposed over {rows} samples, "
                  f"{stats['target_forwards']} forwards)")
 
 
