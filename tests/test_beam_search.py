@@ -254,3 +254,20 @@ def test_the_early_stopping_flag_is_transformers_value(choice, value):
     beams = check_beam_args(args)
     assert beams["early_stopping"] is value and args.temperature == 0.0
     assert beams == dict(num_beams=2, length_penalty=1.0, early_stopping=value, num_return_sequences=1)
+
+
+def test_a_longrope_model_crossing_its_original_context_computes_the_cache_again(tmp_path, one_thread):
+    """Phi-3's LongRoPE: once the beams pass the original context (8 here) every position is rotated with the
+    long factors, so the cached keys (short) are computed again, as transformers' Phi-3 and generate() do."""
+    from test_phi3 import VOCAB, hf_phi3, longrope
+    from tritongpt.train.gpt2_weights import load_checkpoint
+
+    hf, path = hf_phi3(tmp_path, rope_parameters={**longrope(16), "partial_rotary_factor": 1.0})
+    model = load_checkpoint(path).double().eval()
+    idx = torch.randint(0, VOCAB, (2, 3), generator=torch.Generator().manual_seed(1))
+    ids, scores = beam_search(model, idx, 12, 3, num_return_sequences=3)
+    out = hf.generate(idx, attention_mask=torch.ones_like(idx), max_new_tokens=12, num_beams=3, do_sample=False,
+                      num_return_sequences=3, pad_token_id=0, eos_token_id=VOCAB + 1, return_dict_in_generate=True,
+                      output_scores=True)
+    assert torch.equal(ids, out.sequences)
+    assert torch.allclose(scores, out.sequences_scores.float(), rtol=1e-5, atol=1e-5)

@@ -19,7 +19,7 @@ import torch
 
 from tritongpt._types import is_int, is_real
 from tritongpt.errors import UserError
-from tritongpt.train.generate import ban_repeated_ngrams, check_sampling, penalize_repeats
+from tritongpt.train.generate import ban_repeated_ngrams, check_sampling, crosses_longrope, penalize_repeats
 
 EARLY_STOPPING = (True, False, "never")
 
@@ -100,6 +100,8 @@ def _beam_search(model, idx, max_new_tokens, N, length_penalty, early_stopping, 
         if cache is None:
             logits = model(run[:, :, :cur].reshape(B * N, cur))
         else:  # the first step prefills the prompt (in every row), then one token a step
+            if crosses_longrope(model.config, cache.pos, cur):
+                cache.reset()  # LongRoPE's long factors now rotate every position: the beams' keys again, as generate's
             logits = model(run[:, :, cache.pos:cur].reshape(B * N, -1), cache)
         logp = torch.log_softmax(logits[:, -1, :vocab_limit].float(), dim=-1)
         seen = run[:, :, :cur].reshape(B * N, cur)
