@@ -271,3 +271,20 @@ def test_a_longrope_model_crossing_its_original_context_computes_the_cache_again
                       output_scores=True)
     assert torch.equal(ids, out.sequences)
     assert torch.allclose(scores, out.sequences_scores.float(), rtol=1e-5, atol=1e-5)
+
+
+def test_a_vocab_limit_leaves_ids_out_after_the_log_softmax(pair):
+    """vocab_limit (a tokenizer smaller than the model's vocabulary): the ids past it are never chosen, as
+    transformers' suppress_tokens leaves them out: after the log-softmax over the model's whole vocabulary, so a
+    beam's score stays its log-probability under the model (a softmax over the kept ids alone would raise each
+    beam's by a different amount and could reorder them)."""
+    hf, model = pair
+    limit = 30
+    for seed in (4, 6):
+        idx = prompts(seed) % limit
+        eos = likes(model, idx, 1) % limit
+        kw = dict(max_new_tokens=8, num_beams=3, num_return_sequences=3, length_penalty=0.5)
+        ids, scores = beam_search(model, idx, eos_id=eos, vocab_limit=limit, **kw)
+        want_ids, want_scores = theirs(hf, idx, eos, suppress_tokens=list(range(limit, V)), **kw)
+        assert (ids < limit).all() and torch.equal(ids, want_ids)
+        assert torch.allclose(scores, want_scores, rtol=1e-5, atol=1e-5)

@@ -103,7 +103,9 @@ def _beam_search(model, idx, max_new_tokens, N, length_penalty, early_stopping, 
             if crosses_longrope(model.config, cache.pos, cur):
                 cache.reset()  # LongRoPE's long factors now rotate every position: the beams' keys again, as generate's
             logits = model(run[:, :, cache.pos:cur].reshape(B * N, -1), cache)
-        logp = torch.log_softmax(logits[:, -1, :vocab_limit].float(), dim=-1)
+        # over the whole vocabulary, then the ids past vocab_limit dropped (transformers' suppress_tokens): a beam's
+        # score stays its log-probability under the model
+        logp = torch.log_softmax(logits[:, -1].float(), dim=-1)[:, :vocab_limit]
         seen = run[:, :, :cur].reshape(B * N, cur)
         if repetition_penalty is not None and repetition_penalty != 1.0:
             logp = penalize_repeats(logp, seen, repetition_penalty)
