@@ -85,9 +85,10 @@ class KVCache:
                             f"(a long tensor), got {tuple(index.shape)} {index.dtype}")
         if bool(((index < 0) | (index >= self.batch_size)).any()):
             raise UserError(f"KV cache rows are 0..{self.batch_size - 1}, got {index.tolist()}")
-        # only the filled positions: those past pos are never read
-        self.k[:, :, :, :self.pos] = self.k[:, index, :, :self.pos]
-        self.v[:, :, :, :self.pos] = self.v[:, index, :, :self.pos]
+        # only the filled positions (those past pos are never read), a layer at a time: the copy each makes is
+        # one layer's, not the whole cache's (as transformers' caches reorder)
+        for layer in (*self.k, *self.v):
+            layer[:, :, :self.pos] = layer[index, :, :self.pos]
 
 
 class GPTModel(nn.Module):

@@ -145,6 +145,27 @@ def test_reorder_moves_the_cache_rows():
             cache.reorder(bad)
 
 
+def test_reorder_copies_a_layer_at_a_time():
+    """Each step reorders the cache: the copy it makes is one layer's keys (or values), as transformers' cache
+    reorders layer by layer, not the whole cache's (n_layer times more memory for the step)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.manual_seed(0)
+    model = GPTModel(GPTConfig(vocab_size=V, context_length=16, n_embd=32, n_layer=4, n_head=2)).eval()
+    ids = torch.randint(0, V, (3, 12))
+    order = torch.tensor([2, 2, 0])
+    with torch.no_grad():
+        cache = model.new_cache(3, 16)
+        model(ids[:, :10], cache)
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            cache.reorder(order)
+        got = model(ids[order, 10:], cache)
+        want = model(ids[order])[:, 10:]
+    assert torch.allclose(got, want, atol=1e-5)
+    layer = cache.k[0, :, :, :10].numel() * cache.k.element_size()
+    assert 0 < max(e.cpu_memory_usage for e in prof.events()) <= layer
+
+
 def test_triton_path_gives_the_same_beams(device, one_thread):
     cfg = dict(vocab_size=V, context_length=16, n_embd=32, n_layer=1, n_head=2)
     torch.manual_seed(0)
