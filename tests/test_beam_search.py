@@ -120,12 +120,26 @@ def test_one_forward_a_step_over_every_beam(pair):
     """The prompt is run once (in every beam's row), then each step one token a row: B * N rows, one forward."""
     _, model = pair
     shapes = []
-    hook = model.register_forward_pre_hook(lambda module, args: shapes.append(tuple(args[0].shape)))
+    hook = model.trf_blocks[0].register_forward_pre_hook(lambda module, args: shapes.append(args[0].shape[:2]))
     try:
         ids, _ = beam_search(model, prompts(5), 6, 3)
     finally:
         hook.remove()
     assert ids.shape == (2, T + 6) and shapes == [(6, T)] + [(6, 1)] * 5
+
+
+def test_the_lm_head_reads_the_last_position_only(pair):
+    """The prefill's logits are the last position's alone (transformers' logits_to_keep=1): the whole prompt's
+    would be B * N * T * V numbers, N times a plain generate's, where one position a row is needed."""
+    _, model = pair
+    shapes = []
+    hook = model.out_head.register_forward_pre_hook(lambda module, args: shapes.append(tuple(args[0].shape)))
+    try:
+        ids, _ = beam_search(model, prompts(5), 4, 3)
+        uncached, _ = beam_search(model, prompts(5), 4, 3, use_cache=False)
+    finally:
+        hook.remove()
+    assert torch.equal(ids, uncached) and shapes == [(6, model.config.n_embd)] * 8
 
 
 def test_reorder_moves_the_cache_rows():

@@ -98,14 +98,15 @@ def _beam_search(model, idx, max_new_tokens, N, length_penalty, early_stopping, 
     cache = model.new_cache(B * N, min(model.config.context_length, L)) if use_cache else None
     for cur in range(T, L):  # cur: the beams' length
         if cache is None:
-            logits = model(run[:, :, :cur].reshape(B * N, cur))
+            h = model.hidden(run[:, :, :cur].reshape(B * N, cur))
         else:  # the first step prefills the prompt (in every row), then one token a step
             if crosses_longrope(model.config, cache.pos, cur):
                 cache.reset()  # LongRoPE's long factors now rotate every position: the beams' keys again, as generate's
-            logits = model(run[:, :, cache.pos:cur].reshape(B * N, -1), cache)
-        # over the whole vocabulary, then the ids past vocab_limit dropped (transformers' suppress_tokens): a beam's
-        # score stays its log-probability under the model
-        logp = torch.log_softmax(logits[:, -1].float(), dim=-1)[:, :vocab_limit]
+            h = model.hidden(run[:, :, cache.pos:cur].reshape(B * N, -1), cache)
+        # the LM head on the last position alone (transformers' logits_to_keep=1): the prefill's whole prompt would
+        # be B * N * T * V logits. The log-softmax over the whole vocabulary, then the ids past vocab_limit dropped
+        # (transformers' suppress_tokens): a beam's score stays its log-probability under the model
+        logp = torch.log_softmax(model.logits(h[:, -1]).float(), dim=-1)[:, :vocab_limit]
         seen = run[:, :, :cur].reshape(B * N, cur)
         if repetition_penalty is not None and repetition_penalty != 1.0:
             logp = penalize_repeats(logp, seen, repetition_penalty)
