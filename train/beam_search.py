@@ -2,7 +2,8 @@
 GenerationMixin._beam_search and its helpers _get_top_k_continuations, _get_running_beams_for_next_iteration,
 _update_finished_beams, _check_early_stop_heuristic, _beam_search_has_unfinished_sequences), step for step:
 
-- a beam's score is the sum of its tokens' log-softmax log-probabilities (fp32), after the logits processors
+- a beam's score is the sum of its tokens' log-softmax log-probabilities (fp32, over the model's whole vocabulary;
+  ids past vocab_limit are then never chosen, as transformers' suppress_tokens), after the logits processors
   transformers applies to them: the repetition penalty, then the no-repeat n-gram ban (on the log-probabilities,
   not the logits, as transformers' beam search does);
 - each step keeps the 2 * N best continuations over all N beams of a prompt: those ending in the EOS (or at
@@ -13,7 +14,8 @@ _update_finished_beams, _check_early_stop_heuristic, _beam_search_has_unfinished
   length that beam could still reach where length_penalty > 0 (transformers' heuristic, not an exact bound).
 
 The N beams of a prompt are rows of one batch and one KV cache: each step runs one forward over all of them (one
-new token a row) and the cache's rows are reordered to follow the beams kept.
+new token a row) and the cache's rows are reordered to follow the beams kept (a LongRoPE model's cache is computed
+again once the beams pass its original context, as transformers' Phi-3 and generate() do).
 """
 import torch
 
