@@ -31,6 +31,26 @@ def test_cached_equals_uncached_including_overflow(model, temperature, top_k, to
     assert torch.equal(outs[0][:, :5], idx)
 
 
+def test_the_lm_head_reads_the_last_position_only_and_the_text_is_the_whole_forwards(model):
+    """A prefill (the first step, a re-prefill of a full window, every step without a cache) runs the LM head on
+    the last position alone, not on every prompt position (B x T x V logits, gigabytes for a long prompt on a large
+    vocabulary); the tokens drawn equal a loop over the model's whole forward (greedy, cached and not, the window
+    cropped past the context)."""
+    idx = torch.randint(0, 61, (2, 7), generator=torch.Generator().manual_seed(3))
+    want = idx
+    for _ in range(9):  # 7 + 9 > context 12
+        want = torch.cat([want, model(want[:, -12:])[:, -1].argmax(-1, keepdim=True)], dim=1)
+    for use_cache in (True, False):
+        seen = []
+        hook = model.out_head.register_forward_hook(lambda m, args, out: seen.append(args[0].shape[1]))
+        try:
+            out = generate(model, idx, 9, use_cache=use_cache)
+        finally:
+            hook.remove()
+        assert torch.equal(out, want), use_cache
+        assert seen == [1] * 9, (use_cache, seen)
+
+
 def test_stops_at_end_of_text(model):
     idx = torch.randint(0, 61, (1, 4))
     first = generate(model, idx, 1)[0, -1].item()

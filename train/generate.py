@@ -267,6 +267,17 @@ def crosses_longrope(cfg, cached: int, length: int) -> bool:
     return cached <= original < length
 
 
+def last_logits(model, ids, cache=None):
+    """The logits of ids' last position only, [B, 1, V]: a GPTModel runs its LM head on that position alone
+    (transformers' logits_to_keep=1), so a prefill of T prompt tokens makes B x V logits, not B x T x V (an 8k-token
+    prompt on a 152k vocabulary: 4.9 GB in fp32); any other module (a wrapper) runs whole."""
+    from tritongpt.model.gpt import GPTModel
+
+    if isinstance(model, GPTModel):
+        return model.logits(model.hidden(ids, cache)[:, -1:])
+    return model(ids, cache)[:, -1:]
+
+
 def _generate(model, idx, max_new_tokens, warp: dict, eos_id, use_cache, generator, vocab_limit, on_token, stop):
     ctx = model.config.context_length
     # as long as this call can fill: a whole-context cache of a 131072-position model is gigabytes
@@ -276,14 +287,14 @@ def _generate(model, idx, max_new_tokens, warp: dict, eos_id, use_cache, generat
     start = idx.size(1)  # where every row's generated ids begin (what the frequency/presence penalties count)
     for _ in range(max_new_tokens):
         if cache is None:
-            logits = model(idx[:, -ctx:])
+            logits = last_logits(model, idx[:, -ctx:])
         else:
             if cache.pos == 0 or idx.size(1) > ctx or crosses_longrope(model.config, cache.pos, idx.size(1)):
                 # (re)prefill: first step, the window is full and positions must shift, or LongRoPE's factors
                 # switch from short to long and the cached keys' rotation with them
                 cache.reset()
                 window = idx[:, -ctx:]
-                logits = model(window, cache)
+                logits = last_logits(model, window, cache)
                 fed = idx.size(1)
                 if idx.size(1) >= ctx:
                     cache.reset()  # the next step must prefill the shifted window again
