@@ -315,7 +315,8 @@ class GPTModel(nn.Module):
             torch._assert_async(((idx >= 0) & (idx < V)).all(), f"token ids must be in [0, {V})")
 
     def forward(self, idx, cache: KVCache | None = None, targets=None, ignore_index: int = -100,
-                reduction: str = "mean", doc_ids=None, label_smoothing: float = 0.0, z_loss: float = 0.0):
+                reduction: str = "mean", doc_ids=None, label_smoothing: float = 0.0, z_loss: float = 0.0,
+                head_input: bool = False):
         """Logits [B, T, vocab_size] for every position (a view into the padded head's output when
         the vocabulary is padded); with targets [B, T] (idx's shape, integer ids), the LM loss instead:
         its mean over counted targets, or with reduction="none" each position's -log p (fp32 [B, T]).
@@ -327,7 +328,14 @@ class GPTModel(nn.Module):
         made a chunk of rows at a time and never whole (per-token losses: the fused
         cross-entropy on the logits, which never makes an fp32 copy of them).
         A mixture-of-experts model's mean loss gets GPTConfig.moe_aux_loss times its routers' load-balancing loss.
+        head_input=True: what the LM head reads instead ([B, T, C], _head_input of hidden()), for a loss fused
+        with the head outside the model (train/distill.py's linear_distill_loss); through forward, so that DDP
+        and torch.compile see the call. No targets then.
         """
+        if head_input:
+            if targets is not None:
+                raise UserError("forward(head_input=True) returns the LM head's input, not a loss: pass no targets")
+            return self._head_input(self.hidden(idx, cache, doc_ids))
         loss = self._forward(idx, cache, targets, ignore_index, reduction, doc_ids, label_smoothing, z_loss)
         if targets is not None and self.config.moe_aux_loss and reduction == "mean":
             loss = loss + self.config.moe_aux_loss * self.router_aux_loss()

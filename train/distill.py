@@ -32,10 +32,13 @@ probability --distill-lmbda the student answers them instead, sampled at --disti
 --distill-max-new-tokens (OnPolicy, below). A batch of the student's own answers is learned through A * T^2 * D
 alone: CE on them would teach the student its own samples (sft_loss_fn). Our lmbda defaults to 0 (TRL's 0.5).
 
-The distillation path asks the student for its logits (model(x)) and computes CE on them with the
-reference lm_loss: the Triton fused LM-head loss (which never makes the logits whole) is not used,
-so the step's memory is the logits' ([batch, block, vocab] for the student and the teacher, and a
-few fp32 copies while the loss is made). Evaluations still score the plain cross-entropy.
+Where the student runs the Triton loss (its kernels include "cross_entropy") the loss is
+kernels/jsd.py's linear_distill_loss: both LM heads and the whole loss fused, a chunk of rows at a
+time, so neither model's [batch, block, vocab] logits ever exist whole (fused_head says when). Label
+smoothing, the z-loss and a logit soft cap (student's or teacher's) are not in that kernel: with one of
+them, as on the reference path, each model's logits are made whole (model(x)) and distill_loss takes CE
+with the reference lm_loss and the divergence on them, with the step's memory the logits' and a few fp32
+copies. Evaluations still score the plain cross-entropy.
 """
 import argparse
 import math
@@ -188,6 +191,31 @@ def distill_loss(student_logits, teacher_logits, targets, vocab_size: int, alpha
     return (1 - alpha) * ce + alpha * temperature ** 2 * kd, ce, kd
 
 
+def fused_head(model, teacher, loss_options: dict) -> bool:
+    """Whether the loss runs as kernels/jsd.py's linear_distill_loss (the LM heads fused with it): where the
+    student's kernels include "cross_entropy", as forward(targets=) fuses its head with the CE, and no option
+    the kernel lacks is on (label smoothing, z-loss, a logit soft cap: the reference path's distill_loss)."""
+    student, teacher = unwrapped(model), unwrapped(teacher)
+    return ("cross_entropy" in student.kernels and not any(loss_options.values())
+            and not student.config.logit_softcap and not teacher.config.logit_softcap)
+
+
+def fused_distill_loss(model, teacher, x, targets, doc_ids, vocab_size: int, alpha: float, temperature: float,
+                       beta: float, ignore_index: int = -100, reduction: str = "mean"):
+    """distill_loss(model(x), teacher(x), targets, ...) -> (loss, ce, kd), neither model's logits whole: both
+    give the LM head's input (forward(head_input=True), so the student's call goes through DDP / compile), and
+    linear_distill_loss makes the logits a chunk of rows at a time. ce and kd are not differentiable."""
+    from tritongpt.kernels.jsd import linear_distill_loss
+
+    student, t_model = unwrapped(model), unwrapped(teacher)
+    with torch.no_grad():
+        t_h = teacher(x, doc_ids=doc_ids, head_input=True)
+    h = model(x, doc_ids=doc_ids, head_input=True)
+    return linear_distill_loss(h, student.out_head.weight, t_h, t_model.out_head.weight, targets, vocab_size, alpha,
+                               temperature, beta, ignore_index, reduction, student_bias=student.out_head.bias,
+                               teacher_bias=t_model.out_head.bias, ce_vocab_size=student.config.vocab_size)
+
+
 def unwrapped(model):
     """The GPTModel inside DDP's and torch.compile's wrappers (its config and router losses)."""
     model = getattr(model, "module", model)
@@ -232,10 +260,13 @@ def pretrain_loss_fn(teacher, opts: dict, vocab_size: int, doc_ids_of, parts: Pa
     def loss_fn(m, batch):
         x, y = batch
         doc_ids = doc_ids_of(x)
-        with torch.no_grad():
-            t_logits = teacher(x, doc_ids=doc_ids)
-        loss, ce, kd = distill_loss(m(x, doc_ids=doc_ids), t_logits, y, vocab_size, opts["distill_alpha"],
-                                    opts["distill_temperature"], opts["distill_beta"], **loss_options)
+        mix = opts["distill_alpha"], opts["distill_temperature"], opts["distill_beta"]
+        if fused_head(m, teacher, loss_options):
+            loss, ce, kd = fused_distill_loss(m, teacher, x, y, doc_ids, vocab_size, *mix)
+        else:
+            with torch.no_grad():
+                t_logits = teacher(x, doc_ids=doc_ids)
+            loss, ce, kd = distill_loss(m(x, doc_ids=doc_ids), t_logits, y, vocab_size, *mix, **loss_options)
         if parts is not None:
             parts.add(ce * y.numel(), kd * y.numel(), y.numel())
         cfg = unwrapped(m).config
@@ -260,11 +291,21 @@ def sft_loss_fn(teacher, opts: dict, vocab_size: int, ignore_index: int, parts: 
     def loss_fn(m, batch):
         inputs, targets = batch[0], batch[1]
         doc_ids = batch[2] if len(batch) > 2 else None  # --packing: each example kept apart, in both models
-        with torch.no_grad():
-            t_logits = teacher(inputs, doc_ids=doc_ids)
         alpha, temperature = opts["distill_alpha"], opts["distill_temperature"]
         n = (targets != ignore_index).sum()
         student = source is not None and source() == "student"
+        if fused_head(m, teacher, loss_options):
+            # the student's own answers: alpha T^2 D alone, the kernel's loss at alpha 1 (T^2 D) times alpha
+            loss, ce, kd = fused_distill_loss(m, teacher, inputs, targets, doc_ids, vocab_size,
+                                              1.0 if student else alpha, temperature, opts["distill_beta"],
+                                              ignore_index, "sum")
+            if student:
+                loss, ce = alpha * loss, None
+            if parts is not None:
+                parts.add(ce, kd, n, student)
+            return loss, n
+        with torch.no_grad():
+            t_logits = teacher(inputs, doc_ids=doc_ids)
         logits = m(inputs, doc_ids=doc_ids)
         if student:
             d = divergence(logits[..., :vocab_size], t_logits[..., :vocab_size], temperature, opts["distill_beta"])

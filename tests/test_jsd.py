@@ -1,0 +1,237 @@
+"""The fused LM heads + distillation loss (kernels/jsd.py) against float64 computations through
+train.distill's distill_loss / divergence, and wired into pretrain / sft --teacher (train/distill.py).
+
+On CPU the kernel runs through Triton's interpreter: 32 rows a program, about four column tiles a row,
+so vocabularies of a few dozen (37, 101: not powers of two) cross tiles and end in a ragged one."""
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from parity import assert_close_mixed, assert_close_rel
+from tritongpt.errors import UserError
+from tritongpt.kernels.jsd import linear_distill_loss
+from tritongpt.model.config import GPTConfig
+from tritongpt.model.gpt import GPTModel
+from tritongpt.train import distill
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+TOL = {torch.float32: 1e-4, torch.bfloat16: 1e-2, torch.float16: 1e-2}
+IGNORE = -100
+
+
+# -- the kernel alone: d(loss)/d(student logits) against autograd in float64 ----------------------------
+@pytest.mark.parametrize("beta", [0.0, 0.3, 1.0])
+@pytest.mark.parametrize("T", [1.0, 2.0])
+def test_kernel_loss_and_logit_gradient_match_float64_autograd(beta, T, device):
+    # student rows 45 wide, the CE over 41 classes, the divergence over the first 37 ids, the teacher 40 wide
+    g = torch.Generator().manual_seed(int(beta * 10 + T))
+    N, W, V_CE, V = 7, 45, 41, 37
+    x = torch.randn(N, W, generator=g) * 3 + torch.randn(N, 1, generator=g) * 5  # lse must not assume ~0
+    y = torch.randn(N, 40, generator=g) * 3
+    t = torch.randint(0, V_CE, (N,), generator=g)
+    t[[1, 5]] = IGNORE
+    alpha = 0.4
+    buf = x.clone().to(device)
+    ce, kd = torch.ops.tritongpt.distill_fwd(buf, y.to(device), t.to(device), IGNORE, V_CE, V, T, beta,
+                                             1 - alpha, alpha * T, True)
+    x64 = x.double().requires_grad_()
+    ce64 = F.cross_entropy(x64[:, :V_CE], t, ignore_index=IGNORE, reduction="none")
+    kd64 = torch.where(t != IGNORE, distill.divergence(x64[:, :V], y.double()[:, :V], T, beta), 0.0)
+    ((1 - alpha) * ce64 + alpha * T * T * kd64).sum().backward()
+    assert_close_rel(ce.cpu(), ce64.detach().float(), 1e-5, "ce rows")
+    assert_close_mixed(kd.cpu(), kd64.detach().float(), 1e-5, 1e-6, "kd rows")
+    assert kd[t != IGNORE].min() > 1e-3  # a real divergence, not zeros
+    assert_close_rel(buf.cpu(), x64.grad.float(), 1e-5, "dlogits")
+    assert torch.count_nonzero(buf[t == IGNORE]) == 0 and torch.count_nonzero(buf[:, V_CE:]) == 0
+
+
+# -- linear_distill_loss: loss, ce, kd and every gradient against distill_loss in float64 --------------
+def check_linear(alpha, T, beta, dtype, device, reduction="mean", seed=0, chunk_rows=3, bias=True):
+    """Student [2, 5] x 12 (head 45 rows, CE over 41), teacher 8 wide (head 40 rows), the divergence over
+    37 ids; 3 rows a chunk (10 rows: three chunks and a ragged one)."""
+    g = torch.Generator().manual_seed(seed)
+    Ws, Wt, V_CE, V = 45, 40, 41, 37
+
+    def leaf(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g) * scale).to(device, dtype).requires_grad_()
+
+    h, w, th, tw = leaf(2, 5, 12), leaf(Ws, 12, scale=0.8), leaf(2, 5, 8), leaf(Wt, 8, scale=1.2)
+    b, tb = (leaf(Ws), leaf(Wt)) if bias else (None, None)
+    y = torch.randint(0, V_CE, (2, 5), generator=g)
+    y[0, 2] = y[1, 4] = IGNORE
+    up = torch.rand((), generator=g).item() + 0.5  # a fresh upstream gradient
+    loss, ce, kd = linear_distill_loss(h, w, th, tw, y.to(device), V, alpha, T, beta, IGNORE, reduction,
+                                       student_bias=b, teacher_bias=tb, ce_vocab_size=V_CE, chunk_rows=chunk_rows)
+    (loss * up).backward()
+    h64, w64 = (a.detach().double().requires_grad_() for a in (h, w))
+    s64 = h64 @ w64.t()
+    t64 = th.detach().double() @ tw.detach().double().t()
+    if bias:
+        b64 = b.detach().double().requires_grad_()
+        s64, t64 = s64 + b64, t64 + tb.detach().double()
+    want = distill.distill_loss(s64[..., :V_CE], t64, y, V, alpha, T, beta, IGNORE, reduction)
+    (want[0] * up).backward()
+    tol = TOL[dtype]
+    for name, got, ref in zip(("loss", "ce", "kd"), (loss, ce, kd), want):
+        assert got.dtype == torch.float32
+        assert_close_rel(got.detach().cpu(), ref.detach(), tol, name)
+    assert kd.item() > 1e-2 and ce.item() > 1e-2
+    assert h.grad.dtype == w.grad.dtype == dtype
+    grads = [("dhidden", h, h64), ("dweight", w, w64)] + ([("dbias", b, b64)] if bias else [])
+    for name, got, ref in grads:
+        assert_close_rel(got.grad.cpu(), ref.grad, tol, name)
+    assert torch.count_nonzero(w.grad[V_CE:]) == 0  # the head's padding rows: no logit, no gradient
+    assert th.grad is None and tw.grad is None and (tb is None or tb.grad is None)  # the teacher learns nothing
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.3, 1.0])
+@pytest.mark.parametrize("alpha", [0.0, 0.4, 1.0])
+def test_linear_parity_fp64(alpha, beta, device):
+    check_linear(alpha, 2.0, beta, torch.float32, device, seed=int(10 * alpha + 100 * beta))
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.3, 1.0])
+def test_linear_parity_fp64_at_temperature_one_summed_no_bias(beta, device):
+    check_linear(0.4, 1.0, beta, torch.float32, device, "sum", seed=5, chunk_rows=4, bias=False)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_linear_parity_16_bit(dtype, device):
+    check_linear(0.4, 2.0, 0.3, dtype, device, seed=3)
+
+
+def test_linear_one_chunk_and_no_grad(device):
+    check_linear(0.7, 1.5, 0.0, torch.float32, device, seed=4, chunk_rows=None)
+    g = torch.Generator().manual_seed(1)
+    h, w = torch.randn(9, 6, generator=g).requires_grad_(), torch.randn(101, 6, generator=g).requires_grad_()
+    th, tw = torch.randn(9, 5, generator=g), torch.randn(101, 5, generator=g)
+    y = torch.randint(0, 101, (9,), generator=g)
+    with torch.no_grad():
+        loss, ce, kd = linear_distill_loss(h, w, th, tw, y, 101, 0.5, 2.0, 0.3)
+    ref = distill.distill_loss((h @ w.t())[None].double(), (th @ tw.t())[None].double(), y[None], 101, 0.5, 2.0, 0.3)
+    assert not loss.requires_grad
+    for got, want in zip((loss, ce, kd), ref):
+        assert_close_rel(got, want.float(), 1e-4, "no-grad loss")
+
+
+def test_every_target_ignored_is_nan_as_the_reference(device):
+    h, w = torch.randn(4, 6, device=device, requires_grad=True), torch.randn(37, 6, device=device)
+    y = torch.full((4,), IGNORE, device=device)
+    loss, ce, kd = linear_distill_loss(h, w, torch.randn(4, 6, device=device), w, y, 37, 0.5)
+    assert loss.isnan() and ce.isnan() and kd.isnan()
+    assert linear_distill_loss(h, w, torch.randn(4, 6, device=device), w, y, 37, 0.5, reduction="sum")[0] == 0
+
+
+@pytest.mark.parametrize("change,error,match", [
+    (dict(th=torch.randn(4, 3, 5)), ValueError, "teacher_hidden has shape"),
+    (dict(tw=torch.randn(37, 4)), ValueError, "teacher_hidden .* and teacher_weight .* do not make logits"),
+    (dict(y=torch.zeros(3, 5, dtype=torch.long)), ValueError, "targets has shape"),
+    (dict(y=torch.zeros(3, 4)), TypeError, "targets has dtype float32"),
+    (dict(h=torch.randn(3, 4, 6).bfloat16()), TypeError, "dtype mismatch: student_hidden is bfloat16"),
+    (dict(h=torch.zeros(3, 4, 6, dtype=torch.long)), TypeError, "student_hidden has dtype int64"),
+    (dict(tw=torch.randn(37, 6, device="meta")), ValueError, "tensors on different devices"),
+    (dict(vocab_size=38), ValueError, r"vocab_size must be an int in \[1, 37\]"),
+    (dict(vocab_size=30, ce_vocab_size=20), ValueError, r"vocab_size must be an int in \[1, 20\]"),
+    (dict(ce_vocab_size=50), ValueError, r"ce_vocab_size must be an int in \[1, 40\]"),
+    (dict(alpha=1.5), ValueError, r"alpha must be in \[0, 1\]"),
+    (dict(beta=float("nan")), ValueError, r"beta must be in \[0, 1\]"),
+    (dict(temperature=0.0), ValueError, "temperature must be a finite number > 0"),
+    (dict(reduction="none"), ValueError, "supports reduction 'mean' or 'sum'"),
+    (dict(chunk_rows=0), ValueError, "chunk_rows must be a positive int"),
+    (dict(b=torch.randn(39)), ValueError, r"student_bias has shape \(39,\); expected \(40,\)"),
+    (dict(tb=torch.randn(37).bfloat16()), TypeError, "dtype mismatch: teacher_weight is float32, teacher_bias"),
+    (dict(y=torch.full((3, 4), 40)), ValueError, "target 40 at position 0 is outside the vocabulary"),
+])
+def test_refusals_name_the_argument(change, error, match):
+    args = dict(h=torch.randn(3, 4, 6), w=torch.randn(40, 6), th=torch.randn(3, 4, 5), tw=torch.randn(37, 5),
+                y=torch.zeros(3, 4, dtype=torch.long), vocab_size=37, alpha=0.5, temperature=1.0, beta=0.0,
+                reduction="mean", b=None, tb=None, ce_vocab_size=None, chunk_rows=None)
+    a = {**args, **change}
+    with pytest.raises(error, match=match):
+        linear_distill_loss(a["h"], a["w"], a["th"], a["tw"], a["y"], a["vocab_size"], a["alpha"], a["temperature"],
+                            a["beta"], IGNORE, a["reduction"], student_bias=a["b"], teacher_bias=a["tb"],
+                            ce_vocab_size=a["ce_vocab_size"], chunk_rows=a["chunk_rows"])
+
+
+# -- wired: pretrain / sft --teacher on the Triton path never make the logits ---------------------------
+def tiny(n_embd, seed, **kw):
+    torch.manual_seed(seed)
+    return GPTModel(GPTConfig(vocab_size=41, context_length=8, n_embd=n_embd, n_layer=1, n_head=2, dropout=0.0,
+                              **kw))
+
+
+def pair(**kw):
+    """(reference student, Triton-loss student with the same weights, teacher): a padded student head (48 rows,
+    41 ids) with a bias, a narrower teacher with a head of its own (41 rows), the tokenizer's 37 ids."""
+    student = tiny(16, 0, vocab_multiple=16, head_bias=True, **kw)
+    with torch.no_grad():
+        student.out_head.bias.normal_()
+    fused = copy.deepcopy(student).set_kernels("cross_entropy")
+    teacher = tiny(8, 1).eval()
+    teacher.requires_grad_(False)
+    return student, fused, teacher
+
+
+def no_logits(*models):
+    def refuse(module, args, out):
+        raise AssertionError("the LM head made the whole logits")
+    return [m.out_head.register_forward_hook(refuse) for m in models]
+
+
+def same_grads(ref, fused):
+    for (name, p), q in zip(ref.named_parameters(), fused.parameters()):
+        assert_close_mixed(q.grad, p.grad, 1e-4, 1e-9, name)  # W_key.bias: 0 in exact arithmetic
+
+
+def test_pretrain_teacher_on_the_triton_path_matches_the_reference_and_makes_no_logits():
+    student, fused, teacher = pair()
+    g = torch.Generator().manual_seed(2)
+    x, y = torch.randint(0, 37, (2, 8), generator=g), torch.randint(0, 41, (2, 8), generator=g)
+    opts = {"distill_alpha": 0.4, "distill_temperature": 2.0, "distill_beta": 0.3}
+    options = {"label_smoothing": 0.0, "z_loss": 0.0}
+    ref_parts, fused_parts = distill.Parts(), distill.Parts()
+    ref = distill.pretrain_loss_fn(teacher, opts, 37, lambda x: None, ref_parts, **options)(student, (x, y))
+    hooks = no_logits(fused, teacher)
+    got = distill.pretrain_loss_fn(teacher, opts, 37, lambda x: None, fused_parts, **options)(fused, (x, y))
+    for hook in hooks:
+        hook.remove()
+    assert_close_rel(got.detach(), ref.detach(), 1e-5, "loss")
+    ref.backward()
+    got.backward()
+    same_grads(student, fused)
+    assert ref_parts.pop() == pytest.approx(fused_parts.pop(), rel=1e-5)
+
+
+@pytest.mark.parametrize("source", ["data", "student"])
+def test_sft_teacher_on_the_triton_path_matches_the_reference(source):
+    student, fused, teacher = pair()
+    g = torch.Generator().manual_seed(3)
+    x, y = torch.randint(0, 37, (2, 8), generator=g), torch.randint(0, 41, (2, 8), generator=g)
+    y[:, :3] = IGNORE  # the prompt
+    opts = {"distill_alpha": 0.6, "distill_temperature": 1.0, "distill_beta": 1.0}
+    out = []
+    for m in (student, fused):
+        hooks = no_logits(m, teacher) if m is fused else []
+        parts = distill.Parts(on_policy=True)
+        loss, n = distill.sft_loss_fn(teacher, opts, 37, IGNORE, parts, lambda: source)(m, (x, y))
+        for hook in hooks:
+            hook.remove()
+        loss.backward()
+        out.append((loss.detach(), int(n), parts.pop()))
+    assert_close_rel(out[1][0], out[0][0], 1e-5, "loss")
+    assert out[0][1] == out[1][1] and out[1][2] == pytest.approx(out[0][2], rel=1e-5)
+    same_grads(student, fused)
+
+
+def test_options_the_kernel_lacks_keep_the_reference_path():
+    _, fused, teacher = pair()
+    assert distill.fused_head(fused, teacher, {"label_smoothing": 0.0, "z_loss": 0.0})
+    assert not distill.fused_head(fused, teacher, {"label_smoothing": 0.1, "z_loss": 0.0})
+    assert not distill.fused_head(fused, teacher, {"label_smoothing": 0.0, "z_loss": 1e-4})
+    assert not distill.fused_head(fused.set_kernels("reference"), teacher, {})
+    capped = tiny(8, 1, logit_softcap=30.0)
+    assert not distill.fused_head(fused.set_kernels("cross_entropy"), capped, {})
+    with pytest.raises(UserError, match="head_input=True"):
+        fused(torch.zeros(1, 4, dtype=torch.long), targets=torch.zeros(1, 4, dtype=torch.long), head_input=True)
