@@ -94,7 +94,15 @@ MoEFeedForward (each expert's tokens gathered, three matmuls, index_add'ed back 
 (the same loop, each expert through swiglu_mlp: the Triton path before the grouped kernel, one launch set per
 expert) and ours (moe_mlp: grouped GEMMs over the assignments sorted by expert, then the weighted sum in torch).
 Its FLOPs are swiglu's on N k rows (what the experts compute; the router and the combine are not counted). It runs
-after alibi_attention, last of all, so a short budget drops it first.
+after alibi_attention.
+lm_head_distill is `--teacher` distillation's loss on both LM heads (train/distill.py): student hidden [N, C] and
+head [V, C], a teacher's of the same sizes (its hidden without gradient), loss = (1 - alpha) CE + alpha T^2 D (D TRL
+GKD's generalized JSD; DISTILL's alpha, temperature and beta, in each row's config): the reference (F.linear for both,
+the teacher's under no_grad, then distill.distill_loss), torch.compile of it, ours (kernels/jsd.py's
+linear_distill_loss: both heads and the loss chunk by chunk, the gradient made in forward) and Liger's
+LigerFusedLinearJSDFunction, which has no CE term and no T^2: its rows time the divergence alone (less work). FLOPs:
+lm_head_loss's for the student's head plus the teacher's forward matmul (2 N C V). It runs after moe_mlp, last of
+all, so a short budget drops it first.
 Modes: fwd (inputs require grad, as in training), bwd (backward of a kept graph,
 retain_graph=True), fwd+bwd. Backward starts from a random gradient, or from 1 for a loss (as
 loss.backward() does). Gradients are reset to None before each timed call.
@@ -162,12 +170,16 @@ PROVIDERS = {
     # the mixture-of-experts MLP (GPTConfig.n_experts): the eager loop over experts, that loop through swiglu_mlp
     # (one launch set per expert), and the grouped-GEMM kernel
     "moe_mlp": ("reference", "swiglu-loop", "triton"),
+    # --teacher distillation's loss on both LM heads: (1 - alpha) CE + alpha T^2 generalized JSD (DISTILL)
+    "lm_head_distill": ("reference", "compile", "triton", "liger"),
 }
 # a gated MLP op -> its gate's activation (SwiGLUFeedForward's and swiglu_mlp's activation)
 GATED_MLPS = {"swiglu": "silu", "geglu": "gelu"}
 DOCUMENTS_PER_ROW = 8  # doc_attention: random lengths, this many per sequence
 SMOOTH_Z = dict(label_smoothing=0.1, z_loss=1e-4)  # lm_head_loss_smooth_z's options (1e-4: PaLM's z-loss)
 SOFTCAP = dict(softcap=30.0)  # lm_head_loss_softcap's logit soft cap (30: Gemma 2's final-logit cap)
+# lm_head_distill's mix: a JSD between forward and reverse KL at Hinton's T = 2, half CE
+DISTILL = dict(alpha=0.5, temperature=2.0, beta=0.5)
 ATTN_SOFTCAP = 50.0  # softcap_attention's cap on the scores (Gemma 2's attn_logit_softcapping)
 # a GELU MLP op -> its GELU, as F.gelu names them (FeedForward's and gelu_mlp's approximate)
 GELU_MLPS = {"mlp": "tanh", "mlp_exact_gelu": "none"}
@@ -943,6 +955,43 @@ def lm_head_loss_bias_providers(h, w, t, b):
                                       lambda h, w, t, b: F.cross_entropy(F.linear(h, w, b), t), {}, {}, bias=b)
 
 
+def lm_head_distill_providers(h, w, th, tw, t, alpha=DISTILL["alpha"], temperature=DISTILL["temperature"],
+                              beta=DISTILL["beta"]):
+    """h [N, C], w [V, C]: the student's final hidden states and head; th, tw the teacher's (no gradient); t [N]
+    targets -> distill_loss's mean loss over both heads' logits (train/distill.py), in every provider."""
+    from tritongpt.train.distill import distill_loss
+
+    V = w.shape[0]
+
+    def model_loss(h, w, th, tw, t):
+        with torch.no_grad():
+            t_logits = F.linear(th, tw)
+        return distill_loss(F.linear(h, w)[None], t_logits[None], t[None], V, alpha, temperature, beta)[0]
+
+    def reference():
+        return (lambda: model_loss(h, w, th, tw, t)), [h, w]
+
+    def compiled():
+        fn = _fresh_compile(model_loss)
+        return (lambda: fn(h, w, th, tw, t)), [h, w]
+
+    def triton_op():
+        fn, why = try_import("tritongpt.kernels.jsd", "linear_distill_loss")
+        if fn is None:
+            raise Unavailable(why)
+        return (lambda: fn(h, w, th, tw, t, V, alpha, temperature, beta)[0]), [h, w]
+
+    def liger():
+        fn, why = try_import("liger_kernel.ops.fused_linear_jsd", "LigerFusedLinearJSDFunction")
+        if fn is None:
+            raise Unavailable(why)
+        liger_args = positional_args(fn, student_input=h, student_weight=w, teacher_input=th, teacher_weight=tw,
+                                     shift_labels=t, jsd_beta=beta, temperature=temperature)
+        return (lambda: fn.apply(*liger_args)), [h, w]
+
+    return {"reference": reference, "compile": compiled, "triton": triton_op, "liger": liger}
+
+
 def _lm_head_variant_providers(h, w, t, model_loss, plain_loss, options, liger_options, bias=None):
     """The providers of the LM head + mean loss, plain or with a training option: model_loss(h, w, t) the
     model's reference path (eager, and what torch.compile gets), plain_loss(h, w, t) PyTorch's ops
@@ -1533,6 +1582,31 @@ def sweep_rope_partial(timer, budget, tokens, seq_len, heads, dtype, modes=MODES
     return out
 
 
+def sweep_lm_head_distill(timer, budget, rows_n, widths, vocabs, dtype, modes=MODES, providers=None, options=DISTILL):
+    """Both LM heads + the distillation loss at each (width, vocab), the teacher as wide as the student (options:
+    alpha, temperature, beta; in each row's config, with teacher_width). FLOPs: lm_head_loss's plus the teacher's
+    forward matmul, in every mode whose forward runs (fwd, fwd+bwd)."""
+    out = []
+    dev = timer.device
+    for c in widths:
+        for v in vocabs:
+            cfg = {"rows": rows_n, "width": c, "teacher_width": c, "vocab": v, **options, "dtype": dtype_name(dtype)}
+            h = randn(rows_n, c, device=dev, dtype=dtype)
+            w = randn(v, c, device=dev, dtype=dtype, scale=c ** -0.5 * 3.0)
+            th = randn(rows_n, c, device=dev, dtype=dtype, requires_grad=False)
+            tw = randn(v, c, device=dev, dtype=dtype, scale=c ** -0.5 * 3.0, requires_grad=False)
+            t = torch.randint(0, v, (rows_n,), device=dev)
+
+            def work(m, c=c, v=v):
+                teacher = 2 * rows_n * c * v if m != "bwd" else 0
+                return {"flops": lm_head_flops(rows_n, c, v, m) + teacher}
+            out += bench_providers("lm_head_distill", cfg, lm_head_distill_providers(h, w, th, tw, t, **options),
+                                   modes, timer, budget, work, providers, grads_in_forward=("triton", "liger"))
+            del h, w, th, tw, t
+            timer.cleanup()
+    return out
+
+
 def _sweep_lm_head(op, make_providers, timer, budget, rows_n, widths, vocabs, dtype, modes, providers, options=None):
     out = []
     dev = timer.device
@@ -1600,7 +1674,8 @@ def _sweep_plan(sizes, part):
             # experts: the first a short budget drops
             "lm_head_loss_bias": [sizes["head_widths"]] if part == "rest" else [],
             "alibi_attention": [(sizes["attn_seqlens"], sizes["attn_head_dims"])] if part == "rest" else [],
-            "moe_mlp": [sizes["moe_shapes"]] if part == "rest" else []}
+            "moe_mlp": [sizes["moe_shapes"]] if part == "rest" else [],
+            "lm_head_distill": [sizes["head_widths"]] if part == "rest" else []}
     return {op: [a for a in args if a] for op, args in plan.items()}
 
 
@@ -1608,7 +1683,8 @@ def run_kernels(timer, budget, dtype=torch.bfloat16,
                 ops=("layernorm", "mlp", "attention", "cross_entropy", "lm_head_loss", "doc_attention",
                      "window_attention", "add_layernorm", "rope", "lm_head_loss_smooth_z", "lm_head_loss_softcap",
                      "gqa_attention", "rmsnorm", "add_rmsnorm", "swiglu", "geglu", "softcap_attention",
-                     "mlp_exact_gelu", "rope_partial", "lm_head_loss_bias", "alibi_attention", "moe_mlp"),
+                     "mlp_exact_gelu", "rope_partial", "lm_head_loss_bias", "alibi_attention", "moe_mlp",
+                     "lm_head_distill"),
                 modes=MODES, providers=None, sizes=None, ceiling_sizes=None, log=print):
     """All sweeps plus the ceilings; returns (rows, ceilings).
 
@@ -1618,7 +1694,8 @@ def run_kernels(timer, budget, dtype=torch.bfloat16,
     lm_head_loss_softcap (variants of lm_head_loss) come after all of those, each whole (every
     provider's, compiled ones too) before the next, gqa_attention after them, then rmsnorm,
     add_rmsnorm, swiglu, geglu, softcap_attention, mlp_exact_gelu, rope_partial, lm_head_loss_bias, alibi_attention
-    and moe_mlp (the newest ops), so a short budget drops moe_mlp first, then alibi_attention, then
+    moe_mlp and lm_head_distill (the newest ops), so a short budget drops lm_head_distill first, then moe_mlp, then
+    alibi_attention, then
     lm_head_loss_bias, then rope_partial, then mlp_exact_gelu, then softcap_attention, then geglu, then swiglu, then
     the RMSNorms, then gqa_attention, then the LM head's soft cap.
     """
@@ -1739,6 +1816,12 @@ def _run_plan(rows, timer, budget, dtype, ops, modes, sizes, groups, log):
                 what = ", ".join(f"{n} tokens, {e} experts top {k}, {c}->{h}" for n, e, k, c, h in shapes)
                 log(f"mixture-of-experts mlp ({part}{label}): {what} ...")
                 rows += sweep_moe_mlp(timer, budget, shapes, dtype, modes, provs)
+        for provs, label in groups:
+            for widths in plan["lm_head_distill"] if "lm_head_distill" in ops else ():
+                log(f"both lm-heads + distillation loss ({part}{label}): width {list(widths)}, "
+                    f"vocab {list(sizes['ce_vocabs'])}, {DISTILL} ...")
+                rows += sweep_lm_head_distill(timer, budget, sizes["ce_rows"], widths, sizes["ce_vocabs"], dtype,
+                                              modes, provs)
 
 
 def sort_rows(rows):

@@ -442,6 +442,28 @@ def test_fused_lm_head_rates_count_the_work_each_mode_does():
     assert "gradients made in forward" in report.rows_table(rows)
 
 
+def test_lm_head_distill_providers_agree_and_count_the_teachers_matmul():
+    """lm_head_distill: ours (interpreted, tiny) gives the reference's loss, its fwd row counts the teacher's
+    forward matmul and the student's three, its bwd row none; Liger's, not installed here, is a skipped row."""
+    torch.manual_seed(0)
+    N, C, V = 8, 12, 30
+    h, w, th, tw = (kernels.randn(*s, device="cpu", dtype=torch.float32) for s in ((N, C), (V, C), (N, C), (V, C)))
+    t = torch.randint(0, V, (N,))
+    builders = kernels.lm_head_distill_providers(h, w, th, tw, t)
+    ref, ours = builders["reference"]()[0](), builders["triton"]()[0]()
+    assert abs(ours.item() - ref.item()) < 1e-5 * abs(ref.item()) and ref.item() > 0.1
+    rows = kernels.sweep_lm_head_distill(CpuTimer(reps=1), Budget(None), N, (C,), (V,), torch.float32,
+                                         providers=("triton", "liger"))
+    by = {(r["provider"], r["mode"]): r for r in rows}
+    assert all(by[("triton", m)]["status"] == "ok" for m in kernels.MODES)
+    assert by[("triton", "fwd")]["flops"] == 4 * 2 * N * C * V and "flops" not in by[("triton", "bwd")]
+    import importlib.util
+    if importlib.util.find_spec("liger_kernel") is None:
+        assert by[("liger", "fwd")]["status"].startswith("skipped")
+    assert by[("triton", "fwd")]["config"] == {"rows": N, "width": C, "teacher_width": C, "vocab": V, **kernels.DISTILL,
+                                               "dtype": "fp32"}
+
+
 def test_flash_attn_providers_pass_their_layout_and_skip_when_absent(monkeypatch):
     """The flash-attn package's FA2 and FA3 functions take [B, T, H, D]: a stand-in that checks
     that layout (and computes with SDPA) must give SDPA's output and gradients on [B, H, T, D];
@@ -513,10 +535,13 @@ def test_run_kernels_end_to_end_on_cpu():
     # grouped-query attention (reference, sdpa-flash), rmsnorm and residual add + rmsnorm at 2 widths,
     # the SwiGLU MLP and the GeGLU one (reference), soft-capped attention at T 32 and 16 (reference), the exact-GELU
     # MLP (reference, torch), partial rotary at 2 shapes (reference), lm_head_loss with a head bias, ALiBi attention
-    # at T 32 and 16 (reference), the mixture-of-experts MLP (reference)
+    # at T 32 and 16 (reference), the mixture-of-experts MLP (reference), both LM heads + distillation (reference)
     assert len(timed) == (2 * 2 * 3 + 1 * 2 * 3 + 2 * 2 * 3 + 1 * 2 * 3 + 1 * 2 * 3 + 2 * 3 + 3 + 2 * 2 * 3 + 1 * 2 * 3
                           + 1 * 2 * 3 + 2 * 3 + 2 * 3 + 2 * 2 * 3 + 2 * 2 * 3 + 3 + 3 + 2 * 3 + 2 * 3 + 2 * 3
-                          + 1 * 2 * 3 + 2 * 3 + 3)
+                          + 1 * 2 * 3 + 2 * 3 + 3 + 3)
+    assert [(r["provider"], r["config"]["width"], r["config"]["vocab"], r["config"]["beta"], r["flops"])
+            for r in timed if r["op"] == "lm_head_distill"] == \
+        [("reference", 12, 30, 0.5, m * 2 * 8 * 12 * 30) for m in (2, 2, 4)]  # the teacher's matmul in forward
     assert [(r["provider"], r["config"]["rows"], r["config"]["experts"], r["config"]["top_k"], r["config"]["width"],
              r["config"]["hidden"], r["flops"]) for r in timed if r["op"] == "moe_mlp"] == \
         [("reference", 12, 3, 2, 8, 16, m * 3 * 2 * 24 * 8 * 16) for m in (1, 2, 3)]
@@ -588,6 +613,7 @@ def test_target_configurations_are_measured_first_and_exactly_once():
     assert first["alibi_attention"] == [] and rest["alibi_attention"] == [(full["attn_seqlens"],
                                                                             full["attn_head_dims"])]
     assert first["moe_mlp"] == [] and rest["moe_mlp"] == [full["moe_shapes"]] == [((4096, 8, 2, 1024, 3584),)]
+    assert first["lm_head_distill"] == [] and rest["lm_head_distill"] == [full["head_widths"]]
     assert full["gqa_heads"] == ((32, 8, 128), (12, 1, 64), (4, 1, 256))
     assert full["gqa_seqlens"] == (512, 1024, 2048, 4096, 8192)
     for op, key in (("layernorm", "ln_widths"), ("mlp", "mlp_widths")):
@@ -1127,7 +1153,7 @@ def test_gpu_command_flow_with_cpu_stand_ins(tmp_path, monkeypatch, capsys):
                                             "lm_head_loss_smooth_z", "lm_head_loss_softcap", "gqa_attention",
                                             "rmsnorm", "add_rmsnorm", "swiglu", "geglu", "softcap_attention",
                                             "mlp_exact_gelu", "rope_partial", "lm_head_loss_bias",
-                                            "alibi_attention", "moe_mlp"}
+                                            "alibi_attention", "moe_mlp", "lm_head_distill"}
     assert {(r["config"]["heads"], r["config"]["kv_heads"]) for r in k["rows"] if r["op"] == "gqa_attention"} == \
         {(4, 2), (3, 1)}
     assert {(r["config"]["rows"], r["config"]["experts"], r["config"]["top_k"]) for r in k["rows"]
@@ -2499,7 +2525,8 @@ def test_every_provider_builder_is_in_the_sweep():
              "lm_head_loss_bias": kernels.lm_head_loss_bias_providers(x, torch.zeros(5, 8), t, torch.zeros(5)),
              "alibi_attention": kernels.alibi_attention_providers(q, q, q),
              "moe_mlp": kernels.moe_providers(x, t[:, None], torch.ones(4, 1), torch.zeros(1, 24, 8),
-                                              torch.zeros(1, 24, 8), torch.zeros(1, 8, 24))}
+                                              torch.zeros(1, 24, 8), torch.zeros(1, 8, 24)),
+             "lm_head_distill": kernels.lm_head_distill_providers(x, torch.zeros(5, 8), x, torch.zeros(5, 8), t)}
     assert set(built) == set(kernels.PROVIDERS)
     for op, builders in built.items():
         assert set(kernels.PROVIDERS[op]) == set(builders), op
@@ -2777,21 +2804,21 @@ def test_lm_head_variants_run_last_of_all_the_soft_cap_last(monkeypatch):
               "geglu": "sweep_geglu", "softcap_attention": "sweep_softcap_attention",
               "mlp_exact_gelu": "sweep_mlp_exact_gelu", "rope_partial": "sweep_rope_partial",
               "lm_head_loss_bias": "sweep_lm_head_loss_bias", "alibi_attention": "sweep_alibi_attention",
-              "moe_mlp": "sweep_moe_mlp"}
+              "moe_mlp": "sweep_moe_mlp", "lm_head_distill": "sweep_lm_head_distill"}
     for op, name in sweeps.items():
         monkeypatch.setattr(kernels, name, lambda *a, op=op: calls.append((op, "compile" in a[-1])) or [])
     monkeypatch.setattr(kernels, "measure_ceilings", lambda timer, **k: {})
     kernels.run_kernels(CpuTimer(reps=1), Budget(None), log=lambda s: None)
     newest = ["lm_head_loss_smooth_z", "lm_head_loss_softcap", "gqa_attention", "rmsnorm", "add_rmsnorm", "swiglu",
               "geglu", "softcap_attention", "mlp_exact_gelu", "rope_partial", "lm_head_loss_bias", "alibi_attention",
-              "moe_mlp"]
-    assert calls[-26:] == [(op, compiled) for op in newest for compiled in (False, True)]  # after them all
-    assert {op for op, _ in calls[:-26]} == set(sweeps) - set(newest)
-    assert ("doc_attention", True) in calls[:-26]
+              "moe_mlp", "lm_head_distill"]
+    assert calls[-28:] == [(op, compiled) for op in newest for compiled in (False, True)]  # after them all
+    assert {op for op, _ in calls[:-28]} == set(sweeps) - set(newest)
+    assert ("doc_attention", True) in calls[:-28]
     parser = cli.build_parser()
     default_ops = parser.parse_args(["bench", "kernels"]).ops.split(",")
     assert default_ops == list(inspect.signature(kernels.run_kernels).parameters["ops"].default)
-    assert default_ops[-13:] == newest
+    assert default_ops[-14:] == newest
     ops, _, _ = bcli.kernel_names(parser.parse_args(["bench", "kernels", "--ops", "lm_head_loss_softcap"]))
     assert ops == ("lm_head_loss_softcap",)
 
