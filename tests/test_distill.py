@@ -134,6 +134,20 @@ def test_alpha_zero_is_the_plain_loss_and_the_parts_are_logged(corpus, ckpts, tm
     assert all("distill_ce" not in r for r in rows(tmp_path / "a"))
 
 
+def test_the_triton_loss_path_distills_as_the_reference_does(corpus, ckpts, tmp_path):
+    # --kernels cross_entropy: the loss is kernels/jsd.py's linear_distill_loss (both heads fused, no logits), the
+    # teacher wider and with another padded head; the same steps as the reference path's, to fp32 rounding
+    extra = ("--max-steps", "2", "--teacher", ckpts.teacher, "--distill-alpha", "0.4", "--distill-temperature", "2",
+             "--distill-beta", "0.3")
+    ref = pretrain(parse_args(pargs(corpus, ckpts, tmp_path / "ref", *extra)))
+    argv = pargs(corpus, ckpts, tmp_path / "fused", *extra)
+    argv[argv.index("--kernels") + 1] = "cross_entropy"
+    fused = pretrain(parse_args(argv))
+    assert fused["losses"] == pytest.approx(ref["losses"], rel=1e-4)
+    for a, b in zip(rows(tmp_path / "ref"), rows(tmp_path / "fused")):
+        assert b["distill_kd"] == pytest.approx(a["distill_kd"], rel=1e-4) and b["distill_kd"] > 0
+
+
 def held_out_kl(model, teacher, tok, text, V):
     x = torch.tensor([tok.encode(text)[:32 * 8]]).view(8, 32)
     with torch.no_grad():
