@@ -5,8 +5,8 @@ pass every test on a CPU machine and still fail to build for a GPU, spill regist
 memory, or ask for more shared memory than an SM has. This check catches those on any machine:
 
   1. capture  The real launchers (`_fwd_launch` / `_bwd_launch` in kernels/layernorm.py, for LayerNorm
-              and RMSNorm, mlp.py, swiglu.py, moe.py, attention.py and cross_entropy.py, `_launch` in rope.py) run on meta
-              tensors (shapes, dtypes and strides, no data) at GPT-2 sizes. Each `kernel[grid](...)`
+              and RMSNorm, mlp.py, swiglu.py, moe.py, attention.py, cross_entropy.py and jsd.py, `_launch` in
+              rope.py) run on meta tensors (shapes, dtypes and strides, no data) at GPT-2 sizes. Each `kernel[grid](...)`
               is recorded instead of launched, with exactly the arguments a GPU run would pass.
   2. configs  For an autotuned kernel, the configs its autotuner would time for that launch
               (after its early prune); for a plain kernel, the one launch as made.
@@ -110,7 +110,7 @@ def capture(quick=False, half="bfloat16"):
     from triton.runtime.autotuner import Autotuner
     from triton.runtime.jit import JITFunction
 
-    from tritongpt.kernels import attention, cross_entropy, layernorm, mlp, moe, rope, swiglu
+    from tritongpt.kernels import attention, cross_entropy, jsd, layernorm, mlp, moe, rope, swiglu
     from tritongpt.model.layers import swiglu_hidden
 
     launches, case = [], [""]
@@ -204,6 +204,13 @@ def capture(quick=False, half="bfloat16"):
                     options = -100, VOCAB, 0.1, 1e-4, 30.0
                     loss, row_max, log_sum = cross_entropy._fwd_launch(logits, targets, *options)
                     cross_entropy._bwd_launch(loss, logits, targets, row_max, log_sum, *options)
+            # the distillation loss (kernels/jsd.py) on a padded student head against a teacher's: forward KL,
+            # the mixture and reverse KL (one binary each), with the gradient, and the mixture without (evaluation)
+            case[0] = f"distill {name} {TOKENS}x{PADDED_VOCAB} ({VOCAB} classes)"
+            logits = torch.empty(TOKENS, PADDED_VOCAB, dtype=dt, **meta)
+            targets = torch.empty(TOKENS, dtype=torch.int64, **meta)
+            for beta, grad in ((0.0, True), (0.5, True), (1.0, True), (0.5, False)):
+                jsd._fwd_launch(logits, logits, targets, -100, VOCAB, VOCAB, 2.0, beta, 0.5, 1.0, grad)
 
             # fp32: GPT-2's heads, and the widest, whose tiles are the hardest to fit (99 KB on sm_89)
             head_dims = (64, 128) if quick else (ATTN_HEAD_DIMS if dt == half else (64, 256))

@@ -101,12 +101,14 @@ def _grad_tile(x, lps, lpt, lref, cols, target, mc, lc, r, V_CE, V_KD, ce_weight
 
 
 @triton.jit
-def _distill_kernel(X, Y, Tgt, CE, KD, stride_x, stride_y, N, W, V_CE, V_KD, ignore_index, inv_t, beta, log_1mb,
+def _distill_kernel(X, Y, Tgt, CE, KD, stride_x, stride_y, N, W, WT, V_CE, V_KD, ignore_index, inv_t, beta, log_1mb,
                     log_b, ce_weight, kd_weight, MODE: tl.constexpr, HAS_GRAD: tl.constexpr, BLOCK_R: tl.constexpr,
                     BLOCK_V: tl.constexpr):
-    """Grid (cdiv(N, BLOCK_R),). Row i of student logits X [N, >= W] and teacher logits Y [N, >= V_KD]:
+    """Grid (cdiv(N, BLOCK_R),). Row i of student logits X [N, W] and teacher logits Y [N, WT]:
     CE[i] = CE(X[i, :V_CE], Tgt[i]), KD[i] = D(X[i, :V_KD] / T, Y[i, :V_KD] / T) (0 where Tgt[i] is
-    ignore_index); with HAS_GRAD, X[i, :W] is overwritten with ce_weight dCE/dx + kd_weight dD/ds."""
+    ignore_index); with HAS_GRAD, X[i, :W] is overwritten with ce_weight dCE/dx + kd_weight dD/ds.
+    Loads are masked at the rows' widths W and WT, not at the classes (a padded row stays 16-byte aligned and is
+    read in 16-byte vectors, as the CE kernel's); the columns past the classes are then set aside with where."""
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     row_ok = rows < N
     # rows past N re-read row N-1 (their results are never stored): no all--inf rows, no nan
@@ -119,11 +121,11 @@ def _distill_kernel(X, Y, Tgt, CE, KD, stride_x, stride_y, N, W, V_CE, V_KD, ign
     ss, st = sc, sc
     for start in range(0, V_CE, BLOCK_V):  # pass 1: V_KD <= V_CE
         cols = start + cols0
-        x = tl.load(x_rows + cols, mask=cols < V_CE, other=float("-inf")).to(tl.float32)
-        y = tl.load(y_rows + cols, mask=cols < V_KD, other=float("-inf")).to(tl.float32)
-        mc, sc = _lse_step(mc, sc, x)
+        x = tl.load(x_rows + cols, mask=cols < W, other=0.0).to(tl.float32)
+        y = tl.load(y_rows + cols, mask=cols < WT, other=0.0).to(tl.float32)
+        mc, sc = _lse_step(mc, sc, tl.where(cols < V_CE, x, float("-inf")))
         ms, ss = _lse_step(ms, ss, tl.where(cols < V_KD, x * inv_t, float("-inf")))
-        mt, st = _lse_step(mt, st, y * inv_t)
+        mt, st = _lse_step(mt, st, tl.where(cols < V_KD, y * inv_t, float("-inf")))
     mc, lc = _lse_row(mc, sc)
     ms, ls = _lse_row(ms, ss)
     mt, lt = _lse_row(mt, st)
@@ -144,7 +146,7 @@ def _distill_kernel(X, Y, Tgt, CE, KD, stride_x, stride_y, N, W, V_CE, V_KD, ign
     for start in range(0, end, BLOCK_V):  # pass 2: the loss (and forward KL's gradient)
         cols = start + cols0
         x = tl.load(x_rows + cols, mask=cols < W, other=0.0).to(tl.float32)
-        y = tl.load(y_rows + cols, mask=cols < V_KD, other=0.0).to(tl.float32)
+        y = tl.load(y_rows + cols, mask=cols < WT, other=0.0).to(tl.float32)
         lps, lpt, lref = _log_probs(x, y, inv_t, ms, ls, mt, lt, log_1mb, log_b, MODE)
         kd_col = cols < V_KD
         if MODE == 0:
@@ -172,7 +174,7 @@ def _distill_kernel(X, Y, Tgt, CE, KD, stride_x, stride_y, N, W, V_CE, V_KD, ign
         for start in range(0, W, BLOCK_V):  # pass 3: the gradient, which needs the row's R
             cols = start + cols0
             x = tl.load(x_rows + cols, mask=cols < W, other=0.0).to(tl.float32)
-            y = tl.load(y_rows + cols, mask=cols < V_KD, other=0.0).to(tl.float32)
+            y = tl.load(y_rows + cols, mask=cols < WT, other=0.0).to(tl.float32)
             lps, lpt, lref = _log_probs(x, y, inv_t, ms, ls, mt, lt, log_1mb, log_b, MODE)
             dx = _grad_tile(x, lps, lpt, lref, cols, target, mc, lc, r_row, V_CE, V_KD, ce_weight, kd_weight,
                             share, MODE)
@@ -204,7 +206,8 @@ def _fwd_launch(logits, teacher_logits, targets, ignore_index, n_ce, n_kd, tempe
     log_1mb = math.log1p(-beta) if beta < 1 else 0.0
     log_b = math.log(beta) if beta > 0 else 0.0
     _distill_kernel[(triton.cdiv(N, rows),)](
-        logits, teacher_logits, targets, ce, kd, logits.stride(0), teacher_logits.stride(0), N, W, n_ce, n_kd,
+        logits, teacher_logits, targets, ce, kd, logits.stride(0), teacher_logits.stride(0), N, W,
+        teacher_logits.shape[1], n_ce, n_kd,
         ignore_index, 1.0 / temperature, beta, log_1mb, log_b, ce_weight, kd_weight, MODE=_mode(beta),
         HAS_GRAD=write_grad, BLOCK_R=rows, BLOCK_V=block, num_warps=warps)
     return ce, kd

@@ -15,7 +15,7 @@ from tritongpt.bench import compile_check
 PTXAS = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
 KERNELS = {"_layer_norm_fwd_kernel", "_layer_norm_bwd_kernel", "_matmul_kernel", "_attn_fwd",
            "_attn_bwd_preprocess", "_attn_bwd_dkdv", "_attn_bwd_dq", "_ce_fwd_kernel", "_ce_bwd_kernel",
-           "_rope_kernel", "_grouped_kernel", "_expert_grad_kernel"}
+           "_rope_kernel", "_grouped_kernel", "_expert_grad_kernel", "_distill_kernel"}
 
 
 @pytest.mark.skipif(not PTXAS.exists(), reason="this Triton build ships no ptxas")
@@ -79,6 +79,12 @@ def test_every_kernel_launch_builds_for_sm90(tmp_path):
     padded = [r for r in rows if r["kernel"].startswith("_ce_") and "x50304" in r["case"]]
     assert len(padded) == 4 and all(r["vector_loads"] > 0 for r in padded), padded
     assert sum("smoothing+z-loss+softcap" in r["case"] for r in padded) == 2, padded
+    # the distillation loss: forward KL, reverse KL and the mixture with the gradient, the mixture without; the
+    # padded rows read as vectors too
+    distill = [r for r in rows if r["kernel"] == "_distill_kernel"]
+    assert {r["variant"] for r in distill} == {"MODE=0 HAS_GRAD=True", "MODE=1 HAS_GRAD=True", "MODE=2 HAS_GRAD=True",
+                                               "MODE=2 HAS_GRAD=False"}, distill
+    assert all(r["vector_loads"] > 0 for r in distill), distill
     assert "have a config that builds, fits and does not spill" in (tmp_path / "sm90-offline" / "compile.md").read_text()
 
 

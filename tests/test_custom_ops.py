@@ -6,6 +6,7 @@ import torch
 
 import tritongpt.kernels.attention  # noqa: F401  (registers the ops)
 import tritongpt.kernels.cross_entropy  # noqa: F401
+import tritongpt.kernels.jsd  # noqa: F401
 import tritongpt.kernels.layernorm  # noqa: F401
 import tritongpt.kernels.mlp  # noqa: F401
 import tritongpt.kernels.moe  # noqa: F401
@@ -137,9 +138,20 @@ def _rope_args(device, gen):
             "rope_bwd partial": (q.bfloat16(), k.bfloat16(), shared, partial, 6)}
 
 
+def _distill_args(device, gen):
+    # student logits 45 wide (the CE over 41), the teacher's 40 (the divergence over 37); the op writes the
+    # gradient over the student's logits, which opcheck checks it declares (mutates_args)
+    x, y = _randn(7, 45, device=device, gen=gen), _randn(7, 40, device=device, gen=gen)
+    t = torch.randint(0, 41, (7,), generator=gen).to(device)
+    t[2] = -100
+    return {"distill_fwd": (x, y, t, -100, 41, 37, 2.0, 0.0, 0.6, 0.8, True),
+            "distill_fwd mixture": (x, y, t.int(), -100, 41, 37, 1.0, 0.3, 0.6, 0.4, True),
+            "distill_fwd no grad": (x.bfloat16(), y, t, -100, 41, 37, 2.0, 1.0, 0.6, 0.8, False)}
+
+
 MAKERS = {"layer_norm": _layer_norm_args, "rms_norm": _rms_norm_args, "mlp": _mlp_args,
           "cross_entropy": _cross_entropy_args, "attention": _attention_args, "rope": _rope_args,
-          "swiglu": _swiglu_args, "moe": _moe_args}
+          "swiglu": _swiglu_args, "moe": _moe_args, "distill": _distill_args}
 OPS = [(kernel, op) for kernel, names in (("layer_norm", ("layer_norm_fwd", "layer_norm_bwd", "add_layer_norm_fwd",
                                                          "add_layer_norm_fwd fp16+fp32",
                                                          "layer_norm_bwd ds", "add_layer_norm_bwd",
@@ -164,7 +176,8 @@ OPS = [(kernel, op) for kernel, names in (("layer_norm", ("layer_norm_fwd", "lay
                                                          "flash_attn_bwd softcap", "flash_attn_fwd alibi",
                                                          "flash_attn_bwd alibi")),
                                           ("rope", ("rope_fwd", "rope_fwd shared", "rope_bwd", "rope_fwd partial",
-                                                    "rope_bwd partial")))
+                                                    "rope_bwd partial")),
+                                          ("distill", ("distill_fwd", "distill_fwd mixture", "distill_fwd no grad")))
        for op in names]
 
 
