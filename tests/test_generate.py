@@ -686,3 +686,210 @@ def test_the_commands_pass_the_penalties_and_the_ngram_size_on(command, monkeypa
     monkeypatch.setattr("sys.stdin", io.StringIO("Hi\n/quit\n"))
     assert cli.main([command, *flags[:8], *(["--prompt", "the"] if command == "generate" else [])]) == 0
     assert seen == [(0.5, -0.25, 2), (None, None, None)]  # off by default
+
+
+# -- typical-p, epsilon and eta cutoffs, top-n-sigma ------------------------------------------------------------
+NEW_WARPERS = (("typical_p", "TypicalLogitsWarper"), ("epsilon_cutoff", "EpsilonLogitsWarper"),
+               ("eta_cutoff", "EtaLogitsWarper"))
+
+
+@pytest.mark.parametrize("key, cls, value", [(k, c, v) for k, c in NEW_WARPERS
+                                             for v in {"typical_p": (0.2, 0.9), "epsilon_cutoff": (0.003, 0.02),
+                                                       "eta_cutoff": (0.001, 0.05)}[k]])
+def test_each_new_warper_is_transformers(key, cls, value):
+    """Each alone on fresh random logits (some rows sharp, some flat, some with tokens already cut) keeps exactly
+    the tokens transformers' warper keeps, with its probabilities."""
+    transformers = pytest.importorskip("transformers")
+    from tritongpt.train.generate import sampling_logits
+
+    g = torch.Generator().manual_seed(hash((key, value)) % 2**31)
+    logits = torch.randn(8, 211, generator=g) * torch.linspace(0.5, 6, 8).unsqueeze(1)
+    logits[6:, ::3] = -math.inf  # an earlier cut (an n-gram ban)
+    ours = sampling_logits(logits.clone(), temperature=1.0, **{key: value})
+    hf = getattr(transformers, cls)(value)(None, logits.clone())
+    assert torch.isinf(hf).sum() > torch.isinf(logits).sum()  # it cuts something here
+    assert torch.equal(torch.isinf(ours), torch.isinf(hf))
+    torch.testing.assert_close(torch.softmax(ours, -1), torch.softmax(hf, -1), rtol=1e-5, atol=1e-7)
+
+
+@pytest.fixture(scope="module")
+def hf_gpt2():
+    """A random GPT-2 in transformers (sharpened: its distributions far from uniform) and the same weights here."""
+    transformers = pytest.importorskip("transformers")
+    import tempfile
+
+    from tritongpt.train.gpt2_weights import load_gpt2_safetensors
+
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(vocab_size=97, n_positions=32, n_embd=32, n_layer=2, n_head=2, resid_pdrop=0.0,
+                                  embd_pdrop=0.0, attn_pdrop=0.0, activation_function="gelu_new", bos_token_id=0,
+                                  eos_token_id=0)
+    hf = transformers.GPT2LMHeadModel(cfg).eval()
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+    with tempfile.TemporaryDirectory() as folder:
+        hf.save_pretrained(folder)
+        return hf, load_gpt2_safetensors(f"{folder}/model.safetensors").eval()
+
+
+@pytest.mark.parametrize("warp", [
+    dict(temperature=0.7, top_k=40, top_p=0.95, min_p=0.02, typical_p=0.8, epsilon_cutoff=0.004, eta_cutoff=0.006,
+         repetition_penalty=1.3),
+    dict(temperature=1.3, top_p=0.9, typical_p=0.6),
+    dict(temperature=0.8, top_k=30, epsilon_cutoff=0.01),
+    dict(temperature=1.6, min_p=0.01, eta_cutoff=0.03)], ids=["all", "typical", "epsilon", "eta"])
+def test_transformers_generate_draws_from_the_same_warped_distributions(hf_gpt2, warp):
+    """transformers' generate(do_sample=True) on a tiny GPT-2 (its own _get_logits_processor chain, in its order),
+    its processed scores at every step against sampling_logits on our model's logits for the text it drew: the same
+    tokens kept, the same probabilities."""
+    transformers = pytest.importorskip("transformers")
+    from tritongpt.train.generate import sampling_logits
+
+    hf, ours = hf_gpt2
+    torch.manual_seed(4)
+    idx = torch.randint(1, 97, (3, 6))
+    out = hf.generate(idx, attention_mask=torch.ones_like(idx), do_sample=True, max_new_tokens=6, pad_token_id=0,
+                      eos_token_id=None, return_dict_in_generate=True, output_scores=True, output_logits=True,
+                      **{"top_k": 0, **warp})  # (its own default top_k is 50)
+    names = [type(p).__name__ for p in hf._get_logits_processor(
+        generation_config=transformers.GenerationConfig(do_sample=True, **warp), input_ids_seq_length=6,
+        logits_processor=transformers.LogitsProcessorList(), device="cpu")]
+    assert all(cls in names for key, cls in NEW_WARPERS if key in warp)
+    with_new = without = 0
+    with torch.no_grad():
+        for j, scores in enumerate(out.scores):
+            text = out.sequences[:, :6 + j]
+            logits = ours(text)[:, -1]
+            torch.testing.assert_close(logits, out.logits[j], rtol=1e-4, atol=1e-4)  # the same model
+            got = sampling_logits(logits, seen=text, **warp)
+            assert torch.equal(torch.isinf(got), torch.isinf(scores))
+            torch.testing.assert_close(torch.softmax(got, -1), torch.softmax(scores, -1), rtol=1e-5, atol=1e-6)
+            old = {k: v for k, v in warp.items() if k not in dict(NEW_WARPERS)}
+            with_new, without = with_new + int(torch.isinf(got).sum()), \
+                without + int(torch.isinf(sampling_logits(logits, seen=text, **old)).sum())
+    assert with_new > without  # the new warpers cut tokens the others kept
+
+
+def hand_top_n_sigma(row, n):
+    """The kept ids of one row (a list of floats), by the paper's rule with Python floats: logit >= max - n * std,
+    the population std of the finite logits."""
+    import statistics
+
+    finite = [x for x in row if x != -math.inf]
+    cut = max(finite) - n * statistics.pstdev(finite)
+    return [i for i, x in enumerate(row) if x >= cut]
+
+
+@pytest.mark.parametrize("n", [0.5, 1.0, 2.5])
+def test_top_n_sigma_keeps_what_the_papers_rule_keeps_at_any_temperature(n):
+    from tritongpt.train.generate import sampling_logits
+
+    g = torch.Generator().manual_seed(int(n * 10))
+    logits = torch.randn(5, 157, generator=g).double() * torch.linspace(0.5, 4, 5, dtype=torch.double).unsqueeze(1)
+    logits[3, ::4] = -math.inf  # an n-gram ban's -inf: left out of the std
+    for temperature in (0.5, 1.0, 1.7):  # the scaled logits' max and std scale alike: the same ids kept
+        got = sampling_logits(logits.clone(), temperature=temperature, top_n_sigma=n)
+        kept = [torch.isfinite(r).nonzero().flatten().tolist() for r in got]
+        assert kept == [hand_top_n_sigma(r, n) for r in logits.tolist()]
+        assert sum(map(len, kept)) > 2 * len(kept) and max(map(len, kept)) < 100  # it cuts, and keeps several
+        want = torch.softmax(logits.masked_fill(~torch.isfinite(got), -math.inf) / temperature, -1)
+        torch.testing.assert_close(torch.softmax(got.double(), -1), want, rtol=1e-5, atol=1e-7)
+    # after temperature, before top-k: top-k counts among what top-n-sigma kept
+    both = sampling_logits(logits.clone(), temperature=1.0, top_n_sigma=n, top_k=3)
+    assert torch.equal(torch.isfinite(both), torch.isfinite(sampling_logits(
+        sampling_logits(logits.clone(), temperature=1.0, top_n_sigma=n), temperature=1.0, top_k=3)))
+
+
+def test_greedy_ignores_the_new_warpers():
+    g = torch.Generator().manual_seed(11)
+    logits = torch.randn(6, 89, generator=g) * 3
+    got = sample_next(logits, temperature=0.0, typical_p=0.01, epsilon_cutoff=0.5, eta_cutoff=0.5, top_n_sigma=0.01)
+    assert torch.equal(got[:, 0], logits.argmax(-1))
+
+
+def hand_typical_choice(logits, temperature):
+    """The one token typical_p 1e-9 keeps: the surprisal nearest the entropy, float64 Python."""
+    z = [x / temperature for x in logits]
+    m = max(z)
+    total = sum(math.exp(x - m) for x in z)
+    logp = [x - m - math.log(total) for x in z]
+    entropy = -sum(math.exp(lp) * lp for lp in logp)
+    return min(range(len(z)), key=lambda i: abs(-logp[i] - entropy))
+
+
+@pytest.mark.parametrize("how", ["cache", "no cache", "draft"])
+def test_generate_applies_them_within_vocab_limit(model, how):
+    """Cuts that leave one token make sampled generate() deterministic, whatever the seed: epsilon 0.99 and
+    top-n-sigma 1e-6 the likeliest token (greedy's), typical_p 1e-9 the surprisal nearest the entropy, among the
+    first vocab_limit ids (computed by hand here step by step); with a draft model too (both warped alike: the
+    model's one token is the only one its verdict lets through)."""
+    idx = torch.randint(0, 61, (2, 4), generator=torch.Generator().manual_seed(5))
+    torch.manual_seed(3)
+    kw = dict(use_cache=how != "no cache", vocab_limit=50,
+              draft=GPTModel(GPTConfig(vocab_size=61, context_length=12, n_embd=16, n_layer=1, n_head=2)).eval()
+              if how == "draft" else None)
+    greedy = generate(model, idx, 6, **kw)
+    for cut in (dict(epsilon_cutoff=0.99), dict(top_n_sigma=1e-6)):
+        out = generate(model, idx, 6, temperature=1.3, generator=torch.Generator().manual_seed(1), **kw, **cut)
+        assert torch.equal(out, greedy)
+    out = generate(model, idx, 6, temperature=0.9, typical_p=1e-9, generator=torch.Generator().manual_seed(2), **kw)
+    text = idx
+    with torch.no_grad():
+        for _ in range(6):
+            rows = model(text)[:, -1, :50].double().tolist()
+            text = torch.cat([text, torch.tensor([[hand_typical_choice(r, 0.9)] for r in rows])], dim=1)
+    assert torch.equal(out, text) and not torch.equal(out, greedy)
+
+
+def test_the_new_warpers_are_checked_by_name(model, capsys):
+    from tritongpt import cli
+
+    for bad, said in ((dict(typical_p=0.0), "typical_p must be in (0, 1] (1 = off), got 0.0"),
+                      (dict(typical_p=1.5), "typical_p must be in (0, 1]"),
+                      (dict(typical_p=math.nan), "typical_p must be in (0, 1]"),
+                      (dict(epsilon_cutoff=1.0), "epsilon_cutoff must be in [0, 1) (0 = off), got 1.0"),
+                      (dict(epsilon_cutoff=-0.1), "epsilon_cutoff must be in [0, 1)"),
+                      (dict(eta_cutoff=2), "eta_cutoff must be in [0, 1) (0 = off), got 2"),
+                      (dict(eta_cutoff=math.nan), "eta_cutoff must be in [0, 1)"),
+                      (dict(top_n_sigma=0.0), "top_n_sigma must be a finite number > 0, got 0.0"),
+                      (dict(top_n_sigma=math.inf), "top_n_sigma must be a finite number > 0"),
+                      (dict(top_n_sigma="1"), "top_n_sigma must be a finite number > 0")):
+        for temperature in (0.0, 1.0):  # greedy decoding checks them too
+            with pytest.raises(UserError, match=re.escape(said)):
+                generate(model, torch.randint(0, 61, (1, 3)), 2, temperature=temperature, **bad)
+    # the ends of the ranges that are in them, and the offs: taken
+    generate(model, torch.randint(0, 61, (1, 3)), 2, temperature=1.0, typical_p=1.0, epsilon_cutoff=0.0,
+             eta_cutoff=0.0)
+    base = ["generate", "--model", "tiny", "--prompt", "the", "--device", "cpu"]
+    for flag, value, said in (("--typical-p", "0", "--typical-p must be in (0, 1]"),
+                              ("--epsilon-cutoff", "1", "--epsilon-cutoff must be in [0, 1)"),
+                              ("--eta-cutoff", "-1", "--eta-cutoff must be in [0, 1)"),
+                              ("--top-n-sigma", "-2", "--top-n-sigma must be a finite number > 0")):
+        assert cli.main([*base, flag, value]) == 2
+        assert said in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["generate", "chat"])
+def test_the_commands_pass_the_new_warpers_on(command, monkeypatch, capsys):
+    import io
+
+    from tritongpt import cli
+    from tritongpt.train import generate as gen
+
+    seen, real = [], gen.generate
+    keys = ("typical_p", "epsilon_cutoff", "eta_cutoff", "top_n_sigma")
+
+    def spy(*args, **kw):
+        seen.append(tuple(kw.get(k) for k in keys))
+        return real(*args, **kw)
+
+    monkeypatch.setattr(gen, "generate", spy)
+    monkeypatch.setattr("sys.stdin", io.StringIO("Hi\n/quit\n"))
+    flags = ["--model", "tiny", "--device", "cpu", "--kernels", "reference", "--max-new-tokens", "3",
+             "--typical-p", "0.9", "--epsilon-cutoff", "3e-4", "--eta-cutoff", "0.002", "--top-n-sigma", "1.5"]
+    assert cli.main([command, *flags, *(["--prompt", "the"] if command == "generate" else [])]) == 0
+    assert seen == [(0.9, 3e-4, 0.002, 1.5)]
+    monkeypatch.setattr("sys.stdin", io.StringIO("Hi\n/quit\n"))
+    assert cli.main([command, *flags[:8], *(["--prompt", "the"] if command == "generate" else [])]) == 0
+    assert seen == [(0.9, 3e-4, 0.002, 1.5), (None, None, None, None)]  # off by default

@@ -121,7 +121,7 @@ class Conversation:
 def reply(model, tokenizer, ids, budget, *, temperature=0.0, top_k=None, top_p=None, dtype=None, generator=None,
           vocab_limit=None, stream: bool = True, stop_id=None, min_p=None, repetition_penalty=None,
           frequency_penalty=None, presence_penalty=None, no_repeat_ngram_size=None, draft=None, num_draft_tokens=4,
-          stats=None):
+          stats=None, typical_p=None, epsilon_cutoff=None, eta_cutoff=None, top_n_sigma=None):
     """Draw one answer after `ids` (printed as it comes, with stream): (its text up to the eot, or
     stop_id (a chat template's end-of-turn token), whether the model ended it). draft: a speculative decoding
     draft model (generate()'s; stats: its acceptance, filled)."""
@@ -140,7 +140,8 @@ def reply(model, tokenizer, ids, budget, *, temperature=0.0, top_k=None, top_p=N
                        eos_id=eot, generator=generator, vocab_limit=vocab_limit, on_token=printer, min_p=min_p,
                        repetition_penalty=repetition_penalty, frequency_penalty=frequency_penalty,
                        presence_penalty=presence_penalty, no_repeat_ngram_size=no_repeat_ngram_size, draft=draft,
-                       num_draft_tokens=num_draft_tokens, stats=stats)
+                       num_draft_tokens=num_draft_tokens, stats=stats, typical_p=typical_p,
+                       epsilon_cutoff=epsilon_cutoff, eta_cutoff=eta_cutoff, top_n_sigma=top_n_sigma)
     if printer:
         printer.close()
     new = out[0, len(ids):].tolist()

@@ -3,8 +3,10 @@ presence penalties and a no-repeat n-gram ban, with a preallocated KV cache. The
 this order, on the raw logits first (greedy decoding too): the repetition penalty, then the frequency and the
 presence penalty (vLLM's sampler order: repetition, frequency, presence), then the n-gram ban (after the
 repetition penalty, as in transformers' generate; it sets -inf, which the others leave at -inf, so its place
-among them changes nothing); then temperature, top-k, top-p, min-p. Settings transformers' generate has (all
-but the frequency and presence penalties) draw from the distribution it draws from.
+among them changes nothing); then temperature, top-n-sigma, top-k, top-p, min-p, typical-p, the epsilon and
+the eta cutoff (transformers' _get_logits_processor order; top-n-sigma, which transformers lacks, first, as
+llama.cpp's sampler chain has it before top-k). Settings transformers' generate has (all but the frequency and
+presence penalties and top-n-sigma) draw from the distribution it draws from.
 
 With the cache, the prompt is run once (prefill) and each new token costs one position.
 Positions are absolute (learned embeddings), so when the window is full it cannot slide:
@@ -26,7 +28,9 @@ from tritongpt.errors import UserError
 def check_sampling(temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
                    flags: bool = False, min_p: float | None = None, repetition_penalty: float | None = None,
                    frequency_penalty: float | None = None, presence_penalty: float | None = None,
-                   no_repeat_ngram_size: int | None = None) -> None:
+                   no_repeat_ngram_size: int | None = None, typical_p: float | None = None,
+                   epsilon_cutoff: float | None = None, eta_cutoff: float | None = None,
+                   top_n_sigma: float | None = None) -> None:
     """The sampling settings, checked before any work (also those greedy decoding ignores: a
     typo should not wait for the first sample). flags: name them as command-line flags."""
     name = (lambda n: "--" + n.replace("_", "-")) if flags else (lambda n: n)
@@ -49,6 +53,16 @@ def check_sampling(temperature: float = 0.0, top_k: int | None = None, top_p: fl
     if no_repeat_ngram_size is not None and (not is_int(no_repeat_ngram_size) or no_repeat_ngram_size < 0):
         raise UserError(f"{name('no_repeat_ngram_size')} must be an integer >= 0 (0 = off), "
                         f"got {no_repeat_ngram_size!r}")
+    # transformers' ranges: TypicalLogitsWarper takes (0, 1), generate skips it at 1; Epsilon- and EtaLogitsWarper
+    # take (0, 1), generate skips them at 0 (and would skip 1 and past silently: refused here)
+    if typical_p is not None and (not is_real(typical_p) or not 0.0 < typical_p <= 1.0):
+        raise UserError(f"{name('typical_p')} must be in (0, 1] (1 = off), got {typical_p!r}")
+    for key, value in (("epsilon_cutoff", epsilon_cutoff), ("eta_cutoff", eta_cutoff)):
+        if value is not None and (not is_real(value) or not 0.0 <= value < 1.0):
+            raise UserError(f"{name(key)} must be in [0, 1) (0 = off), got {value!r}")
+    if top_n_sigma is not None and (not is_real(top_n_sigma) or
+                                    not (math.isfinite(top_n_sigma) and top_n_sigma > 0)):
+        raise UserError(f"{name('top_n_sigma')} must be a finite number > 0, got {top_n_sigma!r}")
 
 
 def penalize_repeats(logits, seen, penalty: float):
@@ -109,13 +123,16 @@ def sample_next(logits, temperature: float = 0.0, top_k: int | None = None,
                 top_p: float | None = None, generator: torch.Generator | None = None, min_p: float | None = None,
                 repetition_penalty: float | None = None, seen=None, frequency_penalty: float | None = None,
                 presence_penalty: float | None = None, no_repeat_ngram_size: int | None = None, generated_from=None,
-                live=None):
+                live=None, typical_p: float | None = None, epsilon_cutoff: float | None = None,
+                eta_cutoff: float | None = None, top_n_sigma: float | None = None):
     """Pick one token per row from logits [B, V]. temperature 0 means greedy (argmax). seen [B, T]: the ids a
     repetition_penalty and no_repeat_ngram_size apply to; those from column generated_from on (an int or a [B]
     tensor), the generated ones, are what frequency_penalty and presence_penalty count."""
     logits = sampling_logits(logits, temperature, top_k, top_p, min_p, repetition_penalty, seen,
                              frequency_penalty=frequency_penalty, presence_penalty=presence_penalty,
-                             no_repeat_ngram_size=no_repeat_ngram_size, generated_from=generated_from, live=live)
+                             no_repeat_ngram_size=no_repeat_ngram_size, generated_from=generated_from, live=live,
+                             typical_p=typical_p, epsilon_cutoff=epsilon_cutoff, eta_cutoff=eta_cutoff,
+                             top_n_sigma=top_n_sigma)
     if temperature < torch.finfo(torch.float32).tiny:
         return logits.argmax(dim=-1, keepdim=True)
     probs = torch.softmax(logits, dim=-1)
@@ -125,12 +142,15 @@ def sample_next(logits, temperature: float = 0.0, top_k: int | None = None,
 def sampling_logits(logits, temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
                     min_p: float | None = None, repetition_penalty: float | None = None, seen=None, *,
                     frequency_penalty: float | None = None, presence_penalty: float | None = None,
-                    no_repeat_ngram_size: int | None = None, generated_from=None, live=None):
+                    no_repeat_ngram_size: int | None = None, generated_from=None, live=None,
+                    typical_p: float | None = None, epsilon_cutoff: float | None = None,
+                    eta_cutoff: float | None = None, top_n_sigma: float | None = None):
     """The logits [B, V] sample_next draws from (softmax of them): penalized, tempered and cut, -inf for a token
     it never draws. Greedy (temperature 0): only penalized (and n-grams banned)."""
     check_sampling(temperature, top_k, top_p, min_p=min_p, repetition_penalty=repetition_penalty,
                    frequency_penalty=frequency_penalty, presence_penalty=presence_penalty,
-                   no_repeat_ngram_size=no_repeat_ngram_size)
+                   no_repeat_ngram_size=no_repeat_ngram_size, typical_p=typical_p, epsilon_cutoff=epsilon_cutoff,
+                   eta_cutoff=eta_cutoff, top_n_sigma=top_n_sigma)
     if repetition_penalty is not None and repetition_penalty != 1.0:
         if seen is None:
             raise UserError("a repetition_penalty needs the ids seen so far (seen)")
@@ -151,6 +171,8 @@ def sampling_logits(logits, temperature: float = 0.0, top_k: int | None = None, 
     logits = logits.float()
     # from the row's max down: a tiny temperature then gives -inf, never inf - inf = nan
     logits = (logits - logits.amax(dim=-1, keepdim=True)) / temperature
+    if top_n_sigma is not None:
+        logits = cut_top_n_sigma(logits, top_n_sigma)
     if top_k is not None:
         kth = torch.topk(logits, min(int(top_k), logits.size(-1))).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -170,7 +192,54 @@ def sampling_logits(logits, temperature: float = 0.0, top_k: int | None = None, 
         # min-p (Nguyen et al. 2024): drop what is less likely than min_p times the likeliest token
         probs = torch.softmax(logits, dim=-1)
         logits = logits.masked_fill(probs < min_p * probs.amax(dim=-1, keepdim=True), float("-inf"))
+    if typical_p is not None and typical_p < 1.0:
+        logits = cut_typical(logits, typical_p)
+    if epsilon_cutoff:
+        logits = cut_below(logits, epsilon_cutoff)
+    if eta_cutoff:
+        # eta = min(eta_cutoff, sqrt(eta_cutoff) * exp(-entropy)): a flat distribution (high entropy) is cut less
+        logp = torch.log_softmax(logits.double(), dim=-1)
+        entropy = -(logp.exp() * logp).nansum(dim=-1, keepdim=True)  # nansum: 0 * -inf of a cut token
+        logits = cut_below(logits, torch.clamp(math.sqrt(eta_cutoff) * torch.exp(-entropy), max=eta_cutoff))
     return logits
+
+
+def cut_top_n_sigma(logits, n: float):
+    """Top-n-sigma (Tang et al. 2024, "Top-nσ: Not All Logits Are You Need"): keep the tokens whose logit is at
+    least max - n * std of the row's logits, as llama.cpp's llama_sampler_top_n_sigma_apply (the population std
+    over the finite logits: an n-gram ban's -inf left out). Scaling the logits scales max and std alike, so the
+    tokens kept do not depend on the temperature."""
+    x = logits.double()
+    finite = torch.isfinite(x)
+    count = finite.sum(dim=-1, keepdim=True)
+    mean = torch.where(finite, x, 0.0).sum(dim=-1, keepdim=True) / count
+    std = (torch.where(finite, x - mean, 0.0) ** 2).sum(dim=-1, keepdim=True).div(count).sqrt()
+    return logits.masked_fill(x < x.amax(dim=-1, keepdim=True) - n * std, float("-inf"))
+
+
+def cut_typical(logits, mass: float):
+    """Locally typical sampling (Meister et al. 2022), as transformers' TypicalLogitsWarper (min_tokens_to_keep
+    1): the tokens ranked by how far their surprisal -log p is from the entropy, nearest first, are kept until
+    their probabilities sum to mass (the one that reaches it included). In float64 (as top-p here)."""
+    logp = torch.log_softmax(logits.double(), dim=-1)
+    entropy = -(logp.exp() * logp).nansum(dim=-1, keepdim=True)  # nansum: 0 * -inf of a cut token
+    distance = (-logp - entropy).abs()  # inf for a cut token: ranked last
+    sorted_distance, order = torch.sort(distance, dim=-1)
+    mass_so_far = logp.gather(-1, order).exp().cumsum(dim=-1)
+    # the first rank whose running mass reaches `mass` (the last where rounding leaves the sum short of it)
+    last = (mass_so_far < mass).sum(dim=-1, keepdim=True).clamp(max=logits.size(-1) - 1)
+    drop = sorted_distance > sorted_distance.gather(-1, last)  # ties with the last token kept stay
+    drop[:, 0] = False  # the nearest token always stays
+    return logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+
+
+def cut_below(logits, threshold):
+    """Truncation sampling (Hewitt et al. 2022), as transformers' EpsilonLogitsWarper and EtaLogitsWarper
+    (min_tokens_to_keep 1): drop the tokens less likely than threshold (a number, or one per row [B, 1]), but
+    never the likeliest."""
+    probs = torch.softmax(logits.double(), dim=-1)
+    drop = (probs < threshold) & (logits < logits.amax(dim=-1, keepdim=True))
+    return logits.masked_fill(drop, float("-inf"))
 
 
 @torch.no_grad()
@@ -180,7 +249,8 @@ def generate(model, idx, max_new_tokens: int, temperature: float = 0.0, top_k: i
              min_p: float | None = None, repetition_penalty: float | None = None, stop=None,
              frequency_penalty: float | None = None, presence_penalty: float | None = None,
              no_repeat_ngram_size: int | None = None, draft=None, num_draft_tokens: int = 4,
-             stats: dict | None = None):
+             stats: dict | None = None, typical_p: float | None = None, epsilon_cutoff: float | None = None,
+             eta_cutoff: float | None = None, top_n_sigma: float | None = None):
     """Extend idx [B, T] by up to max_new_tokens tokens; rows stop after emitting eos_id.
 
     Returns [B, T + n]. Rows that finished early are padded with eos_id. vocab_limit: only ids
@@ -193,6 +263,9 @@ def generate(model, idx, max_new_tokens: int, temperature: float = 0.0, top_k: i
     of different lengths batched together must be left-padded to one width, their padding then counts as prompt.
     no_repeat_ngram_size N: a token that would complete an N-gram already in the row (prompt included, as
     transformers' no_repeat_ngram_size) is never drawn.
+    typical_p (in (0, 1], 1 = off), epsilon_cutoff and eta_cutoff (in [0, 1), 0 = off): transformers' locally typical
+    sampling and truncation sampling; top_n_sigma n > 0: only tokens whose logit is within n standard deviations of
+    the row's largest (see sampling_logits for the order).
     stop: called with the rows so far [B, T + n] after each step, returns which rows are finished [B] (a stop
     string drawn, say): those stop as at eos_id (padded with it where there is one).
     draft: a smaller model of the same vocabulary for speculative decoding (with the cache, the text within the
@@ -223,7 +296,8 @@ def generate(model, idx, max_new_tokens: int, temperature: float = 0.0, top_k: i
     try:
         warp = dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                     repetition_penalty=repetition_penalty, frequency_penalty=frequency_penalty,
-                    presence_penalty=presence_penalty, no_repeat_ngram_size=no_repeat_ngram_size)
+                    presence_penalty=presence_penalty, no_repeat_ngram_size=no_repeat_ngram_size,
+                    typical_p=typical_p, epsilon_cutoff=epsilon_cutoff, eta_cutoff=eta_cutoff, top_n_sigma=top_n_sigma)
         if draft is not None:
             return _speculative(model, draft, idx, max_new_tokens, warp, eos_id, generator, vocab_limit, on_token,
                                 stop, num_draft_tokens, stats)

@@ -255,7 +255,9 @@ def sampling_controls(args) -> dict:
     """The sampling flags beyond temperature, top-k and top-p, as check_sampling and generate() name them (one list
     for generate, chat and their checks)."""
     return dict(min_p=args.min_p, repetition_penalty=args.repetition_penalty, frequency_penalty=args.frequency_penalty,
-                presence_penalty=args.presence_penalty, no_repeat_ngram_size=args.no_repeat_ngram_size)
+                presence_penalty=args.presence_penalty, no_repeat_ngram_size=args.no_repeat_ngram_size,
+                typical_p=args.typical_p, epsilon_cutoff=args.epsilon_cutoff, eta_cutoff=args.eta_cutoff,
+                top_n_sigma=args.top_n_sigma)
 
 
 def load_generation_model(args):
@@ -417,7 +419,9 @@ def check_beam_args(args):
     # transformers' beam search with do_sample draws the beams; ours is deterministic, so sampling flags are refused
     # rather than silently ignored, as are the flags generate()'s other paths alone implement
     refused = [("--temperature", args.temperature), ("--top-k", args.top_k), ("--top-p", args.top_p),
-               ("--min-p", args.min_p), ("--frequency-penalty", args.frequency_penalty),
+               ("--min-p", args.min_p), ("--typical-p", args.typical_p), ("--epsilon-cutoff", args.epsilon_cutoff),
+               ("--eta-cutoff", args.eta_cutoff), ("--top-n-sigma", args.top_n_sigma),
+               ("--frequency-penalty", args.frequency_penalty),
                ("--presence-penalty", args.presence_penalty), ("--draft", args.draft),
                ("--draft-tokens", args.draft_tokens), ("--stop", args.stop), ("--stream", args.stream),
                ("--num-samples", args.num_samples != 1)]
@@ -781,6 +785,18 @@ def add_sampling_args(p, max_new_tokens: int, temperature: float, temperature_te
                    help="sample among the likeliest tokens whose probabilities sum to p (after --top-k)")
     p.add_argument("--min-p", type=float, default=None,
                    help="sample among the tokens at least this share as likely as the likeliest (after --top-p)")
+    p.add_argument("--typical-p", type=float, default=None, metavar="P",
+                   help="locally typical sampling, as transformers' typical_p: the tokens whose surprisal is nearest "
+                        "the entropy, up to probability P (after --min-p; 1 = off)")
+    p.add_argument("--epsilon-cutoff", type=float, default=None, metavar="E",
+                   help="drop the tokens less likely than E (never the likeliest), as transformers' epsilon_cutoff "
+                        "(after --typical-p; 3e-4 to 9e-4 in the paper; 0 = off)")
+    p.add_argument("--eta-cutoff", type=float, default=None, metavar="E",
+                   help="drop the tokens less likely than min(E, sqrt(E) * exp(-entropy)), as transformers' "
+                        "eta_cutoff (after --epsilon-cutoff; 3e-4 to 2e-3 in the paper; 0 = off)")
+    p.add_argument("--top-n-sigma", type=float, default=None, metavar="N",
+                   help="sample among the tokens whose logit is within N standard deviations of the largest "
+                        "(Tang et al. 2024, llama.cpp's top-n-sigma; right after --temperature, before --top-k)")
     p.add_argument("--repetition-penalty", type=float, default=None,
                    help="> 1 makes every token already in the text (prompt included) less likely, as transformers' "
                         "repetition_penalty (1.1-1.3 is usual; greedy decoding too)")
