@@ -304,7 +304,9 @@ class LinearDistillFunction(torch.autograd.Function):
         g = (1.0 / n).float() if reduction == "mean" else torch.ones((), device=hidden.device)
         ce, kd = ce_rows.sum() * g, kd_rows.sum() * g
         ctx.dtypes = hidden.dtype, weight.dtype, None if bias is None else bias.dtype
-        ctx.save_for_backward(dh, dw, db, g)
+        # every target ignored: the mean is nan (0 / 0) as the reference's, its gradient zero as the reference's
+        # (dh, dw, db are zeros there; times 1/0 they would be nan)
+        ctx.save_for_backward(dh, dw, db, g if reduction == "sum" else (1.0 / n.clamp_min(1)).float())
         ctx.mark_non_differentiable(ce, kd)
         return (1 - alpha) * ce + alpha * temperature ** 2 * kd, ce, kd
 

@@ -124,6 +124,27 @@ def test_every_target_ignored_is_nan_as_the_reference(device):
     assert linear_distill_loss(h, w, torch.randn(4, 6, device=device), w, y, 37, 0.5, reduction="sum")[0] == 0
 
 
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_every_target_ignored_gives_zero_gradients_as_the_reference(reduction, device):
+    # the reference's (and linear_cross_entropy's) gradient is zero there, not nan: a prompt-only batch must not
+    # poison the weights
+    g = torch.Generator().manual_seed(7)
+    h, w = torch.randn(4, 6, generator=g).requires_grad_(), torch.randn(37, 6, generator=g).requires_grad_()
+    b = torch.randn(37, generator=g).requires_grad_()
+    th, y = torch.randn(4, 5, generator=g), torch.full((4,), IGNORE)
+    loss = linear_distill_loss(h.to(device), w.to(device), th.to(device), torch.randn(37, 5, generator=g).to(device),
+                               y.to(device), 37, 0.5, 2.0, 0.3, reduction=reduction, student_bias=b.to(device))[0]
+    loss.backward()
+    ref = distill.distill_loss((h @ w.t() + b)[None], torch.randn(1, 4, 37, generator=g), y[None], 37, 0.5, 2.0,
+                               0.3, reduction=reduction)[0]
+    grads = [t.grad.clone() for t in (h, w, b)]
+    for t in (h, w, b):
+        t.grad = None
+    ref.backward()
+    for got, (name, t) in zip(grads, (("dhidden", h), ("dweight", w), ("dbias", b))):
+        assert torch.equal(got.cpu(), t.grad), name
+
+
 @pytest.mark.parametrize("change,error,match", [
     (dict(th=torch.randn(4, 3, 5)), ValueError, "teacher_hidden has shape"),
     (dict(tw=torch.randn(37, 4)), ValueError, "teacher_hidden .* and teacher_weight .* do not make logits"),
