@@ -256,3 +256,17 @@ def test_options_the_kernel_lacks_keep_the_reference_path():
     assert not distill.fused_head(fused.set_kernels("cross_entropy"), capped, {})
     with pytest.raises(UserError, match="head_input=True"):
         fused(torch.zeros(1, 4, dtype=torch.long), targets=torch.zeros(1, 4, dtype=torch.long), head_input=True)
+
+
+def test_ids_past_the_teachers_vocabulary_are_refused_not_read_from_its_padded_head():
+    # the teacher's head padded to 48 rows, its vocabulary 33 ids, the tokenizer's 37: rows 33..36 are padding, no
+    # token (the reference path's teacher logits stop at 33 and cannot be compared either)
+    _, fused, _ = pair()
+    torch.manual_seed(1)
+    teacher = GPTModel(GPTConfig(vocab_size=33, vocab_multiple=16, context_length=8, n_embd=8, n_layer=1, n_head=2,
+                                 dropout=0.0)).eval()
+    assert teacher.out_head.weight.shape[0] == 48
+    x, y = torch.randint(0, 33, (2, 8)), torch.randint(0, 41, (2, 8))
+    opts = {"distill_alpha": 0.4, "distill_temperature": 2.0, "distill_beta": 0.3}
+    with pytest.raises(UserError, match="teacher's vocabulary has 33 ids"):
+        distill.pretrain_loss_fn(teacher, opts, 37, lambda x: None)(fused, (x, y))

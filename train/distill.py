@@ -208,6 +208,9 @@ def fused_distill_loss(model, teacher, x, targets, doc_ids, vocab_size: int, alp
     from tritongpt.kernels.jsd import linear_distill_loss
 
     student, t_model = unwrapped(model), unwrapped(teacher)
+    if vocab_size > t_model.config.vocab_size:  # its head's rows past it are padding, no token: the kernel reads them
+        raise UserError(f"the teacher's vocabulary has {t_model.config.vocab_size} ids, fewer than the "
+                        f"{vocab_size} the divergence compares: distill from a teacher with the student's tokenizer")
     with torch.no_grad():
         t_h = teacher(x, doc_ids=doc_ids, head_input=True)
     h = model(x, doc_ids=doc_ids, head_input=True)
