@@ -101,9 +101,9 @@ def _grad_tile(x, lps, lpt, lref, cols, target, mc, lc, r, V_CE, V_KD, ce_weight
 
 
 @triton.jit
-def _distill_kernel(X, Y, Tgt, CE, KD, stride_x, stride_y, N, W, WT, V_CE, V_KD, ignore_index, inv_t, beta, log_1mb,
-                    log_b, ce_weight, kd_weight, MODE: tl.constexpr, HAS_GRAD: tl.constexpr, BLOCK_R: tl.constexpr,
-                    BLOCK_V: tl.constexpr):
+def _distill_kernel(X, Y, Tgt, CE, KD, stride_x, stride_y, N, W, WT, V_CE, V_KD, ignore_index, inv_t, beta, one_mb,
+                    log_1mb, log_b, ce_weight, kd_weight, MODE: tl.constexpr, HAS_GRAD: tl.constexpr,
+                    BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr):
     """Grid (cdiv(N, BLOCK_R),). Row i of student logits X [N, W] and teacher logits Y [N, WT]:
     CE[i] = CE(X[i, :V_CE], Tgt[i]), KD[i] = D(X[i, :V_KD] / T, Y[i, :V_KD] / T) (0 where Tgt[i] is
     ignore_index); with HAS_GRAD, X[i, :W] is overwritten with ce_weight dCE/dx + kd_weight dD/ds.
@@ -136,7 +136,7 @@ def _distill_kernel(X, Y, Tgt, CE, KD, stride_x, stride_y, N, W, WT, V_CE, V_KD,
     ce = tl.where(known, (mc - x_t.to(tl.float32)) + lc, float("nan"))
     share = 1.0  # the student's weight in D (beta = 1: reverse KL, all of it)
     if MODE == 2:
-        share = 1.0 - beta
+        share = one_mb  # 1 - beta from the host's float64: beta's fp32 scalar has lost its digits near 1
     d = tl.zeros([BLOCK_R, BLOCK_V], tl.float32)
     r = tl.zeros([BLOCK_R, BLOCK_V], tl.float32)  # R = KL(p_s || M) (beta = 1: D itself)
     zero = tl.zeros([BLOCK_R], tl.float32)
@@ -208,7 +208,7 @@ def _fwd_launch(logits, teacher_logits, targets, ignore_index, n_ce, n_kd, tempe
     _distill_kernel[(triton.cdiv(N, rows),)](
         logits, teacher_logits, targets, ce, kd, logits.stride(0), teacher_logits.stride(0), N, W,
         teacher_logits.shape[1], n_ce, n_kd,
-        ignore_index, 1.0 / temperature, beta, log_1mb, log_b, ce_weight, kd_weight, MODE=_mode(beta),
+        ignore_index, 1.0 / temperature, beta, 1.0 - beta, log_1mb, log_b, ce_weight, kd_weight, MODE=_mode(beta),
         HAS_GRAD=write_grad, BLOCK_R=rows, BLOCK_V=block, num_warps=warps)
     return ce, kd
 

@@ -4,13 +4,16 @@ train.distill's distill_loss / divergence, and wired into pretrain / sft --teach
 On CPU the kernel runs through Triton's interpreter: 32 rows a program, about four column tiles a row,
 so vocabularies of a few dozen (37, 101: not powers of two) cross tiles and end in a ragged one."""
 import copy
+import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
 from parity import assert_close_mixed, assert_close_rel
 from tritongpt.errors import UserError
+from tritongpt.kernels import jsd
 from tritongpt.kernels.jsd import linear_distill_loss
 from tritongpt.model.config import GPTConfig
 from tritongpt.model.gpt import GPTModel
@@ -45,6 +48,38 @@ def test_kernel_loss_and_logit_gradient_match_float64_autograd(beta, T, device):
     assert kd[t != IGNORE].min() > 1e-3  # a real divergence, not zeros
     assert_close_rel(buf.cpu(), x64.grad.float(), 1e-5, "dlogits")
     assert torch.count_nonzero(buf[t == IGNORE]) == 0 and torch.count_nonzero(buf[:, V_CE:]) == 0
+
+
+class Fp32Scalars:
+    """_distill_kernel as a GPU launches it: a Python float argument becomes an fp32 scalar (the interpreter keeps
+    it a float64, and so would hide a 1 - beta rounded in fp32)."""
+
+    def __init__(self, kernel):
+        self.kernel = kernel
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            return self.kernel[grid](*[float(np.float32(a)) if isinstance(a, float) else a for a in args], **kwargs)
+        return launch
+
+
+@pytest.mark.parametrize("beta", [0.3, 1 - 1e-6, 1 - 1e-8])
+def test_kernel_gradient_at_beta_near_1_with_fp32_scalars(beta, device, monkeypatch):
+    # the mixture (the reference treats only exactly 0 and 1 apart): its student gradient is (1 - beta) p_s (...);
+    # 1 - beta must keep its digits where beta's fp32 has lost them (1 - 1e-8 is 1.0 in fp32)
+    monkeypatch.setattr(jsd, "_distill_kernel", Fp32Scalars(jsd._distill_kernel))
+    g = torch.Generator().manual_seed(11)
+    N, V, T = 5, 37, 2.0
+    x, y = torch.randn(N, V, generator=g) * 3, torch.randn(N, V, generator=g) * 3
+    t = torch.randint(0, V, (N,), generator=g)
+    buf = x.clone().to(device)
+    torch.ops.tritongpt.distill_fwd(buf, y.to(device), t.to(device), IGNORE, V, V, T, beta, 0.0, T, True)
+    x64 = x.double().requires_grad_()
+    s, p = F.log_softmax(x64 / T, -1), F.log_softmax(y.double() / T, -1)
+    m = torch.logaddexp(s + math.log1p(-beta), p + math.log(beta))
+    (T * T * (beta * (p.exp() * (p - m)).sum() + (1 - beta) * (s.exp() * (s - m)).sum())).backward()
+    assert x64.grad.abs().max() > 1e-9  # (1 - beta) times order-1 numbers: not zero
+    assert_close_rel(buf.cpu().double(), x64.grad, 1e-4, "dlogits")
 
 
 # -- linear_distill_loss: loss, ce, kd and every gradient against distill_loss in float64 --------------
