@@ -260,6 +260,28 @@ def test_pretrain_teacher_on_the_triton_path_matches_the_reference_and_makes_no_
     assert ref_parts.pop() == pytest.approx(fused_parts.pop(), rel=1e-5)
 
 
+def test_pretrain_teacher_on_the_triton_path_scaled_logits_and_a_moe_student():
+    # both models' logit_scale (the head's input scaled, in forward(head_input=True) too), a padded teacher head, and
+    # a mixture-of-experts student whose router loss is still added to the fused loss
+    torch.manual_seed(0)
+    student = GPTModel(GPTConfig(vocab_size=41, context_length=8, n_embd=16, n_layer=1, n_head=2, dropout=0.0,
+                                 logit_scale=0.5, tie_weights=False, n_experts=4, mlp="swiglu", moe_aux_loss=0.05))
+    fused = copy.deepcopy(student).set_kernels("cross_entropy")
+    teacher = tiny(8, 1, logit_scale=3.0, vocab_multiple=32).eval()
+    g = torch.Generator().manual_seed(4)
+    x, y = torch.randint(0, 37, (2, 8), generator=g), torch.randint(0, 41, (2, 8), generator=g)
+    opts = {"distill_alpha": 0.5, "distill_temperature": 1.5, "distill_beta": 0.5}
+    with torch.no_grad():
+        t_logits = teacher(x)
+    ref = distill.distill_loss(student(x), t_logits, y, 37, 0.5, 1.5, 0.5)[0] + 0.05 * student.router_aux_loss()
+    losses = [ref, distill.pretrain_loss_fn(teacher, opts, 37, lambda x: None)(fused, (x, y))]
+    assert_close_rel(losses[1].detach(), losses[0].detach(), 1e-5, "loss")
+    for loss in losses:
+        loss.backward()
+    same_grads(student, fused)
+    assert fused.trf_blocks[0].ff.router.weight.grad.abs().max() > 0
+
+
 @pytest.mark.parametrize("source", ["data", "student"])
 def test_sft_teacher_on_the_triton_path_matches_the_reference(source):
     student, fused, teacher = pair()
