@@ -237,6 +237,13 @@ def check_generation_args(args):
     from tritongpt.train.common import check_seed
     from tritongpt.train.generate import check_sampling
 
+    check_model_source(args)
+    check_sampling(args.temperature, args.top_k, args.top_p, flags=True, **sampling_controls(args))
+    check_seed(args.seed)
+
+
+def check_model_source(args):
+    """--pretrained against --weights and --model (generate, chat, serve): one source, a name it downloads."""
     if args.pretrained:
         from tritongpt.train import gpt2_weights, gpt_neo_weights
 
@@ -247,8 +254,6 @@ def check_generation_args(args):
         if args.model not in names:
             raise UserError(f"--pretrained downloads GPT-2 or GPT-Neo by --model name ({'|'.join(names)}), "
                             f"not {args.model!r}")
-    check_sampling(args.temperature, args.top_k, args.top_p, flags=True, **sampling_controls(args))
-    check_seed(args.seed)
 
 
 def sampling_controls(args) -> dict:
