@@ -1,0 +1,360 @@
+"""`tritongpt serve`: a tiny chat-tuned run served on an ephemeral port, talked to with urllib. Completions are
+generate()'s text, chat answers what `chat`'s Conversation and reply() give, streamed chunks add up to the text,
+and every bad request gets OpenAI's error object with its status."""
+import json
+import threading
+import urllib.error
+import urllib.request
+
+import pytest
+import torch
+
+from tritongpt.cli import build_parser, main
+from tritongpt.model.config import GPTConfig
+from tritongpt.model.gpt import GPTModel
+from tritongpt.train import chat, formats, serve
+from tritongpt.train.generate import generate
+from tritongpt.train.tokenizer import BPETokenizer
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+CORPUS = ("the cat sat on the mat. a dog ran in the park, the bird sang; " * 4 + "Hello there! How are you? 0123456789")
+
+
+def tiny_run(folder, prompt_format):
+    """A run folder as SFT leaves one: its tokenizer, a checkpoint with the prompt format it was tuned on."""
+    tok = BPETokenizer.train(CORPUS, 300)
+    tok.save(folder / "tokenizer.json")
+    torch.manual_seed(7)
+    (folder / "ckpt-0000001").mkdir(parents=True)
+    model = GPTModel(GPTConfig(vocab_size=tok.vocab_size, context_length=128, n_embd=32, n_layer=2, n_head=2,
+                               tie_weights=False))  # (tied, a random model repeats its last token)
+    model.save(folder / "ckpt-0000001" / "model.safetensors")
+    torch.save({"step": 1, "prompt_format": prompt_format}, folder / "ckpt-0000001" / "state.pt")
+    return tok
+
+
+def start(folder, *flags):
+    args = build_parser(["serve"]).parse_args(["serve", "--weights", str(folder), "--port", "0", "--device", "cpu",
+                                               *flags])
+    server = serve.make_server(args)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("serve") / "run"
+    tok = tiny_run(folder, "chat")
+    server = start(folder, "--served-model-name", "tiny-chat")
+    server.RequestHandlerClass.log_message = lambda *a: None  # (the request log: stderr, not the test's output)
+    yield server, tok
+    server.shutdown()
+    server.server_close()
+
+
+def call(server, path, body=None, method=None, raw=None):
+    """(status, parsed JSON body, or the raw text of an event stream)."""
+    url = f"http://127.0.0.1:{server.server_address[1]}{path}"
+    data = raw if raw is not None else None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(url, data=data, method=method or ("GET" if data is None else "POST"),
+                                 headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=30) as r:
+            text = r.read().decode()
+            return r.status, (text if r.headers["Content-Type"] == "text/event-stream" else json.loads(text))
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read().decode())
+
+
+def events(text):
+    """The JSON chunks of an event stream, which must end with [DONE]."""
+    lines = [line for line in text.split("\n\n") if line]
+    assert all(line.startswith("data: ") for line in lines) and lines[-1] == "data: [DONE]"
+    return [json.loads(line[len("data: "):]) for line in lines[:-1]]
+
+
+def reference(server, ids, max_new, eos=None, seed=None, n=1, temperature=0.0):
+    """generate()'s rows of new ids, drawn here (the model the server holds, its own generator)."""
+    gen = torch.Generator().manual_seed(seed) if seed is not None else None
+    out = generate(server.app.model, torch.tensor([ids] * n), max_new, temperature=temperature, eos_id=eos,
+                   generator=gen)
+    return [row[len(ids):] for row in out.tolist()]
+
+
+def new_text(tok, ids, new):
+    return tok.decode(ids + new)[len(tok.decode(ids)):]
+
+
+def fresh_stop(text, at):
+    """Two characters of text first found at `at` or later (a random model repeats itself)."""
+    i = next(i for i in range(at, len(text) - 1) if text.find(text[i:i + 2]) == i and text[i:i + 2].strip())
+    return text[i:i + 2]
+
+
+def test_models_lists_the_one_model(served):
+    server, _ = served
+    status, body = call(server, "/v1/models")
+    assert status == 200 and [m["id"] for m in body["data"]] == ["tiny-chat"] and body["object"] == "list"
+    assert call(server, "/v1/models/tiny-chat")[1]["id"] == "tiny-chat"
+    assert call(server, "/v1/models/other")[0] == 404
+    assert serve.served_name("/x/hub/models--Qwen--Qwen2.5-0.5B/snapshots/abc") == "Qwen/Qwen2.5-0.5B"
+
+
+def test_a_greedy_completion_is_generates_text_with_its_usage(served):
+    server, tok = served
+    prompt = "the cat sat"
+    status, body = call(server, "/v1/completions", {"prompt": prompt, "max_tokens": 9, "temperature": 0,
+                                                    "model": "tiny-chat"})
+    ids = tok.encode(prompt)
+    new = reference(server, ids, 9, eos=tok.eot_id)[0]
+    assert tok.eot_id not in new  # (else the row below would be cut)
+    assert status == 200 and body["object"] == "text_completion" and body["model"] == "tiny-chat"
+    assert body["choices"] == [{"index": 0, "text": new_text(tok, ids, new), "logprobs": None,
+                                "finish_reason": "length"}]
+    assert body["usage"] == {"prompt_tokens": len(ids), "completion_tokens": 9, "total_tokens": len(ids) + 9}
+    # OpenAI's default: 16 tokens
+    assert call(server, "/v1/completions", {"prompt": prompt, "temperature": 0})[1]["usage"]["completion_tokens"] == 16
+
+
+def test_several_prompts_and_n_samples_seeded(served):
+    server, tok = served
+    prompts = ["a dog", "Hello there! How"]
+    req = {"prompt": prompts, "max_tokens": 7, "n": 3, "seed": 1234, "temperature": 1.0}
+    status, body = call(server, "/v1/completions", req)
+    assert status == 200 and [c["index"] for c in body["choices"]] == list(range(6))
+    # one generator for the request, seeded: the prompts' n rows drawn in turn, one batch each
+    gen, want, prompt_tokens = torch.Generator().manual_seed(1234), [], 0
+    for p in prompts:
+        ids = tok.encode(p)
+        prompt_tokens += len(ids)
+        rows = generate(server.app.model, torch.tensor([ids] * 3), 7, temperature=1.0, eos_id=tok.eot_id,
+                        generator=gen)[:, len(ids):].tolist()
+        want += [new_text(tok, ids, r[:r.index(tok.eot_id)] if tok.eot_id in r else r) for r in rows]
+    assert [c["text"] for c in body["choices"]] == want
+    assert len(set(want)) > 1  # (sampled: the rows differ)
+    assert body["usage"]["prompt_tokens"] == prompt_tokens
+    assert call(server, "/v1/completions", req)[1]["choices"] == body["choices"]  # the seed reproduces it
+    assert call(server, "/v1/completions", {**req, "seed": 99})[1]["choices"] != body["choices"]
+
+
+def test_stop_strings_cut_the_text_and_count_the_tokens_drawn(served):
+    server, tok = served
+    prompt = "the bird"
+    ids = tok.encode(prompt)
+    new = reference(server, ids, 20)[0]
+    full = new_text(tok, ids, new)
+    stop = fresh_stop(full, 3)
+    status, body = call(server, "/v1/completions", {"prompt": prompt, "max_tokens": 20, "temperature": 0,
+                                                    "stop": ["zzz", stop]})
+    (choice,) = body["choices"]
+    assert choice["text"] == full[:full.find(stop)] and choice["finish_reason"] == "stop"
+    # the tokens drawn until the text first held the stop string
+    k = next(k for k in range(1, 21) if stop in new_text(tok, ids, new[:k]))
+    assert body["usage"]["completion_tokens"] == k
+    # one string as stop; a stop never drawn leaves the text whole
+    assert call(server, "/v1/completions", {"prompt": prompt, "max_tokens": 20, "temperature": 0,
+                                            "stop": stop})[1]["choices"] == [choice]
+    body = call(server, "/v1/completions", {"prompt": prompt, "max_tokens": 20, "temperature": 0, "stop": "zzz"})[1]
+    assert body["choices"][0]["text"] == full and body["choices"][0]["finish_reason"] == "length"
+
+
+def test_the_end_token_ends_a_completion_with_finish_reason_stop(served, monkeypatch):
+    server, tok = served
+    prompt = "on the mat"
+    ids = tok.encode(prompt)
+    new = reference(server, ids, 12)[0]
+    end = new[4]  # a token the greedy text draws, made the model's end of text for this test
+    monkeypatch.setattr(server.app, "eot", end)
+    body = call(server, "/v1/completions", {"prompt": prompt, "max_tokens": 12, "temperature": 0})[1]
+    cut = new.index(end)
+    assert body["choices"][0]["text"] == new_text(tok, ids, new[:cut])
+    assert body["choices"][0]["finish_reason"] == "stop"
+    assert body["usage"]["completion_tokens"] == cut + 1  # the end token was drawn too
+
+
+def test_streamed_chunks_add_up_to_the_text_and_end_with_done(served):
+    server, tok = served
+    prompt = "the dog ran"
+    new = reference(server, tok.encode(prompt), 24)[0]
+    full = new_text(tok, tok.encode(prompt), new)
+    stop = fresh_stop(full, 6)
+    for extra in ({}, {"stop": stop}, {"n": 2, "temperature": 1.0, "seed": 5}):
+        req = {"prompt": prompt, "max_tokens": 24, "temperature": 0, **extra}
+        plain = call(server, "/v1/completions", req)[1]
+        status, text = call(server, "/v1/completions", {**req, "stream": True,
+                                                        "stream_options": {"include_usage": True}})
+        chunks = events(text)
+        assert status == 200 and all(c["object"] == "text_completion" for c in chunks)
+        assert chunks[-1]["usage"] == plain["usage"] and chunks[-1]["choices"] == []
+        for c in plain["choices"]:
+            mine = [ch["choices"][0] for ch in chunks[:-1] if ch["choices"][0]["index"] == c["index"]]
+            assert "".join(m["text"] for m in mine) == c["text"]
+            assert [m["finish_reason"] for m in mine] == [None] * (len(mine) - 1) + [c["finish_reason"]]
+            assert len(mine) > 2  # streamed as drawn, not in one piece
+    # without stream_options: no usage chunk
+    assert all("usage" not in c for c in events(call(server, "/v1/completions",
+                                                     {"prompt": prompt, "max_tokens": 3, "stream": True})[1]))
+
+
+MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello there!"},
+            {"role": "assistant", "content": "the cat sat."}, {"role": "user", "content": "How are you?"}]
+
+
+def test_a_chat_completion_is_what_chat_answers(served):
+    server, tok = served
+    conv = chat.Conversation("chat", "Be brief.")
+    conv.add("Hello there!", "the cat sat.")
+    ids = formats.encode_prompt(tok, conv.prompt("How are you?", 0, tok))
+    want, ended = chat.reply(server.app.model, tok, ids, 10, temperature=0.0, stream=False)
+    status, body = call(server, "/v1/chat/completions", {"messages": MESSAGES, "max_tokens": 10, "temperature": 0})
+    assert status == 200 and body["object"] == "chat.completion"
+    assert body["choices"] == [{"index": 0, "message": {"role": "assistant", "content": want}, "logprobs": None,
+                                "finish_reason": "stop" if ended else "length"}]
+    assert body["usage"]["prompt_tokens"] == len(ids)
+    # no max_tokens: to the end of the turn, or of the context
+    default = call(server, "/v1/chat/completions", {"messages": MESSAGES, "temperature": 0})[1]
+    budget = 128 - len(ids)
+    want, ended = chat.reply(server.app.model, tok, ids, budget, temperature=0.0, stream=False)
+    assert default["choices"][0]["message"]["content"] == want
+    assert default["usage"]["completion_tokens"] == (len(tok.encode(want)) + 1 if ended else budget)
+    # streamed: a role chunk, then the content's deltas, then the finish
+    chunks = events(call(server, "/v1/chat/completions", {"messages": MESSAGES, "max_tokens": 10, "temperature": 0,
+                                                          "stream": True})[1])
+    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    assert all(c["object"] == "chat.completion.chunk" for c in chunks)
+    assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks) == body["choices"][0]["message"][
+        "content"]
+    assert chunks[-1]["choices"][0]["finish_reason"] == body["choices"][0]["finish_reason"]
+
+
+def test_a_model_without_a_chat_format_refuses_chat_and_serves_completions(tmp_path):
+    tiny_run(tmp_path / "run", None)  # a pretraining run's: no prompt format, our BPE (no chat template)
+    server = start(tmp_path / "run")
+    server.RequestHandlerClass.log_message = lambda *a: None
+    try:
+        status, body = call(server, "/v1/chat/completions", {"messages": MESSAGES[1:2]})
+        assert status == 400 and body["error"]["param"] == "messages"
+        assert "has no chat format" in body["error"]["message"] and str(tmp_path / "run") in body["error"]["message"]
+        assert call(server, "/v1/completions", {"prompt": "the"})[0] == 200
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.mark.parametrize("path, body, status, param, says", [
+    ("/v1/completions", {"prompt": "a", "temperature": -0.5}, 400, "temperature", "'temperature' must be"),
+    ("/v1/completions", {"prompt": "a", "temperature": 2.5}, 400, "temperature", "in [0, 2]"),
+    ("/v1/completions", {"prompt": "a", "n": 0}, 400, "n", "'n' must be an integer in [1, 128], got 0"),
+    ("/v1/completions", {"prompt": "a", "n": 1.5}, 400, "n", "'n' must be an integer"),
+    ("/v1/completions", {"prompt": "a", "top_p": 0}, 400, "top_p", "'top_p' must be a number in (0, 1]"),
+    ("/v1/completions", {"prompt": "a", "max_tokens": 0}, 400, "max_tokens", "'max_tokens' must be an integer >= 1"),
+    ("/v1/completions", {"prompt": "a", "repetition_penalty": 0}, 400, "repetition_penalty", "a number > 0, got 0"),
+    ("/v1/completions", {"prompt": "a", "min_p": 1.5}, 400, "min_p", "'min_p' must be a number in [0, 1]"),
+    ("/v1/completions", {"prompt": "a", "temperature": float("nan")}, 400, "temperature", "got nan"),
+    ("/v1/completions", {"prompt": "a", "frequency_penalty": 3}, 400, "frequency_penalty", "[-2, 2]"),
+    ("/v1/completions", {"prompt": "a", "seed": "7"}, 400, "seed", "'seed' must be an integer"),
+    ("/v1/completions", {"prompt": "a", "top_k": 0}, 400, "top_k", "'top_k' must be a positive integer"),
+    ("/v1/completions", {"prompt": "a", "stop": ""}, 400, "stop", "'stop' must be a non-empty string"),
+    ("/v1/completions", {"prompt": "a", "stream": "yes"}, 400, "stream", "'stream' must be true or false"),
+    ("/v1/completions", {"prompt": "a", "stream_options": {"include_usage": True}}, 400, "stream_options",
+     "only allowed with 'stream': true"),
+    ("/v1/completions", {"prompt": "a", "frobnicate": 1}, 400, "frobnicate", "unknown field 'frobnicate'"),
+    ("/v1/completions", {"prompt": "a", "logprobs": 2}, 400, "logprobs", "'logprobs' is not supported"),
+    ("/v1/completions", {"prompt": "a", "echo": True}, 400, "echo", "'echo' is not supported"),
+    ("/v1/completions", {"prompt": "a", "best_of": 3}, 400, "best_of", "'best_of' other than n"),
+    ("/v1/completions", {"prompt": "a", "max_completion_tokens": 3}, 400, "max_completion_tokens", "unknown field"),
+    ("/v1/completions", {"prompt": [1, 2]}, 400, "prompt", "token ids are not taken"),
+    ("/v1/completions", {}, 400, "prompt", "'prompt' must be a string"),
+    ("/v1/completions", {"prompt": ""}, 400, "prompt", "the prompt is empty"),
+    ("/v1/completions", {"prompt": "a<|endoftext|>"}, 400, "prompt", "special token <|endoftext|>"),
+    ("/v1/completions", {"prompt": "q z " * 70}, 400, "max_tokens", "the model's context is 128 tokens"),
+    ("/v1/completions", {"prompt": "a", "model": "gpt-4o"}, 404, "model", "'gpt-4o' does not exist"),
+    ("/v1/chat/completions", {"messages": MESSAGES, "tools": [{"type": "function"}]}, 400, "tools",
+     "'tools' is not supported"),
+    ("/v1/chat/completions", {"messages": MESSAGES[:3]}, 400, "messages", "must end with an user message"),
+    ("/v1/chat/completions", {"messages": [{"role": "tool", "content": "x"}]}, 400, "messages", "role 'tool'"),
+    ("/v1/chat/completions", {"messages": "hi"}, 400, "messages", "must be a list of messages"),
+    ("/v1/chat/completions", {}, 400, "messages", "'messages' is required"),
+    ("/v1/chat/completions", {"messages": MESSAGES, "max_tokens": 2, "max_completion_tokens": 2}, 400,
+     "max_completion_tokens", "pass one of"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "q z " * 70}]}, 400, "messages",
+     "nothing is left for an answer"),
+    ("/v1/chat/completions", {"messages": MESSAGES, "prompt": "a"}, 400, "prompt", "unknown field 'prompt'"),
+])
+def test_bad_requests_get_openais_error_object(served, path, body, status, param, says):
+    server, _ = served
+    got, err = call(server, path, body)
+    assert got == status and set(err) == {"error"}
+    assert set(err["error"]) == {"message", "type", "param", "code"} and err["error"]["param"] == param
+    assert says in err["error"]["message"] and err["error"]["type"] == "invalid_request_error"
+
+
+def test_bad_paths_methods_and_bodies(served):
+    server, _ = served
+    for path, method, raw, status, says in [
+            ("/v1/nothing", "GET", None, 404, "unknown path: GET /v1/nothing"),
+            ("/v1/completions", "GET", None, 405, "GET is not allowed on /v1/completions"),
+            ("/v1/models", "POST", b"{}", 405, "POST is not allowed on /v1/models"),
+            ("/v1/completions", "DELETE", None, 405, "DELETE is not allowed"),
+            ("/v1/completions", "POST", b"{not json", 400, "not valid JSON"),
+            ("/v1/completions", "POST", b"[1, 2]", 400, "must be a JSON object, got list"),
+            ("/v1/completions", "POST", b"\xff", 400, "not valid JSON")]:
+        got, err = call(server, path, method=method, raw=raw)
+        assert got == status and set(err["error"]) == {"message", "type", "param", "code"}, (path, method)
+        assert says in err["error"]["message"]
+
+
+def test_an_internal_failure_is_a_500_without_a_traceback(served, monkeypatch, capsys):
+    server, _ = served
+    monkeypatch.setattr(server.app, "draw", lambda *a, **k: 1 / 0)
+    got, err = call(server, "/v1/completions", {"prompt": "a"})
+    assert got == 500 and err["error"]["type"] == "server_error" and "Traceback" not in err["error"]["message"]
+    assert "ZeroDivisionError" in capsys.readouterr().err  # in the server's log
+
+
+def test_the_command_refuses_bad_flags(capsys, tmp_path):
+    assert main(["serve"]) == 2
+    assert "serve needs a model: pass --weights" in capsys.readouterr().err
+    assert main(["serve", "--weights", str(tmp_path), "--port", "70000"]) == 2
+    assert "--port must be in [0, 65535], got 70000" in capsys.readouterr().err
+
+
+def test_a_hugging_face_instruct_folder_answers_in_its_own_chat_template(tmp_path):
+    """A folder whose tokenizer has a chat template (ChatML) and no run: the chat answer is transformers' greedy
+    continuation of apply_chat_template(add_generation_prompt), up to the template's <|im_end|>."""
+    pytest.importorskip("transformers")
+    from test_chat_template import CHATML, chat_folder
+
+    path, theirs, hf = chat_folder(tmp_path / "qwen", CHATML, "<|im_end|>")
+    server = start(path, "--kernels", "reference")
+    server.RequestHandlerClass.log_message = lambda *a: None
+    try:
+        assert server.app.chat_stop == theirs.convert_tokens_to_ids("<|im_end|>")
+        messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "the cat sat"}]
+        prompt = theirs.apply_chat_template(messages, add_generation_prompt=True, return_dict=False)
+        with torch.no_grad():
+            row = hf.generate(torch.tensor([prompt]), max_new_tokens=6, do_sample=False,
+                              pad_token_id=0)[0, len(prompt):].tolist()
+        end = server.app.chat_stop
+        body = call(server, "/v1/chat/completions", {"messages": messages, "max_tokens": 6, "temperature": 0})[1]
+        assert body["choices"][0]["message"]["content"] == theirs.decode(row[:row.index(end)] if end in row else row)
+        assert body["usage"]["prompt_tokens"] == len(prompt) and body["model"] == str(path)
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_requests_at_once_take_turns_and_get_what_each_gets_alone(served):
+    server, _ = served
+    reqs = [{"prompt": f"the {w}", "max_tokens": 6, "n": 2, "seed": i} for i, w in enumerate(["cat", "dog", "mat"])]
+    alone = [call(server, "/v1/completions", r)[1]["choices"] for r in reqs]
+    got = [None] * len(reqs)
+
+    def ask(i):
+        got[i] = call(server, "/v1/completions", reqs[i])[1]["choices"]
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(reqs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert got == alone

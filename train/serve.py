@@ -1,0 +1,495 @@
+"""`tritongpt serve`: one model behind an OpenAI-compatible HTTP API (the standard library's http.server).
+
+    tritongpt serve --weights runs/sft --port 8000
+    curl localhost:8000/v1/chat/completions -d '{"messages": [{"role": "user", "content": "Hi"}]}'
+
+Endpoints and shapes follow OpenAI's API reference (GET /v1/models, POST /v1/completions, POST /v1/chat/completions,
+streaming as server-sent events ending in `data: [DONE]`, errors as {"error": {message, type, param, code}}); the
+sampling fields beyond OpenAI's (top_k, min_p, repetition_penalty) are vLLM's (vllm/entrypoints/openai/protocol.py).
+The text is generate()'s: a completion is what `tritongpt generate` prints after the prompt, a chat answer what
+`tritongpt chat` answers to the same messages (its Conversation renders them), cut at the same stop strings. A field
+this server does not implement (logprobs, tools, ...) is refused by name, never ignored. One model, one request
+generating at a time (a lock); the others wait their turn.
+"""
+import json
+import math
+import secrets
+import sys
+import threading
+import time
+import traceback
+import uuid
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from tritongpt._types import is_int, is_real
+from tritongpt.cli import command_help
+from tritongpt.errors import UserError, note
+
+# fields every generation request takes (OpenAI's, then vLLM's extra sampling settings)
+COMMON_FIELDS = {"model", "max_tokens", "temperature", "top_p", "n", "stop", "seed", "frequency_penalty",
+                 "presence_penalty", "stream", "stream_options", "user", "top_k", "min_p", "repetition_penalty"}
+FIELDS = {"completions": COMMON_FIELDS | {"prompt", "echo", "best_of"},
+          "chat": COMMON_FIELDS | {"messages", "max_completion_tokens"}}
+# OpenAI's fields this server does not implement: refused unless null or false (their "off")
+UNSUPPORTED = {"logprobs", "top_logprobs", "logit_bias", "suffix", "tools", "tool_choice", "functions",
+               "function_call", "parallel_tool_calls", "response_format", "audio", "modalities", "prediction",
+               "reasoning_effort", "web_search_options", "store", "metadata", "service_tier"}
+MAX_N = 128  # OpenAI's limit on n
+
+
+class APIError(Exception):
+    """A request the server refuses: its HTTP status and OpenAI's error object."""
+
+    def __init__(self, status: int, message: str, param=None, kind="invalid_request_error", code=None):
+        super().__init__(message)
+        self.status, self.param, self.kind, self.code = status, param, kind, code
+
+    def body(self) -> dict:
+        return {"error": {"message": str(self), "type": self.kind, "param": self.param, "code": self.code}}
+
+
+def bad(field, message):
+    return APIError(400, message, param=field)
+
+
+def served_name(weights) -> str:
+    """The model id /v1/models lists by default: a Hub repo's id for its cached snapshot folder
+    (.../models--owner--name/snapshots/HASH, where fetch_hub_repos put it), else --weights as given (vLLM's)."""
+    from pathlib import Path
+
+    for part in Path(weights).parts:
+        if part.startswith("models--"):
+            return part[len("models--"):].replace("--", "/")
+    return str(weights)
+
+
+def sampling_settings(body: dict, endpoint: str, served: str) -> dict:
+    """The request's generation settings, each field checked against OpenAI's range (vLLM's for its own fields);
+    an unknown field, or one OpenAI has that this server does not implement, refused by name."""
+    for key in body:
+        if key in UNSUPPORTED:
+            if body[key] not in (None, False):
+                raise bad(key, f"'{key}' is not supported by this server")
+        elif key not in FIELDS[endpoint]:
+            raise bad(key, f"unknown field '{key}'")
+    model = body.get("model")
+    if model is not None and model != served:
+        raise APIError(404, f"the model '{model}' does not exist: this server serves '{served}'", "model",
+                       code="model_not_found")
+
+    def number(key, default, low, high, low_open=False, integer=False):
+        value = body.get(key)
+        if value is None:
+            return default
+        ok = is_int(value) if integer else is_real(value) and math.isfinite(value)
+        if not ok or value < low or value > high or (low_open and value == low):
+            what = "an integer" if integer else "a number"
+            where = f"{'>' if low_open else '>='} {low}" if high == math.inf else \
+                f"in {'(' if low_open else '['}{low}, {high}]"
+            raise bad(key, f"'{key}' must be {what} {where}, got {value!r}")
+        return value
+
+    s = dict(temperature=float(number("temperature", 1.0, 0, 2)), top_p=float(number("top_p", 1.0, 0, 1, True)),
+             n=number("n", 1, 1, MAX_N, integer=True), seed=number("seed", None, -2**63, 2**63 - 1, integer=True),
+             frequency_penalty=float(number("frequency_penalty", 0.0, -2, 2)),
+             presence_penalty=float(number("presence_penalty", 0.0, -2, 2)),
+             min_p=number("min_p", None, 0, 1),
+             repetition_penalty=number("repetition_penalty", None, 0, math.inf, low_open=True))
+    top_k = body.get("top_k")
+    if top_k is not None and (not is_int(top_k) or (top_k < 1 and top_k != -1)):
+        raise bad("top_k", f"'top_k' must be a positive integer, or -1 for all tokens, got {top_k!r}")
+    s["top_k"] = None if top_k in (None, -1) else top_k
+    # max_completion_tokens: chat's newer name for max_tokens
+    names = [k for k in ("max_tokens", "max_completion_tokens") if body.get(k) is not None]
+    if len(names) > 1:
+        raise bad(names[1], "pass one of 'max_tokens' and 'max_completion_tokens'")
+    s["max_tokens"] = number(names[0], None, 1, math.inf, integer=True) if names else \
+        (16 if endpoint == "completions" else None)  # chat: to the end of the turn, or of the context
+    stop = body.get("stop")
+    stops = [stop] if isinstance(stop, str) else stop if stop is not None else []
+    if not isinstance(stops, list) or not all(isinstance(t, str) and t for t in stops):
+        raise bad("stop", f"'stop' must be a non-empty string or a list of them, got {stop!r}")
+    s["stops"] = stops
+    s["stream"] = body.get("stream") or False
+    if not isinstance(s["stream"], bool):
+        raise bad("stream", f"'stream' must be true or false, got {body['stream']!r}")
+    options = body.get("stream_options")
+    if options is not None:
+        if not s["stream"]:
+            raise bad("stream_options", "'stream_options' is only allowed with 'stream': true")
+        if not isinstance(options, dict) or set(options) - {"include_usage"} or \
+                not isinstance(options.get("include_usage", False), bool):
+            raise bad("stream_options", f"'stream_options' takes {{\"include_usage\": true|false}}, got {options!r}")
+    s["include_usage"] = bool((options or {}).get("include_usage"))
+    if body.get("user") is not None and not isinstance(body["user"], str):
+        raise bad("user", "'user' must be a string")
+    if endpoint == "completions":
+        if body.get("echo") not in (None, False):
+            raise bad("echo", "'echo' is not supported by this server (only false)")
+        best_of = body.get("best_of")
+        if best_of is not None and best_of != s["n"]:  # best_of = n draws n and returns them all: plain sampling
+            raise bad("best_of", f"'best_of' other than n is not supported by this server, got {best_of!r}")
+    return s
+
+
+class Model:
+    """The served model, its tokenizer and its chat format; generates one request at a time."""
+
+    def __init__(self, model, tok, device, dtype, limit, name: str, template: str | None, template_why: str = ""):
+        from tritongpt.train.tokenizer import eot_or_none
+
+        self.model, self.tok, self.device, self.dtype, self.limit = model, tok, device, dtype, limit
+        self.name, self.template, self.template_why = name, template, template_why
+        self.eot = eot_or_none(tok)
+        self.chat_stop = self.eot
+        if template == "chat" and getattr(tok, "chat_template", None) is not None:
+            from tritongpt.train.chat_template import turn_end_id
+
+            try:
+                self.chat_stop = turn_end_id(tok)
+            except UserError as e:  # completions still work; chat completions say why not
+                self.template, self.template_why = None, str(e)
+        self.lock = threading.Lock()
+        self.created = int(time.time())
+
+    def completion_prompt(self, prompt) -> list:
+        """The prompt's ids, as `generate --prompt` encodes it (BOS first where the tokenizer adds one)."""
+        from tritongpt.train.formats import with_bos
+        from tritongpt.train.tokenizer import DisallowedSpecialToken
+
+        try:
+            ids = self.tok.encode(prompt, allowed_special="none_raise")
+        except DisallowedSpecialToken as e:
+            raise bad("prompt", f"the prompt contains the special token {e.token}: only text is taken") from None
+        ids = with_bos(self.tok, ids)
+        if not ids:
+            raise bad("prompt", "the prompt is empty")
+        return ids
+
+    def chat_prompt(self, messages) -> list:
+        """The messages' ids as `tritongpt chat` prompts them (its Conversation, in the model's template)."""
+        from tritongpt.train import formats
+        from tritongpt.train.chat import Conversation
+
+        if self.template is None:
+            raise bad("messages", f"the model '{self.name}' has no chat format ({self.template_why}): "
+                                  "use /v1/completions")
+        try:
+            messages = formats.check_messages(messages, "request", ends_with="user")
+        except UserError as e:
+            raise bad("messages", str(e)) from None
+        system = messages[0]["content"] if messages[0]["role"] == "system" else None
+        turns = messages[1:] if system is not None else messages
+        if self.template != "chat" and len(messages) > 1:
+            raise bad("messages", f"the model '{self.name}' was tuned on {self.template} prompts, which have no "
+                                  "system message or earlier turns: send one user message")
+        conv = Conversation(self.template, system)
+        conv.turns = [(u["content"], a["content"]) for u, a in zip(turns[:-1:2], turns[1::2])]
+        return formats.encode_prompt(self.tok, conv.prompt(turns[-1]["content"], 0, self.tok))
+
+    def budget(self, ids, max_tokens) -> int:
+        ctx = self.model.config.context_length
+        if max_tokens is None:  # as far as the context goes
+            if len(ids) >= ctx:
+                raise APIError(400, f"the prompt is {len(ids)} tokens; the model's context is {ctx}: nothing is "
+                                    "left for an answer", "messages", code="context_length_exceeded")
+            return ctx - len(ids)
+        if len(ids) + max_tokens > ctx:
+            raise APIError(400, f"the model's context is {ctx} tokens; the request asks {len(ids) + max_tokens} "
+                                f"({len(ids)} in the prompt, max_tokens {max_tokens}): shorten the prompt or "
+                                "max_tokens", "max_tokens", code="context_length_exceeded")
+        return max_tokens
+
+    def draw(self, ids, budget, s, stop_id, generator, on_delta=None) -> list:
+        """n choices after the prompt ids (one batch): [(text, finish_reason, completion tokens)]. on_delta(i,
+        text): each choice's new text as it is drawn (held back where a stop string may be starting), the
+        deltas of a choice adding up to its text."""
+        import torch
+
+        from tritongpt.commands import continuation, cut_at_stop
+        from tritongpt.train.common import autocast
+        from tritongpt.train.generate import generate
+
+        n, stops, start = s["n"], s["stops"], len(ids)
+        prompt_text = self.tok.decode(ids)
+        first_stop = {}  # row -> how many new tokens it had drawn when its text first held a stop string
+
+        def text_of(new):  # the row's new text, up to the token that ends the answer
+            return continuation(self.tok, ids, new[:new.index(stop_id)] if stop_id in new else new, prompt_text)
+
+        def stopped(rows):
+            for i, r in enumerate(rows.tolist()):
+                if i not in first_stop and cut_at_stop(text_of(r[start:]), stops)[1] is not None:
+                    first_stop[i] = len(r) - start
+            return torch.tensor([i in first_stop for i in range(len(rows))])
+
+        streams = [Delta(self.tok, ids, stops) for _ in range(n)] if on_delta else None
+
+        def on_token(new):
+            for i, t in enumerate(new[:, 0].tolist()):
+                if t == stop_id:
+                    streams[i].done = True
+                delta = streams[i].add(t)
+                if delta:
+                    on_delta(i, delta)
+
+        idx = torch.tensor([ids] * n, dtype=torch.long, device=self.device)
+        with autocast(self.device, self.dtype):
+            out = generate(self.model, idx, budget, temperature=s["temperature"], top_k=s["top_k"],
+                           top_p=s["top_p"] if s["top_p"] < 1 else None, min_p=s["min_p"],
+                           repetition_penalty=s["repetition_penalty"], frequency_penalty=s["frequency_penalty"],
+                           presence_penalty=s["presence_penalty"], eos_id=stop_id, generator=generator,
+                           vocab_limit=self.limit, on_token=on_token if on_delta else None,
+                           stop=stopped if stops else None).tolist()
+        choices = []
+        for i, row in enumerate(out):
+            new = row[start:]
+            text, cut = cut_at_stop(text_of(new), stops)
+            if cut is not None:
+                choices.append((text, "stop", first_stop[i]))
+            elif stop_id in new:
+                choices.append((text, "stop", new.index(stop_id) + 1))  # the end-of-text token was drawn too
+            else:
+                choices.append((text, "length", len(new)))
+            if on_delta:
+                sent = streams[i].sent_text
+                if text[:len(sent)] != sent:  # cannot happen: the stream sends what decoding gives, held back
+                    raise RuntimeError(f"streamed {sent!r}, which the text {text!r} does not start with")
+                if text[len(sent):]:
+                    on_delta(i, text[len(sent):])
+        return choices
+
+
+class Delta:
+    """One streamed choice: the text each new token adds (the tokenizer's stream_decoder, as `generate --stream`'s
+    TextStream), less what may be the start of a stop string, up to the first stop string or end token."""
+
+    def __init__(self, tok, prompt_ids, stops):
+        self.decoder, self.stops = tok.stream_decoder(), stops
+        self.decoder.write(prompt_ids)  # the prompt's text read, not sent: a word's leading space is the new text's
+        self.new, self.sent_text, self.done = "", "", False
+        self.hold = max((len(t) for t in stops), default=1) - 1
+
+    def add(self, token: int) -> str:
+        from tritongpt.commands import cut_at_stop
+
+        if self.done:
+            return ""
+        self.new += self.decoder.write([token])
+        text, cut = cut_at_stop(self.new, self.stops)
+        self.done = cut is not None
+        end = len(text) if cut else max(len(self.sent_text), len(self.new) - self.hold)
+        delta = self.new[len(self.sent_text):end]
+        self.sent_text += delta
+        return delta
+
+
+class Handler(BaseHTTPRequestHandler):
+    """Routes a request to its endpoint; every failure is an OpenAI error object, never a traceback."""
+    server_version = "tritongpt"
+    ROUTES = {"/v1/models": "GET", "/v1/completions": "POST", "/v1/chat/completions": "POST"}
+
+    def do_GET(self):
+        self.route("GET")
+
+    def do_POST(self):
+        self.route("POST")
+
+    def do_PUT(self):
+        self.route("PUT")
+
+    def do_DELETE(self):
+        self.route("DELETE")
+
+    def do_PATCH(self):
+        self.route("PATCH")
+
+    def route(self, method):
+        path = self.path.split("?", 1)[0]
+        app = self.server.app
+        model_path = path.startswith("/v1/models/")
+        allowed = "GET" if model_path else self.ROUTES.get(path)
+        self.streaming = False
+        try:
+            if allowed is None:
+                raise APIError(404, f"unknown path: {method} {path}", code="not_found")
+            if method != allowed:
+                raise APIError(405, f"{method} is not allowed on {path} (only {allowed})", code="method_not_allowed")
+            if model_path:
+                if path[len("/v1/models/"):] != app.name:
+                    raise APIError(404, f"the model '{path[len('/v1/models/'):]}' does not exist", "model",
+                                   code="model_not_found")
+                return self.send_json(200, self.model_card())
+            if path == "/v1/models":
+                return self.send_json(200, {"object": "list", "data": [self.model_card()]})
+            self.generate("chat" if path == "/v1/chat/completions" else "completions", self.read_body())
+        except APIError as e:
+            self.fail(e)
+        except UserError as e:  # a setting generate() refuses
+            self.fail(APIError(400, str(e)))
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the client left
+        except Exception:  # the server's own fault: its traceback in the server's log, not to the client
+            traceback.print_exc(file=sys.stderr)
+            self.fail(APIError(500, "internal server error (see the server's log)", kind="server_error"))
+
+    def fail(self, e: APIError):
+        if self.streaming:  # the 200 is sent: the error goes as an event, as vLLM's
+            self.send_event(e.body())
+            self.send_event("[DONE]")
+        else:
+            self.send_json(e.status, e.body(), allow=self.ROUTES.get(self.path.split("?", 1)[0])
+                           if e.status == 405 else None)
+
+    def model_card(self):
+        return {"id": self.server.app.name, "object": "model", "created": self.server.app.created,
+                "owned_by": "tritongpt"}
+
+    def read_body(self) -> dict:
+        length = self.headers.get("Content-Length")
+        if length is None or not length.isdigit():
+            raise APIError(400, "the request needs a JSON body (with its Content-Length)")
+        try:
+            body = json.loads(self.rfile.read(int(length)).decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise APIError(400, f"the body is not valid JSON ({e})") from None
+        if not isinstance(body, dict):
+            raise APIError(400, f"the body must be a JSON object, got {type(body).__name__}")
+        return body
+
+    def send_json(self, status: int, obj, allow=None):
+        data = json.dumps(obj).encode("utf-8")
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        if allow:
+            self.send_header("Allow", allow)
+        self.end_headers()
+        self.wfile.write(data)
+
+    def send_event(self, obj):
+        self.wfile.write(f"data: {obj if isinstance(obj, str) else json.dumps(obj)}\n\n".encode("utf-8"))
+        self.wfile.flush()
+
+    def generate(self, endpoint: str, body: dict):
+        import torch
+
+        app = self.server.app
+        chat = endpoint == "chat"
+        s = sampling_settings(body, endpoint, app.name)
+        if chat:
+            if "messages" not in body:
+                raise bad("messages", "'messages' is required")
+            prompts = [app.chat_prompt(body["messages"])]
+            stop_id = app.chat_stop
+        else:
+            prompt = body.get("prompt")
+            prompts = [prompt] if isinstance(prompt, str) else prompt
+            if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) for p in prompts):
+                raise bad("prompt", f"'prompt' must be a string or a non-empty list of strings (token ids are not "
+                                    f"taken), got {prompt!r}")
+            prompts = [app.completion_prompt(p) for p in prompts]
+            stop_id = app.eot
+        budgets = [app.budget(ids, s["max_tokens"]) for ids in prompts]  # every prompt checked before any work
+        kind = "chat.completion" if chat else "text_completion"
+        head = {"id": ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex, "object": kind,
+                "created": int(time.time()), "model": app.name}
+        seed = s["seed"] if s["seed"] is not None else secrets.randbits(63)
+        with app.lock:
+            gen = torch.Generator(device=app.device).manual_seed(seed)
+            on_delta = None
+            if s["stream"]:
+                self.send_response(200)
+                self.send_header("Content-Type", "text/event-stream")
+                self.send_header("Cache-Control", "no-cache")
+                self.end_headers()
+                self.streaming = True
+                head["object"] = kind + ".chunk" if chat else kind
+
+                def chunk(index, text=None, finish=None, role=False):
+                    if chat:
+                        delta = {"role": "assistant", "content": ""} if role else \
+                            {"content": text} if text is not None else {}
+                        choice = {"index": index, "delta": delta, "finish_reason": finish}
+                    else:
+                        choice = {"index": index, "text": text or "", "logprobs": None, "finish_reason": finish}
+                    self.send_event({**head, "choices": [choice]})
+            choices, used = [], [0, 0]
+            for p, (ids, budget) in enumerate(zip(prompts, budgets)):
+                base = p * s["n"]  # OpenAI's index: the prompt's n choices in turn
+                if s["stream"]:
+                    if chat:
+                        for i in range(s["n"]):
+                            chunk(base + i, role=True)
+                    on_delta = (lambda b: lambda i, text: chunk(b + i, text))(base)
+                drawn = app.draw(ids, budget, s, stop_id, gen, on_delta)
+                used[0] += len(ids)
+                for i, (text, finish, count) in enumerate(drawn):
+                    used[1] += count
+                    if s["stream"]:
+                        chunk(base + i, finish=finish)
+                    elif chat:
+                        choices.append({"index": base + i, "message": {"role": "assistant", "content": text},
+                                        "logprobs": None, "finish_reason": finish})
+                    else:
+                        choices.append({"index": base + i, "text": text, "logprobs": None, "finish_reason": finish})
+        usage = {"prompt_tokens": used[0], "completion_tokens": used[1], "total_tokens": sum(used)}
+        if s["stream"]:
+            if s["include_usage"]:
+                self.send_event({**head, "choices": [], "usage": usage})
+            self.send_event("[DONE]")
+        else:
+            self.send_json(200, {**head, "choices": choices, "usage": usage})
+
+
+def make_server(args) -> ThreadingHTTPServer:
+    """The model loaded (--weights or --pretrained) and a server bound to --host and --port (0: a free one)."""
+    from tritongpt.commands import check_model_source, load_generation_model
+    from tritongpt.train.chat import run_template
+
+    check_model_source(args)
+    if not args.weights and not args.pretrained:
+        raise UserError("serve needs a model: pass --weights (or --pretrained --model NAME)")
+    if not 0 <= args.port <= 65535:
+        raise UserError(f"--port must be in [0, 65535], got {args.port}")
+    if args.served_model_name is not None and not args.served_model_name.strip():
+        raise UserError("--served-model-name is empty")
+    model, tok, device, dtype, limit = load_generation_model(args)
+    # the chat format as `chat --template auto` picks it, except that a model with none is refused, not guessed
+    template, why = run_template(args.weights), ""
+    if template is None and getattr(tok, "chat_template", None) is not None:
+        template = "chat"
+    elif template is None:
+        why = "it records no fine-tuning prompt format and its tokenizer has no chat template"
+        note(f"{args.weights or args.model}: {why}: /v1/chat/completions is refused, /v1/completions served")
+    name = args.served_model_name or (served_name(args.weights) if args.weights else args.model)
+    server = ThreadingHTTPServer((args.host, args.port), Handler)
+    server.daemon_threads = True
+    server.app = Model(model, tok, device, dtype, limit, name, template, why)
+    return server
+
+
+def cmd_serve(args):
+    server = make_server(args)
+    host, port = server.server_address[:2]
+    note(f"serving {server.app.name} at http://{host}:{port}/v1 (Ctrl-C stops)")
+    try:
+        server.serve_forever()
+    finally:
+        server.server_close()
+    return 0
+
+
+def add_cli(sub):
+    from tritongpt.commands import add_dtype_arg, add_generation_model_args
+
+    p = sub.add_parser("serve", help=command_help("serve"))
+    add_generation_model_args(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default %(default)s; 0.0.0.0: every "
+                                                       "interface, with no authentication)")
+    p.add_argument("--port", type=int, default=8000, help="port to listen on (default %(default)s; 0: a free one)")
+    p.add_argument("--served-model-name", default=None,
+                   help="the model's id in the API (default: --weights as given, a Hub repo's id)")
+    add_dtype_arg(p)
+    # load_generation_model seeds the weights of a random model with it; requests take their own seed
+    p.set_defaults(func=cmd_serve, seed=1337)
