@@ -358,3 +358,57 @@ def test_requests_at_once_take_turns_and_get_what_each_gets_alone(served):
     for t in threads:
         t.join()
     assert got == alone
+
+
+def test_the_sampling_fields_draw_as_generate_draws_with_them(served):
+    server, tok = served
+    ids = tok.encode("a dog ran")
+    settings = dict(temperature=0.7, top_p=0.8, top_k=40, min_p=0.02, frequency_penalty=0.5, presence_penalty=-0.3,
+                    repetition_penalty=1.3)
+    for fields, kwargs in ((settings, settings), ({}, {"temperature": 1.0})):  # ({}: OpenAI's temperature 1)
+        body = call(server, "/v1/completions", {"prompt": "a dog ran", "max_tokens": 10, "n": 3, "seed": 21,
+                                                **fields})[1]
+        rows = generate(server.app.model, torch.tensor([ids] * 3), 10, eos_id=tok.eot_id,
+                        generator=torch.Generator().manual_seed(21), **kwargs)[:, len(ids):].tolist()
+        assert [c["text"] for c in body["choices"]] == [
+            new_text(tok, ids, r[:r.index(tok.eot_id)] if tok.eot_id in r else r) for r in rows]
+
+
+def test_the_context_holds_the_prompt_and_max_tokens_exactly(served):
+    server, tok = served
+    prompt = "q z " * 20
+    room = 128 - len(tok.encode(prompt))
+    body = call(server, "/v1/completions", {"prompt": prompt, "max_tokens": room, "temperature": 0})[1]
+    assert body["usage"]["total_tokens"] == 128
+    status, err = call(server, "/v1/completions", {"prompt": prompt, "max_tokens": room + 1})
+    assert status == 400 and err["error"]["code"] == "context_length_exceeded"
+
+
+def test_a_chat_answer_ends_at_the_templates_end_of_turn(served, monkeypatch):
+    server, tok = served
+    ids = formats.encode_prompt(tok, chat.Conversation("chat").prompt("How are you?", 0, tok))
+    new = reference(server, ids, 12)[0]
+    end = new[3]  # a token the greedy answer draws, made the template's end of turn for this test
+    monkeypatch.setattr(server.app, "chat_stop", end)
+    body = call(server, "/v1/chat/completions", {"messages": MESSAGES[3:], "max_tokens": 12, "temperature": 0})[1]
+    assert body["choices"][0]["message"]["content"] == new_text(tok, ids, new[:new.index(end)])
+    assert body["choices"][0]["finish_reason"] == "stop" and body["usage"]["completion_tokens"] == new.index(end) + 1
+
+
+def test_a_run_tuned_on_completions_answers_one_user_message_as_chat_does(tmp_path):
+    tok = tiny_run(tmp_path / "run", "completion")
+    server = start(tmp_path / "run")
+    server.RequestHandlerClass.log_message = lambda *a: None
+    try:
+        ids = formats.encode_prompt(tok, chat.Conversation("completion").prompt("the cat sat"))
+        assert ids == tok.encode("the cat sat")  # the message as it is
+        want, _ = chat.reply(server.app.model, tok, ids, 8, temperature=0.0, stream=False)
+        body = call(server, "/v1/chat/completions", {"messages": [{"role": "user", "content": "the cat sat"}],
+                                                     "max_tokens": 8, "temperature": 0})[1]
+        assert body["choices"][0]["message"]["content"] == want
+        for messages in (MESSAGES[1:], MESSAGES[:2]):  # earlier turns, a system message: the template has none
+            status, err = call(server, "/v1/chat/completions", {"messages": messages})
+            assert status == 400 and "was tuned on completion prompts" in err["error"]["message"]
+    finally:
+        server.shutdown()
+        server.server_close()
