@@ -412,3 +412,20 @@ def test_a_run_tuned_on_completions_answers_one_user_message_as_chat_does(tmp_pa
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_405_names_the_allowed_method_and_a_failure_mid_stream_is_an_error_event(served, monkeypatch):
+    server, _ = served
+    for path, allowed in (("/v1/models/tiny-chat", "GET"), ("/v1/chat/completions", "POST")):
+        req = urllib.request.Request(f"http://127.0.0.1:{server.server_address[1]}{path}", method="PUT")
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(req, timeout=30)
+        assert e.value.code == 405 and e.value.headers["Allow"] == allowed
+
+    def fail(*a, **k):
+        raise serve.UserError("no-repeat n-grams ban every token")
+    monkeypatch.setattr(server.app, "draw", fail)
+    status, text = call(server, "/v1/completions", {"prompt": "a", "stream": True})
+    assert status == 200  # (sent before the first token)
+    assert events(text) == [{"error": {"message": "no-repeat n-grams ban every token",
+                                       "type": "invalid_request_error", "param": None, "code": None}}]

@@ -308,7 +308,7 @@ class Handler(BaseHTTPRequestHandler):
         path = self.path.split("?", 1)[0]
         app = self.server.app
         model_path = path.startswith("/v1/models/")
-        allowed = "GET" if model_path else self.ROUTES.get(path)
+        allowed = self.allowed = "GET" if model_path else self.ROUTES.get(path)
         self.streaming = False
         try:
             if allowed is None:
@@ -334,12 +334,14 @@ class Handler(BaseHTTPRequestHandler):
             self.fail(APIError(500, "internal server error (see the server's log)", kind="server_error"))
 
     def fail(self, e: APIError):
-        if self.streaming:  # the 200 is sent: the error goes as an event, as vLLM's
-            self.send_event(e.body())
-            self.send_event("[DONE]")
-        else:
-            self.send_json(e.status, e.body(), allow=self.ROUTES.get(self.path.split("?", 1)[0])
-                           if e.status == 405 else None)
+        try:
+            if self.streaming:  # the 200 is sent: the error goes as an event, as vLLM's
+                self.send_event(e.body())
+                self.send_event("[DONE]")
+            else:
+                self.send_json(e.status, e.body(), allow=self.allowed if e.status == 405 else None)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the client left
 
     def model_card(self):
         return {"id": self.server.app.name, "object": "model", "created": self.server.app.created,
