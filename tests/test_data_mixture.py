@@ -338,3 +338,18 @@ def test_document_masks_per_source_when_their_markers_differ(two, tmp_path, monk
         assert rows_of(tmp_path / name)[0]["val_loss"] == row[f"val_loss_{name}"], name
     state = torch.load(tmp_path / "mix" / "ckpt-0000001" / "state.pt", weights_only=False)
     assert [p["bos_id"] for p in state["data"][0]["sources"]] == [0, None]
+
+
+def test_a_mixture_distilled_from_a_teacher_trains_and_at_alpha_0_as_without_it(two, tmp_path):
+    """pretrain --teacher with --data A --data B: the mixture's batches carry each row's source, which the
+    distillation loss takes (and gives the document ids of, --document-mask); at --distill-alpha 0 the losses are
+    the plain mixture's bit for bit, at 0.5 they differ."""
+    flags = ("--max-steps", "3", "--document-mask")
+    pretrain(parse_args(argv(two, tmp_path / "teacher", "--max-steps", "2", sources=[two.a])))
+    pretrain(parse_args(argv(two, tmp_path / "plain", *flags)))
+    teach = ("--teacher", str(tmp_path / "teacher"))
+    pretrain(parse_args(argv(two, tmp_path / "a0", *flags, *teach, "--distill-alpha", "0")))
+    assert losses(tmp_path / "a0") == losses(tmp_path / "plain")
+    pretrain(parse_args(argv(two, tmp_path / "a5", *flags, *teach)))
+    assert losses(tmp_path / "a5") != losses(tmp_path / "plain")
+    assert all("distill_kd" in r for r in rows_of(tmp_path / "a5") if "loss" in r)

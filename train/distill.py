@@ -258,11 +258,12 @@ class Parts:
 
 
 def pretrain_loss_fn(teacher, opts: dict, vocab_size: int, doc_ids_of, parts: Parts | None = None, **loss_options):
-    """pretrain's training loss with a teacher: fn(model, (x, y)) -> the mean loss. doc_ids_of(x): the
-    document ids (--document-mask) or None, given to both models."""
+    """pretrain's training loss with a teacher: fn(model, (x, y[, src])) -> the mean loss. doc_ids_of(x[, src]): the
+    document ids (--document-mask; a mixture's rows each split at its own source's marker) or None, given to both
+    models."""
     def loss_fn(m, batch):
-        x, y = batch
-        doc_ids = doc_ids_of(x)
+        x, y, *src = batch  # a mixture's batches (--data A --data B): each row's source too
+        doc_ids = doc_ids_of(x, *src)
         mix = opts["distill_alpha"], opts["distill_temperature"], opts["distill_beta"]
         if fused_head(m, teacher, loss_options):
             loss, ce, kd = fused_distill_loss(m, teacher, x, y, doc_ids, vocab_size, *mix)
