@@ -483,6 +483,12 @@ def _chunk_grads(dh, dw, logits, h, w, g_rows, targets, row_max, log_sum, s, e, 
     options: (ignore_index, n_classes, label_smoothing, z_loss, softcap), as the ops take them."""
     dlogits = torch.ops.tritongpt.cross_entropy_bwd(g_rows[:e - s], logits, targets[s:e], row_max[s:e],
                                                     log_sum[s:e], *options)
+    _head_grads(dlogits, h, w, s, e, dh, dw, db)
+
+
+def _head_grads(dlogits, h, w, s, e, dh, dw, db):
+    """Rows s:e's dlogits through the head: dh[s:e] = dlogits W, dW += dlogits^T h (fp32), db += its column sums
+    (kernels/jsd.py's fused distillation loss too)."""
     if dh is not None:
         dh[s:e] = dlogits @ w
     if dw is not None:

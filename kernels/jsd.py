@@ -45,7 +45,7 @@ from tritongpt._env import triton_interpreting
 from tritongpt._types import is_int, is_real
 from tritongpt.kernels._common import (autocast_dtype, check_runnable, check_same_device, check_same_dtype,
                                        check_tensor, first_order_only, no_func_transform, on_tensor_device)
-from tritongpt.kernels.cross_entropy import (CHUNK_ELEMENTS, _as_int, _bias_grad_buffer, _chunk_logits,
+from tritongpt.kernels.cross_entropy import (CHUNK_ELEMENTS, _as_int, _bias_grad_buffer, _chunk_logits, _head_grads,
                                              _head_grad_buffers)
 
 INTERPRET = triton_interpreting()
@@ -292,14 +292,8 @@ class LinearDistillFunction(torch.autograd.Function):
                 ce_rows[s:e], kd_rows[s:e] = torch.ops.tritongpt.distill_fwd(
                     logits, t_logits, targets[s:e], ignore_index, n_ce, n_kd, temperature, beta, *weights, write)
                 del t_logits
-                dlogits = logits  # the kernel wrote the gradient over them
-                if dh is not None:
-                    dh[s:e] = dlogits @ w
-                if dw is not None:
-                    dw += (dlogits.t() @ h[s:e]).float()
-                if db is not None:
-                    db += dlogits.sum(0, dtype=torch.float32)
-                del logits, dlogits  # one chunk alive at a time
+                _head_grads(logits, h, w, s, e, dh, dw, db)  # the kernel wrote the gradient over the logits
+                del logits  # one chunk alive at a time
         n = (targets != ignore_index).sum()
         g = (1.0 / n).float() if reduction == "mean" else torch.ones((), device=hidden.device)
         ce, kd = ce_rows.sum() * g, kd_rows.sum() * g
