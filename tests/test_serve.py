@@ -429,3 +429,27 @@ def test_405_names_the_allowed_method_and_a_failure_mid_stream_is_an_error_event
     assert status == 200  # (sent before the first token)
     assert events(text) == [{"error": {"message": "no-repeat n-grams ban every token",
                                        "type": "invalid_request_error", "param": None, "code": None}}]
+
+
+def raw_request(server, head: bytes, body: bytes = b"", timeout=30):
+    """(status, parsed error or body) of a request written byte by byte: headers urllib would not send."""
+    import socket
+
+    with socket.create_connection(("127.0.0.1", server.server_address[1]), timeout=timeout) as s:
+        s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n" + head + b"\r\n\r\n" + body)
+        reply = b""
+        while chunk := s.recv(65536):
+            reply += chunk
+    status, _, rest = reply.partition(b"\r\n\r\n")
+    return int(status.split()[1]), json.loads(rest)
+
+
+@pytest.mark.parametrize("length, status, says", [
+    ("10" + "0" * 30, 413, "at most"),  # past an index-sized int (was an OverflowError: a 500)
+    (str(10**12), 413, "at most"),  # a terabyte would be allocated (or waited for)
+    ("\u00b2", 400, "Content-Length"),  # a digit to str.isdigit(), not to int()
+])
+def test_a_content_length_too_large_or_not_a_number_is_refused(served, length, status, says):
+    server, _ = served
+    got, err = raw_request(server, b"Content-Length: " + length.encode("latin-1"), b"{}")
+    assert got == status and says in err["error"]["message"]

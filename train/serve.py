@@ -35,6 +35,7 @@ UNSUPPORTED = {"logprobs", "top_logprobs", "logit_bias", "suffix", "tools", "too
                "function_call", "parallel_tool_calls", "response_format", "audio", "modalities", "prediction",
                "reasoning_effort", "web_search_options", "store", "metadata", "service_tier"}
 MAX_N = 128  # OpenAI's limit on n
+MAX_BODY = 32 * 2**20  # bytes: far past any prompt a context holds; a larger Content-Length is refused, not allocated
 
 
 class APIError(Exception):
@@ -349,8 +350,12 @@ class Handler(BaseHTTPRequestHandler):
 
     def read_body(self) -> dict:
         length = self.headers.get("Content-Length")
-        if length is None or not length.isdigit():
+        # isascii: '²' is a digit to isdigit(), not to int()
+        if length is None or not (length.isascii() and length.isdigit()):
             raise APIError(400, "the request needs a JSON body (with its Content-Length)")
+        if int(length) > MAX_BODY:
+            raise APIError(413, f"the body is {int(length)} bytes (Content-Length); this server takes at most "
+                                f"{MAX_BODY}", code="request_too_large")
         try:
             body = json.loads(self.rfile.read(int(length)).decode("utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
