@@ -453,3 +453,9 @@ def test_a_content_length_too_large_or_not_a_number_is_refused(served, length, s
     server, _ = served
     got, err = raw_request(server, b"Content-Length: " + length.encode("latin-1"), b"{}")
     assert got == status and says in err["error"]["message"]
+
+
+def test_json_nested_past_the_parsers_depth_is_a_400(served):
+    server, _ = served
+    got, err = call(server, "/v1/completions", raw=b"[" * 100_000 + b"]" * 100_000)
+    assert got == 400 and "not valid JSON" in err["error"]["message"]

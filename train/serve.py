@@ -360,6 +360,8 @@ class Handler(BaseHTTPRequestHandler):
             body = json.loads(self.rfile.read(int(length)).decode("utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise APIError(400, f"the body is not valid JSON ({e})") from None
+        except RecursionError:  # the parser's own limit, not the server's fault
+            raise APIError(400, "the body is not valid JSON (nested too deep)") from None
         if not isinstance(body, dict):
             raise APIError(400, f"the body must be a JSON object, got {type(body).__name__}")
         return body
