@@ -459,3 +459,12 @@ def test_json_nested_past_the_parsers_depth_is_a_400(served):
     server, _ = served
     got, err = call(server, "/v1/completions", raw=b"[" * 100_000 + b"]" * 100_000)
     assert got == 400 and "not valid JSON" in err["error"]["message"]
+
+
+def test_a_body_shorter_than_its_content_length_times_out_with_a_408(served, monkeypatch):
+    server, _ = served
+    assert serve.Handler.timeout is not None and 0 < serve.Handler.timeout <= 600  # never a thread held forever
+    monkeypatch.setattr(serve.Handler, "timeout", 0.5)
+    got, err = raw_request(server, b"Content-Length: 100", b'{"prompt": "the"', timeout=10)
+    assert got == 408 and "did not arrive" in err["error"]["message"]
+    assert call(server, "/v1/models")[0] == 200  # and the server still answers

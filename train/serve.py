@@ -289,6 +289,9 @@ class Handler(BaseHTTPRequestHandler):
     """Routes a request to its endpoint; every failure is an OpenAI error object, never a traceback."""
     server_version = "tritongpt"
     ROUTES = {"/v1/models": "GET", "/v1/completions": "POST", "/v1/chat/completions": "POST"}
+    # seconds a read or write of the socket may wait: a body shorter than its Content-Length, or a client that
+    # stops reading a stream (which would block a write holding the model's lock), must not hold a thread forever
+    timeout = 60
 
     def do_GET(self):
         self.route("GET")
@@ -330,6 +333,9 @@ class Handler(BaseHTTPRequestHandler):
             self.fail(APIError(400, str(e)))
         except (BrokenPipeError, ConnectionResetError):
             pass  # the client left
+        except TimeoutError:  # (socket.timeout) mid-stream: the client stopped reading, nothing more can reach it
+            if not self.streaming:
+                self.fail(APIError(408, f"the request's body did not arrive in {self.timeout} s", code="timeout"))
         except Exception:  # the server's own fault: its traceback in the server's log, not to the client
             traceback.print_exc(file=sys.stderr)
             self.fail(APIError(500, "internal server error (see the server's log)", kind="server_error"))
@@ -341,8 +347,8 @@ class Handler(BaseHTTPRequestHandler):
                 self.send_event("[DONE]")
             else:
                 self.send_json(e.status, e.body(), allow=self.allowed if e.status == 405 else None)
-        except (BrokenPipeError, ConnectionResetError):
-            pass  # the client left
+        except (BrokenPipeError, ConnectionResetError, TimeoutError):
+            pass  # the client left, or stopped reading
 
     def model_card(self):
         return {"id": self.server.app.name, "object": "model", "created": self.server.app.created,
