@@ -262,6 +262,10 @@ def test_a_model_without_a_chat_format_refuses_chat_and_serves_completions(tmp_p
     ("/v1/completions", {"prompt": "a", "logprobs": 2}, 400, "logprobs", "'logprobs' is not supported"),
     ("/v1/completions", {"prompt": "a", "echo": True}, 400, "echo", "'echo' is not supported"),
     ("/v1/completions", {"prompt": "a", "best_of": 3}, 400, "best_of", "'best_of' other than n"),
+    # 0 == False and True == 1 to Python: logprobs 0 asks for the drawn tokens' logprobs (not off)
+    ("/v1/completions", {"prompt": "a", "logprobs": 0}, 400, "logprobs", "'logprobs' is not supported"),
+    ("/v1/chat/completions", {"messages": MESSAGES, "logprobs": 0}, 400, "logprobs", "'logprobs' is not supported"),
+    ("/v1/completions", {"prompt": "a", "best_of": True}, 400, "best_of", "'best_of' must be an integer"),
     ("/v1/completions", {"prompt": "a", "max_completion_tokens": 3}, 400, "max_completion_tokens", "unknown field"),
     ("/v1/completions", {"prompt": [1, 2]}, 400, "prompt", "token ids are not taken"),
     ("/v1/completions", {}, 400, "prompt", "'prompt' must be a string"),

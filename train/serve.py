@@ -69,7 +69,7 @@ def sampling_settings(body: dict, endpoint: str, served: str) -> dict:
     an unknown field, or one OpenAI has that this server does not implement, refused by name."""
     for key in body:
         if key in UNSUPPORTED:
-            if body[key] not in (None, False):
+            if body[key] is not None and body[key] is not False:  # (not `in (None, False)`: 0 == False)
                 raise bad(key, f"'{key}' is not supported by this server")
         elif key not in FIELDS[endpoint]:
             raise bad(key, f"unknown field '{key}'")
@@ -128,6 +128,8 @@ def sampling_settings(body: dict, endpoint: str, served: str) -> dict:
         if body.get("echo") not in (None, False):
             raise bad("echo", "'echo' is not supported by this server (only false)")
         best_of = body.get("best_of")
+        if best_of is not None and not is_int(best_of):  # (True == 1)
+            raise bad("best_of", f"'best_of' must be an integer, got {best_of!r}")
         if best_of is not None and best_of != s["n"]:  # best_of = n draws n and returns them all: plain sampling
             raise bad("best_of", f"'best_of' other than n is not supported by this server, got {best_of!r}")
     return s
