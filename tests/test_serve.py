@@ -186,6 +186,7 @@ def test_streamed_chunks_add_up_to_the_text_and_end_with_done(served):
         chunks = events(text)
         assert status == 200 and all(c["object"] == "text_completion" for c in chunks)
         assert chunks[-1]["usage"] == plain["usage"] and chunks[-1]["choices"] == []
+        assert all("usage" in c and c["usage"] is None for c in chunks[:-1])  # OpenAI's: null on the others
         for c in plain["choices"]:
             mine = [ch["choices"][0] for ch in chunks[:-1] if ch["choices"][0]["index"] == c["index"]]
             assert "".join(m["text"] for m in mine) == c["text"]

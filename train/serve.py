@@ -430,7 +430,8 @@ class Handler(BaseHTTPRequestHandler):
                         choice = {"index": index, "delta": delta, "finish_reason": finish}
                     else:
                         choice = {"index": index, "text": text or "", "logprobs": None, "finish_reason": finish}
-                    self.send_event({**head, "choices": [choice]})
+                    # with include_usage, OpenAI's other chunks carry "usage": null
+                    self.send_event({**head, "choices": [choice], **({"usage": None} if s["include_usage"] else {})})
             choices, used = [], [0, 0]
             for p, (ids, budget) in enumerate(zip(prompts, budgets)):
                 base = p * s["n"]  # OpenAI's index: the prompt's n choices in turn
