@@ -5,9 +5,10 @@ pass every test on a CPU machine and still fail to build for a GPU, spill regist
 memory, or ask for more shared memory than an SM has. This check catches those on any machine:
 
   1. capture  The real launchers (`_fwd_launch` / `_bwd_launch` in kernels/layernorm.py, for LayerNorm
-              and RMSNorm, mlp.py, swiglu.py, moe.py, attention.py, cross_entropy.py and jsd.py, `_launch` in
-              rope.py) run on meta tensors (shapes, dtypes and strides, no data) at GPT-2 sizes. Each `kernel[grid](...)`
-              is recorded instead of launched, with exactly the arguments a GPU run would pass.
+              and RMSNorm, mlp.py, swiglu.py, moe.py, attention.py, cross_entropy.py and jsd.py, `_launch`
+              in rope.py) run on meta tensors (shapes, dtypes and strides, no data) at GPT-2 sizes. Each
+              `kernel[grid](...)` is recorded instead of launched, with exactly the arguments a GPU run
+              would pass.
   2. configs  For an autotuned kernel, the configs its autotuner would time for that launch
               (after its early prune); for a plain kernel, the one launch as made.
   3. compile  Triton's own compiler and the ptxas it ships build each (launch, config) for the
