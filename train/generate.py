@@ -16,6 +16,8 @@ uncached model computes on the cropped window.
 Speculative decoding (draft=, Leviathan et al. 2023, Chen et al. 2023): a small draft model proposes
 num_draft_tokens tokens, the model scores them all in one forward and keeps those it would have drawn;
 greedy output is the model's own token for token, sampled output is distributed as the model's.
+Prompt lookup decoding (prompt_lookup=, Saxena 2023) is the same with a draft that needs no model: the tokens
+that followed the text's last n-gram where it occurred before (see lookup_proposals).
 """
 import math
 
@@ -248,9 +250,9 @@ def generate(model, idx, max_new_tokens: int, temperature: float = 0.0, top_k: i
              generator: torch.Generator | None = None, vocab_limit: int | None = None, on_token=None,
              min_p: float | None = None, repetition_penalty: float | None = None, stop=None,
              frequency_penalty: float | None = None, presence_penalty: float | None = None,
-             no_repeat_ngram_size: int | None = None, draft=None, num_draft_tokens: int = 4,
+             no_repeat_ngram_size: int | None = None, draft=None, num_draft_tokens: int | None = None,
              stats: dict | None = None, typical_p: float | None = None, epsilon_cutoff: float | None = None,
-             eta_cutoff: float | None = None, top_n_sigma: float | None = None):
+             eta_cutoff: float | None = None, top_n_sigma: float | None = None, prompt_lookup: int | None = None):
     """Extend idx [B, T] by up to max_new_tokens tokens; rows stop after emitting eos_id.
 
     Returns [B, T + n]. Rows that finished early are padded with eos_id. vocab_limit: only ids
@@ -272,7 +274,11 @@ def generate(model, idx, max_new_tokens: int, temperature: float = 0.0, top_k: i
     model's context): it proposes num_draft_tokens tokens a step, which the model checks in one forward over all
     rows. Every setting above applies as without it. stats: a dict, filled with the target forwards run and the
     draft tokens proposed and accepted, summed over the rows live at each (accepted_per_forward: their mean a
-    forward and row).
+    forward and row). num_draft_tokens: default 4 with a draft, 10 with prompt_lookup (transformers' default).
+    prompt_lookup N: prompt lookup decoding, a draft without a model (not with draft): each row proposes up to
+    num_draft_tokens tokens that followed the most recent earlier occurrence of its last n-gram, n from N down to 1
+    (transformers' max_matching_ngram_size; 2 is its default), in the prompt or the text generated so far; a row
+    that finds none runs a plain step.
     """
     if not isinstance(idx, torch.Tensor) or idx.is_floating_point() or idx.is_complex():
         what = f"a {idx.dtype} tensor" if isinstance(idx, torch.Tensor) else type(idx).__name__
@@ -287,11 +293,21 @@ def generate(model, idx, max_new_tokens: int, temperature: float = 0.0, top_k: i
                    no_repeat_ngram_size=no_repeat_ngram_size)
     if vocab_limit is not None and (not is_int(vocab_limit) or vocab_limit <= 0):  # it slices the logits
         raise UserError(f"vocab_limit must be a positive integer, got {vocab_limit!r}")
+    if draft is not None and prompt_lookup is not None:
+        raise UserError("draft and prompt_lookup are two drafts: pass one")
+    if prompt_lookup is not None:
+        if not is_int(prompt_lookup) or prompt_lookup < 1:
+            raise UserError(f"prompt_lookup (the longest n-gram looked up) must be a positive integer, "
+                            f"got {prompt_lookup!r}")
+        draft = PromptLookup(int(prompt_lookup))
+    if num_draft_tokens is None:
+        num_draft_tokens = 10 if prompt_lookup is not None else 4
     if draft is not None:
         check_draft(model, draft, idx, max_new_tokens, num_draft_tokens, use_cache)
-    was_training = model.training, draft is not None and draft.training
+    lookup = isinstance(draft, PromptLookup)
+    was_training = model.training, draft is not None and not lookup and draft.training
     model.eval()
-    if draft is not None:
+    if draft is not None and not lookup:
         draft.eval()
     try:
         warp = dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
@@ -304,7 +320,7 @@ def generate(model, idx, max_new_tokens: int, temperature: float = 0.0, top_k: i
         return _generate(model, idx, max_new_tokens, warp, eos_id, use_cache, generator, vocab_limit, on_token, stop)
     finally:
         model.train(was_training[0])
-        if draft is not None:
+        if draft is not None and not lookup:
             draft.train(was_training[1])
 
 
@@ -313,21 +329,23 @@ def check_draft(model, draft, idx, max_new_tokens: int, num_draft_tokens: int, u
     """What speculative decoding needs, checked before any work. flags: name them as command-line flags."""
     name = (lambda n: "--" + n.replace("_", "-")) if flags else (lambda n: n)
     k_name = "--draft-tokens" if flags else "num_draft_tokens"
+    lookup = isinstance(draft, PromptLookup)
+    what = name("prompt_lookup") if lookup else name("draft")
     if not is_int(num_draft_tokens) or num_draft_tokens < 1:
         raise UserError(f"{k_name} must be a positive integer, got {num_draft_tokens!r}")
     if not use_cache:
-        raise UserError("a draft model needs the KV cache (use_cache=True): the model's cache is cropped back to "
-                        "the draft tokens it accepts")
+        raise UserError(f"speculative decoding ({what}) needs the KV cache (use_cache=True): the model's cache is "
+                        "cropped back to the draft tokens it accepts")
     target_vocab, draft_vocab = model.config.vocab_size, getattr(getattr(draft, "config", None), "vocab_size", None)
-    if draft_vocab != target_vocab:
+    if not lookup and draft_vocab != target_vocab:
         raise UserError(f"the {name('draft')} model's vocabulary has {draft_vocab} tokens, the model's "
                         f"{target_vocab}: a draft must share the model's tokenizer")
     ctx = model.config.context_length
     if max_new_tokens and idx.size(1) + max_new_tokens - 1 > ctx:
         # past the context the window slides and every step prefills it again: nothing left to speculate on
-        raise UserError(f"speculative decoding ({name('draft')}) keeps the text within the model's context: "
+        raise UserError(f"speculative decoding ({what}) keeps the text within the model's context: "
                         f"prompt {idx.size(1)} + {name('max_new_tokens')} {max_new_tokens} - 1 > context length "
-                        f"{ctx} (without a draft the window slides)")
+                        f"{ctx} (without {what} the window slides)")
 
 
 def crosses_longrope(cfg, cached: int, length: int) -> bool:
@@ -435,6 +453,56 @@ def accept_drafts(p_logits, q_logits, drafted, greedy: bool, generator=None):
     return n, torch.multinomial(dist, num_samples=1, generator=generator)
 
 
+class PromptLookup:
+    """generate(prompt_lookup=N)'s draft: no model, the text's own n-grams up to max_ngram (lookup_proposals)."""
+
+    def __init__(self, max_ngram: int):
+        self.max_ngram = max_ngram
+
+
+def lookup_proposals(idx, max_ngram: int, k: int):
+    """Prompt lookup decoding's draft (Saxena 2023, "Prompt Lookup Decoding"; transformers'
+    PromptLookupCandidateGenerator, generation/candidate_generator.py): for each row of idx [B, T], its last n-gram
+    for n from max_ngram (at most T - 1) down to 1, the first n that occurred earlier in the row (the last n-gram
+    itself not counted); the proposals are the up to k tokens that followed its most recent earlier occurrence, cut
+    at the end of the text. Returns drafted [B, k'] and lens [B]: row b proposes drafted[b, :lens[b]] (0: no n-gram
+    found), the rest is padding; k' is the most a row proposes.
+
+    Two deviations from transformers': it (and the paper's code) takes the FIRST occurrence; the most recent one
+    here, the text's latest use of it (a loop being repeated, the copy just edited). And transformers cuts the
+    proposals before an EOS (its batch of one would otherwise keep tokens past it); here an EOS kept ends the row as
+    a drawn one does, the tokens after it padding."""
+    B, T = idx.shape
+    start = torch.full((B,), -1, dtype=torch.long, device=idx.device)  # where a row's proposals begin; -1: none yet
+    for n in range(min(max_ngram, T - 1), 0, -1):
+        windows = idx[:, :-1].unfold(1, n, 1)  # [B, T - n, n]: the n-grams some token follows (not the last)
+        match = (windows == idx[:, T - n:].unsqueeze(1)).all(dim=-1)
+        latest = T - n - 1 - match.flip(1).long().argmax(dim=1)  # argmax: the first of the flipped, the last match
+        start = torch.where((start < 0) & match.any(dim=1), latest + n, start)
+    lens = torch.where(start >= 0, (T - start).clamp(max=k), 0)
+    pos = start.unsqueeze(1) + torch.arange(int(lens.max()), device=idx.device)
+    drafted = idx.gather(1, pos.clamp(0, T - 1))
+    return drafted.masked_fill(pos >= (start + lens).unsqueeze(1), 0), lens
+
+
+def accept_lookup(p_logits, drafted, lens, greedy: bool, generator=None):
+    """accept_drafts' verdict on lookup_proposals' drafted [B, k], row b's first lens[b] tokens (the rest padding,
+    never kept), p_logits [B, k + 1, V] as there. A lookup's q is one-hot at its token x: x is kept with probability
+    min(1, p(x) / 1) = p(x), a refusal draws from norm(max(0, p - q)), p without x; a row that kept all its own
+    draws from p at the next position. Greedy: the proposals equal to the model's argmax, then its argmax.
+
+    transformers' _assisted_decoding samples without candidate logits otherwise ("Case 2"): it draws y_j from p at
+    every position and keeps x_j while y_j == x_j, then emits the first y_j that differs: x_j kept with probability
+    p(x_j), and the token emitted then distributed as p given y != x_j, norm(p without x_j): the same distribution."""
+    B, k, V = drafted.size(0), drafted.size(1), p_logits.size(-1)
+    q_logits = torch.full((B, k, V), float("-inf"), device=p_logits.device)
+    q_logits = q_logits.scatter(-1, drafted.unsqueeze(-1), 0.0)  # softmax: one-hot at each proposal
+    n, nxt = accept_drafts(p_logits, q_logits, drafted, greedy, generator)
+    # a row that kept its lens proposals: its token is p's at lens (accept_drafts' was the padding's residual's)
+    own = _draw(p_logits[torch.arange(B, device=lens.device), lens], greedy, generator)
+    return torch.minimum(n, lens), torch.where((n >= lens).unsqueeze(1), own, nxt)
+
+
 def _speculative(model, draft, idx, max_new_tokens, warp: dict, eos_id, generator, vocab_limit, on_token, stop,
                  num_draft_tokens: int, stats: dict | None):
     """generate() with a draft model (check_draft's conditions hold: the text within the context), B rows at once.
@@ -446,7 +514,8 @@ def _speculative(model, draft, idx, max_new_tokens, warp: dict, eos_id, generato
     greedy = warp["temperature"] < torch.finfo(torch.float32).tiny
     B, cap = idx.size(0), idx.size(1) + max_new_tokens
     cache = model.new_cache(B, min(model.config.context_length, cap))
-    draft_cache = draft.new_cache(B, min(draft.config.context_length, cap))
+    lookup = isinstance(draft, PromptLookup)
+    draft_cache = None if lookup else draft.new_cache(B, min(draft.config.context_length, cap))
     start = idx.size(1)  # where the generated ids begin (the frequency/presence penalties count from it)
     done = torch.zeros(B, dtype=torch.bool, device=idx.device)  # rows that ended (EOS, a stop), carried along
     forwards = row_forwards = proposed = accepted = 0
@@ -458,15 +527,20 @@ def _speculative(model, draft, idx, max_new_tokens, warp: dict, eos_id, generato
         L = idx.size(1)
         # the step's last token is the model's own: k + 1 new tokens at most; the model runs L + k positions,
         # the draft L + k - 1, each within its context
-        k = min(num_draft_tokens, max_new_tokens - (L - start) - 1, model.config.context_length - L,
-                draft.config.context_length - L + 1)
+        k = min(num_draft_tokens, max_new_tokens - (L - start) - 1, model.config.context_length - L)
+        if not lookup:
+            k = min(k, draft.config.context_length - L + 1)
         if longrope and L <= orig:
             # LongRoPE rotates a whole forward by its length's factors: the step must not cross the original
             # context, or the positions before it would see the long factors _generate gave them the short ones
             k = min(k, orig - L)
         k = max(k, 0)
         text, q_logits = idx, []
-        for _ in range(k):
+        if lookup:  # rows propose on their own: lens[b] tokens, the rest padding
+            drafted, lens = lookup_proposals(idx, draft.max_ngram, k)
+            k = drafted.size(1)
+            text = torch.cat([idx, drafted], dim=1)
+        for _ in range(0 if lookup else k):
             logits = _feed(draft, draft_cache, text)[:, -1, :vocab_limit]
             # live False: where the n-gram ban leaves a drafted path nothing, its logits stay unbanned rather than
             # raising (a path plain decoding may never take); raised below only if the text kept reaches it
@@ -477,11 +551,15 @@ def _speculative(model, draft, idx, max_new_tokens, warp: dict, eos_id, generato
         # each position warped with the tokens before it: the penalties and the n-gram ban as _generate applies them
         p_logits = torch.stack([sampling_logits(logits[:, j], seen=text[:, :L + j], generated_from=start,
                                                 live=no_row, **warp) for j in range(k + 1)], dim=1)
-        q_logits = torch.stack(q_logits, dim=1) if k else p_logits[:, :0]
-        n, nxt = accept_drafts(p_logits, q_logits, text[:, L:], greedy, generator)
+        if lookup:
+            n, nxt = accept_lookup(p_logits, text[:, L:], lens, greedy, generator)
+        else:
+            q_logits = torch.stack(q_logits, dim=1) if k else p_logits[:, :0]
+            n, nxt = accept_drafts(p_logits, q_logits, text[:, L:], greedy, generator)
         m, kept = keep_common(n, nxt, text[:, L:], done)
         live = int((~done).sum())
-        forwards, row_forwards, proposed = forwards + 1, row_forwards + live, proposed + k * live
+        offered = int(lens[~done].sum()) if lookup else k * live
+        forwards, row_forwards, proposed = forwards + 1, row_forwards + live, proposed + offered
         for j, tok in enumerate(kept.split(1, dim=1)):  # as _generate does, a token at a time
             if ban:  # the kept text is plain decoding's: where the ban leaves it nothing here, plain decoding's error
                 ban_repeated_ngrams(logits[:, j], idx, ban, live=~done)
@@ -503,7 +581,8 @@ def _speculative(model, draft, idx, max_new_tokens, warp: dict, eos_id, generato
             break
         # the caches keep the text before the step's last token, which neither has run
         cache.crop(L + m)
-        draft_cache.crop(min(draft_cache.pos, L + m))
+        if not lookup:
+            draft_cache.crop(min(draft_cache.pos, L + m))
     if stats is not None:
         # per row: a batch's figure is the mean over its rows, each counted for the forwards it was live in
         stats.update(target_forwards=forwards, drafted=proposed, accepted=accepted,
