@@ -319,8 +319,14 @@ def cmd_generate(args):
         raise UserError(f"--num-samples must be at least 1, got {args.num_samples}")
     if args.stream and args.num_samples > 1:
         raise UserError("--stream prints one text as it is drawn: it takes --num-samples 1")
-    if args.draft_tokens is not None and not args.draft:
-        raise UserError("--draft-tokens is how many tokens the --draft model proposes a step: pass --draft")
+    if args.draft and args.prompt_lookup is not None:
+        raise UserError("--draft and --prompt-lookup are two drafts (a model, the text's own n-grams): pass one")
+    if args.prompt_lookup is not None and args.prompt_lookup < 1:
+        raise UserError(f"--prompt-lookup (the longest n-gram looked up) must be a positive integer, "
+                        f"got {args.prompt_lookup}")
+    if args.draft_tokens is not None and not args.draft and args.prompt_lookup is None:
+        raise UserError("--draft-tokens is how many tokens the --draft model proposes a step (--prompt-lookup at "
+                        "most): pass --draft or --prompt-lookup")
     stops = stop_strings(args.stop)
     prompt = args.prompt if args.prompt is not None else read_text_file(args.prompt_file)
     model, tok, device, dtype, limit = load_generation_model(args)
@@ -341,7 +347,12 @@ def cmd_generate(args):
         with autocast(device, dtype):
             return print_beams(model, tok, idx, len(lead), args.max_new_tokens, beams, eot_or_none(tok), limit,
                                **sampling_controls(args))
-    num_draft = 4 if args.draft_tokens is None else args.draft_tokens
+    # transformers' defaults: 10 tokens a prompt lookup (prompt_lookup_num_tokens)
+    num_draft = (10 if args.prompt_lookup else 4) if args.draft_tokens is None else args.draft_tokens
+    if args.prompt_lookup is not None:
+        from tritongpt.train.generate import PromptLookup
+
+        draft = PromptLookup(args.prompt_lookup)
     if draft is not None:
         from tritongpt.train.generate import check_draft
 
@@ -364,7 +375,8 @@ def cmd_generate(args):
     if stream:
         stream.close()
     if draft is not None:
-        draft_note(stats, args.num_samples)
+        draft_note(stats, args.num_samples, "prompt lookup decoding" if args.prompt_lookup else
+                   "speculative decoding")
     for i, row in enumerate(out):
         row = row[len(lead):]
         new = row[len(ids):]
@@ -428,7 +440,8 @@ def check_beam_args(args):
                ("--eta-cutoff", args.eta_cutoff), ("--top-n-sigma", args.top_n_sigma),
                ("--frequency-penalty", args.frequency_penalty),
                ("--presence-penalty", args.presence_penalty), ("--draft", args.draft),
-               ("--draft-tokens", args.draft_tokens), ("--stop", args.stop), ("--stream", args.stream),
+               ("--draft-tokens", args.draft_tokens), ("--prompt-lookup", args.prompt_lookup is not None),
+               ("--stop", args.stop), ("--stream", args.stream),
                ("--num-samples", args.num_samples != 1)]
     for flag, value in refused:
         if value:
@@ -462,27 +475,35 @@ def print_beams(model, tok, idx, lead: int, max_new_tokens: int, beams: dict, eo
     return 0
 
 
-def add_draft_args(p, extra: str = ""):
-    """generate's and chat's speculative decoding flags."""
+def add_draft_args(p, extra: str = "", lookup: bool = False):
+    """generate's and chat's speculative decoding flags (lookup: generate's --prompt-lookup too)."""
     p.add_argument("--draft", default=None, metavar="W",
                    help="speculative decoding: a smaller model of the same tokenizer (taken as --weights is) "
                         "proposes tokens that the model checks several at a time; the same text greedy, the same "
                         f"distribution sampled{extra}")
+    if lookup:
+        p.add_argument("--prompt-lookup", type=int, default=None, metavar="N",
+                       help="prompt lookup decoding (Saxena 2023, transformers' prompt_lookup_num_tokens): "
+                            "speculative decoding with no draft model, proposing the tokens that followed the most "
+                            "recent earlier occurrence of the text's last N-gram (N down to 1; transformers' "
+                            "max_matching_ngram_size, 2 by default there); the same text greedy, the same "
+                            "distribution sampled")
     p.add_argument("--draft-tokens", type=int, default=None, metavar="K",
-                   help="tokens the --draft model proposes a step (default 4)")
+                   help="tokens the --draft model proposes a step (default 4)" +
+                        (" or --prompt-lookup at most (default 10, as transformers')" if lookup else ""))
 
 
-def draft_note(stats: dict, rows: int = 1) -> None:
+def draft_note(stats: dict, rows: int = 1, what: str = "speculative decoding") -> None:
     """The acceptance a speculative run had (generate()'s stats, or their sums over chat's replies, one row):
     with several rows, generate()'s mean a forward and row (rows that ended leave the count)."""
     if stats.get("target_forwards"):
         if rows == 1:
-            note(f"speculative decoding: {stats['accepted'] / stats['target_forwards']:.2f} draft tokens accepted "
+            note(f"{what}: {stats['accepted'] / stats['target_forwards']:.2f} draft tokens accepted "
                  f"per forward of the model ({stats['accepted']} of {stats['drafted']} proposed, "
                  f"{stats['target_forwards']} forwards)")
         else:
             # every row keeps the m draft tokens the live row that kept fewest accepted, and one token more
-            note(f"speculative decoding: {stats['accepted_per_forward']:.2f} draft tokens kept per forward of "
+            note(f"{what}: {stats['accepted_per_forward']:.2f} draft tokens kept per forward of "
                  f"the model and sample, the fewest a sample accepted; each forward gave a sample one more "
                  f"({stats['accepted']} of {stats['drafted']} proposed over {rows} samples, "
                  f"{stats['target_forwards']} forwards)")
@@ -852,7 +873,7 @@ def add_cli(sub):
     add_sampling_args(p, max_new_tokens=50, temperature=None,
                       temperature_text=f"{GENERATE_TEMPERATURE}, as nanoGPT's sample.py; 0 with --num-beams")
     add_draft_args(p, " (--num-samples too: every sample keeps as many draft tokens a step as the one that keeps "
-                      "fewest)")
+                      "fewest)", lookup=True)
     add_beam_args(p)
     p.set_defaults(func=cmd_generate)
 
