@@ -538,6 +538,10 @@ def _speculative(model, draft, idx, max_new_tokens, warp: dict, eos_id, generato
         text, q_logits = idx, []
         if lookup:  # rows propose on their own: lens[b] tokens, the rest padding
             drafted, lens = lookup_proposals(idx, draft.max_ngram, k)
+            if vocab_limit is not None:  # a token never drawn ends the proposals (transformers' lookup ends them
+                # at a token its logits processors forbid)
+                lens = torch.minimum(lens, (drafted < vocab_limit).long().cumprod(dim=1).sum(dim=1))
+                drafted = drafted[:, :int(lens.max())].clamp(max=vocab_limit - 1)
             k = drafted.size(1)
             text = torch.cat([idx, drafted], dim=1)
         for _ in range(0 if lookup else k):
