@@ -105,6 +105,25 @@ def test_a_random_text_proposes_nothing_and_is_plain_decoding(target):
     assert stats["target_forwards"] >= 1 and stats["accepted"] <= stats["drafted"]
 
 
+def test_proposals_end_before_a_token_never_drawn_and_count_per_row(target, monkeypatch):
+    """Row 0 would propose [52, 50, 51], ids past vocab_limit (never drawn): nothing; row 1 proposes [3, 1, 2]. The
+    proposals counted are each row's own."""
+    from tritongpt.train import generate as gen
+
+    calls, real = [], gen.accept_lookup
+
+    def spy(p_logits, drafted, lens, greedy, generator=None):
+        calls.append(lens.tolist())
+        return real(p_logits, drafted, lens, greedy, generator)
+
+    monkeypatch.setattr(gen, "accept_lookup", spy)
+    idx = torch.tensor([[50, 51, 52, 50, 51], [1, 2, 3, 1, 2]])
+    stats = {}
+    got = generate(target, idx, 8, vocab_limit=40, prompt_lookup=2, num_draft_tokens=3, stats=stats)
+    assert got.tolist() == alone(target, idx, 8, vocab_limit=40)
+    assert calls[0] == [0, 3] and stats["drafted"] == sum(map(sum, calls)) and len(calls) == stats["target_forwards"]
+
+
 # -- sampling: the model's distribution ------------------------------------------------------------------------
 
 # proposing 2 tokens ([3, 1], after the bigram (2, 3)), 1 (3, after (3, 3), cut at the end of the text) and none
