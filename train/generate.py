@@ -510,7 +510,9 @@ def _speculative(model, draft, idx, max_new_tokens, warp: dict, eos_id, generato
     Both caches hold the text but its last token; each step the draft proposes k tokens for every row (one draft
     forward a position), the model runs the last token and them in one forward over all rows (k + 1 logits), and
     both caches are cropped back to the text kept. The caches have one length for all rows, so every row keeps the
-    same number of new tokens a step: m + 1, m the fewest draft tokens a live row accepted (see keep_common)."""
+    same number of new tokens a step: m + 1, m the fewest draft tokens a live row accepted (see keep_common).
+    A PromptLookup draft runs no forward and has no cache: each row proposes its own lookup_proposals, up to k, and
+    accept_lookup rules on them."""
     greedy = warp["temperature"] < torch.finfo(torch.float32).tiny
     B, cap = idx.size(0), idx.size(1) + max_new_tokens
     cache = model.new_cache(B, min(model.config.context_length, cap))
