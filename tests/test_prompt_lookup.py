@@ -124,6 +124,21 @@ def test_proposals_end_before_a_token_never_drawn_and_count_per_row(target, monk
     assert calls[0] == [0, 3] and stats["drafted"] == sum(map(sum, calls)) and len(calls) == stats["target_forwards"]
 
 
+def test_a_row_proposing_nothing_samples_plain_decodings_text(target):
+    """A sampled step with no proposals is a plain step, the generator's draws included: one row whose text repeats
+    nothing is plain sampling's text for the same seed (an extra draw a step would shift every later one)."""
+    idx, same = torch.arange(1, 13).unsqueeze(0), 0
+    for seed in range(8):
+        stats, runs = {}, []
+        for lookup in (dict(prompt_lookup=2, stats=stats), {}):
+            runs.append(generate(target, idx, 4, temperature=1.0, generator=torch.Generator().manual_seed(seed),
+                                 **lookup))
+        if stats["drafted"] == 0:  # (a drawn token that repeats one proposes)
+            assert torch.equal(*runs), seed
+            same += 1
+    assert same >= 3
+
+
 # -- sampling: the model's distribution ------------------------------------------------------------------------
 
 # proposing 2 tokens ([3, 1], after the bigram (2, 3)), 1 (3, after (3, 3), cut at the end of the text) and none

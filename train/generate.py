@@ -498,9 +498,13 @@ def accept_lookup(p_logits, drafted, lens, greedy: bool, generator=None):
     q_logits = torch.full((B, k, V), float("-inf"), device=p_logits.device)
     q_logits = q_logits.scatter(-1, drafted.unsqueeze(-1), 0.0)  # softmax: one-hot at each proposal
     n, nxt = accept_drafts(p_logits, q_logits, drafted, greedy, generator)
-    # a row that kept its lens proposals: its token is p's at lens (accept_drafts' was the padding's residual's)
-    own = _draw(p_logits[torch.arange(B, device=lens.device), lens], greedy, generator)
-    return torch.minimum(n, lens), torch.where((n >= lens).unsqueeze(1), own, nxt)
+    # a row that kept its lens < k proposals: its token is p's at lens (accept_drafts' was the padding's residual's).
+    # Drawn for those rows alone: a row proposing k (or none at k = 0) uses the generator as a plain step would
+    need = (n >= lens) & (lens < k)
+    if bool(need.any()):
+        rows = need.nonzero().squeeze(1)
+        nxt = nxt.index_put((rows,), _draw(p_logits[rows, lens[rows]], greedy, generator))
+    return torch.minimum(n, lens), nxt
 
 
 def _speculative(model, draft, idx, max_new_tokens, warp: dict, eos_id, generator, vocab_limit, on_token, stop,
