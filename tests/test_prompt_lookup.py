@@ -7,7 +7,7 @@ from test_speculative import V, WARP, alone, exact_first_two, tiny, tv_bound
 from tritongpt.errors import UserError
 from tritongpt.model.config import GPTConfig
 from tritongpt.model.gpt import GPTModel
-from tritongpt.train.generate import accept_lookup, generate, lookup_proposals, sampling_logits
+from tritongpt.train.generate import PromptLookup, accept_lookup, generate, lookup_proposals, sampling_logits
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -195,7 +195,7 @@ def test_generate_with_prompt_lookup_samples_the_models_distribution(small, rows
 
 # -- refusals and the command ----------------------------------------------------------------------------------
 
-def test_refusals(target):
+def test_refusals(target, monkeypatch):
     idx = torch.tensor([[1, 2, 3]])
     cases = [(dict(prompt_lookup=0), "prompt_lookup .* must be a positive integer"),
              (dict(prompt_lookup=2.0), "prompt_lookup .* must be a positive integer"),
@@ -206,6 +206,17 @@ def test_refusals(target):
     for kw, said in cases:
         with pytest.raises(UserError, match=said):
             generate(target, idx, **{"max_new_tokens": 5, **kw})
+    # the draft object itself, as draft=: checked as prompt_lookup= is, and proposing 10 tokens by default too
+    for bad in (0, 2.0, True):
+        with pytest.raises(UserError, match="prompt_lookup .* must be a positive integer"):
+            generate(target, idx, 5, draft=PromptLookup(bad))
+    from tritongpt.train import generate as gen
+
+    idx, seen, real = repetitive(1, 5), [], gen.lookup_proposals
+    monkeypatch.setattr(gen, "lookup_proposals", lambda idx, N, k: seen.append(k) or real(idx, N, k))
+    for kw in (dict(prompt_lookup=2), dict(draft=PromptLookup(2))):
+        generate(target, idx, 20, **kw)
+    assert seen[0] == 10 and seen[len(seen) // 2:] == seen[:len(seen) // 2], seen
 
 
 @pytest.fixture(scope="module")

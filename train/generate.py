@@ -296,12 +296,9 @@ def generate(model, idx, max_new_tokens: int, temperature: float = 0.0, top_k: i
     if draft is not None and prompt_lookup is not None:
         raise UserError("draft and prompt_lookup are two drafts: pass one")
     if prompt_lookup is not None:
-        if not is_int(prompt_lookup) or prompt_lookup < 1:
-            raise UserError(f"prompt_lookup (the longest n-gram looked up) must be a positive integer, "
-                            f"got {prompt_lookup!r}")
-        draft = PromptLookup(int(prompt_lookup))
+        draft = PromptLookup(prompt_lookup)
     if num_draft_tokens is None:
-        num_draft_tokens = 10 if prompt_lookup is not None else 4
+        num_draft_tokens = 10 if isinstance(draft, PromptLookup) else 4
     if draft is not None:
         check_draft(model, draft, idx, max_new_tokens, num_draft_tokens, use_cache)
     lookup = isinstance(draft, PromptLookup)
@@ -457,7 +454,11 @@ class PromptLookup:
     """generate(prompt_lookup=N)'s draft: no model, the text's own n-grams up to max_ngram (lookup_proposals)."""
 
     def __init__(self, max_ngram: int):
-        self.max_ngram = max_ngram
+        # checked here: generate(draft=PromptLookup(N)) takes it as prompt_lookup=N does
+        if not is_int(max_ngram) or max_ngram < 1:
+            raise UserError(f"prompt_lookup (the longest n-gram looked up) must be a positive integer, "
+                            f"got {max_ngram!r}")
+        self.max_ngram = int(max_ngram)
 
 
 def lookup_proposals(idx, max_ngram: int, k: int):
