@@ -54,6 +54,24 @@ def test_crop_then_feed_equals_a_fresh_prefill(target):
             cache.crop(bad)
 
 
+def test_the_lm_heads_read_only_the_positions_the_step_uses(target, other):
+    """The draft's head reads one position a forward, the model's the step's K + 1 (its last text token and the
+    K drafts), the prompt's prefill included: never B x T x V logits of a long prompt. The text is plain greedy's."""
+    idx = torch.randint(0, 61, (2, 17), generator=torch.Generator().manual_seed(5))
+    want = generate(target, idx, 9)
+    seen = {"model": [], "draft": []}
+    hooks = [m.out_head.register_forward_hook(lambda mod, a, out, who=who: seen[who].append(a[0].shape[1]))
+             for m, who in ((target, "model"), (other, "draft"))]
+    try:
+        out = generate(target, idx, 9, draft=other, num_draft_tokens=3)
+    finally:
+        for h in hooks:
+            h.remove()
+    assert torch.equal(out, want)
+    assert seen["draft"] and set(seen["draft"]) == {1}
+    assert seen["model"] and max(seen["model"]) <= 4 and seen["model"][0] == 4
+
+
 @pytest.mark.parametrize("K", [1, 3, 4])
 def test_greedy_is_the_models_own_output(target, other, K):
     """Token for token, for several prompts and lengths (mid-block cuts among them), with the model as its own draft
@@ -83,9 +101,9 @@ def test_each_forward_runs_only_what_its_cache_lacks_and_the_draft_proposes_its_
     calls, steps = [], []
     real_feed, real_accept = gen._feed, gen.accept_drafts
 
-    def feed(model, cache, ids):
+    def feed(model, cache, ids, keep=1):
         calls.append((model is target, cache.pos, ids.size(1)))
-        return real_feed(model, cache, ids)
+        return real_feed(model, cache, ids, keep)
 
     def accept(p_logits, q_logits, drafted, greedy, generator=None):
         n, nxt = real_accept(p_logits, q_logits, drafted, greedy, generator)
@@ -549,9 +567,9 @@ def test_each_step_runs_one_verification_forward_over_all_rows(target, other, mo
 
     calls, real = [], gen._feed
 
-    def feed(model, cache, ids):
+    def feed(model, cache, ids, keep=1):
         calls.append((model is target, ids.size(0), ids.size(1) - cache.pos))
-        return real(model, cache, ids)
+        return real(model, cache, ids, keep)
 
     monkeypatch.setattr(gen, "_feed", feed)
     idx = torch.randint(0, 61, (3, 4), generator=torch.Generator().manual_seed(7))

@@ -356,15 +356,15 @@ def crosses_longrope(cfg, cached: int, length: int) -> bool:
     return cached <= original < length
 
 
-def last_logits(model, ids, cache=None):
-    """The logits of ids' last position only, [B, 1, V]: a GPTModel runs its LM head on that position alone
-    (transformers' logits_to_keep=1), so a prefill of T prompt tokens makes B x V logits, not B x T x V (an 8k-token
-    prompt on a 152k vocabulary: 4.9 GB in fp32); any other module (a wrapper) runs whole."""
+def last_logits(model, ids, cache=None, keep: int = 1):
+    """The logits of ids' last `keep` positions only, [B, keep, V]: a GPTModel runs its LM head on those positions
+    alone (transformers' logits_to_keep), so a prefill of T prompt tokens makes B x V logits, not B x T x V (an
+    8k-token prompt on a 152k vocabulary: 4.9 GB in fp32); any other module (a wrapper) runs whole."""
     from tritongpt.model.gpt import GPTModel
 
     if isinstance(model, GPTModel):
-        return model.logits(model.hidden(ids, cache)[:, -1:])
-    return model(ids, cache)[:, -1:]
+        return model.logits(model.hidden(ids, cache)[:, -keep:])
+    return model(ids, cache)[:, -keep:]
 
 
 def _generate(model, idx, max_new_tokens, warp: dict, eos_id, use_cache, generator, vocab_limit, on_token, stop):
@@ -405,12 +405,13 @@ def _generate(model, idx, max_new_tokens, warp: dict, eos_id, use_cache, generat
     return idx
 
 
-def _feed(model, cache, ids):
-    """The logits of the ids the cache does not hold yet (ids [B, n] the whole text so far), the cache
-    advanced over them. LongRoPE's switch from short to long factors computes the cache again, as _generate."""
+def _feed(model, cache, ids, keep: int = 1):
+    """The logits of the last `keep` of the ids the cache does not hold yet (ids [B, n] the whole text so far), the
+    cache advanced over them all. LongRoPE's switch from short to long factors computes the cache again, as
+    _generate."""
     if crosses_longrope(model.config, cache.pos, ids.size(1)):
         cache.reset()
-    return model(ids[:, cache.pos:], cache)
+    return last_logits(model, ids[:, cache.pos:], cache, keep)
 
 
 def _draw(logits, greedy: bool, generator):
@@ -558,7 +559,7 @@ def _speculative(model, draft, idx, max_new_tokens, warp: dict, eos_id, generato
             w = sampling_logits(logits, seen=text, generated_from=start, live=no_row, **warp)
             q_logits.append(w)
             text = torch.cat([text, _draw(w, greedy, generator)], dim=1)
-        logits = _feed(model, cache, text)[:, -(k + 1):, :vocab_limit]
+        logits = _feed(model, cache, text, keep=k + 1)[:, -(k + 1):, :vocab_limit]
         # each position warped with the tokens before it: the penalties and the n-gram ban as _generate applies them
         p_logits = torch.stack([sampling_logits(logits[:, j], seen=text[:, :L + j], generated_from=start,
                                                 live=no_row, **warp) for j in range(k + 1)], dim=1)
