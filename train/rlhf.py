@@ -454,29 +454,33 @@ def gae(rewards, values, mask, gamma: float, lam: float):
     return adv, (adv + values) * m
 
 
+def by_group(group, dtype):
+    """(member [N]: each row's group, n [G]: each group's size in dtype, sum(x) -> [G]: x's sum over each group)."""
+    _, member, counts = group.unique(return_inverse=True, return_counts=True)
+    n = counts.to(dtype)
+    return member, n, lambda x: torch.zeros_like(n).index_add_(0, member, x)
+
+
 def group_advantages(scores, group, eps: float = 1e-4, scale: str = "group"):
     """(r - mean) / (std + eps) within each prompt's group of responses: [N]. scale: whose std divides (group:
     the group's; batch: all the scores'; none: no division, r - mean alone)."""
-    _, member, counts = group.unique(return_inverse=True, return_counts=True)  # member: row -> group
-    n = counts.to(scores.dtype)
-    mean = torch.zeros_like(n).index_add_(0, member, scores) / n
-    centered = scores - mean[member]
+    member, n, total = by_group(group, scores.dtype)
+    centered = scores - (total(scores) / n)[member]
     if scale == "none":
         return centered
     if scale == "batch":
         return centered / (scores.std(unbiased=False) + eps)
-    std = (torch.zeros_like(n).index_add_(0, member, centered ** 2) / n).sqrt()  # biased, as GRPO
+    std = (total(centered ** 2) / n).sqrt()  # biased, as GRPO
     return centered / (std[member] + eps)
 
 
 def rloo_advantages(rewards, group, normalize: bool = False, eps: float = 1e-4):
     """Each reward minus the mean of the OTHER rewards of its prompt's group: [N] (RLOO, TRL's RLOOTrainer);
     every group needs >= 2 members. normalize: then (A - mean) / (std + eps) over all N, std unbiased (TRL's)."""
-    _, member, counts = group.unique(return_inverse=True, return_counts=True)
-    if int(counts.min()) < 2:
+    member, n, total = by_group(group, rewards.dtype)
+    if int(n.min()) < 2:
         raise ValueError("RLOO needs >= 2 responses per prompt: a response's baseline is the others' mean")
-    total = torch.zeros(len(counts), dtype=rewards.dtype, device=rewards.device).index_add_(0, member, rewards)
-    adv = rewards - (total[member] - rewards) / (counts[member] - 1).to(rewards.dtype)
+    adv = rewards - (total(rewards)[member] - rewards) / (n[member] - 1)
     if normalize:
         adv = (adv - adv.mean()) / (adv.std() + eps)
     return adv
@@ -796,11 +800,8 @@ def rloo_loss(log_ratio, ratio, mask, adv, kept, entropy, args: RLArgs):
 def rloo_stats(ro: Rollout) -> dict:
     """TRL RLOOTrainer's kl (the per-token mean of log pi - log pi_ref over every response token) and
     frac_reward_zero_std (the share of prompts whose shaped rewards have a std of 0: all their advantages are 0)."""
-    _, member, counts = ro.group.unique(return_inverse=True, return_counts=True)
-    n = counts.to(ro.rewards.dtype)
-    mean = torch.zeros_like(n).index_add_(0, member, ro.rewards) / n
-    var = torch.zeros_like(n).index_add_(0, member, (ro.rewards - mean[member]) ** 2) / (n - 1)
-    std = var.sqrt()
+    member, n, total = by_group(ro.group, ro.rewards.dtype)
+    std = (total((ro.rewards - (total(ro.rewards) / n)[member]) ** 2) / (n - 1)).sqrt()
     return {"kl_token": masked_mean(ro.logp - ro.ref_logp, ro.mask).item(),
             "frac_reward_zero_std": torch.isclose(std, torch.zeros_like(std)).float().mean().item()}
 
