@@ -265,25 +265,24 @@ class Model:
 
 class Delta:
     """One streamed choice: the text each new token adds (the tokenizer's stream_decoder, as `generate --stream`'s
-    TextStream), less what may be the start of a stop string, up to the first stop string or end token."""
+    TextStream), less what may be the start of a stop string (commands.HeldBack), up to the first stop string or
+    end token (done: set by the caller at the end token)."""
 
     def __init__(self, tok, prompt_ids, stops):
-        self.decoder, self.stops = tok.stream_decoder(), stops
+        from tritongpt.commands import HeldBack
+
+        self.decoder, self.held, self.done = tok.stream_decoder(), HeldBack(stops), False
         self.decoder.write(prompt_ids)  # the prompt's text read, not sent: a word's leading space is the new text's
-        self.new, self.sent_text, self.done = "", "", False
-        self.hold = max((len(t) for t in stops), default=1) - 1
+
+    @property
+    def sent_text(self) -> str:
+        return self.held.sent_text
 
     def add(self, token: int) -> str:
-        from tritongpt.commands import cut_at_stop
-
         if self.done:
             return ""
-        self.new += self.decoder.write([token])
-        text, cut = cut_at_stop(self.new, self.stops)
-        self.done = cut is not None
-        end = len(text) if cut else max(len(self.sent_text), len(self.new) - self.hold)
-        delta = self.new[len(self.sent_text):end]
-        self.sent_text += delta
+        delta = self.held.add(self.decoder.write([token]))
+        self.done = self.held.done
         return delta
 
 

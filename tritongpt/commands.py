@@ -562,32 +562,49 @@ def cut_at_stop(text: str, stops) -> tuple:
     return text[:at], stop
 
 
+class HeldBack:
+    """A stream's new text as it may be sent: less its last len(longest stop) - 1 characters, where a stop string
+    may be starting, and up to the first stop string once one is there (done). `generate --stream`'s TextStream and
+    `serve`'s streamed choices send what add() returns; their pieces add up to the text cut_at_stop gives."""
+
+    def __init__(self, stops=()):
+        self.stops = list(stops)
+        self.new, self.sent, self.done = "", 0, False
+        self.hold = max((len(s) for s in self.stops), default=1) - 1
+
+    def add(self, chunk: str, final: bool = False) -> str:
+        """chunk's share of what can be sent now (final: the stream's end, nothing held back)."""
+        self.new += chunk
+        text, cut = cut_at_stop(self.new, self.stops)
+        end = len(text) if cut or final else max(self.sent, len(self.new) - self.hold)
+        out = self.new[self.sent:end]
+        self.sent, self.done = end, bool(cut)
+        return out
+
+    @property
+    def sent_text(self) -> str:
+        return self.new[:self.sent]
+
+
 class TextStream:
     """generate's on_token for one sample: prints the text as its tokens are drawn, through the
     tokenizer's stream_decoder (a character split across tokens printed whole once complete), so
     the printed text is what decoding all the ids at once gives."""
 
     def __init__(self, tok, prompt_ids, eot, stops=()):
-        self.eot, self.text, self.stops = eot, tok.stream_decoder(), list(stops)
+        self.eot, self.text, self.held = eot, tok.stream_decoder(), HeldBack(stops)
         print(self.text.write(prompt_ids), end="", flush=True)
-        # the new text not printed yet: a stop string may be starting in it (its first len - 1 characters)
-        self.new, self.printed, self.done = "", 0, False
-        self.hold = max((len(s) for s in self.stops), default=1) - 1
 
     def __call__(self, new):
         i = int(new[0, 0])
-        if i != self.eot and not self.done:  # the marker that ends the text is not printed (nothing follows it)
+        if i != self.eot and not self.held.done:  # the marker that ends the text is not printed (nothing follows)
             self.write(self.text.write([i]))
 
     def write(self, chunk: str, final: bool = False):
-        self.new += chunk
-        text, cut = cut_at_stop(self.new, self.stops)
-        end = len(text) if cut or final else max(self.printed, len(self.new) - self.hold)
-        print(self.new[self.printed:end], end="", flush=True)
-        self.printed, self.done = end, bool(cut)
+        print(self.held.add(chunk, final), end="", flush=True)
 
     def close(self):
-        if not self.done:
+        if not self.held.done:
             self.write(self.text.flush(), final=True)
         print()
 
