@@ -367,7 +367,8 @@ class Trainer:
         self.ddp = self.world_size > 1
         self.is_main = self.rank == 0
         self.device = common.pick_device(args.device)  # under torchrun, "auto" is cuda:LOCAL_RANK
-        if self.device.type == "cuda":
+        if self.device.type == "cuda" and self.device.index is not None:
+            # a bare "cuda" is the current device already; torch 2.11's set_device refuses one without an index
             torch.cuda.set_device(self.device)
         self._owns_group = False
         if self.ddp and not dist.is_initialized():
