@@ -416,13 +416,16 @@ def plot_kernels(rows, ceilings, out_dir) -> list:
         fig, axes = plt.subplots(len(groups), len(modes), figsize=(4.5 * len(modes), 3.6 * len(groups)),
                                  squeeze=False)
         ceil = (ceilings or {}).get(ceil_key, {}).get(ykey)
+        # one colour per provider across the op's panels (matplotlib's cycle restarts in each), ours drawn bolder
+        colour = {prov: f"C{i % 10}" for i, prov in enumerate(sorted({r["provider"] for r in op_rows}))}
         for gi, g in enumerate(groups):
             for mi, mode in enumerate(modes):
                 ax = axes[gi][mi]
                 sel = [r for r in op_rows if r["mode"] == mode and r["config"].get("head_dim") == g]
                 for prov in sorted({r["provider"] for r in sel}):
                     pts = sorted((r["config"][xkey], r[ykey]) for r in sel if r["provider"] == prov)
-                    ax.plot(*zip(*pts), marker="o", label=prov)
+                    ax.plot(*zip(*pts), marker="o", label=prov, color=colour[prov],
+                            lw=2.5 if prov == "triton" else 1.5)
                 if ceil:
                     ax.axhline(ceil, color="gray", ls="--", lw=1, label=f"{ceil_key} ceiling")
                 title = f"{op} {mode}" + (f" D={g}" if g is not None else "")

@@ -2482,6 +2482,28 @@ def test_lm_head_bias_gets_its_plot(tmp_path, monkeypatch):
     assert ceilings == [("matmul ceiling", 400.0)] * 2
 
 
+def test_a_provider_keeps_its_colour_in_every_panel(tmp_path, monkeypatch):
+    """matplotlib's colour cycle restarts in each panel: a provider missing from one panel (the H200 run's
+    torch.compile at head dim 128) shifted every later provider's colour there. Ours is drawn bolder."""
+    import matplotlib.axes
+
+    lines, real_plot = [], matplotlib.axes.Axes.plot
+    monkeypatch.setattr(matplotlib.axes.Axes, "plot",
+                        lambda self, *a, **k: lines.append((k["label"], k["color"], k["lw"])) or real_plot(self, *a, **k))
+    rows = [_k("attention", p, "fwd", {"seq_len": 256, "head_dim": d}, ms=1.0, tflops=50.0)
+            for d, provs in ((64, ("compile", "reference", "sdpa-cudnn", "triton")),
+                             (128, ("reference", "sdpa-cudnn", "triton")))
+            for p in provs]
+    report.plot_kernels(rows, {"matmul": {"tflops": 400.0}}, tmp_path)
+    colours = {}
+    for label, colour, _ in lines:
+        colours.setdefault(label, set()).add(colour)
+    assert len(lines) == 7 and all(len(c) == 1 for c in colours.values())
+    assert len({c for cs in colours.values() for c in cs}) == 4  # and no two providers share one
+    assert {lw for label, _, lw in lines if label == "triton"} == {2.5}
+    assert {lw for label, _, lw in lines if label != "triton"} == {1.5}
+
+
 @pytest.mark.parametrize("slow_median, fast_median", [([0.30, 0.10, 0.31], [0.20, 0.19, 0.21]),   # a lucky p20
                                                        ([0.30, 0.29, 0.31], [0.20, 0.19, 0.50])])  # a noisy p80
 def test_autotune_timings_rank_configs_by_their_median(tmp_path, slow_median, fast_median):
