@@ -334,7 +334,7 @@ def _bwd_launch(dy, x, g, u, order, offsets, wg, wu, wd, needs=(True,) * 4, acti
         dwg = first if need_dwg else skipped()
         dwu = (second if need_dwg else first) if need_dwu else skipped()
     else:
-        dwg = dwu = skipped()
+        dwg, dwu = skipped(), skipped()  # not one tensor twice: a custom op's outputs may not alias
     if need_dx:  # fp32 rows at their (token, slot), summed over the k slots in fp32
         rows = torch.empty((N * k, C), device=dy.device, dtype=torch.float32)
         _grouped(dg, wg, N * k, order, offsets, scatter=True, a2=du, b2=wu, out=rows)

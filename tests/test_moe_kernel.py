@@ -93,8 +93,8 @@ def test_one_expert_takes_every_token_and_two_are_idle(device):
     assert params[2].stride() != params[1].stride()
 
 
-@pytest.mark.parametrize("frozen", [(1,), (0, 2), (0, 1, 3)],
-                         ids=["w_gate frozen", "x and w_up frozen", "only w_up trains"])
+@pytest.mark.parametrize("frozen", [(1,), (0, 2), (0, 1, 3), (0, 1, 2)],
+                         ids=["w_gate frozen", "x and w_up frozen", "only w_up trains", "only w_down trains"])
 def test_frozen_inputs_get_no_gradient_and_the_rest_stay_right(frozen, device):
     check_parity(torch.float32, device, seed=3, frozen=frozen)
 
