@@ -11,14 +11,21 @@ small fused prologue/epilogue:
   forward   h = x @ w1.T + b1, a = gelu(h)    bias + GELU in the epilogue; writes h (saved for
                                               backward) and a (read once by the next matmul)
             y = a @ w2.T + b2                 bias in the epilogue
-  backward  dh = (dy @ w2) * gelu'(h)         GELU's derivative in the epilogue: da never exists
-            dW2 = dy.T @ gelu(h)              GELU recomputed on the B tiles as they are loaded
+  backward  dh = (dy @ w2) * gelu'(h)         GELU's derivative in the epilogue: da never exists;
+            a = gelu(h)                       the same epilogue stores a (h is read there anyway),
+                                              only when dW2 is wanted, freed once dW2 is made
+            dW2 = dy.T @ a                    a plain matmul (if W1 is frozen and dx not needed,
+                                              no dh launch: gelu(h) is recomputed on the B tiles
+                                              as they are loaded, B_GELU)
             dW1 = dh.T @ x,  dx = dh @ w1,  db1 = sum(dh),  db2 = sum(dy)
             (only the gradients autograd asks for: a frozen weight skips its product)
 
 So only x and h are saved for backward: x plus ONE [M, H] tensor, where the eager reference
 keeps x plus FIVE (h, tanh(z), 0.5 h, 1 + tanh(z), a) -- measured with _common.saved_tensor_bytes()
-in tests/test_mlp.py.
+in tests/test_mlp.py. Backward holds a second [M, H] (a) for the one dW2 product. Recomputing a on
+dW2's B tiles instead (B_GELU) costs the GELU C / BLOCK_M times per element inside the matmul's
+inner loop: on an H200 (bf16, M=16384, C=768) that product ran at 0.56 ms, dW1 = dh.T @ x (the same
+FLOPs, plain) at 0.17 ms.
 Math is fp32 (accumulator and GELU); fp32 inputs use IEEE products (no TF32) so fp32 parity
 holds; bf16/fp16 use tensor cores with fp32 accumulation.
 
@@ -57,6 +64,8 @@ EPI_GELU = 1       # H = A @ B + bias; C = gelu(H)       (stores both)
 EPI_GELU_GRAD = 2  # C = (A @ B) * gelu'(AUX)             (AUX = saved pre-activation h)
 EPI_SWIGLU = 3     # G = A @ B + bias, U = A @ B2 + bias2; C = act(G) * U   (stores all three)
 EPI_SWIGLU_GRAD = 4  # D = A @ B; C = D * AUX2 * act'(AUX), C2 = D * act(AUX)  (AUX = g, AUX2 = u)
+# STORE_ACT with EPI_GELU_GRAD / EPI_SWIGLU_GRAD: the epilogue also stores the activation a = gelu(AUX) or
+# act(AUX) * AUX2 to HOUT, rounded as forward's EPI_GELU / EPI_SWIGLU made it (for dW2 = dy^T a as a plain matmul)
 # (act: silu, or gelu_tanh with GATE_GELU; the gated MLP's gate activations by name)
 GATES = ("silu", "gelu")
 APPROXIMATES = ("tanh", "none")  # the GELU MLP's GELU, as F.gelu names them: GPT-2's tanh form or exact erf
@@ -166,12 +175,16 @@ def _swiglu_epilogue(acc, acc2, Hout, Hout2, x_off, mask, GATE_GELU: tl.constexp
 
 
 @triton.jit
-def _swiglu_grad_epilogue(da, Aux, Aux2, Hout2, x_off, mask, GATE_GELU: tl.constexpr):
+def _swiglu_grad_epilogue(da, Aux, Aux2, Hout, Hout2, x_off, mask, GATE_GELU: tl.constexpr, STORE_ACT: tl.constexpr):
     """EPI_SWIGLU_GRAD: da = dy @ W_down, g and u read back from Aux and Aux2; du = da * act(g) stored to Hout2
-    -> dg = da * u * act'(g). kernels/moe.py's epilogue too."""
+    -> dg = da * u * act'(g). STORE_ACT: a = act(g) * u stored to Hout too, rounded as _swiglu_epilogue rounds
+    it (g and u are read here anyway: dW_down = dy^T a is then a plain matmul). kernels/moe.py's epilogue too."""
     g = tl.load(Aux + x_off, mask=mask, other=0.0).to(tl.float32)
     u = tl.load(Aux2 + x_off, mask=mask, other=0.0).to(tl.float32)
-    tl.store(Hout2 + x_off, cast(da * _gate_act(g, GATE_GELU), Hout2.dtype.element_ty), mask=mask)
+    act = _gate_act(g, GATE_GELU)
+    if STORE_ACT:
+        tl.store(Hout + x_off, cast(act * u, Hout.dtype.element_ty), mask=mask)
+    tl.store(Hout2 + x_off, cast(da * act, Hout2.dtype.element_ty), mask=mask)
     return da * u * _gate_act_grad(g, GATE_GELU)
 
 
@@ -206,14 +219,14 @@ def _bucket(n: int) -> int:
 # have the same sizes and, without biases, the same flags, but not the same best tile.
 @triton.autotune(configs=_matmul_configs(),
                  key=["M_BUCKET", "N", "K_BUCKET", "EPILOGUE", "B_GELU", "B_SWIGLU", "SUM2", "GATE_GELU",
-                      "GELU_ERF", "HAS_BIAS", "stride_ak", "stride_bn"])
+                      "GELU_ERF", "STORE_ACT", "HAS_BIAS", "stride_ak", "stride_bn"])
 @triton.jit
 def _matmul_kernel(A, B, C, Bias, Aux, Hout, A2, B2, Bias2, Aux2, Hout2, M, N, K, M_BUCKET, K_BUCKET,
                    stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn,
                    stride_xm, stride_xn,
                    HAS_BIAS: tl.constexpr, B_GELU: tl.constexpr, EPILOGUE: tl.constexpr,
                    B_SWIGLU: tl.constexpr, SUM2: tl.constexpr, GATE_GELU: tl.constexpr,
-                   GELU_ERF: tl.constexpr, PRECISION: tl.constexpr,
+                   GELU_ERF: tl.constexpr, STORE_ACT: tl.constexpr, PRECISION: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                    GROUP_M: tl.constexpr):
     """C[M, N] = A[M, K] @ B[K, N] with the fused prologue (B_GELU, B_SWIGLU) / epilogue (EPILOGUE) above.
@@ -224,6 +237,8 @@ def _matmul_kernel(A, B, C, Bias, Aux, Hout, A2, B2, Bias2, Aux2, Hout2, M, N, K
     u beside g (B_SWIGLU: B = act(g) * u), or with A2 a second product added to the first (SUM2:
     C = A @ B + A2 @ B2, dx = dg @ W_gate + du @ W_up). act is gelu_tanh if GATE_GELU, else silu.
     GELU_ERF: the GELU MLP's modes (EPI_GELU, EPI_GELU_GRAD, B_GELU) take the exact erf GELU, not gelu_tanh.
+    STORE_ACT (EPI_GELU_GRAD, EPI_SWIGLU_GRAD): the activation a, recomputed from the Aux tiles the epilogue
+    reads anyway, is stored to Hout: once per element, where B_GELU / B_SWIGLU recompute it per row-tile.
     """
     pid = tl.program_id(0)
     num_m = tl.cdiv(M, BLOCK_M)
@@ -283,13 +298,15 @@ def _matmul_kernel(A, B, C, Bias, Aux, Hout, A2, B2, Bias2, Aux2, Hout2, M, N, K
         acc = _gelu_act(h.to(tl.float32), GELU_ERF)
     elif EPILOGUE == 2:
         h = tl.load(Aux + x_off, mask=mask, other=0.0).to(tl.float32)
+        if STORE_ACT:  # a = gelu(h) of the saved (rounded) h, rounded: the very a forward's EPI_GELU made
+            tl.store(Hout + x_off, cast(_gelu_act(h, GELU_ERF), Hout.dtype.element_ty), mask=mask)
         acc = acc * _gelu_act_grad(h, GELU_ERF)
     elif EPILOGUE == 3:
         if HAS_BIAS:
             acc2 += tl.load(Bias2 + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
         acc = _swiglu_epilogue(acc, acc2, Hout, Hout2, x_off, mask, GATE_GELU)
     elif EPILOGUE == 4:  # acc is da = dy @ W_down: dg to C, du to Hout2
-        acc = _swiglu_grad_epilogue(acc, Aux, Aux2, Hout2, x_off, mask, GATE_GELU)
+        acc = _swiglu_grad_epilogue(acc, Aux, Aux2, Hout, Hout2, x_off, mask, GATE_GELU, STORE_ACT)
     c_ptrs = C + offs_m.to(tl.int64)[:, None] * stride_cm + offs_n[None, :] * stride_cn
     tl.store(c_ptrs, cast(acc, C.dtype.element_ty), mask=mask)
 
@@ -299,15 +316,19 @@ autotuned("mlp.matmul", _matmul_kernel)
 
 @on_tensor_device
 def _matmul(a, b, bias=None, epilogue=EPI_NONE, aux=None, b_gelu=False, b2=None, bias2=None, aux2=None,
-            a2=None, b_swiglu=False, gate="silu", approximate="tanh"):
+            a2=None, b_swiglu=False, gate="silu", approximate="tanh", store_act=False):
     """a [M, K] @ b [K, N] (any strides) -> new [M, N] tensor in a's dtype, and a second one: h
     (EPI_GELU), (g, u) (EPI_SWIGLU), du (EPI_SWIGLU_GRAD), else None. The SwiGLU operands: b2
     (b's layout), bias2, aux2 (u beside aux = g), a2 (a's layout: C = a @ b + a2 @ b2). gate: the
     activation of g in EPI_SWIGLU, EPI_SWIGLU_GRAD and b_swiglu, "silu" (SwiGLU) or "gelu" (GeGLU).
-    approximate: the GELU of EPI_GELU, EPI_GELU_GRAD and b_gelu, "tanh" or "none" (exact erf)."""
+    approximate: the GELU of EPI_GELU, EPI_GELU_GRAD and b_gelu, "tanh" or "none" (exact erf).
+    store_act (EPI_GELU_GRAD, EPI_SWIGLU_GRAD only): also make the activation a [M, N] from aux (and aux2);
+    the second return is then a (EPI_GELU_GRAD) or (du, a) (EPI_SWIGLU_GRAD)."""
     if gate not in GATES:
         raise ValueError(f"gate must be one of {', '.join(GATES)}, got {gate!r}")
     check_approximate(approximate)
+    if store_act and epilogue not in (EPI_GELU_GRAD, EPI_SWIGLU_GRAD):
+        raise ValueError(f"store_act needs epilogue EPI_GELU_GRAD or EPI_SWIGLU_GRAD, got {epilogue}")
     M, K = a.shape
     N = b.shape[1]
 
@@ -315,9 +336,14 @@ def _matmul(a, b, bias=None, epilogue=EPI_NONE, aux=None, b_gelu=False, b2=None,
         return torch.empty((M, N), device=a.device, dtype=a.dtype)
 
     c = new()
-    h = new() if epilogue in (EPI_GELU, EPI_SWIGLU) else None
+    h = new() if epilogue in (EPI_GELU, EPI_SWIGLU) or store_act else None
     h2 = new() if epilogue in (EPI_SWIGLU, EPI_SWIGLU_GRAD) else None
-    extra = (h, h2) if epilogue == EPI_SWIGLU else (h2 if epilogue == EPI_SWIGLU_GRAD else h)
+    if epilogue == EPI_SWIGLU:
+        extra = (h, h2)
+    elif epilogue == EPI_SWIGLU_GRAD:
+        extra = (h2, h) if store_act else h2
+    else:
+        extra = h
     if M == 0 or N == 0:
         return c, extra
     if K == 0:  # empty reduction: the kernel's k-loop would not run; keep the semantics explicit
@@ -331,6 +357,10 @@ def _matmul(a, b, bias=None, epilogue=EPI_NONE, aux=None, b_gelu=False, b2=None,
             return c, extra
         if epilogue == EPI_SWIGLU_GRAD:
             h2.zero_()
+            if store_act:
+                g = aux.float()
+                act = F.gelu(g, approximate="tanh") if gate == "gelu" else F.silu(g)
+                h.copy_(act * aux2.float())
             return c, extra
         if bias is not None:
             c += bias
@@ -339,6 +369,8 @@ def _matmul(a, b, bias=None, epilogue=EPI_NONE, aux=None, b_gelu=False, b2=None,
             c = F.gelu(c.float(), approximate=approximate).to(c.dtype)
         elif epilogue == EPI_GELU_GRAD:
             c.zero_()
+            if store_act:
+                h.copy_(F.gelu(aux.float(), approximate=approximate))
         return c, extra
     # Hout / Aux (and their second ones) share a layout: the outputs are new, the saved ones made so
     outs = [t for t in (h, h2) if t is not None]
@@ -346,6 +378,8 @@ def _matmul(a, b, bias=None, epilogue=EPI_NONE, aux=None, b_gelu=False, b2=None,
     if aux2 is not None:
         aux, aux2 = aux.contiguous(), aux2.contiguous()
         x = aux
+    if store_act:  # a is new: the aux it is made from must share its layout
+        aux = aux.contiguous()
     if b2 is not None and b2.stride() != b.stride():
         b, b2 = b.contiguous(), b2.contiguous()
     if a2 is not None and a2.stride() != a.stride():
@@ -363,7 +397,7 @@ def _matmul(a, b, bias=None, epilogue=EPI_NONE, aux=None, b_gelu=False, b2=None,
         a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0), c.stride(1),
         x.stride(0), x.stride(1),
         HAS_BIAS=bias is not None, B_GELU=b_gelu, EPILOGUE=epilogue, B_SWIGLU=b_swiglu, SUM2=a2 is not None,
-        GATE_GELU=gate == "gelu", GELU_ERF=approximate == "none",
+        GATE_GELU=gate == "gelu", GELU_ERF=approximate == "none", STORE_ACT=store_act,
         PRECISION="ieee" if a.dtype == torch.float32 else "tf32")  # tf32 only affects fp32 inputs
     return c, extra
 
@@ -391,10 +425,16 @@ def _bwd_launch(dy, x, h, w1, w2, needs=(True,) * 5, approximate="tanh"):
     def skipped():
         return dy.new_empty(0)  # one per output: a custom op's outputs may not alias each other
 
-    dh = None
-    if need_dx or need_dw1 or need_db1:
-        dh, _ = _matmul(dy, w2, epilogue=EPI_GELU_GRAD, aux=h, approximate=approximate)  # [M, H]
-    dw2 = _matmul(dy.t(), h, b_gelu=True, approximate=approximate)[0] if need_dw2 else skipped()  # dy^T gelu(h)
+    dh = act = None
+    if need_dx or need_dw1 or need_db1:  # [M, H]; and a = gelu(h) beside it if dW2 wants it (h is read anyway)
+        dh, act = _matmul(dy, w2, epilogue=EPI_GELU_GRAD, aux=h, approximate=approximate, store_act=need_dw2)
+    if not need_dw2:
+        dw2 = skipped()
+    elif act is not None:  # dy^T a, a plain matmul; a is freed right after: one transient [M, H]
+        dw2, _ = _matmul(dy.t(), act)
+        act = None
+    else:  # no dh to make a beside (W1 frozen, no dx): gelu(h) recomputed on the B tiles as loaded
+        dw2, _ = _matmul(dy.t(), h, b_gelu=True, approximate=approximate)
     dw1 = _matmul(dh.t(), x)[0] if need_dw1 else skipped()             # [H, C]
     dx = _matmul(dh, w1)[0] if need_dx else skipped()                  # [M, C]
     db1 = dh.sum(0, dtype=torch.float32).to(w1.dtype) if need_db1 else skipped()

@@ -20,15 +20,20 @@ accumulators, the gate epilogues) with the expert's weight slice as B:
                                                       and a (read once, then freed)
             y[order] = a @ Wd_e.T                     rows stored at their (token, slot): y [N, k, C]
   backward  da = dy[order] @ Wd_e                     never stored: dg = da * u * act'(g) and
-                                                      du = da * act(g) from the one accumulator
+                                                      du = da * act(g) from the one accumulator,
+                                                      and a = act(g) * u stored beside them when
+                                                      dWd is wanted (g, u are read there anyway)
             dx[order] = dg @ Wg_e + du @ Wu_e         one launch (two products, one accumulator),
                                                       fp32 rows at their (token, slot), summed
                                                       over k in torch (deterministic: no atomics)
             dWd_e = dy[order_e].T @ a_e               grid over (expert, output tile), each looping
             dWg_e = dg_e.T @ x[tok_e]                 over its expert's rows (an idle expert's
-            dWu_e = du_e.T @ x[tok_e]                 loop is empty: exact zeros); a recomputed
-                                                      from g, u on the tiles as loaded; dWg and
-                                                      dWu in one launch (one x tile, two acc)
+            dWu_e = du_e.T @ x[tok_e]                 loop is empty: exact zeros); dWd from that
+                                                      a, freed once dWd is made (a recomputed
+                                                      from g, u on the tiles as loaded only when
+                                                      there is no dg/du launch: gate, up and x
+                                                      frozen); dWg and dWu in one launch (one x
+                                                      tile, two acc)
             (only the gradients autograd asks for: a frozen weight skips its product)
 
 So x, g and u (sorted rows, [N*k, H] each) and the order are saved, as swiglu_mlp saves per expert.
@@ -93,13 +98,14 @@ def _row_tile(Offsets, E, pid_m, BLOCK_M: tl.constexpr):
     return expert, row0, row_end
 
 
-@triton.autotune(configs=_configs(), key=["M_BUCKET", "N", "K", "EPILOGUE", "SUM2", "GATE_GELU", "GATHER_A"])
+@triton.autotune(configs=_configs(), key=["M_BUCKET", "N", "K", "EPILOGUE", "SUM2", "GATE_GELU", "GATHER_A",
+                                          "STORE_ACT"])
 @triton.jit
 def _grouped_kernel(A, AIdx, B, C, CIdx, Offsets, Aux, Hout, A2, B2, Aux2, Hout2, N, K, E, A_DIV, M_BUCKET,
                     stride_am, stride_ak, stride_be, stride_bk, stride_bn, stride_cm, stride_cn,
                     stride_xm, stride_xn,
                     GATHER_A: tl.constexpr, SCATTER_C: tl.constexpr, EPILOGUE: tl.constexpr, SUM2: tl.constexpr,
-                    GATE_GELU: tl.constexpr, PRECISION: tl.constexpr,
+                    GATE_GELU: tl.constexpr, STORE_ACT: tl.constexpr, PRECISION: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """For each sorted row r of expert e: C[r'] = A[r''] @ B[e] with the gate epilogues of kernels/mlp.py.
 
@@ -107,7 +113,8 @@ def _grouped_kernel(A, AIdx, B, C, CIdx, Offsets, Aux, Hout, A2, B2, Aux2, Hout2
     C's row is r, or CIdx[r] with SCATTER_C (back to (token, slot)). B[e] is [K, N] by strides from
     B + e * stride_be (a weight slice, transposed for free); B2 beside it (EPI_SWIGLU: the up weight;
     SUM2: C = A @ B + A2 @ B2). Aux/Hout/Aux2/Hout2 are sorted [rows, N] tensors: g and u written
-    (EPI_SWIGLU) or read (EPI_SWIGLU_GRAD, which writes dg to C and du to Hout2).
+    (EPI_SWIGLU) or read (EPI_SWIGLU_GRAD, which writes dg to C and du to Hout2, and with STORE_ACT the
+    activation a = act(g) * u to Hout, for dW_down).
     """
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -155,7 +162,7 @@ def _grouped_kernel(A, AIdx, B, C, CIdx, Offsets, Aux, Hout, A2, B2, Aux2, Hout2
     if EPILOGUE == 3:
         acc = _swiglu_epilogue(acc, acc2, Hout, Hout2, x_off, mask, GATE_GELU)
     elif EPILOGUE == 4:  # acc is da = dy @ Wd_e: dg to C, du to Hout2
-        acc = _swiglu_grad_epilogue(acc, Aux, Aux2, Hout2, x_off, mask, GATE_GELU)
+        acc = _swiglu_grad_epilogue(acc, Aux, Aux2, Hout, Hout2, x_off, mask, GATE_GELU, STORE_ACT)
     if SCATTER_C:
         c_rows = tl.load(CIdx + rows, mask=m_ok, other=0).to(tl.int64)
     else:
@@ -244,16 +251,18 @@ def _route(experts, n_experts):
 
 @on_tensor_device
 def _grouped(a, b, n_rows, order, offsets, a_div=None, scatter=False, epilogue=EPI_NONE, b2=None, a2=None,
-             aux=None, aux2=None, out=None, gate="silu"):
+             aux=None, aux2=None, out=None, gate="silu", store_act=False):
     """The grouped product over n_rows sorted rows: b [E, K, N] by strides (a weight, transposed as a view).
     a_div: A's rows gathered through order // a_div (None: a is already in sorted rows). scatter: C's rows
     go to order[r] in `out` ([n_rows, N], given) instead of a new sorted tensor. -> (c, extra): extra
-    (g, u) for EPI_SWIGLU, du for EPI_SWIGLU_GRAD, else None."""
+    (g, u) for EPI_SWIGLU, du for EPI_SWIGLU_GRAD ((du, a) with store_act: a = act(g) * u too), else None."""
+    if store_act and epilogue != EPI_SWIGLU_GRAD:
+        raise ValueError(f"store_act needs epilogue EPI_SWIGLU_GRAD, got {epilogue}")
     E, K, N = b.shape
     c = out if out is not None else a.new_empty((n_rows, N))
-    h = a.new_empty((n_rows, N)) if epilogue == EPI_SWIGLU else None
+    h = a.new_empty((n_rows, N)) if epilogue == EPI_SWIGLU or store_act else None
     h2 = a.new_empty((n_rows, N)) if epilogue in (EPI_SWIGLU, EPI_SWIGLU_GRAD) else None
-    extra = (h, h2) if epilogue == EPI_SWIGLU else h2
+    extra = (h, h2) if epilogue == EPI_SWIGLU else ((h2, h) if store_act else h2)
     if n_rows == 0 or N == 0:
         return c, extra
     if b2 is not None and b2.stride() != b.stride():
@@ -271,7 +280,7 @@ def _grouped(a, b, n_rows, order, offsets, a_div=None, scatter=False, epilogue=E
         a.stride(0), a.stride(1), b.stride(0), b.stride(1), b.stride(2), c.stride(0), c.stride(1),
         x.stride(0), x.stride(1),
         GATHER_A=a_div is not None, SCATTER_C=scatter, EPILOGUE=epilogue, SUM2=a2 is not None,
-        GATE_GELU=gate == "gelu", PRECISION=_precision(a))
+        GATE_GELU=gate == "gelu", STORE_ACT=store_act, PRECISION=_precision(a))
     return c, extra
 
 
@@ -322,11 +331,18 @@ def _bwd_launch(dy, x, g, u, order, offsets, wg, wu, wd, needs=(True,) * 4, acti
     def skipped():
         return dy.new_empty(0)  # one per output: a custom op's outputs may not alias each other
 
-    dg = du = None
-    if need_dx or need_dwg or need_dwu:  # [N*k, H] each, sorted rows
-        dg, du = _grouped(dy2, wd, N * k, order, offsets, a_div=1, epilogue=EPI_SWIGLU_GRAD, aux=g, aux2=u,
-                          gate=activation)
-    dwd = _expert_grad(dy2, g, order, offsets, E, l_div=1, rhs2=u, gate=activation)[0] if need_dwd else skipped()
+    dg = du = act = None
+    if need_dx or need_dwg or need_dwu:  # [N*k, H] each, sorted rows; a = act(g) * u beside them if dWd wants it
+        dg, extra = _grouped(dy2, wd, N * k, order, offsets, a_div=1, epilogue=EPI_SWIGLU_GRAD, aux=g, aux2=u,
+                             gate=activation, store_act=need_dwd)
+        du, act = extra if need_dwd else (extra, None)
+    if not need_dwd:
+        dwd = skipped()
+    elif act is not None:  # a plain per-expert product; a is freed right after
+        dwd = _expert_grad(dy2, act, order, offsets, E, l_div=1)[0]
+        act = None
+    else:  # no dg/du launch to make a beside: recomputed on the tiles as loaded
+        dwd = _expert_grad(dy2, g, order, offsets, E, l_div=1, rhs2=u, gate=activation)[0]
     if need_dwg or need_dwu:  # one x tile for both when both are asked for
         lhs, lhs2 = (dg, du) if need_dwg else (du, None)
         lhs2 = lhs2 if need_dwu else None

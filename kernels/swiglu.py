@@ -13,9 +13,12 @@ for silu; GeGLU is the same launches with gelu_tanh and its derivative in place 
                                                    and u (saved) and a (read once, then freed)
             y = a @ Wd.T + bd                      bias in the epilogue
   backward  da = dy @ Wd                           never stored: the epilogue writes
-            dg = da * u * silu'(g), du = da * silu(g)   both gradients from the one accumulator
-            dWd = dy.T @ a                         a = silu(g) * u recomputed on the B tiles as
-                                                   they are loaded from the saved g and u
+            dg = da * u * silu'(g), du = da * silu(g)   both gradients from the one accumulator,
+            a = silu(g) * u                        and a from the g and u it reads anyway (only
+                                                   when dWd is wanted; freed once dWd is made)
+            dWd = dy.T @ a                         a plain matmul (with no dg/du launch, i.e. only
+                                                   Wd and biases train: a recomputed on the B
+                                                   tiles as they are loaded, B_SWIGLU)
             dWg = dg.T @ x,  dWu = du.T @ x
             dx = dg @ Wg + du @ Wu                 one launch: the second product is added to
                                                    the first's accumulator (no [M, C] partial)
@@ -24,6 +27,8 @@ for silu; GeGLU is the same launches with gelu_tanh and its derivative in place 
 
 So x, g and u are saved for backward: x plus TWO [M, H] tensors, where the eager reference keeps
 x plus FOUR (g, silu(g), u, a) -- measured with _common.saved_tensor_bytes() in tests/test_swiglu.py.
+Backward holds a fourth [M, H] (a) for the one dWd product: recomputing it on dWd's B tiles instead
+costs the activation C / BLOCK_M times per element inside the inner loop (kernels/mlp.py's note).
 silu(g) = g * sigmoid(g), silu'(g) = s (1 + g (1 - s)) with s = sigmoid(g) from exp(-|g|)
 (no overflow); gelu_tanh and its derivative are kernels/mlp.py's. Forward multiplies act of the
 *rounded* g by the rounded u, the values backward recomputes a from. Math is fp32; fp32 inputs
@@ -62,11 +67,17 @@ def _bwd_launch(dy, x, g, u, wg, wu, wd, needs=(True,) * 7, activation="silu"):
     def skipped():
         return dy.new_empty(0)  # one per output: a custom op's outputs may not alias each other
 
-    dg = du = None
-    if need_dx or need_dwg or need_dbg or need_dwu or need_dbu:
-        dg, du = _matmul(dy, wd, epilogue=EPI_SWIGLU_GRAD, aux=g, aux2=u, gate=activation)  # [M, H] each
-    # [C, H] = dy^T a
-    dwd = _matmul(dy.t(), g, b2=u, b_swiglu=True, gate=activation)[0] if need_dwd else skipped()
+    dg = du = act = None
+    if need_dx or need_dwg or need_dbg or need_dwu or need_dbu:  # [M, H] each; a beside them if dWd wants it
+        dg, extra = _matmul(dy, wd, epilogue=EPI_SWIGLU_GRAD, aux=g, aux2=u, gate=activation, store_act=need_dwd)
+        du, act = extra if need_dwd else (extra, None)
+    if not need_dwd:
+        dwd = skipped()
+    elif act is not None:  # [C, H] = dy^T a, a plain matmul; a is freed right after
+        dwd, _ = _matmul(dy.t(), act)
+        act = None
+    else:  # no dg/du launch to make a beside: act(g) * u recomputed on the B tiles as loaded
+        dwd, _ = _matmul(dy.t(), g, b2=u, b_swiglu=True, gate=activation)
     dwg = _matmul(dg.t(), x)[0] if need_dwg else skipped()                         # [H, C]
     dwu = _matmul(du.t(), x)[0] if need_dwu else skipped()                         # [H, C]
     dx = _matmul(dg, wg, a2=du, b2=wu)[0] if need_dx else skipped()                # [M, C]

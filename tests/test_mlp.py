@@ -692,3 +692,76 @@ def test_autotune_key_holds_every_flag():
     tuned = {"BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "PRECISION"}
     assert {"EPILOGUE", "B_SWIGLU", "GATE_GELU", "GELU_ERF"} <= flags  # the signature was read
     assert flags - tuned <= set(kernel.keys), f"not in the autotune key: {sorted(flags - tuned - set(kernel.keys))}"
+
+
+@pytest.mark.parametrize("approximate", ["tanh", "none"])
+def test_dh_epilogue_stores_the_forward_activation(approximate, device):
+    """dW2 = dy^T a reads the a that dh's epilogue stores beside dh (STORE_ACT), so that a must be the
+    one forward multiplied by: GELU of the saved (rounded) h, rounded -- bit for bit under the
+    interpreter (a compiled kernel may contract a multiply-add differently: a few entries may
+    differ) -- and close to float64's GELU of h, the exact one for "none". Storing it leaves dh as it
+    was. bf16, where a wrong rounding or the other GELU shows in many entries."""
+    from tritongpt.kernels import mlp
+
+    gen = torch.Generator().manual_seed(41)
+    x, w1, b1, w2, _ = make(37, 24, 72, torch.bfloat16, device, gen)
+    dy = torch.randn(37, 24, generator=gen).to(device, torch.bfloat16)
+    with torch.no_grad():
+        a_fwd, h = mlp._matmul(x, w1.t(), b1, mlp.EPI_GELU, approximate=approximate)
+        dh, a = mlp._matmul(dy, w2, epilogue=mlp.EPI_GELU_GRAD, aux=h, approximate=approximate, store_act=True)
+        dh_alone, nothing = mlp._matmul(dy, w2, epilogue=mlp.EPI_GELU_GRAD, aux=h, approximate=approximate)
+    assert nothing is None and a.shape == h.shape and a.dtype == h.dtype
+    assert torch.equal(dh, dh_alone)
+    differ = (a != a_fwd).float().mean().item()
+    assert differ == 0 if device.type == "cpu" else differ <= 0.01, differ
+    want = gelu64(h.double(), approximate)
+    assert ((a.double() - want).abs() <= 2 ** -8 * want.abs() + 1e-6).all()  # one bf16 rounding of a
+    with pytest.raises(ValueError, match="store_act needs epilogue"):
+        mlp._matmul(x, w1.t(), b1, mlp.EPI_GELU, store_act=True)
+
+
+@pytest.mark.parametrize("approximate", ["tanh", "none"])
+@pytest.mark.parametrize("trainable", [
+    (True, True, True, True, True),       # dh made: a stored beside it, dW2 a plain product
+    (False, False, False, True, True),    # W1 frozen, no dx: no dh launch, gelu(h) recomputed in dW2 (B_GELU)
+    (False, False, True, True, False),    # dh made for db1 alone: a stored
+    (True, False, False, False, True),    # W2 frozen: dh made, no a
+])
+def test_dw2_from_the_stored_activation_or_recomputed(trainable, approximate, device, monkeypatch):
+    """dW2 takes a from dh's epilogue when backward makes dh, and recomputes it on its B tiles only
+    when it does not (the launches' flags); either way dW2 matches float64 (fp32), and in bf16 the two
+    paths give the same dW2 (the same rounded a; bit for bit under the interpreter)."""
+    from tritongpt.kernels import mlp
+
+    gen = torch.Generator().manual_seed(43)
+    params = make(29, 24, 72, torch.float32, device, gen)
+    for p, train in zip(params, trainable):
+        p.requires_grad_(train)
+    y = gelu_mlp(*params, approximate=approximate)
+    dy = torch.randn(y.shape, generator=gen).to(device)
+    launched = []
+    matmul = mlp._matmul
+    monkeypatch.setattr(mlp, "_matmul", lambda *a, **k: launched.append(k) or matmul(*a, **k))
+    y.backward(dy)
+    need_dx, need_dw1, need_db1, need_dw2, _ = trainable
+    need_dh = need_dx or need_dw1 or need_db1
+    grad_launch = [k for k in launched if k.get("epilogue") == mlp.EPI_GELU_GRAD]
+    assert len(grad_launch) == need_dh
+    assert all(k.get("store_act", False) == need_dw2 for k in grad_launch)
+    assert sum(k.get("b_gelu", False) for k in launched) == int(need_dw2 and not need_dh)
+    leaves = [p.detach().double().requires_grad_(train) for p, train in zip(params, trainable)]
+    ref_mlp(*leaves, approximate).backward(dy.double())
+    for name, p, p64, train in zip(NAMES, params, leaves, trainable):
+        if train:
+            assert_close_rel(p.grad, p64.grad, 1e-4, name)
+    if need_dw2:  # bf16: the stored a and the recomputed one are the same numbers
+        x, w1, b1, w2, b2 = (p.detach().bfloat16() for p in params)
+        dy16 = dy.bfloat16()
+        with torch.no_grad():
+            _, h = mlp._fwd_launch(x, w1, b1, w2, b2, approximate)
+            stored = mlp._bwd_launch(dy16, x, h, w1, w2, (True,) * 5, approximate)[3]
+            recomputed = mlp._bwd_launch(dy16, x, h, w1, w2, (False, False, False, True, False), approximate)[3]
+        if device.type == "cpu":
+            assert torch.equal(stored, recomputed)
+        else:
+            assert_close_rel(stored, recomputed, 1e-2, "dw2 stored vs recomputed")

@@ -99,6 +99,45 @@ def test_frozen_inputs_get_no_gradient_and_the_rest_stay_right(frozen, device):
     check_parity(torch.float32, device, seed=3, frozen=frozen)
 
 
+@pytest.mark.parametrize("activation", ["silu", "gelu"])
+def test_dw_down_from_the_stored_activation_or_recomputed(activation, device, monkeypatch):
+    """The dg/du epilogue stores a = act(g) * u beside dg and du (STORE_ACT) for dW_down's plain per-expert
+    product: forward's a, rounded (bit for bit under the interpreter), close to float64's, dg and du
+    unchanged. dW_down recomputes a on its tiles only when no dg/du launch is made (x, w_gate and w_up
+    frozen), and both paths give the same bf16 dW_down (bit for bit under the interpreter)."""
+    from tritongpt.kernels import moe
+    from tritongpt.kernels.mlp import EPI_SWIGLU, EPI_SWIGLU_GRAD
+
+    gen = torch.Generator().manual_seed(49)
+    params, experts = make(torch.bfloat16, device, gen)
+    x, wg, wu, wd = (p.detach() for p in params)
+    dy = torch.randn(N, K, C, generator=gen).to(device, torch.bfloat16)
+    with torch.no_grad():
+        order, offsets = moe._route(experts, E)
+        a_fwd, (g, u) = moe._grouped(x, wg.transpose(1, 2), N * K, order, offsets, a_div=K, epilogue=EPI_SWIGLU,
+                                     b2=wu.transpose(1, 2), gate=activation)
+        grad = dict(a_div=1, epilogue=EPI_SWIGLU_GRAD, aux=g, aux2=u, gate=activation)
+        dg, (du, a) = moe._grouped(dy.view(N * K, C), wd, N * K, order, offsets, store_act=True, **grad)
+        dg_alone, du_alone = moe._grouped(dy.view(N * K, C), wd, N * K, order, offsets, **grad)
+    assert torch.equal(dg, dg_alone) and torch.equal(du, du_alone)
+    differ = (a != a_fwd).float().mean().item()
+    assert differ == 0 if device.type == "cpu" else differ <= 0.01, differ
+    want = ACTS[activation](g.double()) * u.double()
+    assert ((a.double() - want).abs() <= 2 ** -8 * want.abs() + 1e-6).all()  # one bf16 rounding of a
+    recomputes = []
+    expert_grad = moe._expert_grad
+    monkeypatch.setattr(moe, "_expert_grad", lambda *a, **k: recomputes.append("rhs2" in k) or expert_grad(*a, **k))
+    with torch.no_grad():
+        stored = moe._bwd_launch(dy, x, g, u, order, offsets, wg, wu, wd, (True,) * 4, activation)[3]
+        assert recomputes == [False, False]  # dW_down's, then dW_gate's and dW_up's
+        recomputed = moe._bwd_launch(dy, x, g, u, order, offsets, wg, wu, wd, (False,) * 3 + (True,), activation)[3]
+        assert recomputes[2:] == [True]
+    if device.type == "cpu":
+        assert torch.equal(stored, recomputed)
+    else:
+        assert_close_rel(stored, recomputed, 1e-2, "dw_down stored vs recomputed")
+
+
 def test_the_combine_outside_gives_the_router_weights_their_gradient(device):
     """out = sum_k w y: the weights' gradient is sum_c dout y, which needs y unweighted per slot."""
     gen = torch.Generator().manual_seed(4)

@@ -623,3 +623,68 @@ def test_pretrain_mlp_swiglu_end_to_end(corpus, tmp_path, capsys, one_thread):
     out = capsys.readouterr().out
     assert "  mlp             swiglu\n" in out and "  mlp_hidden      200\n" in out
     assert f"parameters   {model.num_params():,} (" in out
+
+
+@pytest.mark.parametrize("activation", ["silu", "gelu"])
+def test_grad_epilogue_stores_the_forward_activation(activation, device):
+    """dW_down = dy^T a reads the a that the dg/du epilogue stores (STORE_ACT) from the g and u it reads:
+    it must be forward's a, act of the saved g times the saved u, rounded (bit for bit under the
+    interpreter; a compiled kernel may flip a rare rounding), close to float64's; dg and du unchanged."""
+    from tritongpt.kernels import mlp
+
+    gen = torch.Generator().manual_seed(45)
+    x, wg, bg, wu, bu, wd, _ = make(37, 24, 72, torch.bfloat16, device, gen)
+    dy = torch.randn(37, 24, generator=gen).to(device, torch.bfloat16)
+    with torch.no_grad():
+        a_fwd, (g, u) = mlp._matmul(x, wg.t(), bg, mlp.EPI_SWIGLU, b2=wu.t(), bias2=bu, gate=activation)
+        dg, (du, a) = mlp._matmul(dy, wd, epilogue=mlp.EPI_SWIGLU_GRAD, aux=g, aux2=u, gate=activation,
+                                  store_act=True)
+        dg_alone, du_alone = mlp._matmul(dy, wd, epilogue=mlp.EPI_SWIGLU_GRAD, aux=g, aux2=u, gate=activation)
+    assert torch.equal(dg, dg_alone) and torch.equal(du, du_alone)
+    differ = (a != a_fwd).float().mean().item()
+    assert differ == 0 if device.type == "cpu" else differ <= 0.01, differ
+    want = ACTS[activation](g.double()) * u.double()
+    assert ((a.double() - want).abs() <= 2 ** -8 * want.abs() + 1e-6).all()  # one bf16 rounding of a
+
+
+@pytest.mark.parametrize("trainable,activation", [
+    ((True,) * 7, "silu"),                                        # dg/du made: a stored, dW_down plain
+    ((False, False, False, False, False, True, True), "silu"),    # only the down Linear trains: a recomputed
+    ((False, False, False, False, False, True, False), "gelu"),
+    ((False, False, False, False, True, True, False), "gelu"),    # dg/du made for the up bias alone: a stored
+])
+def test_dw_down_from_the_stored_activation_or_recomputed(trainable, activation, device, monkeypatch):
+    """dW_down takes a from the dg/du epilogue when backward launches it, and recomputes a on its B tiles
+    (B_SWIGLU) only when it does not; either way it matches float64 (fp32), and in bf16 the two paths
+    give the same dW_down (bit for bit under the interpreter)."""
+    from tritongpt.kernels import mlp, swiglu
+
+    gen = torch.Generator().manual_seed(47)
+    params = make(29, 24, 72, torch.float32, device, gen)
+    for p, train in zip(params, trainable):
+        p.requires_grad_(train)
+    y = swiglu_mlp(*params, activation=activation)
+    dy = torch.randn(y.shape, generator=gen).to(device)
+    launched = []
+    matmul = swiglu._matmul
+    monkeypatch.setattr(swiglu, "_matmul", lambda *a, **k: launched.append(k) or matmul(*a, **k))
+    y.backward(dy)
+    need_da = any(trainable[:5])
+    grad_launch = [k for k in launched if k.get("epilogue") == mlp.EPI_SWIGLU_GRAD]
+    assert len(grad_launch) == need_da and all(k.get("store_act", False) == trainable[5] for k in grad_launch)
+    assert sum(k.get("b_swiglu", False) for k in launched) == int(trainable[5] and not need_da)
+    leaves = [p.detach().double().requires_grad_(train) for p, train in zip(params, trainable)]
+    ref_swiglu(*leaves, activation).backward(dy.double())
+    for name, p, p64, train in zip(NAMES, params, leaves, trainable):
+        if train:
+            assert_close_rel(p.grad, p64.grad, 1e-4, name)
+    x, wg, bg, wu, bu, wd, bd = (p.detach().bfloat16() for p in params)
+    dy16 = dy.bfloat16()
+    with torch.no_grad():
+        _, g, u = swiglu._fwd_launch(x, wg, bg, wu, bu, wd, bd, activation)
+        stored = swiglu._bwd_launch(dy16, x, g, u, wg, wu, wd, (True,) * 7, activation)[5]
+        recomputed = swiglu._bwd_launch(dy16, x, g, u, wg, wu, wd, (False,) * 5 + (True, False), activation)[5]
+    if device.type == "cpu":
+        assert torch.equal(stored, recomputed)
+    else:
+        assert_close_rel(stored, recomputed, 1e-2, "dw_down stored vs recomputed")
