@@ -45,6 +45,10 @@ VOCAB = 50257
 PADDED_VOCAB = 50304  # GPTConfig(vocab_multiple=64), as nanoGPT pads it
 LN_WIDTHS = (768, 1600, 8192)
 MLP_WIDTH = 768
+# backward's needs (autograd's needs_input_grad) with only the last Linear training: no dh (dg/du) launch, so
+# dW2 (dW_down) recomputes the activation on its B tiles (B_GELU / B_SWIGLU) instead of reading a stored one
+FROZEN_W1 = (False, False, False, True, True)                 # the GELU MLP's (dx, dw1, db1, dw2, db2)
+ONLY_DOWN = (False, False, False, False, False, True, False)  # the gated MLP's, down's bias absent
 ATTN_SEQ = 1024
 ATTN_HEAD_DIMS = (16, 32, 64, 80, 96, 128, 256)  # 256: Gemma's heads
 # Per-block limits Triton checks before launching a kernel: opt-in dynamic shared memory by
@@ -163,13 +167,17 @@ def capture(quick=False, half="bfloat16"):
             x = torch.empty(TOKENS, c, dtype=dt, **meta)
             w1, b1 = torch.empty(4 * c, c, dtype=dt, **meta), torch.empty(4 * c, dtype=dt, **meta)
             w2, b2 = torch.empty(c, 4 * c, dtype=dt, **meta), torch.empty(c, dtype=dt, **meta)
+            # backward twice: every gradient (dh's epilogue stores a, dW2 a plain product), then W1 frozen
+            # and no dx (FROZEN_W1): no dh launch, so dW2 recomputes gelu(h) on its B tiles (B_GELU)
             _, h = mlp._fwd_launch(x, w1, b1, w2, b2)
             mlp._bwd_launch(torch.empty_like(x), x, h, w1, w2)
+            mlp._bwd_launch(torch.empty_like(x), x, h, w1, w2, FROZEN_W1)
             if dt == half:  # GPT-NeoX's exact GELU (GELU_ERF): the three launches that compute a GELU
                 case[0] = f"mlp {name} {TOKENS}x{c}->{4 * c} exact gelu"
                 n = len(launches)
                 _, h = mlp._fwd_launch(x, w1, b1, w2, b2, approximate="none")
                 mlp._bwd_launch(torch.empty_like(x), x, h, w1, w2, approximate="none")
+                mlp._bwd_launch(torch.empty_like(x), x, h, w1, w2, FROZEN_W1, approximate="none")
                 launches[n:] = [launch for launch in launches[n:] if launch.kwargs["GELU_ERF"]]
             # the SwiGLU MLP (Llama's bias-free one): gate and up in one pass, its epilogues and
             # prologue, dx's two products in one launch
@@ -178,12 +186,14 @@ def capture(quick=False, half="bfloat16"):
             wg, wd = torch.empty(hs, c, dtype=dt, **meta), torch.empty(c, hs, dtype=dt, **meta)
             _, g, u = swiglu._fwd_launch(x, wg, None, wg, None, wd, None)
             swiglu._bwd_launch(torch.empty_like(x), x, g, u, wg, wg, wd)
+            swiglu._bwd_launch(torch.empty_like(x), x, g, u, wg, wg, wd, ONLY_DOWN)  # dW_down's B_SWIGLU
             # Gemma's GeGLU: the same launches, gelu_tanh in the gate's epilogues and prologue (GATE_GELU);
             # its plain products (down, dW_gate, dW_up, dx) are swiglu's above, so not compiled twice
             case[0] = f"geglu {name} {TOKENS}x{c}->{hs}"
             n = len(launches)
             _, g, u = swiglu._fwd_launch(x, wg, None, wg, None, wd, None, activation="gelu")
             swiglu._bwd_launch(torch.empty_like(x), x, g, u, wg, wg, wd, activation="gelu")
+            swiglu._bwd_launch(torch.empty_like(x), x, g, u, wg, wg, wd, ONLY_DOWN, activation="gelu")
             launches[n:] = [launch for launch in launches[n:] if launch.kwargs["GATE_GELU"]]
             # the mixture-of-experts MLP (Mixtral's 8 experts, top 2) at swiglu's widths: its grouped
             # products (x gathered, rows scattered back, the expert found from the offsets) and the
@@ -193,6 +203,7 @@ def capture(quick=False, half="bfloat16"):
             wg, wd = torch.empty(8, hs, c, dtype=dt, **meta), torch.empty(8, c, hs, dtype=dt, **meta)
             y, g, u, order, offsets = moe._fwd_launch(x, experts, wg, wg, wd)
             moe._bwd_launch(torch.empty_like(y), x, g, u, order, offsets, wg, wg, wd)
+            moe._bwd_launch(torch.empty_like(y), x, g, u, order, offsets, wg, wg, wd, (False,) * 3 + (True,))
 
             for width in (VOCAB, PADDED_VOCAB):  # GPT-2's rows, and rows padded to a multiple of 64
                 case[0] = f"cross_entropy {name} {TOKENS}x{width} ({VOCAB} classes)"

@@ -32,21 +32,30 @@ def test_every_kernel_launch_builds_for_sm90(tmp_path):
     assert all(launch["clean_config"] for launch in data["launches"]), data["launches"]
     for r in rows:
         assert r["status"] != "error", r
-    # GeGLU: the gate's forward and backward epilogues and dW_down's prologue with gelu_tanh (its plain
-    # products are swiglu's)
+    # GeGLU: the gate's forward and backward epilogues (the latter storing a) and dW_down's prologue (the
+    # fallback with only the down Linear training) with gelu_tanh (its plain products are swiglu's)
     geglu = {r["variant"] for r in rows if r["case"].startswith("geglu")}
     assert len(geglu) == 3 and all("GATE_GELU=True" in v for v in geglu), geglu
     # the mixture-of-experts MLP: forward's gate+up (x gathered) and down (rows scattered back), backward's dg/du
-    # epilogue (dy gathered) and dx's two products, and the per-expert weight gradients (dW_down's a recomputed)
+    # epilogue (dy gathered, a stored beside dg and du) and dx's two products, and the per-expert weight
+    # gradients: dW_down's from the stored a, dW_gate's and dW_up's, and dW_down's with a recomputed (only
+    # w_down training: no dg/du launch)
     moe = {(r["kernel"], r["variant"]) for r in rows if r["case"].startswith("moe")}
-    assert len(moe) == 6, moe
+    assert len(moe) == 7, moe
     assert {v.split(" PRECISION")[0] for k, v in moe if k == "_grouped_kernel"} == {
-        "GATHER_A=True SCATTER_C=False EPILOGUE=3 SUM2=False GATE_GELU=False",
-        "GATHER_A=False SCATTER_C=True EPILOGUE=0 SUM2=False GATE_GELU=False",
-        "GATHER_A=True SCATTER_C=False EPILOGUE=4 SUM2=False GATE_GELU=False",
-        "GATHER_A=False SCATTER_C=True EPILOGUE=0 SUM2=True GATE_GELU=False"}, moe
-    # GPT-NeoX's exact GELU: the GELU MLP's forward epilogue, dh's epilogue and dW2's prologue built with
-    # GELU_ERF, only in its case
+        "GATHER_A=True SCATTER_C=False EPILOGUE=3 SUM2=False GATE_GELU=False STORE_ACT=False",
+        "GATHER_A=False SCATTER_C=True EPILOGUE=0 SUM2=False GATE_GELU=False STORE_ACT=False",
+        "GATHER_A=True SCATTER_C=False EPILOGUE=4 SUM2=False GATE_GELU=False STORE_ACT=True",
+        "GATHER_A=False SCATTER_C=True EPILOGUE=0 SUM2=True GATE_GELU=False STORE_ACT=False"}, moe
+    assert sum("R_SWIGLU=True" in v for k, v in moe if k == "_expert_grad_kernel") == 1, moe
+    # the dense MLPs: dh's (dg/du's) epilogue stores a, and the prologues that recompute it are built for
+    # the frozen fallback
+    dense = {r["variant"] for r in rows if r["kernel"] == "_matmul_kernel"}
+    assert any("EPILOGUE=2" in v and "STORE_ACT=True" in v for v in dense), dense
+    assert any("EPILOGUE=4" in v and "STORE_ACT=True" in v for v in dense), dense
+    assert any("B_GELU=True" in v for v in dense) and any("B_SWIGLU=True" in v for v in dense), dense
+    # GPT-NeoX's exact GELU: the GELU MLP's forward epilogue, dh's epilogue (storing a) and dW2's prologue
+    # (W1 frozen) built with GELU_ERF, only in its case
     erf = {r["variant"] for r in rows if r["case"].endswith("exact gelu")}
     assert len(erf) == 3 and all("GELU_ERF=True" in v for v in erf), erf
     assert not any("GELU_ERF=True" in r["variant"] for r in rows if not r["case"].endswith("exact gelu"))
