@@ -710,8 +710,11 @@ def test_dh_epilogue_stores_the_forward_activation(approximate, device):
         a_fwd, h = mlp._matmul(x, w1.t(), b1, mlp.EPI_GELU, approximate=approximate)
         dh, a = mlp._matmul(dy, w2, epilogue=mlp.EPI_GELU_GRAD, aux=h, approximate=approximate, store_act=True)
         dh_alone, nothing = mlp._matmul(dy, w2, epilogue=mlp.EPI_GELU_GRAD, aux=h, approximate=approximate)
+        # a saved h in another layout (a direct op call may pass one): a is new, so h is read in a's layout
+        dh_t, a_t = mlp._matmul(dy, w2, epilogue=mlp.EPI_GELU_GRAD, aux=h.t().contiguous().t(),
+                                approximate=approximate, store_act=True)
     assert nothing is None and a.shape == h.shape and a.dtype == h.dtype
-    assert torch.equal(dh, dh_alone)
+    assert torch.equal(dh, dh_alone) and torch.equal(dh_t, dh) and torch.equal(a_t, a)
     differ = (a != a_fwd).float().mean().item()
     assert differ == 0 if device.type == "cpu" else differ <= 0.01, differ
     want = gelu64(h.double(), approximate)
