@@ -166,7 +166,7 @@ def _gate_act_grad(g, GATE_GELU: tl.constexpr):
 @triton.jit
 def _swiglu_epilogue(acc, acc2, Hout, Hout2, x_off, mask, GATE_GELU: tl.constexpr):
     """EPI_SWIGLU: g = acc and u = acc2 stored rounded (saved for backward) -> a = act(g) * u of the *rounded*
-    g and u, as the backward's recomputation of a (B_SWIGLU) sees them. kernels/moe.py's epilogue too."""
+    g and u, as backward remakes a from them (EPI_SWIGLU_GRAD's STORE_ACT, or B_SWIGLU). kernels/moe.py's too."""
     g = cast(acc, Hout.dtype.element_ty)
     u = cast(acc2, Hout2.dtype.element_ty)
     tl.store(Hout + x_off, g, mask=mask)
