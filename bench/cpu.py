@@ -158,3 +158,124 @@ def run_cpu(quick=False, log=print):
     provs = ("reference", "torch", "triton")
     rows += mlp_saved_cpu(providers=provs)
     return rows
+
+
+# -- host overhead of the Triton ops ---------------------------------------------------------------
+HOST_NOTE = "host only: Python/dispatch time, Triton launch stubbed, CPU tensors; not GPU time"
+
+
+class stubbed_launches:
+    """Within it, every Triton launch returns at once (the interpreter's grid executor does nothing):
+    a kernel call costs only its Python host path (checks, dispatch, allocation, launch shapes).
+    The outputs are then uninitialized memory; only timings mean anything."""
+
+    def __enter__(self):
+        from triton.runtime import interpreter
+
+        self.cls, self.saved = interpreter.GridExecutor, interpreter.GridExecutor.__call__
+        self.cls.__call__ = lambda self, *args, **kwargs: None
+        return self
+
+    def __exit__(self, *exc):
+        self.cls.__call__ = self.saved
+
+
+def host_cases(rows=8, width=768, mlp_width=32, heads=4, seq=16, head_dim=64, vocab=512):
+    """{op: (ours, torch's eager op)}, each a function of no arguments returning a tensor, on tiny
+    fp32 CPU tensors with requires_grad (the backward is timed through the sum of the output). The
+    MLPs are narrow (mlp_width): torch's matmuls there run for real, and must cost next to nothing."""
+    import torch.nn.functional as F
+
+    from tritongpt.kernels.attention import flash_attention
+    from tritongpt.kernels.cross_entropy import cross_entropy
+    from tritongpt.kernels.layernorm import add_layer_norm, layer_norm, rms_norm
+    from tritongpt.kernels.mlp import gelu_mlp
+    from tritongpt.kernels.rope import rope
+    from tritongpt.kernels.swiglu import swiglu_mlp
+
+    g = torch.Generator().manual_seed(0)
+
+    def p(*shape):
+        return torch.randn(*shape, generator=g).requires_grad_()
+
+    x, d, w, b = p(rows, width), p(rows, width), p(width), p(width)
+    xm, hidden = p(rows, mlp_width), 4 * mlp_width
+    w1, b1, w2, b2 = p(hidden, mlp_width), p(hidden), p(mlp_width, hidden), p(mlp_width)
+    wg, wu, wd = p(hidden, mlp_width), p(hidden, mlp_width), p(mlp_width, hidden)
+    q, k, v = (p(1, heads, seq, head_dim) for _ in range(3))
+    logits, targets = p(rows, vocab), torch.randint(0, vocab, (rows,), generator=g)
+    half = head_dim // 2
+    inv = 1.0 / 10000.0 ** (torch.arange(half) / half)
+    ang = torch.arange(seq)[:, None] * inv[None, :]
+    cos, sin = torch.cat([ang.cos()] * 2, -1), torch.cat([ang.sin()] * 2, -1)
+
+    def rope_torch(t):
+        t1, t2 = t[..., :half], t[..., half:]
+        return t * cos + torch.cat([-t2, t1], -1) * sin
+
+    def sum2(pair):
+        return pair[0].sum() + pair[1].sum()
+
+    return {
+        "layer_norm": (lambda: layer_norm(x, w, b), lambda: F.layer_norm(x, (width,), w, b)),
+        "add_layer_norm": (lambda: sum2(add_layer_norm(x, d, w, b)),
+                           lambda: sum2((lambda s: (s, F.layer_norm(s, (width,), w, b)))(x + d))),
+        "rms_norm": (lambda: rms_norm(x, w), lambda: F.rms_norm(x, (width,), w, 1e-5)),
+        "gelu_mlp": (lambda: gelu_mlp(xm, w1, b1, w2, b2),
+                     lambda: F.linear(F.gelu(F.linear(xm, w1, b1), approximate="tanh"), w2, b2)),
+        "swiglu_mlp": (lambda: swiglu_mlp(xm, wg, None, wu, None, wd, None),
+                       lambda: F.linear(F.silu(F.linear(xm, wg)) * F.linear(xm, wu), wd)),
+        "flash_attention": (lambda: flash_attention(q, k, v, causal=True),
+                            lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True)),
+        "cross_entropy": (lambda: cross_entropy(logits, targets), lambda: F.cross_entropy(logits, targets)),
+        "rope": (lambda: sum2(rope(q, k, 0)), lambda: sum2((rope_torch(q), rope_torch(k)))),
+    }
+
+
+def _per_call_ms(fn, calls: int):
+    """(median, p20, p80) of `calls` single calls of fn, in ms, after 3 untimed ones."""
+    import statistics
+
+    for _ in range(3):
+        fn()
+    times = []
+    for _ in range(calls):
+        t0 = time.perf_counter_ns()
+        fn()
+        times.append((time.perf_counter_ns() - t0) * 1e-6)
+    q = statistics.quantiles(times, n=10)
+    return statistics.median(times), q[1], q[7]
+
+
+def bench_host_overhead(calls=300, ops=None):
+    """Per-call host time of each Triton op used by the model, fwd and fwd+bwd, and of torch's eager
+    op for the same job, with the Triton launch stubbed (stubbed_launches) on tiny CPU tensors: what
+    a GPU step pays on the host before any kernel runs (where the GPU waits on it, small batches and
+    small models, a kernel's timing is this, not the kernel's). Not GPU time: the numbers are this
+    CPU's Python and dispatch speed."""
+    from tritongpt._env import triton_interpreting
+
+    conf = {"rows": 8, "width": 768, "mlp_width": 32, "heads": 4, "seq": 16, "head_dim": 64, "vocab": 512,
+            "dtype": "fp32", "calls": calls}
+    names = ops or list(host_cases())
+    if not triton_interpreting():
+        return [make_row("cpu", f"host-{n}", pr, conf, m, "skipped: needs Triton's interpreter (TRITON_INTERPRET=1)")
+                for n in names for pr in ("triton", "torch") for m in ("fwd", "fwd+bwd")]
+    rows = []
+    cases = host_cases()
+    with stubbed_launches():
+        for name in names:
+            for provider, fn in zip(("triton", "torch"), cases[name]):
+                def fwd_bwd(fn=fn):
+                    out = fn()
+                    out.sum().backward() if out.dim() else out.backward()
+
+                for mode, run in (("fwd", fn), ("fwd+bwd", fwd_bwd)):
+                    try:
+                        med, p20, p80 = _per_call_ms(run, calls)
+                    except Exception as e:
+                        rows.append(make_row("cpu", f"host-{name}", provider, conf, mode, f"failed: {reason_of(e)}"))
+                        continue
+                    rows.append(make_row("cpu", f"host-{name}", provider, conf, mode, ms=med, ms_p20=p20,
+                                         ms_p80=p80, us=med * 1e3, note=HOST_NOTE))
+    return rows
