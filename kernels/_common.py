@@ -79,6 +79,54 @@ def no_func_transform(kernel: str, vmap_ok: bool = False) -> None:
                            "or the reference path (model.set_kernels('reference'))")
 
 
+_PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
+
+
+def plain_eager(args) -> bool:
+    """Whether a call with these arguments may run a custom op's Python function directly instead of
+    going through the dispatcher: plain eager execution, no torch.compile tracing, no dispatch mode
+    (FakeTensorMode, make_fx, export), no torch.func transform, no tensor subclass, no meta tensor.
+
+    The dispatcher's eager path (autograd_impl, redispatch below autograd, the torch._dynamo.disable
+    wrapper around the Python kernel) cost ~20-40 us of host time per op call, more than some
+    kernels take on a GPU (bench cpu's host-* rows). Inside the autograd Functions grad mode is
+    already off, so the op's autograd layer adds nothing there; the registered op is what
+    torch.compile and the other modes see, with its fake impl."""
+    if (torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack()
+            or torch._C._are_functorch_transforms_active()):
+        return False
+    return all(type(a) in _PLAIN_TENSORS and not a.is_meta for a in args if isinstance(a, torch.Tensor))
+
+
+def custom_op(name: str, mutates_args=()):
+    """torch.library.custom_op, plus two attributes on the op: .eager, the decorated function itself,
+    and .call(*args), which runs that function when plain_eager(args) and the registered op otherwise
+    (the autograd Functions' forwards and backwards call their ops through it)."""
+    def wrap(fn):
+        op = torch.library.custom_op(name, mutates_args=mutates_args)(fn)
+
+        def call(*args):
+            # a mutating op also bumps the mutated tensors' version counters: always dispatched
+            return fn(*args) if not mutates_args and plain_eager(args) else op(*args)
+
+        op.eager, op.call = fn, call
+        return op
+
+    return wrap
+
+
+def cdiv(a: int, b: int) -> int:
+    """triton.cdiv for the launchers' host ints: triton's is a constexpr_function, which unwraps its
+    arguments first, a few microseconds a call on every launch."""
+    return -(a // -b)
+
+
+@functools.lru_cache(maxsize=None)
+def next_pow2(n: int) -> int:
+    """triton.next_power_of_2, cached: the few sizes a run has, computed once (see cdiv)."""
+    return triton.next_power_of_2(n)
+
+
 def check_same_device(**tensors):
     """All named tensors (None entries skipped) must live on one device."""
     bad = _first_mismatch("device", tensors)

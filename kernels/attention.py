@@ -93,9 +93,9 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from tritongpt._env import triton_interpreting
 from tritongpt._types import is_int, is_real
-from tritongpt.kernels._common import (autocast_dtype, autotuned, cast, check_runnable, check_same_device,
-                                       check_same_dtype, check_tensor, dot, first_order_only, no_func_transform,
-                                       on_tensor_device, tanh)
+from tritongpt.kernels._common import (autocast_dtype, autotuned, cast, cdiv, check_runnable, check_same_device,
+                                       check_same_dtype, check_tensor, custom_op, dot, first_order_only, next_pow2,
+                                       no_func_transform, on_tensor_device, plain_eager, tanh)
 
 MAX_GRID_YZ = 65535  # CUDA's limit on a grid's y and z sizes, where the heads and sequences go
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 80, 96, 128, 256)  # 16: tiny models, tl.dot needs K >= 16; 256: Gemma
@@ -622,7 +622,7 @@ def _fixed_blocks():
 
 def _kernel_flags(q, causal, dropout_p, starts=None, softcap=0.0, alibi=None):
     D = q.shape[-1]
-    return dict(HEAD_DIM=D, BLOCK_D=triton.next_power_of_2(D), IS_CAUSAL=bool(causal),
+    return dict(HEAD_DIM=D, BLOCK_D=next_pow2(D), IS_CAUSAL=bool(causal),
                 HAS_DROPOUT=dropout_p > 0.0, HAS_DOCS=starts is not None, HAS_SOFTCAP=softcap > 0.0,
                 HAS_ALIBI=alibi is not None,
                 PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
@@ -647,7 +647,7 @@ def _alibi_arg(q, alibi):
 
 
 def _q_bucket(Tq):
-    return min(triton.next_power_of_2(Tq), 1024)
+    return min(next_pow2(Tq), 1024)
 
 
 def _last_dim_contiguous(t):
@@ -677,7 +677,7 @@ def _fwd_launch(q, k, v, causal, softmax_scale, dropout_p, seed, starts=None, en
     if B * H * Tq == 0:
         return o, lse
     group = H // k.shape[1]
-    grid = lambda meta: (triton.cdiv(Tq, meta["BLOCK_M"]), H, B)  # noqa: E731
+    grid = lambda meta: (cdiv(Tq, meta["BLOCK_M"]), H, B)  # noqa: E731
     starts_arg, _, stride_sb = _doc_args(q, starts, ends)
     _attn_fwd_run[grid](
         q, k, v, o, lse, starts_arg, _alibi_arg(q, alibi), _seed_value(seed), softmax_scale * LOG2E,
@@ -704,7 +704,7 @@ def _bwd_launch(do, q, k, v, o, lse, causal, softmax_scale, dropout_p, seed, sta
     flags = _kernel_flags(q, causal, dropout_p, starts, softcap, alibi)
     delta = torch.empty((B, H, Tq), dtype=torch.float32, device=q.device)
     pre_block = INTERPRET_BLOCK if INTERPRET else 64
-    _attn_bwd_preprocess[(triton.cdiv(Tq, pre_block), H, B)](
+    _attn_bwd_preprocess[(cdiv(Tq, pre_block), H, B)](
         o, do, delta, o.stride(0), o.stride(1), o.stride(2), do.stride(0), do.stride(1), do.stride(2),
         H, Tq, HEAD_DIM=D, BLOCK_D=flags["BLOCK_D"], BLOCK_M=pre_block)
     starts_arg, ends_arg, stride_sb = _doc_args(q, starts, ends)
@@ -712,11 +712,11 @@ def _bwd_launch(do, q, k, v, o, lse, causal, softmax_scale, dropout_p, seed, sta
               softmax_scale, dropout_p, 1.0 / (1.0 - dropout_p), q.stride(0), q.stride(1), q.stride(2),
               k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1),
               do.stride(2), stride_sb)
-    _attn_bwd_dkdv_run[lambda meta: (triton.cdiv(Tk, meta["BLOCK_N"]), Hkv, B)](
+    _attn_bwd_dkdv_run[lambda meta: (cdiv(Tk, meta["BLOCK_N"]), Hkv, B)](
         q, k, v, do, dk, dv, lse, delta, *common,
         dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
         H, H // Hkv, Tq, Tk, _q_bucket(Tq), **flags, **_fixed_blocks())
-    _attn_bwd_dq_run[lambda meta: (triton.cdiv(Tq, meta["BLOCK_M"]), H, B)](
+    _attn_bwd_dq_run[lambda meta: (cdiv(Tq, meta["BLOCK_M"]), H, B)](
         q, k, v, do, dq, lse, delta, *common,
         dq.stride(0), dq.stride(1), dq.stride(2),
         H, H // Hkv, Tq, Tk, _q_bucket(Tq), **flags, **_fixed_blocks())
@@ -728,7 +728,7 @@ def _bwd_launch(do, q, k, v, o, lse, causal, softmax_scale, dropout_p, seed, sta
 # node with known output shapes (the fake impls) and a known backward (register_autograd),
 # instead of trying to trace Python that launches Triton. The seed travels as a CPU int64
 # tensor so a fresh seed per step does not force a recompile.
-@torch.library.custom_op("tritongpt::flash_attn_fwd", mutates_args=())
+@custom_op("tritongpt::flash_attn_fwd", mutates_args=())
 def _flash_attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, softmax_scale: float,
                     dropout_p: float, seed: torch.Tensor, starts: torch.Tensor | None = None,
                     ends: torch.Tensor | None = None, softcap: float = 0.0,
@@ -754,7 +754,7 @@ def _(q, k, v, causal, softmax_scale, dropout_p, seed, starts=None, ends=None, s
     return o, q.new_empty((B, H, Tq), dtype=torch.float32)
 
 
-@torch.library.custom_op("tritongpt::flash_attn_bwd", mutates_args=())
+@custom_op("tritongpt::flash_attn_bwd", mutates_args=())
 def _flash_attn_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
                     lse: torch.Tensor, causal: bool, softmax_scale: float, dropout_p: float,
                     seed: torch.Tensor, starts: torch.Tensor | None = None, ends: torch.Tensor | None = None,
@@ -782,13 +782,29 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_o, grad_lse):
     first_order_only("flash_attention")
     q, k, v, o, lse, seed, starts, ends, alibi = ctx.saved_tensors
-    dq, dk, dv = _flash_attn_bwd(grad_o, q, k, v, o, lse, ctx.causal, ctx.softmax_scale, ctx.dropout_p, seed,
+    dq, dk, dv = _flash_attn_bwd.call(grad_o, q, k, v, o, lse, ctx.causal, ctx.softmax_scale, ctx.dropout_p, seed,
                                  starts, ends, ctx.softcap, alibi)
     # q, k, v then the 8 other inputs (the ALiBi slopes are constants: no gradient)
     return dq, dk, dv, None, None, None, None, None, None, None, None
 
 
 _flash_attn_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+class FlashAttnFunction(torch.autograd.Function):
+    """The eager path of flash_attn_fwd's registered autograd (_setup_context, _backward): the
+    function itself under an autograd.Function, without the dispatcher's autograd_impl and
+    redispatch around it (bench cpu's host-flash_attention rows). flash_attention takes it when
+    plain_eager; torch.compile, vmap and the dispatch modes still see the registered op."""
+
+    @staticmethod
+    def forward(ctx, *inputs):
+        o, lse = _flash_attn_fwd.eager(*inputs)
+        _setup_context(ctx, inputs, (o, lse))
+        ctx.mark_non_differentiable(lse)  # as the op's callers use it: a constant, never differentiated
+        return o, lse
+
+    backward = staticmethod(_backward)
 
 
 # ----------------------------------------------------------------------------- public API
@@ -970,8 +986,8 @@ def flash_attention(q, k, v, causal=True, softmax_scale=None, dropout_p=0.0, see
     if window is not None:
         starts, ends = window_bounds(_checked_window(window, causal), k.shape[2], q.shape[0], q.device,
                                      starts, ends)
-    out, _ = _flash_attn_fwd(q, k, v, bool(causal), scale, dropout_p, _seed_tensor(seed, dropout_p), starts, ends,
-                             softcap, alibi_slopes)
+    args = (q, k, v, bool(causal), scale, dropout_p, _seed_tensor(seed, dropout_p), starts, ends, softcap, alibi_slopes)
+    out, _ = FlashAttnFunction.apply(*args) if plain_eager(args) else _flash_attn_fwd(*args)
     return out
 
 
@@ -1068,6 +1084,6 @@ def dropout_mask(seed, B, H, Tq, Tk, p, device):
 def _mask_launch(out, seed, p):
     B, H, Tq, Tk = out.shape
     block = 64  # a plain elementwise kernel: big tiles keep the interpreter's grid small too
-    grid = (triton.cdiv(Tq, block), triton.cdiv(Tk, block), B * H)
+    grid = (cdiv(Tq, block), cdiv(Tk, block), B * H)
     _dropout_mask_kernel[grid](out, seed, Tq, Tk, p, BLOCK_M=block, BLOCK_N=block)
     return out

@@ -47,8 +47,8 @@ import triton.language as tl
 from tritongpt._env import triton_interpreting
 from tritongpt._types import is_int, loss_options, softcap_value
 from tritongpt.errors import UserError
-from tritongpt.kernels._common import (autocast_dtype, cast, check_runnable, check_same_device, check_same_dtype,
-                                       check_tensor, first_order_only, no_func_transform,
+from tritongpt.kernels._common import (autocast_dtype, cast, cdiv, check_runnable, check_same_device, check_same_dtype,
+                                       check_tensor, custom_op, first_order_only, next_pow2, no_func_transform,
                                        on_tensor_device, tanh)
 
 INTERPRET = triton_interpreting()
@@ -163,10 +163,10 @@ def _launch_shape(N, V):
     if INTERPRET:
         # ~5 ms per program: many rows per program, and about four tiles per row, so tests at
         # V of a few hundred still cross tiles and a ragged last one.
-        return 32, max(64, triton.next_power_of_2(triton.cdiv(V, 4))), 1
+        return 32, max(64, next_pow2(cdiv(V, 4))), 1
     # One row per program (16k programs for a GPT-2 step); 4096-wide tiles, 16 fp32 lanes per
     # thread at 8 warps, 13 tiles for GPT-2's vocabulary.
-    return 1, min(4096, triton.next_power_of_2(V)), 8
+    return 1, min(4096, next_pow2(V)), 8
 
 
 @on_tensor_device
@@ -176,7 +176,7 @@ def _fwd_launch(logits, targets, ignore_index, n_classes, label_smoothing=0.0, z
     if N == 0:
         return loss, row_max, log_sum
     rows, block, warps = _launch_shape(N, W)
-    _ce_fwd_kernel[(triton.cdiv(N, rows),)](logits, targets, loss, row_max, log_sum, logits.stride(0), N,
+    _ce_fwd_kernel[(cdiv(N, rows),)](logits, targets, loss, row_max, log_sum, logits.stride(0), N,
                                             n_classes, W, ignore_index, label_smoothing, z_loss, softcap,
                                             HAS_SMOOTH=label_smoothing != 0, HAS_Z=z_loss != 0, HAS_CAP=softcap != 0,
                                             BLOCK_R=rows, BLOCK_V=block, num_warps=warps)
@@ -192,7 +192,7 @@ def _bwd_launch(grad_loss, logits, targets, row_max, log_sum, ignore_index, n_cl
         return dx
     grad_loss = grad_loss.contiguous()
     rows, block, warps = _launch_shape(N, W)
-    _ce_bwd_kernel[(triton.cdiv(N, rows),)](logits, targets, row_max, log_sum, grad_loss, dx, logits.stride(0),
+    _ce_bwd_kernel[(cdiv(N, rows),)](logits, targets, row_max, log_sum, grad_loss, dx, logits.stride(0),
                                             dx.stride(0), N, n_classes, W, ignore_index, label_smoothing, z_loss,
                                             softcap, HAS_SMOOTH=label_smoothing != 0, HAS_Z=z_loss != 0,
                                             HAS_CAP=softcap != 0, BLOCK_R=rows, BLOCK_V=block, num_warps=warps)
@@ -201,7 +201,7 @@ def _bwd_launch(grad_loss, logits, targets, row_max, log_sum, ignore_index, n_cl
 
 # ----------------------------------------------------------------------------- custom ops
 # As for the other kernels: registered ops stay opaque nodes under torch.compile.
-@torch.library.custom_op("tritongpt::checked_targets", mutates_args=())
+@custom_op("tritongpt::checked_targets", mutates_args=())
 def _checked_targets(targets: torch.Tensor, vocab: int, ignore_index: int) -> torch.Tensor:
     """targets as a flat contiguous int64 copy, once every id is in [0, vocab) or is ignore_index.
 
@@ -248,7 +248,7 @@ def _check_op_layout(logits, targets, n_classes, label_smoothing=0.0, z_loss=0.0
         raise ValueError(f"n_classes must be in [1, {W}] (logits have {W} columns), got {n_classes}")
 
 
-@torch.library.custom_op("tritongpt::cross_entropy_fwd", mutates_args=())
+@custom_op("tritongpt::cross_entropy_fwd", mutates_args=())
 def _cross_entropy_fwd(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int, n_classes: int,
                        label_smoothing: float = 0.0, z_loss: float = 0.0,
                        softcap: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -267,7 +267,7 @@ def _(logits, targets, ignore_index, n_classes, label_smoothing=0.0, z_loss=0.0,
     return tuple(logits.new_empty(logits.shape[0], dtype=torch.float32) for _ in range(3))
 
 
-@torch.library.custom_op("tritongpt::cross_entropy_bwd", mutates_args=())
+@custom_op("tritongpt::cross_entropy_bwd", mutates_args=())
 def _cross_entropy_bwd(grad_loss: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor,
                        row_max: torch.Tensor, log_sum: torch.Tensor, ignore_index: int,
                        n_classes: int, label_smoothing: float = 0.0, z_loss: float = 0.0,
@@ -294,7 +294,7 @@ class CrossEntropyFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits, targets, ignore_index, n_classes, label_smoothing=0.0, z_loss=0.0, softcap=0.0):
-        loss, row_max, log_sum = torch.ops.tritongpt.cross_entropy_fwd(logits, targets, ignore_index, n_classes,
+        loss, row_max, log_sum = _cross_entropy_fwd.call(logits, targets, ignore_index, n_classes,
                                                                        label_smoothing, z_loss, softcap)
         ctx.save_for_backward(logits, targets, row_max, log_sum)
         ctx.options = ignore_index, n_classes, label_smoothing, z_loss, softcap
@@ -304,7 +304,7 @@ class CrossEntropyFunction(torch.autograd.Function):
     def backward(ctx, grad_loss):
         first_order_only("cross_entropy")
         logits, targets, row_max, log_sum = ctx.saved_tensors
-        dx = torch.ops.tritongpt.cross_entropy_bwd(grad_loss, logits, targets, row_max, log_sum, *ctx.options)
+        dx = _cross_entropy_bwd.call(grad_loss, logits, targets, row_max, log_sum, *ctx.options)
         return dx, None, None, None, None, None, None
 
 
@@ -364,7 +364,7 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int
     x2 = logits.reshape(-1, V)
     if x2.stride(-1) != 1:  # rows are streamed with unit stride
         x2 = x2.contiguous()
-    t1 = torch.ops.tritongpt.checked_targets(targets, n_classes, ignore_index)
+    t1 = _checked_targets.call(targets, n_classes, ignore_index)
     loss = CrossEntropyFunction.apply(x2, t1, ignore_index, n_classes, label_smoothing, z_loss, softcap)
     if reduction == "none":
         return loss.view(targets.shape)
@@ -424,7 +424,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
                 # all W columns: a padded W keeps the matmuls on multiples of 64; the CE kernels
                 # treat columns past n_classes as absent and give them a zero gradient
                 logits = _chunk_logits(h[s:e], w, b)
-                loss_rows[s:e], row_max[s:e], log_sum[s:e] = torch.ops.tritongpt.cross_entropy_fwd(
+                loss_rows[s:e], row_max[s:e], log_sum[s:e] = _cross_entropy_fwd.call(
                     logits, targets[s:e], *options)
                 if dh is not None or dw is not None or db is not None:
                     _chunk_grads(dh, dw, logits, h, w, g_rows, targets, row_max, log_sum, s, e, options, db)
@@ -481,7 +481,7 @@ def _chunk_grads(dh, dw, logits, h, w, g_rows, targets, row_max, log_sum, s, e, 
     """Rows s:e's dlogits from their logits and forward statistics, into dh[s:e], dw and db (the bias's gradient:
     dlogits' column sums; the padding columns' dlogits are zero, so theirs stays zero).
     options: (ignore_index, n_classes, label_smoothing, z_loss, softcap), as the ops take them."""
-    dlogits = torch.ops.tritongpt.cross_entropy_bwd(g_rows[:e - s], logits, targets[s:e], row_max[s:e],
+    dlogits = _cross_entropy_bwd.call(g_rows[:e - s], logits, targets[s:e], row_max[s:e],
                                                     log_sum[s:e], *options)
     _head_grads(dlogits, h, w, s, e, dh, dw, db)
 
@@ -541,7 +541,7 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
         raise ValueError(f"chunk_rows must be a positive int, got {chunk_rows!r}")
     chunk = int(chunk)
     h2 = hidden.reshape(math.prod(hidden.shape[:-1]), C)  # not -1: C may be 0
-    t1 = torch.ops.tritongpt.checked_targets(targets, n_classes, ignore_index)
+    t1 = _checked_targets.call(targets, n_classes, ignore_index)
     return LinearCrossEntropyFunction.apply(h2, weight, t1, ignore_index, reduction, chunk, n_classes,
                                             torch.is_grad_enabled(), label_smoothing, z_loss, softcap, bias)
 

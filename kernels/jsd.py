@@ -44,9 +44,9 @@ import triton.language as tl
 from tritongpt._env import triton_interpreting
 from tritongpt._types import is_int, is_real
 from tritongpt.kernels._common import (autocast_dtype, check_runnable, check_same_device, check_same_dtype,
-                                       check_tensor, first_order_only, no_func_transform, on_tensor_device)
-from tritongpt.kernels.cross_entropy import (CHUNK_ELEMENTS, _as_int, _bias_grad_buffer, _chunk_logits, _head_grads,
-                                             _head_grad_buffers)
+                                       check_tensor, custom_op, first_order_only, no_func_transform, on_tensor_device)
+from tritongpt.kernels.cross_entropy import (CHUNK_ELEMENTS, _as_int, _bias_grad_buffer, _checked_targets,
+                                             _chunk_logits, _head_grads, _head_grad_buffers)
 
 INTERPRET = triton_interpreting()
 LOG2E = tl.constexpr(1.4426950408889634)
@@ -236,7 +236,7 @@ def _check_op_layout(logits, teacher_logits, targets, n_ce, n_kd):
 
 # As the CE ops: a registered op stays one opaque node under torch.compile. It writes the gradient over the
 # student's logits (mutates them) when write_grad, so that a chunk needs no second logits-sized buffer.
-@torch.library.custom_op("tritongpt::distill_fwd", mutates_args=("logits",))
+@custom_op("tritongpt::distill_fwd", mutates_args=("logits",))
 def _distill_fwd(logits: torch.Tensor, teacher_logits: torch.Tensor, targets: torch.Tensor, ignore_index: int,
                  n_ce: int, n_kd: int, temperature: float, beta: float, ce_weight: float, kd_weight: float,
                  write_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -289,7 +289,7 @@ class LinearDistillFunction(torch.autograd.Function):
                 e = min(N, s + chunk_rows)
                 logits = _chunk_logits(h[s:e], w, b)
                 t_logits = _chunk_logits(th[s:e], tw, tb)
-                ce_rows[s:e], kd_rows[s:e] = torch.ops.tritongpt.distill_fwd(
+                ce_rows[s:e], kd_rows[s:e] = _distill_fwd.call(
                     logits, t_logits, targets[s:e], ignore_index, n_ce, n_kd, temperature, beta, *weights, write)
                 del t_logits
                 _head_grads(logits, h, w, s, e, dh, dw, db)  # the kernel wrote the gradient over the logits
@@ -387,7 +387,7 @@ def linear_distill_loss(student_hidden: torch.Tensor, student_weight: torch.Tens
     N = math.prod(student_hidden.shape[:-1])
     h2 = student_hidden.reshape(N, student_hidden.shape[-1])  # not -1: C may be 0
     th2 = teacher_hidden.detach().reshape(N, teacher_hidden.shape[-1])
-    t1 = torch.ops.tritongpt.checked_targets(targets, int(n_ce), ignore_index)
+    t1 = _checked_targets.call(targets, int(n_ce), ignore_index)
     return LinearDistillFunction.apply(h2, student_weight, th2, teacher_weight.detach(), t1, student_bias,
                                        None if teacher_bias is None else teacher_bias.detach(), int(n_ce),
                                        int(vocab_size), float(alpha), float(temperature), float(beta), ignore_index,

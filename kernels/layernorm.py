@@ -55,7 +55,7 @@ import triton.language as tl
 from tritongpt._env import triton_interpreting
 from tritongpt._types import is_real
 from tritongpt.kernels._common import (cast, check_runnable, check_same_device, check_same_dtype, check_tensor,
-                                       first_order_only, no_func_transform,
+                                       custom_op, first_order_only, no_func_transform,
                                        on_tensor_device)
 
 MAX_WIDTH = 8192  # one row must fit in one tile (registers/SRAM); wider rows are rejected
@@ -191,6 +191,7 @@ def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
+@functools.lru_cache(maxsize=1024)  # every call of a run has the same few shapes; triton.cdiv costs microseconds
 def _launch_shape(M: int, N: int, backward: bool, device: torch.device):
     """(n_programs, rows_per_prog, BLOCK_M, BLOCK_N, num_warps) for an [M, N] problem."""
     BLOCK_N = triton.next_power_of_2(N)
@@ -290,7 +291,7 @@ def _check_bwd_args(dy, x, weight, ds, ops="layer_norm"):
         check_tensor(ds, "ds", shape=x.shape)
 
 
-@torch.library.custom_op("tritongpt::layer_norm_fwd", mutates_args=())
+@custom_op("tritongpt::layer_norm_fwd", mutates_args=())
 def _layer_norm_fwd(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                     eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """x [M, N] with unit stride on the last dim -> (y [M, N] x.dtype, mean [M] fp32, rstd [M] fp32)."""
@@ -305,7 +306,7 @@ def _(x, weight, bias, eps):
     return (torch.empty_like(x), x.new_empty(M, dtype=torch.float32), x.new_empty(M, dtype=torch.float32))
 
 
-@torch.library.custom_op("tritongpt::add_layer_norm_fwd", mutates_args=())
+@custom_op("tritongpt::add_layer_norm_fwd", mutates_args=())
 def _add_layer_norm_fwd(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                         eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """x, delta [M, N] -> (s = x + delta, y = LayerNorm(s), mean, rstd); s and y in x + delta's dtype."""
@@ -323,7 +324,7 @@ def _(x, delta, weight, bias, eps):
             x.new_empty(M, dtype=torch.float32), x.new_empty(M, dtype=torch.float32))
 
 
-@torch.library.custom_op("tritongpt::layer_norm_bwd", mutates_args=())
+@custom_op("tritongpt::layer_norm_bwd", mutates_args=())
 def _layer_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, mean: torch.Tensor,
                     rstd: torch.Tensor, ds: Optional[torch.Tensor] = None
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -338,7 +339,7 @@ def _(dy, x, weight, mean, rstd, ds=None):
     return torch.empty_like(x), torch.empty_like(weight), torch.empty_like(weight)
 
 
-@torch.library.custom_op("tritongpt::add_layer_norm_bwd", mutates_args=())
+@custom_op("tritongpt::add_layer_norm_bwd", mutates_args=())
 def _add_layer_norm_bwd(dy: torch.Tensor, s: torch.Tensor, weight: torch.Tensor, mean: torch.Tensor,
                         rstd: torch.Tensor, ds: Optional[torch.Tensor], delta_dtype: torch.dtype
                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -355,7 +356,7 @@ def _(dy, s, weight, mean, rstd, ds, delta_dtype):
 
 
 # RMSNorm's ops: the same kernels with IS_RMS, no bias, no mean (forward saves rstd alone).
-@torch.library.custom_op("tritongpt::rms_norm_fwd", mutates_args=())
+@custom_op("tritongpt::rms_norm_fwd", mutates_args=())
 def _rms_norm_fwd(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """x [M, N] with unit stride on the last dim -> (y [M, N] x.dtype, rstd [M] fp32)."""
     check_runnable(x, "x")
@@ -369,7 +370,7 @@ def _(x, weight, eps):
     return torch.empty_like(x), x.new_empty(x.shape[0], dtype=torch.float32)
 
 
-@torch.library.custom_op("tritongpt::add_rms_norm_fwd", mutates_args=())
+@custom_op("tritongpt::add_rms_norm_fwd", mutates_args=())
 def _add_rms_norm_fwd(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor,
                       eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """x, delta [M, N] -> (s = x + delta, y = RMSNorm(s), rstd); s and y in x + delta's dtype."""
@@ -388,7 +389,7 @@ def _(x, delta, weight, eps):
             x.new_empty(x.shape[0], dtype=torch.float32))
 
 
-@torch.library.custom_op("tritongpt::rms_norm_bwd", mutates_args=())
+@custom_op("tritongpt::rms_norm_bwd", mutates_args=())
 def _rms_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor,
                   ds: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """-> (dx [M, N] in x.dtype, dweight [N] in weight.dtype); ds added into dx as layer_norm_bwd's."""
@@ -402,7 +403,7 @@ def _(dy, x, weight, rstd, ds=None):
     return torch.empty_like(x), torch.empty_like(weight)
 
 
-@torch.library.custom_op("tritongpt::add_rms_norm_bwd", mutates_args=())
+@custom_op("tritongpt::add_rms_norm_bwd", mutates_args=())
 def _add_rms_norm_bwd(dy: torch.Tensor, s: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor,
                       ds: Optional[torch.Tensor], delta_dtype: torch.dtype
                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -432,7 +433,7 @@ class LayerNormFunction(torch.autograd.Function):
     def forward(ctx, x, weight, bias, eps):
         shape = x.shape
         x2 = _rows(x)
-        y, mean, rstd = torch.ops.tritongpt.layer_norm_fwd(x2, weight, bias, eps)
+        y, mean, rstd = _layer_norm_fwd.call(x2, weight, bias, eps)
         ctx.save_for_backward(x2, weight, mean, rstd)
         ctx.has_bias = bias is not None
         return y.view(shape)
@@ -441,7 +442,7 @@ class LayerNormFunction(torch.autograd.Function):
     def backward(ctx, dy):
         first_order_only("layer_norm")
         x2, weight, mean, rstd = ctx.saved_tensors
-        dx, dw, db = torch.ops.tritongpt.layer_norm_bwd(dy.reshape(x2.shape), x2, weight, mean, rstd)
+        dx, dw, db = _layer_norm_bwd.call(dy.reshape(x2.shape), x2, weight, mean, rstd)
         return dx.view(dy.shape), dw, (db if ctx.has_bias else None), None
 
 
@@ -454,7 +455,7 @@ class AddLayerNormFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, delta, weight, bias, eps):
         shape = x.shape
-        s, y, mean, rstd = torch.ops.tritongpt.add_layer_norm_fwd(_rows(x), _rows(delta), weight, bias, eps)
+        s, y, mean, rstd = _add_layer_norm_fwd.call(_rows(x), _rows(delta), weight, bias, eps)
         ctx.save_for_backward(s, weight, mean, rstd)
         ctx.has_bias = bias is not None
         ctx.shape, ctx.delta_dtype = shape, delta.dtype
@@ -469,10 +470,10 @@ class AddLayerNormFunction(torch.autograd.Function):
             return ds, ds, None, None, None
         dy, ds = dy.reshape(s.shape), None if ds is None else ds.reshape(s.shape)
         if ctx.delta_dtype == s.dtype:
-            dx, dw, db = torch.ops.tritongpt.layer_norm_bwd(dy, s, weight, mean, rstd, ds)
+            dx, dw, db = _layer_norm_bwd.call(dy, s, weight, mean, rstd, ds)
             ddelta = dx
         else:  # an fp32 stream and a bf16 sublayer: delta's gradient written in bf16 by the same pass
-            dx, ddelta, dw, db = torch.ops.tritongpt.add_layer_norm_bwd(dy, s, weight, mean, rstd, ds,
+            dx, ddelta, dw, db = _add_layer_norm_bwd.call(dy, s, weight, mean, rstd, ds,
                                                                         ctx.delta_dtype)
         return dx.view(ctx.shape), ddelta.view(ctx.shape), dw, (db if ctx.has_bias else None), None
 
@@ -483,7 +484,7 @@ class RMSNormFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, eps):
         x2 = _rows(x)
-        y, rstd = torch.ops.tritongpt.rms_norm_fwd(x2, weight, eps)
+        y, rstd = _rms_norm_fwd.call(x2, weight, eps)
         ctx.save_for_backward(x2, weight, rstd)
         return y.view(x.shape)
 
@@ -491,7 +492,7 @@ class RMSNormFunction(torch.autograd.Function):
     def backward(ctx, dy):
         first_order_only("rms_norm")
         x2, weight, rstd = ctx.saved_tensors
-        dx, dw = torch.ops.tritongpt.rms_norm_bwd(dy.reshape(x2.shape), x2, weight, rstd)
+        dx, dw = _rms_norm_bwd.call(dy.reshape(x2.shape), x2, weight, rstd)
         return dx.view(dy.shape), dw, None
 
 
@@ -501,7 +502,7 @@ class AddRMSNormFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, delta, weight, eps):
-        s, y, rstd = torch.ops.tritongpt.add_rms_norm_fwd(_rows(x), _rows(delta), weight, eps)
+        s, y, rstd = _add_rms_norm_fwd.call(_rows(x), _rows(delta), weight, eps)
         ctx.save_for_backward(s, weight, rstd)
         ctx.shape, ctx.delta_dtype = x.shape, delta.dtype
         ctx.set_materialize_grads(False)
@@ -515,10 +516,10 @@ class AddRMSNormFunction(torch.autograd.Function):
             return ds, ds, None, None
         dy, ds = dy.reshape(s.shape), None if ds is None else ds.reshape(s.shape)
         if ctx.delta_dtype == s.dtype:
-            dx, dw = torch.ops.tritongpt.rms_norm_bwd(dy, s, weight, rstd, ds)
+            dx, dw = _rms_norm_bwd.call(dy, s, weight, rstd, ds)
             ddelta = dx
         else:
-            dx, ddelta, dw = torch.ops.tritongpt.add_rms_norm_bwd(dy, s, weight, rstd, ds, ctx.delta_dtype)
+            dx, ddelta, dw = _add_rms_norm_bwd.call(dy, s, weight, rstd, ds, ctx.delta_dtype)
         return dx.view(ctx.shape), ddelta.view(ctx.shape), dw, None
 
 

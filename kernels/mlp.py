@@ -55,8 +55,8 @@ import triton.language as tl
 
 from tritongpt._env import triton_interpreting
 from tritongpt.kernels._common import (autocast_dtype, autotuned, cast, check_runnable, check_same_device,
-                                       check_same_dtype, check_tensor, dot, first_order_only, no_func_transform,
-                                       on_tensor_device)
+                                       check_same_dtype, check_tensor, custom_op, dot, first_order_only, next_pow2,
+                                       no_func_transform, on_tensor_device)
 
 # Epilogue modes of the matmul kernel.
 EPI_NONE = 0       # C = A @ B (+ bias)
@@ -210,7 +210,7 @@ def _matmul_configs():
 def _bucket(n: int) -> int:
     """Autotune key for a size that follows the token count (M forward, K in dW = dy^T h):
     the next power of two, capped, so a new batch or prompt length does not re-run the search."""
-    return min(triton.next_power_of_2(n), 16384)
+    return min(next_pow2(n), 16384)  # cached: called per launch
 
 
 # M_BUCKET / K_BUCKET stand in for M and K in the key (the token count varies step to step);
@@ -466,7 +466,7 @@ def _check_op_shapes(x, w1, b1, w2, b2, **grads):
     check_same_dtype(x=x, w1=w1, b1=b1, w2=w2, b2=b2, **grads)
 
 
-@torch.library.custom_op("tritongpt::gelu_mlp_fwd", mutates_args=())
+@custom_op("tritongpt::gelu_mlp_fwd", mutates_args=())
 def _gelu_mlp_fwd(x: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.Tensor], w2: torch.Tensor,
                   b2: Optional[torch.Tensor], approximate: str = "tanh") -> tuple[torch.Tensor, torch.Tensor]:
     """x [M, C] -> (y [M, C], h [M, H]); the activation a = gelu(h) is freed on return."""
@@ -483,7 +483,7 @@ def _(x, w1, b1, w2, b2, approximate="tanh"):
     return x.new_empty((x.shape[0], w2.shape[0])), x.new_empty((x.shape[0], w1.shape[0]))
 
 
-@torch.library.custom_op("tritongpt::gelu_mlp_bwd", mutates_args=())
+@custom_op("tritongpt::gelu_mlp_bwd", mutates_args=())
 def _gelu_mlp_bwd(dy: torch.Tensor, x: torch.Tensor, h: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor,
                   needs: list[bool], approximate: str = "tanh"
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -513,7 +513,7 @@ class GeluMLPFunction(torch.autograd.Function):
     def forward(ctx, x, w1, b1, w2, b2, approximate="tanh"):
         shape = x.shape
         x2 = x.reshape(math.prod(shape[:-1]), shape[-1])  # not -1: C may be 0
-        y, h = torch.ops.tritongpt.gelu_mlp_fwd(x2, w1, b1, w2, b2, approximate)
+        y, h = _gelu_mlp_fwd.call(x2, w1, b1, w2, b2, approximate)
         ctx.save_for_backward(x2, h, w1, w2)
         ctx.approximate = approximate
         return y.view(*shape[:-1], w2.shape[0])
@@ -524,7 +524,7 @@ class GeluMLPFunction(torch.autograd.Function):
         x2, h, w1, w2 = ctx.saved_tensors
         dy2 = dy.reshape(x2.shape[0], dy.shape[-1])
         needs = list(ctx.needs_input_grad[:5])  # False for a frozen weight and for a bias that is None
-        dx, dw1, db1, dw2, db2 = torch.ops.tritongpt.gelu_mlp_bwd(dy2, x2, h, w1, w2, needs, ctx.approximate)
+        dx, dw1, db1, dw2, db2 = _gelu_mlp_bwd.call(dy2, x2, h, w1, w2, needs, ctx.approximate)
         dx = dx.view(*dy.shape[:-1], x2.shape[-1]) if needs[0] else dx
         return tuple(g if need else None for g, need in zip((dx, dw1, db1, dw2, db2), needs)) + (None,)
 

@@ -55,8 +55,8 @@ import triton.language as tl
 
 from tritongpt._env import triton_interpreting
 from tritongpt.kernels._common import (autocast_dtype, autotuned, cast, check_runnable, check_same_device,
-                                       check_same_dtype, check_tensor, dot, first_order_only, no_func_transform,
-                                       on_tensor_device)
+                                       check_same_dtype, check_tensor, custom_op, dot, first_order_only,
+                                       no_func_transform, on_tensor_device)
 from tritongpt.kernels.mlp import (EPI_NONE, EPI_SWIGLU, EPI_SWIGLU_GRAD, GATES, _bucket, _gate_act, _swiglu_epilogue,
                                    _swiglu_grad_epilogue)
 
@@ -390,7 +390,7 @@ def _check_op_shapes(x, experts, wg, wu, wd, **saved):
     check_same_dtype(x=x, w_gate=wg, w_up=wu, w_down=wd, **floats)
 
 
-@torch.library.custom_op("tritongpt::moe_mlp_fwd", mutates_args=())
+@custom_op("tritongpt::moe_mlp_fwd", mutates_args=())
 def _moe_mlp_fwd(x: torch.Tensor, experts: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor,
                  w_down: torch.Tensor, activation: str = "silu"
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -410,7 +410,7 @@ def _(x, experts, w_gate, w_up, w_down, activation="silu"):
             experts.new_empty((N * k,), dtype=torch.int64), experts.new_empty((E + 1,), dtype=torch.int64))
 
 
-@torch.library.custom_op("tritongpt::moe_mlp_bwd", mutates_args=())
+@custom_op("tritongpt::moe_mlp_bwd", mutates_args=())
 def _moe_mlp_bwd(dy: torch.Tensor, x: torch.Tensor, experts: torch.Tensor, g: torch.Tensor, u: torch.Tensor,
                  order: torch.Tensor, offsets: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor,
                  w_down: torch.Tensor, needs: list[bool], activation: str = "silu"
@@ -437,7 +437,7 @@ class MoEMLPFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, experts, wg, wu, wd, activation="silu"):
-        y, g, u, order, offsets = torch.ops.tritongpt.moe_mlp_fwd(x, experts, wg, wu, wd, activation)
+        y, g, u, order, offsets = _moe_mlp_fwd.call(x, experts, wg, wu, wd, activation)
         ctx.save_for_backward(x, experts, g, u, order, offsets, wg, wu, wd)
         ctx.activation = activation
         return y
@@ -447,7 +447,7 @@ class MoEMLPFunction(torch.autograd.Function):
         first_order_only("moe_mlp")
         x, experts, g, u, order, offsets, wg, wu, wd = ctx.saved_tensors
         needs = [ctx.needs_input_grad[i] for i in (0, 2, 3, 4)]  # False for a frozen weight
-        grads = torch.ops.tritongpt.moe_mlp_bwd(dy.contiguous(), x, experts, g, u, order, offsets, wg, wu, wd,
+        grads = _moe_mlp_bwd.call(dy.contiguous(), x, experts, g, u, order, offsets, wg, wu, wd,
                                                 needs, ctx.activation)
         dx, dwg, dwu, dwd = (gr if need else None for gr, need in zip(grads, needs))
         return dx, None, dwg, dwu, dwd, None

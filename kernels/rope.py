@@ -50,8 +50,8 @@ import triton.language as tl
 
 from tritongpt._env import triton_interpreting
 from tritongpt._types import is_int, is_real
-from tritongpt.kernels._common import (cast, check_runnable, check_same_device, check_same_dtype, check_tensor,
-                                       first_order_only, no_func_transform, on_tensor_device)
+from tritongpt.kernels._common import (cast, cdiv, check_runnable, check_same_device, check_same_dtype, check_tensor,
+                                       custom_op, first_order_only, next_pow2, no_func_transform, on_tensor_device)
 from tritongpt.errors import UserError
 from tritongpt.model.config import check_rope_scaling
 from tritongpt.model.layers import is_longrope, rope_inv_freq, rope_seq_len
@@ -121,14 +121,14 @@ def _rope_kernel(Q, K, QO, KO, Pos, InvFreq, T, n_heads, n_kv_heads, n_tblocks,
 
 def _block_t(T: int, half: int, n_pass: int = 0) -> int:
     if triton_interpreting():
-        return min(triton.next_power_of_2(max(T, 1)), 64)  # the interpreter pays per program: few, big
+        return min(next_pow2(max(T, 1)), 64)  # the interpreter pays per program: few, big
     # 2K values per half-tile at 4 warps: 16 a thread for each of x1, x2, cos, sin (4K made 160
     # registers a thread in the sm_90 build, bench compile: too few warps per SM to hide latency);
     # a pass-through tile (partial rotary) of at most 4K, two half-tiles' worth
-    width = triton.next_power_of_2(half)
+    width = next_pow2(half)
     if n_pass:
-        width = max(width, triton.next_power_of_2(n_pass) // 2)
-    return max(1, min(triton.next_power_of_2(max(T, 1)), 2048 // width))
+        width = max(width, next_pow2(n_pass) // 2)
+    return max(1, min(next_pow2(max(T, 1)), 2048 // width))
 
 
 @on_tensor_device
@@ -145,15 +145,15 @@ def _launch(q, k, positions, inv_freq, inverse, rotary_dim=0, mscale=1.0):
     R = rotary_dim or D
     half, n_pass = R // 2, D - R
     block_t = _block_t(T, half, n_pass)
-    n_tblocks = triton.cdiv(T, block_t)
+    n_tblocks = cdiv(T, block_t)
     # a whole-head rotation launches without the pass-through constexprs: its kernel as before them
-    partial = dict(PASS=n_pass, BLOCK_PASS=triton.next_power_of_2(n_pass)) if n_pass else {}
+    partial = dict(PASS=n_pass, BLOCK_PASS=next_pow2(n_pass)) if n_pass else {}
     if mscale != 1.0:
         partial.update(SCALED=True, mscale=float(mscale))
     _rope_kernel[(B * n_tblocks,)](
         q, k, qo, ko, positions, inv_freq, T, H, Hkv, n_tblocks,
         *q.stride(), *k.stride(), *qo.stride(), *ko.stride(), *positions.stride(),
-        HALF=half, BLOCK_T=block_t, BLOCK_HALF=triton.next_power_of_2(half), INVERSE=inverse, **partial,
+        HALF=half, BLOCK_T=block_t, BLOCK_HALF=next_pow2(half), INVERSE=inverse, **partial,
         num_warps=1 if triton_interpreting() else 4)
     return qo, ko
 
@@ -190,7 +190,7 @@ def _check_op_args(q, k, positions, inv_freq, rotary_dim=0, mscale=1.0):
     check_runnable(q, "q")
 
 
-@torch.library.custom_op("tritongpt::rope_fwd", mutates_args=())
+@custom_op("tritongpt::rope_fwd", mutates_args=())
 def _rope_fwd(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor,
               rotary_dim: int = 0, mscale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """q, k [B, H, T, D] (any strides), positions int [B, T], inv_freq fp32 [R/2] -> q and k
@@ -200,7 +200,7 @@ def _rope_fwd(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, inv_fre
     return _launch(q, k, positions, inv_freq, False, rotary_dim, mscale)
 
 
-@torch.library.custom_op("tritongpt::rope_bwd", mutates_args=())
+@custom_op("tritongpt::rope_bwd", mutates_args=())
 def _rope_bwd(dq: torch.Tensor, dk: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor,
               rotary_dim: int = 0, mscale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """The gradients of rope_fwd's inputs: its outputs' gradients rotated by -angle (the pass-through
@@ -226,13 +226,13 @@ class RopeFunction(torch.autograd.Function):
     def forward(ctx, q, k, positions, inv_freq, rotary_dim=0, mscale=1.0):
         ctx.save_for_backward(positions, inv_freq)
         ctx.rotary_dim, ctx.mscale = rotary_dim, mscale
-        return torch.ops.tritongpt.rope_fwd(q, k, positions, inv_freq, rotary_dim, mscale)
+        return _rope_fwd.call(q, k, positions, inv_freq, rotary_dim, mscale)
 
     @staticmethod
     def backward(ctx, dq, dk):
         first_order_only("rope")
         positions, inv_freq = ctx.saved_tensors
-        dq, dk = torch.ops.tritongpt.rope_bwd(dq, dk, positions, inv_freq, ctx.rotary_dim, ctx.mscale)
+        dq, dk = _rope_bwd.call(dq, dk, positions, inv_freq, ctx.rotary_dim, ctx.mscale)
         return dq, dk, None, None, None, None
 
 

@@ -46,7 +46,7 @@ from typing import Optional
 import torch
 
 from tritongpt.kernels._common import (autocast_dtype, check_runnable, check_same_device, check_same_dtype,
-                                       check_tensor, first_order_only, no_func_transform)
+                                       check_tensor, custom_op, first_order_only, no_func_transform)
 from tritongpt.kernels.mlp import EPI_SWIGLU, EPI_SWIGLU_GRAD, GATES, _matmul
 
 NAMES = ("x", "w_gate", "b_gate", "w_up", "b_up", "w_down", "b_down")
@@ -112,7 +112,7 @@ def _check_op_shapes(x, wg, bg, wu, bu, wd, bd, **grads):
     check_same_dtype(x=x, w_gate=wg, b_gate=bg, w_up=wu, b_up=bu, w_down=wd, b_down=bd, **grads)
 
 
-@torch.library.custom_op("tritongpt::swiglu_mlp_fwd", mutates_args=())
+@custom_op("tritongpt::swiglu_mlp_fwd", mutates_args=())
 def _swiglu_mlp_fwd(x: torch.Tensor, w_gate: torch.Tensor, b_gate: Optional[torch.Tensor], w_up: torch.Tensor,
                     b_up: Optional[torch.Tensor], w_down: torch.Tensor,
                     b_down: Optional[torch.Tensor], activation: str = "silu"
@@ -132,7 +132,7 @@ def _(x, w_gate, b_gate, w_up, b_up, w_down, b_down, activation="silu"):
     return x.new_empty((M, w_down.shape[0])), x.new_empty((M, H)), x.new_empty((M, H))
 
 
-@torch.library.custom_op("tritongpt::swiglu_mlp_bwd", mutates_args=())
+@custom_op("tritongpt::swiglu_mlp_bwd", mutates_args=())
 def _swiglu_mlp_bwd(dy: torch.Tensor, x: torch.Tensor, g: torch.Tensor, u: torch.Tensor, w_gate: torch.Tensor,
                     w_up: torch.Tensor, w_down: torch.Tensor, needs: list[bool], activation: str = "silu"
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
@@ -163,7 +163,7 @@ class SwiGLUMLPFunction(torch.autograd.Function):
     def forward(ctx, x, wg, bg, wu, bu, wd, bd, activation="silu"):
         shape = x.shape
         x2 = x.reshape(math.prod(shape[:-1]), shape[-1])  # not -1: C may be 0
-        y, g, u = torch.ops.tritongpt.swiglu_mlp_fwd(x2, wg, bg, wu, bu, wd, bd, activation)
+        y, g, u = _swiglu_mlp_fwd.call(x2, wg, bg, wu, bu, wd, bd, activation)
         ctx.save_for_backward(x2, g, u, wg, wu, wd)
         ctx.activation = activation
         return y.view(*shape[:-1], wd.shape[0])
@@ -174,7 +174,7 @@ class SwiGLUMLPFunction(torch.autograd.Function):
         x2, g, u, wg, wu, wd = ctx.saved_tensors
         dy2 = dy.reshape(x2.shape[0], dy.shape[-1])
         needs = list(ctx.needs_input_grad[:7])  # False for a frozen weight and for a bias that is None
-        grads = torch.ops.tritongpt.swiglu_mlp_bwd(dy2, x2, g, u, wg, wu, wd, needs, ctx.activation)
+        grads = _swiglu_mlp_bwd.call(dy2, x2, g, u, wg, wu, wd, needs, ctx.activation)
         dx = grads[0].view(*dy.shape[:-1], x2.shape[-1]) if needs[0] else grads[0]
         return tuple(gr if need else None for gr, need in zip((dx,) + tuple(grads[1:]), needs)) + (None,)
 
