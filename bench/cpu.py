@@ -270,22 +270,32 @@ def bench_host_overhead(calls=300, ops=None):
                 for n in names for pr in ("triton", "torch") for m in ("fwd", "fwd+bwd")]
     rows = []
     cases = host_cases()
-    with stubbed_launches() as stub:
-        for name in names:
-            for provider, fn in zip(("triton", "torch"), cases[name]):
-                def fwd_bwd(fn=fn):
-                    out = fn()
-                    out.sum().backward() if out.dim() else out.backward()
-
-                for mode, run in (("fwd", fn), ("fwd+bwd", fwd_bwd)):
-                    try:
-                        med, p20, p80 = _per_call_ms(run, calls)
-                        stub.launches = 0
-                        run()
-                    except Exception as e:
-                        rows.append(make_row("cpu", f"host-{name}", provider, conf, mode, f"failed: {reason_of(e)}"))
-                        continue
-                    # launches: Triton kernels a call starts, each with Triton's own launch cost on a GPU on top
-                    rows.append(make_row("cpu", f"host-{name}", provider, conf, mode, ms=med, ms_p20=p20,
-                                         ms_p80=p80, us=med * 1e3, launches=stub.launches, note=HOST_NOTE))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny tensors: a thread pool's wake-ups would only add noise to either side
+    try:
+        with stubbed_launches() as stub:
+            _host_rows(names, cases, calls, conf, stub, rows)
+    finally:
+        torch.set_num_threads(threads)
     return rows
+
+
+def _host_rows(names, cases, calls, conf, stub, rows):
+    """Append each op's rows (ours and torch's, fwd and fwd+bwd) to rows, launches stubbed by stub."""
+    for name in names:
+        for provider, fn in zip(("triton", "torch"), cases[name]):
+            def fwd_bwd(fn=fn):
+                out = fn()
+                out.sum().backward() if out.dim() else out.backward()
+
+            for mode, run in (("fwd", fn), ("fwd+bwd", fwd_bwd)):
+                try:
+                    med, p20, p80 = _per_call_ms(run, calls)
+                    stub.launches = 0
+                    run()
+                except Exception as e:
+                    rows.append(make_row("cpu", f"host-{name}", provider, conf, mode, f"failed: {reason_of(e)}"))
+                    continue
+                # launches: Triton kernels a call starts, each with Triton's own launch cost on a GPU on top
+                rows.append(make_row("cpu", f"host-{name}", provider, conf, mode, ms=med, ms_p20=p20,
+                                     ms_p80=p80, us=med * 1e3, launches=stub.launches, note=HOST_NOTE))

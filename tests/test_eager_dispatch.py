@@ -1,0 +1,182 @@
+"""The kernels' eager fast path (kernels/_common.py custom_op / plain_eager): in plain eager mode the
+autograd Functions run each custom op's Python function directly, not through the dispatcher, for
+the same results; torch.compile, dispatch modes (FakeTensorMode, meta), vmap and tensor subclasses
+still get the registered op. And bench cpu's host-overhead rows, which measure that path."""
+import pytest
+import torch
+import triton
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+from tritongpt.kernels import _common, attention, cross_entropy, layernorm, mlp, rope, swiglu
+from tritongpt.kernels.attention import flash_attention
+from tritongpt.kernels.cross_entropy import cross_entropy as ce
+from tritongpt.kernels.layernorm import add_layer_norm, add_rms_norm, layer_norm, rms_norm
+from tritongpt.kernels.mlp import gelu_mlp
+from tritongpt.kernels.rope import rope as rope_fn
+from tritongpt.kernels.swiglu import swiglu_mlp
+
+OPS = {layernorm: ["layer_norm_fwd", "layer_norm_bwd", "add_layer_norm_fwd", "add_layer_norm_bwd", "rms_norm_fwd",
+                   "rms_norm_bwd", "add_rms_norm_fwd", "add_rms_norm_bwd"],
+       mlp: ["gelu_mlp_fwd", "gelu_mlp_bwd"], swiglu: ["swiglu_mlp_fwd", "swiglu_mlp_bwd"],
+       cross_entropy: ["checked_targets", "cross_entropy_fwd", "cross_entropy_bwd"], rope: ["rope_fwd", "rope_bwd"],
+       attention: ["flash_attn_fwd", "flash_attn_bwd"]}
+
+
+@pytest.fixture
+def dispatched(monkeypatch):
+    """The names of the ops whose real kernel ran through the dispatcher (the backend impl torch.library
+    registered, which looks the function up in the op's _backend_fns at each call)."""
+    seen = []
+    for module, names in OPS.items():
+        for name in names:
+            op = getattr(module, "_" + name)
+
+            def spy(*args, _real=op._backend_fns[None], _name=name, **kwargs):
+                seen.append(_name)
+                return _real(*args, **kwargs)
+
+            monkeypatch.setitem(op._backend_fns, None, spy)
+    return seen
+
+
+def _cases(gen):
+    def p(*shape, dtype=torch.float32):
+        return torch.randn(*shape, generator=gen).to(dtype).requires_grad_()
+
+    x, d, w, b = p(6, 40), p(6, 40, dtype=torch.bfloat16), p(40), p(40)
+    xm, w1, b1, w2, b2 = p(5, 12), p(48, 12), p(48), p(12, 48), p(12)
+    wg, wu, wd = p(32, 12), p(32, 12), p(12, 32)
+    q, k, v = p(2, 2, 9, 16), p(2, 1, 9, 16), p(2, 1, 9, 16)
+    logits, targets = p(7, 33), torch.randint(0, 33, (7,), generator=gen)
+    targets[2] = -100
+    return {"layer_norm": lambda: layer_norm(x, w, b),
+            "add_layer_norm": lambda: add_layer_norm(x, d, w, b),
+            "rms_norm": lambda: rms_norm(x, w),
+            "add_rms_norm": lambda: add_rms_norm(x, d.float(), w),
+            "gelu_mlp": lambda: gelu_mlp(xm, w1, b1, w2, b2),
+            "swiglu_mlp": lambda: swiglu_mlp(xm, wg, None, wu, None, wd, None),
+            "flash_attention": lambda: flash_attention(q, k, v, causal=True, dropout_p=0.25, seed=3),
+            "cross_entropy": lambda: ce(logits, targets, label_smoothing=0.1),
+            "rope": lambda: rope_fn(q, k, 2)}, [x, d, w, b, xm, w1, b1, w2, b2, wg, wu, wd, q, k, v, logits]
+
+
+def _run(fn, leaves, gen_seed):
+    """The outputs and every leaf's gradient of a random weighting of the outputs."""
+    out = fn()
+    outs = out if isinstance(out, tuple) else (out,)
+    g = torch.Generator().manual_seed(gen_seed)
+    loss = sum((o.float() * torch.randn(o.shape, generator=g)).sum() for o in outs)
+    grads = torch.autograd.grad(loss, leaves, allow_unused=True)
+    return [o.detach().clone() for o in outs], grads
+
+
+@pytest.mark.parametrize("name", ["layer_norm", "add_layer_norm", "rms_norm", "add_rms_norm", "gelu_mlp",
+                                  "swiglu_mlp", "flash_attention", "cross_entropy", "rope"])
+def test_eager_path_skips_dispatcher_and_matches_the_op(name, dispatched, monkeypatch):
+    cases, leaves = _cases(torch.Generator().manual_seed(0))
+    fast = _run(cases[name], leaves, 1)
+    assert dispatched == [], f"{name}: eager call went through the dispatcher: {dispatched}"
+    # the same call with the fast path off: every op dispatched, bit-identical outputs and gradients
+    monkeypatch.setattr(_common, "plain_eager", lambda args: False)
+    monkeypatch.setattr(attention, "plain_eager", lambda args: False)
+    slow = _run(cases[name], leaves, 1)
+    assert dispatched and all(n in sum(OPS.values(), []) for n in dispatched)
+    assert any(n.endswith("bwd") for n in dispatched) or name == "flash_attention"  # its backward: autograd's
+    for a, b in zip(fast[0] + [g for g in fast[1] if g is not None], slow[0] + [g for g in slow[1] if g is not None]):
+        assert torch.equal(a, b), name
+    assert [g is None for g in fast[1]] == [g is None for g in slow[1]]
+    assert sum(g is not None for g in fast[1]) >= (1 if name == "cross_entropy" else 2)
+
+
+def test_attention_eager_function_gradients_against_float64():
+    gen = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(1, 2, 11, 16, generator=gen).requires_grad_() for _ in range(3))
+    out = flash_attention(q, k, v, causal=True)
+    assert type(out.grad_fn).__name__ == "FlashAttnFunctionBackward"
+    g = torch.randn(out.shape, generator=gen)
+    grads = torch.autograd.grad((out * g).sum(), (q, k, v))
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    s = q64 @ k64.transpose(-1, -2) / 4.0
+    s = s.masked_fill(torch.ones(11, 11, dtype=torch.bool).triu(1), float("-inf"))
+    ref = s.softmax(-1) @ v64
+    ref_grads = torch.autograd.grad((ref * g.double()).sum(), (q64, k64, v64))
+    torch.testing.assert_close(out.double(), ref, atol=2e-5, rtol=0)
+    for a, r in zip(grads, ref_grads):
+        torch.testing.assert_close(a.double(), r, atol=1e-4, rtol=0)
+
+
+@pytest.mark.filterwarnings("ignore:There is a performance drop")
+def test_modes_and_meta_still_dispatch(dispatched):
+    # meta and fake tensors: the op's fake impl answers (the function itself would refuse the device
+    # or launch Triton on fake data)
+    w, b = torch.randn(16), torch.randn(16)
+    y = layer_norm(torch.randn(3, 16, device="meta"), w.to("meta"), b.to("meta"))
+    assert y.device.type == "meta" and y.shape == (3, 16)
+    with FakeTensorMode() as mode:
+        q = mode.from_tensor(torch.randn(1, 2, 8, 16))
+        o = flash_attention(q, q, q)
+        x = mode.from_tensor(torch.randn(3, 16))
+        y = rms_norm(x, mode.from_tensor(w))
+    assert o.shape == (1, 2, 8, 16) and y.shape == (3, 16) and dispatched == []
+    # vmap: attention's forward runs as the op, once per batch element
+    q = torch.randn(3, 1, 2, 8, 16)
+    out = torch.vmap(lambda t: flash_attention(t, t, t))(q)
+    assert dispatched == ["flash_attn_fwd"] * 3 and out.shape == q.shape
+    torch.testing.assert_close(out[1], flash_attention(q[1], q[1], q[1]))
+
+
+def test_plain_eager_conditions():
+    t = torch.randn(2)
+    assert _common.plain_eager((t, 1.0, None, [True], torch.nn.Parameter(t)))
+    assert not _common.plain_eager((t, t.to("meta")))
+    with FakeTensorMode():
+        assert not _common.plain_eager((t,))
+
+    class Sub(torch.Tensor):
+        pass
+
+    assert not _common.plain_eager((t.as_subclass(Sub),))
+    seen = []
+    torch.vmap(lambda x: seen.append(_common.plain_eager((x,))) or x)(torch.randn(3, 2))
+    assert seen == [False]
+    seen.clear()
+    torch.compile(lambda x: seen.append(_common.plain_eager((x,))) or x + 1, backend="eager", fullgraph=False)(t)
+    assert seen == [False]
+
+
+def test_fast_path_keeps_the_ops_checks():
+    x, w = torch.randn(8, 6).t(), torch.randn(8)  # x transposed: the kernels would read it row-major
+    with pytest.raises(ValueError, match="unit stride"):
+        layernorm._layer_norm_fwd.call(x, w, None, 1e-5)
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        ce(torch.randn(3, 5), torch.tensor([0, 5, 1]))
+    q = torch.randn(1, 2, 8, 24)
+    with pytest.raises(ValueError, match="head_dim 24"):
+        flash_attention(q, q, q)
+
+
+def test_host_int_helpers_match_triton():
+    for a in list(range(0, 70)) + [1000, 4095, 4097, 2 ** 31 + 5]:
+        assert _common.next_pow2(max(a, 1)) == triton.next_power_of_2(max(a, 1))
+        for b_ in (1, 3, 16, 64):
+            assert _common.cdiv(a, b_) == triton.cdiv(a, b_)
+
+
+def test_bench_host_overhead_rows():
+    from triton.runtime import interpreter
+
+    from tritongpt.bench.cpu import HOST_NOTE, bench_host_overhead
+
+    run, threads = interpreter.InterpretedFunction.run, torch.get_num_threads()
+    rows = bench_host_overhead(calls=5, ops=["layer_norm", "flash_attention"])
+    assert interpreter.InterpretedFunction.run is run and torch.get_num_threads() == threads  # both undone
+    assert [(r["op"], r["provider"], r["mode"]) for r in rows] == [
+        (f"host-{op}", p, m) for op in ("layer_norm", "flash_attention") for p in ("triton", "torch")
+        for m in ("fwd", "fwd+bwd")]
+    assert all(r["status"] == "ok" and r["ms"] > 0 and r["note"] == HOST_NOTE for r in rows)
+    launches = {(r["op"], r["provider"], r["mode"]): r["launches"] for r in rows}
+    # LayerNorm: one kernel forward, one backward; attention: one forward, three backward (preprocess, dk/dv, dq)
+    assert launches[("host-layer_norm", "triton", "fwd")] == 1
+    assert launches[("host-layer_norm", "triton", "fwd+bwd")] == 2
+    assert launches[("host-flash_attention", "triton", "fwd+bwd")] == 4
+    assert launches[("host-layer_norm", "torch", "fwd+bwd")] == 0
