@@ -9,6 +9,11 @@ Providers (same weights, same batch, same optimizer for all of them):
                             the fused LM head + cross-entropy (the step passes targets)
     triton+compile          the Triton path under torch.compile (a failure becomes a
                             "failed: reason" row)
+    triton+compile+cudagraphs
+                            the Triton path under torch.compile(mode="reduce-overhead"): the
+                            forward and backward replayed as CUDA graphs, one launch each, so
+                            the host's per-kernel launch cost leaves the step (CUDA only; on
+                            another device its row is "skipped: ..."). Opt-in: not in the defaults
 Other combinations parse too ("reference+sdpa", "reference+compile"), and "+ckpt" on any of them
 runs the blocks under activation checkpointing (model.set_activation_checkpointing): less peak
 memory, one more forward of the blocks per step. MFU counts the model's FLOPs only, never the
@@ -200,9 +205,12 @@ def parse_provider(name: str):
     """'triton+compile' -> ('triton', {'compile'}). Raises ValueError on an unknown name."""
     parts = name.split("+")
     base, flags = parts[0], set(parts[1:])
-    if base not in ("reference", "triton") or not flags <= {"compile", "sdpa", "ckpt", "lora"} or \
+    if base not in ("reference", "triton") or not flags <= {"compile", "sdpa", "ckpt", "lora", "cudagraphs"} or \
             len(flags) != len(parts) - 1:
         raise ValueError(f"unknown training provider {name!r}; e.g. {', '.join(TRAIN_PROVIDERS)}")
+    if "cudagraphs" in flags and "compile" not in flags:
+        raise ValueError(f"{name!r}: +cudagraphs is torch.compile's mode='reduce-overhead', so it needs +compile "
+                         f"(e.g. {base}+compile+cudagraphs)")
     if base == "triton" and "sdpa" in flags:
         raise ValueError(f"{name!r}: the Triton path already has its own attention kernel")
     return base, flags
@@ -212,12 +220,23 @@ class Unavailable(Exception):
     pass
 
 
+def device_unavailable(name, device):
+    """Why provider `name` cannot run on `device` (CUDA graphs are CUDA's own), or None."""
+    if "cudagraphs" in parse_provider(name)[1] and torch.device(device).type != "cuda":
+        return (f"CUDA graphs (torch.compile mode='reduce-overhead') capture CUDA work only; "
+                f"this step runs on {torch.device(device).type}")
+    return None
+
+
 def build(name, cfg, device, seed=0):
     """(model, the callable the step runs, optimizer) for a provider."""
     from tritongpt.model.gpt import GPTModel
     from tritongpt.train.common import build_optimizer
 
     base, flags = parse_provider(name)
+    why = device_unavailable(name, device)
+    if why:
+        raise Unavailable(why)
     if "sdpa" in flags and cfg.attn_softcap:
         raise Unavailable(f"F.scaled_dot_product_attention cannot soft-cap the scores (attn_softcap "
                           f"{cfg.attn_softcap:g}); reference+compile times the eager math")
@@ -246,8 +265,22 @@ def build(name, cfg, device, seed=0):
     run = model
     if "compile" in flags:
         torch._dynamo.reset()
-        run = torch.compile(model)
+        run = _graph_steps(torch.compile(model, mode="reduce-overhead")) if "cudagraphs" in flags else \
+            torch.compile(model)
     return model, run, opt
+
+
+def _graph_steps(compiled):
+    """compiled (a reduce-overhead torch.compile) called as one new step each time, its loss copied out.
+
+    CUDA-graph trees replay into static buffers: the step's start is marked (torch.compiler.
+    cudagraph_mark_step_begin, as the torch.compile docs ask of training loops), and the loss cloned,
+    so a loss kept from an earlier step is not overwritten by the next replay."""
+    def run(*args, **kwargs):
+        torch.compiler.cudagraph_mark_step_begin()
+        return compiled(*args, **kwargs).clone()
+
+    return run
 
 
 def train_step(run, model, opt, x, y, device, dtype, grad_clip=1.0, scaler=None):
