@@ -1,21 +1,24 @@
-"""`tritongpt bench kernels|train|all|cpu|compile`: the benchmark suite's command line.
+"""`tritongpt bench kernels|train|all|cpu|compile|profile`: the benchmark suite's command line.
 
 On a CUDA machine `tritongpt bench all` is the one command: ceilings, kernel sweeps, training
 steps, targets, files under bench/results/<device-slug>/ and a short table at the end, within
 --max-minutes (default 8; work left when the time is up is recorded as skipped, not run).
 Without CUDA it says so, runs the CPU-side timings and writes files only when --out is given.
 `tritongpt bench compile` needs no GPU: it builds every kernel launch for sm_90 and reports
-registers, spills and shared memory (bench/compile_check.py).
+registers, spills and shared memory (bench/compile_check.py). `tritongpt bench profile` runs a few
+training steps of each provider under torch.profiler: host vs device time per step, the top kernels
+and ops, a Chrome trace each (bench/profile_step.py); on a CPU too, with the CPU activity only.
 """
 import argparse
 import sys
 import time
+from pathlib import Path
 
 from tritongpt.commands import add_vocab_multiple_arg, vocab_multiple
 from tritongpt.errors import UserError
 from tritongpt.cli import command_help
 
-WHATS = ("kernels", "train", "all", "cpu", "compile")
+WHATS = ("kernels", "train", "all", "cpu", "compile", "profile")
 
 
 def _ints(text, name):
@@ -123,6 +126,11 @@ def train_names(args):
 
     models = _names(args.models or ("gpt2-small" if args.quick else "gpt2-small,gpt2-medium"), tuple(PRESETS),
                     "models")
+    if args.train_providers is None:  # each command's own default
+        from tritongpt.bench.profile_step import PROFILE_PROVIDERS
+        from tritongpt.bench.train_step import TRAIN_PROVIDERS
+
+        args.train_providers = ",".join(PROFILE_PROVIDERS if args.what == "profile" else TRAIN_PROVIDERS)
     provs = tuple(v.strip() for v in args.train_providers.split(",") if v.strip())
     if args.train_providers.strip(", ") == "":
         raise UserError(f"--train-providers lists no provider, got {args.train_providers!r}")
@@ -140,6 +148,18 @@ def train_names(args):
         raise UserError(f"--batch names {', '.join(other)}, not among the models benchmarked ({', '.join(models)})")
     train_model_flags(args, models)
     return models, provs
+
+
+def profile_names(args):
+    """(model, providers) of `bench profile`, checked: one model (default gpt2-small), --top positive."""
+    if args.models is None:
+        args.models = "gpt2-small"
+    models, provs = train_names(args)
+    if len(models) != 1:
+        raise UserError(f"bench profile takes one model in --models, got {len(models)}: {', '.join(models)}")
+    if args.top < 1:
+        raise UserError(f"--top must be a positive integer, got {args.top}")
+    return models[0], provs
 
 
 def train_model_flags(args, models=()):
@@ -205,6 +225,7 @@ def model_flags(args) -> dict:
 
 def add_cli(sub):
     from tritongpt.bench.kernels import ALL_PROVIDERS, FULL_SIZES
+    from tritongpt.bench.profile_step import PROFILE_PROVIDERS, TRACES
     from tritongpt.bench.train_step import TRAIN_PROVIDERS
     from tritongpt.model.config import (GELU_APPROXIMATES, MLPS, NORMS, POSITION_ENCODINGS, QK_NORM_WIDTHS,
                                         window_layers_arg)
@@ -212,7 +233,8 @@ def add_cli(sub):
     p = sub.add_parser("bench", help=command_help("bench"),
                        description=__doc__.split("\n\n")[1])
     p.add_argument("what", choices=WHATS, help="kernels | train | all (both) | cpu (CPU-side timings) | "
-                   "compile (build every kernel launch for sm_90 offline: registers, spills, shared memory)")
+                   "compile (build every kernel launch for sm_90 offline: registers, spills, shared memory) | "
+                   "profile (training steps under torch.profiler: host vs device time, top kernels, traces)")
     p.add_argument("--quick", action="store_true", help="small sizes, few steps (a smoke run)")
     p.add_argument("--out", default=None,
                    help="results folder (default bench/results on a GPU; on CPU nothing is written unless given)")
@@ -283,14 +305,18 @@ def add_cli(sub):
     k.add_argument("--warmup-ms", type=int, default=25, help="do_bench warmup (default %(default)s)")
     k.add_argument("--rep-ms", type=int, default=100, help="do_bench rep (default %(default)s)")
     t = p.add_argument_group("training step")
-    t.add_argument("--models", default=None, help="default gpt2-small,gpt2-medium (--quick: gpt2-small)")
-    t.add_argument("--train-providers", default=",".join(TRAIN_PROVIDERS),
+    t.add_argument("--models", default=None, help="default gpt2-small,gpt2-medium (--quick and profile: "
+                   "gpt2-small; profile takes one; tiny and mini, the CPU presets, make a CPU run quick)")
+    t.add_argument("--train-providers", default=None,
                    help="comma list: reference or triton, each with +compile, +sdpa (reference only) and "
-                        "+ckpt (activation checkpointing), +lora (a rank-8 LoRA update trains instead) "
-                        "(default %(default)s)")
+                        "+ckpt (activation checkpointing), +lora (a rank-8 LoRA update trains instead), "
+                        "+compile+cudagraphs (torch.compile mode='reduce-overhead': the step replayed as CUDA "
+                        f"graphs; CUDA only) (default {','.join(TRAIN_PROVIDERS)}; profile: "
+                        f"{','.join(PROFILE_PROVIDERS)})")
     t.add_argument("--batch", default=None, help="16 or gpt2-small=16,gpt2-medium=8 (the default)")
     t.add_argument("--seq-len", type=int, default=1024, help="tokens per sequence (default %(default)s)")
-    t.add_argument("--steps", type=int, default=None, help="timed steps (default 10, --quick 4)")
+    t.add_argument("--steps", type=int, default=None, help="timed steps (default 10, --quick 4; profile: 3 timed, "
+                   "then 3 profiled)")
     t.add_argument("--warmup-steps", type=int, default=None, help="untimed steps (default 3, --quick 2)")
     add_vocab_multiple_arg(t, 1, "1, GPT-2 as published; the same for every provider")
     t.add_argument("--attention-window", type=int, default=0, metavar="W",
@@ -404,6 +430,12 @@ def add_cli(sub):
     t.add_argument("--peak-tflops", type=float, default=None,
                    help="MFU denominator; default: the GPU's dense bf16 datasheet peak (as the trainers use), "
                         "else the bf16 matmul measured in this run")
+    f = p.add_argument_group("profile (with the training step's flags)")
+    f.add_argument("--top", type=int, default=15, help="ops listed per provider, by device and by CPU time "
+                   "(default %(default)s)")
+    f.add_argument("--traces", choices=TRACES, default="all",
+                   help="Chrome traces (profile-traces/<provider>.json.gz): every provider's, the first profiled "
+                        "one's, or none (default %(default)s)")
     p.set_defaults(func=cmd_bench)
 
 
@@ -415,7 +447,7 @@ def cmd_bench(args):
     if args.warmup_steps is not None and args.warmup_steps < 0:
         raise UserError(f"--warmup-steps must be >= 0, got {args.warmup_steps}")
     vocab_multiple(args)
-    if args.what in ("kernels", "train", "all"):
+    if args.what in ("kernels", "train", "all", "profile"):
         from tritongpt.train.common import pick_dtype
 
         pick_dtype(args.dtype, torch.device("cuda"))  # a table look-up: no GPU needed to check the name
@@ -426,6 +458,8 @@ def cmd_bench(args):
         kernel_sizes(args, args.quick)
     if args.what in ("train", "all"):
         train_names(args)
+    if args.what == "profile":
+        profile_names(args)
     if args.workers is not None and args.workers < 1:
         raise UserError(f"--workers must be a positive integer, got {args.workers}")
     if args.out:
@@ -434,6 +468,8 @@ def cmd_bench(args):
         check_out_dir(args.out)
     if args.what == "compile":
         return _run_compile(args)
+    if args.what == "profile":
+        return _run_profile(args, cuda=torch.cuda.is_available())
     if args.what == "cpu" or not torch.cuda.is_available():
         return _run_cpu(args, cuda=torch.cuda.is_available())
     return _run_gpu(args)
@@ -477,6 +513,50 @@ def _run_cpu(args, cuda):
         print("\n(results not written: pass --out DIR to save them)")
     if note:
         print("\n" + note.split(":")[0] + ": run `tritongpt bench all` on a CUDA machine for GPU numbers.")
+    return 0
+
+
+def _run_profile(args, cuda):
+    """bench profile: on the GPU when there is one (files under --out, default bench/results), else on the
+    CPU with its activity only (files only with --out)."""
+    import torch
+
+    from tritongpt.bench.common import Budget, environment
+    from tritongpt.bench.profile_step import make_profile, render_markdown, run_profile, write_profile
+    from tritongpt.bench.train_step import DEFAULT_BATCH
+    from tritongpt.train.common import pick_dtype
+
+    model_name, provs = profile_names(args)
+    device = torch.device("cuda" if cuda else "cpu")
+    dtype = pick_dtype(args.dtype, device)
+    if not cuda:
+        print("no CUDA device here: profiling the CPU activity only (host time; no device timeline)")
+    env = environment()
+    out_root = args.out or ("bench/results" if cuda else None)
+    folder = None if out_root is None else Path(out_root) / env["device_slug"]
+    batch = (_batches(args.batch, (model_name,)) or {}).get(model_name) or DEFAULT_BATCH.get(model_name, 8)
+    warmup, steps = _or(args.warmup_steps, 2 if args.quick else 3), _or(args.steps, 2 if args.quick else 3)
+    budget = Budget(args.max_minutes * 60)
+    entries = run_profile(device, budget, dtype, model_name, provs, batch, args.seq_len, warmup, steps, args.top,
+                          folder, args.traces, log=lambda s: print(s, file=sys.stderr, flush=True),
+                          **model_flags(args))
+    result = make_profile(env, _settings(args), model_name, batch, args.seq_len, dtype, steps, warmup, args.top,
+                          entries, budget.elapsed(), **model_flags(args))
+    md = render_markdown(result)
+    print()
+    print(md[md.index("## Summary"):].split("\n\n## ")[0])  # the summary table; the top ops are in the files
+    if folder is not None:
+        paths = write_profile(result, folder)
+        traces = sorted(p.name for p in (folder / "profile-traces").glob("*.json.gz")) if any(
+            e.get("trace") for e in entries) else []
+        print(f"\nwrote {folder}/ ({', '.join(p.name for p in paths)}"
+              f"{', profile-traces/: ' + ', '.join(traces) if traces else ''})")
+    else:
+        print("\n(results not written: pass --out DIR to save them)")
+    if budget.interrupted:
+        print("interrupted: the providers profiled before it are written, the rest are marked skipped",
+              file=sys.stderr)
+        return 130
     return 0
 
 

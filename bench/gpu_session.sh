@@ -5,8 +5,13 @@
 # and every result lands in $OUT/session.tgz.
 #
 #   TRITONGPT_GIT_COMMIT=<hash of HEAD> bash bench/gpu_session.sh \
-#     [all|tests|bench|padded|lora|window|llama|qwen3|gemma3|gemma2|olmo|smollm3|pythia|phi|falcon|moe|bloom]
+#     [all|tests|bench|profile|padded|lora|window|llama|qwen3|gemma3|gemma2|olmo|smollm3|pythia|phi|falcon|moe|bloom]
 #   (default: all)
+#   profile (not part of all): `bench profile` of the GPT-2 124M step (B=16, T=1024, bf16): the eager Triton path,
+#   it compiled with CUDA graphs (triton+compile+cudagraphs), the compiled SDPA baseline and the Triton path
+#   compiled, in that order, each under torch.profiler: host vs device ms per step, the top kernels and ops, the
+#   syncs, a Chrome trace each, into results-profile/ (profile.json, profile.md, profile-traces/), within
+#   PROFILE_MINUTES (default 6: three compiled providers at ~1-2 min each)
 #   padded (not part of all): the GPT-2 124M training step again with the vocabulary padded to
 #   50304 (--vocab-multiple 64, every provider alike), into results-vocab64/ in the archive
 #   lora (not part of all): the GPT-2 124M training step with and without a rank-8 LoRA update
@@ -48,7 +53,7 @@
 #   bloom (not part of all; after moe): BLOOM's shape at GPT-2's depth and width: ALiBi (the flash kernel's
 #   HAS_ALIBI) and a LayerNorm on the token embeddings, into results-bloom/
 #   env: OUT (default ./gpu-out), WORK (default /tmp/tritongpt-gpu), WARM_SECONDS (90),
-#        TEST_SECONDS (120), BENCH_MINUTES (4), PYTHON (python3)
+#        TEST_SECONDS (120), BENCH_MINUTES (4), PROFILE_MINUTES (6), PYTHON (python3)
 # The device gets a copy of the working tree without .git, so name the commit: results record it.
 #
 # Everything is written under $WORK and packed into ONE file, $OUT/session.tgz, after every stage
@@ -190,6 +195,20 @@ extra_train_bench() {
     pack
     rc=$((rc | xrc))
 }
+if [ "$what" = profile ]; then
+    echo "== tritongpt bench profile (budget ${PROFILE_MINUTES:-6} min)"
+    # its own hard limit, as the bench's: the budget plus 45 s, then SIGINT writes what was profiled
+    profile_limit=$(awk -v m="${PROFILE_MINUTES:-6}" 'BEGIN { printf "%d", m * 60 + 45 }')
+    packing & packer=$!
+    timeout -s INT -k 15 "$profile_limit" $PY -m tritongpt.cli bench profile --models gpt2-small \
+        --train-providers triton,triton+compile+cudagraphs,reference+compile+sdpa,triton+compile \
+        --max-minutes "${PROFILE_MINUTES:-6}" --out "$WORK/results-profile" >"$WORK/bench-profile.log" 2>&1
+    prc=$?
+    stop_packing "$packer"
+    tail -n 20 "$WORK/bench-profile.log"
+    pack
+    rc=$((rc | prc))
+fi
 if [ "$what" = padded ]; then
     extra_train_bench vocab64 --vocab-multiple 64
 fi
