@@ -200,7 +200,8 @@ if [ "$what" = profile ]; then
     # its own hard limit, as the bench's: the budget plus 45 s, then SIGINT writes what was profiled
     profile_limit=$(awk -v m="${PROFILE_MINUTES:-6}" 'BEGIN { printf "%d", m * 60 + 45 }')
     packing & packer=$!
-    timeout -s INT -k 15 "$profile_limit" $PY -m tritongpt.cli bench profile --models gpt2-small \
+    # perf_hints: inductor says why it skipped CUDA graphs (profile.json counts the skips: cudagraph_skips)
+    TORCH_LOGS=perf_hints timeout -s INT -k 15 "$profile_limit" $PY -m tritongpt.cli bench profile --models gpt2-small \
         --train-providers triton,triton+compile+cudagraphs,reference+compile+sdpa,triton+compile \
         --max-minutes "${PROFILE_MINUTES:-6}" --out "$WORK/results-profile" >"$WORK/bench-profile.log" 2>&1
     prc=$?

@@ -79,12 +79,13 @@ def test_profile_command_on_cpu_writes_json_markdown_and_a_trace(tmp_path, capsy
     assert tops == sorted(tops, reverse=True) and all(t > 0 for t in tops)
     assert sum(tops) <= ref["cpu_self_ms_per_step"] * 2 * (1 + 1e-9)  # 2 profiled steps
     assert all(t["self_ms"] <= t["total_ms"] + 1e-9 for t in ref["top_cpu"])
-    # the trace holds the same ops: every top op's calls, and the scalar reads
+    # the trace holds the same ops: the scalar reads (leaves), and every top op's calls at least (key_averages
+    # counts an op redispatched to one of its own name once, the trace twice)
     trace = json.loads(gzip.open(folder / ref["trace"]).read())
     calls = Counter(e["name"] for e in trace["traceEvents"] if e.get("ph") == "X")  # complete events
     for t in ref["top_cpu"]:
-        assert calls[t["name"]] == t["count"], t["name"]
-    assert ref["scalar_reads_per_step"] == calls[profile_step.HOST_READ] / 2
+        assert calls[t["name"]] >= t["count"] > 0, t["name"]
+    assert ref["scalar_reads_per_step"] == calls[profile_step.HOST_READ] / 2 > 0
     assert ref["trace"] == "profile-traces/reference.json.gz"
     md = (folder / "profile.md").read_text()
     assert "## Summary" in md and "no device timeline (CPU)" in md and "skipped: CUDA graphs" in md
