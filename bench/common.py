@@ -171,6 +171,21 @@ class GpuTimer:
                                  grad_to_none=grad_to_none, quantiles=QUANTILES)
         return float(med), float(p20), float(p80)
 
+    def host_ms(self, fn, grad_to_none=None, calls: int = 10) -> float:
+        """Host time per call while the GPU runs behind (no sync between calls): Python, dispatch and
+        launch cost. A row whose host time reaches its GPU median is host-bound: do_bench's events then
+        time the CPU, not the kernels (the H200 run's Triton rows at small sizes). A call that syncs
+        waits for the GPU here, so its host time includes the GPU's."""
+        self.sync()
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            for t in grad_to_none or ():
+                t.grad = None
+            fn()
+        host = (time.perf_counter() - t0) * 1e3 / calls
+        self.sync()
+        return host
+
     def peak_bytes(self, fn):
         """Peak allocation while fn runs, above what was allocated before (inputs, weights)."""
         self.sync()

@@ -1113,6 +1113,7 @@ def _bench_one(op, name, config, mode, forward, leaves, timer, work):
     try:
         fn = _mode_fn(forward, mode)
         med, p20, p80 = timer.bench(fn, grad_to_none=leaves)
+        host = timer.host_ms(fn, grad_to_none=leaves) if hasattr(timer, "host_ms") else None  # GPU timers only
         for t in leaves:
             t.grad = None
         peak = timer.peak_bytes(fn)
@@ -1124,6 +1125,8 @@ def _bench_one(op, name, config, mode, forward, leaves, timer, work):
             t.grad = None
         del fn
     metrics = {"ms": med, "ms_p20": p20, "ms_p80": p80, "peak_mem_bytes": peak}
+    if host is not None:
+        metrics["host_ms"] = host
     if "bytes" in work:
         metrics.update(bytes=work["bytes"], gbps=gbps(work["bytes"], med))
     if "flops" in work:

@@ -272,6 +272,9 @@ def collapse_unmeasured(rows):
     return out
 
 
+HOST_BOUND = 0.8  # host ms per call over the GPU median from which a row is called host-bound
+
+
 def rows_table(rows) -> str:
     headers = ["op", "config", "mode", "provider", "median ms [p20, p80]", "throughput",
                "% ceiling", "peak mem", "status"]
@@ -294,9 +297,13 @@ def rows_table(rows) -> str:
         pct = r.get("pct_of_copy_bw", r.get("pct_of_matmul"))
         if r.get("mfu") is not None:
             pct = 100 * r["mfu"]
+        notes = [r["note"]] if r.get("note") else []
+        if ok and r.get("host_ms") is not None:
+            # host-bound: the CPU's time per call reaches the GPU median, which then times the CPU
+            notes.append(f"host {fmt(r['host_ms'])} ms" + (": host-bound" if r["host_ms"] >= HOST_BOUND * r["ms"] else ""))
         body.append([r["op"], config_text(r["config"]), r.get("mode") or "-", r["provider"], timing, thr,
                      f"{pct:.1f}%" if pct is not None else "-", fmt_bytes(r.get("peak_mem_bytes")),
-                     r["status"] + (f" ({r['note']})" if r.get("note") else "")])
+                     r["status"] + (f" ({'; '.join(notes)})" if notes else "")])
     return markdown_table(headers, body)
 
 

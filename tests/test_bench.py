@@ -2385,6 +2385,48 @@ def test_rows_table_shows_each_rows_own_numbers():
     assert "| bwd | triton | 4 [3.5, 5] | 250 GB/s | 12.5% |" in lines[1]
 
 
+def test_a_gpu_row_says_its_host_time_and_when_it_is_host_bound():
+    """GPU timers also time the host per call, the GPU left running behind; a row whose host time reaches 0.8 of
+    its median is called host-bound (do_bench then timed the CPU); a CPU timer records none."""
+    c = {"rows": 8, "width": 16}
+    rows = [make_row("kernels", "layernorm", "triton", c, "fwd", ms=0.40, ms_p20=0.3, ms_p80=0.5, host_ms=0.39),
+            make_row("kernels", "layernorm", "torch", c, "fwd", ms=0.40, ms_p20=0.3, ms_p80=0.5, host_ms=0.05),
+            make_row("kernels", "layernorm", "liger", c, "fwd", ms=0.40, ms_p20=0.3, ms_p80=0.5)]
+    lines = [ln for ln in report.rows_table(rows).splitlines() if ln.startswith("| layernorm |")]
+    assert lines[0].endswith("| ok (host 0.39 ms: host-bound) |")
+    assert lines[1].endswith("| ok (host 0.05 ms) |") and lines[2].endswith("| ok |")
+
+    class Timer(common.CpuTimer):  # the GPU timer's host_ms on a CPU: counts calls, reports a fixed time
+        calls = []
+
+        def host_ms(self, fn, grad_to_none=None, calls=10):
+            Timer.calls.append(fn)
+            return 0.25
+
+    x = torch.randn(8, 16, requires_grad=True)
+    for timer, want in ((Timer(reps=2, warm_calls=0), 0.25), (common.CpuTimer(reps=2, warm_calls=0), None)):
+        row = kernels._bench_one("layernorm", "torch", c, "fwd", lambda: torch.tanh(x), [x], timer, {"bytes": 1})
+        assert row["status"] == "ok" and row.get("host_ms") == want
+    assert len(Timer.calls) == 1
+
+
+def test_gpu_timer_host_ms_is_the_mean_host_time_of_unsynced_calls(monkeypatch):
+    """host_ms syncs only before and after its calls, clears the leaves' grads before each, and averages."""
+    import time as _time
+
+    syncs, seen = [], []
+    monkeypatch.setattr(common.GpuTimer, "sync", lambda self: syncs.append(1))
+    x = torch.randn(3, requires_grad=True)
+
+    def fn():
+        seen.append(x.grad)
+        x.grad = torch.ones(3)
+        _time.sleep(0.004)
+
+    ms = common.GpuTimer().host_ms(fn, grad_to_none=[x], calls=5)
+    assert 4.0 <= ms < 40.0 and len(syncs) == 2 and seen == [None] * 5
+
+
 def test_targets_saved_table_and_ceilings_render_what_they_hold():
     """A "<=" target says so, a missing value is "-" (not 0), the saved-activation table shows the
     saved bytes (not the output's), and the ceilings section gives the copy's GB/s."""
