@@ -336,6 +336,7 @@ def _bwd_launch(dy, x, g, u, order, offsets, wg, wu, wd, needs=(True,) * 4, acti
         dg, extra = _grouped(dy2, wd, N * k, order, offsets, a_div=1, epilogue=EPI_SWIGLU_GRAD, aux=g, aux2=u,
                              gate=activation, store_act=need_dwd)
         du, act = extra if need_dwd else (extra, None)
+        del extra  # else the (du, a) tuple keeps a alive after dWd, through the products below
     if not need_dwd:
         dwd = skipped()
     elif act is not None:  # a plain per-expert product; a is freed right after

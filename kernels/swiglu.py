@@ -71,6 +71,7 @@ def _bwd_launch(dy, x, g, u, wg, wu, wd, needs=(True,) * 7, activation="silu"):
     if need_dx or need_dwg or need_dbg or need_dwu or need_dbu:  # [M, H] each; a beside them if dWd wants it
         dg, extra = _matmul(dy, wd, epilogue=EPI_SWIGLU_GRAD, aux=g, aux2=u, gate=activation, store_act=need_dwd)
         du, act = extra if need_dwd else (extra, None)
+        del extra  # else the (du, a) tuple keeps a alive after dWd, through the products below
     if not need_dwd:
         dwd = skipped()
     elif act is not None:  # [C, H] = dy^T a, a plain matmul; a is freed right after

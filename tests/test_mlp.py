@@ -768,3 +768,31 @@ def test_dw2_from_the_stored_activation_or_recomputed(trainable, approximate, de
             assert torch.equal(stored, recomputed)
         else:
             assert_close_rel(stored, recomputed, 1e-2, "dw2 stored vs recomputed")
+
+
+def test_stored_activation_is_freed_once_dw2_is_made(device, monkeypatch):
+    """The a that dh's epilogue stores lives only until dW2 = dy^T a is made: no reference may be left
+    when dW1's and dx's products run (backward would hold a second [M, H] through them)."""
+    import weakref
+
+    from tritongpt.kernels import mlp
+
+    gen = torch.Generator().manual_seed(55)
+    x, w1, b1, w2, b2 = (p.detach() for p in make(29, 24, 72, torch.float32, device, gen))
+    dy = torch.randn(29, 24, generator=gen).to(device)
+    stored, alive = [], []
+    matmul = mlp._matmul
+
+    def spy(*args, **kwargs):
+        if stored:
+            alive.append(stored[0]() is not None)
+        out = matmul(*args, **kwargs)
+        if kwargs.get("store_act"):
+            stored.append(weakref.ref(out[1]))
+        return out
+
+    monkeypatch.setattr(mlp, "_matmul", spy)
+    with torch.no_grad():
+        _, h = mlp._fwd_launch(x, w1, b1, w2, b2)
+        mlp._bwd_launch(dy, x, h, w1, w2, (True,) * 5)
+    assert len(stored) == 1 and alive == [True, False, False], alive  # dW2 reads it; then gone

@@ -249,3 +249,35 @@ def test_the_module_compiles_in_one_graph_through_the_kernel(device):
     y_eager = moe(x)
     y_eager.sum().backward()
     assert torch.equal(y, y_eager) and torch.equal(dx, x.grad)
+
+
+def test_stored_activation_is_freed_once_dw_down_is_made(device, monkeypatch):
+    """The a that the dg/du epilogue stores ([N*k, H], sorted rows) lives only until dW_down's per-expert
+    product is made: no reference may be left when dW_gate's / dW_up's product and dx's launch run."""
+    import weakref
+
+    from tritongpt.kernels import moe
+
+    gen = torch.Generator().manual_seed(53)
+    params, experts = make(torch.float32, device, gen)
+    x, wg, wu, wd = (p.detach() for p in params)
+    dy = torch.randn(N, K, C, generator=gen).to(device)
+    stored, alive = [], []
+    grouped, expert_grad = moe._grouped, moe._expert_grad
+
+    def spy(launch):
+        def run(*args, **kwargs):
+            if stored:
+                alive.append(stored[0]() is not None)
+            out = launch(*args, **kwargs)
+            if kwargs.get("store_act"):
+                stored.append(weakref.ref(out[1][1]))
+            return out
+        return run
+
+    monkeypatch.setattr(moe, "_grouped", spy(grouped))
+    monkeypatch.setattr(moe, "_expert_grad", spy(expert_grad))
+    with torch.no_grad():
+        y, g, u, order, offsets = moe._fwd_launch(x, experts, wg, wu, wd)
+        moe._bwd_launch(dy, x, g, u, order, offsets, wg, wu, wd, (True,) * 4)
+    assert len(stored) == 1 and alive == [True, False, False], alive  # dW_down reads it; then gone

@@ -688,3 +688,32 @@ def test_dw_down_from_the_stored_activation_or_recomputed(trainable, activation,
         assert torch.equal(stored, recomputed)
     else:
         assert_close_rel(stored, recomputed, 1e-2, "dw_down stored vs recomputed")
+
+
+def test_stored_activation_is_freed_once_dw_down_is_made(device, monkeypatch):
+    """The a that the dg/du epilogue stores lives only until dW_down = dy^T a is made: it must be gone
+    (no reference left) when dW_gate's, dW_up's and dx's products run, or backward holds a fourth
+    [M, H] through them. Checked with a weak reference at every launch after the storing one."""
+    import weakref
+
+    from tritongpt.kernels import swiglu
+
+    gen = torch.Generator().manual_seed(51)
+    x, wg, bg, wu, bu, wd, bd = (p.detach() for p in make(29, 24, 72, torch.float32, device, gen))
+    dy = torch.randn(29, 24, generator=gen).to(device)
+    stored, alive = [], []
+    matmul = swiglu._matmul
+
+    def spy(*args, **kwargs):
+        if stored:
+            alive.append(stored[0]() is not None)
+        out = matmul(*args, **kwargs)
+        if kwargs.get("store_act"):
+            stored.append(weakref.ref(out[1][1]))
+        return out
+
+    monkeypatch.setattr(swiglu, "_matmul", spy)
+    with torch.no_grad():
+        _, g, u = swiglu._fwd_launch(x, wg, bg, wu, bu, wd, bd)
+        swiglu._bwd_launch(dy, x, g, u, wg, wu, wd, (True,) * 7)
+    assert len(stored) == 1 and alive == [True, False, False, False], alive  # dW_down reads it; then gone
