@@ -54,7 +54,10 @@ def _mlp_args(device, gen):
     x, w1, b1, w2, b2 = (_randn(*shape, device=device, gen=gen) for shape in shapes)
     y, h = ops.gelu_mlp_fwd(x, w1, b1, w2, b2)
     return {"gelu_mlp_fwd": (x, w1, b1, w2, b2),
-            "gelu_mlp_bwd": (torch.randn_like(y), x, h, w1, w2, [True, True, True, False, True])}
+            "gelu_mlp_bwd": (torch.randn_like(y), x, h, w1, w2, [True, True, True, False, True]),
+            # dh's epilogue storing a for dW2 (STORE_ACT), and W1 frozen with no dx: no dh launch (B_GELU)
+            "gelu_mlp_bwd every gradient": (torch.randn_like(y), x, h, w1, w2, [True] * 5),
+            "gelu_mlp_bwd frozen w1": (torch.randn_like(y), x, h, w1, w2, [False, False, False, True, True])}
 
 
 def _swiglu_args(device, gen):
@@ -161,7 +164,8 @@ OPS = [(kernel, op) for kernel, names in (("layer_norm", ("layer_norm_fwd", "lay
                                                         "add_rms_norm_fwd", "add_rms_norm_fwd fp16+fp32",
                                                         "rms_norm_bwd ds", "add_rms_norm_bwd",
                                                         "add_rms_norm_bwd no ds")),
-                                          ("mlp", ("gelu_mlp_fwd", "gelu_mlp_bwd")),
+                                          ("mlp", ("gelu_mlp_fwd", "gelu_mlp_bwd", "gelu_mlp_bwd every gradient",
+                                                   "gelu_mlp_bwd frozen w1")),
                                           ("swiglu", ("swiglu_mlp_fwd", "swiglu_mlp_fwd no bias",
                                                       "swiglu_mlp_bwd", "swiglu_mlp_fwd gelu",
                                                       "swiglu_mlp_bwd gelu")),
