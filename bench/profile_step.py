@@ -8,7 +8,11 @@ activity, and CUDA activity on a GPU) and reports:
     wall ms per step      the profiled steps' wall clock (perf_counter around them and a final
                           synchronize): the profiler's own overhead included, so also step_ms, unprofiled
     CPU self ms per step  the sum of every CPU op's self time (torch's "Self CPU time total"): the
-                          host's work, the autograd thread's included, the profiler's bookkeeping too
+                          host's work, the autograd thread's included, the profiler's bookkeeping too,
+                          and its waits for the device: the time blocked in the synchronize calls below
+    sync wait ms per step those calls' self time (the window's final synchronize included: a device-bound
+                          step's host waits there for the device to catch up)
+    host ms per step      CPU self less sync wait: the host's own work
     device ms per step    the sum of the device events' self time (torch's "Self CUDA time total"):
                           the GPU's busy time when its work is on one stream, as a training step's is
     scalar reads per step aten::_local_scalar_dense calls: .item(), bool(t), int(t) of a tensor; of a
@@ -18,7 +22,7 @@ activity, and CUDA activity on a GPU) and reports:
                           the host waiting for the device inside the step
     the top-K events by device self time (the kernels) and by CPU self time (the ops), with counts
 
-and calls a provider "host-bound" when its CPU self time per step exceeds its device time per step:
+and calls a provider "host-bound" when its host ms per step exceed its device time per step:
 the GPU then waits on the host (launch overhead, Python), which CUDA graphs (the
 triton+compile+cudagraphs provider) or fewer, larger kernels remove; "device-bound" otherwise. On a
 CPU there is no device timeline: the host time is all there is, and no verdict is given.
@@ -50,18 +54,22 @@ SCHEMA = "tritongpt-bench-profile/1"
 def summarize(events, steps, top_k):
     """Per-step totals and the top ops of torch.profiler's key_averages() `events` over `steps` steps.
     The totals are the profiler table's own footers: self CPU time of the CPU events, self device time
-    of the device events (user annotations left out, as the table leaves them)."""
+    of the device events (user annotations left out, as the table leaves them). The host's own time
+    leaves out its waits for the device (the SYNC_CALLS' self time: a blocked call, not work)."""
     from torch.autograd import DeviceType
 
     cpu = [e for e in events if e.device_type == DeviceType.CPU]
     dev = [e for e in events if e.device_type != DeviceType.CPU and not getattr(e, "is_user_annotation", False)]
     cpu_us = sum(e.self_cpu_time_total for e in cpu)
+    wait_us = sum(e.self_cpu_time_total for e in cpu if e.key in SYNC_CALLS)
     dev_us = sum(e.self_device_time_total for e in dev)
     by_dev = sorted(dev, key=lambda e: e.self_device_time_total, reverse=True)[:top_k]
     by_cpu = sorted(cpu, key=lambda e: e.self_cpu_time_total, reverse=True)[:top_k]
     count = {e.key: e.count for e in cpu}
     return {
         "cpu_self_ms_per_step": cpu_us / 1e3 / steps,
+        "sync_wait_ms_per_step": wait_us / 1e3 / steps,
+        "host_ms_per_step": (cpu_us - wait_us) / 1e3 / steps,
         "device_ms_per_step": dev_us / 1e3 / steps if dev else None,
         "scalar_reads_per_step": count.get(HOST_READ, 0) / steps,
         "syncs_per_step": sum(count.get(name, 0) for name in SYNC_CALLS) / steps,
@@ -74,11 +82,12 @@ def summarize(events, steps, top_k):
 
 
 def verdict(entry):
-    """'host-bound' when the host's time per step exceeds the device's busy time, else 'device-bound';
-    None without a device timeline (a CPU run)."""
+    """'host-bound' when the host's own time per step (its waits for the device left out: a device-bound
+    step's host waits out the difference) exceeds the device's busy time, else 'device-bound'; None
+    without a device timeline (a CPU run)."""
     if entry.get("device_ms_per_step") is None:
         return None
-    return "host-bound" if entry["cpu_self_ms_per_step"] > entry["device_ms_per_step"] else "device-bound"
+    return "host-bound" if entry["host_ms_per_step"] > entry["device_ms_per_step"] else "device-bound"
 
 
 def _cudagraph_skips():
@@ -187,7 +196,7 @@ def run_profile(device, budget, dtype, model_name, providers=PROFILE_PROVIDERS, 
             entry = {"provider": p, "status": budget.skip_reason()}
         entries.append(entry)
         log(f"  {entry['status']}" if entry["status"] != "ok" else
-            f"  {entry['step_ms']:.2f} ms/step, host {entry['cpu_self_ms_per_step']:.2f} ms, device "
+            f"  {entry['step_ms']:.2f} ms/step, host {entry['host_ms_per_step']:.2f} ms, device "
             f"{_ms(entry['device_ms_per_step'])} ms{', ' + entry['verdict'] if entry['verdict'] else ''}")
     return entries
 
@@ -218,7 +227,8 @@ def render_markdown(result) -> str:
     lines = ["# tritongpt bench: profile", "", env_lines(result["env"]), "",
              f"Model: {config_text(c)}; {c['warmup_steps']} warm-up steps, then {c['steps']} timed and "
              f"{c['steps']} profiled steps.", "",
-             "host = the CPU ops' self time per step (every thread, the profiler's bookkeeping included); "
+             "host = the CPU ops' self time per step (every thread, the profiler's bookkeeping included) less the "
+             "sync wait, the host blocked in CUDA synchronize calls (the window's final one included); "
              "device = the device events' self time per step (its busy time on one stream); host-bound: host > "
              "device, the GPU waits on launches. scalar reads: .item()/bool()/int() of a tensor (a sync when it is "
              "on the GPU); syncs: the CUDA synchronize calls.",
@@ -226,13 +236,13 @@ def render_markdown(result) -> str:
     rows = []
     for e in result["providers"]:
         if e["status"] != "ok":
-            rows.append([e["provider"], "-", "-", "-", "-", "-", "-", e["status"]])
+            rows.append([e["provider"], "-", "-", "-", "-", "-", "-", "-", e["status"]])
             continue
-        rows.append([e["provider"], _ms(e["step_ms"]), _ms(e["wall_ms_per_step"]), _ms(e["cpu_self_ms_per_step"]),
-                     _ms(e["device_ms_per_step"]), f"{e['scalar_reads_per_step']:g}", f"{e['syncs_per_step']:g}",
-                     e["verdict"] or "no device timeline (CPU)"])
-    lines += [markdown_table(["provider", "step ms", "profiled wall ms/step", "host ms/step", "device ms/step",
-                              "scalar reads/step", "syncs/step", "verdict"], rows)]
+        rows.append([e["provider"], _ms(e["step_ms"]), _ms(e["wall_ms_per_step"]), _ms(e["host_ms_per_step"]),
+                     _ms(e["sync_wait_ms_per_step"]), _ms(e["device_ms_per_step"]), f"{e['scalar_reads_per_step']:g}",
+                     f"{e['syncs_per_step']:g}", e["verdict"] or "no device timeline (CPU)"])
+    lines += [markdown_table(["provider", "step ms", "profiled wall ms/step", "host ms/step", "sync wait ms/step",
+                              "device ms/step", "scalar reads/step", "syncs/step", "verdict"], rows)]
     for e in result["providers"]:
         if e["status"] != "ok":
             continue

@@ -47,13 +47,38 @@ def test_summarize_totals_top_ops_and_verdict():
     want = sorted(range(6), key=lambda i: -cpu_t[i])[:3]
     assert [(t["name"], t["count"]) for t in s["top_cpu"]] == [(f"aten::op{i}", i + 1) for i in want]
     # host-bound: the host's time per step beyond the device's
-    assert profile_step.verdict(s) == ("host-bound" if cpu_total > sum(dev_t) else "device-bound")
-    assert profile_step.verdict({"cpu_self_ms_per_step": 2.0, "device_ms_per_step": 1.0}) == "host-bound"
-    assert profile_step.verdict({"cpu_self_ms_per_step": 1.0, "device_ms_per_step": 2.0}) == "device-bound"
+    # (the host's own time: its wait in cudaStreamSynchronize left out)
+    assert profile_step.verdict(s) == ("host-bound" if cpu_total - 5.0 > sum(dev_t) else "device-bound")
+    assert profile_step.verdict({"host_ms_per_step": 2.0, "device_ms_per_step": 1.0}) == "host-bound"
+    assert profile_step.verdict({"host_ms_per_step": 1.0, "device_ms_per_step": 2.0}) == "device-bound"
     # a CPU run: no device events, no device time, no verdict
     s = profile_step.summarize(events[:6], steps=1, top_k=10)
     assert s["device_ms_per_step"] is None and s["top_device"] == [] and len(s["top_cpu"]) == 6
     assert profile_step.verdict(s) is None
+
+
+def test_verdict_leaves_out_the_hosts_waits_for_the_device():
+    """A device-bound step on a GPU: the host enqueues its work quickly, then waits in cudaDeviceSynchronize (the
+    harness's final synchronize) and cudaStreamSynchronize (an .item()). That wait is CPU self time of the
+    runtime call, not host work: the verdict compares the host's own time with the device's."""
+    g = torch.Generator().manual_seed(11)
+    host = (torch.rand(8, generator=g, dtype=torch.float64) * 500 + 1).tolist()
+    kernels = (torch.rand(6, generator=g, dtype=torch.float64) * 3000 + 2000).tolist()
+    wait_dev, wait_stream = 3 * sum(kernels), 0.5 * sum(kernels)  # microseconds, far beyond the device's
+    events = [_event(f"aten::op{i}", DeviceType.CPU, self_cpu=t) for i, t in enumerate(host)]
+    events += [_event(f"kernel{i}", DeviceType.CUDA, self_dev=t) for i, t in enumerate(kernels)]
+    events += [_event("cudaDeviceSynchronize", DeviceType.CPU, self_cpu=wait_dev, count=2),
+               _event("cudaStreamSynchronize", DeviceType.CPU, self_cpu=wait_stream, count=3)]
+    s = profile_step.summarize(events, steps=3, top_k=4)
+    assert profile_step.verdict(s) == "device-bound"
+    assert s["cpu_self_ms_per_step"] == pytest.approx((sum(host) + wait_dev + wait_stream) / 1e3 / 3)
+    assert s["sync_wait_ms_per_step"] == pytest.approx((wait_dev + wait_stream) / 1e3 / 3)
+    assert s["host_ms_per_step"] == pytest.approx(sum(host) / 1e3 / 3)
+    assert s["host_ms_per_step"] < s["device_ms_per_step"] < s["cpu_self_ms_per_step"]
+    # the same host work against a device idle most of the step: host-bound
+    s = profile_step.summarize(events[:8] + [_event("kernel", DeviceType.CUDA, self_dev=sum(host) / 4)] + events[-2:],
+                               steps=3, top_k=4)
+    assert profile_step.verdict(s) == "host-bound"
 
 
 def test_profile_command_on_cpu_writes_json_markdown_and_a_trace(tmp_path, capsys):
@@ -99,7 +124,7 @@ def test_run_profile_budget_traces_first_and_skips():
 
     def fake(name, *a, **k):
         seen.append((name, a[8]))
-        return {"provider": name, "status": "ok", "step_ms": 1.0, "cpu_self_ms_per_step": 1.0,
+        return {"provider": name, "status": "ok", "step_ms": 1.0, "host_ms_per_step": 1.0,
                 "device_ms_per_step": None, "verdict": None}
 
     orig = profile_step.profile_provider
