@@ -19,7 +19,8 @@ activity, and CUDA activity on a GPU) and reports:
                           CUDA tensor each waits for the device (on a CPU tensor, e.g. flash_attention's
                           seed, it is free), so on a GPU read it beside:
     syncs per step        cudaStreamSynchronize / cudaDeviceSynchronize / cudaEventSynchronize calls,
-                          the host waiting for the device inside the step
+                          the host waiting for the device inside the step (the window's own at its end,
+                          ours and the profiler's on exit, counted in a profile of them alone, left out)
     the top-K events by device self time (the kernels) and by CPU self time (the ops), with counts
 
 and calls a provider "host-bound" when its host ms per step exceed its device time per step:
@@ -51,11 +52,13 @@ SYNC_CALLS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchr
 SCHEMA = "tritongpt-bench-profile/1"
 
 
-def summarize(events, steps, top_k):
+def summarize(events, steps, top_k, harness=()):
     """Per-step totals and the top ops of torch.profiler's key_averages() `events` over `steps` steps.
     The totals are the profiler table's own footers: self CPU time of the CPU events, self device time
     of the device events (user annotations left out, as the table leaves them). The host's own time
-    leaves out its waits for the device (the SYNC_CALLS' self time: a blocked call, not work)."""
+    leaves out its waits for the device (the SYNC_CALLS' self time: a blocked call, not work). The syncs
+    counted leave out `harness`'s: the key_averages() of the profiled window's end alone (the final
+    synchronize, and the profiler's own on exit), which are no step's."""
     from torch.autograd import DeviceType
 
     cpu = [e for e in events if e.device_type == DeviceType.CPU]
@@ -66,13 +69,14 @@ def summarize(events, steps, top_k):
     by_dev = sorted(dev, key=lambda e: e.self_device_time_total, reverse=True)[:top_k]
     by_cpu = sorted(cpu, key=lambda e: e.self_cpu_time_total, reverse=True)[:top_k]
     count = {e.key: e.count for e in cpu}
+    own = {e.key: e.count for e in harness if e.device_type == DeviceType.CPU}
     return {
         "cpu_self_ms_per_step": cpu_us / 1e3 / steps,
         "sync_wait_ms_per_step": wait_us / 1e3 / steps,
         "host_ms_per_step": (cpu_us - wait_us) / 1e3 / steps,
         "device_ms_per_step": dev_us / 1e3 / steps if dev else None,
         "scalar_reads_per_step": count.get(HOST_READ, 0) / steps,
-        "syncs_per_step": sum(count.get(name, 0) for name in SYNC_CALLS) / steps,
+        "syncs_per_step": sum(max(0, count.get(name, 0) - own.get(name, 0)) for name in SYNC_CALLS) / steps,
         "top_device": [{"name": e.key, "count": e.count, "self_ms": e.self_device_time_total / 1e3,
                         "share": e.self_device_time_total / dev_us if dev_us else None} for e in by_dev],
         "top_cpu": [{"name": e.key, "count": e.count, "self_ms": e.self_cpu_time_total / 1e3,
@@ -130,13 +134,15 @@ def profile_provider(name, model_name, batch, seq_len, device, dtype, warmup_ste
         times = sorted(time_steps(step, steps, device))
         entry["step_ms"] = times[len(times) // 2]
         activities = [ProfilerActivity.CPU] + [ProfilerActivity.CUDA] * cuda
+        with profile(activities=activities) as harness:  # the window's end alone: its syncs are no step's
+            sync()
         with profile(activities=activities) as prof:
             t0 = time.perf_counter()
             for _ in range(steps):
                 step()
             sync()
             entry["wall_ms_per_step"] = (time.perf_counter() - t0) * 1e3 / steps
-        entry.update(summarize(prof.key_averages(), steps, top_k))
+        entry.update(summarize(prof.key_averages(), steps, top_k, harness.key_averages()))
         after = _cudagraph_skips()
         entry["cudagraph_skips"] = None if after is None else after - (skips or 0)
         entry["final_loss"] = float(losses[-1])

@@ -81,6 +81,46 @@ def test_verdict_leaves_out_the_hosts_waits_for_the_device():
     assert profile_step.verdict(s) == "host-bound"
 
 
+def test_syncs_per_step_leave_out_the_harness_own(monkeypatch):
+    """The profiled window ends in the harness's torch.cuda.synchronize() and the profiler's own on exit: those
+    cudaDeviceSynchronize calls are not the step's. profile_provider profiles them alone first and takes them
+    off; a fake torch.profiler.profile stands in for CUDA's (the step itself runs on the CPU)."""
+    g = torch.Generator().manual_seed(5)
+    kernels = (torch.rand(4, generator=g, dtype=torch.float64) * 900 + 100).tolist()
+    own = [_event("cudaDeviceSynchronize", DeviceType.CPU, self_cpu=40.0, count=2)]
+    steps, reads = 3, 2  # two .item() per step, each a cudaStreamSynchronize
+    run = [_event("aten::mm", DeviceType.CPU, self_cpu=kernels[0] / 8, count=steps * 4),
+           _event(profile_step.HOST_READ, DeviceType.CPU, self_cpu=5.0, count=steps * reads),
+           _event("cudaStreamSynchronize", DeviceType.CPU, self_cpu=300.0, count=steps * reads),
+           _event("cudaDeviceSynchronize", DeviceType.CPU, self_cpu=sum(kernels), count=2)]
+    run += [_event(f"kernel{i}", DeviceType.CUDA, self_dev=t, count=steps) for i, t in enumerate(kernels)]
+    s = profile_step.summarize(run, steps, 5, own)
+    assert s["syncs_per_step"] == reads and s["scalar_reads_per_step"] == reads
+    assert profile_step.summarize(run, steps, 5)["syncs_per_step"] == pytest.approx(reads + 2 / steps)
+
+    sessions = []
+
+    class FakeProfile:  # the first session holds the harness's syncs alone, the second the steps
+        def __init__(self, activities):
+            self.events = own if not sessions else run
+            sessions.append(self)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def key_averages(self):
+            return self.events
+
+    monkeypatch.setattr(torch.profiler, "profile", FakeProfile)
+    e = profile_step.profile_provider("reference", "tiny", 2, 8, torch.device("cpu"), torch.float32, 1, steps, 5)
+    assert e["status"] == "ok", e["status"]
+    assert len(sessions) == 2 and e["syncs_per_step"] == reads and e["verdict"] == "device-bound"
+    assert e["device_ms_per_step"] == pytest.approx(sum(kernels) / 1e3 / steps)
+
+
 def test_profile_command_on_cpu_writes_json_markdown_and_a_trace(tmp_path, capsys):
     """A tiny model's step under the profiler, CPU activity only: the files, positive and consistent numbers,
     counts as the Chrome trace has them, and the CUDA-graph provider skipped with its reason."""
