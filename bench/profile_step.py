@@ -220,6 +220,11 @@ def _ms(v, digits=2):
     return "-" if v is None else f"{v:.{digits}f}"
 
 
+def _over(ms_per_step, steps):
+    """A top table's scale: its self ms are totals over the profiled steps, as profile.json's are."""
+    return f"self ms over the {steps} profiled steps: {_ms(ms_per_step * steps)} ms, {_ms(ms_per_step)} ms/step"
+
+
 def _cell(text, limit=90):
     """A kernel name cut to fit a table cell: inductor's and C++ templates' run long."""
     text = text.replace("\n", " ")
@@ -258,11 +263,11 @@ def render_markdown(result) -> str:
         if e.get("cudagraph_skips"):
             lines += [f"inductor skipped CUDA graphs {e['cudagraph_skips']} time(s) (see the log)", ""]
         if e["top_device"]:
-            lines += [f"Top {len(e['top_device'])} by device time (of {_ms(e['device_ms_per_step'])} ms/step):", "",
+            lines += [f"Top {len(e['top_device'])} by device time ({_over(e['device_ms_per_step'], c['steps'])}):", "",
                       markdown_table(["kernel", "calls", "self ms", "share"],
                                      [[_cell(t["name"]), t["count"], _ms(t["self_ms"], 3), f"{100 * t['share']:.1f}%"]
                                       for t in e["top_device"]]), ""]
-        lines += [f"Top {len(e['top_cpu'])} by CPU self time (of {_ms(e['cpu_self_ms_per_step'])} ms/step):", "",
+        lines += [f"Top {len(e['top_cpu'])} by CPU self time ({_over(e['cpu_self_ms_per_step'], c['steps'])}):", "",
                   markdown_table(["op", "calls", "self ms", "total ms", "share"],
                                  [[_cell(t["name"]), t["count"], _ms(t["self_ms"], 3), _ms(t["total_ms"], 3),
                                    f"{100 * t['share']:.1f}%" if t["share"] is not None else "-"]

@@ -121,6 +121,28 @@ def test_syncs_per_step_leave_out_the_harness_own(monkeypatch):
     assert e["device_ms_per_step"] == pytest.approx(sum(kernels) / 1e3 / steps)
 
 
+def test_markdown_top_tables_say_their_times_span_the_profiled_steps():
+    """top_device / top_cpu self ms are totals over the profiled steps (profile.json's own), so their headers
+    give the window's total beside the per-step figure: a kernel's 24 ms of 3 steps at 10 ms/step is 80%."""
+    from tritongpt.bench.common import environment
+
+    g = torch.Generator().manual_seed(3)
+    steps, dev, host = 3, 10 + float(torch.rand((), generator=g)), 2 + float(torch.rand((), generator=g))
+    entry = {"provider": "triton", "status": "ok", "step_ms": 11.0, "wall_ms_per_step": 12.0,
+             "cpu_self_ms_per_step": host + 1, "sync_wait_ms_per_step": 1.0, "host_ms_per_step": host,
+             "device_ms_per_step": dev, "scalar_reads_per_step": 0, "syncs_per_step": 0, "verdict": "device-bound",
+             "top_device": [{"name": "kernel", "count": 3, "self_ms": 0.8 * dev * steps, "share": 0.8}],
+             "top_cpu": [{"name": "aten::mm", "count": 9, "self_ms": 0.5 * host * steps, "total_ms": 2 * host,
+                          "share": 0.5 * host / (host + 1)}]}
+    result = profile_step.make_profile(environment(), {}, "tiny", 2, 8, torch.float32, steps, 1, 5, [entry], 1.0)
+    md = profile_step.render_markdown(result)
+    assert (f"Top 1 by device time (self ms over the {steps} profiled steps: {dev * steps:.2f} ms, "
+            f"{dev:.2f} ms/step):") in md
+    assert (f"Top 1 by CPU self time (self ms over the {steps} profiled steps: {(host + 1) * steps:.2f} ms, "
+            f"{host + 1:.2f} ms/step):") in md
+    assert f"| kernel | 3 | {0.8 * dev * steps:.3f} | 80.0% |" in md
+
+
 def test_profile_command_on_cpu_writes_json_markdown_and_a_trace(tmp_path, capsys):
     """A tiny model's step under the profiler, CPU activity only: the files, positive and consistent numbers,
     counts as the Chrome trace has them, and the CUDA-graph provider skipped with its reason."""
