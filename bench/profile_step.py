@@ -125,6 +125,12 @@ def profile_provider(name, model_name, batch, seq_len, device, dtype, warmup_ste
         def step():
             losses.append(train_step(run, model, opt, x, y, device, dtype, scaler=scaler))
 
+        activities = [ProfilerActivity.CPU] + [ProfilerActivity.CUDA] * cuda
+        # the profiled window's end alone (its syncs are no step's), and before any CUDA graph is recorded: a
+        # graph made before the profiler's first start can fault when replayed under it (pytorch#75504; torch's
+        # own workaround, torch.profiler._utils._init_for_cuda_graphs, is this empty profile)
+        with profile(activities=activities) as harness:
+            sync()
         skips = _cudagraph_skips()
         t0 = time.perf_counter()
         for _ in range(warmup_steps):  # compilation, autotuning, CUDA-graph recording, optimizer state
@@ -133,9 +139,6 @@ def profile_provider(name, model_name, batch, seq_len, device, dtype, warmup_ste
         entry["warmup_s"] = time.perf_counter() - t0
         times = sorted(time_steps(step, steps, device))
         entry["step_ms"] = times[len(times) // 2]
-        activities = [ProfilerActivity.CPU] + [ProfilerActivity.CUDA] * cuda
-        with profile(activities=activities) as harness:  # the window's end alone: its syncs are no step's
-            sync()
         with profile(activities=activities) as prof:
             t0 = time.perf_counter()
             for _ in range(steps):

@@ -114,11 +114,17 @@ def test_syncs_per_step_leave_out_the_harness_own(monkeypatch):
         def key_averages(self):
             return self.events
 
+    order, step = [], profile_step.train_step
     monkeypatch.setattr(torch.profiler, "profile", FakeProfile)
+    monkeypatch.setattr(profile_step, "train_step", lambda *a, **k: order.append(len(sessions)) or step(*a, **k))
     e = profile_step.profile_provider("reference", "tiny", 2, 8, torch.device("cpu"), torch.float32, 1, steps, 5)
     assert e["status"] == "ok", e["status"]
     assert len(sessions) == 2 and e["syncs_per_step"] == reads and e["verdict"] == "device-bound"
     assert e["device_ms_per_step"] == pytest.approx(sum(kernels) / 1e3 / steps)
+    # the harness's profile comes before the first step: a CUDA graph recorded in the warm-up is then made with
+    # the profiler initialized (torch.profiler._utils._init_for_cuda_graphs, pytorch#75504), and profiled
+    # replays of it are safe; then 1 warm-up step, `steps` timed, `steps` profiled
+    assert order == [1] * (1 + steps) + [2] * steps
 
 
 def test_markdown_top_tables_say_their_times_span_the_profiled_steps():
