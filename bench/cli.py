@@ -547,8 +547,7 @@ def _run_profile(args, cuda):
     print(md[md.index("## Summary"):].split("\n\n## ")[0])  # the summary table; the top ops are in the files
     if folder is not None:
         paths = write_profile(result, folder)
-        traces = sorted(p.name for p in (folder / "profile-traces").glob("*.json.gz")) if any(
-            e.get("trace") for e in entries) else []
+        traces = [Path(e["trace"]).name for e in entries if e.get("trace")]  # this run's, not an earlier one's
         print(f"\nwrote {folder}/ ({', '.join(p.name for p in paths)}"
               f"{', profile-traces/: ' + ', '.join(traces) if traces else ''})")
     else:

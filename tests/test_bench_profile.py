@@ -153,12 +153,17 @@ def test_profile_command_on_cpu_writes_json_markdown_and_a_trace(tmp_path, capsy
     """A tiny model's step under the profiler, CPU activity only: the files, positive and consistent numbers,
     counts as the Chrome trace has them, and the CUDA-graph provider skipped with its reason."""
     from tritongpt import cli
+    from tritongpt.bench.common import environment
 
+    stale = tmp_path / environment()["device_slug"] / "profile-traces" / "triton-compile.json.gz"
+    stale.parent.mkdir(parents=True)
+    stale.write_bytes(gzip.compress(b"{}"))  # an earlier run's: not this run's, not said written
     assert cli.main(["bench", "profile", "--models", "tiny", "--train-providers",
                      "reference,triton+compile+cudagraphs", "--seq-len", "8", "--batch", "2", "--steps", "2",
                      "--warmup-steps", "1", "--dtype", "fp32", "--top", "5", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "profiling the CPU activity only" in out and "| reference |" in out
+    assert "profile-traces/: reference.json.gz)" in out and "triton-compile" not in out
     (folder,) = tmp_path.iterdir()
     d = json.loads((folder / "profile.json").read_text())
     assert d["section"] == "profile" and d["config"]["model"] == "tiny" and d["config"]["batch"] == 2
