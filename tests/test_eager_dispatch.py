@@ -180,3 +180,32 @@ def test_bench_host_overhead_rows():
     assert launches[("host-layer_norm", "triton", "fwd+bwd")] == 2
     assert launches[("host-flash_attention", "triton", "fwd+bwd")] == 4
     assert launches[("host-layer_norm", "torch", "fwd+bwd")] == 0
+
+
+def _traced_ops(graph):
+    """The kinds of a traced graph's nodes, an autograd.Function's Subgraph (what ONNX export inlines) included."""
+    kinds = set()
+    for node in graph.nodes():
+        kinds.add(node.kind())
+        if node.kind() == "prim::PythonOp":
+            kinds |= _traced_ops(node.g("Subgraph"))
+    return kinds
+
+
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning", "ignore:`torch.jit.trace` is deprecated")
+def test_jit_trace_records_the_ops():
+    # torch.jit.trace (and the ONNX exporter on it) records the dispatched ops; the fast path would run
+    # the launchers on traced sizes, and a replay would not launch the kernels at all
+    gen = torch.Generator().manual_seed(7)
+    w, b = torch.randn(24, generator=gen), torch.randn(24, generator=gen)
+    traced = torch.jit.trace(lambda x: layer_norm(x, w, b), torch.randn(5, 24, generator=gen))
+    assert "tritongpt::layer_norm_fwd" in _traced_ops(traced.graph)
+    x = torch.randn(5, 24, generator=gen, dtype=torch.float64)
+    ref = (x - x.mean(-1, keepdim=True)) / torch.sqrt(x.var(-1, unbiased=False, keepdim=True) + 1e-5) * w + b
+    torch.testing.assert_close(traced(x.float()).double(), ref, atol=1e-5, rtol=0)
+    traced = torch.jit.trace(lambda q, k, v: flash_attention(q, k, v, causal=False),
+                             tuple(torch.randn(1, 2, 8, 16, generator=gen) for _ in range(3)))
+    assert "tritongpt::flash_attn_fwd" in _traced_ops(traced.graph)
+    q, k, v = (torch.randn(1, 2, 8, 16, generator=gen, dtype=torch.float64) for _ in range(3))
+    ref = (q @ k.transpose(-1, -2) / 4.0).softmax(-1) @ v
+    torch.testing.assert_close(traced(q.float(), k.float(), v.float()).double(), ref, atol=2e-5, rtol=0)
