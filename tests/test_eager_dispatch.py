@@ -88,6 +88,28 @@ def test_eager_path_skips_dispatcher_and_matches_the_op(name, dispatched, monkey
     assert sum(g is not None for g in fast[1]) >= (1 if name == "cross_entropy" else 2)
 
 
+@pytest.mark.parametrize("name", ["layer_norm", "add_layer_norm", "rms_norm", "add_rms_norm", "gelu_mlp",
+                                  "swiglu_mlp", "flash_attention", "cross_entropy", "rope"])
+def test_eager_path_matches_the_op_under_autocast(name, monkeypatch):
+    """Forward and backward inside torch.autocast (a CPU backward runs on the calling thread, autocast on):
+    the dispatcher's Autocast key falls through for the ops, so both paths must give the same bits and dtypes."""
+    def run():
+        cases, leaves = _cases(torch.Generator().manual_seed(2))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            outs, grads = _run(cases[name], leaves, 3)
+        return outs + [g for g in grads if g is not None]
+
+    fast = run()
+    monkeypatch.setattr(_common, "plain_eager", lambda args: False)
+    monkeypatch.setattr(attention, "plain_eager", lambda args: False)
+    slow = run()
+    assert len(fast) == len(slow) >= 2
+    if name in ("gelu_mlp", "swiglu_mlp", "flash_attention"):  # cast to bf16 first, as torch's matmuls / SDPA
+        assert fast[0].dtype == torch.bfloat16
+    for a, b in zip(fast, slow):
+        assert a.dtype == b.dtype and torch.equal(a, b), name
+
+
 def test_attention_eager_function_gradients_against_float64():
     gen = torch.Generator().manual_seed(5)
     q, k, v = (torch.randn(1, 2, 11, 16, generator=gen).requires_grad_() for _ in range(3))
