@@ -85,8 +85,9 @@ _PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
 def plain_eager(args) -> bool:
     """Whether a call with these arguments may run a custom op's Python function directly instead of
     going through the dispatcher: plain eager execution, no torch.compile tracing, no dispatch mode
-    (FakeTensorMode, make_fx, export), no torch.func transform, no torch.jit.trace (nor the ONNX
-    exporter on it: it records dispatched ops only), no tensor subclass, no meta tensor.
+    (FakeTensorMode, make_fx, export; make_fx(pre_dispatch=True)'s, which sits on a stack of its own),
+    no torch.func transform, no torch.jit.trace (nor the ONNX exporter on it: it records dispatched ops
+    only), no tensor subclass, no meta tensor.
 
     The dispatcher's eager path (autograd_impl, redispatch below autograd, the torch._dynamo.disable
     wrapper around the Python kernel) cost ~20-40 us of host time per op call, more than some
@@ -94,6 +95,7 @@ def plain_eager(args) -> bool:
     already off, so the op's autograd layer adds nothing there; the registered op is what
     torch.compile and the other modes see, with its fake impl."""
     if (torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack()
+            or torch._C._dispatch_tls_is_dispatch_key_included(torch._C.DispatchKey.PreDispatch)
             or torch._C._are_functorch_transforms_active() or torch._C._get_tracing_state() is not None):
         return False
     return all(type(a) in _PLAIN_TENSORS and not a.is_meta for a in args if isinstance(a, torch.Tensor))

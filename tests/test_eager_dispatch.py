@@ -147,6 +147,27 @@ def test_modes_and_meta_still_dispatch(dispatched):
     torch.testing.assert_close(out[1], flash_attention(q[1], q[1], q[1]))
 
 
+def test_pre_dispatch_tracing_records_the_ops():
+    # make_fx(pre_dispatch=True) on real tensors (export's pre-dispatch IR) keeps its proxy mode on a stack of
+    # its own, which torch._C._len_torch_dispatch_stack does not count: the fast path would launch on the
+    # traced tensors and leave no op in the graph
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    gen = torch.Generator().manual_seed(11)
+    w = torch.randn(24, generator=gen)
+    gm = make_fx(lambda x, w: rms_norm(x, w), pre_dispatch=True)(torch.randn(4, 24, generator=gen), w)
+    assert "tritongpt.rms_norm_fwd" in gm.code
+    x = torch.randn(4, 24, generator=gen, dtype=torch.float64)
+    ref = x / torch.sqrt((x * x).mean(-1, keepdim=True) + 1e-5) * w
+    torch.testing.assert_close(gm(x.float(), w).double(), ref, atol=1e-5, rtol=0)
+    gm = make_fx(lambda q, k, v: flash_attention(q, k, v, causal=False), pre_dispatch=True)(
+        *(torch.randn(1, 2, 8, 16, generator=gen) for _ in range(3)))
+    assert "tritongpt.flash_attn_fwd" in gm.code
+    q, k, v = (torch.randn(1, 2, 8, 16, generator=gen, dtype=torch.float64) for _ in range(3))
+    ref = (q @ k.transpose(-1, -2) / 4.0).softmax(-1) @ v
+    torch.testing.assert_close(gm(q.float(), k.float(), v.float()).double(), ref, atol=2e-5, rtol=0)
+
+
 def test_plain_eager_conditions():
     t = torch.randn(2)
     assert _common.plain_eager((t, 1.0, None, [True], torch.nn.Parameter(t)))
