@@ -87,7 +87,8 @@ def plain_eager(args) -> bool:
     going through the dispatcher: plain eager execution, no torch.compile tracing, no dispatch mode
     (FakeTensorMode, make_fx, export; make_fx(pre_dispatch=True)'s, which sits on a stack of its own),
     no torch.func transform, no torch.jit.trace (nor the ONNX exporter on it: it records dispatched ops
-    only), no tensor subclass, no meta tensor.
+    only), no tensor subclass, no meta tensor, no functional tensor (C++ functionalization's wrapper, a
+    plain torch.Tensor without storage of its own).
 
     The dispatcher's eager path (autograd_impl, redispatch below autograd, the torch._dynamo.disable
     wrapper around the Python kernel) cost ~20-40 us of host time per op call, more than some
@@ -98,7 +99,8 @@ def plain_eager(args) -> bool:
             or torch._C._dispatch_tls_is_dispatch_key_included(torch._C.DispatchKey.PreDispatch)
             or torch._C._are_functorch_transforms_active() or torch._C._get_tracing_state() is not None):
         return False
-    return all(type(a) in _PLAIN_TENSORS and not a.is_meta for a in args if isinstance(a, torch.Tensor))
+    return all(type(a) in _PLAIN_TENSORS and not a.is_meta and not torch._is_functional_tensor(a)
+               for a in args if isinstance(a, torch.Tensor))
 
 
 def custom_op(name: str, mutates_args=()):

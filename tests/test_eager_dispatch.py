@@ -168,6 +168,25 @@ def test_pre_dispatch_tracing_records_the_ops():
     torch.testing.assert_close(gm(q.float(), k.float(), v.float()).double(), ref, atol=2e-5, rtol=0)
 
 
+def test_cpp_functionalization_dispatches():
+    # C++ functionalization (torch._enable_functionalization, as lazy/XLA backends use it) wraps tensors in
+    # FunctionalTensorWrapper, type torch.Tensor but without storage of its own: the op's functionalize
+    # kernel unwraps them, the fast path would hand the wrappers to Triton
+    gen = torch.Generator().manual_seed(13)
+    x, w = torch.randn(4, 24, generator=gen), torch.randn(24, generator=gen)
+    xf, wf = torch._to_functional_tensor(x), torch._to_functional_tensor(w)
+    assert type(xf) is torch.Tensor and not _common.plain_eager((xf, wf))
+    torch._enable_functionalization(reapply_views=True)
+    try:
+        y = rms_norm(xf, wf)
+    finally:
+        torch._disable_functionalization()
+    torch._sync(y)
+    x64 = x.double()
+    ref = x64 / torch.sqrt((x64 * x64).mean(-1, keepdim=True) + 1e-5) * w
+    torch.testing.assert_close(torch._from_functional_tensor(y).double(), ref, atol=1e-5, rtol=0)
+
+
 def test_plain_eager_conditions():
     t = torch.randn(2)
     assert _common.plain_eager((t, 1.0, None, [True], torch.nn.Parameter(t)))
