@@ -87,8 +87,9 @@ def plain_eager(args) -> bool:
     going through the dispatcher: plain eager execution, no torch.compile tracing, no dispatch mode
     (FakeTensorMode, make_fx, export; make_fx(pre_dispatch=True)'s, which sits on a stack of its own),
     no torch.func transform, no torch.jit.trace (nor the ONNX exporter on it: it records dispatched ops
-    only), no tensor subclass, no meta tensor, no functional tensor (C++ functionalization's wrapper, a
-    plain torch.Tensor without storage of its own).
+    only), no tensor subclass, no meta tensor, no tensor without dense storage of its own, though a plain
+    torch.Tensor by type: C++ functionalization's wrapper, the legacy vmap's BatchedTensorImpl (the
+    gradients of autograd.grad(is_grads_batched=True), autograd.functional.jacobian(vectorize=True)).
 
     The dispatcher's eager path (autograd_impl, redispatch below autograd, the torch._dynamo.disable
     wrapper around the Python kernel) cost ~20-40 us of host time per op call, more than some
@@ -100,6 +101,7 @@ def plain_eager(args) -> bool:
             or torch._C._are_functorch_transforms_active() or torch._C._get_tracing_state() is not None):
         return False
     return all(type(a) in _PLAIN_TENSORS and not a.is_meta and not torch._is_functional_tensor(a)
+               and torch._C._dispatch_keys(a).has(torch._C.DispatchKey.Dense)
                for a in args if isinstance(a, torch.Tensor))
 
 

@@ -187,6 +187,24 @@ def test_cpp_functionalization_dispatches():
     torch.testing.assert_close(torch._from_functional_tensor(y).double(), ref, atol=1e-5, rtol=0)
 
 
+@pytest.mark.filterwarnings("ignore:There is a performance drop", "ignore:Batching rule not implemented")
+@pytest.mark.parametrize("name", ["rms_norm", "gelu_mlp", "flash_attention", "cross_entropy", "rope"])
+def test_batched_gradients_dispatch(name):
+    # autograd.grad(is_grads_batched=True) and autograd.functional.jacobian(vectorize=True) run the backward
+    # under the legacy vmap, on BatchedTensorImpl grads (type torch.Tensor, no storage): the dispatched op
+    # falls back to one call per sample, the fast path would hand them to Triton
+    cases, leaves = _cases(torch.Generator().manual_seed(4))
+    outs = cases[name]()
+    out = outs[0] if isinstance(outs, tuple) else outs
+    g = torch.randn((3,) + out.shape, generator=torch.Generator().manual_seed(5))
+    batched = torch.autograd.grad(out, leaves, g, is_grads_batched=True, allow_unused=True, retain_graph=True)
+    assert sum(b is not None for b in batched) >= 1
+    for i in range(3):
+        one = torch.autograd.grad(out, leaves, g[i], allow_unused=True, retain_graph=True)
+        for b, o in zip(batched, one):
+            assert (b is None) == (o is None) and (b is None or torch.equal(b[i], o)), name
+
+
 def test_plain_eager_conditions():
     t = torch.randn(2)
     assert _common.plain_eager((t, 1.0, None, [True], torch.nn.Parameter(t)))
