@@ -656,11 +656,11 @@ def _last_dim_contiguous(t):
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def _seed_value(seed: torch.Tensor) -> int:
+def _seed_value(seed: torch.Tensor | None) -> int:
     # 31 bits keep the kernel argument an int32, and the kernels do not specialize on it (as
     # they would on 1 or a multiple of 16), so one compiled variant serves every seed. Nor on H
     # (it only numbers the programs): 12 heads and 32 share the binaries bench compile built.
-    return int(seed.item()) & 0x7FFFFFFF
+    return 0 if seed is None else int(seed.item()) & 0x7FFFFFFF  # None: no dropout, the seed is never read
 
 
 # ----------------------------------------------------------------------------- launchers
@@ -727,10 +727,11 @@ def _bwd_launch(do, q, k, v, o, lse, causal, softmax_scale, dropout_p, seed, sta
 # Registered ops let torch.compile (Dynamo/AOTAutograd/Inductor) keep attention as one opaque
 # node with known output shapes (the fake impls) and a known backward (register_autograd),
 # instead of trying to trace Python that launches Triton. The seed travels as a CPU int64
-# tensor so a fresh seed per step does not force a recompile.
+# tensor so a fresh seed per step does not force a recompile; without dropout it is None, so a
+# compiled graph holds no CPU tensor (inductor's CUDA graphs skip a graph that has one).
 @custom_op("tritongpt::flash_attn_fwd", mutates_args=())
 def _flash_attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, softmax_scale: float,
-                    dropout_p: float, seed: torch.Tensor, starts: torch.Tensor | None = None,
+                    dropout_p: float, seed: torch.Tensor | None, starts: torch.Tensor | None = None,
                     ends: torch.Tensor | None = None, softcap: float = 0.0,
                     alibi: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """-> (o [B, H, Tq, D], lse [B, H, Tq] fp32: the base-2 logsumexp of the scaled, capped, biased scores).
@@ -741,6 +742,8 @@ def _flash_attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: b
         check_tensor(t, name, ndim=4)
     check_same_dtype(q=q, k=k, v=v)
     _check_shapes(q, k, v, causal, dropout_p)
+    if dropout_p > 0.0 and seed is None:  # flash_attention draws one; a direct call of the op must give it
+        raise ValueError(f"dropout_p {dropout_p} needs a seed tensor (None only without dropout)")
     _check_bounds(q, k, causal, starts, ends)
     _checked_softcap(softcap)
     _check_alibi(q, alibi)
@@ -757,7 +760,7 @@ def _(q, k, v, causal, softmax_scale, dropout_p, seed, starts=None, ends=None, s
 @custom_op("tritongpt::flash_attn_bwd", mutates_args=())
 def _flash_attn_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
                     lse: torch.Tensor, causal: bool, softmax_scale: float, dropout_p: float,
-                    seed: torch.Tensor, starts: torch.Tensor | None = None, ends: torch.Tensor | None = None,
+                    seed: torch.Tensor | None, starts: torch.Tensor | None = None, ends: torch.Tensor | None = None,
                     softcap: float = 0.0, alibi: torch.Tensor | None = None
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     _checked_softcap(softcap)
@@ -876,7 +879,7 @@ def _as_seed(seed):
 
 def _seed_tensor(seed, dropout_p):
     if dropout_p == 0.0:
-        return torch.zeros((), dtype=torch.int64)
+        return None
     if seed is None:
         # From torch's default generator, so torch.manual_seed makes the dropout reproducible.
         return torch.randint(0, 2**31 - 1, (), dtype=torch.int64)

@@ -414,6 +414,36 @@ def test_custom_op_opcheck(device):
     torch.library.opcheck(torch.ops.tritongpt.flash_attn_fwd.default, args)
 
 
+def test_without_dropout_a_compiled_graph_holds_no_seed_tensor(device):
+    """Without dropout the op gets seed None, not a CPU zeros(()): a compiled graph then holds no CPU tensor,
+    which would make inductor skip CUDA graphs (mode="reduce-overhead") for the whole step. Gradients as eager."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    q, k, v = make_qkv(1, 2, 16, 20, 32, torch.float32, device, seed=14)
+    gm = make_fx(lambda a, b, c: flash_attention(a, b, c))(q, k, v)
+    calls = [n for n in gm.graph.nodes if n.op == "call_function"]
+    attn = [n for n in calls if "flash_attn_fwd" in str(n.target)]
+    assert len(attn) == 1 and attn[0].args[6] is None
+    assert not any(n.op == "call_function" and n.target in (torch.ops.aten.zeros.default,
+                                                             torch.ops.aten.scalar_tensor.default) for n in calls)
+    seen = []
+    compiled = torch.compile(lambda a, b, c: flash_attention(a, b, c).square().sum(), fullgraph=True,
+                             backend=lambda g, ex: seen.append(g) or g)
+    eager = run_grads(lambda a, b, c: flash_attention(a, b, c).square().sum().reshape(1), q, k, v, torch.ones(1))
+    comp = run_grads(lambda a, b, c: compiled(a, b, c).reshape(1), q, k, v, torch.ones(1))
+    for name, e, c in zip(("loss", "dq", "dk", "dv"), eager, comp):
+        assert torch.equal(e, c), f"compiled {name} differs"
+    assert seen and not any("zeros" in str(n.target) for g in seen for n in g.graph.nodes)
+    torch.library.opcheck(torch.ops.tritongpt.flash_attn_fwd.default,
+                          (q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), True, 0.25, 0.0, None))
+
+
+def test_the_op_with_dropout_and_no_seed_is_refused(device):
+    q, k, v = make_qkv(1, 1, 8, 8, 16, torch.float32, device)
+    with pytest.raises(ValueError, match="dropout_p 0.1 needs a seed tensor"):
+        torch.ops.tritongpt.flash_attn_fwd(q, k, v, True, 0.25, 0.1, None)
+
+
 def test_custom_op_called_directly_checks_shapes(device):
     """The op also gives the logsumexp, so a caller may use it directly; it took a head dim the
     kernels lack and causal Tq > Tk, and gave garbage (NaN rows)."""
