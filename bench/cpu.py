@@ -266,7 +266,9 @@ def bench_host_overhead(calls=300, ops=None):
             "dtype": "fp32", "calls": calls}
     names = ops or list(host_cases())
     if not triton_interpreting():
-        return [make_row("cpu", f"host-{n}", pr, conf, m, "skipped: needs Triton's interpreter (TRITON_INTERPRET=1)")
+        return [make_row("cpu", f"host-{n}", pr, {k: v for k, v in conf.items() if k in HOST_SIZES.get(n, conf)
+                                                   or k in ("dtype", "calls")}, m,
+                         "skipped: needs Triton's interpreter (TRITON_INTERPRET=1)")
                 for n in names for pr in ("triton", "torch") for m in ("fwd", "fwd+bwd")]
     rows = []
     cases = host_cases()
@@ -280,9 +282,17 @@ def bench_host_overhead(calls=300, ops=None):
     return rows
 
 
-def _host_rows(names, cases, calls, conf, stub, rows):
+# the sizes each op's rows name (the config holds every op's)
+HOST_SIZES = {"layer_norm": ("rows", "width"), "add_layer_norm": ("rows", "width"), "rms_norm": ("rows", "width"),
+              "gelu_mlp": ("rows", "mlp_width"), "swiglu_mlp": ("rows", "mlp_width"),
+              "flash_attention": ("heads", "seq", "head_dim"), "cross_entropy": ("rows", "vocab"),
+              "rope": ("heads", "seq", "head_dim")}
+
+
+def _host_rows(names, cases, calls, conf_all, stub, rows):
     """Append each op's rows (ours and torch's, fwd and fwd+bwd) to rows, launches stubbed by stub."""
     for name in names:
+        conf = {k: v for k, v in conf_all.items() if k in HOST_SIZES.get(name, conf_all) or k in ("dtype", "calls")}
         for provider, fn in zip(("triton", "torch"), cases[name]):
             def fwd_bwd(fn=fn):
                 out = fn()

@@ -260,6 +260,10 @@ def test_bench_host_overhead_rows():
     assert launches[("host-layer_norm", "triton", "fwd+bwd")] == 2
     assert launches[("host-flash_attention", "triton", "fwd+bwd")] == 4
     assert launches[("host-layer_norm", "torch", "fwd+bwd")] == 0
+    # each row names its own op's sizes, not every op's
+    assert {r["op"]: sorted(r["config"]) for r in rows} == {
+        "host-layer_norm": ["calls", "dtype", "rows", "width"],
+        "host-flash_attention": ["calls", "dtype", "head_dim", "heads", "seq"]}
 
 
 def _traced_ops(graph):
