@@ -3963,3 +3963,30 @@ def test_a_neox_step_names_its_parallel_blocks_and_exact_gelu():
     assert rows["triton"]["final_loss"] == pytest.approx(rows["reference"]["final_loss"], rel=1e-4)
     cfg = train_step.train_config("tiny", 16, **flags)
     assert (cfg.parallel_residual, cfg.gelu_approximate) == (True, "none")
+
+
+def test_gpu_session_tests_stage_runs_the_unreached_files_first_then_every_cuda_file_once(tmp_path):
+    """`bash bench/gpu_session.sh tests`: the files the first GPU run did not reach (or failed) come first, in the
+    order given (pytest keeps it for files, not for a directory), then every other file with a CUDA-marked test,
+    each once. Python is a stand-in that records its arguments."""
+    import os
+    import shutil
+    import subprocess
+
+    if shutil.which("bash") is None or shutil.which("tar") is None:
+        pytest.skip("needs bash and tar")
+    calls, stub = tmp_path / "calls", tmp_path / "python"
+    stub.write_text(f'#!/bin/sh\nprintf "%s\\037" "$@" >> {calls}\nprintf "\\036" >> {calls}\n')
+    stub.chmod(0o755)
+    env = {**os.environ, "PYTHON": str(stub), "OUT": str(tmp_path / "out"), "WORK": str(tmp_path / "work")}
+    root = Path(__file__).resolve().parent.parent
+    done = subprocess.run(["bash", str(root / "bench" / "gpu_session.sh"), "tests"], env=env, capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 0, done.stdout + done.stderr
+    runs = [c.split("\x1f")[:-1] for c in calls.read_text().split("\x1e") if c]
+    (pytest_args,) = [c[2:] for c in runs if c[:2] == ["-m", "pytest"]]
+    files = [a for a in pytest_args if a.startswith("tests/") and "::" not in a]  # not the --deselect ids
+    assert files[:5] == ["tests/test_model_paths.py", "tests/test_loop.py", "tests/test_attention.py",
+                         "tests/test_rlhf.py", "tests/test_mlp.py"]
+    marked = {f"tests/{p.name}" for p in (root / "tests").glob("test_*.py") if "mark.cuda" in p.read_text()}
+    assert len(files) == len(set(files)) and set(files) == marked and "tests" not in pytest_args
