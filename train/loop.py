@@ -52,6 +52,14 @@ from tritongpt.errors import UserError, note
 from tritongpt.train import common
 
 
+# torch.compile's modes (torch._inductor.list_mode_options). reduce-overhead and max-autotune also capture
+# CUDA graphs (CUDA-graph trees): each replay writes its outputs into the same static buffers, so the loop
+# marks where each micro-batch starts (torch.compiler.cudagraph_mark_step_begin) and keeps nothing of an
+# output but copies, gradients included (Trainer._own_grads). Inductor skips CUDA graphs on a CPU.
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+CUDAGRAPH_MODES = ("reduce-overhead", "max-autotune")
+
+
 @dataclass
 class TrainArgs:
     out_dir: str = "runs/train"
@@ -78,6 +86,7 @@ class TrainArgs:
     resume: str | None = None    # None, "latest" (newest checkpoint in out_dir), or a path
     kernels: str | None = "auto"  # reference | triton | auto | comma list; None = leave the model's
     compile: bool = False
+    compile_mode: str = "default"  # torch.compile's mode (COMPILE_MODES), with --compile only
     activation_checkpointing: bool = False  # recompute each block's forward in backward: less memory
     ddp_timeout: int = 1800      # seconds a DDP process waits in a collective (NCCL's own default: 600)
     overwrite: bool = False      # a new run may replace the checkpoints and metrics in out_dir
@@ -111,6 +120,10 @@ class TrainArgs:
             raise UserError(f"--lr-schedule must be one of {', '.join(common.LR_SCHEDULES)}, got {self.lr_schedule!r}")
         if not 0 < self.decay_fraction <= 1:  # nan fails too
             raise UserError(f"--decay-fraction must be in (0, 1], got {self.decay_fraction}")
+        if self.compile_mode not in COMPILE_MODES:
+            raise UserError(f"--compile-mode must be one of {', '.join(COMPILE_MODES)}, got {self.compile_mode!r}")
+        if self.compile_mode != "default" and not self.compile:  # it would be silently ignored
+            raise UserError(f"--compile-mode {self.compile_mode} sets how --compile compiles: pass --compile too")
         common.check_seed(self.seed)
         common.check_dtype(self.dtype)
         common.check_report_to(self.report_to)
@@ -164,6 +177,11 @@ def add_train_args(parser: argparse.ArgumentParser, **defaults):
         d = base[f.name]
         if f.name == "compile":
             g.add_argument(flag, action="store_true", default=d, help="torch.compile the model")
+        elif f.name == "compile_mode":
+            g.add_argument(flag, default=d, choices=COMPILE_MODES,
+                           help="--compile's torch.compile mode: reduce-overhead (and max-autotune) also replay "
+                                "the step as CUDA graphs, which cuts the per-kernel launch cost of the Triton "
+                                "path (CUDA only; default %(default)s)")
         elif f.name == "activation_checkpointing":
             g.add_argument(flag, action="store_true", default=d, help=common.ACTIVATION_CHECKPOINTING_HELP)
         elif f.name == "overwrite":
@@ -771,7 +789,7 @@ class Trainer:
         model = self.raw_model
         model.train()
         if a.compile:
-            model = torch.compile(model)
+            model = torch.compile(model, mode=a.compile_mode)
         if self.ddp:
             ids = [self.device.index] if self.device.type == "cuda" else None
             # buffers are constant (the causal mask): no need to sync them every forward
@@ -860,11 +878,17 @@ class Trainer:
         count = torch.zeros((), device=self.device)  # counted items, when loss_fn returns (sum, count)
         divisor = None  # a (sum, count) step's estimate of its count; None while its losses are means
         tokens = 0
+        graphs = a.compile and a.compile_mode in CUDAGRAPH_MODES
+        owned = set()  # ids of the parameters whose .grad is the loop's own copy (_own_grads)
         for micro in range(a.grad_accum):
             batch = self._to_device(self.get_batch("train", self.generator))
             tokens += batch[0].numel()
             self._seq_len = batch[0].shape[-1]
             sync = not self.ddp or micro == a.grad_accum - 1
+            if graphs:
+                # a new CUDA-graph tree step: the replay may overwrite the last micro-batch's outputs, which
+                # the loop has copied out (loss_sum +=, count +=) and no longer reads
+                torch.compiler.cudagraph_mark_step_begin()
             try:
                 with (contextlib.nullcontext() if sync else model.no_sync()):
                     with common.autocast(self.device, self.dtype):
@@ -889,7 +913,9 @@ class Trainer:
                                 + ("" if a.activation_checkpointing else
                                    ", or pass --activation-checkpointing (the same step in far less "
                                    "activation memory, ~1/3 slower)")) from None
-            loss_sum += loss.detach().float()
+            loss_sum += loss.detach().float()  # a copy: `loss` may be a CUDA graph's static output buffer
+            if graphs and micro < a.grad_accum - 1:
+                self._own_grads(owned)
         weighted = divisor is not None
         if weighted:
             totals = torch.stack([loss_sum, count])
@@ -941,6 +967,21 @@ class Trainer:
         if self.step_metrics is not None:
             row.update(self.step_metrics())
         return row
+
+    def _own_grads(self, owned: set):
+        """Each .grad a CUDA-graph backward made replaced by a copy, before the next micro-batch's replay.
+
+        A parameter's first gradient of the step is the backward graph's output buffer itself (autograd keeps
+        it as .grad rather than copy it), which the next replay overwrites: accumulating into it would fail
+        (torch's "accessing gradient tensor output of CUDAGraphs that has been overwritten"). A copy is the
+        loop's own, and the next micro-batches add into it in place. Once a step (for the first micro-batch,
+        and for a parameter whose first gradient comes later); the last micro-batch's need none, as the
+        optimizer reads them before any replay. torch's message suggests zeroed .grad buffers instead, but
+        a parameter no loss reaches would then be stepped (weight decay, moments) where it now is not."""
+        for p in self.params:
+            if p.grad is not None and id(p) not in owned:
+                p.grad = p.grad.clone()
+                owned.add(id(p))
 
     def _mfu(self, tok_s, seq_len):
         if self._peak is None or self._cfg is None:
