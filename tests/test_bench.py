@@ -3374,24 +3374,11 @@ def test_gpu_session_extra_train_modes_time_gpt2_small_into_their_own_folder(tmp
     budget and hard limit, and pack
     it; the flags pass bench train's own checks and reach the model flags. Python is a stand-in that
     records its arguments (no install, no GPU)."""
-    import os
-    import shutil
-    import subprocess
-
+    from session_stub import run_gpu_session
     from tritongpt.bench import cli as bcli
     from tritongpt.cli import build_parser
 
-    if shutil.which("bash") is None or shutil.which("tar") is None:
-        pytest.skip("needs bash and tar")
-    calls, stub = tmp_path / "calls", tmp_path / "python"
-    stub.write_text(f'#!/bin/sh\nprintf "%s\\037" "$@" >> {calls}\nprintf "\\036" >> {calls}\n')
-    stub.chmod(0o755)
-    work = tmp_path / "work"
-    env = {**os.environ, "PYTHON": str(stub), "OUT": str(tmp_path / "out"), "WORK": str(work), "BENCH_MINUTES": "0.5"}
-    script = Path(__file__).resolve().parent.parent / "bench" / "gpu_session.sh"
-    done = subprocess.run(["bash", str(script), mode], env=env, capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stdout + done.stderr
-    runs = [c.split("\x1f")[:-1] for c in calls.read_text().split("\x1e") if c]
+    runs, work, stdout = run_gpu_session(tmp_path, mode, BENCH_MINUTES="0.5")
     (bench,) = [c[2:] for c in runs if c[:2] == ["-m", "tritongpt.cli"]]
     assert bench == ["bench", "train", "--models", "gpt2-small", *flags, "--max-minutes", "0.5", "--out",
                      f"{work}/results-{mode}"]
@@ -3400,7 +3387,7 @@ def test_gpu_session_extra_train_modes_time_gpt2_small_into_their_own_folder(tmp
     assert bcli.train_names(args) == (("gpt2-small",), train_step.TRAIN_PROVIDERS if mode != "gemma2" else
                                       ("reference", "triton", "reference+compile", "triton+compile"))
     assert {k: v for k, v in bcli.model_flags(args).items() if k in model} == model
-    assert f"== tritongpt bench train {' '.join(flags)}" in done.stdout
+    assert f"== tritongpt bench train {' '.join(flags)}" in stdout
     assert (tmp_path / "out" / "session.tgz").is_file()
 
 
@@ -3969,21 +3956,10 @@ def test_gpu_session_tests_stage_runs_the_unreached_files_first_then_every_cuda_
     """`bash bench/gpu_session.sh tests`: the files the first GPU run did not reach (or failed) come first, in the
     order given (pytest keeps it for files, not for a directory), then every other file with a CUDA-marked test,
     each once. Python is a stand-in that records its arguments."""
-    import os
-    import shutil
-    import subprocess
+    from session_stub import run_gpu_session
 
-    if shutil.which("bash") is None or shutil.which("tar") is None:
-        pytest.skip("needs bash and tar")
-    calls, stub = tmp_path / "calls", tmp_path / "python"
-    stub.write_text(f'#!/bin/sh\nprintf "%s\\037" "$@" >> {calls}\nprintf "\\036" >> {calls}\n')
-    stub.chmod(0o755)
-    env = {**os.environ, "PYTHON": str(stub), "OUT": str(tmp_path / "out"), "WORK": str(tmp_path / "work")}
+    runs, _, _ = run_gpu_session(tmp_path, "tests")
     root = Path(__file__).resolve().parent.parent
-    done = subprocess.run(["bash", str(root / "bench" / "gpu_session.sh"), "tests"], env=env, capture_output=True,
-                          text=True, timeout=60)
-    assert done.returncode == 0, done.stdout + done.stderr
-    runs = [c.split("\x1f")[:-1] for c in calls.read_text().split("\x1e") if c]
     (pytest_args,) = [c[2:] for c in runs if c[:2] == ["-m", "pytest"]]
     files = [a for a in pytest_args if a.startswith("tests/") and "::" not in a]  # not the --deselect ids
     assert files[:5] == ["tests/test_model_paths.py", "tests/test_loop.py", "tests/test_attention.py",

@@ -1,9 +1,6 @@
 """`tritongpt bench profile` (bench/profile_step.py) and the CUDA-graph training provider (train_step.py)."""
 import gzip
 import json
-import os
-import shutil
-import subprocess
 import types
 from collections import Counter
 from pathlib import Path
@@ -289,18 +286,9 @@ def test_gpu_session_profile_stage_runs_bench_profile_and_packs(tmp_path):
     from tritongpt.bench import cli as bcli
     from tritongpt.cli import build_parser
 
-    if shutil.which("bash") is None or shutil.which("tar") is None:
-        pytest.skip("needs bash and tar")
-    calls, stub = tmp_path / "calls", tmp_path / "python"
-    stub.write_text(f'#!/bin/sh\nprintf "%s\\037" "$@" >> {calls}\nprintf "\\036" >> {calls}\n')
-    stub.chmod(0o755)
-    work = tmp_path / "work"
-    env = {**os.environ, "PYTHON": str(stub), "OUT": str(tmp_path / "out"), "WORK": str(work),
-           "PROFILE_MINUTES": "0.5"}
-    script = Path(__file__).resolve().parent.parent / "bench" / "gpu_session.sh"
-    done = subprocess.run(["bash", str(script), "profile"], env=env, capture_output=True, text=True, timeout=60)
-    assert done.returncode == 0, done.stdout + done.stderr
-    runs = [c.split("\x1f")[:-1] for c in calls.read_text().split("\x1e") if c]
+    from session_stub import SCRIPT as script, run_gpu_session
+
+    runs, work, _ = run_gpu_session(tmp_path, "profile", PROFILE_MINUTES="0.5")
     (bench,) = [c[2:] for c in runs if c[:2] == ["-m", "tritongpt.cli"]]
     assert bench == ["bench", "profile", "--models", "gpt2-small", "--train-providers",
                      "triton,triton+compile+cudagraphs,reference+compile+sdpa,triton+compile", "--max-minutes", "0.5",
