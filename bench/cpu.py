@@ -8,7 +8,7 @@ import time
 
 import torch
 
-from tritongpt.bench.common import make_row, reason_of, time_cpu, try_import
+from tritongpt.bench.common import CpuTimer, make_row, reason_of, time_cpu, try_import
 
 
 def corpus_text() -> str:
@@ -239,21 +239,6 @@ def host_cases(rows=8, width=768, mlp_width=32, heads=4, seq=16, head_dim=64, vo
     }
 
 
-def _per_call_ms(fn, calls: int):
-    """(median, p20, p80) of `calls` single calls of fn, in ms, after 3 untimed ones."""
-    import statistics
-
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(calls):
-        t0 = time.perf_counter_ns()
-        fn()
-        times.append((time.perf_counter_ns() - t0) * 1e-6)
-    q = statistics.quantiles(times, n=10)
-    return statistics.median(times), q[1], q[7]
-
-
 def bench_host_overhead(calls=300, ops=None):
     """Per-call host time of each Triton op used by the model, fwd and fwd+bwd, and of torch's eager
     op for the same job, with the Triton launch stubbed (stubbed_launches) on tiny CPU tensors: what
@@ -300,7 +285,8 @@ def _host_rows(names, cases, calls, conf_all, stub, rows):
 
             for mode, run in (("fwd", fn), ("fwd+bwd", fwd_bwd)):
                 try:
-                    med, p20, p80 = _per_call_ms(run, calls)
+                    # 3 untimed calls, then `calls` timed one at a time
+                    med, p20, p80 = CpuTimer(reps=calls, warm_calls=3, warm_s=0).bench(run)
                     stub.launches = 0
                     run()
                 except Exception as e:

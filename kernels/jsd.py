@@ -43,8 +43,9 @@ import triton.language as tl
 
 from tritongpt._env import triton_interpreting
 from tritongpt._types import is_int, is_real
-from tritongpt.kernels._common import (autocast_dtype, check_runnable, check_same_device, check_same_dtype,
-                                       check_tensor, custom_op, first_order_only, no_func_transform, on_tensor_device)
+from tritongpt.kernels._common import (autocast_dtype, cdiv, check_runnable, check_same_device, check_same_dtype,
+                                       check_tensor, custom_op, first_order_only, next_pow2, no_func_transform,
+                                       on_tensor_device)
 from tritongpt.kernels.cross_entropy import (CHUNK_ELEMENTS, _as_int, _bias_grad_buffer, _checked_targets,
                                              _chunk_logits, _head_grads, _head_grad_buffers)
 
@@ -186,9 +187,9 @@ def _launch_shape(W):
     """(BLOCK_R rows per program, BLOCK_V columns per tile, num_warps)."""
     if INTERPRET:
         # as the CE kernel's: many rows per program, about four tiles per row (tests cross tiles)
-        return 32, max(16, triton.next_power_of_2(triton.cdiv(W, 4))), 1
+        return 32, max(16, next_pow2(cdiv(W, 4))), 1
     # one row per program; six fp32 running vectors per lane (three logsumexps), so half the CE's tile
-    return 1, min(2048, triton.next_power_of_2(W)), 8
+    return 1, min(2048, next_pow2(W)), 8
 
 
 def _mode(beta: float) -> int:
@@ -205,7 +206,7 @@ def _fwd_launch(logits, teacher_logits, targets, ignore_index, n_ce, n_kd, tempe
     rows, block, warps = _launch_shape(W)
     log_1mb = math.log1p(-beta) if beta < 1 else 0.0
     log_b = math.log(beta) if beta > 0 else 0.0
-    _distill_kernel[(triton.cdiv(N, rows),)](
+    _distill_kernel[(cdiv(N, rows),)](
         logits, teacher_logits, targets, ce, kd, logits.stride(0), teacher_logits.stride(0), N, W,
         teacher_logits.shape[1], n_ce, n_kd,
         ignore_index, 1.0 / temperature, beta, 1.0 - beta, log_1mb, log_b, ce_weight, kd_weight, MODE=_mode(beta),

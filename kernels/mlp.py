@@ -54,7 +54,7 @@ import triton
 import triton.language as tl
 
 from tritongpt._env import triton_interpreting
-from tritongpt.kernels._common import (autocast_dtype, autotuned, cast, check_runnable, check_same_device,
+from tritongpt.kernels._common import (autocast_dtype, autotuned, cast, cdiv, check_runnable, check_same_device,
                                        check_same_dtype, check_tensor, custom_op, dot, first_order_only, next_pow2,
                                        no_func_transform, on_tensor_device)
 
@@ -314,6 +314,12 @@ def _matmul_kernel(A, B, C, Bias, Aux, Hout, A2, B2, Bias2, Aux2, Hout2, M, N, K
 autotuned("mlp.matmul", _matmul_kernel)
 
 
+def _gated(g, u, gate):
+    """act(g) * u in fp32, torch's ops: the kernel's EPI_SWIGLU / STORE_ACT math for _matmul's empty reduction."""
+    g = g.float()
+    return (F.gelu(g, approximate="tanh") if gate == "gelu" else F.silu(g)) * u.float()
+
+
 @on_tensor_device
 def _matmul(a, b, bias=None, epilogue=EPI_NONE, aux=None, b_gelu=False, b2=None, bias2=None, aux2=None,
             a2=None, b_swiglu=False, gate="silu", approximate="tanh", store_act=False):
@@ -351,16 +357,12 @@ def _matmul(a, b, bias=None, epilogue=EPI_NONE, aux=None, b_gelu=False, b2=None,
         if epilogue == EPI_SWIGLU:
             h.copy_(bias if bias is not None else c)
             h2.copy_(bias2 if bias2 is not None else c)
-            g = h.float()
-            act = F.gelu(g, approximate="tanh") if gate == "gelu" else F.silu(g)
-            c = (act * h2.float()).to(c.dtype)
+            c = _gated(h, h2, gate).to(c.dtype)
             return c, extra
         if epilogue == EPI_SWIGLU_GRAD:
             h2.zero_()
             if store_act:
-                g = aux.float()
-                act = F.gelu(g, approximate="tanh") if gate == "gelu" else F.silu(g)
-                h.copy_(act * aux2.float())
+                h.copy_(_gated(aux, aux2, gate))
             return c, extra
         if bias is not None:
             c += bias
@@ -389,7 +391,7 @@ def _matmul(a, b, bias=None, epilogue=EPI_NONE, aux=None, b_gelu=False, b2=None,
     if (bias is None) != (bias2 is None) and epilogue == EPI_SWIGLU:  # one flag for both: zeros for a missing one
         bias = bias if bias is not None else bias2.new_zeros(N)
         bias2 = bias2 if bias2 is not None else bias.new_zeros(N)
-    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
+    grid = lambda meta: (cdiv(M, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"]),)
     _matmul_kernel[grid](
         a, b, c, bias if bias is not None else c, aux if aux is not None else x, h if h is not None else x,
         a2 if a2 is not None else a, b2 if b2 is not None else b, bias2 if bias2 is not None else c,
