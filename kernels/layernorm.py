@@ -11,6 +11,11 @@ tutorial reduces them through lock-protected buffers):
     (at most 16 under the interpreter); program p takes rows [p*R, (p+1)*R) and loops over them
     BLOCK_M rows at a time. A whole row fits in one tile (BLOCK_N = next_pow2(N) <= 8192), so
     mean and variance are a single in-SRAM reduction, with no second pass over memory.
+  * Launch shape (rows a step, warps, programs per SM, and NUM_STAGES, the software pipelining of
+    the row loop: with 2-3 stages the next steps' loads are in flight, cp.async into shared memory,
+    while this one computes) is autotuned on a GPU per (rows bucket, width, flags, dtypes), then
+    reused without the autotuner; the H200 showed the fixed shape latency-bound (backward 0.59 ms
+    against F.layer_norm's 0.24 at 81920 x 768, 2 programs an SM each loading then waiting).
   * Forward: x tile loaded once, math in fp32, y written in x's dtype. The statistics are
     those of x - x[0] (shifted data: exact for constant rows, precise for large means); a row
     whose variance overflows fp32 (spread past ~1.8e19) gives NaN, not the bias. mean
@@ -20,9 +25,10 @@ tutorial reduces them through lock-protected buffers):
     carry into every x_hat), then
         dx = rstd * (w*dy - (x_hat * mean(x_hat*w*dy) + mean(w*dy)))
     The weight/bias gradients need a sum over all rows. Each program accumulates its own
-    rows' dy*x_hat and dy in fp32 registers and writes one partial row to a [n_programs, N]
-    fp32 buffer; a torch .sum(0) over those few rows finishes the job. No atomics, so the
-    result is deterministic and there is no lock contention.
+    rows' dy*x_hat and dy in one fp32 row of registers each and writes them as one partial row
+    to a [n_programs, N] fp32 buffer; a torch .sum(0) over those few rows finishes the job. No
+    atomics, so the result is deterministic (for a given launch shape) and there is no lock
+    contention.
 
   * Residual add (`add_layer_norm`, llm.c's fused residual forward): a pre-LN block computes
     s = x + delta, then LayerNorm(s). The forward loads x and delta, writes s (the residual stream
@@ -54,32 +60,43 @@ import triton.language as tl
 
 from tritongpt._env import triton_interpreting
 from tritongpt._types import is_real
-from tritongpt.kernels._common import (cast, check_runnable, check_same_device, check_same_dtype, check_tensor,
-                                       custom_op, first_order_only, no_func_transform,
+from tritongpt.kernels._common import (autotuned, cast, cdiv, check_runnable, check_same_device, check_same_dtype,
+                                       check_tensor, custom_op, first_order_only, next_pow2, no_func_transform,
                                        on_tensor_device)
 
 MAX_WIDTH = 8192  # one row must fit in one tile (registers/SRAM); wider rows are rejected
 
 
 @triton.jit
+def _row_range(M, BLOCK_M: tl.constexpr):
+    """This program's rows [start, end): the M rows split evenly over the grid, in whole BLOCK_M
+    steps (the last program's group may be short, trailing programs' empty)."""
+    rows_per_prog = tl.cdiv(tl.cdiv(M, tl.num_programs(0)), BLOCK_M) * BLOCK_M
+    row_start = tl.program_id(0) * rows_per_prog
+    return row_start, tl.minimum(row_start + rows_per_prog, M)
+
+
+@triton.jit(do_not_specialize=["M_BUCKET"])
 def _layer_norm_fwd_kernel(X, D, S, Y, W, B, Mean, Rstd, stride_x, stride_d, stride_s, stride_y, M, N,
-                           rows_per_prog, eps,
+                           M_BUCKET, eps,
                            HAS_BIAS: tl.constexpr, HAS_ADD: tl.constexpr,
-                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IS_RMS: tl.constexpr):
-    """One program normalizes rows [pid*rows_per_prog, ...), BLOCK_M rows per step.
+                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IS_RMS: tl.constexpr,
+                           NUM_STAGES: tl.constexpr, PROGS: tl.constexpr):
+    """One program normalizes its share of the rows (_row_range), BLOCK_M rows per step.
     HAS_ADD: the rows normalized are S = X + D (written out, in S's dtype), not X.
     IS_RMS: RMSNorm, y = x * rstd * w with rstd = 1 / sqrt(mean(x^2) + eps): no mean, no Mean
-    stored, no bias (HAS_BIAS False)."""
-    pid = tl.program_id(0)
-    row_start = pid * rows_per_prog
-    row_end = tl.minimum(row_start + rows_per_prog, M)
+    stored, no bias (HAS_BIAS False).
+    M_BUCKET and PROGS are not read here: M_BUCKET is autotune's key, PROGS sized the grid."""
+    row_start, row_end = _row_range(M, BLOCK_M)
     cols = tl.arange(0, BLOCK_N)
     col_ok = cols < N
     # weight/bias are reused by every row of the group: load them once.
     w = tl.load(W + cols, mask=col_ok, other=0.0).to(tl.float32)
     if HAS_BIAS:
         b = tl.load(B + cols, mask=col_ok, other=0.0).to(tl.float32)
-    for r0 in range(row_start, row_end, BLOCK_M):
+    # NUM_STAGES > 1: the loads of the next steps are issued (cp.async into shared memory) while
+    # this step computes, so a few programs per SM keep enough bytes in flight
+    for r0 in tl.range(row_start, row_end, BLOCK_M, num_stages=NUM_STAGES):
         rows = r0 + tl.arange(0, BLOCK_M)
         row_ok = rows < row_end
         mask = row_ok[:, None] & col_ok[None, :]
@@ -123,27 +140,30 @@ def _layer_norm_fwd_kernel(X, D, S, Y, W, B, Mean, Rstd, stride_x, stride_d, str
         tl.store(Rstd + rows, rstd, mask=row_ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M_BUCKET"])
 def _layer_norm_bwd_kernel(X, DY, DS, W, Mean, Rstd, DX, DX2, DW_part, DB_part,
-                           stride_x, stride_dy, stride_ds, stride_dx, stride_dx2, M, N, rows_per_prog,
+                           stride_x, stride_dy, stride_ds, stride_dx, stride_dx2, M, N, M_BUCKET,
                            HAS_DS: tl.constexpr, HAS_DX2: tl.constexpr,
-                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IS_RMS: tl.constexpr):
-    """dx for rows [pid*rows_per_prog, ...), plus this program's partial sums of dW and dB.
+                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IS_RMS: tl.constexpr,
+                           NUM_STAGES: tl.constexpr, PROGS: tl.constexpr):
+    """dx for this program's rows (_row_range), plus its partial sums of dW and dB (row pid of
+    DW_part / DB_part). M_BUCKET and PROGS as in forward.
     IS_RMS: RMSNorm's backward, x_hat = x * rstd and no mean term in dx; no Mean read, no dB.
     HAS_DS: X was a residual sum S = x + delta that is used elsewhere too; its gradient from
     there, DS, is added to dx here rather than by autograd in another pass. HAS_DX2: dx is
     stored a second time in DX2's dtype (delta's gradient, when delta's dtype is not S's),
     rather than cast by autograd in another pass."""
     pid = tl.program_id(0)
-    row_start = pid * rows_per_prog
-    row_end = tl.minimum(row_start + rows_per_prog, M)
+    row_start, row_end = _row_range(M, BLOCK_M)
     cols = tl.arange(0, BLOCK_N)
     col_ok = cols < N
     w = tl.load(W + cols, mask=col_ok, other=0.0).to(tl.float32)
-    dw_acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    # One fp32 row per column sum: a step's BLOCK_M rows are summed into it as they go (a sum over
+    # rows is within each thread's registers), not kept as a [BLOCK_M, BLOCK_N] tile of registers.
+    dw_acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
     if not IS_RMS:
-        db_acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for r0 in range(row_start, row_end, BLOCK_M):
+        db_acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for r0 in tl.range(row_start, row_end, BLOCK_M, num_stages=NUM_STAGES):  # pipelined as forward's
         rows = r0 + tl.arange(0, BLOCK_M)
         row_ok = rows < row_end
         mask = row_ok[:, None] & col_ok[None, :]
@@ -178,12 +198,12 @@ def _layer_norm_bwd_kernel(X, DY, DS, W, Mean, Rstd, DX, DX2, DW_part, DB_part,
         tl.store(DX + rows64[:, None] * stride_dx + cols[None, :], cast(dx, DX.dtype.element_ty), mask=mask)
         if HAS_DX2:
             tl.store(DX2 + rows64[:, None] * stride_dx2 + cols[None, :], cast(dx, DX2.dtype.element_ty), mask=mask)
-        dw_acc += dy * xhat
+        dw_acc += tl.sum(dy * xhat, axis=0)
         if not IS_RMS:
-            db_acc += dy
-    tl.store(DW_part + pid * N + cols, tl.sum(dw_acc, axis=0), mask=col_ok)
+            db_acc += tl.sum(dy, axis=0)
+    tl.store(DW_part + pid * N + cols, dw_acc, mask=col_ok)
     if not IS_RMS:
-        tl.store(DB_part + pid * N + cols, tl.sum(db_acc, axis=0), mask=col_ok)
+        tl.store(DB_part + pid * N + cols, db_acc, mask=col_ok)
 
 
 @functools.lru_cache(maxsize=None)
@@ -191,26 +211,107 @@ def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-@functools.lru_cache(maxsize=1024)  # every call of a run has the same few shapes; triton.cdiv costs microseconds
-def _launch_shape(M: int, N: int, backward: bool, device: torch.device):
-    """(n_programs, rows_per_prog, BLOCK_M, BLOCK_N, num_warps) for an [M, N] problem."""
-    BLOCK_N = triton.next_power_of_2(N)
+def _grid_size(M: int, BLOCK_M: int, max_programs: int) -> int:
+    """Programs for M rows walked BLOCK_M at a time, at most max_programs, none without rows: the
+    kernels' _row_range gives each cdiv(cdiv(M, n), BLOCK_M) * BLOCK_M rows, and with n this
+    size that split needs exactly n programs."""
+    n = max(min(cdiv(M, BLOCK_M), max_programs), 1)
+    return cdiv(M, cdiv(cdiv(M, n), BLOCK_M) * BLOCK_M)
+
+
+@functools.lru_cache(maxsize=None)
+def _interpreter_shape(M: int, N: int):
+    """(n_programs, BLOCK_M) under the interpreter, which pays per program and per op, not per
+    element: few programs (at most 16), big tiles (up to 64 rows, 16K elements a step)."""
+    BLOCK_M = max(1, min(64, 16384 // next_pow2(N)))
+    return _grid_size(M, BLOCK_M, 16), BLOCK_M
+
+
+# Launch shapes autotune times on a GPU, as (elements a step loads per tensor, num_warps, stages of the
+# row loop, programs per SM); a step is BLOCK_M = elements // BLOCK_N rows (at least one). Memory-bound
+# kernels want bytes in flight: either many resident programs each waiting on its loads (no
+# pipelining, 8 programs an SM: the forward's old fixed shape) or a few programs whose row loop keeps
+# the next steps' loads in flight (NUM_STAGES 2-3). Backward keeps to 1-2 programs an SM: each program
+# adds a row of dW (and dB) partial sums that is written, then read back by the final sum; at 2 an SM
+# and 16K rows of width 768 (bf16) that is 4 % of the kernel's traffic.
+FWD_SHAPES = ((4096, 8, 1, 8), (4096, 8, 2, 4), (4096, 8, 3, 2), (2048, 4, 2, 8), (2048, 4, 3, 4),
+              (8192, 8, 2, 2), (1024, 4, 3, 8))
+BWD_SHAPES = ((4096, 8, 1, 2), (4096, 8, 2, 2), (4096, 8, 3, 1), (2048, 4, 2, 2), (2048, 4, 3, 2),
+              (2048, 8, 3, 1), (8192, 8, 2, 1), (1024, 4, 4, 2))
+MAX_BWD_PROGS = max(p for *_, p in BWD_SHAPES)
+SMALL_M = 64  # at most this many rows (decode steps): the first shape, no timing
+
+
+def _prune_shapes(configs, named_args, **kwargs):
+    """Turn each (elements, warps, stages, programs) entry into BLOCK_M for this width, drop the ones
+    that would hold more than 32 values per thread in each row tile (spills) and repeats; with few
+    rows keep only the first: nothing to time at that size."""
+    BLOCK_N, M_BUCKET = kwargs["BLOCK_N"], named_args["M_BUCKET"]
+    kept, seen = [], set()
+    for c in configs:
+        elems, progs = c.kwargs["ELEMS"], c.kwargs["PROGS"]
+        BLOCK_M = min(max(1, elems // BLOCK_N), M_BUCKET)
+        shape = (BLOCK_M, c.num_warps, c.num_stages, progs)
+        if BLOCK_M * BLOCK_N > 32 * 32 * c.num_warps or shape in seen:
+            continue
+        seen.add(shape)
+        kept.append(triton.Config({"BLOCK_M": BLOCK_M, "NUM_STAGES": c.num_stages, "PROGS": progs},
+                                  num_warps=c.num_warps, num_stages=c.num_stages))
+    if not kept:  # cannot happen for BLOCK_N <= 8192 (8 warps: 32 values a thread); a guard, not a path
+        raise ValueError(f"no LayerNorm launch shape for BLOCK_N={BLOCK_N}")
+    return kept[:1] if M_BUCKET <= SMALL_M else kept
+
+
+def _tuner(shapes, key):
+    # the loop's stages double as the kernel's num_stages (Triton's default for its loops)
+    return triton.autotune([triton.Config({"ELEMS": e, "PROGS": p}, num_warps=w, num_stages=s)
+                            for e, w, s, p in shapes],
+                           key=["M_BUCKET", "N", *key], prune_configs_by={"early_config_prune": _prune_shapes})
+
+
+# (built under the interpreter too, where _launch does not use them: a test drives them there)
+_fwd_tuned = autotuned("layernorm.forward", _tuner(FWD_SHAPES, ["HAS_BIAS", "HAS_ADD", "IS_RMS"])(
+    _layer_norm_fwd_kernel))
+_bwd_tuned = autotuned("layernorm.backward", _tuner(BWD_SHAPES, ["HAS_DS", "HAS_DX2", "IS_RMS"])(
+    _layer_norm_bwd_kernel))
+_CHOSEN = {}  # (direction, M_BUCKET, N, flags, dtypes) -> the Config autotune picked: later launches skip it
+
+
+def _launch(backward, args, flags, M, N, device):
+    """Launch the forward (backward False) or backward kernel on args (positional, up to M_BUCKET);
+    -> how many programs ran, None when the launch was only recorded (bench/compile_check.py).
+
+    Interpreter: the fixed _interpreter_shape. GPU: the first launch of a (rows bucket, width, flags,
+    dtypes) runs Triton's autotuner over the shapes above; later ones launch its pick directly (the
+    autotuner rebuilds its cache key from every argument on each call: host time a 20 us kernel
+    waits on)."""
+    kernel = _layer_norm_bwd_kernel if backward else _layer_norm_fwd_kernel
     if triton_interpreting():
-        # The interpreter pays per program and per op, not per element: few programs, big tiles.
-        BLOCK_M = max(1, min(64, 16384 // BLOCK_N))
-        n_prog = min(triton.cdiv(M, BLOCK_M), 16)
-        num_warps = 1
-    else:
-        # ~4K elements per step keeps each thread at <= 16-32 fp32 values per tensor at 8 warps.
-        BLOCK_M = max(1, min(16, 4096 // BLOCK_N))
-        sms = _sm_count(device)
-        # backward: fewer programs = fewer partial dW/dB rows to reduce; forward: more, to hide latency.
-        n_prog = min(triton.cdiv(M, BLOCK_M), sms * (2 if backward else 8))
-        num_warps = min(max(BLOCK_M * BLOCK_N // 512, 1), 8)
-    n_prog = max(n_prog, 1)
-    rows_per_prog = triton.cdiv(triton.cdiv(M, n_prog), BLOCK_M) * BLOCK_M
-    n_prog = max(triton.cdiv(M, rows_per_prog), 1)
-    return n_prog, rows_per_prog, BLOCK_M, BLOCK_N, num_warps
+        n, BLOCK_M = _interpreter_shape(M, N)
+        kernel[(n,)](*args, **flags, BLOCK_M=BLOCK_M, NUM_STAGES=1, PROGS=1, num_warps=1)
+        return n
+    sms, launched = _sm_count(device), [None]
+
+    def grid(meta):
+        launched[0] = _grid_size(M, meta["BLOCK_M"], sms * meta["PROGS"])
+        return (launched[0],)
+
+    key = (backward, next_pow2(M), N, *flags.values(), *(a.dtype for a in args if isinstance(a, torch.Tensor)))
+    config = _CHOSEN.get(key)
+    if config is not None:
+        kernel[grid](*args, **flags, **config.all_kwargs())
+        return launched[0]
+    tuner = _bwd_tuned if backward else _fwd_tuned
+    tuner[grid](*args, **flags)
+    if launched[0] is not None and getattr(tuner, "best_config", None) is not None:
+        _CHOSEN[key] = tuner.best_config  # the config this very launch ran with (Autotuner.run sets it)
+    return launched[0]
+
+
+def _partials(rows, N, device):
+    """Uninitialized fp32 rows for the backward's per-program dW/dB sums; only the rows of programs
+    that ran are summed (a test fills them with NaN to prove it)."""
+    return torch.empty((rows, N), device=device, dtype=torch.float32)
 
 
 # Launchers: allocate outputs and launch; the custom ops below check the device first.
@@ -227,14 +328,13 @@ def _fwd_launch(x, weight, bias, eps, delta=None, rms=False):
     mean = None if rms else torch.empty(M, device=x.device, dtype=torch.float32)
     rstd = torch.empty(M, device=x.device, dtype=torch.float32)
     if M > 0:
-        n_prog, rows_per_prog, BLOCK_M, BLOCK_N, num_warps = _launch_shape(M, N, False, x.device)
-        _layer_norm_fwd_kernel[(n_prog,)](
+        _launch(False, (
             x, x if delta is None else delta, y if s is None else s, y,
             weight, bias if bias is not None else weight, rstd if rms else mean, rstd,
             x.stride(0), x.stride(0) if delta is None else delta.stride(0), y.stride(0), y.stride(0),
-            M, N, rows_per_prog, float(eps),  # a Python float: fp32 in Triton
-            HAS_BIAS=bias is not None, HAS_ADD=delta is not None,
-            BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, IS_RMS=rms, num_warps=num_warps)
+            M, N, next_pow2(M), float(eps)),  # eps: a Python float is fp32 in Triton
+            dict(HAS_BIAS=bias is not None, HAS_ADD=delta is not None, IS_RMS=rms, BLOCK_N=next_pow2(N)),
+            M, N, x.device)
     return (y, mean, rstd) if delta is None else (s, y, mean, rstd)
 
 
@@ -253,18 +353,20 @@ def _bwd_launch(dy, x, weight, mean, rstd, ds=None, dx2_dtype=None):
     if M == 0:
         dw, db = torch.zeros_like(weight), None if rms else torch.zeros_like(weight)
     else:
-        n_prog, rows_per_prog, BLOCK_M, BLOCK_N, num_warps = _launch_shape(M, N, True, x.device)
-        dw_part = torch.empty((n_prog, N), device=x.device, dtype=torch.float32)
-        db_part = dw_part if rms else torch.empty((n_prog, N), device=x.device, dtype=torch.float32)
-        _layer_norm_bwd_kernel[(n_prog,)](
+        # one row of partial sums per program: as many rows as the largest grid autotune may launch
+        rows = _interpreter_shape(M, N)[0] if triton_interpreting() else min(M, _sm_count(x.device) * MAX_BWD_PROGS)
+        dw_part = _partials(rows, N, x.device)
+        db_part = dw_part if rms else _partials(rows, N, x.device)
+        n = _launch(True, (
             x, dy, dy if ds is None else ds, weight, rstd if rms else mean, rstd, dx, dx if dx2 is None else dx2,
             dw_part, db_part,
             x.stride(0), dy.stride(0), dy.stride(0) if ds is None else ds.stride(0), dx.stride(0),
-            dx.stride(0), M, N, rows_per_prog,
-            HAS_DS=ds is not None, HAS_DX2=dx2 is not None,
-            BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, IS_RMS=rms, num_warps=num_warps)
-        dw = dw_part.sum(0).to(weight.dtype)
-        db = None if rms else db_part.sum(0).to(weight.dtype)
+            dx.stride(0), M, N, next_pow2(M)),
+            dict(HAS_DS=ds is not None, HAS_DX2=dx2 is not None, IS_RMS=rms, BLOCK_N=next_pow2(N)),
+            M, N, x.device)
+        n = rows if n is None else n  # only recorded (meta tensors): nothing to sum
+        dw = dw_part[:n].sum(0).to(weight.dtype)
+        db = None if rms else db_part[:n].sum(0).to(weight.dtype)
     return (dx, dw, db) if dx2 is None else (dx, dx2, dw, db)
 
 

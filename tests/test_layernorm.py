@@ -295,14 +295,111 @@ def test_programs_that_walk_several_row_blocks(device):
     loop that restarted at the group's first row, or a dweight/dbias partial sum overwritten
     instead of accumulated per step, passed them all. 70 rows of width 2100 (BLOCK_M 4, 8 rows per
     program): two steps per program and a ragged last one."""
-    from tritongpt.kernels.layernorm import _launch_shape
+    from tritongpt.kernels._common import cdiv
+    from tritongpt.kernels.layernorm import _interpreter_shape
 
     M, N = 70, 2100
-    if device.type == "cpu":
-        for backward in (False, True):
-            _, rows_per_prog, block_m, _, _ = _launch_shape(M, N, backward, device)
-            assert rows_per_prog >= 2 * block_m and M % rows_per_prog % block_m, (rows_per_prog, block_m)
+    if device.type == "cpu":  # the split the kernels' _row_range makes of this grid (forward and backward alike)
+        n_prog, block_m = _interpreter_shape(M, N)
+        rows_per_prog = cdiv(cdiv(M, n_prog), block_m) * block_m
+        assert rows_per_prog >= 2 * block_m and M % rows_per_prog % block_m, (rows_per_prog, block_m)
     check_parity((M, N), torch.float32, device, seed=25)
+
+
+def _stand_in_gpu(monkeypatch, fastest):
+    """Run _launch's GPU branch on the CPU: the interpreter launches, 3 "SMs", NaN-filled partial-sum
+    rows, and a timer that makes the fastest[kernel]-th shape left by the prune the quickest.
+    -> {kernel: [the pruned configs, in the order autotune timed them]}."""
+    from tritongpt.kernels import layernorm as ln
+
+    monkeypatch.setattr(ln, "triton_interpreting", lambda: False)
+    monkeypatch.setattr(ln, "_sm_count", lambda device: 3)
+    monkeypatch.setattr(ln, "_CHOSEN", {})
+    monkeypatch.setattr(ln, "_partials", lambda rows, N, device: torch.full((rows, N), float("nan"), device=device))
+    timed = {}
+    for name, tuner in (("fwd", ln._fwd_tuned), ("bwd", ln._bwd_tuned)):
+        monkeypatch.setattr(tuner, "cache", {})
+        timed[name] = []
+
+        def prune(configs, named_args, name=name, **kwargs):
+            kept = ln._prune_shapes(configs, named_args, **kwargs)
+            timed[name][:] = kept
+            return kept
+
+        def bench(fn, quantiles, name=name, calls=[]):  # noqa: B006 (the calls of this one search)
+            fn()  # every shape runs once, for real
+            calls.append(None)
+            ms = 1.0 if len(calls) - 1 == fastest[name] else 2.0
+            return [ms, ms, ms]
+
+        monkeypatch.setattr(tuner, "early_config_prune", prune)
+        monkeypatch.setitem(tuner.__dict__, "do_bench", bench)
+    return timed
+
+
+@pytest.mark.parametrize("fastest", [{"fwd": 0, "bwd": 0}, {"fwd": 2, "bwd": 2}, {"fwd": 5, "bwd": 6}],
+                         ids=["first", "3rd", "widest"])
+def test_gpu_launch_path_autotunes_then_reuses_its_pick(monkeypatch, fastest):
+    """On a GPU the launch shape is autotuned per (rows bucket, width, flags, dtypes): each shape
+    sizes its own grid (programs per SM), the backward sums only the partial rows of the programs
+    that ran (here the rest are NaN: one program per "SM" leaves 3 of 6), and later calls launch
+    the pick without the autotuner. 150 rows (bucket 256: timed, not the small-M single shape) of
+    width 100."""
+    from triton.runtime.autotuner import Autotuner
+
+    from tritongpt.kernels import layernorm as ln
+
+    timed = _stand_in_gpu(monkeypatch, fastest)
+    for seed in (41, 42):  # the second call must not reach the autotuner
+        check_parity((150, 100), torch.float32, torch.device("cpu"), seed=seed)
+        check_add_parity((150, 100), torch.float32, torch.bfloat16, torch.device("cpu"), seed=seed)
+        if seed == 41:
+            assert len(timed["fwd"]) >= 6 and len(timed["bwd"]) >= 7
+            picks = {(d, c.kwargs["BLOCK_M"], c.kwargs["PROGS"], c.num_warps, c.num_stages)
+                     for (d, *_), c in ln._CHOSEN.items()}
+            assert len(ln._CHOSEN) == 4  # layer_norm's and add_layer_norm's forward and backward
+            for name, backward in (("fwd", False), ("bwd", True)):
+                c = timed[name][fastest[name]]
+                assert (backward, c.kwargs["BLOCK_M"], c.kwargs["PROGS"], c.num_warps, c.num_stages) in picks
+            monkeypatch.setattr(Autotuner, "run", lambda *a, **k: pytest.fail("autotuned again"))
+
+
+def test_launch_shapes_fit_every_width():
+    """The prune's output at GPT-2's widths and the extremes: BLOCK_M rows of BLOCK_N within 32
+    values a thread, no repeats, no more rows than the bucket, one shape (no timing) for few rows."""
+    import triton
+
+    from tritongpt.kernels import layernorm as ln
+
+    for shapes in (ln.FWD_SHAPES, ln.BWD_SHAPES):
+        configs = [triton.Config({"ELEMS": e, "PROGS": p}, num_warps=w, num_stages=s) for e, w, s, p in shapes]
+        for n in (1, 64, 100, 768, 1600, 8192):
+            block_n = triton.next_power_of_2(n)
+            for m_bucket in (1, 64, 128, 16384):
+                kept = ln._prune_shapes(configs, {"M_BUCKET": m_bucket}, BLOCK_N=block_n)
+                assert len(kept) == 1 if m_bucket <= ln.SMALL_M else len(kept) >= 2, (n, m_bucket, kept)
+                shapes_kept = [(c.kwargs["BLOCK_M"], c.num_warps, c.num_stages, c.kwargs["PROGS"]) for c in kept]
+                assert len(set(shapes_kept)) == len(kept)
+                for c in kept:
+                    assert 1 <= c.kwargs["BLOCK_M"] <= m_bucket
+                    assert c.kwargs["BLOCK_M"] * block_n <= 32 * 32 * c.num_warps
+                    assert c.kwargs["NUM_STAGES"] == c.num_stages
+    assert ln.MAX_BWD_PROGS == max(p for *_, p in ln.BWD_SHAPES)
+
+
+@pytest.mark.parametrize("M", [1, 2, 7, 70, 150, 1000, 16384, 81920, 100003])
+def test_grid_size_leaves_no_program_without_rows(M):
+    """_grid_size(M, BLOCK_M, cap) programs, each taking the kernels' _row_range share: every row is
+    covered once, each program has rows, and no more programs than the cap."""
+    from tritongpt.kernels._common import cdiv
+    from tritongpt.kernels.layernorm import _grid_size
+
+    for block_m in (1, 2, 4, 16, 64):
+        for cap in (1, 3, 16, 132, 264, 1056):
+            n = _grid_size(M, block_m, cap)
+            per = cdiv(cdiv(M, n), block_m) * block_m
+            assert 1 <= n <= cap and per % block_m == 0
+            assert per * (n - 1) < M <= per * n, (M, block_m, cap, n, per)
 
 
 def test_rows_of_a_wider_buffer_are_read_in_place(device):
