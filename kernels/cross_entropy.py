@@ -383,6 +383,30 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int
 # (except in fp16, whose range needs the loss scale first: see LinearCrossEntropyFunction).
 # (The same plan as Liger-Kernel's fused linear cross-entropy; the matmuls are cuBLAS's.)
 CHUNK_ELEMENTS = 1 << 27  # logits per chunk: 256 MB in bf16, about 2.7k rows of GPT-2's vocabulary
+# The head's rows are padded to a multiple of this inside the call, when the model's are not (GPT-2's 50257,
+# GPTConfig.vocab_multiple 1): a logits chunk [rows, 50257] has a row stride of 50257 elements, which no
+# 16-byte vector or TMA copy can walk, and cuBLAS falls back to slow kernels for all three head matmuls.
+# On the H200 the fused head + loss ran at 103 TFLOPS at 16k x 768 x 50257 (torch's F.linear +
+# F.cross_entropy at 113) where a bf16 matmul reached 687: the head was more than half the 124M step.
+# Padding costs one copy of the head's weight a call (77 MB for GPT-2 in bf16); the padding columns
+# are past n_classes, so the loss kernels treat them as absent, as they do the model's own padding.
+HEAD_ROW_MULTIPLE = 64
+
+
+def _padded_count(rows, multiple=HEAD_ROW_MULTIPLE):
+    return -(-rows // multiple) * multiple
+
+
+def _pad_rows(t, dtype, multiple=HEAD_ROW_MULTIPLE):
+    """t (the head's weight [V, C] or bias [V]) in dtype, with zero rows appended up to a multiple of
+    `multiple` rows: one new tensor (the cast and the padding in one copy), or t.to(dtype) when its
+    row count is such a multiple already."""
+    if t is None or t.shape[0] % multiple == 0:
+        return None if t is None else t.to(dtype)
+    padded = t.new_empty((_padded_count(t.shape[0], multiple), *t.shape[1:]), dtype=dtype)
+    padded[:t.shape[0]] = t
+    padded[t.shape[0]:] = 0
+    return padded
 
 
 class LinearCrossEntropyFunction(torch.autograd.Function):
@@ -402,8 +426,9 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         device = hidden.device.type
         # the matmul dtype nn.Linear would use: the autocast dtype, else the inputs' own
         dt = autocast_dtype(hidden.device) or hidden.dtype
-        h, w = hidden.to(dt), weight.to(dt)
-        b = None if bias is None else bias.to(dt)  # nn.Linear's bias under autocast: the matmul's dtype
+        # (the head's rows padded to HEAD_ROW_MULTIPLE: aligned matmuls; the gradients keep weight's rows)
+        h, w = hidden.to(dt), _pad_rows(weight, dt)
+        b = _pad_rows(bias, dt)  # nn.Linear's bias under autocast: the matmul's dtype
         # needs_input_grad only says requires_grad: under no_grad (evaluation) a head weight still
         # requires grad, and the gradient work would triple the head's cost for nothing
         want_dh, want_dw = grad_enabled and ctx.needs_input_grad[0], grad_enabled and ctx.needs_input_grad[1]
@@ -430,6 +455,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
                     _chunk_grads(dh, dw, logits, h, w, g_rows, targets, row_max, log_sum, s, e, options, db)
                 del logits  # before the next chunk's logits are allocated: one chunk alive at a time
         ctx.dtypes = hidden.dtype, weight.dtype, None if bias is None else bias.dtype
+        ctx.rows = weight.shape[0]
         ctx.deferred = (want_dh, want_dw, want_db, chunk_rows, options) if defer else None
         if defer:
             ctx.save_for_backward(h, w, b, targets, row_max, log_sum, g)
@@ -448,9 +474,9 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
                     None if db is None else (db * grad_loss).to(b_dtype))
         want_dh, want_dw, want_db, chunk_rows, options = ctx.deferred
         h, w, b, targets, row_max, log_sum, g = ctx.saved_tensors
-        N = h.shape[0]
-        dh, dw = _head_grad_buffers(h, w, want_dh, want_dw)
-        db = _bias_grad_buffer(b, want_db)
+        N, V = h.shape[0], ctx.rows
+        dh, dw = _head_grad_buffers(h, w[:V], want_dh, want_dw)  # w, b: padded; their gradients: weight's rows
+        db = _bias_grad_buffer(None if b is None else b[:V], want_db)
         g_rows = (grad_loss.float() * g).expand(min(N, chunk_rows)).contiguous()  # the loss scale included
         with torch.autocast(h.device.type, enabled=False):
             for s in range(0, N, chunk_rows):
@@ -488,13 +514,14 @@ def _chunk_grads(dh, dw, logits, h, w, g_rows, targets, row_max, log_sum, s, e, 
 
 def _head_grads(dlogits, h, w, s, e, dh, dw, db):
     """Rows s:e's dlogits through the head: dh[s:e] = dlogits W, dW += dlogits^T h (fp32), db += its column sums
-    (kernels/jsd.py's fused distillation loss too)."""
+    (kernels/jsd.py's fused distillation loss too). dw and db may have fewer rows than w (the rows _pad_rows
+    added: their gradient is dropped)."""
     if dh is not None:
         dh[s:e] = dlogits @ w
     if dw is not None:
-        dw += (dlogits.t() @ h[s:e]).float()
+        dw += (dlogits.t() @ h[s:e])[:dw.shape[0]].float()
     if db is not None:
-        db += dlogits.sum(0, dtype=torch.float32)
+        db += dlogits.sum(0, dtype=torch.float32)[:db.shape[0]]
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
@@ -536,7 +563,7 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
         check_same_dtype(hidden=hidden, weight=weight)
     _check_bias(bias, weight)
     n_classes = _n_classes(vocab_size, V, "weight has {V} rows")
-    chunk = chunk_rows if chunk_rows is not None else max(1, CHUNK_ELEMENTS // V)
+    chunk = chunk_rows if chunk_rows is not None else max(1, CHUNK_ELEMENTS // _padded_count(V))
     if not is_int(chunk) or chunk < 1:
         raise ValueError(f"chunk_rows must be a positive int, got {chunk_rows!r}")
     chunk = int(chunk)

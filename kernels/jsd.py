@@ -47,7 +47,8 @@ from tritongpt.kernels._common import (autocast_dtype, cdiv, check_runnable, che
                                        check_tensor, custom_op, first_order_only, next_pow2, no_func_transform,
                                        on_tensor_device)
 from tritongpt.kernels.cross_entropy import (CHUNK_ELEMENTS, _as_int, _bias_grad_buffer, _checked_targets,
-                                             _chunk_logits, _head_grads, _head_grad_buffers)
+                                             _chunk_logits, _head_grads, _head_grad_buffers,
+                                             _pad_rows, _padded_count)
 
 INTERPRET = triton_interpreting()
 LOG2E = tl.constexpr(1.4426950408889634)
@@ -273,10 +274,10 @@ class LinearDistillFunction(torch.autograd.Function):
         device = hidden.device.type
         dt = autocast_dtype(hidden.device) or hidden.dtype  # the matmul dtype nn.Linear would use
         tdt = autocast_dtype(hidden.device) or teacher_hidden.dtype
-        h, w = hidden.to(dt), weight.to(dt)
-        b = None if bias is None else bias.to(dt)
-        th, tw = teacher_hidden.to(tdt), teacher_weight.to(tdt)
-        tb = None if teacher_bias is None else teacher_bias.to(tdt)
+        # both heads' rows padded for aligned matmuls (cross_entropy.HEAD_ROW_MULTIPLE); columns past n_ce / n_kd
+        # are absent to the kernel, and dw, db keep weight's rows
+        h, w, b = hidden.to(dt), _pad_rows(weight, dt), _pad_rows(bias, dt)
+        th, tw, tb = teacher_hidden.to(tdt), _pad_rows(teacher_weight, tdt), _pad_rows(teacher_bias, tdt)
         want_dh, want_dw = grad_enabled and ctx.needs_input_grad[0], grad_enabled and ctx.needs_input_grad[1]
         want_db = grad_enabled and b is not None and ctx.needs_input_grad[5]
         dh, dw = _head_grad_buffers(h, weight, want_dh, want_dw)
@@ -382,7 +383,7 @@ def linear_distill_loss(student_hidden: torch.Tensor, student_weight: torch.Tens
             raise ValueError(f"{name} must be {'a finite number > 0' if name == 'temperature' else 'in [0, 1]'}, "
                              f"got {v!r}")
     ignore_index = _as_int(ignore_index, "ignore_index")
-    chunk = chunk_rows if chunk_rows is not None else max(1, CHUNK_ELEMENTS // (Ws + Wt))
+    chunk = chunk_rows if chunk_rows is not None else max(1, CHUNK_ELEMENTS // (_padded_count(Ws) + _padded_count(Wt)))
     if not is_int(chunk) or chunk < 1:
         raise ValueError(f"chunk_rows must be a positive int, got {chunk_rows!r}")
     N = math.prod(student_hidden.shape[:-1])

@@ -121,6 +121,35 @@ def check_linear(alpha, T, beta, dtype, device, reduction="mean", seed=0, chunk_
     assert th.grad is None and tw.grad is None and (tb is None or tb.grad is None)  # the teacher learns nothing
 
 
+def test_linear_heads_matmuls_see_padded_vocabularies(device):
+    """Both heads' rows (45 and 40 here; GPT-2's 50257 in practice) are padded to 64 inside the call, as
+    linear_cross_entropy's: no head matmul sees an unaligned vocabulary (cuBLAS's slow path on a GPU);
+    check_linear's parity covers the results."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class MatmulShapes(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.dims = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if func.overloadpacket in (torch.ops.aten.mm, torch.ops.aten.addmm):
+                self.dims += [d for a in (*args, out) if isinstance(a, torch.Tensor) for d in a.shape]
+            return out
+
+    g = torch.Generator().manual_seed(3)
+    h, w = torch.randn(10, 12, generator=g, requires_grad=True), torch.randn(45, 12, generator=g, requires_grad=True)
+    th, tw = torch.randn(10, 8, generator=g), torch.randn(40, 8, generator=g)
+    y = torch.randint(0, 41, (10,), generator=g)
+    with MatmulShapes() as seen:
+        loss, _, _ = linear_distill_loss(h.to(device), w.to(device), th.to(device), tw.to(device), y.to(device),
+                                         37, 0.5, ce_vocab_size=41, chunk_rows=4)
+        loss.backward()
+    assert 64 in seen.dims and 45 not in seen.dims and 40 not in seen.dims, seen.dims
+    assert w.grad.shape == (45, 12) and torch.count_nonzero(w.grad[41:]) == 0
+
+
 @pytest.mark.parametrize("beta", [0.0, 0.3, 1.0])
 @pytest.mark.parametrize("alpha", [0.0, 0.4, 1.0])
 def test_linear_parity_fp64(alpha, beta, device):
