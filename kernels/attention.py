@@ -84,6 +84,7 @@ The kernels are registered as the custom ops `tritongpt::flash_attn_fwd` /
 autograd.Function), so torch.compile treats the attention as one opaque differentiable op
 instead of tracing into Triton.
 """
+import functools
 import math
 
 import torch
@@ -628,11 +629,19 @@ def _kernel_flags(q, causal, dropout_p, starts=None, softcap=0.0, alibi=None):
                 PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
 
 
+@functools.lru_cache(maxsize=None)
+def _stand_in(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """A one-element tensor for a pointer the kernels never read (no documents, no ALiBi: compile-time
+    False flags), made once per device and dtype. A torch.zeros per call was an allocation and a fill
+    kernel on the GPU, four a forward + backward, besides attention's own launches."""
+    return torch.empty(1, dtype=dtype, device=device)
+
+
 def _doc_args(q, starts, ends):
     """The document-bound pointers and their row stride; without documents a one-element stand-in
     (never read: HAS_DOCS is a compile-time False then)."""
     if starts is None:
-        dummy = torch.zeros(1, dtype=torch.int32, device=q.device)
+        dummy = _stand_in(q.device, torch.int32)
         return dummy, dummy, 0
     # the kernels step both by one row stride: a caller of the op may give them others. A window's
     # bounds, the same for every row, come expanded (stride 0) and stay so.
@@ -643,7 +652,7 @@ def _doc_args(q, starts, ends):
 
 def _alibi_arg(q, alibi):
     """The slopes as the kernels index them (unit stride); without ALiBi a never-read stand-in."""
-    return torch.zeros(1, dtype=torch.float32, device=q.device) if alibi is None else alibi.contiguous()
+    return _stand_in(q.device, torch.float32) if alibi is None else alibi.contiguous()
 
 
 def _q_bucket(Tq):
