@@ -99,7 +99,7 @@ def _row_tile(Offsets, E, pid_m, BLOCK_M: tl.constexpr):
 
 
 @triton.autotune(configs=_configs(), key=["M_BUCKET", "N", "K", "EPILOGUE", "SUM2", "GATE_GELU", "GATHER_A",
-                                          "STORE_ACT"])
+                                          "SCATTER_C", "STORE_ACT"])
 @triton.jit
 def _grouped_kernel(A, AIdx, B, C, CIdx, Offsets, Aux, Hout, A2, B2, Aux2, Hout2, N, K, E, A_DIV, M_BUCKET,
                     stride_am, stride_ak, stride_be, stride_bk, stride_bn, stride_cm, stride_cn,

@@ -2076,6 +2076,38 @@ def test_every_autotuned_kernel_is_registered():
     assert kernel_common.AUTOTUNED["attention.backward_dq"] is attention._attn_bwd_dq_run
 
 
+def test_every_compile_time_flag_of_an_autotuned_kernel_is_in_its_key():
+    """Autotune caches one config per key: a constexpr flag missing from the key (the MoE kernel's SCATTER_C was)
+    reuses the config timed for the other variant of the kernel. Each constexpr must be a key, a config's
+    meta-parameter, or derived from a key (PRECISION from the dtypes, which Triton's key holds; LayerNorm's BLOCK_N
+    from N; its BLOCK_M and NUM_STAGES come from the prune, which makes them from each config's ELEMS)."""
+    import importlib
+    import inspect
+    import pkgutil
+
+    import triton
+
+    import tritongpt.kernels as package
+
+    for info in pkgutil.iter_modules(package.__path__):
+        importlib.import_module(f"tritongpt.kernels.{info.name}")
+    derived = {"PRECISION", "BLOCK_D"}
+    from_prune = {"layernorm.forward": {"BLOCK_M", "BLOCK_N", "NUM_STAGES"},
+                  "layernorm.backward": {"BLOCK_M", "BLOCK_N", "NUM_STAGES"}}
+    checked = 0
+    for name, tuner in kernel_common.AUTOTUNED.items():
+        if not isinstance(tuner, triton.runtime.Autotuner):
+            continue  # attention's under the interpreter: plain kernels
+        fn = getattr(tuner.fn, "fn", tuner.fn)
+        flags = [n for n, p in inspect.signature(fn).parameters.items() if "constexpr" in str(p.annotation)]
+        meta = set().union(*(c.kwargs for c in tuner.configs))
+        missing = [f for f in flags if f not in tuner.keys and f not in meta and f not in derived
+                   and f not in from_prune.get(name, ())]
+        assert not missing, f"{name}: {missing} not in the autotune key {tuner.keys}"
+        checked += 1
+    assert checked >= 5
+
+
 def test_result_autotune_field_is_checked_and_rendered():
     d = _fake_kernel_result()
     d["autotune"] = [{"kernel": "attention.forward", "key": {"HEAD_DIM": 64, "Q_BUCKET": 1024},
