@@ -70,11 +70,15 @@ def _tuned_kernel_names() -> dict:
     """Triton function name -> (our name for it, its autotune key names), e.g. "_attn_fwd" ->
     ("attention.forward", ["HEAD_DIM", ...]), from the kernels' registry."""
     import importlib
+    import pkgutil
 
+    import tritongpt.kernels as package
     from tritongpt.kernels import _common
 
-    for module in ("attention", "mlp"):  # each registers its launchers on import
-        importlib.import_module(f"tritongpt.kernels.{module}")
+    # each module registers its tuners on import: all of them, or a kernel autotuned since (LayerNorm's,
+    # MoE's) goes unnamed in a process that imported only this one (gpu_session.sh's save_timings)
+    for info in pkgutil.iter_modules(package.__path__):
+        importlib.import_module(f"tritongpt.kernels.{info.name}")
     names = {}
     for name, tuner in _common.AUTOTUNED.items():
         fn = getattr(tuner, "base_fn", tuner)

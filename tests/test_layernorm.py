@@ -364,6 +364,45 @@ def test_gpu_launch_path_autotunes_then_reuses_its_pick(monkeypatch, fastest):
             monkeypatch.setattr(Autotuner, "run", lambda *a, **k: pytest.fail("autotuned again"))
 
 
+def test_saved_autotune_searches_name_the_layernorm_kernels(tmp_path):
+    """bench/gpu_session.sh gathers autotune's saved searches (report.save_autotune_timings) in a
+    fresh process that imports bench.report alone. LayerNorm's kernels, autotuned on a GPU, must be
+    named there as the results' picks are ("layernorm.backward" and its key names), not as Triton's
+    function with a bare key; so must every other autotuned kernel the package registers (MoE's)."""
+    import json
+    import subprocess
+    import sys
+
+    import triton
+
+    from tritongpt.bench import report
+
+    search = {"key": [256, 100, True, False, False, "torch.float32", "torch.float32"],
+              "configs_timings": [(triton.Config({"BLOCK_M": 16, "NUM_STAGES": 2, "PROGS": 2}, num_warps=4,
+                                                 num_stages=2).__dict__, [0.02, 0.02, 0.02])]}
+    (tmp_path / "ab12").mkdir()
+    (tmp_path / "ab12" / "_layer_norm_bwd_kernel.autotune.json").write_text(json.dumps(search))
+    out = tmp_path / "timings.json"
+    code = ("import json, sys; from tritongpt.bench.report import _tuned_kernel_names, save_autotune_timings; "
+            "save_autotune_timings(sys.argv[1], sys.argv[2]); print(json.dumps(_tuned_kernel_names()))")
+    run = subprocess.run([sys.executable, "-c", code, str(out), str(tmp_path)], capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0, run.stderr
+    (entry,) = json.loads(out.read_text())
+    assert entry["kernel"] == "layernorm.backward" and entry["function"] == "_layer_norm_bwd_kernel", entry
+    assert entry["key"] == {"M_BUCKET": 256, "N": 100, "HAS_DS": True, "HAS_DX2": False, "IS_RMS": False}
+    assert entry["dtypes"] == ["float32"]
+    # the fresh process names every tuner this one registers once all the kernel modules are imported
+    import importlib
+    import pkgutil
+
+    import tritongpt.kernels as package
+
+    for info in pkgutil.iter_modules(package.__path__):
+        importlib.import_module(f"tritongpt.kernels.{info.name}")
+    assert json.loads(run.stdout.splitlines()[-1]) == {k: list(v) for k, v in report._tuned_kernel_names().items()}
+
+
 def test_launch_shapes_fit_every_width():
     """The prune's output at GPT-2's widths and the extremes: BLOCK_M rows of BLOCK_N within 32
     values a thread, no repeats, no more rows than the bucket, one shape (no timing) for few rows."""
