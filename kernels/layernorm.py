@@ -25,9 +25,10 @@ tutorial reduces them through lock-protected buffers):
     carry into every x_hat), then
         dx = rstd * (w*dy - (x_hat * mean(x_hat*w*dy) + mean(w*dy)))
     The weight/bias gradients need a sum over all rows. Each program accumulates its own
-    rows' dy*x_hat and dy in one fp32 row of registers each and writes them as one partial row
-    to a [n_programs, N] fp32 buffer; a torch .sum(0) over those few rows finishes the job. No
-    atomics, so the result is deterministic (for a given launch shape) and there is no lock
+    rows' dy*x_hat and dy in one fp32 row of registers each and writes them as row pid of an
+    fp32 buffer (rows for the largest grid autotune may launch); a torch .sum(0) over the rows of
+    the programs that ran finishes the job. No atomics, so the result is deterministic for a given
+    launch shape (on a GPU, autotune's pick: it may differ between processes) and there is no lock
     contention.
 
   * Residual add (`add_layer_norm`, llm.c's fused residual forward): a pre-LN block computes
