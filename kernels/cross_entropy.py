@@ -455,10 +455,10 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
                     _chunk_grads(dh, dw, logits, h, w, g_rows, targets, row_max, log_sum, s, e, options, db)
                 del logits  # before the next chunk's logits are allocated: one chunk alive at a time
         ctx.dtypes = hidden.dtype, weight.dtype, None if bias is None else bias.dtype
-        ctx.rows = weight.shape[0]
         ctx.deferred = (want_dh, want_dw, want_db, chunk_rows, options) if defer else None
-        if defer:
-            ctx.save_for_backward(h, w, b, targets, row_max, log_sum, g)
+        if defer:  # the weight as given (the padded copy is made again in backward, not kept alive until then)
+            ctx.matmul_dtype = dt
+            ctx.save_for_backward(h, weight, bias, targets, row_max, log_sum, g)
         else:
             ctx.save_for_backward(dh, dw, db)
         return loss_rows.sum() * g
@@ -473,10 +473,11 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
                     None if dw is None else (dw * grad_loss).to(w_dtype), *[None] * 9,
                     None if db is None else (db * grad_loss).to(b_dtype))
         want_dh, want_dw, want_db, chunk_rows, options = ctx.deferred
-        h, w, b, targets, row_max, log_sum, g = ctx.saved_tensors
-        N, V = h.shape[0], ctx.rows
-        dh, dw = _head_grad_buffers(h, w[:V], want_dh, want_dw)  # w, b: padded; their gradients: weight's rows
-        db = _bias_grad_buffer(None if b is None else b[:V], want_db)
+        h, weight, bias, targets, row_max, log_sum, g = ctx.saved_tensors
+        N = h.shape[0]
+        w, b = _pad_rows(weight, ctx.matmul_dtype), _pad_rows(bias, ctx.matmul_dtype)  # as forward's
+        dh, dw = _head_grad_buffers(h, weight, want_dh, want_dw)  # the gradients: weight's rows
+        db = _bias_grad_buffer(bias, want_db)
         g_rows = (grad_loss.float() * g).expand(min(N, chunk_rows)).contiguous()  # the loss scale included
         with torch.autocast(h.device.type, enabled=False):
             for s in range(0, N, chunk_rows):

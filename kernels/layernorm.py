@@ -42,8 +42,8 @@ tutorial reduces them through lock-protected buffers):
   * RMSNorm (Llama, Gemma, modded-nanogpt): y = x / sqrt(mean(x^2) + eps) * w, through the same two
     kernels with the constexpr IS_RMS: forward skips the mean (rstd is of mean(x^2)) and stores rstd
     alone; backward's x_hat is x * rstd and dx = rstd * (w*dy - x_hat * mean(x_hat*w*dy)), without
-    LayerNorm's mean(w*dy) term; only dweight's partials. IS_RMS False compiles to LayerNorm's
-    binaries as they were (the same PTX for every launch bench/compile_check.py captures, sm_90).
+    LayerNorm's mean(w*dy) term; only dweight's partials. IS_RMS is a compile-time flag: a
+    LayerNorm binary holds none of RMSNorm's branches, and the reverse.
 
 Public API: `layer_norm(x, weight, bias, eps=1e-5)` and `add_layer_norm(x, delta, weight, bias,
 eps=1e-5) -> (s, y)`; `rms_norm(x, weight, eps=1e-5)` and `add_rms_norm(x, delta, weight, eps=1e-5)`.

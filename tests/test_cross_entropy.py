@@ -1081,6 +1081,30 @@ def test_linear_head_matmuls_see_a_padded_vocabulary(dtype, device):
         assert_close_rel(got, want, TOL[dtype], name)
 
 
+def test_fp16_deferred_path_keeps_no_padded_copy_until_backward(device):
+    """fp16 makes its gradients in backward from recomputed logits: it keeps the weight as given and pads it
+    again there, so no padded copy of the head (77 MB for GPT-2) lives from forward to backward."""
+    N, C, V = 24, 16, 300
+    gen = torch.Generator().manual_seed(14)
+    h = torch.randn(N, C, generator=gen).to(device, torch.float16).requires_grad_()
+    w = torch.randn(V, C, generator=gen).to(device, torch.float16).requires_grad_()
+    t = torch.randint(0, V, (N,), generator=gen).to(device)
+    saved = []
+
+    def pack(x):
+        saved.append(tuple(x.shape))
+        return x
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
+        loss = linear_cross_entropy(h, w, t, chunk_rows=8)
+    assert (V, C) in saved and not any(shape and shape[0] == 320 for shape in saved), saved
+    loss.backward()
+    h64, w64 = (a.detach().double().requires_grad_() for a in (h, w))
+    torch.nn.functional.cross_entropy(h64 @ w64.t(), t).backward()
+    assert_close_rel(w.grad, w64.grad, TOL[torch.float16], "dW")
+    assert_close_rel(h.grad, h64.grad, TOL[torch.float16], "dh")
+
+
 # -- the LM head's bias (GPTConfig.head_bias: Phi-1/1.5/2, GPT-J) --------------------------------
 def check_linear_bias_parity(dtype, device, seed, options=(), chunk_rows=10, V=277, pad=35, reduction="mean"):
     """linear_cross_entropy(..., bias=b) against float64 torch on (h @ W.T + b)[:, :V]: loss, dh, dW and db;
