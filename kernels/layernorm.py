@@ -66,6 +66,7 @@ from tritongpt.kernels._common import (autotuned, cast, cdiv, check_runnable, ch
                                        on_tensor_device)
 
 MAX_WIDTH = 8192  # one row must fit in one tile (registers/SRAM); wider rows are rejected
+INTERPRET = triton_interpreting()  # Triton decided at its import: read once, not on every launch
 
 
 @triton.jit
@@ -287,7 +288,7 @@ def _launch(backward, args, flags, M, N, device):
     autotuner rebuilds its cache key from every argument on each call: host time a 20 us kernel
     waits on)."""
     kernel = _layer_norm_bwd_kernel if backward else _layer_norm_fwd_kernel
-    if triton_interpreting():
+    if INTERPRET:
         n, BLOCK_M = _interpreter_shape(M, N)
         kernel[(n,)](*args, **flags, BLOCK_M=BLOCK_M, NUM_STAGES=1, PROGS=1, num_warps=1)
         return n
@@ -355,7 +356,7 @@ def _bwd_launch(dy, x, weight, mean, rstd, ds=None, dx2_dtype=None):
         dw, db = torch.zeros_like(weight), None if rms else torch.zeros_like(weight)
     else:
         # one row of partial sums per program: as many rows as the largest grid autotune may launch
-        rows = _interpreter_shape(M, N)[0] if triton_interpreting() else min(M, _sm_count(x.device) * MAX_BWD_PROGS)
+        rows = _interpreter_shape(M, N)[0] if INTERPRET else min(M, _sm_count(x.device) * MAX_BWD_PROGS)
         dw_part = _partials(rows, N, x.device)
         db_part = dw_part if rms else _partials(rows, N, x.device)
         n = _launch(True, (

@@ -56,6 +56,8 @@ from tritongpt.errors import UserError
 from tritongpt.model.config import check_rope_scaling
 from tritongpt.model.layers import is_longrope, rope_inv_freq, rope_seq_len
 
+INTERPRET = triton_interpreting()  # Triton decided at its import: read once, not on every launch
+
 # a head's two halves in registers: BLOCK_T x 128 fp32 values each (under partial rotary the rotated halves
 # are narrower and the pass-through tile at most a head wide: _block_t keeps it at two half-tiles' size)
 MAX_HEAD_DIM = 256
@@ -120,7 +122,7 @@ def _rope_kernel(Q, K, QO, KO, Pos, InvFreq, T, n_heads, n_kv_heads, n_tblocks,
 
 
 def _block_t(T: int, half: int, n_pass: int = 0) -> int:
-    if triton_interpreting():
+    if INTERPRET:
         return min(next_pow2(max(T, 1)), 64)  # the interpreter pays per program: few, big
     # 2K values per half-tile at 4 warps: 16 a thread for each of x1, x2, cos, sin (4K made 160
     # registers a thread in the sm_90 build, bench compile: too few warps per SM to hide latency);
@@ -154,7 +156,7 @@ def _launch(q, k, positions, inv_freq, inverse, rotary_dim=0, mscale=1.0):
         q, k, qo, ko, positions, inv_freq, T, H, Hkv, n_tblocks,
         *q.stride(), *k.stride(), *qo.stride(), *ko.stride(), *positions.stride(),
         HALF=half, BLOCK_T=block_t, BLOCK_HALF=next_pow2(half), INVERSE=inverse, **partial,
-        num_warps=1 if triton_interpreting() else 4)
+        num_warps=1 if INTERPRET else 4)
     return qo, ko
 
 

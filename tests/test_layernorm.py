@@ -312,7 +312,7 @@ def _stand_in_gpu(monkeypatch, fastest):
     -> {kernel: [the pruned configs, in the order autotune timed them]}."""
     from tritongpt.kernels import layernorm as ln
 
-    monkeypatch.setattr(ln, "triton_interpreting", lambda: False)
+    monkeypatch.setattr(ln, "INTERPRET", False)
     monkeypatch.setattr(ln, "_sm_count", lambda device: 3)
     monkeypatch.setattr(ln, "_CHOSEN", {})
     monkeypatch.setattr(ln, "_partials", lambda rows, N, device: torch.full((rows, N), float("nan"), device=device))
