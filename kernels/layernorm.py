@@ -241,7 +241,9 @@ FWD_SHAPES = ((4096, 8, 1, 8), (4096, 8, 2, 4), (4096, 8, 3, 2), (2048, 4, 2, 8)
 BWD_SHAPES = ((4096, 8, 1, 2), (4096, 8, 2, 2), (4096, 8, 3, 1), (2048, 4, 2, 2), (2048, 4, 3, 2),
               (2048, 8, 3, 1), (8192, 8, 2, 1), (1024, 4, 4, 2))
 MAX_BWD_PROGS = max(p for *_, p in BWD_SHAPES)
-SMALL_M = 64  # at most this many rows (decode steps): the first shape, no timing
+# At most this many rows (decode steps, short prompts): the first shape, untimed. The kernel takes microseconds
+# there, the call is host-bound, and each new rows bucket would cost a search (~1 s) in a generation session.
+SMALL_M = 1024
 
 
 def _prune_shapes(configs, named_args, **kwargs):

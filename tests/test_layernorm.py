@@ -315,6 +315,7 @@ def _stand_in_gpu(monkeypatch, fastest):
     monkeypatch.setattr(ln, "INTERPRET", False)
     monkeypatch.setattr(ln, "_sm_count", lambda device: 3)
     monkeypatch.setattr(ln, "_CHOSEN", {})
+    monkeypatch.setattr(ln, "SMALL_M", 64)
     monkeypatch.setattr(ln, "_partials", lambda rows, N, device: torch.full((rows, N), float("nan"), device=device))
     timed = {}
     for name, tuner in (("fwd", ln._fwd_tuned), ("bwd", ln._bwd_tuned)):
@@ -343,8 +344,8 @@ def test_gpu_launch_path_autotunes_then_reuses_its_pick(monkeypatch, fastest):
     """On a GPU the launch shape is autotuned per (rows bucket, width, flags, dtypes): each shape
     sizes its own grid (programs per SM), the backward sums only the partial rows of the programs
     that ran (here the rest are NaN: one program per "SM" leaves 3 of 6), and later calls launch
-    the pick without the autotuner. 150 rows (bucket 256: timed, not the small-M single shape) of
-    width 100."""
+    the pick without the autotuner. 150 rows of width 100 (bucket 256: timed, with SMALL_M lowered to 64
+    here so the interpreter's grids stay small)."""
     from triton.runtime.autotuner import Autotuner
 
     from tritongpt.kernels import layernorm as ln
@@ -414,7 +415,7 @@ def test_launch_shapes_fit_every_width():
         configs = [triton.Config({"ELEMS": e, "PROGS": p}, num_warps=w, num_stages=s) for e, w, s, p in shapes]
         for n in (1, 64, 100, 768, 1600, 8192):
             block_n = triton.next_power_of_2(n)
-            for m_bucket in (1, 64, 128, 16384):
+            for m_bucket in (1, 64, 1024, 2048, 16384):
                 kept = ln._prune_shapes(configs, {"M_BUCKET": m_bucket}, BLOCK_N=block_n)
                 assert len(kept) == 1 if m_bucket <= ln.SMALL_M else len(kept) >= 2, (n, m_bucket, kept)
                 shapes_kept = [(c.kwargs["BLOCK_M"], c.num_warps, c.num_stages, c.kwargs["PROGS"]) for c in kept]
