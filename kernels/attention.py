@@ -179,8 +179,9 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, offs_m, o
                HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
                MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr,
                HAS_DOCS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
-               PRECISION: tl.constexpr):
-    """Stream KV tiles [lo, hi) past one query tile (online softmax, base-2 logits)."""
+               PRECISION: tl.constexpr, EMPTY_ROWS: tl.constexpr):
+    """Stream KV tiles [lo, hi) past one query tile (online softmax, base-2 logits). EMPTY_ROWS: a row
+    may have seen no key so far (documents; a KV split the causal mask hides from some rows)."""
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         k = _load_rows(k_base, offs_n, Tk, stride_kn, offs_d, HEAD_DIM, BLOCK_D)
@@ -196,7 +197,7 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, offs_m, o
                 valid = valid & (offs_n[None, :] >= q_start[:, None])
             s = tl.where(valid, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
-        if HAS_DOCS:
+        if EMPTY_ROWS:
             # A row whose document starts past this tile sees none of it yet: its max stays -inf
             # and the exponentials take 0 as their base (exp2(-inf - -inf) would be NaN).
             m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -279,22 +280,113 @@ def _attn_fwd(Q, K, V, O, LSE, STARTS, ALIBI, seed, qk_scale, softcap, dropout_p
                                    q_start, lo, mid, Tq, Tk, qk_scale, softcap, slope, seed, rng_base, dropout_p,
                                    keep_scale,
                                    HEAD_DIM, BLOCK_D, BLOCK_N, True, IS_CAUSAL, HAS_DROPOUT, HAS_DOCS,
-                                   HAS_SOFTCAP, HAS_ALIBI, PRECISION)
+                                   HAS_SOFTCAP, HAS_ALIBI, PRECISION, HAS_DOCS)
     else:
         q_start, mid = offs_m, 0
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, offs_m, offs_d,
                                q_start, mid, full_hi, Tq, Tk, qk_scale, softcap, slope, seed, rng_base, dropout_p,
                                keep_scale, HEAD_DIM, BLOCK_D, BLOCK_N, False, IS_CAUSAL, HAS_DROPOUT, HAS_DOCS,
-                               HAS_SOFTCAP, HAS_ALIBI, PRECISION)
+                               HAS_SOFTCAP, HAS_ALIBI, PRECISION, HAS_DOCS)
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, offs_m, offs_d,
                                q_start, full_hi, hi, Tq, Tk, qk_scale, softcap, slope, seed, rng_base, dropout_p,
                                keep_scale, HEAD_DIM, BLOCK_D, BLOCK_N, True, IS_CAUSAL, HAS_DROPOUT, HAS_DOCS,
-                               HAS_SOFTCAP, HAS_ALIBI, PRECISION)
+                               HAS_SOFTCAP, HAS_ALIBI, PRECISION, HAS_DOCS)
 
     acc = acc / l_i[:, None]
     _store_rows(o_base, acc, offs_m, Tq, stride_om, offs_d, HEAD_DIM, BLOCK_D)
     tl.store(LSE + bh.to(tl.int64) * Tq + offs_m, m_i + tl.log2(l_i), mask=offs_m < Tq)
 
+
+
+@triton.jit(do_not_specialize=["H"])
+def _attn_fwd_split(Q, K, V, O_PART, LSE_PART, STARTS, ALIBI, qk_scale, softcap,
+                    stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
+                    stride_vb, stride_vh, stride_vn, stride_sb,
+                    H, GROUP, Tq, Tk, Q_BUCKET, NUM_SPLITS,
+                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                    IS_CAUSAL: tl.constexpr, HAS_DOCS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+                    HAS_ALIBI: tl.constexpr, PRECISION: tl.constexpr):
+    """Split-KV forward (flash-decoding), grid (NUM_SPLITS * cdiv(Tq, BLOCK_M), H, B): program
+    (tile, split) runs _attn_fwd's loop over the split-th of the KV tiles its query tile visits
+    (whole BLOCK_N tiles, the same masks), then writes that split's normalized output O_s (fp32,
+    O_PART [B, H, NUM_SPLITS, Tq, D]) and the base-2 logsumexp of its scores (LSE_PART
+    [B, H, NUM_SPLITS, Tq]). _attn_fwd_combine merges the splits. No dropout (decode never has it).
+    A row may see no key of its split (the causal mask hides the last keys from the earlier rows of
+    a chunk; a split past the visited tiles is empty): its max stays -inf, it stores O_s = 0 and
+    lse_s = -inf, which weigh 0 in the combine."""
+    pid = tl.program_id(0)
+    split = pid % NUM_SPLITS
+    start_m = (pid // NUM_SPLITS) * BLOCK_M
+    h, b = tl.program_id(1).to(tl.int64), tl.program_id(2).to(tl.int64)
+    bh = b * H + h
+    q_base = Q + b * stride_qb + h * stride_qh
+    k_base = K + b * stride_kb + (h // GROUP) * stride_kh
+    v_base = V + b * stride_vb + (h // GROUP) * stride_vh
+    slope = _alibi_slope(ALIBI, h, HAS_ALIBI)
+
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    q = _load_rows(q_base, offs_m, Tq, stride_qm, offs_d, HEAD_DIM, BLOCK_D)
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+
+    full_hi, hi = _kv_tile_range(start_m, Tq, Tk, BLOCK_M, BLOCK_N, IS_CAUSAL)
+    if HAS_DOCS:
+        q_start, lo, mid = _doc_tile_range(STARTS + b * stride_sb, offs_m, Tq, Tk, full_hi, BLOCK_N)
+    else:
+        q_start, lo, mid = offs_m, 0, 0
+    # This split's share of the visited tiles [lo, hi): the same number of whole tiles each (lo is
+    # a multiple of BLOCK_N), so each of _attn_fwd's three ranges is cut at tile boundaries.
+    per_split = tl.cdiv(tl.cdiv(hi - lo, BLOCK_N), NUM_SPLITS) * BLOCK_N
+    s_lo = lo + split * per_split
+    s_hi = tl.minimum(s_lo + per_split, hi)
+    if HAS_DOCS:
+        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, offs_m, offs_d,
+                                   q_start, s_lo, tl.minimum(mid, s_hi), Tq, Tk, qk_scale, softcap, slope, 0, 0,
+                                   0.0, 1.0, HEAD_DIM, BLOCK_D, BLOCK_N, True, IS_CAUSAL, False, HAS_DOCS,
+                                   HAS_SOFTCAP, HAS_ALIBI, PRECISION, True)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, offs_m, offs_d,
+                               q_start, tl.maximum(mid, s_lo), tl.minimum(full_hi, s_hi), Tq, Tk, qk_scale, softcap,
+                               slope, 0, 0, 0.0, 1.0, HEAD_DIM, BLOCK_D, BLOCK_N, False, IS_CAUSAL, False, HAS_DOCS,
+                               HAS_SOFTCAP, HAS_ALIBI, PRECISION, False)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, offs_m, offs_d,
+                               q_start, tl.maximum(full_hi, s_lo), s_hi, Tq, Tk, qk_scale, softcap, slope, 0, 0,
+                               0.0, 1.0, HEAD_DIM, BLOCK_D, BLOCK_N, True, IS_CAUSAL, False, HAS_DOCS,
+                               HAS_SOFTCAP, HAS_ALIBI, PRECISION, True)
+
+    acc = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]  # l = 0 only where the split showed the row nothing
+    row = (bh * NUM_SPLITS + split) * Tq  # this split's first row in the partials
+    _store_rows(O_PART + row * HEAD_DIM, acc, offs_m, Tq, HEAD_DIM, offs_d, HEAD_DIM, BLOCK_D)
+    tl.store(LSE_PART + row + offs_m, m_i + tl.log2(l_i), mask=offs_m < Tq)  # -inf + log2(0) = -inf
+
+
+@triton.jit(do_not_specialize=["H"])
+def _attn_fwd_combine(O_PART, LSE_PART, O, LSE, stride_ob, stride_oh, stride_om, H, Tq, NUM_SPLITS,
+                      HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Grid (cdiv(Tq, BLOCK_M), H, B). Merges _attn_fwd_split's partials of BLOCK_M query rows:
+    lse = log2 sum_s 2^lse_s, O = sum_s 2^(lse_s - lse) O_s (each O_s normalized by its own row
+    sum, so its weight is that split's share of the whole row sum). Two passes over the splits:
+    the max of the lse_s first, so no 2^lse_s overflows; then the weighted sum."""
+    start_m = tl.program_id(0) * BLOCK_M
+    h, b = tl.program_id(1).to(tl.int64), tl.program_id(2).to(tl.int64)
+    part = (b * H + h) * NUM_SPLITS * Tq
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    m = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    for s in range(0, NUM_SPLITS):
+        m = tl.maximum(m, tl.load(LSE_PART + part + s * Tq + offs_m, mask=offs_m < Tq, other=float("-inf")))
+    m = tl.where(m == float("-inf"), 0.0, m)  # rows past Tq: no split has any of them
+    l = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    for s in range(0, NUM_SPLITS):
+        w = tl.exp2(tl.load(LSE_PART + part + s * Tq + offs_m, mask=offs_m < Tq, other=float("-inf")) - m)
+        o_s = _load_rows(O_PART + (part + s * Tq) * HEAD_DIM, offs_m, Tq, HEAD_DIM, offs_d, HEAD_DIM, BLOCK_D)
+        acc += w[:, None] * o_s
+        l += w
+    _store_rows(O + b * stride_ob + h * stride_oh, acc / l[:, None], offs_m, Tq, stride_om, offs_d, HEAD_DIM,
+                BLOCK_D)
+    tl.store(LSE + (b * H + h) * Tq + offs_m, m + tl.log2(l), mask=offs_m < Tq)
 
 # ----------------------------------------------------------------------------- backward
 @triton.jit(do_not_specialize=["H"])
@@ -560,11 +652,15 @@ def _tuned(tiles, prune, key=()):
         return prune([c for c in configs if group_of[id(c)] == group], named_args, **kwargs)
 
     # Q_BUCKET (next power of two of Tq, capped) instead of Tq/Tk: decode grows Tk by one per
-    # token and must not re-tune every step. Tensor dtypes join the key automatically.
-    return triton.autotune([c for cfgs in groups.values() for c in cfgs],
-                           key=["HEAD_DIM", "IS_CAUSAL", "HAS_DROPOUT", "HAS_DOCS", "HAS_SOFTCAP", "HAS_ALIBI",
-                                "Q_BUCKET", *key],
-                           prune_configs_by={"early_config_prune": by_head_dim})
+    # token and must not re-tune every step (nor the split count, which follows Tk). Tensor dtypes
+    # join the key automatically. The split kernel has no HAS_DROPOUT: only the flags a kernel takes.
+    def decorate(fn):
+        flags = [a for a in ("HEAD_DIM", "IS_CAUSAL", "HAS_DROPOUT", "HAS_DOCS", "HAS_SOFTCAP", "HAS_ALIBI")
+                 if a in fn.arg_names]
+        return triton.autotune([c for cfgs in groups.values() for c in cfgs], key=[*flags, "Q_BUCKET", *key],
+                               prune_configs_by={"early_config_prune": by_head_dim})(fn)
+
+    return decorate
 
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages), by tile_group. Narrow: H100 starting points from the
@@ -597,6 +693,14 @@ TILES = {
                  (16, 64, 4, 2), (16, 32, 4, 2), (16, 16, 4, 2)],
         "wide_fp32": [(32, 16, 4, 2), (16, 16, 4, 2)],
     },
+    # split-KV decode (Tq <= SPLIT_MAX_QUERIES): the forward's short-query tiles; a decode row streams
+    # K and V once, so longer BLOCK_N and more stages keep more loads in flight
+    "forward_split": {
+        "narrow": [(16, 128, 4, 3), (16, 128, 4, 4), (16, 64, 4, 4), (32, 64, 4, 3), (64, 64, 4, 3),
+                   (16, 64, 4, 3), (16, 32, 4, 2)],
+        "wide": [(16, 64, 4, 2), (16, 64, 8, 2), (32, 32, 4, 2), (16, 32, 4, 2), (16, 16, 4, 2)],
+        "wide_fp32": [(16, 16, 4, 2)],
+    },
     "backward_dkdv": {
         "narrow": [(32, 128, 8, 3), (64, 128, 8, 3), (64, 64, 8, 3), (32, 64, 8, 3),
                    (32, 64, 4, 4), (16, 64, 4, 3), (16, 32, 4, 2)],
@@ -612,6 +716,8 @@ TILES = {
     },
 }
 _attn_fwd_run = autotuned("attention.forward", _tuned(TILES["forward"], _prune_query_tile)(_attn_fwd))
+_attn_fwd_split_run = autotuned("attention.forward_split", _tuned(TILES["forward_split"], _prune_query_tile)(
+    _attn_fwd_split))
 _attn_bwd_dkdv_run = autotuned("attention.backward_dkdv", _tuned(
     TILES["backward_dkdv"], _prune_streamed_rows, key=["GROUP"])(_attn_bwd_dkdv))
 _attn_bwd_dq_run = autotuned("attention.backward_dq", _tuned(TILES["backward_dq"], _prune_query_tile)(_attn_bwd_dq))
@@ -672,6 +778,51 @@ def _seed_value(seed: torch.Tensor | None) -> int:
     return 0 if seed is None else int(seed.item()) & 0x7FFFFFFF  # None: no dropout, the seed is never read
 
 
+# ----------------------------------------------------------------------------- split-KV decode
+SPLIT_MAX_QUERIES = 64  # decode and speculative verification: longer query chunks fill a GPU with query tiles
+SPLIT_MIN_KEYS = 256    # keys a split streams at the least (2-4 tiles), or its partial costs more than it saves
+MAX_SPLITS = 64
+COMBINE_BLOCK = 16      # query rows a combine program merges
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _num_splits(B, H, Tq, Tk, device) -> int:
+    """How many KV splits the forward runs (1: the single-pass _attn_fwd). Decode has B * H query
+    tiles of one real row each: 32 heads at batch 1 occupy 32 of an H100's 132 SMs, each walking
+    all of Tk. Split (as flash-attn's num_splits_heuristic) when the query tiles fill less than 80%
+    of two programs per SM, into enough splits to fill them, each at least SPLIT_MIN_KEYS long.
+    Under the interpreter (~5 ms a program) never: tests monkeypatch this to force splits."""
+    if INTERPRET or Tq > SPLIT_MAX_QUERIES:
+        return 1
+    tiles, slots = B * H * cdiv(Tq, 16), 2 * _sm_count(device)
+    if tiles >= 0.8 * slots:
+        return 1
+    return max(1, min(slots // tiles, Tk // SPLIT_MIN_KEYS, MAX_SPLITS))
+
+
+def _fwd_split_launch(q, k, v, o, lse, causal, softmax_scale, starts, ends, softcap, alibi, splits):
+    """_attn_fwd_split into fp32 partials, then _attn_fwd_combine into o and lse."""
+    B, H, Tq, D = q.shape
+    o_part = torch.empty((B, H, splits, Tq, D), dtype=torch.float32, device=q.device)
+    lse_part = torch.empty((B, H, splits, Tq), dtype=torch.float32, device=q.device)
+    starts_arg, _, stride_sb = _doc_args(q, starts, ends)
+    flags = _kernel_flags(q, causal, 0.0, starts, softcap, alibi)
+    del flags["HAS_DROPOUT"]
+    _attn_fwd_split_run[lambda meta: (splits * cdiv(Tq, meta["BLOCK_M"]), H, B)](
+        q, k, v, o_part, lse_part, starts_arg, _alibi_arg(q, alibi), softmax_scale * LOG2E, softcap * LOG2E,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), stride_sb,
+        H, H // k.shape[1], Tq, k.shape[2], _q_bucket(Tq), splits, **flags, **_fixed_blocks())
+    _attn_fwd_combine[(cdiv(Tq, COMBINE_BLOCK), H, B)](
+        o_part, lse_part, o, lse, o.stride(0), o.stride(1), o.stride(2), H, Tq, splits,
+        HEAD_DIM=D, BLOCK_D=flags["BLOCK_D"], BLOCK_M=COMBINE_BLOCK)
+    return o, lse
+
+
 # ----------------------------------------------------------------------------- launchers
 @on_tensor_device
 def _fwd_launch(q, k, v, causal, softmax_scale, dropout_p, seed, starts=None, ends=None, softcap=0.0, alibi=None):
@@ -685,6 +836,9 @@ def _fwd_launch(q, k, v, causal, softmax_scale, dropout_p, seed, starts=None, en
     _check_head_span(q=q, k=k, v=v, o=o)
     if B * H * Tq == 0:
         return o, lse
+    splits = 1 if dropout_p > 0.0 else _num_splits(B, H, Tq, Tk, q.device)
+    if splits > 1:
+        return _fwd_split_launch(q, k, v, o, lse, causal, softmax_scale, starts, ends, softcap, alibi, splits)
     group = H // k.shape[1]
     grid = lambda meta: (cdiv(Tq, meta["BLOCK_M"]), H, B)  # noqa: E731
     starts_arg, _, stride_sb = _doc_args(q, starts, ends)
