@@ -355,10 +355,11 @@ def _attn_fwd_split(Q, K, V, O_PART, LSE_PART, STARTS, ALIBI, qk_scale, softcap,
                                0.0, 1.0, HEAD_DIM, BLOCK_D, BLOCK_N, True, IS_CAUSAL, False, HAS_DOCS,
                                HAS_SOFTCAP, HAS_ALIBI, PRECISION, True)
 
-    acc = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]  # l = 0 only where the split showed the row nothing
+    empty = l_i == 0.0  # only where the split showed the row no key
+    l_i = tl.where(empty, 1.0, l_i)
     row = (bh * NUM_SPLITS + split) * Tq  # this split's first row in the partials
-    _store_rows(O_PART + row * HEAD_DIM, acc, offs_m, Tq, HEAD_DIM, offs_d, HEAD_DIM, BLOCK_D)
-    tl.store(LSE_PART + row + offs_m, m_i + tl.log2(l_i), mask=offs_m < Tq)  # -inf + log2(0) = -inf
+    _store_rows(O_PART + row * HEAD_DIM, acc / l_i[:, None], offs_m, Tq, HEAD_DIM, offs_d, HEAD_DIM, BLOCK_D)
+    tl.store(LSE_PART + row + offs_m, tl.where(empty, float("-inf"), m_i + tl.log2(l_i)), mask=offs_m < Tq)
 
 
 @triton.jit(do_not_specialize=["H"])
@@ -376,7 +377,7 @@ def _attn_fwd_combine(O_PART, LSE_PART, O, LSE, stride_ob, stride_oh, stride_om,
     m = tl.full([BLOCK_M], float("-inf"), tl.float32)
     for s in range(0, NUM_SPLITS):
         m = tl.maximum(m, tl.load(LSE_PART + part + s * Tq + offs_m, mask=offs_m < Tq, other=float("-inf")))
-    m = tl.where(m == float("-inf"), 0.0, m)  # rows past Tq: no split has any of them
+    m = tl.where(m == float("-inf"), 0.0, m)  # rows past Tq: no split has any of them (l stays 0)
     l = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for s in range(0, NUM_SPLITS):
@@ -384,6 +385,7 @@ def _attn_fwd_combine(O_PART, LSE_PART, O, LSE, stride_ob, stride_oh, stride_om,
         o_s = _load_rows(O_PART + (part + s * Tq) * HEAD_DIM, offs_m, Tq, HEAD_DIM, offs_d, HEAD_DIM, BLOCK_D)
         acc += w[:, None] * o_s
         l += w
+    l = tl.where(offs_m < Tq, l, 1.0)
     _store_rows(O + b * stride_ob + h * stride_oh, acc / l[:, None], offs_m, Tq, stride_om, offs_d, HEAD_DIM,
                 BLOCK_D)
     tl.store(LSE + (b * H + h) * Tq + offs_m, m + tl.log2(l), mask=offs_m < Tq)

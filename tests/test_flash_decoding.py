@@ -1,0 +1,182 @@
+"""The split-KV ("flash-decoding") forward of kernels/attention.py against a float64 reference.
+
+On a GPU `_num_splits` splits the KV length of a decode step across programs when the query
+tiles alone leave SMs idle; under the interpreter it never splits (a program costs ~5 ms), so
+these tests monkeypatch it to force 2, 3 or more splits than there are KV tiles (16 keys a tile
+here). The backward is the single-pass one, reading O and the logsumexp the combine wrote: dq, dk
+and dv match only if that logsumexp is exact.
+"""
+import pytest
+import torch
+
+from parity import assert_close_rel, decode_token_by_token, report
+from test_attention import NAMES, make_qkv, reference_attention, run_grads
+from tritongpt.kernels import attention
+from tritongpt.kernels.attention import flash_attention
+from tritongpt.model.config import GPTConfig
+from tritongpt.model.gpt import GPTModel
+from tritongpt.train.generate import generate
+
+
+@pytest.fixture
+def splits(monkeypatch):
+    """force(n): every forward without dropout runs n splits; .launches counts split launches."""
+    state = {"launches": 0}
+    launch = attention._fwd_split_launch
+
+    def counted(*args):
+        state["launches"] += 1
+        return launch(*args)
+
+    monkeypatch.setattr(attention, "_fwd_split_launch", counted)
+
+    def force(n):
+        monkeypatch.setattr(attention, "_num_splits", lambda B, H, Tq, Tk, device: n)
+        return state
+
+    return force
+
+
+def reference_gqa(q, k, v, **kw):
+    group = q.shape[1] // k.shape[1]
+    return reference_attention(q, k.repeat_interleave(group, 1), v.repeat_interleave(group, 1), **kw)
+
+
+def check(q, k, v, tol, tag, **kw):
+    """Out, dq, dk, dv of flash_attention(**kw) against the float64 reference; in bf16 (tol None) within
+    2x PyTorch's own bf16 error, as tests/test_attention.py judges bf16."""
+    do = torch.randn(q.shape, generator=torch.Generator().manual_seed(3)).to(q)
+    got = run_grads(lambda a, b, c: flash_attention(a, b, c, **kw), q, k, v, do)
+    ref = run_grads(lambda a, b, c: reference_gqa(a, b, c, **kw), q.double(), k.double(), v.double(), do.double())
+    low = run_grads(lambda a, b, c: reference_gqa(a, b, c, **kw), q, k, v, do) if tol is None else None
+    for i, (name, g, r) in enumerate(zip(NAMES, got, ref)):
+        if not r.any():  # one visible key a row: the softmax is constant, dq = dk = 0 exactly
+            assert torch.isfinite(g).all() and g.abs().max() < 1e-5, f"{tag} {name} should be ~0"
+            continue
+        if tol is None:
+            _, rel = assert_close_rel(g, r, 2e-2, f"{tag} bf16 {name}")
+            torch_rel = report(low[i], r)[1]
+            assert rel <= 2 * torch_rel, f"{tag} bf16 {name}: {rel:.3e} > 2 x torch's {torch_rel:.3e}"
+        else:
+            assert_close_rel(g, r, tol, f"{tag} {name}")
+
+
+@pytest.mark.parametrize("n", [2, 3, 40])
+@pytest.mark.parametrize("Tq,Tk", [(1, 1), (1, 64), (1, 100), (1, 257), (3, 64), (3, 257), (17, 100), (17, 257)])
+def test_fp32_split_matches_float64(n, Tq, Tk, splits, device):
+    """40 splits is more than 257 keys' 17 tiles: the splits past the last tile are empty, and with
+    Tq > 1 the causal mask hides a split's keys from the chunk's earlier rows (-inf maxima, no NaN)."""
+    state = splits(n)
+    q, k, v = make_qkv(1, 2, Tq, Tk, 32, torch.float32, device, seed=Tq * 1000 + Tk)
+    check(q, k, v, 1e-4, f"splits={n} Tq={Tq} Tk={Tk}")
+    assert state["launches"] == 1  # the forward took the split path
+
+
+@pytest.mark.parametrize("D", [32, 64, 80, 128, 256])
+def test_fp32_split_head_dims(D, splits, device):
+    splits(3)
+    q, k, v = make_qkv(1, 1, 2, 70, D, torch.float32, device, seed=D)
+    check(q, k, v, 1e-4, f"D={D}")
+
+
+@pytest.mark.parametrize("Tq,Tk", [(33, 20), (1, 50)])
+def test_fp32_split_not_causal(Tq, Tk, splits, device):
+    splits(3)
+    q, k, v = make_qkv(2, 1, Tq, Tk, 32, torch.float32, device, seed=Tq + Tk)
+    check(q, k, v, 1e-4, f"noncausal {Tq}x{Tk}", causal=False, softmax_scale=0.3)
+
+
+@pytest.mark.parametrize("kv_heads", [2, 1])
+@pytest.mark.parametrize("Tq", [1, 17])
+def test_fp32_split_gqa(kv_heads, Tq, splits, device):
+    splits(3)
+    q, _, _ = make_qkv(1, 4, Tq, 1, 32, torch.float32, device, seed=Tq)
+    _, k, v = make_qkv(1, kv_heads, 1, 100, 32, torch.float32, device, seed=kv_heads)
+    check(q, k, v, 1e-4, f"gqa 4/{kv_heads} Tq={Tq}")
+
+
+@pytest.mark.parametrize("Tq", [1, 17])
+def test_fp32_split_documents_and_window(Tq, splits, device):
+    """Documents (a row's keys start at its document's start: whole splits before it hidden) and a
+    sliding window (the same bounds), with their intersection."""
+    splits(3)
+    Tk = 100
+    doc_ids = torch.tensor([[0] * 30 + [1] * 45 + [2] * 25, [0] * 90 + [1] * 10]).to(device)
+    q, k, v = make_qkv(2, 2, Tq, Tk, 32, torch.float32, device, seed=Tq + 7)
+    for kw in (dict(doc_ids=doc_ids), dict(window=24), dict(doc_ids=doc_ids, window=40)):
+        check(q, k, v, 1e-4, f"Tq={Tq} {sorted(kw)}", **kw)
+
+
+@pytest.mark.parametrize("Tq", [1, 3])
+def test_fp32_split_softcap_and_alibi(Tq, splits, device):
+    splits(2)
+    q, k, v = make_qkv(1, 2, Tq, 100, 32, torch.float32, device, seed=Tq + 11)
+    q = q * 4  # scores large enough that the cap bends them
+    slopes = torch.tensor([0.25, 0.0625], device=device)
+    check(q, k, v, 1e-4, f"softcap Tq={Tq}", softcap=5.0)
+    check(q, k, v, 1e-4, f"alibi Tq={Tq}", alibi_slopes=slopes)
+
+
+@pytest.mark.parametrize("Tq,Tk", [(1, 100), (17, 257)])
+def test_bf16_split_within_2x_of_torch_bf16(Tq, Tk, splits, device):
+    splits(3)
+    q, k, v = make_qkv(1, 2, Tq, Tk, 64, torch.bfloat16, device, seed=Tq + Tk)
+    check(q, k, v, None, f"Tq={Tq} Tk={Tk}")
+
+
+def test_fp16_split(splits, device):
+    splits(3)
+    q, k, v = make_qkv(1, 2, 5, 90, 64, torch.float16, device, seed=16)
+    check(q, k, v, 3e-3, "fp16")
+
+
+def test_dropout_keeps_the_single_pass(splits, device):
+    """Dropout (training only) never splits: the split kernel has no keep-mask."""
+    state = splits(3)
+    q, k, v = make_qkv(1, 2, 1, 64, 32, torch.float32, device)
+    flash_attention(q, k, v, dropout_p=0.5, seed=3)
+    assert state["launches"] == 0
+    flash_attention(q, k, v)
+    assert state["launches"] == 1
+
+
+def test_num_splits_heuristic(monkeypatch):
+    """The interpreter never splits; on a GPU (132 SMs, two programs each) a decode step splits when
+    its query tiles leave most of them idle, into splits of >= SPLIT_MIN_KEYS keys."""
+    cuda = torch.device("cuda")
+    if attention.INTERPRET:
+        assert attention._num_splits(1, 32, 1, 16384, torch.device("cpu")) == 1
+    monkeypatch.setattr(attention, "INTERPRET", False)
+    monkeypatch.setattr(attention, "_sm_count", lambda device: 132)
+    assert attention._num_splits(1, 32, 1, 16384, cuda) == 8        # 32 tiles, 264 slots
+    assert attention._num_splits(1, 12, 1, 16384, cuda) == 22       # GPT-2's 12 heads
+    assert attention._num_splits(1, 32, 1, 1024, cuda) == 4         # 1024 keys: 4 splits of 256
+    assert attention._num_splits(1, 32, 1, 300, cuda) == 1          # too short to split
+    assert attention._num_splits(8, 32, 1, 16384, cuda) == 1        # 256 tiles already fill the GPU
+    assert attention._num_splits(1, 1, 1, 10 ** 6, cuda) == attention.MAX_SPLITS
+    assert attention._num_splits(1, 32, 65, 16384, cuda) == 1       # a prefill chunk, not a decode step
+
+
+def test_greedy_decode_same_tokens_with_splits(splits):
+    """Greedy decoding over the KV cache on the Triton path: the same tokens with the KV split in 3
+    as without (prefill of 20 tokens, then single tokens over 2-3 KV tiles), and as the reference;
+    the logits of a decode over the cache agree to fp32 rounding (tokens alone could hide an error)."""
+    torch.manual_seed(0)
+    model = GPTModel(GPTConfig(vocab_size=61, context_length=40, n_embd=32, n_layer=2, n_head=2)).eval()
+    idx = torch.randint(0, 61, (2, 20))
+    outs, logits = {}, {}
+    try:
+        for name, n in (("reference", None), ("single", 1), ("split", 3)):
+            model.set_kernels("reference" if n is None else "attention")
+            state = splits(n or 1)
+            outs[name] = generate(model, idx, 12, temperature=0.0)
+            if name == "split":
+                assert state["launches"] == 2 * 12  # both layers, the prefill and 11 steps (the last token's
+                # forward is never run)
+            # the prefill, 4 single tokens, then a chunk of 8 (Tq = 8 over the filled cache)
+            logits[name] = decode_token_by_token(model, outs["reference"], prefill=20, singles=4, whole=False)[1]
+    finally:
+        model.set_kernels("reference")
+    assert torch.equal(outs["single"], outs["split"])
+    assert torch.equal(outs["reference"], outs["split"])
+    assert_close_rel(logits["split"], logits["single"], 1e-5, "decode logits, split vs single pass")
