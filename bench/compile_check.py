@@ -51,6 +51,7 @@ FROZEN_W1 = (False, False, False, True, True)                 # the GELU MLP's (
 ONLY_DOWN = (False, False, False, False, False, True, False)  # the gated MLP's, down's bias absent
 ATTN_SEQ = 1024
 ATTN_HEAD_DIMS = (16, 32, 64, 80, 96, 128, 256)  # 256: Gemma's heads
+DECODE_SEQ = 16384  # a KV cache long enough to split at batch 1
 # Per-block limits Triton checks before launching a kernel: opt-in dynamic shared memory by
 # compute capability (CUDA programming guide, "compute capabilities" table) and registers.
 MAX_SHARED_BYTES = {90: 232448, 80: 166912, 86: 101376, 89: 101376,  # H100/H200, A100, RTX 30xx, L4/RTX 40xx
@@ -125,9 +126,10 @@ def capture(quick=False, half="bfloat16"):
     def record(self, *args, grid=None, warmup=False, **kwargs):
         launches.append(Launch(case[0], self, args, kwargs))
 
-    saved = JITFunction.run, Autotuner.run, layernorm._sm_count
+    saved = JITFunction.run, Autotuner.run, layernorm._sm_count, attention._sm_count
     JITFunction.run, Autotuner.run = record, record
-    layernorm._sm_count = lambda device: 132  # H100 SXM; only sizes the LayerNorm grid
+    # H100 SXM; only sizes the LayerNorm grid and picks attention's KV splits at decode
+    layernorm._sm_count = attention._sm_count = lambda device: 132
     try:
         meta = dict(device="meta")
         half = getattr(torch, half)
@@ -268,6 +270,27 @@ def capture(quick=False, half="bfloat16"):
                             attention._bwd_launch(torch.empty_like(o), q, k, k, o, lse, True, d ** -0.5, p, seed,
                                                   alibi=slopes)
 
+            # KV-cache decode at batch 1 (the split-KV forward: _attn_fwd_split, then _attn_fwd_combine): one
+            # query, and a speculative step verifying 4 (Tq > 1: the causal mask inside a split); Llama's 32 query
+            # heads over 8 at 128; a sliding window (Mistral's: HAS_DOCS), Gemma 2's soft cap, ALiBi
+            for d in ((64, 128) if quick else (ATTN_HEAD_DIMS if dt == half else (64, 256))):
+                heads = max(768 // d, 1) if d != 128 else 32
+                kv_heads = 8 if d == 128 else heads
+                k = torch.empty(1, DECODE_SEQ, kv_heads, d, dtype=dt, **meta).transpose(1, 2)
+                for tq in (1, 4):
+                    q = torch.empty(1, tq, heads, d, dtype=dt, **meta).transpose(1, 2)
+                    case[0] = f"attention {name} hd{d} decode Tq={tq} Tk={DECODE_SEQ} heads={heads}/{kv_heads}"
+                    attention._fwd_launch(q, k, k, True, d ** -0.5, 0.0, None)
+                    if tq == 1 and dt == half and d in (64, 128):
+                        starts, ends = attention.window_bounds(4096, DECODE_SEQ, 1, "meta")
+                        case[0] += " window"
+                        attention._fwd_launch(q, k, k, True, d ** -0.5, 0.0, None, starts, ends)
+                        case[0] = case[0].replace(" window", " softcap=50")
+                        attention._fwd_launch(q, k, k, True, d ** -0.5, 0.0, None, softcap=50.0)
+                        case[0] = case[0].replace(" softcap=50", " alibi")
+                        attention._fwd_launch(q, k, k, True, d ** -0.5, 0.0, None,
+                                              alibi=torch.empty(heads, dtype=torch.float32, **meta))
+
             for d in ((64,) if quick else (64, 128, 256)):  # RoPE of q and k: GPT-2's heads, the widest it takes
                 case[0] = f"rope {name} {TOKENS} tokens hd{d}"
                 heads, batch = max(768 // d, 1), TOKENS // ATTN_SEQ
@@ -287,7 +310,7 @@ def capture(quick=False, half="bfloat16"):
                 for inverse in (False, True):
                     rope._launch(q, q, positions, inv_freq, inverse, r, mscale)
     finally:
-        JITFunction.run, Autotuner.run, layernorm._sm_count = saved
+        JITFunction.run, Autotuner.run, layernorm._sm_count, attention._sm_count = saved
     return launches
 
 

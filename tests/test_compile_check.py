@@ -13,8 +13,8 @@ import triton
 from tritongpt.bench import compile_check
 
 PTXAS = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
-KERNELS = {"_layer_norm_fwd_kernel", "_layer_norm_bwd_kernel", "_matmul_kernel", "_attn_fwd",
-           "_attn_bwd_preprocess", "_attn_bwd_dkdv", "_attn_bwd_dq", "_ce_fwd_kernel", "_ce_bwd_kernel",
+KERNELS = {"_layer_norm_fwd_kernel", "_layer_norm_bwd_kernel", "_matmul_kernel", "_attn_fwd", "_attn_fwd_split",
+           "_attn_fwd_combine", "_attn_bwd_preprocess", "_attn_bwd_dkdv", "_attn_bwd_dq", "_ce_fwd_kernel", "_ce_bwd_kernel",
            "_rope_kernel", "_grouped_kernel", "_expert_grad_kernel", "_distill_kernel"}
 
 
@@ -71,6 +71,17 @@ def test_every_kernel_launch_builds_for_sm90(tmp_path):
     assert {k for k, _ in biased} == {"_attn_fwd", "_attn_bwd_dkdv", "_attn_bwd_dq"}, biased
     assert all("HAS_ALIBI=True" in v for _, v in biased), biased
     assert not any("HAS_ALIBI=True" in r["variant"] for r in rows if not r["case"].endswith(" alibi"))
+    # KV-cache decode at batch 1 splits the KV length (132 SMs): every decode case runs the split kernel then
+    # the combine, with its own flags (a window: HAS_DOCS), and never the single-pass forward
+    decode = {}
+    for r in rows:
+        if " decode " in r["case"]:
+            decode.setdefault(r["case"], set()).add((r["kernel"], r["variant"]))
+    assert len(decode) == 10 and all({k for k, _ in v} == {"_attn_fwd_split", "_attn_fwd_combine"}
+                                     for v in decode.values()), decode
+    for flag, tag in (("HAS_DOCS", " window"), ("HAS_SOFTCAP", " softcap=50"), ("HAS_ALIBI", " alibi")):
+        assert all((f"{flag}=True" in v) == case.endswith(tag) for case, kv in decode.items()
+                   for k, v in kv if k == "_attn_fwd_split"), (flag, decode)
     # partial rotary (GPTConfig.rotary_dim): its launches copy the pass-through columns (PASS), and scale cos and
     # sin only with an attention factor (SCALED); whole heads build without either
     partial = [r["variant"] for r in rows if "rotary" in r["case"]]
