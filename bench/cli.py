@@ -255,7 +255,8 @@ def add_cli(sub):
     k.add_argument("--ops", default="layernorm,mlp,attention,cross_entropy,lm_head_loss,doc_attention,"
                                    "window_attention,add_layernorm,rope,lm_head_loss_smooth_z,lm_head_loss_softcap,"
                                    "gqa_attention,rmsnorm,add_rmsnorm,swiglu,geglu,softcap_attention,mlp_exact_gelu,"
-                                   "rope_partial,lm_head_loss_bias,alibi_attention,moe_mlp,lm_head_distill",
+                                   "rope_partial,lm_head_loss_bias,alibi_attention,moe_mlp,lm_head_distill,"
+                                   "decode_attention",
                    help="comma list (default: all of %(default)s; lm_head_loss_smooth_z is the LM head + loss with "
                         "label smoothing 0.1 and z-loss 1e-4, lm_head_loss_softcap with the logits soft-capped to "
                         "30 tanh(logits / 30), gqa_attention causal attention with fewer KV heads than query heads, "
@@ -270,7 +271,9 @@ def add_cli(sub):
                         "BLOOM's and MPT's, at the attention sizes, moe_mlp the mixture-of-experts MLP, Mixtral's 8 "
                         "experts top 2 at C 1024, H 3584: the eager loop, the loop through swiglu_mlp and the grouped "
                         "kernel, lm_head_distill --teacher distillation's loss on both LM heads, (1 - alpha) CE + "
-                        "alpha T^2 generalized JSD at alpha 0.5, T 2, beta 0.5, at --head-widths and --ce-vocabs)")
+                        "alpha T^2 generalized JSD at alpha 0.5, T 2, beta 0.5, at --head-widths and --ce-vocabs, "
+                        "decode_attention one KV-cache decode step, a query over 1024-16384 cached keys at batch 1 "
+                        "and 8, forward only, in GB/s of the cache read)")
     k.add_argument("--modes", default="fwd,bwd,fwd+bwd", help="comma list (default: all of %(default)s)")
     k.add_argument("--providers", default=None, help=f"subset of {','.join(ALL_PROVIDERS)}")
     k.add_argument("--ln-rows", type=int, default=None,

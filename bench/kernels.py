@@ -103,6 +103,15 @@ linear_distill_loss: both heads and the loss chunk by chunk, the gradient made i
 LigerFusedLinearJSDFunction, which has no CE term and no T^2: its rows time the divergence alone (less work). FLOPs:
 lm_head_loss's for the student's head plus the teacher's forward matmul (2 N C V). It runs after moe_mlp, last of
 all, so a short budget drops it first.
+decode_attention is one KV-cache decode step: a query a sequence (Tq = 1) over a cache of Tk keys, q [B, H, 1, D], k and
+v [B, Hkv, Tk, D] (GPT-2-sized heads of 64 and Llama's 128, 32 heads, and 32 query heads over 8 KV heads at 128;
+batch 1 and 8; Tk 1024 to 16384), forward only (inference; its rows are "fwd"): the reference module's attend (KV
+heads repeated), torch.compile of it, SDPA with enable_gqa pinned to each backend (not causal: the one query sees
+every key, and SDPA's is_causal would align it top-left), ours as the KV cache calls it (causal, bottom-right
+aligned: the split-KV forward where the query tiles leave SMs idle), triton-1pass (ours with the split switched
+off: what it buys) and flash-attn. Bytes: the cache read once, 2 B Hkv Tk D x the element size (q and the output
+are B H D each, left out); a decode step is memory-bound, so its GB/s against the copy ceiling is the figure. It
+runs after lm_head_distill, last of all.
 Modes: fwd (inputs require grad, as in training), bwd (backward of a kept graph,
 retain_graph=True), fwd+bwd. Backward starts from a random gradient, or from 1 for a loss (as
 loss.backward() does). Gradients are reset to None before each timed call.
@@ -172,6 +181,8 @@ PROVIDERS = {
     "moe_mlp": ("reference", "swiglu-loop", "triton"),
     # --teacher distillation's loss on both LM heads: (1 - alpha) CE + alpha T^2 generalized JSD (DISTILL)
     "lm_head_distill": ("reference", "compile", "triton", "liger"),
+    # one KV-cache decode step (Tq = 1 over Tk cached keys), forward only; triton-1pass: ours without the KV split
+    "decode_attention": ("reference", *SDPA_BACKENDS, "compile", "triton", "triton-1pass", *FLASH_ATTN),
 }
 # a gated MLP op -> its gate's activation (SwiGLUFeedForward's and swiglu_mlp's activation)
 GATED_MLPS = {"swiglu": "silu", "geglu": "gelu"}
@@ -202,7 +213,10 @@ FULL_SIZES = dict(ln_rows=16384, ln_widths=(768, 1024, 1280, 1600),
                   rope_partial_heads=((12, 12, 64, 16, 1.0), (16, 16, 128, 32, 1.0),
                                       (24, 8, 128, 96, PHI4_MINI_MSCALE)),
                   # moe_mlp: (tokens, experts, top k, width, hidden): Mixtral's 8 and 2 at a quarter of its widths
-                  moe_shapes=((4096, 8, 2, 1024, 3584),))
+                  moe_shapes=((4096, 8, 2, 1024, 3584),),
+                  # decode_attention: batches, cache lengths, (query heads, KV heads, head dim)
+                  decode_batches=(1, 8), decode_seqlens=(1024, 4096, 16384),
+                  decode_heads=((32, 32, 64), (32, 32, 128), (32, 8, 128)))
 QUICK_SIZES = dict(ln_rows=4096, ln_widths=(768, 1600),
                    mlp_rows=4096, mlp_widths=(768,),
                    attn_seqlens=(1024,), attn_head_dims=(64,),
@@ -211,7 +225,8 @@ QUICK_SIZES = dict(ln_rows=4096, ln_widths=(768, 1600),
                    rope_tokens=16384, rope_seq_len=1024, rope_heads=(12,), rope_head_dim=64,
                    gqa_seqlens=(1024,), gqa_heads=((32, 8, 128), (12, 1, 64)),
                    rope_partial_heads=((12, 12, 64, 16, 1.0), (24, 8, 128, 96, PHI4_MINI_MSCALE)),
-                   moe_shapes=((2048, 8, 2, 768, 2048),))
+                   moe_shapes=((2048, 8, 2, 768, 2048),),
+                   decode_batches=(1,), decode_seqlens=(4096,), decode_heads=((32, 8, 128),))
 
 
 def randn(*shape, device, dtype, scale=1.0, requires_grad=True):
@@ -776,6 +791,49 @@ def gqa_attention_providers(q, k, v):
 
     out = {"reference": reference, **{name: sdpa(backend) for name, backend in SDPA_BACKENDS.items()},
            "sdpa-repeat": sdpa_repeat, "compile": compiled, "triton": _ours_attention(q, k, v, causal=True)}
+    out.update({name: _flash_attn(q, k, v, *where, causal=True) for name, where in FLASH_ATTN.items()})
+    return out
+
+
+def decode_attention_providers(q, k, v):
+    """One decode step, q [B, H, 1, D] over a KV cache k, v [B, Hkv, Tk, D]: see decode_attention in the
+    module docstring. Every provider returns [B, H, 1, D]."""
+    from tritongpt.model.layers import MultiHeadAttention
+
+    B, H, Tq, D = q.shape
+    if Tq != 1:
+        raise ValueError(f"decode_attention_providers times one query a sequence (Tq = 1), got q {tuple(q.shape)}")
+
+    def module():  # attend repeats the KV heads itself; the projections are not used
+        return MultiHeadAttention(H * D, H, k.shape[2]).to(q.device).eval()
+
+    def reference():
+        m = module()
+        return (lambda: m.attend(q, k, v)), [q, k, v]
+
+    def compiled():
+        cf = _fresh_compile(module().attend)
+        return (lambda: cf(q, k, v)), [q, k, v]
+
+    def single_pass():
+        fn, why = try_import("tritongpt.kernels.attention", "flash_attention")
+        if fn is None:
+            raise Unavailable(why)
+        from tritongpt.kernels import attention
+
+        def f():
+            split = attention._num_splits
+            attention._num_splits = lambda *args: 1
+            try:
+                return fn(q, k, v, causal=True)
+            finally:
+                attention._num_splits = split
+        return f, [q, k, v]
+
+    gqa = dict(enable_gqa=True) if k.shape[1] != H else {}
+    out = {"reference": reference}
+    out.update({name: _sdpa_on(backend, q, k, v, **gqa) for name, backend in SDPA_BACKENDS.items()})
+    out.update({"compile": compiled, "triton": _ours_attention(q, k, v, causal=True), "triton-1pass": single_pass})
     out.update({name: _flash_attn(q, k, v, *where, causal=True) for name, where in FLASH_ATTN.items()})
     return out
 
@@ -1481,6 +1539,32 @@ def sweep_gqa_attention(timer, budget, seqlens, heads, dtype, tokens=16384, mode
     return out
 
 
+def decode_kv_bytes(b, h_kv, t, d, elem) -> int:
+    """Bytes a decode step must read: its KV cache, k and v [b, h_kv, t, d]."""
+    return 2 * b * h_kv * t * d * elem
+
+
+def sweep_decode_attention(timer, budget, batches, seqlens, heads, dtype, modes=MODES, providers=None):
+    """One decode step at each (H, Hkv, D) of heads, batch and cache length; "fwd" only of modes (inference: the
+    cache never requires grad). Bytes: decode_kv_bytes."""
+    out = []
+    dev = timer.device
+    modes = tuple(m for m in modes if m == "fwd")
+    for h, h_kv, d in heads if modes else ():
+        for b in batches:
+            for t in seqlens:
+                cfg = {"batch": b, "heads": h, "kv_heads": h_kv, "queries": 1, "seq_len": t, "head_dim": d,
+                       "dtype": dtype_name(dtype)}
+                q = randn(b, h, 1, d, device=dev, dtype=dtype, requires_grad=False)
+                k, v = (randn(b, h_kv, t, d, device=dev, dtype=dtype, requires_grad=False) for _ in range(2))
+                moved = decode_kv_bytes(b, h_kv, t, d, k.element_size())
+                out += bench_providers("decode_attention", cfg, decode_attention_providers(q, k, v), modes, timer,
+                                       budget, lambda m: {"bytes": moved}, providers)
+                del q, k, v
+                timer.cleanup()
+    return out
+
+
 def _sweep_masked_attention(op, case, timer, budget, seqlens, head_dims, dtype, tokens, width, modes, providers):
     """Causal attention with a mask of its own, over sweep_attention's shapes: case(q, k, v) ->
     (the row's config beyond the shape, the providers, the work of a mode)."""
@@ -1678,7 +1762,10 @@ def _sweep_plan(sizes, part):
             "lm_head_loss_bias": [sizes["head_widths"]] if part == "rest" else [],
             "alibi_attention": [(sizes["attn_seqlens"], sizes["attn_head_dims"])] if part == "rest" else [],
             "moe_mlp": [sizes["moe_shapes"]] if part == "rest" else [],
-            "lm_head_distill": [sizes["head_widths"]] if part == "rest" else []}
+            "lm_head_distill": [sizes["head_widths"]] if part == "rest" else [],
+            # one KV-cache decode step: after everything else
+            "decode_attention": [(sizes["decode_batches"], sizes["decode_seqlens"], sizes["decode_heads"])]
+            if part == "rest" else []}
     return {op: [a for a in args if a] for op, args in plan.items()}
 
 
@@ -1687,7 +1774,7 @@ def run_kernels(timer, budget, dtype=torch.bfloat16,
                      "window_attention", "add_layernorm", "rope", "lm_head_loss_smooth_z", "lm_head_loss_softcap",
                      "gqa_attention", "rmsnorm", "add_rmsnorm", "swiglu", "geglu", "softcap_attention",
                      "mlp_exact_gelu", "rope_partial", "lm_head_loss_bias", "alibi_attention", "moe_mlp",
-                     "lm_head_distill"),
+                     "lm_head_distill", "decode_attention"),
                 modes=MODES, providers=None, sizes=None, ceiling_sizes=None, log=print):
     """All sweeps plus the ceilings; returns (rows, ceilings).
 
@@ -1697,7 +1784,8 @@ def run_kernels(timer, budget, dtype=torch.bfloat16,
     lm_head_loss_softcap (variants of lm_head_loss) come after all of those, each whole (every
     provider's, compiled ones too) before the next, gqa_attention after them, then rmsnorm,
     add_rmsnorm, swiglu, geglu, softcap_attention, mlp_exact_gelu, rope_partial, lm_head_loss_bias, alibi_attention
-    moe_mlp and lm_head_distill (the newest ops), so a short budget drops lm_head_distill first, then moe_mlp, then
+    moe_mlp, lm_head_distill and decode_attention (the newest ops), so a short budget drops decode_attention first,
+    then lm_head_distill, then moe_mlp, then
     alibi_attention, then
     lm_head_loss_bias, then rope_partial, then mlp_exact_gelu, then softcap_attention, then geglu, then swiglu, then
     the RMSNorms, then gqa_attention, then the LM head's soft cap.
@@ -1825,6 +1913,12 @@ def _run_plan(rows, timer, budget, dtype, ops, modes, sizes, groups, log):
                     f"vocab {list(sizes['ce_vocabs'])}, {DISTILL} ...")
                 rows += sweep_lm_head_distill(timer, budget, sizes["ce_rows"], widths, sizes["ce_vocabs"], dtype,
                                               modes, provs)
+        for provs, label in groups:
+            for batches, seqlens, heads in plan["decode_attention"] if "decode_attention" in ops else ():
+                shapes = ", ".join(f"{h} over {h_kv} heads D={d}" for h, h_kv, d in heads)
+                log(f"decode attention, one query over the KV cache ({part}{label}): {shapes}, batch {list(batches)}, "
+                    f"Tk {list(seqlens)} ...")
+                rows += sweep_decode_attention(timer, budget, batches, seqlens, heads, dtype, modes, provs)
 
 
 def sort_rows(rows):

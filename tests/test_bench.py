@@ -524,7 +524,8 @@ def test_run_kernels_end_to_end_on_cpu():
                    attn_head_dims=(8,), attn_tokens=32, attn_width=16, attn_window=20, ce_rows=8, ce_vocabs=(30,),
                    head_widths=(12,), rope_tokens=32, rope_seq_len=16, rope_heads=(2, 3), rope_head_dim=8,
                    gqa_seqlens=(16,), gqa_heads=((4, 2, 8),),
-                   rope_partial_heads=((2, 2, 8, 4, 1.0), (4, 2, 16, 12, 1.5)), moe_shapes=((12, 3, 2, 8, 16),)),
+                   rope_partial_heads=((2, 2, 8, 4, 1.0), (4, 2, 16, 12, 1.5)), moe_shapes=((12, 3, 2, 8, 16),),
+                   decode_batches=(1,), decode_seqlens=(16,), decode_heads=((4, 2, 8),)),
         ceiling_sizes=dict(copy_bytes=1 << 16, matmul_n=32, dtype=torch.float32), log=lambda s: None)
     assert ceil["copy"]["gbps"] > 0 and ceil["matmul"]["tflops"] > 0
     assert all(r["status"] == "ok" for r in rows), [r["status"] for r in rows if r["status"] != "ok"]
@@ -535,10 +536,14 @@ def test_run_kernels_end_to_end_on_cpu():
     # grouped-query attention (reference, sdpa-flash), rmsnorm and residual add + rmsnorm at 2 widths,
     # the SwiGLU MLP and the GeGLU one (reference), soft-capped attention at T 32 and 16 (reference), the exact-GELU
     # MLP (reference, torch), partial rotary at 2 shapes (reference), lm_head_loss with a head bias, ALiBi attention
-    # at T 32 and 16 (reference), the mixture-of-experts MLP (reference), both LM heads + distillation (reference)
+    # at T 32 and 16 (reference), the mixture-of-experts MLP (reference), both LM heads + distillation (reference),
+    # a decode step (reference, sdpa-flash; forward only)
     assert len(timed) == (2 * 2 * 3 + 1 * 2 * 3 + 2 * 2 * 3 + 1 * 2 * 3 + 1 * 2 * 3 + 2 * 3 + 3 + 2 * 2 * 3 + 1 * 2 * 3
                           + 1 * 2 * 3 + 2 * 3 + 2 * 3 + 2 * 2 * 3 + 2 * 2 * 3 + 3 + 3 + 2 * 3 + 2 * 3 + 2 * 3
-                          + 1 * 2 * 3 + 2 * 3 + 3 + 3)
+                          + 1 * 2 * 3 + 2 * 3 + 3 + 3 + 2)
+    assert [(r["provider"], r["mode"], r["config"]["kv_heads"], r["bytes"]) for r in timed
+            if r["op"] == "decode_attention"] == [("reference", "fwd", 2, 2 * 2 * 16 * 8 * 4),
+                                                  ("sdpa-flash", "fwd", 2, 2 * 2 * 16 * 8 * 4)]
     assert [(r["provider"], r["config"]["width"], r["config"]["vocab"], r["config"]["beta"], r["flops"])
             for r in timed if r["op"] == "lm_head_distill"] == \
         [("reference", 12, 30, 0.5, m * 2 * 8 * 12 * 30) for m in (2, 2, 4)]  # the teacher's matmul in forward
@@ -575,7 +580,7 @@ def test_run_kernels_end_to_end_on_cpu():
     assert att[0]["config"]["batch"] == 2 and att[0]["config"]["heads"] == 2
     for r in timed:
         by_bytes = r["op"] in ("layernorm", "add_layernorm", "cross_entropy", "rope", "rmsnorm", "add_rmsnorm",
-                               "rope_partial")
+                               "rope_partial", "decode_attention")
         key = "pct_of_copy_bw" if by_bytes else "pct_of_matmul"
         assert r[key] > 0
     assert {r["provider"] for r in rows if r["mode"] == "saved"} == {"reference", "torch"}
@@ -614,6 +619,8 @@ def test_target_configurations_are_measured_first_and_exactly_once():
                                                                             full["attn_head_dims"])]
     assert first["moe_mlp"] == [] and rest["moe_mlp"] == [full["moe_shapes"]] == [((4096, 8, 2, 1024, 3584),)]
     assert first["lm_head_distill"] == [] and rest["lm_head_distill"] == [full["head_widths"]]
+    assert first["decode_attention"] == [] and rest["decode_attention"] == [((1, 8), (1024, 4096, 16384), (
+        (32, 32, 64), (32, 32, 128), (32, 8, 128)))]
     assert full["gqa_heads"] == ((32, 8, 128), (12, 1, 64), (4, 1, 256))
     assert full["gqa_seqlens"] == (512, 1024, 2048, 4096, 8192)
     for op, key in (("layernorm", "ln_widths"), ("mlp", "mlp_widths")):
@@ -1111,6 +1118,7 @@ def test_gpu_command_flow_with_cpu_stand_ins(tmp_path, monkeypatch, capsys):
     # rope_partial's quick shapes (16k tokens of heads of 128) have no size flag: tiny ones here, the same kinds
     # (a whole-head count, then fewer KV heads with an mscale), as the CPU's reference takes seconds a mode on those
     monkeypatch.setitem(kernels.QUICK_SIZES, "rope_partial_heads", ((2, 2, 8, 4, 1.0), (4, 2, 16, 12, 1.5)))
+    monkeypatch.setitem(kernels.QUICK_SIZES, "decode_seqlens", (64,))  # no size flag either
     seen = {}
 
     def fake_train(device, budget, dtype, models, providers, batch, seq_len, warmup, steps, peak, log, **model):
@@ -1153,7 +1161,7 @@ def test_gpu_command_flow_with_cpu_stand_ins(tmp_path, monkeypatch, capsys):
                                             "lm_head_loss_smooth_z", "lm_head_loss_softcap", "gqa_attention",
                                             "rmsnorm", "add_rmsnorm", "swiglu", "geglu", "softcap_attention",
                                             "mlp_exact_gelu", "rope_partial", "lm_head_loss_bias",
-                                            "alibi_attention", "moe_mlp", "lm_head_distill"}
+                                            "alibi_attention", "moe_mlp", "lm_head_distill", "decode_attention"}
     assert {(r["config"]["heads"], r["config"]["kv_heads"]) for r in k["rows"] if r["op"] == "gqa_attention"} == \
         {(4, 2), (3, 1)}
     assert {(r["config"]["rows"], r["config"]["experts"], r["config"]["top_k"]) for r in k["rows"]
@@ -1740,6 +1748,46 @@ def test_gqa_attention_rows_time_each_provider_on_the_same_grouped_heads(device)
     assert by[4, "sdpa-repeat", "fwd"]["status"] == "ok" and by[3, "triton", "bwd"]["status"] == "ok"
     if device.type != "cuda":
         assert by[4, "flash-attn", "fwd"]["status"].startswith("skipped: ")
+
+
+def test_decode_attention_rows_time_one_query_over_the_cache(device, monkeypatch):
+    """decode_attention: every provider computes one query a sequence over every cached key (query head h over KV
+    head h // (H / Hkv)), ours with the KV split forced too; triton-1pass runs the single pass and leaves the split
+    choice as it was; the rows are forward only, their bytes the cache read once; flash-attn where installed."""
+    from tritongpt.kernels import attention
+
+    gen = torch.Generator().manual_seed(5)
+    q = torch.randn(2, 6, 1, 16, generator=gen).to(device)
+    k, v = (torch.randn(2, 2, 37, 16, generator=gen).to(device) for _ in range(2))
+    kv = [t[:, [0, 0, 0, 1, 1, 1]].double() for t in (k, v)]  # heads 0-2 read KV head 0, 3-5 KV head 1
+    want = torch.softmax(q.double() @ kv[0].transpose(-2, -1) / 4, -1) @ kv[1]
+    builders = kernels.decode_attention_providers(q, k, v)
+    for name in ("reference", "sdpa-flash", "triton", "triton-1pass"):
+        f, leaves = builders[name]()
+        assert torch.allclose(f().double(), want, atol=1e-5), name
+        assert all(t is u for t, u in zip(leaves, (q, k, v)))
+    launches = []
+    split = attention._fwd_split_launch
+    monkeypatch.setattr(attention, "_fwd_split_launch", lambda *a: launches.append(1) or split(*a))
+    monkeypatch.setattr(attention, "_num_splits", lambda B, H, Tq, Tk, device: 3)
+    forced = attention._num_splits
+    assert torch.allclose(builders["triton"]()[0]().double(), want, atol=1e-5) and len(launches) == 1
+    assert torch.allclose(builders["triton-1pass"]()[0]().double(), want, atol=1e-5) and len(launches) == 1
+    assert attention._num_splits is forced  # put back after the call
+    with pytest.raises(ValueError, match="one query a sequence"):
+        kernels.decode_attention_providers(k, k, v)
+    rows = kernels.sweep_decode_attention(CpuTimer(reps=1), Budget(None), (1, 2), (16,), ((4, 2, 16), (2, 2, 32)),
+                                          torch.float32, providers=("reference", "triton", "flash-attn"))
+    assert {r["mode"] for r in rows} == {"fwd"} and {r["op"] for r in rows} == {"decode_attention"}
+    by = {(r["config"]["batch"], r["config"]["heads"], r["provider"]): r for r in rows}
+    assert len(by) == len(rows) == 2 * 2 * 3
+    assert by[2, 4, "triton"]["bytes"] == 2 * 2 * 2 * 16 * 16 * 4 and by[1, 2, "reference"]["bytes"] == 2 * 2 * 16 * 32 * 4
+    assert by[2, 4, "triton"]["status"] == "ok" and by[2, 4, "triton"]["gbps"] > 0
+    assert by[1, 4, "reference"]["config"]["queries"] == 1 and by[1, 4, "reference"]["config"]["seq_len"] == 16
+    if device.type != "cuda":
+        assert by[1, 4, "flash-attn"]["status"].startswith("skipped: ")
+    assert kernels.sweep_decode_attention(CpuTimer(reps=1), Budget(None), (1,), (16,), ((4, 2, 16),), torch.float32,
+                                          modes=("bwd", "fwd+bwd")) == []
 
 
 def test_softcap_attention_rows_time_each_provider_on_the_same_capped_scores(device):
@@ -2622,7 +2670,8 @@ def test_every_provider_builder_is_in_the_sweep():
              "alibi_attention": kernels.alibi_attention_providers(q, q, q),
              "moe_mlp": kernels.moe_providers(x, t[:, None], torch.ones(4, 1), torch.zeros(1, 24, 8),
                                               torch.zeros(1, 24, 8), torch.zeros(1, 8, 24)),
-             "lm_head_distill": kernels.lm_head_distill_providers(x, torch.zeros(5, 8), x, torch.zeros(5, 8), t)}
+             "lm_head_distill": kernels.lm_head_distill_providers(x, torch.zeros(5, 8), x, torch.zeros(5, 8), t),
+             "decode_attention": kernels.decode_attention_providers(q[:, :, :1], q, q)}
     assert set(built) == set(kernels.PROVIDERS)
     for op, builders in built.items():
         assert set(kernels.PROVIDERS[op]) == set(builders), op
