@@ -72,6 +72,16 @@ Algorithm (Dao, "FlashAttention-2", 2023). Per (batch, head), with S = scale * Q
             so both backward passes only add it again to the recomputed S (dS is unchanged). It masks
             nothing: the tile skipping is as before. Base 2: the kernels scale the slope by log2 e. A
             constexpr flag (HAS_ALIBI): without slopes the kernels are as before.
+  decode    (split-KV, "flash-decoding") a KV-cache step has Tq = 1 (or a few tokens to verify), so the
+            forward's grid is B * H programs of one real row each, every one walking all of Tk: on an
+            H100's 132 SMs, batch 1 with 32 heads leaves most idle. When the query tiles fill less than
+            80% of two programs per SM (_num_splits; never under the interpreter), the forward splits the
+            KV tiles a query tile visits into NUM_SPLITS runs of whole tiles, one program each
+            (_attn_fwd_split: the same _fwd_inner loop, masks and skipping), each writing its normalized
+            output O_s and logsumexp lse_s in fp32 to scratch; _attn_fwd_combine merges them: lse =
+            log2 sum_s 2^lse_s, O = sum_s 2^(lse_s - lse) O_s. That lse is the single pass's, so the
+            backward is unchanged. A split the causal mask (Tq > 1) or a document hides from a row
+            leaves it lse_s = -inf, weight 0. Dropout (training) always takes the single pass.
   NaN/inf   in q or k behave as in PyTorch; a NaN in v reaches the rows whose visited KV tiles
             hold it (PyTorch's P @ V spreads it to every row, 0 * NaN; exact math, to the rows
             that attend to it).
@@ -298,7 +308,7 @@ def _attn_fwd(Q, K, V, O, LSE, STARTS, ALIBI, seed, qk_scale, softcap, dropout_p
 
 
 
-@triton.jit(do_not_specialize=["H"])
+@triton.jit(do_not_specialize=["H", "NUM_SPLITS"])  # the split count follows Tk: one binary for every count
 def _attn_fwd_split(Q, K, V, O_PART, LSE_PART, STARTS, ALIBI, qk_scale, softcap,
                     stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
                     stride_vb, stride_vh, stride_vn, stride_sb,
@@ -362,7 +372,7 @@ def _attn_fwd_split(Q, K, V, O_PART, LSE_PART, STARTS, ALIBI, qk_scale, softcap,
     tl.store(LSE_PART + row + offs_m, tl.where(empty, float("-inf"), m_i + tl.log2(l_i)), mask=offs_m < Tq)
 
 
-@triton.jit(do_not_specialize=["H"])
+@triton.jit(do_not_specialize=["H", "NUM_SPLITS"])
 def _attn_fwd_combine(O_PART, LSE_PART, O, LSE, stride_ob, stride_oh, stride_om, H, Tq, NUM_SPLITS,
                       HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr):
     """Grid (cdiv(Tq, BLOCK_M), H, B). Merges _attn_fwd_split's partials of BLOCK_M query rows:

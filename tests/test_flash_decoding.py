@@ -72,6 +72,23 @@ def test_fp32_split_matches_float64(n, Tq, Tk, splits, device):
     assert state["launches"] == 1  # the forward took the split path
 
 
+@pytest.mark.parametrize("Tq", [1, 5])
+def test_fp32_split_reads_kv_cache_views(Tq, splits, device):
+    """As the model calls it: q a head-split view of [B, Tq, H, D], k a slice of a longer cache [B, Hkv, Tmax, D],
+    v a head-split view of [B, Tmax, Hkv, D] sliced too; each read with its own strides (batch ones too), and the
+    output a view of [B, Tq, H, D] as the single pass's."""
+    state = splits(2)
+    B, H, Hkv, Tk, Tmax, D = 2, 4, 2, 37, 64, 32
+    g = torch.Generator().manual_seed(Tq)
+    q = torch.randn(B, Tq, H, D, generator=g).to(device).transpose(1, 2)
+    k = torch.randn(B, Hkv, Tmax, D, generator=g).to(device)[:, :, :Tk]
+    v = torch.randn(B, Tmax, Hkv, D, generator=g).to(device).transpose(1, 2)[:, :, :Tk]
+    assert not k.is_contiguous() and not v.is_contiguous() and k.stride() != v.stride()
+    out = flash_attention(q, k, v)
+    assert out.transpose(1, 2).is_contiguous() and state["launches"] == 1
+    assert_close_rel(out, reference_gqa(q.double(), k.double(), v.double()), 1e-4, f"cache views Tq={Tq}")
+
+
 @pytest.mark.parametrize("D", [32, 64, 80, 128, 256])
 def test_fp32_split_head_dims(D, splits, device):
     splits(3)
