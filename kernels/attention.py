@@ -315,33 +315,62 @@ def _attn_fwd_split(Q, K, V, O_PART, LSE_PART, STARTS, ALIBI, qk_scale, softcap,
                     H, GROUP, Tq, Tk, Q_BUCKET, NUM_SPLITS,
                     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                     IS_CAUSAL: tl.constexpr, HAS_DOCS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-                    HAS_ALIBI: tl.constexpr, PRECISION: tl.constexpr):
-    """Split-KV forward (flash-decoding), grid (NUM_SPLITS * cdiv(Tq, BLOCK_M), H, B): program
+                    HAS_ALIBI: tl.constexpr, PRECISION: tl.constexpr, PACK_GQA: tl.constexpr):
+    """Split-KV forward (flash-decoding), grid (NUM_SPLITS * cdiv(rows, BLOCK_M), heads, B): program
     (tile, split) runs _attn_fwd's loop over the split-th of the KV tiles its query tile visits
     (whole BLOCK_N tiles, the same masks), then writes that split's normalized output O_s (fp32,
     O_PART [B, H, NUM_SPLITS, Tq, D]) and the base-2 logsumexp of its scores (LSE_PART
     [B, H, NUM_SPLITS, Tq]). _attn_fwd_combine merges the splits. No dropout (decode never has it).
+    Rows, heads: Tq and H; with PACK_GQA, GROUP * Tq and Hkv: a tile's row g * Tq + i is query i of
+    query head kv_h * GROUP + g, so the GROUP heads that read one KV head share its K/V tiles (a
+    decode step's tile holds GROUP real rows, not one) and each row has its own head (ALiBi slope).
     A row may see no key of its split (the causal mask hides the last keys from the earlier rows of
     a chunk; a split past the visited tiles is empty): its max stays -inf, it stores O_s = 0 and
     lse_s = -inf, which weigh 0 in the combine."""
     pid = tl.program_id(0)
     split = pid % NUM_SPLITS
     start_m = (pid // NUM_SPLITS) * BLOCK_M
-    h, b = tl.program_id(1).to(tl.int64), tl.program_id(2).to(tl.int64)
-    bh = b * H + h
-    q_base = Q + b * stride_qb + h * stride_qh
-    k_base = K + b * stride_kb + (h // GROUP) * stride_kh
-    v_base = V + b * stride_vb + (h // GROUP) * stride_vh
-    slope = _alibi_slope(ALIBI, h, HAS_ALIBI)
-
-    offs_m = start_m + tl.arange(0, BLOCK_M)
+    hp, b = tl.program_id(1).to(tl.int64), tl.program_id(2).to(tl.int64)
+    rows = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    q = _load_rows(q_base, offs_m, Tq, stride_qm, offs_d, HEAD_DIM, BLOCK_D)
+    if PACK_GQA:
+        live = rows < GROUP * Tq
+        head = hp * GROUP + rows // Tq
+        # a row past GROUP * Tq (dropped at the store) takes the last position, whose document start is the
+        # latest: it moves no tile bound of the live rows (lo is their earliest start)
+        offs_m = tl.where(live, rows % Tq, Tq - 1)
+        k_base = K + b * stride_kb + hp * stride_kh
+        v_base = V + b * stride_vb + hp * stride_vh
+        first = tl.min(tl.where(live, offs_m, Tq), 0)
+        end = tl.max(tl.where(live, offs_m, 0), 0) + 1
+    else:
+        live = rows < Tq
+        head = hp + tl.zeros([BLOCK_M], tl.int64)
+        offs_m = rows
+        k_base = K + b * stride_kb + (hp // GROUP) * stride_kh
+        v_base = V + b * stride_vb + (hp // GROUP) * stride_vh
+        first = start_m
+        end = start_m + BLOCK_M
+    if HAS_ALIBI:
+        slope = (tl.load(ALIBI + head) * 1.4426950408889634)[:, None]  # base 2, one a row
+    else:
+        slope = 0.0
+    row_ok = live[:, None]
+    if BLOCK_D != HEAD_DIM:
+        row_ok = row_ok & (offs_d[None, :] < HEAD_DIM)
+    q = tl.load(Q + b * stride_qb + head[:, None] * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :],
+                mask=row_ok, other=0.0)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
 
-    full_hi, hi = _kv_tile_range(start_m, Tq, Tk, BLOCK_M, BLOCK_N, IS_CAUSAL)
+    # _kv_tile_range's bounds for query positions [first, end)
+    if IS_CAUSAL:
+        hi = tl.minimum(Tk, end + (Tk - Tq))
+        full_hi = tl.minimum((first + (Tk - Tq) + 1) // BLOCK_N * BLOCK_N, Tk // BLOCK_N * BLOCK_N)
+    else:
+        hi = Tk
+        full_hi = Tk // BLOCK_N * BLOCK_N
     if HAS_DOCS:
         q_start, lo, mid = _doc_tile_range(STARTS + b * stride_sb, offs_m, Tq, Tk, full_hi, BLOCK_N)
     else:
@@ -367,9 +396,9 @@ def _attn_fwd_split(Q, K, V, O_PART, LSE_PART, STARTS, ALIBI, qk_scale, softcap,
 
     empty = l_i == 0.0  # only where the split showed the row no key
     l_i = tl.where(empty, 1.0, l_i)
-    row = (bh * NUM_SPLITS + split) * Tq  # this split's first row in the partials
-    _store_rows(O_PART + row * HEAD_DIM, acc / l_i[:, None], offs_m, Tq, HEAD_DIM, offs_d, HEAD_DIM, BLOCK_D)
-    tl.store(LSE_PART + row + offs_m, tl.where(empty, float("-inf"), m_i + tl.log2(l_i)), mask=offs_m < Tq)
+    part_row = ((b * H + head) * NUM_SPLITS + split) * Tq + offs_m  # each row's place in the partials
+    tl.store(O_PART + part_row[:, None] * HEAD_DIM + offs_d[None, :], acc / l_i[:, None], mask=row_ok)
+    tl.store(LSE_PART + part_row, tl.where(empty, float("-inf"), m_i + tl.log2(l_i)), mask=live)
 
 
 @triton.jit(do_not_specialize=["H", "NUM_SPLITS"])
@@ -728,8 +757,8 @@ TILES = {
     },
 }
 _attn_fwd_run = autotuned("attention.forward", _tuned(TILES["forward"], _prune_query_tile)(_attn_fwd))
-_attn_fwd_split_run = autotuned("attention.forward_split", _tuned(TILES["forward_split"], _prune_query_tile)(
-    _attn_fwd_split))
+_attn_fwd_split_run = autotuned("attention.forward_split", _tuned(
+    TILES["forward_split"], _prune_query_tile, key=["PACK_GQA"])(_attn_fwd_split))
 _attn_bwd_dkdv_run = autotuned("attention.backward_dkdv", _tuned(
     TILES["backward_dkdv"], _prune_streamed_rows, key=["GROUP"])(_attn_bwd_dkdv))
 _attn_bwd_dq_run = autotuned("attention.backward_dq", _tuned(TILES["backward_dq"], _prune_query_tile)(_attn_bwd_dq))
@@ -803,9 +832,9 @@ def _sm_count(device: torch.device) -> int:
 
 
 def _num_splits(B, H, Tq, Tk, device) -> int:
-    """How many KV splits the forward runs (1: the single-pass _attn_fwd). Decode has B * H query
-    tiles of one real row each: 32 heads at batch 1 occupy 32 of an H100's 132 SMs, each walking
-    all of Tk. Split (as flash-attn's num_splits_heuristic) when the query tiles fill less than 80%
+    """How many KV splits the forward runs (1: the single-pass _attn_fwd), for B * H query tiles of
+    Tq rows (the split kernel's heads and rows: _split_rows). Decode has one real row a query head:
+    32 heads at batch 1 occupy 32 of an H100's 132 SMs, each walking all of Tk. Split (as flash-attn's num_splits_heuristic) when the query tiles fill less than 80%
     of two programs per SM, into enough splits to fill them, each at least SPLIT_MIN_KEYS long.
     Under the interpreter (~5 ms a program) never: tests monkeypatch this to force splits."""
     if INTERPRET or Tq > SPLIT_MAX_QUERIES:
@@ -816,19 +845,29 @@ def _num_splits(B, H, Tq, Tk, device) -> int:
     return max(1, min(slots // tiles, Tk // SPLIT_MIN_KEYS, MAX_SPLITS))
 
 
+def _split_rows(H, Hkv, Tq):
+    """(heads, rows, pack) of the split kernel's grid: GROUP = H / Hkv > 1 query heads packed into the rows of
+    their KV head's tiles (GROUP * Tq rows) while those stay a decode step's few; else H heads of Tq rows."""
+    group = H // Hkv
+    if group > 1 and group * Tq <= SPLIT_MAX_QUERIES:
+        return Hkv, group * Tq, True
+    return H, Tq, False
+
+
 def _fwd_split_launch(q, k, v, o, lse, causal, softmax_scale, starts, ends, softcap, alibi, splits):
     """_attn_fwd_split into fp32 partials, then _attn_fwd_combine into o and lse."""
     B, H, Tq, D = q.shape
+    heads, rows, pack = _split_rows(H, k.shape[1], Tq)
     o_part = torch.empty((B, H, splits, Tq, D), dtype=torch.float32, device=q.device)
     lse_part = torch.empty((B, H, splits, Tq), dtype=torch.float32, device=q.device)
     starts_arg, _, stride_sb = _doc_args(q, starts, ends)
     flags = _kernel_flags(q, causal, 0.0, starts, softcap, alibi)
     del flags["HAS_DROPOUT"]
-    _attn_fwd_split_run[lambda meta: (splits * cdiv(Tq, meta["BLOCK_M"]), H, B)](
+    _attn_fwd_split_run[lambda meta: (splits * cdiv(rows, meta["BLOCK_M"]), heads, B)](
         q, k, v, o_part, lse_part, starts_arg, _alibi_arg(q, alibi), softmax_scale * LOG2E, softcap * LOG2E,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), stride_sb,
-        H, H // k.shape[1], Tq, k.shape[2], _q_bucket(Tq), splits, **flags, **_fixed_blocks())
+        H, H // k.shape[1], Tq, k.shape[2], _q_bucket(rows), splits, **flags, PACK_GQA=pack, **_fixed_blocks())
     _attn_fwd_combine[(cdiv(Tq, COMBINE_BLOCK), H, B)](
         o_part, lse_part, o, lse, o.stride(0), o.stride(1), o.stride(2), H, Tq, splits,
         HEAD_DIM=D, BLOCK_D=flags["BLOCK_D"], BLOCK_M=COMBINE_BLOCK)
@@ -848,7 +887,7 @@ def _fwd_launch(q, k, v, causal, softmax_scale, dropout_p, seed, starts=None, en
     _check_head_span(q=q, k=k, v=v, o=o)
     if B * H * Tq == 0:
         return o, lse
-    splits = 1 if dropout_p > 0.0 else _num_splits(B, H, Tq, Tk, q.device)
+    splits = 1 if dropout_p > 0.0 else _num_splits(B, *_split_rows(H, k.shape[1], Tq)[:2], Tk, q.device)
     if splits > 1:
         return _fwd_split_launch(q, k, v, o, lse, causal, softmax_scale, starts, ends, softcap, alibi, splits)
     group = H // k.shape[1]

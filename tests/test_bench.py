@@ -2122,6 +2122,7 @@ def test_every_autotuned_kernel_is_registered():
     assert kernel_common.AUTOTUNED["attention.forward"] is attention._attn_fwd_run
     assert kernel_common.AUTOTUNED["attention.backward_dkdv"] is attention._attn_bwd_dkdv_run
     assert kernel_common.AUTOTUNED["attention.backward_dq"] is attention._attn_bwd_dq_run
+    assert kernel_common.AUTOTUNED["attention.forward_split"] is attention._attn_fwd_split_run
 
 
 def test_every_compile_time_flag_of_an_autotuned_kernel_is_in_its_key():

@@ -112,6 +112,26 @@ def test_fp32_split_gqa(kv_heads, Tq, splits, device):
     check(q, k, v, 1e-4, f"gqa 4/{kv_heads} Tq={Tq}")
 
 
+def test_split_rows_pack_the_query_heads_of_a_kv_head():
+    """Grouped-query decode packs the GROUP query heads of a KV head into one tile's rows while they are few."""
+    assert attention._split_rows(32, 8, 1) == (8, 4, True)     # Llama's decode step: 4 rows a KV head
+    assert attention._split_rows(4, 1, 17) == (4, 17, False)   # 68 rows: each query head its own tiles
+    assert attention._split_rows(12, 12, 1) == (12, 1, False)  # multi-head attention: nothing to pack
+
+
+@pytest.mark.parametrize("Tq", [1, 5])
+def test_fp32_split_packed_gqa_alibi_and_documents(Tq, splits, device):
+    """Packed grouped-query rows each keep their own query head's ALiBi slope and their own position's
+    document (and window) bounds; rows past GROUP * Tq in the tile (16 rows, 3 x 5 or 3 x 1 live) are dropped."""
+    splits(3)
+    q, _, _ = make_qkv(2, 6, Tq, 1, 32, torch.float32, device, seed=Tq + 40)
+    _, k, v = make_qkv(2, 2, 1, 90, 32, torch.float32, device, seed=Tq + 41)
+    slopes = torch.tensor([0.5, 0.25, 0.125, 0.0625, 0.03125, 0.015625], device=device)
+    doc_ids = torch.tensor([[0] * 40 + [1] * 50, [0] * 87 + [1] * 3]).to(device)
+    check(q, k, v, 1e-4, f"packed alibi Tq={Tq}", alibi_slopes=slopes)
+    check(q, k, v, 1e-4, f"packed documents Tq={Tq}", doc_ids=doc_ids, window=30)
+
+
 @pytest.mark.parametrize("Tq", [1, 17])
 def test_fp32_split_documents_and_window(Tq, splits, device):
     """Documents (a row's keys start at its document's start: whole splits before it hidden) and a
