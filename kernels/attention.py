@@ -81,7 +81,9 @@ Algorithm (Dao, "FlashAttention-2", 2023). Per (batch, head), with S = scale * Q
             output O_s and logsumexp lse_s in fp32 to scratch; _attn_fwd_combine merges them: lse =
             log2 sum_s 2^lse_s, O = sum_s 2^(lse_s - lse) O_s. That lse is the single pass's, so the
             backward is unchanged. A split the causal mask (Tq > 1) or a document hides from a row
-            leaves it lse_s = -inf, weight 0. Dropout (training) always takes the single pass.
+            leaves it lse_s = -inf, weight 0. Dropout (training) always takes the single pass. With
+            GQA (while GROUP * Tq <= 64) a split program's rows are the GROUP query heads of one KV
+            head (PACK_GQA): a decode tile holds GROUP real rows sharing each K/V tile load.
   NaN/inf   in q or k behave as in PyTorch; a NaN in v reaches the rows whose visited KV tiles
             hold it (PyTorch's P @ V spreads it to every row, 0 * NaN; exact math, to the rows
             that attend to it).
@@ -305,7 +307,6 @@ def _attn_fwd(Q, K, V, O, LSE, STARTS, ALIBI, seed, qk_scale, softcap, dropout_p
     acc = acc / l_i[:, None]
     _store_rows(o_base, acc, offs_m, Tq, stride_om, offs_d, HEAD_DIM, BLOCK_D)
     tl.store(LSE + bh.to(tl.int64) * Tq + offs_m, m_i + tl.log2(l_i), mask=offs_m < Tq)
-
 
 
 @triton.jit(do_not_specialize=["H", "NUM_SPLITS"])  # the split count follows Tk: one binary for every count
