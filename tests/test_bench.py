@@ -2950,21 +2950,22 @@ def test_lm_head_variants_run_last_of_all_the_soft_cap_last(monkeypatch):
               "geglu": "sweep_geglu", "softcap_attention": "sweep_softcap_attention",
               "mlp_exact_gelu": "sweep_mlp_exact_gelu", "rope_partial": "sweep_rope_partial",
               "lm_head_loss_bias": "sweep_lm_head_loss_bias", "alibi_attention": "sweep_alibi_attention",
-              "moe_mlp": "sweep_moe_mlp", "lm_head_distill": "sweep_lm_head_distill"}
+              "moe_mlp": "sweep_moe_mlp", "lm_head_distill": "sweep_lm_head_distill",
+              "decode_attention": "sweep_decode_attention"}
     for op, name in sweeps.items():
         monkeypatch.setattr(kernels, name, lambda *a, op=op: calls.append((op, "compile" in a[-1])) or [])
     monkeypatch.setattr(kernels, "measure_ceilings", lambda timer, **k: {})
     kernels.run_kernels(CpuTimer(reps=1), Budget(None), log=lambda s: None)
     newest = ["lm_head_loss_smooth_z", "lm_head_loss_softcap", "gqa_attention", "rmsnorm", "add_rmsnorm", "swiglu",
               "geglu", "softcap_attention", "mlp_exact_gelu", "rope_partial", "lm_head_loss_bias", "alibi_attention",
-              "moe_mlp", "lm_head_distill"]
-    assert calls[-28:] == [(op, compiled) for op in newest for compiled in (False, True)]  # after them all
-    assert {op for op, _ in calls[:-28]} == set(sweeps) - set(newest)
-    assert ("doc_attention", True) in calls[:-28]
+              "moe_mlp", "lm_head_distill", "decode_attention"]
+    assert calls[-30:] == [(op, compiled) for op in newest for compiled in (False, True)]  # after them all
+    assert {op for op, _ in calls[:-30]} == set(sweeps) - set(newest)
+    assert ("doc_attention", True) in calls[:-30]
     parser = cli.build_parser()
     default_ops = parser.parse_args(["bench", "kernels"]).ops.split(",")
     assert default_ops == list(inspect.signature(kernels.run_kernels).parameters["ops"].default)
-    assert default_ops[-14:] == newest
+    assert default_ops[-15:] == newest
     ops, _, _ = bcli.kernel_names(parser.parse_args(["bench", "kernels", "--ops", "lm_head_loss_softcap"]))
     assert ops == ("lm_head_loss_softcap",)
 
