@@ -835,8 +835,9 @@ def _sm_count(device: torch.device) -> int:
 def _num_splits(B, H, Tq, Tk, device) -> int:
     """How many KV splits the forward runs (1: the single-pass _attn_fwd), for B * H query tiles of
     Tq rows (the split kernel's heads and rows: _split_rows). Decode has one real row a query head:
-    32 heads at batch 1 occupy 32 of an H100's 132 SMs, each walking all of Tk. Split (as flash-attn's num_splits_heuristic) when the query tiles fill less than 80%
-    of two programs per SM, into enough splits to fill them, each at least SPLIT_MIN_KEYS long.
+    32 heads at batch 1 occupy 32 of an H100's 132 SMs, each walking all of Tk. Split (as flash-attn's
+    num_splits_heuristic) when the query tiles fill less than 80% of two programs per SM, into enough
+    splits to fill them, each at least SPLIT_MIN_KEYS long.
     Under the interpreter (~5 ms a program) never: tests monkeypatch this to force splits."""
     if INTERPRET or Tq > SPLIT_MAX_QUERIES:
         return 1

@@ -1781,7 +1781,8 @@ def test_decode_attention_rows_time_one_query_over_the_cache(device, monkeypatch
     assert {r["mode"] for r in rows} == {"fwd"} and {r["op"] for r in rows} == {"decode_attention"}
     by = {(r["config"]["batch"], r["config"]["heads"], r["provider"]): r for r in rows}
     assert len(by) == len(rows) == 2 * 2 * 3
-    assert by[2, 4, "triton"]["bytes"] == 2 * 2 * 2 * 16 * 16 * 4 and by[1, 2, "reference"]["bytes"] == 2 * 2 * 16 * 32 * 4
+    assert by[2, 4, "triton"]["bytes"] == 2 * 2 * 2 * 16 * 16 * 4  # k and v, batch 2, 2 KV heads, 16 keys, fp32
+    assert by[1, 2, "reference"]["bytes"] == 2 * 2 * 16 * 32 * 4
     assert by[2, 4, "triton"]["status"] == "ok" and by[2, 4, "triton"]["gbps"] > 0
     assert by[1, 4, "reference"]["config"]["queries"] == 1 and by[1, 4, "reference"]["config"]["seq_len"] == 16
     if device.type != "cuda":

@@ -14,8 +14,8 @@ from tritongpt.bench import compile_check
 
 PTXAS = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
 KERNELS = {"_layer_norm_fwd_kernel", "_layer_norm_bwd_kernel", "_matmul_kernel", "_attn_fwd", "_attn_fwd_split",
-           "_attn_fwd_combine", "_attn_bwd_preprocess", "_attn_bwd_dkdv", "_attn_bwd_dq", "_ce_fwd_kernel", "_ce_bwd_kernel",
-           "_rope_kernel", "_grouped_kernel", "_expert_grad_kernel", "_distill_kernel"}
+           "_attn_fwd_combine", "_attn_bwd_preprocess", "_attn_bwd_dkdv", "_attn_bwd_dq", "_ce_fwd_kernel",
+           "_ce_bwd_kernel", "_rope_kernel", "_grouped_kernel", "_expert_grad_kernel", "_distill_kernel"}
 
 
 @pytest.mark.skipif(not PTXAS.exists(), reason="this Triton build ships no ptxas")
