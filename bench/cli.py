@@ -256,7 +256,7 @@ def add_cli(sub):
                                    "window_attention,add_layernorm,rope,lm_head_loss_smooth_z,lm_head_loss_softcap,"
                                    "gqa_attention,rmsnorm,add_rmsnorm,swiglu,geglu,softcap_attention,mlp_exact_gelu,"
                                    "rope_partial,lm_head_loss_bias,alibi_attention,moe_mlp,lm_head_distill,"
-                                   "decode_attention",
+                                   "decode_attention,matmul",
                    help="comma list (default: all of %(default)s; lm_head_loss_smooth_z is the LM head + loss with "
                         "label smoothing 0.1 and z-loss 1e-4, lm_head_loss_softcap with the logits soft-capped to "
                         "30 tanh(logits / 30), gqa_attention causal attention with fewer KV heads than query heads, "
@@ -273,7 +273,10 @@ def add_cli(sub):
                         "kernel, lm_head_distill --teacher distillation's loss on both LM heads, (1 - alpha) CE + "
                         "alpha T^2 generalized JSD at alpha 0.5, T 2, beta 0.5, at --head-widths and --ce-vocabs, "
                         "decode_attention one KV-cache decode step, a query over 1024-16384 cached keys at batch 1 "
-                        "and 8, forward only, in GB/s of the cache read)")
+                        "and 8, forward only, in GB/s of the cache read, matmul the GELU-MLP's products (fc1, fc2, "
+                        "dx, dW1) per operand layout, NN, NT, TN and NN-copy (fc2 with W2^T made contiguous in the "
+                        "timing), at --mlp-rows tokens and widths 768 and 1600: torch.mm (cuBLAS) against our matmul "
+                        "kernel, forward only)")
     k.add_argument("--modes", default="fwd,bwd,fwd+bwd", help="comma list (default: all of %(default)s)")
     k.add_argument("--providers", default=None, help=f"subset of {','.join(ALL_PROVIDERS)}")
     k.add_argument("--ln-rows", type=int, default=None,

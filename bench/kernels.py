@@ -111,7 +111,16 @@ every key, and SDPA's is_causal would align it top-left), ours as the KV cache c
 aligned: the split-KV forward where the query tiles leave SMs idle), triton-1pass (ours with the split switched
 off: what it buys) and flash-attn. Bytes: the cache read once, 2 B Hkv Tk D x the element size (q and the output
 are B H D each, left out); a decode step is memory-bound, so its GB/s against the copy ceiling is the figure. It
-runs after lm_head_distill, last of all.
+runs after lm_head_distill.
+matmul is one product C = A @ B of the GELU-MLP as the MLP runs it, at mlp_rows tokens (M 16384) and GPT-2 small's and
+XL's widths (C 768 and 1600, H 4C), per operand layout, forward only (its rows are "fwd"): "NT" fc1 (x [M, C] @ W1^T,
+W1 [H, C]: a transposed view, K-contiguous B, as every nn.Linear-style forward product), "NN" dx (dh [M, H] @ W1,
+row-major B), "NT" fc2 (a [M, H] @ W2^T, W2 [C, H]), "TN" dW1 (dh^T, a view of [M, H]: M-contiguous A, @ x [M, C])
+and "NN-copy": fc2 with W2^T made contiguous first, the copy timed too (what an MLP that transposes its weights each
+call would pay). Providers: torch.mm on the same views (cuBLAS) and ours, kernels/mlp.py's _matmul with no bias and no
+epilogue (the kernel every MLP product runs through). Each row's config names the layout, the product, M, N, K and C;
+FLOPs 2 M N K (the copy's bytes are not counted). It runs after decode_attention, last of all, so a short budget drops
+it first.
 Modes: fwd (inputs require grad, as in training), bwd (backward of a kept graph,
 retain_graph=True), fwd+bwd. Backward starts from a random gradient, or from 1 for a loss (as
 loss.backward() does). Gradients are reset to None before each timed call.
@@ -183,6 +192,8 @@ PROVIDERS = {
     "lm_head_distill": ("reference", "compile", "triton", "liger"),
     # one KV-cache decode step (Tq = 1 over Tk cached keys), forward only; triton-1pass: ours without the KV split
     "decode_attention": ("reference", *SDPA_BACKENDS, "compile", "triton", "triton-1pass", *FLASH_ATTN),
+    # one GELU-MLP product per operand layout, forward only: torch.mm (cuBLAS) and our matmul kernel, no epilogue
+    "matmul": ("torch", "triton"),
 }
 # a gated MLP op -> its gate's activation (SwiGLUFeedForward's and swiglu_mlp's activation)
 GATED_MLPS = {"swiglu": "silu", "geglu": "gelu"}
@@ -216,7 +227,9 @@ FULL_SIZES = dict(ln_rows=16384, ln_widths=(768, 1024, 1280, 1600),
                   moe_shapes=((4096, 8, 2, 1024, 3584),),
                   # decode_attention: batches, cache lengths, (query heads, KV heads, head dim)
                   decode_batches=(1, 8), decode_seqlens=(1024, 4096, 16384),
-                  decode_heads=((32, 32, 64), (32, 32, 128), (32, 8, 128)))
+                  decode_heads=((32, 32, 64), (32, 32, 128), (32, 8, 128)),
+                  # matmul: the GELU-MLP's widths (hidden 4 C) at mlp_rows tokens: GPT-2 small's and XL's
+                  matmul_widths=(768, 1600))
 QUICK_SIZES = dict(ln_rows=4096, ln_widths=(768, 1600),
                    mlp_rows=4096, mlp_widths=(768,),
                    attn_seqlens=(1024,), attn_head_dims=(64,),
@@ -226,7 +239,8 @@ QUICK_SIZES = dict(ln_rows=4096, ln_widths=(768, 1600),
                    gqa_seqlens=(1024,), gqa_heads=((32, 8, 128), (12, 1, 64)),
                    rope_partial_heads=((12, 12, 64, 16, 1.0), (24, 8, 128, 96, PHI4_MINI_MSCALE)),
                    moe_shapes=((2048, 8, 2, 768, 2048),),
-                   decode_batches=(1,), decode_seqlens=(4096,), decode_heads=((32, 8, 128),))
+                   decode_batches=(1,), decode_seqlens=(4096,), decode_heads=((32, 8, 128),),
+                   matmul_widths=(768,))
 
 
 def randn(*shape, device, dtype, scale=1.0, requires_grad=True):
@@ -836,6 +850,27 @@ def decode_attention_providers(q, k, v):
     out.update({"compile": compiled, "triton": _ours_attention(q, k, v, causal=True), "triton-1pass": single_pass})
     out.update({name: _flash_attn(q, k, v, *where, causal=True) for name, where in FLASH_ATTN.items()})
     return out
+
+
+def matmul_providers(a, b, copy_b=False):
+    """C = a [M, K] @ b [K, N] with the operands as given (views: their strides are the layout timed); copy_b: b made
+    contiguous inside the timed call first (NN-copy). Every provider returns C [M, N] in a's dtype."""
+    if a.dim() != 2 or b.dim() != 2 or a.shape[1] != b.shape[0]:
+        raise ValueError(f"matmul_providers takes a [M, K] and b [K, N], got a {tuple(a.shape)} and b {tuple(b.shape)}")
+    if a.dtype != b.dtype:
+        raise ValueError(f"matmul_providers takes a and b of one dtype, got {a.dtype} and {b.dtype}")
+    operand = (lambda: b.contiguous()) if copy_b else (lambda: b)
+
+    def torch_op():
+        return (lambda: torch.mm(a, operand())), [a, b]
+
+    def triton_op():
+        fn, why = try_import("tritongpt.kernels.mlp", "_matmul")
+        if fn is None:
+            raise Unavailable(why)
+        return (lambda: fn(a, operand())[0]), [a, b]
+
+    return {"torch": torch_op, "triton": triton_op}
 
 
 def cross_entropy_providers(x, t):
@@ -1565,6 +1600,40 @@ def sweep_decode_attention(timer, budget, batches, seqlens, heads, dtype, modes=
     return out
 
 
+def mlp_matmul_operands(m, c, device, dtype):
+    """The GELU-MLP's products at m tokens of width c (hidden h = 4 c), with the operands laid out as the MLP passes
+    them to its matmuls: [(layout, product, a, b)], C = a @ b. "NN-copy" is fc2 again, its b the transposed view that
+    its timing makes contiguous."""
+    h = 4 * c
+    x = randn(m, c, device=device, dtype=dtype, requires_grad=False)
+    dh = randn(m, h, device=device, dtype=dtype, requires_grad=False)
+    act = randn(m, h, device=device, dtype=dtype, requires_grad=False)
+    # nn.Linear-like scale, as sweep_mlp's weights
+    w1 = randn(h, c, device=device, dtype=dtype, scale=c ** -0.5, requires_grad=False)
+    w2 = randn(c, h, device=device, dtype=dtype, scale=h ** -0.5, requires_grad=False)
+    return [("NT", "fc1", x, w1.t()), ("NN", "dx", dh, w1), ("NT", "fc2", act, w2.t()), ("TN", "dW1", dh.t(), x),
+            ("NN-copy", "fc2", act, w2.t())]
+
+
+def sweep_matmul(timer, budget, rows_m, widths, dtype, modes=MODES, providers=None):
+    """The GELU-MLP's matmuls (mlp_matmul_operands) at each width, one product at a time; "fwd" only of modes (a
+    product alone has no backward here: the MLP's backward is the other products). FLOPs: 2 M N K."""
+    out = []
+    dev = timer.device
+    modes = tuple(m for m in modes if m == "fwd")
+    for c in widths if modes else ():
+        products = mlp_matmul_operands(rows_m, c, dev, dtype)
+        for layout, product, a, b in products:
+            (m, k), n = a.shape, b.shape[1]
+            # C, not "width": the report writes a width as N=, which would clash with the product's N
+            cfg = {"layout": layout, "product": product, "M": m, "N": n, "K": k, "C": c, "dtype": dtype_name(dtype)}
+            out += bench_providers("matmul", cfg, matmul_providers(a, b, copy_b=layout == "NN-copy"), modes, timer,
+                                   budget, lambda mode: {"flops": matmul_flops(m, n, k)}, providers)
+        del products, a, b
+        timer.cleanup()
+    return out
+
+
 def _sweep_masked_attention(op, case, timer, budget, seqlens, head_dims, dtype, tokens, width, modes, providers):
     """Causal attention with a mask of its own, over sweep_attention's shapes: case(q, k, v) ->
     (the row's config beyond the shape, the providers, the work of a mode)."""
@@ -1765,7 +1834,9 @@ def _sweep_plan(sizes, part):
             "lm_head_distill": [sizes["head_widths"]] if part == "rest" else [],
             # one KV-cache decode step: after everything else
             "decode_attention": [(sizes["decode_batches"], sizes["decode_seqlens"], sizes["decode_heads"])]
-            if part == "rest" else []}
+            if part == "rest" else [],
+            # the MLP's matmuls per operand layout: after decode_attention, the first a short budget drops
+            "matmul": [sizes["matmul_widths"]] if part == "rest" else []}
     return {op: [a for a in args if a] for op, args in plan.items()}
 
 
@@ -1774,7 +1845,7 @@ def run_kernels(timer, budget, dtype=torch.bfloat16,
                      "window_attention", "add_layernorm", "rope", "lm_head_loss_smooth_z", "lm_head_loss_softcap",
                      "gqa_attention", "rmsnorm", "add_rmsnorm", "swiglu", "geglu", "softcap_attention",
                      "mlp_exact_gelu", "rope_partial", "lm_head_loss_bias", "alibi_attention", "moe_mlp",
-                     "lm_head_distill", "decode_attention"),
+                     "lm_head_distill", "decode_attention", "matmul"),
                 modes=MODES, providers=None, sizes=None, ceiling_sizes=None, log=print):
     """All sweeps plus the ceilings; returns (rows, ceilings).
 
@@ -1784,8 +1855,8 @@ def run_kernels(timer, budget, dtype=torch.bfloat16,
     lm_head_loss_softcap (variants of lm_head_loss) come after all of those, each whole (every
     provider's, compiled ones too) before the next, gqa_attention after them, then rmsnorm,
     add_rmsnorm, swiglu, geglu, softcap_attention, mlp_exact_gelu, rope_partial, lm_head_loss_bias, alibi_attention
-    moe_mlp, lm_head_distill and decode_attention (the newest ops), so a short budget drops decode_attention first,
-    then lm_head_distill, then moe_mlp, then
+    moe_mlp, lm_head_distill, decode_attention and matmul (the newest ops), so a short budget drops matmul first, then
+    decode_attention, then lm_head_distill, then moe_mlp, then
     alibi_attention, then
     lm_head_loss_bias, then rope_partial, then mlp_exact_gelu, then softcap_attention, then geglu, then swiglu, then
     the RMSNorms, then gqa_attention, then the LM head's soft cap.
@@ -1919,6 +1990,11 @@ def _run_plan(rows, timer, budget, dtype, ops, modes, sizes, groups, log):
                 log(f"decode attention, one query over the KV cache ({part}{label}): {shapes}, batch {list(batches)}, "
                     f"Tk {list(seqlens)} ...")
                 rows += sweep_decode_attention(timer, budget, batches, seqlens, heads, dtype, modes, provs)
+        for provs, label in groups:
+            for widths in plan["matmul"] if "matmul" in ops else ():
+                log(f"gelu-mlp matmuls per operand layout ({part}{label}): widths {list(widths)} x {sizes['mlp_rows']} "
+                    "rows ...")
+                rows += sweep_matmul(timer, budget, sizes["mlp_rows"], widths, dtype, modes, provs)
 
 
 def sort_rows(rows):
@@ -1930,8 +2006,9 @@ def sort_rows(rows):
         order = PROVIDERS.get(r["op"], ())
         prov = order.index(r["provider"]) if r["provider"] in order else len(order)
         c = r["config"]
+        # matmul's rows: each product's providers side by side
         cfg = (c.get("head_dim", 0), c.get("seq_len", 0), c.get("width", 0), c.get("vocab", 0), c.get("rows", 0),
-               c.get("heads", 0))
+               c.get("heads", 0), c.get("C", 0), c.get("layout", ""), c.get("product", ""))
         return (ops.index(r["op"]) if r["op"] in ops else len(ops), r.get("mode") == "saved", cfg, prov,
                 mode_order.get(r.get("mode"), 9))
 

@@ -525,7 +525,7 @@ def test_run_kernels_end_to_end_on_cpu():
                    head_widths=(12,), rope_tokens=32, rope_seq_len=16, rope_heads=(2, 3), rope_head_dim=8,
                    gqa_seqlens=(16,), gqa_heads=((4, 2, 8),),
                    rope_partial_heads=((2, 2, 8, 4, 1.0), (4, 2, 16, 12, 1.5)), moe_shapes=((12, 3, 2, 8, 16),),
-                   decode_batches=(1,), decode_seqlens=(16,), decode_heads=((4, 2, 8),)),
+                   decode_batches=(1,), decode_seqlens=(16,), decode_heads=((4, 2, 8),), matmul_widths=(8,)),
         ceiling_sizes=dict(copy_bytes=1 << 16, matmul_n=32, dtype=torch.float32), log=lambda s: None)
     assert ceil["copy"]["gbps"] > 0 and ceil["matmul"]["tflops"] > 0
     assert all(r["status"] == "ok" for r in rows), [r["status"] for r in rows if r["status"] != "ok"]
@@ -537,10 +537,15 @@ def test_run_kernels_end_to_end_on_cpu():
     # the SwiGLU MLP and the GeGLU one (reference), soft-capped attention at T 32 and 16 (reference), the exact-GELU
     # MLP (reference, torch), partial rotary at 2 shapes (reference), lm_head_loss with a head bias, ALiBi attention
     # at T 32 and 16 (reference), the mixture-of-experts MLP (reference), both LM heads + distillation (reference),
-    # a decode step (reference, sdpa-flash; forward only)
+    # a decode step (reference, sdpa-flash; forward only), the MLP's 5 matmuls (torch; forward only)
     assert len(timed) == (2 * 2 * 3 + 1 * 2 * 3 + 2 * 2 * 3 + 1 * 2 * 3 + 1 * 2 * 3 + 2 * 3 + 3 + 2 * 2 * 3 + 1 * 2 * 3
                           + 1 * 2 * 3 + 2 * 3 + 2 * 3 + 2 * 2 * 3 + 2 * 2 * 3 + 3 + 3 + 2 * 3 + 2 * 3 + 2 * 3
-                          + 1 * 2 * 3 + 2 * 3 + 3 + 3 + 2)
+                          + 1 * 2 * 3 + 2 * 3 + 3 + 3 + 2 + 5)
+    assert [(r["provider"], r["mode"], r["config"]["layout"], r["config"]["product"], r["config"]["M"],
+             r["config"]["N"], r["config"]["K"], r["flops"]) for r in timed if r["op"] == "matmul"] == \
+        [("torch", "fwd", layout, product, m, n, k, 2 * m * n * k)
+         for layout, product, m, n, k in (("NN", "dx", 8, 8, 32), ("NN-copy", "fc2", 8, 8, 32), ("NT", "fc1", 8, 32, 8),
+                                          ("NT", "fc2", 8, 8, 32), ("TN", "dW1", 32, 8, 8))]  # sorted by layout
     assert [(r["provider"], r["mode"], r["config"]["kv_heads"], r["bytes"]) for r in timed
             if r["op"] == "decode_attention"] == [("reference", "fwd", 2, 2 * 2 * 16 * 8 * 4),
                                                   ("sdpa-flash", "fwd", 2, 2 * 2 * 16 * 8 * 4)]
@@ -621,6 +626,7 @@ def test_target_configurations_are_measured_first_and_exactly_once():
     assert first["lm_head_distill"] == [] and rest["lm_head_distill"] == [full["head_widths"]]
     assert first["decode_attention"] == [] and rest["decode_attention"] == [((1, 8), (1024, 4096, 16384), (
         (32, 32, 64), (32, 32, 128), (32, 8, 128)))]
+    assert first["matmul"] == [] and rest["matmul"] == [(768, 1600)] and full["mlp_rows"] == 16384
     assert full["gqa_heads"] == ((32, 8, 128), (12, 1, 64), (4, 1, 256))
     assert full["gqa_seqlens"] == (512, 1024, 2048, 4096, 8192)
     for op, key in (("layernorm", "ln_widths"), ("mlp", "mlp_widths")):
@@ -1119,6 +1125,7 @@ def test_gpu_command_flow_with_cpu_stand_ins(tmp_path, monkeypatch, capsys):
     # (a whole-head count, then fewer KV heads with an mscale), as the CPU's reference takes seconds a mode on those
     monkeypatch.setitem(kernels.QUICK_SIZES, "rope_partial_heads", ((2, 2, 8, 4, 1.0), (4, 2, 16, 12, 1.5)))
     monkeypatch.setitem(kernels.QUICK_SIZES, "decode_seqlens", (64,))  # no size flag either
+    monkeypatch.setitem(kernels.QUICK_SIZES, "matmul_widths", (8,))  # nor matmul's widths (its rows: --mlp-rows)
     seen = {}
 
     def fake_train(device, budget, dtype, models, providers, batch, seq_len, warmup, steps, peak, log, **model):
@@ -1161,7 +1168,9 @@ def test_gpu_command_flow_with_cpu_stand_ins(tmp_path, monkeypatch, capsys):
                                             "lm_head_loss_smooth_z", "lm_head_loss_softcap", "gqa_attention",
                                             "rmsnorm", "add_rmsnorm", "swiglu", "geglu", "softcap_attention",
                                             "mlp_exact_gelu", "rope_partial", "lm_head_loss_bias",
-                                            "alibi_attention", "moe_mlp", "lm_head_distill", "decode_attention"}
+                                            "alibi_attention", "moe_mlp", "lm_head_distill", "decode_attention",
+                                            "matmul"}
+    assert {(r["config"]["M"], r["config"]["C"]) for r in k["rows"] if r["op"] == "matmul"} == {(8, 8), (32, 8)}
     assert {(r["config"]["heads"], r["config"]["kv_heads"]) for r in k["rows"] if r["op"] == "gqa_attention"} == \
         {(4, 2), (3, 1)}
     assert {(r["config"]["rows"], r["config"]["experts"], r["config"]["top_k"]) for r in k["rows"]
@@ -1789,6 +1798,65 @@ def test_decode_attention_rows_time_one_query_over_the_cache(device, monkeypatch
         assert by[1, 4, "flash-attn"]["status"].startswith("skipped: ")
     assert kernels.sweep_decode_attention(CpuTimer(reps=1), Budget(None), (1,), (16,), ((4, 2, 16),), torch.float32,
                                           modes=("bwd", "fwd+bwd")) == []
+
+
+def test_matmul_rows_time_each_product_in_the_layout_the_mlp_passes(device, monkeypatch):
+    """matmul: the GELU-MLP's products with the operands' strides as the MLP passes them (transposed views, not
+    copies; NN-copy's b made contiguous inside the timed call), both providers equal to a float64 a @ b; the rows are
+    forward only, 2 M N K FLOPs each, their config naming the layout, the product and M, N, K."""
+    from tritongpt.kernels import mlp
+
+    m, c, h = 24, 8, 32
+    products = kernels.mlp_matmul_operands(m, c, device, torch.float32)
+    assert [(layout, product, a.shape, a.stride(), b.shape, b.stride()) for layout, product, a, b in products] == [
+        ("NT", "fc1", (m, c), (c, 1), (c, h), (1, c)),    # x @ W1^T: W1 [H, C] read K-contiguous
+        ("NN", "dx", (m, h), (h, 1), (h, c), (c, 1)),     # dh @ W1, both row-major
+        ("NT", "fc2", (m, h), (h, 1), (h, c), (1, h)),    # a @ W2^T: W2 [C, H]
+        ("TN", "dW1", (h, m), (1, h), (m, c), (c, 1)),    # dh^T @ x: A M-contiguous
+        ("NN-copy", "fc2", (m, h), (h, 1), (h, c), (1, h))]
+    (_, _, x, w1t), (_, _, dh, w1), _, (_, _, dht, x2), _ = products
+    assert dht.data_ptr() == dh.data_ptr() and x2 is x and w1t.data_ptr() == w1.data_ptr()  # views of one tensor
+    seen = []
+    real = mlp._matmul
+    monkeypatch.setattr(mlp, "_matmul", lambda a, b, *r, **k: seen.append((a.stride(), b.stride(), r, k))
+                        or real(a, b, *r, **k))
+    for layout, product, a, b in products:
+        want = a.double() @ b.double()
+        builders = kernels.matmul_providers(a, b, copy_b=layout == "NN-copy")
+        for name in ("torch", "triton"):
+            f, leaves = builders[name]()
+            got = f()
+            assert got.shape == want.shape and got.dtype == a.dtype, (layout, name)
+            assert torch.allclose(got.double(), want, atol=1e-4), (layout, name)
+            assert len(leaves) == 2 and leaves[0] is a and leaves[1] is b
+    # ours gets the views as they are (no bias, no epilogue); only NN-copy's b comes contiguous
+    assert seen == [(a.stride(), (c, 1) if layout == "NN-copy" else b.stride(), (), {})
+                    for layout, _, a, b in products]
+    with pytest.raises(ValueError, match="a \\[M, K\\] and b \\[K, N\\]"):
+        kernels.matmul_providers(x, x)
+    with pytest.raises(ValueError, match="one dtype"):
+        kernels.matmul_providers(x, w1t.double())
+    seen.clear()
+    rows = kernels.sweep_matmul(CpuTimer(reps=1), Budget(None), m, (c,), torch.float32,
+                                providers=("torch", "triton"))
+    # the timer calls each product several times: one entry per run of equal calls
+    calls = [call[:2] for i, call in enumerate(seen) if i == 0 or call != seen[i - 1]]
+    assert calls == [(a.stride(), (c, 1) if layout == "NN-copy" else b.stride()) for layout, _, a, b in products]
+    assert {r["mode"] for r in rows} == {"fwd"} and {r["op"] for r in rows} == {"matmul"}
+    assert {r["status"] for r in rows} == {"ok"} and all(r["tflops"] > 0 for r in rows)
+    by = {(r["config"]["layout"], r["config"]["product"], r["provider"]): r for r in rows}
+    assert len(by) == len(rows) == 5 * 2
+    assert by["TN", "dW1", "triton"]["config"] == {"layout": "TN", "product": "dW1", "M": h, "N": c, "K": m, "C": c,
+                                                   "dtype": "fp32"}
+    assert [(r["config"]["M"], r["config"]["N"], r["config"]["K"], r["flops"]) for r in rows if r["provider"] ==
+            "torch"] == [(M, N, K, 2 * M * N * K) for M, N, K in ((m, h, c), (m, c, h), (m, c, h), (h, c, m),
+                                                                   (m, c, h))]
+    # sorted, each product's two providers sit side by side
+    assert [(r["config"]["layout"], r["config"]["product"], r["provider"]) for r in kernels.sort_rows(rows)] == \
+        [(layout, product, p) for layout, product in (("NN", "dx"), ("NN-copy", "fc2"), ("NT", "fc1"), ("NT", "fc2"),
+                                                      ("TN", "dW1")) for p in ("torch", "triton")]
+    assert kernels.sweep_matmul(CpuTimer(reps=1), Budget(None), m, (c,), torch.float32,
+                                modes=("bwd", "fwd+bwd")) == []
 
 
 def test_softcap_attention_rows_time_each_provider_on_the_same_capped_scores(device):
@@ -2673,7 +2741,8 @@ def test_every_provider_builder_is_in_the_sweep():
              "moe_mlp": kernels.moe_providers(x, t[:, None], torch.ones(4, 1), torch.zeros(1, 24, 8),
                                               torch.zeros(1, 24, 8), torch.zeros(1, 8, 24)),
              "lm_head_distill": kernels.lm_head_distill_providers(x, torch.zeros(5, 8), x, torch.zeros(5, 8), t),
-             "decode_attention": kernels.decode_attention_providers(q[:, :, :1], q, q)}
+             "decode_attention": kernels.decode_attention_providers(q[:, :, :1], q, q),
+             "matmul": kernels.matmul_providers(x, x.t())}
     assert set(built) == set(kernels.PROVIDERS)
     for op, builders in built.items():
         assert set(kernels.PROVIDERS[op]) == set(builders), op
@@ -2952,21 +3021,21 @@ def test_lm_head_variants_run_last_of_all_the_soft_cap_last(monkeypatch):
               "mlp_exact_gelu": "sweep_mlp_exact_gelu", "rope_partial": "sweep_rope_partial",
               "lm_head_loss_bias": "sweep_lm_head_loss_bias", "alibi_attention": "sweep_alibi_attention",
               "moe_mlp": "sweep_moe_mlp", "lm_head_distill": "sweep_lm_head_distill",
-              "decode_attention": "sweep_decode_attention"}
+              "decode_attention": "sweep_decode_attention", "matmul": "sweep_matmul"}
     for op, name in sweeps.items():
         monkeypatch.setattr(kernels, name, lambda *a, op=op: calls.append((op, "compile" in a[-1])) or [])
     monkeypatch.setattr(kernels, "measure_ceilings", lambda timer, **k: {})
     kernels.run_kernels(CpuTimer(reps=1), Budget(None), log=lambda s: None)
     newest = ["lm_head_loss_smooth_z", "lm_head_loss_softcap", "gqa_attention", "rmsnorm", "add_rmsnorm", "swiglu",
               "geglu", "softcap_attention", "mlp_exact_gelu", "rope_partial", "lm_head_loss_bias", "alibi_attention",
-              "moe_mlp", "lm_head_distill", "decode_attention"]
-    assert calls[-30:] == [(op, compiled) for op in newest for compiled in (False, True)]  # after them all
-    assert {op for op, _ in calls[:-30]} == set(sweeps) - set(newest)
-    assert ("doc_attention", True) in calls[:-30]
+              "moe_mlp", "lm_head_distill", "decode_attention", "matmul"]
+    assert calls[-32:] == [(op, compiled) for op in newest for compiled in (False, True)]  # after them all
+    assert {op for op, _ in calls[:-32]} == set(sweeps) - set(newest)
+    assert ("doc_attention", True) in calls[:-32]
     parser = cli.build_parser()
     default_ops = parser.parse_args(["bench", "kernels"]).ops.split(",")
     assert default_ops == list(inspect.signature(kernels.run_kernels).parameters["ops"].default)
-    assert default_ops[-15:] == newest
+    assert default_ops[-16:] == newest
     ops, _, _ = bcli.kernel_names(parser.parse_args(["bench", "kernels", "--ops", "lm_head_loss_softcap"]))
     assert ops == ("lm_head_loss_softcap",)
 
