@@ -99,15 +99,15 @@ class Launch:
 
     def variant(self):
         """The launch's compile-time flags (epilogue, causal, dropout...), minus tile sizes."""
-        skip = ("num_warps", "num_stages", "HEAD_DIM", "BLOCK_D")
-        return " ".join(f"{k}={v}" for k, v in self.kwargs.items()
-                        if k not in skip and not k.startswith("BLOCK_") and k not in ("GROUP_M", "PROGS", "NUM_STAGES"))
+        skip = ("num_warps", "num_stages", "HEAD_DIM", "BLOCK_D", "GROUP_M", "PROGS", "NUM_STAGES", "LANE_MAX")
+        return " ".join(f"{k}={v}" for k, v in self.kwargs.items() if k not in skip and not k.startswith("BLOCK_"))
 
 
 def _config_label(kwargs, opts):
-    # PROGS (LayerNorm's programs per SM) changes only the grid, not the code: named, or two configs
-    # would read alike in the report
-    blocks = ",".join(f"{k}={v}" for k, v in kwargs.items() if k.startswith("BLOCK_") or k in ("GROUP_M", "PROGS"))
+    # PROGS (LayerNorm's programs per SM) changes only the grid, not the code, and LANE_MAX (the loss's running max
+    # per lane or per row) the code: each named, or two configs would read alike in the report
+    blocks = ",".join(f"{k}={v}" for k, v in kwargs.items()
+                      if k.startswith("BLOCK_") or k in ("GROUP_M", "PROGS", "LANE_MAX"))
     return f"{blocks} w{opts.get('num_warps', 4)} s{opts.get('num_stages', 3)}"
 
 

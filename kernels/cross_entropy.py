@@ -14,11 +14,13 @@ in the logits' own dtype, and backward keeps two fp32 numbers per row.
 
 Algorithm (one program per row on a GPU, BLOCK_R rows per program under the interpreter; a
 row is too wide for one tile, so it is streamed in BLOCK_V column tiles, and nothing but two
-BLOCK_V vectors per row lives in registers):
-  forward   online logsumexp: each lane keeps a running max m and a running sum
-            s = sum exp(x - m), rescaled by exp(m_old - m_new) when m grows (flash attention's
-            softmax, per lane); after the last tile the lanes are merged into the row's max m
-            and S = sum_j exp(x_j - m). loss_i = (m - x[i, target_i]) + log S; m and log S
+BLOCK_V vectors per row lives in registers; on a GPU the tile width, warps, a software-pipelined
+tile loop and LANE_MAX are autotuned):
+  forward   online logsumexp: a running max m and a running sum s = sum exp(x - m), rescaled by
+            exp(m_old - m_new) when m grows (flash attention's softmax). LANE_MAX: each lane keeps
+            its own (no reduction in the loop, two exp2 an element), merged into the row's max m and
+            S = sum_j exp(x_j - m) after the last tile; else one pair per row (a max and a sum over
+            each tile, one exp2 an element). loss_i = (m - x[i, target_i]) + log S; m and log S
             are saved (two fp32 numbers per row).
   backward  recompute the softmax from the saved logits, m and log S:
             dx_ij = g_i * (exp((x_ij - m_i) - log S_i) - [j == target_i]), written in the
@@ -47,33 +49,41 @@ import triton.language as tl
 from tritongpt._env import triton_interpreting
 from tritongpt._types import is_int, loss_options, softcap_value
 from tritongpt.errors import UserError
-from tritongpt.kernels._common import (autocast_dtype, cast, cdiv, check_runnable, check_same_device, check_same_dtype,
-                                       check_tensor, custom_op, first_order_only, next_pow2, no_func_transform,
-                                       on_tensor_device, tanh)
+from tritongpt.kernels._common import (autocast_dtype, autotuned, cast, cdiv, check_runnable, check_same_device,
+                                       check_same_dtype, check_tensor, custom_op, first_order_only, next_pow2,
+                                       no_func_transform, on_tensor_device, tanh)
 
 INTERPRET = triton_interpreting()
 # exp(x) = exp2(x * log2(e)): exp2 is one MUFU instruction
 LOG2E = tl.constexpr(1.4426950408889634)
 
 
-@triton.jit
-def _ce_fwd_kernel(X, T, Loss, RowMax, LogSum, stride_x, N, V, W, ignore_index, smoothing, z_coef, softcap,
+@triton.jit(do_not_specialize=["N_BUCKET"])
+def _ce_fwd_kernel(X, T, Loss, RowMax, LogSum, stride_x, N, V, W, ignore_index, smoothing, z_coef, softcap, N_BUCKET,
                    HAS_SMOOTH: tl.constexpr, HAS_Z: tl.constexpr, HAS_CAP: tl.constexpr, BLOCK_R: tl.constexpr,
-                   BLOCK_V: tl.constexpr):
+                   BLOCK_V: tl.constexpr, LANE_MAX: tl.constexpr, NUM_STAGES: tl.constexpr):
     """Grid (cdiv(N, BLOCK_R),). Loss[i] = logsumexp(X[i]) - X[i, T[i]] (0 where T[i] == ignore_index),
     with HAS_SMOOTH mixed with the smoothed term, with HAS_Z plus z_coef * logsumexp(X[i])^2; with
     HAS_CAP every logit x read as softcap * tanh(x / softcap) first.
 
-    Rows hold W >= V values; only the first V are classes (the rest: a padded vocabulary)."""
+    Rows hold W >= V values; only the first V are classes (the rest: a padded vocabulary).
+    LANE_MAX: the running max and sum are kept per lane (no reduction in the loop, two exp2 an element);
+    else per row (two reductions a tile, one exp2 an element: half the MUFU work, which at one exp2 a
+    bf16 element costs an H100/H200 about what reading the element does). Autotune picks on a GPU.
+    N_BUCKET is autotune's key only. NUM_STAGES pipelines the tile loop's loads (layernorm.py's)."""
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     row_ok = rows < N
     # rows past N re-read row N-1 (their results are never stored): no all--inf rows, no nan
     x_rows = X + tl.minimum(rows, N - 1).to(tl.int64)[:, None] * stride_x
     cols = tl.arange(0, BLOCK_V)[None, :]
-    m = tl.full([BLOCK_R, BLOCK_V], float("-inf"), tl.float32)
-    s = tl.zeros([BLOCK_R, BLOCK_V], tl.float32)
+    if LANE_MAX:
+        m = tl.full([BLOCK_R, BLOCK_V], float("-inf"), tl.float32)
+        s = tl.zeros([BLOCK_R, BLOCK_V], tl.float32)
+    else:
+        m = tl.full([BLOCK_R], float("-inf"), tl.float32)
+        s = tl.zeros([BLOCK_R], tl.float32)
     x_sum = tl.zeros([BLOCK_R, BLOCK_V], tl.float32)  # label smoothing's sum of the classes' logits
-    for start in range(0, W, BLOCK_V):
+    for start in tl.range(0, W, BLOCK_V, num_stages=NUM_STAGES):
         # masked at the row's width W, not at V: with a vocabulary padded to a multiple of 16
         # (vocab_multiple 64: 50304) the rows stay 16-byte aligned and the loads are 16-byte
         # vectors; the padding columns are then set to -inf
@@ -81,16 +91,26 @@ def _ce_fwd_kernel(X, T, Loss, RowMax, LogSum, stride_x, N, V, W, ignore_index, 
         if HAS_CAP:
             x = softcap * tanh(x / softcap)
         x = tl.where(start + cols < V, x, float("-inf"))
-        m_new = tl.maximum(m, x)
-        # A lane that has seen only -inf (past V, or -inf logits) rescales by a finite stand-in,
-        # not -inf - -inf = nan.
+        if LANE_MAX:
+            m_new = tl.maximum(m, x)
+        else:
+            m_new = tl.maximum(m, tl.max(x, 1))
+        # A lane (row) that has seen only -inf (past V, or -inf logits) rescales by a finite
+        # stand-in, not -inf - -inf = nan.
         m_ref = tl.where(m_new > float("-inf"), m_new, 0.0)
-        s = s * tl.exp2((m - m_ref) * LOG2E) + tl.exp2((x - m_ref) * LOG2E)
+        if LANE_MAX:
+            s = s * tl.exp2((m - m_ref) * LOG2E) + tl.exp2((x - m_ref) * LOG2E)
+        else:
+            s = s * tl.exp2((m - m_ref) * LOG2E) + tl.sum(tl.exp2((x - m_ref[:, None]) * LOG2E), 1)
         m = m_new
         if HAS_SMOOTH:
             x_sum += tl.where(start + cols < V, x, 0.0)
-    m_row = tl.max(m, 1)
-    log_s = tl.log(tl.sum(s * tl.exp2((m - m_row[:, None]) * LOG2E), 1))
+    if LANE_MAX:
+        m_row = tl.max(m, 1)
+        log_s = tl.log(tl.sum(s * tl.exp2((m - m_row[:, None]) * LOG2E), 1))
+    else:
+        m_row = m
+        log_s = tl.log(s)
     target = tl.load(T + rows, mask=row_ok, other=ignore_index)
     counted = target != ignore_index
     # A counted target outside [0, V) gets loss nan instead of a read past the row: the
@@ -116,10 +136,10 @@ def _ce_fwd_kernel(X, T, Loss, RowMax, LogSum, stride_x, N, V, W, ignore_index, 
     tl.store(LogSum + rows, log_s, mask=row_ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N_BUCKET"])
 def _ce_bwd_kernel(X, T, RowMax, LogSum, G, DX, stride_x, stride_dx, N, V, W, ignore_index, smoothing, z_coef,
-                   softcap, HAS_SMOOTH: tl.constexpr, HAS_Z: tl.constexpr, HAS_CAP: tl.constexpr,
-                   BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr):
+                   softcap, N_BUCKET, HAS_SMOOTH: tl.constexpr, HAS_Z: tl.constexpr, HAS_CAP: tl.constexpr,
+                   BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr, NUM_STAGES: tl.constexpr):
     """Grid (cdiv(N, BLOCK_R),). DX[i, j] = G[i] * (softmax(X[i])_j - [j == T[i]]), 0 for ignored
     rows; all W columns are written, the padding ones (j >= V) with 0. With label smoothing the
     target is (1 - smoothing) [j == T[i]] + smoothing / V; the z-loss adds 2 z_coef lse p_j; the
@@ -137,7 +157,7 @@ def _ce_bwd_kernel(X, T, RowMax, LogSum, G, DX, stride_x, stride_dx, N, V, W, ig
     hit = 1.0 - smoothing if HAS_SMOOTH else 1.0  # the target's share of the label
     if HAS_Z:
         p_scale = 1.0 + 2.0 * z_coef * (m + log_s)  # d(z lse^2)/dx_j = 2 z lse p_j
-    for start in range(0, W, BLOCK_V):
+    for start in tl.range(0, W, BLOCK_V, num_stages=NUM_STAGES):
         mask = row_ok[:, None] & (start + cols < W)
         x = tl.load(X + rows64 * stride_x + start + cols, mask=mask, other=0.0).to(tl.float32)
         if HAS_CAP:
@@ -159,14 +179,53 @@ def _ce_bwd_kernel(X, T, RowMax, LogSum, G, DX, stride_x, stride_dx, N, V, W, ig
 
 
 def _launch_shape(N, V):
-    """(BLOCK_R rows per program, BLOCK_V columns per tile, num_warps)."""
-    if INTERPRET:
-        # ~5 ms per program: many rows per program, and about four tiles per row, so tests at
-        # V of a few hundred still cross tiles and a ragged last one.
-        return 32, max(64, next_pow2(cdiv(V, 4))), 1
-    # One row per program (16k programs for a GPT-2 step); 4096-wide tiles, 16 fp32 lanes per
-    # thread at 8 warps, 13 tiles for GPT-2's vocabulary.
-    return 1, min(4096, next_pow2(V)), 8
+    """Under the interpreter: (BLOCK_R rows per program, BLOCK_V columns per tile, num_warps)."""
+    # ~5 ms per program: many rows per program, and about four tiles per row, so tests at V of a few
+    # hundred still cross tiles and a ragged last one.
+    return 32, max(64, next_pow2(cdiv(V, 4))), 1
+
+
+# On a GPU one row a program (16k programs for a GPT-2 step), the tile width, warps, the tile loop's pipelining
+# and (forward) LANE_MAX autotuned per (row width, rows bucket, flags, dtypes): (BLOCK_V, num_warps, stages[,
+# LANE_MAX]). The first entries are the fixed shape the H200 ran (4096 wide, 8 warps, no pipelining, per-lane max:
+# forward 1.08 ms, 36 % of the copy bandwidth, backward 1.27 ms at 16384 x 50257), the rest pipeline the loads and
+# (forward) halve the exp2s; 16 values a thread per tile at most but for the 16-warp 8192-wide ones.
+FWD_SHAPES = ((4096, 8, 1, True), (4096, 8, 2, True), (4096, 8, 2, False), (4096, 8, 3, False),
+              (2048, 4, 3, False), (8192, 16, 2, False), (8192, 8, 2, False))
+BWD_SHAPES = ((4096, 8, 1), (4096, 8, 2), (4096, 8, 3), (2048, 4, 3), (8192, 16, 2), (2048, 8, 2))
+
+
+def _prune_tiles(configs, named_args, **kwargs):
+    """Tiles no wider than the row (next power of two), repeats dropped."""
+    widest = next_pow2(named_args["W"])
+    kept, seen = [], set()
+    for c in configs:
+        block = min(c.kwargs["BLOCK_V"], widest)
+        shape = (block, c.num_warps, c.num_stages, c.kwargs.get("LANE_MAX"))
+        if shape not in seen:
+            seen.add(shape)
+            kept.append(triton.Config({**c.kwargs, "BLOCK_V": block}, num_warps=c.num_warps,
+                                      num_stages=c.num_stages))
+    return kept
+
+
+def _tuner(configs):
+    return triton.autotune(configs, key=["W", "N_BUCKET", "HAS_SMOOTH", "HAS_Z", "HAS_CAP", "BLOCK_R"],
+                           prune_configs_by={"early_config_prune": _prune_tiles})
+
+
+# (the stages double as the kernel's num_stages; built under the interpreter too, where the launchers do not use them)
+_ce_fwd_tuned = autotuned("cross_entropy.forward", _tuner(
+    [triton.Config({"BLOCK_V": b, "NUM_STAGES": st, "LANE_MAX": lane}, num_warps=w, num_stages=st)
+     for b, w, st, lane in FWD_SHAPES])(_ce_fwd_kernel))
+_ce_bwd_tuned = autotuned("cross_entropy.backward", _tuner(
+    [triton.Config({"BLOCK_V": b, "NUM_STAGES": st}, num_warps=w, num_stages=st) for b, w, st in BWD_SHAPES])(
+    _ce_bwd_kernel))
+
+
+def _n_bucket(N):
+    """Autotune's rows key: the grid's size matters to a search only until it fills the GPU several times."""
+    return min(next_pow2(N), 4096)
 
 
 @on_tensor_device
@@ -175,11 +234,15 @@ def _fwd_launch(logits, targets, ignore_index, n_classes, label_smoothing=0.0, z
     loss, row_max, log_sum = (torch.empty(N, device=logits.device, dtype=torch.float32) for _ in range(3))
     if N == 0:
         return loss, row_max, log_sum
-    rows, block, warps = _launch_shape(N, W)
-    _ce_fwd_kernel[(cdiv(N, rows),)](logits, targets, loss, row_max, log_sum, logits.stride(0), N,
-                                            n_classes, W, ignore_index, label_smoothing, z_loss, softcap,
-                                            HAS_SMOOTH=label_smoothing != 0, HAS_Z=z_loss != 0, HAS_CAP=softcap != 0,
-                                            BLOCK_R=rows, BLOCK_V=block, num_warps=warps)
+    args = (logits, targets, loss, row_max, log_sum, logits.stride(0), N, n_classes, W, ignore_index, label_smoothing,
+            z_loss, softcap, _n_bucket(N))
+    flags = dict(HAS_SMOOTH=label_smoothing != 0, HAS_Z=z_loss != 0, HAS_CAP=softcap != 0)
+    if INTERPRET:
+        rows, block, warps = _launch_shape(N, W)
+        _ce_fwd_kernel[(cdiv(N, rows),)](*args, **flags, BLOCK_R=rows, BLOCK_V=block, LANE_MAX=True, NUM_STAGES=1,
+                                         num_warps=warps)
+    else:
+        _ce_fwd_tuned[(N,)](*args, **flags, BLOCK_R=1)
     return loss, row_max, log_sum
 
 
@@ -191,11 +254,14 @@ def _bwd_launch(grad_loss, logits, targets, row_max, log_sum, ignore_index, n_cl
     if N == 0:
         return dx
     grad_loss = grad_loss.contiguous()
-    rows, block, warps = _launch_shape(N, W)
-    _ce_bwd_kernel[(cdiv(N, rows),)](logits, targets, row_max, log_sum, grad_loss, dx, logits.stride(0),
-                                            dx.stride(0), N, n_classes, W, ignore_index, label_smoothing, z_loss,
-                                            softcap, HAS_SMOOTH=label_smoothing != 0, HAS_Z=z_loss != 0,
-                                            HAS_CAP=softcap != 0, BLOCK_R=rows, BLOCK_V=block, num_warps=warps)
+    args = (logits, targets, row_max, log_sum, grad_loss, dx, logits.stride(0), dx.stride(0), N, n_classes, W,
+            ignore_index, label_smoothing, z_loss, softcap, _n_bucket(N))
+    flags = dict(HAS_SMOOTH=label_smoothing != 0, HAS_Z=z_loss != 0, HAS_CAP=softcap != 0)
+    if INTERPRET:
+        rows, block, warps = _launch_shape(N, W)
+        _ce_bwd_kernel[(cdiv(N, rows),)](*args, **flags, BLOCK_R=rows, BLOCK_V=block, NUM_STAGES=1, num_warps=warps)
+    else:  # autotune may time a launch several times: it only reads the logits and writes dx
+        _ce_bwd_tuned[(N,)](*args, **flags, BLOCK_R=1)
     return dx
 
 

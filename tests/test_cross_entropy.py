@@ -1283,3 +1283,82 @@ def test_linear_head_bias_phi2_sizes_cuda():
     ref.backward()
     for got, want, what in ((loss, ref, "loss"), (h.grad, h64.grad, "dh"), (w.grad, w64.grad, "dW"), (b.grad, b64.grad, "db")):
         assert_close_rel(got, want, TOL[torch.bfloat16], what)
+
+
+# -- the GPU launch path: autotuned tiles, pipelining, per-row or per-lane running max ------------------
+def _stand_in_gpu(monkeypatch, fastest):
+    """Run the loss launchers' GPU branch on the CPU: the interpreter launches one row a program (BLOCK_R 1) with
+    the shapes autotune times, and a timer that makes the fastest[kernel]-th shape left by the prune the quickest.
+    -> {kernel: [the pruned configs, in the order autotune timed them]}."""
+    from tritongpt.kernels import cross_entropy as ce
+
+    monkeypatch.setattr(ce, "INTERPRET", False)
+    timed = {}
+    for name, tuner in (("fwd", ce._ce_fwd_tuned), ("bwd", ce._ce_bwd_tuned)):
+        monkeypatch.setattr(tuner, "cache", {})
+        timed[name] = []
+
+        def prune(configs, named_args, name=name, **kwargs):
+            kept = ce._prune_tiles(configs, named_args, **kwargs)
+            timed[name][:] = kept
+            return kept
+
+        def bench(fn, quantiles, name=name, calls=[]):  # noqa: B006 (the calls of this one search)
+            fn()  # every shape runs once, for real
+            calls.append(None)
+            ms = 1.0 if len(calls) - 1 == fastest[name] else 2.0
+            return [ms, ms, ms]
+
+        monkeypatch.setattr(tuner, "early_config_prune", prune)
+        monkeypatch.setitem(tuner.__dict__, "do_bench", bench)
+    return timed
+
+
+@pytest.mark.parametrize("fastest", [{"fwd": 0, "bwd": 0}, {"fwd": 3, "bwd": 2}, {"fwd": 4, "bwd": 3}],
+                         ids=["per-lane", "per-row", "narrow-tiles"])
+@pytest.mark.parametrize("options", [{}, {"label_smoothing": 0.1, "z_loss": 1e-2, "softcap": 15.0}],
+                         ids=["plain", "smooth-z-cap"])
+def test_gpu_launch_path_each_autotuned_shape_is_right(monkeypatch, fastest, options):
+    """On a GPU the loss runs one row a program with an autotuned tile width, warps, pipelined tile loop and (forward)
+    per-lane or per-row running max and sum (LANE_MAX). Each picked shape, driven on the CPU, gives the float64
+    loss and gradient: rows of 5000 logits (plus 23 padding columns) cross one to three tiles, the last ragged."""
+    from tritongpt.kernels import cross_entropy as ce
+
+    timed = _stand_in_gpu(monkeypatch, fastest)
+    gen = torch.Generator().manual_seed(17)
+    V, pad = 5000, 23
+    x, t = make((5,), V + pad, torch.float32, torch.device("cpu"), gen)
+    t = torch.where(t == IGNORE, t, t % V)
+    out = cross_entropy(x, t, IGNORE, "none", vocab_size=V, **options)
+    x64 = x.detach().double().requires_grad_()
+    logits64 = x64[:, :V]
+    if options:
+        logits64 = options["softcap"] * torch.tanh(logits64 / options["softcap"])
+    ref = smoothed_z_loss64(logits64, t, options.get("label_smoothing", 0.0), options.get("z_loss", 0.0))
+    g = torch.rand(5, generator=gen, dtype=torch.float64) + 0.5
+    (out * g.float()).sum().backward()
+    (ref * g).sum().backward()
+    assert_close_rel(out, ref, 1e-4, "loss")
+    assert_close_rel(x.grad, x64.grad, 1e-4, "dlogits")
+    assert torch.count_nonzero(x.grad[:, V:]) == 0
+    fwd, bwd = timed["fwd"][fastest["fwd"]], timed["bwd"][fastest["bwd"]]
+    assert ce._ce_fwd_tuned.cache and list(ce._ce_fwd_tuned.cache.values())[0] is fwd
+    assert list(ce._ce_bwd_tuned.cache.values())[0] is bwd
+    assert len(timed["fwd"]) == len(ce.FWD_SHAPES) and len(timed["bwd"]) == len(ce.BWD_SHAPES)  # none repeat at 8192
+    assert {c.kwargs["LANE_MAX"] for c in timed["fwd"]} == {True, False}
+
+
+def test_loss_tiles_prune_to_the_row_width():
+    """Tiles no wider than the row's next power of two; shapes that become the same, once."""
+    import triton
+
+    from tritongpt.kernels import cross_entropy as ce
+
+    configs = [triton.Config({"BLOCK_V": b, "NUM_STAGES": s, "LANE_MAX": lane}, num_warps=w, num_stages=s)
+               for b, w, s, lane in ce.FWD_SHAPES]
+    for W, widest in ((50257, 8192), (1000, 1024), (3, 4)):
+        kept = ce._prune_tiles(configs, {"W": W})
+        assert max(c.kwargs["BLOCK_V"] for c in kept) == widest
+        shapes = [(c.kwargs["BLOCK_V"], c.num_warps, c.num_stages, c.kwargs["LANE_MAX"]) for c in kept]
+        assert len(set(shapes)) == len(shapes) and all(c.kwargs["NUM_STAGES"] == c.num_stages for c in kept)
+    assert len(ce._prune_tiles(configs, {"W": 50257})) == len(ce.FWD_SHAPES)
