@@ -352,8 +352,8 @@ def _attn_fwd_split(Q, K, V, O_PART, LSE_PART, STARTS, ALIBI, qk_scale, softcap,
         v_base = V + b * stride_vb + (hp // GROUP) * stride_vh
         first = start_m
         end = start_m + BLOCK_M
-    if HAS_ALIBI:
-        slope = (tl.load(ALIBI + head) * 1.4426950408889634)[:, None]  # base 2, one a row
+    if HAS_ALIBI:  # base 2, one a row; a packed row past GROUP * Tq has no head (past the [H] slopes)
+        slope = (tl.load(ALIBI + head, mask=live, other=0.0) * 1.4426950408889634)[:, None]
     else:
         slope = 0.0
     row_ok = live[:, None]
