@@ -326,8 +326,8 @@ def _attn_fwd_split(Q, K, V, O_PART, LSE_PART, STARTS, ALIBI, qk_scale, softcap,
     query head kv_h * GROUP + g, so the GROUP heads that read one KV head share its K/V tiles (a
     decode step's tile holds GROUP real rows, not one) and each row has its own head (ALiBi slope).
     A row may see no key of its split (the causal mask hides the last keys from the earlier rows of
-    a chunk; a split past the visited tiles is empty): its max stays -inf, it stores O_s = 0 and
-    lse_s = -inf, which weigh 0 in the combine."""
+    a chunk; a split past the visited tiles is empty; its keys' scores may all be -inf): its max stays
+    -inf, it stores O_s = 0 and lse_s = -inf, which weigh 0 in the combine."""
     pid = tl.program_id(0)
     split = pid % NUM_SPLITS
     start_m = (pid // NUM_SPLITS) * BLOCK_M
@@ -377,7 +377,9 @@ def _attn_fwd_split(Q, K, V, O_PART, LSE_PART, STARTS, ALIBI, qk_scale, softcap,
     else:
         q_start, lo, mid = offs_m, 0, 0
     # This split's share of the visited tiles [lo, hi): the same number of whole tiles each (lo is
-    # a multiple of BLOCK_N), so each of _attn_fwd's three ranges is cut at tile boundaries.
+    # a multiple of BLOCK_N), so each of _attn_fwd's three ranges is cut at tile boundaries. Every
+    # range takes EMPTY_ROWS, the unmasked one too: a split may start on a tile whose scores are all
+    # -inf for a row (a key with a -inf component), where the single pass already holds a finite max.
     per_split = tl.cdiv(tl.cdiv(hi - lo, BLOCK_N), NUM_SPLITS) * BLOCK_N
     s_lo = lo + split * per_split
     s_hi = tl.minimum(s_lo + per_split, hi)
@@ -389,7 +391,7 @@ def _attn_fwd_split(Q, K, V, O_PART, LSE_PART, STARTS, ALIBI, qk_scale, softcap,
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, offs_m, offs_d,
                                q_start, tl.maximum(mid, s_lo), tl.minimum(full_hi, s_hi), Tq, Tk, qk_scale, softcap,
                                slope, 0, 0, 0.0, 1.0, HEAD_DIM, BLOCK_D, BLOCK_N, False, IS_CAUSAL, False, HAS_DOCS,
-                               HAS_SOFTCAP, HAS_ALIBI, PRECISION, False)
+                               HAS_SOFTCAP, HAS_ALIBI, PRECISION, True)
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, offs_m, offs_d,
                                q_start, tl.maximum(full_hi, s_lo), s_hi, Tq, Tk, qk_scale, softcap, slope, 0, 0,
                                0.0, 1.0, HEAD_DIM, BLOCK_D, BLOCK_N, True, IS_CAUSAL, False, HAS_DOCS,

@@ -258,3 +258,18 @@ def test_packed_rows_past_the_group_read_no_slope(Tq):
     run = subprocess.run([sys.executable, "-c", GUARDED_SLOPES.replace("{Tq}", str(Tq))], env=env,
                          capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, f"exit {run.returncode}: {run.stderr[-2000:]}"
+
+
+@pytest.mark.parametrize("n", [3, 5])
+def test_split_starting_on_a_tile_of_minus_inf_scores(n, splits, device):
+    """Keys whose scores are all -inf for a row (a -inf component that q weighs positively) weigh 0, as in
+    PyTorch. The single pass meets keys 32-47 after finite ones; a split that starts on that tile (70 keys,
+    5 tiles: 3 splits of 2 tiles, or 5 of 1) has no finite max yet and must not take exp2(-inf - -inf) = NaN."""
+    splits(n)
+    q, k, v = make_qkv(1, 2, 3, 70, 32, torch.float32, device, seed=5)
+    q[..., 0] = q[..., 0].abs() + 0.1
+    k[:, :, 32:48, 0] = float("-inf")
+    out = flash_attention(q, k, v)
+    ref = reference_gqa(q.double(), k.double(), v.double())
+    assert torch.isfinite(ref).all()
+    assert_close_rel(out, ref, 1e-4, f"a tile of -inf scores, splits={n}")
