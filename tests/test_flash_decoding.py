@@ -6,6 +6,8 @@ these tests monkeypatch it to force 2, 3 or more splits than there are KV tiles 
 here). The backward is the single-pass one, reading O and the logsumexp the combine wrote: dq, dk
 and dv match only if that logsumexp is exact.
 """
+import mmap
+
 import pytest
 import torch
 
@@ -245,6 +247,7 @@ assert torch.allclose(out.double(), ref, atol=1e-4)
 """
 
 
+@pytest.mark.skipif(not hasattr(mmap, "PROT_READ"), reason="needs POSIX mmap and mprotect")
 @pytest.mark.parametrize("Tq", [1, 5])
 def test_packed_rows_past_the_group_read_no_slope(Tq):
     """The rows of a packed tile past GROUP * Tq (16 rows, 3 x 5 or 3 x 1 live) belong to no query head: they must
