@@ -193,7 +193,8 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, offs_m, o
                HAS_DOCS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
                PRECISION: tl.constexpr, EMPTY_ROWS: tl.constexpr):
     """Stream KV tiles [lo, hi) past one query tile (online softmax, base-2 logits). EMPTY_ROWS: a row
-    may have seen no key so far (documents; a KV split the causal mask hides from some rows)."""
+    may have seen no finite score so far (documents; a KV split the causal mask hides from some rows; a
+    tile whose scores are all -inf for a row, from a -inf key component)."""
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         k = _load_rows(k_base, offs_n, Tk, stride_kn, offs_d, HEAD_DIM, BLOCK_D)
@@ -284,7 +285,8 @@ def _attn_fwd(Q, K, V, O, LSE, STARTS, ALIBI, seed, qk_scale, softcap, dropout_p
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
 
-    # Column 0 is visible to every row, so each row's max is finite after the first tile.
+    # Column 0 is visible to every row, but its tile's scores may all be -inf for a row (a -inf key component):
+    # EMPTY_ROWS everywhere (a [BLOCK_M] where a tile), so such a row's max stays -inf without exp2(-inf - -inf).
     full_hi, hi = _kv_tile_range(start_m, Tq, Tk, BLOCK_M, BLOCK_N, IS_CAUSAL)
     if HAS_DOCS:  # KV tiles before the first row's document are skipped; [lo, mid) straddle a start
         q_start, lo, mid = _doc_tile_range(STARTS + b * stride_sb, offs_m, Tq, Tk, full_hi, BLOCK_N)
@@ -298,11 +300,11 @@ def _attn_fwd(Q, K, V, O, LSE, STARTS, ALIBI, seed, qk_scale, softcap, dropout_p
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, offs_m, offs_d,
                                q_start, mid, full_hi, Tq, Tk, qk_scale, softcap, slope, seed, rng_base, dropout_p,
                                keep_scale, HEAD_DIM, BLOCK_D, BLOCK_N, False, IS_CAUSAL, HAS_DROPOUT, HAS_DOCS,
-                               HAS_SOFTCAP, HAS_ALIBI, PRECISION, HAS_DOCS)
+                               HAS_SOFTCAP, HAS_ALIBI, PRECISION, True)
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, offs_m, offs_d,
                                q_start, full_hi, hi, Tq, Tk, qk_scale, softcap, slope, seed, rng_base, dropout_p,
                                keep_scale, HEAD_DIM, BLOCK_D, BLOCK_N, True, IS_CAUSAL, HAS_DROPOUT, HAS_DOCS,
-                               HAS_SOFTCAP, HAS_ALIBI, PRECISION, HAS_DOCS)
+                               HAS_SOFTCAP, HAS_ALIBI, PRECISION, True)
 
     acc = acc / l_i[:, None]
     _store_rows(o_base, acc, offs_m, Tq, stride_om, offs_d, HEAD_DIM, BLOCK_D)

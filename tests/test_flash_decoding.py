@@ -276,3 +276,19 @@ def test_split_starting_on_a_tile_of_minus_inf_scores(n, splits, device):
     ref = reference_gqa(q.double(), k.double(), v.double())
     assert torch.isfinite(ref).all()
     assert_close_rel(out, ref, 1e-4, f"a tile of -inf scores, splits={n}")
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_single_pass_first_tile_of_minus_inf_scores(causal, device):
+    """The single-pass forward (training's) likewise: keys 0-15, the first KV tile every row visits (16 wide under
+    the interpreter, at least that on a GPU), score -inf for every row (a -inf component that q weighs
+    positively). They weigh 0, as in PyTorch; a row's max is still -inf after that tile, and exp2(-inf - -inf)
+    was NaN."""
+    q, k, v = make_qkv(1, 2, 40, 70, 32, torch.float32, device, seed=6)
+    q[..., 0] = q[..., 0].abs() + 0.1
+    k[:, :, :16, 0] = float("-inf")
+    out = flash_attention(q, k, v, causal=causal)
+    ref = reference_gqa(q.double(), k.double(), v.double(), causal=causal)
+    keep = torch.isfinite(ref).all(-1)  # causal rows that see only those keys are NaN in PyTorch too
+    assert keep.any()
+    assert_close_rel(out[keep], ref[keep], 1e-4, "a first tile of -inf scores")
