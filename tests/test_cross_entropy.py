@@ -1288,30 +1288,14 @@ def test_linear_head_bias_phi2_sizes_cuda():
 # -- the GPU launch path: autotuned tiles, pipelining, per-row or per-lane running max ------------------
 def _stand_in_gpu(monkeypatch, fastest):
     """Run the loss launchers' GPU branch on the CPU: the interpreter launches one row a program (BLOCK_R 1) with
-    the shapes autotune times, and a timer that makes the fastest[kernel]-th shape left by the prune the quickest.
-    -> {kernel: [the pruned configs, in the order autotune timed them]}."""
+    the shapes autotune times, the fastest[kernel]-th shape left by the prune the quickest (autotune_stub)."""
+    from autotune_stub import time_as_told
+
     from tritongpt.kernels import cross_entropy as ce
 
     monkeypatch.setattr(ce, "INTERPRET", False)
-    timed = {}
-    for name, tuner in (("fwd", ce._ce_fwd_tuned), ("bwd", ce._ce_bwd_tuned)):
-        monkeypatch.setattr(tuner, "cache", {})
-        timed[name] = []
-
-        def prune(configs, named_args, name=name, **kwargs):
-            kept = ce._prune_tiles(configs, named_args, **kwargs)
-            timed[name][:] = kept
-            return kept
-
-        def bench(fn, quantiles, name=name, calls=[]):  # noqa: B006 (the calls of this one search)
-            fn()  # every shape runs once, for real
-            calls.append(None)
-            ms = 1.0 if len(calls) - 1 == fastest[name] else 2.0
-            return [ms, ms, ms]
-
-        monkeypatch.setattr(tuner, "early_config_prune", prune)
-        monkeypatch.setitem(tuner.__dict__, "do_bench", bench)
-    return timed
+    return time_as_told(monkeypatch, {"fwd": (ce._ce_fwd_tuned, ce._prune_tiles),
+                                      "bwd": (ce._ce_bwd_tuned, ce._prune_tiles)}, fastest)
 
 
 @pytest.mark.parametrize("fastest", [{"fwd": 0, "bwd": 0}, {"fwd": 3, "bwd": 2}, {"fwd": 4, "bwd": 3}],

@@ -308,8 +308,10 @@ def test_programs_that_walk_several_row_blocks(device):
 
 def _stand_in_gpu(monkeypatch, fastest):
     """Run _launch's GPU branch on the CPU: the interpreter launches, 3 "SMs", NaN-filled partial-sum
-    rows, and a timer that makes the fastest[kernel]-th shape left by the prune the quickest.
+    rows, and a timer that makes the fastest[kernel]-th shape left by the prune the quickest (autotune_stub).
     -> {kernel: [the pruned configs, in the order autotune timed them]}."""
+    from autotune_stub import time_as_told
+
     from tritongpt.kernels import layernorm as ln
 
     monkeypatch.setattr(ln, "INTERPRET", False)
@@ -317,25 +319,8 @@ def _stand_in_gpu(monkeypatch, fastest):
     monkeypatch.setattr(ln, "_CHOSEN", {})
     monkeypatch.setattr(ln, "SMALL_M", 64)
     monkeypatch.setattr(ln, "_partials", lambda rows, N, device: torch.full((rows, N), float("nan"), device=device))
-    timed = {}
-    for name, tuner in (("fwd", ln._fwd_tuned), ("bwd", ln._bwd_tuned)):
-        monkeypatch.setattr(tuner, "cache", {})
-        timed[name] = []
-
-        def prune(configs, named_args, name=name, **kwargs):
-            kept = ln._prune_shapes(configs, named_args, **kwargs)
-            timed[name][:] = kept
-            return kept
-
-        def bench(fn, quantiles, name=name, calls=[]):  # noqa: B006 (the calls of this one search)
-            fn()  # every shape runs once, for real
-            calls.append(None)
-            ms = 1.0 if len(calls) - 1 == fastest[name] else 2.0
-            return [ms, ms, ms]
-
-        monkeypatch.setattr(tuner, "early_config_prune", prune)
-        monkeypatch.setitem(tuner.__dict__, "do_bench", bench)
-    return timed
+    return time_as_told(monkeypatch, {"fwd": (ln._fwd_tuned, ln._prune_shapes),
+                                      "bwd": (ln._bwd_tuned, ln._prune_shapes)}, fastest)
 
 
 @pytest.mark.parametrize("fastest", [{"fwd": 0, "bwd": 0}, {"fwd": 2, "bwd": 2}, {"fwd": 5, "bwd": 6}],
