@@ -5,13 +5,18 @@
 # and every result lands in $OUT/session.tgz.
 #
 #   TRITONGPT_GIT_COMMIT=<hash of HEAD> bash bench/gpu_session.sh \
-#     [all|tests|bench|profile|padded|lora|window|llama|qwen3|gemma3|gemma2|olmo|smollm3|pythia|phi|falcon|moe|bloom]
+#     [all|tests|bench|profile|kernels-extra|padded|lora|window|llama|qwen3|gemma3|gemma2|olmo|smollm3|pythia|phi|
+#      falcon|moe|bloom]
 #   (default: all)
 #   profile (not part of all): `bench profile` of the GPT-2 124M step (B=16, T=1024, bf16): the eager Triton path,
 #   it compiled with CUDA graphs (triton+compile+cudagraphs), the compiled SDPA baseline and the Triton path
 #   compiled, in that order, each under torch.profiler: host vs device ms per step, the top kernels and ops, the
 #   syncs, a Chrome trace each, into results-profile/ (profile.json, profile.md, profile-traces/), within
 #   PROFILE_MINUTES (default 6: three compiled providers at ~1-2 min each)
+#   kernels-extra (not part of all): `bench kernels` of the ops `bench all` runs last, which its budget has not
+#   reached: decode_attention (one KV-cache decode step, the split-KV path against triton-1pass, SDPA and
+#   flash-attn) and matmul (our matmul against cuBLAS per operand layout), within EXTRA_MINUTES (default 1.5),
+#   into results-extra/ and autotune-timings-extra.json
 #   padded (not part of all): the GPT-2 124M training step again with the vocabulary padded to
 #   50304 (--vocab-multiple 64, every provider alike), into results-vocab64/ in the archive
 #   lora (not part of all): the GPT-2 124M training step with and without a rank-8 LoRA update
@@ -53,7 +58,7 @@
 #   bloom (not part of all; after moe): BLOOM's shape at GPT-2's depth and width: ALiBi (the flash kernel's
 #   HAS_ALIBI) and a LayerNorm on the token embeddings, into results-bloom/
 #   env: OUT (default ./gpu-out), WORK (default /tmp/tritongpt-gpu), WARM_SECONDS (90),
-#        TEST_SECONDS (120), BENCH_MINUTES (4), PROFILE_MINUTES (6), PYTHON (python3)
+#        TEST_SECONDS (120), BENCH_MINUTES (4), PROFILE_MINUTES (6), EXTRA_MINUTES (1.5), PYTHON (python3)
 # The device gets a copy of the working tree without .git, so name the commit: results record it.
 #
 # Everything is written under $WORK and packed into ONE file, $OUT/session.tgz, after every stage
@@ -216,6 +221,20 @@ if [ "$what" = profile ]; then
     tail -n 20 "$WORK/bench-profile.log"
     pack
     rc=$((rc | prc))
+fi
+if [ "$what" = kernels-extra ]; then
+    echo "== tritongpt bench kernels --ops decode_attention,matmul (budget ${EXTRA_MINUTES:-1.5} min)"
+    extra_limit=$(awk -v m="${EXTRA_MINUTES:-1.5}" 'BEGIN { printf "%d", m * 60 + 45 }')
+    packing & packer=$!
+    TRITON_CACHE_AUTOTUNING=1 timeout -s INT -k 15 "$extra_limit" \
+        $PY -m tritongpt.cli bench kernels --ops decode_attention,matmul --max-minutes "${EXTRA_MINUTES:-1.5}" \
+        --out "$WORK/results-extra" >"$WORK/bench-extra.log" 2>&1
+    erc=$?
+    stop_packing "$packer"
+    tail -n 20 "$WORK/bench-extra.log"
+    save_timings autotune-timings-extra.json
+    pack
+    rc=$((rc | erc))
 fi
 if [ "$what" = padded ]; then
     extra_train_bench vocab64 --vocab-multiple 64

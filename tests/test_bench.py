@@ -4119,3 +4119,21 @@ def test_gpu_session_tests_stage_runs_the_unreached_files_first_then_every_cuda_
                          "tests/test_rlhf.py", "tests/test_mlp.py"]
     marked = {f"tests/{p.name}" for p in (root / "tests").glob("test_*.py") if "mark.cuda" in p.read_text()}
     assert len(files) == len(set(files)) and set(files) == marked and "tests" not in pytest_args
+
+
+def test_gpu_session_kernels_extra_times_the_ops_bench_all_runs_last(tmp_path):
+    """`bash bench/gpu_session.sh kernels-extra` (not part of all) times the two ops `bench all`'s budget reaches
+    last, decode_attention and matmul, within EXTRA_MINUTES, into results-extra/, and packs it; no tests, no
+    `bench all`. The command parses as `tritongpt bench kernels` with those ops. Python is a stand-in."""
+    from session_stub import run_gpu_session
+    from tritongpt.cli import build_parser
+
+    runs, work, stdout = run_gpu_session(tmp_path, "kernels-extra", EXTRA_MINUTES="0.7")
+    (bench,) = [c[2:] for c in runs if c[:2] == ["-m", "tritongpt.cli"]]
+    assert bench == ["bench", "kernels", "--ops", "decode_attention,matmul", "--max-minutes", "0.7", "--out",
+                     f"{work}/results-extra"]
+    args = build_parser().parse_args(bench)
+    assert args.ops == "decode_attention,matmul"
+    assert not any("pytest" in c for c in runs) and not any("all" in c[2:4] for c in runs if c[:1] == ["-m"])
+    assert "== tritongpt bench kernels --ops decode_attention,matmul (budget 0.7 min)" in stdout
+    assert (tmp_path / "out" / "session.tgz").is_file()
