@@ -1346,3 +1346,39 @@ def test_loss_tiles_prune_to_the_row_width():
         shapes = [(c.kwargs["BLOCK_V"], c.num_warps, c.num_stages, c.kwargs["LANE_MAX"]) for c in kept]
         assert len(set(shapes)) == len(shapes) and all(c.kwargs["NUM_STAGES"] == c.num_stages for c in kept)
     assert len(ce._prune_tiles(configs, {"W": 50257})) == len(ce.FWD_SHAPES)
+
+
+# the interpreter's numpy warns of the -inf - -inf that the kernels' wheres then discard
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+@pytest.mark.parametrize("fastest", [0, 2, 4, 5], ids=["per-lane", "per-row", "per-row-2048", "per-row-8192"])
+def test_gpu_launch_path_rows_of_minus_infinity(monkeypatch, fastest):
+    """The GPU branch's shapes (per-row LANE_MAX=False ones too) on the rows the interpreter's per-lane shape is
+    tested with: a one-hot row (loss exactly 0), a -inf target logit (inf), an ignored row of -inf (loss and
+    gradient 0), a counted row of -inf (nan, as PyTorch), a row whose first tiles are all -inf (a per-row max
+    still -inf after them), and padding columns past V holding large values and nan (absent)."""
+    _stand_in_gpu(monkeypatch, {"fwd": fastest, "bwd": fastest})
+    V, pad = 5000, 23
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(6, V + pad, generator=gen) * 3
+    x[:, V:] = 1e4
+    x[::2, V + 1] = float("nan")
+    x[0, :V] = float("-inf")
+    x[0, 9] = 2.0
+    x[1, 65] = float("-inf")
+    x[2, :V] = float("-inf")
+    x[3, :4100] = float("-inf")  # every tile of 2048 or 4096 columns before the target's, the 8192 one in part
+    x[4, :V] = float("-inf")
+    t = torch.tensor([9, 65, IGNORE, 4500, 7, 11])
+    x.requires_grad_()
+    out = cross_entropy(x, t, IGNORE, "none", vocab_size=V)
+    want = F.cross_entropy(x.detach()[:, :V].double(), t, ignore_index=IGNORE, reduction="none")
+    assert out[0] == 0 and out[1] == float("inf") and out[2] == 0 and torch.isnan(out[4]) and torch.isnan(want[4])
+    torch.testing.assert_close(out[[3, 5]].double(), want[[3, 5]], rtol=1e-5, atol=0)
+    finite = [0, 2, 3, 5]
+    out[finite].sum().backward()
+    x64 = x.detach()[:, :V].double().requires_grad_()
+    counted = [0, 3, 5]  # (PyTorch's gradient of the ignored row of -inf is nan; ours 0, as documented)
+    F.cross_entropy(x64[counted], t[counted], reduction="sum").backward()
+    assert (x.grad[2] == 0).all() and (x.grad[:, V:] == 0).all()
+    torch.testing.assert_close(x.grad[counted, :V].double(), x64.grad[counted], rtol=1e-4, atol=1e-7)
+
