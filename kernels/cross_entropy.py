@@ -168,10 +168,11 @@ def _ce_bwd_kernel(X, T, RowMax, LogSum, G, DX, stride_x, stride_dx, N, V, W, ig
             p = p * p_scale[:, None]
         if HAS_SMOOTH:
             p = p - smoothing / V
-        p = tl.where(start + cols < V, p, 0.0)
         p = tl.where(start + cols == target[:, None], p - hit, p)
         if HAS_CAP:
             p = p * (1.0 - u * u)
+        # padding columns last: they may hold anything (nan too), and the cap's derivative reads them
+        p = tl.where(start + cols < V, p, 0.0)
         # where, not a zero g: an ignored row of -inf logits has p = nan, and nan * 0 is nan
         dx = tl.where(counted, p * g[:, None], 0.0)
         dx = tl.where(unknown, float("nan"), dx)

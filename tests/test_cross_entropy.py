@@ -1382,3 +1382,25 @@ def test_gpu_launch_path_rows_of_minus_infinity(monkeypatch, fastest):
     assert (x.grad[2] == 0).all() and (x.grad[:, V:] == 0).all()
     torch.testing.assert_close(x.grad[counted, :V].double(), x64.grad[counted], rtol=1e-4, atol=1e-7)
 
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+@pytest.mark.parametrize("softcap", [0.0, 15.0])
+def test_padding_columns_of_nan_get_zero_gradient(softcap, device):
+    """Columns past vocab_size are absent whatever they hold: a padded logits buffer whose padding was never
+    written (nan) gives the classes' loss and gradient, and 0 in the padding columns, as the backward's
+    docstring says. The soft cap's derivative read the padding's tanh after the padding was zeroed: nan * 0."""
+    gen = torch.Generator().manual_seed(31)
+    V, pad = 70, 10
+    x = (torch.randn(5, V + pad, generator=gen) * 3).to(device)
+    x[:, V:] = float("nan")
+    x.requires_grad_()
+    t = torch.tensor([1, 2, IGNORE, 69, 0], device=device)
+    out = cross_entropy(x, t, IGNORE, "none", vocab_size=V, softcap=softcap)
+    out.sum().backward()
+    x64 = x.detach()[:, :V].double().requires_grad_()
+    logits64 = softcap * torch.tanh(x64 / softcap) if softcap else x64
+    ref = F.cross_entropy(logits64, t, ignore_index=IGNORE, reduction="none")
+    ref.sum().backward()
+    assert_close_rel(out, ref, 1e-5, "loss, nan padding")
+    assert torch.count_nonzero(x.grad[:, V:]) == 0 and not x.grad.isnan().any()
+    assert_close_rel(x.grad[:, :V], x64.grad, 1e-4, "dlogits, nan padding")
