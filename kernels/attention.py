@@ -211,8 +211,9 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, offs_m, o
             s = tl.where(valid, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         if EMPTY_ROWS:
-            # A row whose document starts past this tile sees none of it yet: its max stays -inf
-            # and the exponentials take 0 as their base (exp2(-inf - -inf) would be NaN).
+            # A row with no finite score yet (its document starts past this tile, a split the causal mask
+            # hides, a tile of -inf scores): its max stays -inf and the exponentials take 0 as their base
+            # (exp2(-inf - -inf) would be NaN).
             m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
         else:
             m_use = m_new

@@ -196,9 +196,16 @@ FWD_SHAPES = ((4096, 8, 1, True), (4096, 8, 2, True), (4096, 8, 2, False), (4096
 BWD_SHAPES = ((4096, 8, 1), (4096, 8, 2), (4096, 8, 3), (2048, 4, 3), (8192, 16, 2), (2048, 8, 2))
 
 
+# At most this many rows (a chunk's ragged end, a small evaluation batch): the first shape, untimed, as LayerNorm's
+# SMALL_M; each new rows bucket would otherwise cost a search of every shape.
+SMALL_N = 1024
+
+
 def _prune_tiles(configs, named_args, **kwargs):
-    """Tiles no wider than the row (next power of two), repeats dropped."""
+    """Tiles no wider than the row (next power of two), repeats dropped; few rows: the first alone."""
     widest = next_pow2(named_args["W"])
+    if named_args["N_BUCKET"] <= SMALL_N:
+        configs = configs[:1]
     kept, seen = [], set()
     for c in configs:
         block = min(c.kwargs["BLOCK_V"], widest)

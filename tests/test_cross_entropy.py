@@ -1294,6 +1294,7 @@ def _stand_in_gpu(monkeypatch, fastest):
     from tritongpt.kernels import cross_entropy as ce
 
     monkeypatch.setattr(ce, "INTERPRET", False)
+    monkeypatch.setattr(ce, "SMALL_N", 0)  # a handful of rows, every shape timed
     return time_as_told(monkeypatch, {"fwd": (ce._ce_fwd_tuned, ce._prune_tiles),
                                       "bwd": (ce._ce_bwd_tuned, ce._prune_tiles)}, fastest)
 
@@ -1341,11 +1342,14 @@ def test_loss_tiles_prune_to_the_row_width():
     configs = [triton.Config({"BLOCK_V": b, "NUM_STAGES": s, "LANE_MAX": lane}, num_warps=w, num_stages=s)
                for b, w, s, lane in ce.FWD_SHAPES]
     for W, widest in ((50257, 8192), (1000, 1024), (3, 4)):
-        kept = ce._prune_tiles(configs, {"W": W})
+        kept = ce._prune_tiles(configs, {"W": W, "N_BUCKET": 4096})
         assert max(c.kwargs["BLOCK_V"] for c in kept) == widest
         shapes = [(c.kwargs["BLOCK_V"], c.num_warps, c.num_stages, c.kwargs["LANE_MAX"]) for c in kept]
         assert len(set(shapes)) == len(shapes) and all(c.kwargs["NUM_STAGES"] == c.num_stages for c in kept)
-    assert len(ce._prune_tiles(configs, {"W": 50257})) == len(ce.FWD_SHAPES)
+    assert len(ce._prune_tiles(configs, {"W": 50257, "N_BUCKET": 4096})) == len(ce.FWD_SHAPES)
+    # few rows (a chunk's ragged end): the first shape, untimed
+    assert [c.kwargs for c in ce._prune_tiles(configs, {"W": 50257, "N_BUCKET": ce.SMALL_N})] == [
+        {"BLOCK_V": 4096, "NUM_STAGES": 1, "LANE_MAX": True}]
 
 
 # the interpreter's numpy warns of the -inf - -inf that the kernels' wheres then discard
