@@ -292,3 +292,26 @@ def test_single_pass_first_tile_of_minus_inf_scores(causal, device):
     keep = torch.isfinite(ref).all(-1)  # causal rows that see only those keys are NaN in PyTorch too
     assert keep.any()
     assert_close_rel(out[keep], ref[keep], 1e-4, "a first tile of -inf scores")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("H,Hkv,D", [(12, 12, 64), (32, 8, 128)], ids=["gpt2", "llama-gqa"])
+@pytest.mark.parametrize("Tq", [1, 4])
+def test_cuda_decode_splits_as_the_gpu_chooses(H, Hkv, D, Tq):
+    """On a GPU, _num_splits decides (batch 1 over 4096 cached keys splits: the grid would leave most SMs idle):
+    one decode step (Tq 1) and a 4-token speculative check (Tq 4), bf16, GPT-2's heads and Llama's grouped ones
+    (packed), against float64 within 2x PyTorch's own bf16 error (out and dq/dk/dv through the unchanged backward);
+    the split path's output equals the single pass's to bf16 rounding."""
+    cuda = torch.device("cuda")
+    assert attention._num_splits(1, *attention._split_rows(H, Hkv, Tq)[:2], 4096, cuda) > 1
+    q, k, v = make_qkv(1, H, Tq, 4096, D, torch.bfloat16, cuda, seed=Tq + H)
+    k, v = k[:, :Hkv].contiguous(), v[:, :Hkv].contiguous()
+    check(q, k, v, None, f"decode H={H} Hkv={Hkv} D={D} Tq={Tq}")
+    split = flash_attention(q, k, v)
+    single = attention._num_splits
+    try:
+        attention._num_splits = lambda *args: 1
+        one = flash_attention(q, k, v)
+    finally:
+        attention._num_splits = single
+    assert_close_rel(split.float(), one.float(), 1e-2, "split vs single pass")
