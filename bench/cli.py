@@ -310,6 +310,10 @@ def add_cli(sub):
     k.add_argument("--head-widths", default=None, help="LM head + loss: hidden widths, e.g. 768,1024")
     k.add_argument("--warmup-ms", type=int, default=25, help="do_bench warmup (default %(default)s)")
     k.add_argument("--rep-ms", type=int, default=100, help="do_bench rep (default %(default)s)")
+    k.add_argument("--cuda-graphs", action="store_true",
+                   help="time each kernel row replayed from a CUDA graph (triton.testing.do_bench_cudagraph): the "
+                        "device's time without the host's launch overhead, which eager rows of small ops measure "
+                        "instead; a provider that cannot be captured fails its rows; the results say so")
     t = p.add_argument_group("training step")
     t.add_argument("--models", default=None, help="default gpt2-small,gpt2-medium (--quick and profile: "
                    "gpt2-small; profile takes one; tiny and mini, the CPU presets, make a CPU run quick)")
@@ -606,7 +610,7 @@ def _run_gpu(args):
     print(f"benchmarking on {env['device']} (driver {env['driver']}, CUDA {env['cuda_version']}, "
           f"torch {env['torch']}, triton {env['triton']}), budget {args.max_minutes:g} min")
     budget = Budget(args.max_minutes * 60)
-    timer = GpuTimer(args.warmup_ms, args.rep_ms)
+    timer = GpuTimer(args.warmup_ms, args.rep_ms, 3, args.cuda_graphs)
     results, ceilings = [], None
     settings = _settings(args)
     tuned = []  # autotune's picks already reported: each section lists the ones it added
@@ -623,8 +627,10 @@ def _run_gpu(args):
         t0 = time.perf_counter()
         ceil_sizes = {"copy_bytes": 1 << 28, "matmul_n": 4096} if args.quick else None
         rows, ceilings = run_kernels(timer, kb, dtype, ops, modes, providers, sizes, ceil_sizes, log=log)
+        graphs = ["Timed as CUDA-graph replays (--cuda-graphs, triton.testing.do_bench_cudagraph): device time "
+                  "without the host's launch overhead; host_ms is still the eager call's."] if args.cuda_graphs else []
         res = make_result("kernels", env, rows, kernel_targets(rows, ceilings), ceilings, settings,
-                          time.perf_counter() - t0, autotune=new_choices())
+                          time.perf_counter() - t0, notes=graphs, autotune=new_choices())
         results.append(res)
         paths = write_result(res, out_root, plots=not args.no_plots)
         log(f"wrote {paths[0].parent}/ ({', '.join(p.name for p in paths)})")

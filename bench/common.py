@@ -150,25 +150,34 @@ def tflops(flops: float, ms: float) -> float:
 
 # -- timers ---------------------------------------------------------------------------------------
 class GpuTimer:
-    """triton.testing.do_bench with the team's settings; peak memory from the CUDA allocator."""
+    """triton.testing.do_bench with the team's settings; peak memory from the CUDA allocator.
+
+    cuda_graphs: time each call replayed from a CUDA graph (triton.testing.do_bench_cudagraph) instead: the
+    device's time without the host's, for rows whose eager time is the host's (small ops, Triton's and our
+    Python per launch). A call that cannot be captured (a sync, a CPU tensor) fails its row."""
 
     device = torch.device("cuda")
 
-    def __init__(self, warmup_ms: int = 25, rep_ms: int = 100, warm_calls: int = 3):
-        self.warmup_ms, self.rep_ms, self.warm_calls = warmup_ms, rep_ms, warm_calls
+    def __init__(self, warmup_ms: int = 25, rep_ms: int = 100, warm_calls: int = 3, cuda_graphs: bool = False):
+        self.warmup_ms, self.rep_ms, self.warm_calls, self.cuda_graphs = warmup_ms, rep_ms, warm_calls, cuda_graphs
 
     def sync(self):
         torch.cuda.synchronize()
 
     def bench(self, fn, grad_to_none=None):
         """(median, p20, p80) in ms."""
-        from triton.testing import do_bench
+        import triton.testing
 
-        for _ in range(self.warm_calls):  # compile, autotune and allocate outside the timing
+        for _ in range(self.warm_calls):  # compile, autotune and allocate outside the timing (and the capture)
             fn()
         self.sync()
-        med, p20, p80 = do_bench(fn, warmup=self.warmup_ms, rep=self.rep_ms,
-                                 grad_to_none=grad_to_none, quantiles=QUANTILES)
+        if self.cuda_graphs:
+            # the capture runs each autotuned kernel's pick: the warm calls above made every pick
+            med, p20, p80 = triton.testing.do_bench_cudagraph(fn, rep=self.rep_ms, grad_to_none=grad_to_none,
+                                                              quantiles=QUANTILES)
+        else:
+            med, p20, p80 = triton.testing.do_bench(fn, warmup=self.warmup_ms, rep=self.rep_ms,
+                                                    grad_to_none=grad_to_none, quantiles=QUANTILES)
         return float(med), float(p20), float(p80)
 
     def host_ms(self, fn, grad_to_none=None, calls: int = 10) -> float:

@@ -5,8 +5,8 @@
 # and every result lands in $OUT/session.tgz.
 #
 #   TRITONGPT_GIT_COMMIT=<hash of HEAD> bash bench/gpu_session.sh \
-#     [all|tests|bench|profile|kernels-extra|padded|lora|window|llama|qwen3|gemma3|gemma2|olmo|smollm3|pythia|phi|
-#      falcon|moe|bloom]
+#     [all|tests|bench|profile|kernels-extra|graphs|padded|lora|window|llama|qwen3|gemma3|gemma2|olmo|smollm3|pythia|
+#      phi|falcon|moe|bloom]
 #   (default: all)
 #   profile (not part of all): `bench profile` of the GPT-2 124M step (B=16, T=1024, bf16): the eager Triton path,
 #   it compiled with CUDA graphs (triton+compile+cudagraphs), the compiled SDPA baseline and the Triton path
@@ -17,6 +17,9 @@
 #   reached: decode_attention (one KV-cache decode step, the split-KV path against triton-1pass, SDPA and
 #   flash-attn) and matmul (our matmul against cuBLAS per operand layout), within EXTRA_MINUTES (default 1.5),
 #   into results-extra/ and autotune-timings-extra.json
+#   graphs (not part of all): `bench kernels --cuda-graphs` of LayerNorm, attention and the loss, each row timed
+#   as CUDA-graph replays (device time without the host's; the eager rows of small ops time the host), within
+#   EXTRA_MINUTES, into results-graphs/
 #   padded (not part of all): the GPT-2 124M training step again with the vocabulary padded to
 #   50304 (--vocab-multiple 64, every provider alike), into results-vocab64/ in the archive
 #   lora (not part of all): the GPT-2 124M training step with and without a rank-8 LoRA update
@@ -235,6 +238,20 @@ if [ "$what" = kernels-extra ]; then
     save_timings autotune-timings-extra.json
     pack
     rc=$((rc | erc))
+fi
+if [ "$what" = graphs ]; then
+    echo "== tritongpt bench kernels --cuda-graphs (budget ${EXTRA_MINUTES:-1.5} min)"
+    extra_limit=$(awk -v m="${EXTRA_MINUTES:-1.5}" 'BEGIN { printf "%d", m * 60 + 45 }')
+    packing & packer=$!
+    TRITON_CACHE_AUTOTUNING=1 timeout -s INT -k 15 "$extra_limit" \
+        $PY -m tritongpt.cli bench kernels --cuda-graphs --ops layernorm,attention,cross_entropy \
+        --max-minutes "${EXTRA_MINUTES:-1.5}" --out "$WORK/results-graphs" >"$WORK/bench-graphs.log" 2>&1
+    grc=$?
+    stop_packing "$packer"
+    tail -n 20 "$WORK/bench-graphs.log"
+    save_timings autotune-timings-graphs.json
+    pack
+    rc=$((rc | grc))
 fi
 if [ "$what" = padded ]; then
     extra_train_bench vocab64 --vocab-multiple 64

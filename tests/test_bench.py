@@ -4137,3 +4137,58 @@ def test_gpu_session_kernels_extra_times_the_ops_bench_all_runs_last(tmp_path):
     assert not any("pytest" in c for c in runs) and not any("all" in c[2:4] for c in runs if c[:1] == ["-m"])
     assert "== tritongpt bench kernels --ops decode_attention,matmul (budget 0.7 min)" in stdout
     assert (tmp_path / "out" / "session.tgz").is_file()
+
+
+def test_cuda_graphs_flag_times_replays_and_says_so(tmp_path, monkeypatch):
+    """`bench kernels --cuda-graphs`: the GPU timer times each row with triton.testing.do_bench_cudagraph (after its
+    warm calls, outside the capture), not do_bench, and the results carry a note saying the rows are CUDA-graph
+    replays. Without the flag, do_bench as before. (CPU stand-ins: no GPU here.)"""
+    import triton.testing
+
+    from tritongpt import cli
+    from tritongpt.bench import cli as bcli
+
+    used = []
+    monkeypatch.setattr(common.GpuTimer, "sync", lambda self: None)
+    monkeypatch.setattr(triton.testing, "do_bench", lambda fn, **k: used.append("do_bench") or [1.0, 0.9, 1.1])
+    monkeypatch.setattr(triton.testing, "do_bench_cudagraph",
+                        lambda fn, **k: used.append(("graph", k["rep"])) or [0.5, 0.4, 0.6])
+    calls = []
+    for graphs in (False, True):
+        timer = common.GpuTimer(25, 40, 2, graphs)
+        assert timer.bench(lambda: calls.append(graphs)) == ((0.5, 0.4, 0.6) if graphs else (1.0, 0.9, 1.1))
+    assert used == ["do_bench", ("graph", 40)] and calls == [False, False, True, True]  # warm calls, not timed
+
+    made = []
+
+    def stand_in(*args):
+        made.append(args)
+        return CpuTimer(reps=1)
+
+    real_ceilings = kernels.measure_ceilings
+    monkeypatch.setattr(common, "GpuTimer", stand_in)
+    monkeypatch.setattr(kernels, "measure_ceilings", lambda timer, **k: real_ceilings(
+        timer, copy_bytes=1 << 16, matmul_n=32, dtype=torch.float32))
+    for flag in ([], ["--cuda-graphs"]):
+        out = tmp_path / ("graphs" if flag else "eager")
+        args = cli.build_parser().parse_args(["bench", "kernels", "--quick", "--out", str(out), "--dtype", "fp32",
+                                              "--no-plots", "--ops", "layernorm", "--providers", "reference",
+                                              "--ln-rows", "8", "--ln-widths", "16", *flag])
+        assert bcli._run_gpu(args) == 0
+        (md,) = out.glob("*/kernels.md")
+        assert ("CUDA-graph replays" in md.read_text()) == bool(flag)
+    assert [a[3] for a in made] == [False, True]
+
+
+def test_gpu_session_graphs_times_small_ops_as_cuda_graph_replays(tmp_path):
+    """`bash bench/gpu_session.sh graphs` (not part of all): `bench kernels --cuda-graphs` of LayerNorm, attention and
+    the loss within EXTRA_MINUTES into results-graphs/, packed. Python is a stand-in."""
+    from session_stub import run_gpu_session
+    from tritongpt.cli import build_parser
+
+    runs, work, stdout = run_gpu_session(tmp_path, "graphs", EXTRA_MINUTES="0.5")
+    (bench,) = [c[2:] for c in runs if c[:2] == ["-m", "tritongpt.cli"]]
+    assert bench == ["bench", "kernels", "--cuda-graphs", "--ops", "layernorm,attention,cross_entropy",
+                     "--max-minutes", "0.5", "--out", f"{work}/results-graphs"]
+    assert build_parser().parse_args(bench).cuda_graphs
+    assert (tmp_path / "out" / "session.tgz").is_file() and "--cuda-graphs (budget 0.5 min)" in stdout
