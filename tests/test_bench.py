@@ -3646,7 +3646,7 @@ def test_gpu_command_passes_timer_settings_and_halves_the_budget_for_kernels(tmp
     args = cli.build_parser().parse_args(["bench", "all", "--out", str(tmp_path), "--no-plots", "--max-minutes", "10",
                                           "--warmup-ms", "7", "--rep-ms", "30", "--peak-tflops", "100"])
     assert bcli._run_gpu(args) == 0
-    assert seen["timer"] == (7, 30)
+    assert seen["timer"] == (7, 30, 3, False)  # warm calls; --cuda-graphs off
     assert 290 < seen["kernel_budget"] <= 300
 
 
