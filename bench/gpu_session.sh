@@ -225,33 +225,30 @@ if [ "$what" = profile ]; then
     pack
     rc=$((rc | prc))
 fi
-if [ "$what" = kernels-extra ]; then
-    echo "== tritongpt bench kernels --ops decode_attention,matmul (budget ${EXTRA_MINUTES:-1.5} min)"
-    extra_limit=$(awk -v m="${EXTRA_MINUTES:-1.5}" 'BEGIN { printf "%d", m * 60 + 45 }')
+# a kernels bench not part of all: its name (results-NAME/, bench-NAME.log, autotune-timings-NAME.json), what
+# the log line calls it, then `bench kernels`' own flags; within EXTRA_MINUTES and its hard limit
+extra_kernel_bench() {
+    local name=$1 label=$2
+    shift 2
+    echo "== tritongpt bench kernels $label (budget ${EXTRA_MINUTES:-1.5} min)"
+    local limit
+    limit=$(awk -v m="${EXTRA_MINUTES:-1.5}" 'BEGIN { printf "%d", m * 60 + 45 }')
     packing & packer=$!
-    TRITON_CACHE_AUTOTUNING=1 timeout -s INT -k 15 "$extra_limit" \
-        $PY -m tritongpt.cli bench kernels --ops decode_attention,matmul --max-minutes "${EXTRA_MINUTES:-1.5}" \
-        --out "$WORK/results-extra" >"$WORK/bench-extra.log" 2>&1
-    erc=$?
+    TRITON_CACHE_AUTOTUNING=1 timeout -s INT -k 15 "$limit" \
+        $PY -m tritongpt.cli bench kernels "$@" --max-minutes "${EXTRA_MINUTES:-1.5}" \
+        --out "$WORK/results-$name" >"$WORK/bench-$name.log" 2>&1
+    local xrc=$?
     stop_packing "$packer"
-    tail -n 20 "$WORK/bench-extra.log"
-    save_timings autotune-timings-extra.json
+    tail -n 20 "$WORK/bench-$name.log"
+    save_timings "autotune-timings-$name.json"
     pack
-    rc=$((rc | erc))
+    rc=$((rc | xrc))
+}
+if [ "$what" = kernels-extra ]; then
+    extra_kernel_bench extra "--ops decode_attention,matmul" --ops decode_attention,matmul
 fi
 if [ "$what" = graphs ]; then
-    echo "== tritongpt bench kernels --cuda-graphs (budget ${EXTRA_MINUTES:-1.5} min)"
-    extra_limit=$(awk -v m="${EXTRA_MINUTES:-1.5}" 'BEGIN { printf "%d", m * 60 + 45 }')
-    packing & packer=$!
-    TRITON_CACHE_AUTOTUNING=1 timeout -s INT -k 15 "$extra_limit" \
-        $PY -m tritongpt.cli bench kernels --cuda-graphs --ops layernorm,attention,cross_entropy \
-        --max-minutes "${EXTRA_MINUTES:-1.5}" --out "$WORK/results-graphs" >"$WORK/bench-graphs.log" 2>&1
-    grc=$?
-    stop_packing "$packer"
-    tail -n 20 "$WORK/bench-graphs.log"
-    save_timings autotune-timings-graphs.json
-    pack
-    rc=$((rc | grc))
+    extra_kernel_bench graphs --cuda-graphs --cuda-graphs --ops layernorm,attention,cross_entropy
 fi
 if [ "$what" = padded ]; then
     extra_train_bench vocab64 --vocab-multiple 64
