@@ -13,6 +13,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from launch_spy import record_launches
 from parity import assert_close_rel, pretrain_argv, report
 from test_model_paths import _compare_paths, _randomize
 from tritongpt.errors import UserError
@@ -135,10 +136,9 @@ def test_frozen_weights_skip_their_products(trainable, activation, device, monke
         p.requires_grad_(train)
     y = swiglu_mlp(*params, activation=activation)
     dy = torch.randn(y.shape, generator=gen).to(device)
-    launched = []
-    matmul = swiglu._matmul
-    monkeypatch.setattr(swiglu, "_matmul", lambda *a, **k: launched.append(k.get("epilogue", 0)) or matmul(*a, **k))
+    calls = record_launches(monkeypatch, swiglu)
     y.backward(dy)
+    launched = [k.get("epilogue", 0) for k in calls]
     need_dx, need_dwg, need_dbg, need_dwu, need_dbu, need_dwd, _ = trainable
     need_da = need_dx or need_dwg or need_dbg or need_dwu or need_dbu
     assert launched.count(mlp.EPI_SWIGLU_GRAD) == int(need_da)
@@ -665,9 +665,7 @@ def test_dw_down_from_the_stored_activation_or_recomputed(trainable, activation,
         p.requires_grad_(train)
     y = swiglu_mlp(*params, activation=activation)
     dy = torch.randn(y.shape, generator=gen).to(device)
-    launched = []
-    matmul = swiglu._matmul
-    monkeypatch.setattr(swiglu, "_matmul", lambda *a, **k: launched.append(k) or matmul(*a, **k))
+    launched = record_launches(monkeypatch, swiglu)
     y.backward(dy)
     need_da = any(trainable[:5])
     grad_launch = [k for k in launched if k.get("epilogue") == mlp.EPI_SWIGLU_GRAD]
