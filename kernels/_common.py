@@ -134,6 +134,13 @@ def next_pow2(n: int) -> int:
     return triton.next_power_of_2(n)
 
 
+@functools.lru_cache(maxsize=None)
+def sm_count(device: torch.device) -> int:
+    """The GPU's SM count, what the launchers size persistent or split grids by (LayerNorm, split-KV decode). The
+    modules bind it as their own `_sm_count`, the name bench/compile_check.py and the tests patch."""
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
 def check_same_device(**tensors):
     """All named tensors (None entries skipped) must live on one device."""
     bad = _first_mismatch("device", tensors)

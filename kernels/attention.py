@@ -109,6 +109,7 @@ from tritongpt._types import is_int, is_real
 from tritongpt.kernels._common import (autocast_dtype, autotuned, cast, cdiv, check_runnable, check_same_device,
                                        check_same_dtype, check_tensor, custom_op, dot, first_order_only, next_pow2,
                                        no_func_transform, on_tensor_device, plain_eager, tanh)
+from tritongpt.kernels._common import sm_count as _sm_count  # patched by bench/compile_check.py, tests
 
 MAX_GRID_YZ = 65535  # CUDA's limit on a grid's y and z sizes, where the heads and sequences go
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 80, 96, 128, 256)  # 16: tiny models, tl.dot needs K >= 16; 256: Gemma
@@ -830,11 +831,6 @@ SPLIT_MAX_QUERIES = 64  # decode and speculative verification: longer query chun
 SPLIT_MIN_KEYS = 256    # keys a split streams at the least (2-4 tiles), or its partial costs more than it saves
 MAX_SPLITS = 64
 COMBINE_BLOCK = 16      # query rows a combine program merges
-
-
-@functools.lru_cache(maxsize=None)
-def _sm_count(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def _num_splits(B, H, Tq, Tk, device) -> int:

@@ -64,6 +64,7 @@ from tritongpt._types import is_real
 from tritongpt.kernels._common import (autotuned, cast, cdiv, check_runnable, check_same_device, check_same_dtype,
                                        check_tensor, custom_op, first_order_only, next_pow2, no_func_transform,
                                        on_tensor_device)
+from tritongpt.kernels._common import sm_count as _sm_count  # patched by bench/compile_check.py, tests
 
 MAX_WIDTH = 8192  # one row must fit in one tile (registers/SRAM); wider rows are rejected
 INTERPRET = triton_interpreting()  # Triton decided at its import: read once, not on every launch
@@ -206,11 +207,6 @@ def _layer_norm_bwd_kernel(X, DY, DS, W, Mean, Rstd, DX, DX2, DW_part, DB_part,
     tl.store(DW_part + pid * N + cols, dw_acc, mask=col_ok)
     if not IS_RMS:
         tl.store(DB_part + pid * N + cols, db_acc, mask=col_ok)
-
-
-@functools.lru_cache(maxsize=None)
-def _sm_count(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def _grid_size(M: int, BLOCK_M: int, max_programs: int) -> int:
