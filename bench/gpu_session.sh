@@ -193,22 +193,30 @@ if [ "$what" = all ] || [ "$what" = bench ]; then
     pack
     rc=$((rc | brc))
 fi
-# a training bench not part of all: its name (results-NAME/, bench-NAME.log,
-# autotune-timings-NAME.json), then `bench train`'s own flags
-extra_train_bench() {
-    local name=$1
-    shift
-    echo "== tritongpt bench train $* (budget ${BENCH_MINUTES:-4} min)"
+# a bench not part of all: its name (results-NAME/, bench-NAME.log, autotune-timings-NAME.json), its budget in
+# minutes (the hard limit 45 s later), what the log line calls it, then the `bench` subcommand and its flags
+extra_bench() {
+    local name=$1 minutes=$2 label=$3
+    shift 3
+    echo "== tritongpt bench $label (budget $minutes min)"
+    local limit
+    limit=$(awk -v m="$minutes" 'BEGIN { printf "%d", m * 60 + 45 }')
     packing & packer=$!
-    TRITON_CACHE_AUTOTUNING=1 timeout -s INT -k 15 "$bench_limit" \
-        $PY -m tritongpt.cli bench train --models gpt2-small "$@" --max-minutes "${BENCH_MINUTES:-4}" \
-        --out "$WORK/results-$name" >"$WORK/bench-$name.log" 2>&1
+    TRITON_CACHE_AUTOTUNING=1 timeout -s INT -k 15 "$limit" \
+        $PY -m tritongpt.cli bench "$@" --max-minutes "$minutes" --out "$WORK/results-$name" \
+        >"$WORK/bench-$name.log" 2>&1
     local xrc=$?
     stop_packing "$packer"
     tail -n 20 "$WORK/bench-$name.log"
     save_timings "autotune-timings-$name.json"
     pack
     rc=$((rc | xrc))
+}
+# the GPT-2 124M training step with `bench train`'s flags, within BENCH_MINUTES
+extra_train_bench() {
+    local name=$1
+    shift
+    extra_bench "$name" "${BENCH_MINUTES:-4}" "train $*" train --models gpt2-small "$@"
 }
 if [ "$what" = profile ]; then
     echo "== tritongpt bench profile (budget ${PROFILE_MINUTES:-6} min)"
@@ -225,30 +233,12 @@ if [ "$what" = profile ]; then
     pack
     rc=$((rc | prc))
 fi
-# a kernels bench not part of all: its name (results-NAME/, bench-NAME.log, autotune-timings-NAME.json), what
-# the log line calls it, then `bench kernels`' own flags; within EXTRA_MINUTES and its hard limit
-extra_kernel_bench() {
-    local name=$1 label=$2
-    shift 2
-    echo "== tritongpt bench kernels $label (budget ${EXTRA_MINUTES:-1.5} min)"
-    local limit
-    limit=$(awk -v m="${EXTRA_MINUTES:-1.5}" 'BEGIN { printf "%d", m * 60 + 45 }')
-    packing & packer=$!
-    TRITON_CACHE_AUTOTUNING=1 timeout -s INT -k 15 "$limit" \
-        $PY -m tritongpt.cli bench kernels "$@" --max-minutes "${EXTRA_MINUTES:-1.5}" \
-        --out "$WORK/results-$name" >"$WORK/bench-$name.log" 2>&1
-    local xrc=$?
-    stop_packing "$packer"
-    tail -n 20 "$WORK/bench-$name.log"
-    save_timings "autotune-timings-$name.json"
-    pack
-    rc=$((rc | xrc))
-}
 if [ "$what" = kernels-extra ]; then
-    extra_kernel_bench extra "--ops decode_attention,matmul" --ops decode_attention,matmul
+    extra_bench extra "${EXTRA_MINUTES:-1.5}" "kernels --ops decode_attention,matmul" kernels --ops decode_attention,matmul
 fi
 if [ "$what" = graphs ]; then
-    extra_kernel_bench graphs --cuda-graphs --cuda-graphs --ops layernorm,attention,cross_entropy
+    extra_bench graphs "${EXTRA_MINUTES:-1.5}" "kernels --cuda-graphs" kernels --cuda-graphs \
+        --ops layernorm,attention,cross_entropy
 fi
 if [ "$what" = padded ]; then
     extra_train_bench vocab64 --vocab-multiple 64
