@@ -234,7 +234,8 @@ if [ "$what" = profile ]; then
     rc=$((rc | prc))
 fi
 if [ "$what" = kernels-extra ]; then
-    extra_bench extra "${EXTRA_MINUTES:-1.5}" "kernels --ops decode_attention,matmul" kernels --ops decode_attention,matmul
+    extra_bench extra "${EXTRA_MINUTES:-1.5}" "kernels --ops decode_attention,matmul" \
+        kernels --ops decode_attention,matmul
 fi
 if [ "$what" = graphs ]; then
     extra_bench graphs "${EXTRA_MINUTES:-1.5}" "kernels --cuda-graphs" kernels --cuda-graphs \
