@@ -118,7 +118,8 @@ W1 [H, C]: a transposed view, K-contiguous B, as every nn.Linear-style forward p
 row-major B), "NT" fc2 (a [M, H] @ W2^T, W2 [C, H]), "TN" dW1 (dh^T, a view of [M, H]: M-contiguous A, @ x [M, C])
 and "NN-copy": fc2 with W2^T made contiguous first, the copy timed too (what an MLP that transposes its weights each
 call would pay). Providers: torch.mm on the same views (cuBLAS) and ours, kernels/mlp.py's _matmul with no bias and no
-epilogue (the kernel every MLP product runs through). Each row's config names the layout, the product, M, N, K and C;
+epilogue, forced to the Triton kernel (path="triton": in the MLP a plain product takes the faster of it and
+cuBLAS, timed once per shape). Each row's config names the layout, the product, M, N, K and C;
 FLOPs 2 M N K (the copy's bytes are not counted). It runs after decode_attention, last of all, so a short budget drops
 it first.
 Modes: fwd (inputs require grad, as in training), bwd (backward of a kept graph,
@@ -868,7 +869,8 @@ def matmul_providers(a, b, copy_b=False):
         fn, why = try_import("tritongpt.kernels.mlp", "_matmul")
         if fn is None:
             raise Unavailable(why)
-        return (lambda: fn(a, operand())[0]), [a, b]
+        # path: our kernel always; a plain product elsewhere takes the faster of it and cuBLAS (_plain_path)
+        return (lambda: fn(a, operand(), path="triton")[0]), [a, b]
 
     return {"torch": torch_op, "triton": triton_op}
 

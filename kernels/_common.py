@@ -326,10 +326,42 @@ def named_key(names, key) -> tuple:
     return dict(zip(names, key)), list(dtypes)
 
 
+# Jobs with two implementations (kernels/mlp.py's plain products: the Triton matmul or cuBLAS) pick one by timing
+# both on a key's first call: {name: (key names, {key: {"path": the pick, "<path>_ms": each one's time}})}.
+TIMED = {}
+
+
+def register_timed(name: str, key_names) -> dict:
+    """Register a timed choice's name and key names; -> its {key: pick} dict, which callers look a key up in."""
+    picks = {}
+    TIMED[name] = (tuple(key_names), picks)
+    return picks
+
+
+def _gpu_median_ms(fn) -> float:
+    return triton.testing.do_bench(fn, warmup=10, rep=40, return_mode="median")
+
+
+def timed_pick(picks: dict, key: tuple, candidates: dict, default: str, timer=None, note=None) -> str:
+    """The fastest of candidates ({path: fn of no arguments}) for key: each is timed (the median of
+    triton.testing.do_bench after a warm-up; timer replaces it in tests) and the pick is kept in picks, with
+    every time, for the rest of the process. During a CUDA-graph capture nothing can be timed: default, not
+    kept. note (e.g. "untimed: ..."): keep default with that note instead of timing."""
+    if note is not None:
+        picks[key] = {"path": default, "note": note}
+        return default
+    if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+        return default
+    times = {path: (timer or _gpu_median_ms)(fn) for path, fn in candidates.items()}
+    best = min(times, key=times.get)
+    picks[key] = {"path": best, **{f"{path}_ms": round(float(ms), 5) for path, ms in times.items()}}
+    return best
+
+
 def autotune_choices() -> list:
     """Every configuration autotune has picked in this process, one dict per (kernel, key):
     {"kernel", "key": {key name: value}, "dtypes": [...], "config": {meta-parameters,
-    num_warps, num_stages}}."""
+    num_warps, num_stages}}; then each timed choice (TIMED) with its "config" the pick and the times."""
     out = []
     for name, tuner in AUTOTUNED.items():
         cache = getattr(tuner, "cache", None)
@@ -339,4 +371,8 @@ def autotune_choices() -> list:
             values, dtypes = named_key(list(tuner.keys), key)
             config = dict(cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
             out.append({"kernel": name, "key": values, "dtypes": dtypes, "config": config})
+    for name, (names, picks) in TIMED.items():
+        for key, pick in picks.items():
+            values = {n: str(v).replace("torch.", "") for n, v in zip(names, key)}
+            out.append({"kernel": name, "key": values, "dtypes": [], "config": dict(pick)})
     return out

@@ -20,6 +20,11 @@ small fused prologue/epilogue:
             dW1 = dh.T @ x,  dx = dh @ w1,  db1 = sum(dh),  db2 = sum(dy)
             (only the gradients autograd asks for: a frozen weight skips its product)
 
+The plain products (nothing fused: the second Linear's forward, dW2 from the stored a, dW1, dx) have no
+epilogue to save memory traffic on. On a GPU in bf16/fp16 each runs on whichever of this kernel and cuBLAS
+(torch.mm / addmm) was faster for its shape, both timed once on its first call (_plain_path below); fp32
+keeps this kernel's IEEE products everywhere. The two fused products are always this kernel.
+
 So only x and h are saved for backward: x plus ONE [M, H] tensor, where the eager reference
 keeps x plus FIVE (h, tanh(z), 0.5 h, 1 + tanh(z), a) -- measured with _common.saved_tensor_bytes()
 in tests/test_mlp.py. Backward holds a second [M, H] (a) for the one dW2 product. Recomputing a on
@@ -46,6 +51,7 @@ Public API: `gelu_mlp(x, w1, b1, w2, b2, approximate="tanh")`. It is built from 
 autograd.Function, so it runs under torch.compile (the ops stay opaque calls in the graph).
 """
 import math
+import os
 from typing import Optional
 
 import torch
@@ -56,7 +62,7 @@ import triton.language as tl
 from tritongpt._env import triton_interpreting
 from tritongpt.kernels._common import (autocast_dtype, autotuned, cast, cdiv, check_runnable, check_same_device,
                                        check_same_dtype, check_tensor, custom_op, dot, first_order_only, next_pow2,
-                                       no_func_transform, on_tensor_device)
+                                       no_func_transform, on_tensor_device, register_timed, timed_pick)
 
 # Epilogue modes of the matmul kernel.
 EPI_NONE = 0       # C = A @ B (+ bias)
@@ -314,6 +320,45 @@ def _matmul_kernel(A, B, C, Bias, Aux, Hout, A2, B2, Bias2, Aux2, Hout2, M, N, K
 autotuned("mlp.matmul", _matmul_kernel)
 
 
+# Where the plain products run (TRITONGPT_PLAIN_PRODUCTS): "auto" (the faster of the two, timed once per shape, on
+# a GPU in bf16/fp16; this kernel elsewhere), "triton" (always this kernel: what a kernel benchmark of it wants) or
+# "torch" (always torch.mm / addmm). On the H200 this kernel's plain products ran at 466-628 TFLOPS where cuBLAS
+# reached 687 (bench/results/nvidia-h200/), and the GELU-MLP's fwd+bwd took 1.58 ms against torch's 0.95.
+PLAIN_PATHS = ("auto", "triton", "torch")
+PLAIN_PRODUCTS = os.environ.get("TRITONGPT_PLAIN_PRODUCTS", "auto")
+TIMED_DEVICES = ("cuda",)  # where "auto" times the two (a test adds "cpu" to drive it through the interpreter)
+SMALL_M = 1024  # up to this many rows (decode, short prompts) cuBLAS untimed: host-bound, and it has no search
+_PLAIN = register_timed("mlp.plain_product", ("device", "dtype", "M_BUCKET", "N", "K_BUCKET", "a_row_major",
+                                              "b_row_major", "bias"))
+_PLAIN_TIMER = None  # None: triton.testing.do_bench's median (a test passes a stand-in)
+
+
+def _torch_product(a, b, bias=None):
+    return torch.mm(a, b) if bias is None else torch.addmm(bias, a, b)
+
+
+def _plain_path(a, b, bias, M, N, K) -> str:
+    """"triton" or "torch" for the plain product a [M, K] @ b [K, N] (+ bias), as PLAIN_PRODUCTS says. "auto"
+    times both on a key's first call (kernels/_common.timed_pick; the key as this kernel's autotune key:
+    rows and reduction bucketed, layouts) and keeps the faster for the process: a GPU's first step pays
+    ~0.1 s a shape. During a CUDA-graph capture an unseen shape takes cuBLAS (Triton's autotune cannot run there)."""
+    mode = PLAIN_PRODUCTS
+    if mode != "auto":
+        if mode not in PLAIN_PATHS:
+            raise ValueError(f"TRITONGPT_PLAIN_PRODUCTS is {mode!r}; expected one of: {', '.join(PLAIN_PATHS)}")
+        return mode
+    if a.device.type not in TIMED_DEVICES or a.dtype == torch.float32:
+        return "triton"
+    key = (a.device.index, a.dtype, _bucket(M), N, _bucket(K), a.stride(1) == 1, b.stride(1) == 1, bias is not None)
+    pick = _PLAIN.get(key)
+    if pick is not None:
+        return pick["path"]
+    note = f"untimed: up to {SMALL_M} rows" if _bucket(M) <= SMALL_M else None
+    return timed_pick(_PLAIN, key, {"triton": lambda: _matmul(a, b, bias, path="triton"),
+                                    "torch": lambda: _torch_product(a, b, bias)},
+                      default="torch", timer=_PLAIN_TIMER, note=note)
+
+
 def _gated(g, u, gate):
     """act(g) * u in fp32, torch's ops: the kernel's EPI_SWIGLU / STORE_ACT math for _matmul's empty reduction."""
     g = g.float()
@@ -322,14 +367,15 @@ def _gated(g, u, gate):
 
 @on_tensor_device
 def _matmul(a, b, bias=None, epilogue=EPI_NONE, aux=None, b_gelu=False, b2=None, bias2=None, aux2=None,
-            a2=None, b_swiglu=False, gate="silu", approximate="tanh", store_act=False):
+            a2=None, b_swiglu=False, gate="silu", approximate="tanh", store_act=False, path=None):
     """a [M, K] @ b [K, N] (any strides) -> new [M, N] tensor in a's dtype, and a second one: h
     (EPI_GELU), (g, u) (EPI_SWIGLU), du (EPI_SWIGLU_GRAD), else None. The SwiGLU operands: b2
     (b's layout), bias2, aux2 (u beside aux = g), a2 (a's layout: C = a @ b + a2 @ b2). gate: the
     activation of g in EPI_SWIGLU, EPI_SWIGLU_GRAD and b_swiglu, "silu" (SwiGLU) or "gelu" (GeGLU).
     approximate: the GELU of EPI_GELU, EPI_GELU_GRAD and b_gelu, "tanh" or "none" (exact erf).
     store_act (EPI_GELU_GRAD, EPI_SWIGLU_GRAD only): also make the activation a [M, N] from aux (and aux2);
-    the second return is then a (EPI_GELU_GRAD) or (du, a) (EPI_SWIGLU_GRAD)."""
+    the second return is then a (EPI_GELU_GRAD) or (du, a) (EPI_SWIGLU_GRAD). path: for a plain product (none of
+    the above), "triton" or "torch" (torch.mm / addmm); None: as _plain_path picks."""
     if gate not in GATES:
         raise ValueError(f"gate must be one of {', '.join(GATES)}, got {gate!r}")
     check_approximate(approximate)
@@ -337,6 +383,9 @@ def _matmul(a, b, bias=None, epilogue=EPI_NONE, aux=None, b_gelu=False, b2=None,
         raise ValueError(f"store_act needs epilogue EPI_GELU_GRAD or EPI_SWIGLU_GRAD, got {epilogue}")
     M, K = a.shape
     N = b.shape[1]
+    if epilogue == EPI_NONE and not b_gelu and not b_swiglu and a2 is None and M and N and K:
+        if (path or _plain_path(a, b, bias, M, N, K)) == "torch":
+            return _torch_product(a, b, bias), None
 
     def new():
         return torch.empty((M, N), device=a.device, dtype=a.dtype)
@@ -444,9 +493,8 @@ def _bwd_launch(dy, x, h, w1, w2, needs=(True,) * 5, approximate="tanh"):
     return dx, dw1, db1, dw2, db2
 
 
-# The second Linear also goes through the Triton kernel rather than torch.addmm: the bias is
-# fused the same way, fp32 uses the same IEEE products on every device (addmm on GPU may take
-# TF32 depending on global flags), and the whole op stays one code path to read and test.
+# The plain products (the second Linear, dW2, dW1, dx) take _plain_path's pick: in fp32 this kernel always (the
+# same IEEE products on every device; addmm on a GPU may take TF32 depending on global flags).
 def _check_op_shapes(x, w1, b1, w2, b2, **grads):
     """The shapes, dtype and device the products need: checked in the ops (and their fake impls,
     so torch.compile reports them while tracing), so also for a direct call of an op, where a w1

@@ -794,3 +794,170 @@ def test_stored_activation_is_freed_once_dw2_is_made(device, monkeypatch):
         _, h = mlp._fwd_launch(x, w1, b1, w2, b2)
         mlp._bwd_launch(dy, x, h, w1, w2, (True,) * 5)
     assert len(stored) == 1 and alive == [True, False, False], alive  # dW2 reads it; then gone
+
+
+# -- where the plain products run (kernels/mlp.py: _plain_path) ---------------------------------
+
+class KernelSpy:
+    """Stands in for mlp._matmul_kernel: launches it, keeping each launch's (EPILOGUE, HAS_BIAS)."""
+
+    def __init__(self, kernel):
+        self.kernel, self.launched = kernel, []
+
+    def __getitem__(self, grid):
+        def run(*args, **kwargs):
+            self.launched.append((kwargs["EPILOGUE"], kwargs["HAS_BIAS"]))
+            return self.kernel[grid](*args, **kwargs)
+        return run
+
+
+@pytest.fixture
+def plain_picks():
+    """mlp's timed picks emptied for the test, and again after it."""
+    from tritongpt.kernels import mlp
+
+    mlp._PLAIN.clear()
+    yield mlp._PLAIN
+    mlp._PLAIN.clear()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_plain_products_on_torch_match_float64(dtype, device, monkeypatch):
+    """TRITONGPT_PLAIN_PRODUCTS=torch: the second Linear, dW2, dW1 and dx run as torch.mm / addmm (transposed
+    operands as views), the two fused products in the Triton kernel; forward and every gradient match float64."""
+    from tritongpt.kernels import mlp
+
+    monkeypatch.setattr(mlp, "PLAIN_PRODUCTS", "torch")
+    spy = KernelSpy(mlp._matmul_kernel)
+    monkeypatch.setattr(mlp, "_matmul_kernel", spy)
+    check_parity(37, 48, 72, dtype, device, seed=21)
+    assert spy.launched == [(mlp.EPI_GELU, True), (mlp.EPI_GELU_GRAD, False)]
+
+
+def test_plain_products_on_triton_launch_all_six(device, monkeypatch):
+    from tritongpt.kernels import mlp
+
+    monkeypatch.setattr(mlp, "PLAIN_PRODUCTS", "triton")
+    spy = KernelSpy(mlp._matmul_kernel)
+    monkeypatch.setattr(mlp, "_matmul_kernel", spy)
+    check_parity(9, 24, 40, torch.bfloat16, device, seed=22)
+    assert sorted(spy.launched) == sorted([(mlp.EPI_GELU, True), (mlp.EPI_NONE, True), (mlp.EPI_GELU_GRAD, False)]
+                                          + [(mlp.EPI_NONE, False)] * 3)
+
+
+def test_auto_times_each_plain_product_once_and_keeps_the_faster(device, monkeypatch, plain_picks):
+    """"auto" on a timed device (the CPU added here, so it runs through the interpreter): each plain product's
+    shape is timed on its first call, both paths run for real, and the faster one (here: Triton for the product
+    with a bias, torch for the rest) serves later calls without timing again; autotune_choices lists the picks."""
+    from tritongpt.kernels import mlp
+    from tritongpt.kernels._common import autotune_choices
+
+    monkeypatch.setattr(mlp, "TIMED_DEVICES", ("cuda", "cpu"))
+    monkeypatch.setattr(mlp, "SMALL_M", 0)
+    timed = []
+
+    def timer(fn):  # runs the candidate; torch's takes 2, Triton's 1 with a bias (the second Linear), else 3
+        spy.launched.clear()
+        fn()
+        timed.append(list(spy.launched))
+        return 2.0 if not spy.launched else 1.0 if spy.launched == [(mlp.EPI_NONE, True)] else 3.0
+
+    monkeypatch.setattr(mlp, "_PLAIN_TIMER", timer)
+    spy = KernelSpy(mlp._matmul_kernel)
+    monkeypatch.setattr(mlp, "_matmul_kernel", spy)
+    check_parity(37, 48, 72, torch.bfloat16, device, seed=23)
+    # four shapes (y = a w2^T + b2, dW2, dW1, dx), each timed on both paths: Triton's run launched it, torch's not
+    assert len(timed) == 8 and timed[0::2] == [[(mlp.EPI_NONE, True)]] + [[(mlp.EPI_NONE, False)]] * 3
+    assert all(t == [] for t in timed[1::2])
+    assert [p["path"] for p in plain_picks.values()] == ["triton", "torch", "torch", "torch"]
+    assert all(p["triton_ms"] > 0 and p["torch_ms"] > 0 for p in plain_picks.values())
+    listed = [c for c in autotune_choices() if c["kernel"] == "mlp.plain_product"]
+    assert [c["config"]["path"] for c in listed] == ["triton", "torch", "torch", "torch"]
+    assert listed[0]["key"]["bias"] == "True" and listed[0]["key"]["dtype"] == "bfloat16"
+
+    timed.clear()
+    spy.launched.clear()
+    check_parity(37, 48, 72, torch.bfloat16, device, seed=24)  # the same shapes: the picks, untimed
+    assert timed == []
+    assert spy.launched == [(mlp.EPI_GELU, True), (mlp.EPI_NONE, True), (mlp.EPI_GELU_GRAD, False)]
+
+
+def test_auto_keeps_fp32_and_untimed_devices_on_triton_and_small_rows_on_torch(device, monkeypatch, plain_picks):
+    """fp32 stays on the Triton kernel (IEEE products everywhere), as does a device "auto" does not time (the
+    interpreter's CPU); up to SMALL_M rows cuBLAS is taken untimed (host-bound; no search per decode batch)."""
+    from tritongpt.kernels import mlp
+
+    def timer(fn):
+        raise AssertionError("timed")
+
+    monkeypatch.setattr(mlp, "_PLAIN_TIMER", timer)
+    spy = KernelSpy(mlp._matmul_kernel)
+    monkeypatch.setattr(mlp, "_matmul_kernel", spy)
+    check_parity(19, 24, 40, torch.bfloat16, device, seed=25)  # the CPU: not a timed device
+    assert len(spy.launched) == 6 and not plain_picks
+    monkeypatch.setattr(mlp, "TIMED_DEVICES", ("cuda", "cpu"))
+    spy.launched.clear()
+    check_parity(19, 24, 40, torch.float32, device, seed=26)
+    assert len(spy.launched) == 6 and not plain_picks
+    spy.launched.clear()
+    check_parity(19, 24, 40, torch.bfloat16, device, seed=27)  # 19 rows: dW's "rows" are H = 40 and C = 24
+    assert spy.launched == [(mlp.EPI_GELU, True), (mlp.EPI_GELU_GRAD, False)]
+    assert {p["path"] for p in plain_picks.values()} == {"torch"}
+    assert all(p["note"].startswith("untimed") for p in plain_picks.values())
+
+
+def test_plain_product_picks_are_kept_per_operand_layout(device, monkeypatch, plain_picks):
+    """The same sizes in another layout (a transposed view, a bias) are other shapes to cuBLAS and to the tile:
+    each is timed and kept on its own, as the Triton kernel's autotune key tells them apart too."""
+    from tritongpt.kernels import mlp
+
+    monkeypatch.setattr(mlp, "TIMED_DEVICES", ("cuda", "cpu"))
+    monkeypatch.setattr(mlp, "SMALL_M", 0)
+    monkeypatch.setattr(mlp, "_PLAIN_TIMER", lambda fn: (fn(), 1.0)[1])
+    gen = torch.Generator().manual_seed(5)
+    a, b = (torch.randn(20, 20, generator=gen, dtype=torch.bfloat16) for _ in range(2))
+    bias = torch.randn(20, generator=gen, dtype=torch.bfloat16)
+    for x, y, z in ((a, b, None), (a.t(), b, None), (a, b.t(), None), (a, b, bias), (a, b, None)):
+        c, _ = mlp._matmul(x, y, z)
+        ref = x.double() @ y.double() + (z.double() if z is not None else 0)
+        assert_close_rel(c, ref, 1e-2, "c")
+    assert len(plain_picks) == 4
+
+
+def test_plain_products_setting_is_checked(device, monkeypatch):
+    from tritongpt.kernels import mlp
+
+    monkeypatch.setattr(mlp, "PLAIN_PRODUCTS", "cublas")
+    with pytest.raises(ValueError, match="TRITONGPT_PLAIN_PRODUCTS is 'cublas'; expected one of: auto, triton, torch"):
+        make_and_run = make(5, 8, 16, torch.float32, device, torch.Generator().manual_seed(0))
+        gelu_mlp(*make_and_run)
+
+
+def test_timed_pick_during_graph_capture_takes_the_default_and_keeps_nothing(monkeypatch):
+    from tritongpt.kernels import _common
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    picks = {}
+    assert _common.timed_pick(picks, ("k",), {"a": None, "b": None}, default="b",
+                              timer=lambda fn: pytest.fail("timed in a capture")) == "b"
+    assert picks == {}
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    ms = {"a": 0.5, "b": 0.7}
+    assert _common.timed_pick(picks, ("k",), {"a": "a", "b": "b"}, default="b", timer=ms.get) == "a"
+    assert picks == {("k",): {"path": "a", "a_ms": 0.5, "b_ms": 0.7}}
+
+
+@pytest.mark.cuda
+def test_plain_products_gpu_auto_and_forced_triton_bf16(monkeypatch, plain_picks):
+    """On a GPU: "auto" times the four plain products at GPT-2 small's width and keeps a pick with both times;
+    the forced-Triton path (every product this kernel) holds parity at the same size."""
+    from tritongpt.kernels import mlp
+
+    dev = torch.device("cuda")
+    check_parity(4096, 768, 3072, torch.bfloat16, dev, seed=31)
+    assert len(plain_picks) == 4
+    assert all(p["path"] in ("triton", "torch") and p["triton_ms"] > 0 and p["torch_ms"] > 0
+               for p in plain_picks.values())
+    monkeypatch.setattr(mlp, "PLAIN_PRODUCTS", "triton")
+    check_parity(4096, 768, 3072, torch.bfloat16, dev, seed=32)
