@@ -50,6 +50,7 @@ Public API: `gelu_mlp(x, w1, b1, w2, b2, approximate="tanh")`. It is built from 
 (`tritongpt::gelu_mlp_fwd` / `tritongpt::gelu_mlp_bwd`, with fake impls) inside an
 autograd.Function, so it runs under torch.compile (the ops stay opaque calls in the graph).
 """
+import contextlib
 import math
 import os
 from typing import Optional
@@ -333,6 +334,20 @@ _PLAIN = register_timed("mlp.plain_product", ("device", "dtype", "M_BUCKET", "N"
 _PLAIN_TIMER = None  # None: triton.testing.do_bench's median (a test passes a stand-in)
 
 
+@contextlib.contextmanager
+def plain_products(path: str):
+    """Within it, the plain products run as path says ("auto", "triton", "torch"; PLAIN_PRODUCTS), e.g.
+    `with plain_products("triton"):` times the MLP with every product on the Triton kernel."""
+    global PLAIN_PRODUCTS
+    if path not in PLAIN_PATHS:
+        raise ValueError(f"plain_products takes one of: {', '.join(PLAIN_PATHS)}; got {path!r}")
+    saved, PLAIN_PRODUCTS = PLAIN_PRODUCTS, path
+    try:
+        yield
+    finally:
+        PLAIN_PRODUCTS = saved
+
+
 def _torch_product(a, b, bias=None):
     return torch.mm(a, b) if bias is None else torch.addmm(bias, a, b)
 
@@ -605,4 +620,4 @@ def gelu_mlp(x: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.Tensor], w2: 
     return GeluMLPFunction.apply(x, w1, b1, w2, b2, approximate)  # shapes and dtypes: checked by the op
 
 
-__all__ = ["gelu_mlp", "GeluMLPFunction"]
+__all__ = ["gelu_mlp", "GeluMLPFunction", "plain_products"]

@@ -4193,3 +4193,32 @@ def test_gpu_session_graphs_times_small_ops_as_cuda_graph_replays(tmp_path):
                      "--max-minutes", "0.5", "--out", f"{work}/results-graphs"]
     assert build_parser().parse_args(bench).cuda_graphs
     assert (tmp_path / "out" / "session.tgz").is_file() and "--cuda-graphs (budget 0.5 min)" in stdout
+
+
+def test_mlp_triton_only_provider_keeps_every_product_on_our_kernel(monkeypatch):
+    """triton-only runs the GELU-MLP with the plain products on our matmul whatever TRITONGPT_PLAIN_PRODUCTS
+    says (here "torch"), and leaves the setting as it found it; "triton" follows the setting."""
+    from tritongpt.kernels import mlp
+
+    monkeypatch.setattr(mlp, "PLAIN_PRODUCTS", "torch")
+    epilogues, kernel = [], mlp._matmul_kernel
+
+    class Spy:
+        def __getitem__(self, grid):
+            return lambda *a, **k: epilogues.append(k["EPILOGUE"]) or kernel[grid](*a, **k)
+
+    monkeypatch.setattr(mlp, "_matmul_kernel", Spy())
+    g = torch.Generator().manual_seed(3)
+    x, w1, b1, w2, b2 = (torch.randn(*s, generator=g) * 0.3 for s in ((9, 16), (64, 16), (64,), (16, 64), (16,)))
+    builders = kernels.mlp_providers(x, w1, b1, w2, b2)
+    want = F.linear(F.gelu(F.linear(x, w1, b1), approximate="tanh"), w2, b2)
+    for name, launched in (("triton", [mlp.EPI_GELU]), ("triton-only", [mlp.EPI_GELU, mlp.EPI_NONE])):
+        epilogues.clear()
+        f, _ = builders[name]()
+        assert torch.allclose(f(), want, rtol=1e-4, atol=1e-5), name
+        assert epilogues == launched, name
+        assert mlp.PLAIN_PRODUCTS == "torch"
+    assert "triton-only" in kernels.PROVIDERS["mlp"]
+    with pytest.raises(ValueError, match="plain_products takes one of: auto, triton, torch; got 'cuda'"):
+        with mlp.plain_products("cuda"):
+            pass
