@@ -591,12 +591,53 @@ def _head_grads(dlogits, h, w, s, e, dh, dw, db):
     """Rows s:e's dlogits through the head: dh[s:e] = dlogits W, dW += dlogits^T h (fp32), db += its column sums
     (kernels/jsd.py's fused distillation loss too). dw and db may have fewer rows than w (the rows _pad_rows
     added: their gradient is dropped)."""
+    # (traced by torch.compile, the plain forms: inductor fuses the cast-and-add, and out= into views is its to plan)
+    eager = not torch.compiler.is_compiling()
     if dh is not None:
-        dh[s:e] = dlogits @ w
+        if eager:
+            torch.mm(dlogits, w, out=dh[s:e])  # written in place: no [rows, C] temporary and copy
+        else:
+            dh[s:e] = dlogits @ w
     if dw is not None:
-        dw += (dlogits.t() @ h[s:e])[:dw.shape[0]].float()
+        if eager and dlogits.dtype != torch.float32 and _fp32_accumulate_ok(dw.device, dlogits.dtype):
+            # cuBLAS adds the 16-bit product into the fp32 sum itself (beta 1, fp32 C): a [V, C] product is not
+            # rounded to 16 bits, written, cast to a new fp32 copy and added (~0.1 ms a chunk on an H200)
+            torch.addmm(dw, dlogits.t()[:dw.shape[0]], h[s:e], out_dtype=torch.float32, out=dw)
+        else:
+            dw += (dlogits.t() @ h[s:e])[:dw.shape[0]].float()
     if db is not None:
         db += dlogits.sum(0, dtype=torch.float32)[:db.shape[0]]
+
+
+ACCUMULATE_DEVICES = ("cuda",)  # where torch.addmm has out_dtype (aten::addmm.dtype_out: CUDA, torch >= 2.8)
+_ACCUMULATE_OK = {}  # (device, dtype) -> whether the probe below passed
+
+
+def _fp32_accumulate_ok(device, dtype) -> bool:
+    """Whether torch.addmm(c, a, b, out_dtype=float32, out=c) adds a 16-bit product into fp32 c in place here:
+    probed once per device and dtype on small random operands (a transposed view for a, as the head passes it)
+    against float64. Older torch (no out_dtype), a backend without it, or a wrong sum: False, the cast-and-add.
+    During a CUDA-graph capture nothing can be checked: False, not kept."""
+    ok = _ACCUMULATE_OK.get((device, dtype))
+    if ok is not None:
+        return ok
+    if device.type not in ACCUMULATE_DEVICES or not hasattr(torch.ops.aten.addmm, "dtype_out"):
+        ok = False
+    elif device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return False
+    else:
+        g = torch.Generator().manual_seed(0)
+        a, b, c = (torch.randn(*shape, generator=g) for shape in ((37, 70), (37, 24), (70, 24)))
+        a, b = a.to(dtype), b.to(dtype)  # the 16-bit operands, exactly what float64 multiplies below
+        want = c.double() + a.double().t() @ b.double()
+        try:
+            got = c.to(device)
+            torch.addmm(got, a.to(device).t(), b.to(device), out_dtype=torch.float32, out=got)
+            ok = bool(((got.cpu().double() - want).norm() <= 1e-5 * want.norm()).item())
+        except (RuntimeError, TypeError, NotImplementedError):
+            ok = False
+    _ACCUMULATE_OK[(device, dtype)] = ok
+    return ok
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,

@@ -785,6 +785,66 @@ def test_linear_weight_gradient_of_many_chunks_keeps_bf16_precision(device):
     assert rel[1] <= 2 * rel[N], f"{N} chunks: {rel[1]:.2e} > 2 x one chunk's {rel[N]:.2e}"
 
 
+def _addmm_out_dtype_stand_in(monkeypatch, adds_c=True):
+    """torch.addmm with out_dtype (aten::addmm.dtype_out, CUDA only) on the CPU for the test: the 16-bit product
+    summed in fp32 into out, c included (adds_c False: a broken one that drops c). -> its calls with out_dtype."""
+    real, calls = torch.addmm, []
+
+    def addmm(c, a, b, *args, out_dtype=None, out=None, **kwargs):
+        if out_dtype is None:
+            return real(c, a, b, *args, out=out, **kwargs) if out is not None else real(c, a, b, *args, **kwargs)
+        calls.append(a.shape)
+        prod = a.float() @ b.float()
+        out.copy_((c + prod) if adds_c else prod)
+        return out
+
+    monkeypatch.setattr(torch, "addmm", addmm)
+    return calls
+
+
+@pytest.mark.parametrize("works", [True, False])
+def test_linear_weight_gradient_summed_in_fp32_by_the_matmul_where_its_probe_passes(works, monkeypatch, device):
+    """Where torch.addmm takes out_dtype, each chunk's dW product is summed into the fp32 gradient by the matmul
+    (no 16-bit [V, C] product, cast copy and add). Used only after a probe on small operands matches float64 once
+    per device and dtype: a backend that sums wrongly (here one that drops c) keeps the cast-and-add, and the
+    gradients match float64 either way, the padded vocabulary's rows included."""
+    from tritongpt.kernels import cross_entropy as ce
+
+    monkeypatch.setattr(ce, "ACCUMULATE_DEVICES", ("cuda", "cpu"))
+    monkeypatch.setattr(ce, "_ACCUMULATE_OK", {})
+    calls = _addmm_out_dtype_stand_in(monkeypatch, adds_c=works)
+    check_linear_parity((37,), 24, 277, torch.bfloat16, device, seed=19, pad=35)
+    assert ce._ACCUMULATE_OK == {(torch.device(device), torch.bfloat16): works}
+    # the probe's call, then (where it passed) one per chunk of 10 rows, on the weight's 277 + 35 rows only (the
+    # head is padded to 320 for the matmuls)
+    assert calls[0] == (70, 37)
+    assert calls[1:] == ([(312, 10)] * 3 + [(312, 7)] if works else [])
+    calls.clear()
+    check_linear_parity((37,), 24, 300, torch.float32, device, seed=20)  # fp32: the plain fp32 matmul
+    assert calls == []
+
+
+def test_linear_weight_gradient_probe_refuses_a_backend_without_out_dtype(monkeypatch, device):
+    """The CPU has no addmm out_dtype (CUDA only): with the CPU allowed, the probe's error means False."""
+    from tritongpt.kernels import cross_entropy as ce
+
+    monkeypatch.setattr(ce, "ACCUMULATE_DEVICES", ("cuda", "cpu"))
+    monkeypatch.setattr(ce, "_ACCUMULATE_OK", {})
+    assert ce._fp32_accumulate_ok(torch.device("cpu"), torch.bfloat16) is False
+    assert ce._ACCUMULATE_OK == {(torch.device("cpu"), torch.bfloat16): False}
+
+
+@pytest.mark.cuda
+def test_linear_weight_gradient_summed_in_fp32_on_cuda():
+    """On a GPU with torch >= 2.8 the probe passes and the head's bf16 dW parity holds at a GPT-2-like shape."""
+    from tritongpt.kernels import cross_entropy as ce
+
+    dev = torch.device("cuda")
+    if hasattr(torch.ops.aten.addmm, "dtype_out"):
+        assert ce._fp32_accumulate_ok(dev, torch.bfloat16)
+    check_linear_parity((1000,), 768, 5000, torch.bfloat16, dev, seed=21, chunk_rows=384, pad=24)
+
+
 def test_linear_never_makes_all_the_logits(device):
     """Every tensor an op returns during forward and backward, counted: the fused path's largest
     is a chunk of logits or the weight's gradient, never the [N, V] logits the reference makes."""
