@@ -192,14 +192,21 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, offs_m, o
                HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
                MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr,
                HAS_DOCS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
-               PRECISION: tl.constexpr, EMPTY_ROWS: tl.constexpr):
+               PRECISION: tl.constexpr, EMPTY_ROWS: tl.constexpr, FOLD_SCALE: tl.constexpr = False):
     """Stream KV tiles [lo, hi) past one query tile (online softmax, base-2 logits). EMPTY_ROWS: a row
     may have seen no finite score so far (documents; a KV split the causal mask hides from some rows; a
-    tile whose scores are all -inf for a row, from a -inf key component)."""
+    tile whose scores are all -inf for a row, from a -inf key component). FOLD_SCALE (scale > 0, no cap,
+    no ALiBi): s holds the raw products q k; the row max is taken on them and scaled once a row (exact:
+    rounding is monotone for a positive factor), and exp2 takes s * scale - max as one FMA, so the scaled
+    tile is never made: one multiply an entry less in the loop whose exp2s, not its matmuls, bound a
+    head dim of 64 (FlashAttention-3's finding on Hopper)."""
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         k = _load_rows(k_base, offs_n, Tk, stride_kn, offs_d, HEAD_DIM, BLOCK_D)
-        s, _ = _scores(q, tl.trans(k), qk_scale, softcap, PRECISION, HAS_SOFTCAP)
+        if FOLD_SCALE:
+            s = dot(q, tl.trans(k), None, PRECISION)
+        else:
+            s, _ = _scores(q, tl.trans(k), qk_scale, softcap, PRECISION, HAS_SOFTCAP)
         if HAS_ALIBI:  # after the cap, at query i's position Tk - Tq + i (a decode row sees its own bias)
             s += _alibi_bias(slope, offs_m[:, None] + (Tk - Tq), offs_n[None, :])
         # masked after the cap: a masked score is -inf whatever the cap
@@ -210,7 +217,10 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, offs_m, o
             if HAS_DOCS:
                 valid = valid & (offs_n[None, :] >= q_start[:, None])
             s = tl.where(valid, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
+        if FOLD_SCALE:
+            m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
+        else:
+            m_new = tl.maximum(m_i, tl.max(s, 1))
         if EMPTY_ROWS:
             # A row with no finite score yet (its document starts past this tile, a split the causal mask
             # hides, a tile of -inf scores): its max stays -inf and the exponentials take 0 as their base
@@ -219,7 +229,10 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, offs_m, o
         else:
             m_use = m_new
         alpha = tl.exp2(m_i - m_use)
-        p = tl.exp2(s - m_use[:, None])
+        if FOLD_SCALE:
+            p = tl.exp2(s * qk_scale - m_use[:, None])
+        else:
+            p = tl.exp2(s - m_use[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)  # the softmax denominator counts dropped entries too
         acc = acc * alpha[:, None]
         if HAS_DROPOUT:
@@ -267,9 +280,13 @@ def _attn_fwd(Q, K, V, O, LSE, STARTS, ALIBI, seed, qk_scale, softcap, dropout_p
               H, GROUP, Tq, Tk, Q_BUCKET,
               HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
               IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr, HAS_DOCS: tl.constexpr,
-              HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, PRECISION: tl.constexpr):
+              HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, PRECISION: tl.constexpr,
+              FOLD_SCALE: tl.constexpr):
     """Grid (cdiv(Tq, BLOCK_M), H, B). Writes O and the base-2 logsumexp of the scaled (with HAS_SOFTCAP,
-    capped) scores. Query head h reads KV head h // GROUP (GROUP = H / Hkv query heads share one)."""
+    capped) scores. Query head h reads KV head h // GROUP (GROUP = H / Hkv query heads share one).
+    FOLD_SCALE: the scale folded into exp2's FMA (_fwd_inner); the launcher sets it for a positive scale
+    without a cap or ALiBi."""
+    tl.static_assert(not (FOLD_SCALE and (HAS_SOFTCAP or HAS_ALIBI)), "FOLD_SCALE: the scores must be q k * scale")
     start_m = tl.program_id(0) * BLOCK_M
     h, b = tl.program_id(1).to(tl.int64), tl.program_id(2).to(tl.int64)
     bh = b * H + h
@@ -296,17 +313,18 @@ def _attn_fwd(Q, K, V, O, LSE, STARTS, ALIBI, seed, qk_scale, softcap, dropout_p
                                    q_start, lo, mid, Tq, Tk, qk_scale, softcap, slope, seed, rng_base, dropout_p,
                                    keep_scale,
                                    HEAD_DIM, BLOCK_D, BLOCK_N, True, IS_CAUSAL, HAS_DROPOUT, HAS_DOCS,
-                                   HAS_SOFTCAP, HAS_ALIBI, PRECISION, HAS_DOCS)
+                                   HAS_SOFTCAP, HAS_ALIBI, PRECISION, HAS_DOCS,
+                                   FOLD_SCALE)
     else:
         q_start, mid = offs_m, 0
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, offs_m, offs_d,
                                q_start, mid, full_hi, Tq, Tk, qk_scale, softcap, slope, seed, rng_base, dropout_p,
                                keep_scale, HEAD_DIM, BLOCK_D, BLOCK_N, False, IS_CAUSAL, HAS_DROPOUT, HAS_DOCS,
-                               HAS_SOFTCAP, HAS_ALIBI, PRECISION, True)
+                               HAS_SOFTCAP, HAS_ALIBI, PRECISION, True, FOLD_SCALE)
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, offs_m, offs_d,
                                q_start, full_hi, hi, Tq, Tk, qk_scale, softcap, slope, seed, rng_base, dropout_p,
                                keep_scale, HEAD_DIM, BLOCK_D, BLOCK_N, True, IS_CAUSAL, HAS_DROPOUT, HAS_DOCS,
-                               HAS_SOFTCAP, HAS_ALIBI, PRECISION, True)
+                               HAS_SOFTCAP, HAS_ALIBI, PRECISION, True, FOLD_SCALE)
 
     acc = acc / l_i[:, None]
     _store_rows(o_base, acc, offs_m, Tq, stride_om, offs_d, HEAD_DIM, BLOCK_D)
@@ -703,7 +721,8 @@ def _tuned(tiles, prune, key=()):
     # token and must not re-tune every step (nor the split count, which follows Tk). Tensor dtypes
     # join the key automatically. The split kernel has no HAS_DROPOUT: only the flags a kernel takes.
     def decorate(fn):
-        flags = [a for a in ("HEAD_DIM", "IS_CAUSAL", "HAS_DROPOUT", "HAS_DOCS", "HAS_SOFTCAP", "HAS_ALIBI")
+        flags = [a for a in ("HEAD_DIM", "IS_CAUSAL", "HAS_DROPOUT", "HAS_DOCS", "HAS_SOFTCAP", "HAS_ALIBI",
+                             "FOLD_SCALE")
                  if a in fn.arg_names]
         return triton.autotune([c for cfgs in groups.values() for c in cfgs], key=[*flags, "Q_BUCKET", *key],
                                prune_configs_by={"early_config_prune": by_head_dim})(fn)
@@ -902,7 +921,7 @@ def _fwd_launch(q, k, v, causal, softmax_scale, dropout_p, seed, starts=None, en
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1), o.stride(2), stride_sb,
         H, group, Tq, Tk, _q_bucket(Tq), **_kernel_flags(q, causal, dropout_p, starts, softcap, alibi),
-        **_fixed_blocks())
+        FOLD_SCALE=softmax_scale > 0.0 and softcap == 0.0 and alibi is None, **_fixed_blocks())
     return o, lse
 
 
