@@ -143,6 +143,12 @@ def _layer_norm_fwd_kernel(X, D, S, Y, W, B, Mean, Rstd, stride_x, stride_d, str
         tl.store(Rstd + rows, rstd, mask=row_ok)
 
 
+@triton.jit
+def _sum3(a0, a1, a2, b0, b1, b2):
+    """tl.reduce's combine for three sums at once."""
+    return a0 + b0, a1 + b1, a2 + b2
+
+
 @triton.jit(do_not_specialize=["M_BUCKET"])
 def _layer_norm_bwd_kernel(X, DY, DS, W, Mean, Rstd, DX, DX2, DW_part, DB_part,
                            stride_x, stride_dy, stride_ds, stride_dx, stride_dx2, M, N, M_BUCKET,
@@ -190,11 +196,15 @@ def _layer_norm_bwd_kernel(X, DY, DS, W, Mean, Rstd, DX, DX2, DW_part, DB_part,
             # relative). x - mean is exact or nearly so (x and mean are close), so its row mean is
             # that rounding: take it out, as forward's shifted statistics did.
             xm = tl.where(mask, x - mean[:, None], 0.0)
-            xc = tl.where(mask, xm - (tl.sum(xm, axis=1) / N)[:, None], 0.0)
-            xhat = xc * rstd[:, None]
             wdy = w[None, :] * dy
-            c1 = tl.sum(xhat * wdy, axis=1) / N
-            c2 = tl.sum(wdy, axis=1) / N
+            # The row's three sums in one reduction: one exchange across the row's warps, not three one
+            # after another (the first, r's, fed the other two). With x_hat = (xm - r) rstd,
+            # sum(x_hat wdy) = rstd (sum(xm wdy) - r sum(wdy)); r is tiny (the mean's rounding): no cancellation.
+            s_xm, s_xw, s_w = tl.reduce((xm, xm * wdy, wdy), 1, _sum3)
+            r = s_xm / N
+            xhat = tl.where(mask, (xm - r[:, None]) * rstd[:, None], 0.0)
+            c1 = rstd * (s_xw - r * s_w) / N
+            c2 = s_w / N
             dx = (wdy - (xhat * c1[:, None] + c2[:, None])) * rstd[:, None]
         if HAS_DS:
             dx += tl.load(DS + rows64[:, None] * stride_ds + cols[None, :], mask=mask, other=0.0).to(tl.float32)
