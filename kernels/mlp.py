@@ -86,7 +86,8 @@ def _gelu_s(h):
     """
     z = 0.7978845608028654 * (h + 0.044715 * h * h * h)
     e = tl.exp(-2.0 * tl.abs(z))  # in (0, 1]: never overflows, unlike exp(-2z) for very negative h
-    return tl.where(z >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
+    r = 1.0 / (1.0 + e)  # one division, not two (1/(1+e) and e/(1+e)): each is a reciprocal on the SFU
+    return tl.where(z >= 0, r, e * r)
 
 
 @triton.jit
@@ -136,7 +137,8 @@ def _gelu_act_grad(h, GELU_ERF: tl.constexpr):
 @triton.jit
 def _sigmoid(g):
     e = tl.exp(-tl.abs(g))  # in (0, 1]: never overflows
-    return tl.where(g >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
+    r = 1.0 / (1.0 + e)  # one division, as _gelu_s
+    return tl.where(g >= 0, r, e * r)
 
 
 @triton.jit
