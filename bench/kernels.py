@@ -182,7 +182,7 @@ PROVIDERS = {
     # Gemma 2's attention logit soft-capping: c tanh(scores / c) before the causal mask (ATTN_SOFTCAP)
     "softcap_attention": ("reference", "compile", "flex", "triton", *FLASH_ATTN),
     # the GELU MLP with the exact erf GELU (GPTConfig.gelu_approximate "none": GPT-NeoX, Pythia, Falcon)
-    "mlp_exact_gelu": ("reference", "torch", "compile", "triton"),
+    "mlp_exact_gelu": ("reference", "torch", "compile", "triton", "triton-only"),
     # partial rotary: RoPE on the first rotary_dim columns of each head (GPTConfig.rotary_dim: Pythia, Phi-4-mini)
     "rope_partial": ("reference", "compile", "triton", "liger"),
     # the LM head + loss with a bias on the head (GPTConfig.head_bias: Phi-1/1.5/2, GPT-J)
@@ -465,6 +465,7 @@ def mlp_providers(x, w1, b1, w2, b2, approximate="tanh"):
         def f():
             with plain_products("triton"):
                 return fn(x, w1, b1, w2, b2, approximate)
+        f.context = lambda: plain_products("triton")  # _mode_fn: the backward's plain products too
         return f, [x, w1, b1, w2, b2]
 
     return {"reference": reference, "torch": torch_op, "compile": compiled, "triton": triton_op,
@@ -1146,7 +1147,22 @@ def _lm_head_variant_providers(h, w, t, model_loss, plain_loss, options, liger_o
 
 # -- the driver -----------------------------------------------------------------------------------------
 def _mode_fn(forward, mode):
-    """The callable to time for a mode, built on a forward callable."""
+    """The callable to time for a mode, built on a forward callable. A forward with a `context` attribute (a
+    setting the provider is timed under, e.g. the mlp's triton-only) has the whole call run inside context():
+    backward runs outside the forward call, and must see the setting too."""
+    context = getattr(forward, "context", None)
+    if context is None:
+        return _mode_call(forward, mode)
+    with context():  # "bwd" runs the forward once here
+        fn = _mode_call(forward, mode)
+
+    def within():
+        with context():
+            return fn()
+    return within
+
+
+def _mode_call(forward, mode):
     if mode == "fwd":
         return forward
 

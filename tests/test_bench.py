@@ -4222,3 +4222,32 @@ def test_mlp_triton_only_provider_keeps_every_product_on_our_kernel(monkeypatch)
     with pytest.raises(ValueError, match="plain_products takes one of: auto, triton, torch; got 'cuda'"):
         with mlp.plain_products("cuda"):
             pass
+
+
+@pytest.mark.parametrize("mode", ["bwd", "fwd+bwd"])
+def test_mlp_triton_only_provider_keeps_backwards_products_on_our_kernel(mode, monkeypatch):
+    """triton-only's backward too: the bench runs it outside the provider's forward call, so the setting must
+    hold there as well. dW2, dW1 and dx are plain products: on our kernel (EPI_NONE), whatever
+    TRITONGPT_PLAIN_PRODUCTS says (here "torch"), and the setting is left as found."""
+    from tritongpt.kernels import mlp
+
+    monkeypatch.setattr(mlp, "PLAIN_PRODUCTS", "torch")
+    epilogues, kernel = [], mlp._matmul_kernel
+
+    class Spy:
+        def __getitem__(self, grid):
+            return lambda *a, **k: epilogues.append(k["EPILOGUE"]) or kernel[grid](*a, **k)
+
+    monkeypatch.setattr(mlp, "_matmul_kernel", Spy())
+    g = torch.Generator().manual_seed(4)
+    x, w1, b1, w2, b2 = (torch.randn(*s, generator=g).requires_grad_() for s in ((9, 16), (64, 16), (64,),
+                                                                              (16, 64), (16,)))
+    builders = kernels.mlp_providers(x, w1, b1, w2, b2)
+    forward, _ = builders["triton-only"]()
+    fn = kernels._mode_fn(forward, mode)
+    epilogues.clear()
+    fn()
+    backward = [mlp.EPI_GELU_GRAD] + [mlp.EPI_NONE] * 3
+    assert epilogues == (backward if mode == "bwd" else [mlp.EPI_GELU, mlp.EPI_NONE] + backward)
+    assert mlp.PLAIN_PRODUCTS == "torch"
+    assert all(t.grad is not None for t in (x, w1, b1, w2, b2))
