@@ -330,7 +330,7 @@ autotuned("mlp.matmul", _matmul_kernel)
 PLAIN_PATHS = ("auto", "triton", "torch")
 PLAIN_PRODUCTS = os.environ.get("TRITONGPT_PLAIN_PRODUCTS", "auto")
 TIMED_DEVICES = ("cuda",)  # where "auto" times the two (a test adds "cpu" to drive it through the interpreter)
-SMALL_M = 1024  # up to this many rows (decode, short prompts) cuBLAS untimed: host-bound, and it has no search
+SMALL_M = 1024  # up to this many token rows (decode, short prompts) cuBLAS untimed: host-bound, and it has no search
 _PLAIN = register_timed("mlp.plain_product", ("device", "dtype", "M_BUCKET", "N", "K_BUCKET", "a_row_major",
                                               "b_row_major", "bias"))
 _PLAIN_TIMER = None  # None: triton.testing.do_bench's median (a test passes a stand-in)
@@ -354,11 +354,12 @@ def _torch_product(a, b, bias=None):
     return torch.mm(a, b) if bias is None else torch.addmm(bias, a, b)
 
 
-def _plain_path(a, b, bias, M, N, K) -> str:
+def _plain_path(a, b, bias, M, N, K, tokens) -> str:
     """"triton" or "torch" for the plain product a [M, K] @ b [K, N] (+ bias), as PLAIN_PRODUCTS says. "auto"
     times both on a key's first call (kernels/_common.timed_pick; the key as this kernel's autotune key:
     rows and reduction bucketed, layouts) and keeps the faster for the process: a GPU's first step pays
-    ~0.1 s a shape. During a CUDA-graph capture an unseen shape takes cuBLAS (Triton's autotune cannot run there)."""
+    ~0.1 s a shape. During a CUDA-graph capture an unseen shape takes cuBLAS (Triton's autotune cannot run there).
+    tokens: the product's token count (M, or K in a weight gradient), which SMALL_M is about."""
     mode = PLAIN_PRODUCTS
     if mode != "auto":
         if mode not in PLAIN_PATHS:
@@ -370,7 +371,7 @@ def _plain_path(a, b, bias, M, N, K) -> str:
     pick = _PLAIN.get(key)
     if pick is not None:
         return pick["path"]
-    note = f"untimed: up to {SMALL_M} rows" if _bucket(M) <= SMALL_M else None
+    note = f"untimed: up to {SMALL_M} tokens" if _bucket(tokens) <= SMALL_M else None
     return timed_pick(_PLAIN, key, {"triton": lambda: _matmul(a, b, bias, path="triton"),
                                     "torch": lambda: _torch_product(a, b, bias)},
                       default="torch", timer=_PLAIN_TIMER, note=note)
@@ -384,7 +385,7 @@ def _gated(g, u, gate):
 
 @on_tensor_device
 def _matmul(a, b, bias=None, epilogue=EPI_NONE, aux=None, b_gelu=False, b2=None, bias2=None, aux2=None,
-            a2=None, b_swiglu=False, gate="silu", approximate="tanh", store_act=False, path=None):
+            a2=None, b_swiglu=False, gate="silu", approximate="tanh", store_act=False, path=None, tokens=None):
     """a [M, K] @ b [K, N] (any strides) -> new [M, N] tensor in a's dtype, and a second one: h
     (EPI_GELU), (g, u) (EPI_SWIGLU), du (EPI_SWIGLU_GRAD), else None. The SwiGLU operands: b2
     (b's layout), bias2, aux2 (u beside aux = g), a2 (a's layout: C = a @ b + a2 @ b2). gate: the
@@ -392,7 +393,8 @@ def _matmul(a, b, bias=None, epilogue=EPI_NONE, aux=None, b_gelu=False, b2=None,
     approximate: the GELU of EPI_GELU, EPI_GELU_GRAD and b_gelu, "tanh" or "none" (exact erf).
     store_act (EPI_GELU_GRAD, EPI_SWIGLU_GRAD only): also make the activation a [M, N] from aux (and aux2);
     the second return is then a (EPI_GELU_GRAD) or (du, a) (EPI_SWIGLU_GRAD). path: for a plain product (none of
-    the above), "triton" or "torch" (torch.mm / addmm); None: as _plain_path picks."""
+    the above), "triton" or "torch" (torch.mm / addmm); None: as _plain_path picks. tokens: a plain product's token
+    count for that pick, M unless given (a weight gradient dW = dy^T a passes K: its M is a width)."""
     if gate not in GATES:
         raise ValueError(f"gate must be one of {', '.join(GATES)}, got {gate!r}")
     check_approximate(approximate)
@@ -401,7 +403,7 @@ def _matmul(a, b, bias=None, epilogue=EPI_NONE, aux=None, b_gelu=False, b2=None,
     M, K = a.shape
     N = b.shape[1]
     if epilogue == EPI_NONE and not b_gelu and not b_swiglu and a2 is None and M and N and K:
-        if (path or _plain_path(a, b, bias, M, N, K)) == "torch":
+        if (path or _plain_path(a, b, bias, M, N, K, M if tokens is None else tokens)) == "torch":
             return _torch_product(a, b, bias), None
 
     def new():
@@ -499,11 +501,11 @@ def _bwd_launch(dy, x, h, w1, w2, needs=(True,) * 5, approximate="tanh"):
     if not need_dw2:
         dw2 = skipped()
     elif act is not None:  # dy^T a, a plain matmul; a is freed right after: one transient [M, H]
-        dw2, _ = _matmul(dy.t(), act)
+        dw2, _ = _matmul(dy.t(), act, tokens=dy.shape[0])
         act = None
     else:  # no dh to make a beside (W1 frozen, no dx): gelu(h) recomputed on the B tiles as loaded
         dw2, _ = _matmul(dy.t(), h, b_gelu=True, approximate=approximate)
-    dw1 = _matmul(dh.t(), x)[0] if need_dw1 else skipped()             # [H, C]
+    dw1 = _matmul(dh.t(), x, tokens=x.shape[0])[0] if need_dw1 else skipped()  # [H, C]
     dx = _matmul(dh, w1)[0] if need_dx else skipped()                  # [M, C]
     db1 = dh.sum(0, dtype=torch.float32).to(w1.dtype) if need_db1 else skipped()
     db2 = dy.sum(0, dtype=torch.float32).to(w2.dtype) if need_db2 else skipped()

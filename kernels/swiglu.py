@@ -75,12 +75,12 @@ def _bwd_launch(dy, x, g, u, wg, wu, wd, needs=(True,) * 7, activation="silu"):
     if not need_dwd:
         dwd = skipped()
     elif act is not None:  # [C, H] = dy^T a, a plain matmul; a is freed right after
-        dwd, _ = _matmul(dy.t(), act)
+        dwd, _ = _matmul(dy.t(), act, tokens=dy.shape[0])
         act = None
     else:  # no dg/du launch to make a beside: act(g) * u recomputed on the B tiles as loaded
         dwd, _ = _matmul(dy.t(), g, b2=u, b_swiglu=True, gate=activation)
-    dwg = _matmul(dg.t(), x)[0] if need_dwg else skipped()                         # [H, C]
-    dwu = _matmul(du.t(), x)[0] if need_dwu else skipped()                         # [H, C]
+    dwg = _matmul(dg.t(), x, tokens=x.shape[0])[0] if need_dwg else skipped()      # [H, C]
+    dwu = _matmul(du.t(), x, tokens=x.shape[0])[0] if need_dwu else skipped()      # [H, C]
     dx = _matmul(dg, wg, a2=du, b2=wu)[0] if need_dx else skipped()                # [M, C]
     dbg = dg.sum(0, dtype=torch.float32).to(wg.dtype) if need_dbg else skipped()
     dbu = du.sum(0, dtype=torch.float32).to(wu.dtype) if need_dbu else skipped()

@@ -906,6 +906,22 @@ def test_auto_keeps_fp32_and_untimed_devices_on_triton_and_small_rows_on_torch(d
     assert all(p["note"].startswith("untimed") for p in plain_picks.values())
 
 
+def test_small_m_rule_counts_tokens_not_a_weight_gradients_rows(device, monkeypatch, plain_picks):
+    """SMALL_M is about the token count (decode, short prompts), which is M in the second Linear and dx but K in
+    dW2 = dy^T a and dW1 = dh^T x, whose M is the width C or H. With more tokens than SMALL_M all four plain products
+    are timed, though C is under it; with fewer, all four go to cuBLAS untimed, though H is over it."""
+    from tritongpt.kernels import mlp
+
+    monkeypatch.setattr(mlp, "TIMED_DEVICES", ("cuda", "cpu"))
+    monkeypatch.setattr(mlp, "SMALL_M", 32)  # C = 24 under it, H = 40 over it
+    monkeypatch.setattr(mlp, "_PLAIN_TIMER", lambda fn: (fn(), 1.0)[1])
+    check_parity(40, 24, 40, torch.bfloat16, device, seed=28)  # 40 tokens: over SMALL_M
+    assert len(plain_picks) == 4 and all("note" not in p and p["torch_ms"] > 0 for p in plain_picks.values())
+    plain_picks.clear()
+    check_parity(19, 24, 40, torch.bfloat16, device, seed=29)  # 19 tokens: under it
+    assert len(plain_picks) == 4 and all(p["note"].startswith("untimed") for p in plain_picks.values())
+
+
 def test_plain_product_picks_are_kept_per_operand_layout(device, monkeypatch, plain_picks):
     """The same sizes in another layout (a transposed view, a bias) are other shapes to cuBLAS and to the tile:
     each is timed and kept on its own, as the Triton kernel's autotune key tells them apart too."""

@@ -715,3 +715,20 @@ def test_stored_activation_is_freed_once_dw_down_is_made(device, monkeypatch):
         _, g, u = swiglu._fwd_launch(x, wg, bg, wu, bu, wd, bd)
         swiglu._bwd_launch(dy, x, g, u, wg, wu, wd, (True,) * 7)
     assert len(stored) == 1 and alive == [True, False, False, False], alive  # dW_down reads it; then gone
+
+
+def test_plain_products_small_m_rule_counts_tokens(device, monkeypatch):
+    """SwiGLU's plain products take kernels/mlp.py's timed pick too, SMALL_M counting tokens: M in the down
+    projection, K in dW_down, dW_gate, dW_up (whose M is the width C or H). 40 tokens over SMALL_M: all four timed,
+    though C is under it; 19 under it: all four to cuBLAS untimed, though H is over it (dW_gate and dW_up: one key)."""
+    from tritongpt.kernels import mlp
+
+    monkeypatch.setattr(mlp, "TIMED_DEVICES", ("cuda", "cpu"))
+    monkeypatch.setattr(mlp, "SMALL_M", 32)  # C = 24 under it, H = 40 over it
+    monkeypatch.setattr(mlp, "_PLAIN_TIMER", lambda fn: (fn(), 1.0)[1])
+    monkeypatch.setattr(mlp, "_PLAIN", {})
+    check_parity(40, 24, 40, torch.bfloat16, device, seed=41)
+    assert len(mlp._PLAIN) == 3 and all("note" not in p for p in mlp._PLAIN.values())
+    mlp._PLAIN.clear()
+    check_parity(19, 24, 40, torch.bfloat16, device, seed=42)
+    assert len(mlp._PLAIN) == 3 and all(p["note"].startswith("untimed") for p in mlp._PLAIN.values())
