@@ -351,6 +351,9 @@ def plain_products(path: str):
 
 
 def _torch_product(a, b, bias=None):
+    if autocast_dtype(a.device) is not None:  # an op's body still sees an enclosing autocast: keep a's dtype
+        with torch.autocast(a.device.type, enabled=False):
+            return _torch_product(a, b, bias)
     return torch.mm(a, b) if bias is None else torch.addmm(bias, a, b)
 
 

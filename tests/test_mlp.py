@@ -940,6 +940,25 @@ def test_plain_product_picks_are_kept_per_operand_layout(device, monkeypatch, pl
     assert len(plain_picks) == 4
 
 
+@pytest.mark.parametrize("path", ["torch", "triton"])
+def test_plain_products_keep_the_inputs_dtype_under_an_enclosing_autocast(path, device, monkeypatch):
+    """The ops called directly with fp32 inside a bf16 autocast: the op's body still sees the autocast, which would
+    recast torch.mm's operands; its outputs stay in x's dtype (as the fake impls say), on either path."""
+    import torch.nn.functional as F
+
+    from tritongpt.kernels import mlp
+
+    monkeypatch.setattr(mlp, "PLAIN_PRODUCTS", path)
+    x, w1, b1, w2, b2 = (t.detach() for t in make(5, 8, 16, torch.float32, device, torch.Generator().manual_seed(6)))
+    dy = torch.randn(5, 8, generator=torch.Generator().manual_seed(7)).to(device)
+    with torch.autocast(device.type, dtype=torch.bfloat16):
+        y, h = torch.ops.tritongpt.gelu_mlp_fwd(x, w1, b1, w2, b2)
+        grads = torch.ops.tritongpt.gelu_mlp_bwd(dy, x, h, w1, w2, [True] * 5)
+    assert [t.dtype for t in (y, h, *grads)] == [torch.float32] * 7
+    want = F.linear(F.gelu(F.linear(x, w1, b1), approximate="tanh"), w2, b2)
+    assert_close_rel(y, want.double(), 1e-5, "y")
+
+
 def test_plain_products_setting_is_checked(device, monkeypatch):
     from tritongpt.kernels import mlp
 
