@@ -126,8 +126,10 @@ def capture(quick=False, half="bfloat16"):
     def record(self, *args, grid=None, warmup=False, **kwargs):
         launches.append(Launch(case[0], self, args, kwargs))
 
-    saved = JITFunction.run, Autotuner.run, layernorm._sm_count, attention._sm_count
+    saved = JITFunction.run, Autotuner.run, layernorm._sm_count, attention._sm_count, mlp.PLAIN_PRODUCTS
     JITFunction.run, Autotuner.run = record, record
+    # the MLPs' plain products on our matmul whatever TRITONGPT_PLAIN_PRODUCTS says: a GPU's "auto" may pick it
+    mlp.PLAIN_PRODUCTS = "triton"
     # H100 SXM; only sizes the LayerNorm grid and picks attention's KV splits at decode
     layernorm._sm_count = attention._sm_count = lambda device: 132
     try:
@@ -310,7 +312,7 @@ def capture(quick=False, half="bfloat16"):
                 for inverse in (False, True):
                     rope._launch(q, q, positions, inv_freq, inverse, r, mscale)
     finally:
-        JITFunction.run, Autotuner.run, layernorm._sm_count, attention._sm_count = saved
+        JITFunction.run, Autotuner.run, layernorm._sm_count, attention._sm_count, mlp.PLAIN_PRODUCTS = saved
     return launches
 
 
