@@ -51,7 +51,7 @@ from tritongpt._types import is_int, loss_options, softcap_value
 from tritongpt.errors import UserError
 from tritongpt.kernels._common import (autocast_dtype, autotuned, cast, cdiv, check_runnable, check_same_device,
                                        check_same_dtype, check_tensor, custom_op, first_order_only, next_pow2,
-                                       no_func_transform, on_tensor_device, tanh)
+                                       no_func_transform, on_tensor_device, plain_eager, tanh)
 
 INTERPRET = triton_interpreting()
 # exp(x) = exp2(x * log2(e)): exp2 is one MUFU instruction
@@ -591,8 +591,9 @@ def _head_grads(dlogits, h, w, s, e, dh, dw, db):
     """Rows s:e's dlogits through the head: dh[s:e] = dlogits W, dW += dlogits^T h (fp32), db += its column sums
     (kernels/jsd.py's fused distillation loss too). dw and db may have fewer rows than w (the rows _pad_rows
     added: their gradient is dropped)."""
-    # (traced by torch.compile, the plain forms: inductor fuses the cast-and-add, and out= into views is its to plan)
-    eager = not torch.compiler.is_compiling()
+    # (traced by torch.compile, the plain forms: inductor fuses the cast-and-add, and out= into views is its to plan;
+    # under a dispatch mode (fake tensors, make_fx, export) too: the probe could not read its sum there)
+    eager = plain_eager((dlogits, h, w, dh, dw))
     if dh is not None:
         if eager:
             torch.mm(dlogits, w, out=dh[s:e])  # written in place: no [rows, C] temporary and copy

@@ -834,6 +834,34 @@ def test_linear_weight_gradient_probe_refuses_a_backend_without_out_dtype(monkey
     assert ce._ACCUMULATE_OK == {(torch.device("cpu"), torch.bfloat16): False}
 
 
+def test_linear_head_grads_under_a_fake_mode_leave_the_probe_alone(monkeypatch):
+    """Traced under a dispatch mode (FakeTensorMode here; make_fx, torch.export alike) the head's gradients take the
+    plain forms, as under torch.compile: the probe is not run there, where it could not read its sum (a fake one
+    failed and kept False for the device for good) or would be traced into the graph. A plain call then probes."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from tritongpt.kernels import cross_entropy as ce
+
+    monkeypatch.setattr(ce, "ACCUMULATE_DEVICES", ("cuda", "cpu"))
+    monkeypatch.setattr(ce, "_ACCUMULATE_OK", {})
+    calls = _addmm_out_dtype_stand_in(monkeypatch)
+
+    def head_grads():
+        gen = torch.Generator().manual_seed(8)
+        dl, h, w = (torch.randn(*s, generator=gen).bfloat16() for s in ((10, 64), (10, 24), (64, 24)))
+        dh, dw = torch.empty(10, 24, dtype=torch.bfloat16), torch.zeros(60, 24)
+        ce._head_grads(dl, h, w, 0, 10, dh, dw, None)
+        return dl, h, w, dh, dw
+
+    with FakeTensorMode():
+        head_grads()
+    assert ce._ACCUMULATE_OK == {} and calls == []
+    dl, h, w, dh, dw = head_grads()
+    assert ce._ACCUMULATE_OK == {(torch.device("cpu"), torch.bfloat16): True} and len(calls) == 2
+    assert_close_rel(dh, dl.double() @ w.double(), 1e-2, "dh")
+    assert_close_rel(dw, dl.double().t()[:60] @ h.double(), 1e-6, "dw")
+
+
 @pytest.mark.cuda
 def test_linear_weight_gradient_summed_in_fp32_on_cuda():
     """On a GPU with torch >= 2.8 the probe passes and the head's bf16 dW parity holds at a GPT-2-like shape."""
