@@ -900,7 +900,7 @@ def test_auto_keeps_fp32_and_untimed_devices_on_triton_and_small_rows_on_torch(d
     check_parity(19, 24, 40, torch.float32, device, seed=26)
     assert len(spy.launched) == 6 and not plain_picks
     spy.launched.clear()
-    check_parity(19, 24, 40, torch.bfloat16, device, seed=27)  # 19 rows: dW's "rows" are H = 40 and C = 24
+    check_parity(19, 24, 40, torch.bfloat16, device, seed=27)  # 19 tokens: M here, K in dW2 and dW1
     assert spy.launched == [(mlp.EPI_GELU, True), (mlp.EPI_GELU_GRAD, False)]
     assert {p["path"] for p in plain_picks.values()} == {"torch"}
     assert all(p["note"].startswith("untimed") for p in plain_picks.values())
