@@ -346,13 +346,18 @@ def timed_pick(picks: dict, key: tuple, candidates: dict, default: str, timer=No
     """The fastest of candidates ({path: fn of no arguments}) for key: each is timed (the median of
     triton.testing.do_bench after a warm-up; timer replaces it in tests) and the pick is kept in picks, with
     every time, for the rest of the process. During a CUDA-graph capture nothing can be timed: default, not
-    kept. note (e.g. "untimed: ..."): keep default with that note instead of timing."""
+    kept. note (e.g. "untimed: ..."): keep default with that note instead of timing. The timing runs on a shape's
+    first call, often inside the first backward near peak memory, and do_bench allocates (its 256 MB L2 flush,
+    the candidates' outputs): out of memory there, default, not kept (a later call times it again)."""
     if note is not None:
         picks[key] = {"path": default, "note": note}
         return default
     if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
         return default
-    times = {path: (timer or _gpu_median_ms)(fn) for path, fn in candidates.items()}
+    try:
+        times = {path: (timer or _gpu_median_ms)(fn) for path, fn in candidates.items()}
+    except torch.cuda.OutOfMemoryError:
+        return default
     best = min(times, key=times.get)
     picks[key] = {"path": best, **{f"{path}_ms": round(float(ms), 5) for path, ms in times.items()}}
     return best

@@ -610,7 +610,9 @@ def _head_grads(dlogits, h, w, s, e, dh, dw, db):
         db += dlogits.sum(0, dtype=torch.float32)[:db.shape[0]]
 
 
-ACCUMULATE_DEVICES = ("cuda",)  # where torch.addmm has out_dtype (aten::addmm.dtype_out: CUDA, torch >= 2.8)
+# where torch.addmm has out_dtype (aten::addmm.dtype_out: CUDA only; some builds refuse an fp32 self: the probe
+# says which)
+ACCUMULATE_DEVICES = ("cuda",)
 _ACCUMULATE_OK = {}  # (device, dtype) -> whether the probe below passed
 
 

@@ -864,12 +864,15 @@ def test_linear_head_grads_under_a_fake_mode_leave_the_probe_alone(monkeypatch):
 
 @pytest.mark.cuda
 def test_linear_weight_gradient_summed_in_fp32_on_cuda():
-    """On a GPU with torch >= 2.8 the probe passes and the head's bf16 dW parity holds at a GPT-2-like shape."""
+    """On a GPU the head's bf16 dW parity holds at a GPT-2-like shape whichever way the probe went (some torch
+    builds have addmm's out_dtype but refuse an fp32 self with bf16 operands: the probe then says False)."""
     from tritongpt.kernels import cross_entropy as ce
 
     dev = torch.device("cuda")
-    if hasattr(torch.ops.aten.addmm, "dtype_out"):
-        assert ce._fp32_accumulate_ok(dev, torch.bfloat16)
+    ok = ce._fp32_accumulate_ok(dev, torch.bfloat16)
+    print(f"addmm out_dtype accumulate on this torch ({torch.__version__}): {ok}")
+    if not hasattr(torch.ops.aten.addmm, "dtype_out"):
+        assert ok is False
     check_linear_parity((1000,), 768, 5000, torch.bfloat16, dev, seed=21, chunk_rows=384, pad=24)
 
 

@@ -968,7 +968,7 @@ def test_plain_products_setting_is_checked(device, monkeypatch):
         gelu_mlp(*make_and_run)
 
 
-def test_timed_pick_during_graph_capture_takes_the_default_and_keeps_nothing(monkeypatch):
+def test_timed_pick_during_graph_capture_or_out_of_memory_takes_the_default_and_keeps_nothing(monkeypatch):
     from tritongpt.kernels import _common
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
@@ -978,6 +978,12 @@ def test_timed_pick_during_graph_capture_takes_the_default_and_keeps_nothing(mon
                               timer=lambda fn: pytest.fail("timed in a capture")) == "b"
     assert picks == {}
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+
+    def out_of_memory(fn):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory (stand-in)")
+
+    assert _common.timed_pick(picks, ("k",), {"a": None, "b": None}, default="b", timer=out_of_memory) == "b"
+    assert picks == {}  # timed again on a later call
     ms = {"a": 0.5, "b": 0.7}
     assert _common.timed_pick(picks, ("k",), {"a": "a", "b": "b"}, default="b", timer=ms.get) == "a"
     assert picks == {("k",): {"path": "a", "a_ms": 0.5, "b_ms": 0.7}}
