@@ -126,10 +126,10 @@ def capture(quick=False, half="bfloat16"):
     def record(self, *args, grid=None, warmup=False, **kwargs):
         launches.append(Launch(case[0], self, args, kwargs))
 
-    saved = JITFunction.run, Autotuner.run, layernorm._sm_count, attention._sm_count, mlp.PLAIN_PRODUCTS
+    saved = JITFunction.run, Autotuner.run, layernorm._sm_count, attention._sm_count, mlp.MLP_MATMUL
     JITFunction.run, Autotuner.run = record, record
-    # the MLPs' plain products on our matmul whatever TRITONGPT_PLAIN_PRODUCTS says: a GPU's "auto" may pick it
-    mlp.PLAIN_PRODUCTS = "triton"
+    # the MLPs' plain products on our matmul whatever TRITONGPT_MLP_MATMUL says: a GPU's "auto" may pick it
+    mlp.MLP_MATMUL = "triton"
     # H100 SXM; only sizes the LayerNorm grid and picks attention's KV splits at decode
     layernorm._sm_count = attention._sm_count = lambda device: 132
     try:
@@ -185,6 +185,15 @@ def capture(quick=False, half="bfloat16"):
                 mlp._bwd_launch(torch.empty_like(x), x, h, w1, w2, approximate="none")
                 mlp._bwd_launch(torch.empty_like(x), x, h, w1, w2, FROZEN_W1, approximate="none")
                 launches[n:] = [launch for launch in launches[n:] if launch.kwargs["GELU_ERF"]]
+                # the GELU products split (MLP_MATMUL "torch": cuBLAS's product, then one Triton GELU pass):
+                # the pass's launches, forward and backward (it stores the activation), each GELU
+                case[0] = f"mlp {name} {TOKENS}x{c}->{4 * c} split gelu"
+                mlp.MLP_MATMUL = "torch"
+                n = len(launches)
+                for approximate in ("tanh", "none"):
+                    _, h = mlp._fwd_launch(x, w1, b1, w2, b2, approximate=approximate)
+                    mlp._bwd_launch(torch.empty_like(x), x, h, w1, w2, approximate=approximate)
+                mlp.MLP_MATMUL = "triton"
             # the SwiGLU MLP (Llama's bias-free one): gate and up in one pass, its epilogues and
             # prologue, dx's two products in one launch
             hs = swiglu_hidden(c)
@@ -312,7 +321,7 @@ def capture(quick=False, half="bfloat16"):
                 for inverse in (False, True):
                     rope._launch(q, q, positions, inv_freq, inverse, r, mscale)
     finally:
-        JITFunction.run, Autotuner.run, layernorm._sm_count, attention._sm_count, mlp.PLAIN_PRODUCTS = saved
+        JITFunction.run, Autotuner.run, layernorm._sm_count, attention._sm_count, mlp.MLP_MATMUL = saved
     return launches
 
 

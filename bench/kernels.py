@@ -12,9 +12,9 @@ Providers per op (a provider that cannot run gives a "skipped: why" row, never a
                 lm_head_loss_softcap: F.linear, c * tanh(logits / c), F.cross_entropy;
                 lm_head_loss_bias: F.linear(h, w, b), F.cross_entropy)
     compile     torch.compile of the reference module
-    triton      ours: tritongpt.kernels.* (imported lazily); the MLPs' plain products (no fused epilogue) on the
-                faster of our matmul and cuBLAS, timed once per shape (kernels/mlp.py _plain_path)
-    triton-only the GELU-MLP with every product on our matmul kernel (mlp.plain_products("triton"))
+    triton      ours: tritongpt.kernels.* (imported lazily); the MLPs' products on the faster of our matmul and
+                cuBLAS (the GELU ones fused or split), timed once per shape (kernels/mlp.py MLP_MATMUL)
+    triton-only the GELU-MLP with every product on our matmul kernel (mlp.mlp_matmul("triton"))
     liger       Liger-Kernel's LayerNorm, RMSNorm (LigerRMSNorm, casting_mode "llama": rstd in fp32,
                 x_hat cast to x's dtype before the weight, as ours), cross-entropy, fused linear
                 cross-entropy and RoPE (liger_rotary_pos_emb), when liger_kernel is installed
@@ -155,7 +155,7 @@ PROVIDERS = {
     "layernorm": ("reference", "torch", "compile", "triton", "liger"),
     # a block's residual add and the LayerNorm after it (fp32 stream + a sublayer output)
     "add_layernorm": ("reference", "torch", "compile", "triton", "flash-attn"),
-    # triton-only: the GELU-MLP with every product on our matmul kernel (TRITONGPT_PLAIN_PRODUCTS=triton)
+    # triton-only: the GELU-MLP with every product on our matmul kernel (TRITONGPT_MLP_MATMUL=triton)
     "mlp": ("reference", "torch", "compile", "triton", "triton-only"),
     "attention": ("reference", *SDPA_BACKENDS, "compile", "triton", *FLASH_ATTN),
     "cross_entropy": ("reference", "torch", "compile", "triton", "liger"),
@@ -460,12 +460,12 @@ def mlp_providers(x, w1, b1, w2, b2, approximate="tanh"):
         fn, why = try_import("tritongpt.kernels.mlp", "gelu_mlp")
         if fn is None:
             raise Unavailable(why)
-        from tritongpt.kernels.mlp import plain_products
+        from tritongpt.kernels.mlp import mlp_matmul
 
         def f():
-            with plain_products("triton"):
+            with mlp_matmul("triton"):
                 return fn(x, w1, b1, w2, b2, approximate)
-        f.context = lambda: plain_products("triton")  # _mode_fn: the backward's plain products too
+        f.context = lambda: mlp_matmul("triton")  # _mode_fn: the backward's plain products too
         return f, [x, w1, b1, w2, b2]
 
     return {"reference": reference, "torch": torch_op, "compile": compiled, "triton": triton_op,

@@ -20,10 +20,12 @@ small fused prologue/epilogue:
             dW1 = dh.T @ x,  dx = dh @ w1,  db1 = sum(dh),  db2 = sum(dy)
             (only the gradients autograd asks for: a frozen weight skips its product)
 
-The plain products (nothing fused: the second Linear's forward, dW2 from the stored a, dW1, dx) have no
-epilogue to save memory traffic on. On a GPU in bf16/fp16 each runs on whichever of this kernel and cuBLAS
-(torch.mm / addmm) was faster for its shape, both timed once on its first call (_plain_path below); fp32
-keeps this kernel's IEEE products everywhere. The two fused products are always this kernel.
+Which matmul runs each product on a GPU in bf16/fp16 (MLP_MATMUL, below): the plain ones (nothing fused: the
+second Linear's forward, dW2 from the stored a, dW1, dx) on whichever of this kernel and cuBLAS (torch.mm /
+addmm) was faster for their shape; the two GELU products either fused as above or split, cuBLAS's product and
+then the GELU (or GELU', storing a) in one Triton pass (_gelu_pointwise_kernel), whichever was faster. Each
+shape is timed once, on its first call (_plain_path, _gelu_path). fp32 keeps this kernel's IEEE products and
+fused epilogues everywhere. The split path saves the same tensors: the memory figures below hold for both.
 
 So only x and h are saved for backward: x plus ONE [M, H] tensor, where the eager reference
 keeps x plus FIVE (h, tanh(z), 0.5 h, 1 + tanh(z), a) -- measured with _common.saved_tensor_bytes()
@@ -323,12 +325,13 @@ def _matmul_kernel(A, B, C, Bias, Aux, Hout, A2, B2, Bias2, Aux2, Hout2, M, N, K
 autotuned("mlp.matmul", _matmul_kernel)
 
 
-# Where the plain products run (TRITONGPT_PLAIN_PRODUCTS): "auto" (the faster of the two, timed once per shape, on
-# a GPU in bf16/fp16; this kernel elsewhere), "triton" (always this kernel: what a kernel benchmark of it wants) or
-# "torch" (always torch.mm / addmm). On the H200 this kernel's plain products ran at 466-628 TFLOPS where cuBLAS
-# reached 687 (bench/results/nvidia-h200/), and the GELU-MLP's fwd+bwd took 1.58 ms against torch's 0.95.
-PLAIN_PATHS = ("auto", "triton", "torch")
-PLAIN_PRODUCTS = os.environ.get("TRITONGPT_PLAIN_PRODUCTS", "auto")
+# Which matmul runs the MLPs' products (TRITONGPT_MLP_MATMUL): "auto" (the faster way, timed once per shape, on a
+# GPU in bf16/fp16; this kernel elsewhere), "triton" (always this kernel, the GELU in its epilogues: what a kernel
+# benchmark of it wants) or "torch" (always torch.mm / addmm, the GELU products split). On the H200 this kernel's
+# plain products ran at 466-628 TFLOPS where cuBLAS reached 687 (bench/results/nvidia-h200/), and the GELU-MLP's
+# fwd+bwd took 1.58 ms against torch's 0.95.
+MATMUL_PATHS = ("auto", "triton", "torch")
+MLP_MATMUL = os.environ.get("TRITONGPT_MLP_MATMUL", "auto")
 TIMED_DEVICES = ("cuda",)  # where "auto" times the two (a test adds "cpu" to drive it through the interpreter)
 SMALL_M = 1024  # up to this many token rows (decode, short prompts) cuBLAS untimed: host-bound, and it has no search
 _PLAIN = register_timed("mlp.plain_product", ("device", "dtype", "M_BUCKET", "N", "K_BUCKET", "a_row_major",
@@ -337,17 +340,17 @@ _PLAIN_TIMER = None  # None: triton.testing.do_bench's median (a test passes a s
 
 
 @contextlib.contextmanager
-def plain_products(path: str):
-    """Within it, the plain products run as path says ("auto", "triton", "torch"; PLAIN_PRODUCTS), e.g.
-    `with plain_products("triton"):` times the MLP with every product on the Triton kernel."""
-    global PLAIN_PRODUCTS
-    if path not in PLAIN_PATHS:
-        raise ValueError(f"plain_products takes one of: {', '.join(PLAIN_PATHS)}; got {path!r}")
-    saved, PLAIN_PRODUCTS = PLAIN_PRODUCTS, path
+def mlp_matmul(path: str):
+    """Within it, the MLPs' products run as path says ("auto", "triton", "torch"; MLP_MATMUL), e.g.
+    `with mlp_matmul("triton"):` times the MLP with every product on the Triton kernel."""
+    global MLP_MATMUL
+    if path not in MATMUL_PATHS:
+        raise ValueError(f"mlp_matmul takes one of: {', '.join(MATMUL_PATHS)}; got {path!r}")
+    saved, MLP_MATMUL = MLP_MATMUL, path
     try:
         yield
     finally:
-        PLAIN_PRODUCTS = saved
+        MLP_MATMUL = saved
 
 
 def _torch_product(a, b, bias=None):
@@ -358,15 +361,15 @@ def _torch_product(a, b, bias=None):
 
 
 def _plain_path(a, b, bias, M, N, K, tokens) -> str:
-    """"triton" or "torch" for the plain product a [M, K] @ b [K, N] (+ bias), as PLAIN_PRODUCTS says. "auto"
+    """"triton" or "torch" for the plain product a [M, K] @ b [K, N] (+ bias), as MLP_MATMUL says. "auto"
     times both on a key's first call (kernels/_common.timed_pick; the key as this kernel's autotune key:
     rows and reduction bucketed, layouts) and keeps the faster for the process: a GPU's first step pays
     ~0.1 s a shape. During a CUDA-graph capture an unseen shape takes cuBLAS (Triton's autotune cannot run there).
     tokens: the product's token count (M, or K in a weight gradient), which SMALL_M is about."""
-    mode = PLAIN_PRODUCTS
+    mode = MLP_MATMUL
     if mode != "auto":
-        if mode not in PLAIN_PATHS:
-            raise ValueError(f"TRITONGPT_PLAIN_PRODUCTS is {mode!r}; expected one of: {', '.join(PLAIN_PATHS)}")
+        if mode not in MATMUL_PATHS:
+            raise ValueError(f"TRITONGPT_MLP_MATMUL is {mode!r}; expected one of: {', '.join(MATMUL_PATHS)}")
         return mode
     if a.device.type not in TIMED_DEVICES or a.dtype == torch.float32:
         return "triton"
@@ -378,6 +381,70 @@ def _plain_path(a, b, bias, M, N, K, tokens) -> str:
     return timed_pick(_PLAIN, key, {"triton": lambda: _matmul(a, b, bias, path="triton"),
                                     "torch": lambda: _torch_product(a, b, bias)},
                       default="torch", timer=_PLAIN_TIMER, note=note)
+
+
+# The GELU products (EPI_GELU forward, EPI_GELU_GRAD backward) have a second way: cuBLAS's product, then the GELU
+# (or its derivative) in one Triton pass over the [M, N] result (_gelu_pointwise_kernel). On the H200 the fused
+# epilogues ran their K = 768 products (GPT-2 small's fc1 and dh) at ~300 TFLOPS while the plain K = 3072 ones ran
+# at 627: a short K loop cannot hide an epilogue that writes two tiles. "auto" times both per shape, as above.
+_GELU = register_timed("mlp.gelu_product", ("device", "dtype", "EPILOGUE", "STORE_ACT", "GELU_ERF", "M_BUCKET", "N",
+                                            "K_BUCKET", "a_row_major", "b_row_major", "bias"))
+POINTWISE_BLOCK = 1024
+
+
+@triton.jit
+def _gelu_pointwise_kernel(H, A, DA, n, GRAD: tl.constexpr, STORE_ACT: tl.constexpr, GELU_ERF: tl.constexpr,
+                           BLOCK: tl.constexpr):
+    """The split path's GELU, one pass over n elements of contiguous [M, N] tensors: forward A = gelu(H);
+    backward DA *= gelu'(H) in place (da = dy @ W2 becomes dh), and with STORE_ACT A = gelu(H) too. The math of
+    the fused epilogues EPI_GELU / EPI_GELU_GRAD, on the 16-bit h the product stored."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < n
+    h = tl.load(H + offs, mask=ok, other=0.0).to(tl.float32)
+    if GRAD:
+        da = tl.load(DA + offs, mask=ok, other=0.0).to(tl.float32)
+        tl.store(DA + offs, cast(da * _gelu_act_grad(h, GELU_ERF), DA.dtype.element_ty), mask=ok)
+    if not GRAD or STORE_ACT:
+        tl.store(A + offs, cast(_gelu_act(h, GELU_ERF), A.dtype.element_ty), mask=ok)
+
+
+def _split_gelu_product(a, b, bias, epilogue, aux, approximate, store_act):
+    """EPI_GELU / EPI_GELU_GRAD as cuBLAS's product then _gelu_pointwise_kernel: _matmul's (c, extra), i.e.
+    (gelu(h), h) forward and (dh, a or None) backward."""
+    grad = epilogue == EPI_GELU_GRAD
+    c = _torch_product(a, b, None if grad else bias)  # h forward, da backward: new and contiguous
+    h = aux.contiguous() if grad else c
+    act = torch.empty_like(c) if not grad or store_act else None
+    n = c.numel()
+    _gelu_pointwise_kernel[(cdiv(n, POINTWISE_BLOCK),)](
+        h, act if act is not None else c, c, n, GRAD=grad, STORE_ACT=store_act, GELU_ERF=approximate == "none",
+        BLOCK=POINTWISE_BLOCK, num_warps=4)
+    return (c, act) if grad else (act, c)
+
+
+def _gelu_path(a, b, bias, epilogue, aux, store_act, approximate) -> str:
+    """"triton" (the fused epilogue) or "torch" (_split_gelu_product) for a GELU product a [M, K] @ b [K, N], as
+    _plain_path decides for a plain one: the same setting, devices, dtypes and token rule (M counts the tokens
+    here), picks of its own (mlp.gelu_product). An unseen shape in a CUDA-graph capture: the split path."""
+    mode = MLP_MATMUL
+    if mode != "auto":
+        if mode not in MATMUL_PATHS:
+            raise ValueError(f"TRITONGPT_MLP_MATMUL is {mode!r}; expected one of: {', '.join(MATMUL_PATHS)}")
+        return mode
+    if a.device.type not in TIMED_DEVICES or a.dtype == torch.float32:
+        return "triton"
+    (M, K), N = a.shape, b.shape[1]
+    key = (a.device.index, a.dtype, epilogue, store_act, approximate == "none", _bucket(M), N, _bucket(K),
+           a.stride(1) == 1, b.stride(1) == 1, bias is not None)
+    pick = _GELU.get(key)
+    if pick is not None:
+        return pick["path"]
+    note = f"untimed: up to {SMALL_M} tokens" if _bucket(M) <= SMALL_M else None
+    args = (a, b, bias, epilogue, aux, approximate, store_act)
+    return timed_pick(_GELU, key, {
+        "triton": lambda: _matmul(a, b, bias, epilogue, aux, approximate=approximate, store_act=store_act,
+                                  path="triton"),
+        "torch": lambda: _split_gelu_product(*args)}, default="torch", timer=_PLAIN_TIMER, note=note)
 
 
 def _gated(g, u, gate):
@@ -408,6 +475,10 @@ def _matmul(a, b, bias=None, epilogue=EPI_NONE, aux=None, b_gelu=False, b2=None,
     if epilogue == EPI_NONE and not b_gelu and not b_swiglu and a2 is None and M and N and K:
         if (path or _plain_path(a, b, bias, M, N, K, M if tokens is None else tokens)) == "torch":
             return _torch_product(a, b, bias), None
+    gelu = epilogue in (EPI_GELU, EPI_GELU_GRAD)
+    if gelu and not b_gelu and not b_swiglu and a2 is None and b2 is None and M and N and K:
+        if (path or _gelu_path(a, b, bias, epilogue, aux, store_act, approximate)) == "torch":
+            return _split_gelu_product(a, b, bias, epilogue, aux, approximate, store_act)
 
     def new():
         return torch.empty((M, N), device=a.device, dtype=a.dtype)
@@ -627,4 +698,4 @@ def gelu_mlp(x: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.Tensor], w2: 
     return GeluMLPFunction.apply(x, w1, b1, w2, b2, approximate)  # shapes and dtypes: checked by the op
 
 
-__all__ = ["gelu_mlp", "GeluMLPFunction", "plain_products"]
+__all__ = ["gelu_mlp", "GeluMLPFunction", "mlp_matmul"]

@@ -4196,11 +4196,11 @@ def test_gpu_session_graphs_times_small_ops_as_cuda_graph_replays(tmp_path):
 
 
 def test_mlp_triton_only_provider_keeps_every_product_on_our_kernel(monkeypatch):
-    """triton-only runs the GELU-MLP with the plain products on our matmul whatever TRITONGPT_PLAIN_PRODUCTS
+    """triton-only runs the GELU-MLP with the plain products on our matmul whatever TRITONGPT_MLP_MATMUL
     says (here "torch"), and leaves the setting as it found it; "triton" follows the setting."""
     from tritongpt.kernels import mlp
 
-    monkeypatch.setattr(mlp, "PLAIN_PRODUCTS", "torch")
+    monkeypatch.setattr(mlp, "MLP_MATMUL", "torch")
     epilogues, kernel = [], mlp._matmul_kernel
 
     class Spy:
@@ -4212,15 +4212,15 @@ def test_mlp_triton_only_provider_keeps_every_product_on_our_kernel(monkeypatch)
     x, w1, b1, w2, b2 = (torch.randn(*s, generator=g) * 0.3 for s in ((9, 16), (64, 16), (64,), (16, 64), (16,)))
     builders = kernels.mlp_providers(x, w1, b1, w2, b2)
     want = F.linear(F.gelu(F.linear(x, w1, b1), approximate="tanh"), w2, b2)
-    for name, launched in (("triton", [mlp.EPI_GELU]), ("triton-only", [mlp.EPI_GELU, mlp.EPI_NONE])):
+    for name, launched in (("triton", []), ("triton-only", [mlp.EPI_GELU, mlp.EPI_NONE])):
         epilogues.clear()
         f, _ = builders[name]()
         assert torch.allclose(f(), want, rtol=1e-4, atol=1e-5), name
         assert epilogues == launched, name
-        assert mlp.PLAIN_PRODUCTS == "torch"
+        assert mlp.MLP_MATMUL == "torch"
     assert "triton-only" in kernels.PROVIDERS["mlp"]
-    with pytest.raises(ValueError, match="plain_products takes one of: auto, triton, torch; got 'cuda'"):
-        with mlp.plain_products("cuda"):
+    with pytest.raises(ValueError, match="mlp_matmul takes one of: auto, triton, torch; got 'cuda'"):
+        with mlp.mlp_matmul("cuda"):
             pass
 
 
@@ -4228,10 +4228,10 @@ def test_mlp_triton_only_provider_keeps_every_product_on_our_kernel(monkeypatch)
 def test_mlp_triton_only_provider_keeps_backwards_products_on_our_kernel(mode, monkeypatch):
     """triton-only's backward too: the bench runs it outside the provider's forward call, so the setting must
     hold there as well. dW2, dW1 and dx are plain products: on our kernel (EPI_NONE), whatever
-    TRITONGPT_PLAIN_PRODUCTS says (here "torch"), and the setting is left as found."""
+    TRITONGPT_MLP_MATMUL says (here "torch"), and the setting is left as found."""
     from tritongpt.kernels import mlp
 
-    monkeypatch.setattr(mlp, "PLAIN_PRODUCTS", "torch")
+    monkeypatch.setattr(mlp, "MLP_MATMUL", "torch")
     epilogues, kernel = [], mlp._matmul_kernel
 
     class Spy:
@@ -4249,5 +4249,5 @@ def test_mlp_triton_only_provider_keeps_backwards_products_on_our_kernel(mode, m
     fn()
     backward = [mlp.EPI_GELU_GRAD] + [mlp.EPI_NONE] * 3
     assert epilogues == (backward if mode == "bwd" else [mlp.EPI_GELU, mlp.EPI_NONE] + backward)
-    assert mlp.PLAIN_PRODUCTS == "torch"
+    assert mlp.MLP_MATMUL == "torch"
     assert all(t.grad is not None for t in (x, w1, b1, w2, b2))

@@ -285,15 +285,15 @@ def test_cases_picks_the_launches_it_names(monkeypatch):
 
 
 def test_capture_keeps_the_plain_products_on_our_matmul_whatever_the_setting(tmp_path):
-    """TRITONGPT_PLAIN_PRODUCTS=torch in the environment still captures the MLPs' plain products (EPILOGUE 0, no
+    """TRITONGPT_MLP_MATMUL=torch in the environment still captures the MLPs' plain products (EPILOGUE 0, no
     prologue, no SUM2) for the sm_90 build: a GPU's "auto" may launch them. (A subprocess: capture needs the
     interpreter off from Triton's import on.)"""
     code = ("from tritongpt.bench import compile_check as cc; from tritongpt.kernels import mlp; "
             "ls = [l for l in cc.capture(quick=True) if l.name == '_matmul_kernel']; "
             "print(sum(l.kwargs['EPILOGUE'] == 0 and not (l.kwargs['B_GELU'] or l.kwargs['B_SWIGLU'] "
-            "or l.kwargs['SUM2']) for l in ls), mlp.PLAIN_PRODUCTS)")
+            "or l.kwargs['SUM2']) for l in ls), mlp.MLP_MATMUL)")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "TRITON_INTERPRET": "0", "TRITONGPT_PLAIN_PRODUCTS": "torch"})
+                          env={**os.environ, "TRITON_INTERPRET": "0", "TRITONGPT_MLP_MATMUL": "torch"})
     assert proc.returncode == 0, proc.stderr
     plain, setting = proc.stdout.split()
     assert int(plain) > 0 and setting == "torch"  # captured, and the setting left as found

@@ -811,33 +811,73 @@ class KernelSpy:
         return run
 
 
+class PointwiseSpy:
+    """Stands in for mlp._gelu_pointwise_kernel (the split path's GELU pass): launches it, keeping (GRAD, STORE_ACT)."""
+
+    def __init__(self, kernel):
+        self.kernel, self.launched = kernel, []
+
+    def __getitem__(self, grid):
+        def run(*args, **kwargs):
+            self.launched.append((kwargs["GRAD"], kwargs["STORE_ACT"]))
+            return self.kernel[grid](*args, **kwargs)
+        return run
+
+
 @pytest.fixture
 def plain_picks():
-    """mlp's timed picks emptied for the test, and again after it."""
+    """mlp's timed picks (plain and GELU products) emptied for the test, and again after it; -> the plain ones."""
     from tritongpt.kernels import mlp
 
     mlp._PLAIN.clear()
+    mlp._GELU.clear()
     yield mlp._PLAIN
     mlp._PLAIN.clear()
+    mlp._GELU.clear()
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_plain_products_on_torch_match_float64(dtype, device, monkeypatch):
-    """TRITONGPT_PLAIN_PRODUCTS=torch: the second Linear, dW2, dW1 and dx run as torch.mm / addmm (transposed
-    operands as views), the two fused products in the Triton kernel; forward and every gradient match float64."""
+@pytest.mark.parametrize("approximate", ["tanh", "none"])
+def test_plain_products_on_torch_match_float64(dtype, approximate, device, monkeypatch):
+    """TRITONGPT_MLP_MATMUL=torch: the second Linear, dW2, dW1 and dx run as torch.mm / addmm (transposed
+    operands as views), and the two GELU products split: torch's product, then the GELU (forward) or GELU' with
+    the stored activation (backward) in one Triton pass; no matmul kernel launch. Forward and every gradient
+    match float64, with either GELU."""
     from tritongpt.kernels import mlp
 
-    monkeypatch.setattr(mlp, "PLAIN_PRODUCTS", "torch")
-    spy = KernelSpy(mlp._matmul_kernel)
+    monkeypatch.setattr(mlp, "MLP_MATMUL", "torch")
+    spy, pointwise = KernelSpy(mlp._matmul_kernel), PointwiseSpy(mlp._gelu_pointwise_kernel)
     monkeypatch.setattr(mlp, "_matmul_kernel", spy)
-    check_parity(37, 48, 72, dtype, device, seed=21)
-    assert spy.launched == [(mlp.EPI_GELU, True), (mlp.EPI_GELU_GRAD, False)]
+    monkeypatch.setattr(mlp, "_gelu_pointwise_kernel", pointwise)
+    check_parity(37, 48, 72, dtype, device, seed=21, approximate=approximate)
+    assert spy.launched == [] and pointwise.launched == [(False, False), (True, True)]
+
+
+def test_split_gelu_product_without_the_stored_activation(device, monkeypatch):
+    """W2 frozen: backward's split GELU' pass stores no activation (no dW2 to feed) and the rest matches float64."""
+    from tritongpt.kernels import mlp
+
+    monkeypatch.setattr(mlp, "MLP_MATMUL", "torch")
+    pointwise = PointwiseSpy(mlp._gelu_pointwise_kernel)
+    monkeypatch.setattr(mlp, "_gelu_pointwise_kernel", pointwise)
+    gen = torch.Generator().manual_seed(30)
+    params = make(21, 24, 40, torch.bfloat16, device, gen)
+    params[3].requires_grad_(False)
+    y = gelu_mlp(*params)
+    dy = torch.randn(y.shape, generator=gen).to(device, torch.bfloat16)
+    y.backward(dy)
+    assert pointwise.launched == [(False, False), (True, False)] and params[3].grad is None
+    leaves = [p.detach().double().requires_grad_(p.requires_grad) for p in params]
+    ref_mlp(*leaves).backward(dy.double())
+    for name, p, p64 in zip(NAMES, params, leaves):
+        if p.requires_grad:
+            assert_close_rel(p.grad, p64.grad, 1e-2, name)
 
 
 def test_plain_products_on_triton_launch_all_six(device, monkeypatch):
     from tritongpt.kernels import mlp
 
-    monkeypatch.setattr(mlp, "PLAIN_PRODUCTS", "triton")
+    monkeypatch.setattr(mlp, "MLP_MATMUL", "triton")
     spy = KernelSpy(mlp._matmul_kernel)
     monkeypatch.setattr(mlp, "_matmul_kernel", spy)
     check_parity(9, 24, 40, torch.bfloat16, device, seed=22)
@@ -866,9 +906,12 @@ def test_auto_times_each_plain_product_once_and_keeps_the_faster(device, monkeyp
     spy = KernelSpy(mlp._matmul_kernel)
     monkeypatch.setattr(mlp, "_matmul_kernel", spy)
     check_parity(37, 48, 72, torch.bfloat16, device, seed=23)
-    # four shapes (y = a w2^T + b2, dW2, dW1, dx), each timed on both paths: Triton's run launched it, torch's not
-    assert len(timed) == 8 and timed[0::2] == [[(mlp.EPI_NONE, True)]] + [[(mlp.EPI_NONE, False)]] * 3
+    # six shapes, each timed on both paths: Triton's run launched it, torch's no matmul kernel. In order: fc1's GELU
+    # product, y = a w2^T + b2, backward's GELU' product, dW2, dW1, dx
+    assert len(timed) == 12 and timed[0::2] == [[(mlp.EPI_GELU, True)], [(mlp.EPI_NONE, True)],
+                                                [(mlp.EPI_GELU_GRAD, False)]] + [[(mlp.EPI_NONE, False)]] * 3
     assert all(t == [] for t in timed[1::2])
+    assert [p["path"] for p in mlp._GELU.values()] == ["torch", "torch"]  # 2 against Triton's fused 3
     assert [p["path"] for p in plain_picks.values()] == ["triton", "torch", "torch", "torch"]
     assert all(p["triton_ms"] > 0 and p["torch_ms"] > 0 for p in plain_picks.values())
     listed = [c for c in autotune_choices() if c["kernel"] == "mlp.plain_product"]
@@ -879,7 +922,7 @@ def test_auto_times_each_plain_product_once_and_keeps_the_faster(device, monkeyp
     spy.launched.clear()
     check_parity(37, 48, 72, torch.bfloat16, device, seed=24)  # the same shapes: the picks, untimed
     assert timed == []
-    assert spy.launched == [(mlp.EPI_GELU, True), (mlp.EPI_NONE, True), (mlp.EPI_GELU_GRAD, False)]
+    assert spy.launched == [(mlp.EPI_NONE, True)]
 
 
 def test_auto_keeps_fp32_and_untimed_devices_on_triton_and_small_rows_on_torch(device, monkeypatch, plain_picks):
@@ -901,9 +944,10 @@ def test_auto_keeps_fp32_and_untimed_devices_on_triton_and_small_rows_on_torch(d
     assert len(spy.launched) == 6 and not plain_picks
     spy.launched.clear()
     check_parity(19, 24, 40, torch.bfloat16, device, seed=27)  # 19 tokens: M here, K in dW2 and dW1
-    assert spy.launched == [(mlp.EPI_GELU, True), (mlp.EPI_GELU_GRAD, False)]
-    assert {p["path"] for p in plain_picks.values()} == {"torch"}
-    assert all(p["note"].startswith("untimed") for p in plain_picks.values())
+    assert spy.launched == []  # the GELU products split too
+    picks = [*plain_picks.values(), *mlp._GELU.values()]
+    assert len(picks) == 6 and {p["path"] for p in picks} == {"torch"}
+    assert all(p["note"].startswith("untimed") for p in picks)
 
 
 def test_small_m_rule_counts_tokens_not_a_weight_gradients_rows(device, monkeypatch, plain_picks):
@@ -948,7 +992,7 @@ def test_plain_products_keep_the_inputs_dtype_under_an_enclosing_autocast(path, 
 
     from tritongpt.kernels import mlp
 
-    monkeypatch.setattr(mlp, "PLAIN_PRODUCTS", path)
+    monkeypatch.setattr(mlp, "MLP_MATMUL", path)
     x, w1, b1, w2, b2 = (t.detach() for t in make(5, 8, 16, torch.float32, device, torch.Generator().manual_seed(6)))
     dy = torch.randn(5, 8, generator=torch.Generator().manual_seed(7)).to(device)
     with torch.autocast(device.type, dtype=torch.bfloat16):
@@ -962,8 +1006,8 @@ def test_plain_products_keep_the_inputs_dtype_under_an_enclosing_autocast(path, 
 def test_plain_products_setting_is_checked(device, monkeypatch):
     from tritongpt.kernels import mlp
 
-    monkeypatch.setattr(mlp, "PLAIN_PRODUCTS", "cublas")
-    with pytest.raises(ValueError, match="TRITONGPT_PLAIN_PRODUCTS is 'cublas'; expected one of: auto, triton, torch"):
+    monkeypatch.setattr(mlp, "MLP_MATMUL", "cublas")
+    with pytest.raises(ValueError, match="TRITONGPT_MLP_MATMUL is 'cublas'; expected one of: auto, triton, torch"):
         make_and_run = make(5, 8, 16, torch.float32, device, torch.Generator().manual_seed(0))
         gelu_mlp(*make_and_run)
 
@@ -1000,5 +1044,5 @@ def test_plain_products_gpu_auto_and_forced_triton_bf16(monkeypatch, plain_picks
     assert len(plain_picks) == 4
     assert all(p["path"] in ("triton", "torch") and p["triton_ms"] > 0 and p["torch_ms"] > 0
                for p in plain_picks.values())
-    monkeypatch.setattr(mlp, "PLAIN_PRODUCTS", "triton")
+    monkeypatch.setattr(mlp, "MLP_MATMUL", "triton")
     check_parity(4096, 768, 3072, torch.bfloat16, dev, seed=32)
