@@ -210,6 +210,13 @@ def capture(quick=False, half="bfloat16"):
             swiglu._bwd_launch(torch.empty_like(x), x, g, u, wg, wg, wd, activation="gelu")
             swiglu._bwd_launch(torch.empty_like(x), x, g, u, wg, wg, wd, ONLY_DOWN, activation="gelu")
             launches[n:] = [launch for launch in launches[n:] if launch.kwargs["GATE_GELU"]]
+            if dt == half:  # the gated products split (MLP_MATMUL "torch"): the gate's Triton pass, each activation
+                case[0] = f"swiglu {name} {TOKENS}x{c}->{hs} split"
+                mlp.MLP_MATMUL = "torch"
+                for activation in ("silu", "gelu"):
+                    _, g, u = swiglu._fwd_launch(x, wg, None, wg, None, wd, None, activation=activation)
+                    swiglu._bwd_launch(torch.empty_like(x), x, g, u, wg, wg, wd, activation=activation)
+                mlp.MLP_MATMUL = "triton"
             # the mixture-of-experts MLP (Mixtral's 8 experts, top 2) at swiglu's widths: its grouped
             # products (x gathered, rows scattered back, the expert found from the offsets) and the
             # per-expert weight gradients

@@ -23,8 +23,9 @@ small fused prologue/epilogue:
 Which matmul runs each product on a GPU in bf16/fp16 (MLP_MATMUL, below): the plain ones (nothing fused: the
 second Linear's forward, dW2 from the stored a, dW1, dx) on whichever of this kernel and cuBLAS (torch.mm /
 addmm) was faster for their shape; the two GELU products either fused as above or split, cuBLAS's product and
-then the GELU (or GELU', storing a) in one Triton pass (_gelu_pointwise_kernel), whichever was faster. Each
-shape is timed once, on its first call (_plain_path, _gelu_path). fp32 keeps this kernel's IEEE products and
+then the GELU (or GELU', storing a) in one Triton pass (_gelu_pointwise_kernel), whichever was faster (the
+gated MLPs' gate/up and dg/du products likewise, _gate_pointwise_kernel; their dx's sum as mm + addmm_). Each
+shape is timed once, on its first call (_auto_path). fp32 keeps this kernel's IEEE products and
 fused epilogues everywhere. The split path saves the same tensors: the memory figures below hold for both.
 
 So only x and h are saved for backward: x plus ONE [M, H] tensor, where the eager reference
@@ -335,7 +336,7 @@ MLP_MATMUL = os.environ.get("TRITONGPT_MLP_MATMUL", "auto")
 TIMED_DEVICES = ("cuda",)  # where "auto" times the two (a test adds "cpu" to drive it through the interpreter)
 SMALL_M = 1024  # up to this many token rows (decode, short prompts) cuBLAS untimed: host-bound, and it has no search
 _PLAIN = register_timed("mlp.plain_product", ("device", "dtype", "M_BUCKET", "N", "K_BUCKET", "a_row_major",
-                                              "b_row_major", "bias"))
+                                              "b_row_major", "bias", "SUM2"))
 _PLAIN_TIMER = None  # None: triton.testing.do_bench's median (a test passes a stand-in)
 
 
@@ -353,19 +354,22 @@ def mlp_matmul(path: str):
         MLP_MATMUL = saved
 
 
-def _torch_product(a, b, bias=None):
+def _torch_product(a, b, bias=None, a2=None, b2=None):
+    """a @ b (+ bias) (+ a2 @ b2) by torch.mm / addmm (cuBLAS on a GPU), in a's dtype."""
     if autocast_dtype(a.device) is not None:  # an op's body still sees an enclosing autocast: keep a's dtype
         with torch.autocast(a.device.type, enabled=False):
-            return _torch_product(a, b, bias)
-    return torch.mm(a, b) if bias is None else torch.addmm(bias, a, b)
+            return _torch_product(a, b, bias, a2, b2)
+    c = torch.mm(a, b) if bias is None else torch.addmm(bias, a, b)
+    return c if a2 is None else c.addmm_(a2, b2)
 
 
-def _plain_path(a, b, bias, M, N, K, tokens) -> str:
-    """"triton" or "torch" for the plain product a [M, K] @ b [K, N] (+ bias), as MLP_MATMUL says. "auto"
-    times both on a key's first call (kernels/_common.timed_pick; the key as this kernel's autotune key:
-    rows and reduction bucketed, layouts) and keeps the faster for the process: a GPU's first step pays
-    ~0.1 s a shape. During a CUDA-graph capture an unseen shape takes cuBLAS (Triton's autotune cannot run there).
-    tokens: the product's token count (M, or K in a weight gradient), which SMALL_M is about."""
+def _auto_path(picks, key, a, tokens, candidates) -> str:
+    """"triton" or "torch" for one product, as MLP_MATMUL says. "auto" times both ways on a key's first call
+    (kernels/_common.timed_pick; keys: rows and reduction bucketed as this kernel's autotune buckets them, N, the
+    operands' layouts, the flags) and keeps the faster for the process: a GPU's first step pays ~0.1 s a shape.
+    Up to SMALL_M tokens the torch way, untimed; during a CUDA-graph capture an unseen shape takes it too (Triton's
+    autotune cannot run there). tokens: the product's token count (M, or K in a weight gradient).
+    candidates: a function giving {"triton": fn, "torch": fn}, called only to time them."""
     mode = MLP_MATMUL
     if mode != "auto":
         if mode not in MATMUL_PATHS:
@@ -373,22 +377,35 @@ def _plain_path(a, b, bias, M, N, K, tokens) -> str:
         return mode
     if a.device.type not in TIMED_DEVICES or a.dtype == torch.float32:
         return "triton"
-    key = (a.device.index, a.dtype, _bucket(M), N, _bucket(K), a.stride(1) == 1, b.stride(1) == 1, bias is not None)
-    pick = _PLAIN.get(key)
+    pick = picks.get(key)
     if pick is not None:
         return pick["path"]
     note = f"untimed: up to {SMALL_M} tokens" if _bucket(tokens) <= SMALL_M else None
-    return timed_pick(_PLAIN, key, {"triton": lambda: _matmul(a, b, bias, path="triton"),
-                                    "torch": lambda: _torch_product(a, b, bias)},
-                      default="torch", timer=_PLAIN_TIMER, note=note)
+    return timed_pick(picks, key, candidates() if note is None else {}, default="torch", timer=_PLAIN_TIMER,
+                      note=note)
+
+
+def _key(a, b, bias):
+    (M, K), N = a.shape, b.shape[1]
+    return a.device.index, a.dtype, _bucket(M), N, _bucket(K), a.stride(1) == 1, b.stride(1) == 1, bias is not None
+
+
+def _plain_path(a, b, bias, a2, b2, tokens) -> str:
+    """_auto_path for a plain product a @ b (+ bias), or with a2, b2 the sum a @ b + a2 @ b2 (the gated MLPs' dx)."""
+    return _auto_path(_PLAIN, (*_key(a, b, bias), a2 is not None), a, tokens, lambda: {
+        "triton": lambda: _matmul(a, b, bias, a2=a2, b2=b2, path="triton"),
+        "torch": lambda: _torch_product(a, b, bias, a2, b2)})
 
 
 # The GELU products (EPI_GELU forward, EPI_GELU_GRAD backward) have a second way: cuBLAS's product, then the GELU
 # (or its derivative) in one Triton pass over the [M, N] result (_gelu_pointwise_kernel). On the H200 the fused
 # epilogues ran their K = 768 products (GPT-2 small's fc1 and dh) at ~300 TFLOPS while the plain K = 3072 ones ran
-# at 627: a short K loop cannot hide an epilogue that writes two tiles. "auto" times both per shape, as above.
-_GELU = register_timed("mlp.gelu_product", ("device", "dtype", "EPILOGUE", "STORE_ACT", "GELU_ERF", "M_BUCKET", "N",
-                                            "K_BUCKET", "a_row_major", "b_row_major", "bias"))
+# at 627: a short K loop cannot hide an epilogue that writes two tiles. The gated MLPs' products likewise
+# (_gate_pointwise_kernel). "auto" times both ways per shape, as the plain products.
+_GELU = register_timed("mlp.gelu_product", ("device", "dtype", "M_BUCKET", "N", "K_BUCKET", "a_row_major",
+                                            "b_row_major", "bias", "EPILOGUE", "STORE_ACT", "GELU_ERF"))
+_GATE = register_timed("mlp.gated_product", ("device", "dtype", "M_BUCKET", "N", "K_BUCKET", "a_row_major",
+                                             "b_row_major", "bias", "EPILOGUE", "STORE_ACT", "GATE_GELU"))
 POINTWISE_BLOCK = 1024
 
 
@@ -408,43 +425,58 @@ def _gelu_pointwise_kernel(H, A, DA, n, GRAD: tl.constexpr, STORE_ACT: tl.conste
         tl.store(A + offs, cast(_gelu_act(h, GELU_ERF), A.dtype.element_ty), mask=ok)
 
 
-def _split_gelu_product(a, b, bias, epilogue, aux, approximate, store_act):
-    """EPI_GELU / EPI_GELU_GRAD as cuBLAS's product then _gelu_pointwise_kernel: _matmul's (c, extra), i.e.
-    (gelu(h), h) forward and (dh, a or None) backward."""
-    grad = epilogue == EPI_GELU_GRAD
-    c = _torch_product(a, b, None if grad else bias)  # h forward, da backward: new and contiguous
-    h = aux.contiguous() if grad else c
+@triton.jit
+def _gate_pointwise_kernel(G, U, A, DA, DU, n, GRAD: tl.constexpr, STORE_ACT: tl.constexpr,
+                           GATE_GELU: tl.constexpr, BLOCK: tl.constexpr):
+    """The gated MLPs' split path, one pass over n elements of contiguous [M, H] tensors: forward A = act(G) * U
+    (EPI_SWIGLU's, of the 16-bit g and u the products stored); backward (EPI_SWIGLU_GRAD's) DU = da act(G) and
+    DA *= U act'(G) in place (da = dy @ W_down becomes dg), with STORE_ACT A = act(G) * U too."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < n
+    g = tl.load(G + offs, mask=ok, other=0.0).to(tl.float32)
+    u = tl.load(U + offs, mask=ok, other=0.0).to(tl.float32)
+    act = _gate_act(g, GATE_GELU)
+    if GRAD:
+        da = tl.load(DA + offs, mask=ok, other=0.0).to(tl.float32)
+        tl.store(DU + offs, cast(da * act, DU.dtype.element_ty), mask=ok)
+        tl.store(DA + offs, cast(da * u * _gate_act_grad(g, GATE_GELU), DA.dtype.element_ty), mask=ok)
+    if not GRAD or STORE_ACT:
+        tl.store(A + offs, cast(act * u, A.dtype.element_ty), mask=ok)
+
+
+def _split_product(a, b, bias, epilogue, aux, approximate, store_act, b2=None, bias2=None, aux2=None, gate="silu"):
+    """EPI_GELU / EPI_GELU_GRAD / EPI_SWIGLU / EPI_SWIGLU_GRAD as cuBLAS's product(s), then one Triton pass:
+    _matmul's (c, extra): (gelu(h), h) and (dh, a or None); (a, (g, u)) and (dg, (du, a) or du)."""
+    grad = epilogue in (EPI_GELU_GRAD, EPI_SWIGLU_GRAD)
+    c = _torch_product(a, b, None if grad else bias)  # h, g or da: new and contiguous
     act = torch.empty_like(c) if not grad or store_act else None
-    n = c.numel()
-    _gelu_pointwise_kernel[(cdiv(n, POINTWISE_BLOCK),)](
-        h, act if act is not None else c, c, n, GRAD=grad, STORE_ACT=store_act, GELU_ERF=approximate == "none",
-        BLOCK=POINTWISE_BLOCK, num_warps=4)
-    return (c, act) if grad else (act, c)
+    n, grid = c.numel(), (cdiv(c.numel(), POINTWISE_BLOCK),)
+    if epilogue in (EPI_GELU, EPI_GELU_GRAD):
+        h = aux.contiguous() if grad else c
+        _gelu_pointwise_kernel[grid](h, act if act is not None else c, c, n, GRAD=grad, STORE_ACT=store_act,
+                                     GELU_ERF=approximate == "none", BLOCK=POINTWISE_BLOCK, num_warps=4)
+        return (c, act) if grad else (act, c)
+    if grad:
+        g, u, du = aux.contiguous(), aux2.contiguous(), torch.empty_like(c)
+    else:
+        g, u, du = c, _torch_product(a, b2, bias2), c
+    _gate_pointwise_kernel[grid](g, u, act if act is not None else c, c, du, n, GRAD=grad, STORE_ACT=store_act,
+                                 GATE_GELU=gate == "gelu", BLOCK=POINTWISE_BLOCK, num_warps=4)
+    if grad:
+        return c, ((du, act) if store_act else du)
+    return act, (g, u)
 
 
-def _gelu_path(a, b, bias, epilogue, aux, store_act, approximate) -> str:
-    """"triton" (the fused epilogue) or "torch" (_split_gelu_product) for a GELU product a [M, K] @ b [K, N], as
-    _plain_path decides for a plain one: the same setting, devices, dtypes and token rule (M counts the tokens
-    here), picks of its own (mlp.gelu_product). An unseen shape in a CUDA-graph capture: the split path."""
-    mode = MLP_MATMUL
-    if mode != "auto":
-        if mode not in MATMUL_PATHS:
-            raise ValueError(f"TRITONGPT_MLP_MATMUL is {mode!r}; expected one of: {', '.join(MATMUL_PATHS)}")
-        return mode
-    if a.device.type not in TIMED_DEVICES or a.dtype == torch.float32:
-        return "triton"
-    (M, K), N = a.shape, b.shape[1]
-    key = (a.device.index, a.dtype, epilogue, store_act, approximate == "none", _bucket(M), N, _bucket(K),
-           a.stride(1) == 1, b.stride(1) == 1, bias is not None)
-    pick = _GELU.get(key)
-    if pick is not None:
-        return pick["path"]
-    note = f"untimed: up to {SMALL_M} tokens" if _bucket(M) <= SMALL_M else None
-    args = (a, b, bias, epilogue, aux, approximate, store_act)
-    return timed_pick(_GELU, key, {
-        "triton": lambda: _matmul(a, b, bias, epilogue, aux, approximate=approximate, store_act=store_act,
-                                  path="triton"),
-        "torch": lambda: _split_gelu_product(*args)}, default="torch", timer=_PLAIN_TIMER, note=note)
+def _split_path(a, b, bias, epilogue, aux, approximate, store_act, b2, bias2, aux2, gate) -> str:
+    """_auto_path for a GELU or gated product: "triton" (the fused epilogue) or "torch" (_split_product)."""
+    args = (a, b, bias, epilogue, aux, approximate, store_act, b2, bias2, aux2, gate)
+    gelu = epilogue in (EPI_GELU, EPI_GELU_GRAD)
+    picks = _GELU if gelu else _GATE
+    key = (*_key(a, b, bias), epilogue, store_act, approximate == "none" if gelu else gate == "gelu")
+    return _auto_path(picks, key, a, a.shape[0], lambda: {
+        "triton": lambda: _matmul(a, b, bias, epilogue, aux, b2=b2, bias2=bias2, aux2=aux2, gate=gate,
+                                  approximate=approximate, store_act=store_act, path="triton"),
+        "torch": lambda: _split_product(*args)})
 
 
 def _gated(g, u, gate):
@@ -472,13 +504,14 @@ def _matmul(a, b, bias=None, epilogue=EPI_NONE, aux=None, b_gelu=False, b2=None,
         raise ValueError(f"store_act needs epilogue EPI_GELU_GRAD or EPI_SWIGLU_GRAD, got {epilogue}")
     M, K = a.shape
     N = b.shape[1]
-    if epilogue == EPI_NONE and not b_gelu and not b_swiglu and a2 is None and M and N and K:
-        if (path or _plain_path(a, b, bias, M, N, K, M if tokens is None else tokens)) == "torch":
-            return _torch_product(a, b, bias), None
-    gelu = epilogue in (EPI_GELU, EPI_GELU_GRAD)
-    if gelu and not b_gelu and not b_swiglu and a2 is None and b2 is None and M and N and K:
-        if (path or _gelu_path(a, b, bias, epilogue, aux, store_act, approximate)) == "torch":
-            return _split_gelu_product(a, b, bias, epilogue, aux, approximate, store_act)
+    if not b_gelu and not b_swiglu and M and N and K:  # the B prologues (no dh to make a beside) stay fused
+        if epilogue == EPI_NONE:  # a plain product, or the gated MLPs' dx = dg W_gate + du W_up (SUM2)
+            if (path or _plain_path(a, b, bias, a2, b2, M if tokens is None else tokens)) == "torch":
+                return _torch_product(a, b, bias, a2, b2), None
+        elif a2 is None:
+            if (path or _split_path(a, b, bias, epilogue, aux, approximate, store_act, b2, bias2, aux2,
+                                    gate)) == "torch":
+                return _split_product(a, b, bias, epilogue, aux, approximate, store_act, b2, bias2, aux2, gate)
 
     def new():
         return torch.empty((M, N), device=a.device, dtype=a.dtype)

@@ -719,16 +719,72 @@ def test_stored_activation_is_freed_once_dw_down_is_made(device, monkeypatch):
 
 def test_plain_products_small_m_rule_counts_tokens(device, monkeypatch):
     """SwiGLU's plain products take kernels/mlp.py's timed pick too, SMALL_M counting tokens: M in the down
-    projection, K in dW_down, dW_gate, dW_up (whose M is the width C or H). 40 tokens over SMALL_M: all four timed,
-    though C is under it; 19 under it: all four to cuBLAS untimed, though H is over it (dW_gate and dW_up: one key)."""
+    projection and in dx = dg W_gate + du W_up (SUM2), K in dW_down, dW_gate, dW_up (whose M is the width C or H).
+    40 tokens over SMALL_M: all timed, though C is under it; 19 under it: all to cuBLAS untimed, though H is over it
+    (dW_gate and dW_up: one key; the down projection and dx: two, by SUM2)."""
     from tritongpt.kernels import mlp
 
     monkeypatch.setattr(mlp, "TIMED_DEVICES", ("cuda", "cpu"))
     monkeypatch.setattr(mlp, "SMALL_M", 32)  # C = 24 under it, H = 40 over it
     monkeypatch.setattr(mlp, "_PLAIN_TIMER", lambda fn: (fn(), 1.0)[1])
     monkeypatch.setattr(mlp, "_PLAIN", {})
+    monkeypatch.setattr(mlp, "_GATE", {})
     check_parity(40, 24, 40, torch.bfloat16, device, seed=41)
-    assert len(mlp._PLAIN) == 3 and all("note" not in p for p in mlp._PLAIN.values())
+    assert len(mlp._PLAIN) == 4 and all("note" not in p for p in mlp._PLAIN.values())
+    assert sorted(key[-1] for key in mlp._PLAIN) == [False, False, False, True]  # SUM2: dx alone
     mlp._PLAIN.clear()
     check_parity(19, 24, 40, torch.bfloat16, device, seed=42)
-    assert len(mlp._PLAIN) == 3 and all(p["note"].startswith("untimed") for p in mlp._PLAIN.values())
+    assert len(mlp._PLAIN) == 4 and all(p["note"].startswith("untimed") for p in mlp._PLAIN.values())
+
+
+@pytest.mark.parametrize("activation", ["silu", "gelu"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_split_gated_products_match_float64(activation, dtype, device, monkeypatch):
+    """TRITONGPT_MLP_MATMUL=torch: every SwiGLU/GeGLU product by torch (dx's two as one mm + addmm_), the gate's
+    activation in one Triton pass forward (a = act(g) u) and one backward (dg in place of da, du, and a for
+    dW_down): no matmul kernel launch; forward and every gradient match float64."""
+    from tritongpt.kernels import mlp
+
+    monkeypatch.setattr(mlp, "MLP_MATMUL", "torch")
+    matmuls, passes = [], []
+    kernel, pointwise = mlp._matmul_kernel, mlp._gate_pointwise_kernel
+
+    class Spy:
+        def __init__(self, k, log, flags):
+            self.k, self.log, self.flags = k, log, flags
+
+        def __getitem__(self, grid):
+            return lambda *a, **kw: self.log.append(tuple(kw[f] for f in self.flags)) or self.k[grid](*a, **kw)
+
+    monkeypatch.setattr(mlp, "_matmul_kernel", Spy(kernel, matmuls, ("EPILOGUE",)))
+    monkeypatch.setattr(mlp, "_gate_pointwise_kernel", Spy(pointwise, passes, ("GRAD", "STORE_ACT", "GATE_GELU")))
+    check_parity(37, 48, 136, dtype, device, seed=43, activation=activation)
+    gelu = activation == "gelu"
+    assert matmuls == [] and passes == [(False, False, gelu), (True, True, gelu)]
+
+
+def test_gated_products_timed_as_the_gelu_ones(device, monkeypatch):
+    """"auto" on a timed device (the CPU, for the test): the gated forward and backward products are timed both ways
+    once each and the faster kept (here the fused one: Triton's runs are told 1, torch's 2)."""
+    from tritongpt.kernels import mlp
+
+    monkeypatch.setattr(mlp, "TIMED_DEVICES", ("cuda", "cpu"))
+    monkeypatch.setattr(mlp, "SMALL_M", 0)
+    monkeypatch.setattr(mlp, "_PLAIN", {})
+    monkeypatch.setattr(mlp, "_GATE", {})
+    launched, kernel = [], mlp._matmul_kernel
+
+    class Spy:
+        def __getitem__(self, grid):
+            return lambda *a, **kw: launched.append(kw["EPILOGUE"]) or kernel[grid](*a, **kw)
+
+    def timer(fn):
+        launched.clear()
+        fn()
+        return 1.0 if launched and launched[0] in (mlp.EPI_SWIGLU, mlp.EPI_SWIGLU_GRAD) else 2.0
+
+    monkeypatch.setattr(mlp, "_matmul_kernel", Spy())
+    monkeypatch.setattr(mlp, "_PLAIN_TIMER", timer)
+    check_parity(37, 48, 136, torch.bfloat16, device, seed=44)
+    assert sorted(key[8] for key in mlp._GATE) == [mlp.EPI_SWIGLU, mlp.EPI_SWIGLU_GRAD]
+    assert all(p["path"] == "triton" and p["triton_ms"] == 1.0 and p["torch_ms"] == 2.0 for p in mlp._GATE.values())
