@@ -176,9 +176,9 @@ PROVIDERS = {
     "rmsnorm": ("reference", "torch", "compile", "triton", "liger"),
     "add_rmsnorm": ("reference", "torch", "compile", "triton"),
     # Llama's SwiGLU MLP (GPTConfig.mlp "swiglu"), bias-free
-    "swiglu": ("reference", "compile", "triton", "liger"),
+    "swiglu": ("reference", "compile", "triton", "triton-only", "liger"),
     # Gemma's GeGLU MLP: the same with gelu_tanh gating u (SwiGLUFeedForward(activation="gelu"))
-    "geglu": ("reference", "compile", "triton", "liger"),
+    "geglu": ("reference", "compile", "triton", "triton-only", "liger"),
     # Gemma 2's attention logit soft-capping: c tanh(scores / c) before the causal mask (ATTN_SOFTCAP)
     "softcap_attention": ("reference", "compile", "flex", "triton", *FLASH_ATTN),
     # the GELU MLP with the exact erf GELU (GPTConfig.gelu_approximate "none": GPT-NeoX, Pythia, Falcon)
@@ -516,7 +516,20 @@ def swiglu_providers(x, wg, wu, wd, activation="silu"):
                 lin.weight.copy_(w)
         return (lambda: m(x)), [x, *m.parameters()]
 
-    return {"reference": reference, "compile": compiled, "triton": triton_op, "liger": liger}
+    def triton_only():  # every product on our matmul kernel, fused (mlp_providers' triton-only)
+        fn, why = try_import("tritongpt.kernels.swiglu", "swiglu_mlp")
+        if fn is None:
+            raise Unavailable(why)
+        from tritongpt.kernels.mlp import mlp_matmul
+
+        def f():
+            with mlp_matmul("triton"):
+                return fn(x, wg, None, wu, None, wd, None, activation=activation)
+        f.context = lambda: mlp_matmul("triton")  # _mode_fn: the backward's products too
+        return f, [x, wg, wu, wd]
+
+    return {"reference": reference, "compile": compiled, "triton": triton_op, "triton-only": triton_only,
+            "liger": liger}
 
 
 def _moe_loop(x, experts, weights, wg, wu, wd, expert_mlp):

@@ -4251,3 +4251,32 @@ def test_mlp_triton_only_provider_keeps_backwards_products_on_our_kernel(mode, m
     assert epilogues == (backward if mode == "bwd" else [mlp.EPI_GELU, mlp.EPI_NONE] + backward)
     assert mlp.MLP_MATMUL == "torch"
     assert all(t.grad is not None for t in (x, w1, b1, w2, b2))
+
+
+@pytest.mark.parametrize("activation", ["silu", "gelu"])
+def test_swiglu_triton_only_provider_keeps_every_product_on_our_kernel(activation, monkeypatch):
+    """The gated MLPs' triton-only: forward and backward on our matmul kernel, fused, whatever TRITONGPT_MLP_MATMUL
+    says (here "torch", which launches no matmul kernel at all); "triton" follows the setting."""
+    from tritongpt.kernels import mlp
+
+    monkeypatch.setattr(mlp, "MLP_MATMUL", "torch")
+    epilogues, kernel = [], mlp._matmul_kernel
+
+    class Spy:
+        def __getitem__(self, grid):
+            return lambda *a, **k: epilogues.append(k["EPILOGUE"]) or kernel[grid](*a, **k)
+
+    monkeypatch.setattr(mlp, "_matmul_kernel", Spy())
+    g = torch.Generator().manual_seed(6)
+    x, wg, wu, wd = (torch.randn(*s, generator=g).requires_grad_() for s in ((9, 16), (40, 16), (40, 16), (16, 40)))
+    builders = kernels.swiglu_providers(x, wg, wu, wd, activation)
+    ref, _ = builders["reference"]()
+    for name, launched in (("triton", []), ("triton-only", [mlp.EPI_SWIGLU, mlp.EPI_NONE, mlp.EPI_SWIGLU_GRAD,
+                                                           mlp.EPI_NONE, mlp.EPI_NONE, mlp.EPI_NONE, mlp.EPI_NONE])):
+        forward, _ = builders[name]()
+        fn = kernels._mode_fn(forward, "fwd+bwd")  # runs forward once for the gradients' shapes
+        epilogues.clear()
+        fn()
+        assert epilogues == launched, name
+        assert mlp.MLP_MATMUL == "torch"
+    assert "triton-only" in kernels.PROVIDERS["swiglu"] and "triton-only" in kernels.PROVIDERS["geglu"]
