@@ -116,6 +116,9 @@ SUPPORTED_HEAD_DIMS = (16, 32, 64, 80, 96, 128, 256)  # 16: tiny models, tl.dot 
 WIDE_HEAD_DIM = 256  # from this padded head dim on, the autotuner times tiles of their own (tile_group)
 LOG2E = 1.4426950408889634  # kernels work in base 2: exp(x) = exp2(x * log2(e)), exp2 is one MUFU op
 FP32_MAX = 3.4028234663852886e38  # the scale reaches the kernels as an fp32 argument
+# fp32's smallest normal: a folded scale (FOLD_SCALE) below it may be 0 in fp32 (or flushed to 0 on a GPU), and
+# the masked raw score -inf times 0 is NaN
+FP32_TINY = 1.1754943508222875e-38
 
 INTERPRET = triton_interpreting()
 # The interpreter costs ~5 ms per program instance and would time every autotune config, so
@@ -195,11 +198,11 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, offs_m, o
                PRECISION: tl.constexpr, EMPTY_ROWS: tl.constexpr, FOLD_SCALE: tl.constexpr = False):
     """Stream KV tiles [lo, hi) past one query tile (online softmax, base-2 logits). EMPTY_ROWS: a row
     may have seen no finite score so far (documents; a KV split the causal mask hides from some rows; a
-    tile whose scores are all -inf for a row, from a -inf key component). FOLD_SCALE (scale > 0, no cap,
-    no ALiBi): s holds the raw products q k; the row max is taken on them and scaled once a row (exact:
-    rounding is monotone for a positive factor), and exp2 takes s * scale - max as one FMA, so the scaled
-    tile is never made: one multiply an entry less in the loop whose exp2s, not its matmuls, bound a
-    head dim of 64 (FlashAttention-3's finding on Hopper)."""
+    tile whose scores are all -inf for a row, from a -inf key component). FOLD_SCALE (qk_scale a positive
+    normal fp32, no cap, no ALiBi): s holds the raw products q k; the row max is taken on them and scaled
+    once a row (exact: rounding is monotone for a positive factor), and exp2 takes s * scale - max as one
+    FMA, so the scaled tile is never made: one multiply an entry less in the loop whose exp2s, not its
+    matmuls, bound a head dim of 64 (FlashAttention-3's finding on Hopper)."""
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         k = _load_rows(k_base, offs_n, Tk, stride_kn, offs_d, HEAD_DIM, BLOCK_D)
@@ -285,7 +288,7 @@ def _attn_fwd(Q, K, V, O, LSE, STARTS, ALIBI, seed, qk_scale, softcap, dropout_p
     """Grid (cdiv(Tq, BLOCK_M), H, B). Writes O and the base-2 logsumexp of the scaled (with HAS_SOFTCAP,
     capped) scores. Query head h reads KV head h // GROUP (GROUP = H / Hkv query heads share one).
     FOLD_SCALE: the scale folded into exp2's FMA (_fwd_inner); the launcher sets it for a positive scale
-    without a cap or ALiBi."""
+    without a cap or ALiBi whose qk_scale is an fp32 normal (a 0 or flushed one times a masked -inf is NaN)."""
     tl.static_assert(not (FOLD_SCALE and (HAS_SOFTCAP or HAS_ALIBI)), "FOLD_SCALE: the scores must be q k * scale")
     start_m = tl.program_id(0) * BLOCK_M
     h, b = tl.program_id(1).to(tl.int64), tl.program_id(2).to(tl.int64)
@@ -921,7 +924,8 @@ def _fwd_launch(q, k, v, causal, softmax_scale, dropout_p, seed, starts=None, en
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1), o.stride(2), stride_sb,
         H, group, Tq, Tk, _q_bucket(Tq), **_kernel_flags(q, causal, dropout_p, starts, softcap, alibi),
-        FOLD_SCALE=softmax_scale > 0.0 and softcap == 0.0 and alibi is None, **_fixed_blocks())
+        FOLD_SCALE=softmax_scale * LOG2E >= FP32_TINY and softcap == 0.0 and alibi is None,
+        **_fixed_blocks())
     return o, lse
 
 

@@ -1067,6 +1067,20 @@ def test_softmax_scale_must_be_a_finite_float(device):
         assert_close_rel(flash_attention(q, k, v, softmax_scale=scale), want, 1e-5, f"scale {scale}")
 
 
+def test_positive_scale_below_fp32s_smallest_normal_is_uniform_not_nan(device):
+    """A positive scale whose fp32 scale * log2(e) is 0 (1e-46) or subnormal (1e-40, which a GPU may flush to 0):
+    the forward's folded scale (FOLD_SCALE: the masked raw score -inf times the scale) made 0 * -inf = NaN in
+    every causally masked row, where SDPA and the unfolded scores give near-uniform weights."""
+    q, k, v = make_qkv(1, 2, 8, 8, 16, torch.float32, device, seed=3)
+    do = torch.randn(q.shape, generator=torch.Generator().manual_seed(4)).to(device)
+    for scale in (1e-46, 1e-40):
+        out, dq, dk, dv = run_grads(lambda a, b, c: flash_attention(a, b, c, softmax_scale=scale), q, k, v, do)
+        ref = reference_grads(q, k, v, do, softmax_scale=scale)
+        assert_close_rel(out, ref[0], 1e-5, f"out, scale {scale}")
+        assert_close_rel(dv, ref[3], 1e-5, f"dv, scale {scale}")
+        assert torch.isfinite(dq).all() and torch.isfinite(dk).all(), f"scale {scale}"
+
+
 def test_bad_inputs(device, monkeypatch):
     q, k, v = make_qkv(1, 1, 8, 8, 32, torch.float32, device)
     with pytest.raises(ValueError, match="head_dim 48"):
