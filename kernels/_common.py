@@ -348,7 +348,8 @@ def timed_pick(picks: dict, key: tuple, candidates: dict, default: str, timer=No
     every time, for the rest of the process. During a CUDA-graph capture nothing can be timed: default, not
     kept. note (e.g. "untimed: ..."): keep default with that note instead of timing. The timing runs on a shape's
     first call, often inside the first backward near peak memory, and do_bench allocates (its 256 MB L2 flush,
-    the candidates' outputs): out of memory there, default, not kept (a later call times it again)."""
+    the candidates' outputs): out of memory there (torch's error, or a library's RuntimeError saying so), default,
+    kept with a note: timing again would run out again, every step."""
     if note is not None:
         picks[key] = {"path": default, "note": note}
         return default
@@ -356,7 +357,10 @@ def timed_pick(picks: dict, key: tuple, candidates: dict, default: str, timer=No
         return default
     try:
         times = {path: (timer or _gpu_median_ms)(fn) for path, fn in candidates.items()}
-    except torch.cuda.OutOfMemoryError:
+    except RuntimeError as e:  # torch.cuda.OutOfMemoryError is one
+        if not isinstance(e, torch.cuda.OutOfMemoryError) and "out of memory" not in str(e).lower():
+            raise
+        picks[key] = {"path": default, "note": "untimed: out of memory while timing"}
         return default
     best = min(times, key=times.get)
     picks[key] = {"path": best, **{f"{path}_ms": round(float(ms), 5) for path, ms in times.items()}}

@@ -495,8 +495,8 @@ def _matmul(a, b, bias=None, epilogue=EPI_NONE, aux=None, b_gelu=False, b2=None,
     approximate: the GELU of EPI_GELU, EPI_GELU_GRAD and b_gelu, "tanh" or "none" (exact erf).
     store_act (EPI_GELU_GRAD, EPI_SWIGLU_GRAD only): also make the activation a [M, N] from aux (and aux2);
     the second return is then a (EPI_GELU_GRAD) or (du, a) (EPI_SWIGLU_GRAD). path: for a plain product (none of
-    the above), "triton" or "torch" (torch.mm / addmm); for a GELU product (EPI_GELU, EPI_GELU_GRAD), "triton" (the
-    fused epilogue) or "torch" (split: _split_gelu_product); None: as _plain_path / _gelu_path pick. tokens: a plain
+    the above, or SUM2), "triton" or "torch" (torch.mm / addmm); for a GELU or gated product, "triton" (the fused
+    epilogue) or "torch" (split: _split_product); None: as _plain_path / _split_path pick. tokens: a plain
     product's token count for that pick, M unless given (a weight gradient dW = dy^T a passes K: its M is a width)."""
     if gate not in GATES:
         raise ValueError(f"gate must be one of {', '.join(GATES)}, got {gate!r}")

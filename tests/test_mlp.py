@@ -1027,7 +1027,22 @@ def test_timed_pick_during_graph_capture_or_out_of_memory_takes_the_default_and_
         raise torch.cuda.OutOfMemoryError("CUDA out of memory (stand-in)")
 
     assert _common.timed_pick(picks, ("k",), {"a": None, "b": None}, default="b", timer=out_of_memory) == "b"
-    assert picks == {}  # timed again on a later call
+    assert picks == {("k",): {"path": "b", "note": "untimed: out of memory while timing"}}  # not timed again
+    picks.clear()
+
+    def cublas_out_of_memory(fn):
+        raise RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED: out of memory (stand-in)")
+
+    assert _common.timed_pick(picks, ("k",), {"a": None}, default="b", timer=cublas_out_of_memory) == "b"
+    assert picks[("k",)]["path"] == "b"
+    picks.clear()
+
+    def other_error(fn):
+        raise RuntimeError("an illegal memory access (stand-in)")
+
+    with pytest.raises(RuntimeError, match="illegal memory access"):
+        _common.timed_pick(picks, ("k",), {"a": None}, default="b", timer=other_error)
+    assert picks == {}
     ms = {"a": 0.5, "b": 0.7}
     assert _common.timed_pick(picks, ("k",), {"a": "a", "b": "b"}, default="b", timer=ms.get) == "a"
     assert picks == {("k",): {"path": "a", "a_ms": 0.5, "b_ms": 0.7}}
