@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from launch_spy import FlagSpy
 from tritongpt.bench import common, kernels, report, train_step
 from tritongpt.bench.common import CpuTimer, Budget, make_row, target
 from tritongpt.kernels import _common as kernel_common
@@ -4195,19 +4196,23 @@ def test_gpu_session_graphs_times_small_ops_as_cuda_graph_replays(tmp_path):
     assert (tmp_path / "out" / "session.tgz").is_file() and "--cuda-graphs (budget 0.5 min)" in stdout
 
 
+def _torch_setting_and_epilogue_spy(monkeypatch):
+    """TRITONGPT_MLP_MATMUL=torch for the test, and a spy on the MLP matmul kernel: -> the list of the EPILOGUE of
+    each launch, filled as it runs."""
+    from tritongpt.kernels import mlp
+
+    monkeypatch.setattr(mlp, "MLP_MATMUL", "torch")
+    spy = FlagSpy(mlp._matmul_kernel, ("EPILOGUE",))
+    monkeypatch.setattr(mlp, "_matmul_kernel", spy)
+    return spy.launched
+
+
 def test_mlp_triton_only_provider_keeps_every_product_on_our_kernel(monkeypatch):
     """triton-only runs the GELU-MLP with the plain products on our matmul whatever TRITONGPT_MLP_MATMUL
     says (here "torch"), and leaves the setting as it found it; "triton" follows the setting."""
     from tritongpt.kernels import mlp
 
-    monkeypatch.setattr(mlp, "MLP_MATMUL", "torch")
-    epilogues, kernel = [], mlp._matmul_kernel
-
-    class Spy:
-        def __getitem__(self, grid):
-            return lambda *a, **k: epilogues.append(k["EPILOGUE"]) or kernel[grid](*a, **k)
-
-    monkeypatch.setattr(mlp, "_matmul_kernel", Spy())
+    epilogues = _torch_setting_and_epilogue_spy(monkeypatch)
     g = torch.Generator().manual_seed(3)
     x, w1, b1, w2, b2 = (torch.randn(*s, generator=g) * 0.3 for s in ((9, 16), (64, 16), (64,), (16, 64), (16,)))
     builders = kernels.mlp_providers(x, w1, b1, w2, b2)
@@ -4231,14 +4236,7 @@ def test_mlp_triton_only_provider_keeps_backwards_products_on_our_kernel(mode, m
     TRITONGPT_MLP_MATMUL says (here "torch"), and the setting is left as found."""
     from tritongpt.kernels import mlp
 
-    monkeypatch.setattr(mlp, "MLP_MATMUL", "torch")
-    epilogues, kernel = [], mlp._matmul_kernel
-
-    class Spy:
-        def __getitem__(self, grid):
-            return lambda *a, **k: epilogues.append(k["EPILOGUE"]) or kernel[grid](*a, **k)
-
-    monkeypatch.setattr(mlp, "_matmul_kernel", Spy())
+    epilogues = _torch_setting_and_epilogue_spy(monkeypatch)
     g = torch.Generator().manual_seed(4)
     x, w1, b1, w2, b2 = (torch.randn(*s, generator=g).requires_grad_() for s in ((9, 16), (64, 16), (64,),
                                                                               (16, 64), (16,)))
@@ -4259,14 +4257,7 @@ def test_swiglu_triton_only_provider_keeps_every_product_on_our_kernel(activatio
     says (here "torch", which launches no matmul kernel at all); "triton" follows the setting."""
     from tritongpt.kernels import mlp
 
-    monkeypatch.setattr(mlp, "MLP_MATMUL", "torch")
-    epilogues, kernel = [], mlp._matmul_kernel
-
-    class Spy:
-        def __getitem__(self, grid):
-            return lambda *a, **k: epilogues.append(k["EPILOGUE"]) or kernel[grid](*a, **k)
-
-    monkeypatch.setattr(mlp, "_matmul_kernel", Spy())
+    epilogues = _torch_setting_and_epilogue_spy(monkeypatch)
     g = torch.Generator().manual_seed(6)
     x, wg, wu, wd = (torch.randn(*s, generator=g).requires_grad_() for s in ((9, 16), (40, 16), (40, 16), (16, 40)))
     builders = kernels.swiglu_providers(x, wg, wu, wd, activation)

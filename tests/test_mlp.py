@@ -12,7 +12,7 @@ import triton.language as tl
 from hypothesis import HealthCheck, Phase, example, given, settings
 from hypothesis import strategies as st
 
-from launch_spy import record_launches
+from launch_spy import FlagSpy, record_launches
 from parity import assert_close_mixed, assert_close_rel, report
 from tritongpt.kernels.layernorm import layer_norm
 from tritongpt.kernels._common import cast, saved_tensor_bytes
@@ -798,30 +798,14 @@ def test_stored_activation_is_freed_once_dw2_is_made(device, monkeypatch):
 
 # -- where the plain products run (kernels/mlp.py: _plain_path) ---------------------------------
 
-class KernelSpy:
-    """Stands in for mlp._matmul_kernel: launches it, keeping each launch's (EPILOGUE, HAS_BIAS)."""
-
-    def __init__(self, kernel):
-        self.kernel, self.launched = kernel, []
-
-    def __getitem__(self, grid):
-        def run(*args, **kwargs):
-            self.launched.append((kwargs["EPILOGUE"], kwargs["HAS_BIAS"]))
-            return self.kernel[grid](*args, **kwargs)
-        return run
+def KernelSpy(kernel):
+    """A stand-in for mlp._matmul_kernel keeping each launch's (EPILOGUE, HAS_BIAS)."""
+    return FlagSpy(kernel, ("EPILOGUE", "HAS_BIAS"))
 
 
-class PointwiseSpy:
-    """Stands in for mlp._gelu_pointwise_kernel (the split path's GELU pass): launches it, keeping (GRAD, STORE_ACT)."""
-
-    def __init__(self, kernel):
-        self.kernel, self.launched = kernel, []
-
-    def __getitem__(self, grid):
-        def run(*args, **kwargs):
-            self.launched.append((kwargs["GRAD"], kwargs["STORE_ACT"]))
-            return self.kernel[grid](*args, **kwargs)
-        return run
+def PointwiseSpy(kernel):
+    """A stand-in for mlp._gelu_pointwise_kernel (the split path's GELU pass) keeping each launch's (GRAD, STORE_ACT)."""
+    return FlagSpy(kernel, ("GRAD", "STORE_ACT"))
 
 
 @pytest.fixture

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from launch_spy import record_launches
+from launch_spy import FlagSpy, record_launches
 from parity import assert_close_rel, pretrain_argv, report
 from test_model_paths import _compare_paths, _randomize
 from tritongpt.errors import UserError
@@ -746,21 +746,13 @@ def test_split_gated_products_match_float64(activation, dtype, device, monkeypat
     from tritongpt.kernels import mlp
 
     monkeypatch.setattr(mlp, "MLP_MATMUL", "torch")
-    matmuls, passes = [], []
-    kernel, pointwise = mlp._matmul_kernel, mlp._gate_pointwise_kernel
-
-    class Spy:
-        def __init__(self, k, log, flags):
-            self.k, self.log, self.flags = k, log, flags
-
-        def __getitem__(self, grid):
-            return lambda *a, **kw: self.log.append(tuple(kw[f] for f in self.flags)) or self.k[grid](*a, **kw)
-
-    monkeypatch.setattr(mlp, "_matmul_kernel", Spy(kernel, matmuls, ("EPILOGUE",)))
-    monkeypatch.setattr(mlp, "_gate_pointwise_kernel", Spy(pointwise, passes, ("GRAD", "STORE_ACT", "GATE_GELU")))
+    matmuls = FlagSpy(mlp._matmul_kernel, ("EPILOGUE",))
+    passes = FlagSpy(mlp._gate_pointwise_kernel, ("GRAD", "STORE_ACT", "GATE_GELU"))
+    monkeypatch.setattr(mlp, "_matmul_kernel", matmuls)
+    monkeypatch.setattr(mlp, "_gate_pointwise_kernel", passes)
     check_parity(37, 48, 136, dtype, device, seed=43, activation=activation)
     gelu = activation == "gelu"
-    assert matmuls == [] and passes == [(False, False, gelu), (True, True, gelu)]
+    assert matmuls.launched == [] and passes.launched == [(False, False, gelu), (True, True, gelu)]
 
 
 def test_gated_products_timed_as_the_gelu_ones(device, monkeypatch):
@@ -772,18 +764,15 @@ def test_gated_products_timed_as_the_gelu_ones(device, monkeypatch):
     monkeypatch.setattr(mlp, "SMALL_M", 0)
     monkeypatch.setattr(mlp, "_PLAIN", {})
     monkeypatch.setattr(mlp, "_GATE", {})
-    launched, kernel = [], mlp._matmul_kernel
-
-    class Spy:
-        def __getitem__(self, grid):
-            return lambda *a, **kw: launched.append(kw["EPILOGUE"]) or kernel[grid](*a, **kw)
+    spy = FlagSpy(mlp._matmul_kernel, ("EPILOGUE",))
+    launched = spy.launched
 
     def timer(fn):
         launched.clear()
         fn()
         return 1.0 if launched and launched[0] in (mlp.EPI_SWIGLU, mlp.EPI_SWIGLU_GRAD) else 2.0
 
-    monkeypatch.setattr(mlp, "_matmul_kernel", Spy())
+    monkeypatch.setattr(mlp, "_matmul_kernel", spy)
     monkeypatch.setattr(mlp, "_PLAIN_TIMER", timer)
     check_parity(37, 48, 136, torch.bfloat16, device, seed=44)
     assert sorted(key[8] for key in mlp._GATE) == [mlp.EPI_SWIGLU, mlp.EPI_SWIGLU_GRAD]
