@@ -15,7 +15,8 @@ from tritongpt.bench import compile_check
 PTXAS = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
 KERNELS = {"_layer_norm_fwd_kernel", "_layer_norm_bwd_kernel", "_matmul_kernel", "_attn_fwd", "_attn_fwd_split",
            "_attn_fwd_combine", "_attn_bwd_preprocess", "_attn_bwd_dkdv", "_attn_bwd_dq", "_ce_fwd_kernel",
-           "_ce_bwd_kernel", "_rope_kernel", "_grouped_kernel", "_expert_grad_kernel", "_distill_kernel"}
+           "_ce_bwd_kernel", "_rope_kernel", "_grouped_kernel", "_expert_grad_kernel", "_distill_kernel",
+           "_gelu_pointwise_kernel", "_gate_pointwise_kernel"}
 
 
 @pytest.mark.skipif(not PTXAS.exists(), reason="this Triton build ships no ptxas")
@@ -297,3 +298,22 @@ def test_capture_keeps_the_plain_products_on_our_matmul_whatever_the_setting(tmp
     assert proc.returncode == 0, proc.stderr
     plain, setting = proc.stdout.split()
     assert int(plain) > 0 and setting == "torch"  # captured, and the setting left as found
+
+
+def test_capture_names_every_kernel_and_the_split_passes():
+    """The launches capture makes are of KERNELS, every one of them (the slow sm_90 build above asserts its rows
+    against that set, so a kernel the capture gained must be named there); the split paths' Triton passes among
+    them: the GELU MLP's (both GELUs) and the gated MLPs' (both gates), forward and backward (storing a)."""
+    code = ("from tritongpt.bench import compile_check as cc; import json; "
+            "print(json.dumps([[l.name, l.case, l.kwargs.get('GRAD'), l.kwargs.get('STORE_ACT'), "
+            "l.kwargs.get('GELU_ERF', l.kwargs.get('GATE_GELU'))] for l in cc.capture(quick=True)]))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "TRITON_INTERPRET": "0"})
+    assert proc.returncode == 0, proc.stderr
+    launches = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert {name for name, *_ in launches} == KERNELS
+    passes = {(name, *flags) for name, case, *flags in launches if name.endswith("_pointwise_kernel")}
+    assert passes == {(name, grad, grad, flag) for name in ("_gelu_pointwise_kernel", "_gate_pointwise_kernel")
+                      for grad in (False, True) for flag in (False, True)}
+    assert all(case.endswith(("split", "split gelu")) for name, case, *_ in launches
+               if name.endswith("_pointwise_kernel"))
