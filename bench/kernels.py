@@ -13,8 +13,9 @@ Providers per op (a provider that cannot run gives a "skipped: why" row, never a
                 lm_head_loss_bias: F.linear(h, w, b), F.cross_entropy)
     compile     torch.compile of the reference module
     triton      ours: tritongpt.kernels.* (imported lazily); the MLPs' products on the faster of our matmul and
-                cuBLAS (the GELU ones fused or split), timed once per shape (kernels/mlp.py MLP_MATMUL)
-    triton-only the GELU-MLP with every product on our matmul kernel (mlp.mlp_matmul("triton"))
+                cuBLAS (the GELU and gated ones fused or split), timed once per shape (kernels/mlp.py MLP_MATMUL)
+    triton-only the GELU, SwiGLU and GeGLU MLPs with every product on our matmul kernel, fused
+                (mlp.mlp_matmul("triton"))
     liger       Liger-Kernel's LayerNorm, RMSNorm (LigerRMSNorm, casting_mode "llama": rstd in fp32,
                 x_hat cast to x's dtype before the weight, as ours), cross-entropy, fused linear
                 cross-entropy and RoPE (liger_rotary_pos_emb), when liger_kernel is installed

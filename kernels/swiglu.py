@@ -25,6 +25,11 @@ for silu; GeGLU is the same launches with gelu_tanh and its derivative in place 
             dbg = sum(dg), dbu = sum(du), dbd = sum(dy)
             (only the gradients autograd asks for: a frozen weight skips its product)
 
+That is the fused way. On a GPU in bf16/fp16 kernels/mlp.py's MLP_MATMUL may run a product on cuBLAS instead,
+the faster per shape: a plain one as torch.mm / addmm (dx as mm + addmm_, a [M, C] partial rounded in between),
+the gated ones split, cuBLAS's g and u (or da, stored) and then one Triton pass (_gate_pointwise_kernel) making
+a (or dg, du and, for dWd, a) from them. The split way saves the same tensors; fp32 keeps the fused one.
+
 So x, g and u are saved for backward: x plus TWO [M, H] tensors, where the eager reference keeps
 x plus FOUR (g, silu(g), u, a) -- measured with _common.saved_tensor_bytes() in tests/test_swiglu.py.
 Backward holds a fourth [M, H] (a) for the one dWd product: recomputing it on dWd's B tiles instead
