@@ -448,7 +448,9 @@ def _split_product(a, b, bias, epilogue, aux, approximate, store_act, b2=None, b
     """EPI_GELU / EPI_GELU_GRAD / EPI_SWIGLU / EPI_SWIGLU_GRAD as cuBLAS's product(s), then one Triton pass:
     _matmul's (c, extra): (gelu(h), h) and (dh, a or None); (a, (g, u)) and (dg, (du, a) or du)."""
     grad = epilogue in (EPI_GELU_GRAD, EPI_SWIGLU_GRAD)
-    c = _torch_product(a, b, None if grad else bias)  # h, g or da: new and contiguous
+    if grad and bias is not None:  # the backward products have none; the fused kernel would add one
+        raise ValueError(f"epilogue {epilogue} takes no bias")
+    c = _torch_product(a, b, bias)  # h, g or da: new and contiguous
     act = torch.empty_like(c) if not grad or store_act else None
     n, grid = c.numel(), (cdiv(c.numel(), POINTWISE_BLOCK),)
     if epilogue in (EPI_GELU, EPI_GELU_GRAD):
@@ -472,7 +474,8 @@ def _split_path(a, b, bias, epilogue, aux, approximate, store_act, b2, bias2, au
     args = (a, b, bias, epilogue, aux, approximate, store_act, b2, bias2, aux2, gate)
     gelu = epilogue in (EPI_GELU, EPI_GELU_GRAD)
     picks = _GELU if gelu else _GATE
-    key = (*_key(a, b, bias), epilogue, store_act, approximate == "none" if gelu else gate == "gelu")
+    key = (*_key(a, b, bias if bias is not None else bias2), epilogue, store_act,
+           approximate == "none" if gelu else gate == "gelu")
     return _auto_path(picks, key, a, a.shape[0], lambda: {
         "triton": lambda: _matmul(a, b, bias, epilogue, aux, b2=b2, bias2=bias2, aux2=aux2, gate=gate,
                                   approximate=approximate, store_act=store_act, path="triton"),

@@ -813,11 +813,11 @@ def plain_picks():
     """mlp's timed picks (plain and GELU products) emptied for the test, and again after it; -> the plain ones."""
     from tritongpt.kernels import mlp
 
-    mlp._PLAIN.clear()
-    mlp._GELU.clear()
+    for picks in (mlp._PLAIN, mlp._GELU, mlp._GATE):
+        picks.clear()
     yield mlp._PLAIN
-    mlp._PLAIN.clear()
-    mlp._GELU.clear()
+    for picks in (mlp._PLAIN, mlp._GELU, mlp._GATE):
+        picks.clear()
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -1045,3 +1045,14 @@ def test_plain_products_gpu_auto_and_forced_triton_bf16(monkeypatch, plain_picks
                for p in plain_picks.values())
     monkeypatch.setattr(mlp, "MLP_MATMUL", "triton")
     check_parity(4096, 768, 3072, torch.bfloat16, dev, seed=32)
+
+
+def test_split_backward_product_refuses_a_bias(device):
+    """The backward GELU' product takes no bias (the fused kernel would add one; the split path would drop it):
+    asked for one, the split path says so rather than give another answer than the fused one."""
+    from tritongpt.kernels import mlp
+
+    gen = torch.Generator().manual_seed(31)
+    a, b, h = torch.randn(8, 16, generator=gen), torch.randn(16, 24, generator=gen), torch.randn(8, 24, generator=gen)
+    with pytest.raises(ValueError, match="epilogue 2 takes no bias"):
+        mlp._matmul(a, b, torch.randn(24, generator=gen), mlp.EPI_GELU_GRAD, h, path="torch")
