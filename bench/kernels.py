@@ -592,6 +592,20 @@ def _sdpa_on(backend_name, q, k, v, **options):
     return build
 
 
+def _attend_builders(module, q, k, v):
+    """The reference and compile providers of an attention op: module() makes the textbook MultiHeadAttention whose
+    core (attend) is timed on q, k, v, eager and torch.compile'd (the projections are not used)."""
+    def reference():
+        m = module()
+        return (lambda: m.attend(q, k, v)), [q, k, v]
+
+    def compiled():
+        cf = _fresh_compile(module().attend)
+        return (lambda: cf(q, k, v)), [q, k, v]
+
+    return reference, compiled
+
+
 def attention_providers(q, k, v, causal=True):
     from tritongpt.model.layers import MultiHeadAttention
 
@@ -603,17 +617,10 @@ def attention_providers(q, k, v, causal=True):
             raise Unavailable("the reference module's attention (MultiHeadAttention.attend) is causal only")
         return MultiHeadAttention(H * D, H, T).to(q.device).eval()
 
-    def reference():
-        m = module()
-        return (lambda: m.attend(q, k, v)), [q, k, v]
+    reference, compiled = _attend_builders(module, q, k, v)
 
     def sdpa(backend_name):
         return _sdpa_on(backend_name, q, k, v, is_causal=causal)
-
-    def compiled():
-        m = module()
-        cf = _fresh_compile(m.attend)
-        return (lambda: cf(q, k, v)), [q, k, v]
 
     out = {"reference": reference}
     out.update({name: sdpa(backend) for name, backend in SDPA_BACKENDS.items()})
@@ -778,13 +785,7 @@ def alibi_attention_providers(q, k, v):
     def module():
         return MultiHeadAttention(H * D, H, T, alibi=True).to(q.device).eval()
 
-    def reference():
-        m = module()
-        return (lambda: m.attend(q, k, v)), [q, k, v]
-
-    def compiled():
-        cf = _fresh_compile(module().attend)
-        return (lambda: cf(q, k, v)), [q, k, v]
+    reference, compiled = _attend_builders(module, q, k, v)
 
     def sdpa_mask():
         future = torch.ones(T, T, dtype=torch.bool, device=q.device).triu(1)
@@ -852,13 +853,7 @@ def decode_attention_providers(q, k, v):
     def module():  # attend repeats the KV heads itself; the projections are not used
         return MultiHeadAttention(H * D, H, k.shape[2]).to(q.device).eval()
 
-    def reference():
-        m = module()
-        return (lambda: m.attend(q, k, v)), [q, k, v]
-
-    def compiled():
-        cf = _fresh_compile(module().attend)
-        return (lambda: cf(q, k, v)), [q, k, v]
+    reference, compiled = _attend_builders(module, q, k, v)
 
     def single_pass():
         fn, why = try_import("tritongpt.kernels.attention", "flash_attention")
