@@ -363,13 +363,14 @@ def _torch_product(a, b, bias=None, a2=None, b2=None):
     return c if a2 is None else c.addmm_(a2, b2)
 
 
-def _auto_path(picks, key, a, tokens, candidates) -> str:
+def _auto_path(picks, make_key, a, tokens, candidates) -> str:
     """"triton" or "torch" for one product, as MLP_MATMUL says. "auto" times both ways on a key's first call
     (kernels/_common.timed_pick; keys: rows and reduction bucketed as this kernel's autotune buckets them, N, the
     operands' layouts, the flags) and keeps the faster for the process: a GPU's first step pays ~0.1 s a shape.
     Up to SMALL_M tokens the torch way, untimed; during a CUDA-graph capture an unseen shape takes it too (Triton's
-    autotune cannot run there). tokens: the product's token count (M, or K in a weight gradient).
-    candidates: a function giving {"triton": fn, "torch": fn}, called only to time them."""
+    autotune cannot run there). tokens: the product's token count (M, or K in a weight gradient). make_key: a
+    function giving the key (made only where "auto" times). candidates: a function giving {"triton": fn,
+    "torch": fn}, called only to time them."""
     mode = MLP_MATMUL
     if mode != "auto":
         if mode not in MATMUL_PATHS:
@@ -377,6 +378,7 @@ def _auto_path(picks, key, a, tokens, candidates) -> str:
         return mode
     if a.device.type not in TIMED_DEVICES or a.dtype == torch.float32:
         return "triton"
+    key = make_key()
     pick = picks.get(key)
     if pick is not None:
         return pick["path"]
@@ -392,7 +394,7 @@ def _key(a, b, bias):
 
 def _plain_path(a, b, bias, a2, b2, tokens) -> str:
     """_auto_path for a plain product a @ b (+ bias), or with a2, b2 the sum a @ b + a2 @ b2 (the gated MLPs' dx)."""
-    return _auto_path(_PLAIN, (*_key(a, b, bias), a2 is not None), a, tokens, lambda: {
+    return _auto_path(_PLAIN, lambda: (*_key(a, b, bias), a2 is not None), a, tokens, lambda: {
         "triton": lambda: _matmul(a, b, bias, a2=a2, b2=b2, path="triton"),
         "torch": lambda: _torch_product(a, b, bias, a2, b2)})
 
@@ -471,15 +473,16 @@ def _split_product(a, b, bias, epilogue, aux, approximate, store_act, b2=None, b
 
 def _split_path(a, b, bias, epilogue, aux, approximate, store_act, b2, bias2, aux2, gate) -> str:
     """_auto_path for a GELU or gated product: "triton" (the fused epilogue) or "torch" (_split_product)."""
-    args = (a, b, bias, epilogue, aux, approximate, store_act, b2, bias2, aux2, gate)
     gelu = epilogue in (EPI_GELU, EPI_GELU_GRAD)
-    picks = _GELU if gelu else _GATE
-    key = (*_key(a, b, bias if bias is not None else bias2), epilogue, store_act,
-           approximate == "none" if gelu else gate == "gelu")
-    return _auto_path(picks, key, a, a.shape[0], lambda: {
+
+    def make_key():
+        return (*_key(a, b, bias if bias is not None else bias2), epilogue, store_act,
+                approximate == "none" if gelu else gate == "gelu")
+
+    return _auto_path(_GELU if gelu else _GATE, make_key, a, a.shape[0], lambda: {
         "triton": lambda: _matmul(a, b, bias, epilogue, aux, b2=b2, bias2=bias2, aux2=aux2, gate=gate,
                                   approximate=approximate, store_act=store_act, path="triton"),
-        "torch": lambda: _split_product(*args)})
+        "torch": lambda: _split_product(a, b, bias, epilogue, aux, approximate, store_act, b2, bias2, aux2, gate)})
 
 
 def _gated(g, u, gate):
