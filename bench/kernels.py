@@ -140,7 +140,7 @@ from tritongpt.bench.common import (MODES, add_layernorm_bytes, attention_flops,
                                     make_row, matmul_flops, mlp_flops, reason_of, swiglu_flops,
                                     tflops, try_import, window_attention_flops)
 from tritongpt.kernels._common import saved_tensor_bytes
-from tritongpt.train.common import is_oom
+from tritongpt.kernels._common import is_oom
 
 
 class Unavailable(Exception):

@@ -42,7 +42,8 @@ import torch
 from tritongpt.bench.common import dtype_name, reason_of, slugify
 from tritongpt.bench.train_step import (COMPILE_MIN_S, Unavailable, build, device_unavailable, model_variant,
                                         time_steps, train_config, train_step)
-from tritongpt.train.common import LossScaler, is_oom
+from tritongpt.kernels._common import is_oom
+from tritongpt.train.common import LossScaler
 
 # the compiled baseline and ours compiled beside the eager Triton path: where the 77.6 ms go
 PROFILE_PROVIDERS = ("triton", "reference+compile+sdpa", "triton+compile")

@@ -52,7 +52,8 @@ import torch.nn.functional as F
 
 from tritongpt.bench.common import is_ok, make_row, median_quantiles, reason_of, try_import
 from tritongpt.bench.report import variant_text
-from tritongpt.train.common import LossScaler, is_oom
+from tritongpt.kernels._common import is_oom
+from tritongpt.train.common import LossScaler
 from tritongpt.train.loop import attention_forward_flops, flops_per_token
 
 # The uncompiled providers first: a time budget cut short by the compiled baseline (minutes of

@@ -338,6 +338,13 @@ def register_timed(name: str, key_names) -> dict:
     return picks
 
 
+def is_oom(e: BaseException) -> bool:
+    """Out of memory: CUDA raises torch.OutOfMemoryError; the CPU allocator, cuBLAS and others a RuntimeError saying
+    so. (train/common.py's trainers and the benchmarks use it too.)"""
+    msg = str(e).lower()
+    return isinstance(e, torch.OutOfMemoryError) or "out of memory" in msg or "can't allocate memory" in msg
+
+
 def _gpu_median_ms(fn) -> float:
     return triton.testing.do_bench(fn, warmup=10, rep=40, return_mode="median")
 
@@ -357,8 +364,8 @@ def timed_pick(picks: dict, key: tuple, candidates: dict, default: str, timer=No
         return default
     try:
         times = {path: (timer or _gpu_median_ms)(fn) for path, fn in candidates.items()}
-    except RuntimeError as e:  # torch.cuda.OutOfMemoryError is one
-        if not isinstance(e, torch.cuda.OutOfMemoryError) and "out of memory" not in str(e).lower():
+    except RuntimeError as e:  # torch.OutOfMemoryError is one
+        if not is_oom(e):
             raise
         picks[key] = {"path": default, "note": "untimed: out of memory while timing"}
         return default

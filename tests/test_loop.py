@@ -1488,7 +1488,9 @@ def test_dtype_seed_and_oom_helpers_by_their_docs(monkeypatch, capsys):
         with pytest.raises(UserError, match="--seed must be a 64-bit integer"):
             common.check_seed(bad)
     # out of memory whatever the message says, when torch says so by the type
-    assert common.is_oom(torch.OutOfMemoryError("allocation failed")) and not common.is_oom(RuntimeError("shape"))
+    from tritongpt.kernels._common import is_oom
+
+    assert is_oom(torch.OutOfMemoryError("allocation failed")) and not is_oom(RuntimeError("shape"))
     # any Triton kernel on the CPU is interpreted: a comma list of them too, not only "triton"
     for kernels, noted in (("layernorm,mlp", True), ("triton", True), ("reference", False)):
         common.note_slow_kernels([SimpleNamespace(config=SimpleNamespace(kernels=kernels))], "cpu")

@@ -955,7 +955,3 @@ def note_slow_kernels(models, device):
              "(--kernels auto leaves them out here)")
 
 
-def is_oom(e: BaseException) -> bool:
-    """Out of memory: CUDA raises torch.OutOfMemoryError; the CPU allocator a RuntimeError saying so."""
-    msg = str(e).lower()
-    return isinstance(e, torch.OutOfMemoryError) or "out of memory" in msg or "can't allocate memory" in msg

@@ -49,6 +49,7 @@ import torch
 import torch.distributed as dist
 
 from tritongpt.errors import UserError, note
+from tritongpt.kernels._common import is_oom
 from tritongpt.train import common
 
 
@@ -904,7 +905,7 @@ class Trainer:
                         # each micro-batch loss / grad_accum: the summed gradients are the mean's
                         self.scaler.backward(loss / a.grad_accum)
             except RuntimeError as e:
-                if not common.is_oom(e):
+                if not is_oom(e):
                     raise
                 self.optimizer.zero_grad(set_to_none=True)
                 raise UserError(f"{self.name}: a micro-batch of {tuple(batch[0].shape)} tokens does not fit "
