@@ -188,12 +188,10 @@ def capture(quick=False, half="bfloat16"):
                 # the GELU products split (MLP_MATMUL "torch": cuBLAS's product, then one Triton GELU pass):
                 # the pass's launches, forward and backward (it stores the activation), each GELU
                 case[0] = f"mlp {name} {TOKENS}x{c}->{4 * c} split gelu"
-                mlp.MLP_MATMUL = "torch"
-                n = len(launches)
-                for approximate in ("tanh", "none"):
-                    _, h = mlp._fwd_launch(x, w1, b1, w2, b2, approximate=approximate)
-                    mlp._bwd_launch(torch.empty_like(x), x, h, w1, w2, approximate=approximate)
-                mlp.MLP_MATMUL = "triton"
+                with mlp.mlp_matmul("torch"):
+                    for approximate in ("tanh", "none"):
+                        _, h = mlp._fwd_launch(x, w1, b1, w2, b2, approximate=approximate)
+                        mlp._bwd_launch(torch.empty_like(x), x, h, w1, w2, approximate=approximate)
             # the SwiGLU MLP (Llama's bias-free one): gate and up in one pass, its epilogues and
             # prologue, dx's two products in one launch
             hs = swiglu_hidden(c)
@@ -212,11 +210,10 @@ def capture(quick=False, half="bfloat16"):
             launches[n:] = [launch for launch in launches[n:] if launch.kwargs["GATE_GELU"]]
             if dt == half:  # the gated products split (MLP_MATMUL "torch"): the gate's Triton pass, each activation
                 case[0] = f"swiglu {name} {TOKENS}x{c}->{hs} split"
-                mlp.MLP_MATMUL = "torch"
-                for activation in ("silu", "gelu"):
-                    _, g, u = swiglu._fwd_launch(x, wg, None, wg, None, wd, None, activation=activation)
-                    swiglu._bwd_launch(torch.empty_like(x), x, g, u, wg, wg, wd, activation=activation)
-                mlp.MLP_MATMUL = "triton"
+                with mlp.mlp_matmul("torch"):
+                    for activation in ("silu", "gelu"):
+                        _, g, u = swiglu._fwd_launch(x, wg, None, wg, None, wd, None, activation=activation)
+                        swiglu._bwd_launch(torch.empty_like(x), x, g, u, wg, wg, wd, activation=activation)
             # the mixture-of-experts MLP (Mixtral's 8 experts, top 2) at swiglu's widths: its grouped
             # products (x gathered, rows scattered back, the expert found from the offsets) and the
             # per-expert weight gradients

@@ -423,6 +423,18 @@ def add_rmsnorm_providers(x, d, w, eps=1e-5):
     return {"reference": reference, "torch": torch_op, "compile": compiled, "triton": triton_op}
 
 
+def _all_ours(call):
+    """The triton-only providers' forward: call() with every MLP product on our matmul kernel, fused
+    (mlp.mlp_matmul("triton")); its `context` puts the backward, which _mode_fn runs outside the call, there too."""
+    from tritongpt.kernels.mlp import mlp_matmul
+
+    def f():
+        with mlp_matmul("triton"):
+            return call()
+    f.context = lambda: mlp_matmul("triton")
+    return f
+
+
 def mlp_providers(x, w1, b1, w2, b2, approximate="tanh"):
     """The GELU MLP's providers, approximate "tanh" (GPT-2's GELU, mlp) or "none" (exact erf, mlp_exact_gelu)."""
     from tritongpt.model.layers import FeedForward
@@ -461,13 +473,7 @@ def mlp_providers(x, w1, b1, w2, b2, approximate="tanh"):
         fn, why = try_import("tritongpt.kernels.mlp", "gelu_mlp")
         if fn is None:
             raise Unavailable(why)
-        from tritongpt.kernels.mlp import mlp_matmul
-
-        def f():
-            with mlp_matmul("triton"):
-                return fn(x, w1, b1, w2, b2, approximate)
-        f.context = lambda: mlp_matmul("triton")  # _mode_fn: the backward's plain products too
-        return f, [x, w1, b1, w2, b2]
+        return _all_ours(lambda: fn(x, w1, b1, w2, b2, approximate)), [x, w1, b1, w2, b2]
 
     return {"reference": reference, "torch": torch_op, "compile": compiled, "triton": triton_op,
             "triton-only": triton_only}
@@ -521,13 +527,7 @@ def swiglu_providers(x, wg, wu, wd, activation="silu"):
         fn, why = try_import("tritongpt.kernels.swiglu", "swiglu_mlp")
         if fn is None:
             raise Unavailable(why)
-        from tritongpt.kernels.mlp import mlp_matmul
-
-        def f():
-            with mlp_matmul("triton"):
-                return fn(x, wg, None, wu, None, wd, None, activation=activation)
-        f.context = lambda: mlp_matmul("triton")  # _mode_fn: the backward's products too
-        return f, [x, wg, wu, wd]
+        return _all_ours(lambda: fn(x, wg, None, wu, None, wd, None, activation=activation)), [x, wg, wu, wd]
 
     return {"reference": reference, "compile": compiled, "triton": triton_op, "triton-only": triton_only,
             "liger": liger}
