@@ -5,6 +5,7 @@ TypeError / RuntimeError naming the tensor, instead of a Triton crash or a wrong
 """
 import functools
 import re
+import warnings
 
 import numpy as np
 import torch
@@ -316,6 +317,57 @@ def autotuned(name: str, tuner):
     """Register a triton.autotune-wrapped kernel under name; returns it unchanged."""
     AUTOTUNED[name] = tuner
     return tuner
+
+
+def _tuned_name(tuner) -> str:
+    return next((n for n, t in AUTOTUNED.items() if t is tuner), getattr(getattr(tuner, "fn", None), "__name__", "?"))
+
+
+def _launch_key(tuner, args, kwargs) -> tuple:
+    """The key autotune searches per, as Triton's Autotuner.run makes it (the `key` arguments' values, then every
+    tensor argument's dtype), built from positions found once rather than from a dict of all ~40 arguments."""
+    where = tuner.__dict__.get("tritongpt_key_at")
+    if where is None:
+        where = tuner.__dict__["tritongpt_key_at"] = [(k, tuner.arg_names.index(k)) for k in tuner.keys]
+    n = len(args)
+    key = [args[i] if i < n else kwargs.get(k) for k, i in where]
+    key += [a.dtype for a in args if isinstance(a, torch.Tensor)]
+    key += [v.dtype for v in kwargs.values() if isinstance(v, torch.Tensor)]
+    return tuple(key)
+
+
+def launch_tuned(kernel, grid, *args, **kwargs):
+    """kernel[grid](*args, **kwargs) for a triton.autotune kernel, with the search's pick kept per key here.
+
+    The first launch of a key runs Triton's autotuner as usual (it times the configs its prune keeps); later ones
+    launch its pick on the kernel itself. Two reasons not to go through the Autotuner every time:
+    - host time: Autotuner.run rebuilds its key from a dict of every argument on each call, ~15 us a launch on
+      this machine's CPU (attention's forward: 16 of its launcher's 35), which a 20 us kernel waits on;
+    - CUDA graphs: a key first met inside a capture would be timed there, and timing synchronizes, which breaks
+      the capture. There the kernel's first config left by its prune is launched untimed, with a warning, and
+      not kept: the next eager launch of the key runs the search.
+    Anything else (the interpreter's plain JITFunction, a test's stand-in) is launched as kernel[grid]."""
+    configs = getattr(kernel, "configs", None)
+    if configs is None or not hasattr(kernel, "fn"):
+        return kernel[grid](*args, **kwargs)
+    if len(configs) == 1:
+        return kernel.fn[grid](*args, **kwargs, **configs[0].all_kwargs())
+    picks = kernel.__dict__.setdefault("tritongpt_picks", {})
+    key = _launch_key(kernel, args, kwargs)
+    config = picks.get(key)
+    if config is None and torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+        prune = getattr(kernel, "early_config_prune", None)
+        config = (prune(configs, dict(zip(kernel.arg_names, args)), **kwargs) if prune else configs)[0]
+        warnings.warn(f"{_tuned_name(kernel)}: a shape first met inside a CUDA-graph capture, where autotune "
+                      f"cannot time; launched untimed with {config}. Run one eager step before capturing to tune it.",
+                      stacklevel=2)
+    if config is not None:  # (none of this package's configs has a pre_hook, which Autotuner.run would call)
+        return kernel.fn[grid](*args, **kwargs, **config.all_kwargs())
+    kernel.best_config = None
+    out = kernel[grid](*args, **kwargs)
+    if getattr(kernel, "best_config", None) is not None:  # the config this very launch ran with (Autotuner.run)
+        picks[key] = kernel.best_config
+    return out
 
 
 def named_key(names, key) -> tuple:

@@ -107,8 +107,8 @@ from torch.utils.weak import WeakIdKeyDictionary
 from tritongpt._env import triton_interpreting
 from tritongpt._types import is_int, is_real
 from tritongpt.kernels._common import (autocast_dtype, autotuned, cast, cdiv, check_runnable, check_same_device,
-                                       check_same_dtype, check_tensor, custom_op, dot, first_order_only, next_pow2,
-                                       no_func_transform, on_tensor_device, plain_eager, tanh)
+                                       check_same_dtype, check_tensor, custom_op, dot, first_order_only, launch_tuned,
+                                       next_pow2, no_func_transform, on_tensor_device, plain_eager, tanh)
 from tritongpt.kernels._common import sm_count as _sm_count  # patched by bench/compile_check.py, tests
 
 MAX_GRID_YZ = 65535  # CUDA's limit on a grid's y and z sizes, where the heads and sequences go
@@ -888,7 +888,8 @@ def _fwd_split_launch(q, k, v, o, lse, causal, softmax_scale, starts, ends, soft
     starts_arg, _, stride_sb = _doc_args(q, starts, ends)
     flags = _kernel_flags(q, causal, 0.0, starts, softcap, alibi)
     del flags["HAS_DROPOUT"]
-    _attn_fwd_split_run[lambda meta: (splits * cdiv(rows, meta["BLOCK_M"]), heads, B)](
+    launch_tuned(
+        _attn_fwd_split_run, lambda meta: (splits * cdiv(rows, meta["BLOCK_M"]), heads, B),
         q, k, v, o_part, lse_part, starts_arg, _alibi_arg(q, alibi), softmax_scale * LOG2E, softcap * LOG2E,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), stride_sb,
@@ -918,7 +919,8 @@ def _fwd_launch(q, k, v, causal, softmax_scale, dropout_p, seed, starts=None, en
     group = H // k.shape[1]
     grid = lambda meta: (cdiv(Tq, meta["BLOCK_M"]), H, B)  # noqa: E731
     starts_arg, _, stride_sb = _doc_args(q, starts, ends)
-    _attn_fwd_run[grid](
+    launch_tuned(
+        _attn_fwd_run, grid,
         q, k, v, o, lse, starts_arg, _alibi_arg(q, alibi), _seed_value(seed), softmax_scale * LOG2E,
         softcap * LOG2E, dropout_p, 1.0 / (1.0 - dropout_p),
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
@@ -952,11 +954,13 @@ def _bwd_launch(do, q, k, v, o, lse, causal, softmax_scale, dropout_p, seed, sta
               softmax_scale, dropout_p, 1.0 / (1.0 - dropout_p), q.stride(0), q.stride(1), q.stride(2),
               k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1),
               do.stride(2), stride_sb)
-    _attn_bwd_dkdv_run[lambda meta: (cdiv(Tk, meta["BLOCK_N"]), Hkv, B)](
+    launch_tuned(
+        _attn_bwd_dkdv_run, lambda meta: (cdiv(Tk, meta["BLOCK_N"]), Hkv, B),
         q, k, v, do, dk, dv, lse, delta, *common,
         dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
         H, H // Hkv, Tq, Tk, _q_bucket(Tq), **flags, **_fixed_blocks())
-    _attn_bwd_dq_run[lambda meta: (cdiv(Tq, meta["BLOCK_M"]), H, B)](
+    launch_tuned(
+        _attn_bwd_dq_run, lambda meta: (cdiv(Tq, meta["BLOCK_M"]), H, B),
         q, k, v, do, dq, lse, delta, *common,
         dq.stride(0), dq.stride(1), dq.stride(2),
         H, H // Hkv, Tq, Tk, _q_bucket(Tq), **flags, **_fixed_blocks())

@@ -50,8 +50,8 @@ from tritongpt._env import triton_interpreting
 from tritongpt._types import is_int, loss_options, softcap_value
 from tritongpt.errors import UserError
 from tritongpt.kernels._common import (autocast_dtype, autotuned, cast, cdiv, check_runnable, check_same_device,
-                                       check_same_dtype, check_tensor, custom_op, first_order_only, next_pow2,
-                                       no_func_transform, on_tensor_device, plain_eager, tanh)
+                                       check_same_dtype, check_tensor, custom_op, first_order_only, launch_tuned,
+                                       next_pow2, no_func_transform, on_tensor_device, plain_eager, tanh)
 
 INTERPRET = triton_interpreting()
 # exp(x) = exp2(x * log2(e)): exp2 is one MUFU instruction
@@ -250,7 +250,7 @@ def _fwd_launch(logits, targets, ignore_index, n_classes, label_smoothing=0.0, z
         _ce_fwd_kernel[(cdiv(N, rows),)](*args, **flags, BLOCK_R=rows, BLOCK_V=block, LANE_MAX=True, NUM_STAGES=1,
                                          num_warps=warps)
     else:
-        _ce_fwd_tuned[(N,)](*args, **flags, BLOCK_R=1)
+        launch_tuned(_ce_fwd_tuned, (N,), *args, **flags, BLOCK_R=1)
     return loss, row_max, log_sum
 
 
@@ -269,7 +269,7 @@ def _bwd_launch(grad_loss, logits, targets, row_max, log_sum, ignore_index, n_cl
         rows, block, warps = _launch_shape(N, W)
         _ce_bwd_kernel[(cdiv(N, rows),)](*args, **flags, BLOCK_R=rows, BLOCK_V=block, NUM_STAGES=1, num_warps=warps)
     else:  # autotune may time a launch several times: it only reads the logits and writes dx
-        _ce_bwd_tuned[(N,)](*args, **flags, BLOCK_R=1)
+        launch_tuned(_ce_bwd_tuned, (N,), *args, **flags, BLOCK_R=1)
     return dx
 
 

@@ -62,8 +62,8 @@ import triton.language as tl
 from tritongpt._env import triton_interpreting
 from tritongpt._types import is_real
 from tritongpt.kernels._common import (autotuned, cast, cdiv, check_runnable, check_same_device, check_same_dtype,
-                                       check_tensor, custom_op, first_order_only, next_pow2, no_func_transform,
-                                       on_tensor_device)
+                                       check_tensor, custom_op, first_order_only, launch_tuned, next_pow2,
+                                       no_func_transform, on_tensor_device)
 from tritongpt.kernels._common import sm_count as _sm_count  # patched by bench/compile_check.py, tests
 
 MAX_WIDTH = 8192  # one row must fit in one tile (registers/SRAM); wider rows are rejected
@@ -293,17 +293,13 @@ _fwd_tuned = autotuned("layernorm.forward", _tuner(FWD_SHAPES, ["HAS_BIAS", "HAS
     _layer_norm_fwd_kernel))
 _bwd_tuned = autotuned("layernorm.backward", _tuner(BWD_SHAPES, ["HAS_DS", "HAS_DX2", "IS_RMS"])(
     _layer_norm_bwd_kernel))
-_CHOSEN = {}  # (direction, M_BUCKET, N, flags, dtypes) -> the Config autotune picked: later launches skip it
-
-
 def _launch(backward, args, flags, M, N, device):
     """Launch the forward (backward False) or backward kernel on args (positional, up to M_BUCKET);
     -> how many programs ran, None when the launch was only recorded (bench/compile_check.py).
 
     Interpreter: the fixed _interpreter_shape. GPU: the first launch of a (rows bucket, width, flags,
-    dtypes) runs Triton's autotuner over the shapes above; later ones launch its pick directly (the
-    autotuner rebuilds its cache key from every argument on each call: host time a 20 us kernel
-    waits on)."""
+    dtypes) runs Triton's autotuner over the shapes above; later ones launch its pick directly
+    (_common.launch_tuned)."""
     kernel = _layer_norm_bwd_kernel if backward else _layer_norm_fwd_kernel
     if INTERPRET:
         n, BLOCK_M = _interpreter_shape(M, N)
@@ -315,15 +311,7 @@ def _launch(backward, args, flags, M, N, device):
         launched[0] = _grid_size(M, meta["BLOCK_M"], sms * meta["PROGS"])
         return (launched[0],)
 
-    key = (backward, next_pow2(M), N, *flags.values(), *(a.dtype for a in args if isinstance(a, torch.Tensor)))
-    config = _CHOSEN.get(key)
-    if config is not None:
-        kernel[grid](*args, **flags, **config.all_kwargs())
-        return launched[0]
-    tuner = _bwd_tuned if backward else _fwd_tuned
-    tuner[grid](*args, **flags)
-    if launched[0] is not None and getattr(tuner, "best_config", None) is not None:
-        _CHOSEN[key] = tuner.best_config  # the config this very launch ran with (Autotuner.run sets it)
+    launch_tuned(_bwd_tuned if backward else _fwd_tuned, grid, *args, **flags)
     return launched[0]
 
 

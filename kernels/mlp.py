@@ -65,8 +65,8 @@ import triton.language as tl
 
 from tritongpt._env import triton_interpreting
 from tritongpt.kernels._common import (autocast_dtype, autotuned, cast, cdiv, check_runnable, check_same_device,
-                                       check_same_dtype, check_tensor, custom_op, dot, first_order_only, next_pow2,
-                                       no_func_transform, on_tensor_device, register_timed, timed_pick)
+                                       check_same_dtype, check_tensor, custom_op, dot, first_order_only, launch_tuned,
+                                       next_pow2, no_func_transform, on_tensor_device, register_timed, timed_pick)
 
 # Epilogue modes of the matmul kernel.
 EPI_NONE = 0       # C = A @ B (+ bias)
@@ -574,7 +574,8 @@ def _matmul(a, b, bias=None, epilogue=EPI_NONE, aux=None, b_gelu=False, b2=None,
         bias = bias if bias is not None else bias2.new_zeros(N)
         bias2 = bias2 if bias2 is not None else bias.new_zeros(N)
     grid = lambda meta: (cdiv(M, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"]),)
-    _matmul_kernel[grid](
+    launch_tuned(
+        _matmul_kernel, grid,
         a, b, c, bias if bias is not None else c, aux if aux is not None else x, h if h is not None else x,
         a2 if a2 is not None else a, b2 if b2 is not None else b, bias2 if bias2 is not None else c,
         aux2 if aux2 is not None else x, h2 if h2 is not None else x, M, N, K, _bucket(M), _bucket(K),

@@ -55,7 +55,7 @@ import triton.language as tl
 
 from tritongpt._env import triton_interpreting
 from tritongpt.kernels._common import (autocast_dtype, autotuned, cast, cdiv, check_runnable, check_same_device,
-                                       check_same_dtype, check_tensor, custom_op, dot, first_order_only,
+                                       check_same_dtype, check_tensor, custom_op, dot, first_order_only, launch_tuned,
                                        no_func_transform, on_tensor_device)
 from tritongpt.kernels.mlp import (EPI_NONE, EPI_SWIGLU, EPI_SWIGLU_GRAD, GATES, _bucket, _gate_act, _swiglu_epilogue,
                                    _swiglu_grad_epilogue)
@@ -273,7 +273,8 @@ def _grouped(a, b, n_rows, order, offsets, a_div=None, scatter=False, epilogue=E
         aux, aux2 = aux.contiguous(), aux2.contiguous()
     x = h if h is not None else (aux if aux is not None else c)
     grid = lambda meta: (cdiv(n_rows, meta["BLOCK_M"]) + E, cdiv(N, meta["BLOCK_N"]))
-    _grouped_kernel[grid](
+    launch_tuned(
+        _grouped_kernel, grid,
         a, order, b, c, order, offsets, aux if aux is not None else x, x, a2 if a2 is not None else a,
         b2 if b2 is not None else b, aux2 if aux2 is not None else x, h2 if h2 is not None else x,
         N, K, E, a_div or 1, _bucket(n_rows),
@@ -299,7 +300,8 @@ def _expert_grad(lhs, rhs, order, offsets, n_experts, l_div=None, r_div=None, lh
     if lhs2 is not None and lhs2.stride() != lhs.stride():
         lhs, lhs2 = lhs.contiguous(), lhs2.contiguous()
     grid = lambda meta: (cdiv(M, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"]), n_experts)
-    _expert_grad_kernel[grid](
+    launch_tuned(
+        _expert_grad_kernel, grid,
         lhs, order, lhs2 if lhs2 is not None else lhs, rhs, order, rhs2 if rhs2 is not None else rhs,
         out, out2 if out2 is not None else out, offsets, M, N, l_div or 1, r_div or 1, _bucket(order.numel()),
         lhs.stride(0), lhs.stride(1), rhs.stride(0), rhs.stride(1), out.stride(0), out.stride(1), out.stride(2),

@@ -1422,6 +1422,14 @@ def test_gpu_launch_path_each_autotuned_shape_is_right(monkeypatch, fastest, opt
     assert list(ce._ce_bwd_tuned.cache.values())[0] is bwd
     assert len(timed["fwd"]) == len(ce.FWD_SHAPES) and len(timed["bwd"]) == len(ce.BWD_SHAPES)  # none repeat at 8192
     assert {c.kwargs["LANE_MAX"] for c in timed["fwd"]} == {True, False}
+    # later calls launch the picks without Triton's autotuner (_common.launch_tuned), with the same result
+    from triton.runtime.autotuner import Autotuner
+    monkeypatch.setattr(Autotuner, "run", lambda *a, **k: pytest.fail("autotuned again"))
+    x2 = x.detach().clone().requires_grad_()
+    out2 = cross_entropy(x2, t, IGNORE, "none", vocab_size=V, **options)
+    (out2 * g.float()).sum().backward()
+    assert torch.equal(out2, out) and torch.equal(x2.grad, x.grad)
+    assert ce._ce_fwd_tuned.tritongpt_picks and list(ce._ce_fwd_tuned.tritongpt_picks.values())[0] is fwd
 
 
 def test_loss_tiles_prune_to_the_row_width():

@@ -322,7 +322,6 @@ def _stand_in_gpu(monkeypatch, fastest):
 
     monkeypatch.setattr(ln, "INTERPRET", False)
     monkeypatch.setattr(ln, "_sm_count", lambda device: 3)
-    monkeypatch.setattr(ln, "_CHOSEN", {})
     monkeypatch.setattr(ln, "SMALL_M", 64)
     monkeypatch.setattr(ln, "_partials", lambda rows, N, device: torch.full((rows, N), float("nan"), device=device))
     return time_as_told(monkeypatch, {"fwd": (ln._fwd_tuned, ln._prune_shapes),
@@ -347,12 +346,11 @@ def test_gpu_launch_path_autotunes_then_reuses_its_pick(monkeypatch, fastest):
         check_add_parity((150, 100), torch.float32, torch.bfloat16, torch.device("cpu"), seed=seed)
         if seed == 41:
             assert len(timed["fwd"]) >= 6 and len(timed["bwd"]) >= 7
-            picks = {(d, c.kwargs["BLOCK_M"], c.kwargs["PROGS"], c.num_warps, c.num_stages)
-                     for (d, *_), c in ln._CHOSEN.items()}
-            assert len(ln._CHOSEN) == 4  # layer_norm's and add_layer_norm's forward and backward
-            for name, backward in (("fwd", False), ("bwd", True)):
-                c = timed[name][fastest[name]]
-                assert (backward, c.kwargs["BLOCK_M"], c.kwargs["PROGS"], c.num_warps, c.num_stages) in picks
+            for name, tuner in (("fwd", ln._fwd_tuned), ("bwd", ln._bwd_tuned)):
+                picks = tuner.tritongpt_picks  # _common.launch_tuned's: layer_norm's and add_layer_norm's
+                shape = lambda c: (c.kwargs["BLOCK_M"], c.kwargs["PROGS"], c.num_warps, c.num_stages)  # noqa: E731
+                assert len(picks) == 2, picks
+                assert shape(timed[name][fastest[name]]) in {shape(c) for c in picks.values()}, picks  # last search's
             monkeypatch.setattr(Autotuner, "run", lambda *a, **k: pytest.fail("autotuned again"))
 
 
