@@ -110,3 +110,30 @@ def test_anything_but_an_autotuner_is_launched_as_kernel_grid():
 
     launch_tuned(StandIn(), (3,), 1, 2, FLAG=True)
     assert launched == [((3,), (1, 2), {"FLAG": True})]
+
+
+@pytest.mark.cuda
+def test_a_layernorm_shape_first_met_in_a_cuda_graph_capture_runs_untimed_there():
+    """The real thing on a GPU: a LayerNorm shape no eager call has met, first launched inside torch.cuda.graph. The
+    capture must not break (autotune would synchronize there); the replay gives the float64 result; the key stays
+    unpicked, so the next eager call searches."""
+    import torch.nn.functional as F
+
+    from tritongpt.kernels import layernorm as ln
+
+    gen = torch.Generator().manual_seed(5)
+    M, N = 3001, 1000  # a rows bucket (4096) and width no other test uses
+    x = torch.randn(M, N, generator=gen).to("cuda", torch.bfloat16)
+    w, b = (torch.randn(N, generator=gen).cuda() for _ in range(2))
+    picked = dict(getattr(ln._fwd_tuned, "tritongpt_picks", {}))
+    graph = torch.cuda.CUDAGraph()
+    with pytest.warns(UserWarning, match="first met inside a CUDA-graph capture"):
+        with torch.cuda.graph(graph):
+            y = ln.layer_norm(x, w, b)
+    x.copy_(torch.randn(M, N, generator=gen).to("cuda", torch.bfloat16))  # replay on fresh values
+    graph.replay()
+    torch.cuda.synchronize()
+    ref = F.layer_norm(x.double(), (N,), w.double(), b.double())
+    assert torch.isfinite(y).all()
+    assert ((y.double() - ref).norm() / ref.norm()).item() < 1e-2
+    assert getattr(ln._fwd_tuned, "tritongpt_picks", {}) == picked  # nothing kept from the capture
