@@ -48,7 +48,7 @@ def searches(monkeypatch):
     keys, run = [], Autotuner.run
 
     def counting(self, *args, **kwargs):
-        keys.append(kwargs["N_KEY"])
+        keys.append(kwargs["N_KEY"] if "N_KEY" in kwargs else args[3])  # by keyword, or 4th by position
         return run(self, *args, **kwargs)
 
     monkeypatch.setattr(Autotuner, "run", counting)
@@ -66,6 +66,27 @@ def test_one_search_per_key_then_the_pick_without_the_autotuner(searches):
     assert set(_which_block.tritongpt_picks.values()) == {_which_block.cache[next(iter(_which_block.cache))]}
     assert _run(_rand(300, seed=2)) == 32 and searches == [128, 512]  # a new key value
     assert _run(_rand(100, torch.float16, seed=3)) == 32 and searches == [128, 512, 128]  # a new dtype
+    assert len(_which_block.tritongpt_picks) == 3
+
+
+def test_key_arguments_and_tensors_count_whether_passed_by_position_or_keyword(searches):
+    """The real launchers pass most key arguments (M_BUCKET, N, W...) by position and flags by keyword; Triton's key
+    is the same either way, and so must ours be: a key value or dtype missed in one form would reuse a pick made
+    for another shape."""
+    def run(x, n_key, by_keyword):
+        out, N = torch.empty_like(x), x.numel()
+        grid = lambda meta: (triton.cdiv(N, meta["BLOCK"]),)  # noqa: E731
+        if by_keyword:
+            launch_tuned(_which_block, grid, X=x, Out=out, N=N, N_KEY=n_key)
+        else:
+            launch_tuned(_which_block, grid, x, out, N, n_key)
+        return int((out - 2 * x).round().unique().item())
+
+    assert run(_rand(100), 128, by_keyword=False) == 32 and searches == [128]
+    assert run(_rand(90, seed=1), 128, by_keyword=True) == 32 and searches == [128]  # the same key either way
+    assert run(_rand(300, seed=2), 512, by_keyword=False) == 32 and searches == [128, 512]  # positional: new value
+    assert run(_rand(100, torch.float16, seed=3), 128, by_keyword=True) == 32
+    assert searches == [128, 512, 128]  # a tensor passed by keyword: its dtype is in the key
     assert len(_which_block.tritongpt_picks) == 3
 
 
