@@ -336,6 +336,30 @@ def _launch_key(tuner, args, kwargs) -> tuple:
     return tuple(key)
 
 
+def _launch_untimed(kernel, grid, args, kwargs):
+    """launch_tuned's launch of a key first met inside a CUDA-graph capture: the first config the kernel's prune
+    leaves that this GPU builds and fits, untimed, with a warning; not kept. A config that does not fit is refused
+    before anything is enqueued (OutOfResources), and autotune's search would have skipped it (it times it inf): so
+    does this, or a GPU with less shared memory (sm_86/89's 99 KB: attention's first fp32 tiles) would fail the
+    capture, and on_tensor_device would say no tile fits. When none does, the last config's error is raised."""
+    from triton.compiler.errors import CompileTimeAssertionFailure
+    from triton.runtime.errors import PTXASError
+
+    prune = getattr(kernel, "early_config_prune", None)
+    configs = prune(kernel.configs, dict(zip(kernel.arg_names, args)), **kwargs) if prune else kernel.configs
+    for i, config in enumerate(configs):
+        try:
+            out = kernel.fn[grid](*args, **kwargs, **config.all_kwargs())
+        except (triton.OutOfResources, CompileTimeAssertionFailure, PTXASError):  # those autotune's search skips
+            if i == len(configs) - 1:
+                raise
+            continue
+        warnings.warn(f"{_tuned_name(kernel)}: a shape first met inside a CUDA-graph capture, where autotune "
+                      f"cannot time; launched untimed with {config}. Run one eager step before capturing to tune it.",
+                      stacklevel=3)
+        return out
+
+
 def launch_tuned(kernel, grid, *args, **kwargs):
     """kernel[grid](*args, **kwargs) for a triton.autotune kernel, with the search's pick kept per key here.
 
@@ -344,8 +368,8 @@ def launch_tuned(kernel, grid, *args, **kwargs):
     - host time: Autotuner.run rebuilds its key from a dict of every argument on each call, ~15 us a launch on
       this machine's CPU (attention's forward: 16 of its launcher's 35), which a 20 us kernel waits on;
     - CUDA graphs: a key first met inside a capture would be timed there, and timing synchronizes, which breaks
-      the capture. There the kernel's first config left by its prune is launched untimed, with a warning, and
-      not kept: the next eager launch of the key runs the search.
+      the capture. There the kernel's first config left by its prune that this GPU fits is launched untimed,
+      with a warning, and not kept: the next eager launch of the key runs the search (_launch_untimed).
     Anything else (the interpreter's plain JITFunction, a test's stand-in) is launched as kernel[grid]."""
     configs = getattr(kernel, "configs", None)
     if configs is None or not hasattr(kernel, "fn"):
@@ -356,11 +380,7 @@ def launch_tuned(kernel, grid, *args, **kwargs):
     key = _launch_key(kernel, args, kwargs)
     config = picks.get(key)
     if config is None and torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
-        prune = getattr(kernel, "early_config_prune", None)
-        config = (prune(configs, dict(zip(kernel.arg_names, args)), **kwargs) if prune else configs)[0]
-        warnings.warn(f"{_tuned_name(kernel)}: a shape first met inside a CUDA-graph capture, where autotune "
-                      f"cannot time; launched untimed with {config}. Run one eager step before capturing to tune it.",
-                      stacklevel=2)
+        return _launch_untimed(kernel, grid, args, kwargs)
     if config is not None:  # (none of this package's configs has a pre_hook, which Autotuner.run would call)
         return kernel.fn[grid](*args, **kwargs, **config.all_kwargs())
     kernel.best_config = None

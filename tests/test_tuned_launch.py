@@ -114,6 +114,34 @@ def test_a_key_first_met_inside_a_capture_launches_untimed_and_is_not_kept(monke
     assert _run(_rand(100)) == 32  # the next eager launch of the key searches
 
 
+def _refusing(monkeypatch, blocks):
+    """The GPU refuses these BLOCKs as Triton does a tile too big for its shared memory: OutOfResources, raised by the
+    launch before anything is enqueued (autotune's search times such a config as inf and picks another)."""
+    run = _which_block.fn.run
+
+    def refuse(*args, **kwargs):
+        if kwargs["BLOCK"] in blocks:
+            raise triton.OutOfResources(1 << 20, 99 << 10, "shared memory")
+        return run(*args, **kwargs)
+
+    monkeypatch.setattr(_which_block.fn, "run", refuse)
+
+
+def test_inside_a_capture_a_config_this_gpu_refuses_is_skipped(monkeypatch, searches):
+    """A GPU with less shared memory (sm_86/89's 99 KB) refuses the first tiles of some lists (attention's in fp32):
+    the untimed launch goes on to the next config the prune leaves, as the search would have, rather than failing
+    the capture with on_tensor_device's "no tile of this Triton kernel fits"."""
+    _refusing(monkeypatch, {16})
+    _capturing(monkeypatch)
+    with pytest.warns(UserWarning, match="launched untimed with BLOCK: 32") as warned:
+        assert _run(_rand(100)) == 32
+    assert [w.filename for w in warned] == [__file__]  # the launcher that met the shape (here _run), not _common
+    assert searches == [] and not _which_block.tritongpt_picks
+    _refusing(monkeypatch, {16, 32, 64})  # none fits: Triton's own error, for on_tensor_device to word
+    with pytest.raises(triton.OutOfResources):
+        _run(_rand(100))
+
+
 def test_a_key_picked_before_the_capture_launches_its_pick_there_quietly(monkeypatch, searches, recwarn):
     _run(_rand(100))
     _capturing(monkeypatch)
