@@ -4117,8 +4117,8 @@ def test_gpu_session_tests_stage_runs_the_unreached_files_first_then_every_cuda_
     root = Path(__file__).resolve().parent.parent
     (pytest_args,) = [c[2:] for c in runs if c[:2] == ["-m", "pytest"]]
     files = [a for a in pytest_args if a.startswith("tests/") and "::" not in a]  # not the --deselect ids
-    assert files[:5] == ["tests/test_model_paths.py", "tests/test_loop.py", "tests/test_attention.py",
-                         "tests/test_rlhf.py", "tests/test_mlp.py"]
+    assert files[:6] == ["tests/test_model_paths.py", "tests/test_loop.py", "tests/test_attention.py",
+                         "tests/test_rlhf.py", "tests/test_mlp.py", "tests/test_tuned_launch.py"]
     marked = {f"tests/{p.name}" for p in (root / "tests").glob("test_*.py") if "mark.cuda" in p.read_text()}
     assert len(files) == len(set(files)) and set(files) == marked and "tests" not in pytest_args
 
