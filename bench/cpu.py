@@ -239,7 +239,7 @@ def host_cases(rows=8, width=768, mlp_width=32, heads=4, seq=16, head_dim=64, vo
     }
 
 
-def bench_host_overhead(calls=300, ops=None):
+def bench_host_overhead(calls=300, ops=None, gpu_branch=True):
     """Per-call host time of each Triton op used by the model, fwd and fwd+bwd, and of torch's eager
     op for the same job, with the Triton launch stubbed (stubbed_launches) on tiny CPU tensors: what
     a GPU step pays on the host before any kernel runs (where the GPU waits on it, small batches and
@@ -264,6 +264,103 @@ def bench_host_overhead(calls=300, ops=None):
             _host_rows(names, cases, calls, conf, stub, rows)
     finally:
         torch.set_num_threads(threads)
+    return rows + host_rows_gpu_branch(names, calls) if gpu_branch else rows
+
+
+GPU_BRANCH = "triton-gpu-branch"
+GPU_BRANCH_NOTE = ("host only: the launchers' GPU branch (autotuned picks, GPU launch shapes) on CPU tensors, "
+                   "Triton's own launcher stubbed; not GPU time")
+
+
+def host_rows_gpu_branch(names, calls, timeout_s=600):
+    """The host rows of our ops as a GPU runs them (provider "triton-gpu-branch"). The interpreter's rows above take
+    the launchers' interpreter branch, where nothing is autotuned (attention's kernels are not even Autotuners
+    there); this one's launchers take their GPU branch: each autotuned kernel's search (one config, untimed), then
+    its pick through _common.launch_tuned, the GPU launch shapes. Triton decides interpreter or not at import, so
+    in a fresh process with TRITON_INTERPRET=0, Triton's own launcher (JITFunction.run) stubbed."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    code = ("import json, sys; from tritongpt.bench.cpu import gpu_branch_rows; "
+            "print(json.dumps(gpu_branch_rows(json.loads(sys.argv[1]), int(sys.argv[2]))))")
+    env = dict(os.environ, TRITON_INTERPRET="0")
+    try:
+        run = subprocess.run([sys.executable, "-c", code, json.dumps(names), str(calls)], env=env,
+                             capture_output=True, text=True, timeout=timeout_s)
+        if run.returncode != 0:
+            raise RuntimeError((run.stderr.strip().splitlines() or [f"exit status {run.returncode}"])[-1])
+        return json.loads(run.stdout.strip().splitlines()[-1])
+    except (OSError, RuntimeError, ValueError, IndexError, subprocess.TimeoutExpired) as e:
+        return [make_row("cpu", f"host-{n}", GPU_BRANCH, {"calls": calls}, m, f"failed: {reason_of(e)}")
+                for n in names for m in ("fwd", "fwd+bwd")]
+
+
+class gpu_branch_launches:
+    """Within it (a process with TRITON_INTERPRET=0), our launchers run their GPU branch on CPU tensors: every
+    Triton launch (JITFunction.run) returns at once, counted in .launches (.tuned: those of an autotuned kernel);
+    each autotune search keeps the first config its prune leaves, untimed (nothing here can time a GPU kernel);
+    CPU tensors pass the device check; the GPU has 132 SMs (an H100 SXM's). Outputs are uninitialized memory."""
+
+    def __enter__(self):
+        import importlib
+        import pkgutil
+
+        from triton.runtime.jit import JITFunction
+
+        from tritongpt import kernels
+        from tritongpt.kernels import _common
+
+        for info in pkgutil.iter_modules(kernels.__path__):
+            importlib.import_module(f"tritongpt.kernels.{info.name}")
+        self.saved, self.launches, self.tuned = [], 0, 0
+        tuned_fns = {id(t.fn) for t in _common.AUTOTUNED.values() if hasattr(t, "fn")}
+
+        def swap(obj, name, value):
+            self.saved.append((obj, name, obj.__dict__.get(name, _MISSING)))
+            setattr(obj, name, value)
+
+        def run(fn, *args, grid, warmup, **kwargs):
+            self.launches += not warmup
+            self.tuned += not warmup and id(fn) in tuned_fns
+
+        swap(JITFunction, "run", run)
+        swap(_common, "triton_interpreting", lambda: True)  # check_runnable's test: CPU tensors may run
+        for info in pkgutil.iter_modules(kernels.__path__):
+            module = importlib.import_module(f"tritongpt.kernels.{info.name}")
+            if hasattr(module, "_sm_count"):
+                swap(module, "_sm_count", lambda device: 132)
+        for tuner in _common.AUTOTUNED.values():
+            prune = getattr(tuner, "early_config_prune", None)
+            swap(tuner, "early_config_prune",
+                 lambda configs, named_args, prune=prune, **kw: (prune(configs, named_args, **kw) if prune
+                                                                 else configs)[:1])
+        return self
+
+    def __exit__(self, *exc):
+        for obj, name, value in reversed(self.saved):
+            if value is _MISSING:
+                delattr(obj, name)
+            else:
+                setattr(obj, name, value)
+
+
+_MISSING = object()
+
+
+def gpu_branch_rows(names, calls):
+    """The "triton-gpu-branch" rows (run by host_rows_gpu_branch in a process with TRITON_INTERPRET=0)."""
+    from tritongpt._env import triton_interpreting
+
+    if triton_interpreting():
+        raise RuntimeError("the GPU branch's host rows need Triton's interpreter off (TRITON_INTERPRET=0)")
+    conf = {"rows": 8, "width": 768, "mlp_width": 32, "heads": 4, "seq": 16, "head_dim": 64, "vocab": 512,
+            "dtype": "fp32", "calls": calls}
+    rows = []
+    torch.set_num_threads(1)
+    with gpu_branch_launches() as stub:
+        _host_rows(names, host_cases(), calls, conf, stub, rows, providers=(GPU_BRANCH,), note=GPU_BRANCH_NOTE)
     return rows
 
 
@@ -274,11 +371,12 @@ HOST_SIZES = {"layer_norm": ("rows", "width"), "add_layer_norm": ("rows", "width
               "rope": ("heads", "seq", "head_dim")}
 
 
-def _host_rows(names, cases, calls, conf_all, stub, rows):
-    """Append each op's rows (ours and torch's, fwd and fwd+bwd) to rows, launches stubbed by stub."""
+def _host_rows(names, cases, calls, conf_all, stub, rows, providers=("triton", "torch"), note=HOST_NOTE):
+    """Append each op's rows (ours and torch's, fwd and fwd+bwd; or ours alone, named providers[0]) to rows,
+    launches stubbed by stub."""
     for name in names:
         conf = {k: v for k, v in conf_all.items() if k in HOST_SIZES.get(name, conf_all) or k in ("dtype", "calls")}
-        for provider, fn in zip(("triton", "torch"), cases[name]):
+        for provider, fn in zip(providers, cases[name]):
             def fwd_bwd(fn=fn):
                 out = fn()
                 out.sum().backward() if out.dim() else out.backward()
@@ -288,10 +386,14 @@ def _host_rows(names, cases, calls, conf_all, stub, rows):
                     # 3 untimed calls, then `calls` timed one at a time
                     med, p20, p80 = CpuTimer(reps=calls, warm_calls=3, warm_s=0).bench(run)
                     stub.launches = 0
+                    if hasattr(stub, "tuned"):
+                        stub.tuned = 0
                     run()
                 except Exception as e:
                     rows.append(make_row("cpu", f"host-{name}", provider, conf, mode, f"failed: {reason_of(e)}"))
                     continue
                 # launches: Triton kernels a call starts, each with Triton's own launch cost on a GPU on top
+                # tuned_launches (GPU branch): those of autotuned kernels, each through its pick
+                tuned = {"tuned_launches": stub.tuned} if hasattr(stub, "tuned") else {}
                 rows.append(make_row("cpu", f"host-{name}", provider, conf, mode, ms=med, ms_p20=p20,
-                                     ms_p80=p80, us=med * 1e3, launches=stub.launches, note=HOST_NOTE))
+                                     ms_p80=p80, us=med * 1e3, launches=stub.launches, note=note, **tuned))

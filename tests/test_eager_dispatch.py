@@ -248,7 +248,7 @@ def test_bench_host_overhead_rows():
     from tritongpt.bench.cpu import HOST_NOTE, bench_host_overhead
 
     run, threads = interpreter.InterpretedFunction.run, torch.get_num_threads()
-    rows = bench_host_overhead(calls=5, ops=["layer_norm", "flash_attention"])
+    rows = bench_host_overhead(calls=5, ops=["layer_norm", "flash_attention"], gpu_branch=False)
     assert interpreter.InterpretedFunction.run is run and torch.get_num_threads() == threads  # both undone
     assert [(r["op"], r["provider"], r["mode"]) for r in rows] == [
         (f"host-{op}", p, m) for op in ("layer_norm", "flash_attention") for p in ("triton", "torch")
@@ -264,6 +264,32 @@ def test_bench_host_overhead_rows():
     assert {r["op"]: sorted(r["config"]) for r in rows} == {
         "host-layer_norm": ["calls", "dtype", "rows", "width"],
         "host-flash_attention": ["calls", "dtype", "head_dim", "heads", "seq"]}
+
+
+def test_bench_host_overhead_gpu_branch_rows():
+    """The "triton-gpu-branch" rows time the launchers' GPU branch (a fresh process with the interpreter off): there
+    every autotuned kernel launches through its pick, so attention's forward + backward counts three autotuned
+    launches of four (the preprocess is not tuned), where the interpreter's branch has no Autotuner at all; the
+    matmul's six launches of the GELU-MLP's forward + backward are tuned too; rope has no tuned kernel."""
+    from tritongpt.bench.cpu import GPU_BRANCH, GPU_BRANCH_NOTE, bench_host_overhead
+
+    ops = ["layer_norm", "gelu_mlp", "flash_attention", "rope"]
+    rows = [r for r in bench_host_overhead(calls=3, ops=ops) if r["provider"] == GPU_BRANCH]
+    assert [(r["op"], r["mode"]) for r in rows] == [(f"host-{op}", m) for op in ops for m in ("fwd", "fwd+bwd")]
+    assert all(r["status"] == "ok" and r["ms"] > 0 and r["note"] == GPU_BRANCH_NOTE for r in rows), rows
+    counts = {(r["op"][5:], r["mode"]): (r["launches"], r["tuned_launches"]) for r in rows}
+    assert counts == {("layer_norm", "fwd"): (1, 1), ("layer_norm", "fwd+bwd"): (2, 2),
+                      ("gelu_mlp", "fwd"): (2, 2), ("gelu_mlp", "fwd+bwd"): (6, 6),
+                      ("flash_attention", "fwd"): (1, 1), ("flash_attention", "fwd+bwd"): (4, 3),
+                      ("rope", "fwd"): (1, 0), ("rope", "fwd+bwd"): (2, 0)}
+
+
+def test_gpu_branch_rows_refuse_the_interpreter():
+    """In this process the interpreter is on: the GPU branch's rows cannot be taken here, and say why."""
+    from tritongpt.bench.cpu import gpu_branch_rows
+
+    with pytest.raises(RuntimeError, match="need Triton's interpreter off"):
+        gpu_branch_rows(["layer_norm"], 1)
 
 
 def _traced_ops(graph):
