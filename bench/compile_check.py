@@ -253,7 +253,7 @@ def capture(quick=False, half="bfloat16"):
                         # [B, T, H, D] buffers seen as [B, H, T, D], as the model passes them
                         q = torch.empty(batch, tq, heads, d, dtype=dt, **meta).transpose(1, 2)
                         k = torch.empty(batch, ATTN_SEQ, heads, d, dtype=dt, **meta).transpose(1, 2)
-                        seed = torch.tensor(1234)
+                        seed = torch.full((), 1234, dtype=torch.int64, **meta)  # read on the device: a pointer
                         o, lse = attention._fwd_launch(q, k, k, True, d ** -0.5, p, seed)
                         if tq > 1:  # decode runs forward only
                             attention._bwd_launch(torch.empty_like(o), q, k, k, o, lse, True, d ** -0.5, p, seed)

@@ -28,7 +28,9 @@ Algorithm (Dao, "FlashAttention-2", 2023). Per (batch, head), with S = scale * Q
   dropout   P' = dropout(P) / (1 - p), O = P' V, as nn.Dropout on the attention weights. The
             keep-mask is never stored: entry (bh, i, j) keeps iff tl.rand(seed, (bh*Tq + i)*Tk + j)
             >= p, a counter-based RNG, so the backward regenerates exactly the same mask, and
-            `dropout_mask` rebuilds it for tests. Delta = rowsum(O*dO) is still rowsum(P*dP).
+            `dropout_mask` rebuilds it for tests. Delta = rowsum(O*dO) is still rowsum(P*dP). The
+            seed is a one-element int64 tensor on q's device that each program loads (its low 31
+            bits): the host never reads it, so a launch with dropout can be captured in a CUDA graph.
   documents packed documents (doc_ids, causal only): query i sees key j iff starts[i] <= j <= i,
             starts[i] being where i's run of equal ids begins. The forward and dQ pass skip the KV
             tiles before the earliest start among a query tile's rows; the dK/dV pass skips the
@@ -145,6 +147,14 @@ def _store_rows(base, val, rows, n_rows, stride_row, offs_d, HEAD_DIM: tl.conste
     if BLOCK_D != HEAD_DIM:
         mask = mask & (offs_d[None, :] < HEAD_DIM)
     tl.store(ptrs, cast(val, base.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _load_seed(Seed):
+    """The dropout seed from its one-element int64 tensor, its low 31 bits (the seeds an int takes: a tensor's
+    seed + 2^31 gives seed's mask). Read on the device: a host .item() would wait for the GPU and could not be
+    captured in a CUDA graph, and a graph replayed with a new seed in the tensor draws a new mask."""
+    return tl.load(Seed) & 0x7FFFFFFF
 
 
 @triton.jit
@@ -276,8 +286,8 @@ def _doc_tile_range(starts, offs_m, Tq, Tk, full_hi, BLOCK_N: tl.constexpr):
     return q_start, tl.minimum(lo, full_hi), mid
 
 
-@triton.jit(do_not_specialize=["seed", "H"])
-def _attn_fwd(Q, K, V, O, LSE, STARTS, ALIBI, seed, qk_scale, softcap, dropout_p, keep_scale,
+@triton.jit(do_not_specialize=["H"])
+def _attn_fwd(Q, K, V, O, LSE, STARTS, ALIBI, Seed, qk_scale, softcap, dropout_p, keep_scale,
               stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
               stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_om, stride_sb,
               H, GROUP, Tq, Tk, Q_BUCKET,
@@ -298,6 +308,7 @@ def _attn_fwd(Q, K, V, O, LSE, STARTS, ALIBI, seed, qk_scale, softcap, dropout_p
     v_base = V + b * stride_vb + (h // GROUP) * stride_vh
     o_base = O + b * stride_ob + h * stride_oh
     rng_base = bh.to(tl.int64) * Tq * Tk
+    seed = _load_seed(Seed) if HAS_DROPOUT else 0  # without dropout Seed is a stand-in, never read
     slope = _alibi_slope(ALIBI, h, HAS_ALIBI)
 
     offs_m = start_m + tl.arange(0, BLOCK_M)
@@ -512,8 +523,8 @@ def _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_ptr, delta_ptr, starts, s
     return dk, dv
 
 
-@triton.jit(do_not_specialize=["seed", "H"])
-def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, Delta, STARTS, ENDS, ALIBI, seed, qk_scale, softcap, sm_scale, dropout_p,
+@triton.jit(do_not_specialize=["H"])
+def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, Delta, STARTS, ENDS, ALIBI, Seed, qk_scale, softcap, sm_scale, dropout_p,
                    keep_scale, stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
                    stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_dom, stride_sb,
                    stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh, stride_dvn,
@@ -543,6 +554,7 @@ def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, Delta, STARTS, ENDS, ALIBI, seed, q
     else:
         lo = 0
         full_lo = 0
+    seed = _load_seed(Seed) if HAS_DROPOUT else 0  # without dropout Seed is a stand-in, never read
     starts = STARTS + b * stride_sb
     if HAS_DOCS:
         # Documents: query row i sees key j only while j >= starts[i], i.e. before j's document
@@ -621,8 +633,8 @@ def _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn, o
     return dq
 
 
-@triton.jit(do_not_specialize=["seed", "H"])
-def _attn_bwd_dq(Q, K, V, DO, DQ, LSE, Delta, STARTS, ENDS, ALIBI, seed, qk_scale, softcap, sm_scale, dropout_p,
+@triton.jit(do_not_specialize=["H"])
+def _attn_bwd_dq(Q, K, V, DO, DQ, LSE, Delta, STARTS, ENDS, ALIBI, Seed, qk_scale, softcap, sm_scale, dropout_p,
                  keep_scale, stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
                  stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_dom, stride_sb,
                  stride_dqb, stride_dqh, stride_dqm,
@@ -637,6 +649,7 @@ def _attn_bwd_dq(Q, K, V, DO, DQ, LSE, Delta, STARTS, ENDS, ALIBI, seed, qk_scal
     k_base = K + b * stride_kb + (h // GROUP) * stride_kh  # query head h reads KV head h // GROUP
     v_base = V + b * stride_vb + (h // GROUP) * stride_vh
     rng_base = bh.to(tl.int64) * Tq * Tk
+    seed = _load_seed(Seed) if HAS_DROPOUT else 0  # without dropout Seed is a stand-in, never read
     slope = _alibi_slope(ALIBI, h, HAS_ALIBI)
 
     offs_m = start_m + tl.arange(0, BLOCK_M)
@@ -668,14 +681,14 @@ def _attn_bwd_dq(Q, K, V, DO, DQ, LSE, Delta, STARTS, ENDS, ALIBI, seed, qk_scal
                 HEAD_DIM, BLOCK_D)
 
 
-@triton.jit(do_not_specialize=["seed"])
-def _dropout_mask_kernel(Out, seed, Tq, Tk, dropout_p, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+@triton.jit
+def _dropout_mask_kernel(Out, Seed, Tq, Tk, dropout_p, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """Grid (cdiv(Tq, BLOCK_M), cdiv(Tk, BLOCK_N), B*H): materialise the keep-mask (tests only)."""
     bh = tl.program_id(2)
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     rng_base = bh.to(tl.int64) * Tq * Tk
-    keep = _dropout_keep(seed, rng_base, offs_m[:, None], offs_n[None, :], Tk, dropout_p)
+    keep = _dropout_keep(_load_seed(Seed), rng_base, offs_m[:, None], offs_n[None, :], Tk, dropout_p)
     ptrs = Out + rng_base + offs_m[:, None].to(tl.int64) * Tk + offs_n[None, :]
     tl.store(ptrs, keep.to(tl.int8), mask=(offs_m[:, None] < Tq) & (offs_n[None, :] < Tk))
 
@@ -841,11 +854,13 @@ def _last_dim_contiguous(t):
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def _seed_value(seed: torch.Tensor | None) -> int:
-    # 31 bits keep the kernel argument an int32, and the kernels do not specialize on it (as
-    # they would on 1 or a multiple of 16), so one compiled variant serves every seed. Nor on H
-    # (it only numbers the programs): 12 heads and 32 share the binaries bench compile built.
-    return 0 if seed is None else int(seed.item()) & 0x7FFFFFFF  # None: no dropout, the seed is never read
+def _seed_arg(q, seed, dropout_p):
+    """The kernels' Seed pointer: with dropout the one-element int64 seed tensor on q's device, which they read
+    themselves (_load_seed), so the launch never waits on the GPU for it (.item()) and can be captured in a CUDA
+    graph; without dropout a never-read stand-in (HAS_DROPOUT is a compile-time False). A pointer's value is not
+    specialized on, only its alignment, so every seed shares one binary. Nor is H (it only numbers the
+    programs: do_not_specialize): 12 heads and 32 share the binaries bench compile built."""
+    return seed if dropout_p > 0.0 else _stand_in(q.device, torch.int64)
 
 
 # ----------------------------------------------------------------------------- split-KV decode
@@ -921,7 +936,7 @@ def _fwd_launch(q, k, v, causal, softmax_scale, dropout_p, seed, starts=None, en
     starts_arg, _, stride_sb = _doc_args(q, starts, ends)
     launch_tuned(
         _attn_fwd_run, grid,
-        q, k, v, o, lse, starts_arg, _alibi_arg(q, alibi), _seed_value(seed), softmax_scale * LOG2E,
+        q, k, v, o, lse, starts_arg, _alibi_arg(q, alibi), _seed_arg(q, seed, dropout_p), softmax_scale * LOG2E,
         softcap * LOG2E, dropout_p, 1.0 / (1.0 - dropout_p),
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1), o.stride(2), stride_sb,
@@ -950,8 +965,8 @@ def _bwd_launch(do, q, k, v, o, lse, causal, softmax_scale, dropout_p, seed, sta
         o, do, delta, o.stride(0), o.stride(1), o.stride(2), do.stride(0), do.stride(1), do.stride(2),
         H, Tq, HEAD_DIM=D, BLOCK_D=flags["BLOCK_D"], BLOCK_M=pre_block)
     starts_arg, ends_arg, stride_sb = _doc_args(q, starts, ends)
-    common = (starts_arg, ends_arg, _alibi_arg(q, alibi), _seed_value(seed), softmax_scale * LOG2E, softcap * LOG2E,
-              softmax_scale, dropout_p, 1.0 / (1.0 - dropout_p), q.stride(0), q.stride(1), q.stride(2),
+    common = (starts_arg, ends_arg, _alibi_arg(q, alibi), _seed_arg(q, seed, dropout_p), softmax_scale * LOG2E,
+              softcap * LOG2E, softmax_scale, dropout_p, 1.0 / (1.0 - dropout_p), q.stride(0), q.stride(1), q.stride(2),
               k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1),
               do.stride(2), stride_sb)
     launch_tuned(
@@ -970,9 +985,9 @@ def _bwd_launch(do, q, k, v, o, lse, causal, softmax_scale, dropout_p, seed, sta
 # ----------------------------------------------------------------------------- custom ops
 # Registered ops let torch.compile (Dynamo/AOTAutograd/Inductor) keep attention as one opaque
 # node with known output shapes (the fake impls) and a known backward (register_autograd),
-# instead of trying to trace Python that launches Triton. The seed travels as a CPU int64
-# tensor so a fresh seed per step does not force a recompile; without dropout it is None, so a
-# compiled graph holds no CPU tensor (inductor's CUDA graphs skip a graph that has one).
+# instead of trying to trace Python that launches Triton. The seed travels as a one-element int64
+# tensor on q's device, so a fresh seed per step does not force a recompile, and a compiled graph
+# holds no CPU tensor (inductor's CUDA graphs skip a graph that has one); without dropout it is None.
 @custom_op("tritongpt::flash_attn_fwd", mutates_args=())
 def _flash_attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, softmax_scale: float,
                     dropout_p: float, seed: torch.Tensor | None, starts: torch.Tensor | None = None,
@@ -986,8 +1001,7 @@ def _flash_attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: b
         check_tensor(t, name, ndim=4)
     check_same_dtype(q=q, k=k, v=v)
     _check_shapes(q, k, v, causal, dropout_p)
-    if dropout_p > 0.0 and seed is None:  # flash_attention draws one; a direct call of the op must give it
-        raise ValueError(f"dropout_p {dropout_p} needs a seed tensor (None only without dropout)")
+    _check_seed(q, dropout_p, seed)
     _check_bounds(q, k, causal, starts, ends)
     _checked_softcap(softcap)
     _check_alibi(q, alibi)
@@ -996,6 +1010,7 @@ def _flash_attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: b
 
 @_flash_attn_fwd.register_fake
 def _(q, k, v, causal, softmax_scale, dropout_p, seed, starts=None, ends=None, softcap=0.0, alibi=None):
+    _check_seed(q, dropout_p, seed)  # a seed on another device fails when traced, not first on the GPU
     B, H, Tq, D = q.shape
     o = q.new_empty((B, Tq, H, D)).transpose(1, 2)
     return o, q.new_empty((B, H, Tq), dtype=torch.float32)
@@ -1009,6 +1024,7 @@ def _flash_attn_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     _checked_softcap(softcap)
     _check_alibi(q, alibi, finite=False)  # forward checked its values
+    _check_seed(q, dropout_p, seed)
     return _bwd_launch(do, q, k, v, o, lse, causal, softmax_scale, dropout_p, seed, starts, ends, softcap, alibi)
 
 
@@ -1108,26 +1124,43 @@ def _check_head_span(**tensors):
                              "flash_attention addresses within a head with 32-bit offsets (< 2^31)")
 
 
-def _as_seed(seed):
+def _check_seed(q, dropout_p, seed):
+    """The op's seed as the kernels read it (_load_seed) when dropout_p > 0: one int64 on q's device.
+    Checked, not moved: a copy from the host inside the op would run on every call and cannot be captured
+    in a CUDA graph (flash_attention moves a user's seed once, before the op)."""
+    if dropout_p <= 0.0:
+        return  # never read
+    if seed is None:  # flash_attention draws one; a direct call of the op must give it
+        raise ValueError(f"dropout_p {dropout_p} needs a seed tensor (None only without dropout)")
+    if seed.numel() != 1 or seed.dtype != torch.int64 or seed.device != q.device:
+        raise ValueError(f"the seed must be one int64 on q's device {q.device}, got {seed.dtype} "
+                         f"{tuple(seed.shape)} on {seed.device}")
+
+
+def _as_seed(seed, device):
+    """A user's seed as a one-element int64 tensor on `device`."""
     if isinstance(seed, torch.Tensor):
         if seed.numel() != 1 or seed.dtype.is_floating_point or seed.dtype.is_complex or seed.dtype == torch.bool:
             raise TypeError(f"seed tensor must hold one integer, got dtype {seed.dtype} shape {tuple(seed.shape)}")
-        return seed.detach().reshape(()).to(device="cpu", dtype=torch.int64)
+        return seed.detach().reshape(()).to(device=device, dtype=torch.int64)
     if not is_int(seed):
         raise TypeError(f"seed must be an int or an integer tensor, got {type(seed).__name__}")
     seed = int(seed)
-    if not 0 <= seed < 2 ** 31:  # the kernels take 31 bits (see _seed_value): others would alias
+    if not 0 <= seed < 2 ** 31:  # the kernels take 31 bits (_load_seed): others would alias
         raise ValueError(f"seed must be in [0, 2^31), got {seed}")
-    return torch.tensor(seed, dtype=torch.int64)
+    # a fill on the device, not torch.tensor's copy from the host (which a CUDA-graph capture refuses)
+    return torch.full((), seed, dtype=torch.int64, device=device)
 
 
-def _seed_tensor(seed, dropout_p):
+def _seed_tensor(seed, dropout_p, device):
     if dropout_p == 0.0:
         return None
     if seed is None:
-        # From torch's default generator, so torch.manual_seed makes the dropout reproducible.
-        return torch.randint(0, 2**31 - 1, (), dtype=torch.int64)
-    return _as_seed(seed)
+        # From torch's generator of q's device, so torch.manual_seed makes the dropout reproducible and
+        # activation checkpointing's replay of that generator draws the same seed; on the device, so no
+        # CPU tensor enters a compiled graph (which would cost it its CUDA graph).
+        return torch.randint(0, 2**31 - 1, (), dtype=torch.int64, device=device)
+    return _as_seed(seed, device)
 
 
 def _checked_scale(softmax_scale) -> float:
@@ -1201,8 +1234,8 @@ def flash_attention(q, k, v, causal=True, softmax_scale=None, dropout_p=0.0, see
         MultiHeadAttention.softmax_scale (model/layers.py): Gemma's 1/sqrt(query_pre_attn_scalar), Granite's
         attention_multiplier (GPTConfig.attention_multiplier), each times YaRN's attention_factor squared under YaRN.
     dropout_p: on the attention weights, scaled by 1/(1-p);
-    seed: int in [0, 2^31) for a reproducible mask (see dropout_mask), else drawn from torch's RNG
-    (a seed tensor is taken modulo 2^31).
+    seed: int in [0, 2^31) for a reproducible mask (see dropout_mask), else drawn from torch's RNG of q's
+    device (a seed tensor is taken modulo 2^31, and moved to q's device: one there already costs no copy).
     doc_ids: integer [B, Tk], with causal: packed documents. A run of equal ids is one document,
     and a query sees only the keys of its own (document masking; FlashAttention's varlen and
     FlexAttention's document mask give the same). KV tiles of other documents are skipped.
@@ -1233,7 +1266,8 @@ def flash_attention(q, k, v, causal=True, softmax_scale=None, dropout_p=0.0, see
     if window is not None:
         starts, ends = window_bounds(_checked_window(window, causal), k.shape[2], q.shape[0], q.device,
                                      starts, ends)
-    args = (q, k, v, bool(causal), scale, dropout_p, _seed_tensor(seed, dropout_p), starts, ends, softcap, alibi_slopes)
+    seed = _seed_tensor(seed, dropout_p, q.device)
+    args = (q, k, v, bool(causal), scale, dropout_p, seed, starts, ends, softcap, alibi_slopes)
     out, _ = FlashAttnFunction.apply(*args) if plain_eager(args) else _flash_attn_fwd(*args)
     return out
 
@@ -1324,7 +1358,7 @@ def dropout_mask(seed, B, H, Tq, Tk, p, device):
     out = torch.empty((B, H, Tq, Tk), dtype=torch.int8, device=device)
     if out.numel() == 0:
         return out.bool()
-    return _mask_launch(out, _seed_value(_as_seed(seed)), float(p)).bool()
+    return _mask_launch(out, _as_seed(seed, device), float(p)).bool()
 
 
 @on_tensor_device

@@ -202,7 +202,8 @@ class GPTModel(nn.Module):
         holds about one [B, T, C] tensor per layer, for one more forward pass of the blocks (a
         step costs ~1/3 more). Either kernel path; the gradients are the same as without (dropout
         masks included: the recomputation replays the RNG, and the Triton attention's seed is
-        drawn from it). Only where gradients are recorded: inference is unchanged.
+        drawn from it, the generator of the activations' device, whose state the replay restores).
+        Only where gradients are recorded: inference is unchanged.
         """
         if not isinstance(on, bool):  # 1 == True: a number would pass `in (True, False)`
             raise UserError(f"activation checkpointing is True or False, got {on!r}")

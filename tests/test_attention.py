@@ -371,6 +371,112 @@ def test_a_seed_tensor_is_taken_modulo_2_to_the_31(device):
     assert not torch.equal(other, five)
 
 
+def test_the_mask_is_tl_rand_of_the_seeds_low_31_bits(device):
+    """The kernels read the seed through a pointer, but draw what they drew as a scalar argument: keep iff
+    tl.rand(seed mod 2^31, (bh * Tq + i) * Tk + j) >= p, rebuilt here by a kernel of the test's own with the
+    seed an int argument (masks made before the seed moved to the device stay reproducible)."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def scalar_seed_mask(Out, seed, Tq, Tk, p, BLOCK: tl.constexpr):
+        rows, cols = tl.arange(0, BLOCK)[:, None], tl.arange(0, BLOCK)[None, :]
+        counters = tl.program_id(0).to(tl.int64) * Tq * Tk + rows.to(tl.int64) * Tk + cols
+        tl.store(Out + counters, (tl.rand(seed, counters) >= p).to(tl.int8), mask=(rows < Tq) & (cols < Tk))
+
+    B, H, Tq, Tk, p = 1, 2, 19, 23, 0.5
+    for seed, value in ((5, 5), (2 ** 31 - 1, 2 ** 31 - 1), (torch.tensor(2 ** 32 + 9), 9)):
+        want = torch.empty(B, H, Tq, Tk, dtype=torch.int8, device=device)
+        scalar_seed_mask[(B * H,)](want, value, Tq, Tk, p, BLOCK=32)
+        assert torch.equal(dropout_mask(seed, B, H, Tq, Tk, p, device), want.bool()), seed
+
+
+class LaunchRecorder:
+    """Stands in for a Triton kernel (kernel[grid](...)): keeps each launch's arguments by name, runs nothing."""
+
+    def __init__(self, kernel):
+        self.names, self.launches = kernel.arg_names, []
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self.launches.append({**dict(zip(self.names, args)), **kwargs})
+
+
+def test_the_launchers_pass_the_seed_tensor_and_never_read_it_on_the_host(monkeypatch):
+    """The forward and both backward passes get the seed tensor itself as their Seed pointer (they read it on
+    the device), so a launch neither waits on the GPU nor breaks a CUDA-graph capture. On meta tensors, where
+    any host read (.item(), int()) raises: a launch path that read the seed could not get through."""
+    from tritongpt.kernels import attention
+
+    kernels = {name: LaunchRecorder(getattr(attention, name))
+               for name in ("_attn_fwd", "_attn_bwd_preprocess", "_attn_bwd_dkdv", "_attn_bwd_dq")}
+    for name, spy in kernels.items():
+        monkeypatch.setattr(attention, name if name == "_attn_bwd_preprocess" else name + "_run", spy)
+    q = torch.empty(1, 2, 20, 16, device="meta")
+    seed = torch.empty((), dtype=torch.int64, device="meta")
+    for p in (0.1, 0.0):
+        o, lse = attention._fwd_launch(q, q, q, True, 0.25, p, seed)
+        attention._bwd_launch(torch.empty_like(o), q, q, q, o, lse, True, 0.25, p, seed)
+    for name in ("_attn_fwd", "_attn_bwd_dkdv", "_attn_bwd_dq"):
+        (drop, plain) = kernels[name].launches
+        assert drop["HAS_DROPOUT"] and drop["Seed"] is seed, name
+        # without dropout a never-read stand-in, the same for every launch (no tensor made per call)
+        assert not plain["HAS_DROPOUT"] and plain["Seed"] is not seed and plain["Seed"].device == q.device, name
+        assert plain["Seed"] is kernels["_attn_fwd"].launches[1]["Seed"]
+
+
+def test_the_seed_the_op_gets_is_on_qs_device(monkeypatch):
+    """flash_attention draws the seed on q's device (torch's generator there), makes an int seed there and moves
+    a seed tensor there, so a compiled step holds no CPU tensor (inductor skips CUDA graphs for a graph with one).
+    On fake CUDA tensors: traced, nothing runs, no GPU needed."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from tritongpt.kernels import attention
+
+    with FakeTensorMode():
+        q = torch.empty(1, 2, 16, 16, device="cuda")
+        cpu_seed = torch.empty((), dtype=torch.int32)  # a user's, on the CPU: moved (copied) over
+    got, op = [], attention._flash_attn_fwd
+    monkeypatch.setattr(attention, "_flash_attn_fwd", lambda *args: got.append(args[6]) or op(*args))
+    for seed in (None, 7):
+        gm = make_fx(lambda a: flash_attention(a, a, a, dropout_p=0.1, seed=seed), tracing_mode="fake")(q)
+        assert got[-1].device == q.device and got[-1].dtype == torch.int64 and got[-1].shape == ()
+        devices = {n.meta["val"].device for n in gm.graph.nodes if isinstance(n.meta.get("val"), torch.Tensor)}
+        assert devices == {q.device}, gm.graph
+    make_fx(lambda a, s: flash_attention(a, a, a, dropout_p=0.1, seed=s), tracing_mode="fake")(q, cpu_seed)
+    assert got[-1].device == q.device and got[-1].dtype == torch.int64 and len(got) == 3
+
+
+def test_the_op_refuses_a_seed_it_cannot_read(device):
+    """A direct call of the op reads the seed on q's device as one int64: another device or dtype is refused,
+    naming both, in the real and the fake (traced) op; without dropout the seed is never read."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    op = torch.ops.tritongpt.flash_attn_fwd
+    q, k, v = make_qkv(1, 1, 16, 16, 16, torch.float32, device)
+    for bad in (torch.tensor(5, device="meta"), torch.tensor(5, dtype=torch.int32, device=device),
+                torch.tensor([5, 6], device=device)):
+        with pytest.raises(ValueError, match=r"the seed must be one int64 on q's device"):
+            op(q, k, v, True, 0.25, 0.1, bad)
+    with FakeTensorMode():
+        fq = torch.empty(1, 1, 16, 16, device="cuda")
+        with pytest.raises(ValueError, match=r"on q's device cuda:0, got torch.int64 \(\) on cpu"):
+            op(fq, fq, fq, True, 0.25, 0.1, torch.tensor(5))
+    out, _ = op(q, k, v, True, 0.25, 0.0, torch.tensor([5, 6], dtype=torch.int32, device=device))  # p = 0: not read
+    assert torch.equal(out, op(q, k, v, True, 0.25, 0.0, None)[0])
+
+
+def test_flash_attention_moves_a_seed_tensor_to_qs_device(device):
+    """A seed tensor on another device than q (a CPU one, q on the GPU; meta here too) is moved, not refused:
+    the same mask as that seed given as an int."""
+    q, k, v = make_qkv(1, 2, 16, 16, 16, torch.float32, device, seed=31)
+    want = flash_attention(q, k, v, dropout_p=0.5, seed=5)
+    assert torch.equal(flash_attention(q, k, v, dropout_p=0.5, seed=torch.tensor(5, dtype=torch.int32)), want)
+    assert torch.equal(flash_attention(q, k, v, dropout_p=0.5, seed=torch.tensor([5], device=device)), want)
+    with pytest.raises(NotImplementedError):  # meta holds no value to move: torch refuses the copy
+        flash_attention(q, k, v, dropout_p=0.5, seed=torch.tensor(5, device="meta"))
+
+
 def test_no_queries_give_zero_key_and_value_gradients(device, nan_filled_empty):
     """Tq = 0 against Tk = 5 keys (an empty chunk): an empty output, and dK = dV = 0 exactly, as
     SDPA gives (the kernels do not run, so the gradients are not left as uninitialised memory)."""
@@ -410,7 +516,8 @@ def test_torch_compile_aot_eager(device):
 def test_custom_op_opcheck(device):
     q, k, v = make_qkv(1, 1, 16, 16, 32, torch.float32, device, seed=12)
     k = torch.cat([k, k], dim=2)[:, :, :16]  # a strided KV-cache slice
-    args = (q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), True, 0.25, 0.1, torch.tensor(5))
+    args = (q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), True, 0.25, 0.1,
+            torch.tensor(5, device=device))
     torch.library.opcheck(torch.ops.tritongpt.flash_attn_fwd.default, args)
 
 
@@ -868,8 +975,8 @@ def test_softcap_custom_op_opcheck_and_compile(device):
     """The ops take softcap last (old call sites keep working); opcheck with it, and torch.compile of
     flash_attention(softcap=...) gives the eager bits."""
     q, k, v = make_qkv(1, 1, 20, 20, 16, torch.float32, device, seed=15)
-    args = (q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), True, 0.25, 0.1, torch.tensor(5), None,
-            None, 2.5)
+    args = (q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), True, 0.25, 0.1,
+            torch.tensor(5, device=device), None, None, 2.5)
     torch.library.opcheck(torch.ops.tritongpt.flash_attn_fwd.default, args)
 
     def loss(a, b, c):
@@ -993,8 +1100,8 @@ def test_alibi_custom_op_opcheck_and_compile(device):
     of flash_attention(alibi_slopes=...) gives the eager bits."""
     q, k, v = make_qkv(1, 2, 20, 20, 16, torch.float32, device, seed=15)
     slopes = torch.tensor([0.25, 0.5], device=device)
-    args = (q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), True, 0.25, 0.1, torch.tensor(5), None,
-            None, 0.0, slopes)
+    args = (q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), True, 0.25, 0.1,
+            torch.tensor(5, device=device), None, None, 0.0, slopes)
     torch.library.opcheck(torch.ops.tritongpt.flash_attn_fwd.default, args)
 
     def loss(a, b, c):
@@ -1218,6 +1325,41 @@ def test_cuda_fp32_and_dropout_gpt2_size():
     ref = reference_grads(q, k, v, do, keep=keep, dropout_p=p)
     for name, g, r in zip(NAMES, got, ref):
         assert_close_rel(g, r, 1e-4, f"cuda fp32 dropout {name}")
+
+
+@pytest.mark.cuda
+def test_cuda_graphs_capture_a_compiled_step_with_attention_dropout(monkeypatch):
+    """torch.compile(mode="reduce-overhead") of a training step of a tiny GPT on the Triton path with dropout:
+    the seed is drawn on the GPU and read there, so inductor skips no graph (a CPU seed tensor made it skip:
+    "skipping cudagraphs due to cpu device"); cudagraph_or_error makes any skip raise, the counter double-checks.
+    Three steps (warm-up, record, replay), a fresh mask each: finite losses that differ, finite gradients."""
+    from torch._dynamo.utils import counters
+
+    from tritongpt.model.config import GPTConfig
+    from tritongpt.model.gpt import GPTModel
+
+    monkeypatch.setattr(torch._inductor.config.triton, "cudagraph_or_error", True)
+    torch._dynamo.reset()
+    counters.clear()
+    torch.manual_seed(0)
+    model = GPTModel(GPTConfig(vocab_size=64, context_length=32, n_embd=64, n_layer=2, n_head=2, dropout=0.1,
+                               kernels="triton")).cuda().train()
+    idx = torch.randint(0, 64, (2, 32), device="cuda")
+
+    def step(idx):
+        loss = model(idx, targets=idx)
+        loss.backward()
+        return loss.detach()
+
+    compiled = torch.compile(step, mode="reduce-overhead")
+    losses = []
+    for _ in range(3):
+        torch.compiler.cudagraph_mark_step_begin()
+        losses.append(compiled(idx).item())
+        assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+        model.zero_grad(set_to_none=True)
+    assert counters["inductor"]["cudagraph_skips"] == 0, dict(counters["inductor"])
+    assert all(math.isfinite(v) for v in losses) and len(set(losses)) == 3, losses
 
 
 def test_no_stand_in_tensor_is_made_per_call(monkeypatch, device):

@@ -127,7 +127,7 @@ def test_gqa_custom_op_and_compile(device):
     """opcheck of both ops on GQA shapes (the fakes give dk, dv Hkv heads) and torch.compile
     giving the eager bits, dropout included."""
     q, k, v, _ = make_gqa(1, 4, 2, 16, 20, 32, torch.float32, device, seed=11)
-    seed = torch.tensor(5)
+    seed = torch.tensor(5, device=device)
     torch.library.opcheck(torch.ops.tritongpt.flash_attn_fwd.default,
                           (q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), True, 0.25, 0.1, seed))
 

@@ -102,7 +102,7 @@ def _cross_entropy_args(device, gen):
 
 def _attention_args(device, gen):
     q, k, v = (_randn(1, 2, 9, 16, device=device, gen=gen) for _ in range(3))
-    seed = torch.tensor(3)
+    seed = torch.tensor(3, device=device)
     o, lse = ops.flash_attn_fwd(q, k, v, True, 0.25, 0.1, seed)
     q4 = _randn(1, 4, 9, 16, device=device, gen=gen)  # grouped-query: 4 query heads over k's and v's 2
     o4, lse4 = ops.flash_attn_fwd(q4, k, v, True, 0.25, 0.1, seed)
