@@ -1011,6 +1011,7 @@ def _flash_attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: b
 @_flash_attn_fwd.register_fake
 def _(q, k, v, causal, softmax_scale, dropout_p, seed, starts=None, ends=None, softcap=0.0, alibi=None):
     _check_seed(q, dropout_p, seed)  # a seed on another device fails when traced, not first on the GPU
+    _check_routed_to_fake("flash_attn_fwd", q, k=k, v=v, seed=seed, starts=starts, ends=ends, alibi=alibi)
     B, H, Tq, D = q.shape
     o = q.new_empty((B, Tq, H, D)).transpose(1, 2)
     return o, q.new_empty((B, H, Tq), dtype=torch.float32)
@@ -1030,6 +1031,9 @@ def _flash_attn_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch
 
 @_flash_attn_bwd.register_fake
 def _(do, q, k, v, o, lse, causal, softmax_scale, dropout_p, seed, starts=None, ends=None, softcap=0.0, alibi=None):
+    _check_seed(q, dropout_p, seed)
+    _check_routed_to_fake("flash_attn_bwd", q, do=do, k=k, v=v, o=o, lse=lse, seed=seed, starts=starts, ends=ends,
+                          alibi=alibi)
     # Same allocation calls as _bwd_launch, so fake and real strides agree.
     return torch.empty_like(_last_dim_contiguous(q)), torch.empty_like(_last_dim_contiguous(k)), \
         torch.empty_like(_last_dim_contiguous(v))
@@ -1122,6 +1126,21 @@ def _check_head_span(**tensors):
         if span >= 2 ** 31:
             raise ValueError(f"one head of {name} {tuple(t.shape)} (strides {t.stride()}) spans {span} elements; "
                              "flash_attention addresses within a head with 32-bit offsets (< 2^31)")
+
+
+def _check_routed_to_fake(op, q, **tensors):
+    """Refuse a meta tensor beside a real q in a direct call of an op: the Meta backend outranks every other, so the
+    dispatcher sends the whole call to the fake impl, whose empty outputs would come back as attention or its
+    gradients (uninitialised memory), and the real impl's checks never run. Fake tensors (torch.compile, FakeTensorMode)
+    and an all-meta call are the fake impl's own use."""
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    if isinstance(q, FakeTensor) or q.is_meta:
+        return
+    for name, t in tensors.items():
+        if t is not None and t.is_meta:
+            raise ValueError(f"{op}: {name} is on meta, q on {q.device}: every tensor must be on q's device "
+                             "(a meta one sends the call to the op's fake impl, which computes nothing)")
 
 
 def _check_seed(q, dropout_p, seed):

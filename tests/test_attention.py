@@ -466,6 +466,44 @@ def test_the_op_refuses_a_seed_it_cannot_read(device):
     assert torch.equal(out, op(q, k, v, True, 0.25, 0.0, None)[0])
 
 
+def test_the_ops_refuse_a_meta_tensor_beside_real_ones(device):
+    """A meta tensor among the ops' arguments sends the whole call to the fake impl (the Meta backend outranks
+    the others), which made empty outputs: a direct call with a meta seed (the backward op's own seed check never
+    ran), meta ALiBi slopes, document bounds, keys or an output returned uninitialised memory as attention or its
+    gradients. Refused, naming the argument; the backward's fake checks the seed as the forward's does."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    fwd, bwd = torch.ops.tritongpt.flash_attn_fwd, torch.ops.tritongpt.flash_attn_bwd
+    q, k, v = make_qkv(1, 2, 16, 16, 16, torch.float32, device)
+    seed, slopes = torch.tensor(5, device=device), torch.tensor([0.5, 0.25], device=device)
+    starts = torch.zeros(1, 16, dtype=torch.int32, device=device)
+    o, lse = fwd(q, k, v, True, 0.25, 0.1, seed)
+    meta = lambda t: t.to("meta")  # noqa: E731
+    for name, args in (("seed", (q, k, v, True, 0.25, 0.0, meta(seed))),
+                       ("alibi", (q, k, v, True, 0.25, 0.0, None, None, None, 0.0, meta(slopes))),
+                       ("starts", (q, k, v, True, 0.25, 0.0, None, meta(starts), starts)),
+                       ("v", (q, k, meta(v), True, 0.25, 0.0, None))):
+        with pytest.raises(ValueError, match=f"flash_attn_fwd: {name} is on meta, q on {q.device}"):
+            fwd(*args)
+    with pytest.raises(ValueError, match=r"the seed must be one int64 on q's device .* on meta"):
+        bwd(o, q, k, v, o, lse, True, 0.25, 0.1, meta(seed))  # read with dropout: the seed's own check
+    for name, args in (("seed", (o, q, k, v, o, lse, True, 0.25, 0.0, meta(seed))),  # never read, still routed
+                       ("ends", (o, q, k, v, o, lse, True, 0.25, 0.0, None, starts, meta(starts))),
+                       ("lse", (o, q, k, v, o, meta(lse), True, 0.25, 0.0, None)),
+                       ("alibi", (o, q, k, v, o, lse, True, 0.25, 0.0, None, None, None, 0.0, meta(slopes)))):
+        with pytest.raises(ValueError, match=f"flash_attn_bwd: {name} is on meta, q on {q.device}"):
+            bwd(*args)
+    with FakeTensorMode():
+        fq = torch.empty(1, 1, 16, 16, device="cuda")
+        fo, flse = fwd(fq, fq, fq, True, 0.25, 0.1, torch.empty((), dtype=torch.int64, device="cuda"))
+        with pytest.raises(ValueError, match=r"on q's device cuda:0, got torch.int64 \(\) on cpu"):
+            bwd(fo, fq, fq, fq, fo, flse, True, 0.25, 0.1, torch.tensor(5))
+    with torch.device("meta"):  # all on meta: the fake impls' own use (bench compile, shape checks)
+        mo, mlse = fwd(meta(q), meta(k), meta(v), True, 0.25, 0.1, meta(seed))
+        assert mo.shape == q.shape and bwd(mo, meta(q), meta(k), meta(v), mo, mlse, True, 0.25, 0.1,
+                                           meta(seed))[0].is_meta
+
+
 def test_flash_attention_moves_a_seed_tensor_to_qs_device(device):
     """A seed tensor on another device than q (a CPU one, q on the GPU; meta here too) is moved, not refused:
     the same mask as that seed given as an int."""
