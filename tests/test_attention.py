@@ -449,15 +449,19 @@ def test_the_seed_the_op_gets_is_on_qs_device(monkeypatch):
 
 def test_the_op_refuses_a_seed_it_cannot_read(device):
     """A direct call of the op reads the seed on q's device as one int64: another device or dtype is refused,
-    naming both, in the real and the fake (traced) op; without dropout the seed is never read."""
+    naming both, in the real and the fake (traced) op, and by the backward op, which a caller may call directly
+    too (its kernels read the seed as the forward's do); without dropout the seed is never read."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    op = torch.ops.tritongpt.flash_attn_fwd
+    op, bwd = torch.ops.tritongpt.flash_attn_fwd, torch.ops.tritongpt.flash_attn_bwd
     q, k, v = make_qkv(1, 1, 16, 16, 16, torch.float32, device)
+    o, lse = op(q, k, v, True, 0.25, 0.1, torch.tensor(5, device=device))
     for bad in (torch.tensor(5, device="meta"), torch.tensor(5, dtype=torch.int32, device=device),
-                torch.tensor([5, 6], device=device)):
+                torch.tensor([5, 6], device=device), torch.tensor(5.0, device=device)):
         with pytest.raises(ValueError, match=r"the seed must be one int64 on q's device"):
             op(q, k, v, True, 0.25, 0.1, bad)
+        with pytest.raises(ValueError, match=r"the seed must be one int64 on q's device"):
+            bwd(torch.ones_like(o), q, k, v, o, lse, True, 0.25, 0.1, bad)
     with FakeTensorMode():
         fq = torch.empty(1, 1, 16, 16, device="cuda")
         with pytest.raises(ValueError, match=r"on q's device cuda:0, got torch.int64 \(\) on cpu"):
