@@ -16,8 +16,8 @@ activity, and CUDA activity on a GPU) and reports:
     device ms per step    the sum of the device events' self time (torch's "Self CUDA time total"):
                           the GPU's busy time when its work is on one stream, as a training step's is
     scalar reads per step aten::_local_scalar_dense calls: .item(), bool(t), int(t) of a tensor; of a
-                          CUDA tensor each waits for the device (on a CPU tensor, e.g. flash_attention's
-                          seed, it is free), so on a GPU read it beside:
+                          CUDA tensor each waits for the device (on a CPU tensor it is free), so on a GPU
+                          read it beside:
     syncs per step        cudaStreamSynchronize / cudaDeviceSynchronize / cudaEventSynchronize calls,
                           the host waiting for the device inside the step (the window's own at its end,
                           ours and the profiler's on exit, counted in a profile of them alone, left out)
