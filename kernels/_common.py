@@ -1,4 +1,5 @@
-"""Helpers shared by every Triton kernel file: input checks and the interpreter switch.
+"""Helpers shared by every Triton kernel file: input checks, the interpreter switch, and how autotuned kernels
+launch (`launch_tuned`: one search per key, then the pick; CUDA-graph captures) and timed choices are made.
 
 Kernels call these before launching, so that bad input gives a one-line ValueError /
 TypeError / RuntimeError naming the tensor, instead of a Triton crash or a wrong answer.
