@@ -187,10 +187,13 @@ class stubbed_launches:
         self.cls.run = self.saved
 
 
-def host_cases(rows=8, width=768, mlp_width=32, heads=4, seq=16, head_dim=64, vocab=512):
+def host_cases(rows=8, width=768, mlp_width=32, heads=4, seq=16, head_dim=64, vocab=512, cache=512):
     """{op: (ours, torch's eager op)}, each a function of no arguments returning a tensor, on tiny
     fp32 CPU tensors with requires_grad (the backward is timed through the sum of the output). The
-    MLPs are narrow (mlp_width): torch's matmuls there run for real, and must cost next to nothing."""
+    MLPs are narrow (mlp_width): torch's matmuls there run for real, and must cost next to nothing.
+    decode_attention: one query a head against `cache` keys, without gradients (a KV-cache decode step: on a
+    GPU's branch the split-KV kernel and its combine, HOST_MODES: forward only); torch's SDPA there computes for
+    real, 4 heads x 512 keys, so its row is not host time alone."""
     import torch.nn.functional as F
 
     from tritongpt.kernels.attention import flash_attention
@@ -210,6 +213,7 @@ def host_cases(rows=8, width=768, mlp_width=32, heads=4, seq=16, head_dim=64, vo
     w1, b1, w2, b2 = p(hidden, mlp_width), p(hidden), p(mlp_width, hidden), p(mlp_width)
     wg, wu, wd = p(hidden, mlp_width), p(hidden, mlp_width), p(mlp_width, hidden)
     q, k, v = (p(1, heads, seq, head_dim) for _ in range(3))
+    q1, kc, vc = (torch.randn(1, heads, n, head_dim, generator=g) for n in (1, cache, cache))
     logits, targets = p(rows, vocab), torch.randint(0, vocab, (rows,), generator=g)
     half = head_dim // 2
     inv = 1.0 / 10000.0 ** (torch.arange(half) / half)
@@ -236,6 +240,8 @@ def host_cases(rows=8, width=768, mlp_width=32, heads=4, seq=16, head_dim=64, vo
                             lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True)),
         "cross_entropy": (lambda: cross_entropy(logits, targets), lambda: F.cross_entropy(logits, targets)),
         "rope": (lambda: sum2(rope(q, k, 0)), lambda: sum2((rope_torch(q), rope_torch(k)))),
+        "decode_attention": (lambda: flash_attention(q1, kc, vc, causal=True),
+                             lambda: F.scaled_dot_product_attention(q1, kc, vc)),  # one query: every key
     }
 
 
@@ -247,14 +253,13 @@ def bench_host_overhead(calls=300, ops=None, gpu_branch=True):
     CPU's Python and dispatch speed."""
     from tritongpt._env import triton_interpreting
 
-    conf = {"rows": 8, "width": 768, "mlp_width": 32, "heads": 4, "seq": 16, "head_dim": 64, "vocab": 512,
-            "dtype": "fp32", "calls": calls}
+    conf = {**HOST_CONF, "calls": calls}
     names = ops or list(host_cases())
     if not triton_interpreting():
         return [make_row("cpu", f"host-{n}", pr, {k: v for k, v in conf.items() if k in HOST_SIZES.get(n, conf)
                                                    or k in ("dtype", "calls")}, m,
                          "skipped: needs Triton's interpreter (TRITON_INTERPRET=1)")
-                for n in names for pr in ("triton", "torch") for m in ("fwd", "fwd+bwd")]
+                for n in names for pr in ("triton", "torch") for m in host_modes(n)]
     rows = []
     cases = host_cases()
     threads = torch.get_num_threads()
@@ -294,7 +299,7 @@ def host_rows_gpu_branch(names, calls, timeout_s=600):
         return json.loads(run.stdout.strip().splitlines()[-1])
     except (OSError, RuntimeError, ValueError, IndexError, subprocess.TimeoutExpired) as e:
         return [make_row("cpu", f"host-{n}", GPU_BRANCH, {"calls": calls}, m, f"failed: {reason_of(e)}")
-                for n in names for m in ("fwd", "fwd+bwd")]
+                for n in names for m in host_modes(n)]
 
 
 class gpu_branch_launches:
@@ -355,8 +360,7 @@ def gpu_branch_rows(names, calls):
 
     if triton_interpreting():
         raise RuntimeError("the GPU branch's host rows need Triton's interpreter off (TRITON_INTERPRET=0)")
-    conf = {"rows": 8, "width": 768, "mlp_width": 32, "heads": 4, "seq": 16, "head_dim": 64, "vocab": 512,
-            "dtype": "fp32", "calls": calls}
+    conf = {**HOST_CONF, "calls": calls}
     rows = []
     torch.set_num_threads(1)
     with gpu_branch_launches() as stub:
@@ -364,11 +368,18 @@ def gpu_branch_rows(names, calls):
     return rows
 
 
-# the sizes each op's rows name (the config holds every op's)
+# host_cases' sizes (its defaults), and the ones each op's rows name
+HOST_CONF = {"rows": 8, "width": 768, "mlp_width": 32, "heads": 4, "seq": 16, "head_dim": 64, "vocab": 512,
+             "cache": 512, "dtype": "fp32"}
 HOST_SIZES = {"layer_norm": ("rows", "width"), "add_layer_norm": ("rows", "width"), "rms_norm": ("rows", "width"),
               "gelu_mlp": ("rows", "mlp_width"), "swiglu_mlp": ("rows", "mlp_width"),
               "flash_attention": ("heads", "seq", "head_dim"), "cross_entropy": ("rows", "vocab"),
-              "rope": ("heads", "seq", "head_dim")}
+              "rope": ("heads", "seq", "head_dim"), "decode_attention": ("heads", "cache", "head_dim")}
+HOST_MODES = {"decode_attention": ("fwd",)}
+
+
+def host_modes(name):
+    return HOST_MODES.get(name, ("fwd", "fwd+bwd"))
 
 
 def _host_rows(names, cases, calls, conf_all, stub, rows, providers=("triton", "torch"), note=HOST_NOTE):
@@ -382,6 +393,8 @@ def _host_rows(names, cases, calls, conf_all, stub, rows, providers=("triton", "
                 out.sum().backward() if out.dim() else out.backward()
 
             for mode, run in (("fwd", fn), ("fwd+bwd", fwd_bwd)):
+                if mode not in host_modes(name):
+                    continue
                 try:
                     # 3 untimed calls, then `calls` timed one at a time
                     med, p20, p80 = CpuTimer(reps=calls, warm_calls=3, warm_s=0).bench(run)
