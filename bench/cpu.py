@@ -256,8 +256,7 @@ def bench_host_overhead(calls=300, ops=None, gpu_branch=True):
     conf = {**HOST_CONF, "calls": calls}
     names = ops or list(host_cases())
     if not triton_interpreting():
-        return [make_row("cpu", f"host-{n}", pr, {k: v for k, v in conf.items() if k in HOST_SIZES.get(n, conf)
-                                                   or k in ("dtype", "calls")}, m,
+        return [make_row("cpu", f"host-{n}", pr, _host_conf(n, conf), m,
                          "skipped: needs Triton's interpreter (TRITON_INTERPRET=1)")
                 for n in names for pr in ("triton", "torch") for m in host_modes(n)]
     rows = []
@@ -298,7 +297,8 @@ def host_rows_gpu_branch(names, calls, timeout_s=600):
             raise RuntimeError((run.stderr.strip().splitlines() or [f"exit status {run.returncode}"])[-1])
         return json.loads(run.stdout.strip().splitlines()[-1])
     except (OSError, RuntimeError, ValueError, IndexError, subprocess.TimeoutExpired) as e:
-        return [make_row("cpu", f"host-{n}", GPU_BRANCH, {"calls": calls}, m, f"failed: {reason_of(e)}")
+        return [make_row("cpu", f"host-{n}", GPU_BRANCH, _host_conf(n, {**HOST_CONF, "calls": calls}), m,
+                         f"failed: {reason_of(e)}")
                 for n in names for m in host_modes(n)]
 
 
@@ -382,11 +382,16 @@ def host_modes(name):
     return HOST_MODES.get(name, ("fwd", "fwd+bwd"))
 
 
+def _host_conf(name, conf_all):
+    """The config an op's host rows name, whatever became of them (ok, skipped, failed): its sizes, dtype, calls."""
+    return {k: v for k, v in conf_all.items() if k in HOST_SIZES.get(name, conf_all) or k in ("dtype", "calls")}
+
+
 def _host_rows(names, cases, calls, conf_all, stub, rows, providers=("triton", "torch"), note=HOST_NOTE):
     """Append each op's rows (ours and torch's, fwd and fwd+bwd; or ours alone, named providers[0]) to rows,
     launches stubbed by stub."""
     for name in names:
-        conf = {k: v for k, v in conf_all.items() if k in HOST_SIZES.get(name, conf_all) or k in ("dtype", "calls")}
+        conf = _host_conf(name, conf_all)
         for provider, fn in zip(providers, cases[name]):
             def fwd_bwd(fn=fn):
                 out = fn()

@@ -287,6 +287,23 @@ def test_bench_host_overhead_gpu_branch_rows():
                       ("decode_attention", "fwd"): (2, 1)}  # the split-KV kernel (tuned) and its combine
 
 
+def test_gpu_branch_failure_rows_name_their_ops_sizes(monkeypatch):
+    """A GPU-branch process that cannot start gives failed rows, one per op and mode, each naming its op's sizes,
+    dtype and calls as the ok rows do (the report shows the config: a row saying only calls=3 names no shape)."""
+    import sys
+
+    from tritongpt.bench.cpu import GPU_BRANCH, host_rows_gpu_branch
+
+    monkeypatch.setattr(sys, "executable", "/nonexistent/python")
+    rows = host_rows_gpu_branch(["layer_norm", "decode_attention"], 3)
+    assert [(r["op"], r["provider"], r["mode"]) for r in rows] == [
+        ("host-layer_norm", GPU_BRANCH, "fwd"), ("host-layer_norm", GPU_BRANCH, "fwd+bwd"),
+        ("host-decode_attention", GPU_BRANCH, "fwd")]
+    assert all(r["status"].startswith("failed: FileNotFoundError") for r in rows), rows
+    assert [r["config"] for r in rows] == [{"rows": 8, "width": 768, "dtype": "fp32", "calls": 3}] * 2 + [
+        {"heads": 4, "head_dim": 64, "cache": 512, "dtype": "fp32", "calls": 3}]
+
+
 def test_gpu_branch_rows_refuse_the_interpreter():
     """In this process the interpreter is on: the GPU branch's rows cannot be taken here, and say why."""
     from tritongpt.bench.cpu import gpu_branch_rows
