@@ -287,6 +287,44 @@ def test_bench_host_overhead_gpu_branch_rows():
                       ("decode_attention", "fwd"): (2, 1)}  # the split-KV kernel (tuned) and its combine
 
 
+_RESTORE_CHECK = """
+import importlib, pkgutil
+from triton.runtime.jit import JITFunction
+from tritongpt import kernels
+from tritongpt.kernels import _common
+from tritongpt.bench.cpu import gpu_branch_launches
+mods = [importlib.import_module(f"tritongpt.kernels.{i.name}") for i in pkgutil.iter_modules(kernels.__path__)]
+objs = [JITFunction, *mods, *_common.AUTOTUNED.values()]
+before = [dict(vars(o)) for o in objs]
+try:
+    with gpu_branch_launches():
+        assert _common.triton_interpreting() and JITFunction.run is not before[0]["run"]
+        raise KeyError("inside")
+except KeyError:
+    pass
+else:
+    raise SystemExit("the exception inside was swallowed")
+for o, b in zip(objs, before):
+    a = dict(vars(o))
+    changed = sorted(k for k in set(a) | set(b) if a.get(k, a) is not b.get(k, b))
+    assert not changed, (o, changed)
+print("restored")
+"""
+
+
+def test_gpu_branch_launches_restores_exactly_after_an_exception():
+    """gpu_branch_launches swaps a class attribute (JITFunction.run), module functions (_common.triton_interpreting,
+    the launchers' _sm_count) and each Autotuner's instance attribute early_config_prune: an exception inside
+    propagates, and on the way out every one of them is back, the same object, no attribute added or removed."""
+    import os
+    import subprocess
+    import sys
+
+    run = subprocess.run([sys.executable, "-c", _RESTORE_CHECK], env=dict(os.environ, TRITON_INTERPRET="0"),
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0 and run.stdout.split() == ["restored"], run.stderr[-2000:]
+
+
 def test_gpu_branch_failure_rows_name_their_ops_sizes(monkeypatch):
     """A GPU-branch process that cannot start gives failed rows, one per op and mode, each naming its op's sizes,
     dtype and calls as the ok rows do (the report shows the config: a row saying only calls=3 names no shape)."""
