@@ -250,15 +250,18 @@ def bench_host_overhead(calls=300, ops=None, gpu_branch=True):
     op for the same job, with the Triton launch stubbed (stubbed_launches) on tiny CPU tensors: what
     a GPU step pays on the host before any kernel runs (where the GPU waits on it, small batches and
     small models, a kernel's timing is this, not the kernel's). Not GPU time: the numbers are this
-    CPU's Python and dispatch speed."""
+    CPU's Python and dispatch speed. gpu_branch: the GPU branch's rows follow (host_rows_gpu_branch), also where
+    the interpreter is off here and the rows above are skipped."""
     from tritongpt._env import triton_interpreting
 
     conf = {**HOST_CONF, "calls": calls}
     names = ops or list(host_cases())
     if not triton_interpreting():
-        return [make_row("cpu", f"host-{n}", pr, _host_conf(n, conf), m,
-                         "skipped: needs Triton's interpreter (TRITON_INTERPRET=1)")
-                for n in names for pr in ("triton", "torch") for m in host_modes(n)]
+        skipped = [make_row("cpu", f"host-{n}", pr, _host_conf(n, conf), m,
+                            "skipped: needs Triton's interpreter (TRITON_INTERPRET=1)")
+                   for n in names for pr in ("triton", "torch") for m in host_modes(n)]
+        # the GPU branch's rows run in a process of their own, with the interpreter off whatever this one does
+        return skipped + host_rows_gpu_branch(names, calls) if gpu_branch else skipped
     rows = []
     cases = host_cases()
     threads = torch.get_num_threads()

@@ -325,6 +325,21 @@ def test_gpu_branch_launches_restores_exactly_after_an_exception():
     assert run.returncode == 0 and run.stdout.split() == ["restored"], run.stderr[-2000:]
 
 
+def test_gpu_branch_rows_come_without_the_interpreter_too(monkeypatch):
+    """With the interpreter off here (a GPU machine's `bench cpu`) the interpreter's rows are skipped, saying why, but
+    the GPU branch's rows, taken in a process of their own with the interpreter off anyway, are still there."""
+    from tritongpt import _env
+    from tritongpt.bench.cpu import GPU_BRANCH, bench_host_overhead
+
+    monkeypatch.setattr(_env, "triton_interpreting", lambda: False)
+    rows = bench_host_overhead(calls=2, ops=["layer_norm"])
+    assert [(r["provider"], r["mode"]) for r in rows] == [
+        (p, m) for p in ("triton", "torch", GPU_BRANCH) for m in ("fwd", "fwd+bwd")]
+    assert all(r["status"] == "skipped: needs Triton's interpreter (TRITON_INTERPRET=1)" for r in rows[:4]), rows
+    assert all(r["status"] == "ok" and r["launches"] == r["tuned_launches"] > 0 for r in rows[4:]), rows
+    assert all(r["config"] == {"rows": 8, "width": 768, "dtype": "fp32", "calls": 2} for r in rows)
+
+
 def test_gpu_branch_failure_rows_name_their_ops_sizes(monkeypatch):
     """A GPU-branch process that cannot start gives failed rows, one per op and mode, each naming its op's sizes,
     dtype and calls as the ok rows do (the report shows the config: a row saying only calls=3 names no shape)."""
