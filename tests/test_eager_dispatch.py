@@ -325,6 +325,18 @@ def test_gpu_branch_launches_restores_exactly_after_an_exception():
     assert run.returncode == 0 and run.stdout.split() == ["restored"], run.stderr[-2000:]
 
 
+def test_host_rows_configs_are_the_sizes_host_cases_runs():
+    """The host rows' configs come from HOST_CONF and HOST_SIZES, written apart from host_cases' defaults (what both
+    row makers run): they must agree, and every case must name its sizes (else its rows would name all of them)."""
+    import inspect
+
+    from tritongpt.bench.cpu import HOST_CONF, HOST_SIZES, host_cases
+
+    defaults = {k: p.default for k, p in inspect.signature(host_cases).parameters.items()}
+    assert defaults == {k: v for k, v in HOST_CONF.items() if k != "dtype"}
+    assert set(HOST_SIZES) == set(host_cases()) and all(set(s) <= set(defaults) for s in HOST_SIZES.values())
+
+
 def test_gpu_branch_rows_come_without_the_interpreter_too(monkeypatch):
     """With the interpreter off here (a GPU machine's `bench cpu`) the interpreter's rows are skipped, saying why, but
     the GPU branch's rows, taken in a process of their own with the interpreter off anyway, are still there."""
