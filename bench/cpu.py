@@ -309,7 +309,10 @@ class gpu_branch_launches:
     """Within it (a process with TRITON_INTERPRET=0), our launchers run their GPU branch on CPU tensors: every
     Triton launch (JITFunction.run) returns at once, counted in .launches (.tuned: those of an autotuned kernel);
     each autotune search keeps the first config its prune leaves, untimed (nothing here can time a GPU kernel);
-    CPU tensors pass the device check; the GPU has 132 SMs (an H100 SXM's). Outputs are uninitialized memory."""
+    CPU tensors pass the device check; the GPU has 132 SMs (an H100 SXM's). Outputs are uninitialized memory.
+    On exit the swapped attributes are back, but not the searches' untimed picks (each Autotuner's cache,
+    launch_tuned's picks): a process that launches for real afterwards must not use it (gpu_branch_rows runs in a
+    process of its own)."""
 
     def __enter__(self):
         import importlib
