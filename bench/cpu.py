@@ -155,7 +155,7 @@ def run_cpu(quick=False, log=print):
     log("cpu: greedy decoding with the KV cache (tiny) ...")
     rows.append(bench_generate("tiny", new_tokens=32 if not quick else 8, reps=3 if not quick else 2))
     log("cpu: host overhead of the Triton ops (launch stubbed) ...")
-    rows += bench_host_overhead(calls=300 if not quick else 50)
+    rows += bench_host_overhead(calls=300 if not quick else 50, timeout_s=600 if not quick else 180)
     log("cpu: GELU-MLP saved activation bytes ...")
     provs = ("reference", "torch", "triton")
     rows += mlp_saved_cpu(providers=provs)
@@ -245,13 +245,13 @@ def host_cases(rows=8, width=768, mlp_width=32, heads=4, seq=16, head_dim=64, vo
     }
 
 
-def bench_host_overhead(calls=300, ops=None, gpu_branch=True):
+def bench_host_overhead(calls=300, ops=None, gpu_branch=True, timeout_s=600):
     """Per-call host time of each Triton op used by the model, fwd and fwd+bwd, and of torch's eager
     op for the same job, with the Triton launch stubbed (stubbed_launches) on tiny CPU tensors: what
     a GPU step pays on the host before any kernel runs (where the GPU waits on it, small batches and
     small models, a kernel's timing is this, not the kernel's). Not GPU time: the numbers are this
-    CPU's Python and dispatch speed. gpu_branch: the GPU branch's rows follow (host_rows_gpu_branch), also where
-    the interpreter is off here and the rows above are skipped."""
+    CPU's Python and dispatch speed. gpu_branch: the GPU branch's rows follow (host_rows_gpu_branch, its process
+    given timeout_s), also where the interpreter is off here and the rows above are skipped."""
     from tritongpt._env import triton_interpreting
 
     conf = {**HOST_CONF, "calls": calls}
@@ -261,7 +261,7 @@ def bench_host_overhead(calls=300, ops=None, gpu_branch=True):
                             "skipped: needs Triton's interpreter (TRITON_INTERPRET=1)")
                    for n in names for pr in ("triton", "torch") for m in host_modes(n)]
         # the GPU branch's rows run in a process of their own, with the interpreter off whatever this one does
-        return skipped + host_rows_gpu_branch(names, calls) if gpu_branch else skipped
+        return skipped + host_rows_gpu_branch(names, calls, timeout_s) if gpu_branch else skipped
     rows = []
     cases = host_cases()
     threads = torch.get_num_threads()
@@ -271,7 +271,7 @@ def bench_host_overhead(calls=300, ops=None, gpu_branch=True):
             _host_rows(names, cases, calls, conf, stub, rows)
     finally:
         torch.set_num_threads(threads)
-    return rows + host_rows_gpu_branch(names, calls) if gpu_branch else rows
+    return rows + host_rows_gpu_branch(names, calls, timeout_s) if gpu_branch else rows
 
 
 GPU_BRANCH = "triton-gpu-branch"
@@ -298,7 +298,10 @@ def host_rows_gpu_branch(names, calls, timeout_s=600):
                              capture_output=True, text=True, timeout=timeout_s)
         if run.returncode != 0:
             raise RuntimeError((run.stderr.strip().splitlines() or [f"exit status {run.returncode}"])[-1])
-        return json.loads(run.stdout.strip().splitlines()[-1])
+        rows = json.loads(run.stdout.strip().splitlines()[-1])
+        if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
+            raise ValueError(f"the GPU branch's process printed {type(rows).__name__}, not a list of rows, last")
+        return rows
     except (OSError, RuntimeError, ValueError, IndexError, subprocess.TimeoutExpired) as e:
         return [make_row("cpu", f"host-{n}", GPU_BRANCH, _host_conf(n, {**HOST_CONF, "calls": calls}), m,
                          f"failed: {reason_of(e)}")

@@ -369,6 +369,49 @@ def test_gpu_branch_failure_rows_name_their_ops_sizes(monkeypatch):
         {"heads": 4, "head_dim": 64, "cache": 512, "dtype": "fp32", "calls": 3}]
 
 
+@pytest.mark.parametrize("printed, why", [('{"rows": []}', "printed dict, not a list of rows"),
+                                          ("[1, 2]", "printed list, not a list of rows"),
+                                          ("", "IndexError"), ("not json", "JSONDecodeError")])
+def test_gpu_branch_rows_from_a_process_that_printed_no_rows_fail_with_a_reason(monkeypatch, printed, why):
+    """The GPU branch's process exits 0 but its last line is not a JSON list of rows: failed rows saying so, not a
+    crash of the whole bench nor rows made of whatever it printed. Its timeout is the caller's (bench cpu --quick:
+    180 s, not the 600 s default)."""
+    import subprocess
+
+    from tritongpt.bench.cpu import host_rows_gpu_branch
+
+    seen = {}
+
+    def printed_only(args, timeout=None, **kwargs):
+        seen["timeout"] = timeout
+        return subprocess.CompletedProcess(args, 0, stdout=f"warming up\n{printed}\n" if printed else "", stderr="")
+
+    monkeypatch.setattr(subprocess, "run", printed_only)
+    rows = host_rows_gpu_branch(["layer_norm"], 3, timeout_s=180)
+    assert seen["timeout"] == 180
+    assert [r["mode"] for r in rows] == ["fwd", "fwd+bwd"]
+    assert all(r["status"].startswith("failed: ") and why in r["status"] for r in rows), rows
+
+
+@pytest.mark.parametrize("quick", [False, True])
+@pytest.mark.parametrize("interpreting", [True, False])
+def test_the_gpu_branch_process_gets_the_callers_timeout(monkeypatch, interpreting, quick):
+    """bench cpu gives the GPU branch's process 600 s, --quick 180, with the interpreter on or off here."""
+    from tritongpt import _env
+    from tritongpt.bench import cpu
+
+    seen = []
+    monkeypatch.setattr(cpu, "host_rows_gpu_branch", lambda names, calls, timeout_s=600: seen.append(timeout_s) or [])
+    monkeypatch.setattr(_env, "triton_interpreting", lambda: interpreting)
+    for name in ("bench_tokenizer", "mlp_saved_cpu"):
+        monkeypatch.setattr(cpu, name, lambda *a, **k: [])
+    for name in ("bench_model_forward", "bench_model_train_step", "bench_generate"):
+        monkeypatch.setattr(cpu, name, lambda *a, **k: {})
+    monkeypatch.setattr(cpu, "host_cases", lambda: {})  # no op: the interpreter's rows are none, quickly
+    cpu.run_cpu(quick=quick, log=lambda s: None)
+    assert seen == [180 if quick else 600]
+
+
 def test_gpu_branch_rows_refuse_the_interpreter():
     """In this process the interpreter is on: the GPU branch's rows cannot be taken here, and say why."""
     from tritongpt.bench.cpu import gpu_branch_rows
