@@ -256,22 +256,23 @@ def bench_host_overhead(calls=300, ops=None, gpu_branch=True, timeout_s=600):
 
     conf = {**HOST_CONF, "calls": calls}
     names = ops or list(host_cases())
-    if not triton_interpreting():
-        skipped = [make_row("cpu", f"host-{n}", pr, _host_conf(n, conf), m,
-                            "skipped: needs Triton's interpreter (TRITON_INTERPRET=1)")
-                   for n in names for pr in ("triton", "torch") for m in host_modes(n)]
-        # the GPU branch's rows run in a process of their own, with the interpreter off whatever this one does
-        return skipped + host_rows_gpu_branch(names, calls, timeout_s) if gpu_branch else skipped
     rows = []
-    cases = host_cases()
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny tensors: a thread pool's wake-ups would only add noise to either side
-    try:
-        with stubbed_launches() as stub:
-            _host_rows(names, cases, calls, conf, stub, rows)
-    finally:
-        torch.set_num_threads(threads)
-    return rows + host_rows_gpu_branch(names, calls, timeout_s) if gpu_branch else rows
+    if not triton_interpreting():
+        rows += [make_row("cpu", f"host-{n}", pr, _host_conf(n, conf), m,
+                          "skipped: needs Triton's interpreter (TRITON_INTERPRET=1)")
+                 for n in names for pr in ("triton", "torch") for m in host_modes(n)]
+    else:
+        cases = host_cases()
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # tiny tensors: a thread pool's wake-ups would only add noise to either side
+        try:
+            with stubbed_launches() as stub:
+                _host_rows(names, cases, calls, conf, stub, rows)
+        finally:
+            torch.set_num_threads(threads)
+    if gpu_branch:  # in a process of its own, with the interpreter off whatever this one does
+        rows += host_rows_gpu_branch(names, calls, timeout_s)
+    return rows
 
 
 GPU_BRANCH = "triton-gpu-branch"
@@ -326,13 +327,13 @@ class gpu_branch_launches:
         from tritongpt import kernels
         from tritongpt.kernels import _common
 
-        for info in pkgutil.iter_modules(kernels.__path__):
-            importlib.import_module(f"tritongpt.kernels.{info.name}")
+        modules = [importlib.import_module(f"tritongpt.kernels.{info.name}")  # every autotuner registered
+                   for info in pkgutil.iter_modules(kernels.__path__)]
         self.saved, self.launches, self.tuned = [], 0, 0
         tuned_fns = {id(t.fn) for t in _common.AUTOTUNED.values() if hasattr(t, "fn")}
 
-        def swap(obj, name, value):
-            self.saved.append((obj, name, obj.__dict__.get(name, _MISSING)))
+        def swap(obj, name, value):  # each attribute swapped lives in obj's own __dict__: put back as it was
+            self.saved.append((obj, name, obj.__dict__[name]))
             setattr(obj, name, value)
 
         def run(fn, *args, grid, warmup, **kwargs):
@@ -341,8 +342,7 @@ class gpu_branch_launches:
 
         swap(JITFunction, "run", run)
         swap(_common, "triton_interpreting", lambda: True)  # check_runnable's test: CPU tensors may run
-        for info in pkgutil.iter_modules(kernels.__path__):
-            module = importlib.import_module(f"tritongpt.kernels.{info.name}")
+        for module in modules:
             if hasattr(module, "_sm_count"):
                 swap(module, "_sm_count", lambda device: 132)
         for tuner in _common.AUTOTUNED.values():
@@ -354,13 +354,7 @@ class gpu_branch_launches:
 
     def __exit__(self, *exc):
         for obj, name, value in reversed(self.saved):
-            if value is _MISSING:
-                delattr(obj, name)
-            else:
-                setattr(obj, name, value)
-
-
-_MISSING = object()
+            setattr(obj, name, value)
 
 
 def gpu_branch_rows(names, calls):

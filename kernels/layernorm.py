@@ -293,6 +293,8 @@ _fwd_tuned = autotuned("layernorm.forward", _tuner(FWD_SHAPES, ["HAS_BIAS", "HAS
     _layer_norm_fwd_kernel))
 _bwd_tuned = autotuned("layernorm.backward", _tuner(BWD_SHAPES, ["HAS_DS", "HAS_DX2", "IS_RMS"])(
     _layer_norm_bwd_kernel))
+
+
 def _launch(backward, args, flags, M, N, device):
     """Launch the forward (backward False) or backward kernel on args (positional, up to M_BUCKET);
     -> how many programs ran, None when the launch was only recorded (bench/compile_check.py).
