@@ -32,6 +32,12 @@ class KVCache:
 
     `pos` is how many positions are filled. A layer writes its new keys at [pos, pos+T) and
     attends over [0, pos+T); the model advances `pos` once all layers have run.
+
+    `on_device` (set by a CUDA-graph decode step, train/generate.py's DecodeGraph, while it runs): the same
+    forward without a host int in it. The fill is read from `fill`, a one-element tensor on the cache's
+    device that the caller sets to `pos` before the step; the new keys are written at [fill, fill + T)
+    with index_copy_, and each layer attends over the whole buffer with kv_len = fill + T (flash_attention's
+    kv_len, the reference's masks likewise), so one captured step replays at every fill.
     """
 
     def __init__(self, cfg: GPTConfig, batch_size: int, max_len: int | None = None,
@@ -46,10 +52,17 @@ class KVCache:
         self.k = torch.empty(shape, device=device, dtype=dtype)
         self.v = torch.empty(shape, device=device, dtype=dtype)
         self.pos = 0
+        self.on_device = False
+        self.fill = torch.zeros(1, dtype=torch.int64, device=device)  # the fill on the device (on_device)
 
     @property
     def batch_size(self) -> int:
         return self.k.size(1)
+
+    def extent(self, T: int):
+        """On the device (on_device): the positions [T] of a forward's T new tokens, fill .. fill + T - 1, and the
+        fill after it, kv_len [1] (the keys the layers attend over)."""
+        return self.fill + torch.arange(T, device=self.fill.device), self.fill + T
 
     def update(self, layer: int, k, v):
         end = self.pos + k.size(2)
@@ -61,6 +74,11 @@ class KVCache:
             raise UserError("the KV cache is for inference (generation, chunked prefill): run the model "
                             "under torch.no_grad(); a loss to differentiate needs the whole sequence in "
                             "one forward without a cache")
+        if self.on_device:  # the whole buffers: the keys past kv_len are masked, not sliced off
+            index = self.extent(k.size(2))[0]
+            self.k[layer].index_copy_(2, index, k.to(self.k.dtype))
+            self.v[layer].index_copy_(2, index, v.to(self.v.dtype))
+            return self.k[layer], self.v[layer]
         self.k[layer, :, :, self.pos:end] = k
         self.v[layer, :, :, self.pos:end] = v
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
@@ -246,7 +264,8 @@ class GPTModel(nn.Module):
         if start + T > self.config.context_length:
             raise UserError(f"sequence of {start + T} tokens exceeds the context length "
                             f"{self.config.context_length}")
-        pos = torch.arange(start, start + T, device=idx.device)
+        pos = cache.extent(T)[0] if cache is not None and cache.on_device else \
+            torch.arange(start, start + T, device=idx.device)
         if doc_ids is not None:
             self._check_doc_ids(idx, doc_ids, cache)
             pos = pos - document_starts(doc_ids)  # [B, T]: each document from position 0
@@ -308,7 +327,8 @@ class GPTModel(nn.Module):
         the embedding's own device-side check suffices and a training step gains no launches.)"""
         V = self.config.vocab_size
         on_cpu = idx.device.type == "cpu"
-        if on_cpu and not torch.compiler.is_compiling():
+        # (a dispatch mode, make_fx's say, traces the values away: the asynchronous assert there too)
+        if on_cpu and not torch.compiler.is_compiling() and not torch._C._len_torch_dispatch_stack():
             if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= V):
                 bad = idx[(idx < 0) | (idx >= V)][0]
                 raise UserError(f"token id {int(bad)} is outside the model's vocabulary [0, {V})")

@@ -496,19 +496,25 @@ def document_index(doc_ids):
     return changes.cumsum(1)
 
 
-def in_the_future(Tq, Tk, device=None):
-    """The causal mask: [Tq, Tk] True where key j comes after query i (at position Tk - Tq + i,
-    the KV cache's alignment). Made per call at the sequence's size, not stored for the whole
+def query_positions(Tq, Tk, device=None, kv_len=None):
+    """[Tq, 1]: query i's position, Tk - Tq + i (the KV cache's alignment: the queries are the last Tq
+    positions), or kv_len - Tq + i where only the first kv_len [1] of Tk positions are filled."""
+    if kv_len is None:
+        return torch.arange(Tk - Tq, Tk, device=device)[:, None]
+    return (kv_len - Tq + torch.arange(Tq, device=kv_len.device))[:, None]
+
+
+def in_the_future(Tq, Tk, device=None, kv_len=None):
+    """The causal mask: [Tq, Tk] True where key j comes after query i (at query_positions' position:
+    the keys past kv_len too). Made per call at the sequence's size, not stored for the whole
     context: a [context, context] buffer a layer would be 17 GB at Llama 3's 131072 positions."""
-    query_pos = torch.arange(Tk - Tq, Tk, device=device)[:, None]
-    return torch.arange(Tk, device=device)[None, :] > query_pos
+    return torch.arange(Tk, device=device)[None, :] > query_positions(Tq, Tk, device, kv_len)
 
 
-def outside_window(Tq, Tk, window, device=None):
+def outside_window(Tq, Tk, window, device=None, kv_len=None):
     """Local attention over the last `window` positions: [Tq, Tk] True where key j is `window` or
-    more positions before query i (at position Tk - Tq + i, the KV cache's alignment)."""
-    query_pos = torch.arange(Tk - Tq, Tk, device=device)[:, None]
-    return torch.arange(Tk, device=device)[None, :] <= query_pos - window
+    more positions before query i (at query_positions' position)."""
+    return torch.arange(Tk, device=device)[None, :] <= query_positions(Tq, Tk, device, kv_len) - window
 
 
 def document_starts(doc_ids):
@@ -533,10 +539,10 @@ def alibi_slopes(n_head: int) -> torch.Tensor:
     return torch.tensor(slopes, dtype=torch.float32)
 
 
-def alibi_bias(slopes, Tq: int, Tk: int, dtype=torch.float32):
-    """[H, Tq, Tk]: m_h (j - i) for query i at position Tk - Tq + i (bottom-right, as the causal mask)
-    and key j; <= 0 at every visible key, 0 on the diagonal."""
-    dist = torch.arange(Tk, device=slopes.device) - torch.arange(Tk - Tq, Tk, device=slopes.device)[:, None]
+def alibi_bias(slopes, Tq: int, Tk: int, dtype=torch.float32, kv_len=None):
+    """[H, Tq, Tk]: m_h (j - i) for query i at position Tk - Tq + i (bottom-right, as the causal mask;
+    kv_len - Tq + i with kv_len, query_positions) and key j; <= 0 at every visible key, 0 on the diagonal."""
+    dist = torch.arange(Tk, device=slopes.device) - query_positions(Tq, Tk, slopes.device, kv_len)
     return slopes.to(dtype)[:, None, None] * dist.to(dtype)
 
 
@@ -615,17 +621,21 @@ class MultiHeadAttention(nn.Module):
         self.resid_drop = nn.Dropout(dropout)
         self.use_triton = False
 
-    def attend(self, q, k, v, doc_ids=None):
+    def attend(self, q, k, v, doc_ids=None, kv_len=None):
         """Textbook attention core: dropout(softmax(q k^T / sqrt(d) + causal mask)) v (without the
         1 / sqrt(d) when the model does not scale its scores: GPT-Neo). With self.softcap c > 0 the
         scaled scores s are soft-capped to c tanh(s / c) first (Gemma 2).
         doc_ids [B, Tk]: packed documents, each a run of equal ids; a query also may not see the
         keys of another document (the document mask). self.window W > 0: nor keys W or more
         positions back (the local mask). k, v with fewer heads than q (grouped-query attention):
-        each KV head is repeated for the n_head / n_kv_head query heads that share it."""
+        each KV head is repeated for the n_head / n_kv_head query heads that share it.
+        kv_len [1] (a CUDA-graph decode step's, KVCache.on_device): only the first kv_len of the Tk positions
+        hold keys, and query i sits at position kv_len - Tq + i; the masks hide the rest, whatever it holds."""
         if k.size(1) != q.size(1):
             k, v = (t.repeat_interleave(q.size(1) // k.size(1), dim=1) for t in (k, v))
         Tq, Tk = q.size(-2), k.size(-2)
+        if kv_len is not None:  # a weight 0 times a stale value that is inf or NaN would still be NaN
+            v = v.masked_fill((torch.arange(Tk, device=v.device) >= kv_len)[:, None], 0)
         # fp16 scores in fp32 (q.k past 65504 was inf, its softmax row NaN), also under autocast,
         # which would cast the matmul back to fp16
         with _autocast_off_for_fp16(q):
@@ -634,14 +644,14 @@ class MultiHeadAttention(nn.Module):
             scores = self.softcap * torch.tanh(scores / self.softcap)
         if self.alibi:  # after the cap, before the masks; at least fp32 (m (j - i) reaches m T)
             scores = scores + alibi_bias(self.alibi_slopes(q.device), Tq, Tk,
-                                         torch.promote_types(scores.dtype, torch.float32))
-        scores = scores.masked_fill(in_the_future(Tq, Tk, q.device), float("-inf"))
+                                         torch.promote_types(scores.dtype, torch.float32), kv_len)
+        scores = scores.masked_fill(in_the_future(Tq, Tk, q.device, kv_len), float("-inf"))
         if doc_ids is not None:
             doc = document_index(doc_ids)  # [B, Tk]: 0 for the first document of a row, 1 for the next...
             other_doc = doc[:, Tk - Tq:, None] != doc[:, None, :]  # [B, Tq, Tk]
             scores = scores.masked_fill(other_doc[:, None], float("-inf"))
         if self.window:
-            scores = scores.masked_fill(outside_window(Tq, Tk, self.window, q.device), float("-inf"))
+            scores = scores.masked_fill(outside_window(Tq, Tk, self.window, q.device, kv_len), float("-inf"))
         weights = torch.softmax(scores, dim=-1)
         weights = self.attn_drop(weights)
         return weights.to(v.dtype) @ v
@@ -672,20 +682,25 @@ class MultiHeadAttention(nn.Module):
         if self.rotary is not None:
             if positions is None:
                 start = cache.pos if cache is not None else 0
-                positions = torch.arange(start, start + T, device=x.device)
+                positions = cache.extent(T)[0] if cache is not None and cache.on_device else \
+                    torch.arange(start, start + T, device=x.device)
                 rope_len = start + T if rope_len is None else rope_len  # known on the host: no sync
             q, k = self.rotary(q, k, positions, rope_len)
+        kv_len = None
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)  # keys/values of the whole prefix
+            if cache.on_device:  # the whole buffers; the filled length on the device
+                kv_len = cache.extent(T)[1]
         if self.use_triton:
             from tritongpt.kernels.attention import flash_attention
 
             p = self.attn_drop.p if self.training else 0.0
             ctx = flash_attention(q, k, v, causal=True, softmax_scale=self.softmax_scale, dropout_p=p, doc_ids=doc_ids,
                                   window=self.window or None, softcap=self.softcap or None,
-                                  alibi_slopes=self.alibi_slopes(q.device) if self.alibi else None)
+                                  alibi_slopes=self.alibi_slopes(q.device) if self.alibi else None,
+                                  **({} if kv_len is None else {"kv_len": kv_len}))
         else:
-            ctx = self.attend(q, k, v, doc_ids)
+            ctx = self.attend(q, k, v, doc_ids, kv_len)
         ctx = ctx.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)
         return self.resid_drop(self.out_proj(ctx))
 

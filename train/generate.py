@@ -252,7 +252,8 @@ def generate(model, idx, max_new_tokens: int, temperature: float = 0.0, top_k: i
              frequency_penalty: float | None = None, presence_penalty: float | None = None,
              no_repeat_ngram_size: int | None = None, draft=None, num_draft_tokens: int | None = None,
              stats: dict | None = None, typical_p: float | None = None, epsilon_cutoff: float | None = None,
-             eta_cutoff: float | None = None, top_n_sigma: float | None = None, prompt_lookup: int | None = None):
+             eta_cutoff: float | None = None, top_n_sigma: float | None = None, prompt_lookup: int | None = None,
+             cuda_graph: bool = False):
     """Extend idx [B, T] by up to max_new_tokens tokens; rows stop after emitting eos_id.
 
     Returns [B, T + n]. Rows that finished early are padded with eos_id. vocab_limit: only ids
@@ -279,6 +280,8 @@ def generate(model, idx, max_new_tokens: int, temperature: float = 0.0, top_k: i
     num_draft_tokens tokens that followed the most recent earlier occurrence of its last n-gram, n from N down to 1
     (transformers' max_matching_ngram_size; 2 is its default), in the prompt or the text generated so far; a row
     that finds none runs a plain step.
+    cuda_graph: each decode step after the prefill (one token a row) a replay of a CUDA graph captured at the first
+    (DecodeGraph): the same tokens, without the host's per-launch cost. CUDA only, with the cache, not with a draft.
     """
     if not isinstance(idx, torch.Tensor) or idx.is_floating_point() or idx.is_complex():
         what = f"a {idx.dtype} tensor" if isinstance(idx, torch.Tensor) else type(idx).__name__
@@ -295,6 +298,11 @@ def generate(model, idx, max_new_tokens: int, temperature: float = 0.0, top_k: i
         raise UserError(f"vocab_limit must be a positive integer, got {vocab_limit!r}")
     if draft is not None and prompt_lookup is not None:
         raise UserError("draft and prompt_lookup are two drafts: pass one")
+    if cuda_graph not in (True, False):
+        raise UserError(f"cuda_graph must be a bool, got {cuda_graph!r}")
+    if cuda_graph and (draft is not None or prompt_lookup is not None or not use_cache):
+        raise UserError("cuda_graph replays a one-token decode step over the KV cache: it takes use_cache=True and "
+                        "no draft or prompt_lookup (their steps check several tokens)")
     if prompt_lookup is not None:
         draft = PromptLookup(prompt_lookup)
     if num_draft_tokens is None:
@@ -314,7 +322,8 @@ def generate(model, idx, max_new_tokens: int, temperature: float = 0.0, top_k: i
         if draft is not None:
             return _speculative(model, draft, idx, max_new_tokens, warp, eos_id, generator, vocab_limit, on_token,
                                 stop, num_draft_tokens, stats)
-        return _generate(model, idx, max_new_tokens, warp, eos_id, use_cache, generator, vocab_limit, on_token, stop)
+        return _generate(model, idx, max_new_tokens, warp, eos_id, use_cache, generator, vocab_limit, on_token, stop,
+                         cuda_graph)
     finally:
         model.train(was_training[0])
         if draft is not None and not lookup:
@@ -367,12 +376,93 @@ def last_logits(model, ids, cache=None, keep: int = 1):
     return model(ids, cache)[:, -keep:]
 
 
-def _generate(model, idx, max_new_tokens, warp: dict, eos_id, use_cache, generator, vocab_limit, on_token, stop):
+def capture_cuda_graph(fn, device):
+    """torch's recipe (torch.cuda.graphs): fn run twice on a side stream (the first runs pick autotuned kernels and
+    cuBLAS's handles, which a capture cannot), then captured once. -> replay(), which relaunches fn's kernels and
+    returns fn's output: the same tensors each time, rewritten by each replay. device: where fn's tensors are."""
+    if device.type != "cuda":
+        raise UserError(f"CUDA graphs need the model on a CUDA device; it is on {device}")
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn()
+
+    def replay():
+        graph.replay()
+        return out
+    return replay
+
+
+class DecodeGraph:
+    """One KV-cache decode step, tokens [B, 1] -> logits [B, 1, V], captured in a CUDA graph and replayed.
+
+    Why: a decode step of a small model is hundreds of small launches, and their Python costs more than the GPU's
+    work (~0.45 ms of host time a layer on the Triton path, launches stubbed); a replay sends them all at once, as
+    gpt-fast's and vLLM's CUDA graphs do. The step runs with the cache on_device (KVCache): no host int in it,
+    the fill read from cache.fill, which each call sets to cache.pos before the replay, so one capture serves every
+    position (and a cache reset or crop). The logits are the graph's own buffer, rewritten by the next call.
+    capture(fn, device) -> replay(): capture_cuda_graph by default; tests pass one that records fn on the CPU.
+    Not for LongRoPE (its factors follow the length, a host int) nor for MoE models (their routing sizes the
+    experts' work on the host).
+    """
+
+    def __init__(self, model, cache, capture=None):
+        cfg = model.config
+        if cfg.rope_scaling and cfg.rope_scaling.get("rope_type") == "longrope":
+            raise UserError("CUDA-graph decoding does not take LongRoPE models: their RoPE factors switch at a "
+                            "length the host decides")
+        if cfg.n_experts:
+            raise UserError("CUDA-graph decoding does not take mixture-of-experts models: their routing sizes each "
+                            "expert's work on the host, which a graph cannot replay")
+        if cache.pos >= cache.max_len:
+            raise UserError(f"the KV cache is full ({cache.pos} of {cache.max_len} positions): no step to capture")
+        self.model, self.cache = model, cache
+        self.tokens = torch.zeros((cache.batch_size, 1), dtype=torch.long, device=cache.k.device)
+        cache.fill.fill_(cache.pos)  # the warm-up steps write at the next position, which the first call rewrites
+        try:
+            self._replay = (capture or capture_cuda_graph)(self._step, cache.k.device)
+        except UserError:
+            raise
+        except Exception as e:  # a host sync or a CPU tensor in some layer: say which model cannot be captured
+            raise UserError(f"this model's decode step could not be captured in a CUDA graph: "
+                            f"{type(e).__name__}: {e}") from e
+
+    def _step(self):
+        pos = self.cache.pos
+        self.cache.on_device = True
+        try:
+            return last_logits(self.model, self.tokens, self.cache)
+        finally:  # the forward advanced pos on the host; the calls do that themselves, once a replay
+            self.cache.on_device = False
+            self.cache.pos = pos
+
+    def __call__(self, tokens):
+        cache = self.cache
+        if tokens.shape != self.tokens.shape:
+            raise UserError(f"this decode graph steps {tuple(self.tokens.shape)} tokens (one a row), "
+                            f"got {tuple(tokens.shape)}")
+        if cache.pos >= cache.max_len:
+            raise UserError(f"KV cache overflow: {cache.pos + 1} positions > capacity {cache.max_len}")
+        self.tokens.copy_(tokens)
+        cache.fill.fill_(cache.pos)
+        logits = self._replay()
+        cache.pos += 1
+        return logits
+
+
+def _generate(model, idx, max_new_tokens, warp: dict, eos_id, use_cache, generator, vocab_limit, on_token, stop,
+              cuda_graph=False):
     ctx = model.config.context_length
     # as long as this call can fill: a whole-context cache of a 131072-position model is gigabytes
     cache = model.new_cache(idx.size(0), min(ctx, idx.size(1) + max_new_tokens)) if use_cache else None
     done = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
     fed = 0  # how many tokens of idx the cache already holds
+    graph = None  # cuda_graph: the decode step's, captured at the first step after the prefill
     start = idx.size(1)  # where every row's generated ids begin (what the frequency/presence penalties count)
     for _ in range(max_new_tokens):
         if cache is None:
@@ -387,6 +477,11 @@ def _generate(model, idx, max_new_tokens, warp: dict, eos_id, use_cache, generat
                 fed = idx.size(1)
                 if idx.size(1) >= ctx:
                     cache.reset()  # the next step must prefill the shifted window again
+            elif cuda_graph:
+                if graph is None:
+                    graph = DecodeGraph(model, cache)
+                logits = graph(idx[:, fed:])
+                fed = idx.size(1)
             else:
                 logits = model(idx[:, fed:], cache)
                 fed = idx.size(1)

@@ -327,6 +327,9 @@ def cmd_generate(args):
     if args.draft_tokens is not None and not args.draft and args.prompt_lookup is None:
         raise UserError("--draft-tokens is how many tokens the --draft model proposes a step (--prompt-lookup at "
                         "most): pass --draft or --prompt-lookup")
+    if args.cuda_graphs and (args.draft or args.prompt_lookup is not None or beams is not None):
+        raise UserError("--cuda-graphs replays a one-token decode step: it does not take --draft, --prompt-lookup "
+                        "or --num-beams")
     stops = stop_strings(args.stop)
     prompt = args.prompt if args.prompt is not None else read_text_file(args.prompt_file)
     model, tok, device, dtype, limit = load_generation_model(args)
@@ -371,7 +374,7 @@ def cmd_generate(args):
         out = generate(model, idx, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                        top_p=args.top_p, eos_id=eot, generator=gen, vocab_limit=limit, on_token=stream,
                        stop=stopped if stops else None, draft=draft, num_draft_tokens=num_draft, stats=stats,
-                       **sampling_controls(args)).tolist()
+                       cuda_graph=args.cuda_graphs, **sampling_controls(args)).tolist()
     if stream:
         stream.close()
     if draft is not None:
@@ -892,6 +895,9 @@ def add_cli(sub):
     add_draft_args(p, " (--num-samples too: every sample keeps as many draft tokens a step as the one that keeps "
                       "fewest)", lookup=True)
     add_beam_args(p)
+    p.add_argument("--cuda-graphs", action="store_true",
+                   help="replay each decode step (after the prompt's) as a CUDA graph captured at the first: the same "
+                        "text without the host's per-launch cost, which a small model's step is mostly (CUDA only)")
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("export", help=command_help("export"))

@@ -1,0 +1,291 @@
+"""CUDA-graph decoding (train/generate.py DecodeGraph, generate(cuda_graph=True)) and the host-int-free decode step
+it captures (KVCache.on_device: the fill on the device, keys written with index_copy_, attention over the whole
+buffer with kv_len).
+
+On the CPU a CUDA graph is emulated by make_fx: it records the step's tensor ops once, with every host int and
+Python decision of that one run baked in, and a tensor value read on the host refused (as a capture refuses a
+sync); replaying the recorded graph runs those ops on the same tensors (the cache, the token buffer, cache.fill)
+again. A decode step that depended on a host int (the cache's pos) would then replay the position it was recorded
+at and draw other tokens."""
+import pytest
+import torch
+from torch.fx.experimental.proxy_tensor import make_fx
+
+import tritongpt.train.generate as gen
+from tritongpt.errors import UserError
+from tritongpt.model.config import GPTConfig
+from tritongpt.model.gpt import GPTModel
+
+VOCAB = 97
+
+CASES = {
+    "gpt2": dict(),
+    "rope-gqa": dict(position_encoding="rope", n_kv_head=2, norm="rmsnorm", mlp="swiglu"),
+    "alibi": dict(position_encoding="alibi"),
+    "window-softcap": dict(attention_window=4, attn_softcap=5.0),
+}
+
+
+def tiny(kernels="reference", context_length=24, **extra):
+    torch.manual_seed(0)
+    cfg = GPTConfig(vocab_size=VOCAB, context_length=context_length, n_layer=2, n_head=4, n_embd=32,
+                    kernels=kernels, **extra)
+    return GPTModel(cfg).eval()
+
+
+def fx_capture(fn, device=None):
+    """A CUDA graph's semantics on the CPU: fn's tensor ops recorded once, replayed without fn's Python."""
+    recorded = make_fx(lambda: fn())()
+    return lambda: recorded()
+
+
+def warm_then_fx(fn, device=None):
+    """As capture_cuda_graph: two warm-up runs of the step before the capture (their writes must not show)."""
+    fn()
+    fn()
+    return fx_capture(fn)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_a_step_on_the_device_gives_the_host_steps_logits_whatever_the_cache_holds_past_its_fill(case):
+    """KVCache.on_device: the same logits as the host-int step, position after position, though the cache past the
+    fill holds NaN (never read into a result: the reference masks the scores and zeroes the values there)."""
+    model = tiny(**CASES[case])
+    idx = torch.randint(0, VOCAB, (2, 11))
+    with torch.no_grad():
+        host, dev = model.new_cache(2, 16), model.new_cache(2, 16)
+        dev.k.fill_(float("nan"))
+        dev.v.fill_(float("nan"))
+        model(idx[:, :6], host)
+        model(idx[:, :6], dev)
+        for t in range(6, 11):
+            want = model(idx[:, t:t + 1], host)
+            dev.fill.fill_(dev.pos)
+            dev.on_device = True
+            got = model(idx[:, t:t + 1], dev)
+            dev.on_device = False
+            assert not got.isnan().any()
+            assert (got - want).abs().max().item() < 1e-5, (case, t)
+        assert dev.pos == host.pos == 11
+        # the device step wrote its keys where the host's did
+        assert torch.allclose(dev.k[:, :, :, :11], host.k[:, :, :, :11], atol=1e-6)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_generate_with_an_emulated_cuda_graph_draws_the_eager_tokens(monkeypatch, case):
+    """Greedy and sampled, past the context (the window slides: a prefill again, the same graph after it)."""
+    monkeypatch.setattr(gen, "capture_cuda_graph", warm_then_fx)
+    model = tiny(**CASES[case])
+    idx = torch.randint(0, VOCAB, (2, 5))
+    for kw in (dict(), dict(temperature=1.0, top_k=20)):
+        want = gen.generate(model, idx, 25, generator=torch.Generator().manual_seed(3), **kw)
+        got = gen.generate(model, idx, 25, generator=torch.Generator().manual_seed(3), cuda_graph=True, **kw)
+        assert torch.equal(got, want), (case, kw)
+
+
+def test_the_emulation_catches_a_step_that_bakes_in_the_hosts_position(monkeypatch):
+    """The test above would pass with any step if the emulation re-ran the step's Python: a step whose positions
+    and fill come from the host's pos (a host int, as a CUDA graph would freeze it) must draw other tokens."""
+    from tritongpt.model.gpt import KVCache
+
+    monkeypatch.setattr(gen, "capture_cuda_graph", fx_capture)
+    model = tiny()
+    idx = torch.randint(0, VOCAB, (1, 5))
+    want = gen.generate(model, idx, 8)
+    assert torch.equal(gen.generate(model, idx, 8, cuda_graph=True), want)
+    monkeypatch.setattr(KVCache, "extent", lambda self, T: (torch.arange(self.pos, self.pos + T),
+                                                            torch.full((1,), self.pos + T)))
+    assert not torch.equal(gen.generate(model, idx, 8, cuda_graph=True), want)
+
+
+def test_decode_graph_steps_one_position_a_call_and_restores_the_warm_up():
+    """The warm-up steps (two, then the capture) leave pos as it was; each call sets the fill to pos before the
+    replay and advances pos by one after it; the logits match the eager step's."""
+    model = tiny(**CASES["rope-gqa"])
+    idx = torch.randint(0, VOCAB, (2, 9))
+    with torch.no_grad():
+        host, dev = model.new_cache(2, 12), model.new_cache(2, 12)
+        model(idx[:, :5], host)
+        model(idx[:, :5], dev)
+        graph = gen.DecodeGraph(model, dev, warm_then_fx)
+        assert dev.pos == 5 and not dev.on_device
+        for t in range(5, 9):
+            want = gen.last_logits(model, idx[:, t:t + 1], host)
+            got = graph(idx[:, t:t + 1])
+            assert dev.pos == t + 1 and int(dev.fill) == t
+            assert got.shape == (2, 1, VOCAB)
+            assert (got - want).abs().max().item() < 1e-5
+        dev.crop(6)  # a crop (or reset) is a host pos: the next call steps from it
+        host.crop(6)
+        want = gen.last_logits(model, idx[:, 6:7], host)
+        assert (graph(idx[:, 6:7]) - want).abs().max().item() < 1e-5
+
+
+def test_decode_graph_refuses_what_it_cannot_replay():
+    model = tiny()
+    with torch.no_grad():
+        cache = model.new_cache(1, 4)
+        model(torch.randint(0, VOCAB, (1, 4)), cache)
+        with pytest.raises(UserError, match="the KV cache is full"):
+            gen.DecodeGraph(model, cache, fx_capture)
+        cache.crop(3)
+        graph = gen.DecodeGraph(model, cache, fx_capture)
+        with pytest.raises(UserError, match=r"steps \(1, 1\) tokens \(one a row\), got \(1, 2\)"):
+            graph(torch.zeros(1, 2, dtype=torch.long))
+        graph(torch.zeros(1, 1, dtype=torch.long))
+        with pytest.raises(UserError, match=r"KV cache overflow: 5 positions > capacity 4"):
+            graph(torch.zeros(1, 1, dtype=torch.long))
+    longrope = tiny(position_encoding="rope", rope_scaling={
+        "rope_type": "longrope", "short_factor": [1.0] * 4, "long_factor": [2.0] * 4,
+        "original_max_position_embeddings": 12})
+    with pytest.raises(UserError, match="does not take LongRoPE models"):
+        gen.DecodeGraph(longrope, longrope.new_cache(1, 8), fx_capture)
+    moe = tiny(position_encoding="rope", norm="rmsnorm", mlp="swiglu", n_experts=4, experts_per_token=2)
+    with pytest.raises(UserError, match="does not take mixture-of-experts models"):
+        gen.DecodeGraph(moe, moe.new_cache(1, 8), fx_capture)
+
+
+def test_a_step_that_reads_a_value_on_the_host_is_refused_by_name(monkeypatch):
+    """A capture refuses a host sync; so does the emulation, and DecodeGraph says which model could not be captured."""
+    model = tiny()
+    real = model.hidden
+
+    def hidden_with_a_sync(idx, cache=None, doc_ids=None):
+        int(idx.sum())  # a value read on the host
+        return real(idx, cache, doc_ids)
+    monkeypatch.setattr(model, "hidden", hidden_with_a_sync)
+    with torch.no_grad():
+        cache = model.new_cache(1, 8)
+        with pytest.raises(UserError, match="decode step could not be captured in a CUDA graph"):
+            gen.DecodeGraph(model, cache, fx_capture)
+        assert cache.pos == 0 and not cache.on_device
+
+
+def test_generate_refuses_cuda_graph_where_it_has_no_meaning(monkeypatch):
+    model = tiny()
+    idx = torch.randint(0, VOCAB, (1, 4))
+    with pytest.raises(UserError, match="CUDA graphs need the model on a CUDA device; it is on cpu"):
+        gen.generate(model, idx, 3, cuda_graph=True)
+    with pytest.raises(UserError, match="takes use_cache=True and no draft or prompt_lookup"):
+        gen.generate(model, idx, 3, cuda_graph=True, use_cache=False)
+    with pytest.raises(UserError, match="takes use_cache=True and no draft or prompt_lookup"):
+        gen.generate(model, idx, 3, cuda_graph=True, prompt_lookup=2)
+    with pytest.raises(UserError, match="cuda_graph must be a bool, got 'yes'"):
+        gen.generate(model, idx, 3, cuda_graph="yes")
+    # one token (the prefill's): no decode step, nothing captured
+    monkeypatch.setattr(gen, "capture_cuda_graph", lambda fn, device: pytest.fail("captured without a decode step"))
+    assert gen.generate(model, idx, 1, cuda_graph=True).shape == (1, 5)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("kernels", ["reference", "triton"])
+def test_cuda_graph_decoding_draws_the_eager_tokens_on_cuda(kernels):
+    """A real capture and replay (fp32, so the graph's and the eager step's attention differ only in summation
+    order): the graph's logits within 1e-4 of the eager step's a step, and the same greedy tokens."""
+    model = tiny(kernels, context_length=64, **CASES["rope-gqa"]).cuda()
+    idx = torch.randint(0, VOCAB, (2, 7), device="cuda")
+    want = gen.generate(model, idx, 40)
+    got = gen.generate(model, idx, 40, cuda_graph=True)
+    assert torch.equal(got, want)
+    with torch.no_grad():
+        host, dev = model.new_cache(2, 64), model.new_cache(2, 64)
+        model(idx, host)
+        model(idx, dev)
+        graph = gen.DecodeGraph(model, dev)
+        tok = idx[:, -1:]
+        for _ in range(20):
+            want = gen.last_logits(model, tok, host)
+            got = graph(tok)
+            assert ((got - want).norm() / want.norm()).item() < 1e-4
+            tok = want[:, -1].argmax(-1, keepdim=True)
+
+
+def test_alibi_bias_and_masks_with_kv_len_are_those_of_the_filled_keys():
+    """With kv_len L the reference's ALiBi bias, causal and window masks over a Tk-wide buffer are, on its first L
+    columns, those of an L-key attention; the causal mask hides every column past L. (The bias's own position
+    cancels in the softmax, so only this shows it.)"""
+    from tritongpt.model.layers import alibi_bias, alibi_slopes, in_the_future, outside_window
+
+    slopes = alibi_slopes(4)
+    for tq, tk, L in ((1, 16, 9), (3, 16, 9), (2, 10, 10), (3, 8, 3)):
+        kv_len = torch.tensor([L])
+        assert torch.equal(alibi_bias(slopes, tq, tk, kv_len=kv_len)[..., :L], alibi_bias(slopes, tq, L))
+        future = in_the_future(tq, tk, kv_len=kv_len)
+        assert torch.equal(future[:, :L], in_the_future(tq, L)) and future[:, L:].all()
+        assert torch.equal(outside_window(tq, tk, 3, kv_len=kv_len)[:, :L], outside_window(tq, L, 3))
+
+
+def test_an_attention_called_alone_on_a_device_cache_rotates_by_the_device_fill():
+    """MultiHeadAttention with RoPE called without positions (not through GPTModel, which passes them) on an
+    on_device cache, recorded once (fx_capture) and replayed at later fills: q and k rotated at the fill's
+    positions, as on the host cache."""
+    from tritongpt.model.layers import MultiHeadAttention
+
+    torch.manual_seed(0)
+    att = MultiHeadAttention(32, 4, 16, rope_theta=10000.0, n_kv_head=2).eval()
+    model = tiny(position_encoding="rope", n_kv_head=2)
+    x = torch.randn(2, 9, 32)
+    step_in = torch.empty(2, 1, 32)
+    with torch.no_grad():
+        host, dev = model.new_cache(2, 12), model.new_cache(2, 12)
+        att(x[:, :6], host)
+        att(x[:, :6], dev)
+        host.pos = dev.pos = 6
+
+        def step():
+            dev.on_device = True
+            try:
+                return att(step_in, dev)
+            finally:
+                dev.on_device = False
+        dev.fill.fill_(6)
+        step_in.copy_(x[:, 6:7])
+        replay = fx_capture(step)
+        for t in range(6, 9):
+            want = att(x[:, t:t + 1], host)
+            host.pos += 1
+            dev.fill.fill_(t)
+            step_in.copy_(x[:, t:t + 1])
+            got = replay()
+            assert (got - want).abs().max().item() < 1e-5, t
+
+
+# -- the command ---------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    from tritongpt.model.config import get_config
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("graph_cli") / "model.safetensors"
+    GPTModel(GPTConfig(**{**get_config("tiny").to_dict(), "n_layer": 1, "context_length": 32})).save(path)
+    return path
+
+
+def test_the_generate_command_prints_the_eager_text_with_cuda_graphs(saved, capsys, monkeypatch):
+    """--cuda-graphs reaches generate: one capture (emulated here, on the CPU), the eager text."""
+    from tritongpt import cli
+
+    base = ["generate", "--weights", str(saved), "--prompt", "The cat", "--device", "cpu", "--max-new-tokens", "8",
+            "--temperature", "0"]
+    assert cli.main(base) == 0
+    want = capsys.readouterr().out
+    captured = []
+    monkeypatch.setattr(gen, "capture_cuda_graph", lambda fn, device: captured.append(device) or fx_capture(fn))
+    assert cli.main([*base, "--cuda-graphs"]) == 0
+    assert capsys.readouterr().out == want and captured == [torch.device("cpu")]
+
+
+@pytest.mark.parametrize("extra,said", [
+    ([], "CUDA graphs need the model on a CUDA device; it is on cpu"),
+    (["--prompt-lookup", "2"], "--cuda-graphs replays a one-token decode step: it does not take --draft, "
+                               "--prompt-lookup or --num-beams"),
+    (["--num-beams", "2", "--temperature", "0"], "it does not take --draft, --prompt-lookup or --num-beams"),
+])
+def test_the_generate_command_refuses_cuda_graphs_by_name(saved, capsys, extra, said):
+    from tritongpt import cli
+
+    base = ["generate", "--weights", str(saved), "--prompt", "The cat", "--device", "cpu", "--max-new-tokens", "4",
+            "--cuda-graphs"]
+    assert cli.main([*base, *extra]) == 2
+    assert said in capsys.readouterr().err
