@@ -289,3 +289,27 @@ def test_the_generate_command_refuses_cuda_graphs_by_name(saved, capsys, extra, 
             "--cuda-graphs"]
     assert cli.main([*base, *extra]) == 2
     assert said in capsys.readouterr().err
+
+
+def test_the_step_runs_without_autocasts_weight_cache(monkeypatch):
+    """Autocast caches its 16-bit casts of the weights: a graph captured with the cache on reads the warm-up's casts,
+    stale once the weights change in place (an optimizer step between RLHF rollouts) and freed when the autocast
+    region ends (torch's rule for graphed callables: cache_enabled=False). The emulation cannot show it (make_fx
+    records the casts either way), so the step's autocast state is checked itself: the same dtype, no cache."""
+    model = tiny()
+    seen = []
+    real = gen.last_logits
+
+    def spy(*args, **kwargs):
+        seen.append((torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu"),
+                     torch.is_autocast_cache_enabled()))
+        return real(*args, **kwargs)
+    monkeypatch.setattr(gen, "last_logits", spy)
+    with torch.no_grad():
+        cache = model.new_cache(1, 8)
+        gen.DecodeGraph(model, cache, lambda fn, device: fn)(torch.zeros(1, 1, dtype=torch.long))
+        with torch.autocast("cpu", torch.bfloat16):
+            cache = model.new_cache(1, 8)
+            gen.DecodeGraph(model, cache, lambda fn, device: fn)(torch.zeros(1, 1, dtype=torch.long))
+            assert torch.is_autocast_cache_enabled()  # the caller's region as it was
+    assert seen == [(False, torch.bfloat16, True), (True, torch.bfloat16, False)]

@@ -19,6 +19,7 @@ greedy output is the model's own token for token, sampled output is distributed 
 Prompt lookup decoding (prompt_lookup=, Saxena 2023) is the same with a draft that needs no model: the tokens
 that followed the text's last n-gram where it occurred before (see lookup_proposals).
 """
+import contextlib
 import math
 
 import torch
@@ -435,8 +436,16 @@ class DecodeGraph:
     def _step(self):
         pos = self.cache.pos
         self.cache.on_device = True
+        device = self.cache.k.device.type
+        # Under autocast, its cache of the weights' 16-bit casts (made at the warm-up) would be what the graph
+        # reads: stale once the weights change (an RLHF policy between rollouts), freed when the autocast region
+        # ends. Without the cache the casts are in the graph (torch's rule for graphed callables); a model whose
+        # weights are already 16-bit casts nothing.
+        autocast = torch.autocast(device, torch.get_autocast_dtype(device), cache_enabled=False) \
+            if torch.is_autocast_enabled(device) else contextlib.nullcontext()
         try:
-            return last_logits(self.model, self.tokens, self.cache)
+            with autocast:
+                return last_logits(self.model, self.tokens, self.cache)
         finally:  # the forward advanced pos on the host; the calls do that themselves, once a replay
             self.cache.on_device = False
             self.cache.pos = pos
