@@ -368,3 +368,24 @@ def test_run_template_of_a_folder_whose_config_is_not_json(tmp_path):
         tmp_path / "model.safetensors")
     (tmp_path / "config.json").write_text('{"tritongpt_prompt_format": "alpaca",')
     assert chat.run_template(str(tmp_path)) is None
+
+
+def test_chat_cuda_graphs_reach_generate_and_are_refused_off_cuda(monkeypatch, capsys):
+    """--cuda-graphs: every answer's generate gets cuda_graph=True (past the startup's device check); on a CPU the
+    command refuses before the first line, naming the flag; with --draft it is refused by name."""
+    import tritongpt.commands as commands
+    import tritongpt.train.generate as gen
+
+    base = ["chat", "--model", "tiny", "--device", "cpu", "--max-new-tokens", "5", "--cuda-graphs"]
+    assert main(base) == 2
+    assert "--cuda-graphs needs the model on a CUDA device; it is on cpu" in capsys.readouterr().err
+    assert main([*base, "--draft", "d.safetensors"]) == 2
+    assert "--cuda-graphs replays a one-token decode step: it does not take --draft" in capsys.readouterr().err
+    asked = []
+    real = gen.generate
+    monkeypatch.setattr(gen, "generate", lambda *a, **kw: asked.append(kw["cuda_graph"]) or real(*a, **kw))
+    monkeypatch.setattr(gen, "capture_cuda_graph", lambda fn, device: fn)
+    monkeypatch.setattr(commands, "check_cuda_graphs", lambda args, device: None)
+    monkeypatch.setattr("sys.stdin", io.StringIO("Hi\nAgain\n"))
+    assert main(base) == 0
+    assert asked == [True, True]

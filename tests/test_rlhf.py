@@ -681,8 +681,8 @@ def test_rl_resume_compares_every_flag_that_changes_the_training():
     from tritongpt.train.rlhf import TRAJECTORY_ARGS
 
     elsewhere = {"out_dir", "iterations", "eval_every", "eval_prompts", "eval_samples", "ckpt_every", "keep_ckpts",
-                 "dtype", "device", "kernels", "activation_checkpointing", "resume", "overwrite", "report_to",
-                 "run_name", "wandb_project"}
+                 "dtype", "device", "kernels", "activation_checkpointing", "cuda_graphs", "resume", "overwrite",
+                 "report_to", "run_name", "wandb_project"}
     assert set(TRAJECTORY_ARGS) == {f.name for f in fields(RLArgs)} - elsewhere
     assert len(TRAJECTORY_ARGS) == len(set(TRAJECTORY_ARGS))
 
@@ -2800,3 +2800,38 @@ def test_rlhf_resume_of_a_reward_model_run_from_before_the_verifier_names(tmp_pa
     capsys.readouterr()
     assert main([*argv, "--reward", "exact", "--iterations", "3", "--resume"]) == 2
     assert "was judged by a reward model, not --reward exact: pass the same --reward" in capsys.readouterr().err
+
+
+def test_rollouts_with_cuda_graphs_are_the_eager_ones(monkeypatch):
+    """sample_responses(cuda_graph=True): each length batch's generate replays a captured decode step (emulated on
+    the CPU: tests/test_decode_graph.py's fx_capture) and draws the eager rollout's tokens, one capture a batch."""
+    import tritongpt.train.generate as gen
+    from test_decode_graph import fx_capture
+    from tritongpt.train.rlhf import sample_responses
+
+    torch.manual_seed(14)
+    policy = GPTModel(GPTConfig(vocab_size=23, context_length=16, n_embd=32, n_layer=1, n_head=2)).eval()
+    prompts = [[5, 6, 7, 8, 9], [1, 2], [3, 4, 5, 6, 7]]
+    want = sample_responses(policy, prompts, 2, 6, eot_id=22, generator=torch.Generator().manual_seed(0))
+    captured = []
+    monkeypatch.setattr(gen, "capture_cuda_graph", lambda fn, device: captured.append(device) or fx_capture(fn))
+    got = sample_responses(policy, prompts, 2, 6, eot_id=22, generator=torch.Generator().manual_seed(0),
+                           cuda_graph=True)
+    assert torch.equal(got.idx, want.idx) and torch.equal(got.lengths, want.lengths)
+    assert len(captured) == 2  # the 5-token prompts' batch and the 2-token one's
+
+
+def test_the_trainer_passes_cuda_graphs_to_its_rollouts_and_refuses_them_off_cuda(tmp_path, monkeypatch):
+    import tritongpt.train.rlhf as rlhf
+
+    with pytest.raises(UserError, match="--cuda-graphs replays the rollouts' decode steps as CUDA graphs: it needs "
+                                        "a CUDA device, the run is on cpu"):
+        _tiny_rl_trainer(tmp_path / "a", cuda_graphs=True)
+    trainer = _tiny_rl_trainer(tmp_path / "b")
+    trainer.args.cuda_graphs = True  # (past the device check: what the rollouts are asked for)
+    asked = []
+    real = rlhf.sample_responses
+    monkeypatch.setattr(rlhf, "sample_responses", lambda *a, **k: asked.append(a[-1]) or real(*a[:-1], **k))
+    trainer.rollout()
+    trainer.evaluate()
+    assert asked == [True, True]

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from tritongpt.cli import build_parser, main
+from tritongpt.errors import UserError
 from tritongpt.model.config import GPTConfig
 from tritongpt.model.gpt import GPTModel
 from tritongpt.train import chat, formats, serve
@@ -473,3 +474,32 @@ def test_a_body_shorter_than_its_content_length_times_out_with_a_408(served, mon
     got, err = raw_request(server, b"Content-Length: 100", b'{"prompt": "the"', timeout=10)
     assert got == 408 and "did not arrive" in err["error"]["message"]
     assert call(server, "/v1/models")[0] == 200  # and the server still answers
+
+
+def test_cuda_graphs_serve_the_eager_text_and_are_refused_off_cuda(tmp_path, monkeypatch):
+    """--cuda-graphs: each request's generate replays its decode steps (the capture emulated on the CPU, past the
+    startup's device check), the eager text; on a CPU the server refuses to start, naming the flag."""
+    import tritongpt.commands as commands
+    import tritongpt.train.generate as gen
+    from test_decode_graph import fx_capture
+
+    folder = tmp_path / "run"
+    tiny_run(folder, "chat")
+    with pytest.raises(UserError, match="--cuda-graphs needs the model on a CUDA device; it is on cpu"):
+        start(folder, "--cuda-graphs")
+    body = {"prompt": "the cat sat", "max_tokens": 7, "temperature": 0}
+    texts = {}
+    captured = []
+    monkeypatch.setattr(commands, "check_cuda_graphs", lambda args, device: None)
+    monkeypatch.setattr(gen, "capture_cuda_graph", lambda fn, device: captured.append(device) or fx_capture(fn))
+    for flags in ((), ("--cuda-graphs",)):
+        server = start(folder, *flags)
+        server.RequestHandlerClass.log_message = lambda *a: None
+        try:
+            status, out = call(server, "/v1/completions", body)
+        finally:
+            server.shutdown()
+            server.server_close()
+        assert status == 200
+        texts[flags] = out["choices"][0]["text"]
+    assert texts[()] == texts[("--cuda-graphs",)] and len(captured) == 1

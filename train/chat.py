@@ -121,10 +121,10 @@ class Conversation:
 def reply(model, tokenizer, ids, budget, *, temperature=0.0, top_k=None, top_p=None, dtype=None, generator=None,
           vocab_limit=None, stream: bool = True, stop_id=None, min_p=None, repetition_penalty=None,
           frequency_penalty=None, presence_penalty=None, no_repeat_ngram_size=None, draft=None, num_draft_tokens=4,
-          stats=None, typical_p=None, epsilon_cutoff=None, eta_cutoff=None, top_n_sigma=None):
+          stats=None, typical_p=None, epsilon_cutoff=None, eta_cutoff=None, top_n_sigma=None, cuda_graph=False):
     """Draw one answer after `ids` (printed as it comes, with stream): (its text up to the eot, or
     stop_id (a chat template's end-of-turn token), whether the model ended it). draft: a speculative decoding
-    draft model (generate()'s; stats: its acceptance, filled)."""
+    draft model (generate()'s; stats: its acceptance, filled). cuda_graph: generate()'s."""
     import torch
 
     from tritongpt.commands import TextStream
@@ -141,7 +141,8 @@ def reply(model, tokenizer, ids, budget, *, temperature=0.0, top_k=None, top_p=N
                        repetition_penalty=repetition_penalty, frequency_penalty=frequency_penalty,
                        presence_penalty=presence_penalty, no_repeat_ngram_size=no_repeat_ngram_size, draft=draft,
                        num_draft_tokens=num_draft_tokens, stats=stats, typical_p=typical_p,
-                       epsilon_cutoff=epsilon_cutoff, eta_cutoff=eta_cutoff, top_n_sigma=top_n_sigma)
+                       epsilon_cutoff=epsilon_cutoff, eta_cutoff=eta_cutoff, top_n_sigma=top_n_sigma,
+                       cuda_graph=cuda_graph)
     if printer:
         printer.close()
     new = out[0, len(ids):].tolist()
@@ -179,7 +180,7 @@ def read_message(read_line):
 def cmd_chat(args):
     import torch
 
-    from tritongpt.commands import (check_generation_args, draft_note, load_draft, load_generation_model,
+    from tritongpt.commands import (check_cuda_graphs, check_generation_args, draft_note, load_draft, load_generation_model,
                                     sampling_controls)
 
     check_generation_args(args)
@@ -189,7 +190,10 @@ def cmd_chat(args):
         raise UserError("--draft-tokens is how many tokens the --draft model proposes a step: pass --draft")
     if args.draft_tokens is not None and args.draft_tokens < 1:  # before any work, by its flag (as generate's)
         raise UserError(f"--draft-tokens must be a positive integer, got {args.draft_tokens}")
+    if args.cuda_graphs and args.draft:
+        raise UserError("--cuda-graphs replays a one-token decode step: it does not take --draft")
     model, tok, device, dtype, limit = load_generation_model(args)
+    check_cuda_graphs(args, device)
     draft = load_draft(args, model, tok, device) if args.draft else None
     speculative = dict(draft=draft, num_draft_tokens=4 if args.draft_tokens is None else args.draft_tokens)
     totals = {"target_forwards": 0, "drafted": 0, "accepted": 0}  # the acceptance over the whole conversation
@@ -249,7 +253,7 @@ def cmd_chat(args):
         stats = {}
         answer, ended = reply(model, tok, ids, budget, temperature=args.temperature, top_k=args.top_k,
                               top_p=args.top_p, dtype=dtype, generator=gen, vocab_limit=limit, stop_id=stop,
-                              **sampling_controls(args), **speculative, stats=stats)
+                              **sampling_controls(args), **speculative, stats=stats, cuda_graph=args.cuda_graphs)
         for k in totals:
             totals[k] += stats.get(k, 0)
         if not ended:
@@ -260,10 +264,11 @@ def cmd_chat(args):
 
 
 def add_cli(sub):
-    from tritongpt.commands import add_draft_args, add_generation_model_args, add_sampling_args
+    from tritongpt.commands import add_cuda_graphs_arg, add_draft_args, add_generation_model_args, add_sampling_args
 
     p = sub.add_parser("chat", help=command_help("chat"))
     add_generation_model_args(p)
+    add_cuda_graphs_arg(p)
     p.add_argument("--template", default="auto", choices=TEMPLATES,
                    help="how a line becomes a prompt: chat (turns, train/formats.py), alpaca (an instruction), "
                         "completion (the line as it is); auto: the one the --weights run was tuned on, else chat "

@@ -191,6 +191,7 @@ class RLArgs:
     missing_eot_penalty: float = 0.0  # taken off the score of a response cut at max_new_tokens
     temperature: float = 1.0
     top_k: int | None = None
+    cuda_graphs: bool = False    # the rollouts' decode steps replayed as CUDA graphs (generate's cuda_graph)
     epochs: int = 4              # passes over each rollout batch
     minibatch_size: int = 8      # responses per gradient step
     lr: float = 1e-5
@@ -377,12 +378,12 @@ class Rollout:
 
 @torch.no_grad()
 def sample_responses(policy: GPTModel, prompts: list, n_samples: int, max_new_tokens: int, eot_id: int,
-                     temperature: float = 1.0, top_k=None, generator=None) -> Rollout:
+                     temperature: float = 1.0, top_k=None, generator=None, cuda_graph: bool = False) -> Rollout:
     """n_samples responses per prompt (token lists), generated with the KV cache.
 
     The model has no attention mask, so prompts of equal length are batched together and
     each batch is generated at once; responses end at their first eot (kept, it is an
-    action) or after max_new_tokens.
+    action) or after max_new_tokens. cuda_graph: generate's (each decode step a CUDA-graph replay).
     """
     device = policy.tok_emb.weight.device
     by_len = {}
@@ -394,7 +395,7 @@ def sample_responses(policy: GPTModel, prompts: list, n_samples: int, max_new_to
         rows = [prompts[i] for i in ids for _ in range(n_samples)]
         idx = torch.tensor(rows, dtype=torch.long, device=device)
         out = generate(policy, idx, max_new_tokens, temperature=temperature, top_k=top_k,
-                       eos_id=eot_id, generator=generator).tolist()
+                       eos_id=eot_id, generator=generator, cuda_graph=cuda_graph).tolist()
         for r, row in enumerate(out):
             resp = row[P:]
             if eot_id in resp:
@@ -831,6 +832,9 @@ class RLHFTrainer:
         self.prompt_format = prompt_format  # saved for `tritongpt chat` (the Trainer's doc)
         self.device = common.pick_device(args.device)
         self.dtype = common.pick_dtype(args.dtype, self.device)
+        if args.cuda_graphs and self.device.type != "cuda":
+            raise UserError(f"--cuda-graphs replays the rollouts' decode steps as CUDA graphs: it needs a CUDA "
+                            f"device, the run is on {self.device.type}")
         self.scaler = common.LossScaler(self.device, self.dtype)
         ctx = policy.config.context_length
         for name, ps in (("prompts", prompts), ("eval prompts", eval_prompts)):
@@ -887,7 +891,8 @@ class RLHFTrainer:
         pick = torch.randint(len(self.prompts), (a.prompts_per_iter,), generator=self.shuffle_gen).tolist()
         with self._autocast():
             ro = sample_responses(self.policy, [self.prompts[i] for i in pick], a.samples_per_prompt,
-                                  a.max_new_tokens, self.eot_id, a.temperature, a.top_k, self.generator)
+                                  a.max_new_tokens, self.eot_id, a.temperature, a.top_k, self.generator,
+                                  a.cuda_graphs)
             score_rollout(ro, self.model, self.ref, self.reward_model, a.temperature)
         if a.missing_eot_penalty:
             # A cut response is scored by the reward model at a token where no answer it was
@@ -963,7 +968,7 @@ class RLHFTrainer:
         gen = torch.Generator(device=self.device).manual_seed(a.seed + 12345)
         with self._autocast():
             ro = sample_responses(self.policy, self.eval_prompts, a.eval_samples, a.max_new_tokens,
-                                  self.eot_id, a.temperature, a.top_k, gen)
+                                  self.eot_id, a.temperature, a.top_k, gen, a.cuda_graphs)
             score_rollout(ro, self.model, self.ref, self.reward_model, a.temperature)
         kl = ((ro.logp - ro.ref_logp) * ro.mask).sum(1)
         # the reward model's own score, without --missing-eot-penalty: comparable across runs
@@ -1341,6 +1346,8 @@ _HELP = {
     "prompts_per_iter": "prompts sampled per rollout batch",
     "group_size": "responses per prompt (GRPO's G, RLOO's k; >= 2 for both); 0 = 1 for PPO, 4 for GRPO, 2 for RLOO",
     "max_new_tokens": "longest response; responses end at end-of-text",
+    "cuda_graphs": "generate the rollouts with each decode step a CUDA-graph replay (generate --cuda-graphs: the same "
+                   "tokens without the host's per-launch cost; CUDA only, one capture per generate call)",
     "missing_eot_penalty": "taken off the training score of a response that max-new-tokens cut before its "
                            "end-of-text (0 = off; the logged reward includes it, eval_reward does not)",
     "temperature": "sampling temperature of the rollouts (> 0); the log-probs, KL and entropy are those of the "

@@ -138,11 +138,13 @@ def sampling_settings(body: dict, endpoint: str, served: str) -> dict:
 class Model:
     """The served model, its tokenizer and its chat format; generates one request at a time."""
 
-    def __init__(self, model, tok, device, dtype, limit, name: str, template: str | None, template_why: str = ""):
+    def __init__(self, model, tok, device, dtype, limit, name: str, template: str | None, template_why: str = "",
+                 cuda_graph: bool = False):
         from tritongpt.train.tokenizer import eot_or_none
 
         self.model, self.tok, self.device, self.dtype, self.limit = model, tok, device, dtype, limit
         self.name, self.template, self.template_why = name, template, template_why
+        self.cuda_graph = cuda_graph  # generate()'s: each request's decode steps CUDA-graph replays
         self.eot = eot_or_none(tok)
         self.chat_stop = self.eot
         if template == "chat" and getattr(tok, "chat_template", None) is not None:
@@ -243,7 +245,7 @@ class Model:
                            repetition_penalty=s["repetition_penalty"], frequency_penalty=s["frequency_penalty"],
                            presence_penalty=s["presence_penalty"], eos_id=stop_id, generator=generator,
                            vocab_limit=self.limit, on_token=on_token if on_delta else None,
-                           stop=stopped if stops else None).tolist()
+                           stop=stopped if stops else None, cuda_graph=self.cuda_graph).tolist()
         choices = []
         for i, row in enumerate(out):
             new = row[start:]
@@ -461,7 +463,7 @@ class Handler(BaseHTTPRequestHandler):
 
 def make_server(args) -> ThreadingHTTPServer:
     """The model loaded (--weights or --pretrained) and a server bound to --host and --port (0: a free one)."""
-    from tritongpt.commands import check_model_source, load_generation_model
+    from tritongpt.commands import check_cuda_graphs, check_model_source, load_generation_model
     from tritongpt.train.chat import run_template
 
     check_model_source(args)
@@ -472,6 +474,7 @@ def make_server(args) -> ThreadingHTTPServer:
     if args.served_model_name is not None and not args.served_model_name.strip():
         raise UserError("--served-model-name is empty")
     model, tok, device, dtype, limit = load_generation_model(args)
+    check_cuda_graphs(args, device)
     # the chat format as `chat --template auto` picks it, except that a model with none is refused, not guessed
     template, why = run_template(args.weights), ""
     if template is None and getattr(tok, "chat_template", None) is not None:
@@ -482,7 +485,7 @@ def make_server(args) -> ThreadingHTTPServer:
     name = args.served_model_name or (served_name(args.weights) if args.weights else args.model)
     server = ThreadingHTTPServer((args.host, args.port), Handler)
     server.daemon_threads = True
-    server.app = Model(model, tok, device, dtype, limit, name, template, why)
+    server.app = Model(model, tok, device, dtype, limit, name, template, why, args.cuda_graphs)
     return server
 
 
@@ -498,10 +501,11 @@ def cmd_serve(args):
 
 
 def add_cli(sub):
-    from tritongpt.commands import add_dtype_arg, add_generation_model_args
+    from tritongpt.commands import add_cuda_graphs_arg, add_dtype_arg, add_generation_model_args
 
     p = sub.add_parser("serve", help=command_help("serve"))
     add_generation_model_args(p)
+    add_cuda_graphs_arg(p)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default %(default)s; 0.0.0.0: every "
                                                        "interface, with no authentication)")
     p.add_argument("--port", type=int, default=8000, help="port to listen on (default %(default)s; 0: a free one)")

@@ -810,6 +810,20 @@ def add_generation_model_args(p):
                                        "--weights' run, else by vocab size)")
 
 
+def add_cuda_graphs_arg(p):
+    """--cuda-graphs of the commands that generate (generate, chat, serve): generate()'s cuda_graph."""
+    p.add_argument("--cuda-graphs", action="store_true",
+                   help="replay each decode step (after the prompt's) as a CUDA graph captured at the first: the same "
+                        "text without the host's per-launch cost, which a small model's step is mostly (CUDA only; "
+                        "not with a draft or beams)")
+
+
+def check_cuda_graphs(args, device):
+    """--cuda-graphs on a machine (or --device) without CUDA: said once, before the first prompt."""
+    if args.cuda_graphs and device.type != "cuda":
+        raise UserError(f"--cuda-graphs needs the model on a CUDA device; it is on {device.type}")
+
+
 def add_dtype_arg(p):
     """--dtype of the commands that only run a model (generate, chat, hellaswag)."""
     from tritongpt.train.common import DTYPES  # (imports torch, which generate, chat and hellaswag run on anyway)
@@ -895,9 +909,7 @@ def add_cli(sub):
     add_draft_args(p, " (--num-samples too: every sample keeps as many draft tokens a step as the one that keeps "
                       "fewest)", lookup=True)
     add_beam_args(p)
-    p.add_argument("--cuda-graphs", action="store_true",
-                   help="replay each decode step (after the prompt's) as a CUDA graph captured at the first: the same "
-                        "text without the host's per-launch cost, which a small model's step is mostly (CUDA only)")
+    add_cuda_graphs_arg(p)
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("export", help=command_help("export"))
