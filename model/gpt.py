@@ -54,6 +54,7 @@ class KVCache:
         self.pos = 0
         self.on_device = False
         self.fill = torch.zeros(1, dtype=torch.int64, device=device)  # the fill on the device (on_device)
+        self.current = None  # extent(T) of the forward running on_device, made once for all its layers
 
     @property
     def batch_size(self) -> int:
@@ -61,7 +62,10 @@ class KVCache:
 
     def extent(self, T: int):
         """On the device (on_device): the positions [T] of a forward's T new tokens, fill .. fill + T - 1, and the
-        fill after it, kv_len [1] (the keys the layers attend over)."""
+        fill after it, kv_len [1] (the keys the layers attend over). GPTModel.hidden makes them once a forward
+        (`current`): three small kernels, not three a layer and a use (in a graph too, each is a launch)."""
+        if self.current is not None and self.current[0].numel() == T:
+            return self.current
         return self.fill + torch.arange(T, device=self.fill.device), self.fill + T
 
     def update(self, layer: int, k, v):
@@ -264,7 +268,9 @@ class GPTModel(nn.Module):
         if start + T > self.config.context_length:
             raise UserError(f"sequence of {start + T} tokens exceeds the context length "
                             f"{self.config.context_length}")
-        pos = cache.extent(T)[0] if cache is not None and cache.on_device else \
+        if cache is not None and cache.on_device:
+            cache.current = cache.extent(T)  # every layer's positions and kv_len; cleared below
+        pos = cache.current[0] if cache is not None and cache.on_device else \
             torch.arange(start, start + T, device=idx.device)
         if doc_ids is not None:
             self._check_doc_ids(idx, doc_ids, cache)
@@ -283,14 +289,18 @@ class GPTModel(nn.Module):
         rope_len = self._rope_len(start, T, pos, doc_ids)
         recompute = self.activation_checkpointing and torch.is_grad_enabled()
         mlp_out = None  # the last block's MLP output: the LayerNorm after it adds it to x
-        for block in self.trf_blocks:
-            if recompute and cache is None:  # (a cache refuses gradients anyway)
-                if mlp_out is not None:  # added here, so that a checkpoint keeps one tensor, not two
-                    x = x + mlp_out
-                x, mlp_out = torch.utils.checkpoint.checkpoint(block, x, None, doc_ids, None, rope_pos, rope_len,
-                                                               use_reentrant=False)
-            else:
-                x, mlp_out = block(x, cache, doc_ids, mlp_out, rope_pos, rope_len)
+        try:
+            for block in self.trf_blocks:
+                if recompute and cache is None:  # (a cache refuses gradients anyway)
+                    if mlp_out is not None:  # added here, so that a checkpoint keeps one tensor, not two
+                        x = x + mlp_out
+                    x, mlp_out = torch.utils.checkpoint.checkpoint(block, x, None, doc_ids, None, rope_pos, rope_len,
+                                                                   use_reentrant=False)
+                else:
+                    x, mlp_out = block(x, cache, doc_ids, mlp_out, rope_pos, rope_len)
+        finally:
+            if cache is not None:
+                cache.current = None
         if cache is not None:
             cache.pos += T
         return self.final_norm(x) if mlp_out is None else self.final_norm.add_and_norm(x, mlp_out)[1]

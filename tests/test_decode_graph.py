@@ -313,3 +313,26 @@ def test_the_step_runs_without_autocasts_weight_cache(monkeypatch):
             gen.DecodeGraph(model, cache, lambda fn, device: fn)(torch.zeros(1, 1, dtype=torch.long))
             assert torch.is_autocast_cache_enabled()  # the caller's region as it was
     assert seen == [(False, torch.bfloat16, True), (True, torch.bfloat16, False)]
+
+
+def test_a_device_step_makes_its_positions_once_for_every_layer(monkeypatch):
+    """extent(T) (positions and kv_len: three small kernels, each a launch in the graph too) made once a forward,
+    not in each layer's cache write and attention; and not kept past the forward."""
+    from tritongpt.model.gpt import KVCache
+
+    made = []
+    real = KVCache.extent
+
+    def extent(self, T):
+        out = real(self, T)
+        made.append(out is not self.current)  # made here, not the forward's own
+        return out
+    monkeypatch.setattr(KVCache, "extent", extent)
+    model = tiny(**CASES["rope-gqa"])  # 2 layers
+    with torch.no_grad():
+        cache = model.new_cache(1, 8)
+        model(torch.randint(0, VOCAB, (1, 3)), cache)
+        cache.fill.fill_(cache.pos)
+        cache.on_device = True
+        model(torch.randint(0, VOCAB, (1, 1)), cache)
+    assert made.count(True) == 1 and len(made) >= 4 and cache.current is None
