@@ -1,4 +1,4 @@
-"""`tritongpt bench kernels|train|all|cpu|compile|profile`: the benchmark suite's command line.
+"""`tritongpt bench kernels|train|all|cpu|compile|profile|decode`: the benchmark suite's command line.
 
 On a CUDA machine `tritongpt bench all` is the one command: ceilings, kernel sweeps, training
 steps, targets, files under bench/results/<device-slug>/ and a short table at the end, within
@@ -8,6 +8,8 @@ Without CUDA it says so, runs the CPU-side timings and writes files only when --
 registers, spills and shared memory (bench/compile_check.py). `tritongpt bench profile` runs a few
 training steps of each provider under torch.profiler: host vs device time per step, the top kernels
 and ops, a Chrome trace each (bench/profile_step.py); on a CPU too, with the CPU activity only.
+`tritongpt bench decode` times greedy KV-cache decode steps, eager against CUDA-graph replays, on the reference
+and the Triton path (bench/decode.py); CUDA only (without it, it says so and measures nothing).
 """
 import argparse
 import sys
@@ -18,7 +20,15 @@ from tritongpt.commands import add_vocab_multiple_arg, vocab_multiple
 from tritongpt.errors import UserError
 from tritongpt.cli import command_help
 
-WHATS = ("kernels", "train", "all", "cpu", "compile", "profile")
+WHATS = ("kernels", "train", "all", "cpu", "compile", "profile", "decode")
+
+
+class _Given(argparse.Action):
+    """Stores the value and notes that it was given (args.<dest>_given): a flag whose default differs by command."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, values)
+        setattr(namespace, self.dest + "_given", True)
 
 
 def _ints(text, name):
@@ -234,7 +244,8 @@ def add_cli(sub):
                        description=__doc__.split("\n\n")[1])
     p.add_argument("what", choices=WHATS, help="kernels | train | all (both) | cpu (CPU-side timings) | "
                    "compile (build every kernel launch for sm_90 offline: registers, spills, shared memory) | "
-                   "profile (training steps under torch.profiler: host vs device time, top kernels, traces)")
+                   "profile (training steps under torch.profiler: host vs device time, top kernels, traces) | "
+                   "decode (greedy KV-cache decode steps, eager vs CUDA graphs, reference vs Triton; CUDA only)")
     p.add_argument("--quick", action="store_true", help="small sizes, few steps (a smoke run)")
     p.add_argument("--out", default=None,
                    help="results folder (default bench/results on a GPU; on CPU nothing is written unless given)")
@@ -315,16 +326,18 @@ def add_cli(sub):
                         "device's time without the host's launch overhead, which eager rows of small ops measure "
                         "instead; a provider that cannot be captured fails its rows; the results say so")
     t = p.add_argument_group("training step")
-    t.add_argument("--models", default=None, help="default gpt2-small,gpt2-medium (--quick and profile: "
-                   "gpt2-small; profile takes one; tiny and mini, the CPU presets, make a CPU run quick)")
+    t.add_argument("--models", default=None, help="default gpt2-small,gpt2-medium (--quick, profile and decode: "
+                   "gpt2-small; profile and decode take one; tiny and mini, the CPU presets, make a CPU run quick)")
     t.add_argument("--train-providers", default=None,
                    help="comma list: reference or triton, each with +compile, +sdpa (reference only) and "
                         "+ckpt (activation checkpointing), +lora (a rank-8 LoRA update trains instead), "
                         "+compile+cudagraphs (torch.compile mode='reduce-overhead': the step replayed as CUDA "
                         f"graphs; CUDA only) (default {','.join(TRAIN_PROVIDERS)}; profile: "
                         f"{','.join(PROFILE_PROVIDERS)})")
-    t.add_argument("--batch", default=None, help="16 or gpt2-small=16,gpt2-medium=8 (the default)")
-    t.add_argument("--seq-len", type=int, default=1024, help="tokens per sequence (default %(default)s)")
+    t.add_argument("--batch", default=None, help="16 or gpt2-small=16,gpt2-medium=8 (the default); decode: the "
+                   "batch sizes, e.g. 1,8 (the default)")
+    t.add_argument("--seq-len", type=int, default=1024, action=_Given,
+                   help="tokens per sequence (default %(default)s); decode: the prompt's (default 128)")
     t.add_argument("--steps", type=int, default=None, help="timed steps (default 10, --quick 4; profile: 3 timed, "
                    "then 3 profiled)")
     t.add_argument("--warmup-steps", type=int, default=None, help="untimed steps (default 3, --quick 2)")
@@ -440,6 +453,9 @@ def add_cli(sub):
     t.add_argument("--peak-tflops", type=float, default=None,
                    help="MFU denominator; default: the GPU's dense bf16 datasheet peak (as the trainers use), "
                         "else the bf16 matmul measured in this run")
+    d = p.add_argument_group("decode (with --models, --batch, --seq-len as the prompt, --providers, --dtype)")
+    d.add_argument("--new-tokens", type=int, default=128,
+                   help="greedy decode steps timed after the prompt's prefill (default %(default)s)")
     f = p.add_argument_group("profile (with the training step's flags)")
     f.add_argument("--top", type=int, default=15, help="ops listed per provider, by device and by CPU time "
                    "(default %(default)s)")
@@ -457,7 +473,7 @@ def cmd_bench(args):
     if args.warmup_steps is not None and args.warmup_steps < 0:
         raise UserError(f"--warmup-steps must be >= 0, got {args.warmup_steps}")
     vocab_multiple(args)
-    if args.what in ("kernels", "train", "all", "profile"):
+    if args.what in ("kernels", "train", "all", "profile", "decode"):
         from tritongpt.train.common import pick_dtype
 
         pick_dtype(args.dtype, torch.device("cuda"))  # a table look-up: no GPU needed to check the name
@@ -470,6 +486,8 @@ def cmd_bench(args):
         train_names(args)
     if args.what == "profile":
         profile_names(args)
+    if args.what == "decode":
+        decode_names(args)
     if args.workers is not None and args.workers < 1:
         raise UserError(f"--workers must be a positive integer, got {args.workers}")
     if args.out:
@@ -480,6 +498,8 @@ def cmd_bench(args):
         return _run_compile(args)
     if args.what == "profile":
         return _run_profile(args, cuda=torch.cuda.is_available())
+    if args.what == "decode":
+        return _run_decode(args, cuda=torch.cuda.is_available())
     if args.what == "cpu" or not torch.cuda.is_available():
         return _run_cpu(args, cuda=torch.cuda.is_available())
     return _run_gpu(args)
@@ -565,6 +585,60 @@ def _run_profile(args, cuda):
     if budget.interrupted:
         print("interrupted: the providers profiled before it are written, the rest are marked skipped",
               file=sys.stderr)
+        return 130
+    return 0
+
+
+def decode_names(args):
+    """(model, batches, prompt length, new tokens, providers) of `bench decode`, checked on any machine: one model
+    (default gpt2-small), the prompt and the new tokens within its context."""
+    from tritongpt.bench.decode import DECODE_PROVIDERS, DEFAULT_BATCHES
+    from tritongpt.model.config import PRESETS, get_config
+
+    models = _names(args.models or "gpt2-small", tuple(PRESETS), "models")
+    if len(models) != 1:
+        raise UserError(f"bench decode takes one model in --models, got {len(models)}: {', '.join(models)}")
+    batches = _ints(args.batch, "batch") if args.batch is not None else DEFAULT_BATCHES
+    prompt = args.seq_len if getattr(args, "seq_len_given", False) else 128
+    if prompt < 1 or args.new_tokens < 1:
+        raise UserError(f"--seq-len (the prompt) and --new-tokens must be positive integers, got {prompt} and "
+                        f"{args.new_tokens}")
+    ctx = get_config(models[0]).context_length
+    if prompt + args.new_tokens > ctx:
+        raise UserError(f"--seq-len {prompt} + --new-tokens {args.new_tokens} > {models[0]}'s context ({ctx})")
+    providers = _names(args.providers, DECODE_PROVIDERS, "providers") if args.providers else DECODE_PROVIDERS
+    return models[0], batches, prompt, args.new_tokens, providers
+
+
+def _run_decode(args, cuda):
+    """bench decode: on CUDA, rows into <out>/<device>/decode.json, .md and .png (out default bench/results) and a
+    table; without CUDA nothing is measured (a CPU's decode step would time Python, not the graphs)."""
+    import torch
+
+    from tritongpt.bench.common import Budget, environment
+    from tritongpt.bench.decode import run_decode
+    from tritongpt.bench.report import make_result, rows_table, write_result
+    from tritongpt.train.common import pick_dtype
+
+    model_name, batches, prompt, new_tokens, providers = decode_names(args)
+    if not cuda:
+        print("decode timings need CUDA: no CUDA device is available here, so nothing was measured. Run "
+              "`tritongpt bench decode` on a CUDA machine.")
+        return 0
+    dtype = pick_dtype(args.dtype, torch.device("cuda"))
+    env = environment()
+    print(f"decoding on {env['device']} (torch {env['torch']}, triton {env['triton']}): {model_name}, batches "
+          f"{','.join(map(str, batches))}, prompt {prompt} + {new_tokens} tokens, budget {args.max_minutes:g} min")
+    budget = Budget(args.max_minutes * 60)
+    rows = run_decode(torch.device("cuda"), budget, dtype, model_name, batches, prompt, new_tokens, providers,
+                      log=lambda s: print(s, file=sys.stderr, flush=True))
+    result = make_result("decode", env, rows, settings=_settings(args), elapsed_s=budget.elapsed())
+    print()
+    print(rows_table(rows))
+    paths = write_result(result, args.out or "bench/results", plots=not args.no_plots)
+    print(f"\nwrote {paths[0].parent}/ ({', '.join(p.name for p in paths)})")
+    if budget.interrupted:
+        print("interrupted: the rows measured before it are written, the rest are marked skipped", file=sys.stderr)
         return 130
     return 0
 

@@ -6,7 +6,7 @@
 #
 #   TRITONGPT_GIT_COMMIT=<hash of HEAD> bash bench/gpu_session.sh \
 #     [all|tests|bench|profile|kernels-extra|graphs|padded|lora|window|llama|qwen3|gemma3|gemma2|olmo|smollm3|pythia|
-#      phi|falcon|moe|bloom]
+#      phi|falcon|moe|bloom|decode]
 #   (default: all)
 #   profile (not part of all): `bench profile` of the GPT-2 124M step (B=16, T=1024, bf16): the eager Triton path,
 #   it compiled with CUDA graphs (triton+compile+cudagraphs), the compiled SDPA baseline and the Triton path
@@ -60,8 +60,12 @@
 #   kernels/moe.py, on the Triton path; MFU counts the 2 experts a token meets), into results-moe/
 #   bloom (not part of all; after moe): BLOOM's shape at GPT-2's depth and width: ALiBi (the flash kernel's
 #   HAS_ALIBI) and a LayerNorm on the token embeddings, into results-bloom/
+#   decode (not part of all): `bench decode`: GPT-2 124M's greedy KV-cache decode steps (bf16 autocast, batches 1
+#   and 8, a 128-token prompt then 128 steps), eager and replayed from a CUDA graph (DecodeGraph), on the reference
+#   and the Triton path, within DECODE_MINUTES (default 1), into results-decode/ (decode.json, .md, .png)
 #   env: OUT (default ./gpu-out), WORK (default /tmp/tritongpt-gpu), WARM_SECONDS (90),
-#        TEST_SECONDS (120), BENCH_MINUTES (4), PROFILE_MINUTES (6), EXTRA_MINUTES (1.5), PYTHON (python3)
+#        TEST_SECONDS (120), BENCH_MINUTES (4), PROFILE_MINUTES (6), EXTRA_MINUTES (1.5), DECODE_MINUTES (1),
+#        PYTHON (python3)
 # The device gets a copy of the working tree without .git, so name the commit: results record it.
 #
 # Everything is written under $WORK and packed into ONE file, $OUT/session.tgz, after every stage
@@ -294,5 +298,8 @@ if [ "$what" = moe ]; then
 fi
 if [ "$what" = bloom ]; then
     extra_train_bench bloom --position-encoding alibi --embed-norm
+fi
+if [ "$what" = decode ]; then
+    extra_bench decode "${DECODE_MINUTES:-1}" "decode" decode
 fi
 exit $rc

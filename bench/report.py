@@ -1,13 +1,13 @@
 """Results on disk: one JSON per section, a markdown table, PNG plots; and the console summary.
 
-Layout: <out>/<device-slug>/{kernels,train,cpu}.json|.md, *.png, and summary.md (targets).
+Layout: <out>/<device-slug>/{kernels,train,cpu,decode}.json|.md, *.png, and summary.md (targets).
 """
 import json
 from pathlib import Path
 
 from tritongpt.bench.common import MODES, SCHEMA, is_ok
 
-SECTIONS = ("kernels", "train", "cpu")
+SECTIONS = ("kernels", "train", "cpu", "decode")
 REQUIRED_ENV = ("device", "device_slug", "driver", "cuda_version", "torch", "triton", "git_commit",
                 "timestamp")
 TARGET_STATUSES = ("PASS", "FAIL", "N/A")

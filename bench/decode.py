@@ -1,0 +1,195 @@
+"""KV-cache decoding benchmark: greedy decode steps of one model, eager against CUDA-graph replays
+(train/generate.py DecodeGraph), on the reference and the Triton path.
+
+Providers:
+    reference          model.set_kernels("reference"), each step an eager forward of one token a row
+    reference+graphs   the same step captured once after the prefill (DecodeGraph) and replayed
+    triton             model.set_kernels("triton"), eager
+    triton+graphs      the Triton path's step captured and replayed
+
+Per provider and batch size: random prompt ids (the same for every provider), one prefill (not timed), then
+`new_tokens` greedy steps (the model's step and the argmax that feeds the next token) timed with
+time.perf_counter between two torch.cuda.synchronize(): one untimed run, then `repeats` timed ones, the cache
+cropped back to the prompt before each. A row gives the median ms a step over the repeats (p20, p80), tokens/s
+(batch * 1000 / ms), and for a graph provider the DecodeGraph's build time (two warm-up steps and the capture,
+capture_ms), its speed-up over the same path's eager row, and whether its tokens equal the eager step's
+(same_tokens; under bf16 a near-tie between two logits may go either way: reported, not a failure).
+The decode runs as `tritongpt generate` runs it: fp32 weights under torch.autocast(dtype).
+"""
+import gc
+import time
+
+import torch
+
+from tritongpt.bench.common import dtype_name, is_ok, make_row, median_quantiles, reason_of
+from tritongpt.kernels._common import is_oom
+
+DECODE_PROVIDERS = ("reference", "reference+graphs", "triton", "triton+graphs")
+DEFAULT_BATCHES = (1, 8)
+
+
+def parse_provider(name: str):
+    """'triton+graphs' -> ('triton', True). Raises ValueError on a name not in DECODE_PROVIDERS."""
+    if name not in DECODE_PROVIDERS:
+        raise ValueError(f"unknown decode provider {name!r}; choose from {', '.join(DECODE_PROVIDERS)}")
+    path, _, graphs = name.partition("+")
+    return path, bool(graphs)
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _decode(step, first, n: int, device):
+    """n greedy steps from the token first [B, 1]: (the tokens drawn [B, n], seconds between two syncs)."""
+    out = []
+    tok = first
+    _sync(device)
+    t0 = time.perf_counter()
+    for _ in range(n):
+        tok = step(tok)[:, -1].argmax(dim=-1, keepdim=True)
+        out.append(tok)
+    _sync(device)
+    return torch.cat(out, dim=1), time.perf_counter() - t0
+
+
+def _timed(step, cache, first, prompt_len, new_tokens, repeats, device):
+    """One untimed run (Triton's compiles and autotuning, the allocator's first blocks), then `repeats` timed ones,
+    each from the prompt: (ms a step per repeat, each repeat's tokens on the host)."""
+    ms, tokens = [], []
+    for i in range(repeats + 1):
+        cache.crop(prompt_len)
+        drawn, seconds = _decode(step, first, new_tokens, device)
+        if i:
+            ms.append(seconds * 1e3 / new_tokens)
+            tokens.append(drawn.cpu())
+    return ms, tokens
+
+
+def _first_difference(got, want):
+    """The first step whose tokens differ in some row, or None."""
+    differ = (got != want).any(dim=0).nonzero()
+    return int(differ[0]) if len(differ) else None
+
+
+def bench_decode_row(model, provider, batch, prompt_len, new_tokens, repeats, device, dtype, cfg_row, eager,
+                     capture=None, seed=0):
+    """One row. eager: {(path, batch): the eager step's tokens [B, new_tokens]}, filled by an eager row and read by
+    a graph row (which runs an untimed eager decode itself when its path's eager row did not run)."""
+    from tritongpt.train.common import autocast
+    from tritongpt.train.generate import DecodeGraph
+
+    path, graphs = parse_provider(provider)
+    cache = graph = step = None
+    try:
+        model.set_kernels(path)
+        g = torch.Generator().manual_seed(seed + batch)  # the same prompt for every provider of this batch
+        prompt = torch.randint(0, model.config.vocab_size, (batch, prompt_len), generator=g).to(device)
+        with torch.no_grad(), autocast(device, dtype):  # one context: a graph replays the casts it captured
+            cache = model.new_cache(batch, prompt_len + new_tokens)
+            first = model(prompt, cache)[:, -1].argmax(dim=-1, keepdim=True)
+            key = (path, batch)
+            if graphs and key not in eager:
+                eager[key] = _decode(lambda t: model(t, cache), first, new_tokens, device)[0].cpu()
+                cache.crop(prompt_len)
+            capture_ms = None
+            if graphs:
+                _sync(device)
+                t0 = time.perf_counter()
+                graph = DecodeGraph(model, cache, capture)
+                _sync(device)
+                capture_ms = (time.perf_counter() - t0) * 1e3
+                step = graph
+            else:
+                step = lambda t: model(t, cache)  # noqa: E731 (as _generate's eager step)
+            ms, tokens = _timed(step, cache, first, prompt_len, new_tokens, repeats, device)
+    except Exception as e:
+        return make_row("decode", "generate", provider, cfg_row, "decode",
+                        "failed: out of memory" if is_oom(e) else f"failed: {reason_of(e)}")
+    finally:
+        cache = graph = step = None  # noqa: F841 (the graph's pool and the cache go before the next row)
+        gc.collect()  # a failed capture leaves reference cycles holding the cache
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    med, p20, p80 = median_quantiles(ms)
+    row = make_row("decode", "generate", provider, cfg_row, "decode", ms=med, ms_p20=p20, ms_p80=p80,
+                   tokens_per_s=batch * 1000 / med, capture_ms=capture_ms)
+    if graphs:
+        want = eager[(path, batch)]
+        diffs = [d for d in (_first_difference(t, want) for t in tokens) if d is not None]
+        row["same_tokens"] = not diffs
+        row["first_difference"] = min(diffs) if diffs else None
+    else:
+        eager[(path, batch)] = tokens[0]
+    return row
+
+
+def add_speedups(rows):
+    """Each ok graph row's speed-up over its path's eager row of the same batch (None where that did not run), and
+    a note the tables show."""
+    for r in rows:
+        if not (is_ok(r) and r["provider"].endswith("+graphs")):
+            continue
+        path = r["provider"].split("+")[0]
+        base = next((e for e in rows if e["provider"] == path and is_ok(e)
+                     and e["config"].get("batch") == r["config"].get("batch")), None)
+        r["speedup"] = base["ms"] / r["ms"] if base else None
+        words = [f"capture {r['capture_ms']:.0f} ms"]
+        if r["speedup"] is not None:
+            words.insert(0, f"{r['speedup']:.2f}x over {path}")
+        words.append("same tokens" if r["same_tokens"] else
+                     f"tokens differ from step {r['first_difference']} on")
+        r["note"] = ", ".join(words)
+    return rows
+
+
+def run_decode(device, budget, dtype=torch.bfloat16, model_name="gpt2-small", batches=DEFAULT_BATCHES,
+               prompt_len=128, new_tokens=128, providers=DECODE_PROVIDERS, log=print, capture=None, repeats=3,
+               config=None, seed=0):
+    """Every provider at every batch size (batch-major: a budget cut short keeps the small batch's rows, where
+    graphs matter most). config: a GPTConfig to time in place of model_name's preset (tests pass a tiny one;
+    model_name then only labels the rows). capture: DecodeGraph's (None: a real CUDA graph)."""
+    from tritongpt.model.config import get_config
+    from tritongpt.model.gpt import GPTModel
+    from tritongpt.errors import UserError
+
+    device = torch.device(device)
+    for p in providers:
+        parse_provider(p)
+    # eager first within a path: the graph row's speed-up and tokens are measured against it
+    providers = sorted(providers, key=DECODE_PROVIDERS.index)
+    for name, v in (("prompt_len", prompt_len), ("new_tokens", new_tokens), ("repeats", repeats)):
+        if not isinstance(v, int) or v < 1:
+            raise UserError(f"{name} must be a positive integer, got {v!r}")
+    cfg = config or get_config(model_name)
+    if prompt_len + new_tokens > cfg.context_length:
+        raise UserError(f"prompt {prompt_len} + new tokens {new_tokens} > {model_name}'s context "
+                        f"({cfg.context_length}): the cache holds them all")
+    rows, eager, model = [], {}, None
+    try:
+        torch.manual_seed(seed)
+        model = GPTModel(cfg).to(device).eval()
+    except Exception as e:
+        why = "failed: out of memory" if is_oom(e) else f"failed: building the model: {reason_of(e)}"
+        model = None
+    for b in batches:
+        for p in providers:
+            cfg_row = {"model": model_name, "batch": b, "prompt_len": prompt_len, "new_tokens": new_tokens,
+                       "dtype": dtype_name(dtype), "repeats": repeats}
+            if budget.expired():
+                rows.append(make_row("decode", "generate", p, cfg_row, "decode", budget.skip_reason()))
+                continue
+            if model is None:
+                rows.append(make_row("decode", "generate", p, cfg_row, "decode", why))
+                continue
+            log(f"decode: {model_name} B={b} prompt {prompt_len} + {new_tokens} tokens {p} ...")
+            try:
+                row = bench_decode_row(model, p, b, prompt_len, new_tokens, repeats, device, dtype, cfg_row, eager,
+                                       capture, seed)
+            except KeyboardInterrupt:  # the rows so far are still written; nothing new starts
+                budget.interrupt()
+                row = make_row("decode", "generate", p, cfg_row, "decode", budget.skip_reason())
+            rows.append(row)
+            log(f"  {row['tokens_per_s']:,.0f} tok/s, {row['ms']:.3f} ms/step" if is_ok(row) else f"  {row['status']}")
+    return add_speedups(rows)

@@ -1,0 +1,193 @@
+"""`tritongpt bench decode` (bench/decode.py): greedy KV-cache decode steps, eager against a CUDA-graph replay.
+
+On the CPU the graph is emulated as tests/test_decode_graph.py emulates it (make_fx records the step once, the
+replay runs the recorded ops on the same tensors); a tiny model, a 5-token prompt and a few steps keep each run
+under a few seconds. The command itself measures nothing without CUDA: its GPU path runs here on a stand-in
+that times the tiny model on the CPU."""
+import json
+import re
+
+import pytest
+import torch
+from torch.fx.experimental.proxy_tensor import make_fx
+
+from tritongpt.bench import decode
+from tritongpt.bench.common import Budget
+from tritongpt.model.config import GPTConfig
+
+PROMPT, NEW = 5, 6
+
+
+def fx_capture(fn, device=None):
+    """A CUDA graph's semantics on the CPU (tests/test_decode_graph.py's): fn's tensor ops recorded once."""
+    recorded = make_fx(lambda: fn())()
+    return lambda: recorded()
+
+
+def tiny():
+    return GPTConfig(vocab_size=97, context_length=24, n_layer=2, n_head=4, n_embd=32)
+
+
+def run(providers=("reference", "reference+graphs"), batches=(1, 2), budget=None, capture=fx_capture, log=None,
+        **kw):
+    return decode.run_decode("cpu", budget or Budget(None), torch.float32, "tiny-test", batches, PROMPT, NEW,
+                             providers, log=log or (lambda s: None), capture=capture, repeats=2, config=tiny(), **kw)
+
+
+def test_rows_time_each_provider_and_batch_and_the_graph_draws_the_eager_tokens():
+    """Providers given graph first still run eager first (the graph's speed-up and tokens are measured against
+    it); tokens/s is batch * 1000 / ms; a graph row has its build time, its speed-up over the eager row and
+    same_tokens True (the emulated graph replays the step exactly)."""
+    rows = run(providers=("reference+graphs", "reference"))
+    assert [(r["provider"], r["config"]["batch"]) for r in rows] == [
+        ("reference", 1), ("reference+graphs", 1), ("reference", 2), ("reference+graphs", 2)]
+    for r in rows:
+        assert r["status"] == "ok" and r["section"] == "decode" and r["op"] == "generate" and r["mode"] == "decode"
+        assert r["config"] == {"model": "tiny-test", "batch": r["config"]["batch"], "prompt_len": PROMPT,
+                               "new_tokens": NEW, "dtype": "fp32", "repeats": 2}
+        assert 0 < r["ms_p20"] <= r["ms"] <= r["ms_p80"]
+        assert r["tokens_per_s"] == pytest.approx(r["config"]["batch"] * 1000 / r["ms"])
+    for eager, graph in (rows[0:2], rows[2:4]):
+        assert eager["capture_ms"] is None and "same_tokens" not in eager
+        assert graph["capture_ms"] > 0
+        assert graph["same_tokens"] is True and graph["first_difference"] is None
+        assert graph["speedup"] == pytest.approx(eager["ms"] / graph["ms"])
+        assert graph["note"].startswith(f"{graph['speedup']:.2f}x over reference, capture ")
+        assert graph["note"].endswith("same tokens")
+
+
+def test_a_graph_alone_is_compared_with_an_eager_decode_it_runs_itself(monkeypatch):
+    """Without its eager row, the graph row decodes eagerly (untimed) for the tokens to compare with; a graph that
+    replays the position it was captured at (the host's pos baked in) draws other tokens: reported, not failed."""
+    from tritongpt.model.gpt import KVCache
+
+    (good,) = run(providers=("reference+graphs",), batches=(1,))
+    assert good["status"] == "ok" and good["same_tokens"] is True and good["speedup"] is None
+    assert good["note"].startswith("capture ")
+    monkeypatch.setattr(KVCache, "extent", lambda self, T: (torch.arange(self.pos, self.pos + T),
+                                                            torch.full((1,), self.pos + T)))
+    eager, frozen = run(batches=(1,))
+    assert eager["status"] == frozen["status"] == "ok"
+    assert frozen["same_tokens"] is False and 0 <= frozen["first_difference"] < NEW
+    assert frozen["note"].endswith(f"tokens differ from step {frozen['first_difference']} on")
+
+
+def test_a_failing_capture_or_an_out_of_memory_fails_its_row_and_the_run_goes_on(monkeypatch):
+    from tritongpt.model.gpt import GPTModel
+
+    def no_graphs(fn, device=None):
+        raise RuntimeError("no graphs here")
+
+    rows = run(capture=no_graphs)
+    assert [r["status"] for r in rows] == ["ok", "failed: UserError: this model's decode step could not be captured "
+                                           "in a CUDA graph: RuntimeError: no graphs here"] * 2
+    real = GPTModel.new_cache
+
+    def small_memory(self, batch_size, *a, **k):
+        if batch_size == 2:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(self, batch_size, *a, **k)
+    monkeypatch.setattr(GPTModel, "new_cache", small_memory)
+    rows = run()
+    assert [r["status"] for r in rows] == ["ok", "ok", "failed: out of memory", "failed: out of memory"]
+
+
+def test_the_budget_skips_the_rows_it_has_no_time_for():
+    rows = run(budget=Budget(0))
+    assert [r["status"] for r in rows] == ["skipped: time budget (--max-minutes)"] * 4
+    budget = Budget(None)
+    # interrupted once the first row is measured (its result logged): the others are skipped unrun
+    rows = run(budget=budget, log=lambda s: budget.interrupt() if "tok/s" in s else None)
+    assert [r["status"] for r in rows] == ["ok"] + ["skipped: interrupted (Ctrl-C or a hard time limit)"] * 3
+
+
+def test_bad_arguments_are_refused_by_name():
+    from tritongpt.errors import UserError
+
+    with pytest.raises(ValueError, match=re.escape("unknown decode provider 'triton+compile'")):
+        run(providers=("reference", "triton+compile"))
+    with pytest.raises(UserError, match=r"prompt 5 \+ new tokens 20 > tiny-test's context \(24\)"):
+        decode.run_decode("cpu", Budget(None), torch.float32, "tiny-test", (1,), PROMPT, 20, config=tiny())
+
+
+def test_the_command_needs_cuda_and_checks_its_flags_first(monkeypatch, capsys):
+    """On this CPU machine: the CUDA message, exit 0, nothing measured; bad flags exit 2 naming what is wrong."""
+    from tritongpt import cli
+    from tritongpt.bench import cli as bcli
+
+    monkeypatch.setattr(decode, "run_decode", lambda *a, **k: pytest.fail("measured without CUDA"))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert cli.main(["bench", "decode"]) == 0
+    assert "decode timings need CUDA" in capsys.readouterr().out
+    for argv, said in ((["--providers", "reference,bogus"], "--providers: unknown ['bogus']"),
+                       (["--seq-len", "1000"], "--seq-len 1000 + --new-tokens 128 > gpt2-small's context (1024)"),
+                       (["--models", "gpt2-small,gpt2-medium"], "bench decode takes one model"),
+                       (["--new-tokens", "0"], "--new-tokens must be positive"),
+                       (["--batch", "1,x"], "--batch must be comma-separated integers")):
+        assert cli.main(["bench", "decode", *argv]) == 2
+        assert said in capsys.readouterr().err, argv
+    parse = cli.build_parser().parse_args
+    # --seq-len's own default (1024, the training step's) is not the prompt's: 128 unless given
+    assert bcli.decode_names(parse(["bench", "decode"])) == ("gpt2-small", (1, 8), 128, 128, decode.DECODE_PROVIDERS)
+    assert bcli.decode_names(parse(["bench", "decode", "--seq-len", "64", "--new-tokens", "32", "--batch", "4",
+                                    "--providers", "triton,triton+graphs", "--models", "gpt2-medium"])) == \
+        ("gpt2-medium", (4,), 64, 32, ("triton", "triton+graphs"))
+
+
+def test_the_command_on_cuda_writes_json_markdown_and_a_plot(monkeypatch, tmp_path, capsys):
+    """_run_decode's CUDA path, the timing a stand-in on the CPU (the tiny model, the emulated graph, a capture that
+    fails for the Triton provider): decode.json passes the schema, decode.md and the table show every row."""
+    from tritongpt import cli
+    from tritongpt.bench import cli as bcli
+    from tritongpt.bench.report import validate_result
+
+    real, seen = decode.run_decode, {}
+
+    def on_the_cpu(device, budget, dtype, model_name, batches, prompt_len, new_tokens, providers, log):
+        seen.update(device=device, dtype=dtype, model=model_name, batches=batches, prompt=prompt_len,
+                    new=new_tokens, providers=providers)
+        return real("cpu", budget, torch.float32, model_name, (1,), PROMPT, NEW,
+                    ("reference", "reference+graphs"), log, capture=fx_capture, repeats=2, config=tiny()) + \
+            [decode.make_row("decode", "generate", "triton+graphs", {"model": model_name, "batch": 1}, "decode",
+                             "failed: UserError: this model's decode step could not be captured")]
+    monkeypatch.setattr(decode, "run_decode", on_the_cpu)
+    args = cli.build_parser().parse_args(["bench", "decode", "--out", str(tmp_path), "--batch", "1,8"])
+    assert bcli._run_decode(args, cuda=True) == 0
+    assert seen == dict(device=torch.device("cuda"), dtype=torch.bfloat16, model="gpt2-small", batches=(1, 8),
+                        prompt=128, new=128, providers=decode.DECODE_PROVIDERS)
+    (folder,) = tmp_path.iterdir()
+    result = validate_result(json.loads((folder / "decode.json").read_text()))
+    assert result["section"] == "decode" and len(result["rows"]) == 3
+    assert (folder / "decode.png").stat().st_size > 0
+    md = (folder / "decode.md").read_text()
+    assert md.startswith("# tritongpt bench: decode")
+    graph = result["rows"][1]
+    assert f"| generate | model=gpt2-small B=1 prompt_len={PROMPT} new_tokens={NEW} repeats=2 | decode | " \
+           f"reference+graphs | " in md
+    assert f"ok ({graph['note']})" in md and "tok/s" in md
+    assert "| triton+graphs | - | - | - | - | failed: UserError: this model's decode step could not be captured |" in md
+    out = capsys.readouterr().out
+    assert "reference+graphs" in out and f"wrote {folder}/ (decode.json, decode.md, decode.png)" in out
+
+
+def test_gpu_session_decode_stage_runs_bench_decode_on_its_own(tmp_path):
+    """`bash bench/gpu_session.sh decode` runs `bench decode` within DECODE_MINUTES into results-decode/ and packs
+    it, no tests; `all` does not run it. The command parses with the bench's defaults. Python is a stand-in."""
+    from session_stub import SCRIPT, run_gpu_session
+    from tritongpt.bench import cli as bcli
+    from tritongpt.cli import build_parser
+
+    for sub in ("decode", "all"):
+        (tmp_path / sub).mkdir()
+    runs, work, stdout = run_gpu_session(tmp_path / "decode", "decode", DECODE_MINUTES="0.8")
+    (bench,) = [c[2:] for c in runs if c[:2] == ["-m", "tritongpt.cli"]]
+    assert bench == ["bench", "decode", "--max-minutes", "0.8", "--out", f"{work}/results-decode"]
+    assert bcli.decode_names(build_parser().parse_args(bench)) == \
+        ("gpt2-small", (1, 8), 128, 128, decode.DECODE_PROVIDERS)
+    assert not any("pytest" in c for c in runs)
+    assert "== tritongpt bench decode (budget 0.8 min)" in stdout
+    assert (tmp_path / "decode" / "out" / "session.tgz").is_file()
+    header = SCRIPT.read_text().split("set -uo pipefail")[0]
+    assert "|bloom|decode]" in header and "decode (not part of all)" in header
+    runs, _, _ = run_gpu_session(tmp_path / "all", "all", BENCH_MINUTES="0.1", TEST_SECONDS="5")
+    assert [c[2:4] for c in runs if c[:2] == ["-m", "tritongpt.cli"]] == [["bench", "all"]]
