@@ -615,7 +615,7 @@ def _run_decode(args, cuda):
     table; without CUDA nothing is measured (a CPU's decode step would time Python, not the graphs)."""
     import torch
 
-    from tritongpt.bench.common import Budget, environment
+    from tritongpt.bench.common import Budget, dtype_name, environment
     from tritongpt.bench.decode import run_decode
     from tritongpt.bench.report import make_result, rows_table, write_result
     from tritongpt.train.common import pick_dtype
@@ -632,7 +632,10 @@ def _run_decode(args, cuda):
     budget = Budget(args.max_minutes * 60)
     rows = run_decode(torch.device("cuda"), budget, dtype, model_name, batches, prompt, new_tokens, providers,
                       log=lambda s: print(s, file=sys.stderr, flush=True))
-    result = make_result("decode", env, rows, settings=_settings(args), elapsed_s=budget.elapsed())
+    note = (f"Greedy decode of a randomly initialised {model_name}: fp32 weights under {dtype_name(dtype)} autocast, "
+            f"as `tritongpt generate` runs it; a {prompt}-token prompt prefilled (not timed), then {new_tokens} steps "
+            "(the forward of one token a row and the argmax) between two CUDA syncs, the median over the timed runs.")
+    result = make_result("decode", env, rows, settings=_settings(args), elapsed_s=budget.elapsed(), notes=[note])
     print()
     print(rows_table(rows))
     paths = write_result(result, args.out or "bench/results", plots=not args.no_plots)

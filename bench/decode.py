@@ -106,7 +106,8 @@ def bench_decode_row(model, provider, batch, prompt_len, new_tokens, repeats, de
             ms, tokens = _timed(step, cache, first, prompt_len, new_tokens, repeats, device)
     except Exception as e:
         return make_row("decode", "generate", provider, cfg_row, "decode",
-                        "failed: out of memory" if is_oom(e) else f"failed: {reason_of(e)}")
+                        # 240: a capture's error comes wrapped in DecodeGraph's words, the cause after them
+                        "failed: out of memory" if is_oom(e) else f"failed: {reason_of(e, 240)}")
     finally:
         cache = graph = step = None  # noqa: F841 (the graph's pool and the cache go before the next row)
         gc.collect()  # a failed capture leaves reference cycles holding the cache

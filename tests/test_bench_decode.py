@@ -75,12 +75,15 @@ def test_a_graph_alone_is_compared_with_an_eager_decode_it_runs_itself(monkeypat
 def test_a_failing_capture_or_an_out_of_memory_fails_its_row_and_the_run_goes_on(monkeypatch):
     from tritongpt.model.gpt import GPTModel
 
+    why = "no graphs here, " + "a cause as long as a Triton signature's TypeError " * 2
+
     def no_graphs(fn, device=None):
-        raise RuntimeError("no graphs here")
+        raise RuntimeError(why)
 
     rows = run(capture=no_graphs)
+    # the cause whole after DecodeGraph's words (reason_of's default 160 characters would cut it)
     assert [r["status"] for r in rows] == ["ok", "failed: UserError: this model's decode step could not be captured "
-                                           "in a CUDA graph: RuntimeError: no graphs here"] * 2
+                                           f"in a CUDA graph: RuntimeError: {why.strip()}"] * 2
     real = GPTModel.new_cache
 
     def small_memory(self, batch_size, *a, **k):
@@ -90,6 +93,21 @@ def test_a_failing_capture_or_an_out_of_memory_fails_its_row_and_the_run_goes_on
     monkeypatch.setattr(GPTModel, "new_cache", small_memory)
     rows = run()
     assert [r["status"] for r in rows] == ["ok", "ok", "failed: out of memory", "failed: out of memory"]
+
+
+def test_the_triton_path_runs_through_the_interpreter_and_its_graph_never_crashes_the_run():
+    """The Triton path's eager steps run (the interpreter, one layer, two steps); its graph either replays the
+    eager tokens or, while flash_attention takes no device-side kv_len, is a failed row naming the capture's
+    TypeError, and the run goes on."""
+    cfg = GPTConfig(vocab_size=97, context_length=24, n_layer=1, n_head=2, n_embd=32)
+    rows = decode.run_decode("cpu", Budget(None), torch.float32, "tiny-test", (1,), 4, 2,
+                             ("triton", "triton+graphs", "reference"), log=lambda s: None, capture=fx_capture,
+                             repeats=1, config=cfg)
+    assert [r["provider"] for r in rows] == ["reference", "triton", "triton+graphs"]
+    assert rows[0]["status"] == rows[1]["status"] == "ok"
+    graph = rows[2]
+    assert graph["same_tokens"] is True if graph["status"] == "ok" else graph["status"].startswith(
+        "failed: UserError: this model's decode step could not be captured in a CUDA graph: TypeError: ")
 
 
 def test_the_budget_skips_the_rows_it_has_no_time_for():
@@ -161,6 +179,7 @@ def test_the_command_on_cuda_writes_json_markdown_and_a_plot(monkeypatch, tmp_pa
     assert (folder / "decode.png").stat().st_size > 0
     md = (folder / "decode.md").read_text()
     assert md.startswith("# tritongpt bench: decode")
+    assert "> Greedy decode of a randomly initialised gpt2-small: fp32 weights under bf16 autocast" in md
     graph = result["rows"][1]
     assert f"| generate | model=gpt2-small B=1 prompt_len={PROMPT} new_tokens={NEW} repeats=2 | decode | " \
            f"reference+graphs | " in md
