@@ -86,12 +86,17 @@ Algorithm (Dao, "FlashAttention-2", 2023). Per (batch, head), with S = scale * Q
             leaves it lse_s = -inf, weight 0. Dropout (training) always takes the single pass. With
             GQA (while GROUP * Tq <= 64) a split program's rows are the GROUP query heads of one KV
             head (PACK_GQA): a decode tile holds GROUP real rows sharing each K/V tile load.
+            kv_len (HAS_KV_LEN): k and v may be a whole preallocated cache of Tk_cap positions with a
+            one-element tensor holding how many are filled, L; both forwards load L on the device and use
+            it for Tk everywhere (masks, tile ranges, splits' shares, query positions L - Tq + i), while
+            the grid, NUM_SPLITS and the tuning key follow Tk_cap: a decode step captured in a CUDA graph
+            replays correctly after a new L is written into the tensor. Inference only.
   NaN/inf   in q or k behave as in PyTorch; a NaN in v reaches the rows whose visited KV tiles
             hold it (PyTorch's P @ V spreads it to every row, 0 * NaN; exact math, to the rows
             that attend to it).
 
 Public API: `flash_attention(q, k, v, causal=True, softmax_scale=None, dropout_p=0.0, seed=None,
-doc_ids=None, window=None, softcap=None, alibi_slopes=None)`, `document_bounds(doc_ids)`,
+doc_ids=None, window=None, softcap=None, alibi_slopes=None, kv_len=None)`, `document_bounds(doc_ids)`,
 `window_bounds(window, Tk, ...)` and `dropout_mask(seed, B, H, Tq, Tk, p, device)`.
 The kernels are registered as the custom ops `tritongpt::flash_attn_fwd` /
 `tritongpt::flash_attn_bwd` (fake impls + register_autograd, which plays the role of the
@@ -155,6 +160,20 @@ def _load_seed(Seed):
     seed + 2^31 gives seed's mask). Read on the device: a host .item() would wait for the GPU and could not be
     captured in a CUDA graph, and a graph replayed with a new seed in the tensor draws a new mask."""
     return tl.load(Seed) & 0x7FFFFFFF
+
+
+@triton.jit
+def _kv_len(KV_LEN, Tq, Tk, IS_CAUSAL: tl.constexpr, HAS_KV_LEN: tl.constexpr):
+    """The number of keys the forward attends over: Tk (the buffers' length), or with HAS_KV_LEN the filled length L
+    of a preallocated KV cache, from the caller's one-element integer tensor. Read on the device, as the seed is: a
+    CUDA graph captured at one L replays with whatever the tensor holds then. Clamped to [Tq, Tk] with causal
+    ([0, Tk] without): flash_attention checks the value on the host where that costs no sync, and a replayed graph
+    given one out of range reads nothing past the K/V buffers (nor a window bound before a row's position)."""
+    if HAS_KV_LEN:
+        lo = Tq if IS_CAUSAL else 0
+        return tl.minimum(tl.maximum(tl.load(KV_LEN), lo), Tk).to(tl.int32)
+    else:
+        return Tk
 
 
 @triton.jit
@@ -287,19 +306,23 @@ def _doc_tile_range(starts, offs_m, Tq, Tk, full_hi, BLOCK_N: tl.constexpr):
 
 
 @triton.jit(do_not_specialize=["H"])
-def _attn_fwd(Q, K, V, O, LSE, STARTS, ALIBI, Seed, qk_scale, softcap, dropout_p, keep_scale,
+def _attn_fwd(Q, K, V, O, LSE, STARTS, ALIBI, Seed, KV_LEN, qk_scale, softcap, dropout_p, keep_scale,
               stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
               stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_om, stride_sb,
               H, GROUP, Tq, Tk, Q_BUCKET,
               HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
               IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr, HAS_DOCS: tl.constexpr,
               HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, PRECISION: tl.constexpr,
-              FOLD_SCALE: tl.constexpr):
+              FOLD_SCALE: tl.constexpr, HAS_KV_LEN: tl.constexpr):
     """Grid (cdiv(Tq, BLOCK_M), H, B). Writes O and the base-2 logsumexp of the scaled (with HAS_SOFTCAP,
     capped) scores. Query head h reads KV head h // GROUP (GROUP = H / Hkv query heads share one).
     FOLD_SCALE: the scale folded into exp2's FMA (_fwd_inner); the launcher sets it for a positive scale
-    without a cap or ALiBi whose qk_scale is an fp32 normal (a 0 or flushed one times a masked -inf is NaN)."""
+    without a cap or ALiBi whose qk_scale is an fp32 normal (a 0 or flushed one times a masked -inf is NaN).
+    HAS_KV_LEN: K and V are a cache of Tk positions of which the first KV_LEN hold keys (_kv_len): that length
+    stands for Tk everywhere below (masks, tile ranges, the causal offset, ALiBi and window positions)."""
     tl.static_assert(not (FOLD_SCALE and (HAS_SOFTCAP or HAS_ALIBI)), "FOLD_SCALE: the scores must be q k * scale")
+    tl.static_assert(not (HAS_KV_LEN and HAS_DROPOUT), "KV_LEN: inference only (the dropout counter follows Tk)")
+    Tk = _kv_len(KV_LEN, Tq, Tk, IS_CAUSAL, HAS_KV_LEN)
     start_m = tl.program_id(0) * BLOCK_M
     h, b = tl.program_id(1).to(tl.int64), tl.program_id(2).to(tl.int64)
     bh = b * H + h
@@ -346,13 +369,14 @@ def _attn_fwd(Q, K, V, O, LSE, STARTS, ALIBI, Seed, qk_scale, softcap, dropout_p
 
 
 @triton.jit(do_not_specialize=["H", "NUM_SPLITS"])  # the split count follows Tk: one binary for every count
-def _attn_fwd_split(Q, K, V, O_PART, LSE_PART, STARTS, ALIBI, qk_scale, softcap,
+def _attn_fwd_split(Q, K, V, O_PART, LSE_PART, STARTS, ALIBI, KV_LEN, qk_scale, softcap,
                     stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
                     stride_vb, stride_vh, stride_vn, stride_sb,
                     H, GROUP, Tq, Tk, Q_BUCKET, NUM_SPLITS,
                     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                     IS_CAUSAL: tl.constexpr, HAS_DOCS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-                    HAS_ALIBI: tl.constexpr, PRECISION: tl.constexpr, PACK_GQA: tl.constexpr):
+                    HAS_ALIBI: tl.constexpr, PRECISION: tl.constexpr, PACK_GQA: tl.constexpr,
+                    HAS_KV_LEN: tl.constexpr):
     """Split-KV forward (flash-decoding), grid (NUM_SPLITS * cdiv(rows, BLOCK_M), heads, B): program
     (tile, split) runs _attn_fwd's loop over the split-th of the KV tiles its query tile visits
     (whole BLOCK_N tiles, the same masks), then writes that split's normalized output O_s (fp32,
@@ -363,7 +387,10 @@ def _attn_fwd_split(Q, K, V, O_PART, LSE_PART, STARTS, ALIBI, qk_scale, softcap,
     decode step's tile holds GROUP real rows, not one) and each row has its own head (ALiBi slope).
     A row may see no key of its split (the causal mask hides the last keys from the earlier rows of
     a chunk; a split past the visited tiles is empty; its keys' scores may all be -inf): its max stays
-    -inf, it stores O_s = 0 and lse_s = -inf, which weigh 0 in the combine."""
+    -inf, it stores O_s = 0 and lse_s = -inf, which weigh 0 in the combine.
+    HAS_KV_LEN: the first KV_LEN of Tk cached positions hold keys, as in _attn_fwd; the splits share the tiles of
+    that length (NUM_SPLITS and the grid follow the cache's Tk, so one launch serves every length)."""
+    Tk = _kv_len(KV_LEN, Tq, Tk, IS_CAUSAL, HAS_KV_LEN)
     pid = tl.program_id(0)
     split = pid % NUM_SPLITS
     start_m = (pid // NUM_SPLITS) * BLOCK_M
@@ -738,7 +765,7 @@ def _tuned(tiles, prune, key=()):
     # join the key automatically. The split kernel has no HAS_DROPOUT: only the flags a kernel takes.
     def decorate(fn):
         flags = [a for a in ("HEAD_DIM", "IS_CAUSAL", "HAS_DROPOUT", "HAS_DOCS", "HAS_SOFTCAP", "HAS_ALIBI",
-                             "FOLD_SCALE")
+                             "FOLD_SCALE", "HAS_KV_LEN")
                  if a in fn.arg_names]
         return triton.autotune([c for cfgs in groups.values() for c in cfgs], key=[*flags, "Q_BUCKET", *key],
                                prune_configs_by={"early_config_prune": by_head_dim})(fn)
@@ -844,6 +871,12 @@ def _alibi_arg(q, alibi):
     return _stand_in(q.device, torch.float32) if alibi is None else alibi.contiguous()
 
 
+def _kv_len_arg(q, kv_len):
+    """The forward's KV_LEN pointer: the caller's one-element integer tensor of filled cache positions, read by the
+    kernels (_kv_len), never on the host here; without kv_len a never-read stand-in (HAS_KV_LEN is False)."""
+    return _stand_in(q.device, torch.int32) if kv_len is None else kv_len
+
+
 def _q_bucket(Tq):
     return min(next_pow2(Tq), 1024)
 
@@ -894,7 +927,7 @@ def _split_rows(H, Hkv, Tq):
     return H, Tq, False
 
 
-def _fwd_split_launch(q, k, v, o, lse, causal, softmax_scale, starts, ends, softcap, alibi, splits):
+def _fwd_split_launch(q, k, v, o, lse, causal, softmax_scale, starts, ends, softcap, alibi, splits, kv_len=None):
     """_attn_fwd_split into fp32 partials, then _attn_fwd_combine into o and lse."""
     B, H, Tq, D = q.shape
     heads, rows, pack = _split_rows(H, k.shape[1], Tq)
@@ -905,10 +938,11 @@ def _fwd_split_launch(q, k, v, o, lse, causal, softmax_scale, starts, ends, soft
     del flags["HAS_DROPOUT"]
     launch_tuned(
         _attn_fwd_split_run, lambda meta: (splits * cdiv(rows, meta["BLOCK_M"]), heads, B),
-        q, k, v, o_part, lse_part, starts_arg, _alibi_arg(q, alibi), softmax_scale * LOG2E, softcap * LOG2E,
-        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        q, k, v, o_part, lse_part, starts_arg, _alibi_arg(q, alibi), _kv_len_arg(q, kv_len), softmax_scale * LOG2E,
+        softcap * LOG2E, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), stride_sb,
-        H, H // k.shape[1], Tq, k.shape[2], _q_bucket(rows), splits, **flags, PACK_GQA=pack, **_fixed_blocks())
+        H, H // k.shape[1], Tq, k.shape[2], _q_bucket(rows), splits, **flags, PACK_GQA=pack,
+        HAS_KV_LEN=kv_len is not None, **_fixed_blocks())
     _attn_fwd_combine[(cdiv(Tq, COMBINE_BLOCK), H, B)](
         o_part, lse_part, o, lse, o.stride(0), o.stride(1), o.stride(2), H, Tq, splits,
         HEAD_DIM=D, BLOCK_D=flags["BLOCK_D"], BLOCK_M=COMBINE_BLOCK)
@@ -917,9 +951,12 @@ def _fwd_split_launch(q, k, v, o, lse, causal, softmax_scale, starts, ends, soft
 
 # ----------------------------------------------------------------------------- launchers
 @on_tensor_device
-def _fwd_launch(q, k, v, causal, softmax_scale, dropout_p, seed, starts=None, ends=None, softcap=0.0, alibi=None):
+def _fwd_launch(q, k, v, causal, softmax_scale, dropout_p, seed, starts=None, ends=None, softcap=0.0, alibi=None,
+                kv_len=None):
     q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
     B, H, Tq, D = q.shape
+    # With kv_len, Tk is the cache's capacity: the grid, the split count and the tuning key follow it, never the
+    # filled length the kernels read, so a CUDA graph captured at one length replays correctly at another.
     Tk = k.shape[2]
     # O is written as [B, Tq, H, D] and returned as a [B, H, Tq, D] view: merging the heads
     # afterwards (transpose(1, 2).reshape) is then free.
@@ -930,19 +967,20 @@ def _fwd_launch(q, k, v, causal, softmax_scale, dropout_p, seed, starts=None, en
         return o, lse
     splits = 1 if dropout_p > 0.0 else _num_splits(B, *_split_rows(H, k.shape[1], Tq)[:2], Tk, q.device)
     if splits > 1:
-        return _fwd_split_launch(q, k, v, o, lse, causal, softmax_scale, starts, ends, softcap, alibi, splits)
+        return _fwd_split_launch(q, k, v, o, lse, causal, softmax_scale, starts, ends, softcap, alibi, splits,
+                                 kv_len)
     group = H // k.shape[1]
     grid = lambda meta: (cdiv(Tq, meta["BLOCK_M"]), H, B)  # noqa: E731
     starts_arg, _, stride_sb = _doc_args(q, starts, ends)
     launch_tuned(
         _attn_fwd_run, grid,
-        q, k, v, o, lse, starts_arg, _alibi_arg(q, alibi), _seed_arg(q, seed, dropout_p), softmax_scale * LOG2E,
-        softcap * LOG2E, dropout_p, 1.0 / (1.0 - dropout_p),
+        q, k, v, o, lse, starts_arg, _alibi_arg(q, alibi), _seed_arg(q, seed, dropout_p), _kv_len_arg(q, kv_len),
+        softmax_scale * LOG2E, softcap * LOG2E, dropout_p, 1.0 / (1.0 - dropout_p),
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1), o.stride(2), stride_sb,
         H, group, Tq, Tk, _q_bucket(Tq), **_kernel_flags(q, causal, dropout_p, starts, softcap, alibi),
         FOLD_SCALE=softmax_scale * LOG2E >= FP32_TINY and softcap == 0.0 and alibi is None,
-        **_fixed_blocks())
+        HAS_KV_LEN=kv_len is not None, **_fixed_blocks())
     return o, lse
 
 
@@ -992,11 +1030,14 @@ def _bwd_launch(do, q, k, v, o, lse, causal, softmax_scale, dropout_p, seed, sta
 def _flash_attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, softmax_scale: float,
                     dropout_p: float, seed: torch.Tensor | None, starts: torch.Tensor | None = None,
                     ends: torch.Tensor | None = None, softcap: float = 0.0,
-                    alibi: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                    alibi: torch.Tensor | None = None,
+                    kv_len: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """-> (o [B, H, Tq, D], lse [B, H, Tq] fp32: the base-2 logsumexp of the scaled, capped, biased scores).
     starts/ends: int32 [B, Tk], each position's document start and end (document_bounds).
     softcap: c > 0 caps each scaled score s to c * tanh(s / c); 0: no cap.
-    alibi: fp32 [H], query head h's ALiBi slope m: the score of query position i, key j gets + m (j - i)."""
+    alibi: fp32 [H], query head h's ALiBi slope m: the score of query position i, key j gets + m (j - i).
+    kv_len: one int32/int64 on q's device, L: k and v are caches of Tk positions whose first L hold keys; the
+    kernels read it (query i at position L - Tq + i). Forward only: its backward refuses it."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         check_tensor(t, name, ndim=4)
     check_same_dtype(q=q, k=k, v=v)
@@ -1005,13 +1046,18 @@ def _flash_attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: b
     _check_bounds(q, k, causal, starts, ends)
     _checked_softcap(softcap)
     _check_alibi(q, alibi)
-    return _fwd_launch(q, k, v, causal, softmax_scale, dropout_p, seed, starts, ends, softcap, alibi)
+    _check_kv_len(q, kv_len, dropout_p)
+    if kv_len is not None and q.device.type == "cpu":  # free there, and run under torch.compile too
+        _check_kv_len_value(kv_len, q.shape[2], k.shape[2], causal)
+    return _fwd_launch(q, k, v, causal, softmax_scale, dropout_p, seed, starts, ends, softcap, alibi, kv_len)
 
 
 @_flash_attn_fwd.register_fake
-def _(q, k, v, causal, softmax_scale, dropout_p, seed, starts=None, ends=None, softcap=0.0, alibi=None):
+def _(q, k, v, causal, softmax_scale, dropout_p, seed, starts=None, ends=None, softcap=0.0, alibi=None, kv_len=None):
     _check_seed(q, dropout_p, seed)  # a seed on another device fails when traced, not first on the GPU
-    _check_routed_to_fake("flash_attn_fwd", q, k=k, v=v, seed=seed, starts=starts, ends=ends, alibi=alibi)
+    _check_kv_len(q, kv_len, dropout_p)
+    _check_routed_to_fake("flash_attn_fwd", q, k=k, v=v, seed=seed, starts=starts, ends=ends, alibi=alibi,
+                          kv_len=kv_len)
     B, H, Tq, D = q.shape
     o = q.new_empty((B, Tq, H, D)).transpose(1, 2)
     return o, q.new_empty((B, H, Tq), dtype=torch.float32)
@@ -1040,19 +1086,23 @@ def _(do, q, k, v, o, lse, causal, softmax_scale, dropout_p, seed, starts=None, 
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, causal, softmax_scale, dropout_p, seed, starts, ends, softcap, alibi = inputs
+    q, k, v, causal, softmax_scale, dropout_p, seed, starts, ends, softcap, alibi, kv_len = inputs
     o, lse = output
     ctx.save_for_backward(q, k, v, o, lse, seed, starts, ends, alibi)
     ctx.causal, ctx.softmax_scale, ctx.dropout_p, ctx.softcap = causal, softmax_scale, dropout_p, softcap
+    ctx.has_kv_len = kv_len is not None
 
 
 def _backward(ctx, grad_o, grad_lse):
     first_order_only("flash_attention")
+    if ctx.has_kv_len:  # flash_attention refuses it with gradients on; a direct caller of the op gets here
+        raise RuntimeError("flash_attn_fwd with kv_len is inference only: the backward kernels take the whole "
+                           "Tk of k and v (slice the cache to its filled length to train through it)")
     q, k, v, o, lse, seed, starts, ends, alibi = ctx.saved_tensors
     dq, dk, dv = _flash_attn_bwd.call(grad_o, q, k, v, o, lse, ctx.causal, ctx.softmax_scale, ctx.dropout_p, seed,
                                  starts, ends, ctx.softcap, alibi)
-    # q, k, v then the 8 other inputs (the ALiBi slopes are constants: no gradient)
-    return dq, dk, dv, None, None, None, None, None, None, None, None
+    # q, k, v then the 9 other inputs (the ALiBi slopes are constants: no gradient)
+    return dq, dk, dv, None, None, None, None, None, None, None, None, None
 
 
 _flash_attn_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -1156,6 +1206,33 @@ def _check_seed(q, dropout_p, seed):
                          f"{tuple(seed.shape)} on {seed.device}")
 
 
+def _check_kv_len(q, kv_len, dropout_p=0.0):
+    """kv_len as the kernels read it (_kv_len): None, or one int32/int64 element on q's device. Not its value:
+    reading that waits on a GPU (_check_kv_len_value)."""
+    if kv_len is None:
+        return
+    if not isinstance(kv_len, torch.Tensor):
+        raise TypeError(f"kv_len must be a one-element int32/int64 tensor on q's device (the number of filled "
+                        f"KV-cache positions) or None, got {type(kv_len).__name__}")
+    if kv_len.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"kv_len must hold an int32 or int64 (a count of positions), got dtype {kv_len.dtype}")
+    if kv_len.numel() != 1 or kv_len.dim() > 1:
+        raise ValueError(f"kv_len must be one element (shape [] or [1]), got shape {tuple(kv_len.shape)}")
+    if kv_len.device != q.device:
+        raise ValueError(f"kv_len is on {kv_len.device}, q on {q.device}: the kernels read it on q's device")
+    if dropout_p > 0.0:
+        raise ValueError(f"kv_len is for inference: dropout_p must be 0 with it, got {dropout_p}")
+
+
+def _check_kv_len_value(kv_len, Tq, Tk, causal):
+    """The filled length L in range: [Tq, Tk] with causal (the queries are the last Tq of the L positions), else
+    [1, Tk] (a query must see some key). A host read: one sync on a GPU."""
+    L, lo = int(kv_len.item()), Tq if causal else 1
+    if not lo <= L <= Tk:
+        raise ValueError(f"kv_len {L} is out of range: it must lie in [{lo}, {Tk}] ({'Tq' if causal else '1'} to "
+                         f"the cache's Tk{' with causal' if causal else ''}; Tq={Tq}, Tk={Tk})")
+
+
 def _as_seed(seed, device):
     """A user's seed as a one-element int64 tensor on `device`."""
     if isinstance(seed, torch.Tensor):
@@ -1241,7 +1318,7 @@ def _check_alibi(q, alibi, finite=True):
 
 
 def flash_attention(q, k, v, causal=True, softmax_scale=None, dropout_p=0.0, seed=None, doc_ids=None,
-                    window=None, softcap=None, alibi_slopes=None):
+                    window=None, softcap=None, alibi_slopes=None, kv_len=None):
     """softmax(q k^T * scale + mask) with dropout, @ v, without the Tq x Tk matrix. Differentiable.
 
     q: [B, H, Tq, D]; k, v: [B, Hkv, Tk, D], any strides (unit stride on D is fastest), bf16/fp16/fp32
@@ -1266,6 +1343,19 @@ def flash_attention(q, k, v, causal=True, softmax_scale=None, dropout_p=0.0, see
     alibi_slopes: fp32 [H], one slope m_h per query head (alibi_slopes(H) in model/layers.py):
     ALiBi adds m_h (j - i) to the scaled (and capped) score of query position i (Tk - Tq + i, as
     for the mask) and key j, before the masks; flash-attn's alibi_slopes. A constant: no gradient.
+    kv_len: a one-element int32/int64 tensor on q's device (shape [] or [1]) or None. With it, k and v are a
+        preallocated KV cache of Tk_cap = k.shape[2] positions of which only the first L (kv_len's value) hold
+        keys: the result is flash_attention(q, k[:, :, :L], v[:, :, :L]) with the same other arguments (query i
+        at position L - Tq + i), and what lies past L (stale keys, NaN, inf) is never read into it. The kernels
+        read L on the device, and the launch depends on Tk_cap only (grid, KV splits, tuning, window bounds), so
+        one decode step can be captured in a CUDA graph and replayed after the caller writes a new L into the
+        same tensor. L must lie in [Tq, Tk_cap] with causal ([1, Tk_cap] without); it is checked on the host
+        where that costs no GPU sync: always for a CPU q (in the op, so under torch.compile too), on a GPU when
+        neither a CUDA-graph capture nor torch.compile is tracing (one .item(): a graph runner's eager warm-up
+        checks it). A value out of range that reaches the kernels unchecked is clamped to [Tq, Tk_cap] with
+        causal ([0, Tk_cap] without), so it reads nothing past the buffers, but its result means nothing.
+        Inference only: refused with gradients on (grad mode and q, k or v requiring grad), with dropout_p > 0
+        and with doc_ids.
     Returns [B, H, Tq, D] (a view of a [B, Tq, H, D] buffer, so merging heads is free).
     """
     no_func_transform("flash_attention", vmap_ok=True)
@@ -1281,14 +1371,32 @@ def flash_attention(q, k, v, causal=True, softmax_scale=None, dropout_p=0.0, see
     # here too: slopes on another device (meta) would send the op to that device's (fake) kernel
     _check_alibi(q, alibi_slopes, finite=False)
     dropout_p = float(dropout_p)
+    if kv_len is not None:
+        _checked_kv_len_call(q, k, v, causal, dropout_p, doc_ids, kv_len)
     starts, ends = (None, None) if doc_ids is None else document_bounds(_checked_doc_ids(doc_ids, q, k, causal))
     if window is not None:
         starts, ends = window_bounds(_checked_window(window, causal), k.shape[2], q.shape[0], q.device,
                                      starts, ends)
     seed = _seed_tensor(seed, dropout_p, q.device)
-    args = (q, k, v, bool(causal), scale, dropout_p, seed, starts, ends, softcap, alibi_slopes)
+    args = (q, k, v, bool(causal), scale, dropout_p, seed, starts, ends, softcap, alibi_slopes, kv_len)
     out, _ = FlashAttnFunction.apply(*args) if plain_eager(args) else _flash_attn_fwd(*args)
     return out
+
+
+def _checked_kv_len_call(q, k, v, causal, dropout_p, doc_ids, kv_len):
+    """What flash_attention refuses with kv_len (inference only), and its value where reading it is free."""
+    _check_kv_len(q, kv_len)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+        raise ValueError("kv_len is for inference only (the backward takes no cache length): call under "
+                         "torch.no_grad() or torch.inference_mode(), or pass tensors that do not require grad")
+    if dropout_p > 0.0:
+        raise ValueError(f"kv_len is for inference: dropout_p must be 0 with it, got {dropout_p}")
+    if doc_ids is not None:
+        raise ValueError("kv_len does not take doc_ids (document masking is for packed training sequences)")
+    # plain eager only: not under torch.compile (a .item() there breaks the graph; the op checks a CPU q when it
+    # runs), nor a dispatch mode or transform; and on a GPU not inside a CUDA-graph capture (it cannot sync)
+    if plain_eager((q, kv_len)) and not (kv_len.is_cuda and torch.cuda.is_current_stream_capturing()):
+        _check_kv_len_value(kv_len, q.shape[2], k.shape[2], causal)
 
 
 def document_bounds(doc_ids):
