@@ -305,6 +305,21 @@ def capture(quick=False, half="bfloat16"):
                         case[0] = case[0].replace(" softcap=50", " alibi")
                         attention._fwd_launch(q, k, k, True, d ** -0.5, 0.0, None,
                                               alibi=torch.empty(heads, dtype=torch.float32, **meta))
+                if dt == half and d in (64, 128):
+                    # A whole preallocated cache with its filled length read on the device (kv_len: HAS_KV_LEN),
+                    # as a CUDA-graph decode step calls it: the split path at batch 1 (Tq 1 and 4; Mistral's
+                    # window on Llama's heads), the single pass at batch 32 (its query tiles fill the GPU)
+                    kv_len = torch.empty((), dtype=torch.int64, **meta)
+                    for batch, tq in ((1, 1), (1, 4), (32, 1)):
+                        kb = torch.empty(batch, DECODE_SEQ, kv_heads, d, dtype=dt, **meta).transpose(1, 2)
+                        q = torch.empty(batch, tq, heads, d, dtype=dt, **meta).transpose(1, 2)
+                        case[0] = (f"attention {name} hd{d} kv_len Tq={tq} Tk_cap={DECODE_SEQ} "
+                                   f"heads={heads}/{kv_heads} B={batch}")
+                        attention._fwd_launch(q, kb, kb, True, d ** -0.5, 0.0, None, kv_len=kv_len)
+                        if batch == 1 and tq == 1 and d == 128:
+                            starts, ends = attention.window_bounds(4096, DECODE_SEQ, 1, "meta")
+                            case[0] += " window"
+                            attention._fwd_launch(q, kb, kb, True, d ** -0.5, 0.0, None, starts, ends, kv_len=kv_len)
 
             for d in ((64,) if quick else (64, 128, 256)):  # RoPE of q and k: GPT-2's heads, the widest it takes
                 case[0] = f"rope {name} {TOKENS} tokens hd{d}"

@@ -84,6 +84,19 @@ def test_every_kernel_launch_builds_for_sm90(tmp_path):
     for flag, tag in (("HAS_DOCS", " window"), ("HAS_SOFTCAP", " softcap=50"), ("HAS_ALIBI", " alibi")):
         assert all((f"{flag}=True" in v) == case.endswith(tag) for case, kv in decode.items()
                    for k, v in kv if k == "_attn_fwd_split"), (flag, decode)
+    # a whole KV cache with its filled length read on the device (kv_len: HAS_KV_LEN), in its cases' forwards only:
+    # the split kernel then the combine at batch 1 (with a window: HAS_DOCS too), the single pass at batch 32
+    cached = {}
+    for r in rows:
+        if " kv_len " in r["case"]:
+            cached.setdefault(r["case"], set()).add((r["kernel"], r["variant"]))
+    assert len(cached) == 7, cached
+    for case, kv in cached.items():
+        want = {"_attn_fwd"} if case.endswith("B=32") else {"_attn_fwd_split", "_attn_fwd_combine"}
+        assert {k for k, _ in kv} == want, (case, kv)
+        assert all("HAS_KV_LEN=True" in v and ("HAS_DOCS=True" in v) == case.endswith(" window")
+                   for k, v in kv if k != "_attn_fwd_combine"), (case, kv)
+    assert not any("HAS_KV_LEN=True" in r["variant"] for r in rows if " kv_len " not in r["case"])
     # partial rotary (GPTConfig.rotary_dim): its launches copy the pass-through columns (PASS), and scale cos and
     # sin only with an attention factor (SCALED); whole heads build without either
     partial = [r["variant"] for r in rows if "rotary" in r["case"]]
