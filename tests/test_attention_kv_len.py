@@ -8,6 +8,8 @@ checks by re-running the recorded launches after writing a new L into the same t
 KV tile is INTERPRET_BLOCK = 16 keys; the split path is forced by patching _num_splits, as in
 tests/test_flash_decoding.py.
 """
+import math
+
 import pytest
 import torch
 
@@ -43,6 +45,17 @@ def reference(q, k, v, **kw):
     return reference_attention(q, k.repeat_interleave(group, 1), v.repeat_interleave(group, 1), **kw)
 
 
+def reference_lse(q, k, scale, softcap, slopes, window=None):
+    """float64 base-2 logsumexp of the capped, ALiBi-biased, causal (and windowed) scores, written out."""
+    q, k = q.double(), k.double().repeat_interleave(q.shape[1] // k.shape[1], 1)
+    Tq, L = q.shape[2], k.shape[2]
+    s = softcap * torch.tanh(q @ k.transpose(-2, -1) * scale / softcap)
+    pos_q, pos_k = torch.arange(L - Tq, L, device=q.device)[:, None], torch.arange(L, device=q.device)[None, :]
+    s = s + slopes.double()[:, None, None] * (pos_k - pos_q)
+    hidden = (pos_k > pos_q) | ((pos_k <= pos_q - window) if window else False)
+    return torch.logsumexp(s.masked_fill(hidden, float("-inf")), -1) / math.log(2)
+
+
 def cache(B, Hkv, filled, D, dtype, device, seed=0):
     """k, v [B, Hkv, CAP, D] whose positions from `filled` on hold garbage: NaN, inf and 1e30 in k, -inf, NaN and
     -1e30 in v, in turn, so any of them read into a result shows."""
@@ -70,10 +83,11 @@ def check(q, k, v, L, tol=1e-4, tag="", kv_dtype=torch.int64, **kw):
 @pytest.mark.parametrize("splits", [1, 2, 5], ids=["single", "split2", "split5"])
 @pytest.mark.parametrize("Tq", [1, 3])
 @pytest.mark.parametrize("Hkv", [4, 2, 1])
-@pytest.mark.parametrize("L", ["Tq", 37, CAP])
+@pytest.mark.parametrize("L", ["Tq", 33, 37, CAP])
 def test_causal_matches_the_sliced_cache_and_float64(L, Hkv, Tq, splits, path, device):
-    """L = Tq (only the query's own keys), 37 (not a multiple of a tile: a ragged last tile), CAP (full); GQA and
-    MQA (the split path packs their heads); 5 splits of 37 keys' 3 tiles leave empty splits."""
+    """L = Tq (only the query's own keys), 33 and 37 (not multiples of a tile: a ragged last tile; at 33 the
+    diagonal of 3 queries starts a tile before it), CAP (full); GQA and MQA (the split path packs their heads);
+    5 splits of 37 keys' 3 tiles leave empty splits."""
     L = Tq if L == "Tq" else L
     launches = path(splits)
     q, _, _ = make_qkv(2, 4, Tq, 1, 32, torch.float32, device, seed=L + Tq)
@@ -124,6 +138,30 @@ def test_head_dim_80_padded(path, device):
     check(q, k, v, 29, tag="hd80")
 
 
+@pytest.mark.parametrize("splits", [1, 3], ids=["single", "split3"])
+def test_the_ops_logsumexp_matches_the_sliced_cache(splits, path, device):
+    """The op also returns the logsumexp (base 2), which ALiBi's query positions L - Tq + i shift (the output, a
+    softmax, does not see a per-row constant): equal to the sliced call's, with a window's bounds made for the
+    capacity there and for L here, as flash_attention makes them, and to float64's."""
+    path(splits)
+    L, Tq = 41, 3
+    q, _, _ = make_qkv(1, 4, Tq, 1, 32, torch.float32, device, seed=90)
+    k, v = cache(1, 2, L, 32, torch.float32, device, seed=91)
+    slopes = torch.tensor([0.5, 0.25, 0.125, 0.0625], device=device)
+    op = torch.ops.tritongpt.flash_attn_fwd
+    for window in (None, 9):
+        bounds = [attention.window_bounds(window, T, 1, device) if window else (None, None) for T in (CAP, L)]
+        o, lse = op(q, k, v, True, 0.3, 0.0, None, *bounds[0], 2.0, slopes, torch.tensor(L, device=device))
+        o_sliced, lse_sliced = op(q, k[:, :, :L], v[:, :, :L], True, 0.3, 0.0, None, *bounds[1], 2.0, slopes)
+        assert torch.isfinite(lse).all(), window
+        assert_close_rel(lse, reference_lse(q, k[:, :, :L], 0.3, 2.0, slopes, window), 1e-5, f"lse window={window}")
+        if device.type == "cpu":  # the same operations (on a GPU, binaries specialized on another Tk)
+            assert torch.equal(o, o_sliced) and torch.equal(lse, lse_sliced), window
+        else:
+            assert_close_rel(o, o_sliced, 1e-6, f"o window={window}")
+            assert_close_rel(lse, lse_sliced, 1e-6, f"lse window={window}")
+
+
 # ----------------------------------------------------------------------------- one launch, any length
 class Replay:
     """Records every kernel launch of the forward (the tuned kernel through launch_tuned, the combine through
@@ -162,9 +200,10 @@ class Replay:
 @pytest.mark.parametrize("splits", [3, 1], ids=["split3", "single"])
 @pytest.mark.parametrize("Tq", [1, 3])
 def test_a_launch_replays_at_another_length(Tq, splits, path, monkeypatch, device):
-    """The launches made at L = 37 (3 tiles, the last ragged), run again unchanged after 50 then 20 are written
-    into the same kv_len tensor, give the results at 50 (4 tiles) and at 20: the same NUM_SPLITS, grid and host
-    arguments serve every length, the kernels read it. A fresh call at 50 makes the very same host arguments."""
+    """The launches made at L = 37 (3 tiles, the last ragged), run again unchanged after 49 then 20 are written
+    into the same kv_len tensor, give the results at 49 (4 tiles; the diagonal of 3 queries in the third) and at
+    20: the same NUM_SPLITS, grid and host arguments serve every length, the kernels read it. A fresh call at 20
+    makes the very same host arguments."""
     path(splits)
     q, _, _ = make_qkv(1, 4, Tq, 1, 32, torch.float32, device, seed=Tq + 50)
     k, v = cache(1, 2, 50, 32, torch.float32, device, seed=Tq + 51)  # garbage from 50 on; 37..49 a stale tail
@@ -175,7 +214,7 @@ def test_a_launch_replays_at_another_length(Tq, splits, path, monkeypatch, devic
         out = flash_attention(q, k, v, kv_len=kv_len, window=30, alibi_slopes=slopes)
         first = rec.host_values()
         assert len(rec.launches) == (2 if splits > 1 else 1)
-        for L in (37, 50, 20):
+        for L in (37, 49, 20):
             if L != 37:
                 kv_len.fill_(L)
                 out.fill_(float("nan"))  # whatever the replay does not write stays NaN
@@ -218,7 +257,8 @@ def test_an_unchecked_length_is_clamped_to_the_buffers(splits, path, device):
     q, _, _ = make_qkv(1, 4, 3, 1, 32, torch.float32, device, seed=80)
     k, v = cache(1, 2, CAP, 32, torch.float32, device, seed=81)  # all CAP positions hold keys
     k, v = (torch.cat([t, torch.full_like(t, float("nan"))], 2)[:, :, :CAP] for t in (k, v))  # NaN past them
-    for L, like in ((10 ** 6, CAP), (CAP + 1, CAP), (-5, 3), (0, 3)):
+    # (a huge one last: without the clamp the ones before fail first, on NaN, instead of a read far past memory)
+    for L, like in ((CAP + 1, CAP), (2 * CAP, CAP), (-5, 3), (0, 3), (10 ** 6, CAP)):
         out, _ = attention._fwd_launch(q, k, v, True, 0.25, 0.0, None, kv_len=torch.tensor(L, device=device))
         want, _ = attention._fwd_launch(q, k[:, :, :like], v[:, :, :like], True, 0.25, 0.0, None)
         assert torch.isfinite(want).all() and torch.equal(out, want), L
