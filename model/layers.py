@@ -697,8 +697,7 @@ class MultiHeadAttention(nn.Module):
             p = self.attn_drop.p if self.training else 0.0
             ctx = flash_attention(q, k, v, causal=True, softmax_scale=self.softmax_scale, dropout_p=p, doc_ids=doc_ids,
                                   window=self.window or None, softcap=self.softcap or None,
-                                  alibi_slopes=self.alibi_slopes(q.device) if self.alibi else None,
-                                  **({} if kv_len is None else {"kv_len": kv_len}))
+                                  alibi_slopes=self.alibi_slopes(q.device) if self.alibi else None, kv_len=kv_len)
         else:
             ctx = self.attend(q, k, v, doc_ids, kv_len)
         ctx = ctx.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)
