@@ -161,10 +161,11 @@ if [ "$what" = all ] || [ "$what" = tests ]; then
     # Files in the order given run in that order: those whose CUDA tests the first run (H200,
     # 2026-12-04) did not reach in 120 s, or failed, go first (the whole model on both paths, the
     # trainer's mixed precision, fp32 attention with dropout, PPO) and those of paths no GPU has run
-    # yet (an autotuned kernel first launched inside a CUDA-graph capture), then every other file
+    # yet (an autotuned kernel first launched inside a CUDA-graph capture; a decode step captured and
+    # replayed, the kv_len kernels at new lengths), then every other file
     # with a CUDA-marked test (a directory argument would put them back in name order).
     first="tests/test_model_paths.py tests/test_loop.py tests/test_attention.py tests/test_rlhf.py tests/test_mlp.py"
-    first="$first tests/test_tuned_launch.py"
+    first="$first tests/test_tuned_launch.py tests/test_decode_graph.py tests/test_attention_kv_len.py"
     rest=$(grep -l "mark\.cuda" tests/test_*.py | grep -v -x -F -e "${first// /$'\n'}" -e "" | tr '\n' ' ')
     # shellcheck disable=SC2086  # the file lists split on spaces on purpose
     timeout -s INT -k 15 "${TEST_SECONDS:-120}" $PY -m pytest -m cuda -q -p no:cacheprovider -n 8 $first $rest \

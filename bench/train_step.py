@@ -66,7 +66,7 @@ DEFAULT_BATCH = {"gpt2-small": 16, "gpt2-medium": 8}
 
 
 # -- the SDPA swap (bench-only; model/ stays textbook) ---------------------------------------------------
-def sdpa_attend(self, q, k, v, doc_ids=None):
+def sdpa_attend(self, q, k, v, doc_ids=None, kv_len=None):
     """MultiHeadAttention.attend with F.scaled_dot_product_attention; same causal alignment.
 
     Equal lengths use is_causal=True (top-left = bottom-right then); with a KV cache (Tq < Tk)
@@ -74,23 +74,28 @@ def sdpa_attend(self, q, k, v, doc_ids=None):
     with packed documents that mask and the document mask; with a window (local attention) the
     window's mask too. Fewer KV heads than query heads (GPTConfig.n_kv_head): enable_gqa. ALiBi
     (GPTConfig.position_encoding "alibi"): a float mask, the bias where allowed and -inf elsewhere.
+    kv_len (a CUDA-graph decode step's, as attend's): the masks of the first kv_len keys, the values past them zeroed.
     """
     from tritongpt.model.layers import alibi_bias, document_index, in_the_future, outside_window
 
     Tq, Tk = q.size(-2), k.size(-2)
     p = self.attn_drop.p if self.training else 0.0
     gqa = k.size(1) != q.size(1)
-    if Tq == Tk and doc_ids is None and not self.window and not self.alibi:
+    if Tq == Tk and doc_ids is None and not self.window and not self.alibi and kv_len is None:
         return F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True, scale=self.softmax_scale,
                                               enable_gqa=gqa)
-    allowed = ~in_the_future(Tq, Tk, q.device)
+    if kv_len is not None:  # stale keys and values past kv_len may be inf or NaN: SDPA adds its mask to the
+        stale = (torch.arange(Tk, device=v.device) >= kv_len)[:, None]  # scores and weighs the values by 0
+        k, v = k.masked_fill(stale, 0), v.masked_fill(stale, 0)
+    allowed = ~in_the_future(Tq, Tk, q.device, kv_len)
     if self.window:
-        allowed = allowed & ~outside_window(Tq, Tk, self.window, q.device)
+        allowed = allowed & ~outside_window(Tq, Tk, self.window, q.device, kv_len)
     if doc_ids is not None:
         doc = document_index(doc_ids)
         allowed = allowed & (doc[:, Tk - Tq:, None] == doc[:, None, :])[:, None]  # [B, 1, Tq, Tk]
     if self.alibi:  # SDPA adds a float mask to the scaled scores, as attend adds the bias
-        allowed = torch.where(allowed, alibi_bias(self.alibi_slopes(q.device), Tq, Tk), float("-inf")).to(q.dtype)
+        allowed = torch.where(allowed, alibi_bias(self.alibi_slopes(q.device), Tq, Tk, kv_len=kv_len),
+                              float("-inf")).to(q.dtype)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=p, scale=self.softmax_scale,
                                           enable_gqa=gqa)
 

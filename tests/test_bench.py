@@ -827,6 +827,14 @@ def test_use_sdpa_attention_matches_reference_with_and_without_cache(window):
         ref(idx[:, :9], ca), sdpa(idx[:, :9], cb)
         a, b = ref(idx[:, 9:11], ca), sdpa(idx[:, 9:11], cb)
         assert ((a - b).norm() / a.norm()).item() < 1e-5
+        # a CUDA-graph decode step's forward (KVCache.on_device: the whole buffers, NaN past the fill, and kv_len)
+        cb.k[:, :, :, 11:] = float("nan")
+        cb.v[:, :, :, 11:] = float("nan")
+        cb.fill.fill_(cb.pos)
+        cb.on_device = True
+        a, b = ref(idx[:, 11:12], ca), sdpa(idx[:, 11:12], cb)
+        cb.on_device = False
+        assert ((a - b).norm() / a.norm()).item() < 1e-5
         # packed documents; in the first row an id seen before opens a third (A B A: runs, not ids)
         doc_ids = torch.tensor([[0] * 5 + [1] * 4 + [0] * 4, [0] * 12 + [1]])
         a, b = ref(idx, doc_ids=doc_ids), sdpa(idx, doc_ids=doc_ids)
@@ -4117,8 +4125,9 @@ def test_gpu_session_tests_stage_runs_the_unreached_files_first_then_every_cuda_
     root = Path(__file__).resolve().parent.parent
     (pytest_args,) = [c[2:] for c in runs if c[:2] == ["-m", "pytest"]]
     files = [a for a in pytest_args if a.startswith("tests/") and "::" not in a]  # not the --deselect ids
-    assert files[:6] == ["tests/test_model_paths.py", "tests/test_loop.py", "tests/test_attention.py",
-                         "tests/test_rlhf.py", "tests/test_mlp.py", "tests/test_tuned_launch.py"]
+    assert files[:8] == ["tests/test_model_paths.py", "tests/test_loop.py", "tests/test_attention.py",
+                         "tests/test_rlhf.py", "tests/test_mlp.py", "tests/test_tuned_launch.py",
+                         "tests/test_decode_graph.py", "tests/test_attention_kv_len.py"]
     marked = {f"tests/{p.name}" for p in (root / "tests").glob("test_*.py") if "mark.cuda" in p.read_text()}
     assert len(files) == len(set(files)) and set(files) == marked and "tests" not in pytest_args
 
