@@ -354,3 +354,12 @@ def test_a_device_step_makes_its_positions_once_for_every_layer(monkeypatch):
         cache.on_device = True
         model(torch.randint(0, VOCAB, (1, 1)), cache)
     assert made.count(True) == 1 and len(made) >= 4 and cache.current is None
+
+
+def test_cuda_graph_must_be_a_bool_not_a_number():
+    """1 == True and 0.0 == False: `in (True, False)` would take a number for the bool it is not."""
+    model = tiny()
+    idx = torch.randint(0, VOCAB, (1, 4))
+    for bad in (1, 0, 1.0):
+        with pytest.raises(UserError, match=f"cuda_graph must be a bool, got {bad!r}"):
+            gen.generate(model, idx, 2, cuda_graph=bad)

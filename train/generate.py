@@ -299,7 +299,7 @@ def generate(model, idx, max_new_tokens: int, temperature: float = 0.0, top_k: i
         raise UserError(f"vocab_limit must be a positive integer, got {vocab_limit!r}")
     if draft is not None and prompt_lookup is not None:
         raise UserError("draft and prompt_lookup are two drafts: pass one")
-    if cuda_graph not in (True, False):
+    if not isinstance(cuda_graph, bool):  # (1 and 0.0 would pass `in (True, False)`)
         raise UserError(f"cuda_graph must be a bool, got {cuda_graph!r}")
     if cuda_graph and (draft is not None or prompt_lookup is not None or not use_cache):
         raise UserError("cuda_graph replays a one-token decode step over the KV cache: it takes use_cache=True and "
