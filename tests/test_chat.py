@@ -385,7 +385,7 @@ def test_chat_cuda_graphs_reach_generate_and_are_refused_off_cuda(monkeypatch, c
     real = gen.generate
     monkeypatch.setattr(gen, "generate", lambda *a, **kw: asked.append(kw["cuda_graph"]) or real(*a, **kw))
     monkeypatch.setattr(gen, "capture_cuda_graph", lambda fn, device: fn)
-    monkeypatch.setattr(commands, "check_cuda_graphs", lambda args, device: None)
+    monkeypatch.setattr(commands, "check_cuda_graphs", lambda args, device, model: None)
     monkeypatch.setattr("sys.stdin", io.StringIO("Hi\nAgain\n"))
     assert main(base) == 0
     assert asked == [True, True]

@@ -363,3 +363,19 @@ def test_cuda_graph_must_be_a_bool_not_a_number():
     for bad in (1, 0, 1.0):
         with pytest.raises(UserError, match=f"cuda_graph must be a bool, got {bad!r}"):
             gen.generate(model, idx, 2, cuda_graph=bad)
+
+
+def test_generate_refuses_a_model_it_cannot_graph_before_its_first_token(monkeypatch):
+    """A LongRoPE or mixture-of-experts model with cuda_graph: refused before the prefill, not after it once the
+    first token went out (on_token: a streamed text, a server's first delta) and the decode step's capture refused
+    it. (The capture is emulated: the device is no reason here.)"""
+    monkeypatch.setattr(gen, "capture_cuda_graph", fx_capture)
+    longrope = tiny(position_encoding="rope", rope_scaling={
+        "rope_type": "longrope", "short_factor": [1.0] * 4, "long_factor": [2.0] * 4,
+        "original_max_position_embeddings": 12})
+    moe = tiny(position_encoding="rope", norm="rmsnorm", mlp="swiglu", n_experts=4, experts_per_token=2)
+    for model, said in ((longrope, "does not take LongRoPE models"), (moe, "does not take mixture-of-experts")):
+        streamed = []
+        with pytest.raises(UserError, match=said):
+            gen.generate(model, torch.randint(0, VOCAB, (1, 4)), 3, cuda_graph=True, on_token=streamed.append)
+        assert streamed == []

@@ -490,7 +490,7 @@ def test_cuda_graphs_serve_the_eager_text_and_are_refused_off_cuda(tmp_path, mon
     body = {"prompt": "the cat sat", "max_tokens": 7, "temperature": 0}
     texts = {}
     captured = []
-    monkeypatch.setattr(commands, "check_cuda_graphs", lambda args, device: None)
+    monkeypatch.setattr(commands, "check_cuda_graphs", lambda args, device, model: None)
     monkeypatch.setattr(gen, "capture_cuda_graph", lambda fn, device: captured.append(device) or fx_capture(fn))
     for flags in ((), ("--cuda-graphs",)):
         server = start(folder, *flags)
@@ -503,3 +503,15 @@ def test_cuda_graphs_serve_the_eager_text_and_are_refused_off_cuda(tmp_path, mon
         assert status == 200
         texts[flags] = out["choices"][0]["text"]
     assert texts[()] == texts[("--cuda-graphs",)] and len(captured) == 1
+
+
+def test_cuda_graphs_with_a_model_no_graph_replays_are_refused_at_startup(tmp_path):
+    """A mixture-of-experts model's decode step cannot be captured: serve --cuda-graphs refuses to start, naming
+    why, rather than failing every request at its first decode step. (The model is asked before the device.)"""
+    folder = tmp_path / "run"
+    tok = tiny_run(folder, "chat")
+    GPTModel(GPTConfig(vocab_size=tok.vocab_size, context_length=128, n_embd=32, n_layer=1, n_head=2,
+                       position_encoding="rope", norm="rmsnorm", mlp="swiglu", n_experts=4,
+                       experts_per_token=2)).save(folder / "ckpt-0000001" / "model.safetensors")
+    with pytest.raises(UserError, match="CUDA-graph decoding does not take mixture-of-experts models"):
+        start(folder, "--cuda-graphs")

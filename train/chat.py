@@ -193,7 +193,7 @@ def cmd_chat(args):
     if args.cuda_graphs and args.draft:
         raise UserError("--cuda-graphs replays a one-token decode step: it does not take --draft")
     model, tok, device, dtype, limit = load_generation_model(args)
-    check_cuda_graphs(args, device)
+    check_cuda_graphs(args, device, model)
     draft = load_draft(args, model, tok, device) if args.draft else None
     speculative = dict(draft=draft, num_draft_tokens=4 if args.draft_tokens is None else args.draft_tokens)
     totals = {"target_forwards": 0, "drafted": 0, "accepted": 0}  # the acceptance over the whole conversation

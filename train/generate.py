@@ -304,6 +304,8 @@ def generate(model, idx, max_new_tokens: int, temperature: float = 0.0, top_k: i
     if cuda_graph and (draft is not None or prompt_lookup is not None or not use_cache):
         raise UserError("cuda_graph replays a one-token decode step over the KV cache: it takes use_cache=True and "
                         "no draft or prompt_lookup (their steps check several tokens)")
+    if cuda_graph:
+        check_graphable(model)
     if prompt_lookup is not None:
         draft = PromptLookup(prompt_lookup)
     if num_draft_tokens is None:
@@ -399,6 +401,18 @@ def capture_cuda_graph(fn, device):
     return replay
 
 
+def check_graphable(model):
+    """Refuses by name a model whose decode step a CUDA graph cannot replay (DecodeGraph's; generate and the
+    --cuda-graphs commands ask before any token is drawn, not at the first decode step)."""
+    cfg = model.config
+    if cfg.rope_scaling and cfg.rope_scaling.get("rope_type") == "longrope":
+        raise UserError("CUDA-graph decoding does not take LongRoPE models: their RoPE factors switch at a "
+                        "length the host decides")
+    if cfg.n_experts:
+        raise UserError("CUDA-graph decoding does not take mixture-of-experts models: their routing sizes each "
+                        "expert's work on the host, which a graph cannot replay")
+
+
 class DecodeGraph:
     """One KV-cache decode step, tokens [B, 1] -> logits [B, 1, V], captured in a CUDA graph and replayed.
 
@@ -413,13 +427,7 @@ class DecodeGraph:
     """
 
     def __init__(self, model, cache, capture=None):
-        cfg = model.config
-        if cfg.rope_scaling and cfg.rope_scaling.get("rope_type") == "longrope":
-            raise UserError("CUDA-graph decoding does not take LongRoPE models: their RoPE factors switch at a "
-                            "length the host decides")
-        if cfg.n_experts:
-            raise UserError("CUDA-graph decoding does not take mixture-of-experts models: their routing sizes each "
-                            "expert's work on the host, which a graph cannot replay")
+        check_graphable(model)
         if cache.pos >= cache.max_len:
             raise UserError(f"the KV cache is full ({cache.pos} of {cache.max_len} positions): no step to capture")
         self.model, self.cache = model, cache

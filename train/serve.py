@@ -474,7 +474,7 @@ def make_server(args) -> ThreadingHTTPServer:
     if args.served_model_name is not None and not args.served_model_name.strip():
         raise UserError("--served-model-name is empty")
     model, tok, device, dtype, limit = load_generation_model(args)
-    check_cuda_graphs(args, device)
+    check_cuda_graphs(args, device, model)
     # the chat format as `chat --template auto` picks it, except that a model with none is refused, not guessed
     template, why = run_template(args.weights), ""
     if template is None and getattr(tok, "chat_template", None) is not None:

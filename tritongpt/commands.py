@@ -818,9 +818,15 @@ def add_cuda_graphs_arg(p):
                         "not with a draft or beams)")
 
 
-def check_cuda_graphs(args, device):
-    """--cuda-graphs on a machine (or --device) without CUDA: said once, before the first prompt."""
-    if args.cuda_graphs and device.type != "cuda":
+def check_cuda_graphs(args, device, model):
+    """--cuda-graphs with a model whose decode step no graph replays (LongRoPE, mixture of experts), or on a machine
+    (or --device) without CUDA: said once, before the first prompt, not at each answer's first decode step."""
+    if not args.cuda_graphs:
+        return
+    from tritongpt.train.generate import check_graphable
+
+    check_graphable(model)
+    if device.type != "cuda":
         raise UserError(f"--cuda-graphs needs the model on a CUDA device; it is on {device.type}")
 
 
