@@ -282,6 +282,7 @@ def saved(tmp_path_factory):
 
 def test_the_generate_command_prints_the_eager_text_with_cuda_graphs(saved, capsys, monkeypatch):
     """--cuda-graphs reaches generate: one capture (emulated here, on the CPU), the eager text."""
+    import tritongpt.commands as commands
     from tritongpt import cli
 
     base = ["generate", "--weights", str(saved), "--prompt", "The cat", "--device", "cpu", "--max-new-tokens", "8",
@@ -289,13 +290,14 @@ def test_the_generate_command_prints_the_eager_text_with_cuda_graphs(saved, caps
     assert cli.main(base) == 0
     want = capsys.readouterr().out
     captured = []
+    monkeypatch.setattr(commands, "check_cuda_graphs", lambda args, device, model: None)  # (past the device check)
     monkeypatch.setattr(gen, "capture_cuda_graph", lambda fn, device: captured.append(device) or fx_capture(fn))
     assert cli.main([*base, "--cuda-graphs"]) == 0
     assert capsys.readouterr().out == want and captured == [torch.device("cpu")]
 
 
 @pytest.mark.parametrize("extra,said", [
-    ([], "CUDA graphs need the model on a CUDA device; it is on cpu"),
+    ([], "--cuda-graphs needs the model on a CUDA device; it is on cpu"),
     (["--prompt-lookup", "2"], "--cuda-graphs replays a one-token decode step: it does not take --draft, "
                                "--prompt-lookup or --num-beams"),
     (["--num-beams", "2", "--temperature", "0"], "it does not take --draft, --prompt-lookup or --num-beams"),
@@ -379,3 +381,16 @@ def test_generate_refuses_a_model_it_cannot_graph_before_its_first_token(monkeyp
         with pytest.raises(UserError, match=said):
             gen.generate(model, torch.randint(0, VOCAB, (1, 4)), 3, cuda_graph=True, on_token=streamed.append)
         assert streamed == []
+
+
+def test_the_generate_command_refuses_cuda_graphs_off_cuda_before_any_text(saved, capsys):
+    """As chat and serve: on a CPU --cuda-graphs is refused at startup, naming the flag; not accepted when no decode
+    step follows the prompt's token (--max-new-tokens 1), nor after --stream printed that token."""
+    from tritongpt import cli
+
+    base = ["generate", "--weights", str(saved), "--prompt", "The cat", "--device", "cpu", "--temperature", "0",
+            "--cuda-graphs"]
+    for extra in (["--max-new-tokens", "1"], ["--max-new-tokens", "4", "--stream"]):
+        assert cli.main([*base, *extra]) == 2
+        out, err = capsys.readouterr()
+        assert "--cuda-graphs needs the model on a CUDA device; it is on cpu" in err and out == "", extra

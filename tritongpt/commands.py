@@ -333,6 +333,7 @@ def cmd_generate(args):
     stops = stop_strings(args.stop)
     prompt = args.prompt if args.prompt is not None else read_text_file(args.prompt_file)
     model, tok, device, dtype, limit = load_generation_model(args)
+    check_cuda_graphs(args, device, model)
     draft = load_draft(args, model, tok, device) if args.draft else None
     try:
         ids = tok.encode(prompt, allowed_special="all" if args.allow_special else "none_raise")
