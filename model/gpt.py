@@ -268,10 +268,9 @@ class GPTModel(nn.Module):
         if start + T > self.config.context_length:
             raise UserError(f"sequence of {start + T} tokens exceeds the context length "
                             f"{self.config.context_length}")
-        if cache is not None and cache.on_device:
-            cache.current = cache.extent(T)  # every layer's positions and kv_len; cleared below
-        pos = cache.current[0] if cache is not None and cache.on_device else \
-            torch.arange(start, start + T, device=idx.device)
+        # on_device: every layer's positions and kv_len, cache.current from the try below (which clears it)
+        current = cache.extent(T) if cache is not None and cache.on_device else None
+        pos = current[0] if current is not None else torch.arange(start, start + T, device=idx.device)
         if doc_ids is not None:
             self._check_doc_ids(idx, doc_ids, cache)
             pos = pos - document_starts(doc_ids)  # [B, T]: each document from position 0
@@ -290,6 +289,8 @@ class GPTModel(nn.Module):
         recompute = self.activation_checkpointing and torch.is_grad_enabled()
         mlp_out = None  # the last block's MLP output: the LayerNorm after it adds it to x
         try:
+            if current is not None:
+                cache.current = current
             for block in self.trf_blocks:
                 if recompute and cache is None:  # (a cache refuses gradients anyway)
                     if mlp_out is not None:  # added here, so that a checkpoint keeps one tensor, not two

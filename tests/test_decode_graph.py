@@ -394,3 +394,30 @@ def test_the_generate_command_refuses_cuda_graphs_off_cuda_before_any_text(saved
         assert cli.main([*base, *extra]) == 2
         out, err = capsys.readouterr()
         assert "--cuda-graphs needs the model on a CUDA device; it is on cpu" in err and out == "", extra
+
+
+def test_a_device_forward_that_fails_before_its_blocks_leaves_no_positions_behind(monkeypatch):
+    """cache.current (the forward's positions, at the fill it was made at) is cleared whatever fails in the forward,
+    the embeddings too: kept, the next device step of the same width would reuse the stale positions."""
+    model = tiny()
+    idx = torch.randint(0, VOCAB, (1, 6))
+    with torch.no_grad():
+        host, dev = model.new_cache(1, 8), model.new_cache(1, 8)
+        model(idx[:, :4], host)
+        model(idx[:, :4], dev)
+        real = model.tok_emb.forward
+        monkeypatch.setattr(model.tok_emb, "forward", lambda ids: 1 / 0)
+        dev.fill.fill_(dev.pos)
+        dev.on_device = True
+        with pytest.raises(ZeroDivisionError):
+            model(idx[:, 4:5], dev)
+        assert dev.current is None
+        monkeypatch.setattr(model.tok_emb, "forward", real)
+        dev.on_device = False
+        host.crop(3)  # a step at another fill (3) than the failed one's (4)
+        dev.crop(3)
+        want = model(idx[:, 3:4], host)
+        dev.fill.fill_(dev.pos)
+        dev.on_device = True
+        got = model(idx[:, 3:4], dev)
+        assert (got - want).abs().max().item() < 1e-5
