@@ -421,3 +421,60 @@ def test_a_device_forward_that_fails_before_its_blocks_leaves_no_positions_behin
         dev.on_device = True
         got = model(idx[:, 3:4], dev)
         assert (got - want).abs().max().item() < 1e-5
+
+
+LLAMA = dict(position_encoding="rope", norm="rmsnorm", mlp="swiglu", bias=False, n_kv_head=2, tie_weights=False)
+FAMILIES = {  # each a family's tiny config (tests/audit_formats.py's EXPORT_BASES), where the step differs
+    "gpt-neo": dict(scale_attention=False, qkv_bias=False, attention_window=4, window_layers="odd"),
+    "gemma2": dict(LLAMA, mlp="geglu", scale_embeddings=True, tie_weights=True, post_norms=True, attn_softcap=50.0,
+                   logit_softcap=3.0, attention_window=4, window_layers="0"),
+    "gemma3": dict(LLAMA, mlp="geglu", scale_embeddings=True, tie_weights=True, post_norms=True, qk_norm=True,
+                   attention_window=4, window_layers="0", rope_local_theta=100.0),
+    "olmo2": dict(LLAMA, pre_norms=False, post_norms=True, qk_norm=True, qk_norm_width="all"),
+    "cohere2": dict(LLAMA, norm="layernorm", norm_bias=False, parallel_residual=True, shared_norm=True,
+                    logit_scale=0.125, attention_window=4, window_layers="0", nope_layers="1"),
+    "command-r+": dict(LLAMA, norm="layernorm", norm_bias=False, parallel_residual=True, shared_norm=True,
+                       qk_norm=True, qk_norm_width="each"),
+    "phi": dict(position_encoding="rope", rotary_dim=4, parallel_residual=True, shared_norm=True, head_bias=True,
+                tie_weights=False),
+    "bloom": dict(position_encoding="alibi", embed_norm=True),
+    "granite": dict(LLAMA, embedding_multiplier=12.0, residual_multiplier=0.22, attention_multiplier=0.1,
+                    logit_scale=0.25),
+    "yarn": dict(LLAMA, rope_scaling=dict(rope_type="yarn", factor=2.0, beta_fast=32.0, beta_slow=1.0,
+                                          attention_factor=1.1, original_max_position_embeddings=8)),
+    "padded-vocab": dict(vocab_multiple=64),
+    "lora": dict(LLAMA),
+}
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_each_familys_graph_draws_its_eager_tokens(monkeypatch, family):
+    """The step of each family (its windows, softcaps, norms, multipliers, RoPE variants, heads), recorded once and
+    replayed, greedy and sampled, past the context (a 10-position model: the graph until the window slides)."""
+    from tritongpt.model.lora import add_lora
+
+    monkeypatch.setattr(gen, "capture_cuda_graph", warm_then_fx)
+    model = tiny(context_length=10, **FAMILIES[family])
+    with torch.no_grad():  # sharper attention than the init's: the tokens then follow the positions (RoPE's too)
+        for name, p in model.named_parameters():
+            if "W_query" in name or "W_key" in name:
+                p.mul_(8)
+    if family == "lora":
+        add_lora(model, 4)
+        with torch.no_grad():  # (B starts at zero: a LoRA update that adds nothing would show nothing)
+            for name, p in model.named_parameters():
+                if "lora" in name.lower():
+                    p.normal_(0, 0.3)
+    idx = torch.randint(0, VOCAB, (2, 4))
+    for kw in (dict(), dict(temperature=1.0, top_k=20)):
+        want = gen.generate(model, idx, 9, generator=torch.Generator().manual_seed(3), **kw)
+        got = gen.generate(model, idx, 9, generator=torch.Generator().manual_seed(3), cuda_graph=True, **kw)
+        assert torch.equal(got, want), (family, kw)
+    with torch.no_grad():  # and each step's logits, which a position baked in moves even where no token changes
+        host, dev = model.new_cache(2, 10), model.new_cache(2, 10)
+        model(idx, host)
+        model(idx, dev)
+        graph = gen.DecodeGraph(model, dev, warm_then_fx)
+        for t in range(4, 10):
+            tok = want[:, t:t + 1]
+            assert (graph(tok) - gen.last_logits(model, tok, host)).abs().max().item() < 1e-5, (family, t)
