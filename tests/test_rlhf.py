@@ -2835,3 +2835,17 @@ def test_the_trainer_passes_cuda_graphs_to_its_rollouts_and_refuses_them_off_cud
     trainer.rollout()
     trainer.evaluate()
     assert asked == [True, True]
+
+
+def test_the_trainer_refuses_cuda_graphs_for_a_policy_no_graph_replays(tmp_path):
+    """A mixture-of-experts policy's decode step cannot be captured: refused when the trainer is built, naming why,
+    not at the first rollout. (The policy is asked before the device.)"""
+    cfg = GPTConfig(vocab_size=23, context_length=16, n_embd=32, n_layer=1, n_head=2, position_encoding="rope",
+                    norm="rmsnorm", mlp="swiglu", n_experts=4, experts_per_token=2)
+    torch.manual_seed(13)
+    policy, rm = GPTModel(cfg), RewardModel(GPTModel(cfg))
+    prompts = [[1, 2, 3], [4, 5, 6]]
+    args = RLArgs(algo="ppo", out_dir=str(tmp_path), iterations=1, prompts_per_iter=2, max_new_tokens=4,
+                  eval_prompts=1, eval_samples=1, device="cpu", kernels="reference", dtype="fp32", cuda_graphs=True)
+    with pytest.raises(UserError, match="CUDA-graph decoding does not take mixture-of-experts models"):
+        RLHFTrainer(policy, copy.deepcopy(policy), rm, prompts, prompts[:1], 22, args)

@@ -125,7 +125,7 @@ import torch.nn as nn
 from tritongpt.errors import UserError, note
 from tritongpt.model.gpt import GPTModel
 from tritongpt.train import common, tasks
-from tritongpt.train.generate import generate
+from tritongpt.train.generate import check_graphable, generate
 from tritongpt.train.preference import (encode_prompt, model_token_logprobs, next_token_logprobs, pad_sequences,
                                         pick_next_tokens, response_mask, token_logprobs)
 from tritongpt.cli import command_help
@@ -832,6 +832,8 @@ class RLHFTrainer:
         self.prompt_format = prompt_format  # saved for `tritongpt chat` (the Trainer's doc)
         self.device = common.pick_device(args.device)
         self.dtype = common.pick_dtype(args.dtype, self.device)
+        if args.cuda_graphs:  # a policy no graph replays (LongRoPE, experts), by name before the rollouts
+            check_graphable(policy)
         if args.cuda_graphs and self.device.type != "cuda":
             raise UserError(f"--cuda-graphs replays the rollouts' decode steps as CUDA graphs: it needs a CUDA "
                             f"device, the run is on {self.device.type}")
