@@ -478,3 +478,49 @@ def test_each_familys_graph_draws_its_eager_tokens(monkeypatch, family):
         for t in range(4, 10):
             tok = want[:, t:t + 1]
             assert (graph(tok) - gen.last_logits(model, tok, host)).abs().max().item() < 1e-5, (family, t)
+
+
+def test_a_graph_of_a_model_on_another_gpu_is_warmed_and_captured_on_that_gpu(monkeypatch):
+    """A model on cuda:1 while cuda:0 is current (generate --device cuda:1): the warm-up's side stream waits for
+    cuda:1's work (the prefill's keys, the fill), and the capture runs on a stream of cuda:1 with cuda:1 current.
+    torch.cuda.graph's own default stream is one stream for the process, made on whichever device was current first:
+    a capture there records none of cuda:1's kernels, and each replay would return the logits of the capture.
+    No second GPU here: torch.cuda's streams, device guard and graph are stand-ins that record where each runs."""
+    import contextlib
+    import types
+
+    state = types.SimpleNamespace(device=0, stream=None, seen=[])
+
+    class Stream:
+        def __init__(self, device=None):
+            self.device = state.device if device is None else torch.device(device).index
+            self.waited = []
+
+        def wait_stream(self, other):
+            self.waited.append(other.device)
+
+    @contextlib.contextmanager
+    def use(value, attr):
+        old = getattr(state, attr)
+        setattr(state, attr, value)
+        try:
+            yield
+        finally:
+            setattr(state, attr, old)
+
+    default_capture_stream = Stream(0)  # torch's: made once, on the device current then
+
+    def graph(g, pool=None, stream=None, **kw):
+        return use(stream or default_capture_stream, "stream")
+
+    fake = types.SimpleNamespace(
+        Stream=Stream, current_stream=lambda device=None: Stream(device), stream=lambda s: use(s, "stream"),
+        device=lambda d: use(torch.device(d).index, "device"), graph=graph,
+        CUDAGraph=lambda: types.SimpleNamespace(replay=lambda: None))
+    monkeypatch.setattr(gen.torch, "cuda", fake)
+
+    def step():
+        state.seen.append((state.device, state.stream.device, state.stream.waited[:]))
+    gen.capture_cuda_graph(step, torch.device("cuda", 1))
+    assert [s[:2] for s in state.seen] == [(1, 1)] * 3  # two warm-up runs and the capture: cuda:1 current, its stream
+    assert state.seen[0][2] == [1]  # the warm-up waited for cuda:1's stream, not cuda:0's

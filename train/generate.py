@@ -385,15 +385,19 @@ def capture_cuda_graph(fn, device):
     returns fn's output: the same tensors each time, rewritten by each replay. device: where fn's tensors are."""
     if device.type != "cuda":
         raise UserError(f"CUDA graphs need the model on a CUDA device; it is on {device}")
-    side = torch.cuda.Stream(device)
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(2):
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = fn()
+    # All on fn's device, which need not be the current one (--device cuda:1): its streams, and the capture on a
+    # stream of its own (torch.cuda.graph's default is one stream for the process, on the device current when it
+    # was made: a capture there would record none of this device's kernels)
+    with torch.cuda.device(device):
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                fn()
+        torch.cuda.current_stream(device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=side):
+            out = fn()
 
     def replay():
         graph.replay()
