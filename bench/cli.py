@@ -632,7 +632,8 @@ def _run_decode(args, cuda):
     budget = Budget(args.max_minutes * 60)
     rows = run_decode(torch.device("cuda"), budget, dtype, model_name, batches, prompt, new_tokens, providers,
                       log=lambda s: print(s, file=sys.stderr, flush=True))
-    note = (f"Greedy decode of a randomly initialised {model_name}: fp32 weights under {dtype_name(dtype)} autocast, "
+    cast = "without autocast" if dtype == torch.float32 else f"under {dtype_name(dtype)} autocast"  # (common.autocast)
+    note = (f"Greedy decode of a randomly initialised {model_name}: fp32 weights {cast}, "
             f"as `tritongpt generate` runs it; a {prompt}-token prompt prefilled (not timed), then {new_tokens} steps "
             "(the forward of one token a row and the argmax) between two CUDA syncs, the median over the timed runs.")
     result = make_result("decode", env, rows, settings=_settings(args), elapsed_s=budget.elapsed(), notes=[note])

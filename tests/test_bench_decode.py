@@ -207,3 +207,22 @@ def test_gpu_session_decode_stage_runs_bench_decode_on_its_own(tmp_path):
     assert "|bloom|decode]" in header and "decode (not part of all)" in header
     runs, _, _ = run_gpu_session(tmp_path / "all", "all", BENCH_MINUTES="0.1", TEST_SECONDS="5")
     assert [c[2:4] for c in runs if c[:2] == ["-m", "tritongpt.cli"]] == [["bench", "all"]]
+
+
+def test_the_notes_of_an_fp32_run_say_there_was_no_autocast(monkeypatch, tmp_path):
+    """--dtype fp32 runs without autocast (train/common.py's autocast is a no-op for fp32): the note says so, not
+    "fp32 weights under fp32 autocast"."""
+    from tritongpt import cli
+    from tritongpt.bench import cli as bcli
+
+    real = decode.run_decode
+    monkeypatch.setattr(decode, "run_decode", lambda device, budget, dtype, model_name, batches, prompt_len,
+                        new_tokens, providers, log: real("cpu", budget, torch.float32, model_name, (1,), PROMPT, NEW,
+                                                         ("reference",), log, repeats=1, config=tiny()))
+    args = cli.build_parser().parse_args(["bench", "decode", "--out", str(tmp_path), "--dtype", "fp32",
+                                          "--no-plots"])
+    assert bcli._run_decode(args, cuda=True) == 0
+    (folder,) = tmp_path.iterdir()
+    md = (folder / "decode.md").read_text()
+    assert "> Greedy decode of a randomly initialised gpt2-small: fp32 weights without autocast" in md
+    assert "fp32 autocast" not in md
