@@ -373,7 +373,7 @@ def test_generate_refuses_a_model_it_cannot_graph_before_its_first_token(monkeyp
     it. (The capture is emulated: the device is no reason here.)"""
     monkeypatch.setattr(gen, "capture_cuda_graph", fx_capture)
     longrope = tiny(position_encoding="rope", rope_scaling={
-        "rope_type": "longrope", "short_factor": [1.0] * 4, "long_factor": [2.0] * 4,
+        "rope_type": "longrope", "short_factor": [1.0] * 8, "long_factor": [2.0] * 8,
         "original_max_position_embeddings": 12})
     moe = tiny(position_encoding="rope", norm="rmsnorm", mlp="swiglu", n_experts=4, experts_per_token=2)
     for model, said in ((longrope, "does not take LongRoPE models"), (moe, "does not take mixture-of-experts")):

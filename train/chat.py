@@ -180,8 +180,8 @@ def read_message(read_line):
 def cmd_chat(args):
     import torch
 
-    from tritongpt.commands import (check_cuda_graphs, check_generation_args, draft_note, load_draft, load_generation_model,
-                                    sampling_controls)
+    from tritongpt.commands import (check_cuda_graphs, check_generation_args, draft_note, load_draft,
+                                    load_generation_model, sampling_controls)
 
     check_generation_args(args)
     if args.max_new_tokens < 1:
