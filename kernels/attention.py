@@ -1393,6 +1393,9 @@ def _checked_kv_len_call(q, k, v, causal, dropout_p, doc_ids, kv_len):
         raise ValueError(f"kv_len is for inference: dropout_p must be 0 with it, got {dropout_p}")
     if doc_ids is not None:
         raise ValueError("kv_len does not take doc_ids (document masking is for packed training sequences)")
+    # the shapes first (as the op checks them): a causal Tq past the cache or an empty cache leaves no valid L,
+    # and is named as such, not as a length out of an empty range
+    _check_shapes(q, k, v, causal, dropout_p)
     # plain eager only: not under torch.compile (a .item() there breaks the graph; the op checks a CPU q when it
     # runs), nor a dispatch mode or transform; and on a GPU not inside a CUDA-graph capture (it cannot sync)
     if plain_eager((q, kv_len)) and not (kv_len.is_cuda and torch.cuda.is_current_stream_capturing()):

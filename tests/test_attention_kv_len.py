@@ -347,6 +347,19 @@ def test_out_of_range_value(causal, L, lo, device):
             torch.ops.tritongpt.flash_attn_fwd(q, k, v, causal, 0.25, 0.0, None, kv_len=n)
 
 
+@pytest.mark.parametrize("causal,Tq,Tk,L,match", [
+    (True, 5, 3, 3, r"causal attention needs Tq <= Tk .* got Tq=5 > Tk=3"),
+    (False, 1, 0, 0, r"k and v have no positions \(Tk=0\)"),
+])
+def test_a_bad_shape_is_named_before_the_lengths_range(causal, Tq, Tk, L, match, device):
+    """Shapes that leave kv_len no valid value (a causal Tq past the cache, an empty cache) are refused by name, as
+    without kv_len, not as "kv_len 3 is out of range: it must lie in [5, 3]" (a range that cannot hold any)."""
+    q = torch.randn(1, 2, Tq, 16, device=device)
+    k = torch.randn(1, 2, Tk, 16, device=device)
+    with torch.no_grad(), pytest.raises(ValueError, match=match):
+        flash_attention(q, k, k, causal=causal, kv_len=torch.tensor(L, device=device))
+
+
 def test_the_op_refuses_dropout_and_its_backward_refuses_kv_len(device):
     """A direct caller of the op: kv_len checked there too (dropout, device), and a backward through an op call
     with kv_len raises instead of giving gradients of the whole cache."""
