@@ -138,6 +138,27 @@ def test_head_dim_80_padded(path, device):
     check(q, k, v, 29, tag="hd80")
 
 
+@pytest.mark.parametrize("splits", [1, 2], ids=["single", "split2"])
+@pytest.mark.parametrize("L", [20, 41])
+def test_chunked_prefill_fp16_head_dim_96(L, splits, path, device):
+    """A chunk of Tq = 20 queries (two query tiles of 16 under the interpreter, each with its own diagonal at
+    L - Tq + i; packed GQA: 40 rows, three tiles) over a cache filled to L = Tq or 41, in fp16 with a padded head
+    dim (96 to 128)."""
+    path(splits)
+    q, _, _ = make_qkv(1, 4, 20, 1, 96, torch.float16, device, seed=L + 100)
+    k, v = cache(1, 2, L, 96, torch.float16, device, seed=L + 101)
+    check(q, k, v, L, tol=1e-2, tag=f"prefill fp16 hd96 L={L} splits={splits}")
+
+
+@pytest.mark.parametrize("L", [1, 37])
+def test_not_causal_packed_gqa(L, path, device):
+    """Without the causal mask on the split path's packed heads (4 query heads on one KV head, 3 queries each)."""
+    path(3)
+    q, _, _ = make_qkv(1, 4, 3, 1, 32, torch.float32, device, seed=L + 110)
+    k, v = cache(1, 1, L, 32, torch.float32, device, seed=L + 111)
+    check(q, k, v, L, tag=f"not causal packed L={L}", causal=False, softmax_scale=0.3)
+
+
 @pytest.mark.parametrize("splits", [1, 3], ids=["single", "split3"])
 def test_the_ops_logsumexp_matches_the_sliced_cache(splits, path, device):
     """The op also returns the logsumexp (base 2), which ALiBi's query positions L - Tq + i shift (the output, a
@@ -262,6 +283,8 @@ def test_an_unchecked_length_is_clamped_to_the_buffers(splits, path, device):
         out, _ = attention._fwd_launch(q, k, v, True, 0.25, 0.0, None, kv_len=torch.tensor(L, device=device))
         want, _ = attention._fwd_launch(q, k[:, :, :like], v[:, :, :like], True, 0.25, 0.0, None)
         assert torch.isfinite(want).all() and torch.equal(out, want), L
+        ref = reference(q.double(), k[:, :, :like].double(), v[:, :, :like].double(), softmax_scale=0.25)
+        assert_close_rel(out, ref, 1e-4, f"clamped L={L}")
 
 
 # ----------------------------------------------------------------------------- torch.compile
@@ -282,6 +305,8 @@ def test_torch_compile_fullgraph_reads_the_length_at_run_time(device):
             kv_len.fill_(L)
             got = compiled(q, k, v, kv_len)
             assert torch.equal(got, flash_attention(q, k[:, :, :L], v[:, :, :L]) * 2), L
+            assert_close_rel(got, reference(q.double(), k[:, :, :L].double(), v[:, :, :L].double()) * 2, 1e-4,
+                             f"compiled L={L}")
         if device.type == "cpu":
             kv_len.fill_(CAP + 1)
             with pytest.raises(ValueError, match=f"kv_len {CAP + 1} is out of range"):
