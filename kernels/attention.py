@@ -1349,11 +1349,12 @@ def flash_attention(q, k, v, causal=True, softmax_scale=None, dropout_p=0.0, see
         at position L - Tq + i), and what lies past L (stale keys, NaN, inf) is never read into it. The kernels
         read L on the device, and the launch depends on Tk_cap only (grid, KV splits, tuning, window bounds), so
         one decode step can be captured in a CUDA graph and replayed after the caller writes a new L into the
-        same tensor. L must lie in [Tq, Tk_cap] with causal ([1, Tk_cap] without); it is checked on the host
-        where that costs no GPU sync: always for a CPU q (in the op, so under torch.compile too), on a GPU when
-        neither a CUDA-graph capture nor torch.compile is tracing (one .item(): a graph runner's eager warm-up
-        checks it). A value out of range that reaches the kernels unchecked is clamped to [Tq, Tk_cap] with
-        causal ([0, Tk_cap] without), so it reads nothing past the buffers, but its result means nothing.
+        same tensor. L must lie in [Tq, Tk_cap] with causal ([1, Tk_cap] without); it is checked on the host:
+        always for a CPU q (in the op, so under torch.compile too), on a GPU only in plain eager outside a
+        CUDA-graph capture (one .item(), a sync: a graph runner's eager warm-up checks it), not under
+        torch.compile, vmap or a dispatch mode. A value out of range that reaches the kernels unchecked is
+        clamped to [Tq, Tk_cap] with causal ([0, Tk_cap] without), so it reads nothing past the buffers, but its
+        result means nothing.
         Inference only: refused with gradients on (grad mode and q, k or v requiring grad), with dropout_p > 0
         and with doc_ids.
     Returns [B, H, Tq, D] (a view of a [B, Tq, H, D] buffer, so merging heads is free).
