@@ -433,3 +433,5 @@ def test_cuda_graph_replays_a_decode_step_at_new_lengths(H, Hkv, D):
             graph.replay()
             want = flash_attention(q, k[:, :, :L], v[:, :, :L])
             assert_close_rel(out.float(), want.float(), 1e-2, f"replayed at L={L}")
+            ref = reference(q.double(), k[:, :, :L].double(), v[:, :, :L].double())
+            assert_close_rel(out.float(), ref, 1e-2, f"replayed at L={L} vs float64")
