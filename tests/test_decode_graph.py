@@ -332,7 +332,25 @@ def test_the_step_runs_without_autocasts_weight_cache(monkeypatch):
             cache = model.new_cache(1, 8)
             gen.DecodeGraph(model, cache, lambda fn, device: fn)(torch.zeros(1, 1, dtype=torch.long))
             assert torch.is_autocast_cache_enabled()  # the caller's region as it was
-    assert seen == [(False, torch.bfloat16, True), (True, torch.bfloat16, False)]
+            # weight_cache=True (generate's own graph, dropped inside the region): the caller's cache kept
+            cache = model.new_cache(1, 8)
+            gen.DecodeGraph(model, cache, lambda fn, device: fn, weight_cache=True)(torch.zeros(1, 1, dtype=torch.long))
+    assert seen == [(False, torch.bfloat16, True), (True, torch.bfloat16, False), (True, torch.bfloat16, True)]
+
+
+def test_generate_keeps_the_weight_cache_for_its_own_graph(monkeypatch):
+    """generate's graph lives within the call (inside the caller's autocast region, the weights unchanged): it asks
+    for autocast's weight cache, so a replay under autocast casts no weight."""
+    asked = []
+    real = gen.DecodeGraph.__init__
+
+    def init(self, model, cache, capture=None, weight_cache=False):
+        asked.append(weight_cache)
+        real(self, model, cache, fx_capture, weight_cache)
+    monkeypatch.setattr(gen.DecodeGraph, "__init__", init)
+    monkeypatch.setattr(gen, "capture_cuda_graph", fx_capture)
+    gen.generate(tiny(), torch.randint(0, VOCAB, (1, 4)), 3, cuda_graph=True)
+    assert asked == [True]
 
 
 def test_a_device_step_makes_its_positions_once_for_every_layer(monkeypatch):
