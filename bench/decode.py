@@ -97,7 +97,8 @@ def bench_decode_row(model, provider, batch, prompt_len, new_tokens, repeats, de
             if graphs:
                 _sync(device)
                 t0 = time.perf_counter()
-                graph = DecodeGraph(model, cache, capture)
+                # as generate's own graph: replayed only inside this autocast region, the weights unchanged
+                graph = DecodeGraph(model, cache, capture, weight_cache=True)
                 _sync(device)
                 capture_ms = (time.perf_counter() - t0) * 1e3
                 step = graph

@@ -226,3 +226,19 @@ def test_the_notes_of_an_fp32_run_say_there_was_no_autocast(monkeypatch, tmp_pat
     md = (folder / "decode.md").read_text()
     assert "> Greedy decode of a randomly initialised gpt2-small: fp32 weights without autocast" in md
     assert "fp32 autocast" not in md
+
+
+def test_the_graph_rows_keep_the_weight_cache_as_generates_graph_does(monkeypatch):
+    """The graph is replayed only inside its row's autocast region, the weights unchanged: as generate's own, it keeps
+    autocast's weight cache (DecodeGraph(weight_cache=True)), so the rows time what `generate --cuda-graphs` runs."""
+    from tritongpt.train import generate as gen
+
+    asked = []
+    real = gen.DecodeGraph.__init__
+
+    def init(self, model, cache, capture=None, weight_cache=False):
+        asked.append(weight_cache)
+        real(self, model, cache, capture, weight_cache)
+    monkeypatch.setattr(gen.DecodeGraph, "__init__", init)
+    rows = run(batches=(1,))
+    assert [r["status"] for r in rows] == ["ok", "ok"] and asked == [True]
