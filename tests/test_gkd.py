@@ -392,3 +392,44 @@ def test_a_rank_new_at_the_resume_keeps_its_own_draws():
     again = op(1)
     again.load_state_dict(new.state_dict())
     assert torch.equal(again.generator.get_state(), new.generator.get_state())
+
+
+def test_cuda_graph_answers_are_the_eager_ones(monkeypatch):
+    """OnPolicy(cuda_graph=True): the student's (lmbda) and the teacher's (seq_kd) answers generated with each
+    decode step a graph replay (emulated on the CPU: tests/test_decode_graph.py's fx_capture) are the eager
+    answers for the same seeds, one capture a prompt-length batch."""
+    import tritongpt.train.generate as gen
+    from test_decode_graph import fx_capture
+
+    captured = []
+    monkeypatch.setattr(gen, "capture_cuda_graph", lambda fn, device: captured.append(device) or fx_capture(fn))
+    for o in (opts(lmbda=1.0, temperature=1.0, max_new=4), opts(lmbda=0.0, seq_kd=True, temperature=0.0)):
+        _, _, _, eager = setup(o, seed=3)
+        _, _, _, graphed = setup(o, seed=3)
+        graphed.cuda_graph = True
+        for _ in range(2):
+            want, got = eager.get_batch("train"), graphed.get_batch("train")
+            assert all(torch.equal(a, b) for a, b in zip(want, got))
+    assert captured
+
+
+def test_cuda_graphs_are_refused_off_cuda_for_a_model_no_graph_replays_and_without_generation(task_ckpts, tmp_path,
+                                                                                              capsys):
+    _, _, _, op = setup(opts(), seed=0)
+    op.cuda_graph = True
+    with pytest.raises(UserError, match="--cuda-graphs replays the generated answers' decode steps as CUDA graphs: "
+                                        "it needs a CUDA device, the run is on cpu"):
+        op.place("cpu", torch.float32)
+    data, _, teacher, _ = setup(opts(), seed=0)
+    moe = small(1, vocab=40, context=32)
+    moe.config.n_experts = 4  # (what check_graphable reads)
+    with pytest.raises(UserError, match="does not take mixture-of-experts models"):
+        distill.OnPolicy(data, moe, teacher, opts(), END, V, max_len=16, cuda_graph=True)
+    argv = ["sft", "--init", task_ckpts.student, "--out-dir", str(tmp_path / "no"), "--batch-size", "2",
+            "--n-train", "4", "--n-eval", "2", "--tasks", "first_word", "--device", "cpu", "--kernels", "reference",
+            "--max-steps", "1", "--cuda-graphs"]
+    assert main(argv) == 2
+    assert "--cuda-graphs replays the decode steps of GKD's generated answers: it takes --teacher" in \
+        capsys.readouterr().err
+    assert main([*argv, "--teacher", task_ckpts.teacher, "--distill-lmbda", "1"]) == 2
+    assert "it needs a CUDA device, the run is on cpu" in capsys.readouterr().err

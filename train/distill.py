@@ -425,8 +425,15 @@ class OnPolicy:
     tokenizer's ids (a model's padded rows are never drawn)."""
 
     def __init__(self, data, student, teacher, opts: dict, end_id: int, vocab_size: int, max_len: int,
-                 seed: int = 0, rank: int = 0):
+                 seed: int = 0, rank: int = 0, cuda_graph: bool = False):
         self.data, self.student, self.teacher = data, student, teacher
+        # generate's cuda_graph (sft --cuda-graphs): the answers' decode steps CUDA-graph replays
+        self.cuda_graph = cuda_graph
+        if cuda_graph:
+            from tritongpt.train.generate import check_graphable
+
+            for model in (student, teacher) if opts["distill_seq_kd"] else (student,):
+                check_graphable(unwrapped(model))
         self.lmbda, self.seq_kd = opts["distill_lmbda"], opts["distill_seq_kd"]
         self.temperature, self.max_new_tokens = opts["distill_gen_temperature"], opts["distill_max_new_tokens"]
         self.end_id, self.vocab_size, self.max_len, self.rank = end_id, vocab_size, max_len, rank
@@ -441,6 +448,9 @@ class OnPolicy:
     def place(self, device, dtype) -> None:
         """Generate on the trainer's device (its generator there) and under its autocast."""
         self.device, self.dtype = torch.device(device), dtype
+        if self.cuda_graph and self.device.type != "cuda":
+            raise UserError(f"--cuda-graphs replays the generated answers' decode steps as CUDA graphs: it needs a "
+                            f"CUDA device, the run is on {self.device.type}")
         if self.generator.device != self.device:
             state = self.generator.get_state() if self.device.type == "cpu" else None
             self.generator = torch.Generator(self.device).manual_seed(self.seed)
@@ -483,8 +493,10 @@ class OnPolicy:
             budget = min(self.max_new_tokens, self.max_len + 1 - cut)
             idx = torch.tensor([examples[i].ids[:cut] for i in rows], dtype=torch.long, device=self.device)
             with common.autocast(self.device, self.dtype):
-                new = generate(model, idx, budget, temperature=self.temperature, eos_id=self.end_id,
-                               generator=self.generator, vocab_limit=limit)[:, cut:].tolist()
+                # (a graph captures the model itself: a DDP or compiled wrapper's forward is not the step it replays)
+                new = generate(unwrapped(model) if self.cuda_graph else model, idx, budget,
+                               temperature=self.temperature, eos_id=self.end_id, generator=self.generator,
+                               vocab_limit=limit, cuda_graph=self.cuda_graph)[:, cut:].tolist()
             for i, ids in zip(rows, new):
                 if self.end_id in ids:  # the rest is the end token repeated, generate's padding
                     ids = ids[:ids.index(self.end_id) + 1]

@@ -631,13 +631,15 @@ def run_sft(model, tokenizer, train_records, val_records, test_records, args, *,
             overlong: str = "drop", max_length: int | None = None, max_new_tokens: int = 32,
             eval_gen: int = 32, eval_before: bool = False, sample: bool = True,
             template=format_prompt, run_args: dict | None = None, loss_options: dict | None = None,
-            packing: bool = False, neftune_alpha: float = 0.0, teacher=None, distill: dict | None = None) -> dict:
+            packing: bool = False, neftune_alpha: float = 0.0, teacher=None, distill: dict | None = None,
+            cuda_graph: bool = False) -> dict:
     """Fine-tune `model` with the shared Trainer; evaluate; save responses.json in args.out_dir.
 
     val_records give the held-out loss (and a quick exact match on the first eval_gen of them
     at each evaluation); test_records are answered greedily at the end (and before, with
     eval_before). Returns the Trainer's result plus exact_match (and exact_match_before).
-    run_args: the data flags (--data, ...) for the Trainer to name when a resume changes them.
+    run_args: the data flags (--data, ...) for the Trainer to name when a resume changes them. cuda_graph:
+    generate's, for GKD's generated answers (distill.OnPolicy).
     loss_options: {label_smoothing, z_loss} for the training loss (evaluations score plain CE).
     packing: train on rows of max_len tokens packed with whole examples (SFTData's pack_len).
     neftune_alpha: NEFTune's noise on the token embeddings while training (neftune_hook; 0: none).
@@ -680,7 +682,7 @@ def run_sft(model, tokenizer, train_records, val_records, test_records, args, *,
                             "lengths than the packed rows were laid out for (train them unpacked)")
         end = answer_end_id(tokenizer, formats.record_prompt(train_records[0], template))
         on_policy = kd.OnPolicy(data, model, teacher, distill, end, tokenizer.vocab_size, max_len, args.seed,
-                                data.rank)
+                                data.rank, cuda_graph)
         get_batch = on_policy.get_batch
     if teacher is not None:  # the same (sum, count) over the response tokens, the teacher's divergence mixed in
         loss_fn = kd.sft_loss_fn(teacher, distill, tokenizer.vocab_size, IGNORE_INDEX, parts,
@@ -776,6 +778,9 @@ def cmd_sft(args):
     targs.validate()
     loss_options = lm_loss_options(args)
     distill = distill_options(args, prompts=True)  # recorded without a teacher too: a resume names a change
+    if args.cuda_graphs and not (distill["teacher"] and (distill["distill_lmbda"] > 0 or distill["distill_seq_kd"])):
+        raise UserError("--cuda-graphs replays the decode steps of GKD's generated answers: it takes --teacher with "
+                        "--distill-lmbda > 0 or --distill-seq-kd")
     check_neftune(args.neftune_noise_alpha)
     check_lora(args.lora_rank, args.lora_alpha, args.lora_targets)  # before the model loads
     for name in ("max_new_tokens", "n_train"):
@@ -814,7 +819,7 @@ def cmd_sft(args):
                      run_args={"data": common.data_path(args.data), "tasks": args.tasks, "n_train": args.n_train,
                                "val_fraction": args.val_fraction, "init": common.data_path(args.init)},
                      loss_options=loss_options, packing=args.packing, neftune_alpha=args.neftune_noise_alpha,
-                     teacher=teacher, distill=distill)
+                     teacher=teacher, distill=distill, cuda_graph=args.cuda_graphs)
     if not result["is_main"]:  # DDP: rank 0 reports
         return 0
     if result.get("exact_match") is not None:
@@ -872,6 +877,9 @@ def add_cli(sub):
     p.add_argument("--eval-before", action="store_true", help="also answer the held-out set before training")
     add_lm_loss_args(p)
     add_distill_args(p)
+    p.add_argument("--cuda-graphs", action="store_true",
+                   help="with --distill-lmbda or --distill-seq-kd: each generated answer's decode steps replays of a "
+                        "CUDA graph captured at the first (generate --cuda-graphs; CUDA only)")
     add_train_args(p, out_dir="runs/sft", max_steps=500, batch_size=16, lr=1e-4, min_lr=1e-5, warmup_steps=20,
                    eval_every=100, ckpt_every=500, sample_every=100, log_every=50)
     p.set_defaults(func=cmd_sft)
