@@ -76,7 +76,7 @@ def sdpa_attend(self, q, k, v, doc_ids=None, kv_len=None):
     (GPTConfig.position_encoding "alibi"): a float mask, the bias where allowed and -inf elsewhere.
     kv_len (a CUDA-graph decode step's, as attend's): the masks of the first kv_len keys, the values past them zeroed.
     """
-    from tritongpt.model.layers import alibi_bias, document_index, in_the_future, outside_window
+    from tritongpt.model.layers import alibi_bias, document_index, in_the_future, outside_window, past_the_fill
 
     Tq, Tk = q.size(-2), k.size(-2)
     p = self.attn_drop.p if self.training else 0.0
@@ -84,8 +84,8 @@ def sdpa_attend(self, q, k, v, doc_ids=None, kv_len=None):
     if Tq == Tk and doc_ids is None and not self.window and not self.alibi and kv_len is None:
         return F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True, scale=self.softmax_scale,
                                               enable_gqa=gqa)
-    if kv_len is not None:  # stale keys and values past kv_len may be inf or NaN: SDPA adds its mask to the
-        stale = (torch.arange(Tk, device=v.device) >= kv_len)[:, None]  # scores and weighs the values by 0
+    if kv_len is not None:  # the keys too: SDPA adds its mask to the scores, and -inf + NaN is NaN
+        stale = past_the_fill(Tk, kv_len)
         k, v = k.masked_fill(stale, 0), v.masked_fill(stale, 0)
     allowed = ~in_the_future(Tq, Tk, q.device, kv_len)
     if self.window:

@@ -1385,21 +1385,20 @@ def flash_attention(q, k, v, causal=True, softmax_scale=None, dropout_p=0.0, see
 
 
 def _checked_kv_len_call(q, k, v, causal, dropout_p, doc_ids, kv_len):
-    """What flash_attention refuses with kv_len (inference only), and its value where reading it is free."""
-    _check_kv_len(q, kv_len)
+    """What flash_attention refuses with kv_len (inference only), and on a GPU its value where a sync may be paid."""
+    _check_kv_len(q, kv_len, dropout_p)
     if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
         raise ValueError("kv_len is for inference only (the backward takes no cache length): call under "
                          "torch.no_grad() or torch.inference_mode(), or pass tensors that do not require grad")
-    if dropout_p > 0.0:
-        raise ValueError(f"kv_len is for inference: dropout_p must be 0 with it, got {dropout_p}")
     if doc_ids is not None:
         raise ValueError("kv_len does not take doc_ids (document masking is for packed training sequences)")
     # the shapes first (as the op checks them): a causal Tq past the cache or an empty cache leaves no valid L,
     # and is named as such, not as a length out of an empty range
     _check_shapes(q, k, v, causal, dropout_p)
-    # plain eager only: not under torch.compile (a .item() there breaks the graph; the op checks a CPU q when it
-    # runs), nor a dispatch mode or transform; and on a GPU not inside a CUDA-graph capture (it cannot sync)
-    if plain_eager((q, kv_len)) and not (kv_len.is_cuda and torch.cuda.is_current_stream_capturing()):
+    # On the CPU the op checks the value itself, in every mode (a free read). On a GPU plain eager only: not under
+    # torch.compile (a .item() there breaks the graph), a dispatch mode or transform, nor inside a CUDA-graph capture
+    # (it cannot sync).
+    if kv_len.is_cuda and plain_eager((q, kv_len)) and not torch.cuda.is_current_stream_capturing():
         _check_kv_len_value(kv_len, q.shape[2], k.shape[2], causal)
 
 

@@ -504,6 +504,12 @@ def query_positions(Tq, Tk, device=None, kv_len=None):
     return (kv_len - Tq + torch.arange(Tq, device=kv_len.device))[:, None]
 
 
+def past_the_fill(Tk, kv_len):
+    """[Tk, 1]: True at the positions at and past a cache's fill kv_len [1], whose stale keys and values may be
+    inf or NaN: masked scores hide them, but a weight 0 times NaN is still NaN, so they are zeroed too."""
+    return (torch.arange(Tk, device=kv_len.device) >= kv_len)[:, None]
+
+
 def in_the_future(Tq, Tk, device=None, kv_len=None):
     """The causal mask: [Tq, Tk] True where key j comes after query i (at query_positions' position:
     the keys past kv_len too). Made per call at the sequence's size, not stored for the whole
@@ -634,8 +640,8 @@ class MultiHeadAttention(nn.Module):
         if k.size(1) != q.size(1):
             k, v = (t.repeat_interleave(q.size(1) // k.size(1), dim=1) for t in (k, v))
         Tq, Tk = q.size(-2), k.size(-2)
-        if kv_len is not None:  # a weight 0 times a stale value that is inf or NaN would still be NaN
-            v = v.masked_fill((torch.arange(Tk, device=v.device) >= kv_len)[:, None], 0)
+        if kv_len is not None:
+            v = v.masked_fill(past_the_fill(Tk, kv_len), 0)
         # fp16 scores in fp32 (q.k past 65504 was inf, its softmax row NaN), also under autocast,
         # which would cast the matmul back to fp16
         with _autocast_off_for_fp16(q):

@@ -79,3 +79,25 @@ def corpus(tmp_path_factory):
     (d / "small.txt").write_text(text)
     BPETokenizer.train(text, 300, name="small").save(d / "tok.json")
     return SimpleNamespace(text=d / "small.txt", tok=d / "tok.json", cache=d / "cache")
+
+
+@pytest.fixture
+def forced_splits(monkeypatch):
+    """force(n): every attention forward without dropout runs n KV splits (1: the single pass, _attn_fwd), as
+    _num_splits never chooses under the interpreter; returns {"launches": split-path launches so far}."""
+    from tritongpt.kernels import attention
+
+    state = {"launches": 0}
+    launch = attention._fwd_split_launch
+
+    def counted(*args):
+        state["launches"] += 1
+        return launch(*args)
+
+    monkeypatch.setattr(attention, "_fwd_split_launch", counted)
+
+    def force(n):
+        monkeypatch.setattr(attention, "_num_splits", lambda B, H, Tq, Tk, device: n)
+        return state
+
+    return force

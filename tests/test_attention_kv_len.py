@@ -5,8 +5,8 @@ The result must be flash_attention on the cache sliced to L, whatever lies past 
 and huge values there), and match a float64 reference. The launch must not depend on L (grid, split count, every
 host argument): a CUDA graph captured at one L replays at another, which test_a_launch_replays_at_another_length
 checks by re-running the recorded launches after writing a new L into the same tensor. Under the interpreter a
-KV tile is INTERPRET_BLOCK = 16 keys; the split path is forced by patching _num_splits, as in
-tests/test_flash_decoding.py.
+KV tile is INTERPRET_BLOCK = 16 keys; the split path is forced by patching _num_splits (conftest.py's
+forced_splits), as in tests/test_flash_decoding.py.
 """
 import math
 
@@ -14,35 +14,12 @@ import pytest
 import torch
 
 from parity import assert_close_rel
-from test_attention import make_qkv, reference_attention
+from test_attention import make_qkv
+from test_flash_decoding import reference_gqa as reference  # float64, the KV heads repeated for GQA
 from tritongpt.kernels import attention
 from tritongpt.kernels.attention import flash_attention
 
 CAP = 64  # the caches' capacity: 4 tiles of 16 under the interpreter
-
-
-@pytest.fixture
-def path(monkeypatch):
-    """use(n): every forward runs n KV splits (1: the single pass, _attn_fwd); returns the launch counts."""
-    launches = {"split": 0}
-    split = attention._fwd_split_launch
-
-    def counted(*args):
-        launches["split"] += 1
-        return split(*args)
-
-    monkeypatch.setattr(attention, "_fwd_split_launch", counted)
-
-    def use(n):
-        monkeypatch.setattr(attention, "_num_splits", lambda B, H, Tq, Tk, device: n)
-        return launches
-
-    return use
-
-
-def reference(q, k, v, **kw):
-    group = q.shape[1] // k.shape[1]
-    return reference_attention(q, k.repeat_interleave(group, 1), v.repeat_interleave(group, 1), **kw)
 
 
 def reference_lse(q, k, scale, softcap, slopes, window=None):
@@ -84,24 +61,24 @@ def check(q, k, v, L, tol=1e-4, tag="", kv_dtype=torch.int64, **kw):
 @pytest.mark.parametrize("Tq", [1, 3])
 @pytest.mark.parametrize("Hkv", [4, 2, 1])
 @pytest.mark.parametrize("L", ["Tq", 33, 37, CAP])
-def test_causal_matches_the_sliced_cache_and_float64(L, Hkv, Tq, splits, path, device):
+def test_causal_matches_the_sliced_cache_and_float64(L, Hkv, Tq, splits, forced_splits, device):
     """L = Tq (only the query's own keys), 33 and 37 (not multiples of a tile: a ragged last tile; at 33 the
     diagonal of 3 queries starts a tile before it), CAP (full); GQA and MQA (the split path packs their heads);
     5 splits of 37 keys' 3 tiles leave empty splits."""
     L = Tq if L == "Tq" else L
-    launches = path(splits)
+    launches = forced_splits(splits)
     q, _, _ = make_qkv(2, 4, Tq, 1, 32, torch.float32, device, seed=L + Tq)
     k, v = cache(2, Hkv, L, 32, torch.float32, device, seed=L + Hkv)
     check(q, k, v, L, tag=f"L={L} H=4/{Hkv} Tq={Tq} splits={splits}")
-    assert launches["split"] == (2 if splits > 1 else 0)
+    assert launches["launches"] == (2 if splits > 1 else 0)
 
 
 @pytest.mark.parametrize("splits", [1, 3], ids=["single", "split3"])
 @pytest.mark.parametrize("Tq", [1, 3])
 @pytest.mark.parametrize("L", [1, 37, CAP])
-def test_not_causal(L, Tq, splits, path, device):
+def test_not_causal(L, Tq, splits, forced_splits, device):
     """Without the causal mask every query sees keys [0, L) (L from 1, below Tq)."""
-    path(splits)
+    forced_splits(splits)
     q, _, _ = make_qkv(1, 2, Tq, 1, 32, torch.float32, device, seed=L + 5)
     k, v = cache(1, 2, L, 32, torch.float32, device, seed=L + 6)
     check(q, k, v, L, tag=f"not causal L={L} Tq={Tq} splits={splits}", causal=False, softmax_scale=0.3)
@@ -109,10 +86,10 @@ def test_not_causal(L, Tq, splits, path, device):
 
 @pytest.mark.parametrize("splits", [1, 3], ids=["single", "split3"])
 @pytest.mark.parametrize("Tq", [1, 3])
-def test_window_softcap_alibi(Tq, splits, path, device):
+def test_window_softcap_alibi(Tq, splits, forced_splits, device):
     """A sliding window (its bounds made for the capacity, indexed at the queries' positions L - Tq + i), Gemma 2's
     soft cap, ALiBi (the bias at those positions), on grouped heads, and an int32 kv_len."""
-    path(splits)
+    forced_splits(splits)
     L = 45
     q, _, _ = make_qkv(1, 4, Tq, 1, 32, torch.float32, device, seed=Tq + 20)
     k, v = cache(1, 2, L, 32, torch.float32, device, seed=Tq + 21)
@@ -123,16 +100,16 @@ def test_window_softcap_alibi(Tq, splits, path, device):
 
 
 @pytest.mark.parametrize("splits", [1, 3], ids=["single", "split3"])
-def test_bf16(splits, path, device):
-    path(splits)
+def test_bf16(splits, forced_splits, device):
+    forced_splits(splits)
     q, _, _ = make_qkv(1, 4, 3, 1, 64, torch.bfloat16, device, seed=30)
     k, v = cache(1, 2, 50, 64, torch.bfloat16, device, seed=31)
     check(q, k, v, 50, tol=1e-2, tag=f"bf16 splits={splits}")
 
 
-def test_head_dim_80_padded(path, device):
+def test_head_dim_80_padded(forced_splits, device):
     """A head dim the kernels pad (80 to 128, masked columns) over a cache."""
-    path(2)
+    forced_splits(2)
     q, _, _ = make_qkv(1, 2, 1, 1, 80, torch.float32, device, seed=40)
     k, v = cache(1, 2, 29, 80, torch.float32, device, seed=41)
     check(q, k, v, 29, tag="hd80")
@@ -140,31 +117,31 @@ def test_head_dim_80_padded(path, device):
 
 @pytest.mark.parametrize("splits", [1, 2], ids=["single", "split2"])
 @pytest.mark.parametrize("L", [20, 41])
-def test_chunked_prefill_fp16_head_dim_96(L, splits, path, device):
+def test_chunked_prefill_fp16_head_dim_96(L, splits, forced_splits, device):
     """A chunk of Tq = 20 queries (two query tiles of 16 under the interpreter, each with its own diagonal at
     L - Tq + i; packed GQA: 40 rows, three tiles) over a cache filled to L = Tq or 41, in fp16 with a padded head
     dim (96 to 128)."""
-    path(splits)
+    forced_splits(splits)
     q, _, _ = make_qkv(1, 4, 20, 1, 96, torch.float16, device, seed=L + 100)
     k, v = cache(1, 2, L, 96, torch.float16, device, seed=L + 101)
     check(q, k, v, L, tol=1e-2, tag=f"prefill fp16 hd96 L={L} splits={splits}")
 
 
 @pytest.mark.parametrize("L", [1, 37])
-def test_not_causal_packed_gqa(L, path, device):
+def test_not_causal_packed_gqa(L, forced_splits, device):
     """Without the causal mask on the split path's packed heads (4 query heads on one KV head, 3 queries each)."""
-    path(3)
+    forced_splits(3)
     q, _, _ = make_qkv(1, 4, 3, 1, 32, torch.float32, device, seed=L + 110)
     k, v = cache(1, 1, L, 32, torch.float32, device, seed=L + 111)
     check(q, k, v, L, tag=f"not causal packed L={L}", causal=False, softmax_scale=0.3)
 
 
 @pytest.mark.parametrize("splits", [1, 3], ids=["single", "split3"])
-def test_the_ops_logsumexp_matches_the_sliced_cache(splits, path, device):
+def test_the_ops_logsumexp_matches_the_sliced_cache(splits, forced_splits, device):
     """The op also returns the logsumexp (base 2), which ALiBi's query positions L - Tq + i shift (the output, a
     softmax, does not see a per-row constant): equal to the sliced call's, with a window's bounds made for the
     capacity there and for L here, as flash_attention makes them, and to float64's."""
-    path(splits)
+    forced_splits(splits)
     L, Tq = 41, 3
     q, _, _ = make_qkv(1, 4, Tq, 1, 32, torch.float32, device, seed=90)
     k, v = cache(1, 2, L, 32, torch.float32, device, seed=91)
@@ -223,12 +200,12 @@ class Replay:
 
 @pytest.mark.parametrize("splits", [3, 1], ids=["split3", "single"])
 @pytest.mark.parametrize("Tq", [1, 3])
-def test_a_launch_replays_at_another_length(Tq, splits, path, monkeypatch, device):
+def test_a_launch_replays_at_another_length(Tq, splits, forced_splits, monkeypatch, device):
     """The launches made at L = 37 (3 tiles, the last ragged), run again unchanged after 49 then 20 are written
     into the same kv_len tensor, give the results at 49 (4 tiles; the diagonal of 3 queries in the third) and at
     20: the same NUM_SPLITS, grid and host arguments serve every length, the kernels read it. A fresh call at 20
     makes the very same host arguments."""
-    path(splits)
+    forced_splits(splits)
     q, _, _ = make_qkv(1, 4, Tq, 1, 32, torch.float32, device, seed=Tq + 50)
     k, v = cache(1, 2, 50, 32, torch.float32, device, seed=Tq + 51)  # garbage from 50 on; 37..49 a stale tail
     kv_len = torch.tensor(37, device=device)
@@ -273,11 +250,11 @@ def test_the_launchers_pass_kv_len_itself_and_never_read_it(monkeypatch):
 
 
 @pytest.mark.parametrize("splits", [1, 3], ids=["single", "split3"])
-def test_an_unchecked_length_is_clamped_to_the_buffers(splits, path, device):
+def test_an_unchecked_length_is_clamped_to_the_buffers(splits, forced_splits, device):
     """A value out of range that reaches the kernels unchecked (a replayed graph; here the launcher called
     directly) is clamped: above the capacity to it, so nothing past the K/V buffers is read (they are views of
     longer ones whose tail is NaN), and with causal below Tq to Tq."""
-    path(splits)
+    forced_splits(splits)
     q, _, _ = make_qkv(1, 4, 3, 1, 32, torch.float32, device, seed=80)
     k, v = cache(1, 2, CAP, 32, torch.float32, device, seed=81)  # all CAP positions hold keys
     k, v = (torch.cat([t, torch.full_like(t, float("nan"))], 2)[:, :, :CAP] for t in (k, v))  # NaN past them

@@ -9,19 +9,13 @@ import re
 
 import pytest
 import torch
-from torch.fx.experimental.proxy_tensor import make_fx
 
+from test_decode_graph import fx_capture, weight_cache_asks
 from tritongpt.bench import decode
 from tritongpt.bench.common import Budget
 from tritongpt.model.config import GPTConfig
 
 PROMPT, NEW = 5, 6
-
-
-def fx_capture(fn, device=None):
-    """A CUDA graph's semantics on the CPU (tests/test_decode_graph.py's): fn's tensor ops recorded once."""
-    recorded = make_fx(lambda: fn())()
-    return lambda: recorded()
 
 
 def tiny():
@@ -231,14 +225,6 @@ def test_the_notes_of_an_fp32_run_say_there_was_no_autocast(monkeypatch, tmp_pat
 def test_the_graph_rows_keep_the_weight_cache_as_generates_graph_does(monkeypatch):
     """The graph is replayed only inside its row's autocast region, the weights unchanged: as generate's own, it keeps
     autocast's weight cache (DecodeGraph(weight_cache=True)), so the rows time what `generate --cuda-graphs` runs."""
-    from tritongpt.train import generate as gen
-
-    asked = []
-    real = gen.DecodeGraph.__init__
-
-    def init(self, model, cache, capture=None, weight_cache=False):
-        asked.append(weight_cache)
-        real(self, model, cache, capture, weight_cache)
-    monkeypatch.setattr(gen.DecodeGraph, "__init__", init)
+    asked = weight_cache_asks(monkeypatch)
     rows = run(batches=(1,))
     assert [r["status"] for r in rows] == ["ok", "ok"] and asked == [True]

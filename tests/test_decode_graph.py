@@ -39,6 +39,18 @@ def fx_capture(fn, device=None):
     return lambda: recorded()
 
 
+def weight_cache_asks(monkeypatch):
+    """The weight_cache every DecodeGraph built from now on asks for, in order (a list this fills)."""
+    asked = []
+    real = gen.DecodeGraph.__init__
+
+    def init(self, model, cache, capture=None, weight_cache=False):
+        asked.append(weight_cache)
+        real(self, model, cache, capture, weight_cache)
+    monkeypatch.setattr(gen.DecodeGraph, "__init__", init)
+    return asked
+
+
 def warm_then_fx(fn, device=None):
     """As capture_cuda_graph: two warm-up runs of the step before the capture (their writes must not show)."""
     fn()
@@ -341,13 +353,7 @@ def test_the_step_runs_without_autocasts_weight_cache(monkeypatch):
 def test_generate_keeps_the_weight_cache_for_its_own_graph(monkeypatch):
     """generate's graph lives within the call (inside the caller's autocast region, the weights unchanged): it asks
     for autocast's weight cache, so a replay under autocast casts no weight."""
-    asked = []
-    real = gen.DecodeGraph.__init__
-
-    def init(self, model, cache, capture=None, weight_cache=False):
-        asked.append(weight_cache)
-        real(self, model, cache, fx_capture, weight_cache)
-    monkeypatch.setattr(gen.DecodeGraph, "__init__", init)
+    asked = weight_cache_asks(monkeypatch)
     monkeypatch.setattr(gen, "capture_cuda_graph", fx_capture)
     gen.generate(tiny(), torch.randint(0, VOCAB, (1, 4)), 3, cuda_graph=True)
     assert asked == [True]

@@ -21,22 +21,9 @@ from tritongpt.train.generate import generate
 
 
 @pytest.fixture
-def splits(monkeypatch):
-    """force(n): every forward without dropout runs n splits; .launches counts split launches."""
-    state = {"launches": 0}
-    launch = attention._fwd_split_launch
-
-    def counted(*args):
-        state["launches"] += 1
-        return launch(*args)
-
-    monkeypatch.setattr(attention, "_fwd_split_launch", counted)
-
-    def force(n):
-        monkeypatch.setattr(attention, "_num_splits", lambda B, H, Tq, Tk, device: n)
-        return state
-
-    return force
+def splits(forced_splits):
+    """force(n): conftest's forced_splits (n KV splits a forward; .launches counts split launches)."""
+    return forced_splits
 
 
 def reference_gqa(q, k, v, **kw):
