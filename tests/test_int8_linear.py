@@ -1,0 +1,218 @@
+"""kernels/quant.py's int8_linear (W8A16: int8 weight, one scale per output row) against float64.
+
+The dequantization is exact in the kernel (every int8 is exact in fp32/bf16/fp16, the scale applied in fp32
+after the K sum), so fp32 differs from float64 only by summation order; bf16/fp16 round x, the bias and y."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from parity import assert_close_rel, report
+from tritongpt.kernels import quant
+from tritongpt.kernels.quant import int8_linear
+
+TOL = {torch.float32: 1e-4, torch.bfloat16: 1e-2, torch.float16: 1e-2}
+# the least relative error a 16-bit run shows on these shapes (y stored rounded: bf16 8 bits, fp16 11): above
+# fp32's ~1e-7, so a run computed and stored in fp32, compared with itself, cannot pass for a 16-bit one
+ROUNDING = {torch.bfloat16: 1e-4, torch.float16: 1e-5}
+GELU = {"gelu_tanh": "tanh", "gelu_erf": "none"}
+
+
+def quantize(w):
+    """gpt-fast's int8 weight-only scheme: symmetric, one scale per output row (a zero row: scale 1)."""
+    scale = w.abs().amax(1) / 127
+    scale = torch.where(scale == 0, torch.ones_like(scale), scale)
+    q = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)
+    return q, scale
+
+
+def make(n, k, device, seed=0, bias=True):
+    gen = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, k, generator=gen) * k ** -0.5
+    w[1] = 0.0  # a zero row: scale 1, q 0
+    q, scale = quantize(w)
+    b = torch.randn(n, generator=gen) if bias else None
+    return q.to(device), scale.to(device), (b.to(device) if bias else None)
+
+
+def reference(x, q, scale, bias=None, activation=None):
+    """float64: x @ (q * scale[:, None]).T + bias, then the GELU."""
+    y = x.double() @ (q.double() * scale.double()[:, None]).T
+    if bias is not None:
+        y = y + bias.double()
+    return F.gelu(y, approximate=GELU[activation]) if activation else y
+
+
+def check(y, ref, dtype, name):
+    assert y.dtype == dtype, f"{name}: y is {y.dtype}, expected {dtype}"
+    _, rel = assert_close_rel(y, ref, TOL[dtype], name)
+    if dtype in ROUNDING:
+        assert rel > ROUNDING[dtype], f"{name}: relative error {rel:.1e}: not rounded to {dtype}?"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("m,k,n", [(1, 64, 48), (7, 100, 130), (37, 100, 130), (37, 64, 48)])
+@pytest.mark.parametrize("activation", [None, "gelu_tanh", "gelu_erf"])
+def test_parity_against_float64(dtype, m, k, n, activation, device):
+    q, scale, b = make(n, k, device, seed=m + n)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(m * k)).to(device, dtype)
+    b16 = b.to(dtype)
+    with torch.no_grad():
+        check(int8_linear(x, q, scale, b16, activation), reference(x, q, scale, b16, activation), dtype,
+              f"{dtype} {m}x{k}->{n} {activation} bias")
+    if activation is None:  # without a bias: the epilogue's scale alone
+        check(int8_linear(x, q, scale), reference(x, q, scale), dtype, f"{dtype} {m}x{k}->{n} no bias")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_leading_dims_and_strided_x(dtype, device, monkeypatch):
+    """[2, 3, K] -> [2, 3, N]; a transposed view of x (copied to rows) and rows at a stride > K (read in place)."""
+    k, n = 100, 48
+    q, scale, b = make(n, k, device, seed=3)
+    b = b.to(dtype)
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(2, 3, k, generator=gen).to(device, dtype)
+    y = int8_linear(x, q, scale, b, "gelu_tanh")
+    assert y.shape == (2, 3, n)
+    check(y, reference(x, q, scale, b, "gelu_tanh"), dtype, "leading dims")
+    xt = torch.randn(k, 5, generator=gen).to(device, dtype).t()  # [5, K], unit stride along the rows
+    assert xt.stride() == (1, 5)
+    check(int8_linear(xt, q, scale, b), reference(xt, q, scale, b), dtype, "transposed x")
+    wide = torch.randn(9, k + 28, generator=gen).to(device, dtype)
+    xs = wide[:, 10:10 + k]  # rows 128 apart
+    seen = []
+    real = quant._launch
+    monkeypatch.setattr(quant, "_launch", lambda x, *a: seen.append(x.stride()) or real(x, *a))
+    check(int8_linear(xs, q, scale, b), reference(xs, q, scale, b), dtype, "rows at a stride")
+    assert seen == [(k + 28, 1)]  # not copied
+
+
+def test_autocast_computes_in_its_dtype(device):
+    """Under autocast (bf16) an fp32 x and bias are cast first, as nn.Linear's inputs: y is bf16, and equal to the
+    kernel on the cast inputs."""
+    k, n = 100, 130
+    q, scale, b = make(n, k, device, seed=5)
+    x = torch.randn(7, k, generator=torch.Generator().manual_seed(6)).to(device)
+    with torch.autocast(device.type, dtype=torch.bfloat16):
+        y = int8_linear(x, q, scale, b, "gelu_erf")
+    xb, bb = x.bfloat16(), b.bfloat16()
+    check(y, reference(xb, q, scale, bb, "gelu_erf"), torch.bfloat16, "autocast bf16")
+    assert torch.equal(y, int8_linear(xb, q, scale, bb, "gelu_erf"))
+    # the fp32 inputs' own result differs by x's rounding: the cast really happened
+    assert report(y, reference(x, q, scale, b, "gelu_erf"))[1] > ROUNDING[torch.bfloat16]
+
+
+def test_nan_stays_in_its_row(device):
+    k, n = 100, 130
+    q, scale, b = make(n, k, device, seed=7)
+    x = torch.randn(37, k, generator=torch.Generator().manual_seed(8)).to(device)
+    x[20, 99] = float("nan")  # the last column: inside the K edge's partial tile
+    y = int8_linear(x, q, scale, b, "gelu_tanh")
+    assert torch.isnan(y[20]).all()
+    rest = torch.cat([y[:20], y[21:]])
+    assert torch.isfinite(rest).all()
+    ref = reference(x, q, scale, b, "gelu_tanh")
+    assert_close_rel(rest, torch.cat([ref[:20], ref[21:]]), 1e-4, "rows without the NaN")
+
+
+def test_no_rows_launches_nothing(device, monkeypatch):
+    q, scale, b = make(48, 64, device)
+    launches = []
+    monkeypatch.setattr(quant, "launch_tuned", lambda *a, **kw: launches.append(a))
+    y = int8_linear(torch.randn(2, 0, 64, device=device), q, scale, b)
+    assert y.shape == (2, 0, 48) and y.dtype == torch.float32 and launches == []
+
+
+def _bad(device, **change):
+    """int8_linear's arguments (x [5, 64], qweight [48, 64]) with some replaced."""
+    q, scale, b = make(48, 64, device)
+    args = dict(x=torch.randn(5, 64, device=device), qweight=q, scale=scale, bias=b, activation=None)
+    for name, fn in change.items():
+        args[name] = fn(args[name])
+    return args
+
+
+REFUSED = {
+    "qweight float": (dict(qweight=lambda q: q.float()), TypeError, "qweight has dtype float32; expected one of: int8"),
+    "qweight uint8": (dict(qweight=lambda q: q.to(torch.uint8)), TypeError, "qweight has dtype uint8"),
+    "qweight 3-D": (dict(qweight=lambda q: q[None]), ValueError, "qweight must have 2 dims"),
+    "qweight along K strided": (dict(qweight=lambda q: q.t().contiguous().t()), ValueError,
+                                "qweight must have unit stride along K"),
+    "K mismatch": (dict(x=lambda x: x[:, :60]), ValueError, "x has 60 features .* K = 64"),
+    "scale int": (dict(scale=lambda s: s.int()), TypeError, "scale has dtype int32"),
+    "scale shape": (dict(scale=lambda s: s[:47]), ValueError, r"scale has shape \(47,\), expected \(48,\)"),
+    "scale 2-D": (dict(scale=lambda s: s[:, None]), ValueError, r"scale has shape \(48, 1\), expected \(48,\)"),
+    "bias shape": (dict(bias=lambda b: b[:40]), ValueError, r"bias has shape \(40,\), expected \(48,\)"),
+    "bias int": (dict(bias=lambda b: b.long()), TypeError, "bias has dtype int64"),
+    "x int": (dict(x=lambda x: x.long()), TypeError, "x has dtype int64"),
+    "x complex": (dict(x=lambda x: x.to(torch.complex64)), TypeError, "x has dtype complex64"),
+    "x scalar": (dict(x=lambda x: x[0, 0]), ValueError, "x must have at least 1 dim"),
+    "x not a tensor": (dict(x=lambda x: x.tolist()), TypeError, "x must be a torch.Tensor"),
+    "devices": (dict(scale=lambda s: s.to("meta")), ValueError, "tensors on different devices: .*scale is on meta"),
+    "empty K": (dict(qweight=lambda q: q[:, :0], x=lambda x: x[:, :0]), ValueError,
+                r"qweight has shape \(48, 0\); N \(outputs\) and K \(inputs\) must both be at least 1"),
+    "empty N": (dict(qweight=lambda q: q[:0], scale=lambda s: s[:0], bias=lambda b: b[:0]), ValueError,
+                r"qweight has shape \(0, 64\); N \(outputs\)"),
+    "activation": (dict(activation=lambda a: "relu"), ValueError, "activation must be None, 'gelu_tanh' or 'gelu_erf'"),
+    "x requires grad": (dict(x=lambda x: x.requires_grad_()), RuntimeError,
+                        "for inference .* run it under torch.no_grad"),
+    "bias requires grad": (dict(bias=lambda b: b.requires_grad_()), RuntimeError,
+                           "for inference .* run it under torch.no_grad"),
+}
+
+
+@pytest.mark.parametrize("case", list(REFUSED))
+def test_bad_input_is_refused_by_name(case, device):
+    change, error, match = REFUSED[case]
+    args = _bad(device, **change)
+    with pytest.raises(error, match=match):
+        int8_linear(**args)
+
+
+def test_inference_under_no_grad_and_inference_mode(device):
+    """The refusal is for grad mode only: the same inputs run under no_grad and inference_mode."""
+    args = _bad(device, x=lambda x: x.requires_grad_(), bias=lambda b: b.requires_grad_())
+    want = reference(args["x"].detach(), args["qweight"], args["scale"], args["bias"].detach())
+    with torch.no_grad():
+        assert_close_rel(int8_linear(**args), want, 1e-4, "no_grad")
+    with torch.inference_mode():
+        assert_close_rel(int8_linear(**args), want, 1e-4, "inference_mode")
+
+
+def test_the_op_refuses_what_the_kernel_cannot_read(device):
+    """A direct call of the op (torch.compile's view of it) checks x's layout too: a transposed x was read as if
+    row-major, a wrong answer without an error."""
+    q, scale, b = make(48, 64, device)
+    x = torch.randn(64, 5, device=device).t()
+    with pytest.raises(ValueError, match="reads x with unit stride on its last dim"):
+        torch.ops.tritongpt.int8_linear(x, q, scale, b, None)
+    with pytest.raises(ValueError, match="x has 60 features"):
+        torch.ops.tritongpt.int8_linear(x.t()[:60].t(), q, scale, b, None)
+
+
+def test_torch_compile_fullgraph_matches_eager(device):
+    q, scale, b = make(130, 100, device, seed=9)
+    x = torch.randn(2, 7, 100, generator=torch.Generator().manual_seed(10)).to(device)
+
+    def block(x):
+        return int8_linear(x * 0.5, q, scale, b, "gelu_tanh") + 1.0
+
+    graphs = []
+
+    def backend(gm, inputs):  # aot_eager, recording the graph dynamo made
+        graphs.append(gm)
+        from torch._dynamo.backends.debugging import aot_eager
+        return aot_eager(gm, inputs)
+
+    with torch.no_grad():
+        want = block(x)
+        got = torch.compile(block, backend=backend, fullgraph=True)(x)
+    assert torch.equal(got, want)
+    assert "tritongpt.int8_linear" in str(graphs[0].graph)  # the op, opaque in the graph
+
+
+def test_opcheck(device):
+    q, scale, b = make(130, 100, device, seed=11)
+    x = torch.randn(37, 100, generator=torch.Generator().manual_seed(12)).to(device)
+    op = torch.ops.tritongpt.int8_linear.default
+    torch.library.opcheck(op, (x, q, scale, b, "gelu_erf"))
+    torch.library.opcheck(op, (x.bfloat16(), q, scale.bfloat16(), None, None))
