@@ -10,6 +10,7 @@ import tritongpt.kernels.jsd  # noqa: F401
 import tritongpt.kernels.layernorm  # noqa: F401
 import tritongpt.kernels.mlp  # noqa: F401
 import tritongpt.kernels.moe  # noqa: F401
+import tritongpt.kernels.quant  # noqa: F401
 import tritongpt.kernels.rope  # noqa: F401
 import tritongpt.kernels.swiglu  # noqa: F401
 
@@ -152,9 +153,19 @@ def _distill_args(device, gen):
             "distill_fwd no grad": (x.bfloat16(), y, t, -100, 41, 37, 2.0, 1.0, 0.6, 0.8, False)}
 
 
+def _int8_linear_args(device, gen):
+    # N 130 and K 100: no multiple of the tiles; the weight int8 [N, K] with one fp32 scale a row
+    x, w = _randn(9, 100, device=device, gen=gen), _randn(130, 100, device=device, gen=gen)
+    scale = w.abs().amax(1) / 127
+    q = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)
+    b = _randn(130, device=device, gen=gen)
+    return {"int8_linear": (x, q, scale, b, "gelu_tanh"),
+            "int8_linear bf16 no bias": (x.bfloat16(), q, scale, None, None)}
+
+
 MAKERS = {"layer_norm": _layer_norm_args, "rms_norm": _rms_norm_args, "mlp": _mlp_args,
           "cross_entropy": _cross_entropy_args, "attention": _attention_args, "rope": _rope_args,
-          "swiglu": _swiglu_args, "moe": _moe_args, "distill": _distill_args}
+          "swiglu": _swiglu_args, "moe": _moe_args, "distill": _distill_args, "int8_linear": _int8_linear_args}
 OPS = [(kernel, op) for kernel, names in (("layer_norm", ("layer_norm_fwd", "layer_norm_bwd", "add_layer_norm_fwd",
                                                          "add_layer_norm_fwd fp16+fp32",
                                                          "layer_norm_bwd ds", "add_layer_norm_bwd",
@@ -181,7 +192,8 @@ OPS = [(kernel, op) for kernel, names in (("layer_norm", ("layer_norm_fwd", "lay
                                                          "flash_attn_bwd alibi")),
                                           ("rope", ("rope_fwd", "rope_fwd shared", "rope_bwd", "rope_fwd partial",
                                                     "rope_bwd partial")),
-                                          ("distill", ("distill_fwd", "distill_fwd mixture", "distill_fwd no grad")))
+                                          ("distill", ("distill_fwd", "distill_fwd mixture", "distill_fwd no grad")),
+                                          ("int8_linear", ("int8_linear", "int8_linear bf16 no bias")))
        for op in names]
 
 

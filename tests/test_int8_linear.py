@@ -216,3 +216,15 @@ def test_opcheck(device):
     op = torch.ops.tritongpt.int8_linear.default
     torch.library.opcheck(op, (x, q, scale, b, "gelu_erf"))
     torch.library.opcheck(op, (x.bfloat16(), q, scale.bfloat16(), None, None))
+
+
+@pytest.mark.parametrize("dtype,precision", [(torch.float32, "ieee"), (torch.bfloat16, "tf32")])
+def test_fp32_products_are_ieee(dtype, precision, device, monkeypatch):
+    """fp32 dots take IEEE products (tl.dot's default is TF32, ~1e-3 relative on a GPU, which the interpreter does
+    not model: the launch's flag is checked here); the flags name the epilogue asked for."""
+    q, scale, b = make(48, 64, device)
+    seen = []
+    real = quant.launch_tuned
+    monkeypatch.setattr(quant, "launch_tuned", lambda *a, **kw: seen.append(kw) or real(*a, **kw))
+    int8_linear(torch.randn(3, 64, device=device, dtype=dtype), q, scale, None, "gelu_erf")
+    assert seen == [dict(HAS_BIAS=False, ACTIVATION=True, GELU_ERF=True, PRECISION=precision)]
