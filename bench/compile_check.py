@@ -6,7 +6,7 @@ memory, or ask for more shared memory than an SM has. This check catches those o
 
   1. capture  The real launchers (`_fwd_launch` / `_bwd_launch` in kernels/layernorm.py, for LayerNorm
               and RMSNorm, mlp.py, swiglu.py, moe.py, attention.py, cross_entropy.py and jsd.py, `_launch`
-              in rope.py) run on meta tensors (shapes, dtypes and strides, no data) at GPT-2 sizes. Each
+              in rope.py and quant.py) run on meta tensors (shapes, dtypes and strides, no data) at GPT-2 sizes. Each
               `kernel[grid](...)` is recorded instead of launched, with exactly the arguments a GPU run
               would pass.
   2. configs  For an autotuned kernel, the configs its autotuner would time for that launch
@@ -52,6 +52,7 @@ ONLY_DOWN = (False, False, False, False, False, True, False)  # the gated MLP's,
 ATTN_SEQ = 1024
 ATTN_HEAD_DIMS = (16, 32, 64, 80, 96, 128, 256)  # 256: Gemma's heads
 DECODE_SEQ = 16384  # a KV cache long enough to split at batch 1
+INT8_ROWS = (1, 8, 4096)  # int8_linear: decoding one sequence, a batch of 8, a prefill
 # Per-block limits Triton checks before launching a kernel: opt-in dynamic shared memory by
 # compute capability (CUDA programming guide, "compute capabilities" table) and registers.
 MAX_SHARED_BYTES = {90: 232448, 80: 166912, 86: 101376, 89: 101376,  # H100/H200, A100, RTX 30xx, L4/RTX 40xx
@@ -118,7 +119,7 @@ def capture(quick=False, half="bfloat16"):
     from triton.runtime.autotuner import Autotuner
     from triton.runtime.jit import JITFunction
 
-    from tritongpt.kernels import attention, cross_entropy, jsd, layernorm, mlp, moe, rope, swiglu
+    from tritongpt.kernels import attention, cross_entropy, jsd, layernorm, mlp, moe, quant, rope, swiglu
     from tritongpt.model.layers import swiglu_hidden
 
     launches, case = [], [""]
@@ -339,6 +340,18 @@ def capture(quick=False, half="bfloat16"):
                 inv_freq = torch.empty(r // 2, dtype=torch.float32, **meta)
                 for inverse in (False, True):
                     rope._launch(q, q, positions, inv_freq, inverse, r, mscale)
+
+        # the int8 weight-only linear (inference): decode rows (1, 8: its BLOCK_M 16 tiles) and a prefill's, on GPT-2
+        # small's fc1 (the GELU in its epilogue) and fc2, in each 16-bit dtype the target has
+        for dt in (half,) + ((torch.float16,) if half != torch.float16 else ()):
+            name = str(dt).replace("torch.", "")
+            for m in INT8_ROWS:
+                for k, n, activation in ((MLP_WIDTH, 4 * MLP_WIDTH, "gelu_tanh"), (4 * MLP_WIDTH, MLP_WIDTH, None)):
+                    case[0] = f"int8_linear {name} M={m} {k}->{n}" + (f" {activation}" if activation else "")
+                    x = torch.empty(m, k, dtype=dt, **meta)
+                    qweight = torch.empty(n, k, dtype=torch.int8, **meta)
+                    scale = torch.empty(n, dtype=torch.float32, **meta)
+                    quant._launch(x, qweight, scale, torch.empty(n, dtype=dt, **meta), activation)
     finally:
         JITFunction.run, Autotuner.run, layernorm._sm_count, attention._sm_count, mlp.MLP_MATMUL = saved
     return launches

@@ -16,7 +16,7 @@ PTXAS = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
 KERNELS = {"_layer_norm_fwd_kernel", "_layer_norm_bwd_kernel", "_matmul_kernel", "_attn_fwd", "_attn_fwd_split",
            "_attn_fwd_combine", "_attn_bwd_preprocess", "_attn_bwd_dkdv", "_attn_bwd_dq", "_ce_fwd_kernel",
            "_ce_bwd_kernel", "_rope_kernel", "_grouped_kernel", "_expert_grad_kernel", "_distill_kernel",
-           "_gelu_pointwise_kernel", "_gate_pointwise_kernel"}
+           "_gelu_pointwise_kernel", "_gate_pointwise_kernel", "_int8_linear_kernel"}
 
 
 @pytest.mark.skipif(not PTXAS.exists(), reason="this Triton build ships no ptxas")
@@ -122,6 +122,10 @@ def test_every_kernel_launch_builds_for_sm90(tmp_path):
     assert {r["variant"] for r in distill} == {"MODE=0 HAS_GRAD=True", "MODE=1 HAS_GRAD=True", "MODE=2 HAS_GRAD=True",
                                                "MODE=2 HAS_GRAD=False"}, distill
     assert all(r["vector_loads"] > 0 for r in distill), distill
+    # the int8 weight-only linear: decode and prefill rows, fc1 (GELU epilogue) and fc2, in bf16 and fp16, on the
+    # tensor cores (the int8 tiles converted in registers)
+    int8 = [r for r in rows if r["kernel"] == "_int8_linear_kernel"]
+    assert len({r["case"] for r in int8}) == 12 and all(r["tensor_core_ops"] > 0 for r in int8), int8
     assert "have a config that builds, fits and does not spill" in (tmp_path / "sm90-offline" / "compile.md").read_text()
 
 
@@ -331,3 +335,19 @@ def test_capture_names_every_kernel_and_the_split_passes():
                       for grad in (False, True) for flag in (False, True)}
     assert all(case.endswith(("split", "split gelu")) for name, case, *_ in launches
                if name.endswith("_pointwise_kernel"))
+
+
+def test_int8_linear_launches_take_decode_or_prefill_tiles():
+    """int8_linear's captured launches (decode rows 1 and 8, a 4096-row prefill; GPT-2 small's fc1 with its GELU and
+    fc2; bf16 and fp16 on sm_90) are offered the 16-row decode tiles up to 16 rows and only the prefill ones above."""
+    code = ("from tritongpt.bench import compile_check as cc; import json; "
+            "print(json.dumps([[l.case, l.kwargs['ACTIVATION'], l.args[6], l.args[7], sorted({c['BLOCK_M'] "
+            "for _, c in l.configs()})] for l in cc.capture(quick=True) if l.name == '_int8_linear_kernel']))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "TRITON_INTERPRET": "0"})
+    assert proc.returncode == 0, proc.stderr
+    launches = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert sorted((case.split()[1], case.split()[2], act, n, k) for case, act, n, k, _ in launches) == sorted(
+        (dt, f"M={m}", k == 768, n, k) for dt in ("bfloat16", "float16") for m in (1, 8, 4096)
+        for k, n in ((768, 3072), (3072, 768)))
+    assert all(blocks == ([16] if "M=4096" not in case else [64, 128]) for case, *_, blocks in launches), launches
