@@ -267,7 +267,7 @@ def add_cli(sub):
                                    "window_attention,add_layernorm,rope,lm_head_loss_smooth_z,lm_head_loss_softcap,"
                                    "gqa_attention,rmsnorm,add_rmsnorm,swiglu,geglu,softcap_attention,mlp_exact_gelu,"
                                    "rope_partial,lm_head_loss_bias,alibi_attention,moe_mlp,lm_head_distill,"
-                                   "decode_attention,matmul",
+                                   "decode_attention,matmul,int8_linear",
                    help="comma list (default: all of %(default)s; lm_head_loss_smooth_z is the LM head + loss with "
                         "label smoothing 0.1 and z-loss 1e-4, lm_head_loss_softcap with the logits soft-capped to "
                         "30 tanh(logits / 30), gqa_attention causal attention with fewer KV heads than query heads, "
@@ -287,6 +287,9 @@ def add_cli(sub):
                         "and 8, forward only, in GB/s of the cache read, matmul the GELU-MLP's products (fc1, fc2, "
                         "dx, dW1) per operand layout, NN, NT, TN and NN-copy (fc2 with W2^T made contiguous in the "
                         "timing), at --mlp-rows tokens and widths 768 and 1600: torch.mm (cuBLAS) against our matmul "
+                        "kernel, forward only, int8_linear the weight-only int8 linear (W8A16) at decode and prefill "
+                        "rows on GPT-2 small's fc1 and fc2 and Llama-3-8B's up projection: the weight dequantized "
+                        "once (torch) or every call (reference, compile), torch's aten._weight_int8pack_mm and our "
                         "kernel, forward only)")
     k.add_argument("--modes", default="fwd,bwd,fwd+bwd", help="comma list (default: all of %(default)s)")
     k.add_argument("--providers", default=None, help=f"subset of {','.join(ALL_PROVIDERS)}")

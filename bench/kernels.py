@@ -123,8 +123,17 @@ and "NN-copy": fc2 with W2^T made contiguous first, the copy timed too (what an 
 call would pay). Providers: torch.mm on the same views (cuBLAS) and ours, kernels/mlp.py's _matmul with no bias and no
 epilogue, forced to the Triton kernel (path="triton": in the MLP a plain product takes the faster of it and
 cuBLAS, timed once per shape). Each row's config names the layout, the product, M, N, K and C;
-FLOPs 2 M N K (the copy's bytes are not counted). It runs after decode_attention, last of all, so a short budget drops
-it first.
+FLOPs 2 M N K (the copy's bytes are not counted). It runs after decode_attention.
+int8_linear is a weight-only int8 linear layer (W8A16, gpt-fast's int8 weight-only: W [N, K] stored as int8 q and one
+fp32 scale a row, W ~= q * scale[:, None]), y = x @ (q * scale[:, None]).T, bias-free, forward only (inference: its rows
+are "fwd"), at decode rows (M 1 and 16) and a prefill's (4096) on GPT-2 small's fc1 (768 -> 3072) and fc2 (3072 -> 768)
+and Llama-3-8B's up projection (4096 -> 14336): torch (F.linear on the weight dequantized once beforehand, in x's
+dtype: the unquantized layer a user would otherwise run), reference (dequantize, then F.linear, on every call: what
+model/quant.py's Int8Linear does), compile (torch.compile of that), torch-int8 (torch's own int8 weight-only matmul,
+aten._weight_int8pack_mm, its scales in x's dtype, where this torch runs it) and ours (kernels/quant.py's int8_linear).
+FLOPs 2 M N K; bytes: the int8 weight, its fp32 scales, x and y once each (INT8_BYTES_NOTE: what the providers really
+read differs, the dequantizing ones write and read a 16-bit weight too), so at decode the GB/s column is the weight
+stream's rate. It runs after matmul, last of all, so a short budget drops it first.
 Modes: fwd (inputs require grad, as in training), bwd (backward of a kept graph,
 retain_graph=True), fwd+bwd. Backward starts from a random gradient, or from 1 for a loss (as
 loss.backward() does). Gradients are reset to None before each timed call.
@@ -199,6 +208,9 @@ PROVIDERS = {
     "decode_attention": ("reference", *SDPA_BACKENDS, "compile", "triton", "triton-1pass", *FLASH_ATTN),
     # one GELU-MLP product per operand layout, forward only: torch.mm (cuBLAS) and our matmul kernel, no epilogue
     "matmul": ("torch", "triton"),
+    # the weight-only int8 linear (W8A16), forward only: dequantized once (torch) or every call (reference, compile),
+    # torch's aten._weight_int8pack_mm and ours
+    "int8_linear": ("reference", "torch", "compile", "torch-int8", "triton"),
 }
 # a gated MLP op -> its gate's activation (SwiGLUFeedForward's and swiglu_mlp's activation)
 GATED_MLPS = {"swiglu": "silu", "geglu": "gelu"}
@@ -208,6 +220,7 @@ SOFTCAP = dict(softcap=30.0)  # lm_head_loss_softcap's logit soft cap (30: Gemma
 # lm_head_distill's mix: a JSD between forward and reverse KL at Hinton's T = 2, half CE
 DISTILL = dict(alpha=0.5, temperature=2.0, beta=0.5)
 ATTN_SOFTCAP = 50.0  # softcap_attention's cap on the scores (Gemma 2's attn_logit_softcapping)
+INT8_BYTES_NOTE = "bytes: the int8 weight, its fp32 scales, x and y once each (not what each provider reads)"
 # a GELU MLP op -> its GELU, as F.gelu names them (FeedForward's and gelu_mlp's approximate)
 GELU_MLPS = {"mlp": "tanh", "mlp_exact_gelu": "none"}
 # Phi-4-mini's LongRoPE attention factor, transformers' default for its 131072 positions over the original 4096
@@ -234,7 +247,10 @@ FULL_SIZES = dict(ln_rows=16384, ln_widths=(768, 1024, 1280, 1600),
                   decode_batches=(1, 8), decode_seqlens=(1024, 4096, 16384),
                   decode_heads=((32, 32, 64), (32, 32, 128), (32, 8, 128)),
                   # matmul: the GELU-MLP's widths (hidden 4 C) at mlp_rows tokens: GPT-2 small's and XL's
-                  matmul_widths=(768, 1600))
+                  matmul_widths=(768, 1600),
+                  # int8_linear: rows (decode, a batch of decodes, a prefill) and (K, N): GPT-2 small's fc1 and fc2,
+                  # Llama-3-8B's up projection
+                  int8_rows=(1, 16, 4096), int8_shapes=((768, 3072), (3072, 768), (4096, 14336)))
 QUICK_SIZES = dict(ln_rows=4096, ln_widths=(768, 1600),
                    mlp_rows=4096, mlp_widths=(768,),
                    attn_seqlens=(1024,), attn_head_dims=(64,),
@@ -245,7 +261,7 @@ QUICK_SIZES = dict(ln_rows=4096, ln_widths=(768, 1600),
                    rope_partial_heads=((12, 12, 64, 16, 1.0), (24, 8, 128, 96, PHI4_MINI_MSCALE)),
                    moe_shapes=((2048, 8, 2, 768, 2048),),
                    decode_batches=(1,), decode_seqlens=(4096,), decode_heads=((32, 8, 128),),
-                   matmul_widths=(768,))
+                   matmul_widths=(768,), int8_rows=(1, 4096), int8_shapes=((768, 3072), (4096, 14336)))
 
 
 def randn(*shape, device, dtype, scale=1.0, requires_grad=True):
@@ -898,6 +914,43 @@ def matmul_providers(a, b, copy_b=False):
         return (lambda: fn(a, operand(), path="triton")[0]), [a, b]
 
     return {"torch": torch_op, "triton": triton_op}
+
+
+def int8_linear_providers(x, q, scale, b=None):
+    """y = x [M, K] @ (q * scale[:, None]).T (+ b): q [N, K] int8, scale [N] fp32 (see int8_linear in the module
+    docstring). Every provider returns y [M, N] in x's dtype; nothing requires grad (inference)."""
+    def dequantized():  # what the reference module runs: the 16-bit weight made again on every call
+        return F.linear(x, q.to(x.dtype) * scale.to(x.dtype)[:, None], b)
+
+    def torch_op():
+        w = q.to(x.dtype) * scale.to(x.dtype)[:, None]  # the unquantized layer: its weight made once, untimed
+        return (lambda: F.linear(x, w, b)), [x]
+
+    def torch_int8():
+        op = getattr(torch.ops.aten, "_weight_int8pack_mm", None)
+        if op is None:
+            raise Unavailable("this torch has no aten._weight_int8pack_mm")
+        s = scale.to(x.dtype)  # it takes the scales in x's dtype
+
+        def f():
+            y = op(x, q, s)
+            return y if b is None else y + b  # it has no bias: added after
+
+        try:
+            f()
+        except (RuntimeError, NotImplementedError) as e:
+            raise Unavailable(f"aten._weight_int8pack_mm does not run {dtype_name(x.dtype)} on {x.device.type}: "
+                              f"{reason_of(e)}") from None
+        return f, [x]
+
+    def triton_op():
+        fn, why = try_import("tritongpt.kernels.quant", "int8_linear")
+        if fn is None:
+            raise Unavailable(why)
+        return (lambda: fn(x, q, scale, b)), [x]
+
+    return {"reference": lambda: (dequantized, [x]), "torch": torch_op,
+            "compile": lambda: (_fresh_compile(dequantized), [x]), "torch-int8": torch_int8, "triton": triton_op}
 
 
 def cross_entropy_providers(x, t):
@@ -1676,6 +1729,42 @@ def sweep_matmul(timer, budget, rows_m, widths, dtype, modes=MODES, providers=No
     return out
 
 
+def quantize_int8(w):
+    """gpt-fast's int8 weight-only scheme: (q int8 [N, K], scale fp32 [N]), symmetric per output row, q in
+    [-127, 127], w ~= q * scale[:, None] (a zero row: scale 1)."""
+    scale = w.float().abs().amax(1) / 127
+    scale = torch.where(scale == 0, torch.ones_like(scale), scale)
+    return torch.round(w.float() / scale[:, None]).clamp(-127, 127).to(torch.int8), scale
+
+
+def int8_linear_bytes(m: int, n: int, k: int, elem: int) -> int:
+    """int8_linear's bytes (INT8_BYTES_NOTE): the int8 weight, its fp32 scales, x and y."""
+    return n * k + 4 * n + (m * k + m * n) * elem
+
+
+def sweep_int8_linear(timer, budget, rows_m, shapes, dtype, modes=MODES, providers=None):
+    """The weight-only int8 linear at each (K, N) of shapes and each row count; "fwd" only of modes (inference).
+    FLOPs 2 M N K, bytes int8_linear_bytes; each row notes what its bytes count."""
+    out = []
+    dev = timer.device
+    modes = tuple(m for m in modes if m == "fwd")
+    for k, n in shapes if modes else ():
+        q, scale = quantize_int8(randn(n, k, device=dev, dtype=torch.float32, scale=k ** -0.5, requires_grad=False))
+        for m in rows_m:
+            x = randn(m, k, device=dev, dtype=dtype, requires_grad=False)
+            cfg = {"M": m, "K": k, "N": n, "dtype": dtype_name(dtype)}
+            work = {"flops": matmul_flops(m, n, k), "bytes": int8_linear_bytes(m, n, k, x.element_size())}
+            rows = bench_providers("int8_linear", cfg, int8_linear_providers(x, q, scale), modes, timer, budget,
+                                   lambda mode: work, providers)
+            for r in rows:
+                r.setdefault("note", INT8_BYTES_NOTE)
+            out += rows
+            del x
+            timer.cleanup()
+        del q, scale
+    return out
+
+
 def _sweep_masked_attention(op, case, timer, budget, seqlens, head_dims, dtype, tokens, width, modes, providers):
     """Causal attention with a mask of its own, over sweep_attention's shapes: case(q, k, v) ->
     (the row's config beyond the shape, the providers, the work of a mode)."""
@@ -1877,8 +1966,10 @@ def _sweep_plan(sizes, part):
             # one KV-cache decode step: after everything else
             "decode_attention": [(sizes["decode_batches"], sizes["decode_seqlens"], sizes["decode_heads"])]
             if part == "rest" else [],
-            # the MLP's matmuls per operand layout: after decode_attention, the first a short budget drops
-            "matmul": [sizes["matmul_widths"]] if part == "rest" else []}
+            # the MLP's matmuls per operand layout: after decode_attention
+            "matmul": [sizes["matmul_widths"]] if part == "rest" else [],
+            # the weight-only int8 linear: after matmul, the first a short budget drops
+            "int8_linear": [(sizes["int8_rows"], sizes["int8_shapes"])] if part == "rest" else []}
     return {op: [a for a in args if a] for op, args in plan.items()}
 
 
@@ -1887,7 +1978,7 @@ def run_kernels(timer, budget, dtype=torch.bfloat16,
                      "window_attention", "add_layernorm", "rope", "lm_head_loss_smooth_z", "lm_head_loss_softcap",
                      "gqa_attention", "rmsnorm", "add_rmsnorm", "swiglu", "geglu", "softcap_attention",
                      "mlp_exact_gelu", "rope_partial", "lm_head_loss_bias", "alibi_attention", "moe_mlp",
-                     "lm_head_distill", "decode_attention", "matmul"),
+                     "lm_head_distill", "decode_attention", "matmul", "int8_linear"),
                 modes=MODES, providers=None, sizes=None, ceiling_sizes=None, log=print):
     """All sweeps plus the ceilings; returns (rows, ceilings).
 
@@ -1897,8 +1988,8 @@ def run_kernels(timer, budget, dtype=torch.bfloat16,
     lm_head_loss_softcap (variants of lm_head_loss) come after all of those, each whole (every
     provider's, compiled ones too) before the next, gqa_attention after them, then rmsnorm,
     add_rmsnorm, swiglu, geglu, softcap_attention, mlp_exact_gelu, rope_partial, lm_head_loss_bias, alibi_attention
-    moe_mlp, lm_head_distill, decode_attention and matmul (the newest ops), so a short budget drops matmul first, then
-    decode_attention, then lm_head_distill, then moe_mlp, then
+    moe_mlp, lm_head_distill, decode_attention, matmul and int8_linear (the newest ops), so a short budget drops
+    int8_linear first, then matmul, then decode_attention, then lm_head_distill, then moe_mlp, then
     alibi_attention, then
     lm_head_loss_bias, then rope_partial, then mlp_exact_gelu, then softcap_attention, then geglu, then swiglu, then
     the RMSNorms, then gqa_attention, then the LM head's soft cap.
@@ -2037,6 +2128,11 @@ def _run_plan(rows, timer, budget, dtype, ops, modes, sizes, groups, log):
                 log(f"gelu-mlp matmuls per operand layout ({part}{label}): widths {list(widths)} x {sizes['mlp_rows']} "
                     "rows ...")
                 rows += sweep_matmul(timer, budget, sizes["mlp_rows"], widths, dtype, modes, provs)
+        for provs, label in groups:
+            for rows_m, shapes in plan["int8_linear"] if "int8_linear" in ops else ():
+                what = ", ".join(f"{k}->{n}" for k, n in shapes)
+                log(f"int8 weight-only linear ({part}{label}): {what}, rows {list(rows_m)} ...")
+                rows += sweep_int8_linear(timer, budget, rows_m, shapes, dtype, modes, provs)
 
 
 def sort_rows(rows):
@@ -2050,7 +2146,8 @@ def sort_rows(rows):
         c = r["config"]
         # matmul's rows: each product's providers side by side
         cfg = (c.get("head_dim", 0), c.get("seq_len", 0), c.get("width", 0), c.get("vocab", 0), c.get("rows", 0),
-               c.get("heads", 0), c.get("C", 0), c.get("layout", ""), c.get("product", ""))
+               c.get("heads", 0), c.get("C", 0), c.get("layout", ""), c.get("product", ""), c.get("K", 0), c.get("N", 0),
+               c.get("M", 0))
         return (ops.index(r["op"]) if r["op"] in ops else len(ops), r.get("mode") == "saved", cfg, prov,
                 mode_order.get(r.get("mode"), 9))
 

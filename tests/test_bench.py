@@ -526,7 +526,8 @@ def test_run_kernels_end_to_end_on_cpu():
                    head_widths=(12,), rope_tokens=32, rope_seq_len=16, rope_heads=(2, 3), rope_head_dim=8,
                    gqa_seqlens=(16,), gqa_heads=((4, 2, 8),),
                    rope_partial_heads=((2, 2, 8, 4, 1.0), (4, 2, 16, 12, 1.5)), moe_shapes=((12, 3, 2, 8, 16),),
-                   decode_batches=(1,), decode_seqlens=(16,), decode_heads=((4, 2, 8),), matmul_widths=(8,)),
+                   decode_batches=(1,), decode_seqlens=(16,), decode_heads=((4, 2, 8),), matmul_widths=(8,),
+                   int8_rows=(1, 4), int8_shapes=((16, 8),)),
         ceiling_sizes=dict(copy_bytes=1 << 16, matmul_n=32, dtype=torch.float32), log=lambda s: None)
     assert ceil["copy"]["gbps"] > 0 and ceil["matmul"]["tflops"] > 0
     assert all(r["status"] == "ok" for r in rows), [r["status"] for r in rows if r["status"] != "ok"]
@@ -538,10 +539,14 @@ def test_run_kernels_end_to_end_on_cpu():
     # the SwiGLU MLP and the GeGLU one (reference), soft-capped attention at T 32 and 16 (reference), the exact-GELU
     # MLP (reference, torch), partial rotary at 2 shapes (reference), lm_head_loss with a head bias, ALiBi attention
     # at T 32 and 16 (reference), the mixture-of-experts MLP (reference), both LM heads + distillation (reference),
-    # a decode step (reference, sdpa-flash; forward only), the MLP's 5 matmuls (torch; forward only)
+    # a decode step (reference, sdpa-flash; forward only), the MLP's 5 matmuls (torch; forward only), the int8 linear
+    # at 2 row counts (reference, torch; forward only)
     assert len(timed) == (2 * 2 * 3 + 1 * 2 * 3 + 2 * 2 * 3 + 1 * 2 * 3 + 1 * 2 * 3 + 2 * 3 + 3 + 2 * 2 * 3 + 1 * 2 * 3
                           + 1 * 2 * 3 + 2 * 3 + 2 * 3 + 2 * 2 * 3 + 2 * 2 * 3 + 3 + 3 + 2 * 3 + 2 * 3 + 2 * 3
-                          + 1 * 2 * 3 + 2 * 3 + 3 + 3 + 2 + 5)
+                          + 1 * 2 * 3 + 2 * 3 + 3 + 3 + 2 + 5 + 2 * 2)
+    assert [(r["provider"], r["mode"], r["config"]["M"], r["flops"], r["bytes"]) for r in timed
+            if r["op"] == "int8_linear"] == [(p, "fwd", m, 2 * m * 8 * 16, 8 * 16 + 4 * 8 + (m * 16 + m * 8) * 4)
+                                             for m in (1, 4) for p in ("reference", "torch")]
     assert [(r["provider"], r["mode"], r["config"]["layout"], r["config"]["product"], r["config"]["M"],
              r["config"]["N"], r["config"]["K"], r["flops"]) for r in timed if r["op"] == "matmul"] == \
         [("torch", "fwd", layout, product, m, n, k, 2 * m * n * k)
@@ -628,6 +633,8 @@ def test_target_configurations_are_measured_first_and_exactly_once():
     assert first["decode_attention"] == [] and rest["decode_attention"] == [((1, 8), (1024, 4096, 16384), (
         (32, 32, 64), (32, 32, 128), (32, 8, 128)))]
     assert first["matmul"] == [] and rest["matmul"] == [(768, 1600)] and full["mlp_rows"] == 16384
+    assert first["int8_linear"] == [] and rest["int8_linear"] == [((1, 16, 4096), ((768, 3072), (3072, 768),
+                                                                                   (4096, 14336)))]
     assert full["gqa_heads"] == ((32, 8, 128), (12, 1, 64), (4, 1, 256))
     assert full["gqa_seqlens"] == (512, 1024, 2048, 4096, 8192)
     for op, key in (("layernorm", "ln_widths"), ("mlp", "mlp_widths")):
@@ -1135,6 +1142,8 @@ def test_gpu_command_flow_with_cpu_stand_ins(tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(kernels.QUICK_SIZES, "rope_partial_heads", ((2, 2, 8, 4, 1.0), (4, 2, 16, 12, 1.5)))
     monkeypatch.setitem(kernels.QUICK_SIZES, "decode_seqlens", (64,))  # no size flag either
     monkeypatch.setitem(kernels.QUICK_SIZES, "matmul_widths", (8,))  # nor matmul's widths (its rows: --mlp-rows)
+    monkeypatch.setitem(kernels.QUICK_SIZES, "int8_rows", (1, 4))  # nor int8_linear's rows and shapes
+    monkeypatch.setitem(kernels.QUICK_SIZES, "int8_shapes", ((16, 8),))
     seen = {}
 
     def fake_train(device, budget, dtype, models, providers, batch, seq_len, warmup, steps, peak, log, **model):
@@ -1178,7 +1187,7 @@ def test_gpu_command_flow_with_cpu_stand_ins(tmp_path, monkeypatch, capsys):
                                             "rmsnorm", "add_rmsnorm", "swiglu", "geglu", "softcap_attention",
                                             "mlp_exact_gelu", "rope_partial", "lm_head_loss_bias",
                                             "alibi_attention", "moe_mlp", "lm_head_distill", "decode_attention",
-                                            "matmul"}
+                                            "matmul", "int8_linear"}
     assert {(r["config"]["M"], r["config"]["C"]) for r in k["rows"] if r["op"] == "matmul"} == {(8, 8), (32, 8)}
     assert {(r["config"]["heads"], r["config"]["kv_heads"]) for r in k["rows"] if r["op"] == "gqa_attention"} == \
         {(4, 2), (3, 1)}
@@ -1867,6 +1876,44 @@ def test_matmul_rows_time_each_product_in_the_layout_the_mlp_passes(device, monk
                                                       ("TN", "dW1")) for p in ("torch", "triton")]
     assert kernels.sweep_matmul(CpuTimer(reps=1), Budget(None), m, (c,), torch.float32,
                                 modes=("bwd", "fwd+bwd")) == []
+
+
+def test_int8_linear_rows_time_every_provider_on_one_quantized_weight(device, monkeypatch):
+    """int8_linear: every provider computes x @ (q * scale[:, None]).T (+ b) from the same int8 weight (the reference
+    and compile dequantizing on each call, torch on a weight dequantized once, torch-int8 through
+    aten._weight_int8pack_mm where it runs, ours); the rows are forward only, 2 M N K FLOPs and the int8 weight, its
+    fp32 scales, x and y in bytes, each row saying so."""
+    monkeypatch.setattr(kernels, "_fresh_compile", lambda fn: fn)  # the function torch.compile would get
+    gen = torch.Generator().manual_seed(7)
+    w = torch.randn(40, 24, generator=gen) * 24 ** -0.5
+    w[3] = 0.0
+    q, scale = kernels.quantize_int8(w.to(device))
+    assert q.dtype == torch.int8 and q.abs().max() == 127 and scale[3] == 1 and (q[3] == 0).all()
+    assert (q.double() * scale.double()[:, None] - w.double().to(device)).abs().max() <= scale.max() / 2 + 1e-7
+    x = torch.randn(5, 24, generator=gen).to(device)
+    b = torch.randn(40, generator=gen).to(device)
+    want = x.double() @ (q.double() * scale.double()[:, None]).T + b.double()
+    builders = kernels.int8_linear_providers(x, q, scale, b)
+    assert set(builders) == set(kernels.PROVIDERS["int8_linear"])
+    for name, build in builders.items():
+        try:
+            f, leaves = build()
+        except kernels.Unavailable as e:
+            assert name == "torch-int8", (name, e)  # the one provider torch may lack
+            continue
+        y = f()
+        assert y.dtype == x.dtype and torch.allclose(y.double(), want, rtol=1e-5, atol=1e-5), name
+    rows = kernels.sweep_int8_linear(CpuTimer(reps=1), Budget(None), (1, 3), ((24, 40), (16, 8)), torch.float32)
+    assert {r["op"] for r in rows} == {"int8_linear"} and {r["mode"] for r in rows} == {"fwd"}
+    by = {(r["config"]["M"], r["config"]["K"], r["provider"]): r for r in rows}
+    assert len(by) == len(rows) == 2 * 2 * 5
+    assert by[3, 24, "triton"]["status"] == "ok" and by[3, 24, "reference"]["status"] == "ok"
+    assert by[3, 24, "triton"]["flops"] == 2 * 3 * 40 * 24
+    assert by[3, 24, "triton"]["bytes"] == 40 * 24 + 4 * 40 + (3 * 24 + 3 * 40) * 4
+    assert by[1, 16, "torch"]["bytes"] == 8 * 16 + 4 * 8 + (16 + 8) * 4 and by[1, 16, "torch"]["config"]["N"] == 8
+    assert all(r["note"] == kernels.INT8_BYTES_NOTE for r in rows)
+    assert kernels.sweep_int8_linear(CpuTimer(reps=1), Budget(None), (1,), ((16, 8),), torch.float32,
+                                     modes=("bwd", "fwd+bwd")) == []
 
 
 def test_softcap_attention_rows_time_each_provider_on_the_same_capped_scores(device):
@@ -2752,7 +2799,8 @@ def test_every_provider_builder_is_in_the_sweep():
                                               torch.zeros(1, 24, 8), torch.zeros(1, 8, 24)),
              "lm_head_distill": kernels.lm_head_distill_providers(x, torch.zeros(5, 8), x, torch.zeros(5, 8), t),
              "decode_attention": kernels.decode_attention_providers(q[:, :, :1], q, q),
-             "matmul": kernels.matmul_providers(x, x.t())}
+             "matmul": kernels.matmul_providers(x, x.t()),
+             "int8_linear": kernels.int8_linear_providers(x, torch.zeros(5, 8, dtype=torch.int8), torch.ones(5))}
     assert set(built) == set(kernels.PROVIDERS)
     for op, builders in built.items():
         assert set(kernels.PROVIDERS[op]) == set(builders), op
@@ -3031,21 +3079,22 @@ def test_lm_head_variants_run_last_of_all_the_soft_cap_last(monkeypatch):
               "mlp_exact_gelu": "sweep_mlp_exact_gelu", "rope_partial": "sweep_rope_partial",
               "lm_head_loss_bias": "sweep_lm_head_loss_bias", "alibi_attention": "sweep_alibi_attention",
               "moe_mlp": "sweep_moe_mlp", "lm_head_distill": "sweep_lm_head_distill",
-              "decode_attention": "sweep_decode_attention", "matmul": "sweep_matmul"}
+              "decode_attention": "sweep_decode_attention", "matmul": "sweep_matmul",
+              "int8_linear": "sweep_int8_linear"}
     for op, name in sweeps.items():
         monkeypatch.setattr(kernels, name, lambda *a, op=op: calls.append((op, "compile" in a[-1])) or [])
     monkeypatch.setattr(kernels, "measure_ceilings", lambda timer, **k: {})
     kernels.run_kernels(CpuTimer(reps=1), Budget(None), log=lambda s: None)
     newest = ["lm_head_loss_smooth_z", "lm_head_loss_softcap", "gqa_attention", "rmsnorm", "add_rmsnorm", "swiglu",
               "geglu", "softcap_attention", "mlp_exact_gelu", "rope_partial", "lm_head_loss_bias", "alibi_attention",
-              "moe_mlp", "lm_head_distill", "decode_attention", "matmul"]
-    assert calls[-32:] == [(op, compiled) for op in newest for compiled in (False, True)]  # after them all
-    assert {op for op, _ in calls[:-32]} == set(sweeps) - set(newest)
-    assert ("doc_attention", True) in calls[:-32]
+              "moe_mlp", "lm_head_distill", "decode_attention", "matmul", "int8_linear"]
+    assert calls[-34:] == [(op, compiled) for op in newest for compiled in (False, True)]  # after them all
+    assert {op for op, _ in calls[:-34]} == set(sweeps) - set(newest)
+    assert ("doc_attention", True) in calls[:-34]
     parser = cli.build_parser()
     default_ops = parser.parse_args(["bench", "kernels"]).ops.split(",")
     assert default_ops == list(inspect.signature(kernels.run_kernels).parameters["ops"].default)
-    assert default_ops[-16:] == newest
+    assert default_ops[-17:] == newest
     ops, _, _ = bcli.kernel_names(parser.parse_args(["bench", "kernels", "--ops", "lm_head_loss_softcap"]))
     assert ops == ("lm_head_loss_softcap",)
 
