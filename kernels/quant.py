@@ -17,10 +17,9 @@ grouped (GROUP_M) so that neighbouring row-tiles reuse the same weight tiles fro
 The scale is applied once, in the epilogue: sum_k x[m, k] q[n, k] scale[n] = scale[n] * sum_k x[m, k] q[n, k],
 so it factors out of the K sum. acc * scale[n] (fp32), + bias, then GELU (gelu_tanh or exact erf, kernels/mlp.py's
 _gelu_act) are computed on the tile in registers and stored in the compute dtype. The dequantized weight never
-exists in memory, and the products in the loop are the plain ones tensor cores do: only one multiply per output,
-not one per weight. The reference's dequantized weight q * scale rounds to the compute dtype first (in bf16 that
-changes the product by up to 2^-9 relative per weight); this kernel keeps the scale in fp32, so it is closer to the
-float64 result, not further.
+exists in memory, and the scale costs one multiply per output instead of one per weight. The reference rounds its
+dequantized weight q * scale to the compute dtype (in bf16 up to 2^-9 relative per weight) before the product; this
+kernel's weight is exact (q, and the scale in fp32), so only x's, the bias's and y's roundings remain.
 
 Compute dtype: under torch.autocast its dtype (x and bias are cast to it first, as nn.Linear's inputs are), else
 x's. fp32 uses IEEE products (no TF32), bf16/fp16 tensor cores with fp32 accumulation. Launch: on a GPU autotuned
@@ -102,7 +101,7 @@ def _int8_linear_kernel(X, Q, Scale, Bias, Y, M, N, K, M_BUCKET, stride_xm, stri
     offs_k = tl.arange(0, BLOCK_K)
     m_ok = offs_m < M
     n_ok = offs_n < N
-    # int64 row offsets: M * K and N * K may pass 2^31 (a 4096 x 14336 weight is 2^29.8; 16k tokens of 4096 too)
+    # int64 row offsets: M * K and N * K may pass 2^31 elements (a long prefill at a wide K, a big vocabulary's head)
     x_ptrs = X + offs_m.to(tl.int64)[:, None] * stride_xm + offs_k[None, :]
     q_ptrs = Q + offs_k[:, None] + offs_n.to(tl.int64)[None, :] * stride_qn  # the [BLOCK_K, BLOCK_N] tile of q^T
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)

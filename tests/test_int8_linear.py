@@ -228,3 +228,19 @@ def test_fp32_products_are_ieee(dtype, precision, device, monkeypatch):
     monkeypatch.setattr(quant, "launch_tuned", lambda *a, **kw: seen.append(kw) or real(*a, **kw))
     int8_linear(torch.randn(3, 64, device=device, dtype=dtype), q, scale, None, "gelu_erf")
     assert seen == [dict(HAS_BIAS=False, ACTIVATION=True, GELU_ERF=True, PRECISION=precision)]
+
+
+def test_eager_call_skips_the_dispatcher(device, monkeypatch):
+    """Plain eager runs the op's function directly (_common.custom_op's .call); through the dispatcher (the fast
+    path off) the same bits."""
+    from tritongpt.kernels import _common
+
+    q, scale, b = make(130, 100, device, seed=13)
+    x = torch.randn(7, 100, generator=torch.Generator().manual_seed(14)).to(device, torch.bfloat16)
+    seen = []
+    real = quant._int8_linear_op._backend_fns[None]
+    monkeypatch.setitem(quant._int8_linear_op._backend_fns, None, lambda *a, **kw: seen.append(1) or real(*a, **kw))
+    fast = int8_linear(x, q, scale, b, "gelu_tanh")
+    assert seen == []
+    monkeypatch.setattr(_common, "plain_eager", lambda args: False)
+    assert torch.equal(int8_linear(x, q, scale, b, "gelu_tanh"), fast) and seen == [1]
