@@ -214,7 +214,8 @@ def int8_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, bia
 
     qweight [N, K] torch.int8 with unit stride along K (nn.Linear's layout), scale [N] floating (used in fp32),
     bias [N] floating or None; activation None, "gelu_tanh" or "gelu_erf" (after the bias). y has the compute
-    dtype: the autocast dtype under torch.autocast (x and bias cast to it first, as nn.Linear's inputs), else x's.
+    dtype: the autocast dtype under torch.autocast (x and bias cast to it first, as nn.Linear's inputs), else x's
+    (the bias rounded to it too, as F.linear would need it).
     Inference only: no backward (call it under torch.no_grad() or torch.inference_mode()).
     """
     no_func_transform("int8_linear")

@@ -84,6 +84,12 @@ def test_leading_dims_and_strided_x(dtype, device, monkeypatch):
     monkeypatch.setattr(quant, "_launch", lambda x, *a: seen.append(x.stride()) or real(x, *a))
     check(int8_linear(xs, q, scale, b), reference(xs, q, scale, b), dtype, "rows at a stride")
     assert seen == [(k + 28, 1)]  # not copied
+    # q's rows at a stride (every other row of a bigger weight), scale and bias as strided views
+    q2, scale2, b2 = make(2 * n, k, device, seed=15)
+    b2 = b2.to(dtype)
+    assert q2[::2].stride() == (2 * k, 1) and scale2[::2].stride() == (2,)
+    check(int8_linear(x, q2[::2], scale2[::2], b2[::2]), reference(x, q2[::2], scale2[::2], b2[::2]), dtype,
+          "strided weight, scale and bias")
 
 
 def test_autocast_computes_in_its_dtype(device):
