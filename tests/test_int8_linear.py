@@ -77,8 +77,9 @@ def test_leading_dims_and_strided_x(dtype, device, monkeypatch):
     xt = torch.randn(k, 5, generator=gen).to(device, dtype).t()  # [5, K], unit stride along the rows
     assert xt.stride() == (1, 5)
     check(int8_linear(xt, q, scale, b), reference(xt, q, scale, b), dtype, "transposed x")
-    wide = torch.randn(9, k + 28, generator=gen).to(device, dtype)
-    xs = wide[:, 10:10 + k]  # rows 128 apart
+    wide = torch.full((9, k + 28), float("nan"), device=device, dtype=dtype)
+    xs = wide[:, 10:10 + k]  # rows 128 apart, NaN either side: a load past K's edge would show
+    xs.copy_(torch.randn(9, k, generator=gen))
     seen = []
     real = quant._launch
     monkeypatch.setattr(quant, "_launch", lambda x, *a: seen.append(x.stride()) or real(x, *a))
