@@ -17,6 +17,7 @@ from tritongpt.model.config import GPTConfig
 from tritongpt.model.layers import (FeedForward, LayerNorm, MoEFeedForward, MultiHeadAttention, PerHeadNorm, RMSNorm,
                                     Rotary, SwiGLUFeedForward, TransformerBlock, document_starts,
                                     load_balancing_loss, make_norm, rope_seq_len)
+from tritongpt.model.quant import Int8Linear
 from tritongpt.model.toggle import resolve_kernels, spec_string
 
 
@@ -163,7 +164,8 @@ class GPTModel(nn.Module):
         # A move that makes new tensors (to_empty() after building on the meta device) gives
         # each module its own parameter: tie the head to the embedding again.
         out = super()._apply(fn, *args, **kwargs)
-        if self.config.tie_weights and self.out_head.weight is not self.tok_emb.weight:
+        if self.config.tie_weights and isinstance(self.out_head, nn.Linear) \
+                and self.out_head.weight is not self.tok_emb.weight:  # (an int8 head, model/quant.py, is its own)
             self.out_head.weight = self.tok_emb.weight
         return out
 
@@ -211,6 +213,8 @@ class GPTModel(nn.Module):
                 m.use_triton = "attention" in names
             elif isinstance(m, Rotary):
                 m.use_triton = "rope" in names
+            elif isinstance(m, Int8Linear):  # quantize_int8's matmuls: the matmul kernels' name
+                m.use_triton = "mlp" in names
         self.kernels = names
         self.config.kernels = spec_string(names)
         return self
@@ -384,7 +388,8 @@ class GPTModel(nn.Module):
         if targets is not None:
             targets = self._checked_targets(idx, targets)
         triton_loss = targets is not None and "cross_entropy" in self.kernels
-        if triton_loss and reduction != "none":
+        # (an int8 head, model/quant.py, makes its logits itself: the fused head + loss takes a float weight)
+        if triton_loss and reduction != "none" and isinstance(self.out_head, nn.Linear):
             from tritongpt.kernels.cross_entropy import linear_cross_entropy
 
             h = self._head_input(self.hidden(idx, cache, doc_ids))
@@ -444,6 +449,8 @@ class GPTModel(nn.Module):
 
         if not is_int(multiple):
             raise UserError(f"pad_vocab needs an int multiple, got {multiple!r}")
+        if getattr(self, "quantized", None):
+            raise UserError("pad_vocab is for fine-tuning the float weights; this model is quantized, for inference")
         # built on the CPU first: with the reference path, since Triton there needs the
         # interpreter (off on a GPU machine); the caller's kernels are set once it has moved
         cfg = replace(self.config, vocab_multiple=multiple, kernels="reference")  # checks multiple
@@ -484,6 +491,9 @@ class GPTModel(nn.Module):
     # -- weights on disk --------------------------------------------------------------------
     def save(self, path, extra_metadata: dict | None = None):
         """Weights as safetensors, with the config (and any extra strings) in its metadata."""
+        if getattr(self, "quantized", None):
+            raise UserError(f"this model is {self.quantized}-quantized, for inference: save the float weights (a "
+                            "checkpoint holds those; quantize when loading, --quantize)")
         meta = {"config": json.dumps(self.config.to_dict()), "format": "tritongpt"}
         taken = sorted(set(extra_metadata or {}) & set(meta))
         if taken:  # they say how to read the file: another value would make it unloadable

@@ -19,6 +19,8 @@ a state_dict moves freely between the two paths.
     Rotary (apply_rotary) <-> kernels/rope.py       (rope: q and k rotated in one launch)
     out_head + lm_loss (model/gpt.py) <->  kernels/cross_entropy.py (linear_cross_entropy: never all the logits at once;
                                                      its bias too, GPTConfig.head_bias)
+    Int8Linear (model/quant.py) <-> kernels/quant.py (int8_linear: weight-only int8, dequantized in registers;
+                                                     quantize_int8 swaps the Linears in; inference only)
 """
 import contextlib
 import math
@@ -26,6 +28,8 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from tritongpt.model.quant import Int8Linear
 
 
 def _fp32_if_fp16(t):
@@ -220,6 +224,8 @@ class FeedForward(nn.Module):
         self.use_triton = False
 
     def forward(self, x):
+        if isinstance(self.fc1, Int8Linear):  # quantize_int8's (model/quant.py): fc1's GELU in its own epilogue
+            return self.drop(self.fc2(self.fc1(x, act=self.act)))
         if self.use_triton:
             from tritongpt.kernels.mlp import gelu_mlp
 
@@ -258,7 +264,7 @@ class SwiGLUFeedForward(nn.Module):
         self.use_triton = False
 
     def forward(self, x):
-        if self.use_triton:
+        if self.use_triton and not isinstance(self.w_gate, Int8Linear):  # int8 (model/quant.py): the line below
             from tritongpt.kernels.swiglu import swiglu_mlp
 
             return self.drop(swiglu_mlp(x, self.w_gate.weight, self.w_gate.bias, self.w_up.weight, self.w_up.bias,

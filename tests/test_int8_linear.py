@@ -251,3 +251,20 @@ def test_eager_call_skips_the_dispatcher(device, monkeypatch):
     assert seen == []
     monkeypatch.setattr(_common, "plain_eager", lambda args: False)
     assert torch.equal(int8_linear(x, q, scale, b, "gelu_tanh"), fast) and seen == [1]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("m", [1, 8, 300])
+@pytest.mark.parametrize("k,n,activation", [(768, 3072, "gelu_tanh"), (3072, 768, None)])
+def test_gpt2_small_sizes_on_cuda(dtype, m, k, n, activation):
+    """GPT-2 small's fc1 (with its GELU) and fc2 on a GPU: the autotuned decode tiles (1 and 8 rows) and the
+    prefill ones (300), each pick against float64; torch.compile of a call gives the eager bits."""
+    q, scale, b = make(n, k, "cuda", seed=m)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(k + m)).to("cuda", dtype)
+    b = b.to(dtype)
+    with torch.no_grad():
+        y = int8_linear(x, q, scale, b, activation)
+        check(y, reference(x, q, scale, b, activation), dtype, f"cuda {dtype} {m}x{k}->{n}")
+        compiled = torch.compile(lambda t: int8_linear(t, q, scale, b, activation), fullgraph=True)
+        assert torch.equal(compiled(x), y)

@@ -181,6 +181,7 @@ def eval_reward_model(args, device, dtype) -> dict:
 
 
 def cmd_eval(args):
+    from tritongpt.commands import quantize
     from tritongpt.train import data
     from tritongpt.train.common import pick_device, pick_dtype
     from tritongpt.train.gpt2_weights import load_checkpoint
@@ -190,6 +191,8 @@ def cmd_eval(args):
     if args.batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, got {args.batch_size}")
     if is_reward_model(args.weights):
+        if args.quantize:
+            raise UserError("--quantize scores a language model's perplexity; a reward model is scored as it is")
         device = pick_device(args.device)
         result = eval_reward_model(args, device, pick_dtype(args.dtype, device))
         if args.json:
@@ -206,6 +209,7 @@ def cmd_eval(args):
     device = pick_device(args.device)
     model = load_checkpoint(args.weights, args.model).to(device)
     model.set_kernels(args.kernels)
+    quantize(model, args)
     tok = pick_tokenizer(args.tokenizer, args.weights, model.config.vocab_size)
     run = pretrain_data(args.weights)
     if run and "sources" in run:
@@ -268,7 +272,7 @@ def cmd_eval(args):
                   document_mask=document_mask,
                   tokenizer=tok.name, context=model.config.context_length,
                   stride=args.stride or model.config.context_length, kernels=sorted(model.kernels) or ["reference"],
-                  device=str(device))
+                  device=str(device), quantize=args.quantize)
     if args.json:
         print(json.dumps(result, indent=1))
     else:
@@ -281,7 +285,7 @@ def cmd_eval(args):
 
 
 def add_cli(sub):
-    from tritongpt.commands import add_model_args
+    from tritongpt.commands import add_model_args, add_quantize_arg
 
     p = sub.add_parser("eval", help=command_help("eval"),
                        description=__doc__.split("\n\n")[0])
@@ -321,5 +325,6 @@ def add_cli(sub):
     p.add_argument("--document-mask", action=argparse.BooleanOptionalAction, default=None,
                    help="keep each window's documents apart (split at <|endoftext|>), as `pretrain "
                         "--document-mask` trains (default: as the --weights run trained, else not)")
+    add_quantize_arg(p)
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(func=cmd_eval)

@@ -294,6 +294,7 @@ def load_generation_model(args):
         model = GPTModel(get_config(name))
     model.to(device).eval()
     model.set_kernels(args.kernels)
+    quantize(model, args)
     # --pretrained: the name's tokenizer (a GPT-Neo's files, fetched with its weights)
     tok = pick_tokenizer(args.tokenizer, args.weights or (args.model if args.pretrained else None),
                          model.config.vocab_size)
@@ -809,6 +810,28 @@ def add_generation_model_args(p):
                    help="download GPT-2 or GPT-Neo weights from the Hub by --model name")
     p.add_argument("--tokenizer", help=TOKENIZER_CHOICES + " (default: the one saved with "
                                        "--weights' run, else by vocab size)")
+    add_quantize_arg(p)
+
+
+def add_quantize_arg(p):
+    """--quantize of the commands that only run a model (generate, chat, serve, eval): model/quant.py."""
+    p.add_argument("--quantize", choices=("int8",), default=None,
+                   help="int8: weight-only int8 quantization at load time (every matrix of the blocks and the LM "
+                        "head as int8 with an fp32 scale a row: a quarter of fp32's bytes, half of bf16's; "
+                        "activations keep their dtype); default: the weights as loaded")
+
+
+def quantize(model, args):
+    """--quantize applied to a loaded model (its kernels already set): say what it saved, on stderr."""
+    if getattr(args, "quantize", None) is None:
+        return model
+    from tritongpt.model.quant import linear_bytes, quantize_int8
+
+    before = linear_bytes(model)
+    quantize_int8(model)
+    note(f"int8 weight-only: {model.quantized_linears} matrices, {before / 2**20:,.1f} MiB -> "
+         f"{linear_bytes(model) / 2**20:,.1f} MiB as the matmuls read them")
+    return model
 
 
 def add_cuda_graphs_arg(p):

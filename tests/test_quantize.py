@@ -1,0 +1,249 @@
+"""Weight-only int8 quantization (model/quant.py: quantize_weight, Int8Linear, quantize_int8) on both paths: the
+reference dequantizes and calls F.linear, the Triton path runs kernels/quant.py's int8_linear (the kernel's own
+parity tests: tests/test_int8_linear.py)."""
+import pytest
+import torch
+import torch.nn as nn
+
+import tritongpt.train.generate as gen
+from tritongpt.errors import UserError
+from tritongpt.model.config import GPTConfig
+from tritongpt.model.gpt import GPTModel
+from tritongpt.model.layers import GELU
+from tritongpt.model.quant import Int8Linear, linear_bytes, quantize_int8, quantize_weight
+from test_decode_graph import FAMILIES, warm_then_fx
+
+VOCAB = 97
+LLAMA = dict(position_encoding="rope", n_kv_head=2, norm="rmsnorm", mlp="swiglu", bias=False)
+
+
+def tiny(kernels="reference", **extra):
+    torch.manual_seed(0)
+    cfg = GPTConfig(vocab_size=VOCAB, context_length=24, n_layer=2, n_head=4, n_embd=64, kernels=kernels, **extra)
+    return GPTModel(cfg).eval()
+
+
+def rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+# -- the quantizer ---------------------------------------------------------------------------------------------
+
+def test_each_weight_is_within_half_a_step_of_its_row_and_each_rows_largest_is_127():
+    torch.manual_seed(1)
+    w = torch.randn(6, 37) * torch.tensor([1e-3, 0.02, 1.0, 50.0, 0.0, 1.0])[:, None]
+    w[5, 3] = 40.0  # an outlier: its row's step is coarse, the other rows' are not
+    q, s = quantize_weight(w)
+    assert q.dtype == torch.int8 and s.dtype == torch.float32 and q.shape == w.shape and s.shape == (6,)
+    assert int(q.abs().max()) <= 127 and int(q.min()) >= -127
+    err = (q.float() * s[:, None] - w).abs()
+    assert bool((err <= s[:, None] / 2 * (1 + 1e-6)).all())
+    nonzero = [0, 1, 2, 3, 5]
+    assert q[nonzero].abs().amax(1).tolist() == [127] * 5
+    assert q[4].abs().max() == 0 and s[4] == 1.0  # a row of zeros: q 0, any scale (1)
+    assert torch.allclose(s[nonzero], w[nonzero].abs().amax(1) / 127)
+
+
+@pytest.mark.parametrize("w,said", [
+    (torch.tensor([[1.0, float("nan")]]), "NaN or inf"),
+    (torch.tensor([[1.0, float("inf")]]), "NaN or inf"),
+    (torch.ones(4), "floating [out, in] weight, got (4,)"),
+    (torch.ones(2, 2, dtype=torch.int32), "torch.int32"),
+])
+def test_the_quantizer_refuses_what_it_cannot_quantize(w, said):
+    with pytest.raises(UserError, match=None) as e:
+        quantize_weight(w)
+    assert said in str(e.value)
+
+
+@pytest.mark.parametrize("kernels", ["reference", "triton"])
+@pytest.mark.parametrize("bias", [True, False])
+def test_int8_linear_is_f_linear_on_the_dequantized_weight_then_its_gelu(bias, kernels):
+    """Either path against float64 on the dequantized weight, with each GELU form after it (x scaled up: the tanh
+    form and the exact one differ by ~1e-3 there, so a path that took one for the other would show)."""
+    import math
+
+    torch.manual_seed(2)
+    lin = nn.Linear(50, 30, bias=bias)
+    q8 = Int8Linear.from_linear(lin)
+    q8.use_triton = kernels == "triton"
+    x = 3 * torch.randn(3, 5, 50)
+    w = q8.qweight.double() * q8.scale.double()[:, None]
+    want = x.double() @ w.T + (lin.bias.double() if bias else 0)
+    exact = 0.5 * want * (1 + torch.erf(want / math.sqrt(2)))
+    tanh = 0.5 * want * (1 + torch.tanh(math.sqrt(2 / math.pi) * (want + 0.044715 * want ** 3)))
+    assert rel(tanh, exact) > 1e-4
+    with torch.no_grad():
+        got = q8(x)
+        got_exact, got_tanh = q8(x, act=GELU("none")), q8(x, act=GELU("tanh"))
+    assert got.dtype == torch.float32 and rel(got, want) < 1e-5
+    assert rel(got_exact, exact) < 1e-5 and rel(got_tanh, tanh) < 1e-5
+    assert 0 < rel(got, lin(x).detach()) < 0.02  # the quantization moved it, a little
+
+
+# -- a quantized model -----------------------------------------------------------------------------------------
+
+def test_quantize_int8_swaps_every_matrix_and_the_head_for_a_quarter_of_the_bytes():
+    model = tiny()
+    before = linear_bytes(model)
+    quantize_int8(model)
+    blocks = [m for b in model.trf_blocks for m in b.modules()]
+    assert not any(isinstance(m, nn.Linear) for m in blocks)
+    assert sum(isinstance(m, Int8Linear) for m in blocks) == 2 * 6  # q, k, v, out, fc1, fc2 a layer
+    assert isinstance(model.out_head, Int8Linear) and model.quantized_linears == 13
+    assert model.tok_emb.weight.dtype == torch.float32  # the embedding stays a float table
+    C, V = 64, model.config.padded_vocab_size
+    weights = 2 * (4 * C * C + 8 * C * C) + V * C  # the int8 bytes
+    rows = 2 * (4 * C + 4 * C + C) + V  # one fp32 scale and (but the head) one fp32 bias a row
+    assert linear_bytes(model) == weights + 4 * rows + 4 * (rows - V)
+    assert before == 4 * weights + 4 * (rows - V)
+    assert not model.training
+
+
+@pytest.mark.parametrize("extra", [dict(), LLAMA, dict(tie_weights=False, head_bias=True, gelu_approximate="none")])
+def test_a_quantized_model_stays_near_the_float_one(extra):
+    model = tiny(**extra)
+    idx = torch.randint(0, VOCAB, (2, 13))
+    with torch.no_grad():
+        want = model(idx)
+        got = quantize_int8(model)(idx)
+    assert 1e-5 < rel(got, want) < 0.05, rel(got, want)
+
+
+CASES = {"gpt2": dict(), "llama": LLAMA, "neox-head-bias": dict(tie_weights=False, head_bias=True,
+                                                                 gelu_approximate="none"),
+         "gemma": FAMILIES["gemma2"]}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_both_paths_of_a_quantized_model_give_the_same_logits_and_loss(case):
+    """The Triton path's int8 matmuls (kernels/quant.py; FeedForward's GELU in fc1's epilogue) against the
+    reference's dequantized F.linear, fp32: logits, and the loss through the Triton loss on the int8 head's logits."""
+    model = quantize_int8(tiny(**CASES[case]))
+    idx = torch.randint(0, VOCAB, (2, 9))
+    with torch.no_grad():
+        want, want_loss = model(idx), model(idx, targets=idx)
+        model.set_kernels("triton")
+        assert all(m.use_triton for m in model.modules() if isinstance(m, Int8Linear))
+        got, got_loss = model(idx), model(idx, targets=idx)
+    assert rel(got, want) < 1e-4, rel(got, want)
+    assert abs(got_loss.item() - want_loss.item()) < 1e-4 * want_loss.item()
+
+
+def test_the_int8_matmuls_follow_the_mlp_kernels_name():
+    model = tiny("triton")
+    quantize_int8(model)  # after set_kernels: the current choice
+    assert all(m.use_triton for m in model.modules() if isinstance(m, Int8Linear))
+    model.set_kernels("layernorm,attention")
+    assert not any(m.use_triton for m in model.modules() if isinstance(m, Int8Linear))
+    model.set_kernels("mlp")
+    assert all(m.use_triton for m in model.modules() if isinstance(m, Int8Linear))
+
+
+@pytest.mark.parametrize("kernels", ["reference", "triton"])
+def test_greedy_decoding_of_a_quantized_model_is_the_same_with_and_without_the_cache_and_a_graph(monkeypatch,
+                                                                                                 kernels):
+    model = quantize_int8(tiny(kernels))
+    idx = torch.randint(0, VOCAB, (2, 4))
+    want = gen.generate(model, idx, 6, use_cache=False)
+    assert torch.equal(gen.generate(model, idx, 6), want)
+    monkeypatch.setattr(gen, "capture_cuda_graph", warm_then_fx)
+    assert torch.equal(gen.generate(model, idx, 6, cuda_graph=True), want)
+
+
+def test_a_quantized_model_refuses_training_saving_and_a_second_quantization(tmp_path):
+    model = quantize_int8(tiny())
+    idx = torch.randint(0, VOCAB, (1, 5))
+    with pytest.raises(UserError, match="for inference"):
+        model(idx, targets=idx)  # grad mode on: the embeddings require grad, so the first matrix's input does
+    with pytest.raises(UserError, match="save the float weights"):
+        model.save(tmp_path / "q.safetensors")
+    assert not (tmp_path / "q.safetensors").exists()
+    with pytest.raises(UserError, match=r"already quantized \(int8\)"):
+        quantize_int8(model)
+    with pytest.raises(UserError, match="quantized, for inference"):
+        model.pad_vocab(64)
+
+
+def test_quantize_int8_refuses_moe_and_unmerged_lora():
+    from tritongpt.model.lora import add_lora, merge_lora
+
+    with pytest.raises(UserError, match="mixture-of-experts"):
+        quantize_int8(tiny(**LLAMA, n_experts=4, experts_per_token=2))
+    model = add_lora(tiny(), 4)
+    with pytest.raises(UserError, match="merge them first"):
+        quantize_int8(model)
+    assert isinstance(quantize_int8(merge_lora(model)).out_head, Int8Linear)
+
+
+def test_a_quantized_model_moves_whole_and_keeps_its_own_head():
+    model = quantize_int8(tiny())
+    model.to("cpu")  # GPTModel._apply re-ties a float head: an int8 head is its own
+    assert isinstance(model.out_head, Int8Linear) and model.out_head.qweight.dtype == torch.int8
+    idx = torch.randint(0, VOCAB, (1, 5))
+    with torch.no_grad():
+        assert torch.equal(model(idx), model.to(torch.float32)(idx))
+
+
+@pytest.mark.cuda
+def test_a_quantized_gpt2_small_layer_on_cuda_gives_the_references_logits_under_bf16_autocast():
+    """GPT-2 small's widths (768, 3072, the 50257-row head) in bf16 on a GPU: the Triton path's int8 matmuls against
+    the reference's dequantized F.linear under the same autocast, and greedy decoding through a real CUDA graph."""
+    from tritongpt.model.config import get_config
+
+    torch.manual_seed(0)
+    cfg = GPTConfig(**{**get_config("gpt2-small").to_dict(), "n_layer": 2})
+    model = quantize_int8(GPTModel(cfg).cuda().eval())
+    idx = torch.randint(0, cfg.vocab_size, (2, 100), device="cuda")
+    with torch.no_grad(), torch.autocast("cuda", torch.bfloat16):
+        want = model(idx).float()
+        model.set_kernels("triton")
+        got = model(idx).float()
+        assert rel(got, want) < 1e-2, rel(got, want)
+        eager = gen.generate(model, idx[:, :20], 30)
+        assert torch.equal(gen.generate(model, idx[:, :20], 30, cuda_graph=True), eager)
+
+
+# -- the commands ----------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    from tritongpt.model.config import get_config
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("quant_cli") / "model.safetensors"
+    GPTModel(GPTConfig(**{**get_config("tiny").to_dict(), "n_layer": 1, "context_length": 32})).save(path)
+    return path
+
+
+def test_generate_quantize_int8_says_what_it_saved_and_draws_the_quantized_models_text(saved, capsys, monkeypatch):
+    import tritongpt.commands as commands
+    from tritongpt import cli
+
+    base = ["generate", "--weights", str(saved), "--prompt", "The cat", "--device", "cpu", "--max-new-tokens", "6",
+            "--temperature", "0"]
+    models = []
+    real = commands.quantize
+    monkeypatch.setattr(commands, "quantize", lambda model, args: models.append(model) or real(model, args))
+    assert cli.main([*base, "--quantize", "int8"]) == 0
+    out = capsys.readouterr()
+    assert "int8 weight-only: 7 matrices" in out.err and "MiB ->" in out.err
+    (model,) = models
+    assert model.quantized == "int8"
+    assert cli.main(base) == 0
+    assert "int8 weight-only" not in capsys.readouterr().err
+
+
+def test_eval_quantize_int8_scores_the_quantized_model(saved, capsys):
+    import json
+
+    from tritongpt import cli
+
+    base = ["eval", "--weights", str(saved), "--device", "cpu", "--max-tokens", "200", "--json", "--split", "all"]
+    assert cli.main(base) == 0
+    plain = json.loads(capsys.readouterr().out)
+    assert cli.main([*base, "--quantize", "int8"]) == 0
+    quant = json.loads(capsys.readouterr().out)
+    assert plain["quantize"] is None and quant["quantize"] == "int8"
+    assert quant["tokens"] == plain["tokens"] and quant["loss"] != plain["loss"]
+    assert abs(quant["loss"] - plain["loss"]) < 0.05 * plain["loss"]
