@@ -6,6 +6,10 @@ Providers:
     reference+graphs   the same step captured once after the prefill (DecodeGraph) and replayed
     triton             model.set_kernels("triton"), eager
     triton+graphs      the Triton path's step captured and replayed
+    reference+int8, triton+int8, triton+int8+graphs
+                       a copy of the model with int8 weights (model/quant.py quantize_int8: every matrix of the
+                       blocks and the LM head): the reference dequantizes each step, the Triton path reads the int8
+                       weights (kernels/quant.py); same_tokens and speed-ups against the int8 model's own eager rows
 
 Per provider and batch size: random prompt ids (the same for every provider), one prefill (not timed), then
 `new_tokens` greedy steps (the model's step and the argmax that feeds the next token) timed with
@@ -16,6 +20,7 @@ capture_ms), its speed-up over the same path's eager row, and whether its tokens
 (same_tokens; under bf16 a near-tie between two logits may go either way: reported, not a failure).
 The decode runs as `tritongpt generate` runs it: fp32 weights under torch.autocast(dtype).
 """
+import copy
 import gc
 import time
 
@@ -24,16 +29,23 @@ import torch
 from tritongpt.bench.common import dtype_name, is_ok, make_row, median_quantiles, reason_of
 from tritongpt.kernels._common import is_oom
 
-DECODE_PROVIDERS = ("reference", "reference+graphs", "triton", "triton+graphs")
+DECODE_PROVIDERS = ("reference", "reference+graphs", "triton", "triton+graphs", "reference+int8", "triton+int8",
+                    "triton+int8+graphs")
 DEFAULT_BATCHES = (1, 8)
 
 
 def parse_provider(name: str):
-    """'triton+graphs' -> ('triton', True). Raises ValueError on a name not in DECODE_PROVIDERS."""
+    """'triton+int8+graphs' -> ('triton', True, True): (path, graphs, int8). Raises ValueError on a name not in
+    DECODE_PROVIDERS."""
     if name not in DECODE_PROVIDERS:
         raise ValueError(f"unknown decode provider {name!r}; choose from {', '.join(DECODE_PROVIDERS)}")
-    path, _, graphs = name.partition("+")
-    return path, bool(graphs)
+    path, *flags = name.split("+")
+    return path, "graphs" in flags, "int8" in flags
+
+
+def eager_provider(name: str) -> str:
+    """The eager row a graph row is measured against: 'triton+int8+graphs' -> 'triton+int8'."""
+    return name.removesuffix("+graphs")
 
 
 def _sync(device):
@@ -80,7 +92,7 @@ def bench_decode_row(model, provider, batch, prompt_len, new_tokens, repeats, de
     from tritongpt.train.common import autocast
     from tritongpt.train.generate import DecodeGraph
 
-    path, graphs = parse_provider(provider)
+    path, graphs, _ = parse_provider(provider)
     cache = graph = step = None
     try:
         model.set_kernels(path)
@@ -89,7 +101,7 @@ def bench_decode_row(model, provider, batch, prompt_len, new_tokens, repeats, de
         with torch.no_grad(), autocast(device, dtype):  # one context: a graph replays the casts it captured
             cache = model.new_cache(batch, prompt_len + new_tokens)
             first = model(prompt, cache)[:, -1].argmax(dim=-1, keepdim=True)
-            key = (path, batch)
+            key = (eager_provider(provider), batch)
             if graphs and key not in eager:
                 eager[key] = _decode(lambda t: model(t, cache), first, new_tokens, device)[0].cpu()
                 cache.crop(prompt_len)
@@ -118,12 +130,12 @@ def bench_decode_row(model, provider, batch, prompt_len, new_tokens, repeats, de
     row = make_row("decode", "generate", provider, cfg_row, "decode", ms=med, ms_p20=p20, ms_p80=p80,
                    tokens_per_s=batch * 1000 / med, capture_ms=capture_ms)
     if graphs:
-        want = eager[(path, batch)]
+        want = eager[(eager_provider(provider), batch)]
         diffs = [d for d in (_first_difference(t, want) for t in tokens) if d is not None]
         row["same_tokens"] = not diffs
         row["first_difference"] = min(diffs) if diffs else None
     else:
-        eager[(path, batch)] = tokens[0]
+        eager[(provider, batch)] = tokens[0]
     return row
 
 
@@ -133,7 +145,7 @@ def add_speedups(rows):
     for r in rows:
         if not (is_ok(r) and r["provider"].endswith("+graphs")):
             continue
-        path = r["provider"].split("+")[0]
+        path = eager_provider(r["provider"])
         base = next((e for e in rows if e["provider"] == path and is_ok(e)
                      and e["config"].get("batch") == r["config"].get("batch")), None)
         r["speedup"] = base["ms"] / r["ms"] if base else None
@@ -154,6 +166,7 @@ def run_decode(device, budget, dtype=torch.bfloat16, model_name="gpt2-small", ba
     model_name then only labels the rows). capture: DecodeGraph's (None: a real CUDA graph)."""
     from tritongpt.model.config import get_config
     from tritongpt.model.gpt import GPTModel
+    from tritongpt.model.quant import quantize_int8
     from tritongpt.errors import UserError
 
     device = torch.device(device)
@@ -168,10 +181,12 @@ def run_decode(device, budget, dtype=torch.bfloat16, model_name="gpt2-small", ba
     if prompt_len + new_tokens > cfg.context_length:
         raise UserError(f"prompt {prompt_len} + new tokens {new_tokens} > {model_name}'s context "
                         f"({cfg.context_length}): the cache holds them all")
-    rows, eager, model = [], {}, None
+    rows, eager, model, int8 = [], {}, None, None
     try:
         torch.manual_seed(seed)
         model = GPTModel(cfg).to(device).eval()
+        if any(parse_provider(p)[2] for p in providers):  # the same weights, quantized (one copy for those rows)
+            int8 = quantize_int8(copy.deepcopy(model))
     except Exception as e:
         why = "failed: out of memory" if is_oom(e) else f"failed: building the model: {reason_of(e)}"
         model = None
@@ -187,8 +202,8 @@ def run_decode(device, budget, dtype=torch.bfloat16, model_name="gpt2-small", ba
                 continue
             log(f"decode: {model_name} B={b} prompt {prompt_len} + {new_tokens} tokens {p} ...")
             try:
-                row = bench_decode_row(model, p, b, prompt_len, new_tokens, repeats, device, dtype, cfg_row, eager,
-                                       capture, seed)
+                row = bench_decode_row(int8 if parse_provider(p)[2] else model, p, b, prompt_len, new_tokens,
+                                       repeats, device, dtype, cfg_row, eager, capture, seed)
             except KeyboardInterrupt:  # the rows so far are still written; nothing new starts
                 budget.interrupt()
                 row = make_row("decode", "generate", p, cfg_row, "decode", budget.skip_reason())

@@ -101,6 +101,31 @@ def test_the_triton_path_runs_through_the_interpreter_eager_and_as_a_graph():
     assert rows[2]["same_tokens"] is True
 
 
+def test_the_int8_rows_decode_a_quantized_copy_and_compare_with_its_own_eager_row(monkeypatch):
+    """reference+int8, triton+int8 and triton+int8+graphs decode a quantize_int8 copy of the same weights (the
+    float rows the model itself, unquantized): the graph's tokens and speed-up are against triton+int8's row."""
+    from tritongpt.model.quant import Int8Linear
+
+    seen = []
+    real = decode.bench_decode_row
+    monkeypatch.setattr(decode, "bench_decode_row", lambda model, provider, *a: seen.append(
+        (provider, isinstance(model.out_head, Int8Linear), id(model))) or real(model, provider, *a))
+    cfg = GPTConfig(vocab_size=97, context_length=24, n_layer=1, n_head=2, n_embd=32)
+    rows = decode.run_decode("cpu", Budget(None), torch.float32, "tiny-test", (1,), 4, 2,
+                             ("triton+int8+graphs", "reference", "triton+int8", "reference+int8"), log=lambda s: None,
+                             capture=fx_capture, repeats=1, config=cfg)
+    assert [r["provider"] for r in rows] == ["reference", "reference+int8", "triton+int8", "triton+int8+graphs"]
+    assert [r["status"] for r in rows] == ["ok"] * 4
+    assert [(p, q) for p, q, _ in seen] == [("reference", False), ("reference+int8", True), ("triton+int8", True),
+                                            ("triton+int8+graphs", True)]
+    assert len({i for _, q, i in seen if q}) == 1  # one quantized copy for every int8 row
+    graph = rows[3]
+    assert graph["same_tokens"] is True and graph["speedup"] == pytest.approx(rows[2]["ms"] / graph["ms"])
+    assert graph["note"].startswith(f"{graph['speedup']:.2f}x over triton+int8, capture ")
+    assert decode.parse_provider("triton+int8+graphs") == ("triton", True, True)
+    assert decode.parse_provider("reference+graphs") == ("reference", True, False)
+
+
 def test_the_budget_skips_the_rows_it_has_no_time_for():
     rows = run(budget=Budget(0))
     assert [r["status"] for r in rows] == ["skipped: time budget (--max-minutes)"] * 4
