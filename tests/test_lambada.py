@@ -193,6 +193,16 @@ def test_the_command_scores_a_run(tok, tmp_path, capsys, monkeypatch):
     out = capsys.readouterr().out
     want = lambada.score(model, tok, lambada.read_texts(data))
     assert out.startswith(f"lambada: 9 examples: acc {want['acc']:.4f}, perplexity {want['perplexity']:.2f} (")
+    # --quantize int8 (as hellaswag's, load_scorer): the int8 model's figures, recorded as such
+    import copy
+
+    from tritongpt.model.quant import quantize_int8
+
+    assert main(base + ["--json", "--limit", "7", "--quantize", "int8"]) == 0
+    got = json.loads(capsys.readouterr().out)
+    want = lambada.score(quantize_int8(copy.deepcopy(model)), tok, lambada.read_texts(data)[:7])
+    assert got["quantize"] == "int8" and got["perplexity"] == pytest.approx(want["perplexity"], rel=1e-5)
+    assert got["perplexity"] != pytest.approx(ppl, rel=1e-7)  # not the float model's
     # no --data: OpenAI's file, downloaded into --cache-dir
     import shutil
     import urllib.request

@@ -313,21 +313,24 @@ def check_counts(limit, limit_flag: str, batch_size: int) -> None:
 
 
 def load_scorer(args):
-    """(model on its device with --kernels, tokenizer, device, dtype) for hellaswag's and lambada's scoring."""
+    """(model on its device with --kernels and --quantize, tokenizer, device, dtype) for hellaswag's and lambada's
+    scoring."""
+    from tritongpt.commands import quantize
     from tritongpt.train.common import pick_device, pick_dtype
     from tritongpt.train.sft import load_init_model, pick_tokenizer
 
     device = pick_device(args.device)
     model = load_init_model(args.weights, args.model).to(device)
     model.set_kernels(args.kernels)
+    quantize(model, args)
     tok = pick_tokenizer(args.tokenizer, args.weights, model.config.vocab_size)
     return model, tok, device, pick_dtype(args.dtype, device)
 
 
 def run_facts(args, model, tok, device, url: str) -> dict:
-    """What a scoring result is of (its --json record): the weights, data, tokenizer, kernels and device."""
+    """What a scoring result is of (its --json record): the weights, data, tokenizer, kernels, device, quantization."""
     return dict(weights=str(args.weights), data=str(args.data or url), tokenizer=tok.name,
-                kernels=sorted(model.kernels) or ["reference"], device=str(device))
+                kernels=sorted(model.kernels) or ["reference"], device=str(device), quantize=args.quantize)
 
 
 def cmd_hellaswag(args):
@@ -354,7 +357,7 @@ def cmd_hellaswag(args):
 
 def add_scoring_args(p, data_help: str, limit_flags, limit_help: str, batch_help: str):
     """hellaswag's and lambada's flags: the model, --data, the count, the batch, the tokenizer, dtype, cache, JSON."""
-    from tritongpt.commands import add_dtype_arg, add_model_args
+    from tritongpt.commands import add_dtype_arg, add_model_args, add_quantize_arg
 
     add_model_args(p, default_model=None)
     p.add_argument("--weights", required=True,
@@ -367,6 +370,7 @@ def add_scoring_args(p, data_help: str, limit_flags, limit_help: str, batch_help
     p.add_argument("--tokenizer", help=TOKENIZER_CHOICES + " (default: the one saved with "
                                        "--weights, else gpt2 for a 50257 vocab)")
     add_dtype_arg(p)
+    add_quantize_arg(p)
     p.add_argument("--cache-dir", default=None, help="where the downloaded file is kept (default: ~/.cache/tritongpt "
                                                      "or $TRITONGPT_CACHE)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")

@@ -814,7 +814,8 @@ def add_generation_model_args(p):
 
 
 def add_quantize_arg(p):
-    """--quantize of the commands that only run a model (generate, chat, serve, eval): model/quant.py."""
+    """--quantize of the commands that only run a model (generate, chat, serve, eval, hellaswag, lambada):
+    model/quant.py."""
     p.add_argument("--quantize", choices=("int8",), default=None,
                    help="int8: weight-only int8 quantization at load time (every matrix of the blocks and the LM "
                         "head as int8 with an fp32 scale a row: a quarter of fp32's bytes, half of bf16's; "
