@@ -193,13 +193,15 @@ def host_cases(rows=8, width=768, mlp_width=32, heads=4, seq=16, head_dim=64, vo
     MLPs are narrow (mlp_width): torch's matmuls there run for real, and must cost next to nothing.
     decode_attention: one query a head against `cache` keys, without gradients (a KV-cache decode step: on a
     GPU's branch the split-KV kernel and its combine, HOST_MODES: forward only); torch's SDPA there computes for
-    real, 4 heads x 512 keys, so its row is not host time alone."""
+    real, 4 heads x 512 keys, so its row is not host time alone. int8_linear: the weight-only int8 linear (no
+    gradients: forward only), against F.linear on the weight dequantized once."""
     import torch.nn.functional as F
 
     from tritongpt.kernels.attention import flash_attention
     from tritongpt.kernels.cross_entropy import cross_entropy
     from tritongpt.kernels.layernorm import add_layer_norm, layer_norm, rms_norm
     from tritongpt.kernels.mlp import gelu_mlp
+    from tritongpt.kernels.quant import int8_linear
     from tritongpt.kernels.rope import rope
     from tritongpt.kernels.swiglu import swiglu_mlp
 
@@ -215,6 +217,11 @@ def host_cases(rows=8, width=768, mlp_width=32, heads=4, seq=16, head_dim=64, vo
     q, k, v = (p(1, heads, seq, head_dim) for _ in range(3))
     q1, kc, vc = (torch.randn(1, heads, n, head_dim, generator=g) for n in (1, cache, cache))
     logits, targets = p(rows, vocab), torch.randint(0, vocab, (rows,), generator=g)
+    # int8_linear: inference only (no gradients); torch's side is F.linear on the weight dequantized once
+    xq = torch.randn(rows, mlp_width, generator=g)
+    q8 = torch.randint(-127, 128, (hidden, mlp_width), generator=g, dtype=torch.int8)
+    s8, bq = torch.rand(hidden, generator=g) / 127, torch.randn(hidden, generator=g)
+    w8 = q8.float() * s8[:, None]
     half = head_dim // 2
     inv = 1.0 / 10000.0 ** (torch.arange(half) / half)
     ang = torch.arange(seq)[:, None] * inv[None, :]
@@ -240,6 +247,7 @@ def host_cases(rows=8, width=768, mlp_width=32, heads=4, seq=16, head_dim=64, vo
                             lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True)),
         "cross_entropy": (lambda: cross_entropy(logits, targets), lambda: F.cross_entropy(logits, targets)),
         "rope": (lambda: sum2(rope(q, k, 0)), lambda: sum2((rope_torch(q), rope_torch(k)))),
+        "int8_linear": (lambda: int8_linear(xq, q8, s8, bq), lambda: F.linear(xq, w8, bq)),
         "decode_attention": (lambda: flash_attention(q1, kc, vc, causal=True),
                              lambda: F.scaled_dot_product_attention(q1, kc, vc)),  # one query: every key
     }
@@ -377,8 +385,9 @@ HOST_CONF = {"rows": 8, "width": 768, "mlp_width": 32, "heads": 4, "seq": 16, "h
 HOST_SIZES = {"layer_norm": ("rows", "width"), "add_layer_norm": ("rows", "width"), "rms_norm": ("rows", "width"),
               "gelu_mlp": ("rows", "mlp_width"), "swiglu_mlp": ("rows", "mlp_width"),
               "flash_attention": ("heads", "seq", "head_dim"), "cross_entropy": ("rows", "vocab"),
-              "rope": ("heads", "seq", "head_dim"), "decode_attention": ("heads", "cache", "head_dim")}
-HOST_MODES = {"decode_attention": ("fwd",)}
+              "rope": ("heads", "seq", "head_dim"), "decode_attention": ("heads", "cache", "head_dim"),
+              "int8_linear": ("rows", "mlp_width")}
+HOST_MODES = {"decode_attention": ("fwd",), "int8_linear": ("fwd",)}
 
 
 def host_modes(name):
