@@ -99,6 +99,9 @@ def add_lora(model, rank: int, alpha: float = 16.0, targets: str = "attn,mlp"):
                         "attn")
     if has_lora(model):
         raise UserError("the model has LoRA already: merge_lora() it first to add another")
+    if getattr(model, "quantized", None):  # its matrices are int8 buffers (model/quant.py), no weight to adapt
+        raise UserError(f"this model is {model.quantized}-quantized, for inference: LoRA adapts float weights "
+                        "(add it to the model as loaded, then merge_lora and quantize)")
     if rank > model.config.n_embd:
         raise UserError(f"--lora-rank {rank} is above the model's width {model.config.n_embd}: "
                         "no longer low-rank")

@@ -18,8 +18,9 @@ The toggle: an Int8Linear follows "mlp" (model/toggle.py), the name of the matmu
     quantize_int8(model)   # in place; the model is then for inference (generate, chat, serve, eval)
 
 Refused: mixture-of-experts models (their experts are stacked tensors, not Linears: not quantized yet),
-LoRA-parametrized weights (merge them first: merge_lora), gradients (frozen int8 weights; the Triton kernel has
-no backward), saving (GPTModel.save: a checkpoint holds the float weights; quantize at load time).
+LoRA-parametrized weights (merge them first: merge_lora; and add_lora on a quantized model), gradients (frozen int8
+weights; the Triton kernel has no backward), saving (GPTModel.save: a checkpoint holds the float weights; quantize
+at load time).
 """
 import torch
 import torch.nn as nn

@@ -176,6 +176,17 @@ def test_quantize_int8_refuses_moe_and_unmerged_lora():
     assert isinstance(quantize_int8(merge_lora(model)).out_head, Int8Linear)
 
 
+def test_lora_on_a_quantized_model_is_refused_before_it_changes_anything():
+    """The other order (QLoRA's): add_lora looked for the Linears' weights and met an Int8Linear (AttributeError)
+    after it had written the LoRA fields into the config and frozen every parameter."""
+    from tritongpt.model.lora import add_lora
+
+    model = quantize_int8(tiny())
+    with pytest.raises(UserError, match=r"int8-quantized.*LoRA"):
+        add_lora(model, 4)
+    assert model.config.lora_rank == 0 and all(p.requires_grad for p in model.parameters())
+
+
 def test_a_quantized_model_moves_whole_and_keeps_its_own_head():
     model = quantize_int8(tiny())
     model.to("cpu")  # GPTModel._apply re-ties a float head: an int8 head is its own
