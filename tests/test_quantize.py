@@ -84,7 +84,7 @@ def test_int8_linear_is_f_linear_on_the_dequantized_weight_then_its_gelu(bias, k
 # -- a quantized model -----------------------------------------------------------------------------------------
 
 def test_quantize_int8_swaps_every_matrix_and_the_head_for_a_quarter_of_the_bytes():
-    model = tiny()
+    model = tiny().train()  # (tiny() is in eval mode: the check below would pass without quantize_int8's eval())
     before = linear_bytes(model)
     quantize_int8(model)
     blocks = [m for b in model.trf_blocks for m in b.modules()]
@@ -128,6 +128,22 @@ def test_both_paths_of_a_quantized_model_give_the_same_logits_and_loss(case):
         got, got_loss = model(idx), model(idx, targets=idx)
     assert rel(got, want) < 1e-4, rel(got, want)
     assert abs(got_loss.item() - want_loss.item()) < 1e-4 * want_loss.item()
+
+
+@pytest.mark.parametrize("approximate", ["tanh", "none"])
+def test_the_triton_path_runs_fc1s_gelu_in_its_epilogue(monkeypatch, approximate):
+    """FeedForward's GELU goes to fc1's int8_linear (its epilogue), in its own form; no other matmul takes one (run
+    after the matmul in torch instead, the logits would be the same: only this shows the fusion)."""
+    import tritongpt.kernels.quant as kq
+
+    model = quantize_int8(tiny("triton", gelu_approximate=approximate))
+    seen = []
+    real = kq.int8_linear
+    monkeypatch.setattr(kq, "int8_linear", lambda x, q, s, b=None, act=None: seen.append(act) or real(x, q, s, b, act))
+    with torch.no_grad():
+        model(torch.randint(0, VOCAB, (1, 3)))
+    gelu = "gelu_tanh" if approximate == "tanh" else "gelu_erf"
+    assert seen == [None] * 4 + [gelu, None] + [None] * 4 + [gelu, None] + [None]  # q, k, v, out, fc1, fc2; head
 
 
 def test_the_int8_matmuls_follow_the_mlp_kernels_name():
@@ -189,11 +205,19 @@ def test_lora_on_a_quantized_model_is_refused_before_it_changes_anything():
 
 def test_a_quantized_model_moves_whole_and_keeps_its_own_head():
     model = quantize_int8(tiny())
-    model.to("cpu")  # GPTModel._apply re-ties a float head: an int8 head is its own
-    assert isinstance(model.out_head, Int8Linear) and model.out_head.qweight.dtype == torch.int8
     idx = torch.randint(0, VOCAB, (1, 5))
     with torch.no_grad():
-        assert torch.equal(model(idx), model.to(torch.float32)(idx))
+        want = model(idx)
+        model.to("cpu")  # GPTModel._apply re-ties a float head: an int8 head is its own
+        assert isinstance(model.out_head, Int8Linear) and torch.equal(model(idx), want)
+        # a dtype move: the float tensors follow it (as a float model's would), the int8 weights stay int8
+        model.to(torch.bfloat16)
+        assert model.out_head.qweight.dtype == torch.int8 and model.tok_emb.weight.dtype == torch.bfloat16
+        ref = model(idx)
+        model.set_kernels("triton")
+        got = model(idx)
+    assert ref.dtype == got.dtype == torch.bfloat16
+    assert rel(ref, want) < 2e-2 and rel(got, want) < 2e-2 and rel(got, ref) < 2e-2
 
 
 @pytest.mark.cuda
