@@ -63,12 +63,13 @@ class Int8Linear(nn.Module):
         self.use_triton = False
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear) -> "Int8Linear":
-        w = linear.weight
+    def from_linear(cls, linear: nn.Linear, device=None) -> "Int8Linear":
+        """linear quantized; on device when given (its float weight copied there alone, then freed), else on its own."""
+        w = linear.weight if device is None else linear.weight.detach().to(device)
         new = cls(linear.in_features, linear.out_features, linear.bias is not None, w.device, w.dtype)
         new.qweight, new.scale = quantize_weight(w)
         if linear.bias is not None:
-            new.bias = linear.bias.detach().clone()
+            new.bias = linear.bias.detach().to(w.device, copy=True)
         return new
 
     def dequantize(self):
@@ -92,12 +93,12 @@ class Int8Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
 
 
-def _swap_linears(module: nn.Module, use_triton: bool) -> int:
-    """Every nn.Linear under module replaced by its Int8Linear; -> how many."""
+def _swap_linears(module: nn.Module, use_triton: bool, device=None) -> int:
+    """Every nn.Linear under module replaced by its Int8Linear (on device, if given); -> how many."""
     n = 0
     for name, m in list(module.named_modules()):
         if isinstance(m, nn.Linear):
-            q = Int8Linear.from_linear(m)
+            q = Int8Linear.from_linear(m, device)
             q.use_triton = use_triton
             parent, _, attr = name.rpartition(".")
             setattr(module.get_submodule(parent), attr, q)
@@ -105,9 +106,13 @@ def _swap_linears(module: nn.Module, use_triton: bool) -> int:
     return n
 
 
-def quantize_int8(model, head: bool = True):
+def quantize_int8(model, head: bool = True, device=None):
     """model (a GPTModel) with every Linear of its blocks (attention's q, k, v and output projections, the MLP's
     two or three matrices) and, with head, its LM head replaced by Int8Linear. In place; returns the model.
+
+    device: where the int8 matrices are made, one float matrix at a time copied there (the rest of the model, the
+    embeddings and norms, stays where it is until the caller moves it): a model whose fp32 matrices do not fit a
+    GPU, but whose int8 ones do, is quantized on the CPU-loaded model with device="cuda", then moved (--quantize).
 
     A tied head (GPT-2's) gets an int8 copy of its own: the embedding stays a float table (a lookup reads one row a
     token), while the head reads all of it every step, the largest matrix of a small model. Eval mode after."""
@@ -121,9 +126,9 @@ def quantize_int8(model, head: bool = True):
     if has_lora(model):
         raise UserError("the model has LoRA updates: merge them first (tritongpt.model.lora.merge_lora), then quantize")
     use_triton = "mlp" in model.kernels
-    n = sum(_swap_linears(block, use_triton) for block in model.trf_blocks)
+    n = sum(_swap_linears(block, use_triton, device) for block in model.trf_blocks)
     if head:
-        model.out_head = Int8Linear.from_linear(model.out_head)
+        model.out_head = Int8Linear.from_linear(model.out_head, device)
         model.out_head.use_triton = use_triton
         n += 1
     model.quantized = "int8"

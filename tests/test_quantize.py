@@ -228,7 +228,9 @@ def test_a_quantized_gpt2_small_layer_on_cuda_gives_the_references_logits_under_
 
     torch.manual_seed(0)
     cfg = GPTConfig(**{**get_config("gpt2-small").to_dict(), "n_layer": 2})
-    model = quantize_int8(GPTModel(cfg).cuda().eval())
+    model = quantize_int8(GPTModel(cfg).eval(), device="cuda")  # (--quantize's order: the int8 matrices made there,
+    assert model.out_head.qweight.is_cuda and not model.tok_emb.weight.is_cuda  # then the rest of the model moved)
+    model.cuda()
     idx = torch.randint(0, cfg.vocab_size, (2, 100), device="cuda")
     with torch.no_grad(), torch.autocast("cuda", torch.bfloat16):
         want = model(idx).float()
@@ -259,7 +261,7 @@ def test_generate_quantize_int8_says_what_it_saved_and_draws_the_quantized_model
             "--temperature", "0"]
     models = []
     real = commands.quantize
-    monkeypatch.setattr(commands, "quantize", lambda model, args: models.append(model) or real(model, args))
+    monkeypatch.setattr(commands, "quantize", lambda model, *a: models.append(model) or real(model, *a))
     assert cli.main([*base, "--quantize", "int8"]) == 0
     out = capsys.readouterr()
     assert "int8 weight-only: 7 matrices" in out.err and "MiB ->" in out.err
@@ -282,3 +284,26 @@ def test_eval_quantize_int8_scores_the_quantized_model(saved, capsys):
     assert plain["quantize"] is None and quant["quantize"] == "int8"
     assert quant["tokens"] == plain["tokens"] and quant["loss"] != plain["loss"]
     assert abs(quant["loss"] - plain["loss"]) < 0.05 * plain["loss"]
+
+
+@pytest.mark.parametrize("command", ["generate", "eval"])
+def test_the_commands_quantize_before_the_float_weights_move_to_the_device(saved, capsys, monkeypatch, command):
+    """--quantize is for a model whose matrices fit the device as int8: the fp32 ones must not go there first (an
+    8B model's 32 GB on a 24 GB GPU), only one at a time, while it is quantized. The move of the model (to --device)
+    finds it quantized already, its int8 weights made on the device."""
+    from tritongpt import cli
+
+    moves = []
+    real = GPTModel.to
+
+    def to(self, *args, **kwargs):
+        moves.append((getattr(self, "quantized", None), self.out_head.qweight.device.type
+                      if isinstance(self.out_head, Int8Linear) else None))
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(GPTModel, "to", to)
+    args = (["generate", "--prompt", "The cat", "--max-new-tokens", "2", "--temperature", "0"] if command == "generate"
+            else ["eval", "--max-tokens", "50", "--split", "all", "--json"])
+    assert cli.main([*args, "--weights", str(saved), "--device", "cpu", "--quantize", "int8"]) == 0
+    capsys.readouterr()
+    assert moves[-1] == ("int8", "cpu"), moves  # (GPTModel.load's own move to the CPU comes first)

@@ -207,9 +207,10 @@ def cmd_eval(args):
     if args.split == "val" and not 0.0 < fraction < 1.0:
         raise UserError(f"--val-fraction must be in (0, 1) with --split val, got {args.val_fraction}")
     device = pick_device(args.device)
-    model = load_checkpoint(args.weights, args.model).to(device)
+    model = load_checkpoint(args.weights, args.model)
+    quantize(model, args, device)  # before the move: the float matrices go to the device one at a time
+    model.to(device)
     model.set_kernels(args.kernels)
-    quantize(model, args)
     tok = pick_tokenizer(args.tokenizer, args.weights, model.config.vocab_size)
     run = pretrain_data(args.weights)
     if run and "sources" in run:

@@ -292,9 +292,9 @@ def load_generation_model(args):
         name = args.model or "tiny"
         note(f"{name} has random weights (pass --weights for a trained model)")
         model = GPTModel(get_config(name))
+    quantize(model, args, device)  # before the move: the float matrices go to the device one at a time
     model.to(device).eval()
     model.set_kernels(args.kernels)
-    quantize(model, args)
     # --pretrained: the name's tokenizer (a GPT-Neo's files, fetched with its weights)
     tok = pick_tokenizer(args.tokenizer, args.weights or (args.model if args.pretrained else None),
                          model.config.vocab_size)
@@ -822,14 +822,16 @@ def add_quantize_arg(p):
                         "activations keep their dtype); default: the weights as loaded")
 
 
-def quantize(model, args):
-    """--quantize applied to a loaded model (its kernels already set): say what it saved, on stderr."""
+def quantize(model, args, device=None):
+    """--quantize applied to a loaded model, its int8 matrices made on device (model/quant.py quantize_int8): called
+    before the model moves there, so that only the int8 ones need to fit it (set_kernels after: the int8 matmuls
+    follow "mlp"). Says what it saved, on stderr."""
     if getattr(args, "quantize", None) is None:
         return model
     from tritongpt.model.quant import linear_bytes, quantize_int8
 
     before = linear_bytes(model)
-    quantize_int8(model)
+    quantize_int8(model, device=device)
     note(f"int8 weight-only: {model.quantized_linears} matrices, {before / 2**20:,.1f} MiB -> "
          f"{linear_bytes(model) / 2**20:,.1f} MiB as the matmuls read them")
     return model
