@@ -307,3 +307,16 @@ def test_the_commands_quantize_before_the_float_weights_move_to_the_device(saved
     assert cli.main([*args, "--weights", str(saved), "--device", "cpu", "--quantize", "int8"]) == 0
     capsys.readouterr()
     assert moves[-1] == ("int8", "cpu"), moves  # (GPTModel.load's own move to the CPU comes first)
+
+
+def test_eval_quantize_refuses_a_reward_model(saved, tmp_path, capsys):
+    """A reward model is scored on preference pairs (its pairwise accuracy), not quantized: refused by name before
+    anything is loaded or scored."""
+    from tritongpt import cli
+    from tritongpt.train.reward import RewardModel
+
+    path = tmp_path / "reward.safetensors"
+    RewardModel(GPTModel.load(saved)).save(path)
+    assert cli.main(["eval", "--weights", str(path), "--device", "cpu", "--quantize", "int8"]) != 0
+    assert "--quantize scores a language model's perplexity; a reward model is scored as it is" in \
+        capsys.readouterr().err
