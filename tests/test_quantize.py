@@ -286,8 +286,9 @@ def test_eval_quantize_int8_scores_the_quantized_model(saved, capsys):
     assert abs(quant["loss"] - plain["loss"]) < 0.05 * plain["loss"]
 
 
-@pytest.mark.parametrize("command", ["generate", "eval"])
-def test_the_commands_quantize_before_the_float_weights_move_to_the_device(saved, capsys, monkeypatch, command):
+@pytest.mark.parametrize("command", ["generate", "eval", "lambada"])
+def test_the_commands_quantize_before_the_float_weights_move_to_the_device(saved, tmp_path, capsys, monkeypatch,
+                                                                             command):
     """--quantize is for a model whose matrices fit the device as int8: the fp32 ones must not go there first (an
     8B model's 32 GB on a 24 GB GPU), only one at a time, while it is quantized. The move of the model (to --device)
     finds it quantized already, its int8 weights made on the device."""
@@ -302,8 +303,11 @@ def test_the_commands_quantize_before_the_float_weights_move_to_the_device(saved
         return real(self, *args, **kwargs)
 
     monkeypatch.setattr(GPTModel, "to", to)
-    args = (["generate", "--prompt", "The cat", "--max-new-tokens", "2", "--temperature", "0"] if command == "generate"
-            else ["eval", "--max-tokens", "50", "--split", "all", "--json"])
+    data = tmp_path / "lambada.jsonl"
+    data.write_text('{"text": "the cat sat on the mat"}\n')
+    args = {"generate": ["generate", "--prompt", "The cat", "--max-new-tokens", "2", "--temperature", "0"],
+            "eval": ["eval", "--max-tokens", "50", "--split", "all", "--json"],
+            "lambada": ["lambada", "--data", str(data), "--json"]}[command]  # (hellaswag's loader too)
     assert cli.main([*args, "--weights", str(saved), "--device", "cpu", "--quantize", "int8"]) == 0
     capsys.readouterr()
     assert moves[-1] == ("int8", "cpu"), moves  # (GPTModel.load's own move to the CPU comes first)

@@ -320,9 +320,9 @@ def load_scorer(args):
     from tritongpt.train.sft import load_init_model, pick_tokenizer
 
     device = pick_device(args.device)
-    model = load_init_model(args.weights, args.model).to(device)
-    model.set_kernels(args.kernels)
-    quantize(model, args)
+    model = load_init_model(args.weights, args.model)
+    quantize(model, args, device)  # before the move: the float matrices go to the device one at a time
+    model.to(device).set_kernels(args.kernels)
     tok = pick_tokenizer(args.tokenizer, args.weights, model.config.vocab_size)
     return model, tok, device, pick_dtype(args.dtype, device)
 
