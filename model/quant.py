@@ -72,6 +72,15 @@ class Int8Linear(nn.Module):
             new.bias = linear.bias.detach().to(w.device, copy=True)
         return new
 
+    def _apply(self, fn, recurse=True):
+        # model.to(bf16) / .half() casts every float buffer: the scale would keep 8 or 11 bits, and in fp16 a row
+        # whose largest weight is below ~7.7e-3 would get a subnormal one (a few bits). The scale stays the fp32 it
+        # was made in, moved wherever the rest goes; the bias is cast as any float parameter is.
+        scale = self.scale
+        out = super()._apply(fn, recurse)
+        self.scale = scale.to(self.scale.device)
+        return out
+
     def dequantize(self):
         """The fp32 matrix q * scale this layer multiplies by: [out, in]."""
         return self.qweight.float() * self.scale[:, None]

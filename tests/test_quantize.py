@@ -220,6 +220,30 @@ def test_a_quantized_model_moves_whole_and_keeps_its_own_head():
     assert rel(ref, want) < 2e-2 and rel(got, want) < 2e-2 and rel(got, ref) < 2e-2
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_a_dtype_move_keeps_the_scales_the_fp32_they_were_made_in(dtype):
+    """model.half(): the biases and the rest follow, the scales stay fp32 (a small layer's, ~1e-5, would be an fp16
+    subnormal of a few bits), and the reference's output is the fp32 scales' (the qweight * scale product made in
+    fp32, then cast) whichever way the model was cast."""
+    model = tiny()
+    with torch.no_grad():
+        model.trf_blocks[0].ff.fc2.weight.mul_(1e-2)  # its largest weight ~1e-3: a step ~1e-5
+    quantize_int8(model)
+    scales = {n: m.scale.clone() for n, m in model.named_modules() if isinstance(m, Int8Linear)}
+    assert scales["trf_blocks.0.ff.fc2"].max() < 6e-5  # below fp16's smallest normal
+    model.to(dtype)
+    for n, m in model.named_modules():
+        if isinstance(m, Int8Linear):
+            assert m.scale.dtype == torch.float32 and torch.equal(m.scale, scales[n]), n
+            assert m.bias is None or m.bias.dtype == dtype
+    fc2 = model.trf_blocks[0].ff.fc2
+    x = torch.randn(3, fc2.in_features).to(dtype)
+    with torch.no_grad():
+        want = (x.double() @ (fc2.qweight.double() * scales["trf_blocks.0.ff.fc2"].double()[:, None]).T
+                + fc2.bias.double())
+        assert rel(fc2(x), want) < 1e-2
+
+
 @pytest.mark.cuda
 def test_a_quantized_gpt2_small_layer_on_cuda_gives_the_references_logits_under_bf16_autocast():
     """GPT-2 small's widths (768, 3072, the 50257-row head) in bf16 on a GPU: the Triton path's int8 matmuls against
