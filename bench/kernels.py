@@ -919,8 +919,15 @@ def matmul_providers(a, b, copy_b=False):
 def int8_linear_providers(x, q, scale, b=None):
     """y = x [M, K] @ (q * scale[:, None]).T (+ b): q [N, K] int8, scale [N] fp32 (see int8_linear in the module
     docstring). Every provider returns y [M, N] in x's dtype; nothing requires grad (inference)."""
-    def dequantized():  # what the reference module runs: the 16-bit weight made again on every call
-        return F.linear(x, q.to(x.dtype) * scale.to(x.dtype)[:, None], b)
+    from tritongpt.model.quant import Int8Linear
+
+    module = Int8Linear(q.shape[1], q.shape[0], b is not None, x.device, x.dtype if b is None else b.dtype)
+    module.qweight, module.scale = q, scale.float()
+    if b is not None:
+        module.bias = b
+
+    def dequantized():  # the reference module itself: the fp32 weight q * scale made again on every call
+        return module(x)
 
     def torch_op():
         w = q.to(x.dtype) * scale.to(x.dtype)[:, None]  # the unquantized layer: its weight made once, untimed
