@@ -264,6 +264,19 @@ def dot(a, b, acc, PRECISION: tl.constexpr):
 
 
 @triton.jit
+def grouped_tile(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """(pid_m, pid_n) of program pid over an [M, N] output in BLOCK_M x BLOCK_N tiles, in Triton's grouped order
+    (03-matrix-multiplication): GROUP_M row-tiles sweep the column-tiles together, so the B tiles they share stay
+    in L2 (the matmuls of kernels/mlp.py and kernels/quant.py)."""
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    group = pid // (GROUP_M * num_n)
+    first_m = group * GROUP_M
+    group_size = tl.minimum(num_m - first_m, GROUP_M)
+    return first_m + (pid % (GROUP_M * num_n)) % group_size, (pid % (GROUP_M * num_n)) // group_size
+
+
+@triton.jit
 def cast(x, dtype: tl.constexpr):
     """x.to(dtype), rounding to nearest even into bf16 on the interpreter too."""
     if INTERPRETER_BF16_FIX and dtype == tl.bfloat16:

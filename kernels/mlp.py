@@ -65,8 +65,9 @@ import triton.language as tl
 
 from tritongpt._env import triton_interpreting
 from tritongpt.kernels._common import (autocast_dtype, autotuned, cast, cdiv, check_runnable, check_same_device,
-                                       check_same_dtype, check_tensor, custom_op, dot, first_order_only, launch_tuned,
-                                       next_pow2, no_func_transform, on_tensor_device, register_timed, timed_pick)
+                                       check_same_dtype, check_tensor, custom_op, dot, first_order_only, grouped_tile,
+                                       launch_tuned, next_pow2, no_func_transform, on_tensor_device, register_timed,
+                                       timed_pick)
 
 # Epilogue modes of the matmul kernel.
 EPI_NONE = 0       # C = A @ B (+ bias)
@@ -252,15 +253,8 @@ def _matmul_kernel(A, B, C, Bias, Aux, Hout, A2, B2, Bias2, Aux2, Hout2, M, N, K
     STORE_ACT (EPI_GELU_GRAD, EPI_SWIGLU_GRAD): the activation a, recomputed from the Aux tiles the epilogue
     reads anyway, is stored to Hout: once per element, where B_GELU / B_SWIGLU recompute it per row-tile.
     """
-    pid = tl.program_id(0)
-    num_m = tl.cdiv(M, BLOCK_M)
-    num_n = tl.cdiv(N, BLOCK_N)
-    # Grouped ordering: GROUP_M row-tiles sweep the column-tiles together, so B tiles stay in L2.
-    group = pid // (GROUP_M * num_n)
-    first_m = group * GROUP_M
-    group_size = tl.minimum(num_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % (GROUP_M * num_n)) % group_size
-    pid_n = (pid % (GROUP_M * num_n)) // group_size
+    # grouped ordering: GROUP_M row-tiles sweep the column-tiles together, so the B tiles they share stay in L2
+    pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)

@@ -39,8 +39,8 @@ import triton.language as tl
 
 from tritongpt._env import triton_interpreting
 from tritongpt.kernels._common import (FLOAT_DTYPES, autocast_dtype, autotuned, cast, cdiv, check_runnable,
-                                       check_same_device, check_tensor, custom_op, dot, launch_tuned, next_pow2,
-                                       no_func_transform, on_tensor_device)
+                                       check_same_device, check_tensor, custom_op, dot, grouped_tile, launch_tuned,
+                                       next_pow2, no_func_transform, on_tensor_device)
 from tritongpt.kernels.mlp import _gelu_act
 
 ACTIVATIONS = (None, "gelu_tanh", "gelu_erf")
@@ -86,15 +86,8 @@ def _int8_linear_kernel(X, Q, Scale, Bias, Y, M, N, K, M_BUCKET, stride_xm, stri
                         PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                         BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     """Y[M, N] = act((X[M, K] @ Q[N, K]^T) * Scale[N] + Bias[N]); X and Q at unit stride along K."""
-    pid = tl.program_id(0)
-    num_m = tl.cdiv(M, BLOCK_M)
-    num_n = tl.cdiv(N, BLOCK_N)
-    # grouped ordering (kernels/mlp.py): GROUP_M row-tiles sweep the column-tiles together, weight tiles stay in L2
-    group = pid // (GROUP_M * num_n)
-    first_m = group * GROUP_M
-    group_size = tl.minimum(num_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % (GROUP_M * num_n)) % group_size
-    pid_n = (pid % (GROUP_M * num_n)) // group_size
+    # grouped ordering: GROUP_M row-tiles sweep the column-tiles together, so the weight tiles stay in L2
+    pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
