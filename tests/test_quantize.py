@@ -348,3 +348,18 @@ def test_eval_quantize_refuses_a_reward_model(saved, tmp_path, capsys):
     assert cli.main(["eval", "--weights", str(path), "--device", "cpu", "--quantize", "int8"]) != 0
     assert "--quantize scores a language model's perplexity; a reward model is scored as it is" in \
         capsys.readouterr().err
+
+
+def test_a_draft_is_quantized_with_the_model_and_greedy_text_stays_the_models(saved, capsys):
+    """generate --draft D --quantize int8: the draft quantized too (gpt-fast quantizes both); speculative greedy
+    decoding then prints the int8 model's own greedy text."""
+    from tritongpt import cli
+
+    base = ["generate", "--weights", str(saved), "--prompt", "The cat", "--device", "cpu", "--max-new-tokens", "8",
+            "--temperature", "0", "--quantize", "int8"]
+    assert cli.main(base) == 0
+    want = capsys.readouterr().out
+    assert cli.main([*base, "--draft", str(saved)]) == 0
+    out = capsys.readouterr()
+    assert out.out == want
+    assert "int8 weight-only: 7 matrices" in out.err and "int8 weight-only (the draft): 7 matrices" in out.err

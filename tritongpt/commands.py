@@ -531,6 +531,7 @@ def load_draft(args, model, tok, device):
     if other is not None and not same_ids(other, tok):
         raise UserError(f"the tokenizer saved with --draft {args.draft} ({saved}) is not the model's: its ids "
                         "mean other text (pass a draft trained on the model's tokenizer)")
+    quantize(draft, args, device, "the draft")  # --quantize: the draft as the model (gpt-fast quantizes both)
     draft.to(device).eval()
     draft.set_kernels(args.kernels)
     return draft
@@ -822,7 +823,7 @@ def add_quantize_arg(p):
                         "activations keep their dtype); default: the weights as loaded")
 
 
-def quantize(model, args, device=None):
+def quantize(model, args, device=None, what: str = ""):
     """--quantize applied to a loaded model, its int8 matrices made on device (model/quant.py quantize_int8): called
     before the model moves there, so that only the int8 ones need to fit it (set_kernels after: the int8 matmuls
     follow "mlp"). Says what it saved, on stderr."""
@@ -832,7 +833,8 @@ def quantize(model, args, device=None):
 
     before = linear_bytes(model)
     quantize_int8(model, device=device)
-    note(f"int8 weight-only: {model.quantized_linears} matrices, {before / 2**20:,.1f} MiB -> "
+    note(f"int8 weight-only{f' ({what})' if what else ''}: {model.quantized_linears} matrices, "
+         f"{before / 2**20:,.1f} MiB -> "
          f"{linear_bytes(model) / 2**20:,.1f} MiB as the matmuls read them")
     return model
 
