@@ -251,6 +251,7 @@ def test_a_quantized_gpt2_small_layer_on_cuda_gives_the_references_logits_under_
     from tritongpt.model.config import get_config
 
     torch.manual_seed(0)
+    torch.manual_seed(0)
     cfg = GPTConfig(**{**get_config("gpt2-small").to_dict(), "n_layer": 2})
     model = quantize_int8(GPTModel(cfg).eval(), device="cuda")  # (--quantize's order: the int8 matrices made there,
     assert model.out_head.qweight.is_cuda and not model.tok_emb.weight.is_cuda  # then the rest of the model moved)
