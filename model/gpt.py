@@ -160,6 +160,23 @@ class GPTModel(nn.Module):
             model = cls(cfg)
         return model.to_empty(device="cpu")  # (the model has no buffers, which to_empty would leave unset)
 
+    @classmethod
+    def _empty_quantized(cls, cfg, path, meta, quantized_ok):
+        """An int8 file's model, its Int8Linears (model/quant.py int8_layout) and the rest allocated on the CPU but
+        not filled: the float matrices are never made, so an int8 file loads where its float model would not fit."""
+        from tritongpt.model.quant import int8_layout
+
+        if meta["quantized"] != "int8" or meta.get("quantized_head") not in ("true", "false"):
+            raise UserError(f"{path}: quantized {meta['quantized']!r} (head {meta.get('quantized_head')!r}) is "
+                            "not a quantization this version reads (int8, head true or false)")
+        if not quantized_ok:
+            raise UserError(f"{path} is int8-quantized (`tritongpt quantize`), for inference: generate, chat, "
+                            "serve, eval, hellaswag and lambada run it; train, export or merge the float weights it "
+                            "was made from")
+        with torch.device("meta"):
+            model = cls(cfg)
+        return int8_layout(model, head=meta["quantized_head"] == "true").to_empty(device="cpu").eval()
+
     def _apply(self, fn, *args, **kwargs):
         # A move that makes new tensors (to_empty() after building on the meta device) gives
         # each module its own parameter: tie the head to the embedding again.
@@ -491,19 +508,21 @@ class GPTModel(nn.Module):
     # -- weights on disk --------------------------------------------------------------------
     def save(self, path, extra_metadata: dict | None = None):
         """Weights as safetensors, with the config (and any extra strings) in its metadata."""
-        if getattr(self, "quantized", None):
-            raise UserError(f"this model is {self.quantized}-quantized, for inference: save the float weights (a "
-                            "checkpoint holds those; quantize when loading, --quantize)")
         meta = {"config": json.dumps(self.config.to_dict()), "format": "tritongpt"}
+        if getattr(self, "quantized", None):  # (model/quant.py) its int8 matrices and scales, as they are
+            meta.update(quantized=self.quantized, quantized_head=str(self.quantized_head).lower())
         taken = sorted(set(extra_metadata or {}) & set(meta))
         if taken:  # they say how to read the file: another value would make it unloadable
             raise UserError(f"extra_metadata may not set {', '.join(taken)}: save() writes them")
         save_safetensors(self, path, {**meta, **(extra_metadata or {})})
 
     @classmethod
-    def load(cls, path, map_location="cpu", kernels=None) -> "GPTModel":
+    def load(cls, path, map_location="cpu", kernels=None, quantized_ok: bool = False) -> "GPTModel":
         """A model saved by save(): its config, its weights as fp32 parameters (what training
-        keeps; autocast makes the bf16 copies), in train mode like any new module."""
+        keeps; autocast makes the bf16 copies), in train mode like any new module.
+
+        An int8-quantized one (`tritongpt quantize`, model/quant.py) only where quantized_ok (the commands that run
+        a model: generate, chat, serve, eval, hellaswag, lambada): its Linears are Int8Linears, in eval mode."""
         from pathlib import Path
 
         if not Path(path).is_file():
@@ -518,7 +537,10 @@ class GPTModel(nn.Module):
                             "(for Hugging Face GPT-2 files use tritongpt.train.gpt2_weights)")
         cfg = saved_config(path, meta)
         cfg.kernels = "reference"
-        model = cls.empty(cfg)  # every tensor comes from the file (load_saved_weights refuses one missing)
+        if meta.get("quantized"):
+            model = cls._empty_quantized(cfg, path, meta, quantized_ok)
+        else:
+            model = cls.empty(cfg)  # every tensor comes from the file (load_saved_weights refuses one missing)
         load_saved_weights(model, path, map_location)
         model.to(map_location)
         if kernels is not None:

@@ -15,12 +15,16 @@ Triton twin: kernels/quant.py `int8_linear`, which reads the int8 tile, converts
 every int8 is a bf16/fp16/fp32 value) and applies s and the bias (and FeedForward's GELU) in the epilogue.
 The toggle: an Int8Linear follows "mlp" (model/toggle.py), the name of the matmul kernels.
 
-    quantize_int8(model)   # in place; the model is then for inference (generate, chat, serve, eval)
+    quantize_int8(model)   # in place; the model is then for inference (generate, chat, serve, eval, ...)
 
 Refused: mixture-of-experts models (their experts are stacked tensors, not Linears: not quantized yet),
 LoRA-parametrized weights (merge them first: merge_lora; and add_lora on a quantized model), gradients (frozen int8
-weights; the Triton kernel has no backward), saving (GPTModel.save: a checkpoint holds the float weights; quantize
-at load time).
+weights; the Triton kernel has no backward).
+
+A quantized model saves as it is (GPTModel.save: the int8 matrices and fp32 scales, "quantized" in the metadata;
+`tritongpt quantize MODEL --out DIR`); GPTModel.load(quantized_ok=True) builds the Int8Linears on the meta device
+(int8_layout) and fills them, so the float matrices are never made. Only the commands that run a model pass
+quantized_ok; the trainers, export and merge refuse such a file by name.
 """
 import torch
 import torch.nn as nn
@@ -78,7 +82,8 @@ class Int8Linear(nn.Module):
         # was made in, moved wherever the rest goes; the bias is cast as any float parameter is.
         scale = self.scale
         out = super()._apply(fn, recurse)
-        self.scale = scale.to(self.scale.device)
+        if self.scale.dtype != scale.dtype and not scale.is_meta:
+            self.scale = scale.to(self.scale.device)
         return out
 
     def dequantize(self):
@@ -102,17 +107,24 @@ class Int8Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
 
 
-def _swap_linears(module: nn.Module, use_triton: bool, device=None) -> int:
-    """Every nn.Linear under module replaced by its Int8Linear (on device, if given); -> how many."""
+def _swap_linears(model, head: bool, make) -> None:
+    """Every nn.Linear of model's blocks, and with head its LM head, replaced by make(linear), an Int8Linear; the
+    model marked quantized (.quantized, .quantized_linears, .quantized_head) and each Int8Linear on the model's
+    kernel path."""
     n = 0
-    for name, m in list(module.named_modules()):
-        if isinstance(m, nn.Linear):
-            q = Int8Linear.from_linear(m, device)
-            q.use_triton = use_triton
-            parent, _, attr = name.rpartition(".")
-            setattr(module.get_submodule(parent), attr, q)
-            n += 1
-    return n
+    for block in model.trf_blocks:
+        for name, m in list(block.named_modules()):
+            if isinstance(m, nn.Linear):
+                parent, _, attr = name.rpartition(".")
+                setattr(block.get_submodule(parent), attr, make(m))
+                n += 1
+    if head:
+        model.out_head = make(model.out_head)
+        n += 1
+    for m in model.modules():
+        if isinstance(m, Int8Linear):
+            m.use_triton = "mlp" in model.kernels
+    model.quantized, model.quantized_linears, model.quantized_head = "int8", n, head
 
 
 def quantize_int8(model, head: bool = True, device=None):
@@ -134,15 +146,17 @@ def quantize_int8(model, head: bool = True, device=None):
                         "tensors run by the grouped kernels, not Linears")
     if has_lora(model):
         raise UserError("the model has LoRA updates: merge them first (tritongpt.model.lora.merge_lora), then quantize")
-    use_triton = "mlp" in model.kernels
-    n = sum(_swap_linears(block, use_triton, device) for block in model.trf_blocks)
-    if head:
-        model.out_head = Int8Linear.from_linear(model.out_head, device)
-        model.out_head.use_triton = use_triton
-        n += 1
-    model.quantized = "int8"
-    model.quantized_linears = n
+    _swap_linears(model, head, lambda linear: Int8Linear.from_linear(linear, device))
     return model.eval()
+
+
+def int8_layout(model, head: bool = True):
+    """model (a GPTModel, on the meta device) with each Linear quantize_int8 would quantize replaced by an empty
+    Int8Linear of its shape: what an int8 file's tensors load into (GPTModel.load). In place; returns the model."""
+    _swap_linears(model, head, lambda linear: Int8Linear(linear.in_features, linear.out_features,
+                                                         linear.bias is not None, linear.weight.device,
+                                                         linear.weight.dtype))
+    return model
 
 
 def linear_bytes(model) -> int:

@@ -167,14 +167,11 @@ def test_greedy_decoding_of_a_quantized_model_is_the_same_with_and_without_the_c
     assert torch.equal(gen.generate(model, idx, 6, cuda_graph=True), want)
 
 
-def test_a_quantized_model_refuses_training_saving_and_a_second_quantization(tmp_path):
+def test_a_quantized_model_refuses_training_padding_and_a_second_quantization():
     model = quantize_int8(tiny())
     idx = torch.randint(0, VOCAB, (1, 5))
     with pytest.raises(UserError, match="for inference"):
         model(idx, targets=idx)  # grad mode on: the embeddings require grad, so the first matrix's input does
-    with pytest.raises(UserError, match="save the float weights"):
-        model.save(tmp_path / "q.safetensors")
-    assert not (tmp_path / "q.safetensors").exists()
     with pytest.raises(UserError, match=r"already quantized \(int8\)"):
         quantize_int8(model)
     with pytest.raises(UserError, match="quantized, for inference"):
@@ -364,3 +361,83 @@ def test_a_draft_is_quantized_with_the_model_and_greedy_text_stays_the_models(sa
     out = capsys.readouterr()
     assert out.out == want
     assert "int8 weight-only: 7 matrices" in out.err and "int8 weight-only (the draft): 7 matrices" in out.err
+
+
+# -- int8 files (`tritongpt quantize`) -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("head", [True, False])
+def test_an_int8_file_loads_as_it_was_saved_without_making_the_float_matrices(tmp_path, monkeypatch, head):
+    """save() of a quantized model writes its int8 matrices and fp32 scales; GPTModel.load(quantized_ok=True) builds
+    the Int8Linears on the meta device and fills them from the file (GPTModel.empty, which allocates every float
+    matrix, is never called): the same logits bit for bit, on both paths."""
+    model = quantize_int8(tiny(tie_weights=True), head=head)
+    idx = torch.randint(0, VOCAB, (2, 9))
+    with torch.no_grad():
+        want = model(idx)
+    model.save(tmp_path / "q.safetensors")
+    monkeypatch.setattr(GPTModel, "empty", classmethod(lambda cls, cfg: pytest.fail("the float model was made")))
+    got = GPTModel.load(tmp_path / "q.safetensors", quantized_ok=True)
+    assert got.quantized == "int8" and got.quantized_head is head and got.quantized_linears == 12 + head
+    assert isinstance(got.out_head, Int8Linear) is head and not got.training
+    if not head:  # a float head stays tied to the embedding
+        assert got.out_head.weight is got.tok_emb.weight
+    for (name, a), (_, b) in zip(model.state_dict().items(), got.state_dict().items()):
+        assert a.dtype == b.dtype and torch.equal(a, b), name
+    with torch.no_grad():
+        assert torch.equal(got(idx), want)
+        got.set_kernels("triton")
+        assert rel(got(idx), want) < 1e-4
+
+
+def test_only_the_commands_that_run_a_model_load_an_int8_file(tmp_path):
+    path = tmp_path / "q.safetensors"
+    quantize_int8(tiny()).save(path)
+    with pytest.raises(UserError, match=r"is int8-quantized \(`tritongpt quantize`\), for inference: generate, chat"):
+        GPTModel.load(path)
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(path), framework="pt") as f:
+        tensors, meta = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+    save_file(tensors, str(tmp_path / "q4.safetensors"), {**meta, "quantized": "int4"})
+    with pytest.raises(UserError, match="quantized 'int4' .* is not a quantization this version reads"):
+        GPTModel.load(tmp_path / "q4.safetensors", quantized_ok=True)
+
+
+def test_the_quantize_command_writes_a_folder_the_commands_run_as_the_quantize_flag_would(saved, tmp_path, capsys):
+    """`tritongpt quantize MODEL --out DIR`: generate and eval on DIR give what --quantize int8 on MODEL gives (the
+    file's matrices are those quantize_int8 makes); info names it; trainers and export refuse it by name; the
+    command refuses a run folder, an --out in use, an int8 model."""
+    import json
+
+    from tritongpt import cli
+
+    out = tmp_path / "int8"
+    assert cli.main(["quantize", str(saved), "--out", str(out)]) == 0
+    said = capsys.readouterr().out
+    assert said.startswith("quantize: int8, 7 matrices, ") and str(out / "model.safetensors") in said
+    assert (out / "model.safetensors").stat().st_size < saved.stat().st_size
+    gen_args = ["generate", "--prompt", "The cat", "--device", "cpu", "--max-new-tokens", "8", "--temperature", "0"]
+    assert cli.main([*gen_args, "--weights", str(saved), "--quantize", "int8"]) == 0
+    want = capsys.readouterr().out
+    assert cli.main([*gen_args, "--weights", str(out)]) == 0
+    assert capsys.readouterr().out == want
+    scores = []
+    for args in (["--weights", str(saved), "--quantize", "int8"], ["--weights", str(out)]):
+        assert cli.main(["eval", *args, "--device", "cpu", "--max-tokens", "200", "--split", "all", "--json"]) == 0
+        scores.append(json.loads(capsys.readouterr().out))
+    assert scores[0]["loss"] == scores[1]["loss"] and scores[1]["quantize"] == "int8"
+    assert cli.main(["info", "--weights", str(out)]) == 0
+    assert "quantized    int8: 7 matrices" in capsys.readouterr().out
+    for argv in (["export", str(out), "--out", str(tmp_path / "hf")],
+                 ["sft", "--init", str(out), "--max-steps", "1", "--out-dir", str(tmp_path / "sft")]):
+        assert cli.main(argv) == 2
+        assert "is int8-quantized (`tritongpt quantize`), for inference" in capsys.readouterr().err
+    for argv, err in ((["quantize", str(out), "--out", str(tmp_path / "again")], "is int8-quantized already"),
+                      (["quantize", str(saved), "--out", str(out)], "already holds a model.safetensors"),
+                      (["quantize", str(saved), "--out", str(saved.parent), "--overwrite"],
+                       "is the model quantized")):  # (never its own source, --overwrite or not)
+        assert cli.main(argv) == 2
+        assert err in capsys.readouterr().err, argv
+    assert cli.main(["quantize", str(saved), "--out", str(out), "--overwrite", "--no-head"]) == 0
+    assert "6 matrices" in capsys.readouterr().out

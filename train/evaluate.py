@@ -207,7 +207,7 @@ def cmd_eval(args):
     if args.split == "val" and not 0.0 < fraction < 1.0:
         raise UserError(f"--val-fraction must be in (0, 1) with --split val, got {args.val_fraction}")
     device = pick_device(args.device)
-    model = load_checkpoint(args.weights, args.model)
+    model = load_checkpoint(args.weights, args.model, quantized_ok=True)
     quantize(model, args, device)  # before the move: the float matrices go to the device one at a time
     model.to(device)
     model.set_kernels(args.kernels)
@@ -273,7 +273,7 @@ def cmd_eval(args):
                   document_mask=document_mask,
                   tokenizer=tok.name, context=model.config.context_length,
                   stride=args.stride or model.config.context_length, kernels=sorted(model.kernels) or ["reference"],
-                  device=str(device), quantize=args.quantize)
+                  device=str(device), quantize=getattr(model, "quantized", None))
     if args.json:
         print(json.dumps(result, indent=1))
     else:

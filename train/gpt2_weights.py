@@ -286,14 +286,15 @@ def is_hf_weights(path) -> bool:
     return is_shard_index(path) or is_torch_bin(path) or str(path).endswith(".safetensors") and is_hf_file(path)
 
 
-def load_checkpoint(path, model_name: str | None = None, merge: bool = True) -> GPTModel:
+def load_checkpoint(path, model_name: str | None = None, merge: bool = True, quantized_ok: bool = False) -> GPTModel:
     """A tritongpt checkpoint (file, checkpoint folder or run folder: its newest) or a Hugging
     Face GPT-2, GPT-Neo, Llama (Mistral, Qwen2, Qwen3), Gemma, OLMo, GPT-NeoX, Phi-1/1.5/2, Phi-3, StableLM, GPT-J,
     Falcon, BLOOM, MPT, Cohere (Cohere2), Granite (GraniteMoe) or
     mixture-of-experts (Mixtral, Qwen3-MoE, OLMoE) model.safetensors, shard index or pytorch_model.bin
     (model_name: the preset, when no config.json says the heads).
     A LoRA checkpoint comes merged unless merge is False, and so does a peft adapter folder: its
-    base with the update (load_peft_adapter)."""
+    base with the update (load_peft_adapter). quantized_ok: an int8 file (`tritongpt quantize`) loads, for the
+    commands that only run a model; elsewhere it is refused by name (GPTModel.load)."""
     from tritongpt.train.common import resolve_checkpoint
 
     path = resolve_checkpoint(path)
@@ -352,7 +353,7 @@ def load_checkpoint(path, model_name: str | None = None, merge: bool = True) -> 
         if is_llama_file(path):
             return load_llama_safetensors(path)
         return load_gpt2_safetensors(path, model_name)
-    model = GPTModel.load(path)
+    model = GPTModel.load(path, quantized_ok=quantized_ok)
     if model.config.lora_rank and merge:  # used, not trained on: the plain model its LoRA update makes
         from tritongpt.model.lora import merge_lora
 

@@ -320,7 +320,7 @@ def load_scorer(args):
     from tritongpt.train.sft import load_init_model, pick_tokenizer
 
     device = pick_device(args.device)
-    model = load_init_model(args.weights, args.model)
+    model = load_init_model(args.weights, args.model, quantized_ok=True)
     quantize(model, args, device)  # before the move: the float matrices go to the device one at a time
     model.to(device).set_kernels(args.kernels)
     tok = pick_tokenizer(args.tokenizer, args.weights, model.config.vocab_size)
@@ -330,7 +330,8 @@ def load_scorer(args):
 def run_facts(args, model, tok, device, url: str) -> dict:
     """What a scoring result is of (its --json record): the weights, data, tokenizer, kernels, device, quantization."""
     return dict(weights=str(args.weights), data=str(args.data or url), tokenizer=tok.name,
-                kernels=sorted(model.kernels) or ["reference"], device=str(device), quantize=args.quantize)
+                kernels=sorted(model.kernels) or ["reference"], device=str(device),
+                quantize=getattr(model, "quantized", None))
 
 
 def cmd_hellaswag(args):

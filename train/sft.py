@@ -546,11 +546,12 @@ def per_task_accuracy(rows) -> dict:
 
 
 # -- model and tokenizer ------------------------------------------------------------------------------
-def load_init_model(init: str, model_name: str | None = None):
+def load_init_model(init: str, model_name: str | None = None, quantized_ok: bool = False):
     """--init: a tritongpt checkpoint (file, ckpt folder or run folder), a Hugging Face GPT-2 or GPT-Neo
     safetensors file, a peft LoRA adapter folder (merged into its base), a GPT-2 or GPT-Neo name (pretrained
     weights), or another preset (random weights).
-    model_name: the preset naming the heads of a GPT-2 file without its config.json."""
+    model_name: the preset naming the heads of a GPT-2 file without its config.json. quantized_ok: an int8 file
+    loads (the scorers run it; a trainer's --init refuses it by name)."""
     from tritongpt.model.config import PRESETS, get_config
     from tritongpt.model.gpt import GPTModel
 
@@ -559,7 +560,7 @@ def load_init_model(init: str, model_name: str | None = None):
 
     p = Path(init).expanduser()
     if p.exists():
-        return load_checkpoint(p, model_name)
+        return load_checkpoint(p, model_name, quantized_ok=quantized_ok)
 
     if init in HUB_REPOS or init in gpt_neo_weights.HUB_REPOS:
         return load_pretrained(init)

@@ -113,7 +113,7 @@ def cmd_info(args):
             raise UserError("--untied counts a preset with its own LM head; --weights has the head it has")
         reward = RewardModel.load(args.weights) if is_reward_model(args.weights) else None
         # --model: the heads of a GPT-2 file without config.json
-        model = reward.backbone if reward else load_checkpoint(args.weights, args.model)
+        model = reward.backbone if reward else load_checkpoint(args.weights, args.model, quantized_ok=True)
         cfg, n, name = model.config, model.num_params(), str(resolve_checkpoint(args.weights))
     else:
         cfg = get_config(args.model or "gpt2-small", tie_weights=not args.untied)
@@ -133,6 +133,13 @@ def cmd_info(args):
               "its last token")
     else:
         print(f"parameters   {n:,} ({n / 1e6:.1f}M, {'tied' if cfg.tie_weights else 'untied'} LM head)")
+    if args.weights and getattr(model, "quantized", None):
+        from tritongpt.model.quant import Int8Linear, linear_bytes
+
+        q = sum(m.qweight.numel() for m in model.modules() if isinstance(m, Int8Linear))
+        print(f"quantized    {model.quantized}: {model.quantized_linears} matrices ({q:,} weights, the parameters "
+              f"above without them) as int8 with an fp32 scale a row, {linear_bytes(model) / 2**20:,.1f} MiB as the "
+              f"matmuls read them (`tritongpt quantize`)")
     if args.weights:
         from tritongpt.train.common import saved_model_config
 
@@ -283,7 +290,7 @@ def load_generation_model(args):
         from tritongpt.train.gpt2_weights import load_checkpoint
 
         # --model only when given: it names the heads of a GPT-2 file without its config.json
-        model = load_checkpoint(args.weights, args.model)
+        model = load_checkpoint(args.weights, args.model, quantized_ok=True)
     elif args.pretrained:
         from tritongpt.train.gpt2_weights import load_pretrained
 
@@ -521,7 +528,7 @@ def load_draft(args, model, tok, device):
     from tritongpt.train.sft import load_quietly
     from tritongpt.train.tokenizer import same_ids, saved_tokenizer_path
 
-    draft = load_checkpoint(args.draft)
+    draft = load_checkpoint(args.draft, quantized_ok=True)
     if draft.config.vocab_size != model.config.vocab_size:
         raise UserError(f"--draft {args.draft} has a vocabulary of {draft.config.vocab_size} tokens, the model "
                         f"{model.config.vocab_size}: a draft must share the model's tokenizer")
@@ -668,6 +675,48 @@ def export_target(cfg) -> tuple:
 
 def article(name: str) -> str:
     return "an" if name.startswith(("OLMo", "OLMoE", "MPT")) else "a"
+
+
+def cmd_quantize(args):
+    """`tritongpt quantize MODEL --out DIR`: the model's int8 weights (model/quant.py quantize_int8) as DIR/
+    model.safetensors, with its tokenizer and prompt format, for the commands that run a model to load as they are
+    (an int8 file never makes the float matrices: a model whose fp32 weights do not fit loads)."""
+    from pathlib import Path
+
+    from tritongpt.model.quant import linear_bytes, quantize_int8
+    from tritongpt.train.chat import run_template
+    from tritongpt.train.gpt2_weights import load_checkpoint
+    from tritongpt.train.sft import pick_tokenizer
+    from tritongpt.train.tokenizer import save_run_tokenizer
+
+    out = Path(args.out)
+    target = out / "model.safetensors"
+    if out.exists() and not out.is_dir():
+        raise UserError(f"quantize --out {out} is a file: name a folder")
+    run_files = [n for n in ("state.pt", "metrics.jsonl") if (out / n).is_file()] + \
+        [p.name for p in out.glob("ckpt-*")][:1] if out.is_dir() else []
+    if run_files:  # merge's rule: a run's tokenizer and checkpoints are not ours to replace or shadow
+        raise UserError(f"quantize --out {out} is a tritongpt run or checkpoint folder ({', '.join(run_files)}): "
+                        "write the int8 model to a folder of its own")
+    if Path(args.weights).exists() and Path(args.weights).resolve() in (out.resolve(), target.resolve()):
+        raise UserError(f"quantize --out {out} is the model quantized: write the int8 model to a folder of its own")
+    if target.exists() and not args.overwrite:
+        raise UserError(f"quantize --out {out} already holds a model.safetensors: --overwrite to replace it, or "
+                        "another --out")
+    model = load_checkpoint(args.weights, args.model, quantized_ok=True)
+    if getattr(model, "quantized", None):
+        raise UserError(f"{args.weights} is {model.quantized}-quantized already")
+    tok = pick_tokenizer(args.tokenizer, args.weights, model.config.vocab_size)
+    fmt = run_template(args.weights)
+    before = linear_bytes(model)
+    quantize_int8(model, head=not args.no_head)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save(target, {"quantized_from": str(args.weights), **({"prompt_format": fmt} if fmt else {})})
+    save_run_tokenizer(tok, out)
+    print(f"quantize: int8, {model.quantized_linears} matrices, {before / 2**20:,.1f} MiB -> "
+          f"{linear_bytes(model) / 2**20:,.1f} MiB as the matmuls read them -> {target} "
+          f"({target.stat().st_size / 2**20:,.1f} MiB)")
+    return 0
 
 
 def cmd_export(args):
@@ -829,6 +878,9 @@ def quantize(model, args, device=None, what: str = ""):
     follow "mlp"). Says what it saved, on stderr."""
     if getattr(args, "quantize", None) is None:
         return model
+    if getattr(model, "quantized", None) == args.quantize:  # an int8 file (`tritongpt quantize`): as it was saved
+        note(f"{what or 'the model'} is {model.quantized} already (saved so): --quantize has nothing to do")
+        return model
     from tritongpt.model.quant import linear_bytes, quantize_int8
 
     before = linear_bytes(model)
@@ -946,6 +998,21 @@ def add_cli(sub):
     add_beam_args(p)
     add_cuda_graphs_arg(p)
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("quantize", help=command_help("quantize"),
+                       description="Write a model's int8 weight-only quantization (every matrix of the blocks and, "
+                                   "unless --no-head, the LM head as int8 with an fp32 scale a row) as a folder that "
+                                   "generate, chat, serve, eval, hellaswag and lambada load as it is.")
+    p.add_argument("weights", metavar="MODEL", help="the model: a checkpoint file or folder, a run folder (its newest "
+                                                    "checkpoint), a Hugging Face folder or " + HUB_REPO_HELP)
+    p.add_argument("--out", required=True, help="the folder to write model.safetensors (and the tokenizer) into")
+    p.add_argument("--model", default=None, help="the preset naming the heads of a GPT-2 file without config.json")
+    p.add_argument("--tokenizer", help=TOKENIZER_CHOICES + " (default: the one saved with the model, else by vocab "
+                                       "size); saved with the int8 model")
+    p.add_argument("--no-head", action="store_true", help="keep the LM head in floating point (a tied head then "
+                                                          "stays the embedding)")
+    p.add_argument("--overwrite", action="store_true", help="replace a model.safetensors already in --out")
+    p.set_defaults(func=cmd_quantize)
 
     p = sub.add_parser("export", help=command_help("export"))
     p.add_argument("checkpoint",
