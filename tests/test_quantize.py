@@ -376,13 +376,19 @@ def test_an_int8_file_loads_as_it_was_saved_without_making_the_float_matrices(tm
         want = model(idx)
     model.save(tmp_path / "q.safetensors")
     monkeypatch.setattr(GPTModel, "empty", classmethod(lambda cls, cfg: pytest.fail("the float model was made")))
+    inits, init = [], GPTModel._init_weights  # (GPTModel.__init__ initialises each Linear: on meta, nothing made)
+    monkeypatch.setattr(GPTModel, "_init_weights", staticmethod(
+        lambda m: (inits.append(m.weight.is_meta) if isinstance(m, nn.Linear) else None, init(m))))
     got = GPTModel.load(tmp_path / "q.safetensors", quantized_ok=True)
+    assert inits and all(inits)  # every float matrix the model is built with is a meta tensor, never allocated
     assert got.quantized == "int8" and got.quantized_head is head and got.quantized_linears == 12 + head
     assert isinstance(got.out_head, Int8Linear) is head and not got.training
     if not head:  # a float head stays tied to the embedding
         assert got.out_head.weight is got.tok_emb.weight
-    for (name, a), (_, b) in zip(model.state_dict().items(), got.state_dict().items()):
-        assert a.dtype == b.dtype and torch.equal(a, b), name
+    want_state, got_state = model.state_dict(), got.state_dict()
+    assert sorted(got_state) == sorted(want_state)
+    for name, a in want_state.items():
+        assert a.dtype == got_state[name].dtype and torch.equal(a, got_state[name]), name
     with torch.no_grad():
         assert torch.equal(got(idx), want)
         got.set_kernels("triton")
@@ -441,3 +447,49 @@ def test_the_quantize_command_writes_a_folder_the_commands_run_as_the_quantize_f
         assert err in capsys.readouterr().err, argv
     assert cli.main(["quantize", str(saved), "--out", str(out), "--overwrite", "--no-head"]) == 0
     assert "6 matrices" in capsys.readouterr().out
+
+
+def test_the_quantize_command_carries_the_tokenizer_and_prompt_format_and_its_folder_runs_as_the_model(saved, tmp_path,
+                                                                                                     capsys):
+    """The int8 folder keeps what the model was run with: the tokenizer saved beside it and the prompt format it was
+    tuned on (chat --template auto, serve); --quantize int8 on it has nothing to do; it runs as a --draft and in
+    lambada (whose JSON says int8); a run folder is refused as --out."""
+    import json
+    import shutil
+
+    from tritongpt import cli
+    from tritongpt.train.chat import run_template
+    from tritongpt.train.tokenizer import default_tokenizer, load_tokenizer
+
+    src = tmp_path / "src"
+    src.mkdir()
+    GPTModel.load(saved).save(src / "model.safetensors", {"prompt_format": "alpaca"})
+    tok = default_tokenizer()
+    tok.save(src / "tokenizer.json")
+    out = tmp_path / "int8"
+    assert cli.main(["quantize", str(src), "--out", str(out)]) == 0
+    capsys.readouterr()
+    assert run_template(out) == "alpaca"
+    assert load_tokenizer(out / "tokenizer.json").hash == tok.hash
+    gen_args = ["generate", "--prompt", "The cat", "--device", "cpu", "--max-new-tokens", "6", "--temperature", "0"]
+    assert cli.main([*gen_args, "--weights", str(out)]) == 0
+    want = capsys.readouterr().out
+    assert cli.main([*gen_args, "--weights", str(out), "--quantize", "int8"]) == 0
+    got = capsys.readouterr()
+    assert got.out == want and "is int8 already (saved so): --quantize has nothing to do" in got.err
+    assert cli.main([*gen_args, "--weights", str(src)]) == 0
+    plain = capsys.readouterr().out
+    assert cli.main([*gen_args, "--weights", str(src), "--draft", str(out)]) == 0
+    got = capsys.readouterr()
+    assert got.out == plain and "speculative decoding" in got.err  # greedy: the model's own text, whatever the draft
+    data = tmp_path / "lambada.jsonl"
+    data.write_text('{"text": "the cat sat on the mat"}\n')
+    assert cli.main(["lambada", "--weights", str(out), "--data", str(data), "--device", "cpu", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["quantize"] == "int8"
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text("")
+    shutil.copy(src / "tokenizer.json", run / "tokenizer.json")
+    assert cli.main(["quantize", str(src), "--out", str(run)]) == 2
+    assert "is a tritongpt run or checkpoint folder (metrics.jsonl)" in capsys.readouterr().err
+    assert not (run / "model.safetensors").exists()
