@@ -173,6 +173,7 @@ class GPTModel(nn.Module):
             raise UserError(f"{path} is int8-quantized (`tritongpt quantize`), for inference: generate, chat, "
                             "serve, eval, hellaswag and lambada run it; train, export or merge the float weights it "
                             "was made from")
+        check_int8_dtypes(path)
         with torch.device("meta"):
             model = cls(cfg)
         return int8_layout(model, head=meta["quantized_head"] == "true").to_empty(device="cpu").eval()
@@ -603,6 +604,21 @@ def load_saved_weights(module: nn.Module, path, map_location="cpu"):
         why = why if len(why) <= 300 else why[:300] + "..."
         raise UserError(f"{path}: its tensors do not fit its saved model config ({why})") from None
     check_finite_weights(module, path)
+
+
+def check_int8_dtypes(path):
+    """A UserError naming the first int8 matrix of an int8 file (`tritongpt quantize`) that is not int8, or scale that
+    is not fp32: loading casts whatever the file holds into those buffers, so a foreign layout (uint8, 128..255 wrapped
+    to negatives) or a scale cut to bf16 would load as another model."""
+    from safetensors import safe_open
+
+    want = {".qweight": ("I8", "int8"), ".scale": ("F32", "fp32")}
+    with safe_open(str(path), framework="pt") as f:
+        for name in f.keys():
+            suffix = next((s for s in want if name.endswith(s)), None)
+            if suffix and (dtype := f.get_slice(name).get_dtype()) != want[suffix][0]:
+                raise UserError(f"{path}: tensor {name} is {dtype}, not {want[suffix][1]} (a damaged int8 file, or "
+                                "one another tool wrote: quantize the float weights with `tritongpt quantize`)")
 
 
 def check_finite_weights(module: nn.Module, path):

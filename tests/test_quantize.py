@@ -493,3 +493,22 @@ def test_the_quantize_command_carries_the_tokenizer_and_prompt_format_and_its_fo
     assert cli.main(["quantize", str(src), "--out", str(run)]) == 2
     assert "is a tritongpt run or checkpoint folder (metrics.jsonl)" in capsys.readouterr().err
     assert not (run / "model.safetensors").exists()
+
+
+@pytest.mark.parametrize("key,dtype", [("qweight", torch.uint8), ("qweight", torch.float32), ("scale", torch.bfloat16)])
+def test_an_int8_file_whose_matrices_are_not_int8_with_fp32_scales_is_refused_by_name(tmp_path, key, dtype):
+    """load_state_dict casts whatever the file holds into the int8 and fp32 buffers: a uint8 matrix (another tool's
+    layout) would wrap 128..255 to negatives, a bf16 scale keep 8 bits. A damaged or foreign file, refused by name."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    path = tmp_path / "q.safetensors"
+    quantize_int8(tiny()).save(path)
+    with safe_open(str(path), framework="pt") as f:
+        tensors, meta = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+    name = f"trf_blocks.1.ff.fc2.{key}"
+    tensors[name] = tensors[name].abs().to(dtype) if dtype == torch.uint8 else tensors[name].to(dtype)
+    save_file(tensors, str(tmp_path / "bad.safetensors"), meta)
+    said = "int8" if key == "qweight" else "fp32"
+    with pytest.raises(UserError, match=rf"bad.safetensors: tensor {name} is \w+, not {said} \(a damaged int8 file"):
+        GPTModel.load(tmp_path / "bad.safetensors", quantized_ok=True)
