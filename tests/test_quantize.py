@@ -512,3 +512,28 @@ def test_an_int8_file_whose_matrices_are_not_int8_with_fp32_scales_is_refused_by
     said = "int8" if key == "qweight" else "fp32"
     with pytest.raises(UserError, match=rf"bad.safetensors: tensor {name} is \w+, not {said} \(a damaged int8 file"):
         GPTModel.load(tmp_path / "bad.safetensors", quantized_ok=True)
+
+
+@pytest.mark.parametrize("head", [True, False])
+def test_info_on_an_int8_file_counts_every_tensor_and_says_the_head_is_int8(saved, tmp_path, capsys, head):
+    """info's parameters (the float ones) and its int8 line together are the float model's parameters, each once: the
+    Int8Linears' biases too (buffers, like their matrices); a quantized head is an int8 copy of the tied embedding,
+    not tied (--no-head: the embedding, tied)."""
+    import re
+
+    from tritongpt import cli
+
+    out = tmp_path / "int8"
+    assert cli.main(["quantize", str(saved), "--out", str(out), *([] if head else ["--no-head"])]) == 0
+    capsys.readouterr()
+    assert cli.main(["info", "--weights", str(out)]) == 0
+    said = capsys.readouterr().out
+    params = re.search(r"^parameters   ([\d,]+) \(\S+, (\w+) LM head\)", said, re.M)
+    q = re.search(r"^quantized    int8: \d+ matrices \(([\d,]+) weights and ([\d,]+) biases, the parameters above "
+                  r"without them\)", said, re.M)
+    assert params and q, said
+    n, weights, biases = (int(s.replace(",", "")) for s in (params[1], q[1], q[2]))
+    model = GPTModel.load(saved)
+    copy = model.out_head.weight.numel() if head else 0  # the head's int8 copy of the embedding
+    assert n + weights + biases == model.num_params() + copy
+    assert params[2] == ("int8" if head else "tied")

@@ -132,14 +132,19 @@ def cmd_info(args):
         print(f"reward model a scalar head Linear({cfg.n_embd}, 1) on this backbone: one score per sequence, read at "
               "its last token")
     else:
-        print(f"parameters   {n:,} ({n / 1e6:.1f}M, {'tied' if cfg.tie_weights else 'untied'} LM head)")
+        # an int8 head (model/quant.py) is a copy of its own, even of a tied embedding
+        int8_head = args.weights and getattr(model, "quantized_head", False)
+        head = "int8" if int8_head else "tied" if cfg.tie_weights else "untied"
+        print(f"parameters   {n:,} ({n / 1e6:.1f}M, {head} LM head)")
     if args.weights and getattr(model, "quantized", None):
         from tritongpt.model.quant import Int8Linear, linear_bytes
 
-        q = sum(m.qweight.numel() for m in model.modules() if isinstance(m, Int8Linear))
-        print(f"quantized    {model.quantized}: {model.quantized_linears} matrices ({q:,} weights, the parameters "
-              f"above without them) as int8 with an fp32 scale a row, {linear_bytes(model) / 2**20:,.1f} MiB as the "
-              f"matmuls read them (`tritongpt quantize`)")
+        int8 = [m for m in model.modules() if isinstance(m, Int8Linear)]
+        q = sum(m.qweight.numel() for m in int8)
+        b = sum(m.bias.numel() for m in int8 if m.bias is not None)  # buffers too: not among the parameters
+        print(f"quantized    {model.quantized}: {model.quantized_linears} matrices ({q:,} weights and {b:,} biases, "
+              f"the parameters above without them) as int8 with an fp32 scale a row, "
+              f"{linear_bytes(model) / 2**20:,.1f} MiB as the matmuls read them (`tritongpt quantize`)")
     if args.weights:
         from tritongpt.train.common import saved_model_config
 
