@@ -537,3 +537,29 @@ def test_info_on_an_int8_file_counts_every_tensor_and_says_the_head_is_int8(save
     copy = model.out_head.weight.numel() if head else 0  # the head's int8 copy of the embedding
     assert n + weights + biases == model.num_params() + copy
     assert params[2] == ("int8" if head else "tied")
+
+
+def test_eval_of_a_pretraining_runs_int8_folder_scores_the_runs_held_out_tail_as_quantize_int8_does(tmp_path, capsys):
+    """eval --weights RUN scores the run's own data, its held-out tail (the record in its state.pt); the int8 folder
+    `tritongpt quantize RUN` writes has no state.pt, so it carries that record: eval of it scores the same tokens as
+    eval --weights RUN --quantize int8, not the default corpus."""
+    import json
+
+    from tritongpt import cli
+
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"text": f"the cat number {i} sat on the mat by dog {i * 7}."}) + "\n"
+                            for i in range(120)))
+    run, out, cache = tmp_path / "run", tmp_path / "int8", tmp_path / "cache"
+    assert cli.main(["pretrain", "--data", str(data), "--out-dir", str(run), "--device", "cpu", "--kernels",
+                     "reference", "--block-size", "16", "--batch-size", "2", "--max-steps", "1", "--eval-every", "0",
+                     "--sample-tokens", "0", "--cache-dir", str(cache)]) == 0
+    assert cli.main(["quantize", str(run), "--out", str(out)]) == 0
+    capsys.readouterr()
+    scores = []
+    for args in ([str(run), "--quantize", "int8"], [str(out)]):
+        assert cli.main(["eval", "--weights", *args, "--device", "cpu", "--json", "--cache-dir", str(cache)]) == 0
+        scores.append(json.loads(capsys.readouterr().out))
+    assert scores[0]["data"] == str(data)
+    assert [(s["data"], s["tokens"], s["loss"]) for s in scores[1:]] == [(str(data), scores[0]["tokens"],
+                                                                           scores[0]["loss"])]

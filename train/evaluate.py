@@ -104,15 +104,32 @@ def evaluate_tokens(model, tokens, stride=None, batch_size: int = 8, dtype=None,
     return out
 
 
-def pretrain_data(weights) -> dict | None:
-    """What a pretraining checkpoint records of its data (source, source_hash, train_tokens: the
-    tokens before its held-out tail), or None for other checkpoints and bare weight files."""
+PRETRAIN_DATA = "pretrain_data"  # an int8 file's metadata (`tritongpt quantize`): pretrain_data of its run, as JSON
+
+
+def run_data_record(weights):
+    """The data record a checkpoint's state.pt keeps (a list, a rank's each), or the one `tritongpt quantize` wrote
+    into its file's metadata (PRETRAIN_DATA: its run's pretrain_data; the folder has no state.pt); None where neither
+    is."""
+    from tritongpt.model.gpt import safetensors_metadata
     from tritongpt.train.common import load_state, resolve_checkpoint
 
-    state_dir = resolve_checkpoint(weights).parent
-    if not (state_dir / "state.pt").is_file():
+    file = resolve_checkpoint(weights)
+    if (file.parent / "state.pt").is_file():
+        return load_state(file.parent, mmap=True).get("data")
+    if file.suffix != ".safetensors" or PRETRAIN_DATA not in (meta := safetensors_metadata(file)):
         return None
-    data = load_state(state_dir, mmap=True).get("data")
+    try:
+        return json.loads(meta[PRETRAIN_DATA])
+    except ValueError:  # damaged: scored as a bare weights file is
+        return None
+
+
+def pretrain_data(weights) -> dict | None:
+    """What a pretraining checkpoint records of its data (source, source_hash, train_tokens: the
+    tokens before its held-out tail), or None for other checkpoints and bare weight files; an int8 file carries its
+    run's record (run_data_record)."""
+    data = run_data_record(weights)
     data = data[0] if isinstance(data, list) and data else data
     if isinstance(data, dict) and "sources" in data:  # a mixture (several --data): no one corpus is the run's
         return {"sources": data["sources"]}

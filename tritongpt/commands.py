@@ -686,10 +686,12 @@ def cmd_quantize(args):
     """`tritongpt quantize MODEL --out DIR`: the model's int8 weights (model/quant.py quantize_int8) as DIR/
     model.safetensors, with its tokenizer and prompt format, for the commands that run a model to load as they are
     (an int8 file never makes the float matrices: a model whose fp32 weights do not fit loads)."""
+    import json
     from pathlib import Path
 
     from tritongpt.model.quant import linear_bytes, quantize_int8
     from tritongpt.train.chat import run_template
+    from tritongpt.train.evaluate import PRETRAIN_DATA, pretrain_data
     from tritongpt.train.gpt2_weights import load_checkpoint
     from tritongpt.train.sft import pick_tokenizer
     from tritongpt.train.tokenizer import save_run_tokenizer
@@ -713,10 +715,15 @@ def cmd_quantize(args):
         raise UserError(f"{args.weights} is {model.quantized}-quantized already")
     tok = pick_tokenizer(args.tokenizer, args.weights, model.config.vocab_size)
     fmt = run_template(args.weights)
+    extra = {"quantized_from": str(args.weights), **({"prompt_format": fmt} if fmt else {})}
+    # a pretraining run's data record (its state.pt stays behind): eval scores the run's held-out tail, as on MODEL
+    record = pretrain_data(args.weights)
+    if record is not None:
+        extra[PRETRAIN_DATA] = json.dumps(record, default=str)
     before = linear_bytes(model)
     quantize_int8(model, head=not args.no_head)
     out.mkdir(parents=True, exist_ok=True)
-    model.save(target, {"quantized_from": str(args.weights), **({"prompt_format": fmt} if fmt else {})})
+    model.save(target, extra)
     save_run_tokenizer(tok, out)
     print(f"quantize: int8, {model.quantized_linears} matrices, {before / 2**20:,.1f} MiB -> "
           f"{linear_bytes(model) / 2**20:,.1f} MiB as the matmuls read them -> {target} "
