@@ -543,6 +543,8 @@ class GPTModel(nn.Module):
         else:
             model = cls.empty(cfg)  # every tensor comes from the file (load_saved_weights refuses one missing)
         load_saved_weights(model, path, map_location)
+        if meta.get("quantized"):
+            check_int8_scales(model, path)
         model.to(map_location)
         if kernels is not None:
             model.set_kernels(kernels)
@@ -604,6 +606,18 @@ def load_saved_weights(module: nn.Module, path, map_location="cpu"):
         why = why if len(why) <= 300 else why[:300] + "..."
         raise UserError(f"{path}: its tensors do not fit its saved model config ({why})") from None
     check_finite_weights(module, path)
+
+
+def check_int8_scales(model, path):
+    """A UserError naming the first int8 layer of a loaded int8 file whose scales are not all positive: quantize_weight
+    makes every scale > 0 (a row of zeros gets 1), so a 0 or negative one is a damaged file (a zeroed or sign-flipped
+    row), not a model. NaN and inf are check_finite_weights'."""
+    from tritongpt.model.quant import Int8Linear
+
+    for name, m in model.named_modules():
+        if isinstance(m, Int8Linear) and m.scale.numel() and not bool((m.scale > 0).all()):
+            raise UserError(f"{path}: tensor {name}.scale holds a scale of 0 or below (int8 scales are positive: "
+                            "a damaged file)")
 
 
 def check_int8_dtypes(path):

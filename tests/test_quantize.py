@@ -514,6 +514,26 @@ def test_an_int8_file_whose_matrices_are_not_int8_with_fp32_scales_is_refused_by
         GPTModel.load(tmp_path / "bad.safetensors", quantized_ok=True)
 
 
+@pytest.mark.parametrize("value", [0.0, -0.01])
+def test_an_int8_file_with_a_scale_of_zero_or_below_is_refused_by_name(tmp_path, value):
+    """quantize_weight makes every scale positive (a zero row gets 1): a 0 (a zeroed row) or a negative one (a
+    sign-flipped row) is a damaged file, refused by name rather than loaded as another model."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    path = tmp_path / "q.safetensors"
+    quantize_int8(tiny()).save(path)
+    with safe_open(str(path), framework="pt") as f:
+        tensors, meta = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+    name = "trf_blocks.0.att.W_key.scale"
+    tensors[name][3] = value
+    save_file(tensors, str(tmp_path / "bad.safetensors"), meta)
+    with pytest.raises(UserError, match=r"bad.safetensors: tensor trf_blocks.0.att.W_key.scale holds a scale of 0 or "
+                                        r"below"):
+        GPTModel.load(tmp_path / "bad.safetensors", quantized_ok=True)
+    assert GPTModel.load(path, quantized_ok=True).quantized == "int8"  # the file as saved loads
+
+
 @pytest.mark.parametrize("head", [True, False])
 def test_info_on_an_int8_file_counts_every_tensor_and_says_the_head_is_int8(saved, tmp_path, capsys, head):
     """info's parameters (the float ones) and its int8 line together are the float model's parameters, each once: the
