@@ -1736,14 +1736,6 @@ def sweep_matmul(timer, budget, rows_m, widths, dtype, modes=MODES, providers=No
     return out
 
 
-def quantize_int8(w):
-    """gpt-fast's int8 weight-only scheme: (q int8 [N, K], scale fp32 [N]), symmetric per output row, q in
-    [-127, 127], w ~= q * scale[:, None] (a zero row: scale 1)."""
-    scale = w.float().abs().amax(1) / 127
-    scale = torch.where(scale == 0, torch.ones_like(scale), scale)
-    return torch.round(w.float() / scale[:, None]).clamp(-127, 127).to(torch.int8), scale
-
-
 def int8_linear_bytes(m: int, n: int, k: int, elem: int) -> int:
     """int8_linear's bytes (INT8_BYTES_NOTE): the int8 weight, its fp32 scales, x and y."""
     return n * k + 4 * n + (m * k + m * n) * elem
@@ -1752,11 +1744,13 @@ def int8_linear_bytes(m: int, n: int, k: int, elem: int) -> int:
 def sweep_int8_linear(timer, budget, rows_m, shapes, dtype, modes=MODES, providers=None):
     """The weight-only int8 linear at each (K, N) of shapes and each row count; "fwd" only of modes (inference).
     FLOPs 2 M N K, bytes int8_linear_bytes; each row notes what its bytes count."""
+    from tritongpt.model.quant import quantize_weight  # (the model's: symmetric, an fp32 scale a row)
+
     out = []
     dev = timer.device
     modes = tuple(m for m in modes if m == "fwd")
     for k, n in shapes if modes else ():
-        q, scale = quantize_int8(randn(n, k, device=dev, dtype=torch.float32, scale=k ** -0.5, requires_grad=False))
+        q, scale = quantize_weight(randn(n, k, device=dev, dtype=torch.float32, scale=k ** -0.5, requires_grad=False))
         for m in rows_m:
             x = randn(m, k, device=dev, dtype=dtype, requires_grad=False)
             cfg = {"M": m, "K": k, "N": n, "dtype": dtype_name(dtype)}

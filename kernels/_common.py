@@ -124,6 +124,12 @@ def custom_op(name: str, mutates_args=()):
     return wrap
 
 
+def as_rows(t):
+    """[..., N] -> [M, N] with unit stride on the last dim (what the row kernels read); a copy only when needed."""
+    t2 = t.reshape(-1, t.shape[-1])
+    return t2 if t2.stride(-1) == 1 else t2.contiguous()
+
+
 def cdiv(a: int, b: int) -> int:
     """triton.cdiv for the launchers' host ints: triton's is a constexpr_function, which unwraps its
     arguments first, a few microseconds a call on every launch."""

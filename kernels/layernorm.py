@@ -61,9 +61,9 @@ import triton.language as tl
 
 from tritongpt._env import triton_interpreting
 from tritongpt._types import is_real
-from tritongpt.kernels._common import (autotuned, cast, cdiv, check_runnable, check_same_device, check_same_dtype,
-                                       check_tensor, custom_op, first_order_only, launch_tuned, next_pow2,
-                                       no_func_transform, on_tensor_device)
+from tritongpt.kernels._common import (as_rows, autotuned, cast, cdiv, check_runnable, check_same_device,
+                                       check_same_dtype, check_tensor, custom_op, first_order_only, launch_tuned,
+                                       next_pow2, no_func_transform, on_tensor_device)
 from tritongpt.kernels._common import sm_count as _sm_count  # patched by bench/compile_check.py, tests
 
 MAX_WIDTH = 8192  # one row must fit in one tile (registers/SRAM); wider rows are rejected
@@ -530,20 +530,13 @@ def _(dy, s, weight, rstd, ds, delta_dtype):
     return torch.empty_like(s), s.new_empty(s.shape, dtype=delta_dtype), torch.empty_like(weight)
 
 
-def _rows(t):
-    """[..., N] -> [M, N] with unit stride on the last dim (what the kernels read); a copy only
-    when needed."""
-    t2 = t.reshape(-1, t.shape[-1])
-    return t2 if t2.stride(-1) == 1 else t2.contiguous()
-
-
 class LayerNormFunction(torch.autograd.Function):
     """Saves x (the caller keeps it alive anyway), weight, and the fp32 per-row mean and rstd."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, eps):
         shape = x.shape
-        x2 = _rows(x)
+        x2 = as_rows(x)
         y, mean, rstd = _layer_norm_fwd.call(x2, weight, bias, eps)
         ctx.save_for_backward(x2, weight, mean, rstd)
         ctx.has_bias = bias is not None
@@ -566,7 +559,7 @@ class AddLayerNormFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, delta, weight, bias, eps):
         shape = x.shape
-        s, y, mean, rstd = _add_layer_norm_fwd.call(_rows(x), _rows(delta), weight, bias, eps)
+        s, y, mean, rstd = _add_layer_norm_fwd.call(as_rows(x), as_rows(delta), weight, bias, eps)
         ctx.save_for_backward(s, weight, mean, rstd)
         ctx.has_bias = bias is not None
         ctx.shape, ctx.delta_dtype = shape, delta.dtype
@@ -594,7 +587,7 @@ class RMSNormFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, eps):
-        x2 = _rows(x)
+        x2 = as_rows(x)
         y, rstd = _rms_norm_fwd.call(x2, weight, eps)
         ctx.save_for_backward(x2, weight, rstd)
         return y.view(x.shape)
@@ -613,7 +606,7 @@ class AddRMSNormFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, delta, weight, eps):
-        s, y, rstd = _add_rms_norm_fwd.call(_rows(x), _rows(delta), weight, eps)
+        s, y, rstd = _add_rms_norm_fwd.call(as_rows(x), as_rows(delta), weight, eps)
         ctx.save_for_backward(s, weight, rstd)
         ctx.shape, ctx.delta_dtype = x.shape, delta.dtype
         ctx.set_materialize_grads(False)

@@ -38,9 +38,9 @@ import triton
 import triton.language as tl
 
 from tritongpt._env import triton_interpreting
-from tritongpt.kernels._common import (FLOAT_DTYPES, autocast_dtype, autotuned, cast, cdiv, check_runnable,
-                                       check_same_device, check_tensor, custom_op, dot, grouped_tile, launch_tuned,
-                                       next_pow2, no_func_transform, on_tensor_device)
+from tritongpt.kernels._common import (FLOAT_DTYPES, as_rows, autocast_dtype, autotuned, cast, cdiv,
+                                       check_runnable, check_same_device, check_tensor, custom_op, dot, grouped_tile,
+                                       launch_tuned, next_pow2, no_func_transform, on_tensor_device)
 from tritongpt.kernels.mlp import _gelu_act
 
 ACTIVATIONS = (None, "gelu_tanh", "gelu_erf")
@@ -195,12 +195,6 @@ def _(x, qweight, scale, bias, activation=None):
     return x.new_empty((x.shape[0], N))
 
 
-def _rows(t):
-    """[..., K] -> [M, K] with unit stride on the last dim; a copy only when needed (kernels/layernorm.py's)."""
-    t2 = t.reshape(-1, t.shape[-1])
-    return t2 if t2.stride(-1) == 1 else t2.contiguous()
-
-
 def int8_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, bias: Optional[torch.Tensor] = None,
                 activation: Optional[str] = None) -> torch.Tensor:
     """act(x @ (qweight * scale[:, None]).T + bias) over the last dim of x (any leading dims): y [..., N].
@@ -227,7 +221,7 @@ def int8_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, bia
     dt = autocast_dtype(x.device) or x.dtype
     x = x.to(dt)
     bias = bias.to(dt) if bias is not None else None
-    y = _int8_linear_op.call(_rows(x), qweight, scale, bias, activation)
+    y = _int8_linear_op.call(as_rows(x), qweight, scale, bias, activation)
     return y.view(*x.shape[:-1], N)
 
 

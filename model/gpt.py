@@ -17,7 +17,7 @@ from tritongpt.model.config import GPTConfig
 from tritongpt.model.layers import (FeedForward, LayerNorm, MoEFeedForward, MultiHeadAttention, PerHeadNorm, RMSNorm,
                                     Rotary, SwiGLUFeedForward, TransformerBlock, document_starts,
                                     load_balancing_loss, make_norm, rope_seq_len)
-from tritongpt.model.quant import Int8Linear
+from tritongpt.model.quant import Int8Linear, int8_layout
 from tritongpt.model.toggle import resolve_kernels, spec_string
 
 
@@ -164,8 +164,6 @@ class GPTModel(nn.Module):
     def _empty_quantized(cls, cfg, path, meta, quantized_ok):
         """An int8 file's model, its Int8Linears (model/quant.py int8_layout) and the rest allocated on the CPU but
         not filled: the float matrices are never made, so an int8 file loads where its float model would not fit."""
-        from tritongpt.model.quant import int8_layout
-
         if meta["quantized"] != "int8" or meta.get("quantized_head") not in ("true", "false"):
             raise UserError(f"{path}: quantized {meta['quantized']!r} (head {meta.get('quantized_head')!r}) is "
                             "not a quantization this version reads (int8, head true or false)")
@@ -612,8 +610,6 @@ def check_int8_scales(model, path):
     """A UserError naming the first int8 layer of a loaded int8 file whose scales are not all positive: quantize_weight
     makes every scale > 0 (a row of zeros gets 1), so a 0 or negative one is a damaged file (a zeroed or sign-flipped
     row), not a model. NaN and inf are check_finite_weights'."""
-    from tritongpt.model.quant import Int8Linear
-
     for name, m in model.named_modules():
         if isinstance(m, Int8Linear) and m.scale.numel() and not bool((m.scale > 0).all()):
             raise UserError(f"{path}: tensor {name}.scale holds a scale of 0 or below (int8 scales are positive: "

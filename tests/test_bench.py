@@ -1883,11 +1883,13 @@ def test_int8_linear_rows_time_every_provider_on_one_quantized_weight(device, mo
     and compile dequantizing on each call, torch on a weight dequantized once, torch-int8 through
     aten._weight_int8pack_mm where it runs, ours); the rows are forward only, 2 M N K FLOPs and the int8 weight, its
     fp32 scales, x and y in bytes, each row saying so."""
+    from tritongpt.model.quant import quantize_weight  # (what sweep_int8_linear quantizes with)
+
     monkeypatch.setattr(kernels, "_fresh_compile", lambda fn: fn)  # the function torch.compile would get
     gen = torch.Generator().manual_seed(7)
     w = torch.randn(40, 24, generator=gen) * 24 ** -0.5
     w[3] = 0.0
-    q, scale = kernels.quantize_int8(w.to(device))
+    q, scale = quantize_weight(w.to(device))
     assert q.dtype == torch.int8 and q.abs().max() == 127 and scale[3] == 1 and (q[3] == 0).all()
     assert (q.double() * scale.double()[:, None] - w.double().to(device)).abs().max() <= scale.max() / 2 + 1e-7
     x = torch.randn(5, 24, generator=gen).to(device)

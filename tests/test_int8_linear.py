@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from parity import assert_close_rel, report
 from tritongpt.kernels import quant
 from tritongpt.kernels.quant import int8_linear
+from tritongpt.model.quant import quantize_weight
 
 TOL = {torch.float32: 1e-4, torch.bfloat16: 1e-2, torch.float16: 1e-2}
 # the least relative error a 16-bit run shows on these shapes (y stored rounded: bf16 8 bits, fp16 11): above
@@ -23,19 +24,11 @@ ROUNDED = 3e-4
 GELU = {"gelu_tanh": "tanh", "gelu_erf": "none"}
 
 
-def quantize(w):
-    """gpt-fast's int8 weight-only scheme: symmetric, one scale per output row (a zero row: scale 1)."""
-    scale = w.abs().amax(1) / 127
-    scale = torch.where(scale == 0, torch.ones_like(scale), scale)
-    q = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)
-    return q, scale
-
-
 def make(n, k, device, seed=0, bias=True):
     gen = torch.Generator().manual_seed(seed)
     w = torch.randn(n, k, generator=gen) * k ** -0.5
     w[1] = 0.0  # a zero row: scale 1, q 0
-    q, scale = quantize(w)
+    q, scale = quantize_weight(w)  # gpt-fast's scheme: symmetric, an fp32 scale a row (a zero row: scale 1)
     b = torch.randn(n, generator=gen) if bias else None
     return q.to(device), scale.to(device), (b.to(device) if bias else None)
 

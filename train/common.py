@@ -441,6 +441,30 @@ def same_fingerprint(a, b) -> bool:
     return all(math.isclose(x, y, rel_tol=1e-9, abs_tol=1e-9) for x, y in zip(a, b))
 
 
+def model_out_folder(command: str, out, sources, overwrite: bool, what: str, source_words: str) -> Path:
+    """out/model.safetensors for a command that writes a model folder of its own (merge, quantize), once out is
+    checked: a folder, not a training run's or checkpoint's (its tokenizer.json replaced, its checkpoints shadowed
+    as `--weights run/`, its weights replaced: export refuses those too), no model.safetensors there unless
+    overwrite, and none of the models read (sources). what: the model written ("the merge"); source_words: what
+    out then is ("one of the models merged")."""
+    out = Path(out)
+    target = out / "model.safetensors"
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{command} --out {out} is a file: name a folder")
+    run_files = [n for n in ("state.pt", "metrics.jsonl") if (out / n).is_file()] + \
+        [p.name for p in out.glob("ckpt-*")][:1] if out.is_dir() else []
+    if run_files:
+        raise UserError(f"{command} --out {out} is a tritongpt run or checkpoint folder ({', '.join(run_files)}): "
+                        f"write {what} to a folder of its own")
+    if target.exists() and not overwrite:
+        raise UserError(f"{command} --out {out} already holds a model.safetensors: --overwrite to replace it, or "
+                        "another --out")
+    for p in sources:
+        if Path(p).exists() and Path(p).resolve() in (out.resolve(), target.resolve()):
+            raise UserError(f"{command} --out {out} is {source_words}: write {what} to a folder of its own")
+    return target
+
+
 def resolve_checkpoint(path) -> Path:
     """A checkpoint folder, a run folder (its newest checkpoint), or a weights file; a peft adapter
     folder: its weights file; a Hugging Face folder: its model.safetensors, else its shard index (shards

@@ -233,25 +233,13 @@ def check_merge_args(args) -> None:
 
 def cmd_merge(args):
     from tritongpt.train.chat import run_template
+    from tritongpt.train.common import model_out_folder
     from tritongpt.train.tokenizer import save_run_tokenizer
 
     check_merge_args(args)
-    out = Path(args.out)
-    target = out / "model.safetensors"
-    if out.exists() and not out.is_dir():
-        raise UserError(f"merge --out {out} is a file: name a folder")
-    run_files = [n for n in ("state.pt", "metrics.jsonl") if (out / n).is_file()] + \
-        [p.name for p in out.glob("ckpt-*")][:1] if out.is_dir() else []
-    if run_files:  # its tokenizer.json replaced, its checkpoints shadowed (--weights run/), or its weights replaced
-        raise UserError(f"merge --out {out} is a tritongpt run or checkpoint folder ({', '.join(run_files)}): write "
-                        "the merge to a folder of its own")
-    if target.exists() and not args.overwrite:
-        raise UserError(f"merge --out {out} already holds a model.safetensors: --overwrite to replace it, or "
-                        "another --out")
-    for p in args.weights + ([args.base] if args.base else []):
-        if Path(p).exists() and Path(p).resolve() in (out.resolve(), target.resolve()):
-            raise UserError(f"merge --out {out} is one of the models merged: write the merge to a folder of its own")
     paths = list(args.weights) + ([args.base] if args.base else [])
+    out = Path(args.out)
+    target = model_out_folder("merge", out, paths, args.overwrite, "the merge", "one of the models merged")
     loaded = [load_for_merge(p) for p in paths]
     models, kinds = [m for m, _ in loaded], [k for _, k in loaded]
     check_same_model(paths, models, kinds)

@@ -691,25 +691,14 @@ def cmd_quantize(args):
 
     from tritongpt.model.quant import linear_bytes, quantize_int8
     from tritongpt.train.chat import run_template
+    from tritongpt.train.common import model_out_folder
     from tritongpt.train.evaluate import PRETRAIN_DATA, pretrain_data
     from tritongpt.train.gpt2_weights import load_checkpoint
     from tritongpt.train.sft import pick_tokenizer
     from tritongpt.train.tokenizer import save_run_tokenizer
 
     out = Path(args.out)
-    target = out / "model.safetensors"
-    if out.exists() and not out.is_dir():
-        raise UserError(f"quantize --out {out} is a file: name a folder")
-    run_files = [n for n in ("state.pt", "metrics.jsonl") if (out / n).is_file()] + \
-        [p.name for p in out.glob("ckpt-*")][:1] if out.is_dir() else []
-    if run_files:  # merge's rule: a run's tokenizer and checkpoints are not ours to replace or shadow
-        raise UserError(f"quantize --out {out} is a tritongpt run or checkpoint folder ({', '.join(run_files)}): "
-                        "write the int8 model to a folder of its own")
-    if Path(args.weights).exists() and Path(args.weights).resolve() in (out.resolve(), target.resolve()):
-        raise UserError(f"quantize --out {out} is the model quantized: write the int8 model to a folder of its own")
-    if target.exists() and not args.overwrite:
-        raise UserError(f"quantize --out {out} already holds a model.safetensors: --overwrite to replace it, or "
-                        "another --out")
+    target = model_out_folder("quantize", out, [args.weights], args.overwrite, "the int8 model", "the model quantized")
     model = load_checkpoint(args.weights, args.model, quantized_ok=True)
     if getattr(model, "quantized", None):
         raise UserError(f"{args.weights} is {model.quantized}-quantized already")
