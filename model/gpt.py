@@ -17,7 +17,7 @@ from tritongpt.model.config import GPTConfig
 from tritongpt.model.layers import (FeedForward, LayerNorm, MoEFeedForward, MultiHeadAttention, PerHeadNorm, RMSNorm,
                                     Rotary, SwiGLUFeedForward, TransformerBlock, document_starts,
                                     load_balancing_loss, make_norm, rope_seq_len)
-from tritongpt.model.quant import Int8Linear, int8_layout
+from tritongpt.model.quant import QuantLinear, quantized_layout
 from tritongpt.model.toggle import resolve_kernels, spec_string
 
 
@@ -162,26 +162,33 @@ class GPTModel(nn.Module):
 
     @classmethod
     def _empty_quantized(cls, cfg, path, meta, quantized_ok):
-        """An int8 file's model, its Int8Linears (model/quant.py int8_layout) and the rest allocated on the CPU but
-        not filled: the float matrices are never made, so an int8 file loads where its float model would not fit."""
-        if meta["quantized"] != "int8" or meta.get("quantized_head") not in ("true", "false"):
-            raise UserError(f"{path}: quantized {meta['quantized']!r} (head {meta.get('quantized_head')!r}) is "
-                            "not a quantization this version reads (int8, head true or false)")
+        """A quantized file's model, its QuantLinears (model/quant.py quantized_layout) and the rest allocated on the
+        CPU but not filled: the float matrices are never made, so it loads where its float model would not fit."""
+        mode, head, group = meta["quantized"], meta.get("quantized_head"), meta.get("quantized_group_size")
+        if mode not in ("int8", "int4") or head not in ("true", "false") or (mode == "int4") != (group is not None):
+            raise UserError(f"{path}: quantized {mode!r} (head {head!r}, group size {group!r}) is not a quantization "
+                            "this version reads (int8, or int4 with a group size; head true or false)")
         if not quantized_ok:
-            raise UserError(f"{path} is int8-quantized (`tritongpt quantize`), for inference: generate, chat, "
+            raise UserError(f"{path} is {mode}-quantized (`tritongpt quantize`), for inference: generate, chat, "
                             "serve, eval, hellaswag and lambada run it; train, export or merge the float weights it "
                             "was made from")
-        check_int8_dtypes(path)
+        if mode == "int4" and not group.isdigit():
+            raise UserError(f"{path}: quantized_group_size {group!r} is not a number (a damaged int4 file)")
+        check_quantized_dtypes(path, mode)
         with torch.device("meta"):
             model = cls(cfg)
-        return int8_layout(model, head=meta["quantized_head"] == "true").to_empty(device="cpu").eval()
+        try:
+            model = quantized_layout(model, mode, head == "true", int(group or 0))
+        except UserError as e:
+            raise UserError(f"{path}: its {mode} layout does not fit its config ({e})") from None
+        return model.to_empty(device="cpu").eval()
 
     def _apply(self, fn, *args, **kwargs):
         # A move that makes new tensors (to_empty() after building on the meta device) gives
         # each module its own parameter: tie the head to the embedding again.
         out = super()._apply(fn, *args, **kwargs)
         if self.config.tie_weights and isinstance(self.out_head, nn.Linear) \
-                and self.out_head.weight is not self.tok_emb.weight:  # (an int8 head, model/quant.py, is its own)
+                and self.out_head.weight is not self.tok_emb.weight:  # (a quantized head, model/quant.py, is its own)
             self.out_head.weight = self.tok_emb.weight
         return out
 
@@ -229,7 +236,7 @@ class GPTModel(nn.Module):
                 m.use_triton = "attention" in names
             elif isinstance(m, Rotary):
                 m.use_triton = "rope" in names
-            elif isinstance(m, Int8Linear):  # quantize_int8's matmuls: the matmul kernels' name
+            elif isinstance(m, QuantLinear):  # quantize's int8/int4 matmuls: the matmul kernels' name
                 m.use_triton = "mlp" in names
         self.kernels = names
         self.config.kernels = spec_string(names)
@@ -404,7 +411,7 @@ class GPTModel(nn.Module):
         if targets is not None:
             targets = self._checked_targets(idx, targets)
         triton_loss = targets is not None and "cross_entropy" in self.kernels
-        # (an int8 head, model/quant.py, makes its logits itself: the fused head + loss takes a float weight)
+        # (a quantized head, model/quant.py, makes its logits itself: the fused head + loss takes a float weight)
         if triton_loss and reduction != "none" and isinstance(self.out_head, nn.Linear):
             from tritongpt.kernels.cross_entropy import linear_cross_entropy
 
@@ -508,8 +515,10 @@ class GPTModel(nn.Module):
     def save(self, path, extra_metadata: dict | None = None):
         """Weights as safetensors, with the config (and any extra strings) in its metadata."""
         meta = {"config": json.dumps(self.config.to_dict()), "format": "tritongpt"}
-        if getattr(self, "quantized", None):  # (model/quant.py) its int8 matrices and scales, as they are
+        if getattr(self, "quantized", None):  # (model/quant.py) its int8/int4 matrices and scales, as they are
             meta.update(quantized=self.quantized, quantized_head=str(self.quantized_head).lower())
+            if self.quantized_group_size:
+                meta.update(quantized_group_size=self.quantized_group_size)
         taken = sorted(set(extra_metadata or {}) & set(meta))
         if taken:  # they say how to read the file: another value would make it unloadable
             raise UserError(f"extra_metadata may not set {', '.join(taken)}: save() writes them")
@@ -520,8 +529,9 @@ class GPTModel(nn.Module):
         """A model saved by save(): its config, its weights as fp32 parameters (what training
         keeps; autocast makes the bf16 copies), in train mode like any new module.
 
-        An int8-quantized one (`tritongpt quantize`, model/quant.py) only where quantized_ok (the commands that run
-        a model: generate, chat, serve, eval, hellaswag, lambada): its Linears are Int8Linears, in eval mode."""
+        A quantized one (`tritongpt quantize`, model/quant.py) only where quantized_ok (the commands that run a
+        model: generate, chat, serve, eval, hellaswag, lambada): its Linears are Int8Linears or Int4Linears, in eval
+        mode."""
         from pathlib import Path
 
         if not Path(path).is_file():
@@ -542,7 +552,7 @@ class GPTModel(nn.Module):
             model = cls.empty(cfg)  # every tensor comes from the file (load_saved_weights refuses one missing)
         load_saved_weights(model, path, map_location)
         if meta.get("quantized"):
-            check_int8_scales(model, path)
+            check_quantized_scales(model, path)
         model.to(map_location)
         if kernels is not None:
             model.set_kernels(kernels)
@@ -606,28 +616,35 @@ def load_saved_weights(module: nn.Module, path, map_location="cpu"):
     check_finite_weights(module, path)
 
 
-def check_int8_scales(model, path):
-    """A UserError naming the first int8 layer of a loaded int8 file whose scales are not all positive: quantize_weight
-    makes every scale > 0 (a row of zeros gets 1), so a 0 or negative one is a damaged file (a zeroed or sign-flipped
-    row), not a model. NaN and inf are check_finite_weights'."""
+def check_quantized_scales(model, path):
+    """A UserError naming the first quantized layer of a loaded int8/int4 file whose scales are not all positive:
+    quantize_weight(_int4) makes every scale > 0 (a row or group with no range gets 1), so a 0 or negative one is a
+    damaged file (a zeroed or sign-flipped row), not a model. NaN and inf are check_finite_weights'."""
     for name, m in model.named_modules():
-        if isinstance(m, Int8Linear) and m.scale.numel() and not bool((m.scale > 0).all()):
-            raise UserError(f"{path}: tensor {name}.scale holds a scale of 0 or below (int8 scales are positive: "
-                            "a damaged file)")
+        if isinstance(m, QuantLinear) and m.scale.numel() and not bool((m.scale > 0).all()):
+            raise UserError(f"{path}: tensor {name}.scale holds a scale of 0 or below ({m.mode} scales are "
+                            "positive: a damaged file)")
 
 
-def check_int8_dtypes(path):
-    """A UserError naming the first int8 matrix of an int8 file (`tritongpt quantize`) that is not int8, or scale that
-    is not fp32: loading casts whatever the file holds into those buffers, so a foreign layout (uint8, 128..255 wrapped
-    to negatives) or a scale cut to bf16 would load as another model."""
+QUANTIZED_DTYPES = {  # (safetensors dtype, name) of each quantized tensor an int8/int4 file must hold
+    "int8": {".qweight": ("I8", "int8"), ".scale": ("F32", "fp32")},
+    "int4": {".qweight": ("U8", "uint8"), ".scale": ("F32", "fp32"), ".offset": ("F32", "fp32")},
+}
+
+
+def check_quantized_dtypes(path, mode: str):
+    """A UserError naming the first quantized matrix of an int8/int4 file (`tritongpt quantize`) not stored as its
+    mode stores it (int8; int4's packed uint8), or a scale (offset) that is not fp32: loading casts whatever the file
+    holds into those buffers, so a foreign layout (uint8 read as int8: 128..255 wrapped to negatives) or a scale cut
+    to bf16 would load as another model."""
     from safetensors import safe_open
 
-    want = {".qweight": ("I8", "int8"), ".scale": ("F32", "fp32")}
+    want = QUANTIZED_DTYPES[mode]
     with safe_open(str(path), framework="pt") as f:
         for name in f.keys():
             suffix = next((s for s in want if name.endswith(s)), None)
             if suffix and (dtype := f.get_slice(name).get_dtype()) != want[suffix][0]:
-                raise UserError(f"{path}: tensor {name} is {dtype}, not {want[suffix][1]} (a damaged int8 file, or "
+                raise UserError(f"{path}: tensor {name} is {dtype}, not {want[suffix][1]} (a damaged {mode} file, or "
                                 "one another tool wrote: quantize the float weights with `tritongpt quantize`)")
 
 

@@ -21,6 +21,8 @@ a state_dict moves freely between the two paths.
                                                      its bias too, GPTConfig.head_bias)
     Int8Linear (model/quant.py) <-> kernels/quant.py (int8_linear: weight-only int8, dequantized in registers;
                                                      quantize_int8 swaps the Linears in; inference only)
+    Int4Linear (model/quant.py) <-> kernels/quant.py (int4_linear: 4-bit groups unpacked in registers;
+                                                     quantize_int4)
 """
 import contextlib
 import math
@@ -29,7 +31,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from tritongpt.model.quant import Int8Linear
+from tritongpt.model.quant import QuantLinear
 
 
 def _fp32_if_fp16(t):
@@ -224,7 +226,7 @@ class FeedForward(nn.Module):
         self.use_triton = False
 
     def forward(self, x):
-        if isinstance(self.fc1, Int8Linear):  # quantize_int8's (model/quant.py): fc1's GELU in its own epilogue
+        if isinstance(self.fc1, QuantLinear):  # int8/int4 (model/quant.py): fc1's GELU in its own epilogue
             return self.drop(self.fc2(self.fc1(x, act=self.act)))
         if self.use_triton:
             from tritongpt.kernels.mlp import gelu_mlp
@@ -264,7 +266,7 @@ class SwiGLUFeedForward(nn.Module):
         self.use_triton = False
 
     def forward(self, x):
-        if self.use_triton and not isinstance(self.w_gate, Int8Linear):  # int8 (model/quant.py): the line below
+        if self.use_triton and not isinstance(self.w_gate, QuantLinear):  # int8/int4 (model/quant.py): below
             from tritongpt.kernels.swiglu import swiglu_mlp
 
             return self.drop(swiglu_mlp(x, self.w_gate.weight, self.w_gate.bias, self.w_up.weight, self.w_up.bias,

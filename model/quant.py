@@ -50,55 +50,90 @@ def quantize_weight(weight):
     return q, scale
 
 
-class Int8Linear(nn.Module):
-    """nn.Linear's forward on int8 weights: y = x @ (q * scale[:, None])^T + bias (inference only).
+INT4_LEVELS = 15  # q in 0..15 (4 bits); a group's minimum maps to 0 and its maximum to 15
+GROUP_SIZES = (16, 32, 64, 128, 256, 512, 1024)  # int4 groups: powers of two the kernel's K tiles divide or hold
 
-    q, scale and the bias are buffers, not parameters: nothing here trains. forward(x, act): act a GELU module
-    (model/layers.py) applied to the output, which the Triton path fuses into the matmul's epilogue (FeedForward's
-    fc1). Triton twin: kernels/quant.py `int8_linear`."""
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None,
-                 dtype=torch.float32):
+def check_group_size(in_features: int, group_size: int) -> None:
+    """A UserError unless group_size is one of GROUP_SIZES and divides in_features (each group is whole)."""
+    if group_size not in GROUP_SIZES:
+        raise UserError(f"int4 group size must be one of {', '.join(map(str, GROUP_SIZES))}, got {group_size!r}")
+    if in_features % group_size:
+        fits = [g for g in GROUP_SIZES if in_features % g == 0]
+        hint = f" ({', '.join(map(str, fits))} divide it)" if fits else " (no int4 group size divides it: use int8)"
+        raise UserError(f"int4 quantization with group size {group_size} needs in_features a multiple of it, got "
+                        f"{in_features}: pass a smaller group size{hint}")
+
+
+def quantize_weight_int4(weight, group_size: int = 128):
+    """(qweight uint8 [N, K / 2], scale fp32 [N, K / G], offset fp32 [N, K / G]) with
+    weight[n, k] ~= q[n, k] * scale[n, k // G] + offset[n, k // G], q in 0..15 packed two a byte (even k low nibble).
+
+    Asymmetric per group of G consecutive inputs of a row (gpt-fast's and torchao's int4 weight-only): offset is the
+    group's minimum and scale its range / 15, so both ends are levels and each weight is off by at most scale / 2.
+    With 16 levels a symmetric grid would waste a level and half the range on a group that leans one way. A constant
+    group gets scale 1 (q 0: offset is the value itself)."""
+    if weight.dim() != 2 or not weight.is_floating_point():
+        raise UserError(f"int4 quantization takes a floating [out, in] weight, got {tuple(weight.shape)} "
+                        f"{weight.dtype}")
+    N, K = weight.shape
+    check_group_size(K, group_size)
+    w = weight.detach().float()
+    if not bool(torch.isfinite(w).all()):
+        raise UserError("cannot quantize a weight holding NaN or inf: its group's scale would be too")
+    g = w.view(N, K // group_size, group_size)
+    lo, hi = g.amin(dim=2), g.amax(dim=2)
+    scale = (hi - lo) / INT4_LEVELS
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # a range that underflows (or is 0): q 0
+    q = torch.round((g - lo[:, :, None]) / scale[:, :, None]).clamp_(0, INT4_LEVELS).to(torch.uint8).view(N, K)
+    return q[:, 0::2] | (q[:, 1::2] << 4), scale, lo
+
+
+def unpack_int4(qweight):
+    """qweight uint8 [N, K / 2] -> q uint8 [N, K] in 0..15 (each byte's low nibble first: quantize_weight_int4's)."""
+    return torch.stack((qweight & 15, qweight >> 4), dim=-1).view(qweight.shape[0], -1)
+
+
+class QuantLinear(nn.Module):
+    """What Int8Linear and Int4Linear share: nn.Linear's forward on quantized weights (inference only), the
+    quantized tensors and their fp32 scales as buffers (nothing here trains), and the toggle's use_triton.
+
+    forward(x, act): act a GELU module (model/layers.py) applied to the output, which the Triton path fuses into
+    the matmul's epilogue (FeedForward's fc1). The reference dequantizes (dequantize(), fp32) and calls F.linear;
+    the Triton path is _triton (kernels/quant.py)."""
+
+    FP32_BUFFERS = ("scale",)  # kept fp32 through model.half() / .to(bf16): see _apply
+    mode = ""  # "int8" / "int4": GPTModel.quantized, the --quantize value
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, device, dtype):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
-        self.register_buffer("qweight", torch.zeros(out_features, in_features, dtype=torch.int8, device=device))
-        self.register_buffer("scale", torch.ones(out_features, dtype=torch.float32, device=device))
         self.register_buffer("bias", torch.zeros(out_features, dtype=dtype, device=device) if bias else None)
         self.use_triton = False
 
-    @classmethod
-    def from_linear(cls, linear: nn.Linear, device=None) -> "Int8Linear":
-        """linear quantized; on device when given (its float weight copied there alone, then freed), else on its own."""
-        w = linear.weight if device is None else linear.weight.detach().to(device)
-        new = cls(linear.in_features, linear.out_features, linear.bias is not None, w.device, w.dtype)
-        new.qweight, new.scale = quantize_weight(w)
+    def _copy_bias(self, linear: nn.Linear, device):
         if linear.bias is not None:
-            new.bias = linear.bias.detach().to(w.device, copy=True)
-        return new
+            self.bias = linear.bias.detach().to(device, copy=True)
 
     def _apply(self, fn, recurse=True):
-        # model.to(bf16) / .half() casts every float buffer: the scale would keep 8 or 11 bits, and in fp16 a row
-        # whose largest weight is below ~7.7e-3 would get a subnormal one (a few bits). The scale stays the fp32 it
-        # was made in, moved wherever the rest goes; the bias is cast as any float parameter is.
-        scale = self.scale
+        # model.to(bf16) / .half() casts every float buffer: a scale would keep 8 or 11 bits, and in fp16 a row
+        # whose largest weight is below ~7.7e-3 would get a subnormal one (a few bits). Scales (and int4's offsets)
+        # stay the fp32 they were made in, moved wherever the rest goes; the bias is cast as any float parameter is.
+        kept = {name: getattr(self, name) for name in self.FP32_BUFFERS}
         out = super()._apply(fn, recurse)
-        if self.scale.dtype != scale.dtype and not scale.is_meta:
-            self.scale = scale.to(self.scale.device)
+        for name, old in kept.items():
+            if getattr(self, name).dtype != old.dtype and not old.is_meta:
+                setattr(self, name, old.to(getattr(self, name).device))
         return out
-
-    def dequantize(self):
-        """The fp32 matrix q * scale this layer multiplies by: [out, in]."""
-        return self.qweight.float() * self.scale[:, None]
 
     def forward(self, x, act=None):
         if torch.is_grad_enabled() and x.requires_grad:
-            raise UserError("int8 weight-only quantization is for inference: the int8 weights are frozen and the "
-                            "Triton kernel has no backward; run under torch.no_grad() (train on the float weights)")
+            raise UserError(f"{self.mode} weight-only quantization is for inference: the {self.mode} weights are "
+                            "frozen and the Triton kernel has no backward; run under torch.no_grad() (train on the "
+                            "float weights)")
         if self.use_triton:
-            from tritongpt.kernels.quant import int8_linear
-
             activation = None if act is None else ("gelu_erf" if act.approximate == "none" else "gelu_tanh")
-            return int8_linear(x, self.qweight, self.scale, self.bias, activation)
+            return self._triton(x, activation)
         bias = None if self.bias is None else self.bias.to(x.dtype)
         y = F.linear(x, self.dequantize().to(x.dtype), bias)  # under autocast F.linear casts both, as nn.Linear's
         return y if act is None else act(y)
@@ -107,24 +142,117 @@ class Int8Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
 
 
+class Int8Linear(QuantLinear):
+    """y = x @ (q * scale[:, None])^T + bias, q int8 [out, in], one fp32 scale a row. Triton twin:
+    kernels/quant.py `int8_linear`."""
+
+    mode = "int8"
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None,
+                 dtype=torch.float32):
+        super().__init__(in_features, out_features, bias, device, dtype)
+        self.register_buffer("qweight", torch.zeros(out_features, in_features, dtype=torch.int8, device=device))
+        self.register_buffer("scale", torch.ones(out_features, dtype=torch.float32, device=device))
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, device=None) -> "Int8Linear":
+        """linear quantized; on device when given (its float weight copied there alone, then freed), else on its own."""
+        w = linear.weight if device is None else linear.weight.detach().to(device)
+        new = cls(linear.in_features, linear.out_features, linear.bias is not None, w.device, w.dtype)
+        new.qweight, new.scale = quantize_weight(w)
+        new._copy_bias(linear, w.device)
+        return new
+
+    def dequantize(self):
+        """The fp32 matrix q * scale this layer multiplies by: [out, in]."""
+        return self.qweight.float() * self.scale[:, None]
+
+    def _triton(self, x, activation):
+        from tritongpt.kernels.quant import int8_linear
+
+        return int8_linear(x, self.qweight, self.scale, self.bias, activation)
+
+
+class Int4Linear(QuantLinear):
+    """y = x @ W^T + bias with W[n, k] = q[n, k] * scale[n, g] + offset[n, g], g = k // group_size: q in 0..15 packed
+    two to a byte (qweight uint8 [out, in / 2]: an even k's q in the low nibble, the odd k after it in the high),
+    scale and offset fp32 [out, in / group_size]. Triton twin: kernels/quant.py `int4_linear`."""
+
+    FP32_BUFFERS = ("scale", "offset")
+    mode = "int4"
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None,
+                 dtype=torch.float32, group_size: int = 128):
+        check_group_size(in_features, group_size)
+        super().__init__(in_features, out_features, bias, device, dtype)
+        self.group_size = group_size
+        groups = in_features // group_size
+        self.register_buffer("qweight", torch.zeros(out_features, in_features // 2, dtype=torch.uint8, device=device))
+        self.register_buffer("scale", torch.ones(out_features, groups, dtype=torch.float32, device=device))
+        self.register_buffer("offset", torch.zeros(out_features, groups, dtype=torch.float32, device=device))
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, device=None, group_size: int = 128) -> "Int4Linear":
+        """linear quantized (Int8Linear.from_linear's device=)."""
+        w = linear.weight if device is None else linear.weight.detach().to(device)
+        new = cls(linear.in_features, linear.out_features, linear.bias is not None, w.device, w.dtype, group_size)
+        new.qweight, new.scale, new.offset = quantize_weight_int4(w, group_size)
+        new._copy_bias(linear, w.device)
+        return new
+
+    def dequantize(self):
+        """The fp32 matrix q * scale + offset this layer multiplies by: [out, in]."""
+        N, G = self.out_features, self.group_size
+        q = unpack_int4(self.qweight).float().view(N, -1, G)
+        return (q * self.scale[:, :, None] + self.offset[:, :, None]).view(N, self.in_features)
+
+    def _triton(self, x, activation):
+        from tritongpt.kernels.quant import int4_linear
+
+        return int4_linear(x, self.qweight, self.scale, self.offset, self.bias, activation)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", group_size={self.group_size}"
+
+
 def _swap_linears(model, head: bool, make) -> None:
-    """Every nn.Linear of model's blocks, and with head its LM head, replaced by make(linear), an Int8Linear; the
-    model marked quantized (.quantized, .quantized_linears, .quantized_head) and each Int8Linear on the model's
-    kernel path."""
-    n = 0
+    """Every nn.Linear of model's blocks, and with head its LM head, replaced by make(linear), a QuantLinear; the
+    model marked quantized (.quantized, .quantized_linears, .quantized_head, .quantized_group_size: int4's, else
+    None) and each QuantLinear on the model's kernel path."""
+    n, made = 0, None
     for block in model.trf_blocks:
         for name, m in list(block.named_modules()):
             if isinstance(m, nn.Linear):
                 parent, _, attr = name.rpartition(".")
-                setattr(block.get_submodule(parent), attr, make(m))
+                setattr(block.get_submodule(parent), attr, made := make(m))
                 n += 1
     if head:
-        model.out_head = make(model.out_head)
+        model.out_head = made = make(model.out_head)
         n += 1
     for m in model.modules():
-        if isinstance(m, Int8Linear):
+        if isinstance(m, QuantLinear):
             m.use_triton = "mlp" in model.kernels
-    model.quantized, model.quantized_linears, model.quantized_head = "int8", n, head
+    model.quantized, model.quantized_linears, model.quantized_head = made.mode, n, head
+    model.quantized_group_size = getattr(made, "group_size", None)
+
+
+def _check_quantizable(model, mode: str, group_size=None):
+    from tritongpt.model.lora import has_lora
+
+    if getattr(model, "quantized", None):
+        raise UserError(f"the model is already quantized ({model.quantized})")
+    if model.config.n_experts:
+        raise UserError(f"{mode} quantization does not take mixture-of-experts models yet: their experts are "
+                        "stacked tensors run by the grouped kernels, not Linears")
+    if has_lora(model):
+        raise UserError("the model has LoRA updates: merge them first (tritongpt.model.lora.merge_lora), then quantize")
+    if group_size is not None:  # every matrix checked before any is swapped: no half-quantized model
+        for name, m in model.named_modules():
+            if isinstance(m, nn.Linear) and (name.startswith("trf_blocks.") or name == "out_head"):
+                try:
+                    check_group_size(m.in_features, group_size)
+                except UserError as e:
+                    raise UserError(f"{name}: {e}") from None
 
 
 def quantize_int8(model, head: bool = True, device=None):
@@ -137,35 +265,53 @@ def quantize_int8(model, head: bool = True, device=None):
 
     A tied head (GPT-2's) gets an int8 copy of its own: the embedding stays a float table (a lookup reads one row a
     token), while the head reads all of it every step, the largest matrix of a small model. Eval mode after."""
-    from tritongpt.model.lora import has_lora
-
-    if getattr(model, "quantized", None):
-        raise UserError(f"the model is already quantized ({model.quantized})")
-    if model.config.n_experts:
-        raise UserError("int8 quantization does not take mixture-of-experts models yet: their experts are stacked "
-                        "tensors run by the grouped kernels, not Linears")
-    if has_lora(model):
-        raise UserError("the model has LoRA updates: merge them first (tritongpt.model.lora.merge_lora), then quantize")
+    _check_quantizable(model, "int8")
     _swap_linears(model, head, lambda linear: Int8Linear.from_linear(linear, device))
     return model.eval()
 
 
-def int8_layout(model, head: bool = True):
-    """model (a GPTModel, on the meta device) with each Linear quantize_int8 would quantize replaced by an empty
-    Int8Linear of its shape: what an int8 file's tensors load into (GPTModel.load). In place; returns the model."""
-    _swap_linears(model, head, lambda linear: Int8Linear(linear.in_features, linear.out_features,
-                                                         linear.bias is not None, linear.weight.device,
-                                                         linear.weight.dtype))
+def quantize_int4(model, group_size: int = 128, head: bool = True, device=None):
+    """quantize_int8's swap with Int4Linear (4 bits a weight and an fp32 scale and offset a group of group_size
+    inputs: 4.5 bits a weight at 128): every in_features of the blocks' and the head's Linears must be a multiple
+    of group_size (checked for all before any is swapped)."""
+    _check_quantizable(model, "int4", group_size)
+    _swap_linears(model, head, lambda linear: Int4Linear.from_linear(linear, device, group_size))
+    return model.eval()
+
+
+def quantize(model, mode: str, head: bool = True, device=None, group_size: int = 128):
+    """quantize_int8 or quantize_int4 by name (the commands' --quantize)."""
+    if mode == "int8":
+        return quantize_int8(model, head, device)
+    if mode == "int4":
+        return quantize_int4(model, group_size, head, device)
+    raise UserError(f"quantization must be int8 or int4, got {mode!r}")
+
+
+def quantized_layout(model, mode: str = "int8", head: bool = True, group_size: int = 128):
+    """model (a GPTModel, on the meta device) with each Linear quantize() would quantize replaced by an empty
+    QuantLinear of its shape: what a quantized file's tensors load into (GPTModel.load). In place; returns it."""
+    if mode == "int4":
+        _check_quantizable(model, "int4", group_size)
+    else:
+        _check_quantizable(model, mode)
+
+    def empty(linear):
+        args = (linear.in_features, linear.out_features, linear.bias is not None, linear.weight.device,
+                linear.weight.dtype)
+        return Int4Linear(*args, group_size=group_size) if mode == "int4" else Int8Linear(*args)
+
+    _swap_linears(model, head, empty)
     return model
 
 
 def linear_bytes(model) -> int:
-    """Bytes of the model's matrices as its matmuls read them: the Linears' weights and biases, the Int8Linears'
-    int8 weights, scales and biases (what quantize_int8 shrinks; the embeddings and norms are left out)."""
+    """Bytes of the model's matrices as its matmuls read them: the Linears' weights and biases, the QuantLinears'
+    buffers (quantized weights, scales, offsets, biases: what quantize shrinks; embeddings and norms left out)."""
     total = 0
     for m in model.modules():
         if isinstance(m, nn.Linear):
             total += sum(t.numel() * t.element_size() for t in (m.weight, m.bias) if t is not None)
-        elif isinstance(m, Int8Linear):
-            total += sum(t.numel() * t.element_size() for t in (m.qweight, m.scale, m.bias) if t is not None)
+        elif isinstance(m, QuantLinear):
+            total += sum(t.numel() * t.element_size() for t in m.buffers(recurse=False))
     return total

@@ -5,8 +5,8 @@ comma-separated list of kernel names. The answer is a frozenset of the kernels t
 "mlp" is the model's MLP, whichever GPTConfig.mlp builds: GPT-2's GELU one (kernels/mlp.py) or
 Llama's SwiGLU (kernels/swiglu.py, on the same matmul kernel); there is no separate name.
 
-The int8 matmuls of a quantized model (model/quant.py's Int8Linear <-> kernels/quant.py) follow "mlp" too: the
-name of the matmul kernels.
+The int8 and int4 matmuls of a quantized model (model/quant.py's Int8Linear and Int4Linear <-> kernels/quant.py)
+follow "mlp" too: the name of the matmul kernels.
 
 "layernorm" names the model's norm layers whichever they are (GPTConfig.norm): LayerNorm or RMSNorm
 run through the same Triton kernels (kernels/layernorm.py), so an RMSNorm model has no name of its own.
