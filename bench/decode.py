@@ -10,6 +10,8 @@ Providers:
                        a copy of the model with int8 weights (model/quant.py quantize_int8: every matrix of the
                        blocks and the LM head): the reference dequantizes each step, the Triton path reads the int8
                        weights (kernels/quant.py); same_tokens and speed-ups against the int8 model's own eager rows
+    reference+int4, triton+int4, triton+int4+graphs
+                       the same with int4 weights (quantize_int4, groups of 128 inputs): half int8's weight bytes
 
 Per provider and batch size: random prompt ids (the same for every provider), one prefill (not timed), then
 `new_tokens` greedy steps (the model's step and the argmax that feeds the next token) timed with
@@ -30,17 +32,18 @@ from tritongpt.bench.common import dtype_name, is_ok, make_row, median_quantiles
 from tritongpt.kernels._common import is_oom
 
 DECODE_PROVIDERS = ("reference", "reference+graphs", "triton", "triton+graphs", "reference+int8", "triton+int8",
-                    "triton+int8+graphs")
+                    "triton+int8+graphs", "reference+int4", "triton+int4", "triton+int4+graphs")
+QUANTIZED = ("int8", "int4")  # a provider's quantization flag (model/quant.py quantize)
 DEFAULT_BATCHES = (1, 8)
 
 
 def parse_provider(name: str):
-    """'triton+int8+graphs' -> ('triton', True, True): (path, graphs, int8). Raises ValueError on a name not in
-    DECODE_PROVIDERS."""
+    """'triton+int8+graphs' -> ('triton', True, 'int8'): (path, graphs, quantization or None). Raises ValueError on
+    a name not in DECODE_PROVIDERS."""
     if name not in DECODE_PROVIDERS:
         raise ValueError(f"unknown decode provider {name!r}; choose from {', '.join(DECODE_PROVIDERS)}")
     path, *flags = name.split("+")
-    return path, "graphs" in flags, "int8" in flags
+    return path, "graphs" in flags, next((f for f in flags if f in QUANTIZED), None)
 
 
 def eager_provider(name: str) -> str:
@@ -160,13 +163,14 @@ def add_speedups(rows):
 
 def run_decode(device, budget, dtype=torch.bfloat16, model_name="gpt2-small", batches=DEFAULT_BATCHES,
                prompt_len=128, new_tokens=128, providers=DECODE_PROVIDERS, log=print, capture=None, repeats=3,
-               config=None, seed=0):
+               config=None, seed=0, group_size=128):
     """Every provider at every batch size (batch-major: a budget cut short keeps the small batch's rows, where
     graphs matter most). config: a GPTConfig to time in place of model_name's preset (tests pass a tiny one;
-    model_name then only labels the rows). capture: DecodeGraph's (None: a real CUDA graph)."""
+    model_name then only labels the rows). capture: DecodeGraph's (None: a real CUDA graph). group_size: the int4
+    rows' (quantize_int4's)."""
     from tritongpt.model.config import get_config
     from tritongpt.model.gpt import GPTModel
-    from tritongpt.model.quant import quantize_int8
+    from tritongpt.model.quant import quantize
     from tritongpt.errors import UserError
 
     device = torch.device(device)
@@ -181,12 +185,15 @@ def run_decode(device, budget, dtype=torch.bfloat16, model_name="gpt2-small", ba
     if prompt_len + new_tokens > cfg.context_length:
         raise UserError(f"prompt {prompt_len} + new tokens {new_tokens} > {model_name}'s context "
                         f"({cfg.context_length}): the cache holds them all")
-    rows, eager, model, int8 = [], {}, None, None
+    rows, eager, model, quantized = [], {}, None, {}
     try:
         torch.manual_seed(seed)
         model = GPTModel(cfg).to(device).eval()
-        if any(parse_provider(p)[2] for p in providers):  # the same weights, quantized (one copy for those rows)
-            int8 = quantize_int8(copy.deepcopy(model))
+        for mode in {parse_provider(p)[2] for p in providers} - {None}:  # the same weights, quantized (a copy each)
+            try:
+                quantized[mode] = quantize(copy.deepcopy(model), mode, group_size=group_size)
+            except UserError as e:  # (int4's group size not dividing a width): those rows fail, the rest run
+                quantized[mode] = f"failed: quantizing to {mode}: {e}"
     except Exception as e:
         why = "failed: out of memory" if is_oom(e) else f"failed: building the model: {reason_of(e)}"
         model = None
@@ -197,12 +204,13 @@ def run_decode(device, budget, dtype=torch.bfloat16, model_name="gpt2-small", ba
             if budget.expired():
                 rows.append(make_row("decode", "generate", p, cfg_row, "decode", budget.skip_reason()))
                 continue
-            if model is None:
-                rows.append(make_row("decode", "generate", p, cfg_row, "decode", why))
+            target = quantized.get(parse_provider(p)[2], model)
+            if model is None or isinstance(target, str):
+                rows.append(make_row("decode", "generate", p, cfg_row, "decode", why if model is None else target))
                 continue
             log(f"decode: {model_name} B={b} prompt {prompt_len} + {new_tokens} tokens {p} ...")
             try:
-                row = bench_decode_row(int8 if parse_provider(p)[2] else model, p, b, prompt_len, new_tokens,
+                row = bench_decode_row(target, p, b, prompt_len, new_tokens,
                                        repeats, device, dtype, cfg_row, eager, capture, seed)
             except KeyboardInterrupt:  # the rows so far are still written; nothing new starts
                 budget.interrupt()

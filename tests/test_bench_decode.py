@@ -122,8 +122,9 @@ def test_the_int8_rows_decode_a_quantized_copy_and_compare_with_its_own_eager_ro
     graph = rows[3]
     assert graph["same_tokens"] is True and graph["speedup"] == pytest.approx(rows[2]["ms"] / graph["ms"])
     assert graph["note"].startswith(f"{graph['speedup']:.2f}x over triton+int8, capture ")
-    assert decode.parse_provider("triton+int8+graphs") == ("triton", True, True)
-    assert decode.parse_provider("reference+graphs") == ("reference", True, False)
+    assert decode.parse_provider("triton+int8+graphs") == ("triton", True, "int8")
+    assert decode.parse_provider("reference+graphs") == ("reference", True, None)
+    assert decode.parse_provider("reference+int4") == ("reference", False, "int4")
 
 
 def test_the_budget_skips_the_rows_it_has_no_time_for():

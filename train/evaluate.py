@@ -104,7 +104,7 @@ def evaluate_tokens(model, tokens, stride=None, batch_size: int = 8, dtype=None,
     return out
 
 
-PRETRAIN_DATA = "pretrain_data"  # an int8 file's metadata (`tritongpt quantize`): pretrain_data of its run, as JSON
+PRETRAIN_DATA = "pretrain_data"  # a quantized file's metadata (`tritongpt quantize`): pretrain_data of its run, as JSON
 
 
 def run_data_record(weights):
@@ -127,7 +127,7 @@ def run_data_record(weights):
 
 def pretrain_data(weights) -> dict | None:
     """What a pretraining checkpoint records of its data (source, source_hash, train_tokens: the
-    tokens before its held-out tail), or None for other checkpoints and bare weight files; an int8 file carries its
+    tokens before its held-out tail), or None for other checkpoints and bare weight files; a quantized file carries its
     run's record (run_data_record)."""
     data = run_data_record(weights)
     data = data[0] if isinstance(data, list) and data else data
@@ -290,7 +290,8 @@ def cmd_eval(args):
                   document_mask=document_mask,
                   tokenizer=tok.name, context=model.config.context_length,
                   stride=args.stride or model.config.context_length, kernels=sorted(model.kernels) or ["reference"],
-                  device=str(device), quantize=getattr(model, "quantized", None))
+                  device=str(device), quantize=getattr(model, "quantized", None),
+                  quantize_group_size=getattr(model, "quantized_group_size", None))
     if args.json:
         print(json.dumps(result, indent=1))
     else:

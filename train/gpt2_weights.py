@@ -293,7 +293,7 @@ def load_checkpoint(path, model_name: str | None = None, merge: bool = True, qua
     mixture-of-experts (Mixtral, Qwen3-MoE, OLMoE) model.safetensors, shard index or pytorch_model.bin
     (model_name: the preset, when no config.json says the heads).
     A LoRA checkpoint comes merged unless merge is False, and so does a peft adapter folder: its
-    base with the update (load_peft_adapter). quantized_ok: an int8 file (`tritongpt quantize`) loads, for the
+    base with the update (load_peft_adapter). quantized_ok: an int8 or int4 file (`tritongpt quantize`) loads, for the
     commands that only run a model; elsewhere it is refused by name (GPTModel.load)."""
     from tritongpt.train.common import resolve_checkpoint
 

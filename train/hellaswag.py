@@ -331,7 +331,8 @@ def run_facts(args, model, tok, device, url: str) -> dict:
     """What a scoring result is of (its --json record): the weights, data, tokenizer, kernels, device, quantization."""
     return dict(weights=str(args.weights), data=str(args.data or url), tokenizer=tok.name,
                 kernels=sorted(model.kernels) or ["reference"], device=str(device),
-                quantize=getattr(model, "quantized", None))
+                quantize=getattr(model, "quantized", None),
+                quantize_group_size=getattr(model, "quantized_group_size", None))
 
 
 def cmd_hellaswag(args):

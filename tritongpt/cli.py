@@ -13,8 +13,8 @@ COMMANDS = {
     "generate": ("tritongpt.commands", "generate text from a prompt"),
     "export": ("tritongpt.commands", "write a checkpoint as a Hugging Face folder that transformers loads (GPT-2, "
                "Llama, Qwen, Gemma and the other families the README lists)"),
-    "quantize": ("tritongpt.commands", "write a model's int8 weight-only quantization as a folder the commands that "
-                 "run a model load"),
+    "quantize": ("tritongpt.commands", "write a model's int8 or int4 weight-only quantization as a folder the "
+                 "commands that run a model load"),
     "bench": ("tritongpt.bench.cli", "benchmarks: kernels, training step, CPU-side timings"),
     "bpe": ("tritongpt.train.tokenizer", "train, apply or invert a byte-level BPE tokenizer"),
     "pretrain": ("tritongpt.train.pretrain", "pretrain a GPT on a text corpus (default: tiny model, embedded corpus)"),

@@ -132,18 +132,20 @@ def cmd_info(args):
         print(f"reward model a scalar head Linear({cfg.n_embd}, 1) on this backbone: one score per sequence, read at "
               "its last token")
     else:
-        # an int8 head (model/quant.py) is a copy of its own, even of a tied embedding
-        int8_head = args.weights and getattr(model, "quantized_head", False)
-        head = "int8" if int8_head else "tied" if cfg.tie_weights else "untied"
+        # a quantized head (model/quant.py) is a copy of its own, even of a tied embedding
+        quantized_head = args.weights and getattr(model, "quantized_head", False)
+        head = model.quantized if quantized_head else "tied" if cfg.tie_weights else "untied"
         print(f"parameters   {n:,} ({n / 1e6:.1f}M, {head} LM head)")
     if args.weights and getattr(model, "quantized", None):
-        from tritongpt.model.quant import Int8Linear, linear_bytes
+        from tritongpt.model.quant import QuantLinear, linear_bytes
 
-        int8 = [m for m in model.modules() if isinstance(m, Int8Linear)]
-        q = sum(m.qweight.numel() for m in int8)
-        b = sum(m.bias.numel() for m in int8 if m.bias is not None)  # buffers too: not among the parameters
+        layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
+        q = sum(m.in_features * m.out_features for m in layers)
+        b = sum(m.bias.numel() for m in layers if m.bias is not None)  # buffers too: not among the parameters
+        how = ("int8 with an fp32 scale a row" if model.quantized == "int8" else
+               f"int4 with an fp32 scale and offset a group of {model.quantized_group_size} inputs")
         print(f"quantized    {model.quantized}: {model.quantized_linears} matrices ({q:,} weights and {b:,} biases, "
-              f"the parameters above without them) as int8 with an fp32 scale a row, "
+              f"the parameters above without them) as {how}, "
               f"{linear_bytes(model) / 2**20:,.1f} MiB as the matmuls read them (`tritongpt quantize`)")
     if args.weights:
         from tritongpt.train.common import saved_model_config
@@ -683,13 +685,14 @@ def article(name: str) -> str:
 
 
 def cmd_quantize(args):
-    """`tritongpt quantize MODEL --out DIR`: the model's int8 weights (model/quant.py quantize_int8) as DIR/
-    model.safetensors, with its tokenizer and prompt format, for the commands that run a model to load as they are
-    (an int8 file never makes the float matrices: a model whose fp32 weights do not fit loads)."""
+    """`tritongpt quantize MODEL --out DIR [--quantize int4 --group-size G]`: the model's int8 (default) or int4
+    weights (model/quant.py quantize) as DIR/model.safetensors, with its tokenizer and prompt format, for the commands
+    that run a model to load as they are (such a file never makes the float matrices: a model whose fp32 weights do
+    not fit loads)."""
     import json
     from pathlib import Path
 
-    from tritongpt.model.quant import linear_bytes, quantize_int8
+    from tritongpt.model.quant import linear_bytes, quantize
     from tritongpt.train.chat import run_template
     from tritongpt.train.common import model_out_folder
     from tritongpt.train.evaluate import PRETRAIN_DATA, pretrain_data
@@ -698,7 +701,9 @@ def cmd_quantize(args):
     from tritongpt.train.tokenizer import save_run_tokenizer
 
     out = Path(args.out)
-    target = model_out_folder("quantize", out, [args.weights], args.overwrite, "the int8 model", "the model quantized")
+    group = group_size(args)
+    target = model_out_folder("quantize", out, [args.weights], args.overwrite, f"the {args.quantize} model",
+                              "the model quantized")
     model = load_checkpoint(args.weights, args.model, quantized_ok=True)
     if getattr(model, "quantized", None):
         raise UserError(f"{args.weights} is {model.quantized}-quantized already")
@@ -710,11 +715,11 @@ def cmd_quantize(args):
     if record is not None:
         extra[PRETRAIN_DATA] = json.dumps(record, default=str)
     before = linear_bytes(model)
-    quantize_int8(model, head=not args.no_head)
+    quantize(model, args.quantize, head=not args.no_head, group_size=group)
     out.mkdir(parents=True, exist_ok=True)
     model.save(target, extra)
     save_run_tokenizer(tok, out)
-    print(f"quantize: int8, {model.quantized_linears} matrices, {before / 2**20:,.1f} MiB -> "
+    print(f"quantize: {describe_quantized(model)}, {model.quantized_linears} matrices, {before / 2**20:,.1f} MiB -> "
           f"{linear_bytes(model) / 2**20:,.1f} MiB as the matmuls read them -> {target} "
           f"({target.stat().st_size / 2**20:,.1f} MiB)")
     return 0
@@ -865,31 +870,61 @@ def add_generation_model_args(p):
 
 
 def add_quantize_arg(p):
-    """--quantize of the commands that only run a model (generate, chat, serve, eval, hellaswag, lambada):
-    model/quant.py."""
-    p.add_argument("--quantize", choices=("int8",), default=None,
-                   help="int8: weight-only int8 quantization at load time (every matrix of the blocks and the LM "
-                        "head as int8 with an fp32 scale a row: a quarter of fp32's bytes, half of bf16's; "
-                        "activations keep their dtype); default: the weights as loaded")
+    """--quantize and --group-size of the commands that only run a model (generate, chat, serve, eval, hellaswag,
+    lambada): model/quant.py."""
+    p.add_argument("--quantize", choices=QUANTIZE_CHOICES, default=None,
+                   help="weight-only quantization at load time of every matrix of the blocks and the LM head; "
+                        "activations keep their dtype. int8: an fp32 scale a row (a quarter of fp32's bytes, half "
+                        "of bf16's); int4: 4-bit groups of --group-size inputs with an fp32 scale and offset each "
+                        "(4.5 bits a weight at 128); default: the weights as loaded")
+    add_group_size_arg(p)
+
+
+QUANTIZE_CHOICES = ("int8", "int4")
+
+
+def add_group_size_arg(p):
+    from tritongpt.model.quant import GROUP_SIZES
+
+    p.add_argument("--group-size", type=int, choices=GROUP_SIZES, default=None, metavar="G",
+                   help=f"int4's group: G consecutive inputs of a row share a scale and an offset (one of "
+                        f"{', '.join(map(str, GROUP_SIZES))}; default 128; smaller is closer and larger)")
+
+
+def group_size(args) -> int:
+    """--group-size, int4's only: 128 when not given."""
+    if args.group_size is not None and args.quantize != "int4":
+        raise UserError(f"--group-size sets int4's groups; it does nothing with --quantize {args.quantize}")
+    return args.group_size or 128
 
 
 def quantize(model, args, device=None, what: str = ""):
-    """--quantize applied to a loaded model, its int8 matrices made on device (model/quant.py quantize_int8): called
-    before the model moves there, so that only the int8 ones need to fit it (set_kernels after: the int8 matmuls
-    follow "mlp"). Says what it saved, on stderr."""
+    """--quantize applied to a loaded model, its int8/int4 matrices made on device (model/quant.py quantize): called
+    before the model moves there, so that only the quantized ones need to fit it (set_kernels after: the quantized
+    matmuls follow "mlp"). Says what it saved, on stderr."""
     if getattr(args, "quantize", None) is None:
+        if getattr(args, "group_size", None) is not None:
+            raise UserError("--group-size sets int4's groups: pass --quantize int4 too")
         return model
-    if getattr(model, "quantized", None) == args.quantize:  # an int8 file (`tritongpt quantize`): as it was saved
+    group = group_size(args)
+    if getattr(model, "quantized", None) == args.quantize:  # a quantized file (`tritongpt quantize`): as saved
+        if args.quantize == "int4" and args.group_size is not None and args.group_size != model.quantized_group_size:
+            raise UserError(f"{what or 'the model'} is int4 with group size {model.quantized_group_size} already "
+                            f"(saved so), not {args.group_size}: quantize its float weights again for another")
         note(f"{what or 'the model'} is {model.quantized} already (saved so): --quantize has nothing to do")
         return model
-    from tritongpt.model.quant import linear_bytes, quantize_int8
+    from tritongpt.model.quant import linear_bytes, quantize as quantize_model
 
     before = linear_bytes(model)
-    quantize_int8(model, device=device)
-    note(f"int8 weight-only{f' ({what})' if what else ''}: {model.quantized_linears} matrices, "
-         f"{before / 2**20:,.1f} MiB -> "
-         f"{linear_bytes(model) / 2**20:,.1f} MiB as the matmuls read them")
+    quantize_model(model, args.quantize, device=device, group_size=group)
+    note(f"{describe_quantized(model)} weight-only{f' ({what})' if what else ''}: {model.quantized_linears} matrices, "
+         f"{before / 2**20:,.1f} MiB -> {linear_bytes(model) / 2**20:,.1f} MiB as the matmuls read them")
     return model
+
+
+def describe_quantized(model) -> str:
+    """"int8", or "int4 (group 128)"."""
+    return model.quantized + (f" (group {model.quantized_group_size})" if model.quantized == "int4" else "")
 
 
 def add_cuda_graphs_arg(p):
@@ -1001,15 +1036,20 @@ def add_cli(sub):
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("quantize", help=command_help("quantize"),
-                       description="Write a model's int8 weight-only quantization (every matrix of the blocks and, "
-                                   "unless --no-head, the LM head as int8 with an fp32 scale a row) as a folder that "
-                                   "generate, chat, serve, eval, hellaswag and lambada load as it is.")
+                       description="Write a model's weight-only quantization (every matrix of the blocks and, "
+                                   "unless --no-head, the LM head: int8 with an fp32 scale a row, or int4 in groups "
+                                   "with an fp32 scale and offset each) as a folder that generate, chat, serve, eval, "
+                                   "hellaswag and lambada load as it is.")
     p.add_argument("weights", metavar="MODEL", help="the model: a checkpoint file or folder, a run folder (its newest "
                                                     "checkpoint), a Hugging Face folder or " + HUB_REPO_HELP)
     p.add_argument("--out", required=True, help="the folder to write model.safetensors (and the tokenizer) into")
     p.add_argument("--model", default=None, help="the preset naming the heads of a GPT-2 file without config.json")
     p.add_argument("--tokenizer", help=TOKENIZER_CHOICES + " (default: the one saved with the model, else by vocab "
-                                       "size); saved with the int8 model")
+                                       "size); saved with the quantized model")
+    p.add_argument("--quantize", choices=QUANTIZE_CHOICES, default="int8",
+                   help="int8 (default): an fp32 scale a row; int4: groups of --group-size inputs, an fp32 scale and "
+                        "offset each")
+    add_group_size_arg(p)
     p.add_argument("--no-head", action="store_true", help="keep the LM head in floating point (a tied head then "
                                                           "stays the embedding)")
     p.add_argument("--overwrite", action="store_true", help="replace a model.safetensors already in --out")
