@@ -1,4 +1,5 @@
-"""Weight-only int8 linear layer in Triton (W8A16): y = act(x @ (q * scale[:, None]).T + bias), inference only.
+"""Weight-only quantized linear layers in Triton, inference only: int8 (W8A16), y = act(x @ (q * scale[:, None]).T +
+bias), and int4 with a scale and an offset a group of G inputs (W4A16, `int4_linear`: see its section below).
 
 Reference module: `tritongpt.model.quant.Int8Linear` (dequantize the weight, then F.linear). The weight of an
 nn.Linear, W [N, K], is stored as int8 q [N, K] plus one fp32 scale per output row, W ~= q * scale[:, None]
@@ -26,10 +27,11 @@ x's. fp32 uses IEEE products (no TF32), bf16/fp16 tensor cores with fp32 accumul
 per (rows bucket, N, K, flags, dtypes) over decode tiles (BLOCK_M 16, wide N and K tiles: one or a few rows, the
 grid split over N only) and prefill tiles (BLOCK_M 64/128); under the interpreter one fixed tile.
 
-Public API: `int8_linear(x, qweight, scale, bias=None, activation=None)`, activation None, "gelu_tanh" or
-"gelu_erf". It calls the torch.library custom op `tritongpt::int8_linear` (with a fake impl), so torch.compile
-keeps it as an opaque call. There is no backward: the int8 weights are frozen, and a call that would need a
-gradient (grad mode on, x or bias requiring grad) is refused.
+Public API: `int8_linear(x, qweight, scale, bias=None, activation=None)` and `int4_linear(x, qweight, scale, offset,
+bias=None, activation=None)`, activation None, "gelu_tanh" or "gelu_erf". Each calls a torch.library custom op
+(`tritongpt::int8_linear`, `tritongpt::int4_linear`, with fake impls), so torch.compile keeps it as an opaque call.
+There is no backward: the quantized weights are frozen, and a call that would need a gradient (grad mode on, x or
+bias requiring grad) is refused.
 """
 from typing import Optional
 
@@ -42,6 +44,7 @@ from tritongpt.kernels._common import (FLOAT_DTYPES, as_rows, autocast_dtype, au
                                        check_runnable, check_same_device, check_tensor, custom_op, dot, grouped_tile,
                                        launch_tuned, next_pow2, no_func_transform, on_tensor_device)
 from tritongpt.kernels.mlp import _gelu_act
+from tritongpt.model.quant import GROUP_SIZES
 
 ACTIVATIONS = (None, "gelu_tanh", "gelu_erf")
 SCALE_DTYPES = FLOAT_DTYPES + (torch.float64,)  # read as fp32 in the kernel
@@ -144,9 +147,9 @@ def _launch(x, qweight, scale, bias=None, activation=None):
     return y
 
 
-def check_activation(activation) -> None:
+def check_activation(activation, kernel: str = "int8_linear") -> None:
     if activation not in ACTIVATIONS:
-        raise ValueError(f"int8_linear: activation must be None, 'gelu_tanh' or 'gelu_erf', got {activation!r}")
+        raise ValueError(f"{kernel}: activation must be None, 'gelu_tanh' or 'gelu_erf', got {activation!r}")
 
 
 def _check_weight(qweight, scale, bias):
@@ -225,4 +228,215 @@ def int8_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, bia
     return y.view(*x.shape[:-1], N)
 
 
-__all__ = ["int8_linear", "ACTIVATIONS"]
+# ---------------------------------------------------------------------------------------------------------------------
+# int4_linear (W4A16): model/quant.py's Int4Linear. W [N, K] is stored as q in 0..15, two a byte (qweight uint8
+# [N, K / 2]: byte j of a row holds q[2j] in its low nibble and q[2j + 1] in its high one), and per group of G
+# consecutive inputs of a row an fp32 scale and offset (scale, offset [N, K / G]): W[n, k] ~= q[n, k] *
+# scale[n, k // G] + offset[n, k // G]. A decode step reads half a byte a weight, plus 8 bytes a group.
+#
+# The same tiled matmul as int8_linear (BLOCK_M x BLOCK_N tiles of y, K walked in BLOCK_K steps, grouped programs).
+# Per K step the [BLOCK_N, BLOCK_K / 2] tile of packed bytes is loaded along K at unit stride and unpacked in
+# registers: the low nibbles (b & 15) and the high ones (b >> 4) are joined on a new last dim and reshaped, which
+# interleaves them back into k order, [BLOCK_N, BLOCK_K]. Unlike int8's scale the offset does not factor out of
+# the K sum per output (a group's offset multiplies that group's sum of x), so the tile is dequantized in
+# registers before the dot: q * scale + offset in fp32, rounded to the compute dtype (as the reference's
+# dequantize().to(x.dtype) is), then tl.dot(x, w^T) into the fp32 accumulator. The group's scale and offset are
+# fetched per step: with BLOCK_K <= G (G % BLOCK_K == 0, both powers of two) the step lies in one group, one
+# scale and offset a row; with BLOCK_K > G the step holds BLOCK_K / G whole groups, a [BLOCK_N, BLOCK_K / G] tile
+# broadcast over [BLOCK_N, BLOCK_K / G, G]. Since K is a multiple of G, K's edge falls on a group's. The bias and
+# GELU are int8_linear's epilogue. Neither the dequantized weight nor the unpacked q ever exists in memory.
+# ---------------------------------------------------------------------------------------------------------------------
+MAX_GROUPS_A_STEP = 8  # BLOCK_K / G above this: a fine-grained scale tile per step, pruned (a smaller BLOCK_K fits)
+
+
+def _int4_configs():
+    if triton_interpreting():
+        # one tile: BLOCK_K 64 is one group's part at G >= 64 and 2 or 4 whole groups at G 32 or 16 (both paths)
+        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 4}, num_warps=4, num_stages=1)]
+    cfg = triton.Config
+    # the dequantized [BLOCK_N, BLOCK_K] fp32 tile lives in registers next to the accumulator: at most 64 values a
+    # thread (int8's 128 x 256 decode tile on 8 warps, or 256-wide prefill tiles, would be 128 and spill)
+    return [
+        # decode (M <= 16): narrow N tiles keep more SMs busy on a small N; wide K steps keep weight bytes in flight
+        cfg({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 256, "GROUP_M": 1}, num_warps=4, num_stages=4),
+        cfg({"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 128, "GROUP_M": 1}, num_warps=4, num_stages=4),
+        cfg({"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 256, "GROUP_M": 1}, num_warps=8, num_stages=3),
+        cfg({"BLOCK_M": 16, "BLOCK_N": 128, "BLOCK_K": 128, "GROUP_M": 1}, num_warps=8, num_stages=3),
+        # prefill: the dequantization is paid once per weight tile and row-tile, so tall row-tiles
+        cfg({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8, num_stages=3),
+        cfg({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=4, num_stages=4),
+        cfg({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=4, num_stages=4),
+        cfg({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=4, num_stages=4),
+    ]
+
+
+def _int4_prune(configs, named_args, **kwargs):
+    """_prune's decode or prefill tiles, less those whose K step holds more than MAX_GROUPS_A_STEP groups of
+    this G (kept if nothing else is left)."""
+    G = kwargs.get("G", named_args.get("G"))
+    configs = _prune(configs, named_args)
+    return [c for c in configs if c.kwargs["BLOCK_K"] // G <= MAX_GROUPS_A_STEP] or configs
+
+
+@triton.autotune(configs=_int4_configs(), key=["M_BUCKET", "N", "K", "G", "HAS_BIAS", "ACTIVATION", "GELU_ERF"],
+                 prune_configs_by={"early_config_prune": _int4_prune})
+@triton.jit
+def _int4_linear_kernel(X, Q, Scale, Offset, Bias, Y, M, N, K, M_BUCKET, stride_xm, stride_qn,
+                        stride_sn, stride_sg, stride_on, stride_og, stride_ym, G: tl.constexpr,
+                        HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, GELU_ERF: tl.constexpr,
+                        PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                        BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+    """Y[M, N] = act(X[M, K] @ W[N, K]^T + Bias[N]), W[n, k] = q[n, k] * Scale[n, k // G] + Offset[n, k // G], q the
+    nibbles of Q[N, K / 2] (low first); X and Q at unit stride along K. G and BLOCK_K powers of two."""
+    pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    HALF_K: tl.constexpr = BLOCK_K // 2
+    GROUPS: tl.constexpr = BLOCK_K // G if BLOCK_K > G else 1  # whole groups a step (1: part of one)
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    offs_b = tl.arange(0, HALF_K)
+    offs_g = tl.arange(0, GROUPS)
+    m_ok = offs_m < M
+    n_ok = offs_n < N
+    rows_n = offs_n.to(tl.int64)
+    x_ptrs = X + offs_m.to(tl.int64)[:, None] * stride_xm + offs_k[None, :]
+    q_ptrs = Q + rows_n[:, None] * stride_qn + offs_b[None, :]  # [BLOCK_N, BLOCK_K / 2] packed bytes
+    s_ptrs = Scale + rows_n[:, None] * stride_sn + offs_g[None, :] * stride_sg  # [BLOCK_N, GROUPS]
+    o_ptrs = Offset + rows_n[:, None] * stride_on + offs_g[None, :] * stride_og
+    n_groups = K // G
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k in range(0, tl.cdiv(K, BLOCK_K)):
+        k_ok = offs_k < K - k * BLOCK_K
+        b_ok = offs_b < K // 2 - k * HALF_K
+        first = k * BLOCK_K // G  # the step's first group
+        g_ok = offs_g < n_groups - first
+        x = tl.load(x_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+        b = tl.load(q_ptrs, mask=n_ok[:, None] & b_ok[None, :], other=0)
+        s = tl.load(s_ptrs + first * stride_sg, mask=n_ok[:, None] & g_ok[None, :], other=0.0).to(tl.float32)
+        o = tl.load(o_ptrs + first * stride_og, mask=n_ok[:, None] & g_ok[None, :], other=0.0).to(tl.float32)
+        q = tl.reshape(tl.join(b & 15, b >> 4), (BLOCK_N, BLOCK_K)).to(tl.float32)  # nibbles back in k order
+        if GROUPS == 1:
+            w = q * s + o  # [BLOCK_N, 1] broadcast: the step is inside one group
+        else:
+            w = tl.reshape(tl.reshape(q, (BLOCK_N, GROUPS, G)) * s[:, :, None] + o[:, :, None], (BLOCK_N, BLOCK_K))
+        # masked bytes, scales and offsets are 0: w is 0 past K's and N's edges (x is too), never NaN
+        acc = dot(x, tl.trans(cast(w, X.dtype.element_ty)), acc, PRECISION)
+        x_ptrs += BLOCK_K
+        q_ptrs += HALF_K
+
+    if HAS_BIAS:
+        acc += tl.load(Bias + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    if ACTIVATION:
+        acc = _gelu_act(acc, GELU_ERF)
+    y_ptrs = Y + offs_m.to(tl.int64)[:, None] * stride_ym + offs_n[None, :]
+    tl.store(y_ptrs, cast(acc, Y.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+
+
+autotuned("quant.int4_linear", _int4_linear_kernel)
+
+
+@on_tensor_device
+def _launch_int4(x, qweight, scale, offset, bias=None, activation=None):
+    """x [M, K] (unit stride along K, the compute dtype) -> y [M, N] in x's dtype; no checks (the op's)."""
+    M, K = x.shape
+    N, groups = scale.shape
+    y = torch.empty((M, N), device=x.device, dtype=x.dtype)
+    if M == 0:
+        return y
+    if bias is not None and bias.stride(0) != 1:
+        bias = bias.contiguous()
+    grid = lambda meta: (cdiv(M, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
+    launch_tuned(_int4_linear_kernel, grid, x, qweight, scale, offset, bias if bias is not None else scale, y,
+                 M, N, K, _bucket(M), x.stride(0), qweight.stride(0), scale.stride(0), scale.stride(1),
+                 offset.stride(0), offset.stride(1), y.stride(0), G=K // groups,
+                 HAS_BIAS=bias is not None, ACTIVATION=activation is not None, GELU_ERF=activation == "gelu_erf",
+                 PRECISION="ieee" if x.dtype == torch.float32 else "tf32")
+    return y
+
+
+def _check_int4_weight(qweight, scale, offset, bias):
+    """qweight [N, K / 2] uint8 with unit stride along K, scale and offset [N, K / G] floating with G one of
+    GROUP_SIZES, bias [N] floating: -> (N, K)."""
+    check_tensor(qweight, "qweight", dtypes=(torch.uint8,), ndim=2)
+    N, half = qweight.shape
+    K = 2 * half
+    if N == 0 or K == 0:
+        raise ValueError(f"int4_linear: qweight has shape {tuple(qweight.shape)}; N (outputs) and K / 2 (packed "
+                         "inputs) must both be at least 1")
+    if half > 1 and qweight.stride(1) != 1:
+        raise ValueError(f"int4_linear: qweight must have unit stride along its last dim (packed K, nn.Linear's "
+                         f"[N, K] layout), got strides {qweight.stride()}; store it contiguous once "
+                         "(qweight.contiguous()): a copy on every call would read the weight twice")
+    check_tensor(scale, "scale", dtypes=SCALE_DTYPES, ndim=2)
+    groups = scale.shape[1]
+    if scale.shape[0] != N or groups == 0 or K % groups or K // groups not in GROUP_SIZES:
+        raise ValueError(f"int4_linear: scale has shape {tuple(scale.shape)}; expected [N, K / G] = [{N}, K / G] "
+                         f"for qweight {tuple(qweight.shape)} (K = {K}) with a group size G in "
+                         f"{', '.join(map(str, GROUP_SIZES))}")
+    check_tensor(offset, "offset", dtypes=SCALE_DTYPES, shape=scale.shape)
+    if bias is not None:
+        check_tensor(bias, "bias", dtypes=SCALE_DTYPES, shape=(N,))
+    return N, K
+
+
+def _check_int4_op_args(x, qweight, scale, offset, bias, activation):
+    """What the kernel assumes; int4_linear() arranges x, a direct call of the op must too."""
+    check_tensor(x, "x", ndim=2)
+    N, K = _check_int4_weight(qweight, scale, offset, bias)
+    if x.shape[1] != K:
+        raise ValueError(f"int4_linear: x has {x.shape[1]} features (last dim), qweight [N, K / 2] has K = {K}")
+    if K > 1 and x.stride(1) != 1:
+        raise ValueError(f"tritongpt::int4_linear reads x with unit stride on its last dim, got strides {x.stride()} "
+                         "(call int4_linear(), which copies, or pass .contiguous())")
+    check_activation(activation, "int4_linear")
+    check_same_device(x=x, qweight=qweight, scale=scale, offset=offset, bias=bias)
+    return N
+
+
+@custom_op("tritongpt::int4_linear", mutates_args=())
+def _int4_linear_op(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor,
+                    bias: Optional[torch.Tensor], activation: Optional[str] = None) -> torch.Tensor:
+    """x [M, K] -> y [M, N] in x's dtype."""
+    check_runnable(x, "x")
+    _check_int4_op_args(x, qweight, scale, offset, bias, activation)
+    return _launch_int4(x, qweight, scale, offset, bias, activation)
+
+
+@_int4_linear_op.register_fake
+def _(x, qweight, scale, offset, bias, activation=None):
+    N = _check_int4_op_args(x, qweight, scale, offset, bias, activation)
+    return x.new_empty((x.shape[0], N))
+
+
+def int4_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor,
+                bias: Optional[torch.Tensor] = None, activation: Optional[str] = None) -> torch.Tensor:
+    """act(x @ W.T + bias) over the last dim of x (any leading dims): y [..., N], with W[n, k] = q[n, k] *
+    scale[n, k // G] + offset[n, k // G] (model/quant.py's quantize_weight_int4).
+
+    qweight [N, K / 2] torch.uint8 (q in 0..15, two a byte, the even k's in the low nibble) with unit stride along
+    its last dim; scale and offset [N, K / G] floating (used in fp32), G = K / scale.shape[1] one of GROUP_SIZES;
+    bias [N] floating or None; activation None, "gelu_tanh" or "gelu_erf" (after the bias). y has the compute dtype
+    (int8_linear's: autocast's, else x's). Inference only: no backward.
+    """
+    no_func_transform("int4_linear")
+    check_tensor(x, "x")
+    if x.dim() == 0:
+        raise ValueError("int4_linear: x must have at least 1 dim (the feature one), got a scalar")
+    N, K = _check_int4_weight(qweight, scale, offset, bias)
+    if x.shape[-1] != K:
+        raise ValueError(f"int4_linear: x has {x.shape[-1]} features (last dim), qweight [N, K / 2] has K = {K}")
+    check_activation(activation, "int4_linear")
+    check_same_device(x=x, qweight=qweight, scale=scale, offset=offset, bias=bias)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, scale, offset, bias)):
+        raise RuntimeError("int4_linear: the int4 weight-only path is for inference and has no backward, but grad "
+                           "mode is on and an input requires grad; run it under torch.no_grad() (or "
+                           "torch.inference_mode())")
+    dt = autocast_dtype(x.device) or x.dtype
+    x = x.to(dt)
+    bias = bias.to(dt) if bias is not None else None
+    y = _int4_linear_op.call(as_rows(x), qweight, scale, offset, bias, activation)
+    return y.view(*x.shape[:-1], N)
+
+
+__all__ = ["int8_linear", "int4_linear", "ACTIVATIONS"]
