@@ -163,9 +163,22 @@ def _int8_linear_args(device, gen):
             "int8_linear bf16 no bias": (x.bfloat16(), q, scale, None, None)}
 
 
+def _int4_linear_args(device, gen):
+    # N 130 and K 96: no multiple of the tiles; G 32 (3 groups) and G 16 (6)
+    from tritongpt.model.quant import quantize_weight_int4
+
+    x, w = _randn(9, 96, device=device, gen=gen), _randn(130, 96, device=device, gen=gen)
+    b = _randn(130, device=device, gen=gen)
+    q, scale, offset = quantize_weight_int4(w, 32)
+    q16, scale16, offset16 = quantize_weight_int4(w, 16)
+    return {"int4_linear": (x, q, scale, offset, b, "gelu_tanh"),
+            "int4_linear bf16 no bias G16": (x.bfloat16(), q16, scale16, offset16, None, None)}
+
+
 MAKERS = {"layer_norm": _layer_norm_args, "rms_norm": _rms_norm_args, "mlp": _mlp_args,
           "cross_entropy": _cross_entropy_args, "attention": _attention_args, "rope": _rope_args,
-          "swiglu": _swiglu_args, "moe": _moe_args, "distill": _distill_args, "int8_linear": _int8_linear_args}
+          "swiglu": _swiglu_args, "moe": _moe_args, "distill": _distill_args, "int8_linear": _int8_linear_args,
+          "int4_linear": _int4_linear_args}
 OPS = [(kernel, op) for kernel, names in (("layer_norm", ("layer_norm_fwd", "layer_norm_bwd", "add_layer_norm_fwd",
                                                          "add_layer_norm_fwd fp16+fp32",
                                                          "layer_norm_bwd ds", "add_layer_norm_bwd",
@@ -193,7 +206,8 @@ OPS = [(kernel, op) for kernel, names in (("layer_norm", ("layer_norm_fwd", "lay
                                           ("rope", ("rope_fwd", "rope_fwd shared", "rope_bwd", "rope_fwd partial",
                                                     "rope_bwd partial")),
                                           ("distill", ("distill_fwd", "distill_fwd mixture", "distill_fwd no grad")),
-                                          ("int8_linear", ("int8_linear", "int8_linear bf16 no bias")))
+                                          ("int8_linear", ("int8_linear", "int8_linear bf16 no bias")),
+                                          ("int4_linear", ("int4_linear", "int4_linear bf16 no bias G16")))
        for op in names]
 
 
