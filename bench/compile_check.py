@@ -52,7 +52,8 @@ ONLY_DOWN = (False, False, False, False, False, True, False)  # the gated MLP's,
 ATTN_SEQ = 1024
 ATTN_HEAD_DIMS = (16, 32, 64, 80, 96, 128, 256)  # 256: Gemma's heads
 DECODE_SEQ = 16384  # a KV cache long enough to split at batch 1
-INT8_ROWS = (1, 8, 4096)  # int8_linear: decoding one sequence, a batch of 8, a prefill
+INT8_ROWS = (1, 8, 4096)  # int8_linear and int4_linear: decoding one sequence, a batch of 8, a prefill
+INT4_GROUPS = (128, 32)  # int4_linear: G 128 (a K step of part of a group), 32 (steps of several), the latter in bf16
 # Per-block limits Triton checks before launching a kernel: opt-in dynamic shared memory by
 # compute capability (CUDA programming guide, "compute capabilities" table) and registers.
 MAX_SHARED_BYTES = {90: 232448, 80: 166912, 86: 101376, 89: 101376,  # H100/H200, A100, RTX 30xx, L4/RTX 40xx
@@ -352,6 +353,20 @@ def capture(quick=False, half="bfloat16"):
                     qweight = torch.empty(n, k, dtype=torch.int8, **meta)
                     scale = torch.empty(n, dtype=torch.float32, **meta)
                     quant._launch(x, qweight, scale, torch.empty(n, dtype=dt, **meta), activation)
+
+        # the int4 weight-only linear: int8's rows and shapes, at G 128 (and 32: K steps of several groups, the
+        # scale and offset a [BLOCK_N, BLOCK_K / G] tile) in the target's 16-bit dtype, G 128 in fp16
+        for dt in (half,) + ((torch.float16,) if half != torch.float16 else ()):
+            name = str(dt).replace("torch.", "")
+            for g in (INT4_GROUPS if dt == half else INT4_GROUPS[:1]):
+                for m in INT8_ROWS:
+                    for k, n, activation in ((MLP_WIDTH, 4 * MLP_WIDTH, "gelu_tanh"), (4 * MLP_WIDTH, MLP_WIDTH, None)):
+                        case[0] = f"int4_linear {name} G{g} M={m} {k}->{n}" + (f" {activation}" if activation else "")
+                        x = torch.empty(m, k, dtype=dt, **meta)
+                        qweight = torch.empty(n, k // 2, dtype=torch.uint8, **meta)
+                        scale = torch.empty(n, k // g, dtype=torch.float32, **meta)
+                        quant._launch_int4(x, qweight, scale, torch.empty_like(scale),
+                                           torch.empty(n, dtype=dt, **meta), activation)
     finally:
         JITFunction.run, Autotuner.run, layernorm._sm_count, attention._sm_count, mlp.MLP_MATMUL = saved
     return launches

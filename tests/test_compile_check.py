@@ -16,7 +16,7 @@ PTXAS = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
 KERNELS = {"_layer_norm_fwd_kernel", "_layer_norm_bwd_kernel", "_matmul_kernel", "_attn_fwd", "_attn_fwd_split",
            "_attn_fwd_combine", "_attn_bwd_preprocess", "_attn_bwd_dkdv", "_attn_bwd_dq", "_ce_fwd_kernel",
            "_ce_bwd_kernel", "_rope_kernel", "_grouped_kernel", "_expert_grad_kernel", "_distill_kernel",
-           "_gelu_pointwise_kernel", "_gate_pointwise_kernel", "_int8_linear_kernel"}
+           "_gelu_pointwise_kernel", "_gate_pointwise_kernel", "_int8_linear_kernel", "_int4_linear_kernel"}
 
 
 @pytest.mark.skipif(not PTXAS.exists(), reason="this Triton build ships no ptxas")
@@ -126,6 +126,11 @@ def test_every_kernel_launch_builds_for_sm90(tmp_path):
     # tensor cores (the int8 tiles converted in registers)
     int8 = [r for r in rows if r["kernel"] == "_int8_linear_kernel"]
     assert len({r["case"] for r in int8}) == 12 and all(r["tensor_core_ops"] > 0 for r in int8), int8
+    # the int4 one: the same rows and shapes at G 128 in bf16 and fp16, and G 32 (K steps of several groups) in bf16;
+    # the unpacked, dequantized tiles reach the tensor cores too
+    int4 = [r for r in rows if r["kernel"] == "_int4_linear_kernel"]
+    assert len({r["case"] for r in int4}) == 18 and all(r["tensor_core_ops"] > 0 for r in int4), int4
+    assert {r["variant"].split()[0] for r in int4} == {"G=128", "G=32"}, int4
     assert "have a config that builds, fits and does not spill" in (tmp_path / "sm90-offline" / "compile.md").read_text()
 
 
@@ -351,3 +356,22 @@ def test_int8_linear_launches_take_decode_or_prefill_tiles():
         (dt, f"M={m}", k == 768, n, k) for dt in ("bfloat16", "float16") for m in (1, 8, 4096)
         for k, n in ((768, 3072), (3072, 768)))
     assert all(blocks == ([16] if "M=4096" not in case else [64, 128]) for case, *_, blocks in launches), launches
+
+
+def test_int4_linear_launches_take_decode_or_prefill_tiles_a_group_fits():
+    """int4_linear's captured launches (int8's rows and shapes; G 128 in bf16 and fp16, G 32 in bf16) are offered the
+    decode tiles up to 16 rows, the prefill ones above, none with a K step of more than MAX_GROUPS_A_STEP groups."""
+    code = ("from tritongpt.bench import compile_check as cc; import json; "
+            "print(json.dumps([[l.case, l.kwargs['G'], sorted({(c['BLOCK_M'], c['BLOCK_K']) "
+            "for _, c in l.configs()})] for l in cc.capture(quick=True) if l.name == '_int4_linear_kernel']))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "TRITON_INTERPRET": "0"})
+    assert proc.returncode == 0, proc.stderr
+    launches = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert sorted((case.split()[1], case.split()[2], case.split()[3], g) for case, g, _ in launches) == sorted(
+        (dt, f"G{g}", f"M={m}", g) for dt, g in (("bfloat16", 128), ("bfloat16", 32), ("float16", 128))
+        for m in (1, 8, 4096) for _ in range(2))
+    for case, g, blocks in launches:
+        assert {m for m, _ in blocks} == ({16} if "M=4096" not in case else {64, 128}), (case, blocks)
+        assert all(k // g <= 8 for _, k in blocks), (case, blocks)
+
