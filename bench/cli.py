@@ -267,7 +267,7 @@ def add_cli(sub):
                                    "window_attention,add_layernorm,rope,lm_head_loss_smooth_z,lm_head_loss_softcap,"
                                    "gqa_attention,rmsnorm,add_rmsnorm,swiglu,geglu,softcap_attention,mlp_exact_gelu,"
                                    "rope_partial,lm_head_loss_bias,alibi_attention,moe_mlp,lm_head_distill,"
-                                   "decode_attention,matmul,int8_linear",
+                                   "decode_attention,matmul,int8_linear,int4_linear",
                    help="comma list (default: all of %(default)s; lm_head_loss_smooth_z is the LM head + loss with "
                         "label smoothing 0.1 and z-loss 1e-4, lm_head_loss_softcap with the logits soft-capped to "
                         "30 tanh(logits / 30), gqa_attention causal attention with fewer KV heads than query heads, "
@@ -290,7 +290,8 @@ def add_cli(sub):
                         "kernel, forward only, int8_linear the weight-only int8 linear (W8A16) at decode and prefill "
                         "rows on GPT-2 small's fc1 and fc2 and Llama-3-8B's up projection: the weight dequantized "
                         "once (torch) or every call (reference, compile), torch's aten._weight_int8pack_mm and our "
-                        "kernel, forward only)")
+                        "kernel, forward only, int4_linear the weight-only int4 linear (W4A16, a scale and offset a "
+                        "group of 128 inputs) at int8_linear's sizes, with torch's aten._weight_int4pack_mm)")
     k.add_argument("--modes", default="fwd,bwd,fwd+bwd", help="comma list (default: all of %(default)s)")
     k.add_argument("--providers", default=None, help=f"subset of {','.join(ALL_PROVIDERS)}")
     k.add_argument("--ln-rows", type=int, default=None,

@@ -133,7 +133,17 @@ model/quant.py's Int8Linear does), compile (torch.compile of that), torch-int8 (
 aten._weight_int8pack_mm, its scales in x's dtype, where this torch runs it) and ours (kernels/quant.py's int8_linear).
 FLOPs 2 M N K; bytes: the int8 weight, its fp32 scales, x and y once each (INT8_BYTES_NOTE: what the providers really
 read differs, the dequantizing ones write and read a 16-bit weight too), so at decode the GB/s column is the weight
-stream's rate. It runs after matmul, last of all, so a short budget drops it first.
+stream's rate. It runs after matmul.
+int4_linear is the int4 weight-only linear (W4A16: W [N, K] as q in 0..15 packed two a byte, and an fp32 scale and
+offset a group of G = INT4_GROUP_SIZE inputs of a row, W ~= q * scale + offset: model/quant.py's
+quantize_weight_int4) at int8_linear's rows and shapes: reference (model/quant.py's Int4Linear, which dequantizes on
+every call), torch (F.linear on the weight dequantized once, in x's dtype), compile (torch.compile of the reference),
+torch-int4 (torch's own int4 weight-only matmul, aten._weight_int4pack_mm on the weight repacked by
+aten._convert_weight_to_int4pack, or their _for_cpu forms on the CPU, where this torch runs them: their packing
+changed across versions, so the pack is checked against the dequantized weight once, and a mismatch or a failure is
+a failed row saying why) and ours (kernels/quant.py's int4_linear). FLOPs 2 M N K; bytes: the packed weight, its
+fp32 scales and offsets, x and y once each (INT4_BYTES_NOTE). It runs after int8_linear, last of all, so a short
+budget drops it first.
 Modes: fwd (inputs require grad, as in training), bwd (backward of a kept graph,
 retain_graph=True), fwd+bwd. Backward starts from a random gradient, or from 1 for a loss (as
 loss.backward() does). Gradients are reset to None before each timed call.
@@ -211,6 +221,8 @@ PROVIDERS = {
     # the weight-only int8 linear (W8A16), forward only: dequantized once (torch) or every call (reference, compile),
     # torch's aten._weight_int8pack_mm and ours
     "int8_linear": ("reference", "torch", "compile", "torch-int8", "triton"),
+    # the weight-only int4 linear (W4A16), forward only: int8_linear's, with torch's aten._weight_int4pack_mm
+    "int4_linear": ("reference", "torch", "compile", "torch-int4", "triton"),
 }
 # a gated MLP op -> its gate's activation (SwiGLUFeedForward's and swiglu_mlp's activation)
 GATED_MLPS = {"swiglu": "silu", "geglu": "gelu"}
@@ -221,6 +233,9 @@ SOFTCAP = dict(softcap=30.0)  # lm_head_loss_softcap's logit soft cap (30: Gemma
 DISTILL = dict(alpha=0.5, temperature=2.0, beta=0.5)
 ATTN_SOFTCAP = 50.0  # softcap_attention's cap on the scores (Gemma 2's attn_logit_softcapping)
 INT8_BYTES_NOTE = "bytes: the int8 weight, its fp32 scales, x and y once each (not what each provider reads)"
+INT4_BYTES_NOTE = ("bytes: the packed int4 weight, its fp32 scales and offsets, x and y once each (not what each "
+                   "provider reads)")
+INT4_GROUP_SIZE = 128  # int4_linear's G: gpt-fast's and torchao's default; every K of int8_shapes is a multiple
 # a GELU MLP op -> its GELU, as F.gelu names them (FeedForward's and gelu_mlp's approximate)
 GELU_MLPS = {"mlp": "tanh", "mlp_exact_gelu": "none"}
 # Phi-4-mini's LongRoPE attention factor, transformers' default for its 131072 positions over the original 4096
@@ -958,6 +973,65 @@ def int8_linear_providers(x, q, scale, b=None):
 
     return {"reference": lambda: (dequantized, [x]), "torch": torch_op,
             "compile": lambda: (_fresh_compile(dequantized), [x]), "torch-int8": torch_int8, "triton": triton_op}
+
+
+def int4_linear_providers(x, q, scale, offset, b=None):
+    """y = x [M, K] @ W.T (+ b), W = q * scale + offset per group: q [N, K / 2] uint8 (two 4-bit values a byte),
+    scale and offset [N, K / G] fp32 (see int4_linear in the module docstring). Every provider returns y [M, N] in
+    x's dtype; nothing requires grad (inference)."""
+    from tritongpt.model.quant import Int4Linear, unpack_int4
+
+    N, K = q.shape[0], 2 * q.shape[1]
+    G = K // scale.shape[1]
+    module = Int4Linear(K, N, b is not None, x.device, x.dtype if b is None else b.dtype, group_size=G)
+    module.qweight, module.scale, module.offset = q, scale.float(), offset.float()
+    if b is not None:
+        module.bias = b
+
+    def dequantized():  # the reference module itself: the fp32 weight made again on every call
+        return module(x)
+
+    def torch_op():
+        w = module.dequantize().to(x.dtype)  # the unquantized layer: its weight made once, untimed
+        return (lambda: F.linear(x, w, b)), [x]
+
+    def torch_int4():
+        # torch's form: w = (q - 8) * scale + zero, so zero = offset + 8 scale, scales and zeros [K / G, N, 2] in
+        # x's dtype; on CUDA the uint8 pack holds the even k in the high nibble (ours: the low), on the CPU an int32
+        # [N, K] of q is packed
+        cpu = x.device.type == "cpu"
+        names = ("_convert_weight_to_int4pack_for_cpu", "_weight_int4pack_mm_for_cpu") if cpu else \
+            ("_convert_weight_to_int4pack", "_weight_int4pack_mm")
+        convert, mm = (getattr(torch.ops.aten, n, None) for n in names)
+        if convert is None or mm is None:
+            raise Unavailable(f"this torch has no aten.{names[0]} / aten.{names[1]}")
+        zeros = torch.stack((scale, offset + 8 * scale), dim=-1).transpose(0, 1).contiguous().to(x.dtype)
+        try:
+            packed = convert(unpack_int4(q).int() if cpu else ((q & 15) << 4) | (q >> 4), 2)
+
+            def f():
+                y = mm(x, packed, G, zeros)
+                return y if b is None else y + b  # it has no bias: added after
+
+            y = f()
+        except (RuntimeError, NotImplementedError) as e:
+            raise Unavailable(f"aten.{names[1]} does not run {dtype_name(x.dtype)} on {x.device.type} at N {N}, K {K}, "
+                              f"G {G}: {reason_of(e)}") from None
+        want = F.linear(x.float(), module.dequantize(), None if b is None else b.float())
+        err = ((y.float() - want).norm() / want.norm().clamp_min(1e-30)).item()
+        if not err <= 2e-2:  # a 16-bit run is ~3e-3 off; a packing this code does not know is O(1)
+            raise Unavailable(f"aten.{names[1]} gives a different product (relative error {err:.1e}): this torch's "
+                              "int4 packing is not the one this bench builds")
+        return f, [x]
+
+    def triton_op():
+        fn, why = try_import("tritongpt.kernels.quant", "int4_linear")
+        if fn is None:
+            raise Unavailable(why)
+        return (lambda: fn(x, q, scale, offset, b)), [x]
+
+    return {"reference": lambda: (dequantized, [x]), "torch": torch_op,
+            "compile": lambda: (_fresh_compile(dequantized), [x]), "torch-int4": torch_int4, "triton": triton_op}
 
 
 def cross_entropy_providers(x, t):
@@ -1741,6 +1815,45 @@ def int8_linear_bytes(m: int, n: int, k: int, elem: int) -> int:
     return n * k + 4 * n + (m * k + m * n) * elem
 
 
+def int4_linear_bytes(m: int, n: int, k: int, elem: int, group_size: int = INT4_GROUP_SIZE) -> int:
+    """int4_linear's bytes (INT4_BYTES_NOTE): the packed weight (half a byte a weight), its fp32 scales and offsets
+    (8 bytes a group), x and y."""
+    return n * k // 2 + 8 * n * (k // group_size) + (m * k + m * n) * elem
+
+
+def sweep_int4_linear(timer, budget, rows_m, shapes, dtype, modes=MODES, providers=None,
+                      group_size=INT4_GROUP_SIZE):
+    """The weight-only int4 linear at each (K, N) of shapes and each row count, G group_size (or, for a K it does not
+    divide, the largest group size below it that does: the rows name it); "fwd" only of modes.
+    FLOPs 2 M N K, bytes int4_linear_bytes; each row notes what its bytes count."""
+    # (the model's quantizer: asymmetric, an fp32 scale and offset a group)
+    from tritongpt.model.quant import GROUP_SIZES, quantize_weight_int4
+
+    out = []
+    dev = timer.device
+    modes = tuple(m for m in modes if m == "fwd")
+    for k, n in shapes if modes else ():
+        g = max((s for s in GROUP_SIZES if s <= group_size and k % s == 0), default=None)
+        if g is None:
+            raise ValueError(f"int4_linear: no group size of {GROUP_SIZES} up to {group_size} divides K = {k}")
+        w = randn(n, k, device=dev, dtype=torch.float32, scale=k ** -0.5, requires_grad=False)
+        q, scale, offset = quantize_weight_int4(w, g)
+        del w
+        for m in rows_m:
+            x = randn(m, k, device=dev, dtype=dtype, requires_grad=False)
+            cfg = {"M": m, "K": k, "N": n, "G": g, "dtype": dtype_name(dtype)}
+            work = {"flops": matmul_flops(m, n, k), "bytes": int4_linear_bytes(m, n, k, x.element_size(), g)}
+            rows = bench_providers("int4_linear", cfg, int4_linear_providers(x, q, scale, offset), modes, timer,
+                                   budget, lambda mode: work, providers)
+            for r in rows:
+                r.setdefault("note", INT4_BYTES_NOTE)
+            out += rows
+            del x
+            timer.cleanup()
+        del q, scale, offset
+    return out
+
+
 def sweep_int8_linear(timer, budget, rows_m, shapes, dtype, modes=MODES, providers=None):
     """The weight-only int8 linear at each (K, N) of shapes and each row count; "fwd" only of modes (inference).
     FLOPs 2 M N K, bytes int8_linear_bytes; each row notes what its bytes count."""
@@ -1969,8 +2082,9 @@ def _sweep_plan(sizes, part):
             if part == "rest" else [],
             # the MLP's matmuls per operand layout: after decode_attention
             "matmul": [sizes["matmul_widths"]] if part == "rest" else [],
-            # the weight-only int8 linear: after matmul, the first a short budget drops
-            "int8_linear": [(sizes["int8_rows"], sizes["int8_shapes"])] if part == "rest" else []}
+            # the weight-only int8 linear: after matmul; then the int4 one, the first a short budget drops
+            "int8_linear": [(sizes["int8_rows"], sizes["int8_shapes"])] if part == "rest" else [],
+            "int4_linear": [(sizes["int8_rows"], sizes["int8_shapes"])] if part == "rest" else []}
     return {op: [a for a in args if a] for op, args in plan.items()}
 
 
@@ -1979,7 +2093,7 @@ def run_kernels(timer, budget, dtype=torch.bfloat16,
                      "window_attention", "add_layernorm", "rope", "lm_head_loss_smooth_z", "lm_head_loss_softcap",
                      "gqa_attention", "rmsnorm", "add_rmsnorm", "swiglu", "geglu", "softcap_attention",
                      "mlp_exact_gelu", "rope_partial", "lm_head_loss_bias", "alibi_attention", "moe_mlp",
-                     "lm_head_distill", "decode_attention", "matmul", "int8_linear"),
+                     "lm_head_distill", "decode_attention", "matmul", "int8_linear", "int4_linear"),
                 modes=MODES, providers=None, sizes=None, ceiling_sizes=None, log=print):
     """All sweeps plus the ceilings; returns (rows, ceilings).
 
@@ -1989,8 +2103,8 @@ def run_kernels(timer, budget, dtype=torch.bfloat16,
     lm_head_loss_softcap (variants of lm_head_loss) come after all of those, each whole (every
     provider's, compiled ones too) before the next, gqa_attention after them, then rmsnorm,
     add_rmsnorm, swiglu, geglu, softcap_attention, mlp_exact_gelu, rope_partial, lm_head_loss_bias, alibi_attention
-    moe_mlp, lm_head_distill, decode_attention, matmul and int8_linear (the newest ops), so a short budget drops
-    int8_linear first, then matmul, then decode_attention, then lm_head_distill, then moe_mlp, then
+    moe_mlp, lm_head_distill, decode_attention, matmul, int8_linear and int4_linear (the newest ops), so a short budget
+    drops int4_linear first, then int8_linear, then matmul, then decode_attention, then lm_head_distill, then moe_mlp, then
     alibi_attention, then
     lm_head_loss_bias, then rope_partial, then mlp_exact_gelu, then softcap_attention, then geglu, then swiglu, then
     the RMSNorms, then gqa_attention, then the LM head's soft cap.
@@ -2134,6 +2248,11 @@ def _run_plan(rows, timer, budget, dtype, ops, modes, sizes, groups, log):
                 what = ", ".join(f"{k}->{n}" for k, n in shapes)
                 log(f"int8 weight-only linear ({part}{label}): {what}, rows {list(rows_m)} ...")
                 rows += sweep_int8_linear(timer, budget, rows_m, shapes, dtype, modes, provs)
+        for provs, label in groups:
+            for rows_m, shapes in plan["int4_linear"] if "int4_linear" in ops else ():
+                what = ", ".join(f"{k}->{n}" for k, n in shapes)
+                log(f"int4 weight-only linear ({part}{label}, G {INT4_GROUP_SIZE}): {what}, rows {list(rows_m)} ...")
+                rows += sweep_int4_linear(timer, budget, rows_m, shapes, dtype, modes, provs)
 
 
 def sort_rows(rows):

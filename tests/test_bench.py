@@ -540,12 +540,16 @@ def test_run_kernels_end_to_end_on_cpu():
     # MLP (reference, torch), partial rotary at 2 shapes (reference), lm_head_loss with a head bias, ALiBi attention
     # at T 32 and 16 (reference), the mixture-of-experts MLP (reference), both LM heads + distillation (reference),
     # a decode step (reference, sdpa-flash; forward only), the MLP's 5 matmuls (torch; forward only), the int8 linear
-    # at 2 row counts (reference, torch; forward only)
+    # and the int4 one at 2 row counts (reference, torch; forward only)
     assert len(timed) == (2 * 2 * 3 + 1 * 2 * 3 + 2 * 2 * 3 + 1 * 2 * 3 + 1 * 2 * 3 + 2 * 3 + 3 + 2 * 2 * 3 + 1 * 2 * 3
                           + 1 * 2 * 3 + 2 * 3 + 2 * 3 + 2 * 2 * 3 + 2 * 2 * 3 + 3 + 3 + 2 * 3 + 2 * 3 + 2 * 3
-                          + 1 * 2 * 3 + 2 * 3 + 3 + 3 + 2 + 5 + 2 * 2)
+                          + 1 * 2 * 3 + 2 * 3 + 3 + 3 + 2 + 5 + 2 * 2 + 2 * 2)
     assert [(r["provider"], r["mode"], r["config"]["M"], r["flops"], r["bytes"]) for r in timed
             if r["op"] == "int8_linear"] == [(p, "fwd", m, 2 * m * 8 * 16, 8 * 16 + 4 * 8 + (m * 16 + m * 8) * 4)
+                                             for m in (1, 4) for p in ("reference", "torch")]
+    # K 16: G 128 does not divide it, so the group is 16 (one a row)
+    assert [(r["provider"], r["mode"], r["config"]["M"], r["config"]["G"], r["flops"], r["bytes"]) for r in timed
+            if r["op"] == "int4_linear"] == [(p, "fwd", m, 16, 2 * m * 8 * 16, 8 * 8 + 8 * 8 + (m * 16 + m * 8) * 4)
                                              for m in (1, 4) for p in ("reference", "torch")]
     assert [(r["provider"], r["mode"], r["config"]["layout"], r["config"]["product"], r["config"]["M"],
              r["config"]["N"], r["config"]["K"], r["flops"]) for r in timed if r["op"] == "matmul"] == \
@@ -635,6 +639,7 @@ def test_target_configurations_are_measured_first_and_exactly_once():
     assert first["matmul"] == [] and rest["matmul"] == [(768, 1600)] and full["mlp_rows"] == 16384
     assert first["int8_linear"] == [] and rest["int8_linear"] == [((1, 16, 4096), ((768, 3072), (3072, 768),
                                                                                    (4096, 14336)))]
+    assert first["int4_linear"] == [] and rest["int4_linear"] == rest["int8_linear"]
     assert full["gqa_heads"] == ((32, 8, 128), (12, 1, 64), (4, 1, 256))
     assert full["gqa_seqlens"] == (512, 1024, 2048, 4096, 8192)
     for op, key in (("layernorm", "ln_widths"), ("mlp", "mlp_widths")):
@@ -1187,7 +1192,7 @@ def test_gpu_command_flow_with_cpu_stand_ins(tmp_path, monkeypatch, capsys):
                                             "rmsnorm", "add_rmsnorm", "swiglu", "geglu", "softcap_attention",
                                             "mlp_exact_gelu", "rope_partial", "lm_head_loss_bias",
                                             "alibi_attention", "moe_mlp", "lm_head_distill", "decode_attention",
-                                            "matmul", "int8_linear"}
+                                            "matmul", "int8_linear", "int4_linear"}
     assert {(r["config"]["M"], r["config"]["C"]) for r in k["rows"] if r["op"] == "matmul"} == {(8, 8), (32, 8)}
     assert {(r["config"]["heads"], r["config"]["kv_heads"]) for r in k["rows"] if r["op"] == "gqa_attention"} == \
         {(4, 2), (3, 1)}
@@ -1916,6 +1921,51 @@ def test_int8_linear_rows_time_every_provider_on_one_quantized_weight(device, mo
     assert all(r["note"] == kernels.INT8_BYTES_NOTE for r in rows)
     assert kernels.sweep_int8_linear(CpuTimer(reps=1), Budget(None), (1,), ((16, 8),), torch.float32,
                                      modes=("bwd", "fwd+bwd")) == []
+
+
+def test_int4_linear_rows_time_every_provider_on_one_quantized_weight(device, monkeypatch):
+    """int4_linear: every provider computes x @ W.T (+ b), W = q * scale + offset per group, from the same packed
+    weight (the reference and compile dequantizing on each call, torch on a weight dequantized once, torch-int4
+    through aten._weight_int4pack_mm where it runs: on the CPU always, its _for_cpu form, ours); the rows are forward
+    only, 2 M N K FLOPs and the packed weight, its fp32 scales and offsets, x and y in bytes, each row saying so."""
+    from tritongpt.model.quant import quantize_weight_int4, unpack_int4  # (what sweep_int4_linear quantizes with)
+
+    monkeypatch.setattr(kernels, "_fresh_compile", lambda fn: fn)
+    gen = torch.Generator().manual_seed(7)
+    w = torch.randn(48, 64, generator=gen)  # (torch's CPU pack: N a multiple of 16, G 32 up) * 64 ** -0.5
+    q, scale, offset = quantize_weight_int4(w.to(device), 32)
+    x = torch.randn(5, 64, generator=gen).to(device)
+    b = torch.randn(48, generator=gen).to(device)
+    wd = (unpack_int4(q).double().view(48, 2, 32) * scale.double()[:, :, None] + offset.double()[:, :, None])
+    want = x.double() @ wd.view(48, 64).T + b.double()
+    builders = kernels.int4_linear_providers(x, q, scale, offset, b)
+    assert set(builders) == set(kernels.PROVIDERS["int4_linear"])
+    for name, build in builders.items():
+        try:
+            f, leaves = build()
+        except kernels.Unavailable as e:
+            assert name == "torch-int4" and device.type != "cpu", (name, e)  # the one provider torch may lack
+            continue
+        y = f()
+        assert y.dtype == x.dtype and torch.allclose(y.double(), want, rtol=1e-5, atol=1e-5), name
+    if device.type == "cpu":  # a pack torch reads otherwise (a version's other nibble order): refused, not timed
+        real = torch.ops.aten._weight_int4pack_mm_for_cpu
+        monkeypatch.setattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu", lambda *a: real(*a).flip(-1))
+        with pytest.raises(kernels.Unavailable, match="gives a different product .* int4 packing"):
+            kernels.int4_linear_providers(x, q, scale, offset, b)["torch-int4"]()
+        monkeypatch.undo()
+    rows = kernels.sweep_int4_linear(CpuTimer(reps=1), Budget(None), (1, 3), ((32, 40), (16, 8)), torch.float32,
+                                     group_size=16)
+    assert {r["op"] for r in rows} == {"int4_linear"} and {r["mode"] for r in rows} == {"fwd"}
+    by = {(r["config"]["M"], r["config"]["K"], r["provider"]): r for r in rows}
+    assert len(by) == len(rows) == 2 * 2 * 5
+    assert by[3, 32, "triton"]["status"] == "ok" and by[3, 32, "reference"]["status"] == "ok"
+    assert by[3, 32, "triton"]["flops"] == 2 * 3 * 40 * 32 and by[3, 32, "triton"]["config"]["G"] == 16
+    assert by[3, 32, "triton"]["bytes"] == 40 * 32 // 2 + 8 * 40 * 2 + (3 * 32 + 3 * 40) * 4
+    assert by[1, 16, "torch"]["bytes"] == 8 * 16 // 2 + 8 * 8 + (16 + 8) * 4 and by[1, 16, "torch"]["config"]["N"] == 8
+    assert all(r["note"] == kernels.INT4_BYTES_NOTE for r in rows)
+    assert kernels.sweep_int4_linear(CpuTimer(reps=1), Budget(None), (1,), ((16, 8),), torch.float32,
+                                     modes=("bwd", "fwd+bwd"), group_size=16) == []
 
 
 def test_softcap_attention_rows_time_each_provider_on_the_same_capped_scores(device):
@@ -2802,7 +2852,9 @@ def test_every_provider_builder_is_in_the_sweep():
              "lm_head_distill": kernels.lm_head_distill_providers(x, torch.zeros(5, 8), x, torch.zeros(5, 8), t),
              "decode_attention": kernels.decode_attention_providers(q[:, :, :1], q, q),
              "matmul": kernels.matmul_providers(x, x.t()),
-             "int8_linear": kernels.int8_linear_providers(x, torch.zeros(5, 8, dtype=torch.int8), torch.ones(5))}
+             "int8_linear": kernels.int8_linear_providers(x, torch.zeros(5, 8, dtype=torch.int8), torch.ones(5)),
+             "int4_linear": kernels.int4_linear_providers(torch.zeros(3, 16), torch.zeros(5, 8, dtype=torch.uint8),
+                                                          torch.ones(5, 1), torch.zeros(5, 1))}
     assert set(built) == set(kernels.PROVIDERS)
     for op, builders in built.items():
         assert set(kernels.PROVIDERS[op]) == set(builders), op
@@ -3082,21 +3134,21 @@ def test_lm_head_variants_run_last_of_all_the_soft_cap_last(monkeypatch):
               "lm_head_loss_bias": "sweep_lm_head_loss_bias", "alibi_attention": "sweep_alibi_attention",
               "moe_mlp": "sweep_moe_mlp", "lm_head_distill": "sweep_lm_head_distill",
               "decode_attention": "sweep_decode_attention", "matmul": "sweep_matmul",
-              "int8_linear": "sweep_int8_linear"}
+              "int8_linear": "sweep_int8_linear", "int4_linear": "sweep_int4_linear"}
     for op, name in sweeps.items():
         monkeypatch.setattr(kernels, name, lambda *a, op=op: calls.append((op, "compile" in a[-1])) or [])
     monkeypatch.setattr(kernels, "measure_ceilings", lambda timer, **k: {})
     kernels.run_kernels(CpuTimer(reps=1), Budget(None), log=lambda s: None)
     newest = ["lm_head_loss_smooth_z", "lm_head_loss_softcap", "gqa_attention", "rmsnorm", "add_rmsnorm", "swiglu",
               "geglu", "softcap_attention", "mlp_exact_gelu", "rope_partial", "lm_head_loss_bias", "alibi_attention",
-              "moe_mlp", "lm_head_distill", "decode_attention", "matmul", "int8_linear"]
-    assert calls[-34:] == [(op, compiled) for op in newest for compiled in (False, True)]  # after them all
-    assert {op for op, _ in calls[:-34]} == set(sweeps) - set(newest)
-    assert ("doc_attention", True) in calls[:-34]
+              "moe_mlp", "lm_head_distill", "decode_attention", "matmul", "int8_linear", "int4_linear"]
+    assert calls[-36:] == [(op, compiled) for op in newest for compiled in (False, True)]  # after them all
+    assert {op for op, _ in calls[:-36]} == set(sweeps) - set(newest)
+    assert ("doc_attention", True) in calls[:-36]
     parser = cli.build_parser()
     default_ops = parser.parse_args(["bench", "kernels"]).ops.split(",")
     assert default_ops == list(inspect.signature(kernels.run_kernels).parameters["ops"].default)
-    assert default_ops[-17:] == newest
+    assert default_ops[-18:] == newest
     ops, _, _ = bcli.kernel_names(parser.parse_args(["bench", "kernels", "--ops", "lm_head_loss_softcap"]))
     assert ops == ("lm_head_loss_softcap",)
 
