@@ -15,8 +15,9 @@
 #   PROFILE_MINUTES (default 6: three compiled providers at ~1-2 min each)
 #   kernels-extra (not part of all): `bench kernels` of the ops `bench all` runs last, which its budget has not
 #   reached: decode_attention (one KV-cache decode step, the split-KV path against triton-1pass, SDPA and
-#   flash-attn), matmul (our matmul against cuBLAS per operand layout) and int8_linear (the weight-only int8
-#   linear against bf16 F.linear and torch's int8 matmul), within EXTRA_MINUTES (default 1.5),
+#   flash-attn), matmul (our matmul against cuBLAS per operand layout), int8_linear (the weight-only int8
+#   linear against bf16 F.linear and torch's int8 matmul) and int4_linear (the int4 one, against F.linear and
+#   torch's int4 matmul), within EXTRA_MINUTES (default 1.5),
 #   into results-extra/ and autotune-timings-extra.json
 #   graphs (not part of all): `bench kernels --cuda-graphs` of LayerNorm, attention and the loss, each row timed
 #   as CUDA-graph replays (device time without the host's; the eager rows of small ops time the host), within
@@ -163,11 +164,11 @@ if [ "$what" = all ] || [ "$what" = tests ]; then
     # 2026-12-04) did not reach in 120 s, or failed, go first (the whole model on both paths, the
     # trainer's mixed precision, fp32 attention with dropout, PPO) and those of paths no GPU has run
     # yet (an autotuned kernel first launched inside a CUDA-graph capture; a decode step captured and
-    # replayed, the kv_len kernels at new lengths; the int8 weight-only kernel and model), then every other file
-    # with a CUDA-marked test (a directory argument would put them back in name order).
+    # replayed, the kv_len kernels at new lengths; the int8 and int4 weight-only kernels and model), then every other
+    # file with a CUDA-marked test (a directory argument would put them back in name order).
     first="tests/test_model_paths.py tests/test_loop.py tests/test_attention.py tests/test_rlhf.py tests/test_mlp.py"
     first="$first tests/test_tuned_launch.py tests/test_decode_graph.py tests/test_attention_kv_len.py"
-    first="$first tests/test_int8_linear.py tests/test_quantize.py"
+    first="$first tests/test_int8_linear.py tests/test_int4_linear.py tests/test_quantize.py"
     rest=$(grep -l "mark\.cuda" tests/test_*.py | grep -v -x -F -e "${first// /$'\n'}" -e "" | tr '\n' ' ')
     # shellcheck disable=SC2086  # the file lists split on spaces on purpose
     timeout -s INT -k 15 "${TEST_SECONDS:-120}" $PY -m pytest -m cuda -q -p no:cacheprovider -n 8 $first $rest \
@@ -243,8 +244,8 @@ if [ "$what" = profile ]; then
     rc=$((rc | prc))
 fi
 if [ "$what" = kernels-extra ]; then
-    extra_bench extra "${EXTRA_MINUTES:-1.5}" "kernels --ops decode_attention,matmul,int8_linear" \
-        kernels --ops decode_attention,matmul,int8_linear
+    extra_bench extra "${EXTRA_MINUTES:-1.5}" "kernels --ops decode_attention,matmul,int8_linear,int4_linear" \
+        kernels --ops decode_attention,matmul,int8_linear,int4_linear
 fi
 if [ "$what" = graphs ]; then
     extra_bench graphs "${EXTRA_MINUTES:-1.5}" "kernels --cuda-graphs" kernels --cuda-graphs \

@@ -4228,29 +4228,29 @@ def test_gpu_session_tests_stage_runs_the_unreached_files_first_then_every_cuda_
     root = Path(__file__).resolve().parent.parent
     (pytest_args,) = [c[2:] for c in runs if c[:2] == ["-m", "pytest"]]
     files = [a for a in pytest_args if a.startswith("tests/") and "::" not in a]  # not the --deselect ids
-    assert files[:10] == ["tests/test_model_paths.py", "tests/test_loop.py", "tests/test_attention.py",
+    assert files[:11] == ["tests/test_model_paths.py", "tests/test_loop.py", "tests/test_attention.py",
                          "tests/test_rlhf.py", "tests/test_mlp.py", "tests/test_tuned_launch.py",
                          "tests/test_decode_graph.py", "tests/test_attention_kv_len.py", "tests/test_int8_linear.py",
-                         "tests/test_quantize.py"]
+                         "tests/test_int4_linear.py", "tests/test_quantize.py"]
     marked = {f"tests/{p.name}" for p in (root / "tests").glob("test_*.py") if "mark.cuda" in p.read_text()}
     assert len(files) == len(set(files)) and set(files) == marked and "tests" not in pytest_args
 
 
 def test_gpu_session_kernels_extra_times_the_ops_bench_all_runs_last(tmp_path):
-    """`bash bench/gpu_session.sh kernels-extra` (not part of all) times the three ops `bench all`'s budget reaches
-    last, decode_attention, matmul and int8_linear, within EXTRA_MINUTES, into results-extra/, and packs it; no
-    tests, no `bench all`. The command parses as `tritongpt bench kernels` with those ops. Python is a stand-in."""
+    """`bash bench/gpu_session.sh kernels-extra` (not part of all) times the four ops `bench all`'s budget reaches
+    last, decode_attention, matmul, int8_linear and int4_linear, within EXTRA_MINUTES, into results-extra/, and packs
+    it; no tests, no `bench all`. The command parses as `tritongpt bench kernels` with those ops. Python is a stand-in."""
     from session_stub import run_gpu_session
     from tritongpt.cli import build_parser
 
     runs, work, stdout = run_gpu_session(tmp_path, "kernels-extra", EXTRA_MINUTES="0.7")
     (bench,) = [c[2:] for c in runs if c[:2] == ["-m", "tritongpt.cli"]]
-    assert bench == ["bench", "kernels", "--ops", "decode_attention,matmul,int8_linear", "--max-minutes", "0.7",
-                     "--out", f"{work}/results-extra"]
+    assert bench == ["bench", "kernels", "--ops", "decode_attention,matmul,int8_linear,int4_linear", "--max-minutes",
+                     "0.7", "--out", f"{work}/results-extra"]
     args = build_parser().parse_args(bench)
-    assert args.ops == "decode_attention,matmul,int8_linear"
+    assert args.ops == "decode_attention,matmul,int8_linear,int4_linear"
     assert not any("pytest" in c for c in runs) and not any("all" in c[2:4] for c in runs if c[:1] == ["-m"])
-    assert "== tritongpt bench kernels --ops decode_attention,matmul,int8_linear (budget 0.7 min)" in stdout
+    assert "== tritongpt bench kernels --ops decode_attention,matmul,int8_linear,int4_linear (budget 0.7 min)" in stdout
     assert (tmp_path / "out" / "session.tgz").is_file()
 
 
