@@ -4239,7 +4239,8 @@ def test_gpu_session_tests_stage_runs_the_unreached_files_first_then_every_cuda_
 def test_gpu_session_kernels_extra_times_the_ops_bench_all_runs_last(tmp_path):
     """`bash bench/gpu_session.sh kernels-extra` (not part of all) times the four ops `bench all`'s budget reaches
     last, decode_attention, matmul, int8_linear and int4_linear, within EXTRA_MINUTES, into results-extra/, and packs
-    it; no tests, no `bench all`. The command parses as `tritongpt bench kernels` with those ops. Python is a stand-in."""
+    it; no tests, no `bench all`. The command parses as `tritongpt bench kernels` with those ops. Python is a
+    stand-in."""
     from session_stub import run_gpu_session
     from tritongpt.cli import build_parser
 
