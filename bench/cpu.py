@@ -194,14 +194,16 @@ def host_cases(rows=8, width=768, mlp_width=32, heads=4, seq=16, head_dim=64, vo
     decode_attention: one query a head against `cache` keys, without gradients (a KV-cache decode step: on a
     GPU's branch the split-KV kernel and its combine, HOST_MODES: forward only); torch's SDPA there computes for
     real, 4 heads x 512 keys, so its row is not host time alone. int8_linear: the weight-only int8 linear (no
-    gradients: forward only), against F.linear on the weight dequantized once."""
+    gradients: forward only), against F.linear on the weight dequantized once; int4_linear the int4 one (groups of
+    16 of the mlp_width inputs), likewise."""
     import torch.nn.functional as F
 
     from tritongpt.kernels.attention import flash_attention
     from tritongpt.kernels.cross_entropy import cross_entropy
     from tritongpt.kernels.layernorm import add_layer_norm, layer_norm, rms_norm
     from tritongpt.kernels.mlp import gelu_mlp
-    from tritongpt.kernels.quant import int8_linear
+    from tritongpt.kernels.quant import int4_linear, int8_linear
+    from tritongpt.model.quant import quantize_weight_int4, unpack_int4
     from tritongpt.kernels.rope import rope
     from tritongpt.kernels.swiglu import swiglu_mlp
 
@@ -222,6 +224,8 @@ def host_cases(rows=8, width=768, mlp_width=32, heads=4, seq=16, head_dim=64, vo
     q8 = torch.randint(-127, 128, (hidden, mlp_width), generator=g, dtype=torch.int8)
     s8, bq = torch.rand(hidden, generator=g) / 127, torch.randn(hidden, generator=g)
     w8 = q8.float() * s8[:, None]
+    q4, s4, o4 = quantize_weight_int4(torch.randn(hidden, mlp_width, generator=g), 16)
+    w4 = (unpack_int4(q4).float().view(hidden, -1, 16) * s4[:, :, None] + o4[:, :, None]).view(hidden, mlp_width)
     half = head_dim // 2
     inv = 1.0 / 10000.0 ** (torch.arange(half) / half)
     ang = torch.arange(seq)[:, None] * inv[None, :]
@@ -248,6 +252,7 @@ def host_cases(rows=8, width=768, mlp_width=32, heads=4, seq=16, head_dim=64, vo
         "cross_entropy": (lambda: cross_entropy(logits, targets), lambda: F.cross_entropy(logits, targets)),
         "rope": (lambda: sum2(rope(q, k, 0)), lambda: sum2((rope_torch(q), rope_torch(k)))),
         "int8_linear": (lambda: int8_linear(xq, q8, s8, bq), lambda: F.linear(xq, w8, bq)),
+        "int4_linear": (lambda: int4_linear(xq, q4, s4, o4, bq), lambda: F.linear(xq, w4, bq)),
         "decode_attention": (lambda: flash_attention(q1, kc, vc, causal=True),
                              lambda: F.scaled_dot_product_attention(q1, kc, vc)),  # one query: every key
     }
@@ -386,8 +391,8 @@ HOST_SIZES = {"layer_norm": ("rows", "width"), "add_layer_norm": ("rows", "width
               "gelu_mlp": ("rows", "mlp_width"), "swiglu_mlp": ("rows", "mlp_width"),
               "flash_attention": ("heads", "seq", "head_dim"), "cross_entropy": ("rows", "vocab"),
               "rope": ("heads", "seq", "head_dim"), "decode_attention": ("heads", "cache", "head_dim"),
-              "int8_linear": ("rows", "mlp_width")}
-HOST_MODES = {"decode_attention": ("fwd",), "int8_linear": ("fwd",)}
+              "int8_linear": ("rows", "mlp_width"), "int4_linear": ("rows", "mlp_width")}
+HOST_MODES = {"decode_attention": ("fwd",), "int8_linear": ("fwd",), "int4_linear": ("fwd",)}
 
 
 def host_modes(name):
