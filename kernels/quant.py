@@ -1,12 +1,12 @@
 """Weight-only quantized linear layers in Triton, inference only: int8 (W8A16), y = act(x @ (q * scale[:, None]).T +
-bias), and int4 with a scale and an offset a group of G inputs (W4A16, `int4_linear`: see its section below).
+bias), and int4 with an fp32 scale and offset a group of G inputs (W4A16, `int4_linear`: after int8's text).
 
 Reference module: `tritongpt.model.quant.Int8Linear` (dequantize the weight, then F.linear). The weight of an
 nn.Linear, W [N, K], is stored as int8 q [N, K] plus one fp32 scale per output row, W ~= q * scale[:, None]
 (symmetric, q in [-127, 127]: gpt-fast's "int8 weight-only"). Decoding a token is a matrix-vector product
 that reads every weight once, so its time is the weight's bytes: one byte a weight instead of two (bf16).
 
-The kernel is the tiled matmul of Triton's 03-matrix-multiplication tutorial (kernels/mlp.py's, without its
+The int8 kernel is the tiled matmul of Triton's 03-matrix-multiplication tutorial (kernels/mlp.py's, without its
 prologues): each program computes a BLOCK_M x BLOCK_N tile of y, walking K in BLOCK_K steps; programs are
 grouped (GROUP_M) so that neighbouring row-tiles reuse the same weight tiles from L2. Per K step:
 
@@ -26,6 +26,28 @@ Compute dtype: under torch.autocast its dtype (x and bias are cast to it first, 
 x's. fp32 uses IEEE products (no TF32), bf16/fp16 tensor cores with fp32 accumulation. Launch: on a GPU autotuned
 per (rows bucket, N, K, flags, dtypes) over decode tiles (BLOCK_M 16, wide N and K tiles: one or a few rows, the
 grid split over N only) and prefill tiles (BLOCK_M 64/128); under the interpreter one fixed tile.
+
+int4_linear (W4A16). Reference module: `tritongpt.model.quant.Int4Linear` (dequantize, then F.linear). W [N, K]
+is stored as q in 0..15, two a byte (qweight uint8 [N, K / 2]: byte j of a row holds q[2j] in its low nibble and
+q[2j + 1] in its high one), and per group of G consecutive inputs of a row an fp32 scale and offset (scale and
+offset [N, K / G]): W[n, k] ~= q[n, k] * scale[n, k // G] + offset[n, k // G] (asymmetric: model/quant.py's
+quantize_weight_int4). A decode step reads half a byte a weight, plus 8 bytes a group.
+
+The same tiled matmul as int8's (BLOCK_M x BLOCK_N tiles of y, K walked in BLOCK_K steps, grouped programs). Per K
+step the [BLOCK_N, BLOCK_K / 2] tile of packed bytes is loaded along K at unit stride and unpacked in registers: the
+low nibbles (b & 15) and the high ones (b >> 4) are joined on a new last dim and reshaped, which interleaves them
+back into k order, [BLOCK_N, BLOCK_K]. Unlike int8's scale, the offset does not factor out of the K sum per output
+(a group's offset multiplies that group's sum of x), so the tile is dequantized in registers before the dot:
+q * scale + offset in fp32, rounded to the compute dtype (as the reference's dequantize().to(x.dtype) is), then
+tl.dot(x, w^T) into the fp32 accumulator, which stays in registers for the whole K loop. The scales and offsets
+are fetched per step: with BLOCK_K <= G (G % BLOCK_K == 0, both powers of two) the step lies in one group, one
+scale and offset a row; with BLOCK_K > G it holds BLOCK_K / G whole groups, a [BLOCK_N, BLOCK_K / G] tile broadcast
+over [BLOCK_N, BLOCK_K / G, G]. As K is a multiple of G, K's edge falls on a group's. The bias and GELU are int8's
+epilogue. Neither the dequantized weight nor the unpacked q ever exists in memory.
+
+Launch: int8's decode tiles (BLOCK_M 16) and prefill ones, autotuned per (rows bucket, N, K, G, flags, dtypes),
+less those whose K step holds more than MAX_GROUPS_A_STEP groups; under the interpreter one fixed tile (BLOCK_K 64:
+4 and 2 whole groups a step at G 16 and 32, one at 64, part of one above).
 
 Public API: `int8_linear(x, qweight, scale, bias=None, activation=None)` and `int4_linear(x, qweight, scale, offset,
 bias=None, activation=None)`, activation None, "gelu_tanh" or "gelu_erf". Each calls a torch.library custom op
@@ -228,24 +250,6 @@ def int8_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, bia
     return y.view(*x.shape[:-1], N)
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# int4_linear (W4A16): model/quant.py's Int4Linear. W [N, K] is stored as q in 0..15, two a byte (qweight uint8
-# [N, K / 2]: byte j of a row holds q[2j] in its low nibble and q[2j + 1] in its high one), and per group of G
-# consecutive inputs of a row an fp32 scale and offset (scale, offset [N, K / G]): W[n, k] ~= q[n, k] *
-# scale[n, k // G] + offset[n, k // G]. A decode step reads half a byte a weight, plus 8 bytes a group.
-#
-# The same tiled matmul as int8_linear (BLOCK_M x BLOCK_N tiles of y, K walked in BLOCK_K steps, grouped programs).
-# Per K step the [BLOCK_N, BLOCK_K / 2] tile of packed bytes is loaded along K at unit stride and unpacked in
-# registers: the low nibbles (b & 15) and the high ones (b >> 4) are joined on a new last dim and reshaped, which
-# interleaves them back into k order, [BLOCK_N, BLOCK_K]. Unlike int8's scale the offset does not factor out of
-# the K sum per output (a group's offset multiplies that group's sum of x), so the tile is dequantized in
-# registers before the dot: q * scale + offset in fp32, rounded to the compute dtype (as the reference's
-# dequantize().to(x.dtype) is), then tl.dot(x, w^T) into the fp32 accumulator. The group's scale and offset are
-# fetched per step: with BLOCK_K <= G (G % BLOCK_K == 0, both powers of two) the step lies in one group, one
-# scale and offset a row; with BLOCK_K > G the step holds BLOCK_K / G whole groups, a [BLOCK_N, BLOCK_K / G] tile
-# broadcast over [BLOCK_N, BLOCK_K / G, G]. Since K is a multiple of G, K's edge falls on a group's. The bias and
-# GELU are int8_linear's epilogue. Neither the dequantized weight nor the unpacked q ever exists in memory.
-# ---------------------------------------------------------------------------------------------------------------------
 MAX_GROUPS_A_STEP = 8  # BLOCK_K / G above this: a fine-grained scale tile per step, pruned (a smaller BLOCK_K fits)
 
 
@@ -255,7 +259,8 @@ def _int4_configs():
         return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 4}, num_warps=4, num_stages=1)]
     cfg = triton.Config
     # the dequantized [BLOCK_N, BLOCK_K] fp32 tile lives in registers next to the accumulator: at most 64 values a
-    # thread (int8's 128 x 256 decode tile on 8 warps, or 256-wide prefill tiles, would be 128 and spill)
+    # thread here (int8's 128 x 256 decode tile on 8 warps would be 128). bench/compile_check.py: none spills on
+    # sm_90 (76-80 registers a thread at decode, 80-168 at prefill)
     return [
         # decode (M <= 16): narrow N tiles keep more SMs busy on a small N; wide K steps keep weight bytes in flight
         cfg({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 256, "GROUP_M": 1}, num_warps=4, num_stages=4),
