@@ -254,3 +254,28 @@ def test_the_graph_rows_keep_the_weight_cache_as_generates_graph_does(monkeypatc
     asked = weight_cache_asks(monkeypatch)
     rows = run(batches=(1,))
     assert [r["status"] for r in rows] == ["ok", "ok"] and asked == [True]
+
+
+def test_the_int4_rows_decode_their_own_quantized_copy_and_a_group_that_does_not_fit_fails_only_them(monkeypatch):
+    """reference+int4 and triton+int4(+graphs) decode a quantize_int4 copy (group_size=), apart from int8's copy;
+    where the group size divides no width (128 on a 32-wide model) those rows fail saying why and the rest run."""
+    from tritongpt.model.quant import Int4Linear, Int8Linear
+
+    seen = []
+    real = decode.bench_decode_row
+    monkeypatch.setattr(decode, "bench_decode_row", lambda model, provider, *a: seen.append(
+        (provider, type(model.out_head), id(model))) or real(model, provider, *a))
+    cfg = GPTConfig(vocab_size=97, context_length=24, n_layer=1, n_head=2, n_embd=32)
+    providers = ("reference", "reference+int8", "reference+int4", "triton+int4", "triton+int4+graphs")
+    rows = decode.run_decode("cpu", Budget(None), torch.float32, "tiny-test", (1,), 4, 2, providers,
+                             log=lambda s: None, capture=fx_capture, repeats=1, config=cfg, group_size=16)
+    assert [r["status"] for r in rows] == ["ok"] * 5
+    assert [t for _, t, _ in seen] == [torch.nn.Linear, Int8Linear, Int4Linear, Int4Linear, Int4Linear]
+    assert len({i for _, t, i in seen if t is Int4Linear}) == 1 and seen[1][2] != seen[2][2]
+    assert rows[4]["same_tokens"] is True and rows[4]["note"].startswith(f"{rows[4]['speedup']:.2f}x over triton+int4")
+    rows = decode.run_decode("cpu", Budget(None), torch.float32, "tiny-test", (1,), 4, 2,
+                             ("reference", "reference+int4"), log=lambda s: None, capture=fx_capture, repeats=1,
+                             config=cfg)
+    assert rows[0]["status"] == "ok"
+    assert rows[1]["status"].startswith("failed: quantizing to int4: trf_blocks.0.att.W_query: int4 quantization "
+                                        "with group size 128 needs in_features a multiple of it, got 32")
