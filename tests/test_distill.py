@@ -333,3 +333,76 @@ def test_a_mixture_of_experts_student_keeps_its_load_balancing_loss():
     mixed, _, _ = distill.distill_loss(student(x), t_logits, y, 37, 0.4, 1.5, 0.0)
     aux = student.router_aux_loss()
     assert aux > 0 and torch.allclose(got, mixed + 0.25 * aux, rtol=1e-6, atol=1e-7)
+
+
+# -- a quantized teacher (--teacher-quantize, or a file `tritongpt quantize` wrote) ----------------------------
+def test_a_quantized_teacher_gives_the_targets_of_its_quantized_weights_flag_or_file(corpus, ckpts, tmp_path,
+                                                                                      capsys):
+    """--teacher-quantize int4 --teacher-group-size 32 distills from the int4 model, the same one `tritongpt quantize
+    --quantize int4 --group-size 32` writes: bit for bit the same steps as --teacher on that file, other steps than
+    the float teacher's; the run records what it was given; the file given --teacher-quantize int4 has nothing to do."""
+    from tritongpt.train import common
+
+    q4 = tmp_path / "q4"
+    assert main(["quantize", ckpts.teacher, "--out", str(q4), "--quantize", "int4", "--group-size", "32"]) == 0
+    capsys.readouterr()
+    runs = {}
+    for name, extra in (("flag", ("--teacher", ckpts.teacher, "--teacher-quantize", "int4", "--teacher-group-size",
+                                  "32")),
+                        ("file", ("--teacher", str(q4))),
+                        ("float", ("--teacher", ckpts.teacher))):
+        runs[name] = pretrain(parse_args(pargs(corpus, ckpts, tmp_path / name, "--max-steps", "2", *extra)))
+        assert all(r["distill_kd"] > 0 for r in rows(tmp_path / name) if "distill_kd" in r)
+    assert "int4 (group 32) weight-only (--teacher " in capsys.readouterr().err
+    assert runs["flag"]["losses"] == runs["file"]["losses"]
+    assert runs["flag"]["losses"] != runs["float"]["losses"]
+    state = common.load_state(common.resume_checkpoint(tmp_path / "flag", "latest"))
+    assert (state["args"]["teacher_quantize"], state["args"]["teacher_group_size"]) == ("int4", 32)
+    state = common.load_state(common.resume_checkpoint(tmp_path / "float", "latest"))
+    assert (state["args"]["teacher_quantize"], state["args"]["teacher_group_size"]) == (None, None)
+    assert main(["pretrain", *pargs(corpus, ckpts, tmp_path / "again", "--max-steps", "1", "--teacher", str(q4),
+                                    "--teacher-quantize", "int4")]) == 0
+    assert f"--teacher {q4} is int4 already (saved so)" in capsys.readouterr().err
+
+
+def test_the_fused_loss_distills_from_an_int8_teacher_as_the_reference_does(corpus, ckpts, tmp_path):
+    """--kernels cross_entropy with a quantized teacher: linear_distill_loss takes its head dequantized (the matrix its
+    own forward multiplies by), so the fused steps are the reference path's, to fp32 rounding."""
+    extra = ("--max-steps", "2", "--teacher", ckpts.teacher, "--teacher-quantize", "int8", "--distill-alpha", "0.4",
+             "--distill-beta", "0.3")
+    ref = pretrain(parse_args(pargs(corpus, ckpts, tmp_path / "ref", *extra)))
+    argv = pargs(corpus, ckpts, tmp_path / "fused", *extra)
+    argv[argv.index("--kernels") + 1] = "cross_entropy"
+    fused = pretrain(parse_args(argv))
+    assert fused["losses"] == pytest.approx(ref["losses"], rel=1e-4)
+    float_teacher = pretrain(parse_args(pargs(corpus, ckpts, tmp_path / "float", *extra[:4], *extra[6:])))
+    assert float_teacher["losses"] != ref["losses"]
+
+
+def test_sft_distills_from_a_quantized_teacher_and_a_resume_refuses_another_quantization(ckpts, tmp_path, capsys):
+    """sft --teacher on an int8 file (refused by name before: it only runs forward); the teacher's fingerprint covers
+    its quantized matrices (buffers, not parameters), so resuming with the int4 teacher at the same path, whose
+    parameters (embeddings, norms) and biases are the int8 one's, is refused."""
+    teacher = tmp_path / "teacher"
+    assert main(["quantize", ckpts.teacher, "--out", str(teacher)]) == 0
+    out = tmp_path / "sft"
+    assert main(sft_argv(ckpts, out, "--max-steps", "1", "--teacher", str(teacher))) == 0
+    assert [x["distill_kd"] > 0 for x in rows(out) if "distill_kd" in x] == [True]
+    capsys.readouterr()
+    assert main(["quantize", ckpts.teacher, "--out", str(teacher), "--quantize", "int4", "--group-size", "32",
+                 "--overwrite"]) == 0
+    assert main(sft_argv(ckpts, out, "--max-steps", "2", "--teacher", str(teacher), "--resume")) == 2
+    assert f"--teacher {teacher} is not the model this run distilled from" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags,said", [
+    (["--teacher-quantize", "int8"], "--teacher-quantize sets how --teacher's distillation mixes in: without"),
+    (["--teacher", "T", "--teacher-group-size", "32"], "--teacher-group-size sets an int4 teacher's groups: pass "
+                                                      "--teacher-quantize int4 too"),
+    (["--teacher", "T", "--teacher-quantize", "int8", "--teacher-group-size", "32"], "--teacher-group-size sets an "
+                                                                                     "int4 teacher's groups"),
+])
+def test_the_teacher_quantization_flags_are_refused_where_they_do_nothing(flags, said):
+    with pytest.raises(UserError) as e:
+        distill.distill_options(parse_args(flags))
+    assert said in str(e.value)

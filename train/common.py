@@ -430,9 +430,17 @@ def weights_fingerprint(model) -> tuple:
     """(sum, sum of squares) of every weight in float64, without float64 copies: tells another
     model's weights apart (a frozen model rebuilt on a resume: RLHF's reference and reward model,
     DPO's reference)."""
+    from tritongpt.model.quant import QuantLinear
+
+    # a quantized model's matrices are its QuantLinears' buffers (model/quant.py), read as floats (exact: int8 and
+    # the packed uint8 bytes; the fp32 scales and offsets as they are); a float model's tensors are its parameters
+    quantized = [b for m in model.modules() if isinstance(m, QuantLinear) for b in m.buffers(recurse=False)]
+    total = squares = 0.0
     with torch.no_grad():
-        total = sum(p.sum(dtype=torch.float64) for p in model.parameters())
-        squares = sum(torch.linalg.vector_norm(p, dtype=torch.float64) ** 2 for p in model.parameters())
+        for t in [*model.parameters(), *quantized]:
+            t = t if t.is_floating_point() else t.float()  # one at a time: never the whole model's copy
+            total = total + t.sum(dtype=torch.float64)
+            squares = squares + torch.linalg.vector_norm(t, dtype=torch.float64) ** 2
     return float(total), float(squares)
 
 

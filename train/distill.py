@@ -43,6 +43,7 @@ copies. Evaluations still score the plain cross-entropy.
 import argparse
 import math
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
@@ -62,7 +63,9 @@ GKD_FLAGS = {"distill_lmbda": "--distill-lmbda", "distill_seq_kd": "--distill-se
 # them names nothing: common.unrecorded_flags)
 RUN_DEFAULTS = {"teacher": None, "distill_alpha": DEFAULT_ALPHA, "distill_temperature": DEFAULT_TEMPERATURE,
                 "distill_beta": DEFAULT_BETA, "distill_lmbda": DEFAULT_LMBDA, "distill_seq_kd": False,
-                "distill_gen_temperature": DEFAULT_GEN_TEMPERATURE, "distill_max_new_tokens": DEFAULT_MAX_NEW_TOKENS}
+                "distill_gen_temperature": DEFAULT_GEN_TEMPERATURE, "distill_max_new_tokens": DEFAULT_MAX_NEW_TOKENS,
+                "teacher_quantize": None, "teacher_group_size": None}
+QUANT_FLAGS = {"teacher_quantize": "--teacher-quantize", "teacher_group_size": "--teacher-group-size"}
 
 
 def add_distill_args(p: argparse.ArgumentParser) -> None:
@@ -97,6 +100,15 @@ def add_distill_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--distill-max-new-tokens", type=int, default=None, metavar="N",
                    help="with --distill-lmbda or --distill-seq-kd: the generated answers' length cap (within "
                         f"--max-length) (default {DEFAULT_MAX_NEW_TOKENS}, TRL's)")
+    from tritongpt.model.quant import GROUP_SIZES
+
+    g.add_argument("--teacher-quantize", choices=("int8", "int4"), default=None,
+                   help="with --teacher: run the frozen teacher weight-only quantized (model/quant.py, as generate's "
+                        "--quantize): its matrices and LM head int8 or int4, a quarter or an eighth of their fp32 "
+                        "bytes, so a larger teacher fits beside the student; its targets are the quantized model's "
+                        "(a teacher saved by `tritongpt quantize` runs so without it) (default: as loaded)")
+    g.add_argument("--teacher-group-size", type=int, choices=GROUP_SIZES, default=None, metavar="G",
+                   help="with --teacher-quantize int4: its groups of G inputs a scale and offset (default 128)")
 
 
 def distill_options(args, prompts: bool = False) -> dict:
@@ -111,8 +123,9 @@ def distill_options(args, prompts: bool = False) -> dict:
         if stray:
             raise UserError(f"{', '.join(stray)}: on-policy distillation generates answers to prompts, and "
                             "pretraining text has none (use them with sft --teacher)")
+    quant = {k: getattr(args, k, None) for k in QUANT_FLAGS}
     if teacher is None:
-        stray = [{**FLAGS, **GKD_FLAGS}[k] for k, v in {**given, **gkd}.items() if v is not None]
+        stray = [{**FLAGS, **GKD_FLAGS, **QUANT_FLAGS}[k] for k, v in {**given, **gkd, **quant}.items() if v is not None]
         if stray:
             raise UserError(f"{', '.join(stray)} set{'s' if len(stray) == 1 else ''} how --teacher's "
                             "distillation mixes in: without --teacher it does nothing (pass --teacher W)")
@@ -127,8 +140,10 @@ def distill_options(args, prompts: bool = False) -> dict:
         raise UserError(f"--distill-beta must be in [0, 1], got {beta}")
     from tritongpt.train import common
 
+    if quant["teacher_group_size"] is not None and quant["teacher_quantize"] != "int4":
+        raise UserError("--teacher-group-size sets an int4 teacher's groups: pass --teacher-quantize int4 too")
     out = {"teacher": common.data_path(teacher), "distill_alpha": alpha, "distill_temperature": temperature,
-           "distill_beta": beta}
+           "distill_beta": beta, **quant}  # (an int4 teacher's group size as given: None, 128 or a saved file's)
     return {**out, **gkd_options(gkd, alpha)} if prompts else out
 
 
@@ -214,9 +229,18 @@ def fused_distill_loss(model, teacher, x, targets, doc_ids, vocab_size: int, alp
     with torch.no_grad():
         t_h = teacher(x, doc_ids=doc_ids, head_input=True)
     h = model(x, doc_ids=doc_ids, head_input=True)
-    return linear_distill_loss(h, student.out_head.weight, t_h, t_model.out_head.weight, targets, vocab_size, alpha,
+    return linear_distill_loss(h, student.out_head.weight, t_h, head_weight(t_model), targets, vocab_size, alpha,
                                temperature, beta, ignore_index, reduction, student_bias=student.out_head.bias,
                                teacher_bias=t_model.out_head.bias, ce_vocab_size=student.config.vocab_size)
+
+
+def head_weight(model):
+    """The LM head's float weight: a quantized head's (--teacher-quantize, model/quant.py) dequantized, [V, C] fp32
+    for the call (the matrix its own forward multiplies by), so the fused loss still never makes the logits."""
+    from tritongpt.model.quant import QuantLinear
+
+    head = model.out_head
+    return head.dequantize() if isinstance(head, QuantLinear) else head.weight
 
 
 def unwrapped(model):
@@ -327,10 +351,11 @@ def sft_loss_fn(teacher, opts: dict, vocab_size: int, ignore_index: int, parts: 
 
 
 # -- the teacher ---------------------------------------------------------------------------------------
-def load_teacher(spec: str, tok, block: int, student: str):
+def load_teacher(spec: str, tok, block: int, student: str, quantize: str | None = None, group_size=None):
     """--teacher's model (frozen, eval mode, on the CPU until place_teacher), refused where its tokenizer
     gives other ids than the student's `tok` or its context is shorter than `block`. student: how the
-    student's weights were named (for the messages)."""
+    student's weights were named (for the messages). quantize, group_size: --teacher-quantize's (a file
+    `tritongpt quantize` wrote loads quantized as it is)."""
     from tritongpt.train import gpt_neo_weights
     from tritongpt.train.gpt2_weights import HUB_REPOS
     from tritongpt.train.sft import load_init_model, pick_tokenizer
@@ -340,7 +365,11 @@ def load_teacher(spec: str, tok, block: int, student: str):
     if not Path(spec).expanduser().exists() and not named:  # load_init_model would make a preset's random weights
         raise UserError(f"--teacher {spec}: no checkpoint there (a run or checkpoint folder, a weights file, a "
                         "Hugging Face folder or Hub id, or a GPT-2 or GPT-Neo name)")
-    teacher = load_init_model(spec)
+    from tritongpt.commands import quantize as quantize_model
+
+    teacher = load_init_model(spec, quantized_ok=True)  # only ever run forward: an int8/int4 file is a teacher
+    # on the CPU (then place_teacher moves it): the float matrices are quantized one at a time where they are
+    quantize_model(teacher, SimpleNamespace(quantize=quantize, group_size=group_size), what=f"--teacher {spec}")
     theirs = pick_tokenizer(None, spec, teacher.config.vocab_size)
     if not same_ids(theirs, tok):
         raise UserError(f"--teacher {spec}'s tokenizer ({theirs.name}) is not the student's ({student}: "

@@ -715,7 +715,8 @@ def pretrain(args) -> dict:
     distill_options = distill.distill_options(args)  # recorded without a teacher too: a resume names a change
     model, tok, block, prompt_ids = check_args(args, targs)
     teacher = None if args.teacher is None else distill.load_teacher(
-        args.teacher, tok, block, f"--init {args.init}" if args.init else f"--tokenizer {args.tokenizer or 'default'}")
+        args.teacher, tok, block, f"--init {args.init}" if args.init else f"--tokenizer {args.tokenizer or 'default'}",
+        args.teacher_quantize, args.teacher_group_size)
     splits = {}  # filled once the Trainer has set up the processes (rank 0 tokenises first)
     mixture = mixture_sources(args)
 

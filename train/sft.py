@@ -799,7 +799,7 @@ def cmd_sft(args):
     if args.teacher is not None:  # it must see the whole of an example: run_sft's max_len
         ctx = model.config.context_length
         teacher = load_teacher(args.teacher, tok, ctx if args.max_length is None else min(ctx, args.max_length),
-                               f"--init {args.init}")
+                               f"--init {args.init}", args.teacher_quantize, args.teacher_group_size)
     if args.data:
         given = [f for f, v, d in (("--tasks", args.tasks, DEFAULT_TASKS), ("--n-train", args.n_train, DEFAULT_N_TRAIN),
                                    ("--n-eval", args.n_eval, DEFAULT_N_EVAL)) if v != d]
