@@ -1,6 +1,7 @@
 """GPTModel: token + position embeddings (or RoPE in the attention), a stack of TransformerBlocks,
 final norm (LayerNorm, or RMSNorm: GPTConfig.norm), LM head."""
 import copy
+import dataclasses
 import functools
 import json
 import math
@@ -175,12 +176,17 @@ class GPTModel(nn.Module):
         if mode == "int4" and not group.isdigit():
             raise UserError(f"{path}: quantized_group_size {group!r} is not a number (a damaged int4 file)")
         check_quantized_dtypes(path, mode)
-        with torch.device("meta"):
-            model = cls(cfg)
+        with torch.device("meta"):  # a QLoRA checkpoint's updates go on the quantized layers, after the layout
+            model = cls(dataclasses.replace(cfg, lora_rank=0) if cfg.lora_rank else cfg)
         try:
             model = quantized_layout(model, mode, head == "true", int(group or 0))
         except UserError as e:
             raise UserError(f"{path}: its {mode} layout does not fit its config ({e})") from None
+        if cfg.lora_rank:
+            from tritongpt.model.lora import attach_lora
+
+            model.config = cfg
+            attach_lora(model)
         return model.to_empty(device="cpu").eval()
 
     def _apply(self, fn, *args, **kwargs):

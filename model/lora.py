@@ -30,6 +30,7 @@ import math
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from torch.nn.utils import parametrize
 
 from tritongpt.errors import UserError
@@ -54,6 +55,11 @@ class LoRAUpdate(nn.Module):
     def forward(self, weight):
         # under autocast B @ A runs in bf16; the sum is in W's dtype (fp32): W is not rounded
         return weight + (self.scale * (self.lora_B @ self.lora_A)).to(weight.dtype)
+
+    def branch(self, x):
+        """scale (x A^T) B^T: the update applied to the input, unmerged (QLoRA's: the frozen weight is quantized,
+        model/quant.py QuantLinear, and W + scale B A would be a float matrix again). r (in + out) a token."""
+        return self.scale * F.linear(F.linear(x, self.lora_A), self.lora_B)
 
 
 def parse_targets(spec) -> tuple:
@@ -89,7 +95,10 @@ def lora_linears(model):
 
 def add_lora(model, rank: int, alpha: float = 16.0, targets: str = "attn,mlp"):
     """`model` with LoRA on the targets' weights and every other parameter frozen (biases,
-    LayerNorms, embeddings: peft's bias="none"). In place; returns the model."""
+    LayerNorms, embeddings: peft's bias="none"). In place; returns the model.
+
+    On a quantized model (QLoRA, Dettmers et al. 2023: model/quant.py quantize(head=False)) each target is a
+    QuantLinear, frozen int8/int4 buffers: its update runs beside it unmerged (LoRAUpdate.branch)."""
     check_lora(rank, alpha, targets)
     if rank == 0:
         return model
@@ -99,9 +108,9 @@ def add_lora(model, rank: int, alpha: float = 16.0, targets: str = "attn,mlp"):
                         "attn")
     if has_lora(model):
         raise UserError("the model has LoRA already: merge_lora() it first to add another")
-    if getattr(model, "quantized", None):  # its matrices are int8 buffers (model/quant.py), no weight to adapt
-        raise UserError(f"this model is {model.quantized}-quantized, for inference: LoRA adapts float weights "
-                        "(add it to the model as loaded, then merge_lora and quantize)")
+    if getattr(model, "quantized", None) and model.quantized_head:  # QLoRA's base keeps a float head
+        raise UserError(f"this model's LM head is {model.quantized}-quantized too: LoRA on a quantized model "
+                        "(QLoRA) takes one whose head stays float (model/quant.py quantize(head=False))")
     if rank > model.config.n_embd:
         raise UserError(f"--lora-rank {rank} is above the model's width {model.config.n_embd}: "
                         "no longer low-rank")
@@ -114,30 +123,43 @@ def add_lora(model, rank: int, alpha: float = 16.0, targets: str = "attn,mlp"):
 def attach_lora(model):
     """The parametrizations the config's LoRA fields describe (GPTModel builds a saved LoRA
     model with them, to load its weights into); every other parameter frozen."""
+    from tritongpt.model.quant import QuantLinear
+
     cfg = model.config
     for p in model.parameters():
         p.requires_grad_(False)
     w = model.tok_emb.weight
     for _, linear in lora_linears(model):
-        out_f, in_f = linear.weight.shape
-        update = LoRAUpdate(out_f, in_f, cfg.lora_rank, cfg.lora_alpha).to(w.device, w.dtype)
-        parametrize.register_parametrization(linear, "weight", update)
+        update = LoRAUpdate(linear.out_features, linear.in_features, cfg.lora_rank, cfg.lora_alpha).to(w.device,
+                                                                                                        w.dtype)
+        if isinstance(linear, QuantLinear):  # QLoRA: the update beside the frozen quantized matmul
+            linear.lora = update
+        else:
+            parametrize.register_parametrization(linear, "weight", update)
 
 
 def has_lora(model) -> bool:
-    return any(parametrize.is_parametrized(m, "weight") for m in model.modules() if isinstance(m, nn.Linear))
+    from tritongpt.model.quant import QuantLinear
+
+    return any(parametrize.is_parametrized(m, "weight") if isinstance(m, nn.Linear) else
+               isinstance(m, QuantLinear) and m.lora is not None for m in model.modules())
 
 
 def merge_lora(model):
     """`model` with each LoRA weight replaced by its value W + scale B A: plain Linears, every
     parameter trainable again, the config's LoRA fields back to their defaults (rank 0: none).
-    In place; returns the model."""
-    return _plain_linears(model, lambda m: m.weight)
+    In place; returns the model. A quantized model (QLoRA's) comes back a float one: every QuantLinear a Linear of
+    its dequantized W (+ scale B A where adapted), fp32: the model it trained, as peft's merge_and_unload of a
+    4-bit base dequantizes it."""
+    from tritongpt.model.quant import dequantize_model
+
+    return _plain_linears(dequantize_model(model), lambda m: m.weight)  # (QuantLinears first: their updates)
 
 
 def strip_lora(model):
     """`model` without its LoRA update: each adapted Linear back to its frozen W, the base model
-    the update was trained on (what a peft adapter is applied to). In place; returns the model."""
+    the update was trained on (what a peft adapter is applied to); a QLoRA model's quantized matrices without
+    their updates. In place; returns the model."""
     return _plain_linears(model, lambda m: m.parametrizations.weight.original)
 
 
@@ -148,7 +170,11 @@ def _plain_linears(model, weight_of):
     A new Linear rather than un-parametrizing in place: parametrize.remove_parametrizations edits
     the module's class, which a deepcopy of the model shares, so merging a copy would break the
     original."""
+    from tritongpt.model.quant import QuantLinear
+
     for name, m in list(model.named_modules()):
+        if isinstance(m, QuantLinear):  # (merge_lora dequantizes them first: only strip_lora meets one)
+            m.lora = None
         if isinstance(m, nn.Linear) and parametrize.is_parametrized(m, "weight"):
             w = weight_of(m).detach()
             plain = nn.utils.skip_init(nn.Linear, m.in_features, m.out_features, bias=m.bias is not None,

@@ -110,6 +110,7 @@ class QuantLinear(nn.Module):
         self.in_features, self.out_features = in_features, out_features
         self.register_buffer("bias", torch.zeros(out_features, dtype=dtype, device=device) if bias else None)
         self.use_triton = False
+        self.lora = None  # QLoRA's update (model/lora.py LoRAUpdate), run beside the frozen matmul
 
     def _copy_bias(self, linear: nn.Linear, device):
         if linear.bias is not None:
@@ -127,16 +128,21 @@ class QuantLinear(nn.Module):
         return out
 
     def forward(self, x, act=None):
-        if torch.is_grad_enabled() and x.requires_grad:
-            raise UserError(f"{self.mode} weight-only quantization is for inference: the {self.mode} weights are "
-                            "frozen and the Triton kernel has no backward; run under torch.no_grad() (train on the "
-                            "float weights)")
+        # A gradient flows through to x (QLoRA: the LoRA updates before it train), never to the frozen buffers. The
+        # activation is fused into the Triton matmul's epilogue only where nothing needs its input afterwards: no
+        # gradient through it, and no LoRA update to add before it.
+        fused = act is not None and self.lora is None and not (torch.is_grad_enabled() and x.requires_grad)
         if self.use_triton:
-            activation = None if act is None else ("gelu_erf" if act.approximate == "none" else "gelu_tanh")
-            return self._triton(x, activation)
-        bias = None if self.bias is None else self.bias.to(x.dtype)
-        y = F.linear(x, self.dequantize().to(x.dtype), bias)  # under autocast F.linear casts both, as nn.Linear's
-        return y if act is None else act(y)
+            activation = ("gelu_erf" if act.approximate == "none" else "gelu_tanh") if fused else None
+            y = self._triton(x, activation)
+        else:
+            bias = None if self.bias is None else self.bias.to(x.dtype)
+            y = F.linear(x, self.dequantize().to(x.dtype), bias)  # under autocast F.linear casts both, as nn.Linear's
+            if fused:
+                y = act(y)
+        if self.lora is not None:
+            y = y + self.lora.branch(x)
+        return y if act is None or fused else act(y)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
@@ -302,6 +308,29 @@ def quantized_layout(model, mode: str = "int8", head: bool = True, group_size: i
         return Int4Linear(*args, group_size=group_size) if mode == "int4" else Int8Linear(*args)
 
     _swap_linears(model, head, empty)
+    return model
+
+
+def dequantize_model(model):
+    """model with every QuantLinear replaced by an fp32 nn.Linear of its dequantized weight (plus scale B A where
+    QLoRA adapted it) and its bias, the quantized marks gone (GPTModel.quantized None): the float model the
+    quantized one computes, but for a quantized tied head, which is tied to the float embedding again (as the
+    model was before quantize). In place; returns the model."""
+    for name, m in list(model.named_modules()):
+        if isinstance(m, QuantLinear):
+            with torch.no_grad():
+                w = m.dequantize() if m.lora is None else m.lora(m.dequantize())
+                plain = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None, device=w.device)
+                plain.weight.copy_(w)
+                if m.bias is not None:
+                    plain.bias.copy_(m.bias)
+            parent, _, attr = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, attr, plain)
+    if getattr(model, "quantized", None):
+        if model.quantized_head and model.config.tie_weights:  # its int8/int4 copy of the embedding: tied again
+            model.out_head.weight = model.tok_emb.weight
+        model.quantized = model.quantized_linears = model.quantized_group_size = None
+        model.quantized_head = False
     return model
 
 

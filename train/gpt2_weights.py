@@ -354,7 +354,9 @@ def load_checkpoint(path, model_name: str | None = None, merge: bool = True, qua
             return load_llama_safetensors(path)
         return load_gpt2_safetensors(path, model_name)
     model = GPTModel.load(path, quantized_ok=quantized_ok)
-    if model.config.lora_rank and merge:  # used, not trained on: the plain model its LoRA update makes
+    # used, not trained on: the plain model its LoRA update makes; a QLoRA checkpoint's (model/quant.py) runs its
+    # updates beside the quantized matrices instead (merged, it would be a float model again: merge_lora)
+    if model.config.lora_rank and merge and not getattr(model, "quantized", None):
         from tritongpt.model.lora import merge_lora
 
         merge_lora(model)

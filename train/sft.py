@@ -38,7 +38,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from tritongpt.commands import add_lora_args, add_vocab_multiple_arg, apply_lora, vocab_multiple
+from tritongpt.commands import (add_lora_args, add_qlora_args, add_vocab_multiple_arg, apply_lora, check_qlora,
+                                quantize_base, vocab_multiple)
 from tritongpt._types import is_real
 from tritongpt.errors import UserError, note
 from tritongpt.train.tokenizer import HUB_REPO_HELP, TOKENIZER_CHOICES
@@ -51,7 +52,8 @@ from tritongpt.cli import command_help
 IGNORE_INDEX = -100
 DEFAULT_TASKS, DEFAULT_N_TRAIN, DEFAULT_N_EVAL = "all", 5000, 200  # the embedded tasks' flags
 # the recorded flags' defaults that are not "off": what a run from before they were recorded went with
-RUN_DEFAULTS = {"overlong": "drop", "tasks": DEFAULT_TASKS, "n_train": DEFAULT_N_TRAIN, "val_fraction": 0.1}
+RUN_DEFAULTS = {"overlong": "drop", "tasks": DEFAULT_TASKS, "n_train": DEFAULT_N_TRAIN, "val_fraction": 0.1,
+                "quantize": None, "group_size": None}
 
 
 # -- records ----------------------------------------------------------------------------------------
@@ -784,6 +786,7 @@ def cmd_sft(args):
                         "--distill-lmbda > 0 or --distill-seq-kd")
     check_neftune(args.neftune_noise_alpha)
     check_lora(args.lora_rank, args.lora_alpha, args.lora_targets)  # before the model loads
+    check_qlora(args)
     for name in ("max_new_tokens", "n_train"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
@@ -793,6 +796,7 @@ def cmd_sft(args):
     model = load_init_model(args.init)
     if vocab_multiple(args) is not None:
         model = model.pad_vocab(args.vocab_multiple)
+    quantize_base(model, args)  # QLoRA: the frozen matrices quantized, then the updates beside them
     apply_lora(model, args)
     tok = pick_tokenizer(args.tokenizer, args.init, model.config.vocab_size)
     teacher = None
@@ -818,7 +822,8 @@ def cmd_sft(args):
                      overlong=args.overlong, max_length=args.max_length, max_new_tokens=args.max_new_tokens,
                      eval_gen=args.eval_gen, eval_before=args.eval_before,
                      run_args={"data": common.data_path(args.data), "tasks": args.tasks, "n_train": args.n_train,
-                               "val_fraction": args.val_fraction, "init": common.data_path(args.init)},
+                               "val_fraction": args.val_fraction, "init": common.data_path(args.init),
+                               "quantize": args.quantize, "group_size": args.group_size},
                      loss_options=loss_options, packing=args.packing, neftune_alpha=args.neftune_noise_alpha,
                      teacher=teacher, distill=distill, cuda_graph=args.cuda_graphs)
     if not result["is_main"]:  # DDP: rank 0 reports
@@ -848,6 +853,7 @@ def add_cli(sub):
                                        "else gpt2 for a 50257 vocab, else default)")
     add_vocab_multiple_arg(p, None, "as the --init model has them")
     add_lora_args(p)
+    add_qlora_args(p)
     p.add_argument("--tasks", default=DEFAULT_TASKS, help=f"embedded task families, comma list or 'all' "
                                                           f"({', '.join(tasks.FAMILIES)})")
     p.add_argument("--n-train", type=int, default=DEFAULT_N_TRAIN,

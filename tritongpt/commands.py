@@ -42,6 +42,43 @@ def add_lora_args(p):
                         "adapt)")
 
 
+def add_qlora_args(p):
+    """--quantize and --group-size of a trainer with LoRA (sft): QLoRA's quantized frozen base."""
+    p.add_argument("--quantize", choices=QUANTIZE_CHOICES, default=None,
+                   help="QLoRA (with --lora-rank): the frozen base's matrices weight-only int8 or int4 (groups of "
+                        "--group-size inputs) while the LoRA updates train beside them in float; the embeddings, "
+                        "norms and LM head stay float (default: the base as loaded)")
+    add_group_size_arg(p)
+
+
+def check_qlora(args):
+    """--quantize and --group-size of a trainer, before the model loads: a quantized base needs LoRA."""
+    if args.quantize is None:
+        if args.group_size is not None:
+            raise UserError("--group-size sets int4's groups: pass --quantize int4 too")
+        return
+    group_size(args)
+    if not args.lora_rank:
+        raise UserError(f"--quantize {args.quantize} freezes the base's matrices as {args.quantize}: they train "
+                        "only through LoRA updates (QLoRA): pass --lora-rank")
+
+
+def quantize_base(model, args):
+    """--quantize on a trainer's --init model before apply_lora adds the updates (QLoRA): every matrix of the
+    blocks, not the LM head (the fused head + loss keeps its float weight; a tied head stays the embedding). Says
+    what it saved, on stderr."""
+    check_qlora(args)
+    if args.quantize is None:
+        return model
+    from tritongpt.model.quant import linear_bytes, quantize as quantize_model
+
+    before = linear_bytes(model)
+    quantize_model(model, args.quantize, head=False, group_size=group_size(args))
+    note(f"QLoRA: the base's {model.quantized_linears} matrices {describe_quantized(model)} weight-only, "
+         f"{before / 2**20:,.1f} MiB -> {linear_bytes(model) / 2**20:,.1f} MiB (the LM head stays float)")
+    return model
+
+
 def apply_lora(model, args, whole_head: str | None = None):
     """--lora-rank's LoRA on `model` (in place), with a line on what it trains; whole_head: a head
     beside it, which trains whole (reward's, new or --init's; PPO's new value head)."""
