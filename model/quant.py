@@ -84,6 +84,14 @@ def quantize_weight_int4(weight, group_size: int = 128):
     g = w.view(N, K // group_size, group_size)
     lo, hi = g.amin(dim=2), g.amax(dim=2)
     scale = (hi - lo) / INT4_LEVELS
+    # finite weights whose range passes fp32's largest value: an inf scale, NaN levels, a NaN layer. The top level
+    # as dequantize() makes it (q * scale, then + offset) must be finite too
+    bad = ~torch.isfinite(lo + scale * INT4_LEVELS)
+    if bool(bad.any()):
+        n, grp = (int(i) for i in bad.nonzero()[0])
+        raise UserError(f"cannot int4-quantize row {n}, group {grp}: its range {float(lo[n, grp]):.3g} .. "
+                        f"{float(hi[n, grp]):.3g} overflows fp32 (an inf scale); use int8, whose scale is a row's "
+                        "largest |weight| / 127")
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # a range that underflows (or is 0): q 0
     q = torch.round((g - lo[:, :, None]) / scale[:, :, None]).clamp_(0, INT4_LEVELS).to(torch.uint8).view(N, K)
     return q[:, 0::2] | (q[:, 1::2] << 4), scale, lo

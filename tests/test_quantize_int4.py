@@ -90,6 +90,27 @@ def test_the_int4_quantizer_refuses_what_it_cannot_quantize(w, group, said):
     assert said in str(e.value)
 
 
+
+def test_a_group_whose_range_overflows_fp32_is_refused_and_one_just_inside_quantizes():
+    """max - min of a group of finite weights can pass fp32's largest value (3.4e38): its scale would be inf, every
+    level (g - min) / inf NaN cast to 0, and the layer's dequantized weights NaN. Refused by name; a range that fits
+    keeps both ends as its levels 0 and 15, finite."""
+    w = torch.zeros(2, 32)
+    w[0, 16], w[0, 17] = -3e38, 3e38  # row 0's second group: a range of 6e38
+    with pytest.raises(UserError, match=r"row 0, group 1: its range .* overflows fp32"):
+        quantize_weight_int4(w, 16)
+    w[0, 16], w[0, 17] = -1.5e38, 1.5e38  # 3e38: fits
+    q, scale, offset = quantize_weight_int4(w, 16)
+    back = dequantized(q, scale, offset, 16)
+    assert bool(torch.isfinite(back).all()) and bool(torch.isfinite(scale).all())
+    assert float(back[0, 16]) == float(w[0, 16]) and float(back[0, 17]) == pytest.approx(float(w[0, 17]), rel=1e-6)
+    lin = nn.Linear(16, 2, bias=False)
+    with torch.no_grad():
+        lin.weight.copy_(torch.tensor([[-3e38, 3e38] + [0.0] * 14, [0.0] * 16]))
+    with pytest.raises(UserError, match="overflows fp32"):  # the layer (and so the model) too, not a NaN layer
+        Int4Linear.from_linear(lin, group_size=16)
+
+
 @pytest.mark.parametrize("kernels", ["reference", "triton"])
 @pytest.mark.parametrize("bias", [True, False])
 def test_int4_linear_is_f_linear_on_the_dequantized_weight_then_its_gelu(bias, kernels):
