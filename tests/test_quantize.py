@@ -346,6 +346,10 @@ def test_eval_quantize_refuses_a_reward_model(saved, tmp_path, capsys):
     assert cli.main(["eval", "--weights", str(path), "--device", "cpu", "--quantize", "int8"]) != 0
     assert "--quantize scores a language model's perplexity; a reward model is scored as it is" in \
         capsys.readouterr().err
+    # --group-size (int4's) is as much a language model's: refused too, not dropped without a word
+    for argv in (["--group-size", "32"], ["--quantize", "int4", "--group-size", "32"]):
+        assert cli.main(["eval", "--weights", str(path), "--device", "cpu", *argv]) != 0
+        assert "a reward model is scored as it is" in capsys.readouterr().err
 
 
 def test_a_draft_is_quantized_with_the_model_and_greedy_text_stays_the_models(saved, capsys):

@@ -208,8 +208,9 @@ def cmd_eval(args):
     if args.batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, got {args.batch_size}")
     if is_reward_model(args.weights):
-        if args.quantize:
-            raise UserError("--quantize scores a language model's perplexity; a reward model is scored as it is")
+        if args.quantize or args.group_size is not None:
+            flag = "--quantize" if args.quantize else "--group-size"
+            raise UserError(f"{flag} scores a language model's perplexity; a reward model is scored as it is")
         device = pick_device(args.device)
         result = eval_reward_model(args, device, pick_dtype(args.dtype, device))
         if args.json:
