@@ -397,3 +397,25 @@ def test_the_quantize_command_writes_an_int4_folder_the_commands_run_as_the_flag
     assert "int4 LM head" in info
     assert cli.main(["quantize", str(saved), "--out", str(tmp_path / "x"), "--group-size", "32"]) == 2
     assert "it does nothing with --quantize int8" in capsys.readouterr().err
+
+
+def test_a_draft_is_quantized_to_int4_at_the_group_size_and_a_draft_it_does_not_fit_is_named(saved, tmp_path, capsys):
+    """generate --draft D --quantize int4 --group-size G: the draft quantized as the model is (its note says so),
+    greedy text the int4 model's own; a draft whose widths G does not divide is refused naming the draft, not as
+    if the model (which G fits) were at fault."""
+    from tritongpt import cli
+    from tritongpt.model.config import get_config
+
+    base = [*GEN, "--weights", str(saved), "--quantize", "int4", "--group-size", "32"]
+    assert cli.main(base) == 0
+    want = capsys.readouterr().out
+    assert cli.main([*base, "--draft", str(saved)]) == 0
+    out = capsys.readouterr()
+    assert out.out == want and "int4 (group 32) weight-only (the draft): 7 matrices" in out.err
+    narrow = tmp_path / "narrow.safetensors"  # 48 wide: 16 divides it, 32 does not
+    GPTModel(GPTConfig(**{**get_config("tiny").to_dict(), "n_layer": 1, "context_length": 32, "n_embd": 48,
+                          "n_head": 4})).save(narrow)
+    assert cli.main([*base, "--draft", str(narrow)]) == 2
+    err = capsys.readouterr().err
+    assert "the draft: trf_blocks.0.att.W_query: int4 quantization with group size 32 needs in_features a multiple" \
+        in err, err

@@ -953,7 +953,10 @@ def quantize(model, args, device=None, what: str = ""):
     from tritongpt.model.quant import linear_bytes, quantize as quantize_model
 
     before = linear_bytes(model)
-    quantize_model(model, args.quantize, device=device, group_size=group)
+    try:
+        quantize_model(model, args.quantize, device=device, group_size=group)
+    except UserError as e:  # (a draft's widths are its own: say which model a group size does not fit)
+        raise UserError(f"{what}: {e}" if what else str(e)) from None
     note(f"{describe_quantized(model)} weight-only{f' ({what})' if what else ''}: {model.quantized_linears} matrices, "
          f"{before / 2**20:,.1f} MiB -> {linear_bytes(model) / 2**20:,.1f} MiB as the matmuls read them")
     return model
