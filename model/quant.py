@@ -128,11 +128,14 @@ class QuantLinear(nn.Module):
         # model.to(bf16) / .half() casts every float buffer: a scale would keep 8 or 11 bits, and in fp16 a row
         # whose largest weight is below ~7.7e-3 would get a subnormal one (a few bits). Scales (and int4's offsets)
         # stay the fp32 they were made in, moved wherever the rest goes; the bias is cast as any float parameter is.
+        # A meta layout (GPTModel.load's, before the file fills it) too: its file's fp32 scales would be rounded
+        # on the way in. (Nothing moves a meta tensor's values: only a new empty one leaves the meta device.)
         kept = {name: getattr(self, name) for name in self.FP32_BUFFERS}
         out = super()._apply(fn, recurse)
         for name, old in kept.items():
-            if getattr(self, name).dtype != old.dtype and not old.is_meta:
-                setattr(self, name, old.to(getattr(self, name).device))
+            new = getattr(self, name)
+            if new.dtype != old.dtype:
+                setattr(self, name, torch.empty_like(old, device=new.device) if old.is_meta else old.to(new.device))
         return out
 
     def forward(self, x, act=None):

@@ -419,3 +419,27 @@ def test_a_draft_is_quantized_to_int4_at_the_group_size_and_a_draft_it_does_not_
     err = capsys.readouterr().err
     assert "the draft: trf_blocks.0.att.W_query: int4 quantization with group size 32 needs in_features a multiple" \
         in err, err
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_a_dtype_move_of_a_meta_layout_keeps_its_scales_fp32_for_the_file_to_fill(mode, tmp_path):
+    """quantized_layout on the meta device (GPTModel.load's empty model), cast to fp16 before it is filled: the scales
+    (and offsets) stay fp32 as on a real device, so loading a file's fp32 scales into them does not round them."""
+    from safetensors.torch import load_model
+
+    from tritongpt.model.quant import QuantLinear, quantized_layout
+
+    model = quantize(tiny(), mode, group_size=16)
+    model.save(tmp_path / "q.safetensors")
+    with torch.device("meta"):
+        empty = tiny()
+    quantized_layout(empty, mode, group_size=16).half()
+    kept = [(n, getattr(m, b)) for n, m in empty.named_modules() if isinstance(m, QuantLinear) for b in m.FP32_BUFFERS]
+    assert len(kept) == 13 * (2 if mode == "int4" else 1)
+    assert all(t.is_meta and t.dtype == torch.float32 for _, t in kept), [(n, t.dtype) for n, t in kept]
+    empty.to_empty(device="cpu")
+    load_model(empty, str(tmp_path / "q.safetensors"))
+    want = dict(model.named_buffers())
+    for n, m in empty.named_modules():
+        if isinstance(m, QuantLinear):
+            assert m.scale.dtype == torch.float32 and torch.equal(m.scale, want[f"{n}.scale"]), n
