@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import triton
 
 from parity import assert_close_rel, report
 from tritongpt.kernels import quant
@@ -336,3 +337,38 @@ def test_gpt2_small_sizes_on_cuda(dtype, m, k, n, activation):
         check(y, x, q, scale, offset, b, activation, dtype, f"cuda {dtype} {m}x{k}->{n} G128")
         compiled = torch.compile(lambda t: int4_linear(t, q, scale, offset, b, activation), fullgraph=True)
         assert torch.equal(compiled(x), y)
+
+
+def _gpu_tiles():
+    """The GPU branch's configs of _int4_configs (the interpreter launches one tile of its own)."""
+    import tritongpt.kernels.quant as kq
+
+    real = kq.triton_interpreting
+    kq.triton_interpreting = lambda: False
+    try:
+        return [c.kwargs for c in kq._int4_configs()]
+    finally:
+        kq.triton_interpreting = real
+
+
+@pytest.mark.parametrize("g", [16, 32, 128, 1024])
+def test_every_gpu_tile_reads_its_groups_right(g, device):
+    """The GPU's decode and prefill tiles (BLOCK_K 64 to 256: up to 16 groups a K step at G 16, a sixteenth of one at
+    G 1024), which the interpreter's one tile never takes: each launched on the kernel itself at a K of whole steps
+    and a partial one past them, rows and columns past the tile edges, against float64 (fp32, IEEE products). A step
+    whose first group, group mask or scale tile were off is O(1) wrong."""
+    tiles = _gpu_tiles()
+    assert {t["BLOCK_K"] for t in tiles} == {64, 128, 256}
+    for t in tiles:
+        bm, bn, bk = t["BLOCK_M"], t["BLOCK_N"], t["BLOCK_K"]
+        k = max(g, bk) + g  # a partial last step when the step holds several groups, whole steps otherwise
+        m, n = 3 if bm == 16 else bm + 3, bn + 5
+        q, scale, offset, b = make(n, k, g, device, seed=bk + bn + g)
+        x = torch.randn(m, k, generator=torch.Generator().manual_seed(g + bm)).to(device)
+        y = torch.full((m, n), float("nan"), device=device)
+        grid = (triton.cdiv(m, bm) * triton.cdiv(n, bn),)
+        quant._int4_linear_kernel.fn[grid](
+            x, q, scale, offset, b, y, m, n, k, quant._bucket(m), x.stride(0), q.stride(0), scale.stride(0),
+            scale.stride(1), offset.stride(0), offset.stride(1), y.stride(0), G=g, HAS_BIAS=True, ACTIVATION=False,
+            GELU_ERF=False, PRECISION="ieee", **t)
+        assert_close_rel(y, reference(x, q, scale, offset, b), 1e-5, f"tile {t} G{g} K{k} {m}x{n}")
