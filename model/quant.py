@@ -72,7 +72,8 @@ def quantize_weight_int4(weight, group_size: int = 128):
     Asymmetric per group of G consecutive inputs of a row (gpt-fast's and torchao's int4 weight-only): offset is the
     group's minimum and scale its range / 15, so both ends are levels and each weight is off by at most scale / 2.
     With 16 levels a symmetric grid would waste a level and half the range on a group that leans one way. A constant
-    group gets scale 1 (q 0: offset is the value itself)."""
+    group gets scale 1 (q 0: offset is the value itself); one whose range (max - min, finite weights) passes fp32's
+    largest value is refused: its scale would be inf."""
     if weight.dim() != 2 or not weight.is_floating_point():
         raise UserError(f"int4 quantization takes a floating [out, in] weight, got {tuple(weight.shape)} "
                         f"{weight.dtype}")
