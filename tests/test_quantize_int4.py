@@ -132,7 +132,7 @@ def test_int4_linear_is_f_linear_on_the_dequantized_weight_then_its_gelu(bias, k
 
 # -- the model -------------------------------------------------------------------------------------------------
 
-def test_quantize_int4_swaps_every_matrix_and_the_head_for_under_a_seventh_of_the_bytes():
+def test_quantize_int4_swaps_every_matrix_and_the_head_for_under_a_fifth_of_the_bytes():
     model = tiny()
     before = linear_bytes(model)
     assert quantize_int4(model, group_size=32) is model and not model.training
