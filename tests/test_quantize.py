@@ -344,7 +344,7 @@ def test_eval_quantize_refuses_a_reward_model(saved, tmp_path, capsys):
     path = tmp_path / "reward.safetensors"
     RewardModel(GPTModel.load(saved)).save(path)
     assert cli.main(["eval", "--weights", str(path), "--device", "cpu", "--quantize", "int8"]) != 0
-    assert "--quantize scores a language model's perplexity; a reward model is scored as it is" in \
+    assert "--quantize quantizes a language model for its perplexity; a reward model is scored as it is" in \
         capsys.readouterr().err
     # --group-size (int4's) is as much a language model's: refused too, not dropped without a word
     for argv in (["--group-size", "32"], ["--quantize", "int4", "--group-size", "32"]):

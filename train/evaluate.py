@@ -210,7 +210,8 @@ def cmd_eval(args):
     if is_reward_model(args.weights):
         if args.quantize or args.group_size is not None:
             flag = "--quantize" if args.quantize else "--group-size"
-            raise UserError(f"{flag} scores a language model's perplexity; a reward model is scored as it is")
+            raise UserError(f"{flag} quantizes a language model for its perplexity; a reward model is scored as it "
+                            "is")
         device = pick_device(args.device)
         result = eval_reward_model(args, device, pick_dtype(args.dtype, device))
         if args.json:
