@@ -169,6 +169,10 @@ class GPTModel(nn.Module):
         if mode not in ("int8", "int4") or head not in ("true", "false") or (mode == "int4") != (group is not None):
             raise UserError(f"{path}: quantized {mode!r} (head {head!r}, group size {group!r}) is not a quantization "
                             "this version reads (int8, or int4 with a group size; head true or false)")
+        if not quantized_ok and cfg.lora_rank:
+            raise UserError(f"{path} is a QLoRA checkpoint (LoRA updates on an {mode} base): generate, chat, serve, "
+                            "eval, hellaswag and lambada run it, `tritongpt export` writes it merged (the base "
+                            "dequantized); to train on, resume its run (--resume) or start from the float model")
         if not quantized_ok:
             raise UserError(f"{path} is {mode}-quantized (`tritongpt quantize`), for inference: generate, chat, "
                             "serve, eval, hellaswag and lambada run it; train, export or merge the float weights it "

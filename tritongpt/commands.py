@@ -183,15 +183,18 @@ def cmd_info(args):
                f"int4 with an fp32 scale and offset a group of {model.quantized_group_size} inputs")
         print(f"quantized    {model.quantized}: {model.quantized_linears} matrices ({q:,} weights and {b:,} biases, "
               f"the parameters above without them) as {how}, "
-              f"{linear_bytes(model) / 2**20:,.1f} MiB as the matmuls read them (`tritongpt quantize`)")
+              f"{linear_bytes(model) / 2**20:,.1f} MiB as the matmuls read them "
+              f"({'QLoRA: sft --quantize' if model.config.lora_rank else '`tritongpt quantize`'})")
     if args.weights:
         from tritongpt.train.common import saved_model_config
 
         saved = saved_model_config(resolve_checkpoint(args.weights))
         if saved.get("lora_rank"):  # the config above is the merged model everything but training loads
+            qlora = getattr(model, "quantized", None) and model.config.lora_rank  # (loaded unmerged: QLoRA's)
             print(f"lora         rank {saved['lora_rank']}, alpha {saved.get('lora_alpha'):g} on "
                   f"{saved.get('lora_targets')}: the file holds the frozen weights and the update; "
-                  f"used merged (shown above)")
+                  + ("the updates run beside the quantized matrices (export merges them into a float model)" if qlora
+                     else "used merged (shown above)"))
         from tritongpt.train.gpt2_weights import adapter_folder
 
         if adapter_folder(args.weights) is not None:
@@ -762,6 +765,17 @@ def cmd_quantize(args):
     return 0
 
 
+def is_qlora_checkpoint(path) -> bool:
+    """Whether path (a resolved checkpoint) is a tritongpt file of LoRA updates on a quantized base (sft --quantize)."""
+    from tritongpt.model.gpt import safetensors_metadata
+    from tritongpt.train.common import saved_model_config
+
+    file = path / "model.safetensors" if path.is_dir() else path
+    if file.suffix != ".safetensors" or not file.is_file():
+        return False
+    return bool(safetensors_metadata(file).get("quantized")) and bool(saved_model_config(file).get("lora_rank"))
+
+
 def cmd_export(args):
     import copy
     import json
@@ -803,7 +817,16 @@ def cmd_export(args):
     if reward and args.adapter:
         raise UserError(f"--adapter: {source} is a reward model, whose scalar head a peft adapter for a causal LM "
                         "cannot hold: export it without --adapter, whole (merged), as a sequence classifier")
-    model = RewardModel.load(source) if reward else load_checkpoint(source, merge=not args.adapter)
+    model = RewardModel.load(source) if reward else load_checkpoint(source, merge=not args.adapter,
+                                                                    quantized_ok=is_qlora_checkpoint(source))
+    if getattr(model, "quantized", None):  # QLoRA's (an int8/int4 file without updates was refused by name)
+        if args.adapter:
+            raise UserError(f"--adapter: {source} is a QLoRA checkpoint (LoRA updates on an {model.quantized} "
+                            "base), whose adapter export is not written yet: export it without --adapter, merged "
+                            "(the base dequantized plus the updates, a float model)")
+        from tritongpt.model.lora import merge_lora
+
+        merge_lora(model)  # the float model it computes: dequantized W + scale B A
     backbone = model.backbone if reward else model
     cfg = backbone.config
     # a peft adapter is GPT-2's (peft targets GPT-Neo's and Llama's q/k/v apart from GPT-2's c_attn: their
