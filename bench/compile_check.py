@@ -6,9 +6,9 @@ memory, or ask for more shared memory than an SM has. This check catches those o
 
   1. capture  The real launchers (`_fwd_launch` / `_bwd_launch` in kernels/layernorm.py, for LayerNorm
               and RMSNorm, mlp.py, swiglu.py, moe.py, attention.py, cross_entropy.py and jsd.py, `_launch`
-              in rope.py and quant.py) run on meta tensors (shapes, dtypes and strides, no data) at GPT-2 sizes. Each
-              `kernel[grid](...)` is recorded instead of launched, with exactly the arguments a GPU run
-              would pass.
+              in rope.py and quant.py, quant.py's `_launch_int4` and dx ones) run on meta tensors (shapes,
+              dtypes and strides, no data) at GPT-2 sizes. Each `kernel[grid](...)` is recorded instead of
+              launched, with exactly the arguments a GPU run would pass.
   2. configs  For an autotuned kernel, the configs its autotuner would time for that launch
               (after its early prune); for a plain kernel, the one launch as made.
   3. compile  Triton's own compiler and the ptxas it ships build each (launch, config) for the
@@ -53,6 +53,7 @@ ATTN_SEQ = 1024
 ATTN_HEAD_DIMS = (16, 32, 64, 80, 96, 128, 256)  # 256: Gemma's heads
 DECODE_SEQ = 16384  # a KV cache long enough to split at batch 1
 INT8_ROWS = (1, 8, 4096)  # int8_linear and int4_linear: decoding one sequence, a batch of 8, a prefill
+DX_ROWS = (8, 16384)  # their dx: a few rows, and a training step's tokens
 INT4_GROUPS = (128, 32)  # int4_linear: G 128 (a K step of part of a group), 32 (steps of several), the latter in bf16
 # Per-block limits Triton checks before launching a kernel: opt-in dynamic shared memory by
 # compute capability (CUDA programming guide, "compute capabilities" table) and registers.
@@ -367,6 +368,22 @@ def capture(quick=False, half="bfloat16"):
                         scale = torch.empty(n, k // g, dtype=torch.float32, **meta)
                         quant._launch_int4(x, qweight, scale, torch.empty_like(scale),
                                            torch.empty(n, dtype=dt, **meta), activation)
+
+        # their input gradients (QLoRA: the frozen quantized weight's dx = dy @ W), fc1's and fc2's: a few rows and a
+        # training step's tokens, at int8 and int4's G 128 in each 16-bit dtype, G 32 in the target's
+        for dt in (half,) + ((torch.float16,) if half != torch.float16 else ()):
+            name = str(dt).replace("torch.", "")
+            for m in DX_ROWS:
+                for k, n in ((MLP_WIDTH, 4 * MLP_WIDTH), (4 * MLP_WIDTH, MLP_WIDTH)):
+                    dy = torch.empty(m, n, dtype=dt, **meta)
+                    case[0] = f"int8_linear dx {name} M={m} {n}->{k}"
+                    quant._launch_dx(dy, torch.empty(n, k, dtype=torch.int8, **meta),
+                                     torch.empty(n, dtype=torch.float32, **meta))
+                    for g in (INT4_GROUPS if dt == half else INT4_GROUPS[:1]):
+                        case[0] = f"int4_linear dx {name} G{g} M={m} {n}->{k}"
+                        scale = torch.empty(n, k // g, dtype=torch.float32, **meta)
+                        quant._launch_int4_dx(dy, torch.empty(n, k // 2, dtype=torch.uint8, **meta), scale,
+                                              torch.empty_like(scale))
     finally:
         JITFunction.run, Autotuner.run, layernorm._sm_count, attention._sm_count, mlp.MLP_MATMUL = saved
     return launches

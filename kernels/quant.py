@@ -1,5 +1,6 @@
-"""Weight-only quantized linear layers in Triton, inference only: int8 (W8A16), y = act(x @ (q * scale[:, None]).T +
-bias), and int4 with an fp32 scale and offset a group of G inputs (W4A16, `int4_linear`: after int8's text).
+"""Weight-only quantized linear layers in Triton: int8 (W8A16), y = act(x @ (q * scale[:, None]).T + bias), and int4
+with an fp32 scale and offset a group of G inputs (W4A16, `int4_linear`: after int8's text). The weights are frozen:
+the backward gives x's gradient only (QLoRA's adapters train beside the quantized matrices; "Backward" below).
 
 Reference module: `tritongpt.model.quant.Int8Linear` (dequantize the weight, then F.linear). The weight of an
 nn.Linear, W [N, K], is stored as int8 q [N, K] plus one fp32 scale per output row, W ~= q * scale[:, None]
@@ -52,8 +53,22 @@ less those whose K step holds more than MAX_GROUPS_A_STEP groups; under the inte
 Public API: `int8_linear(x, qweight, scale, bias=None, activation=None)` and `int4_linear(x, qweight, scale, offset,
 bias=None, activation=None)`, activation None, "gelu_tanh" or "gelu_erf". Each calls a torch.library custom op
 (`tritongpt::int8_linear`, `tritongpt::int4_linear`, with fake impls), so torch.compile keeps it as an opaque call.
-There is no backward: the quantized weights are frozen, and a call that would need a gradient (grad mode on, x or
-bias requiring grad) is refused.
+
+Backward: x's gradient only. The quantized weight, its scales and offsets and the bias are frozen: a call in grad
+mode where one of them requires grad is refused by name, as is an activation while x requires grad (apply the GELU
+after the call; the backward is the linear's). With x requiring grad the call goes through the op's registered
+autograd (setup_context keeps the quantized tensors, not a dequantized copy), whose backward calls
+`tritongpt::int8_linear_dx` / `tritongpt::int4_linear_dx` (fake impls too, so torch.compile traces the backward):
+dx[M, K] = dy[M, N] @ W[N, K], W the dequantized weight. Their kernels are the forward's matmul with N and K
+swapped: a BLOCK_M x BLOCK_K tile of dx a program, N (the reduction) walked in BLOCK_N steps, the weight tile
+[BLOCK_N, BLOCK_K] read along K from the quantized rows and dequantized in registers (int8: q * scale[n]; int4:
+the forward's _int4_tile), in fp32, then rounded to dy's dtype. int8's scale is per n, the reduction index, so
+unlike the forward's it cannot wait for an epilogue: int8's dx rounds q * scale to the compute dtype, as the
+reference's dequantized weight does; int4's dx rounds its weight as its forward does. tl.dot accumulates in fp32
+(IEEE products in fp32, tensor cores in bf16/fp16) and dx is stored in dy's dtype (the forward's compute dtype;
+autograd casts it back to x's). Neither the dequantized weight nor the unpacked q ever exists in memory. Launch:
+autotuned per (rows bucket, N, K[, G]) over few-row tiles (BLOCK_M 16) and training ones (BLOCK_M 64/128), int4's
+less those whose K tile holds more than MAX_GROUPS_A_STEP groups; under the interpreter one fixed tile.
 """
 from typing import Optional
 
@@ -63,8 +78,9 @@ import triton.language as tl
 
 from tritongpt._env import triton_interpreting
 from tritongpt.kernels._common import (FLOAT_DTYPES, as_rows, autocast_dtype, autotuned, cast, cdiv,
-                                       check_runnable, check_same_device, check_tensor, custom_op, dot, grouped_tile,
-                                       launch_tuned, next_pow2, no_func_transform, on_tensor_device)
+                                       check_runnable, check_same_device, check_tensor, custom_op, dot,
+                                       first_order_only, grouped_tile, launch_tuned, next_pow2, no_func_transform,
+                                       on_tensor_device)
 from tritongpt.kernels.mlp import _gelu_act
 from tritongpt.model.quant import GROUP_SIZES
 
@@ -228,7 +244,7 @@ def int8_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, bia
     bias [N] floating or None; activation None, "gelu_tanh" or "gelu_erf" (after the bias). y has the compute
     dtype: the autocast dtype under torch.autocast (x and bias cast to it first, as nn.Linear's inputs), else x's
     (the bias rounded to it too, as F.linear would need it).
-    Inference only: no backward (call it under torch.no_grad() or torch.inference_mode()).
+    Backward: x's gradient only, with activation None (qweight, scale and bias are frozen; see the module's text).
     """
     no_func_transform("int8_linear")
     check_tensor(x, "x")
@@ -239,14 +255,12 @@ def int8_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, bia
         raise ValueError(f"int8_linear: x has {x.shape[-1]} features (last dim), qweight [N, K] has K = {K}")
     check_activation(activation)
     check_same_device(x=x, qweight=qweight, scale=scale, bias=bias)
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, scale, bias)):
-        raise RuntimeError("int8_linear: the int8 weight-only path is for inference and has no backward, but grad "
-                           "mode is on and an input requires grad; run it under torch.no_grad() (or "
-                           "torch.inference_mode())")
+    grad = _needs_grad("int8_linear", x, activation, scale=scale, bias=bias)
     dt = autocast_dtype(x.device) or x.dtype
     x = x.to(dt)
     bias = bias.to(dt) if bias is not None else None
-    y = _int8_linear_op.call(as_rows(x), qweight, scale, bias, activation)
+    # with x's gradient: through the dispatcher, whose registered autograd records the backward (.call would not)
+    y = (_int8_linear_op if grad else _int8_linear_op.call)(as_rows(x), qweight, scale, bias, activation)
     return y.view(*x.shape[:-1], N)
 
 
@@ -281,6 +295,17 @@ def _int4_prune(configs, named_args, **kwargs):
     G = kwargs.get("G", named_args.get("G"))
     configs = _prune(configs, named_args)
     return [c for c in configs if c.kwargs["BLOCK_K"] // G <= MAX_GROUPS_A_STEP] or configs
+
+
+@triton.jit
+def _int4_tile(b, s, o, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, G: tl.constexpr, GROUPS: tl.constexpr):
+    """The fp32 weight tile W [BLOCK_N, BLOCK_K] from its packed bytes b [BLOCK_N, BLOCK_K / 2] and its groups'
+    fp32 scales and offsets s, o [BLOCK_N, GROUPS] (GROUPS 1: the tile is inside one group), in registers."""
+    q = tl.reshape(tl.join(b & 15, b >> 4), (BLOCK_N, BLOCK_K)).to(tl.float32)  # nibbles back in k order
+    if GROUPS == 1:
+        return q * s + o  # [BLOCK_N, 1] broadcast
+    else:
+        return tl.reshape(tl.reshape(q, (BLOCK_N, GROUPS, G)) * s[:, :, None] + o[:, :, None], (BLOCK_N, BLOCK_K))
 
 
 @triton.autotune(configs=_int4_configs(), key=["M_BUCKET", "N", "K", "G", "HAS_BIAS", "ACTIVATION", "GELU_ERF"],
@@ -320,11 +345,7 @@ def _int4_linear_kernel(X, Q, Scale, Offset, Bias, Y, M, N, K, M_BUCKET, stride_
         b = tl.load(q_ptrs, mask=n_ok[:, None] & b_ok[None, :], other=0)
         s = tl.load(s_ptrs + first * stride_sg, mask=n_ok[:, None] & g_ok[None, :], other=0.0).to(tl.float32)
         o = tl.load(o_ptrs + first * stride_og, mask=n_ok[:, None] & g_ok[None, :], other=0.0).to(tl.float32)
-        q = tl.reshape(tl.join(b & 15, b >> 4), (BLOCK_N, BLOCK_K)).to(tl.float32)  # nibbles back in k order
-        if GROUPS == 1:
-            w = q * s + o  # [BLOCK_N, 1] broadcast: the step is inside one group
-        else:
-            w = tl.reshape(tl.reshape(q, (BLOCK_N, GROUPS, G)) * s[:, :, None] + o[:, :, None], (BLOCK_N, BLOCK_K))
+        w = _int4_tile(b, s, o, BLOCK_N, BLOCK_K, G, GROUPS)
         # masked bytes, scales and offsets are 0: w is 0 past K's and N's edges (x is too), never NaN
         acc = dot(x, tl.trans(cast(w, X.dtype.element_ty)), acc, PRECISION)
         x_ptrs += BLOCK_K
@@ -422,7 +443,7 @@ def int4_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, off
     qweight [N, K / 2] torch.uint8 (q in 0..15, two a byte, the even k's in the low nibble) with unit stride along
     its last dim; scale and offset [N, K / G] floating (used in fp32), G = K / scale.shape[1] one of GROUP_SIZES;
     bias [N] floating or None; activation None, "gelu_tanh" or "gelu_erf" (after the bias). y has the compute dtype
-    (int8_linear's: autocast's, else x's). Inference only: no backward.
+    (int8_linear's: autocast's, else x's). Backward: x's gradient only, with activation None (int8_linear's).
     """
     no_func_transform("int4_linear")
     check_tensor(x, "x")
@@ -433,15 +454,265 @@ def int4_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, off
         raise ValueError(f"int4_linear: x has {x.shape[-1]} features (last dim), qweight [N, K / 2] has K = {K}")
     check_activation(activation, "int4_linear")
     check_same_device(x=x, qweight=qweight, scale=scale, offset=offset, bias=bias)
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, scale, offset, bias)):
-        raise RuntimeError("int4_linear: the int4 weight-only path is for inference and has no backward, but grad "
-                           "mode is on and an input requires grad; run it under torch.no_grad() (or "
-                           "torch.inference_mode())")
+    grad = _needs_grad("int4_linear", x, activation, scale=scale, offset=offset, bias=bias)
     dt = autocast_dtype(x.device) or x.dtype
     x = x.to(dt)
     bias = bias.to(dt) if bias is not None else None
-    y = _int4_linear_op.call(as_rows(x), qweight, scale, offset, bias, activation)
+    y = (_int4_linear_op if grad else _int4_linear_op.call)(as_rows(x), qweight, scale, offset, bias, activation)
     return y.view(*x.shape[:-1], N)
+
+
+# ----------------------------------------------------------------------------- backward: dx only
+# The quantized weights are frozen (QLoRA trains adapters beside them), so the only gradient is x's, through the
+# weight: dx[M, K] = dy[M, N] @ W[N, K]. The forward's tiled matmul with the roles of N and K swapped: each program
+# computes a BLOCK_M x BLOCK_K tile of dx and walks N (the reduction) in BLOCK_N steps.
+def _dx_configs():
+    if triton_interpreting():
+        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 4}, num_warps=4, num_stages=1)]
+    cfg = triton.Config
+    # the dequantized [BLOCK_N, BLOCK_K] fp32 tile lives in registers next to the accumulator (as int4's forward)
+    return [
+        # few rows: one row-tile; the K tiles are the grid, so narrow ones keep more SMs busy
+        cfg({"BLOCK_M": 16, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 1}, num_warps=4, num_stages=4),
+        cfg({"BLOCK_M": 16, "BLOCK_N": 128, "BLOCK_K": 128, "GROUP_M": 1}, num_warps=4, num_stages=4),
+        # training's rows (B x T tokens)
+        cfg({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 128, "GROUP_M": 8}, num_warps=8, num_stages=3),
+        cfg({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=4, num_stages=4),
+        cfg({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 128, "GROUP_M": 8}, num_warps=4, num_stages=4),
+        cfg({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=4, num_stages=4),
+    ]
+
+
+@triton.autotune(configs=_dx_configs(), key=["M_BUCKET", "N", "K"], prune_configs_by={"early_config_prune": _prune})
+@triton.jit
+def _int8_linear_dx_kernel(DY, Q, Scale, DX, M, N, K, M_BUCKET, stride_dym, stride_qn, stride_dxm,
+                           PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                           BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+    """DX[M, K] = DY[M, N] @ W[N, K], W[n, k] = Q[n, k] * Scale[n]; DY and Q at unit stride along N and K.
+
+    Tiled over (M, K): a BLOCK_M x BLOCK_K tile of DX a program, N walked in BLOCK_N steps. Per step the dy tile
+    [BLOCK_M, BLOCK_N] and the int8 tile [BLOCK_N, BLOCK_K] (rows of Q, read along K) are loaded, the weight tile is
+    dequantized in registers (q * scale in fp32: the scale is per n, the reduction index, so it does not factor out
+    of the sum as in the forward) and rounded to dy's dtype, as the reference's dequantized weight is; tl.dot adds
+    into the fp32 accumulator, which stays in registers for the whole N loop. The dequantized weight never exists in
+    memory."""
+    pid_m, pid_k = grouped_tile(tl.program_id(0), M, K, BLOCK_M, BLOCK_K, GROUP_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    offs_n = tl.arange(0, BLOCK_N)
+    m_ok = offs_m < M
+    k_ok = offs_k < K
+    dy_ptrs = DY + offs_m.to(tl.int64)[:, None] * stride_dym + offs_n[None, :]
+    q_ptrs = Q + offs_n.to(tl.int64)[:, None] * stride_qn + offs_k[None, :]  # [BLOCK_N, BLOCK_K]
+    acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+    for n in range(0, tl.cdiv(N, BLOCK_N)):
+        n_ok = offs_n < N - n * BLOCK_N
+        dy = tl.load(dy_ptrs, mask=m_ok[:, None] & n_ok[None, :], other=0.0)
+        q = tl.load(q_ptrs, mask=n_ok[:, None] & k_ok[None, :], other=0)
+        s = tl.load(Scale + n * BLOCK_N + offs_n, mask=n_ok, other=0.0).to(tl.float32)
+        # masked q and scales are 0: w is 0 past N's and K's edges (dy is too past N's), never NaN
+        w = q.to(tl.float32) * s[:, None]
+        acc = dot(dy, cast(w, DY.dtype.element_ty), acc, PRECISION)
+        dy_ptrs += BLOCK_N
+        q_ptrs += BLOCK_N * stride_qn
+    dx_ptrs = DX + offs_m.to(tl.int64)[:, None] * stride_dxm + offs_k[None, :]
+    tl.store(dx_ptrs, cast(acc, DX.dtype.element_ty), mask=m_ok[:, None] & k_ok[None, :])
+
+
+autotuned("quant.int8_linear_dx", _int8_linear_dx_kernel)
+
+
+@triton.autotune(configs=_dx_configs(), key=["M_BUCKET", "N", "K", "G"],
+                 prune_configs_by={"early_config_prune": _int4_prune})
+@triton.jit
+def _int4_linear_dx_kernel(DY, Q, Scale, Offset, DX, M, N, K, M_BUCKET, stride_dym, stride_qn, stride_sn, stride_sg,
+                           stride_on, stride_og, stride_dxm, G: tl.constexpr, PRECISION: tl.constexpr,
+                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+    """DX[M, K] = DY[M, N] @ W[N, K], W[n, k] = q[n, k] * Scale[n, k // G] + Offset[n, k // G], q the nibbles of
+    Q[N, K / 2] (low first); DY and Q at unit stride along N and packed K. G and BLOCK_K powers of two.
+
+    Tiled over (M, K): a BLOCK_M x BLOCK_K tile of DX a program, N walked in BLOCK_N steps. A program's K columns are
+    fixed, so are its groups: BLOCK_K / G whole ones (BLOCK_K > G) or part of one. Per step the dy tile
+    [BLOCK_M, BLOCK_N], the packed bytes [BLOCK_N, BLOCK_K / 2] and the rows' scales and offsets [BLOCK_N, groups]
+    are loaded, the weight tile is unpacked and dequantized in registers (_int4_tile, the forward's: fp32, rounded
+    to dy's dtype as the forward rounds it), and tl.dot adds into the fp32 accumulator, which stays in registers for
+    the whole N loop. Neither the unpacked q nor the dequantized weight ever exists in memory."""
+    pid_m, pid_k = grouped_tile(tl.program_id(0), M, K, BLOCK_M, BLOCK_K, GROUP_M)
+    HALF_K: tl.constexpr = BLOCK_K // 2
+    GROUPS: tl.constexpr = BLOCK_K // G if BLOCK_K > G else 1
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    offs_b = pid_k * HALF_K + tl.arange(0, HALF_K)
+    offs_g = pid_k * BLOCK_K // G + tl.arange(0, GROUPS)
+    offs_n = tl.arange(0, BLOCK_N)
+    m_ok = offs_m < M
+    b_ok = offs_b < K // 2
+    g_ok = offs_g < K // G
+    rows_n = offs_n.to(tl.int64)
+    dy_ptrs = DY + offs_m.to(tl.int64)[:, None] * stride_dym + offs_n[None, :]
+    q_ptrs = Q + rows_n[:, None] * stride_qn + offs_b[None, :]  # [BLOCK_N, BLOCK_K / 2] packed bytes
+    s_ptrs = Scale + rows_n[:, None] * stride_sn + offs_g[None, :] * stride_sg  # [BLOCK_N, GROUPS]
+    o_ptrs = Offset + rows_n[:, None] * stride_on + offs_g[None, :] * stride_og
+    acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+    for n in range(0, tl.cdiv(N, BLOCK_N)):
+        n_ok = offs_n < N - n * BLOCK_N
+        dy = tl.load(dy_ptrs, mask=m_ok[:, None] & n_ok[None, :], other=0.0)
+        b = tl.load(q_ptrs, mask=n_ok[:, None] & b_ok[None, :], other=0)
+        s = tl.load(s_ptrs, mask=n_ok[:, None] & g_ok[None, :], other=0.0).to(tl.float32)
+        o = tl.load(o_ptrs, mask=n_ok[:, None] & g_ok[None, :], other=0.0).to(tl.float32)
+        # masked bytes, scales and offsets are 0: w is 0 past N's and K's edges (dy is too past N's), never NaN
+        w = _int4_tile(b, s, o, BLOCK_N, BLOCK_K, G, GROUPS)
+        acc = dot(dy, cast(w, DY.dtype.element_ty), acc, PRECISION)
+        dy_ptrs += BLOCK_N
+        q_ptrs += BLOCK_N * stride_qn
+        s_ptrs += BLOCK_N * stride_sn
+        o_ptrs += BLOCK_N * stride_on
+    dx_ptrs = DX + offs_m.to(tl.int64)[:, None] * stride_dxm + offs_k[None, :]
+    tl.store(dx_ptrs, cast(acc, DX.dtype.element_ty), mask=m_ok[:, None] & (offs_k < K)[None, :])
+
+
+autotuned("quant.int4_linear_dx", _int4_linear_dx_kernel)
+
+
+# (bench/compile_check.py calls these on meta tensors too.)
+@on_tensor_device
+def _launch_dx(dy, qweight, scale):
+    """dy [M, N] (unit stride along N, the compute dtype) -> dx [M, K] in dy's dtype; no checks (the op's)."""
+    M, N = dy.shape
+    K = qweight.shape[1]
+    dx = torch.empty((M, K), device=dy.device, dtype=dy.dtype)
+    if M == 0:
+        return dx
+    scale = scale if scale.stride(0) == 1 else scale.contiguous()
+    grid = lambda meta: (cdiv(M, meta["BLOCK_M"]) * cdiv(K, meta["BLOCK_K"]),)  # noqa: E731
+    launch_tuned(_int8_linear_dx_kernel, grid, dy, qweight, scale, dx, M, N, K, _bucket(M), dy.stride(0),
+                 qweight.stride(0), dx.stride(0), PRECISION="ieee" if dy.dtype == torch.float32 else "tf32")
+    return dx
+
+
+@on_tensor_device
+def _launch_int4_dx(dy, qweight, scale, offset):
+    """dy [M, N] (unit stride along N, the compute dtype) -> dx [M, K] in dy's dtype; no checks (the op's)."""
+    M, N = dy.shape
+    K = 2 * qweight.shape[1]
+    dx = torch.empty((M, K), device=dy.device, dtype=dy.dtype)
+    if M == 0:
+        return dx
+    grid = lambda meta: (cdiv(M, meta["BLOCK_M"]) * cdiv(K, meta["BLOCK_K"]),)  # noqa: E731
+    launch_tuned(_int4_linear_dx_kernel, grid, dy, qweight, scale, offset, dx, M, N, K, _bucket(M), dy.stride(0),
+                 qweight.stride(0), scale.stride(0), scale.stride(1), offset.stride(0), offset.stride(1),
+                 dx.stride(0), G=K // scale.shape[1], PRECISION="ieee" if dy.dtype == torch.float32 else "tf32")
+    return dx
+
+
+def _check_dy(kernel, dy, N):
+    check_tensor(dy, "dy", ndim=2)
+    if dy.shape[1] != N:
+        raise ValueError(f"{kernel}: dy has {dy.shape[1]} outputs (last dim), qweight has N = {N}")
+    if N > 1 and dy.shape[0] and dy.stride(1) != 1:  # (no rows: nothing read; autograd's may be at stride 0)
+        raise ValueError(f"tritongpt::{kernel} reads dy with unit stride on its last dim, got strides {dy.stride()}")
+
+
+def _check_dx_args(dy, qweight, scale):
+    N, _ = _check_weight(qweight, scale, None)
+    _check_dy("int8_linear_dx", dy, N)
+    check_same_device(dy=dy, qweight=qweight, scale=scale)
+
+
+@custom_op("tritongpt::int8_linear_dx", mutates_args=())
+def _int8_linear_dx_op(dy: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """dy [M, N] -> dx = dy @ (qweight * scale[:, None]) [M, K] in dy's dtype."""
+    check_runnable(dy, "dy")
+    _check_dx_args(dy, qweight, scale)
+    return _launch_dx(dy, qweight, scale)
+
+
+@_int8_linear_dx_op.register_fake
+def _(dy, qweight, scale):
+    _check_dx_args(dy, qweight, scale)
+    return dy.new_empty((dy.shape[0], qweight.shape[1]))
+
+
+def _check_int4_dx_args(dy, qweight, scale, offset):
+    N, _ = _check_int4_weight(qweight, scale, offset, None)
+    _check_dy("int4_linear_dx", dy, N)
+    check_same_device(dy=dy, qweight=qweight, scale=scale, offset=offset)
+
+
+@custom_op("tritongpt::int4_linear_dx", mutates_args=())
+def _int4_linear_dx_op(dy: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
+                       offset: torch.Tensor) -> torch.Tensor:
+    """dy [M, N] -> dx = dy @ W [M, K] in dy's dtype, W int4_linear's dequantized weight."""
+    check_runnable(dy, "dy")
+    _check_int4_dx_args(dy, qweight, scale, offset)
+    return _launch_int4_dx(dy, qweight, scale, offset)
+
+
+@_int4_linear_dx_op.register_fake
+def _(dy, qweight, scale, offset):
+    _check_int4_dx_args(dy, qweight, scale, offset)
+    return dy.new_empty((dy.shape[0], 2 * qweight.shape[1]))
+
+
+def _needs_grad(kernel, x, activation, **frozen):
+    """Whether the call must record x's gradient. The quantized weight, its scales and offsets and the bias are
+    frozen: one requiring grad is refused, as is an activation with a gradient (the backward is the linear's)."""
+    if not torch.is_grad_enabled():
+        return False
+    for name, t in frozen.items():
+        if t is not None and t.requires_grad:
+            raise RuntimeError(f"{kernel}: {name} requires grad, but the quantized weight, its scale(s), offsets and "
+                               f"the bias are frozen and get no gradient (only x does); pass {name}.detach(), or "
+                               "run under torch.no_grad() for inference")
+    if not x.requires_grad:
+        return False
+    if activation is not None:
+        raise RuntimeError(f"{kernel}: activation={activation!r} while x requires grad: the backward covers the "
+                           "linear only; call it with activation=None and apply the GELU to its result "
+                           "(F.gelu(y, approximate='tanh' or 'none'))")
+    return True
+
+
+def _frozen_in_backward(ctx, kernel, names):
+    """A direct call of the op with a frozen input requiring grad (int8_linear() refuses it first)."""
+    for name, needed in zip(names, ctx.needs_input_grad):
+        if needed and name != "x":
+            raise RuntimeError(f"{kernel}: {name} requires grad, but it is frozen: only x gets a gradient")
+    if ctx.activation is not None:
+        raise RuntimeError(f"{kernel}: no backward through activation={ctx.activation!r}; call it with "
+                           "activation=None and apply the GELU to its result")
+
+
+def _int8_setup_context(ctx, inputs, output):
+    x, qweight, scale, bias, activation = inputs
+    ctx.save_for_backward(qweight, scale)  # the int8 weight, not a dequantized copy
+    ctx.activation = activation
+
+
+def _int8_backward(ctx, dy):
+    first_order_only("int8_linear")
+    _frozen_in_backward(ctx, "int8_linear", ("x", "qweight", "scale", "bias"))
+    qweight, scale = ctx.saved_tensors
+    return _int8_linear_dx_op.call(as_rows(dy), qweight, scale), None, None, None, None
+
+
+_int8_linear_op.register_autograd(_int8_backward, setup_context=_int8_setup_context)
+
+
+def _int4_setup_context(ctx, inputs, output):
+    x, qweight, scale, offset, bias, activation = inputs
+    ctx.save_for_backward(qweight, scale, offset)
+    ctx.activation = activation
+
+
+def _int4_backward(ctx, dy):
+    first_order_only("int4_linear")
+    _frozen_in_backward(ctx, "int4_linear", ("x", "qweight", "scale", "offset", "bias"))
+    qweight, scale, offset = ctx.saved_tensors
+    return _int4_linear_dx_op.call(as_rows(dy), qweight, scale, offset), None, None, None, None, None
+
+
+_int4_linear_op.register_autograd(_int4_backward, setup_context=_int4_setup_context)
 
 
 __all__ = ["int8_linear", "int4_linear", "ACTIVATIONS"]

@@ -16,7 +16,8 @@ PTXAS = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
 KERNELS = {"_layer_norm_fwd_kernel", "_layer_norm_bwd_kernel", "_matmul_kernel", "_attn_fwd", "_attn_fwd_split",
            "_attn_fwd_combine", "_attn_bwd_preprocess", "_attn_bwd_dkdv", "_attn_bwd_dq", "_ce_fwd_kernel",
            "_ce_bwd_kernel", "_rope_kernel", "_grouped_kernel", "_expert_grad_kernel", "_distill_kernel",
-           "_gelu_pointwise_kernel", "_gate_pointwise_kernel", "_int8_linear_kernel", "_int4_linear_kernel"}
+           "_gelu_pointwise_kernel", "_gate_pointwise_kernel", "_int8_linear_kernel", "_int4_linear_kernel",
+           "_int8_linear_dx_kernel", "_int4_linear_dx_kernel"}
 
 
 @pytest.mark.skipif(not PTXAS.exists(), reason="this Triton build ships no ptxas")
@@ -131,6 +132,10 @@ def test_every_kernel_launch_builds_for_sm90(tmp_path):
     int4 = [r for r in rows if r["kernel"] == "_int4_linear_kernel"]
     assert len({r["case"] for r in int4}) == 18 and all(r["tensor_core_ops"] > 0 for r in int4), int4
     assert {r["variant"].split()[0] for r in int4} == {"G=128", "G=32"}, int4
+    # their input gradients (dx = dy @ W through the frozen weight): a few rows and a training step's, fc1 and
+    # fc2, int8 and int4 G 128 in bf16 and fp16, int4 G 32 in bf16; dequantized in registers onto the tensor cores
+    dx = [r for r in rows if r["kernel"] in ("_int8_linear_dx_kernel", "_int4_linear_dx_kernel")]
+    assert len({r["case"] for r in dx}) == 20 and all(r["tensor_core_ops"] > 0 for r in dx), dx
     assert "have a config that builds, fits and does not spill" in (tmp_path / "sm90-offline" / "compile.md").read_text()
 
 
@@ -375,3 +380,24 @@ def test_int4_linear_launches_take_decode_or_prefill_tiles_a_group_fits():
         assert {m for m, _ in blocks} == ({16} if "M=4096" not in case else {64, 128}), (case, blocks)
         assert all(k // g <= 8 for _, k in blocks), (case, blocks)
 
+
+
+def test_quantized_dx_launches_take_few_row_or_training_tiles_a_group_fits():
+    """int8_linear's and int4_linear's dx launches (8 rows and a 16384-token training step; fc1 and fc2; int8 and
+    int4 G 128 in bf16 and fp16, int4 G 32 in bf16) are offered the 16-row tiles at 8 rows, the taller ones at
+    16384, none with a K tile of more than MAX_GROUPS_A_STEP groups."""
+    code = ("from tritongpt.bench import compile_check as cc; import json; "
+            "print(json.dumps([[l.name, l.case, l.kwargs.get('G'), sorted({(c['BLOCK_M'], c['BLOCK_K']) "
+            "for _, c in l.configs()})] for l in cc.capture(quick=True) if l.name.endswith('_linear_dx_kernel')]))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "TRITON_INTERPRET": "0"})
+    assert proc.returncode == 0, proc.stderr
+    launches = json.loads(proc.stdout.strip().splitlines()[-1])
+    shapes = [(m, k, n) for m in (8, 16384) for k, n in ((768, 3072), (3072, 768))]
+    want = [f"int8_linear dx {dt} M={m} {n}->{k}" for dt in ("bfloat16", "float16") for m, k, n in shapes]
+    want += [f"int4_linear dx {dt} G{g} M={m} {n}->{k}" for dt, g in (("bfloat16", 128), ("bfloat16", 32),
+                                                                      ("float16", 128)) for m, k, n in shapes]
+    assert sorted(case for _, case, _, _ in launches) == sorted(want)
+    for name, case, g, blocks in launches:
+        assert {m for m, _ in blocks} == ({16} if "M=8 " in case else {64, 128}), (case, blocks)
+        assert name == "_int8_linear_dx_kernel" or all(k // g <= 8 for _, k in blocks), (case, blocks)

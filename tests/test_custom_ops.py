@@ -159,8 +159,11 @@ def _int8_linear_args(device, gen):
     scale = w.abs().amax(1) / 127
     q = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)
     b = _randn(130, device=device, gen=gen)
+    dy = _randn(9, 130, device=device, gen=gen)
     return {"int8_linear": (x, q, scale, b, "gelu_tanh"),
-            "int8_linear bf16 no bias": (x.bfloat16(), q, scale, None, None)}
+            "int8_linear bf16 no bias": (x.bfloat16(), q, scale, None, None),
+            "int8_linear x requires grad": (x.clone().requires_grad_(), q, scale, b, None),
+            "int8_linear_dx": (dy, q, scale), "int8_linear_dx bf16": (dy.bfloat16(), q, scale)}
 
 
 def _int4_linear_args(device, gen):
@@ -171,8 +174,12 @@ def _int4_linear_args(device, gen):
     b = _randn(130, device=device, gen=gen)
     q, scale, offset = quantize_weight_int4(w, 32)
     q16, scale16, offset16 = quantize_weight_int4(w, 16)
+    dy = _randn(9, 130, device=device, gen=gen)
     return {"int4_linear": (x, q, scale, offset, b, "gelu_tanh"),
-            "int4_linear bf16 no bias G16": (x.bfloat16(), q16, scale16, offset16, None, None)}
+            "int4_linear bf16 no bias G16": (x.bfloat16(), q16, scale16, offset16, None, None),
+            "int4_linear x requires grad": (x.clone().requires_grad_(), q, scale, offset, b, None),
+            "int4_linear_dx": (dy, q, scale, offset),
+            "int4_linear_dx bf16 G16": (dy.bfloat16(), q16, scale16, offset16)}
 
 
 MAKERS = {"layer_norm": _layer_norm_args, "rms_norm": _rms_norm_args, "mlp": _mlp_args,
@@ -206,8 +213,12 @@ OPS = [(kernel, op) for kernel, names in (("layer_norm", ("layer_norm_fwd", "lay
                                           ("rope", ("rope_fwd", "rope_fwd shared", "rope_bwd", "rope_fwd partial",
                                                     "rope_bwd partial")),
                                           ("distill", ("distill_fwd", "distill_fwd mixture", "distill_fwd no grad")),
-                                          ("int8_linear", ("int8_linear", "int8_linear bf16 no bias")),
-                                          ("int4_linear", ("int4_linear", "int4_linear bf16 no bias G16")))
+                                          ("int8_linear", ("int8_linear", "int8_linear bf16 no bias",
+                                                           "int8_linear x requires grad", "int8_linear_dx",
+                                                           "int8_linear_dx bf16")),
+                                          ("int4_linear", ("int4_linear", "int4_linear bf16 no bias G16",
+                                                           "int4_linear x requires grad", "int4_linear_dx",
+                                                           "int4_linear_dx bf16 G16")))
        for op in names]
 
 

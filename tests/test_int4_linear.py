@@ -228,10 +228,16 @@ REFUSED = {
                 ValueError, r"qweight has shape \(0, 32\); N \(outputs\)"),
     "activation": (dict(activation=lambda a: "relu"), ValueError,
                    "int4_linear: activation must be None, 'gelu_tanh' or 'gelu_erf'"),
-    "x requires grad": (dict(x=lambda x: x.requires_grad_()), RuntimeError,
-                        "int4_linear: .*for inference .* run it under torch.no_grad"),
+    # x's gradient flows through the frozen weight (tests/test_quant_dx.py); the rest get none
+    "activation with grad": (dict(x=lambda x: x.requires_grad_(), activation=lambda a: "gelu_erf"), RuntimeError,
+                             "int4_linear: activation='gelu_erf' while x requires grad: .* activation=None and "
+                             "apply the GELU"),
+    "scale requires grad": (dict(scale=lambda s: s.requires_grad_()), RuntimeError,
+                            "int4_linear: scale requires grad, but .* frozen"),
     "offset requires grad": (dict(offset=lambda o: o.requires_grad_()), RuntimeError,
-                             "for inference .* run it under torch.no_grad"),
+                             "int4_linear: offset requires grad, but .* frozen"),
+    "bias requires grad": (dict(bias=lambda b: b.requires_grad_()), RuntimeError,
+                           "int4_linear: bias requires grad, but .* frozen"),
 }
 
 

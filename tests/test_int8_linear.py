@@ -160,10 +160,14 @@ REFUSED = {
     "empty N": (dict(qweight=lambda q: q[:0], scale=lambda s: s[:0], bias=lambda b: b[:0]), ValueError,
                 r"qweight has shape \(0, 64\); N \(outputs\)"),
     "activation": (dict(activation=lambda a: "relu"), ValueError, "activation must be None, 'gelu_tanh' or 'gelu_erf'"),
-    "x requires grad": (dict(x=lambda x: x.requires_grad_()), RuntimeError,
-                        "for inference .* run it under torch.no_grad"),
+    # x's gradient flows through the frozen weight (tests/test_quant_dx.py); the rest get none
+    "activation with grad": (dict(x=lambda x: x.requires_grad_(), activation=lambda a: "gelu_tanh"), RuntimeError,
+                             "int8_linear: activation='gelu_tanh' while x requires grad: .* activation=None and "
+                             "apply the GELU"),
+    "scale requires grad": (dict(scale=lambda s: s.requires_grad_()), RuntimeError,
+                            "int8_linear: scale requires grad, but .* frozen"),
     "bias requires grad": (dict(bias=lambda b: b.requires_grad_()), RuntimeError,
-                           "for inference .* run it under torch.no_grad"),
+                           "int8_linear: bias requires grad, but .* frozen"),
 }
 
 
@@ -176,7 +180,7 @@ def test_bad_input_is_refused_by_name(case, device):
 
 
 def test_inference_under_no_grad_and_inference_mode(device):
-    """The refusal is for grad mode only: the same inputs run under no_grad and inference_mode."""
+    """The refusals are for grad mode only: the same inputs run under no_grad and inference_mode."""
     args = _bad(device, x=lambda x: x.requires_grad_(), bias=lambda b: b.requires_grad_())
     want = reference(args["x"].detach(), args["qweight"], args["scale"], args["bias"].detach())
     with torch.no_grad():
