@@ -127,6 +127,25 @@ def test_autocast_dx_in_its_dtype(fmt, g, device):
     check(direct, dy, deq, w64, torch.bfloat16, f"{fmt} autocast bf16 dx")
 
 
+@pytest.mark.parametrize("fmt,g", [("int8", None), ("int4", 32)])
+def test_strided_weight_scale_and_offset(fmt, g, device):
+    """The weight's rows at a stride (every other row of a bigger one), the scale and offset as views at strides
+    along both dims: read in place by the dx kernels as by the forward."""
+    k, n = 96, 48
+    weight, deq, w64, b = make(fmt, 2 * n, k, g, device, seed=13)
+    if fmt == "int8":
+        strided = (weight[0][::2], weight[1][::2])
+        assert strided[0].stride() == (2 * k, 1) and strided[1].stride() == (2,)
+    else:
+        strided = (weight[0][::2], weight[1][::2].t().contiguous().t(), weight[2][::2])
+        assert strided[1].stride() == (1, n) and strided[2].stride() == (2 * k // g, 1)
+    gen = torch.Generator().manual_seed(14)
+    x = torch.randn(7, k, generator=gen).to(device)
+    dy = torch.randn(7, n, generator=gen).to(device)
+    dx, _ = dx_of(fmt, x, strided, b[::2], dy)
+    assert_close_rel(dx, dy.double() @ w64[::2], 1e-4, f"{fmt} dx, strided weight")
+
+
 @pytest.mark.parametrize("fmt,g", [("int8", None), ("int4", 64)])
 def test_expanded_dy_and_no_rows(fmt, g, device):
     """y.sum().backward() hands an expanded dy (stride 0): read as what it is; no rows launches nothing."""
