@@ -1,30 +1,37 @@
-"""Weight-only int8 quantization for inference (gpt-fast's "int8 weight-only", bitsandbytes' LLM.int8 without
-its outliers): every matrix of the transformer blocks, and the LM head, stored as int8 with one fp32 scale a row.
+"""Weight-only quantization (gpt-fast's and torchao's "int8/int4 weight-only"; bitsandbytes' LLM.int8 without its
+outliers): every matrix of the transformer blocks, and the LM head, stored as int8 with one fp32 scale a row, or as
+int4 in groups of G inputs with an fp32 scale and offset each.
 
-    W [N, K]  ->  q = round(W / s[:, None]) in [-127, 127] (int8),  s[n] = max_k |W[n, k]| / 127  (fp32)
-    x @ W^T   ~=  (x @ q^T) * s                                    (s factors out of the sum over k)
+    int8:  W [N, K] -> q = round(W / s[:, None]) in [-127, 127],  s[n] = max_k |W[n, k]| / 127     (fp32)
+           x @ W^T  ~= (x @ q^T) * s                               (s factors out of the sum over k)
+    int4:  W[n, k] ~= q[n, k] * scale[n, k // G] + offset[n, k // G],  q in 0..15, two a byte (quantize_weight_int4)
 
 Why: a decode step reads every weight once for a few tokens' work, so its speed is the bytes it reads; int8
-weights are a quarter of fp32's and half of bf16's. Symmetric and per output row (per channel): a row's
-largest weight sets its step s, and each weight is off by at most s / 2. Activations stay in their
-dtype (fp32, or autocast's bf16): only the weights are quantized, so nothing needs calibration data.
+weights are a quarter of fp32's and half of bf16's, int4 at G 128 about an eighth of fp32's. int8 is symmetric and per
+output row: a row's largest weight sets its step s, and each weight is off by at most s / 2; int4 is asymmetric per
+group (its 16 levels span the group's minimum to maximum). Activations stay in their dtype (fp32, or autocast's
+bf16): only the weights are quantized, so nothing needs calibration data.
 
-Reference: `Int8Linear` below dequantizes (q * s, a float matrix) and calls F.linear: the textbook version,
-which reads the int8 weights and then writes and reads a float copy of them.
-Triton twin: kernels/quant.py `int8_linear`, which reads the int8 tile, converts it in registers (exact:
-every int8 is a bf16/fp16/fp32 value) and applies s and the bias (and FeedForward's GELU) in the epilogue.
-The toggle: an Int8Linear follows "mlp" (model/toggle.py), the name of the matmul kernels.
+Reference: `Int8Linear` / `Int4Linear` below dequantize (a float matrix) and call F.linear: the textbook version,
+which reads the quantized weights and then writes and reads a float copy of them.
+Triton twins: kernels/quant.py `int8_linear` / `int4_linear`, which read the quantized tile, convert it in registers
+and apply the scale (int8's in the epilogue), the bias and FeedForward's GELU. The toggle: a QuantLinear follows "mlp"
+(model/toggle.py), the name of the matmul kernels.
 
-    quantize_int8(model)   # in place; the model is then for inference (generate, chat, serve, eval, ...)
+    quantize_int8(model)                 # in place; for generate, chat, serve, eval, ...
+    quantize_int4(model, group_size=128)
+    quantize(model, "int4", head=False)  # QLoRA's base: add_lora (model/lora.py) then trains updates beside it
 
-Refused: mixture-of-experts models (their experts are stacked tensors, not Linears: not quantized yet),
-LoRA-parametrized weights (merge them first: merge_lora; and add_lora on a quantized model), gradients (frozen int8
-weights; the Triton kernel has no backward).
+The quantized matrices are buffers, frozen: a gradient flows through them to x (both paths; the Triton kernels'
+backward computes dx = dy @ W from the quantized tiles), never to them. QLoRA's updates (QuantLinear.lora) run
+beside the quantized matmul. Refused: mixture-of-experts models (their experts are stacked tensors, not Linears: not
+quantized yet), LoRA-parametrized weights (merge them first: merge_lora), a second quantization.
 
-A quantized model saves as it is (GPTModel.save: the int8 matrices and fp32 scales, "quantized" in the metadata;
-`tritongpt quantize MODEL --out DIR`); GPTModel.load(quantized_ok=True) builds the Int8Linears on the meta device
-(int8_layout) and fills them, so the float matrices are never made. Only the commands that run a model pass
-quantized_ok; the trainers, export and merge refuse such a file by name.
+A quantized model saves as it is (GPTModel.save: the quantized matrices, fp32 scales and offsets, "quantized" and
+int4's "quantized_group_size" in the metadata; `tritongpt quantize MODEL --out DIR`); GPTModel.load(quantized_ok=True)
+builds the QuantLinears on the meta device (quantized_layout) and fills them, so the float matrices are never made.
+Only the commands that run a model pass quantized_ok; the trainers and merge refuse such a file by name (export takes
+a QLoRA run's, merged: dequantize_model).
 """
 import torch
 import torch.nn as nn
@@ -104,7 +111,7 @@ def unpack_int4(qweight):
 
 
 class QuantLinear(nn.Module):
-    """What Int8Linear and Int4Linear share: nn.Linear's forward on quantized weights (inference only), the
+    """What Int8Linear and Int4Linear share: nn.Linear's forward on quantized weights (frozen: no gradient), the
     quantized tensors and their fp32 scales as buffers (nothing here trains), and the toggle's use_triton.
 
     forward(x, act): act a GELU module (model/layers.py) applied to the output, which the Triton path fuses into

@@ -167,11 +167,18 @@ def test_greedy_decoding_of_a_quantized_model_is_the_same_with_and_without_the_c
     assert torch.equal(gen.generate(model, idx, 6, cuda_graph=True), want)
 
 
-def test_a_quantized_model_refuses_training_padding_and_a_second_quantization():
-    model = quantize_int8(tiny())
+def test_a_quantized_model_passes_gradients_through_and_refuses_padding_and_a_second_quantization():
+    """Backward through the frozen int8 matrices (QLoRA's path) reaches the float parameters, the embeddings' gradient
+    the float model's of the dequantized weights; the int8 tensors are buffers and get none."""
+    from tritongpt.model.quant import dequantize_model
+
+    model = quantize_int8(tiny(tie_weights=False))  # (dequantize_model ties a quantized tied head to the embedding)
+    twin = dequantize_model(__import__("copy").deepcopy(model))
     idx = torch.randint(0, VOCAB, (1, 5))
-    with pytest.raises(UserError, match="for inference"):
-        model(idx, targets=idx)  # grad mode on: the embeddings require grad, so the first matrix's input does
+    for m in (model, twin):
+        m(idx, targets=idx).backward()
+    assert rel(model.tok_emb.weight.grad, twin.tok_emb.weight.grad) < 1e-5
+    assert not any(b.requires_grad for b in model.buffers())
     with pytest.raises(UserError, match=r"already quantized \(int8\)"):
         quantize_int8(model)
     with pytest.raises(UserError, match="quantized, for inference"):
