@@ -334,7 +334,8 @@ def add_cli(sub):
                    "gpt2-small; profile and decode take one; tiny and mini, the CPU presets, make a CPU run quick)")
     t.add_argument("--train-providers", default=None,
                    help="comma list: reference or triton, each with +compile, +sdpa (reference only) and "
-                        "+ckpt (activation checkpointing), +lora (a rank-8 LoRA update trains instead), "
+                        "+ckpt (activation checkpointing), +lora (a rank-8 LoRA update trains instead), +qlora (the same on an "
+                        "int4 base: QLoRA), "
                         "+compile+cudagraphs (torch.compile mode='reduce-overhead': the step replayed as CUDA "
                         f"graphs; CUDA only) (default {','.join(TRAIN_PROVIDERS)}; profile: "
                         f"{','.join(PROFILE_PROVIDERS)})")

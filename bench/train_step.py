@@ -23,6 +23,9 @@ gives HFU (PaLM's hardware FLOPs utilization), which counts the recomputed forwa
 MFU counts the same model FLOPs (6N; A and B are no per-token matmul), and the block matrices'
 weight gradients are still formed (then projected on A and B), but the frozen LM head's weight
 gradient is not: the row's HFU counts the 2 * C * V FLOPs a token that skips.
+"+qlora" is "+lora" on an int4 base (QLoRA, sft --quantize int4: the block matrices int4 in groups of 128,
+model/quant.py; the LM head float): the same model FLOPs, but no weight gradient of the frozen quantized
+matrices at all (only dx flows through them), which its HFU leaves out too.
 
 Model variants (`bench train --attention-window W --window-layers all|odd --logit-softcap C`, and
 --vocab-multiple): every provider of a run times the same GPTConfig, and each row's config names
@@ -211,8 +214,8 @@ def parse_provider(name: str):
     """'triton+compile' -> ('triton', {'compile'}). Raises ValueError on an unknown name."""
     parts = name.split("+")
     base, flags = parts[0], set(parts[1:])
-    if base not in ("reference", "triton") or not flags <= {"compile", "sdpa", "ckpt", "lora", "cudagraphs"} or \
-            len(flags) != len(parts) - 1:
+    if base not in ("reference", "triton") or not flags <= {"compile", "sdpa", "ckpt", "lora", "qlora", "cudagraphs"} \
+            or len(flags) != len(parts) - 1 or {"lora", "qlora"} <= flags:
         raise ValueError(f"unknown training provider {name!r}; e.g. {', '.join(TRAIN_PROVIDERS)}")
     if "cudagraphs" in flags and "compile" not in flags:
         raise ValueError(f"{name!r}: +cudagraphs is torch.compile's mode='reduce-overhead', so it needs +compile "
@@ -263,9 +266,12 @@ def build(name, cfg, device, seed=0):
     if "sdpa" in flags:
         use_sdpa_attention(model)
     model.set_activation_checkpointing("ckpt" in flags)
-    if "lora" in flags:
+    if flags & {"lora", "qlora"}:
         from tritongpt.model.lora import add_lora
+        from tritongpt.model.quant import quantize
 
+        if "qlora" in flags:  # the frozen block matrices int4 (sft --quantize int4), the head float
+            quantize(model, "int4", head=False)
         add_lora(model, rank=8)
     opt = build_optimizer(model, lr=1e-4, weight_decay=0.1, device=device)  # fused AdamW on CUDA
     run = model
@@ -348,18 +354,26 @@ def bench_train_provider(name, model_name, batch, seq_len, device, dtype, warmup
     try:
         model, run, opt = build(name, cfg, device, seed)
         from tritongpt.model.lora import lora_parameters
+        from tritongpt.model.quant import QuantLinear
 
-        # LoRA's A and B are no per-token matmul (the merged weight is): its FLOPs are the model's
-        n_params = model.num_params(non_embedding=True) - sum(p.numel() for p in lora_parameters(model))
+        # LoRA's A and B are no per-token matmul (the merged weight is): its FLOPs are the model's; a QLoRA
+        # model's block matrices (and their biases) are buffers, not parameters: they count as what they stand for
+        frozen = [m for m in model.modules() if isinstance(m, QuantLinear)]
+        quantized = sum(m.in_features * m.out_features for m in frozen)
+        biases = sum(m.bias.numel() for m in frozen if m.bias is not None)
+        n_params = model.num_params(non_embedding=True) + quantized + biases \
+            - sum(p.numel() for p in lora_parameters(model))
         fpt = flops_per_token(cfg, n_params, seq_len)
         # what the GPU does per token: checkpointing runs each block's forward once more
         # (2 FLOPs per block parameter, 4*H*Q*T a dense layer for the attention scores and their weighted sum)
         hw_fpt, flags = fpt, parse_provider(name)[1]
         if "ckpt" in flags:
             block = sum(p.numel() for n, p in model.trf_blocks.named_parameters() if not n.endswith(("_A", "_B")))
-            hw_fpt += 2 * block + attention_forward_flops(cfg, seq_len)
-        if "lora" in flags:  # no weight gradient for the frozen LM head (on either path)
+            hw_fpt += 2 * (block + quantized + biases) + attention_forward_flops(cfg, seq_len)
+        if flags & {"lora", "qlora"}:  # no weight gradient for the frozen LM head (on either path)
             hw_fpt -= 2 * cfg.n_embd * cfg.padded_vocab_size
+        if "qlora" in flags:  # nor for the quantized matrices: only dx flows through them
+            hw_fpt -= 2 * quantized
         cfg_row["n_params_non_embedding"] = n_params
         losses, scaler = [], LossScaler(device, dtype)  # fp16 steps as the trainers take them
 
@@ -403,7 +417,8 @@ def bench_train_provider(name, model_name, batch, seq_len, device, dtype, warmup
     row["hfu"] = hw_fpt * tok_s / peak_flops if peak_flops else None
     if hw_fpt != fpt and row["hfu"] is not None:
         row["note"] = f"HFU {100 * row['hfu']:.1f}% counting " + " and ".join(
-            what for flag, what in (("ckpt", "the recomputed forward"), ("lora", "no LM-head weight gradient"))
+            what for flag, what in (("ckpt", "the recomputed forward"), ("lora", "no LM-head weight gradient"),
+                                    ("qlora", "no weight gradient of the LM head or the int4 matrices"))
             if flag in flags)
     return row
 

@@ -860,7 +860,8 @@ def test_parse_provider():
     assert train_step.parse_provider("triton") == ("triton", set())
     assert train_step.parse_provider("triton+compile+ckpt") == ("triton", {"compile", "ckpt"})
     assert train_step.parse_provider("triton+lora") == ("triton", {"lora"})
-    for bad in ("eager", "reference+fast", "triton+sdpa", "reference+compile+compile"):
+    assert train_step.parse_provider("triton+qlora") == ("triton", {"qlora"})
+    for bad in ("eager", "reference+fast", "triton+sdpa", "reference+compile+compile", "triton+lora+qlora"):
         with pytest.raises(ValueError):
             train_step.parse_provider(bad)
 
@@ -894,6 +895,16 @@ def test_train_provider_on_cpu(monkeypatch):
     assert lora["note"] == f"HFU {100 * lora['hfu']:.1f}% counting no LM-head weight gradient"
     assert lora["config"]["n_params_non_embedding"] == row["config"]["n_params_non_embedding"]
     assert math.isfinite(lora["final_loss"]) and lora["final_loss"] != row["final_loss"]
+    # +qlora: LoRA on the int4 base; the same model FLOPs (the int4 matrices count as the weights they stand for),
+    # and no weight gradient for the 4 layers' 12 C^2 int4 matrix weights either: HFU counts 2 * that fewer too
+    qlora = train_step.bench_train_provider("reference+qlora", "tiny", 2, 16, torch.device("cpu"), torch.float32,
+                                            warmup_steps=1, steps=2, peak_flops=1e12)
+    assert qlora["status"] == "ok" and qlora["flops_per_token"] == row["flops_per_token"]
+    assert qlora["config"]["n_params_non_embedding"] == row["config"]["n_params_non_embedding"]
+    assert qlora["hw_flops_per_token"] == row["flops_per_token"] - 2 * C * 4096 - 2 * L * 12 * C * C
+    assert qlora["note"] == (f"HFU {100 * qlora['hfu']:.1f}% counting no weight gradient of the LM head or the int4 "
+                             "matrices")
+    assert math.isfinite(qlora["final_loss"]) and qlora["final_loss"] not in (row["final_loss"], lora["final_loss"])
     # fp16 steps as the trainers take them: the loss scaled by GradScaler, whose step skips overflows
     scaled = []
     real_step = torch.amp.GradScaler.step
