@@ -276,3 +276,29 @@ def test_sft_quantize_refuses_what_it_cannot_train(base, tmp_path, capsys, flags
     assert main(sft_argv(base, tmp_path / "bad", "--max-steps", "1", *flags)) == 2
     assert said in capsys.readouterr().err
     assert not (tmp_path / "bad").exists()
+
+
+@pytest.mark.parametrize("flags,said", [
+    (["--quantize", "int4", "--group-size", "16"], "(this run: int4 (group 16))"),
+    (["--quantize", "int8"], "(this run: int8)"),
+    ([], "(this run: float)"),
+])
+def test_a_qlora_resume_with_another_base_is_refused_naming_the_flags(base, tmp_path, capsys, flags, said):
+    # the base's quantization is in the weights file: resumed otherwise, its tensors would not fit the model, and
+    # torch's first line ("Error(s) in loading state_dict") names no flag
+    out = tmp_path / "run"
+    assert main(sft_argv(base, out, "--max-steps", "1", "--lora-rank", "4", "--quantize", "int4",
+                         "--group-size", "32")) == 0
+    capsys.readouterr()
+    assert main(sft_argv(base, out, "--max-steps", "2", "--resume", "--lora-rank", "4", *flags)) == 2
+    err = capsys.readouterr().err
+    assert "its base is int4 (group 32)" in err and said in err and "pass --quantize int4 --group-size 32" in err
+
+
+def test_a_lora_resume_with_quantize_is_refused_naming_it(base, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(sft_argv(base, out, "--max-steps", "1", "--lora-rank", "4")) == 0
+    capsys.readouterr()
+    assert main(sft_argv(base, out, "--max-steps", "2", "--resume", "--lora-rank", "4", "--quantize", "int8")) == 2
+    err = capsys.readouterr().err
+    assert "its base is float (this run: int8)" in err and "resume without --quantize" in err
