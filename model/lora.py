@@ -149,8 +149,8 @@ def merge_lora(model):
     """`model` with each LoRA weight replaced by its value W + scale B A: plain Linears, every
     parameter trainable again, the config's LoRA fields back to their defaults (rank 0: none).
     In place; returns the model. A quantized model (QLoRA's) comes back a float one: every QuantLinear a Linear of
-    its dequantized W (+ scale B A where adapted), fp32: the model it trained, as peft's merge_and_unload of a
-    4-bit base dequantizes it."""
+    its dequantized W (+ scale B A where adapted) in the model's float dtype: the model it trained, as peft's
+    merge_and_unload of a 4-bit base dequantizes it."""
     from tritongpt.model.quant import dequantize_model
 
     return _plain_linears(dequantize_model(model), lambda m: m.weight)  # (QuantLinears first: their updates)

@@ -331,15 +331,18 @@ def quantized_layout(model, mode: str = "int8", head: bool = True, group_size: i
 
 
 def dequantize_model(model):
-    """model with every QuantLinear replaced by an fp32 nn.Linear of its dequantized weight (plus scale B A where
-    QLoRA adapted it) and its bias, the quantized marks gone (GPTModel.quantized None): the float model the
-    quantized one computes, but for a quantized tied head, which is tied to the float embedding again (as the
-    model was before quantize). In place; returns the model."""
+    """model with every QuantLinear replaced by an nn.Linear of its dequantized weight (plus scale B A where
+    QLoRA adapted it) and its bias, in the model's float dtype (fp32 unless it was cast: model.to(bf16) casts the
+    embeddings and norms, not the quantized matrices), the quantized marks gone (GPTModel.quantized None): the float
+    model the quantized one computes, but for a quantized tied head, which is tied to the float embedding again (as
+    the model was before quantize). In place; returns the model."""
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
     for name, m in list(model.named_modules()):
         if isinstance(m, QuantLinear):
             with torch.no_grad():
                 w = m.dequantize() if m.lora is None else m.lora(m.dequantize())
-                plain = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None, device=w.device)
+                plain = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None, device=w.device,
+                                  dtype=dtype)
                 plain.weight.copy_(w)
                 if m.bias is not None:
                     plain.bias.copy_(m.bias)

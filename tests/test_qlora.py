@@ -132,6 +132,18 @@ def test_merge_dequantizes_into_the_float_model_it_computes_and_strip_keeps_the_
         assert rel(merged(idx), want) < 1e-5
 
 
+def test_merging_a_bf16_qlora_model_keeps_it_bf16():
+    # the merged Linears in the model's dtype, as merge_lora's float Linears are: fp32 ones in a bf16 model would
+    # make every forward fail (mat1 and mat2 of different dtypes)
+    model = qlora("int8").eval().to(torch.bfloat16)
+    idx = torch.randint(0, VOCAB, (2, 9))
+    with torch.no_grad():
+        want = model(idx)
+        merged = merge_lora(model)
+        assert {p.dtype for p in merged.parameters()} == {torch.bfloat16}
+        assert rel(merged(idx), want) < 2e-2  # (bf16: the merged weight rounds W + scale B A once more)
+
+
 @pytest.mark.parametrize("kernels", ["reference", "triton"])
 def test_a_qlora_checkpoint_loads_with_its_updates_and_runs_unmerged(tmp_path, kernels):
     from tritongpt.train.gpt2_weights import load_checkpoint
