@@ -406,3 +406,19 @@ def test_the_teacher_quantization_flags_are_refused_where_they_do_nothing(flags,
     with pytest.raises(UserError) as e:
         distill.distill_options(parse_args(flags))
     assert said in str(e.value)
+
+
+def test_a_resume_with_another_teacher_quantization_is_refused_naming_it(corpus, ckpts, tmp_path, capsys):
+    """The same --teacher file run another way (--teacher-quantize, --teacher-group-size) gives other targets: the
+    refusal says how the run's teacher ran and how this one does, not only that the weights differ."""
+    out = tmp_path / "run"
+    quant = ("--teacher", ckpts.teacher, "--teacher-quantize", "int4", "--teacher-group-size", "16")
+    assert main(["pretrain", *pargs(corpus, ckpts, out, "--max-steps", "1", *quant)]) == 0
+    for extra, now in ((("--teacher-quantize", "int8"), "int8"), ((), "float"),
+                       (("--teacher-quantize", "int4", "--teacher-group-size", "32"), "int4 (group 32)")):
+        capsys.readouterr()
+        argv = pargs(corpus, ckpts, out, "--max-steps", "2", "--resume", "latest", "--teacher", ckpts.teacher, *extra)
+        assert main(["pretrain", *argv]) == 2
+        error = capsys.readouterr().err.split("error: ")[-1]
+        assert f"the run's ran int4 (group 16), this one {now}" in error and "--teacher-quantize" in error
+    assert main(["pretrain", *pargs(corpus, ckpts, out, "--max-steps", "2", "--resume", "latest", *quant)]) == 0

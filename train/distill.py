@@ -404,25 +404,36 @@ def place_teacher(teacher, trainer) -> None:
 class WithTeacher:
     """A Trainer data state that also saves the teacher's weights' fingerprint and compares it on --resume,
     as RLHF does for its frozen models: other weights at the same path (a run trained on since) would
-    change every target the student learns, silently. The run's data state is kept as it was."""
+    change every target the student learns, silently. The run's data state is kept as it was. How the teacher
+    ran (float, or --teacher-quantize's int8 / int4 and its group) is saved beside it, for the refusal to name."""
+
+    KEYS = ("teacher_fingerprint", "teacher_quantized")
 
     def __init__(self, inner, teacher, spec: str):
         from tritongpt.train import common
 
         self.inner, self.spec = inner, spec
         self.fingerprint = common.weights_fingerprint(teacher)
+        mode, group = getattr(teacher, "quantized", None), getattr(teacher, "quantized_group_size", None)
+        self.quantized = "float" if mode is None else f"int4 (group {group})" if mode == "int4" else mode
 
     def state_dict(self) -> dict:
-        return {**(self.inner.state_dict() if self.inner is not None else {}), "teacher_fingerprint": self.fingerprint}
+        return {**(self.inner.state_dict() if self.inner is not None else {}), "teacher_fingerprint": self.fingerprint,
+                "teacher_quantized": self.quantized}
 
     def load_state_dict(self, d: dict):
         from tritongpt.train import common
 
         if "teacher_fingerprint" in d and not common.same_fingerprint(d["teacher_fingerprint"], self.fingerprint):
+            was = d.get("teacher_quantized")  # (runs from before it was saved: not known)
+            if was is not None and was != self.quantized:
+                raise UserError(f"--resume: --teacher {self.spec} is not the model this run distilled from: the run's "
+                                f"ran {was}, this one {self.quantized} (--teacher-quantize, --teacher-group-size, or "
+                                "a file `tritongpt quantize` wrote): pass the run's teacher as it ran")
             raise UserError(f"--resume: --teacher {self.spec} is not the model this run distilled from (its weights "
                             "differ): pass the run's teacher")
         if self.inner is not None:
-            self.inner.load_state_dict({k: v for k, v in d.items() if k != "teacher_fingerprint"})
+            self.inner.load_state_dict({k: v for k, v in d.items() if k not in self.KEYS})
 
 
 # -- GKD's on-policy batches (sft --distill-lmbda, --distill-seq-kd) --------------------------------------
