@@ -125,7 +125,8 @@ def distill_options(args, prompts: bool = False) -> dict:
                             "pretraining text has none (use them with sft --teacher)")
     quant = {k: getattr(args, k, None) for k in QUANT_FLAGS}
     if teacher is None:
-        stray = [{**FLAGS, **GKD_FLAGS, **QUANT_FLAGS}[k] for k, v in {**given, **gkd, **quant}.items() if v is not None]
+        flags = {**FLAGS, **GKD_FLAGS, **QUANT_FLAGS}
+        stray = [flags[k] for k, v in {**given, **gkd, **quant}.items() if v is not None]
         if stray:
             raise UserError(f"{', '.join(stray)} set{'s' if len(stray) == 1 else ''} how --teacher's "
                             "distillation mixes in: without --teacher it does nothing (pass --teacher W)")
