@@ -246,21 +246,33 @@ def int8_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, bia
     (the bias rounded to it too, as F.linear would need it).
     Backward: x's gradient only, with activation None (qweight, scale and bias are frozen; see the module's text).
     """
-    no_func_transform("int8_linear")
-    check_tensor(x, "x")
-    if x.dim() == 0:
-        raise ValueError("int8_linear: x must have at least 1 dim (the feature one), got a scalar")
+    _check_x(x, "int8_linear")
     N, K = _check_weight(qweight, scale, bias)
     if x.shape[-1] != K:
         raise ValueError(f"int8_linear: x has {x.shape[-1]} features (last dim), qweight [N, K] has K = {K}")
-    check_activation(activation)
-    check_same_device(x=x, qweight=qweight, scale=scale, bias=bias)
-    grad = _needs_grad("int8_linear", x, activation, scale=scale, bias=bias)
+    return _call(_int8_linear_op, "int8_linear", x, N, bias, activation, qweight=qweight, scale=scale)
+
+
+def _check_x(x, kernel: str):
+    no_func_transform(kernel)
+    check_tensor(x, "x")
+    if x.dim() == 0:
+        raise ValueError(f"{kernel}: x must have at least 1 dim (the feature one), got a scalar")
+
+
+def _call(op, kernel: str, x, N: int, bias, activation, **weights):
+    """int8_linear's and int4_linear's shared tail: the activation and devices checked, a gradient's conditions
+    (_needs_grad), x and the bias cast to the compute dtype, the op called on x's rows. weights: the op's quantized
+    tensors by name, in its argument order."""
+    check_activation(activation, kernel)
+    check_same_device(x=x, **weights, bias=bias)
+    frozen = {k: v for k, v in weights.items() if k != "qweight"}
+    grad = _needs_grad(kernel, x, activation, **frozen, bias=bias)
     dt = autocast_dtype(x.device) or x.dtype
     x = x.to(dt)
     bias = bias.to(dt) if bias is not None else None
     # with x's gradient: through the dispatcher, whose registered autograd records the backward (.call would not)
-    y = (_int8_linear_op if grad else _int8_linear_op.call)(as_rows(x), qweight, scale, bias, activation)
+    y = (op if grad else op.call)(as_rows(x), *weights.values(), bias, activation)
     return y.view(*x.shape[:-1], N)
 
 
@@ -445,21 +457,11 @@ def int4_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, off
     bias [N] floating or None; activation None, "gelu_tanh" or "gelu_erf" (after the bias). y has the compute dtype
     (int8_linear's: autocast's, else x's). Backward: x's gradient only, with activation None (int8_linear's).
     """
-    no_func_transform("int4_linear")
-    check_tensor(x, "x")
-    if x.dim() == 0:
-        raise ValueError("int4_linear: x must have at least 1 dim (the feature one), got a scalar")
+    _check_x(x, "int4_linear")
     N, K = _check_int4_weight(qweight, scale, offset, bias)
     if x.shape[-1] != K:
         raise ValueError(f"int4_linear: x has {x.shape[-1]} features (last dim), qweight [N, K / 2] has K = {K}")
-    check_activation(activation, "int4_linear")
-    check_same_device(x=x, qweight=qweight, scale=scale, offset=offset, bias=bias)
-    grad = _needs_grad("int4_linear", x, activation, scale=scale, offset=offset, bias=bias)
-    dt = autocast_dtype(x.device) or x.dtype
-    x = x.to(dt)
-    bias = bias.to(dt) if bias is not None else None
-    y = (_int4_linear_op if grad else _int4_linear_op.call)(as_rows(x), qweight, scale, offset, bias, activation)
-    return y.view(*x.shape[:-1], N)
+    return _call(_int4_linear_op, "int4_linear", x, N, bias, activation, qweight=qweight, scale=scale, offset=offset)
 
 
 # ----------------------------------------------------------------------------- backward: dx only
