@@ -16,21 +16,7 @@ from tritongpt.model.config import GPTConfig
 from tritongpt.model.gpt import GPTModel
 from tritongpt.model.lora import add_lora, has_lora, lora_parameters, merge_lora, strip_lora
 from tritongpt.model.quant import Int4Linear, Int8Linear, QuantLinear, dequantize_model, quantize
-
-VOCAB = 97
-LLAMA = dict(position_encoding="rope", n_kv_head=2, norm="rmsnorm", mlp="swiglu", bias=False)
-
-
-def tiny(kernels="reference", **extra):
-    torch.manual_seed(0)
-    cfg = GPTConfig(**{**dict(vocab_size=VOCAB, context_length=24, n_layer=2, n_head=4, n_embd=64), **extra},
-                    kernels=kernels)
-    return GPTModel(cfg)
-
-
-def rel(a, b):
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
-
+from test_quantize_int4 import LLAMA, VOCAB, rel, tiny
 
 def qlora(mode="int4", kernels="reference", rank=4, targets="attn,mlp", **extra):
     """A tiny model quantized (head float), with LoRA whose B is random (B starts at zero: nothing to compare)."""
