@@ -31,7 +31,7 @@ A quantized model saves as it is (GPTModel.save: the quantized matrices, fp32 sc
 int4's "quantized_group_size" in the metadata; `tritongpt quantize MODEL --out DIR`); GPTModel.load(quantized_ok=True)
 builds the QuantLinears on the meta device (quantized_layout) and fills them, so the float matrices are never made.
 Only the commands that run a model pass quantized_ok; the trainers and merge refuse such a file by name (export takes
-a QLoRA run's, merged: dequantize_model).
+a QLoRA run's, merged: dequantize_model; or its updates alone, --adapter, for the float base it quantized).
 """
 import torch
 import torch.nn as nn

@@ -15,8 +15,9 @@ from tritongpt.errors import UserError
 from tritongpt.model.config import GPTConfig
 from tritongpt.model.gpt import GPTModel
 from tritongpt.model.lora import add_lora, has_lora, lora_parameters, merge_lora, strip_lora
-from tritongpt.model.quant import Int4Linear, Int8Linear, QuantLinear, dequantize_model, quantize
+from tritongpt.model.quant import Int4Linear, Int8Linear, QuantLinear, dequantize_model, quantize, unpack_int4
 from test_quantize_int4 import LLAMA, VOCAB, rel, tiny
+
 
 def qlora(mode="int4", kernels="reference", rank=4, targets="attn,mlp", **extra):
     """A tiny model quantized (head float), with LoRA whose B is random (B starts at zero: nothing to compare)."""
@@ -254,8 +255,9 @@ def test_sft_quantize_trains_the_updates_on_the_quantized_base_and_its_run_loads
     idx = torch.randint(0, 4096, (1, 9))
     with torch.no_grad():
         assert rel(exported(idx), model.eval()(idx)) < 1e-5
+    # its adapter goes on the --init, which is our own checkpoint here, not a folder peft loads (the tests below)
     assert main(["export", str(out), "--out", str(tmp_path / "adapter"), "--adapter"]) == 2
-    assert "is a QLoRA checkpoint (LoRA updates on an int4 base), whose adapter export" in capsys.readouterr().err
+    assert "is not a Hugging Face GPT-2 folder (config.json and model.safetensors)" in capsys.readouterr().err
     # a resume goes on from the checkpoint (the base quantized again the same way, the updates loaded)
     assert main(sft_argv(base, out, "--max-steps", "8", "--resume", *flags)) == 0
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -300,3 +302,134 @@ def test_a_lora_resume_with_quantize_is_refused_naming_it(base, tmp_path, capsys
     assert main(sft_argv(base, out, "--max-steps", "2", "--resume", "--lora-rank", "4", "--quantize", "int8")) == 2
     err = capsys.readouterr().err
     assert "its base is float (this run: int8)" in err and "resume without --quantize" in err
+
+
+# -- export --adapter: a QLoRA run's update as a peft adapter for its float base -------------------------------
+
+@pytest.fixture(scope="module")
+def hf_base(tmp_path_factory):
+    """A tiny GPT-2 as a Hugging Face folder (config.json, model.safetensors): a base peft loads an adapter onto."""
+    from tritongpt.train.gpt2_weights import export_gpt2
+
+    torch.manual_seed(3)
+    folder = tmp_path_factory.mktemp("qlora_hf_base")
+    export_gpt2(GPTModel(GPTConfig(vocab_size=4096, context_length=64, n_embd=64, n_layer=1, n_head=2)), folder)
+    return folder
+
+
+@pytest.mark.parametrize("mode,group", [("int4", "32"), ("int8", None)])
+def test_a_qlora_runs_adapter_goes_on_its_float_base_with_the_update_it_trained(hf_base, tmp_path, capsys, mode,
+                                                                                  group):
+    """`export RUN --adapter` of a QLoRA run writes its A and B for the float --init (compared with the run's frozen
+    base quantized the same way). Loaded back (tritongpt's --weights ADAPTER, and peft on the base folder) it is the
+    float base plus the update: not the run's own function, whose matrices were the base's quantized ones (each
+    weight off by up to half a quantization step): the same A and B on other frozen weights."""
+    from tritongpt.train.gpt2_weights import export_gpt2, load_checkpoint
+
+    out, adapter = tmp_path / "run", tmp_path / "adapter"
+    flags = ("--lora-rank", "4", "--quantize", mode, *(("--group-size", group) if group else ()))
+    assert main(sft_argv(hf_base, out, "--max-steps", "3", "--tokenizer", "default", *flags)) == 0
+    capsys.readouterr()
+    # another GPT-2 of the same shapes as --base: refused by name, nothing written
+    other = tmp_path / "other"
+    torch.manual_seed(9)
+    export_gpt2(GPTModel(GPTConfig(vocab_size=4096, context_length=64, n_embd=64, n_layer=1, n_head=2)), other)
+    assert main(["export", str(out), "--out", str(adapter), "--adapter", "--base", str(other)]) == 2
+    assert (f"--base {other} is not the model this LoRA update was trained on: its transformer.wte.weight differs"
+            in capsys.readouterr().err)
+    assert not adapter.exists()
+    assert main(["export", str(out), "--out", str(adapter), "--adapter"]) == 0
+    captured = capsys.readouterr()
+    assert f"for the base {hf_base}" in captured.out and "the adapter goes on the float base" in captured.err
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str(hf_base) and config["r"] == 4
+    run = load_checkpoint(out, merge=False, quantized_ok=True).eval()
+    assert run.quantized == mode
+    # what the adapter should be: the float base with the run's A and B as float LoRA (model/lora.py)
+    want = add_lora(load_checkpoint(hf_base), 4, run.config.lora_alpha, run.config.lora_targets).eval()
+    with torch.no_grad():
+        for name, m in run.named_modules():
+            if isinstance(m, QuantLinear) and m.lora is not None:
+                update = want.get_submodule(name).parametrizations.weight[0]
+                assert m.lora.lora_B.abs().max() > 0, name  # trained: not the zero update it starts as
+                update.lora_A.copy_(m.lora.lora_A)
+                update.lora_B.copy_(m.lora.lora_B)
+    idx = torch.randint(0, 4096, (2, 17))
+    with torch.no_grad():
+        want_logits, run_logits = want(idx), run(idx)
+        got = load_checkpoint(adapter)(idx)
+        print(f"adapter on the float base vs float base + update: rel {rel(got, want_logits):.2e}; "
+              f"vs the quantized run: rel {rel(got, run_logits):.2e}")
+        assert rel(got, want_logits) < 1e-5
+        assert rel(got, run_logits) > 100 * rel(got, want_logits)  # the quantized run's is another function
+    peft = pytest.importorskip("peft")
+    transformers = pytest.importorskip("transformers")
+    with torch.no_grad():  # float64: peft's merge and ours round differently in fp32
+        on_base = peft.PeftModel.from_pretrained(transformers.GPT2LMHeadModel.from_pretrained(hf_base), adapter)
+        theirs = on_base.eval().double()(idx).logits
+        print(f"peft on the float base (float64): rel {rel(theirs, copy.deepcopy(want).double()(idx)):.2e}")
+        assert rel(theirs, copy.deepcopy(want).double()(idx)) <= 1e-6
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_a_qlora_adapters_base_must_quantize_to_the_runs_and_keep_its_float_tensors_exactly(tmp_path, mode):
+    """The run holds its matrices quantized and the rest float (embeddings, norms, the LM head, the matrices' biases,
+    buffers of the QuantLinears): a base is its --init when its matrices quantize to the run's buffers bit for bit and
+    every float tensor is equal. A base off by one float32 step in any float tensor is refused (quantized, the
+    matrices would hide nothing of it: those tensors are not quantized), as is one whose matrix weight moved enough
+    to change its quantization; a matrix weight moved within its quantization step is the run's frozen model
+    exactly (the float matrices are not in the run: nothing tells them apart), accepted."""
+    from safetensors.torch import load_file, save_file
+
+    from tritongpt.train.gpt2_weights import adapter_base, export_gpt2
+
+    torch.manual_seed(4)
+    cfg = dict(vocab_size=VOCAB, context_length=24, n_layer=2, n_head=4, n_embd=64)
+    float_base = GPTModel(GPTConfig(**cfg, tie_weights=False)).eval()
+    with torch.no_grad():  # biases and norms away from their 0 / 1 init: a step up is a step in a real value
+        for name, p in float_base.named_parameters():
+            if p.dim() == 1:
+                p.add_(torch.randn_like(p) * 0.1)
+    frozen = quantize(copy.deepcopy(float_base), mode, head=False, group_size=32)
+
+    def base_like(name, edit=None, model=float_base):
+        folder = tmp_path / name
+        export_gpt2(model, folder)
+        if edit:
+            tensors = load_file(folder / "model.safetensors")
+            edit(tensors)
+            save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+        return str(folder)
+
+    def up(key, i=3):
+        def edit(t):
+            t[key].view(-1)[i] = torch.nextafter(t[key].view(-1)[i], torch.tensor(float("inf")))
+        return edit
+
+    assert adapter_base(base_like("same"), None, frozen) == str(tmp_path / "same")
+    fc2 = frozen.trf_blocks[1].ff.fc2  # Hugging Face's h.1.mlp.c_proj, [in, out]: our [out, in] transposed
+    w, d = float_base.trf_blocks[1].ff.fc2.weight.detach(), fc2.dequantize()
+    q = unpack_int4(fc2.qweight).view_as(w).int() if mode == "int4" else fc2.qweight.int()
+    inner = ((q > 0) & (q < 15) if mode == "int4" else q.abs() < 100) & (d != w)  # no extreme: scales unchanged
+    n, k = (int(i) for i in inner.nonzero()[0])
+
+    def within_step(t):  # the weight moved to its dequantized value: it quantizes the same
+        t["transformer.h.1.mlp.c_proj.weight"][k, n] = d[n, k]
+
+    def past_step(t):  # the row's (and group's) largest weight, doubled: its scale changes
+        t["transformer.h.1.mlp.c_proj.weight"][k, n] = 2 * w[n].abs().max()
+
+    assert adapter_base(base_like("within", within_step), None, frozen) == str(tmp_path / "within")
+    how = "int4, group 32" if mode == "int4" else "int8"
+    torch.manual_seed(5)
+    other = GPTModel(GPTConfig(**cfg, tie_weights=False))
+    for base, said in (
+            (base_like("other", model=other), r"its transformer.wte.weight differs by up to \d"),
+            (base_like("wte", up("transformer.wte.weight")), r"its transformer.wte.weight differs by up to \d"),
+            (base_like("ln", up("transformer.h.0.ln_2.weight")), r"its transformer.h.0.ln_2.weight differs"),
+            (base_like("bias", up("transformer.h.1.attn.c_attn.bias", 70)), "its transformer.h.1.attn.c_attn.bias "),
+            (base_like("head", up("lm_head.weight")), "its lm_head.weight differs"),
+            (base_like("past", past_step), rf"its transformer.h.1.mlp.c_proj.weight, quantized as the run's "
+                                           rf"\({how}\), differs \(fc2's scale in 1 of")):
+        with pytest.raises(UserError, match="--base .* is not the model this LoRA update was trained on: " + said):
+            adapter_base(base, None, frozen)

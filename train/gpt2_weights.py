@@ -6,6 +6,7 @@ nn.Linear's [out, in]; and one fused c_attn projection that makes q, k and v tog
 we split into W_query, W_key and W_value. The LM head is tied to the token embedding.
 `export_gpt2` writes the inverse: a folder transformers' GPT2LMHeadModel.from_pretrained loads.
 """
+import copy
 import json
 import os
 import re
@@ -832,13 +833,18 @@ def peft_adapter(model: GPTModel, base: str) -> tuple:
     [in, out] weight (fan_in_fan_out), the scale being lora_alpha / r, as ours. Hugging Face's
     c_attn is our W_query, W_key and W_value side by side, so its update is the three stacked:
     A = [A_q; A_k; A_v] [3r, C] and B = diag(B_q, B_k, B_v) [3C, 3r], a rank-3r update with alpha
-    3 alpha (rank_pattern, alpha_pattern). Exact: B's zero blocks add nothing."""
+    3 alpha (rank_pattern, alpha_pattern). Exact: B's zero blocks add nothing.
+
+    A QLoRA model's update (QuantLinear.lora) is written the same: A and B are the same object on a
+    float base or a quantized one, and peft applies them to the float base (or its 4-bit load)."""
     from tritongpt.model.lora import lora_linears, parse_targets
+    from tritongpt.model.quant import QuantLinear
 
     cfg = model.config
     if not cfg.lora_rank:
         raise UserError("the model has no LoRA update (a run trained with --lora-rank has one)")
-    ups = {name: linear.parametrizations.weight[0] for name, linear in lora_linears(model)}
+    ups = {name: linear.lora if isinstance(linear, QuantLinear) else linear.parametrizations.weight[0]
+           for name, linear in lora_linears(model)}
     targets = parse_targets(cfg.lora_targets)
     tensors = {}
     for i in range(cfg.n_layer):
@@ -864,7 +870,8 @@ def adapter_base(base: str | None, init: str | None, frozen: GPTModel) -> str:
     """base_model_name_or_path for an adapter whose frozen model is `frozen`: --base, else the
     run's --init. A Hugging Face GPT-2 folder, or a Hub model in the local cache, is compared with
     `frozen` tensor by tensor, and its heads: an adapter on another base would be a wrong model,
-    silently."""
+    silently. A QLoRA run's `frozen` (quantized matrices): the base quantized as the run did is
+    compared with it (_check_base)."""
     name = base if base is not None else init
     if name is None:
         raise UserError("--adapter: name the model it goes on with --base (a Hugging Face GPT-2 folder, e.g. "
@@ -902,23 +909,68 @@ def adapter_base(base: str | None, init: str | None, frozen: GPTModel) -> str:
 
 
 def _check_base(file: Path, frozen: GPTModel, what: str):
+    """A UserError naming the first tensor in which the model in `file` is not `frozen`.
+
+    A QLoRA run's frozen model holds its matrices quantized (the float ones are not in the run):
+    the base is quantized as the run quantized its --init (quantize(head=False), deterministic)
+    and its quantized buffers compared with the run's bit for bit; every tensor the run keeps
+    float (embeddings, norms, the LM head, the matrices' biases) is compared as a float run's."""
     base = load_gpt2_safetensors(file)
     # the heads are in config.json, not in any tensor: other heads split the same weights otherwise
     if base.config.n_head != frozen.config.n_head:
         raise UserError(f"{what} is not the model this LoRA update was trained on: it has {base.config.n_head} "
                         f"heads, not {frozen.config.n_head}")
-    theirs, ours = _hf_tensors(base), _hf_tensors(frozen)
+    mode = getattr(frozen, "quantized", None)
+    if mode:
+        from tritongpt.model.quant import dequantize_model
+
+        # its float tensors under Hugging Face's names (_hf_tensors reads each matrix as a weight: dequantized
+        # here, only their shapes compared below; their values are compared quantized, after)
+        matrices = {f"transformer.h.{i}.{m}.weight" for i in range(frozen.config.n_layer) for m in HF_LINEARS}
+        theirs, ours = _hf_tensors(base), _hf_tensors(dequantize_model(copy.deepcopy(frozen)))
+    else:
+        matrices = set()
+        theirs, ours = _hf_tensors(base), _hf_tensors(frozen)
     extra = sorted(set(theirs) - set(ours))  # an LM head of its own where the run's is the token embedding
     if extra:
         raise UserError(f"{what} is not the model this LoRA update was trained on: it has {extra[0]}, "
                         "which the run's model has not")
     for key in ours:
         t = theirs.get(key)
-        if t is None or t.shape != ours[key].shape or not torch.equal(t, ours[key]):
+        if t is None or t.shape != ours[key].shape or (key not in matrices and not torch.equal(t, ours[key])):
             how = "has no such tensor" if t is None else (
                 f"has shape {tuple(t.shape)}, not {tuple(ours[key].shape)}" if t.shape != ours[key].shape
                 else f"differs by up to {(t.double() - ours[key].double()).abs().max().item():.3g}")
             raise UserError(f"{what} is not the model this LoRA update was trained on: its {key} {how}")
+    if mode:
+        _check_quantized_base(base, frozen, what)
+
+
+def _check_quantized_base(base: GPTModel, frozen: GPTModel, what: str):
+    """base (float, of frozen's shapes) quantized as QLoRA's run quantized its --init, its quantized
+    buffers compared with frozen's bit for bit. A weight moved by less than its quantization step
+    quantizes the same: such a base is the run's frozen model exactly, all the run can tell."""
+    from tritongpt.model.quant import QuantLinear, quantize
+
+    group = frozen.quantized_group_size
+    quantize(base, frozen.quantized, head=False, group_size=group or 128)  # (int8's has no groups)
+    how = f"{frozen.quantized}" + (f", group {group}" if group else "")
+    hf_module = {ours: theirs for theirs, names in HF_LINEARS.items() for ours in names}
+    for name, m in frozen.named_modules():
+        if not isinstance(m, QuantLinear):
+            continue
+        layer, _, path = name.removeprefix("trf_blocks.").partition(".")
+        key = f"transformer.h.{layer}.{hf_module[path]}.weight"
+        theirs = base.get_submodule(name)
+        for buf in ("scale", "offset", "qweight"):  # a step changed first: the coarser difference
+            t, o = getattr(theirs, buf, None), getattr(m, buf, None)
+            if o is None:
+                continue
+            if t is None or t.shape != o.shape or not torch.equal(t, o):
+                n = "all" if t is None or t.shape != o.shape else int((t != o).sum())
+                raise UserError(f"{what} is not the model this LoRA update was trained on: its {key}, quantized as "
+                                f"the run's ({how}), differs ({path.rpartition('.')[2]}'s {buf} in {n} of "
+                                f"{o.numel()} places)")
 
 
 def export_peft_adapter(model: GPTModel, out_dir, base: str) -> list:

@@ -819,11 +819,8 @@ def cmd_export(args):
                         "cannot hold: export it without --adapter, whole (merged), as a sequence classifier")
     model = RewardModel.load(source) if reward else load_checkpoint(source, merge=not args.adapter,
                                                                     quantized_ok=is_qlora_checkpoint(source))
-    if getattr(model, "quantized", None):  # QLoRA's (an int8/int4 file without updates was refused by name)
-        if args.adapter:
-            raise UserError(f"--adapter: {source} is a QLoRA checkpoint (LoRA updates on an {model.quantized} "
-                            "base), whose adapter export is not written yet: export it without --adapter, merged "
-                            "(the base dequantized plus the updates, a float model)")
+    qlora = getattr(model, "quantized", None)  # QLoRA's (an int8/int4 file without updates was refused by name)
+    if qlora and not args.adapter:  # (an adapter: the updates alone, for the float base the run quantized)
         from tritongpt.model.lora import merge_lora
 
         merge_lora(model)  # the float model it computes: dequantized W + scale B A
@@ -895,6 +892,12 @@ def cmd_export(args):
               f"{cfg.lora_alpha:g} on {cfg.lora_targets}) of a GPT-2 with {cfg.n_layer} layers, for the base {base}")
         print(f"load it with peft.AutoPeftModelForCausalLM.from_pretrained({str(out)!r}), or "
               f"peft.PeftModel.from_pretrained(GPT2LMHeadModel.from_pretrained({base!r}), {str(out)!r})")
+        if qlora:
+            note(f"the run trained this update on its base's matrices {describe_quantized(model)}; the adapter goes "
+                 f"on the float base {base}, which peft loads it onto as it is (the float model plus the update, "
+                 "not the run's quantized one: each matrix weight differs by up to half a quantization step) or "
+                 "onto its 4-bit load (BitsAndBytesConfig(load_in_4bit=True): bitsandbytes' quantization, not "
+                 "the run's)")
         return 0
     what = f"a reward model on {family}'s backbone" if reward else family
     print(f"wrote {out}/ ({', '.join(p.name for p in paths)}): {what} with {cfg.n_layer} layers, {cfg.n_head} heads, "
@@ -1127,10 +1130,11 @@ def add_cli(sub):
     p.add_argument("--tokenizer", help=TOKENIZER_CHOICES + " (default: the one saved with the "
                                        "checkpoint's run, else by vocab size)")
     p.add_argument("--adapter", action="store_true",
-                   help="a LoRA run's update alone, as a peft adapter (adapter_model.safetensors, adapter_config.json) "
-                        "for its base model, instead of the merged model")
+                   help="a LoRA (or QLoRA) run's update alone, as a peft adapter (adapter_model.safetensors, "
+                        "adapter_config.json) for its float base model, instead of the merged model")
     p.add_argument("--base", help="the Hugging Face GPT-2 folder or GPT-2 name the --adapter goes on, written as its "
                                   "base_model_name_or_path (default: the run's --init); a folder, or a Hub model in "
-                                  "the local cache, must hold the run's frozen weights exactly")
+                                  "the local cache, must hold the run's frozen weights exactly (a QLoRA run's: "
+                                  "quantized as the run did)")
     p.add_argument("--overwrite", action="store_true", help="replace those files if --out holds them")
     p.set_defaults(func=cmd_export)
