@@ -420,6 +420,10 @@ def test_a_qlora_adapters_base_must_quantize_to_the_runs_and_keep_its_float_tens
         t["transformer.h.1.mlp.c_proj.weight"][k, n] = 2 * w[n].abs().max()
 
     assert adapter_base(base_like("within", within_step), None, frozen) == str(tmp_path / "within")
+
+    def huge(t):  # finite weights whose int4 range overflows fp32 (a file holding none loads; the run had none)
+        t["transformer.h.0.mlp.c_fc.weight"][0:2, 0] = torch.tensor([3e38, -3e38])
+
     how = "int4, group 32" if mode == "int4" else "int8"
     torch.manual_seed(5)
     other = GPTModel(GPTConfig(**cfg, tie_weights=False))
@@ -427,9 +431,11 @@ def test_a_qlora_adapters_base_must_quantize_to_the_runs_and_keep_its_float_tens
             (base_like("other", model=other), r"its transformer.wte.weight differs by up to \d"),
             (base_like("wte", up("transformer.wte.weight")), r"its transformer.wte.weight differs by up to \d"),
             (base_like("ln", up("transformer.h.0.ln_2.weight")), r"its transformer.h.0.ln_2.weight differs"),
-            (base_like("bias", up("transformer.h.1.attn.c_attn.bias", 70)), "its transformer.h.1.attn.c_attn.bias "),
+            (base_like("bias", up("transformer.h.1.attn.c_attn.bias", 70)), "its transformer.h.1.attn.c_attn.bias differs"),
             (base_like("head", up("lm_head.weight")), "its lm_head.weight differs"),
             (base_like("past", past_step), rf"its transformer.h.1.mlp.c_proj.weight, quantized as the run's "
-                                           rf"\({how}\), differs \(fc2's scale in 1 of")):
+                                           rf"\({how}\), differs \(fc2's scale in 1 of"),
+            (base_like("huge", huge), r"its matrices do not quantize as the run's \(int4, group 32\): cannot "
+             "int4-quantize row 0, group 0" if mode == "int4" else "its transformer.h.0.mlp.c_fc.weight, quantized")):
         with pytest.raises(UserError, match="--base .* is not the model this LoRA update was trained on: " + said):
             adapter_base(base, None, frozen)

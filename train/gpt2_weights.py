@@ -953,8 +953,12 @@ def _check_quantized_base(base: GPTModel, frozen: GPTModel, what: str):
     from tritongpt.model.quant import QuantLinear, quantize
 
     group = frozen.quantized_group_size
-    quantize(base, frozen.quantized, head=False, group_size=group or 128)  # (int8's has no groups)
     how = f"{frozen.quantized}" + (f", group {group}" if group else "")
+    try:
+        quantize(base, frozen.quantized, head=False, group_size=group or 128)  # (int8's has no groups)
+    except UserError as e:  # a NaN or inf matrix weight (the shapes are the run's): the run quantized none
+        raise UserError(f"{what} is not the model this LoRA update was trained on: its matrices do not quantize "
+                        f"as the run's ({how}): {e}") from None
     hf_module = {ours: theirs for theirs, names in HF_LINEARS.items() for ours in names}
     for name, m in frozen.named_modules():
         if not isinstance(m, QuantLinear):
