@@ -422,3 +422,25 @@ def test_a_resume_with_another_teacher_quantization_is_refused_naming_it(corpus,
         error = capsys.readouterr().err.split("error: ")[-1]
         assert f"the run's ran int4 (group 16), this one {now}" in error and "--teacher-quantize" in error
     assert main(["pretrain", *pargs(corpus, ckpts, out, "--max-steps", "2", "--resume", "latest", *quant)]) == 0
+
+
+def test_the_fused_loss_reads_a_quantized_heads_dequantized_weight_in_the_hidden_states_dtype(monkeypatch):
+    """A teacher cast to bf16 (no autocast): its quantized head dequantized in bf16, the float head's dtype there (an
+    fp32 one would meet bf16 hidden states: refused by the kernel's dtype check); under autocast, autocast's."""
+    from tritongpt.model.quant import quantize
+
+    torch.manual_seed(0)
+    cfg = dict(vocab_size=40, context_length=16, n_embd=32, n_layer=1, n_head=2)
+    student, teacher = GPTModel(GPTConfig(**cfg)), quantize(GPTModel(GPTConfig(**cfg)), "int8")
+    student.set_kernels({"cross_entropy"})
+    x, y = torch.randint(0, 40, (2, 9)), torch.randint(0, 40, (2, 9))
+    seen = []
+    real = distill.head_weight
+    monkeypatch.setattr(distill, "head_weight", lambda m, dtype=None: seen.append(dtype) or real(m, dtype))
+    for model in (student, teacher):
+        model.to(torch.bfloat16)
+    loss, _, kd = distill.fused_distill_loss(student, teacher, x, y, None, 40, 0.5, 1.0, 0.0)
+    assert seen == [torch.bfloat16] and torch.isfinite(loss) and kd > 0
+    with torch.no_grad():
+        want = distill.distill_loss(student(x).float(), teacher(x).float(), y, 40, 0.5, 1.0, 0.0)[0]
+    assert abs(loss.item() - want.item()) < 2e-2 * want.item()

@@ -230,18 +230,24 @@ def fused_distill_loss(model, teacher, x, targets, doc_ids, vocab_size: int, alp
     with torch.no_grad():
         t_h = teacher(x, doc_ids=doc_ids, head_input=True)
     h = model(x, doc_ids=doc_ids, head_input=True)
-    return linear_distill_loss(h, student.out_head.weight, t_h, head_weight(t_model), targets, vocab_size, alpha,
+    # the dtype the kernel reads the head in: autocast's, else the hidden states' (a float head is the model's)
+    device = t_h.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else t_h.dtype
+    return linear_distill_loss(h, student.out_head.weight, t_h, head_weight(t_model, dtype), targets, vocab_size, alpha,
                                temperature, beta, ignore_index, reduction, student_bias=student.out_head.bias,
                                teacher_bias=t_model.out_head.bias, ce_vocab_size=student.config.vocab_size)
 
 
-def head_weight(model):
-    """The LM head's float weight: a quantized head's (--teacher-quantize, model/quant.py) dequantized, [V, C] fp32
-    for the call (the matrix its own forward multiplies by), so the fused loss still never makes the logits."""
+def head_weight(model, dtype=None):
+    """The LM head's float weight: a quantized head's (--teacher-quantize, model/quant.py) dequantized for the call,
+    [V, C] (the matrix its own forward multiplies by), in dtype when given (the one the kernel reads it in: under
+    autocast only the 16-bit copy lives through the loss), so the fused loss still never makes the logits."""
     from tritongpt.model.quant import QuantLinear
 
     head = model.out_head
-    return head.dequantize() if isinstance(head, QuantLinear) else head.weight
+    if not isinstance(head, QuantLinear):
+        return head.weight
+    return head.dequantize() if dtype is None else head.dequantize().to(dtype)
 
 
 def unwrapped(model):
