@@ -386,7 +386,8 @@ def test_the_quantize_command_writes_an_int4_folder_the_commands_run_as_the_flag
     assert "is int4 already (saved so): --quantize has nothing to do" in capsys.readouterr().err
     for argv, err in ((["--quantize", "int4", "--group-size", "64"],
                        "is int4 with group size 32 already (saved so), not 64"),
-                      (["--quantize", "int8"], "the model is already quantized (int4)")):
+                      (["--quantize", "int8"], "the model is int4 (group 32) already (saved so), not int8: run it without "
+                                               "--quantize")):
         assert cli.main([*GEN, "--weights", str(out), *argv]) == 2
         assert err in capsys.readouterr().err
     scores = []

@@ -976,6 +976,9 @@ def quantize(model, args, device=None, what: str = ""):
                             f"(saved so), not {args.group_size}: quantize its float weights again for another")
         note(f"{what or 'the model'} is {model.quantized} already (saved so): --quantize has nothing to do")
         return model
+    if getattr(model, "quantized", None):  # the other mode: its float weights are not here to quantize again
+        raise UserError(f"{what or 'the model'} is {describe_quantized(model)} already (saved so), not "
+                        f"{args.quantize}: run it without --quantize, or quantize the float weights it was made from")
     from tritongpt.model.quant import linear_bytes, quantize as quantize_model
 
     before = linear_bytes(model)
