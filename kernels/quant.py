@@ -89,10 +89,16 @@ SCALE_DTYPES = FLOAT_DTYPES + (torch.float64,)  # read as fp32 in the kernel
 DECODE_M = 16  # up to this many rows: the decode tiles (BLOCK_M 16)
 
 
+def _interpreter_tile():
+    """Every kernel's one tile under the interpreter, which pays per program and per tl.dot: a handful of programs.
+    BLOCK_K 64 is one group's part at int4's G >= 64 and 2 or 4 whole groups at G 32 or 16 (both of its scale
+    paths). A new Config each call: each autotuner keeps its own."""
+    return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 4}, num_warps=4, num_stages=1)]
+
+
 def _configs():
     if triton_interpreting():
-        # the interpreter pays per program and per tl.dot: one mid-sized tile, a handful of programs
-        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 4}, num_warps=4, num_stages=1)]
+        return _interpreter_tile()
     cfg = triton.Config
     return [
         # decode (M <= 16): one row-tile; the N tiles are the grid, so narrow ones keep more SMs busy on a small
@@ -281,8 +287,7 @@ MAX_GROUPS_A_STEP = 8  # BLOCK_K / G above this: a fine-grained scale tile per s
 
 def _int4_configs():
     if triton_interpreting():
-        # one tile: BLOCK_K 64 is one group's part at G >= 64 and 2 or 4 whole groups at G 32 or 16 (both paths)
-        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 4}, num_warps=4, num_stages=1)]
+        return _interpreter_tile()
     cfg = triton.Config
     # the dequantized [BLOCK_N, BLOCK_K] fp32 tile lives in registers next to the accumulator: at most 64 values a
     # thread here (int8's 128 x 256 decode tile on 8 warps would be 128). bench/compile_check.py: none spills on
@@ -470,7 +475,7 @@ def int4_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, off
 # computes a BLOCK_M x BLOCK_K tile of dx and walks N (the reduction) in BLOCK_N steps.
 def _dx_configs():
     if triton_interpreting():
-        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 4}, num_warps=4, num_stages=1)]
+        return _interpreter_tile()
     cfg = triton.Config
     # the dequantized [BLOCK_N, BLOCK_K] fp32 tile lives in registers next to the accumulator (as int4's forward).
     # bench/compile_check.py: none spills on sm_90 (94-168 registers a thread with few rows, 80-168 at training's)

@@ -316,10 +316,7 @@ def quantize(model, mode: str, head: bool = True, device=None, group_size: int =
 def quantized_layout(model, mode: str = "int8", head: bool = True, group_size: int = 128):
     """model (a GPTModel, on the meta device) with each Linear quantize() would quantize replaced by an empty
     QuantLinear of its shape: what a quantized file's tensors load into (GPTModel.load). In place; returns it."""
-    if mode == "int4":
-        _check_quantizable(model, "int4", group_size)
-    else:
-        _check_quantizable(model, mode)
+    _check_quantizable(model, mode, group_size if mode == "int4" else None)
 
     def empty(linear):
         args = (linear.in_features, linear.out_features, linear.bias is not None, linear.weight.device,

@@ -134,16 +134,23 @@ def test_alpha_zero_is_the_plain_loss_and_the_parts_are_logged(corpus, ckpts, tm
     assert all("distill_ce" not in r for r in rows(tmp_path / "a"))
 
 
-def test_the_triton_loss_path_distills_as_the_reference_does(corpus, ckpts, tmp_path):
-    # --kernels cross_entropy: the loss is kernels/jsd.py's linear_distill_loss (both heads fused, no logits), the
-    # teacher wider and with another padded head; the same steps as the reference path's, to fp32 rounding
-    extra = ("--max-steps", "2", "--teacher", ckpts.teacher, "--distill-alpha", "0.4", "--distill-temperature", "2",
-             "--distill-beta", "0.3")
+def reference_and_fused(corpus, ckpts, tmp_path, extra):
+    """pretrain with extra on the reference path (out dir ref) and with --kernels cross_entropy (fused): the same
+    losses to fp32 rounding, asserted; (reference result, fused result)."""
     ref = pretrain(parse_args(pargs(corpus, ckpts, tmp_path / "ref", *extra)))
     argv = pargs(corpus, ckpts, tmp_path / "fused", *extra)
     argv[argv.index("--kernels") + 1] = "cross_entropy"
     fused = pretrain(parse_args(argv))
     assert fused["losses"] == pytest.approx(ref["losses"], rel=1e-4)
+    return ref, fused
+
+
+def test_the_triton_loss_path_distills_as_the_reference_does(corpus, ckpts, tmp_path):
+    # --kernels cross_entropy: the loss is kernels/jsd.py's linear_distill_loss (both heads fused, no logits), the
+    # teacher wider and with another padded head; the same steps as the reference path's, to fp32 rounding
+    extra = ("--max-steps", "2", "--teacher", ckpts.teacher, "--distill-alpha", "0.4", "--distill-temperature", "2",
+             "--distill-beta", "0.3")
+    ref, fused = reference_and_fused(corpus, ckpts, tmp_path, extra)
     for a, b in zip(rows(tmp_path / "ref"), rows(tmp_path / "fused")):
         assert b["distill_kd"] == pytest.approx(a["distill_kd"], rel=1e-4) and b["distill_kd"] > 0
 
@@ -370,11 +377,7 @@ def test_the_fused_loss_distills_from_an_int8_teacher_as_the_reference_does(corp
     own forward multiplies by), so the fused steps are the reference path's, to fp32 rounding."""
     extra = ("--max-steps", "2", "--teacher", ckpts.teacher, "--teacher-quantize", "int8", "--distill-alpha", "0.4",
              "--distill-beta", "0.3")
-    ref = pretrain(parse_args(pargs(corpus, ckpts, tmp_path / "ref", *extra)))
-    argv = pargs(corpus, ckpts, tmp_path / "fused", *extra)
-    argv[argv.index("--kernels") + 1] = "cross_entropy"
-    fused = pretrain(parse_args(argv))
-    assert fused["losses"] == pytest.approx(ref["losses"], rel=1e-4)
+    ref, _ = reference_and_fused(corpus, ckpts, tmp_path, extra)
     float_teacher = pretrain(parse_args(pargs(corpus, ckpts, tmp_path / "float", *extra[:4], *extra[6:])))
     assert float_teacher["losses"] != ref["losses"]
 

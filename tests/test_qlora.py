@@ -16,7 +16,7 @@ from tritongpt.model.config import GPTConfig
 from tritongpt.model.gpt import GPTModel
 from tritongpt.model.lora import add_lora, has_lora, lora_parameters, merge_lora, strip_lora
 from tritongpt.model.quant import Int4Linear, Int8Linear, QuantLinear, dequantize_model, quantize, unpack_int4
-from test_quantize_int4 import LLAMA, VOCAB, rel, tiny
+from test_quantize import LLAMA, VOCAB, rel, tiny
 
 
 def qlora(mode="int4", kernels="reference", rank=4, targets="attn,mlp", **extra):
@@ -24,10 +24,30 @@ def qlora(mode="int4", kernels="reference", rank=4, targets="attn,mlp", **extra)
     model = quantize(tiny(kernels, **extra), mode, head=False, group_size=32)
     add_lora(model, rank, 16.0, targets)
     torch.manual_seed(1)
+    return random_updates(model, 0.1)
+
+
+def random_updates(model, std):
     with torch.no_grad():
         for p in lora_parameters(model):
-            p.copy_(torch.randn_like(p) * 0.1)
+            p.copy_(torch.randn_like(p) * std)
     return model
+
+
+def compare_paths(ref, idx, loss_rtol, grad_rtol, autocast=None):
+    """One backward of ref (the reference path) and of its copy on the Triton path: the losses within loss_rtol,
+    every A and B gradient within grad_rtol of the reference's."""
+    tri = copy.deepcopy(ref).set_kernels("triton")
+    losses = []
+    for m in (ref.train(), tri.train()):
+        with torch.autocast(idx.device.type, autocast, enabled=autocast is not None):
+            loss = m(idx, targets=idx)
+        loss.backward()
+        losses.append(loss.item())
+    assert abs(losses[0] - losses[1]) < loss_rtol * losses[0]
+    want, got = lora_grads(ref), lora_grads(tri)
+    for name, g in got.items():
+        assert rel(g, want[name]) < grad_rtol, (name, rel(g, want[name]))
 
 
 def float_twin(model):
@@ -155,18 +175,7 @@ def test_a_qlora_checkpoint_loads_with_its_updates_and_runs_unmerged(tmp_path, k
 def test_the_triton_path_trains_qlora_as_the_reference_does(extra):
     """The Triton path: the quantized matmuls' kernels carry the gradient to x (kernels/quant.py's backward), the
     GELU unfused where its input is needed; loss and every A and B gradient match the reference path's."""
-    ref = qlora("int4", **extra).train()
-    tri = copy.deepcopy(ref).set_kernels("triton")
-    idx = torch.randint(0, VOCAB, (2, 11))
-    losses = []
-    for m in (ref, tri):
-        loss = m(idx, targets=idx)
-        loss.backward()
-        losses.append(loss.item())
-    assert abs(losses[0] - losses[1]) < 1e-5 * losses[0]
-    want, got = lora_grads(ref), lora_grads(tri)
-    for name, g in got.items():
-        assert rel(g, want[name]) < 1e-4, (name, rel(g, want[name]))
+    compare_paths(qlora("int4", **extra), torch.randint(0, VOCAB, (2, 11)), 1e-5, 1e-4)
 
 
 @pytest.mark.cuda
@@ -179,21 +188,8 @@ def test_a_qlora_step_at_gpt2_width_on_cuda_matches_the_reference_path_under_bf1
     cfg = GPTConfig(**{**get_config("gpt2-small").to_dict(), "n_layer": 2})
     ref = quantize(GPTModel(cfg), "int4", head=False, device="cuda").cuda()
     add_lora(ref, 8)
-    with torch.no_grad():
-        for p in lora_parameters(ref):
-            p.copy_(torch.randn_like(p) * 0.02)
-    tri = copy.deepcopy(ref).set_kernels("triton")
     idx = torch.randint(0, cfg.vocab_size, (4, 256), device="cuda")
-    losses = []
-    for m in (ref.train(), tri.train()):
-        with torch.autocast("cuda", torch.bfloat16):
-            loss = m(idx, targets=idx)
-        loss.backward()
-        losses.append(loss.item())
-    assert abs(losses[0] - losses[1]) < 1e-2 * losses[0]
-    want, got = lora_grads(ref), lora_grads(tri)
-    for name, g in got.items():
-        assert rel(g, want[name]) < 3e-2, (name, rel(g, want[name]))
+    compare_paths(random_updates(ref, 0.02), idx, 1e-2, 3e-2, autocast=torch.bfloat16)
 
 
 # -- sft --quantize (QLoRA) ------------------------------------------------------------------------------------

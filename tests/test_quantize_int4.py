@@ -15,20 +15,7 @@ from tritongpt.model.layers import GELU
 from tritongpt.model.quant import (Int4Linear, linear_bytes, quantize, quantize_int4,
                                    quantize_int8, quantize_weight_int4, unpack_int4)
 from test_decode_graph import warm_then_fx
-
-VOCAB = 97
-LLAMA = dict(position_encoding="rope", n_kv_head=2, norm="rmsnorm", mlp="swiglu", bias=False)
-
-
-def tiny(kernels="reference", **extra):
-    torch.manual_seed(0)
-    cfg = GPTConfig(**{**dict(vocab_size=VOCAB, context_length=24, n_layer=2, n_head=4, n_embd=64), **extra},
-                    kernels=kernels)
-    return GPTModel(cfg).eval()
-
-
-def rel(a, b):
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+from test_quantize import LLAMA, VOCAB, rel, tiny
 
 
 def dequantized(q, scale, offset, group):
