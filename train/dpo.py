@@ -301,13 +301,15 @@ def train_dpo(policy, ref, tokenizer, train_pairs, val_pairs, args, beta: float 
 
 
 def cmd_dpo(args):
-    from tritongpt.commands import apply_lora
+    from tritongpt.commands import apply_lora, check_qlora, quantize_base
     from tritongpt.model.lora import check_lora
     from tritongpt.train.reward import data_run_args, setup_preference_run
 
     check_lora(args.lora_rank, args.lora_alpha, args.lora_targets)
+    check_qlora(args)
     check_beta(args.beta, args.loss_type, args.label_smoothing, args.simpo_gamma, args.rpo_alpha)  # before the set-up
     targs, train, val, policy, tok = setup_preference_run(args, "dpo")
+    quantize_base(policy, args)  # QLoRA: the reference is the quantized base, the policy with its updates at 0
     ref = None if args.loss_type in REFERENCE_FREE else copy.deepcopy(policy)
     apply_lora(policy, args)  # the reference stays the whole --init model
     result = train_dpo(policy, ref, tok, train, val, targs, beta=args.beta, run_args=data_run_args(args),
@@ -330,14 +332,15 @@ POLICY_TRAIN_DEFAULTS = dict(max_steps=300, batch_size=16, lr=1e-5, min_lr=1e-6,
 
 def add_policy_args(p, unpaired: bool = False):
     """The flags dpo and kto share before their own: the --init policy (or a fresh --model), the preference data
-    (kto's unpaired examples too), --vocab-multiple and LoRA."""
-    from tritongpt.commands import add_lora_args, add_model_args, add_vocab_multiple_arg
+    (kto's unpaired examples too), --vocab-multiple, LoRA and QLoRA's quantized base."""
+    from tritongpt.commands import add_lora_args, add_model_args, add_qlora_args, add_vocab_multiple_arg
     from tritongpt.train.reward import add_data_args
 
     add_model_args(p, default_model=None, default_text="tiny, with no --init")
     add_data_args(p, unpaired=unpaired)
     add_vocab_multiple_arg(p, None, "as the --init model has them")
     add_lora_args(p)
+    add_qlora_args(p)
 
 
 def add_cli(sub):

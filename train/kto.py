@@ -402,15 +402,17 @@ def train_kto(policy, ref, tokenizer, train_examples, val_examples, args, beta: 
 
 
 def cmd_kto(args):
-    from tritongpt.commands import apply_lora
+    from tritongpt.commands import apply_lora, check_qlora, quantize_base
     from tritongpt.model.lora import check_lora
     from tritongpt.train.reward import data_run_args, setup_preference_run
 
     check_lora(args.lora_rank, args.lora_alpha, args.lora_targets)
+    check_qlora(args)
     check_kto(args.beta, args.loss_type, args.desirable_weight, args.undesirable_weight,
               args.batch_size)  # before the set-up
     targs, train, val, policy, tok = setup_preference_run(
         args, "kto", lambda a: train_val_examples(a.data, a.num_pairs, a.val_fraction, a.seed))
+    quantize_base(policy, args)  # QLoRA: the reference is the quantized base, the policy with its updates at 0
     ref = copy.deepcopy(policy)
     apply_lora(policy, args)  # the reference stays the whole --init model
     result = train_kto(policy, ref, tok, train, val, targs, beta=args.beta, run_args=data_run_args(args),

@@ -284,7 +284,7 @@ def build_backbone(args):
 
 
 # data_run_args' defaults: what a run from before they were recorded went with (Trainer's run_defaults)
-DATA_DEFAULTS = {"num_pairs": 2000, "val_fraction": 0.1}
+DATA_DEFAULTS = {"num_pairs": 2000, "val_fraction": 0.1, "quantize": None, "group_size": None}
 
 
 def add_data_args(p, unpaired: bool = False):
@@ -320,12 +320,14 @@ def add_data_args(p, unpaired: bool = False):
 
 
 def data_run_args(args) -> dict:
-    """The data flags of `reward`, `dpo`, `kto` and `rlhf` that a resume names when they change, and the
-    --init the run started from (`export --adapter` puts a LoRA run's update on it)."""
+    """The data flags of `reward`, `dpo`, `kto` and `rlhf` that a resume names when they change, the
+    --init the run started from (`export --adapter` puts a LoRA run's update on it) and how QLoRA quantized it."""
     from tritongpt.train.common import data_path
 
     return {"data": data_path(args.data), "num_pairs": args.num_pairs, "val_fraction": args.val_fraction,
-            "init": data_path(getattr(args, "init", None))}
+            "init": data_path(getattr(args, "init", None)),
+            # QLoRA's base (--quantize, --group-size): `export --adapter` quantizes the named base as the run did
+            "quantize": getattr(args, "quantize", None), "group_size": getattr(args, "group_size", None)}
 
 
 def setup_preference_run(args, command: str, read_data=None):

@@ -43,7 +43,7 @@ def add_lora_args(p):
 
 
 def add_qlora_args(p):
-    """--quantize and --group-size of a trainer with LoRA (sft): QLoRA's quantized frozen base."""
+    """--quantize and --group-size of a trainer with LoRA (sft, dpo, kto): QLoRA's quantized frozen base."""
     p.add_argument("--quantize", choices=QUANTIZE_CHOICES, default=None,
                    help="QLoRA (with --lora-rank): the frozen base's matrices weight-only int8 or int4 (groups of "
                         "--group-size inputs) while the LoRA updates train beside them in float; the embeddings, "
