@@ -82,3 +82,18 @@ def test_a_quantized_base_without_lora_is_refused_before_anything_is_written(hf_
     assert main(argv(cmd, hf_base, tmp_path / "bad", "--max-steps", "1", *flags)) == 2
     assert said in capsys.readouterr().err
     assert not (tmp_path / "bad").exists()
+
+
+def test_the_run_records_the_group_size_it_used_so_a_resume_naming_the_default_is_the_same_run(tmp_path, capsys):
+    wide = tmp_path / "wide"  # a width of 128: int4's default group
+    torch.manual_seed(5)
+    export_gpt2(GPTModel(GPTConfig(vocab_size=4096, context_length=128, n_embd=128, n_layer=1, n_head=2)), wide)
+    out = tmp_path / "run"
+    assert main(argv("dpo", wide, out, "--max-steps", "1", "--eval-every", "0", "--lora-rank", "2",
+                     "--quantize", "int4")) == 0
+    state = common.load_state(common.resume_checkpoint(out, "latest"))
+    assert (state["args"]["quantize"], state["args"]["group_size"]) == ("int4", 128)
+    capsys.readouterr()
+    assert main(argv("dpo", wide, out, "--max-steps", "2", "--eval-every", "0", "--lora-rank", "2",
+                     "--quantize", "int4", "--group-size", "128", "--resume")) == 0
+    assert "--group-size" not in capsys.readouterr().err

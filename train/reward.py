@@ -322,12 +322,11 @@ def add_data_args(p, unpaired: bool = False):
 def data_run_args(args) -> dict:
     """The data flags of `reward`, `dpo`, `kto` and `rlhf` that a resume names when they change, the
     --init the run started from (`export --adapter` puts a LoRA run's update on it) and how QLoRA quantized it."""
+    from tritongpt.commands import qlora_record
     from tritongpt.train.common import data_path
 
     return {"data": data_path(args.data), "num_pairs": args.num_pairs, "val_fraction": args.val_fraction,
-            "init": data_path(getattr(args, "init", None)),
-            # QLoRA's base (--quantize, --group-size): `export --adapter` quantizes the named base as the run did
-            "quantize": getattr(args, "quantize", None), "group_size": getattr(args, "group_size", None)}
+            "init": data_path(getattr(args, "init", None)), **qlora_record(args)}
 
 
 def setup_preference_run(args, command: str, read_data=None):

@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from tritongpt.commands import (add_lora_args, add_qlora_args, add_vocab_multiple_arg, apply_lora, check_qlora,
-                                quantize_base, vocab_multiple)
+                                qlora_record, quantize_base, vocab_multiple)
 from tritongpt._types import is_real
 from tritongpt.errors import UserError, note
 from tritongpt.train.tokenizer import HUB_REPO_HELP, TOKENIZER_CHOICES
@@ -823,7 +823,7 @@ def cmd_sft(args):
                      eval_gen=args.eval_gen, eval_before=args.eval_before,
                      run_args={"data": common.data_path(args.data), "tasks": args.tasks, "n_train": args.n_train,
                                "val_fraction": args.val_fraction, "init": common.data_path(args.init),
-                               "quantize": args.quantize, "group_size": args.group_size},
+                               **qlora_record(args)},
                      loss_options=loss_options, packing=args.packing, neftune_alpha=args.neftune_noise_alpha,
                      teacher=teacher, distill=distill, cuda_graph=args.cuda_graphs)
     if not result["is_main"]:  # DDP: rank 0 reports

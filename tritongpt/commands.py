@@ -63,6 +63,13 @@ def check_qlora(args):
                         "only through LoRA updates (QLoRA): pass --lora-rank")
 
 
+def qlora_record(args) -> dict:
+    """What a trainer's run record keeps of QLoRA's flags: the group size used (128 when not given), so that a resume
+    naming the default is the same run; None without int4 (a trainer without the flags: no quantization)."""
+    mode = getattr(args, "quantize", None)
+    return {"quantize": mode, "group_size": group_size(args) if mode == "int4" else None}
+
+
 def quantize_base(model, args):
     """--quantize on a trainer's --init model before apply_lora adds the updates (QLoRA): every matrix of the
     blocks, not the LM head (the fused head + loss keeps its float weight; a tied head stays the embedding). Says
