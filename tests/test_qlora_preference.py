@@ -44,6 +44,11 @@ def test_the_reference_is_the_quantized_base_so_rewards_start_at_zero_and_the_ru
     assert main(argv(cmd, hf_base, out, "--max-steps", "2", *flags)) == 0
     err = capsys.readouterr().err
     assert f"QLoRA: the base's 6 matrices {mode}" in err and "LoRA rank 4" in err
+    # the quantized matrices are buffers, counted as the parameters they stand for: the float model's and LoRA's
+    n_lora, n_float = 4 * (4 * (64 + 64) + (64 + 256) * 2), load_checkpoint(hf_base).num_params()
+    n_quantized = 4 * 64 * 64 + 2 * 64 * 256 + 4 * 64 + 256 + 64
+    assert (f"{n_lora:,} of {n_float + n_lora:,} parameters train, {n_quantized:,} of them the base's {mode} matrices"
+            in err), err
     rows = metric_rows(out)
     first = rows[0]
     assert first["step"] == 0

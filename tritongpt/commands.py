@@ -101,9 +101,15 @@ def apply_lora(model, args, whole_head: str | None = None):
                  "does not adapt (they stay frozen)")
     add_lora(model, args.lora_rank, args.lora_alpha, targets)
     if args.lora_rank:
+        from tritongpt.model.quant import QuantLinear
+
         trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        # QLoRA's quantized matrices are buffers, not parameters: counted as the weights (and biases) they stand for
+        frozen = sum(m.in_features * m.out_features + (0 if m.bias is None else m.bias.numel())
+                     for m in model.modules() if isinstance(m, QuantLinear))
+        mode = f", {frozen:,} of them the base's {model.quantized} matrices" if frozen else ""
         print(f"LoRA rank {args.lora_rank} (alpha {args.lora_alpha:g}) on {model.config.lora_targets}: "
-              f"{trained:,} of {model.num_params():,} parameters train"
+              f"{trained:,} of {model.num_params() + frozen:,} parameters train{mode}"
               + (f", and the {whole_head} whole" if whole_head else ""), file=sys.stderr)
     return model
 
