@@ -524,15 +524,22 @@ class GPTModel(nn.Module):
     # -- weights on disk --------------------------------------------------------------------
     def save(self, path, extra_metadata: dict | None = None):
         """Weights as safetensors, with the config (and any extra strings) in its metadata."""
-        meta = {"config": json.dumps(self.config.to_dict()), "format": "tritongpt"}
-        if getattr(self, "quantized", None):  # (model/quant.py) its int8/int4 matrices and scales, as they are
-            meta.update(quantized=self.quantized, quantized_head=str(self.quantized_head).lower())
-            if self.quantized_group_size:
-                meta.update(quantized_group_size=self.quantized_group_size)
+        meta = {"config": json.dumps(self.config.to_dict()), "format": "tritongpt", **self.quantized_metadata()}
         taken = sorted(set(extra_metadata or {}) & set(meta))
         if taken:  # they say how to read the file: another value would make it unloadable
             raise UserError(f"extra_metadata may not set {', '.join(taken)}: save() writes them")
         save_safetensors(self, path, {**meta, **(extra_metadata or {})})
+
+    def quantized_metadata(self) -> dict:
+        """How a quantized model's file says it is quantized (model/quant.py; _empty_quantized reads it): its
+        int8/int4 matrices and scales are saved as they are. {} for a float model. (A reward model's file says
+        the same of its backbone.)"""
+        if not getattr(self, "quantized", None):
+            return {}
+        meta = {"quantized": self.quantized, "quantized_head": str(self.quantized_head).lower()}
+        if self.quantized_group_size:
+            meta.update(quantized_group_size=self.quantized_group_size)
+        return meta
 
     @classmethod
     def load(cls, path, map_location="cpu", kernels=None, quantized_ok: bool = False) -> "GPTModel":

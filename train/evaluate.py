@@ -172,7 +172,7 @@ def eval_reward_model(args, device, dtype) -> dict:
     run = reward_run(args.weights)
     data = args.data if args.data is not None else run.get("data")
     fraction = args.val_fraction if args.val_fraction is not None else run.get("val_fraction", 0.1)
-    rm = RewardModel.load(args.weights, map_location=device, kernels=args.kernels).eval()
+    rm = RewardModel.load(args.weights, map_location=device, kernels=args.kernels, quantized_ok=True).eval()
     tok = pick_tokenizer(args.tokenizer, args.weights, rm.config.vocab_size)
     if data is None:  # the tasks' val split: prompts the train split never has (--split all: the same)
         pairs = train_val_pairs(None, run.get("num_pairs", 2000), fraction, run.get("seed", 0))[1]

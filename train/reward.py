@@ -46,6 +46,16 @@ class RewardModel(nn.Module):
     def config(self) -> GPTConfig:
         return self.backbone.config
 
+    @property
+    def quantized(self):
+        """The backbone's quantization (QLoRA's: reward --quantize), None for a float one: what the Trainer's
+        resume and export ask a model."""
+        return getattr(self.backbone, "quantized", None)
+
+    @property
+    def quantized_group_size(self):
+        return getattr(self.backbone, "quantized_group_size", None)
+
     def set_kernels(self, spec):
         self.backbone.set_kernels(spec)
         return self
@@ -59,14 +69,20 @@ class RewardModel(nn.Module):
         return self.head(last).squeeze(-1).float()
 
     def save(self, path, extra_metadata: dict | None = None):
-        meta = {"config": json.dumps(self.config.to_dict()), "format": "tritongpt", "kind": KIND}
+        meta = {"config": json.dumps(self.config.to_dict()), "format": "tritongpt", "kind": KIND,
+                **self.backbone.quantized_metadata()}  # a QLoRA backbone's int8/int4 matrices, as GPTModel saves them
         save_safetensors(self, path, {**meta, **(extra_metadata or {})})
 
     @classmethod
-    def load(cls, path, map_location="cpu", kernels=None) -> "RewardModel":
+    def load(cls, path, map_location="cpu", kernels=None, quantized_ok: bool = False) -> "RewardModel":
         """A reward model from a .safetensors file, a checkpoint folder or a run folder, or a Hugging Face
-        <Family>ForSequenceClassification folder (what `export` writes of one, or TRL's RewardTrainer saves)."""
-        from tritongpt.model.gpt import load_saved_weights, safetensors_metadata, saved_config
+        <Family>ForSequenceClassification folder (what `export` writes of one, or TRL's RewardTrainer saves).
+
+        A LoRA one comes merged; a QLoRA one (reward --quantize) only where quantized_ok (the commands that use it:
+        rlhf --reward, eval, info, export), with its updates beside the quantized matrices, unmerged (merged, its
+        backbone would be a float model again), as load_checkpoint keeps a QLoRA language model; elsewhere (a
+        trainer's --init, merge) it is refused by name."""
+        from tritongpt.model.gpt import check_quantized_scales, load_saved_weights, safetensors_metadata, saved_config
         from tritongpt.train.common import resolve_checkpoint
         from tritongpt.train.gpt2_weights import is_hf_weights
 
@@ -80,9 +96,19 @@ class RewardModel(nn.Module):
                 raise UserError(f"{path} is not a reward model checkpoint (train one with `tritongpt reward`)")
             cfg = saved_config(path, meta)
             cfg.kernels = "reference"
-            model = cls(GPTModel.empty(cfg))  # every tensor comes from the file
+            quantized = meta.get("quantized")
+            if quantized and not quantized_ok:
+                what = (f"a QLoRA reward model (LoRA updates on an {quantized} backbone)" if cfg.lora_rank else
+                        f"a reward model on an {quantized} backbone")
+                raise UserError(f"{path} is {what}: rlhf --reward, eval and info use it, "
+                                "`tritongpt export` writes it merged (the backbone dequantized); to train on, resume "
+                                "its run (reward --resume) or start from the float model it was made from")
+            # every tensor comes from the file; a quantized backbone's layout as GPTModel.load builds it
+            model = cls(GPTModel._empty_quantized(cfg, path, meta, True) if quantized else GPTModel.empty(cfg))
             load_saved_weights(model, path, map_location)
-            if cfg.lora_rank:  # used, not trained on (RLHF scores with it): the merged backbone
+            if quantized:
+                check_quantized_scales(model, path)
+            elif cfg.lora_rank:  # used, not trained on (RLHF scores with it): the merged backbone
                 from tritongpt.model.lora import merge_lora
 
                 merge_lora(model.backbone)
@@ -361,17 +387,19 @@ def setup_preference_run(args, command: str, read_data=None):
 
 
 def cmd_reward(args):
-    from tritongpt.commands import apply_lora
+    from tritongpt.commands import apply_lora, check_qlora, quantize_base
     from tritongpt.model.lora import check_lora
 
     check_lora(args.lora_rank, args.lora_alpha, args.lora_targets)  # before the slow set-up
+    check_qlora(args)
     check_center_coefficient(args.center_rewards_coefficient)
     targs, train, val, init, tok = setup_preference_run(args, "reward")
+    # QLoRA: the backbone's matrices quantized before the updates go on them; the scalar head stays float
     if isinstance(init, RewardModel):  # --init a reward model (ours, or a Hugging Face classifier): its head trains on
-        apply_lora(init.backbone, args, "--init's reward head")
+        apply_lora(quantize_base(init.backbone, args), args, "--init's reward head")
         model = init.train()
-    else:
-        model = RewardModel(apply_lora(init, args, "new reward head"))  # the scalar head is new: it trains whole
+    else:  # the scalar head is new: it trains whole
+        model = RewardModel(apply_lora(quantize_base(init, args), args, "new reward head"))
     result = train_reward_model(model, tok, train, val, targs, run_args=data_run_args(args),
                                 center_rewards_coefficient=args.center_rewards_coefficient)
     if not result["is_main"]:  # DDP: rank 0 reports
@@ -385,13 +413,14 @@ def cmd_reward(args):
 
 
 def add_cli(sub):
-    from tritongpt.commands import add_lora_args, add_model_args
+    from tritongpt.commands import add_lora_args, add_model_args, add_qlora_args
     from tritongpt.train.loop import add_train_args
 
     p = sub.add_parser("reward", help=command_help("reward"))
     add_model_args(p, default_model=None, default_text="tiny, with no --init")
     add_data_args(p)
     add_lora_args(p)
+    add_qlora_args(p)
     p.add_argument("--center-rewards-coefficient", type=float, default=0.0, metavar="C",
                    help="add C * mean((r_chosen + r_rejected)^2) to the loss, pulling the scores' mean toward 0 "
                         "(TRL's center_rewards_coefficient, Eisenstein et al. 2023; 0: none) (default %(default)s)")

@@ -1265,7 +1265,7 @@ def cmd_rlhf(args):
     for r in models[1:]:
         note_template_mismatch(formats_used, {"--reward": r})
     policy = build_backbone(args)
-    loaded = {r: RewardModel.load(r, map_location=device) for r in models}
+    loaded = {r: RewardModel.load(r, map_location=device, quantized_ok=True) for r in models}  # QLoRA: unmerged
     ref = copy.deepcopy(policy)
     # the reference stays the whole --init model; PPO's value head trains whole
     apply_lora(policy, args, "new value head" if a.algo == "ppo" else None)

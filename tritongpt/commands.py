@@ -43,11 +43,11 @@ def add_lora_args(p):
 
 
 def add_qlora_args(p):
-    """--quantize and --group-size of a trainer with LoRA (sft, dpo, kto): QLoRA's quantized frozen base."""
+    """--quantize and --group-size of a trainer with LoRA (sft, dpo, kto, reward): QLoRA's quantized frozen base."""
     p.add_argument("--quantize", choices=QUANTIZE_CHOICES, default=None,
                    help="QLoRA (with --lora-rank): the frozen base's matrices weight-only int8 or int4 (groups of "
                         "--group-size inputs) while the LoRA updates train beside them in float; the embeddings, "
-                        "norms and LM head stay float (default: the base as loaded)")
+                        "norms and heads (the LM head, reward's scalar head) stay float (default: the base as loaded)")
     add_group_size_arg(p)
 
 
@@ -161,7 +161,7 @@ def cmd_info(args):
 
         if args.untied:
             raise UserError("--untied counts a preset with its own LM head; --weights has the head it has")
-        reward = RewardModel.load(args.weights) if is_reward_model(args.weights) else None
+        reward = RewardModel.load(args.weights, quantized_ok=True) if is_reward_model(args.weights) else None
         # --model: the heads of a GPT-2 file without config.json
         model = reward.backbone if reward else load_checkpoint(args.weights, args.model, quantized_ok=True)
         cfg, n, name = model.config, model.num_params(), str(resolve_checkpoint(args.weights))
@@ -192,12 +192,12 @@ def cmd_info(args):
         layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
         q = sum(m.in_features * m.out_features for m in layers)
         b = sum(m.bias.numel() for m in layers if m.bias is not None)  # buffers too: not among the parameters
+        made = "QLoRA: --quantize with --lora-rank" if model.config.lora_rank else "`tritongpt quantize`"
         how = ("int8 with an fp32 scale a row" if model.quantized == "int8" else
                f"int4 with an fp32 scale and offset a group of {model.quantized_group_size} inputs")
         print(f"quantized    {model.quantized}: {model.quantized_linears} matrices ({q:,} weights and {b:,} biases, "
               f"the parameters above without them) as {how}, "
-              f"{linear_bytes(model) / 2**20:,.1f} MiB as the matmuls read them "
-              f"({'QLoRA: sft --quantize' if model.config.lora_rank else '`tritongpt quantize`'})")
+              f"{linear_bytes(model) / 2**20:,.1f} MiB as the matmuls read them ({made})")
     if args.weights:
         from tritongpt.train.common import saved_model_config
 
@@ -830,13 +830,13 @@ def cmd_export(args):
     if reward and args.adapter:
         raise UserError(f"--adapter: {source} is a reward model, whose scalar head a peft adapter for a causal LM "
                         "cannot hold: export it without --adapter, whole (merged), as a sequence classifier")
-    model = RewardModel.load(source) if reward else load_checkpoint(source, merge=not args.adapter,
-                                                                    quantized_ok=is_qlora_checkpoint(source))
+    model = RewardModel.load(source, quantized_ok=True) if reward else load_checkpoint(
+        source, merge=not args.adapter, quantized_ok=is_qlora_checkpoint(source))
     qlora = getattr(model, "quantized", None)  # QLoRA's (an int8/int4 file without updates was refused by name)
     if qlora and not args.adapter:  # (an adapter: the updates alone, for the float base the run quantized)
         from tritongpt.model.lora import merge_lora
 
-        merge_lora(model)  # the float model it computes: dequantized W + scale B A
+        merge_lora(model.backbone if reward else model)  # the float model it computes: dequantized W + scale B A
     backbone = model.backbone if reward else model
     cfg = backbone.config
     # a peft adapter is GPT-2's (peft targets GPT-Neo's and Llama's q/k/v apart from GPT-2's c_attn: their
