@@ -4,6 +4,7 @@ that reads a reward model (rlhf --reward, eval, info, export) uses it unmerged o
 import contextlib
 import io
 import json
+import re
 
 import pytest
 import torch
@@ -193,3 +194,17 @@ def test_export_writes_the_merged_classifier_whose_scores_match(run, tmp_path, c
     theirs, _ = hf_scores(hf, idx, lengths)
     assert rel(theirs, ours) < 1e-5  # the dequantized backbone plus the update: float rounding apart
     assert not torch.allclose(theirs[1:], theirs[:-1])
+
+
+def test_a_damaged_qlora_reward_file_is_refused_naming_the_tensor(run, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from tritongpt.errors import UserError
+
+    file = common.resume_checkpoint(run, "latest") / "model.safetensors"
+    tensors, meta = load_file(str(file)), safetensors_metadata(file)
+    name = next(n for n in tensors if n.endswith(".scale"))
+    tensors[name] = torch.zeros_like(tensors[name])  # a zeroed row of scales: every weight of the row read as 0
+    save_file(tensors, str(tmp_path / "model.safetensors"), metadata=meta)
+    with pytest.raises(UserError, match=re.escape(f"tensor {name} holds a scale of 0 or below")):
+        RewardModel.load(tmp_path / "model.safetensors", quantized_ok=True)
