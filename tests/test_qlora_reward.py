@@ -20,6 +20,7 @@ from tritongpt.train.reward import RewardModel
 from test_quantize import rel
 
 WORDS = ("hi", "yes", "no", "ok", "up", "go", "on", "in", "at", "by", "so", "we")
+VOCAB = 4096
 QLORA = ("--lora-rank", "4", "--quantize", "int4", "--group-size", "32")
 
 
@@ -30,7 +31,7 @@ def base(tmp_path_factory):
 
     torch.manual_seed(0)
     folder = tmp_path_factory.mktemp("qlora_reward_base")
-    GPTModel(GPTConfig(vocab_size=4096, context_length=64, n_embd=64, n_layer=1, n_head=2)).save(
+    GPTModel(GPTConfig(vocab_size=VOCAB, context_length=64, n_embd=64, n_layer=1, n_head=2)).save(
         folder / "model.safetensors")
     save_run_tokenizer(default_tokenizer(), folder)
     (folder / "pairs.jsonl").write_text("".join(
@@ -95,7 +96,7 @@ def test_the_loaded_model_scores_the_held_out_pairs_as_the_trained_model_did(run
     assert (result["loss"], result["acc"], result["margin"]) == (last["val_loss"], last["val_acc"], last["val_margin"])
     # unmerged, it computes what the merged float model does, but for float rounding
     rm = RewardModel.load(run, quantized_ok=True).eval()
-    idx, lengths = torch.randint(0, 4096, (3, 11)), torch.tensor([11, 5, 1])
+    idx, lengths = torch.randint(0, VOCAB, (3, 11)), torch.tensor([11, 5, 1])
     with torch.no_grad():
         ours = rm(idx, lengths)
         merge_lora(rm.backbone)
@@ -160,6 +161,18 @@ def test_a_float_reward_init_has_its_backbone_quantized_and_its_head_trained_on(
     for name, buf in frozen.named_buffers():
         assert torch.equal(buf, rm.backbone.get_buffer(name)), name
     assert not torch.equal(rm.head.weight, init.head.weight)  # the --init's head trained on
+    # a Hugging Face classifier (the float run exported) as --init: its backbone quantized alike
+    pytest.importorskip("transformers")
+    assert main(["export", str(tmp_path / "float"), "--out", str(tmp_path / "hf")]) == 0
+    for name in ("vocab.json", "merges.txt", "tokenizer_config.json"):  # the tokenizer: ours, as exported beside
+        (tmp_path / "hf" / name).unlink()  # (tritongpt does not read these back for this tokenizer: not this test's)
+    assert main(reward_argv(base, tmp_path / "from_hf", "--max-steps", "1", "--init", str(tmp_path / "hf"),
+                            "--lora-rank", "4", "--quantize", "int4", "--group-size", "64")) == 0
+    frozen = quantize(RewardModel.load(tmp_path / "hf").backbone, "int4", head=False, group_size=64)
+    rm = RewardModel.load(tmp_path / "from_hf", quantized_ok=True)
+    assert (rm.quantized, rm.quantized_group_size) == ("int4", 64)
+    for name, buf in frozen.named_buffers():
+        assert torch.equal(buf, rm.backbone.get_buffer(name)), name
 
 
 def test_rlhf_scores_with_the_qlora_reward_model_unmerged(base, run, tmp_path):

@@ -13,6 +13,10 @@ is the held-out pairwise accuracy: how often r(chosen) > r(rejected) on pairs ne
 
 The checkpoint is a safetensors file (backbone + head, config and kind="reward_model" in its
 metadata) written by the shared Trainer; RewardModel.load reads it back for RLHF.
+
+QLoRA (--lora-rank with --quantize int8|int4): the backbone's block matrices are quantized and frozen, LoRA
+updates train beside them and the scalar head trains whole in float; the file says how the backbone is quantized
+(GPTModel's metadata keys), and the model is used unmerged (rlhf --reward, eval), exported merged.
 """
 import json
 import math
