@@ -221,3 +221,14 @@ def test_a_damaged_qlora_reward_file_is_refused_naming_the_tensor(run, tmp_path)
     save_file(tensors, str(tmp_path / "model.safetensors"), metadata=meta)
     with pytest.raises(UserError, match=re.escape(f"tensor {name} holds a scale of 0 or below")):
         RewardModel.load(tmp_path / "model.safetensors", quantized_ok=True)
+
+
+def test_the_triton_path_scores_the_qlora_reward_model_as_the_reference_does(run):
+    # the int4 matmuls by int4_linear (Triton's interpreter here), the updates beside them
+    ref = RewardModel.load(run, quantized_ok=True).eval()
+    tri = RewardModel.load(run, quantized_ok=True, kernels="triton").eval()
+    assert all(m.use_triton for m in tri.modules() if isinstance(m, QuantLinear))
+    assert not any(m.use_triton for m in ref.modules() if isinstance(m, QuantLinear))
+    idx, lengths = torch.randint(0, VOCAB, (2, 7)), torch.tensor([7, 3])
+    with torch.no_grad():
+        assert rel(tri(idx, lengths), ref(idx, lengths)) < 1e-5
