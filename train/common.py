@@ -652,6 +652,29 @@ def unrecorded_flags(saved: dict, now_args: dict, names, defaults: dict) -> list
     return out
 
 
+def check_same_base(model, ckpt: Path, group_flag: str = "--group-size") -> None:
+    """A QLoRA run's base is quantized (--quantize, --group-size), and its weights file says how: resumed with
+    another (or none), the file's tensors would not fit the model, and torch's error names no flag. The Trainer's
+    resume and rlhf's ask before loading the weights (and rlhf's before comparing its reference's fingerprint,
+    which a base quantized otherwise changes too). group_flag: the command's int4 group flag (add_qlora_args')."""
+    from tritongpt.model.gpt import safetensors_metadata
+
+    meta = safetensors_metadata(ckpt / "model.safetensors")
+    group = meta.get("quantized_group_size")
+    was = meta.get("quantized"), int(group) if group and group.isdigit() else group
+    now = getattr(model, "quantized", None), getattr(model, "quantized_group_size", None)
+    if was == now:
+        return
+
+    def describe(mode, group):
+        return "float" if mode is None else f"int4 (group {group})" if mode == "int4" else mode
+
+    fix = ("resume without --quantize" if was[0] is None else f"pass --quantize {was[0]}"
+           + (f" {group_flag} {was[1]}" if was[0] == "int4" else ""))
+    raise UserError(f"--resume: {ckpt} does not fit this model: its base is {describe(*was)} (this run: "
+                    f"{describe(*now)}); {fix}, as its run trained")
+
+
 def load_checkpoint_weights(module, ckpt: Path, device, config, what: str):
     """ckpt's model.safetensors into module. Weights of another shape are a UserError naming how
     the checkpoint's model config differs from `config` (None: not known), else torch's reason."""

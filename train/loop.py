@@ -466,26 +466,6 @@ class Trainer:
             self._plot()
         return self.last_ckpt
 
-    def _check_same_base(self, ckpt):
-        """A QLoRA run's base is quantized (sft --quantize, --group-size), and its weights file says how: resumed
-        with another (or none), the file's tensors would not fit the model, and torch's error names no flag."""
-        from tritongpt.model.gpt import safetensors_metadata
-
-        meta = safetensors_metadata(ckpt / "model.safetensors")
-        group = meta.get("quantized_group_size")
-        was = meta.get("quantized"), int(group) if group and group.isdigit() else group
-        now = getattr(self.raw_model, "quantized", None), getattr(self.raw_model, "quantized_group_size", None)
-        if was == now:
-            return
-
-        def describe(mode, group):
-            return "float" if mode is None else f"int4 (group {group})" if mode == "int4" else mode
-
-        fix = ("resume without --quantize" if was[0] is None else f"pass --quantize {was[0]}"
-               + (f" --group-size {was[1]}" if was[0] == "int4" else ""))
-        raise UserError(f"--resume: {ckpt} does not fit this model: its base is {describe(*was)} (this run: "
-                        f"{describe(*now)}); {fix}, as its run trained")
-
     def _check_same_function(self, ckpt, saved_cfg):
         """Another function of the weights (a logit soft cap, local attention, unscaled attention
         scores, the position encoding: RoPE or learned, RoPE's theta, scaling and rotated width, the norm: LayerNorm or RMSNorm,
@@ -688,7 +668,7 @@ class Trainer:
         saved_cfg = common.saved_model_config(ckpt / "model.safetensors")
         # before the weights: a RoPE model's have no pos_emb, and the shapes' error would name --model
         self._check_same_function(ckpt, saved_cfg)
-        self._check_same_base(ckpt)
+        common.check_same_base(self.raw_model, ckpt)
         common.load_checkpoint_weights(self.raw_model, ckpt, self.device, self._cfg, "model")
         # dropout changes the run too but is the model's (pretrain --dropout), not a TrainArgs field:
         # compared with the model config saved beside the weights (a resume without --dropout

@@ -42,45 +42,47 @@ def add_lora_args(p):
                         "adapt)")
 
 
-def add_qlora_args(p):
-    """--quantize and --group-size of a trainer with LoRA (sft, dpo, kto, reward): QLoRA's quantized frozen base."""
+def add_qlora_args(p, group_flag: str = "--group-size"):
+    """--quantize and --group-size of a trainer with LoRA (sft, dpo, kto, reward, rlhf): QLoRA's quantized frozen base.
+    group_flag: the int4 group's flag where --group-size means something else (rlhf's GRPO groups)."""
     p.add_argument("--quantize", choices=QUANTIZE_CHOICES, default=None,
                    help="QLoRA (with --lora-rank): the frozen base's matrices weight-only int8 or int4 (groups of "
-                        "--group-size inputs) while the LoRA updates train beside them in float; the embeddings, "
+                        f"{group_flag} inputs) while the LoRA updates train beside them in float; the embeddings, "
                         "norms and heads (the LM head, reward's scalar head) stay float (default: the base as loaded)")
-    add_group_size_arg(p)
+    add_group_size_arg(p, group_flag)
 
 
-def check_qlora(args):
-    """--quantize and --group-size of a trainer, before the model loads: a quantized base needs LoRA."""
+def check_qlora(args, group_flag: str = "--group-size"):
+    """--quantize and --group-size (group_flag) of a trainer, before the model loads: a quantized base needs LoRA."""
     if args.quantize is None:
-        if args.group_size is not None:
-            raise UserError("--group-size sets int4's groups: pass --quantize int4 too")
+        if getattr(args, flag_dest(group_flag)) is not None:
+            raise UserError(f"{group_flag} sets int4's groups: pass --quantize int4 too")
         return
-    group_size(args)
+    group_size(args, group_flag)
     if not args.lora_rank:
         raise UserError(f"--quantize {args.quantize} freezes the base's matrices as {args.quantize}: they train "
                         "only through LoRA updates (QLoRA): pass --lora-rank")
 
 
-def qlora_record(args) -> dict:
+def qlora_record(args, group_flag: str = "--group-size") -> dict:
     """What a trainer's run record keeps of QLoRA's flags: the group size used (128 when not given), so that a resume
-    naming the default is the same run; None without int4 (a trainer without the flags: no quantization)."""
+    naming the default is the same run; None without int4 (a trainer without the flags: no quantization). Its key is
+    group_flag's (rlhf's quantize_group_size)."""
     mode = getattr(args, "quantize", None)
-    return {"quantize": mode, "group_size": group_size(args) if mode == "int4" else None}
+    return {"quantize": mode, flag_dest(group_flag): group_size(args, group_flag) if mode == "int4" else None}
 
 
-def quantize_base(model, args):
+def quantize_base(model, args, group_flag: str = "--group-size"):
     """--quantize on a trainer's --init model before apply_lora adds the updates (QLoRA): every matrix of the
     blocks, not the LM head (the fused head + loss keeps its float weight; a tied head stays the embedding). Says
-    what it saved, on stderr."""
-    check_qlora(args)
+    what it saved, on stderr. group_flag: add_qlora_args'."""
+    check_qlora(args, group_flag)
     if args.quantize is None:
         return model
     from tritongpt.model.quant import linear_bytes, quantize as quantize_model
 
     before = linear_bytes(model)
-    quantize_model(model, args.quantize, head=False, group_size=group_size(args))
+    quantize_model(model, args.quantize, head=False, group_size=group_size(args, group_flag))
     note(f"QLoRA: the base's {model.quantized_linears} matrices {describe_quantized(model)} weight-only, "
          f"{before / 2**20:,.1f} MiB -> {linear_bytes(model) / 2**20:,.1f} MiB (the LM head stays float)")
     return model
@@ -959,19 +961,26 @@ def add_quantize_arg(p):
 QUANTIZE_CHOICES = ("int8", "int4")
 
 
-def add_group_size_arg(p):
+def add_group_size_arg(p, flag: str = "--group-size"):
     from tritongpt.model.quant import GROUP_SIZES
 
-    p.add_argument("--group-size", type=int, choices=GROUP_SIZES, default=None, metavar="G",
+    p.add_argument(flag, type=int, choices=GROUP_SIZES, default=None, metavar="G",
                    help=f"int4's group: G consecutive inputs of a row share a scale and an offset (one of "
                         f"{', '.join(map(str, GROUP_SIZES))}; default 128; smaller is closer and larger)")
 
 
-def group_size(args) -> int:
-    """--group-size, int4's only: 128 when not given."""
-    if args.group_size is not None and args.quantize != "int4":
-        raise UserError(f"--group-size sets int4's groups; it does nothing with --quantize {args.quantize}")
-    return args.group_size or 128
+def flag_dest(flag: str) -> str:
+    """argparse's attribute of a flag: --group-size -> group_size."""
+    return flag.removeprefix("--").replace("-", "_")
+
+
+def group_size(args, flag: str = "--group-size") -> int:
+    """--group-size (or `flag`, where a command's --group-size is another setting), int4's only: 128 when not
+    given."""
+    value = getattr(args, flag_dest(flag))
+    if value is not None and args.quantize != "int4":
+        raise UserError(f"{flag} sets int4's groups; it does nothing with --quantize {args.quantize}")
+    return value or 128
 
 
 def quantize(model, args, device=None, what: str = ""):
