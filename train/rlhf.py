@@ -1009,6 +1009,9 @@ class RLHFTrainer:
         state = common.load_state(ckpt)
         if state.get("name") != f"rlhf-{self.args.algo}":
             raise UserError(f"--resume: {ckpt} is not an rlhf --algo {self.args.algo} checkpoint")
+        # A QLoRA run's base quantized otherwise (or not) is named by its flags, before the reference's fingerprint
+        # (which differs too) would blame --init, and before the weights (which would not fit).
+        common.check_same_base(self.policy, ckpt, QLORA_GROUP_FLAG)
         # The frozen models are rebuilt from --init and --reward: other ones would change the KL
         # and the rewards the run optimises, silently.
         # Several judges (either run's): their lists are compared first, then each one's weights.
@@ -1045,12 +1048,10 @@ class RLHFTrainer:
             saved = {**saved, "verifier": was}  # stop 27's, inferred: not a flag newer than the checkpoint
         common.load_checkpoint_weights(self.policy, ckpt, self.device, self.policy.config, "policy")
         names = TRAJECTORY_ARGS + tuple(self.run_args) + (("reward_weights",) if several else ())
-        from tritongpt.train.reward import DATA_DEFAULTS
-
         common.check_resume(ckpt, {**state, "args": saved}, now_args, tuple(dict.fromkeys(names)),
                             "iteration", "--iterations",
                             str(self.dtype), say=self.log_enabled, kernels=self.policy.config.kernels,
-                            defaults={**{f.name: f.default for f in fields(RLArgs)}, **DATA_DEFAULTS})
+                            defaults={**{f.name: f.default for f in fields(RLArgs)}, **_rlhf_data_defaults()})
         if self.model.value_head is not None:
             self.model.value_head.load_state_dict(state["value_head"])
         self.optimizer.load_state_dict(state["optimizer"])
@@ -1226,20 +1227,41 @@ def note_other_tokenizer(reward: str, tok, end: int | None = None) -> None:
              "which it did not learn to score at")
 
 
+# QLoRA's int4 group (add_qlora_args' --group-size elsewhere): rlhf's --group-size is GRPO's and RLOO's group
+QLORA_GROUP_FLAG = "--quantize-group-size"
+
+
+def rlhf_run_args(args) -> dict:
+    """data_run_args with the int4 group under its rlhf name: data_run_args' group_size is QLoRA's (--group-size
+    of sft, dpo, kto), which here would overwrite GRPO's group_size in the run record."""
+    from tritongpt.train.reward import data_run_args
+
+    run = data_run_args(args)
+    del run["group_size"]
+    return {**run, "quantize_group_size": args.quantize_group_size}
+
+
+def _rlhf_data_defaults() -> dict:
+    from tritongpt.train.reward import DATA_DEFAULTS
+
+    return {**{k: v for k, v in DATA_DEFAULTS.items() if k != "group_size"}, "quantize_group_size": None}
+
+
 def cmd_rlhf(args):
     from tritongpt.train.chat import note_template_mismatch
     from tritongpt.train.preference import train_val_pairs
-    from tritongpt.train.reward import RewardModel, build_backbone, data_run_args
+    from tritongpt.train.reward import RewardModel, build_backbone
     from tritongpt.train.chat_template import answer_end_id, chat_template_for
     from tritongpt.train.sft import pick_tokenizer
     from tritongpt.train.tokenizer import save_run_tokenizer
 
-    from tritongpt.commands import apply_lora
+    from tritongpt.commands import apply_lora, check_qlora, quantize_base
     from tritongpt.model.lora import check_lora
 
     a = RLArgs.from_namespace(args)
     a.validate()
     check_lora(args.lora_rank, args.lora_alpha, args.lora_targets)
+    check_qlora(args, QLORA_GROUP_FLAG)
     check_one_process()
     common.check_out_dir(a.out_dir, a.resume, a.overwrite)  # before the tokenizer is written there
     common.set_seed(a.seed)
@@ -1266,8 +1288,10 @@ def cmd_rlhf(args):
         note_template_mismatch(formats_used, {"--reward": r})
     policy = build_backbone(args)
     loaded = {r: RewardModel.load(r, map_location=device, quantized_ok=True) for r in models}  # QLoRA: unmerged
+    # QLoRA: the reference is the quantized base, the policy with its updates at 0 (the KL starts at 0)
+    quantize_base(policy, args, QLORA_GROUP_FLAG)
     ref = copy.deepcopy(policy)
-    # the reference stays the whole --init model; PPO's value head trains whole
+    # the reference stays the whole --init model (quantized with --quantize); PPO's value head trains whole, in float
     apply_lora(policy, args, "new value head" if a.algo == "ppo" else None)
     for r, rm in loaded.items():
         if rm.config.vocab_size != policy.config.vocab_size:
@@ -1290,10 +1314,10 @@ def cmd_rlhf(args):
     prompts = prompt_ids([p for p, _, _ in train], tok, room)
     eval_prompts = prompt_ids([p for p, _, _ in val or train], tok, room)[:a.eval_prompts]
     if several:  # the judges in --reward order (a reward model: None, told apart by its weights) and weights
-        run_args = {**data_run_args(args), "rewards": [("exact" if r == "tasks" else r) if r in VERIFIERS else None
+        run_args = {**rlhf_run_args(args), "rewards": [("exact" if r == "tasks" else r) if r in VERIFIERS else None
                                                        for r in rewards], "reward_weights": weights}
     else:
-        run_args = {**data_run_args(args), "verifier": ("exact" if rewards[0] == "tasks" else rewards[0]) if verify
+        run_args = {**rlhf_run_args(args), "verifier": ("exact" if rewards[0] == "tasks" else rewards[0]) if verify
                     else None}
     trainer = RLHFTrainer(policy, ref, reward_model, prompts, eval_prompts, end, a,
                           run_args=run_args, prompt_format=train[0][2])
@@ -1400,7 +1424,7 @@ _HELP = {
 
 
 def add_cli(sub):
-    from tritongpt.commands import add_lora_args, add_model_args, add_vocab_multiple_arg
+    from tritongpt.commands import add_lora_args, add_model_args, add_qlora_args, add_vocab_multiple_arg
     from tritongpt.train.reward import add_data_args
 
     p = sub.add_parser("rlhf", help=command_help("rlhf"),
@@ -1412,6 +1436,7 @@ def add_cli(sub):
     add_data_args(p)  # prompts come from the preference data (embedded tasks by default)
     add_vocab_multiple_arg(p, None, "as the --init model has them")
     add_lora_args(p)
+    add_qlora_args(p, QLORA_GROUP_FLAG)  # --group-size is GRPO's and RLOO's responses per prompt
     p.add_argument("--reward", action="append", metavar="REWARD",
                    help="a judge, repeatable (several: TRL's reward_funcs; a response's score is the weighted sum "
                         "of their scores, see --reward-weights): a reward model, a checkpoint of `tritongpt reward` "
@@ -1454,6 +1479,7 @@ def add_cli(sub):
     g.add_argument("--activation-checkpointing", action="store_true", help=common.ACTIVATION_CHECKPOINTING_HELP)
     g.add_argument("--resume", nargs="?", const="latest", default=None, metavar="CKPT",
                    help="continue from the newest checkpoint in --out-dir, or a checkpoint folder "
-                        "(pass the same --init: it is the frozen reference)")
+                        "(pass the same --init: it is the frozen reference; and QLoRA's --quantize and "
+                        "--quantize-group-size, with which the base is quantized again)")
     common.add_tracking_args(p)
     p.set_defaults(func=cmd_rlhf)
