@@ -1993,7 +1993,8 @@ def test_preference_data_flags_named_on_resume_and_instruction_records_without_i
     from tritongpt.train.reward import data_run_args
 
     ns = argparse.Namespace(data=None, num_pairs=12, val_fraction=0.25)
-    assert data_run_args(ns) == {"data": None, "num_pairs": 12, "val_fraction": 0.25, "init": None}
+    assert data_run_args(ns) == {"data": None, "num_pairs": 12, "val_fraction": 0.25, "init": None,
+                                 "quantize": None, "group_size": None}  # QLoRA's base: none here
     ns.init = "gpt2"  # a name as it is, a path made absolute (export --adapter reads it from anywhere)
     assert data_run_args(ns)["init"] == "gpt2"
     ns.init = str(tmp_path / ".." / tmp_path.name)
