@@ -67,7 +67,7 @@ def frozen_buffers_equal(model, base, mode, group):
 def test_the_run_trains_the_updates_and_the_float_head_on_the_quantized_backbone(base, run):
     err = (run.parent / "stderr.txt").read_text()
     assert "QLoRA: the base's 6 matrices int4 (group 32) weight-only" in err
-    assert "parameters train, and the new reward head whole" in err
+    assert "of them the base's int4 matrices, and the new reward head whole" in err
     ckpt = common.resume_checkpoint(run, "latest")
     state = common.load_state(ckpt)
     assert len(state["optimizer"]["state"]) == 2 * 6 + 2  # A and B of 6 matrices in 1 layer, + the head's w, b
@@ -153,7 +153,7 @@ def test_a_float_reward_init_has_its_backbone_quantized_and_its_head_trained_on(
     out = tmp_path / "qlora"
     assert main(reward_argv(base, out, "--max-steps", "1", "--init", str(tmp_path / "float"), "--lora-rank", "4",
                             "--quantize", "int8")) == 0
-    assert "parameters train, and the --init's reward head whole" in capsys.readouterr().err
+    assert "of them the base's int8 matrices, and the --init's reward head whole" in capsys.readouterr().err
     init = RewardModel.load(tmp_path / "float")
     rm = RewardModel.load(out, quantized_ok=True)
     assert rm.quantized == "int8" and rm.quantized_group_size is None

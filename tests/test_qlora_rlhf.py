@@ -59,7 +59,7 @@ def test_rlhf_ppo_qlora_trains_the_updates_and_value_head_on_the_quantized_base_
     assert main([*argv, "--iterations", "2", "--ckpt-every", "1"]) == 0
     err = capsys.readouterr().err
     assert "QLoRA: the base's 6 matrices int4 (group 32) weight-only" in err
-    assert "parameters train, and the new value head whole" in err
+    assert "of them the base's int4 matrices, and the new value head whole" in err
     logged = rows(out)
     first = next(r for r in logged if r["step"] == 1 and "kl" in r)
     # the first rollout's policy is the reference exactly (its updates at 0, on the same quantized matrices)

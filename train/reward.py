@@ -349,14 +349,14 @@ def add_data_args(p, unpaired: bool = False):
     p.add_argument("--vocab-size", type=int, default=None, help="with no --init: the fresh model's vocab")
 
 
-def data_run_args(args) -> dict:
+def data_run_args(args, group_flag: str = "--group-size") -> dict:
     """The data flags of `reward`, `dpo`, `kto` and `rlhf` that a resume names when they change, the
     --init the run started from (`export --adapter` puts a LoRA run's update on it) and how QLoRA quantized it."""
     from tritongpt.commands import qlora_record
     from tritongpt.train.common import data_path
 
     return {"data": data_path(args.data), "num_pairs": args.num_pairs, "val_fraction": args.val_fraction,
-            "init": data_path(getattr(args, "init", None)), **qlora_record(args)}
+            "init": data_path(getattr(args, "init", None)), **qlora_record(args, group_flag)}
 
 
 def setup_preference_run(args, command: str, read_data=None):

@@ -1232,13 +1232,11 @@ QLORA_GROUP_FLAG = "--quantize-group-size"
 
 
 def rlhf_run_args(args) -> dict:
-    """data_run_args with the int4 group under its rlhf name: data_run_args' group_size is QLoRA's (--group-size
-    of sft, dpo, kto), which here would overwrite GRPO's group_size in the run record."""
+    """data_run_args with the int4 group under its rlhf name (quantize_group_size): a group_size there would
+    overwrite GRPO's in the run record."""
     from tritongpt.train.reward import data_run_args
 
-    run = data_run_args(args)
-    del run["group_size"]
-    return {**run, "quantize_group_size": args.quantize_group_size}
+    return data_run_args(args, QLORA_GROUP_FLAG)
 
 
 def _rlhf_data_defaults() -> dict:
