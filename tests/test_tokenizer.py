@@ -764,6 +764,19 @@ def test_hugging_face_folders_name_their_extra_tokens_and_options(corpus, tmp_pa
             BPETokenizer.from_hf_folder(tmp_path)
 
 
+def test_an_ordinary_token_a_config_names_stays_ordinary(corpus, tmp_path):
+    """A config may name an ordinary token as its pad token (`export` of a reward model names the lowest one, "Ā",
+    byte 0: a classifier's pad_token_id must not be the EOS its scores are read at): it keeps its id and spelling,
+    and the folder reads back as the tokenizer it was written from."""
+    tok = BPETokenizer.train(corpus[:60_000], 300, name="hf")
+    tok.save_hf(tmp_path)
+    cfg = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    for name in ("Ā", "Ġ", tkz.token_to_str(tok._id_to_bytes[290])):  # byte 0, the space, a merge
+        (tmp_path / "tokenizer_config.json").write_text(json.dumps({**cfg, "pad_token": name}))
+        back = BPETokenizer.from_hf_folder(tmp_path)
+        assert back.hash == tok.hash and back.vocab_size == tok.vocab_size, name
+
+
 def test_the_tokenizer_nearest_the_weights_is_theirs(small_tok, corpus, tmp_path):
     """Weights exported into a folder inside another run: the Hugging Face files beside them,
     not the enclosing run's tokenizer.json; a folder beside them that does not load stops a

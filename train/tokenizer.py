@@ -455,7 +455,10 @@ class BPETokenizer(TokenizerChecks):
         """encoder: spelling -> id; merges: [(where, "a b")] in rank order."""
         if not isinstance(encoder, dict) or not all(isinstance(i, int) for i in encoder.values()):
             raise UserError(f"{encoder_where}: expected a JSON object mapping token spellings to ids")
-        specials = {s: i for s, i in encoder.items() if s in specials}
+        # A named token among the byte and merge ids (below 256 + merges) is an ordinary one that a config names,
+        # as a classifier's pad token may be (`export` of a reward model names the lowest ordinary token): the
+        # specials are the tokens after them.
+        specials = {s: i for s, i in encoder.items() if s in specials and i >= 256 + len(merges)}
         ranks = {str_to_token(s, encoder_where): i for s, i in encoder.items() if s not in specials}
         for i, (where, line) in enumerate(merges):
             parts = line.split(" ") if isinstance(line, str) else line
