@@ -328,17 +328,29 @@ def test_capture_keeps_the_plain_products_on_our_matmul_whatever_the_setting(tmp
     assert int(plain) > 0 and setting == "torch"  # captured, and the setting left as found
 
 
-def test_capture_names_every_kernel_and_the_split_passes():
-    """The launches capture makes are of KERNELS, every one of them (the slow sm_90 build above asserts its rows
-    against that set, so a kernel the capture gained must be named there); the split paths' Triton passes among
-    them: the GELU MLP's (both GELUs) and the gated MLPs' (both gates), forward and backward (storing a)."""
+@pytest.fixture(scope="module")
+def captured():
+    """The quick capture's launches, made once for the tests below (a subprocess: capture needs the interpreter off
+    from Triton's import on): name, case, the flags they read, int8's N and K, and the (BLOCK_M, BLOCK_K) pairs its
+    configs offer for the quantized matmuls."""
     code = ("from tritongpt.bench import compile_check as cc; import json; "
-            "print(json.dumps([[l.name, l.case, l.kwargs.get('GRAD'), l.kwargs.get('STORE_ACT'), "
-            "l.kwargs.get('GELU_ERF', l.kwargs.get('GATE_GELU'))] for l in cc.capture(quick=True)]))")
+            "keys = ('GRAD', 'STORE_ACT', 'GELU_ERF', 'GATE_GELU', 'ACTIVATION', 'G'); "
+            "print(json.dumps([[l.name, l.case, {k: l.kwargs[k] for k in keys if k in l.kwargs}, "
+            "l.args[6:8] if l.name == '_int8_linear_kernel' else None, "
+            "sorted({(c['BLOCK_M'], c['BLOCK_K']) for _, c in l.configs()}) if '_linear' in l.name else None] "
+            "for l in cc.capture(quick=True)]))")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
                           env={**os.environ, "TRITON_INTERPRET": "0"})
     assert proc.returncode == 0, proc.stderr
-    launches = json.loads(proc.stdout.strip().splitlines()[-1])
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_capture_names_every_kernel_and_the_split_passes(captured):
+    """The launches capture makes are of KERNELS, every one of them (the slow sm_90 build above asserts its rows
+    against that set, so a kernel the capture gained must be named there); the split paths' Triton passes among
+    them: the GELU MLP's (both GELUs) and the gated MLPs' (both gates), forward and backward (storing a)."""
+    launches = [[name, case, kw.get("GRAD"), kw.get("STORE_ACT"), kw.get("GELU_ERF", kw.get("GATE_GELU"))]
+                for name, case, kw, _, _ in captured]
     assert {name for name, *_ in launches} == KERNELS
     passes = {(name, *flags) for name, case, *flags in launches if name.endswith("_pointwise_kernel")}
     assert passes == {(name, grad, grad, flag) for name in ("_gelu_pointwise_kernel", "_gate_pointwise_kernel")
@@ -347,32 +359,21 @@ def test_capture_names_every_kernel_and_the_split_passes():
                if name.endswith("_pointwise_kernel"))
 
 
-def test_int8_linear_launches_take_decode_or_prefill_tiles():
+def test_int8_linear_launches_take_decode_or_prefill_tiles(captured):
     """int8_linear's captured launches (decode rows 1 and 8, a 4096-row prefill; GPT-2 small's fc1 with its GELU and
     fc2; bf16 and fp16 on sm_90) are offered the 16-row decode tiles up to 16 rows and only the prefill ones above."""
-    code = ("from tritongpt.bench import compile_check as cc; import json; "
-            "print(json.dumps([[l.case, l.kwargs['ACTIVATION'], l.args[6], l.args[7], sorted({c['BLOCK_M'] "
-            "for _, c in l.configs()})] for l in cc.capture(quick=True) if l.name == '_int8_linear_kernel']))")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "TRITON_INTERPRET": "0"})
-    assert proc.returncode == 0, proc.stderr
-    launches = json.loads(proc.stdout.strip().splitlines()[-1])
+    launches = [[case, kw["ACTIVATION"], *nk, sorted({m for m, _ in blocks})]
+                for name, case, kw, nk, blocks in captured if name == "_int8_linear_kernel"]
     assert sorted((case.split()[1], case.split()[2], act, n, k) for case, act, n, k, _ in launches) == sorted(
         (dt, f"M={m}", k == 768, n, k) for dt in ("bfloat16", "float16") for m in (1, 8, 4096)
         for k, n in ((768, 3072), (3072, 768)))
     assert all(blocks == ([16] if "M=4096" not in case else [64, 128]) for case, *_, blocks in launches), launches
 
 
-def test_int4_linear_launches_take_decode_or_prefill_tiles_a_group_fits():
+def test_int4_linear_launches_take_decode_or_prefill_tiles_a_group_fits(captured):
     """int4_linear's captured launches (int8's rows and shapes; G 128 in bf16 and fp16, G 32 in bf16) are offered the
     decode tiles up to 16 rows, the prefill ones above, none with a K step of more than MAX_GROUPS_A_STEP groups."""
-    code = ("from tritongpt.bench import compile_check as cc; import json; "
-            "print(json.dumps([[l.case, l.kwargs['G'], sorted({(c['BLOCK_M'], c['BLOCK_K']) "
-            "for _, c in l.configs()})] for l in cc.capture(quick=True) if l.name == '_int4_linear_kernel']))")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "TRITON_INTERPRET": "0"})
-    assert proc.returncode == 0, proc.stderr
-    launches = json.loads(proc.stdout.strip().splitlines()[-1])
+    launches = [[case, kw["G"], blocks] for name, case, kw, _, blocks in captured if name == "_int4_linear_kernel"]
     assert sorted((case.split()[1], case.split()[2], case.split()[3], g) for case, g, _ in launches) == sorted(
         (dt, f"G{g}", f"M={m}", g) for dt, g in (("bfloat16", 128), ("bfloat16", 32), ("float16", 128))
         for m in (1, 8, 4096) for _ in range(2))
@@ -382,17 +383,12 @@ def test_int4_linear_launches_take_decode_or_prefill_tiles_a_group_fits():
 
 
 
-def test_quantized_dx_launches_take_few_row_or_training_tiles_a_group_fits():
+def test_quantized_dx_launches_take_few_row_or_training_tiles_a_group_fits(captured):
     """int8_linear's and int4_linear's dx launches (8 rows and a 16384-token training step; fc1 and fc2; int8 and
     int4 G 128 in bf16 and fp16, int4 G 32 in bf16) are offered the 16-row tiles at 8 rows, the taller ones at
     16384, none with a K tile of more than MAX_GROUPS_A_STEP groups."""
-    code = ("from tritongpt.bench import compile_check as cc; import json; "
-            "print(json.dumps([[l.name, l.case, l.kwargs.get('G'), sorted({(c['BLOCK_M'], c['BLOCK_K']) "
-            "for _, c in l.configs()})] for l in cc.capture(quick=True) if l.name.endswith('_linear_dx_kernel')]))")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "TRITON_INTERPRET": "0"})
-    assert proc.returncode == 0, proc.stderr
-    launches = json.loads(proc.stdout.strip().splitlines()[-1])
+    launches = [[name, case, kw.get("G"), blocks] for name, case, kw, _, blocks in captured
+                if name.endswith("_linear_dx_kernel")]
     shapes = [(m, k, n) for m in (8, 16384) for k, n in ((768, 3072), (3072, 768))]
     want = [f"int8_linear dx {dt} M={m} {n}->{k}" for dt in ("bfloat16", "float16") for m, k, n in shapes]
     want += [f"int4_linear dx {dt} G{g} M={m} {n}->{k}" for dt, g in (("bfloat16", 128), ("bfloat16", 32),
