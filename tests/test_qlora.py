@@ -435,3 +435,29 @@ def test_a_qlora_adapters_base_must_quantize_to_the_runs_and_keep_its_float_tens
              "int4-quantize row 0, group 0" if mode == "int4" else "its transformer.h.0.mlp.c_fc.weight, quantized")):
         with pytest.raises(UserError, match="--base .* is not the model this LoRA update was trained on: " + said):
             adapter_base(base, None, frozen)
+
+
+def test_an_int4_run_recorded_before_its_default_group_was_resumes_without_a_note(tmp_path, capsys):
+    # sft runs from before the record kept the group size used wrote None for int4's default (128): the same
+    # run resumed now is not a change of --group-size
+    from tritongpt.train import common
+    from tritongpt.train.tokenizer import default_tokenizer, save_run_tokenizer
+
+    wide = tmp_path / "wide"  # a width of 128: int4's default group
+    wide.mkdir()
+    torch.manual_seed(5)
+    GPTModel(GPTConfig(vocab_size=4096, context_length=64, n_embd=128, n_layer=1, n_head=2)).save(
+        wide / "model.safetensors")
+    save_run_tokenizer(default_tokenizer(), wide)
+    out = tmp_path / "run"
+    flags = ("--lora-rank", "2", "--quantize", "int4")
+    assert main(sft_argv(wide, out, "--max-steps", "1", *flags)) == 0
+    ckpt = common.resume_checkpoint(out, "latest")
+    state = common.load_state(ckpt)
+    assert state["args"]["group_size"] == 128
+    state["args"]["group_size"] = None  # as yesterday's run recorded it
+    torch.save(state, ckpt / "state.pt")
+    capsys.readouterr()
+    assert main(sft_argv(wide, out, "--max-steps", "2", "--resume", *flags)) == 0
+    err = capsys.readouterr().err
+    assert "--group-size" not in err, err

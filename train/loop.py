@@ -674,6 +674,9 @@ class Trainer:
         # compared with the model config saved beside the weights (a resume without --dropout
         # silently trained on at the preset's rate)
         now_args, names = {**vars(self.args), **self.run_args}, TRAJECTORY_ARGS + tuple(self.run_args)
+        from tritongpt.commands import qlora_recorded
+
+        state = {**state, "args": qlora_recorded(state.get("args", {}))}
         saved_dropout = saved_cfg.get("dropout")
         if self._cfg is not None and saved_dropout is not None:
             now_args, names = {**now_args, "dropout": self._cfg.dropout}, names + ("dropout",)

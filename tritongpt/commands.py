@@ -72,6 +72,17 @@ def qlora_record(args, group_flag: str = "--group-size") -> dict:
     return {"quantize": mode, flag_dest(group_flag): group_size(args, group_flag) if mode == "int4" else None}
 
 
+def qlora_recorded(saved: dict, group_flag: str = "--group-size") -> dict:
+    """A run record's args as qlora_record writes them now, for a resume to compare: runs recorded before it kept
+    the group size used (sft's from before) have None for int4's default group, which was the same 128."""
+    key = flag_dest(group_flag)
+    if saved.get("quantize") != "int4" or saved.get(key) is not None:
+        return saved
+    from argparse import Namespace
+
+    return {**saved, key: group_size(Namespace(quantize="int4", **{key: None}), group_flag)}
+
+
 def quantize_base(model, args, group_flag: str = "--group-size"):
     """--quantize on a trainer's --init model before apply_lora adds the updates (QLoRA): every matrix of the
     blocks, not the LM head (the fused head + loss keeps its float weight; a tied head stays the embedding). Says
