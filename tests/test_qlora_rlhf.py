@@ -173,6 +173,15 @@ def test_rlhf_quantize_refuses_what_it_cannot_train_before_any_file(base, tmp_pa
     assert not (tmp_path / "bad").exists()
 
 
+def test_an_int4_group_that_does_not_fit_the_base_names_rlhfs_own_flag(base, tmp_path, capsys):
+    # int4's default group (128) does not divide this base's width (64); rlhf's --group-size is GRPO's, so the fix
+    # the error names must be --quantize-group-size
+    assert main([*rlhf_argv(base, tmp_path / "run", "grpo", None, "--lora-rank", "4", "--quantize", "int4"),
+                 "--iterations", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "group size 128 needs in_features a multiple of it" in err and "--quantize-group-size" in err, err
+
+
 def test_cuda_graphs_with_a_qlora_policy_are_refused_off_cuda_at_startup(base, tmp_path, capsys):
     assert main([*rlhf_argv(base, tmp_path / "run", "grpo", None, *QLORA), "--cuda-graphs", "--iterations", "1"]) == 2
     assert "--cuda-graphs replays the rollouts' decode steps as CUDA graphs: it needs a CUDA device, the run is on " \

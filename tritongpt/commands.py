@@ -90,8 +90,17 @@ def quantize_base(model, args, group_flag: str = "--group-size"):
     check_qlora(args, group_flag)
     if args.quantize is None:
         return model
-    from tritongpt.model.quant import linear_bytes, quantize as quantize_model
+    import torch.nn as nn
 
+    from tritongpt.model.quant import check_group_size, linear_bytes, quantize as quantize_model
+
+    if args.quantize == "int4":  # a group that fits no width is named by this command's flag (rlhf's is its own)
+        widths = sorted({m.in_features for m in model.trf_blocks.modules() if isinstance(m, nn.Linear)})
+        try:
+            for width in widths:
+                check_group_size(width, group_size(args, group_flag))
+        except UserError as e:
+            raise UserError(f"{e} (the group: {group_flag})") from None
     before = linear_bytes(model)
     quantize_model(model, args.quantize, head=False, group_size=group_size(args, group_flag))
     note(f"QLoRA: the base's {model.quantized_linears} matrices {describe_quantized(model)} weight-only, "
