@@ -149,6 +149,10 @@ def test_the_pad_token_is_never_one_a_score_is_read_at():
     vocab = {"!": 0, "a": 1, "b": 2, "<|endoftext|>": 3}
     assert pad_token_for({"vocab.json": json.dumps(vocab)}, {3}) == (0, "!")
     assert pad_token_for({"vocab.json": json.dumps(vocab)}, {3, 0}) == (1, "a")  # "!" ends a turn here
+    # GPT-2's byte order ("!" is 0, the NUL byte's "Ā" 188): the NUL byte, which no text's "!!" merges into
+    gpt2 = {**{chr(33 + i): i for i in range(94)}, "Ā": 188, "!!": 256, "<|endoftext|>": 257}
+    assert pad_token_for({"vocab.json": json.dumps(gpt2)}, {257}) == (188, "Ā")
+    assert pad_token_for({"vocab.json": json.dumps(gpt2)}, {257, 188}) == (0, "!")  # unless it ends a turn
     # a SentencePiece-converted tokenizer.json: its own pad token first, its unk (an ordinary entry) else
     spec = {"model": {"vocab": {"<unk>": 0, "<s>": 1, "</s>": 2, "<pad>": 3, "x": 4}},
             "added_tokens": [{"id": i, "content": t} for t, i in (("<s>", 1), ("</s>", 2), ("<pad>", 3))]}

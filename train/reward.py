@@ -27,7 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from tritongpt.errors import UserError, note
-from tritongpt.train.tokenizer import TOKENIZER_CHOICES
+from tritongpt.train.tokenizer import TOKENIZER_CHOICES, bytes_to_unicode
 from tritongpt.model.config import GPTConfig
 from tritongpt.model.gpt import GPTModel, save_safetensors
 from tritongpt.train.preference import encode_pairs, pair_batch
@@ -489,9 +489,12 @@ def fold_head_bias(model: RewardModel) -> float:
 def pad_token_for(tok_files: dict, end_ids) -> tuple:
     """(id, text) of the token the exported folder pads with: Hugging Face's classifiers read the score at the
     last token that is not config.pad_token_id, so it must not be one our scores are read at (the EOS, a chat
-    template's end of turn: end_ids). A pad-like special token of the tokenizer if it has one, else its
-    lowest-numbered ordinary token (only ever seen after the scored one, by which causal attention is blind
-    to it). (0 with no text when the tokenizer is not exported.)"""
+    template's end of turn: end_ids). A pad-like special token of the tokenizer if it has one, else an ordinary
+    token (only ever seen after the scored one, by which causal attention is blind to it): a byte-level BPE's NUL
+    byte, "Ā", where it has one, else the lowest-numbered. transformers splits text on a named pad token before
+    encoding it, so an ordinary one's spelling in a text gets the pad's id where our encoder merges it: GPT-2's
+    id 0 is "!" ("!!" would come out as two pads), while "Ā" is only ever U+0100 itself in a text. (0 with no
+    text when the tokenizer is not exported.)"""
     vocab, specials = {}, {}
     if "tokenizer.json" in tok_files:
         spec = json.loads(tok_files["tokenizer.json"])
@@ -505,6 +508,9 @@ def pad_token_for(tok_files: dict, end_ids) -> tuple:
         if "pad" in text.lower() and i not in end_ids:
             return i, text
     plain = sorted((i, text) for text, i in vocab.items() if text not in specials and i not in end_ids)
+    nul = bytes_to_unicode()[0]
+    if isinstance(vocab.get(nul), int) and nul not in specials and vocab[nul] not in end_ids:
+        return vocab[nul], nul
     if plain:
         return plain[0]
     return next(i for i in range(len(end_ids) + 1) if i not in end_ids), None
