@@ -1109,7 +1109,7 @@ def test_cli_without_cuda_says_so_and_exits_0(tmp_path, monkeypatch, capsys):
 def _cpu_stand_ins(monkeypatch):
     """The GPU command's timer and ceilings, swapped for the CPU timer and tiny fp32 ceilings."""
     real_ceilings = kernels.measure_ceilings
-    monkeypatch.setattr(common, "GpuTimer", lambda *a: CpuTimer(reps=1))
+    monkeypatch.setattr(common, "GpuTimer", lambda *a: CpuTimer(reps=1, warm_s=0))
     monkeypatch.setattr(kernels, "measure_ceilings", lambda timer, **k: real_ceilings(
         timer, copy_bytes=1 << 16, matmul_n=32, dtype=torch.float32))
 
@@ -1157,6 +1157,9 @@ def test_gpu_command_flow_with_cpu_stand_ins(tmp_path, monkeypatch, capsys):
     # (a whole-head count, then fewer KV heads with an mscale), as the CPU's reference takes seconds a mode on those
     monkeypatch.setitem(kernels.QUICK_SIZES, "rope_partial_heads", ((2, 2, 8, 4, 1.0), (4, 2, 16, 12, 1.5)))
     monkeypatch.setitem(kernels.QUICK_SIZES, "decode_seqlens", (64,))  # no size flag either
+    # nor rope's tokens (16k: 2 s of the CPU's reference), shared with rope_partial; its 12 heads of 64 kept
+    monkeypatch.setitem(kernels.QUICK_SIZES, "rope_tokens", 32)
+    monkeypatch.setitem(kernels.QUICK_SIZES, "rope_seq_len", 16)
     monkeypatch.setitem(kernels.QUICK_SIZES, "matmul_widths", (8,))  # nor matmul's widths (its rows: --mlp-rows)
     monkeypatch.setitem(kernels.QUICK_SIZES, "int8_rows", (1, 4))  # nor int8_linear's rows and shapes
     monkeypatch.setitem(kernels.QUICK_SIZES, "int8_shapes", ((16, 8),))
@@ -4184,8 +4187,8 @@ def test_a_gemma2_step_soft_caps_its_attention_and_sdpa_says_it_cannot():
     flags = dict(norm="rmsnorm", mlp="geglu", position_encoding="rope", bias=False, post_norms=True,
                  scale_embeddings=True, attn_softcap=2.0)
     rows = {p: train_step.bench_train_provider(p, "tiny", 2, 16, torch.device("cpu"), torch.float32, 0, 1,
-                                               peak_flops=1e12, vocab_size=256, n_layer=2, **flags)
-            for p in ("reference", "triton", "reference+sdpa")}  # 2 layers, 256 tokens: the interpreter's time
+                                               peak_flops=1e12, vocab_size=256, n_layer=1, **flags)
+            for p in ("reference", "triton", "reference+sdpa")}  # 1 layer, 256 tokens: the interpreter's time
     assert rows["reference"]["status"] == rows["triton"]["status"] == "ok"
     assert rows["reference"]["config"]["attn_softcap"] == 2.0
     assert "attn_softcap=2.0" in report.models_line([rows["reference"]])
@@ -4216,8 +4219,8 @@ def test_a_neox_step_names_its_parallel_blocks_and_exact_gelu():
 
     flags = dict(position_encoding="rope", parallel_residual=True, gelu_approximate="none", rotary_dim=8)
     rows = {p: train_step.bench_train_provider(p, "tiny", 2, 16, torch.device("cpu"), torch.float32, 0, 1,
-                                               peak_flops=1e12, vocab_size=256, n_layer=2, **flags)
-            for p in ("reference", "triton")}  # 2 layers, 256 tokens: the interpreter's time
+                                               peak_flops=1e12, vocab_size=256, n_layer=1, **flags)
+            for p in ("reference", "triton")}  # 1 layer, 256 tokens: the interpreter's time
     assert all(r["status"] == "ok" for r in rows.values())
     assert rows["reference"]["config"]["parallel_residual"] is True
     assert rows["reference"]["config"]["gelu_approximate"] == "none"
