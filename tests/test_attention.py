@@ -1016,7 +1016,8 @@ def test_softcap_none_or_zero_is_no_cap_and_a_large_one_almost(device):
 def test_softcap_custom_op_opcheck_and_compile(device):
     """The ops take softcap last (old call sites keep working); opcheck with it, and torch.compile of
     flash_attention(softcap=...) gives the eager bits."""
-    q, k, v = make_qkv(1, 1, 20, 20, 16, torch.float32, device, seed=15)
+    # T 12: one ragged tile (16 a tile under the interpreter), a quarter of 20's programs' work
+    q, k, v = make_qkv(1, 1, 12, 12, 16, torch.float32, device, seed=15)
     args = (q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), True, 0.25, 0.1,
             torch.tensor(5, device=device), None, None, 2.5)
     torch.library.opcheck(torch.ops.tritongpt.flash_attn_fwd.default, args)
@@ -1140,7 +1141,7 @@ def test_alibi_decode_rows_equal_the_whole_sequence(device):
 def test_alibi_custom_op_opcheck_and_compile(device):
     """The ops take the slopes last (old call sites keep working); opcheck with them, and torch.compile
     of flash_attention(alibi_slopes=...) gives the eager bits."""
-    q, k, v = make_qkv(1, 2, 20, 20, 16, torch.float32, device, seed=15)
+    q, k, v = make_qkv(1, 2, 12, 12, 16, torch.float32, device, seed=15)  # T 12: one ragged tile
     slopes = torch.tensor([0.25, 0.5], device=device)
     args = (q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), True, 0.25, 0.1,
             torch.tensor(5, device=device), None, None, 0.0, slopes)
