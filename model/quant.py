@@ -110,6 +110,120 @@ def unpack_int4(qweight):
     return torch.stack((qweight & 15, qweight >> 4), dim=-1).view(qweight.shape[0], -1)
 
 
+# -- GPTQ ------------------------------------------------------------------------------------------------------
+# Round-to-nearest (above) quantizes each weight on its own. GPTQ (Frantar et al. 2022; AutoGPTQ, gpt-fast's GPTQ)
+# minimises the layer's output error on calibration inputs X instead, ||X W^T - X Q^T||^2 = tr((W - Q) H (W - Q)^T)
+# with H = 2 X^T X, in the same layout: what comes out is what the kernels and files already read.
+
+GPTQ_METHODS = ("rtn", "gptq")
+
+
+def _gptq(weight, hessian, damp: float, block: int, group_size, find_params, quantize_column):
+    """The GPTQ loop shared by int4 and int8 (see gptq_quantize_weight_int4): float64 on weight's device.
+    find_params(w [N, G]) -> params for a group (called when the group starts, on the error-updated weights; once
+    for the whole row where group_size is None); quantize_column(w [N], params) -> (levels [N], dequantized [N])."""
+    if weight.dim() != 2 or not weight.is_floating_point():
+        raise UserError(f"GPTQ takes a floating [out, in] weight, got {tuple(weight.shape)} {weight.dtype}")
+    N, K = weight.shape
+    if tuple(hessian.shape) != (K, K):
+        raise UserError(f"GPTQ needs a [{K}, {K}] Hessian for a weight of {K} inputs, got {tuple(hessian.shape)}")
+    if not damp > 0 or block < 1:
+        raise UserError(f"GPTQ's damp must be > 0 and its block >= 1, got damp {damp}, block {block}")
+    W = weight.detach().to(torch.float64, copy=True)
+    H = hessian.detach().to(W.device, torch.float64, copy=True)
+    if not bool(torch.isfinite(W).all()):
+        raise UserError("cannot quantize a weight holding NaN or inf")
+    if not bool(torch.isfinite(H).all()):
+        raise UserError("GPTQ's Hessian holds NaN or inf: the calibration activations overflowed")
+    # an input no calibration token ever set (H_ii = 0) tells nothing of its weights: they are zeroed and the input
+    # left out of the error feedback (H_ii = 1 keeps H invertible), as AutoGPTQ and gpt-fast do
+    dead = torch.diagonal(H) == 0
+    H[dead, dead] = 1
+    W[:, dead] = 0
+    # damping (a fraction of the mean diagonal) keeps H's inverse well conditioned on few or collinear samples
+    H += damp * torch.diagonal(H).mean() * torch.eye(K, dtype=H.dtype, device=H.device)
+    try:
+        # the upper Cholesky factor U of H^-1 (H^-1 = U^T U): row i of U, scaled by U[i, i], is how the error of
+        # column i spreads over the columns after it once columns 0..i-1 are fixed (the paper's Lemma)
+        U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+    except torch.linalg.LinAlgError:
+        raise UserError(f"GPTQ's damped Hessian is not positive definite (damp {damp}): pass a larger damp") from None
+    # a group never straddles two lazy blocks: its parameters are fixed from weights every earlier column updated
+    if group_size is not None:
+        block = -(-block // group_size) * group_size
+    levels = torch.zeros(N, K, dtype=torch.int64, device=W.device)
+    params, groups = (None if group_size is not None else find_params(W)), []
+    for i1 in range(0, K, block):
+        i2 = min(i1 + block, K)
+        W1, U1 = W[:, i1:i2].clone(), U[i1:i2, i1:i2]
+        err = torch.zeros_like(W1)
+        for i in range(i2 - i1):
+            if group_size is not None and (i1 + i) % group_size == 0:
+                params = find_params(W1[:, i:i + group_size])
+                groups.append(params)
+            q, dq = quantize_column(W1[:, i], params)
+            levels[:, i1 + i] = q
+            err[:, i] = (W1[:, i] - dq) / U1[i, i]
+            W1[:, i:] -= err[:, i:i + 1] * U1[i:i + 1, i:]  # this block's later columns now
+        W[:, i2:] -= err @ U[i1:i2, i2:]  # the rest, lazily: one matmul a block (the paper's lazy batch updates)
+    return levels, (groups if group_size is not None else params)
+
+
+def gptq_quantize_weight_int4(weight, hessian, group_size: int = 128, damp: float = 0.01, block: int = 128):
+    """quantize_weight_int4's (qweight, scale, offset), same dtypes, shapes and packing, chosen by GPTQ for a layer
+    whose inputs have Hessian `hessian` [K, K] = 2 X^T X (X the calibration inputs, one row a token).
+
+    The algorithm (the paper's, without act-order): H is damped (damp times its mean diagonal added to it) and U is
+    the upper Cholesky factor of its inverse. The inputs are quantized one column k at a time, left to right; when a
+    group starts, its offset and scale are fixed from the group's current (error-updated) weights as
+    quantize_weight_int4 fixes them (min, range / 15; AutoGPTQ's static_groups=False), the column is rounded to its
+    nearest level, and its error e = (w_k - q_k) / U[k, k] is spread over the columns not yet quantized,
+    W[:, j] -= e * U[k, j] for j > k: the least-squares correction of the remaining weights for the error made, so
+    that X W^T changes as little as possible. The corrections are applied lazily, a block of columns at a time
+    (block rounded up to whole groups, so a group's parameters always see every earlier column's correction: the
+    textbook column-by-column result; AutoGPTQ reads a group straddling its block boundary before that block's
+    corrections). Inputs whose H_ii is 0 (never active in the calibration data) get their weights zeroed. With
+    H = identity no correction moves any weight: round-to-nearest. float64 on the weight's device."""
+    if weight.dim() == 2:
+        check_group_size(weight.shape[1], group_size)
+
+    def find_params(g):
+        lo, hi = g.amin(dim=1).float(), g.amax(dim=1).float()
+        scale = (hi - lo) / INT4_LEVELS
+        if not bool(torch.isfinite(lo + scale * INT4_LEVELS).all()):  # quantize_weight_int4's fp32 overflow check
+            raise UserError("cannot int4-quantize: a group's error-updated range overflows fp32 (an inf scale)")
+        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+        return scale.double(), lo.double()  # the fp32 values the file stores: the levels are rounded against them
+
+    def quantize_column(w, params):
+        scale, offset = params
+        q = torch.round((w - offset) / scale).clamp_(0, INT4_LEVELS)
+        return q.long(), q * scale + offset
+
+    levels, groups = _gptq(weight, hessian, damp, block, group_size, find_params, quantize_column)
+    scale = torch.stack([s for s, _ in groups], dim=1).float()
+    offset = torch.stack([o for _, o in groups], dim=1).float()
+    q = levels.to(torch.uint8)
+    return q[:, 0::2] | (q[:, 1::2] << 4), scale, offset
+
+
+def gptq_quantize_weight(weight, hessian, damp: float = 0.01, block: int = 128):
+    """quantize_weight's (q int8 [N, K], scale fp32 [N]) by GPTQ (gptq_quantize_weight_int4's loop): each row's
+    scale fixed up front from the row (its largest |weight| / 127, dead inputs zeroed first), then the columns
+    rounded one at a time with their error spread over the columns after them (levels clamped to -127..127: a
+    corrected weight may pass the row's largest)."""
+    def find_params(w):
+        amax = w.abs().amax(dim=1).float()
+        return torch.where(amax > 0, amax / QMAX, torch.ones_like(amax)).double()
+
+    def quantize_column(w, scale):
+        q = torch.round(w / scale).clamp_(-QMAX, QMAX)
+        return q.long(), q * scale
+
+    levels, scale = _gptq(weight, hessian, damp, block, None, find_params, quantize_column)
+    return levels.to(torch.int8), scale.float()
+
+
 class QuantLinear(nn.Module):
     """What Int8Linear and Int4Linear share: nn.Linear's forward on quantized weights (frozen: no gradient), the
     quantized tensors and their fp32 scales as buffers (nothing here trains), and the toggle's use_triton.
@@ -180,11 +294,12 @@ class Int8Linear(QuantLinear):
         self.register_buffer("scale", torch.ones(out_features, dtype=torch.float32, device=device))
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, device=None) -> "Int8Linear":
-        """linear quantized; on device when given (its float weight copied there alone, then freed), else on its own."""
+    def from_linear(cls, linear: nn.Linear, device=None, hessian=None) -> "Int8Linear":
+        """linear quantized; on device when given (its float weight copied there alone, then freed), else on its own;
+        by GPTQ with its inputs' hessian when given (gptq_quantize_weight), else rounded to nearest."""
         w = linear.weight if device is None else linear.weight.detach().to(device)
         new = cls(linear.in_features, linear.out_features, linear.bias is not None, w.device, w.dtype)
-        new.qweight, new.scale = quantize_weight(w)
+        new.qweight, new.scale = quantize_weight(w) if hessian is None else gptq_quantize_weight(w, hessian)
         new._copy_bias(linear, w.device)
         return new
 
@@ -217,11 +332,12 @@ class Int4Linear(QuantLinear):
         self.register_buffer("offset", torch.zeros(out_features, groups, dtype=torch.float32, device=device))
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, device=None, group_size: int = 128) -> "Int4Linear":
-        """linear quantized (Int8Linear.from_linear's device=)."""
+    def from_linear(cls, linear: nn.Linear, device=None, group_size: int = 128, hessian=None) -> "Int4Linear":
+        """linear quantized (Int8Linear.from_linear's device= and hessian=: GPTQ)."""
         w = linear.weight if device is None else linear.weight.detach().to(device)
         new = cls(linear.in_features, linear.out_features, linear.bias is not None, w.device, w.dtype, group_size)
-        new.qweight, new.scale, new.offset = quantize_weight_int4(w, group_size)
+        new.qweight, new.scale, new.offset = (quantize_weight_int4(w, group_size) if hessian is None else
+                                              gptq_quantize_weight_int4(w, hessian, group_size))
         new._copy_bias(linear, w.device)
         return new
 
@@ -254,6 +370,11 @@ def _swap_linears(model, head: bool, make) -> None:
     if head:
         model.out_head = made = make(model.out_head)
         n += 1
+    _mark_quantized(model, head, made, n)
+
+
+def _mark_quantized(model, head: bool, made, n: int) -> None:
+    """_swap_linears' marks (made: a QuantLinear of the model, n: how many it has) and the kernel path."""
     for m in model.modules():
         if isinstance(m, QuantLinear):
             m.use_triton = "mlp" in model.kernels
@@ -304,8 +425,112 @@ def quantize_int4(model, group_size: int = 128, head: bool = True, device=None):
     return model.eval()
 
 
-def quantize(model, mode: str, head: bool = True, device=None, group_size: int = 128):
-    """quantize_int8 or quantize_int4 by name (the commands' --quantize)."""
+class _Stop(Exception):
+    """Raised by a hook once the block being calibrated has run: the blocks after it have nothing to give."""
+
+
+def _input_hessians(model, linears: dict, calibration, batch_size: int, stop_at=None) -> dict:
+    """{name: H [K, K] fp64} for each nn.Linear of linears ({name: module}): 2 X^T X / (X's rows) over every token
+    of calibration [n, T] the model reads (its inputs X as the model runs now: the quantized blocks before them
+    included). The forward stops after module stop_at, where given."""
+    sums = {name: None for name in linears}
+    rows = [0]
+
+    def hook(name):
+        def collect(module, args, output):
+            x = args[0].detach().reshape(-1, module.in_features).to(torch.float64)
+            sums[name] = x.T @ x if sums[name] is None else sums[name] + x.T @ x
+        return collect
+
+    def stop(module, args, output):
+        raise _Stop
+
+    handles = [m.register_forward_hook(hook(name)) for name, m in linears.items()]
+    if stop_at is not None:
+        handles.append(stop_at.register_forward_hook(stop))
+    try:
+        with torch.no_grad():
+            for i in range(0, len(calibration), batch_size):
+                batch = calibration[i:i + batch_size]
+                rows[0] += batch.numel()
+                try:
+                    model(batch)
+                except _Stop:
+                    pass
+    finally:
+        for h in handles:
+            h.remove()
+    return {name: 2 * s / rows[0] for name, s in sums.items()}
+
+
+def quantize_gptq(model, mode: str, calibration, head: bool = True, group_size: int = 128, batch_size: int = 8):
+    """quantize_int8 / quantize_int4's swap, each matrix by GPTQ (gptq_quantize_weight / gptq_quantize_weight_int4)
+    with the Hessian of its inputs on calibration (token ids [n_samples, T], T at most the context), block by block
+    (the paper's sequential mode, as AutoGPTQ's default): a block's matrices see the inputs the model gives them with
+    every block before it already quantized, so each corrects the error the earlier ones left, not an error it never
+    meets; the matrices within a block all see the float block's own activations (no "true sequential"). The LM
+    head, with head, last, on the quantized blocks' output. The model runs on the reference path while it
+    calibrates (a hook sees each nn.Linear's input; the Triton MLP reads the weights itself), in place, on its
+    device; returns it in eval mode."""
+    if mode not in ("int8", "int4"):
+        raise UserError(f"quantization must be int8 or int4, got {mode!r}")
+    _check_quantizable(model, mode, group_size if mode == "int4" else None)
+    if not torch.is_tensor(calibration) or calibration.dim() != 2 or calibration.is_floating_point() \
+            or calibration.numel() == 0:
+        raise UserError("GPTQ's calibration must be token ids [n_samples, T] (at least one sample of one token), got "
+                        + (f"{tuple(calibration.shape)} {calibration.dtype}" if torch.is_tensor(calibration)
+                           else type(calibration).__name__))
+    if calibration.shape[1] > model.config.context_length:
+        raise UserError(f"GPTQ's calibration samples are {calibration.shape[1]} tokens, longer than the model's "
+                        f"context ({model.config.context_length})")
+
+    def make(linear, hessian):
+        if mode == "int4":
+            return Int4Linear.from_linear(linear, group_size=group_size, hessian=hessian)
+        return Int8Linear.from_linear(linear, hessian=hessian)
+
+    kernels, was_training, swapped = model.kernels, model.training, []
+    model.eval().set_kernels("reference")
+    calibration = calibration.to(model.tok_emb.weight.device)
+
+    def swap(parent, attr, new):
+        swapped.append((parent, attr, getattr(parent, attr)))
+        setattr(parent, attr, new)
+        return new
+
+    try:
+        for block in model.trf_blocks:
+            linears = {name: m for name, m in block.named_modules() if isinstance(m, nn.Linear)}
+            hessians = _input_hessians(model, linears, calibration, batch_size, stop_at=block)
+            for name, linear in linears.items():
+                parent, _, attr = name.rpartition(".")
+                made = swap(block.get_submodule(parent), attr, make(linear, hessians[name]))
+        if head:
+            hessian = _input_hessians(model, {"out_head": model.out_head}, calibration, batch_size)["out_head"]
+            made = swap(model, "out_head", make(model.out_head, hessian))
+    except BaseException:  # the float model back as it was: never a half-quantized one
+        for parent, attr, old in reversed(swapped):
+            setattr(parent, attr, old)
+        model.train(was_training)
+        raise
+    finally:
+        model.set_kernels(kernels, check_device=False)
+    _mark_quantized(model, head, made, len(swapped))
+    return model
+
+
+def quantize(model, mode: str, head: bool = True, device=None, group_size: int = 128, method: str = "rtn",
+             calibration=None):
+    """quantize_int8 or quantize_int4 by name (the commands' --quantize); method "gptq": quantize_gptq on
+    calibration (token ids [n_samples, T]), on the model's own device (device= is round-to-nearest's)."""
+    if method not in GPTQ_METHODS:
+        raise UserError(f"the quantization method must be rtn or gptq, got {method!r}")
+    if method == "gptq":
+        if calibration is None:
+            raise UserError("GPTQ needs calibration token ids [n_samples, T]")
+        return quantize_gptq(model, mode, calibration, head, group_size)
+    if calibration is not None:
+        raise UserError("calibration data is GPTQ's: round-to-nearest (method rtn) reads none")
     if mode == "int8":
         return quantize_int8(model, head, device)
     if mode == "int4":
