@@ -209,12 +209,19 @@ def cmd_info(args):
         head = model.quantized if quantized_head else "tied" if cfg.tie_weights else "untied"
         print(f"parameters   {n:,} ({n / 1e6:.1f}M, {head} LM head)")
     if args.weights and getattr(model, "quantized", None):
+        from tritongpt.model.gpt import safetensors_metadata
         from tritongpt.model.quant import QuantLinear, linear_bytes
 
         layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
         q = sum(m.in_features * m.out_features for m in layers)
         b = sum(m.bias.numel() for m in layers if m.bias is not None)  # buffers too: not among the parameters
         made = "QLoRA: --quantize with --lora-rank" if model.config.lora_rank else "`tritongpt quantize`"
+        file = resolve_checkpoint(args.weights)
+        meta = safetensors_metadata(file) if file.suffix == ".safetensors" else {}
+        if meta.get("quantized_method") == "gptq":  # (files from before the method was recorded: round-to-nearest)
+            made += f", GPTQ on {meta.get('quantized_calibration', 'its calibration text')}"
+        elif meta.get("quantized_method") == "rtn":
+            made += ", rounded to nearest"
         how = ("int8 with an fp32 scale a row" if model.quantized == "int8" else
                f"int4 with an fp32 scale and offset a group of {model.quantized_group_size} inputs")
         print(f"quantized    {model.quantized}: {model.quantized_linears} matrices ({q:,} weights and {b:,} biases, "
@@ -776,7 +783,20 @@ def cmd_quantize(args):
     from tritongpt.train.tokenizer import save_run_tokenizer
 
     out = Path(args.out)
+    calibration_flags = [flag for flag in ("--calibration", "--calibration-samples", "--calibration-length")
+                         if getattr(args, flag_dest(flag)) is not None]
+    if args.quantize is None:
+        if args.method == "gptq":  # GPTQ's cost and file are int4's or int8's: which is said, not assumed
+            raise UserError("--method gptq needs --quantize int4 or --quantize int8")
+        args.quantize = "int8"
+    if args.method != "gptq" and calibration_flags:
+        raise UserError(f"{calibration_flags[0]} is GPTQ's calibration: pass --method gptq too")
     group = group_size(args)
+    samples = 128 if args.calibration_samples is None else args.calibration_samples
+    if samples < 1:
+        raise UserError(f"--calibration-samples must be at least 1, got {samples}")
+    if args.calibration_length is not None and args.calibration_length < 1:
+        raise UserError(f"--calibration-length must be at least 1, got {args.calibration_length}")
     target = model_out_folder("quantize", out, [args.weights], args.overwrite, f"the {args.quantize} model",
                               "the model quantized")
     model = load_checkpoint(args.weights, args.model, quantized_ok=True)
@@ -784,20 +804,62 @@ def cmd_quantize(args):
         raise UserError(f"{args.weights} is {model.quantized}-quantized already")
     tok = pick_tokenizer(args.tokenizer, args.weights, model.config.vocab_size)
     fmt = run_template(args.weights)
-    extra = {"quantized_from": str(args.weights), **({"prompt_format": fmt} if fmt else {})}
+    extra = {"quantized_from": str(args.weights), "quantized_method": args.method,
+             **({"prompt_format": fmt} if fmt else {})}
     # a pretraining run's data record (its state.pt stays behind): eval scores the run's held-out tail, as on MODEL
     record = pretrain_data(args.weights)
     if record is not None:
         extra[PRETRAIN_DATA] = json.dumps(record, default=str)
+    calibration = None
+    if args.method == "gptq":
+        calibration, said = calibration_tokens(args, model.config.context_length, tok, record, samples)
+        extra["quantized_calibration"] = said
     before = linear_bytes(model)
-    quantize(model, args.quantize, head=not args.no_head, group_size=group)
+    quantize(model, args.quantize, head=not args.no_head, group_size=group, method=args.method,
+             calibration=calibration)
     out.mkdir(parents=True, exist_ok=True)
     model.save(target, extra)
     save_run_tokenizer(tok, out)
     print(f"quantize: {describe_quantized(model)}, {model.quantized_linears} matrices, {before / 2**20:,.1f} MiB -> "
           f"{linear_bytes(model) / 2**20:,.1f} MiB as the matmuls read them -> {target} "
-          f"({target.stat().st_size / 2**20:,.1f} MiB)")
+          f"({target.stat().st_size / 2**20:,.1f} MiB)" + (f", GPTQ on {said}" if calibration is not None else ""))
     return 0
+
+
+def calibration_tokens(args, context_length: int, tok, record, samples: int):
+    """GPTQ's calibration for `tritongpt quantize`: (token ids [samples, T], what they are, in words). The text is
+    --calibration, else the data the model's pretraining run trained on (its record: its training split, never the
+    held-out tail eval scores), else the embedded default corpus (pydoc, the quickstart's); T is
+    --calibration-length, else the model's context. The windows start at evenly spaced tokens of the training
+    split, so the same flags give the same file."""
+    import torch
+
+    from tritongpt.train import data
+
+    length = context_length if args.calibration_length is None else args.calibration_length
+    if length > context_length:
+        raise UserError(f"--calibration-length {length} is longer than the model's context ({context_length})")
+    if args.calibration is not None:
+        source = {"source": args.calibration, "text_field": "text"}
+    elif record is not None and "sources" in record:
+        raise UserError("the model's run trained on a mixture of sources: pass --calibration, the text to calibrate "
+                        "GPTQ on")
+    elif record is not None:
+        source = {"source": record["source"], "text_field": record.get("text_field") or "text"}
+    else:
+        source = {"source": None, "text_field": "text"}
+    td = data.prepare_tokens(source, tok)
+    train = td.train if len(td.train) else td.tokens
+    if train is None or len(train) < length:
+        raise UserError(f"{source['source'] or 'pydoc'} has {0 if train is None else len(train):,} training tokens: "
+                        f"too few for one --calibration-length {length} sample")
+    starts = torch.linspace(0, len(train) - length, samples).long().unique().tolist()
+    ids = torch.stack([torch.from_numpy(train[s:s + length].astype("int64")) for s in starts])
+    said = f"{len(starts)} x {length} tokens of {source['source'] or 'pydoc'}"
+    if len(starts) < samples:
+        note(f"GPTQ: {source['source'] or 'pydoc'}'s {len(train):,} training tokens hold {len(starts)} distinct "
+             f"samples of {length}, not {samples}")
+    return ids, said
 
 
 def is_qlora_checkpoint(path) -> bool:
@@ -979,6 +1041,7 @@ def add_quantize_arg(p):
 
 
 QUANTIZE_CHOICES = ("int8", "int4")
+GPTQ_METHODS = ("rtn", "gptq")  # model/quant.py's (not imported here: the parser loads without torch)
 
 
 def add_group_size_arg(p, flag: str = "--group-size"):
@@ -1157,10 +1220,21 @@ def add_cli(sub):
     p.add_argument("--model", default=None, help="the preset naming the heads of a GPT-2 file without config.json")
     p.add_argument("--tokenizer", help=TOKENIZER_CHOICES + " (default: the one saved with the model, else by vocab "
                                        "size); saved with the quantized model")
-    p.add_argument("--quantize", choices=QUANTIZE_CHOICES, default="int8",
+    p.add_argument("--quantize", choices=QUANTIZE_CHOICES, default=None,
                    help="int8 (default): an fp32 scale a row; int4: groups of --group-size inputs, an fp32 scale and "
                         "offset each")
     add_group_size_arg(p)
+    p.add_argument("--method", choices=GPTQ_METHODS, default="rtn",
+                   help="rtn (default): each weight rounded to its nearest level; gptq: GPTQ, each matrix's rounding "
+                        "error corrected by the weights not yet rounded, for the least change of its outputs on "
+                        "calibration text (the same layout; much lower loss at int4)")
+    p.add_argument("--calibration", default=None,
+                   help="GPTQ's calibration text: a corpus as pretrain --data takes it (default: the data the model's "
+                        "pretraining run trained on, its training split, else the embedded pydoc corpus)")
+    p.add_argument("--calibration-samples", type=int, default=None, metavar="N",
+                   help="GPTQ: how many windows of the calibration text (default 128)")
+    p.add_argument("--calibration-length", type=int, default=None, metavar="T",
+                   help="GPTQ: tokens a window (default: the model's context)")
     p.add_argument("--no-head", action="store_true", help="keep the LM head in floating point (a tied head then "
                                                           "stays the embedding)")
     p.add_argument("--overwrite", action="store_true", help="replace a model.safetensors already in --out")
