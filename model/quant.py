@@ -10,7 +10,9 @@ Why: a decode step reads every weight once for a few tokens' work, so its speed 
 weights are a quarter of fp32's and half of bf16's, int4 at G 128 about an eighth of fp32's. int8 is symmetric and per
 output row: a row's largest weight sets its step s, and each weight is off by at most s / 2; int4 is asymmetric per
 group (its 16 levels span the group's minimum to maximum). Activations stay in their dtype (fp32, or autocast's
-bf16): only the weights are quantized, so nothing needs calibration data.
+bf16): only the weights are quantized, so round-to-nearest needs no calibration data. GPTQ (quantize_gptq,
+`tritongpt quantize --method gptq`) picks the levels of the same layout from calibration text instead: each matrix's
+rounding errors are corrected by its weights not yet rounded, for the least change of its outputs on that text.
 
 Reference: `Int8Linear` / `Int4Linear` below dequantize (a float matrix) and call F.linear: the textbook version,
 which reads the quantized weights and then writes and reads a float copy of them.
@@ -21,6 +23,7 @@ and apply the scale (int8's in the epilogue), the bias and FeedForward's GELU. T
     quantize_int8(model)                 # in place; for generate, chat, serve, eval, ...
     quantize_int4(model, group_size=128)
     quantize(model, "int4", head=False)  # QLoRA's base: add_lora (model/lora.py) then trains updates beside it
+    quantize(model, "int4", method="gptq", calibration=ids)  # GPTQ on token ids [n_samples, T]
 
 The quantized matrices are buffers, frozen: a gradient flows through them to x (both paths; the Triton kernels'
 backward computes dx = dy @ W from the quantized tiles), never to them. QLoRA's updates (QuantLinear.lora) run
