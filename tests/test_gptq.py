@@ -324,6 +324,11 @@ def test_gptqs_calibration_defaults_to_the_runs_own_training_split(saved, tmp_pa
     train = data.prepare_tokens({"source": str(corpus), "text_field": "text"}, tok).train
     assert said == f"5 x 32 tokens of {corpus}" and ids.shape == (5, 32)
     assert ids[0].tolist() == train[:32].tolist() and ids[-1].tolist() == train[-32:].tolist()
+    # the run's own record (its hash): the windows end where its training tokens did, whatever its val fraction
+    record = {"source": str(corpus), "source_hash": data.prepare_tokens(str(corpus), tok).meta["source_hash"],
+              "train_tokens": 200}
+    ids, said = calibration_tokens(args, 32, tok, record, 4)
+    assert ids[-1].tolist() == train[200 - 32:200].tolist()
     args.calibration, args.calibration_length = str(corpus), 8
     assert calibration_tokens(args, 32, tok, None, 3)[1] == f"3 x 8 tokens of {corpus}"
     with pytest.raises(UserError, match="a mixture of sources: pass --calibration"):

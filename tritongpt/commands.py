@@ -850,6 +850,9 @@ def calibration_tokens(args, context_length: int, tok, record, samples: int):
         source = {"source": None, "text_field": "text"}
     td = data.prepare_tokens(source, tok)
     train = td.train if len(td.train) else td.tokens
+    if args.calibration is None and record is not None and td.tokens is not None \
+            and td.meta.get("source_hash") == record.get("source_hash"):
+        train = td.tokens[:record["train_tokens"]]  # the run's own split, whatever --val-fraction it held out
     if train is None or len(train) < length:
         raise UserError(f"{source['source'] or 'pydoc'} has {0 if train is None else len(train):,} training tokens: "
                         f"too few for one --calibration-length {length} sample")
