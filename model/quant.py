@@ -432,10 +432,11 @@ class _Stop(Exception):
     """Raised by a hook once the block being calibrated has run: the blocks after it have nothing to give."""
 
 
-def _input_hessians(model, linears: dict, calibration, batch_size: int, stop_at=None) -> dict:
+def _input_hessians(model, linears: dict, calibration, batch_size: int, stop_at=None, doc_ids=None) -> dict:
     """{name: H [K, K] fp64} for each nn.Linear of linears ({name: module}): 2 X^T X / (X's rows) over every token
     of calibration [n, T] the model reads (its inputs X as the model runs now: the quantized blocks before them
-    included). The forward stops after module stop_at, where given."""
+    included; with doc_ids [n, T], each row's documents apart). The forward stops after module stop_at, where
+    given."""
     sums = {name: None for name in linears}
     rows = [0]
 
@@ -457,7 +458,7 @@ def _input_hessians(model, linears: dict, calibration, batch_size: int, stop_at=
                 batch = calibration[i:i + batch_size]
                 rows[0] += batch.numel()
                 try:
-                    model(batch)
+                    model(batch, doc_ids=None if doc_ids is None else doc_ids[i:i + batch_size])
                 except _Stop:
                     pass
     finally:
@@ -466,7 +467,8 @@ def _input_hessians(model, linears: dict, calibration, batch_size: int, stop_at=
     return {name: 2 * s / rows[0] for name, s in sums.items()}
 
 
-def quantize_gptq(model, mode: str, calibration, head: bool = True, group_size: int = 128, batch_size: int = 8):
+def quantize_gptq(model, mode: str, calibration, head: bool = True, group_size: int = 128, batch_size: int = 8,
+                  doc_ids=None):
     """quantize_int8 / quantize_int4's swap, each matrix by GPTQ (gptq_quantize_weight / gptq_quantize_weight_int4)
     with the Hessian of its inputs on calibration (token ids [n_samples, T], T at most the context), block by block
     (the paper's sequential mode, as AutoGPTQ's default): a block's matrices see the inputs the model gives them with
@@ -474,7 +476,9 @@ def quantize_gptq(model, mode: str, calibration, head: bool = True, group_size: 
     meets; the matrices within a block all see the float block's own activations (no "true sequential"). The LM
     head, with head, last, on the quantized blocks' output. The model runs on the reference path while it
     calibrates (a hook sees each nn.Linear's input; the Triton MLP reads the weights itself), in place, on its
-    device; returns it in eval mode."""
+    device; returns it in eval mode. doc_ids [n_samples, T] (data.document_ids of calibration): a model trained
+    with its documents apart (`pretrain --document-mask`) calibrated as it runs, each document from position 0
+    and attending to itself alone: the activations it was trained on, not ones it never meets."""
     if mode not in ("int8", "int4"):
         raise UserError(f"quantization must be int8 or int4, got {mode!r}")
     _check_quantizable(model, mode, group_size if mode == "int4" else None)
@@ -487,6 +491,10 @@ def quantize_gptq(model, mode: str, calibration, head: bool = True, group_size: 
         raise UserError(f"GPTQ's calibration samples are {calibration.shape[1]} tokens, longer than the model's "
                         f"context ({model.config.context_length})")
 
+    if doc_ids is not None and (not torch.is_tensor(doc_ids) or doc_ids.shape != calibration.shape):
+        raise UserError(f"GPTQ's doc_ids must be calibration's shape {tuple(calibration.shape)}, got "
+                        + (str(tuple(doc_ids.shape)) if torch.is_tensor(doc_ids) else type(doc_ids).__name__))
+
     def make(linear, hessian):
         if mode == "int4":
             return Int4Linear.from_linear(linear, group_size=group_size, hessian=hessian)
@@ -495,6 +503,7 @@ def quantize_gptq(model, mode: str, calibration, head: bool = True, group_size: 
     kernels, was_training, swapped = model.kernels, model.training, []
     model.eval().set_kernels("reference")
     calibration = calibration.to(model.tok_emb.weight.device)
+    doc_ids = None if doc_ids is None else doc_ids.to(calibration.device)
 
     def swap(parent, attr, new):
         swapped.append((parent, attr, getattr(parent, attr)))
@@ -504,12 +513,13 @@ def quantize_gptq(model, mode: str, calibration, head: bool = True, group_size: 
     try:
         for block in model.trf_blocks:
             linears = {name: m for name, m in block.named_modules() if isinstance(m, nn.Linear)}
-            hessians = _input_hessians(model, linears, calibration, batch_size, stop_at=block)
+            hessians = _input_hessians(model, linears, calibration, batch_size, stop_at=block, doc_ids=doc_ids)
             for name, linear in linears.items():
                 parent, _, attr = name.rpartition(".")
                 made = swap(block.get_submodule(parent), attr, make(linear, hessians[name]))
         if head:
-            hessian = _input_hessians(model, {"out_head": model.out_head}, calibration, batch_size)["out_head"]
+            hessian = _input_hessians(model, {"out_head": model.out_head}, calibration, batch_size,
+                                      doc_ids=doc_ids)["out_head"]
             made = swap(model, "out_head", make(model.out_head, hessian))
     except BaseException:  # the float model back as it was: never a half-quantized one
         for parent, attr, old in reversed(swapped):
@@ -523,16 +533,17 @@ def quantize_gptq(model, mode: str, calibration, head: bool = True, group_size: 
 
 
 def quantize(model, mode: str, head: bool = True, device=None, group_size: int = 128, method: str = "rtn",
-             calibration=None):
+             calibration=None, doc_ids=None):
     """quantize_int8 or quantize_int4 by name (the commands' --quantize); method "gptq": quantize_gptq on
-    calibration (token ids [n_samples, T]), on the model's own device (device= is round-to-nearest's)."""
+    calibration (token ids [n_samples, T]; doc_ids, its documents), on the model's own device (device= is
+    round-to-nearest's)."""
     if method not in GPTQ_METHODS:
         raise UserError(f"the quantization method must be rtn or gptq, got {method!r}")
     if method == "gptq":
         if calibration is None:
             raise UserError("GPTQ needs calibration token ids [n_samples, T]")
-        return quantize_gptq(model, mode, calibration, head, group_size)
-    if calibration is not None:
+        return quantize_gptq(model, mode, calibration, head, group_size, doc_ids=doc_ids)
+    if calibration is not None or doc_ids is not None:
         raise UserError("calibration data is GPTQ's: round-to-nearest (method rtn) reads none")
     if mode == "int8":
         return quantize_int8(model, head, device)

@@ -224,6 +224,37 @@ def test_each_block_is_calibrated_on_what_the_quantized_blocks_before_it_give(mo
     assert float((got - float_).norm() / float_.norm()) > 1e-4
 
 
+def test_a_document_masked_models_calibration_keeps_its_documents_apart(monkeypatch):
+    """doc_ids (as `pretrain --document-mask` trained the model, and eval scores it): each matrix's Hessian is of
+    the inputs the model gives with its documents apart (positions restarting, no attention across them)."""
+    import tritongpt.model.quant as quant
+
+    torch.manual_seed(0)
+    model = GPTModel(GPTConfig(vocab_size=V, context_length=T, n_layer=1, n_head=4, n_embd=64)).eval()
+    calibration = torch.randint(1, V, (4, T))
+    calibration[:, ::7] = 0  # an end-of-text id every few tokens: several documents a row
+    doc_ids = (calibration == 0).long().cumsum(1)
+    seen, real = [], quant.gptq_quantize_weight_int4
+    monkeypatch.setattr(quant, "gptq_quantize_weight_int4", lambda w, h, g: seen.append(h) or real(w, h, g))
+    quantize(copy.deepcopy(model), "int4", group_size=32, method="gptq", calibration=calibration, doc_ids=doc_ids)
+
+    def hessian(**kw):  # of the attention's output projection's input (the attention's context)
+        xs = []
+        hook = model.trf_blocks[0].att.out_proj.register_forward_hook(lambda mod, a, out: xs.append(a[0].double()))
+        with torch.no_grad():
+            model(calibration, **kw)
+        hook.remove()
+        x = torch.cat(xs).reshape(-1, 64)
+        return 2 * x.T @ x / len(x)
+
+    masked, unmasked = hessian(doc_ids=doc_ids), hessian()
+    assert float((masked - unmasked).norm() / unmasked.norm()) > 1e-3
+    torch.testing.assert_close(seen[3], masked, rtol=1e-9, atol=1e-9)
+    with pytest.raises(UserError, match=r"doc_ids must be calibration's shape \(4, 32\)"):
+        quantize(copy.deepcopy(model), "int4", group_size=32, method="gptq", calibration=calibration,
+                 doc_ids=doc_ids[:, 1:])
+
+
 def test_quantize_gptq_refuses_bad_calibration_and_leaves_the_model_float(monkeypatch):
     model = GPTModel(GPTConfig(vocab_size=V, context_length=T, n_layer=1, n_head=4, n_embd=64))
     for calibration, said in ((torch.zeros(2, T + 1, dtype=torch.long), "longer than the model's context"),
@@ -320,15 +351,25 @@ def test_gptqs_calibration_defaults_to_the_runs_own_training_split(saved, tmp_pa
     tok = get_tokenizer("default")
     args = argparse.Namespace(calibration=None, calibration_length=None)
     record = {"source": str(corpus), "source_hash": "x", "train_tokens": 1}
-    ids, said = calibration_tokens(args, 32, tok, record, 5)
+    ids, said, doc_ids = calibration_tokens(args, 32, tok, record, 5)
+    assert doc_ids is None  # a run without --document-mask
     train = data.prepare_tokens({"source": str(corpus), "text_field": "text"}, tok).train
     assert said == f"5 x 32 tokens of {corpus}" and ids.shape == (5, 32)
     assert ids[0].tolist() == train[:32].tolist() and ids[-1].tolist() == train[-32:].tolist()
     # the run's own record (its hash): the windows end where its training tokens did, whatever its val fraction
     record = {"source": str(corpus), "source_hash": data.prepare_tokens(str(corpus), tok).meta["source_hash"],
               "train_tokens": 200}
-    ids, said = calibration_tokens(args, 32, tok, record, 4)
+    ids, said, _ = calibration_tokens(args, 32, tok, record, 4)
     assert ids[-1].tolist() == train[200 - 32:200].tolist()
+    # a run trained with --document-mask: its documents kept apart, as eval scores it (a .jsonl of short ones)
+    docs = tmp_path / "docs.jsonl"
+    docs.write_text("".join(json.dumps({"text": f"document {i}, a short one."}) + "\n" for i in range(100)))
+    masked = argparse.Namespace(calibration=str(docs), calibration_length=None)
+    ids, _, doc_ids = calibration_tokens(masked, 32, tok, {**record, "document_mask": True}, 4)
+    bos = data.prepare_tokens(str(docs), tok).meta.get("bos_id")
+    assert torch.equal(doc_ids, data.document_ids(ids, tok.eot_id, bos))
+    assert int(doc_ids[:, -1].min()) > 0  # each window holds several documents
+    assert calibration_tokens(masked, 32, tok, record, 4)[2] is None
     args.calibration, args.calibration_length = str(corpus), 8
     assert calibration_tokens(args, 32, tok, None, 3)[1] == f"3 x 8 tokens of {corpus}"
     with pytest.raises(UserError, match="a mixture of sources: pass --calibration"):

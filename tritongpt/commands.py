@@ -810,13 +810,13 @@ def cmd_quantize(args):
     record = pretrain_data(args.weights)
     if record is not None:
         extra[PRETRAIN_DATA] = json.dumps(record, default=str)
-    calibration = None
+    calibration = doc_ids = None
     if args.method == "gptq":
-        calibration, said = calibration_tokens(args, model.config.context_length, tok, record, samples)
+        calibration, said, doc_ids = calibration_tokens(args, model.config.context_length, tok, record, samples)
         extra["quantized_calibration"] = said
     before = linear_bytes(model)
     quantize(model, args.quantize, head=not args.no_head, group_size=group, method=args.method,
-             calibration=calibration)
+             calibration=calibration, doc_ids=doc_ids)
     out.mkdir(parents=True, exist_ok=True)
     model.save(target, extra)
     save_run_tokenizer(tok, out)
@@ -827,11 +827,12 @@ def cmd_quantize(args):
 
 
 def calibration_tokens(args, context_length: int, tok, record, samples: int):
-    """GPTQ's calibration for `tritongpt quantize`: (token ids [samples, T], what they are, in words). The text is
-    --calibration, else the data the model's pretraining run trained on (its record: its training split, never the
-    held-out tail eval scores), else the embedded default corpus (pydoc, the quickstart's); T is
+    """GPTQ's calibration for `tritongpt quantize`: (token ids [samples, T], what they are, in words, doc_ids). The
+    text is --calibration, else the data the model's pretraining run trained on (its record: its training split,
+    never the held-out tail eval scores), else the embedded default corpus (pydoc, the quickstart's); T is
     --calibration-length, else the model's context. The windows start at evenly spaced tokens of the training
-    split, so the same flags give the same file."""
+    split, so the same flags give the same file. doc_ids [samples, T]: each window's documents (data.document_ids)
+    where the run trained with --document-mask (its record says so), as eval then scores it; else None."""
     import torch
 
     from tritongpt.train import data
@@ -862,7 +863,10 @@ def calibration_tokens(args, context_length: int, tok, record, samples: int):
     if len(starts) < samples:
         note(f"GPTQ: {source['source'] or 'pydoc'}'s {len(train):,} training tokens hold {len(starts)} distinct "
              f"samples of {length}, not {samples}")
-    return ids, said
+    # a model trained with its documents apart never attended across them: calibrated as it ran, and as eval scores
+    doc_ids = data.document_ids(ids, tok.eot_id, td.meta.get("bos_id")) if record and record.get("document_mask") \
+        else None
+    return ids, said, doc_ids
 
 
 def is_qlora_checkpoint(path) -> bool:
