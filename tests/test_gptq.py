@@ -372,6 +372,9 @@ def test_gptqs_calibration_defaults_to_the_runs_own_training_split(saved, tmp_pa
     assert calibration_tokens(masked, 32, tok, record, 4)[2] is None
     args.calibration, args.calibration_length = str(corpus), 8
     assert calibration_tokens(args, 32, tok, None, 3)[1] == f"3 x 8 tokens of {corpus}"
+    gone = {**record, "source": str(tmp_path / "moved.txt")}  # the run's data since moved or deleted
+    with pytest.raises(UserError, match="moved.txt.*the data the model's run trained on: pass --calibration"):
+        calibration_tokens(argparse.Namespace(calibration=None, calibration_length=None), 32, tok, gone, 4)
     with pytest.raises(UserError, match="a mixture of sources: pass --calibration"):
         calibration_tokens(argparse.Namespace(calibration=None, calibration_length=None), 32, tok,
                            {"sources": [{"source": "a"}, {"source": "b"}]}, 4)

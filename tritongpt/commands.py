@@ -849,7 +849,13 @@ def calibration_tokens(args, context_length: int, tok, record, samples: int):
         source = {"source": record["source"], "text_field": record.get("text_field") or "text"}
     else:
         source = {"source": None, "text_field": "text"}
-    td = data.prepare_tokens(source, tok)
+    try:
+        td = data.prepare_tokens(source, tok)
+    except UserError as e:
+        if args.calibration is not None or record is None:
+            raise
+        raise UserError(f"{e}; it is the data the model's run trained on: pass --calibration, the text to "
+                        "calibrate GPTQ on") from None
     train = td.train if len(td.train) else td.tokens
     if args.calibration is None and record is not None and td.tokens is not None \
             and td.meta.get("source_hash") == record.get("source_hash"):
