@@ -361,6 +361,12 @@ def test_gptqs_calibration_defaults_to_the_runs_own_training_split(saved, tmp_pa
               "train_tokens": 200}
     ids, said, _ = calibration_tokens(args, 32, tok, record, 4)
     assert ids[-1].tolist() == train[200 - 32:200].tolist()
+    # ... but not where its tokens were another tokenizer's, or had another BOS: eval then scores the last tenth
+    # of the tokens as they are now, so the windows end where that tail starts (never inside what eval scores)
+    every = len(data.prepare_tokens(str(corpus), tok).tokens)
+    for other in ({"tokenizer_hash": "another"}, {"bos_id": 1}):
+        ids, _, _ = calibration_tokens(args, 32, tok, {**record, "train_tokens": every - 10, **other}, 4)
+        assert ids[-1].tolist() == train[-32:].tolist()
     # a run trained with --document-mask: its documents kept apart, as eval scores it (a .jsonl of short ones)
     docs = tmp_path / "docs.jsonl"
     docs.write_text("".join(json.dumps({"text": f"document {i}, a short one."}) + "\n" for i in range(100)))

@@ -857,9 +857,12 @@ def calibration_tokens(args, context_length: int, tok, record, samples: int):
         raise UserError(f"{e}; it is the data the model's run trained on: pass --calibration, the text to "
                         "calibrate GPTQ on") from None
     train = td.train if len(td.train) else td.tokens
+    # the run's own split, whatever --val-fraction it held out: where its documents are tokenised as the run had
+    # them (eval's test for scoring the run's own tail; else eval scores the last tenth, which td.train stops at)
     if args.calibration is None and record is not None and td.tokens is not None \
-            and td.meta.get("source_hash") == record.get("source_hash"):
-        train = td.tokens[:record["train_tokens"]]  # the run's own split, whatever --val-fraction it held out
+            and td.meta.get("source_hash") == record.get("source_hash") \
+            and record.get("tokenizer_hash", tok.hash) == tok.hash and record.get("bos_id") == td.meta.get("bos_id"):
+        train = td.tokens[:record["train_tokens"]]
     if train is None or len(train) < length:
         raise UserError(f"{source['source'] or 'pydoc'} has {0 if train is None else len(train):,} training tokens: "
                         f"too few for one --calibration-length {length} sample")
