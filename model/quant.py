@@ -40,7 +40,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from tritongpt.errors import UserError
+from tritongpt.errors import UserError, note
 
 QMAX = 127  # symmetric: -127..127, so q and -q are both representable (-128 is never used)
 
@@ -143,14 +143,25 @@ def _gptq(weight, hessian, damp: float, block: int, group_size, find_params, qua
     dead = torch.diagonal(H) == 0
     H[dead, dead] = 1
     W[:, dead] = 0
-    # damping (a fraction of the mean diagonal) keeps H's inverse well conditioned on few or collinear samples
-    H += damp * torch.diagonal(H).mean() * torch.eye(K, dtype=H.dtype, device=H.device)
-    try:
-        # the upper Cholesky factor U of H^-1 (H^-1 = U^T U): row i of U, scaled by U[i, i], is how the error of
-        # column i spreads over the columns after it once columns 0..i-1 are fixed (the paper's Lemma)
-        U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
-    except torch.linalg.LinAlgError:
-        raise UserError(f"GPTQ's damped Hessian is not positive definite (damp {damp}): pass a larger damp") from None
+    # damping (a fraction of the mean diagonal) keeps H's inverse well conditioned on few or collinear samples.
+    # Where it is not enough (a near-singular X^T X whose rounding left an eigenvalue below -damp), 10x and 100x
+    # are tried, as GPTQModel's damp_auto_increment does: the commands pass no damp, so a refusal could not be
+    # answered; an H that even 100x leaves indefinite is no X^T X of real inputs, and is refused
+    mean, eye = torch.diagonal(H).mean(), torch.eye(K, dtype=H.dtype, device=H.device)
+    for d in (damp, 10 * damp, 100 * damp):
+        try:
+            # the upper Cholesky factor U of H^-1 (H^-1 = U^T U): row i of U, scaled by U[i, i], is how the error
+            # of column i spreads over the columns after it once columns 0..i-1 are fixed (the paper's Lemma)
+            U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H + d * mean * eye)), upper=True)
+            break
+        except torch.linalg.LinAlgError:
+            continue
+    else:
+        raise UserError(f"GPTQ's Hessian is not positive definite even damped by {100 * damp:g} times its mean "
+                        "diagonal: not the X^T X of real inputs (its calibration activations?)")
+    if d != damp:
+        note(f"GPTQ: a Hessian damped by {d:g} of its mean diagonal, not {damp:g} (near-singular: too few or too "
+             "alike calibration samples?)")
     # a group never straddles two lazy blocks: its parameters are fixed from weights every earlier column updated
     if group_size is not None:
         block = -(-block // group_size) * group_size
@@ -176,17 +187,18 @@ def gptq_quantize_weight_int4(weight, hessian, group_size: int = 128, damp: floa
     """quantize_weight_int4's (qweight, scale, offset), same dtypes, shapes and packing, chosen by GPTQ for a layer
     whose inputs have Hessian `hessian` [K, K] = 2 X^T X (X the calibration inputs, one row a token).
 
-    The algorithm (the paper's, without act-order): H is damped (damp times its mean diagonal added to it) and U is
-    the upper Cholesky factor of its inverse. The inputs are quantized one column k at a time, left to right; when a
-    group starts, its offset and scale are fixed from the group's current (error-updated) weights as
-    quantize_weight_int4 fixes them (min, range / 15; AutoGPTQ's static_groups=False), the column is rounded to its
-    nearest level, and its error e = (w_k - q_k) / U[k, k] is spread over the columns not yet quantized,
-    W[:, j] -= e * U[k, j] for j > k: the least-squares correction of the remaining weights for the error made, so
-    that X W^T changes as little as possible. The corrections are applied lazily, a block of columns at a time
-    (block rounded up to whole groups, so a group's parameters always see every earlier column's correction: the
-    textbook column-by-column result; AutoGPTQ reads a group straddling its block boundary before that block's
-    corrections). Inputs whose H_ii is 0 (never active in the calibration data) get their weights zeroed. With
-    H = identity no correction moves any weight: round-to-nearest. float64 on the weight's device."""
+    The algorithm (the paper's, without act-order): H is damped (damp times its mean diagonal added to it; 10x, then
+    100x, with a note, where that leaves it indefinite) and U is the upper Cholesky factor of its inverse. The
+    inputs are quantized one column k at a time, left to right; when a group starts, its offset and scale are fixed
+    from the group's current (error-updated) weights as quantize_weight_int4 fixes them (min, range / 15; AutoGPTQ's
+    static_groups=False), the column is rounded to its nearest level, and its error e = (w_k - q_k) / U[k, k] is
+    spread over the columns not yet quantized, W[:, j] -= e * U[k, j] for j > k: the least-squares correction of the
+    remaining weights for the error made, so that X W^T changes as little as possible. The corrections are applied
+    lazily, a block of columns at a time (block rounded up to whole groups, so a group's parameters always see every
+    earlier column's correction: the textbook column-by-column result; AutoGPTQ reads a group straddling its block
+    boundary before that block's corrections). Inputs whose H_ii is 0 (never active in the calibration data) get
+    their weights zeroed. With H = identity no correction moves any weight: round-to-nearest. float64 on the
+    weight's device."""
     if weight.dim() == 2:
         check_group_size(weight.shape[1], group_size)
 
@@ -495,10 +507,13 @@ def quantize_gptq(model, mode: str, calibration, head: bool = True, group_size: 
         raise UserError(f"GPTQ's doc_ids must be calibration's shape {tuple(calibration.shape)}, got "
                         + (str(tuple(doc_ids.shape)) if torch.is_tensor(doc_ids) else type(doc_ids).__name__))
 
-    def make(linear, hessian):
-        if mode == "int4":
-            return Int4Linear.from_linear(linear, group_size=group_size, hessian=hessian)
-        return Int8Linear.from_linear(linear, hessian=hessian)
+    def make(name, linear, hessian):
+        try:
+            if mode == "int4":
+                return Int4Linear.from_linear(linear, group_size=group_size, hessian=hessian)
+            return Int8Linear.from_linear(linear, hessian=hessian)
+        except UserError as e:  # which of the model's matrices
+            raise UserError(f"{name}: {e}") from None
 
     kernels, was_training, swapped = model.kernels, model.training, []
     model.eval().set_kernels("reference")
@@ -511,16 +526,16 @@ def quantize_gptq(model, mode: str, calibration, head: bool = True, group_size: 
         return new
 
     try:
-        for block in model.trf_blocks:
+        for b, block in enumerate(model.trf_blocks):
             linears = {name: m for name, m in block.named_modules() if isinstance(m, nn.Linear)}
             hessians = _input_hessians(model, linears, calibration, batch_size, stop_at=block, doc_ids=doc_ids)
             for name, linear in linears.items():
                 parent, _, attr = name.rpartition(".")
-                made = swap(block.get_submodule(parent), attr, make(linear, hessians[name]))
+                made = swap(block.get_submodule(parent), attr, make(f"trf_blocks.{b}.{name}", linear, hessians[name]))
         if head:
             hessian = _input_hessians(model, {"out_head": model.out_head}, calibration, batch_size,
                                       doc_ids=doc_ids)["out_head"]
-            made = swap(model, "out_head", make(model.out_head, hessian))
+            made = swap(model, "out_head", make("out_head", model.out_head, hessian))
     except BaseException:  # the float model back as it was: never a half-quantized one
         for parent, attr, old in reversed(swapped):
             setattr(parent, attr, old)

@@ -135,11 +135,29 @@ def test_the_lazy_blocked_cholesky_gptq_gives_the_textbooks_levels(group, block)
     (lambda W: gptq_quantize_weight_int4(W, torch.full((64, 64), float("nan")), 32), "Hessian holds NaN or inf"),
     (lambda W: gptq_quantize_weight(W, torch.eye(64), damp=0), "damp must be > 0"),
     (lambda W: gptq_quantize_weight(W[0], torch.eye(64)), r"floating \[out, in\] weight"),
-    (lambda W: gptq_quantize_weight(W, -torch.eye(64)), "not positive definite"),
+    (lambda W: gptq_quantize_weight(W, -torch.eye(64)), "not positive definite even damped by 1 times"),
 ])
 def test_gptq_refuses_what_it_cannot_quantize_by_name(call, said):
     with pytest.raises(UserError, match=said):
         call(torch.randn(8, 64))
+
+
+def test_a_hessian_the_default_damping_leaves_indefinite_is_damped_more_not_refused(capsys):
+    """One eigenvalue a little below zero (rounding in a near-singular X^T X, here made by hand): damp 0.01 of the
+    mean diagonal does not lift it above zero, 0.1 does; the result is what damp 0.1 gives, with a note."""
+    torch.manual_seed(0)
+    X = correlated_inputs(n=512, K=64, seed=2)
+    H = 2 * X.T @ X / len(X)
+    v = torch.linalg.eigh(H).eigenvectors[:, 0]
+    H = H - 0.05 * H.diagonal().mean() * torch.outer(v, v)  # its smallest eigenvalue ~ -0.05 of the mean diagonal
+    W = torch.randn(8, 64)
+    with pytest.raises(torch.linalg.LinAlgError):
+        torch.linalg.cholesky(H + 0.01 * H.diagonal().mean() * torch.eye(64, dtype=H.dtype))
+    for got, want in zip(gptq_quantize_weight_int4(W, H, 32), gptq_quantize_weight_int4(W, H, 32, damp=0.1)):
+        assert torch.equal(got, want)
+    assert "damped by 0.1 of its mean diagonal, not 0.01" in capsys.readouterr().err
+    for got, want in zip(gptq_quantize_weight(W, H), gptq_quantize_weight(W, H, damp=0.1)):
+        assert torch.equal(got, want)
 
 
 # -- a model ------------------------------------------------------------------------------------------------------
@@ -280,9 +298,9 @@ def test_quantize_gptq_refuses_bad_calibration_and_leaves_the_model_float(monkey
 
     before = copy.deepcopy(model.state_dict())
     monkeypatch.setattr(torch.linalg, "cholesky", fail_on_fifth)
-    with pytest.raises(UserError, match="not positive definite"):
+    with pytest.raises(UserError, match="trf_blocks.0.ff.fc1: GPTQ's Hessian is not positive definite"):
         quantize(model, "int4", group_size=32, method="gptq", calibration=torch.zeros(2, 8, dtype=torch.long))
-    assert len(calls) == 9
+    assert len(calls) == 2 * 4 + 3  # the three dampings of fc1's tried
     assert getattr(model, "quantized", None) is None and model.state_dict().keys() == before.keys()
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
 
