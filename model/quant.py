@@ -557,6 +557,10 @@ def quantize(model, mode: str, head: bool = True, device=None, group_size: int =
     if method == "gptq":
         if calibration is None:
             raise UserError("GPTQ needs calibration token ids [n_samples, T]")
+        want, have = None if device is None else torch.device(device), next(model.parameters()).device
+        if want is not None and (want.type != have.type or want.index not in (None, have.index)):
+            raise UserError(f"GPTQ quantizes on the model's own device ({next(model.parameters()).device}): move the "
+                            f"model to {device} first")
         return quantize_gptq(model, mode, calibration, head, group_size, doc_ids=doc_ids)
     if calibration is not None or doc_ids is not None:
         raise UserError("calibration data is GPTQ's: round-to-nearest (method rtn) reads none")

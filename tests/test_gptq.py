@@ -427,3 +427,45 @@ def test_the_quantize_commands_refusals_are_named(saved, tmp_path, capsys, argv,
     assert cli.main(["quantize", str(saved), "--out", str(tmp_path / "q"), *argv]) == 2
     assert said in capsys.readouterr().err
     assert not (tmp_path / "q" / "model.safetensors").exists()
+
+
+def test_the_quantize_command_runs_where_device_says_and_gptq_refuses_another_device(saved, tmp_path, capsys):
+    """--device: GPTQ's forwards and Hessians on the model's device (the command moves it there), round-to-nearest's
+    matrices made there in turn; quantize(method="gptq", device=) on a model elsewhere is refused, not ignored."""
+    from tritongpt import cli
+
+    argv = ["quantize", str(saved), "--quantize", "int4", "--group-size", "32", "--method", "gptq",
+            "--calibration-samples", "2", "--calibration-length", "8"]
+    assert cli.main([*argv, "--out", str(tmp_path / "cpu"), "--device", "cpu"]) == 0
+    capsys.readouterr()
+    if not torch.cuda.is_available():
+        assert cli.main([*argv, "--out", str(tmp_path / "gpu"), "--device", "cuda"]) == 2
+        assert "CUDA is not available" in capsys.readouterr().err
+        assert not (tmp_path / "gpu").exists()
+    model = GPTModel.load(saved)
+    with pytest.raises(UserError, match=r"GPTQ quantizes on the model's own device \(cpu\): move the model to meta"):
+        quantize(model, "int4", group_size=32, method="gptq", calibration=torch.ones(1, 8, dtype=torch.long),
+                 device="meta")
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gptq_on_cuda_gives_the_cpus_levels(saved, tmp_path):
+    """The same file from the GPU as from the CPU (float64 Hessians and Cholesky on both): nearly every level equal
+    (a level may flip where a weight sits on a rounding boundary), the scales within float32 rounding."""
+    from safetensors.torch import load_file
+
+    from tritongpt import cli
+
+    argv = ["quantize", str(saved), "--quantize", "int4", "--group-size", "32", "--method", "gptq",
+            "--calibration-samples", "8", "--calibration-length", "16"]
+    for dev in ("cpu", "cuda"):
+        assert cli.main([*argv, "--out", str(tmp_path / dev), "--device", dev]) == 0
+    a, b = load_file(tmp_path / "cpu" / "model.safetensors"), load_file(tmp_path / "cuda" / "model.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        if k.endswith("qweight"):
+            same = (unpack_int4(a[k]) == unpack_int4(b[k])).float().mean().item()
+            assert same > 0.999, (k, same)
+        elif a[k].is_floating_point():
+            assert torch.allclose(a[k], b[k], rtol=1e-5, atol=1e-7), k

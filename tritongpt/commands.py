@@ -776,7 +776,7 @@ def cmd_quantize(args):
 
     from tritongpt.model.quant import linear_bytes, quantize
     from tritongpt.train.chat import run_template
-    from tritongpt.train.common import model_out_folder
+    from tritongpt.train.common import model_out_folder, pick_device
     from tritongpt.train.evaluate import PRETRAIN_DATA, pretrain_data
     from tritongpt.train.gpt2_weights import load_checkpoint
     from tritongpt.train.sft import pick_tokenizer
@@ -797,6 +797,7 @@ def cmd_quantize(args):
         raise UserError(f"--calibration-samples must be at least 1, got {samples}")
     if args.calibration_length is not None and args.calibration_length < 1:
         raise UserError(f"--calibration-length must be at least 1, got {args.calibration_length}")
+    device = pick_device(args.device)
     target = model_out_folder("quantize", out, [args.weights], args.overwrite, f"the {args.quantize} model",
                               "the model quantized")
     model = load_checkpoint(args.weights, args.model, quantized_ok=True)
@@ -815,8 +816,11 @@ def cmd_quantize(args):
         calibration, said, doc_ids = calibration_tokens(args, model.config.context_length, tok, record, samples)
         extra["quantized_calibration"] = said
     before = linear_bytes(model)
+    if args.method == "gptq":  # its forwards and Hessians where the model is: the device's, all of it
+        model.to(device)
     quantize(model, args.quantize, head=not args.no_head, group_size=group, method=args.method,
-             calibration=calibration, doc_ids=doc_ids)
+             calibration=calibration, doc_ids=doc_ids, device=device)  # rtn: each matrix made there, in turn
+    model.cpu()
     out.mkdir(parents=True, exist_ok=True)
     model.save(target, extra)
     save_run_tokenizer(tok, out)
@@ -1251,6 +1255,10 @@ def add_cli(sub):
                    help="GPTQ: how many windows of the calibration text (default 128)")
     p.add_argument("--calibration-length", type=int, default=None, metavar="T",
                    help="GPTQ: tokens a window (default: the model's context)")
+    p.add_argument("--device", default="auto",
+                   help="where the quantizing runs: auto | cpu | cuda (auto: CUDA when present; GPTQ's calibration "
+                        "forwards and Hessians there, the float model moved there whole; round-to-nearest makes each "
+                        "matrix there in turn) (default %(default)s)")
     p.add_argument("--no-head", action="store_true", help="keep the LM head in floating point (a tied head then "
                                                           "stays the embedding)")
     p.add_argument("--overwrite", action="store_true", help="replace a model.safetensors already in --out")
