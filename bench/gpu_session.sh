@@ -170,7 +170,8 @@ if [ "$what" = all ] || [ "$what" = tests ]; then
     first="tests/test_model_paths.py tests/test_loop.py tests/test_attention.py tests/test_rlhf.py tests/test_mlp.py"
     first="$first tests/test_tuned_launch.py tests/test_decode_graph.py tests/test_attention_kv_len.py"
     first="$first tests/test_int8_linear.py tests/test_int4_linear.py tests/test_quantize.py"
-    first="$first tests/test_quantize_int4.py tests/test_quant_dx.py tests/test_qlora.py tests/test_qlora_rlhf.py tests/test_gptq.py"
+    first="$first tests/test_quantize_int4.py tests/test_quant_dx.py tests/test_qlora.py"
+    first="$first tests/test_qlora_rlhf.py tests/test_gptq.py"
     rest=$(grep -l "mark\.cuda" tests/test_*.py | grep -v -x -F -e "${first// /$'\n'}" -e "" | tr '\n' ' ')
     # shellcheck disable=SC2086  # the file lists split on spaces on purpose
     timeout -s INT -k 15 "${TEST_SECONDS:-120}" $PY -m pytest -m cuda -q -p no:cacheprovider -n 8 $first $rest \
