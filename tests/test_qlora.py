@@ -239,18 +239,7 @@ def test_sft_quantize_trains_the_updates_on_the_quantized_base_and_its_run_loads
     frozen = quantize(GPTModel.load(base / "model.safetensors"), "int4", head=False, group_size=32)
     for name, buf in frozen.named_buffers():
         assert torch.equal(buf, model.get_buffer(name)), name
-    # generate runs it as it is (unmerged); export writes the float model it computes
-    gen_args = ["generate", "--prompt", "Say hi.", "--device", "cpu", "--max-new-tokens", "4", "--temperature", "0"]
-    assert main([*gen_args, "--weights", str(out)]) == 0
-    text = capsys.readouterr().out
-    assert main(["export", str(out), "--out", str(tmp_path / "hf")]) == 0
-    capsys.readouterr()
-    assert main([*gen_args, "--weights", str(tmp_path / "hf")]) == 0
-    assert capsys.readouterr().out == text
-    exported = load_checkpoint(tmp_path / "hf")
-    idx = torch.randint(0, 4096, (1, 9))
-    with torch.no_grad():
-        assert rel(exported(idx), model.eval()(idx)) < 1e-5
+    runs_unmerged_and_exports_its_function(out, model, tmp_path / "hf", "Say hi.", capsys)
     # its adapter goes on the --init, which is our own checkpoint here, not a folder peft loads (the tests below)
     assert main(["export", str(out), "--out", str(tmp_path / "adapter"), "--adapter"]) == 2
     assert "is not a Hugging Face GPT-2 folder (config.json and model.safetensors)" in capsys.readouterr().err
@@ -261,6 +250,23 @@ def test_sft_quantize_trains_the_updates_on_the_quantized_base_and_its_run_loads
     # a trainer's --init refuses the QLoRA checkpoint by name
     assert main(sft_argv(base, tmp_path / "again", "--max-steps", "1", "--init", str(out))) == 2
     assert "is a QLoRA checkpoint" in capsys.readouterr().err
+
+
+def runs_unmerged_and_exports_its_function(run, model, hf, prompt, capsys):
+    """A QLoRA run's checkpoint (model, loaded): generate runs it as it is (unmerged); `export` writes the float model
+    it computes (the base dequantized plus the update) into hf: the same greedy text, logits within 1e-5."""
+    from tritongpt.train.gpt2_weights import load_checkpoint
+
+    gen_args = ["generate", "--prompt", prompt, "--device", "cpu", "--max-new-tokens", "4", "--temperature", "0"]
+    assert main([*gen_args, "--weights", str(run)]) == 0
+    text = capsys.readouterr().out
+    assert main(["export", str(run), "--out", str(hf)]) == 0
+    capsys.readouterr()
+    assert main([*gen_args, "--weights", str(hf)]) == 0
+    assert capsys.readouterr().out == text
+    idx = torch.randint(0, model.config.vocab_size, (1, 9))
+    with torch.no_grad():
+        assert rel(load_checkpoint(hf)(idx), model.eval()(idx)) < 1e-5
 
 
 @pytest.mark.parametrize("flags,said", [

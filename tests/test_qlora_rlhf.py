@@ -18,7 +18,7 @@ from tritongpt.model.lora import add_lora, has_lora
 from tritongpt.model.quant import QuantLinear, quantize
 from tritongpt.train import common
 from tritongpt.train.gpt2_weights import load_checkpoint
-from test_qlora import qlora, random_updates
+from test_qlora import qlora, random_updates, runs_unmerged_and_exports_its_function
 from test_quantize import VOCAB, rel
 
 CFG = dict(vocab_size=4096, context_length=128, n_embd=64, n_layer=1, n_head=2)
@@ -81,18 +81,7 @@ def test_rlhf_ppo_qlora_trains_the_updates_and_value_head_on_the_quantized_base_
         assert torch.equal(buf, model.get_buffer(name)), name  # the base untouched by training
     trained = [m.lora.lora_B for m in model.modules() if isinstance(m, QuantLinear)]
     assert len(trained) == 6 and all(b.abs().max() > 0 for b in trained)
-    # generate runs it unmerged; export writes the float model it computes, which generates the same text
-    gen_args = ["generate", "--prompt", "What is 2 plus 2?", "--device", "cpu", "--max-new-tokens", "4",
-                "--temperature", "0"]
-    assert main([*gen_args, "--weights", str(out)]) == 0
-    text = capsys.readouterr().out
-    assert main(["export", str(out), "--out", str(tmp_path / "hf")]) == 0
-    capsys.readouterr()
-    assert main([*gen_args, "--weights", str(tmp_path / "hf")]) == 0
-    assert capsys.readouterr().out == text
-    idx = torch.randint(0, 4096, (1, 9))
-    with torch.no_grad():
-        assert rel(load_checkpoint(tmp_path / "hf")(idx), model.eval()(idx)) < 1e-5
+    runs_unmerged_and_exports_its_function(out, model, tmp_path / "hf", "What is 2 plus 2?", capsys)
     # a resume quantizes the --init again the same way and loads the updates and the value head
     assert main([*argv, "--iterations", "3", "--resume"]) == 0
     assert "resumed from" in capsys.readouterr().out
