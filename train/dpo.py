@@ -301,7 +301,7 @@ def train_dpo(policy, ref, tokenizer, train_pairs, val_pairs, args, beta: float 
 
 
 def cmd_dpo(args):
-    from tritongpt.commands import apply_lora, check_qlora, quantize_base
+    from tritongpt.commands import apply_lora, check_qlora
     from tritongpt.model.lora import check_lora
     from tritongpt.train.reward import data_run_args, setup_preference_run
 
@@ -309,7 +309,7 @@ def cmd_dpo(args):
     check_qlora(args)
     check_beta(args.beta, args.loss_type, args.label_smoothing, args.simpo_gamma, args.rpo_alpha)  # before the set-up
     targs, train, val, policy, tok = setup_preference_run(args, "dpo")
-    quantize_base(policy, args)  # QLoRA: the reference is the quantized base, the policy with its updates at 0
+    # QLoRA: the set-up quantized the base: the reference is it, the policy with its updates at 0
     ref = None if args.loss_type in REFERENCE_FREE else copy.deepcopy(policy)
     apply_lora(policy, args)  # the reference stays the whole --init model
     result = train_dpo(policy, ref, tok, train, val, targs, beta=args.beta, run_args=data_run_args(args),

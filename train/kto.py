@@ -402,7 +402,7 @@ def train_kto(policy, ref, tokenizer, train_examples, val_examples, args, beta: 
 
 
 def cmd_kto(args):
-    from tritongpt.commands import apply_lora, check_qlora, quantize_base
+    from tritongpt.commands import apply_lora, check_qlora
     from tritongpt.model.lora import check_lora
     from tritongpt.train.reward import data_run_args, setup_preference_run
 
@@ -412,8 +412,7 @@ def cmd_kto(args):
               args.batch_size)  # before the set-up
     targs, train, val, policy, tok = setup_preference_run(
         args, "kto", lambda a: train_val_examples(a.data, a.num_pairs, a.val_fraction, a.seed))
-    quantize_base(policy, args)  # QLoRA: the reference is the quantized base, the policy with its updates at 0
-    ref = copy.deepcopy(policy)
+    ref = copy.deepcopy(policy)  # (QLoRA: the quantized base, as the set-up left it: the policy at step 0)
     apply_lora(policy, args)  # the reference stays the whole --init model
     result = train_kto(policy, ref, tok, train, val, targs, beta=args.beta, run_args=data_run_args(args),
                        loss_type=args.loss_type, desirable_weight=args.desirable_weight,

@@ -361,8 +361,8 @@ def data_run_args(args, group_flag: str = "--group-size") -> dict:
 
 def setup_preference_run(args, command: str, read_data=None):
     """What `reward`, `dpo` and `kto` share: validated TrainArgs, the pairs (bad data fails before any
-    slow work), the backbone from --init (for `reward`, a whole RewardModel when --init is one), and its
-    tokenizer (saved beside the run). read_data(args) -> (train, held-out): other items than pairs (KTO's
+    slow work), the backbone from --init (for `reward`, a whole RewardModel when --init is one; with --quantize,
+    QLoRA's, its matrices quantized), and its tokenizer (saved beside the run). read_data(args) -> (train, held-out): other items than pairs (KTO's
     unpaired examples), each with the .format of its prompt."""
     from tritongpt.train.chat import note_template_mismatch
     from tritongpt.train.chat_template import chat_template_for
@@ -384,6 +384,10 @@ def setup_preference_run(args, command: str, read_data=None):
         backbone = RewardModel.load(args.init)
     else:
         backbone = build_backbone(args)
+    if getattr(args, "quantize", None):  # QLoRA: the base quantized before a file is written (a group that fits
+        from tritongpt.commands import quantize_base  # no width is refused with nothing left in --out-dir)
+
+        quantize_base(backbone.backbone if isinstance(backbone, RewardModel) else backbone, args)
     tok = pick_tokenizer(args.tokenizer, args.init, backbone.config.vocab_size)
     tok = chat_template_for(tok, command, args.chat_template, any(p.format == "chat" for p in train + val))
     save_run_tokenizer(tok, args.out_dir)
@@ -391,19 +395,19 @@ def setup_preference_run(args, command: str, read_data=None):
 
 
 def cmd_reward(args):
-    from tritongpt.commands import apply_lora, check_qlora, quantize_base
+    from tritongpt.commands import apply_lora, check_qlora
     from tritongpt.model.lora import check_lora
 
     check_lora(args.lora_rank, args.lora_alpha, args.lora_targets)  # before the slow set-up
     check_qlora(args)
     check_center_coefficient(args.center_rewards_coefficient)
     targs, train, val, init, tok = setup_preference_run(args, "reward")
-    # QLoRA: the backbone's matrices quantized before the updates go on them; the scalar head stays float
+    # (QLoRA: the backbone's matrices were quantized by the set-up; the scalar head stays float)
     if isinstance(init, RewardModel):  # --init a reward model (ours, or a Hugging Face classifier): its head trains on
-        apply_lora(quantize_base(init.backbone, args), args, "--init's reward head")
+        apply_lora(init.backbone, args, "--init's reward head")
         model = init.train()
     else:  # the scalar head is new: it trains whole
-        model = RewardModel(apply_lora(quantize_base(init, args), args, "new reward head"))
+        model = RewardModel(apply_lora(init, args, "new reward head"))
     result = train_reward_model(model, tok, train, val, targs, run_args=data_run_args(args),
                                 center_rewards_coefficient=args.center_rewards_coefficient)
     if not result["is_main"]:  # DDP: rank 0 reports
