@@ -84,8 +84,7 @@ def test_the_reference_is_the_quantized_base_so_rewards_start_at_zero_and_the_ru
     # a group (128 by default) that fits no width of the 64-wide base: refused before the tokenizer is written
     (["--lora-rank", "4", "--quantize", "int4"], "(the group: --group-size)"),
 ])
-def test_bad_qlora_flags_are_refused_before_anything_is_written(hf_base, tmp_path, capsys, cmd, flags,
-                                                                             said):
+def test_bad_qlora_flags_are_refused_before_anything_is_written(hf_base, tmp_path, capsys, cmd, flags, said):
     assert main(argv(cmd, hf_base, tmp_path / "bad", "--max-steps", "1", *flags)) == 2
     assert said in capsys.readouterr().err
     assert not (tmp_path / "bad").exists()
