@@ -444,13 +444,10 @@ class _Stop(Exception):
     """Raised by a hook once the block being calibrated has run: the blocks after it have nothing to give."""
 
 
-def _input_hessians(model, linears: dict, calibration, batch_size: int, stop_at=None, doc_ids=None) -> dict:
-    """{name: H [K, K] fp64} for each nn.Linear of linears ({name: module}): 2 X^T X / (X's rows) over every token
-    of calibration [n, T] the model reads (its inputs X as the model runs now: the quantized blocks before them
-    included; with doc_ids [n, T], each row's documents apart). The forward stops after module stop_at, where
-    given."""
+def _input_hessians(linears: dict, run, rows: int) -> dict:
+    """{name: H [K, K] fp64} for each nn.Linear of linears ({name: module}): 2 X^T X / rows over its inputs X while
+    run() runs the model (or a block) on every calibration token (rows of them)."""
     sums = {name: None for name in linears}
-    rows = [0]
 
     def hook(name):
         def collect(module, args, output):
@@ -458,25 +455,37 @@ def _input_hessians(model, linears: dict, calibration, batch_size: int, stop_at=
             sums[name] = x.T @ x if sums[name] is None else sums[name] + x.T @ x
         return collect
 
-    def stop(module, args, output):
-        raise _Stop
-
     handles = [m.register_forward_hook(hook(name)) for name, m in linears.items()]
-    if stop_at is not None:
-        handles.append(stop_at.register_forward_hook(stop))
     try:
         with torch.no_grad():
-            for i in range(0, len(calibration), batch_size):
-                batch = calibration[i:i + batch_size]
-                rows[0] += batch.numel()
-                try:
-                    model(batch, doc_ids=None if doc_ids is None else doc_ids[i:i + batch_size])
-                except _Stop:
-                    pass
+            run()
     finally:
         for h in handles:
             h.remove()
-    return {name: 2 * s / rows[0] for name, s in sums.items()}
+    return {name: 2 * s / rows for name, s in sums.items()}
+
+
+def _first_block_inputs(model, calibration, batch_size: int, doc_ids=None) -> list:
+    """The arguments GPTModel.hidden calls its first block with, a calibration batch each ([x, cache, doc_ids,
+    mlp_out, rope_pos, rope_len]: every block is called alike, so the blocks can be run one at a time on them, each
+    block's output the next one's x and mlp_out)."""
+    inputs = []
+
+    def grab(module, args):
+        inputs.append(list(args))
+        raise _Stop
+
+    handle = model.trf_blocks[0].register_forward_pre_hook(grab)
+    try:
+        with torch.no_grad():
+            for i in range(0, len(calibration), batch_size):
+                try:
+                    model(calibration[i:i + batch_size], doc_ids=None if doc_ids is None else doc_ids[i:i + batch_size])
+                except _Stop:
+                    pass
+    finally:
+        handle.remove()
+    return inputs
 
 
 def quantize_gptq(model, mode: str, calibration, head: bool = True, group_size: int = 128, batch_size: int = 8,
@@ -526,16 +535,33 @@ def quantize_gptq(model, mode: str, calibration, head: bool = True, group_size: 
         return new
 
     try:
+        # Each block runs on its inputs as the quantized blocks before it left them, kept from the last block's run:
+        # one pass a block for its Hessians and one to move its inputs on, not the whole prefix again each time
+        # (AutoGPTQ's way; [x, mlp_out] a batch, 2 x n_samples x T x n_embd floats).
+        inputs = _first_block_inputs(model, calibration, batch_size, doc_ids)
+
+        def run_block(block, advance=False):
+            for args in inputs:
+                x, mlp_out = block(*args)
+                if advance:
+                    args[0], args[3] = x, mlp_out
         for b, block in enumerate(model.trf_blocks):
             linears = {name: m for name, m in block.named_modules() if isinstance(m, nn.Linear)}
-            hessians = _input_hessians(model, linears, calibration, batch_size, stop_at=block, doc_ids=doc_ids)
+            hessians = _input_hessians(linears, lambda: run_block(block), calibration.numel())
             for name, linear in linears.items():
                 parent, _, attr = name.rpartition(".")
                 made = swap(block.get_submodule(parent), attr, make(f"trf_blocks.{b}.{name}", linear, hessians[name]))
-        if head:
-            hessian = _input_hessians(model, {"out_head": model.out_head}, calibration, batch_size,
-                                      doc_ids=doc_ids)["out_head"]
-            made = swap(model, "out_head", make("out_head", model.out_head, hessian))
+            if b + 1 < len(model.trf_blocks) or head:
+                with torch.no_grad():
+                    run_block(block, advance=True)  # the quantized block's output: the next block's input
+        if head:  # its input: the final norm of the last block's output (GPTModel.hidden's end, _head_input's
+            hessian = 0  # scale), summed here: the logits themselves are not needed
+            with torch.no_grad():
+                for x, _, _, mlp_out, _, _ in inputs:
+                    h = model.final_norm(x) if mlp_out is None else model.final_norm.add_and_norm(x, mlp_out)[1]
+                    h = model._head_input(h).reshape(-1, h.shape[-1]).to(torch.float64)
+                    hessian = hessian + h.T @ h
+            made = swap(model, "out_head", make("out_head", model.out_head, 2 * hessian / calibration.numel()))
     except BaseException:  # the float model back as it was: never a half-quantized one
         for parent, attr, old in reversed(swapped):
             setattr(parent, attr, old)

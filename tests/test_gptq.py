@@ -227,9 +227,9 @@ def test_each_block_is_calibrated_on_what_the_quantized_blocks_before_it_give(mo
     monkeypatch.setattr(quant, "gptq_quantize_weight_int4", lambda w, h, g: seen.append(h) or real(w, h, g))
     q = quantize(copy.deepcopy(model), "int4", group_size=32, method="gptq", calibration=calibration)
 
-    def hessian(m):  # of block 1's query projection's input, as m runs
+    def hessian(m, module=lambda m: m.trf_blocks[1].att.W_query):  # of a matrix's input (block 1's query's) as m runs
         xs = []
-        hook = m.trf_blocks[1].att.W_query.register_forward_hook(lambda mod, a, out: xs.append(a[0].double()))
+        hook = module(m).register_forward_hook(lambda mod, a, out: xs.append(a[0].double()))
         with torch.no_grad():
             m(calibration)
         hook.remove()
@@ -240,6 +240,13 @@ def test_each_block_is_calibrated_on_what_the_quantized_blocks_before_it_give(mo
     got, quantized, float_ = seen[6], hessian(q), hessian(model)
     torch.testing.assert_close(got, quantized, rtol=1e-9, atol=1e-9)
     assert float((got - float_).norm() / float_.norm()) > 1e-4
+    # the head's, on both quantized blocks' output (a logit scale, Cohere's, multiplies what it reads)
+    torch.testing.assert_close(seen[12], hessian(q, lambda m: m.out_head), rtol=1e-9, atol=1e-9)
+    scaled = GPTModel(GPTConfig(vocab_size=V, context_length=T, n_layer=1, n_head=4, n_embd=64, bias=False,
+                                logit_scale=0.25)).eval()
+    seen.clear()
+    q = quantize(copy.deepcopy(scaled), "int4", group_size=32, method="gptq", calibration=calibration)
+    torch.testing.assert_close(seen[-1], hessian(q, lambda m: m.out_head), rtol=1e-9, atol=1e-9)
 
 
 def test_a_document_masked_models_calibration_keeps_its_documents_apart(monkeypatch):
