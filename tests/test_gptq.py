@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from tritongpt.errors import UserError
 from tritongpt.model.config import GPTConfig, get_config
@@ -476,3 +477,79 @@ def test_gptq_on_cuda_gives_the_cpus_levels(saved, tmp_path):
             assert same > 0.999, (k, same)
         elif a[k].is_floating_point():
             assert torch.allclose(a[k], b[k], rtol=1e-5, atol=1e-7), k
+
+
+_LLAMA = dict(norm="rmsnorm", mlp="swiglu", position_encoding="rope", bias=False, n_kv_head=2, tie_weights=False,
+              mlp_hidden=96)
+_COHERE = dict(_LLAMA, norm="layernorm", norm_bias=False, parallel_residual=True, shared_norm=True, logit_scale=0.125)
+# every way GPTModel.hidden and forward can treat a block's inputs or the head's, one family each
+_CALIBRATED_FAMILIES = {
+    "GPT-2 tied": dict(tie_weights=True),
+    "GPT-Neo windows": dict(scale_attention=False, qkv_bias=False, attention_window=8, window_layers="odd"),
+    "GPT-NeoX parallel": dict(position_encoding="rope", rotary_dim=8, parallel_residual=True, tie_weights=False),
+    "GPT-J shared norm, head bias": dict(position_encoding="rope", rotary_dim=8, parallel_residual=True,
+                                         shared_norm=True, head_bias=True, qkv_bias=False, tie_weights=False),
+    "Falcon": dict(position_encoding="rope", parallel_residual=True, shared_norm=True, bias=False, n_kv_head=1),
+    "Gemma 2 sandwich": dict(_LLAMA, mlp="geglu", scale_embeddings=True, tie_weights=True, post_norms=True,
+                             attn_softcap=50.0, logit_softcap=30.0, attention_window=8, window_layers="0"),
+    "OLMo 2 no pre-norms": dict(_LLAMA, pre_norms=False, post_norms=True, qk_norm=True, qk_norm_width="all"),
+    "BLOOM embed norm, ALiBi": dict(position_encoding="alibi", embed_norm=True),
+    "Phi-3 LongRoPE": dict(_LLAMA, rope_scaling={
+        "rope_type": "longrope", "short_factor": [1.0 + i / 10 for i in range(8)],
+        "long_factor": [2.0 + i for i in range(8)], "original_max_position_embeddings": 16}),
+    "Granite multipliers": dict(_LLAMA, embedding_multiplier=3.0, residual_multiplier=0.5, attention_multiplier=0.2,
+                                logit_scale=0.25),
+    "Cohere logit scale": dict(_COHERE, tie_weights=True),
+    "Cohere2 NoPE layers": dict(_COHERE, attention_window=8, window_layers="0", nope_layers="1"),
+    "GPT-2 documents": dict(documents=True),  # (`pretrain --document-mask`: each document from position 0)
+    "Phi-3 LongRoPE documents": dict(_LLAMA, documents=True, rope_scaling={
+        "rope_type": "longrope", "short_factor": [1.0 + i / 10 for i in range(8)],
+        "long_factor": [2.0 + i for i in range(8)], "original_max_position_embeddings": 16}),
+}
+
+
+@pytest.mark.parametrize("family", _CALIBRATED_FAMILIES)
+def test_each_matrix_s_hessian_is_a_full_pass_s_over_the_blocks_quantized_before_it(family, monkeypatch):
+    """GPTQ runs the blocks one at a time on the inputs it kept from the block before: every matrix's Hessian is
+    the one a whole model's forward gives it with the blocks before it quantized (the head's: the quantized
+    model's), whatever hidden() and forward() do around the blocks in each family."""
+    import tritongpt.model.quant as quant
+
+    torch.manual_seed(0)
+    fields = dict(_CALIBRATED_FAMILIES[family])
+    documents = fields.pop("documents", False)
+    model = GPTModel(GPTConfig(vocab_size=V, context_length=T, n_layer=3, n_head=4, n_embd=64, **fields)).eval()
+    with torch.no_grad():  # norms and biases off their ones and zeros, which would hide a norm skipped
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    calibration = torch.randint(0, V, (5, T))  # batch_size 2: three batches, the last one short
+    doc_ids = (calibration == 0).long().cumsum(1) if documents else None
+    seen, real = [], quant.gptq_quantize_weight_int4
+    monkeypatch.setattr(quant, "gptq_quantize_weight_int4", lambda w, h, g: seen.append(h) or real(w, h, g))
+    q = quant.quantize_gptq(copy.deepcopy(model), "int4", calibration, group_size=32, batch_size=2, doc_ids=doc_ids)
+
+    def hessians(m, modules):  # of each module's input as the whole of m runs on the calibration
+        xs = {name: [] for name in modules}
+        hooks = [mod.register_forward_hook(lambda mod, a, out, name=name: xs[name].append(a[0].double()))
+                 for name, mod in modules.items()]
+        with torch.no_grad():
+            m(calibration, doc_ids=doc_ids)
+        for h in hooks:
+            h.remove()
+        out = {}
+        for name, x in xs.items():
+            x = torch.cat(x).reshape(-1, x[0].shape[-1])
+            out[name] = 2 * x.T @ x / len(x)
+        return out
+
+    want = []
+    for b in range(model.config.n_layer):
+        m = copy.deepcopy(model)
+        for i in range(b):  # the blocks before b as GPTQ made them
+            m.trf_blocks[i] = copy.deepcopy(q.trf_blocks[i])
+        linears = {n: mod for n, mod in m.trf_blocks[b].named_modules() if isinstance(mod, nn.Linear)}
+        want += hessians(m, linears).values()
+    want.append(hessians(q, {"out_head": q.out_head})["out_head"])
+    assert len(seen) == len(want)
+    for i, (got, expected) in enumerate(zip(seen, want)):
+        torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-9, msg=lambda m, i=i: f"matrix {i}: {m}")
