@@ -553,3 +553,28 @@ def test_each_matrix_s_hessian_is_a_full_pass_s_over_the_blocks_quantized_before
     assert len(seen) == len(want)
     for i, (got, expected) in enumerate(zip(seen, want)):
         torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-9, msg=lambda m, i=i: f"matrix {i}: {m}")
+
+
+@pytest.mark.parametrize("method,device", [("gptq", "cpu"), ("gptq", "meta"), ("rtn", "meta")])
+def test_a_device_out_of_memory_is_named_with_what_to_pass(saved, tmp_path, capsys, monkeypatch, method, device):
+    """--device auto picks the GPU when there is one, where a float model that quantized on the CPU may not fit
+    (GPTQ moves it there whole, with its kept calibration activations): the command says so and what to pass, and
+    writes nothing. (meta stands for a GPU here: the model moves there, and the quantizing runs out of memory.)"""
+    import tritongpt.model.quant as quant
+    import tritongpt.train.common as common
+    from tritongpt import cli
+
+    def oom(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(quant, "quantize", oom)
+    monkeypatch.setattr(common, "pick_device", lambda name: torch.device(device))
+    argv = ["quantize", str(saved), "--out", str(tmp_path / "q"), "--quantize", "int8"]
+    if method == "gptq":
+        argv += ["--method", "gptq", "--calibration-samples", "2", "--calibration-length", "8"]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"ran out of memory on {device}" in err
+    assert ("--device cpu" in err) == (device != "cpu")
+    assert ("--calibration-samples" in err) == (method == "gptq")
+    assert not (tmp_path / "q").exists()

@@ -774,6 +774,8 @@ def cmd_quantize(args):
     import json
     from pathlib import Path
 
+    import torch
+
     from tritongpt.model.quant import linear_bytes, quantize
     from tritongpt.train.chat import run_template
     from tritongpt.train.common import model_out_folder, pick_device
@@ -816,10 +818,16 @@ def cmd_quantize(args):
         calibration, said, doc_ids = calibration_tokens(args, model.config.context_length, tok, record, samples)
         extra["quantized_calibration"] = said
     before = linear_bytes(model)
-    if args.method == "gptq":  # its forwards and Hessians where the model is: the device's, all of it
-        model.to(device)
-    quantize(model, args.quantize, head=not args.no_head, group_size=group, method=args.method,
-             calibration=calibration, doc_ids=doc_ids, device=device)  # rtn: each matrix made there, in turn
+    try:
+        if args.method == "gptq":  # its forwards and Hessians where the model is: the device's, all of it
+            model.to(device)
+        quantize(model, args.quantize, head=not args.no_head, group_size=group, method=args.method,
+                 calibration=calibration, doc_ids=doc_ids, device=device)  # rtn: each matrix made there, in turn
+    except torch.OutOfMemoryError:  # --device auto takes the GPU, where a model the CPU quantized may not fit
+        hints = (["--device cpu (the host's memory)"] if device.type != "cpu" else []) \
+            + (["fewer --calibration-samples (GPTQ keeps each sample's activations)"] if args.method == "gptq" else [])
+        raise UserError(f"quantizing ran out of memory on {device}" + (": pass " + ", or ".join(hints) if hints
+                                                                       else "")) from None
     model.cpu()
     out.mkdir(parents=True, exist_ok=True)
     model.save(target, extra)
