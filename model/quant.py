@@ -441,7 +441,7 @@ def quantize_int4(model, group_size: int = 128, head: bool = True, device=None):
 
 
 class _Stop(Exception):
-    """Raised by a hook once the block being calibrated has run: the blocks after it have nothing to give."""
+    """Raised by the first block's forward pre-hook once it has its arguments: the model runs no further."""
 
 
 def _input_hessians(linears: dict, run, rows: int) -> dict:

@@ -362,8 +362,8 @@ def data_run_args(args, group_flag: str = "--group-size") -> dict:
 def setup_preference_run(args, command: str, read_data=None):
     """What `reward`, `dpo` and `kto` share: validated TrainArgs, the pairs (bad data fails before any
     slow work), the backbone from --init (for `reward`, a whole RewardModel when --init is one; with --quantize,
-    QLoRA's, its matrices quantized), and its tokenizer (saved beside the run). read_data(args) -> (train, held-out): other items than pairs (KTO's
-    unpaired examples), each with the .format of its prompt."""
+    QLoRA's, its matrices quantized), and its tokenizer (saved beside the run). read_data(args) -> (train,
+    held-out): other items than pairs (KTO's unpaired examples), each with the .format of its prompt."""
     from tritongpt.train.chat import note_template_mismatch
     from tritongpt.train.chat_template import chat_template_for
     from tritongpt.train.common import check_out_dir, set_seed
