@@ -578,3 +578,13 @@ def test_a_device_out_of_memory_is_named_with_what_to_pass(saved, tmp_path, caps
     assert ("--device cpu" in err) == (device != "cpu")
     assert ("--calibration-samples" in err) == (method == "gptq")
     assert not (tmp_path / "q").exists()
+
+
+def test_the_quantize_command_refuses_torchrun(saved, tmp_path, capsys, monkeypatch):
+    """Under torchrun every process would quantize the model and write the one --out (each on its own GPU)."""
+    from tritongpt import cli
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert cli.main(["quantize", str(saved), "--out", str(tmp_path / "q")]) == 2
+    assert "quantize runs in one process, not under torchrun (WORLD_SIZE=2)" in capsys.readouterr().err
+    assert not (tmp_path / "q").exists()

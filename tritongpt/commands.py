@@ -778,12 +778,16 @@ def cmd_quantize(args):
 
     from tritongpt.model.quant import linear_bytes, quantize
     from tritongpt.train.chat import run_template
-    from tritongpt.train.common import model_out_folder, pick_device
+    from tritongpt.train.common import dist_env, model_out_folder, pick_device
     from tritongpt.train.evaluate import PRETRAIN_DATA, pretrain_data
     from tritongpt.train.gpt2_weights import load_checkpoint
     from tritongpt.train.sft import pick_tokenizer
     from tritongpt.train.tokenizer import save_run_tokenizer
 
+    world = dist_env()[2]
+    if world > 1:  # (pick_device would give each its own GPU: each would quantize and write the one --out)
+        raise UserError(f"quantize runs in one process, not under torchrun (WORLD_SIZE={world}): every process would "
+                        "write the same --out; run it without torchrun")
     out = Path(args.out)
     calibration_flags = [flag for flag in ("--calibration", "--calibration-samples", "--calibration-length")
                          if getattr(args, flag_dest(flag)) is not None]
