@@ -64,15 +64,20 @@ INT4_LEVELS = 15  # q in 0..15 (4 bits); a group's minimum maps to 0 and its max
 GROUP_SIZES = (16, 32, 64, 128, 256, 512, 1024)  # int4 groups: powers of two the kernel's K tiles divide or hold
 
 
+class GroupSizeError(UserError):
+    """An int4 group size the model's widths do not take: a command adds the flag that set it."""
+
+
 def check_group_size(in_features: int, group_size: int) -> None:
-    """A UserError unless group_size is one of GROUP_SIZES and divides in_features (each group is whole)."""
+    """A GroupSizeError unless group_size is one of GROUP_SIZES and divides in_features (each group is whole)."""
     if group_size not in GROUP_SIZES:
-        raise UserError(f"int4 group size must be one of {', '.join(map(str, GROUP_SIZES))}, got {group_size!r}")
+        raise GroupSizeError(f"int4 group size must be one of {', '.join(map(str, GROUP_SIZES))}, got "
+                             f"{group_size!r}")
     if in_features % group_size:
         fits = [g for g in GROUP_SIZES if in_features % g == 0]
         hint = f" ({', '.join(map(str, fits))} divide it)" if fits else " (no int4 group size divides it: use int8)"
-        raise UserError(f"int4 quantization with group size {group_size} needs in_features a multiple of it, got "
-                        f"{in_features}: pass a smaller group size{hint}")
+        raise GroupSizeError(f"int4 quantization with group size {group_size} needs in_features a multiple of it, "
+                             f"got {in_features}: pass a smaller group size{hint}")
 
 
 def quantize_weight_int4(weight, group_size: int = 128):
@@ -412,8 +417,8 @@ def _check_quantizable(model, mode: str, group_size=None):
             if isinstance(m, nn.Linear) and (name.startswith("trf_blocks.") or name == "out_head"):
                 try:
                     check_group_size(m.in_features, group_size)
-                except UserError as e:
-                    raise UserError(f"{name}: {e}") from None
+                except GroupSizeError as e:
+                    raise GroupSizeError(f"{name}: {e}") from None
 
 
 def quantize_int8(model, head: bool = True, device=None):

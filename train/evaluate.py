@@ -141,6 +141,19 @@ def pretrain_data(weights) -> dict | None:
 _LM_ONLY = ("model", "text_field", "stride", "max_tokens", "cache_dir", "document_mask")
 
 
+def own_tokens(td, run, tok) -> bool:
+    """Whether td (data.prepare_tokens with tok) is the pretraining run's own data in the run's own tokenizer (run:
+    pretrain_data's record, None for none)."""
+    return bool(run) and td.meta.get("source_hash") == run["source_hash"] and \
+        run.get("tokenizer_hash", tok.hash) == tok.hash
+
+
+def own_split(td, run, tok) -> bool:
+    """own_tokens, and its documents with the BOS the run had: the run's train_tokens are where its training split
+    ended in td.tokens (eval scores the tail after them; GPTQ calibrates on the head before them)."""
+    return own_tokens(td, run, tok) and run.get("bos_id") == td.meta.get("bos_id")
+
+
 def reward_run(weights) -> dict:
     """The flags a `tritongpt reward` checkpoint records of its run (data, num_pairs, val_fraction, seed), or {}
     for other checkpoints (a Hugging Face classifier, a bare weights file)."""
@@ -250,22 +263,19 @@ def cmd_eval(args):
         if args.data is not None or not run:
             raise
         raise UserError(f"{e}; it is the data the run of {args.weights} trained on: pass --data") from None
-    # the run's own data in the run's own tokenizer (td was made with tok, so the run's record is what tok must match)
-    own_tokens = bool(run) and td.meta["source_hash"] == run["source_hash"] and \
-        run.get("tokenizer_hash", tok.hash) == tok.hash
     if args.split == "all":
         tokens = td.head(args.max_tokens)
     elif td.tokens is None:  # a nanoGPT folder: its val.bin is the held-out split, a run's own too
         tokens = td.val
-    elif own_tokens and run.get("bos_id") == td.meta.get("bos_id"):
-        # ... and its documents' BOS as the run's: its own split, unless --val-fraction asks for another
+    elif own_split(td, run, tok):
+        # the run's own split, unless --val-fraction asks for another
         start = run["train_tokens"] if args.val_fraction is None else len(td.train)
         tokens = td.tokens[start:]
         if start < run["train_tokens"]:
             note(f"this val split starts at token {start:,}, inside the {run['train_tokens']:,} tokens "
                  "the model was trained on; without --val-fraction eval scores the run's own held-out tail")
     else:
-        if own_tokens:
+        if own_tokens(td, run, tok):
             then, now = ("no BOS" if i is None else f"BOS id {i}" for i in (run.get("bos_id"), td.meta.get("bos_id")))
             note(f"the run of {args.weights} trained on these documents with {then} before each, the tokenizer now "
                  f"puts {now} (runs from before tritongpt wrote a BOS had none): its held-out tail is not where it "

@@ -78,9 +78,7 @@ def qlora_recorded(saved: dict, group_flag: str = "--group-size") -> dict:
     key = flag_dest(group_flag)
     if saved.get("quantize") != "int4" or saved.get(key) is not None:
         return saved
-    from argparse import Namespace
-
-    return {**saved, key: group_size(Namespace(quantize="int4", **{key: None}), group_flag)}
+    return {**saved, key: DEFAULT_GROUP_SIZE}
 
 
 def quantize_base(model, args, group_flag: str = "--group-size"):
@@ -90,19 +88,13 @@ def quantize_base(model, args, group_flag: str = "--group-size"):
     check_qlora(args, group_flag)
     if args.quantize is None:
         return model
-    import torch.nn as nn
+    from tritongpt.model.quant import GroupSizeError, linear_bytes, quantize as quantize_model
 
-    from tritongpt.model.quant import check_group_size, linear_bytes, quantize as quantize_model
-
-    if args.quantize == "int4":  # a group that fits no width is named by this command's flag (rlhf's is its own)
-        widths = sorted({m.in_features for m in model.trf_blocks.modules() if isinstance(m, nn.Linear)})
-        try:
-            for width in widths:
-                check_group_size(width, group_size(args, group_flag))
-        except UserError as e:
-            raise UserError(f"{e} (the group: {group_flag})") from None
     before = linear_bytes(model)
-    quantize_model(model, args.quantize, head=False, group_size=group_size(args, group_flag))
+    try:
+        quantize_model(model, args.quantize, head=False, group_size=group_size(args, group_flag))
+    except GroupSizeError as e:  # a group that fits no width, named by this command's flag (rlhf's is its own)
+        raise UserError(f"{e} (the group: {group_flag})") from None
     note(f"QLoRA: the base's {model.quantized_linears} matrices {describe_quantized(model)} weight-only, "
          f"{before / 2**20:,.1f} MiB -> {linear_bytes(model) / 2**20:,.1f} MiB (the LM head stays float)")
     return model
@@ -852,6 +844,7 @@ def calibration_tokens(args, context_length: int, tok, record, samples: int):
     import torch
 
     from tritongpt.train import data
+    from tritongpt.train.evaluate import own_split
 
     length = context_length if args.calibration_length is None else args.calibration_length
     if length > context_length:
@@ -875,9 +868,7 @@ def calibration_tokens(args, context_length: int, tok, record, samples: int):
     train = td.train if len(td.train) else td.tokens
     # the run's own split, whatever --val-fraction it held out: where its documents are tokenised as the run had
     # them (eval's test for scoring the run's own tail; else eval scores the last tenth, which td.train stops at)
-    if args.calibration is None and record is not None and td.tokens is not None \
-            and td.meta.get("source_hash") == record.get("source_hash") \
-            and record.get("tokenizer_hash", tok.hash) == tok.hash and record.get("bos_id") == td.meta.get("bos_id"):
+    if args.calibration is None and td.tokens is not None and own_split(td, record, tok):
         train = td.tokens[:record["train_tokens"]]
     if train is None or len(train) < length:
         raise UserError(f"{source['source'] or 'pydoc'} has {0 if train is None else len(train):,} training tokens: "
@@ -1073,6 +1064,7 @@ def add_quantize_arg(p):
 
 
 QUANTIZE_CHOICES = ("int8", "int4")
+DEFAULT_GROUP_SIZE = 128  # int4's group when --group-size is not given (model/quant.py's functions' default)
 GPTQ_METHODS = ("rtn", "gptq")  # model/quant.py's (not imported here: the parser loads without torch)
 
 
@@ -1095,7 +1087,7 @@ def group_size(args, flag: str = "--group-size") -> int:
     value = getattr(args, flag_dest(flag))
     if value is not None and args.quantize != "int4":
         raise UserError(f"{flag} sets int4's groups; it does nothing with --quantize {args.quantize}")
-    return value or 128
+    return value or DEFAULT_GROUP_SIZE
 
 
 def quantize(model, args, device=None, what: str = ""):
