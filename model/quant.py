@@ -54,10 +54,15 @@ def quantize_weight(weight):
     w = weight.detach().float()
     if not bool(torch.isfinite(w).all()):
         raise UserError("cannot quantize a weight holding NaN or inf: the row's scale would be too")
-    amax = w.abs().amax(dim=1)
-    scale = torch.where(amax > 0, amax / QMAX, torch.ones_like(amax))
+    scale = _int8_scale(w.abs().amax(dim=1))
     q = torch.round(w / scale[:, None]).clamp_(-QMAX, QMAX).to(torch.int8)
     return q, scale
+
+
+def _int8_scale(amax):
+    """A row's scale from its largest |weight|: amax / 127, or 1 for a row of zeros (any scale reproduces it, and 0
+    would divide by zero)."""
+    return torch.where(amax > 0, amax / QMAX, torch.ones_like(amax))
 
 
 INT4_LEVELS = 15  # q in 0..15 (4 bits); a group's minimum maps to 0 and its maximum to 15
@@ -99,18 +104,30 @@ def quantize_weight_int4(weight, group_size: int = 128):
         raise UserError("cannot quantize a weight holding NaN or inf: its group's scale would be too")
     g = w.view(N, K // group_size, group_size)
     lo, hi = g.amin(dim=2), g.amax(dim=2)
-    scale = (hi - lo) / INT4_LEVELS
-    # finite weights whose range passes fp32's largest value: an inf scale, NaN levels, a NaN layer. The top level
-    # as dequantize() makes it (q * scale, then + offset) must be finite too
-    bad = ~torch.isfinite(lo + scale * INT4_LEVELS)
+    scale, bad = _int4_scale(lo, hi)
     if bool(bad.any()):
         n, grp = (int(i) for i in bad.nonzero()[0])
         raise UserError(f"cannot int4-quantize row {n}, group {grp}: its range {float(lo[n, grp]):.3g} .. "
                         f"{float(hi[n, grp]):.3g} overflows fp32 (an inf scale); use int8, whose scale is a row's "
                         "largest |weight| / 127")
-    scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # a range that underflows (or is 0): q 0
-    q = torch.round((g - lo[:, :, None]) / scale[:, :, None]).clamp_(0, INT4_LEVELS).to(torch.uint8).view(N, K)
-    return q[:, 0::2] | (q[:, 1::2] << 4), scale, lo
+    q = torch.round((g - lo[:, :, None]) / scale[:, :, None]).clamp_(0, INT4_LEVELS).view(N, K)
+    return pack_int4(q), scale, lo
+
+
+def _int4_scale(lo, hi):
+    """(scale, bad) of groups with minimum lo and maximum hi (fp32): range / 15, or 1 where the range is 0 or
+    underflows (every level q 0: the offset is the value); bad where the top level as dequantize() makes it (q *
+    scale, then + offset) is not finite: finite weights whose range passes fp32's largest value would give an inf
+    scale, NaN levels, a NaN layer, so the caller refuses them."""
+    scale = (hi - lo) / INT4_LEVELS
+    bad = ~torch.isfinite(lo + scale * INT4_LEVELS)
+    return torch.where(scale > 0, scale, torch.ones_like(scale)), bad
+
+
+def pack_int4(q):
+    """Levels [N, K] in 0..15 as uint8 [N, K / 2], two a byte, an even k's in the low nibble (unpack_int4's inverse)."""
+    q = q.to(torch.uint8)
+    return q[:, 0::2] | (q[:, 1::2] << 4)
 
 
 def unpack_int4(qweight):
@@ -209,10 +226,9 @@ def gptq_quantize_weight_int4(weight, hessian, group_size: int = 128, damp: floa
 
     def find_params(g):
         lo, hi = g.amin(dim=1).float(), g.amax(dim=1).float()
-        scale = (hi - lo) / INT4_LEVELS
-        if not bool(torch.isfinite(lo + scale * INT4_LEVELS).all()):  # quantize_weight_int4's fp32 overflow check
+        scale, bad = _int4_scale(lo, hi)
+        if bool(bad.any()):
             raise UserError("cannot int4-quantize: a group's error-updated range overflows fp32 (an inf scale)")
-        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
         return scale.double(), lo.double()  # the fp32 values the file stores: the levels are rounded against them
 
     def quantize_column(w, params):
@@ -223,8 +239,7 @@ def gptq_quantize_weight_int4(weight, hessian, group_size: int = 128, damp: floa
     levels, groups = _gptq(weight, hessian, damp, block, group_size, find_params, quantize_column)
     scale = torch.stack([s for s, _ in groups], dim=1).float()
     offset = torch.stack([o for _, o in groups], dim=1).float()
-    q = levels.to(torch.uint8)
-    return q[:, 0::2] | (q[:, 1::2] << 4), scale, offset
+    return pack_int4(levels), scale, offset
 
 
 def gptq_quantize_weight(weight, hessian, damp: float = 0.01, block: int = 128):
@@ -233,8 +248,7 @@ def gptq_quantize_weight(weight, hessian, damp: float = 0.01, block: int = 128):
     rounded one at a time with their error spread over the columns after them (levels clamped to -127..127: a
     corrected weight may pass the row's largest)."""
     def find_params(w):
-        amax = w.abs().amax(dim=1).float()
-        return torch.where(amax > 0, amax / QMAX, torch.ones_like(amax)).double()
+        return _int8_scale(w.abs().amax(dim=1).float()).double()
 
     def quantize_column(w, scale):
         q = torch.round(w / scale).clamp_(-QMAX, QMAX)
