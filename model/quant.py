@@ -143,10 +143,14 @@ def unpack_int4(qweight):
 GPTQ_METHODS = ("rtn", "gptq")
 
 
-def _gptq(weight, hessian, damp: float, block: int, group_size, find_params, quantize_column):
+def _gptq(weight, hessian, damp: float, block: int, group_size, find_params, quantize_column, act_order=False,
+          static_groups=False):
     """The GPTQ loop shared by int4 and int8 (see gptq_quantize_weight_int4): float64 on weight's device.
-    find_params(w [N, G]) -> params for a group (called when the group starts, on the error-updated weights; once
-    for the whole row where group_size is None); quantize_column(w [N], params) -> (levels [N], dequantized [N])."""
+    find_params(w [N, G]) -> params for a group (called when the group starts, on the error-updated weights; with
+    static_groups for every group up front, on the original weights; once for the whole row, up front, where
+    group_size is None); quantize_column(w [N], params) -> (levels [N], dequantized [N]). act_order: the columns in
+    order of decreasing H_kk (needs static groups, or no groups). -> (levels [N, K] in the original column order,
+    the groups' params in group order, or the row's)."""
     if weight.dim() != 2 or not weight.is_floating_point():
         raise UserError(f"GPTQ takes a floating [out, in] weight, got {tuple(weight.shape)} {weight.dtype}")
     N, K = weight.shape
@@ -154,6 +158,9 @@ def _gptq(weight, hessian, damp: float, block: int, group_size, find_params, qua
         raise UserError(f"GPTQ needs a [{K}, {K}] Hessian for a weight of {K} inputs, got {tuple(hessian.shape)}")
     if not damp > 0 or block < 1:
         raise UserError(f"GPTQ's damp must be > 0 and its block >= 1, got damp {damp}, block {block}")
+    if act_order and group_size is not None and not static_groups:
+        raise UserError("GPTQ's act-order needs static groups here: a group is G consecutive inputs (no g_idx), so "
+                        "its scale and offset cannot wait for its columns, which act-order scatters")
     W = weight.detach().to(torch.float64, copy=True)
     H = hessian.detach().to(W.device, torch.float64, copy=True)
     if not bool(torch.isfinite(W).all()):
@@ -165,6 +172,17 @@ def _gptq(weight, hessian, damp: float, block: int, group_size, find_params, qua
     dead = torch.diagonal(H) == 0
     H[dead, dead] = 1
     W[:, dead] = 0
+    if group_size is None:
+        groups = find_params(W)
+    elif static_groups:  # every group's parameters from the original weights, before any column moves them
+        groups = [find_params(W[:, g:g + group_size]) for g in range(0, K, group_size)]
+    else:
+        groups = []
+    # act-order: the columns quantized in order of decreasing H_kk, the inputs whose error costs most first, while
+    # the most columns remain to absorb it; W and H permuted alike, the levels put back in the original order
+    perm = torch.argsort(torch.diagonal(H), descending=True, stable=True) if act_order else None
+    if perm is not None:
+        W, H = W[:, perm], H[perm][:, perm]
     # damping (a fraction of the mean diagonal) keeps H's inverse well conditioned on few or collinear samples.
     # Where it is not enough (a near-singular X^T X whose rounding left an eigenvalue below -damp), 10x and 100x
     # are tried, as GPTQModel's damp_auto_increment does: the commands pass no damp, so a refusal could not be
@@ -184,35 +202,42 @@ def _gptq(weight, hessian, damp: float, block: int, group_size, find_params, qua
     if d != damp:
         note(f"GPTQ: a Hessian damped by {d:g} of its mean diagonal, not {damp:g} (near-singular: too few or too "
              "alike calibration samples?)")
+    dynamic = group_size is not None and not static_groups
     # a group never straddles two lazy blocks: its parameters are fixed from weights every earlier column updated
-    if group_size is not None:
+    if dynamic:
         block = -(-block // group_size) * group_size
+    column = perm.tolist() if perm is not None else range(K)  # the original column at each position
     levels = torch.zeros(N, K, dtype=torch.int64, device=W.device)
-    params, groups = (None if group_size is not None else find_params(W)), []
+    params = groups if group_size is None else None
     for i1 in range(0, K, block):
         i2 = min(i1 + block, K)
         W1, U1 = W[:, i1:i2].clone(), U[i1:i2, i1:i2]
         err = torch.zeros_like(W1)
         for i in range(i2 - i1):
-            if group_size is not None and (i1 + i) % group_size == 0:
+            if dynamic and (i1 + i) % group_size == 0:
                 params = find_params(W1[:, i:i + group_size])
                 groups.append(params)
+            elif group_size is not None and static_groups:
+                params = groups[column[i1 + i] // group_size]  # its own group's, wherever act-order put it
             q, dq = quantize_column(W1[:, i], params)
             levels[:, i1 + i] = q
             err[:, i] = (W1[:, i] - dq) / U1[i, i]
             W1[:, i:] -= err[:, i:i + 1] * U1[i:i + 1, i:]  # this block's later columns now
         W[:, i2:] -= err @ U[i1:i2, i2:]  # the rest, lazily: one matmul a block (the paper's lazy batch updates)
-    return levels, (groups if group_size is not None else params)
+    if perm is not None:
+        levels[:, perm] = levels.clone()
+    return levels, groups
 
 
-def gptq_quantize_weight_int4(weight, hessian, group_size: int = 128, damp: float = 0.01, block: int = 128):
+def gptq_quantize_weight_int4(weight, hessian, group_size: int = 128, damp: float = 0.01, block: int = 128,
+                              act_order: bool = False, static_groups=None):
     """quantize_weight_int4's (qweight, scale, offset), same dtypes, shapes and packing, chosen by GPTQ for a layer
     whose inputs have Hessian `hessian` [K, K] = 2 X^T X (X the calibration inputs, one row a token).
 
-    The algorithm (the paper's, without act-order): H is damped (damp times its mean diagonal added to it; 10x, then
-    100x, with a note, where that leaves it indefinite) and U is the upper Cholesky factor of its inverse. The
-    inputs are quantized one column k at a time, left to right; when a group starts, its offset and scale are fixed
-    from the group's current (error-updated) weights as quantize_weight_int4 fixes them (min, range / 15; AutoGPTQ's
+    The algorithm (the paper's): H is damped (damp times its mean diagonal added to it; 10x, then 100x, with a
+    note, where that leaves it indefinite) and U is the upper Cholesky factor of its inverse. The inputs are
+    quantized one column k at a time, left to right; when a group starts, its offset and scale are fixed from the
+    group's current (error-updated) weights as quantize_weight_int4 fixes them (min, range / 15; AutoGPTQ's
     static_groups=False), the column is rounded to its nearest level, and its error e = (w_k - q_k) / U[k, k] is
     spread over the columns not yet quantized, W[:, j] -= e * U[k, j] for j > k: the least-squares correction of the
     remaining weights for the error made, so that X W^T changes as little as possible. The corrections are applied
@@ -220,9 +245,20 @@ def gptq_quantize_weight_int4(weight, hessian, group_size: int = 128, damp: floa
     earlier column's correction: the textbook column-by-column result; AutoGPTQ reads a group straddling its block
     boundary before that block's corrections). Inputs whose H_ii is 0 (never active in the calibration data) get
     their weights zeroed. With H = identity no correction moves any weight: round-to-nearest. float64 on the
-    weight's device."""
+    weight's device.
+
+    act_order (AutoGPTQ's desc_act): the columns are quantized in order of decreasing H_kk instead, the inputs whose
+    errors cost the most first, while the most columns remain to absorb them (W and H permuted alike before the
+    Cholesky, the levels put back in the original column order). A group here is G consecutive inputs, with no
+    g_idx mapping each input to a group of its own, so act-order comes with static groups (AutoGPTQ's
+    static_groups=True): every group's offset and scale fixed up front from the original weights (dead inputs
+    zeroed first), each column rounded against its own group's wherever the order puts it. static_groups (default:
+    act_order) also runs without act-order: the columns left to right, the groups fixed up front; act_order with
+    static_groups=False is refused. With a diagonal H (no input's error says anything of another's) either is
+    round-to-nearest, levels, scales and offsets."""
     if weight.dim() == 2:
         check_group_size(weight.shape[1], group_size)
+    static_groups = act_order if static_groups is None else static_groups
 
     def find_params(g):
         lo, hi = g.amin(dim=1).float(), g.amax(dim=1).float()
@@ -236,17 +272,19 @@ def gptq_quantize_weight_int4(weight, hessian, group_size: int = 128, damp: floa
         q = torch.round((w - offset) / scale).clamp_(0, INT4_LEVELS)
         return q.long(), q * scale + offset
 
-    levels, groups = _gptq(weight, hessian, damp, block, group_size, find_params, quantize_column)
+    levels, groups = _gptq(weight, hessian, damp, block, group_size, find_params, quantize_column, act_order,
+                           static_groups)
     scale = torch.stack([s for s, _ in groups], dim=1).float()
     offset = torch.stack([o for _, o in groups], dim=1).float()
     return pack_int4(levels), scale, offset
 
 
-def gptq_quantize_weight(weight, hessian, damp: float = 0.01, block: int = 128):
+def gptq_quantize_weight(weight, hessian, damp: float = 0.01, block: int = 128, act_order: bool = False):
     """quantize_weight's (q int8 [N, K], scale fp32 [N]) by GPTQ (gptq_quantize_weight_int4's loop): each row's
     scale fixed up front from the row (its largest |weight| / 127, dead inputs zeroed first), then the columns
     rounded one at a time with their error spread over the columns after them (levels clamped to -127..127: a
-    corrected weight may pass the row's largest)."""
+    corrected weight may pass the row's largest). act_order: the columns in order of decreasing H_kk; the scale,
+    a row's, is static already, so that is the whole of it."""
     def find_params(w):
         return _int8_scale(w.abs().amax(dim=1).float()).double()
 
@@ -254,7 +292,7 @@ def gptq_quantize_weight(weight, hessian, damp: float = 0.01, block: int = 128):
         q = torch.round(w / scale).clamp_(-QMAX, QMAX)
         return q.long(), q * scale
 
-    levels, scale = _gptq(weight, hessian, damp, block, None, find_params, quantize_column)
+    levels, scale = _gptq(weight, hessian, damp, block, None, find_params, quantize_column, act_order)
     return levels.to(torch.int8), scale.float()
 
 
@@ -328,12 +366,13 @@ class Int8Linear(QuantLinear):
         self.register_buffer("scale", torch.ones(out_features, dtype=torch.float32, device=device))
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, device=None, hessian=None) -> "Int8Linear":
+    def from_linear(cls, linear: nn.Linear, device=None, hessian=None, act_order: bool = False) -> "Int8Linear":
         """linear quantized; on device when given (its float weight copied there alone, then freed), else on its own;
-        by GPTQ with its inputs' hessian when given (gptq_quantize_weight), else rounded to nearest."""
+        by GPTQ with its inputs' hessian when given (gptq_quantize_weight, act_order its), else rounded to nearest."""
         w = linear.weight if device is None else linear.weight.detach().to(device)
         new = cls(linear.in_features, linear.out_features, linear.bias is not None, w.device, w.dtype)
-        new.qweight, new.scale = quantize_weight(w) if hessian is None else gptq_quantize_weight(w, hessian)
+        new.qweight, new.scale = (quantize_weight(w) if hessian is None else
+                                  gptq_quantize_weight(w, hessian, act_order=act_order))
         new._copy_bias(linear, w.device)
         return new
 
@@ -366,12 +405,14 @@ class Int4Linear(QuantLinear):
         self.register_buffer("offset", torch.zeros(out_features, groups, dtype=torch.float32, device=device))
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, device=None, group_size: int = 128, hessian=None) -> "Int4Linear":
-        """linear quantized (Int8Linear.from_linear's device= and hessian=: GPTQ)."""
+    def from_linear(cls, linear: nn.Linear, device=None, group_size: int = 128, hessian=None,
+                    act_order: bool = False) -> "Int4Linear":
+        """linear quantized (Int8Linear.from_linear's device=, hessian= and act_order=: GPTQ, act-order with static
+        groups)."""
         w = linear.weight if device is None else linear.weight.detach().to(device)
         new = cls(linear.in_features, linear.out_features, linear.bias is not None, w.device, w.dtype, group_size)
         new.qweight, new.scale, new.offset = (quantize_weight_int4(w, group_size) if hessian is None else
-                                              gptq_quantize_weight_int4(w, hessian, group_size))
+                                              gptq_quantize_weight_int4(w, hessian, group_size, act_order=act_order))
         new._copy_bias(linear, w.device)
         return new
 
@@ -484,6 +525,40 @@ def _input_hessians(linears: dict, run, rows: int) -> dict:
     return {name: 2 * s / rows for name, s in sums.items()}
 
 
+def _block_stages(block, linears: dict, args) -> list:
+    """[[name, ...], ...]: the nn.Linears of block (linears, {name: module}) in the stages true-sequential GPTQ
+    quantizes them in, found by running block(*args) once (a calibration batch's arguments): in the order the block
+    first calls them, the Linears that read one tensor one stage (GPT-2's q, k and v; SwiGLU's gate and up; a
+    parallel block's attention and MLP on one norm's output). Whatever a model family's block does, a stage's inputs
+    depend only on the stages before it."""
+    seen = []  # [(input, [names])]: each input kept alive, so no later tensor reuses its memory and seems the same
+
+    def hook(name):
+        def record(module, args):
+            x = args[0]
+            if any(name in names for _, names in seen):  # called again: its stage is where it was first
+                return
+            for t, names in seen:
+                if t is x or (t.data_ptr() == x.data_ptr() and t.shape == x.shape and t.stride() == x.stride()):
+                    names.append(name)
+                    return
+            seen.append((x, [name]))
+        return record
+
+    handles = [m.register_forward_pre_hook(hook(name)) for name, m in linears.items()]
+    try:
+        with torch.no_grad():
+            block(*args)
+    finally:
+        for h in handles:
+            h.remove()
+    stages = [names for _, names in seen]
+    unused = [name for name in linears if not any(name in names for names in stages)]
+    if unused:
+        raise UserError(f"GPTQ cannot calibrate {', '.join(unused)}: the block never calls it")
+    return stages
+
+
 def _first_block_inputs(model, calibration, batch_size: int, doc_ids=None) -> list:
     """The arguments GPTModel.hidden calls its first block with, a calibration batch each ([x, cache, doc_ids,
     mlp_out, rope_pos, rope_len]: every block is called alike, so the blocks can be run one at a time on them, each
@@ -508,17 +583,23 @@ def _first_block_inputs(model, calibration, batch_size: int, doc_ids=None) -> li
 
 
 def quantize_gptq(model, mode: str, calibration, head: bool = True, group_size: int = 128, batch_size: int = 8,
-                  doc_ids=None):
+                  doc_ids=None, act_order: bool = False, true_sequential: bool = True):
     """quantize_int8 / quantize_int4's swap, each matrix by GPTQ (gptq_quantize_weight / gptq_quantize_weight_int4)
     with the Hessian of its inputs on calibration (token ids [n_samples, T], T at most the context), block by block
     (the paper's sequential mode, as AutoGPTQ's default): a block's matrices see the inputs the model gives them with
     every block before it already quantized, so each corrects the error the earlier ones left, not an error it never
-    meets; the matrices within a block all see the float block's own activations (no "true sequential"). The LM
-    head, with head, last, on the quantized blocks' output. The model runs on the reference path while it
-    calibrates (a hook sees each nn.Linear's input; the Triton MLP reads the weights itself), in place, on its
-    device; returns it in eval mode. doc_ids [n_samples, T] (data.document_ids of calibration): a model trained
-    with its documents apart (`pretrain --document-mask`) calibrated as it runs, each document from position 0
-    and attending to itself alone: the activations it was trained on, not ones it never meets."""
+    meets. true_sequential (AutoGPTQ's, its default too) carries that inside the block: its matrices are quantized
+    in stages in the order the block uses them (_block_stages: GPT-2's q, k, v; then the attention's output
+    projection; then fc1; then fc2), each stage's Hessians collected with the block's earlier stages already
+    quantized (the block re-run on its kept inputs a stage), so the output projection's Hessian is of the quantized
+    q, k, v's attention output; without it every matrix of a block sees the float block's activations (one run).
+    act_order: each matrix's columns in order of decreasing Hessian diagonal, with static groups at int4
+    (gptq_quantize_weight_int4). The LM head, with head, last, on the quantized blocks' output. The model runs on
+    the reference path while it calibrates (a hook sees each nn.Linear's input; the Triton MLP reads the weights
+    itself), in place, on its device; returns it in eval mode. doc_ids [n_samples, T] (data.document_ids of
+    calibration): a model trained with its documents apart (`pretrain --document-mask`) calibrated as it runs, each
+    document from position 0 and attending to itself alone: the activations it was trained on, not ones it never
+    meets."""
     if mode not in ("int8", "int4"):
         raise UserError(f"quantization must be int8 or int4, got {mode!r}")
     _check_quantizable(model, mode, group_size if mode == "int4" else None)
@@ -538,8 +619,8 @@ def quantize_gptq(model, mode: str, calibration, head: bool = True, group_size: 
     def make(name, linear, hessian):
         try:
             if mode == "int4":
-                return Int4Linear.from_linear(linear, group_size=group_size, hessian=hessian)
-            return Int8Linear.from_linear(linear, hessian=hessian)
+                return Int4Linear.from_linear(linear, group_size=group_size, hessian=hessian, act_order=act_order)
+            return Int8Linear.from_linear(linear, hessian=hessian, act_order=act_order)
         except UserError as e:  # which of the model's matrices
             raise UserError(f"{name}: {e}") from None
 
@@ -566,10 +647,14 @@ def quantize_gptq(model, mode: str, calibration, head: bool = True, group_size: 
                     args[0], args[3] = x, mlp_out
         for b, block in enumerate(model.trf_blocks):
             linears = {name: m for name, m in block.named_modules() if isinstance(m, nn.Linear)}
-            hessians = _input_hessians(linears, lambda: run_block(block), calibration.numel())
-            for name, linear in linears.items():
-                parent, _, attr = name.rpartition(".")
-                made = swap(block.get_submodule(parent), attr, make(f"trf_blocks.{b}.{name}", linear, hessians[name]))
+            stages = _block_stages(block, linears, inputs[0]) if true_sequential else [list(linears)]
+            for stage in stages:  # each stage's Hessians on the block with its earlier stages quantized
+                hessians = _input_hessians({name: linears[name] for name in stage}, lambda: run_block(block),
+                                           calibration.numel())
+                for name in stage:
+                    parent, _, attr = name.rpartition(".")
+                    made = swap(block.get_submodule(parent), attr,
+                                make(f"trf_blocks.{b}.{name}", linears[name], hessians[name]))
             if b + 1 < len(model.trf_blocks) or head:
                 with torch.no_grad():
                     run_block(block, advance=True)  # the quantized block's output: the next block's input
@@ -593,12 +678,15 @@ def quantize_gptq(model, mode: str, calibration, head: bool = True, group_size: 
 
 
 def quantize(model, mode: str, head: bool = True, device=None, group_size: int = 128, method: str = "rtn",
-             calibration=None, doc_ids=None):
+             calibration=None, doc_ids=None, act_order: bool = False, true_sequential=None):
     """quantize_int8 or quantize_int4 by name (the commands' --quantize); method "gptq": quantize_gptq on
-    calibration (token ids [n_samples, T]; doc_ids, its documents), on the model's own device (device= is
-    round-to-nearest's)."""
+    calibration (token ids [n_samples, T]; doc_ids, its documents; act_order, true_sequential: None for its
+    default), on the model's own device (device= is round-to-nearest's)."""
     if method not in GPTQ_METHODS:
         raise UserError(f"the quantization method must be rtn or gptq, got {method!r}")
+    if method != "gptq" and (act_order or true_sequential is not None):
+        raise UserError(f"{'act-order' if act_order else 'true sequential'} is GPTQ's: round-to-nearest (method rtn) "
+                        "quantizes each weight on its own")
     if method == "gptq":
         if calibration is None:
             raise UserError("GPTQ needs calibration token ids [n_samples, T]")
@@ -606,7 +694,8 @@ def quantize(model, mode: str, head: bool = True, device=None, group_size: int =
         if want is not None and (want.type != have.type or want.index not in (None, have.index)):
             raise UserError(f"GPTQ quantizes on the model's own device ({next(model.parameters()).device}): move the "
                             f"model to {device} first")
-        return quantize_gptq(model, mode, calibration, head, group_size, doc_ids=doc_ids)
+        return quantize_gptq(model, mode, calibration, head, group_size, doc_ids=doc_ids, act_order=act_order,
+                             **({} if true_sequential is None else {"true_sequential": true_sequential}))
     if calibration is not None or doc_ids is not None:
         raise UserError("calibration data is GPTQ's: round-to-nearest (method rtn) reads none")
     if mode == "int8":
