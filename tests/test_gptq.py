@@ -472,6 +472,10 @@ def test_quantize_gptq_refuses_bad_calibration_and_leaves_the_model_float(monkey
         quantize(model, "int4", calibration=torch.zeros(1, 4, dtype=torch.long))
     with pytest.raises(UserError, match="method must be rtn or gptq"):
         quantize(model, "int4", method="awq")
+    with pytest.raises(UserError, match="act-order is GPTQ's: round-to-nearest"):
+        quantize(model, "int4", act_order=True)
+    with pytest.raises(UserError, match="true sequential is GPTQ's: round-to-nearest"):
+        quantize(model, "int8", true_sequential=False)
     # a refusal midway (here fc1's Hessian, after the attention's four are swapped) puts the float matrices back
     calls = []
     real = torch.linalg.cholesky
@@ -511,17 +515,24 @@ def test_the_quantize_command_writes_a_gptq_file_that_generate_eval_and_info_run
     from tritongpt import cli
     from tritongpt.model.gpt import safetensors_metadata
 
-    out, rtn = tmp_path / "gptq", tmp_path / "rtn"
-    assert cli.main(["quantize", str(saved), "--out", str(out), "--quantize", "int4", "--group-size", "32",
-                     "--method", "gptq", "--calibration-samples", "8", "--calibration-length", "16"]) == 0
+    out, rtn, plain = tmp_path / "gptq", tmp_path / "rtn", tmp_path / "plain"
+    gptq = ["--quantize", "int4", "--group-size", "32", "--method", "gptq", "--calibration-samples", "8",
+            "--calibration-length", "16"]
+    assert cli.main(["quantize", str(saved), "--out", str(out), *gptq, "--act-order"]) == 0
     said = capsys.readouterr().out
     assert said.startswith("quantize: int4 (group 32), 7 matrices, ")
-    assert said.rstrip().endswith("GPTQ on 8 x 16 tokens of pydoc")  # a bare file: no run to take the data of
+    # a bare file: no run to take the data of; true-sequential by default
+    assert said.rstrip().endswith("GPTQ on 8 x 16 tokens of pydoc, act-order (static groups), true-sequential")
     assert cli.main(["quantize", str(saved), "--out", str(rtn), "--quantize", "int4", "--group-size", "32"]) == 0
-    capsys.readouterr()
+    assert cli.main(["quantize", str(saved), "--out", str(plain), *gptq, "--no-true-sequential"]) == 0
+    assert capsys.readouterr().out.rstrip().endswith("GPTQ on 8 x 16 tokens of pydoc, not true-sequential")
     meta = safetensors_metadata(out / "model.safetensors")
     assert (meta["quantized_method"], meta["quantized_calibration"]) == ("gptq", "8 x 16 tokens of pydoc")
-    assert safetensors_metadata(rtn / "model.safetensors")["quantized_method"] == "rtn"
+    assert (meta["quantized_act_order"], meta["quantized_true_sequential"]) == ("true", "true")
+    meta = safetensors_metadata(plain / "model.safetensors")
+    assert (meta["quantized_act_order"], meta["quantized_true_sequential"]) == ("false", "false")
+    meta = safetensors_metadata(rtn / "model.safetensors")
+    assert meta["quantized_method"] == "rtn" and "quantized_act_order" not in meta
     a, b = load_file(out / "model.safetensors"), load_file(rtn / "model.safetensors")
     assert a.keys() == b.keys() and all(a[k].dtype == b[k].dtype and a[k].shape == b[k].shape for k in a)
     assert not torch.equal(a["trf_blocks.0.ff.fc2.qweight"], b["trf_blocks.0.ff.fc2.qweight"])
@@ -536,7 +547,10 @@ def test_the_quantize_command_writes_a_gptq_file_that_generate_eval_and_info_run
     assert abs(scores[0]["loss"] - scores[1]["loss"]) < 1e-4
     assert [(s["quantize"], s["quantize_group_size"]) for s in scores] == [("int4", 32)] * 2
     assert cli.main(["info", "--weights", str(out)]) == 0
-    assert "(`tritongpt quantize`, GPTQ on 8 x 16 tokens of pydoc)" in capsys.readouterr().out
+    assert "(`tritongpt quantize`, GPTQ on 8 x 16 tokens of pydoc, act-order (static groups), true-sequential)" \
+        in capsys.readouterr().out
+    assert cli.main(["info", "--weights", str(plain)]) == 0
+    assert "(`tritongpt quantize`, GPTQ on 8 x 16 tokens of pydoc, not true-sequential)" in capsys.readouterr().out
     assert cli.main(["info", "--weights", str(rtn)]) == 0
     assert "(`tritongpt quantize`, rounded to nearest)" in capsys.readouterr().out
 
@@ -606,6 +620,9 @@ def test_gptqs_calibration_defaults_to_the_runs_own_training_split(saved, tmp_pa
     (["--quantize", "int8", "--method", "gptq", "--calibration-length", "0"], "--calibration-length must be at "
                                                                              "least 1, got 0"),
     (["--group-size", "32"], "it does nothing with --quantize int8"),
+    (["--quantize", "int4", "--act-order"], "--act-order is GPTQ's: pass --method gptq too"),
+    (["--quantize", "int4", "--no-true-sequential"], "--no-true-sequential is GPTQ's: pass --method gptq too"),
+    (["--true-sequential"], "--true-sequential is GPTQ's: pass --method gptq too"),
 ])
 def test_the_quantize_commands_refusals_are_named(saved, tmp_path, capsys, argv, said):
     from tritongpt import cli

@@ -1,5 +1,7 @@
 """The `info`, `generate` and `export` subcommands."""
 
+import argparse
+
 from tritongpt.errors import UserError, note, read_json_object, read_text_file
 from tritongpt.train.tokenizer import HUB_REPO_HELP, TOKENIZER_CHOICES
 from tritongpt.cli import command_help
@@ -211,7 +213,7 @@ def cmd_info(args):
         file = resolve_checkpoint(args.weights)
         meta = safetensors_metadata(file) if file.suffix == ".safetensors" else {}
         if meta.get("quantized_method") == "gptq":  # (files from before the method was recorded: round-to-nearest)
-            made += f", GPTQ on {meta.get('quantized_calibration', 'its calibration text')}"
+            made += f", GPTQ on {meta.get('quantized_calibration', 'its calibration text')}" + gptq_options(meta)
         elif meta.get("quantized_method") == "rtn":
             made += ", rounded to nearest"
         how = ("int8 with an fp32 scale a row" if model.quantized == "int8" else
@@ -758,6 +760,14 @@ def article(name: str) -> str:
     return "an" if name.startswith(("OLMo", "OLMoE", "MPT")) else "a"
 
 
+def gptq_options(meta: dict) -> str:
+    """", act-order, true-sequential" (or ", not true-sequential"): a GPTQ file's options as its metadata records
+    them (files from before they were recorded: nothing said)."""
+    said = ", act-order (static groups)" if meta.get("quantized_act_order") == "true" else ""
+    sequential = meta.get("quantized_true_sequential")
+    return said + {"true": ", true-sequential", "false": ", not true-sequential"}.get(sequential, "")
+
+
 def cmd_quantize(args):
     """`tritongpt quantize MODEL --out DIR [--quantize int4 --group-size G]`: the model's int8 (default) or int4
     weights (model/quant.py quantize) as DIR/model.safetensors, with its tokenizer and prompt format, for the commands
@@ -789,6 +799,10 @@ def cmd_quantize(args):
         args.quantize = "int8"
     if args.method != "gptq" and calibration_flags:
         raise UserError(f"{calibration_flags[0]} is GPTQ's calibration: pass --method gptq too")
+    if args.method != "gptq" and (args.act_order or args.true_sequential is not None):
+        flag = "--act-order" if args.act_order else \
+            "--true-sequential" if args.true_sequential else "--no-true-sequential"
+        raise UserError(f"{flag} is GPTQ's: pass --method gptq too (round-to-nearest rounds each weight on its own)")
     group = group_size(args)
     samples = 128 if args.calibration_samples is None else args.calibration_samples
     if samples < 1:
@@ -810,15 +824,18 @@ def cmd_quantize(args):
     if record is not None:
         extra[PRETRAIN_DATA] = json.dumps(record, default=str)
     calibration = doc_ids = None
+    options = {}
     if args.method == "gptq":
         calibration, said, doc_ids = calibration_tokens(args, model.config.context_length, tok, record, samples)
-        extra["quantized_calibration"] = said
+        options = {"act_order": args.act_order, "true_sequential": GPTQ_TRUE_SEQUENTIAL if args.true_sequential is None
+                   else args.true_sequential}
+        extra.update(quantized_calibration=said, **{f"quantized_{k}": str(v).lower() for k, v in options.items()})
     before = linear_bytes(model)
     try:
         if args.method == "gptq":  # its forwards and Hessians where the model is: the device's, all of it
             model.to(device)
         quantize(model, args.quantize, head=not args.no_head, group_size=group, method=args.method,
-                 calibration=calibration, doc_ids=doc_ids, device=device)  # rtn: each matrix made there, in turn
+                 calibration=calibration, doc_ids=doc_ids, device=device, **options)  # rtn: each matrix there
     except torch.OutOfMemoryError:  # --device auto takes the GPU, where a model the CPU quantized may not fit
         hints = (["--device cpu (the host's memory)"] if device.type != "cpu" else []) \
             + (["fewer --calibration-samples (GPTQ keeps each sample's activations)"] if args.method == "gptq" else [])
@@ -830,7 +847,8 @@ def cmd_quantize(args):
     save_run_tokenizer(tok, out)
     print(f"quantize: {describe_quantized(model)}, {model.quantized_linears} matrices, {before / 2**20:,.1f} MiB -> "
           f"{linear_bytes(model) / 2**20:,.1f} MiB as the matmuls read them -> {target} "
-          f"({target.stat().st_size / 2**20:,.1f} MiB)" + (f", GPTQ on {said}" if calibration is not None else ""))
+          f"({target.stat().st_size / 2**20:,.1f} MiB)"
+          + (f", GPTQ on {said}{gptq_options(extra)}" if calibration is not None else ""))
     return 0
 
 
@@ -1066,6 +1084,7 @@ def add_quantize_arg(p):
 QUANTIZE_CHOICES = ("int8", "int4")
 DEFAULT_GROUP_SIZE = 128  # int4's group when --group-size is not given (model/quant.py's functions' default)
 GPTQ_METHODS = ("rtn", "gptq")  # model/quant.py's (not imported here: the parser loads without torch)
+GPTQ_TRUE_SEQUENTIAL = True  # quantize_gptq's default, as AutoGPTQ's (not imported: as GPTQ_METHODS)
 
 
 def add_group_size_arg(p, flag: str = "--group-size"):
@@ -1252,6 +1271,15 @@ def add_cli(sub):
                    help="rtn (default): each weight rounded to its nearest level; gptq: GPTQ, each matrix's rounding "
                         "error corrected by the weights not yet rounded, for the least change of its outputs on "
                         "calibration text (the same layout; much lower loss at int4)")
+    p.add_argument("--act-order", action="store_true",
+                   help="GPTQ: each matrix's inputs quantized in order of decreasing calibration activation energy "
+                        "(the Hessian's diagonal; AutoGPTQ's desc_act), with static groups (every group's scale and "
+                        "offset fixed up front from the float weights: the file's layout, G consecutive inputs a "
+                        "group, has no g_idx); the same layout")
+    p.add_argument("--true-sequential", action=argparse.BooleanOptionalAction, default=None,
+                   help="GPTQ: within a block, quantize q/k/v, then the attention output, then the MLP's first, then "
+                        "its last matrices, each on the inputs the block's matrices quantized before it give "
+                        "(AutoGPTQ's true_sequential; default: on)")
     p.add_argument("--calibration", default=None,
                    help="GPTQ's calibration text: a corpus as pretrain --data takes it (default: the data the model's "
                         "pretraining run trained on, its training split, else the embedded pydoc corpus)")
