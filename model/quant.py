@@ -24,6 +24,7 @@ and apply the scale (int8's in the epilogue), the bias and FeedForward's GELU. T
     quantize_int4(model, group_size=128)
     quantize(model, "int4", head=False)  # QLoRA's base: add_lora (model/lora.py) then trains updates beside it
     quantize(model, "int4", method="gptq", calibration=ids)  # GPTQ on token ids [n_samples, T]
+    quantize(model, "int4", method="gptq", calibration=ids, act_order=True)  # its columns by decreasing H_kk
 
 The quantized matrices are buffers, frozen: a gradient flows through them to x (both paths; the Triton kernels'
 backward computes dx = dy @ W from the quantized tiles), never to them. QLoRA's updates (QuantLinear.lora) run
@@ -249,10 +250,13 @@ def gptq_quantize_weight_int4(weight, hessian, group_size: int = 128, damp: floa
 
     act_order (AutoGPTQ's desc_act): the columns are quantized in order of decreasing H_kk instead, the inputs whose
     errors cost the most first, while the most columns remain to absorb them (W and H permuted alike before the
-    Cholesky, the levels put back in the original column order). A group here is G consecutive inputs, with no
-    g_idx mapping each input to a group of its own, so act-order comes with static groups (AutoGPTQ's
-    static_groups=True): every group's offset and scale fixed up front from the original weights (dead inputs
-    zeroed first), each column rounded against its own group's wherever the order puts it. static_groups (default:
+    Cholesky, the levels put back in the original column order). Why static groups: AutoGPTQ's desc_act alone
+    makes a group of G columns consecutive in act-order's order and records each input's group in a g_idx; the
+    files and kernels here have no g_idx, a group is G consecutive inputs of the original order, and act-order
+    scatters those through its order, so their shared offset and scale must be fixed before the first of them is
+    rounded. Hence AutoGPTQ's static_groups=True: every group's offset and scale fixed up front from the original
+    weights (dead inputs zeroed first), each column rounded against its own group's wherever the order puts it
+    (what the group gives up: parameters fitted to its error-updated weights). static_groups (default:
     act_order) also runs without act-order: the columns left to right, the groups fixed up front; act_order with
     static_groups=False is refused. With a diagonal H (no input's error says anything of another's) either is
     round-to-nearest, levels, scales and offsets."""

@@ -555,6 +555,16 @@ def test_the_quantize_command_writes_a_gptq_file_that_generate_eval_and_info_run
     assert "(`tritongpt quantize`, rounded to nearest)" in capsys.readouterr().out
 
 
+def test_the_commands_true_sequential_default_is_quantize_gptqs():
+    """commands.py keeps its own copy (its parser loads without torch): the two must say the same."""
+    import inspect
+
+    from tritongpt.commands import GPTQ_TRUE_SEQUENTIAL
+    from tritongpt.model.quant import quantize_gptq
+
+    assert GPTQ_TRUE_SEQUENTIAL is inspect.signature(quantize_gptq).parameters["true_sequential"].default
+
+
 def test_gptqs_calibration_defaults_to_the_runs_own_training_split(saved, tmp_path):
     """A run's record names its data: the windows come from its training split (the held-out tail eval scores is
     never read), evenly spaced; --calibration names other text."""
