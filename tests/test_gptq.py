@@ -386,6 +386,25 @@ def test_true_sequentials_stages_are_the_matrices_that_read_one_tensor_in_the_or
     assert _block_stages(block, linears, [torch.randn(2, T, 64), None, None, None, None, None]) == stages
 
 
+def test_a_linear_called_twice_keeps_its_first_stage_and_one_never_called_is_named():
+    from tritongpt.model.quant import _block_stages
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.unused = nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 8)
+
+        def forward(self, x):
+            return self.b(self.a(self.a(x)))
+
+    block = Block()
+    linears = {name: m for name, m in block.named_modules() if isinstance(m, nn.Linear)}
+    with pytest.raises(UserError, match="GPTQ cannot calibrate unused: the block never calls it"):
+        _block_stages(block, linears, [torch.randn(2, 8)])
+    del linears["unused"]
+    assert _block_stages(block, linears, [torch.randn(2, 8)]) == [["a"], ["b"]]
+
+
 def test_true_sequential_collects_the_output_projections_hessian_from_the_quantized_q_k_v(monkeypatch):
     """q, k and v read the block's input either way (the same Hessian); the output projection, true-sequential,
     reads the attention of the int4 q, k, v: its Hessian is the one a model whose q, k, v are GPTQ's makes, not the
