@@ -1275,11 +1275,11 @@ def add_cli(sub):
                    help="GPTQ: each matrix's inputs quantized in order of decreasing calibration activation energy "
                         "(the Hessian's diagonal; AutoGPTQ's desc_act), with static groups (every group's scale and "
                         "offset fixed up front from the float weights: the file's layout, G consecutive inputs a "
-                        "group, has no g_idx); the same layout")
+                        "group, has no g_idx); the file's layout is unchanged")
     p.add_argument("--true-sequential", action=argparse.BooleanOptionalAction, default=None,
-                   help="GPTQ: within a block, quantize q/k/v, then the attention output, then the MLP's first, then "
-                        "its last matrices, each on the inputs the block's matrices quantized before it give "
-                        "(AutoGPTQ's true_sequential; default: on)")
+                   help="GPTQ: within a block, quantize its matrices in the order it uses them (GPT-2: q/k/v, "
+                        "then the attention output, then fc1, then fc2), each on the inputs the block's matrices "
+                        "quantized before it give (AutoGPTQ's true_sequential; default: on)")
     p.add_argument("--calibration", default=None,
                    help="GPTQ's calibration text: a corpus as pretrain --data takes it (default: the data the model's "
                         "pretraining run trained on, its training split, else the embedded pydoc corpus)")
