@@ -91,13 +91,20 @@ Algorithm (Dao, "FlashAttention-2", 2023). Per (batch, head), with S = scale * Q
             it for Tk everywhere (masks, tile ranges, splits' shares, query positions L - Tq + i), while
             the grid, NUM_SPLITS and the tuning key follow Tk_cap: a decode step captured in a CUDA graph
             replays correctly after a new L is written into the tensor. Inference only.
+  int8 KV   (k_scale, v_scale: an int8 KV cache, model/gpt.py KVCache(kv_dtype="int8")) k and v are int8 with one
+            fp32 scale per key/value vector, [B, Hkv, Tk]. Both forwards (INT8_KV, a constexpr: the float kernels
+            are as before) load int8 K/V tiles (half a 16-bit tile's bytes) and the scales of their columns: the
+            keys convert exactly to q's dtype (|k| <= 127), each raw score q . k_int is multiplied by its key's
+            scale in fp32, then scaled, capped and biased as above (FOLD_SCALE folds the softmax scale as before);
+            each V tile is read back as v_int * v_scale in q's dtype, as the reference's dequantize_kv, before
+            P V. Inference only (no dropout, no backward).
   NaN/inf   in q or k behave as in PyTorch; a NaN in v reaches the rows whose visited KV tiles
             hold it (PyTorch's P @ V spreads it to every row, 0 * NaN; exact math, to the rows
             that attend to it).
 
 Public API: `flash_attention(q, k, v, causal=True, softmax_scale=None, dropout_p=0.0, seed=None,
-doc_ids=None, window=None, softcap=None, alibi_slopes=None, kv_len=None)`, `document_bounds(doc_ids)`,
-`window_bounds(window, Tk, ...)` and `dropout_mask(seed, B, H, Tq, Tk, p, device)`.
+doc_ids=None, window=None, softcap=None, alibi_slopes=None, kv_len=None, k_scale=None, v_scale=None)`,
+`document_bounds(doc_ids)`, `window_bounds(window, Tk, ...)` and `dropout_mask(seed, B, H, Tq, Tk, p, device)`.
 The kernels are registered as the custom ops `tritongpt::flash_attn_fwd` /
 `tritongpt::flash_attn_bwd` (fake impls + register_autograd, which plays the role of the
 autograd.Function), so torch.compile treats the attention as one opaque differentiable op
@@ -113,9 +120,10 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from tritongpt._env import triton_interpreting
 from tritongpt._types import is_int, is_real
-from tritongpt.kernels._common import (autocast_dtype, autotuned, cast, cdiv, check_runnable, check_same_device,
-                                       check_same_dtype, check_tensor, custom_op, dot, first_order_only, launch_tuned,
-                                       next_pow2, no_func_transform, on_tensor_device, plain_eager, tanh)
+from tritongpt.kernels._common import (FLOAT_DTYPES, autocast_dtype, autotuned, cast, cdiv, check_runnable,
+                                       check_same_device, check_same_dtype, check_tensor, custom_op, dot,
+                                       first_order_only, launch_tuned, next_pow2, no_func_transform, on_tensor_device,
+                                       plain_eager, tanh)
 from tritongpt.kernels._common import sm_count as _sm_count  # patched by bench/compile_check.py, tests
 
 MAX_GRID_YZ = 65535  # CUDA's limit on a grid's y and z sizes, where the heads and sequences go
@@ -126,6 +134,8 @@ FP32_MAX = 3.4028234663852886e38  # the scale reaches the kernels as an fp32 arg
 # fp32's smallest normal: a folded scale (FOLD_SCALE) below it may be 0 in fp32 (or flushed to 0 on a GPU), and
 # the masked raw score -inf times 0 is NaN
 FP32_TINY = 1.1754943508222875e-38
+
+KV_DTYPES = (*FLOAT_DTYPES, torch.int8)  # k and v: q's float dtype, or an int8 KV cache's values with scales
 
 INTERPRET = triton_interpreting()
 # The interpreter costs ~5 ms per program instance and would time every autotune config, so
@@ -192,7 +202,12 @@ def _scores(q, k, qk_scale, softcap, PRECISION: tl.constexpr, HAS_SOFTCAP: tl.co
     """Base-2 scores of a tile, q k * scale * log2(e), soft-capped with HAS_SOFTCAP: (c log2 e) * t,
     t = tanh(scale q k / c) (softcap is c log2 e, so scale / c = qk_scale / softcap). -> (s, t);
     backward takes the cap's slope 1 - t^2 from t (t is s itself without the cap, then unused)."""
-    qk = dot(q, k, None, PRECISION)
+    return _capped(dot(q, k, None, PRECISION), qk_scale, softcap, HAS_SOFTCAP)
+
+
+@triton.jit
+def _capped(qk, qk_scale, softcap, HAS_SOFTCAP: tl.constexpr):
+    """_scores from the raw products qk: (s, t) as there."""
     if HAS_SOFTCAP:
         t = tanh(qk * (qk_scale / softcap))
         s = softcap * t
@@ -219,23 +234,36 @@ def _alibi_bias(slope, q_pos, k_pos):
 
 # ----------------------------------------------------------------------------- forward
 @triton.jit
-def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, offs_m, offs_d, q_start,
+def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, ks_base, vs_base, stride_kn, stride_vn, offs_m, offs_d, q_start,
                lo, hi, Tq, Tk, qk_scale, softcap, slope, seed, rng_base, dropout_p, keep_scale,
                HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
                MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr,
                HAS_DOCS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
-               PRECISION: tl.constexpr, EMPTY_ROWS: tl.constexpr, FOLD_SCALE: tl.constexpr = False):
+               PRECISION: tl.constexpr, EMPTY_ROWS: tl.constexpr, FOLD_SCALE: tl.constexpr = False,
+               INT8_KV: tl.constexpr = False):
     """Stream KV tiles [lo, hi) past one query tile (online softmax, base-2 logits). EMPTY_ROWS: a row
     may have seen no finite score so far (documents; a KV split the causal mask hides from some rows; a
     tile whose scores are all -inf for a row, from a -inf key component). FOLD_SCALE (qk_scale a positive
     normal fp32, no cap, no ALiBi): s holds the raw products q k; the row max is taken on them and scaled
     once a row (exact: rounding is monotone for a positive factor), and exp2 takes s * scale - max as one
     FMA, so the scaled tile is never made: one multiply an entry less in the loop whose exp2s, not its
-    matmuls, bound a head dim of 64 (FlashAttention-3's finding on Hopper)."""
+    matmuls, bound a head dim of 64 (FlashAttention-3's finding on Hopper).
+    INT8_KV: k and v are an int8 cache's values, ks_base and vs_base their per-position fp32 scales (unit stride):
+    the int8 keys convert exactly to q's dtype, the tile's raw products q k_int are multiplied by each column's
+    k scale (in fp32, before the softmax scale, the cap, or FOLD_SCALE's fold), and the V tile is read back as
+    v_int * v scale in q's dtype (the reference's dequantize_kv) before the dot with p."""
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         k = _load_rows(k_base, offs_n, Tk, stride_kn, offs_d, HEAD_DIM, BLOCK_D)
-        if FOLD_SCALE:
+        if INT8_KV:
+            # exact (|k| <= 127); through fp32, as Triton's interpreter turns int8 -> bf16 into garbage
+            k = k.to(tl.float32).to(q.dtype)
+            k_sc = tl.load(ks_base + offs_n, mask=offs_n < Tk, other=0.0)
+            if FOLD_SCALE:
+                s = dot(q, tl.trans(k), None, PRECISION) * k_sc[None, :]
+            else:
+                s, _ = _capped(dot(q, tl.trans(k), None, PRECISION) * k_sc[None, :], qk_scale, softcap, HAS_SOFTCAP)
+        elif FOLD_SCALE:
             s = dot(q, tl.trans(k), None, PRECISION)
         else:
             s, _ = _scores(q, tl.trans(k), qk_scale, softcap, PRECISION, HAS_SOFTCAP)
@@ -271,6 +299,9 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, offs_m, o
             keep = _dropout_keep(seed, rng_base, offs_m[:, None], offs_n[None, :], Tk, dropout_p)
             p = tl.where(keep, p * keep_scale, 0.0)
         v = _load_rows(v_base, offs_n, Tk, stride_vn, offs_d, HEAD_DIM, BLOCK_D)
+        if INT8_KV:
+            v_sc = tl.load(vs_base + offs_n, mask=offs_n < Tk, other=0.0)
+            v = (v.to(tl.float32) * v_sc[:, None]).to(q.dtype)
         acc = dot(cast(p, v.dtype), v, acc, PRECISION)
         m_i = m_new
     return acc, l_i, m_i
@@ -306,21 +337,25 @@ def _doc_tile_range(starts, offs_m, Tq, Tk, full_hi, BLOCK_N: tl.constexpr):
 
 
 @triton.jit(do_not_specialize=["H"])
-def _attn_fwd(Q, K, V, O, LSE, STARTS, ALIBI, Seed, KV_LEN, qk_scale, softcap, dropout_p, keep_scale,
+def _attn_fwd(Q, K, V, O, LSE, STARTS, ALIBI, Seed, KV_LEN, K_SCALE, V_SCALE, qk_scale, softcap, dropout_p, keep_scale,
               stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
-              stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_om, stride_sb,
+              stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_om, stride_sb, stride_scb, stride_sch,
               H, GROUP, Tq, Tk, Q_BUCKET,
               HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
               IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr, HAS_DOCS: tl.constexpr,
               HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, PRECISION: tl.constexpr,
-              FOLD_SCALE: tl.constexpr, HAS_KV_LEN: tl.constexpr):
+              FOLD_SCALE: tl.constexpr, HAS_KV_LEN: tl.constexpr, INT8_KV: tl.constexpr):
     """Grid (cdiv(Tq, BLOCK_M), H, B). Writes O and the base-2 logsumexp of the scaled (with HAS_SOFTCAP,
     capped) scores. Query head h reads KV head h // GROUP (GROUP = H / Hkv query heads share one).
     FOLD_SCALE: the scale folded into exp2's FMA (_fwd_inner); the launcher sets it for a positive scale
     without a cap or ALiBi whose qk_scale is an fp32 normal (a 0 or flushed one times a masked -inf is NaN).
     HAS_KV_LEN: K and V are a cache of Tk positions of which the first KV_LEN hold keys (_kv_len): that length
-    stands for Tk everywhere below (masks, tile ranges, the causal offset, ALiBi and window positions)."""
+    stands for Tk everywhere below (masks, tile ranges, the causal offset, ALiBi and window positions).
+    INT8_KV: K and V are int8 (an int8 KV cache), K_SCALE and V_SCALE their fp32 scales [B, Hkv, Tk] (row strides
+    stride_scb, stride_sch; unit along Tk): each score is (q . k_int) * k_scale[col], then scaled as above, and each
+    V tile is read as v_int * v_scale[row] in Q's dtype (_fwd_inner). Inference only: no dropout, no backward."""
     tl.static_assert(not (FOLD_SCALE and (HAS_SOFTCAP or HAS_ALIBI)), "FOLD_SCALE: the scores must be q k * scale")
+    tl.static_assert(not (INT8_KV and HAS_DROPOUT), "INT8_KV: inference only")
     tl.static_assert(not (HAS_KV_LEN and HAS_DROPOUT), "KV_LEN: inference only (the dropout counter follows Tk)")
     Tk = _kv_len(KV_LEN, Tq, Tk, IS_CAUSAL, HAS_KV_LEN)
     start_m = tl.program_id(0) * BLOCK_M
@@ -330,6 +365,8 @@ def _attn_fwd(Q, K, V, O, LSE, STARTS, ALIBI, Seed, KV_LEN, qk_scale, softcap, d
     k_base = K + b * stride_kb + (h // GROUP) * stride_kh
     v_base = V + b * stride_vb + (h // GROUP) * stride_vh
     o_base = O + b * stride_ob + h * stride_oh
+    ks_base = K_SCALE + b * stride_scb + (h // GROUP) * stride_sch
+    vs_base = V_SCALE + b * stride_scb + (h // GROUP) * stride_sch
     rng_base = bh.to(tl.int64) * Tq * Tk
     seed = _load_seed(Seed) if HAS_DROPOUT else 0  # without dropout Seed is a stand-in, never read
     slope = _alibi_slope(ALIBI, h, HAS_ALIBI)
@@ -346,22 +383,23 @@ def _attn_fwd(Q, K, V, O, LSE, STARTS, ALIBI, Seed, KV_LEN, qk_scale, softcap, d
     full_hi, hi = _kv_tile_range(start_m, Tq, Tk, BLOCK_M, BLOCK_N, IS_CAUSAL)
     if HAS_DOCS:  # KV tiles before the first row's document are skipped; [lo, mid) straddle a start
         q_start, lo, mid = _doc_tile_range(STARTS + b * stride_sb, offs_m, Tq, Tk, full_hi, BLOCK_N)
-        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, offs_m, offs_d,
+        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, ks_base, vs_base, stride_kn, stride_vn,
+                                   offs_m, offs_d,
                                    q_start, lo, mid, Tq, Tk, qk_scale, softcap, slope, seed, rng_base, dropout_p,
                                    keep_scale,
                                    HEAD_DIM, BLOCK_D, BLOCK_N, True, IS_CAUSAL, HAS_DROPOUT, HAS_DOCS,
                                    HAS_SOFTCAP, HAS_ALIBI, PRECISION, HAS_DOCS,
-                                   FOLD_SCALE)
+                                   FOLD_SCALE, INT8_KV)
     else:
         q_start, mid = offs_m, 0
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, offs_m, offs_d,
-                               q_start, mid, full_hi, Tq, Tk, qk_scale, softcap, slope, seed, rng_base, dropout_p,
-                               keep_scale, HEAD_DIM, BLOCK_D, BLOCK_N, False, IS_CAUSAL, HAS_DROPOUT, HAS_DOCS,
-                               HAS_SOFTCAP, HAS_ALIBI, PRECISION, True, FOLD_SCALE)
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, offs_m, offs_d,
-                               q_start, full_hi, hi, Tq, Tk, qk_scale, softcap, slope, seed, rng_base, dropout_p,
-                               keep_scale, HEAD_DIM, BLOCK_D, BLOCK_N, True, IS_CAUSAL, HAS_DROPOUT, HAS_DOCS,
-                               HAS_SOFTCAP, HAS_ALIBI, PRECISION, True, FOLD_SCALE)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, ks_base, vs_base, stride_kn, stride_vn, offs_m,
+                               offs_d, q_start, mid, full_hi, Tq, Tk, qk_scale, softcap, slope, seed, rng_base,
+                               dropout_p, keep_scale, HEAD_DIM, BLOCK_D, BLOCK_N, False, IS_CAUSAL, HAS_DROPOUT,
+                               HAS_DOCS, HAS_SOFTCAP, HAS_ALIBI, PRECISION, True, FOLD_SCALE, INT8_KV)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, ks_base, vs_base, stride_kn, stride_vn, offs_m,
+                               offs_d, q_start, full_hi, hi, Tq, Tk, qk_scale, softcap, slope, seed, rng_base,
+                               dropout_p, keep_scale, HEAD_DIM, BLOCK_D, BLOCK_N, True, IS_CAUSAL, HAS_DROPOUT,
+                               HAS_DOCS, HAS_SOFTCAP, HAS_ALIBI, PRECISION, True, FOLD_SCALE, INT8_KV)
 
     acc = acc / l_i[:, None]
     _store_rows(o_base, acc, offs_m, Tq, stride_om, offs_d, HEAD_DIM, BLOCK_D)
@@ -369,14 +407,14 @@ def _attn_fwd(Q, K, V, O, LSE, STARTS, ALIBI, Seed, KV_LEN, qk_scale, softcap, d
 
 
 @triton.jit(do_not_specialize=["H", "NUM_SPLITS"])  # the split count follows Tk: one binary for every count
-def _attn_fwd_split(Q, K, V, O_PART, LSE_PART, STARTS, ALIBI, KV_LEN, qk_scale, softcap,
+def _attn_fwd_split(Q, K, V, O_PART, LSE_PART, STARTS, ALIBI, KV_LEN, K_SCALE, V_SCALE, qk_scale, softcap,
                     stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
-                    stride_vb, stride_vh, stride_vn, stride_sb,
+                    stride_vb, stride_vh, stride_vn, stride_sb, stride_scb, stride_sch,
                     H, GROUP, Tq, Tk, Q_BUCKET, NUM_SPLITS,
                     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                     IS_CAUSAL: tl.constexpr, HAS_DOCS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
                     HAS_ALIBI: tl.constexpr, PRECISION: tl.constexpr, PACK_GQA: tl.constexpr,
-                    HAS_KV_LEN: tl.constexpr):
+                    HAS_KV_LEN: tl.constexpr, INT8_KV: tl.constexpr):
     """Split-KV forward (flash-decoding), grid (NUM_SPLITS * cdiv(rows, BLOCK_M), heads, B): program
     (tile, split) runs _attn_fwd's loop over the split-th of the KV tiles its query tile visits
     (whole BLOCK_N tiles, the same masks), then writes that split's normalized output O_s (fp32,
@@ -389,7 +427,8 @@ def _attn_fwd_split(Q, K, V, O_PART, LSE_PART, STARTS, ALIBI, KV_LEN, qk_scale, 
     a chunk; a split past the visited tiles is empty; its keys' scores may all be -inf): its max stays
     -inf, it stores O_s = 0 and lse_s = -inf, which weigh 0 in the combine.
     HAS_KV_LEN: the first KV_LEN of Tk cached positions hold keys, as in _attn_fwd; the splits share the tiles of
-    that length (NUM_SPLITS and the grid follow the cache's Tk, so one launch serves every length)."""
+    that length (NUM_SPLITS and the grid follow the cache's Tk, so one launch serves every length).
+    INT8_KV: int8 K and V with their fp32 scales K_SCALE, V_SCALE [B, Hkv, Tk], folded in as _attn_fwd does."""
     Tk = _kv_len(KV_LEN, Tq, Tk, IS_CAUSAL, HAS_KV_LEN)
     pid = tl.program_id(0)
     split = pid % NUM_SPLITS
@@ -405,6 +444,8 @@ def _attn_fwd_split(Q, K, V, O_PART, LSE_PART, STARTS, ALIBI, KV_LEN, qk_scale, 
         offs_m = tl.where(live, rows % Tq, Tq - 1)
         k_base = K + b * stride_kb + hp * stride_kh
         v_base = V + b * stride_vb + hp * stride_vh
+        ks_base = K_SCALE + b * stride_scb + hp * stride_sch
+        vs_base = V_SCALE + b * stride_scb + hp * stride_sch
         first = tl.min(tl.where(live, offs_m, Tq), 0)
         end = tl.max(tl.where(live, offs_m, 0), 0) + 1
     else:
@@ -413,6 +454,8 @@ def _attn_fwd_split(Q, K, V, O_PART, LSE_PART, STARTS, ALIBI, KV_LEN, qk_scale, 
         offs_m = rows
         k_base = K + b * stride_kb + (hp // GROUP) * stride_kh
         v_base = V + b * stride_vb + (hp // GROUP) * stride_vh
+        ks_base = K_SCALE + b * stride_scb + (hp // GROUP) * stride_sch
+        vs_base = V_SCALE + b * stride_scb + (hp // GROUP) * stride_sch
         first = start_m
         end = start_m + BLOCK_M
     if HAS_ALIBI:  # base 2, one a row; a packed row past GROUP * Tq has no head (past the [H] slopes)
@@ -447,18 +490,18 @@ def _attn_fwd_split(Q, K, V, O_PART, LSE_PART, STARTS, ALIBI, KV_LEN, qk_scale, 
     s_lo = lo + split * per_split
     s_hi = tl.minimum(s_lo + per_split, hi)
     if HAS_DOCS:
-        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, offs_m, offs_d,
-                                   q_start, s_lo, tl.minimum(mid, s_hi), Tq, Tk, qk_scale, softcap, slope, 0, 0,
-                                   0.0, 1.0, HEAD_DIM, BLOCK_D, BLOCK_N, True, IS_CAUSAL, False, HAS_DOCS,
-                                   HAS_SOFTCAP, HAS_ALIBI, PRECISION, True)
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, offs_m, offs_d,
-                               q_start, tl.maximum(mid, s_lo), tl.minimum(full_hi, s_hi), Tq, Tk, qk_scale, softcap,
-                               slope, 0, 0, 0.0, 1.0, HEAD_DIM, BLOCK_D, BLOCK_N, False, IS_CAUSAL, False, HAS_DOCS,
-                               HAS_SOFTCAP, HAS_ALIBI, PRECISION, True)
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, offs_m, offs_d,
-                               q_start, tl.maximum(full_hi, s_lo), s_hi, Tq, Tk, qk_scale, softcap, slope, 0, 0,
-                               0.0, 1.0, HEAD_DIM, BLOCK_D, BLOCK_N, True, IS_CAUSAL, False, HAS_DOCS,
-                               HAS_SOFTCAP, HAS_ALIBI, PRECISION, True)
+        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, ks_base, vs_base, stride_kn, stride_vn,
+                                   offs_m, offs_d, q_start, s_lo, tl.minimum(mid, s_hi), Tq, Tk, qk_scale, softcap,
+                                   slope, 0, 0, 0.0, 1.0, HEAD_DIM, BLOCK_D, BLOCK_N, True, IS_CAUSAL, False,
+                                   HAS_DOCS, HAS_SOFTCAP, HAS_ALIBI, PRECISION, True, False, INT8_KV)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, ks_base, vs_base, stride_kn, stride_vn, offs_m,
+                               offs_d, q_start, tl.maximum(mid, s_lo), tl.minimum(full_hi, s_hi), Tq, Tk, qk_scale,
+                               softcap, slope, 0, 0, 0.0, 1.0, HEAD_DIM, BLOCK_D, BLOCK_N, False, IS_CAUSAL, False,
+                               HAS_DOCS, HAS_SOFTCAP, HAS_ALIBI, PRECISION, True, False, INT8_KV)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, ks_base, vs_base, stride_kn, stride_vn, offs_m,
+                               offs_d, q_start, tl.maximum(full_hi, s_lo), s_hi, Tq, Tk, qk_scale, softcap, slope, 0,
+                               0, 0.0, 1.0, HEAD_DIM, BLOCK_D, BLOCK_N, True, IS_CAUSAL, False, HAS_DOCS,
+                               HAS_SOFTCAP, HAS_ALIBI, PRECISION, True, False, INT8_KV)
 
     empty = l_i == 0.0  # only where the split showed the row no key
     l_i = tl.where(empty, 1.0, l_i)
@@ -871,6 +914,17 @@ def _alibi_arg(q, alibi):
     return _stand_in(q.device, torch.float32) if alibi is None else alibi.contiguous()
 
 
+def _scale_args(q, k_scale, v_scale):
+    """An int8 cache's scale pointers and their (batch, head) strides, unit along Tk (the kernels step both by one
+    pair of strides); without them never-read stand-ins (INT8_KV is False)."""
+    if k_scale is None:
+        dummy = _stand_in(q.device, torch.float32)
+        return dummy, dummy, 0, 0
+    if k_scale.stride(-1) != 1 or v_scale.stride() != k_scale.stride():
+        k_scale, v_scale = k_scale.contiguous(), v_scale.contiguous()
+    return k_scale, v_scale, k_scale.stride(0), k_scale.stride(1)
+
+
 def _kv_len_arg(q, kv_len):
     """The forward's KV_LEN pointer: the caller's one-element integer tensor of filled cache positions, read by the
     kernels (_kv_len), never on the host here; without kv_len a never-read stand-in (HAS_KV_LEN is False)."""
@@ -927,7 +981,8 @@ def _split_rows(H, Hkv, Tq):
     return H, Tq, False
 
 
-def _fwd_split_launch(q, k, v, o, lse, causal, softmax_scale, starts, ends, softcap, alibi, splits, kv_len=None):
+def _fwd_split_launch(q, k, v, o, lse, causal, softmax_scale, starts, ends, softcap, alibi, splits, kv_len=None,
+                      k_scale=None, v_scale=None):
     """_attn_fwd_split into fp32 partials, then _attn_fwd_combine into o and lse."""
     B, H, Tq, D = q.shape
     heads, rows, pack = _split_rows(H, k.shape[1], Tq)
@@ -936,13 +991,14 @@ def _fwd_split_launch(q, k, v, o, lse, causal, softmax_scale, starts, ends, soft
     starts_arg, _, stride_sb = _doc_args(q, starts, ends)
     flags = _kernel_flags(q, causal, 0.0, starts, softcap, alibi)
     del flags["HAS_DROPOUT"]
+    ks, vs, stride_scb, stride_sch = _scale_args(q, k_scale, v_scale)
     launch_tuned(
         _attn_fwd_split_run, lambda meta: (splits * cdiv(rows, meta["BLOCK_M"]), heads, B),
-        q, k, v, o_part, lse_part, starts_arg, _alibi_arg(q, alibi), _kv_len_arg(q, kv_len), softmax_scale * LOG2E,
-        softcap * LOG2E, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2), stride_sb,
+        q, k, v, o_part, lse_part, starts_arg, _alibi_arg(q, alibi), _kv_len_arg(q, kv_len), ks, vs,
+        softmax_scale * LOG2E, softcap * LOG2E, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1),
+        k.stride(2), v.stride(0), v.stride(1), v.stride(2), stride_sb, stride_scb, stride_sch,
         H, H // k.shape[1], Tq, k.shape[2], _q_bucket(rows), splits, **flags, PACK_GQA=pack,
-        HAS_KV_LEN=kv_len is not None, **_fixed_blocks())
+        HAS_KV_LEN=kv_len is not None, INT8_KV=k_scale is not None, **_fixed_blocks())
     _attn_fwd_combine[(cdiv(Tq, COMBINE_BLOCK), H, B)](
         o_part, lse_part, o, lse, o.stride(0), o.stride(1), o.stride(2), H, Tq, splits,
         HEAD_DIM=D, BLOCK_D=flags["BLOCK_D"], BLOCK_M=COMBINE_BLOCK)
@@ -952,7 +1008,7 @@ def _fwd_split_launch(q, k, v, o, lse, causal, softmax_scale, starts, ends, soft
 # ----------------------------------------------------------------------------- launchers
 @on_tensor_device
 def _fwd_launch(q, k, v, causal, softmax_scale, dropout_p, seed, starts=None, ends=None, softcap=0.0, alibi=None,
-                kv_len=None):
+                kv_len=None, k_scale=None, v_scale=None):
     q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
     B, H, Tq, D = q.shape
     # With kv_len, Tk is the cache's capacity: the grid, the split count and the tuning key follow it, never the
@@ -968,19 +1024,20 @@ def _fwd_launch(q, k, v, causal, softmax_scale, dropout_p, seed, starts=None, en
     splits = 1 if dropout_p > 0.0 else _num_splits(B, *_split_rows(H, k.shape[1], Tq)[:2], Tk, q.device)
     if splits > 1:
         return _fwd_split_launch(q, k, v, o, lse, causal, softmax_scale, starts, ends, softcap, alibi, splits,
-                                 kv_len)
+                                 kv_len, k_scale, v_scale)
     group = H // k.shape[1]
     grid = lambda meta: (cdiv(Tq, meta["BLOCK_M"]), H, B)  # noqa: E731
     starts_arg, _, stride_sb = _doc_args(q, starts, ends)
+    ks, vs, stride_scb, stride_sch = _scale_args(q, k_scale, v_scale)
     launch_tuned(
         _attn_fwd_run, grid,
         q, k, v, o, lse, starts_arg, _alibi_arg(q, alibi), _seed_arg(q, seed, dropout_p), _kv_len_arg(q, kv_len),
-        softmax_scale * LOG2E, softcap * LOG2E, dropout_p, 1.0 / (1.0 - dropout_p),
+        ks, vs, softmax_scale * LOG2E, softcap * LOG2E, dropout_p, 1.0 / (1.0 - dropout_p),
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1), o.stride(2), stride_sb,
+        v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1), o.stride(2), stride_sb, stride_scb, stride_sch,
         H, group, Tq, Tk, _q_bucket(Tq), **_kernel_flags(q, causal, dropout_p, starts, softcap, alibi),
         FOLD_SCALE=softmax_scale * LOG2E >= FP32_TINY and softcap == 0.0 and alibi is None,
-        HAS_KV_LEN=kv_len is not None, **_fixed_blocks())
+        HAS_KV_LEN=kv_len is not None, INT8_KV=k_scale is not None, **_fixed_blocks())
     return o, lse
 
 
@@ -1031,16 +1088,20 @@ def _flash_attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: b
                     dropout_p: float, seed: torch.Tensor | None, starts: torch.Tensor | None = None,
                     ends: torch.Tensor | None = None, softcap: float = 0.0,
                     alibi: torch.Tensor | None = None,
-                    kv_len: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                    kv_len: torch.Tensor | None = None, k_scale: torch.Tensor | None = None,
+                    v_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """-> (o [B, H, Tq, D], lse [B, H, Tq] fp32: the base-2 logsumexp of the scaled, capped, biased scores).
     starts/ends: int32 [B, Tk], each position's document start and end (document_bounds).
     softcap: c > 0 caps each scaled score s to c * tanh(s / c); 0: no cap.
     alibi: fp32 [H], query head h's ALiBi slope m: the score of query position i, key j gets + m (j - i).
     kv_len: one int32/int64 on q's device, L: k and v are caches of Tk positions whose first L hold keys; the
-    kernels read it (query i at position L - Tq + i). Forward only: its backward refuses it."""
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        check_tensor(t, name, ndim=4)
-    check_same_dtype(q=q, k=k, v=v)
+    kernels read it (query i at position L - Tq + i). Forward only: its backward refuses it.
+    k_scale, v_scale: fp32 [B, Hkv, Tk] with int8 k and v (an int8 KV cache): key/value j of head h is
+    k[..., j, :] * k_scale[..., j]. Forward only: its backward refuses them."""
+    check_tensor(q, "q", ndim=4)
+    for name, t in (("k", k), ("v", v)):  # (int8: an int8 KV cache's, with its scales: _check_int8_kv)
+        check_tensor(t, name, KV_DTYPES, ndim=4)
+    _check_int8_kv(q, k, v, k_scale, v_scale, dropout_p)
     _check_shapes(q, k, v, causal, dropout_p)
     _check_seed(q, dropout_p, seed)
     _check_bounds(q, k, causal, starts, ends)
@@ -1049,15 +1110,18 @@ def _flash_attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: b
     _check_kv_len(q, kv_len, dropout_p)
     if kv_len is not None and q.device.type == "cpu":  # free there, and run under torch.compile too
         _check_kv_len_value(kv_len, q.shape[2], k.shape[2], causal)
-    return _fwd_launch(q, k, v, causal, softmax_scale, dropout_p, seed, starts, ends, softcap, alibi, kv_len)
+    return _fwd_launch(q, k, v, causal, softmax_scale, dropout_p, seed, starts, ends, softcap, alibi, kv_len,
+                       k_scale, v_scale)
 
 
 @_flash_attn_fwd.register_fake
-def _(q, k, v, causal, softmax_scale, dropout_p, seed, starts=None, ends=None, softcap=0.0, alibi=None, kv_len=None):
+def _(q, k, v, causal, softmax_scale, dropout_p, seed, starts=None, ends=None, softcap=0.0, alibi=None, kv_len=None,
+      k_scale=None, v_scale=None):
     _check_seed(q, dropout_p, seed)  # a seed on another device fails when traced, not first on the GPU
     _check_kv_len(q, kv_len, dropout_p)
+    _check_int8_kv(q, k, v, k_scale, v_scale, dropout_p)
     _check_routed_to_fake("flash_attn_fwd", q, k=k, v=v, seed=seed, starts=starts, ends=ends, alibi=alibi,
-                          kv_len=kv_len)
+                          kv_len=kv_len, k_scale=k_scale, v_scale=v_scale)
     B, H, Tq, D = q.shape
     o = q.new_empty((B, Tq, H, D)).transpose(1, 2)
     return o, q.new_empty((B, H, Tq), dtype=torch.float32)
@@ -1086,23 +1150,34 @@ def _(do, q, k, v, o, lse, causal, softmax_scale, dropout_p, seed, starts=None, 
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, causal, softmax_scale, dropout_p, seed, starts, ends, softcap, alibi, kv_len = inputs
+    q, k, v, causal, softmax_scale, dropout_p, seed, starts, ends, softcap, alibi, kv_len, k_scale, v_scale = \
+        _padded_inputs(inputs)
     o, lse = output
     ctx.save_for_backward(q, k, v, o, lse, seed, starts, ends, alibi)
     ctx.causal, ctx.softmax_scale, ctx.dropout_p, ctx.softcap = causal, softmax_scale, dropout_p, softcap
     ctx.has_kv_len = kv_len is not None
+    ctx.int8_kv = k_scale is not None
+    ctx.n_inputs = len(inputs)
+
+
+def _padded_inputs(inputs):
+    """The op's inputs with the trailing optional ones a caller left out (kv_len, k_scale, v_scale) as None."""
+    return (*inputs, *(None,) * (14 - len(inputs)))
 
 
 def _backward(ctx, grad_o, grad_lse):
     first_order_only("flash_attention")
+    if ctx.int8_kv:  # flash_attention refuses it with gradients on; a direct caller of the op gets here
+        raise RuntimeError("flash_attn_fwd with int8 k and v (k_scale, v_scale) is inference only: there is no "
+                           "backward through a quantized KV cache")
     if ctx.has_kv_len:  # flash_attention refuses it with gradients on; a direct caller of the op gets here
         raise RuntimeError("flash_attn_fwd with kv_len is inference only: the backward kernels take the whole "
                            "Tk of k and v (slice the cache to its filled length to train through it)")
     q, k, v, o, lse, seed, starts, ends, alibi = ctx.saved_tensors
     dq, dk, dv = _flash_attn_bwd.call(grad_o, q, k, v, o, lse, ctx.causal, ctx.softmax_scale, ctx.dropout_p, seed,
                                  starts, ends, ctx.softcap, alibi)
-    # q, k, v then the 9 other inputs (the ALiBi slopes are constants: no gradient)
-    return dq, dk, dv, None, None, None, None, None, None, None, None, None
+    # q, k, v then the other inputs (the ALiBi slopes are constants: no gradient)
+    return (dq, dk, dv, *(None,) * (ctx.n_inputs - 3))
 
 
 _flash_attn_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -1128,13 +1203,14 @@ class FlashAttnFunction(torch.autograd.Function):
 def _checked_inputs(q, k, v):
     """(q, k, v) once valid; under autocast cast to its dtype first, as SDPA's inputs are (a KV
     cache made outside autocast holds fp32 keys while the projections give bf16 queries)."""
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        check_tensor(t, name, ndim=4)
+    check_tensor(q, "q", ndim=4)
+    for name, t in (("k", k), ("v", v)):  # (int8: an int8 KV cache's, with its scales: _check_int8_kv)
+        check_tensor(t, name, KV_DTYPES, ndim=4)
     check_same_device(q=q, k=k, v=v)
     check_runnable(q, "q")
     dt = autocast_dtype(q.device)
-    if dt is not None:
-        q, k, v = q.to(dt), k.to(dt), v.to(dt)
+    if dt is not None:  # (an int8 cache's k and v stay int8: read back in q's dtype in the kernels)
+        q, k, v = q.to(dt), *(t if t.dtype == torch.int8 else t.to(dt) for t in (k, v))
     return q, k, v  # dtypes and shapes: checked by the op itself (_check_shapes)
 
 
@@ -1222,6 +1298,37 @@ def _check_kv_len(q, kv_len, dropout_p=0.0):
         raise ValueError(f"kv_len is on {kv_len.device}, q on {q.device}: the kernels read it on q's device")
     if dropout_p > 0.0:
         raise ValueError(f"kv_len is for inference: dropout_p must be 0 with it, got {dropout_p}")
+
+
+def _check_int8_kv(q, k, v, k_scale, v_scale, dropout_p=0.0):
+    """The dtypes of q, k, v, and an int8 cache's scales as the kernels read them (INT8_KV): int8 k and v (both) with
+    k_scale and v_scale fp32 [B, Hkv, Tk] on q's device and a float q; a float k and v with none (then q, k and v
+    share one dtype)."""
+    int8 = [t.dtype == torch.int8 for t in (k, v)]
+    scales = [t is not None for t in (k_scale, v_scale)]
+    if q.dtype == torch.int8:
+        raise TypeError("q must be a float tensor (bf16/fp16/fp32): int8 is for the keys and values of an int8 KV "
+                        "cache only, with k_scale and v_scale")
+    if not any(int8) and not any(scales):
+        check_same_dtype(q=q, k=k, v=v)
+        return
+    if not all(int8):
+        raise TypeError(f"k_scale and v_scale go with int8 k and v (an int8 KV cache), got k {k.dtype} and "
+                        f"v {v.dtype}" if any(scales) else
+                        f"int8 k and v go together, with k_scale and v_scale: got k {k.dtype} and v {v.dtype}")
+    if not all(scales):
+        raise ValueError("int8 k and v need their scales: k_scale and v_scale, fp32 [B, Hkv, Tk] (an int8 KV "
+                         "cache's KVCache.k_scale and v_scale), got "
+                         f"k_scale {'given' if scales[0] else 'None'} and v_scale {'given' if scales[1] else 'None'}")
+    want = tuple(k.shape[:3])
+    for name, t in (("k_scale", k_scale), ("v_scale", v_scale)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be an fp32 tensor [B, Hkv, Tk], got {type(t).__name__}")
+        if t.dtype != torch.float32 or tuple(t.shape) != want or t.device != q.device:
+            raise ValueError(f"{name} must be float32 [B, Hkv, Tk] = {list(want)} (one scale per key/value vector) "
+                             f"on q's device {q.device}, got {t.dtype} {list(t.shape)} on {t.device}")
+    if dropout_p > 0.0:
+        raise ValueError(f"int8 k and v (a KV cache) are for inference: dropout_p must be 0, got {dropout_p}")
 
 
 def _check_kv_len_value(kv_len, Tq, Tk, causal):
@@ -1318,7 +1425,7 @@ def _check_alibi(q, alibi, finite=True):
 
 
 def flash_attention(q, k, v, causal=True, softmax_scale=None, dropout_p=0.0, seed=None, doc_ids=None,
-                    window=None, softcap=None, alibi_slopes=None, kv_len=None):
+                    window=None, softcap=None, alibi_slopes=None, kv_len=None, k_scale=None, v_scale=None):
     """softmax(q k^T * scale + mask) with dropout, @ v, without the Tq x Tk matrix. Differentiable.
 
     q: [B, H, Tq, D]; k, v: [B, Hkv, Tk, D], any strides (unit stride on D is fastest), bf16/fp16/fp32
@@ -1357,6 +1464,14 @@ def flash_attention(q, k, v, causal=True, softmax_scale=None, dropout_p=0.0, see
         result means nothing.
         Inference only: refused with gradients on (grad mode and q, k or v requiring grad), with dropout_p > 0
         and with doc_ids.
+    k_scale, v_scale: with int8 k and v (an int8 KV cache, model/gpt.py KVCache(kv_dtype="int8")), their fp32
+        scales [B, Hkv, Tk], one per key/value vector: the result is flash_attention on k * k_scale[..., None] and
+        v * v_scale[..., None] read back in q's dtype, without making them: the kernels convert the int8 keys
+        exactly to q's dtype, multiply each raw score q . k_int by its column's k scale in fp32 (before the
+        softmax scale, cap and bias), and read each V tile as v_int * v_scale in q's dtype. Every other argument
+        as above (kv_len too). Inference only: refused with gradients on, with dropout_p > 0 and with doc_ids;
+        int8 k without scales, scales without int8 k and v, scales not fp32 [B, Hkv, Tk] on q's device, and an
+        int8 q are refused.
     Returns [B, H, Tq, D] (a view of a [B, Tq, H, D] buffer, so merging heads is free).
     """
     no_func_transform("flash_attention", vmap_ok=True)
@@ -1374,12 +1489,21 @@ def flash_attention(q, k, v, causal=True, softmax_scale=None, dropout_p=0.0, see
     dropout_p = float(dropout_p)
     if kv_len is not None:
         _checked_kv_len_call(q, k, v, causal, dropout_p, doc_ids, kv_len)
+    _check_int8_kv(q, k, v, k_scale, v_scale, dropout_p)
+    if k_scale is not None:
+        if torch.is_grad_enabled() and q.requires_grad:
+            raise ValueError("int8 k and v (an int8 KV cache) are for inference only (no backward through a "
+                             "quantized cache): call under torch.no_grad() or torch.inference_mode()")
+        if doc_ids is not None:
+            raise ValueError("int8 k and v (an int8 KV cache) do not take doc_ids (document masking is for packed "
+                             "training sequences)")
     starts, ends = (None, None) if doc_ids is None else document_bounds(_checked_doc_ids(doc_ids, q, k, causal))
     if window is not None:
         starts, ends = window_bounds(_checked_window(window, causal), k.shape[2], q.shape[0], q.device,
                                      starts, ends)
     seed = _seed_tensor(seed, dropout_p, q.device)
-    args = (q, k, v, bool(causal), scale, dropout_p, seed, starts, ends, softcap, alibi_slopes, kv_len)
+    args = (q, k, v, bool(causal), scale, dropout_p, seed, starts, ends, softcap, alibi_slopes, kv_len, k_scale,
+            v_scale)
     out, _ = FlashAttnFunction.apply(*args) if plain_eager(args) else _flash_attn_fwd(*args)
     return out
 

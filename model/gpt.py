@@ -17,7 +17,8 @@ from tritongpt.errors import UserError
 from tritongpt.model.config import GPTConfig
 from tritongpt.model.layers import (FeedForward, LayerNorm, MoEFeedForward, MultiHeadAttention, PerHeadNorm, RMSNorm,
                                     Rotary, SwiGLUFeedForward, TransformerBlock, document_starts,
-                                    load_balancing_loss, make_norm, rope_seq_len)
+                                    load_balancing_loss, make_norm, quantize_kv, rope_seq_len)
+from tritongpt.model.layers import KV_CACHE_DTYPES
 from tritongpt.model.quant import QuantLinear, quantized_layout
 from tritongpt.model.toggle import resolve_kernels, spec_string
 
@@ -40,19 +41,33 @@ class KVCache:
     device that the caller sets to `pos` before the step; the new keys are written at [fill, fill + T)
     with index_copy_, and each layer attends over the whole buffer with kv_len = fill + T (flash_attention's
     kv_len, the reference's masks likewise), so one captured step replays at every fill.
+
+    kv_dtype "int8" (generate's --kv-cache-dtype int8): k and v are stored as int8 with one fp32 scale per
+    (layer, row, kv head, position) vector, k_scale and v_scale [n_layer, B, kv_heads, max_len] (layers.quantize_kv:
+    symmetric, absmax / 127 over head_dim), about half a 16-bit cache's bytes (nbytes). `dtype` stays the
+    attention's compute dtype, the one the values are read back in. update quantizes what it writes, and every
+    layer's attention reads the cache's int8 values, the new tokens' own too: a prefill attends over the same
+    dequantized keys a later decode step reads, so a prompt fed whole or in chunks gives the same logits.
+    "auto" (or None): the keys' own dtype, as before.
     """
 
     def __init__(self, cfg: GPTConfig, batch_size: int, max_len: int | None = None,
-                 device="cpu", dtype=torch.float32):
+                 device="cpu", dtype=torch.float32, kv_dtype: str | None = None):
         self.max_len = cfg.context_length if max_len is None else max_len
         if not is_int(self.max_len) or not 1 <= self.max_len <= cfg.context_length:
             raise UserError(f"KV cache length must be an int in [1, context_length {cfg.context_length}], "
                             f"got {max_len!r}")
         if not is_int(batch_size) or batch_size < 1:
             raise UserError(f"KV cache batch_size must be a positive int, got {batch_size!r}")
+        self.quantized = check_kv_cache_dtype(kv_dtype) == "int8"
+        self.dtype = dtype
         shape = (cfg.n_layer, batch_size, cfg.kv_heads, self.max_len, cfg.head_dim)
-        self.k = torch.empty(shape, device=device, dtype=dtype)
-        self.v = torch.empty(shape, device=device, dtype=dtype)
+        store = torch.int8 if self.quantized else dtype
+        self.k = torch.empty(shape, device=device, dtype=store)
+        self.v = torch.empty(shape, device=device, dtype=store)
+        # zeros, not empty: a CUDA-graph step reads the whole buffers (masked past the fill), never a NaN scale there
+        self.k_scale = torch.zeros(shape[:-1], device=device, dtype=torch.float32) if self.quantized else None
+        self.v_scale = torch.zeros(shape[:-1], device=device, dtype=torch.float32) if self.quantized else None
         self.pos = 0
         self.on_device = False
         self.fill = torch.zeros(1, dtype=torch.int64, device=device)  # the fill on the device (on_device)
@@ -61,6 +76,16 @@ class KVCache:
     @property
     def batch_size(self) -> int:
         return self.k.size(1)
+
+    @property
+    def kv_dtype(self) -> str:
+        return "int8" if self.quantized else "auto"
+
+    @property
+    def nbytes(self) -> int:
+        """The bytes the cache holds: keys and values, and with int8 their scales."""
+        return sum(t.numel() * t.element_size() for t in (self.k, self.v, self.k_scale, self.v_scale)
+                   if t is not None)
 
     def extent(self, T: int):
         """On the device (on_device): the positions [T] of a forward's T new tokens, fill .. fill + T - 1, and the
@@ -71,6 +96,10 @@ class KVCache:
         return self.fill + torch.arange(T, device=self.fill.device), self.fill + T
 
     def update(self, layer: int, k, v):
+        """Writes a layer's new keys and values k, v [B, kv_heads, T, head_dim] at [pos, pos + T) and returns
+        (k, v, k_scale, v_scale) of the whole prefix [0, pos + T) (on_device: the whole buffers): the cache's own
+        views, k and v int8 with their fp32 scales [B, kv_heads, pos + T] for an int8 cache, else in the cache's
+        dtype with scales None."""
         end = self.pos + k.size(2)
         if end > self.max_len:
             raise UserError(f"KV cache overflow: {end} positions > capacity {self.max_len}")
@@ -80,14 +109,21 @@ class KVCache:
             raise UserError("the KV cache is for inference (generation, chunked prefill): run the model "
                             "under torch.no_grad(); a loss to differentiate needs the whole sequence in "
                             "one forward without a cache")
+        new = [k, v]
+        if self.quantized:
+            (kq, ks), (vq, vs) = quantize_kv(k), quantize_kv(v)
+            new = [kq, vq, ks, vs]
+        bufs = [t for t in (self.k, self.v, self.k_scale, self.v_scale) if t is not None]
         if self.on_device:  # the whole buffers: the keys past kv_len are masked, not sliced off
             index = self.extent(k.size(2))[0]
-            self.k[layer].index_copy_(2, index, k.to(self.k.dtype))
-            self.v[layer].index_copy_(2, index, v.to(self.v.dtype))
-            return self.k[layer], self.v[layer]
-        self.k[layer, :, :, self.pos:end] = k
-        self.v[layer, :, :, self.pos:end] = v
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+            for buf, t in zip(bufs, new):
+                buf[layer].index_copy_(2, index, t.to(buf.dtype))
+            views = [buf[layer] for buf in bufs]
+        else:
+            for buf, t in zip(bufs, new):
+                buf[layer, :, :, self.pos:end] = t
+            views = [buf[layer, :, :, :end] for buf in bufs]
+        return tuple(views) if self.quantized else (*views, None, None)
 
     def reset(self):
         self.pos = 0
@@ -95,14 +131,15 @@ class KVCache:
     def crop(self, length: int):
         """Keep the first `length` positions only (speculative decoding drops the keys of rejected draft tokens).
         Nothing is erased: the next update writes from `length` on, and attention only reads [0, pos + T), so
-        the stale keys past it are never seen (either attention path)."""
+        the stale keys past it are never seen (either attention path; an int8 cache's scales likewise)."""
         if not is_int(length) or not 0 <= length <= self.pos:
             raise UserError(f"a KV cache holding {self.pos} positions can be cropped to 0..{self.pos}, got {length!r}")
         self.pos = int(length)
 
     def reorder(self, index):
         """Row i becomes the old row index[i] (a LongTensor of batch_size row numbers, repeats allowed): beam search
-        keeps the beams whose continuations it chose, some twice, each with the keys of the text it extends."""
+        keeps the beams whose continuations it chose, some twice, each with the keys of the text it extends (and
+        an int8 cache's scales with them)."""
         index = torch.as_tensor(index, device=self.k.device)
         if index.dtype != torch.long or index.shape != (self.batch_size,):
             raise UserError(f"a KV cache of {self.batch_size} rows is reordered by {self.batch_size} row numbers "
@@ -111,8 +148,18 @@ class KVCache:
             raise UserError(f"KV cache rows are 0..{self.batch_size - 1}, got {index.tolist()}")
         # only the filled positions (those past pos are never read), a layer at a time: the copy each makes is
         # one layer's, not the whole cache's (as transformers' caches reorder)
-        for layer in (*self.k, *self.v):
+        scales = (*self.k_scale, *self.v_scale) if self.quantized else ()
+        for layer in (*self.k, *self.v, *scales):
             layer[:, :, :self.pos] = layer[index, :, :self.pos]
+
+
+def check_kv_cache_dtype(kv_dtype) -> str:
+    """A KV cache's storage by name: None or "auto" (the keys' own dtype) or "int8" (KVCache's quantized one)."""
+    if kv_dtype is None:
+        return "auto"
+    if not isinstance(kv_dtype, str) or kv_dtype not in KV_CACHE_DTYPES:
+        raise UserError(f"kv cache dtype must be one of {', '.join(KV_CACHE_DTYPES)}, got {kv_dtype!r}")
+    return kv_dtype
 
 
 class GPTModel(nn.Module):
@@ -503,15 +550,17 @@ class GPTModel(nn.Module):
         new.set_activation_checkpointing(self.activation_checkpointing)
         return new.to(w.device, w.dtype).set_kernels(self.config.kernels).train(self.training)
 
-    def new_cache(self, batch_size: int, max_len: int | None = None, dtype=None) -> KVCache:
+    def new_cache(self, batch_size: int, max_len: int | None = None, dtype=None, kv_dtype: str | None = None
+                  ) -> KVCache:
         """A preallocated KV cache in the dtype the keys will have: under autocast (bf16 on a
         GPU) the projections run in the autocast dtype, so an fp32 cache would double its memory
-        and hand the attention mixed dtypes."""
+        and hand the attention mixed dtypes. kv_dtype "int8": stored as int8 with a scale per
+        vector, read back in that dtype (KVCache)."""
         w = self.tok_emb.weight
         if dtype is None:
             autocast = torch.is_autocast_enabled(w.device.type)
             dtype = torch.get_autocast_dtype(w.device.type) if autocast else w.dtype
-        return KVCache(self.config, batch_size, max_len, w.device, dtype)
+        return KVCache(self.config, batch_size, max_len, w.device, dtype, kv_dtype)
 
     def num_params(self, non_embedding: bool = False) -> int:
         """Unique parameters (a tied head counts once); optionally without position embeddings

@@ -560,6 +560,30 @@ def alibi_bias(slopes, Tq: int, Tk: int, dtype=torch.float32, kv_len=None):
     return slopes.to(dtype)[:, None, None] * dist.to(dtype)
 
 
+KV_CACHE_DTYPES = ("auto", "int8")  # a KV cache's storage: "auto" the keys' own dtype; "int8" KVCache's quantized
+
+
+def quantize_kv(x):
+    """Keys or values [..., head_dim] as int8 with one fp32 scale per vector [...]: symmetric, scale = absmax / 127,
+    x ~ q * scale (llama.cpp's q8_0 over a whole head, vLLM's int8 KV cache per token and head). A vector's error is
+    at most scale / 2 an element. A vector of zeros gets scale 1 (q 0: exact, not 0 / 0). The absmax is taken in fp32,
+    so an fp16/bf16 vector near its dtype's largest value is fine. A vector holding inf or NaN gets a NaN scale and
+    reads back as NaN throughout (the float cache's attention would be NaN there too); no host check, which would
+    sync a GPU at every layer and step.
+    """
+    amax = x.detach().abs().amax(dim=-1).float()  # (the max of a 16-bit tensor is exact in it)
+    scale = torch.where(amax > 0, amax / 127.0, 1.0)
+    scale = torch.where(torch.isfinite(amax), scale, float("nan"))
+    q = torch.round(x.float() / scale[..., None]).clamp_(-127, 127).to(torch.int8)
+    return q, scale
+
+
+def dequantize_kv(q, scale, dtype):
+    """quantize_kv's inverse: q [..., head_dim] int8 times its scale [...], in fp32, then rounded to dtype (the
+    attention's compute dtype, as the cache's float values would have been)."""
+    return (q.float() * scale[..., None]).to(dtype)
+
+
 class MultiHeadAttention(nn.Module):
     """Causal multi-head self-attention.
 
@@ -700,9 +724,11 @@ class MultiHeadAttention(nn.Module):
                     torch.arange(start, start + T, device=x.device)
                 rope_len = start + T if rope_len is None else rope_len  # known on the host: no sync
             q, k = self.rotary(q, k, positions, rope_len)
-        kv_len = None
+        kv_len = k_scale = v_scale = None
         if cache is not None:
-            k, v = cache.update(self.layer_idx, k, v)  # keys/values of the whole prefix
+            # keys/values of the whole prefix; an int8 cache's (KVCache.quantized) with their scales, the new
+            # tokens' own too: both paths attend over what the cache holds
+            k, v, k_scale, v_scale = cache.update(self.layer_idx, k, v)
             if cache.on_device:  # the whole buffers; the filled length on the device
                 kv_len = cache.extent(T)[1]
         if self.use_triton:
@@ -711,8 +737,11 @@ class MultiHeadAttention(nn.Module):
             p = self.attn_drop.p if self.training else 0.0
             ctx = flash_attention(q, k, v, causal=True, softmax_scale=self.softmax_scale, dropout_p=p, doc_ids=doc_ids,
                                   window=self.window or None, softcap=self.softcap or None,
-                                  alibi_slopes=self.alibi_slopes(q.device) if self.alibi else None, kv_len=kv_len)
+                                  alibi_slopes=self.alibi_slopes(q.device) if self.alibi else None, kv_len=kv_len,
+                                  k_scale=k_scale, v_scale=v_scale)
         else:
+            if k_scale is not None:  # the textbook core on the int8 cache's values read back in q's dtype
+                k, v = dequantize_kv(k, k_scale, q.dtype), dequantize_kv(v, v_scale, q.dtype)
             ctx = self.attend(q, k, v, doc_ids, kv_len)
         ctx = ctx.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)
         return self.resid_drop(self.out_proj(ctx))

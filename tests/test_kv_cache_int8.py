@@ -1,0 +1,289 @@
+"""The int8 KV cache (KVCache(kv_dtype="int8"), generate's --kv-cache-dtype int8): keys and values stored as int8 with
+one fp32 scale per (layer, row, kv head, position) vector (layers.quantize_kv), read back by the reference attention
+(dequantize_kv, then attend) and inside the Triton kernels (flash_attention's k_scale, v_scale).
+
+The kernel is held to the float64 reference on the same dequantized values (the only error left is fp32's); the
+model to the float cache within a measured bound, never equal to it (the cache is really int8), and its two
+attention paths to each other: the prefill too reads the cache's int8 values on both, so they agree token for token.
+Under the interpreter a KV tile is 16 keys; splits are forced as in tests/test_flash_decoding.py."""
+import pytest
+import torch
+
+from parity import assert_close_rel
+from test_attention import make_qkv
+from test_flash_decoding import reference_gqa as reference
+from tritongpt.errors import UserError
+from tritongpt.kernels.attention import flash_attention
+from tritongpt.model.config import GPTConfig
+from tritongpt.model.gpt import GPTModel, KVCache
+from tritongpt.model.layers import alibi_slopes, dequantize_kv, quantize_kv
+
+VOCAB = 97
+CASES = {
+    "gpt2": dict(),
+    "rope-gqa": dict(position_encoding="rope", n_kv_head=2, norm="rmsnorm", mlp="swiglu"),
+    "alibi": dict(position_encoding="alibi"),
+    "window-softcap": dict(attention_window=4, attn_softcap=5.0),
+}
+
+
+def tiny(kernels="reference", context_length=24, **extra):
+    torch.manual_seed(0)
+    cfg = GPTConfig(vocab_size=VOCAB, context_length=context_length, n_layer=2, n_head=4, n_embd=64,
+                    kernels=kernels, **extra)
+    return GPTModel(cfg).eval()
+
+
+def quantized(k, v):
+    (kq, ks), (vq, vs) = quantize_kv(k), quantize_kv(v)
+    return kq, vq, ks, vs
+
+
+# ----------------------------------------------------------------------------- quantize_kv
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_the_round_trip_error_is_at_most_half_a_scale(dtype):
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(3, 2, 5, 16, generator=g) * torch.logspace(-3, 2, 5)[:, None]).to(dtype)
+    q, scale = quantize_kv(x)
+    assert q.dtype == torch.int8 and scale.dtype == torch.float32 and scale.shape == x.shape[:-1]
+    err = (dequantize_kv(q, scale, torch.float64) - x.double()).abs()
+    assert (err <= scale.double()[..., None] / 2 * (1 + 1e-6)).all(), (err / scale[..., None]).max()
+    assert (q.abs().amax(-1) == 127).all()  # each vector's absmax is +-127: the whole int8 range is used
+    assert dequantize_kv(q, scale, dtype).dtype == dtype
+
+
+@pytest.mark.parametrize("dtype,big", [(torch.float32, 1e30), (torch.float16, 65504.0), (torch.bfloat16, 3e38)])
+def test_a_zero_vector_is_exact_and_a_huge_one_fine(dtype, big):
+    x = torch.zeros(3, 16, dtype=dtype)
+    x[1, 3], x[1, 7] = big, -big / 3
+    x[2] = torch.linspace(-1, 1, 16)
+    q, scale = quantize_kv(x)
+    back = dequantize_kv(q, scale, torch.float64)
+    assert scale[0] == 1 and not q[0].any() and torch.equal(back[0], torch.zeros(16, dtype=torch.float64))
+    assert torch.isfinite(back).all() and torch.isfinite(scale).all()
+    assert (back[1] - x[1].double()).abs().max() <= scale[1].double() / 2 * (1 + 1e-6)
+    assert back[1, 3] == pytest.approx(x[1, 3].double().item(), rel=1e-6)
+
+
+def test_a_non_finite_vector_reads_back_as_nan_and_the_others_are_untouched():
+    x = torch.randn(3, 16)
+    x[0, 2], x[2, 5] = float("inf"), float("nan")
+    q, scale = quantize_kv(x)
+    back = dequantize_kv(q, scale, torch.float32)
+    assert back[0].isnan().all() and back[2].isnan().all()
+    assert (back[1] - x[1]).abs().max() <= scale[1] / 2 * (1 + 1e-6)
+
+
+# ----------------------------------------------------------------------------- the kernel
+def check_kernel(q, k, v, tol=1e-5, tag="", kv_len=None, **kw):
+    """flash_attention on int8 k, v and their scales against the float64 reference on the dequantized values (sliced
+    to kv_len when given); also that the result is not the float k, v's (the values really are int8)."""
+    kq, vq, ks, vs = quantized(k, v)
+    with torch.no_grad():
+        n = None if kv_len is None else torch.tensor(kv_len, device=q.device)
+        got = flash_attention(q, kq, vq, k_scale=ks, v_scale=vs, kv_len=n, **kw)
+        L = k.shape[2] if kv_len is None else kv_len
+        exact = flash_attention(q, k[:, :, :L], v[:, :, :L], **kw)
+    k64, v64 = (dequantize_kv(t, s, torch.float64)[:, :, :L] for t, s in ((kq, ks), (vq, vs)))
+    ref = reference(q.double(), k64, v64, **kw)
+    assert_close_rel(got, ref, tol, tag)
+    assert (got.double() - exact.double()).abs().max() > 1e-4, f"{tag}: the int8 result is the float one"
+    return got
+
+
+@pytest.mark.parametrize("splits", [1, 2], ids=["single", "split2"])
+@pytest.mark.parametrize("Tq,Tk,Hkv", [(1, 37, 2), (1, 16, 4), (5, 37, 1), (37, 37, 2), (20, 37, 4)])
+def test_fp32_int8_matches_float64_on_the_dequantized_values(Tq, Tk, Hkv, splits, forced_splits, device):
+    """Decode (Tq 1, the split path packing GQA heads), a chunk (Tq < Tk) and a prefill (Tq = Tk), ragged lengths
+    (37 keys: two whole tiles and 5), multi-head, GQA and multi-query."""
+    state = forced_splits(splits)
+    q, _, _ = make_qkv(2, 4, Tq, Tk, 16, torch.float32, device, seed=Tq * 100 + Tk)
+    _, k, v = make_qkv(2, Hkv, Tq, Tk, 16, torch.float32, device, seed=Tq * 100 + Tk + 1)
+    check_kernel(q, k * 3, v, tag=f"Tq={Tq} Tk={Tk} Hkv={Hkv} splits={splits}")
+    assert state["launches"] == (2 if splits > 1 else 0)  # (the split path; `exact` took it too)
+
+
+@pytest.mark.parametrize("splits", [1, 3], ids=["single", "split3"])
+@pytest.mark.parametrize("Tq", [1, 6])
+@pytest.mark.parametrize("what", ["window", "softcap", "alibi", "window-softcap-alibi", "scale"])
+def test_fp32_int8_with_the_attention_options(what, Tq, splits, forced_splits, device):
+    forced_splits(splits)
+    kw = {"window": dict(window=7), "softcap": dict(softcap=2.0),
+          "alibi": dict(alibi_slopes=alibi_slopes(4).to(device)),
+          "window-softcap-alibi": dict(window=9, softcap=3.0, alibi_slopes=alibi_slopes(4).to(device)),
+          "scale": dict(softmax_scale=0.9)}[what]
+    q, k, v = make_qkv(1, 4, Tq, 41, 16, torch.float32, device, seed=Tq)
+    check_kernel(q, k[:, :2], v[:, :2], tag=f"{what} Tq={Tq} splits={splits}", **kw)
+
+
+@pytest.mark.parametrize("splits", [1, 2], ids=["single", "split2"])
+@pytest.mark.parametrize("Tq,L", [(1, 21), (4, 33), (1, 48)])
+def test_int8_over_a_whole_cache_with_kv_len(Tq, L, splits, forced_splits, device):
+    """kv_len (a CUDA-graph decode step's): only the first L of the cache's 48 positions are read, whatever their
+    int8 values and scales hold past it (NaN and inf scales here)."""
+    forced_splits(splits)
+    q, k, v = make_qkv(1, 4, Tq, 48, 16, torch.float32, device, seed=L)
+    kq, vq, ks, vs = quantized(k[:, :2], v[:, :2])
+    ks[:, :, L:], vs[:, :, L:] = float("nan"), float("inf")
+    with torch.no_grad():
+        got = flash_attention(q, kq, vq, k_scale=ks, v_scale=vs, kv_len=torch.tensor([L], device=device),
+                              window=10)
+        sliced = flash_attention(q, kq[:, :, :L], vq[:, :, :L], k_scale=ks[:, :, :L], v_scale=vs[:, :, :L],
+                                 window=10)
+    ref = reference(q.double(), *(dequantize_kv(t, s, torch.float64)[:, :, :L] for t, s in ((kq, ks), (vq, vs))),
+                    window=10)
+    if device.type == "cpu":
+        assert torch.equal(got, sliced)
+    assert_close_rel(got, ref, 1e-5, f"kv_len Tq={Tq} L={L}")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_16_bit_q_reads_the_int8_values_in_its_dtype(dtype, forced_splits, device):
+    """q in bf16/fp16: the int8 keys convert exactly, the values are read back in q's dtype; within the 16-bit
+    reference's error of float64 on the same dequantized values (tests/test_attention.py's bf16 bound)."""
+    for splits in (1, 2):
+        forced_splits(splits)
+        q, k, v = make_qkv(1, 4, 3, 37, 16, dtype, device, seed=splits)
+        kq, vq, ks, vs = quantized(k[:, :2], v[:, :2])
+        with torch.no_grad():
+            got = flash_attention(q, kq, vq, k_scale=ks, v_scale=vs)
+        k16, v16 = dequantize_kv(kq, ks, dtype), dequantize_kv(vq, vs, dtype)
+        ref = reference(q.double(), k16.double(), v16.double())
+        assert got.dtype == dtype
+        assert_close_rel(got, ref, 1e-2, f"{dtype} splits={splits}")
+
+
+def test_the_op_with_int8_kv_passes_opcheck(device):
+    q, k, v = make_qkv(1, 2, 3, 20, 16, torch.float32, device)
+    kq, vq, ks, vs = quantized(k, v)
+    torch.library.opcheck(torch.ops.tritongpt.flash_attn_fwd.default,
+                          (q, kq, vq, True, 0.25, 0.0, None, None, None, 0.0, None, None, ks, vs))
+
+
+def small_int8(device):
+    q, k, v = make_qkv(1, 2, 3, 20, 16, torch.float32, device)
+    return (q, *quantized(k, v)), (k, v)
+
+
+@pytest.mark.parametrize("change,error,said", [
+    (lambda a: {**a, "k_scale": None}, ValueError, "int8 k and v need their scales: k_scale and v_scale"),
+    (lambda a: {**a, "v_scale": None}, ValueError, "v_scale None"),
+    (lambda a: {**a, "k": a["k"].float()}, TypeError, "k_scale and v_scale go with int8 k and v"),
+    (lambda a: {**a, "k_scale": None, "v_scale": None, "v": a["v"].float()}, TypeError,
+     "int8 k and v go together, with k_scale and v_scale"),
+    (lambda a: {**a, "k_scale": a["k_scale"][:, :, :5]}, ValueError, r"k_scale must be float32 \[B, Hkv, Tk\] = "
+                                                                      r"\[1, 2, 20\]"),
+    (lambda a: {**a, "v_scale": a["v_scale"].half()}, ValueError, "v_scale must be float32"),
+    (lambda a: {**a, "v_scale": a["v_scale"].to("meta")}, ValueError, "on q's device"),
+    (lambda a: {**a, "q": a["q"].to(torch.int8)}, TypeError, "q has dtype int8"),
+    (lambda a: {**a, "dropout_p": 0.1}, ValueError, "dropout_p must be 0"),
+    (lambda a: {**a, "doc_ids": torch.zeros(1, 20, dtype=torch.long, device=a["q"].device)}, ValueError,
+     "do not take doc_ids"),
+    (lambda a: {**a, "q": a["q"].clone().requires_grad_()}, ValueError, "inference only"),
+])
+def test_refusals_name_the_problem(change, error, said, device):
+    (q, kq, vq, ks, vs), _ = small_int8(device)
+    args = change(dict(q=q, k=kq, v=vq, k_scale=ks, v_scale=vs))
+    with pytest.raises(error, match=said):
+        flash_attention(**args)
+
+
+def test_float_k_with_scales_is_refused_and_float_k_without_is_as_before(device):
+    (q, kq, vq, ks, vs), (k, v) = small_int8(device)
+    with pytest.raises(TypeError, match="k_scale and v_scale go with int8 k and v"):
+        flash_attention(q, k, v, k_scale=ks, v_scale=vs)
+    with pytest.raises(TypeError, match="dtype mismatch: q is float32, k is float16"):
+        flash_attention(q, k.half(), v.half())
+
+
+def test_the_ops_backward_refuses_int8_kv(device):
+    """flash_attention refuses gradients up front; a direct caller of the op gets the backward's own error."""
+    (q, kq, vq, ks, vs), _ = small_int8(device)
+    q = q.clone().requires_grad_()
+    o, _ = torch.ops.tritongpt.flash_attn_fwd(q, kq, vq, True, 0.25, 0.0, None, None, None, 0.0, None, None, ks, vs)
+    with pytest.raises(RuntimeError, match="inference only: there is no backward through a quantized KV cache"):
+        o.sum().backward()
+
+
+# ----------------------------------------------------------------------------- the cache
+def test_the_cache_holds_int8_with_a_scale_per_vector_and_says_its_bytes():
+    cfg = GPTConfig(vocab_size=VOCAB, context_length=24, n_layer=2, n_head=4, n_embd=64, n_kv_head=2)
+    c = KVCache(cfg, 3, 10, dtype=torch.bfloat16, kv_dtype="int8")
+    f = KVCache(cfg, 3, 10, dtype=torch.bfloat16)
+    assert c.k.dtype == c.v.dtype == torch.int8 and c.dtype == torch.bfloat16 and c.kv_dtype == "int8"
+    assert c.k_scale.shape == c.v_scale.shape == (2, 3, 2, 10) and c.k_scale.dtype == torch.float32
+    values = 2 * 3 * 2 * 10 * 16
+    assert c.nbytes == 2 * (values + values // 16 * 4) and f.nbytes == 2 * values * 2 and f.kv_dtype == "auto"
+    assert f.k_scale is None and KVCache(cfg, 3, 10, kv_dtype="auto").k.dtype == torch.float32
+    for bad in ("fp8", "INT8", 8, torch.int8):
+        with pytest.raises(UserError, match="kv cache dtype must be one of auto, int8"):
+            KVCache(cfg, 1, kv_dtype=bad)
+    with pytest.raises(UserError, match="kv cache dtype must be one of auto, int8, got 'int4'"):
+        tiny().new_cache(1, kv_dtype="int4")
+
+
+def test_update_quantizes_what_it_writes_and_reorder_moves_the_scales():
+    model = tiny(**CASES["rope-gqa"])
+    idx = torch.randint(0, VOCAB, (3, 6))
+    with torch.no_grad():
+        c, f = model.new_cache(3, 10, kv_dtype="int8"), model.new_cache(3, 10)
+        model(idx, c)
+        model(idx, f)
+    assert c.pos == 6
+    for q, s, x in ((c.k, c.k_scale, f.k), (c.v, c.v_scale, f.v)):
+        back = dequantize_kv(q[:, :, :, :6], s[:, :, :, :6], torch.float64)
+        # the first layer's keys are the float cache's, quantized; later layers read quantized attention, so near
+        assert ((back[0] - x[0, :, :, :6].double()).abs() <= s[0, :, :, :6, None] / 2 * (1 + 1e-6)).all()
+        assert (back[1] - x[1, :, :, :6].double()).abs().max() < 0.05 * x[1].abs().max()
+    before = [t[:, :, :, :6].clone() for t in (c.k, c.v, c.k_scale, c.v_scale)]
+    order = torch.tensor([2, 0, 0])
+    c.reorder(order)
+    for old, new in zip(before, (c.k, c.v, c.k_scale, c.v_scale)):
+        assert torch.equal(new[:, :, :, :6], old[:, order])
+    assert not torch.equal(c.k_scale[:, 0, :, :6], before[2][:, 0])  # (the rows differ: the check can fail)
+
+
+# ----------------------------------------------------------------------------- the model
+def decode_logits(model, idx, prompt, kv_dtype):
+    """Greedy decode from idx[:, :prompt] to idx's length: the logits at every step, and the tokens drawn."""
+    with torch.no_grad():
+        cache = model.new_cache(idx.size(0), idx.size(1), kv_dtype=kv_dtype)
+        text, out = idx[:, :prompt], []
+        logits = model(text, cache)[:, -1]
+        for _ in range(idx.size(1) - prompt):
+            out.append(logits)
+            text = torch.cat([text, logits.argmax(-1, keepdim=True)], 1)
+            logits = model(text[:, -1:], cache)[:, -1]
+        if kv_dtype == "int8":
+            assert cache.k.dtype == torch.int8 and cache.k_scale[:, :, :, :cache.pos].all()
+    return torch.stack(out, 1), text
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_greedy_decode_int8_both_paths_agree_and_stay_near_the_float_cache(case, one_thread):
+    idx = torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(1))
+    ref = tiny("reference", **CASES[case])
+    float_logits, _ = decode_logits(ref, idx, 6, "auto")
+    ref_logits, ref_text = decode_logits(ref, idx, 6, "int8")
+    rel = ((ref_logits - float_logits).abs().max() / float_logits.abs().max()).item()
+    print(f"{case}: int8 cache vs float cache, max logit error / max |logit| = {rel:.3e}")
+    assert 1e-5 < rel < 2e-2  # quantized (not the float cache's logits), but near them
+    tri = tiny("triton", **CASES[case])
+    tri_logits, tri_text = decode_logits(tri, idx[:1, :12], 6, "int8")  # (one row, 6 steps: the interpreter)
+    assert torch.equal(tri_text, ref_text[:1, :12])
+    assert_close_rel(tri_logits, ref_logits[:1, :6], 1e-5, f"{case} triton vs reference, int8 cache")
+
+
+@pytest.mark.parametrize("kernels", ["reference", "triton"])
+def test_the_prefill_attends_over_the_cache_values_so_chunks_give_the_whole_prompts_logits(kernels):
+    """The choice both paths make: a forward's own tokens are read back from the int8 cache too, so a prompt fed in
+    chunks (chunked prefill, speculative verification) gives the logits of the prompt fed whole."""
+    model = tiny(kernels, **CASES["rope-gqa"])
+    idx = torch.randint(0, VOCAB, (1, 13))
+    with torch.no_grad():
+        whole = model(idx, model.new_cache(1, 13, kv_dtype="int8"))
+        c = model.new_cache(1, 13, kv_dtype="int8")
+        chunks = torch.cat([model(idx[:, :5], c), model(idx[:, 5:6], c), model(idx[:, 6:], c)], 1)
+        plain = model(idx)  # no cache: float keys
+    assert_close_rel(chunks, whole, 1e-5, f"{kernels} chunks vs whole")
+    assert (whole - plain).abs().max() > 1e-5  # the prefill read the quantized keys, not its float ones
