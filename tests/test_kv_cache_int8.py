@@ -6,17 +6,22 @@ The kernel is held to the float64 reference on the same dequantized values (the 
 model to the float cache within a measured bound, never equal to it (the cache is really int8), and its two
 attention paths to each other: the prefill too reads the cache's int8 values on both, so they agree token for token.
 Under the interpreter a KV tile is 16 keys; splits are forced as in tests/test_flash_decoding.py."""
+import io
+
 import pytest
 import torch
 
+import tritongpt.train.generate as gen
 from parity import assert_close_rel
 from test_attention import make_qkv
+from test_decode_graph import fx_capture, warm_then_fx
 from test_flash_decoding import reference_gqa as reference
 from tritongpt.errors import UserError
 from tritongpt.kernels.attention import flash_attention
 from tritongpt.model.config import GPTConfig
 from tritongpt.model.gpt import GPTModel, KVCache
 from tritongpt.model.layers import alibi_slopes, dequantize_kv, quantize_kv
+from tritongpt.train.beam_search import beam_search
 
 VOCAB = 97
 CASES = {
@@ -287,3 +292,179 @@ def test_the_prefill_attends_over_the_cache_values_so_chunks_give_the_whole_prom
         plain = model(idx)  # no cache: float keys
     assert_close_rel(chunks, whole, 1e-5, f"{kernels} chunks vs whole")
     assert (whole - plain).abs().max() > 1e-5  # the prefill read the quantized keys, not its float ones
+
+
+# ----------------------------------------------------------------------------- generation
+def test_generate_with_int8_samples_beams_and_drafts_agrees_between_paths(one_thread):
+    """--num-samples (rows), --num-beams (reorder), --draft and --prompt-lookup (crop): the reference and Triton
+    paths draw the same tokens with the int8 cache; speculative greedy is plain greedy's text (its verification
+    reads the cache's values, as a plain step does)."""
+    ref, tri = tiny("reference", **CASES["rope-gqa"]), tiny("triton", **CASES["rope-gqa"])
+    idx = torch.randint(0, VOCAB, (2, 5), generator=torch.Generator().manual_seed(2))
+    plain = gen.generate(ref, idx, 8, kv_cache_dtype="int8")
+    assert torch.equal(gen.generate(tri, idx, 8, kv_cache_dtype="int8"), plain)
+    sampled = [gen.generate(m, idx, 6, temperature=1.0, generator=torch.Generator().manual_seed(5),
+                            kv_cache_dtype="int8") for m in (ref, tri)]
+    assert torch.equal(*sampled)
+    beams = [beam_search(m, idx[:1], 5, 3, num_return_sequences=2, kv_cache_dtype="int8") for m in (ref, tri)]
+    assert torch.equal(beams[0][0], beams[1][0]) and torch.allclose(beams[0][1], beams[1][1], atol=1e-5)
+    torch.manual_seed(9)
+    draft = GPTModel(GPTConfig(vocab_size=VOCAB, context_length=24, n_layer=1, n_head=2, n_embd=32)).eval()
+    for m in (ref, tri):
+        stats = {}
+        spec = gen.generate(m, idx, 8, draft=draft, num_draft_tokens=3, stats=stats, kv_cache_dtype="int8")
+        assert torch.equal(spec, plain) and stats["target_forwards"] < 8
+        assert torch.equal(gen.generate(m, idx, 8, prompt_lookup=2, kv_cache_dtype="int8"), plain)
+
+
+def test_beam_search_reorders_an_int8_cache_as_it_would_a_float_one(monkeypatch):
+    """The beams' reorders move the scales: beam search over the int8 cache scores its beams as beam search without
+    a cache does over the same quantization (each step's full forward fed the same int8 keys)."""
+    model = tiny(**CASES["gpt2"])
+    idx = torch.randint(0, VOCAB, (2, 4), generator=torch.Generator().manual_seed(3))
+    seen = []
+    real = KVCache.reorder
+    monkeypatch.setattr(KVCache, "reorder", lambda self, index: seen.append(self.kv_dtype) or real(self, index))
+    ids, scores = beam_search(model, idx, 6, 3, kv_cache_dtype="int8")
+    assert seen and set(seen) == {"int8"}
+    float_ids, float_scores = beam_search(model, idx, 6, 3)
+    assert torch.allclose(scores, float_scores, atol=2e-2)
+    broken = []
+    monkeypatch.setattr(KVCache, "reorder", lambda self, index: broken.append(1) or real_without_scales(self, index))
+    bad_ids, bad_scores = beam_search(model, idx, 6, 3, kv_cache_dtype="int8")
+    assert broken and not torch.allclose(bad_scores, scores, atol=1e-6)  # the scales must move: the check can fail
+
+
+def real_without_scales(cache, index):
+    """KVCache.reorder moving the int8 values but not their scales (what the test above must tell apart)."""
+    for layer in (*cache.k, *cache.v):
+        layer[:, :, :cache.pos] = layer[index, :, :cache.pos]
+
+
+@pytest.mark.parametrize("kernels", ["reference", "triton"])
+def test_an_emulated_cuda_graph_over_the_int8_cache_draws_the_eager_tokens(kernels, monkeypatch):
+    """KVCache.on_device: the new keys and their scales written with index_copy_, the whole buffers read with kv_len;
+    the capture emulated on the CPU (make_fx, tests/test_decode_graph.py)."""
+    monkeypatch.setattr(gen, "capture_cuda_graph", warm_then_fx)
+    model = tiny(kernels, context_length=12, **CASES["window-softcap"])
+    idx = torch.randint(0, VOCAB, (1, 5))
+    want = gen.generate(model, idx, 6, kv_cache_dtype="int8")
+    assert torch.equal(gen.generate(model, idx, 6, cuda_graph=True, kv_cache_dtype="int8"), want)
+
+
+def test_the_device_step_writes_the_scales_where_the_host_step_does():
+    model = tiny(**CASES["rope-gqa"])
+    idx = torch.randint(0, VOCAB, (2, 9))
+    with torch.no_grad():
+        host, dev = model.new_cache(2, 12, kv_dtype="int8"), model.new_cache(2, 12, kv_dtype="int8")
+        model(idx[:, :5], host)
+        model(idx[:, :5], dev)
+        graph = gen.DecodeGraph(model, dev, fx_capture)
+        for t in range(5, 9):
+            want = gen.last_logits(model, idx[:, t:t + 1], host)
+            assert (graph(idx[:, t:t + 1]) - want).abs().max() < 1e-5
+    for a, b in ((dev.k, host.k), (dev.v, host.v), (dev.k_scale, host.k_scale), (dev.v_scale, host.v_scale)):
+        assert torch.equal(a[:, :, :, :9], b[:, :, :, :9])
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_quantized_weights_with_the_int8_cache(mode):
+    from tritongpt.model.quant import quantize
+
+    models = []
+    for kernels in ("reference", "triton"):
+        m = tiny(kernels, context_length=16)
+        quantize(m, mode, group_size=32)
+        models.append(m)
+    idx = torch.randint(0, VOCAB, (1, 4))
+    out = [gen.generate(m, idx, 5, kv_cache_dtype="int8") for m in models]
+    assert torch.equal(*out)
+
+
+def test_generate_and_beam_search_refuse_what_does_not_fit():
+    model = tiny()
+    idx = torch.randint(0, VOCAB, (1, 4))
+    with pytest.raises(UserError, match="kv_cache_dtype must be one of auto, int8, got 'fp8'"):
+        gen.generate(model, idx, 2, kv_cache_dtype="fp8")
+    with pytest.raises(UserError, match="kv_cache_dtype int8 is the KV cache's storage: it needs use_cache=True"):
+        gen.generate(model, idx, 2, use_cache=False, kv_cache_dtype="int8")
+    with pytest.raises(UserError, match="kv_cache_dtype must be one of auto, int8, got None"):
+        beam_search(model, idx, 2, 2, kv_cache_dtype=None)
+    with pytest.raises(UserError, match="it needs use_cache=True"):
+        beam_search(model, idx, 2, 2, use_cache=False, kv_cache_dtype="int8")
+
+
+@pytest.mark.cuda
+def test_a_real_cuda_graph_over_the_int8_cache_draws_the_eager_tokens():
+    model = tiny("triton", context_length=64, **CASES["rope-gqa"]).cuda()
+    idx = torch.randint(0, VOCAB, (2, 7), device="cuda")
+    with torch.autocast("cuda", torch.bfloat16):
+        want = gen.generate(model, idx, 20, kv_cache_dtype="int8")
+        got = gen.generate(model, idx, 20, cuda_graph=True, kv_cache_dtype="int8")
+    assert torch.equal(got, want)
+
+
+# ----------------------------------------------------------------------------- the commands
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    from tritongpt.model.config import get_config
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("kv8_cli") / "model.safetensors"
+    GPTModel(GPTConfig(**{**get_config("tiny").to_dict(), "n_layer": 1, "context_length": 32})).save(path)
+    return path
+
+
+def asked_dtypes(monkeypatch, module, name):
+    """The kv_cache_dtype each call of module.name gets (a list this fills)."""
+    asked, real = [], getattr(module, name)
+    monkeypatch.setattr(module, name, lambda *a, **kw: asked.append(kw.get("kv_cache_dtype")) or real(*a, **kw))
+    return asked
+
+
+def test_the_generate_command_takes_kv_cache_dtype(saved, capsys, monkeypatch, one_thread):
+    from tritongpt import cli
+    from tritongpt.train import beam_search as bs
+    from tritongpt.train.gpt2_weights import load_checkpoint
+    from tritongpt.train.sft import pick_tokenizer
+
+    base = ["generate", "--weights", str(saved), "--prompt", "The cat", "--device", "cpu", "--max-new-tokens", "8",
+            "--temperature", "0"]
+    asked = asked_dtypes(monkeypatch, gen, "generate")
+    assert cli.main([*base, "--kv-cache-dtype", "int8", "--num-samples", "2"]) == 0
+    out = capsys.readouterr().out
+    model = load_checkpoint(str(saved)).eval()
+    tok = pick_tokenizer(None, str(saved), model.config.vocab_size)
+    ids = tok.encode("The cat")
+    want = tok.decode(gen.generate(model, torch.tensor([ids]), 8, kv_cache_dtype="int8")[0].tolist())
+    assert out.startswith(want + "\n") and asked[0] == "int8"
+    assert cli.main(base) == 0 and asked[-1] == "auto"
+    capsys.readouterr()
+    beams = asked_dtypes(monkeypatch, bs, "beam_search")
+    assert cli.main([*base, "--kv-cache-dtype", "int8", "--num-beams", "2"]) == 0 and beams == ["int8"]
+    assert cli.main([*base, "--kv-cache-dtype", "int8", "--prompt-lookup", "2"]) == 0 and asked[-1] == "int8"
+    with pytest.raises(SystemExit):  # (argparse's own refusal)
+        cli.main([*base, "--kv-cache-dtype", "fp8"])
+    assert "--kv-cache-dtype: invalid choice: 'fp8'" in capsys.readouterr().err
+
+
+def test_chat_and_serve_take_kv_cache_dtype(tmp_path, monkeypatch, capsys, one_thread):
+    from test_serve import call, start, tiny_run
+    from tritongpt.cli import main
+
+    asked = asked_dtypes(monkeypatch, gen, "generate")
+    monkeypatch.setattr("sys.stdin", io.StringIO("Hi\nAgain\n"))
+    assert main(["chat", "--model", "tiny", "--device", "cpu", "--max-new-tokens", "3", "--kv-cache-dtype",
+                 "int8"]) == 0
+    assert asked == ["int8", "int8"]
+    folder = tmp_path / "run"
+    tiny_run(folder, "chat")
+    body = {"prompt": "the cat sat", "max_tokens": 6, "temperature": 0}
+    server = start(folder, "--kv-cache-dtype", "int8")
+    server.RequestHandlerClass.log_message = lambda *a: None
+    try:
+        status, out = call(server, "/v1/completions", body)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert status == 200 and server.app.kv_cache_dtype == "int8" and asked[-1] == "int8"

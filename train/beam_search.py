@@ -21,7 +21,8 @@ import torch
 
 from tritongpt._types import is_int, is_real
 from tritongpt.errors import UserError
-from tritongpt.train.generate import ban_repeated_ngrams, check_sampling, crosses_longrope, penalize_repeats
+from tritongpt.train.generate import (ban_repeated_ngrams, check_cache_dtype, check_sampling, crosses_longrope,
+                                      new_cache, penalize_repeats)
 
 EARLY_STOPPING = (True, False, "never")
 
@@ -45,8 +46,9 @@ def check_beam_search(num_beams, length_penalty, early_stopping, num_return_sequ
 def beam_search(model, idx, max_new_tokens: int, num_beams: int, length_penalty: float = 1.0,
                 early_stopping: bool | str = False, num_return_sequences: int = 1, eos_id: int | None = None,
                 use_cache: bool = True, vocab_limit: int | None = None, repetition_penalty: float | None = None,
-                no_repeat_ngram_size: int | None = None):
+                no_repeat_ngram_size: int | None = None, kv_cache_dtype: str = "auto"):
     """Beam search from each row of idx [B, T] (the text within the model's context: no sliding window).
+    kv_cache_dtype: generate()'s ("int8": the beams' cache quantized; a reorder moves the scales with the rows).
 
     Returns (ids [B * R, T + n], scores [B * R]), R = num_return_sequences: each prompt's R best finished
     hypotheses, best first, their scores transformers' sequences_scores; shorter ones padded with eos_id.
@@ -60,6 +62,7 @@ def beam_search(model, idx, max_new_tokens: int, num_beams: int, length_penalty:
     check_sampling(repetition_penalty=repetition_penalty, no_repeat_ngram_size=no_repeat_ngram_size)
     if vocab_limit is not None and (not is_int(vocab_limit) or vocab_limit <= 0):
         raise UserError(f"vocab_limit must be a positive integer, got {vocab_limit!r}")
+    check_cache_dtype(kv_cache_dtype, use_cache)
     B, T = idx.shape
     ctx = model.config.context_length
     if max_new_tokens and T + max_new_tokens - 1 > ctx:
@@ -73,13 +76,13 @@ def beam_search(model, idx, max_new_tokens: int, num_beams: int, length_penalty:
     try:
         return _beam_search(model, idx, max_new_tokens, num_beams, float(length_penalty), early_stopping,
                             num_return_sequences, eos_id, use_cache, vocab_limit, repetition_penalty,
-                            no_repeat_ngram_size)
+                            no_repeat_ngram_size, kv_cache_dtype)
     finally:
         model.train(was_training)
 
 
 def _beam_search(model, idx, max_new_tokens, N, length_penalty, early_stopping, R, eos_id, use_cache, vocab_limit,
-                 repetition_penalty, no_repeat_ngram_size):
+                 repetition_penalty, no_repeat_ngram_size, kv_cache_dtype="auto"):
     B, T = idx.shape
     dev = idx.device
     K = 2 * N  # transformers' beams_to_keep, max(2, 1 + number of EOS ids) * N: enough to go on if N end
@@ -97,7 +100,7 @@ def _beam_search(model, idx, max_new_tokens, N, length_penalty, early_stopping, 
     unsatisfied = torch.ones(B, 1, dtype=torch.bool, device=dev)  # may a running beam still beat them
     top_n = torch.arange(K, device=dev) < N  # only the first N candidates may finish
     offset = torch.arange(B, device=dev).view(-1, 1) * N  # a prompt's first row in the flat batch
-    cache = model.new_cache(B * N, min(model.config.context_length, L)) if use_cache else None
+    cache = new_cache(model, B * N, min(model.config.context_length, L), kv_cache_dtype) if use_cache else None
     for cur in range(T, L):  # cur: the beams' length
         if cache is None:
             h = model.hidden(run[:, :, :cur].reshape(B * N, cur))

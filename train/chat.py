@@ -121,10 +121,11 @@ class Conversation:
 def reply(model, tokenizer, ids, budget, *, temperature=0.0, top_k=None, top_p=None, dtype=None, generator=None,
           vocab_limit=None, stream: bool = True, stop_id=None, min_p=None, repetition_penalty=None,
           frequency_penalty=None, presence_penalty=None, no_repeat_ngram_size=None, draft=None, num_draft_tokens=4,
-          stats=None, typical_p=None, epsilon_cutoff=None, eta_cutoff=None, top_n_sigma=None, cuda_graph=False):
+          stats=None, typical_p=None, epsilon_cutoff=None, eta_cutoff=None, top_n_sigma=None, cuda_graph=False,
+          kv_cache_dtype="auto"):
     """Draw one answer after `ids` (printed as it comes, with stream): (its text up to the eot, or
     stop_id (a chat template's end-of-turn token), whether the model ended it). draft: a speculative decoding
-    draft model (generate()'s; stats: its acceptance, filled). cuda_graph: generate()'s."""
+    draft model (generate()'s; stats: its acceptance, filled). cuda_graph, kv_cache_dtype: generate()'s."""
     import torch
 
     from tritongpt.commands import TextStream
@@ -142,7 +143,7 @@ def reply(model, tokenizer, ids, budget, *, temperature=0.0, top_k=None, top_p=N
                        presence_penalty=presence_penalty, no_repeat_ngram_size=no_repeat_ngram_size, draft=draft,
                        num_draft_tokens=num_draft_tokens, stats=stats, typical_p=typical_p,
                        epsilon_cutoff=epsilon_cutoff, eta_cutoff=eta_cutoff, top_n_sigma=top_n_sigma,
-                       cuda_graph=cuda_graph)
+                       cuda_graph=cuda_graph, kv_cache_dtype=kv_cache_dtype)
     if printer:
         printer.close()
     new = out[0, len(ids):].tolist()
@@ -253,7 +254,8 @@ def cmd_chat(args):
         stats = {}
         answer, ended = reply(model, tok, ids, budget, temperature=args.temperature, top_k=args.top_k,
                               top_p=args.top_p, dtype=dtype, generator=gen, vocab_limit=limit, stop_id=stop,
-                              **sampling_controls(args), **speculative, stats=stats, cuda_graph=args.cuda_graphs)
+                              **sampling_controls(args), **speculative, stats=stats, cuda_graph=args.cuda_graphs,
+                              kv_cache_dtype=args.kv_cache_dtype)
         for k in totals:
             totals[k] += stats.get(k, 0)
         if not ended:
@@ -264,11 +266,13 @@ def cmd_chat(args):
 
 
 def add_cli(sub):
-    from tritongpt.commands import add_cuda_graphs_arg, add_draft_args, add_generation_model_args, add_sampling_args
+    from tritongpt.commands import (add_cuda_graphs_arg, add_draft_args, add_generation_model_args,
+                                    add_kv_cache_dtype_arg, add_sampling_args)
 
     p = sub.add_parser("chat", help=command_help("chat"))
     add_generation_model_args(p)
     add_cuda_graphs_arg(p)
+    add_kv_cache_dtype_arg(p)
     p.add_argument("--template", default="auto", choices=TEMPLATES,
                    help="how a line becomes a prompt: chat (turns, train/formats.py), alpaca (an instruction), "
                         "completion (the line as it is); auto: the one the --weights run was tuned on, else chat "

@@ -26,6 +26,7 @@ import torch
 
 from tritongpt._types import is_int, is_real
 from tritongpt.errors import UserError
+from tritongpt.model.layers import KV_CACHE_DTYPES
 
 
 def check_sampling(temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
@@ -254,7 +255,7 @@ def generate(model, idx, max_new_tokens: int, temperature: float = 0.0, top_k: i
              no_repeat_ngram_size: int | None = None, draft=None, num_draft_tokens: int | None = None,
              stats: dict | None = None, typical_p: float | None = None, epsilon_cutoff: float | None = None,
              eta_cutoff: float | None = None, top_n_sigma: float | None = None, prompt_lookup: int | None = None,
-             cuda_graph: bool = False):
+             cuda_graph: bool = False, kv_cache_dtype: str = "auto"):
     """Extend idx [B, T] by up to max_new_tokens tokens; rows stop after emitting eos_id.
 
     Returns [B, T + n]. Rows that finished early are padded with eos_id. vocab_limit: only ids
@@ -283,6 +284,9 @@ def generate(model, idx, max_new_tokens: int, temperature: float = 0.0, top_k: i
     that finds none runs a plain step.
     cuda_graph: each decode step after the prefill (one token a row) a replay of a CUDA graph captured at the first
     (DecodeGraph): the same tokens, without the host's per-launch cost. CUDA only, with the cache, not with a draft.
+    kv_cache_dtype: "auto" (the cache in the model's compute dtype) or "int8" (KVCache's int8 values with a scale per
+    vector, about half the bytes; every attention, the prefill's too, reads the values back from it). With a draft
+    model only the model's own cache is int8: the draft's stays float (it only proposes). Needs use_cache.
     """
     if not isinstance(idx, torch.Tensor) or idx.is_floating_point() or idx.is_complex():
         what = f"a {idx.dtype} tensor" if isinstance(idx, torch.Tensor) else type(idx).__name__
@@ -306,6 +310,7 @@ def generate(model, idx, max_new_tokens: int, temperature: float = 0.0, top_k: i
                         "no draft or prompt_lookup (their steps check several tokens)")
     if cuda_graph:
         check_graphable(model)
+    check_cache_dtype(kv_cache_dtype, use_cache)
     if prompt_lookup is not None:
         draft = PromptLookup(prompt_lookup)
     if num_draft_tokens is None:
@@ -324,13 +329,31 @@ def generate(model, idx, max_new_tokens: int, temperature: float = 0.0, top_k: i
                     typical_p=typical_p, epsilon_cutoff=epsilon_cutoff, eta_cutoff=eta_cutoff, top_n_sigma=top_n_sigma)
         if draft is not None:
             return _speculative(model, draft, idx, max_new_tokens, warp, eos_id, generator, vocab_limit, on_token,
-                                stop, num_draft_tokens, stats)
+                                stop, num_draft_tokens, stats, kv_cache_dtype)
         return _generate(model, idx, max_new_tokens, warp, eos_id, use_cache, generator, vocab_limit, on_token, stop,
-                         cuda_graph)
+                         cuda_graph, kv_cache_dtype)
     finally:
         model.train(was_training[0])
         if draft is not None and not lookup:
             draft.train(was_training[1])
+
+
+def check_cache_dtype(kv_cache_dtype, use_cache: bool = True, flags: bool = False) -> None:
+    """generate()'s (and beam_search's) kv_cache_dtype: "auto" or "int8", the latter with the cache. flags: name
+    it as the command-line flag."""
+    name = "--kv-cache-dtype" if flags else "kv_cache_dtype"
+    if not isinstance(kv_cache_dtype, str) or kv_cache_dtype not in KV_CACHE_DTYPES:
+        raise UserError(f"{name} must be one of {', '.join(KV_CACHE_DTYPES)}, got {kv_cache_dtype!r}")
+    if kv_cache_dtype != "auto" and not use_cache:
+        raise UserError(f"{name} {kv_cache_dtype} is the KV cache's storage: it needs use_cache=True")
+
+
+def new_cache(model, batch_size: int, max_len: int, kv_cache_dtype: str = "auto"):
+    """model.new_cache, int8 (kv_dtype) when asked: "auto" calls it as before, so a model (or a test's stand-in)
+    whose new_cache takes no kv_dtype decodes as it did."""
+    if kv_cache_dtype == "auto":
+        return model.new_cache(batch_size, max_len)
+    return model.new_cache(batch_size, max_len, kv_dtype=kv_cache_dtype)
 
 
 def check_draft(model, draft, idx, max_new_tokens: int, num_draft_tokens: int, use_cache: bool = True,
@@ -480,10 +503,10 @@ class DecodeGraph:
 
 
 def _generate(model, idx, max_new_tokens, warp: dict, eos_id, use_cache, generator, vocab_limit, on_token, stop,
-              cuda_graph=False):
+              cuda_graph=False, kv_cache_dtype="auto"):
     ctx = model.config.context_length
     # as long as this call can fill: a whole-context cache of a 131072-position model is gigabytes
-    cache = model.new_cache(idx.size(0), min(ctx, idx.size(1) + max_new_tokens)) if use_cache else None
+    cache = new_cache(model, idx.size(0), min(ctx, idx.size(1) + max_new_tokens), kv_cache_dtype) if use_cache else None
     done = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
     fed = 0  # how many tokens of idx the cache already holds
     graph = None  # cuda_graph: the decode step's, captured at the first step after the prefill
@@ -631,7 +654,7 @@ def accept_lookup(p_logits, drafted, lens, greedy: bool, generator=None):
 
 
 def _speculative(model, draft, idx, max_new_tokens, warp: dict, eos_id, generator, vocab_limit, on_token, stop,
-                 num_draft_tokens: int, stats: dict | None):
+                 num_draft_tokens: int, stats: dict | None, kv_cache_dtype: str = "auto"):
     """generate() with a draft model (check_draft's conditions hold: the text within the context), B rows at once.
 
     Both caches hold the text but its last token; each step the draft proposes k tokens for every row (one draft
@@ -639,10 +662,11 @@ def _speculative(model, draft, idx, max_new_tokens, warp: dict, eos_id, generato
     both caches are cropped back to the text kept. The caches have one length for all rows, so every row keeps the
     same number of new tokens a step: m + 1, m the fewest draft tokens a live row accepted (see keep_common).
     A PromptLookup draft runs no forward and has no cache: each row proposes its own lookup_proposals, up to k, and
-    accept_lookup rules on them."""
+    accept_lookup rules on them. kv_cache_dtype: the model's cache's; the draft's own stays float (it only proposes,
+    and its cache is the small one)."""
     greedy = warp["temperature"] < torch.finfo(torch.float32).tiny
     B, cap = idx.size(0), idx.size(1) + max_new_tokens
-    cache = model.new_cache(B, min(model.config.context_length, cap))
+    cache = new_cache(model, B, min(model.config.context_length, cap), kv_cache_dtype)
     lookup = isinstance(draft, PromptLookup)
     draft_cache = None if lookup else draft.new_cache(B, min(draft.config.context_length, cap))
     start = idx.size(1)  # where the generated ids begin (the frequency/presence penalties count from it)

@@ -139,12 +139,13 @@ class Model:
     """The served model, its tokenizer and its chat format; generates one request at a time."""
 
     def __init__(self, model, tok, device, dtype, limit, name: str, template: str | None, template_why: str = "",
-                 cuda_graph: bool = False):
+                 cuda_graph: bool = False, kv_cache_dtype: str = "auto"):
         from tritongpt.train.tokenizer import eot_or_none
 
         self.model, self.tok, self.device, self.dtype, self.limit = model, tok, device, dtype, limit
         self.name, self.template, self.template_why = name, template, template_why
         self.cuda_graph = cuda_graph  # generate()'s: each request's decode steps CUDA-graph replays
+        self.kv_cache_dtype = kv_cache_dtype  # generate()'s: "int8", each request's cache int8
         self.eot = eot_or_none(tok)
         self.chat_stop = self.eot
         if template == "chat" and getattr(tok, "chat_template", None) is not None:
@@ -245,7 +246,8 @@ class Model:
                            repetition_penalty=s["repetition_penalty"], frequency_penalty=s["frequency_penalty"],
                            presence_penalty=s["presence_penalty"], eos_id=stop_id, generator=generator,
                            vocab_limit=self.limit, on_token=on_token if on_delta else None,
-                           stop=stopped if stops else None, cuda_graph=self.cuda_graph).tolist()
+                           stop=stopped if stops else None, cuda_graph=self.cuda_graph,
+                           kv_cache_dtype=self.kv_cache_dtype).tolist()
         choices = []
         for i, row in enumerate(out):
             new = row[start:]
@@ -485,7 +487,7 @@ def make_server(args) -> ThreadingHTTPServer:
     name = args.served_model_name or (served_name(args.weights) if args.weights else args.model)
     server = ThreadingHTTPServer((args.host, args.port), Handler)
     server.daemon_threads = True
-    server.app = Model(model, tok, device, dtype, limit, name, template, why, args.cuda_graphs)
+    server.app = Model(model, tok, device, dtype, limit, name, template, why, args.cuda_graphs, args.kv_cache_dtype)
     return server
 
 
@@ -501,11 +503,12 @@ def cmd_serve(args):
 
 
 def add_cli(sub):
-    from tritongpt.commands import add_cuda_graphs_arg, add_dtype_arg, add_generation_model_args
+    from tritongpt.commands import add_cuda_graphs_arg, add_dtype_arg, add_generation_model_args, add_kv_cache_dtype_arg
 
     p = sub.add_parser("serve", help=command_help("serve"))
     add_generation_model_args(p)
     add_cuda_graphs_arg(p)
+    add_kv_cache_dtype_arg(p)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default %(default)s; 0.0.0.0: every "
                                                        "interface, with no authentication)")
     p.add_argument("--port", type=int, default=8000, help="port to listen on (default %(default)s; 0: a free one)")

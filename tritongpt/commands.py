@@ -441,7 +441,7 @@ def cmd_generate(args):
     if beams is not None:
         with autocast(device, dtype):
             return print_beams(model, tok, idx, len(lead), args.max_new_tokens, beams, eot_or_none(tok), limit,
-                               **sampling_controls(args))
+                               kv_cache_dtype=args.kv_cache_dtype, **sampling_controls(args))
     # transformers' defaults: 10 tokens a prompt lookup (prompt_lookup_num_tokens)
     num_draft = (10 if args.prompt_lookup else 4) if args.draft_tokens is None else args.draft_tokens
     if args.prompt_lookup is not None:
@@ -466,7 +466,8 @@ def cmd_generate(args):
         out = generate(model, idx, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                        top_p=args.top_p, eos_id=eot, generator=gen, vocab_limit=limit, on_token=stream,
                        stop=stopped if stops else None, draft=draft, num_draft_tokens=num_draft, stats=stats,
-                       cuda_graph=args.cuda_graphs, **sampling_controls(args)).tolist()
+                       cuda_graph=args.cuda_graphs, kv_cache_dtype=args.kv_cache_dtype,
+                       **sampling_controls(args)).tolist()
     if stream:
         stream.close()
     if draft is not None:
@@ -545,7 +546,8 @@ def check_beam_args(args):
     return beams
 
 
-def print_beams(model, tok, idx, lead: int, max_new_tokens: int, beams: dict, eot, limit, **controls) -> int:
+def print_beams(model, tok, idx, lead: int, max_new_tokens: int, beams: dict, eot, limit, kv_cache_dtype="auto",
+                **controls) -> int:
     """generate --num-beams: the best beams' texts (as generate prints a sample) and their scores on stderr."""
     from tritongpt.train.beam_search import beam_search
 
@@ -555,7 +557,7 @@ def print_beams(model, tok, idx, lead: int, max_new_tokens: int, beams: dict, eo
                         f"{max_new_tokens} - 1 > context length {ctx}")
     out, scores = beam_search(model, idx, max_new_tokens, **beams, eos_id=eot, vocab_limit=limit,
                               repetition_penalty=controls["repetition_penalty"],
-                              no_repeat_ngram_size=controls["no_repeat_ngram_size"])
+                              no_repeat_ngram_size=controls["no_repeat_ngram_size"], kv_cache_dtype=kv_cache_dtype)
     ids = idx[0, lead:].tolist()
     for i, (row, score) in enumerate(zip(out.tolist(), scores.tolist())):
         new = row[T:]
@@ -1152,6 +1154,18 @@ def add_cuda_graphs_arg(p):
                         "not with a draft or beams)")
 
 
+def add_kv_cache_dtype_arg(p):
+    """--kv-cache-dtype of the commands that generate (generate, chat, serve): generate()'s kv_cache_dtype."""
+    from tritongpt.model.layers import KV_CACHE_DTYPES  # (imports torch, which these commands run on anyway)
+
+    p.add_argument("--kv-cache-dtype", choices=KV_CACHE_DTYPES, default="auto",
+                   help="the KV cache's storage: auto, the model's compute dtype; int8, one byte a value with an fp32 "
+                        "scale per head and position (about half a 16-bit cache's memory, and of the bytes a long "
+                        "decode step reads; the logits move slightly). Every decoding path takes it (--num-samples, "
+                        "--num-beams, --draft, --prompt-lookup, --cuda-graphs): a --draft model's own cache stays "
+                        "float (default %(default)s)")
+
+
 def check_cuda_graphs(args, device, model):
     """--cuda-graphs with a model whose decode step no graph replays (LongRoPE, mixture of experts), or on a machine
     (or --device) without CUDA: said once, before the first prompt, not at each answer's first decode step."""
@@ -1250,6 +1264,7 @@ def add_cli(sub):
                       "fewest)", lookup=True)
     add_beam_args(p)
     add_cuda_graphs_arg(p)
+    add_kv_cache_dtype_arg(p)
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("quantize", help=command_help("quantize"),
