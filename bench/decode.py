@@ -12,6 +12,10 @@ Providers:
                        weights (kernels/quant.py); same_tokens and speed-ups against the int8 model's own eager rows
     reference+int4, triton+int4, triton+int4+graphs
                        the same with int4 weights (quantize_int4, groups of 128 inputs): half int8's weight bytes
+    triton+kv8, triton+kv8+graphs
+                       the float model over an int8 KV cache (KVCache(kv_dtype="int8"), generate's --kv-cache-dtype
+                       int8): the kernels read int8 keys and values with their scales, about half the cache bytes a
+                       step reads; tokens compared with triton+kv8's own eager row
 
 Per provider and batch size: random prompt ids (the same for every provider), one prefill (not timed), then
 `new_tokens` greedy steps (the model's step and the argmax that feeds the next token) timed with
@@ -19,7 +23,8 @@ time.perf_counter between two torch.cuda.synchronize(): one untimed run, then `r
 cropped back to the prompt before each. A row gives the median ms a step over the repeats (p20, p80), tokens/s
 (batch * 1000 / ms), and for a graph provider the DecodeGraph's build time (two warm-up steps and the capture,
 capture_ms), its speed-up over the same path's eager row, and whether its tokens equal the eager step's
-(same_tokens; under bf16 a near-tie between two logits may go either way: reported, not a failure).
+(same_tokens; under bf16 a near-tie between two logits may go either way: reported, not a failure). Every row
+says its cache's bytes (kv_cache_bytes: KVCache.nbytes, prompt + new tokens long).
 The decode runs as `tritongpt generate` runs it: fp32 weights under torch.autocast(dtype).
 """
 import copy
@@ -32,7 +37,8 @@ from tritongpt.bench.common import dtype_name, is_ok, make_row, median_quantiles
 from tritongpt.kernels._common import is_oom
 
 DECODE_PROVIDERS = ("reference", "reference+graphs", "triton", "triton+graphs", "reference+int8", "triton+int8",
-                    "triton+int8+graphs", "reference+int4", "triton+int4", "triton+int4+graphs")
+                    "triton+int8+graphs", "reference+int4", "triton+int4", "triton+int4+graphs", "triton+kv8",
+                    "triton+kv8+graphs")
 QUANTIZED = ("int8", "int4")  # a provider's quantization flag (model/quant.py quantize)
 DEFAULT_BATCHES = (1, 8)
 
@@ -44,6 +50,11 @@ def parse_provider(name: str):
         raise ValueError(f"unknown decode provider {name!r}; choose from {', '.join(DECODE_PROVIDERS)}")
     path, *flags = name.split("+")
     return path, "graphs" in flags, next((f for f in flags if f in QUANTIZED), None)
+
+
+def kv_cache_dtype(name: str) -> str:
+    """A provider's KV cache: 'triton+kv8+graphs' -> 'int8' (generate's kv_cache_dtype), else 'auto'."""
+    return "int8" if "kv8" in name.split("+") else "auto"
 
 
 def eager_provider(name: str) -> str:
@@ -93,7 +104,7 @@ def bench_decode_row(model, provider, batch, prompt_len, new_tokens, repeats, de
     """One row. eager: {(path, batch): the eager step's tokens [B, new_tokens]}, filled by an eager row and read by
     a graph row (which runs an untimed eager decode itself when its path's eager row did not run)."""
     from tritongpt.train.common import autocast
-    from tritongpt.train.generate import DecodeGraph
+    from tritongpt.train.generate import DecodeGraph, new_cache
 
     path, graphs, _ = parse_provider(provider)
     cache = graph = step = None
@@ -102,7 +113,8 @@ def bench_decode_row(model, provider, batch, prompt_len, new_tokens, repeats, de
         g = torch.Generator().manual_seed(seed + batch)  # the same prompt for every provider of this batch
         prompt = torch.randint(0, model.config.vocab_size, (batch, prompt_len), generator=g).to(device)
         with torch.no_grad(), autocast(device, dtype):  # one context: a graph replays the casts it captured
-            cache = model.new_cache(batch, prompt_len + new_tokens)
+            cache = new_cache(model, batch, prompt_len + new_tokens, kv_cache_dtype(provider))
+            cache_bytes = cache.nbytes
             first = model(prompt, cache)[:, -1].argmax(dim=-1, keepdim=True)
             key = (eager_provider(provider), batch)
             if graphs and key not in eager:
@@ -133,7 +145,7 @@ def bench_decode_row(model, provider, batch, prompt_len, new_tokens, repeats, de
             torch.cuda.empty_cache()
     med, p20, p80 = median_quantiles(ms)
     row = make_row("decode", "generate", provider, cfg_row, "decode", ms=med, ms_p20=p20, ms_p80=p80,
-                   tokens_per_s=batch * 1000 / med, capture_ms=capture_ms)
+                   tokens_per_s=batch * 1000 / med, capture_ms=capture_ms, kv_cache_bytes=cache_bytes)
     if graphs:
         want = eager[(eager_provider(provider), batch)]
         diffs = [d for d in (_first_difference(t, want) for t in tokens) if d is not None]

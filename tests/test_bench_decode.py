@@ -279,3 +279,27 @@ def test_the_int4_rows_decode_their_own_quantized_copy_and_a_group_that_does_not
     assert rows[0]["status"] == "ok"
     assert rows[1]["status"].startswith("failed: quantizing to int4: trf_blocks.0.att.W_query: int4 quantization "
                                         "with group size 128 needs in_features a multiple of it, got 32")
+
+
+def test_the_kv8_rows_decode_the_float_model_over_an_int8_cache(monkeypatch):
+    """triton+kv8 and triton+kv8+graphs: the same float model, its cache int8 (about half the float cache's bytes,
+    said in kv_cache_bytes); the graph's tokens and speed-up against triton+kv8's own eager row."""
+    from tritongpt.model.gpt import GPTModel
+
+    made = []
+    real = GPTModel.new_cache
+    monkeypatch.setattr(GPTModel, "new_cache", lambda self, *a, **kw: made.append(kw.get("kv_dtype", "auto")) or
+                        real(self, *a, **kw))
+    cfg = GPTConfig(vocab_size=97, context_length=24, n_layer=1, n_head=2, n_embd=32)
+    rows = decode.run_decode("cpu", Budget(None), torch.float32, "tiny-test", (1,), 4, 2,
+                             ("triton+kv8+graphs", "triton", "triton+kv8"), log=lambda s: None, capture=fx_capture,
+                             repeats=1, config=cfg)
+    assert [r["provider"] for r in rows] == ["triton", "triton+kv8", "triton+kv8+graphs"]
+    assert [r["status"] for r in rows] == ["ok"] * 3
+    assert made == ["auto", "int8", "int8"]
+    # fp32: 16 four-byte values a head and position, against 16 bytes and a four-byte scale
+    assert rows[1]["kv_cache_bytes"] == rows[2]["kv_cache_bytes"] == rows[0]["kv_cache_bytes"] * 20 // 64
+    graph = rows[2]
+    assert graph["same_tokens"] is True and graph["note"].startswith(f"{graph['speedup']:.2f}x over triton+kv8, ")
+    assert decode.kv_cache_dtype("triton+kv8+graphs") == "int8" and decode.kv_cache_dtype("triton+int8") == "auto"
+    assert decode.parse_provider("triton+kv8+graphs") == ("triton", True, None)
