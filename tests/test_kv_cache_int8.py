@@ -423,7 +423,9 @@ def asked_dtypes(monkeypatch, module, name):
 
 
 def test_the_generate_command_takes_kv_cache_dtype(saved, capsys, monkeypatch, one_thread):
-    from tritongpt import cli
+    from tritongpt import cli, commands
+    from tritongpt.model import layers
+    from tritongpt.model.quant import quantize
     from tritongpt.train import beam_search as bs
     from tritongpt.train.gpt2_weights import load_checkpoint
     from tritongpt.train.sft import pick_tokenizer
@@ -446,6 +448,13 @@ def test_the_generate_command_takes_kv_cache_dtype(saved, capsys, monkeypatch, o
     with pytest.raises(SystemExit):  # (argparse's own refusal)
         cli.main([*base, "--kv-cache-dtype", "fp8"])
     assert "--kv-cache-dtype: invalid choice: 'fp8'" in capsys.readouterr().err
+    assert commands.KV_CACHE_DTYPES == layers.KV_CACHE_DTYPES  # (the parser's own copy: it loads without torch)
+    # with weights quantized at load time (--quantize): the text of generate() on the quantized model, int8 cache
+    assert cli.main([*base, "--kv-cache-dtype", "int8", "--quantize", "int8"]) == 0 and asked[-1] == "int8"
+    out = capsys.readouterr().out
+    quantize(model, "int8")
+    want = tok.decode(gen.generate(model, torch.tensor([ids]), 8, kv_cache_dtype="int8")[0].tolist())
+    assert out == want + "\n"
 
 
 def test_chat_and_serve_take_kv_cache_dtype(tmp_path, monkeypatch, capsys, one_thread):

@@ -1085,6 +1085,7 @@ def add_quantize_arg(p):
 
 QUANTIZE_CHOICES = ("int8", "int4")
 DEFAULT_GROUP_SIZE = 128  # int4's group when --group-size is not given (model/quant.py's functions' default)
+KV_CACHE_DTYPES = ("auto", "int8")  # model/layers.py's (not imported here: the parser loads without torch)
 GPTQ_METHODS = ("rtn", "gptq")  # model/quant.py's (not imported here: the parser loads without torch)
 GPTQ_TRUE_SEQUENTIAL = True  # quantize_gptq's default, as AutoGPTQ's (not imported: as GPTQ_METHODS)
 
@@ -1156,8 +1157,6 @@ def add_cuda_graphs_arg(p):
 
 def add_kv_cache_dtype_arg(p):
     """--kv-cache-dtype of the commands that generate (generate, chat, serve): generate()'s kv_cache_dtype."""
-    from tritongpt.model.layers import KV_CACHE_DTYPES  # (imports torch, which these commands run on anyway)
-
     p.add_argument("--kv-cache-dtype", choices=KV_CACHE_DTYPES, default="auto",
                    help="the KV cache's storage: auto, the model's compute dtype; int8, one byte a value with an fp32 "
                         "scale per head and position (about half a 16-bit cache's memory, and of the bytes a long "
