@@ -319,6 +319,13 @@ def capture(quick=False, half="bfloat16"):
                         case[0] = (f"attention {name} hd{d} kv_len Tq={tq} Tk_cap={DECODE_SEQ} "
                                    f"heads={heads}/{kv_heads} B={batch}")
                         attention._fwd_launch(q, kb, kb, True, d ** -0.5, 0.0, None, kv_len=kv_len)
+                        # the same over an int8 cache (INT8_KV: int8 K/V tiles, fp32 scales a position)
+                        k8 = torch.empty(batch, DECODE_SEQ, kv_heads, d, dtype=torch.int8, **meta).transpose(1, 2)
+                        scales = torch.empty(batch, kv_heads, DECODE_SEQ, dtype=torch.float32, **meta)
+                        case[0] += " int8"
+                        attention._fwd_launch(q, k8, k8, True, d ** -0.5, 0.0, None, kv_len=kv_len, k_scale=scales,
+                                              v_scale=scales)
+                        case[0] = case[0].removesuffix(" int8")
                         if batch == 1 and tq == 1 and d == 128:
                             starts, ends = attention.window_bounds(4096, DECODE_SEQ, 1, "meta")
                             case[0] += " window"
