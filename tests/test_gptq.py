@@ -574,6 +574,41 @@ def test_the_quantize_command_writes_a_gptq_file_that_generate_eval_and_info_run
     assert "(`tritongpt quantize`, rounded to nearest)" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("flags", [[], ["--act-order"], ["--no-true-sequential"]])
+def test_the_quantize_commands_file_is_what_its_recorded_gptq_options_make(saved, tmp_path, capsys, monkeypatch,
+                                                                           flags):
+    """The file's quantized_act_order and quantized_true_sequential are the options its matrices were made with:
+    every tensor the command wrote is what quantize() gives the same model and calibration tokens with the options
+    the metadata records (a flag recorded but never passed on to quantize() would leave a file whose metadata lies)."""
+    import tritongpt.model.quant as quant
+    from safetensors.torch import load_file
+
+    from tritongpt import cli
+    from tritongpt.model.gpt import safetensors_metadata
+
+    real, given = quant.quantize, {}
+
+    def spy(model, *args, **kw):  # the calibration tokens the command picked, to make the file again from
+        given.update(calibration=kw["calibration"].clone(), doc_ids=kw["doc_ids"])
+        return real(model, *args, **kw)
+
+    monkeypatch.setattr(quant, "quantize", spy)
+    out = tmp_path / "q"
+    assert cli.main(["quantize", str(saved), "--out", str(out), "--quantize", "int4", "--group-size", "32",
+                     "--method", "gptq", "--calibration-samples", "4", "--calibration-length", "16", *flags]) == 0
+    capsys.readouterr()
+    meta = safetensors_metadata(out / "model.safetensors")
+    recorded = {k: meta[f"quantized_{k}"] for k in ("act_order", "true_sequential")}
+    assert recorded == {"act_order": str("--act-order" in flags).lower(),
+                        "true_sequential": str("--no-true-sequential" not in flags).lower()}
+    want = real(GPTModel.load(saved), "int4", group_size=32, method="gptq", **given,
+                **{k: v == "true" for k, v in recorded.items()}).state_dict()
+    got = load_file(out / "model.safetensors")
+    assert want.keys() == got.keys()
+    for name, t in got.items():
+        assert torch.equal(t, want[name]), name
+
+
 def test_the_commands_true_sequential_default_is_quantize_gptqs():
     """commands.py keeps its own copy (its parser loads without torch): the two must say the same."""
     import inspect
