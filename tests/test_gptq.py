@@ -609,6 +609,20 @@ def test_the_quantize_commands_file_is_what_its_recorded_gptq_options_make(saved
         assert torch.equal(t, want[name]), name
 
 
+def test_an_int8_gptq_files_act_order_is_not_said_to_have_static_groups(saved, tmp_path, capsys):
+    """int8 has a scale a row, no groups: its act-order is the permutation alone, and neither the command nor info
+    says otherwise (int4's "act-order (static groups)" is above)."""
+    from tritongpt import cli
+
+    out = tmp_path / "q8"
+    assert cli.main(["quantize", str(saved), "--out", str(out), "--quantize", "int8", "--method", "gptq",
+                     "--calibration-samples", "2", "--calibration-length", "8", "--act-order"]) == 0
+    assert capsys.readouterr().out.rstrip().endswith("GPTQ on 2 x 8 tokens of pydoc, act-order, true-sequential")
+    assert cli.main(["info", "--weights", str(out)]) == 0
+    assert "(`tritongpt quantize`, GPTQ on 2 x 8 tokens of pydoc, act-order, true-sequential)" \
+        in capsys.readouterr().out
+
+
 def test_the_commands_true_sequential_default_is_quantize_gptqs():
     """commands.py keeps its own copy (its parser loads without torch): the two must say the same."""
     import inspect

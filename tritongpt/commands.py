@@ -213,7 +213,8 @@ def cmd_info(args):
         file = resolve_checkpoint(args.weights)
         meta = safetensors_metadata(file) if file.suffix == ".safetensors" else {}
         if meta.get("quantized_method") == "gptq":  # (files from before the method was recorded: round-to-nearest)
-            made += f", GPTQ on {meta.get('quantized_calibration', 'its calibration text')}" + gptq_options(meta)
+            made += (f", GPTQ on {meta.get('quantized_calibration', 'its calibration text')}"
+                     + gptq_options(meta, model.quantized))
         elif meta.get("quantized_method") == "rtn":
             made += ", rounded to nearest"
         how = ("int8 with an fp32 scale a row" if model.quantized == "int8" else
@@ -762,10 +763,13 @@ def article(name: str) -> str:
     return "an" if name.startswith(("OLMo", "OLMoE", "MPT")) else "a"
 
 
-def gptq_options(meta: dict) -> str:
+def gptq_options(meta: dict, mode: str) -> str:
     """", act-order, true-sequential" (or ", not true-sequential"): a GPTQ file's options as its metadata records
-    them (files from before they were recorded: nothing said)."""
-    said = ", act-order (static groups)" if meta.get("quantized_act_order") == "true" else ""
+    them (files from before they were recorded: nothing said). mode: int4's act-order has static groups; int8 has
+    a scale a row, no groups."""
+    said = ""
+    if meta.get("quantized_act_order") == "true":
+        said = ", act-order (static groups)" if mode == "int4" else ", act-order"
     sequential = meta.get("quantized_true_sequential")
     return said + {"true": ", true-sequential", "false": ", not true-sequential"}.get(sequential, "")
 
@@ -850,7 +854,7 @@ def cmd_quantize(args):
     print(f"quantize: {describe_quantized(model)}, {model.quantized_linears} matrices, {before / 2**20:,.1f} MiB -> "
           f"{linear_bytes(model) / 2**20:,.1f} MiB as the matmuls read them -> {target} "
           f"({target.stat().st_size / 2**20:,.1f} MiB)"
-          + (f", GPTQ on {said}{gptq_options(extra)}" if calibration is not None else ""))
+          + (f", GPTQ on {said}{gptq_options(extra, args.quantize)}" if calibration is not None else ""))
     return 0
 
 
