@@ -268,7 +268,7 @@ def gptq_quantize_weight_int4(weight, hessian, group_size: int = 128, damp: floa
         lo, hi = g.amin(dim=1).float(), g.amax(dim=1).float()
         scale, bad = _int4_scale(lo, hi)
         if bool(bad.any()):
-            raise UserError("cannot int4-quantize: a group's error-updated range overflows fp32 (an inf scale)")
+            raise UserError("cannot int4-quantize: a group's range overflows fp32 (an inf scale)")
         return scale.double(), lo.double()  # the fp32 values the file stores: the levels are rounded against them
 
     def quantize_column(w, params):

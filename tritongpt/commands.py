@@ -1291,9 +1291,10 @@ def add_cli(sub):
                         "calibration text (the same layout; much lower loss at int4)")
     p.add_argument("--act-order", action="store_true",
                    help="GPTQ: each matrix's inputs quantized in order of decreasing calibration activation energy "
-                        "(the Hessian's diagonal; AutoGPTQ's desc_act), with static groups (every group's scale and "
-                        "offset fixed up front from the float weights: the file's layout, G consecutive inputs a "
-                        "group, has no g_idx); the file's layout is unchanged")
+                        "(the Hessian's diagonal; AutoGPTQ's desc_act), at int4 with static groups (every group's scale "
+                        "and offset fixed up front from the float weights: the file's layout, G consecutive inputs a "
+                        "group, has no g_idx); int8's row scale makes it the permutation alone; the file's layout is "
+                        "unchanged")
     p.add_argument("--true-sequential", action=argparse.BooleanOptionalAction, default=None,
                    help="GPTQ: within a block, quantize its matrices in the order it uses them (GPT-2: q/k/v, "
                         "then the attention output, then fc1, then fc2), each on the inputs the block's matrices "
