@@ -239,7 +239,8 @@ def test_update_quantizes_what_it_writes_and_reorder_moves_the_scales():
         back = dequantize_kv(q[:, :, :, :6], s[:, :, :, :6], torch.float64)
         # the first layer's keys are the float cache's, quantized; later layers read quantized attention, so near
         assert ((back[0] - x[0, :, :, :6].double()).abs() <= s[0, :, :, :6, None] / 2 * (1 + 1e-6)).all()
-        assert (back[1] - x[1, :, :, :6].double()).abs().max() < 0.05 * x[1].abs().max()
+        # (only the 6 written positions: the float cache's are torch.empty past them, NaN at times)
+        assert (back[1] - x[1, :, :, :6].double()).abs().max() < 0.05 * x[1, :, :, :6].abs().max()
     before = [t[:, :, :, :6].clone() for t in (c.k, c.v, c.k_scale, c.v_scale)]
     order = torch.tensor([2, 0, 0])
     c.reorder(order)
