@@ -60,6 +60,11 @@ class KVCache:
         if not is_int(batch_size) or batch_size < 1:
             raise UserError(f"KV cache batch_size must be a positive int, got {batch_size!r}")
         self.quantized = check_kv_cache_dtype(kv_dtype) == "int8"
+        # int8 here made a float cache of int8 buffers that update truncated into, refused only at the first forward
+        # and in other words: the int8 cache is kv_dtype's
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise UserError(f"KV cache dtype must be a float torch.dtype (the keys' compute dtype), got {dtype!r}; "
+                            'an int8 cache is kv_dtype="int8"')
         self.dtype = dtype
         shape = (cfg.n_layer, batch_size, cfg.kv_heads, self.max_len, cfg.head_dim)
         store = torch.int8 if self.quantized else dtype

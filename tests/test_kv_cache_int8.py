@@ -227,6 +227,18 @@ def test_the_cache_holds_int8_with_a_scale_per_vector_and_says_its_bytes():
         tiny().new_cache(1, kv_dtype="int4")
 
 
+
+@pytest.mark.parametrize("dtype", [torch.int8, torch.int64, "bf16"])
+def test_a_cache_dtype_that_is_no_float_dtype_is_refused_where_it_is_given(dtype):
+    """dtype is the keys' compute dtype; int8 storage is kv_dtype's. new_cache(dtype=torch.int8) made a float cache
+    of int8 buffers that each layer's update truncated into, refused only at the first forward and in other words
+    (the reference path: "expected scalar type Float but found Char")."""
+    cfg = GPTConfig(vocab_size=VOCAB, context_length=24, n_layer=2, n_head=4, n_embd=64)
+    with pytest.raises(UserError, match=r"KV cache dtype must be a float torch\.dtype .* kv_dtype=\"int8\""):
+        KVCache(cfg, 1, 10, dtype=dtype)
+    with pytest.raises(UserError, match=r"KV cache dtype must be a float torch\.dtype"):
+        tiny().new_cache(1, 10, dtype=dtype, kv_dtype="int8" if dtype is torch.int8 else None)
+
 def test_update_quantizes_what_it_writes_and_reorder_moves_the_scales():
     model = tiny(**CASES["rope-gqa"])
     idx = torch.randint(0, VOCAB, (3, 6))
