@@ -1465,8 +1465,8 @@ def flash_attention(q, k, v, causal=True, softmax_scale=None, dropout_p=0.0, see
         Inference only: refused with gradients on (grad mode and q, k or v requiring grad), with dropout_p > 0
         and with doc_ids.
     k_scale, v_scale: with int8 k and v (an int8 KV cache, model/gpt.py KVCache(kv_dtype="int8")), their fp32
-        scales [B, Hkv, Tk], one per key/value vector: the result is flash_attention on k * k_scale[..., None] and
-        v * v_scale[..., None] read back in q's dtype, without making them: the kernels convert the int8 keys
+        scales [B, Hkv, Tk], one per key/value vector: the result is flash_attention on k * k_scale[..., None] (in
+        fp32) and v * v_scale[..., None] read back in q's dtype, without making them: the kernels convert the int8 keys
         exactly to q's dtype, multiply each raw score q . k_int by its column's k scale in fp32 (before the
         softmax scale, cap and bias), and read each V tile as v_int * v_scale in q's dtype. Every other argument
         as above (kv_len too). Inference only: refused with gradients on, with dropout_p > 0 and with doc_ids;

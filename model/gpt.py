@@ -44,8 +44,8 @@ class KVCache:
 
     kv_dtype "int8" (generate's --kv-cache-dtype int8): k and v are stored as int8 with one fp32 scale per
     (layer, row, kv head, position) vector, k_scale and v_scale [n_layer, B, kv_heads, max_len] (layers.quantize_kv:
-    symmetric, absmax / 127 over head_dim), about half a 16-bit cache's bytes (nbytes). `dtype` stays the
-    attention's compute dtype, the one the values are read back in. update quantizes what it writes, and every
+    symmetric, absmax / 127 over head_dim), about half a 16-bit cache's bytes (nbytes). `dtype` is kept (the
+    float cache's; both attention paths read an int8 cache back in q's dtype). update quantizes what it writes, and every
     layer's attention reads the cache's int8 values, the new tokens' own too: a prefill attends over the same
     dequantized keys a later decode step reads, so a prompt fed whole or in chunks gives the same logits.
     "auto" (or None): the keys' own dtype, as before.
@@ -560,7 +560,7 @@ class GPTModel(nn.Module):
         """A preallocated KV cache in the dtype the keys will have: under autocast (bf16 on a
         GPU) the projections run in the autocast dtype, so an fp32 cache would double its memory
         and hand the attention mixed dtypes. kv_dtype "int8": stored as int8 with a scale per
-        vector, read back in that dtype (KVCache)."""
+        vector, read back in q's dtype (KVCache)."""
         w = self.tok_emb.weight
         if dtype is None:
             autocast = torch.is_autocast_enabled(w.device.type)

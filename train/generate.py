@@ -338,10 +338,10 @@ def generate(model, idx, max_new_tokens: int, temperature: float = 0.0, top_k: i
             draft.train(was_training[1])
 
 
-def check_cache_dtype(kv_cache_dtype, use_cache: bool = True, flags: bool = False) -> None:
-    """generate()'s (and beam_search's) kv_cache_dtype: "auto" or "int8", the latter with the cache. flags: name
-    it as the command-line flag."""
-    name = "--kv-cache-dtype" if flags else "kv_cache_dtype"
+def check_cache_dtype(kv_cache_dtype, use_cache: bool = True) -> None:
+    """generate()'s (and beam_search's) kv_cache_dtype: "auto" or "int8", the latter with the cache (the commands'
+    --kv-cache-dtype is checked by its parser's choices)."""
+    name = "kv_cache_dtype"
     if not isinstance(kv_cache_dtype, str) or kv_cache_dtype not in KV_CACHE_DTYPES:
         raise UserError(f"{name} must be one of {', '.join(KV_CACHE_DTYPES)}, got {kv_cache_dtype!r}")
     if kv_cache_dtype != "auto" and not use_cache:
