@@ -1726,3 +1726,15 @@ def test_a_resume_refuses_unscaled_attention_scores_for_scaled_ones(tmp_path):
     with pytest.raises(UserError, match="model scales its attention scores by 1/sqrt\\(head_dim\\), this run's model "
                                         "does not scale its attention scores"):
         resume(scale_attention=False)
+
+
+def test_a_plot_with_none_of_its_keys_is_written_without_a_warning(tmp_path):
+    """A run whose metrics hold none of a plot's keys (kto on one class with no held-out examples: no margin, no
+    accuracy) still writes the PNG, and matplotlib's "No artists with labels" warning is not printed to the user."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        common.plot_curves([{"step": 1, "loss": 0.5}], tmp_path / "margin.png", keys=("val_margin", "train_acc"))
+        common.plot_curves([{"step": 1, "loss": 0.5}], tmp_path / "loss.png", keys=("loss",))
+    assert (tmp_path / "margin.png").is_file() and (tmp_path / "loss.png").is_file()

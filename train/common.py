@@ -985,7 +985,8 @@ def plot_curves(rows, png_path, keys=("loss", "val_loss"), title="training"):
     ax.set_xlabel("step")
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend()
+    if ax.lines:  # none of the keys logged (kto on one class, no held-out set): no legend, not matplotlib's warning
+        ax.legend()
     fig.tight_layout()
     Path(png_path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(png_path, dpi=110)
