@@ -279,9 +279,14 @@ def test_merge_keeps_a_prompt_format_the_models_share(tmp_path, tok, capsys):
     c = write(tiny(3), tmp_path / "c", tok, prompt_format="alpaca")
     assert main(["merge", a, b, "--out", str(tmp_path / "ab")]) == 0
     assert run_template(tmp_path / "ab") == "chat"
+    capsys.readouterr()
+    assert main(["info", "--weights", str(tmp_path / "ab")]) == 0  # info says the format chat will prompt it in
+    assert "prompts      chat template (what `tritongpt chat` prompts it with)" in capsys.readouterr().out
     assert main(["merge", a, c, "--out", str(tmp_path / "ac")]) == 0
     assert "different prompt formats (alpaca, chat): the merge records none" in capsys.readouterr().err
     assert run_template(tmp_path / "ac") is None
+    assert main(["info", "--weights", str(tmp_path / "ac")]) == 0
+    assert "prompts " not in capsys.readouterr().out
 
 
 def test_models_saved_without_a_tokenizer_merge_with_tokenizer(tmp_path, tok, capsys):

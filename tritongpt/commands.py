@@ -265,6 +265,12 @@ def _has_chat_template(tokenizer_path) -> bool:
         return False
 
 
+def _prompts_line(fmt: str, tok) -> str:
+    own = fmt == "chat" and tok is not None and _has_chat_template(tok)
+    return (f"prompts      {fmt} template" + (", the model's own (its tokenizer's chat_template)" if own else "")
+            + " (what `tritongpt chat` prompts it with)")
+
+
 def run_lines(weights) -> list:
     """What a checkpoint's training state says of its run (trainer, step, precision, data, the
     tokenizer saved with it), for `info --weights`; a bare weight file has none."""
@@ -276,6 +282,11 @@ def run_lines(weights) -> list:
     tok = saved_tokenizer_path(weights)
     lines = [f"tokenizer    {tok if tok is not None else '- (none saved with it: pass --tokenizer where it is used)'}"]
     if not (ckpt / "state.pt").is_file():
+        from tritongpt.train.chat import run_template
+
+        # a merge's file and an export's config.json keep the format too, and chat prompts in it
+        fmt = run_template(weights)
+        lines = ([_prompts_line(fmt, tok)] if fmt else []) + lines
         recipe = merge_recipe(resolve_checkpoint(weights))
         if recipe is not None:  # `tritongpt merge`'s output: its models and method, in the file
             return [f"run          - (a merge: {recipe})"] + lines
@@ -290,9 +301,7 @@ def run_lines(weights) -> list:
                     f"({str(state.get('precision', '?')).removeprefix('torch.')}, kernels {state.get('kernels', '?')}, "
                     f"{world} process{'es' if world != 1 else ''}){init}")
     if state.get("prompt_format"):
-        own = state["prompt_format"] == "chat" and tok is not None and _has_chat_template(tok)
-        lines.insert(1, f"prompts      {state['prompt_format']} template" + (", the model's own (its tokenizer's "
-                        "chat_template)" if own else "") + " (what `tritongpt chat` prompts it with)")
+        lines.insert(1, _prompts_line(state["prompt_format"], tok))
     options = lm_loss_text(a)
     if options:  # the run's objective was not the plain cross-entropy (--label-smoothing, --z-loss)
         lines.insert(1, f"objective    cross-entropy with {options}")
