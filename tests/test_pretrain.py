@@ -56,7 +56,9 @@ def test_cli_short_job_learns_and_writes_metrics_plot_checkpoint_then_resumes(co
     rc = main(["pretrain", *argv(corpus, out, "--max-steps", "34", "--resume", "--eval-every", "0",
                                  "--sample-tokens", "0")])
     assert rc == 0
-    assert "different data" not in capsys.readouterr().err
+    printed = capsys.readouterr()
+    assert "different data" not in printed.err
+    assert "done: 4 steps (to step 34) in " in printed.out  # this call's steps, as its seconds and tokens/s are
     rows = common.MetricsLog(out / "metrics.jsonl").rows()
     assert [r["step"] for r in rows if "loss" in r] == list(range(1, 35))
     # the final evaluation (--eval-every 0: the only one) is in step 34's row, not a row of its own
@@ -383,7 +385,7 @@ def test_torchrun_two_cpu_processes_runs_the_real_cli(corpus, tmp_path):
     cmd[cmd.index("--block-size") + 1] = "24"
     done = subprocess.run(cmd + ["--resume"], capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.count("done: 8 steps") == 1, done.stdout
+    assert done.stdout.count("done: 2 steps (to step 8)") == 1, done.stdout
     assert done.stderr.count("note: resuming on different data than the checkpoint's") == 1, done.stderr[-3000:]
     assert [r["step"] for r in common.MetricsLog(out / "metrics.jsonl").rows() if "loss" in r] == list(range(1, 9))
     if track:  # one events file a launch (rank 1 wrote none), every step once

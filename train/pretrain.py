@@ -825,7 +825,10 @@ def cmd_pretrain(args):
     def fmt(x):
         return "-" if x is None else f"{x:.3f}"
 
-    print(f"done: {r['step']} steps in {r['time_s']:.0f} s; "
+    # a resume's seconds, losses and tokens/s are this call's: so is its count of steps
+    ran = len(r["losses"])
+    steps = f"{ran} steps" + (f" (to step {r['step']})" if ran != r["step"] else "")
+    print(f"done: {steps} in {r['time_s']:.0f} s; "
           f"train loss {fmt(r['first_loss'])} -> {fmt(r['loss'])}, "
           f"val loss {fmt(r['first_val_loss'])} -> {fmt(r.get('val_loss'))}; "
           f"{'-' if r['tok_per_s'] is None else format(r['tok_per_s'], ',.0f')} tok/s")
