@@ -86,6 +86,21 @@ def test_the_scores_match_a_plain_loop_over_the_texts(tok):
     assert model.training
 
 
+def test_a_target_past_the_context_is_refused_and_a_huge_perplexity_is_inf(tok):
+    """The target is scored whole or not at all (a last word of more tokens than the model's context was scored on
+    its tail, silently), and a perplexity past float's range is inf, not an OverflowError's traceback."""
+    torch.manual_seed(0)
+    model = GPTModel(GPTConfig(vocab_size=tok.vocab_size, context_length=8, n_embd=32, n_layer=1, n_head=2))
+    long_word = "understanding" * 3
+    assert len(tok.encode(" " + long_word)) > 8
+    with pytest.raises(UserError, match="longer than the model's context \\(8\\): it cannot be scored whole"):
+        lambada.score(model, tok, [{"ctx": "the cat", "target": " " + long_word}])
+    with torch.no_grad():
+        model.tok_emb.weight.mul_(1e4)  # the tied head's logits far apart: a loss of thousands of nats a token
+    got = lambada.score(model, tok, [{"ctx": "the cat sat on", "target": " home"}])
+    assert got["acc"] == 0.0 and got["perplexity"] == math.inf
+
+
 def test_a_model_that_learnt_the_texts_gets_them_right(tok, tmp_path):
     """A model trained on a repeated passage predicts its words: texts cut from it score acc 1 where the last
     word is the passage's next word, 0 where it is swapped for another; as the plain loop says."""

@@ -18,10 +18,12 @@ hellaswag.render); lm-eval tokenizes context + target whole and splits at the co
 same ids for GPT-2's BPE (a space starts a new pre-token) but may differ by a merge for a SentencePiece
 tokenizer. A tokenizer whose pipeline starts every text with a BOS (Gemma's, Llama's) gets it before the
 context, as for HellaSwag (lm-eval adds one for Gemma, else only when told to). A context longer than the
-model's context window loses its first tokens (left-truncated, as lm-eval does); the target is kept whole.
+model's context window loses its first tokens (left-truncated, as lm-eval does); the target is kept whole (one
+longer than the window is refused).
 Texts are batched, right-padded; the logits are made only at the target's positions.
 """
 import json
+import sys
 
 from tritongpt.errors import UserError
 from tritongpt.cli import command_help
@@ -77,13 +79,22 @@ def score(model, tok, examples, batch_size: int = 8, dtype=None, progress: bool 
     from tritongpt.train.hellaswag import ending_losses
 
     start, right, nll = time.perf_counter(), 0, 0.0
+    context = model.config.context_length
+    for ex in examples:  # hellaswag.render would score such a target's tail alone, as if it were the whole
+        n = len(tok.encode(ex["target"], allowed_special="none"))
+        if n > context:
+            raise UserError(f"the last word {ex['target'][1:41]!r} is {n} tokens, longer than the model's context "
+                            f"({context}): it cannot be scored whole")
     rows = [{"ctx": ex["ctx"], "endings": [ex["target"][1:]]} for ex in examples]
     for total, _, greedy in ending_losses(model, tok, rows, batch_size, dtype, progress, greedy=True,
                                           desc="lambada"):
         right += bool(greedy[0])
         nll += float(total[0])
     n = len(examples)
-    return {"examples": n, "acc": right / n, "perplexity": math.exp(nll / n), "seconds": time.perf_counter() - start}
+    # past float's range (a mean of over 709 nats a text: an untrained model, long last words) it is inf, as
+    # torch.exp would say, not math.exp's OverflowError
+    ppl = math.exp(nll / n) if nll / n < math.log(sys.float_info.max) else math.inf
+    return {"examples": n, "acc": right / n, "perplexity": ppl, "seconds": time.perf_counter() - start}
 
 
 def cmd_lambada(args):
