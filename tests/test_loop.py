@@ -466,11 +466,16 @@ def test_a_resume_names_a_changed_lr_schedule_and_decay_fraction(tmp_path, capsy
     first = dict(max_steps=1, batch_size=2, lr_schedule="wsd", decay_fraction=0.2)
     Trainer(tiny_model(), args_for(tmp_path, **first), loss_fn, get).fit()
     capsys.readouterr()
-    then = dict(max_steps=2, batch_size=2, lr_schedule="cosine", decay_fraction=0.5, resume="latest")
+    then = dict(max_steps=2, batch_size=2, lr_schedule="wsd", decay_fraction=0.5, resume="latest")
     Trainer(tiny_model(), args_for(tmp_path, **then), loss_fn, get).fit()
     err = capsys.readouterr().err
-    assert ("note: resuming with --max-steps 2 (the run had 1), --lr-schedule cosine (wsd), "
-            "--decay-fraction 0.5 (0.2): the run goes on differently") in err, err
+    assert ("note: resuming with --max-steps 2 (the run had 1), --decay-fraction 0.5 (0.2): the run goes on "
+            "differently") in err, err
+    then = dict(max_steps=3, batch_size=2, lr_schedule="cosine", resume="latest")  # cosine takes no --decay-fraction
+    Trainer(tiny_model(), args_for(tmp_path, **then), loss_fn, get).fit()
+    err = capsys.readouterr().err
+    assert ("note: resuming with --max-steps 3 (the run had 2), --lr-schedule cosine (wsd), --decay-fraction 0.2 "
+            "(0.5): the run goes on differently") in err, err
 
 
 def test_a_resume_before_the_wsd_decay_with_more_steps_extends_the_run(tmp_path, capsys):
@@ -494,7 +499,9 @@ def test_a_resume_before_the_wsd_decay_with_more_steps_extends_the_run(tmp_path,
 @pytest.mark.parametrize("field,value,message", [("lr_schedule", "cosin", "--lr-schedule must be one of cosine, wsd"),
                                                  ("decay_fraction", 0.0, "--decay-fraction must be in"),
                                                  ("decay_fraction", 1.5, "--decay-fraction must be in"),
-                                                 ("decay_fraction", float("nan"), "--decay-fraction must be in")])
+                                                 ("decay_fraction", float("nan"), "--decay-fraction must be in"),
+                                                 # the default cosine has no decay phase: it was ignored, silently
+                                                 ("decay_fraction", 0.5, "--decay-fraction 0.5 is --lr-schedule")])
 def test_lr_schedule_flags_are_checked(tmp_path, field, value, message):
     with pytest.raises(UserError, match=message):
         args_for(tmp_path, **{field: value}).validate()

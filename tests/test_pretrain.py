@@ -162,6 +162,9 @@ def test_model_vocab_follows_the_tokenizer_except_gpt2_with_gpt2():
     # the sample settings, before any training (they were first used at step --sample-every)
     (["--top-k", "0"], "--top-k must be a positive integer"),
     (["--temperature", "nan"], "--temperature must be a finite number"),
+    (["--sample-tokens", "-5"], "--sample-tokens must be >= 0 (0: no samples), got -5"),  # was: no samples, silently
+    # a flag of wsd's alone, which cosine (the default) ignored
+    (["--decay-fraction", "0.5"], "--decay-fraction 0.5 is --lr-schedule wsd's"),
     # nan passed the `< 0` check: --grad-clip nan trained without clipping, --weight-decay nan stopped
     # at step 1 with "loss is nan"
     (["--grad-clip", "nan"], "--grad-clip must be a finite number, got nan"),

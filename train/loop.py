@@ -121,6 +121,9 @@ class TrainArgs:
             raise UserError(f"--lr-schedule must be one of {', '.join(common.LR_SCHEDULES)}, got {self.lr_schedule!r}")
         if not 0 < self.decay_fraction <= 1:  # nan fails too
             raise UserError(f"--decay-fraction must be in (0, 1], got {self.decay_fraction}")
+        if self.decay_fraction != TrainArgs.decay_fraction and self.lr_schedule != "wsd":  # silently ignored
+            raise UserError(f"--decay-fraction {self.decay_fraction:g} is --lr-schedule wsd's (the last fraction of "
+                            f"the run, decaying): --lr-schedule {self.lr_schedule} has no such phase")
         if self.compile_mode not in COMPILE_MODES:
             raise UserError(f"--compile-mode must be one of {', '.join(COMPILE_MODES)}, got {self.compile_mode!r}")
         if self.compile_mode != "default" and not self.compile:  # it would be silently ignored

@@ -378,6 +378,8 @@ def check_args(args, targs):
             note(f"{source} is read as plain text, brackets and keys included (JSON records "
                  "are read from .jsonl files, one object per line)")
     check_sampling(args.temperature, args.top_k, flags=True)  # not at the first sample, steps later
+    if args.sample_tokens < 0:  # it turned the samples off, as 0 does, without a word
+        raise UserError(f"--sample-tokens must be >= 0 (0: no samples), got {args.sample_tokens}")
     # a bad flag or file, or no network: now, not at the first evaluation. Under torchrun only each
     # node's first process downloads the file; the others read it at their first evaluation, past
     # load_splits' barrier, which every process reaches after its node's download
