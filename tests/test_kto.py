@@ -385,6 +385,30 @@ def test_kto_cli_trains_resumes_and_refuses_another_reference(tmp_path, capsys):
     assert "--resume: --init is not the model this run's reference was" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("command,other", [("kto", "dpo"), ("dpo", "sft"), ("reward", "kto")])
+def test_a_resume_of_another_commands_run_is_refused_before_any_slow_work(tmp_path, capsys, monkeypatch,
+                                                                            command, other):
+    """kto and dpo compute the reference's log-probs of every pair before the Trainer starts (minutes on a CPU for the
+    embedded default's 2,000 pairs, without a word): a --resume of another command's run was refused only after."""
+    from tritongpt.cli import main
+    from tritongpt.train import dpo, kto
+
+    def too_late(*args, **kwargs):
+        raise AssertionError("the reference log-probs were computed before the resume was checked")
+
+    monkeypatch.setattr(kto, "sequence_logprobs", too_late)
+    monkeypatch.setattr(dpo, "reference_logprobs", too_late)
+    init, model = _tiny_init(tmp_path)
+    ckpt = tmp_path / "run" / "ckpt-0000001"
+    ckpt.mkdir(parents=True)
+    model.save(ckpt / "model.safetensors")
+    torch.save({"name": other, "step": 1, "args": {}}, ckpt / "state.pt")
+    assert main([command, "--init", str(init), "--num-pairs", "8", "--batch-size", "4", "--device", "cpu",
+                 "--out-dir", str(tmp_path / "run"), "--max-steps", "2", "--resume"]) == 2
+    assert (f"error: --resume: {ckpt} is a checkpoint of a {other} run, not of {command} (to start from its "
+            "weights, use --init)") in capsys.readouterr().err
+
+
 def test_kto_cli_on_an_unpaired_file_moves_the_held_out_rewards_apart(tmp_path, capsys):
     """An unpaired file whose desirable answers share a word the undesirable ones lack: a few steps lift the
     held-out desirable rewards over the undesirable ones (no pairs: no accuracy)."""

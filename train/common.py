@@ -528,6 +528,13 @@ def resume_checkpoint(out_dir, resume) -> Path:
     return resolve_checkpoint(out_dir if resume in _LATEST else resume).parent
 
 
+def check_resume_of(ckpt: Path, state: dict, name: str) -> None:
+    """--resume's checkpoint (its loaded state) is one of a `name` run's, e.g. not sft --resume on a pretrain run."""
+    if state.get("name", name) != name:
+        raise UserError(f"--resume: {ckpt} is a checkpoint of a {state['name']} run, not of {name} "
+                        "(to start from its weights, use --init)")
+
+
 def _resumes_in(out: Path, resume) -> bool:
     """--resume continues the run in `out` (its newest checkpoint, or a checkpoint inside it)."""
     if resume in _LATEST:

@@ -661,9 +661,7 @@ class Trainer:
         # a run folder (its newest checkpoint), a checkpoint folder, or a file inside one
         ckpt = common.resume_checkpoint(self.out_dir, where)
         state = common.load_state(ckpt)
-        if state.get("name", self.name) != self.name:  # e.g. sft --resume pointed at a pretrain run
-            raise UserError(f"--resume: {ckpt} is a checkpoint of a {state['name']} run, not of {self.name} "
-                            "(to start from its weights, use --init)")
+        common.check_resume_of(ckpt, state, self.name)
         was = state.get("args", {}).get("optimizer", "adamw")  # runs from before the flag: AdamW
         if was != self.args.optimizer:  # its state (moments, momentum) is of the run's optimizer
             raise UserError(f"--resume: {ckpt}'s run trained with --optimizer {was}, not {self.args.optimizer}: "

@@ -366,7 +366,7 @@ def setup_preference_run(args, command: str, read_data=None):
     held-out): other items than pairs (KTO's unpaired examples), each with the .format of its prompt."""
     from tritongpt.train.chat import note_template_mismatch
     from tritongpt.train.chat_template import chat_template_for
-    from tritongpt.train.common import check_out_dir, set_seed
+    from tritongpt.train.common import check_out_dir, check_resume_of, load_state, resume_checkpoint, set_seed
     from tritongpt.train.loop import TrainArgs
     from tritongpt.train.preference import train_val_pairs
     from tritongpt.train.sft import pick_tokenizer
@@ -376,6 +376,9 @@ def setup_preference_run(args, command: str, read_data=None):
     targs = TrainArgs.from_namespace(args)
     targs.validate()
     check_out_dir(targs.out_dir, targs.resume, targs.overwrite)  # before the tokenizer is written there
+    if targs.resume:  # the Trainer checks it too, but after dpo's and kto's reference log-probs (minutes on a CPU)
+        ckpt = resume_checkpoint(targs.out_dir, targs.resume)
+        check_resume_of(ckpt, load_state(ckpt, mmap=True), command)
     train, val = (read_data(args) if read_data else
                   train_val_pairs(args.data, args.num_pairs, args.val_fraction, args.seed))
     note_template_mismatch([p.format for p in train + val], {"--init": args.init})
