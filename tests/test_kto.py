@@ -602,3 +602,24 @@ def test_z0_is_clamped_after_averaging_over_the_ranks(monkeypatch, own, other, w
     policy, ref = torch.tensor([own - 1.0, own + 1.0]), torch.zeros(2)
     assert kto.kl_estimate(policy, ref, across_ranks=True).item() == pytest.approx(want, abs=1e-7)
     assert kto.kl_estimate(policy, ref).item() == pytest.approx(max(0.0, own), abs=1e-7)  # the eval's: its own
+
+
+@pytest.mark.parametrize("rank", ["0", "1"])
+def test_caching_the_reference_log_probs_shows_progress_on_rank_0(rank, capsys, monkeypatch):
+    """dpo's and kto's reference log-probs take minutes on a CPU before the trainer's bar starts: a bar on stderr
+    says what the wait is (the audit found both silent), rank 0's only under torchrun."""
+    from tritongpt.train.dpo import reference_logprobs
+    from tritongpt.train.kto import EncodedExample, KTOData, cache_reference
+    from tritongpt.train.preference import EncodedPair
+
+    monkeypatch.setenv("RANK", rank)
+    torch.manual_seed(0)
+    ref = GPTModel(GPTConfig(vocab_size=23, context_length=16, n_embd=32, n_layer=1, n_head=2)).eval()
+    pairs = [EncodedPair([1, 2, 3], [4, 5, 22], [6, 22]), EncodedPair([7, 8], [9, 22], [10, 11, 22])]
+    reference_logprobs(ref, pairs, 22, torch.device("cpu"), batch_size=1)
+    said_dpo = capsys.readouterr().err
+    examples = [EncodedExample([1, 2, 3], [4, 5, 22], True, 0), EncodedExample([7, 8], [9, 22], False, 1)]
+    cache_reference(ref, KTOData(examples, 2, 16, 22), torch.device("cpu"), batch_size=1)
+    said_kto = capsys.readouterr().err
+    for said in (said_dpo, said_kto):
+        assert ("reference log-probs" in said and "/2 [" in said) == (rank == "0"), said

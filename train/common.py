@@ -11,6 +11,7 @@ import os
 import pickle
 import random
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -26,6 +27,14 @@ def dist_env() -> tuple[int, int, int]:
     """(rank, local_rank, world_size) as torchrun sets them for every process it starts; (0, 0, 1) alone."""
     env = os.environ
     return int(env.get("RANK", 0)), int(env.get("LOCAL_RANK", 0)), int(env.get("WORLD_SIZE", 1))
+
+
+def progress(items, desc: str):
+    """items with a tqdm bar on stderr (rank 0's alone under torchrun): for the work a command does before its
+    trainer's own bar starts, so a long wait is not silent."""
+    from tqdm import tqdm
+
+    return tqdm(items, desc=desc, unit="batch", file=sys.stderr, disable=dist_env()[0] != 0, leave=False)
 
 
 def pick_device(name: str = "auto") -> torch.device:

@@ -119,10 +119,11 @@ def policy_terms(model, idx, mask, loss_type: str, rpo_alpha: float = 0.0):
 @torch.no_grad()
 def reference_logprobs(ref, encoded, pad_id: int, device, dtype=torch.float32, batch_size: int = 32,
                        mean: bool = False):
-    """[N, 2]: summed (or mean, IPO's) response log-probs of (chosen, rejected) under the frozen reference."""
+    """[N, 2]: summed (or mean, IPO's) response log-probs of (chosen, rejected) under the frozen reference
+    (a progress bar on stderr, rank 0's: minutes on a CPU before the first training step)."""
     ref.eval()
     out = []
-    for i in range(0, len(encoded), batch_size):
+    for i in common.progress(range(0, len(encoded), batch_size), "reference log-probs"):
         chunk = encoded[i:i + batch_size]
         idx, _, mask = pair_batch(chunk, pad_id, device)
         with common.autocast(device, dtype):

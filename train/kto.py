@@ -269,10 +269,11 @@ def logprobs(model, idx, mask, kl_idx=None, kl_mask=None):
 
 @torch.no_grad()
 def cache_reference(ref, data: KTOData, device, dtype=torch.float32, kl: bool = True, batch_size: int = 32):
-    """The frozen reference's log-probs of every example (and of its mismatched pair), once, before training."""
+    """The frozen reference's log-probs of every example (and of its mismatched pair), once, before training (a
+    progress bar on stderr, rank 0's)."""
     ref.eval()
     lps, kls = [], []
-    for i in range(0, len(data), batch_size):
+    for i in common.progress(range(0, len(data), batch_size), "reference log-probs"):
         with common.autocast(device, dtype):
             lp, k = logprobs(ref, *data.inputs(range(i, min(len(data), i + batch_size)), device, kl))
         lps.append(lp.cpu())
