@@ -606,3 +606,15 @@ def test_info_says_an_rlhf_runs_iteration_of_its_iterations(saved_model, tmp_pat
     out = capsys.readouterr().out
     assert ("run          rlhf-grpo, iteration 3 of 7 (float32, kernels reference, 1 process); "
             "from --init runs/sft\n") in out
+
+
+@pytest.mark.parametrize("argv, usage", [(["rlhf", "--max-steps", "3"], "usage: tritongpt rlhf"),
+                                         (["pretrain", "--bogus"], "usage: tritongpt pretrain"),
+                                         (["--bogus"], "usage: tritongpt [-h] COMMAND")])
+def test_an_unknown_flag_is_named_with_its_command_s_usage(argv, usage, capsys):
+    """argparse reports a subcommand's unknown flag from the top parser, with `tritongpt [-h] COMMAND ...` as the
+    usage (the audit's `rlhf --max-steps`): the command's own usage lists the flags it has."""
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and usage in err and f"unrecognized arguments: {' '.join(argv[1:] or argv)}" in err, err

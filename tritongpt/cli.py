@@ -55,6 +55,7 @@ def build_parser(commands=None) -> argparse.ArgumentParser:
     for name, (_, line) in COMMANDS.items():
         if name not in sub.choices:
             sub.add_parser(name, help=line)
+    parser.commands = sub.choices  # {name: its parser}: main names a command's unknown flags with its own usage
     return parser
 
 
@@ -102,7 +103,12 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     # the command is the first word that is not an option (the top level has -h alone)
     parser = build_parser([a for a in argv if not a.startswith("-")][:1])
-    args = parser.parse_args(argv)
+    # argparse reports a command's unknown flags from the top parser, with the top level's usage (`tritongpt
+    # [-h] COMMAND ...`): the command's own usage says which flags it has
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        parser.commands.get(getattr(args, "command", None), parser).error(
+            f"unrecognized arguments: {' '.join(unknown)}")
     if not getattr(args, "func", None):
         parser.print_help()
         return 0
