@@ -800,3 +800,25 @@ def test_hellaswag_data_of_winogrande_logs_acc_alone(corpus, tmp_path):
     model = GPTModel(GPTConfig(vocab_size=tok.vocab_size, context_length=32, n_embd=16, n_layer=1, n_head=2))
     got = hellaswag_eval_fn(read_examples(data), tok)(model, 0, 1)
     assert set(got) == {"hellaswag_acc"} and 0 <= got["hellaswag_acc"] <= 1
+
+
+@pytest.mark.parametrize("other", [None, "sft"])
+def test_a_wrong_resume_is_refused_before_the_data_is_tokenized(corpus, tmp_path, capsys, monkeypatch, other):
+    """`pretrain --resume` on a folder without a checkpoint, or on another command's run, was refused by the Trainer
+    after the data was tokenized (the audit's: minutes for a large corpus before 'no checkpoint found')."""
+    from tritongpt.train import pretrain as pretrain_module
+
+    def too_late(*args, **kwargs):
+        raise AssertionError("the data was tokenized before the resume was checked")
+
+    monkeypatch.setattr(pretrain_module, "load_splits", too_late)
+    run = tmp_path / "run"
+    if other:
+        ckpt = run / "ckpt-0000001"
+        ckpt.mkdir(parents=True)
+        torch.save({"name": other, "step": 1, "args": {}}, ckpt / "state.pt")
+        (ckpt / "model.safetensors").write_bytes(b"")
+    assert main(["pretrain", *argv(corpus, run, "--max-steps", "2", "--resume")]) == 2
+    err = capsys.readouterr().err
+    want = (f"is a checkpoint of a {other} run, not of pretrain" if other else "no checkpoint found")
+    assert err.startswith("error: ") and want in err, err

@@ -336,6 +336,9 @@ def check_args(args, targs):
     from tritongpt.train.tokenizer import get_tokenizer
 
     targs.validate()
+    if targs.resume:  # the Trainer checks it too, but after the data is tokenized (minutes for a large corpus)
+        ckpt = common.resume_checkpoint(targs.out_dir, targs.resume)
+        common.check_resume_of(ckpt, common.load_state(ckpt, mmap=True), "pretrain")
     # an unknown model: a UserError before any slow work
     preset = get_config(args.model or "tiny") if args.init is None else None
     if args.dropout is not None and not 0.0 <= args.dropout < 1.0:
