@@ -508,15 +508,25 @@ class _Stop(Exception):
     """Raised by the first block's forward pre-hook once it has its arguments: the model runs no further."""
 
 
-def _input_hessians(linears: dict, run, rows: int) -> dict:
+def _input_hessians(linears: dict, run, rows: int, calls: int | None = None) -> dict:
     """{name: H [K, K] fp64} for each nn.Linear of linears ({name: module}): 2 X^T X / rows over its inputs X while
-    run() runs the model (or a block) on every calibration token (rows of them)."""
+    run() runs the model (or a block) on every calibration token (rows of them). Matrices that read one tensor (a
+    true-sequential stage: q, k and v) share its X^T X, made once. calls: a forward calls these matrices that many
+    times in all; after the last of them _Stop is raised (run catches it): the rest of the block is not needed."""
     sums = {name: None for name in linears}
+    last = [None, None, 0]  # the last input read (and its version: no in-place change since), its X^T X; calls
 
     def hook(name):
         def collect(module, args, output):
-            x = args[0].detach().reshape(-1, module.in_features).to(torch.float64)
-            sums[name] = x.T @ x if sums[name] is None else sums[name] + x.T @ x
+            x = args[0]
+            if last[0] is None or last[0][0] is not x or last[0][1] != x._version:
+                flat = x.detach().reshape(-1, module.in_features).to(torch.float64)
+                last[0], last[1] = (x, x._version), flat.T @ flat
+            sums[name] = last[1] if sums[name] is None else sums[name] + last[1]
+            last[2] += 1
+            if calls is not None and last[2] == calls:
+                last[2] = 0
+                raise _Stop
         return collect
 
     handles = [m.register_forward_hook(hook(name)) for name, m in linears.items()]
@@ -526,20 +536,23 @@ def _input_hessians(linears: dict, run, rows: int) -> dict:
     finally:
         for h in handles:
             h.remove()
+        last[0] = last[1] = None
     return {name: 2 * s / rows for name, s in sums.items()}
 
 
-def _block_stages(block, linears: dict, args) -> list:
+def _block_stages(block, linears: dict, args, calls: dict | None = None) -> list:
     """[[name, ...], ...]: the nn.Linears of block (linears, {name: module}) in the stages true-sequential GPTQ
     quantizes them in, found by running block(*args) once (a calibration batch's arguments): in the order the block
     first calls them, the Linears that read one tensor one stage (GPT-2's q, k and v; SwiGLU's gate and up; a
     parallel block's attention and MLP on one norm's output). Whatever a model family's block does, a stage's inputs
-    depend only on the stages before it."""
+    depend only on the stages before it. calls (a dict), filled: {name: how many times the forward calls it}."""
     seen = []  # [(input, [names])]: each input kept alive, so no later tensor reuses its memory and seems the same
+    calls = {} if calls is None else calls
 
     def hook(name):
         def record(module, args):
             x = args[0]
+            calls[name] = calls.get(name, 0) + 1
             if any(name in names for _, names in seen):  # called again: its stage is where it was first
                 return
             for t, names in seen:
@@ -646,15 +659,21 @@ def quantize_gptq(model, mode: str, calibration, head: bool = True, group_size: 
 
         def run_block(block, advance=False):
             for args in inputs:
-                x, mlp_out = block(*args)
+                try:
+                    x, mlp_out = block(*args)
+                except _Stop:  # (_input_hessians': the stage's matrices have all read their inputs)
+                    continue
                 if advance:
                     args[0], args[3] = x, mlp_out
         for b, block in enumerate(model.trf_blocks):
             linears = {name: m for name, m in block.named_modules() if isinstance(m, nn.Linear)}
-            stages = _block_stages(block, linears, inputs[0]) if true_sequential else [list(linears)]
-            for stage in stages:  # each stage's Hessians on the block with its earlier stages quantized
+            calls = {}
+            stages = _block_stages(block, linears, inputs[0], calls) if true_sequential else [list(linears)]
+            for stage in stages:  # each stage's Hessians on the block with its earlier stages quantized, the block
+                # run up to the stage's last matrix only (true-sequential; every batch calls the matrices alike)
                 hessians = _input_hessians({name: linears[name] for name in stage}, lambda: run_block(block),
-                                           calibration.numel())
+                                           calibration.numel(),
+                                           sum(calls[name] for name in stage) if true_sequential else None)
                 for name in stage:
                     parent, _, attr = name.rpartition(".")
                     made = swap(block.get_submodule(parent), attr,

@@ -405,6 +405,43 @@ def test_a_linear_called_twice_keeps_its_first_stage_and_one_never_called_is_nam
     assert _block_stages(block, linears, [torch.randn(2, 8)]) == [["a"], ["b"]]
 
 
+def test_a_true_sequential_stage_runs_the_block_only_up_to_its_last_matrix_and_sums_a_shared_input_once(
+        monkeypatch):
+    """Each stage's run stops once its matrices have read their inputs (_Stop after the last call): fc2 runs in
+    the stage-finding forward and its own stage, not in the three stages before it; q, k and v share one X^T X. The quantized model is bit for bit the one the whole-block runs made (the
+    stopped rest changes no Hessian)."""
+    from tritongpt.model import quant
+
+    torch.manual_seed(0)
+    model = GPTModel(GPTConfig(vocab_size=V, context_length=T, n_layer=1, n_head=4, n_embd=64)).eval()
+    ids = torch.randint(0, V, (6, T))
+    twin = copy.deepcopy(model)
+    fc2_calls, products = [0], [0]
+    model.trf_blocks[0].ff.fc2.register_forward_hook(lambda *a: fc2_calls.__setitem__(0, fc2_calls[0] + 1))
+    real = torch.Tensor.__matmul__
+
+    def counted(a, b):
+        if a.dim() == 2 and b.dim() == 2 and a.data_ptr() == b.data_ptr() and a.stride() == b.stride()[::-1]:
+            products[0] += 1  # an X^T X: X's transpose times X
+        return real(a, b)
+    monkeypatch.setattr(torch.Tensor, "__matmul__", counted)
+    quant.quantize_gptq(model, "int4", ids, group_size=32, batch_size=2)  # 3 batches
+    monkeypatch.setattr(torch.Tensor, "__matmul__", real)
+    # the stage finding's forward and fc2's own stage (the inputs move on through its quantized replacement):
+    # not the three stages before it too (1 + 4 x 3 when each ran the whole block)
+    assert fc2_calls[0] == 1 + 3, fc2_calls
+    # a product a stage and batch (q, k and v one), and the head's: 4 x 3 + 3, not one a matrix (6 x 3 + 3)
+    assert products[0] == 4 * 3 + 3, products
+
+    def whole_block(linears, run, rows, calls=None):
+        return real_hessians(linears, run, rows)
+    real_hessians = quant._input_hessians
+    monkeypatch.setattr(quant, "_input_hessians", whole_block)
+    quant.quantize_gptq(twin, "int4", ids, group_size=32, batch_size=2)
+    for (name, a), b in zip(model.state_dict().items(), twin.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
 def test_true_sequential_collects_the_output_projections_hessian_from_the_quantized_q_k_v(monkeypatch):
     """q, k and v read the block's input either way (the same Hessian); the output projection, true-sequential,
     reads the attention of the int4 q, k, v: its Hessian is the one a model whose q, k, v are GPTQ's makes, not the
