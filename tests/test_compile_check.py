@@ -91,13 +91,17 @@ def test_every_kernel_launch_builds_for_sm90(tmp_path):
     for r in rows:
         if " kv_len " in r["case"]:
             cached.setdefault(r["case"], set()).add((r["kernel"], r["variant"]))
-    assert len(cached) == 7, cached
+    # seven over a float cache, and six of them (not the window's) over an int8 one (INT8_KV, its cases' alone)
+    assert len(cached) == 13 and sum(case.endswith(" int8") for case in cached) == 6, cached
     for case, kv in cached.items():
-        want = {"_attn_fwd"} if case.endswith("B=32") else {"_attn_fwd_split", "_attn_fwd_combine"}
+        base = case.removesuffix(" int8")
+        want = {"_attn_fwd"} if base.endswith("B=32") else {"_attn_fwd_split", "_attn_fwd_combine"}
         assert {k for k, _ in kv} == want, (case, kv)
-        assert all("HAS_KV_LEN=True" in v and ("HAS_DOCS=True" in v) == case.endswith(" window")
-                   for k, v in kv if k != "_attn_fwd_combine"), (case, kv)
+        assert all("HAS_KV_LEN=True" in v and ("HAS_DOCS=True" in v) == base.endswith(" window")
+                   and ("INT8_KV=True" in v) == case.endswith(" int8") for k, v in kv if k != "_attn_fwd_combine"), \
+            (case, kv)
     assert not any("HAS_KV_LEN=True" in r["variant"] for r in rows if " kv_len " not in r["case"])
+    assert not any("INT8_KV=True" in r["variant"] for r in rows if not r["case"].endswith(" int8"))
     # partial rotary (GPTConfig.rotary_dim): its launches copy the pass-through columns (PASS), and scale cos and
     # sin only with an attention factor (SCALED); whole heads build without either
     partial = [r["variant"] for r in rows if "rotary" in r["case"]]
