@@ -14,7 +14,7 @@ import torch
 import tritongpt.train.generate as gen
 from parity import assert_close_rel
 from test_attention import make_qkv
-from test_decode_graph import fx_capture, warm_then_fx
+from test_decode_graph import CASES, VOCAB, fx_capture, tiny, warm_then_fx  # (its four tiny families)
 from test_flash_decoding import reference_gqa as reference
 from tritongpt.errors import UserError
 from tritongpt.kernels.attention import flash_attention
@@ -22,21 +22,6 @@ from tritongpt.model.config import GPTConfig
 from tritongpt.model.gpt import GPTModel, KVCache
 from tritongpt.model.layers import alibi_slopes, dequantize_kv, quantize_kv
 from tritongpt.train.beam_search import beam_search
-
-VOCAB = 97
-CASES = {
-    "gpt2": dict(),
-    "rope-gqa": dict(position_encoding="rope", n_kv_head=2, norm="rmsnorm", mlp="swiglu"),
-    "alibi": dict(position_encoding="alibi"),
-    "window-softcap": dict(attention_window=4, attn_softcap=5.0),
-}
-
-
-def tiny(kernels="reference", context_length=24, **extra):
-    torch.manual_seed(0)
-    cfg = GPTConfig(vocab_size=VOCAB, context_length=context_length, n_layer=2, n_head=4, n_embd=64,
-                    kernels=kernels, **extra)
-    return GPTModel(cfg).eval()
 
 
 def quantized(k, v):
