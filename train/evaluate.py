@@ -97,7 +97,9 @@ def evaluate_tokens(model, tokens, stride=None, batch_size: int = 8, dtype=None,
         model.train(was_training)
     total_nats = float(total)  # one host sync, at the end
     loss = total_nats / scored
-    out = {"tokens": scored, "windows": len(spans), "loss": loss, "perplexity": math.exp(min(loss, 700.0)),
+    # past float's range (a diverged model: over ~709 nats a token) inf, as lambada reports it, not e^700 made up
+    perplexity = math.exp(loss) if loss < math.log(sys.float_info.max) else math.inf
+    out = {"tokens": scored, "windows": len(spans), "loss": loss, "perplexity": perplexity,
            "seconds": time.perf_counter() - start}
     if token_bytes is not None:
         out.update(bytes=n_bytes, bits_per_byte=total_nats / math.log(2) / n_bytes if n_bytes else None)
