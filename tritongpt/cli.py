@@ -55,7 +55,20 @@ def build_parser(commands=None) -> argparse.ArgumentParser:
     for name, (_, line) in COMMANDS.items():
         if name not in sub.choices:
             sub.add_parser(name, help=line)
-    parser.commands = sub.choices  # {name: its parser}: main names a command's unknown flags with its own usage
+    return parser
+
+
+def command_parser(parser, argv):
+    """The parser of the deepest command argv names (`bench kernels`'s, `rlhf`'s), else parser itself: argparse
+    reports a command's unknown flags from the top parser, with the top level's usage (`tritongpt [-h] COMMAND
+    ...`), where the command's own usage says which flags it has."""
+    for word in argv:
+        if word.startswith("-"):
+            continue
+        subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+        if not subs or word not in subs[0].choices:
+            break
+        parser = subs[0].choices[word]
     return parser
 
 
@@ -103,12 +116,9 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     # the command is the first word that is not an option (the top level has -h alone)
     parser = build_parser([a for a in argv if not a.startswith("-")][:1])
-    # argparse reports a command's unknown flags from the top parser, with the top level's usage (`tritongpt
-    # [-h] COMMAND ...`): the command's own usage says which flags it has
     args, unknown = parser.parse_known_args(argv)
-    if unknown:
-        parser.commands.get(getattr(args, "command", None), parser).error(
-            f"unrecognized arguments: {' '.join(unknown)}")
+    if unknown:  # named with the command's own usage (command_parser)
+        command_parser(parser, argv).error(f"unrecognized arguments: {' '.join(unknown)}")
     if not getattr(args, "func", None):
         parser.print_help()
         return 0
