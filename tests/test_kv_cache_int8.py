@@ -456,7 +456,7 @@ def test_the_generate_command_takes_kv_cache_dtype(saved, capsys, monkeypatch, o
 
 
 def test_chat_and_serve_take_kv_cache_dtype(tmp_path, monkeypatch, capsys, one_thread):
-    from test_serve import call, start, tiny_run
+    from test_serve import serve_once, tiny_run
     from tritongpt.cli import main
 
     asked = asked_dtypes(monkeypatch, gen, "generate")
@@ -467,11 +467,5 @@ def test_chat_and_serve_take_kv_cache_dtype(tmp_path, monkeypatch, capsys, one_t
     folder = tmp_path / "run"
     tiny_run(folder, "chat")
     body = {"prompt": "the cat sat", "max_tokens": 6, "temperature": 0}
-    server = start(folder, "--kv-cache-dtype", "int8")
-    server.RequestHandlerClass.log_message = lambda *a: None
-    try:
-        status, out = call(server, "/v1/completions", body)
-    finally:
-        server.shutdown()
-        server.server_close()
+    status, out, server = serve_once(folder, "/v1/completions", body, "--kv-cache-dtype", "int8")
     assert status == 200 and server.app.kv_cache_dtype == "int8" and asked[-1] == "int8"

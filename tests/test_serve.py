@@ -42,6 +42,18 @@ def start(folder, *flags):
     return server
 
 
+def serve_once(folder, path, body, *flags):
+    """A server started with flags, one request to path, then shut down: (status, reply, the server)."""
+    server = start(folder, *flags)
+    server.RequestHandlerClass.log_message = lambda *a: None
+    try:
+        status, out = call(server, path, body)
+    finally:
+        server.shutdown()
+        server.server_close()
+    return status, out, server
+
+
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     folder = tmp_path_factory.mktemp("serve") / "run"
@@ -493,13 +505,7 @@ def test_cuda_graphs_serve_the_eager_text_and_are_refused_off_cuda(tmp_path, mon
     monkeypatch.setattr(commands, "check_cuda_graphs", lambda args, device, model: None)
     monkeypatch.setattr(gen, "capture_cuda_graph", lambda fn, device: captured.append(device) or fx_capture(fn))
     for flags in ((), ("--cuda-graphs",)):
-        server = start(folder, *flags)
-        server.RequestHandlerClass.log_message = lambda *a: None
-        try:
-            status, out = call(server, "/v1/completions", body)
-        finally:
-            server.shutdown()
-            server.server_close()
+        status, out, _ = serve_once(folder, "/v1/completions", body, *flags)
         assert status == 200
         texts[flags] = out["choices"][0]["text"]
     assert texts[()] == texts[("--cuda-graphs",)] and len(captured) == 1
