@@ -531,3 +531,17 @@ def test_fewer_than_two_tokens_is_a_user_error():
     for tokens in (torch.randint(0, 50, (1,)), torch.randint(0, 50, (0,))):
         with pytest.raises(UserError, match="evaluation needs at least 2 tokens"):
             evaluate_tokens(_SumOfNats(1.0), tokens)
+
+
+def test_json_reports_are_strict_json():
+    """--json's perplexity past float's range (and any NaN) is written as null, not Python's bare Infinity/NaN,
+    which jq and JSON.parse refuse: a strict parser (one that rejects those constants) reads the report back."""
+    from tritongpt.train.common import json_report
+
+    def refuse(name):
+        raise ValueError(f"not JSON: {name}")
+
+    x = float(torch.rand(()))
+    text = json_report({"perplexity": math.inf, "loss": x, "rows": [math.nan, -math.inf, 1], "nested": {"a": math.inf}})
+    assert json.loads(text, parse_constant=refuse) == {"perplexity": None, "loss": x, "rows": [None, None, 1],
+                                                        "nested": {"a": None}}

@@ -235,6 +235,11 @@ def test_the_command_scores_a_run(tok, tmp_path, capsys, monkeypatch):
                         (["--tokenizer", "default"], "tokenizer default has 4096 tokens but the model only 300")):
         assert main(base + flags) == 2
         assert said in capsys.readouterr().err
+    # a perplexity past float's range: --json writes null (strict JSON), not Python's bare Infinity
+    monkeypatch.setattr(lambada, "score", lambda *a, **k: {"examples": 7, "acc": 0.0, "perplexity": math.inf})
+    assert main(base + ["--json"]) == 0
+    got = json.loads(capsys.readouterr().out, parse_constant=lambda name: pytest.fail(f"not JSON: {name}"))
+    assert (got["examples"], got["perplexity"]) == (7, None)
 
 
 def test_a_hub_dataset_id_reads_its_test_split(hub, tok, capsys):

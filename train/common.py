@@ -759,6 +759,21 @@ def load_state(ckpt_dir, mmap: bool = False) -> dict:
 
 
 # -- metrics --------------------------------------------------------------------------------------
+def json_report(result) -> str:
+    """result as strict JSON for a command's --json: a float that is inf or NaN (a perplexity past float's range)
+    written as null, as JavaScript's JSON.stringify does, not Python's bare Infinity, which jq and most other
+    parsers refuse."""
+    def strict(v):
+        if isinstance(v, float) and not math.isfinite(v):
+            return None
+        if isinstance(v, dict):
+            return {k: strict(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [strict(x) for x in v]
+        return v
+    return json.dumps(strict(result), indent=1, allow_nan=False)
+
+
 class MetricsLog:
     """Appends one JSON object per line; `rows()` reads them back. `trackers` (a Trackers, or None)
     get every row too; a disabled log (DDP ranks other than 0) writes and reports nothing."""

@@ -215,7 +215,7 @@ def eval_reward_model(args, device, dtype) -> dict:
 def cmd_eval(args):
     from tritongpt.commands import quantize
     from tritongpt.train import data
-    from tritongpt.train.common import pick_device, pick_dtype
+    from tritongpt.train.common import json_report, pick_device, pick_dtype
     from tritongpt.train.gpt2_weights import load_checkpoint
     from tritongpt.train.reward import is_reward_model
     from tritongpt.train.sft import pick_tokenizer
@@ -230,7 +230,7 @@ def cmd_eval(args):
         device = pick_device(args.device)
         result = eval_reward_model(args, device, pick_dtype(args.dtype, device))
         if args.json:
-            print(json.dumps(result, indent=1))
+            print(json_report(result))
         else:
             print(f"{result['pairs']:,} preference pairs of {result['data']} ({result['split']}): accuracy "
                   f"{result['acc']:.4f}, loss {result['loss']:.4f}, mean margin {result['margin']:.4f}")
@@ -307,7 +307,7 @@ def cmd_eval(args):
                   device=str(device), quantize=getattr(model, "quantized", None),
                   quantize_group_size=getattr(model, "quantized_group_size", None))
     if args.json:
-        print(json.dumps(result, indent=1))
+        print(json_report(result))
     else:
         bpb = result.get("bits_per_byte")
         print(f"{result['tokens']:,} tokens of {result['data']} ({args.split}) in {result['windows']} windows of "

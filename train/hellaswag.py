@@ -31,7 +31,6 @@ scored after both; the option after which it is likelier is the answer. acc alon
 ending, so a mean per token ranks them as the sum does (lm-eval reports acc alone too). The output names the
 benchmark read ("WinoGrande: ... acc"); HellaSwag's own keeps "hellaswag:".
 """
-import json
 import sys
 import time
 from pathlib import Path
@@ -346,7 +345,9 @@ def cmd_hellaswag(args):
     result = score(model, tok, examples, args.batch_size, dtype, progress=not args.json)
     result.update(benchmark=shape, **run_facts(args, model, tok, device, URL))
     if args.json:
-        print(json.dumps(result, indent=1))
+        from tritongpt.train.common import json_report
+
+        print(json_report(result))
     else:
         # HellaSwag's own line as before; another benchmark's file is named by its shape
         name = "hellaswag" if shape == "HellaSwag" else shape

@@ -22,7 +22,6 @@ model's context window loses its first tokens (left-truncated, as lm-eval does);
 longer than the window is refused).
 Texts are batched, right-padded; the logits are made only at the target's positions.
 """
-import json
 import sys
 
 from tritongpt.errors import UserError
@@ -110,7 +109,9 @@ def cmd_lambada(args):
     result = score(model, tok, examples, args.batch_size, dtype, progress=not args.json)
     result.update(run_facts(args, model, tok, device, URL))
     if args.json:
-        print(json.dumps(result, indent=1))
+        from tritongpt.train.common import json_report
+
+        print(json_report(result))
     else:
         print(f"lambada: {result['examples']:,} examples: acc {result['acc']:.4f}, perplexity "
               f"{result['perplexity']:.2f} ({result['seconds']:.1f} s)")
