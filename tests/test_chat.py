@@ -143,7 +143,9 @@ def test_an_exported_run_keeps_its_template(tmp_path, capsys):
     assert chat.run_template(str(tmp_path / "hf" / "model.safetensors")) == "completion"
     assert AutoConfig.from_pretrained(tmp_path / "hf").tritongpt_prompt_format == "completion"
     assert main(["info", "--weights", str(tmp_path / "hf")]) == 0  # info says so too, as of the run's checkpoint
-    assert "prompts      completion template (what `tritongpt chat` prompts it with)" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "prompts      completion template (what `tritongpt chat` prompts it with)" in out
+    assert "run          - (a `tritongpt export` folder: weights, config.json and tokenizer files; no training" in out
     config = json.loads((tmp_path / "hf" / "config.json").read_text())
     for value in ("klingon", None):  # not a template: none recorded
         (tmp_path / "hf" / "config.json").write_text(json.dumps({**config, "tritongpt_prompt_format": value}))
