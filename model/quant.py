@@ -37,6 +37,8 @@ builds the QuantLinears on the meta device (quantized_layout) and fills them, so
 Only the commands that run a model pass quantized_ok; the trainers and merge refuse such a file by name (export takes
 a QLoRA run's, merged: dequantize_model; or its updates alone, --adapter, for the float base it quantized).
 """
+import copy
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -136,12 +138,19 @@ def unpack_int4(qweight):
     return torch.stack((qweight & 15, qweight >> 4), dim=-1).view(qweight.shape[0], -1)
 
 
+def dequantize_int4(qweight, scale, offset, group_size: int):
+    """quantize_weight_int4's (qweight, scale, offset) back to the fp32 matrix q * scale + offset [N, K]."""
+    N = qweight.shape[0]
+    q = unpack_int4(qweight).float().view(N, -1, group_size)
+    return (q * scale[:, :, None] + offset[:, :, None]).view(N, -1)
+
+
 # -- GPTQ ------------------------------------------------------------------------------------------------------
 # Round-to-nearest (above) quantizes each weight on its own. GPTQ (Frantar et al. 2022; AutoGPTQ, gpt-fast's GPTQ)
 # minimises the layer's output error on calibration inputs X instead, ||X W^T - X Q^T||^2 = tr((W - Q) H (W - Q)^T)
 # with H = 2 X^T X, in the same layout: what comes out is what the kernels and files already read.
 
-GPTQ_METHODS = ("rtn", "gptq")
+QUANTIZE_METHODS = ("rtn", "gptq", "awq")  # quantize()'s: round to nearest; GPTQ; AWQ (below)
 
 
 def _gptq(weight, hessian, damp: float, block: int, group_size, find_params, quantize_column, act_order=False,
@@ -422,9 +431,7 @@ class Int4Linear(QuantLinear):
 
     def dequantize(self):
         """The fp32 matrix q * scale + offset this layer multiplies by: [out, in]."""
-        N, G = self.out_features, self.group_size
-        q = unpack_int4(self.qweight).float().view(N, -1, G)
-        return (q * self.scale[:, :, None] + self.offset[:, :, None]).view(N, self.in_features)
+        return dequantize_int4(self.qweight, self.scale, self.offset, self.group_size)
 
     def _triton(self, x, activation):
         from tritongpt.kernels.quant import int4_linear
@@ -599,6 +606,21 @@ def _first_block_inputs(model, calibration, batch_size: int, doc_ids=None) -> li
     return inputs
 
 
+def _check_calibration(model, calibration, doc_ids, method: str) -> None:
+    """A UserError naming what is wrong with a calibration method's (GPTQ's, AWQ's) token ids or their doc_ids."""
+    if not torch.is_tensor(calibration) or calibration.dim() != 2 or calibration.is_floating_point() \
+            or calibration.numel() == 0:
+        raise UserError(f"{method}'s calibration must be token ids [n_samples, T] (at least one sample of one token), "
+                        "got " + (f"{tuple(calibration.shape)} {calibration.dtype}" if torch.is_tensor(calibration)
+                                  else type(calibration).__name__))
+    if calibration.shape[1] > model.config.context_length:
+        raise UserError(f"{method}'s calibration samples are {calibration.shape[1]} tokens, longer than the model's "
+                        f"context ({model.config.context_length})")
+    if doc_ids is not None and (not torch.is_tensor(doc_ids) or doc_ids.shape != calibration.shape):
+        raise UserError(f"{method}'s doc_ids must be calibration's shape {tuple(calibration.shape)}, got "
+                        + (str(tuple(doc_ids.shape)) if torch.is_tensor(doc_ids) else type(doc_ids).__name__))
+
+
 def quantize_gptq(model, mode: str, calibration, head: bool = True, group_size: int = 128, batch_size: int = 8,
                   doc_ids=None, act_order: bool = False, true_sequential: bool = True):
     """quantize_int8 / quantize_int4's swap, each matrix by GPTQ (gptq_quantize_weight / gptq_quantize_weight_int4)
@@ -620,18 +642,7 @@ def quantize_gptq(model, mode: str, calibration, head: bool = True, group_size: 
     if mode not in ("int8", "int4"):
         raise UserError(f"quantization must be int8 or int4, got {mode!r}")
     _check_quantizable(model, mode, group_size if mode == "int4" else None)
-    if not torch.is_tensor(calibration) or calibration.dim() != 2 or calibration.is_floating_point() \
-            or calibration.numel() == 0:
-        raise UserError("GPTQ's calibration must be token ids [n_samples, T] (at least one sample of one token), got "
-                        + (f"{tuple(calibration.shape)} {calibration.dtype}" if torch.is_tensor(calibration)
-                           else type(calibration).__name__))
-    if calibration.shape[1] > model.config.context_length:
-        raise UserError(f"GPTQ's calibration samples are {calibration.shape[1]} tokens, longer than the model's "
-                        f"context ({model.config.context_length})")
-
-    if doc_ids is not None and (not torch.is_tensor(doc_ids) or doc_ids.shape != calibration.shape):
-        raise UserError(f"GPTQ's doc_ids must be calibration's shape {tuple(calibration.shape)}, got "
-                        + (str(tuple(doc_ids.shape)) if torch.is_tensor(doc_ids) else type(doc_ids).__name__))
+    _check_calibration(model, calibration, doc_ids, "GPTQ")
 
     def make(name, linear, hessian):
         try:
@@ -700,27 +711,320 @@ def quantize_gptq(model, mode: str, calibration, head: bool = True, group_size: 
     return model
 
 
+# -- AWQ ---------------------------------------------------------------------------------------------------------
+# AWQ (Lin et al. 2023; llm-awq, AutoAWQ's auto_scale and auto_clip) keeps round-to-nearest's rounding and int4
+# layout, and first scales each matrix's input channels: W x = (W diag(s)) (x / s). A channel whose activations are
+# large (salient) gets s > 1: its weights a larger share of their group's range, so a smaller rounding error where it
+# costs the most. x / s is folded into the op that makes x (a norm's weight and bias, a gated MLP's up rows, the value
+# rows), so the float model computes what it did. Then each row-group's range is clipped where that cuts its output
+# error (one outlier weight costs every other weight of its group resolution). What comes out is an ordinary int4
+# file: every kernel and command runs it unchanged.
+
+AWQ_GRID = 20  # the scale search's alphas 0, 1/20, ..., 19/20 (AutoAWQ's n_grid)
+AWQ_CLIP_RATIOS = tuple(1 - i / 20 for i in range(11))  # auto_clip's shrinks of a group's largest |w|: 1.0 ... 0.5
+AWQ_CLIP_TOKENS = 512  # auto_clip's calibration tokens, evenly spaced (AutoAWQ's n_sample_token)
+AWQ_NO_CLIP = ("att.W_query", "att.W_key")  # as AutoAWQ: their error reaches the model through softmax(q k^T) only,
+# where a row's own output error says little
+
+
+def _channel_params(m):
+    """(weight, bias) of a module whose output channels are its weight's first dimension (a Linear's rows, a norm's
+    weight) and its bias's, one to one; None for a module without a weight of its own."""
+    w = m._parameters.get("weight")
+    if w is None or w.dim() not in (1, 2):
+        return None
+    b = m._parameters.get("bias")
+    return None if b is not None and tuple(b.shape) != (w.shape[0],) else (w, b)
+
+
+def _scale_channels(m, r, divide: bool = False):
+    """m's output channels times r [M] (its weight's rows or entries, and its bias), or divided by it, in place (in
+    their dtype: a float64 model's fold is float64's)."""
+    with torch.no_grad():
+        for p in _channel_params(m):
+            if p is not None:
+                r_ = r.to(p.device, p.dtype).view(-1, *[1] * (p.dim() - 1))
+                p.div_(r_) if divide else p.mul_(r_)
+
+
+def _stage_input(block, inputs, linear, stride: int = 1):
+    """The tensor linear reads as the block runs on each batch of inputs (its first call a forward), [tokens, K],
+    every stride-th token; the rest of the block is not run."""
+    xs = []
+
+    def grab(module, args):
+        xs.append(args[0].detach().reshape(-1, module.in_features)[::stride])
+        raise _Stop
+
+    handle = linear.register_forward_pre_hook(grab)
+    try:
+        with torch.no_grad():
+            for args in inputs:
+                try:
+                    block(*args)
+                except _Stop:
+                    pass
+    finally:
+        handle.remove()
+    return torch.cat(xs)
+
+
+def _awq_fold(block, args, stage: list):
+    """Where AWQ's scale for stage (names of block's Linears that read one tensor X, K wide) folds exactly: (the name
+    of the module whose output channels make X's, cmap [K]: X's channel c is that module's channel cmap[c]), or None.
+
+    Found by trying, on a float64 copy of the block and one calibration batch (args), each module with a weight of
+    its own that ran before the stage, the nearest first: its output channels times a random r must make X times
+    r[cmap] (X linear in them: a norm's weight and bias; a gated MLP's up rows, act(g) * u; the value rows under
+    attention's weighted sum; under GQA a KV head's channels read by several query heads: cmap many to one), and the
+    fold itself, those channels divided by a random t and the stage's columns times t[cmap], must leave the block's
+    output as it was (what fails: a GELU between, as GPT-2's fc1 -> fc2; a norm whose output something else reads
+    too; the residual stream itself, OLMo 2's blocks without input norms). Found by what the block computes, not by
+    its modules' names: every family's block is tried alike."""
+    probe = copy.deepcopy(block).double()
+    args = [a.double() if torch.is_tensor(a) and a.is_floating_point() else a for a in args]
+    first, linears = probe.get_submodule(stage[0]), [probe.get_submodule(name) for name in stage]
+    order, seen = [], {}
+
+    def ran(name):
+        return lambda m, a, out: order.append(name) if name not in order else None
+
+    def grab(m, a):
+        seen.setdefault("x", (a[0].detach().clone(), list(order)))  # X, and the modules that ran before it
+
+    hooks = [m.register_forward_hook(ran(name)) for name, m in probe.named_modules()
+             if _channel_params(m) is not None and name not in stage]
+    hooks.append(first.register_forward_pre_hook(grab))
+    try:
+        with torch.no_grad():
+            want = probe(*args)
+    finally:
+        for h in hooks:
+            h.remove()
+    (x, before), K = seen["x"], first.in_features
+    x = x.reshape(-1, K)
+    top = x.abs().argmax(0)  # each channel's largest activation: the one its ratio is read at
+    peak = x[top, torch.arange(K)]
+    if bool((peak == 0).any()):  # a channel never set tells nothing of which channel makes it
+        return None
+    g = torch.Generator().manual_seed(0)
+
+    def close(a, b):
+        return float((a - b).abs().max()) <= 1e-9 * float(b.abs().max())
+
+    for name in reversed(before):
+        m = probe.get_submodule(name)
+        kept = [p.detach().clone() if p is not None else None for p in _channel_params(m)]
+        M = kept[0].shape[0]
+        r = 1 + torch.rand(M, generator=g, dtype=torch.float64)
+        _scale_channels(m, r)
+        x2 = _stage_input(probe, [args], first).reshape(-1, K)
+        cmap = ((x2[top, torch.arange(K)] / peak)[:, None] - r[None, :]).abs().argmin(1)
+        ok = close(x2, x * r[cmap])
+        if ok:  # the fold itself, with other scales: the block's output unchanged
+            t = 0.5 + torch.rand(M, generator=g, dtype=torch.float64)
+            for p, k in zip(_channel_params(m), kept):
+                if p is not None:
+                    p.data.copy_(k)
+            _scale_channels(m, t, divide=True)
+            columns = [lin.weight.detach().clone() for lin in linears]
+            with torch.no_grad():
+                for lin in linears:
+                    lin.weight.mul_(t[cmap])
+                got = probe(*args)
+                for lin, w in zip(linears, columns):
+                    lin.weight.copy_(w)
+            ok = all(close(a, b) for a, b in zip(got, want) if torch.is_tensor(b))
+        for p, k in zip(_channel_params(m), kept):
+            if p is not None:
+                p.data.copy_(k)
+        if ok:
+            return name, cmap.to(block.get_submodule(name).weight.device)
+    return None
+
+
+def _awq_search(x, weights: list, group_size: int, cmap, M: int):
+    """AWQ's scale search for the Linears' weights (the stage's, [N_i, K]) reading x [tokens, K]: (t [M], alpha,
+    its error, round-to-nearest's error). For alpha in 0, 1/20, ..., 19/20: t = x_mean^alpha (x_mean: mean |x| a
+    channel, over the channels cmap gives one producer channel), clamped at 1e-4 and divided by sqrt(max t min t);
+    s = t[cmap] (the columns' scales); the weights W s rounded (quantize_weight_int4, the file's quantizer), divided
+    by s again; the error the mean square of (x W_q^T - x W^T) over the stage's outputs. alpha 0 is s = 1, round to
+    nearest: the best is never worse on this objective. fp32."""
+    x, W = x.float(), torch.cat([w.detach().float() for w in weights])
+    count = torch.bincount(cmap, minlength=M)
+    x_mean = torch.zeros(M, device=x.device).index_add_(0, cmap, x.abs().mean(0)) / count.clamp(min=1)
+    x_mean = torch.where(count > 0, x_mean, x_mean[count > 0].mean())  # (a channel nothing reads: the mean)
+    want = x @ W.T
+    best = None
+    for i in range(AWQ_GRID):
+        t = x_mean.pow(i / AWQ_GRID).clamp(min=1e-4)
+        t = t / (t.max() * t.min()).sqrt()
+        s = t[cmap]
+        Wq = dequantize_int4(*quantize_weight_int4(W * s, group_size), group_size) / s
+        err = float((x @ Wq.T - want).pow(2).mean())
+        if i == 0:
+            rtn = err
+        if best is None or err < best[2]:
+            best = (t, i / AWQ_GRID, err)
+    return (*best, rtn)
+
+
+def _awq_clip(weight, x, group_size: int, rows: int = 256):
+    """auto_clip: the largest |w| [N, K / G] each row-group of weight [N, K] keeps, of AWQ_CLIP_RATIOS times its own:
+    the one whose clipped (w clamped to +-it) and rounded weights (the file's quantizer: the clamped group's own
+    minimum and maximum its ends) give the group's share of the outputs, x_g w_g^T over the tokens x [n, K], nearest
+    the float's (mean square). Ratio 1 is round to nearest. rows: output rows at a time (memory: rows x groups x n)."""
+    N, K = weight.shape
+    w, x = weight.detach().float().view(N, K // group_size, group_size), x.float().view(-1, K // group_size, group_size)
+    amax = w.abs().amax(-1)
+    best, best_err = amax.clone(), torch.full_like(amax, float("inf"))
+    for r0 in range(0, N, rows):
+        wr, ar = w[r0:r0 + rows], amax[r0:r0 + rows, :, None]
+        want = torch.einsum("ngk,tgk->ngt", wr, x)
+        for ratio in AWQ_CLIP_RATIOS:
+            cw = torch.clamp(wr, -ar * ratio, ar * ratio).reshape(-1, K)
+            q = dequantize_int4(*quantize_weight_int4(cw, group_size), group_size).view(wr.shape)
+            err = (torch.einsum("ngk,tgk->ngt", q, x) - want).pow(2).mean(-1)
+            better = err < best_err[r0:r0 + rows]
+            best_err[r0:r0 + rows] = torch.where(better, err, best_err[r0:r0 + rows])
+            best[r0:r0 + rows] = torch.where(better, ar[..., 0] * ratio, best[r0:r0 + rows])
+    return best
+
+
+def quantize_awq(model, mode: str, calibration, head: bool = True, group_size: int = 128, batch_size: int = 8,
+                 doc_ids=None, report: dict | None = None, fold_only: bool = False):
+    """quantize_int4's swap with each matrix by AWQ (Lin et al. 2023, as AutoAWQ's auto_scale and auto_clip) on
+    calibration (token ids [n_samples, T]; doc_ids as quantize_gptq's), block by block on the inputs kept from the
+    block before (_first_block_inputs, as GPTQ's path). In each block, for each stage of Linears that read one tensor
+    (_block_stages): the per-channel scale s of AWQ_GRID alphas whose rounded W s, divided by s, gives the stage's
+    outputs nearest the float's (_awq_search), folded where it folds exactly (_awq_fold: the Linears' columns times
+    s, the op making their input divided by it: the float model unchanged), else left out (that stage clip only:
+    GPT-2's fc2 after its GELU; AutoAWQ's ScaledActivation would add a tensor to the layout); then every Linear but
+    q and k clipped (_awq_clip) and rounded to nearest. The LM head, with head, rounded to nearest (AutoAWQ leaves it
+    float: --no-head): a tied head is the embedding, nothing folds into it.
+
+    The next block's inputs are the float block's outputs (the scaled float block computes the float one's), as
+    llm-awq's and AutoAWQ's: AWQ's search measures each stage against the float model's outputs on the float model's
+    activations, and its x_mean is the float model's saliency; it also means one run of the block gives the inputs.
+    report (a dict), filled: "stages", one {"block", "stage", "fold", "alpha", "error", "rtn_error"} a stage
+    ("fold": the module the scale went into, None where none folds), "unscaled" the stages no scale folds into.
+    fold_only: the scales folded into the float model and nothing quantized (a test's: the function unchanged).
+    int4 only: AWQ's scales serve groups; int8's row scale is refused. In place, on the model's device; the model on
+    the reference path while it calibrates; returns it in eval mode."""
+    if mode != "int4":
+        raise UserError(f"AWQ quantizes to int4 here (AutoAWQ's 4-bit groups), not {mode}: use --method gptq or rtn "
+                        "for int8")
+    _check_quantizable(model, mode, group_size)
+    _check_calibration(model, calibration, doc_ids, "AWQ")
+    report = {} if report is None else report
+    report.update(stages=[], unscaled=[])
+    kernels, was_training, swapped, backups = model.kernels, model.training, [], []
+    model.eval().set_kernels("reference")
+    calibration = calibration.to(model.tok_emb.weight.device)
+    doc_ids = None if doc_ids is None else doc_ids.to(calibration.device)
+    stride = max(1, calibration.numel() // AWQ_CLIP_TOKENS)
+    try:
+        inputs = _first_block_inputs(model, calibration, batch_size, doc_ids)
+        for b, block in enumerate(model.trf_blocks):
+            # the float block kept (on the CPU) until the whole model is done: a refusal puts it back as it was
+            backups.append((block, {k: v.detach().to("cpu", copy=True) for k, v in block.state_dict().items()}))
+            linears = {name: m for name, m in block.named_modules() if isinstance(m, nn.Linear)}
+            for stage in _block_stages(block, linears, inputs[0]):
+                fold = _awq_fold(block, inputs[0], stage)
+                said = {"block": b, "stage": stage, "fold": None if fold is None else fold[0]}
+                if fold is None:
+                    report["unscaled"].append(f"trf_blocks.{b}.{'/'.join(stage)}")
+                else:
+                    producer, cmap = block.get_submodule(fold[0]), fold[1]
+                    M = _channel_params(producer)[0].shape[0]
+                    x = _stage_input(block, inputs, linears[stage[0]])
+                    t, said["alpha"], said["error"], said["rtn_error"] = _awq_search(
+                        x, [linears[name].weight for name in stage], group_size, cmap, M)
+                    del x
+                    _scale_channels(producer, t, divide=True)
+                    with torch.no_grad():
+                        for name in stage:
+                            linears[name].weight.mul_(t[cmap].to(linears[name].weight.dtype))
+                report["stages"].append(said)
+            if fold_only:
+                clipped = {}
+            else:
+                clipped = {name: m for name, m in linears.items() if name not in AWQ_NO_CLIP}
+            xs = {name: [] for name in clipped}
+            hooks = [m.register_forward_pre_hook(
+                lambda mod, a, name=name: xs[name].append(a[0].detach().reshape(-1, mod.in_features)[::stride]))
+                for name, m in clipped.items()]
+            try:  # the clipped matrices' inputs, and the (scaled) float block's output: the next block's input
+                with torch.no_grad():
+                    for args in inputs:
+                        args[0], args[3] = block(*args)
+            finally:
+                for h in hooks:
+                    h.remove()
+            for name, m in clipped.items():
+                keep = _awq_clip(m.weight, torch.cat(xs.pop(name)), group_size)
+                with torch.no_grad():
+                    w = m.weight.view(m.out_features, -1, group_size)
+                    keep = keep.to(w.dtype)[..., None]
+                    w.copy_(torch.clamp(w, -keep, keep))
+            if fold_only:
+                continue
+            for name, m in linears.items():
+                parent, _, attr = name.rpartition(".")
+                swapped.append((block.get_submodule(parent), attr, m))
+                try:
+                    made = Int4Linear.from_linear(m, group_size=group_size)
+                except UserError as e:
+                    raise UserError(f"trf_blocks.{b}.{name}: {e}") from None
+                setattr(block.get_submodule(parent), attr, made)
+        if head and not fold_only:
+            swapped.append((model, "out_head", model.out_head))
+            model.out_head = made = Int4Linear.from_linear(model.out_head, group_size=group_size)
+    except BaseException:  # the float model back as it was: never a half-quantized or half-scaled one
+        for parent, attr, old in reversed(swapped):
+            setattr(parent, attr, old)
+        for block, state in backups:
+            block.load_state_dict(state)
+        model.train(was_training)
+        raise
+    finally:
+        model.set_kernels(kernels, check_device=False)
+    if report["unscaled"]:
+        names = sorted({name.split(".", 2)[2] for name in report["unscaled"]})
+        note(f"AWQ: no scale folds exactly into the input of {', '.join(names)} ({len(report['unscaled'])} stages: "
+             "what makes it is not linear in its channels, or feeds more than them); clipped only")
+    if fold_only:
+        return model.train(was_training)
+    _mark_quantized(model, head, made, len(swapped))
+    return model
+
+
 def quantize(model, mode: str, head: bool = True, device=None, group_size: int = 128, method: str = "rtn",
-             calibration=None, doc_ids=None, act_order: bool = False, true_sequential=None):
+             calibration=None, doc_ids=None, act_order: bool = False, true_sequential=None, report=None):
     """quantize_int8 or quantize_int4 by name (the commands' --quantize); method "gptq": quantize_gptq on
     calibration (token ids [n_samples, T]; doc_ids, its documents; act_order, true_sequential: None for its
-    default), on the model's own device (device= is round-to-nearest's)."""
-    if method not in GPTQ_METHODS:
-        raise UserError(f"the quantization method must be rtn or gptq, got {method!r}")
+    default), "awq": quantize_awq on calibration (report, its dict), each on the model's own device (device= is
+    round-to-nearest's)."""
+    if method not in QUANTIZE_METHODS:
+        raise UserError(f"the quantization method must be rtn, gptq or awq, got {method!r}")
     if method != "gptq" and (act_order or true_sequential is not None):
-        raise UserError(f"{'act-order' if act_order else 'true sequential'} is GPTQ's: round-to-nearest (method rtn) "
-                        "quantizes each weight on its own")
-    if method == "gptq":
+        raise UserError(f"{'act-order' if act_order else 'true sequential'} is GPTQ's: "
+                        + ("round-to-nearest (method rtn) quantizes each weight on its own" if method == "rtn" else
+                           "AWQ scales and clips each matrix's weights, then rounds them to nearest: no column order"))
+    if method in ("gptq", "awq"):
+        name = method.upper()
         if calibration is None:
-            raise UserError("GPTQ needs calibration token ids [n_samples, T]")
+            raise UserError(f"{name} needs calibration token ids [n_samples, T]")
         want, have = None if device is None else torch.device(device), next(model.parameters()).device
         if want is not None and (want.type != have.type or want.index not in (None, have.index)):
-            raise UserError(f"GPTQ quantizes on the model's own device ({next(model.parameters()).device}): move the "
-                            f"model to {device} first")
+            raise UserError(f"{name} quantizes on the model's own device ({next(model.parameters()).device}): move "
+                            f"the model to {device} first")
+        if method == "awq":
+            return quantize_awq(model, mode, calibration, head, group_size, doc_ids=doc_ids, report=report)
         return quantize_gptq(model, mode, calibration, head, group_size, doc_ids=doc_ids, act_order=act_order,
                              **({} if true_sequential is None else {"true_sequential": true_sequential}))
     if calibration is not None or doc_ids is not None:
-        raise UserError("calibration data is GPTQ's: round-to-nearest (method rtn) reads none")
+        raise UserError("calibration data is GPTQ's and AWQ's: round-to-nearest (method rtn) reads none")
     if mode == "int8":
         return quantize_int8(model, head, device)
     if mode == "int4":

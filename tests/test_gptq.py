@@ -526,8 +526,8 @@ def test_quantize_gptq_refuses_bad_calibration_and_leaves_the_model_float(monkey
         quantize(model, "int4", method="gptq")
     with pytest.raises(UserError, match="round-to-nearest .* reads none"):
         quantize(model, "int4", calibration=torch.zeros(1, 4, dtype=torch.long))
-    with pytest.raises(UserError, match="method must be rtn or gptq"):
-        quantize(model, "int4", method="awq")
+    with pytest.raises(UserError, match="method must be rtn, gptq or awq, got 'bogus'"):
+        quantize(model, "int4", method="bogus")
     with pytest.raises(UserError, match="act-order is GPTQ's: round-to-nearest"):
         quantize(model, "int4", act_order=True)
     with pytest.raises(UserError, match="true sequential is GPTQ's: round-to-nearest"):
@@ -660,6 +660,64 @@ def test_an_int8_gptq_files_act_order_is_not_said_to_have_static_groups(saved, t
         in capsys.readouterr().out
 
 
+@pytest.mark.usefixtures("one_thread")  # a tiny model: two threads spin against each other
+def test_the_quantize_command_writes_an_awq_file_that_generate_eval_and_info_run_on_both_paths(saved, tmp_path, capsys,
+                                                                                                monkeypatch):
+    """--method awq: the file is what quantize(method="awq") makes of the model and the command's calibration
+    tokens, tensor for tensor (the folded norms too: they are the model's now); generate and eval run it; the two
+    kernel paths give its blocks' output alike (the interpreter's Triton path on the blocks alone: the int4 head is
+    the same kernel, the GPTQ file's test above runs the commands on it); the command, the metadata and info say
+    AWQ, its calibration and the stage left unscaled."""
+    import tritongpt.model.quant as quant
+    from safetensors.torch import load_file
+
+    from tritongpt import cli
+    from tritongpt.model.gpt import safetensors_metadata
+
+    real, given = quant.quantize, {}
+
+    def spy(model, *args, **kw):
+        given.update(calibration=kw["calibration"].clone(), doc_ids=kw["doc_ids"])
+        return real(model, *args, **kw)
+
+    monkeypatch.setattr(quant, "quantize", spy)
+    out = tmp_path / "awq"
+    assert cli.main(["quantize", str(saved), "--out", str(out), "--quantize", "int4", "--group-size", "32",
+                     "--method", "awq", "--calibration-samples", "4", "--calibration-length", "16"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out.startswith("quantize: int4 (group 32), 7 matrices, ")
+    assert captured.out.rstrip().endswith("AWQ on 4 x 16 tokens of pydoc, input of ff.fc2 unscaled")
+    assert "AWQ: no scale folds exactly into the input of ff.fc2" in captured.err
+    meta = safetensors_metadata(out / "model.safetensors")
+    assert (meta["quantized_method"], meta["quantized_calibration"]) == ("awq", "4 x 16 tokens of pydoc")
+    assert meta["quantized_awq_unscaled"] == "ff.fc2" and "quantized_act_order" not in meta
+    want = real(GPTModel.load(saved), "int4", group_size=32, method="awq", **given).state_dict()
+    got = load_file(out / "model.safetensors")
+    assert want.keys() == got.keys()
+    for name, t in got.items():
+        assert torch.equal(t, want[name]), name
+    assert not torch.equal(got["trf_blocks.0.norm1.weight"], GPTModel.load(saved).trf_blocks[0].norm1.weight)
+    assert cli.main([*GEN, "--weights", str(out)]) == 0 and capsys.readouterr().out.startswith("The cat")
+    assert cli.main(["eval", "--weights", str(out), "--device", "cpu", "--max-tokens", "64", "--split", "all",
+                     "--json"]) == 0
+    score = json.loads(capsys.readouterr().out)
+    assert (score["quantize"], score["quantize_group_size"]) == ("int4", 32) and score["loss"] < 9
+    model, ids = GPTModel.load(out / "model.safetensors", quantized_ok=True).eval(), torch.randint(0, 1000, (1, 4))
+    with torch.no_grad():
+        hidden = [model.set_kernels(kernels).hidden(ids) for kernels in ("reference", "triton")]
+    assert float((hidden[1] - hidden[0]).norm() / hidden[0].norm()) < 1e-5
+    assert cli.main(["info", "--weights", str(out)]) == 0
+    assert "(`tritongpt quantize`, AWQ on 4 x 16 tokens of pydoc, input of ff.fc2 unscaled)" in capsys.readouterr().out
+
+
+def test_the_commands_methods_are_quantizes():
+    """commands.py keeps its own copy (its parser loads without torch): the two must name the same methods."""
+    from tritongpt.commands import QUANTIZE_METHODS
+    from tritongpt.model import quant
+
+    assert QUANTIZE_METHODS == quant.QUANTIZE_METHODS
+
+
 def test_the_commands_true_sequential_default_is_quantize_gptqs():
     """commands.py keeps its own copy (its parser loads without torch): the two must say the same."""
     import inspect
@@ -726,8 +784,8 @@ def test_gptqs_calibration_defaults_to_the_runs_own_training_split(saved, tmp_pa
 
 @pytest.mark.parametrize("argv, said", [
     (["--method", "gptq"], "--method gptq needs --quantize int4 or --quantize int8"),
-    (["--quantize", "int4", "--calibration-samples", "4"], "--calibration-samples is GPTQ's calibration: pass "
-                                                           "--method gptq too"),
+    (["--quantize", "int4", "--calibration-samples", "4"], "--calibration-samples is GPTQ's and AWQ's calibration: "
+                                                           "pass --method gptq or awq too"),
     (["--quantize", "int4", "--method", "gptq", "--calibration-samples", "0"], "--calibration-samples must be at "
                                                                               "least 1, got 0"),
     (["--quantize", "int4", "--method", "gptq", "--calibration-length", "33"], "--calibration-length 33 is longer "
@@ -738,6 +796,12 @@ def test_gptqs_calibration_defaults_to_the_runs_own_training_split(saved, tmp_pa
     (["--quantize", "int4", "--act-order"], "--act-order is GPTQ's: pass --method gptq too"),
     (["--quantize", "int4", "--no-true-sequential"], "--no-true-sequential is GPTQ's: pass --method gptq too"),
     (["--true-sequential"], "--true-sequential is GPTQ's: pass --method gptq too"),
+    (["--method", "awq"], "--method awq needs --quantize int4"),
+    (["--quantize", "int8", "--method", "awq"], "--method awq quantizes to int4 (AutoAWQ's 4-bit groups), not "
+                                                "--quantize int8"),
+    (["--quantize", "int4", "--method", "awq", "--act-order"], "--act-order is GPTQ's: pass --method gptq too (AWQ "
+                                                               "scales and clips"),
+    (["--quantize", "int4", "--method", "awq", "--no-true-sequential"], "--no-true-sequential is GPTQ's"),
 ])
 def test_the_quantize_commands_refusals_are_named(saved, tmp_path, capsys, argv, said):
     from tritongpt import cli

@@ -215,6 +215,8 @@ def cmd_info(args):
         if meta.get("quantized_method") == "gptq":  # (files from before the method was recorded: round-to-nearest)
             made += (f", GPTQ on {meta.get('quantized_calibration', 'its calibration text')}"
                      + gptq_options(meta, model.quantized))
+        elif meta.get("quantized_method") == "awq":
+            made += f", AWQ on {meta.get('quantized_calibration', 'its calibration text')}{awq_options(meta)}"
         elif meta.get("quantized_method") == "rtn":
             made += ", rounded to nearest"
         how = ("int8 with an fp32 scale a row" if model.quantized == "int8" else
@@ -798,6 +800,13 @@ def gptq_options(meta: dict, mode: str) -> str:
     return said + {"true": ", true-sequential", "false": ", not true-sequential"}.get(sequential, "")
 
 
+def awq_options(meta: dict) -> str:
+    """", input of ff.fc2 unscaled": an AWQ file's stages no scale folded into (clipped only), as its metadata
+    records them; nothing for another file."""
+    unscaled = meta.get("quantized_awq_unscaled")
+    return f", input of {unscaled.replace(',', ', ')} unscaled" if unscaled else ""
+
+
 def cmd_quantize(args):
     """`tritongpt quantize MODEL --out DIR [--quantize int4 --group-size G]`: the model's int8 (default) or int4
     weights (model/quant.py quantize) as DIR/model.safetensors, with its tokenizer and prompt format, for the commands
@@ -823,16 +832,24 @@ def cmd_quantize(args):
     out = Path(args.out)
     calibration_flags = [flag for flag in ("--calibration", "--calibration-samples", "--calibration-length")
                          if getattr(args, flag_dest(flag)) is not None]
+    calibrated = args.method in ("gptq", "awq")
     if args.quantize is None:
         if args.method == "gptq":  # GPTQ's cost and file are int4's or int8's: which is said, not assumed
             raise UserError("--method gptq needs --quantize int4 or --quantize int8")
+        if args.method == "awq":
+            raise UserError("--method awq needs --quantize int4")
         args.quantize = "int8"
-    if args.method != "gptq" and calibration_flags:
-        raise UserError(f"{calibration_flags[0]} is GPTQ's calibration: pass --method gptq too")
+    if args.method == "awq" and args.quantize != "int4":  # (before the model loads: quantize_awq says it too)
+        raise UserError(f"--method awq quantizes to int4 (AutoAWQ's 4-bit groups), not --quantize {args.quantize}: "
+                        "use --method gptq or rtn for int8")
+    if not calibrated and calibration_flags:
+        raise UserError(f"{calibration_flags[0]} is GPTQ's and AWQ's calibration: pass --method gptq or awq too")
     if args.method != "gptq" and (args.act_order or args.true_sequential is not None):
         flag = "--act-order" if args.act_order else \
             "--true-sequential" if args.true_sequential else "--no-true-sequential"
-        raise UserError(f"{flag} is GPTQ's: pass --method gptq too (round-to-nearest rounds each weight on its own)")
+        raise UserError(f"{flag} is GPTQ's: pass --method gptq too " + (
+            "(round-to-nearest rounds each weight on its own)" if args.method == "rtn" else
+            "(AWQ scales and clips each matrix, then rounds it to nearest: no column order, no stages to choose)"))
     group = group_size(args)
     samples = 128 if args.calibration_samples is None else args.calibration_samples
     if samples < 1:
@@ -855,22 +872,30 @@ def cmd_quantize(args):
         extra[PRETRAIN_DATA] = json.dumps(record, default=str)
     calibration = doc_ids = None
     options = {}
-    if args.method == "gptq":
+    if calibrated:
         calibration, said, doc_ids = calibration_tokens(args, model.config.context_length, tok, record, samples)
+        extra.update(quantized_calibration=said)
+    if args.method == "gptq":
         options = {"act_order": args.act_order, "true_sequential": GPTQ_TRUE_SEQUENTIAL if args.true_sequential is None
                    else args.true_sequential}
-        extra.update(quantized_calibration=said, **{f"quantized_{k}": str(v).lower() for k, v in options.items()})
+        extra.update({f"quantized_{k}": str(v).lower() for k, v in options.items()})
+    if args.method == "awq":
+        options = {"report": {}}
     before = linear_bytes(model)
     try:
-        if args.method == "gptq":  # its forwards and Hessians where the model is: the device's, all of it
+        if calibrated:  # its forwards (GPTQ's Hessians, AWQ's searches) where the model is: the device's, all of it
             model.to(device)
         quantize(model, args.quantize, head=not args.no_head, group_size=group, method=args.method,
                  calibration=calibration, doc_ids=doc_ids, device=device, **options)  # rtn: each matrix there
     except torch.OutOfMemoryError:  # --device auto takes the GPU, where a model the CPU quantized may not fit
         hints = (["--device cpu (the host's memory)"] if device.type != "cpu" else []) \
-            + (["fewer --calibration-samples (GPTQ keeps each sample's activations)"] if args.method == "gptq" else [])
+            + ([f"fewer --calibration-samples ({args.method.upper()} keeps each sample's activations)"] if calibrated
+               else [])
         raise UserError(f"quantizing ran out of memory on {device}" + (": pass " + ", or ".join(hints) if hints
                                                                        else "")) from None
+    if args.method == "awq":  # the stages whose scale nothing folds into (clipped only): GPT-2's fc2, after a GELU
+        unscaled = sorted({name.split(".", 2)[2] for name in options["report"]["unscaled"]})
+        extra.update(quantized_awq_unscaled=",".join(unscaled))
     model.cpu()
     out.mkdir(parents=True, exist_ok=True)
     model.save(target, extra)
@@ -878,22 +903,24 @@ def cmd_quantize(args):
     print(f"quantize: {describe_quantized(model)}, {model.quantized_linears} matrices, {before / 2**20:,.1f} MiB -> "
           f"{linear_bytes(model) / 2**20:,.1f} MiB as the matmuls read them -> {target} "
           f"({target.stat().st_size / 2**20:,.1f} MiB)"
-          + (f", GPTQ on {said}{gptq_options(extra, args.quantize)}" if calibration is not None else ""))
+          + (f", {args.method.upper()} on {said}{gptq_options(extra, args.quantize)}{awq_options(extra)}"
+             if calibration is not None else ""))
     return 0
 
 
 def calibration_tokens(args, context_length: int, tok, record, samples: int):
-    """GPTQ's calibration for `tritongpt quantize`: (token ids [samples, T], what they are, in words, doc_ids). The
-    text is --calibration, else the data the model's pretraining run trained on (its record: its training split,
-    never the held-out tail eval scores), else the embedded default corpus (pydoc, the quickstart's); T is
-    --calibration-length, else the model's context. The windows start at evenly spaced tokens of the training
-    split, so the same flags give the same file. doc_ids [samples, T]: each window's documents (data.document_ids)
+    """GPTQ's and AWQ's calibration for `tritongpt quantize` (args.method's): (token ids [samples, T], what they are,
+    in words, doc_ids). The text is --calibration, else the data the model's pretraining run trained on (its record:
+    its training split, never the held-out tail eval scores), else the embedded default corpus (pydoc, the
+    quickstart's); T is --calibration-length, else the model's context. The windows start at evenly spaced tokens
+    of the training split, so the same flags give the same file. doc_ids [samples, T]: each window's documents (data.document_ids)
     where the run trained with --document-mask (its record says so), as eval then scores it; else None."""
     import torch
 
     from tritongpt.train import data
     from tritongpt.train.evaluate import own_split
 
+    method = {"awq": "AWQ"}.get(getattr(args, "method", None), "GPTQ")
     length = context_length if args.calibration_length is None else args.calibration_length
     if length > context_length:
         raise UserError(f"--calibration-length {length} is longer than the model's context ({context_length})")
@@ -901,7 +928,7 @@ def calibration_tokens(args, context_length: int, tok, record, samples: int):
         source = {"source": args.calibration, "text_field": "text"}
     elif record is not None and "sources" in record:
         raise UserError("the model's run trained on a mixture of sources: pass --calibration, the text to calibrate "
-                        "GPTQ on")
+                        f"{method} on")
     elif record is not None:
         source = {"source": record["source"], "text_field": record.get("text_field") or "text"}
     else:
@@ -912,7 +939,7 @@ def calibration_tokens(args, context_length: int, tok, record, samples: int):
         if args.calibration is not None or record is None:
             raise
         raise UserError(f"{e}; it is the data the model's run trained on: pass --calibration, the text to "
-                        "calibrate GPTQ on") from None
+                        f"calibrate {method} on") from None
     train = td.train if len(td.train) else td.tokens
     # the run's own split, whatever --val-fraction it held out: where its documents are tokenised as the run had
     # them (eval's test for scoring the run's own tail; else eval scores the last tenth, which td.train stops at)
@@ -925,7 +952,7 @@ def calibration_tokens(args, context_length: int, tok, record, samples: int):
     ids = torch.stack([torch.from_numpy(train[s:s + length].astype("int64")) for s in starts])
     said = f"{len(starts)} x {length} tokens of {source['source'] or 'pydoc'}"
     if len(starts) < samples:
-        note(f"GPTQ: {source['source'] or 'pydoc'}'s {len(train):,} training tokens hold {len(starts)} distinct "
+        note(f"{method}: {source['source'] or 'pydoc'}'s {len(train):,} training tokens hold {len(starts)} distinct "
              f"samples of {length}, not {samples}")
     # a model trained with its documents apart never attended across them: calibrated as it ran, and as eval scores
     doc_ids = data.document_ids(ids, tok.eot_id, td.meta.get("bos_id")) if record and record.get("document_mask") \
@@ -1114,8 +1141,8 @@ def add_quantize_arg(p):
 QUANTIZE_CHOICES = ("int8", "int4")
 DEFAULT_GROUP_SIZE = 128  # int4's group when --group-size is not given (model/quant.py's functions' default)
 KV_CACHE_DTYPES = ("auto", "int8")  # model/layers.py's (not imported here: the parser loads without torch)
-GPTQ_METHODS = ("rtn", "gptq")  # model/quant.py's (not imported here: the parser loads without torch)
-GPTQ_TRUE_SEQUENTIAL = True  # quantize_gptq's default, as AutoGPTQ's (not imported: as GPTQ_METHODS)
+QUANTIZE_METHODS = ("rtn", "gptq", "awq")  # model/quant.py's (not imported here: the parser loads without torch)
+GPTQ_TRUE_SEQUENTIAL = True  # quantize_gptq's default, as AutoGPTQ's (not imported: as QUANTIZE_METHODS)
 
 
 def add_group_size_arg(p, flag: str = "--group-size"):
@@ -1309,10 +1336,12 @@ def add_cli(sub):
                    help="int8 (default): an fp32 scale a row; int4: groups of --group-size inputs, an fp32 scale and "
                         "offset each")
     add_group_size_arg(p)
-    p.add_argument("--method", choices=GPTQ_METHODS, default="rtn",
+    p.add_argument("--method", choices=QUANTIZE_METHODS, default="rtn",
                    help="rtn (default): each weight rounded to its nearest level; gptq: GPTQ, each matrix's rounding "
                         "error corrected by the weights not yet rounded, for the least change of its outputs on "
-                        "calibration text (the same layout; much lower loss at int4)")
+                        "calibration text (the same layout; much lower loss at int4); awq: AWQ (int4 only), each "
+                        "matrix's input channels scaled by their calibration activations' size (folded into the op "
+                        "before it) and each group's range clipped, then rounded to nearest (the same layout)")
     p.add_argument("--act-order", action="store_true",
                    help="GPTQ: each matrix's inputs quantized in order of decreasing calibration activation energy "
                         "(the Hessian's diagonal; AutoGPTQ's desc_act), at int4 with static groups (every group's scale "
@@ -1324,16 +1353,16 @@ def add_cli(sub):
                         "then the attention output, then fc1, then fc2), each on the inputs the block's matrices "
                         "quantized before it give (AutoGPTQ's true_sequential; default: on)")
     p.add_argument("--calibration", default=None,
-                   help="GPTQ's calibration text: a corpus as pretrain --data takes it (default: the data the model's "
-                        "pretraining run trained on, its training split, else the embedded pydoc corpus)")
+                   help="GPTQ's and AWQ's calibration text: a corpus as pretrain --data takes it (default: the data "
+                        "the model's pretraining run trained on, its training split, else the embedded pydoc corpus)")
     p.add_argument("--calibration-samples", type=int, default=None, metavar="N",
-                   help="GPTQ: how many windows of the calibration text (default 128)")
+                   help="GPTQ, AWQ: how many windows of the calibration text (default 128)")
     p.add_argument("--calibration-length", type=int, default=None, metavar="T",
-                   help="GPTQ: tokens a window (default: the model's context)")
+                   help="GPTQ, AWQ: tokens a window (default: the model's context)")
     p.add_argument("--device", default="auto",
-                   help="where the quantizing runs: auto | cpu | cuda (auto: CUDA when present; GPTQ's calibration "
-                        "forwards and Hessians there, the float model moved there whole; round-to-nearest makes each "
-                        "matrix there in turn) (default %(default)s)")
+                   help="where the quantizing runs: auto | cpu | cuda (auto: CUDA when present; GPTQ's and AWQ's "
+                        "calibration forwards, Hessians and searches there, the float model moved there whole; "
+                        "round-to-nearest makes each matrix there in turn) (default %(default)s)")
     p.add_argument("--no-head", action="store_true", help="keep the LM head in floating point (a tied head then "
                                                           "stays the embedding)")
     p.add_argument("--overwrite", action="store_true", help="replace a model.safetensors already in --out")
