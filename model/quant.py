@@ -12,7 +12,9 @@ output row: a row's largest weight sets its step s, and each weight is off by at
 group (its 16 levels span the group's minimum to maximum). Activations stay in their dtype (fp32, or autocast's
 bf16): only the weights are quantized, so round-to-nearest needs no calibration data. GPTQ (quantize_gptq,
 `tritongpt quantize --method gptq`) picks the levels of the same layout from calibration text instead: each matrix's
-rounding errors are corrected by its weights not yet rounded, for the least change of its outputs on that text.
+rounding errors are corrected by its weights not yet rounded, for the least change of its outputs on that text. AWQ
+(quantize_awq, `--method awq`, int4) scales each matrix's input channels by their activations' size on that text,
+the scales folded into the op before it (the float model unchanged), clips each group's range, then rounds.
 
 Reference: `Int8Linear` / `Int4Linear` below dequantize (a float matrix) and call F.linear: the textbook version,
 which reads the quantized weights and then writes and reads a float copy of them.
@@ -25,6 +27,7 @@ and apply the scale (int8's in the epilogue), the bias and FeedForward's GELU. T
     quantize(model, "int4", head=False)  # QLoRA's base: add_lora (model/lora.py) then trains updates beside it
     quantize(model, "int4", method="gptq", calibration=ids)  # GPTQ on token ids [n_samples, T]
     quantize(model, "int4", method="gptq", calibration=ids, act_order=True)  # its columns by decreasing H_kk
+    quantize(model, "int4", method="awq", calibration=ids)  # AWQ's scales and clipping, then round to nearest
 
 The quantized matrices are buffers, frozen: a gradient flows through them to x (both paths; the Triton kernels'
 backward computes dx = dy @ W from the quantized tiles), never to them. QLoRA's updates (QuantLinear.lora) run
@@ -773,15 +776,17 @@ def _awq_fold(block, args, stage: list):
     """Where AWQ's scale for stage (names of block's Linears that read one tensor X, K wide) folds exactly: (the name
     of the module whose output channels make X's, cmap [K]: X's channel c is that module's channel cmap[c]), or None.
 
-    Found by trying, on a float64 copy of the block and one calibration batch (args), each module with a weight of
-    its own that ran before the stage, the nearest first: its output channels times a random r must make X times
-    r[cmap] (X linear in them: a norm's weight and bias; a gated MLP's up rows, act(g) * u; the value rows under
-    attention's weighted sum; under GQA a KV head's channels read by several query heads: cmap many to one), and the
-    fold itself, those channels divided by a random t and the stage's columns times t[cmap], must leave the block's
-    output as it was (what fails: a GELU between, as GPT-2's fc1 -> fc2; a norm whose output something else reads
-    too; the residual stream itself, OLMo 2's blocks without input norms). Found by what the block computes, not by
-    its modules' names: every family's block is tried alike."""
+    Found by trying, on a float64 copy of the block and the first sample of a calibration batch (args), each module
+    with a weight of its own that ran before the stage, the nearest first: its output channels times a random r must
+    make X times r[cmap] (X linear in them: a norm's weight and bias; a gated MLP's up rows, act(g) * u; the value
+    rows under attention's weighted sum; under GQA a KV head's channels read by several query heads: cmap many to
+    one), and the fold itself, those channels divided by a random t and the stage's columns times t[cmap], must
+    leave the block's output as it was (what fails: a GELU between, as GPT-2's fc1 -> fc2; a norm whose output
+    something else reads too; the residual stream itself, OLMo 2's blocks without input norms). Found by what the
+    block computes, not by its modules' names: every family's block is tried alike."""
     probe = copy.deepcopy(block).double()
+    # one sample (x, mlp_out, doc_ids, RoPE's positions [B, T]; not positions [T]): the fold is exact or not on any
+    args = [a[:1] if torch.is_tensor(a) and a.dim() >= 2 else a for a in args]
     args = [a.double() if torch.is_tensor(a) and a.is_floating_point() else a for a in args]
     first, linears = probe.get_submodule(stage[0]), [probe.get_submodule(name) for name in stage]
     order, seen = [], {}

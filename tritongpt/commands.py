@@ -913,8 +913,9 @@ def calibration_tokens(args, context_length: int, tok, record, samples: int):
     in words, doc_ids). The text is --calibration, else the data the model's pretraining run trained on (its record:
     its training split, never the held-out tail eval scores), else the embedded default corpus (pydoc, the
     quickstart's); T is --calibration-length, else the model's context. The windows start at evenly spaced tokens
-    of the training split, so the same flags give the same file. doc_ids [samples, T]: each window's documents (data.document_ids)
-    where the run trained with --document-mask (its record says so), as eval then scores it; else None."""
+    of the training split, so the same flags give the same file. doc_ids [samples, T]: each window's documents
+    (data.document_ids) where the run trained with --document-mask (its record says so), as eval then scores it;
+    else None."""
     import torch
 
     from tritongpt.train import data
