@@ -725,7 +725,6 @@ def quantize_gptq(model, mode: str, calibration, head: bool = True, group_size: 
 
 AWQ_GRID = 20  # the scale search's alphas 0, 1/20, ..., 19/20 (AutoAWQ's n_grid)
 AWQ_CLIP_RATIOS = tuple(1 - i / 20 for i in range(11))  # auto_clip's shrinks of a group's largest |w|: 1.0 ... 0.5
-AWQ_CLIP_TOKENS = 512  # auto_clip's calibration tokens, evenly spaced (AutoAWQ's n_sample_token)
 AWQ_NO_CLIP = ("att.W_query", "att.W_key")  # as AutoAWQ: their error reaches the model through softmax(q k^T) only,
 # where a row's own output error says little
 
@@ -750,13 +749,18 @@ def _scale_channels(m, r, divide: bool = False):
                 p.div_(r_) if divide else p.mul_(r_)
 
 
-def _stage_input(block, inputs, linear, stride: int = 1):
-    """The tensor linear reads as the block runs on each batch of inputs (its first call a forward), [tokens, K],
-    every stride-th token; the rest of the block is not run."""
+def _stage_input(block, inputs, linear, reduce=None):
+    """The tensor linear reads as the block runs on each batch of inputs (its first call a forward), [tokens, K];
+    the rest of the block is not run. reduce: each batch's [tokens, K] summed into reduce(x) instead (a tuple of
+    sums), returned in its place."""
     xs = []
 
     def grab(module, args):
-        xs.append(args[0].detach().reshape(-1, module.in_features)[::stride])
+        x = args[0].detach().reshape(-1, module.in_features)
+        if reduce is None:
+            xs.append(x)
+        else:
+            xs[:] = [a + b for a, b in zip(xs, reduce(x))] if xs else list(reduce(x))
         raise _Stop
 
     handle = linear.register_forward_pre_hook(grab)
@@ -769,7 +773,13 @@ def _stage_input(block, inputs, linear, stride: int = 1):
                     pass
     finally:
         handle.remove()
-    return torch.cat(xs)
+    return torch.cat(xs) if reduce is None else tuple(xs)
+
+
+def _abs_and_gram(x):
+    """(sum |x| over the tokens [K], X^T X [K, K]), float64: what AWQ's searches read of a tensor x [tokens, K]."""
+    x = x.double()
+    return x.abs().sum(0), x.T @ x
 
 
 def _awq_fold(block, args, stage: list):
@@ -848,25 +858,25 @@ def _awq_fold(block, args, stage: list):
     return None
 
 
-def _awq_search(x, weights: list, group_size: int, cmap, M: int):
-    """AWQ's scale search for the Linears' weights (the stage's, [N_i, K]) reading x [tokens, K]: (t [M], alpha,
-    its error, round-to-nearest's error). For alpha in 0, 1/20, ..., 19/20: t = x_mean^alpha (x_mean: mean |x| a
-    channel, over the channels cmap gives one producer channel), clamped at 1e-4 and divided by sqrt(max t min t);
-    s = t[cmap] (the columns' scales); the weights W s rounded (quantize_weight_int4, the file's quantizer), divided
-    by s again; the error the mean square of (x W_q^T - x W^T) over the stage's outputs. alpha 0 is s = 1, round to
-    nearest: the best is never worse on this objective. fp32."""
-    x, W = x.float(), torch.cat([w.detach().float() for w in weights])
+def _awq_search(x_mean, gram, weights: list, group_size: int, cmap, M: int):
+    """AWQ's scale search for the Linears' weights (the stage's, [N_i, K]) reading inputs x with mean |x| x_mean [K]
+    and X^T X / tokens gram [K, K]: (t [M], alpha, its error, round-to-nearest's error). For alpha in 0, 1/20, ...,
+    19/20: t = x_mean^alpha (over the channels cmap gives one producer channel, their mean), clamped at 1e-4 and
+    divided by sqrt(max t min t); s = t[cmap] (the columns' scales); the weights W s rounded (quantize_weight_int4,
+    the file's quantizer), divided by s again; the error the mean square of x W_q^T - x W^T over the tokens and the
+    stage's outputs, tr(D gram D^T) / N with D = W_q - W: the same sum as over every token, at K x K a row. alpha 0
+    is s = 1, round to nearest: the best is never worse on this objective."""
+    W = torch.cat([w.detach().float() for w in weights])
     count = torch.bincount(cmap, minlength=M)
-    x_mean = torch.zeros(M, device=x.device).index_add_(0, cmap, x.abs().mean(0)) / count.clamp(min=1)
-    x_mean = torch.where(count > 0, x_mean, x_mean[count > 0].mean())  # (a channel nothing reads: the mean)
-    want = x @ W.T
+    x_mean = torch.zeros(M, dtype=torch.float64, device=W.device).index_add_(0, cmap, x_mean) / count.clamp(min=1)
+    x_mean = torch.where(count > 0, x_mean, x_mean[count > 0].mean()).float()  # (a channel nothing reads: the mean)
     best = None
     for i in range(AWQ_GRID):
         t = x_mean.pow(i / AWQ_GRID).clamp(min=1e-4)
         t = t / (t.max() * t.min()).sqrt()
         s = t[cmap]
-        Wq = dequantize_int4(*quantize_weight_int4(W * s, group_size), group_size) / s
-        err = float((x @ Wq.T - want).pow(2).mean())
+        D = (dequantize_int4(*quantize_weight_int4(W * s, group_size), group_size) / s - W).double()
+        err = float(((D @ gram) * D).sum()) / len(W)
         if i == 0:
             rtn = err
         if best is None or err < best[2]:
@@ -874,25 +884,27 @@ def _awq_search(x, weights: list, group_size: int, cmap, M: int):
     return (*best, rtn)
 
 
-def _awq_clip(weight, x, group_size: int, rows: int = 256):
+def _awq_clip(weight, gram, group_size: int):
     """auto_clip: the largest |w| [N, K / G] each row-group of weight [N, K] keeps, of AWQ_CLIP_RATIOS times its own:
     the one whose clipped (w clamped to +-it) and rounded weights (the file's quantizer: the clamped group's own
-    minimum and maximum its ends) give the group's share of the outputs, x_g w_g^T over the tokens x [n, K], nearest
-    the float's (mean square). Ratio 1 is round to nearest. rows: output rows at a time (memory: rows x groups x n)."""
+    minimum and maximum its ends) give the group's share of the outputs, x_g w_g^T, nearest the float's in mean
+    square over the calibration tokens: d_g gram_gg d_g^T (gram: X^T X / tokens [K, K], the group's diagonal
+    block; d_g the group's rounding change), every token at G x G a group (AutoAWQ samples 512 tokens instead).
+    Ratio 1 is round to nearest."""
     N, K = weight.shape
-    w, x = weight.detach().float().view(N, K // group_size, group_size), x.float().view(-1, K // group_size, group_size)
+    ng = K // group_size
+    w = weight.detach().float().view(N, ng, group_size)
+    blocks = torch.stack([gram[g * group_size:(g + 1) * group_size, g * group_size:(g + 1) * group_size]
+                          for g in range(ng)])  # [ng, G, G]
     amax = w.abs().amax(-1)
-    best, best_err = amax.clone(), torch.full_like(amax, float("inf"))
-    for r0 in range(0, N, rows):
-        wr, ar = w[r0:r0 + rows], amax[r0:r0 + rows, :, None]
-        want = torch.einsum("ngk,tgk->ngt", wr, x)
-        for ratio in AWQ_CLIP_RATIOS:
-            cw = torch.clamp(wr, -ar * ratio, ar * ratio).reshape(-1, K)
-            q = dequantize_int4(*quantize_weight_int4(cw, group_size), group_size).view(wr.shape)
-            err = (torch.einsum("ngk,tgk->ngt", q, x) - want).pow(2).mean(-1)
-            better = err < best_err[r0:r0 + rows]
-            best_err[r0:r0 + rows] = torch.where(better, err, best_err[r0:r0 + rows])
-            best[r0:r0 + rows] = torch.where(better, ar[..., 0] * ratio, best[r0:r0 + rows])
+    best, best_err = amax.clone(), torch.full(amax.shape, float("inf"), dtype=torch.float64, device=w.device)
+    for ratio in AWQ_CLIP_RATIOS:
+        cw = torch.clamp(w, -amax[..., None] * ratio, amax[..., None] * ratio).view(N, K)
+        d = (dequantize_int4(*quantize_weight_int4(cw, group_size), group_size).view(N, ng, group_size) - w).double()
+        err = torch.einsum("ngk,gkl,ngl->ng", d, blocks, d)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best = torch.where(better, amax * ratio, best)
     return best
 
 
@@ -927,7 +939,6 @@ def quantize_awq(model, mode: str, calibration, head: bool = True, group_size: i
     model.eval().set_kernels("reference")
     calibration = calibration.to(model.tok_emb.weight.device)
     doc_ids = None if doc_ids is None else doc_ids.to(calibration.device)
-    stride = max(1, calibration.numel() // AWQ_CLIP_TOKENS)
     try:
         inputs = _first_block_inputs(model, calibration, batch_size, doc_ids)
         for b, block in enumerate(model.trf_blocks):
@@ -942,32 +953,26 @@ def quantize_awq(model, mode: str, calibration, head: bool = True, group_size: i
                 else:
                     producer, cmap = block.get_submodule(fold[0]), fold[1]
                     M = _channel_params(producer)[0].shape[0]
-                    x = _stage_input(block, inputs, linears[stage[0]])
+                    abs_sum, gram = _stage_input(block, inputs, linears[stage[0]], _abs_and_gram)
+                    rows = calibration.numel()
                     t, said["alpha"], said["error"], said["rtn_error"] = _awq_search(
-                        x, [linears[name].weight for name in stage], group_size, cmap, M)
-                    del x
+                        abs_sum / rows, gram / rows, [linears[name].weight for name in stage], group_size, cmap, M)
                     _scale_channels(producer, t, divide=True)
                     with torch.no_grad():
                         for name in stage:
                             linears[name].weight.mul_(t[cmap].to(linears[name].weight.dtype))
                 report["stages"].append(said)
-            if fold_only:
-                clipped = {}
-            else:
-                clipped = {name: m for name, m in linears.items() if name not in AWQ_NO_CLIP}
-            xs = {name: [] for name in clipped}
-            hooks = [m.register_forward_pre_hook(
-                lambda mod, a, name=name: xs[name].append(a[0].detach().reshape(-1, mod.in_features)[::stride]))
-                for name, m in clipped.items()]
-            try:  # the clipped matrices' inputs, and the (scaled) float block's output: the next block's input
-                with torch.no_grad():
-                    for args in inputs:
-                        args[0], args[3] = block(*args)
-            finally:
-                for h in hooks:
-                    h.remove()
+            clipped = {} if fold_only else {name: m for name, m in linears.items() if name not in AWQ_NO_CLIP}
+
+            def advance():  # the (scaled) float block's output: the next block's input
+                for args in inputs:
+                    args[0], args[3] = block(*args)
+
+            # the clipped matrices' inputs' X^T X (GPTQ's Hessians, 2 X^T X / tokens: a factor the argmin ignores)
+            # as the block runs, once for those that read one tensor
+            grams = _input_hessians(clipped, advance, calibration.numel())
             for name, m in clipped.items():
-                keep = _awq_clip(m.weight, torch.cat(xs.pop(name)), group_size)
+                keep = _awq_clip(m.weight, grams.pop(name), group_size)
                 with torch.no_grad():
                     w = m.weight.view(m.out_features, -1, group_size)
                     keep = keep.to(w.dtype)[..., None]
