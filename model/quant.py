@@ -817,9 +817,9 @@ def _awq_fold(block, args, stage: list):
         for h in hooks:
             h.remove()
     (x, before), K = seen["x"], first.in_features
-    x = x.reshape(-1, K)
-    top = x.abs().argmax(0)  # each channel's largest activation: the one its ratio is read at
-    peak = x[top, torch.arange(K)]
+    x, dev = x.reshape(-1, K), x.device
+    top, channels = x.abs().argmax(0), torch.arange(K, device=dev)  # each channel's largest activation: its ratio's
+    peak = x[top, channels]
     if bool((peak == 0).any()):  # a channel never set tells nothing of which channel makes it
         return None
     g = torch.Generator().manual_seed(0)
@@ -831,13 +831,13 @@ def _awq_fold(block, args, stage: list):
         m = probe.get_submodule(name)
         kept = [p.detach().clone() if p is not None else None for p in _channel_params(m)]
         M = kept[0].shape[0]
-        r = 1 + torch.rand(M, generator=g, dtype=torch.float64)
+        r = 1 + torch.rand(M, generator=g, dtype=torch.float64).to(dev)
         _scale_channels(m, r)
         x2 = _stage_input(probe, [args], first).reshape(-1, K)
-        cmap = ((x2[top, torch.arange(K)] / peak)[:, None] - r[None, :]).abs().argmin(1)
+        cmap = ((x2[top, channels] / peak)[:, None] - r[None, :]).abs().argmin(1)
         ok = close(x2, x * r[cmap])
         if ok:  # the fold itself, with other scales: the block's output unchanged
-            t = 0.5 + torch.rand(M, generator=g, dtype=torch.float64)
+            t = 0.5 + torch.rand(M, generator=g, dtype=torch.float64).to(dev)
             for p, k in zip(_channel_params(m), kept):
                 if p is not None:
                     p.data.copy_(k)
@@ -854,7 +854,7 @@ def _awq_fold(block, args, stage: list):
             if p is not None:
                 p.data.copy_(k)
         if ok:
-            return name, cmap.to(block.get_submodule(name).weight.device)
+            return name, cmap
     return None
 
 
