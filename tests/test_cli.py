@@ -105,6 +105,52 @@ def test_every_flag_and_argument_has_a_help_text():
     assert n > 150 and bare == []
 
 
+def test_readme_names_only_flags_files_and_anchors_that_exist():
+    """README drift: every `--flag` it names is some command's (torchrun's and tensorboard's aside), every command
+    it shows (`tritongpt CMD ...` lines, `CMD --flag` in prose) takes the flags shown with it, every repository path
+    it names (a file, or a folder with its /) exists, and every [link](#anchor) is one of its headings, as GitHub
+    spells them."""
+    import re
+    from pathlib import Path
+
+    import tritongpt
+    from tritongpt.cli import build_parser
+
+    root = Path(tritongpt.__file__).resolve().parent.parent
+    if not (root / "README.md").exists():
+        pytest.skip("not a checkout: no README.md beside the package")
+    text = (root / "README.md").read_text()
+    flags_of = {}
+
+    def walk(parser, name):
+        for a in parser._actions:
+            if isinstance(a, argparse._SubParsersAction):
+                for sub_name, sub in a.choices.items():
+                    walk(sub, f"{name} {sub_name}".strip())
+        flags_of[name] = {o for a in parser._actions for o in a.option_strings}
+
+    walk(build_parser(), "")
+    flag = r"(?<![\w-])--[a-z][a-z0-9-]*"
+    known = set().union(*flags_of.values()) | {"--nproc-per-node", "--standalone", "--logdir"}
+    assert sorted(set(re.findall(flag, text)) - known) == []
+    names = sorted(flags_of, key=len, reverse=True)
+    shown = re.findall(r"`([^`\n]+)`", text) + [line.split("  #")[0] for line in text.splitlines()
+                                                 if line.startswith(("tritongpt ", "torchrun "))]
+    wrong = []
+    for span in shown:
+        span = re.sub(r"^(torchrun .*?-m tritongpt\.cli |python -m tritongpt |tritongpt )", "", span)
+        cmd = next((c for c in names if c and (span + " ").startswith(c + " ")), None)
+        wrong += [f"{cmd} {f}" for f in re.findall(flag, span) if cmd and f not in flags_of[cmd]]
+    assert wrong == []
+    top = r"(?<![\w./-])((?:\.ci|bench|kernels|model|tests|train|tritongpt)/"
+    paths = set(re.findall(top + r"[\w./-]*(?:\.\w+|/))(?![\w-])", text))
+    assert len(paths) > 20 and sorted(p for p in paths if not (root / p).exists()) == []
+    headings = re.findall(r"^#+ (.+)$", re.sub(r"```.*?```", "", text, flags=re.S), re.M)
+    anchors = {re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-") for h in headings}
+    links = re.findall(r"\]\(#([^)]+)\)", text)
+    assert links and sorted(set(links) - anchors) == []
+
+
 def test_info_counts_parameters(capsys):
     assert main(["info", "--model", "gpt2-small"]) == 0
     out = capsys.readouterr().out
