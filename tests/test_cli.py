@@ -105,11 +105,11 @@ def test_every_flag_and_argument_has_a_help_text():
     assert n > 150 and bare == []
 
 
-def test_readme_names_only_flags_files_and_anchors_that_exist():
+def test_readme_names_only_flags_files_presets_and_anchors_that_exist():
     """README drift: every `--flag` it names is some command's (torchrun's and tensorboard's aside), every command
     it shows (`tritongpt CMD ...` lines, `CMD --flag` in prose) takes the flags shown with it, every repository path
-    it names (a file, or a folder with its /) exists, and every [link](#anchor) is one of its headings, as GitHub
-    spells them."""
+    it names (a file, or a folder with its /) exists, every pip extra and --model preset it names is defined, and
+    every [link](#anchor) is one of its headings, as GitHub spells them."""
     import re
     from pathlib import Path
 
@@ -145,6 +145,11 @@ def test_readme_names_only_flags_files_and_anchors_that_exist():
     top = r"(?<![\w./-])((?:\.ci|bench|kernels|model|tests|train|tritongpt)/"
     paths = set(re.findall(top + r"[\w./-]*(?:\.\w+|/))(?![\w-])", text))
     assert len(paths) > 20 and sorted(p for p in paths if not (root / p).exists()) == []
+    extras = set(re.findall(r"\.\[(\w+)\]", text))  # pip install -e ".[track]"
+    assert extras and sorted(e for e in extras if f"\n{e} = [" not in (root / "pyproject.toml").read_text()) == []
+    from tritongpt.model.config import PRESETS
+    models = set(re.findall(r"--models? ([\w.-]+)", text)) - {"MODEL"}
+    assert "gpt2-small" in models and sorted(models - set(PRESETS)) == []
     headings = re.findall(r"^#+ (.+)$", re.sub(r"```.*?```", "", text, flags=re.S), re.M)
     anchors = {re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-") for h in headings}
     links = re.findall(r"\]\(#([^)]+)\)", text)
