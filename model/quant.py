@@ -550,12 +550,13 @@ def _input_hessians(linears: dict, run, rows: int, calls: int | None = None) -> 
     return {name: 2 * s / rows for name, s in sums.items()}
 
 
-def _block_stages(block, linears: dict, args, calls: dict | None = None) -> list:
+def _block_stages(block, linears: dict, args, calls: dict | None = None, method: str = "GPTQ") -> list:
     """[[name, ...], ...]: the nn.Linears of block (linears, {name: module}) in the stages true-sequential GPTQ
     quantizes them in, found by running block(*args) once (a calibration batch's arguments): in the order the block
     first calls them, the Linears that read one tensor one stage (GPT-2's q, k and v; SwiGLU's gate and up; a
     parallel block's attention and MLP on one norm's output). Whatever a model family's block does, a stage's inputs
-    depend only on the stages before it. calls (a dict), filled: {name: how many times the forward calls it}."""
+    depend only on the stages before it. calls (a dict), filled: {name: how many times the forward calls it}.
+    method: the caller's name (GPTQ, AWQ) for the refusal of a Linear the block never calls."""
     seen = []  # [(input, [names])]: each input kept alive, so no later tensor reuses its memory and seems the same
     calls = {} if calls is None else calls
 
@@ -582,7 +583,7 @@ def _block_stages(block, linears: dict, args, calls: dict | None = None) -> list
     stages = [names for _, names in seen]
     unused = [name for name in linears if not any(name in names for names in stages)]
     if unused:
-        raise UserError(f"GPTQ cannot calibrate {', '.join(unused)}: the block never calls it")
+        raise UserError(f"{method} cannot calibrate {', '.join(unused)}: the block never calls it")
     return stages
 
 
@@ -945,7 +946,7 @@ def quantize_awq(model, mode: str, calibration, head: bool = True, group_size: i
             # the float block kept (on the CPU) until the whole model is done: a refusal puts it back as it was
             backups.append((block, {k: v.detach().to("cpu", copy=True) for k, v in block.state_dict().items()}))
             linears = {name: m for name, m in block.named_modules() if isinstance(m, nn.Linear)}
-            for stage in _block_stages(block, linears, inputs[0]):
+            for stage in _block_stages(block, linears, inputs[0], method="AWQ"):
                 fold = _awq_fold(block, inputs[0], stage)
                 said = {"block": b, "stage": stage, "fold": None if fold is None else fold[0]}
                 if fold is None:

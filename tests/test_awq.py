@@ -291,3 +291,15 @@ def test_awq_refuses_what_it_does_not_do_by_name_and_a_refusal_midway_leaves_the
     assert model.state_dict().keys() == before.keys()
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     assert isinstance(model.trf_blocks[0].ff.w_gate, nn.Linear)
+
+
+def test_a_block_with_a_matrix_it_never_calls_is_refused_as_awqs_and_the_blocks_before_it_put_back():
+    """The second block holds a Linear its forward never calls: the refusal names AWQ (not GPTQ, whose stage
+    finder it shares) and comes after the first block was scaled, clipped and swapped: all of it undone."""
+    model = tiny("llama")
+    model.trf_blocks[1].unused = nn.Linear(64, 64)
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(UserError, match="^AWQ cannot calibrate unused: the block never calls it"):
+        quantize(model, "int4", group_size=32, method="awq", calibration=calibration(2))
+    assert not any(isinstance(m, Int4Linear) for m in model.modules())
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
