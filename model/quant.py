@@ -783,6 +783,15 @@ def _abs_and_gram(x):
     return x.abs().sum(0), x.T @ x
 
 
+def _nearest(values, r):
+    """For each of values [K], the index of r's [M] entry nearest it, by a sort and a binary search: a [K, M] table
+    of differences would be K M float64s, gigabytes at an MLP's widths (27648^2: 6 GB, twice), on the device."""
+    rs, order = torch.sort(r)
+    i = torch.searchsorted(rs, values).clamp(max=len(rs) - 1)
+    below = (i - 1).clamp(min=0)
+    return order[torch.where((values - rs[below]).abs() < (rs[i] - values).abs(), below, i)]
+
+
 def _awq_fold(block, args, stage: list):
     """Where AWQ's scale for stage (names of block's Linears that read one tensor X, K wide) folds exactly: (the name
     of the module whose output channels make X's, cmap [K]: X's channel c is that module's channel cmap[c]), or None.
@@ -835,7 +844,7 @@ def _awq_fold(block, args, stage: list):
         r = 1 + torch.rand(M, generator=g, dtype=torch.float64).to(dev)
         _scale_channels(m, r)
         x2 = _stage_input(probe, [args], first).reshape(-1, K)
-        cmap = ((x2[top, channels] / peak)[:, None] - r[None, :]).abs().argmin(1)
+        cmap = _nearest(x2[top, channels] / peak, r)
         ok = close(x2, x * r[cmap])
         if ok:  # the fold itself, with other scales: the block's output unchanged
             t = 0.5 + torch.rand(M, generator=g, dtype=torch.float64).to(dev)
