@@ -1,0 +1,51 @@
+"""Triton's CPU interpreter as the kernels run in it: kernels/_common.skip_interpreter_repatching (triton.language
+patched once a launch, not again at every device-function call) changes nothing but the time."""
+import inspect
+
+import pytest
+import torch
+import triton
+import triton.language as tl
+from triton.runtime import interpreter
+
+from tritongpt.kernels import _common
+
+
+@triton.jit
+def _twice_the_sum(x):
+    return tl.sum(x, axis=0) * 2  # a device function calling another (tl.sum is a @triton.jit one too)
+
+
+@triton.jit
+def _sums_kernel(x_ptr, out_ptr, N: tl.constexpr):
+    row = tl.program_id(0)
+    x = tl.load(x_ptr + row * N + tl.arange(0, N))
+    tl.store(out_ptr + row, _twice_the_sum(x) + _twice_the_sum(x * x))
+
+
+def _launch_counting_getmembers(monkeypatch, x):
+    """The kernel's output on x [rows, N] and how many times the interpreter listed a module's members meanwhile."""
+    calls = []
+    real = inspect.getmembers
+    monkeypatch.setattr(inspect, "getmembers", lambda *a, **k: calls.append(1) or real(*a, **k))
+    out = torch.empty(x.shape[0])
+    _sums_kernel[(x.shape[0],)](x, out, x.shape[1])
+    monkeypatch.setattr(inspect, "getmembers", real)
+    return out, len(calls)
+
+
+def test_device_calls_do_not_patch_again_and_the_kernels_answer_is_the_same(monkeypatch):
+    if not _common.INTERPRETER_FAST:
+        pytest.skip("needs Triton's interpreter (TRITON_INTERPRET=1) with the pieces the shim wraps")
+    x = torch.randn(5, 16)
+    want = 2 * (x.double().sum(1) + (x.double() ** 2).sum(1))
+    fast, fast_lists = _launch_counting_getmembers(monkeypatch, x)
+    # Triton's own behaviour: every device call (20 here: 5 programs x 2 calls x (ours + tl.sum)) patches again
+    monkeypatch.setattr(interpreter, "_patch_lang", interpreter._patch_lang.triton_patch)
+    monkeypatch.setattr(interpreter.GridExecutor, "__call__", interpreter.GridExecutor.__call__.__wrapped__)
+    slow, slow_lists = _launch_counting_getmembers(monkeypatch, x)
+    assert torch.equal(fast, slow)
+    assert ((fast.double() - want).norm() / want.norm()).item() < 1e-6
+    assert fast_lists <= 8 < 40 <= slow_lists, (fast_lists, slow_lists)  # (the first device call may patch tl.core)
+    # the launch's own patching is undone when it ends, as Triton does: tl.load is the compiler's builtin again
+    assert tl.core.is_builtin(tl.load) and tl.core.is_builtin(tl.arange)
