@@ -249,70 +249,6 @@ def interpreter_problem(triton_version: str, numpy_version: str):
 INTERPRETER_PROBLEM = interpreter_problem(triton.__version__, np.__version__)
 
 
-def skip_interpreter_repatching() -> bool:
-    """Make Triton's CPU interpreter stop re-patching triton.language on every device-function call; True if
-    installed (this Triton's interpreter has the pieces it wraps), False otherwise (nothing changed).
-
-    The interpreter swaps triton.language's builtins for NumPy ones when a launch starts (GridExecutor, undone
-    when it ends) and again on every call of a @triton.jit device function inside it (tl.sum, tl.cdiv, our
-    helpers): each time inspect.getmembers over up to five modules, in every program of the grid, though after
-    the first time there is nothing left to swap (the members already are the NumPy ones, and the few attributes
-    it sets again are the same functions). A device call's swap is never undone, so a module it patched stays
-    patched for good. This skips a device call's patching when the modules it reads (tl, tl.core) are the
-    running launch's or ones a device call patched before: the same code runs on the same functions, sooner (a
-    third less time over test_attention, test_layernorm and test_decode_graph: 114 -> 79 s on this 2-core CPU).
-    """
-    import threading
-
-    try:
-        from triton.runtime import interpreter
-        patch, grid_call = interpreter._patch_lang, interpreter.GridExecutor.__call__
-    except (ImportError, AttributeError):
-        return False
-    if getattr(patch, "skips_repatching", False):
-        return True
-    state = threading.local()  # a stack of the running launches' modules; a thread's own
-    kept = set()  # modules a device call patched: Triton never undoes those
-
-    class NoScope:
-        def restore(self):
-            pass
-
-    def modules(fn):
-        return frozenset(id(v) for v in fn.__globals__.values() if v is tl or v is tl.core)
-
-    def patch_lang(fn):
-        stack = getattr(state, "stack", None)
-        if not stack:  # not inside a launch: as Triton does
-            return patch(fn)
-        langs = modules(fn)
-        if stack[-1] is None:  # the launch's own patching, undone when it ends
-            stack[-1] = langs
-            return patch(fn)
-        if langs <= stack[-1] | kept:
-            return NoScope()  # (a device call's scope is never restored: nothing to undo)
-        scope = patch(fn)
-        kept.update(langs - stack[-1])  # (the launch's own modules are unpatched when it ends)
-        return scope
-
-    def launch(self, *args, **kwargs):
-        if not hasattr(state, "stack"):
-            state.stack = []
-        state.stack.append(None)
-        try:
-            return grid_call(self, *args, **kwargs)
-        finally:
-            state.stack.pop()
-
-    patch_lang.skips_repatching, patch_lang.triton_patch = True, patch  # (the latter: tests switch it off)
-    interpreter._patch_lang = patch_lang
-    interpreter.GridExecutor.__call__ = functools.wraps(grid_call)(launch)
-    return True
-
-
-INTERPRETER_FAST = triton_interpreting() and skip_interpreter_repatching()
-
-
 # Two Triton 3.8 interpreter bugs with bf16, which numpy lacks (the interpreter keeps it as raw
 # uint16): tl.dot multiplies the bit patterns as integers, and fp32 -> bf16 casts truncate
 # instead of rounding to nearest even (which doubles and biases the error a 1e-2 bf16 parity
@@ -549,3 +485,69 @@ def autotune_choices() -> list:
             values = {n: str(v).replace("torch.", "") for n, v in zip(names, key)}
             out.append({"kernel": name, "key": values, "dtypes": [], "config": dict(pick)})
     return out
+
+
+# Below every @triton.jit function of this file on purpose: Triton's cache keys hash a device function's line
+# number, so code added above them would make every kernel's compiled cache stale (a cold sm_90 build: minutes).
+def skip_interpreter_repatching() -> bool:
+    """Make Triton's CPU interpreter stop re-patching triton.language on every device-function call; True if
+    installed (this Triton's interpreter has the pieces it wraps), False otherwise (nothing changed).
+
+    The interpreter swaps triton.language's builtins for NumPy ones when a launch starts (GridExecutor, undone
+    when it ends) and again on every call of a @triton.jit device function inside it (tl.sum, tl.cdiv, our
+    helpers): each time inspect.getmembers over up to five modules, in every program of the grid, though after
+    the first time there is nothing left to swap (the members already are the NumPy ones, and the few attributes
+    it sets again are the same functions). A device call's swap is never undone, so a module it patched stays
+    patched for good. This skips a device call's patching when the modules it reads (tl, tl.core) are the
+    running launch's or ones a device call patched before: the same code runs on the same functions, sooner (a
+    third less time over test_attention, test_layernorm and test_decode_graph: 114 -> 79 s on this 2-core CPU).
+    """
+    import threading
+
+    try:
+        from triton.runtime import interpreter
+        patch, grid_call = interpreter._patch_lang, interpreter.GridExecutor.__call__
+    except (ImportError, AttributeError):
+        return False
+    if getattr(patch, "skips_repatching", False):
+        return True
+    state = threading.local()  # a stack of the running launches' modules; a thread's own
+    kept = set()  # modules a device call patched: Triton never undoes those
+
+    class NoScope:
+        def restore(self):
+            pass
+
+    def modules(fn):
+        return frozenset(id(v) for v in fn.__globals__.values() if v is tl or v is tl.core)
+
+    def patch_lang(fn):
+        stack = getattr(state, "stack", None)
+        if not stack:  # not inside a launch: as Triton does
+            return patch(fn)
+        langs = modules(fn)
+        if stack[-1] is None:  # the launch's own patching, undone when it ends
+            stack[-1] = langs
+            return patch(fn)
+        if langs <= stack[-1] | kept:
+            return NoScope()  # (a device call's scope is never restored: nothing to undo)
+        scope = patch(fn)
+        kept.update(langs - stack[-1])  # (the launch's own modules are unpatched when it ends)
+        return scope
+
+    def launch(self, *args, **kwargs):
+        if not hasattr(state, "stack"):
+            state.stack = []
+        state.stack.append(None)
+        try:
+            return grid_call(self, *args, **kwargs)
+        finally:
+            state.stack.pop()
+
+    patch_lang.skips_repatching, patch_lang.triton_patch = True, patch  # (the latter: tests switch it off)
+    interpreter._patch_lang = patch_lang
+    interpreter.GridExecutor.__call__ = functools.wraps(grid_call)(launch)
+    return True
+
+
+INTERPRETER_FAST = triton_interpreting() and skip_interpreter_repatching()
