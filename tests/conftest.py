@@ -51,6 +51,19 @@ def one_thread():
     torch.set_num_threads(n)
 
 
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """A one-layer model of the embedded tokenizer's vocabulary (the tiny preset, context 32) saved as a file, one a
+    test module: what the commands' tests (generate, quantize, beam search, CUDA graphs, the int8 cache) load."""
+    from tritongpt.model.config import GPTConfig, get_config
+    from tritongpt.model.gpt import GPTModel
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("saved") / "model.safetensors"
+    GPTModel(GPTConfig(**{**get_config("tiny").to_dict(), "n_layer": 1, "context_length": 32})).save(path)
+    return path
+
+
 @pytest.fixture
 def nan_filled_empty(monkeypatch):
     """torch.empty / empty_like give NaN-filled float tensors for the test: a result read from a

@@ -210,16 +210,6 @@ def test_refusals(kw, said):
 
 # -- the command ---------------------------------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def saved(tmp_path_factory):
-    from tritongpt.model.config import get_config
-
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("beam_cli") / "model.safetensors"
-    GPTModel(GPTConfig(**{**get_config("tiny").to_dict(), "n_layer": 1, "context_length": 32})).save(path)
-    return path
-
-
 def test_the_generate_command_prints_the_beams(saved, capsys, one_thread):
     from tritongpt import cli
     from tritongpt.commands import SAMPLE_SEPARATOR

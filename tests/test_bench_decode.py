@@ -28,6 +28,13 @@ def run(providers=("reference", "reference+graphs"), batches=(1, 2), budget=None
                              providers, log=log or (lambda s: None), capture=capture, repeats=2, config=tiny(), **kw)
 
 
+def one_layer_rows(providers, **kw):
+    """run_decode's rows on a one-layer model: one row, a 4-token prompt, 2 new tokens, each provider timed once."""
+    cfg = GPTConfig(vocab_size=97, context_length=24, n_layer=1, n_head=2, n_embd=32)
+    return decode.run_decode("cpu", Budget(None), torch.float32, "tiny-test", (1,), 4, 2, providers,
+                             log=lambda s: None, capture=fx_capture, repeats=1, config=cfg, **kw)
+
+
 def test_rows_time_each_provider_and_batch_and_the_graph_draws_the_eager_tokens():
     """Providers given graph first still run eager first (the graph's speed-up and tokens are measured against
     it); tokens/s is batch * 1000 / ms; a graph row has its build time, its speed-up over the eager row and
@@ -92,10 +99,7 @@ def test_a_failing_capture_or_an_out_of_memory_fails_its_row_and_the_run_goes_on
 def test_the_triton_path_runs_through_the_interpreter_eager_and_as_a_graph():
     """The Triton path's eager steps and its graph (flash_attention's kv_len; the interpreter, one layer, two
     steps): both rows ok, the replay's tokens the eager ones."""
-    cfg = GPTConfig(vocab_size=97, context_length=24, n_layer=1, n_head=2, n_embd=32)
-    rows = decode.run_decode("cpu", Budget(None), torch.float32, "tiny-test", (1,), 4, 2,
-                             ("triton", "triton+graphs", "reference"), log=lambda s: None, capture=fx_capture,
-                             repeats=1, config=cfg)
+    rows = one_layer_rows(("triton", "triton+graphs", "reference"))
     assert [r["provider"] for r in rows] == ["reference", "triton", "triton+graphs"]
     assert [r["status"] for r in rows] == ["ok"] * 3
     assert rows[2]["same_tokens"] is True
@@ -110,10 +114,7 @@ def test_the_int8_rows_decode_a_quantized_copy_and_compare_with_its_own_eager_ro
     real = decode.bench_decode_row
     monkeypatch.setattr(decode, "bench_decode_row", lambda model, provider, *a: seen.append(
         (provider, isinstance(model.out_head, Int8Linear), id(model))) or real(model, provider, *a))
-    cfg = GPTConfig(vocab_size=97, context_length=24, n_layer=1, n_head=2, n_embd=32)
-    rows = decode.run_decode("cpu", Budget(None), torch.float32, "tiny-test", (1,), 4, 2,
-                             ("triton+int8+graphs", "reference", "triton+int8", "reference+int8"), log=lambda s: None,
-                             capture=fx_capture, repeats=1, config=cfg)
+    rows = one_layer_rows(("triton+int8+graphs", "reference", "triton+int8", "reference+int8"))
     assert [r["provider"] for r in rows] == ["reference", "reference+int8", "triton+int8", "triton+int8+graphs"]
     assert [r["status"] for r in rows] == ["ok"] * 4
     assert [(p, q) for p, q, _ in seen] == [("reference", False), ("reference+int8", True), ("triton+int8", True),
@@ -265,17 +266,13 @@ def test_the_int4_rows_decode_their_own_quantized_copy_and_a_group_that_does_not
     real = decode.bench_decode_row
     monkeypatch.setattr(decode, "bench_decode_row", lambda model, provider, *a: seen.append(
         (provider, type(model.out_head), id(model))) or real(model, provider, *a))
-    cfg = GPTConfig(vocab_size=97, context_length=24, n_layer=1, n_head=2, n_embd=32)
-    providers = ("reference", "reference+int8", "reference+int4", "triton+int4", "triton+int4+graphs")
-    rows = decode.run_decode("cpu", Budget(None), torch.float32, "tiny-test", (1,), 4, 2, providers,
-                             log=lambda s: None, capture=fx_capture, repeats=1, config=cfg, group_size=16)
+    rows = one_layer_rows(("reference", "reference+int8", "reference+int4", "triton+int4", "triton+int4+graphs"),
+                          group_size=16)
     assert [r["status"] for r in rows] == ["ok"] * 5
     assert [t for _, t, _ in seen] == [torch.nn.Linear, Int8Linear, Int4Linear, Int4Linear, Int4Linear]
     assert len({i for _, t, i in seen if t is Int4Linear}) == 1 and seen[1][2] != seen[2][2]
     assert rows[4]["same_tokens"] is True and rows[4]["note"].startswith(f"{rows[4]['speedup']:.2f}x over triton+int4")
-    rows = decode.run_decode("cpu", Budget(None), torch.float32, "tiny-test", (1,), 4, 2,
-                             ("reference", "reference+int4"), log=lambda s: None, capture=fx_capture, repeats=1,
-                             config=cfg)
+    rows = one_layer_rows(("reference", "reference+int4"))
     assert rows[0]["status"] == "ok"
     assert rows[1]["status"].startswith("failed: quantizing to int4: trf_blocks.0.att.W_query: int4 quantization "
                                         "with group size 128 needs in_features a multiple of it, got 32")
@@ -290,10 +287,7 @@ def test_the_kv8_rows_decode_the_float_model_over_an_int8_cache(monkeypatch):
     real = GPTModel.new_cache
     monkeypatch.setattr(GPTModel, "new_cache", lambda self, *a, **kw: made.append(kw.get("kv_dtype", "auto")) or
                         real(self, *a, **kw))
-    cfg = GPTConfig(vocab_size=97, context_length=24, n_layer=1, n_head=2, n_embd=32)
-    rows = decode.run_decode("cpu", Budget(None), torch.float32, "tiny-test", (1,), 4, 2,
-                             ("triton+kv8+graphs", "triton", "triton+kv8"), log=lambda s: None, capture=fx_capture,
-                             repeats=1, config=cfg)
+    rows = one_layer_rows(("triton+kv8+graphs", "triton", "triton+kv8"))
     assert [r["provider"] for r in rows] == ["triton", "triton+kv8", "triton+kv8+graphs"]
     assert [r["status"] for r in rows] == ["ok"] * 3
     assert made == ["auto", "int8", "int8"]

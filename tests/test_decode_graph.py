@@ -282,16 +282,6 @@ def test_an_attention_called_alone_on_a_device_cache_rotates_by_the_device_fill(
 
 # -- the command ---------------------------------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def saved(tmp_path_factory):
-    from tritongpt.model.config import get_config
-
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("graph_cli") / "model.safetensors"
-    GPTModel(GPTConfig(**{**get_config("tiny").to_dict(), "n_layer": 1, "context_length": 32})).save(path)
-    return path
-
-
 def test_the_generate_command_prints_the_eager_text_with_cuda_graphs(saved, capsys, monkeypatch):
     """--cuda-graphs reaches generate: one capture (emulated here, on the CPU), the eager text."""
     import tritongpt.commands as commands

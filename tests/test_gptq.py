@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tritongpt.errors import UserError
-from tritongpt.model.config import GPTConfig, get_config
+from tritongpt.model.config import GPTConfig
 from tritongpt.model.gpt import GPTModel
 from tritongpt.model.quant import (gptq_quantize_weight, gptq_quantize_weight_int4, quantize, quantize_weight,
                                    quantize_weight_int4, unpack_int4)
@@ -552,14 +552,6 @@ def test_quantize_gptq_refuses_bad_calibration_and_leaves_the_model_float(monkey
 
 
 # -- the command ------------------------------------------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def saved(tmp_path_factory):
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("gptq_cli") / "model.safetensors"
-    GPTModel(GPTConfig(**{**get_config("tiny").to_dict(), "n_layer": 1, "context_length": 32})).save(path)
-    return path
-
 
 GEN = ["generate", "--prompt", "The cat", "--device", "cpu", "--max-new-tokens", "4", "--temperature", "0"]
 

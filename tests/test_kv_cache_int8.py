@@ -403,16 +403,6 @@ def test_a_real_cuda_graph_over_the_int8_cache_draws_the_eager_tokens():
 
 
 # ----------------------------------------------------------------------------- the commands
-@pytest.fixture(scope="module")
-def saved(tmp_path_factory):
-    from tritongpt.model.config import get_config
-
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("kv8_cli") / "model.safetensors"
-    GPTModel(GPTConfig(**{**get_config("tiny").to_dict(), "n_layer": 1, "context_length": 32})).save(path)
-    return path
-
-
 def asked_dtypes(monkeypatch, module, name):
     """The kv_cache_dtype each call of module.name gets (a list this fills)."""
     asked, real = [], getattr(module, name)

@@ -273,16 +273,6 @@ def test_a_quantized_gpt2_small_layer_on_cuda_gives_the_references_logits_under_
 
 # -- the commands ----------------------------------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def saved(tmp_path_factory):
-    from tritongpt.model.config import get_config
-
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("quant_cli") / "model.safetensors"
-    GPTModel(GPTConfig(**{**get_config("tiny").to_dict(), "n_layer": 1, "context_length": 32})).save(path)
-    return path
-
-
 def test_generate_quantize_int8_says_what_it_saved_and_draws_the_quantized_models_text(saved, capsys, monkeypatch):
     import tritongpt.commands as commands
     from tritongpt import cli

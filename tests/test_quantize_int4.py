@@ -319,16 +319,6 @@ def test_an_int4_file_with_a_scale_of_zero_is_refused_by_name(tmp_path):
 
 # -- the commands ----------------------------------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def saved(tmp_path_factory):
-    from tritongpt.model.config import get_config
-
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("quant4_cli") / "model.safetensors"
-    GPTModel(GPTConfig(**{**get_config("tiny").to_dict(), "n_layer": 1, "context_length": 32})).save(path)
-    return path
-
-
 GEN = ["generate", "--prompt", "The cat", "--device", "cpu", "--max-new-tokens", "6", "--temperature", "0"]
 
 

@@ -32,8 +32,6 @@ def run_template(weights) -> str | None:
     """The prompt format a fine-tuning run saved with its checkpoint (SFT, reward, DPO, RLHF), or
     that `export` wrote into the config.json of its folder; None for a weights file alone or a
     run that saved none (pretraining)."""
-    import json
-
     from tritongpt.train.common import load_state, resolve_checkpoint
 
     if weights is None:
@@ -48,11 +46,21 @@ def run_template(weights) -> str | None:
         fmt = safetensors_metadata(weights_file).get("prompt_format")
         if fmt in formats.FORMATS:
             return fmt
-    try:
-        fmt = json.loads((ckpt / "config.json").read_text(encoding="utf-8")).get(EXPORTED_FORMAT)
-    except (OSError, ValueError, AttributeError):  # none, not JSON, or not an object: no format recorded
-        return None
+    fmt = exported_config(ckpt).get(EXPORTED_FORMAT)
     return fmt if fmt in formats.FORMATS else None
+
+
+def exported_config(folder) -> dict:
+    """The config.json in folder (`tritongpt export` writes the prompt format into it, under EXPORTED_FORMAT), or
+    {} where there is none, or it is not JSON or not an object."""
+    import json
+    from pathlib import Path
+
+    try:
+        config = json.loads((Path(folder) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return config if isinstance(config, dict) else {}
 
 
 def note_template_mismatch(data_formats, runs: dict) -> None:

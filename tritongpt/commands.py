@@ -273,18 +273,6 @@ def _prompts_line(fmt: str, tok) -> str:
             + " (what `tritongpt chat` prompts it with)")
 
 
-def _exported(folder) -> bool:
-    """Whether folder holds `tritongpt export`'s config.json (it records the prompt format under EXPORTED_FORMAT)."""
-    import json
-
-    from tritongpt.train.chat import EXPORTED_FORMAT
-
-    try:
-        return EXPORTED_FORMAT in json.loads((folder / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError, TypeError):
-        return False
-
-
 def run_lines(weights) -> list:
     """What a checkpoint's training state says of its run (trainer, step, precision, data, the
     tokenizer saved with it), for `info --weights`; a bare weight file has none."""
@@ -296,7 +284,7 @@ def run_lines(weights) -> list:
     tok = saved_tokenizer_path(weights)
     lines = [f"tokenizer    {tok if tok is not None else '- (none saved with it: pass --tokenizer where it is used)'}"]
     if not (ckpt / "state.pt").is_file():
-        from tritongpt.train.chat import run_template
+        from tritongpt.train.chat import EXPORTED_FORMAT, exported_config, run_template
 
         # a merge's file and an export's config.json keep the format too, and chat prompts in it
         fmt = run_template(weights)
@@ -304,7 +292,7 @@ def run_lines(weights) -> list:
         recipe = merge_recipe(resolve_checkpoint(weights))
         if recipe is not None:  # `tritongpt merge`'s output: its models and method, in the file
             return [f"run          - (a merge: {recipe})"] + lines
-        if _exported(ckpt):  # `tritongpt export`'s folder: the run's state is not copied into it
+        if EXPORTED_FORMAT in exported_config(ckpt):  # `tritongpt export`'s folder: the run's state is not in it
             return ["run          - (a `tritongpt export` folder: weights, config.json and tokenizer files; no "
                     "training state)"] + lines
         return [f"run          - (no training state beside {ckpt.name}: a weights file only)"] + lines
