@@ -49,6 +49,8 @@ def wandb_records(path):
             pos += left
             continue
         length, kind = int.from_bytes(data[pos + 4:pos + 6], "little"), data[pos + 6]
+        if pos + 7 + length > len(data):  # a chunk wandb's process is still writing: the records before it
+            break  # (finished_records waits for the exit record)
         parts += data[pos + 7:pos + 7 + length]
         pos += 7 + length
         if kind in (1, 4):  # a whole record, or a record's last chunk
@@ -63,9 +65,17 @@ def finished_records(path, wait_s=30.0):
     """The records of a finished run's .wandb file. wandb's own process writes the file, and now and
     then had not yet when run.finish() returned (the file then held its header alone): wait for
     the run's exit record."""
+    from google.protobuf.message import DecodeError
+
     deadline = time.monotonic() + wait_s
     while True:
-        records = wandb_records(path)
+        try:
+            records = wandb_records(path)
+        except DecodeError:  # a record read while wandb's process was writing it: read again
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
+            continue
         if any(r.WhichOneof("record_type") == "exit" for r in records) or time.monotonic() > deadline:
             return records
         time.sleep(0.1)
