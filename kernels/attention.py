@@ -87,7 +87,8 @@ Algorithm (Dao, "FlashAttention-2", 2023). Per (batch, head), with S = scale * Q
             GQA (while GROUP * Tq <= 64) a split program's rows are the GROUP query heads of one KV
             head (PACK_GQA): a decode tile holds GROUP real rows sharing each K/V tile load.
             kv_len (HAS_KV_LEN): k and v may be a whole preallocated cache of Tk_cap positions with a
-            one-element tensor holding how many are filled, L; both forwards load L on the device and use
+            one-element tensor holding how many are filled, L (or one a batch row, [B]: continuous batching's
+            requests of their own lengths); both forwards load L on the device and use
             it for Tk everywhere (masks, tile ranges, splits' shares, query positions L - Tq + i), while
             the grid, NUM_SPLITS and the tuning key follow Tk_cap: a decode step captured in a CUDA graph
             replays correctly after a new L is written into the tensor. Inference only.
@@ -173,15 +174,16 @@ def _load_seed(Seed):
 
 
 @triton.jit
-def _kv_len(KV_LEN, Tq, Tk, IS_CAUSAL: tl.constexpr, HAS_KV_LEN: tl.constexpr):
-    """The number of keys the forward attends over: Tk (the buffers' length), or with HAS_KV_LEN the filled length L
-    of a preallocated KV cache, from the caller's one-element integer tensor. Read on the device, as the seed is: a
-    CUDA graph captured at one L replays with whatever the tensor holds then. Clamped to [Tq, Tk] with causal
-    ([0, Tk] without): flash_attention checks the value on the host where that costs no sync, and a replayed graph
-    given one out of range reads nothing past the K/V buffers (nor a window bound before a row's position)."""
+def _kv_len(KV_LEN, b, stride_lb, Tq, Tk, IS_CAUSAL: tl.constexpr, HAS_KV_LEN: tl.constexpr):
+    """The number of keys batch row b's forward attends over: Tk (the buffers' length), or with HAS_KV_LEN the filled
+    length L of a preallocated KV cache, from the caller's integer tensor: one length for every row (stride_lb 0) or
+    one a row (stride_lb 1: continuous batching, each row a request of its own length). Read on the device, as the
+    seed is: a CUDA graph captured at one L replays with whatever the tensor holds then. Clamped to [Tq, Tk] with
+    causal ([0, Tk] without): flash_attention checks the value on the host where that costs no sync, and a replayed
+    graph given one out of range reads nothing past the K/V buffers (nor a window bound before a row's position)."""
     if HAS_KV_LEN:
         lo = Tq if IS_CAUSAL else 0
-        return tl.minimum(tl.maximum(tl.load(KV_LEN), lo), Tk).to(tl.int32)
+        return tl.minimum(tl.maximum(tl.load(KV_LEN + b * stride_lb), lo), Tk).to(tl.int32)
     else:
         return Tk
 
@@ -340,7 +342,7 @@ def _doc_tile_range(starts, offs_m, Tq, Tk, full_hi, BLOCK_N: tl.constexpr):
 def _attn_fwd(Q, K, V, O, LSE, STARTS, ALIBI, Seed, KV_LEN, K_SCALE, V_SCALE, qk_scale, softcap, dropout_p, keep_scale,
               stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
               stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_om, stride_sb, stride_scb, stride_sch,
-              H, GROUP, Tq, Tk, Q_BUCKET,
+              stride_lb, H, GROUP, Tq, Tk, Q_BUCKET,
               HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
               IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr, HAS_DOCS: tl.constexpr,
               HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, PRECISION: tl.constexpr,
@@ -357,9 +359,9 @@ def _attn_fwd(Q, K, V, O, LSE, STARTS, ALIBI, Seed, KV_LEN, K_SCALE, V_SCALE, qk
     tl.static_assert(not (FOLD_SCALE and (HAS_SOFTCAP or HAS_ALIBI)), "FOLD_SCALE: the scores must be q k * scale")
     tl.static_assert(not (INT8_KV and HAS_DROPOUT), "INT8_KV: inference only")
     tl.static_assert(not (HAS_KV_LEN and HAS_DROPOUT), "KV_LEN: inference only (the dropout counter follows Tk)")
-    Tk = _kv_len(KV_LEN, Tq, Tk, IS_CAUSAL, HAS_KV_LEN)
     start_m = tl.program_id(0) * BLOCK_M
     h, b = tl.program_id(1).to(tl.int64), tl.program_id(2).to(tl.int64)
+    Tk = _kv_len(KV_LEN, b, stride_lb, Tq, Tk, IS_CAUSAL, HAS_KV_LEN)
     bh = b * H + h
     q_base = Q + b * stride_qb + h * stride_qh
     k_base = K + b * stride_kb + (h // GROUP) * stride_kh
@@ -409,7 +411,7 @@ def _attn_fwd(Q, K, V, O, LSE, STARTS, ALIBI, Seed, KV_LEN, K_SCALE, V_SCALE, qk
 @triton.jit(do_not_specialize=["H", "NUM_SPLITS"])  # the split count follows Tk: one binary for every count
 def _attn_fwd_split(Q, K, V, O_PART, LSE_PART, STARTS, ALIBI, KV_LEN, K_SCALE, V_SCALE, qk_scale, softcap,
                     stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
-                    stride_vb, stride_vh, stride_vn, stride_sb, stride_scb, stride_sch,
+                    stride_vb, stride_vh, stride_vn, stride_sb, stride_scb, stride_sch, stride_lb,
                     H, GROUP, Tq, Tk, Q_BUCKET, NUM_SPLITS,
                     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                     IS_CAUSAL: tl.constexpr, HAS_DOCS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
@@ -429,11 +431,11 @@ def _attn_fwd_split(Q, K, V, O_PART, LSE_PART, STARTS, ALIBI, KV_LEN, K_SCALE, V
     HAS_KV_LEN: the first KV_LEN of Tk cached positions hold keys, as in _attn_fwd; the splits share the tiles of
     that length (NUM_SPLITS and the grid follow the cache's Tk, so one launch serves every length).
     INT8_KV: int8 K and V with their fp32 scales K_SCALE, V_SCALE [B, Hkv, Tk], folded in as _attn_fwd does."""
-    Tk = _kv_len(KV_LEN, Tq, Tk, IS_CAUSAL, HAS_KV_LEN)
     pid = tl.program_id(0)
     split = pid % NUM_SPLITS
     start_m = (pid // NUM_SPLITS) * BLOCK_M
     hp, b = tl.program_id(1).to(tl.int64), tl.program_id(2).to(tl.int64)
+    Tk = _kv_len(KV_LEN, b, stride_lb, Tq, Tk, IS_CAUSAL, HAS_KV_LEN)
     rows = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     if PACK_GQA:
@@ -931,6 +933,12 @@ def _kv_len_arg(q, kv_len):
     return _stand_in(q.device, torch.int32) if kv_len is None else kv_len
 
 
+def _kv_len_stride(kv_len):
+    """KV_LEN's step from one batch row to the next: 0 for one length shared by every row (or none), else its own
+    stride along the rows ([B]: a length a row)."""
+    return 0 if kv_len is None or kv_len.numel() == 1 else kv_len.stride(0)
+
+
 def _q_bucket(Tq):
     return min(next_pow2(Tq), 1024)
 
@@ -996,7 +1004,7 @@ def _fwd_split_launch(q, k, v, o, lse, causal, softmax_scale, starts, ends, soft
         _attn_fwd_split_run, lambda meta: (splits * cdiv(rows, meta["BLOCK_M"]), heads, B),
         q, k, v, o_part, lse_part, starts_arg, _alibi_arg(q, alibi), _kv_len_arg(q, kv_len), ks, vs,
         softmax_scale * LOG2E, softcap * LOG2E, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1),
-        k.stride(2), v.stride(0), v.stride(1), v.stride(2), stride_sb, stride_scb, stride_sch,
+        k.stride(2), v.stride(0), v.stride(1), v.stride(2), stride_sb, stride_scb, stride_sch, _kv_len_stride(kv_len),
         H, H // k.shape[1], Tq, k.shape[2], _q_bucket(rows), splits, **flags, PACK_GQA=pack,
         HAS_KV_LEN=kv_len is not None, INT8_KV=k_scale is not None, **_fixed_blocks())
     _attn_fwd_combine[(cdiv(Tq, COMBINE_BLOCK), H, B)](
@@ -1035,7 +1043,7 @@ def _fwd_launch(q, k, v, causal, softmax_scale, dropout_p, seed, starts=None, en
         ks, vs, softmax_scale * LOG2E, softcap * LOG2E, dropout_p, 1.0 / (1.0 - dropout_p),
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1), o.stride(2), stride_sb, stride_scb, stride_sch,
-        H, group, Tq, Tk, _q_bucket(Tq), **_kernel_flags(q, causal, dropout_p, starts, softcap, alibi),
+        _kv_len_stride(kv_len), H, group, Tq, Tk, _q_bucket(Tq), **_kernel_flags(q, causal, dropout_p, starts, softcap, alibi),
         FOLD_SCALE=softmax_scale * LOG2E >= FP32_TINY and softcap == 0.0 and alibi is None,
         HAS_KV_LEN=kv_len is not None, INT8_KV=k_scale is not None, **_fixed_blocks())
     return o, lse
@@ -1094,8 +1102,8 @@ def _flash_attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: b
     starts/ends: int32 [B, Tk], each position's document start and end (document_bounds).
     softcap: c > 0 caps each scaled score s to c * tanh(s / c); 0: no cap.
     alibi: fp32 [H], query head h's ALiBi slope m: the score of query position i, key j gets + m (j - i).
-    kv_len: one int32/int64 on q's device, L: k and v are caches of Tk positions whose first L hold keys; the
-    kernels read it (query i at position L - Tq + i). Forward only: its backward refuses it.
+    kv_len: one int32/int64 on q's device (or one a batch row, [B]), L: k and v are caches of Tk positions whose
+    first L hold keys; the kernels read it (query i at position L - Tq + i). Forward only: its backward refuses it.
     k_scale, v_scale: fp32 [B, Hkv, Tk] with int8 k and v (an int8 KV cache): key/value j of head h is
     k[..., j, :] * k_scale[..., j]. Forward only: its backward refuses them."""
     check_tensor(q, "q", ndim=4)
@@ -1283,8 +1291,8 @@ def _check_seed(q, dropout_p, seed):
 
 
 def _check_kv_len(q, kv_len, dropout_p=0.0):
-    """kv_len as the kernels read it (_kv_len): None, or one int32/int64 element on q's device. Not its value:
-    reading that waits on a GPU (_check_kv_len_value)."""
+    """kv_len as the kernels read it (_kv_len): None, or one int32/int64 element, or one a batch row ([B]), on q's
+    device. Not its values: reading them waits on a GPU (_check_kv_len_value)."""
     if kv_len is None:
         return
     if not isinstance(kv_len, torch.Tensor):
@@ -1292,8 +1300,9 @@ def _check_kv_len(q, kv_len, dropout_p=0.0):
                         f"KV-cache positions) or None, got {type(kv_len).__name__}")
     if kv_len.dtype not in (torch.int32, torch.int64):
         raise TypeError(f"kv_len must hold an int32 or int64 (a count of positions), got dtype {kv_len.dtype}")
-    if kv_len.numel() != 1 or kv_len.dim() > 1:
-        raise ValueError(f"kv_len must be one element (shape [] or [1]), got shape {tuple(kv_len.shape)}")
+    if kv_len.dim() > 1 or kv_len.numel() not in (1, q.shape[0]):
+        raise ValueError(f"kv_len must be one element (shape [] or [1]) or one a batch row ([{q.shape[0]}]), got "
+                         f"shape {tuple(kv_len.shape)}")
     if kv_len.device != q.device:
         raise ValueError(f"kv_len is on {kv_len.device}, q on {q.device}: the kernels read it on q's device")
     if dropout_p > 0.0:
@@ -1332,12 +1341,15 @@ def _check_int8_kv(q, k, v, k_scale, v_scale, dropout_p=0.0):
 
 
 def _check_kv_len_value(kv_len, Tq, Tk, causal):
-    """The filled length L in range: [Tq, Tk] with causal (the queries are the last Tq of the L positions), else
-    [1, Tk] (a query must see some key). A host read: one sync on a GPU."""
-    L, lo = int(kv_len.item()), Tq if causal else 1
-    if not lo <= L <= Tk:
-        raise ValueError(f"kv_len {L} is out of range: it must lie in [{lo}, {Tk}] ({'Tq' if causal else '1'} to "
-                         f"the cache's Tk{' with causal' if causal else ''}; Tq={Tq}, Tk={Tk})")
+    """The filled length L (each row's) in range: [Tq, Tk] with causal (the queries are the last Tq of the L
+    positions), else [1, Tk] (a query must see some key). A host read: one sync on a GPU."""
+    lo = Tq if causal else 1
+    for row, L in enumerate(kv_len.reshape(-1).tolist()):
+        if not lo <= L <= Tk:
+            which = f" (batch row {row})" if kv_len.numel() > 1 else ""
+            raise ValueError(f"kv_len {L}{which} is out of range: it must lie in [{lo}, {Tk}] "
+                             f"({'Tq' if causal else '1'} to the cache's Tk{' with causal' if causal else ''}; "
+                             f"Tq={Tq}, Tk={Tk})")
 
 
 def _as_seed(seed, device):
@@ -1453,7 +1465,9 @@ def flash_attention(q, k, v, causal=True, softmax_scale=None, dropout_p=0.0, see
     kv_len: a one-element int32/int64 tensor on q's device (shape [] or [1]) or None. With it, k and v are a
         preallocated KV cache of Tk_cap = k.shape[2] positions of which only the first L (kv_len's value) hold
         keys: the result is flash_attention(q, k[:, :, :L], v[:, :, :L]) with the same other arguments (query i
-        at position L - Tq + i), and what lies past L (stale keys, NaN, inf) is never read into it. The kernels
+        at position L - Tq + i), and what lies past L (stale keys, NaN, inf) is never read into it. Or one
+        length a batch row, shape [B]: row b as flash_attention on its own first kv_len[b] keys (continuous
+        batching: each row a request of its own length, train/engine.py). The kernels
         read L on the device, and the launch depends on Tk_cap only (grid, KV splits, tuning, window bounds), so
         one decode step can be captured in a CUDA graph and replayed after the caller writes a new L into the
         same tensor. L must lie in [Tq, Tk_cap] with causal ([1, Tk_cap] without); it is checked on the host:

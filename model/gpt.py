@@ -40,7 +40,8 @@ class KVCache:
     forward without a host int in it. The fill is read from `fill`, a one-element tensor on the cache's
     device that the caller sets to `pos` before the step; the new keys are written at [fill, fill + T)
     with index_copy_, and each layer attends over the whole buffer with kv_len = fill + T (flash_attention's
-    kv_len, the reference's masks likewise), so one captured step replays at every fill.
+    kv_len, the reference's masks likewise), so one captured step replays at every fill. Such a forward leaves the
+    host `pos` alone (nor checks the context against it): its caller advances the fill and keeps it in range.
 
     kv_dtype "int8" (generate's --kv-cache-dtype int8): k and v are stored as int8 with one fp32 scale per
     (layer, row, kv head, position) vector, k_scale and v_scale [n_layer, B, kv_heads, max_len] (layers.quantize_kv:
@@ -49,6 +50,12 @@ class KVCache:
     layer's attention reads the cache's int8 values, the new tokens' own too: a prefill attends over the same
     dequantized keys a later decode step reads, so a prompt fed whole or in chunks gives the same logits.
     "auto" (or None): the keys' own dtype, as before.
+
+    A fill a row (continuous batching, train/engine.py): `fill` an integer tensor [B] with on_device set, row b's new
+    keys go to [fill[b], fill[b] + T) and row b attends over its own [0, fill[b] + T), its tokens at those positions:
+    each row a request of its own length in one forward (both attention paths read kv_len [B]). The caller advances
+    the fill (the host `pos` means nothing there) and keeps it within max_len - T. `row(i)` is row i as a cache of
+    its own (a request's prefill writes there), `copy_row` copies a row's keys to another.
     """
 
     def __init__(self, cfg: GPTConfig, batch_size: int, max_len: int | None = None,
@@ -96,9 +103,15 @@ class KVCache:
         """On the device (on_device): the positions [T] of a forward's T new tokens, fill .. fill + T - 1, and the
         fill after it, kv_len [1] (the keys the layers attend over). GPTModel.hidden makes them once a forward
         (`current`): three small kernels, not three a layer and a use (in a graph too, each is a launch)."""
-        if self.current is not None and self.current[0].numel() == T:
+        if self.current is not None and self.current[0].shape[-1] == T:
             return self.current
-        return self.fill + torch.arange(T, device=self.fill.device), self.fill + T
+        steps = torch.arange(T, device=self.fill.device)
+        if self.fill.numel() == 1:
+            return self.fill + steps, self.fill + T
+        if self.fill.shape != (self.batch_size,):
+            raise UserError(f"a KV cache's fill is one length, or one a row ([{self.batch_size}]), got shape "
+                            f"{tuple(self.fill.shape)}")
+        return self.fill[:, None] + steps, self.fill + T  # [B, T] and [B]: a fill a row
 
     def update(self, layer: int, k, v):
         """Writes a layer's new keys and values k, v [B, kv_heads, T, head_dim] at [pos, pos + T) and returns
@@ -121,8 +134,12 @@ class KVCache:
         bufs = [t for t in (self.k, self.v, self.k_scale, self.v_scale) if t is not None]
         if self.on_device:  # the whole buffers: the keys past kv_len are masked, not sliced off
             index = self.extent(k.size(2))[0]
+            rows = torch.arange(self.batch_size, device=index.device)[:, None] if index.dim() == 2 else None
             for buf, t in zip(bufs, new):
-                buf[layer].index_copy_(2, index, t.to(buf.dtype))
+                if rows is None:
+                    buf[layer].index_copy_(2, index, t.to(buf.dtype))
+                else:  # row b's T new vectors at its own positions index[b]: indexed [B, T, kv_heads(, head_dim)]
+                    buf[layer][rows, :, index] = t.transpose(1, 2).to(buf.dtype)
             views = [buf[layer] for buf in bufs]
         else:
             for buf, t in zip(bufs, new):
@@ -132,6 +149,31 @@ class KVCache:
 
     def reset(self):
         self.pos = 0
+
+    def row(self, i: int) -> "KVCache":
+        """Row i as a cache of batch 1 on the same storage (its own host pos, from 0): a forward through it writes
+        row i's keys (continuous batching prefills a new request into its slot so)."""
+        if not is_int(i) or not 0 <= i < self.batch_size:
+            raise UserError(f"KV cache rows are 0..{self.batch_size - 1}, got {i!r}")
+        view = copy.copy(self)
+        for name in ("k", "v", "k_scale", "v_scale"):
+            t = getattr(self, name)
+            setattr(view, name, None if t is None else t[:, i:i + 1])
+        view.pos, view.on_device, view.current = 0, False, None
+        view.fill = torch.zeros(1, dtype=torch.int64, device=self.fill.device)
+        return view
+
+    def copy_row(self, src: int, dst: int, length: int):
+        """Row src's first `length` positions (an int8 cache's scales too) into row dst: a request of n samples
+        prefills its prompt once and copies it to its other rows."""
+        for i in (src, dst):
+            if not is_int(i) or not 0 <= i < self.batch_size:
+                raise UserError(f"KV cache rows are 0..{self.batch_size - 1}, got {i!r}")
+        if not is_int(length) or not 0 <= length <= self.max_len:
+            raise UserError(f"a KV cache row holds 0..{self.max_len} positions, got {length!r}")
+        for buf in (self.k, self.v, self.k_scale, self.v_scale):
+            if buf is not None:
+                buf[:, dst, :, :length] = buf[:, src, :, :length]
 
     def crop(self, length: int):
         """Keep the first `length` positions only (speculative decoding drops the keys of rejected draft tokens).
@@ -354,11 +396,17 @@ class GPTModel(nn.Module):
             raise UserError(f"the KV cache holds {cache.batch_size} sequences, idx {B}: "
                             f"make it with model.new_cache({B})")
         start = cache.pos if cache is not None else 0
-        if start + T > self.config.context_length:
+        on_device = cache is not None and cache.on_device
+        # (on_device: the positions are on the device; its callers keep them within the cache, DecodeGraph and the
+        # engine on the host)
+        if start + T > self.config.context_length and not on_device:
             raise UserError(f"sequence of {start + T} tokens exceeds the context length "
                             f"{self.config.context_length}")
+        if on_device and self._rope_len(start, T, None, None) is not None:
+            raise UserError("a LongRoPE model's rotation follows its text's length, a host int: it cannot run a KV "
+                            "cache whose fill is on the device (a CUDA-graph step, continuous batching)")
         # on_device: every layer's positions and kv_len, cache.current from the try below (which clears it)
-        current = cache.extent(T) if cache is not None and cache.on_device else None
+        current = cache.extent(T) if on_device else None
         pos = current[0] if current is not None else torch.arange(start, start + T, device=idx.device)
         if doc_ids is not None:
             self._check_doc_ids(idx, doc_ids, cache)
@@ -391,7 +439,7 @@ class GPTModel(nn.Module):
         finally:
             if cache is not None:
                 cache.current = None
-        if cache is not None:
+        if cache is not None and not on_device:  # (on_device: the callers advance the fill)
             cache.pos += T
         return self.final_norm(x) if mlp_out is None else self.final_norm.add_and_norm(x, mlp_out)[1]
 

@@ -506,16 +506,20 @@ def document_index(doc_ids):
 
 def query_positions(Tq, Tk, device=None, kv_len=None):
     """[Tq, 1]: query i's position, Tk - Tq + i (the KV cache's alignment: the queries are the last Tq
-    positions), or kv_len - Tq + i where only the first kv_len [1] of Tk positions are filled."""
+    positions), or kv_len - Tq + i where only the first kv_len [1] of Tk positions are filled; with one
+    kv_len a batch row ([B], continuous batching) [B, 1, Tq, 1], each row's own."""
     if kv_len is None:
         return torch.arange(Tk - Tq, Tk, device=device)[:, None]
-    return (kv_len - Tq + torch.arange(Tq, device=kv_len.device))[:, None]
+    pos = (kv_len.reshape(-1, 1) - Tq + torch.arange(Tq, device=kv_len.device))[..., None]  # [n, Tq, 1]
+    return pos[0] if kv_len.numel() == 1 else pos[:, None]
 
 
 def past_the_fill(Tk, kv_len):
-    """[Tk, 1]: True at the positions at and past a cache's fill kv_len [1], whose stale keys and values may be
-    inf or NaN: masked scores hide them, but a weight 0 times NaN is still NaN, so they are zeroed too."""
-    return (torch.arange(Tk, device=kv_len.device) >= kv_len)[:, None]
+    """[Tk, 1] ([B, 1, Tk, 1] for one kv_len a row): True at the positions at and past a cache's fill kv_len,
+    whose stale keys and values may be inf or NaN: masked scores hide them, but a weight 0 times NaN is still
+    NaN, so they are zeroed too."""
+    past = torch.arange(Tk, device=kv_len.device) >= kv_len.reshape(-1, 1)  # [n, Tk]
+    return past[0, :, None] if kv_len.numel() == 1 else past[:, None, :, None]
 
 
 def in_the_future(Tq, Tk, device=None, kv_len=None):
@@ -668,7 +672,8 @@ class MultiHeadAttention(nn.Module):
         positions back (the local mask). k, v with fewer heads than q (grouped-query attention):
         each KV head is repeated for the n_head / n_kv_head query heads that share it.
         kv_len [1] (a CUDA-graph decode step's, KVCache.on_device): only the first kv_len of the Tk positions
-        hold keys, and query i sits at position kv_len - Tq + i; the masks hide the rest, whatever it holds."""
+        hold keys, and query i sits at position kv_len - Tq + i; the masks hide the rest, whatever it holds.
+        kv_len [B] (a per-row fill, continuous batching): the same, each row by its own length."""
         if k.size(1) != q.size(1):
             k, v = (t.repeat_interleave(q.size(1) // k.size(1), dim=1) for t in (k, v))
         Tq, Tk = q.size(-2), k.size(-2)

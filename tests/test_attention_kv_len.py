@@ -324,8 +324,10 @@ def test_refused_with_documents(device):
     (20, TypeError, "kv_len must be a one-element int32/int64 tensor on q's device .* got int"),
     ("tensor", TypeError, "kv_len must hold an int32 or int64 .* got dtype torch.float32"),
     ("bool", TypeError, "kv_len must hold an int32 or int64 .* got dtype torch.bool"),
-    ("two", ValueError, r"kv_len must be one element \(shape \[\] or \[1\]\), got shape \(2,\)"),
-    ("1x1", ValueError, r"kv_len must be one element \(shape \[\] or \[1\]\), got shape \(1, 1\)"),
+    ("two", ValueError, r"kv_len must be one element \(shape \[\] or \[1\]\) or one a batch row \(\[1\]\), "
+            r"got shape \(2,\)"),
+    ("1x1", ValueError, r"kv_len must be one element \(shape \[\] or \[1\]\) or one a batch row \(\[1\]\), "
+            r"got shape \(1, 1\)"),
     ("meta", ValueError, "kv_len is on meta, q on"),
 ])
 def test_bad_kv_len(bad, error, match, device):

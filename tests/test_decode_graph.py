@@ -78,6 +78,8 @@ def test_a_step_on_the_device_gives_the_host_steps_logits_whatever_the_cache_hol
             dev.on_device = True
             got = model(idx[:, t:t + 1], dev)
             dev.on_device = False
+            assert dev.pos == t  # the fill on the device is the caller's to advance (DecodeGraph, the engine)
+            dev.pos += 1
             assert not got.isnan().any()
             assert (got - want).abs().max().item() < 1e-5, (case, t)
         assert dev.pos == host.pos == 11

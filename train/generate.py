@@ -484,7 +484,7 @@ class DecodeGraph:
         try:
             with autocast:
                 return last_logits(self.model, self.tokens, self.cache)
-        finally:  # the forward advanced pos on the host; the calls do that themselves, once a replay
+        finally:  # (an on_device forward leaves pos alone: the calls advance it, once a replay)
             self.cache.on_device = False
             self.cache.pos = pos
 

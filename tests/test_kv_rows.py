@@ -1,0 +1,147 @@
+"""A KV cache filled to a different length in each row (continuous batching, train/engine.py): KVCache.fill [B]
+with on_device, flash_attention(kv_len=[B]) and the reference's masks for it.
+
+Each row of a batched step must compute what that row computes alone: its own prompt's keys, its tokens at its own
+positions (learned position embeddings, RoPE, ALiBi, a sliding window), whatever lies in the cache past its fill
+(NaN here) and whatever the other rows hold."""
+import pytest
+import torch
+
+from parity import assert_close_rel
+from test_attention import make_qkv
+from test_attention_kv_len import cache as junk_cache
+from test_decode_graph import CASES, VOCAB, tiny
+from test_flash_decoding import reference_gqa
+from tritongpt.errors import UserError
+from tritongpt.kernels.attention import flash_attention
+
+PROMPTS = (5, 9, 2)  # each row's prompt length: not a tile's multiple, the rows' diagonals in different tiles
+STEPS = 3
+
+
+def alone(model, prompt, steps, kv_dtype):
+    """Row by row, the host path: the logits of each decode step of one row fed its own tokens."""
+    cache = model.new_cache(1, 16, kv_dtype=kv_dtype)
+    model(prompt[None], cache)
+    return [model(steps[None, t:t + 1], cache)[0, -1] for t in range(steps.numel())]
+
+
+def batched(model, prompts, steps, kv_dtype, T=1):
+    """All rows in one forward a step: each prompt prefilled into its row (KVCache.row), then the fill a row."""
+    cache = model.new_cache(len(prompts), 16, kv_dtype=kv_dtype)
+    for buf in (cache.k, cache.v):
+        if buf.is_floating_point():
+            buf.fill_(float("nan"))  # past each row's fill: never read into a result
+    for i, p in enumerate(prompts):
+        model(p[None], cache.row(i))
+    cache.fill = torch.tensor([p.numel() for p in prompts])
+    cache.on_device = True
+    out = []
+    for t in range(0, steps.size(1), T):
+        out.append(model(steps[:, t:t + T], cache))
+        cache.fill += T
+    assert cache.pos == 0  # on_device: the fill is the caller's, the host pos untouched
+    return torch.cat(out, 1)
+
+
+@pytest.mark.parametrize("kernels,case,kv_dtype", [("reference", c, "auto") for c in CASES]
+                         + [("reference", "rope-gqa", "int8"), ("triton", "gpt2", "auto"),
+                            ("triton", "window-softcap", "int8"), ("triton", "alibi", "auto")])
+def test_each_row_of_a_batched_step_decodes_as_it_would_alone(kernels, case, kv_dtype):
+    model = tiny(kernels, **CASES[case])
+    g = torch.Generator().manual_seed(len(case))
+    prompts = [torch.randint(0, VOCAB, (n,), generator=g) for n in PROMPTS]
+    steps = torch.randint(0, VOCAB, (len(PROMPTS), STEPS), generator=g)
+    with torch.no_grad():
+        got = batched(model, prompts, steps, kv_dtype)
+        for i, p in enumerate(prompts):
+            want = torch.stack(alone(model, p, steps[i], kv_dtype))
+            assert_close_rel(got[i], want, 1e-5, f"{kernels} {case} {kv_dtype} row {i}")
+
+
+def test_a_row_copied_decodes_as_its_source():
+    """copy_row: a request of n samples prefills once and copies its prompt's keys (an int8 cache's scales too)."""
+    model = tiny("reference", **CASES["rope-gqa"])
+    prompt, step = torch.randint(0, VOCAB, (7,)), torch.randint(0, VOCAB, (3, 1))
+    with torch.no_grad():
+        cache = model.new_cache(3, 16, kv_dtype="int8")
+        model(prompt[None], cache.row(2))
+        cache.copy_row(2, 0, 7)
+        cache.fill, cache.on_device = torch.tensor([7, 1, 7]), True
+        got = model(step, cache)
+        want = [alone(model, prompt, step[i], "int8")[0] for i in (0, 2)]
+    assert_close_rel(got[0, -1], want[0], 1e-5, "copied row")
+    assert_close_rel(got[2, -1], want[1], 1e-5, "source row")
+
+
+def test_a_chunk_a_row_at_once():
+    """T = 2 new tokens a row (chunked prefill or a verification step), rows at their own positions."""
+    model = tiny("reference", **CASES["alibi"])
+    prompts = [torch.randint(0, VOCAB, (n,)) for n in PROMPTS]
+    steps = torch.randint(0, VOCAB, (len(PROMPTS), 4))
+    with torch.no_grad():
+        got = batched(model, prompts, steps, "auto", T=2)
+        for i, p in enumerate(prompts):
+            cache = model.new_cache(1, 16)
+            model(p[None], cache)
+            want = torch.cat([model(steps[i:i + 1, t:t + 2], cache) for t in (0, 2)], 1)[0]
+            assert_close_rel(got[i], want, 1e-5, f"row {i}")
+
+
+@pytest.mark.parametrize("splits", [1, 2], ids=["single", "split2"])
+@pytest.mark.parametrize("Hkv", [4, 2])
+def test_flash_attention_reads_a_length_a_row(splits, Hkv, forced_splits, device):
+    """Each row b of flash_attention(kv_len=[B]) is the float64 reference over its own first kv_len[b] keys (the
+    caches hold NaN, inf and 1e30 past them), on the single pass and the split one (its GQA rows packed), with a
+    window, a cap and ALiBi at each row's own positions."""
+    forced_splits(splits)
+    lens = [3, 37, 20]
+    q, _, _ = make_qkv(3, 4, 3, 1, 32, torch.float32, device, seed=Hkv)
+    rows = [junk_cache(1, Hkv, L, 32, torch.float32, device, seed=Hkv + b) for b, L in enumerate(lens)]
+    k, v = (torch.cat(t) for t in zip(*rows))  # row b's junk from its own fill on
+    slopes = torch.tensor([0.5, 0.25, 0.125, 0.0625], device=device)
+    for kw in (dict(), dict(window=7, softcap=3.0, alibi_slopes=slopes)):
+        with torch.no_grad():
+            got = flash_attention(q, k, v, kv_len=torch.tensor(lens, device=device), **kw)
+        for b, L in enumerate(lens):
+            ref = reference_gqa(q[b:b + 1].double(), k[b:b + 1, :, :L].double(), v[b:b + 1, :, :L].double(), **kw)
+            assert_close_rel(got[b:b + 1], ref, 1e-4, f"row {b} L={L} {sorted(kw)}")
+
+
+@pytest.mark.parametrize("lens,match", [
+    ([20, 20, 20], r"kv_len must be one element \(shape \[\] or \[1\]\) or one a batch row \(\[2\]\)"),
+    ([20, 2], r"kv_len 2 \(batch row 1\) is out of range: it must lie in \[3, 40\]"),
+    ([41, 20], r"kv_len 41 \(batch row 0\) is out of range"),
+])
+def test_a_bad_length_a_row_is_named(lens, match, device):
+    q, _, _ = make_qkv(2, 2, 3, 1, 16, torch.float32, device, seed=5)
+    k, v = junk_cache(2, 2, 20, 16, torch.float32, device, seed=6)
+    k, v = torch.cat([k, k[:, :, :8]], 2), torch.cat([v, v[:, :, :8]], 2)[:, :, :40]
+    k = k[:, :, :40]
+    with torch.no_grad(), pytest.raises(ValueError, match=match):
+        flash_attention(q, k, v, kv_len=torch.tensor(lens, device=device))
+
+
+def test_the_cache_refuses_what_it_cannot_do():
+    model = tiny("reference")
+    cache = model.new_cache(2, 16)
+    with pytest.raises(UserError, match=r"KV cache rows are 0..1, got 2"):
+        cache.row(2)
+    with pytest.raises(UserError, match=r"KV cache rows are 0..1, got -1"):
+        cache.copy_row(-1, 0, 3)
+    with pytest.raises(UserError, match=r"a KV cache row holds 0..16 positions, got 17"):
+        cache.copy_row(0, 1, 17)
+    cache.fill, cache.on_device = torch.tensor([1, 2, 3]), True
+    with pytest.raises(UserError, match=r"a KV cache's fill is one length, or one a row \(\[2\]\), got shape \(3,\)"):
+        with torch.no_grad():
+            model(torch.zeros(2, 1, dtype=torch.long) + 1, cache)
+
+
+def test_a_longrope_model_is_refused_a_fill_on_the_device():
+    scaling = {"rope_type": "longrope", "short_factor": [1.0] * 8, "long_factor": [2.0] * 8,
+               "original_max_position_embeddings": 12}
+    model = tiny("reference", position_encoding="rope", rope_scaling=scaling)
+    cache = model.new_cache(2, 16)
+    cache.fill, cache.on_device = torch.tensor([0, 0]), True
+    with torch.no_grad(), pytest.raises(UserError, match="LongRoPE.*fill is on the device"):
+        model(torch.ones(2, 1, dtype=torch.long), cache)
