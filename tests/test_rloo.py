@@ -308,8 +308,10 @@ def test_rlhf_cli_rloo_writes_its_metrics_and_resumes_as_rloo_only(tmp_path, cap
     assert (state["args"]["algo"], state["args"]["group_size"], state["args"]["reward_clip_range"],
             state["args"]["normalize_advantages"]) == ("rloo", 3, [-5.0, 5.0], False)
     capsys.readouterr()
-    assert main([*argv, "--iterations", "3", "--normalize-advantages", "--resume"]) == 0
-    assert "resuming with --normalize-advantages True (the run had False)" in capsys.readouterr().err
+    # --group-size 0 is RLOO's own 2: named as it runs, not as "0"
+    assert main([*argv, "--iterations", "3", "--normalize-advantages", "--group-size", "0", "--resume"]) == 0
+    assert "resuming with --group-size 2 (the run had 3), --normalize-advantages True (False)" in \
+        capsys.readouterr().err
     other = [*common, "--algo", "grpo", "--group-size", "3", "--out-dir", str(tmp_path / "run")]
     assert main([*other, "--iterations", "4", "--resume"]) == 2
     assert "is not an rlhf --algo grpo checkpoint" in capsys.readouterr().err

@@ -180,6 +180,11 @@ def verifier_name(match) -> str:
     return f"{owner.__module__}.{owner.__qualname__}"
 
 
+def responses_per_prompt(group_size: int, algo: str) -> int:
+    """--group-size as it runs: 0 is the algorithm's own (4 for GRPO, 2 for RLOO, 1 for PPO)."""
+    return group_size or {"grpo": 4, "rloo": 2}.get(algo, 1)
+
+
 @dataclass
 class RLArgs:
     algo: str = "ppo"            # ppo | grpo | rloo
@@ -234,7 +239,7 @@ class RLArgs:
 
     @property
     def samples_per_prompt(self) -> int:
-        return self.group_size or {"grpo": 4, "rloo": 2}.get(self.algo, 1)
+        return responses_per_prompt(self.group_size, self.algo)
 
     def _check_rloo_flags(self):
         """RLOO's own flags (refused elsewhere), and the flags it has no use for (refused with it)."""
@@ -1030,6 +1035,9 @@ class RLHFTrainer:
         def judge(v):
             return f"--reward {v}" if v else "a reward model"
         now_args = {**vars(self.args), **self.run_args}
+        if "group_size" in saved:  # compared and named as they run: 0 is the algorithm's own count, not a count
+            saved = {**saved, "group_size": responses_per_prompt(saved["group_size"], saved.get("algo", self.args.algo))}
+            now_args["group_size"] = self.args.samples_per_prompt
         if several:
             was_all = list(saved["rewards"]) if "rewards" in saved else [was]
             now_all = list(self.run_args["rewards"]) if "rewards" in self.run_args else [now]
