@@ -1031,6 +1031,8 @@ def quantize(model, mode: str, head: bool = True, device=None, group_size: int =
         raise UserError(f"{'act-order' if act_order else 'true sequential'} is GPTQ's: "
                         + ("round-to-nearest (method rtn) quantizes each weight on its own" if method == "rtn" else
                            "AWQ scales and clips each matrix's weights, then rounds them to nearest: no column order"))
+    if report is not None and method != "awq":  # (filled by AWQ's search alone: an empty dict would say nothing ran)
+        raise UserError(f"report= is AWQ's (its scales' search, stage by stage): method {method!r} fills none")
     if method in ("gptq", "awq"):
         name = method.upper()
         if calibration is None:

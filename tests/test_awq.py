@@ -268,6 +268,9 @@ def test_awq_refuses_what_it_does_not_do_by_name_and_a_refusal_midway_leaves_the
                      (dict(group_size=128), "in_features a multiple of it")):
         with pytest.raises(UserError, match=said):
             quantize(model, **{"mode": "int4", "group_size": 32, "method": "awq", "calibration": ids, **kw})
+    for method, kw in (("rtn", {}), ("gptq", dict(calibration=ids))):  # a report only AWQ fills: never left empty
+        with pytest.raises(UserError, match=f"report= is AWQ's .*: method '{method}' fills none"):
+            quantize(model, "int4", group_size=32, method=method, report={}, **kw)
     moe = GPTModel(GPTConfig(vocab_size=V, context_length=T, n_layer=1, n_head=4, n_embd=64, **FAMILIES["llama"],
                              n_experts=4, experts_per_token=2))
     with pytest.raises(UserError, match="does not take mixture-of-experts models"):
