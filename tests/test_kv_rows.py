@@ -34,7 +34,7 @@ def batched(model, prompts, steps, kv_dtype, T=1):
             buf.fill_(float("nan"))  # past each row's fill: never read into a result
     for i, p in enumerate(prompts):
         model(p[None], cache.row(i))
-    cache.fill = torch.tensor([p.numel() for p in prompts])
+    cache.fill = torch.tensor([p.numel() for p in prompts], device=steps.device)
     cache.on_device = True
     out = []
     for t in range(0, steps.size(1), T):
@@ -57,6 +57,22 @@ def test_each_row_of_a_batched_step_decodes_as_it_would_alone(kernels, case, kv_
         for i, p in enumerate(prompts):
             want = torch.stack(alone(model, p, steps[i], kv_dtype))
             assert_close_rel(got[i], want, 1e-5, f"{kernels} {case} {kv_dtype} row {i}")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("kernels,kv_dtype", [("reference", "auto"), ("triton", "auto"), ("triton", "int8")])
+def test_each_row_decodes_as_it_would_alone_on_cuda_in_bf16(kernels, kv_dtype):
+    """On a GPU in bf16 (the kernels' tiles, splits and tuning there): each row within bf16's tolerance of itself
+    decoded alone."""
+    model = tiny(kernels, **CASES["rope-gqa"]).cuda().to(torch.bfloat16)
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(0, VOCAB, (n,), generator=g).cuda() for n in PROMPTS]
+    steps = torch.randint(0, VOCAB, (len(PROMPTS), STEPS), generator=g).cuda()
+    with torch.no_grad():
+        got = batched(model, prompts, steps, kv_dtype)
+        for i, p in enumerate(prompts):
+            want = torch.stack(alone(model, p, steps[i], kv_dtype))
+            assert_close_rel(got[i].float(), want.float(), 1e-2, f"{kernels} {kv_dtype} row {i}")
 
 
 def test_a_row_copied_decodes_as_its_source():
