@@ -10,6 +10,9 @@ training steps of each provider under torch.profiler: host vs device time per st
 and ops, a Chrome trace each (bench/profile_step.py); on a CPU too, with the CPU activity only.
 `tritongpt bench decode` times greedy KV-cache decode steps, eager against CUDA-graph replays, on the reference
 and the Triton path (bench/decode.py); CUDA only (without it, it says so and measures nothing).
+`tritongpt bench serve` loads an OpenAI-compatible server with streamed completions, as vLLM's benchmark_serving
+does: throughput, TTFT, TPOT, ITL, end-to-end latency (bench/serve.py); our server, started in this process with
+serve's model flags, or any other at --base-url.
 """
 import argparse
 import sys
@@ -20,7 +23,7 @@ from tritongpt.commands import add_vocab_multiple_arg, vocab_multiple
 from tritongpt.errors import UserError
 from tritongpt.cli import command_help
 
-WHATS = ("kernels", "train", "all", "cpu", "compile", "profile", "decode")
+WHATS = ("kernels", "train", "all", "cpu", "compile", "profile", "decode", "serve")
 
 
 class _Given(argparse.Action):
@@ -245,11 +248,13 @@ def add_cli(sub):
     p.add_argument("what", choices=WHATS, help="kernels | train | all (both) | cpu (CPU-side timings) | "
                    "compile (build every kernel launch for sm_90 offline: registers, spills, shared memory) | "
                    "profile (training steps under torch.profiler: host vs device time, top kernels, traces) | "
-                   "decode (greedy KV-cache decode steps, eager vs CUDA graphs, reference vs Triton; CUDA only)")
+                   "decode (greedy KV-cache decode steps, eager vs CUDA graphs, reference vs Triton; CUDA only) | "
+                   "serve (an OpenAI-compatible server under load: throughput, TTFT, TPOT, ITL, latency)")
     p.add_argument("--quick", action="store_true", help="small sizes, few steps (a smoke run)")
     p.add_argument("--out", default=None,
                    help="results folder (default bench/results on a GPU; on CPU nothing is written unless given)")
-    p.add_argument("--dtype", default="bf16", help="bf16 | fp16 | fp32 (default %(default)s)")
+    p.add_argument("--dtype", default="bf16", action=_Given,
+                   help="bf16 | fp16 | fp32 (default %(default)s; serve: the in-process server's, default auto)")
     p.add_argument("--max-minutes", type=float, default=8.0,
                    help="time budget for the whole run; later work is recorded as skipped (default %(default)s)")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
@@ -467,11 +472,28 @@ def add_cli(sub):
     f.add_argument("--traces", choices=TRACES, default="all",
                    help="Chrome traces (profile-traces/<provider>.json.gz): every provider's, the first profiled "
                         "one's, or none (default %(default)s)")
+    from tritongpt.bench import serve
+
+    serve.add_cli(p)  # its own flags, and `tritongpt serve`'s for the server it starts
     p.set_defaults(func=cmd_bench)
 
 
 def cmd_bench(args):
     import torch
+
+    if args.what == "serve":
+        if args.out:
+            from tritongpt.bench.common import check_out_dir
+
+            check_out_dir(args.out)
+        from tritongpt.bench.serve import run_serve
+
+        return run_serve(args)
+    serve_only = [d for d, default in args.serve_flags.items() if getattr(args, d) != default]
+    if serve_only:
+        flags = ", ".join("--" + d.replace("_", "-") for d in serve_only)
+        raise UserError(f"{flags}: bench serve's flags, not bench {args.what}'s"
+                        f"{' (--models names the models it times)' if 'model' in serve_only else ''}")
 
     if args.steps is not None and args.steps < 1:
         raise UserError(f"--steps must be at least 1, got {args.steps}")

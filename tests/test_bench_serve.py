@@ -1,0 +1,280 @@
+"""`tritongpt bench serve` (bench/serve.py): a load generator for OpenAI-compatible servers.
+
+End to end on the `saved` tiny model (our server started in process, and again by the test and given as --base-url),
+a few requests of a few tokens each; the scheduling, the concurrency limit and failures against a fake server that
+streams as vLLM's does (HTTP/1.1, chunked) and counts the requests it holds at once; the metrics against vLLM's
+definitions on records made by hand."""
+import json
+import math
+import re
+import socket
+import statistics
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from tritongpt.bench import serve as bs
+from tritongpt.cli import build_parser, main
+from tritongpt.errors import UserError
+from tritongpt.train import serve
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def bench(*flags, plots=False):
+    return main(["bench", "serve", *flags, *([] if plots else ["--no-plots"])])
+
+
+def only_file(folder, pattern):
+    files = sorted(folder.rglob(pattern))
+    assert len(files) == 1, files
+    return files[0]
+
+
+def p99(xs):
+    """numpy's linear percentile, written out: the value at rank 0.99 (n - 1) between its two neighbours."""
+    xs, k = sorted(xs), 0.99 * (len(xs) - 1)
+    lo = math.floor(k)
+    return xs[lo] + (xs[min(lo + 1, len(xs) - 1)] - xs[lo]) * (k - lo)
+
+
+def test_the_in_process_server_end_to_end(saved, tmp_path, capsys):
+    rc = bench("--weights", str(saved), "--device", "cpu", "--num-prompts", "5", "--input-len", "6",
+               "--output-len", "5", "--out", str(tmp_path), plots=True)
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert "| output token throughput (tok/s) |" in out and "| p99 ITL (ms) |" in out
+    result = json.loads(only_file(tmp_path, "serve.json").read_text())
+    assert only_file(tmp_path, "serve.png").stat().st_size > 1000
+    md = only_file(tmp_path, "serve.md").read_text()
+    assert "| mean TTFT (ms) |" in md and str(saved) in md
+    env = result["env"]
+    assert env["device"] and env["torch"] and env["triton"] and env["git_commit"]
+    assert result["server"]["in_process"] and result["server"]["flags"]["weights"] == str(saved)
+    (run,) = result["runs"]
+    m, reqs = run["metrics"], run["requests"]
+    assert m["completed"] == 5 and m["failed"] == 0 and len(reqs) == 5
+    assert m["total_output_tokens"] == sum(r["output_tokens"] for r in reqs)
+    assert m["total_input_tokens"] == sum(r["prompt_tokens"] for r in reqs) == 5 * 6  # the prompts' cut: 6 tokens
+    for r in reqs:
+        assert 1 <= r["output_tokens"] <= 5
+        assert 0 < r["ttft_ms"] <= r["e2e_ms"]
+        assert len(r["itl_ms"]) == r["output_tokens"] - 1  # a text chunk a token, one gap between two
+        assert r["e2e_ms"] >= r["ttft_ms"] + sum(r["itl_ms"]) - 1e-6
+        assert r["tpot_ms"] == pytest.approx((r["e2e_ms"] - r["ttft_ms"]) / (r["output_tokens"] - 1))
+    assert m["mean_ttft_ms"] == pytest.approx(statistics.mean(r["ttft_ms"] for r in reqs))
+    assert m["p99_itl_ms"] == pytest.approx(p99([x for r in reqs for x in r["itl_ms"]]))
+    assert m["output_throughput"] == pytest.approx(m["total_output_tokens"] / m["duration_s"])
+    assert max(r["e2e_ms"] for r in reqs) <= m["duration_s"] * 1e3
+
+
+def start_served(saved, name="tiny-served"):
+    args = build_parser(["serve"]).parse_args(["serve", "--weights", str(saved), "--port", "0", "--device", "cpu",
+                                               "--served-model-name", name])
+    server = bs.start_server(args)
+    return server, f"http://127.0.0.1:{server.server_address[1]}/v1"
+
+
+def test_base_url_a_sweep_of_concurrencies_and_results_never_overwritten(saved, tmp_path, capsys):
+    server, url = start_served(saved)
+    try:
+        rc = bench("--base-url", url, "--num-prompts", "4", "--input-len", "5", "--output-len", "3",
+                   "--max-concurrency", "1,3", "--out", str(tmp_path), "--label", "sweep", plots=True)
+        assert rc == 0
+        with pytest.raises(UserError, match="--model other: the server at .* does not list it .*tiny-served"):
+            bs.run_serve(build_parser(["bench"]).parse_args(["bench", "serve", "--base-url", url, "--model", "other"]))
+    finally:
+        server.shutdown()
+        server.server_close()
+    path = only_file(tmp_path, "serve-sweep.json")
+    assert path.parent.name == "remote-tiny-served"
+    result = json.loads(path.read_text())
+    assert result["settings"]["model"] == "tiny-served"  # the first of /v1/models
+    assert not result["server"]["in_process"] and result["server"]["models"] == ["tiny-served"]
+    assert [r["max_concurrency"] for r in result["runs"]] == [1, 3]
+    assert all(r["metrics"]["completed"] == 4 for r in result["runs"])
+    assert (path.parent / "serve-sweep.png").is_file()
+    again = bs.write_serve(result, path.parent, "sweep", plots=False)
+    assert [p.name for p in again] == ["serve-sweep-2.json", "serve-sweep-2.md"]
+    assert json.loads(path.read_text()) == result  # the first run's file as it was
+    assert "max concurrency 1 | max concurrency 3 |" in capsys.readouterr().out
+
+
+def test_failed_requests_are_counted_and_the_first_error_shown(saved, tmp_path, capsys):
+    data = tmp_path / "prompts.jsonl"
+    long = "the cat sat on the mat " * 20  # past the tiny model's 32-token context
+    data.write_text("\n".join(json.dumps({"prompt": p}) for p in ("Hello there", long, "a dog ran", long)) + "\n")
+    rc = bench("--weights", str(saved), "--device", "cpu", "--dataset", str(data), "--num-prompts", "4",
+               "--output-len", "3")
+    out = capsys.readouterr().out
+    assert rc == 1
+    assert "| completed requests | 2 |" in out and "| failed requests | 2 |" in out
+    assert "2 request(s) failed; the first: HTTP 400: the model's context is 32 tokens" in out
+
+
+class Fake(BaseHTTPRequestHandler):
+    """vLLM's way of streaming (HTTP/1.1, chunked), a token a chunk with a pause between; counts the requests it holds
+    at once. A prompt "refuse" gets a 400, "mid" an error event after a token, "cut" a stream without [DONE]."""
+    protocol_version = "HTTP/1.1"
+    lock, now, most = threading.Lock(), 0, 0
+
+    def log_message(self, *a):
+        pass
+
+    def do_GET(self):
+        self.send(200, json.dumps({"object": "list", "data": [{"id": "fake-model"}]}).encode(), "application/json")
+
+    def send(self, status, data, kind):
+        self.send_response(status)
+        self.send_header("Content-Type", kind)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def chunk(self, text):
+        data = f"data: {text}\n\n".encode()
+        self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+        self.wfile.flush()
+
+    def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        with Fake.lock:
+            Fake.now += 1
+            Fake.most = max(Fake.most, Fake.now)
+        try:
+            if body["prompt"] == "refuse":
+                return self.send(400, json.dumps({"error": {"message": "no thanks"}}).encode(), "application/json")
+            self.send_response(200)
+            self.send_header("Content-Type", "text/event-stream")
+            self.send_header("Transfer-Encoding", "chunked")
+            self.end_headers()
+            for i in range(body["max_tokens"]):
+                time.sleep(0.02)
+                self.chunk(json.dumps({"choices": [{"index": 0, "text": f" t{i}", "finish_reason": None}],
+                                       "usage": None}))
+                if body["prompt"] == "mid":
+                    self.chunk(json.dumps({"error": {"message": "went wrong"}}))
+                    break
+            if body["prompt"] != "cut":
+                self.chunk(json.dumps({"choices": [], "usage": {"prompt_tokens": 2,
+                                                                "completion_tokens": body["max_tokens"]}}))
+                self.chunk("[DONE]")
+            self.wfile.write(b"0\r\n\r\n")
+        finally:
+            with Fake.lock:
+                Fake.now -= 1
+
+
+@pytest.fixture
+def fake():
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Fake)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
+    Fake.most = 0
+    yield f"http://127.0.0.1:{server.server_address[1]}/v1"
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.mark.parametrize("limit", [2, None])
+def test_max_concurrency_is_the_most_requests_the_server_holds_at_once(fake, limit):
+    records, duration = bs.run_load(fake, "fake-model", ["p"] * 6, 3, concurrency=limit)
+    assert all(r["success"] for r in records)
+    assert [len(r["itl_ms"]) for r in records] == [2] * 6 and [r["output_tokens"] for r in records] == [3] * 6
+    assert all(r["itl_ms"][0] >= 15 for r in records)  # the server's 20 ms between tokens, seen through its chunks
+    assert Fake.most == 2 if limit else Fake.most > 2
+
+
+def test_failures_are_kept_with_their_reasons(fake):
+    prompts = ["ok", "refuse", "mid", "cut", "ok"]
+    records, duration = bs.run_load(fake, "fake-model", prompts, 2)
+    assert [r["success"] for r in records] == [True, False, False, False, True]
+    assert records[1]["error"] == "HTTP 400: no thanks"
+    assert records[2]["error"] == "error event: went wrong"
+    assert records[3]["error"] == "the stream ended without data: [DONE]"
+    m = bs.summarize(records, duration, 2)
+    assert (m["completed"], m["failed"], m["first_error"]) == (2, 3, "HTTP 400: no thanks")
+    assert m["total_output_tokens"] == 4
+
+
+def test_poisson_arrivals_from_a_seed():
+    a = bs.arrival_offsets(20000, 4.0, seed=3)
+    assert a == bs.arrival_offsets(20000, 4.0, seed=3) and a != bs.arrival_offsets(20000, 4.0, seed=4)
+    gaps = [y - x for x, y in zip(a, a[1:])]
+    assert a[0] == 0 and min(gaps) > 0
+    assert statistics.mean(gaps) == pytest.approx(1 / 4.0, rel=0.03)
+    assert statistics.pstdev(gaps) == pytest.approx(1 / 4.0, rel=0.05)  # exponential: its std is its mean
+    assert bs.arrival_offsets(5, math.inf, seed=3) == [0.0] * 5
+
+
+def test_requests_are_sent_on_their_schedule(fake):
+    offsets = bs.arrival_offsets(4, 20.0, seed=1)
+    records, _ = bs.run_load(fake, "fake-model", ["p"] * 4, 1, rate=20.0, seed=1)
+    sent = [r["sent_s"] for r in records]
+    assert all(s >= at for s, at in zip(sent, offsets)) and all(s < at + 0.05 for s, at in zip(sent, offsets))
+
+
+def test_the_metrics_are_vllms():
+    def rec(ttft, itl, e2e, out, prompt=10):
+        return {"success": True, "error": None, "ttft_ms": ttft, "itl_ms": itl, "e2e_ms": e2e, "output_tokens": out,
+                "prompt_tokens": prompt, "tpot_ms": (e2e - ttft) / (out - 1) if out > 1 else None}
+
+    records = [rec(10, [1, 2], 13, 3), rec(20, [4], 24, 2), rec(30, [], 30, 1),
+               {"success": False, "error": "HTTP 500: boom", "itl_ms": []}]
+    m = bs.summarize(records, 2.0, max_tokens=3)
+    assert (m["completed"], m["failed"], m["first_error"], m["ended_early"]) == (3, 1, "HTTP 500: boom", 2)
+    assert (m["total_input_tokens"], m["total_output_tokens"]) == (30, 6)
+    assert (m["request_throughput"], m["output_throughput"], m["total_token_throughput"]) == (1.5, 3.0, 18.0)
+    assert (m["mean_ttft_ms"], m["median_ttft_ms"], m["p99_ttft_ms"]) == pytest.approx((20, 20, 29.8))
+    assert (m["mean_itl_ms"], m["median_itl_ms"]) == pytest.approx((7 / 3, 2))  # every gap of every request
+    assert (m["mean_tpot_ms"], m["p99_tpot_ms"]) == pytest.approx((2.75, 3.975))  # (13-10)/2, (24-20)/1
+    assert m["mean_e2e_ms"] == pytest.approx(67 / 3)
+
+
+def closed_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("flags, says", [
+    (["--num-prompts", "0"], "--num-prompts must be a positive integer"),
+    (["--request-rate", "0"], "--request-rate must be a positive number"),
+    (["--max-concurrency", "2,x"], "--max-concurrency must be a positive integer or a comma list"),
+    (["--max-concurrency", "0"], "--max-concurrency must be a positive integer or a comma list"),
+    (["--base-url", "ftp://host/v1"], "--base-url must be http://HOST:PORT/v1"),
+    (["--base-url", "http://127.0.0.1:1/v1", "--weights", "x", "--quantize", "int8"],
+     "--weights, --quantize set the in-process server; with --base-url"),
+    (["--base-url", "http://127.0.0.1:{port}/v1"], "cannot reach the server at http://127.0.0.1:{port}/v1"),
+    (["--weights", "{saved}", "--device", "cpu", "--input-len", "30", "--output-len", "3"],
+     "--input-len 30 \\+ --output-len 3 > the model's context \\(32\\)"),
+    (["--weights", "{saved}", "--device", "cpu", "--input-len", "4", "--output-len", "3", "--ignore-eos"],
+     "the warm-up request to http://127.0.0.1:\\d+/v1 failed: HTTP 400: unknown field 'ignore_eos'"),
+    (["--dtype", "fp64", "--weights", "{saved}"], "--dtype 'fp64': serve takes one of"),
+])
+def test_bad_flags_are_named(saved, capsys, flags, says):
+    port = closed_port()
+    flags = [f.format(port=port, saved=saved) for f in flags]
+    assert main(["bench", "serve", *flags]) == 2
+    assert re.search(says.format(port=port), capsys.readouterr().err)
+
+
+def test_bench_serves_flags_are_refused_by_the_other_benches(capsys):
+    assert main(["bench", "decode", "--model", "gpt2-small"]) == 2
+    assert "--model: bench serve's flags, not bench decode's (--models names" in capsys.readouterr().err
+
+
+def test_a_flag_serve_gains_reaches_the_in_process_server(monkeypatch):
+    real = serve.add_cli
+
+    def more(sub):
+        real(sub)
+        p = getattr(sub, "choices", {}).get("serve") or sub.add_parser("serve")  # (bench's stand-in: itself)
+        p.add_argument("--max-widgets", type=int, default=1)
+
+    monkeypatch.setattr(serve, "add_cli", more)
+    args = build_parser(["bench"]).parse_args(["bench", "serve", "--max-widgets", "7", "--weights", "w"])
+    ns = bs.server_args(args)
+    assert (ns.max_widgets, ns.weights, ns.port, ns.dtype, ns.seed) == (7, "w", 0, "auto", 1337)
