@@ -330,6 +330,28 @@ def capture(quick=False, half="bfloat16"):
                             starts, ends = attention.window_bounds(4096, DECODE_SEQ, 1, "meta")
                             case[0] += " window"
                             attention._fwd_launch(q, kb, kb, True, d ** -0.5, 0.0, None, starts, ends, kv_len=kv_len)
+                    # continuous batching (train/engine.py): a length a row (kv_len [B]: a row stride of 1, its own
+                    # binary) over a KVCache at batch 32, and over a paged cache of vLLM's 16-position pages (PAGE:
+                    # the single pass at batch 32, float and int8; the split path at batch 1)
+                    for batch, how in ((32, "rows"), (32, "paged16"), (1, "paged16")):
+                        lens = torch.empty(batch, dtype=torch.int64, **meta)
+                        q = torch.empty(batch, 1, heads, d, dtype=dt, **meta).transpose(1, 2)
+                        case[0] = (f"attention {name} hd{d} kv_len {how} Tq=1 Tk_cap={DECODE_SEQ} "
+                                   f"heads={heads}/{kv_heads} B={batch}")
+                        if how == "rows":
+                            kb = torch.empty(batch, DECODE_SEQ, kv_heads, d, dtype=dt, **meta).transpose(1, 2)
+                            attention._fwd_launch(q, kb, kb, True, d ** -0.5, 0.0, None, kv_len=lens)
+                            continue
+                        table = torch.empty(batch, DECODE_SEQ // 16, dtype=torch.int32, **meta)
+                        pool = torch.empty(batch * DECODE_SEQ // 16, kv_heads, 16, d, dtype=dt, **meta)
+                        attention._fwd_launch(q, pool, pool, True, d ** -0.5, 0.0, None, kv_len=lens,
+                                              block_table=table)
+                        if batch == 32:
+                            pool8 = torch.empty(pool.shape, dtype=torch.int8, **meta)
+                            scales = torch.empty(pool.shape[:3], dtype=torch.float32, **meta)
+                            case[0] += " int8"
+                            attention._fwd_launch(q, pool8, pool8, True, d ** -0.5, 0.0, None, kv_len=lens,
+                                                  k_scale=scales, v_scale=scales, block_table=table)
 
             for d in ((64,) if quick else (64, 128, 256)):  # RoPE of q and k: GPT-2's heads, the widest it takes
                 case[0] = f"rope {name} {TOKENS} tokens hd{d}"

@@ -112,9 +112,10 @@ batch 1 and 8; Tk 1024 to 16384), forward only (inference; its rows are "fwd"): 
 heads repeated), torch.compile of it, SDPA with enable_gqa pinned to each backend (not causal: the one query sees
 every key, and SDPA's is_causal would align it top-left), ours as the KV cache calls it (causal, bottom-right
 aligned: the split-KV forward where the query tiles leave SMs idle), triton-1pass (ours with the split switched
-off: what it buys) and flash-attn. Bytes: the cache read once, 2 B Hkv Tk D x the element size (q and the output
-are B H D each, left out); a decode step is memory-bound, so its GB/s against the copy ceiling is the figure. It
-runs after lm_head_distill.
+off: what it buys), triton-paged (ours over the same keys in a paged cache's shuffled 16-position pages, read
+through the block table: what paging costs) and flash-attn. Bytes: the cache read once, 2 B Hkv Tk D x the element
+size (q and the output are B H D each, left out); a decode step is memory-bound, so its GB/s against the copy
+ceiling is the figure. It runs after lm_head_distill.
 matmul is one product C = A @ B of the GELU-MLP as the MLP runs it, at mlp_rows tokens (M 16384) and GPT-2 small's and
 XL's widths (C 768 and 1600, H 4C), per operand layout, forward only (its rows are "fwd"): "NT" fc1 (x [M, C] @ W1^T,
 W1 [H, C]: a transposed view, K-contiguous B, as every nn.Linear-style forward product), "NN" dx (dh [M, H] @ W1,
@@ -215,7 +216,8 @@ PROVIDERS = {
     # --teacher distillation's loss on both LM heads: (1 - alpha) CE + alpha T^2 generalized JSD (DISTILL)
     "lm_head_distill": ("reference", "compile", "triton", "liger"),
     # one KV-cache decode step (Tq = 1 over Tk cached keys), forward only; triton-1pass: ours without the KV split
-    "decode_attention": ("reference", *SDPA_BACKENDS, "compile", "triton", "triton-1pass", *FLASH_ATTN),
+    "decode_attention": ("reference", *SDPA_BACKENDS, "compile", "triton", "triton-1pass", "triton-paged",
+                         *FLASH_ATTN),
     # one GELU-MLP product per operand layout, forward only: torch.mm (cuBLAS) and our matmul kernel, no epilogue
     "matmul": ("torch", "triton"),
     # the weight-only int8 linear (W8A16), forward only: dequantized once (torch) or every call (reference, compile),
@@ -904,9 +906,38 @@ def decode_attention_providers(q, k, v):
     gqa = dict(enable_gqa=True) if k.shape[1] != H else {}
     out = {"reference": reference}
     out.update({name: _sdpa_on(backend, q, k, v, **gqa) for name, backend in SDPA_BACKENDS.items()})
-    out.update({"compile": compiled, "triton": _ours_attention(q, k, v, causal=True), "triton-1pass": single_pass})
+    out.update({"compile": compiled, "triton": _ours_attention(q, k, v, causal=True), "triton-1pass": single_pass,
+                "triton-paged": lambda: _paged_decode(q, k, v)})
     out.update({name: _flash_attn(q, k, v, *where, causal=True) for name, where in FLASH_ATTN.items()})
     return out
+
+
+PAGE = 16  # vLLM's default block size
+
+
+def _paged_decode(q, k, v):
+    """triton-paged: the same step over the same keys laid out as a PagedKVCache holds them, pages of PAGE positions
+    in shuffled order in one pool (model/gpt.py), read through the block table with each row's length (kv_len [B]):
+    what paging costs against the cache of rows. A pool of whole pages: Tk rounded up, the rest never read."""
+    fn, why = try_import("tritongpt.kernels.attention", "flash_attention")
+    if fn is None:
+        raise Unavailable(why)
+    B, Hkv, Tk, D = k.shape
+    per_row = -(-Tk // PAGE)
+    order = torch.randperm(B * per_row, generator=torch.Generator().manual_seed(0)).to(q.device)
+    table = order.view(B, per_row).to(torch.int32)
+
+    def pool(t):  # [B, Hkv, Tk, D] -> pages [B * per_row, Hkv, PAGE, D], page table[b, j] holding keys j*PAGE...
+        rows = torch.zeros(B, Hkv, per_row * PAGE, D, dtype=t.dtype, device=t.device)
+        rows[:, :, :Tk] = t
+        pages = rows.view(B, Hkv, per_row, PAGE, D).permute(0, 2, 1, 3, 4).reshape(B * per_row, Hkv, PAGE, D)
+        out = torch.empty_like(pages)
+        out[order] = pages
+        return out
+
+    kp, vp = pool(k), pool(v)
+    kv_len = torch.full((B,), Tk, dtype=torch.int64, device=q.device)
+    return (lambda: fn(q, kp, vp, causal=True, kv_len=kv_len, block_table=table)), [q, kp, vp]
 
 
 def matmul_providers(a, b, copy_b=False):

@@ -157,6 +157,16 @@ def _load_rows(base, rows, n_rows, stride_row, offs_d, HEAD_DIM: tl.constexpr, B
 
 
 @triton.jit
+def _load_at(base, row_offsets, row_ok, offs_d, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Load a [rows, BLOCK_D] tile whose rows start at base + row_offsets (a paged cache's rows lie in their pages);
+    rows not row_ok and padded head-dim columns read as 0."""
+    mask = row_ok[:, None]
+    if BLOCK_D != HEAD_DIM:
+        mask = mask & (offs_d[None, :] < HEAD_DIM)
+    return tl.load(base + row_offsets[:, None] + offs_d[None, :], mask=mask, other=0.0)
+
+
+@triton.jit
 def _store_rows(base, val, rows, n_rows, stride_row, offs_d, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
     ptrs = base + rows[:, None] * stride_row + offs_d[None, :]
     mask = rows[:, None] < n_rows
@@ -238,11 +248,12 @@ def _alibi_bias(slope, q_pos, k_pos):
 @triton.jit
 def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, ks_base, vs_base, stride_kn, stride_vn, offs_m, offs_d, q_start,
                lo, hi, Tq, Tk, qk_scale, softcap, slope, seed, rng_base, dropout_p, keep_scale,
+               table_row, stride_kp, stride_vp, stride_sp,
                HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
                MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr,
                HAS_DOCS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
-               PRECISION: tl.constexpr, EMPTY_ROWS: tl.constexpr, FOLD_SCALE: tl.constexpr = False,
-               INT8_KV: tl.constexpr = False):
+               PRECISION: tl.constexpr, EMPTY_ROWS: tl.constexpr, FOLD_SCALE: tl.constexpr,
+               INT8_KV: tl.constexpr, PAGE: tl.constexpr):
     """Stream KV tiles [lo, hi) past one query tile (online softmax, base-2 logits). EMPTY_ROWS: a row
     may have seen no finite score so far (documents; a KV split the causal mask hides from some rows; a
     tile whose scores are all -inf for a row, from a -inf key component). FOLD_SCALE (qk_scale a positive
@@ -253,14 +264,25 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, ks_base, vs_base, stride_kn, st
     INT8_KV: k and v are an int8 cache's values, ks_base and vs_base their per-position fp32 scales (unit stride):
     the int8 keys convert exactly to q's dtype, the tile's raw products q k_int are multiplied by each column's
     k scale (in fp32, before the softmax scale, the cap, or FOLD_SCALE's fold), and the V tile is read back as
-    v_int * v scale in q's dtype (the reference's dequantize_kv) before the dot with p."""
+    v_int * v scale in q's dtype (the reference's dequantize_kv) before the dot with p.
+    PAGE > 0 (a paged KV cache, flash_attention's block_table): key position n of this row lies in page
+    table_row[n // PAGE] at slot n % PAGE, the pages stride_kp / stride_vp / stride_sp (scales) apart; each tile
+    reads its columns' page numbers first (one small load a tile), so pages of any size and order serve."""
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        k = _load_rows(k_base, offs_n, Tk, stride_kn, offs_d, HEAD_DIM, BLOCK_D)
+        if PAGE > 0:
+            page = tl.load(table_row + offs_n // PAGE, mask=offs_n < Tk, other=0).to(tl.int64)
+            slot = offs_n % PAGE
+            k = _load_at(k_base, page * stride_kp + slot * stride_kn, offs_n < Tk, offs_d, HEAD_DIM, BLOCK_D)
+        else:
+            k = _load_rows(k_base, offs_n, Tk, stride_kn, offs_d, HEAD_DIM, BLOCK_D)
         if INT8_KV:
             # exact (|k| <= 127); through fp32, as Triton's interpreter turns int8 -> bf16 into garbage
             k = k.to(tl.float32).to(q.dtype)
-            k_sc = tl.load(ks_base + offs_n, mask=offs_n < Tk, other=0.0)
+            if PAGE > 0:
+                k_sc = tl.load(ks_base + page * stride_sp + slot, mask=offs_n < Tk, other=0.0)
+            else:
+                k_sc = tl.load(ks_base + offs_n, mask=offs_n < Tk, other=0.0)
             if FOLD_SCALE:
                 s = dot(q, tl.trans(k), None, PRECISION) * k_sc[None, :]
             else:
@@ -300,9 +322,15 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, ks_base, vs_base, stride_kn, st
         if HAS_DROPOUT:
             keep = _dropout_keep(seed, rng_base, offs_m[:, None], offs_n[None, :], Tk, dropout_p)
             p = tl.where(keep, p * keep_scale, 0.0)
-        v = _load_rows(v_base, offs_n, Tk, stride_vn, offs_d, HEAD_DIM, BLOCK_D)
+        if PAGE > 0:
+            v = _load_at(v_base, page * stride_vp + slot * stride_vn, offs_n < Tk, offs_d, HEAD_DIM, BLOCK_D)
+        else:
+            v = _load_rows(v_base, offs_n, Tk, stride_vn, offs_d, HEAD_DIM, BLOCK_D)
         if INT8_KV:
-            v_sc = tl.load(vs_base + offs_n, mask=offs_n < Tk, other=0.0)
+            if PAGE > 0:
+                v_sc = tl.load(vs_base + page * stride_sp + slot, mask=offs_n < Tk, other=0.0)
+            else:
+                v_sc = tl.load(vs_base + offs_n, mask=offs_n < Tk, other=0.0)
             v = (v.to(tl.float32) * v_sc[:, None]).to(q.dtype)
         acc = dot(cast(p, v.dtype), v, acc, PRECISION)
         m_i = m_new
@@ -339,14 +367,14 @@ def _doc_tile_range(starts, offs_m, Tq, Tk, full_hi, BLOCK_N: tl.constexpr):
 
 
 @triton.jit(do_not_specialize=["H"])
-def _attn_fwd(Q, K, V, O, LSE, STARTS, ALIBI, Seed, KV_LEN, K_SCALE, V_SCALE, qk_scale, softcap, dropout_p, keep_scale,
-              stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
+def _attn_fwd(Q, K, V, O, LSE, STARTS, ALIBI, Seed, KV_LEN, K_SCALE, V_SCALE, TABLE, qk_scale, softcap, dropout_p,
+              keep_scale, stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
               stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_om, stride_sb, stride_scb, stride_sch,
-              stride_lb, H, GROUP, Tq, Tk, Q_BUCKET,
+              stride_lb, stride_tb, H, GROUP, Tq, Tk, Q_BUCKET,
               HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
               IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr, HAS_DOCS: tl.constexpr,
               HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, PRECISION: tl.constexpr,
-              FOLD_SCALE: tl.constexpr, HAS_KV_LEN: tl.constexpr, INT8_KV: tl.constexpr):
+              FOLD_SCALE: tl.constexpr, HAS_KV_LEN: tl.constexpr, INT8_KV: tl.constexpr, PAGE: tl.constexpr):
     """Grid (cdiv(Tq, BLOCK_M), H, B). Writes O and the base-2 logsumexp of the scaled (with HAS_SOFTCAP,
     capped) scores. Query head h reads KV head h // GROUP (GROUP = H / Hkv query heads share one).
     FOLD_SCALE: the scale folded into exp2's FMA (_fwd_inner); the launcher sets it for a positive scale
@@ -355,20 +383,27 @@ def _attn_fwd(Q, K, V, O, LSE, STARTS, ALIBI, Seed, KV_LEN, K_SCALE, V_SCALE, qk
     stands for Tk everywhere below (masks, tile ranges, the causal offset, ALiBi and window positions).
     INT8_KV: K and V are int8 (an int8 KV cache), K_SCALE and V_SCALE their fp32 scales [B, Hkv, Tk] (row strides
     stride_scb, stride_sch; unit along Tk): each score is (q . k_int) * k_scale[col], then scaled as above, and each
-    V tile is read as v_int * v_scale[row] in Q's dtype (_fwd_inner). Inference only: no dropout, no backward."""
+    V tile is read as v_int * v_scale[row] in Q's dtype (_fwd_inner). Inference only: no dropout, no backward.
+    PAGE > 0: K and V (and their scales) are pools of pages [pages, Hkv, PAGE, D], row b's positions in the pages
+    TABLE[b, :] names (a paged KV cache; _fwd_inner), stride_kb / stride_vb / stride_scb the pages' strides."""
     tl.static_assert(not (FOLD_SCALE and (HAS_SOFTCAP or HAS_ALIBI)), "FOLD_SCALE: the scores must be q k * scale")
+    tl.static_assert(not (PAGE > 0 and not HAS_KV_LEN), "PAGE: a paged cache has its lengths (KV_LEN)")
     tl.static_assert(not (INT8_KV and HAS_DROPOUT), "INT8_KV: inference only")
     tl.static_assert(not (HAS_KV_LEN and HAS_DROPOUT), "KV_LEN: inference only (the dropout counter follows Tk)")
     start_m = tl.program_id(0) * BLOCK_M
     h, b = tl.program_id(1).to(tl.int64), tl.program_id(2).to(tl.int64)
     Tk = _kv_len(KV_LEN, b, stride_lb, Tq, Tk, IS_CAUSAL, HAS_KV_LEN)
     bh = b * H + h
+    kb = b
+    if PAGE > 0:  # paged: the pages, not the row, say where a row's keys are
+        kb = b * 0
     q_base = Q + b * stride_qb + h * stride_qh
-    k_base = K + b * stride_kb + (h // GROUP) * stride_kh
-    v_base = V + b * stride_vb + (h // GROUP) * stride_vh
+    k_base = K + kb * stride_kb + (h // GROUP) * stride_kh
+    v_base = V + kb * stride_vb + (h // GROUP) * stride_vh
     o_base = O + b * stride_ob + h * stride_oh
-    ks_base = K_SCALE + b * stride_scb + (h // GROUP) * stride_sch
-    vs_base = V_SCALE + b * stride_scb + (h // GROUP) * stride_sch
+    ks_base = K_SCALE + kb * stride_scb + (h // GROUP) * stride_sch
+    vs_base = V_SCALE + kb * stride_scb + (h // GROUP) * stride_sch
+    table_row = TABLE + b * stride_tb
     rng_base = bh.to(tl.int64) * Tq * Tk
     seed = _load_seed(Seed) if HAS_DROPOUT else 0  # without dropout Seed is a stand-in, never read
     slope = _alibi_slope(ALIBI, h, HAS_ALIBI)
@@ -388,20 +423,22 @@ def _attn_fwd(Q, K, V, O, LSE, STARTS, ALIBI, Seed, KV_LEN, K_SCALE, V_SCALE, qk
         acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, ks_base, vs_base, stride_kn, stride_vn,
                                    offs_m, offs_d,
                                    q_start, lo, mid, Tq, Tk, qk_scale, softcap, slope, seed, rng_base, dropout_p,
-                                   keep_scale,
+                                   keep_scale, table_row, stride_kb, stride_vb, stride_scb,
                                    HEAD_DIM, BLOCK_D, BLOCK_N, True, IS_CAUSAL, HAS_DROPOUT, HAS_DOCS,
                                    HAS_SOFTCAP, HAS_ALIBI, PRECISION, HAS_DOCS,
-                                   FOLD_SCALE, INT8_KV)
+                                   FOLD_SCALE, INT8_KV, PAGE)
     else:
         q_start, mid = offs_m, 0
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, ks_base, vs_base, stride_kn, stride_vn, offs_m,
                                offs_d, q_start, mid, full_hi, Tq, Tk, qk_scale, softcap, slope, seed, rng_base,
-                               dropout_p, keep_scale, HEAD_DIM, BLOCK_D, BLOCK_N, False, IS_CAUSAL, HAS_DROPOUT,
-                               HAS_DOCS, HAS_SOFTCAP, HAS_ALIBI, PRECISION, True, FOLD_SCALE, INT8_KV)
+                               dropout_p, keep_scale, table_row, stride_kb, stride_vb, stride_scb,
+                               HEAD_DIM, BLOCK_D, BLOCK_N, False, IS_CAUSAL, HAS_DROPOUT,
+                               HAS_DOCS, HAS_SOFTCAP, HAS_ALIBI, PRECISION, True, FOLD_SCALE, INT8_KV, PAGE)
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, ks_base, vs_base, stride_kn, stride_vn, offs_m,
                                offs_d, q_start, full_hi, hi, Tq, Tk, qk_scale, softcap, slope, seed, rng_base,
-                               dropout_p, keep_scale, HEAD_DIM, BLOCK_D, BLOCK_N, True, IS_CAUSAL, HAS_DROPOUT,
-                               HAS_DOCS, HAS_SOFTCAP, HAS_ALIBI, PRECISION, True, FOLD_SCALE, INT8_KV)
+                               dropout_p, keep_scale, table_row, stride_kb, stride_vb, stride_scb,
+                               HEAD_DIM, BLOCK_D, BLOCK_N, True, IS_CAUSAL, HAS_DROPOUT,
+                               HAS_DOCS, HAS_SOFTCAP, HAS_ALIBI, PRECISION, True, FOLD_SCALE, INT8_KV, PAGE)
 
     acc = acc / l_i[:, None]
     _store_rows(o_base, acc, offs_m, Tq, stride_om, offs_d, HEAD_DIM, BLOCK_D)
@@ -409,14 +446,14 @@ def _attn_fwd(Q, K, V, O, LSE, STARTS, ALIBI, Seed, KV_LEN, K_SCALE, V_SCALE, qk
 
 
 @triton.jit(do_not_specialize=["H", "NUM_SPLITS"])  # the split count follows Tk: one binary for every count
-def _attn_fwd_split(Q, K, V, O_PART, LSE_PART, STARTS, ALIBI, KV_LEN, K_SCALE, V_SCALE, qk_scale, softcap,
+def _attn_fwd_split(Q, K, V, O_PART, LSE_PART, STARTS, ALIBI, KV_LEN, K_SCALE, V_SCALE, TABLE, qk_scale, softcap,
                     stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
-                    stride_vb, stride_vh, stride_vn, stride_sb, stride_scb, stride_sch, stride_lb,
+                    stride_vb, stride_vh, stride_vn, stride_sb, stride_scb, stride_sch, stride_lb, stride_tb,
                     H, GROUP, Tq, Tk, Q_BUCKET, NUM_SPLITS,
                     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                     IS_CAUSAL: tl.constexpr, HAS_DOCS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
                     HAS_ALIBI: tl.constexpr, PRECISION: tl.constexpr, PACK_GQA: tl.constexpr,
-                    HAS_KV_LEN: tl.constexpr, INT8_KV: tl.constexpr):
+                    HAS_KV_LEN: tl.constexpr, INT8_KV: tl.constexpr, PAGE: tl.constexpr):
     """Split-KV forward (flash-decoding), grid (NUM_SPLITS * cdiv(rows, BLOCK_M), heads, B): program
     (tile, split) runs _attn_fwd's loop over the split-th of the KV tiles its query tile visits
     (whole BLOCK_N tiles, the same masks), then writes that split's normalized output O_s (fp32,
@@ -430,12 +467,17 @@ def _attn_fwd_split(Q, K, V, O_PART, LSE_PART, STARTS, ALIBI, KV_LEN, K_SCALE, V
     -inf, it stores O_s = 0 and lse_s = -inf, which weigh 0 in the combine.
     HAS_KV_LEN: the first KV_LEN of Tk cached positions hold keys, as in _attn_fwd; the splits share the tiles of
     that length (NUM_SPLITS and the grid follow the cache's Tk, so one launch serves every length).
-    INT8_KV: int8 K and V with their fp32 scales K_SCALE, V_SCALE [B, Hkv, Tk], folded in as _attn_fwd does."""
+    INT8_KV: int8 K and V with their fp32 scales K_SCALE, V_SCALE [B, Hkv, Tk], folded in as _attn_fwd does.
+    PAGE > 0: a paged cache, read through TABLE as _attn_fwd does."""
     pid = tl.program_id(0)
     split = pid % NUM_SPLITS
     start_m = (pid // NUM_SPLITS) * BLOCK_M
     hp, b = tl.program_id(1).to(tl.int64), tl.program_id(2).to(tl.int64)
     Tk = _kv_len(KV_LEN, b, stride_lb, Tq, Tk, IS_CAUSAL, HAS_KV_LEN)
+    kb = b
+    if PAGE > 0:  # paged: the pages, not the row, say where a row's keys are
+        kb = b * 0
+    table_row = TABLE + b * stride_tb
     rows = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     if PACK_GQA:
@@ -444,20 +486,20 @@ def _attn_fwd_split(Q, K, V, O_PART, LSE_PART, STARTS, ALIBI, KV_LEN, K_SCALE, V
         # a row past GROUP * Tq (dropped at the store) takes the last position, whose document start is the
         # latest: it moves no tile bound of the live rows (lo is their earliest start)
         offs_m = tl.where(live, rows % Tq, Tq - 1)
-        k_base = K + b * stride_kb + hp * stride_kh
-        v_base = V + b * stride_vb + hp * stride_vh
-        ks_base = K_SCALE + b * stride_scb + hp * stride_sch
-        vs_base = V_SCALE + b * stride_scb + hp * stride_sch
+        k_base = K + kb * stride_kb + hp * stride_kh
+        v_base = V + kb * stride_vb + hp * stride_vh
+        ks_base = K_SCALE + kb * stride_scb + hp * stride_sch
+        vs_base = V_SCALE + kb * stride_scb + hp * stride_sch
         first = tl.min(tl.where(live, offs_m, Tq), 0)
         end = tl.max(tl.where(live, offs_m, 0), 0) + 1
     else:
         live = rows < Tq
         head = hp + tl.zeros([BLOCK_M], tl.int64)
         offs_m = rows
-        k_base = K + b * stride_kb + (hp // GROUP) * stride_kh
-        v_base = V + b * stride_vb + (hp // GROUP) * stride_vh
-        ks_base = K_SCALE + b * stride_scb + (hp // GROUP) * stride_sch
-        vs_base = V_SCALE + b * stride_scb + (hp // GROUP) * stride_sch
+        k_base = K + kb * stride_kb + (hp // GROUP) * stride_kh
+        v_base = V + kb * stride_vb + (hp // GROUP) * stride_vh
+        ks_base = K_SCALE + kb * stride_scb + (hp // GROUP) * stride_sch
+        vs_base = V_SCALE + kb * stride_scb + (hp // GROUP) * stride_sch
         first = start_m
         end = start_m + BLOCK_M
     if HAS_ALIBI:  # base 2, one a row; a packed row past GROUP * Tq has no head (past the [H] slopes)
@@ -494,16 +536,19 @@ def _attn_fwd_split(Q, K, V, O_PART, LSE_PART, STARTS, ALIBI, KV_LEN, K_SCALE, V
     if HAS_DOCS:
         acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, ks_base, vs_base, stride_kn, stride_vn,
                                    offs_m, offs_d, q_start, s_lo, tl.minimum(mid, s_hi), Tq, Tk, qk_scale, softcap,
-                                   slope, 0, 0, 0.0, 1.0, HEAD_DIM, BLOCK_D, BLOCK_N, True, IS_CAUSAL, False,
-                                   HAS_DOCS, HAS_SOFTCAP, HAS_ALIBI, PRECISION, True, False, INT8_KV)
+                                   slope, 0, 0, 0.0, 1.0, table_row, stride_kb, stride_vb, stride_scb,
+                                   HEAD_DIM, BLOCK_D, BLOCK_N, True, IS_CAUSAL, False,
+                                   HAS_DOCS, HAS_SOFTCAP, HAS_ALIBI, PRECISION, True, False, INT8_KV, PAGE)
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, ks_base, vs_base, stride_kn, stride_vn, offs_m,
                                offs_d, q_start, tl.maximum(mid, s_lo), tl.minimum(full_hi, s_hi), Tq, Tk, qk_scale,
-                               softcap, slope, 0, 0, 0.0, 1.0, HEAD_DIM, BLOCK_D, BLOCK_N, False, IS_CAUSAL, False,
-                               HAS_DOCS, HAS_SOFTCAP, HAS_ALIBI, PRECISION, True, False, INT8_KV)
+                               softcap, slope, 0, 0, 0.0, 1.0, table_row, stride_kb, stride_vb, stride_scb,
+                               HEAD_DIM, BLOCK_D, BLOCK_N, False, IS_CAUSAL, False,
+                               HAS_DOCS, HAS_SOFTCAP, HAS_ALIBI, PRECISION, True, False, INT8_KV, PAGE)
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, ks_base, vs_base, stride_kn, stride_vn, offs_m,
                                offs_d, q_start, tl.maximum(full_hi, s_lo), s_hi, Tq, Tk, qk_scale, softcap, slope, 0,
-                               0, 0.0, 1.0, HEAD_DIM, BLOCK_D, BLOCK_N, True, IS_CAUSAL, False, HAS_DOCS,
-                               HAS_SOFTCAP, HAS_ALIBI, PRECISION, True, False, INT8_KV)
+                               0, 0.0, 1.0, table_row, stride_kb, stride_vb, stride_scb,
+                               HEAD_DIM, BLOCK_D, BLOCK_N, True, IS_CAUSAL, False, HAS_DOCS,
+                               HAS_SOFTCAP, HAS_ALIBI, PRECISION, True, False, INT8_KV, PAGE)
 
     empty = l_i == 0.0  # only where the split showed the row no key
     l_i = tl.where(empty, 1.0, l_i)
@@ -933,6 +978,26 @@ def _kv_len_arg(q, kv_len):
     return _stand_in(q.device, torch.int32) if kv_len is None else kv_len
 
 
+def _table_arg(q, block_table):
+    """The forward's TABLE pointer: a paged cache's block table [B, pages a row] (int32), else a never-read stand-in
+    (PAGE is 0)."""
+    return _stand_in(q.device, torch.int32) if block_table is None else block_table
+
+
+def _table_stride(block_table):
+    return 0 if block_table is None else block_table.stride(0)
+
+
+def _page(k, block_table):
+    """PAGE: a paged cache's positions a page (k is its pool [pages, Hkv, PAGE, D]), 0 for a cache of rows."""
+    return 0 if block_table is None else k.shape[2]
+
+
+def _cache_len(k, block_table):
+    """The positions a row of the cache can hold (the launch's Tk): k's own, or a paged row's pages times PAGE."""
+    return k.shape[2] if block_table is None else block_table.shape[1] * k.shape[2]
+
+
 def _kv_len_stride(kv_len):
     """KV_LEN's step from one batch row to the next: 0 for one length shared by every row (or none), else its own
     stride along the rows ([B]: a length a row)."""
@@ -990,7 +1055,7 @@ def _split_rows(H, Hkv, Tq):
 
 
 def _fwd_split_launch(q, k, v, o, lse, causal, softmax_scale, starts, ends, softcap, alibi, splits, kv_len=None,
-                      k_scale=None, v_scale=None):
+                      k_scale=None, v_scale=None, block_table=None):
     """_attn_fwd_split into fp32 partials, then _attn_fwd_combine into o and lse."""
     B, H, Tq, D = q.shape
     heads, rows, pack = _split_rows(H, k.shape[1], Tq)
@@ -1003,10 +1068,11 @@ def _fwd_split_launch(q, k, v, o, lse, causal, softmax_scale, starts, ends, soft
     launch_tuned(
         _attn_fwd_split_run, lambda meta: (splits * cdiv(rows, meta["BLOCK_M"]), heads, B),
         q, k, v, o_part, lse_part, starts_arg, _alibi_arg(q, alibi), _kv_len_arg(q, kv_len), ks, vs,
-        softmax_scale * LOG2E, softcap * LOG2E, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1),
-        k.stride(2), v.stride(0), v.stride(1), v.stride(2), stride_sb, stride_scb, stride_sch, _kv_len_stride(kv_len),
-        H, H // k.shape[1], Tq, k.shape[2], _q_bucket(rows), splits, **flags, PACK_GQA=pack,
-        HAS_KV_LEN=kv_len is not None, INT8_KV=k_scale is not None, **_fixed_blocks())
+        _table_arg(q, block_table), softmax_scale * LOG2E, softcap * LOG2E, q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2), stride_sb, stride_scb,
+        stride_sch, _kv_len_stride(kv_len), _table_stride(block_table),
+        H, H // k.shape[1], Tq, _cache_len(k, block_table), _q_bucket(rows), splits, **flags, PACK_GQA=pack,
+        HAS_KV_LEN=kv_len is not None, INT8_KV=k_scale is not None, PAGE=_page(k, block_table), **_fixed_blocks())
     _attn_fwd_combine[(cdiv(Tq, COMBINE_BLOCK), H, B)](
         o_part, lse_part, o, lse, o.stride(0), o.stride(1), o.stride(2), H, Tq, splits,
         HEAD_DIM=D, BLOCK_D=flags["BLOCK_D"], BLOCK_M=COMBINE_BLOCK)
@@ -1016,12 +1082,12 @@ def _fwd_split_launch(q, k, v, o, lse, causal, softmax_scale, starts, ends, soft
 # ----------------------------------------------------------------------------- launchers
 @on_tensor_device
 def _fwd_launch(q, k, v, causal, softmax_scale, dropout_p, seed, starts=None, ends=None, softcap=0.0, alibi=None,
-                kv_len=None, k_scale=None, v_scale=None):
+                kv_len=None, k_scale=None, v_scale=None, block_table=None):
     q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
     B, H, Tq, D = q.shape
     # With kv_len, Tk is the cache's capacity: the grid, the split count and the tuning key follow it, never the
     # filled length the kernels read, so a CUDA graph captured at one length replays correctly at another.
-    Tk = k.shape[2]
+    Tk = _cache_len(k, block_table)
     # O is written as [B, Tq, H, D] and returned as a [B, H, Tq, D] view: merging the heads
     # afterwards (transpose(1, 2).reshape) is then free.
     o = torch.empty((B, Tq, H, D), dtype=q.dtype, device=q.device).transpose(1, 2)
@@ -1032,7 +1098,7 @@ def _fwd_launch(q, k, v, causal, softmax_scale, dropout_p, seed, starts=None, en
     splits = 1 if dropout_p > 0.0 else _num_splits(B, *_split_rows(H, k.shape[1], Tq)[:2], Tk, q.device)
     if splits > 1:
         return _fwd_split_launch(q, k, v, o, lse, causal, softmax_scale, starts, ends, softcap, alibi, splits,
-                                 kv_len, k_scale, v_scale)
+                                 kv_len, k_scale, v_scale, block_table)
     group = H // k.shape[1]
     grid = lambda meta: (cdiv(Tq, meta["BLOCK_M"]), H, B)  # noqa: E731
     starts_arg, _, stride_sb = _doc_args(q, starts, ends)
@@ -1040,12 +1106,13 @@ def _fwd_launch(q, k, v, causal, softmax_scale, dropout_p, seed, starts=None, en
     launch_tuned(
         _attn_fwd_run, grid,
         q, k, v, o, lse, starts_arg, _alibi_arg(q, alibi), _seed_arg(q, seed, dropout_p), _kv_len_arg(q, kv_len),
-        ks, vs, softmax_scale * LOG2E, softcap * LOG2E, dropout_p, 1.0 / (1.0 - dropout_p),
+        ks, vs, _table_arg(q, block_table), softmax_scale * LOG2E, softcap * LOG2E, dropout_p, 1.0 / (1.0 - dropout_p),
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1), o.stride(2), stride_sb, stride_scb, stride_sch,
-        _kv_len_stride(kv_len), H, group, Tq, Tk, _q_bucket(Tq), **_kernel_flags(q, causal, dropout_p, starts, softcap, alibi),
+        _kv_len_stride(kv_len), _table_stride(block_table), H, group, Tq, Tk, _q_bucket(Tq),
+        **_kernel_flags(q, causal, dropout_p, starts, softcap, alibi),
         FOLD_SCALE=softmax_scale * LOG2E >= FP32_TINY and softcap == 0.0 and alibi is None,
-        HAS_KV_LEN=kv_len is not None, INT8_KV=k_scale is not None, **_fixed_blocks())
+        HAS_KV_LEN=kv_len is not None, INT8_KV=k_scale is not None, PAGE=_page(k, block_table), **_fixed_blocks())
     return o, lse
 
 
@@ -1097,7 +1164,8 @@ def _flash_attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: b
                     ends: torch.Tensor | None = None, softcap: float = 0.0,
                     alibi: torch.Tensor | None = None,
                     kv_len: torch.Tensor | None = None, k_scale: torch.Tensor | None = None,
-                    v_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                    v_scale: torch.Tensor | None = None,
+                    block_table: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """-> (o [B, H, Tq, D], lse [B, H, Tq] fp32: the base-2 logsumexp of the scaled, capped, biased scores).
     starts/ends: int32 [B, Tk], each position's document start and end (document_bounds).
     softcap: c > 0 caps each scaled score s to c * tanh(s / c); 0: no cap.
@@ -1105,31 +1173,37 @@ def _flash_attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: b
     kv_len: one int32/int64 on q's device (or one a batch row, [B]), L: k and v are caches of Tk positions whose
     first L hold keys; the kernels read it (query i at position L - Tq + i). Forward only: its backward refuses it.
     k_scale, v_scale: fp32 [B, Hkv, Tk] with int8 k and v (an int8 KV cache): key/value j of head h is
-    k[..., j, :] * k_scale[..., j]. Forward only: its backward refuses them."""
+    k[..., j, :] * k_scale[..., j]. Forward only: its backward refuses them.
+    block_table: int32 [B, pages a row] with kv_len: k and v (and their scales) are pools of pages [pages, Hkv,
+    PAGE, D], row b's position n in page block_table[b, n // PAGE] (a paged KV cache). Forward only."""
     check_tensor(q, "q", ndim=4)
     for name, t in (("k", k), ("v", v)):  # (int8: an int8 KV cache's, with its scales: _check_int8_kv)
         check_tensor(t, name, KV_DTYPES, ndim=4)
     _check_int8_kv(q, k, v, k_scale, v_scale, dropout_p)
-    _check_shapes(q, k, v, causal, dropout_p)
+    _check_block_table(q, k, kv_len, block_table)
+    _check_shapes(q, k, v, causal, dropout_p, block_table)
     _check_seed(q, dropout_p, seed)
-    _check_bounds(q, k, causal, starts, ends)
+    _check_bounds(q, k, causal, starts, ends, block_table)
     _checked_softcap(softcap)
     _check_alibi(q, alibi)
     _check_kv_len(q, kv_len, dropout_p)
     if kv_len is not None and q.device.type == "cpu":  # free there, and run under torch.compile too
-        _check_kv_len_value(kv_len, q.shape[2], k.shape[2], causal)
+        _check_kv_len_value(kv_len, q.shape[2], _cache_len(k, block_table), causal)
+    if block_table is not None and q.device.type == "cpu":
+        _check_block_table_values(block_table, k.shape[0])
     return _fwd_launch(q, k, v, causal, softmax_scale, dropout_p, seed, starts, ends, softcap, alibi, kv_len,
-                       k_scale, v_scale)
+                       k_scale, v_scale, block_table)
 
 
 @_flash_attn_fwd.register_fake
 def _(q, k, v, causal, softmax_scale, dropout_p, seed, starts=None, ends=None, softcap=0.0, alibi=None, kv_len=None,
-      k_scale=None, v_scale=None):
+      k_scale=None, v_scale=None, block_table=None):
     _check_seed(q, dropout_p, seed)  # a seed on another device fails when traced, not first on the GPU
     _check_kv_len(q, kv_len, dropout_p)
     _check_int8_kv(q, k, v, k_scale, v_scale, dropout_p)
+    _check_block_table(q, k, kv_len, block_table)
     _check_routed_to_fake("flash_attn_fwd", q, k=k, v=v, seed=seed, starts=starts, ends=ends, alibi=alibi,
-                          kv_len=kv_len, k_scale=k_scale, v_scale=v_scale)
+                          kv_len=kv_len, k_scale=k_scale, v_scale=v_scale, block_table=block_table)
     B, H, Tq, D = q.shape
     o = q.new_empty((B, Tq, H, D)).transpose(1, 2)
     return o, q.new_empty((B, H, Tq), dtype=torch.float32)
@@ -1158,7 +1232,7 @@ def _(do, q, k, v, o, lse, causal, softmax_scale, dropout_p, seed, starts=None, 
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, causal, softmax_scale, dropout_p, seed, starts, ends, softcap, alibi, kv_len, k_scale, v_scale = \
+    q, k, v, causal, softmax_scale, dropout_p, seed, starts, ends, softcap, alibi, kv_len, k_scale, v_scale, _ = \
         _padded_inputs(inputs)
     o, lse = output
     ctx.save_for_backward(q, k, v, o, lse, seed, starts, ends, alibi)
@@ -1169,8 +1243,9 @@ def _setup_context(ctx, inputs, output):
 
 
 def _padded_inputs(inputs):
-    """The op's inputs with the trailing optional ones a caller left out (kv_len, k_scale, v_scale) as None."""
-    return (*inputs, *(None,) * (14 - len(inputs)))
+    """The op's inputs with the trailing optional ones a caller left out (kv_len, k_scale, v_scale, block_table) as
+    None."""
+    return (*inputs, *(None,) * (15 - len(inputs)))
 
 
 def _backward(ctx, grad_o, grad_lse):
@@ -1222,11 +1297,14 @@ def _checked_inputs(q, k, v):
     return q, k, v  # dtypes and shapes: checked by the op itself (_check_shapes)
 
 
-def _check_shapes(q, k, v, causal, dropout_p):
+def _check_shapes(q, k, v, causal, dropout_p, block_table=None):
     """What the kernels need of the [B, H, T, D] shapes and of dropout_p, checked in the custom
     op, so also for a caller who calls it directly (it returns the logsumexp too), where a head
-    dim the kernels lack or Tq > Tk with causal gave garbage."""
+    dim the kernels lack or Tq > Tk with causal gave garbage. A paged cache's pools are checked as the rows they
+    hold (_check_block_table checks the table against them)."""
     (B, H, Tq, D), (Bk, Hk, Tk, Dk) = q.shape, k.shape
+    if block_table is not None:
+        Bk, Tk = B, _cache_len(k, block_table)
     if k.shape[1] != v.shape[1]:
         raise ValueError(f"k and v must have the same number of heads, got k {tuple(k.shape)} and v {tuple(v.shape)}")
     if k.shape != v.shape:
@@ -1307,6 +1385,36 @@ def _check_kv_len(q, kv_len, dropout_p=0.0):
         raise ValueError(f"kv_len is on {kv_len.device}, q on {q.device}: the kernels read it on q's device")
     if dropout_p > 0.0:
         raise ValueError(f"kv_len is for inference: dropout_p must be 0 with it, got {dropout_p}")
+
+
+def _check_block_table(q, k, kv_len, block_table):
+    """A paged cache's block table as the kernels read it (PAGE): int32 [B, pages a row] on q's device, with kv_len
+    (a paged row's keys are its filled ones), and k a pool whose page size is the kernels' (any size; a whole
+    number of pages a row). Not its values: reading them waits on a GPU (_check_block_table_values)."""
+    if block_table is None:
+        return
+    if not isinstance(block_table, torch.Tensor):
+        raise TypeError(f"block_table must be an int32 tensor [B, pages a row] (a paged KV cache's) or None, got "
+                        f"{type(block_table).__name__}")
+    if block_table.dtype != torch.int32 or block_table.dim() != 2 or block_table.shape[0] != q.shape[0] \
+            or block_table.shape[1] == 0:
+        raise ValueError(f"block_table must be int32 [B, pages a row] = [{q.shape[0]}, n >= 1] (B: q's batch), got "
+                         f"{block_table.dtype} {list(block_table.shape)}")
+    if block_table.device != q.device:
+        raise ValueError(f"block_table is on {block_table.device}, q on {q.device}: the kernels read it on q's device")
+    if kv_len is None:
+        raise ValueError("block_table (a paged KV cache) needs kv_len: each row's filled length, which its pages "
+                         "hold")
+    if k.shape[0] == 0 or k.shape[2] == 0:
+        raise ValueError(f"a paged cache's k is a pool [pages, Hkv, page size, D] of at least one page and "
+                         f"position, got {tuple(k.shape)}")
+
+
+def _check_block_table_values(block_table, pages):
+    """Every page number a real page of the pool: [0, pages). A host read: one sync on a GPU."""
+    lo, hi = int(block_table.min()), int(block_table.max())
+    if lo < 0 or hi >= pages:
+        raise ValueError(f"block_table names page {lo if lo < 0 else hi}, but the pool has pages 0..{pages - 1}")
 
 
 def _check_int8_kv(q, k, v, k_scale, v_scale, dropout_p=0.0):
@@ -1437,7 +1545,8 @@ def _check_alibi(q, alibi, finite=True):
 
 
 def flash_attention(q, k, v, causal=True, softmax_scale=None, dropout_p=0.0, seed=None, doc_ids=None,
-                    window=None, softcap=None, alibi_slopes=None, kv_len=None, k_scale=None, v_scale=None):
+                    window=None, softcap=None, alibi_slopes=None, kv_len=None, k_scale=None, v_scale=None,
+                    block_table=None):
     """softmax(q k^T * scale + mask) with dropout, @ v, without the Tq x Tk matrix. Differentiable.
 
     q: [B, H, Tq, D]; k, v: [B, Hkv, Tk, D], any strides (unit stride on D is fastest), bf16/fp16/fp32
@@ -1501,8 +1610,9 @@ def flash_attention(q, k, v, causal=True, softmax_scale=None, dropout_p=0.0, see
     # here too: slopes on another device (meta) would send the op to that device's (fake) kernel
     _check_alibi(q, alibi_slopes, finite=False)
     dropout_p = float(dropout_p)
+    _check_block_table(q, k, kv_len, block_table)
     if kv_len is not None:
-        _checked_kv_len_call(q, k, v, causal, dropout_p, doc_ids, kv_len)
+        _checked_kv_len_call(q, k, v, causal, dropout_p, doc_ids, kv_len, block_table)
     _check_int8_kv(q, k, v, k_scale, v_scale, dropout_p)
     if k_scale is not None:
         if torch.is_grad_enabled() and q.requires_grad:
@@ -1513,16 +1623,16 @@ def flash_attention(q, k, v, causal=True, softmax_scale=None, dropout_p=0.0, see
                              "training sequences)")
     starts, ends = (None, None) if doc_ids is None else document_bounds(_checked_doc_ids(doc_ids, q, k, causal))
     if window is not None:
-        starts, ends = window_bounds(_checked_window(window, causal), k.shape[2], q.shape[0], q.device,
-                                     starts, ends)
+        starts, ends = window_bounds(_checked_window(window, causal), _cache_len(k, block_table), q.shape[0],
+                                     q.device, starts, ends)
     seed = _seed_tensor(seed, dropout_p, q.device)
     args = (q, k, v, bool(causal), scale, dropout_p, seed, starts, ends, softcap, alibi_slopes, kv_len, k_scale,
-            v_scale)
+            v_scale, *(() if block_table is None else (block_table,)))
     out, _ = FlashAttnFunction.apply(*args) if plain_eager(args) else _flash_attn_fwd(*args)
     return out
 
 
-def _checked_kv_len_call(q, k, v, causal, dropout_p, doc_ids, kv_len):
+def _checked_kv_len_call(q, k, v, causal, dropout_p, doc_ids, kv_len, block_table=None):
     """What flash_attention refuses with kv_len (inference only), and on a GPU its value where a sync may be paid."""
     _check_kv_len(q, kv_len, dropout_p)
     if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
@@ -1532,12 +1642,14 @@ def _checked_kv_len_call(q, k, v, causal, dropout_p, doc_ids, kv_len):
         raise ValueError("kv_len does not take doc_ids (document masking is for packed training sequences)")
     # the shapes first (as the op checks them): a causal Tq past the cache or an empty cache leaves no valid L,
     # and is named as such, not as a length out of an empty range
-    _check_shapes(q, k, v, causal, dropout_p)
+    _check_shapes(q, k, v, causal, dropout_p, block_table)
     # On the CPU the op checks the value itself, in every mode (a free read). On a GPU plain eager only: not under
     # torch.compile (a .item() there breaks the graph), a dispatch mode or transform, nor inside a CUDA-graph capture
     # (it cannot sync).
     if kv_len.is_cuda and plain_eager((q, kv_len)) and not torch.cuda.is_current_stream_capturing():
-        _check_kv_len_value(kv_len, q.shape[2], k.shape[2], causal)
+        _check_kv_len_value(kv_len, q.shape[2], _cache_len(k, block_table), causal)
+        if block_table is not None:
+            _check_block_table_values(block_table, k.shape[0])
 
 
 def document_bounds(doc_ids):
@@ -1599,16 +1711,17 @@ def _checked_doc_ids(doc_ids, q, k, causal):
     return doc_ids
 
 
-def _check_bounds(q, k, causal, starts, ends):
+def _check_bounds(q, k, causal, starts, ends, block_table=None):
     """starts/ends as the kernels read them, for a caller of the op itself."""
     if starts is None and ends is None:
         return
     if starts is None or ends is None:
         raise ValueError("document bounds need both starts and ends (document_bounds or window_bounds gives them)")
+    Tk = _cache_len(k, block_table)
     for name, t in (("starts", starts), ("ends", ends)):
-        if t.dtype != torch.int32 or tuple(t.shape) != (q.shape[0], k.shape[2]) or t.device != q.device \
+        if t.dtype != torch.int32 or tuple(t.shape) != (q.shape[0], Tk) or t.device != q.device \
                 or t.stride(-1) != 1:
-            raise ValueError(f"{name} must be int32 [B, Tk] = [{q.shape[0]}, {k.shape[2]}] on {q.device} with unit "
+            raise ValueError(f"{name} must be int32 [B, Tk] = [{q.shape[0]}, {Tk}] on {q.device} with unit "
                              f"stride, got {t.dtype} {tuple(t.shape)} on {t.device}")
     if not causal:
         raise ValueError("document masking needs causal=True")

@@ -84,6 +84,7 @@ class KVCache:
         self.on_device = False
         self.fill = torch.zeros(1, dtype=torch.int64, device=device)  # the fill on the device (on_device)
         self.current = None  # extent(T) of the forward running on_device, made once for all its layers
+        self.block_table = None  # (a PagedKVCache's: where each row's pages are)
 
     @property
     def batch_size(self) -> int:
@@ -198,6 +199,141 @@ class KVCache:
         scales = (*self.k_scale, *self.v_scale) if self.quantized else ()
         for layer in (*self.k, *self.v, *scales):
             layer[:, :, :self.pos] = layer[index, :, :self.pos]
+
+
+class PagedKVCache(KVCache):
+    """A KV cache in pages (vLLM's PagedAttention, Kwon et al. 2023): keys and values of every layer in one pool of
+    pages, [n_layer, num_pages, kv_heads, page_size, head_dim], and a block table [B, pages a row] naming the pages
+    of each row in order, position n of row b in page table[b, n // page_size] at slot n % page_size. A row holds
+    only the pages its text needs: requests of very different lengths share one pool, where a KVCache gives every
+    row the longest text's room (continuous batching's memory, train/engine.py).
+
+    Always a fill a row on the device (KVCache's on_device with fill [B]): row b's new keys go to its positions
+    [fill[b], fill[b] + T), which `reserve(b, length)` must have given pages first (the host keeps the free list:
+    reserve and release are host calls, between forwards), and row b attends over its own [0, fill[b] + T). Both
+    attention paths read the pages in place: the Triton kernels through the table (flash_attention's
+    block_table), the reference by gathering each row's pages into the rows a KVCache would hold
+    (layers.gather_pages). kv_dtype "int8" as KVCache's, the scales in pages too. row(i) is row i as a cache of
+    its own whose fill starts at 0 (a request's prefill); copy_row copies a row's keys into another's pages."""
+
+    def __init__(self, cfg: GPTConfig, batch_size: int, num_pages: int, page_size: int = 16,
+                 max_len: int | None = None, device="cpu", dtype=torch.float32, kv_dtype: str | None = None):
+        self.max_len = cfg.context_length if max_len is None else max_len
+        if not is_int(self.max_len) or not 1 <= self.max_len <= cfg.context_length:
+            raise UserError(f"KV cache length must be an int in [1, context_length {cfg.context_length}], "
+                            f"got {max_len!r}")
+        for name, n in (("batch_size", batch_size), ("num_pages", num_pages), ("page_size", page_size)):
+            if not is_int(n) or n < 1:
+                raise UserError(f"a paged KV cache's {name} must be a positive int, got {n!r}")
+        self.quantized = check_kv_cache_dtype(kv_dtype) == "int8"
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise UserError(f"KV cache dtype must be a float torch.dtype (the keys' compute dtype), got {dtype!r}; "
+                            'an int8 cache is kv_dtype="int8"')
+        self.dtype, self.page_size = dtype, page_size
+        shape = (cfg.n_layer, num_pages, cfg.kv_heads, page_size, cfg.head_dim)
+        store = torch.int8 if self.quantized else dtype
+        self.k = torch.empty(shape, device=device, dtype=store)
+        self.v = torch.empty(shape, device=device, dtype=store)
+        self.k_scale = torch.zeros(shape[:-1], device=device, dtype=torch.float32) if self.quantized else None
+        self.v_scale = torch.zeros(shape[:-1], device=device, dtype=torch.float32) if self.quantized else None
+        # page 0 where a row has none yet: a real page, so a stale entry reads finite memory, masked past the fill
+        self.block_table = torch.zeros((batch_size, -(-self.max_len // page_size)), dtype=torch.int32, device=device)
+        self.fill = torch.zeros(batch_size, dtype=torch.int64, device=device)
+        self.pos, self.on_device, self.current = 0, True, None
+        self.free = list(range(num_pages - 1, -1, -1))  # a stack: the pages a release gave back go out first
+        self.pages = [[] for _ in range(batch_size)]  # each row's pages, in order (the host's copy of the table)
+
+    @property
+    def batch_size(self) -> int:
+        return self.block_table.size(0)
+
+    @property
+    def num_pages(self) -> int:
+        return self.k.size(1)
+
+    def pages_for(self, length: int) -> int:
+        return -(-length // self.page_size)
+
+    def reserve(self, row: int, length: int):
+        """Give row `row` pages for positions [0, length) (the ones it has kept). Refused, with nothing taken, when
+        the pool has too few free pages or length is past the row's max_len."""
+        self._check_row(row)
+        if not is_int(length) or not 0 <= length <= self.max_len:
+            raise UserError(f"a paged KV cache row holds 0..{self.max_len} positions, got {length!r}")
+        more = self.pages_for(length) - len(self.pages[row])
+        if more > len(self.free):
+            raise UserError(f"the paged KV cache has {len(self.free)} free pages of {self.page_size} positions; row "
+                            f"{row} needs {more} more for {length} positions")
+        if more > 0:
+            new = [self.free.pop() for _ in range(more)]
+            start = len(self.pages[row])
+            self.pages[row] += new
+            self.block_table[row, start:start + more] = torch.tensor(new, dtype=torch.int32)
+
+    def release(self, row: int):
+        """Row `row`'s pages back to the pool (its request ended); its fill back to 0."""
+        self._check_row(row)
+        self.free += reversed(self.pages[row])
+        self.pages[row] = []
+        self.block_table[row] = 0
+        self.fill[row] = 0
+
+    def _check_row(self, i):
+        if not is_int(i) or not 0 <= i < self.batch_size:
+            raise UserError(f"KV cache rows are 0..{self.batch_size - 1}, got {i!r}")
+
+    def update(self, layer: int, k, v):
+        """Writes row b's new keys and values k, v [B, kv_heads, T, head_dim] at its positions [fill[b], fill[b] + T)
+        in its pages, and returns this layer's pools (k, v, k_scale, v_scale) with the scales None for a float cache;
+        the attention reads them through block_table."""
+        if torch.is_grad_enabled() and (k.requires_grad or v.requires_grad):
+            raise UserError("the KV cache is for inference (generation, chunked prefill): run the model "
+                            "under torch.no_grad()")
+        new = [k, v]
+        if self.quantized:
+            (kq, ks), (vq, vs) = quantize_kv(k), quantize_kv(v)
+            new = [kq, vq, ks, vs]
+        positions = self.extent(k.size(2))[0]
+        positions = positions.expand(k.size(0), -1) if positions.dim() == 1 else positions  # [B, T]
+        page = self.block_table.gather(1, positions // self.page_size).long()
+        slot = positions % self.page_size
+        bufs = [t for t in (self.k, self.v, self.k_scale, self.v_scale) if t is not None]
+        for buf, t in zip(bufs, new):  # each [B, T, kv_heads(, head_dim)] vector to its page and slot
+            buf[layer][page, :, slot] = t.transpose(1, 2).to(buf.dtype)
+        views = [buf[layer] for buf in bufs]
+        return tuple(views) if self.quantized else (*views, None, None)
+
+    def row(self, i: int) -> "PagedKVCache":
+        """Row i as a cache of batch 1 on the same pool and pages, its fill from 0 (a request's prefill, after
+        reserve(i, length))."""
+        self._check_row(i)
+        view = copy.copy(self)
+        view.block_table = self.block_table[i:i + 1]
+        view.fill = torch.zeros(1, dtype=torch.int64, device=self.fill.device)
+        view.pages, view.free, view.current = [self.pages[i]], self.free, None
+        return view
+
+    def copy_row(self, src: int, dst: int, length: int):
+        """Row src's first `length` positions into row dst's pages (reserved first), page by page."""
+        self._check_row(src)
+        self._check_row(dst)
+        if not is_int(length) or not 0 <= length <= self.max_len:
+            raise UserError(f"a paged KV cache row holds 0..{self.max_len} positions, got {length!r}")
+        n = self.pages_for(length)
+        if len(self.pages[src]) < n or len(self.pages[dst]) < n:
+            raise UserError(f"copying {length} positions needs {n} pages in both rows: reserve row {dst} first")
+        for buf in (self.k, self.v, self.k_scale, self.v_scale):
+            if buf is not None:
+                buf[:, self.pages[dst][:n]] = buf[:, self.pages[src][:n]]
+
+    def reset(self):
+        raise UserError("a paged KV cache is emptied a row at a time: release(row)")
+
+    def crop(self, length: int):
+        raise UserError("a paged KV cache keeps each row's length in its fill: set fill[row] (and release pages)")
+
+    def reorder(self, index):
+        raise UserError("a paged KV cache's rows are not reordered (beam search takes a KVCache)")
 
 
 def check_kv_cache_dtype(kv_dtype) -> str:
@@ -609,11 +745,20 @@ class GPTModel(nn.Module):
         GPU) the projections run in the autocast dtype, so an fp32 cache would double its memory
         and hand the attention mixed dtypes. kv_dtype "int8": stored as int8 with a scale per
         vector, read back in q's dtype (KVCache)."""
+        return KVCache(self.config, batch_size, max_len, self.tok_emb.weight.device, self._cache_dtype(dtype), kv_dtype)
+
+    def _cache_dtype(self, dtype=None):
         w = self.tok_emb.weight
         if dtype is None:
             autocast = torch.is_autocast_enabled(w.device.type)
             dtype = torch.get_autocast_dtype(w.device.type) if autocast else w.dtype
-        return KVCache(self.config, batch_size, max_len, w.device, dtype, kv_dtype)
+        return dtype
+
+    def new_paged_cache(self, batch_size: int, num_pages: int, page_size: int = 16, max_len: int | None = None,
+                        dtype=None, kv_dtype: str | None = None) -> PagedKVCache:
+        """A PagedKVCache of num_pages pages in the dtype the keys will have (as new_cache)."""
+        return PagedKVCache(self.config, batch_size, num_pages, page_size, max_len, self.tok_emb.weight.device,
+                            self._cache_dtype(dtype), kv_dtype)
 
     def num_params(self, non_embedding: bool = False) -> int:
         """Unique parameters (a tied head counts once); optionally without position embeddings

@@ -514,6 +514,15 @@ def query_positions(Tq, Tk, device=None, kv_len=None):
     return pos[0] if kv_len.numel() == 1 else pos[:, None]
 
 
+def gather_pages(pool, table):
+    """A paged cache's pool [pages, kv_heads, page_size(, head_dim)] read as rows [B, kv_heads, pages a row *
+    page_size(, head_dim)], row b's positions from the pages table[b] names (model/gpt.py PagedKVCache). A copy:
+    the textbook read (flash_attention(block_table=) reads the pages in place)."""
+    rows = pool[table.long()]  # [B, pages a row, kv_heads, page_size(, head_dim)]
+    rows = rows.transpose(1, 2)
+    return rows.reshape(*rows.shape[:2], -1, *rows.shape[4:])
+
+
 def past_the_fill(Tk, kv_len):
     """[Tk, 1] ([B, 1, Tk, 1] for one kv_len a row): True at the positions at and past a cache's fill kv_len,
     whose stale keys and values may be inf or NaN: masked scores hide them, but a weight 0 times NaN is still
@@ -736,6 +745,7 @@ class MultiHeadAttention(nn.Module):
             k, v, k_scale, v_scale = cache.update(self.layer_idx, k, v)
             if cache.on_device:  # the whole buffers; the filled length on the device
                 kv_len = cache.extent(T)[1]
+        table = None if cache is None else cache.block_table  # a PagedKVCache's: k, v are its pools of pages
         if self.use_triton:
             from tritongpt.kernels.attention import flash_attention
 
@@ -743,8 +753,11 @@ class MultiHeadAttention(nn.Module):
             ctx = flash_attention(q, k, v, causal=True, softmax_scale=self.softmax_scale, dropout_p=p, doc_ids=doc_ids,
                                   window=self.window or None, softcap=self.softcap or None,
                                   alibi_slopes=self.alibi_slopes(q.device) if self.alibi else None, kv_len=kv_len,
-                                  k_scale=k_scale, v_scale=v_scale)
+                                  k_scale=k_scale, v_scale=v_scale, block_table=table)
         else:
+            if table is not None:  # each row's pages gathered into the rows a KVCache would hold
+                k, v, k_scale, v_scale = (None if t is None else gather_pages(t, table)
+                                          for t in (k, v, k_scale, v_scale))
             if k_scale is not None:  # the textbook core on the int8 cache's values read back in q's dtype
                 k, v = dequantize_kv(k, k_scale, q.dtype), dequantize_kv(v, v_scale, q.dtype)
             ctx = self.attend(q, k, v, doc_ids, kv_len)

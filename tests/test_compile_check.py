@@ -94,14 +94,16 @@ def test_every_kernel_launch_builds_for_sm90(tmp_path):
     for r in rows:
         if " kv_len " in r["case"]:
             cached.setdefault(r["case"], set()).add((r["kernel"], r["variant"]))
-    # seven over a float cache, and six of them (not the window's) over an int8 one (INT8_KV, its cases' alone)
-    assert len(cached) == 13 and sum(case.endswith(" int8") for case in cached) == 6, cached
+    # seven over a float cache, and six of them (not the window's) over an int8 one (INT8_KV, its cases' alone); and
+    # a length a row ("rows"), paged (PAGE=16: float at batch 32 and 1, int8 at 32), at each of two head dims
+    assert len(cached) == 21 and sum(case.endswith(" int8") for case in cached) == 8, cached
     for case, kv in cached.items():
         base = case.removesuffix(" int8")
         want = {"_attn_fwd"} if base.endswith("B=32") else {"_attn_fwd_split", "_attn_fwd_combine"}
         assert {k for k, _ in kv} == want, (case, kv)
         assert all("HAS_KV_LEN=True" in v and ("HAS_DOCS=True" in v) == base.endswith(" window")
-                   and ("INT8_KV=True" in v) == case.endswith(" int8") for k, v in kv if k != "_attn_fwd_combine"), \
+                   and ("INT8_KV=True" in v) == case.endswith(" int8")
+                   and ("PAGE=16" in v) == (" paged16 " in case) for k, v in kv if k != "_attn_fwd_combine"), \
             (case, kv)
     assert not any("HAS_KV_LEN=True" in r["variant"] for r in rows if " kv_len " not in r["case"])
     assert not any("INT8_KV=True" in r["variant"] for r in rows if not r["case"].endswith(" int8"))

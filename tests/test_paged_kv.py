@@ -1,0 +1,161 @@
+"""A paged KV cache (model/gpt.py PagedKVCache, flash_attention(block_table=)): keys in pages of a shared pool,
+each row's pages named by its block table, in any order.
+
+Each row of a batched step must compute what it computes alone with a KVCache (tests/test_kv_rows.py's rule),
+whatever order its pages lie in, whatever the pool holds elsewhere (NaN here), for pages smaller than, equal to
+and larger than the kernels' KV tile (16 keys under the interpreter)."""
+import pytest
+import torch
+
+from parity import assert_close_rel
+from test_attention import make_qkv
+from test_decode_graph import CASES, VOCAB, tiny
+from test_flash_decoding import reference_gqa
+from test_kv_rows import PROMPTS, STEPS, alone
+from tritongpt.errors import UserError
+from tritongpt.kernels.attention import flash_attention
+from tritongpt.model.layers import gather_pages
+
+
+def paged(model, prompts, steps, kv_dtype, page_size):
+    """The rows' prompts prefilled into their pages (reserved in turn, so the rows' pages interleave), then one
+    forward a step over all rows."""
+    cache = model.new_paged_cache(len(prompts), 24, page_size, max_len=16, kv_dtype=kv_dtype)
+    for buf in (cache.k, cache.v):
+        if buf.is_floating_point():
+            buf.fill_(float("nan"))
+    total = [p.numel() + steps.size(1) for p in prompts]
+    for n in range(1, max(total) + 1):  # a page at a time, row after row: each row's pages scattered in the pool
+        for i, t in enumerate(total):
+            cache.reserve(i, min(n, t))
+    for i, p in enumerate(prompts):
+        model(p[None], cache.row(i))
+    cache.fill.copy_(torch.tensor([p.numel() for p in prompts]))
+    out = []
+    for t in range(steps.size(1)):
+        out.append(model(steps[:, t:t + 1], cache))
+        cache.fill += 1
+    return torch.cat(out, 1), cache
+
+
+@pytest.mark.parametrize("kernels,case,kv_dtype,page", [("reference", c, "auto", 4) for c in CASES]
+                         + [("reference", "rope-gqa", "int8", 8), ("triton", "gpt2", "auto", 8),
+                            ("triton", "window-softcap", "int8", 16), ("triton", "rope-gqa", "auto", 32)])
+def test_each_row_of_a_paged_step_decodes_as_it_would_alone(kernels, case, kv_dtype, page):
+    model = tiny(kernels, **CASES[case])
+    g = torch.Generator().manual_seed(page)
+    prompts = [torch.randint(0, VOCAB, (n,), generator=g) for n in PROMPTS]
+    steps = torch.randint(0, VOCAB, (len(PROMPTS), STEPS), generator=g)
+    with torch.no_grad():
+        got, cache = paged(model, prompts, steps, kv_dtype, page)
+        if page < 16:  # the rows' pages really are scattered: no row of several pages has them in one run
+            several = [r for r in cache.pages if len(r) > 1]
+            assert several and all(r != list(range(r[0], r[0] + len(r))) for r in several), cache.pages
+        for i, p in enumerate(prompts):
+            want = torch.stack(alone(model, p, steps[i], kv_dtype))
+            assert_close_rel(got[i], want, 1e-5, f"{kernels} {case} {kv_dtype} page {page} row {i}")
+
+
+@pytest.mark.parametrize("splits", [1, 2], ids=["single", "split2"])
+@pytest.mark.parametrize("page", [8, 32])
+def test_flash_attention_reads_each_rows_pages(page, splits, forced_splits, device):
+    """flash_attention(block_table=) row b against float64 over the keys its pages hold in order (the rest of the
+    pool NaN), GQA (packed on the split path), int8 with its scales in pages, a window, a cap and ALiBi."""
+    forced_splits(splits)
+    B, Hkv, D, pages = 3, 2, 32, 24
+    lens = [3, 37, 20]
+    q, _, _ = make_qkv(B, 4, 3, 1, D, torch.float32, device, seed=page)
+    k = torch.full((pages, Hkv, page, D), float("nan"), device=device)
+    v = k.clone()
+    table = torch.zeros(B, -(-40 // page), dtype=torch.int32, device=device)
+    order = torch.randperm(pages, generator=torch.Generator().manual_seed(page)).tolist()
+    for b, L in enumerate(lens):
+        for j in range(-(-L // page)):
+            table[b, j] = order.pop()
+            k[table[b, j]] = torch.randn(Hkv, page, D, device=device)
+            v[table[b, j]] = torch.randn(Hkv, page, D, device=device)
+    slopes = torch.tensor([0.5, 0.25, 0.125, 0.0625], device=device)
+    kv_len = torch.tensor(lens, device=device)
+    for kw in (dict(), dict(window=7, softcap=3.0, alibi_slopes=slopes)):
+        with torch.no_grad():
+            got = flash_attention(q, k, v, kv_len=kv_len, block_table=table, **kw)
+        rows_k, rows_v = gather_pages(k, table), gather_pages(v, table)
+        for b, L in enumerate(lens):
+            ref = reference_gqa(q[b:b + 1].double(), rows_k[b:b + 1, :, :L].double(),
+                                rows_v[b:b + 1, :, :L].double(), **kw)
+            assert_close_rel(got[b:b + 1], ref, 1e-4, f"page {page} row {b} {sorted(kw)}")
+    # int8: the scales in pages beside the values (the reference: the same int8 rows read back)
+    kq = torch.randint(-127, 128, k.shape, dtype=torch.int8, device=device)
+    vq = torch.randint(-127, 128, v.shape, dtype=torch.int8, device=device)
+    ks, vs = (torch.rand(k.shape[:3], device=device) / 50 for _ in range(2))
+    with torch.no_grad():
+        got = flash_attention(q, kq, vq, kv_len=kv_len, block_table=table, k_scale=ks, v_scale=vs)
+    rows_k = gather_pages(kq, table).double() * gather_pages(ks, table).double()[..., None]
+    rows_v = gather_pages(vq, table).double() * gather_pages(vs, table).double()[..., None]
+    for b, L in enumerate(lens):
+        ref = reference_gqa(q[b:b + 1].double(), rows_k[b:b + 1, :, :L], rows_v[b:b + 1, :, :L])
+        assert_close_rel(got[b:b + 1], ref, 1e-4, f"int8 page {page} row {b}")
+
+
+def test_pages_are_reserved_released_and_reused_and_a_full_pool_refuses():
+    model = tiny("reference")
+    cache = model.new_paged_cache(2, 5, 4, max_len=16)
+    cache.reserve(0, 9)  # 3 pages
+    cache.reserve(0, 5)  # kept: a row never shrinks by reserve
+    assert len(cache.pages[0]) == 3 and len(cache.free) == 2
+    assert cache.block_table[0, :3].tolist() == cache.pages[0]
+    with pytest.raises(UserError, match="has 2 free pages of 4 positions; row 1 needs 3 more for 12 positions"):
+        cache.reserve(1, 12)
+    assert cache.pages[1] == [] and len(cache.free) == 2  # nothing taken by a refusal
+    first = list(cache.pages[0])
+    cache.release(0)
+    assert cache.pages[0] == [] and len(cache.free) == 5 and cache.block_table[0].tolist() == [0, 0, 0, 0]
+    cache.reserve(1, 12)
+    assert cache.pages[1] == first  # the released pages out first, in their order
+    with pytest.raises(UserError, match=r"a paged KV cache row holds 0..16 positions, got 17"):
+        cache.reserve(0, 17)
+    with pytest.raises(UserError, match=r"KV cache rows are 0..1, got 2"):
+        cache.release(2)
+    with pytest.raises(UserError, match="reserve row 0 first"):
+        cache.copy_row(1, 0, 5)
+    for call, said in ((cache.reset, "release"), (lambda: cache.crop(1), "fill"),
+                       (lambda: cache.reorder(torch.tensor([1, 0])), "beam search takes a KVCache")):
+        with pytest.raises(UserError, match=said):
+            call()
+    with pytest.raises(UserError, match="num_pages must be a positive int, got 0"):
+        model.new_paged_cache(2, 0)
+
+
+def test_a_row_copied_into_its_own_pages_decodes_as_its_source():
+    model = tiny("reference", **CASES["rope-gqa"])
+    prompt, step = torch.randint(0, VOCAB, (7,)), torch.randint(0, VOCAB, (2, 1))
+    with torch.no_grad():
+        cache = model.new_paged_cache(2, 8, 4, max_len=16, kv_dtype="int8")
+        cache.reserve(1, 8)
+        model(prompt[None], cache.row(1))
+        cache.reserve(0, 8)
+        cache.copy_row(1, 0, 7)
+        cache.fill.copy_(torch.tensor([7, 7]))
+        got = model(step, cache)
+        want = [alone(model, prompt, step[i], "int8")[0] for i in range(2)]
+    for i in range(2):
+        assert_close_rel(got[i, -1], want[i], 1e-5, f"row {i}")
+
+
+@pytest.mark.parametrize("table,kv_len,error,match", [
+    ("int64", "ok", ValueError, r"block_table must be int32 \[B, pages a row\] = \[2, n >= 1\]"),
+    ("one_row", "ok", ValueError, r"block_table must be int32 .* got torch.int32 \[1, 3\]"),
+    ("ok", None, ValueError, "block_table \\(a paged KV cache\\) needs kv_len"),
+    ("page_9", "ok", ValueError, r"block_table names page 9, but the pool has pages 0..5"),
+    ("ok", "long", ValueError, r"kv_len 13 \(batch row 1\) is out of range: it must lie in \[1, 12\]"),
+])
+def test_a_bad_block_table_is_named(table, kv_len, error, match, device):
+    q, _, _ = make_qkv(2, 2, 1, 1, 16, torch.float32, device, seed=3)
+    k = torch.randn(6, 2, 4, 16, device=device)
+    tables = {"ok": torch.tensor([[0, 1, 2], [3, 4, 5]], dtype=torch.int32, device=device)}
+    tables["int64"] = tables["ok"].long()
+    tables["one_row"] = tables["ok"][:1]
+    tables["page_9"] = torch.tensor([[0, 1, 2], [3, 4, 9]], dtype=torch.int32, device=device)
+    lens = {"ok": torch.tensor([5, 9], device=device), "long": torch.tensor([5, 13], device=device), None: None}
+    with torch.no_grad(), pytest.raises(error, match=match):
+        flash_attention(q, k, k, kv_len=lens[kv_len], block_table=tables[table])
