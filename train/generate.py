@@ -534,19 +534,28 @@ def _generate(model, idx, max_new_tokens, warp: dict, eos_id, use_cache, generat
             else:
                 logits = model(idx[:, fed:], cache)
                 fed = idx.size(1)
-        nxt = sample_next(logits[:, -1, :vocab_limit], generator=generator, seen=idx, generated_from=start,
-                          live=~done, **warp)
-        if eos_id is not None:
-            nxt = torch.where(done.unsqueeze(1), torch.full_like(nxt, eos_id), nxt)
-            done |= nxt.squeeze(1) == eos_id
-        idx = torch.cat([idx, nxt], dim=1)
-        if on_token is not None:
-            on_token(nxt)
-        if stop is not None:
-            done |= stop(idx).to(done.device)
-        if (eos_id is not None or stop is not None) and bool(done.all()):
+        idx, finished = decode_step(logits[:, -1, :vocab_limit], idx, start, done, warp, eos_id, generator,
+                                    on_token, stop)
+        if finished:
             break
     return idx
+
+
+def decode_step(logits, idx, start: int, done, warp: dict, eos_id, generator, on_token, stop):
+    """One step of decoding after the forward, shared by _generate and the serving engine (train/engine.py), which
+    runs it on each request's rows of a batched forward: a token for each row of idx [B, T] drawn from logits [B, V]
+    (sample_next with warp, the penalties counting from column start), a row done [B] (updated in place) padded
+    with eos_id, on_token(nxt [B, 1]) called, stop(idx) asked. -> (idx [B, T + 1], whether every row is done)."""
+    nxt = sample_next(logits, generator=generator, seen=idx, generated_from=start, live=~done, **warp)
+    if eos_id is not None:
+        nxt = torch.where(done.unsqueeze(1), torch.full_like(nxt, eos_id), nxt)
+        done |= nxt.squeeze(1) == eos_id
+    idx = torch.cat([idx, nxt], dim=1)
+    if on_token is not None:
+        on_token(nxt)
+    if stop is not None:
+        done |= stop(idx).to(done.device)
+    return idx, (eos_id is not None or stop is not None) and bool(done.all())
 
 
 def _feed(model, cache, ids, keep: int = 1):
