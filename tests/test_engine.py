@@ -1,0 +1,224 @@
+"""Continuous batching (train/engine.py): requests of different prompts, budgets and n, arriving while others run
+and waiting for slots, each get generate()'s tokens for that request alone (greedy, and seeded samples with its
+penalties), on both paths and with an int8 cache; EOS and stop rules end a request and free its slots for the
+next in line; and `serve --max-batch` over a real socket."""
+import json
+import socket
+import threading
+import time
+
+import pytest
+import torch
+
+from tritongpt.errors import UserError
+from tritongpt.model.config import GPTConfig
+from tritongpt.model.gpt import GPTModel
+from tritongpt.train.engine import Engine
+from tritongpt.train.generate import generate
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+VOCAB = 97
+SAMPLED = dict(temperature=0.9, top_p=0.9, repetition_penalty=1.2, frequency_penalty=0.5, presence_penalty=-0.3)
+
+
+def tiny(kernels="reference", n_layer=2, **extra):
+    torch.manual_seed(0)
+    return GPTModel(GPTConfig(vocab_size=VOCAB, context_length=40, n_embd=32, n_layer=n_layer, n_head=2,
+                              tie_weights=False, kernels=kernels, **extra)).eval()
+
+
+def prompt(T, n=1, seed=0):
+    ids = torch.randint(0, VOCAB, (1, T), generator=torch.Generator().manual_seed(seed))
+    return ids.expand(n, T).clone()
+
+
+def seeded(kw):
+    """A request's settings, its "seed" a generator of its own."""
+    seed = kw.get("seed")
+    return {**{k: v for k, v in kw.items() if k != "seed"},
+            "generator": None if seed is None else torch.Generator().manual_seed(seed)}
+
+
+def run(engine, schedule):
+    """schedule: [(step it arrives at, idx, max_new_tokens, settings)]; the engine stepped until all end. ->
+    [(handle, the step it was admitted at)]."""
+    handles, admitted, step = [None] * len(schedule), [None] * len(schedule), 0
+    while None in handles or engine.running or engine.waiting:
+        for i, (at, idx, new, kw) in enumerate(schedule):
+            if at == step:
+                handles[i] = engine.submit(idx, new, **seeded(kw))
+        engine.step()
+        for i, h in enumerate(handles):  # slots held, or tokens drawn already (a request that ended at once)
+            if h is not None and admitted[i] is None and (h.slots is not None or not h.queue.empty()):
+                admitted[i] = step
+        step += 1
+    return list(zip(handles, admitted))
+
+
+def alone(model, idx, new, kw, **extra):
+    return generate(model, idx, new, **seeded(kw), **extra)
+
+
+def check(model, schedule, engine, **extra):
+    out = run(engine, schedule)
+    for (handle, _), (_, idx, new, kw) in zip(out, schedule):
+        assert torch.equal(handle.wait(), alone(model, idx, new, kw, **extra))
+    assert engine.free == list(range(engine.max_batch)) and not engine.running and not engine.waiting
+    return [at for _, at in out]
+
+
+def test_requests_arriving_and_waiting_get_generates_tokens_each(one_thread):
+    """max_batch 4: A and B (1 + 2 rows) run; C (2 rows) arrives at step 1 and waits; D (1 row) at step 2 waits
+    behind C though a slot is free (FIFO); greedy and seeded samples with penalties, each generate()'s alone."""
+    model = tiny()
+    schedule = [(0, prompt(5, seed=1), 9, {}),
+                (0, prompt(11, 2, seed=2), 4, dict(SAMPLED, seed=5)),
+                (1, prompt(3, 2, seed=3), 6, {}),
+                (2, prompt(7, seed=4), 5, dict(temperature=1.0, top_k=20, min_p=0.05, seed=9)),
+                (3, prompt(4, 3, seed=6), 3, dict(SAMPLED, seed=11))]
+    admitted = check(model, schedule, Engine(model, max_batch=4))
+    # B ends at step 3 (4 tokens): C takes its 2 slots at step 4, D the one left beside A; E (3 rows, at step 3)
+    # waits past A's and D's end (steps 8: 2 slots free) for C's (step 9)
+    assert admitted == [0, 0, 4, 4, 10]
+
+
+def test_the_triton_path_batches_as_generate_does(one_thread):
+    model = tiny("triton", n_layer=1)
+    schedule = [(0, prompt(5, seed=1), 3, {}), (1, prompt(9, 2, seed=2), 3, dict(SAMPLED, seed=5))]
+    check(model, schedule, Engine(model, max_batch=3))
+
+
+def test_an_int8_cache_batches_as_generate_with_it(one_thread):
+    model = tiny(position_encoding="rope", norm="rmsnorm", mlp="swiglu", n_kv_head=1)
+    schedule = [(0, prompt(6, seed=1), 5, {}), (1, prompt(4, 2, seed=2), 4, dict(SAMPLED, seed=3)),
+                (2, prompt(9, seed=3), 4, {})]
+    check(model, schedule, Engine(model, max_batch=3, kv_cache_dtype="int8"), kv_cache_dtype="int8")
+
+
+def test_eos_and_stop_end_a_request_early_and_free_its_slots(one_thread):
+    """A's EOS (its third greedy token) and B's stop rule (at its second token) end them after 3 and 2 of 20
+    tokens; C, waiting for both slots, is admitted at the next step."""
+    model = tiny()
+    a, b = prompt(5, seed=1), prompt(8, seed=2)
+    eos = int(generate(model, a, 3)[0, -1])
+    second = int(generate(model, b, 2)[0, -1])
+
+    def stop(idx):
+        return idx[:, -1] == second
+    schedule = [(0, a, 20, dict(eos_id=eos)), (0, b, 20, dict(stop=stop)), (1, prompt(4, 2, seed=3), 3, {})]
+    admitted = check(model, schedule, Engine(model, max_batch=2))
+    assert admitted == [0, 0, 3]
+
+
+def test_what_the_engine_refuses(one_thread):
+    model = tiny()
+    for bad in (0, -1, 2.5, True, None):
+        with pytest.raises(UserError, match="max_batch must be a positive integer"):
+            Engine(model, max_batch=bad)
+    with pytest.raises(UserError, match="3 rows .n., more than the engine's max_batch 2"):
+        Engine(model, max_batch=2).submit(prompt(4, 3), 2)
+    with pytest.raises(UserError, match="the engine does not slide the window"):
+        Engine(model, max_batch=2).submit(prompt(4), 37)
+    longrope = {"rope_type": "longrope", "short_factor": [1.0] * 8, "long_factor": [2.0] * 8,
+                "original_max_position_embeddings": 16}
+    with pytest.raises(UserError, match="the batching engine does not take LongRoPE models"):
+        Engine(tiny(position_encoding="rope", rope_scaling=longrope), max_batch=2)
+
+
+def test_a_failing_stop_rule_fails_its_request_alone(one_thread):
+    model = tiny()
+
+    def broken(idx):
+        raise UserError("this stop rule is broken")
+    schedule = [(0, prompt(5, seed=1), 4, {}), (0, prompt(6, seed=2), 4, dict(stop=broken))]
+    engine = Engine(model, max_batch=2)
+    (good, _), (bad, _) = run(engine, schedule)
+    assert torch.equal(good.wait(), generate(model, prompt(5, seed=1), 4))
+    with pytest.raises(UserError, match="this stop rule is broken"):
+        bad.wait()
+    assert engine.free == [0, 1]
+
+
+# -- serve --max-batch ----------------------------------------------------------------------------------------
+def test_serve_batches_concurrent_requests_to_the_text_each_gets_alone(tmp_path):
+    from test_serve import call, events, start, tiny_run
+
+    folder = tmp_path / "run"
+    tiny_run(folder, "chat")
+    reqs = [{"prompt": "the cat", "max_tokens": 8, "temperature": 0},
+            {"prompt": "a dog ran in", "max_tokens": 5, "n": 2, "seed": 3, "stream": True},
+            {"prompt": "Hello", "max_tokens": 6, "n": 2, "seed": 1, "top_p": 0.9, "frequency_penalty": 0.4},
+            {"prompt": "the bird", "max_tokens": 7, "stop": ["a"], "seed": 2, "stream": True},
+            {"prompt": "0123", "max_tokens": 9, "seed": 4}]
+    texts = {}
+    for flags in (("--max-batch", "1"), ("--max-batch", "4")):
+        server = start(folder, *flags)
+        server.RequestHandlerClass.log_message = lambda *a: None
+        got = [None] * len(reqs)
+
+        def ask(i):
+            status, out = call(server, "/v1/completions", reqs[i])
+            assert status == 200
+            if reqs[i].get("stream"):
+                chunks = events(out)
+                got[i] = ["".join(c["choices"][0]["text"] for c in chunks if c["choices"][0]["index"] == j)
+                          for j in range(reqs[i].get("n", 1))]
+            else:
+                got[i] = [c["text"] for c in out["choices"]]
+        try:
+            assert (server.app.engine is None) == (flags[1] == "1")
+            threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(reqs))]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            texts[flags[1]] = got
+            if server.app.engine is not None:
+                assert server.app.engine.free == [0, 1, 2, 3]
+                status, out = call(server, "/v1/completions", {"prompt": "x", "n": 5})
+                assert status == 400 and out["error"]["param"] == "n" and "--max-batch 4" in out["error"]["message"]
+        finally:
+            server.shutdown()
+            server.server_close()
+    assert None not in texts["4"] and texts["4"] == texts["1"]
+
+
+def test_serve_cancels_the_request_of_a_client_that_left(tmp_path, monkeypatch):
+    """A client asking for 100 tokens hangs up mid-way: its request stops decoding at the next steps (its slots
+    free, far fewer than 100 tokens drawn), and the next request is served."""
+    from test_serve import call, start, tiny_run
+
+    folder = tmp_path / "run"
+    tiny_run(folder, "chat")
+    server = start(folder, "--max-batch", "2")
+    server.RequestHandlerClass.log_message = lambda *a: None
+    engine = server.app.engine
+    real = engine.step
+    seen = []
+
+    def slow_step():  # ~100 steps take 2 s: the hang-up lands mid-request
+        seen.extend(r for r in engine.running if r not in seen)
+        time.sleep(0.02)
+        return real()
+    monkeypatch.setattr(engine, "step", slow_step)
+    try:
+        for stream in (False, True):
+            body = json.dumps({"prompt": "the cat", "max_tokens": 100, "n": 2, "stream": stream}).encode()
+            sock = socket.create_connection(server.server_address[:2])
+            sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+            deadline = time.time() + 10
+            while not engine.running and time.time() < deadline:
+                time.sleep(0.01)
+            time.sleep(0.1)
+            sock.close()
+            while (engine.running or engine.free != [0, 1]) and time.time() < deadline:
+                time.sleep(0.01)
+            assert engine.free == [0, 1] and not engine.running
+            drawn = seen[-1].idx.size(1) - seen[-1].start
+            assert 0 < drawn < 50, drawn
+        status, out = call(server, "/v1/completions", {"prompt": "the", "max_tokens": 3, "temperature": 0})
+        assert status == 200 and out["usage"]["completion_tokens"] == 3
+    finally:
+        server.shutdown()
+        server.server_close()

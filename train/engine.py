@@ -1,0 +1,258 @@
+"""Continuous batching (Orca, Yu et al. 2022; vLLM's scheduler): one Engine owns the model and a KV cache of
+max_batch rows ("slots"); requests wait in a FIFO, are admitted while enough slots are free, and all running
+requests decode together, ONE batched forward a step, every row at its own position (the cache's per-row fill).
+A request that finishes frees its slots for the next one at once, not when the whole batch ends.
+
+A request is one generate() call: its n rows draw together with its own settings, generator, stop rule and EOS
+(generate.decode_step, the step _generate runs), so its tokens are generate()'s for it whatever else is in the
+batch (a batched forward's logits differ from a one-row forward's only by float rounding). Its rows keep their
+slots until the whole request ends, finished rows padded with the EOS, as generate's are.
+
+    engine = Engine(model, max_batch=8).start()
+    handle = engine.submit(ids, 32, temperature=0.8, generator=g, eos_id=eot)  # from any thread
+    ids_out = handle.wait(on_token=print)                                       # [n, T + new]
+    engine.close()
+"""
+import contextlib
+import queue
+import threading
+import time
+from collections import deque
+
+import torch
+
+from tritongpt._types import is_int
+from tritongpt.errors import UserError
+from tritongpt.train.generate import check_cache_dtype, check_sampling, decode_step, last_logits, new_cache
+
+
+class Cancelled(Exception):
+    """Request.wait's exception once its `cancelled` callback says the caller has gone (a client that left)."""
+
+
+class Request:
+    """The handle submit returns: what the engine thread draws for the request arrives through `queue` as
+    ("token", nxt [n, 1]) each step, then ("end", ids [n, T + new]) or ("error", exception). The engine never calls
+    the caller's code but stop(): the consumer's thread (an HTTP handler) reads the queue, so a slow client never
+    stalls the batch."""
+
+    def __init__(self, engine, idx, max_new_tokens, warp, eos_id, generator, vocab_limit, stop):
+        self.engine, self.idx, self.budget, self.warp = engine, idx, max_new_tokens, warp
+        self.eos_id, self.generator, self.vocab_limit, self.stop = eos_id, generator, vocab_limit, stop
+        self.start = idx.size(1)  # where the generated ids begin (the frequency/presence penalties count from it)
+        self.done = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
+        self.slots = None  # the cache rows it holds while running
+        self.queue = queue.Queue()
+        self.cancelled = False
+
+    @property
+    def n(self) -> int:
+        return self.idx.size(0)
+
+    def cancel(self):
+        """Ends the request at the engine's next step (its slots freed, nothing more drawn)."""
+        self.cancelled = True
+        with self.engine.cond:
+            self.engine.cond.notify_all()
+
+    def wait(self, on_token=None, cancelled=None, poll: float = 0.05):
+        """In the caller's thread: on_token(nxt [n, 1]) for each step's tokens as they arrive, then the request's
+        ids [n, T + new] (generate's return). cancelled(): asked every `poll` seconds while nothing arrives; True
+        cancels the request and raises Cancelled. An exception raised by on_token cancels it too."""
+        asked = time.monotonic()
+        try:
+            while True:
+                try:
+                    kind, item = self.queue.get(timeout=poll)
+                except queue.Empty:
+                    kind = None
+                # asked every poll seconds whether tokens arrive or not (they may come faster than that)
+                if cancelled is not None and time.monotonic() - asked >= poll:
+                    asked = time.monotonic()
+                    if cancelled():
+                        raise Cancelled("the request was cancelled")
+                if kind == "token":
+                    if on_token is not None:
+                        on_token(item)
+                elif kind == "end":
+                    return item
+                elif kind == "error":
+                    raise item
+        except BaseException:
+            self.cancel()
+            raise
+
+
+def check_engine(model) -> None:
+    """Refuses by name a model the engine cannot batch (serve then serves it one request at a time)."""
+    scaling = model.config.rope_scaling
+    if scaling and scaling.get("rope_type") == "longrope":
+        raise UserError("the batching engine does not take LongRoPE models: their RoPE factors follow one length "
+                        "for the whole forward, and the engine's rows are each at their own")
+
+
+class Engine:
+    """Continuous batching over one model (the module docstring). step() is one scheduling step; start() runs it
+    on a background thread while there is work (sleeping on a condition variable otherwise), close() stops it.
+    submit() and Request.cancel() may be called from any thread. autocast: a callable giving the context each
+    step's forwards run in (serve's mixed precision)."""
+
+    def __init__(self, model, max_batch: int = 8, kv_cache_dtype: str = "auto", autocast=None):
+        if not is_int(max_batch) or max_batch < 1:
+            raise UserError(f"max_batch must be a positive integer (the requests' rows decoded at once), "
+                            f"got {max_batch!r}")
+        check_cache_dtype(kv_cache_dtype)
+        check_engine(model)
+        self.model, self.max_batch = model.eval(), int(max_batch)
+        self.max_len = model.config.context_length
+        self.cache = new_cache(model, self.max_batch, self.max_len, kv_cache_dtype)
+        device = self.cache.k.device
+        self.cache.fill = torch.zeros(self.max_batch, dtype=torch.int64, device=device)  # per row: the per-row mode
+        self.autocast = autocast or contextlib.nullcontext
+        self.free = list(range(self.max_batch))  # free slots, lowest first
+        self.waiting, self.running = deque(), []
+        self.cond = threading.Condition()  # guards waiting (submit's) and closed; wakes the thread
+        self.closed, self.thread = False, None
+
+    def submit(self, idx, max_new_tokens: int, *, eos_id: int | None = None, generator=None,
+               vocab_limit: int | None = None, stop=None, **warp) -> Request:
+        """Queue generate(model, idx, max_new_tokens, eos_id=..., generator=..., vocab_limit=..., stop=..., **warp)
+        (warp: its sampling settings) and return its handle. idx [n, T]: n rows (n <= max_batch), T +
+        max_new_tokens within the context (the engine does not slide the window)."""
+        if not isinstance(idx, torch.Tensor) or idx.dim() != 2 or idx.size(1) == 0 or idx.is_floating_point():
+            what = f"shape {tuple(idx.shape)} {idx.dtype}" if isinstance(idx, torch.Tensor) else type(idx).__name__
+            raise UserError(f"a request's prompt must be a non-empty [n, time] tensor of token ids, got {what}")
+        if idx.size(0) > self.max_batch:
+            raise UserError(f"the request has {idx.size(0)} rows (n), more than the engine's max_batch "
+                            f"{self.max_batch}: it could never be admitted")
+        if not is_int(max_new_tokens) or max_new_tokens < 0:
+            raise UserError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
+        if idx.size(1) + max_new_tokens > self.max_len:
+            raise UserError(f"prompt {idx.size(1)} + max_new_tokens {max_new_tokens} > the context length "
+                            f"{self.max_len}: the engine does not slide the window")
+        if vocab_limit is not None and (not is_int(vocab_limit) or vocab_limit <= 0):
+            raise UserError(f"vocab_limit must be a positive integer, got {vocab_limit!r}")
+        check_sampling(**warp)
+        r = Request(self, idx.to(self.cache.k.device), max_new_tokens, warp, eos_id, generator, vocab_limit, stop)
+        if max_new_tokens == 0:  # generate's: the prompt back, nothing run
+            r.queue.put(("end", r.idx))
+            return r
+        with self.cond:
+            if self.closed:
+                raise UserError("the engine is closed")
+            self.waiting.append(r)
+            self.cond.notify_all()
+        return r
+
+    def start(self):
+        """step() on a background thread while there is work; returns self."""
+        self.thread = threading.Thread(target=self._loop, name="tritongpt-engine", daemon=True)
+        self.thread.start()
+        return self
+
+    def close(self):
+        """Stops the thread; requests still waiting or running end with an error."""
+        with self.cond:
+            self.closed = True
+            self.cond.notify_all()
+        if self.thread is not None:
+            self.thread.join()
+        for r in [*self.running, *self.waiting]:
+            self._finish(r, UserError("the server is shutting down"))
+        self.waiting.clear()
+
+    def _loop(self):
+        while True:
+            with self.cond:
+                while not self.closed and not self.waiting and not self.running:
+                    self.cond.wait()
+                if self.closed:
+                    return
+            try:
+                self.step()
+            except Exception as e:  # (step fails requests itself; this is the engine's own fault) fail them all,
+                with self.cond:     # never leave a caller waiting on a thread that died
+                    stranded, self.waiting = [*self.running, *self.waiting], deque()
+                for r in stranded:
+                    self._finish(r, e)
+
+    @torch.no_grad()
+    def step(self) -> bool:
+        """Admits what fits, prefills it, decodes every running request one token (one forward), finishes what
+        ended. Returns whether any request ran."""
+        with self.cond:
+            for r in [r for r in self.waiting if r.cancelled]:
+                self.waiting.remove(r)
+            admitted = []
+            # FIFO: the first request that does not fit waits, and the ones behind it with it
+            while self.waiting and self.waiting[0].n <= len(self.free):
+                r = self.waiting.popleft()
+                r.slots, self.free = self.free[:r.n], self.free[r.n:]
+                admitted.append(r)
+        for r in [r for r in self.running if r.cancelled]:
+            self._finish(r)
+        decoding, self.running = self.running, self.running + admitted
+        if not self.running:
+            return False
+        logits = {}
+        try:
+            with self.autocast():
+                for r in admitted:
+                    logits[r] = self._prefill(r)
+                if decoding:
+                    out = self._decode(decoding)
+                    for r in decoding:
+                        logits[r] = out[r.slots]
+        except Exception as e:  # the forward failed: every request in it fails with the error
+            for r in [*decoding, *admitted]:
+                self._finish(r, e)
+            return True
+        for r, lg in logits.items():
+            try:
+                r.idx, finished = decode_step(lg[:, :r.vocab_limit], r.idx, r.start, r.done, r.warp, r.eos_id,
+                                              r.generator, lambda nxt, r=r: r.queue.put(("token", nxt)), r.stop)
+            except Exception as e:  # this request's settings or stop rule: it alone fails
+                self._finish(r, e)
+                continue
+            if finished or r.idx.size(1) - r.start >= r.budget:
+                self._finish(r)
+        return True
+
+    def _prefill(self, r) -> torch.Tensor:
+        """The request's prompt into its slots; the logits of its rows' next token [n, V]. Equal rows (a request's
+        n choices) run once, the keys copied to the other slots."""
+        cache, T = self.cache, r.start
+        same = bool((r.idx == r.idx[:1]).all())
+        rows = [last_logits(self.model, r.idx[i:i + 1], cache.row(s))[:, -1]
+                for i, s in enumerate(r.slots[:1] if same else r.slots)]
+        for s in r.slots[1:] if same else ():
+            cache.copy_row(r.slots[0], s, T)
+        cache.fill[r.slots] = T
+        return rows[0].expand(r.n, -1) if same else torch.cat(rows)
+
+    def _decode(self, decoding) -> torch.Tensor:
+        """One forward over all max_batch rows, each running row's last token at its own fill: logits [B, V].
+        All rows, not just the running ones: the batch keeps one shape (the cost of a small model's decode step
+        hardly grows with its rows), and a row not decoding (free, or prefilled this step) writes a key at its
+        fill that nothing reads before its own next token overwrites it."""
+        cache = self.cache
+        tokens = torch.zeros(self.max_batch, 1, dtype=torch.long, device=cache.k.device)
+        slots = [s for r in decoding for s in r.slots]
+        tokens[slots] = torch.cat([r.idx[:, -1:] for r in decoding])
+        cache.on_device = True
+        try:
+            logits = last_logits(self.model, tokens, cache)[:, -1]
+        finally:
+            cache.on_device = False
+        cache.fill[slots] += 1
+        return logits
+
+    def _finish(self, r, error=None):
+        """The request ends (its ids, or the error, to its queue) and its slots are free again."""
+        if r in self.running:
+            self.running.remove(r)
+        if r.slots is not None:
+            with self.cond:
+                self.free = sorted(self.free + r.slots)
+            r.slots = None
+        r.queue.put(("error", error) if error is not None else ("end", r.idx))
