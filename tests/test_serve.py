@@ -498,17 +498,17 @@ def test_cuda_graphs_serve_the_eager_text_and_are_refused_off_cuda(tmp_path, mon
     folder = tmp_path / "run"
     tiny_run(folder, "chat")
     with pytest.raises(UserError, match="--cuda-graphs needs the model on a CUDA device; it is on cpu"):
-        start(folder, "--cuda-graphs")
+        start(folder, "--cuda-graphs", "--max-batch", "1")
     body = {"prompt": "the cat sat", "max_tokens": 7, "temperature": 0}
     texts = {}
     captured = []
     monkeypatch.setattr(commands, "check_cuda_graphs", lambda args, device, model: None)
     monkeypatch.setattr(gen, "capture_cuda_graph", lambda fn, device: captured.append(device) or fx_capture(fn))
-    for flags in ((), ("--cuda-graphs",)):
+    for flags in ((), ("--cuda-graphs", "--max-batch", "1")):
         status, out, _ = serve_once(folder, "/v1/completions", body, *flags)
         assert status == 200
         texts[flags] = out["choices"][0]["text"]
-    assert texts[()] == texts[("--cuda-graphs",)] and len(captured) == 1
+    assert texts[()] == texts[("--cuda-graphs", "--max-batch", "1")] and len(captured) == 1
 
 
 def test_cuda_graphs_with_a_model_no_graph_replays_are_refused_at_startup(tmp_path):
@@ -520,4 +520,4 @@ def test_cuda_graphs_with_a_model_no_graph_replays_are_refused_at_startup(tmp_pa
                        position_encoding="rope", norm="rmsnorm", mlp="swiglu", n_experts=4,
                        experts_per_token=2)).save(folder / "ckpt-0000001" / "model.safetensors")
     with pytest.raises(UserError, match="CUDA-graph decoding does not take mixture-of-experts models"):
-        start(folder, "--cuda-graphs")
+        start(folder, "--cuda-graphs", "--max-batch", "1")

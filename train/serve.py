@@ -8,12 +8,15 @@ streaming as server-sent events ending in `data: [DONE]`, errors as {"error": {m
 sampling fields beyond OpenAI's (top_k, min_p, repetition_penalty) are vLLM's (vllm/entrypoints/openai/protocol.py).
 The text is generate()'s: a completion is what `tritongpt generate` prints after the prompt, a chat answer what
 `tritongpt chat` answers to the same messages (its Conversation renders them), cut at the same stop strings. A field
-this server does not implement (logprobs, tools, ...) is refused by name, never ignored. One model, one request
-generating at a time (a lock); the others wait their turn.
+this server does not implement (logprobs, tools, ...) is refused by name, never ignored. One model; requests
+decode together in one batch (train/engine.py's continuous batching, --max-batch rows), or with --max-batch 1 one
+request at a time (a lock), the others waiting their turn.
 """
 import json
 import math
 import secrets
+import select
+import socket
 import sys
 import threading
 import time
@@ -136,10 +139,11 @@ def sampling_settings(body: dict, endpoint: str, served: str) -> dict:
 
 
 class Model:
-    """The served model, its tokenizer and its chat format; generates one request at a time."""
+    """The served model, its tokenizer and its chat format; generates through its engine (continuous batching), or
+    with none (--max-batch 1, a LongRoPE model) one request at a time."""
 
     def __init__(self, model, tok, device, dtype, limit, name: str, template: str | None, template_why: str = "",
-                 cuda_graph: bool = False, kv_cache_dtype: str = "auto"):
+                 cuda_graph: bool = False, kv_cache_dtype: str = "auto", engine=None):
         from tritongpt.train.tokenizer import eot_or_none
 
         self.model, self.tok, self.device, self.dtype, self.limit = model, tok, device, dtype, limit
@@ -156,7 +160,12 @@ class Model:
             except UserError as e:  # completions still work; chat completions say why not
                 self.template, self.template_why = None, str(e)
         self.lock = threading.Lock()
+        self.engine = engine  # train/engine.py's Engine, started; None: generate() under the lock
         self.created = int(time.time())
+
+    def close(self):
+        if self.engine is not None:
+            self.engine.close()
 
     def completion_prompt(self, prompt) -> list:
         """The prompt's ids, as `generate --prompt` encodes it (BOS first where the tokenizer adds one)."""
@@ -206,14 +215,17 @@ class Model:
                                 "max_tokens", "max_tokens", code="context_length_exceeded")
         return max_tokens
 
-    def draw(self, ids, budget, s, stop_id, generator, on_delta=None) -> list:
+    def draw(self, ids, budget, s, stop_id, generator, on_delta=None, gone=None) -> list:
         """n choices after the prompt ids (one batch): [(text, finish_reason, completion tokens)]. on_delta(i,
         text): each choice's new text as it is drawn (held back where a stop string may be starting), the
-        deltas of a choice adding up to its text."""
+        deltas of a choice adding up to its text; called in this thread (the engine's tokens come through the
+        request's queue). gone(): whether the client left, asked while waiting for the engine: its request is
+        then cancelled (engine.Cancelled raised)."""
         import torch
 
         from tritongpt.commands import continuation, cut_at_stop
         from tritongpt.train.common import autocast
+        from tritongpt.train.engine import Cancelled
         from tritongpt.train.generate import generate
 
         n, stops, start = s["n"], s["stops"], len(ids)
@@ -240,14 +252,21 @@ class Model:
                     on_delta(i, delta)
 
         idx = torch.tensor([ids] * n, dtype=torch.long, device=self.device)
-        with autocast(self.device, self.dtype):
-            out = generate(self.model, idx, budget, temperature=s["temperature"], top_k=s["top_k"],
-                           top_p=s["top_p"] if s["top_p"] < 1 else None, min_p=s["min_p"],
-                           repetition_penalty=s["repetition_penalty"], frequency_penalty=s["frequency_penalty"],
-                           presence_penalty=s["presence_penalty"], eos_id=stop_id, generator=generator,
-                           vocab_limit=self.limit, on_token=on_token if on_delta else None,
-                           stop=stopped if stops else None, cuda_graph=self.cuda_graph,
-                           kv_cache_dtype=self.kv_cache_dtype).tolist()
+        warp = dict(temperature=s["temperature"], top_k=s["top_k"], top_p=s["top_p"] if s["top_p"] < 1 else None,
+                    min_p=s["min_p"], repetition_penalty=s["repetition_penalty"],
+                    frequency_penalty=s["frequency_penalty"], presence_penalty=s["presence_penalty"])
+        if self.engine is not None:
+            request = self.engine.submit(idx, budget, eos_id=stop_id, generator=generator, vocab_limit=self.limit,
+                                         stop=stopped if stops else None, **warp)
+            try:
+                out = request.wait(on_token if on_delta else None, gone).tolist()
+            except Cancelled:
+                raise BrokenPipeError("the client left") from None
+        else:
+            with self.lock, autocast(self.device, self.dtype):
+                out = generate(self.model, idx, budget, eos_id=stop_id, generator=generator, vocab_limit=self.limit,
+                               on_token=on_token if on_delta else None, stop=stopped if stops else None,
+                               cuda_graph=self.cuda_graph, kv_cache_dtype=self.kv_cache_dtype, **warp).tolist()
         choices = []
         for i, row in enumerate(out):
             new = row[start:]
@@ -387,6 +406,16 @@ class Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(data)
 
+    def client_gone(self) -> bool:
+        """Whether the client closed its connection (readable with nothing to read), asked while its request
+        decodes so that the engine stops drawing for it."""
+        try:
+            if not select.select([self.connection], [], [], 0)[0]:
+                return False
+            return self.connection.recv(1, socket.MSG_PEEK) == b""
+        except (OSError, ValueError):  # reset, or closed here
+            return True
+
     def send_event(self, obj):
         self.wfile.write(f"data: {obj if isinstance(obj, str) else json.dumps(obj)}\n\n".encode("utf-8"))
         self.wfile.flush()
@@ -397,6 +426,9 @@ class Handler(BaseHTTPRequestHandler):
         app = self.server.app
         chat = endpoint == "chat"
         s = sampling_settings(body, endpoint, app.name)
+        if app.engine is not None and s["n"] > app.engine.max_batch:
+            raise bad("n", f"'n' is {s['n']}, more than this server's --max-batch {app.engine.max_batch}: a "
+                           "request's choices decode together in the batch")
         if chat:
             if "messages" not in body:
                 raise bad("messages", "'messages' is required")
@@ -415,45 +447,44 @@ class Handler(BaseHTTPRequestHandler):
         head = {"id": ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex, "object": kind,
                 "created": int(time.time()), "model": app.name}
         seed = s["seed"] if s["seed"] is not None else secrets.randbits(63)
-        with app.lock:
-            gen = torch.Generator(device=app.device).manual_seed(seed)
-            on_delta = None
-            if s["stream"]:
-                self.send_response(200)
-                self.send_header("Content-Type", "text/event-stream")
-                self.send_header("Cache-Control", "no-cache")
-                self.end_headers()
-                self.streaming = True
-                head["object"] = kind + ".chunk" if chat else kind
+        gen = torch.Generator(device=app.device).manual_seed(seed)
+        on_delta = None
+        if s["stream"]:
+            self.send_response(200)
+            self.send_header("Content-Type", "text/event-stream")
+            self.send_header("Cache-Control", "no-cache")
+            self.end_headers()
+            self.streaming = True
+            head["object"] = kind + ".chunk" if chat else kind
 
-                def chunk(index, text=None, finish=None, role=False):
-                    if chat:
-                        delta = {"role": "assistant", "content": ""} if role else \
-                            {"content": text} if text is not None else {}
-                        choice = {"index": index, "delta": delta, "finish_reason": finish}
-                    else:
-                        choice = {"index": index, "text": text or "", "logprobs": None, "finish_reason": finish}
-                    # with include_usage, OpenAI's other chunks carry "usage": null
-                    self.send_event({**head, "choices": [choice], **({"usage": None} if s["include_usage"] else {})})
-            choices, used = [], [0, 0]
-            for p, (ids, budget) in enumerate(zip(prompts, budgets)):
-                base = p * s["n"]  # OpenAI's index: the prompt's n choices in turn
+            def chunk(index, text=None, finish=None, role=False):
+                if chat:
+                    delta = {"role": "assistant", "content": ""} if role else \
+                        {"content": text} if text is not None else {}
+                    choice = {"index": index, "delta": delta, "finish_reason": finish}
+                else:
+                    choice = {"index": index, "text": text or "", "logprobs": None, "finish_reason": finish}
+                # with include_usage, OpenAI's other chunks carry "usage": null
+                self.send_event({**head, "choices": [choice], **({"usage": None} if s["include_usage"] else {})})
+        choices, used = [], [0, 0]
+        for p, (ids, budget) in enumerate(zip(prompts, budgets)):
+            base = p * s["n"]  # OpenAI's index: the prompt's n choices in turn
+            if s["stream"]:
+                if chat:
+                    for i in range(s["n"]):
+                        chunk(base + i, role=True)
+                on_delta = (lambda b: lambda i, text: chunk(b + i, text))(base)
+            drawn = app.draw(ids, budget, s, stop_id, gen, on_delta, self.client_gone)
+            used[0] += len(ids)
+            for i, (text, finish, count) in enumerate(drawn):
+                used[1] += count
                 if s["stream"]:
-                    if chat:
-                        for i in range(s["n"]):
-                            chunk(base + i, role=True)
-                    on_delta = (lambda b: lambda i, text: chunk(b + i, text))(base)
-                drawn = app.draw(ids, budget, s, stop_id, gen, on_delta)
-                used[0] += len(ids)
-                for i, (text, finish, count) in enumerate(drawn):
-                    used[1] += count
-                    if s["stream"]:
-                        chunk(base + i, finish=finish)
-                    elif chat:
-                        choices.append({"index": base + i, "message": {"role": "assistant", "content": text},
-                                        "logprobs": None, "finish_reason": finish})
-                    else:
-                        choices.append({"index": base + i, "text": text, "logprobs": None, "finish_reason": finish})
+                    chunk(base + i, finish=finish)
+                elif chat:
+                    choices.append({"index": base + i, "message": {"role": "assistant", "content": text},
+                                    "logprobs": None, "finish_reason": finish})
+                else:
+                    choices.append({"index": base + i, "text": text, "logprobs": None, "finish_reason": finish})
         usage = {"prompt_tokens": used[0], "completion_tokens": used[1], "total_tokens": sum(used)}
         if s["stream"]:
             if s["include_usage"]:
@@ -461,6 +492,31 @@ class Handler(BaseHTTPRequestHandler):
             self.send_event("[DONE]")
         else:
             self.send_json(200, {**head, "choices": choices, "usage": usage})
+
+
+class Server(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def server_close(self):
+        super().server_close()
+        if getattr(self, "app", None) is not None:
+            self.app.close()  # the engine's thread stopped, its cache freed
+
+
+def make_engine(args, model, device, dtype):
+    """serve's Engine (started), or None: --max-batch 1, or a model the engine refuses (said, then served one
+    request at a time)."""
+    from tritongpt.train.common import autocast
+    from tritongpt.train.engine import Engine, check_engine
+
+    if args.max_batch == 1:
+        return None
+    try:
+        check_engine(model)
+    except UserError as e:
+        note(f"{e}: serving one request at a time")
+        return None
+    return Engine(model, args.max_batch, args.kv_cache_dtype, lambda: autocast(device, dtype)).start()
 
 
 def make_server(args) -> ThreadingHTTPServer:
@@ -475,8 +531,14 @@ def make_server(args) -> ThreadingHTTPServer:
         raise UserError(f"--port must be in [0, 65535], got {args.port}")
     if args.served_model_name is not None and not args.served_model_name.strip():
         raise UserError("--served-model-name is empty")
+    if args.max_batch < 1:
+        raise UserError(f"--max-batch must be a positive integer, got {args.max_batch}")
+    if args.cuda_graphs and args.max_batch > 1:
+        raise UserError(f"--cuda-graphs needs --max-batch 1 (got {args.max_batch}): the batching engine's step is "
+                        "not captured in a graph; each request's own generate() is")
     model, tok, device, dtype, limit = load_generation_model(args)
     check_cuda_graphs(args, device, model)
+    engine = make_engine(args, model, device, dtype)
     # the chat format as `chat --template auto` picks it, except that a model with none is refused, not guessed
     template, why = run_template(args.weights), ""
     if template is None and getattr(tok, "chat_template", None) is not None:
@@ -485,9 +547,14 @@ def make_server(args) -> ThreadingHTTPServer:
         why = "it records no fine-tuning prompt format and its tokenizer has no chat template"
         note(f"{args.weights or args.model}: {why}: /v1/chat/completions is refused, /v1/completions served")
     name = args.served_model_name or (served_name(args.weights) if args.weights else args.model)
-    server = ThreadingHTTPServer((args.host, args.port), Handler)
-    server.daemon_threads = True
-    server.app = Model(model, tok, device, dtype, limit, name, template, why, args.cuda_graphs, args.kv_cache_dtype)
+    try:
+        server = Server((args.host, args.port), Handler)
+    except BaseException:
+        if engine is not None:
+            engine.close()
+        raise
+    server.app = Model(model, tok, device, dtype, limit, name, template, why, args.cuda_graphs, args.kv_cache_dtype,
+                       engine)
     return server
 
 
@@ -512,6 +579,9 @@ def add_cli(sub):
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default %(default)s; 0.0.0.0: every "
                                                        "interface, with no authentication)")
     p.add_argument("--port", type=int, default=8000, help="port to listen on (default %(default)s; 0: a free one)")
+    p.add_argument("--max-batch", type=int, default=8,
+                   help="rows decoded together (default %(default)s): requests are batched as they arrive, a "
+                        "request of n choices taking n rows; 1: one request at a time")
     p.add_argument("--served-model-name", default=None,
                    help="the model's id in the API (default: --weights as given, a Hub repo's id)")
     add_dtype_arg(p)
