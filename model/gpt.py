@@ -156,12 +156,28 @@ class KVCache:
         row i's keys (continuous batching prefills a new request into its slot so)."""
         if not is_int(i) or not 0 <= i < self.batch_size:
             raise UserError(f"KV cache rows are 0..{self.batch_size - 1}, got {i!r}")
+        view = self._rows(i, i + 1)
+        view.pos, view.on_device = 0, False
+        view.fill = torch.zeros(1, dtype=torch.int64, device=self.fill.device)
+        return view
+
+    def first_rows(self, n: int) -> "KVCache":
+        """Rows 0..n-1 as a cache of batch n on the same storage, their fill a view of this one's (a fill a row):
+        the batching engine's decode step runs only the rows up to the last busy one."""
+        if not is_int(n) or not 1 <= n <= self.batch_size:
+            raise UserError(f"a KV cache of {self.batch_size} rows has 1..{self.batch_size} first rows, got {n!r}")
+        if self.fill.shape != (self.batch_size,):
+            raise UserError(f"first_rows needs a fill a row ([{self.batch_size}]), got shape {tuple(self.fill.shape)}")
+        view = self._rows(0, n)
+        view.fill = self.fill[:n]
+        return view
+
+    def _rows(self, start: int, end: int) -> "KVCache":
         view = copy.copy(self)
         for name in ("k", "v", "k_scale", "v_scale"):
             t = getattr(self, name)
-            setattr(view, name, None if t is None else t[:, i:i + 1])
-        view.pos, view.on_device, view.current = 0, False, None
-        view.fill = torch.zeros(1, dtype=torch.int64, device=self.fill.device)
+            setattr(view, name, None if t is None else t[:, start:end])
+        view.current = None
         return view
 
     def copy_row(self, src: int, dst: int, length: int):

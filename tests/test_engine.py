@@ -110,6 +110,17 @@ def test_eos_and_stop_end_a_request_early_and_free_its_slots(one_thread):
     assert admitted == [0, 0, 3]
 
 
+def test_a_decode_step_runs_the_rows_up_to_the_last_busy_one(one_thread):
+    """Slots go lowest first and a step runs cache rows 0..last busy: a lone request decodes one row, not four."""
+    model = tiny()
+    shapes = []
+    model.tok_emb.register_forward_pre_hook(lambda module, args: shapes.append(tuple(args[0].shape)))
+    check(model, [(0, prompt(5), 3, {}), (1, prompt(3, 2), 2, {})], Engine(model, max_batch=4))
+    # (generate's own forwards follow the engine's, run by check): A's prefill, B's (once for its 2 rows) and
+    # A's step alone, then one step over A and B (rows 0..2)
+    assert shapes[:4] == [(1, 5), (1, 3), (1, 1), (3, 1)]
+
+
 def test_what_the_engine_refuses(one_thread):
     model = tiny()
     for bad in (0, -1, 2.5, True, None):

@@ -87,8 +87,8 @@ def check_engine(model) -> None:
     """Refuses by name a model the engine cannot batch (serve then serves it one request at a time)."""
     scaling = model.config.rope_scaling
     if scaling and scaling.get("rope_type") == "longrope":
-        raise UserError("the batching engine does not take LongRoPE models: their RoPE factors follow one length "
-                        "for the whole forward, and the engine's rows are each at their own")
+        raise UserError("the batching engine does not take LongRoPE models (their RoPE factors follow one length "
+                        "for the whole forward; the engine's rows are each at their own)")
 
 
 class Engine:
@@ -231,20 +231,17 @@ class Engine:
         return rows[0].expand(r.n, -1) if same else torch.cat(rows)
 
     def _decode(self, decoding) -> torch.Tensor:
-        """One forward over all max_batch rows, each running row's last token at its own fill: logits [B, V].
-        All rows, not just the running ones: the batch keeps one shape (the cost of a small model's decode step
-        hardly grows with its rows), and a row not decoding (free, or prefilled this step) writes a key at its
+        """One forward over the cache's rows up to the last busy one, each running row's last token at its own
+        fill: logits [rows, V]. Slots go lowest first, so that is mostly just the running rows (a lone request runs
+        one row, not max_batch); a row between them not decoding (free, or prefilled this step) writes a key at its
         fill that nothing reads before its own next token overwrites it."""
-        cache = self.cache
-        tokens = torch.zeros(self.max_batch, 1, dtype=torch.long, device=cache.k.device)
         slots = [s for r in decoding for s in r.slots]
+        cache = self.cache.first_rows(max(slots) + 1)
+        tokens = torch.zeros(cache.batch_size, 1, dtype=torch.long, device=cache.k.device)
         tokens[slots] = torch.cat([r.idx[:, -1:] for r in decoding])
         cache.on_device = True
-        try:
-            logits = last_logits(self.model, tokens, cache)[:, -1]
-        finally:
-            cache.on_device = False
-        cache.fill[slots] += 1
+        logits = last_logits(self.model, tokens, cache)[:, -1]
+        self.cache.fill[slots] += 1
         return logits
 
     def _finish(self, r, error=None):
