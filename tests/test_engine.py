@@ -89,10 +89,12 @@ def test_the_triton_path_batches_as_generate_does(one_thread):
 
 
 def test_an_int8_cache_batches_as_generate_with_it(one_thread):
-    model = tiny(position_encoding="rope", norm="rmsnorm", mlp="swiglu", n_kv_head=1)
-    schedule = [(0, prompt(6, seed=1), 5, {}), (1, prompt(4, 2, seed=2), 4, dict(SAMPLED, seed=3)),
+    model = tiny(n_kv_head=1)
+    schedule = [(0, prompt(6, seed=1), 5, {}), (1, prompt(4, 2, seed=2), 6, dict(repetition_penalty=1.2)),
                 (2, prompt(9, seed=3), 4, {})]
-    check(model, schedule, Engine(model, max_batch=3, kv_cache_dtype="int8"), kv_cache_dtype="int8")
+    engine = Engine(model, max_batch=3, kv_cache_dtype="int8")
+    assert engine.cache.quantized
+    check(model, schedule, engine, kv_cache_dtype="int8")
 
 
 def test_eos_and_stop_end_a_request_early_and_free_its_slots(one_thread):
@@ -230,6 +232,28 @@ def test_serve_cancels_the_request_of_a_client_that_left(tmp_path, monkeypatch):
             assert 0 < drawn < 50, drawn
         status, out = call(server, "/v1/completions", {"prompt": "the", "max_tokens": 3, "temperature": 0})
         assert status == 200 and out["usage"]["completion_tokens"] == 3
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_serve_serves_a_longrope_model_one_request_at_a_time(tmp_path, capsys):
+    from test_serve import call, start, tiny_run
+
+    folder = tmp_path / "run"
+    tok = tiny_run(folder, "chat")
+    longrope = {"rope_type": "longrope", "short_factor": [1.0] * 8, "long_factor": [2.0] * 8,
+                "original_max_position_embeddings": 64}
+    GPTModel(GPTConfig(vocab_size=tok.vocab_size, context_length=128, n_embd=32, n_layer=1, n_head=2,
+                       position_encoding="rope", rope_scaling=longrope)).save(folder / "ckpt-0000001" /
+                                                                              "model.safetensors")
+    server = start(folder)
+    server.RequestHandlerClass.log_message = lambda *a: None
+    try:
+        assert server.app.engine is None
+        err = capsys.readouterr().err
+        assert "does not take LongRoPE models" in err and "serving one request at a time" in err
+        assert call(server, "/v1/completions", {"prompt": "the", "max_tokens": 3})[0] == 200
     finally:
         server.shutdown()
         server.server_close()
