@@ -130,6 +130,8 @@ def test_what_the_engine_refuses(one_thread):
             Engine(model, max_batch=bad)
     with pytest.raises(UserError, match="3 rows .n., more than the engine's max_batch 2"):
         Engine(model, max_batch=2).submit(prompt(4, 3), 2)
+    with pytest.raises(UserError, match=r"token ids must be in \[0, 97\) \(the model's vocabulary\), got 0..97"):
+        Engine(model, max_batch=2).submit(torch.tensor([[0, 97]]), 2)
     with pytest.raises(UserError, match="the engine does not slide the window"):
         Engine(model, max_batch=2).submit(prompt(4), 37)
     longrope = {"rope_type": "longrope", "short_factor": [1.0] * 8, "long_factor": [2.0] * 8,

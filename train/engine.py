@@ -125,6 +125,10 @@ class Engine:
         if idx.size(0) > self.max_batch:
             raise UserError(f"the request has {idx.size(0)} rows (n), more than the engine's max_batch "
                             f"{self.max_batch}: it could never be admitted")
+        vocab = self.model.config.vocab_size
+        if bool(((idx < 0) | (idx >= vocab)).any()):  # (checked here: in the batch's forward it would fail them all)
+            raise UserError(f"a request's token ids must be in [0, {vocab}) (the model's vocabulary), got "
+                            f"{int(idx.min())}..{int(idx.max())}")
         if not is_int(max_new_tokens) or max_new_tokens < 0:
             raise UserError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
         if idx.size(1) + max_new_tokens > self.max_len:
@@ -195,18 +199,20 @@ class Engine:
         if not self.running:
             return False
         logits = {}
-        try:
-            with self.autocast():
-                for r in admitted:
+        with self.autocast():
+            for r in admitted:
+                try:
                     logits[r] = self._prefill(r)
+                except Exception as e:  # its prompt's forward: it alone fails
+                    self._finish(r, e)
+            try:
                 if decoding:
                     out = self._decode(decoding)
                     for r in decoding:
                         logits[r] = out[r.slots]
-        except Exception as e:  # the forward failed: every request in it fails with the error
-            for r in [*decoding, *admitted]:
-                self._finish(r, e)
-            return True
+            except Exception as e:  # the batch's forward failed: every request in it fails with the error
+                for r in decoding:
+                    self._finish(r, e)
         for r, lg in logits.items():
             try:
                 r.idx, finished = decode_step(lg[:, :r.vocab_limit], r.idx, r.start, r.done, r.warp, r.eos_id,
