@@ -184,6 +184,8 @@ class Engine:
     def step(self) -> bool:
         """Admits what fits, prefills it, decodes every running request one token (one forward), finishes what
         ended. Returns whether any request ran."""
+        for r in [r for r in self.running if r.cancelled]:  # (first: their slots serve this step's admissions)
+            self._finish(r)
         with self.cond:
             for r in [r for r in self.waiting if r.cancelled]:
                 self.waiting.remove(r)
@@ -193,8 +195,6 @@ class Engine:
                 r = self.waiting.popleft()
                 r.slots, self.free = self.free[:r.n], self.free[r.n:]
                 admitted.append(r)
-        for r in [r for r in self.running if r.cancelled]:
-            self._finish(r)
         decoding, self.running = self.running, self.running + admitted
         if not self.running:
             return False

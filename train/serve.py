@@ -220,7 +220,7 @@ class Model:
         text): each choice's new text as it is drawn (held back where a stop string may be starting), the
         deltas of a choice adding up to its text; called in this thread (the engine's tokens come through the
         request's queue). gone(): whether the client left, asked while waiting for the engine: its request is
-        then cancelled (engine.Cancelled raised)."""
+        then cancelled and BrokenPipeError raised (as a write to its socket would)."""
         import torch
 
         from tritongpt.commands import continuation, cut_at_stop
