@@ -226,7 +226,8 @@ class PagedKVCache(KVCache):
 
     Always a fill a row on the device (KVCache's on_device with fill [B]): row b's new keys go to its positions
     [fill[b], fill[b] + T), which `reserve(b, length)` must have given pages first (the host keeps the free list:
-    reserve and release are host calls, between forwards), and row b attends over its own [0, fill[b] + T). Both
+    reserve and release are host calls, between forwards; a position past a row's pages goes to a scratch page
+    no row reads), and row b attends over its own [0, fill[b] + T). Both
     attention paths read the pages in place: the Triton kernels through the table (flash_attention's
     block_table), the reference by gathering each row's pages into the rows a KVCache would hold
     (layers.gather_pages). kv_dtype "int8" as KVCache's, the scales in pages too. row(i) is row i as a cache of
@@ -246,14 +247,18 @@ class PagedKVCache(KVCache):
             raise UserError(f"KV cache dtype must be a float torch.dtype (the keys' compute dtype), got {dtype!r}; "
                             'an int8 cache is kv_dtype="int8"')
         self.dtype, self.page_size = dtype, page_size
-        shape = (cfg.n_layer, num_pages, cfg.kv_heads, page_size, cfg.head_dim)
+        # one page more than asked: the scratch page, never given out, which every table entry of a row without a
+        # page names, so a row the engine runs without a request (its stale fill) writes there, never into a
+        # page another row holds
+        shape = (cfg.n_layer, num_pages + 1, cfg.kv_heads, page_size, cfg.head_dim)
         store = torch.int8 if self.quantized else dtype
         self.k = torch.empty(shape, device=device, dtype=store)
         self.v = torch.empty(shape, device=device, dtype=store)
         self.k_scale = torch.zeros(shape[:-1], device=device, dtype=torch.float32) if self.quantized else None
         self.v_scale = torch.zeros(shape[:-1], device=device, dtype=torch.float32) if self.quantized else None
-        # page 0 where a row has none yet: a real page, so a stale entry reads finite memory, masked past the fill
-        self.block_table = torch.zeros((batch_size, -(-self.max_len // page_size)), dtype=torch.int32, device=device)
+        self.scratch = num_pages
+        self.block_table = torch.full((batch_size, -(-self.max_len // page_size)), self.scratch, dtype=torch.int32,
+                                      device=device)
         self.fill = torch.zeros(batch_size, dtype=torch.int64, device=device)
         self.pos, self.on_device, self.current = 0, True, None
         self.free = list(range(num_pages - 1, -1, -1))  # a stack: the pages a release gave back go out first
@@ -265,7 +270,8 @@ class PagedKVCache(KVCache):
 
     @property
     def num_pages(self) -> int:
-        return self.k.size(1)
+        """The pages rows can hold (the scratch page not counted)."""
+        return self.k.size(1) - 1
 
     def pages_for(self, length: int) -> int:
         return -(-length // self.page_size)
@@ -287,11 +293,12 @@ class PagedKVCache(KVCache):
             self.block_table[row, start:start + more] = torch.tensor(new, dtype=torch.int32)
 
     def release(self, row: int):
-        """Row `row`'s pages back to the pool (its request ended); its fill back to 0."""
+        """Row `row`'s pages back to the pool (its request ended); its fill back to 0, its table to the scratch
+        page."""
         self._check_row(row)
         self.free += reversed(self.pages[row])
         self.pages[row] = []
-        self.block_table[row] = 0
+        self.block_table[row] = self.scratch
         self.fill[row] = 0
 
     def _check_row(self, i):
@@ -323,10 +330,14 @@ class PagedKVCache(KVCache):
         """Row i as a cache of batch 1 on the same pool and pages, its fill from 0 (a request's prefill, after
         reserve(i, length))."""
         self._check_row(i)
-        view = copy.copy(self)
-        view.block_table = self.block_table[i:i + 1]
+        view = self._rows(i, i + 1)
         view.fill = torch.zeros(1, dtype=torch.int64, device=self.fill.device)
-        view.pages, view.free, view.current = [self.pages[i]], self.free, None
+        return view
+
+    def _rows(self, start: int, end: int) -> "PagedKVCache":
+        """Rows start..end-1 on the same pool: their block table rows (first_rows: the engine's busy rows)."""
+        view = copy.copy(self)
+        view.block_table, view.pages, view.current = self.block_table[start:end], self.pages[start:end], None
         return view
 
     def copy_row(self, src: int, dst: int, length: int):

@@ -97,6 +97,49 @@ def test_an_int8_cache_batches_as_generate_with_it(one_thread):
     check(model, schedule, engine, kv_cache_dtype="int8")
 
 
+def test_a_paged_cache_admits_by_pages_and_batches_as_generate(one_thread):
+    """kv_pages: a request takes n x pages_for(prompt + budget - 1) pages at admission and waits, FIFO, while too
+    few are free though slots are; every request still generate()'s alone; every page back at the end."""
+    model = tiny()
+    schedule = [(0, prompt(13, seed=1), 9, {}),                        # 21 positions: 6 pages of 4
+                (0, prompt(5, 2, seed=2), 4, dict(SAMPLED, seed=5)),   # 2 x 2 pages
+                (1, prompt(9, seed=3), 6, {}),                         # 4 pages: waits for B's
+                (1, prompt(2, seed=4), 3, dict(temperature=1.0, seed=9))]  # 1 page: waits behind C (FIFO)
+    engine = Engine(model, max_batch=4, kv_pages=12, page_size=4)
+    assert engine.pages_for(13, 9) == 6 and engine.pages_for(5, 4) == 2
+    admitted = check(model, schedule, engine)
+    assert admitted == [0, 0, 4, 4]  # B ends at step 3 (4 tokens): its 4 pages and C's wait over
+    assert sorted(engine.cache.free) == list(range(12)) and engine.cache.pages == [[]] * 4
+    with pytest.raises(UserError, match="the request needs 14 KV pages of 4 positions .* more than the cache's 12"):
+        engine.submit(prompt(20, 2), 8)
+
+
+def test_a_free_row_between_busy_ones_never_writes_into_a_held_page(one_thread):
+    """B (slot 1) ends first: the steps after it run rows 0..2, slot 1 among them with no request; its writes go to
+    the scratch page, so A's full first page stays as it was and A and C keep generate()'s tokens."""
+    model = tiny()
+    schedule = [(0, prompt(5, seed=1), 10, {}), (0, prompt(3, seed=2), 2, {}), (0, prompt(6, seed=3), 10, {})]
+    engine = Engine(model, max_batch=3, kv_pages=12, page_size=4)
+    handles = [engine.submit(idx, new, **seeded(kw)) for _, idx, new, kw in schedule]
+    while handles[1].slots is not None or not engine.running:
+        engine.step()
+    first = engine.cache.pages[0][0]
+    before = engine.cache.k[:, first].clone()
+    while engine.running:
+        engine.step()
+    assert torch.equal(engine.cache.k[:, first], before)
+    for h, (_, idx, new, kw) in zip(handles, schedule):
+        assert torch.equal(h.wait(), alone(model, idx, new, kw))
+
+
+def test_a_paged_int8_cache_on_the_triton_path_batches_as_generate(one_thread):
+    model = tiny("triton", n_layer=1, n_kv_head=1)
+    schedule = [(0, prompt(5, seed=1), 3, {}), (1, prompt(9, 2, seed=2), 3, dict(SAMPLED, seed=5))]
+    engine = Engine(model, max_batch=3, kv_cache_dtype="int8", kv_pages=8, page_size=8)
+    assert engine.paged and engine.cache.quantized
+    check(model, schedule, engine, kv_cache_dtype="int8")
+
+
 def test_eos_and_stop_end_a_request_early_and_free_its_slots(one_thread):
     """A's EOS (its third greedy token) and B's stop rule (at its second token) end them after 3 and 2 of 20
     tokens; C, waiting for both slots, is admitted at the next step."""
@@ -166,7 +209,8 @@ def test_serve_batches_concurrent_requests_to_the_text_each_gets_alone(tmp_path)
             {"prompt": "the bird", "max_tokens": 7, "stop": ["a"], "seed": 2, "stream": True},
             {"prompt": "0123", "max_tokens": 9, "seed": 4}]
     texts = {}
-    for flags in (("--max-batch", "1"), ("--max-batch", "4")):
+    for flags in (("--max-batch", "1"), ("--max-batch", "4"), ("--max-batch", "4", "--kv-cache-pages", "24",
+                                                                "--kv-page-size", "4")):
         server = start(folder, *flags)
         server.RequestHandlerClass.log_message = lambda *a: None
         got = [None] * len(reqs)
@@ -187,15 +231,16 @@ def test_serve_batches_concurrent_requests_to_the_text_each_gets_alone(tmp_path)
                 t.start()
             for t in threads:
                 t.join()
-            texts[flags[1]] = got
+            texts[flags[1:]] = got
             if server.app.engine is not None:
+                assert server.app.engine.paged == ("--kv-cache-pages" in flags)
                 assert server.app.engine.free == [0, 1, 2, 3]
                 status, out = call(server, "/v1/completions", {"prompt": "x", "n": 5})
                 assert status == 400 and out["error"]["param"] == "n" and "--max-batch 4" in out["error"]["message"]
         finally:
             server.shutdown()
             server.server_close()
-    assert None not in texts["4"] and texts["4"] == texts["1"]
+    assert all(None not in t and t == texts["1",] for t in texts.values())
 
 
 def test_serve_cancels_the_request_of_a_client_that_left(tmp_path, monkeypatch):

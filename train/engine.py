@@ -97,7 +97,8 @@ class Engine:
     submit() and Request.cancel() may be called from any thread. autocast: a callable giving the context each
     step's forwards run in (serve's mixed precision)."""
 
-    def __init__(self, model, max_batch: int = 8, kv_cache_dtype: str = "auto", autocast=None):
+    def __init__(self, model, max_batch: int = 8, kv_cache_dtype: str = "auto", autocast=None,
+                 kv_pages: int | None = None, page_size: int = 16):
         if not is_int(max_batch) or max_batch < 1:
             raise UserError(f"max_batch must be a positive integer (the requests' rows decoded at once), "
                             f"got {max_batch!r}")
@@ -105,10 +106,15 @@ class Engine:
         check_engine(model)
         self.model, self.max_batch = model.eval(), int(max_batch)
         self.max_len = model.config.context_length
-        self.cache = new_cache(model, self.max_batch, self.max_len, kv_cache_dtype)
-        device = self.cache.k.device
-        self.cache.fill = torch.zeros(self.max_batch, dtype=torch.int64, device=device)  # per row: the per-row mode
         self.autocast = autocast or contextlib.nullcontext
+        with self.autocast():  # the cache in the dtype the keys will have (an fp32 one would be cast every layer)
+            if kv_pages is None:  # a row of the whole context a slot
+                self.cache = new_cache(model, self.max_batch, self.max_len, kv_cache_dtype)
+                device = self.cache.k.device
+                self.cache.fill = torch.zeros(self.max_batch, dtype=torch.int64, device=device)  # a fill a row
+            else:  # rows hold the pages their requests need (PagedKVCache)
+                self.cache = model.new_paged_cache(self.max_batch, kv_pages, page_size, self.max_len,
+                                                   kv_dtype=kv_cache_dtype)
         self.free = list(range(self.max_batch))  # free slots, lowest first
         self.waiting, self.running = deque(), []
         self.cond = threading.Condition()  # guards waiting (submit's) and closed; wakes the thread
@@ -134,6 +140,11 @@ class Engine:
         if idx.size(1) + max_new_tokens > self.max_len:
             raise UserError(f"prompt {idx.size(1)} + max_new_tokens {max_new_tokens} > the context length "
                             f"{self.max_len}: the engine does not slide the window")
+        if self.paged and idx.size(0) * self.pages_for(idx.size(1), max_new_tokens) > self.cache.num_pages:
+            raise UserError(f"the request needs {idx.size(0) * self.pages_for(idx.size(1), max_new_tokens)} KV pages "
+                            f"of {self.cache.page_size} positions ({idx.size(0)} rows of {idx.size(1)} + "
+                            f"{max_new_tokens}), more than the cache's {self.cache.num_pages}: it could never be "
+                            "admitted")
         if vocab_limit is not None and (not is_int(vocab_limit) or vocab_limit <= 0):
             raise UserError(f"vocab_limit must be a positive integer, got {vocab_limit!r}")
         check_sampling(**warp)
@@ -147,6 +158,20 @@ class Engine:
             self.waiting.append(r)
             self.cond.notify_all()
         return r
+
+    @property
+    def paged(self) -> bool:
+        return self.cache.block_table is not None
+
+    def pages_for(self, prompt: int, budget: int) -> int:
+        """A row's pages: every position it can fill, the prompt's and all its budget's (taken at admission, so a
+        running request never waits for a page; the last token drawn is never fed back, hence the - 1)."""
+        return self.cache.pages_for(prompt + max(budget, 1) - 1)
+
+    def _fits(self, r) -> bool:
+        if r.n > len(self.free):
+            return False
+        return not self.paged or r.n * self.pages_for(r.start, r.budget) <= len(self.cache.free)
 
     def start(self):
         """step() on a background thread while there is work; returns self."""
@@ -190,10 +215,13 @@ class Engine:
             for r in [r for r in self.waiting if r.cancelled]:
                 self.waiting.remove(r)
             admitted = []
-            # FIFO: the first request that does not fit waits, and the ones behind it with it
-            while self.waiting and self.waiting[0].n <= len(self.free):
+            # FIFO: the first request that does not fit (slots, or a paged cache's pages) waits, and the ones
+            # behind it with it
+            while self.waiting and self._fits(self.waiting[0]):
                 r = self.waiting.popleft()
                 r.slots, self.free = self.free[:r.n], self.free[r.n:]
+                for slot in r.slots if self.paged else ():
+                    self.cache.reserve(slot, r.start + r.budget - 1)
                 admitted.append(r)
         decoding, self.running = self.running, self.running + admitted
         if not self.running:
@@ -243,7 +271,7 @@ class Engine:
         fill that nothing reads before its own next token overwrites it."""
         slots = [s for r in decoding for s in r.slots]
         cache = self.cache.first_rows(max(slots) + 1)
-        tokens = torch.zeros(cache.batch_size, 1, dtype=torch.long, device=cache.k.device)
+        tokens = torch.zeros(cache.batch_size, 1, dtype=torch.long, device=cache.fill.device)
         tokens[slots] = torch.cat([r.idx[:, -1:] for r in decoding])
         cache.on_device = True
         logits = last_logits(self.model, tokens, cache)[:, -1]
@@ -256,6 +284,8 @@ class Engine:
             self.running.remove(r)
         if r.slots is not None:
             with self.cond:
+                for slot in r.slots if self.paged else ():
+                    self.cache.release(slot)
                 self.free = sorted(self.free + r.slots)
             r.slots = None
         r.queue.put(("error", error) if error is not None else ("end", r.idx))

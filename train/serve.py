@@ -519,7 +519,8 @@ def make_engine(args, model, device, dtype):
     except UserError as e:
         note(f"{e}: serving one request at a time")
         return None
-    return Engine(model, args.max_batch, args.kv_cache_dtype, lambda: autocast(device, dtype)).start()
+    return Engine(model, args.max_batch, args.kv_cache_dtype, lambda: autocast(device, dtype), args.kv_cache_pages,
+                  args.kv_page_size).start()
 
 
 def make_server(args) -> ThreadingHTTPServer:
@@ -536,6 +537,11 @@ def make_server(args) -> ThreadingHTTPServer:
         raise UserError("--served-model-name is empty")
     if args.max_batch < 1:
         raise UserError(f"--max-batch must be a positive integer, got {args.max_batch}")
+    if args.kv_cache_pages is not None and (args.kv_cache_pages < 1 or args.max_batch == 1):
+        raise UserError(f"--kv-cache-pages must be a positive number of pages, with --max-batch above 1 (the batching "
+                        f"engine's cache), got {args.kv_cache_pages} with --max-batch {args.max_batch}")
+    if args.kv_page_size < 1:
+        raise UserError(f"--kv-page-size must be a positive number of positions, got {args.kv_page_size}")
     if args.cuda_graphs and args.max_batch > 1:
         raise UserError(f"--cuda-graphs needs --max-batch 1 (got {args.max_batch}): the batching engine's step is "
                         "not captured in a graph; each request's own generate() is")
@@ -585,6 +591,12 @@ def add_cli(sub):
     p.add_argument("--max-batch", type=int, default=8,
                    help="rows decoded together (default %(default)s): requests are batched as they arrive, a "
                         "request of n choices taking n rows; 1: one request at a time")
+    p.add_argument("--kv-cache-pages", type=int, default=None, metavar="N",
+                   help="a paged KV cache of N pages shared by the batch's rows (vLLM's PagedAttention): a request "
+                        "takes the pages its prompt and max_tokens need and waits while too few are free (default: "
+                        "none, each of --max-batch rows holds the whole context)")
+    p.add_argument("--kv-page-size", type=int, default=16, metavar="P",
+                   help="positions a page of --kv-cache-pages (default %(default)s, vLLM's)")
     p.add_argument("--served-model-name", default=None,
                    help="the model's id in the API (default: --weights as given, a Hub repo's id)")
     add_dtype_arg(p)
