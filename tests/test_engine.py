@@ -304,3 +304,11 @@ def test_serve_serves_a_longrope_model_one_request_at_a_time(tmp_path, capsys):
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_the_engines_cache_has_the_dtype_its_keys_will_have_under_autocast(one_thread):
+    """Made under the server's autocast (bf16 here): an fp32 cache beside bf16 keys would be cast every layer."""
+    model = tiny()
+    for pages in (None, 8):
+        engine = Engine(model, max_batch=2, autocast=lambda: torch.autocast("cpu", torch.bfloat16), kv_pages=pages)
+        assert engine.cache.dtype == engine.cache.k.dtype == torch.bfloat16
