@@ -456,16 +456,23 @@ class DecodeGraph:
     for graphed callables), so each replay casts the weights again. weight_cache=True keeps the cache, and a replay
     casts nothing: only for a graph dropped inside the autocast region it was captured in, the weights unchanged
     meanwhile (generate's own, gone when the call returns; ~6 bytes a parameter a step saved).
+    row_fill=True: the cache has a fill a row (KVCache's, or a PagedKVCache; the batching engine's, train/engine.py)
+    which the caller sets and advances: the graph reads cache.fill as it is and leaves pos alone, and the caller
+    keeps every row's fill within max_len - 1. The warm-up steps write each row's keys at its fill, as the first
+    call does again.
     """
 
-    def __init__(self, model, cache, capture=None, weight_cache=False):
+    def __init__(self, model, cache, capture=None, weight_cache=False, row_fill=False):
         check_graphable(model)
-        self.weight_cache = weight_cache
-        if cache.pos >= cache.max_len:
+        self.weight_cache, self.row_fill = weight_cache, row_fill
+        if row_fill and cache.fill.shape != (cache.batch_size,):
+            raise UserError(f"row_fill needs a fill a row ([{cache.batch_size}]), got shape {tuple(cache.fill.shape)}")
+        if not row_fill and cache.pos >= cache.max_len:
             raise UserError(f"the KV cache is full ({cache.pos} of {cache.max_len} positions): no step to capture")
         self.model, self.cache = model, cache
         self.tokens = torch.zeros((cache.batch_size, 1), dtype=torch.long, device=cache.k.device)
-        cache.fill.fill_(cache.pos)  # the warm-up steps write at the next position, which the first call rewrites
+        if not row_fill:
+            cache.fill.fill_(cache.pos)  # the warm-up steps write at the next position, which the first call rewrites
         try:
             self._replay = (capture or capture_cuda_graph)(self._step, cache.k.device)
         except UserError:
@@ -475,7 +482,7 @@ class DecodeGraph:
                             f"{type(e).__name__}: {e}") from e
 
     def _step(self):
-        pos = self.cache.pos
+        pos, on_device = self.cache.pos, self.cache.on_device  # (a paged cache's is always on)
         self.cache.on_device = True
         device = self.cache.k.device.type
         # (the class's docstring: autocast's weight cache off unless weight_cache; a 16-bit model casts nothing)
@@ -485,7 +492,7 @@ class DecodeGraph:
             with autocast:
                 return last_logits(self.model, self.tokens, self.cache)
         finally:  # (an on_device forward leaves pos alone: the calls advance it, once a replay)
-            self.cache.on_device = False
+            self.cache.on_device = on_device
             self.cache.pos = pos
 
     def __call__(self, tokens):
@@ -493,6 +500,9 @@ class DecodeGraph:
         if tokens.shape != self.tokens.shape:
             raise UserError(f"this decode graph steps {tuple(self.tokens.shape)} tokens (one a row), "
                             f"got {tuple(tokens.shape)}")
+        if self.row_fill:  # the caller's fill, the caller's to advance
+            self.tokens.copy_(tokens)
+            return self._replay()
         if cache.pos >= cache.max_len:
             raise UserError(f"KV cache overflow: {cache.pos + 1} positions > capacity {cache.max_len}")
         self.tokens.copy_(tokens)
