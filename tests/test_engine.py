@@ -312,3 +312,85 @@ def test_the_engines_cache_has_the_dtype_its_keys_will_have_under_autocast(one_t
     for pages in (None, 8):
         engine = Engine(model, max_batch=2, autocast=lambda: torch.autocast("cpu", torch.bfloat16), kv_pages=pages)
         assert engine.cache.dtype == engine.cache.k.dtype == torch.bfloat16
+
+
+
+# -- CUDA graphs: a decode step a replay of its bucket's graph --------------------------------------------------
+def graphed(model, log, **kw):
+    """An Engine of 4 rows (buckets 1, 2, 4) with cuda_graph, its capture emulated (test_decode_graph's
+    fx_capture); log gets "capture" at each capture and the rows of each replay."""
+    from test_decode_graph import fx_capture
+
+    def capture(fn, device):
+        log.append("capture")
+        replay = fx_capture(fn)
+
+        def logged():
+            out = replay()
+            log.append(out.size(0))
+            return out
+        return logged
+    return Engine(model, max_batch=4, cuda_graph=True, capture=capture, **kw)
+
+
+def buckets_run(log):
+    """The log as [(rows, captured at that step)] a change of bucket."""
+    runs = []
+    for i, rows in enumerate(log):
+        if rows != "capture" and (not runs or runs[-1][0] != rows):
+            runs.append((rows, i > 0 and log[i - 1] == "capture"))
+    return runs
+
+
+@pytest.mark.parametrize("pages", [None, 16])
+def test_cuda_graph_steps_replay_a_graph_a_bucket_and_draw_generates_tokens(one_thread, pages):
+    """A (1 row) alone, B joins (rows 0..1), C's 2 rows (0..3); C ends, D takes slot 2 (rows 0..2: bucket 4, row 3
+    free, a paged cache's on its scratch page); D ends: A and B again. Greedy and seeded, each request gets
+    generate()'s tokens alone, and each bucket is captured once, at its first step."""
+    model = tiny()
+    log = []
+    engine = graphed(model, log, kv_pages=pages, page_size=4)
+    schedule = [(0, prompt(5, seed=1), 12, {}),
+                (1, prompt(7, seed=2), 11, dict(SAMPLED, seed=5)),
+                (2, prompt(4, 2, seed=3), 3, dict(temperature=1.0, top_k=20, seed=7)),
+                (6, prompt(6, seed=4), 3, {})]
+    assert check(model, schedule, engine) == [0, 1, 2, 6]
+    assert buckets_run(log) == [(1, True), (2, True), (4, True), (2, False), (4, False), (2, False)]
+    assert log.count("capture") == 3 and sorted(engine.graphs) == [1, 2, 4]
+
+
+def test_cuda_graph_steps_on_the_triton_path_draw_generates_tokens(one_thread):
+    """The Triton path's attention (kv_len a row, read in the kernel) recorded and replayed: A alone, then B's 2
+    rows beside it (rows 0..2: bucket 4), then A alone again."""
+    model = tiny("triton", n_layer=1)
+    log = []
+    schedule = [(0, prompt(5, seed=1), 5, {}), (1, prompt(3, 2, seed=2), 2, dict(temperature=1.0, seed=3))]
+    check(model, schedule, graphed(model, log))
+    assert buckets_run(log) == [(1, True), (4, True), (1, False)]
+
+
+def test_what_the_engine_refuses_with_cuda_graphs(one_thread):
+    """At construction, not at the first decode step: off CUDA (no capture given), a model no graph replays, a
+    flag that is not a bool."""
+    model = tiny()
+    with pytest.raises(UserError, match="CUDA graphs need the model on a CUDA device; it is on cpu"):
+        Engine(model, max_batch=2, cuda_graph=True)
+    moe = tiny(position_encoding="rope", norm="rmsnorm", mlp="swiglu", n_experts=4, experts_per_token=2)
+    with pytest.raises(UserError, match="CUDA-graph decoding does not take mixture-of-experts models"):
+        Engine(moe, max_batch=2, cuda_graph=True, capture=lambda fn, device: fn)
+    with pytest.raises(UserError, match="cuda_graph must be a bool, got 1"):
+        Engine(model, max_batch=2, cuda_graph=1)
+    assert Engine(model, max_batch=6, cuda_graph=True, capture=lambda fn, device: fn).buckets == [1, 2, 4, 6]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("kernels,pages", [("reference", None), ("triton", None), ("triton", 16)])
+def test_cuda_graph_steps_on_cuda_draw_generates_tokens(kernels, pages):
+    """A real capture a bucket (fp32 on the GPU, greedy: a batched step's logits differ from one row's by rounding
+    only): rows 1, 2, 4 (3 busy), 2; every request generate()'s tokens alone, one graph a bucket."""
+    model = tiny(kernels).cuda()
+    engine = Engine(model, max_batch=4, cuda_graph=True, kv_pages=pages, page_size=4)
+    schedule = [(0, prompt(5, seed=1).cuda(), 12, {}), (1, prompt(7, seed=2).cuda(), 11, {}),
+                (2, prompt(4, seed=3).cuda(), 3, {}), (6, prompt(6, seed=4).cuda(), 3, {})]
+    check(model, schedule, engine)
+    assert sorted(engine.graphs) == [1, 2, 4]

@@ -23,7 +23,8 @@ import torch
 
 from tritongpt._types import is_int
 from tritongpt.errors import UserError
-from tritongpt.train.generate import check_cache_dtype, check_sampling, decode_step, last_logits, new_cache
+from tritongpt.train.generate import (DecodeGraph, check_cache_dtype, check_graphable, check_sampling, decode_step,
+                                     last_logits, new_cache)
 
 
 class Cancelled(Exception):
@@ -95,15 +96,28 @@ class Engine:
     """Continuous batching over one model (the module docstring). step() is one scheduling step; start() runs it
     on a background thread while there is work (sleeping on a condition variable otherwise), close() stops it.
     submit() and Request.cancel() may be called from any thread. autocast: a callable giving the context each
-    step's forwards run in (serve's mixed precision)."""
+    step's forwards run in (serve's mixed precision).
+
+    cuda_graph: each decode step a replay of a CUDA graph (generate.py's DecodeGraph, row_fill) captured for the
+    smallest bucket of rows >= the rows the step runs (buckets: the powers of two below max_batch, and max_batch;
+    vLLM's padding of the batch to a captured size): 1, 2, 4, 6 for 6. Each is captured at
+    the first step that needs it, not at start: a bucket the load never reaches costs no capture and no graph
+    memory, and the capture's warm-up runs are that very step (each row's keys written at its fill, as the replay
+    writes them again). The rows past the running ones are free rows, as in an eager step: a slot cache's write at
+    their stale fill, which nothing reads, a paged cache's to its scratch page. capture(fn, device) -> replay():
+    DecodeGraph's (capture_cuda_graph by default; tests pass one that records fn on the CPU)."""
 
     def __init__(self, model, max_batch: int = 8, kv_cache_dtype: str = "auto", autocast=None,
-                 kv_pages: int | None = None, page_size: int = 16):
+                 kv_pages: int | None = None, page_size: int = 16, cuda_graph: bool = False, capture=None):
         if not is_int(max_batch) or max_batch < 1:
             raise UserError(f"max_batch must be a positive integer (the requests' rows decoded at once), "
                             f"got {max_batch!r}")
+        if not isinstance(cuda_graph, bool):
+            raise UserError(f"cuda_graph must be a bool, got {cuda_graph!r}")
         check_cache_dtype(kv_cache_dtype)
         check_engine(model)
+        if cuda_graph:
+            check_graphable(model)
         self.model, self.max_batch = model.eval(), int(max_batch)
         self.max_len = model.config.context_length
         self.autocast = autocast or contextlib.nullcontext
@@ -115,6 +129,10 @@ class Engine:
             else:  # rows hold the pages their requests need (PagedKVCache)
                 self.cache = model.new_paged_cache(self.max_batch, kv_pages, page_size, self.max_len,
                                                    kv_dtype=kv_cache_dtype)
+        if cuda_graph and capture is None and self.cache.k.device.type != "cuda":
+            raise UserError(f"CUDA graphs need the model on a CUDA device; it is on {self.cache.k.device}")
+        self.cuda_graph, self.capture, self.graphs = cuda_graph, capture, {}  # graphs: a DecodeGraph a bucket
+        self.buckets = sorted({1 << i for i in range(self.max_batch.bit_length())} | {self.max_batch})
         self.free = list(range(self.max_batch))  # free slots, lowest first
         self.waiting, self.running = deque(), []
         self.cond = threading.Condition()  # guards waiting (submit's) and closed; wakes the thread
@@ -270,11 +288,23 @@ class Engine:
         one row, not max_batch); a row between them not decoding (free, or prefilled this step) writes a key at its
         fill that nothing reads before its own next token overwrites it."""
         slots = [s for r in decoding for s in r.slots]
-        cache = self.cache.first_rows(max(slots) + 1)
-        tokens = torch.zeros(cache.batch_size, 1, dtype=torch.long, device=cache.fill.device)
+        rows = max(slots) + 1
+        if self.cuda_graph:  # (the class's docstring: the bucket's graph, its rows past `rows` free ones)
+            rows = next(b for b in self.buckets if b >= rows)
+        tokens = torch.zeros(rows, 1, dtype=torch.long, device=self.cache.fill.device)
         tokens[slots] = torch.cat([r.idx[:, -1:] for r in decoding])
-        cache.on_device = True
-        logits = last_logits(self.model, tokens, cache)[:, -1]
+        if self.cuda_graph:
+            if rows not in self.graphs:
+                # Autocast's weight cache off (DecodeGraph's default) though a server's weights never change: each
+                # step is an autocast region of its own, and autocast frees its cached casts when a region ends,
+                # so a graph that kept them would replay reads of freed memory. Each replay casts the weights
+                # again (~6 bytes a fp32 parameter a step); 16-bit weights cast nothing.
+                self.graphs[rows] = DecodeGraph(self.model, self.cache.first_rows(rows), self.capture, row_fill=True)
+            logits = self.graphs[rows](tokens)[:, -1]  # the graph's buffer: the caller copies its rows out
+        else:
+            cache = self.cache.first_rows(rows)
+            cache.on_device = True
+            logits = last_logits(self.model, tokens, cache)[:, -1]
         self.cache.fill[slots] += 1
         return logits
 
