@@ -489,26 +489,39 @@ def test_a_body_shorter_than_its_content_length_times_out_with_a_408(served, mon
 
 
 def test_cuda_graphs_serve_the_eager_text_and_are_refused_off_cuda(tmp_path, monkeypatch):
-    """--cuda-graphs: each request's generate replays its decode steps (the capture emulated on the CPU, past the
-    startup's device check), the eager text; on a CPU the server refuses to start, naming the flag."""
+    """--cuda-graphs: each request's generate replays its decode steps (--max-batch 1), or the batching engine its
+    steps (--max-batch 4: 3 rows, the graph of bucket 4), the captures emulated on the CPU past the startup's device
+    check, the eager text; on a CPU the server refuses to start, naming the flag."""
+    import functools
+
     import tritongpt.commands as commands
+    import tritongpt.train.engine as engine
     import tritongpt.train.generate as gen
     from test_decode_graph import fx_capture
 
     folder = tmp_path / "run"
     tiny_run(folder, "chat")
-    with pytest.raises(UserError, match="--cuda-graphs needs the model on a CUDA device; it is on cpu"):
-        start(folder, "--cuda-graphs", "--max-batch", "1")
-    body = {"prompt": "the cat sat", "max_tokens": 7, "temperature": 0}
+    for batch in ("1", "4"):
+        with pytest.raises(UserError, match="--cuda-graphs needs the model on a CUDA device; it is on cpu"):
+            start(folder, "--cuda-graphs", "--max-batch", batch)
+    body = {"prompt": "the cat sat", "max_tokens": 7, "n": 3, "seed": 5, "temperature": 0.8}
     texts = {}
     captured = []
+
+    def capture(fn, device):
+        captured.append(device)
+        return fx_capture(fn)
     monkeypatch.setattr(commands, "check_cuda_graphs", lambda args, device, model: None)
-    monkeypatch.setattr(gen, "capture_cuda_graph", lambda fn, device: captured.append(device) or fx_capture(fn))
-    for flags in ((), ("--cuda-graphs", "--max-batch", "1")):
-        status, out, _ = serve_once(folder, "/v1/completions", body, *flags)
+    monkeypatch.setattr(gen, "capture_cuda_graph", capture)
+    monkeypatch.setattr(engine, "Engine", functools.partial(engine.Engine, capture=capture))
+    for flags in ((), ("--cuda-graphs", "--max-batch", "1"), ("--cuda-graphs", "--max-batch", "4")):
+        status, out, server = serve_once(folder, "/v1/completions", body, *flags)
         assert status == 200
-        texts[flags] = out["choices"][0]["text"]
-    assert texts[()] == texts[("--cuda-graphs", "--max-batch", "1")] and len(captured) == 1
+        texts[flags] = [c["text"] for c in out["choices"]]
+        if flags[-1:] == ("4",):
+            assert sorted(server.app.engine.graphs) == [4]
+    assert texts[()] == texts[("--cuda-graphs", "--max-batch", "1")] == texts[("--cuda-graphs", "--max-batch", "4")]
+    assert len(captured) == 2  # generate's, the engine's for bucket 4
 
 
 def test_cuda_graphs_with_a_model_no_graph_replays_are_refused_at_startup(tmp_path):
@@ -519,5 +532,6 @@ def test_cuda_graphs_with_a_model_no_graph_replays_are_refused_at_startup(tmp_pa
     GPTModel(GPTConfig(vocab_size=tok.vocab_size, context_length=128, n_embd=32, n_layer=1, n_head=2,
                        position_encoding="rope", norm="rmsnorm", mlp="swiglu", n_experts=4,
                        experts_per_token=2)).save(folder / "ckpt-0000001" / "model.safetensors")
-    with pytest.raises(UserError, match="CUDA-graph decoding does not take mixture-of-experts models"):
-        start(folder, "--cuda-graphs", "--max-batch", "1")
+    for batch in ("1", "4"):
+        with pytest.raises(UserError, match="CUDA-graph decoding does not take mixture-of-experts models"):
+            start(folder, "--cuda-graphs", "--max-batch", batch)

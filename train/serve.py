@@ -520,7 +520,7 @@ def make_engine(args, model, device, dtype):
         note(f"{e}: serving one request at a time")
         return None
     return Engine(model, args.max_batch, args.kv_cache_dtype, lambda: autocast(device, dtype), args.kv_cache_pages,
-                  args.kv_page_size).start()
+                  args.kv_page_size, cuda_graph=args.cuda_graphs).start()
 
 
 def make_server(args) -> ThreadingHTTPServer:
@@ -542,9 +542,6 @@ def make_server(args) -> ThreadingHTTPServer:
                         f"engine's cache), got {args.kv_cache_pages} with --max-batch {args.max_batch}")
     if args.kv_page_size < 1:
         raise UserError(f"--kv-page-size must be a positive number of positions, got {args.kv_page_size}")
-    if args.cuda_graphs and args.max_batch > 1:
-        raise UserError(f"--cuda-graphs needs --max-batch 1 (got {args.max_batch}): the batching engine's step is "
-                        "not captured in a graph; each request's own generate() is")
     model, tok, device, dtype, limit = load_generation_model(args)
     check_cuda_graphs(args, device, model)
     engine = make_engine(args, model, device, dtype)
