@@ -167,6 +167,8 @@ def test_decode_graph_refuses_what_it_cannot_replay():
         graph(torch.zeros(1, 1, dtype=torch.long))
         with pytest.raises(UserError, match=r"KV cache overflow: 5 positions > capacity 4"):
             graph(torch.zeros(1, 1, dtype=torch.long))
+        with pytest.raises(UserError, match=r"row_fill needs a fill a row \(\[2\]\), got shape \(1,\)"):
+            gen.DecodeGraph(model, model.new_cache(2, 4), fx_capture, row_fill=True)
     longrope = tiny(position_encoding="rope", rope_scaling={
         "rope_type": "longrope", "short_factor": [1.0] * 8, "long_factor": [2.0] * 8,
         "original_max_position_embeddings": 12})
