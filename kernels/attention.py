@@ -1388,9 +1388,10 @@ def _check_kv_len(q, kv_len, dropout_p=0.0):
 
 
 def _check_block_table(q, k, kv_len, block_table):
-    """A paged cache's block table as the kernels read it (PAGE): int32 [B, pages a row] on q's device, with kv_len
-    (a paged row's keys are its filled ones), and k a pool whose page size is the kernels' (any size; a whole
-    number of pages a row). Not its values: reading them waits on a GPU (_check_block_table_values)."""
+    """A paged cache's block table as the kernels read it (PAGE): int32 [B, pages a row] (unit stride along a row's
+    pages; any between rows, as first_rows' slices) on q's device, with kv_len (a paged row's keys are its filled
+    ones), and k a pool whose page size is the kernels' (any size; a whole number of pages a row).
+    Not its values: reading them waits on a GPU (_check_block_table_values)."""
     if block_table is None:
         return
     if not isinstance(block_table, torch.Tensor):
@@ -1400,6 +1401,9 @@ def _check_block_table(q, k, kv_len, block_table):
             or block_table.shape[1] == 0:
         raise ValueError(f"block_table must be int32 [B, pages a row] = [{q.shape[0]}, n >= 1] (B: q's batch), got "
                          f"{block_table.dtype} {list(block_table.shape)}")
+    if block_table.shape[1] > 1 and block_table.stride(1) != 1:  # (the kernels step one element a page)
+        raise ValueError(f"block_table must have unit stride along a row's pages, got strides "
+                         f"{tuple(block_table.stride())}: pass block_table.contiguous()")
     if block_table.device != q.device:
         raise ValueError(f"block_table is on {block_table.device}, q on {q.device}: the kernels read it on q's device")
     if kv_len is None:

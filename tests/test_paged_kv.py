@@ -147,6 +147,9 @@ def test_a_row_copied_into_its_own_pages_decodes_as_its_source():
 @pytest.mark.parametrize("table,kv_len,error,match", [
     ("int64", "ok", ValueError, r"block_table must be int32 \[B, pages a row\] = \[2, n >= 1\]"),
     ("one_row", "ok", ValueError, r"block_table must be int32 .* got torch.int32 \[1, 3\]"),
+    # column-major (a transposed table made contiguous): the kernels step one element a page, so this read other
+    # rows' pages and gave a wrong answer with no error
+    ("column_major", "ok", ValueError, r"block_table must have unit stride along a row's pages, got strides \(1, 2\)"),
     ("ok", None, ValueError, "block_table \\(a paged KV cache\\) needs kv_len"),
     ("page_9", "ok", ValueError, r"block_table names page 9, but the pool has pages 0..5"),
     ("ok", "long", ValueError, r"kv_len 13 \(batch row 1\) is out of range: it must lie in \[1, 12\]"),
@@ -157,6 +160,7 @@ def test_a_bad_block_table_is_named(table, kv_len, error, match, device):
     tables = {"ok": torch.tensor([[0, 1, 2], [3, 4, 5]], dtype=torch.int32, device=device)}
     tables["int64"] = tables["ok"].long()
     tables["one_row"] = tables["ok"][:1]
+    tables["column_major"] = tables["ok"].t().contiguous().t()
     tables["page_9"] = torch.tensor([[0, 1, 2], [3, 4, 9]], dtype=torch.int32, device=device)
     lens = {"ok": torch.tensor([5, 9], device=device), "long": torch.tensor([5, 13], device=device), None: None}
     with torch.no_grad(), pytest.raises(error, match=match):
