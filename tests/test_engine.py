@@ -13,7 +13,7 @@ import torch
 from tritongpt.errors import UserError
 from tritongpt.model.config import GPTConfig
 from tritongpt.model.gpt import GPTModel
-from tritongpt.train.engine import Engine
+from tritongpt.train.engine import Cancelled, Engine
 from tritongpt.train.generate import generate
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -195,6 +195,32 @@ def test_a_failing_stop_rule_fails_its_request_alone(one_thread):
     with pytest.raises(UserError, match="this stop rule is broken"):
         bad.wait()
     assert engine.free == [0, 1]
+
+
+def test_a_cancelled_request_ends_its_wait_whether_running_or_waiting(one_thread):
+    """cancel() from the caller's side: the running request and the one waiting for its slot both end at the next
+    step and their wait() raises Cancelled (it returned the running one's partial ids as if it had ended, and hung
+    forever on the waiting one, whose queue never got a word); the slot is free again."""
+    engine = Engine(tiny(), max_batch=1)
+    running, waiting = engine.submit(prompt(5), 20), engine.submit(prompt(6, seed=1), 20)
+    engine.step()
+    assert running.slots is not None and waiting.slots is None
+    running.cancel()
+    waiting.cancel()
+    engine.step()
+    for handle in (running, waiting):
+        ended = []
+
+        def wait(h=handle):
+            try:
+                h.wait()
+            except Cancelled:
+                ended.append(True)
+        t = threading.Thread(target=wait, daemon=True)
+        t.start()
+        t.join(5)
+        assert ended == [True]
+    assert engine.free == [0] and not engine.running and not engine.waiting
 
 
 # -- serve --max-batch ----------------------------------------------------------------------------------------

@@ -51,7 +51,8 @@ class Request:
         return self.idx.size(0)
 
     def cancel(self):
-        """Ends the request at the engine's next step (its slots freed, nothing more drawn)."""
+        """Ends the request at the engine's next step (its slots freed, nothing more drawn): wait() raises
+        Cancelled."""
         self.cancelled = True
         with self.engine.cond:
             self.engine.cond.notify_all()
@@ -227,11 +228,14 @@ class Engine:
     def step(self) -> bool:
         """Admits what fits, prefills it, decodes every running request one token (one forward), finishes what
         ended. Returns whether any request ran."""
-        for r in [r for r in self.running if r.cancelled]:  # (first: their slots serve this step's admissions)
-            self._finish(r)
         with self.cond:
-            for r in [r for r in self.waiting if r.cancelled]:
+            gone = [r for r in self.waiting if r.cancelled]
+            for r in gone:
                 self.waiting.remove(r)
+        # (first: their slots serve this step's admissions) each told, so that a wait() on it ends
+        for r in [r for r in self.running if r.cancelled] + gone:
+            self._finish(r, Cancelled("the request was cancelled"))
+        with self.cond:
             admitted = []
             # FIFO: the first request that does not fit (slots, or a paged cache's pages) waits, and the ones
             # behind it with it
