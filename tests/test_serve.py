@@ -335,6 +335,9 @@ def test_the_command_refuses_bad_flags(capsys, tmp_path):
     assert "serve needs a model: pass --weights" in capsys.readouterr().err
     assert main(["serve", "--weights", str(tmp_path), "--port", "70000"]) == 2
     assert "--port must be in [0, 65535], got 70000" in capsys.readouterr().err
+    # a page size without pages was ignored without a word
+    assert main(["serve", "--weights", str(tmp_path), "--kv-page-size", "8"]) == 2
+    assert "--kv-page-size sizes the pages of --kv-cache-pages: pass --kv-cache-pages N too" in capsys.readouterr().err
 
 
 def test_a_hugging_face_instruct_folder_answers_in_its_own_chat_template(tmp_path):

@@ -517,10 +517,13 @@ def make_engine(args, model, device, dtype):
     try:
         check_engine(model)
     except UserError as e:
-        note(f"{e}: serving one request at a time")
+        unused = "" if args.kv_cache_pages is None else \
+            f"; --kv-cache-pages {args.kv_cache_pages} is not used (the engine's paged cache)"
+        note(f"{e}: serving one request at a time{unused}")
         return None
+    page = {} if args.kv_page_size is None else {"page_size": args.kv_page_size}
     return Engine(model, args.max_batch, args.kv_cache_dtype, lambda: autocast(device, dtype), args.kv_cache_pages,
-                  args.kv_page_size, cuda_graph=args.cuda_graphs).start()
+                  cuda_graph=args.cuda_graphs, **page).start()
 
 
 def make_server(args) -> ThreadingHTTPServer:
@@ -540,7 +543,9 @@ def make_server(args) -> ThreadingHTTPServer:
     if args.kv_cache_pages is not None and (args.kv_cache_pages < 1 or args.max_batch == 1):
         raise UserError(f"--kv-cache-pages must be a positive number of pages, with --max-batch above 1 (the batching "
                         f"engine's cache), got {args.kv_cache_pages} with --max-batch {args.max_batch}")
-    if args.kv_page_size < 1:
+    if args.kv_page_size is not None and args.kv_cache_pages is None:
+        raise UserError("--kv-page-size sizes the pages of --kv-cache-pages: pass --kv-cache-pages N too")
+    if args.kv_page_size is not None and args.kv_page_size < 1:
         raise UserError(f"--kv-page-size must be a positive number of positions, got {args.kv_page_size}")
     model, tok, device, dtype, limit = load_generation_model(args)
     check_cuda_graphs(args, device, model)
@@ -592,8 +597,8 @@ def add_cli(sub):
                    help="a paged KV cache of N pages shared by the batch's rows (vLLM's PagedAttention): a request "
                         "takes the pages its prompt and max_tokens need and waits while too few are free (default: "
                         "none, each of --max-batch rows holds the whole context)")
-    p.add_argument("--kv-page-size", type=int, default=16, metavar="P",
-                   help="positions a page of --kv-cache-pages (default %(default)s, vLLM's)")
+    p.add_argument("--kv-page-size", type=int, default=None, metavar="P",
+                   help="positions a page of --kv-cache-pages (default 16, vLLM's)")
     p.add_argument("--served-model-name", default=None,
                    help="the model's id in the API (default: --weights as given, a Hub repo's id)")
     add_dtype_arg(p)
