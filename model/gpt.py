@@ -60,18 +60,9 @@ class KVCache:
 
     def __init__(self, cfg: GPTConfig, batch_size: int, max_len: int | None = None,
                  device="cpu", dtype=torch.float32, kv_dtype: str | None = None):
-        self.max_len = cfg.context_length if max_len is None else max_len
-        if not is_int(self.max_len) or not 1 <= self.max_len <= cfg.context_length:
-            raise UserError(f"KV cache length must be an int in [1, context_length {cfg.context_length}], "
-                            f"got {max_len!r}")
         if not is_int(batch_size) or batch_size < 1:
             raise UserError(f"KV cache batch_size must be a positive int, got {batch_size!r}")
-        self.quantized = check_kv_cache_dtype(kv_dtype) == "int8"
-        # int8 here made a float cache of int8 buffers that update truncated into, refused only at the first forward
-        # and in other words: the int8 cache is kv_dtype's
-        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-            raise UserError(f"KV cache dtype must be a float torch.dtype (the keys' compute dtype), got {dtype!r}; "
-                            'an int8 cache is kv_dtype="int8"')
+        self.max_len, self.quantized = _checked_cache_args(cfg, max_len, dtype, kv_dtype)
         self.dtype = dtype
         shape = (cfg.n_layer, batch_size, cfg.kv_heads, self.max_len, cfg.head_dim)
         store = torch.int8 if self.quantized else dtype
@@ -154,8 +145,7 @@ class KVCache:
     def row(self, i: int) -> "KVCache":
         """Row i as a cache of batch 1 on the same storage (its own host pos, from 0): a forward through it writes
         row i's keys (continuous batching prefills a new request into its slot so)."""
-        if not is_int(i) or not 0 <= i < self.batch_size:
-            raise UserError(f"KV cache rows are 0..{self.batch_size - 1}, got {i!r}")
+        self._check_row(i)
         view = self._rows(i, i + 1)
         view.pos, view.on_device = 0, False
         view.fill = torch.zeros(1, dtype=torch.int64, device=self.fill.device)
@@ -183,14 +173,21 @@ class KVCache:
     def copy_row(self, src: int, dst: int, length: int):
         """Row src's first `length` positions (an int8 cache's scales too) into row dst: a request of n samples
         prefills its prompt once and copies it to its other rows."""
-        for i in (src, dst):
-            if not is_int(i) or not 0 <= i < self.batch_size:
-                raise UserError(f"KV cache rows are 0..{self.batch_size - 1}, got {i!r}")
-        if not is_int(length) or not 0 <= length <= self.max_len:
-            raise UserError(f"a KV cache row holds 0..{self.max_len} positions, got {length!r}")
+        self._check_row(src)
+        self._check_row(dst)
+        self._check_length(length)
         for buf in (self.k, self.v, self.k_scale, self.v_scale):
             if buf is not None:
                 buf[:, dst, :, :length] = buf[:, src, :, :length]
+
+    def _check_row(self, i):
+        if not is_int(i) or not 0 <= i < self.batch_size:
+            raise UserError(f"KV cache rows are 0..{self.batch_size - 1}, got {i!r}")
+
+    def _check_length(self, length):
+        if not is_int(length) or not 0 <= length <= self.max_len:
+            what = "a paged KV cache" if self.block_table is not None else "a KV cache"
+            raise UserError(f"{what} row holds 0..{self.max_len} positions, got {length!r}")
 
     def crop(self, length: int):
         """Keep the first `length` positions only (speculative decoding drops the keys of rejected draft tokens).
@@ -235,17 +232,10 @@ class PagedKVCache(KVCache):
 
     def __init__(self, cfg: GPTConfig, batch_size: int, num_pages: int, page_size: int = 16,
                  max_len: int | None = None, device="cpu", dtype=torch.float32, kv_dtype: str | None = None):
-        self.max_len = cfg.context_length if max_len is None else max_len
-        if not is_int(self.max_len) or not 1 <= self.max_len <= cfg.context_length:
-            raise UserError(f"KV cache length must be an int in [1, context_length {cfg.context_length}], "
-                            f"got {max_len!r}")
         for name, n in (("batch_size", batch_size), ("num_pages", num_pages), ("page_size", page_size)):
             if not is_int(n) or n < 1:
                 raise UserError(f"a paged KV cache's {name} must be a positive int, got {n!r}")
-        self.quantized = check_kv_cache_dtype(kv_dtype) == "int8"
-        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-            raise UserError(f"KV cache dtype must be a float torch.dtype (the keys' compute dtype), got {dtype!r}; "
-                            'an int8 cache is kv_dtype="int8"')
+        self.max_len, self.quantized = _checked_cache_args(cfg, max_len, dtype, kv_dtype)
         self.dtype, self.page_size = dtype, page_size
         # one page more than asked: the scratch page, never given out, which every table entry of a row without a
         # page names, so a row the engine runs without a request (its stale fill) writes there, never into a
@@ -280,8 +270,7 @@ class PagedKVCache(KVCache):
         """Give row `row` pages for positions [0, length) (the ones it has kept). Refused, with nothing taken, when
         the pool has too few free pages or length is past the row's max_len."""
         self._check_row(row)
-        if not is_int(length) or not 0 <= length <= self.max_len:
-            raise UserError(f"a paged KV cache row holds 0..{self.max_len} positions, got {length!r}")
+        self._check_length(length)
         more = self.pages_for(length) - len(self.pages[row])
         if more > len(self.free):
             raise UserError(f"the paged KV cache has {len(self.free)} free pages of {self.page_size} positions; row "
@@ -300,10 +289,6 @@ class PagedKVCache(KVCache):
         self.pages[row] = []
         self.block_table[row] = self.scratch
         self.fill[row] = 0
-
-    def _check_row(self, i):
-        if not is_int(i) or not 0 <= i < self.batch_size:
-            raise UserError(f"KV cache rows are 0..{self.batch_size - 1}, got {i!r}")
 
     def update(self, layer: int, k, v):
         """Writes row b's new keys and values k, v [B, kv_heads, T, head_dim] at its positions [fill[b], fill[b] + T)
@@ -344,8 +329,7 @@ class PagedKVCache(KVCache):
         """Row src's first `length` positions into row dst's pages (reserved first), page by page."""
         self._check_row(src)
         self._check_row(dst)
-        if not is_int(length) or not 0 <= length <= self.max_len:
-            raise UserError(f"a paged KV cache row holds 0..{self.max_len} positions, got {length!r}")
+        self._check_length(length)
         n = self.pages_for(length)
         if len(self.pages[src]) < n or len(self.pages[dst]) < n:
             raise UserError(f"copying {length} positions needs {n} pages in both rows: reserve row {dst} first")
@@ -361,6 +345,20 @@ class PagedKVCache(KVCache):
 
     def reorder(self, index):
         raise UserError("a paged KV cache's rows are not reordered (beam search takes a KVCache)")
+
+
+def _checked_cache_args(cfg, max_len, dtype, kv_dtype) -> tuple:
+    """A KV cache's (KVCache's, PagedKVCache's) length and storage checked: (max_len, whether it is int8)."""
+    length = cfg.context_length if max_len is None else max_len
+    if not is_int(length) or not 1 <= length <= cfg.context_length:
+        raise UserError(f"KV cache length must be an int in [1, context_length {cfg.context_length}], got {max_len!r}")
+    quantized = check_kv_cache_dtype(kv_dtype) == "int8"
+    # int8 here made a float cache of int8 buffers that update truncated into, refused only at the first forward
+    # and in other words: the int8 cache is kv_dtype's
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise UserError(f"KV cache dtype must be a float torch.dtype (the keys' compute dtype), got {dtype!r}; "
+                        'an int8 cache is kv_dtype="int8"')
+    return length, quantized
 
 
 def check_kv_cache_dtype(kv_dtype) -> str:
