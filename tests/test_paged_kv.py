@@ -57,12 +57,13 @@ def test_each_row_of_a_paged_step_decodes_as_it_would_alone(kernels, case, kv_dt
 
 
 @pytest.mark.parametrize("splits", [1, 2], ids=["single", "split2"])
-@pytest.mark.parametrize("page", [8, 32])
-def test_flash_attention_reads_each_rows_pages(page, splits, forced_splits, device):
+@pytest.mark.parametrize("page,D", [(8, 32), (32, 80)])
+def test_flash_attention_reads_each_rows_pages(page, D, splits, forced_splits, device):
     """flash_attention(block_table=) row b against float64 over the keys its pages hold in order (the rest of the
-    pool NaN), GQA (packed on the split path), int8 with its scales in pages, a window, a cap and ALiBi."""
+    pool NaN), GQA (packed on the split path), int8 with its scales in pages, a window, a cap and ALiBi; a head dim
+    the kernels pad (80 in a 128-wide tile: the padded columns of a page's rows masked)."""
     forced_splits(splits)
-    B, Hkv, D, pages = 3, 2, 32, 24
+    B, Hkv, pages = 3, 2, 24
     lens = [3, 37, 20]
     q, _, _ = make_qkv(B, 4, 3, 1, D, torch.float32, device, seed=page)
     k = torch.full((pages, Hkv, page, D), float("nan"), device=device)
@@ -83,7 +84,7 @@ def test_flash_attention_reads_each_rows_pages(page, splits, forced_splits, devi
         for b, L in enumerate(lens):
             ref = reference_gqa(q[b:b + 1].double(), rows_k[b:b + 1, :, :L].double(),
                                 rows_v[b:b + 1, :, :L].double(), **kw)
-            assert_close_rel(got[b:b + 1], ref, 1e-4, f"page {page} row {b} {sorted(kw)}")
+            assert_close_rel(got[b:b + 1], ref, 1e-4, f"page {page} D {D} row {b} {sorted(kw)}")
     # int8: the scales in pages beside the values (the reference: the same int8 rows read back)
     kq = torch.randint(-127, 128, k.shape, dtype=torch.int8, device=device)
     vq = torch.randint(-127, 128, v.shape, dtype=torch.int8, device=device)
@@ -94,7 +95,7 @@ def test_flash_attention_reads_each_rows_pages(page, splits, forced_splits, devi
     rows_v = gather_pages(vq, table).double() * gather_pages(vs, table).double()[..., None]
     for b, L in enumerate(lens):
         ref = reference_gqa(q[b:b + 1].double(), rows_k[b:b + 1, :, :L], rows_v[b:b + 1, :, :L])
-        assert_close_rel(got[b:b + 1], ref, 1e-4, f"int8 page {page} row {b}")
+        assert_close_rel(got[b:b + 1], ref, 1e-4, f"int8 page {page} D {D} row {b}")
 
 
 def test_pages_are_reserved_released_and_reused_and_a_full_pool_refuses():
@@ -142,6 +143,31 @@ def test_a_row_copied_into_its_own_pages_decodes_as_its_source():
         want = [alone(model, prompt, step[i], "int8")[0] for i in range(2)]
     for i in range(2):
         assert_close_rel(got[i, -1], want[i], 1e-5, f"row {i}")
+
+
+def test_the_op_with_a_block_table_compiles_and_passes_opcheck(device):
+    """torch.compile(fullgraph=True) traces flash_attention(block_table=) through the op's fake (no host read of the
+    table), the compiled call reads the table at run time (a new page order, the same answer), and opcheck checks the
+    op's schema, fake and dispatch with the table as its last input."""
+    q, _, _ = make_qkv(2, 2, 2, 1, 16, torch.float32, device, seed=5)
+    k, v = (torch.randn(7, 2, 4, 16, device=device) for _ in range(2))
+    table = torch.tensor([[0, 1, 2], [3, 4, 5]], dtype=torch.int32, device=device)
+    kv_len = torch.tensor([9, 11], device=device)
+
+    def step(a, b, c, n, t):
+        return flash_attention(a, b, c, kv_len=n, block_table=t) * 2
+
+    compiled = torch.compile(step, backend="aot_eager", fullgraph=True)
+    with torch.no_grad():
+        want = step(q, k, v, kv_len, table)
+        assert torch.equal(compiled(q, k, v, kv_len, table), want)
+        moved = table.clone()
+        moved[1, 0] = 6  # row 1's first page moved to page 6
+        k[6], v[6] = k[3], v[3]
+        k[3], v[3] = float("nan"), float("nan")
+        assert torch.equal(compiled(q, k, v, kv_len, moved), want)
+    torch.library.opcheck(torch.ops.tritongpt.flash_attn_fwd.default,
+                          (q, k, v, True, 0.25, 0.0, None, None, None, 0.0, None, kv_len, None, None, moved))
 
 
 @pytest.mark.parametrize("table,kv_len,error,match", [
