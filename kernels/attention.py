@@ -1550,7 +1550,7 @@ def _check_alibi(q, alibi, finite=True):
 
 def flash_attention(q, k, v, causal=True, softmax_scale=None, dropout_p=0.0, seed=None, doc_ids=None,
                     window=None, softcap=None, alibi_slopes=None, kv_len=None, k_scale=None, v_scale=None,
-                    block_table=None):
+                    block_table=None, *, lengths_checked=False):
     """softmax(q k^T * scale + mask) with dropout, @ v, without the Tq x Tk matrix. Differentiable.
 
     q: [B, H, Tq, D]; k, v: [B, Hkv, Tk, D], any strides (unit stride on D is fastest), bf16/fp16/fp32
@@ -1588,7 +1588,12 @@ def flash_attention(q, k, v, causal=True, softmax_scale=None, dropout_p=0.0, see
         CUDA-graph capture (one .item(), a sync: a graph runner's eager warm-up checks it), not under
         torch.compile, vmap or a dispatch mode. A value out of range that reaches the kernels unchecked is
         clamped to [Tq, Tk_cap] with causal ([0, Tk_cap] without), so it reads nothing past the buffers, but its
-        result means nothing.
+        result means nothing. lengths_checked=True: the caller keeps kv_len (and block_table's pages) in range
+        itself, so a GPU never reads them on the host here (the model's KV caches, whose owners check on the host:
+        the batching engine's eager step would otherwise wait on the GPU in every layer); a CPU q still checks.
+        block_table: with kv_len, k and v (and their scales) are a paged cache's pools [pages, Hkv, PAGE, D] and
+        block_table int32 [B, pages a row] names row b's pages in order (model/gpt.py PagedKVCache): row b's
+        position n lies in page block_table[b, n // PAGE] at slot n % PAGE; checked as kv_len is.
         Inference only: refused with gradients on (grad mode and q, k or v requiring grad), with dropout_p > 0
         and with doc_ids.
     k_scale, v_scale: with int8 k and v (an int8 KV cache, model/gpt.py KVCache(kv_dtype="int8")), their fp32
@@ -1616,7 +1621,7 @@ def flash_attention(q, k, v, causal=True, softmax_scale=None, dropout_p=0.0, see
     dropout_p = float(dropout_p)
     _check_block_table(q, k, kv_len, block_table)
     if kv_len is not None:
-        _checked_kv_len_call(q, k, v, causal, dropout_p, doc_ids, kv_len, block_table)
+        _checked_kv_len_call(q, k, v, causal, dropout_p, doc_ids, kv_len, block_table, lengths_checked)
     _check_int8_kv(q, k, v, k_scale, v_scale, dropout_p)
     if k_scale is not None:
         if torch.is_grad_enabled() and q.requires_grad:
@@ -1636,8 +1641,9 @@ def flash_attention(q, k, v, causal=True, softmax_scale=None, dropout_p=0.0, see
     return out
 
 
-def _checked_kv_len_call(q, k, v, causal, dropout_p, doc_ids, kv_len, block_table=None):
-    """What flash_attention refuses with kv_len (inference only), and on a GPU its value where a sync may be paid."""
+def _checked_kv_len_call(q, k, v, causal, dropout_p, doc_ids, kv_len, block_table=None, lengths_checked=False):
+    """What flash_attention refuses with kv_len (inference only), and on a GPU its value where a sync may be paid
+    (never with lengths_checked: the caller's own)."""
     _check_kv_len(q, kv_len, dropout_p)
     if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
         raise ValueError("kv_len is for inference only (the backward takes no cache length): call under "
@@ -1650,7 +1656,8 @@ def _checked_kv_len_call(q, k, v, causal, dropout_p, doc_ids, kv_len, block_tabl
     # On the CPU the op checks the value itself, in every mode (a free read). On a GPU plain eager only: not under
     # torch.compile (a .item() there breaks the graph), a dispatch mode or transform, nor inside a CUDA-graph capture
     # (it cannot sync).
-    if kv_len.is_cuda and plain_eager((q, kv_len)) and not torch.cuda.is_current_stream_capturing():
+    if kv_len.is_cuda and plain_eager((q, kv_len)) and not torch.cuda.is_current_stream_capturing() \
+            and not lengths_checked:
         _check_kv_len_value(kv_len, q.shape[2], _cache_len(k, block_table), causal)
         if block_table is not None:
             _check_block_table_values(block_table, k.shape[0])

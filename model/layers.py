@@ -753,7 +753,8 @@ class MultiHeadAttention(nn.Module):
             ctx = flash_attention(q, k, v, causal=True, softmax_scale=self.softmax_scale, dropout_p=p, doc_ids=doc_ids,
                                   window=self.window or None, softcap=self.softcap or None,
                                   alibi_slopes=self.alibi_slopes(q.device) if self.alibi else None, kv_len=kv_len,
-                                  k_scale=k_scale, v_scale=v_scale, block_table=table)
+                                  k_scale=k_scale, v_scale=v_scale, block_table=table,
+                                  lengths_checked=cache is not None)  # (the cache's owner keeps its fill in range)
         else:
             if table is not None:  # each row's pages gathered into the rows a KVCache would hold
                 k, v, k_scale, v_scale = (None if t is None else gather_pages(t, table)

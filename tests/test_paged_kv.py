@@ -191,3 +191,24 @@ def test_a_bad_block_table_is_named(table, kv_len, error, match, device):
     lens = {"ok": torch.tensor([5, 9], device=device), "long": torch.tensor([5, 13], device=device), None: None}
     with torch.no_grad(), pytest.raises(error, match=match):
         flash_attention(q, k, k, kv_len=lens[kv_len], block_table=tables[table])
+
+
+@pytest.mark.cuda
+def test_lengths_checked_by_the_caller_are_never_read_on_the_host():
+    """On a GPU flash_attention reads a per-row kv_len and a block table on the host to check them (a sync), unless
+    the caller keeps them in range (lengths_checked: the model's caches, which the batching engine's eager step
+    calls every layer): then nothing waits on the GPU."""
+    q, _, _ = make_qkv(2, 2, 1, 1, 64, torch.bfloat16, "cuda", seed=1)
+    k = torch.randn(6, 2, 16, 64, device="cuda", dtype=torch.bfloat16)
+    table = torch.tensor([[0, 1], [2, 3]], dtype=torch.int32, device="cuda")
+    kv_len = torch.tensor([5, 30], device="cuda")
+    with torch.no_grad():
+        flash_attention(q, k, k, kv_len=kv_len, block_table=table)  # warm: compiled, tuned
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            flash_attention(q, k, k, kv_len=kv_len, block_table=table, lengths_checked=True)
+            with pytest.raises(RuntimeError, match="synchroniz"):
+                flash_attention(q, k, k, kv_len=kv_len, block_table=table)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
