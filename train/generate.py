@@ -557,6 +557,13 @@ def decode_step(logits, idx, start: int, done, warp: dict, eos_id, generator, on
     (sample_next with warp, the penalties counting from column start), a row done [B] (updated in place) padded
     with eos_id, on_token(nxt [B, 1]) called, stop(idx) asked. -> (idx [B, T + 1], whether every row is done)."""
     nxt = sample_next(logits, generator=generator, seen=idx, generated_from=start, live=~done, **warp)
+    return append_token(idx, nxt, done, eos_id, on_token, stop)
+
+
+def append_token(idx, nxt, done, eos_id, on_token, stop):
+    """nxt [B, 1] after idx [B, T], the rows already done padded with eos_id; done [B] updated in place (an EOS
+    drawn, stop(idx) asked), on_token(nxt) called. -> (idx [B, T + 1], whether every row is done): decode_step's
+    and the speculative loop's way to take a token."""
     if eos_id is not None:
         nxt = torch.where(done.unsqueeze(1), torch.full_like(nxt, eos_id), nxt)
         done |= nxt.squeeze(1) == eos_id
@@ -739,19 +746,11 @@ def _speculative(model, draft, idx, max_new_tokens, warp: dict, eos_id, generato
         for j, tok in enumerate(kept.split(1, dim=1)):  # as _generate does, a token at a time
             if ban:  # the kept text is plain decoding's: where the ban leaves it nothing here, plain decoding's error
                 ban_repeated_ngrams(logits[:, j], idx, ban, live=~done)
-            if eos_id is not None:
-                tok = torch.where(done.unsqueeze(1), torch.full_like(tok, eos_id), tok)
             # the m draft tokens every row keeps (not after an EOS or a stop): a row's accepted (m + 1)-th is the step's
             # own token in the place of the model's, so accepted_per_forward + 1 is the tokens a forward gives a row
             accepted += int((~done).sum()) if j < m else 0
-            if eos_id is not None:
-                done |= tok.squeeze(1) == eos_id
-            idx = torch.cat([idx, tok], dim=1)
-            if on_token is not None:
-                on_token(tok)
-            if stop is not None:
-                done |= stop(idx).to(done.device)
-            if (eos_id is not None or stop is not None) and bool(done.all()):
+            idx, finished = append_token(idx, tok, done, eos_id, on_token, stop)
+            if finished:
                 break
         if (eos_id is not None or stop is not None) and bool(done.all()):
             break
