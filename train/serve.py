@@ -223,24 +223,14 @@ class Model:
         then cancelled and BrokenPipeError raised (as a write to its socket would)."""
         import torch
 
-        from tritongpt.commands import continuation, cut_at_stop
+        from tritongpt.commands import Choices
         from tritongpt.train.common import autocast
         from tritongpt.train.engine import Cancelled
         from tritongpt.train.generate import generate
 
-        n, stops, start = s["n"], s["stops"], len(ids)
-        prompt_text = self.tok.decode(ids)
-        first_stop = {}  # row -> how many new tokens it had drawn when its text first held a stop string
-
-        def text_of(new):  # the row's new text, up to the token that ends the answer
-            return continuation(self.tok, ids, new[:new.index(stop_id)] if stop_id in new else new, prompt_text)
-
-        def stopped(rows):
-            for i, r in enumerate(rows.tolist()):
-                if i not in first_stop and cut_at_stop(text_of(r[start:]), stops)[1] is not None:
-                    first_stop[i] = len(r) - start
-            return torch.tensor([i in first_stop for i in range(len(rows))])
-
+        n, stops = s["n"], s["stops"]
+        rows = Choices(self.tok, ids, stops, stop_id)  # the choices' texts, finish reasons and counts
+        stopped = rows.stopped
         streams = [Delta(self.tok, ids, stops) for _ in range(n)] if on_delta else None
 
         def on_token(new):
@@ -269,14 +259,8 @@ class Model:
                                cuda_graph=self.cuda_graph, kv_cache_dtype=self.kv_cache_dtype, **warp).tolist()
         choices = []
         for i, row in enumerate(out):
-            new = row[start:]
-            text, cut = cut_at_stop(text_of(new), stops)
-            if cut is not None:
-                choices.append((text, "stop", first_stop[i]))
-            elif stop_id in new:
-                choices.append((text, "stop", new.index(stop_id) + 1))  # the end-of-text token was drawn too
-            else:
-                choices.append((text, "length", len(new)))
+            choices.append(rows.choice(i, row))
+            text = choices[-1][0]
             if on_delta:
                 sent = streams[i].sent_text
                 if text[:len(sent)] != sent:  # cannot happen: the stream sends what decoding gives, held back
@@ -506,6 +490,38 @@ class Server(ThreadingHTTPServer):
             self.app.close()  # the engine's thread stopped, its cache freed
 
 
+def check_engine_args(args, one_row_engine: bool = False):
+    """--max-batch, --kv-cache-pages and --kv-page-size (serve's, `generate --prompts`'), checked before any model is
+    built. one_row_engine: --max-batch 1 runs the engine too (generate --prompts), not generate() (serve)."""
+    if args.max_batch < 1:
+        raise UserError(f"--max-batch must be a positive integer, got {args.max_batch}")
+    if args.kv_cache_pages is not None and (args.kv_cache_pages < 1 or args.max_batch == 1 and not one_row_engine):
+        raise UserError(f"--kv-cache-pages must be a positive number of pages, with --max-batch above 1 (the batching "
+                        f"engine's cache), got {args.kv_cache_pages} with --max-batch {args.max_batch}")
+    if args.kv_page_size is not None and args.kv_cache_pages is None:
+        raise UserError("--kv-page-size sizes the pages of --kv-cache-pages: pass --kv-cache-pages N too")
+    if args.kv_page_size is not None and args.kv_page_size < 1:
+        raise UserError(f"--kv-page-size must be a positive number of positions, got {args.kv_page_size}")
+
+
+def page_args(args) -> dict:
+    """Engine's kv_pages and page_size keywords from --kv-cache-pages and --kv-page-size (the engine's default page
+    size where none is given)."""
+    return {"kv_pages": args.kv_cache_pages, **({} if args.kv_page_size is None else {"page_size": args.kv_page_size})}
+
+
+def add_engine_args(p, max_batch, max_batch_help: str):
+    """--max-batch (default max_batch), --kv-cache-pages and --kv-page-size: the batching engine's (serve's,
+    `generate --prompts`')."""
+    p.add_argument("--max-batch", type=int, default=max_batch, help=max_batch_help)
+    p.add_argument("--kv-cache-pages", type=int, default=None, metavar="N",
+                   help="a paged KV cache of N pages shared by the batch's rows (vLLM's PagedAttention): a request "
+                        "takes the pages its prompt and max_tokens need and waits while too few are free (default: "
+                        "none, each of --max-batch rows holds the whole context)")
+    p.add_argument("--kv-page-size", type=int, default=None, metavar="P",
+                   help="positions a page of --kv-cache-pages (default 16, vLLM's)")
+
+
 def make_engine(args, model, device, dtype):
     """serve's Engine (started), or None: --max-batch 1, or a model the engine refuses (said, then served one
     request at a time)."""
@@ -521,9 +537,8 @@ def make_engine(args, model, device, dtype):
             f"; --kv-cache-pages {args.kv_cache_pages} is not used (the engine's paged cache)"
         note(f"{e}: serving one request at a time{unused}")
         return None
-    page = {} if args.kv_page_size is None else {"page_size": args.kv_page_size}
-    return Engine(model, args.max_batch, args.kv_cache_dtype, lambda: autocast(device, dtype), args.kv_cache_pages,
-                  cuda_graph=args.cuda_graphs, **page).start()
+    return Engine(model, args.max_batch, args.kv_cache_dtype, lambda: autocast(device, dtype),
+                  cuda_graph=args.cuda_graphs, **page_args(args)).start()
 
 
 def make_server(args) -> ThreadingHTTPServer:
@@ -538,15 +553,7 @@ def make_server(args) -> ThreadingHTTPServer:
         raise UserError(f"--port must be in [0, 65535], got {args.port}")
     if args.served_model_name is not None and not args.served_model_name.strip():
         raise UserError("--served-model-name is empty")
-    if args.max_batch < 1:
-        raise UserError(f"--max-batch must be a positive integer, got {args.max_batch}")
-    if args.kv_cache_pages is not None and (args.kv_cache_pages < 1 or args.max_batch == 1):
-        raise UserError(f"--kv-cache-pages must be a positive number of pages, with --max-batch above 1 (the batching "
-                        f"engine's cache), got {args.kv_cache_pages} with --max-batch {args.max_batch}")
-    if args.kv_page_size is not None and args.kv_cache_pages is None:
-        raise UserError("--kv-page-size sizes the pages of --kv-cache-pages: pass --kv-cache-pages N too")
-    if args.kv_page_size is not None and args.kv_page_size < 1:
-        raise UserError(f"--kv-page-size must be a positive number of positions, got {args.kv_page_size}")
+    check_engine_args(args)
     model, tok, device, dtype, limit = load_generation_model(args)
     check_cuda_graphs(args, device, model)
     engine = make_engine(args, model, device, dtype)
@@ -590,15 +597,8 @@ def add_cli(sub):
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default %(default)s; 0.0.0.0: every "
                                                        "interface, with no authentication)")
     p.add_argument("--port", type=int, default=8000, help="port to listen on (default %(default)s; 0: a free one)")
-    p.add_argument("--max-batch", type=int, default=8,
-                   help="rows decoded together (default %(default)s): requests are batched as they arrive, a "
-                        "request of n choices taking n rows; 1: one request at a time")
-    p.add_argument("--kv-cache-pages", type=int, default=None, metavar="N",
-                   help="a paged KV cache of N pages shared by the batch's rows (vLLM's PagedAttention): a request "
-                        "takes the pages its prompt and max_tokens need and waits while too few are free (default: "
-                        "none, each of --max-batch rows holds the whole context)")
-    p.add_argument("--kv-page-size", type=int, default=None, metavar="P",
-                   help="positions a page of --kv-cache-pages (default 16, vLLM's)")
+    add_engine_args(p, 8, "rows decoded together (default %(default)s): requests are batched as they arrive, a "
+                          "request of n choices taking n rows; 1: one request at a time")
     p.add_argument("--served-model-name", default=None,
                    help="the model's id in the API (default: --weights as given, a Hub repo's id)")
     add_dtype_arg(p)

@@ -675,6 +675,42 @@ def cut_at_stop(text: str, stops) -> tuple:
     return text[:at], stop
 
 
+class Choices:
+    """One prompt's rows as serve's choices are made (and `generate --prompts`' records): each row's new text up to
+    the end token (stop_id) and cut at the first stop string, its finish reason ("stop": a stop string or the end
+    token; "length": the budget) and its completion tokens (at a stop string, those drawn when the text first held
+    it). stopped: generate()'s and Engine.submit's stop rule for them. lead: ids the rows hold before the prompt's
+    (`generate`'s BOS, not part of the text)."""
+
+    def __init__(self, tok, ids, stops, stop_id, lead: int = 0):
+        self.tok, self.ids, self.stops, self.stop_id = tok, ids, stops, stop_id
+        self.prompt_text, self.start = tok.decode(ids), lead + len(ids)
+        self.first_stop = {}  # row -> how many new tokens it had drawn when its text first held a stop string
+
+    def text_of(self, new) -> str:
+        """The row's new text, up to the token that ends the answer."""
+        return continuation(self.tok, self.ids, new[:new.index(self.stop_id)] if self.stop_id in new else new,
+                            self.prompt_text)
+
+    def stopped(self, rows):
+        import torch
+
+        for i, r in enumerate(rows.tolist()):
+            if i not in self.first_stop and cut_at_stop(self.text_of(r[self.start:]), self.stops)[1] is not None:
+                self.first_stop[i] = len(r) - self.start
+        return torch.tensor([i in self.first_stop for i in range(len(rows))])
+
+    def choice(self, i: int, row) -> tuple:
+        """Row i (the lead, the prompt's ids and the new ones: a list) -> (text, finish_reason, completion tokens)."""
+        new = row[self.start:]
+        text, cut = cut_at_stop(self.text_of(new), self.stops)
+        if cut is not None:
+            return text, "stop", self.first_stop[i]
+        if self.stop_id in new:
+            return text, "stop", new.index(self.stop_id) + 1  # the end-of-text token was drawn too
+        return text, "length", len(new)
+
+
 class HeldBack:
     """A stream's new text as it may be sent: less its last len(longest stop) - 1 characters, where a stop string
     may be starting, and up to the first stop string once one is there (done). `generate --stream`'s TextStream and
