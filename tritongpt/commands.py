@@ -411,13 +411,40 @@ def load_generation_model(args):
     return model, tok, device, dtype, limit
 
 
+def encode_generate_prompt(tok, prompt: str, allow_special: bool, where: str = "the prompt") -> tuple:
+    """(lead, ids): a prompt's ids as `generate` encodes it, lead the BOS a Gemma's or Llama's own tokenizer starts
+    every text with (not printed), or [] (where: what an error calls the prompt)."""
+    from tritongpt.train.formats import with_bos
+    from tritongpt.train.tokenizer import DisallowedSpecialToken
+
+    try:
+        ids = tok.encode(prompt, allowed_special="all" if allow_special else "none_raise")
+    except DisallowedSpecialToken as e:
+        raise UserError(f"{where} contains {e.token}: pass --allow-special to encode it as the "
+                        "special token") from None
+    if not ids:
+        raise UserError(f"{where} is empty" + ": pass --prompt (or --prompt-file) with some text" *
+                        (where == "the prompt"))
+    return with_bos(tok, ids)[:-len(ids)], ids
+
+
 def cmd_generate(args):
     import torch
 
     from tritongpt.train.common import autocast
-    from tritongpt.train.formats import with_bos
     from tritongpt.train.generate import generate
-    from tritongpt.train.tokenizer import DisallowedSpecialToken, eot_or_none
+    from tritongpt.train.tokenizer import eot_or_none
+
+    if args.prompts is not None:  # vLLM's offline LLM.generate: every prompt of a file through the engine
+        from tritongpt.train.batch_generate import cmd_generate_prompts
+
+        return cmd_generate_prompts(args)
+    batch_flags = [f for f, v in (("--out", args.out), ("--max-batch", args.max_batch),
+                                  ("--kv-cache-pages", args.kv_cache_pages), ("--kv-page-size", args.kv_page_size))
+                   if v is not None]
+    if batch_flags:
+        raise UserError(f"{batch_flags[0]} is a --prompts FILE setting (generation over a file of prompts): pass "
+                        "--prompts, or leave it out")
 
     beams = check_beam_args(args)  # (first: it sets --temperature's default)
     check_generation_args(args)
@@ -441,15 +468,7 @@ def cmd_generate(args):
     model, tok, device, dtype, limit = load_generation_model(args)
     check_cuda_graphs(args, device, model)
     draft = load_draft(args, model, tok, device) if args.draft else None
-    try:
-        ids = tok.encode(prompt, allowed_special="all" if args.allow_special else "none_raise")
-    except DisallowedSpecialToken as e:
-        raise UserError(f"the prompt contains {e.token}: pass --allow-special to encode it as the "
-                        "special token") from None
-    if not ids:
-        raise UserError("the prompt is empty: pass --prompt (or --prompt-file) with some text")
-    # a Gemma's or Llama's own tokenizer starts every text with BOS: so does the prompt (not printed)
-    lead = with_bos(tok, ids)[:-len(ids)]
+    lead, ids = encode_generate_prompt(tok, prompt, args.allow_special)
     if len(lead + ids) > model.config.context_length:  # a full window is fine: it predicts the next token
         raise UserError(f"prompt is {len(lead + ids)} tokens; the model's context is {model.config.context_length}")
     idx = torch.tensor([lead + ids] * args.num_samples, dtype=torch.long, device=device)  # one batch
@@ -1310,6 +1329,7 @@ def add_sampling_args(p, max_new_tokens: int, temperature: float, temperature_te
 
 
 def add_cli(sub):
+    from tritongpt.train.serve import add_engine_args
 
     p = sub.add_parser("info", help=command_help("info"))
     p.add_argument("--model", default=None, help="preset name (default gpt2-small; with --weights, only to name the "
@@ -1328,6 +1348,11 @@ def add_cli(sub):
                         "their leading space)")
     prompt.add_argument("--prompt-file", help="read the prompt from this UTF-8 file, exactly as it is (a final "
                         "newline too)")
+    prompt.add_argument("--prompts", metavar="FILE",
+                        help="generate for every prompt of FILE, batched through the continuous-batching engine "
+                             "(vLLM's offline LLM.generate), the results written to --out in FILE's order: a .jsonl "
+                             "of {\"prompt\": TEXT} records (optional per-record max_tokens, temperature, top_k, "
+                             "top_p, seed, stop over the flags), or a .txt of one prompt a line (blank lines skipped)")
     p.add_argument("--allow-special", action="store_true",
                    help="encode <|endoftext|> in the prompt as the special token")
     p.add_argument("--num-samples", type=int, default=1,
@@ -1344,6 +1369,10 @@ def add_cli(sub):
     add_beam_args(p)
     add_cuda_graphs_arg(p)
     add_kv_cache_dtype_arg(p)
+    p.add_argument("--out", metavar="FILE", help="--prompts: the .jsonl to write, a record a sample (index, sample, "
+                                                "prompt, text, finish_reason, prompt_tokens, completion_tokens)")
+    add_engine_args(p, None, "--prompts: rows decoded together (default 32); a prompt's --num-samples take a row "
+                             "each")
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("quantize", help=command_help("quantize"),

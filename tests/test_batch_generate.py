@@ -1,0 +1,140 @@
+"""`generate --prompts FILE --out FILE` (train/batch_generate.py): every prompt through the engine, each record's
+text what `generate --prompt P --seed S + i` prints alone (greedy and seeded, stop strings, per-record settings),
+in the file's order whatever --max-batch; the .txt form, --num-samples, the records' fields; every refusal named."""
+import json
+
+import pytest
+import torch
+
+from tritongpt import cli
+from tritongpt.commands import SAMPLE_SEPARATOR
+from tritongpt.errors import UserError
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+SEED = 11
+PROMPTS = ["The cat", "import os", "def f(x):", " return", "class A"]
+
+
+def run_prompts(saved, tmp_path, capsys, path, *flags):
+    out = tmp_path / "out.jsonl"
+    assert cli.main(["generate", "--weights", str(saved), "--prompts", str(path), "--out", str(out), "--seed",
+                     str(SEED), "--max-new-tokens", "12", "--device", "cpu", *flags]) == 0, capsys.readouterr().err
+    err = capsys.readouterr().err
+    return [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()], err
+
+
+def alone(saved, capsys, prompt, seed, *flags) -> list:
+    """`generate --prompt` alone: its sample texts after the prompt."""
+    assert cli.main(["generate", "--weights", str(saved), "--prompt", prompt, "--seed", str(seed),
+                     "--max-new-tokens", "12", "--device", "cpu", *flags]) == 0
+    texts = capsys.readouterr().out[:-1].split("\n" + SAMPLE_SEPARATOR + "\n")
+    assert all(t.startswith(prompt) for t in texts), texts
+    return [t[len(prompt):] for t in texts]
+
+
+def write_jsonl(path, records):
+    path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    return path
+
+
+def test_each_record_is_generate_alone_in_order_whatever_the_batch(saved, tmp_path, capsys):
+    """Sampled (--seed S: record i seeded S + i, a record's own seed winning), greedy, per-record max_tokens and
+    stop over --stop: the texts, finish reasons and counts; --max-batch 1 and 3 (records waiting for rows) the
+    same file's same texts in its order."""
+    plain, _ = run_prompts(saved, tmp_path, capsys, write_jsonl(tmp_path / "p.jsonl", [{"prompt": p} for p in PROMPTS]))
+    texts = [r["text"] for r in plain]
+    stop0, stop1 = texts[0][2:4], texts[1][3:5]  # (texts of a random model: stops that do occur in them)
+    records = [{"prompt": PROMPTS[0]},
+               {"prompt": PROMPTS[1], "stop": [stop1]},
+               {"prompt": PROMPTS[2], "temperature": 0, "max_tokens": 5},
+               {"prompt": PROMPTS[3], "seed": 99, "top_k": 5, "top_p": 0.9},
+               {"prompt": PROMPTS[0], "seed": SEED, "max_tokens": 7, "stop": []}]  # record 0's seed, no stop
+    path = write_jsonl(tmp_path / "r.jsonl", records)
+    want = [alone(saved, capsys, PROMPTS[0], SEED, "--stop", stop0),
+            alone(saved, capsys, PROMPTS[1], SEED + 1, "--stop", stop1),
+            alone(saved, capsys, PROMPTS[2], SEED + 2, "--stop", stop0, "--temperature", "0", "--max-new-tokens", "5"),
+            alone(saved, capsys, PROMPTS[3], 99, "--stop", stop0, "--top-k", "5", "--top-p", "0.9"),
+            alone(saved, capsys, PROMPTS[0], SEED, "--max-new-tokens", "7")]
+    for batch in ("1", "3"):
+        got, err = run_prompts(saved, tmp_path, capsys, path, "--stop", stop0, "--max-batch", batch)
+        assert [r["index"] for r in got] == list(range(5)) and [r["prompt"] for r in got] == [*PROMPTS[:4], PROMPTS[0]]
+        assert [[r["text"]] for r in got] == want, batch
+        assert "5 prompts (5 samples)" in err and "generated tokens/s" in err
+        for i, stop in ((0, stop0), (1, stop1)):  # cut at the flag's stop, at the record's own
+            assert got[i]["finish_reason"] == "stop" and got[i]["completion_tokens"] < 12, got[i]
+            assert got[i]["text"] == texts[i][:texts[i].index(stop)]
+        assert (got[2]["finish_reason"], got[2]["completion_tokens"]) == ("length", 5)
+        # "stop": [] over --stop: record 0's text, uncut
+        assert stop0 in got[4]["text"] and (got[4]["finish_reason"], got[4]["completion_tokens"]) == ("length", 7)
+        assert all(r["prompt_tokens"] == plain[i % 4]["prompt_tokens"] > 0 for i, r in enumerate(got))
+        assert set(got[0]) == {"index", "sample", "prompt", "text", "finish_reason", "prompt_tokens",
+                               "completion_tokens"}
+
+
+def test_a_txt_file_and_num_samples(saved, tmp_path, capsys):
+    """A .txt of one prompt a line (blank lines skipped, spaces kept): --num-samples 2 gives two records a prompt,
+    `generate --num-samples 2 --seed S + i`'s two texts."""
+    path = tmp_path / "p.txt"
+    path.write_text(f"{PROMPTS[0]}\n\n{PROMPTS[3]}\r\n", encoding="utf-8")
+    got, err = run_prompts(saved, tmp_path, capsys, path, "--num-samples", "2", "--max-batch", "3")
+    assert [(r["index"], r["sample"], r["prompt"]) for r in got] == \
+        [(0, 0, PROMPTS[0]), (0, 1, PROMPTS[0]), (1, 0, PROMPTS[3]), (1, 1, PROMPTS[3])]
+    assert [r["text"] for r in got[:2]] == alone(saved, capsys, PROMPTS[0], SEED, "--num-samples", "2")
+    assert [r["text"] for r in got[2:]] == alone(saved, capsys, PROMPTS[3], SEED + 1, "--num-samples", "2")
+    assert "2 prompts (4 samples)" in err
+
+
+def test_generate_batch_keeps_the_input_order_and_calls_on_done_in_it(saved):
+    """The Python function: prompts of different lengths and budgets (the short ones end first), results and
+    on_done in the input order, each generate()'s alone with its generator seeded seed + i."""
+    from tritongpt.train.batch_generate import generate_batch
+    from tritongpt.train.generate import generate
+    from tritongpt.train.gpt2_weights import load_checkpoint
+
+    model = load_checkpoint(saved).eval()
+    prompts = [[5, 6, 7, 8, 9, 10], [11], [12, 13, 14]]
+    done = []
+    outs = generate_batch(model, prompts, [9, 2, 5], max_batch=2, seed=3, temperature=0.9,
+                          on_done=lambda i, ids: done.append(i))
+    assert done == [0, 1, 2]
+    for i, (p, new) in enumerate(zip(prompts, [9, 2, 5])):
+        want = generate(model, torch.tensor([p]), new, temperature=0.9, generator=torch.Generator().manual_seed(3 + i))
+        assert torch.equal(outs[i], want), i
+    with pytest.raises(UserError, match="3 prompts but 2 max_new_tokens"):
+        generate_batch(model, prompts, [1, 2])
+
+
+def test_every_refusal_is_named(saved, tmp_path, capsys):
+    good = write_jsonl(tmp_path / "good.jsonl", [{"prompt": "The cat"}])
+    base = ["generate", "--weights", str(saved), "--device", "cpu", "--max-new-tokens", "4"]
+    batch = [*base, "--prompts", str(good), "--out", str(tmp_path / "o.jsonl")]
+    for flags, said in [
+            ([*batch, "--stream"], "--prompts does not take --stream"),
+            ([*batch, "--draft", str(saved)], "--prompts does not take --draft"),
+            ([*batch, "--prompt-lookup", "2"], "--prompts does not take --prompt-lookup"),
+            ([*batch, "--num-beams", "2"], "--prompts does not take --num-beams"),
+            ([*batch, "--num-samples", "3", "--max-batch", "2"], "--num-samples 3 takes 3 rows"),
+            ([*batch, "--max-batch", "0"], "--max-batch must be a positive integer"),
+            ([*batch, "--kv-page-size", "8"], "--kv-page-size sizes the pages of --kv-cache-pages"),
+            ([*base, "--prompts", str(good)], "pass --out FILE"),
+            ([*base, "--prompt", "x", "--out", "o.jsonl"], "--out is a --prompts FILE setting"),
+            ([*base, "--prompt", "x", "--max-batch", "4"], "--max-batch is a --prompts FILE setting"),
+            ([*base, "--prompts", str(tmp_path / "p.csv"), "--out", "o.jsonl"], "expected a .jsonl file"),
+            ([*batch, "--max-new-tokens", "40"], "good.jsonl: record 0 (line 1): the prompt's 3 tokens + max tokens "
+                                                 "40 > the model's context 32")]:
+        assert cli.main(flags) == 2, flags
+        assert said in capsys.readouterr().err, (flags, said)
+    for record, said in [({"prompt": "x", "n": 2}, "record 1 (line 2): unknown field 'n'"),
+                         ({"text": "x"}, "record 1 (line 2): missing field 'prompt'"),
+                         ({"prompt": "x", "max_tokens": 1.5}, "'max_tokens' must be an integer >= 0"),
+                         ({"prompt": "x", "temperature": -1}, "record 1 (line 2): temperature must be"),
+                         ({"prompt": "x", "top_p": 0}, "record 1 (line 2): top_p must be in (0, 1]"),
+                         ({"prompt": "x", "seed": 2**64}, "'seed' must be a 64-bit integer"),
+                         ({"prompt": "x", "stop": [""]}, "'stop' must be a non-empty string"),
+                         (["x"], "record 1 (line 2): expected a JSON object")]:
+        path = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "ok"}, record])
+        assert cli.main([*base, "--prompts", str(path), "--out", str(tmp_path / "o.jsonl")]) == 2, record
+        assert said in capsys.readouterr().err, (record, said)
+    with pytest.raises(SystemExit):  # argparse: one prompt source
+        cli.main([*batch, "--prompt", "x"])
+    assert "not allowed with argument" in capsys.readouterr().err

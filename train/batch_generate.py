@@ -1,0 +1,189 @@
+"""Offline batched generation, as vLLM's `LLM.generate(prompts, SamplingParams)`: every prompt of a list through
+the continuous-batching engine (train/engine.py), the results in the input order. Each prompt is one engine request,
+so its tokens are generate()'s for it alone whatever --max-batch is (the engine's promise).
+
+    outs = generate_batch(model, [ids_a, ids_b], 32, max_batch=16, seed=1337, temperature=0.8, eos_id=eot)
+
+`tritongpt generate --prompts FILE --out results.jsonl` is its command (cmd_generate_prompts).
+"""
+import json
+import sys
+import time
+from pathlib import Path
+
+from tritongpt._types import is_int
+from tritongpt.errors import UserError, note, read_text_file
+
+# a --prompts record's fields: the prompt and the settings it may give over the command's flags (vLLM's names)
+RECORD_FIELDS = ("prompt", "max_tokens", "temperature", "top_k", "top_p", "seed", "stop")
+
+
+def generate_batch(model, prompts, max_new_tokens, max_batch: int = 32, kv_pages: int | None = None,
+                   page_size: int = 16, kv_cache_dtype: str = "auto", autocast=None, cuda_graph: bool = False,
+                   seed: int | None = None, each=None, on_done=None, **settings) -> list:
+    """Every prompt through one Engine(model, max_batch, ...): prompts, a list of [n, T] id tensors (n samples of
+    the prompt, drawn as generate() draws n rows) or of id lists (one sample); -> each prompt's ids [n, T + new],
+    in the input order. max_new_tokens: an int, or a list of one a prompt. settings: Engine.submit's keywords for
+    every prompt (eos_id, vocab_limit, stop, temperature, top_p, ...); each: a dict a prompt (or None) of the same
+    keywords and "max_new_tokens" and "seed", winning over them. Seeds: prompt i's generator is seeded seed + i (its
+    own "seed" or "generator" wins), so a prompt's text is the same whatever max_batch; no seed and none of its own:
+    torch's global generator. on_done(i, ids): called as each prompt's result is taken, in order."""
+    import torch
+
+    from tritongpt.train.engine import Engine
+
+    each = each if each is not None else [None] * len(prompts)
+    budgets = max_new_tokens if isinstance(max_new_tokens, (list, tuple)) else [max_new_tokens] * len(prompts)
+    if not len(each) == len(budgets) == len(prompts):
+        raise UserError(f"{len(prompts)} prompts but {len(budgets)} max_new_tokens and {len(each)} settings: pass "
+                        "one of each a prompt")
+    engine = Engine(model, max_batch=max_batch, kv_cache_dtype=kv_cache_dtype, autocast=autocast, kv_pages=kv_pages,
+                    page_size=page_size, cuda_graph=cuda_graph)
+    try:
+        handles = []
+        for i, (ids, budget, own) in enumerate(zip(prompts, budgets, each)):
+            kw = {**settings, "max_new_tokens": budget, **(own or {})}
+            own_seed = kw.pop("seed", None)
+            own_seed = own_seed if own_seed is not None else None if seed is None else seed + i
+            if kw.get("generator") is None and own_seed is not None:
+                kw["generator"] = torch.Generator(device=next(model.parameters()).device).manual_seed(own_seed)
+            idx = ids if isinstance(ids, torch.Tensor) else torch.tensor([list(ids)], dtype=torch.long)
+            handles.append(engine.submit(idx, kw.pop("max_new_tokens"), **kw))
+        engine.start()  # steps on its thread while this one takes the results in order
+        outs = []
+        for i, h in enumerate(handles):
+            outs.append(h.wait())
+            if on_done is not None:
+                on_done(i, outs[-1])
+        return outs
+    finally:
+        engine.close()  # (an error or Ctrl-C: the requests still waiting end, the thread stops)
+
+
+def read_prompts(path) -> list:
+    """(where, record) pairs from --prompts: a .jsonl (or .json list) of records, or a .txt of one prompt a line
+    (blank lines skipped, the line's own spaces kept); each record checked: its fields RECORD_FIELDS, the prompt
+    a string, the settings in their ranges, an error naming the file and record otherwise."""
+    from tritongpt.train.formats import text_field
+    from tritongpt.train.generate import check_sampling
+    from tritongpt.train.sft import read_json_records
+
+    path = Path(path)
+    if path.suffix == ".txt":
+        lines = read_text_file(path).split("\n")
+        raw = [(f"{path}: line {n}", {"prompt": line.removesuffix("\r")})
+               for n, line in enumerate(lines, 1) if line.strip()]
+        if not raw:
+            raise UserError(f"{path}: no prompts (every line is blank)")
+        return raw
+    if path.suffix not in (".jsonl", ".json"):
+        raise UserError(f"--prompts {path}: expected a .jsonl file of {{\"prompt\": TEXT}} records (or a .json list "
+                        "of them) or a .txt file of one prompt a line")
+    raw = read_json_records(path, "--prompts file")
+    for where, rec in raw:
+        if not isinstance(rec, dict):
+            raise UserError(f"{where}: expected a JSON object {{\"prompt\": TEXT, ...}}, got {type(rec).__name__}")
+        text_field(rec, "prompt", where)  # (first: a file of other records is named for what it lacks)
+        unknown = [k for k in rec if k not in RECORD_FIELDS]
+        if unknown:
+            raise UserError(f"{where}: unknown field '{unknown[0]}' (a record takes {', '.join(RECORD_FIELDS)})")
+        value = rec.get("max_tokens")
+        if value is not None and (not is_int(value) or value < 0):
+            raise UserError(f"{where}: 'max_tokens' must be an integer >= 0, got {value!r}")
+        value = rec.get("seed")
+        if value is not None and (not is_int(value) or not -2**63 <= value < 2**63):
+            raise UserError(f"{where}: 'seed' must be a 64-bit integer, got {value!r}")
+        stop = rec.get("stop")
+        stops = [stop] if isinstance(stop, str) else stop if stop is not None else []
+        if not isinstance(stops, list) or not all(isinstance(t, str) and t for t in stops):
+            raise UserError(f"{where}: 'stop' must be a non-empty string or a list of them, got {stop!r}")
+        try:
+            check_sampling(**{k: rec[k] for k in ("temperature", "top_k", "top_p") if rec.get(k) is not None})
+        except UserError as e:
+            raise UserError(f"{where}: {e}") from None
+    return raw
+
+
+def check_prompts_args(args):
+    """generate --prompts: the flags it takes, checked before any model is built."""
+    from tritongpt.train.serve import check_engine_args
+
+    if args.out is None:
+        raise UserError("--prompts writes its results to a .jsonl file: pass --out FILE")
+    for flag, given in (("--stream", args.stream), ("--draft", args.draft),
+                        ("--prompt-lookup", args.prompt_lookup is not None), ("--num-beams", args.num_beams != 1)):
+        if given:
+            raise UserError(f"--prompts does not take {flag}: the batching engine draws one token a step for every "
+                            "row, sampled or greedy")
+    if args.max_batch is None:
+        args.max_batch = 32
+    check_engine_args(args, one_row_engine=True)
+    if args.num_samples < 1:
+        raise UserError(f"--num-samples must be at least 1, got {args.num_samples}")
+    if args.num_samples > args.max_batch:
+        raise UserError(f"--num-samples {args.num_samples} takes {args.num_samples} rows of the batch, more than "
+                        f"--max-batch {args.max_batch}")
+
+
+def cmd_generate_prompts(args):
+    """`generate --prompts FILE --out FILE`: a record a sample of each prompt, in FILE's order; throughput said."""
+    import torch
+    from tqdm import tqdm
+
+    from tritongpt.commands import (Choices, check_beam_args, check_cuda_graphs, check_generation_args,
+                                    encode_generate_prompt, load_generation_model, sampling_controls, stop_strings)
+    from tritongpt.train.common import autocast
+    from tritongpt.train.serve import page_args
+    from tritongpt.train.tokenizer import eot_or_none
+
+    check_prompts_args(args)
+    check_beam_args(args)  # (--num-beams refused: its flags refused too, --temperature's default set)
+    check_generation_args(args)
+    stops = stop_strings(args.stop)
+    records = read_prompts(args.prompts)
+    out_path = Path(args.out)
+    if out_path.is_dir():
+        raise UserError(f"--out {out_path} is a folder: name the .jsonl file to write")
+    model, tok, device, dtype, limit = load_generation_model(args)
+    check_cuda_graphs(args, device, model)
+    eot, ctx = eot_or_none(tok), model.config.context_length
+    prompts, budgets, each, rows = [], [], [], []
+    for where, rec in records:
+        lead, ids = encode_generate_prompt(tok, rec["prompt"], args.allow_special, where=f"{where}: the prompt")
+        budget = rec.get("max_tokens", args.max_new_tokens)
+        if len(lead + ids) + budget > ctx:
+            raise UserError(f"{where}: the prompt's {len(lead + ids)} tokens + max tokens {budget} > the model's "
+                            f"context {ctx} (the engine does not slide the window): lower --max-new-tokens or the "
+                            "record's max_tokens")
+        own_stop = rec.get("stop")  # (a record's own list replaces --stop's; [] : none)
+        choices = Choices(tok, ids, stops if own_stop is None else [own_stop] if isinstance(own_stop, str) else
+                          own_stop, eot, lead=len(lead))
+        own = {k: rec[k] for k in ("temperature", "top_k", "top_p", "seed") if rec.get(k) is not None}
+        prompts.append(torch.tensor([lead + ids] * args.num_samples, dtype=torch.long))
+        budgets.append(budget)
+        each.append({**own, "stop": choices.stopped if choices.stops else None})
+        rows.append(choices)
+    bar = tqdm(total=len(prompts), desc="generate", unit="prompt", file=sys.stderr, leave=False)
+    t0, generated = time.perf_counter(), 0
+    with open(out_path, "w", encoding="utf-8") as f:
+        def write(i, out):  # the prompt's samples, as serve's completion choices (commands.Choices)
+            nonlocal generated
+            choices = rows[i]
+            for j, row in enumerate(out.tolist()):
+                text, finish, tokens = choices.choice(j, row)
+                generated += tokens
+                f.write(json.dumps({"index": i, "sample": j, "prompt": records[i][1]["prompt"], "text": text,
+                                    "finish_reason": finish, "prompt_tokens": choices.start,
+                                    "completion_tokens": tokens}, ensure_ascii=False) + "\n")
+            bar.update()
+
+        generate_batch(model, prompts, budgets, args.max_batch, kv_cache_dtype=args.kv_cache_dtype,
+                       autocast=lambda: autocast(device, dtype), cuda_graph=args.cuda_graphs, seed=args.seed,
+                       each=each, on_done=write, eos_id=eot, vocab_limit=limit, temperature=args.temperature,
+                       top_k=args.top_k, top_p=args.top_p, **sampling_controls(args), **page_args(args))
+    bar.close()
+    seconds = time.perf_counter() - t0
+    note(f"{len(prompts)} prompts ({len(prompts) * args.num_samples} samples) in {seconds:.2f} s: "
+         f"{len(prompts) / seconds:.2f} prompts/s, {generated / seconds:.1f} generated tokens/s "
+         f"(--max-batch {args.max_batch}); written to {out_path}")
+    return 0
