@@ -39,8 +39,8 @@ def write_jsonl(path, records):
 
 def test_each_record_is_generate_alone_in_order_whatever_the_batch(saved, tmp_path, capsys):
     """Sampled (--seed S: record i seeded S + i, a record's own seed winning), greedy, per-record max_tokens and
-    stop over --stop: the texts, finish reasons and counts; --max-batch 1 and 3 (records waiting for rows) the
-    same file's same texts in its order."""
+    stop over --stop: the texts, finish reasons and counts; --max-batch 1 and 3 (records waiting for rows) and a
+    paged cache (records waiting for pages) the same file's same texts in its order."""
     plain, _ = run_prompts(saved, tmp_path, capsys, write_jsonl(tmp_path / "p.jsonl", [{"prompt": p} for p in PROMPTS]))
     texts = [r["text"] for r in plain]
     stop0, stop1 = texts[0][2:4], texts[1][3:5]  # (texts of a random model: stops that do occur in them)
@@ -55,8 +55,9 @@ def test_each_record_is_generate_alone_in_order_whatever_the_batch(saved, tmp_pa
             alone(saved, capsys, PROMPTS[2], SEED + 2, "--stop", stop0, "--temperature", "0", "--max-new-tokens", "5"),
             alone(saved, capsys, PROMPTS[3], 99, "--stop", stop0, "--top-k", "5", "--top-p", "0.9"),
             alone(saved, capsys, PROMPTS[0], SEED, "--max-new-tokens", "7")]
-    for batch in ("1", "3"):
-        got, err = run_prompts(saved, tmp_path, capsys, path, "--stop", stop0, "--max-batch", batch)
+    # (a paged cache of 4 pages of 4 positions: one record at a time, the next waiting for its pages)
+    for batch in (["1"], ["3"], ["3", "--kv-cache-pages", "4", "--kv-page-size", "4"]):
+        got, err = run_prompts(saved, tmp_path, capsys, path, "--stop", stop0, "--max-batch", *batch)
         assert [r["index"] for r in got] == list(range(5)) and [r["prompt"] for r in got] == [*PROMPTS[:4], PROMPTS[0]]
         assert [[r["text"]] for r in got] == want, batch
         assert "5 prompts (5 samples)" in err and "generated tokens/s" in err
@@ -117,6 +118,9 @@ def test_every_refusal_is_named(saved, tmp_path, capsys):
             ([*batch, "--max-batch", "0"], "--max-batch must be a positive integer"),
             ([*batch, "--kv-page-size", "8"], "--kv-page-size sizes the pages of --kv-cache-pages"),
             ([*base, "--prompts", str(good)], "pass --out FILE"),
+            ([*base, "--prompts", str(good), "--out", str(tmp_path)], "is a folder: name the .jsonl file"),
+            ([*base, "--prompts", str(good), "--out", str(tmp_path / "no" / "o.jsonl")], "does not exist"),
+            ([*batch, "--kv-cache-pages", "1", "--kv-page-size", "4"], "more than the cache's 1"),  # (pages passed on)
             ([*base, "--prompt", "x", "--out", "o.jsonl"], "--out is a --prompts FILE setting"),
             ([*base, "--prompt", "x", "--max-batch", "4"], "--max-batch is a --prompts FILE setting"),
             ([*base, "--prompts", str(tmp_path / "p.csv"), "--out", "o.jsonl"], "expected a .jsonl file"),

@@ -144,6 +144,8 @@ def cmd_generate_prompts(args):
     out_path = Path(args.out)
     if out_path.is_dir():
         raise UserError(f"--out {out_path} is a folder: name the .jsonl file to write")
+    if not out_path.parent.is_dir():
+        raise UserError(f"--out {out_path}: the folder {out_path.parent} does not exist")
     model, tok, device, dtype, limit = load_generation_model(args)
     check_cuda_graphs(args, device, model)
     eot, ctx = eot_or_none(tok), model.config.context_length
