@@ -1,8 +1,10 @@
 """GPTModel: token + position embeddings (or RoPE in the attention), a stack of TransformerBlocks,
 final norm (LayerNorm, or RMSNorm: GPTConfig.norm), LM head."""
+import collections
 import copy
 import dataclasses
 import functools
+import hashlib
 import json
 import math
 import os
@@ -228,7 +230,16 @@ class PagedKVCache(KVCache):
     attention paths read the pages in place: the Triton kernels through the table (flash_attention's
     block_table), the reference by gathering each row's pages into the rows a KVCache would hold
     (layers.gather_pages). kv_dtype "int8" as KVCache's, the scales in pages too. row(i) is row i as a cache of
-    its own whose fill starts at 0 (a request's prefill); copy_row copies a row's keys into another's pages."""
+    its own whose fill starts at 0 (a request's prefill); copy_row copies a row's keys into another's pages.
+
+    Shared pages (vLLM's automatic prefix caching): a page has a refcount, the rows whose tables name it. attach(row,
+    pages) gives a row with no pages shared ones as its first, read-only: its writes start past them (row(i, start)
+    refuses a start inside them), so a shared page is never written again. register(row, ids) enters the row's full
+    blocks of its text ids in a prefix index, keyed by a hash chain (sha256 of the previous block's key and this
+    block's token ids: a key names the whole prefix up to its block, so equal keys hold equal keys and values);
+    lookup(ids) gives the pages of ids' longest cached run of full blocks. A cached page no row holds stays cached
+    (evictable) until a reserve needs it: never-cached free pages go out first, then the cached ones least recently
+    released first; `free` counts both."""
 
     def __init__(self, cfg: GPTConfig, batch_size: int, num_pages: int, page_size: int = 16,
                  max_len: int | None = None, device="cpu", dtype=torch.float32, kv_dtype: str | None = None):
@@ -251,8 +262,25 @@ class PagedKVCache(KVCache):
                                       device=device)
         self.fill = torch.zeros(batch_size, dtype=torch.int64, device=device)
         self.pos, self.on_device, self.current = 0, True, None
-        self.free = list(range(num_pages - 1, -1, -1))  # a stack: the pages a release gave back go out first
+        self._free = list(range(num_pages - 1, -1, -1))  # a stack: the pages a release gave back go out first
         self.pages = [[] for _ in range(batch_size)]  # each row's pages, in order (the host's copy of the table)
+        self.refs = [0] * num_pages  # the rows holding each page
+        self.shared = [0] * batch_size  # each row's first pages it attached (read-only to it)
+        self.index, self.key_of = {}, {}  # the prefix index: block key -> page, and back
+        self.cached = collections.OrderedDict()  # cached pages no row holds (page -> key), least recently freed first
+
+    @property
+    def free(self) -> list:
+        """The pages a reserve can take, the next one last: the cached ones no row holds (the least recently
+        released taken last of all), then the never-cached free ones."""
+        return [*reversed(self.cached), *self._free]
+
+    def _take(self) -> int:
+        if self._free:
+            return self._free.pop()
+        page, key = self.cached.popitem(last=False)  # evicted: its block leaves the index
+        del self.index[key], self.key_of[page]
+        return page
 
     @property
     def batch_size(self) -> int:
@@ -272,23 +300,80 @@ class PagedKVCache(KVCache):
         self._check_row(row)
         self._check_length(length)
         more = self.pages_for(length) - len(self.pages[row])
-        if more > len(self.free):
-            raise UserError(f"the paged KV cache has {len(self.free)} free pages of {self.page_size} positions; row "
+        free = len(self._free) + len(self.cached)
+        if more > free:
+            raise UserError(f"the paged KV cache has {free} free pages of {self.page_size} positions; row "
                             f"{row} needs {more} more for {length} positions")
         if more > 0:
-            new = [self.free.pop() for _ in range(more)]
-            start = len(self.pages[row])
-            self.pages[row] += new
-            self.block_table[row, start:start + more] = torch.tensor(new, dtype=torch.int32)
+            new = [self._take() for _ in range(more)]
+            for page in new:
+                self.refs[page] = 1
+            self._append(row, new)
+
+    def _append(self, row: int, new: list):
+        start = len(self.pages[row])
+        self.pages[row] += new
+        self.block_table[row, start:start + len(new)] = torch.tensor(new, dtype=torch.int32)
 
     def release(self, row: int):
         """Row `row`'s pages back to the pool (its request ended); its fill back to 0, its table to the scratch
-        page."""
+        page. A page other rows still hold stays theirs; a cached one no row holds stays cached, evictable (its last
+        block first: a prefix's first blocks are the ones most shared)."""
         self._check_row(row)
-        self.free += reversed(self.pages[row])
-        self.pages[row] = []
+        for page in reversed(self.pages[row]):
+            self.refs[page] -= 1
+            if self.refs[page] == 0:
+                if page in self.key_of:
+                    self.cached[page] = self.key_of[page]
+                else:
+                    self._free.append(page)
+        self.pages[row], self.shared[row] = [], 0
         self.block_table[row] = self.scratch
         self.fill[row] = 0
+
+    def block_keys(self, ids) -> list:
+        """The keys of the full blocks of token ids [T] (a hash chain: each block's from the previous one's)."""
+        ids = ids.detach().to("cpu", torch.int64).contiguous().numpy()
+        keys, key = [], b""
+        for j in range(len(ids) // self.page_size):
+            key = hashlib.sha256(key + ids[j * self.page_size:(j + 1) * self.page_size].tobytes()).digest()
+            keys.append(key)
+        return keys
+
+    def lookup(self, ids) -> list:
+        """The cached pages of token ids' longest run of full blocks from the start (the pages to attach)."""
+        pages = []
+        for key in self.block_keys(ids):
+            if key not in self.index:
+                break
+            pages.append(self.index[key])
+        return pages
+
+    def attach(self, row: int, pages: list):
+        """Row `row`, holding no pages, takes `pages` (cached ones, or another row's) as its first, shared and
+        read-only: its fill starts past them (row(i, start))."""
+        self._check_row(row)
+        if self.pages[row]:
+            raise UserError(f"row {row} holds {len(self.pages[row])} pages: only a row with none attaches shared ones")
+        for page in pages:
+            if self.refs[page] == 0 and page not in self.cached:
+                raise UserError(f"page {page} is free: only a held or cached page is shared")
+            self.cached.pop(page, None)  # held again: no longer evictable
+            self.refs[page] += 1
+        self._append(row, list(pages))
+        self.shared[row] = len(pages)
+
+    def register(self, row: int, ids):
+        """Row `row`'s full blocks of its text ids [T] (prefilled: their keys in its first pages) into the prefix
+        index; a block already there keeps its page."""
+        self._check_row(row)
+        keys = self.block_keys(ids)
+        if len(keys) > len(self.pages[row]):
+            raise UserError(f"row {row} holds {len(self.pages[row])} pages, not the {len(keys)} full blocks of its "
+                            f"{len(ids)} tokens")
+        for key, page in zip(keys, self.pages[row]):
+            if key not in self.index and page not in self.key_of:
+                self.index[key], self.key_of[page] = page, key
 
     def update(self, layer: int, k, v):
         """Writes row b's new keys and values k, v [B, kv_heads, T, head_dim] at its positions [fill[b], fill[b] + T)
@@ -311,12 +396,17 @@ class PagedKVCache(KVCache):
         views = [buf[layer] for buf in bufs]
         return tuple(views) if self.quantized else (*views, None, None)
 
-    def row(self, i: int) -> "PagedKVCache":
-        """Row i as a cache of batch 1 on the same pool and pages, its fill from 0 (a request's prefill, after
-        reserve(i, length))."""
+    def row(self, i: int, start: int = 0) -> "PagedKVCache":
+        """Row i as a cache of batch 1 on the same pool and pages, its fill from `start` (a request's prefill, after
+        reserve(i, length); start > 0: the rest of a prompt whose first `start` positions are cached). A start
+        inside the row's shared pages is refused: it would write into pages other rows read."""
         self._check_row(i)
+        self._check_length(start)
+        if start < self.shared[i] * self.page_size:
+            raise UserError(f"row {i}'s first {self.shared[i] * self.page_size} positions are in shared pages, "
+                            f"never written: its fill starts at or past them, got {start}")
         view = self._rows(i, i + 1)
-        view.fill = torch.zeros(1, dtype=torch.int64, device=self.fill.device)
+        view.fill = torch.full((1,), start, dtype=torch.int64, device=self.fill.device)
         return view
 
     def _rows(self, start: int, end: int) -> "PagedKVCache":
@@ -333,9 +423,15 @@ class PagedKVCache(KVCache):
         n = self.pages_for(length)
         if len(self.pages[src]) < n or len(self.pages[dst]) < n:
             raise UserError(f"copying {length} positions needs {n} pages in both rows: reserve row {dst} first")
-        for buf in (self.k, self.v, self.k_scale, self.v_scale):
-            if buf is not None:
-                buf[:, self.pages[dst][:n]] = buf[:, self.pages[src][:n]]
+        pairs = [(a, b) for a, b in zip(self.pages[src][:n], self.pages[dst][:n]) if a != b]  # (a shared one: as is)
+        if any(self.refs[b] > 1 or b in self.key_of for _, b in pairs):
+            raise UserError(f"row {dst}'s first {n} pages include ones shared with other rows or cached: never "
+                            "written, they are not copied into")
+        if pairs:
+            src_pages, dst_pages = (list(t) for t in zip(*pairs))
+            for buf in (self.k, self.v, self.k_scale, self.v_scale):
+                if buf is not None:
+                    buf[:, dst_pages] = buf[:, src_pages]
 
     def reset(self):
         raise UserError("a paged KV cache is emptied a row at a time: release(row)")

@@ -129,6 +129,46 @@ def test_pages_are_reserved_released_and_reused_and_a_full_pool_refuses():
         model.new_paged_cache(2, 0)
 
 
+def test_shared_pages_are_refcounted_cached_by_a_hash_chain_and_evicted_least_recently_freed():
+    """Prefix caching's bookkeeping (the engine's use: tests/test_engine.py). A block's key is its whole prefix's:
+    block B after A is not block B after C. A cached page no row holds is free but stays in the index until a reserve
+    takes it, the never-cached pages first; a shared page is never written (row(i, start) and copy_row refuse)."""
+    model = tiny("reference")
+    cache = model.new_paged_cache(3, 6, 4, max_len=16)
+    A, B, C = (torch.randint(0, VOCAB, (4,), generator=torch.Generator().manual_seed(i)) for i in range(3))
+    cache.reserve(0, 9)
+    cache.register(0, torch.cat([A, B, C[:1]]))  # 2 full blocks
+    assert cache.lookup(torch.cat([A, B, C])) == cache.pages[0][:2] and cache.lookup(torch.cat([B, A])) == []
+    cache.attach(1, cache.lookup(torch.cat([A, C])))  # A's page only
+    cache.reserve(1, 8)
+    cache.register(1, torch.cat([A, C]))
+    assert cache.lookup(torch.cat([A, C])) == [cache.pages[0][0], cache.pages[1][1]]
+    assert cache.refs[cache.pages[0][0]] == 2 and cache.shared == [0, 1, 0]
+    cache.reserve(2, 4)
+    cache.register(2, C)
+    assert cache.lookup(torch.cat([C, B])) == cache.pages[2]  # C's page, not A's B after it
+    with pytest.raises(UserError, match="row 1's first 4 positions are in shared pages, never written: .* got 3"):
+        cache.row(1, start=3)
+    with pytest.raises(UserError, match="include ones shared with other rows or cached"):
+        cache.copy_row(2, 0, 4)
+    with pytest.raises(UserError, match="row 1 holds 2 pages: only a row with none attaches shared ones"):
+        cache.attach(1, [])
+    assert len(cache.free) == 1
+    a, ab, ac, c = cache.pages[0][0], cache.pages[0][1], cache.pages[1][1], cache.pages[2][0]
+    uncached = cache.pages[0][2]
+    for row in (0, 2, 1):
+        cache.release(row)
+    # all free; the cached ones in the order a reserve evicts them: a row's last blocks first, A (row 1's too) last
+    assert not any(cache.refs) and len(cache.free) == 6 and list(cache.cached) == [ab, c, ac, a]
+    with pytest.raises(UserError, match="page .* is free: only a held or cached page is shared"):
+        cache.attach(0, [uncached])
+    cache.reserve(0, 12)  # 3 pages: the 2 never cached, then A + B's
+    assert cache.pages[0][2] == ab and list(cache.cached) == [c, ac, a] and ab not in cache.key_of
+    assert cache.lookup(torch.cat([A, B])) == [a] and cache.lookup(torch.cat([A, C])) == [a, ac]
+    cache.attach(1, [a, ac])  # held again: no longer evictable
+    assert list(cache.cached) == [c] and len(cache.free) == 1
+
+
 def test_a_row_copied_into_its_own_pages_decodes_as_its_source():
     model = tiny("reference", **CASES["rope-gqa"])
     prompt, step = torch.randint(0, VOCAB, (7,)), torch.randint(0, VOCAB, (2, 1))
