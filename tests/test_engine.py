@@ -181,6 +181,10 @@ def test_what_the_engine_refuses(one_thread):
                 "original_max_position_embeddings": 16}
     with pytest.raises(UserError, match="the batching engine does not take LongRoPE models"):
         Engine(tiny(position_encoding="rope", rope_scaling=longrope), max_batch=2)
+    with pytest.raises(UserError, match="prefix caching shares the pages of a paged KV cache: give the engine"):
+        Engine(model, max_batch=2, prefix_caching=True)
+    with pytest.raises(UserError, match="prefix_caching must be a bool, got 1"):
+        Engine(model, max_batch=2, kv_pages=4, prefix_caching=1)
 
 
 def test_a_failing_stop_rule_fails_its_request_alone(one_thread):
@@ -223,6 +227,101 @@ def test_a_cancelled_request_ends_its_wait_whether_running_or_waiting(one_thread
     assert engine.free == [0] and not engine.running and not engine.waiting
 
 
+
+# -- prefix caching (vLLM's APC): full prompt blocks shared through the cache's prefix index ----------------------
+def with_system(system, *tails):
+    """Prompts [1, T] that start with the same system prompt."""
+    return [torch.cat([system, tail], 1) for tail in tails]
+
+
+def until_done(engine, handle, steps=50):
+    while handle.slots is not None or handle.queue.empty():
+        assert steps, "the request never ran to its end"
+        engine.step()
+        steps -= 1
+
+
+@pytest.mark.parametrize("kernels,kv_dtype", [("reference", "auto"), ("reference", "int8"), ("triton", "int8")])
+def test_prefix_caching_prefills_only_what_the_cache_lacks_and_draws_generates_tokens(one_thread, kernels,
+                                                                                       kv_dtype):
+    """Pages of 4, a system prompt of 9: A (13 tokens) prefills whole; B after it finds the system prompt's two full
+    blocks and prefills 3 of its 11 tokens into 2 new pages; C (n = 3, seeded) prefills its rest once, its rows
+    sharing the full blocks' pages; D, A's very prompt (3 full blocks), still computes its last block's logits
+    (prefill 4). Each request generate()'s tokens alone; at the end no row holds a page, every page free or cached."""
+    model = tiny(kernels, n_layer=2 if kernels == "reference" else 1)
+    T = []
+    model.tok_emb.register_forward_pre_hook(lambda module, args: T.append(args[0].size(1)))
+    system = prompt(9, seed=1)
+    a, b, c = with_system(system, prompt(3, seed=2), prompt(2, seed=3), prompt(1, seed=4))
+    a = torch.cat([a, prompt(1, seed=5)], 1)  # 13 tokens
+    engine = Engine(model, max_batch=4, kv_cache_dtype=kv_dtype, kv_pages=16, page_size=4, prefix_caching=True)
+    requests = [(a, 4, {}), (b, 4, dict(SAMPLED, seed=5)), (c.expand(3, -1), 3, dict(temperature=1.0, seed=7)),
+                (a[:, :12], 3, {})]
+    prefills, handles = [], []
+    for idx, new, kw in requests:
+        free, T[:] = len(engine.cache.free), []
+        handles.append(engine.submit(idx, new, **seeded(kw)))
+        engine.step()
+        prefills.append(T[0])
+        if len(handles) == 2:  # B: 4 pages, 2 of them the cached system prompt's (no row held them: free till now)
+            assert free - len(engine.cache.free) == 4 and len(set(engine.cache.pages[0])) == 4
+        if len(handles) == 3:  # C's 3 rows: 2 cached pages shared by all, and 1 of their own each
+            rows = [engine.cache.pages[s] for s in handles[-1].slots]
+            assert rows[0][:2] == rows[1][:2] == rows[2][:2] and len({p for r in rows for p in r}) == 5
+            assert [engine.cache.refs[p] for p in rows[0][:2]] == [3, 3]
+        until_done(engine, handles[-1])
+    assert prefills == [13, 3, 2, 4]
+    assert engine.stats == {"prompt_tokens": 13 + 11 + 10 + 12, "cached_prompt_tokens": 0 + 8 + 8 + 8}
+    for h, (idx, new, kw) in zip(handles, requests):
+        assert torch.equal(h.wait(), alone(model, idx, new, kw, kv_cache_dtype=kv_dtype))
+    cache = engine.cache
+    assert not any(cache.refs) and cache.pages == [[]] * 4 and sorted(cache.free) == list(range(16))
+    assert len(cache.cached) == len(cache.index) >= 3
+
+
+def test_prefix_caching_evicts_the_least_recently_freed_pages_when_the_pool_runs_short(one_thread):
+    """A pool of 6 pages of 4: A (a system prompt of 2 blocks + 5, 4 pages) ends, its 3 full blocks cached. B,
+    another prompt, needs 5: the 3 uncached free pages first, then 2 cached ones, A's last blocks first (its first
+    block, the one most shared, last). C, on A's system prompt, then finds its first block only; each request
+    still generate()'s tokens."""
+    model = tiny()
+    system = prompt(8, seed=1)
+    a, c = with_system(system, prompt(5, seed=2), prompt(3, seed=3))
+    b = prompt(14, seed=4)
+    engine = Engine(model, max_batch=2, kv_pages=6, page_size=4, prefix_caching=True)
+    cache = engine.cache
+    handles = [engine.submit(a, 3)]
+    until_done(engine, handles[0])
+    a_pages = list(cache.cached)  # least recently freed first: A's blocks last to first
+    assert len(a_pages) == 3 and len(cache.free) == 6
+    handles.append(engine.submit(b, 6, **seeded(dict(SAMPLED, seed=3))))
+    engine.step()
+    assert list(cache.cached) == a_pages[2:] and engine.stats["cached_prompt_tokens"] == 0
+    until_done(engine, handles[1])
+    handles.append(engine.submit(c, 3))
+    until_done(engine, handles[2])
+    assert engine.stats["cached_prompt_tokens"] == 4
+    for h, (idx, new, kw) in zip(handles, [(a, 3, {}), (b, 6, dict(SAMPLED, seed=3)), (c, 3, {})]):
+        assert torch.equal(h.wait(), alone(model, idx, new, kw))
+    assert not any(cache.refs) and sorted(cache.free) == list(range(6))
+
+
+def test_prefix_caching_admits_by_the_pages_it_takes(one_thread):
+    """A request's n rows share their prompt's full blocks at admission: 3 rows of 9 + 3 positions (3 pages of 4 a
+    row, 9 unshared) take 2 shared pages and 1 of their own each, 5, from a pool of 5; without prefix caching the
+    request could never be admitted."""
+    model = tiny()
+    engine = Engine(model, max_batch=4, kv_pages=5, page_size=4, prefix_caching=True)
+    h = engine.submit(prompt(9, 3, seed=1), 4, **seeded(dict(temperature=1.0, seed=2)))
+    engine.step()
+    assert h.slots is not None and len(engine.cache.free) == 0
+    until_done(engine, h)
+    assert torch.equal(h.wait(), alone(model, prompt(9, 3, seed=1), 4, dict(temperature=1.0, seed=2)))
+    plain = Engine(model, max_batch=4, kv_pages=5, page_size=4)
+    with pytest.raises(UserError, match="the request needs 9 KV pages"):
+        plain.submit(prompt(9, 3, seed=1), 4)
+
+
 # -- serve --max-batch ----------------------------------------------------------------------------------------
 def test_serve_batches_concurrent_requests_to_the_text_each_gets_alone(tmp_path):
     from test_serve import call, events, start, tiny_run
@@ -235,8 +334,8 @@ def test_serve_batches_concurrent_requests_to_the_text_each_gets_alone(tmp_path)
             {"prompt": "the bird", "max_tokens": 7, "stop": ["a"], "seed": 2, "stream": True},
             {"prompt": "0123", "max_tokens": 9, "seed": 4}]
     texts = {}
-    for flags in (("--max-batch", "1"), ("--max-batch", "4"), ("--max-batch", "4", "--kv-cache-pages", "24",
-                                                                "--kv-page-size", "4")):
+    paged = ("--max-batch", "4", "--kv-cache-pages", "24", "--kv-page-size", "4")
+    for flags in (("--max-batch", "1"), ("--max-batch", "4"), paged, (*paged, "--enable-prefix-caching")):
         server = start(folder, *flags)
         server.RequestHandlerClass.log_message = lambda *a: None
         got = [None] * len(reqs)
@@ -267,6 +366,31 @@ def test_serve_batches_concurrent_requests_to_the_text_each_gets_alone(tmp_path)
             server.shutdown()
             server.server_close()
     assert all(None not in t and t == texts["1",] for t in texts.values())
+
+
+def test_serve_with_prefix_caching_prefills_a_repeated_prompt_once(tmp_path, capsys):
+    """The same prompt twice: the second reads its full pages from the cache and answers as the first; shutdown
+    says how many prompt tokens the cache gave."""
+    from test_serve import call, start, tiny_run
+
+    folder = tmp_path / "run"
+    tiny_run(folder, "chat")
+    server = start(folder, "--max-batch", "2", "--kv-cache-pages", "16", "--kv-page-size", "4",
+                   "--enable-prefix-caching")
+    server.RequestHandlerClass.log_message = lambda *a: None
+    body = {"prompt": "the cat sat on the mat and the dog ran in the park", "max_tokens": 4, "temperature": 0}
+    try:
+        answers = [call(server, "/v1/completions", body) for _ in range(2)]
+        stats = server.app.engine.stats
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert [status for status, _ in answers] == [200, 200] and answers[0][1]["choices"] == answers[1][1]["choices"]
+    prompt_tokens = answers[0][1]["usage"]["prompt_tokens"]
+    cached = (prompt_tokens - 1) // 4 * 4
+    assert cached > 0 and stats == {"prompt_tokens": 2 * prompt_tokens, "cached_prompt_tokens": cached}
+    assert f"prefix caching: {cached} of {2 * prompt_tokens} prompt tokens read from the cache" in \
+        capsys.readouterr().err
 
 
 def test_serve_cancels_the_request_of_a_client_that_left(tmp_path, monkeypatch):

@@ -338,6 +338,9 @@ def test_the_command_refuses_bad_flags(capsys, tmp_path):
     # a page size without pages was ignored without a word
     assert main(["serve", "--weights", str(tmp_path), "--kv-page-size", "8"]) == 2
     assert "--kv-page-size sizes the pages of --kv-cache-pages: pass --kv-cache-pages N too" in capsys.readouterr().err
+    assert main(["serve", "--weights", str(tmp_path), "--enable-prefix-caching"]) == 2
+    assert "--enable-prefix-caching shares the pages of the paged KV cache: pass --kv-cache-pages N too" in \
+        capsys.readouterr().err
 
 
 def test_a_hugging_face_instruct_folder_answers_in_its_own_chat_template(tmp_path):

@@ -20,14 +20,16 @@ RECORD_FIELDS = ("prompt", "max_tokens", "temperature", "top_k", "top_p", "seed"
 
 def generate_batch(model, prompts, max_new_tokens, max_batch: int = 32, kv_pages: int | None = None,
                    page_size: int = 16, kv_cache_dtype: str = "auto", autocast=None, cuda_graph: bool = False,
-                   seed: int | None = None, each=None, on_done=None, **settings) -> list:
+                   seed: int | None = None, each=None, on_done=None, prefix_caching: bool = False,
+                   **settings) -> list:
     """Every prompt through one Engine(model, max_batch, ...): prompts, a list of [n, T] id tensors (n samples of
     the prompt, drawn as generate() draws n rows) or of id lists (one sample); -> each prompt's ids [n, T + new],
     in the input order. max_new_tokens: an int, or a list of one a prompt. settings: Engine.submit's keywords for
     every prompt (eos_id, vocab_limit, stop, temperature, top_p, ...); each: a dict a prompt (or None) of the same
     keywords and "max_new_tokens" and "seed", winning over them. Seeds: prompt i's generator is seeded seed + i (its
     own "seed" or "generator" wins), so a prompt's text is the same whatever max_batch; no seed and none of its own:
-    torch's global generator. on_done(i, ids): called as each prompt's result is taken, in order."""
+    torch's global generator. on_done(i, ids): called as each prompt's result is taken, in order. prefix_caching:
+    the Engine's (with kv_pages): prompts sharing full leading pages prefill them once.
     import torch
 
     from tritongpt.train.engine import Engine
@@ -38,7 +40,7 @@ def generate_batch(model, prompts, max_new_tokens, max_batch: int = 32, kv_pages
         raise UserError(f"{len(prompts)} prompts but {len(budgets)} max_new_tokens and {len(each)} settings: pass "
                         "one of each a prompt")
     engine = Engine(model, max_batch=max_batch, kv_cache_dtype=kv_cache_dtype, autocast=autocast, kv_pages=kv_pages,
-                    page_size=page_size, cuda_graph=cuda_graph)
+                    page_size=page_size, cuda_graph=cuda_graph, prefix_caching=prefix_caching)
     try:
         handles = []
         for i, (ids, budget, own) in enumerate(zip(prompts, budgets, each)):

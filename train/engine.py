@@ -106,15 +106,29 @@ class Engine:
     memory, and the capture's warm-up runs are that very step (each row's keys written at its fill, as the replay
     writes them again). The rows past the running ones are free rows, as in an eager step: a slot cache's write at
     their stale fill, which nothing reads, a paged cache's to its scratch page. capture(fn, device) -> replay():
-    DecodeGraph's (capture_cuda_graph by default; tests pass one that records fn on the CPU)."""
+    DecodeGraph's (capture_cuda_graph by default; tests pass one that records fn on the CPU).
+
+    prefix_caching (vLLM's automatic prefix caching; a paged cache only): a request's prompt takes the cached pages
+    of its longest run of full blocks already prefilled (PagedKVCache.lookup: by a hash chain of their token ids),
+    shared and read-only, and prefills only the rest, from their end, attending over them. The hits stop before
+    the prompt's last token (vLLM's rule): its logits are always computed, so a prompt all cached still prefills
+    its last block. After its prefill a request's full prompt blocks enter the index, for the requests after it
+    (not those admitted in the same step). A request's n rows of one prompt share its full blocks' pages (the
+    partial last one copied). stats: "prompt_tokens" (a prefilled row's prompt, a request of n equal rows once)
+    and "cached_prompt_tokens", the ones of them read from the cache."""
 
     def __init__(self, model, max_batch: int = 8, kv_cache_dtype: str = "auto", autocast=None,
-                 kv_pages: int | None = None, page_size: int = 16, cuda_graph: bool = False, capture=None):
+                 kv_pages: int | None = None, page_size: int = 16, cuda_graph: bool = False, capture=None,
+                 prefix_caching: bool = False):
         if not is_int(max_batch) or max_batch < 1:
             raise UserError(f"max_batch must be a positive integer (the requests' rows decoded at once), "
                             f"got {max_batch!r}")
-        if not isinstance(cuda_graph, bool):
-            raise UserError(f"cuda_graph must be a bool, got {cuda_graph!r}")
+        for name, flag in (("cuda_graph", cuda_graph), ("prefix_caching", prefix_caching)):
+            if not isinstance(flag, bool):
+                raise UserError(f"{name} must be a bool, got {flag!r}")
+        if prefix_caching and kv_pages is None:
+            raise UserError("prefix caching shares the pages of a paged KV cache: give the engine kv_pages "
+                            "(serve: --enable-prefix-caching needs --kv-cache-pages)")
         check_cache_dtype(kv_cache_dtype)
         check_engine(model)
         if cuda_graph:
@@ -138,6 +152,8 @@ class Engine:
         self.waiting, self.running = deque(), []
         self.cond = threading.Condition()  # guards waiting (submit's) and closed; wakes the thread
         self.closed, self.thread = False, None
+        self.prefix_caching = prefix_caching
+        self.stats = {"prompt_tokens": 0, "cached_prompt_tokens": 0}
 
     def submit(self, idx, max_new_tokens: int, *, eos_id: int | None = None, generator=None,
                vocab_limit: int | None = None, stop=None, **warp) -> Request:
@@ -159,8 +175,8 @@ class Engine:
         if idx.size(1) + max_new_tokens > self.max_len:
             raise UserError(f"prompt {idx.size(1)} + max_new_tokens {max_new_tokens} > the context length "
                             f"{self.max_len}: the engine does not slide the window")
-        if self.paged and idx.size(0) * self.pages_for(idx.size(1), max_new_tokens) > self.cache.num_pages:
-            raise UserError(f"the request needs {idx.size(0) * self.pages_for(idx.size(1), max_new_tokens)} KV pages "
+        if self.paged and self._most_pages(idx, max_new_tokens) > self.cache.num_pages:
+            raise UserError(f"the request needs {self._most_pages(idx, max_new_tokens)} KV pages "
                             f"of {self.cache.page_size} positions ({idx.size(0)} rows of {idx.size(1)} + "
                             f"{max_new_tokens}), more than the cache's {self.cache.num_pages}: it could never be "
                             "admitted")
@@ -187,10 +203,33 @@ class Engine:
         running request never waits for a page; the last token drawn is never fed back, hence the - 1)."""
         return self.cache.pages_for(prompt + max(budget, 1) - 1)
 
+    def _most_pages(self, idx, budget: int) -> int:
+        """The pages a request takes with no cache hit: a row's each, but with prefix caching equal rows share their
+        prompt's full blocks."""
+        n, T = idx.shape
+        pages = self.pages_for(T, budget)
+        if self.prefix_caching and bool((idx == idx[:1]).all()):
+            return pages + (n - 1) * (pages - T // self.cache.page_size)
+        return n * pages
+
     def _fits(self, r) -> bool:
         if r.n > len(self.free):
             return False
+        if self.prefix_caching:
+            return self._plan(r) <= len(self.cache.free)
         return not self.paged or r.n * self.pages_for(r.start, r.budget) <= len(self.cache.free)
+
+    def _plan(self, r) -> int:
+        """Prefix caching: r.hits, each prefilled row's cached pages (one row for a request of n equal rows, which
+        share its full blocks), and the free pages the request takes: the new ones, and the cached ones it holds
+        again (those no row holds count as free)."""
+        cache, pages = self.cache, self.pages_for(r.start, r.budget)
+        r.same = bool((r.idx == r.idx[:1]).all())
+        r.hits = [cache.lookup(row[:-1]) for row in (r.idx[:1] if r.same else r.idx)]  # the last token computed
+        new = sum(pages - len(h) for h in r.hits)
+        if r.same:  # the other rows: their own pages past the prompt's full blocks
+            new += (r.n - 1) * (pages - r.start // cache.page_size)
+        return new + len({p for h in r.hits for p in h if p in cache.cached})
 
     def start(self):
         """step() on a background thread while there is work; returns self."""
@@ -242,6 +281,8 @@ class Engine:
             while self.waiting and self._fits(self.waiting[0]):
                 r = self.waiting.popleft()
                 r.slots, self.free = self.free[:r.n], self.free[r.n:]
+                if self.prefix_caching:
+                    self._attach(r)
                 for slot in r.slots if self.paged else ():
                     self.cache.reserve(slot, r.start + r.budget - 1)
                 admitted.append(r)
@@ -274,9 +315,22 @@ class Engine:
                 self._finish(r)
         return True
 
+    def _attach(self, r):
+        """Prefix caching, at admission (r.hits from _plan): each prefilled row takes its cached pages; a request's
+        other equal rows take the first row's pages of the prompt's full blocks (shared: prefilled once, by it)."""
+        cache, full = self.cache, r.start // self.cache.page_size
+        for slot, hits in zip(r.slots, r.hits):
+            cache.attach(slot, hits)
+        if r.same and r.n > 1:
+            cache.reserve(r.slots[0], r.start + r.budget - 1)
+            for slot in r.slots[1:]:
+                cache.attach(slot, cache.pages[r.slots[0]][:full])
+
     def _prefill(self, r) -> torch.Tensor:
         """The request's prompt into its slots; the logits of its rows' next token [n, V]. Equal rows (a request's
         n choices) run once, the keys copied to the other slots."""
+        if self.prefix_caching:
+            return self._prefill_cached(r)
         cache, T = self.cache, r.start
         same = bool((r.idx == r.idx[:1]).all())
         rows = [last_logits(self.model, r.idx[i:i + 1], cache.row(s))[:, -1]
@@ -285,6 +339,21 @@ class Engine:
             cache.copy_row(r.slots[0], s, T)
         cache.fill[r.slots] = T
         return rows[0].expand(r.n, -1) if same else torch.cat(rows)
+
+    def _prefill_cached(self, r) -> torch.Tensor:
+        """_prefill with prefix caching: each prefilled row from the end of its cached pages; its full prompt
+        blocks into the index then; a request's other equal rows copy only the partial last page."""
+        cache, T, rows = self.cache, r.start, []
+        for i, (slot, hits) in enumerate(zip(r.slots, r.hits)):
+            L = len(hits) * cache.page_size
+            rows.append(last_logits(self.model, r.idx[i:i + 1, L:], cache.row(slot, start=L))[:, -1])
+            cache.register(slot, r.idx[i])
+            self.stats["prompt_tokens"] += T
+            self.stats["cached_prompt_tokens"] += L
+        for slot in r.slots[1:] if r.same else ():
+            cache.copy_row(r.slots[0], slot, T)
+        cache.fill[r.slots] = T
+        return rows[0].expand(r.n, -1) if r.same else torch.cat(rows)
 
     def _decode(self, decoding) -> torch.Tensor:
         """One forward over the cache's rows up to the last busy one, each running row's last token at its own

@@ -166,6 +166,10 @@ class Model:
     def close(self):
         if self.engine is not None:
             self.engine.close()
+            stats = self.engine.stats
+            if self.engine.prefix_caching and stats["prompt_tokens"]:
+                note(f"prefix caching: {stats['cached_prompt_tokens']} of {stats['prompt_tokens']} prompt tokens read "
+                     f"from the cache ({stats['cached_prompt_tokens'] / stats['prompt_tokens']:.0%})")
 
     def completion_prompt(self, prompt) -> list:
         """The prompt's ids, as `generate --prompt` encodes it (BOS first where the tokenizer adds one)."""
@@ -491,8 +495,8 @@ class Server(ThreadingHTTPServer):
 
 
 def check_engine_args(args, one_row_engine: bool = False):
-    """--max-batch, --kv-cache-pages and --kv-page-size (serve's, `generate --prompts`'), checked before any model is
-    built. one_row_engine: --max-batch 1 runs the engine too (generate --prompts), not generate() (serve)."""
+    """--max-batch, --kv-cache-pages, --kv-page-size and --enable-prefix-caching (serve's, `generate --prompts`'),
+    checked before any model is built. one_row_engine: --max-batch 1 runs the engine too (generate --prompts), not generate() (serve)."""
     if args.max_batch < 1:
         raise UserError(f"--max-batch must be a positive integer, got {args.max_batch}")
     if args.kv_cache_pages is not None and (args.kv_cache_pages < 1 or args.max_batch == 1 and not one_row_engine):
@@ -502,12 +506,15 @@ def check_engine_args(args, one_row_engine: bool = False):
         raise UserError("--kv-page-size sizes the pages of --kv-cache-pages: pass --kv-cache-pages N too")
     if args.kv_page_size is not None and args.kv_page_size < 1:
         raise UserError(f"--kv-page-size must be a positive number of positions, got {args.kv_page_size}")
+    if args.enable_prefix_caching and args.kv_cache_pages is None:
+        raise UserError("--enable-prefix-caching shares the pages of the paged KV cache: pass --kv-cache-pages N too")
 
 
 def page_args(args) -> dict:
-    """Engine's kv_pages and page_size keywords from --kv-cache-pages and --kv-page-size (the engine's default page
-    size where none is given)."""
-    return {"kv_pages": args.kv_cache_pages, **({} if args.kv_page_size is None else {"page_size": args.kv_page_size})}
+    """Engine's kv_pages, page_size and prefix_caching keywords from --kv-cache-pages, --kv-page-size (the engine's
+    default page size where none is given) and --enable-prefix-caching."""
+    return {"kv_pages": args.kv_cache_pages, "prefix_caching": args.enable_prefix_caching,
+            **({} if args.kv_page_size is None else {"page_size": args.kv_page_size})}
 
 
 def add_engine_args(p, max_batch, max_batch_help: str):
@@ -520,6 +527,11 @@ def add_engine_args(p, max_batch, max_batch_help: str):
                         "none, each of --max-batch rows holds the whole context)")
     p.add_argument("--kv-page-size", type=int, default=None, metavar="P",
                    help="positions a page of --kv-cache-pages (default 16, vLLM's)")
+    p.add_argument("--enable-prefix-caching", action="store_true",
+                   help="vLLM's automatic prefix caching (with --kv-cache-pages): a prompt's full pages that an "
+                        "earlier request prefilled (the same tokens from the start: a system prompt, a conversation "
+                        "so far) are shared, not prefilled again; cached pages no request holds are reclaimed "
+                        "least recently used first")
 
 
 def make_engine(args, model, device, dtype):
@@ -535,6 +547,7 @@ def make_engine(args, model, device, dtype):
     except UserError as e:
         unused = "" if args.kv_cache_pages is None else \
             f"; --kv-cache-pages {args.kv_cache_pages} is not used (the engine's paged cache)"
+        unused += "; --enable-prefix-caching is not used (the engine's)" if args.enable_prefix_caching else ""
         note(f"{e}: serving one request at a time{unused}")
         return None
     return Engine(model, args.max_batch, args.kv_cache_dtype, lambda: autocast(device, dtype),
