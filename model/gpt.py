@@ -275,6 +275,11 @@ class PagedKVCache(KVCache):
         released taken last of all), then the never-cached free ones."""
         return [*reversed(self.cached), *self._free]
 
+    @property
+    def num_free(self) -> int:
+        """len(free), without making the list (the engine asks at every admission)."""
+        return len(self._free) + len(self.cached)
+
     def _take(self) -> int:
         if self._free:
             return self._free.pop()
@@ -300,7 +305,7 @@ class PagedKVCache(KVCache):
         self._check_row(row)
         self._check_length(length)
         more = self.pages_for(length) - len(self.pages[row])
-        free = len(self._free) + len(self.cached)
+        free = self.num_free
         if more > free:
             raise UserError(f"the paged KV cache has {free} free pages of {self.page_size} positions; row "
                             f"{row} needs {more} more for {length} positions")

@@ -43,6 +43,7 @@ class Request:
         self.start = idx.size(1)  # where the generated ids begin (the frequency/presence penalties count from it)
         self.done = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
         self.slots = None  # the cache rows it holds while running
+        self.same, self.hits = False, []  # prefix caching's (Engine._plan): whether its rows are equal, their hits
         self.queue = queue.Queue()
         self.cancelled = False
 
@@ -216,8 +217,8 @@ class Engine:
         if r.n > len(self.free):
             return False
         if self.prefix_caching:
-            return self._plan(r) <= len(self.cache.free)
-        return not self.paged or r.n * self.pages_for(r.start, r.budget) <= len(self.cache.free)
+            return self._plan(r) <= self.cache.num_free
+        return not self.paged or r.n * self.pages_for(r.start, r.budget) <= self.cache.num_free
 
     def _plan(self, r) -> int:
         """Prefix caching: r.hits, each prefilled row's cached pages (one row for a request of n equal rows, which
