@@ -29,7 +29,7 @@ def generate_batch(model, prompts, max_new_tokens, max_batch: int = 32, kv_pages
     keywords and "max_new_tokens" and "seed", winning over them. Seeds: prompt i's generator is seeded seed + i (its
     own "seed" or "generator" wins), so a prompt's text is the same whatever max_batch; no seed and none of its own:
     torch's global generator. on_done(i, ids): called as each prompt's result is taken, in order. prefix_caching:
-    the Engine's (with kv_pages): prompts sharing full leading pages prefill them once.
+    the Engine's (with kv_pages): prompts sharing full leading pages prefill them once."""
     import torch
 
     from tritongpt.train.engine import Engine
