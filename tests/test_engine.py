@@ -241,7 +241,8 @@ def until_done(engine, handle, steps=50):
         steps -= 1
 
 
-@pytest.mark.parametrize("kernels,kv_dtype", [("reference", "auto"), ("reference", "int8"), ("triton", "int8")])
+@pytest.mark.parametrize("kernels,kv_dtype", [("reference", "auto"), ("reference", "int8"), ("triton", "auto"),
+                                              ("triton", "int8")])
 def test_prefix_caching_prefills_only_what_the_cache_lacks_and_draws_generates_tokens(one_thread, kernels,
                                                                                        kv_dtype):
     """Pages of 4, a system prompt of 9: A (13 tokens) prefills whole; B after it finds the system prompt's two full
@@ -533,6 +534,24 @@ def test_what_the_engine_refuses_with_cuda_graphs(one_thread):
     with pytest.raises(UserError, match="cuda_graph must be a bool, got 1"):
         Engine(model, max_batch=2, cuda_graph=1)
     assert Engine(model, max_batch=6, cuda_graph=True, capture=lambda fn, device: fn).buckets == [1, 2, 4, 6]
+
+
+def test_cuda_graph_steps_read_the_pages_prefix_caching_attaches(one_thread):
+    """A (a system prompt of 2 blocks + 3) runs alone, bucket 1 captured, and ends, its blocks cached; B on the same
+    system prompt attaches them at admission, after the capture: the replay reads block_table in place, so B decodes
+    over the cached pages and gets generate()'s tokens."""
+    model = tiny()
+    log = []
+    engine = graphed(model, log, kv_pages=8, page_size=4, prefix_caching=True)
+    a, b = with_system(prompt(8, seed=1), prompt(3, seed=2), prompt(2, seed=3))
+    handles = [engine.submit(a, 4)]
+    until_done(engine, handles[0])
+    handles.append(engine.submit(b, 5, **seeded(dict(SAMPLED, seed=4))))
+    until_done(engine, handles[1])
+    assert engine.stats["cached_prompt_tokens"] == 8 and log.count("capture") == 1
+    for h, (idx, new, kw) in zip(handles, [(a, 4, {}), (b, 5, dict(SAMPLED, seed=4))]):
+        assert torch.equal(h.wait(), alone(model, idx, new, kw))
+    assert not any(engine.cache.refs)
 
 
 @pytest.mark.cuda
