@@ -144,3 +144,34 @@ def test_every_refusal_is_named(saved, tmp_path, capsys):
     with pytest.raises(SystemExit):  # argparse: one prompt source
         cli.main([*batch, "--prompt", "x"])
     assert "not allowed with argument" in capsys.readouterr().err
+
+
+def test_a_prompt_the_engine_refuses_names_its_record_and_leaves_out_as_it_was(saved, tmp_path, capsys,
+                                                                              monkeypatch):
+    """Record 1's 10 tokens + 8 need 5 pages of 4, the cache has 3: refused at its submission, before any result, so
+    an --out of an earlier run is not emptied, and the message names the record."""
+    path = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "a"}, {"prompt": "The cat sat on the mat and then"}])
+    out = tmp_path / "out.jsonl"
+    out.write_text("an earlier run's results\n", encoding="utf-8")
+    assert cli.main(["generate", "--weights", str(saved), "--device", "cpu", "--prompts", str(path), "--out", str(out),
+                     "--max-new-tokens", "8", "--kv-cache-pages", "3", "--kv-page-size", "4"]) == 2
+    err = capsys.readouterr().err
+    assert "p.jsonl: record 1 (line 2): the request needs 5 KV pages" in err, err
+    assert out.read_text(encoding="utf-8") == "an earlier run's results\n"
+    # an engine error midway (its 6th token: record 0's 4 written, record 1's second): the error raised, and the
+    # half-written --out said to be so
+    from tritongpt.train import engine
+
+    calls, step = [], engine.decode_step
+
+    def failing(*a, **kw):
+        calls.append(1)
+        if len(calls) == 6:
+            raise RuntimeError("a broken step")
+        return step(*a, **kw)
+    monkeypatch.setattr(engine, "decode_step", failing)
+    with pytest.raises(RuntimeError, match="a broken step"):
+        cli.main(["generate", "--weights", str(saved), "--device", "cpu", "--prompts", str(path), "--out", str(out),
+                  "--max-new-tokens", "4", "--max-batch", "1"])
+    assert f"--out {out} holds the results of the first 1 of 2 prompts only" in capsys.readouterr().err
+    assert [json.loads(line)["index"] for line in out.read_text(encoding="utf-8").splitlines()] == [0]

@@ -20,7 +20,7 @@ RECORD_FIELDS = ("prompt", "max_tokens", "temperature", "top_k", "top_p", "seed"
 
 def generate_batch(model, prompts, max_new_tokens, max_batch: int = 32, kv_pages: int | None = None,
                    page_size: int = 16, kv_cache_dtype: str = "auto", autocast=None, cuda_graph: bool = False,
-                   seed: int | None = None, each=None, on_done=None, prefix_caching: bool = False,
+                   seed: int | None = None, each=None, on_done=None, prefix_caching: bool = False, names=None,
                    **settings) -> list:
     """Every prompt through one Engine(model, max_batch, ...): prompts, a list of [n, T] id tensors (n samples of
     the prompt, drawn as generate() draws n rows) or of id lists (one sample); -> each prompt's ids [n, T + new],
@@ -29,7 +29,8 @@ def generate_batch(model, prompts, max_new_tokens, max_batch: int = 32, kv_pages
     keywords and "max_new_tokens" and "seed", winning over them. Seeds: prompt i's generator is seeded seed + i (its
     own "seed" or "generator" wins), so a prompt's text is the same whatever max_batch; no seed and none of its own:
     torch's global generator. on_done(i, ids): called as each prompt's result is taken, in order. prefix_caching:
-    the Engine's (with kv_pages): prompts sharing full leading pages prefill them once."""
+    the Engine's (with kv_pages): prompts sharing full leading pages prefill them once. names: a prompt's name for
+    a refusal at its submission (default "prompt i"); every prompt is submitted before the first on_done."""
     import torch
 
     from tritongpt.train.engine import Engine
@@ -50,7 +51,10 @@ def generate_batch(model, prompts, max_new_tokens, max_batch: int = 32, kv_pages
             if kw.get("generator") is None and own_seed is not None:
                 kw["generator"] = torch.Generator(device=next(model.parameters()).device).manual_seed(own_seed)
             idx = ids if isinstance(ids, torch.Tensor) else torch.tensor([list(ids)], dtype=torch.long)
-            handles.append(engine.submit(idx, kw.pop("max_new_tokens"), **kw))
+            try:
+                handles.append(engine.submit(idx, kw.pop("max_new_tokens"), **kw))
+            except UserError as e:  # (the engine's pages, say: which of thousands of prompts it could never admit)
+                raise UserError(f"{names[i] if names is not None else f'prompt {i}'}: {e}") from None
         engine.start()  # steps on its thread while this one takes the results in order
         outs = []
         for i, h in enumerate(handles):
@@ -169,22 +173,34 @@ def cmd_generate_prompts(args):
         rows.append(choices)
     bar = tqdm(total=len(prompts), desc="generate", unit="prompt", file=sys.stderr, leave=False)
     t0, generated = time.perf_counter(), 0
-    with open(out_path, "w", encoding="utf-8") as f:
-        def write(i, out):  # the prompt's samples, as serve's completion choices (commands.Choices)
-            nonlocal generated
-            choices = rows[i]
-            for j, row in enumerate(out.tolist()):
-                text, finish, tokens = choices.choice(j, row)
-                generated += tokens
-                f.write(json.dumps({"index": i, "sample": j, "prompt": records[i][1]["prompt"], "text": text,
-                                    "finish_reason": finish, "prompt_tokens": choices.start,
-                                    "completion_tokens": tokens}, ensure_ascii=False) + "\n")
-            bar.update()
+    f = None  # opened at the first result: a prompt the engine refuses at submission leaves an earlier --out as is
 
+    def write(i, out):  # the prompt's samples, as serve's completion choices (commands.Choices)
+        nonlocal generated, f
+        if f is None:
+            f = open(out_path, "w", encoding="utf-8")
+        choices = rows[i]
+        for j, row in enumerate(out.tolist()):
+            text, finish, tokens = choices.choice(j, row)
+            generated += tokens
+            f.write(json.dumps({"index": i, "sample": j, "prompt": records[i][1]["prompt"], "text": text,
+                                "finish_reason": finish, "prompt_tokens": choices.start,
+                                "completion_tokens": tokens}, ensure_ascii=False) + "\n")
+        bar.update()
+
+    try:
         generate_batch(model, prompts, budgets, args.max_batch, kv_cache_dtype=args.kv_cache_dtype,
                        autocast=lambda: autocast(device, dtype), cuda_graph=args.cuda_graphs, seed=args.seed,
                        each=each, on_done=write, eos_id=eot, vocab_limit=limit, temperature=args.temperature,
-                       top_k=args.top_k, top_p=args.top_p, **sampling_controls(args), **page_args(args))
+                       top_k=args.top_k, top_p=args.top_p, names=[where for where, _ in records],
+                       **sampling_controls(args), **page_args(args))
+    except BaseException:  # (an engine error or Ctrl-C midway) the lines written stand: say they are not all
+        if f is not None:
+            note(f"--out {out_path} holds the results of the first {bar.n} of {len(prompts)} prompts only")
+        raise
+    finally:
+        if f is not None:
+            f.close()
     bar.close()
     seconds = time.perf_counter() - t0
     note(f"{len(prompts)} prompts ({len(prompts) * args.num_samples} samples) in {seconds:.2f} s: "
