@@ -496,7 +496,8 @@ class Server(ThreadingHTTPServer):
 
 def check_engine_args(args, one_row_engine: bool = False):
     """--max-batch, --kv-cache-pages, --kv-page-size and --enable-prefix-caching (serve's, `generate --prompts`'),
-    checked before any model is built. one_row_engine: --max-batch 1 runs the engine too (generate --prompts), not generate() (serve)."""
+    checked before any model is built. one_row_engine: --max-batch 1 runs the engine too (generate --prompts), not
+    generate() (serve)."""
     if args.max_batch < 1:
         raise UserError(f"--max-batch must be a positive integer, got {args.max_batch}")
     if args.kv_cache_pages is not None and (args.kv_cache_pages < 1 or args.max_batch == 1 and not one_row_engine):
