@@ -56,13 +56,15 @@ def test_each_record_is_generate_alone_in_order_whatever_the_batch(saved, tmp_pa
             alone(saved, capsys, PROMPTS[3], 99, "--stop", stop0, "--top-k", "5", "--top-p", "0.9"),
             alone(saved, capsys, PROMPTS[0], SEED, "--max-new-tokens", "7")]
     # (a paged cache of 4 pages of 4 positions: one record at a time, the next waiting for its pages)
-    # and prefix caching (record 4 repeats record 0's prompt: its full pages read from the cache)
+    # and prefix caching (record 4 repeats record 0's prompt of 3 tokens: its first page of 2 read from the cache)
     for batch in (["1"], ["3"], ["3", "--kv-cache-pages", "4", "--kv-page-size", "4"],
-                  ["3", "--kv-cache-pages", "6", "--kv-page-size", "4", "--enable-prefix-caching"]):
+                  ["3", "--kv-cache-pages", "16", "--kv-page-size", "2", "--enable-prefix-caching"]):
         got, err = run_prompts(saved, tmp_path, capsys, path, "--stop", stop0, "--max-batch", *batch)
         assert [r["index"] for r in got] == list(range(5)) and [r["prompt"] for r in got] == [*PROMPTS[:4], PROMPTS[0]]
         assert [[r["text"]] for r in got] == want, batch
         assert "5 prompts (5 samples)" in err and "generated tokens/s" in err
+        assert ("prefix caching: 2 of 15 prompt tokens read from the cache" in err) == \
+            ("--enable-prefix-caching" in batch), err
         for i, stop in ((0, stop0), (1, stop1)):  # cut at the flag's stop, at the record's own
             assert got[i]["finish_reason"] == "stop" and got[i]["completion_tokens"] < 12, got[i]
             assert got[i]["text"] == texts[i][:texts[i].index(stop)]

@@ -21,7 +21,7 @@ RECORD_FIELDS = ("prompt", "max_tokens", "temperature", "top_k", "top_p", "seed"
 def generate_batch(model, prompts, max_new_tokens, max_batch: int = 32, kv_pages: int | None = None,
                    page_size: int = 16, kv_cache_dtype: str = "auto", autocast=None, cuda_graph: bool = False,
                    seed: int | None = None, each=None, on_done=None, prefix_caching: bool = False, names=None,
-                   **settings) -> list:
+                   stats: dict | None = None, **settings) -> list:
     """Every prompt through one Engine(model, max_batch, ...): prompts, a list of [n, T] id tensors (n samples of
     the prompt, drawn as generate() draws n rows) or of id lists (one sample); -> each prompt's ids [n, T + new],
     in the input order. max_new_tokens: an int, or a list of one a prompt. settings: Engine.submit's keywords for
@@ -30,7 +30,8 @@ def generate_batch(model, prompts, max_new_tokens, max_batch: int = 32, kv_pages
     own "seed" or "generator" wins), so a prompt's text is the same whatever max_batch; no seed and none of its own:
     torch's global generator. on_done(i, ids): called as each prompt's result is taken, in order. prefix_caching:
     the Engine's (with kv_pages): prompts sharing full leading pages prefill them once. names: a prompt's name for
-    a refusal at its submission (default "prompt i"); every prompt is submitted before the first on_done."""
+    a refusal at its submission (default "prompt i"); every prompt is submitted before the first on_done. stats: a
+    dict given the Engine's stats at the end (prefix caching's prompt tokens and cached ones)."""
     import torch
 
     from tritongpt.train.engine import Engine
@@ -64,6 +65,8 @@ def generate_batch(model, prompts, max_new_tokens, max_batch: int = 32, kv_pages
         return outs
     finally:
         engine.close()  # (an error or Ctrl-C: the requests still waiting end, the thread stops)
+        if stats is not None:
+            stats.update(engine.stats)
 
 
 def read_prompts(path) -> list:
@@ -139,6 +142,7 @@ def cmd_generate_prompts(args):
     from tritongpt.commands import (Choices, check_beam_args, check_cuda_graphs, check_generation_args,
                                     encode_generate_prompt, load_generation_model, sampling_controls, stop_strings)
     from tritongpt.train.common import autocast
+    from tritongpt.train.engine import prefix_caching_said
     from tritongpt.train.serve import page_args
     from tritongpt.train.tokenizer import eot_or_none
 
@@ -173,6 +177,7 @@ def cmd_generate_prompts(args):
         rows.append(choices)
     bar = tqdm(total=len(prompts), desc="generate", unit="prompt", file=sys.stderr, leave=False)
     t0, generated = time.perf_counter(), 0
+    stats = {}
     f = None  # opened at the first result: a prompt the engine refuses at submission leaves an earlier --out as is
 
     def write(i, out):  # the prompt's samples, as serve's completion choices (commands.Choices)
@@ -192,7 +197,7 @@ def cmd_generate_prompts(args):
         generate_batch(model, prompts, budgets, args.max_batch, kv_cache_dtype=args.kv_cache_dtype,
                        autocast=lambda: autocast(device, dtype), cuda_graph=args.cuda_graphs, seed=args.seed,
                        each=each, on_done=write, eos_id=eot, vocab_limit=limit, temperature=args.temperature,
-                       top_k=args.top_k, top_p=args.top_p, names=[where for where, _ in records],
+                       top_k=args.top_k, top_p=args.top_p, names=[where for where, _ in records], stats=stats,
                        **sampling_controls(args), **page_args(args))
     except BaseException:  # (an engine error or Ctrl-C midway) the lines written stand: say they are not all
         if f is not None:
@@ -206,4 +211,7 @@ def cmd_generate_prompts(args):
     note(f"{len(prompts)} prompts ({len(prompts) * args.num_samples} samples) in {seconds:.2f} s: "
          f"{len(prompts) / seconds:.2f} prompts/s, {generated / seconds:.1f} generated tokens/s "
          f"(--max-batch {args.max_batch}); written to {out_path}")
+    said = prefix_caching_said(stats)
+    if said:
+        note(said)
     return 0

@@ -86,6 +86,15 @@ class Request:
             raise
 
 
+def prefix_caching_said(stats) -> str | None:
+    """Engine.stats as serve and `generate --prompts` say them at the end: the prompt tokens read from the cache (None
+    when no prompt was prefilled with prefix caching on)."""
+    if not stats["prompt_tokens"]:
+        return None
+    return (f"prefix caching: {stats['cached_prompt_tokens']} of {stats['prompt_tokens']} prompt tokens read from the "
+            f"cache ({stats['cached_prompt_tokens'] / stats['prompt_tokens']:.0%})")
+
+
 def check_engine(model) -> None:
     """Refuses by name a model the engine cannot batch (serve then serves it one request at a time)."""
     scaling = model.config.rope_scaling

@@ -165,11 +165,12 @@ class Model:
 
     def close(self):
         if self.engine is not None:
+            from tritongpt.train.engine import prefix_caching_said
+
             self.engine.close()
-            stats = self.engine.stats
-            if self.engine.prefix_caching and stats["prompt_tokens"]:
-                note(f"prefix caching: {stats['cached_prompt_tokens']} of {stats['prompt_tokens']} prompt tokens read "
-                     f"from the cache ({stats['cached_prompt_tokens'] / stats['prompt_tokens']:.0%})")
+            said = prefix_caching_said(self.engine.stats)
+            if said:
+                note(said)
 
     def completion_prompt(self, prompt) -> list:
         """The prompt's ids, as `generate --prompt` encodes it (BOS first where the tokenizer adds one)."""
