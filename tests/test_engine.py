@@ -575,3 +575,25 @@ def test_cuda_graph_steps_on_cuda_draw_generates_tokens(kernels, pages):
                 (2, prompt(4, seed=3).cuda(), 3, {}), (6, prompt(6, seed=4).cuda(), 3, {})]
     check(model, schedule, engine)
     assert sorted(engine.graphs) == [1, 2, 4]
+
+
+def test_a_request_whose_pages_cannot_be_taken_fails_alone_and_gives_its_slots_back(one_thread, monkeypatch):
+    """An admission that raises (a reserve refused) ends that request with the error, its rows and pages back,
+    never a wait() left hanging; the next request is served."""
+    model = tiny()
+    engine = Engine(model, max_batch=2, kv_pages=12, page_size=4)
+    real, calls = engine.cache.reserve, []
+
+    def reserve(row, length):
+        calls.append(row)
+        if len(calls) == 1:
+            raise UserError("no pages today")
+        return real(row, length)
+    monkeypatch.setattr(engine.cache, "reserve", reserve)
+    first, second = engine.submit(prompt(5, seed=1), 3), engine.submit(prompt(6, seed=2), 3)
+    while engine.running or engine.waiting:
+        engine.step()
+    with pytest.raises(UserError, match="no pages today"):
+        first.wait()
+    assert torch.equal(second.wait(), alone(model, prompt(6, seed=2), 3, {}))
+    assert engine.free == [0, 1] and engine.cache.num_free == 12

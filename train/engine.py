@@ -291,10 +291,14 @@ class Engine:
             while self.waiting and self._fits(self.waiting[0]):
                 r = self.waiting.popleft()
                 r.slots, self.free = self.free[:r.n], self.free[r.n:]
-                if self.prefix_caching:
-                    self._attach(r)
-                for slot in r.slots if self.paged else ():
-                    self.cache.reserve(slot, r.start + r.budget - 1)
+                try:
+                    if self.prefix_caching:
+                        self._attach(r)
+                    for slot in r.slots if self.paged else ():
+                        self.cache.reserve(slot, r.start + r.budget - 1)
+                except Exception as e:  # (_fits counted its pages: not expected) it alone fails, nothing kept
+                    self._finish(r, e)
+                    continue
                 admitted.append(r)
         decoding, self.running = self.running, self.running + admitted
         if not self.running:
