@@ -140,6 +140,7 @@ class Fake(BaseHTTPRequestHandler):
 
     def do_POST(self):
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        self.released = False  # (a kept-alive connection's handler serves its next request too)
         with Fake.lock:
             Fake.now += 1
             Fake.most = max(Fake.most, Fake.now)
@@ -157,12 +158,19 @@ class Fake(BaseHTTPRequestHandler):
                 if body["prompt"] == "mid":
                     self.chunk(json.dumps({"error": {"message": "went wrong"}}))
                     break
+            self.release()  # (before the end: a client that has read [DONE] may send its next request at once)
             if body["prompt"] != "cut":
                 self.chunk(json.dumps({"choices": [], "usage": {"prompt_tokens": 2,
                                                                 "completion_tokens": body["max_tokens"]}}))
                 self.chunk("[DONE]")
             self.wfile.write(b"0\r\n\r\n")
         finally:
+            self.release()
+
+    def release(self):
+        """This request no longer held (once, whichever comes first)."""
+        if not getattr(self, "released", False):
+            self.released = True
             with Fake.lock:
                 Fake.now -= 1
 
