@@ -6,7 +6,7 @@
 #
 #   TRITONGPT_GIT_COMMIT=<hash of HEAD> bash bench/gpu_session.sh \
 #     [all|tests|bench|profile|kernels-extra|graphs|padded|lora|window|llama|qwen3|gemma3|gemma2|olmo|smollm3|pythia|
-#      phi|falcon|moe|bloom|decode]
+#      phi|falcon|moe|bloom|decode|serve]
 #   (default: all)
 #   profile (not part of all): `bench profile` of the GPT-2 124M step (B=16, T=1024, bf16): the eager Triton path,
 #   it compiled with CUDA graphs (triton+compile+cudagraphs), the compiled SDPA baseline and the Triton path
@@ -62,11 +62,16 @@
 #   kernels/moe.py, on the Triton path; MFU counts the 2 experts a token meets), into results-moe/
 #   bloom (not part of all; after moe): BLOOM's shape at GPT-2's depth and width: ALiBi (the flash kernel's
 #   HAS_ALIBI) and a LayerNorm on the token embeddings, into results-bloom/
+#   serve (not part of all): `bench serve` of GPT-2 124M's shape (random weights) served on the GPU, 64 streamed
+#   completions of 128 prompt tokens and 128 out, all at once: one request at a time (--max-batch 1), continuous
+#   batching at 32, with a paged cache, with CUDA-graph buckets, with prefix caching; each load within
+#   SERVE_SECONDS (default 60), into results-serve/<device>/serve-LABEL.{json,md,png}
 #   decode (not part of all): `bench decode`: GPT-2 124M's greedy KV-cache decode steps (bf16 autocast, batches 1
 #   and 8, a 128-token prompt then 128 steps), eager and replayed from a CUDA graph (DecodeGraph), on the reference
 #   and the Triton path, within DECODE_MINUTES (default 1), into results-decode/ (decode.json, .md, .png)
 #   env: OUT (default ./gpu-out), WORK (default /tmp/tritongpt-gpu), WARM_SECONDS (90),
 #        TEST_SECONDS (120), BENCH_MINUTES (4), PROFILE_MINUTES (6), EXTRA_MINUTES (1.5), DECODE_MINUTES (1),
+#        SERVE_SECONDS (60),
 #        PYTHON (python3)
 # The device gets a copy of the working tree without .git, so name the commit: results record it.
 #
@@ -308,5 +313,24 @@ if [ "$what" = bloom ]; then
 fi
 if [ "$what" = decode ]; then
     extra_bench decode "${DECODE_MINUTES:-1}" "decode" decode
+fi
+if [ "$what" = serve ]; then
+    # GPT-2 124M's shape with random weights (the device has no network for GPT-2's); the text does not matter, the
+    # load's timing does. Each load is cut at SERVE_SECONDS, its files written only when it ends.
+    echo "== tritongpt bench serve (GPT-2 124M shape, random weights; each load within ${SERVE_SECONDS:-60} s)"
+    $PY -c "import torch; from tritongpt.model.config import get_config; from tritongpt.model.gpt import GPTModel; \
+torch.manual_seed(0); GPTModel(get_config('gpt2-small')).save('$WORK/gpt2-random.safetensors')" \
+        >"$WORK/serve-model.log" 2>&1 || rc=1
+    for run in "mb1:--max-batch 1" "mb32:--max-batch 32" "mb32-paged:--max-batch 32 --kv-cache-pages 2048" \
+               "mb32-graphs:--max-batch 32 --cuda-graphs" \
+               "mb32-prefix:--max-batch 32 --kv-cache-pages 2048 --enable-prefix-caching"; do
+        label=${run%%:*}
+        # shellcheck disable=SC2086 (the flags split on purpose)
+        timeout -s INT -k 15 "${SERVE_SECONDS:-60}" $PY -m tritongpt.cli bench serve \
+            --weights "$WORK/gpt2-random.safetensors" --num-prompts 64 --input-len 128 --output-len 128 \
+            ${run#*:} --out "$WORK/results-serve" --label "$label" >"$WORK/bench-serve-$label.log" 2>&1 || rc=1
+        tail -n 12 "$WORK/bench-serve-$label.log"
+        pack
+    done
 fi
 exit $rc

@@ -225,7 +225,7 @@ def test_gpu_session_decode_stage_runs_bench_decode_on_its_own(tmp_path):
     assert "== tritongpt bench decode (budget 0.8 min)" in stdout
     assert (tmp_path / "decode" / "out" / "session.tgz").is_file()
     header = SCRIPT.read_text().split("set -uo pipefail")[0]
-    assert "|bloom|decode]" in header and "decode (not part of all)" in header
+    assert "|bloom|decode|serve]" in header and "decode (not part of all)" in header
     runs, _, _ = run_gpu_session(tmp_path / "all", "all", BENCH_MINUTES="0.1", TEST_SECONDS="5")
     assert [c[2:4] for c in runs if c[:2] == ["-m", "tritongpt.cli"]] == [["bench", "all"]]
 

@@ -286,3 +286,24 @@ def test_a_flag_serve_gains_reaches_the_in_process_server(monkeypatch):
     args = build_parser(["bench"]).parse_args(["bench", "serve", "--max-widgets", "7", "--weights", "w"])
     ns = bs.server_args(args)
     assert (ns.max_widgets, ns.weights, ns.port, ns.dtype, ns.seed) == (7, "w", 0, "auto", 1337)
+
+
+def test_gpu_session_serve_stage_runs_each_load_into_its_own_files(tmp_path):
+    """`bash bench/gpu_session.sh serve` makes GPT-2 124M's shape with random weights, then runs `bench serve` once
+    a server setting (one request at a time, batched, paged, graphs, prefix caching), each labelled, each parsed by
+    the bench's own parser; `all` does not run it. Python is a stand-in."""
+    from session_stub import run_gpu_session
+    from tritongpt.cli import build_parser
+
+    runs, work, stdout = run_gpu_session(tmp_path, "serve", SERVE_SECONDS="30")
+    assert "get_config('gpt2-small')" in runs[-6][1] and f"{work}/gpt2-random.safetensors" in runs[-6][1]
+    loads = [c[2:] for c in runs if c[:4] == ["-m", "tritongpt.cli", "bench", "serve"]]
+    labels = [c[c.index("--label") + 1] for c in loads]
+    assert labels == ["mb1", "mb32", "mb32-paged", "mb32-graphs", "mb32-prefix"]
+    for argv in loads:
+        args = build_parser().parse_args(argv)
+        assert (args.weights, args.num_prompts, args.out) == (f"{work}/gpt2-random.safetensors", 64,
+                                                              f"{work}/results-serve")
+    by = {label: build_parser().parse_args(argv) for label, argv in zip(labels, loads)}
+    assert by["mb1"].max_batch == 1 and by["mb32-paged"].kv_cache_pages == 2048 and by["mb32-graphs"].cuda_graphs
+    assert by["mb32-prefix"].enable_prefix_caching and "== tritongpt bench serve" in stdout
