@@ -541,3 +541,146 @@ def test_cuda_graphs_with_a_model_no_graph_replays_are_refused_at_startup(tmp_pa
     for batch in ("1", "4"):
         with pytest.raises(UserError, match="CUDA-graph decoding does not take mixture-of-experts models"):
             start(folder, "--cuda-graphs", "--max-batch", batch)
+
+
+def scrape(server):
+    """GET /metrics parsed: {(name, sorted labels): value}; every line checked against Prometheus' text format
+    (HELP and TYPE before a family's samples, `name{labels} float`, histogram buckets cumulative to +Inf)."""
+    import re
+
+    url = f"http://127.0.0.1:{server.server_address[1]}/metrics"
+    with urllib.request.urlopen(url, timeout=30) as r:
+        assert r.status == 200 and r.headers["Content-Type"].startswith("text/plain; version=0.0.4")
+        text = r.read().decode()
+    assert text.endswith("\n")
+    helps, types, samples = {}, {}, {}
+    for line in text.splitlines():
+        if line.startswith("# HELP ") or line.startswith("# TYPE "):
+            _, word, name, rest = line.split(" ", 3)
+            assert name.startswith("tritongpt:") and rest, line
+            (helps if word == "HELP" else types)[name] = rest
+            continue
+        m = re.fullmatch(r'(tritongpt:[a-z0-9_]+)\{((?:[a-z_]+="[^"]*",?)*)\} (\S+)', line)
+        assert m, line
+        name, labels, value = m.group(1), dict(re.findall(r'([a-z_]+)="([^"]*)"', m.group(2))), float(m.group(3))
+        assert value == value, line  # (never NaN)
+        family = re.sub(r"_(bucket|sum|count)$", "", name) if types.get(name) is None else name
+        assert family in helps and family in types, f"{line}: no HELP/TYPE for {family}"
+        assert types[family] in ("gauge", "counter", "histogram") and labels.get("model_name") == "tiny", line
+        samples[name, tuple(sorted(labels.items()))] = value
+    for family in (f for f, t in types.items() if t == "histogram"):
+        les = [(dict(k[1])["le"], v) for k, v in samples.items() if k[0] == family + "_bucket"]
+        assert les[-1][0] == "+Inf" and [float(le) for le, _ in les] == sorted(float(le) for le, _ in les)
+        assert all(a <= b for (_, a), (_, b) in zip(les, les[1:]))  # cumulative
+        assert samples[family + "_count", (("model_name", "tiny"),)] == les[-1][1]
+        assert (family + "_sum", (("model_name", "tiny"),)) in samples
+    return samples
+
+
+def metric(samples, name, **labels):
+    return samples["tritongpt:" + name, tuple(sorted({"model_name": "tiny", **labels}.items()))]
+
+
+def test_metrics_count_what_the_responses_say(tmp_path, monkeypatch):
+    """/metrics after a completion, a streamed n=2 one, one cut by a stop string and one whose client hangs up:
+    the token counters are the responses' usage, the finish reasons theirs, the histograms one observation a
+    request (a gap a step), prefix-cache hits the full blocks a repeated prompt finds; the paged cache's usage is the
+    pages a running request holds of the cache's, and everything idle again reads 0."""
+    import socket
+    import time
+
+    folder = tmp_path / "run"
+    tiny_run(folder, "chat")
+    server = start(folder, "--served-model-name", "tiny", "--max-batch", "4", "--kv-cache-pages", "24",
+                   "--kv-page-size", "8", "--enable-prefix-caching")
+    server.RequestHandlerClass.log_message = lambda *a: None
+    engine = server.app.engine
+    try:
+        long = "the cat sat on the mat. a dog ran in the park"
+        P = len(server.app.completion_prompt(long))
+        assert P > 9  # (a full block to find again)
+        _, a = call(server, "/v1/completions", {"prompt": long, "max_tokens": 6, "temperature": 0})
+        _, text = call(server, "/v1/completions", {"prompt": "Hello there", "max_tokens": 5, "n": 2, "stream": True,
+                                                   "temperature": 0, "stream_options": {"include_usage": True}})
+        chunks = events(text)
+        b = chunks[-1]
+        b["choices"] = [c["choices"][0] for c in chunks if c["choices"] and c["choices"][0]["finish_reason"]]
+        stop = fresh_stop(a["choices"][0]["text"], 2)
+        _, c = call(server, "/v1/completions", {"prompt": long, "max_tokens": 6, "temperature": 0, "stop": stop})
+        reasons = [ch["finish_reason"] for r in (a, b, c) for ch in r["choices"]]
+        assert reasons == ["length"] * 3 + ["stop"]
+        s = scrape(server)
+        assert metric(s, "prompt_tokens_total") == sum(r["usage"]["prompt_tokens"] for r in (a, b, c))
+        assert metric(s, "generation_tokens_total") == sum(r["usage"]["completion_tokens"] for r in (a, b, c))
+        for reason in ("stop", "length", "abort", "error"):
+            assert metric(s, "request_success_total", finished_reason=reason) == reasons.count(reason)
+        assert metric(s, "time_to_first_token_seconds_count") == metric(s, "e2e_request_latency_seconds_count") == 3
+        steps = [a["usage"]["completion_tokens"], b["usage"]["completion_tokens"] // 2, c["usage"]["completion_tokens"]]
+        assert metric(s, "time_per_output_token_seconds_count") == sum(k - 1 for k in steps)
+        assert metric(s, "e2e_request_latency_seconds_sum") > 0
+        # n equal rows prefill once (usage counts their prompt once too); the repeated prompt finds a's full blocks
+        # (its last token always computed)
+        assert metric(s, "prefix_cache_queries_total") == 2 * P + b["usage"]["prompt_tokens"]
+        assert metric(s, "prefix_cache_hits_total") == (P - 1) // 8 * 8 > 0
+        assert metric(s, "num_requests_running") == metric(s, "num_requests_waiting") == 0
+        assert metric(s, "kv_cache_usage_perc") == 0  # (cached pages no request holds count as free)
+
+        real = engine.step
+        monkeypatch.setattr(engine, "step", lambda: time.sleep(0.02) or real())  # 100 steps: 2 s
+        body = json.dumps({"prompt": "the cat", "max_tokens": 100, "stream": True}).encode()
+        sock = socket.create_connection(server.server_address[:2])
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+        deadline = time.time() + 10
+        while not engine.running and time.time() < deadline:
+            time.sleep(0.01)
+        s = scrape(server)
+        assert metric(s, "num_requests_running") == 1 and metric(s, "num_requests_waiting") == 0
+        held = -(-(len(server.app.completion_prompt("the cat")) + 99) // 8)  # its pages: prompt and budget
+        assert metric(s, "kv_cache_usage_perc") == held / 24
+        sock.close()
+        # (the handler counts the abort when it sees the client gone; the engine frees its rows at its next step)
+        while (server.app.metrics.finished["abort"] == 0 or engine.running) and time.time() < deadline:
+            time.sleep(0.01)
+        s = scrape(server)
+        assert metric(s, "request_success_total", finished_reason="abort") == 1
+        assert metric(s, "e2e_request_latency_seconds_count") == 4
+        assert metric(s, "num_requests_running") == metric(s, "kv_cache_usage_perc") == 0
+        assert metric(s, "prompt_tokens_total") == sum(r["usage"]["prompt_tokens"] for r in (a, b, c))  # (not counted)
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_metrics_with_max_batch_1_count_the_requests_waiting_for_the_model(tmp_path):
+    """No engine: running and waiting are the requests holding and waiting for the model's lock, no cache usage."""
+    import time
+
+    folder = tmp_path / "run"
+    tiny_run(folder, "chat")
+    server = start(folder, "--served-model-name", "tiny", "--max-batch", "1")
+    server.RequestHandlerClass.log_message = lambda *a: None
+    try:
+        out = []
+        with server.app.lock:  # the model busy: the request waits
+            t = threading.Thread(target=lambda: out.append(call(server, "/v1/completions",
+                                                                {"prompt": "the cat", "max_tokens": 4, "n": 2})))
+            t.start()
+            deadline = time.time() + 10
+            while server.app.metrics.waiting == 0 and time.time() < deadline:
+                time.sleep(0.01)
+            s = scrape(server)
+            assert metric(s, "num_requests_waiting") == 1 and metric(s, "num_requests_running") == 0
+        t.join()
+        status, body = out[0]
+        s = scrape(server)
+        assert status == 200 and metric(s, "num_requests_waiting") == metric(s, "num_requests_running") == 0
+        assert metric(s, "prompt_tokens_total") == body["usage"]["prompt_tokens"]
+        assert metric(s, "generation_tokens_total") == body["usage"]["completion_tokens"]
+        assert metric(s, "request_success_total", finished_reason="length") == 2
+        assert metric(s, "time_per_output_token_seconds_count") == 3
+        assert not [k for k in s if k[0] == "tritongpt:kv_cache_usage_perc"]
+        assert call(server, "/metrics", {"x": 1})[0] == 405
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -4,8 +4,9 @@
     curl localhost:8000/v1/chat/completions -d '{"messages": [{"role": "user", "content": "Hi"}]}'
 
 Endpoints and shapes follow OpenAI's API reference (GET /v1/models, POST /v1/completions, POST /v1/chat/completions,
-streaming as server-sent events ending in `data: [DONE]`, errors as {"error": {message, type, param, code}}); the
-sampling fields beyond OpenAI's (top_k, min_p, repetition_penalty) are vLLM's (vllm/entrypoints/openai/protocol.py).
+streaming as server-sent events ending in `data: [DONE]`, errors as {"error": {message, type, param, code}}); GET
+/metrics is Prometheus' text format under vLLM's metric names (train/metrics.py); the sampling fields beyond
+OpenAI's (top_k, min_p, repetition_penalty) are vLLM's (vllm/entrypoints/openai/protocol.py).
 The text is generate()'s: a completion is what `tritongpt generate` prints after the prompt, a chat answer what
 `tritongpt chat` answers to the same messages (its Conversation renders them), cut at the same stop strings. A field
 this server does not implement (logprobs, tools, ...) is refused by name, never ignored. One model; requests
@@ -27,6 +28,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from tritongpt._types import is_int, is_real
 from tritongpt.cli import command_help
 from tritongpt.errors import UserError, note
+from tritongpt.train.metrics import Metrics
 
 # fields every generation request takes (OpenAI's, then vLLM's extra sampling settings)
 COMMON_FIELDS = {"model", "max_tokens", "temperature", "top_p", "n", "stop", "seed", "frequency_penalty",
@@ -161,6 +163,7 @@ class Model:
                 self.template, self.template_why = None, str(e)
         self.lock = threading.Lock()
         self.engine = engine  # train/engine.py's Engine, started; None: generate() under the lock
+        self.metrics = Metrics(name, engine)  # GET /metrics
         self.created = int(time.time())
 
     def close(self):
@@ -229,9 +232,7 @@ class Model:
         import torch
 
         from tritongpt.commands import Choices
-        from tritongpt.train.common import autocast
         from tritongpt.train.engine import Cancelled
-        from tritongpt.train.generate import generate
 
         n, stops = s["n"], s["stops"]
         rows = Choices(self.tok, ids, stops, stop_id)  # the choices' texts, finish reasons and counts
@@ -250,18 +251,28 @@ class Model:
         warp = dict(temperature=s["temperature"], top_k=s["top_k"], top_p=s["top_p"] if s["top_p"] < 1 else None,
                     min_p=s["min_p"], repetition_penalty=s["repetition_penalty"],
                     frequency_penalty=s["frequency_penalty"], presence_penalty=s["presence_penalty"])
-        if self.engine is not None:
-            request = self.engine.submit(idx, budget, eos_id=stop_id, generator=generator, vocab_limit=self.limit,
-                                         stop=stopped if stops else None, **warp)
-            try:
-                out = request.wait(on_token if on_delta else None, gone).tolist()
-            except Cancelled:
-                raise BrokenPipeError("the client left") from None
-        else:
-            with self.lock, autocast(self.device, self.dtype):
-                out = generate(self.model, idx, budget, eos_id=stop_id, generator=generator, vocab_limit=self.limit,
-                               on_token=on_token if on_delta else None, stop=stopped if stops else None,
-                               cuda_graph=self.cuda_graph, kv_cache_dtype=self.kv_cache_dtype, **warp).tolist()
+        timing = self.metrics.request()
+
+        def on_step(new):  # each step's tokens: the clock, then the stream
+            timing.tokens()
+            if on_delta:
+                on_token(new)
+        try:
+            if self.engine is not None:
+                request = self.engine.submit(idx, budget, eos_id=stop_id, generator=generator,
+                                             vocab_limit=self.limit, stop=stopped if stops else None, **warp)
+                try:
+                    out = request.wait(on_step, gone).tolist()
+                except Cancelled:
+                    raise BrokenPipeError("the client left") from None
+            else:
+                out = self.generate_alone(idx, budget, stop_id, generator, on_step, stopped if stops else None, warp)
+        except (BrokenPipeError, ConnectionResetError, TimeoutError):  # the client left, or stopped reading
+            timing.end(["abort"] * n)
+            raise
+        except Exception:
+            timing.end(["error"] * n)
+            raise
         choices = []
         for i, row in enumerate(out):
             choices.append(rows.choice(i, row))
@@ -272,7 +283,28 @@ class Model:
                     raise RuntimeError(f"streamed {sent!r}, which the text {text!r} does not start with")
                 if text[len(sent):]:
                     on_delta(i, text[len(sent):])
+        timing.end([c[1] for c in choices], len(ids), sum(c[2] for c in choices))
         return choices
+
+    def generate_alone(self, idx, budget, stop_id, generator, on_token, stop, warp):
+        """generate() under the model's lock (no engine), the requests holding and waiting for it counted."""
+        from tritongpt.train.common import autocast
+        from tritongpt.train.generate import generate
+
+        m = self.metrics
+        with m.lock:
+            m.waiting += 1
+        with self.lock:
+            with m.lock:
+                m.waiting, m.running = m.waiting - 1, m.running + 1
+            try:
+                with autocast(self.device, self.dtype):
+                    return generate(self.model, idx, budget, eos_id=stop_id, generator=generator,
+                                    vocab_limit=self.limit, on_token=on_token, stop=stop, cuda_graph=self.cuda_graph,
+                                    kv_cache_dtype=self.kv_cache_dtype, **warp).tolist()
+            finally:
+                with m.lock:
+                    m.running -= 1
 
 
 class Delta:
@@ -301,7 +333,7 @@ class Delta:
 class Handler(BaseHTTPRequestHandler):
     """Routes a request to its endpoint; every failure is an OpenAI error object, never a traceback."""
     server_version = "tritongpt"
-    ROUTES = {"/v1/models": "GET", "/v1/completions": "POST", "/v1/chat/completions": "POST"}
+    ROUTES = {"/v1/models": "GET", "/v1/completions": "POST", "/v1/chat/completions": "POST", "/metrics": "GET"}
     # seconds a read or write of the socket may wait: a body shorter than its Content-Length, or a client that
     # stops reading a stream (which would block a write holding the model's lock), must not hold a thread forever
     timeout = 60
@@ -337,6 +369,8 @@ class Handler(BaseHTTPRequestHandler):
                     raise APIError(404, f"the model '{path[len('/v1/models/'):]}' does not exist", "model",
                                    code="model_not_found")
                 return self.send_json(200, self.model_card())
+            if path == "/metrics":  # Prometheus' scrape (train/metrics.py)
+                return self.send_text(app.metrics.render(), "text/plain; version=0.0.4; charset=utf-8")
             if path == "/v1/models":
                 return self.send_json(200, {"object": "list", "data": [self.model_card()]})
             self.generate("chat" if path == "/v1/chat/completions" else "completions", self.read_body())
@@ -386,9 +420,12 @@ class Handler(BaseHTTPRequestHandler):
         return body
 
     def send_json(self, status: int, obj, allow=None):
-        data = json.dumps(obj).encode("utf-8")
+        self.send_text(json.dumps(obj), "application/json", status, allow)
+
+    def send_text(self, text: str, content_type: str, status: int = 200, allow=None):
+        data = text.encode("utf-8")
         self.send_response(status)
-        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(data)))
         if allow:
             self.send_header("Allow", allow)

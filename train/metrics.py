@@ -1,0 +1,143 @@
+"""`GET /metrics` for `tritongpt serve` (train/serve.py): Prometheus' text exposition format 0.0.4, written with the
+standard library. Names and histogram buckets are vLLM's (vllm/v1/metrics/loggers.py) with `tritongpt:` for
+`vllm:`, so a dashboard built for vLLM reads this server too.
+
+The handler threads count what their requests drew (a request here: one prompt's n choices, the engine's unit);
+the gauges are read from the engine at scrape time (its waiting queue, running requests and cache), or, with no
+engine (--max-batch 1), from the requests holding and waiting for the model's lock. One small lock guards it all.
+"""
+import threading
+import time
+
+# vLLM's buckets (seconds)
+TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0,
+                40.0, 80.0, 160.0, 640.0, 2560.0)
+TPOT_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0,
+                80.0)
+E2E_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0, 240.0, 480.0,
+               960.0, 1920.0, 7680.0)
+REASONS = ("stop", "length", "abort", "error")
+HISTOGRAMS = {  # name: (buckets, help)
+    "time_to_first_token_seconds": (TTFT_BUCKETS, "Histogram of time to first token in seconds (from the request's "
+                                                  "prompt reaching the model's queue)."),
+    "time_per_output_token_seconds": (TPOT_BUCKETS, "Histogram of time per output token in seconds (each gap "
+                                                    "between a request's decode steps: inter-token latency)."),
+    "e2e_request_latency_seconds": (E2E_BUCKETS, "Histogram of end to end request latency in seconds (one prompt's "
+                                                 "choices, whatever ended them)."),
+}
+
+
+class Histogram:
+    def __init__(self, buckets):
+        self.buckets, self.counts, self.sum, self.count = buckets, [0] * len(buckets), 0.0, 0
+
+    def observe(self, x: float):
+        for i, le in enumerate(self.buckets):
+            if x <= le:
+                self.counts[i] += 1
+                break
+        self.sum += x
+        self.count += 1
+
+
+def number(x) -> str:
+    return repr(float(x)) if isinstance(x, float) else str(x)
+
+
+class Metrics:
+    """The server's counters and histograms (under self.lock) and its /metrics text (render)."""
+
+    def __init__(self, model_name: str, engine=None):
+        self.model_name, self.engine = model_name, engine
+        self.lock = threading.Lock()
+        self.prompt_tokens = self.generation_tokens = 0
+        self.finished = dict.fromkeys(REASONS, 0)
+        self.hist = {name: Histogram(b) for name, (b, _) in HISTOGRAMS.items()}
+        self.running = self.waiting = 0  # no engine: requests holding, and waiting for, the model's lock
+
+    def request(self) -> "Timing":
+        return Timing(self)
+
+    def gauges(self):
+        """(running, waiting, KV-cache usage or None) now."""
+        e = self.engine
+        if e is None:
+            with self.lock:
+                return self.running, self.waiting, None
+        with e.cond:  # (the engine frees slots and pages under it)
+            if e.paged:
+                usage = (e.cache.num_pages - e.cache.num_free) / e.cache.num_pages
+            else:
+                usage = (e.max_batch - len(e.free)) / e.max_batch
+            return len(e.running), len(e.waiting), usage
+
+    def render(self) -> str:
+        label = 'model_name="' + self.model_name.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
+        running, waiting, usage = self.gauges()
+        stats = self.engine.stats if self.engine is not None else {"prompt_tokens": 0, "cached_prompt_tokens": 0}
+        one = "" if self.engine is not None else " (--max-batch 1: no engine, the requests take the model in turn)"
+        out = []
+
+        def family(name, kind, text, samples):
+            out.append(f"# HELP tritongpt:{name} {text}")
+            out.append(f"# TYPE tritongpt:{name} {kind}")
+            for suffix, labels, value in samples:
+                out.append(f"tritongpt:{name}{suffix}{{{labels}}} {number(value)}")
+
+        family("num_requests_running", "gauge", "Number of requests decoding now" + one + ".", [("", label, running)])
+        family("num_requests_waiting", "gauge", "Number of requests waiting for the model" + one + ".",
+               [("", label, waiting)])
+        if usage is not None:
+            family("kv_cache_usage_perc", "gauge", "KV-cache usage, 1 = full: the share of pages held (a paged cache; "
+                   "cached pages no request holds count as free) or of rows (slots) held.", [("", label, usage)])
+        family("prefix_cache_queries_total", "counter", "Prompt tokens looked up in the prefix cache (0 unless "
+               "--enable-prefix-caching).", [("", label, stats["prompt_tokens"])])
+        family("prefix_cache_hits_total", "counter", "Prompt tokens read from the prefix cache (0 unless "
+               "--enable-prefix-caching).", [("", label, stats["cached_prompt_tokens"])])
+        with self.lock:
+            family("prompt_tokens_total", "counter", "Number of prompt tokens processed (a request's, when it ends "
+                   "with its choices).", [("", label, self.prompt_tokens)])
+            family("generation_tokens_total", "counter", "Number of generation tokens processed (the choices' "
+                   "completion tokens, when their request ends; an aborted request's are not counted).",
+                   [("", label, self.generation_tokens)])
+            family("request_success_total", "counter", "Count of finished choices by finish reason (abort: the "
+                   "client left; error: the server failed it).",
+                   [("", f'{label},finished_reason="{r}"', self.finished[r]) for r in REASONS])
+            for name, (_, text) in HISTOGRAMS.items():
+                h, cum, samples = self.hist[name], 0, []
+                for le, c in zip(h.buckets, h.counts):
+                    cum += c
+                    samples.append(("_bucket", f'{label},le="{number(float(le))}"', cum))
+                samples += [("_bucket", f'{label},le="+Inf"', h.count), ("_sum", label, h.sum),
+                            ("_count", label, h.count)]
+                family(name, "histogram", text, samples)
+        return "\n".join(out) + "\n"
+
+
+class Timing:
+    """One request's clock, in its handler's thread: tokens() at each step's tokens, end() once, with what ended it."""
+
+    def __init__(self, metrics):
+        self.metrics = metrics
+        self.start = self.last = time.monotonic()
+        self.steps = 0
+
+    def tokens(self):
+        now = time.monotonic()
+        if self.steps == 0:
+            with self.metrics.lock:
+                self.metrics.hist["time_to_first_token_seconds"].observe(now - self.start)
+        else:
+            with self.metrics.lock:
+                self.metrics.hist["time_per_output_token_seconds"].observe(now - self.last)
+        self.last, self.steps = now, self.steps + 1
+
+    def end(self, reasons, prompt_tokens: int = 0, generation_tokens: int = 0):
+        """reasons: a finish reason a choice."""
+        m = self.metrics
+        with m.lock:
+            m.hist["e2e_request_latency_seconds"].observe(time.monotonic() - self.start)
+            for r in reasons:
+                m.finished[r] += 1
+            m.prompt_tokens += prompt_tokens
+            m.generation_tokens += generation_tokens
