@@ -144,12 +144,14 @@ class KVCache:
     def reset(self):
         self.pos = 0
 
-    def row(self, i: int) -> "KVCache":
-        """Row i as a cache of batch 1 on the same storage (its own host pos, from 0): a forward through it writes
-        row i's keys (continuous batching prefills a new request into its slot so)."""
+    def row(self, i: int, start: int = 0) -> "KVCache":
+        """Row i as a cache of batch 1 on the same storage (its own host pos, from `start`): a forward through it
+        writes row i's keys from there (continuous batching prefills a new request into its slot so; start > 0:
+        the next chunk of a prompt whose first `start` positions the row holds, the engine's chunked prefill)."""
         self._check_row(i)
+        self._check_length(start)
         view = self._rows(i, i + 1)
-        view.pos, view.on_device = 0, False
+        view.pos, view.on_device = int(start), False
         view.fill = torch.zeros(1, dtype=torch.int64, device=self.fill.device)
         return view
 

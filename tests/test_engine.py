@@ -597,3 +597,104 @@ def test_a_request_whose_pages_cannot_be_taken_fails_alone_and_gives_its_slots_b
         first.wait()
     assert torch.equal(second.wait(), alone(model, prompt(6, seed=2), 3, {}))
     assert engine.free == [0, 1] and engine.cache.num_free == 12
+
+
+# -- chunked prefill (vLLM's, Sarathi-Serve): at most max_prefill_tokens prompt tokens a step --------------------
+def chunked_run(monkeypatch, model, schedule, after_step=None, **kw):
+    """schedule through Engine(model, max_prefill_tokens=4, **kw), each step's prefill forwards counted (the
+    forwards a step runs outside its decode), after_step(engine, step) called after each: -> (engine, handles,
+    each step's prefill forwards' token counts, each step's requests that got tokens)."""
+    engine = Engine(model, max_prefill_tokens=4, **kw)
+    counts, arrived, phase = [], [], {"step": False, "decode": False}
+    hidden, decode, step_fn = model.hidden, engine._decode, engine.step
+
+    def counted_hidden(ids, cache=None, *a, **k):
+        if phase["step"] and not phase["decode"]:
+            counts[-1].append(ids.numel())
+        return hidden(ids, cache, *a, **k)
+
+    def counted_decode(decoding):
+        phase["decode"] = True
+        try:
+            return decode(decoding)
+        finally:
+            phase["decode"] = False
+    monkeypatch.setattr(model, "hidden", counted_hidden)
+    monkeypatch.setattr(engine, "_decode", counted_decode)
+    handles, step = [None] * len(schedule), 0
+    while None in handles or engine.running or engine.waiting:
+        for i, (at, idx, new, settings) in enumerate(schedule):
+            if at == step:
+                handles[i] = engine.submit(idx, new, **seeded(settings))
+        before = [0 if h is None else h.queue.qsize() for h in handles]
+        counts.append([])
+        phase["step"] = True
+        step_fn()
+        phase["step"] = False
+        arrived.append({i for i, h in enumerate(handles) if h is not None and h.queue.qsize() > before[i]})
+        if after_step is not None:
+            after_step(engine, step)
+        step += 1
+    monkeypatch.undo()
+    return engine, handles, counts, arrived
+
+
+# X (3 tokens, 1 new) ends in step 0; A (6) prefills 1 + 4 + 1 in steps 0..2; B (13, n = 2 equal rows, greedy:
+# a wrong key shows in its tokens) from step 2 in 3 + 4 + 4 + 2 in slot 0, below A's (so A's decode runs B's row
+# while it prefills); C (2 unequal rows of 7, sampled) prefills each row in turn after B
+CHUNKED = [(0, prompt(3, seed=7), 1, {}), (0, prompt(6, seed=1), 8, {}), (1, prompt(13, 2, seed=2), 8, {}),
+           (2, torch.cat([prompt(7, seed=3), prompt(7, seed=4)]), 4, dict(SAMPLED, seed=5))]
+
+
+@pytest.mark.parametrize("kernels,kv_dtype,pages", [("reference", "auto", None), ("reference", "int8", None),
+                                                    ("reference", "auto", 24), ("triton", "auto", 24)])
+def test_chunked_prefill_caps_a_steps_prompt_tokens_and_keeps_decoding(one_thread, monkeypatch, kernels, kv_dtype,
+                                                                       pages):
+    """max_prefill_tokens 4: no step's prefill forwards carry more than 4 prompt tokens in all, every prompt token
+    prefilled once (B's equal rows once), A decodes a token in each step of B's prefill, and every request draws
+    generate()'s tokens alone (both caches, an int8 one, the Triton path)."""
+    model = loud_attention(tiny(kernels, n_layer=2 if kernels == "reference" else 1, n_kv_head=1))
+    paging = {} if pages is None else dict(kv_pages=pages, page_size=4)
+    engine, handles, counts, arrived = chunked_run(monkeypatch, model, CHUNKED, max_batch=5, kv_cache_dtype=kv_dtype,
+                                                   **paging)
+    assert max(sum(c) for c in counts) == 4 and sum(map(sum, counts)) == 3 + 6 + 13 + 2 * 7
+    assert counts[:6] == [[3, 1], [4], [1, 3], [4], [4], [2, 2]]
+    assert [i for i, got in enumerate(arrived) if 2 in got][0] == 5  # B's first token: after its last chunk
+    assert all(1 in arrived[s] for s in (2, 3, 4, 5))  # A's tokens in each step of B's prefill
+    for h, (_, idx, new, settings) in zip(handles, CHUNKED):
+        assert torch.equal(h.wait(), alone(model, idx, new, settings, kv_cache_dtype=kv_dtype))
+    assert engine.free == list(range(5)) and not engine.running
+
+
+def test_chunked_prefill_with_prefix_caching_prefills_what_the_cache_lacks(one_thread, monkeypatch):
+    """Pages of 4, max_prefill_tokens 4: A (2 equal rows of a system prompt of 9 + 3, slots 0 and 1) prefills its
+    12 tokens in steps 0..2, then F (2, slot 2) and E (9, slot 3, from step 3). C (2 equal rows of the system
+    prompt + 6) is admitted at step 4 into A's freed slots 0 and 1, below F's: it finds 2 cached blocks and gets no
+    token of step 4's budget (E's), then prefills its 7 (1 + 4 + 2) while F decodes, F's decode forwards writing
+    C's rows only where nothing is read (never into the shared pages). Each request generate()'s tokens alone."""
+    model = loud_attention(tiny())
+    system = prompt(9, seed=1)
+    a, c = with_system(system, prompt(3, seed=2), prompt(6, seed=3))
+    schedule = [(0, a.expand(2, -1), 2, {}), (0, prompt(2, seed=9), 16, {}), (3, prompt(9, seed=10), 3, {}),
+                (4, c.expand(2, -1), 6, {})]
+    cached = {}
+
+    def watch(engine, step):  # the system prompt's 2 cached pages, as A left them (step 3) and at the end
+        if step == 3 or not engine.running:
+            pages = engine.cache.lookup(system[0, :8])
+            cached[step > 3] = [engine.cache.k[:, pages].clone(), engine.cache.v[:, pages].clone()]
+    engine, handles, counts, arrived = chunked_run(monkeypatch, model, schedule, watch, max_batch=4, kv_pages=24,
+                                                   page_size=4, prefix_caching=True)
+    assert all(torch.equal(x, y) for x, y in zip(cached[False], cached[True]))
+    assert counts[:8] == [[4], [4], [4], [2, 2], [4], [3, 1], [4], [2]] and max(sum(c) for c in counts) == 4
+    assert [i for i, got in enumerate(arrived) if 3 in got][0] == 7 and all(1 in arrived[s] for s in range(3, 8))
+    assert engine.stats == {"prompt_tokens": 12 + 2 + 9 + 15, "cached_prompt_tokens": 8}
+    for h, (_, idx, new, settings) in zip(handles, schedule):
+        assert torch.equal(h.wait(), alone(model, idx, new, settings))
+    assert not any(engine.cache.refs) and sorted(engine.cache.free) == list(range(24))
+
+
+def test_the_engine_refuses_a_max_prefill_tokens_that_is_not_a_positive_int(one_thread):
+    for bad in (0, -3, 2.5, "4"):
+        with pytest.raises(UserError, match=f"max_prefill_tokens must be a positive integer .* got {bad!r}"):
+            Engine(tiny(), max_prefill_tokens=bad)

@@ -138,11 +138,27 @@ def test_a_bad_length_a_row_is_named(lens, match, device):
         flash_attention(q, k, v, kv_len=torch.tensor(lens, device=device))
 
 
+@pytest.mark.parametrize("case", ["gpt2", "rope-gqa"])
+def test_a_row_continues_a_prefill_from_its_start(case):
+    """KVCache.row(i, start): a prompt of 11 fed to row 1 in chunks of 4, 4, 3 (the engine's chunked prefill), each
+    from where the last ended, gives the whole prompt's last logits, against a float64 prefill of it whole."""
+    model = tiny("reference", **CASES[case])
+    ids = torch.randint(0, VOCAB, (1, 11), generator=torch.Generator().manual_seed(3))
+    cache = model.new_cache(2, 16)
+    with torch.no_grad():
+        for start, end in ((0, 4), (4, 8), (8, 11)):
+            out = model(ids[:, start:end], cache.row(1, start=start))[0, -1]
+        ref = model.double()(ids)[0, -1]
+    assert_close_rel(out.double(), ref, 1e-4, f"{case} chunked prefill")
+
+
 def test_the_cache_refuses_what_it_cannot_do():
     model = tiny("reference")
     cache = model.new_cache(2, 16)
     with pytest.raises(UserError, match=r"KV cache rows are 0..1, got 2"):
         cache.row(2)
+    with pytest.raises(UserError, match=r"a KV cache row holds 0..16 positions, got 17"):
+        cache.row(0, start=17)
     with pytest.raises(UserError, match=r"KV cache rows are 0..1, got -1"):
         cache.copy_row(-1, 0, 3)
     with pytest.raises(UserError, match=r"a KV cache row holds 0..16 positions, got 17"):

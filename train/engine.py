@@ -44,6 +44,7 @@ class Request:
         self.done = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
         self.slots = None  # the cache rows it holds while running
         self.same, self.hits = False, []  # prefix caching's (Engine._plan): whether its rows are equal, their hits
+        self.todo, self.rows = None, []  # its prefill's rows still to run ([row, slot, fill]) and the logits done
         self.queue = queue.Queue()
         self.cancelled = False
 
@@ -125,11 +126,18 @@ class Engine:
     its last block. After its prefill a request's full prompt blocks enter the index, for the requests after it
     (not those admitted in the same step). A request's n rows of one prompt share its full blocks' pages (the
     partial last one copied). stats: "prompt_tokens" (a prefilled row's prompt, a request of n equal rows once)
-    and "cached_prompt_tokens", the ones of them read from the cache."""
+    and "cached_prompt_tokens", the ones of them read from the cache.
+
+    max_prefill_tokens (vLLM's chunked prefill, Sarathi-Serve): a step prefills at most that many prompt tokens in
+    all, so a long prompt no longer stalls the running requests' next token for its whole prefill: the admitted
+    requests' prompts are prefilled in FIFO order in chunks of what is left of the step's budget, each chunk from
+    where the last one ended (row(i, start)), the rest in the next steps, the running requests decoding in each. A
+    request whose prefill is unfinished holds its slots and pages but stays out of the decode until its last chunk,
+    whose logits draw its first token. None: every admitted prompt whole in its admission step."""
 
     def __init__(self, model, max_batch: int = 8, kv_cache_dtype: str = "auto", autocast=None,
                  kv_pages: int | None = None, page_size: int = 16, cuda_graph: bool = False, capture=None,
-                 prefix_caching: bool = False):
+                 prefix_caching: bool = False, max_prefill_tokens: int | None = None):
         if not is_int(max_batch) or max_batch < 1:
             raise UserError(f"max_batch must be a positive integer (the requests' rows decoded at once), "
                             f"got {max_batch!r}")
@@ -139,6 +147,9 @@ class Engine:
         if prefix_caching and kv_pages is None:
             raise UserError("prefix caching shares the pages of a paged KV cache: give the engine kv_pages "
                             "(serve: --enable-prefix-caching needs --kv-cache-pages)")
+        if max_prefill_tokens is not None and (not is_int(max_prefill_tokens) or max_prefill_tokens < 1):
+            raise UserError(f"max_prefill_tokens must be a positive integer (the prompt tokens a step prefills) or "
+                            f"None, got {max_prefill_tokens!r}")
         check_cache_dtype(kv_cache_dtype)
         check_engine(model)
         if cuda_graph:
@@ -162,7 +173,7 @@ class Engine:
         self.waiting, self.running = deque(), []
         self.cond = threading.Condition()  # guards waiting (submit's) and closed; wakes the thread
         self.closed, self.thread = False, None
-        self.prefix_caching = prefix_caching
+        self.prefix_caching, self.max_prefill_tokens = prefix_caching, max_prefill_tokens
         self.stats = {"prompt_tokens": 0, "cached_prompt_tokens": 0}
 
     def submit(self, idx, max_new_tokens: int, *, eos_id: int | None = None, generator=None,
@@ -299,15 +310,22 @@ class Engine:
                 except Exception as e:  # (_fits counted its pages: not expected) it alone fails, nothing kept
                     self._finish(r, e)
                     continue
+                self._begin(r)
                 admitted.append(r)
-        decoding, self.running = self.running, self.running + admitted
+        decoding = [r for r in self.running if not r.todo]  # (a request still prefilling draws nothing yet)
+        self.running = self.running + admitted
         if not self.running:
             return False
-        logits = {}
+        logits, budget = {}, self.max_prefill_tokens
         with self.autocast():
-            for r in admitted:
+            for r in [r for r in self.running if r.todo]:  # FIFO: the earliest admitted first
+                if budget == 0:
+                    break
                 try:
-                    logits[r] = self._prefill(r)
+                    used, lg = self._prefill(r, budget)
+                    budget = None if budget is None else budget - used
+                    if lg is not None:
+                        logits[r] = lg
                 except Exception as e:  # its prompt's forward: it alone fails
                     self._finish(r, e)
             try:
@@ -340,34 +358,49 @@ class Engine:
             for slot in r.slots[1:]:
                 cache.attach(slot, cache.pages[r.slots[0]][:full])
 
-    def _prefill(self, r) -> torch.Tensor:
-        """The request's prompt into its slots; the logits of its rows' next token [n, V]. Equal rows (a request's
-        n choices) run once, the keys copied to the other slots."""
-        if self.prefix_caching:
-            return self._prefill_cached(r)
-        cache, T = self.cache, r.start
-        same = bool((r.idx == r.idx[:1]).all())
-        rows = [last_logits(self.model, r.idx[i:i + 1], cache.row(s))[:, -1]
-                for i, s in enumerate(r.slots[:1] if same else r.slots)]
-        for s in r.slots[1:] if same else ():
-            cache.copy_row(r.slots[0], s, T)
-        cache.fill[r.slots] = T
-        return rows[0].expand(r.n, -1) if same else torch.cat(rows)
+    def _begin(self, r):
+        """At admission: the rows r's prefill runs (one for a request of equal rows), each from the end of its
+        cached pages. Each of r's slots gets a fill where a decode step's write is harmless: the decode's forward
+        runs every row up to the last busy one, so one still prefilling writes a key at its fill, which must never
+        be in its shared pages (other rows read them). Past them it is overwritten before anything reads it: a
+        prefilled row's fill is its next chunk's first position (the end of its cached pages, then of its last
+        chunk), and the equal rows that copy the prompt at the end get copy_row's keys (or their own decode's)."""
+        if not self.prefix_caching:
+            r.same = bool((r.idx == r.idx[:1]).all())
+            r.hits = [[]] * (1 if r.same else r.n)
+        size = self.cache.page_size if self.paged else 0
+        r.todo, r.rows = deque([i, slot, len(h) * size] for i, (slot, h) in enumerate(zip(r.slots, r.hits))), []
+        for slot in r.slots:
+            self.cache.fill[slot] = self.cache.shared[slot] * size if self.paged else 0
 
-    def _prefill_cached(self, r) -> torch.Tensor:
-        """_prefill with prefix caching: each prefilled row from the end of its cached pages; its full prompt
-        blocks into the index then; a request's other equal rows copy only the partial last page."""
-        cache, T, rows = self.cache, r.start, []
-        for i, (slot, hits) in enumerate(zip(r.slots, r.hits)):
-            L = len(hits) * cache.page_size
-            rows.append(last_logits(self.model, r.idx[i:i + 1, L:], cache.row(slot, start=L))[:, -1])
-            cache.register(slot, r.idx[i])
-            self.stats["prompt_tokens"] += T
-            self.stats["cached_prompt_tokens"] += L
+    def _prefill(self, r, budget: int | None):
+        """At most `budget` (None: all) of r's prompt tokens into its slots, row after row, each chunk from where
+        its row's last one ended: -> (the tokens prefilled, the logits of its rows' next token [n, V] once its
+        last chunk ran, else None). Equal rows (a request's n choices) run once, the keys copied to the other slots
+        at the end; with prefix caching a row's full prompt blocks enter the index once it is prefilled."""
+        cache, T, used = self.cache, r.start, 0
+        while r.todo and (budget is None or used < budget):
+            i, slot, fill = r.todo[0]
+            end = T if budget is None else min(T, fill + budget - used)
+            view = cache.row(slot, start=fill)
+            lg = last_logits(self.model, r.idx[i:i + 1, fill:end], view)[:, -1]
+            used += end - fill
+            r.todo[0][2] = end
+            cache.fill[slot] = end
+            if end < T:
+                break
+            r.todo.popleft()
+            r.rows.append(lg)
+            if self.prefix_caching:
+                cache.register(slot, r.idx[i])
+                self.stats["prompt_tokens"] += T
+                self.stats["cached_prompt_tokens"] += len(r.hits[i]) * cache.page_size
+        if r.todo:
+            return used, None
         for slot in r.slots[1:] if r.same else ():
             cache.copy_row(r.slots[0], slot, T)
         cache.fill[r.slots] = T
-        return rows[0].expand(r.n, -1) if r.same else torch.cat(rows)
+        return used, r.rows[0].expand(r.n, -1) if r.same else torch.cat(r.rows)
 
     def _decode(self, decoding) -> torch.Tensor:
         """One forward over the cache's rows up to the last busy one, each running row's last token at its own
