@@ -346,7 +346,8 @@ def test_serve_batches_concurrent_requests_to_the_text_each_gets_alone(tmp_path)
             {"prompt": "0123", "max_tokens": 9, "seed": 4}]
     texts = {}
     paged = ("--max-batch", "4", "--kv-cache-pages", "24", "--kv-page-size", "4")
-    for flags in (("--max-batch", "1"), ("--max-batch", "4"), paged, (*paged, "--enable-prefix-caching")):
+    for flags in (("--max-batch", "1"), ("--max-batch", "4"), paged, (*paged, "--enable-prefix-caching"),
+                  ("--max-batch", "4", "--max-prefill-tokens", "3")):
         server = start(folder, *flags)
         server.RequestHandlerClass.log_message = lambda *a: None
         got = [None] * len(reqs)
@@ -370,6 +371,7 @@ def test_serve_batches_concurrent_requests_to_the_text_each_gets_alone(tmp_path)
             texts[flags[1:]] = got
             if server.app.engine is not None:
                 assert server.app.engine.paged == ("--kv-cache-pages" in flags)
+                assert server.app.engine.max_prefill_tokens == (3 if "--max-prefill-tokens" in flags else None)
                 assert server.app.engine.free == [0, 1, 2, 3]
                 status, out = call(server, "/v1/completions", {"prompt": "x", "n": 5})
                 assert status == 400 and out["error"]["param"] == "n" and "--max-batch 4" in out["error"]["message"]

@@ -341,6 +341,9 @@ def test_the_command_refuses_bad_flags(capsys, tmp_path):
     assert main(["serve", "--weights", str(tmp_path), "--enable-prefix-caching"]) == 2
     assert "--enable-prefix-caching shares the pages of the paged KV cache: pass --kv-cache-pages N too" in \
         capsys.readouterr().err
+    assert main(["serve", "--weights", str(tmp_path), "--max-prefill-tokens", "4", "--max-batch", "1"]) == 2
+    assert "--max-prefill-tokens must be a positive number of tokens, with --max-batch above 1" in \
+        capsys.readouterr().err
 
 
 def test_a_hugging_face_instruct_folder_answers_in_its_own_chat_template(tmp_path):

@@ -21,7 +21,7 @@ RECORD_FIELDS = ("prompt", "max_tokens", "temperature", "top_k", "top_p", "seed"
 def generate_batch(model, prompts, max_new_tokens, max_batch: int = 32, kv_pages: int | None = None,
                    page_size: int = 16, kv_cache_dtype: str = "auto", autocast=None, cuda_graph: bool = False,
                    seed: int | None = None, each=None, on_done=None, prefix_caching: bool = False, names=None,
-                   stats: dict | None = None, **settings) -> list:
+                   stats: dict | None = None, max_prefill_tokens: int | None = None, **settings) -> list:
     """Every prompt through one Engine(model, max_batch, ...): prompts, a list of [n, T] id tensors (n samples of
     the prompt, drawn as generate() draws n rows) or of id lists (one sample); -> each prompt's ids [n, T + new],
     in the input order. max_new_tokens: an int, or a list of one a prompt. settings: Engine.submit's keywords for
@@ -31,7 +31,8 @@ def generate_batch(model, prompts, max_new_tokens, max_batch: int = 32, kv_pages
     torch's global generator. on_done(i, ids): called as each prompt's result is taken, in order. prefix_caching:
     the Engine's (with kv_pages): prompts sharing full leading pages prefill them once. names: a prompt's name for
     a refusal at its submission (default "prompt i"); every prompt is submitted before the first on_done. stats: a
-    dict given the Engine's stats at the end (prefix caching's prompt tokens and cached ones)."""
+    dict given the Engine's stats at the end (prefix caching's prompt tokens and cached ones). max_prefill_tokens:
+    the Engine's (chunked prefill: at most that many prompt tokens a step)."""
     import torch
 
     from tritongpt.train.engine import Engine
@@ -42,7 +43,8 @@ def generate_batch(model, prompts, max_new_tokens, max_batch: int = 32, kv_pages
         raise UserError(f"{len(prompts)} prompts but {len(budgets)} max_new_tokens and {len(each)} settings: pass "
                         "one of each a prompt")
     engine = Engine(model, max_batch=max_batch, kv_cache_dtype=kv_cache_dtype, autocast=autocast, kv_pages=kv_pages,
-                    page_size=page_size, cuda_graph=cuda_graph, prefix_caching=prefix_caching)
+                    page_size=page_size, cuda_graph=cuda_graph, prefix_caching=prefix_caching,
+                    max_prefill_tokens=max_prefill_tokens)
     try:
         handles = []
         for i, (ids, budget, own) in enumerate(zip(prompts, budgets, each)):

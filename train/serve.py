@@ -533,7 +533,8 @@ class Server(ThreadingHTTPServer):
 
 
 def check_engine_args(args, one_row_engine: bool = False):
-    """--max-batch, --kv-cache-pages, --kv-page-size and --enable-prefix-caching (serve's, `generate --prompts`'),
+    """--max-batch, --kv-cache-pages, --kv-page-size, --enable-prefix-caching and --max-prefill-tokens (serve's,
+    `generate --prompts`'),
     checked before any model is built. one_row_engine: --max-batch 1 runs the engine too (generate --prompts), not
     generate() (serve)."""
     if args.max_batch < 1:
@@ -547,18 +548,24 @@ def check_engine_args(args, one_row_engine: bool = False):
         raise UserError(f"--kv-page-size must be a positive number of positions, got {args.kv_page_size}")
     if args.enable_prefix_caching and args.kv_cache_pages is None:
         raise UserError("--enable-prefix-caching shares the pages of the paged KV cache: pass --kv-cache-pages N too")
+    if args.max_prefill_tokens is not None and (args.max_prefill_tokens < 1 or args.max_batch == 1
+                                                and not one_row_engine):
+        raise UserError(f"--max-prefill-tokens must be a positive number of tokens, with --max-batch above 1 (the "
+                        f"batching engine's steps), got {args.max_prefill_tokens} with --max-batch {args.max_batch}")
 
 
 def page_args(args) -> dict:
-    """Engine's kv_pages, page_size and prefix_caching keywords from --kv-cache-pages, --kv-page-size (the engine's
-    default page size where none is given) and --enable-prefix-caching."""
+    """Engine's kv_pages, page_size, prefix_caching and max_prefill_tokens keywords from --kv-cache-pages,
+    --kv-page-size (the engine's default page size where none is given), --enable-prefix-caching and
+    --max-prefill-tokens."""
     return {"kv_pages": args.kv_cache_pages, "prefix_caching": args.enable_prefix_caching,
+            "max_prefill_tokens": args.max_prefill_tokens,
             **({} if args.kv_page_size is None else {"page_size": args.kv_page_size})}
 
 
 def add_engine_args(p, max_batch, max_batch_help: str):
-    """--max-batch (default max_batch), --kv-cache-pages and --kv-page-size: the batching engine's (serve's,
-    `generate --prompts`')."""
+    """--max-batch (default max_batch), --kv-cache-pages, --kv-page-size, --enable-prefix-caching and
+    --max-prefill-tokens: the batching engine's (serve's, `generate --prompts`')."""
     p.add_argument("--max-batch", type=int, default=max_batch, help=max_batch_help)
     p.add_argument("--kv-cache-pages", type=int, default=None, metavar="N",
                    help="a paged KV cache of N pages shared by the batch's rows (vLLM's PagedAttention): a request "
@@ -571,6 +578,10 @@ def add_engine_args(p, max_batch, max_batch_help: str):
                         "earlier request prefilled (the same tokens from the start: a system prompt, a conversation "
                         "so far) are shared, not prefilled again; cached pages no request holds are reclaimed "
                         "least recently used first")
+    p.add_argument("--max-prefill-tokens", type=int, default=None, metavar="N",
+                   help="chunked prefill (vLLM's): a step prefills at most N prompt tokens in all, a long prompt "
+                        "over several steps while the running requests keep decoding, so it does not stall their "
+                        "next token for its whole prefill (default: every admitted prompt whole in one step)")
 
 
 def make_engine(args, model, device, dtype):
