@@ -457,14 +457,15 @@ def test_serve_serves_a_longrope_model_one_request_at_a_time(tmp_path, capsys):
     GPTModel(GPTConfig(vocab_size=tok.vocab_size, context_length=128, n_embd=32, n_layer=1, n_head=2,
                        position_encoding="rope", rope_scaling=longrope)).save(folder / "ckpt-0000001" /
                                                                               "model.safetensors")
-    server = start(folder, "--kv-cache-pages", "8")
+    server = start(folder, "--kv-cache-pages", "8", "--max-prefill-tokens", "16")
     server.RequestHandlerClass.log_message = lambda *a: None
     try:
         assert server.app.engine is None
         err = capsys.readouterr().err
         assert "does not take LongRoPE models" in err and "serving one request at a time" in err
-        # the engine's flag, asked for and not used: said, not silently dropped
+        # the engine's flags, asked for and not used: said, not silently dropped
         assert "--kv-cache-pages 8 is not used (the engine's paged cache)" in err
+        assert "--max-prefill-tokens 16 is not used (the engine's)" in err
         assert call(server, "/v1/completions", {"prompt": "the", "max_tokens": 3})[0] == 200
     finally:
         server.shutdown()

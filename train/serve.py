@@ -598,6 +598,8 @@ def make_engine(args, model, device, dtype):
         unused = "" if args.kv_cache_pages is None else \
             f"; --kv-cache-pages {args.kv_cache_pages} is not used (the engine's paged cache)"
         unused += "; --enable-prefix-caching is not used (the engine's)" if args.enable_prefix_caching else ""
+        unused += f"; --max-prefill-tokens {args.max_prefill_tokens} is not used (the engine's)" \
+            if args.max_prefill_tokens is not None else ""
         note(f"{e}: serving one request at a time{unused}")
         return None
     return Engine(model, args.max_batch, args.kv_cache_dtype, lambda: autocast(device, dtype),
