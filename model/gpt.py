@@ -66,18 +66,35 @@ class KVCache:
             raise UserError(f"KV cache batch_size must be a positive int, got {batch_size!r}")
         self.max_len, self.quantized = _checked_cache_args(cfg, max_len, dtype, kv_dtype)
         self.dtype = dtype
-        shape = (cfg.n_layer, batch_size, cfg.kv_heads, self.max_len, cfg.head_dim)
-        store = torch.int8 if self.quantized else dtype
-        self.k = torch.empty(shape, device=device, dtype=store)
-        self.v = torch.empty(shape, device=device, dtype=store)
-        # zeros, not empty: a CUDA-graph step reads the whole buffers (masked past the fill), never a NaN scale there
-        self.k_scale = torch.zeros(shape[:-1], device=device, dtype=torch.float32) if self.quantized else None
-        self.v_scale = torch.zeros(shape[:-1], device=device, dtype=torch.float32) if self.quantized else None
+        self._allocate((cfg.n_layer, batch_size, cfg.kv_heads, self.max_len, cfg.head_dim), device)
         self.pos = 0
         self.on_device = False
         self.fill = torch.zeros(1, dtype=torch.int64, device=device)  # the fill on the device (on_device)
         self.current = None  # extent(T) of the forward running on_device, made once for all its layers
         self.block_table = None  # (a PagedKVCache's: where each row's pages are)
+
+    def _allocate(self, shape, device):
+        """k and v of `shape` (int8 for an int8 cache, else self.dtype), and an int8 cache's fp32 scales."""
+        store = torch.int8 if self.quantized else self.dtype
+        self.k = torch.empty(shape, device=device, dtype=store)
+        self.v = torch.empty(shape, device=device, dtype=store)
+        # zeros, not empty: a CUDA-graph step reads the whole buffers (masked past the fill), never a NaN scale there
+        self.k_scale = torch.zeros(shape[:-1], device=device, dtype=torch.float32) if self.quantized else None
+        self.v_scale = torch.zeros(shape[:-1], device=device, dtype=torch.float32) if self.quantized else None
+
+    def _stored(self, k, v):
+        """(the buffers, the new values as they are stored): k and v, or an int8 cache's k, v and their scales.
+        Refused with gradients on: written in place, one layer after another, autograd's saved keys would be
+        changed under it (a backward fails as soon as the model has two layers)."""
+        if torch.is_grad_enabled() and (k.requires_grad or v.requires_grad):
+            raise UserError("the KV cache is for inference (generation, chunked prefill): run the model "
+                            "under torch.no_grad(); a loss to differentiate needs the whole sequence in "
+                            "one forward without a cache")
+        new = [k, v]
+        if self.quantized:
+            (kq, ks), (vq, vs) = quantize_kv(k), quantize_kv(v)
+            new = [kq, vq, ks, vs]
+        return [t for t in (self.k, self.v, self.k_scale, self.v_scale) if t is not None], new
 
     @property
     def batch_size(self) -> int:
@@ -115,17 +132,7 @@ class KVCache:
         end = self.pos + k.size(2)
         if end > self.max_len:
             raise UserError(f"KV cache overflow: {end} positions > capacity {self.max_len}")
-        if torch.is_grad_enabled() and (k.requires_grad or v.requires_grad):
-            # Written in place, one layer after another: autograd's saved keys would be changed
-            # under it (a backward fails as soon as the model has two layers).
-            raise UserError("the KV cache is for inference (generation, chunked prefill): run the model "
-                            "under torch.no_grad(); a loss to differentiate needs the whole sequence in "
-                            "one forward without a cache")
-        new = [k, v]
-        if self.quantized:
-            (kq, ks), (vq, vs) = quantize_kv(k), quantize_kv(v)
-            new = [kq, vq, ks, vs]
-        bufs = [t for t in (self.k, self.v, self.k_scale, self.v_scale) if t is not None]
+        bufs, new = self._stored(k, v)
         if self.on_device:  # the whole buffers: the keys past kv_len are masked, not sliced off
             index = self.extent(k.size(2))[0]
             rows = torch.arange(self.batch_size, device=index.device)[:, None] if index.dim() == 2 else None
@@ -253,12 +260,7 @@ class PagedKVCache(KVCache):
         # one page more than asked: the scratch page, never given out, which every table entry of a row without a
         # page names, so a row the engine runs without a request (its stale fill) writes there, never into a
         # page another row holds
-        shape = (cfg.n_layer, num_pages + 1, cfg.kv_heads, page_size, cfg.head_dim)
-        store = torch.int8 if self.quantized else dtype
-        self.k = torch.empty(shape, device=device, dtype=store)
-        self.v = torch.empty(shape, device=device, dtype=store)
-        self.k_scale = torch.zeros(shape[:-1], device=device, dtype=torch.float32) if self.quantized else None
-        self.v_scale = torch.zeros(shape[:-1], device=device, dtype=torch.float32) if self.quantized else None
+        self._allocate((cfg.n_layer, num_pages + 1, cfg.kv_heads, page_size, cfg.head_dim), device)
         self.scratch = num_pages
         self.block_table = torch.full((batch_size, -(-self.max_len // page_size)), self.scratch, dtype=torch.int32,
                                       device=device)
@@ -386,18 +388,11 @@ class PagedKVCache(KVCache):
         """Writes row b's new keys and values k, v [B, kv_heads, T, head_dim] at its positions [fill[b], fill[b] + T)
         in its pages, and returns this layer's pools (k, v, k_scale, v_scale) with the scales None for a float cache;
         the attention reads them through block_table."""
-        if torch.is_grad_enabled() and (k.requires_grad or v.requires_grad):
-            raise UserError("the KV cache is for inference (generation, chunked prefill): run the model "
-                            "under torch.no_grad()")
-        new = [k, v]
-        if self.quantized:
-            (kq, ks), (vq, vs) = quantize_kv(k), quantize_kv(v)
-            new = [kq, vq, ks, vs]
+        bufs, new = self._stored(k, v)
         positions = self.extent(k.size(2))[0]
         positions = positions.expand(k.size(0), -1) if positions.dim() == 1 else positions  # [B, T]
         page = self.block_table.gather(1, positions // self.page_size).long()
         slot = positions % self.page_size
-        bufs = [t for t in (self.k, self.v, self.k_scale, self.v_scale) if t is not None]
         for buf, t in zip(bufs, new):  # each [B, T, kv_heads(, head_dim)] vector to its page and slot
             buf[layer][page, :, slot] = t.transpose(1, 2).to(buf.dtype)
         views = [buf[layer] for buf in bufs]

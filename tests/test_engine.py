@@ -2,8 +2,6 @@
 and waiting for slots, each get generate()'s tokens for that request alone (greedy, and seeded samples with its
 penalties), on both paths and with an int8 cache; EOS and stop rules end a request and free its slots for the
 next in line; and `serve --max-batch` over a real socket."""
-import json
-import socket
 import threading
 import time
 
@@ -409,7 +407,7 @@ def test_serve_with_prefix_caching_prefills_a_repeated_prompt_once(tmp_path, cap
 def test_serve_cancels_the_request_of_a_client_that_left(tmp_path, monkeypatch):
     """A client asking for 100 tokens hangs up mid-way: its request stops decoding at the next steps (its slots
     free, far fewer than 100 tokens drawn), and the next request is served."""
-    from test_serve import call, start, tiny_run
+    from test_serve import call, running_request, start, tiny_run
 
     folder = tmp_path / "run"
     tiny_run(folder, "chat")
@@ -426,13 +424,8 @@ def test_serve_cancels_the_request_of_a_client_that_left(tmp_path, monkeypatch):
     monkeypatch.setattr(engine, "step", slow_step)
     try:
         for stream in (False, True):
-            body = json.dumps({"prompt": "the cat", "max_tokens": 100, "n": 2, "stream": stream}).encode()
-            sock = socket.create_connection(server.server_address[:2])
-            sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                         b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
-            deadline = time.time() + 10
-            while not engine.running and time.time() < deadline:
-                time.sleep(0.01)
+            sock, deadline = running_request(server, {"prompt": "the cat", "max_tokens": 100, "n": 2,
+                                                      "stream": stream})
             time.sleep(0.1)
             sock.close()
             while (engine.running or engine.free != [0, 1]) and time.time() < deadline:

@@ -65,6 +65,22 @@ def served(tmp_path_factory):
     server.server_close()
 
 
+
+def running_request(server, body):
+    """A completion sent on a raw socket (so the test can hang up), once the server's engine runs it: -> (the
+    socket, a deadline 10 s on for the waits that follow)."""
+    import socket
+    import time
+
+    data = json.dumps(body).encode()
+    sock = socket.create_connection(server.server_address[:2])
+    sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: " + str(len(data)).encode() + b"\r\n\r\n" + data)
+    deadline = time.time() + 10
+    while not server.app.engine.running and time.time() < deadline:
+        time.sleep(0.01)
+    return sock, deadline
+
 def call(server, path, body=None, method=None, raw=None):
     """(status, parsed JSON body, or the raw text of an event stream)."""
     url = f"http://127.0.0.1:{server.server_address[1]}{path}"
@@ -589,7 +605,6 @@ def test_metrics_count_what_the_responses_say(tmp_path, monkeypatch):
     the token counters are the responses' usage, the finish reasons theirs, the histograms one observation a
     request (a gap a step), prefix-cache hits the full blocks a repeated prompt finds; the paged cache's usage is the
     pages a running request holds of the cache's, and everything idle again reads 0."""
-    import socket
     import time
 
     folder = tmp_path / "run"
@@ -630,13 +645,7 @@ def test_metrics_count_what_the_responses_say(tmp_path, monkeypatch):
 
         real = engine.step
         monkeypatch.setattr(engine, "step", lambda: time.sleep(0.02) or real())  # 100 steps: 2 s
-        body = json.dumps({"prompt": "the cat", "max_tokens": 100, "stream": True}).encode()
-        sock = socket.create_connection(server.server_address[:2])
-        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                     b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
-        deadline = time.time() + 10
-        while not engine.running and time.time() < deadline:
-            time.sleep(0.01)
+        sock, deadline = running_request(server, {"prompt": "the cat", "max_tokens": 100, "stream": True})
         s = scrape(server)
         assert metric(s, "num_requests_running") == 1 and metric(s, "num_requests_waiting") == 0
         held = -(-(len(server.app.completion_prompt("the cat")) + 99) // 8)  # its pages: prompt and budget

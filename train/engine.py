@@ -196,8 +196,10 @@ class Engine:
         if idx.size(1) + max_new_tokens > self.max_len:
             raise UserError(f"prompt {idx.size(1)} + max_new_tokens {max_new_tokens} > the context length "
                             f"{self.max_len}: the engine does not slide the window")
-        if self.paged and self._most_pages(idx, max_new_tokens) > self.cache.num_pages:
-            raise UserError(f"the request needs {self._most_pages(idx, max_new_tokens)} KV pages "
+        prefilled = 1 if bool((idx == idx[:1]).all()) else idx.size(0)  # (equal rows prefill once)
+        most = self._new_pages(idx, max_new_tokens, [[]] * prefilled) if self.paged else 0  # (no cache hit)
+        if self.paged and most > self.cache.num_pages:
+            raise UserError(f"the request needs {most} KV pages "
                             f"of {self.cache.page_size} positions ({idx.size(0)} rows of {idx.size(1)} + "
                             f"{max_new_tokens}), more than the cache's {self.cache.num_pages}: it could never be "
                             "admitted")
@@ -224,33 +226,35 @@ class Engine:
         running request never waits for a page; the last token drawn is never fed back, hence the - 1)."""
         return self.cache.pages_for(prompt + max(budget, 1) - 1)
 
-    def _most_pages(self, idx, budget: int) -> int:
-        """The pages a request takes with no cache hit: a row's each, but with prefix caching equal rows share their
-        prompt's full blocks."""
+    def _new_pages(self, idx, budget: int, hits) -> int:
+        """The pages a request of rows idx [n, T] takes beyond `hits`, its prefilled rows' cached pages (one
+        prefilled row for n equal rows, n otherwise): each prefilled row's pages less its hits, and with prefix
+        caching the other equal rows' own pages past the prompt's full blocks, which they share (without it they
+        hold the whole prompt's, copied)."""
         n, T = idx.shape
         pages = self.pages_for(T, budget)
-        if self.prefix_caching and bool((idx == idx[:1]).all()):
-            return pages + (n - 1) * (pages - T // self.cache.page_size)
-        return n * pages
+        shared = T // self.cache.page_size if self.prefix_caching else 0
+        return sum(pages - len(h) for h in hits) + (n - len(hits)) * (pages - shared)
 
     def _fits(self, r) -> bool:
+        """Whether r's rows, and a paged cache's pages, are free now; sets r.same and r.hits (_plan)."""
         if r.n > len(self.free):
             return False
-        if self.prefix_caching:
-            return self._plan(r) <= self.cache.num_free
-        return not self.paged or r.n * self.pages_for(r.start, r.budget) <= self.cache.num_free
+        return not self.paged or self._plan(r) <= self.cache.num_free
 
     def _plan(self, r) -> int:
-        """Prefix caching: r.hits, each prefilled row's cached pages (one row for a request of n equal rows, which
-        share its full blocks), and the free pages the request takes: the new ones, and the cached ones it holds
-        again (those no row holds count as free)."""
-        cache, pages = self.cache, self.pages_for(r.start, r.budget)
+        """r.same (its rows all one prompt: prefilled once), r.hits (each prefilled row's cached pages: none
+        without prefix caching) and the free pages r takes: the new ones, and the cached ones it holds again (those
+        no row holds count as free)."""
+        cache = self.cache
         r.same = bool((r.idx == r.idx[:1]).all())
-        r.hits = [cache.lookup(row[:-1]) for row in (r.idx[:1] if r.same else r.idx)]  # the last token computed
-        new = sum(pages - len(h) for h in r.hits)
-        if r.same:  # the other rows: their own pages past the prompt's full blocks
-            new += (r.n - 1) * (pages - r.start // cache.page_size)
-        return new + len({p for h in r.hits for p in h if p in cache.cached})
+        prefilled = r.idx[:1] if r.same else r.idx
+        # (the last token always computed)
+        r.hits = [cache.lookup(row[:-1]) if self.prefix_caching else [] for row in prefilled]
+        if not self.paged:
+            return 0
+        cached = {p for h in r.hits for p in h if p in cache.cached} if self.prefix_caching else ()
+        return self._new_pages(r.idx, r.budget, r.hits) + len(cached)
 
     def start(self):
         """step() on a background thread while there is work; returns self."""
@@ -365,9 +369,8 @@ class Engine:
         be in its shared pages (other rows read them). Past them it is overwritten before anything reads it: a
         prefilled row's fill is its next chunk's first position (the end of its cached pages, then of its last
         chunk), and the equal rows that copy the prompt at the end get copy_row's keys (or their own decode's)."""
-        if not self.prefix_caching:
-            r.same = bool((r.idx == r.idx[:1]).all())
-            r.hits = [[]] * (1 if r.same else r.n)
+        if not self.paged:  # (_fits planned a paged cache's requests)
+            self._plan(r)
         size = self.cache.page_size if self.paged else 0
         r.todo, r.rows = deque([i, slot, len(h) * size] for i, (slot, h) in enumerate(zip(r.slots, r.hits))), []
         for slot in r.slots:
