@@ -117,6 +117,26 @@ def test_generate_batch_keeps_the_input_order_and_calls_on_done_in_it(saved):
         generate_batch(model, prompts, [1, 2])
 
 
+def test_every_engine_flag_without_prompts_is_refused_by_name(saved, capsys):
+    """Each flag add_engine_args gives generate (serve's engine settings) works only with --prompts FILE: without
+    it, a one-prompt run would ignore it silently (--enable-prefix-caching once was). Read from the parser, so a
+    flag added there later is checked too."""
+    import argparse
+
+    from tritongpt.train.serve import add_engine_args
+
+    parser = argparse.ArgumentParser()
+    add_engine_args(parser, None, "")
+    flags = [a for a in parser._actions if a.option_strings and a.dest != "help"]
+    assert len(flags) >= 5
+    base = ["generate", "--weights", str(saved), "--device", "cpu", "--max-new-tokens", "2", "--prompt", "x"]
+    for action in flags:
+        flag = action.option_strings[0]
+        given = [flag] if action.nargs == 0 else [flag, "4"]
+        assert cli.main([*base, *given]) == 2, flag
+        assert f"{flag} is a --prompts FILE setting" in capsys.readouterr().err, flag
+
+
 def test_every_refusal_is_named(saved, tmp_path, capsys):
     good = write_jsonl(tmp_path / "good.jsonl", [{"prompt": "The cat"}])
     base = ["generate", "--weights", str(saved), "--device", "cpu", "--max-new-tokens", "4"]

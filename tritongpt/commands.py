@@ -441,8 +441,9 @@ def cmd_generate(args):
         return cmd_generate_prompts(args)
     batch_flags = [f for f, v in (("--out", args.out), ("--max-batch", args.max_batch),
                                   ("--kv-cache-pages", args.kv_cache_pages), ("--kv-page-size", args.kv_page_size),
+                                  ("--enable-prefix-caching", args.enable_prefix_caching or None),
                                   ("--max-prefill-tokens", args.max_prefill_tokens))
-                   if v is not None]
+                   if v is not None]  # (every flag of serve's add_engine_args: a test reads them from it)
     if batch_flags:
         raise UserError(f"{batch_flags[0]} is a --prompts FILE setting (generation over a file of prompts): pass "
                         "--prompts, or leave it out")
