@@ -37,8 +37,8 @@ class Request:
     the caller's code but stop(): the consumer's thread (an HTTP handler) reads the queue, so a slow client never
     stalls the batch."""
 
-    def __init__(self, engine, idx, max_new_tokens, warp, eos_id, generator, vocab_limit, stop):
-        self.engine, self.idx, self.budget, self.warp = engine, idx, max_new_tokens, warp
+    def __init__(self, engine, idx, max_new_tokens, warp, eos_id, generator, vocab_limit, stop, logprobs=None):
+        self.engine, self.idx, self.budget, self.warp, self.logprobs = engine, idx, max_new_tokens, warp, logprobs
         self.eos_id, self.generator, self.vocab_limit, self.stop = eos_id, generator, vocab_limit, stop
         self.start = idx.size(1)  # where the generated ids begin (the frequency/presence penalties count from it)
         self.done = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
@@ -60,7 +60,8 @@ class Request:
             self.engine.cond.notify_all()
 
     def wait(self, on_token=None, cancelled=None, poll: float = 0.05):
-        """In the caller's thread: on_token(nxt [n, 1]) for each step's tokens as they arrive, then the request's
+        """In the caller's thread: on_token(nxt [n, 1]) for each step's tokens as they arrive (with logprobs,
+        on_token(nxt, step_logprobs(...)) as generate's), then the request's
         ids [n, T + new] (generate's return). cancelled(): asked every `poll` seconds while nothing arrives; True
         cancels the request and raises Cancelled. An exception raised by on_token cancels it too."""
         asked = time.monotonic()
@@ -77,7 +78,7 @@ class Request:
                         raise Cancelled("the request was cancelled")
                 if kind == "token":
                     if on_token is not None:
-                        on_token(item)
+                        on_token(*item) if isinstance(item, tuple) else on_token(item)
                 elif kind == "end":
                     return item
                 elif kind == "error":
@@ -177,10 +178,10 @@ class Engine:
         self.stats = {"prompt_tokens": 0, "cached_prompt_tokens": 0}
 
     def submit(self, idx, max_new_tokens: int, *, eos_id: int | None = None, generator=None,
-               vocab_limit: int | None = None, stop=None, **warp) -> Request:
-        """Queue generate(model, idx, max_new_tokens, eos_id=..., generator=..., vocab_limit=..., stop=..., **warp)
-        (warp: its sampling settings) and return its handle. idx [n, T]: n rows (n <= max_batch), T +
-        max_new_tokens within the context (the engine does not slide the window)."""
+               vocab_limit: int | None = None, stop=None, logprobs: int | None = None, **warp) -> Request:
+        """Queue generate(model, idx, max_new_tokens, eos_id=..., generator=..., vocab_limit=..., stop=...,
+        logprobs=..., **warp) (warp: its sampling settings) and return its handle. idx [n, T]: n rows (n <=
+        max_batch), T + max_new_tokens within the context (the engine does not slide the window)."""
         if not isinstance(idx, torch.Tensor) or idx.dim() != 2 or idx.size(1) == 0 or idx.is_floating_point():
             what = f"shape {tuple(idx.shape)} {idx.dtype}" if isinstance(idx, torch.Tensor) else type(idx).__name__
             raise UserError(f"a request's prompt must be a non-empty [n, time] tensor of token ids, got {what}")
@@ -206,7 +207,11 @@ class Engine:
         if vocab_limit is not None and (not is_int(vocab_limit) or vocab_limit <= 0):
             raise UserError(f"vocab_limit must be a positive integer, got {vocab_limit!r}")
         check_sampling(**warp)
-        r = Request(self, idx.to(self.cache.k.device), max_new_tokens, warp, eos_id, generator, vocab_limit, stop)
+        if logprobs is not None and (not is_int(logprobs) or logprobs < 0):
+            raise UserError(f"logprobs must be an integer >= 0 (the top tokens given with each drawn one), "
+                            f"got {logprobs!r}")
+        r = Request(self, idx.to(self.cache.k.device), max_new_tokens, warp, eos_id, generator, vocab_limit, stop,
+                    logprobs)
         if max_new_tokens == 0:  # generate's: the prompt back, nothing run
             r.queue.put(("end", r.idx))
             return r
@@ -342,8 +347,10 @@ class Engine:
                     self._finish(r, e)
         for r, lg in logits.items():
             try:
+                # (with logprobs the token travels with its logprobs, as one tuple: Request.wait)
+                put = (lambda r: lambda *item: r.queue.put(("token", item if len(item) > 1 else item[0])))(r)
                 r.idx, finished = decode_step(lg[:, :r.vocab_limit], r.idx, r.start, r.done, r.warp, r.eos_id,
-                                              r.generator, lambda nxt, r=r: r.queue.put(("token", nxt)), r.stop)
+                                              r.generator, put, r.stop, r.logprobs)
             except Exception as e:  # this request's settings or stop rule: it alone fails
                 self._finish(r, e)
                 continue

@@ -34,7 +34,7 @@ def check_sampling(temperature: float = 0.0, top_k: int | None = None, top_p: fl
                    frequency_penalty: float | None = None, presence_penalty: float | None = None,
                    no_repeat_ngram_size: int | None = None, typical_p: float | None = None,
                    epsilon_cutoff: float | None = None, eta_cutoff: float | None = None,
-                   top_n_sigma: float | None = None) -> None:
+                   top_n_sigma: float | None = None, logit_bias: dict | None = None) -> None:
     """The sampling settings, checked before any work (also those greedy decoding ignores: a
     typo should not wait for the first sample). flags: name them as command-line flags."""
     name = (lambda n: "--" + n.replace("_", "-")) if flags else (lambda n: n)
@@ -67,6 +67,10 @@ def check_sampling(temperature: float = 0.0, top_k: int | None = None, top_p: fl
     if top_n_sigma is not None and (not is_real(top_n_sigma) or
                                     not (math.isfinite(top_n_sigma) and top_n_sigma > 0)):
         raise UserError(f"{name('top_n_sigma')} must be a finite number > 0, got {top_n_sigma!r}")
+    if logit_bias is not None and (not isinstance(logit_bias, dict) or not all(
+            is_int(t) and t >= 0 and is_real(b) and -100 <= b <= 100 for t, b in logit_bias.items())):
+        raise UserError(f"{name('logit_bias')} must map token ids (integers >= 0) to biases in [-100, 100] "
+                        f"(OpenAI's range), got {logit_bias!r}")
 
 
 def penalize_repeats(logits, seen, penalty: float):
@@ -128,7 +132,7 @@ def sample_next(logits, temperature: float = 0.0, top_k: int | None = None,
                 repetition_penalty: float | None = None, seen=None, frequency_penalty: float | None = None,
                 presence_penalty: float | None = None, no_repeat_ngram_size: int | None = None, generated_from=None,
                 live=None, typical_p: float | None = None, epsilon_cutoff: float | None = None,
-                eta_cutoff: float | None = None, top_n_sigma: float | None = None):
+                eta_cutoff: float | None = None, top_n_sigma: float | None = None, logit_bias: dict | None = None):
     """Pick one token per row from logits [B, V]. temperature 0 means greedy (argmax). seen [B, T]: the ids a
     repetition_penalty and no_repeat_ngram_size apply to; those from column generated_from on (an int or a [B]
     tensor), the generated ones, are what frequency_penalty and presence_penalty count."""
@@ -136,7 +140,7 @@ def sample_next(logits, temperature: float = 0.0, top_k: int | None = None,
                              frequency_penalty=frequency_penalty, presence_penalty=presence_penalty,
                              no_repeat_ngram_size=no_repeat_ngram_size, generated_from=generated_from, live=live,
                              typical_p=typical_p, epsilon_cutoff=epsilon_cutoff, eta_cutoff=eta_cutoff,
-                             top_n_sigma=top_n_sigma)
+                             top_n_sigma=top_n_sigma, logit_bias=logit_bias)
     if temperature < torch.finfo(torch.float32).tiny:
         return logits.argmax(dim=-1, keepdim=True)
     probs = torch.softmax(logits, dim=-1)
@@ -148,13 +152,21 @@ def sampling_logits(logits, temperature: float = 0.0, top_k: int | None = None, 
                     frequency_penalty: float | None = None, presence_penalty: float | None = None,
                     no_repeat_ngram_size: int | None = None, generated_from=None, live=None,
                     typical_p: float | None = None, epsilon_cutoff: float | None = None,
-                    eta_cutoff: float | None = None, top_n_sigma: float | None = None):
-    """The logits [B, V] sample_next draws from (softmax of them): penalized, tempered and cut, -inf for a token
-    it never draws. Greedy (temperature 0): only penalized (and n-grams banned)."""
+                    eta_cutoff: float | None = None, top_n_sigma: float | None = None, logit_bias: dict | None = None):
+    """The logits [B, V] sample_next draws from (softmax of them): biased, penalized, tempered and cut, -inf for a
+    token it never draws. Greedy (temperature 0): only biased and penalized (and n-grams banned). logit_bias {token
+    id: bias}: added to those logits first (OpenAI's logit_bias: -100 all but bans a token, +100 all but forces it)."""
     check_sampling(temperature, top_k, top_p, min_p=min_p, repetition_penalty=repetition_penalty,
                    frequency_penalty=frequency_penalty, presence_penalty=presence_penalty,
                    no_repeat_ngram_size=no_repeat_ngram_size, typical_p=typical_p, epsilon_cutoff=epsilon_cutoff,
-                   eta_cutoff=eta_cutoff, top_n_sigma=top_n_sigma)
+                   eta_cutoff=eta_cutoff, top_n_sigma=top_n_sigma, logit_bias=logit_bias)
+    if logit_bias:
+        ids = torch.tensor(list(logit_bias), dtype=torch.long, device=logits.device)
+        if int(ids.max()) >= logits.size(-1):
+            raise UserError(f"logit_bias has token id {int(ids.max())}, outside the {logits.size(-1)} tokens drawn "
+                            "from")
+        bias = torch.tensor(list(logit_bias.values()), dtype=torch.float32, device=logits.device)
+        logits = logits.float().index_add(-1, ids, bias.expand(logits.size(0), -1))
     if repetition_penalty is not None and repetition_penalty != 1.0:
         if seen is None:
             raise UserError("a repetition_penalty needs the ids seen so far (seen)")
@@ -255,7 +267,8 @@ def generate(model, idx, max_new_tokens: int, temperature: float = 0.0, top_k: i
              no_repeat_ngram_size: int | None = None, draft=None, num_draft_tokens: int | None = None,
              stats: dict | None = None, typical_p: float | None = None, epsilon_cutoff: float | None = None,
              eta_cutoff: float | None = None, top_n_sigma: float | None = None, prompt_lookup: int | None = None,
-             cuda_graph: bool = False, kv_cache_dtype: str = "auto"):
+             cuda_graph: bool = False, kv_cache_dtype: str = "auto", logit_bias: dict | None = None,
+             logprobs: int | None = None):
     """Extend idx [B, T] by up to max_new_tokens tokens; rows stop after emitting eos_id.
 
     Returns [B, T + n]. Rows that finished early are padded with eos_id. vocab_limit: only ids
@@ -287,6 +300,9 @@ def generate(model, idx, max_new_tokens: int, temperature: float = 0.0, top_k: i
     kv_cache_dtype: "auto" (the cache in the model's compute dtype) or "int8" (KVCache's int8 values with a scale per
     vector, about half the bytes; every attention, the prefill's too, reads the values back from it). With a draft
     model only the model's own cache is int8: the draft's stays float (it only proposes). Needs use_cache.
+    logit_bias {token id: bias in [-100, 100]}: added to the logits before the settings above (sampling_logits).
+    logprobs k >= 0: on_token is called as on_token(nxt, step_logprobs(...)): the drawn tokens' log-probabilities
+    under the model's raw distribution and the k likeliest tokens' (not with a draft).
     """
     if not isinstance(idx, torch.Tensor) or idx.is_floating_point() or idx.is_complex():
         what = f"a {idx.dtype} tensor" if isinstance(idx, torch.Tensor) else type(idx).__name__
@@ -298,7 +314,12 @@ def generate(model, idx, max_new_tokens: int, temperature: float = 0.0, top_k: i
         raise UserError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
     check_sampling(temperature, top_k, top_p, min_p=min_p, repetition_penalty=repetition_penalty,
                    frequency_penalty=frequency_penalty, presence_penalty=presence_penalty,
-                   no_repeat_ngram_size=no_repeat_ngram_size)
+                   no_repeat_ngram_size=no_repeat_ngram_size, logit_bias=logit_bias)
+    if logprobs is not None and (not is_int(logprobs) or logprobs < 0):
+        raise UserError(f"logprobs must be an integer >= 0 (the top tokens given with each drawn one), "
+                        f"got {logprobs!r}")
+    if logprobs is not None and (draft is not None or prompt_lookup is not None):
+        raise UserError("logprobs are given by a one-token decode step: not with a draft or prompt_lookup")
     if vocab_limit is not None and (not is_int(vocab_limit) or vocab_limit <= 0):  # it slices the logits
         raise UserError(f"vocab_limit must be a positive integer, got {vocab_limit!r}")
     if draft is not None and prompt_lookup is not None:
@@ -326,12 +347,13 @@ def generate(model, idx, max_new_tokens: int, temperature: float = 0.0, top_k: i
         warp = dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                     repetition_penalty=repetition_penalty, frequency_penalty=frequency_penalty,
                     presence_penalty=presence_penalty, no_repeat_ngram_size=no_repeat_ngram_size,
-                    typical_p=typical_p, epsilon_cutoff=epsilon_cutoff, eta_cutoff=eta_cutoff, top_n_sigma=top_n_sigma)
+                    typical_p=typical_p, epsilon_cutoff=epsilon_cutoff, eta_cutoff=eta_cutoff, top_n_sigma=top_n_sigma,
+                    logit_bias=logit_bias)
         if draft is not None:
             return _speculative(model, draft, idx, max_new_tokens, warp, eos_id, generator, vocab_limit, on_token,
                                 stop, num_draft_tokens, stats, kv_cache_dtype)
         return _generate(model, idx, max_new_tokens, warp, eos_id, use_cache, generator, vocab_limit, on_token, stop,
-                         cuda_graph, kv_cache_dtype)
+                         cuda_graph, kv_cache_dtype, logprobs)
     finally:
         model.train(was_training[0])
         if draft is not None and not lookup:
@@ -513,7 +535,7 @@ class DecodeGraph:
 
 
 def _generate(model, idx, max_new_tokens, warp: dict, eos_id, use_cache, generator, vocab_limit, on_token, stop,
-              cuda_graph=False, kv_cache_dtype="auto"):
+              cuda_graph=False, kv_cache_dtype="auto", logprobs=None):
     ctx = model.config.context_length
     # as long as this call can fill: a whole-context cache of a 131072-position model is gigabytes
     cache = new_cache(model, idx.size(0), min(ctx, idx.size(1) + max_new_tokens), kv_cache_dtype) if use_cache else None
@@ -545,19 +567,31 @@ def _generate(model, idx, max_new_tokens, warp: dict, eos_id, use_cache, generat
                 logits = model(idx[:, fed:], cache)
                 fed = idx.size(1)
         idx, finished = decode_step(logits[:, -1, :vocab_limit], idx, start, done, warp, eos_id, generator,
-                                    on_token, stop)
+                                    on_token, stop, logprobs)
         if finished:
             break
     return idx
 
 
-def decode_step(logits, idx, start: int, done, warp: dict, eos_id, generator, on_token, stop):
+def decode_step(logits, idx, start: int, done, warp: dict, eos_id, generator, on_token, stop, logprobs=None):
     """One step of decoding after the forward, shared by _generate and the serving engine (train/engine.py), which
     runs it on each request's rows of a batched forward: a token for each row of idx [B, T] drawn from logits [B, V]
     (sample_next with warp, the penalties counting from column start), a row done [B] (updated in place) padded
-    with eos_id, on_token(nxt [B, 1]) called, stop(idx) asked. -> (idx [B, T + 1], whether every row is done)."""
+    with eos_id, on_token(nxt [B, 1]) called, stop(idx) asked. -> (idx [B, T + 1], whether every row is done).
+    logprobs k (not None): on_token(nxt, step_logprobs(logits, nxt, k)) instead, from the very logits drawn from."""
     nxt = sample_next(logits, generator=generator, seen=idx, generated_from=start, live=~done, **warp)
+    if logprobs is not None and on_token is not None:
+        on_token = (lambda f: lambda new: f(new, step_logprobs(logits, new, logprobs)))(on_token)
     return append_token(idx, nxt, done, eos_id, on_token, stop)
+
+
+def step_logprobs(logits, nxt, k: int):
+    """The raw log-softmax of logits [B, V] (the model's own distribution, before any bias, penalty, temperature or
+    cut: vLLM's default "raw_logprobs") at the tokens nxt [B, 1], and its k likeliest tokens: (logprob [B],
+    top ids [B, k], top logprobs [B, k], sorted likeliest first), in float32 on the CPU."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    top = torch.topk(logp, min(k, logp.size(-1)), dim=-1)
+    return logp.gather(-1, nxt).squeeze(-1).cpu(), top.indices.cpu(), top.values.cpu()
 
 
 def append_token(idx, nxt, done, eos_id, on_token, stop):
