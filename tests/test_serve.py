@@ -55,11 +55,31 @@ def serve_once(folder, path, body, *flags):
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory):
+def run_folder(tmp_path_factory):
     folder = tmp_path_factory.mktemp("serve") / "run"
-    tok = tiny_run(folder, "chat")
+    return folder, tiny_run(folder, "chat")
+
+
+@pytest.fixture(scope="module")
+def served(run_folder):
+    folder, tok = run_folder
     server = start(folder, "--served-model-name", "tiny-chat")
     server.RequestHandlerClass.log_message = lambda *a: None  # (the request log: stderr, not the test's output)
+    yield server, tok
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.fixture(scope="module", params=["engine", "max-batch-1"])
+def both(request, run_folder, served):
+    """The batching engine's server (served), then one with --max-batch 1 (generate() under a lock)."""
+    if request.param == "engine":
+        yield served
+        return
+    folder, tok = run_folder
+    server = start(folder, "--served-model-name", "tiny-chat", "--max-batch", "1")
+    server.RequestHandlerClass.log_message = lambda *a: None
+    assert server.app.engine is None
     yield server, tok
     server.shutdown()
     server.server_close()
@@ -277,7 +297,8 @@ def test_a_model_without_a_chat_format_refuses_chat_and_serves_completions(tmp_p
     ("/v1/completions", {"prompt": "a", "n": 0}, 400, "n", "'n' must be an integer in [1, 128], got 0"),
     ("/v1/completions", {"prompt": "a", "n": 1.5}, 400, "n", "'n' must be an integer"),
     ("/v1/completions", {"prompt": "a", "top_p": 0}, 400, "top_p", "'top_p' must be a number in (0, 1]"),
-    ("/v1/completions", {"prompt": "a", "max_tokens": 0}, 400, "max_tokens", "'max_tokens' must be an integer >= 1"),
+    ("/v1/completions", {"prompt": "a", "max_tokens": 0}, 400, "max_tokens", "0 is taken with 'echo': true"),
+    ("/v1/completions", {"prompt": "a", "max_tokens": -1, "echo": True}, 400, "max_tokens", "an integer >= 0"),
     ("/v1/completions", {"prompt": "a", "repetition_penalty": 0}, 400, "repetition_penalty", "a number > 0, got 0"),
     ("/v1/completions", {"prompt": "a", "min_p": 1.5}, 400, "min_p", "'min_p' must be a number in [0, 1]"),
     ("/v1/completions", {"prompt": "a", "temperature": float("nan")}, 400, "temperature", "got nan"),
@@ -289,15 +310,26 @@ def test_a_model_without_a_chat_format_refuses_chat_and_serves_completions(tmp_p
     ("/v1/completions", {"prompt": "a", "stream_options": {"include_usage": True}}, 400, "stream_options",
      "only allowed with 'stream': true"),
     ("/v1/completions", {"prompt": "a", "frobnicate": 1}, 400, "frobnicate", "unknown field 'frobnicate'"),
-    ("/v1/completions", {"prompt": "a", "logprobs": 2}, 400, "logprobs", "'logprobs' is not supported"),
-    ("/v1/completions", {"prompt": "a", "echo": True}, 400, "echo", "'echo' is not supported"),
+    ("/v1/completions", {"prompt": "a", "logprobs": 21}, 400, "logprobs", "'logprobs' must be an integer in [0, 20]"),
+    ("/v1/completions", {"prompt": "a", "logprobs": True}, 400, "logprobs", "must be an integer in [0, 20]"),
+    ("/v1/completions", {"prompt": "a", "echo": 1}, 400, "echo", "'echo' must be true or false"),
+    ("/v1/chat/completions", {"messages": MESSAGES, "logprobs": 1}, 400, "logprobs", "must be true or false"),
+    ("/v1/chat/completions", {"messages": MESSAGES, "logprobs": True, "top_logprobs": 21}, 400, "top_logprobs",
+     "in [0, 20]"),
+    ("/v1/chat/completions", {"messages": MESSAGES, "top_logprobs": 2}, 400, "top_logprobs", "needs 'logprobs': true"),
+    ("/v1/completions", {"prompt": "a", "logit_bias": {"x": 1}}, 400, "logit_bias", "keys must be token ids"),
+    ("/v1/completions", {"prompt": "a", "logit_bias": {"-3": 1}}, 400, "logit_bias", "keys must be token ids"),
+    ("/v1/completions", {"prompt": "a", "logit_bias": {"5": 101}}, 400, "logit_bias", "in [-100, 100], got 101"),
+    ("/v1/completions", {"prompt": "a", "logit_bias": {"5": "1"}}, 400, "logit_bias", "in [-100, 100], got '1'"),
+    ("/v1/completions", {"prompt": "a", "logit_bias": [5]}, 400, "logit_bias", "must be an object"),
+    ("/v1/completions", {"prompt": "a", "logit_bias": {"300": 1}}, 400, "logit_bias", "the model's tokens are 0..299"),
+    ("/v1/chat/completions", {"messages": MESSAGES, "logit_bias": {"1": float("inf")}}, 400, "logit_bias",
+     "got inf"),
+    ("/v1/completions", {"prompt": [1, 300]}, 400, "prompt", "token ids must be in [0, 300)"),
+    ("/v1/completions", {"prompt": [[1], []]}, 400, "prompt", "'prompt' must be a string, a list of token ids"),
     ("/v1/completions", {"prompt": "a", "best_of": 3}, 400, "best_of", "'best_of' other than n"),
-    # 0 == False and True == 1 to Python: logprobs 0 asks for the drawn tokens' logprobs (not off)
-    ("/v1/completions", {"prompt": "a", "logprobs": 0}, 400, "logprobs", "'logprobs' is not supported"),
-    ("/v1/chat/completions", {"messages": MESSAGES, "logprobs": 0}, 400, "logprobs", "'logprobs' is not supported"),
     ("/v1/completions", {"prompt": "a", "best_of": True}, 400, "best_of", "'best_of' must be an integer"),
     ("/v1/completions", {"prompt": "a", "max_completion_tokens": 3}, 400, "max_completion_tokens", "unknown field"),
-    ("/v1/completions", {"prompt": [1, 2]}, 400, "prompt", "token ids are not taken"),
     ("/v1/completions", {}, 400, "prompt", "'prompt' must be a string"),
     ("/v1/completions", {"prompt": ""}, 400, "prompt", "the prompt is empty"),
     ("/v1/completions", {"prompt": "a<|endoftext|>"}, 400, "prompt", "special token <|endoftext|>"),
@@ -696,3 +728,168 @@ def test_metrics_with_max_batch_1_count_the_requests_waiting_for_the_model(tmp_p
     finally:
         server.shutdown()
         server.server_close()
+
+
+# -- logprobs, echo and logit_bias --------------------------------------------------------------------------------
+
+
+def model_logprobs(server, ids):
+    """The model's float64 log-softmax at every position of ids [T]: [T, V], row t the distribution of token t + 1."""
+    with torch.no_grad():
+        return torch.log_softmax(server.app.model(torch.tensor([ids]))[0].double(), dim=-1)
+
+
+def text_of(tok, i):
+    return serve.token_text(tok, i)[0]
+
+
+def check_top(tok, top, logp, k, token):
+    """A completions top_logprobs dict: the k likeliest tokens, likeliest first, then the token's own if not among
+    them, each its model logprob."""
+    best = torch.topk(logp, k)
+    want = [text_of(tok, i) for i in best.indices.tolist()]
+    assert list(top)[:k] == want and len(top) == k + (text_of(tok, token) not in want)
+    assert top[text_of(tok, token)] == pytest.approx(float(logp[token]), abs=1e-5)
+    for name, v in zip(want, best.values.tolist()):
+        assert top[name] == pytest.approx(v, abs=1e-5)
+
+
+def test_echo_with_max_tokens_0_scores_the_prompt_as_the_model_does(served):
+    server, tok = served
+    prompt = "the cat sat on the mat. Hello"
+    ids = tok.encode(prompt)
+    status, body = call(server, "/v1/completions", {"prompt": prompt, "echo": True, "max_tokens": 0, "logprobs": 3})
+    (choice,) = body["choices"]
+    assert status == 200 and choice["text"] == prompt and choice["finish_reason"] == "length"
+    assert body["usage"] == {"prompt_tokens": len(ids), "completion_tokens": 0, "total_tokens": len(ids)}
+    lp, logp = choice["logprobs"], model_logprobs(server, ids)
+    assert lp["tokens"] == [text_of(tok, i) for i in ids] and "".join(lp["tokens"]) == prompt
+    assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None  # nothing comes before the first
+    assert lp["token_logprobs"][1:] == pytest.approx([float(logp[t, i]) for t, i in enumerate(ids[1:])], abs=1e-5)
+    for t, i in enumerate(ids[1:]):
+        check_top(tok, lp["top_logprobs"][t + 1], logp[t], 3, i)
+    assert lp["text_offset"] == [len(tok.decode(ids[:j])) for j in range(len(ids))]
+    # echo without logprobs: the prompt's text only; echo with tokens drawn: the prompt's entries, then theirs
+    plain = call(server, "/v1/completions", {"prompt": prompt, "echo": True, "max_tokens": 0})[1]["choices"][0]
+    assert plain["text"] == prompt and plain["logprobs"] is None
+    more = call(server, "/v1/completions", {"prompt": prompt, "echo": True, "max_tokens": 3, "logprobs": 3,
+                                            "temperature": 0})[1]["choices"][0]
+    assert more["text"].startswith(prompt) and len(more["logprobs"]["tokens"]) == len(ids) + 3
+    assert {k: v[:len(ids)] for k, v in more["logprobs"].items()} == lp
+
+
+def test_drawn_tokens_logprobs_are_the_models_raw_distribution_at_each_step(both):
+    server, tok = both
+    prompt, k = "a dog ran in", 2
+    ids = tok.encode(prompt)
+    req = {"prompt": prompt, "max_tokens": 10, "temperature": 1.0, "seed": 11, "logprobs": k}
+    (choice,) = call(server, "/v1/completions", req)[1]["choices"]
+    new = reference(server, ids, 10, seed=11, temperature=1.0)[0]
+    assert choice["text"] == new_text(tok, ids, new) and server.app.eot not in new
+    lp, logp = choice["logprobs"], model_logprobs(server, ids + new)
+    assert lp["tokens"] == [text_of(tok, i) for i in new]
+    drawn = [float(logp[len(ids) - 1 + j, i]) for j, i in enumerate(new)]
+    assert lp["token_logprobs"] == pytest.approx(drawn, abs=1e-5)
+    assert min(drawn) < float(logp[len(ids) - 1:-1].max(-1).values.min())  # (sampled: not every token the top one)
+    for j, i in enumerate(new):
+        check_top(tok, lp["top_logprobs"][j], logp[len(ids) - 1 + j], k, i)
+    # where each token's text begins (a token that ends part of a character: where that character begins)
+    for j, offset in enumerate(lp["text_offset"]):
+        whole = tok.decode_bytes(ids + new[:j]).decode("utf-8", errors="ignore")
+        assert offset == len(whole) - len(prompt)
+    # chat: logprobs true, top_logprobs k: OpenAI's content entries, each with its bytes
+    conv = chat.Conversation("chat", None)
+    cids = formats.encode_prompt(tok, conv.prompt("Hello there!", 0, tok))
+    body = call(server, "/v1/chat/completions", {"messages": [{"role": "user", "content": "Hello there!"}],
+                                                 "max_tokens": 6, "temperature": 0, "logprobs": True,
+                                                 "top_logprobs": 2})[1]
+    (choice,) = body["choices"]
+    content = choice["logprobs"]["content"]
+    by_bytes = {tok.decode_bytes([i]): i for i in range(tok.vocab_size)}
+    got = [by_bytes[bytes(e["bytes"])] for e in content]  # (each token's bytes: which token it is)
+    assert tok.decode(got) == choice["message"]["content"]
+    clogp = model_logprobs(server, cids + got)
+    for j, (e, i) in enumerate(zip(content, got)):
+        row = clogp[len(cids) - 1 + j]
+        assert e["logprob"] == pytest.approx(float(row[i]), abs=1e-5) and e["token"] == text_of(tok, i)
+        best = torch.topk(row, 2)
+        assert [t["token"] for t in e["top_logprobs"]] == [text_of(tok, t) for t in best.indices.tolist()]
+        assert [t["logprob"] for t in e["top_logprobs"]] == pytest.approx(best.values.tolist(), abs=1e-5)
+    assert call(server, "/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2,
+                                                 "logprobs": True})[1]["choices"][0]["logprobs"]["content"][0][
+        "top_logprobs"] == []  # (top_logprobs 0 by default)
+
+
+def test_streamed_logprobs_add_up_to_the_whole_responses(served):
+    server, tok = served
+    prompt = "the dog ran"
+    ids = tok.encode(prompt)
+    new = reference(server, ids, 24)[0]
+    stop = fresh_stop(new_text(tok, ids, new), 6)
+    for extra in ({}, {"stop": stop}, {"echo": True}):
+        req = {"prompt": prompt, "max_tokens": 24, "temperature": 0, "logprobs": 2, **extra}
+        (plain,) = call(server, "/v1/completions", req)[1]["choices"]
+        chunks = [c["choices"][0] for c in events(call(server, "/v1/completions", {**req, "stream": True})[1])]
+        assert len(chunks) > 3 and "".join(c["text"] for c in chunks) == plain["text"]
+        joined = {key: [v for c in chunks if c["logprobs"] for v in c["logprobs"][key]] for key in plain["logprobs"]}
+        assert joined == plain["logprobs"]
+        if "stop" in extra:  # the tokens of the text sent only: the last one the one its text ends in
+            tokens = plain["logprobs"]["tokens"]
+            assert len("".join(tokens[:-1])) < len(plain["text"]) <= len("".join(tokens))
+            assert len(tokens) < 24
+    chat_req = {"messages": MESSAGES, "max_tokens": 8, "temperature": 0, "logprobs": True, "top_logprobs": 1}
+    plain = call(server, "/v1/chat/completions", chat_req)[1]["choices"][0]["logprobs"]
+    chunks = events(call(server, "/v1/chat/completions", {**chat_req, "stream": True})[1])
+    assert [e for c in chunks if c["choices"][0]["logprobs"] for e in c["choices"][0]["logprobs"]["content"]] == \
+        plain["content"]
+
+
+def test_logit_bias_forces_or_bans_a_token_and_logprobs_stay_raw(both):
+    server, tok = both
+    prompt = "the bird sang"
+    ids = tok.encode(prompt)
+    greedy = reference(server, ids, 4)[0]
+    forced = next(i for i in range(5, 300) if i not in greedy and i != server.app.eot)
+    body = call(server, "/v1/completions", {"prompt": prompt, "max_tokens": 4, "temperature": 0, "logprobs": 0,
+                                            "logit_bias": {str(forced): 100}})[1]
+    lp = body["choices"][0]["logprobs"]
+    assert lp["tokens"] == [text_of(tok, forced)] * 4
+    logp = model_logprobs(server, ids + [forced] * 4)
+    # the model's own logprobs, not the biased distribution's (~0)
+    assert lp["token_logprobs"] == pytest.approx([float(logp[len(ids) - 1 + j, forced]) for j in range(4)],
+                                                 abs=1e-5)
+    assert max(lp["token_logprobs"]) < -1
+    banned = call(server, "/v1/completions", {"prompt": prompt, "max_tokens": 4, "temperature": 0,
+                                              "logit_bias": {str(greedy[0]): -100}})[1]["choices"][0]["text"]
+    assert tok.encode(banned)[0] != greedy[0] and banned != new_text(tok, ids, greedy)
+
+
+def lm_eval_loglikelihood(server, requests):
+    """lm-evaluation-harness' local-completions: its loglikelihood request (_create_payload with generate=False: the
+    context and continuation as token ids, echo, max_tokens 1, logprobs 1) and its parse_logprobs, as it does them
+    -> [(sum of the continuation's logprobs, is_greedy)]."""
+    payload = {"model": "tiny-chat", "prompt": [ctx + cont for ctx, cont in requests], "temperature": 0,
+               "max_tokens": 1, "logprobs": 1, "seed": 1234, "echo": True}
+    status, out = call(server, "/v1/completions", payload)
+    assert status == 200, out
+    res = []
+    for choice, ctxlen in zip(sorted(out["choices"], key=lambda c: c["index"]), [len(c) for c, _ in requests]):
+        logprobs = sum(choice["logprobs"]["token_logprobs"][ctxlen:-1])
+        is_greedy = all(t == max(top.values()) for t, top in zip(choice["logprobs"]["token_logprobs"][ctxlen:-1],
+                                                                choice["logprobs"]["top_logprobs"][ctxlen:-1]))
+        res.append((logprobs, is_greedy))
+    return res
+
+
+def test_lm_eval_local_completions_loglikelihoods_are_the_models(served):
+    server, tok = served
+    ctx = tok.encode("the cat sat on the")
+    greedy = reference(server, ctx, 3)[0]
+    other = [greedy[0], (greedy[1] + 7) % 250 + 5, greedy[2]]  # its second token not the likeliest
+    got = lm_eval_loglikelihood(server, [(ctx, greedy), (ctx, other)])
+    for (ll, is_greedy), cont in zip(got, [greedy, other]):
+        logp = model_logprobs(server, ctx + cont)
+        want = sum(float(logp[len(ctx) - 1 + j, t]) for j, t in enumerate(cont))
+        assert ll == pytest.approx(want, abs=1e-4)
+        assert is_greedy == all(int(logp[len(ctx) - 1 + j].argmax()) == t for j, t in enumerate(cont))
+    assert [g for _, g in got] == [True, False]

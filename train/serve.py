@@ -9,7 +9,12 @@ streaming as server-sent events ending in `data: [DONE]`, errors as {"error": {m
 OpenAI's (top_k, min_p, repetition_penalty) are vLLM's (vllm/entrypoints/openai/protocol.py).
 The text is generate()'s: a completion is what `tritongpt generate` prints after the prompt, a chat answer what
 `tritongpt chat` answers to the same messages (its Conversation renders them), cut at the same stop strings. A field
-this server does not implement (logprobs, tools, ...) is refused by name, never ignored. One model; requests
+this server does not implement (tools, suffix, ...) is refused by name, never ignored.
+logprobs (completions' `logprobs: k`, `echo`; chat's `logprobs: true, top_logprobs: k`) are the model's raw
+log-softmax over its vocabulary (vLLM's default "raw_logprobs": before logit_bias, penalties, temperature and cuts)
+at each drawn token, taken from the very logits its decode step drew from (generate.step_logprobs); the prompt's
+(echo) from one forward of the whole prompt. A token's text is its bytes as UTF-8, or "bytes:\\xe2\\x80" where
+they are part of a character (OpenAI's spelling). One model; requests
 decode together in one batch (train/engine.py's continuous batching, --max-batch rows), or with --max-batch 1 one
 request at a time (a lock), the others waiting their turn.
 """
@@ -33,13 +38,16 @@ from tritongpt.train.metrics import Metrics
 # fields every generation request takes (OpenAI's, then vLLM's extra sampling settings)
 COMMON_FIELDS = {"model", "max_tokens", "temperature", "top_p", "n", "stop", "seed", "frequency_penalty",
                  "presence_penalty", "stream", "stream_options", "user", "top_k", "min_p", "repetition_penalty"}
-FIELDS = {"completions": COMMON_FIELDS | {"prompt", "echo", "best_of"},
-          "chat": COMMON_FIELDS | {"messages", "max_completion_tokens"}}
+FIELDS = {"completions": COMMON_FIELDS | {"prompt", "echo", "best_of", "logprobs", "logit_bias"},
+          "chat": COMMON_FIELDS | {"messages", "max_completion_tokens", "logprobs", "top_logprobs", "logit_bias"}}
 # OpenAI's fields this server does not implement: refused unless null or false (their "off")
-UNSUPPORTED = {"logprobs", "top_logprobs", "logit_bias", "suffix", "tools", "tool_choice", "functions",
+UNSUPPORTED = {"suffix", "tools", "tool_choice", "functions",
                "function_call", "parallel_tool_calls", "response_format", "audio", "modalities", "prediction",
                "reasoning_effort", "web_search_options", "store", "metadata", "service_tier"}
 MAX_N = 128  # OpenAI's limit on n
+# the most top tokens a drawn token's logprobs list: vLLM's default --max-logprobs and OpenAI chat's top_logprobs
+# limit (OpenAI's legacy completions took 5)
+MAX_LOGPROBS = 20
 MAX_BODY = 32 * 2**20  # bytes: far past any prompt a context holds; a larger Content-Length is refused, not allocated
 
 
@@ -109,8 +117,16 @@ def sampling_settings(body: dict, endpoint: str, served: str) -> dict:
     names = [k for k in ("max_tokens", "max_completion_tokens") if body.get(k) is not None]
     if len(names) > 1:
         raise bad(names[1], "pass one of 'max_tokens' and 'max_completion_tokens'")
-    s["max_tokens"] = number(names[0], None, 1, math.inf, integer=True) if names else \
+    echo = body.get("echo") if endpoint == "completions" else None
+    if echo is not None and not isinstance(echo, bool):
+        raise bad("echo", f"'echo' must be true or false, got {echo!r}")
+    s["echo"] = bool(echo)
+    if names and body[names[0]] == 0 and not s["echo"]:  # (vLLM's rule too)
+        raise bad(names[0], f"'{names[0]}' must be >= 1, got 0 (0 is taken with 'echo': true, to score the prompt)")
+    s["max_tokens"] = number(names[0], None, 0, math.inf, integer=True) if names else \
         (16 if endpoint == "completions" else None)  # chat: to the end of the turn, or of the context
+    s["logprobs"] = logprobs_setting(body, endpoint)
+    s["logit_bias"] = logit_bias_setting(body.get("logit_bias"))
     stop = body.get("stop")
     stops = [stop] if isinstance(stop, str) else stop if stop is not None else []
     if not isinstance(stops, list) or not all(isinstance(t, str) and t for t in stops):
@@ -130,14 +146,126 @@ def sampling_settings(body: dict, endpoint: str, served: str) -> dict:
     if body.get("user") is not None and not isinstance(body["user"], str):
         raise bad("user", "'user' must be a string")
     if endpoint == "completions":
-        if body.get("echo") not in (None, False):
-            raise bad("echo", "'echo' is not supported by this server (only false)")
         best_of = body.get("best_of")
         if best_of is not None and not is_int(best_of):  # (True == 1)
             raise bad("best_of", f"'best_of' must be an integer, got {best_of!r}")
         if best_of is not None and best_of != s["n"]:  # best_of = n draws n and returns them all: plain sampling
             raise bad("best_of", f"'best_of' other than n is not supported by this server, got {best_of!r}")
     return s
+
+
+def logprobs_setting(body: dict, endpoint: str):
+    """The top tokens asked with each token's logprob (0..MAX_LOGPROBS), or None for no logprobs: completions'
+    `logprobs: k`, chat's `logprobs: true` with `top_logprobs: k` (OpenAI's fields)."""
+    def top(key):
+        k = body.get(key)
+        if k is not None and (not is_int(k) or not 0 <= k <= MAX_LOGPROBS):
+            raise bad(key, f"'{key}' must be an integer in [0, {MAX_LOGPROBS}] (this server's most top logprobs), "
+                           f"got {k!r}")
+        return k
+    if endpoint == "completions":
+        return top("logprobs")
+    on = body.get("logprobs")
+    if on is not None and not isinstance(on, bool):
+        raise bad("logprobs", f"'logprobs' must be true or false, got {on!r}")
+    k = top("top_logprobs")
+    if k is not None and not on:
+        raise bad("top_logprobs", "'top_logprobs' needs 'logprobs': true")
+    return (k or 0) if on else None
+
+
+def logit_bias_setting(bias):
+    """OpenAI's logit_bias {"token id": bias in [-100, 100]} as {id: bias}, or None. (The ids' range is the
+    model's: Handler.generate checks it.)"""
+    if bias is None:
+        return None
+    if not isinstance(bias, dict):
+        raise bad("logit_bias", f"'logit_bias' must be an object of token ids to biases, got {bias!r}")
+    out = {}
+    for key, value in bias.items():
+        if not (key.isascii() and key.isdigit()):
+            raise bad("logit_bias", f"'logit_bias' keys must be token ids (non-negative integers), got {key!r}")
+        if not is_real(value) or not -100 <= value <= 100:
+            raise bad("logit_bias", f"'logit_bias' values must be numbers in [-100, 100], got {value!r} for {key!r}")
+        out[int(key)] = float(value)
+    return out or None
+
+
+def token_text(tok, i: int) -> tuple:
+    """A token's (text, bytes): its bytes as UTF-8, or OpenAI's "bytes:\\xe2\\x80" where they are not valid on
+    their own (part of a character)."""
+    b = tok.decode_bytes([i])
+    try:
+        return b.decode("utf-8"), b
+    except UnicodeDecodeError:
+        return "bytes:" + "".join(f"\\x{x:02x}" for x in b), b
+
+
+def finite(x: float) -> float:
+    return max(float(x), -9999.0)  # vLLM's stand-in for -inf (JSON has none)
+
+
+class Scored:
+    """One choice's tokens with their logprobs, items (id, logprob or None, top ids, top logprobs, text offset), the
+    text the tokens so far decode to (ends: its length after each) and how many of them a response has given. A text
+    cut at a stop string keeps the tokens that make it: the shortest run of tokens whose text covers it (upto); the end
+    token, which adds no text, is not given."""
+
+    def __init__(self, tok, prompt_ids):
+        self.decoder = tok.stream_decoder()
+        self.decoder.write(prompt_ids)  # (a word's leading space is the new text's, as Delta's)
+        self.items, self.ends, self.given = [], [], 0
+
+    def add(self, item):
+        """item: (id, logprob, top ids, top logprobs); its text offset is added."""
+        start = self.ends[-1] if self.ends else 0
+        self.items.append((*item, start))
+        self.ends.append(start + len(self.decoder.write([item[0]])))
+
+    def upto(self, length: int) -> int:
+        from bisect import bisect_left
+
+        return min(bisect_left(self.ends, length) + 1, len(self.items)) if length else 0
+
+    def give(self, length: int) -> list:
+        """The items of the tokens the first `length` characters take that were not given yet."""
+        end = max(self.upto(length), self.given)
+        out, self.given = self.items[self.given:end], end
+        return out
+
+
+def completion_logprobs(tok, items, start: int = 0) -> dict:
+    """OpenAI's legacy completions logprobs object of Scored's items: tokens, token_logprobs, top_logprobs (each a
+    dict of the top k and the token itself, OpenAI's "up to logprobs + 1"; null for the prompt's first token) and
+    text_offset (from start: where the items' text begins in the choice's)."""
+    tokens, logprobs, tops = [], [], []
+    for i, lp, top_ids, top_lps, _ in items:
+        tokens.append(token_text(tok, i)[0])
+        logprobs.append(None if lp is None else finite(lp))
+        if lp is None:
+            tops.append(None)
+            continue
+        top = {token_text(tok, t)[0]: finite(v) for t, v in zip(top_ids, top_lps)}
+        top.setdefault(tokens[-1], finite(lp))
+        tops.append(top)
+    return {"tokens": tokens, "token_logprobs": logprobs, "top_logprobs": tops,
+            "text_offset": [start + item[4] for item in items]}
+
+
+def chat_logprobs(tok, items) -> dict:
+    """OpenAI's chat logprobs object: {content: [{token, logprob, bytes, top_logprobs: [{token, logprob, bytes}]}]}."""
+    def entry(i, lp):
+        text, b = token_text(tok, i)
+        return {"token": text, "logprob": finite(lp), "bytes": list(b)}
+    return {"content": [{**entry(i, lp), "top_logprobs": [entry(t, v) for t, v in zip(top_ids, top_lps)]}
+                        for i, lp, top_ids, top_lps, _ in items], "refusal": None}
+
+
+def rows_of(step) -> list:
+    """generate.step_logprobs' (logprob [n], top ids [n, k], top logprobs [n, k]) as each row's (logprob, top ids,
+    top logprobs)."""
+    lp, ids, vals = step
+    return list(zip(lp.tolist(), ids.tolist(), vals.tolist()))
 
 
 class Model:
@@ -223,21 +351,43 @@ class Model:
                                 "max_tokens", "max_tokens", code="context_length_exceeded")
         return max_tokens
 
+    def prompt_logprobs(self, ids, k: int) -> list:
+        """The prompt's tokens' logprob items (echo; Scored's), from one forward of the whole prompt: the first
+        token's logprob None (nothing comes before it)."""
+        import torch
+
+        from tritongpt.train.common import autocast
+        from tritongpt.train.generate import last_logits, step_logprobs
+
+        idx = torch.tensor([ids], dtype=torch.long, device=self.device)
+        with self.lock, torch.no_grad(), autocast(self.device, self.dtype):  # (the lock: one such forward at once)
+            logits = last_logits(self.model, idx, None, keep=len(ids))[0, :-1, :self.limit]
+            rows = rows_of(step_logprobs(logits, idx[0, 1:, None], k)) if len(ids) > 1 else []
+        scored = Scored(self.tok, [])
+        for item in [(ids[0], None, [], [])] + [(t, *row) for t, row in zip(ids[1:], rows)]:
+            scored.add(item)
+        return scored.items
+
     def draw(self, ids, budget, s, stop_id, generator, on_delta=None, gone=None) -> list:
-        """n choices after the prompt ids (one batch): [(text, finish_reason, completion tokens)]. on_delta(i,
-        text): each choice's new text as it is drawn (held back where a stop string may be starting), the
-        deltas of a choice adding up to its text; called in this thread (the engine's tokens come through the
-        request's queue). gone(): whether the client left, asked while waiting for the engine: its request is
-        then cancelled and BrokenPipeError raised (as a write to its socket would)."""
+        """n choices after the prompt ids (one batch): [(text, finish_reason, completion tokens, logprob items or
+        None)], the items those of the tokens that make the text (Scored). on_delta(i, text, items): each choice's
+        new text as it is drawn (held back where a stop string may be starting), the deltas of a choice adding up
+        to its text, with the items of the tokens that text takes (None without logprobs); called in this thread
+        (the engine's tokens come through the request's queue). gone(): whether the client left, asked while
+        waiting for the engine: its request is then cancelled and BrokenPipeError raised (as a write to its socket would)."""
         import torch
 
         from tritongpt.commands import Choices
         from tritongpt.train.engine import Cancelled
 
-        n, stops = s["n"], s["stops"]
+        n, stops, k = s["n"], s["stops"], s["logprobs"]
         rows = Choices(self.tok, ids, stops, stop_id)  # the choices' texts, finish reasons and counts
         stopped = rows.stopped
         streams = [Delta(self.tok, ids, stops) for _ in range(n)] if on_delta else None
+        scored = [Scored(self.tok, ids) for _ in range(n)] if k is not None else None
+
+        def send(i, delta, length):  # the delta, and the tokens the text sent so far (length) takes
+            on_delta(i, delta, None if scored is None else scored[i].give(length))
 
         def on_token(new):
             for i, t in enumerate(new[:, 0].tolist()):
@@ -245,28 +395,33 @@ class Model:
                     streams[i].done = True
                 delta = streams[i].add(t)
                 if delta:
-                    on_delta(i, delta)
+                    send(i, delta, len(streams[i].sent_text))
 
         idx = torch.tensor([ids] * n, dtype=torch.long, device=self.device)
         warp = dict(temperature=s["temperature"], top_k=s["top_k"], top_p=s["top_p"] if s["top_p"] < 1 else None,
                     min_p=s["min_p"], repetition_penalty=s["repetition_penalty"],
-                    frequency_penalty=s["frequency_penalty"], presence_penalty=s["presence_penalty"])
+                    frequency_penalty=s["frequency_penalty"], presence_penalty=s["presence_penalty"],
+                    logit_bias=s["logit_bias"])
         timing = self.metrics.request()
 
-        def on_step(new):  # each step's tokens: the clock, then the stream
+        def on_step(new, step=None):  # each step's tokens: the clock, their logprobs, then the stream
             timing.tokens()
+            if step is not None:
+                for i, (t, row) in enumerate(zip(new[:, 0].tolist(), rows_of(step))):
+                    scored[i].add((t, *row))
             if on_delta:
                 on_token(new)
         try:
             if self.engine is not None:
-                request = self.engine.submit(idx, budget, eos_id=stop_id, generator=generator,
-                                             vocab_limit=self.limit, stop=stopped if stops else None, **warp)
+                request = self.engine.submit(idx, budget, eos_id=stop_id, generator=generator, vocab_limit=self.limit,
+                                             stop=stopped if stops else None, logprobs=k, **warp)
                 try:
                     out = request.wait(on_step, gone).tolist()
                 except Cancelled:
                     raise BrokenPipeError("the client left") from None
             else:
-                out = self.generate_alone(idx, budget, stop_id, generator, on_step, stopped if stops else None, warp)
+                out = self.generate_alone(idx, budget, stop_id, generator, on_step, stopped if stops else None,
+                                          dict(warp, logprobs=k))
         except (BrokenPipeError, ConnectionResetError, TimeoutError):  # the client left, or stopped reading
             timing.end(["abort"] * n)
             raise
@@ -275,14 +430,15 @@ class Model:
             raise
         choices = []
         for i, row in enumerate(out):
-            choices.append(rows.choice(i, row))
-            text = choices[-1][0]
+            text, finish, count = rows.choice(i, row)
+            items = None if scored is None else scored[i].items[:scored[i].upto(len(text))]
+            choices.append((text, finish, count, items))
             if on_delta:
                 sent = streams[i].sent_text
                 if text[:len(sent)] != sent:  # cannot happen: the stream sends what decoding gives, held back
                     raise RuntimeError(f"streamed {sent!r}, which the text {text!r} does not start with")
                 if text[len(sent):]:
-                    on_delta(i, text[len(sent):])
+                    send(i, text[len(sent):], len(text))
         timing.end([c[1] for c in choices], len(ids), sum(c[2] for c in choices))
         return choices
 
@@ -446,6 +602,23 @@ class Handler(BaseHTTPRequestHandler):
         self.wfile.write(f"data: {obj if isinstance(obj, str) else json.dumps(obj)}\n\n".encode("utf-8"))
         self.wfile.flush()
 
+    def completion_prompts(self, prompt, vocab: int) -> tuple:
+        """/v1/completions' prompt (a string, a list of them, a list of token ids or a list of such lists, as
+        OpenAI's) -> (each prompt's ids, its text for echo). Text is encoded as `generate --prompt` does; token ids
+        (what lm-eval's local-completions sends) are taken as they are."""
+        app = self.server.app
+        tokens = isinstance(prompt, list) and bool(prompt) and all(is_int(t) for t in prompt)
+        prompts = [prompt] if isinstance(prompt, str) or tokens else prompt
+        if not isinstance(prompts, list) or not prompts or not all(
+                isinstance(p, str) or isinstance(p, list) and p and all(is_int(t) for t in p) for p in prompts):
+            raise bad("prompt", f"'prompt' must be a string, a list of token ids, or a non-empty list of either, got "
+                                f"{prompt!r}"[:300])
+        for p in prompts:
+            if not isinstance(p, str) and not all(0 <= t < vocab for t in p):
+                raise bad("prompt", f"the prompt's token ids must be in [0, {vocab}), got {min(p)}..{max(p)}")
+        ids = [app.completion_prompt(p) if isinstance(p, str) else p for p in prompts]
+        return ids, [p if isinstance(p, str) else app.tok.decode(p) for p in prompts]
+
     def generate(self, endpoint: str, body: dict):
         import torch
 
@@ -455,18 +628,18 @@ class Handler(BaseHTTPRequestHandler):
         if app.engine is not None and s["n"] > app.engine.max_batch:
             raise bad("n", f"'n' is {s['n']}, more than this server's --max-batch {app.engine.max_batch}: a "
                            "request's choices decode together in the batch")
+        vocab = app.limit or app.model.config.vocab_size
+        if s["logit_bias"] and max(s["logit_bias"]) >= vocab:
+            raise bad("logit_bias", f"'logit_bias' has token id {max(s['logit_bias'])}: the model's tokens are "
+                                    f"0..{vocab - 1}")
         if chat:
             if "messages" not in body:
                 raise bad("messages", "'messages' is required")
             prompts = [app.chat_prompt(body["messages"])]
             stop_id = app.chat_stop
+            texts = [None]
         else:
-            prompt = body.get("prompt")
-            prompts = [prompt] if isinstance(prompt, str) else prompt
-            if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) for p in prompts):
-                raise bad("prompt", f"'prompt' must be a string or a non-empty list of strings (token ids are not "
-                                    f"taken), got {prompt!r}")
-            prompts = [app.completion_prompt(p) for p in prompts]
+            prompts, texts = self.completion_prompts(body.get("prompt"), vocab)
             stop_id = app.eot
         budgets = [app.budget(ids, s["max_tokens"]) for ids in prompts]  # every prompt checked before any work
         kind = "chat.completion" if chat else "text_completion"
@@ -474,6 +647,12 @@ class Handler(BaseHTTPRequestHandler):
                 "created": int(time.time()), "model": app.name}
         seed = s["seed"] if s["seed"] is not None else secrets.randbits(63)
         gen = torch.Generator(device=app.device).manual_seed(seed)
+        k = s["logprobs"]
+
+        def logprobs(items, start=0):  # a choice's (or a chunk's) logprobs object, or None
+            if items is None:
+                return None
+            return chat_logprobs(app.tok, items) if chat else completion_logprobs(app.tok, items, start)
         on_delta = None
         if s["stream"]:
             self.send_response(200)
@@ -483,34 +662,46 @@ class Handler(BaseHTTPRequestHandler):
             self.streaming = True
             head["object"] = kind + ".chunk" if chat else kind
 
-            def chunk(index, text=None, finish=None, role=False):
+            def chunk(index, text=None, finish=None, role=False, lp=None):
                 if chat:
                     delta = {"role": "assistant", "content": ""} if role else \
                         {"content": text} if text is not None else {}
-                    choice = {"index": index, "delta": delta, "finish_reason": finish}
+                    choice = {"index": index, "delta": delta, "logprobs": lp, "finish_reason": finish}
                 else:
-                    choice = {"index": index, "text": text or "", "logprobs": None, "finish_reason": finish}
+                    choice = {"index": index, "text": text or "", "logprobs": lp, "finish_reason": finish}
                 # with include_usage, OpenAI's other chunks carry "usage": null
                 self.send_event({**head, "choices": [choice], **({"usage": None} if s["include_usage"] else {})})
         choices, used = [], [0, 0]
-        for p, (ids, budget) in enumerate(zip(prompts, budgets)):
+        for p, (ids, budget, prompt_text) in enumerate(zip(prompts, budgets, texts)):
             base = p * s["n"]  # OpenAI's index: the prompt's n choices in turn
+            echo = prompt_text if s["echo"] else ""  # the prompt's text (and logprobs) first, then the choice's
+            echo_lp = logprobs(app.prompt_logprobs(ids, k)) if s["echo"] and k is not None else None
             if s["stream"]:
-                if chat:
-                    for i in range(s["n"]):
+                for i in range(s["n"]):
+                    if chat:
                         chunk(base + i, role=True)
-                on_delta = (lambda b: lambda i, text: chunk(b + i, text))(base)
-            drawn = app.draw(ids, budget, s, stop_id, gen, on_delta, self.client_gone)
+                    elif s["echo"]:
+                        chunk(base + i, echo, lp=echo_lp)
+                on_delta = (lambda b, start: lambda i, text, items: chunk(b + i, text, lp=logprobs(items, start)))(
+                    base, len(echo))
+            if budget == 0:  # echo with max_tokens 0: the prompt scored, nothing drawn (vLLM's finish "length")
+                drawn = [("", "length", 0, [] if k is not None else None)] * s["n"]
+            else:
+                drawn = app.draw(ids, budget, s, stop_id, gen, on_delta, self.client_gone)
             used[0] += len(ids)
-            for i, (text, finish, count) in enumerate(drawn):
+            for i, (text, finish, count, items) in enumerate(drawn):
                 used[1] += count
                 if s["stream"]:
                     chunk(base + i, finish=finish)
-                elif chat:
+                    continue
+                lp = logprobs(items, len(echo))
+                if echo_lp is not None:
+                    lp = {key: echo_lp[key] + lp[key] for key in lp}
+                if chat:
                     choices.append({"index": base + i, "message": {"role": "assistant", "content": text},
-                                    "logprobs": None, "finish_reason": finish})
+                                    "logprobs": lp, "finish_reason": finish})
                 else:
-                    choices.append({"index": base + i, "text": text, "logprobs": None, "finish_reason": finish})
+                    choices.append({"index": base + i, "text": echo + text, "logprobs": lp, "finish_reason": finish})
         usage = {"prompt_tokens": used[0], "completion_tokens": used[1], "total_tokens": sum(used)}
         if s["stream"]:
             if s["include_usage"]:
