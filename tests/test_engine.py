@@ -153,6 +153,34 @@ def test_eos_and_stop_end_a_request_early_and_free_its_slots(one_thread):
     assert admitted == [0, 0, 3]
 
 
+def test_logprobs_and_logit_bias_are_a_requests_own_as_generate_gives_them(one_thread):
+    """A request's logit_bias and logprobs (on_token's second argument) are generate()'s for it, with a request
+    of neither in the same batch; call() runs a function on the engine's thread, between steps."""
+    model = tiny()
+    a, b = prompt(5, n=2, seed=1), prompt(7, seed=2)
+    banned = int(generate(model, a[:1], 1)[0, -1])  # the greedy first token
+    kw = dict(temperature=1.0, seed=3, logit_bias={3: 5.0, banned: -100}, logprobs=2)
+    engine = Engine(model, max_batch=3)
+    ha, hb = engine.submit(a, 6, **seeded(kw)), engine.submit(b, 6)
+    while engine.running or engine.waiting:
+        engine.step()
+    got, want = [], []
+    ids = ha.wait(lambda nxt, lp: got.append((nxt, lp)))
+    assert torch.equal(ids, alone(model, a, 6, kw, on_token=lambda nxt, lp: want.append((nxt, lp))))
+    assert banned not in ids[:, 5:].tolist() and len(got) == len(want) == 6
+    for (nxt, lp), (nxt_, lp_) in zip(got, want):
+        assert torch.equal(nxt, nxt_) and torch.equal(lp[1], lp_[1])
+        assert torch.allclose(lp[0], lp_[0], atol=1e-5) and torch.allclose(lp[2], lp_[2], atol=1e-5)
+    assert torch.equal(hb.wait(), generate(model, b, 6))
+    engine.start()
+    assert engine.call(lambda: threading.current_thread().name) == "tritongpt-engine"
+    with pytest.raises(ValueError):
+        engine.call(lambda: int("x"))
+    engine.close()
+    with pytest.raises(UserError, match="closed"):
+        engine.call(lambda: 1)
+
+
 def test_a_decode_step_runs_the_rows_up_to_the_last_busy_one(one_thread):
     """Slots go lowest first and a step runs cache rows 0..last busy: a lone request decodes one row, not four."""
     model = tiny()

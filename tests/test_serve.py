@@ -299,6 +299,8 @@ def test_a_model_without_a_chat_format_refuses_chat_and_serves_completions(tmp_p
     ("/v1/completions", {"prompt": "a", "top_p": 0}, 400, "top_p", "'top_p' must be a number in (0, 1]"),
     ("/v1/completions", {"prompt": "a", "max_tokens": 0}, 400, "max_tokens", "0 is taken with 'echo': true"),
     ("/v1/completions", {"prompt": "a", "max_tokens": -1, "echo": True}, 400, "max_tokens", "an integer >= 0"),
+    ("/v1/chat/completions", {"messages": MESSAGES, "max_completion_tokens": 0}, 400, "max_completion_tokens",
+     "'max_completion_tokens' must be an integer >= 1, got 0"),
     ("/v1/completions", {"prompt": "a", "repetition_penalty": 0}, 400, "repetition_penalty", "a number > 0, got 0"),
     ("/v1/completions", {"prompt": "a", "min_p": 1.5}, 400, "min_p", "'min_p' must be a number in [0, 1]"),
     ("/v1/completions", {"prompt": "a", "temperature": float("nan")}, 400, "temperature", "got nan"),
@@ -826,14 +828,18 @@ def test_streamed_logprobs_add_up_to_the_whole_responses(served):
     ids = tok.encode(prompt)
     new = reference(server, ids, 24)[0]
     stop = fresh_stop(new_text(tok, ids, new), 6)
-    for extra in ({}, {"stop": stop}, {"echo": True}):
+    for extra in ({}, {"stop": stop}, {"echo": True}, {"n": 2, "temperature": 1.0, "seed": 5, "stop": "e"}):
         req = {"prompt": prompt, "max_tokens": 24, "temperature": 0, "logprobs": 2, **extra}
-        (plain,) = call(server, "/v1/completions", req)[1]["choices"]
-        chunks = [c["choices"][0] for c in events(call(server, "/v1/completions", {**req, "stream": True})[1])]
-        assert len(chunks) > 3 and "".join(c["text"] for c in chunks) == plain["text"]
-        joined = {key: [v for c in chunks if c["logprobs"] for v in c["logprobs"][key]] for key in plain["logprobs"]}
-        assert joined == plain["logprobs"]
-        if "stop" in extra:  # the tokens of the text sent only: the last one the one its text ends in
+        plains = call(server, "/v1/completions", req)[1]["choices"]
+        streamed = [c["choices"][0] for c in events(call(server, "/v1/completions", {**req, "stream": True})[1])]
+        assert len(plains) == extra.get("n", 1)
+        for plain in plains:
+            chunks = [c for c in streamed if c["index"] == plain["index"]]
+            assert len(chunks) > 3 and "".join(c["text"] for c in chunks) == plain["text"]
+            lps = [c["logprobs"] for c in chunks if c["logprobs"]]
+            assert {key: [v for lp in lps for v in lp[key]] for key in plain["logprobs"]} == plain["logprobs"]
+        plain = plains[0]
+        if "stop" in extra and "n" not in extra:  # the tokens of the text sent only: the last, the one it ends in
             tokens = plain["logprobs"]["tokens"]
             assert len("".join(tokens[:-1])) < len(plain["text"]) <= len("".join(tokens))
             assert len(tokens) < 24

@@ -174,6 +174,7 @@ class Engine:
         self.waiting, self.running = deque(), []
         self.cond = threading.Condition()  # guards waiting (submit's) and closed; wakes the thread
         self.closed, self.thread = False, None
+        self.calls = deque()  # call()'s functions, run on the engine's thread between steps
         self.prefix_caching, self.max_prefill_tokens = prefix_caching, max_prefill_tokens
         self.stats = {"prompt_tokens": 0, "cached_prompt_tokens": 0}
 
@@ -278,13 +279,36 @@ class Engine:
             self._finish(r, UserError("the server is shutting down"))
         self.waiting.clear()
 
+    def call(self, fn):
+        """fn()'s result, run on the engine's thread between two steps (started engines only): a forward of the
+        caller's (serve's prompt logprobs) then never overlaps the engine's own, nor a CUDA graph's capture."""
+        done = queue.Queue()
+        with self.cond:
+            if self.closed:
+                raise UserError("the engine is closed")
+            self.calls.append((fn, done))
+            self.cond.notify_all()
+        ok, out = done.get()
+        if not ok:
+            raise out
+        return out
+
     def _loop(self):
         while True:
             with self.cond:
-                while not self.closed and not self.waiting and not self.running:
+                while not self.closed and not self.waiting and not self.running and not self.calls:
                     self.cond.wait()
                 if self.closed:
+                    for _, done in self.calls:
+                        done.put((False, UserError("the server is shutting down")))
                     return
+                calls, self.calls = list(self.calls), deque()
+            for fn, done in calls:
+                try:
+                    with torch.no_grad(), self.autocast():
+                        done.put((True, fn()))
+                except Exception as e:
+                    done.put((False, e))
             try:
                 self.step()
             except Exception as e:  # (step fails requests itself; this is the engine's own fault) fail them all,

@@ -122,7 +122,8 @@ def sampling_settings(body: dict, endpoint: str, served: str) -> dict:
         raise bad("echo", f"'echo' must be true or false, got {echo!r}")
     s["echo"] = bool(echo)
     if names and body[names[0]] == 0 and not s["echo"]:  # (vLLM's rule too)
-        raise bad(names[0], f"'{names[0]}' must be >= 1, got 0 (0 is taken with 'echo': true, to score the prompt)")
+        why = " (0 is taken with 'echo': true, to score the prompt)" if endpoint == "completions" else ""
+        raise bad(names[0], f"'{names[0]}' must be an integer >= 1, got 0{why}")
     s["max_tokens"] = number(names[0], None, 0, math.inf, integer=True) if names else \
         (16 if endpoint == "completions" else None)  # chat: to the end of the turn, or of the context
     s["logprobs"] = logprobs_setting(body, endpoint)
@@ -352,17 +353,23 @@ class Model:
         return max_tokens
 
     def prompt_logprobs(self, ids, k: int) -> list:
-        """The prompt's tokens' logprob items (echo; Scored's), from one forward of the whole prompt: the first
-        token's logprob None (nothing comes before it)."""
+        """The prompt's tokens' logprob items (echo; Scored's), from one forward of the whole prompt (its turn with
+        the model as a request's): the first token's logprob None (nothing comes before it)."""
         import torch
 
         from tritongpt.train.common import autocast
         from tritongpt.train.generate import last_logits, step_logprobs
 
         idx = torch.tensor([ids], dtype=torch.long, device=self.device)
-        with self.lock, torch.no_grad(), autocast(self.device, self.dtype):  # (the lock: one such forward at once)
+
+        def forward():
             logits = last_logits(self.model, idx, None, keep=len(ids))[0, :-1, :self.limit]
-            rows = rows_of(step_logprobs(logits, idx[0, 1:, None], k)) if len(ids) > 1 else []
+            return rows_of(step_logprobs(logits, idx[0, 1:, None], k)) if len(ids) > 1 else []
+        if self.engine is not None:  # on the engine's thread, between its steps
+            rows = self.engine.call(forward)
+        else:
+            with self.lock, torch.no_grad(), autocast(self.device, self.dtype):  # (the lock: the model's turn)
+                rows = forward()
         scored = Scored(self.tok, [])
         for item in [(ids[0], None, [], [])] + [(t, *row) for t, row in zip(ids[1:], rows)]:
             scored.add(item)
@@ -374,7 +381,8 @@ class Model:
         new text as it is drawn (held back where a stop string may be starting), the deltas of a choice adding up
         to its text, with the items of the tokens that text takes (None without logprobs); called in this thread
         (the engine's tokens come through the request's queue). gone(): whether the client left, asked while
-        waiting for the engine: its request is then cancelled and BrokenPipeError raised (as a write to its socket would)."""
+        waiting for the engine: its request is then cancelled and BrokenPipeError raised (as a write to its socket
+        would)."""
         import torch
 
         from tritongpt.commands import Choices
