@@ -760,10 +760,15 @@ def test_echo_with_max_tokens_0_scores_the_prompt_as_the_model_does(served):
     server, tok = served
     prompt = "the cat sat on the mat. Hello"
     ids = tok.encode(prompt)
+    m = server.app.metrics  # (what /metrics renders)
+    before = m.prompt_tokens, m.generation_tokens, m.finished["length"]
     status, body = call(server, "/v1/completions", {"prompt": prompt, "echo": True, "max_tokens": 0, "logprobs": 3})
     (choice,) = body["choices"]
     assert status == 200 and choice["text"] == prompt and choice["finish_reason"] == "length"
     assert body["usage"] == {"prompt_tokens": len(ids), "completion_tokens": 0, "total_tokens": len(ids)}
+    # counted in /metrics as the usage says
+    assert (m.prompt_tokens, m.generation_tokens, m.finished["length"]) == (before[0] + len(ids), before[1],
+                                                                           before[2] + 1)
     lp, logp = choice["logprobs"], model_logprobs(server, ids)
     assert lp["tokens"] == [text_of(tok, i) for i in ids] and "".join(lp["tokens"]) == prompt
     assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None  # nothing comes before the first

@@ -14,9 +14,9 @@ logprobs (completions' `logprobs: k`, `echo`; chat's `logprobs: true, top_logpro
 log-softmax over its vocabulary (vLLM's default "raw_logprobs": before logit_bias, penalties, temperature and cuts)
 at each drawn token, taken from the very logits its decode step drew from (generate.step_logprobs); the prompt's
 (echo) from one forward of the whole prompt. A token's text is its bytes as UTF-8, or "bytes:\\xe2\\x80" where
-they are part of a character (OpenAI's spelling). One model; requests
-decode together in one batch (train/engine.py's continuous batching, --max-batch rows), or with --max-batch 1 one
-request at a time (a lock), the others waiting their turn.
+they are part of a character (OpenAI's spelling).
+One model; requests decode together in one batch (train/engine.py's continuous batching, --max-batch rows), or with
+--max-batch 1 one request at a time (a lock), the others waiting their turn.
 """
 import json
 import math
@@ -121,7 +121,7 @@ def sampling_settings(body: dict, endpoint: str, served: str) -> dict:
     if echo is not None and not isinstance(echo, bool):
         raise bad("echo", f"'echo' must be true or false, got {echo!r}")
     s["echo"] = bool(echo)
-    if names and body[names[0]] == 0 and not s["echo"]:  # (vLLM's rule too)
+    if names and is_int(body[names[0]]) and body[names[0]] == 0 and not s["echo"]:  # (vLLM's rule too)
         why = " (0 is taken with 'echo': true, to score the prompt)" if endpoint == "completions" else ""
         raise bad(names[0], f"'{names[0]}' must be an integer >= 1, got 0{why}")
     s["max_tokens"] = number(names[0], None, 0, math.inf, integer=True) if names else \
@@ -683,6 +683,7 @@ class Handler(BaseHTTPRequestHandler):
         for p, (ids, budget, prompt_text) in enumerate(zip(prompts, budgets, texts)):
             base = p * s["n"]  # OpenAI's index: the prompt's n choices in turn
             echo = prompt_text if s["echo"] else ""  # the prompt's text (and logprobs) first, then the choice's
+            scoring = app.metrics.request() if budget == 0 else None  # (draw() times the others)
             echo_lp = logprobs(app.prompt_logprobs(ids, k)) if s["echo"] and k is not None else None
             if s["stream"]:
                 for i in range(s["n"]):
@@ -694,6 +695,7 @@ class Handler(BaseHTTPRequestHandler):
                     base, len(echo))
             if budget == 0:  # echo with max_tokens 0: the prompt scored, nothing drawn (vLLM's finish "length")
                 drawn = [("", "length", 0, [] if k is not None else None)] * s["n"]
+                scoring.end(["length"] * s["n"], len(ids))
             else:
                 drawn = app.draw(ids, budget, s, stop_id, gen, on_delta, self.client_gone)
             used[0] += len(ids)
