@@ -1,6 +1,7 @@
 """`tritongpt serve`: a tiny chat-tuned run served on an ephemeral port, talked to with urllib. Completions are
 generate()'s text, chat answers what `chat`'s Conversation and reply() give, streamed chunks add up to the text,
-and every bad request gets OpenAI's error object with its status."""
+every bad request gets OpenAI's error object with its status, and logprobs (echo's, the drawn tokens', lm-eval's
+loglikelihood requests) are the model's own log-softmax."""
 import json
 import threading
 import urllib.error
