@@ -893,3 +893,17 @@ def test_the_commands_pass_the_new_warpers_on(command, monkeypatch, capsys):
     monkeypatch.setattr("sys.stdin", io.StringIO("Hi\n/quit\n"))
     assert cli.main([command, *flags[:8], *(["--prompt", "the"] if command == "generate" else [])]) == 0
     assert seen == [(0.9, 3e-4, 0.002, 1.5), (None, None, None, None)]  # off by default
+
+
+def test_logit_bias_is_added_before_the_cuts_and_names_an_id_outside_the_logits():
+    """logit_bias {id: b} adds b to those logits (greedy follows it); an id past the logits drawn from is named
+    (checked on the host: a GPU's max of the ids would wait for the device every step)."""
+    torch.manual_seed(0)
+    logits = torch.randn(3, 11)
+    low = logits.argmin(-1)
+    biased = sample_next(logits, 0.0, logit_bias={int(low[0]): 100.0})
+    assert int(biased[0, 0]) == int(low[0])
+    assert torch.equal(sample_next(logits, 0.0, logit_bias={int(logits[1].argmax()): -100.0})[1, 0] !=
+                       logits[1].argmax(), torch.tensor(True))
+    with pytest.raises(UserError, match="logit_bias has token id 11, outside the 11 tokens drawn from"):
+        sample_next(logits, 0.0, logit_bias={2: 1.0, 11: 1.0})

@@ -161,10 +161,10 @@ def sampling_logits(logits, temperature: float = 0.0, top_k: int | None = None, 
                    no_repeat_ngram_size=no_repeat_ngram_size, typical_p=typical_p, epsilon_cutoff=epsilon_cutoff,
                    eta_cutoff=eta_cutoff, top_n_sigma=top_n_sigma, logit_bias=logit_bias)
     if logit_bias:
-        ids = torch.tensor(list(logit_bias), dtype=torch.long, device=logits.device)
-        if int(ids.max()) >= logits.size(-1):
-            raise UserError(f"logit_bias has token id {int(ids.max())}, outside the {logits.size(-1)} tokens drawn "
+        if max(logit_bias) >= logits.size(-1):  # (on the host: a GPU's max would sync every step)
+            raise UserError(f"logit_bias has token id {max(logit_bias)}, outside the {logits.size(-1)} tokens drawn "
                             "from")
+        ids = torch.tensor(list(logit_bias), dtype=torch.long, device=logits.device)
         bias = torch.tensor(list(logit_bias.values()), dtype=torch.float32, device=logits.device)
         logits = logits.float().index_add(-1, ids, bias.expand(logits.size(0), -1))
     if repetition_penalty is not None and repetition_penalty != 1.0:
