@@ -96,14 +96,15 @@ def test_an_int8_cache_batches_as_generate_with_it(one_thread):
 
 
 def test_a_paged_cache_admits_by_pages_and_batches_as_generate(one_thread):
-    """kv_pages: a request takes n x pages_for(prompt + budget - 1) pages at admission and waits, FIFO, while too
-    few are free though slots are; every request still generate()'s alone; every page back at the end."""
+    """kv_pages, preemption off: a request takes n x pages_for(prompt + budget - 1) pages at admission and waits,
+    FIFO, while too few are free though slots are; every request still generate()'s alone; every page back at the
+    end."""
     model = tiny()
     schedule = [(0, prompt(13, seed=1), 9, {}),                        # 21 positions: 6 pages of 4
                 (0, prompt(5, 2, seed=2), 4, dict(SAMPLED, seed=5)),   # 2 x 2 pages
                 (1, prompt(9, seed=3), 6, {}),                         # 4 pages: waits for B's
                 (1, prompt(2, seed=4), 3, dict(temperature=1.0, seed=9))]  # 1 page: waits behind C (FIFO)
-    engine = Engine(model, max_batch=4, kv_pages=12, page_size=4)
+    engine = Engine(model, max_batch=4, kv_pages=12, page_size=4, preemption=False)
     assert engine.pages_for(13, 9) == 6 and engine.pages_for(5, 4) == 2
     admitted = check(model, schedule, engine)
     assert admitted == [0, 0, 4, 4]  # B ends at step 3 (4 tokens): its 4 pages and C's wait over
@@ -282,7 +283,8 @@ def until_done(engine, handle, steps=50):
 def test_prefix_caching_prefills_only_what_the_cache_lacks_and_draws_generates_tokens(one_thread, kernels,
                                                                                        kv_dtype):
     """Pages of 4, a system prompt of 9: A (13 tokens) prefills whole; B after it finds the system prompt's two full
-    blocks and prefills 3 of its 11 tokens into 2 new pages; C (n = 3, seeded) prefills its rest once, its rows
+    blocks and prefills 3 of its 11 tokens into 1 new page (its first decode's position too; the rest taken as it
+    grows); C (n = 3, seeded) prefills its rest once, its rows
     sharing the full blocks' pages; D, A's very prompt (3 full blocks), still computes its last block's logits
     (prefill 4). Each request generate()'s tokens alone; at the end no row holds a page, every page free or cached."""
     model = loud_attention(tiny(kernels, n_layer=2 if kernels == "reference" else 1))
@@ -300,15 +302,16 @@ def test_prefix_caching_prefills_only_what_the_cache_lacks_and_draws_generates_t
         handles.append(engine.submit(idx, new, **seeded(kw)))
         engine.step()
         prefills.append(T[0])
-        if len(handles) == 2:  # B: 4 pages, 2 of them the cached system prompt's (no row held them: free till now)
-            assert free - len(engine.cache.free) == 4 and len(set(engine.cache.pages[0])) == 4
+        if len(handles) == 2:  # B: 3 pages, 2 of them the cached system prompt's (no row held them: free till now)
+            assert free - len(engine.cache.free) == 3 and len(set(engine.cache.pages[0])) == 3
         if len(handles) == 3:  # C's 3 rows: 2 cached pages shared by all, and 1 of their own each
             rows = [engine.cache.pages[s] for s in handles[-1].slots]
             assert rows[0][:2] == rows[1][:2] == rows[2][:2] and len({p for r in rows for p in r}) == 5
             assert [engine.cache.refs[p] for p in rows[0][:2]] == [3, 3]
         until_done(engine, handles[-1])
     assert prefills == [13, 3, 2, 4]
-    assert engine.stats == {"prompt_tokens": 13 + 11 + 10 + 12, "cached_prompt_tokens": 0 + 8 + 8 + 8}
+    assert engine.stats == {"prompt_tokens": 13 + 11 + 10 + 12, "cached_prompt_tokens": 0 + 8 + 8 + 8,
+                            "preemptions": 0}
     for h, (idx, new, kw) in zip(handles, requests):
         assert torch.equal(h.wait(), alone(model, idx, new, kw, kv_cache_dtype=kv_dtype))
     cache = engine.cache
@@ -318,8 +321,8 @@ def test_prefix_caching_prefills_only_what_the_cache_lacks_and_draws_generates_t
 
 def test_prefix_caching_evicts_the_least_recently_freed_pages_when_the_pool_runs_short(one_thread):
     """A pool of 6 pages of 4: A (a system prompt of 2 blocks + 5, 4 pages) ends, its 3 full blocks cached. B,
-    another prompt, needs 5: the 3 uncached free pages first, then 2 cached ones, A's last blocks first (its first
-    block, the one most shared, last). C, on A's system prompt, then finds its first block only; each request
+    another prompt, takes 4 at admission (14 + its first decode's position) and a 5th as it grows: the 3 uncached
+    free pages first, then 2 cached ones, A's last blocks first (its first block, the one most shared, last). C, on A's system prompt, then finds its first block only; each request
     still generate()'s tokens."""
     model = tiny()
     system = prompt(8, seed=1)
@@ -333,8 +336,9 @@ def test_prefix_caching_evicts_the_least_recently_freed_pages_when_the_pool_runs
     assert len(a_pages) == 3 and len(cache.free) == 6
     handles.append(engine.submit(b, 6, **seeded(dict(SAMPLED, seed=3))))
     engine.step()
-    assert list(cache.cached) == a_pages[2:] and engine.stats["cached_prompt_tokens"] == 0
+    assert list(cache.cached) == a_pages[1:] and engine.stats["cached_prompt_tokens"] == 0
     until_done(engine, handles[1])
+    assert engine.stats["preemptions"] == 0 and list(cache.cached)[:1] == a_pages[2:]
     handles.append(engine.submit(c, 3))
     until_done(engine, handles[2])
     assert engine.stats["cached_prompt_tokens"] == 4
@@ -346,17 +350,17 @@ def test_prefix_caching_evicts_the_least_recently_freed_pages_when_the_pool_runs
 def test_prefix_caching_admits_by_the_pages_it_takes(one_thread):
     """A request's n rows share their prompt's full blocks at admission: 3 rows of 9 + 3 positions (3 pages of 4 a
     row, 9 unshared) take 2 shared pages and 1 of their own each, 5, from a pool of 5; without prefix caching the
-    request could never be admitted."""
+    request could never be admitted, nor with preemption (its rows, drawn apart, would recompute unshared)."""
     model = tiny()
-    engine = Engine(model, max_batch=4, kv_pages=5, page_size=4, prefix_caching=True)
+    engine = Engine(model, max_batch=4, kv_pages=5, page_size=4, prefix_caching=True, preemption=False)
     h = engine.submit(prompt(9, 3, seed=1), 4, **seeded(dict(temperature=1.0, seed=2)))
     engine.step()
     assert h.slots is not None and len(engine.cache.free) == 0
     until_done(engine, h)
     assert torch.equal(h.wait(), alone(model, prompt(9, 3, seed=1), 4, dict(temperature=1.0, seed=2)))
-    plain = Engine(model, max_batch=4, kv_pages=5, page_size=4)
-    with pytest.raises(UserError, match="the request needs 9 KV pages"):
-        plain.submit(prompt(9, 3, seed=1), 4)
+    for kw in ({}, dict(prefix_caching=True)):
+        with pytest.raises(UserError, match="the request needs 9 KV pages"):
+            Engine(model, max_batch=4, kv_pages=5, page_size=4, **kw).submit(prompt(9, 3, seed=1), 4)
 
 
 # -- serve --max-batch ----------------------------------------------------------------------------------------
@@ -427,7 +431,8 @@ def test_serve_with_prefix_caching_prefills_a_repeated_prompt_once(tmp_path, cap
     assert [status for status, _ in answers] == [200, 200] and answers[0][1]["choices"] == answers[1][1]["choices"]
     prompt_tokens = answers[0][1]["usage"]["prompt_tokens"]
     cached = (prompt_tokens - 1) // 4 * 4
-    assert cached > 0 and stats == {"prompt_tokens": 2 * prompt_tokens, "cached_prompt_tokens": cached}
+    assert cached > 0 and stats == {"prompt_tokens": 2 * prompt_tokens, "cached_prompt_tokens": cached,
+                                    "preemptions": 0}
     assert f"prefix caching: {cached} of {2 * prompt_tokens} prompt tokens read from the cache" in \
         capsys.readouterr().err
 
@@ -712,7 +717,7 @@ def test_chunked_prefill_with_prefix_caching_prefills_what_the_cache_lacks(one_t
     assert all(torch.equal(x, y) for x, y in zip(cached[False], cached[True]))
     assert counts[:8] == [[4], [4], [4], [2, 2], [4], [3, 1], [4], [2]] and max(sum(c) for c in counts) == 4
     assert [i for i, got in enumerate(arrived) if 3 in got][0] == 7 and all(1 in arrived[s] for s in range(3, 8))
-    assert engine.stats == {"prompt_tokens": 12 + 2 + 9 + 15, "cached_prompt_tokens": 8}
+    assert engine.stats == {"prompt_tokens": 12 + 2 + 9 + 15, "cached_prompt_tokens": 8, "preemptions": 0}
     for h, (_, idx, new, settings) in zip(handles, schedule):
         assert torch.equal(h.wait(), alone(model, idx, new, settings))
     assert not any(engine.cache.refs) and sorted(engine.cache.free) == list(range(24))
@@ -722,3 +727,96 @@ def test_the_engine_refuses_a_max_prefill_tokens_that_is_not_a_positive_int(one_
     for bad in (0, -3, 2.5, "4"):
         with pytest.raises(UserError, match=f"max_prefill_tokens must be a positive integer .* got {bad!r}"):
             Engine(tiny(), max_prefill_tokens=bad)
+
+
+# -- preemption (vLLM's scheduler): pages taken as rows grow; the latest admitted request recomputed -------------
+# Pages of 4 in a pool of 10. Their whole budgets take A 5 pages, B (2 rows) 8, C 4, D 4 (21): the old rule admits
+# A alone; taken as they grow (the prompt and the first decode's position: 2, 4, 1 and 2) all four fit at once,
+# then run short of pages and preempt
+PREEMPTING = [(prompt(5, seed=1), 14, {}), (prompt(6, 2, seed=2), 10, dict(SAMPLED, seed=5)),
+              (prompt(3, seed=3), 12, dict(temperature=1.0, top_k=20, seed=7)), (prompt(7, seed=4), 9, {})]
+# (the Triton path's, smaller: a pool of 5 pages, A 3 of them, B 2 x 2; admitted with 2 + 2)
+TRITON_PREEMPTING = [(prompt(5, seed=1), 7, {}), (prompt(3, 2, seed=3), 5, dict(SAMPLED, seed=5))]
+
+
+def preempted_run(model, engine, requests, watch=None, **extra):
+    """requests [(idx, new, settings)] submitted at once and stepped to their end (watch(engine, handles) after each
+    step): each gets generate()'s tokens alone, streamed once each (its stop rule asked once a length: nothing
+    appended twice), and the cache is empty at the end (no page held, every refcount zero, every slot free). -> the
+    most requests running at once."""
+    asked = [[] for _ in requests]
+
+    def stop(lengths):
+        return lambda ids: lengths.append(ids.size(1)) or torch.zeros(ids.size(0), dtype=torch.bool)
+    handles = [engine.submit(idx, new, stop=stop(asked[i]), **seeded(kw)) for i, (idx, new, kw) in enumerate(requests)]
+    most, steps = 0, 0
+    while engine.running or engine.waiting:
+        assert steps < 200, "the requests never ran to their end"
+        engine.step()
+        steps += 1
+        most = max(most, len(engine.running))
+        if watch is not None:
+            watch(engine, handles)
+    for h, lengths, (idx, new, kw) in zip(handles, asked, requests):
+        streamed = []
+        out = h.wait(on_token=streamed.append)
+        assert torch.equal(out, alone(model, idx, new, kw, **extra))
+        assert torch.equal(torch.cat(streamed, 1), out[:, idx.size(1):])
+        assert lengths == list(range(idx.size(1) + 1, idx.size(1) + new + 1))
+    cache = engine.cache
+    assert not any(cache.refs) and cache.pages == [[]] * cache.batch_size and cache.num_free == cache.num_pages
+    assert engine.free == list(range(engine.max_batch)) and not engine.waiting
+    return most
+
+
+@pytest.mark.parametrize("kernels,kv_dtype", [("reference", "auto"), ("reference", "int8"), ("triton", "auto")])
+def test_preemption_admits_by_the_prompts_pages_and_recomputes_to_generates_tokens(one_thread, kernels, kv_dtype):
+    """All four requests run at once where the old rule admits one; pages run short, the latest admitted are
+    preempted and recomputed (prompt + drawn tokens), and each still draws generate()'s tokens alone (greedy and
+    seeded with penalties; float and int8 pages; the Triton path), streamed once each."""
+    model = loud_attention(tiny(kernels, n_layer=2 if kernels == "reference" else 1, n_kv_head=1))
+    requests, pages = (PREEMPTING, 10) if kernels == "reference" else (TRITON_PREEMPTING, 5)
+    if kernels == "reference" and kv_dtype == "auto":
+        old = Engine(model, max_batch=5, kv_pages=10, page_size=4, preemption=False)
+        for idx, new, kw in requests:
+            old.submit(idx, new, **seeded(kw))
+        old.step()
+        assert len(old.running) == 1
+    engine = Engine(model, max_batch=5, kv_pages=pages, page_size=4, kv_cache_dtype=kv_dtype)
+    assert preempted_run(model, engine, requests, kv_cache_dtype=kv_dtype) == len(requests)
+    assert engine.stats["preemptions"] > 0
+
+
+def test_a_preempted_request_goes_back_to_the_front_of_the_queue_and_cuda_graph_steps_run_it(one_thread):
+    """max_batch 4 (graphed: buckets 1, 2, 4, the capture emulated on the CPU): A, B's 2 rows and C run, D waits
+    for a slot; C, the latest admitted, is the first preempted and goes back in front of D, readmitted first.
+    Each request still generate()'s tokens; each bucket captured once."""
+    model = loud_attention(tiny())
+    log, first = [], []
+
+    def watch(engine, handles):
+        if engine.stats["preemptions"] and not first:
+            first.extend([handles.index(r) for r in engine.waiting])
+    engine = graphed(model, log, kv_pages=10, page_size=4)
+    assert preempted_run(model, engine, PREEMPTING, watch) == 3 and engine.stats["preemptions"] > 0
+    assert first == [2, 3] and log.count("capture") == len(engine.graphs)
+
+
+@pytest.mark.parametrize("kw", [dict(prefix_caching=True), dict(max_prefill_tokens=3),
+                                dict(prefix_caching=True, max_prefill_tokens=3)])
+def test_preemption_with_prefix_caching_and_chunked_prefill_draws_generates_tokens(one_thread, kw):
+    """Three requests on one system prompt of 2 pages in a pool of 10: preempted, a request's recompute finds the
+    cached pages of its prompt (and of its drawn tokens' full pages), and chunked, it prefills in chunks of 3 like
+    any prompt; each request generate()'s tokens alone, every refcount back to zero."""
+    model = loud_attention(tiny())
+    system = prompt(8, seed=1)
+    a, b, c = with_system(system, prompt(1, seed=2), prompt(2, seed=3), prompt(3, seed=4))
+    # (B's 2 equal rows greedy: recomputed still equal, prefilled once and shared, as at their first admission)
+    greedy = dict(repetition_penalty=1.3, frequency_penalty=0.5)
+    requests = [(a, 14, {}), (b.expand(2, -1), 10, greedy), (c, 9, dict(temperature=1.0, seed=7))]
+    engine = Engine(model, max_batch=4, kv_pages=10, page_size=4, **kw)
+    caching = kw.get("prefix_caching", False)
+    # (B's rows share the system prompt's pages with prefix caching: all three fit at once; without it, two)
+    assert preempted_run(model, engine, requests) == (3 if caching else 2) and engine.stats["preemptions"] > 0
+    # all three admitted in one step (no hits then): what the cache gave, it gave the recomputes
+    assert (engine.stats["cached_prompt_tokens"] > 0) == caching

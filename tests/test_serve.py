@@ -678,13 +678,22 @@ def test_metrics_count_what_the_responses_say(tmp_path, monkeypatch):
         assert metric(s, "num_requests_running") == metric(s, "num_requests_waiting") == 0
         assert metric(s, "kv_cache_usage_perc") == 0  # (cached pages no request holds count as free)
 
-        real = engine.step
-        monkeypatch.setattr(engine, "step", lambda: time.sleep(0.02) or real())  # 100 steps: 2 s
+        assert metric(s, "num_preemptions_total") == 0
+
+        real, gate = engine.step, threading.Lock()  # (held: the engine between steps, its pages as scraped)
+
+        def step():
+            time.sleep(0.02)  # 100 steps: 2 s
+            with gate:
+                return real()
+        monkeypatch.setattr(engine, "step", step)
         sock, deadline = running_request(server, {"prompt": "the cat", "max_tokens": 100, "stream": True})
-        s = scrape(server)
-        assert metric(s, "num_requests_running") == 1 and metric(s, "num_requests_waiting") == 0
-        held = -(-(len(server.app.completion_prompt("the cat")) + 99) // 8)  # its pages: prompt and budget
-        assert metric(s, "kv_cache_usage_perc") == held / 24
+        with gate:
+            s = scrape(server)
+            assert metric(s, "num_requests_running") == 1 and metric(s, "num_requests_waiting") == 0
+            # its pages: the ones its rows have filled (and the next decode's), taken as they grow, not its budget's
+            held, T = len(engine.cache.pages[engine.running[0].slots[0]]), engine.running[0].idx.size(1)
+            assert metric(s, "kv_cache_usage_perc") == held / 24 and held <= -(-T // 8)
         sock.close()
         # (the handler counts the abort when it sees the client gone; the engine frees its rows at its next step)
         while (server.app.metrics.finished["abort"] == 0 or engine.running) and time.time() < deadline:

@@ -1,7 +1,9 @@
 """Continuous batching (Orca, Yu et al. 2022; vLLM's scheduler): one Engine owns the model and a KV cache of
 max_batch rows ("slots"); requests wait in a FIFO, are admitted while enough slots are free, and all running
 requests decode together, ONE batched forward a step, every row at its own position (the cache's per-row fill).
-A request that finishes frees its slots for the next one at once, not when the whole batch ends.
+A request that finishes frees its slots for the next one at once, not when the whole batch ends. With a paged cache
+a request's rows take pages as they grow, and a pool run short preempts the latest admitted request (recomputed
+later, its tokens unchanged).
 
 A request is one generate() call: its n rows draw together with its own settings, generator, stop rule and EOS
 (generate.decode_step, the step _generate runs), so its tokens are generate()'s for it whatever else is in the
@@ -134,15 +136,24 @@ class Engine:
     requests' prompts are prefilled in FIFO order in chunks of what is left of the step's budget, each chunk from
     where the last one ended (row(i, start)), the rest in the next steps, the running requests decoding in each. A
     request whose prefill is unfinished holds its slots and pages but stays out of the decode until its last chunk,
-    whose logits draw its first token. None: every admitted prompt whole in its admission step."""
+    whose logits draw its first token. None: every admitted prompt whole in its admission step.
+
+    preemption (vLLM's scheduler; a paged cache only): a request is admitted with the pages of its prompt and its
+    first decode position, and each decode step first gives every running row whose next write crosses into a new
+    page that page (_grow), so the pool holds the requests that end early (EOS, a stop string) at what they used,
+    not their whole max_new_tokens. When none is free the latest admitted request is preempted by recompute
+    (_preempt; stats "preemptions"): it waits again in front and, readmitted, prefills its prompt and the tokens it
+    drew, then draws on exactly as it would have. submit refuses a request whose rows could not hold their whole
+    budget in the pool unshared, so a request alone always fits. False: the old rule, every position a request's
+    budget can fill reserved at admission: fewer requests at once, but none ever preempted (no recompute)."""
 
     def __init__(self, model, max_batch: int = 8, kv_cache_dtype: str = "auto", autocast=None,
                  kv_pages: int | None = None, page_size: int = 16, cuda_graph: bool = False, capture=None,
-                 prefix_caching: bool = False, max_prefill_tokens: int | None = None):
+                 prefix_caching: bool = False, max_prefill_tokens: int | None = None, preemption: bool = True):
         if not is_int(max_batch) or max_batch < 1:
             raise UserError(f"max_batch must be a positive integer (the requests' rows decoded at once), "
                             f"got {max_batch!r}")
-        for name, flag in (("cuda_graph", cuda_graph), ("prefix_caching", prefix_caching)):
+        for name, flag in (("cuda_graph", cuda_graph), ("prefix_caching", prefix_caching), ("preemption", preemption)):
             if not isinstance(flag, bool):
                 raise UserError(f"{name} must be a bool, got {flag!r}")
         if prefix_caching and kv_pages is None:
@@ -176,7 +187,8 @@ class Engine:
         self.closed, self.thread = False, None
         self.calls = deque()  # call()'s functions, run on the engine's thread between steps
         self.prefix_caching, self.max_prefill_tokens = prefix_caching, max_prefill_tokens
-        self.stats = {"prompt_tokens": 0, "cached_prompt_tokens": 0}
+        self.preemption = preemption and self.paged  # (a slot cache's row holds the whole context: nothing to grow)
+        self.stats = {"prompt_tokens": 0, "cached_prompt_tokens": 0, "preemptions": 0}
 
     def submit(self, idx, max_new_tokens: int, *, eos_id: int | None = None, generator=None,
                vocab_limit: int | None = None, stop=None, logprobs: int | None = None, **warp) -> Request:
@@ -198,8 +210,10 @@ class Engine:
         if idx.size(1) + max_new_tokens > self.max_len:
             raise UserError(f"prompt {idx.size(1)} + max_new_tokens {max_new_tokens} > the context length "
                             f"{self.max_len}: the engine does not slide the window")
-        prefilled = 1 if bool((idx == idx[:1]).all()) else idx.size(0)  # (equal rows prefill once)
-        most = self._new_pages(idx, max_new_tokens, [[]] * prefilled) if self.paged else 0  # (no cache hit)
+        # The most it can hold (no cache hit): equal rows prefill once and share their prompt's full pages, but a
+        # request preempted after its rows drew different tokens recomputes each row, with pages of its own
+        prefilled = 1 if bool((idx == idx[:1]).all()) and not self.preemption else idx.size(0)
+        most = self._new_pages(idx, idx.size(1) + max(max_new_tokens, 1) - 1, [[]] * prefilled) if self.paged else 0
         if self.paged and most > self.cache.num_pages:
             raise UserError(f"the request needs {most} KV pages "
                             f"of {self.cache.page_size} positions ({idx.size(0)} rows of {idx.size(1)} + "
@@ -228,17 +242,24 @@ class Engine:
         return self.cache.block_table is not None
 
     def pages_for(self, prompt: int, budget: int) -> int:
-        """A row's pages: every position it can fill, the prompt's and all its budget's (taken at admission, so a
-        running request never waits for a page; the last token drawn is never fed back, hence the - 1)."""
+        """A row's pages for every position it can fill, the prompt's and all its budget's (the last token drawn
+        is never fed back, hence the - 1): what it holds at most."""
         return self.cache.pages_for(prompt + max(budget, 1) - 1)
 
-    def _new_pages(self, idx, budget: int, hits) -> int:
+    def _length(self, r) -> int:
+        """The positions each of r's rows takes pages for at admission: its prefill's (the prompt, and after a
+        preemption the tokens it drew) and, with preemption, the first decode step's (when it feeds one) only, the
+        rest taken as its rows grow (_grow); without it, all its budget's, so it never waits for a page."""
+        T, left = r.idx.size(1), r.budget - (r.idx.size(1) - r.start)
+        return T + (min(left, 2) if self.preemption else left) - 1
+
+    def _new_pages(self, idx, length: int, hits) -> int:
         """The pages a request of rows idx [n, T] takes beyond `hits`, its prefilled rows' cached pages (one
-        prefilled row for n equal rows, n otherwise): each prefilled row's pages less its hits, and with prefix
-        caching the other equal rows' own pages past the prompt's full blocks, which they share (without it they
-        hold the whole prompt's, copied)."""
+        prefilled row for n equal rows, n otherwise), its rows holding `length` positions: each prefilled row's
+        pages less its hits, and with prefix caching the other equal rows' own pages past the prompt's full blocks,
+        which they share (without it they hold the whole prompt's, copied)."""
         n, T = idx.shape
-        pages = self.pages_for(T, budget)
+        pages = self.cache.pages_for(length)
         shared = T // self.cache.page_size if self.prefix_caching else 0
         return sum(pages - len(h) for h in hits) + (n - len(hits)) * (pages - shared)
 
@@ -260,7 +281,7 @@ class Engine:
         if not self.paged:
             return 0
         cached = {p for h in r.hits for p in h if p in cache.cached} if self.prefix_caching else ()
-        return self._new_pages(r.idx, r.budget, r.hits) + len(cached)
+        return self._new_pages(r.idx, self._length(r), r.hits) + len(cached)
 
     def start(self):
         """step() on a background thread while there is work; returns self."""
@@ -328,18 +349,21 @@ class Engine:
         # (first: their slots serve this step's admissions) each told, so that a wait() on it ends
         for r in [r for r in self.running if r.cancelled] + gone:
             self._finish(r, Cancelled("the request was cancelled"))
-        with self.cond:
+        with self.cond:  # (/metrics reads the pages held under it)
+            # (before admission, vLLM's order: the running requests' next pages come first; a step that preempted
+            # one admits none, or it would take back the pages just freed)
+            preempted = self._grow() if self.preemption else False
             admitted = []
             # FIFO: the first request that does not fit (slots, or a paged cache's pages) waits, and the ones
             # behind it with it
-            while self.waiting and self._fits(self.waiting[0]):
+            while not preempted and self.waiting and self._fits(self.waiting[0]):
                 r = self.waiting.popleft()
                 r.slots, self.free = self.free[:r.n], self.free[r.n:]
                 try:
                     if self.prefix_caching:
                         self._attach(r)
                     for slot in r.slots if self.paged else ():
-                        self.cache.reserve(slot, r.start + r.budget - 1)
+                        self.cache.reserve(slot, self._length(r))
                 except Exception as e:  # (_fits counted its pages: not expected) it alone fails, nothing kept
                     self._finish(r, e)
                     continue
@@ -382,14 +406,54 @@ class Engine:
                 self._finish(r)
         return True
 
+    def _grow(self) -> bool:
+        """Preemption (vLLM's scheduler): before the decode step each running request whose rows' next write
+        crosses into a new page takes it (the host knows each fill: a decoding row feeds its last token at
+        position idx.size(1) - 1). Earliest admitted first; when too few pages are free (cached pages no row holds
+        count as free), the latest admitted running request is preempted (_preempt), the one growing itself when it
+        is the latest. -> whether any was."""
+        cache, preempted = self.cache, False
+        for r in [r for r in self.running if not r.todo]:
+            if r not in self.running:  # preempted already, for an earlier one's pages
+                continue
+            length = r.idx.size(1)
+            while sum(cache.pages_for(length) - len(cache.pages[s]) for s in r.slots) > cache.num_free:
+                victim, preempted = self.running[-1], True
+                if victim is r and len(self.running) == 1:  # (not expected: submit refuses a request the pool
+                    self._finish(r, RuntimeError(       # cannot hold alone) it fails, never preempted for ever
+                        f"the request's rows need more than the cache's {cache.num_pages} KV pages"))
+                    break
+                self._preempt(victim)
+                if victim is r:
+                    break
+            else:
+                for slot in r.slots:
+                    cache.reserve(slot, length)
+        return preempted
+
+    def _preempt(self, r):
+        """Preemption by recompute (vLLM V1's): r's pages and slots go back (shared pages by their refcounts; its
+        prompt's registered pages stay cached for its return), its ids drawn so far are kept, and it goes to the
+        front of the waiting queue. Readmitted, it prefills its prompt and those ids (chunked, prefix-cached like
+        any prompt) and draws on from their logits: its generator, done rows and penalties (counted from r.start)
+        are untouched while it waits, so its tokens are the ones it would have drawn, none sent twice."""
+        self.running.remove(r)
+        with self.cond:
+            for slot in r.slots:
+                self.cache.release(slot)
+            self.free = sorted(self.free + r.slots)
+            r.slots, r.todo, r.rows = None, None, []
+            self.waiting.appendleft(r)
+        self.stats["preemptions"] += 1
+
     def _attach(self, r):
         """Prefix caching, at admission (r.hits from _plan): each prefilled row takes its cached pages; a request's
         other equal rows take the first row's pages of the prompt's full blocks (shared: prefilled once, by it)."""
-        cache, full = self.cache, r.start // self.cache.page_size
+        cache, full = self.cache, r.idx.size(1) // self.cache.page_size
         for slot, hits in zip(r.slots, r.hits):
             cache.attach(slot, hits)
         if r.same and r.n > 1:
-            cache.reserve(r.slots[0], r.start + r.budget - 1)
+            cache.reserve(r.slots[0], self._length(r))
             for slot in r.slots[1:]:
                 cache.attach(slot, cache.pages[r.slots[0]][:full])
 
@@ -412,7 +476,7 @@ class Engine:
         its row's last one ended: -> (the tokens prefilled, the logits of its rows' next token [n, V] once its
         last chunk ran, else None). Equal rows (a request's n choices) run once, the keys copied to the other slots
         at the end; with prefix caching a row's full prompt blocks enter the index once it is prefilled."""
-        cache, T, used = self.cache, r.start, 0
+        cache, T, used = self.cache, r.idx.size(1), 0  # (T: the prompt, and after a preemption the ids drawn)
         while r.todo and (budget is None or used < budget):
             i, slot, fill = r.todo[0]
             end = T if budget is None else min(T, fill + budget - used)

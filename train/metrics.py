@@ -74,7 +74,8 @@ class Metrics:
     def render(self) -> str:
         label = 'model_name="' + self.model_name.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
         running, waiting, usage = self.gauges()
-        stats = self.engine.stats if self.engine is not None else {"prompt_tokens": 0, "cached_prompt_tokens": 0}
+        stats = self.engine.stats if self.engine is not None else {"prompt_tokens": 0, "cached_prompt_tokens": 0,
+                                                                   "preemptions": 0}
         one = "" if self.engine is not None else " (--max-batch 1: no engine, the requests take the model in turn)"
         out = []
 
@@ -94,6 +95,9 @@ class Metrics:
                "--enable-prefix-caching).", [("", label, stats["prompt_tokens"])])
         family("prefix_cache_hits_total", "counter", "Prompt tokens read from the prefix cache (0 unless "
                "--enable-prefix-caching).", [("", label, stats["cached_prompt_tokens"])])
+        family("num_preemptions_total", "counter", "Cumulative number of preemptions from the engine (a running "
+               "request's KV pages taken back when the paged cache ran short; it is recomputed later).",
+               [("", label, stats["preemptions"])])
         with self.lock:
             family("prompt_tokens_total", "counter", "Number of prompt tokens processed (a request's, when it ends "
                    "with its choices).", [("", label, self.prompt_tokens)])
