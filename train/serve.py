@@ -770,8 +770,9 @@ def add_engine_args(p, max_batch, max_batch_help: str):
     p.add_argument("--max-batch", type=int, default=max_batch, help=max_batch_help)
     p.add_argument("--kv-cache-pages", type=int, default=None, metavar="N",
                    help="a paged KV cache of N pages shared by the batch's rows (vLLM's PagedAttention): a request "
-                        "takes the pages its prompt and max_tokens need and waits while too few are free (default: "
-                        "none, each of --max-batch rows holds the whole context)")
+                        "takes its prompt's pages, waiting while too few are free, and more as its rows grow; when "
+                        "none is free the latest admitted request is preempted and recomputed later (default: none, "
+                        "each of --max-batch rows holds the whole context)")
     p.add_argument("--kv-page-size", type=int, default=None, metavar="P",
                    help="positions a page of --kv-cache-pages (default 16, vLLM's)")
     p.add_argument("--enable-prefix-caching", action="store_true",
