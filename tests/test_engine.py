@@ -212,6 +212,8 @@ def test_what_the_engine_refuses(one_thread):
         Engine(model, max_batch=2, prefix_caching=True)
     with pytest.raises(UserError, match="prefix_caching must be a bool, got 1"):
         Engine(model, max_batch=2, kv_pages=4, prefix_caching=1)
+    with pytest.raises(UserError, match="preemption must be a bool, got 'no'"):
+        Engine(model, max_batch=2, kv_pages=4, preemption="no")
 
 
 def test_a_failing_stop_rule_fails_its_request_alone(one_thread):
@@ -322,8 +324,8 @@ def test_prefix_caching_prefills_only_what_the_cache_lacks_and_draws_generates_t
 def test_prefix_caching_evicts_the_least_recently_freed_pages_when_the_pool_runs_short(one_thread):
     """A pool of 6 pages of 4: A (a system prompt of 2 blocks + 5, 4 pages) ends, its 3 full blocks cached. B,
     another prompt, takes 4 at admission (14 + its first decode's position) and a 5th as it grows: the 3 uncached
-    free pages first, then 2 cached ones, A's last blocks first (its first block, the one most shared, last). C, on A's system prompt, then finds its first block only; each request
-    still generate()'s tokens."""
+    free pages first, then 2 cached ones, A's last blocks first (its first block, the one most shared, last). C,
+    on A's system prompt, then finds its first block only; each request still generate()'s tokens."""
     model = tiny()
     system = prompt(8, seed=1)
     a, c = with_system(system, prompt(5, seed=2), prompt(3, seed=3))
@@ -787,11 +789,31 @@ def test_preemption_admits_by_the_prompts_pages_and_recomputes_to_generates_toke
     assert engine.stats["preemptions"] > 0
 
 
+def test_a_preempted_request_cancelled_while_it_waits_ends_holding_nothing(one_thread):
+    """The first request preempted is cancelled while it waits to be recomputed: its wait() raises Cancelled, the
+    others still draw generate()'s tokens, and no page or slot is left held."""
+    model = tiny()
+    engine = Engine(model, max_batch=5, kv_pages=10, page_size=4)
+    handles = [engine.submit(idx, new, **seeded(kw)) for idx, new, kw in PREEMPTING]
+    while not engine.stats["preemptions"]:
+        engine.step()
+    victim = engine.waiting[0]
+    victim.cancel()
+    while engine.running or engine.waiting:
+        engine.step()
+    with pytest.raises(Cancelled):
+        victim.wait()
+    for h, (idx, new, kw) in zip(handles, PREEMPTING):
+        if h is not victim:
+            assert torch.equal(h.wait(), alone(model, idx, new, kw))
+    assert not any(engine.cache.refs) and engine.cache.num_free == 10 and engine.free == list(range(5))
+
+
 def test_a_preempted_request_goes_back_to_the_front_of_the_queue_and_cuda_graph_steps_run_it(one_thread):
     """max_batch 4 (graphed: buckets 1, 2, 4, the capture emulated on the CPU): A, B's 2 rows and C run, D waits
     for a slot; C, the latest admitted, is the first preempted and goes back in front of D, readmitted first.
     Each request still generate()'s tokens; each bucket captured once."""
-    model = loud_attention(tiny())
+    model = loud_attention(tiny(n_layer=1))
     log, first = [], []
 
     def watch(engine, handles):

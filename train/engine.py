@@ -129,7 +129,8 @@ class Engine:
     its last block. After its prefill a request's full prompt blocks enter the index, for the requests after it
     (not those admitted in the same step). A request's n rows of one prompt share its full blocks' pages (the
     partial last one copied). stats: "prompt_tokens" (a prefilled row's prompt, a request of n equal rows once)
-    and "cached_prompt_tokens", the ones of them read from the cache.
+    and "cached_prompt_tokens", the ones of them read from the cache (a preempted request's recompute counts again,
+    its drawn tokens with its prompt).
 
     max_prefill_tokens (vLLM's chunked prefill, Sarathi-Serve): a step prefills at most that many prompt tokens in
     all, so a long prompt no longer stalls the running requests' next token for its whole prefill: the admitted
