@@ -121,7 +121,7 @@ def check_prompts_args(args):
 
     if args.out is None:
         raise UserError("--prompts writes its results to a .jsonl file: pass --out FILE")
-    for flag, given in (("--stream", args.stream), ("--draft", args.draft),
+    for flag, given in (("--stream", args.stream), ("--draft", args.draft), ("--draft-tokens", args.draft_tokens),
                         ("--prompt-lookup", args.prompt_lookup is not None), ("--num-beams", args.num_beams != 1)):
         if given:
             raise UserError(f"--prompts does not take {flag}: the batching engine draws one token a step for every "

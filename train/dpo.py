@@ -302,11 +302,10 @@ def train_dpo(policy, ref, tokenizer, train_pairs, val_pairs, args, beta: float 
 
 
 def cmd_dpo(args):
-    from tritongpt.commands import apply_lora, check_qlora
-    from tritongpt.model.lora import check_lora
+    from tritongpt.commands import apply_lora, check_lora_args, check_qlora
     from tritongpt.train.reward import data_run_args, setup_preference_run
 
-    check_lora(args.lora_rank, args.lora_alpha, args.lora_targets)
+    check_lora_args(args)
     check_qlora(args)
     check_beta(args.beta, args.loss_type, args.label_smoothing, args.simpo_gamma, args.rpo_alpha)  # before the set-up
     targs, train, val, policy, tok = setup_preference_run(args, "dpo")

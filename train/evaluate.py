@@ -222,6 +222,9 @@ def cmd_eval(args):
 
     if args.batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, got {args.batch_size}")
+    if args.split == "all" and args.val_fraction is not None:  # (an LM's and a reward model's: it would do nothing)
+        raise UserError("--val-fraction sizes the held-out split that --split val scores; --split all scores the "
+                        "whole of the data: pass one of them")
     if is_reward_model(args.weights):
         if args.quantize or args.group_size is not None:
             flag = "--quantize" if args.quantize else "--group-size"

@@ -334,8 +334,16 @@ def run_facts(args, model, tok, device, url: str) -> dict:
                 quantize_group_size=getattr(model, "quantized_group_size", None))
 
 
+def check_cache_dir(args):
+    """--cache-dir (where the downloaded file is kept) with --data FILE, which downloads nothing: refused."""
+    if args.cache_dir is not None and args.data is not None:
+        raise UserError(f"--cache-dir keeps the downloaded file; with --data {args.data} nothing is downloaded: pass "
+                        "one of them")
+
+
 def cmd_hellaswag(args):
     check_counts(args.max_examples, "--max-examples", args.batch_size)
+    check_cache_dir(args)
     if args.data is None:
         shape, examples = read_shaped(download(args.cache_dir), "HellaSwag file")
     else:

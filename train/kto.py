@@ -403,11 +403,10 @@ def train_kto(policy, ref, tokenizer, train_examples, val_examples, args, beta: 
 
 
 def cmd_kto(args):
-    from tritongpt.commands import apply_lora, check_qlora
-    from tritongpt.model.lora import check_lora
+    from tritongpt.commands import apply_lora, check_lora_args, check_qlora
     from tritongpt.train.reward import data_run_args, setup_preference_run
 
-    check_lora(args.lora_rank, args.lora_alpha, args.lora_targets)
+    check_lora_args(args)
     check_qlora(args)
     check_kto(args.beta, args.loss_type, args.desirable_weight, args.undesirable_weight,
               args.batch_size)  # before the set-up

@@ -29,6 +29,7 @@ from tritongpt.cli import command_help
 DEFAULTS = dict(out_dir="runs/pretrain", max_steps=300, batch_size=16, grad_accum=1, lr=2e-3, min_lr=2e-4,
                 warmup_steps=30, weight_decay=0.1, eval_every=50, eval_batches=8, ckpt_every=100,
                 log_every=25, sample_every=100)
+SAMPLE_DEFAULTS = dict(prompt="The", temperature=0.8, top_k=40)  # the samples printed while training
 
 
 def add_args(p: argparse.ArgumentParser):
@@ -201,12 +202,12 @@ def add_args(p: argparse.ArgumentParser):
                    help="the HellaSwag .jsonl to read instead of downloading it, or another multiple-choice file "
                         "`hellaswag --data` reads (ARC, OpenBookQA, PIQA, MMLU, WinoGrande) (with --hellaswag)")
     s = p.add_argument_group("samples")
-    s.add_argument("--prompt", default="The", help="prompt for the samples printed while training "
+    s.add_argument("--prompt", default=SAMPLE_DEFAULTS["prompt"], help="prompt for the samples printed while training "
                    "(no trailing space: BPE tokens carry their leading space)")
     s.add_argument("--sample-tokens", type=int, default=60, help="tokens per sample (default %(default)s)")
-    s.add_argument("--temperature", type=float, default=0.8,
+    s.add_argument("--temperature", type=float, default=SAMPLE_DEFAULTS["temperature"],
                    help="the samples' temperature (default %(default)s); 0 = greedy")
-    s.add_argument("--top-k", type=int, default=40,
+    s.add_argument("--top-k", type=int, default=SAMPLE_DEFAULTS["top_k"],
                    help="the samples draw among the k likeliest tokens only (default %(default)s)")
     add_train_args(p, **DEFAULTS)
     return p
@@ -383,6 +384,10 @@ def check_args(args, targs):
     check_sampling(args.temperature, args.top_k, flags=True)  # not at the first sample, steps later
     if args.sample_tokens < 0:  # it turned the samples off, as 0 does, without a word
         raise UserError(f"--sample-tokens must be >= 0 (0: no samples), got {args.sample_tokens}")
+    given = [f"--{k.replace('_', '-')}" for k, v in SAMPLE_DEFAULTS.items() if getattr(args, k) != v]
+    if args.sample_tokens == 0 and given:
+        raise UserError(f"{given[0]} sets the samples printed while training, which --sample-tokens 0 turns off: "
+                        "pass one of them")
     # a bad flag or file, or no network: now, not at the first evaluation. Under torchrun only each
     # node's first process downloads the file; the others read it at their first evaluation, past
     # load_splits' barrier, which every process reaches after its node's download

@@ -349,6 +349,16 @@ def add_data_args(p, unpaired: bool = False):
     p.add_argument("--vocab-size", type=int, default=None, help="with no --init: the fresh model's vocab")
 
 
+def check_num_pairs(args):
+    """--num-pairs counts the pairs made from the embedded tasks: with a --data file, whose pairs are its own, it
+    would do nothing (reward, dpo, kto, rlhf)."""
+    from tritongpt.train.preference import is_embedded
+
+    if args.num_pairs != DATA_DEFAULTS["num_pairs"] and not is_embedded(args.data):
+        raise UserError(f"--num-pairs sets how many pairs are made from the embedded tasks; --data {args.data}'s "
+                        "are the file's (--val-fraction holds some out): pass one of them")
+
+
 def data_run_args(args, group_flag: str = "--group-size") -> dict:
     """The data flags of `reward`, `dpo`, `kto` and `rlhf` that a resume names when they change, the
     --init the run started from (`export --adapter` puts a LoRA run's update on it) and how QLoRA quantized it."""
@@ -375,6 +385,10 @@ def setup_preference_run(args, command: str, read_data=None):
     set_seed(args.seed)
     targs = TrainArgs.from_namespace(args)
     targs.validate()
+    check_num_pairs(args)
+    if targs.sample_every:  # (0 by default here) the Trainer prints a language model's samples: there are none
+        raise UserError(f"--sample-every prints a generated sample every N steps; {command} prints none: leave it "
+                        "out")
     check_out_dir(targs.out_dir, targs.resume, targs.overwrite)  # before the tokenizer is written there
     if targs.resume:  # the Trainer checks it too, but after dpo's and kto's reference log-probs (minutes on a CPU)
         ckpt = resume_checkpoint(targs.out_dir, targs.resume)
@@ -398,10 +412,9 @@ def setup_preference_run(args, command: str, read_data=None):
 
 
 def cmd_reward(args):
-    from tritongpt.commands import apply_lora, check_qlora
-    from tritongpt.model.lora import check_lora
+    from tritongpt.commands import apply_lora, check_lora_args, check_qlora
 
-    check_lora(args.lora_rank, args.lora_alpha, args.lora_targets)  # before the slow set-up
+    check_lora_args(args)  # before the slow set-up
     check_qlora(args)
     check_center_coefficient(args.center_rewards_coefficient)
     targs, train, val, init, tok = setup_preference_run(args, "reward")

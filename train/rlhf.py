@@ -241,6 +241,12 @@ class RLArgs:
     def samples_per_prompt(self) -> int:
         return responses_per_prompt(self.group_size, self.algo)
 
+    def _critic_flags(self) -> list:
+        """PPO's value head and GAE flags given (a changed default), as "--flag value"."""
+        defaults = {f.name: f.default for f in fields(self)}
+        return [f"--{n.replace('_', '-')} {getattr(self, n)}" for n in ("value_clip", "vf_coef", "gamma", "lam")
+                if getattr(self, n) != defaults[n]]
+
     def _check_rloo_flags(self):
         """RLOO's own flags (refused elsewhere), and the flags it has no use for (refused with it)."""
         if self.algo != "rloo":
@@ -249,10 +255,7 @@ class RLArgs:
                 if given:
                     raise UserError(f"{flag} is RLOO's (TRL's RLOOConfig); --algo {self.algo} does not take it")
         else:
-            defaults = {f.name: f.default for f in fields(self)}
-            # PPO's critic: RLOO has no value head and no per-token returns (a changed default was given)
-            given = [f"--{n.replace('_', '-')} {getattr(self, n)}" for n in ("value_clip", "vf_coef", "gamma", "lam")
-                     if getattr(self, n) != defaults[n]]
+            given = self._critic_flags()  # RLOO has no value head and no per-token returns
             if self.delta is not None:
                 given.append(f"--delta {self.delta}")  # GRPO's two-sided clip: TRL's RLOO has no delta
             if given:
@@ -284,6 +287,9 @@ class RLArgs:
                 raise UserError(f"{flag} {value} is GRPO's; RLOO's advantages are leave-one-out, and its loss is "
                                 "the mean over responses of one sequence-level ratio each (TRL's RLOOTrainer)")
         self._check_rloo_flags()
+        if self.algo == "grpo" and self._critic_flags():  # they would do nothing: GRPO has no critic
+            raise UserError(f"{', '.join(self._critic_flags())}: PPO's value head and GAE; --algo grpo has no critic "
+                            "(a response's advantage is its score against its group's)")
         if self.algo == "ppo" and self.mask_truncated:
             raise UserError("--mask-truncated is GRPO's: PPO's value head learns the returns of the cut responses, "
                             "and their per-token KL penalties are in its rewards (use --missing-eot-penalty)")
@@ -1256,18 +1262,18 @@ def _rlhf_data_defaults() -> dict:
 def cmd_rlhf(args):
     from tritongpt.train.chat import note_template_mismatch
     from tritongpt.train.preference import train_val_pairs
-    from tritongpt.train.reward import RewardModel, build_backbone
+    from tritongpt.train.reward import RewardModel, build_backbone, check_num_pairs
     from tritongpt.train.chat_template import answer_end_id, chat_template_for
     from tritongpt.train.sft import pick_tokenizer
     from tritongpt.train.tokenizer import save_run_tokenizer
 
-    from tritongpt.commands import apply_lora, check_qlora, quantize_base
-    from tritongpt.model.lora import check_lora
+    from tritongpt.commands import apply_lora, check_lora_args, check_qlora, quantize_base
 
     a = RLArgs.from_namespace(args)
     a.validate()
-    check_lora(args.lora_rank, args.lora_alpha, args.lora_targets)
+    check_lora_args(args)
     check_qlora(args, QLORA_GROUP_FLAG)
+    check_num_pairs(args)
     check_one_process()
     common.check_out_dir(a.out_dir, a.resume, a.overwrite)  # before the tokenizer is written there
     common.set_seed(a.seed)

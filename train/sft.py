@@ -38,8 +38,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from tritongpt.commands import (add_lora_args, add_qlora_args, add_vocab_multiple_arg, apply_lora, check_qlora,
-                                qlora_record, quantize_base, vocab_multiple)
+from tritongpt.commands import (add_lora_args, add_qlora_args, add_vocab_multiple_arg, apply_lora, check_lora_args,
+                                check_qlora, qlora_record, quantize_base, vocab_multiple)
 from tritongpt._types import is_real
 from tritongpt.errors import UserError, note
 from tritongpt.train.tokenizer import HUB_REPO_HELP, TOKENIZER_CHOICES
@@ -775,8 +775,6 @@ def cmd_sft(args):
     from tritongpt.train.distill import distill_options, load_teacher
     from tritongpt.train.loop import TrainArgs, lm_loss_options
 
-    from tritongpt.model.lora import check_lora
-
     targs = TrainArgs.from_namespace(args)
     targs.validate()
     loss_options = lm_loss_options(args)
@@ -785,7 +783,7 @@ def cmd_sft(args):
         raise UserError("--cuda-graphs replays the decode steps of GKD's generated answers: it takes --teacher with "
                         "--distill-lmbda > 0 or --distill-seq-kd")
     check_neftune(args.neftune_noise_alpha)
-    check_lora(args.lora_rank, args.lora_alpha, args.lora_targets)  # before the model loads
+    check_lora_args(args)  # before the model loads
     check_qlora(args)
     for name in ("max_new_tokens", "n_train"):
         if getattr(args, name) < 1:
@@ -793,6 +791,9 @@ def cmd_sft(args):
     for name in ("eval_gen", "n_eval"):
         if getattr(args, name) < 0:
             raise UserError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
+    if not args.data and args.val_fraction != RUN_DEFAULTS["val_fraction"]:  # the tasks' held-out: --n-eval's
+        raise UserError("--val-fraction holds out a share of a --data file's records; the embedded tasks' held-out "
+                        "records are --n-eval's: pass --data, or --n-eval")
     model = load_init_model(args.init)
     if vocab_multiple(args) is not None:
         model = model.pad_vocab(args.vocab_multiple)

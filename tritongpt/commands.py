@@ -30,18 +30,34 @@ def add_vocab_multiple_arg(p, default, default_text):
                         f"50304, faster head matmuls on a GPU; default: {default_text})")
 
 
+LORA_ALPHA = 16.0  # --lora-alpha's default (peft's LoraConfig has 8; ours, the LoRA paper's runs', 16)
+
+
 def add_lora_args(p):
-    """--lora-rank, --lora-alpha, --lora-targets (model/lora.py), shared by sft, reward, dpo and rlhf."""
+    """--lora-rank, --lora-alpha, --lora-targets (model/lora.py), shared by sft, reward, dpo, kto and rlhf."""
     p.add_argument("--lora-rank", type=int, default=0,
                    help="train a rank-r LoRA update of the --lora-targets matrices instead of every weight "
                         "(the rest frozen, but for reward's and PPO's new heads; checkpoints hold both, and load "
                         "merged everywhere they are only used; default 0: full fine-tuning)")
-    p.add_argument("--lora-alpha", type=float, default=16.0,
+    p.add_argument("--lora-alpha", type=float, default=LORA_ALPHA,
                    help="LoRA's update is scaled by alpha / rank (default %(default)s)")
     p.add_argument("--lora-targets", default=None,
                    help="the matrices LoRA adapts: attn (query, key, value, output), mlp (both), or both "
                         "(default: attn,mlp; attn for a mixture-of-experts model, whose experts LoRA does not "
                         "adapt)")
+
+
+def check_lora_args(args):
+    """--lora-rank, --lora-alpha and --lora-targets of a trainer, before the model loads: alpha and targets set the
+    rank's update, and without one they would do nothing."""
+    from tritongpt.model.lora import check_lora
+
+    check_lora(args.lora_rank, args.lora_alpha, args.lora_targets)
+    given = [f for f, v in (("--lora-alpha", args.lora_alpha != LORA_ALPHA),
+                            ("--lora-targets", args.lora_targets is not None)) if v]
+    if given and not args.lora_rank:
+        raise UserError(f"{given[0]} sets the LoRA update of --lora-rank r: without it (full fine-tuning) it does "
+                        "nothing: pass --lora-rank, or leave it out")
 
 
 def add_qlora_args(p, group_flag: str = "--group-size"):

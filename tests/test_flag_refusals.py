@@ -1,0 +1,85 @@
+"""Flags given where the run never reads them (a setting of another mode, a sub-setting without its main flag):
+each is refused by name, exit 2, before any model is built or data read (a flag at its default is never "given").
+One table a command family; every case once did nothing, silently."""
+import argparse
+
+import pytest
+
+from tritongpt import cli
+
+TRAINERS = ("sft", "reward", "dpo", "kto", "rlhf")
+LORA = [(cmd, flags, f"{flags[0]} sets the LoRA update of --lora-rank r: without it (full fine-tuning) it does "
+         "nothing") for cmd in TRAINERS for flags in (["--lora-alpha", "8"], ["--lora-targets", "attn"])]
+CRITIC = [(["--algo", "grpo", flag, value], f"{flag} {value}: PPO's value head and GAE; --algo grpo has no critic")
+          for flag, value in (("--vf-coef", "1.0"), ("--value-clip", "0.1"), ("--gamma", "0.9"), ("--lam", "0.5"))]
+PREFERENCE = ("reward", "dpo", "kto", "rlhf")
+
+
+@pytest.mark.parametrize("cmd,flags,message", LORA, ids=[f"{c}{f[0]}" for c, f, _ in LORA])
+def test_a_lora_setting_without_a_rank_is_refused(cmd, flags, message, tmp_path, capsys):
+    init = ["--init", "model"] * (cmd == "sft")  # (required: never read, the refusal comes first)
+    assert cli.main([cmd, *init, *flags, "--out-dir", str(tmp_path / "run")]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("flags,message", [
+    *CRITIC,
+    (["--num-pairs", "10", "--data", "pairs.jsonl"], "--num-pairs sets how many pairs are made from the embedded "
+                                                      "tasks; --data pairs.jsonl's are the file's"),
+])
+def test_an_rlhf_flag_of_another_algorithm_or_data_is_refused(flags, message, tmp_path, capsys):
+    assert cli.main(["rlhf", *flags, "--reward", "exact", "--out-dir", str(tmp_path / "run")]) == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("cmd", PREFERENCE[:3])
+@pytest.mark.parametrize("flags,message", [
+    (["--num-pairs", "10", "--data", "pairs.jsonl"], "--num-pairs sets how many pairs are made from the embedded "
+                                                      "tasks; --data pairs.jsonl's are the file's"),
+    (["--sample-every", "5"], "--sample-every prints a generated sample every N steps; {cmd} prints none"),
+])
+def test_a_preference_trainer_refuses_what_it_never_reads(cmd, flags, message, tmp_path, capsys):
+    assert cli.main([cmd, *flags, "--out-dir", str(tmp_path / "run")]) == 2  # (pairs.jsonl: not read, not there)
+    assert message.format(cmd=cmd) in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["sft", "--init", "model", "--val-fraction", "0.3"], "--val-fraction holds out a share of a --data file's records; the embedded "
+                                      "tasks' held-out records are --n-eval's"),
+    (["pretrain", "--sample-tokens", "0", "--prompt", "Once"], "--prompt sets the samples printed while training, "
+                                                              "which --sample-tokens 0 turns off"),
+    (["pretrain", "--sample-tokens", "0", "--temperature", "1.0"], "--temperature sets the samples printed"),
+    (["pretrain", "--sample-tokens", "0", "--top-k", "7"], "--top-k sets the samples printed"),
+    (["eval", "--weights", "w", "--split", "all", "--val-fraction", "0.2"],
+     "--val-fraction sizes the held-out split that --split val scores; --split all scores the whole of the data"),
+    (["hellaswag", "--weights", "w", "--data", "h.jsonl", "--cache-dir", "c"],
+     "--cache-dir keeps the downloaded file; with --data h.jsonl nothing is downloaded"),
+    (["lambada", "--weights", "w", "--data", "l.jsonl", "--cache-dir", "c"],
+     "--cache-dir keeps the downloaded file; with --data l.jsonl nothing is downloaded"),
+    (["generate", "--prompts", "p.txt", "--out", "o.jsonl", "--draft-tokens", "3"],
+     "--prompts does not take --draft-tokens"),
+])
+def test_a_flag_another_one_turns_off_is_refused(argv, message, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # (the files named are never read: the refusal comes first)
+    assert cli.main([*argv, *(["--out-dir", "run"] if argv[0] in ("sft", "pretrain") else [])]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_flag_at_its_default_is_not_given(tmp_path, capsys):
+    """The checks compare with the parser's defaults: naming a default (--lora-alpha 16, --num-pairs 2000) is not
+    a setting given, and the run goes on to its next check (here: --reward's)."""
+    assert cli.main(["rlhf", "--lora-alpha", "16", "--num-pairs", "2000", "--data", "pairs.jsonl", "--algo", "grpo",
+                     "--gamma", "1.0", "--out-dir", str(tmp_path / "run")]) == 2
+    assert "--reward is required" in capsys.readouterr().err
+
+
+def test_the_tables_cover_every_lora_flag():
+    """--lora-rank's settings, read from the parser: a LoRA flag added later joins the refusal or fails here."""
+    from tritongpt.commands import add_lora_args
+
+    p = argparse.ArgumentParser()
+    add_lora_args(p)
+    settings = {a.option_strings[0] for a in p._actions if a.option_strings and a.dest not in ("help", "lora_rank")}
+    assert settings == {flags[0] for _, flags, _ in LORA}
