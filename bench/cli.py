@@ -24,6 +24,26 @@ from tritongpt.errors import UserError
 from tritongpt.cli import command_help
 
 WHATS = ("kernels", "train", "all", "cpu", "compile", "profile", "decode", "serve")
+# which `bench WHAT`s read each of bench's own flags (serve's are args.serve_flags, bench serve's alone; --out is
+# everyone's): given to another (a value not its default), a flag would do nothing there, and is refused by name
+KERNEL_FLAGS = ("ops", "modes", "ln_rows", "ln_widths", "mlp_rows", "mlp_widths", "attn_seqlens", "attn_head_dims",
+                "attn_tokens", "attn_width", "attn_window", "gqa_seqlens", "gqa_heads", "moe_shapes", "ce_rows",
+                "ce_vocabs", "head_widths")
+TRAIN, TIMED = ("train", "all", "profile"), ("kernels", "train", "all")
+FLAG_WHATS = {"quick": ("kernels", "train", "all", "cpu", "compile", "profile"),
+              "dtype": ("kernels", "train", "all", "profile", "decode", "serve"),
+              "max_minutes": ("kernels", "train", "all", "profile", "decode"),
+              "no_plots": ("kernels", "train", "all", "cpu", "decode", "serve"),
+              "strict": ("kernels", "train", "all", "compile"),
+              "arch": ("compile",), "workers": ("compile",), "cases": ("compile",),
+              "threads": ("cpu", *TIMED),  # (kernels, train and all without CUDA: the CPU-side timings)
+              **{k: ("kernels", "all") for k in KERNEL_FLAGS},
+              "providers": ("kernels", "all", "decode"),
+              # train: do_bench's settings time its matmul ceiling (for MFU, without a datasheet peak)
+              "warmup_ms": TIMED, "rep_ms": TIMED, "cuda_graphs": (*TIMED, "serve"),
+              "models": (*TRAIN, "decode"), "batch": (*TRAIN, "decode"), "seq_len": (*TRAIN, "decode"),
+              "train_providers": TRAIN, "steps": TRAIN, "warmup_steps": TRAIN,  # (+ train_step.MODEL_FLAGS: add_cli)
+              "peak_tflops": ("train", "all"), "new_tokens": ("decode",), "top": ("profile",), "traces": ("profile",)}
 
 
 class _Given(argparse.Action):
@@ -475,12 +495,30 @@ def add_cli(sub):
     from tritongpt.bench import serve
 
     serve.add_cli(p)  # its own flags, and `tritongpt serve`'s for the server it starts
-    p.set_defaults(func=cmd_bench)
+    p.set_defaults(func=cmd_bench, what_flags={a.dest: a.default for a in p._actions if a.dest in whats_of_flags()})
+
+
+def whats_of_flags() -> dict:
+    """FLAG_WHATS with the model flags of the training step (train_step.MODEL_FLAGS): bench train's, all's and
+    profile's."""
+    from tritongpt.bench.train_step import MODEL_FLAGS
+
+    return {**FLAG_WHATS, **{k: TRAIN for k in MODEL_FLAGS}}
+
+
+def check_what_flags(args):
+    """A flag of another `bench WHAT` than args.what (one that it never reads), given: refused by name."""
+    whats = whats_of_flags()
+    for dest, default in args.what_flags.items():
+        if getattr(args, dest) != default and args.what not in whats[dest]:
+            raise UserError(f"--{dest.replace('_', '-')} is a flag of bench {', '.join(whats[dest])}, not of bench "
+                            f"{args.what}: it would do nothing there (leave it out)")
 
 
 def cmd_bench(args):
     import torch
 
+    check_what_flags(args)
     if args.what == "serve":
         if args.out:
             from tritongpt.bench.common import check_out_dir
@@ -694,7 +732,7 @@ def _or(value, default):
 
 
 def _settings(args):
-    return {k: v for k, v in vars(args).items() if k != "func"}
+    return {k: v for k, v in vars(args).items() if k not in ("func", "what_flags")}
 
 
 def _run_gpu(args):
@@ -708,6 +746,9 @@ def _run_gpu(args):
     from tritongpt.train.common import pick_dtype
     from tritongpt.train.loop import peak_flops
 
+    if args.threads is not None:  # (its CPU-side timings' threads, which a CUDA machine does not run)
+        raise UserError(f"--threads sets the CPU-side timings' torch threads: bench {args.what} on CUDA times the GPU "
+                        "(leave it out)")
     dtype = pick_dtype(args.dtype, torch.device("cuda"))  # the trainers' names, and auto = bf16
     out_root = args.out or "bench/results"
     log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731

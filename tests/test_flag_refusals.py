@@ -67,6 +67,36 @@ def test_a_flag_another_one_turns_off_is_refused(argv, message, tmp_path, capsys
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize("argv,flag,whats", [
+    (["cpu", "--ops", "attention"], "--ops", "kernels, all"),
+    (["cpu", "--dtype", "fp32"], "--dtype", "kernels, train, all, profile, decode, serve"),
+    (["cpu", "--norm", "rmsnorm"], "--norm", "train, all, profile"),  # a model flag (train_step.MODEL_FLAGS)
+    (["compile", "--models", "gpt2-medium"], "--models", "train, all, profile, decode"),
+    (["decode", "--steps", "3"], "--steps", "train, all, profile"),
+    (["profile", "--peak-tflops", "100"], "--peak-tflops", "train, all"),
+    (["kernels", "--new-tokens", "5"], "--new-tokens", "decode"),
+    (["train", "--top", "3"], "--top", "profile"),
+    (["serve", "--ops", "layernorm"], "--ops", "kernels, all"),
+    (["decode", "--quick"], "--quick", "kernels, train, all, cpu, compile, profile"),
+])
+def test_bench_refuses_a_flag_of_another_benchmark(argv, flag, whats, capsys):
+    assert cli.main(["bench", *argv]) == 2
+    assert f"{flag} is a flag of bench {whats}, not of bench {argv[0]}: it would do nothing" in \
+        capsys.readouterr().err
+
+
+def test_every_bench_flag_says_which_benchmarks_read_it():
+    """Each flag of bench's parser is in its table (bench.cli.FLAG_WHATS and the model flags) or serve's
+    (serve_flags), so that a flag added later is refused where it does nothing, or the test says to place it."""
+    from tritongpt.bench.cli import WHATS, whats_of_flags
+
+    args = cli.build_parser(["bench"]).parse_args(["bench", "cpu"])
+    mine = {"command", "what", "out", "func", "serve_flags", "what_flags"}
+    assert sorted(set(vars(args)) - set(args.serve_flags) - set(whats_of_flags()) - mine) == []
+    assert set(args.what_flags) == set(whats_of_flags())
+    assert all(set(w) <= set(WHATS) for w in whats_of_flags().values())
+
+
 def test_a_flag_at_its_default_is_not_given(tmp_path, capsys):
     """The checks compare with the parser's defaults: naming a default (--lora-alpha 16, --num-pairs 2000) is not
     a setting given, and the run goes on to its next check (here: --reward's)."""
