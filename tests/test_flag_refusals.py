@@ -67,6 +67,20 @@ def test_a_flag_another_one_turns_off_is_refused(argv, message, tmp_path, capsys
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize("cmd", ["pretrain", "sft", "reward", "dpo", "kto"])
+def test_a_min_lr_with_a_constant_schedule_is_refused(cmd, tmp_path, capsys):
+    """Each trainer's own --min-lr default (add_train_args') is not "given": --lr-schedule constant alone goes on
+    (sft: to its --init, not there)."""
+    init = ["--init", str(tmp_path / "none")] * (cmd == "sft")
+    argv = [cmd, *init, "--lr-schedule", "constant", "--out-dir", str(tmp_path / "run")]
+    assert cli.main([*argv, "--min-lr", "1e-7"]) == 2
+    assert "--min-lr 1e-07 is where the schedule decays to: --lr-schedule constant stays at --lr" in \
+        capsys.readouterr().err
+    if cmd == "sft":
+        assert cli.main(argv) == 2
+        assert "--min-lr" not in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("argv,flag,whats", [
     (["cpu", "--ops", "attention"], "--ops", "kernels, all"),
     (["cpu", "--dtype", "fp32"], "--dtype", "kernels, train, all, profile, decode, serve"),

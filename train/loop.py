@@ -97,8 +97,14 @@ class TrainArgs:
 
     @classmethod
     def from_namespace(cls, ns) -> "TrainArgs":
-        """Pick the fields out of an argparse Namespace (or any object); missing ones keep defaults."""
-        return cls(**{f.name: getattr(ns, f.name) for f in fields(cls) if hasattr(ns, f.name)})
+        """Pick the fields out of an argparse Namespace (or any object); missing ones keep defaults. A --min-lr given
+        (not the command's default: add_train_args') with --lr-schedule constant, which never decays, is refused."""
+        args = cls(**{f.name: getattr(ns, f.name) for f in fields(cls) if hasattr(ns, f.name)})
+        default = getattr(ns, "min_lr_default", None)
+        if default is not None and args.lr_schedule == "constant" and args.min_lr != default:
+            raise UserError(f"--min-lr {args.min_lr:g} is where the schedule decays to: --lr-schedule constant stays at "
+                            "--lr (pass another schedule, or leave --min-lr out)")
+        return args
 
     def validate(self):
         for name in ("max_steps", "batch_size", "grad_accum", "eval_batches", "ddp_timeout"):
@@ -216,6 +222,7 @@ def add_train_args(parser: argparse.ArgumentParser, **defaults):
                            help=f"{_HELP.get(f.name, f.name)} (default %(default)s)")
     common.add_tracking_args(parser)
     parser.set_defaults(**{k: v for k, v in defaults.items() if k in common.TRACKING_FIELDS})
+    parser.set_defaults(min_lr_default=base["min_lr"])  # (from_namespace: --min-lr given or not)
     return g
 
 
