@@ -127,3 +127,16 @@ def test_the_tables_cover_every_lora_flag():
     add_lora_args(p)
     settings = {a.option_strings[0] for a in p._actions if a.option_strings and a.dest not in ("help", "lora_rank")}
     assert settings == {flags[0] for _, flags, _ in LORA}
+
+
+def test_info_refuses_model_for_a_reward_model(tmp_path, capsys):
+    """info --weights of a reward model read its own config and dropped --model without a word (eval refuses it)."""
+    from tritongpt.model.config import GPTConfig
+    from tritongpt.model.gpt import GPTModel
+    from tritongpt.train.reward import RewardModel
+
+    RewardModel(GPTModel(GPTConfig(vocab_size=300, context_length=16, n_embd=16, n_layer=1, n_head=2))).save(
+        tmp_path / "rm.safetensors")
+    assert cli.main(["info", "--weights", str(tmp_path / "rm.safetensors"), "--model", "tiny"]) == 2
+    assert "--model names the heads of a GPT-2 file without config.json; " in capsys.readouterr().err
+    assert cli.main(["info", "--weights", str(tmp_path / "rm.safetensors")]) == 0

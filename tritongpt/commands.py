@@ -194,6 +194,9 @@ def cmd_info(args):
         if args.untied:
             raise UserError("--untied counts a preset with its own LM head; --weights has the head it has")
         reward = RewardModel.load(args.weights, quantized_ok=True) if is_reward_model(args.weights) else None
+        if reward and args.model:  # (as eval refuses it: a reward model's backbone is its saved config's)
+            raise UserError(f"--model names the heads of a GPT-2 file without config.json; {args.weights} is a reward "
+                            "model, with its own config: leave --model out")
         # --model: the heads of a GPT-2 file without config.json
         model = reward.backbone if reward else load_checkpoint(args.weights, args.model, quantized_ok=True)
         cfg, n, name = model.config, model.num_params(), str(resolve_checkpoint(args.weights))
