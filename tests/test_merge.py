@@ -240,6 +240,7 @@ def test_merge_refuses_other_models_tokenizers_and_bad_flags(tmp_path, tok, caps
         (dict(scale=2.0), "--scale multiplies the merged task vector"),
         (dict(method="task_arithmetic", base=a, scale=float("inf")), "--scale must be a finite number"),
         (dict(method="dare_ties", base=a, seed=2**64), "--seed must be a 64-bit integer"),
+        (dict(method="ties", base=a, seed=3), "--seed draws dare's random drops .*--method ties draws none"),
     ]
     for kw, msg in cases:
         with pytest.raises(UserError, match=msg):

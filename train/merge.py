@@ -29,6 +29,7 @@ from tritongpt.errors import UserError, note
 METHODS = ("linear", "slerp", "task_arithmetic", "ties", "dare_linear", "dare_ties")
 TASK_METHODS = ("task_arithmetic", "ties", "dare_linear", "dare_ties")  # those that need --base
 SPARSE_METHODS = ("ties", "dare_linear", "dare_ties")  # those that take --density
+DARE_METHODS, DARE_SEED = ("dare_linear", "dare_ties"), 0  # those that take --seed, and its default
 NEARLY_PARALLEL = 0.9995  # mergekit's DOT_THRESHOLD: past it slerp's sin(theta) is too small to divide by
 
 
@@ -229,6 +230,9 @@ def check_merge_args(args) -> None:
     from tritongpt.train.common import check_seed
 
     check_seed(args.seed)  # dare's generator: torch's overflow error otherwise, after every model was read
+    if args.seed != DARE_SEED and args.method not in DARE_METHODS:  # the other methods draw nothing
+        raise UserError(f"merge: --seed draws dare's random drops (dare_linear, dare_ties); --method {args.method} "
+                        "draws none")
 
 
 def cmd_merge(args):
@@ -292,7 +296,7 @@ def add_cli(sub):
                    help="ties, dare: the fraction of each task vector's elements kept (default 1: all)")
     p.add_argument("--scale", type=float, default=1.0,
                    help="the task-vector methods: multiply the merged difference by S (default %(default)s)")
-    p.add_argument("--seed", type=int, default=0, help="dare's random drops (default %(default)s)")
+    p.add_argument("--seed", type=int, default=DARE_SEED, help="dare's random drops (default %(default)s)")
     p.add_argument("--tokenizer", default=None,
                    help="the tokenizer of models saved without one (default: the one saved with each model, else "
                         "gpt2 for a 50257-token vocabulary, else default); saved with the merge")
