@@ -140,3 +140,11 @@ def test_info_refuses_model_for_a_reward_model(tmp_path, capsys):
     assert cli.main(["info", "--weights", str(tmp_path / "rm.safetensors"), "--model", "tiny"]) == 2
     assert "--model names the heads of a GPT-2 file without config.json; " in capsys.readouterr().err
     assert cli.main(["info", "--weights", str(tmp_path / "rm.safetensors")]) == 0
+
+
+@pytest.mark.parametrize("cmd", ["pretrain", "rlhf"])  # TrainArgs' check (every other trainer's) and RLArgs'
+@pytest.mark.parametrize("flags", [["--run-name", "r1"], ["--wandb-project", "p", "--report-to", "tensorboard"]])
+def test_a_wandb_setting_without_wandb_is_refused(cmd, flags, tmp_path, capsys):
+    assert cli.main([cmd, *flags, "--out-dir", str(tmp_path / "run")]) == 2
+    assert f"{flags[0]} is wandb's (the run's name and project there): pass --report-to wandb too" in \
+        capsys.readouterr().err

@@ -514,6 +514,7 @@ ACTIVATION_CHECKPOINTING_HELP = ("keep only each transformer block's input for b
 
 
 TRACKING_FIELDS = ("report_to", "run_name", "wandb_project")  # TrainArgs' and RLArgs' fields of these flags
+WANDB_PROJECT = "tritongpt"  # --wandb-project's default
 
 
 def add_tracking_args(parser) -> None:
@@ -526,7 +527,7 @@ def add_tracking_args(parser) -> None:
                         "(default %(default)s)")
     g.add_argument("--run-name", default=None, help="the run's name in the trackers (default: the --out-dir "
                                                     "folder's name)")
-    g.add_argument("--wandb-project", default="tritongpt", help="the wandb project (default %(default)s)")
+    g.add_argument("--wandb-project", default=WANDB_PROJECT, help="the wandb project (default %(default)s)")
 
 
 _LATEST = (True, "latest", "auto")  # what a bare --resume means: the newest checkpoint in --out-dir
@@ -869,6 +870,18 @@ def check_report_to(text) -> tuple:
     if dist_env()[0] == 0:
         for name in names:
             _import_tracker(name)
+    return names
+
+
+def check_tracking(args) -> tuple:
+    """check_report_to of args.report_to, and --run-name and --wandb-project (wandb's alone: TensorBoard's logs are in
+    --out-dir) refused by name without --report-to wandb, where nothing would read them."""
+    names = check_report_to(args.report_to)
+    given = [f for f, v in (("--run-name", args.run_name is not None),
+                            ("--wandb-project", args.wandb_project != WANDB_PROJECT)) if v]
+    if given and "wandb" not in names:
+        raise UserError(f"{given[0]} is wandb's (the run's name and project there): pass --report-to wandb too, or "
+                        "leave it out")
     return names
 
 

@@ -136,7 +136,7 @@ class TrainArgs:
             raise UserError(f"--compile-mode {self.compile_mode} sets how --compile compiles: pass --compile too")
         common.check_seed(self.seed)
         common.check_dtype(self.dtype)
-        common.check_report_to(self.report_to)
+        common.check_tracking(self)
 
 
 _HELP = {

@@ -328,7 +328,7 @@ class RLArgs:
             raise UserError(f"--lr must be positive, got {self.lr}")
         common.check_seed(self.seed)
         common.check_dtype(self.dtype)
-        common.check_report_to(self.report_to)
+        common.check_tracking(self)
 
 
 def check_one_process():
