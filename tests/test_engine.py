@@ -182,6 +182,30 @@ def test_logprobs_and_logit_bias_are_a_requests_own_as_generate_gives_them(one_t
         engine.call(lambda: 1)
 
 
+def test_call_never_leaves_its_caller_waiting_on_a_thread_that_does_not_run(one_thread):
+    """call() on an engine never started, or whose thread has died, raises at once instead of waiting forever."""
+    def called(engine):  # (in a thread of its own: a hang fails the test, not the session)
+        out = []
+
+        def go():
+            try:
+                out.append(engine.call(lambda: 1))
+            except UserError as e:
+                out.append(e)
+        t = threading.Thread(target=go, daemon=True)
+        t.start()
+        t.join(5)
+        assert not t.is_alive(), "call() hung"
+        return out[0]
+
+    engine = Engine(tiny(), max_batch=1)
+    assert "not running" in str(called(engine))
+    # a thread that ends with the call queued, never running it (as one a BaseException killed)
+    engine.thread = threading.Thread(target=time.sleep, args=(0.3,))
+    engine.thread.start()
+    assert "not running any more" in str(called(engine))
+
+
 def test_a_decode_step_runs_the_rows_up_to_the_last_busy_one(one_thread):
     """Slots go lowest first and a step runs cache rows 0..last busy: a lone request decodes one row, not four."""
     model = tiny()
