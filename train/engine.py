@@ -308,9 +308,17 @@ class Engine:
         with self.cond:
             if self.closed:
                 raise UserError("the engine is closed")
+            if self.thread is None or not self.thread.is_alive():
+                raise UserError("the engine's thread is not running (start() it): nothing would run the call")
             self.calls.append((fn, done))
             self.cond.notify_all()
-        ok, out = done.get()
+        while True:  # (a thread that died, by a BaseException, never answers: its caller must not wait forever)
+            try:
+                ok, out = done.get(timeout=0.5)
+                break
+            except queue.Empty:
+                if not self.thread.is_alive() and done.empty():
+                    raise UserError("the engine's thread is not running any more: the call was not run") from None
         if not ok:
             raise out
         return out
