@@ -914,3 +914,21 @@ def test_lm_eval_local_completions_loglikelihoods_are_the_models(served):
         assert ll == pytest.approx(want, abs=1e-4)
         assert is_greedy == all(int(logp[len(ctx) - 1 + j].argmax()) == t for j, t in enumerate(cont))
     assert [g for _, g in got] == [True, False]
+
+
+def test_echo_text_offsets_index_the_echoed_text_with_a_bos_adding_tokenizer(served, monkeypatch):
+    """A tokenizer that starts texts with a BOS (Llama's): the prompt's ids begin with it, its text is not in the
+    echoed prompt, so every text_offset (the prompt's and the drawn tokens') indexes the choice's own text."""
+    server, tok = served
+    bos = server.app.eot  # (as a BOS: its text, "<|endoftext|>", is no part of the prompt's)
+    monkeypatch.setattr(server.app.tok, "prepended_bos_id", bos, raising=False)
+    prompt = "the cat sat"
+    ids = [bos] + tok.encode(prompt)
+    choice = call(server, "/v1/completions", {"prompt": prompt, "echo": True, "max_tokens": 3, "temperature": 0,
+                                              "logprobs": 1})[1]["choices"][0]
+    lp, text = choice["logprobs"], choice["text"]
+    assert text.startswith(prompt) and len(lp["tokens"]) == len(ids) + 3 and lp["tokens"][0] == text_of(tok, bos)
+    assert lp["token_logprobs"][1] == pytest.approx(float(model_logprobs(server, ids)[0, ids[1]]), abs=1e-5)
+    assert lp["text_offset"][:2] == [0, 0]  # the BOS takes no room in the text; the prompt's first token begins it
+    whole = [(t, o) for t, o in list(zip(lp["tokens"], lp["text_offset"]))[1:] if not t.startswith("bytes:")]
+    assert len(whole) >= len(ids) and all(text[o:o + len(t)] == t for t, o in whole)  # (the prompt's and some drawn)
