@@ -352,9 +352,10 @@ class Model:
                                 "max_tokens", "max_tokens", code="context_length_exceeded")
         return max_tokens
 
-    def prompt_logprobs(self, ids, k: int) -> list:
+    def prompt_logprobs(self, ids, k: int, text: str) -> list:
         """The prompt's tokens' logprob items (echo; Scored's), from one forward of the whole prompt (its turn with
-        the model as a request's): the first token's logprob None (nothing comes before it)."""
+        the model as a request's): the first token's logprob None (nothing comes before it). text: the prompt's
+        echoed text, which the text offsets index."""
         import torch
 
         from tritongpt.train.common import autocast
@@ -373,7 +374,10 @@ class Model:
         scored = Scored(self.tok, [])
         for item in [(ids[0], None, [], [])] + [(t, *row) for t, row in zip(ids[1:], rows)]:
             scored.add(item)
-        return scored.items
+        # a BOS with_bos put first ("<s>") decodes to text the echoed prompt does not have: offsets count from
+        # where the prompt's own text begins (the BOS at 0, taking no room), as the drawn tokens' do
+        lead = max(scored.ends[-1] - len(text), 0)
+        return [(*item[:4], max(item[4] - lead, 0)) for item in scored.items]
 
     def draw(self, ids, budget, s, stop_id, generator, on_delta=None, gone=None) -> list:
         """n choices after the prompt ids (one batch): [(text, finish_reason, completion tokens, logprob items or
@@ -684,7 +688,7 @@ class Handler(BaseHTTPRequestHandler):
             base = p * s["n"]  # OpenAI's index: the prompt's n choices in turn
             echo = prompt_text if s["echo"] else ""  # the prompt's text (and logprobs) first, then the choice's
             scoring = app.metrics.request() if budget == 0 else None  # (draw() times the others)
-            echo_lp = logprobs(app.prompt_logprobs(ids, k)) if s["echo"] and k is not None else None
+            echo_lp = logprobs(app.prompt_logprobs(ids, k, prompt_text)) if s["echo"] and k is not None else None
             if s["stream"]:
                 for i in range(s["n"]):
                     if chat:
