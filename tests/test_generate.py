@@ -9,7 +9,7 @@ import torch
 from tritongpt.errors import UserError
 from tritongpt.model.config import GPTConfig
 from tritongpt.model.gpt import GPTModel
-from tritongpt.train.generate import generate, sample_next
+from tritongpt.train.generate import generate, sample_next, step_logprobs
 
 
 @pytest.fixture(scope="module")
@@ -907,3 +907,19 @@ def test_logit_bias_is_added_before_the_cuts_and_names_an_id_outside_the_logits(
                        logits[1].argmax(), torch.tensor(True))
     with pytest.raises(UserError, match="logit_bias has token id 11, outside the 11 tokens drawn from"):
         sample_next(logits, 0.0, logit_bias={2: 1.0, 11: 1.0})
+
+
+def test_step_logprobs_stay_on_the_logits_device():
+    """step_logprobs runs in the engine's per-step path: its tensors stay where the logits are (a copy to the CPU
+    there would wait for the GPU every step; the consumer's tolist() takes them). The meta device stands in for a
+    GPU: it has no data to copy, so a .cpu() fails. Values: float64 log-softmax's."""
+    lp, ids, vals = step_logprobs(torch.empty(3, 11, device="meta"), torch.zeros(3, 1, dtype=torch.long,
+                                                                                 device="meta"), 4)
+    assert {t.device.type for t in (lp, ids, vals)} == {"meta"}
+    assert lp.shape == (3,) and ids.shape == vals.shape == (3, 4)
+    torch.manual_seed(0)
+    logits, nxt = torch.randn(3, 11), torch.tensor([[2], [10], [5]])
+    lp, ids, vals = step_logprobs(logits, nxt, 4)
+    ref = torch.log_softmax(logits.double(), -1)
+    assert torch.allclose(lp.double(), ref.gather(-1, nxt)[:, 0], rtol=1e-6, atol=1e-6)
+    assert torch.equal(ids, ref.topk(4).indices) and torch.allclose(vals.double(), ref.topk(4).values, atol=1e-6)
