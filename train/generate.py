@@ -588,10 +588,12 @@ def decode_step(logits, idx, start: int, done, warp: dict, eos_id, generator, on
 def step_logprobs(logits, nxt, k: int):
     """The raw log-softmax of logits [B, V] (the model's own distribution, before any bias, penalty, temperature or
     cut: vLLM's default "raw_logprobs") at the tokens nxt [B, 1], and its k likeliest tokens: (logprob [B],
-    top ids [B, k], top logprobs [B, k], sorted likeliest first), in float32 on the CPU."""
+    top ids [B, k], top logprobs [B, k], sorted likeliest first), in float32 on the logits' device: a copy to the
+    CPU here would wait for the GPU in every decode step; the consumer's tolist() waits in its own thread, as for
+    the drawn tokens."""
     logp = torch.log_softmax(logits.float(), dim=-1)
     top = torch.topk(logp, min(k, logp.size(-1)), dim=-1)
-    return logp.gather(-1, nxt).squeeze(-1).cpu(), top.indices.cpu(), top.values.cpu()
+    return logp.gather(-1, nxt).squeeze(-1), top.indices, top.values
 
 
 def append_token(idx, nxt, done, eos_id, on_token, stop):
