@@ -932,3 +932,20 @@ def test_echo_text_offsets_index_the_echoed_text_with_a_bos_adding_tokenizer(ser
     assert lp["text_offset"][:2] == [0, 0]  # the BOS takes no room in the text; the prompt's first token begins it
     whole = [(t, o) for t, o in list(zip(lp["tokens"], lp["text_offset"]))[1:] if not t.startswith("bytes:")]
     assert len(whole) >= len(ids) and all(text[o:o + len(t)] == t for t, o in whole)  # (the prompt's and some drawn)
+
+
+def test_a_scoring_request_that_fails_counts_as_an_error_in_metrics(served, monkeypatch):
+    """echo's prompt forward failing (an out-of-memory, say) is a 500, and /metrics counts its choices as errors,
+    as it does a failed draw's: with max_tokens 0 (nothing drawn) and before a draw alike."""
+    server, _ = served
+
+    def fails(*args):
+        raise RuntimeError("the prompt's forward failed")
+    monkeypatch.setattr(server.app, "prompt_logprobs", fails)
+    m = server.app.metrics
+    for max_tokens in (0, 3):
+        before = m.finished["error"]
+        status, body = call(server, "/v1/completions", {"prompt": "the cat", "echo": True, "max_tokens": max_tokens,
+                                                        "logprobs": 1, "n": 2})
+        assert status == 500 and body["error"]["type"] == "server_error"
+        assert m.finished["error"] == before + 2, max_tokens
