@@ -687,19 +687,29 @@ class Handler(BaseHTTPRequestHandler):
         for p, (ids, budget, prompt_text) in enumerate(zip(prompts, budgets, texts)):
             base = p * s["n"]  # OpenAI's index: the prompt's n choices in turn
             echo = prompt_text if s["echo"] else ""  # the prompt's text (and logprobs) first, then the choice's
-            scoring = app.metrics.request() if budget == 0 else None  # (draw() times the others)
-            echo_lp = logprobs(app.prompt_logprobs(ids, k, prompt_text)) if s["echo"] and k is not None else None
+            # the prompt's clock: a scoring request's (max_tokens 0), or what ends one that fails before draw(),
+            # which times the others itself
+            timing = app.metrics.request()
+            try:
+                echo_lp = logprobs(app.prompt_logprobs(ids, k, prompt_text)) if s["echo"] and k is not None else None
+                if s["stream"]:
+                    for i in range(s["n"]):
+                        if chat:
+                            chunk(base + i, role=True)
+                        elif s["echo"]:
+                            chunk(base + i, echo, lp=echo_lp)
+            except (BrokenPipeError, ConnectionResetError, TimeoutError):  # (draw()'s reasons)
+                timing.end(["abort"] * s["n"])
+                raise
+            except Exception:
+                timing.end(["error"] * s["n"])
+                raise
             if s["stream"]:
-                for i in range(s["n"]):
-                    if chat:
-                        chunk(base + i, role=True)
-                    elif s["echo"]:
-                        chunk(base + i, echo, lp=echo_lp)
                 on_delta = (lambda b, start: lambda i, text, items: chunk(b + i, text, lp=logprobs(items, start)))(
                     base, len(echo))
             if budget == 0:  # echo with max_tokens 0: the prompt scored, nothing drawn (vLLM's finish "length")
                 drawn = [("", "length", 0, [] if k is not None else None)] * s["n"]
-                scoring.end(["length"] * s["n"], len(ids))
+                timing.end(["length"] * s["n"], len(ids))
             else:
                 drawn = app.draw(ids, budget, s, stop_id, gen, on_delta, self.client_gone)
             used[0] += len(ids)
