@@ -9,7 +9,7 @@ import torch
 from tritongpt.errors import UserError
 from tritongpt.model.config import GPTConfig
 from tritongpt.model.gpt import GPTModel
-from tritongpt.train.generate import generate, sample_next, step_logprobs
+from tritongpt.train.generate import generate, sample_next, sampling_logits, step_logprobs
 
 
 @pytest.fixture(scope="module")
@@ -923,3 +923,23 @@ def test_step_logprobs_stay_on_the_logits_device():
     ref = torch.log_softmax(logits.double(), -1)
     assert torch.allclose(lp.double(), ref.gather(-1, nxt)[:, 0], rtol=1e-6, atol=1e-6)
     assert torch.equal(ids, ref.topk(4).indices) and torch.allclose(vals.double(), ref.topk(4).values, atol=1e-6)
+
+
+@pytest.mark.cuda
+def test_logit_bias_and_step_logprobs_queue_on_the_gpu_without_waiting_for_it():
+    """The decode step's logit_bias and logprobs run every step: on CUDA neither waits for the GPU (the sync debug
+    mode raises at a synchronizing call; a blocking host-to-device copy is one)."""
+    torch.manual_seed(0)
+    logits = torch.randn(3, 1001, device="cuda")
+    nxt = torch.tensor([[5], [1000], [7]], device="cuda")
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        biased = sampling_logits(logits, 0.0, logit_bias={5: 3.0, 1000: -100.0})
+        step = step_logprobs(logits, nxt, 4)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    want = logits.float().clone()
+    want[:, 5] += 3.0
+    want[:, 1000] -= 100.0
+    assert torch.equal(biased, want) and step[1].shape == (3, 4)

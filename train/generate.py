@@ -164,8 +164,10 @@ def sampling_logits(logits, temperature: float = 0.0, top_k: int | None = None, 
         if max(logit_bias) >= logits.size(-1):  # (on the host: a GPU's max would sync every step)
             raise UserError(f"logit_bias has token id {max(logit_bias)}, outside the {logits.size(-1)} tokens drawn "
                             "from")
-        ids = torch.tensor(list(logit_bias), dtype=torch.long, device=logits.device)
-        bias = torch.tensor(list(logit_bias.values()), dtype=torch.float32, device=logits.device)
+        # made on the host and sent without waiting: torch.tensor(..., device=cuda) is a blocking copy, which waits
+        # for the GPU's queue (the forward) in every decode step
+        ids = torch.tensor(list(logit_bias), dtype=torch.long).to(logits.device, non_blocking=True)
+        bias = torch.tensor(list(logit_bias.values()), dtype=torch.float32).to(logits.device, non_blocking=True)
         logits = logits.float().index_add(-1, ids, bias.expand(logits.size(0), -1))
     if repetition_penalty is not None and repetition_penalty != 1.0:
         if seen is None:
