@@ -866,3 +866,14 @@ def test_preemption_with_prefix_caching_and_chunked_prefill_draws_generates_toke
     assert preempted_run(model, engine, requests) == (3 if caching else 2) and engine.stats["preemptions"] > 0
     # all three admitted in one step (no hits then): what the cache gave, it gave the recomputes
     assert (engine.stats["cached_prompt_tokens"] > 0) == caching
+
+
+def test_a_preempted_requests_recompute_reads_its_drawn_tokens_pages_back_with_prefix_caching(one_thread):
+    """With prefix caching a preempted request's full pages of the tokens it fed, drawn ones too, stay cached: B's
+    prompt of 3 fills no page, so every cached token its recompute reads is one it drew (without them entering the
+    index it prefilled them all again); its tokens are still generate()'s."""
+    model = loud_attention(tiny())
+    engine = Engine(model, max_batch=2, kv_pages=7, page_size=4, prefix_caching=True)
+    requests = [(prompt(5, seed=1), 14, {}), (prompt(3, seed=2), 12, dict(temperature=1.0, seed=3))]
+    assert preempted_run(model, engine, requests) == 2 and engine.stats["preemptions"] == 1
+    assert engine.stats["cached_prompt_tokens"] == 8  # (of B's 12 fed: the third page evicted by A's growth)
