@@ -441,13 +441,17 @@ class Engine:
         return preempted
 
     def _preempt(self, r):
-        """Preemption by recompute (vLLM V1's): r's pages and slots go back (shared pages by their refcounts; its
-        prompt's registered pages stay cached for its return), its ids drawn so far are kept, and it goes to the
+        """Preemption by recompute (vLLM V1's): r's pages and slots go back (shared pages by their refcounts; with
+        prefix caching its full pages stay cached for its return), its ids drawn so far are kept, and it goes to the
         front of the waiting queue. Readmitted, it prefills its prompt and those ids (chunked, prefix-cached like
         any prompt) and draws on from their logits: its generator, done rows and penalties (counted from r.start)
         are untouched while it waits, so its tokens are the ones it would have drawn, none sent twice."""
         self.running.remove(r)
         with self.cond:
+            # (prefix caching: its rows' full pages of the tokens it has fed, drawn ones too, enter the index first,
+            # so its recompute reads them back and prefills only its last partial page, as vLLM's does)
+            for i, slot in enumerate(r.slots if self.prefix_caching and not r.todo else ()):
+                self.cache.register(slot, r.idx[i, :-1])
             for slot in r.slots:
                 self.cache.release(slot)
             self.free = sorted(self.free + r.slots)
