@@ -877,3 +877,29 @@ def test_a_preempted_requests_recompute_reads_its_drawn_tokens_pages_back_with_p
     requests = [(prompt(5, seed=1), 14, {}), (prompt(3, seed=2), 12, dict(temperature=1.0, seed=3))]
     assert preempted_run(model, engine, requests) == 2 and engine.stats["preemptions"] == 1
     assert engine.stats["cached_prompt_tokens"] == 8  # (of B's 12 fed: the third page evicted by A's growth)
+
+
+def test_a_request_preempted_with_a_row_done_draws_generates_tokens_and_logprobs(one_thread):
+    """B's 2 sampled rows, the first ended by its EOS, are preempted by A's growth and recomputed (the done row's
+    EOS padding too): each request's tokens and logprobs are generate()'s, the first token after the recompute's
+    drawn from its prefill's logits; both budgets end exactly at a page's end (3 + 14 - 1 and 6 + 11 - 1 = 16)."""
+    model = loud_attention(tiny())
+    b = torch.cat([prompt(6, seed=2), prompt(6, seed=3)])
+    sampled = dict(temperature=1.0, seed=5, eos_id=66, logprobs=2)  # (66: the first row's second token)
+    requests = [(prompt(3, seed=1), 14, dict(logprobs=2)), (b, 11, sampled)]
+    engine = Engine(model, max_batch=3, kv_pages=8, page_size=4)
+    handles = [engine.submit(idx, new, **seeded(kw)) for idx, new, kw in requests]
+    waiting = []  # B's rows done, each step it waits to be recomputed
+    while engine.running or engine.waiting:
+        engine.step()
+        waiting += [h.done.tolist() for h in engine.waiting]
+    assert engine.stats["preemptions"] == 1 and waiting and all(done == [True, False] for done in waiting)
+    for h, (idx, new, kw) in zip(handles, requests):
+        got, want = [], []
+        out = h.wait(lambda nxt, lp: got.append((nxt, lp)))
+        assert torch.equal(out, alone(model, idx, new, kw, on_token=lambda nxt, lp: want.append((nxt, lp))))
+        assert len(got) == len(want) == new
+        for (nxt, lp), (nxt_, lp_) in zip(got, want):
+            assert torch.equal(nxt, nxt_) and torch.equal(lp[1], lp_[1])
+            assert torch.allclose(lp[0], lp_[0], atol=1e-5) and torch.allclose(lp[2], lp_[2], atol=1e-5)
+    assert not any(engine.cache.refs) and engine.cache.num_free == 8 and engine.free == [0, 1, 2]
