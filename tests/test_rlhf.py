@@ -2150,17 +2150,19 @@ def test_rlhf_cli_with_the_task_verifier(tmp_path, capsys):
     nums = tmp_path / "sums.jsonl"
     nums.write_text("".join(json.dumps({"prompt": f"{a} plus {b} is", "completion": f" {a + b}"}) + "\n"
                             for a in range(6) for b in range(5)))
-    assert main([*argv[:6], "exact", *argv[7:], "--data", str(nums), "--iterations", "1",
+    rest = argv[7:9] + argv[11:]  # (without --num-pairs 40: a --data file's run refuses it)
+    assert argv[9:11] == ["--num-pairs", "40"]
+    assert main([*argv[:6], "exact", *rest, "--data", str(nums), "--iterations", "1",
                  "--out-dir", str(tmp_path / "sums")]) == 0
     capsys.readouterr()
-    assert main([*argv[:6], "number", *argv[7:], "--data", str(nums), "--iterations", "2",
+    assert main([*argv[:6], "number", *rest, "--data", str(nums), "--iterations", "2",
                  "--out-dir", str(tmp_path / "sums"), "--resume"]) == 2
     assert "was judged by --reward exact, not --reward number: pass the same --reward" in capsys.readouterr().err
     state_file = tmp_path / "sums" / "ckpt-0000001" / "state.pt"
     state = torch.load(state_file, weights_only=False)
     assert state["args"].pop("verifier") == "exact"  # as stop 27's runs saved it: no name, no weights
     torch.save(state, state_file)
-    assert main([*argv[:6], "number", *argv[7:], "--data", str(nums), "--iterations", "2",
+    assert main([*argv[:6], "number", *rest, "--data", str(nums), "--iterations", "2",
                  "--out-dir", str(tmp_path / "sums"), "--resume"]) == 2
     assert "was judged by --reward exact, not --reward number" in capsys.readouterr().err
     # the embedded tasks' answers are words too: `number` would score them all 0

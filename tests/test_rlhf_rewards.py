@@ -228,12 +228,14 @@ def test_exact_and_number_together_on_the_embedded_tasks(data):
 
 
 # -- the CLI: --reward A --reward B --reward-weights ... ---------------------------------------------------------
-def _cli_setup(tmp_path):
+def _cli_setup(tmp_path, num_pairs=True):
+    """rlhf's flags for a tiny run; num_pairs False: without --num-pairs (a --data file's run, which refuses it)."""
     torch.manual_seed(0)
     init = tmp_path / "init.safetensors"
     GPTModel(get_config("tiny", vocab_size=4100, n_layer=1)).save(init)
     RewardModel(GPTModel(get_config("tiny", vocab_size=4100, n_layer=1, context_length=100))).save(tmp_path / "rm.st")
-    return ["rlhf", "--init", str(init), "--num-pairs", "16", "--algo", "grpo", "--prompts-per-iter", "2",
+    return ["rlhf", "--init", str(init), *(["--num-pairs", "16"] if num_pairs else []), "--algo", "grpo",
+            "--prompts-per-iter", "2",
             "--group-size", "2", "--max-new-tokens", "4", "--epochs", "1", "--minibatch-size", "4",
             "--eval-prompts", "2", "--eval-samples", "1", "--device", "cpu", "--seed", "0"]
 
@@ -363,7 +365,7 @@ def test_rlhf_cli_exact_and_number_on_a_files_answers(tmp_path, capsys):
     nums = tmp_path / "sums.jsonl"
     nums.write_text("".join(json.dumps({"prompt": f"{a} plus {b} is", "completion": f" {a + b}"}) + "\n"
                             for a in range(6) for b in range(5)))
-    argv = [*_cli_setup(tmp_path), "--data", str(nums), "--reward", "exact", "--reward", "number",
+    argv = [*_cli_setup(tmp_path, num_pairs=False), "--data", str(nums), "--reward", "exact", "--reward", "number",
             "--reward-weights", "1", "3", "--iterations", "1", "--out-dir", str(tmp_path / "run")]
     assert main(argv) == 0
     assert "eval reward 1 x exact + 3 x number " in capsys.readouterr().out
