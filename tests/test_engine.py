@@ -14,6 +14,8 @@ from tritongpt.model.gpt import GPTModel
 from tritongpt.train.engine import Cancelled, Engine
 from tritongpt.train.generate import generate
 
+from parity import loud_attention
+
 pytestmark = pytest.mark.usefixtures("one_thread")
 VOCAB = 97
 SAMPLED = dict(temperature=0.9, top_p=0.9, repetition_penalty=1.2, frequency_penalty=0.5, presence_penalty=-0.3)
@@ -285,16 +287,6 @@ def test_a_cancelled_request_ends_its_wait_whether_running_or_waiting(one_thread
 def with_system(system, *tails):
     """Prompts [1, T] that start with the same system prompt."""
     return [torch.cat([system, tail], 1) for tail in tails]
-
-
-def loud_attention(model, gain=20.0):
-    """The model's attention outputs scaled up: a tiny model at GPT-2's init draws its next token from the last
-    token's embedding almost alone, so tokens read from wrong (or zeroed) keys and values would still match."""
-    with torch.no_grad():
-        for block in model.trf_blocks:
-            block.att.W_value.weight.mul_(gain)
-            block.att.out_proj.weight.mul_(gain)
-    return model
 
 
 def until_done(engine, handle, steps=50):
