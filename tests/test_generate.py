@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from parity import loud_attention
 from tritongpt.errors import UserError
 from tritongpt.model.config import GPTConfig
 from tritongpt.model.gpt import GPTModel
@@ -14,8 +15,9 @@ from tritongpt.train.generate import generate, sample_next, sampling_logits, ste
 
 @pytest.fixture(scope="module")
 def model():
+    """Loud attention: cached and uncached tokens agree only if the cache holds the right keys and values."""
     torch.manual_seed(0)
-    return GPTModel(GPTConfig(vocab_size=61, context_length=12, n_embd=32, n_layer=2, n_head=2)).eval()
+    return loud_attention(GPTModel(GPTConfig(vocab_size=61, context_length=12, n_embd=32, n_layer=2, n_head=2))).eval()
 
 
 @pytest.mark.parametrize("temperature,top_k,top_p", [(0.0, None, None), (1.0, 5, None), (0.9, None, 0.8)])
