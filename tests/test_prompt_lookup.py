@@ -2,6 +2,7 @@
 against a plain search, greedy output the model's own, sampled output distributed as the model's; the refusals."""
 import pytest
 import torch
+from parity import loud_attention
 from test_speculative import V, WARP, alone, exact_first_two, tiny, tv_bound
 
 from tritongpt.errors import UserError
@@ -63,6 +64,13 @@ def target():
     return tiny(0)
 
 
+@pytest.fixture(scope="module")
+def loud():
+    """The model with loud attention: proposals verified over the wrong keys or values would not give plain
+    greedy's tokens, where the plain model's tokens hardly read the cache."""
+    return loud_attention(tiny(0))
+
+
 def repetitive(B, seed):
     """B prompts of 12 tokens, each a random 4-token phrase said three times."""
     return torch.randint(0, 61, (B, 4), generator=torch.Generator().manual_seed(seed)).repeat(1, 3)
@@ -70,32 +78,32 @@ def repetitive(B, seed):
 
 @pytest.mark.parametrize("B", [1, 3])
 @pytest.mark.parametrize("N,K", [(1, 3), (2, 10)])
-def test_greedy_is_plain_greedy(target, B, N, K):
+def test_greedy_is_plain_greedy(loud, B, N, K):
     """Token for token each row's plain greedy output, with proposals accepted; ended by an EOS, a stop string, and
     under the penalties and the n-gram ban."""
     idx, new = repetitive(B, 10 * B + N), 20
-    plain = [r[12:] for r in alone(target, idx, new)]
+    plain = [r[12:] for r in alone(loud, idx, new)]
     drawn, stats = [], {}
-    got = generate(target, idx, new, prompt_lookup=N, num_draft_tokens=K, stats=stats, on_token=drawn.append)
-    assert got.tolist() == alone(target, idx, new)
+    got = generate(loud, idx, new, prompt_lookup=N, num_draft_tokens=K, stats=stats, on_token=drawn.append)
+    assert got.tolist() == alone(loud, idx, new)
     assert torch.equal(torch.cat(drawn, dim=1), got[:, 12:])
     assert 0 < stats["accepted"] <= stats["drafted"] and stats["target_forwards"] < new
     eos = plain[0][3]
-    want = torch.tensor(alone(target, idx, new, pad=eos, eos_id=eos))
-    assert torch.equal(generate(target, idx, new, eos_id=eos, prompt_lookup=N, num_draft_tokens=K), want)
+    want = torch.tensor(alone(loud, idx, new, pad=eos, eos_id=eos))
+    assert torch.equal(generate(loud, idx, new, eos_id=eos, prompt_lookup=N, num_draft_tokens=K), want)
     pair = torch.tensor(plain[-1][5:7])
 
     def stop(rows):
         return (rows[:, -2:] == pair).all(dim=1)
 
-    want = alone(target, idx, new, stop=stop)
-    got = generate(target, idx, new, stop=stop, prompt_lookup=N, num_draft_tokens=K)
+    want = alone(loud, idx, new, stop=stop)
+    got = generate(loud, idx, new, stop=stop, prompt_lookup=N, num_draft_tokens=K)
     assert got.size(1) == max(map(len, want)) and min(map(len, want)) < 12 + new  # the last row stopped early
     for row, w in zip(got.tolist(), want):
         assert row[:len(w)] == w
     warp = dict(repetition_penalty=1.3, frequency_penalty=0.4, no_repeat_ngram_size=3, vocab_limit=50)
-    assert generate(target, idx, new, prompt_lookup=N, num_draft_tokens=K, **warp).tolist() == \
-        alone(target, idx, new, **warp)
+    assert generate(loud, idx, new, prompt_lookup=N, num_draft_tokens=K, **warp).tolist() == \
+        alone(loud, idx, new, **warp)
 
 
 def test_a_random_text_proposes_nothing_and_is_plain_decoding(target):
@@ -105,7 +113,7 @@ def test_a_random_text_proposes_nothing_and_is_plain_decoding(target):
     assert stats["target_forwards"] >= 1 and stats["accepted"] <= stats["drafted"]
 
 
-def test_proposals_end_before_a_token_never_drawn_and_count_per_row(target, monkeypatch):
+def test_proposals_end_before_a_token_never_drawn_and_count_per_row(loud, monkeypatch):
     """Row 0 would propose [52, 50, 51], ids past vocab_limit (never drawn): nothing; row 1 proposes [3, 1, 2]. The
     proposals counted are each row's own."""
     from tritongpt.train import generate as gen
@@ -119,8 +127,8 @@ def test_proposals_end_before_a_token_never_drawn_and_count_per_row(target, monk
     monkeypatch.setattr(gen, "accept_lookup", spy)
     idx = torch.tensor([[50, 51, 52, 50, 51], [1, 2, 3, 1, 2]])
     stats = {}
-    got = generate(target, idx, 8, vocab_limit=40, prompt_lookup=2, num_draft_tokens=3, stats=stats)
-    assert got.tolist() == alone(target, idx, 8, vocab_limit=40)
+    got = generate(loud, idx, 8, vocab_limit=40, prompt_lookup=2, num_draft_tokens=3, stats=stats)
+    assert got.tolist() == alone(loud, idx, 8, vocab_limit=40)
     assert calls[0] == [0, 3] and stats["drafted"] == sum(map(sum, calls)) and len(calls) == stats["target_forwards"]
 
 
@@ -225,7 +233,7 @@ def saved(tmp_path_factory):
 
     folder = tmp_path_factory.mktemp("lookup")
     torch.manual_seed(0)
-    GPTModel(GPTConfig(**{**get_config("tiny").to_dict(), "n_layer": 2, "context_length": 64})).save(
+    loud_attention(GPTModel(GPTConfig(**{**get_config("tiny").to_dict(), "n_layer": 2, "context_length": 64}))).save(
         folder / "model.safetensors")
     return folder
 

@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 
+from parity import loud_attention
 from tritongpt.errors import UserError
 from tritongpt.model.config import GPTConfig
 from tritongpt.model.gpt import GPTModel
@@ -34,6 +35,13 @@ def target():
 
 
 @pytest.fixture(scope="module")
+def loud():
+    """The model with loud attention: a draft's tokens verified over the wrong keys or values (a crop that kept a
+    stale one) would not be its own greedy tokens, where the plain model's tokens hardly read the cache."""
+    return loud_attention(tiny(0))
+
+
+@pytest.fixture(scope="module")
 def other():
     return tiny(1, n_embd=16, n_layer=1)
 
@@ -54,16 +62,16 @@ def test_crop_then_feed_equals_a_fresh_prefill(target):
             cache.crop(bad)
 
 
-def test_the_lm_heads_read_only_the_positions_the_step_uses(target, other):
+def test_the_lm_heads_read_only_the_positions_the_step_uses(loud, other):
     """The draft's head reads one position a forward, the model's the step's K + 1 (its last text token and the
     K drafts), the prompt's prefill included: never B x T x V logits of a long prompt. The text is plain greedy's."""
     idx = torch.randint(0, 61, (2, 17), generator=torch.Generator().manual_seed(5))
-    want = generate(target, idx, 9)
+    want = generate(loud, idx, 9)
     seen = {"model": [], "draft": []}
     hooks = [m.out_head.register_forward_hook(lambda mod, a, out, who=who: seen[who].append(a[0].shape[1]))
-             for m, who in ((target, "model"), (other, "draft"))]
+             for m, who in ((loud, "model"), (other, "draft"))]
     try:
-        out = generate(target, idx, 9, draft=other, num_draft_tokens=3)
+        out = generate(loud, idx, 9, draft=other, num_draft_tokens=3)
     finally:
         for h in hooks:
             h.remove()
@@ -73,25 +81,25 @@ def test_the_lm_heads_read_only_the_positions_the_step_uses(target, other):
 
 
 @pytest.mark.parametrize("K", [1, 3, 4])
-def test_greedy_is_the_models_own_output(target, other, K):
+def test_greedy_is_the_models_own_output(loud, other, K):
     """Token for token, for several prompts and lengths (mid-block cuts among them), with the model as its own draft
     (every token kept: K accepted a forward) and with another model (some refused)."""
     g = torch.Generator().manual_seed(K)
     rejected = 0
     for T, new in ((1, 0), (3, 1), (5, 7), (4, 2 * (K + 1)), (6, 23)):
         idx = torch.randint(0, 61, (1, T), generator=g)
-        want = generate(target, idx, new)
-        for draft in (target, other):
+        want = generate(loud, idx, new)
+        for draft in (loud, other):
             stats = {}
-            assert torch.equal(generate(target, idx, new, draft=draft, num_draft_tokens=K, stats=stats), want)
-            if draft is target and new == 2 * (K + 1):  # whole blocks: every draft token kept
+            assert torch.equal(generate(loud, idx, new, draft=draft, num_draft_tokens=K, stats=stats), want)
+            if draft is loud and new == 2 * (K + 1):  # whole blocks: every draft token kept
                 assert stats == dict(target_forwards=2, drafted=2 * K, accepted=2 * K, accepted_per_forward=K)
             if draft is other:
                 rejected += stats["drafted"] - stats["accepted"]
     assert rejected > 0
 
 
-def test_each_forward_runs_only_what_its_cache_lacks_and_the_draft_proposes_its_own_tokens(target, other,
+def test_each_forward_runs_only_what_its_cache_lacks_and_the_draft_proposes_its_own_tokens(loud, other,
                                                                                           monkeypatch):
     """The crops keep exactly the text kept: the model runs the step's last token and its k draft tokens, no more
     (nor fewer: its output would differ), the draft each token once; and the draft's proposals are its own greedy
@@ -102,7 +110,7 @@ def test_each_forward_runs_only_what_its_cache_lacks_and_the_draft_proposes_its_
     real_feed, real_accept = gen._feed, gen.accept_drafts
 
     def feed(model, cache, ids, keep=1):
-        calls.append((model is target, cache.pos, ids.size(1)))
+        calls.append((model is loud, cache.pos, ids.size(1)))
         return real_feed(model, cache, ids, keep)
 
     def accept(p_logits, q_logits, drafted, greedy, generator=None):
@@ -113,9 +121,9 @@ def test_each_forward_runs_only_what_its_cache_lacks_and_the_draft_proposes_its_
     monkeypatch.setattr(gen, "_feed", feed)
     monkeypatch.setattr(gen, "accept_drafts", accept)
     idx = torch.tensor([[2, 7, 1, 8, 2]])
-    out = generate(target, idx, 25, draft=other, num_draft_tokens=3)
+    out = generate(loud, idx, 25, draft=other, num_draft_tokens=3)
     monkeypatch.undo()
-    assert torch.equal(out, generate(target, idx, 25))
+    assert torch.equal(out, generate(loud, idx, 25))
     text, last_all_kept = idx, False
     for drafted, n, nxt in steps:
         L = text.size(1)
@@ -320,7 +328,7 @@ def test_generate_with_a_draft_samples_the_models_distribution(small):
 
 # -- refusals --------------------------------------------------------------------------------------------------
 
-def test_refusals(target, other):
+def test_refusals(target, other, loud):
     idx = torch.tensor([[1, 2, 3]])
     cases = [(dict(draft=other, num_draft_tokens=0), "num_draft_tokens must be a positive integer"),
              (dict(draft=other, num_draft_tokens=2.0), "num_draft_tokens must be a positive integer"),
@@ -332,7 +340,7 @@ def test_refusals(target, other):
         with pytest.raises(UserError, match=said):
             generate(target, idx, **kw)
     # the last token is drawn from the logits at position 40: the text may end one past the context
-    assert torch.equal(generate(target, idx, 38, draft=other), generate(target, idx, 38))
+    assert torch.equal(generate(loud, idx, 38, draft=other), generate(loud, idx, 38))
 
 
 # -- the command ---------------------------------------------------------------------------------------------
@@ -345,7 +353,8 @@ def saved(tmp_path_factory):
     folder = tmp_path_factory.mktemp("speculative")
     cfg = get_config("tiny")
     torch.manual_seed(0)
-    GPTModel(GPTConfig(**{**cfg.to_dict(), "n_layer": 2, "context_length": 64})).save(folder / "model.safetensors")
+    loud_attention(GPTModel(GPTConfig(**{**cfg.to_dict(), "n_layer": 2, "context_length": 64}))).save(
+        folder / "model.safetensors")
     torch.manual_seed(1)
     GPTModel(GPTConfig(vocab_size=cfg.vocab_size, context_length=64, n_embd=32, n_layer=1, n_head=2)).save(
         folder / "draft.safetensors")
