@@ -6,6 +6,7 @@ import json
 import pytest
 import torch
 
+from parity import loud_attention
 from tritongpt import cli
 from tritongpt.commands import SAMPLE_SEPARATOR
 from tritongpt.errors import UserError
@@ -13,6 +14,21 @@ from tritongpt.errors import UserError
 pytestmark = pytest.mark.usefixtures("one_thread")
 SEED = 11
 PROMPTS = ["The cat", "import os", "def f(x):", " return", "class A"]
+
+
+@pytest.fixture(scope="module")
+def saved(saved, tmp_path_factory):
+    """conftest's model with loud attention and sharpened logits: the engine's rows read over the wrong keys or values
+    (a row's fill, a page) would not draw generate()'s tokens alone, where the plain tiny model's tokens hardly read
+    the cache."""
+    from tritongpt.model.gpt import GPTModel
+
+    path = tmp_path_factory.mktemp("loud") / "model.safetensors"
+    model = loud_attention(GPTModel.load(saved))
+    with torch.no_grad():  # sharpened: near-uniform over 4096 tokens, a sample hardly reads the logits at all
+        model.final_norm.weight.mul_(8.0)
+    model.save(path)
+    return path
 
 
 def run_prompts(saved, tmp_path, capsys, path, *flags):

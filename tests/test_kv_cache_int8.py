@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import tritongpt.train.generate as gen
-from parity import assert_close_rel
+from parity import assert_close_rel, loud_attention
 from test_attention import make_qkv
 from test_decode_graph import CASES, VOCAB, fx_capture, tiny, warm_then_fx  # (its four tiny families)
 from test_flash_decoding import reference_gqa as reference
@@ -371,7 +371,7 @@ def test_quantized_weights_with_the_int8_cache(mode):
 
     models = []
     for kernels in ("reference", "triton"):
-        m = tiny(kernels, context_length=16)
+        m = loud_attention(tiny(kernels, context_length=16))  # (loud: tokens that read the cache's values)
         quantize(m, mode, group_size=32)
         models.append(m)
     idx = torch.randint(0, VOCAB, (1, 4))
