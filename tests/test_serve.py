@@ -10,6 +10,7 @@ import urllib.request
 import pytest
 import torch
 
+from parity import loud_attention
 from tritongpt.cli import build_parser, main
 from tritongpt.errors import UserError
 from tritongpt.model.config import GPTConfig
@@ -22,7 +23,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 CORPUS = ("the cat sat on the mat. a dog ran in the park, the bird sang; " * 4 + "Hello there! How are you? 0123456789")
 
 
-def tiny_run(folder, prompt_format):
+def tiny_run(folder, prompt_format, loud=False):
     """A run folder as SFT leaves one: its tokenizer, a checkpoint with the prompt format it was tuned on."""
     tok = BPETokenizer.train(CORPUS, 300)
     tok.save(folder / "tokenizer.json")
@@ -30,6 +31,8 @@ def tiny_run(folder, prompt_format):
     (folder / "ckpt-0000001").mkdir(parents=True)
     model = GPTModel(GPTConfig(vocab_size=tok.vocab_size, context_length=128, n_embd=32, n_layer=2, n_head=2,
                                tie_weights=False))  # (tied, a random model repeats its last token)
+    if loud:  # (the engine's texts then read the cache's keys and values: else they hardly need them to match)
+        loud_attention(model)
     model.save(folder / "ckpt-0000001" / "model.safetensors")
     torch.save({"step": 1, "prompt_format": prompt_format}, folder / "ckpt-0000001" / "state.pt")
     return tok
@@ -58,7 +61,7 @@ def serve_once(folder, path, body, *flags):
 @pytest.fixture(scope="module")
 def run_folder(tmp_path_factory):
     folder = tmp_path_factory.mktemp("serve") / "run"
-    return folder, tiny_run(folder, "chat")
+    return folder, tiny_run(folder, "chat", loud=True)
 
 
 @pytest.fixture(scope="module")
