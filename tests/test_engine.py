@@ -134,7 +134,7 @@ def test_a_free_row_between_busy_ones_never_writes_into_a_held_page(one_thread):
 
 
 def test_a_paged_int8_cache_on_the_triton_path_batches_as_generate(one_thread):
-    model = tiny("triton", n_layer=1, n_kv_head=1)
+    model = loud_attention(tiny("triton", n_layer=1, n_kv_head=1))  # (tokens that read the pages)
     schedule = [(0, prompt(5, seed=1), 3, {}), (1, prompt(9, 2, seed=2), 3, dict(SAMPLED, seed=5))]
     engine = Engine(model, max_batch=3, kv_cache_dtype="int8", kv_pages=8, page_size=8)
     assert engine.paged and engine.cache.quantized
@@ -144,8 +144,8 @@ def test_a_paged_int8_cache_on_the_triton_path_batches_as_generate(one_thread):
 def test_eos_and_stop_end_a_request_early_and_free_its_slots(one_thread):
     """A's EOS (its third greedy token) and B's stop rule (at its second token) end them after 3 and 2 of 20
     tokens; C, waiting for both slots, is admitted at the next step."""
-    model = tiny()
-    a, b = prompt(5, seed=1), prompt(8, seed=2)
+    model = loud_attention(tiny())
+    a, b = prompt(5, seed=7), prompt(8, seed=7)  # (greedy: 51 51 96 and 10 51, neither end token drawn earlier)
     eos = int(generate(model, a, 3)[0, -1])
     second = int(generate(model, b, 2)[0, -1])
 
@@ -243,7 +243,7 @@ def test_what_the_engine_refuses(one_thread):
 
 
 def test_a_failing_stop_rule_fails_its_request_alone(one_thread):
-    model = tiny()
+    model = loud_attention(tiny())
 
     def broken(idx):
         raise UserError("this stop rule is broken")
@@ -369,7 +369,7 @@ def test_prefix_caching_admits_by_the_pages_it_takes(one_thread):
     """A request's n rows share their prompt's full blocks at admission: 3 rows of 9 + 3 positions (3 pages of 4 a
     row, 9 unshared) take 2 shared pages and 1 of their own each, 5, from a pool of 5; without prefix caching the
     request could never be admitted, nor with preemption (its rows, drawn apart, would recompute unshared)."""
-    model = tiny()
+    model = loud_attention(tiny())
     engine = Engine(model, max_batch=4, kv_pages=5, page_size=4, prefix_caching=True, preemption=False)
     h = engine.submit(prompt(9, 3, seed=1), 4, **seeded(dict(temperature=1.0, seed=2)))
     engine.step()
