@@ -51,6 +51,7 @@ from tritongpt.cli import command_help
 
 IGNORE_INDEX = -100
 DEFAULT_TASKS, DEFAULT_N_TRAIN, DEFAULT_N_EVAL = "all", 5000, 200  # the embedded tasks' flags
+DEFAULT_EVAL_GEN = 32
 # the recorded flags' defaults that are not "off": what a run from before they were recorded went with
 RUN_DEFAULTS = {"overlong": "drop", "tasks": DEFAULT_TASKS, "n_train": DEFAULT_N_TRAIN, "val_fraction": 0.1,
                 "quantize": None, "group_size": None}
@@ -791,6 +792,13 @@ def cmd_sft(args):
     for name in ("eval_gen", "n_eval"):
         if getattr(args, name) < 0:
             raise UserError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
+    if not args.data and args.n_eval == 0:  # no held-out records: nothing for these to answer
+        if args.eval_before:
+            raise UserError("--eval-before answers the held-out test records before training; --n-eval 0 holds "
+                            "none out")
+        if args.eval_gen != DEFAULT_EVAL_GEN:
+            raise UserError("--eval-gen sets how many held-out records are answered at each evaluation; --n-eval 0 "
+                            "holds none out")
     if not args.data and args.val_fraction != RUN_DEFAULTS["val_fraction"]:  # the tasks' held-out: --n-eval's
         raise UserError("--val-fraction holds out a share of a --data file's records; the embedded tasks' held-out "
                         "records are --n-eval's: pass --data, or --n-eval")
@@ -880,7 +888,7 @@ def add_cli(sub):
                         "response token; held-out batches stay unpacked; prints the epoch's padding both ways")
     p.add_argument("--max-new-tokens", type=int, default=32,
                    help="response budget when evaluating (default %(default)s)")
-    p.add_argument("--eval-gen", type=int, default=32,
+    p.add_argument("--eval-gen", type=int, default=DEFAULT_EVAL_GEN,
                    help="held-out records answered at each evaluation (default %(default)s)")
     p.add_argument("--eval-before", action="store_true", help="also answer the held-out set before training")
     add_lm_loss_args(p)
