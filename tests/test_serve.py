@@ -777,6 +777,34 @@ def check_top(tok, top, logp, k, token):
         assert top[name] == pytest.approx(v, abs=1e-5)
 
 
+def test_prompt_logprobs_in_chunks_are_the_whole_prompt_forward_s(monkeypatch):
+    """echo's scoring runs the LM head and log-softmax a chunk of rows at a time (no [T, V] logits made whole): the
+    same logprobs and top-k as one float64 forward of the whole prompt, with chunk boundaries inside the prompt and
+    a vocabulary limit below the head's width; no head call is wider than a chunk."""
+    torch.manual_seed(3)
+    model = GPTModel(GPTConfig(vocab_size=77, context_length=32, n_embd=24, n_layer=2, n_head=2)).eval()
+    idx = torch.randint(0, 70, (1, 13))
+    with torch.no_grad():
+        logp = torch.log_softmax(model.double()(idx)[0, :-1, :70], dim=-1)
+    model.float()
+    widths, head = [], model.logits
+    monkeypatch.setattr(model, "logits", lambda h: widths.append(h.size(0)) or head(h))
+    with torch.no_grad():
+        rows = serve.prompt_rows(model, idx, 3, limit=70, chunk=5)
+    assert widths == [5, 5, 2] and len(rows) == 12
+    best = torch.topk(logp, 3)
+    for t, (lp, top_ids, top_lps) in enumerate(rows):
+        assert lp == pytest.approx(float(logp[t, idx[0, t + 1]]), rel=1e-4, abs=1e-5)
+        assert top_ids == best.indices[t].tolist()
+        assert top_lps == pytest.approx(best.values[t].tolist(), rel=1e-4, abs=1e-5)
+    # the default chunk: a budget of logits' elements, its rows the vocabulary's width
+    monkeypatch.setattr(serve, "ECHO_CHUNK_ELEMENTS", 70 * 4)
+    widths.clear()
+    with torch.no_grad():
+        assert serve.prompt_rows(model, idx, 3, limit=70) == pytest.approx(rows)
+    assert widths == [4, 4, 4]
+
+
 def test_echo_with_max_tokens_0_scores_the_prompt_as_the_model_does(served):
     server, tok = served
     prompt = "the cat sat on the mat. Hello"

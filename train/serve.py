@@ -49,6 +49,9 @@ MAX_N = 128  # OpenAI's limit on n
 # limit (OpenAI's legacy completions took 5)
 MAX_LOGPROBS = 20
 MAX_BODY = 32 * 2**20  # bytes: far past any prompt a context holds; a larger Content-Length is refused, not allocated
+# echo's prompt logprobs: the LM head and an fp32 log-softmax run on this many elements of logits at a time (rows of
+# the vocabulary's width): 64 MB of fp32, where the whole of a 32k-token prompt on a 128k vocabulary would be 16 GB
+ECHO_CHUNK_ELEMENTS = 2**24
 
 
 class APIError(Exception):
@@ -269,6 +272,32 @@ def rows_of(step) -> list:
     return list(zip(lp.tolist(), ids.tolist(), vals.tolist()))
 
 
+def prompt_rows(model, idx, k: int, limit=None, chunk: int | None = None) -> list:
+    """Each prompt position's (logprob of the next prompt token, top-k ids, top-k logprobs) (rows_of's), idx [1, T]
+    -> T - 1 rows: the hidden states once, then the LM head and the log-softmax on `chunk` rows at a time (default:
+    ECHO_CHUNK_ELEMENTS of logits), so no [T, V] logits are ever made whole; limit: the vocabulary's tokens, the
+    head's extra columns left out (generate's vocab_limit). A model that is not a GPTModel (a wrapper) runs whole,
+    only its log-softmax chunked."""
+    from tritongpt.model.gpt import GPTModel
+    from tritongpt.train.generate import step_logprobs
+
+    n = idx.size(1) - 1
+    if isinstance(model, GPTModel):
+        h = model.hidden(idx)[0, :-1]
+        vocab = limit or model.config.vocab_size
+        head = model.logits
+    else:
+        h = model(idx)[0, :-1]
+        vocab = limit or h.size(-1)
+        head = None
+    chunk = chunk or max(1, ECHO_CHUNK_ELEMENTS // vocab)
+    rows = []
+    for a in range(0, n, chunk):
+        logits = h[a:a + chunk] if head is None else head(h[a:a + chunk])
+        rows += rows_of(step_logprobs(logits[:, :limit], idx[0, a + 1:a + 1 + chunk, None], k))
+    return rows
+
+
 class Model:
     """The served model, its tokenizer and its chat format; generates through its engine (continuous batching), or
     with none (--max-batch 1, a LongRoPE model) one request at a time."""
@@ -354,18 +383,16 @@ class Model:
 
     def prompt_logprobs(self, ids, k: int, text: str) -> list:
         """The prompt's tokens' logprob items (echo; Scored's), from one forward of the whole prompt (its turn with
-        the model as a request's): the first token's logprob None (nothing comes before it). text: the prompt's
+        the model as a request's; the head in chunks: prompt_rows): the first token's logprob None (nothing comes before it). text: the prompt's
         echoed text, which the text offsets index."""
         import torch
 
         from tritongpt.train.common import autocast
-        from tritongpt.train.generate import last_logits, step_logprobs
 
         idx = torch.tensor([ids], dtype=torch.long, device=self.device)
 
         def forward():
-            logits = last_logits(self.model, idx, None, keep=len(ids))[0, :-1, :self.limit]
-            return rows_of(step_logprobs(logits, idx[0, 1:, None], k)) if len(ids) > 1 else []
+            return prompt_rows(self.model, idx, k, self.limit) if len(ids) > 1 else []
         if self.engine is not None:  # on the engine's thread, between its steps
             rows = self.engine.call(forward)
         else:
