@@ -973,6 +973,57 @@ def test_echo_text_offsets_index_the_echoed_text_with_a_bos_adding_tokenizer(ser
     assert len(whole) >= len(ids) and all(text[o:o + len(t)] == t for t, o in whole)  # (the prompt's and some drawn)
 
 
+def strict(text):
+    """JSON as the spec has it: NaN and Infinity, which Python's json reads and writes, refused."""
+    def no(name):
+        raise AssertionError(f"{name} in the body: not JSON")
+    return json.loads(text, parse_constant=no)
+
+
+def test_a_nan_logprob_is_a_500_naming_it_never_nan_in_the_json(served):
+    """A broken model (NaN logits) makes NaN logprobs: JSON has no NaN (Python's json writes it, clients refuse
+    it), so the request is a 500 saying what went wrong, as vLLM's is (Starlette's strict JSON), streamed or not,
+    echo's prompt logprobs and the drawn tokens' alike; every body the server writes is strict JSON."""
+    server, _ = served
+    head = server.app.model.out_head.weight
+    saved = head.detach().clone()
+    url = f"http://127.0.0.1:{server.server_address[1]}/v1/completions"
+    try:
+        with torch.no_grad():
+            head[5] = float("nan")  # one column NaN: each position's log-softmax all NaN
+        for body in ({"prompt": "the cat", "echo": True, "max_tokens": 0, "logprobs": 2},
+                     {"prompt": "the cat", "max_tokens": 2, "logprobs": 1, "temperature": 0},
+                     {"prompt": "the cat", "max_tokens": 2, "logprobs": 1, "temperature": 0, "stream": True}):
+            req = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type":
+                                                                                        "application/json"})
+            try:
+                with urllib.request.urlopen(req, timeout=30) as r:
+                    status, text = r.status, r.read().decode()
+            except urllib.error.HTTPError as e:
+                status, text = e.code, e.read().decode()
+            if body.get("stream"):  # the 200 went first: the error is the stream's last event, as vLLM's
+                assert status == 200 and all(strict(line[6:]) for line in text.split("\n\n")[:-2] if line)
+                error = strict(text.split("\n\n")[-3][6:])["error"]
+            else:
+                assert status == 500, body
+                error = strict(text)["error"]
+            assert error["type"] == "server_error" and "NaN" in error["message"], error
+    finally:
+        with torch.no_grad():
+            head.copy_(saved)
+    # the model restored, the same requests are answered
+    assert call(server, "/v1/completions", {"prompt": "the cat", "max_tokens": 2, "logprobs": 1})[0] == 200
+
+
+def test_json_bodies_are_strict():
+    """The server's one JSON writer refuses NaN and infinity (a 500 saying so), the backstop behind finite()."""
+    assert serve.to_json({"a": [1.5, None]}) == '{"a": [1.5, null]}'
+    for x in (float("nan"), float("inf")):
+        with pytest.raises(serve.APIError) as e:
+            serve.to_json({"logprob": x})
+        assert e.value.status == 500 and "not JSON" in str(e.value)
+
+
 def test_a_scoring_request_that_fails_counts_as_an_error_in_metrics(served, monkeypatch):
     """echo's prompt forward failing (an out-of-memory, say) is a 500, and /metrics counts its choices as errors,
     as it does a failed draw's: with max_tokens 0 (nothing drawn) and before a draw alike."""

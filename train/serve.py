@@ -206,7 +206,23 @@ def token_text(tok, i: int) -> tuple:
 
 
 def finite(x: float) -> float:
-    return max(float(x), -9999.0)  # vLLM's stand-in for -inf (JSON has none)
+    """A logprob as JSON can carry it: -inf as vLLM's stand-in -9999.0; NaN (or +inf), which only NaN or infinite
+    logits make (a broken model: the whole row is NaN), refused with a 500 saying so, as vLLM's strict JSON does
+    (without saying why), never written as a NaN that clients cannot parse."""
+    x = float(x)
+    if math.isnan(x) or x == math.inf:
+        raise APIError(500, f"the model's logprob is {x} (its logits hold NaN or infinity: broken weights, or a "
+                            "value past its dtype's range); JSON cannot carry it", kind="server_error")
+    return max(x, -9999.0)
+
+
+def to_json(obj) -> str:
+    """obj as strict JSON, every body the server writes: Python's json would write NaN and Infinity, which are not
+    JSON (clients refuse the body), so a non-finite number is a 500 naming it instead."""
+    try:
+        return json.dumps(obj, allow_nan=False)
+    except ValueError as e:
+        raise APIError(500, f"the response holds a number that is not JSON ({e})", kind="server_error") from None
 
 
 class Scored:
@@ -615,7 +631,7 @@ class Handler(BaseHTTPRequestHandler):
         return body
 
     def send_json(self, status: int, obj, allow=None):
-        self.send_text(json.dumps(obj), "application/json", status, allow)
+        self.send_text(to_json(obj), "application/json", status, allow)
 
     def send_text(self, text: str, content_type: str, status: int = 200, allow=None):
         data = text.encode("utf-8")
@@ -638,7 +654,7 @@ class Handler(BaseHTTPRequestHandler):
             return True
 
     def send_event(self, obj):
-        self.wfile.write(f"data: {obj if isinstance(obj, str) else json.dumps(obj)}\n\n".encode("utf-8"))
+        self.wfile.write(f"data: {obj if isinstance(obj, str) else to_json(obj)}\n\n".encode("utf-8"))
         self.wfile.flush()
 
     def completion_prompts(self, prompt, vocab: int) -> tuple:
