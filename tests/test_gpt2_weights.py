@@ -238,6 +238,38 @@ def test_load_checkpoint_notes_a_model_name_that_differs_in_any_size(tmp_path, c
         assert (said in err) == noted and ("holds a model" in err) == noted, err
 
 
+@pytest.mark.parametrize("kind", ["gpt2-config-json", "llama-folder", "peft-adapter"])
+def test_load_checkpoint_notes_a_model_name_that_differs_for_every_kind_of_weights(tmp_path, capsys, kind):
+    """--model is used only to tell a config-less GPT-2 file's heads: a Hugging Face folder (its config.json says
+    the sizes) or a peft adapter (its base's) that differs from it is noted as our checkpoints are (the test above),
+    not ignored without a word; each is 2 layers, tiny 4."""
+    from tritongpt.model.config import GPTConfig
+    from tritongpt.model.gpt import GPTModel
+    from tritongpt.train.gpt2_weights import export_gpt2, load_checkpoint
+
+    base = GPTModel(GPTConfig(vocab_size=64, context_length=8, n_embd=32, n_layer=2, n_head=2))
+    if kind == "llama-folder":
+        from parity import hf_llama
+
+        hf_llama(tmp_path / "w", 53)
+        path, sizes = tmp_path / "w", "n_layer 2, n_head 4, n_embd 64"
+    else:
+        export_gpt2(base, tmp_path / "w")
+        path, sizes = tmp_path / "w", "n_layer 2, n_head 2, n_embd 32"
+    if kind == "peft-adapter":
+        peft = pytest.importorskip("peft")
+        hf = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "w")
+        adapter = peft.get_peft_model(hf, peft.LoraConfig(r=2, target_modules=["c_attn"], fan_in_fan_out=True))
+        adapter.save_pretrained(tmp_path / "adapter")
+        path = tmp_path / "adapter"
+    capsys.readouterr()
+    cfg = load_checkpoint(path, "tiny").config
+    assert sizes == f"n_layer {cfg.n_layer}, n_head {cfg.n_head}, n_embd {cfg.n_embd}"  # (the file's, used)
+    assert f"holds a model of {sizes} (its saved config, used), not tiny's" in capsys.readouterr().err
+    load_checkpoint(path)  # no --model: nothing to note
+    assert "holds a model" not in capsys.readouterr().err
+
+
 def test_offline_download_is_a_clear_error(tmp_path, monkeypatch):
     hub = pytest.importorskip("huggingface_hub")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")

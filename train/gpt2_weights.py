@@ -299,6 +299,18 @@ def load_checkpoint(path, model_name: str | None = None, merge: bool = True, qua
     from tritongpt.train.common import resolve_checkpoint
 
     path = resolve_checkpoint(path)
+    model = _load_checkpoint(path, model_name, merge, quantized_ok)
+    if model_name is not None:  # every kind carries its sizes (ours, a config.json, an adapter's base): a --model
+        named, cfg = get_config(model_name), model.config  # that differs is only noted, never silently ignored
+        shape = ("n_layer", "n_head", "n_embd")
+        if any(getattr(named, k) != getattr(cfg, k) for k in shape):
+            note(f"{path} holds a model of " + ", ".join(f"{k} {getattr(cfg, k)}" for k in shape) +
+                 f" (its saved config, used), not {model_name}'s")
+    return model
+
+
+def _load_checkpoint(path, model_name, merge, quantized_ok) -> GPTModel:
+    """load_checkpoint's model from a resolved path, by the kind of file it is."""
     if adapter_folder(path) is not None:
         return load_peft_adapter(adapter_folder(path))
     if is_hf_weights(path):
@@ -361,12 +373,6 @@ def load_checkpoint(path, model_name: str | None = None, merge: bool = True, qua
         from tritongpt.model.lora import merge_lora
 
         merge_lora(model)
-    if model_name is not None:  # ours carry their config: a --model that differs is only noted
-        named, cfg = get_config(model_name), model.config
-        shape = ("n_layer", "n_head", "n_embd")
-        if any(getattr(named, k) != getattr(cfg, k) for k in shape):
-            note(f"{path} holds a model of " + ", ".join(f"{k} {getattr(cfg, k)}" for k in shape) +
-                 f" (its saved config, used), not {model_name}'s")
     return model
 
 
