@@ -983,11 +983,13 @@ def strict(text):
 def test_a_nan_logprob_is_a_500_naming_it_never_nan_in_the_json(served):
     """A broken model (NaN logits) makes NaN logprobs: JSON has no NaN (Python's json writes it, clients refuse
     it), so the request is a 500 saying what went wrong, as vLLM's is (Starlette's strict JSON), streamed or not,
-    echo's prompt logprobs and the drawn tokens' alike; every body the server writes is strict JSON."""
+    echo's prompt logprobs and the drawn tokens' alike, counted as an error in /metrics."""
     server, _ = served
     head = server.app.model.out_head.weight
     saved = head.detach().clone()
     url = f"http://127.0.0.1:{server.server_address[1]}/v1/completions"
+    m = server.app.metrics
+    errors = m.finished["error"]
     try:
         with torch.no_grad():
             head[5] = float("nan")  # one column NaN: each position's log-softmax all NaN
@@ -1008,6 +1010,7 @@ def test_a_nan_logprob_is_a_500_naming_it_never_nan_in_the_json(served):
                 assert status == 500, body
                 error = strict(text)["error"]
             assert error["type"] == "server_error" and "NaN" in error["message"], error
+        assert m.finished["error"] == errors + 3  # /metrics counts each as the error it is, the draws stopped there
     finally:
         with torch.no_grad():
             head.copy_(saved)

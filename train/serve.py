@@ -283,9 +283,14 @@ def chat_logprobs(tok, items) -> dict:
 
 def rows_of(step) -> list:
     """generate.step_logprobs' (logprob [n], top ids [n, k], top logprobs [n, k]) as each row's (logprob, top ids,
-    top logprobs)."""
+    top logprobs); a NaN among them refused (finite's 500) here, as they come: echo's forward and a draw's step
+    then fail as errors (counted so, the draw stopped), not after a draw counted as finished."""
     lp, ids, vals = step
-    return list(zip(lp.tolist(), ids.tolist(), vals.tolist()))
+    rows = list(zip(lp.tolist(), ids.tolist(), vals.tolist()))
+    for x, _, top in rows:
+        for v in (x, *top):
+            finite(v)
+    return rows
 
 
 def prompt_rows(model, idx, k: int, limit=None, chunk: int | None = None) -> list:
