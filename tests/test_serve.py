@@ -777,6 +777,12 @@ def check_top(tok, top, logp, k, token):
         assert top[name] == pytest.approx(v, abs=1e-5)
 
 
+def same_rows(a, b):
+    """prompt_rows' rows alike: the same top ids, the logprobs to fp32's rounding."""
+    return len(a) == len(b) and all(i == j and [x, *v] == pytest.approx([y, *w], rel=1e-5, abs=1e-6)
+                                    for (x, i, v), (y, j, w) in zip(a, b))
+
+
 def test_prompt_logprobs_in_chunks_are_the_whole_prompt_forward_s(monkeypatch):
     """echo's scoring runs the LM head and log-softmax a chunk of rows at a time (no [T, V] logits made whole): the
     same logprobs and top-k as one float64 forward of the whole prompt, with chunk boundaries inside the prompt and
@@ -801,8 +807,13 @@ def test_prompt_logprobs_in_chunks_are_the_whole_prompt_forward_s(monkeypatch):
     monkeypatch.setattr(serve, "ECHO_CHUNK_ELEMENTS", 70 * 4)
     widths.clear()
     with torch.no_grad():
-        assert serve.prompt_rows(model, idx, 3, limit=70) == pytest.approx(rows)
+        assert same_rows(serve.prompt_rows(model, idx, 3, limit=70), rows)
     assert widths == [4, 4, 4]
+    # a wrapper (not a GPTModel) runs whole, its log-softmax in chunks: the same rows
+    wrapper = torch.nn.Module()
+    wrapper.forward = lambda idx, cache=None: model(idx)
+    with torch.no_grad():
+        assert same_rows(serve.prompt_rows(wrapper, idx, 3, limit=70, chunk=5), rows)
 
 
 def test_echo_with_max_tokens_0_scores_the_prompt_as_the_model_does(served):
