@@ -404,8 +404,8 @@ class Model:
 
     def prompt_logprobs(self, ids, k: int, text: str) -> list:
         """The prompt's tokens' logprob items (echo; Scored's), from one forward of the whole prompt (its turn with
-        the model as a request's; the head in chunks: prompt_rows): the first token's logprob None (nothing comes before it). text: the prompt's
-        echoed text, which the text offsets index."""
+        the model as a request's; the head in chunks: prompt_rows): the first token's logprob None (nothing comes
+        before it). text: the prompt's echoed text, which the text offsets index."""
         import torch
 
         from tritongpt.train.common import autocast
