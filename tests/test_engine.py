@@ -365,6 +365,24 @@ def test_prefix_caching_evicts_the_least_recently_freed_pages_when_the_pool_runs
     assert not any(cache.refs) and sorted(cache.free) == list(range(6))
 
 
+def test_a_finished_requests_output_pages_stay_cached_for_the_next_turn(one_thread):
+    """A chat's second turn: B's prompt is A's prompt (9), A's output (8) and new text (3). A fed 16 ids (its last
+    drawn never), 4 full pages of 4, all cached at its end, so B reads 16 tokens from the cache (its prompt's 2
+    blocks alone, 8, without A's output) and still draws generate()'s tokens; no page held at the end."""
+    model = loud_attention(tiny())
+    engine = Engine(model, max_batch=2, kv_pages=12, page_size=4, prefix_caching=True)
+    a = prompt(9, seed=1)
+    first = engine.submit(a, 8)
+    until_done(engine, first)
+    b = torch.cat([first.wait(), prompt(3, seed=2)], 1)
+    second = engine.submit(b, 5, **seeded(dict(temperature=1.0, seed=3)))
+    until_done(engine, second)
+    assert engine.stats["cached_prompt_tokens"] == 16 and engine.stats["prompt_tokens"] == 9 + 20
+    assert torch.equal(second.wait(), alone(model, b, 5, dict(temperature=1.0, seed=3)))
+    cache = engine.cache
+    assert not any(cache.refs) and cache.pages == [[]] * 2 and sorted(cache.free) == list(range(12))
+
+
 def test_prefix_caching_admits_by_the_pages_it_takes(one_thread):
     """A request's n rows share their prompt's full blocks at admission: 3 rows of 9 + 3 positions (3 pages of 4 a
     row, 9 unshared) take 2 shared pages and 1 of their own each, 5, from a pool of 5; without prefix caching the

@@ -127,7 +127,9 @@ class Engine:
     shared and read-only, and prefills only the rest, from their end, attending over them. The hits stop before
     the prompt's last token (vLLM's rule): its logits are always computed, so a prompt all cached still prefills
     its last block. After its prefill a request's full prompt blocks enter the index, for the requests after it
-    (not those admitted in the same step). A request's n rows of one prompt share its full blocks' pages (the
+    (not those admitted in the same step), and when it ends, is cancelled or preempted, its rows' full blocks of
+    the ids they fed, drawn ones too (_cache_fed; vLLM caches a finished sequence's output blocks): a chat's next
+    turn reads the last answer's pages back. A request's n rows of one prompt share its full blocks' pages (the
     partial last one copied). stats: "prompt_tokens" (a prefilled row's prompt, a request of n equal rows once)
     and "cached_prompt_tokens", the ones of them read from the cache (a preempted request's recompute counts again,
     its drawn tokens with its prompt).
@@ -448,16 +450,22 @@ class Engine:
         are untouched while it waits, so its tokens are the ones it would have drawn, none sent twice."""
         self.running.remove(r)
         with self.cond:
-            # (prefix caching: its rows' full pages of the tokens it has fed, drawn ones too, enter the index first,
-            # so its recompute reads them back and prefills only its last partial page, as vLLM's does)
-            for i, slot in enumerate(r.slots if self.prefix_caching and not r.todo else ()):
-                self.cache.register(slot, r.idx[i, :-1])
+            # (its fed pages cached first, so its recompute reads them back and prefills only its last partial page,
+            # as vLLM's does)
+            self._cache_fed(r)
             for slot in r.slots:
                 self.cache.release(slot)
             self.free = sorted(self.free + r.slots)
             r.slots, r.todo, r.rows = None, None, []
             self.waiting.appendleft(r)
         self.stats["preemptions"] += 1
+
+    def _cache_fed(self, r):
+        """Prefix caching (vLLM caches every full block of a sequence, prompt and output): r's rows' full pages of
+        the ids they fed (idx[:, :-1]: the last drawn token never was) enter the index before r lets them go. Not
+        for a request still prefilling: its last chunk's pages are not all written."""
+        for i, slot in enumerate(r.slots if self.prefix_caching and not r.todo else ()):
+            self.cache.register(slot, r.idx[i, :-1])
 
     def _attach(self, r):
         """Prefix caching, at admission (r.hits from _plan): each prefilled row takes its cached pages; a request's
@@ -545,6 +553,10 @@ class Engine:
             self.running.remove(r)
         if r.slots is not None:
             with self.cond:
+                # (a normal end or a cancel, between steps: its pages hold its fed ids' keys; an error may come from
+                # a forward that wrote some layers' keys only)
+                if error is None or isinstance(error, Cancelled):
+                    self._cache_fed(r)
                 for slot in r.slots if self.paged else ():
                     self.cache.release(slot)
                 self.free = sorted(self.free + r.slots)
