@@ -208,6 +208,39 @@ def test_call_never_leaves_its_caller_waiting_on_a_thread_that_does_not_run(one_
     assert "not running any more" in str(called(engine))
 
 
+def test_wait_never_hangs_on_an_engine_whose_thread_died(one_thread, monkeypatch):
+    """A step that raises a BaseException (not caught by the loop: the thread dies with the request running):
+    wait() raises a UserError naming the thread instead of waiting for ever; an engine stepped by hand, no
+    thread, still waits for its caller's steps."""
+    def died():
+        raise KeyboardInterrupt
+    monkeypatch.setattr(threading, "excepthook", lambda args: None)  # (the death expected: not reported)
+    engine = Engine(tiny(), max_batch=1)
+    engine.step = died
+    handle = engine.start().submit(prompt(3), 4)
+    out = []
+
+    def go():
+        try:
+            out.append(handle.wait(poll=0.01))
+        except UserError as e:
+            out.append(e)
+    t = threading.Thread(target=go, daemon=True)
+    t.start()
+    t.join(5)
+    assert not t.is_alive(), "wait() hung"
+    assert "thread is not running" in str(out[0]) and handle.cancelled
+    by_hand = Engine(tiny(), max_batch=1)
+    handle, out[:] = by_hand.submit(prompt(3), 2), []
+    t = threading.Thread(target=go, daemon=True)
+    t.start()
+    time.sleep(0.1)  # (several polls with nobody stepping it: still waiting)
+    assert t.is_alive() and not out
+    until_done(by_hand, handle)
+    t.join(5)
+    assert out[0].shape == (1, 5)
+
+
 def test_a_decode_step_runs_the_rows_up_to_the_last_busy_one(one_thread):
     """Slots go lowest first and a step runs cache rows 0..last busy: a lone request decodes one row, not four."""
     model = tiny()

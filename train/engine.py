@@ -65,7 +65,8 @@ class Request:
         """In the caller's thread: on_token(nxt [n, 1]) for each step's tokens as they arrive (with logprobs,
         on_token(nxt, step_logprobs(...)) as generate's), then the request's
         ids [n, T + new] (generate's return). cancelled(): asked every `poll` seconds while nothing arrives; True
-        cancels the request and raises Cancelled. An exception raised by on_token cancels it too."""
+        cancels the request and raises Cancelled. An exception raised by on_token cancels it too. A started
+        engine whose thread died raises UserError rather than wait for ever."""
         asked = time.monotonic()
         try:
             while True:
@@ -73,6 +74,11 @@ class Request:
                     kind, item = self.queue.get(timeout=poll)
                 except queue.Empty:
                     kind = None
+                    # (a thread killed by a BaseException ends nothing: wait no longer for it; a closing engine
+                    # ends its requests itself, and one stepped by hand has no thread)
+                    thread = self.engine.thread
+                    if thread is not None and not thread.is_alive() and not self.engine.closed and self.queue.empty():
+                        raise UserError("the engine's thread is not running any more: the request will never end")
                 # asked every poll seconds whether tokens arrive or not (they may come faster than that)
                 if cancelled is not None and time.monotonic() - asked >= poll:
                     asked = time.monotonic()
