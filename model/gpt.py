@@ -262,6 +262,9 @@ class PagedKVCache(KVCache):
         # page another row holds
         self._allocate((cfg.n_layer, num_pages + 1, cfg.kv_heads, page_size, cfg.head_dim), device)
         self.scratch = num_pages
+        # zeros: the engine's rows that ended read it past their pages, and their padding's logits must be finite
+        # (a sampled draw refuses a NaN distribution), whatever memory the pool was given
+        self.k[:, self.scratch], self.v[:, self.scratch] = 0, 0
         self.block_table = torch.full((batch_size, -(-self.max_len // page_size)), self.scratch, dtype=torch.int32,
                                       device=device)
         self.fill = torch.zeros(batch_size, dtype=torch.int64, device=device)

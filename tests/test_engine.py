@@ -922,6 +922,34 @@ def test_a_preempted_requests_recompute_reads_its_drawn_tokens_pages_back_with_p
     assert engine.stats["cached_prompt_tokens"] == 8  # (of B's 12 fed: the third page evicted by A's growth)
 
 
+@pytest.mark.parametrize("caching", [False, True])
+def test_a_row_that_ended_takes_no_more_pages(one_thread, caching):
+    """B's 2 sampled rows of 6 + 11: the first draws its EOS second (66), then holds the 2 pages it had (the old rule
+    gave it all 4 a row of 16 positions takes: 8 for B); the rows' tokens and the live rows' logprobs are still
+    generate()'s, and every page comes back; with prefix caching the pages each row holds are cached at its end
+    (2 + 4), not the 4 blocks the ended row fed."""
+    model = loud_attention(tiny())
+    b = torch.cat([prompt(6, seed=2), prompt(6, seed=3)])
+    kw = dict(temperature=1.0, seed=5, eos_id=66, logprobs=2)
+    engine = Engine(model, max_batch=2, kv_pages=8, page_size=4, prefix_caching=caching)
+    handle, held = engine.submit(b, 11, **seeded(kw)), []
+    while engine.running or engine.waiting:
+        engine.step()
+        if handle.slots is not None:
+            held.append([len(engine.cache.pages[s]) for s in handle.slots])
+    got, want = [], []
+    out = handle.wait(lambda nxt, lp: got.append((nxt, lp)))
+    assert torch.equal(out, alone(model, b, 11, kw, on_token=lambda nxt, lp: want.append((nxt, lp))))
+    assert out[0, 7] == 66 and held[-1] == [2, 4]
+    live = torch.ones(2, dtype=torch.bool)
+    for (nxt, lp), (_, lp_) in zip(got, want):  # (a row's logprobs past its EOS are padding, as its tokens)
+        assert torch.allclose(lp[0][live], lp_[0][live], atol=1e-5)
+        live &= nxt[:, 0] != 66
+    assert not live[0] and live[1]
+    assert not any(engine.cache.refs) and engine.cache.num_free == 8
+    assert len(engine.cache.cached) == (6 if caching else 0)
+
+
 def test_a_request_preempted_with_a_row_done_draws_generates_tokens_and_logprobs(one_thread):
     """B's 2 sampled rows, the first ended by its EOS, are preempted by A's growth and recomputed (the done row's
     EOS padding too): each request's tokens and logprobs are generate()'s, the first token after the recompute's

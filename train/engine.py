@@ -44,6 +44,7 @@ class Request:
         self.eos_id, self.generator, self.vocab_limit, self.stop = eos_id, generator, vocab_limit, stop
         self.start = idx.size(1)  # where the generated ids begin (the frequency/presence penalties count from it)
         self.done = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
+        self.ended = [False] * idx.size(0)  # done's host copy (decode_step's): its EOS-padded rows (_grow)
         self.slots = None  # the cache rows it holds while running
         self.same, self.hits = False, []  # prefix caching's (Engine._plan): whether its rows are equal, their hits
         self.todo, self.rows = None, []  # its prefill's rows still to run ([row, slot, fill]) and the logits done
@@ -150,7 +151,7 @@ class Engine:
     preemption (vLLM's scheduler; a paged cache only): a request is admitted with the pages of its prompt and its
     first decode position, and each decode step first gives every running row whose next write crosses into a new
     page that page (_grow), so the pool holds the requests that end early (EOS, a stop string) at what they used,
-    not their whole max_new_tokens. When none is free the latest admitted request is preempted by recompute
+    not their whole max_new_tokens, and a request's rows that drew their EOS at theirs. When none is free the latest admitted request is preempted by recompute
     (_preempt; stats "preemptions"): it waits again in front and, readmitted, prefills its prompt and the tokens it
     drew, then draws on exactly as it would have. submit refuses a request whose rows could not hold their whole
     budget in the pool unshared, so a request alone always fits. False: the old rule, every position a request's
@@ -414,8 +415,10 @@ class Engine:
             try:
                 # (with logprobs the token travels with its logprobs, as one tuple: Request.wait)
                 put = (lambda r: lambda *item: r.queue.put(("token", item if len(item) > 1 else item[0])))(r)
-                r.idx, finished = decode_step(lg[:, :r.vocab_limit], r.idx, r.start, r.done, r.warp, r.eos_id,
-                                              r.generator, put, r.stop, r.logprobs)
+                r.idx, finished, ended = decode_step(lg[:, :r.vocab_limit], r.idx, r.start, r.done, r.warp,
+                                                     r.eos_id, r.generator, put, r.stop, r.logprobs)
+                if r.eos_id is not None:  # (without an EOS a done row draws on: its tokens are still returned)
+                    r.ended = ended
             except Exception as e:  # this request's settings or stop rule: it alone fails
                 self._finish(r, e)
                 continue
@@ -426,15 +429,17 @@ class Engine:
     def _grow(self) -> bool:
         """Preemption (vLLM's scheduler): before the decode step each running request whose rows' next write
         crosses into a new page takes it (the host knows each fill: a decoding row feeds its last token at
-        position idx.size(1) - 1). Earliest admitted first; when too few pages are free (cached pages no row holds
+        position idx.size(1) - 1). A row that ended (r.ended: padded with the EOS) takes none: its writes past its
+        pages go to the scratch page, and what it reads there only draws the EOS padding's logits (its logprobs
+        past its end are padding too, never shown). Earliest admitted first; when too few pages are free (cached pages no row holds
         count as free), the latest admitted running request is preempted (_preempt), the one growing itself when it
         is the latest. -> whether any was."""
         cache, preempted = self.cache, False
         for r in [r for r in self.running if not r.todo]:
             if r not in self.running:  # preempted already, for an earlier one's pages
                 continue
-            length = r.idx.size(1)
-            while sum(cache.pages_for(length) - len(cache.pages[s]) for s in r.slots) > cache.num_free:
+            length, slots = r.idx.size(1), [s for s, ended in zip(r.slots, r.ended) if not ended]
+            while sum(cache.pages_for(length) - len(cache.pages[s]) for s in slots) > cache.num_free:
                 victim, preempted = self.running[-1], True
                 if victim is r and len(self.running) == 1:  # (not expected: submit refuses a request the pool
                     self._finish(r, RuntimeError(       # cannot hold alone) it fails, never preempted for ever
@@ -444,7 +449,7 @@ class Engine:
                 if victim is r:
                     break
             else:
-                for slot in r.slots:
+                for slot in slots:
                     cache.reserve(slot, length)
         return preempted
 
@@ -469,9 +474,10 @@ class Engine:
     def _cache_fed(self, r):
         """Prefix caching (vLLM caches every full block of a sequence, prompt and output): r's rows' full pages of
         the ids they fed (idx[:, :-1]: the last drawn token never was) enter the index before r lets them go. Not
-        for a request still prefilling: its last chunk's pages are not all written."""
+        for a request still prefilling: its last chunk's pages are not all written. A row that ended holds fewer
+        pages than it fed (_grow): the ids in its pages."""
         for i, slot in enumerate(r.slots if self.prefix_caching and not r.todo else ()):
-            self.cache.register(slot, r.idx[i, :-1])
+            self.cache.register(slot, r.idx[i, :-1][:len(self.cache.pages[slot]) * self.cache.page_size])
 
     def _attach(self, r):
         """Prefix caching, at admission (r.hits from _plan): each prefilled row takes its cached pages; a request's

@@ -568,8 +568,8 @@ def _generate(model, idx, max_new_tokens, warp: dict, eos_id, use_cache, generat
             else:
                 logits = model(idx[:, fed:], cache)
                 fed = idx.size(1)
-        idx, finished = decode_step(logits[:, -1, :vocab_limit], idx, start, done, warp, eos_id, generator,
-                                    on_token, stop, logprobs)
+        idx, finished, _ = decode_step(logits[:, -1, :vocab_limit], idx, start, done, warp, eos_id, generator,
+                                       on_token, stop, logprobs)
         if finished:
             break
     return idx
@@ -579,7 +579,8 @@ def decode_step(logits, idx, start: int, done, warp: dict, eos_id, generator, on
     """One step of decoding after the forward, shared by _generate and the serving engine (train/engine.py), which
     runs it on each request's rows of a batched forward: a token for each row of idx [B, T] drawn from logits [B, V]
     (sample_next with warp, the penalties counting from column start), a row done [B] (updated in place) padded
-    with eos_id, on_token(nxt [B, 1]) called, stop(idx) asked. -> (idx [B, T + 1], whether every row is done).
+    with eos_id, on_token(nxt [B, 1]) called, stop(idx) asked. -> append_token's (idx [B, T + 1], whether every row
+    is done, the rows done on the host).
     logprobs k (not None): on_token(nxt, step_logprobs(logits, nxt, k)) instead, from the very logits drawn from."""
     nxt = sample_next(logits, generator=generator, seen=idx, generated_from=start, live=~done, **warp)
     if logprobs is not None and on_token is not None:
@@ -600,8 +601,10 @@ def step_logprobs(logits, nxt, k: int):
 
 def append_token(idx, nxt, done, eos_id, on_token, stop):
     """nxt [B, 1] after idx [B, T], the rows already done padded with eos_id; done [B] updated in place (an EOS
-    drawn, stop(idx) asked), on_token(nxt) called. -> (idx [B, T + 1], whether every row is done): decode_step's
-    and the speculative loop's way to take a token."""
+    drawn, stop(idx) asked), on_token(nxt) called. -> (idx [B, T + 1], whether every row is done, done as a host
+    list of bools, None when neither an EOS nor a stop rule can end a row): decode_step's and the speculative loop's
+    way to take a token. (The list is the one copy to the host the finished check needs anyway: the batching
+    engine reads which rows ended from it without a sync of its own.)"""
     if eos_id is not None:
         nxt = torch.where(done.unsqueeze(1), torch.full_like(nxt, eos_id), nxt)
         done |= nxt.squeeze(1) == eos_id
@@ -610,7 +613,8 @@ def append_token(idx, nxt, done, eos_id, on_token, stop):
         on_token(nxt)
     if stop is not None:
         done |= stop(idx).to(done.device)
-    return idx, (eos_id is not None or stop is not None) and bool(done.all())
+    ended = done.tolist() if eos_id is not None or stop is not None else None
+    return idx, ended is not None and all(ended), ended
 
 
 def _feed(model, cache, ids, keep: int = 1):
@@ -787,7 +791,7 @@ def _speculative(model, draft, idx, max_new_tokens, warp: dict, eos_id, generato
             # the m draft tokens every row keeps (not after an EOS or a stop): a row's accepted (m + 1)-th is the step's
             # own token in the place of the model's, so accepted_per_forward + 1 is the tokens a forward gives a row
             accepted += int((~done).sum()) if j < m else 0
-            idx, finished = append_token(idx, tok, done, eos_id, on_token, stop)
+            idx, finished, _ = append_token(idx, tok, done, eos_id, on_token, stop)
             if finished:
                 break
         if (eos_id is not None or stop is not None) and bool(done.all()):
