@@ -58,6 +58,11 @@ class KVCache:
     each row a request of its own length in one forward (both attention paths read kv_len [B]). The caller advances
     the fill (the host `pos` means nothing there) and keeps it within max_len - T. `row(i)` is row i as a cache of
     its own (a request's prefill writes there), `copy_row` copies a row's keys to another.
+
+    `bound` (first_rows(n, bound), an eager step's: None by default and in a CUDA graph, whose shapes must not
+    change): a host int >= every row's kv_len, the positions update's views keep ([0, bound) rather than the whole
+    buffers; a PagedKVCache's block table its first pages for them), so the reference core's matmuls and masks run
+    over the longest row's length, not max_len (the Triton kernels read kv_len a row either way).
     """
 
     def __init__(self, cfg: GPTConfig, batch_size: int, max_len: int | None = None,
@@ -72,6 +77,7 @@ class KVCache:
         self.fill = torch.zeros(1, dtype=torch.int64, device=device)  # the fill on the device (on_device)
         self.current = None  # extent(T) of the forward running on_device, made once for all its layers
         self.block_table = None  # (a PagedKVCache's: where each row's pages are)
+        self.bound = None  # on_device: a host bound on every row's kv_len (first_rows), None: the whole buffers
 
     def _allocate(self, shape, device):
         """k and v of `shape` (int8 for an int8 cache, else self.dtype), and an int8 cache's fp32 scales."""
@@ -126,14 +132,14 @@ class KVCache:
 
     def update(self, layer: int, k, v):
         """Writes a layer's new keys and values k, v [B, kv_heads, T, head_dim] at [pos, pos + T) and returns
-        (k, v, k_scale, v_scale) of the whole prefix [0, pos + T) (on_device: the whole buffers): the cache's own
-        views, k and v int8 with their fp32 scales [B, kv_heads, pos + T] for an int8 cache, else in the cache's
-        dtype with scales None."""
+        (k, v, k_scale, v_scale) of the whole prefix [0, pos + T) (on_device: the whole buffers, or their first
+        `bound` positions): the cache's own views, k and v int8 with their fp32 scales [B, kv_heads, pos + T] for an
+        int8 cache, else in the cache's dtype with scales None."""
         end = self.pos + k.size(2)
         if end > self.max_len:
             raise UserError(f"KV cache overflow: {end} positions > capacity {self.max_len}")
         bufs, new = self._stored(k, v)
-        if self.on_device:  # the whole buffers: the keys past kv_len are masked, not sliced off
+        if self.on_device:  # the whole buffers (or the first `bound` positions): the keys past kv_len are masked
             index = self.extent(k.size(2))[0]
             rows = torch.arange(self.batch_size, device=index.device)[:, None] if index.dim() == 2 else None
             for buf, t in zip(bufs, new):
@@ -141,7 +147,7 @@ class KVCache:
                     buf[layer].index_copy_(2, index, t.to(buf.dtype))
                 else:  # row b's T new vectors at its own positions index[b]: indexed [B, T, kv_heads(, head_dim)]
                     buf[layer][rows, :, index] = t.transpose(1, 2).to(buf.dtype)
-            views = [buf[layer] for buf in bufs]
+            views = [buf[layer][:, :, :self.bound] for buf in bufs]
         else:
             for buf, t in zip(bufs, new):
                 buf[layer, :, :, self.pos:end] = t
@@ -162,15 +168,21 @@ class KVCache:
         view.fill = torch.zeros(1, dtype=torch.int64, device=self.fill.device)
         return view
 
-    def first_rows(self, n: int) -> "KVCache":
+    def first_rows(self, n: int, bound: int | None = None) -> "KVCache":
         """Rows 0..n-1 as a cache of batch n on the same storage, their fill a view of this one's (a fill a row):
-        the batching engine's decode step runs only the rows up to the last busy one."""
+        the batching engine's decode step runs only the rows up to the last busy one. bound: the class's (the
+        caller keeps every row's kv_len within it)."""
         if not is_int(n) or not 1 <= n <= self.batch_size:
             raise UserError(f"a KV cache of {self.batch_size} rows has 1..{self.batch_size} first rows, got {n!r}")
+        if bound is not None and (not is_int(bound) or not 1 <= bound <= self.max_len):
+            raise UserError(f"a KV cache's bound is 1..{self.max_len} positions (or None), got {bound!r}")
         if self.fill.shape != (self.batch_size,):
             raise UserError(f"first_rows needs a fill a row ([{self.batch_size}]), got shape {tuple(self.fill.shape)}")
         view = self._rows(0, n)
         view.fill = self.fill[:n]
+        view.bound = bound
+        if bound is not None and view.block_table is not None:  # (a paged one's pools are read through its table)
+            view.block_table = view.block_table[:, :view.pages_for(bound)]
         return view
 
     def _rows(self, start: int, end: int) -> "KVCache":
@@ -268,7 +280,7 @@ class PagedKVCache(KVCache):
         self.block_table = torch.full((batch_size, -(-self.max_len // page_size)), self.scratch, dtype=torch.int32,
                                       device=device)
         self.fill = torch.zeros(batch_size, dtype=torch.int64, device=device)
-        self.pos, self.on_device, self.current = 0, True, None
+        self.pos, self.on_device, self.current, self.bound = 0, True, None, None
         self._free = list(range(num_pages - 1, -1, -1))  # a stack: the pages a release gave back go out first
         self.pages = [[] for _ in range(batch_size)]  # each row's pages, in order (the host's copy of the table)
         self.refs = [0] * num_pages  # the rows holding each page

@@ -253,6 +253,41 @@ def test_a_decode_step_runs_the_rows_up_to_the_last_busy_one(one_thread):
     assert shapes[:4] == [(1, 5), (1, 3), (1, 1), (3, 1)]
 
 
+@pytest.mark.parametrize("kernels", ["reference", "triton"])
+@pytest.mark.parametrize("pages", [None, 10])
+def test_a_decode_step_reads_the_longest_rows_keys_not_the_whole_context(one_thread, monkeypatch, kernels, pages):
+    """A (12 + 2) and B (2 rows of 3 + 4) on a context of 40: each decode step's attention reads the keys up to the
+    longest running row's ids + 1 (14, then with A ended 6, 7; a paged cache's whole pages of 4 for them: 16, 8, 8),
+    not all 40, A's freed row below B's with its fill back to 0 (the Triton kernel refuses a kv_len past the keys),
+    and each request still draws generate()'s tokens with its logprobs (the logits: a key cut off shows there)."""
+    import tritongpt.kernels.attention as attention
+    from tritongpt.model.layers import MultiHeadAttention
+    model, keys = loud_attention(tiny(kernels, n_layer=1)), []
+    attend, flash = MultiHeadAttention.attend, attention.flash_attention
+
+    def attended(self, q, k, *args):
+        keys.append((q.size(2), k.size(2)))
+        return attend(self, q, k, *args)
+
+    def flashed(q, k, *args, block_table=None, **kw):
+        keys.append((q.size(2), k.size(2) if block_table is None else block_table.size(1) * 4))
+        return flash(q, k, *args, block_table=block_table, **kw)
+    monkeypatch.setattr(MultiHeadAttention, "attend", attended)
+    monkeypatch.setattr(attention, "flash_attention", flashed)
+    engine = Engine(model, max_batch=4, kv_pages=pages, page_size=4)
+    schedule = [(0, prompt(12), 2, dict(logprobs=0)), (0, prompt(3, 2, seed=1), 4, dict(logprobs=0))]
+    out = run(engine, schedule)
+    steps = [tk for tq, tk in keys if tq == 1]  # (the prefills' queries are their prompts)
+    assert steps == ([14, 6, 7] if pages is None else [16, 8, 8])
+    with pytest.raises(UserError, match="bound is 1..40"):
+        engine.cache.first_rows(2, 41)
+    for (handle, _), (_, idx, new, kw) in zip(out, schedule):  # the tokens, and the logits by their logprobs
+        got, want = [], []
+        assert torch.equal(handle.wait(lambda nxt, lp: got.append(lp[0])),
+                           generate(model, idx, new, on_token=lambda nxt, lp: want.append(lp[0]), **kw))
+        torch.testing.assert_close(torch.stack(got), torch.stack(want), rtol=0, atol=1e-5)
+
+
 def test_what_the_engine_refuses(one_thread):
     model = tiny()
     for bad in (0, -1, 2.5, True, None):

@@ -553,7 +553,10 @@ class Engine:
                 self.graphs[rows] = DecodeGraph(self.model, self.cache.first_rows(rows), self.capture, row_fill=True)
             logits = self.graphs[rows](tokens)[:, -1]  # the graph's buffer: the caller copies its rows out
         else:
-            cache = self.cache.first_rows(rows)
+            # (a host bound on every row's kv_len, so the reference core reads that many keys, not max_len: a
+            # decoding row's is its ids', a prefilling one's at most its ids' + 1, a free row's 1, its fill reset)
+            bound = min(max(r.idx.size(1) for r in self.running) + 1, self.max_len)
+            cache = self.cache.first_rows(rows, bound)
             cache.on_device = True
             logits = last_logits(self.model, tokens, cache)[:, -1]
         self.cache.fill[slots] += 1
@@ -571,6 +574,8 @@ class Engine:
                     self._cache_fed(r)
                 for slot in r.slots if self.paged else ():
                     self.cache.release(slot)
+                if not self.paged:  # (release's: a free row's fill within the next steps' bound, _decode)
+                    self.cache.fill[r.slots] = 0
                 self.free = sorted(self.free + r.slots)
             r.slots = None
         r.queue.put(("error", error) if error is not None else ("end", r.idx))
