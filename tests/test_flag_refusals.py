@@ -45,8 +45,9 @@ def test_a_preference_trainer_refuses_what_it_never_reads(cmd, flags, message, t
 
 
 @pytest.mark.parametrize("argv,message", [
-    (["sft", "--init", "model", "--val-fraction", "0.3"], "--val-fraction holds out a share of a --data file's records; the embedded "
-                                      "tasks' held-out records are --n-eval's"),
+    (["sft", "--init", "model", "--val-fraction", "0.3"],
+     "--val-fraction holds out a share of a --data file's records; the embedded tasks' held-out records are "
+     "--n-eval's"),
     (["sft", "--init", "model", "--n-eval", "0", "--eval-before"], "--eval-before answers the held-out test records "
                                                                     "before training; --n-eval 0 holds none out"),
     (["sft", "--init", "model", "--n-eval", "0", "--eval-gen", "8"], "--eval-gen sets how many held-out records are "

@@ -102,8 +102,8 @@ class TrainArgs:
         args = cls(**{f.name: getattr(ns, f.name) for f in fields(cls) if hasattr(ns, f.name)})
         default = getattr(ns, "min_lr_default", None)
         if default is not None and args.lr_schedule == "constant" and args.min_lr != default:
-            raise UserError(f"--min-lr {args.min_lr:g} is where the schedule decays to: --lr-schedule constant stays at "
-                            "--lr (pass another schedule, or leave --min-lr out)")
+            raise UserError(f"--min-lr {args.min_lr:g} is where the schedule decays to: --lr-schedule constant "
+                            "stays at --lr (pass another schedule, or leave --min-lr out)")
         return args
 
     def validate(self):
