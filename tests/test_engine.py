@@ -1010,3 +1010,55 @@ def test_a_request_preempted_with_a_row_done_draws_generates_tokens_and_logprobs
             assert torch.equal(nxt, nxt_) and torch.equal(lp[1], lp_[1])
             assert torch.allclose(lp[0], lp_[0], atol=1e-5) and torch.allclose(lp[2], lp_[2], atol=1e-5)
     assert not any(engine.cache.refs) and engine.cache.num_free == 8 and engine.free == [0, 1, 2]
+
+
+# -- the phases' clocks (/metrics' queue, prefill, decode and inference times: train/metrics.py) --------------------
+def fake_clock(monkeypatch):
+    """The engine's time.monotonic, a clock the test sets ([seconds]): stamps exact whatever the machine's speed."""
+    import types
+
+    import tritongpt.train.engine as engine_module
+
+    clock = [0.0]
+    monkeypatch.setattr(engine_module, "time", types.SimpleNamespace(monotonic=lambda: clock[0]))
+    return clock
+
+
+def test_a_request_is_stamped_queued_scheduled_and_at_its_first_and_last_tokens(one_thread, monkeypatch):
+    """max_batch 2, A (3 tokens), B (5) and C (2) queued at 0, step i at time i + 1: A and B are admitted at 1 and
+    draw their first tokens there (one step prefills and draws), A's last at 3; C waits for A's slot, admitted at 4
+    (queued 4 s), its last token at 5 with B's."""
+    clock = fake_clock(monkeypatch)
+    engine = Engine(tiny(), max_batch=2)
+    a, b, c = (engine.submit(prompt(4 + i, seed=i), new) for i, new in enumerate((3, 5, 2)))
+    step = 0
+    while engine.running or engine.waiting:
+        assert step < 20
+        clock[0] = step + 1.0
+        engine.step()
+        step += 1
+    stamps = [(r.queued, r.scheduled, r.first_token, r.last_token) for r in (a, b, c)]
+    assert stamps == [(0, 1, 1, 3), (0, 1, 1, 5), (0, 4, 4, 5)]
+
+
+def test_a_preempted_request_keeps_its_first_admission_as_vllm_does(one_thread, monkeypatch):
+    """A request preempted and readmitted later keeps its first scheduled stamp (vLLM's: the wait for its recompute
+    counts in its prefill or decode time, not its queue time); every request's stamps stay in order."""
+    clock = fake_clock(monkeypatch)
+    engine = Engine(tiny(), max_batch=5, kv_pages=10, page_size=4)
+    handles = [engine.submit(idx, new, **seeded(kw)) for idx, new, kw in PREEMPTING]
+    first, preempted, step = {}, set(), 0
+    while engine.running or engine.waiting:
+        assert step < 200
+        clock[0] = step + 1.0
+        engine.step()
+        step += 1
+        for i, h in enumerate(handles):
+            if h.slots is not None:
+                first.setdefault(i, clock[0])
+            elif i in first and h in engine.waiting:
+                preempted.add(i)
+    assert preempted and engine.stats["preemptions"] > 0
+    for i, h in enumerate(handles):
+        assert h.scheduled == first[i] and h.queued == 0
+        assert h.scheduled <= h.first_token <= h.last_token

@@ -638,6 +638,26 @@ def metric(samples, name, **labels):
     return samples["tritongpt:" + name, tuple(sorted({"model_name": "tiny", **labels}.items()))]
 
 
+def phases(s, requests, tokens):
+    """vLLM's per-request histograms in a scrape of `requests` requests that ended with their choices, tokens
+    [(prompt, completion)] theirs: one observation each, prefill + decode = inference, queue + inference within
+    the handler's own time around them of e2e; the token histograms' sums the usage's."""
+    count = {name: metric(s, f"request_{name}_count") for name in ("queue_time_seconds", "prefill_time_seconds",
+             "decode_time_seconds", "inference_time_seconds", "time_per_output_token_seconds", "prompt_tokens",
+             "generation_tokens")}
+    assert set(count.values()) == {requests}, count
+    total = {name: metric(s, f"request_{name}_time_seconds_sum") for name in ("queue", "prefill", "decode",
+                                                                                "inference")}
+    assert total["prefill"] + total["decode"] == pytest.approx(total["inference"], rel=1e-9, abs=1e-9)
+    e2e = metric(s, "e2e_request_latency_seconds_sum")
+    assert 0 < total["queue"] + total["inference"] <= e2e
+    assert e2e - total["queue"] - total["inference"] < 0.1 * requests + 0.25 * e2e  # (the tokenizing, the texts)
+    assert min(total.values()) >= 0 and total["decode"] > 0
+    assert 0 < metric(s, "request_time_per_output_token_seconds_sum") <= total["decode"]
+    assert metric(s, "request_prompt_tokens_sum") == sum(p for p, _ in tokens)
+    assert metric(s, "request_generation_tokens_sum") == sum(g for _, g in tokens)
+
+
 def test_metrics_count_what_the_responses_say(tmp_path, monkeypatch):
     """/metrics after a completion, a streamed n=2 one, one cut by a stop string and one whose client hangs up:
     the token counters are the responses' usage, the finish reasons theirs, the histograms one observation a
@@ -674,6 +694,7 @@ def test_metrics_count_what_the_responses_say(tmp_path, monkeypatch):
         steps = [a["usage"]["completion_tokens"], b["usage"]["completion_tokens"] // 2, c["usage"]["completion_tokens"]]
         assert metric(s, "time_per_output_token_seconds_count") == sum(k - 1 for k in steps)
         assert metric(s, "e2e_request_latency_seconds_sum") > 0
+        phases(s, 3, [(r["usage"]["prompt_tokens"], r["usage"]["completion_tokens"]) for r in (a, b, c)])
         # n equal rows prefill once (usage counts their prompt once too); the repeated prompt finds a's full blocks
         # (its last token always computed)
         assert metric(s, "prefix_cache_queries_total") == 2 * P + b["usage"]["prompt_tokens"]
@@ -706,6 +727,8 @@ def test_metrics_count_what_the_responses_say(tmp_path, monkeypatch):
         assert metric(s, "e2e_request_latency_seconds_count") == 4
         assert metric(s, "num_requests_running") == metric(s, "kv_cache_usage_perc") == 0
         assert metric(s, "prompt_tokens_total") == sum(r["usage"]["prompt_tokens"] for r in (a, b, c))  # (not counted)
+        # its phases timed as far as it got (it drew tokens), its token counts not
+        assert metric(s, "request_inference_time_seconds_count") == 4 and metric(s, "request_prompt_tokens_count") == 3
     finally:
         server.shutdown()
         server.server_close()
@@ -730,6 +753,7 @@ def test_metrics_with_max_batch_1_count_the_requests_waiting_for_the_model(tmp_p
                 time.sleep(0.01)
             s = scrape(server)
             assert metric(s, "num_requests_waiting") == 1 and metric(s, "num_requests_running") == 0
+            time.sleep(0.05)  # (its queue time at least that)
         t.join()
         status, body = out[0]
         s = scrape(server)
@@ -738,6 +762,12 @@ def test_metrics_with_max_batch_1_count_the_requests_waiting_for_the_model(tmp_p
         assert metric(s, "generation_tokens_total") == body["usage"]["completion_tokens"]
         assert metric(s, "request_success_total", finished_reason="length") == 2
         assert metric(s, "time_per_output_token_seconds_count") == 3
+        phases(s, 1, [(body["usage"]["prompt_tokens"], body["usage"]["completion_tokens"])])
+        # it waited for the lock while the scrape above ran; its 4 steps: the mean gap of its 3
+        queue = metric(s, "request_queue_time_seconds_sum")
+        assert queue >= 0.05 and metric(s, "time_to_first_token_seconds_sum") > queue
+        assert metric(s, "request_time_per_output_token_seconds_sum") == pytest.approx(
+            metric(s, "request_decode_time_seconds_sum") / 3)
         assert not [k for k in s if k[0] == "tritongpt:kv_cache_usage_perc"]
         assert call(server, "/metrics", {"x": 1})[0] == 405
     finally:

@@ -50,6 +50,10 @@ class Request:
         self.todo, self.rows = None, []  # its prefill's rows still to run ([row, slot, fill]) and the logits done
         self.queue = queue.Queue()
         self.cancelled = False
+        # host clocks (time.monotonic, no GPU sync) where its phases change, for /metrics (train/metrics.py): queued
+        # at submit, scheduled at its first admission (vLLM's: a preempted request's re-queue and recompute count in
+        # its prefill or decode time, not its queue time), its first and its latest step's tokens
+        self.queued, self.scheduled, self.first_token, self.last_token = time.monotonic(), None, None, None
 
     @property
     def n(self) -> int:
@@ -386,6 +390,8 @@ class Engine:
                     self._finish(r, e)
                     continue
                 self._begin(r)
+                if r.scheduled is None:
+                    r.scheduled = time.monotonic()
                 admitted.append(r)
         decoding = [r for r in self.running if not r.todo]  # (a request still prefilling draws nothing yet)
         self.running = self.running + admitted
@@ -422,6 +428,11 @@ class Engine:
             except Exception as e:  # this request's settings or stop rule: it alone fails
                 self._finish(r, e)
                 continue
+            # (with an EOS or a stop rule decode_step has read the step's tokens back: it has run on the device;
+            # without either, the stamp is its launch)
+            r.last_token = time.monotonic()
+            if r.first_token is None:
+                r.first_token = r.last_token
             if finished or r.idx.size(1) - r.start >= r.budget:
                 self._finish(r)
         return True

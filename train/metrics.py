@@ -17,6 +17,7 @@ TPOT_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1
 E2E_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0, 240.0, 480.0,
                960.0, 1920.0, 7680.0)
 REASONS = ("stop", "length", "abort", "error")
+PHASES = ("queue", "prefill", "decode", "inference")
 HISTOGRAMS = {  # name: (buckets, help)
     "time_to_first_token_seconds": (TTFT_BUCKETS, "Histogram of time to first token in seconds (from the request's "
                                                   "prompt reaching the model's queue)."),
@@ -24,7 +25,41 @@ HISTOGRAMS = {  # name: (buckets, help)
                                                     "between a request's decode steps: inter-token latency)."),
     "e2e_request_latency_seconds": (E2E_BUCKETS, "Histogram of end to end request latency in seconds (one prompt's "
                                                  "choices, whatever ended them)."),
+    # vLLM's per-phase ones (vllm/v1/metrics/stats.py, update_from_finished_request): queue = first scheduled -
+    # queued, prefill = first token - first scheduled, decode = last token - first token, inference = last token -
+    # first scheduled (prefill + decode), each observed once a request ends, if it got that far
+    "request_queue_time_seconds": (E2E_BUCKETS, "Histogram of time spent in WAITING phase for request: from its "
+                                                "queueing to its first admission (--max-batch 1: to taking the "
+                                                "model's lock)."),
+    "request_prefill_time_seconds": (E2E_BUCKETS, "Histogram of time spent in PREFILL phase for request: from its "
+                                                  "first admission to its first token (a preemption's recompute "
+                                                  "counts here or in decode, as vLLM's)."),
+    "request_decode_time_seconds": (E2E_BUCKETS, "Histogram of time spent in DECODE phase for request: from its "
+                                                 "first token to its last."),
+    "request_inference_time_seconds": (E2E_BUCKETS, "Histogram of time spent in RUNNING phase for request: from its "
+                                                    "first admission to its last token (prefill + decode)."),
+    "request_time_per_output_token_seconds": (TPOT_BUCKETS, "Histogram of time_per_output_token_seconds per "
+                                                            "request: its decode time / (its steps - 1), 0 for one "
+                                                            "step (each step draws a token for each of its n "
+                                                            "choices)."),
 }
+TOKEN_HISTOGRAMS = {  # name: help; buckets 1, 2, 5, 10, ... up to the context length (vLLM's build_1_2_5_buckets)
+    "request_prompt_tokens": "Number of prefill tokens processed: a request's prompt tokens, when it ends with its "
+                             "choices (not aborted or failed).",
+    "request_generation_tokens": "Number of generation tokens processed: a request's completion tokens (its n "
+                                 "choices' together), when it ends with its choices (not aborted or failed).",
+}
+
+
+def buckets_1_2_5(most: int) -> tuple:
+    """1, 2, 5, 10, 20, 50, ... up to most (vLLM's build_1_2_5_buckets)."""
+    out, scale = [], 1
+    while True:
+        for m in (1, 2, 5):
+            if m * scale > most:
+                return tuple(out)
+            out.append(m * scale)
+        scale *= 10
 
 
 class Histogram:
@@ -47,12 +82,13 @@ def number(x) -> str:
 class Metrics:
     """The server's counters and histograms (under self.lock) and its /metrics text (render)."""
 
-    def __init__(self, model_name: str, engine=None):
+    def __init__(self, model_name: str, engine=None, max_model_len: int = 1024):
         self.model_name, self.engine = model_name, engine
         self.lock = threading.Lock()
         self.prompt_tokens = self.generation_tokens = 0
         self.finished = dict.fromkeys(REASONS, 0)
         self.hist = {name: Histogram(b) for name, (b, _) in HISTOGRAMS.items()}
+        self.hist.update({name: Histogram(buckets_1_2_5(max_model_len)) for name in TOKEN_HISTOGRAMS})
         self.running = self.waiting = 0  # no engine: requests holding, and waiting for, the model's lock
 
     def request(self) -> "Timing":
@@ -107,7 +143,8 @@ class Metrics:
             family("request_success_total", "counter", "Count of finished choices by finish reason (abort: the "
                    "client left; error: the server failed it).",
                    [("", f'{label},finished_reason="{r}"', self.finished[r]) for r in REASONS])
-            for name, (_, text) in HISTOGRAMS.items():
+            helps = {**{name: text for name, (_, text) in HISTOGRAMS.items()}, **TOKEN_HISTOGRAMS}
+            for name, text in helps.items():
                 h, cum, samples = self.hist[name], 0, []
                 for le, c in zip(h.buckets, h.counts):
                     cum += c
@@ -119,16 +156,20 @@ class Metrics:
 
 
 class Timing:
-    """One request's clock, in its handler's thread: tokens() at each step's tokens, end() once, with what ended it."""
+    """One request's clock, in its handler's thread: tokens() at each step's tokens, end() once, with what ended it.
+    The phases' stamps (queued, scheduled, first and last token: time.monotonic) are its own with no engine
+    (scheduled: set by the caller when it takes the model's lock), the engine Request's (end(stamps=request))."""
 
     def __init__(self, metrics):
         self.metrics = metrics
         self.start = self.last = time.monotonic()
+        self.scheduled = self.first = None
         self.steps = 0
 
     def tokens(self):
         now = time.monotonic()
         if self.steps == 0:
+            self.first = now
             with self.metrics.lock:
                 self.metrics.hist["time_to_first_token_seconds"].observe(now - self.start)
         else:
@@ -136,12 +177,35 @@ class Timing:
                 self.metrics.hist["time_per_output_token_seconds"].observe(now - self.last)
         self.last, self.steps = now, self.steps + 1
 
-    def end(self, reasons, prompt_tokens: int = 0, generation_tokens: int = 0):
-        """reasons: a finish reason a choice."""
-        m = self.metrics
+    def phases(self, stamps=None) -> dict:
+        """{phase: seconds} of PHASES as far as the request got (vLLM's definitions: HISTOGRAMS), plus the per
+        request time per output token. stamps: an engine Request (its queued, scheduled, first_token, last_token),
+        None: this clock's own."""
+        if stamps is not None:
+            queued, scheduled, first, last = stamps.queued, stamps.scheduled, stamps.first_token, stamps.last_token
+        else:
+            queued, scheduled, first, last = self.start, self.scheduled, self.first, self.last
+        if scheduled is None:  # never admitted (aborted or failed while waiting): no phase to time
+            return {}
+        out = {"queue": scheduled - queued}
+        if first is not None:
+            out.update(prefill=first - scheduled, decode=last - first, inference=last - scheduled)
+            out["time_per_output_token"] = out["decode"] / (self.steps - 1) if self.steps > 1 else 0.0
+        return out
+
+    def end(self, reasons, prompt_tokens: int = 0, generation_tokens: int = 0, stamps=None):
+        """reasons: a finish reason a choice. prompt_tokens and generation_tokens: a request that ended with its
+        choices' (0 for one aborted or failed: not counted). stamps: Timing.phases'."""
+        m, phases = self.metrics, self.phases(stamps)
         with m.lock:
             m.hist["e2e_request_latency_seconds"].observe(time.monotonic() - self.start)
+            for phase, seconds in phases.items():
+                m.hist[f"request_{phase}_time_seconds" if phase in PHASES else
+                       "request_time_per_output_token_seconds"].observe(seconds)
             for r in reasons:
                 m.finished[r] += 1
             m.prompt_tokens += prompt_tokens
             m.generation_tokens += generation_tokens
+            if all(r in ("stop", "length") for r in reasons):
+                m.hist["request_prompt_tokens"].observe(prompt_tokens)
+                m.hist["request_generation_tokens"].observe(generation_tokens)

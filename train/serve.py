@@ -342,7 +342,7 @@ class Model:
                 self.template, self.template_why = None, str(e)
         self.lock = threading.Lock()
         self.engine = engine  # train/engine.py's Engine, started; None: generate() under the lock
-        self.metrics = Metrics(name, engine)  # GET /metrics
+        self.metrics = Metrics(name, engine, model.config.context_length)  # GET /metrics
         self.created = int(time.time())
 
     def close(self):
@@ -471,6 +471,7 @@ class Model:
                     scored[i].add((t, *row))
             if on_delta:
                 on_token(new)
+        request = None  # the engine's handle: its phases' clocks (Timing.phases)
         try:
             if self.engine is not None:
                 request = self.engine.submit(idx, budget, eos_id=stop_id, generator=generator, vocab_limit=self.limit,
@@ -481,12 +482,12 @@ class Model:
                     raise BrokenPipeError("the client left") from None
             else:
                 out = self.generate_alone(idx, budget, stop_id, generator, on_step, stopped if stops else None,
-                                          dict(warp, logprobs=k))
+                                          dict(warp, logprobs=k), timing)
         except (BrokenPipeError, ConnectionResetError, TimeoutError):  # the client left, or stopped reading
-            timing.end(["abort"] * n)
+            timing.end(["abort"] * n, stamps=request)
             raise
         except Exception:
-            timing.end(["error"] * n)
+            timing.end(["error"] * n, stamps=request)
             raise
         choices = []
         for i, row in enumerate(out):
@@ -499,11 +500,12 @@ class Model:
                     raise RuntimeError(f"streamed {sent!r}, which the text {text!r} does not start with")
                 if text[len(sent):]:
                     send(i, text[len(sent):], len(text))
-        timing.end([c[1] for c in choices], len(ids), sum(c[2] for c in choices))
+        timing.end([c[1] for c in choices], len(ids), sum(c[2] for c in choices), stamps=request)
         return choices
 
-    def generate_alone(self, idx, budget, stop_id, generator, on_token, stop, warp):
-        """generate() under the model's lock (no engine), the requests holding and waiting for it counted."""
+    def generate_alone(self, idx, budget, stop_id, generator, on_token, stop, warp, timing):
+        """generate() under the model's lock (no engine), the requests holding and waiting for it counted, the
+        request scheduled (timing's clock) when it takes the lock."""
         from tritongpt.train.common import autocast
         from tritongpt.train.generate import generate
 
@@ -511,6 +513,7 @@ class Model:
         with m.lock:
             m.waiting += 1
         with self.lock:
+            timing.scheduled = time.monotonic()
             with m.lock:
                 m.waiting, m.running = m.waiting - 1, m.running + 1
             try:
