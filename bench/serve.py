@@ -7,12 +7,15 @@ stream_options.include_usage), sent at its arrival time (--request-rate R: a Poi
 once per value: a sweep). Clients are threads of the standard library's http.client reading the server-sent events.
 
 Per request, as vLLM defines them:
-    TTFT  time to first token: from sending the request to the first chunk that carries text
-    ITL   inter-token latency: the gaps between successive text chunks (each one a gap, pooled over every request)
+    TTFT  time to first token: from sending the request to the first chunk with choices (text or not: a token that
+          decodes to no text yet, a byte of a character, is still a token; vLLM's async_request_openai_completions)
+    ITL   inter-token latency: the gaps between successive chunks with choices, empty-text ones too (each one a gap,
+          pooled over every request; vLLM's rule)
     TPOT  time per output token after the first: (E2E - TTFT) / (output tokens - 1), requests of 2 tokens or more
     E2E   end-to-end latency: from sending the request to the stream's `data: [DONE]`
 Output and prompt tokens are the server's counts (the usage chunk), throughputs over the duration: from the first
-request's send to the last one's end. mean / median / p99 in ms (numpy's percentile, linear, as vLLM's).
+request's send to the last one's end. mean / median / std / p99 in ms (numpy's std and percentile, linear, as
+vLLM's: mean_ttft_ms, median_tpot_ms, std_itl_ms, p99_e2e_ms ...).
 
 Without --base-url it starts `tritongpt serve` in this process on a free port, with the model flags serve takes
 (--weights, --pretrained --model, --kernels, --quantize, ...: serve's own argument definitions), and stops it after.
@@ -312,16 +315,14 @@ def stream_completion(base_url, model, prompt, max_tokens, ignore_eos=False, tim
                 rec["error"] = f"error event: {_error_text(data.encode())}"
                 return rec
             choices = obj.get("choices") or []
-            if choices and choices[0].get("text"):
+            if choices:  # (the usage chunk has none)
                 if first is None:
                     first = now
                 else:
                     rec["itl_ms"].append((now - last) * 1e3)
                 last = now
-                rec["text_chunks"] += 1
-            if choices and choices[0].get("finish_reason"):
-                rec["finish_reason"] = choices[0]["finish_reason"]
-                first = first or now  # an answer with no text (the end token first): its first token is its end
+                rec["text_chunks"] += bool(choices[0].get("text"))
+                rec["finish_reason"] = choices[0].get("finish_reason") or rec["finish_reason"]
             usage = obj.get("usage") or usage
         end = time.perf_counter()
     except (OSError, http.client.HTTPException, ValueError) as e:  # (ValueError: JSON or UTF-8 that does not parse)
@@ -382,8 +383,8 @@ def run_load(base_url, model, prompts, max_tokens, rate=math.inf, concurrency=No
 
 # -- metrics ----------------------------------------------------------------------------------------------------------
 def summarize(records, duration_s: float, max_tokens=None) -> dict:
-    """vLLM's benchmark_serving metrics of one load: counts, throughputs, and mean / median / p99 (ms) of TTFT, TPOT,
-    ITL (every gap of every request) and E2E, over the requests that succeeded."""
+    """vLLM's benchmark_serving metrics of one load: counts, throughputs, and mean / median / std / p99 (ms) of TTFT,
+    TPOT, ITL (every gap of every request) and E2E, over the requests that succeeded."""
     import numpy as np
 
     ok = [r for r in records if r["success"]]
@@ -401,6 +402,7 @@ def summarize(records, duration_s: float, max_tokens=None) -> dict:
         xs = np.asarray(values[name], dtype=np.float64)
         m[f"mean_{name}_ms"] = float(xs.mean()) if xs.size else None
         m[f"median_{name}_ms"] = float(np.median(xs)) if xs.size else None
+        m[f"std_{name}_ms"] = float(xs.std()) if xs.size else None
         m[f"p99_{name}_ms"] = float(np.percentile(xs, 99)) if xs.size else None
     return m
 
@@ -523,7 +525,7 @@ def metrics_table(runs) -> str:
 
     rows = [[name] + [cell(r["metrics"][key], spec) for r in runs] for name, key, spec in ROWS]
     for stat in STATS:
-        for kind in ("mean", "median", "p99"):
+        for kind in ("mean", "median", "std", "p99"):
             rows.append([f"{kind} {stat.upper()} (ms)"] + [cell(r["metrics"][f"{kind}_{stat}_ms"], ".2f")
                                                            for r in runs])
     heads = ["metric"] + [f"max concurrency {r['max_concurrency'] or 'none'}" for r in runs]

@@ -61,7 +61,8 @@ def test_the_in_process_server_end_to_end(saved, tmp_path, capsys):
     for r in reqs:
         assert 1 <= r["output_tokens"] <= 5
         assert 0 < r["ttft_ms"] <= r["e2e_ms"]
-        assert len(r["itl_ms"]) == r["output_tokens"] - 1  # a text chunk a token, one gap between two
+        # a text chunk a token, then the finish chunk (empty text): every chunk with choices a gap after the first
+        assert len(r["itl_ms"]) == r["output_tokens"] == r["text_chunks"]
         assert r["e2e_ms"] >= r["ttft_ms"] + sum(r["itl_ms"]) - 1e-6
         assert r["tpot_ms"] == pytest.approx((r["e2e_ms"] - r["ttft_ms"]) / (r["output_tokens"] - 1))
     assert m["mean_ttft_ms"] == pytest.approx(statistics.mean(r["ttft_ms"] for r in reqs))
@@ -116,7 +117,8 @@ def test_failed_requests_are_counted_and_the_first_error_shown(saved, tmp_path, 
 
 class Fake(BaseHTTPRequestHandler):
     """vLLM's way of streaming (HTTP/1.1, chunked), a token a chunk with a pause between; counts the requests it holds
-    at once. A prompt "refuse" gets a 400, "mid" an error event after a token, "cut" a stream without [DONE]."""
+    at once. A prompt "refuse" gets a 400, "mid" an error event after a token, "cut" a stream without [DONE],
+    "empty" a first token with no text (vLLM streams such a chunk: a byte of a character, a special token)."""
     protocol_version = "HTTP/1.1"
     lock, now, most = threading.Lock(), 0, 0
 
@@ -153,7 +155,8 @@ class Fake(BaseHTTPRequestHandler):
             self.end_headers()
             for i in range(body["max_tokens"]):
                 time.sleep(0.02)
-                self.chunk(json.dumps({"choices": [{"index": 0, "text": f" t{i}", "finish_reason": None}],
+                text = "" if body["prompt"] == "empty" and i == 0 else f" t{i}"
+                self.chunk(json.dumps({"choices": [{"index": 0, "text": text, "finish_reason": None}],
                                        "usage": None}))
                 if body["prompt"] == "mid":
                     self.chunk(json.dumps({"error": {"message": "went wrong"}}))
@@ -207,6 +210,15 @@ def test_failures_are_kept_with_their_reasons(fake):
     assert m["total_output_tokens"] == 4
 
 
+def test_a_chunk_with_no_text_is_a_token_in_ttft_and_itl_as_vllm_counts_it(fake):
+    """vLLM's async_request_openai_completions: every chunk with choices is a token's, empty text or not: the first
+    one stops TTFT, each later one is an ITL gap (3 tokens: 2 gaps), and the usage chunk (no choices) is none."""
+    (r,) = bs.run_load(fake, "fake-model", ["empty"], 3)[0]
+    assert r["success"] and r["output_tokens"] == 3 and r["text_chunks"] == 2
+    assert len(r["itl_ms"]) == 2 and sum(r["itl_ms"]) >= 35  # (the server's 20 ms before each of the last two)
+    assert 15 <= r["ttft_ms"] and r["ttft_ms"] + sum(r["itl_ms"]) <= r["e2e_ms"]
+
+
 def test_poisson_arrivals_from_a_seed():
     a = bs.arrival_offsets(20000, 4.0, seed=3)
     assert a == bs.arrival_offsets(20000, 4.0, seed=3) and a != bs.arrival_offsets(20000, 4.0, seed=4)
@@ -237,6 +249,11 @@ def test_the_metrics_are_vllms():
     assert (m["request_throughput"], m["output_throughput"], m["total_token_throughput"]) == (1.5, 3.0, 18.0)
     assert (m["mean_ttft_ms"], m["median_ttft_ms"], m["p99_ttft_ms"]) == pytest.approx((20, 20, 29.8))
     assert (m["mean_itl_ms"], m["median_itl_ms"]) == pytest.approx((7 / 3, 2))  # every gap of every request
+    # numpy's std (the population's, as vLLM's)
+    assert (m["std_ttft_ms"], m["std_itl_ms"]) == pytest.approx((statistics.pstdev([10, 20, 30]),
+                                                                statistics.pstdev([1, 2, 4])))
+    assert (m["std_tpot_ms"], m["std_e2e_ms"]) == pytest.approx((statistics.pstdev([1.5, 4]),
+                                                                statistics.pstdev([13, 24, 30])))
     assert (m["mean_tpot_ms"], m["p99_tpot_ms"]) == pytest.approx((2.75, 3.975))  # (13-10)/2, (24-20)/1
     assert m["mean_e2e_ms"] == pytest.approx(67 / 3)
 
