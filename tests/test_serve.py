@@ -658,6 +658,13 @@ def phases(s, requests, tokens):
     assert metric(s, "request_generation_tokens_sum") == sum(g for _, g in tokens)
 
 
+def test_token_count_buckets_are_vllms_1_2_5_up_to_the_context():
+    from tritongpt.train.metrics import Metrics, buckets_1_2_5
+
+    assert buckets_1_2_5(100) == (1, 2, 5, 10, 20, 50, 100) and buckets_1_2_5(1023)[-3:] == (200, 500, 1000)
+    assert Metrics("m", 32).hist["request_prompt_tokens"].buckets == (1, 2, 5, 10, 20)
+
+
 def test_metrics_count_what_the_responses_say(tmp_path, monkeypatch):
     """/metrics after a completion, a streamed n=2 one, one cut by a stop string and one whose client hangs up:
     the token counters are the responses' usage, the finish reasons theirs, the histograms one observation a

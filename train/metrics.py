@@ -82,7 +82,7 @@ def number(x) -> str:
 class Metrics:
     """The server's counters and histograms (under self.lock) and its /metrics text (render)."""
 
-    def __init__(self, model_name: str, engine=None, max_model_len: int = 1024):
+    def __init__(self, model_name: str, max_model_len: int, engine=None):
         self.model_name, self.engine = model_name, engine
         self.lock = threading.Lock()
         self.prompt_tokens = self.generation_tokens = 0

@@ -342,7 +342,7 @@ class Model:
                 self.template, self.template_why = None, str(e)
         self.lock = threading.Lock()
         self.engine = engine  # train/engine.py's Engine, started; None: generate() under the lock
-        self.metrics = Metrics(name, engine, model.config.context_length)  # GET /metrics
+        self.metrics = Metrics(name, model.config.context_length, engine)  # GET /metrics
         self.created = int(time.time())
 
     def close(self):
